@@ -1,0 +1,196 @@
+"""Circuit breaker state machine, pure: time and randomness come in as arguments.
+
+closed --(ratio over a sliding window with >= min_calls, or N consecutive
+failures)--> open --(open_s ± jitter)--> half_open --(a probe succeeds)-->
+closed; a failed probe re-opens. Half-open admits at most `half_open_probes`
+concurrent probes; a probe that never reports frees its slot after
+`probe_lease_s`.
+
+Every transition bumps `epoch`. A call carries the epoch it was admitted in;
+outcomes from an older epoch are not counted (a call admitted before the
+breaker opened must not close it, nor re-open it).
+"""
+
+from __future__ import annotations
+
+from typing import Final, NamedTuple
+
+from ._types import RandomSource
+from .policy import BreakerConfig
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+
+SUCCESS: Final = "success"
+FAILURE: Final = "failure"
+IGNORED: Final = "ignored"  # neither: limiter rejection, client disconnect, cancellation
+
+_BUCKETS = 10
+
+
+class Gate(NamedTuple):
+    """The breaker's answer before a call."""
+
+    verdict: str  # "allow" | "probe" | "reject"
+    state: str
+    epoch: int
+    retry_after_s: float  # when rejected: time until a probe may be admitted
+    probe_id: int = 0  # non-zero for a probe: hand it back to `record`
+
+
+class BreakerState:
+    """One breaker's state. Mutated only through `gate` and `record`."""
+
+    __slots__ = (
+        "_bucket_end",
+        "_bucket_s",
+        "buckets",
+        "config",
+        "consecutive",
+        "epoch",
+        "next_probe_id",
+        "open_until",
+        "opened_at",
+        "probes",
+        "state",
+    )
+
+    def __init__(self, config: BreakerConfig) -> None:
+        self.config = config
+        self.state: str = CLOSED
+        self.epoch = 0
+        self.open_until = 0.0
+        self.opened_at = 0.0
+        self.consecutive = 0
+        # Sliding window as a ring of [calls, failures, slow] buckets; the
+        # current bucket is the last one.
+        self._bucket_s = config.window_s / _BUCKETS
+        self._bucket_end = 0.0
+        self.buckets: list[list[int]] = [[0, 0, 0] for _ in range(_BUCKETS)]
+        self.probes: dict[int, float] = {}  # probe id -> start time, for probes in flight
+        self.next_probe_id = 1
+
+    # ------------------------------------------------------------ queries
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        self._rotate(now)
+        calls = failures = slow = 0
+        for c, f, s in self.buckets:
+            calls += c
+            failures += f
+            slow += s
+        return calls, failures, slow
+
+    # ------------------------------------------------------------ transitions
+
+    def gate(self, now: float, rng: RandomSource) -> Gate:
+        """May a call go ahead? Admitting a probe takes a slot until `record`."""
+        state = self.state
+        if state == CLOSED:
+            return Gate("allow", CLOSED, self.epoch, 0.0)
+        if state == OPEN:
+            if now < self.open_until:
+                return Gate("reject", OPEN, self.epoch, self.open_until - now)
+            self._transition(HALF_OPEN, now, rng)
+        # half-open: free slots of probes that never reported
+        lease = self.config.probe_lease_s
+        probes = self.probes
+        if probes and min(probes.values()) + lease <= now:
+            for probe_id in [p for p, t in probes.items() if t + lease <= now]:
+                del probes[probe_id]
+        if len(probes) < self.config.half_open_probes:
+            probe_id = self.next_probe_id
+            self.next_probe_id += 1
+            probes[probe_id] = now
+            return Gate("probe", HALF_OPEN, self.epoch, 0.0, probe_id)
+        wait = min(probes.values()) + lease - now
+        return Gate("reject", HALF_OPEN, self.epoch, max(0.0, min(wait, self.config.open_s)))
+
+    def record(
+        self,
+        epoch: int,
+        probe_id: int,
+        outcome: str,
+        now: float,
+        rng: RandomSource,
+        slow: bool = False,
+    ) -> str:
+        """Count one finished call (probe_id from its Gate). Returns the state afterwards."""
+        # A probe whose lease ran out no longer holds a slot; its late report
+        # must not free someone else's.
+        if probe_id and self.probes.pop(probe_id, None) is None:
+            return self.state
+        if outcome == IGNORED or epoch != self.epoch:
+            return self.state
+        if self.state == HALF_OPEN:
+            if probe_id:
+                bad = outcome == FAILURE or slow
+                self._transition(OPEN if bad else CLOSED, now, rng)
+            return self.state
+        if self.state != CLOSED:
+            return self.state
+        self._rotate(now)
+        bucket = self.buckets[-1]
+        bucket[0] += 1
+        failed = outcome == FAILURE
+        if failed:
+            bucket[1] += 1
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        if slow:
+            bucket[2] += 1
+        if (failed or slow) and self._should_open(now):
+            self._transition(OPEN, now, rng)
+        return self.state
+
+    def force(self, state: str, now: float, rng: RandomSource) -> None:
+        """Operator override (and test helper): move to `state` now."""
+        self._transition(state, now, rng)
+
+    # ------------------------------------------------------------ internals
+
+    def _should_open(self, now: float) -> bool:
+        cfg = self.config
+        if cfg.consecutive_failures is not None and self.consecutive >= cfg.consecutive_failures:
+            return True
+        calls, failures, slow = self.totals(now)
+        if calls < cfg.min_calls:
+            return False
+        if failures >= cfg.failure_ratio * calls:
+            return True
+        return cfg.slow_call_ratio is not None and slow >= cfg.slow_call_ratio * calls
+
+    def _transition(self, state: str, now: float, rng: RandomSource) -> None:
+        self.state = state
+        self.epoch += 1
+        self.probes = {}
+        if state == OPEN:
+            cfg = self.config
+            spread = cfg.open_jitter * (2.0 * rng() - 1.0)
+            self.opened_at = now
+            self.open_until = now + cfg.open_s * (1.0 + spread)
+        elif state == CLOSED:
+            self.consecutive = 0
+            for bucket in self.buckets:
+                bucket[0] = bucket[1] = bucket[2] = 0
+
+    def _rotate(self, now: float) -> None:
+        if now < self._bucket_end:
+            return
+        steps = int((now - self._bucket_end) / self._bucket_s) + 1
+        buckets = self.buckets
+        if steps >= _BUCKETS:
+            for bucket in buckets:
+                bucket[0] = bucket[1] = bucket[2] = 0
+        else:
+            for _ in range(steps):
+                oldest = buckets.pop(0)
+                oldest[0] = oldest[1] = oldest[2] = 0
+                buckets.append(oldest)
+        self._bucket_end = (
+            now + self._bucket_s
+            if self._bucket_end == 0.0
+            else self._bucket_end + steps * self._bucket_s
+        )

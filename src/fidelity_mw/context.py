@@ -1,0 +1,187 @@
+"""The per-request decision context and the decision records layers append to it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# Layers, verdicts and state sources are plain strings (cheap to compare and to
+# export as attributes); these constants are the vocabulary.
+LAYER_DEADLINE: Final = "deadline"
+LAYER_BREAKER: Final = "breaker"
+LAYER_RATELIMIT: Final = "ratelimit"
+LAYER_RETRY: Final = "retry"
+LAYER_BUDGET: Final = "budget"
+
+ALLOW: Final = "allow"
+REJECT: Final = "reject"
+SHED: Final = "shed"
+PROBE: Final = "probe"
+RETRY: Final = "retry"
+GIVE_UP: Final = "give_up"
+WOULD_REJECT: Final = "would_reject"  # shadow mode: recorded, not enforced
+RECORD: Final = "record"  # an outcome was recorded (breaker bookkeeping)
+
+SOURCE_MEMORY: Final = "memory"
+SOURCE_REDIS: Final = "redis"
+SOURCE_CACHE: Final = "cache"
+SOURCE_FALLBACK: Final = "fallback"
+SOURCE_REQUEST: Final = "request"  # decided on the request itself (headers), no stored state
+
+DetailValue = str | int | float | bool
+
+
+class Decision(NamedTuple):
+    """One layer's decision. Immutable and cheap: a tuple with names."""
+
+    layer: str
+    subject: str
+    verdict: str
+    reason: str
+    state_source: str = SOURCE_MEMORY
+    state_age_s: float = 0.0
+    at: float = 0.0
+    details: Mapping[str, DetailValue] | None = None
+
+    @property
+    def is_stale(self) -> bool:
+        """Decided on anything but a fresh read of the authoritative state."""
+        return self.state_source in (SOURCE_CACHE, SOURCE_FALLBACK) or self.state_age_s > 1.0
+
+
+_PID: Final = os.getpid()
+_SEQUENCE = itertools.count(1)
+
+
+class DecisionContext:
+    """Everything the layers know about one request, and what they decided.
+
+    One per inbound request (and one per outbound call made outside a
+    request). Reachable through `fidelity_mw.current()`, `scope["state"]
+    ["fidelity"]` (Starlette: `request.state.fidelity`) and, from the httpx
+    transport, the same ContextVar.
+    """
+
+    __slots__ = (
+        "_seq",
+        "attempts",
+        "client_disconnected",
+        "client_key",
+        "deadline_at",
+        "decided_by",
+        "decisions",
+        "engine",
+        "inbound_attempt",
+        "method",
+        "outcome",
+        "response_headers",
+        "route",
+        "started_at",
+        "status",
+        "trusted_peer",
+        "upstream_exhausted",
+    )
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        route: str,
+        method: str,
+        started_at: float,
+        deadline_at: float | None = None,
+        client_key: str | None = None,
+    ) -> None:
+        self._seq = next(_SEQUENCE)
+        self.engine = engine
+        self.route = route
+        self.method = method
+        self.started_at = started_at
+        self.deadline_at = deadline_at
+        self.client_key = client_key
+        self.decisions: list[Decision] = []
+        # Outbound attempts made while handling this request, per upstream host.
+        self.attempts: dict[str, int] = {}
+        self.decided_by: str | None = None
+        self.outcome: str | None = None
+        self.status: int | None = None
+        self.client_disconnected = False
+        # Set by the transport when it gave up retrying an upstream; the
+        # middleware then tells our own callers not to retry us.
+        self.upstream_exhausted = False
+        self.inbound_attempt = 1
+        self.trusted_peer = False
+        # Headers the middleware adds to the app's response (RateLimit fields).
+        self.response_headers: list[tuple[bytes, bytes]] | None = None
+
+    @property
+    def request_id(self) -> str:
+        """Process-unique id, built on demand (formatting it per request is not free)."""
+        return f"{_PID:x}-{self._seq:x}"
+
+    @property
+    def policy_version(self) -> str:
+        return self.engine.policy.version
+
+    def remaining_s(self, now: float) -> float | None:
+        """Seconds left before the deadline (negative once past), or None without one."""
+        return None if self.deadline_at is None else self.deadline_at - now
+
+    def add(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    def decide(
+        self,
+        layer: str,
+        subject: str,
+        verdict: str,
+        reason: str,
+        *,
+        source: str = SOURCE_MEMORY,
+        age_s: float = 0.0,
+        at: float = 0.0,
+        details: Mapping[str, DetailValue] | None = None,
+    ) -> Decision:
+        decision = Decision(layer, subject, verdict, reason, source, age_s, at, details)
+        self.decisions.append(decision)
+        return decision
+
+    @property
+    def stale_decisions(self) -> int:
+        return sum(1 for d in self.decisions if d.is_stale)
+
+    def last(self, layer: str) -> Decision | None:
+        for decision in reversed(self.decisions):
+            if decision.layer == layer:
+                return decision
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"<DecisionContext {self.request_id} {self.method} {self.route} "
+            f"outcome={self.outcome} decided_by={self.decided_by} "
+            f"decisions={len(self.decisions)}>"
+        )
+
+
+_CURRENT: ContextVar[DecisionContext | None] = ContextVar("fidelity_mw_context", default=None)
+
+
+def current() -> DecisionContext | None:
+    """The DecisionContext of the request being handled, or None outside one."""
+    return _CURRENT.get()
+
+
+def context_from_scope(scope: Mapping[str, Any]) -> DecisionContext | None:
+    state = scope.get("state")
+    if isinstance(state, Mapping):
+        ctx = state.get("fidelity")
+        if isinstance(ctx, DecisionContext):
+            return ctx
+    return None

@@ -1,0 +1,153 @@
+"""The engine: one per middleware (or transport). Policy + clock + randomness + state.
+
+It precomputes per-route plans so the per-request path is dictionary lookups
+and arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from ._types import Clock, RandomSource
+from .clock import SYSTEM_CLOCK
+from .headers import networks
+from .policy import BreakerConfig, Policy, RateLimit, RouteConfig, glob_matches
+from .ratelimit import policy_field
+from .routes import UNMATCHED, framework_template
+from .state.base import LimitSpec, StateStore
+from .state.factory import store_from_policy
+
+_MAX_PLANS = 10_000
+_MAX_KEY_CHARS = 64
+
+
+def compact_key(key: str) -> str:
+    """Client keys longer than 64 chars are hashed: a huge header must not cost huge memory."""
+    if len(key) <= _MAX_KEY_CHARS:
+        return key
+    return "#" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+class RoutePlan:
+    """Everything about a route that does not depend on the individual request."""
+
+    __slots__ = (
+        "breaker",
+        "breaker_key",
+        "deadline_cap_s",
+        "deadline_default_s",
+        "limit_names",
+        "limits",
+        "policy_header",
+        "route",
+        "specs",
+    )
+
+    def __init__(
+        self,
+        route: str,
+        breaker: BreakerConfig | None,
+        limits: tuple[RateLimit, ...],
+        deadline_default_s: float | None,
+        deadline_cap_s: float | None,
+    ) -> None:
+        self.route = route
+        self.breaker = breaker
+        self.breaker_key = f"route:{route}" if breaker is not None else None
+        self.limits = limits
+        self.specs = tuple(
+            LimitSpec(
+                lim.name,
+                lim.emission_interval_s,
+                lim.burst_size * lim.emission_interval_s,
+                lim.cost,
+                lim.shadow,
+            )
+            for lim in limits
+        )
+        self.limit_names = tuple(lim.name for lim in limits)
+        self.deadline_default_s = deadline_default_s
+        self.deadline_cap_s = deadline_cap_s
+        self.policy_header: bytes | None = (
+            ", ".join(
+                policy_field(lim.name, lim.burst_size, lim.period_s) for lim in limits
+            ).encode("latin-1")
+            if limits
+            else None
+        )
+
+
+class Engine:
+    """Shared by the middleware and the transports of one application."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        store: StateStore | None = None,
+    ) -> None:
+        self.policy = policy if policy is not None else Policy()
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.rng: RandomSource = rng or random.Random().random
+        self.store: StateStore = store or store_from_policy(self.policy, self.rng, self.clock)
+        self.trusted_proxies = networks(self.policy.trusted_proxies)
+        self.trusted_peers = networks(self.policy.trusted_peers)
+        self._plans: dict[tuple[str, str], RoutePlan] = {}
+
+    # ------------------------------------------------------------ plans
+
+    def plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:
+        """The plan for this request; cached by (method, path), bounded."""
+        method: str = scope.get("method", "GET")
+        path: str = scope.get("path", "/")
+        plan = self._plans.get((method, path))
+        if plan is None:
+            plan = self._build_plan(scope, method, path)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[(method, path)] = plan
+        return plan
+
+    def _build_plan(self, scope: Mapping[str, Any], method: str, path: str) -> RoutePlan:
+        policy = self.policy
+        route_cfg = self._route_config(method, path)
+        if route_cfg is not None:
+            route = route_cfg.name or route_cfg.match
+        else:
+            route = framework_template(scope) or UNMATCHED
+        breaker = policy.breaker
+        deadline_ms = policy.deadline.default_ms
+        cap_ms = policy.deadline.cap_ms
+        if route_cfg is not None:
+            if isinstance(route_cfg.breaker, BreakerConfig):
+                breaker = route_cfg.breaker
+            elif route_cfg.breaker is False:
+                breaker = None
+            if route_cfg.deadline_ms is not None:
+                deadline_ms = cap_ms = route_cfg.deadline_ms
+        limits = tuple(
+            lim
+            for lim in policy.rate_limits
+            if glob_matches(lim.match, path) and (lim.methods is None or method in lim.methods)
+        )
+        return RoutePlan(
+            route,
+            breaker,
+            limits,
+            deadline_ms / 1000.0 if deadline_ms is not None else None,
+            cap_ms / 1000.0 if cap_ms is not None else None,
+        )
+
+    def _route_config(self, method: str, path: str) -> RouteConfig | None:
+        for cfg in self.policy.routes:
+            if glob_matches(cfg.match, path) and (cfg.methods is None or method in cfg.methods):
+                return cfg
+        return None
+
+    async def aclose(self) -> None:
+        await self.store.aclose()

@@ -1,0 +1,65 @@
+"""One exception tree. Everything fidelity_mw raises on purpose is a `FidelityError`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+
+class FidelityError(Exception):
+    """Base of every error fidelity_mw raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One problem in a policy: where (a key path such as `rate_limit[1].rate`) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class PolicyError(FidelityError, ValueError):
+    """A policy is invalid. `issues` lists every problem found, each with its key path."""
+
+    def __init__(self, issues: list[PolicyIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"{where}invalid policy ({len(issues)} problem(s)):\n{lines}")
+
+    @classmethod
+    def at(cls, path: str, message: str) -> PolicyError:
+        return cls([PolicyIssue(path, message)])
+
+    def prefixed(self, prefix: str) -> PolicyError:
+        """The same issues, their paths nested under `prefix`."""
+        joined = [
+            PolicyIssue(f"{prefix}.{i.path}" if i.path else prefix, i.message) for i in self.issues
+        ]
+        return PolicyError(joined, self.source)
+
+
+class StateUnavailable(FidelityError):
+    """The state store (Redis) could not be reached in time."""
+
+
+class CircuitOpen(FidelityError, httpx.TransportError):
+    """An outbound call was refused because the upstream host's breaker is open.
+
+    It is an `httpx.TransportError`, so code that already handles
+    `httpx.RequestError` / `httpx.TransportError` handles it too.
+    """
+
+    def __init__(self, message: str, *, host: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.host = host
+        self.retry_after_s = retry_after_s
+
+
+class RetriesExhausted(FidelityError):
+    """Marker base for give-ups that callers may want to tell apart (see docs/outbound.md)."""

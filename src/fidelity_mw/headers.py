@@ -1,0 +1,125 @@
+"""Parsing of everything callers send us. Pure and defensive: junk yields None, never raises."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_MAX_HEADER_CHARS = 64
+
+
+def _ascii(value: bytes) -> str | None:
+    if len(value) > _MAX_HEADER_CHARS:
+        return None
+    try:
+        return value.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def parse_timeout_ms(value: bytes) -> float | None:
+    """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds."""
+    text = _ascii(value)
+    if not text:
+        return None
+    try:
+        ms = float(text)
+    except ValueError:
+        return None
+    if ms != ms or ms < 0 or ms == float("inf"):
+        return None
+    return ms / 1000.0
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """`grpc-timeout`: 1-8 digits and a unit (H M S m u n) -> seconds."""
+    text = _ascii(value)
+    if not text or len(text) > 9 or text[-1] not in _GRPC_UNITS:
+        return None
+    digits = text[:-1]
+    if not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits) * _GRPC_UNITS[text[-1]]
+
+
+def parse_deadline(name: str, value: bytes) -> float | None:
+    if name == "grpc-timeout":
+        return parse_grpc_timeout(value)
+    return parse_timeout_ms(value)
+
+
+def parse_attempt(value: bytes) -> int | None:
+    text = _ascii(value)
+    if not text or not text.isdigit() or len(text) > 3:
+        return None
+    return int(text)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def in_networks(address: str, nets: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in nets)
+
+
+def _strip_port(token: str) -> str:
+    token = token.strip().strip('"')
+    if token.startswith("["):  # [v6]:port
+        end = token.find("]")
+        return token[1:end] if end > 0 else ""
+    if token.count(":") == 1:  # v4:port
+        return token.split(":", 1)[0]
+    return token
+
+
+def forwarded_chain(xff: bytes | None, forwarded: bytes | None) -> list[str]:
+    """Addresses from Forwarded (preferred) or X-Forwarded-For, client first. Junk dropped."""
+    chain: list[str] = []
+    if forwarded is not None and len(forwarded) <= 4096:
+        text = forwarded.decode("latin-1")
+        for element in text.split(","):
+            for pair in element.split(";"):
+                key, _, val = pair.partition("=")
+                if key.strip().lower() == "for":
+                    chain.append(_strip_port(val))
+    elif xff is not None and len(xff) <= 4096:
+        chain = [_strip_port(part) for part in xff.decode("latin-1").split(",")]
+    valid = []
+    for address in chain:
+        try:
+            valid.append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            valid.append("")  # unknown hop ("unknown", obfuscated id, junk)
+    return valid
+
+
+def client_address(
+    peer: str | None, xff: bytes | None, forwarded: bytes | None, proxies: tuple[Network, ...]
+) -> str:
+    """The client's address: walk the forwarding chain right to left over trusted proxies.
+
+    Headers are believed only when the direct peer is a trusted proxy; the
+    first hop that is not a trusted proxy is the client. An unparseable hop
+    stops the walk there (we cannot vouch for anything left of it).
+    """
+    if peer is None:
+        return "unknown"
+    if not proxies or (xff is None and forwarded is None) or not in_networks(peer, proxies):
+        return peer
+    address = peer
+    for hop in reversed(forwarded_chain(xff, forwarded)):
+        if not hop:
+            return address
+        address = hop
+        if not in_networks(hop, proxies):
+            return hop
+    return address

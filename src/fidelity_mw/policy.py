@@ -1,0 +1,719 @@
+"""Policy: frozen, validated configuration, built in Python or loaded from TOML.
+
+Every dataclass validates itself at construction and reports *all* problems at
+once, each with its key path. `Policy.from_dict` adds the path prefix
+(`rate_limit[1].rate`) and rejects unknown keys, so a typo cannot silently
+disable a limit. `Policy.version` is a short hash of the normalized content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import PolicyError, PolicyIssue
+
+Check = Callable[[Any], str | None]
+KeyFunc = Callable[[Mapping[str, Any]], str | None]
+
+JITTER_MODES = ("full", "equal", "decorrelated", "none")
+FAILURE_MODES = ("local", "open", "closed")
+HEADER_MODES = ("always", "on_reject", "never")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+MAX_ATTEMPTS = 10
+
+_PERIODS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _tname(value: object) -> str:
+    return type(value).__name__
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def int_in(lo: int, hi: int | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_int(value):
+            return f"expected an integer, got {_tname(value)} {value!r}"
+        if value < lo or (hi is not None and value > hi):
+            if hi is None:
+                return f"{value} is out of range: allowed {lo} or more"
+            return f"{value} is out of range: allowed between {lo} and {hi}"
+        return None
+
+    return check
+
+
+def number_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_number(value):
+            return f"expected a number, got {_tname(value)} {value!r}"
+        if (
+            value != value
+            or (lo_open and value <= lo)
+            or value < lo
+            or (hi is not None and value > hi)
+        ):
+            lo_txt = f"> {lo}" if lo_open else f">= {lo}"
+            hi_txt = f" and <= {hi}" if hi is not None else ""
+            return f"{value} is out of range: allowed {lo_txt}{hi_txt}"
+        return None
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    def wrapped(value: Any) -> str | None:
+        return None if value is None else check(value)
+
+    return wrapped
+
+
+def one_of(choices: Iterable[str]) -> Check:
+    allowed = tuple(choices)
+
+    def check(value: Any) -> str | None:
+        if value not in allowed:
+            return f"{value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}"
+        return None
+
+    return check
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+
+
+def non_empty_str(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"expected a non-empty string, got {value!r}"
+    return None
+
+
+def _cidrs(value: Any) -> str | None:
+    if not isinstance(value, tuple | list):
+        return f"expected a list of CIDR strings, got {_tname(value)}"
+    for i, item in enumerate(value):
+        try:
+            ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            return f"item {i}: {item!r} is not an IP network (for example '10.0.0.0/8')"
+    return None
+
+
+def _header_names(value: Any) -> str | None:
+    if not isinstance(value, tuple | list) or not value:
+        return "expected a non-empty list of header names"
+    for item in value:
+        if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
+            return f"{item!r} is not a valid header name"
+    return None
+
+
+def _methods(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list) or not value:
+        return "expected a non-empty list of HTTP methods, or leave it out for all methods"
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in HTTP_METHODS:
+            return f"{item!r} is not an HTTP method: allowed {', '.join(HTTP_METHODS)}"
+    return None
+
+
+def _statuses(value: Any) -> str | None:
+    if not isinstance(value, tuple | list | frozenset):
+        return "expected a list of HTTP status codes (e.g. [502, 503]) or classes ('5xx')"
+    for item in value:
+        if not _is_int(item) or not 100 <= item <= 599:
+            return f"{item!r} is not an HTTP status code between 100 and 599"
+    return None
+
+
+def _glob(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return f"expected a glob such as '/api/*', got {value!r}"
+    return None
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """'100/s' -> (100, 1.0); '5/10min' -> (5, 600.0). Raises ValueError."""
+    m = _RATE_RE.match(text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a rate: write N/s, N/min, N/h or N/d (e.g. '100/s')")
+    count, multiple, unit = int(m.group(1)), m.group(2), m.group(3)
+    if unit not in _PERIODS:
+        raise ValueError(f"unknown period unit {unit!r} in {text!r}: use s, min, h or d")
+    if count < 1:
+        raise ValueError(f"{text!r} admits nothing: the count must be at least 1")
+    return count, _PERIODS[unit] * (int(multiple) if multiple else 1)
+
+
+def _rate(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string like '100/s', got {_tname(value)} {value!r}"
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _key(value: Any) -> str | None:
+    if callable(value):
+        return None
+    if not isinstance(value, str):
+        return f"expected a key kind, got {_tname(value)}"
+    if value in ("client_ip", "route", "global"):
+        return None
+    if value.startswith("header:") and _HEADER_NAME_RE.match(value[7:]):
+        return None
+    return (
+        f"{value!r} is not a key: use 'client_ip', 'header:NAME', 'route', 'global' "
+        "(or a callable in Python)"
+    )
+
+
+def _instance(cls: type) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, cls):
+            return f"expected a {cls.__name__}, got {_tname(value)}"
+        return None
+
+    return check
+
+
+def _items(cls: type) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, tuple | list):
+            return f"expected a list of {cls.__name__}, got {_tname(value)}"
+        for i, item in enumerate(value):
+            if not isinstance(item, cls):
+                return f"item {i}: expected a {cls.__name__}, got {_tname(item)}"
+        return None
+
+    return check
+
+
+def _spec(default: Any, check: Check | None = None, **meta: Any) -> Any:
+    metadata = {"check": check, **meta}
+    if isinstance(default, list | dict | set):
+        raise TypeError("mutable default")
+    return field(default=default, metadata=metadata)
+
+
+def _validate(obj: Any) -> None:
+    """Run every field's check; raise one PolicyError listing all problems."""
+    issues: list[PolicyIssue] = []
+    for f in dataclasses.fields(obj):
+        check = f.metadata.get("check")
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(obj, f.name, value)
+        if check is not None:
+            problem = check(value)
+            if problem:
+                issues.append(PolicyIssue(f.metadata.get("toml", f.name), problem))
+    issues.extend(obj._cross_checks())
+    if issues:
+        raise PolicyError(issues)
+
+
+class _Validated:
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        return []
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig(_Validated):
+    """Where counters live and what to do when that place is unreachable."""
+
+    url: str = _spec("memory://", non_empty_str)
+    on_error: Literal["local", "open", "closed"] = _spec("local", one_of(FAILURE_MODES))
+    timeout_ms: int = _spec(250, int_in(1, 60_000))
+    connect_timeout_ms: int = _spec(250, int_in(1, 60_000))
+    pool_size: int = _spec(32, int_in(1, 10_000))
+    max_keys: int = _spec(100_000, int_in(16, 100_000_000))
+    sync_interval_ms: int = _spec(100, int_in(1, 60_000))
+    key_prefix: str = _spec("fmw", non_empty_str)
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        schemes = (
+            "memory://",
+            "redis://",
+            "rediss://",
+            "unix://",
+            "tiered+redis://",
+            "tiered+rediss://",
+        )
+        if isinstance(self.url, str) and not self.url.startswith(schemes):
+            return [
+                PolicyIssue("url", f"{self.url!r} has an unknown scheme: use " + ", ".join(schemes))
+            ]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineConfig(_Validated):
+    """Where the caller's remaining time comes from, and the default when it sends none."""
+
+    header: tuple[str, ...] = _spec(("x-request-timeout-ms", "grpc-timeout"), _header_names)
+    default_ms: int | None = _spec(30_000, optional(int_in(1, 86_400_000)))
+    max_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.header, str):
+            object.__setattr__(self, "header", (self.header,))
+        _validate(self)
+        object.__setattr__(self, "header", tuple(h.lower() for h in self.header))
+
+    @property
+    def cap_ms(self) -> int | None:
+        """Longest deadline a caller may ask for (callers can shorten, not extend)."""
+        return self.max_ms if self.max_ms is not None else self.default_ms
+
+
+def _statuses_from(value: Any) -> Any:
+    """Accept '5xx' classes in TOML: ['5xx', 429] -> (500..599, 429)."""
+    if not isinstance(value, list | tuple):
+        return value
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, str) and re.fullmatch(r"[1-5]xx", item):
+            base = int(item[0]) * 100
+            out.extend(range(base, base + 100))
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig(_Validated):
+    """A circuit breaker: closed -> open on failure or slow-call ratio; half-open probes."""
+
+    failure_ratio: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
+    min_calls: int = _spec(20, int_in(1, 1_000_000))
+    window_s: float = _spec(30.0, number_in(0.1, 86_400.0))
+    open_s: float = _spec(5.0, number_in(0.001, 86_400.0))
+    open_jitter: float = _spec(0.2, number_in(0.0, 0.9))
+    half_open_probes: int = _spec(3, int_in(1, 1000))
+    probe_lease_s: float = _spec(30.0, number_in(0.001, 86_400.0))
+    slow_call_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
+    slow_call_ratio: float | None = _spec(None, optional(number_in(0.0, 1.0, lo_open=True)))
+    consecutive_failures: int | None = _spec(None, optional(int_in(1, 1_000_000)))
+    failure_statuses: tuple[int, ...] = _spec(tuple(range(500, 600)), _statuses)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "failure_statuses", _statuses_from(self.failure_statuses))
+        _validate(self)
+        object.__setattr__(self, "failure_statuses", frozenset(self.failure_statuses))
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        if (self.slow_call_ms is None) != (self.slow_call_ratio is None):
+            return [
+                PolicyIssue(
+                    "slow_call_ms",
+                    "slow_call_ms and slow_call_ratio go together: "
+                    "set both to count slow calls, or neither",
+                )
+            ]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit(_Validated):
+    """One limit: `rate` with `burst`, counted per `key`, on paths matching `match`."""
+
+    name: str = _spec("default", non_empty_str)
+    rate: str = _spec("100/s", _rate)
+    burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
+    cost: int = _spec(1, int_in(1, 1_000_000))
+    key: str | KeyFunc = _spec("client_ip", _key)
+    match: str = _spec("*", _glob)
+    methods: tuple[str, ...] | None = _spec(None, _methods)
+    shadow: bool = _spec(False, boolean)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        if _is_int(self.burst) and _is_int(self.cost) and self.burst < self.cost:  # type: ignore[operator]
+            return [
+                PolicyIssue(
+                    "cost",
+                    f"cost {self.cost} exceeds burst {self.burst}: "
+                    "no request could ever be admitted",
+                )
+            ]
+        if self.burst is None and _rate(self.rate) is None and _is_int(self.cost):
+            count, _ = parse_rate(self.rate)
+            if count < self.cost:
+                return [
+                    PolicyIssue(
+                        "cost",
+                        f"cost {self.cost} exceeds the default burst {count}: set burst >= cost",
+                    )
+                ]
+        return []
+
+    @property
+    def limit(self) -> int:
+        return parse_rate(self.rate)[0]
+
+    @property
+    def period_s(self) -> float:
+        return parse_rate(self.rate)[1]
+
+    @property
+    def burst_size(self) -> int:
+        """Bucket size; defaults to the count of the rate (100/s -> 100)."""
+        return self.burst if self.burst is not None else self.limit
+
+    @property
+    def emission_interval_s(self) -> float:
+        count, period = parse_rate(self.rate)
+        return period / count
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig(_Validated):
+    """Per-route overrides, matched by path glob (first match wins)."""
+
+    match: str = _spec("*", _glob)
+    methods: tuple[str, ...] | None = _spec(None, _methods)
+    name: str | None = _spec(None, optional(non_empty_str))
+    deadline_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
+    # True: the policy's [breaker]; False: no breaker; a BreakerConfig: this one.
+    breaker: bool | BreakerConfig = _spec(True, None)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        if not isinstance(self.breaker, bool | BreakerConfig):
+            return [PolicyIssue("breaker", "expected true, false or a breaker table")]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig(_Validated):
+    """Outbound retry: total attempts, backoff with jitter, and the retry budget."""
+
+    attempts: int = _spec(3, int_in(1, MAX_ATTEMPTS))
+    base_ms: int = _spec(100, int_in(0, 600_000))
+    max_ms: int = _spec(2_000, int_in(0, 600_000))
+    jitter: Literal["full", "equal", "decorrelated", "none"] = _spec("full", one_of(JITTER_MODES))
+    budget_ratio: float = _spec(0.2, number_in(0.0, 10.0))
+    budget_min_per_s: float = _spec(3.0, number_in(0.0, 1_000_000.0))
+    budget_window_s: float = _spec(10.0, number_in(0.1, 3_600.0))
+    retry_after_max_s: float = _spec(30.0, number_in(0.0, 86_400.0))
+    on_status: tuple[int, ...] = _spec((502, 503, 504), _statuses)
+    on_connect_error: bool = _spec(True, boolean)
+    on_read_timeout: bool = _spec(True, boolean)
+    on_429: bool = _spec(True, boolean)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "on_status", _statuses_from(self.on_status))
+        _validate(self)
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        if _is_int(self.base_ms) and _is_int(self.max_ms) and self.max_ms < self.base_ms:
+            return [PolicyIssue("max_ms", f"max_ms {self.max_ms} is below base_ms {self.base_ms}")]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig(_Validated):
+    """Outbound policy for hosts matching `host` (a glob; '*' is the default)."""
+
+    host: str = _spec("*", _glob)
+    retry: RetryConfig = _spec(RetryConfig(), _instance(RetryConfig))
+    breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
+    attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
+
+
+DEFAULT_TRUSTED_PEERS = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy(_Validated):
+    """The whole configuration. Build it in Python or load it with `from_toml`."""
+
+    state: StateConfig = _spec(StateConfig(), _instance(StateConfig))
+    deadline: DeadlineConfig = _spec(DeadlineConfig(), _instance(DeadlineConfig))
+    rate_limits: tuple[RateLimit, ...] = _spec((), _items(RateLimit), toml="rate_limit")
+    breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
+    routes: tuple[RouteConfig, ...] = _spec((), _items(RouteConfig), toml="route")
+    upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
+    trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
+    trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)
+    rate_limit_headers: Literal["always", "on_reject", "never"] = _spec(
+        "always", one_of(HEADER_MODES)
+    )
+    schema_version: int = _spec(1, int_in(1, 1), toml="version")
+
+    _version: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "_version", hashlib.sha256(blob.encode()).hexdigest()[:12])
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        issues: list[PolicyIssue] = []
+        seen: dict[str, int] = {}
+        for i, limit in enumerate(self.rate_limits):
+            if not isinstance(limit, RateLimit):
+                continue
+            if limit.name in seen:
+                issues.append(
+                    PolicyIssue(
+                        f"rate_limit[{i}].name",
+                        f"{limit.name!r} is already the name of rate_limit[{seen[limit.name]}]: "
+                        "names must be unique (they key the counters)",
+                    )
+                )
+            seen[limit.name] = i
+        return issues
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Policy:
+        """Load and validate a TOML policy file. Errors name the file and each key path."""
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError([PolicyIssue("", f"not valid TOML: {exc}")], source) from exc
+        try:
+            return cls.from_dict(data)
+        except PolicyError as exc:
+            raise PolicyError(exc.issues, source) from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+        """Build from plain data (parsed TOML or JSON). Unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise PolicyError.at("", f"expected a table at the top level, got {_tname(data)}")
+        issues: list[PolicyIssue] = []
+        kwargs = _read_table(cls, data, "", issues, nested=_POLICY_NESTED)
+        if issues:
+            raise PolicyError(issues)
+        try:
+            return cls(**kwargs)
+        except PolicyError as exc:
+            raise PolicyError(exc.issues) from None
+
+    # ------------------------------------------------------------ identity
+
+    def to_dict(self) -> dict[str, Any]:
+        """Normalized plain data; the input of `version`."""
+        plain: dict[str, Any] = _plain(self)
+        return plain
+
+    @property
+    def version(self) -> str:
+        """Short content hash: equal policies have equal versions, whatever their source."""
+        return self._version
+
+    def upstream_for(self, host: str) -> UpstreamConfig:
+        """The first `[[upstream]]` whose host glob matches, else the defaults."""
+        for upstream in self.upstreams:
+            if glob_matches(upstream.host, host.lower()):
+                return upstream
+        return _DEFAULT_UPSTREAM
+
+
+_DEFAULT_UPSTREAM = UpstreamConfig()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            out[f.metadata.get("toml", f.name)] = _plain(value)
+        return out
+    if isinstance(obj, frozenset):
+        return sorted(obj)
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if callable(obj):
+        return f"callable:{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+    return obj
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """'*' matches any run of characters (slashes included); '?' matches one."""
+    parts = []
+    for ch in pattern:
+        if ch == "*":
+            parts.append(".*")
+        elif ch == "?":
+            parts.append(".")
+        else:
+            parts.append(re.escape(ch))
+    return re.compile("^" + "".join(parts) + "$", re.DOTALL)
+
+
+_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def glob_matches(pattern: str, text: str) -> bool:
+    if pattern == "*":
+        return True
+    compiled = _GLOB_CACHE.get(pattern)
+    if compiled is None:
+        compiled = _GLOB_CACHE[pattern] = glob_to_regex(pattern)
+    return compiled.match(text) is not None
+
+
+# How nested tables map to classes when reading plain data.
+_Nested = dict[str, tuple[type, bool]]  # toml key -> (class, is_array_of_tables)
+_POLICY_NESTED: _Nested = {
+    "state": (StateConfig, False),
+    "deadline": (DeadlineConfig, False),
+    "rate_limit": (RateLimit, True),
+    "breaker": (BreakerConfig, False),
+    "route": (RouteConfig, True),
+    "upstream": (UpstreamConfig, True),
+}
+_SUB_NESTED: dict[type, _Nested] = {
+    RouteConfig: {"breaker": (BreakerConfig, False)},
+    UpstreamConfig: {"retry": (RetryConfig, False), "breaker": (BreakerConfig, False)},
+}
+
+
+def _read_table(
+    cls: type, data: Mapping[str, Any], path: str, issues: list[PolicyIssue], nested: _Nested
+) -> dict[str, Any]:
+    """Map TOML keys to constructor kwargs, checking unknown keys and nested tables."""
+    by_toml = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in by_toml:
+            hint = difflib.get_close_matches(key, list(by_toml), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            issues.append(
+                PolicyIssue(
+                    where, f"unknown key{suggestion} (allowed: {', '.join(sorted(by_toml))})"
+                )
+            )
+            continue
+        attr = by_toml[key]
+        if key in nested:
+            sub_cls, is_array = nested[key]
+            kwargs[attr] = _read_nested(sub_cls, value, where, issues, is_array, cls)
+        else:
+            kwargs[attr] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+def _read_nested(
+    sub_cls: type, value: Any, where: str, issues: list[PolicyIssue], is_array: bool, parent: type
+) -> Any:
+    sub_nested = _SUB_NESTED.get(sub_cls, {})
+    if is_array:
+        if isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list):
+            issues.append(PolicyIssue(where, f"expected an array of tables ([[{where}]])"))
+            return ()
+        return tuple(
+            _build(sub_cls, item, f"{where}[{i}]", issues, sub_nested)
+            for i, item in enumerate(value)
+        )
+    if sub_cls is BreakerConfig and isinstance(value, bool):
+        if parent is RouteConfig:
+            return value
+        if value is False:
+            return None
+        return BreakerConfig()
+    if sub_cls is BreakerConfig and isinstance(value, Mapping) and "enabled" in value:
+        enabled = value["enabled"]
+        if not isinstance(enabled, bool):
+            issues.append(
+                PolicyIssue(f"{where}.enabled", f"expected true or false, got {enabled!r}")
+            )
+            return None
+        if not enabled:
+            return False if parent is RouteConfig else None
+        value = {k: v for k, v in value.items() if k != "enabled"}
+    return _build(sub_cls, value, where, issues, sub_nested)
+
+
+def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
+    if not isinstance(value, Mapping):
+        issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {value!r}"))
+        return None
+    before = len(issues)
+    kwargs = _read_table(cls, value, where, issues, nested)
+    if len(issues) > before:
+        return None
+    try:
+        return cls(**kwargs)
+    except PolicyError as exc:
+        issues.extend(exc.prefixed(where).issues)
+        return None
+    except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
+        issues.append(PolicyIssue(where, str(exc)))
+        return None

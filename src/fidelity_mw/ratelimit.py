@@ -1,0 +1,58 @@
+"""GCRA rate limiting: pure arithmetic on one number per key (the theoretical arrival time).
+
+A limit of `rate` with bucket size `burst` admits at most rate*t + burst units
+over any interval of length t, and rejects a request only when admitting it
+would break that bound (it is an exact token bucket). Nothing here knows about
+storage: the state stores keep the TAT and call `gcra`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+# Float sums of the emission interval drift by ulps; without slack the last
+# unit of a full burst would be refused. One millionth of an interval is far
+# below any clock resolution that matters here.
+_SLACK = 1e-6
+
+
+class LimitVerdict(NamedTuple):
+    allowed: bool
+    tat: float  # the TAT to store (unchanged when rejected)
+    remaining: int  # whole units left in the bucket after this decision
+    reset_s: float  # seconds until the bucket is full again
+    retry_after_s: float  # seconds until this request would be admitted (0 if allowed)
+
+
+def gcra(
+    tat: float, now: float, interval_s: float, tolerance_s: float, cost: int = 1
+) -> LimitVerdict:
+    """Decide one request of `cost` units.
+
+    `interval_s` is the emission interval (period / count) and `tolerance_s`
+    is burst * interval_s. A fresh key has tat <= now.
+    """
+    base = tat if tat > now else now
+    new_tat = base + cost * interval_s
+    allow_at = new_tat - tolerance_s
+    if allow_at - now > _SLACK * interval_s:
+        remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
+        return LimitVerdict(False, tat, max(0, remaining), base - now, allow_at - now)
+    remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
+    return LimitVerdict(True, new_tat, max(0, remaining), new_tat - now, 0.0)
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After as integer seconds, rounded up, never 0 for a real wait."""
+    return str(max(1, math.ceil(seconds - 1e-9))) if seconds > 0 else "0"
+
+
+def policy_field(name: str, quota: int, window_s: float) -> str:
+    """One RateLimit-Policy item (draft-ietf-httpapi-ratelimit-headers, sf-list)."""
+    return f'"{name}";q={quota};w={max(1, math.ceil(window_s))}'
+
+
+def limit_field(name: str, remaining: int, reset_s: float) -> str:
+    """One RateLimit item: remaining quota units and seconds until reset."""
+    return f'"{name}";r={remaining};t={max(0, math.ceil(reset_s - 1e-9))}'

@@ -1,0 +1,150 @@
+"""Process-memory state: the embedded default. Exact, O(1) per decision, bounded.
+
+Bound: at most `max_keys` limiter keys (default 100,000). A key whose TAT is
+in the past is indistinguishable from a fresh key, so sweeping those away
+loses nothing; only if every key is still active does eviction drop the
+oldest-inserted ones (counted in `evicted_active`), which can only make the
+limiter more lenient for those clients, never stricter.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+
+from .._types import RandomSource
+from ..breaker import IGNORED, BreakerState, Gate
+from ..policy import BreakerConfig
+from ..ratelimit import LimitVerdict, gcra
+from .base import InboundResult, LimitSpec, StateStore
+
+
+class GcraTable:
+    """key -> TAT, with lossless sweeping of idle keys."""
+
+    __slots__ = ("_next_sweep", "evicted_active", "max_keys", "tats")
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.tats: dict[str, float] = {}
+        self._next_sweep = max_keys
+        self.evicted_active = 0
+
+    def make_room(self, now: float) -> None:
+        tats = self.tats
+        if len(tats) < self._next_sweep:
+            return
+        idle = [k for k, tat in tats.items() if tat <= now]
+        for key in idle:
+            del tats[key]
+        overflow = len(tats) - (self.max_keys * 3) // 4
+        if overflow > 0:
+            for key in list(tats)[:overflow]:
+                del tats[key]
+            self.evicted_active += overflow
+        # Sweep again only after the table has grown by a quarter of its bound:
+        # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
+        self._next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
+        self._next_sweep = max(self._next_sweep, len(tats) + 1)
+
+
+class MemoryStore(StateStore):
+    """Counters in this process. Thread-safe (sync routes run in a thread pool)."""
+
+    source = "memory"
+
+    def __init__(self, *, max_keys: int = 100_000, rng: RandomSource | None = None) -> None:
+        self.limits = GcraTable(max_keys)
+        self.breakers: dict[str, BreakerState] = {}
+        self._rng: RandomSource = rng or random.Random().random
+        self._lock = threading.Lock()
+
+    def breaker_state(self, key: str, config: BreakerConfig) -> BreakerState:
+        state = self.breakers.get(key)
+        if state is None or state.config is not config:
+            # A new config (policy reload) starts a fresh breaker.
+            state = self.breakers[key] = BreakerState(config)
+        return state
+
+    def admit_now(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        """`admit` without the coroutine: the middleware's fast path for memory state."""
+        with self._lock:
+            gate: Gate | None = None
+            state: BreakerState | None = None
+            if breaker_key is not None and breaker is not None:
+                state = self.breaker_state(breaker_key, breaker)
+                gate = state.gate(now, self._rng)
+                if gate.verdict == "reject":
+                    return InboundResult(gate, (), False, "memory", 0.0)
+            if not limits:
+                return InboundResult(gate, (), True, "memory", 0.0)
+            table = self.limits
+            table.make_room(now)
+            tats = table.tats
+            verdicts: list[LimitVerdict] = []
+            admitted = True
+            for key, spec in zip(limit_keys, limits, strict=True):
+                verdict = gcra(
+                    tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost
+                )
+                verdicts.append(verdict)
+                if not verdict.allowed and not spec.shadow:
+                    admitted = False
+            if admitted:
+                for key, verdict in zip(limit_keys, verdicts, strict=True):
+                    if verdict.allowed:
+                        tats[key] = verdict.tat
+            elif gate is not None and state is not None and gate.probe_id:
+                state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
+            return InboundResult(gate, tuple(verdicts), admitted, "memory", 0.0)
+
+    async def admit(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        return self.admit_now(breaker_key, breaker, limit_keys, limits, now)
+
+    def record_now(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        with self._lock:
+            state = self.breaker_state(breaker_key, breaker)
+            return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
+
+    async def record(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        return self.record_now(breaker_key, breaker, gate, outcome, slow, now)
+
+    def gate_now(self, breaker_key: str, breaker: BreakerConfig, now: float) -> Gate:
+        with self._lock:
+            return self.breaker_state(breaker_key, breaker).gate(now, self._rng)
+
+    async def breaker_gate(
+        self, breaker_key: str, breaker: BreakerConfig, now: float
+    ) -> tuple[Gate, str, float]:
+        return self.gate_now(breaker_key, breaker, now), "memory", 0.0

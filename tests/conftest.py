@@ -1,0 +1,22 @@
+"""Shared fixtures. Time is a FakeClock; randomness is seeded."""
+
+from __future__ import annotations
+
+import pytest
+
+from fidelity_mw.testing import FakeClock, seeded_random
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def rng():  # type: ignore[no-untyped-def]
+    return seeded_random(1234)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
