@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.requests import ClientDisconnect
 
@@ -36,6 +36,7 @@ from .context import (
 )
 from .engine import Engine, RoutePlan, compact_key
 from .headers import client_address, in_networks, parse_attempt, parse_deadline
+from .hooks import RequestObserver
 from .policy import Policy
 from .ratelimit import limit_field, retry_after_header
 from .state.base import InboundResult, StateStore
@@ -58,14 +59,6 @@ _ROLE_KEY = 4
 _ROLE_ATTEMPT = 5
 
 _PROBLEM = b"application/problem+json"
-
-
-class RequestObserver(Protocol):
-    """Hook for telemetry: `start` before the layers decide, `end` after the response."""
-
-    def start(self, ctx: DecisionContext, scope: Scope) -> Any: ...
-
-    def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None: ...
 
 
 def problem_body(status: int, title: str, detail: str, kind: str, **extra: Any) -> bytes:
@@ -95,10 +88,17 @@ class FidelityMiddleware:
         rng: RandomSource | None = None,
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
+        telemetry: bool = True,
     ) -> None:
         self.app = app
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = self.engine.policy
+        if observer is None and telemetry:
+            if self.engine.request_observer is None:
+                from .telemetry import default_request_observer
+
+                self.engine.request_observer = default_request_observer(self.engine)
+            observer = self.engine.request_observer
         self.observer = observer
         store_ = self.engine.store
         # Memory state needs no await: call it directly on the hot path.

@@ -14,6 +14,7 @@ from typing import Any
 from ._types import Clock, RandomSource
 from .clock import SYSTEM_CLOCK
 from .headers import networks
+from .hooks import AttemptObserver, RequestObserver
 from .policy import BreakerConfig, Policy, RateLimit, RouteConfig, glob_matches
 from .ratelimit import policy_field
 from .routes import UNMATCHED, framework_template
@@ -98,6 +99,9 @@ class Engine:
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
+        # Set by the middleware / transports from `telemetry.py` (or by the user).
+        self.request_observer: RequestObserver | None = None
+        self.attempt_observer: AttemptObserver | None = None
 
     # ------------------------------------------------------------ plans
 
