@@ -177,7 +177,10 @@ def parse_rate(text: str) -> tuple[int, float]:
         raise ValueError(f"unknown period unit {unit!r} in {text!r}: use s, min, h or d")
     if count < 1:
         raise ValueError(f"{text!r} admits nothing: the count must be at least 1")
-    return count, _PERIODS[unit] * (int(multiple) if multiple else 1)
+    periods = int(multiple) if multiple else 1
+    if periods < 1:
+        raise ValueError(f"{text!r} has an empty period: the period must be at least 1 {unit}")
+    return count, _PERIODS[unit] * periods
 
 
 def _rate(value: Any) -> str | None:
@@ -646,7 +649,7 @@ def _read_table(
     cls: type, data: Mapping[str, Any], path: str, issues: list[PolicyIssue], nested: _Nested
 ) -> dict[str, Any]:
     """Map TOML keys to constructor kwargs, checking unknown keys and nested tables."""
-    by_toml = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(cls)}
+    by_toml = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
