@@ -3,8 +3,13 @@
 Order and coordination (DESIGN.md): a request the deadline or the breaker
 turns away never reaches the limiter, so it costs the client no quota; a
 limiter rejection or a client disconnect is never counted as a breaker
-failure. Websocket and lifespan scopes pass straight through; response
-bodies stream untouched (only the start message gets headers added).
+failure. Websocket and lifespan scopes pass straight through; bodies stream
+untouched in both directions (only the response start message gets headers
+added), and `receive` is handed to the app as it is.
+
+The allowed path is the hot path: one coroutine, one header scan, one store
+call, and decisions left as facts (`ctx._pending`) that become records only
+when somebody reads `ctx.decisions`.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Coroutine
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 
 from ._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
-from .breaker import FAILURE, IGNORED, SUCCESS, Gate
+from .breaker import FAILURE, IGNORED, SUCCESS
 from .context import (
     _CURRENT,
     ALLOW,
@@ -35,10 +41,16 @@ from .context import (
     DecisionContext,
 )
 from .engine import Engine, RoutePlan, compact_key
-from .headers import client_address, in_networks, parse_attempt, parse_deadline
+from .headers import (
+    client_address,
+    in_networks,
+    parse_attempt,
+    parse_grpc_timeout,
+    parse_timeout_ms,
+)
 from .hooks import RequestObserver
 from .policy import Policy
-from .ratelimit import limit_field, retry_after_header
+from .ratelimit import retry_after_header
 from .state.base import InboundResult, StateStore
 from .state.memory import MemoryStore
 
@@ -59,9 +71,13 @@ _ROLE_KEY = 4
 _ROLE_ATTEMPT = 5
 
 _PROBLEM = b"application/problem+json"
+_EXHAUSTED = (b"x-fidelity-retry", b"exhausted")
+
+Rejection = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 def problem_body(status: int, title: str, detail: str, kind: str, **extra: Any) -> bytes:
+    """An RFC 9457 problem document."""
     body = {
         "type": f"urn:fidelity-mw:problem:{kind}",
         "title": title,
@@ -92,7 +108,7 @@ class FidelityMiddleware:
     ) -> None:
         self.app = app
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
-        self.policy = self.engine.policy
+        self.policy = pol = self.engine.policy
         if observer is None and telemetry:
             if self.engine.request_observer is None:
                 from .telemetry import default_request_observer
@@ -100,16 +116,19 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        self._monotonic = self.engine.clock.monotonic
+        self._plan_for = self.engine.plan_for
+        self._plans = self.engine._plans
         store_ = self.engine.store
         # Memory state needs no await: call it directly on the hot path.
         self._admit_now = store_.admit_now if isinstance(store_, MemoryStore) else None
         self._record_now = store_.record_now if isinstance(store_, MemoryStore) else None
-        pol = self.policy
         self._headers_mode = pol.rate_limit_headers
         self._on_error = pol.state.on_error
+        self._deadline_headers = tuple((n, n.encode("latin-1")) for n in pol.deadline.header)
         wanted: dict[bytes, int] = {}
-        for name in pol.deadline.header:
-            wanted[name.encode("latin-1")] = _ROLE_DEADLINE
+        for _name, raw in self._deadline_headers:
+            wanted[raw] = _ROLE_DEADLINE
         if pol.trusted_proxies:
             wanted[b"x-forwarded-for"] = _ROLE_XFF
             wanted[b"forwarded"] = _ROLE_FORWARDED
@@ -125,11 +144,9 @@ class FidelityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        engine = self.engine
-        clock = engine.clock
-        now = clock.monotonic()
+        now = self._monotonic()
         try:
-            plan = engine.plan_for(scope)
+            plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
             found: dict[bytes, bytes] | None = None
             wanted = self._wanted
             for name, value in scope["headers"]:
@@ -138,14 +155,7 @@ class FidelityMiddleware:
                         found = {}
                     prior = found.get(name)
                     found[name] = value if prior is None else prior + b"," + value
-            client = scope.get("client")
-            peer: str | None = client[0] if client else None
-            ctx = DecisionContext(
-                engine=engine,
-                route=plan.route,
-                method=scope.get("method", "GET"),
-                started_at=now,
-            )
+            ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
@@ -159,7 +169,70 @@ class FidelityMiddleware:
         observer = self.observer
         obs_token = observer.start(ctx, scope) if observer is not None else None
         try:
-            await self._handle(scope, receive, send, ctx, plan, found, peer, now)
+            # ---- decide: deadline, then breaker + limits in one store call
+            result: InboundResult | None = None
+            try:
+                remaining = plan.deadline_default_s
+                rejection = None
+                if found is not None:
+                    remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                if rejection is None:
+                    if remaining is not None:
+                        ctx.deadline_at = now + remaining
+                    if plan.breaker_key is not None or plan.specs:
+                        keys = self._limit_keys(scope, plan, found, ctx) if plan.specs else ()
+                        admit_now = self._admit_now
+                        if admit_now is not None:
+                            result = admit_now(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        else:
+                            result = await self.engine.store.admit(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        rejection = self._admission(ctx, plan, result, now)
+                    else:
+                        ctx._pending = (_admission_decisions, plan, None, now)
+            except Exception as exc:
+                rejection = self._state_failure(ctx, plan, exc, now)
+                result = None
+            if rejection is not None:
+                await _respond(send, *rejection)
+                return
+
+            # ---- the app, watching only the response start and its end
+            extra = ctx.response_headers
+            complete = False
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal complete
+                kind = message["type"]
+                if kind == "http.response.start":
+                    status = message["status"]
+                    ctx.status = status
+                    headers = extra
+                    if status >= 500 and ctx.upstream_exhausted:
+                        headers = [*(headers or ()), _EXHAUSTED]
+                    if headers:
+                        # a new list: the app's may be shared (a reused Response object)
+                        message["headers"] = [*message.get("headers", ()), *headers]
+                elif kind == "http.response.body" and not message.get("more_body", False):
+                    complete = True
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except BaseException as exc:
+                pending = self._after_error(ctx, plan, result, exc)
+                if pending is not None:
+                    self._spawn(pending)  # cannot await while unwinding (maybe cancelled)
+                raise
+            pending = self._after_app(ctx, plan, result, complete)
+            if pending is not None:  # a remote store: record after the response went out
+                try:
+                    await pending
+                except Exception:
+                    logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
         finally:
             if observer is not None:
                 try:
@@ -168,132 +241,74 @@ class FidelityMiddleware:
                     logger.exception("fidelity_mw: telemetry observer failed")
             _CURRENT.reset(token)
 
-    async def _handle(
+    # ------------------------------------------------------------ deadline, peers
+
+    def _from_headers(
         self,
         scope: Scope,
-        receive: Receive,
-        send: Send,
         ctx: DecisionContext,
         plan: RoutePlan,
-        found: dict[bytes, bytes] | None,
-        peer: str | None,
+        found: dict[bytes, bytes],
         now: float,
-    ) -> None:
-        engine = self.engine
-        result: InboundResult | None = None
-        try:
-            # --- deadline
-            remaining = self._deadline(ctx, plan, found, now)
-            if remaining is not None:
+    ) -> tuple[float | None, Rejection | None]:
+        """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
+        remaining = plan.deadline_default_s
+        caller = self._caller_deadline(ctx, found, now)
+        if caller is not None:
+            cap = plan.deadline_cap_s
+            remaining = caller if cap is None or caller < cap else cap
+            ctx.deadline_from_caller = True
+            if remaining <= 0.0:
                 ctx.deadline_at = now + remaining
-                if remaining <= 0.0:
-                    ctx.decided_by = LAYER_DEADLINE
-                    ctx.outcome = OUTCOME_EXPIRED
-                    await _respond(
-                        send,
-                        504,
-                        [],
-                        problem_body(
-                            504,
-                            "Gateway Timeout",
-                            "the caller's deadline had passed on arrival",
-                            "deadline-expired",
-                        ),
+                ctx.decisions.append(
+                    Decision(
+                        LAYER_DEADLINE,
+                        ctx.route,
+                        REJECT,
+                        "expired_on_arrival",
+                        SOURCE_REQUEST,
+                        0.0,
+                        now,
                     )
-                    return
-            if found is not None and peer is not None:
-                attempt = found.get(b"x-fidelity-attempt")
-                if attempt is not None and self._trusted_peer(peer):
-                    ctx.trusted_peer = True
-                    ctx.inbound_attempt = parse_attempt(attempt) or 1
-            # --- breaker + rate limits, one atomic store call
-            if plan.breaker_key is not None or plan.specs:
-                keys = self._limit_keys(scope, plan, found, peer, ctx) if plan.specs else ()
-                admit_now = self._admit_now
-                if admit_now is not None:
-                    result = admit_now(plan.breaker_key, plan.breaker, keys, plan.specs, now)
-                else:
-                    result = await engine.store.admit(
-                        plan.breaker_key, plan.breaker, keys, plan.specs, now
-                    )
-                rejection = self._record_admission(ctx, plan, result, now)
-                if rejection is not None:
-                    await _respond(send, *rejection)
-                    return
-        except Exception as exc:
-            if self._state_failure(ctx, plan, exc, now):
-                await _respond(
-                    send,
-                    503,
-                    [(b"retry-after", b"1")],
-                    problem_body(
-                        503,
-                        "Service Unavailable",
-                        "the control state is unreachable and the policy says to fail closed",
-                        "state-unavailable",
-                    ),
                 )
-                return
-            result = None
-        await self._call_app(scope, receive, send, ctx, plan, result, now)
+                ctx.decided_by = LAYER_DEADLINE
+                ctx.outcome = OUTCOME_EXPIRED
+                body = problem_body(
+                    504,
+                    "Gateway Timeout",
+                    "the caller's deadline had passed on arrival",
+                    "deadline-expired",
+                )
+                return remaining, (504, [], body)
+        attempt = found.get(b"x-fidelity-attempt")
+        if attempt is not None:
+            client = scope.get("client")
+            if client and self._trusted_peer(client[0]):
+                ctx.trusted_peer = True
+                ctx.inbound_attempt = parse_attempt(attempt) or 1
+        return remaining, None
 
-    # ------------------------------------------------------------ layers
-
-    def _deadline(
-        self, ctx: DecisionContext, plan: RoutePlan, found: dict[bytes, bytes] | None, now: float
+    def _caller_deadline(
+        self, ctx: DecisionContext, found: dict[bytes, bytes], now: float
     ) -> float | None:
+        """The shortest valid deadline among the configured headers; junk is recorded."""
         remaining = None
-        if found is not None:
-            for name in self.policy.deadline.header:
-                value = found.get(name.encode("latin-1"))
-                if value is None:
-                    continue
-                seconds = parse_deadline(name, value)
-                if seconds is None:
-                    ctx.decisions.append(
-                        Decision(
-                            LAYER_DEADLINE,
-                            name,
-                            ALLOW,
-                            "malformed_header",
-                            SOURCE_REQUEST,
-                            0.0,
-                            now,
-                        )
+        for name, raw in self._deadline_headers:
+            value = found.get(raw)
+            if value is None:
+                continue
+            if name == "grpc-timeout":
+                seconds = parse_grpc_timeout(value)
+            else:
+                seconds = parse_timeout_ms(value)
+            if seconds is None:
+                ctx.decisions.append(
+                    Decision(
+                        LAYER_DEADLINE, name, ALLOW, "malformed_header", SOURCE_REQUEST, 0.0, now
                     )
-                    continue
-                if remaining is None or seconds < remaining:
-                    remaining = seconds
-        if remaining is None:
-            return plan.deadline_default_s
-        cap = plan.deadline_cap_s
-        if cap is not None and remaining > cap:
-            remaining = cap
-        if remaining <= 0.0:
-            ctx.decisions.append(
-                Decision(
-                    LAYER_DEADLINE,
-                    ctx.route,
-                    REJECT,
-                    "expired_on_arrival",
-                    SOURCE_REQUEST,
-                    0.0,
-                    now,
                 )
-            )
-        else:
-            ctx.decisions.append(
-                Decision(
-                    LAYER_DEADLINE,
-                    ctx.route,
-                    ALLOW,
-                    "caller_deadline",
-                    SOURCE_REQUEST,
-                    0.0,
-                    now,
-                    {"remaining_ms": round(remaining * 1000.0, 3)},
-                )
-            )
+            elif remaining is None or seconds < remaining:
+                remaining = seconds
         return remaining
 
     def _trusted_peer(self, peer: str) -> bool:
@@ -305,21 +320,22 @@ class FidelityMiddleware:
             self._peer_trust[peer] = trusted
         return trusted
 
+    # ------------------------------------------------------------ limiter keys
+
     def _limit_keys(
         self,
         scope: Scope,
         plan: RoutePlan,
         found: dict[bytes, bytes] | None,
-        peer: str | None,
         ctx: DecisionContext,
     ) -> list[str]:
         ip: str | None = None
         keys = []
-        for lim in plan.limits:
+        for lim, prefix in zip(plan.limits, plan.key_prefixes, strict=True):
             kind = lim.key
             if kind == "client_ip":
                 if ip is None:
-                    ip = self._client_ip(peer, found)
+                    ip = self._client_ip(scope, found)
                 value = ip
             elif kind == "route":
                 value = "route:" + plan.route
@@ -331,7 +347,7 @@ class FidelityMiddleware:
                     value = "h:" + compact_key(raw.decode("latin-1"))
                 else:
                     if ip is None:
-                        ip = self._client_ip(peer, found)
+                        ip = self._client_ip(scope, found)
                     value = ip
             else:
                 try:
@@ -341,16 +357,18 @@ class FidelityMiddleware:
                     custom = None
                 if custom is None:
                     if ip is None:
-                        ip = self._client_ip(peer, found)
+                        ip = self._client_ip(scope, found)
                     value = ip
                 else:
-                    value = "k:" + compact_key(custom)
-            keys.append(lim.name + "|" + value)
+                    value = "k:" + compact_key(str(custom))
+            keys.append(prefix + value)
         if ip is not None:
             ctx.client_key = ip
         return keys
 
-    def _client_ip(self, peer: str | None, found: dict[bytes, bytes] | None) -> str:
+    def _client_ip(self, scope: Scope, found: dict[bytes, bytes] | None) -> str:
+        client = scope.get("client")
+        peer: str | None = client[0] if client else None
         if found is None or not self.engine.trusted_proxies:
             return peer or "unknown"
         return client_address(
@@ -360,142 +378,64 @@ class FidelityMiddleware:
             self.engine.trusted_proxies,
         )
 
-    def _record_admission(
+    # ------------------------------------------------------------ breaker + limiter verdicts
+
+    def _admission(
         self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult, now: float
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """Append the breaker and limiter decisions; return a response if rejected."""
-        source, age = result.source, result.age_s
-        decisions = ctx.decisions
+    ) -> Rejection | None:
+        """Turn the store's answer into a response (if rejected) and decision facts."""
         gate = result.gate
-        if gate is not None:
-            if gate.verdict == "reject":
-                decisions.append(
-                    Decision(
-                        LAYER_BREAKER,
-                        plan.route,
-                        SHED,
-                        f"breaker_{gate.state}",
-                        source,
-                        age,
-                        now,
-                        {"retry_after_s": round(gate.retry_after_s, 3)},
-                    )
-                )
-                ctx.decided_by = LAYER_BREAKER
-                ctx.outcome = OUTCOME_SHED
-                wait = retry_after_header(gate.retry_after_s)
-                return (
-                    503,
-                    [(b"retry-after", wait.encode())],
-                    problem_body(
-                        503,
-                        "Service Unavailable",
-                        f"the circuit breaker of route {plan.route!r} is "
-                        f"{gate.state.replace('_', '-')}; "
-                        f"retry in {wait} s",
-                        "circuit-open",
-                        route=plan.route,
-                    ),
-                )
-            decisions.append(
-                Decision(
-                    LAYER_BREAKER,
-                    plan.route,
-                    PROBE if gate.verdict == "probe" else ALLOW,
-                    "half_open_probe" if gate.verdict == "probe" else "breaker_closed",
-                    source,
-                    age,
-                    now,
-                )
+        if gate is not None and gate.verdict == "reject":
+            _admission_decisions(ctx, plan, result, now)
+            ctx.decided_by = LAYER_BREAKER
+            ctx.outcome = OUTCOME_SHED
+            wait = retry_after_header(gate.retry_after_s)
+            body = problem_body(
+                503,
+                "Service Unavailable",
+                f"the circuit breaker of route {plan.route!r} is "
+                f"{gate.state.replace('_', '-')}; retry in {wait} s",
+                "circuit-open",
+                route=plan.route,
             )
-        if not result.limits:
+            return 503, [(b"retry-after", wait.encode())], body
+        if result.admitted:
+            ctx._pending = (_admission_decisions, plan, result, now)
+            if plan.specs and self._headers_mode == "always":
+                ctx.response_headers = _ratelimit_headers(plan, result)
             return None
+        _admission_decisions(ctx, plan, result, now)
         worst = -1
         worst_wait = -1.0
-        for i, (spec, verdict) in enumerate(zip(plan.specs, result.limits, strict=True)):
-            if verdict.allowed:
-                decisions.append(
-                    Decision(
-                        LAYER_RATELIMIT,
-                        spec.name,
-                        ALLOW,
-                        "under_limit",
-                        source,
-                        age,
-                        now,
-                    )
-                )
-                continue
-            if spec.shadow:
-                decisions.append(
-                    Decision(
-                        LAYER_RATELIMIT,
-                        spec.name,
-                        WOULD_REJECT,
-                        "over_limit_shadow",
-                        source,
-                        age,
-                        now,
-                        {"retry_after_s": round(verdict.retry_after_s, 3), "shadow": True},
-                    )
-                )
-                continue
-            decisions.append(
-                Decision(
-                    LAYER_RATELIMIT,
-                    spec.name,
-                    REJECT,
-                    "over_limit",
-                    source,
-                    age,
-                    now,
-                    {
-                        "retry_after_s": round(verdict.retry_after_s, 3),
-                        "remaining": verdict.remaining,
-                    },
-                )
-            )
-            if verdict.retry_after_s > worst_wait:
+        for i, verdict in enumerate(result.limits):
+            blocking = not verdict.allowed and not plan.specs[i].shadow
+            if blocking and verdict.retry_after_s > worst_wait:
                 worst, worst_wait = i, verdict.retry_after_s
-        headers = self._ratelimit_headers(plan, result, rejected=not result.admitted)
-        if result.admitted:
-            ctx.response_headers = headers or None
-            return None
         ctx.decided_by = LAYER_RATELIMIT
         ctx.outcome = OUTCOME_REJECTED
         name = plan.specs[worst].name
         wait = retry_after_header(worst_wait)
-        return (
+        headers = [(b"retry-after", wait.encode())]
+        if self._headers_mode != "never":
+            headers.extend(_ratelimit_headers(plan, result))
+        body = problem_body(
             429,
-            [(b"retry-after", wait.encode()), *headers],
-            problem_body(
-                429,
-                "Too Many Requests",
-                f"rate limit {name!r} exceeded; retry in {wait} s",
-                "rate-limited",
-                limit=name,
-            ),
+            "Too Many Requests",
+            f"rate limit {name!r} exceeded; retry in {wait} s",
+            "rate-limited",
+            limit=name,
         )
-
-    def _ratelimit_headers(
-        self, plan: RoutePlan, result: InboundResult, *, rejected: bool
-    ) -> list[tuple[bytes, bytes]]:
-        mode = self._headers_mode
-        if mode == "never" or (mode == "on_reject" and not rejected) or plan.policy_header is None:
-            return []
-        items = ", ".join(
-            limit_field(spec.name, verdict.remaining, verdict.reset_s)
-            for spec, verdict in zip(plan.specs, result.limits, strict=True)
-        )
-        return [(b"ratelimit-policy", plan.policy_header), (b"ratelimit", items.encode("latin-1"))]
+        return 429, headers, body
 
     def _state_failure(
         self, ctx: DecisionContext, plan: RoutePlan, exc: Exception, now: float
-    ) -> bool:
-        """The store (or our own code) failed: decide per `state.on_error`. True = reject."""
+    ) -> Rejection | None:
+        """The store (or our own code) failed: decide per `state.on_error`."""
         logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
         closed = self._on_error == "closed"
         layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
+        ctx._pending = None
+        _admission_decisions(ctx, plan, None, now)
         ctx.decisions.append(
             Decision(
                 layer,
@@ -508,111 +448,198 @@ class FidelityMiddleware:
                 {"on_error": self._on_error},
             )
         )
-        if closed:
-            ctx.decided_by = layer
-            ctx.outcome = OUTCOME_SHED
-        return closed
+        if not closed:
+            return None
+        ctx.decided_by = layer
+        ctx.outcome = OUTCOME_SHED
+        body = problem_body(
+            503,
+            "Service Unavailable",
+            "the control state is unreachable and the policy says to fail closed",
+            "state-unavailable",
+        )
+        return 503, [(b"retry-after", b"1")], body
 
-    # ------------------------------------------------------------ the app
+    # ------------------------------------------------------------ after the app
 
-    async def _call_app(
+    def _after_error(
         self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
         ctx: DecisionContext,
         plan: RoutePlan,
         result: InboundResult | None,
-        now: float,
-    ) -> None:
-        extra = ctx.response_headers
-        complete = False
+        exc: BaseException,
+    ) -> Coroutine[Any, Any, str] | None:
+        ctx.decided_by = DECIDED_BY_APP
+        if isinstance(exc, asyncio.CancelledError | ClientDisconnect | OSError):
+            ctx.outcome = OUTCOME_DISCONNECTED
+            ctx.client_disconnected = True
+            outcome = IGNORED
+        elif isinstance(exc, Exception):
+            ctx.outcome = OUTCOME_FAILED
+            outcome = FAILURE
+        else:  # KeyboardInterrupt, SystemExit: not the route's fault
+            outcome = IGNORED
+        return self._finish(ctx, plan, result, outcome)
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal complete
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-                ctx.status = status
-                headers = extra
-                if ctx.upstream_exhausted and status >= 500:
-                    headers = [*(headers or ()), (b"x-fidelity-retry", b"exhausted")]
-                if headers:
-                    message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                complete = True
-            await send(message)
-
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect" and not complete:
-                ctx.client_disconnected = True
-            return message
-
-        gate = result.gate if result is not None else None
-        try:
-            await self.app(scope, receive_wrapper, send_wrapper)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError | ClientDisconnect | OSError) or (
-                ctx.client_disconnected
-            ):
-                ctx.outcome = OUTCOME_DISCONNECTED
-                pending = self._finish(ctx, plan, gate, IGNORED)
-            elif isinstance(exc, Exception):
-                ctx.outcome = OUTCOME_FAILED
-                pending = self._finish(ctx, plan, gate, FAILURE)
-            else:
-                pending = self._finish(ctx, plan, gate, IGNORED)
-            ctx.decided_by = DECIDED_BY_APP
-            if pending is not None:
-                self._spawn(pending)  # cannot await while unwinding (maybe cancelled)
-            raise
+    def _after_app(
+        self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, complete: bool
+    ) -> Coroutine[Any, Any, str] | None:
         ctx.decided_by = DECIDED_BY_APP
         status = ctx.status
-        if ctx.client_disconnected and not complete:
+        breaker = plan.breaker
+        if status is not None and not complete:
+            # The app stopped mid-response without an error: the client went away
+            # (Starlette's streaming responses end quietly on http.disconnect).
             ctx.outcome = OUTCOME_DISCONNECTED
+            ctx.client_disconnected = True
             outcome = IGNORED
-        elif status is None or (
-            plan.breaker is not None and status in plan.breaker.failure_statuses
-        ):
+        elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
             outcome = FAILURE
         else:
             ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
             outcome = SUCCESS
-        pending = self._finish(ctx, plan, gate, outcome)
-        if pending is not None:
-            try:
-                await pending
-            except Exception:
-                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+        if breaker is None or result is None or result.gate is None:
+            return None
+        return self._finish(ctx, plan, result, outcome)
 
     def _finish(
-        self, ctx: DecisionContext, plan: RoutePlan, gate: Gate | None, outcome: str
+        self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, outcome: str
     ) -> Coroutine[Any, Any, str] | None:
         """Report the outcome to the breaker: done at once for memory, else a coroutine."""
         breaker = plan.breaker
+        gate = result.gate if result is not None else None
         if gate is None or breaker is None or plan.breaker_key is None:
             return None
-        engine = self.engine
-        now = engine.clock.monotonic()
-        slow = breaker.slow_call_ms is not None and (now - ctx.started_at) * 1000.0 >= (
-            breaker.slow_call_ms
-        )
+        if breaker.slow_call_ms is None:
+            # Outcomes land in 3 s buckets: the start time is close enough, and
+            # saves a clock read per request.
+            now = ctx.started_at
+            slow = False
+        else:
+            now = self._monotonic()
+            slow = (now - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
         record_now = self._record_now
         if record_now is None:
-            return engine.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
+            return self.engine.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
         try:
             record_now(plan.breaker_key, breaker, gate, outcome, slow, now)
         except Exception:
             logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
         return None
 
-    def _spawn(self, coro: Any) -> None:
-        """Record to a remote store without holding up the response."""
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Record to a remote store without holding up the unwinding request."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _admission_decisions(
+    ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, now: float
+) -> None:
+    """Build the deadline, breaker and limiter decision records from the facts."""
+    append = ctx._decisions.append
+    if ctx.deadline_at is not None:
+        remaining = ctx.deadline_at - now
+        append(
+            Decision(
+                LAYER_DEADLINE,
+                ctx.route,
+                ALLOW,
+                "caller_deadline" if ctx.deadline_from_caller else "route_default",
+                SOURCE_REQUEST,
+                0.0,
+                now,
+                {"remaining_ms": round(remaining * 1000.0, 3)},
+            )
+        )
+    if result is None:
+        return
+    source, age = result.source, result.age_s
+    gate = result.gate
+    if gate is not None:
+        if gate.verdict == "reject":
+            append(
+                Decision(
+                    LAYER_BREAKER,
+                    plan.route,
+                    SHED,
+                    f"breaker_{gate.state}",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(gate.retry_after_s, 3)},
+                )
+            )
+            return
+        probe = gate.verdict == "probe"
+        append(
+            Decision(
+                LAYER_BREAKER,
+                plan.route,
+                PROBE if probe else ALLOW,
+                "half_open_probe" if probe else "breaker_closed",
+                source,
+                age,
+                now,
+            )
+        )
+    for spec, verdict in zip(plan.specs, result.limits, strict=False):
+        if verdict.allowed:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    ALLOW,
+                    "under_limit",
+                    source,
+                    age,
+                    now,
+                    {"remaining": verdict.remaining},
+                )
+            )
+        elif spec.shadow:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    WOULD_REJECT,
+                    "over_limit_shadow",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "shadow": True},
+                )
+            )
+        else:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    REJECT,
+                    "over_limit",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "remaining": 0},
+                )
+            )
+
+
+def _ratelimit_headers(plan: RoutePlan, result: InboundResult) -> list[tuple[bytes, bytes]]:
+    """RateLimit-Policy (static per route) and RateLimit (remaining; seconds to reset)."""
+    prefixes = plan.remaining_prefixes
+    limits = result.limits
+    if len(limits) == 1:
+        verdict = limits[0]
+        value = prefixes[0] + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s))
+    else:
+        value = b", ".join(
+            prefix + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s))
+            for prefix, verdict in zip(prefixes, limits, strict=True)
+        )
+    return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", value)]
 
 
 async def _respond(

@@ -45,6 +45,7 @@ class BreakerState:
     __slots__ = (
         "_bucket_end",
         "_bucket_s",
+        "_closed_gate",
         "buckets",
         "config",
         "consecutive",
@@ -69,6 +70,8 @@ class BreakerState:
         self._bucket_end = 0.0
         self.buckets: list[list[int]] = [[0, 0, 0] for _ in range(_BUCKETS)]
         self.probes: dict[int, float] = {}  # probe id -> start time, for probes in flight
+        # The answer for the common case, built once per epoch instead of per call.
+        self._closed_gate = Gate("allow", CLOSED, 0, 0.0)
         self.next_probe_id = 1
 
     # ------------------------------------------------------------ queries
@@ -88,7 +91,7 @@ class BreakerState:
         """May a call go ahead? Admitting a probe takes a slot until `record`."""
         state = self.state
         if state == CLOSED:
-            return Gate("allow", CLOSED, self.epoch, 0.0)
+            return self._closed_gate
         if state == OPEN:
             if now < self.open_until:
                 return Gate("reject", OPEN, self.epoch, self.open_until - now)
@@ -130,7 +133,8 @@ class BreakerState:
             return self.state
         if self.state != CLOSED:
             return self.state
-        self._rotate(now)
+        if now >= self._bucket_end:
+            self._rotate(now)
         bucket = self.buckets[-1]
         bucket[0] += 1
         failed = outcome == FAILURE
@@ -172,6 +176,7 @@ class BreakerState:
             self.opened_at = now
             self.open_until = now + cfg.open_s * (1.0 + spread)
         elif state == CLOSED:
+            self._closed_gate = Gate("allow", CLOSED, self.epoch, 0.0)
             self.consecutive = 0
             for bucket in self.buckets:
                 bucket[0] = bucket[1] = bucket[2] = 0

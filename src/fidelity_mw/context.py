@@ -66,31 +66,31 @@ class DecisionContext:
     request). Reachable through `fidelity_mw.current()`, `scope["state"]
     ["fidelity"]` (Starlette: `request.state.fidelity`) and, from the httpx
     transport, the same ContextVar.
+
+    Attributes that most requests never set are class-level defaults, so
+    creating a context costs only what every request needs.
     """
 
-    __slots__ = (
-        "_seq",
-        "attempts",
-        "client_disconnected",
-        "client_key",
-        "deadline_at",
-        "decided_by",
-        "decisions",
-        "engine",
-        "inbound_attempt",
-        "method",
-        "outcome",
-        "response_headers",
-        "route",
-        "started_at",
-        "status",
-        "trusted_peer",
-        "upstream_exhausted",
-    )
+    deadline_at: float | None = None
+    client_key: str | None = None
+    decided_by: str | None = None
+    outcome: str | None = None
+    status: int | None = None
+    client_disconnected = False
+    # Set by the transport when it gave up retrying an upstream; the
+    # middleware then tells our own callers not to retry us.
+    upstream_exhausted = False
+    inbound_attempt = 1
+    trusted_peer = False
+    deadline_from_caller = False  # the deadline came from a request header
+    # Headers the middleware adds to the app's response (RateLimit fields).
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    # Decisions known as facts but not yet built into records (see `decisions`).
+    _pending: tuple[Any, ...] | None = None
+    _attempts: dict[str, int] | None = None
 
     def __init__(
         self,
-        *,
         engine: Engine,
         route: str,
         method: str,
@@ -103,22 +103,32 @@ class DecisionContext:
         self.route = route
         self.method = method
         self.started_at = started_at
-        self.deadline_at = deadline_at
-        self.client_key = client_key
-        self.decisions: list[Decision] = []
-        # Outbound attempts made while handling this request, per upstream host.
-        self.attempts: dict[str, int] = {}
-        self.decided_by: str | None = None
-        self.outcome: str | None = None
-        self.status: int | None = None
-        self.client_disconnected = False
-        # Set by the transport when it gave up retrying an upstream; the
-        # middleware then tells our own callers not to retry us.
-        self.upstream_exhausted = False
-        self.inbound_attempt = 1
-        self.trusted_peer = False
-        # Headers the middleware adds to the app's response (RateLimit fields).
-        self.response_headers: list[tuple[bytes, bytes]] | None = None
+        if deadline_at is not None:
+            self.deadline_at = deadline_at
+        if client_key is not None:
+            self.client_key = client_key
+        self._decisions: list[Decision] = []
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The decisions so far, in order.
+
+        On the hot path a layer may leave `(builder, *facts)` in `_pending`
+        instead of building records nobody may read; they are built here, on
+        first access, before anything else is appended.
+        """
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            pending[0](self, *pending[1:])
+        return self._decisions
+
+    @property
+    def attempts(self) -> dict[str, int]:
+        """Outbound attempts made while handling this request, per upstream host."""
+        if self._attempts is None:
+            self._attempts = {}
+        return self._attempts
 
     @property
     def request_id(self) -> str:

@@ -40,9 +40,11 @@ class RoutePlan:
         "breaker_key",
         "deadline_cap_s",
         "deadline_default_s",
+        "key_prefixes",
         "limit_names",
         "limits",
         "policy_header",
+        "remaining_prefixes",
         "route",
         "specs",
     )
@@ -70,6 +72,9 @@ class RoutePlan:
             for lim in limits
         )
         self.limit_names = tuple(lim.name for lim in limits)
+        # Precomputed pieces of per-request strings (storage keys, RateLimit items).
+        self.key_prefixes = tuple(lim.name + "|" for lim in limits)
+        self.remaining_prefixes = tuple(f'"{lim.name}";r='.encode("latin-1") for lim in limits)
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
         self.policy_header: bytes | None = (
@@ -107,8 +112,8 @@ class Engine:
 
     def plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:
         """The plan for this request; cached by (method, path), bounded."""
-        method: str = scope.get("method", "GET")
-        path: str = scope.get("path", "/")
+        method: str = scope["method"]
+        path: str = scope["path"]
         plan = self._plans.get((method, path))
         if plan is None:
             plan = self._build_plan(scope, method, path)

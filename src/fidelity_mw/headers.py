@@ -20,11 +20,10 @@ def _ascii(value: bytes) -> str | None:
 
 def parse_timeout_ms(value: bytes) -> float | None:
     """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds."""
-    text = _ascii(value)
-    if not text:
+    if len(value) > _MAX_HEADER_CHARS:
         return None
     try:
-        ms = float(text)
+        ms = float(value)  # float() parses ASCII bytes; anything else is a ValueError
     except ValueError:
         return None
     if ms != ms or ms < 0 or ms == float("inf"):

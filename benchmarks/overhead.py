@@ -1,0 +1,220 @@
+"""In-process ASGI cost per request: bare route vs middlewares, interleaved rounds.
+
+Variants (each a Starlette app with one route, called directly as ASGI, no server):
+  bare          the route alone
+  noop          + a pure-ASGI middleware that does nothing
+  handwritten   + a minimal hand-written key + token bucket + breaker middleware (the floor)
+  fidelity      + FidelityMiddleware: permissive limit, breaker, deadline on; memory, tracing off
+  slowapi       + slowapi's pure-ASGI middleware (memory storage, permissive default limit)
+
+Rounds run the variants in a shuffled order each time; we report the median
+per-request time of each and the median of per-round paired differences and
+ratios against `bare`, which cancels most drift on a shared machine.
+
+    .venv/bin/python benchmarks/overhead.py [--rounds 30] [--batch 2000] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from benchmarks._results import stamp, write_section
+from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+
+Scope = dict[str, Any]
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+class NoopMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+class HandwrittenMiddleware:
+    """What a careful user would write by hand: client key, token bucket, consecutive breaker."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.failures = 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = scope["client"][0]
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (1e9, now))
+        tokens = min(1e9, tokens + (now - last) * 1e9)
+        if tokens < 1 or self.failures > 5:
+            await send({"type": "http.response.start", "status": 429, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.buckets[key] = (tokens - 1, now)
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+        self.failures = self.failures + 1 if status >= 500 else 0
+
+
+def fidelity_policy() -> Policy:
+    return Policy(rate_limits=[RateLimit(name="per-client", rate="1000000000/s")])
+
+
+def build_apps() -> dict[str, Any]:
+    routes = [Route("/hello", hello)]
+    apps: dict[str, Any] = {
+        "bare": Starlette(routes=routes),
+        "noop": Starlette(routes=routes, middleware=[Middleware(NoopMiddleware)]),
+        "handwritten": Starlette(routes=routes, middleware=[Middleware(HandwrittenMiddleware)]),
+        "fidelity": Starlette(
+            routes=routes,
+            middleware=[Middleware(FidelityMiddleware, policy=fidelity_policy(), telemetry=False)],
+        ),
+    }
+    try:
+        from slowapi import Limiter
+        from slowapi.middleware import SlowAPIASGIMiddleware
+        from slowapi.util import get_remote_address
+
+        app = Starlette(routes=routes, middleware=[Middleware(SlowAPIASGIMiddleware)])
+        app.state.limiter = Limiter(
+            key_func=get_remote_address, default_limits=["1000000000/second"]
+        )
+        apps["slowapi"] = app
+    except ImportError:  # pragma: no cover - slowapi is a dev dependency
+        print("slowapi not installed: skipping that variant", file=sys.stderr)
+    return apps
+
+
+def make_scope() -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/hello",
+        "raw_path": b"/hello",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"api.example"),
+            (b"user-agent", b"bench/1.0"),
+            (b"accept", b"*/*"),
+            (b"x-request-timeout-ms", b"5000"),
+        ],
+        "client": ("10.1.2.3", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def run_batch(app: Any, n: int) -> float:
+    """Seconds per request over n sequential requests."""
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scopes = [make_scope() for _ in range(n)]
+    start = time.perf_counter()
+    for scope in scopes:
+        await app(scope, _receive, send)
+    elapsed = time.perf_counter() - start
+    if any(s != 200 for s in statuses):
+        raise RuntimeError(f"unexpected statuses: {set(statuses)}")
+    return elapsed / n
+
+
+async def measure(rounds: int, batch: int, seed: int) -> dict[str, list[float]]:
+    apps = build_apps()
+    for app in apps.values():  # warm up: build middleware stacks, fill caches
+        await run_batch(app, 500)
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    order = list(apps)
+    shuffle = random.Random(seed).shuffle
+    for r in range(rounds):
+        shuffle(order)
+        for name in order:
+            samples[name].append(await run_batch(apps[name], batch))
+        print(f"\rround {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return samples
+
+
+def report(samples: dict[str, list[float]], rounds: int, batch: int) -> str:
+    bare = samples["bare"]
+    lines = [
+        "| variant | median µs/request | overhead vs bare (median of paired diffs) "
+        "| ratio vs bare |",
+        "|---|---:|---:|---:|",
+    ]
+    us: Callable[[float], str] = lambda s: f"{s * 1e6:.2f}"  # noqa: E731
+    for name, values in samples.items():
+        diffs = [v - b for v, b in zip(values, bare, strict=True)]
+        ratios = [v / b for v, b in zip(values, bare, strict=True)]
+        overhead = "—" if name == "bare" else f"{statistics.median(diffs) * 1e6:+.2f} µs"
+        lines.append(
+            f"| {name} | {us(statistics.median(values))} | {overhead} "
+            f"| {statistics.median(ratios):.3f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{rounds} interleaved rounds × {batch} sequential requests per variant per round; "
+        "in-process ASGI calls (no server, no sockets), Starlette 1.x, one route returning "
+        "PlainTextResponse. FidelityMiddleware: one permissive per-client limit, the default "
+        "route breaker, deadline from `x-request-timeout-ms`, memory state, telemetry off. "
+        "Target: fidelity ≤ 2 µs over bare."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    samples = asyncio.run(measure(args.rounds, args.batch, args.seed))
+    table = report(samples, args.rounds, args.batch)
+    print(table)
+    if not args.no_write:
+        write_section("Inbound overhead (benchmarks/overhead.py)", f"{stamp()}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
