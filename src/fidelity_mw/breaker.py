@@ -169,7 +169,11 @@ class BreakerState:
     def _transition(self, state: str, now: float, rng: RandomSource) -> None:
         self.state = state
         self.epoch += 1
-        self.probes = {}
+        if state == CLOSED:
+            self.probes = {}
+        # Otherwise probes of an earlier half-open round keep their slots until
+        # they report (their outcome is stale and not counted) or their lease
+        # runs out: they are still real calls on a recovering route.
         if state == OPEN:
             cfg = self.config
             spread = cfg.open_jitter * (2.0 * rng() - 1.0)
