@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -124,6 +124,7 @@ class FidelityMiddleware:
         self._admit_now = store_.admit_now if isinstance(store_, MemoryStore) else None
         self._record_now = store_.record_now if isinstance(store_, MemoryStore) else None
         self._headers_mode = pol.rate_limit_headers
+        self._use_forwarded = bool(pol.trusted_proxies)
         self._on_error = pol.state.on_error
         self._deadline_headers = tuple((n, n.encode("latin-1")) for n in pol.deadline.header)
         wanted: dict[bytes, int] = {}
@@ -180,7 +181,16 @@ class FidelityMiddleware:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
                     if plan.breaker_key is not None or plan.specs:
-                        keys = self._limit_keys(scope, plan, found, ctx) if plan.specs else ()
+                        if plan.ip_key_prefix is not None and not self._use_forwarded:
+                            # one limit keyed by the peer address: the common case
+                            client = scope.get("client")
+                            ip = client[0] if client else "unknown"
+                            ctx.client_key = ip
+                            keys: Sequence[str] = (plan.ip_key_prefix + ip,)
+                        elif plan.specs:
+                            keys = self._limit_keys(scope, plan, found, ctx)
+                        else:
+                            keys = ()
                         admit_now = self._admit_now
                         if admit_now is not None:
                             result = admit_now(
@@ -253,7 +263,22 @@ class FidelityMiddleware:
     ) -> tuple[float | None, Rejection | None]:
         """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
         remaining = plan.deadline_default_s
-        caller = self._caller_deadline(ctx, found, now)
+        caller = None  # the shortest valid deadline among the configured headers
+        for name, raw in self._deadline_headers:
+            value = found.get(raw)
+            if value is None:
+                continue
+            seconds = (
+                parse_grpc_timeout(value) if name == "grpc-timeout" else (parse_timeout_ms(value))
+            )
+            if seconds is None:
+                ctx.decisions.append(
+                    Decision(
+                        LAYER_DEADLINE, name, ALLOW, "malformed_header", SOURCE_REQUEST, 0.0, now
+                    )
+                )
+            elif caller is None or seconds < caller:
+                caller = seconds
         if caller is not None:
             cap = plan.deadline_cap_s
             remaining = caller if cap is None or caller < cap else cap
@@ -287,29 +312,6 @@ class FidelityMiddleware:
                 ctx.trusted_peer = True
                 ctx.inbound_attempt = parse_attempt(attempt) or 1
         return remaining, None
-
-    def _caller_deadline(
-        self, ctx: DecisionContext, found: dict[bytes, bytes], now: float
-    ) -> float | None:
-        """The shortest valid deadline among the configured headers; junk is recorded."""
-        remaining = None
-        for name, raw in self._deadline_headers:
-            value = found.get(raw)
-            if value is None:
-                continue
-            if name == "grpc-timeout":
-                seconds = parse_grpc_timeout(value)
-            else:
-                seconds = parse_timeout_ms(value)
-            if seconds is None:
-                ctx.decisions.append(
-                    Decision(
-                        LAYER_DEADLINE, name, ALLOW, "malformed_header", SOURCE_REQUEST, 0.0, now
-                    )
-                )
-            elif remaining is None or seconds < remaining:
-                remaining = seconds
-        return remaining
 
     def _trusted_peer(self, peer: str) -> bool:
         trusted = self._peer_trust.get(peer)
@@ -499,7 +501,15 @@ class FidelityMiddleware:
         else:
             ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
             outcome = SUCCESS
-        if breaker is None or result is None or result.gate is None:
+        gate = result.gate if result is not None else None
+        if breaker is None or gate is None or plan.breaker_key is None:
+            return None
+        if breaker.slow_call_ms is None and self._record_now is not None:
+            # Outcomes land in 3 s buckets: the start time is close enough.
+            try:
+                self._record_now(plan.breaker_key, breaker, gate, outcome, False, ctx.started_at)
+            except Exception:
+                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
             return None
         return self._finish(ctx, plan, result, outcome)
 

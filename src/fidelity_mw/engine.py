@@ -40,6 +40,7 @@ class RoutePlan:
         "breaker_key",
         "deadline_cap_s",
         "deadline_default_s",
+        "ip_key_prefix",
         "key_prefixes",
         "limit_names",
         "limits",
@@ -74,6 +75,10 @@ class RoutePlan:
         self.limit_names = tuple(lim.name for lim in limits)
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
+        # Set when the route has exactly one limit, keyed by client IP.
+        self.ip_key_prefix: str | None = (
+            self.key_prefixes[0] if len(limits) == 1 and limits[0].key == "client_ip" else None
+        )
         self.remaining_prefixes = tuple(f'"{lim.name}";r='.encode("latin-1") for lim in limits)
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
