@@ -1,0 +1,606 @@
+"""`fidelity-mw audit`: find scattered retry, breaker and limiter logic by static analysis.
+
+The scan parses every `.py` file under the given paths (nothing is imported or
+run) and reports, with file and line:
+
+- library entry points, resolved through the file's imports, so a local
+  function that happens to be called `retry` is not flagged: tenacity,
+  backoff, stamina, urllib3 `Retry`, requests `HTTPAdapter(max_retries=N)`,
+  httpx transports with `retries=N` (N != 0), httpx-retries, pybreaker,
+  aiobreaker, circuitbreaker, purgatory, slowapi, limits, fastapi-limiter;
+- uses of the objects those create (`@limiter.limit("5/minute")`,
+  `@breaker`, `breaker.call(f)`), with the route path when one is declared;
+- hand-written retry loops: a `for`/`while` loop whose body has a `try`
+  around a call, with a `sleep` in an `except` branch. A loop that sleeps
+  without an `except` (polling) and an `except` that sleeps outside a loop
+  are not retries and are not flagged.
+
+Each finding names the fidelity_mw policy key that replaces it. A line that
+ends with `# fidelity-mw: ignore` is skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RETRY = "retry"
+BREAKER = "breaker"
+LIMITER = "limiter"
+KINDS = (RETRY, BREAKER, LIMITER)
+
+REPLACE = {
+    RETRY: "upstream[].retry (attempts, base_ms, max_ms, jitter) via FidelityTransport",
+    BREAKER: "upstream[].breaker (outbound) or breaker / route[].breaker (inbound)",
+    LIMITER: "rate_limit[] (rate, burst, key, match)",
+}
+
+DEFAULT_EXCLUDES = (
+    ".git",
+    ".hg",
+    ".venv",
+    "venv",
+    ".tox",
+    ".nox",
+    "node_modules",
+    "__pycache__",
+    "site-packages",
+    "build",
+    "dist",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+)
+
+IGNORE_PRAGMA = "fidelity-mw: ignore"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    kind: str
+    library: str
+
+
+def _rules() -> dict[str, Rule]:
+    table: dict[str, Rule] = {}
+
+    def add(kind: str, library: str, *names: str) -> None:
+        for name in names:
+            table[name] = Rule(kind, library)
+
+    add(
+        RETRY,
+        "tenacity",
+        "tenacity.retry",
+        "tenacity.Retrying",
+        "tenacity.AsyncRetrying",
+        "tenacity.asyncio.AsyncRetrying",
+    )
+    add(RETRY, "backoff", "backoff.on_exception", "backoff.on_predicate")
+    add(
+        RETRY,
+        "stamina",
+        "stamina.retry",
+        "stamina.retry_context",
+        "stamina.RetryingCaller",
+        "stamina.AsyncRetryingCaller",
+    )
+    add(
+        RETRY,
+        "urllib3",
+        "urllib3.Retry",
+        "urllib3.util.Retry",
+        "urllib3.util.retry.Retry",
+        "requests.adapters.Retry",
+        "requests.packages.urllib3.util.retry.Retry",
+    )
+    add(RETRY, "httpx-retries", "httpx_retries.RetryTransport")
+    add(BREAKER, "pybreaker", "pybreaker.CircuitBreaker")
+    add(BREAKER, "aiobreaker", "aiobreaker.CircuitBreaker")
+    add(BREAKER, "circuitbreaker", "circuitbreaker.circuit", "circuitbreaker.CircuitBreaker")
+    add(
+        BREAKER,
+        "purgatory",
+        "purgatory.AsyncCircuitBreakerFactory",
+        "purgatory.SyncCircuitBreakerFactory",
+    )
+    add(
+        LIMITER,
+        "slowapi",
+        "slowapi.Limiter",
+        "slowapi.extension.Limiter",
+        "slowapi.middleware.SlowAPIMiddleware",
+        "slowapi.middleware.SlowAPIASGIMiddleware",
+    )
+    for pkg in ("limits.strategies", "limits.aio.strategies"):
+        add(
+            LIMITER,
+            "limits",
+            *(
+                f"{pkg}.{cls}"
+                for cls in (
+                    "FixedWindowRateLimiter",
+                    "MovingWindowRateLimiter",
+                    "SlidingWindowCounterRateLimiter",
+                )
+            ),
+        )
+    add(
+        LIMITER,
+        "fastapi-limiter",
+        "fastapi_limiter.FastAPILimiter",
+        "fastapi_limiter.depends.RateLimiter",
+        "fastapi_limiter.depends.WebSocketRateLimiter",
+    )
+    return table
+
+
+RULES = _rules()
+# Calls whose retries depend on a keyword: (qualified name, keyword, library).
+KEYWORD_RETRIES = {
+    "httpx.HTTPTransport": ("retries", "httpx"),
+    "httpx.AsyncHTTPTransport": ("retries", "httpx"),
+    "requests.adapters.HTTPAdapter": ("max_retries", "requests"),
+}
+# Methods of library objects that apply them (decorators or calls).
+INSTANCE_METHODS = {
+    LIMITER: {"limit", "shared_limit", "hit", "test", "exempt"},
+    BREAKER: {"call", "call_async", "calling", "get_breaker"},
+    RETRY: {"wraps", "__call__"},
+}
+ROUTE_DECORATORS = {
+    "get",
+    "post",
+    "put",
+    "patch",
+    "delete",
+    "head",
+    "options",
+    "route",
+    "api_route",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFinding:
+    file: str
+    line: int
+    kind: str  # retry | breaker | limiter
+    library: str  # tenacity, ..., or "hand-written"
+    what: str
+    replace_with: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.kind}: {self.what} -> {self.replace_with}"
+
+
+@dataclass
+class AuditReport:
+    findings: list[AuditFinding] = field(default_factory=list)
+    scanned: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counter = Counter(f.kind for f in self.findings)
+        return {k: counter.get(k, 0) for k in KINDS}
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "scanned": self.scanned,
+            "counts": self.counts(),
+            "findings": [asdict(f) for f in self.findings],
+            "skipped": [{"file": f, "error": e} for f, e in self.skipped],
+        }
+
+
+# ---------------------------------------------------------------- files
+
+
+def iter_python_files(paths: Sequence[str], excludes: Iterable[str] = ()) -> Iterator[Path]:
+    """Every .py file under `paths`, sorted, skipping excluded directory names and globs."""
+    patterns = tuple(excludes)
+
+    def excluded(p: Path) -> bool:
+        return p.name in DEFAULT_EXCLUDES or any(
+            fnmatch.fnmatch(p.as_posix(), pat) or fnmatch.fnmatch(p.name, pat) for pat in patterns
+        )
+
+    for raw in paths:
+        root = Path(raw)
+        if root.is_file():
+            if not excluded(root):
+                yield root
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            base = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not excluded(base / d))
+            for name in sorted(filenames):
+                path = base / name
+                if name.endswith(".py") and not excluded(path):
+                    yield path
+
+
+def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditReport:
+    report = AuditReport()
+    for path in iter_python_files(paths, excludes):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source, filename=str(path))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            report.skipped.append((path.as_posix(), f"{type(exc).__name__}: {exc}"))
+            continue
+        report.scanned += 1
+        report.findings.extend(audit_tree(tree, source, path.as_posix()))
+    return report
+
+
+def audit_source(source: str, filename: str = "<string>") -> list[AuditFinding]:
+    return audit_tree(ast.parse(source, filename=filename), source, filename)
+
+
+def audit_tree(tree: ast.Module, source: str, filename: str) -> list[AuditFinding]:
+    scanner = _Scanner(filename)
+    scanner.collect_imports(tree)
+    scanner.visit(tree)
+    lines = source.splitlines()
+    kept = [
+        f
+        for f in scanner.findings
+        if not (0 < f.line <= len(lines) and IGNORE_PRAGMA in lines[f.line - 1])
+    ]
+    seen: set[tuple[int, str, str]] = set()
+    unique: list[AuditFinding] = []
+    for f in sorted(kept, key=lambda f: (f.line, f.kind, f.what)):
+        if (f.line, f.kind, f.what) not in seen:
+            seen.add((f.line, f.kind, f.what))
+            unique.append(f)
+    return unique
+
+
+# ---------------------------------------------------------------- the scanner
+
+
+def _literal(node: ast.expr | None) -> object:
+    if node is None:
+        return None
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _NOT_LITERAL
+
+
+_NOT_LITERAL = object()
+
+
+def _target_text(node: ast.expr) -> str | None:
+    """`x` or `self.x` as text, for tracking what a library object was bound to."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _target_text(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _short(node: ast.AST) -> str:
+    text = ast.unparse(node)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Scanner(ast.NodeVisitor):
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.aliases: dict[str, str] = {}
+        self.instances: dict[str, Rule] = {}
+        self.findings: list[AuditFinding] = []
+        self.handled: set[int] = set()
+        self.function: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+
+    # ------------------------------------------------------------ imports
+
+    def collect_imports(self, tree: ast.Module) -> None:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname:
+                        self.aliases[alias.asname] = alias.name
+                    else:
+                        top = alias.name.split(".")[0]
+                        self.aliases[top] = top
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    if alias.name != "*":
+                        self.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+
+    def resolve(self, node: ast.expr) -> str | None:
+        if isinstance(node, ast.Name):
+            return self.aliases.get(node.id)
+        if isinstance(node, ast.Attribute):
+            base = self.resolve(node.value)
+            return f"{base}.{node.attr}" if base else None
+        return None
+
+    def rule_for(self, name: str | None) -> tuple[str, Rule] | None:
+        """The rule for a qualified name, or for the thing it is an attribute of."""
+        while name:
+            rule = RULES.get(name)
+            if rule is not None:
+                return name, rule
+            if "." not in name:
+                return None
+            name = name.rsplit(".", 1)[0]
+        return None
+
+    # ------------------------------------------------------------ reporting
+
+    def report(self, node: ast.AST, rule: Rule, what: str, extra: str = "") -> None:
+        replace = REPLACE[rule.kind] + (f"; {extra}" if extra else "")
+        self.findings.append(
+            AuditFinding(
+                self.filename, getattr(node, "lineno", 0), rule.kind, rule.library, what, replace
+            )
+        )
+
+    def _mark(self, node: ast.AST) -> None:
+        for sub in ast.walk(node):
+            self.handled.add(id(sub))
+
+    # ------------------------------------------------------------ visitors
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._function(node)
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
+        self._function(node)
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        route = _route_path(node)
+        for deco in node.decorator_list:
+            self._decorator(deco, node, route)
+        self.function.append(node)
+        for stmt in node.body:
+            self.visit(stmt)
+        for default in [*node.args.defaults, *node.args.kw_defaults]:
+            if default is not None:
+                self.visit(default)
+        self.function.pop()
+
+    def _decorator(
+        self, deco: ast.expr, fn: ast.FunctionDef | ast.AsyncFunctionDef, route: str | None
+    ) -> None:
+        target = deco.func if isinstance(deco, ast.Call) else deco
+        on = f" on {fn.name}()"
+        found = self.rule_for(self.resolve(target))
+        if found is not None:
+            _, rule = found
+            self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}")
+            self._mark(target)
+            self.handled.add(id(deco))
+        else:
+            inst = self._instance_use(target, decorator=True)
+            if inst is not None:
+                rule, _text = inst
+                extra = _limit_hint(deco, route) if rule.kind == LIMITER else ""
+                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra)
+                self._mark(target)
+                self.handled.add(id(deco))
+        self.visit(deco)
+
+    def _instance_use(self, target: ast.expr, *, decorator: bool) -> tuple[Rule, str] | None:
+        """`limiter.limit(...)` / `@breaker` on an object a library call created."""
+        text = _target_text(target)
+        if text is None:
+            return None
+        if text in self.instances:
+            return (self.instances[text], text) if decorator else None
+        if isinstance(target, ast.Attribute):
+            base = _target_text(target.value)
+            if base in self.instances:
+                rule = self.instances[base]
+                if decorator or target.attr in INSTANCE_METHODS[rule.kind]:
+                    return rule, text
+        return None
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self._bind(node.targets, node.value)
+        self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self._bind([node.target], node.value)
+        self.generic_visit(node)
+
+    def _bind(self, targets: list[ast.expr], value: ast.expr) -> None:
+        if not isinstance(value, ast.Call):
+            return
+        found = self.rule_for(self.resolve(value.func))
+        if found is None:
+            return
+        for target in targets:
+            text = _target_text(target)
+            if text:
+                self.instances[text] = found[1]
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if id(node) not in self.handled:
+            name = self.resolve(node.func)
+            found = self.rule_for(name)
+            if found is not None:
+                _, rule = found
+                self.report(node, rule, f"{rule.library} {_short(node)}")
+                self._mark(node.func)
+            elif name in KEYWORD_RETRIES:
+                self._keyword_retries(node, name)
+            else:
+                inst = self._instance_use(node.func, decorator=False)
+                if inst is not None:
+                    rule, _ = inst
+                    self.report(node, rule, f"{rule.library} {_short(node)}")
+                    self._mark(node.func)
+        self.generic_visit(node)
+
+    def _keyword_retries(self, node: ast.Call, name: str) -> None:
+        keyword, library = KEYWORD_RETRIES[name]
+        for kw in node.keywords:
+            if kw.arg != keyword:
+                continue
+            value = _literal(kw.value)
+            if value == 0 or value is None or value is False:
+                return  # retries=0: explicitly no retries
+            if (
+                isinstance(kw.value, ast.Call) and self.rule_for(self.resolve(kw.value.func))
+            ) or _target_text(kw.value) in self.instances:
+                return  # max_retries=Retry(...): reported where the Retry is made
+            self.report(node, Rule(RETRY, library), f"{library} {_short(node)}")
+            self._mark(node.func)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        self._reference(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        if not self._reference(node):
+            self.generic_visit(node)
+
+    def _reference(self, node: ast.Name | ast.Attribute) -> bool:
+        """A bare reference such as `app.add_middleware(SlowAPIMiddleware)`."""
+        if id(node) in self.handled or not isinstance(node.ctx, ast.Load):
+            return False
+        found = self.rule_for(self.resolve(node))
+        if found is None:
+            return False
+        _, rule = found
+        self.report(node, rule, f"{rule.library} {_short(node)}")
+        self._mark(node)
+        return True
+
+    def visit_For(self, node: ast.For) -> None:
+        self._loop(node)
+        self.generic_visit(node)
+
+    def visit_AsyncFor(self, node: ast.AsyncFor) -> None:
+        self._loop(node)
+        self.generic_visit(node)
+
+    def visit_While(self, node: ast.While) -> None:
+        self._loop(node)
+        self.generic_visit(node)
+
+    def _loop(self, node: ast.For | ast.AsyncFor | ast.While) -> None:
+        """A loop whose body tries a call and sleeps in an except branch."""
+        for try_node in _own_nodes(node.body, ast.Try, ast.TryStar):
+            assert isinstance(try_node, ast.Try | ast.TryStar)
+            if not any(isinstance(n, ast.Call) for n in _walk_own(try_node.body)):
+                continue
+            for handler in try_node.handlers:
+                sleep = next(
+                    (
+                        n
+                        for n in _walk_own(handler.body)
+                        if isinstance(n, ast.Call) and self._is_sleep(n)
+                    ),
+                    None,
+                )
+                if sleep is not None:
+                    loop = type(node).__name__.lower().replace("async", "async ")
+                    where = f" in {self.function[-1].name}()" if self.function else ""
+                    self.report(
+                        node,
+                        Rule(RETRY, "hand-written"),
+                        f"{loop} loop{where} retries a call: {_short(sleep)} in an except "
+                        f"branch (line {sleep.lineno})",
+                    )
+                    return
+
+    def _is_sleep(self, call: ast.Call) -> bool:
+        """`time.sleep`, `asyncio.sleep`, `anyio.sleep`..., or any callee named like a sleep
+        (`self._sleep`, an injected `clock.sleep`)."""
+        func = call.func
+        name = self.resolve(func) or _target_text(func) or ""
+        return "sleep" in name.rsplit(".", 1)[-1].lower()
+
+
+def _walk_own(body: Sequence[ast.stmt]) -> Iterator[ast.AST]:
+    """Nodes under `body`, not descending into nested functions, classes or loops."""
+    stack: list[ast.AST] = [n for n in reversed(body) if not isinstance(n, _OWN_SCOPES)]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(
+            child for child in ast.iter_child_nodes(node) if not isinstance(child, _OWN_SCOPES)
+        )
+
+
+_OWN_SCOPES = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.Lambda,
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+)
+
+
+def _own_nodes(body: Sequence[ast.stmt], *types: type) -> Iterator[ast.AST]:
+    return (n for n in _walk_own(body) if isinstance(n, types))
+
+
+def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The path of `@app.get("/x")` / `@router.post("/x")` / `@app.route("/x")`."""
+    for deco in fn.decorator_list:
+        if (
+            isinstance(deco, ast.Call)
+            and isinstance(deco.func, ast.Attribute)
+            and deco.func.attr in ROUTE_DECORATORS
+            and deco.args
+        ):
+            path = _literal(deco.args[0])
+            if isinstance(path, str):
+                return path
+    return None
+
+
+def _limit_hint(deco: ast.expr, route: str | None) -> str:
+    """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]]."""
+    if not isinstance(deco, ast.Call) or not deco.args:
+        return ""
+    rate = _literal(deco.args[0])
+    if not isinstance(rate, str):
+        return ""
+    rate = rate.split(";")[0].strip().replace(" per ", "/")
+    match = f'match = "{route}", ' if route else ""
+    return f'e.g. {{ {match}rate = "{rate}" }}'
+
+
+def parse_fail_on(text: str) -> frozenset[str]:
+    """'retry,breaker' -> {'retry', 'breaker'}; 'any' -> all kinds. Raises ValueError."""
+    kinds: set[str] = set()
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part == "any":
+            kinds.update(KINDS)
+        elif part in KINDS:
+            kinds.add(part)
+        elif part:
+            raise ValueError(f"{part!r} is not a kind: use {', '.join(KINDS)} or any")
+    if not kinds:
+        raise ValueError(f"no kinds given: use {', '.join(KINDS)} or any")
+    return frozenset(kinds)
+
+
+def render_text(report: AuditReport) -> str:
+    out = [str(f) for f in report.findings]
+    for file, error in report.skipped:
+        out.append(f"{file}: skipped, cannot parse ({error})")
+    counts = report.counts()
+    files = len({f.file for f in report.findings})
+    summary = ", ".join(f"{counts[k]} {k}" for k in KINDS)
+    out.append(
+        f"{len(report.findings)} finding(s) ({summary}) in {files} file(s); "
+        f"{report.scanned} file(s) scanned"
+    )
+    return "\n".join(out) + "\n"
