@@ -1,0 +1,999 @@
+"""`fidelity-mw map`: every control layer, what it decides, and where its state lives.
+
+Two inputs:
+
+- a policy file: the layers that policy sets up, inbound and outbound;
+- `module:app`: the app is imported and its middleware stack walked. The
+  policy comes from the `FidelityMiddleware` found in it, and every other
+  control layer found on the way (another limiter, `BaseHTTPMiddleware`
+  subclasses, retrying httpx transports, redis-py clients that retry on their
+  own) is reported as a warning: two layers deciding the same thing on
+  different data is the failure this library exists to remove.
+
+Three renderings: text, Markdown (tables and a Mermaid diagram) and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .policy import BreakerConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One deciding layer for one subject (a route, a limit, an upstream)."""
+
+    direction: str  # inbound | outbound
+    layer: str  # deadline | breaker | ratelimit | retry | budget
+    subject: str  # what it applies to
+    config: str  # the policy key that configures it
+    decides: str
+    data: str  # what the decision is computed from
+    state: str  # where that data lives
+    key: str  # the key pattern in that store, or "-"
+    writer: str  # who updates that state
+    staleness: str  # how old the data may be when the decision is taken
+    on_failure: str  # what happens when the state cannot be read
+
+
+@dataclass(frozen=True, slots=True)
+class StackEntry:
+    """One middleware (outermost first) or one httpx client transport."""
+
+    position: int
+    name: str
+    role: str  # fidelity | limiter | retry | breaker | base_http | framework | other
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class MapWarning:
+    kind: str
+    where: str
+    message: str
+
+
+@dataclass
+class StateMap:
+    source: str
+    policy_version: str | None
+    state_url: str | None
+    layers: list[Layer] = field(default_factory=list)
+    stack: list[StackEntry] = field(default_factory=list)
+    clients: list[StackEntry] = field(default_factory=list)
+    warnings: list[MapWarning] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- state homes
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:secret@host` -> `redis://user:***@host`."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+@dataclass(frozen=True, slots=True)
+class _Home:
+    state: str
+    prefix: str | None  # Redis key prefix, None for memory
+    staleness: str
+    on_failure: str
+
+
+def _home(policy: Policy) -> _Home:
+    st = policy.state
+    url = st.url
+    failure = {
+        "local": "decide on this process's own counters, marked `fallback`, age growing",
+        "open": "admit (fail open), the decision marked `fallback`",
+        "closed": "reject with 503 + Retry-After: 1 (fail closed)",
+    }[st.on_error]
+    if url.startswith("memory://"):
+        return _Home(
+            "process memory (per worker process: not shared, lost on restart)",
+            None,
+            "none: exact for this process",
+            "cannot fail (no remote dependency)",
+        )
+    if url.startswith("tiered+"):
+        return _Home(
+            f"local cache of Redis at {redact_url(url[len('tiered+') :])}",
+            st.key_prefix,
+            f"up to {st.sync_interval_ms} ms: local-first, reconciled with Redis every "
+            f"{st.sync_interval_ms} ms",
+            f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
+        )
+    return _Home(
+        f"Redis at {redact_url(url)}",
+        st.key_prefix,
+        "none: decided atomically in Redis on the server clock",
+        f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
+    )
+
+
+def _key(home: _Home, memory_key: str, redis_key: str) -> str:
+    if home.prefix is None:
+        return memory_key
+    return f"{home.prefix}:{redis_key}"
+
+
+# ---------------------------------------------------------------- policy -> layers
+
+
+def _ms(value: int | None) -> str:
+    return "none" if value is None else f"{value} ms"
+
+
+def _breaker_data(b: BreakerConfig) -> str:
+    parts = [
+        f"failure ratio >= {b.failure_ratio:g} over {b.window_s:g} s (min {b.min_calls} calls)",
+    ]
+    if b.slow_call_ms is not None and b.slow_call_ratio is not None:
+        parts.append(f"slow (>= {b.slow_call_ms} ms) ratio >= {b.slow_call_ratio:g}")
+    if b.consecutive_failures is not None:
+        parts.append(f"or {b.consecutive_failures} consecutive failures")
+    parts.append(
+        f"open {b.open_s:g} s ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes"
+    )
+    return "; ".join(parts)
+
+
+def _limit_subject(lim: RateLimit) -> str:
+    methods = f" {','.join(lim.methods)}" if lim.methods else ""
+    key = lim.key if isinstance(lim.key, str) else "callable"
+    return f"limit {lim.name!r} on {lim.match}{methods}, per {key}"
+
+
+def _retry_data(r: RetryConfig) -> str:
+    statuses = sorted(r.on_status)
+    on = [f"status {', '.join(map(str, statuses))}"] if statuses else []
+    if r.on_connect_error:
+        on.append("connect errors")
+    if r.on_read_timeout:
+        on.append("read timeouts")
+    if r.on_429:
+        on.append("429 (after its Retry-After)")
+    return (
+        f"{r.attempts} attempts total, {r.jitter} jitter {r.base_ms}..{r.max_ms} ms, "
+        f"idempotent requests only, on {', '.join(on)}; Retry-After honoured up to "
+        f"{r.retry_after_max_s:g} s, never past the deadline"
+    )
+
+
+def layers_for(policy: Policy) -> list[Layer]:
+    """The layers `policy` sets up, inbound outermost first, then outbound."""
+    home = _home(policy)
+    rows: list[Layer] = []
+    dl = policy.deadline
+    rows.append(
+        Layer(
+            "inbound",
+            "deadline",
+            "every HTTP request",
+            "deadline",
+            "504 before the app runs when the caller's remaining time is already spent",
+            f"request headers {', '.join(dl.header)}; default {_ms(dl.default_ms)}, "
+            f"cap {_ms(dl.cap_ms)}",
+            "none: read from each request, kept on the decision context",
+            "-",
+            "the caller (its timeout header)",
+            "none",
+            "a malformed header is ignored: the route default applies",
+        )
+    )
+    for i, route in enumerate(policy.routes):
+        if route.deadline_ms is not None:
+            rows.append(
+                Layer(
+                    "inbound",
+                    "deadline",
+                    f"route {route.name or route.match}",
+                    f"route[{i}].deadline_ms",
+                    "504 on arrival when expired; caps the caller's deadline",
+                    f"{route.deadline_ms} ms for requests matching {route.match}",
+                    "none: read from each request",
+                    "-",
+                    "the caller",
+                    "none",
+                    "a malformed header is ignored: the route default applies",
+                )
+            )
+    breaker_writer = (
+        "FidelityMiddleware, when an admitted response ends (exceptions and "
+        "failure_statuses count as failures; limiter 429s and client disconnects never do)"
+    )
+    for i, route in enumerate(policy.routes):
+        subject = f"route {route.name or route.match}"
+        if route.breaker is False:
+            rows.append(
+                Layer(
+                    "inbound",
+                    "breaker",
+                    subject,
+                    f"route[{i}].breaker",
+                    "nothing: breaker disabled for this route",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                )
+            )
+            continue
+        b = route.breaker if isinstance(route.breaker, BreakerConfig) else policy.breaker
+        if b is None:
+            continue
+        name = route.name or route.match
+        rows.append(
+            Layer(
+                "inbound",
+                "breaker",
+                subject,
+                f"route[{i}].breaker" if isinstance(route.breaker, BreakerConfig) else "breaker",
+                "503 + Retry-After while open, without calling the app; "
+                "half-open admits limited probes",
+                _breaker_data(b),
+                home.state,
+                _key(home, f"route:{name}", f"breaker:route:{name}"),
+                breaker_writer,
+                home.staleness,
+                home.on_failure,
+            )
+        )
+    if policy.breaker is not None:
+        rows.append(
+            Layer(
+                "inbound",
+                "breaker",
+                "every other route (framework route template, else !unmatched)",
+                "breaker",
+                "503 + Retry-After while open, without calling the app; "
+                "half-open admits limited probes",
+                _breaker_data(policy.breaker),
+                home.state,
+                _key(home, "route:{route}", "breaker:route:{route}"),
+                breaker_writer,
+                home.staleness,
+                home.on_failure,
+            )
+        )
+    limiter_state = home.state
+    if home.prefix is None:
+        limiter_state += f"; at most {policy.state.max_keys} keys, idle keys evicted first"
+    for i, lim in enumerate(policy.rate_limits):
+        verb = "records would-reject, never rejects (shadow)" if lim.shadow else "429"
+        cost = f", cost {lim.cost} per request" if lim.cost != 1 else ""
+        rows.append(
+            Layer(
+                "inbound",
+                "ratelimit",
+                _limit_subject(lim),
+                f"rate_limit[{i}]",
+                f"{verb} + Retry-After + RateLimit fields when the bucket is empty",
+                f"GCRA {lim.rate}, burst {lim.burst_size}{cost}; client key "
+                + (
+                    "from X-Forwarded-For/Forwarded only via trusted_proxies"
+                    if lim.key == "client_ip"
+                    else str(lim.key if isinstance(lim.key, str) else "callable")
+                ),
+                limiter_state,
+                _key(home, f"{lim.name}|{{client}}", f"rl:{lim.name}|{{client}}"),
+                "FidelityMiddleware at admission, only when every limit admits "
+                "(a shed or rejected request consumes no quota)",
+                home.staleness,
+                home.on_failure,
+            )
+        )
+    upstreams = list(policy.upstreams)
+    if not any(u.host == "*" for u in upstreams):
+        upstreams.append(UpstreamConfig())
+    for up in upstreams:
+        idx = policy.upstreams.index(up) if up in policy.upstreams else None
+        cfg = f"upstream[{idx}]" if idx is not None else "(built-in defaults)"
+        subject = f"upstream {up.host}"
+        rows.append(
+            Layer(
+                "outbound",
+                "deadline",
+                subject,
+                f"{cfg}.attempt_timeout_ms" if idx is not None else cfg,
+                "attempt timeout = min(per-attempt, remaining deadline); "
+                "the remaining time is sent downstream",
+                f"attempt_timeout_ms {up.attempt_timeout_ms}; the request's deadline",
+                "none: the decision context of the request",
+                "-",
+                "FidelityMiddleware (inbound deadline)",
+                "none",
+                "no deadline on the context: the attempt timeout alone",
+            )
+        )
+        if up.breaker is not None:
+            rows.append(
+                Layer(
+                    "outbound",
+                    "breaker",
+                    subject,
+                    f"{cfg}.breaker" if idx is not None else cfg,
+                    "fail fast (CircuitOpen, an httpx.TransportError) while open; "
+                    "half-open admits limited probes",
+                    _breaker_data(up.breaker),
+                    home.state,
+                    _key(home, "upstream:{host[:port]}", "upstream:{host[:port]}"),
+                    "FidelityTransport, after each attempt (upstream 429s never count)",
+                    home.staleness,
+                    home.on_failure,
+                )
+            )
+        r = up.retry
+        rows.append(
+            Layer(
+                "outbound",
+                "retry",
+                subject,
+                f"{cfg}.retry" if idx is not None else cfg,
+                "retry, or give up (attempts, budget, breaker open, deadline, "
+                "downstream said x-fidelity-retry: exhausted)",
+                _retry_data(r),
+                "attempt counter on the decision context; the pause an upstream 429's "
+                "Retry-After sets lives in the transport's process memory",
+                "-",
+                "FidelityTransport",
+                "none",
+                "-",
+            )
+        )
+        rows.append(
+            Layer(
+                "outbound",
+                "budget",
+                subject,
+                f"{cfg}.retry.budget_ratio" if idx is not None else cfg,
+                "whether a retry may be spent at all",
+                f"retries <= {r.budget_ratio:g} x requests + {r.budget_min_per_s:g}/s "
+                f"over {r.budget_window_s:g} s",
+                home.state,
+                _key(home, "budget:{host[:port]}", "budget:{host[:port]}"),
+                "FidelityTransport: each request deposits, each retry withdraws",
+                home.staleness,
+                home.on_failure,
+            )
+        )
+    return rows
+
+
+def from_policy(policy: Policy, source: str) -> StateMap:
+    return StateMap(
+        source,
+        policy.version,
+        redact_url(policy.state.url),
+        layers_for(policy),
+    )
+
+
+# ---------------------------------------------------------------- app inspection
+
+
+def load_target(target: str) -> tuple[ModuleType, Any]:
+    """Import `module:attr` (or `path/to/file.py:attr`); the current directory is importable."""
+    module_part, _, attr = target.partition(":")
+    attr = attr or "app"
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    module: ModuleType
+    if module_part.endswith(".py"):
+        path = Path(module_part)
+        name = "_fidelity_map_" + re.sub(r"\W", "_", str(path.with_suffix("")))
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {module_part}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_part)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return module, obj
+
+
+def _qualname(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _mro_names(cls: type) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in getattr(cls, "__mro__", (cls,))}
+
+
+_SLOWAPI = {
+    "slowapi.middleware.SlowAPIMiddleware",
+    "slowapi.middleware.SlowAPIASGIMiddleware",
+}
+_BASE_HTTP = "starlette.middleware.base.BaseHTTPMiddleware"
+_FRAMEWORK_PREFIXES = ("starlette.", "fastapi.")
+# Added by the framework itself around every app: not worth listing.
+_INTERNAL = {
+    "ServerErrorMiddleware",
+    "ExceptionMiddleware",
+    "RequestBodyLimitMiddleware",
+    "AsyncExitStackMiddleware",
+}
+
+
+def _classify(cls: type) -> tuple[str, str]:
+    """(role, detail) for a middleware class."""
+    from .asgi import FidelityMiddleware
+
+    names = _mro_names(cls)
+    if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+        return "fidelity", "deadline -> route breaker -> rate limits"
+    if names & _SLOWAPI:
+        return "limiter", "slowapi rate limiter"
+    lowered = cls.__qualname__.lower()
+    base_http = _BASE_HTTP in names and cls.__module__ != "starlette.middleware.base"
+    for word, role in (
+        ("limit", "limiter"),
+        ("throttl", "limiter"),
+        ("retry", "retry"),
+        ("breaker", "breaker"),
+        ("circuit", "breaker"),
+    ):
+        if word in lowered:
+            return role, f"named like a {role}" + (" (BaseHTTPMiddleware)" if base_http else "")
+    if base_http:
+        return "base_http", "BaseHTTPMiddleware subclass"
+    if cls.__module__.startswith(_FRAMEWORK_PREFIXES):
+        return "framework", "built-in"
+    return "other", ""
+
+
+@dataclass
+class _Walk:
+    stack: list[StackEntry] = field(default_factory=list)
+    policies: list[tuple[str, Policy]] = field(default_factory=list)
+    warnings: list[MapWarning] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    apps: list[Any] = field(default_factory=list)
+
+    def add(self, cls: type, where: str, policy: Policy | None = None) -> None:
+        if cls.__qualname__ in _INTERNAL:
+            return
+        role, detail = _classify(cls)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        self.stack.append(StackEntry(len(self.stack) + 1, name, role, detail))
+        if role == "fidelity":
+            self.policies.append((where, policy if policy is not None else Policy()))
+
+
+def _middleware_policy(kwargs: dict[str, Any]) -> Policy | None:
+    policy = kwargs.get("policy")
+    if isinstance(policy, Policy):
+        return policy
+    engine = kwargs.get("engine")
+    engine_policy = getattr(engine, "policy", None)
+    return engine_policy if isinstance(engine_policy, Policy) else None
+
+
+def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
+    """Walk an ASGI app: Starlette/FastAPI middleware lists, then `.app` chains."""
+    if app is None or id(app) in walk.seen or depth > 64:
+        return
+    walk.seen.add(id(app))
+    user_middleware = getattr(app, "user_middleware", None)
+    built = getattr(app, "middleware_stack", None)
+    if isinstance(user_middleware, list) and hasattr(app, "router"):
+        walk.apps.append(app)
+        if built is not None:
+            _walk_chain(built, walk, where, depth + 1)
+        else:
+            for m in user_middleware:
+                cls = getattr(m, "cls", None)
+                if isinstance(cls, type):
+                    walk.add(cls, where, _middleware_policy(dict(getattr(m, "kwargs", {}))))
+        for route in getattr(app, "routes", []):
+            sub = getattr(route, "app", None)
+            path = getattr(route, "path", "")
+            if sub is not None and hasattr(route, "routes"):
+                _walk_app(sub, walk, f"{where} mount {path}", depth + 1)
+        return
+    _walk_chain(app, walk, where, depth)
+
+
+def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
+    from .asgi import FidelityMiddleware
+
+    node = app
+    while node is not None and depth <= 64:
+        if hasattr(node, "user_middleware") and hasattr(node, "router") and node is not app:
+            _walk_app(node, walk, where, depth + 1)
+            return
+        cls = type(node)
+        if not cls.__module__.startswith("starlette.routing") and not hasattr(node, "routes"):
+            policy = node.policy if isinstance(node, FidelityMiddleware) else None
+            walk.add(cls, where, policy)
+        nxt = getattr(node, "app", None)
+        if nxt is None or id(nxt) in walk.seen:
+            return
+        walk.seen.add(id(nxt))
+        node = nxt
+        depth += 1
+
+
+def _fastapi_limiter_routes(app: Any) -> list[str]:
+    found: list[str] = []
+    for route in getattr(app, "routes", []):
+        dependant = getattr(route, "dependant", None)
+        stack = list(getattr(dependant, "dependencies", []))
+        while stack:
+            dep = stack.pop()
+            call = getattr(dep, "call", None)
+            mod = type(call).__module__ if call is not None else ""
+            if mod.startswith("fastapi_limiter") or getattr(call, "__module__", "").startswith(
+                "fastapi_limiter"
+            ):
+                found.append(str(getattr(route, "path", "?")))
+            stack.extend(getattr(dep, "dependencies", []))
+    return found
+
+
+def _app_level_limiters(app: Any, walk: _Walk) -> None:
+    state = getattr(getattr(app, "state", None), "_state", {})
+    limiter = state.get("limiter") if isinstance(state, dict) else None
+    if limiter is not None and _qualname(limiter).startswith("slowapi."):
+        routes = sorted(getattr(limiter, "_route_limits", {}) or {})
+        listed = f" on {', '.join(routes)}" if routes else ""
+        walk.warnings.append(
+            MapWarning(
+                "overlap-limiter",
+                "app.state.limiter",
+                f"slowapi Limiter{listed}: a second limiter with its own counters; "
+                "a request can be rejected by one after the other already spent its quota. "
+                "Move its limits to [[rate_limit]] (docs/migration.md).",
+            )
+        )
+    for path in _fastapi_limiter_routes(app):
+        walk.warnings.append(
+            MapWarning(
+                "overlap-limiter",
+                f"route {path}",
+                "fastapi-limiter RateLimiter dependency: a second limiter (its own Redis "
+                "counters) on this route. Move it to a [[rate_limit]] with match = "
+                f"{path!r}.",
+            )
+        )
+
+
+# ---------------------------------------------------------------- clients
+
+
+def _transport_chain(transport: Any) -> list[Any]:
+    """A transport and the transports it wraps (FidelityTransport, RetryTransport...)."""
+    chain: list[Any] = []
+    node = transport
+    while node is not None and len(chain) < 16 and all(node is not c for c in chain):
+        chain.append(node)
+        nxt = None
+        for attr in ("inner", "_inner", "wrapped", "_wrapped", "transport", "_transport"):
+            candidate = getattr(node, attr, None)
+            if candidate is not None and (
+                hasattr(candidate, "handle_request") or hasattr(candidate, "handle_async_request")
+            ):
+                nxt = candidate
+                break
+        if nxt is None:
+            for attr in ("_async_transport", "_sync_transport"):
+                candidate = getattr(node, attr, None)
+                if candidate is not None:
+                    nxt = candidate
+                    break
+        node = nxt
+    return chain
+
+
+def _transport_role(t: Any) -> tuple[str, str, int]:
+    """(role, detail, retries) for one transport."""
+    name = _qualname(t)
+    if type(t).__name__.startswith("FidelityTransport") and name.startswith("fidelity_mw."):
+        return "fidelity", "outbound deadline -> host breaker -> retry", 0
+    if name.startswith("httpx_retries."):
+        retry = getattr(t, "retry", None)
+        total = int(getattr(retry, "total", 0) or 0)
+        return "retry", f"httpx-retries RetryTransport, total={total}", total
+    pool = getattr(t, "_pool", None)
+    retries = getattr(pool, "_retries", None)
+    if name.startswith("httpx.") and isinstance(retries, int):
+        if retries > 0:
+            return (
+                "retry",
+                f"{type(t).__name__}(retries={retries}): retries connect errors",
+                retries,
+            )
+        return "other", f"{type(t).__name__}(retries=0)", 0
+    if "retry" in type(t).__name__.lower():
+        return "retry", "named like a retrying transport", 1
+    return "other", "", 0
+
+
+def _inspect_clients(
+    namespace: dict[str, Any], walk: _Walk, has_upstreams: bool
+) -> list[StackEntry]:
+    import httpx
+
+    out: list[StackEntry] = []
+    for var, obj in sorted(namespace.items()):
+        if isinstance(obj, httpx.Client | httpx.AsyncClient):
+            transports: list[tuple[str, Any]] = [("", obj._transport)]
+            transports += [(f" mount {pattern.pattern}", t) for pattern, t in obj._mounts.items()]
+            for mount, transport in transports:
+                if transport is None:
+                    continue
+                chain = _transport_chain(transport)
+                roles = [_transport_role(t) for t in chain]
+                detail = " -> ".join(
+                    type(t).__name__ + (f" ({d})" if d else "")
+                    for t, (_, d, _) in zip(chain, roles, strict=True)
+                )
+                kinds = [r for r, _, _ in roles]
+                role = (
+                    "fidelity"
+                    if "fidelity" in kinds
+                    else ("retry" if "retry" in kinds else "other")
+                )
+                where = f"{var}{mount} ({type(obj).__name__})"
+                out.append(StackEntry(len(out) + 1, where, role, detail))
+                retrying = [d for r, d, _ in roles if r == "retry"]
+                if "fidelity" in kinds and retrying:
+                    walk.warnings.append(
+                        MapWarning(
+                            "overlap-retry",
+                            where,
+                            f"FidelityTransport and {'; '.join(retrying)} both retry: "
+                            "attempts multiply and the inner retries ignore the budget, "
+                            "the breaker and the deadline. Use a plain transport inside "
+                            "FidelityTransport.",
+                        )
+                    )
+                elif retrying:
+                    walk.warnings.append(
+                        MapWarning(
+                            "overlap-retry",
+                            where,
+                            f"retries outside fidelity_mw ({'; '.join(retrying)}): no budget, "
+                            "no breaker, blind to the request deadline. Replace with "
+                            "FidelityTransport and an [[upstream]] retry policy.",
+                        )
+                    )
+                elif "fidelity" not in kinds and has_upstreams:
+                    walk.warnings.append(
+                        MapWarning(
+                            "bypass",
+                            where,
+                            "this client does not go through FidelityTransport: the "
+                            "[[upstream]] policies do not apply to its calls.",
+                        )
+                    )
+        elif _is_redis_client(obj):
+            retries, backoff = _redis_retries(obj)
+            out.append(
+                StackEntry(
+                    len(out) + 1,
+                    f"{var} ({type(obj).__module__}.{type(obj).__name__})",
+                    "retry" if retries else "other",
+                    f"redis-py client, {retries} retries ({backoff})",
+                )
+            )
+            if retries:
+                walk.warnings.append(
+                    MapWarning(
+                        "redis-retries",
+                        var,
+                        f"redis-py client retries {retries} times with {backoff} on "
+                        "connection errors and timeouts: during a Redis outage every "
+                        "call waits through those retries. Pass "
+                        "retry=Retry(NoBackoff(), 0) and a short socket_timeout, and "
+                        "decide what to do on failure in one place.",
+                    )
+                )
+    return out
+
+
+def _is_redis_client(obj: Any) -> bool:
+    return _qualname(obj) in {"redis.client.Redis", "redis.asyncio.client.Redis"}
+
+
+def _redis_retries(client: Any) -> tuple[int, str]:
+    try:
+        retry = client.get_retry()
+    except Exception:
+        retry = None
+    if retry is None:
+        return 0, "no retry"
+    retries = int(getattr(retry, "_retries", 0) or 0)
+    backoff = type(getattr(retry, "_backoff", None)).__name__
+    return retries, backoff
+
+
+def from_app(target: str) -> StateMap:
+    """Import `module:app`, walk its stack and clients, and map what it finds."""
+    module, app = load_target(target)
+    walk = _Walk()
+    _walk_app(app, walk, "app")
+    for sub in walk.apps:
+        _app_level_limiters(sub, walk)
+    policies = walk.policies
+    policy = policies[0][1] if policies else None
+    namespace = dict(vars(module))
+    for sub in walk.apps:
+        state = getattr(getattr(sub, "state", None), "_state", None)
+        if isinstance(state, dict):
+            namespace.update({f"app.state.{k}": v for k, v in state.items()})
+    clients = _inspect_clients(namespace, walk, bool(policy and policy.upstreams))
+    smap = StateMap(
+        target,
+        policy.version if policy else None,
+        redact_url(policy.state.url) if policy else None,
+        layers_for(policy) if policy else [],
+        walk.stack,
+        clients,
+    )
+    warnings: list[MapWarning] = []
+    if not policies:
+        warnings.append(
+            MapWarning(
+                "no-fidelity",
+                target,
+                "no FidelityMiddleware in the middleware stack: no inbound layer is mapped.",
+            )
+        )
+    elif len(policies) > 1:
+        warnings.append(
+            MapWarning(
+                "duplicate-fidelity",
+                target,
+                f"{len(policies)} FidelityMiddleware instances: each keeps its own state, "
+                "so limits and breakers are counted twice. Keep one.",
+            )
+        )
+    fidelity_at = next((e.position for e in walk.stack if e.role == "fidelity"), None)
+    for entry in walk.stack:
+        if entry.role in ("limiter", "retry", "breaker"):
+            order = ""
+            if fidelity_at is not None:
+                order = (
+                    " It runs before FidelityMiddleware: requests it rejects never reach "
+                    "fidelity_mw's decisions or traces."
+                    if entry.position < fidelity_at
+                    else " It runs after FidelityMiddleware: requests it rejects have "
+                    "already spent fidelity_mw quota."
+                )
+            warnings.append(
+                MapWarning(
+                    f"overlap-{entry.role}",
+                    entry.name,
+                    f"another {entry.role} layer ({entry.detail}) decides on its own "
+                    f"state.{order} Move it into the policy (docs/migration.md).",
+                )
+            )
+        if "BaseHTTPMiddleware" in entry.detail or entry.role == "base_http":
+            warnings.append(
+                MapWarning(
+                    "base-http-middleware",
+                    entry.name,
+                    "BaseHTTPMiddleware subclass: it runs the rest of the stack in a "
+                    "separate task (context variables set below it are not seen above "
+                    "it) and must not hold its own retry/limit/shed logic; prefer a pure "
+                    "ASGI middleware.",
+                )
+            )
+    smap.warnings = warnings + walk.warnings
+    return smap
+
+
+def build(target: str) -> StateMap:
+    """A policy file path, or `module:app`."""
+    path = Path(target)
+    if target.endswith(".toml") or path.is_file():
+        return from_policy(Policy.from_toml(path), target)
+    return from_app(target)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+_LAYER_FIELDS = ("decides", "data", "state", "key", "writer", "staleness", "on_failure")
+
+
+def render_text(smap: StateMap) -> str:
+    out = ["fidelity_mw layer and state map", f"source:  {smap.source}"]
+    if smap.policy_version:
+        out.append(f"policy:  version {smap.policy_version}")
+    if smap.state_url:
+        out.append(f"state:   {smap.state_url}")
+    if smap.stack:
+        out += ["", "MIDDLEWARE STACK (outermost first)"]
+        for e in smap.stack:
+            detail = f"  [{e.role}] {e.detail}" if e.detail else f"  [{e.role}]"
+            out.append(f"  {e.position}. {e.name}{detail}")
+    for direction in ("inbound", "outbound"):
+        rows = [r for r in smap.layers if r.direction == direction]
+        if not rows:
+            continue
+        out += ["", f"{direction.upper()} LAYERS"]
+        for n, r in enumerate(rows, 1):
+            out.append(f"  {n}. {r.layer} — {r.subject}  [{r.config}]")
+            for name in _LAYER_FIELDS:
+                value = getattr(r, name)
+                if value != "-":
+                    out.append(f"       {name.replace('_', ' ') + ':':<11} {value}")
+    if smap.clients:
+        out += ["", "CLIENTS"]
+        for e in smap.clients:
+            out.append(f"  {e.name}: [{e.role}] {e.detail}")
+    out += ["", f"WARNINGS ({len(smap.warnings)})"]
+    if not smap.warnings:
+        out.append("  none: one owner per concern")
+    for w in smap.warnings:
+        out.append(f"  ! {w.kind} at {w.where}: {w.message}")
+    return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _mermaid_label(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
+
+
+def render_mermaid(smap: StateMap) -> str:
+    lines = ["flowchart LR", "  client([client])"]
+    store_label = "process memory" if smap.state_url in (None, "memory://") else smap.state_url
+    lines.append(f"  store[({_mermaid_label(store_label or 'state')})]")
+    prev = "client"
+    foreign: list[str] = []
+    inbound = [r for r in smap.layers if r.direction == "inbound"]
+    fid_nodes: list[str] = []
+    if inbound:
+        lines.append('  subgraph fidelity_in["FidelityMiddleware"]')
+        lines.append("    direction LR")
+        for kind, label in (
+            ("deadline", "deadline"),
+            ("breaker", "route breaker"),
+            ("ratelimit", "rate limits"),
+        ):
+            rows = [r for r in inbound if r.layer == kind and r.state != "-"]
+            if rows:
+                node = f"in_{kind}"
+                lines.append(f"    {node}[{_mermaid_label(f'{label} ({len(rows)})')}]")
+                fid_nodes.append(node)
+        lines.append("  end")
+        for a, b in itertools.pairwise(fid_nodes):
+            lines.append(f"  {a} --> {b}")
+    stack = smap.stack
+    if stack:
+        for e in stack:
+            if e.role == "fidelity":
+                if fid_nodes:
+                    lines.append(f"  {prev} --> {fid_nodes[0]}")
+                    prev = fid_nodes[-1]
+                continue
+            if e.role == "framework":
+                continue
+            node = f"mw{e.position}"
+            short = e.name.rsplit(".", 1)[-1]
+            lines.append(f"  {node}[{_mermaid_label(f'{short} ({e.role})')}]")
+            if e.role != "other":
+                foreign.append(node)
+            lines.append(f"  {prev} --> {node}")
+            prev = node
+    elif fid_nodes:
+        lines.append(f"  {prev} --> {fid_nodes[0]}")
+        prev = fid_nodes[-1]
+    lines.append("  app[[app]]")
+    lines.append(f"  {prev} --> app")
+    for kind in ("breaker", "ratelimit"):
+        if f"in_{kind}" in fid_nodes and any(
+            r.layer == kind and r.direction == "inbound" and r.key != "-" for r in smap.layers
+        ):
+            lines.append(f"  in_{kind} -.-> store")
+    outbound = [r for r in smap.layers if r.direction == "outbound"]
+    if outbound:
+        lines.append('  subgraph fidelity_out["FidelityTransport"]')
+        lines.append("    direction LR")
+        lines.append('    out_deadline["deadline"] --> out_breaker["host breaker"]')
+        lines.append('    out_breaker --> out_retry["retry + budget"]')
+        lines.append("  end")
+        lines.append("  app --> out_deadline")
+        lines.append("  out_breaker -.-> store")
+        lines.append("  out_retry -.-> store")
+        hosts = sorted({r.subject.removeprefix("upstream ") for r in outbound})
+        for i, host in enumerate(hosts):
+            lines.append(f"  up{i}[{_mermaid_label(host)}]")
+            lines.append(f"  out_retry --> up{i}")
+    for i, c in enumerate(smap.clients):
+        if c.role == "retry":
+            node = f"cl{i}"
+            lines.append(f"  {node}[{_mermaid_label(c.name + ' (retries)')}]")
+            lines.append(f"  app --> {node}")
+            foreign.append(node)
+    if foreign:
+        lines.append("  classDef overlap fill:#fde2e1,stroke:#c0392b,color:#000")
+        lines.append(f"  class {','.join(foreign)} overlap")
+    return "\n".join(lines)
+
+
+def render_markdown(smap: StateMap) -> str:
+    out = [f"# Layer and state map: `{smap.source}`", ""]
+    if smap.policy_version:
+        out.append(f"Policy version `{smap.policy_version}`, state `{smap.state_url}`.")
+        out.append("")
+    out += ["```mermaid", render_mermaid(smap), "```", ""]
+    if smap.stack:
+        out += ["## Middleware stack (outermost first)", "", "| # | middleware | role | note |"]
+        out.append("|---|---|---|---|")
+        for e in smap.stack:
+            out.append(f"| {e.position} | `{e.name}` | {e.role} | {_md(e.detail)} |")
+        out.append("")
+    for direction in ("inbound", "outbound"):
+        rows = [r for r in smap.layers if r.direction == direction]
+        if not rows:
+            continue
+        out += [f"## {direction.capitalize()} layers", ""]
+        out.append(
+            "| layer | applies to | policy key | decides | on which data | state lives in "
+            "| key | written by | staleness | if the state is unreachable |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            cells = (
+                r.layer,
+                r.subject,
+                f"`{r.config}`",
+                r.decides,
+                r.data,
+                r.state,
+                f"`{r.key}`" if r.key != "-" else "-",
+                r.writer,
+                r.staleness,
+                r.on_failure,
+            )
+            out.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        out.append("")
+    if smap.clients:
+        out += ["## Clients", "", "| client | role | transports |", "|---|---|---|"]
+        for e in smap.clients:
+            out.append(f"| `{_md(e.name)}` | {e.role} | {_md(e.detail)} |")
+        out.append("")
+    out += [f"## Warnings ({len(smap.warnings)})", ""]
+    if not smap.warnings:
+        out.append("None: one owner per concern.")
+    for w in smap.warnings:
+        out.append(f"- **{w.kind}** at `{_md(w.where)}`: {_md(w.message)}")
+    return "\n".join(out) + "\n"
+
+
+def render(smap: StateMap, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(smap.to_json(), indent=2) + "\n"
+    if fmt == "markdown":
+        return render_markdown(smap)
+    return render_text(smap)
