@@ -1,21 +1,200 @@
-"""`fidelity-mw`: check, map, audit, demo."""
+"""`fidelity-mw`: check, map, audit, demo.
+
+Exit codes: 0 clean, 1 findings (policy errors; audit findings of a
+`--fail-on` kind), 2 usage errors (bad arguments, unreadable files, an app
+that cannot be imported).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fidelity-mw")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _usage_error(command: str, message: str) -> int:
+    print(f"fidelity-mw {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------- check
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .check import CheckResult, check_file
+
+    results: list[CheckResult] = []
+    for name in args.policy:
+        if not Path(name).is_file():
+            return _usage_error("check", f"{name}: no such file")
+        try:
+            results.append(check_file(name))
+        except (OSError, UnicodeDecodeError) as exc:
+            return _usage_error("check", f"{name}: cannot read: {exc}")
+    failed = any(not r.ok or (args.strict and r.warnings) for r in results)
+    if args.json:
+        doc = {
+            "ok": not failed,
+            "files": [r.to_json() for r in results],
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_FINDINGS if failed else EXIT_OK
+    for r in results:
+        findings = sorted(r.errors + r.warnings, key=lambda f: (f.line or 0, f.path))
+        for f in findings:
+            print(f)
+        if r.policy is not None:
+            p = r.policy
+            summary = (
+                f"ok, policy version {p.version}: {len(p.rate_limits)} rate limit(s), "
+                f"{len(p.routes)} route(s), {len(p.upstreams)} upstream(s), "
+                f"state {p.state.url.split('://')[0]}"
+            )
+            if r.warnings:
+                summary += f"; {len(r.warnings)} warning(s)"
+            print(f"{r.file}: {summary}")
+        else:
+            print(f"{r.file}: {len(r.errors)} error(s)")
+    return EXIT_FINDINGS if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------- map
+
+
+def run_map(args: argparse.Namespace) -> int:
+    from .errors import PolicyError
+    from .statemap import build, render
+
+    target: str = args.target
+    is_policy = target.endswith(".toml") or Path(target).is_file()
+    if is_policy and not Path(target).is_file():
+        return _usage_error("map", f"{target}: no such file")
+    if not is_policy and ":" not in target:
+        return _usage_error(
+            "map", f"{target!r} is neither a policy file nor an app import path (module:app)"
+        )
+    try:
+        smap = build(target)
+    except PolicyError as exc:
+        print(f"fidelity-mw map: {exc}\n(run `fidelity-mw check {target}` for lines)")
+        return EXIT_FINDINGS
+    except (ImportError, AttributeError) as exc:
+        return _usage_error("map", f"cannot load {target}: {type(exc).__name__}: {exc}")
+    sys.stdout.write(render(smap, args.format))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- audit
+
+
+def _fail_on(text: str) -> frozenset[str]:
+    from .audit import parse_fail_on
+
+    try:
+        return parse_fail_on(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_paths, render_text
+
+    for name in args.paths:
+        if not Path(name).exists():
+            return _usage_error("audit", f"{name}: no such file or directory")
+    report = audit_paths(args.paths, args.exclude)
+    if args.json:
+        doc = report.to_json()
+        doc["fail_on"] = sorted(args.fail_on)
+        print(json.dumps(doc, indent=2))
+    else:
+        sys.stdout.write(render_text(report))
+    if any(f.kind in args.fail_on for f in report.findings):
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments, run_demo
+
+    parser = argparse.ArgumentParser(
+        prog="fidelity-mw",
+        description="Retries, circuit breaking and rate limiting for ASGI apps, in one place.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser(
+        "check",
+        help="validate policy files",
+        description="Validate policy files: every problem with file, line and key path. "
+        "Exit 1 on errors, 0 when clean, 2 on usage errors.",
+    )
+    check.add_argument("policy", nargs="+", metavar="POLICY.toml")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.set_defaults(func=run_check)
+
+    map_ = sub.add_parser(
+        "map",
+        help="print the layer and state map",
+        description="Every control layer, what it decides, on which data, where that state "
+        "lives, who writes it, how stale it may be and what happens when it is unreachable. "
+        "Given module:app, also walk the app's middleware stack and httpx/redis clients and "
+        "warn about overlapping control layers.",
+    )
+    map_.add_argument("target", metavar="POLICY.toml|module:app")
+    map_.add_argument("--format", choices=("text", "markdown", "json"), default="text")
+    map_.set_defaults(func=run_map)
+
+    audit = sub.add_parser(
+        "audit",
+        help="find scattered retry/breaker/limiter logic",
+        description="Static scan (nothing is imported) for retry, circuit-breaker and "
+        "rate-limiter logic outside fidelity_mw, with the policy key that replaces each.",
+    )
+    audit.add_argument("paths", nargs="+", metavar="PATH")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument(
+        "--fail-on",
+        type=_fail_on,
+        default=frozenset(),
+        metavar="KINDS",
+        help="exit 1 when findings of these kinds exist: comma-separated retry, breaker, "
+        "limiter, or any (default: always exit 0)",
+    )
+    audit.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip files or directories matching GLOB (repeatable); "
+        ".venv, build, site-packages and the like are always skipped",
+    )
+    audit.set_defaults(func=run_audit)
 
     demo = sub.add_parser("demo", help="run the side-by-side demo on in-memory state")
     add_demo_arguments(demo)
     demo.set_defaults(func=run_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        return EXIT_USAGE
     code: int = args.func(args)
     return code
 
