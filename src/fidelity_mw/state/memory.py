@@ -31,14 +31,16 @@ class GcraTable:
         self._next_sweep = max_keys
         self.evicted_active = 0
 
-    def make_room(self, now: float) -> None:
+    def make_room(self, now: float, incoming: int = 1) -> None:
+        """Make sure `incoming` more keys fit under `max_keys`."""
         tats = self.tats
-        if len(tats) < self._next_sweep:
+        if len(tats) + incoming <= self._next_sweep:
             return
         idle = [k for k, tat in tats.items() if tat <= now]
         for key in idle:
             del tats[key]
-        overflow = len(tats) - (self.max_keys * 3) // 4
+        keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
+        overflow = len(tats) - keep
         if overflow > 0:
             for key in list(tats)[:overflow]:
                 del tats[key]
@@ -87,7 +89,7 @@ class MemoryStore(StateStore):
             if not limits:
                 return InboundResult(gate, (), True, "memory", 0.0)
             table = self.limits
-            table.make_room(now)
+            table.make_room(now, len(limits))
             tats = table.tats
             verdicts: list[LimitVerdict] = []
             admitted = True
