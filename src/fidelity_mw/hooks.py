@@ -33,3 +33,28 @@ class AttemptObserver(Protocol):
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None
     ) -> None: ...
+
+
+class ResponseEndObserver(Protocol):
+    """Optional extension of `RequestObserver` (looked up with `getattr`).
+
+    `before_response_end` runs just before the middleware sends the last
+    `http.response.body` message of a response - the app's or its own
+    rejection - with the token `start` returned. An OpenTelemetry ASGI
+    instrumentation outside the middleware ends its server span as soon as
+    that message has gone through, before `end` runs; this is the last moment
+    its span can still be annotated.
+    """
+
+    def before_response_end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None: ...
+
+
+class CallObserver(Protocol):
+    """Optional extension of `AttemptObserver` (looked up with `getattr`).
+
+    `call_end` runs once per outbound call made outside any inbound request
+    (the transport created the DecisionContext), after its last attempt and
+    give-up decision: no `RequestObserver.end` will ever see those decisions.
+    """
+
+    def call_end(self, ctx: DecisionContext) -> None: ...

@@ -1,0 +1,889 @@
+"""`Telemetry`: decisions -> spans, span events and metrics, through the OpenTelemetry API only.
+
+Inbound (`start` / `end`, called by FidelityMiddleware):
+
+* a SERVER span that is already recording (the ASGI, FastAPI or Starlette
+  instrumentation installed outside the middleware) gets the `fidelity.*`
+  attributes and one `fidelity.decision` event per decision - no span of ours;
+* otherwise the observer starts its own SERVER span ("METHOD route"), parented
+  on the trace context (and baggage) of the request headers, so the library
+  is useful without any other instrumentation.
+
+Outbound (`attempt_start` / `attempt_end`, called by FidelityTransport): one
+CLIENT span per attempt with the stable HTTP semantic conventions and
+`http.request.resend_count`, trace context injected into each attempt's
+headers. When opentelemetry-instrumentation-httpx instruments httpx's own
+transports, its spans for the inner call are suppressed (ours already
+describe the attempt); when it instruments the client (its CLIENT span wraps
+the whole transport), we defer to that span and annotate it instead of
+nesting CLIENT spans.
+
+Without an SDK (the API's default proxy/no-op providers) every hook returns
+after a couple of attribute reads; the global providers are picked up the
+moment one is set, so `configure_otel()` may run after the app is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as metrics_api
+from opentelemetry import propagate
+from opentelemetry import trace as trace_api
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    TracerProvider,
+)
+
+from ..context import (
+    GIVE_UP,
+    LAYER_BREAKER,
+    LAYER_BUDGET,
+    LAYER_RETRY,
+    PROBE,
+    RETRY,
+    SHED,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
+from . import schema as s
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .._types import Scope
+    from ..engine import Engine
+
+logger = logging.getLogger("fidelity_mw.telemetry")
+
+INSTRUMENTATION_NAME: Final = "fidelity_mw"
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.27.0"
+
+# Spans these instrumentations start are "the server span" even when their kind
+# is INTERNAL (they start INTERNAL spans when another span is already current,
+# e.g. an in-process call through httpx.ASGITransport).
+_SERVER_INSTRUMENTATIONS: Final = frozenset(
+    {
+        "opentelemetry.instrumentation.asgi",
+        "opentelemetry.instrumentation.fastapi",
+        "opentelemetry.instrumentation.starlette",
+    }
+)
+_KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
+)
+# Query parameters whose values the HTTP semantic conventions say to redact in url.full.
+_SENSITIVE_QUERY_KEYS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
+_SENSITIVE_QUERY_BYTES: Final = tuple(k.encode() for k in _SENSITIVE_QUERY_KEYS)
+_UNMATCHED_ROUTE: Final = "!unmatched"  # routes.UNMATCHED, without importing starlette here
+_STATE_AGE_BUCKETS: Final = (
+    0.0,
+    0.001,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+_BREAKER_STATES: Final = ("closed", "open", "half_open")
+_CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
+# The middleware answers these itself, without the app (and without setting ctx.status).
+_REJECTION_STATUS: Final = {"rejected": 429, "shed": 503, "expired": 504}
+_MAX_CACHED: Final = 4096
+_MAX_SUBJECTS: Final = 1024
+_MISSING: Final = object()
+# The key opentelemetry-instrumentation-* check before starting HTTP spans (API-level).
+_SUPPRESS_HTTP_KEY: Final[str] = getattr(
+    otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", "suppress_http_instrumentation"
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _global_tracer_provider() -> TracerProvider | None:
+    """The globally set tracer provider, or None while only the API's proxy exists.
+
+    `trace.get_tracer_provider()` costs ~1 us (it checks an environment
+    variable on every call); the module global costs ~20 ns. The fallback
+    keeps this correct should the private name ever go away.
+    """
+    provider = getattr(trace_api, "_TRACER_PROVIDER", _MISSING)
+    if provider is _MISSING:
+        provider = trace_api.get_tracer_provider()
+        return None if isinstance(provider, ProxyTracerProvider) else provider
+    return provider  # type: ignore[return-value]
+
+
+def _global_meter_provider() -> MeterProvider | None:
+    internal = sys.modules.get("opentelemetry.metrics._internal")
+    provider = getattr(internal, "_METER_PROVIDER", _MISSING)
+    if provider is _MISSING:
+        provider = metrics_api.get_meter_provider()
+        return None if _is_proxy_meter_provider(provider) else provider
+    return provider  # type: ignore[return-value]
+
+
+def _is_proxy_meter_provider(provider: object) -> bool:
+    """The API's stand-in until a global MeterProvider is set (a private class)."""
+    return type(provider).__name__ == "_ProxyMeterProvider"
+
+
+def _load_env_providers() -> None:
+    """`OTEL_PYTHON_TRACER_PROVIDER` / `..._METER_PROVIDER` are loaded by the API lazily, on
+    the first `get_*_provider()` call; make that call once so the fast checks above see them."""
+    if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
+        trace_api.get_tracer_provider()
+    if "OTEL_PYTHON_METER_PROVIDER" in os.environ:
+        metrics_api.get_meter_provider()
+
+
+class _ScopeGetter(Getter[Any]):
+    """Reads propagation headers (traceparent, tracestate, baggage) from an ASGI scope."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier.get("headers") or () if k == name]
+        return values or None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return [k.decode("latin-1") for k, _v in carrier.get("headers") or ()]
+
+
+_SCOPE_GETTER: Final = _ScopeGetter()
+
+
+def _is_server_span(span: Span) -> bool:
+    kind = getattr(span, "kind", None)
+    if kind is None:  # not the SDK's span class: cannot tell, trust the caller's setup
+        return True
+    if kind is SpanKind.SERVER:
+        return True
+    if kind is SpanKind.INTERNAL:
+        scope = getattr(span, "instrumentation_scope", None)
+        return getattr(scope, "name", None) in _SERVER_INSTRUMENTATIONS
+    return False
+
+
+def _method(method: str) -> tuple[str, str | None]:
+    """(http.request.method, http.request.method_original or None) per the conventions."""
+    if method in _KNOWN_METHODS:
+        return method, None
+    upper = method.upper()
+    if upper in _KNOWN_METHODS:
+        return upper, method
+    return "_OTHER", method
+
+
+def _redacted_url(url: httpx.URL) -> str:
+    """url.full without credentials or fragment, sensitive query values replaced."""
+    if url.userinfo or url.fragment:
+        url = url.copy_with(username=None, password=None, fragment=None)
+    query = url.query
+    if query and any(key in query for key in _SENSITIVE_QUERY_BYTES):
+        parts = []
+        for part in query.decode("latin-1").split("&"):
+            key, eq, _value = part.partition("=")
+            parts.append(f"{key}=REDACTED" if eq and key in _SENSITIVE_QUERY_KEYS else part)
+        url = url.copy_with(query="&".join(parts).encode("latin-1"))
+    return str(url)
+
+
+def _subject_of(url: httpx.URL) -> str:
+    """The upstream key the transport records decisions under (host, or host:port)."""
+    port = url.port
+    return url.host if port is None else f"{url.host}:{port}"
+
+
+def _state_of(decision: Decision) -> str | None:
+    """The breaker state a breaker decision reveals, if any."""
+    if decision.layer != LAYER_BREAKER:
+        return None
+    reason = decision.reason
+    if reason == "breaker_closed":
+        return "closed"
+    if reason == "half_open_probe" or decision.verdict == PROBE:
+        return "half_open"
+    if reason in ("breaker_open", "breaker_half_open"):
+        return "open" if reason == "breaker_open" else "half_open"
+    return None
+
+
+class _Inbound:
+    """The token `start` hands to `before_response_end` and `end`."""
+
+    __slots__ = ("exported", "owned", "span", "start_ns", "token")
+
+    def __init__(self, span: Span, token: object | None, owned: bool, start_ns: int) -> None:
+        self.span = span
+        self.token = token  # the attached OpenTelemetry context (our own span only)
+        self.owned = owned
+        self.start_ns = start_ns
+        self.exported = -1  # decisions already sent as events; -1: not annotated yet
+
+
+class _Attempt:
+    """The token `attempt_start` hands to `attempt_end`."""
+
+    __slots__ = ("attrs", "owned", "span", "started", "token")
+
+    def __init__(
+        self,
+        span: Span,
+        token: object | None,
+        owned: bool,
+        started: float,
+        attrs: dict[str, Any] | None,
+    ) -> None:
+        self.span = span
+        self.token = token
+        self.owned = owned
+        self.started = started
+        self.attrs = attrs
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _Metrics:
+    """The instruments of one meter, with the attribute sets they are fed cached."""
+
+    def __init__(self, meter: Meter, owner: Telemetry) -> None:
+        self.decisions = meter.create_counter(
+            s.METRIC_DECISIONS,
+            unit="{decision}",
+            description="Decisions taken by fidelity_mw's control layers.",
+        )
+        self.state_age = _histogram(
+            meter,
+            s.METRIC_STATE_AGE,
+            "s",
+            "Age of the state a decision was taken on (0 = fresh, authoritative read).",
+            _STATE_AGE_BUCKETS,
+        )
+        self.requests = meter.create_counter(
+            s.METRIC_REQUESTS,
+            unit="{request}",
+            description="Inbound requests by outcome and deciding layer.",
+        )
+        self.failures = meter.create_counter(
+            s.METRIC_FAILURES,
+            unit="{request}",
+            description="Failed inbound requests: cause=control (a fidelity layer turned the "
+            "request away) counted apart from cause=app (the application failed).",
+        )
+        self.budget = meter.create_counter(
+            s.METRIC_RETRY_BUDGET,
+            unit="{retry}",
+            description="Retries drawn from the per-upstream retry budget, and retries the "
+            "exhausted budget refused.",
+        )
+        self.client_duration = _histogram(
+            meter,
+            s.METRIC_CLIENT_DURATION,
+            "s",
+            "Duration of HTTP client request attempts made through FidelityTransport.",
+            _DURATION_BUCKETS,
+        )
+        owner_ref = weakref.ref(owner)
+
+        def observe_breakers(_options: CallbackOptions) -> Iterable[Observation]:
+            telemetry = owner_ref()
+            return telemetry.breaker_observations() if telemetry is not None else ()
+
+        meter.create_observable_gauge(
+            s.METRIC_BREAKER_STATE,
+            callbacks=[observe_breakers],
+            unit="1",
+            description="Circuit breaker state: 1 for the current state of each breaker, "
+            "0 for the others.",
+        )
+        self._decision_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
+        self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        self._request_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
+        self._failure_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
+
+    def record_decision(self, d: Decision) -> None:
+        key = (d.layer, d.verdict, d.state_source)
+        attrs = self._decision_attrs.get(key)
+        if attrs is None:
+            attrs = {s.LAYER: d.layer, s.VERDICT: d.verdict, s.STATE_SOURCE: d.state_source}
+            if len(self._decision_attrs) < _MAX_CACHED:
+                self._decision_attrs[key] = attrs
+        self.decisions.add(1, attrs)
+        if d.state_source != SOURCE_REQUEST:
+            age_key = (d.layer, d.state_source)
+            age_attrs = self._age_attrs.get(age_key)
+            if age_attrs is None:
+                age_attrs = {s.LAYER: d.layer, s.STATE_SOURCE: d.state_source}
+                if len(self._age_attrs) < _MAX_CACHED:
+                    self._age_attrs[age_key] = age_attrs
+            self.state_age.record(d.state_age_s if d.state_age_s > 0.0 else 0.0, age_attrs)
+        layer = d.layer
+        if layer == LAYER_RETRY and d.verdict == RETRY:
+            self.budget.add(1, {s.SUBJECT: d.subject, s.BUDGET_RESULT: "drawn"})
+        elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
+            self.budget.add(1, {s.SUBJECT: d.subject, s.BUDGET_RESULT: "exhausted"})
+
+    def record_request(self, ctx: DecisionContext) -> None:
+        outcome = ctx.outcome or "unknown"
+        decided_by = ctx.decided_by or "none"
+        key = (outcome, decided_by, ctx.route)
+        attrs = self._request_attrs.get(key)
+        if attrs is None:
+            attrs = {s.OUTCOME: outcome, s.DECIDED_BY: decided_by, s.ROUTE: ctx.route}
+            if len(self._request_attrs) < _MAX_CACHED:
+                self._request_attrs[key] = attrs
+        self.requests.add(1, attrs)
+        if outcome in _CONTROL_OUTCOMES:
+            cause = s.CAUSE_CONTROL
+        elif outcome == "failed":
+            cause = s.CAUSE_APP
+        else:
+            return
+        fkey = (cause, decided_by, ctx.route)
+        fattrs = self._failure_attrs.get(fkey)
+        if fattrs is None:
+            fattrs = {s.FAILURE_CAUSE: cause, s.DECIDED_BY: decided_by, s.ROUTE: ctx.route}
+            if len(self._failure_attrs) < _MAX_CACHED:
+                self._failure_attrs[fkey] = fattrs
+        self.failures.add(1, fattrs)
+
+
+def _histogram(
+    meter: Meter, name: str, unit: str, description: str, buckets: Sequence[float]
+) -> Any:
+    try:
+        return meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:  # opentelemetry-api older than the bucket advisory
+        return meter.create_histogram(name, unit=unit, description=description)
+
+
+# ---------------------------------------------------------------- the observer
+
+
+class Telemetry:
+    """Exports fidelity_mw's decisions through OpenTelemetry. Implements both
+    `RequestObserver` (for FidelityMiddleware) and `AttemptObserver` (for
+    FidelityTransport).
+
+    `tracer_provider` / `meter_provider`: explicit wiring; default the global
+    providers (looked up per request until one is set, then cached).
+    `client_spans`: one CLIENT span per outbound attempt (default True);
+    False leaves outbound spans to opentelemetry-instrumentation-httpx and only
+    injects trace context. `client_key_salt`: key for hashing client keys into
+    `fidelity.client.key_hash` (default: `FIDELITY_MW_CLIENT_KEY_SALT` from the
+    environment, else random per process - hashes then do not match across
+    processes, which is the point of a privacy default).
+
+        FidelityMiddleware(app, policy=policy, observer=Telemetry(tracer_provider=tp))
+        FidelityTransport(observer=Telemetry(tracer_provider=tp))
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        client_spans: bool = True,
+        client_key_salt: bytes | str | None = None,
+    ) -> None:
+        _load_env_providers()
+        if isinstance(tracer_provider, ProxyTracerProvider):
+            tracer_provider = None  # "the global one, whenever it is set"
+        if _is_proxy_meter_provider(meter_provider):
+            meter_provider = None
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._tracer: Tracer | None = None
+        self._tracing_off = isinstance(tracer_provider, NoOpTracerProvider)
+        self._metrics: _Metrics | None = None
+        self._metrics_off = isinstance(meter_provider, metrics_api.NoOpMeterProvider)
+        self._lock = threading.Lock()
+        self.client_spans = client_spans
+        if client_key_salt is None:
+            env_salt = os.environ.get("FIDELITY_MW_CLIENT_KEY_SALT")
+            salt = env_salt.encode() if env_salt else os.urandom(16)
+        else:
+            salt = client_key_salt.encode() if isinstance(client_key_salt, str) else client_key_salt
+        self._salt = salt[:64]
+        self._key_hashes: dict[str, str] = {}
+        self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._last_engine: weakref.ref[Engine] | None = None
+        # breaker states seen in decisions, for stores we cannot read directly
+        self._seen_breakers: dict[str, str] = {}
+
+    # ------------------------------------------------------------ providers
+
+    def _get_tracer(self) -> Tracer | None:
+        if self._tracing_off:
+            return None
+        provider = self._tracer_provider or _global_tracer_provider()
+        if provider is None:
+            return None
+        if isinstance(provider, NoOpTracerProvider):
+            self._tracing_off = True  # the global provider is set once, for good
+            return None
+        with self._lock:
+            if self._tracer is None:
+                self._tracer = provider.get_tracer(
+                    INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL
+                )
+        return self._tracer
+
+    def _get_metrics(self) -> _Metrics | None:
+        if self._metrics_off:
+            return None
+        provider = self._meter_provider or _global_meter_provider()
+        if provider is None:
+            return None
+        if isinstance(provider, metrics_api.NoOpMeterProvider):
+            self._metrics_off = True
+            return None
+        with self._lock:
+            if self._metrics is None:
+                meter = provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+                self._metrics = _Metrics(meter, self)
+        return self._metrics
+
+    # ------------------------------------------------------------ inbound
+
+    def start(self, ctx: DecisionContext, scope: Scope) -> _Inbound | None:
+        tracer = self._tracer or self._get_tracer()
+        if tracer is None:
+            return None
+        current = trace_api.get_current_span()
+        if current.is_recording():
+            if _is_server_span(current):
+                # The instrumentation's span: annotate it, start none of our own.
+                return _Inbound(current, None, False, time.time_ns())
+            parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
+        elif current is INVALID_SPAN:
+            parent = propagate.extract(scope, getter=_SCOPE_GETTER)
+        else:
+            return None  # a span exists but is not sampled: add nothing
+        method, original = _method(ctx.method)
+        route = ctx.route
+        attrs: dict[str, Any] = {s.HTTP_REQUEST_METHOD: method}
+        if original is not None:
+            attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
+        named = route and route != _UNMATCHED_ROUTE
+        if named:
+            attrs[s.HTTP_ROUTE] = route
+        path = scope.get("path")
+        if path:
+            attrs[s.URL_PATH] = path
+        scheme = scope.get("scheme")
+        if scheme:
+            attrs[s.URL_SCHEME] = scheme
+        version = scope.get("http_version")
+        if version:
+            attrs[s.NETWORK_PROTOCOL_VERSION] = version
+        name = method if method != "_OTHER" else "HTTP"
+        span = tracer.start_span(
+            f"{name} {route}" if named else name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attrs,
+        )
+        token = otel_context.attach(trace_api.set_span_in_context(span, parent))
+        return _Inbound(span, token, True, 0)
+
+    def before_response_end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
+        """The middleware is about to send the last body message of the response.
+
+        An ASGI/FastAPI/Starlette instrumentation ends its server span as soon
+        as that message is through, before the middleware returns: annotate
+        its span now. (Our own span waits for `end`.)
+        """
+        if token is None or token.owned or not token.span.is_recording():
+            return
+        decisions = ctx.decisions
+        self._annotate(ctx, token, decisions, provisional=True)
+        token.exported = len(decisions)
+
+    def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
+        decisions: list[Decision] | None = None
+        if token is not None:
+            decisions = ctx.decisions
+            try:
+                if token.owned or token.span.is_recording():
+                    self._annotate(ctx, token, decisions)
+                elif token.exported < 0:
+                    self._late_span(ctx, token, decisions)
+            finally:
+                if token.owned:
+                    token.span.end()
+                    if token.token is not None:
+                        otel_context.detach(token.token)
+        metrics = self._metrics or self._get_metrics()
+        if metrics is not None:
+            if decisions is None:
+                decisions = ctx.decisions
+            self._observe_engine(ctx)
+            metrics.record_request(ctx)
+            for d in decisions:
+                metrics.record_decision(d)
+                if d.layer == LAYER_BREAKER:
+                    self._note_breaker(d)
+
+    def _late_span(self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision]) -> None:
+        """The instrumentation's span ended before we could annotate it (a middleware that
+        does not call `before_response_end`): record the decisions on a child span rather
+        than lose them."""
+        tracer = self._tracer
+        if tracer is None:
+            return
+        parent = trace_api.set_span_in_context(token.span)
+        span = tracer.start_span(
+            f"fidelity {ctx.method} {ctx.route}",
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            start_time=token.start_ns,
+        )
+        try:
+            self._annotate(ctx, _Inbound(span, None, False, token.start_ns), decisions)
+        finally:
+            span.end()
+
+    def _annotate(
+        self,
+        ctx: DecisionContext,
+        token: _Inbound,
+        decisions: list[Decision],
+        provisional: bool = False,
+    ) -> None:
+        span = token.span
+        stale = 0
+        for d in decisions:
+            if d.is_stale:
+                stale += 1
+        attrs: dict[str, Any] = {
+            s.POLICY_VERSION: ctx.policy_version,
+            s.STALE_DECISIONS: stale,
+            s.ROUTE: ctx.route,
+            s.DECISION_COUNT: len(decisions),
+        }
+        decided_by = ctx.decided_by
+        outcome = ctx.outcome
+        status = ctx.status
+        if status is None and outcome is not None:
+            status = _REJECTION_STATUS.get(outcome)
+        if provisional and decided_by is None and status is not None:
+            # Sent by the app; the middleware settles the outcome after the app returns.
+            decided_by = "app"
+            outcome = "served" if status < 500 else "failed"
+        if decided_by is not None:
+            attrs[s.DECIDED_BY] = decided_by
+        if outcome is not None:
+            attrs[s.OUTCOME] = outcome
+        if ctx.client_key is not None:
+            attrs[s.CLIENT_KEY_HASH] = self.hash_client_key(ctx.client_key)
+        if ctx.upstream_exhausted:
+            attrs[s.UPSTREAM_EXHAUSTED] = True
+        if ctx.inbound_attempt > 1:
+            attrs[s.INBOUND_ATTEMPT] = ctx.inbound_attempt
+        if token.owned:
+            if status is not None:
+                attrs[s.HTTP_RESPONSE_STATUS_CODE] = status
+                if status >= 500:
+                    attrs[s.ERROR_TYPE] = str(status)
+                    span.set_status(Status(StatusCode.ERROR))
+            elif outcome == "failed":
+                exc = sys.exception()
+                error_type = type(exc).__qualname__ if exc is not None else "_OTHER"
+                attrs[s.ERROR_TYPE] = error_type
+                span.set_status(Status(StatusCode.ERROR, error_type))
+        span.set_attributes(attrs)
+        exported = token.exported
+        self._add_events(span, ctx, decisions if exported <= 0 else decisions[exported:])
+
+    def _add_events(self, span: Span, ctx: DecisionContext, decisions: Sequence[Decision]) -> None:
+        if not decisions:
+            return
+        # Decision.at is on the engine's monotonic clock; events want epoch nanoseconds.
+        offset_ns = time.time_ns() - int(ctx.engine.clock.monotonic() * 1e9)
+        for d in decisions:
+            attrs: dict[str, Any] = {
+                s.LAYER: d.layer,
+                s.VERDICT: d.verdict,
+                s.REASON: d.reason,
+                s.SUBJECT: d.subject,
+                s.STATE_SOURCE: d.state_source,
+                s.STATE_AGE_MS: round(d.state_age_s * 1000.0, 3),
+                s.STATE_STALE: d.is_stale,
+            }
+            details = d.details
+            if details:
+                for key, value in details.items():
+                    attrs[s.DETAIL_PREFIX + key] = value
+            span.add_event(
+                s.DECISION_EVENT,
+                attrs,
+                offset_ns + int(d.at * 1e9) if d.at else None,
+            )
+
+    # ------------------------------------------------------------ outbound
+
+    def attempt_start(
+        self, ctx: DecisionContext, request: httpx.Request, attempt: int
+    ) -> _Attempt | None:
+        tracer = self._tracer or self._get_tracer()
+        if tracer is None:
+            # No tracing here, but a propagated trace passes through untouched.
+            if trace_api.get_current_span().get_span_context().is_valid:
+                propagate.inject(request.headers)
+            return None
+        current = trace_api.get_current_span()
+        outer_client = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
+        if outer_client or not self.client_spans:
+            # An outer CLIENT span (opentelemetry-instrumentation-httpx's instrument_client
+            # wraps the whole transport) describes this call: annotate it, do not nest.
+            propagate.inject(request.headers)
+            if not outer_client:
+                return None
+            if attempt > 1:
+                current.set_attribute(s.HTTP_REQUEST_RESEND_COUNT, attempt - 1)
+            self._add_events(current, ctx, _attempt_decisions(ctx, request.url))
+            return _Attempt(current, None, False, 0.0, None)
+        url = request.url
+        method, original = _method(request.method)
+        attrs: dict[str, Any] = {
+            s.HTTP_REQUEST_METHOD: method,
+            s.URL_FULL: _redacted_url(url),
+            s.SERVER_ADDRESS: url.host,
+            s.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+        }
+        if original is not None:
+            attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
+        if attempt > 1:
+            attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
+        span = tracer.start_span(
+            method if method != "_OTHER" else "HTTP", kind=SpanKind.CLIENT, attributes=attrs
+        )
+        span_ctx = trace_api.set_span_in_context(span)
+        propagate.inject(request.headers, context=span_ctx)
+        if _httpx_instrumented():
+            # Their span for httpx's own transport would double ours.
+            span_ctx = otel_context.set_value(_SUPPRESS_HTTP_KEY, True, span_ctx)
+        token = otel_context.attach(span_ctx)
+        self._add_events(span, ctx, _attempt_decisions(ctx, url))
+        self._observe_engine(ctx)
+        return _Attempt(span, token, True, time.perf_counter(), attrs)
+
+    def attempt_end(
+        self, token: Any, response: httpx.Response | None, error: BaseException | None
+    ) -> None:
+        if token is None:
+            return
+        span: Span = token.span
+        status = response.status_code if response is not None else None
+        error_type: str | None = None
+        if error is not None:
+            error_type = type(error).__qualname__
+        elif status is not None and status >= 400:
+            error_type = str(status)
+        if not token.owned:
+            if span.is_recording():
+                event: dict[str, Any] = {}
+                if status is not None:
+                    event[s.HTTP_RESPONSE_STATUS_CODE] = status
+                if error_type is not None:
+                    event[s.ERROR_TYPE] = error_type
+                span.add_event(s.ATTEMPT_EVENT, event)
+            return
+        try:
+            if token.token is not None:
+                otel_context.detach(token.token)
+        finally:
+            attrs: dict[str, Any] = {}
+            if status is not None:
+                attrs[s.HTTP_RESPONSE_STATUS_CODE] = status
+                version = response.http_version if response is not None else ""
+                if version.startswith("HTTP/"):
+                    attrs[s.NETWORK_PROTOCOL_VERSION] = version[5:]
+            if error_type is not None:
+                attrs[s.ERROR_TYPE] = error_type
+                span.set_status(Status(StatusCode.ERROR, error_type if error else None))
+            if attrs:
+                span.set_attributes(attrs)
+            span.end()
+            metrics = self._metrics or self._get_metrics()
+            if metrics is not None and token.attrs is not None:
+                base = token.attrs
+                mattrs: dict[str, Any] = {
+                    s.HTTP_REQUEST_METHOD: base[s.HTTP_REQUEST_METHOD],
+                    s.SERVER_ADDRESS: base[s.SERVER_ADDRESS],
+                    s.SERVER_PORT: base[s.SERVER_PORT],
+                }
+                if status is not None:
+                    mattrs[s.HTTP_RESPONSE_STATUS_CODE] = status
+                if error_type is not None:
+                    mattrs[s.ERROR_TYPE] = error_type
+                metrics.client_duration.record(time.perf_counter() - token.started, mattrs)
+
+    def call_end(self, ctx: DecisionContext) -> None:
+        """An outbound call made outside any request finished (its context is the
+        transport's own): count its decisions, which no `end` will see."""
+        metrics = self._metrics or self._get_metrics()
+        if metrics is None:
+            return
+        self._observe_engine(ctx)
+        for d in ctx.decisions:
+            metrics.record_decision(d)
+            if d.layer == LAYER_BREAKER:
+                self._note_breaker(d)
+
+    # ------------------------------------------------------------ privacy
+
+    def hash_client_key(self, key: str) -> str:
+        """The keyed BLAKE2b hash (16 hex chars) exported instead of a client key."""
+        cached = self._key_hashes.get(key)
+        if cached is None:
+            cached = hashlib.blake2b(
+                key.encode("utf-8", "surrogateescape"), key=self._salt, digest_size=8
+            ).hexdigest()
+            if len(self._key_hashes) >= _MAX_CACHED:
+                self._key_hashes.clear()
+            self._key_hashes[key] = cached
+        return cached
+
+    # ------------------------------------------------------------ breaker gauge
+
+    def _observe_engine(self, ctx: DecisionContext) -> None:
+        engine = ctx.engine
+        last = self._last_engine
+        if last is None or last() is not engine:
+            self._engines.add(engine)
+            self._last_engine = weakref.ref(engine)
+
+    def _note_breaker(self, d: Decision) -> None:
+        state = _state_of(d)
+        if state is None and d.verdict == GIVE_UP and d.reason == "breaker_open":
+            state = "open"
+        if state is None and d.verdict == SHED:
+            state = "open"
+        if state is None:
+            return
+        seen = self._seen_breakers
+        if d.subject in seen or len(seen) < _MAX_SUBJECTS:
+            seen[d.subject] = state
+
+    def breaker_observations(self) -> list[Observation]:
+        """One observation per breaker and state: 1 for its current state, 0 otherwise.
+
+        Memory stores are read directly (their state is authoritative); for
+        other stores the state last revealed by a decision is reported.
+        """
+        states: dict[tuple[str, str], str] = {}
+        for engine in list(self._engines):
+            breakers = getattr(engine.store, "breakers", None)
+            if not isinstance(breakers, Mapping):
+                continue
+            try:
+                items = list(breakers.items())
+            except RuntimeError:  # resized while copied by another thread
+                continue
+            for key, breaker in items:
+                kind, _, subject = str(key).partition(":")
+                state = getattr(breaker, "state", None)
+                if isinstance(state, str) and subject:
+                    states[(subject, "route" if kind == "route" else "upstream")] = state
+        known = {subject for subject, _ in states}
+        for subject, state in list(self._seen_breakers.items()):
+            if subject not in known:
+                states[(subject, "")] = state
+        out = []
+        for (subject, kind), state in states.items():
+            for candidate in _BREAKER_STATES:
+                attrs = {s.SUBJECT: subject, s.BREAKER_STATE: candidate}
+                if kind:
+                    attrs[s.BREAKER_SCOPE] = kind
+                out.append(Observation(1 if candidate == state else 0, attrs))
+        return out
+
+
+def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
+    """The decisions that led to this attempt: the trailing run for this upstream, back to
+    and including the retry layer's attempt decision (breaker probe, attempt/retry)."""
+    decisions = ctx.decisions
+    subject = _subject_of(url)
+    out: list[Decision] = []
+    for d in reversed(decisions):
+        if d.subject != subject or len(out) >= 8:
+            break
+        out.append(d)
+        if d.layer == LAYER_RETRY:
+            break
+    out.reverse()
+    return out
+
+
+def _httpx_instrumented() -> bool:
+    """Has opentelemetry-instrumentation-httpx patched httpx's own transports?"""
+    module = sys.modules.get("opentelemetry.instrumentation.httpx")
+    if module is None:
+        return False
+    instrumentor = getattr(module, "HTTPXClientInstrumentor", None)
+    if instrumentor is None:
+        return False
+    try:
+        return bool(instrumentor().is_instrumented_by_opentelemetry)
+    except Exception:
+        return False
+
+
+_VERSION: str | None = None
+
+
+def _version() -> str:
+    global _VERSION
+    if _VERSION is None:
+        from .. import __version__
+
+        _VERSION = __version__
+    return _VERSION

@@ -1,0 +1,69 @@
+"""Names of every attribute, event and metric fidelity_mw exports (docs/telemetry.md).
+
+Plain string constants, so tests, dashboards and docs share one spelling.
+HTTP names follow the stable OpenTelemetry HTTP semantic conventions.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ------------------------------------------------------------ span attributes (fidelity.*)
+
+DECIDED_BY: Final = "fidelity.decided_by"  # app | deadline | breaker | ratelimit
+OUTCOME: Final = "fidelity.outcome"  # served | failed | rejected | shed | expired | disconnected
+POLICY_VERSION: Final = "fidelity.policy.version"
+STALE_DECISIONS: Final = "fidelity.stale_decisions"
+ROUTE: Final = "fidelity.route"
+DECISION_COUNT: Final = "fidelity.decision_count"
+CLIENT_KEY_HASH: Final = "fidelity.client.key_hash"
+UPSTREAM_EXHAUSTED: Final = "fidelity.upstream_exhausted"
+INBOUND_ATTEMPT: Final = "fidelity.inbound_attempt"
+
+# ------------------------------------------------------------ the decision event
+
+DECISION_EVENT: Final = "fidelity.decision"
+LAYER: Final = "fidelity.layer"
+VERDICT: Final = "fidelity.verdict"
+REASON: Final = "fidelity.reason"
+SUBJECT: Final = "fidelity.subject"
+STATE_SOURCE: Final = "fidelity.state.source"
+STATE_AGE_MS: Final = "fidelity.state.age_ms"
+STATE_STALE: Final = "fidelity.state.stale"
+DETAIL_PREFIX: Final = "fidelity.detail."
+# on a CLIENT span we did not start (httpx instrument_client's), one per attempt
+ATTEMPT_EVENT: Final = "fidelity.attempt"
+
+# ------------------------------------------------------------ HTTP semantic conventions
+
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_REQUEST_METHOD_ORIGINAL: Final = "http.request.method_original"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
+HTTP_ROUTE: Final = "http.route"
+URL_FULL: Final = "url.full"
+URL_PATH: Final = "url.path"
+URL_SCHEME: Final = "url.scheme"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+NETWORK_PROTOCOL_VERSION: Final = "network.protocol.version"
+ERROR_TYPE: Final = "error.type"
+
+# ------------------------------------------------------------ metrics
+
+METRIC_DECISIONS: Final = "fidelity.decisions"
+METRIC_STATE_AGE: Final = "fidelity.state.age"
+METRIC_REQUESTS: Final = "fidelity.requests"
+METRIC_FAILURES: Final = "fidelity.failures"
+METRIC_BREAKER_STATE: Final = "fidelity.breaker.state"
+METRIC_RETRY_BUDGET: Final = "fidelity.retry_budget.usage"
+METRIC_CLIENT_DURATION: Final = "http.client.request.duration"
+
+# metric-only attributes
+FAILURE_CAUSE: Final = "fidelity.failure.cause"  # control | app
+BREAKER_STATE: Final = "fidelity.breaker.state"  # closed | open | half_open
+BREAKER_SCOPE: Final = "fidelity.breaker.scope"  # route | upstream
+BUDGET_RESULT: Final = "fidelity.retry_budget.result"  # drawn | exhausted
+
+CAUSE_CONTROL: Final = "control"
+CAUSE_APP: Final = "app"
