@@ -75,6 +75,7 @@ class StateMap:
     stack: list[StackEntry] = field(default_factory=list)
     clients: list[StackEntry] = field(default_factory=list)
     warnings: list[MapWarning] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,9 +101,10 @@ def _home(policy: Policy) -> _Home:
     st = policy.state
     url = st.url
     failure = {
-        "local": "decide on this process's own counters, marked `fallback`, age growing",
-        "open": "admit (fail open), the decision marked `fallback`",
-        "closed": "reject with 503 + Retry-After: 1 (fail closed)",
+        "local": "decide on process-local counters, marked `fallback` with age = time since "
+        "the last Redis reply; a background probe switches back",
+        "open": "admit (fail open), marked `fallback`",
+        "closed": "503 + Retry-After: 1 (fail closed)",
     }[st.on_error]
     if url.startswith("memory://"):
         return _Home(
@@ -113,24 +115,29 @@ def _home(policy: Policy) -> _Home:
         )
     if url.startswith("tiered+"):
         return _Home(
-            f"local cache of Redis at {redact_url(url[len('tiered+') :])}",
+            f"local slices of the fleet's quota, reconciled with Redis at "
+            f"{redact_url(url[len('tiered+') :])}",
             st.key_prefix,
-            f"up to {st.sync_interval_ms} ms: local-first, reconciled with Redis every "
-            f"{st.sync_interval_ms} ms",
+            f"up to {st.sync_interval_ms} ms (sync_interval_ms) behind the fleet",
             f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
         )
     return _Home(
         f"Redis at {redact_url(url)}",
         st.key_prefix,
-        "none: decided atomically in Redis on the server clock",
+        "about half a round trip: decided atomically in Redis on the server clock",
         f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
     )
 
 
-def _key(home: _Home, memory_key: str, redis_key: str) -> str:
+def _key(home: _Home, logical: str, *kinds: str) -> str:
+    """The memory key, or the Redis keys: `{prefix}:<kind>:H(<logical key>)`.
+
+    H is blake2b-128 in hex (state/redis.py): client input never shapes a key name,
+    and the `{prefix}` hash tag keeps a script's keys in one Redis Cluster slot.
+    """
     if home.prefix is None:
-        return memory_key
-    return f"{home.prefix}:{redis_key}"
+        return logical
+    return " + ".join(f"{{{home.prefix}}}:{kind}:H({logical})" for kind in kinds)
 
 
 # ---------------------------------------------------------------- policy -> layers
@@ -251,7 +258,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(b),
                 home.state,
-                _key(home, f"route:{name}", f"breaker:route:{name}"),
+                _key(home, f"route:{name}", "br", "bp"),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -268,7 +275,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(policy.breaker),
                 home.state,
-                _key(home, "route:{route}", "breaker:route:{route}"),
+                _key(home, "route:{route}", "br", "bp"),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -291,10 +298,12 @@ def layers_for(policy: Policy) -> list[Layer]:
                 + (
                     "from X-Forwarded-For/Forwarded only via trusted_proxies"
                     if lim.key == "client_ip"
+                    else f"{lim.key} (the client IP when absent)"
+                    if isinstance(lim.key, str) and lim.key.startswith("header:")
                     else str(lim.key if isinstance(lim.key, str) else "callable")
                 ),
                 limiter_state,
-                _key(home, f"{lim.name}|{{client}}", f"rl:{lim.name}|{{client}}"),
+                _key(home, f"{lim.name}|{{client}}", "rl"),
                 "FidelityMiddleware at admission, only when every limit admits "
                 "(a shed or rejected request consumes no quota)",
                 home.staleness,
@@ -335,7 +344,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "half-open admits limited probes",
                     _breaker_data(up.breaker),
                     home.state,
-                    _key(home, "upstream:{host[:port]}", "upstream:{host[:port]}"),
+                    _key(home, "upstream:{host[:port]}", "br", "bp"),
                     "FidelityTransport, after each attempt (upstream 429s never count)",
                     home.staleness,
                     home.on_failure,
@@ -369,7 +378,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 f"retries <= {r.budget_ratio:g} x requests + {r.budget_min_per_s:g}/s "
                 f"over {r.budget_window_s:g} s",
                 home.state,
-                _key(home, "budget:{host[:port]}", "budget:{host[:port]}"),
+                _key(home, "budget:{host[:port]}", "bu"),
                 "FidelityTransport: each request deposits, each retry withdraws",
                 home.staleness,
                 home.on_failure,
@@ -378,12 +387,28 @@ def layers_for(policy: Policy) -> list[Layer]:
     return rows
 
 
+def notes_for(policy: Policy) -> list[str]:
+    """What a reader of the map needs to know about where the state lives."""
+    url = policy.state.url
+    if url.startswith("memory://"):
+        return [
+            "memory state is per process: with N worker processes or replicas, each "
+            "counts on its own, so the fleet admits up to N x each rate and each "
+            "process trips its breakers alone. Use redis:// or tiered+redis:// to share.",
+        ]
+    return [
+        "Redis keys: H(x) is the blake2b-128 hex digest of x (client input never shapes a "
+        f"key name); {{{policy.state.key_prefix}}} is a Redis Cluster hash tag.",
+    ]
+
+
 def from_policy(policy: Policy, source: str) -> StateMap:
     return StateMap(
         source,
         policy.version,
         redact_url(policy.state.url),
         layers_for(policy),
+        notes=notes_for(policy),
     )
 
 
@@ -391,22 +416,33 @@ def from_policy(policy: Policy, source: str) -> StateMap:
 
 
 def load_target(target: str) -> tuple[ModuleType, Any]:
-    """Import `module:attr` (or `path/to/file.py:attr`); the current directory is importable."""
+    """Import `module:attr` (or `path/to/file.py:attr`); the current directory is importable.
+
+    A file under the current directory is imported under its dotted name
+    (`examples/app.py` -> `examples.app`), so class names read as in the code.
+    """
     module_part, _, attr = target.partition(":")
     attr = attr or "app"
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    cwd = Path.cwd()
+    if str(cwd) not in sys.path:
+        sys.path.insert(0, str(cwd))
     module: ModuleType
     if module_part.endswith(".py"):
-        path = Path(module_part)
-        name = "_fidelity_map_" + re.sub(r"\W", "_", str(path.with_suffix("")))
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {module_part}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        path = Path(module_part).resolve()
+        try:
+            dotted = ".".join(path.relative_to(cwd).with_suffix("").parts)
+        except ValueError:
+            dotted = ""
+        if dotted and all(part.isidentifier() for part in dotted.split(".")):
+            module = importlib.import_module(dotted)
+        else:
+            name = path.stem if path.stem.isidentifier() else "fidelity_map_target"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {module_part}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
     else:
         module = importlib.import_module(module_part)
     obj: Any = module
@@ -666,8 +702,9 @@ def _inspect_clients(
                         MapWarning(
                             "overlap-retry",
                             where,
-                            f"FidelityTransport and {'; '.join(retrying)} both retry: "
-                            "attempts multiply and the inner retries ignore the budget, "
+                            f"both FidelityTransport and the transport it wraps "
+                            f"({'; '.join(retrying)}) retry: attempts multiply, and the "
+                            "inner retries ignore the budget, "
                             "the breaker and the deadline. Use a plain transport inside "
                             "FidelityTransport.",
                         )
@@ -754,6 +791,7 @@ def from_app(target: str) -> StateMap:
         layers_for(policy) if policy else [],
         walk.stack,
         clients,
+        notes=notes_for(policy) if policy else [],
     )
     warnings: list[MapWarning] = []
     if not policies:
@@ -828,6 +866,8 @@ def render_text(smap: StateMap) -> str:
         out.append(f"policy:  version {smap.policy_version}")
     if smap.state_url:
         out.append(f"state:   {smap.state_url}")
+    for note in smap.notes:
+        out.append(f"note:    {note}")
     if smap.stack:
         out += ["", "MIDDLEWARE STACK (outermost first)"]
         for e in smap.stack:
@@ -927,7 +967,8 @@ def render_mermaid(smap: StateMap) -> str:
         lines.append("  out_retry -.-> store")
         hosts = sorted({r.subject.removeprefix("upstream ") for r in outbound})
         for i, host in enumerate(hosts):
-            lines.append(f"  up{i}[{_mermaid_label(host)}]")
+            label = "any other host" if host == "*" else host
+            lines.append(f"  up{i}[{_mermaid_label(label)}]")
             lines.append(f"  out_retry --> up{i}")
     for i, c in enumerate(smap.clients):
         if c.role == "retry":
@@ -946,6 +987,8 @@ def render_markdown(smap: StateMap) -> str:
     if smap.policy_version:
         out.append(f"Policy version `{smap.policy_version}`, state `{smap.state_url}`.")
         out.append("")
+    for note in smap.notes:
+        out += [f"> {note}", ""]
     out += ["```mermaid", render_mermaid(smap), "```", ""]
     if smap.stack:
         out += ["## Middleware stack (outermost first)", "", "| # | middleware | role | note |"]
