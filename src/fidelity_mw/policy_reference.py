@@ -1,0 +1,352 @@
+"""The policy key reference (docs/policy.md), generated from the dataclasses themselves.
+
+Type, default and allowed range come from each field's annotation, default and
+validation check (`_spec(default, check)` in policy.py), so they cannot drift
+from what `Policy` accepts. Only the one-line descriptions are written by
+hand, here; `tests/test_docs.py` fails when a field has none, when a
+description names a key that no longer exists, and when docs/policy.md is not
+the current output of `render_markdown()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .policy import (
+    BreakerConfig,
+    DeadlineConfig,
+    Policy,
+    RateLimit,
+    RetryConfig,
+    RouteConfig,
+    StateConfig,
+    UpstreamConfig,
+)
+
+# (heading, TOML table path, class, note). Nested tables come after their parent.
+SECTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("Top level", "", Policy, ""),
+    (
+        "`[state]`",
+        "state",
+        StateConfig,
+        "Where counters live; what to do when they cannot be read.",
+    ),
+    (
+        "`[deadline]`",
+        "deadline",
+        DeadlineConfig,
+        "How much time a request has left, read from the caller or defaulted.",
+    ),
+    (
+        "`[[rate_limit]]`",
+        "rate_limit",
+        RateLimit,
+        "One table per limit. Every limit whose `match` (and `methods`) fits a request "
+        "must admit it; a rejection names the limit that clears last.",
+    ),
+    (
+        "`[breaker]`",
+        "breaker",
+        BreakerConfig,
+        "The inbound circuit breaker, one per route. `breaker = false` (or `enabled = "
+        "false` in the table) turns it off. The same keys configure `[route.breaker]` "
+        "and `[upstream.breaker]`.",
+    ),
+    (
+        "`[[route]]`",
+        "route",
+        RouteConfig,
+        "Per-route overrides, first match wins. A route also names the breaker a request "
+        "counts against: requests no route matches use the framework's route template.",
+    ),
+    (
+        "`[[upstream]]`",
+        "upstream",
+        UpstreamConfig,
+        "Outbound policy for `FidelityTransport`, by host glob, first match wins; hosts no "
+        "entry matches get the defaults below.",
+    ),
+    (
+        "`[upstream.retry]`",
+        "upstream.retry",
+        RetryConfig,
+        "Written as a table under its `[[upstream]]` or inline: "
+        "`retry = { attempts = 3, base_ms = 100 }`.",
+    ),
+)
+
+# Fields whose value is another section, not a scalar key of this one.
+_NESTED = {
+    (Policy, "state"),
+    (Policy, "deadline"),
+    (Policy, "rate_limits"),
+    (Policy, "breaker"),
+    (Policy, "routes"),
+    (Policy, "upstreams"),
+    (UpstreamConfig, "retry"),
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    # top level
+    "version": "Schema version of the file. Only 1 exists.",
+    "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
+    'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
+    "is the client.",
+    "trusted_peers": "Callers whose `x-fidelity-retry: exhausted` signal is honoured "
+    "(and to whom ours is sent). Private and loopback networks by default.",
+    "rate_limit_headers": "When responses carry the IETF `RateLimit` / `RateLimit-Policy` "
+    "fields: on every limited response, only on 429s, or never.",
+    # [state]
+    "state.url": "`memory://` (process memory), `redis://`, `rediss://`, `unix://` "
+    "(one Redis, exact fleet-wide), `tiered+redis://` / `tiered+rediss://` "
+    "(local-first, reconciled with Redis).",
+    "state.on_error": "When Redis errors or times out: `local` decides on process-local "
+    "state (marked `fallback`), `open` admits, `closed` answers 503.",
+    "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
+    "state.connect_timeout_ms": "Redis connect timeout.",
+    "state.pool_size": "Redis connection pool size (bounded, blocking).",
+    "state.max_keys": "Process-memory bound on limiter keys; idle keys are evicted first.",
+    "state.sync_interval_ms": "Tiered state: how often local counts are reconciled with "
+    "Redis, which is also their staleness bound.",
+    "state.key_prefix": "Prefix of every Redis key (`{prefix}:rl:...`); also the Redis "
+    "Cluster hash tag, so no braces.",
+    # [deadline]
+    "deadline.header": "Request headers read, in order, for the caller's remaining time "
+    "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
+    "deadline.default_ms": "Deadline of a request that sends none. Leave it out for no "
+    "default deadline.",
+    "deadline.max_ms": "Longest deadline a caller may ask for; defaults to `default_ms`. "
+    "Callers can shorten their deadline, not extend it.",
+    # [[rate_limit]]
+    "rate_limit.name": "Unique name; keys the counters and appears in `RateLimit-Policy`.",
+    "rate_limit.rate": "Sustained rate: `N/s`, `N/min`, `N/h`, `N/d`, or a multiple such as "
+    "`5/10min`.",
+    "rate_limit.burst": "Bucket size: how many requests may arrive at once. Defaults to the "
+    "N of `rate`.",
+    "rate_limit.cost": "Tokens one request takes. Must not exceed the burst.",
+    "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
+    "IP when absent), `route`, `global`; a callable in Python.",
+    "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
+    "`?` one character.",
+    "rate_limit.methods": "Only these HTTP methods; leave it out for all.",
+    "rate_limit.shadow": "Decide and record (`would_reject`), never reject: try a limit on "
+    "real traffic first.",
+    # [breaker]
+    "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
+    "breaker.min_calls": "Calls the window must hold before the ratio counts.",
+    "breaker.window_s": "Length of the sliding window (10 buckets).",
+    "breaker.open_s": "How long it stays open before admitting probes.",
+    "breaker.open_jitter": "Random spread of `open_s` (0.2 = ±20 %), so replicas do not "
+    "probe in lockstep.",
+    "breaker.half_open_probes": "Probes admitted at once while half-open; one success "
+    "closes, one failure re-opens.",
+    "breaker.probe_lease_s": "A probe that never reports frees its slot after this long.",
+    "breaker.slow_call_ms": "Calls at least this slow count as slow. Set with "
+    "`slow_call_ratio`, or neither.",
+    "breaker.slow_call_ratio": "Opens when slow calls / calls in the window reach this ratio.",
+    "breaker.consecutive_failures": "Also opens after this many failures in a row, whatever "
+    "the window holds: for low-traffic routes.",
+    "breaker.failure_statuses": 'Response statuses that count as failures (`"5xx"` '
+    "classes allowed). Exceptions always do; the limiter's 429s and client disconnects "
+    "never do.",
+    # [[route]]
+    "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
+    "route.methods": "Only these HTTP methods; leave it out for all.",
+    "route.name": "Name of the route in decisions, traces and breaker keys; defaults to `match`.",
+    "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
+    "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
+    "route's own breaker.",
+    # [[upstream]]
+    "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
+    "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
+    "upstream.attempt_timeout_ms": "Timeout of one attempt; the remaining deadline shortens it.",
+    # [upstream.retry]
+    "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
+    "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
+    "min(max_ms, base_ms * 2^n).",
+    "upstream.retry.max_ms": "Backoff cap. Not below `base_ms`.",
+    "upstream.retry.jitter": "`full`: uniform in [0, envelope]; `equal`: [envelope/2, "
+    "envelope]; `decorrelated`: [base, 3 x previous]; `none`: the envelope.",
+    "upstream.retry.budget_ratio": "Retries allowed as a fraction of requests over the "
+    "budget window (0.2 = 20 %).",
+    "upstream.retry.budget_min_per_s": "Retries per second always allowed on top of the "
+    "ratio, so low traffic can still retry.",
+    "upstream.retry.budget_window_s": "Window of the retry budget.",
+    "upstream.retry.retry_after_max_s": "Longest upstream `Retry-After` honoured; longer "
+    "ones give up at once. Never waits past the deadline.",
+    "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed).',
+    "upstream.retry.on_connect_error": "Retry when the connection could not be made.",
+    "upstream.retry.on_read_timeout": "Retry on read timeouts and network errors after "
+    "connecting (the request may have been processed: idempotent requests only, as always).",
+    "upstream.retry.on_429": "Retry an upstream 429 that carries `Retry-After`, after it.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDoc:
+    table: str
+    key: str
+    type: str
+    default: str
+    allowed: str
+    description: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.table}.{self.key}" if self.table else self.key
+
+
+def _closure(check: Callable[..., Any]) -> dict[str, Any]:
+    cells = check.__closure__ or ()
+    return dict(zip(check.__code__.co_freevars, (c.cell_contents for c in cells), strict=True))
+
+
+def _num(value: float) -> str:
+    """TOML-style numbers: 86_400_000, 0.5."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{value:,}".replace(",", "_") if isinstance(value, int) else f"{value:g}"
+
+
+def describe_check(check: Callable[..., Any] | None) -> str:
+    """The allowed values, read from a validation check of policy.py."""
+    if check is None:
+        return "see description"
+    name = check.__qualname__
+    env = _closure(check)
+    if name.startswith("optional."):
+        return describe_check(env["check"]) + "; or leave out"
+    if name.startswith("int_in."):
+        lo, hi = env["lo"], env["hi"]
+        if lo == hi:
+            return _num(lo)
+        return f"{_num(lo)} .. {_num(hi)}" if hi is not None else f">= {_num(lo)}"
+    if name.startswith("number_in."):
+        lo, hi, lo_open = env["lo"], env["hi"], env["lo_open"]
+        low = f"> {_num(lo)}" if lo_open else f">= {_num(lo)}"
+        return f"{low}, <= {_num(hi)}" if hi is not None else low
+    if name.startswith("one_of."):
+        return ", ".join(f'`"{c}"`' for c in env["allowed"])
+    if name.startswith(("_instance.", "_items.")):
+        return "table" if name.startswith("_instance.") else "array of tables"
+    fixed = {
+        "boolean": "`true` or `false`",
+        "non_empty_str": "non-empty string",
+        "_cidrs": 'IP networks such as `"10.0.0.0/8"`',
+        "_header_names": "non-empty list of header names",
+        "_methods": "HTTP methods (GET, POST, ...)",
+        "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
+        "_glob": "non-empty glob (`*` any run of characters, `?` one)",
+        "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
+        "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
+    }
+    if name in fixed:
+        return fixed[name]
+    raise ValueError(f"policy_reference cannot describe the check {name!r}: teach describe_check")
+
+
+_TYPES = {
+    "str": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+    "int | None": "integer",
+    "float | None": "number",
+    "str | None": "string",
+    "tuple[str, ...]": "array of strings",
+    "tuple[str, ...] | None": "array of strings",
+    "tuple[int, ...]": "array of integers / strings",
+    "str | KeyFunc": "string",
+    "bool | BreakerConfig": "boolean or table",
+    "BreakerConfig | None": "table or `false`",
+    "RetryConfig": "table",
+}
+
+
+def describe_type(annotation: object) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if text.startswith("Literal["):
+        return "string"
+    if text in _TYPES:
+        return _TYPES[text]
+    raise ValueError(f"policy_reference cannot describe the type {text!r}: teach describe_type")
+
+
+def toml_value(value: Any) -> str:
+    """A default as it would be written in TOML."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f"`{json.dumps(value)}`"
+    if isinstance(value, int):
+        return f"`{_num(value)}`"
+    if isinstance(value, float):
+        return f"`{value}`"
+    if isinstance(value, BreakerConfig):
+        return "a breaker with the default values above"
+    if dataclasses.is_dataclass(value):
+        return "table, defaults below"
+    if isinstance(value, tuple | frozenset):
+        items = sorted(value) if isinstance(value, frozenset) else list(value)
+        if items and items == list(range(500, 600)):
+            return '`["5xx"]`'
+        return f"`{json.dumps(items)}`"
+    raise ValueError(f"cannot write {value!r} as TOML")
+
+
+def _scalar_fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
+    for f in dataclasses.fields(cls):
+        if f.init and (cls, f.name) not in _NESTED:
+            yield f
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every key of every section, with its description; raises if one is undocumented."""
+    rows: list[KeyDoc] = []
+    missing: list[str] = []
+    for _, table, cls, _ in SECTIONS:
+        # `version` opens a file: list it first.
+        fields = sorted(_scalar_fields(cls), key=lambda f: f.metadata.get("toml") != "version")
+        for f in fields:
+            key = f.metadata.get("toml", f.name)
+            path = f"{table}.{key}" if table else key
+            desc = DESCRIPTIONS.get(path)
+            if desc is None:
+                missing.append(path)
+                continue
+            allowed = describe_check(f.metadata.get("check"))
+            if f.default is not None:  # None is not the default: TOML reaches it with `false`
+                allowed = allowed.replace("; or leave out", "; or `false` for none")
+            rows.append(
+                KeyDoc(table, key, describe_type(f.type), toml_value(f.default), allowed, desc)
+            )
+    stale = sorted(set(DESCRIPTIONS) - {r.path for r in rows} - set(missing))
+    if missing or stale:
+        raise ValueError(
+            f"policy reference out of date: undocumented {missing}, described but unknown {stale}"
+        )
+    return rows
+
+
+def render_markdown() -> str:
+    """The key tables of docs/policy.md."""
+    rows = key_docs()
+    out: list[str] = []
+    for heading, table, _, note in SECTIONS:
+        out += [f"### {heading}", ""]
+        if note:
+            out += [note, ""]
+        out += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for r in rows:
+            if r.table == table:
+                cells = (f"`{r.key}`", r.type, r.default, r.allowed, r.description)
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
