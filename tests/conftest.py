@@ -6,6 +6,8 @@ import pytest
 
 from fidelity_mw.testing import FakeClock, seeded_random
 
+pytest_plugins = ["redis_server"]  # real redis-server / cluster fixtures (tests/redis_server.py)
+
 
 @pytest.fixture
 def clock() -> FakeClock:

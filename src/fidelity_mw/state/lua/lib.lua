@@ -1,0 +1,281 @@
+-- fidelity_mw shared Lua library. The loader prepends this file to every
+-- entry script (admit.lua, record.lua, sync.lua, budget.lua), so each script
+-- is self-contained for EVALSHA. Ports of fidelity_mw.ratelimit.gcra and
+-- fidelity_mw.breaker.BreakerState: keep them in step with the Python.
+--
+-- Time is the server's TIME (seconds, float): one clock for the whole fleet.
+-- Floats cross the wire as strings ("%.17g"): a Lua number returned to
+-- Redis is truncated to an integer.
+
+local SLACK = 1e-6
+local BUCKETS = 10
+
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function ttl_ms(seconds)
+  local ms = math.ceil(seconds * 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  return ms
+end
+
+-- ------------------------------------------------------------------ GCRA
+
+-- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
+local function gcra(tat, now, interval, tol, cost)
+  local base = tat
+  if now > base then
+    base = now
+  end
+  local new_tat = base + cost * interval
+  local allow_at = new_tat - tol
+  if allow_at - now > SLACK * interval then
+    local remaining = math.floor((tol - (base - now)) / interval + SLACK)
+    if remaining < 0 then
+      remaining = 0
+    end
+    return false, tat, remaining, base - now, allow_at - now
+  end
+  local remaining = math.floor((tol - (new_tat - now)) / interval + SLACK)
+  if remaining < 0 then
+    remaining = 0
+  end
+  return true, new_tat, remaining, new_tat - now, 0
+end
+
+local function tat_of(key, now)
+  local v = redis.call('GET', key)
+  if v then
+    return tonumber(v) or now
+  end
+  return now
+end
+
+local function store_tat(key, tat, now)
+  redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now))
+end
+
+-- ------------------------------------------------------------------ breaker
+
+-- Breaker config as it travels in ARGV (9 values, see BREAKER_ARGS in redis.py):
+-- failure_ratio, min_calls, window_s, open_s, open_jitter, half_open_probes,
+-- probe_lease_s, slow_call_ratio (-1: off), consecutive_failures (0: off)
+local function read_config(argv, i)
+  local c = {
+    failure_ratio = tonumber(argv[i]),
+    min_calls = tonumber(argv[i + 1]),
+    window_s = tonumber(argv[i + 2]),
+    open_s = tonumber(argv[i + 3]),
+    open_jitter = tonumber(argv[i + 4]),
+    probes = tonumber(argv[i + 5]),
+    lease = tonumber(argv[i + 6]),
+    slow_ratio = tonumber(argv[i + 7]),
+    consecutive = tonumber(argv[i + 8]),
+  }
+  c.bucket_s = c.window_s / BUCKETS
+  -- Keep the state long enough that no live call can outlast it (its epoch
+  -- must still mean something when it reports), at least an hour.
+  local keep = 2 * (c.window_s + c.open_s * (1 + c.open_jitter) + c.lease)
+  if keep < 3600 then
+    keep = 3600
+  end
+  c.keep_ms = ttl_ms(keep)
+  return c, i + 9
+end
+
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w' }
+
+local function br_load(hkey, pkey, cfg)
+  local v = redis.call('HMGET', hkey, unpack(FIELDS))
+  local b = {
+    hkey = hkey,
+    pkey = pkey,
+    cfg = cfg,
+    st = v[1] or 'closed',
+    ep = tonumber(v[2]) or 0,
+    ou = tonumber(v[3]) or 0,
+    oa = tonumber(v[4]) or 0,
+    co = tonumber(v[5]) or 0,
+    be = tonumber(v[6]) or 0,
+    np = tonumber(v[7]) or 1,
+    w = {},
+    dirty = false,
+  }
+  if v[8] then
+    for n in string.gmatch(v[8], '[^,]+') do
+      b.w[#b.w + 1] = tonumber(n)
+    end
+  end
+  if #b.w ~= 3 * BUCKETS then
+    b.w = {}
+    for j = 1, 3 * BUCKETS do
+      b.w[j] = 0
+    end
+  end
+  return b
+end
+
+local function br_save(b)
+  if not b.dirty then
+    return
+  end
+  redis.call('HSET', b.hkey,
+    'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
+    'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','))
+  redis.call('PEXPIRE', b.hkey, b.cfg.keep_ms)
+  if redis.call('EXISTS', b.pkey) == 1 then
+    redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
+  end
+  b.dirty = false
+end
+
+local function br_clear_window(b)
+  for j = 1, 3 * BUCKETS do
+    b.w[j] = 0
+  end
+end
+
+local function br_rotate(b, now)
+  if now < b.be then
+    return
+  end
+  local bs = b.cfg.bucket_s
+  local steps = math.floor((now - b.be) / bs) + 1
+  if steps >= BUCKETS then
+    br_clear_window(b)
+  else
+    for _ = 1, steps do
+      for j = 1, 3 * (BUCKETS - 1) do
+        b.w[j] = b.w[j + 3]
+      end
+      local last = 3 * (BUCKETS - 1)
+      b.w[last + 1] = 0
+      b.w[last + 2] = 0
+      b.w[last + 3] = 0
+    end
+  end
+  if b.be == 0 then
+    b.be = now + bs
+  else
+    b.be = b.be + steps * bs
+  end
+  b.dirty = true
+end
+
+local function br_transition(b, state, now, u)
+  b.st = state
+  b.ep = b.ep + 1
+  redis.call('DEL', b.pkey)
+  if state == 'open' then
+    local spread = b.cfg.open_jitter * (2.0 * u - 1.0)
+    b.oa = now
+    b.ou = now + b.cfg.open_s * (1.0 + spread)
+  elseif state == 'closed' then
+    b.co = 0
+    br_clear_window(b)
+  end
+  b.dirty = true
+end
+
+local function br_should_open(b, now)
+  local cfg = b.cfg
+  if cfg.consecutive > 0 and b.co >= cfg.consecutive then
+    return true
+  end
+  br_rotate(b, now)
+  local calls, failures, slow = 0, 0, 0
+  for j = 1, 3 * BUCKETS, 3 do
+    calls = calls + b.w[j]
+    failures = failures + b.w[j + 1]
+    slow = slow + b.w[j + 2]
+  end
+  if calls < cfg.min_calls then
+    return false
+  end
+  if failures >= cfg.failure_ratio * calls then
+    return true
+  end
+  return cfg.slow_ratio >= 0 and slow >= cfg.slow_ratio * calls
+end
+
+-- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
+local function br_gate(b, now, u)
+  if b.st == 'closed' then
+    return 'allow', 'closed', b.ep, 0, 0
+  end
+  if b.st == 'open' then
+    if now < b.ou then
+      return 'reject', 'open', b.ep, b.ou - now, 0
+    end
+    br_transition(b, 'half_open', now, u)
+  end
+  local lease = b.cfg.lease
+  redis.call('ZREMRANGEBYSCORE', b.pkey, '-inf', fmt(now - lease))
+  local inflight = redis.call('ZCARD', b.pkey)
+  if inflight < b.cfg.probes then
+    local id = b.np
+    b.np = b.np + 1
+    b.dirty = true
+    redis.call('ZADD', b.pkey, fmt(now), id)
+    redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
+    return 'probe', 'half_open', b.ep, 0, id
+  end
+  local oldest = redis.call('ZRANGE', b.pkey, 0, 0, 'WITHSCORES')
+  local wait = tonumber(oldest[2]) + lease - now
+  if wait > b.cfg.open_s then
+    wait = b.cfg.open_s
+  end
+  if wait < 0 then
+    wait = 0
+  end
+  return 'reject', 'half_open', b.ep, wait, 0
+end
+
+-- outcome: 's' success, 'f' failure, 'i' ignored. Returns the state afterwards.
+local function br_record(b, epoch, probe_id, outcome, slow, now, u)
+  if probe_id ~= 0 and redis.call('ZREM', b.pkey, probe_id) == 0 then
+    return b.st
+  end
+  if outcome == 'i' or epoch ~= b.ep then
+    return b.st
+  end
+  if b.st == 'half_open' then
+    if probe_id ~= 0 then
+      if outcome == 'f' or slow then
+        br_transition(b, 'open', now, u)
+      else
+        br_transition(b, 'closed', now, u)
+      end
+    end
+    return b.st
+  end
+  if b.st ~= 'closed' then
+    return b.st
+  end
+  br_rotate(b, now)
+  local last = 3 * (BUCKETS - 1)
+  b.w[last + 1] = b.w[last + 1] + 1
+  local failed = outcome == 'f'
+  if failed then
+    b.w[last + 2] = b.w[last + 2] + 1
+    b.co = b.co + 1
+  else
+    b.co = 0
+  end
+  if slow then
+    b.w[last + 3] = b.w[last + 3] + 1
+  end
+  b.dirty = true
+  if (failed or slow) and br_should_open(b, now) then
+    br_transition(b, 'open', now, u)
+  end
+  return b.st
+end

@@ -1,0 +1,537 @@
+"""Redis state: fleet-wide limits and breakers in Lua scripts, with explicit failure modes.
+
+One EVALSHA per inbound request: `admit.lua` decides the route breaker gate and
+every rate limit of the request atomically, on the server's clock (`TIME`),
+with the same semantics as `MemoryStore.admit_now` (all-or-nothing commit; a
+probe slot given back when a limit rejects). `record` is one call too, and is
+skipped when there is nothing to record.
+
+Keys (see docs/state.md): ``{prefix}:rl:<h>`` (GCRA TAT), ``{prefix}:br:<h>``
+(breaker hash), ``{prefix}:bp:<h>`` (probe leases), ``{prefix}:bu:<h>`` (retry
+budget), where ``<h>`` is blake2b-128 of the logical key: client input never
+shapes a key name, and the ``{prefix}`` hash tag puts every key of a script
+call in one Redis Cluster slot.
+
+The client is built explicitly: no client-side retries (redis-py 8 retries
+10 times by default), socket and connect timeouts from the policy, a bounded
+blocking pool. When Redis errors or times out, `on_error` decides:
+
+- ``local`` (default): decide on a process-local `MemoryStore`; decisions say
+  ``fallback`` with age = time since the last successful Redis reply;
+- ``open``: admit, marked ``fallback``;
+- ``closed``: raise `StateUnavailable`, which the middleware turns into a 503.
+
+While Redis is down no request waits for it: a background task probes it with
+PING under jittered exponential backoff and switches back on the first answer.
+
+Provenance: a decision from Redis has source ``redis`` and age = half the
+measured round trip, an estimate of the time since the server read the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.resources
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from .._types import Clock, RandomSource
+from ..breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..clock import SYSTEM_CLOCK
+from ..errors import PolicyError, StateUnavailable
+from ..policy import BreakerConfig, StateConfig
+from ..ratelimit import LimitVerdict
+from .base import InboundResult, LimitSpec, StateStore
+from .memory import MemoryStore
+
+logger = logging.getLogger("fidelity_mw.redis")
+
+SOURCE_REDIS: Final = "redis"
+SOURCE_FALLBACK: Final = "fallback"
+
+# Errors that mean "the state is unreachable right now" (as opposed to a bad
+# reply to one call): they switch the store to its failure mode until a probe
+# succeeds.
+_UNREACHABLE = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
+_CALL_ERRORS = (RedisError, OSError, TimeoutError)
+
+_OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
+
+# Probing an unreachable Redis: exponential backoff, equal jitter.
+PROBE_BASE_S: Final = 0.05
+PROBE_CAP_S: Final = 1.0
+
+_KEY_CACHE_MAX = 10_000
+
+
+# ---------------------------------------------------------------- scripts
+
+
+class Script(NamedTuple):
+    """One Lua entry script with the shared library prepended, and its SHA1."""
+
+    name: str
+    source: str
+    sha: str
+
+
+def load_script(name: str) -> Script:
+    """Read `lua/lib.lua` + `lua/<name>.lua` from the package (works from a wheel)."""
+    lua = importlib.resources.files("fidelity_mw.state").joinpath("lua")
+    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
+    entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    source = f"{lib}\n-- ---- {name}.lua\n{entry}"
+    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+
+ADMIT: Final = load_script("admit")
+RECORD: Final = load_script("record")
+SYNC: Final = load_script("sync")
+
+
+# ---------------------------------------------------------------- keys
+
+
+def hashed_key(prefix: str, kind: str, key: str) -> str:
+    """``{prefix}:<kind>:<32 hex>``: fixed shape whatever the client sent."""
+    digest = hashlib.blake2b(
+        key.encode("utf-8", "surrogateescape"), digest_size=16, person=b"fidelity_mw"
+    ).hexdigest()
+    return f"{{{prefix}}}:{kind}:{digest}"
+
+
+def check_prefix(prefix: str) -> None:
+    if "{" in prefix or "}" in prefix or not prefix.strip():
+        raise PolicyError.at(
+            "state.key_prefix",
+            f"{prefix!r} cannot be a key prefix: it becomes the Redis Cluster hash tag "
+            "`{prefix}`, so it must be non-empty and contain no braces",
+        )
+
+
+# ---------------------------------------------------------------- client
+
+
+RedisClient = Redis | RedisCluster
+
+
+def redis_url(url: str) -> tuple[str, bool]:
+    """Strip `tiered+` and our own `cluster=` query flag: (redis-py URL, cluster?)."""
+    if url.startswith("tiered+"):
+        url = url[len("tiered+") :]
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    cluster = False
+    kept = []
+    for name, value in query:
+        if name == "cluster":
+            cluster = value.lower() in ("1", "true", "yes", "on")
+        else:
+            kept.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), cluster
+
+
+def build_client(url: str, config: StateConfig) -> RedisClient:
+    """A redis-py asyncio client with no retries, policy timeouts and a bounded pool.
+
+    `redis://`, `rediss://` and `unix://` URLs; add `?cluster=true` for Redis
+    Cluster (TCP only).
+    """
+    plain, cluster = redis_url(url)
+    timeout = config.timeout_ms / 1000.0
+    connect_timeout = config.connect_timeout_ms / 1000.0
+    # Retry(NoBackoff(), 0): one attempt, no hidden retries, no backoff
+    # sleeps. (redis-py 8 defaults to 10 retries with exponential backoff.)
+    if cluster:
+        return RedisCluster.from_url(
+            plain,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=config.pool_size,
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+        )
+    kwargs: dict[str, Any] = dict(parse_url(plain))
+    pool = BlockingConnectionPool(
+        max_connections=config.pool_size,
+        timeout=timeout,  # waiting for a free connection counts as a timeout too
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        retry_on_error=[],
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout,
+        **kwargs,
+    )
+    return Redis(connection_pool=pool)
+
+
+# ---------------------------------------------------------------- health
+
+
+@dataclass
+class RedisStats:
+    """Counters for tests, benchmarks and `fidelity-mw map`."""
+
+    round_trips: int = 0  # script calls that reached Redis (incl. NOSCRIPT reloads)
+    script_loads: int = 0  # NOSCRIPT recoveries (EVAL of the full source)
+    errors: int = 0  # calls that failed
+    fallbacks: int = 0  # decisions made in the failure mode
+    dropped_records: int = 0  # outcomes not recorded because Redis was down
+    outages: int = 0
+    recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
+
+
+class Health:
+    """Is Redis reachable? Tracks the last good contact and probes while down."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.up = True
+        self.last_ok = clock.monotonic()  # before any contact: since the store started
+        self.down_since = 0.0
+        self.probe_task: asyncio.Task[None] | None = None
+
+
+# ---------------------------------------------------------------- the store
+
+
+def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
+    """The 9 breaker config values as `read_config` in lib.lua expects them."""
+    return (
+        cfg.failure_ratio,
+        cfg.min_calls,
+        cfg.window_s,
+        cfg.open_s,
+        cfg.open_jitter,
+        cfg.half_open_probes,
+        cfg.probe_lease_s,
+        cfg.slow_call_ratio if cfg.slow_call_ratio is not None else -1,
+        cfg.consecutive_failures or 0,
+    )
+
+
+def _local_epoch(epoch: int) -> int:
+    """Fallback gates carry negative epochs, so `record` knows where they came from."""
+    return -epoch - 1
+
+
+_OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
+
+
+class RedisStore(StateStore):
+    """Exact fleet-wide state: one script call per inbound request."""
+
+    source = SOURCE_REDIS
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        config: StateConfig | None = None,
+        rng: RandomSource | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if config is None:
+            config = StateConfig(url=url or "redis://127.0.0.1:6379/0")
+        self.config = config
+        self.url = url or config.url
+        check_prefix(config.key_prefix)
+        self.prefix = config.key_prefix
+        self.on_error = config.on_error
+        self._rng: RandomSource = rng or random.Random().random
+        self._clock: Clock = clock or SYSTEM_CLOCK
+        self.local = MemoryStore(max_keys=config.max_keys, rng=self._rng)
+        self.health = Health(self._clock)
+        self.stats = RedisStats()
+        self._client: RedisClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keys: dict[tuple[str, str], str] = {}
+        self._limit_args: dict[LimitSpec, tuple[float | int, ...]] = {}
+        self._breaker_args: dict[BreakerConfig, tuple[float | int, ...]] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def key(self, kind: str, key: str) -> str:
+        """The Redis key for a logical key (cached; the cache is bounded)."""
+        cached = self._keys.get((kind, key))
+        if cached is None:
+            if len(self._keys) >= _KEY_CACHE_MAX:
+                self._keys.clear()
+            cached = self._keys[(kind, key)] = hashed_key(self.prefix, kind, key)
+        return cached
+
+    def client(self) -> RedisClient:
+        """The client of the running event loop (connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = build_client(self.url, self.config)
+            self._loop = loop
+        return self._client
+
+    def breaker_config_args(self, cfg: BreakerConfig) -> tuple[float | int, ...]:
+        args = self._breaker_args.get(cfg)
+        if args is None:
+            args = self._breaker_args[cfg] = breaker_args(cfg)
+        return args
+
+    def limit_args(self, spec: LimitSpec) -> tuple[float | int, ...]:
+        args = self._limit_args.get(spec)
+        if args is None:
+            if len(self._limit_args) >= _KEY_CACHE_MAX:
+                self._limit_args.clear()
+            args = self._limit_args[spec] = (
+                spec.interval_s,
+                spec.tolerance_s,
+                spec.cost,
+                1 if spec.shadow else 0,
+            )
+        return args
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA; after NOSCRIPT (SCRIPT FLUSH, restart, failover) EVAL the source once.
+
+        EVAL both runs the script and puts it back in the server's cache, so
+        the next EVALSHA finds it. No error handling here: see `call`.
+        """
+        client = self.client()
+        try:
+            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.stats.script_loads += 1
+            self.stats.round_trips += 1
+            return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+    async def call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, float] | None:
+        """Run a script: (reply, age_s), or None when Redis is down or the call failed."""
+        health = self.health
+        if not health.up:
+            self._ensure_probe()
+            return None
+        clock = self._clock
+        started = clock.monotonic()
+        try:
+            reply = await self.evalsha(script, keys, args)
+        except _CALL_ERRORS as exc:
+            self._failed(exc)
+            return None
+        done = clock.monotonic()
+        health.last_ok = done
+        self.stats.round_trips += 1
+        return reply, (done - started) / 2.0
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if isinstance(exc, ResponseError) and not isinstance(exc, _UNREACHABLE):
+            # A bad reply to this call (a script error, OOM...): fall back for
+            # this request, but Redis itself answered.
+            logger.warning("fidelity_mw: redis replied with an error: %s", exc)
+            return
+        health = self.health
+        if health.up:
+            health.up = False
+            health.down_since = self._clock.monotonic()
+            self.stats.outages += 1
+            logger.warning(
+                "fidelity_mw: redis unreachable (%s: %s); on_error=%s until it answers",
+                type(exc).__name__,
+                exc,
+                self.on_error,
+            )
+        self._ensure_probe()
+
+    def _ensure_probe(self) -> None:
+        health = self.health
+        if health.probe_task is None or health.probe_task.done():
+            health.probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        """PING with jittered exponential backoff until Redis answers."""
+        health = self.health
+        attempt = 0
+        while not health.up:
+            delay = min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(attempt, 16))
+            attempt += 1
+            await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
+            try:
+                await self.client().execute_command("PING")
+            except _CALL_ERRORS:
+                continue
+            now = self._clock.monotonic()
+            health.up = True
+            health.last_ok = now
+            self.stats.recoveries.append(now - health.down_since)
+            logger.warning(
+                "fidelity_mw: redis reachable again after %.3f s", now - health.down_since
+            )
+
+    def fallback_age(self) -> float:
+        return max(0.0, self._clock.monotonic() - self.health.last_ok)
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    # ------------------------------------------------------------ inbound
+
+    async def admit(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        has_breaker = breaker_key is not None and breaker is not None
+        keys: list[str] = []
+        args: list[Any] = ["1" if has_breaker else "0", self._rng(), len(limits)]
+        if breaker_key is not None and breaker is not None:
+            keys.append(self.key("br", breaker_key))
+            keys.append(self.key("bp", breaker_key))
+            args.extend(self.breaker_config_args(breaker))
+        for key, spec in zip(limit_keys, limits, strict=True):
+            keys.append(self.key("rl", key))
+            args.extend(self.limit_args(spec))
+        got = await self.call(ADMIT, keys, args)
+        if got is None:
+            return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+        reply, age = got
+        return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
+
+    def fallback_admit(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        """Decide without Redis, per `on_error`."""
+        self.stats.fallbacks += 1
+        age = self.fallback_age()
+        mode = self.on_error
+        if mode == "closed":
+            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+        if mode == "open":
+            gate = (
+                Gate("allow", CLOSED, _OPEN_EPOCH, 0.0)
+                if breaker_key is not None and breaker is not None
+                else None
+            )
+            verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
+            return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age)
+        result = self.local.admit_now(breaker_key, breaker, limit_keys, limits, now)
+        local_gate = result.gate
+        if local_gate is not None:
+            local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
+        return InboundResult(local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age)
+
+    async def record(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        if gate.epoch < 0:
+            # The gate came from the failure mode: record where it was decided.
+            if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
+                return gate.state
+            local = gate._replace(epoch=_local_epoch(gate.epoch))
+            return self.local.record_now(breaker_key, breaker, local, outcome, slow, now)
+        if outcome == IGNORED and not gate.probe_id:
+            return gate.state  # nothing would change: save the round trip
+        args = (
+            self._rng(),
+            gate.epoch,
+            gate.probe_id,
+            _OUTCOME_CODES.get(outcome, "i"),
+            1 if slow else 0,
+            *self.breaker_config_args(breaker),
+        )
+        keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
+        got = await self.call(RECORD, keys, args)
+        if got is None:
+            self.stats.dropped_records += 1
+            return gate.state
+        return _text(got[0][0])
+
+    async def breaker_gate(
+        self, breaker_key: str, breaker: BreakerConfig, now: float
+    ) -> tuple[Gate, str, float]:
+        result = await self.admit(breaker_key, breaker, (), (), now)
+        assert result.gate is not None
+        return result.gate, result.source, result.age_s
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        task = self.health.probe_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+                if isinstance(client, Redis):
+                    await client.aclose(close_connection_pool=True)
+                else:
+                    await client.aclose()
+
+
+# ---------------------------------------------------------------- replies
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_admit(
+    reply: Sequence[Any], has_breaker: bool, n_limits: int, source: str, age: float
+) -> InboundResult:
+    """Turn admit.lua's flat reply into an InboundResult."""
+    gate: Gate | None = None
+    if has_breaker:
+        gate = Gate(
+            _text(reply[1]),
+            _text(reply[2]),
+            int(reply[3]),
+            float(reply[4]),
+            int(reply[5]),
+        )
+        if gate.verdict == "reject":
+            return InboundResult(gate, (), False, source, age)
+    verdicts = tuple(
+        LimitVerdict(
+            reply[i] == 1,
+            0.0,
+            int(reply[i + 1]),
+            float(reply[i + 2]),
+            float(reply[i + 3]),
+        )
+        for i in range(7, 7 + 4 * n_limits, 4)
+    )
+    return InboundResult(gate, verdicts, reply[6] == 1, source, age)
