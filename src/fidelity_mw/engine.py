@@ -84,7 +84,10 @@ class RoutePlan:
         self.deadline_cap_s = deadline_cap_s
         self.policy_header: bytes | None = (
             ", ".join(
-                policy_field(lim.name, lim.burst_size, lim.period_s) for lim in limits
+                # q units per w seconds: the bucket size, and the time the rate takes
+                # to refill it: q/w never exceeds the sustained rate, whatever the burst.
+                policy_field(lim.name, lim.burst_size, lim.burst_size * lim.emission_interval_s)
+                for lim in limits
             ).encode("latin-1")
             if limits
             else None
