@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import re
@@ -555,22 +556,24 @@ def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
 
 
 def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
+    """Follow `.app` from middleware to middleware (the pure-ASGI convention)."""
     from .asgi import FidelityMiddleware
 
     node = app
     while node is not None and depth <= 64:
-        if hasattr(node, "user_middleware") and hasattr(node, "router") and node is not app:
-            _walk_app(node, walk, where, depth + 1)
-            return
+        if node is not app:
+            if id(node) in walk.seen:
+                return
+            if hasattr(node, "user_middleware") and hasattr(node, "router"):
+                _walk_app(node, walk, where, depth + 1)  # a nested Starlette/FastAPI app
+                return
+            walk.seen.add(id(node))
+        if hasattr(node, "routes") or inspect.isroutine(node):
+            return  # the router (or an endpoint function): the end of the middleware chain
         cls = type(node)
-        if not cls.__module__.startswith("starlette.routing") and not hasattr(node, "routes"):
-            policy = node.policy if isinstance(node, FidelityMiddleware) else None
-            walk.add(cls, where, policy)
-        nxt = getattr(node, "app", None)
-        if nxt is None or id(nxt) in walk.seen:
-            return
-        walk.seen.add(id(nxt))
-        node = nxt
+        policy = node.policy if isinstance(node, FidelityMiddleware) else None
+        walk.add(cls, where, policy)
+        node = getattr(node, "app", None)
         depth += 1
 
 
@@ -689,11 +692,10 @@ def _inspect_clients(
                     for t, (_, d, _) in zip(chain, roles, strict=True)
                 )
                 kinds = [r for r, _, _ in roles]
-                role = (
-                    "fidelity"
-                    if "fidelity" in kinds
-                    else ("retry" if "retry" in kinds else "other")
-                )
+                if "fidelity" in kinds:
+                    role = "fidelity+retry" if "retry" in kinds else "fidelity"
+                else:
+                    role = "retry" if "retry" in kinds else "other"
                 where = f"{var}{mount} ({type(obj).__name__})"
                 out.append(StackEntry(len(out) + 1, where, role, detail))
                 retrying = [d for r, d, _ in roles if r == "retry"]
@@ -971,10 +973,12 @@ def render_mermaid(smap: StateMap) -> str:
             lines.append(f"  up{i}[{_mermaid_label(label)}]")
             lines.append(f"  out_retry --> up{i}")
     for i, c in enumerate(smap.clients):
-        if c.role == "retry":
+        if c.role in ("retry", "fidelity+retry"):
             node = f"cl{i}"
-            lines.append(f"  {node}[{_mermaid_label(c.name + ' (retries)')}]")
-            lines.append(f"  app --> {node}")
+            inner = c.role == "fidelity+retry" and bool(outbound)
+            label = f"{c.name}: inner transport retries" if inner else f"{c.name} (retries)"
+            lines.append(f"  {node}[{_mermaid_label(label)}]")
+            lines.append(f"  {'out_retry' if inner else 'app'} --> {node}")
             foreign.append(node)
     if foreign:
         lines.append("  classDef overlap fill:#fde2e1,stroke:#c0392b,color:#000")

@@ -1,0 +1,185 @@
+"""The static audit: each pattern is found, each near-miss is not.
+
+The fixtures under tests/fixtures/audit mark every line that must be reported
+with `# expect: KIND`; any other reported line is a false positive.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fidelity_mw.audit import (
+    BREAKER,
+    LIMITER,
+    RETRY,
+    audit_paths,
+    audit_source,
+    iter_python_files,
+    parse_fail_on,
+)
+
+FIXTURES = Path("tests/fixtures/audit")
+EXPECT = re.compile(r"#\s*expect:\s*(\w+)")
+
+
+def expected_findings() -> set[tuple[str, int, str]]:
+    out = set()
+    for path in sorted(FIXTURES.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            m = EXPECT.search(line)
+            if m:
+                out.add((path.as_posix(), number, m.group(1)))
+    return out
+
+
+def test_fixture_tree_exactly_as_marked():
+    report = audit_paths([str(FIXTURES)])
+    got = {(f.file, f.line, f.kind) for f in report.findings}
+    expected = expected_findings()
+    assert got - expected == set(), "false positives"
+    assert expected - got == set(), "missed"
+    assert report.scanned == len(list(FIXTURES.rglob("*.py")))
+    assert report.skipped == []
+
+
+def test_near_misses_are_not_flagged():
+    report = audit_paths([str(FIXTURES / "clean")])
+    assert report.scanned == 1
+    assert report.findings == []
+
+
+def test_each_library_is_recognised():
+    report = audit_paths([str(FIXTURES)])
+    libraries = {f.library for f in report.findings}
+    assert libraries == {
+        "tenacity",
+        "backoff",
+        "stamina",
+        "urllib3",
+        "requests",
+        "httpx",
+        "httpx-retries",
+        "pybreaker",
+        "aiobreaker",
+        "circuitbreaker",
+        "purgatory",
+        "slowapi",
+        "limits",
+        "fastapi-limiter",
+        "hand-written",
+    }
+
+
+def test_findings_name_the_replacing_policy_key():
+    report = audit_paths([str(FIXTURES / "service")])
+    by_kind = {f.kind: f.replace_with for f in report.findings}
+    assert by_kind[RETRY].startswith("upstream[].retry")
+    assert by_kind[BREAKER].startswith("upstream[].breaker")
+    assert by_kind[LIMITER].startswith("rate_limit[]")
+
+
+def test_slowapi_decorator_gets_a_ready_rate_limit():
+    report = audit_paths([str(FIXTURES / "service" / "limiters.py")])
+    (finding,) = [f for f in report.findings if "@limiter.limit" in f.what]
+    assert finding.what == "slowapi @limiter.limit('5/minute') on search()"
+    assert finding.replace_with.endswith('e.g. { match = "/search", rate = "5/minute" }')
+
+
+def test_hand_written_loop_reports_the_loop_and_the_sleep():
+    source = (
+        "import time\n"
+        "def f(call):\n"
+        "    for i in range(3):\n"
+        "        try:\n"
+        "            return call()\n"
+        "        except OSError:\n"
+        "            time.sleep(i)\n"
+    )
+    (finding,) = audit_source(source, "x.py")
+    assert (finding.line, finding.kind, finding.library) == (3, RETRY, "hand-written")
+    assert finding.what == (
+        "for loop in f() retries a call: time.sleep(i) in an except branch (line 7)"
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # a loop that sleeps with no except: polling
+        "import time\nwhile True:\n    poll()\n    time.sleep(1)\n",
+        # an except that sleeps with no loop
+        "import time\ntry:\n    call()\nexcept OSError:\n    time.sleep(1)\n",
+        # no call inside the try
+        "import time\nfor x in xs:\n    try:\n        y = x\n    except KeyError:\n"
+        "        time.sleep(1)\n",
+        # a function called retry that is not a library's
+        "def retry(f):\n    return f\n\n@retry\ndef g():\n    pass\n",
+        "from mypkg.retry import retry\n\n@retry(3)\ndef g():\n    pass\n",
+        # retries explicitly off
+        "import httpx\nt = httpx.HTTPTransport(retries=0)\n",
+        "from requests.adapters import HTTPAdapter\na = HTTPAdapter(max_retries=0)\n",
+        # a limiter of our own, named like slowapi's
+        "class Limiter:\n    def limit(self, r):\n        return lambda f: f\n"
+        "limiter = Limiter()\n\n@limiter.limit('1/s')\ndef g():\n    pass\n",
+        # text that mentions libraries
+        "'''tenacity.retry and pybreaker.CircuitBreaker'''\nx = 'slowapi.Limiter'\n",
+    ],
+)
+def test_near_miss_sources(source: str):
+    assert audit_source(source) == []
+
+
+def test_aliases_are_resolved():
+    source = (
+        "import tenacity as t\nfrom pybreaker import CircuitBreaker as CB\n"
+        "@t.retry\ndef f():\n    pass\nb = CB()\n"
+    )
+    found = [(f.line, f.kind) for f in audit_source(source)]
+    assert found == [(3, RETRY), (6, BREAKER)]
+
+
+def test_nonliteral_retries_are_flagged():
+    (finding,) = audit_source("import httpx\nt = httpx.AsyncHTTPTransport(retries=N)\n")
+    assert finding.kind == RETRY
+    assert finding.library == "httpx"
+
+
+def test_ignore_pragma():
+    source = "import tenacity\n@tenacity.retry  # fidelity-mw: ignore\ndef f():\n    pass\n"
+    assert audit_source(source) == []
+
+
+def test_unparsable_files_are_skipped_not_fatal(tmp_path: Path):
+    (tmp_path / "ok.py").write_text("import stamina\n@stamina.retry(on=OSError)\ndef f(): ...\n")
+    (tmp_path / "broken.py").write_text("def (:\n")
+    report = audit_paths([str(tmp_path)])
+    assert report.scanned == 1
+    assert [f.line for f in report.findings] == [2]
+    assert len(report.skipped) == 1
+    assert report.skipped[0][0].endswith("broken.py")
+
+
+def test_excluded_directories(tmp_path: Path):
+    for d in (".venv", "node_modules", "pkg", "pkg/generated"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "m.py").write_text("x = 1\n")
+    files = [p.relative_to(tmp_path).as_posix() for p in iter_python_files([str(tmp_path)])]
+    assert files == ["pkg/m.py", "pkg/generated/m.py"]
+    files = [
+        p.relative_to(tmp_path).as_posix()
+        for p in iter_python_files([str(tmp_path)], ["*/generated"])
+    ]
+    assert files == ["pkg/m.py"]
+
+
+def test_parse_fail_on():
+    assert parse_fail_on("retry") == {RETRY}
+    assert parse_fail_on("retry, Breaker") == {RETRY, BREAKER}
+    assert parse_fail_on("any") == {RETRY, BREAKER, LIMITER}
+    with pytest.raises(ValueError, match="'retries' is not a kind"):
+        parse_fail_on("retries")
+    with pytest.raises(ValueError, match="no kinds"):
+        parse_fail_on(",")

@@ -1,0 +1,75 @@
+"""`fidelity-mw audit`: output, JSON, and exit codes usable in CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fidelity_mw.cli import main
+
+FIXTURES = "tests/fixtures/audit"
+
+
+def test_report_lines_name_file_line_kind_and_replacement(capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", FIXTURES]) == 0  # without --fail-on, findings never fail
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "tests/fixtures/audit/service/loops.py:11: retry: for loop in fetch() retries a call: "
+        "time.sleep(2 ** attempt) in an except branch (line 15) -> upstream[].retry "
+        "(attempts, base_ms, max_ms, jitter) via FidelityTransport"
+    ) in lines
+    assert (
+        "tests/fixtures/audit/service/breakers.py:11: breaker: pybreaker @payments_breaker "
+        "on charge() -> upstream[].breaker (outbound) or breaker / route[].breaker (inbound)"
+    ) in lines
+    assert lines[-1] == (
+        "31 finding(s) (15 retry, 9 breaker, 7 limiter) in 4 file(s); 5 file(s) scanned"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "code"),
+    [("retry", 1), ("breaker", 1), ("limiter", 1), ("any", 1), ("retry,limiter", 1)],
+)
+def test_fail_on_with_findings(fail_on: str, code: int, capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", FIXTURES, "--fail-on", fail_on]) == code
+
+
+def test_fail_on_only_counts_the_named_kinds(capsys: pytest.CaptureFixture[str]):
+    breakers = f"{FIXTURES}/service/breakers.py"
+    assert main(["audit", breakers, "--fail-on", "retry,limiter"]) == 0
+    assert main(["audit", breakers, "--fail-on", "breaker"]) == 1
+
+
+def test_clean_tree_passes_any(capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", f"{FIXTURES}/clean", "--fail-on", "any"]) == 0
+    assert capsys.readouterr().out == (
+        "0 finding(s) (0 retry, 0 breaker, 0 limiter) in 0 file(s); 1 file(s) scanned\n"
+    )
+
+
+def test_json(capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", "--json", "--fail-on", "breaker", f"{FIXTURES}/service"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["counts"] == {"retry": 15, "breaker": 9, "limiter": 7}
+    assert doc["fail_on"] == ["breaker"]
+    assert doc["scanned"] == 4
+    first = doc["findings"][0]
+    assert set(first) == {"file", "line", "kind", "library", "what", "replace_with"}
+    assert first["file"] == "tests/fixtures/audit/service/breakers.py"
+    assert first["line"] == 8
+
+
+def test_exclude(capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", FIXTURES, "--exclude", "*/service", "--fail-on", "any"]) == 0
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["audit", FIXTURES, "--fail-on", "retries"]) == 2
+    assert "'retries' is not a kind" in capsys.readouterr().err
+    missing = str(tmp_path / "nope")
+    assert main(["audit", missing]) == 2
+    assert f"{missing}: no such file or directory" in capsys.readouterr().err
+    assert main(["audit"]) == 2

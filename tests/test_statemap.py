@@ -1,0 +1,288 @@
+"""The layer and state map: what each layer decides, where its state lives, what overlaps."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fidelity_mw import Policy
+from fidelity_mw.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
+
+POLICY = {
+    "state": {"url": "memory://"},
+    "rate_limit": [{"name": "per-client", "match": "/api/*", "rate": "10/s"}],
+    "route": [{"name": "pay", "match": "/pay", "breaker": {"failure_ratio": 0.3}}],
+    "upstream": [{"host": "payments.internal"}],
+}
+
+
+def layer(smap: StateMap, direction: str, kind: str, subject: str) -> Layer:
+    (found,) = [
+        r
+        for r in smap.layers
+        if r.direction == direction and r.layer == kind and subject in r.subject
+    ]
+    return found
+
+
+def test_memory_policy_layers_and_keys():
+    smap = from_policy(Policy.from_dict(POLICY), "p.toml")
+    pay = layer(smap, "inbound", "breaker", "route pay")
+    assert pay.key == "route:pay"
+    assert pay.config == "route[0].breaker"
+    assert "failure ratio >= 0.3" in pay.data
+    assert pay.state.startswith("process memory")
+    assert pay.staleness == "none: exact for this process"
+    other = layer(smap, "inbound", "breaker", "every other route")
+    assert other.key == "route:{route}"
+    assert other.config == "breaker"
+    limit = layer(smap, "inbound", "ratelimit", "per-client")
+    assert limit.key == "per-client|{client}"
+    assert "at most 100000 keys" in limit.state
+    up_breaker = layer(smap, "outbound", "breaker", "payments.internal")
+    assert up_breaker.key == "upstream:{host[:port]}"
+    assert layer(smap, "outbound", "budget", "payments.internal").key == "budget:{host[:port]}"
+    # hosts no [[upstream]] matches get the defaults, and the map says so
+    assert layer(smap, "outbound", "retry", "upstream *").config == "(built-in defaults)"
+    assert any("per process" in note for note in smap.notes)
+
+
+def test_redis_policy_keys_staleness_and_failure_mode():
+    data = {**POLICY, "state": {"url": "redis://:hunter2@cache:6379/0", "on_error": "closed"}}
+    smap = from_policy(Policy.from_dict(data), "p.toml")
+    assert smap.state_url == "redis://:***@cache:6379/0"
+    assert "hunter2" not in json.dumps(smap.to_json())
+    limit = layer(smap, "inbound", "ratelimit", "per-client")
+    assert limit.key == "{fmw}:rl:H(per-client|{client})"
+    assert limit.staleness.startswith("about half a round trip")
+    assert "503 + Retry-After: 1 (fail closed)" in limit.on_failure
+    pay = layer(smap, "inbound", "breaker", "route pay")
+    assert pay.key == "{fmw}:br:H(route:pay) + {fmw}:bp:H(route:pay)"
+    assert any("blake2b-128" in note for note in smap.notes)
+
+
+def test_tiered_policy_staleness_is_the_sync_interval():
+    data = {**POLICY, "state": {"url": "tiered+redis://cache:6379", "sync_interval_ms": 50}}
+    smap = from_policy(Policy.from_dict(data), "p.toml")
+    limit = layer(smap, "inbound", "ratelimit", "per-client")
+    assert limit.staleness == "up to 50 ms (sync_interval_ms) behind the fleet"
+    assert "decide on process-local counters" in limit.on_failure
+
+
+def test_disabled_breaker_and_shadow_limit():
+    data = {
+        "route": [{"match": "/health", "breaker": False}],
+        "rate_limit": [{"name": "try", "rate": "1/s", "shadow": True}],
+        "breaker": False,
+    }
+    smap = from_policy(Policy.from_dict(data), "p.toml")
+    assert layer(smap, "inbound", "breaker", "/health").decides.startswith("nothing")
+    assert not [r for r in smap.layers if "every other route" in r.subject]
+    assert "never rejects (shadow)" in layer(smap, "inbound", "ratelimit", "try").decides
+
+
+def test_redact_url():
+    assert redact_url("rediss://user:pw@h:1/0") == "rediss://user:***@h:1/0"
+    assert redact_url("redis://h:6379") == "redis://h:6379"
+
+
+# ---------------------------------------------------------------- apps
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        if name.startswith(("mapped_", "fastapi_limiter")):
+            del sys.modules[name]
+
+
+def write_module(where: Path, name: str, source: str) -> None:
+    (where / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def kinds(smap: StateMap) -> list[str]:
+    return sorted(w.kind for w in smap.warnings)
+
+
+def test_example_app_has_one_owner_per_concern():
+    smap = from_app("examples/app.py:app")
+    assert [e.role for e in smap.stack] == ["fidelity"]
+    assert smap.warnings == []
+    (client,) = smap.clients
+    assert client.name == "payments (AsyncClient)"
+    assert client.role == "fidelity"
+    assert smap.policy_version == Policy.from_toml("examples/fidelity.toml").version
+
+
+def test_legacy_app_warns_about_every_overlap():
+    smap = from_app("examples.legacy_app:app")
+    assert [(e.name, e.role) for e in smap.stack] == [
+        ("examples.legacy_app.TimingMiddleware", "base_http"),
+        ("slowapi.middleware.SlowAPIMiddleware", "limiter"),
+        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+    ]
+    assert kinds(smap) == [
+        "base-http-middleware",
+        "overlap-limiter",
+        "overlap-limiter",
+        "overlap-retry",
+        "overlap-retry",
+        "redis-retries",
+    ]
+    by_where = {w.where: w.message for w in smap.warnings}
+    assert "runs before FidelityMiddleware" in by_where["slowapi.middleware.SlowAPIMiddleware"]
+    assert "examples.legacy_app.search" in by_where["app.state.limiter"]
+    assert "attempts multiply" in by_where["payments (AsyncClient)"]
+    assert "total=5" in by_where["inventory (AsyncClient)"]
+    assert "retries 10 times" in by_where["cache"]
+
+
+def test_plain_asgi_chain_and_built_stack(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_plain",
+        """
+        from starlette.applications import Starlette
+        from starlette.middleware.gzip import GZipMiddleware
+        from fidelity_mw import FidelityMiddleware, Policy
+
+        inner = Starlette()
+        inner.add_middleware(GZipMiddleware)
+        inner.build_middleware_stack()
+        inner.middleware_stack = inner.build_middleware_stack()
+        app = FidelityMiddleware(inner, policy=Policy.from_dict({"breaker": False}))
+        """,
+    )
+    smap = from_app("mapped_plain:app")
+    assert [(e.name, e.role) for e in smap.stack] == [
+        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+        ("starlette.middleware.gzip.GZipMiddleware", "framework"),
+    ]
+    assert smap.warnings == []
+    assert not [r for r in smap.layers if r.layer == "breaker" and r.direction == "inbound"]
+
+
+def test_missing_and_duplicate_fidelity(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_none",
+        """
+        from starlette.applications import Starlette
+        app = Starlette()
+        """,
+    )
+    smap = from_app("mapped_none:app")
+    assert kinds(smap) == ["no-fidelity"]
+    assert smap.layers == []
+    write_module(
+        app_dir,
+        "mapped_twice",
+        """
+        from starlette.applications import Starlette
+        from fidelity_mw import FidelityMiddleware
+        app = Starlette()
+        app.add_middleware(FidelityMiddleware)
+        app.add_middleware(FidelityMiddleware)
+        """,
+    )
+    assert kinds(from_app("mapped_twice:app")) == ["duplicate-fidelity"]
+
+
+def test_limiter_after_fidelity_and_named_like_a_limiter(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_order",
+        """
+        from starlette.applications import Starlette
+        from fidelity_mw import FidelityMiddleware
+
+        class ThrottleMiddleware:
+            def __init__(self, app):
+                self.app = app
+            async def __call__(self, scope, receive, send):
+                await self.app(scope, receive, send)
+
+        app = Starlette()
+        app.add_middleware(ThrottleMiddleware)
+        app.add_middleware(FidelityMiddleware)
+        """,
+    )
+    smap = from_app("mapped_order:app")
+    (warning,) = smap.warnings
+    assert warning.kind == "overlap-limiter"
+    assert "runs after FidelityMiddleware" in warning.message
+
+
+def test_fastapi_limiter_dependency_and_bypassing_client(app_dir: Path):
+    pkg = app_dir / "fastapi_limiter"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "depends.py").write_text(
+        "class RateLimiter:\n"
+        "    def __init__(self, times, seconds):\n"
+        "        self.times = times\n"
+        "    async def __call__(self):\n"
+        "        return None\n"
+    )
+    write_module(
+        app_dir,
+        "mapped_fastapi",
+        """
+        import httpx
+        from fastapi import Depends, FastAPI
+        from fastapi_limiter.depends import RateLimiter
+        from fidelity_mw import FidelityMiddleware, Policy
+
+        plain = httpx.Client()
+        app = FastAPI()
+        app.add_middleware(
+            FidelityMiddleware, policy=Policy.from_dict({"upstream": [{"host": "x"}]})
+        )
+
+        @app.get("/export", dependencies=[Depends(RateLimiter(times=2, seconds=5))])
+        async def export():
+            return {}
+        """,
+    )
+    smap = from_app("mapped_fastapi:app")
+    assert kinds(smap) == ["bypass", "overlap-limiter"]
+    by_kind = {w.kind: w for w in smap.warnings}
+    assert by_kind["overlap-limiter"].where == "route /export"
+    assert by_kind["bypass"].where == "plain (Client)"
+
+
+def test_redis_client_without_retries_is_quiet(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_redis",
+        """
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        from starlette.applications import Starlette
+        from fidelity_mw import FidelityMiddleware
+
+        quiet = redis.Redis(retry=Retry(NoBackoff(), 0))
+        app = Starlette()
+        app.add_middleware(FidelityMiddleware)
+        """,
+    )
+    smap = from_app("mapped_redis:app")
+    assert smap.warnings == []
+    (client,) = smap.clients
+    assert client.detail == "redis-py client, 0 retries (NoBackoff)"
+
+
+def test_build_dispatches_on_the_target(tmp_path: Path):
+    path = tmp_path / "p.toml"
+    path.write_text('[[rate_limit]]\nname = "a"\nrate = "1/s"\n')
+    assert build(str(path)).source == str(path)
+    assert build("examples/app.py:app").stack
