@@ -61,5 +61,17 @@ class CircuitOpen(FidelityError, httpx.TransportError):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(FidelityError, httpx.TimeoutException):
+    """An outbound call was not (re)tried because the request's deadline had passed.
+
+    It is an `httpx.TimeoutException`, so `except httpx.TimeoutException`
+    (or `httpx.TransportError`) catches it, like any other timeout.
+    """
+
+    def __init__(self, message: str, *, host: str) -> None:
+        super().__init__(message)
+        self.host = host
+
+
 class RetriesExhausted(FidelityError):
     """Marker base for give-ups that callers may want to tell apart (see docs/outbound.md)."""

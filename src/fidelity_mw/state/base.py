@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..breaker import Gate
-from ..policy import BreakerConfig
+from ..policy import BreakerConfig, RetryConfig
 from ..ratelimit import LimitVerdict
 
 
@@ -69,6 +69,42 @@ class StateStore(abc.ABC):
         self, breaker_key: str, breaker: BreakerConfig, now: float
     ) -> tuple[Gate, str, float]:
         """Gate one call on a breaker alone (outbound). Returns (gate, source, age_s)."""
+
+    # ------------------------------------------------------------ outbound retry budget
+    #
+    # One budget per upstream (key `budget:<host[:port]>`), arithmetic in
+    # `fidelity_mw.retry` (`BudgetWindow`, `budget_allows`): over a sliding
+    # window of `cfg.budget_window_s`, retries <= cfg.budget_ratio x requests
+    # + cfg.budget_min_per_s x cfg.budget_window_s. "Requests" are top-level
+    # outbound calls (first attempts), not retries.
+    #
+    # Sync twins: a store may also offer `budget_request_now` and
+    # `budget_try_retry_now` (and `gate_now` / `record_now`) with the same
+    # arguments and results, without the coroutine. `FidelitySyncTransport`
+    # uses them when present (MemoryStore has them); otherwise it runs the
+    # async method on the event loop of the thread pool that called it.
+
+    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        """Count one top-level outbound request to the upstream of `budget_key`.
+
+        Called once per call, before its first attempt. May be best-effort
+        (a remote store may count it asynchronously); must not raise for a
+        missing key. The default counts nothing, which leaves only the
+        per-second floor: override it.
+        """
+        return None
+
+    async def budget_try_retry(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        """Atomically check the budget and, if it allows one more retry, spend it.
+
+        Returns (allowed, source, age_s): `source` is memory | redis | cache |
+        fallback and `age_s` how old the counts behind the answer were, as
+        for every other store decision. A denied retry spends nothing. The
+        default allows every retry (source "fallback"): override it.
+        """
+        return True, "fallback", 0.0
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. The memory store holds none."""

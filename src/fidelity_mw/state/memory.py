@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from .._types import RandomSource
 from ..breaker import IGNORED, BreakerState, Gate
-from ..policy import BreakerConfig
+from ..policy import BreakerConfig, RetryConfig
 from ..ratelimit import LimitVerdict, gcra
+from ..retry import BudgetWindow
 from .base import InboundResult, LimitSpec, StateStore
 
 
@@ -59,6 +60,9 @@ class MemoryStore(StateStore):
     def __init__(self, *, max_keys: int = 100_000, rng: RandomSource | None = None) -> None:
         self.limits = GcraTable(max_keys)
         self.breakers: dict[str, BreakerState] = {}
+        # Outbound retry budgets, one per upstream host: a handful of keys
+        # (the hosts this service calls), so no eviction.
+        self.budgets: dict[str, BudgetWindow] = {}
         self._rng: RandomSource = rng or random.Random().random
         self._lock = threading.Lock()
 
@@ -150,3 +154,58 @@ class MemoryStore(StateStore):
         self, breaker_key: str, breaker: BreakerConfig, now: float
     ) -> tuple[Gate, str, float]:
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
+
+    # ------------------------------------------------------------ retry budget
+
+    def budget_window(self, key: str, cfg: RetryConfig) -> BudgetWindow:
+        window = self.budgets.get(key)
+        if window is None or window.config is not cfg:
+            # A new config (policy reload) starts a fresh window.
+            window = self.budgets[key] = BudgetWindow(cfg)
+        return window
+
+    def budget_request_now(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        """`budget_request` without the coroutine (the transports' fast path)."""
+        with self._lock:
+            self.budget_window(budget_key, cfg).request(now)
+
+    def budget_try_retry_now(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        """`budget_try_retry` without the coroutine."""
+        with self._lock:
+            return self.budget_window(budget_key, cfg).try_retry(now), "memory", 0.0
+
+    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        self.budget_request_now(budget_key, cfg, now)
+
+    async def budget_try_retry(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        return self.budget_try_retry_now(budget_key, cfg, now)
+
+    def outbound_begin_now(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig | None,
+        budget_key: str,
+        cfg: RetryConfig,
+        now: float,
+    ) -> Gate | None:
+        """`budget_request` and, with a breaker, `gate_now` under one lock: the
+        transports' first attempt on memory state. None when there is no breaker."""
+        lock = self._lock
+        lock.acquire()  # cheaper than `with` on this path; nothing below awaits
+        try:
+            window = self.budgets.get(budget_key)
+            if window is None or window.config is not cfg:
+                window = self.budget_window(budget_key, cfg)
+            window.request(now)
+            if breaker is None:
+                return None
+            state = self.breakers.get(breaker_key)
+            if state is None or state.config is not breaker:
+                state = self.breaker_state(breaker_key, breaker)
+            return state.gate(now, self._rng)
+        finally:
+            lock.release()
