@@ -60,6 +60,7 @@ class Harness:
         self.seen: list[DecisionContext | None] = []
         self.fail_with: dict[str, int] = {}
         self.contexts: list[DecisionContext] = []
+        self.hanging = asyncio.Event()
 
         async def ok(request: Request) -> Response:
             self.calls[request.url.path] += 1
@@ -97,6 +98,12 @@ class Harness:
             body = await request.body()
             return PlainTextResponse(body)
 
+        async def hang(request: Request) -> Response:
+            self.calls[request.url.path] += 1
+            self.hanging.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
         async def stream(request: Request) -> Response:
             self.calls[request.url.path] += 1
 
@@ -120,6 +127,7 @@ class Harness:
                 Route("/raise", raising),
                 Route("/body", read_body, methods=["POST"]),
                 Route("/stream", stream),
+                Route("/hang", hang),
             ]
         )
         options.setdefault("telemetry", False)
@@ -719,6 +727,33 @@ async def test_disconnect_mid_stream_is_never_a_breaker_failure(clock: FakeClock
     status, _, body = await h.request("/stream")
     assert status == 200
     assert body == b"".join(f"{i}\n".encode() for i in range(100))
+
+
+async def test_cancelled_request_is_never_a_breaker_failure(clock: FakeClock) -> None:
+    # Servers cancel the app's task when the client goes away.
+    h = Harness(breaker_policy(consecutive_failures=1), clock)
+    task = asyncio.ensure_future(h.request("/hang"))
+    await h.hanging.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.contexts[-1].outcome == "disconnected"
+    assert h.breaker_state("/hang") == CLOSED
+
+
+async def test_limiter_429_is_not_a_failure_even_if_429_is_a_failure_status(
+    clock: FakeClock,
+) -> None:
+    policy = Policy(
+        breaker=BreakerConfig(consecutive_failures=1, failure_statuses=(429, 500)),
+        rate_limits=(RateLimit(name="l", rate="1/h", burst=1),),
+    )
+    h = Harness(policy, clock)
+    assert await h.status() == 200
+    for _ in range(5):
+        assert await h.status() == 429
+    assert h.breaker_state("/") == CLOSED
+    assert await h.status(client=("198.51.100.99", 1)) == 200
 
 
 async def test_app_exception_is_a_failure_and_propagates(clock: FakeClock) -> None:
