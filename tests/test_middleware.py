@@ -280,6 +280,13 @@ async def test_ratelimit_reset_is_not_inflated_by_float_noise(clock: FakeClock) 
         assert headers[b"ratelimit"] == f'"l";{expected}'.encode()
 
 
+async def test_concurrent_requests_in_one_loop_never_exceed_the_burst(clock: FakeClock) -> None:
+    h = Harness(limits(RateLimit(name="l", rate="10/h", burst=10)), clock)
+    statuses = await asyncio.gather(*(h.status("/stream") for _ in range(60)))
+    assert Counter(statuses) == {200: 10, 429: 50}
+    assert h.calls["/stream"] == 10
+
+
 async def test_retry_after_is_an_integer_rounded_up(clock: FakeClock) -> None:
     h = Harness(limits(RateLimit(name="l", rate="2/s", burst=1)), clock)
     assert await h.status() == 200
