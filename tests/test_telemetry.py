@@ -1,0 +1,431 @@
+"""Telemetry with the SDK's in-memory exporter: every span attribute, every event field,
+every metric; privacy; trace context extraction; the no-SDK path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+
+from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
+from fidelity_mw.context import Decision, DecisionContext
+from fidelity_mw.engine import Engine
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.telemetry import Telemetry, schema
+from fidelity_mw.testing import FakeClock
+from test_telemetry_helpers import (
+    SEEN,
+    Pipeline,
+    call,
+    counter_values,
+    decision_events,
+    metric_points,
+    pipeline,
+    span_strings,
+    starlette_app,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def otel() -> Any:
+    p = pipeline()
+    yield p
+    p.shutdown()
+
+
+def policy(**kw: Any) -> Policy:
+    kw.setdefault("rate_limits", (RateLimit(name="per-client", rate="2/s", burst=2),))
+    kw.setdefault("breaker", BreakerConfig(consecutive_failures=2, open_s=5.0))
+    return Policy(**kw)
+
+
+def app_with(otel: Pipeline, pol: Policy | None = None, **kw: Any) -> Any:
+    app = starlette_app()
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=pol or policy(),
+        clock=kw.pop("clock", None) or FakeClock(),
+        observer=otel.telemetry,
+        **kw,
+    )
+    return app
+
+
+def only_span(otel: Pipeline) -> Any:
+    spans = otel.finished()
+    assert len(spans) == 1, [s.name for s in spans]
+    return spans[0]
+
+
+# ------------------------------------------------------------ our own SERVER span
+
+
+async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pipeline) -> None:
+    pol = policy()
+    response = await call(app_with(otel, pol), "/items/7")
+    assert response.status_code == 200
+    span = only_span(otel)
+    assert span.kind is SpanKind.SERVER
+    assert span.name == "GET /items/{id}"
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "fidelity_mw"
+    attrs = dict(span.attributes or {})
+    ctx: DecisionContext = SEEN["ctx"]
+    assert attrs == {
+        "http.request.method": "GET",
+        "http.route": "/items/{id}",
+        "url.path": "/items/7",
+        "url.scheme": "http",
+        "network.protocol.version": "1.1",
+        "http.response.status_code": 200,
+        schema.DECIDED_BY: "app",
+        schema.OUTCOME: "served",
+        schema.POLICY_VERSION: pol.version,
+        schema.STALE_DECISIONS: 0,
+        schema.ROUTE: "/items/{id}",
+        schema.DECISION_COUNT: len(ctx.decisions),
+        schema.CLIENT_KEY_HASH: otel.telemetry.hash_client_key("127.0.0.1"),
+    }
+    assert span.status.status_code is StatusCode.UNSET
+
+
+async def test_one_event_per_decision_with_all_fields(otel: Pipeline) -> None:
+    await call(app_with(otel), "/items/1")
+    span = only_span(otel)
+    ctx: DecisionContext = SEEN["ctx"]
+    events = decision_events(span)
+    assert len(events) == len(ctx.decisions) >= 2
+    assert all(e.name == "fidelity.decision" for e in span.events)
+    for event, d in zip(events, ctx.decisions, strict=True):
+        expected = {
+            "fidelity.layer": d.layer,
+            "fidelity.verdict": d.verdict,
+            "fidelity.reason": d.reason,
+            "fidelity.subject": d.subject,
+            "fidelity.state.source": d.state_source,
+            "fidelity.state.age_ms": round(d.state_age_s * 1000.0, 3),
+            "fidelity.state.stale": d.is_stale,
+        }
+        expected.update({f"fidelity.detail.{k}": v for k, v in (d.details or {}).items()})
+        assert event == expected
+    layers = [e["fidelity.layer"] for e in events]
+    assert "breaker" in layers
+    assert "ratelimit" in layers
+    # events are time-stamped inside the span
+    assert span.start_time is not None
+    assert span.end_time is not None
+    for e in span.events:
+        assert span.start_time - 1_000_000 <= e.timestamp <= span.end_time + 1_000_000
+
+
+async def test_rate_limited_request(otel: Pipeline) -> None:
+    app = app_with(otel, policy(rate_limits=(RateLimit(name="tight", rate="1/s", burst=1),)))
+    assert (await call(app, "/ok")).status_code == 200
+    assert (await call(app, "/ok")).status_code == 429
+    span = otel.finished()[-1]
+    attrs = dict(span.attributes or {})
+    assert attrs[schema.DECIDED_BY] == "ratelimit"
+    assert attrs[schema.OUTCOME] == "rejected"
+    assert attrs["http.response.status_code"] == 429
+    assert span.status.status_code is StatusCode.UNSET  # a 4xx is not a server error
+    reject = [e for e in decision_events(span) if e["fidelity.verdict"] == "reject"]
+    assert len(reject) == 1
+    assert reject[0]["fidelity.layer"] == "ratelimit"
+    assert reject[0]["fidelity.subject"] == "tight"
+    assert reject[0]["fidelity.reason"] == "over_limit"
+    assert reject[0]["fidelity.detail.retry_after_s"] > 0
+
+
+async def test_breaker_shed_request(otel: Pipeline) -> None:
+    app = app_with(otel)
+    for _ in range(2):
+        assert (await call(app, "/fail")).status_code == 500
+    response = await call(app, "/fail")
+    assert response.status_code == 503
+    failed, shed = otel.finished()[1], otel.finished()[2]
+    assert dict(failed.attributes or {})[schema.OUTCOME] == "failed"
+    assert dict(failed.attributes or {})["error.type"] == "500"
+    assert failed.status.status_code is StatusCode.ERROR
+    attrs = dict(shed.attributes or {})
+    assert attrs[schema.DECIDED_BY] == "breaker"
+    assert attrs[schema.OUTCOME] == "shed"
+    assert attrs["http.response.status_code"] == 503
+    assert shed.status.status_code is StatusCode.ERROR
+    events = decision_events(shed)
+    assert "ratelimit" not in {e["fidelity.layer"] for e in events}  # never reached the limiter
+    (event,) = [e for e in events if e["fidelity.layer"] == "breaker"]
+    assert event["fidelity.layer"] == "breaker"
+    assert event["fidelity.verdict"] == "shed"
+    assert event["fidelity.reason"] == "breaker_open"
+    assert event["fidelity.detail.retry_after_s"] > 0
+
+
+async def test_expired_deadline(otel: Pipeline) -> None:
+    response = await call(app_with(otel), "/ok", headers={"x-request-timeout-ms": "0"})
+    assert response.status_code == 504
+    attrs = dict(only_span(otel).attributes or {})
+    assert attrs[schema.DECIDED_BY] == "deadline"
+    assert attrs[schema.OUTCOME] == "expired"
+    assert attrs["http.response.status_code"] == 504
+
+
+async def test_app_exception(otel: Pipeline) -> None:
+    response = await call(app_with(otel), "/boom")
+    assert response.status_code == 500
+    spans = otel.finished()
+    span = spans[-1]
+    attrs = dict(span.attributes or {})
+    assert attrs[schema.DECIDED_BY] == "app"
+    assert attrs[schema.OUTCOME] == "failed"
+    assert span.status.status_code is StatusCode.ERROR
+
+
+class StaleStore(MemoryStore):
+    """Memory state reported as a 2.5 s old cached copy (what a tiered store answers)."""
+
+    def admit_now(self, *args: Any, **kw: Any) -> Any:
+        return super().admit_now(*args, **kw)._replace(source="cache", age_s=2.5)
+
+
+class BrokenStore(MemoryStore):
+    def admit_now(self, *args: Any, **kw: Any) -> Any:
+        raise ConnectionError("redis is down")
+
+
+async def test_staleness_fields(otel: Pipeline) -> None:
+    await call(app_with(otel, store=StaleStore()), "/ok")
+    span = only_span(otel)
+    attrs = dict(span.attributes or {})
+    stored = [e for e in decision_events(span) if e["fidelity.state.source"] == "cache"]
+    assert len(stored) == 2  # breaker + limit
+    assert attrs[schema.STALE_DECISIONS] == 2
+    for event in stored:
+        assert event["fidelity.state.age_ms"] == 2500.0
+        assert event["fidelity.state.stale"] is True
+
+
+async def test_state_failure_decides_on_fallback(otel: Pipeline) -> None:
+    response = await call(app_with(otel, store=BrokenStore()), "/ok")
+    assert response.status_code == 200
+    span = only_span(otel)
+    fallback = [e for e in decision_events(span) if e["fidelity.state.source"] == "fallback"]
+    assert len(fallback) == 1
+    assert fallback[0]["fidelity.reason"] == "state_error:ConnectionError"
+    assert fallback[0]["fidelity.state.stale"] is True
+    assert dict(span.attributes or {})[schema.STALE_DECISIONS] == 1
+
+
+# ------------------------------------------------------------ privacy
+
+
+async def test_client_keys_hashed_and_no_header_values_or_bodies(otel: Pipeline) -> None:
+    pol = policy(
+        rate_limits=(
+            RateLimit(name="by-key", rate="10/s", key="header:x-api-key"),
+            RateLimit(name="by-ip", rate="10/s"),
+        )
+    )
+    secret_headers = {
+        "x-api-key": "key-SECRET-123",
+        "authorization": "Bearer TOKEN-SECRET",
+        "cookie": "session=COOKIE-SECRET",
+        "user-agent": "AGENT-SECRET",
+    }
+    await call(
+        app_with(otel, pol), "/items/1?q=QUERY-SECRET", "POST", secret_headers, content="BODY"
+    )
+    text = span_strings(otel.finished())
+    for secret in ("SECRET", "BODY", "127.0.0.1"):
+        assert secret not in text
+    attrs = dict(only_span(otel).attributes or {})
+    key_hash = attrs[schema.CLIENT_KEY_HASH]
+    assert len(key_hash) == 16
+    assert int(key_hash, 16) >= 0
+
+
+def test_client_key_hash_is_keyed() -> None:
+    a = Telemetry(client_key_salt="one", tracer_provider=NoOpTracerProvider())
+    b = Telemetry(client_key_salt="two", tracer_provider=NoOpTracerProvider())
+    assert a.hash_client_key("10.0.0.1") == a.hash_client_key("10.0.0.1")
+    assert a.hash_client_key("10.0.0.1") != a.hash_client_key("10.0.0.2")
+    assert a.hash_client_key("10.0.0.1") != b.hash_client_key("10.0.0.1")
+
+
+# ------------------------------------------------------------ trace context
+
+
+async def test_incoming_trace_context_and_baggage_are_continued(otel: Pipeline) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent_id = "00f067aa0ba902b7"
+    headers = {
+        "traceparent": f"00-{trace_id}-{parent_id}-01",
+        "baggage": "tenant=acme,plan=gold",
+    }
+    response = await call(app_with(otel), "/items/2", headers=headers)
+    assert response.json()["baggage"] == {"tenant": "acme", "plan": "gold"}
+    span = only_span(otel)
+    assert span.context is not None
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == parent_id
+    assert span.parent.is_remote
+
+
+async def test_unsampled_parent_adds_nothing(otel: Pipeline) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    off = TracerProvider(sampler=ALWAYS_OFF)
+    tracer = off.get_tracer("test")
+    with tracer.start_as_current_span("unsampled"):
+        token = otel.telemetry.start(_ctx(), {"type": "http", "headers": []})
+    assert token is None
+
+
+def _ctx(route: str = "/x") -> DecisionContext:
+    return DecisionContext(engine=Engine(), route=route, method="GET", started_at=0.0)
+
+
+async def test_unknown_method_and_unmatched_route(otel: Pipeline) -> None:
+    ctx = DecisionContext(engine=Engine(), route="!unmatched", method="BREW", started_at=0.0)
+    token = otel.telemetry.start(ctx, {"type": "http", "headers": [], "path": "/pot"})
+    ctx.decided_by, ctx.outcome, ctx.status = "app", "served", 418
+    otel.telemetry.end(ctx, {}, token)
+    span = only_span(otel)
+    assert span.name == "HTTP"
+    attrs = dict(span.attributes or {})
+    assert attrs["http.request.method"] == "_OTHER"
+    assert attrs["http.request.method_original"] == "BREW"
+    assert "http.route" not in attrs
+
+
+# ------------------------------------------------------------ metrics
+
+
+async def test_metrics(otel: Pipeline) -> None:
+    app = app_with(otel, policy(rate_limits=(RateLimit(name="roomy", rate="100/s"),)))
+    assert (await call(app, "/ok")).status_code == 200
+    for _ in range(2):
+        assert (await call(app, "/fail")).status_code == 500  # trips the breaker (2 in a row)
+    assert (await call(app, "/fail")).status_code == 503  # shed: the route breaker is open
+    reader = otel.metrics
+
+    requests = counter_values(reader, "fidelity.requests", schema.OUTCOME, schema.DECIDED_BY)
+    assert requests == {("served", "app"): 1, ("failed", "app"): 2, ("shed", "breaker"): 1}
+    failures = counter_values(reader, "fidelity.failures", schema.FAILURE_CAUSE, schema.DECIDED_BY)
+    assert failures == {("app", "app"): 2, ("control", "breaker"): 1}
+
+    decisions = counter_values(
+        reader, "fidelity.decisions", schema.LAYER, schema.VERDICT, schema.STATE_SOURCE
+    )
+    assert decisions[("breaker", "allow", "memory")] == 3
+    assert decisions[("breaker", "shed", "memory")] == 1
+    assert decisions[("ratelimit", "allow", "memory")] == 3
+
+    ages = metric_points(reader, "fidelity.state.age")
+    assert ages
+    assert sum(p.count for _a, p in ages) == 7  # breaker x4 + limit x3; none request-sourced
+    assert all(a[schema.STATE_SOURCE] != "request" for a, _p in ages)
+
+    breaker = {
+        a[schema.BREAKER_STATE]: p.value
+        for a, p in metric_points(reader, "fidelity.breaker.state")
+        if a[schema.SUBJECT] == "/ok" and a.get(schema.BREAKER_SCOPE) == "route"
+    }
+    assert breaker == {"closed": 1, "open": 0, "half_open": 0}
+    fail_breaker = {
+        a[schema.BREAKER_STATE]: p.value
+        for a, p in metric_points(reader, "fidelity.breaker.state")
+        if a[schema.SUBJECT] == "/fail"
+    }
+    assert fail_breaker == {"closed": 0, "open": 1, "half_open": 0}
+
+
+def test_breaker_gauge_from_decisions_when_the_store_cannot_be_read() -> None:
+    p = pipeline()
+    ctx = _ctx()
+    ctx.engine.store = object()  # type: ignore[assignment]
+    ctx.add(Decision("breaker", "payments:443", "give_up", "breaker_open", "redis", 0.2, 1.0))
+    p.telemetry.call_end(ctx)
+    states = {
+        a[schema.BREAKER_STATE]: pt.value
+        for a, pt in metric_points(p.metrics, "fidelity.breaker.state")
+        if a[schema.SUBJECT] == "payments:443"
+    }
+    assert states == {"closed": 0, "open": 1, "half_open": 0}
+    p.shutdown()
+
+
+def test_retry_budget_metric_and_standalone_calls() -> None:
+    p = pipeline()
+    ctx = _ctx("outbound")
+    ctx.add(Decision("retry", "api:8080", "allow", "attempt", "memory", 0.0, 1.0))
+    ctx.add(Decision("retry", "api:8080", "retry", "status_503", "memory", 0.0, 1.0))
+    ctx.add(Decision("budget", "api:8080", "give_up", "budget", "memory", 0.0, 1.0))
+    p.telemetry.call_end(ctx)
+    budget = counter_values(
+        p.metrics, "fidelity.retry_budget.usage", schema.SUBJECT, schema.BUDGET_RESULT
+    )
+    assert budget == {("api:8080", "drawn"): 1, ("api:8080", "exhausted"): 1}
+    decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
+    assert decisions == {("retry", "allow"): 1, ("retry", "retry"): 1, ("budget", "give_up"): 1}
+    p.shutdown()
+
+
+# ------------------------------------------------------------ without an SDK
+
+
+def test_explicit_noop_provider_records_nothing() -> None:
+    tel = Telemetry(tracer_provider=NoOpTracerProvider())
+    assert tel.start(_ctx(), {"type": "http", "headers": []}) is None
+
+
+_NO_SDK = textwrap.dedent(
+    """
+    import httpx
+    from opentelemetry import trace
+    from fidelity_mw.context import Decision, DecisionContext
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.telemetry import Telemetry, configure_otel
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    tel = Telemetry()  # global providers: none set yet
+    ctx = DecisionContext(engine=Engine(), route="/x", method="GET", started_at=0.0)
+    ctx.add(Decision("ratelimit", "l", "allow", "under_limit"))
+    scope = {"type": "http", "headers": [(b"traceparent",
+             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]}
+    assert tel.start(ctx, scope) is None
+    tel.end(ctx, scope, None)
+    request = httpx.Request("GET", "http://up/x")
+    assert tel.attempt_start(ctx, request, 1) is None
+    assert "traceparent" not in request.headers  # nothing to propagate
+    tel.attempt_end(None, httpx.Response(200), None)
+
+    # configured later (after the app was built): picked up at once
+    exporter = InMemorySpanExporter()
+    configure_otel("late", span_exporters=[exporter], metric_readers=[])
+    token = tel.start(ctx, scope)
+    assert token is not None
+    tel.end(ctx, scope, token)
+    trace.get_tracer_provider().force_flush()
+    (span,) = exporter.get_finished_spans()
+    assert span.resource.attributes["service.name"] == "late"
+    assert span.attributes["fidelity.route"] == "/x"
+    print("OK")
+    """
+)
+
+
+def test_without_sdk_nothing_is_recorded_until_a_provider_is_set() -> None:
+    env = {"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_SDK], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK"
