@@ -1,0 +1,245 @@
+"""The attempt observer: one CLIENT span per attempt (HTTP semantic conventions), trace
+context injected per attempt; unit-level with hand-made httpx requests and responses,
+then through FidelityTransport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.context import DecisionContext
+from fidelity_mw.engine import Engine
+from fidelity_mw.telemetry import Telemetry, schema
+from fidelity_mw.testing import FakeClock, seeded_random
+from test_telemetry_helpers import (
+    Pipeline,
+    call,
+    decision_events,
+    metric_points,
+    pipeline,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def otel() -> Any:
+    p = pipeline()
+    yield p
+    p.shutdown()
+
+
+def ctx() -> DecisionContext:
+    return DecisionContext(engine=Engine(), route="/orders", method="GET", started_at=0.0)
+
+
+def parent_of(request: httpx.Request) -> str:
+    """The span id the injected traceparent names."""
+    return request.headers["traceparent"].split("-")[2]
+
+
+def test_one_client_span_per_attempt_with_semconv(otel: Pipeline) -> None:
+    tel = otel.telemetry
+    c = ctx()
+    request = httpx.Request("GET", "https://user:pw@pay.example:8443/charges?id=7&sig=abc#top")
+    c.decide("retry", "pay.example:8443", "allow", "attempt")
+    first = tel.attempt_start(c, request, 1)
+    first_parent = parent_of(request)
+    tel.attempt_end(first, httpx.Response(503, request=request), None)
+    c.decide("retry", "pay.example:8443", "retry", "status_503", details={"delay_ms": 12.5})
+    second = tel.attempt_start(c, request, 2)
+    second_parent = parent_of(request)
+    tel.attempt_end(second, httpx.Response(200, request=request), None)
+
+    spans = otel.finished()
+    assert [s.kind for s in spans] == [SpanKind.CLIENT, SpanKind.CLIENT]
+    assert [s.name for s in spans] == ["GET", "GET"]
+    one, two = (dict(s.attributes or {}) for s in spans)
+    assert one == {
+        "http.request.method": "GET",
+        "url.full": "https://pay.example:8443/charges?id=7&sig=REDACTED",
+        "server.address": "pay.example",
+        "server.port": 8443,
+        "http.response.status_code": 503,
+        "network.protocol.version": "1.1",
+        "error.type": "503",
+    }
+    assert spans[0].status.status_code is StatusCode.ERROR
+    assert two["http.request.resend_count"] == 1
+    assert two["http.response.status_code"] == 200
+    assert "error.type" not in two
+    assert spans[1].status.status_code is StatusCode.UNSET
+    # context injected per attempt: each attempt names its own span
+    assert [format(s.context.span_id, "016x") for s in spans if s.context] == [
+        first_parent,
+        second_parent,
+    ]
+    # each attempt carries the decisions that led to it
+    assert [e["fidelity.verdict"] for e in decision_events(spans[0])] == ["allow"]
+    (retry,) = decision_events(spans[1])
+    assert retry["fidelity.reason"] == "status_503"
+    assert retry["fidelity.detail.delay_ms"] == 12.5
+
+
+def test_transport_error_and_default_port(otel: Pipeline) -> None:
+    request = httpx.Request("POST", "https://api.example/v1")
+    token = otel.telemetry.attempt_start(ctx(), request, 1)
+    otel.telemetry.attempt_end(token, None, httpx.ConnectError("refused"))
+    (span,) = otel.finished()
+    attrs = dict(span.attributes or {})
+    assert attrs["server.port"] == 443
+    assert attrs["error.type"] == "ConnectError"
+    assert "http.response.status_code" not in attrs
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "ConnectError"
+
+
+def test_attempt_span_is_current_during_the_attempt_only(otel: Pipeline) -> None:
+    request = httpx.Request("GET", "http://up/x")
+    outside = trace.get_current_span()
+    token = otel.telemetry.attempt_start(ctx(), request, 1)
+    inside = trace.get_current_span()
+    assert inside.get_span_context().span_id == int(parent_of(request), 16)
+    # opentelemetry-instrumentation-httpx is not instrumenting: nothing suppressed
+    assert not otel_context.get_value("suppress_http_instrumentation")
+    otel.telemetry.attempt_end(token, httpx.Response(204), None)
+    assert trace.get_current_span() is outside
+
+
+def test_baggage_and_parent_are_propagated(otel: Pipeline) -> None:
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("server") as server:
+        token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            request = httpx.Request("GET", "http://up/x")
+            attempt = otel.telemetry.attempt_start(ctx(), request, 1)
+            otel.telemetry.attempt_end(attempt, httpx.Response(200), None)
+        finally:
+            otel_context.detach(token)
+    assert request.headers["baggage"] == "tenant=acme"
+    client = next(s for s in otel.finished() if s.kind is SpanKind.CLIENT)
+    assert client.parent is not None
+    assert client.parent.span_id == server.get_span_context().span_id
+
+
+def test_client_spans_off_still_injects_the_current_context() -> None:
+    p = pipeline(client_spans=False)
+    tracer = p.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("server") as server:
+        request = httpx.Request("GET", "http://up/x")
+        assert p.telemetry.attempt_start(ctx(), request, 1) is None
+    assert int(parent_of(request), 16) == server.get_span_context().span_id
+    assert [s.name for s in p.finished()] == ["server"]
+    p.shutdown()
+
+
+def test_no_tracing_passes_a_propagated_context_through() -> None:
+    tel = Telemetry(tracer_provider=NoOpTracerProvider())
+    incoming = TraceContextTextMapPropagator().extract(
+        {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    )
+    token = otel_context.attach(incoming)
+    try:
+        request = httpx.Request("GET", "http://up/x")
+        assert tel.attempt_start(ctx(), request, 1) is None
+    finally:
+        otel_context.detach(token)
+    assert request.headers["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_client_duration_metric(otel: Pipeline) -> None:
+    request = httpx.Request("GET", "http://up:8080/x")
+    token = otel.telemetry.attempt_start(ctx(), request, 1)
+    otel.telemetry.attempt_end(token, httpx.Response(502), None)
+    ((attrs, point),) = metric_points(otel.metrics, "http.client.request.duration")
+    assert attrs == {
+        "http.request.method": "GET",
+        "server.address": "up",
+        "server.port": 8080,
+        "http.response.status_code": 502,
+        "error.type": "502",
+    }
+    assert point.count == 1
+
+
+# ------------------------------------------------------------ through FidelityTransport
+
+
+def transport_module() -> Any:
+    return pytest.importorskip("fidelity_mw.transport")
+
+
+async def test_fidelity_transport_retries_make_one_span_per_attempt(otel: Pipeline) -> None:
+    FidelityTransport = transport_module().FidelityTransport
+    seen: list[str] = []  # the traceparent each attempt carried (one request object, reused)
+    answers = iter([503, 503, 200])
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["traceparent"])
+        return httpx.Response(next(answers), headers={"retry-after": "0"})
+
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream),
+        clock=FakeClock(),
+        rng=seeded_random(1),
+        observer=otel.telemetry,
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://inventory:8080/stock")
+    assert response.status_code == 200
+    spans = otel.finished()
+    assert [s.kind for s in spans] == [SpanKind.CLIENT] * 3
+    attrs = [dict(s.attributes or {}) for s in spans]
+    assert [a.get("http.request.resend_count") for a in attrs] == [None, 1, 2]
+    assert [a["http.response.status_code"] for a in attrs] == [503, 503, 200]
+    assert {a["url.full"] for a in attrs} == {"http://inventory:8080/stock"}
+    # a fresh traceparent per attempt, naming that attempt's span
+    parents = [traceparent.split("-")[2] for traceparent in seen]
+    assert parents == [format(s.context.span_id, "016x") for s in spans if s.context]
+    assert len(set(parents)) == 3
+    # the decisions behind each attempt ride on its span
+    verdicts = [[e["fidelity.verdict"] for e in decision_events(s)] for s in spans]
+    assert [v[-1] for v in verdicts] == ["allow", "retry", "retry"]
+
+
+async def test_fidelity_transport_inside_a_request_lands_under_the_server_span(
+    otel: Pipeline,
+) -> None:
+    FidelityTransport = transport_module().FidelityTransport
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(
+        transport=FidelityTransport(
+            httpx.MockTransport(lambda r: httpx.Response(200)), observer=otel.telemetry
+        )
+    )
+
+    async def handler(request: Any) -> PlainTextResponse:
+        response = await client.get("http://inventory/stock")
+        return PlainTextResponse(str(response.status_code))
+
+    app = Starlette(routes=[Route("/orders", handler)])
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=FakeClock(), observer=otel.telemetry
+    )
+    assert (await call(app, "/orders")).text == "200"
+    await client.aclose()
+    spans = otel.finished()
+    (server,) = [s for s in spans if s.kind is SpanKind.SERVER]
+    (attempt,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert attempt.parent is not None
+    assert server.context is not None
+    assert attempt.parent.span_id == server.context.span_id
+    # the outbound decisions are also the request's: on the server span too
+    layers = [(e["fidelity.layer"], e["fidelity.subject"]) for e in decision_events(server)]
+    assert ("retry", "inventory") in layers
+    assert dict(server.attributes or {})[schema.DECIDED_BY] == "app"
