@@ -15,6 +15,7 @@ from .policy import (
     StateConfig,
     UpstreamConfig,
 )
+from .transport import FidelitySyncTransport, FidelityTransport
 
 __all__ = [
     "BreakerConfig",
@@ -25,6 +26,8 @@ __all__ = [
     "Engine",
     "FidelityError",
     "FidelityMiddleware",
+    "FidelitySyncTransport",
+    "FidelityTransport",
     "Policy",
     "PolicyError",
     "RateLimit",
