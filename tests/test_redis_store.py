@@ -29,6 +29,7 @@ from fidelity_mw.state.factory import store_from_policy
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import (
     ADMIT,
+    OUTBOUND,
     RECORD,
     SYNC,
     RedisStore,
@@ -194,7 +195,7 @@ async def test_probe_slot_given_back_when_a_limit_rejects(redis_url: str) -> Non
 
 
 def test_scripts_are_package_files_with_stable_shas() -> None:
-    for script in (ADMIT, RECORD, SYNC):
+    for script in (ADMIT, RECORD, SYNC, OUTBOUND):
         again = load_script(script.name)
         assert again.sha == script.sha
         assert "server_now()" in script.source  # every script runs on the server's clock
@@ -213,7 +214,7 @@ def test_wheel_ships_the_lua_scripts(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for lua in ("lib", "admit", "record", "sync"):
+    for lua in ("lib", "admit", "record", "sync", "outbound"):
         assert f"fidelity_mw/state/lua/{lua}.lua" in names
 
 

@@ -60,7 +60,7 @@ from .._types import Clock, RandomSource
 from ..breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..clock import SYSTEM_CLOCK
 from ..errors import PolicyError, StateUnavailable
-from ..policy import BreakerConfig, StateConfig
+from ..policy import BreakerConfig, RetryConfig, StateConfig
 from ..ratelimit import LimitVerdict
 from .base import InboundResult, LimitSpec, StateStore
 from .memory import MemoryStore
@@ -108,6 +108,7 @@ def load_script(name: str) -> Script:
 ADMIT: Final = load_script("admit")
 RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
+OUTBOUND: Final = load_script("outbound")
 
 
 # ---------------------------------------------------------------- keys
@@ -229,6 +230,16 @@ def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
     )
 
 
+def budget_args(cfg: RetryConfig) -> tuple[float, float, float]:
+    """The retry budget config as outbound.lua expects it."""
+    return (cfg.budget_window_s, cfg.budget_ratio, cfg.budget_min_per_s)
+
+
+# Budget request counts wait for the next outbound call; at most this many
+# budgets ride along on one call.
+_MAX_PENDING_PER_CALL: Final = 8
+
+
 def _local_epoch(epoch: int) -> int:
     """Fallback gates carry negative epochs, so `record` knows where they came from."""
     return -epoch - 1
@@ -267,6 +278,10 @@ class RedisStore(StateStore):
         self._keys: dict[tuple[str, str], str] = {}
         self._limit_args: dict[LimitSpec, tuple[float | int, ...]] = {}
         self._breaker_args: dict[BreakerConfig, tuple[float | int, ...]] = {}
+        # budget key -> [config, requests not yet sent, monotonic time of the oldest]
+        self._pending: dict[str, list[Any]] = {}
+        self._flush_task: asyncio.Task[Any] | None = None
+        self.sync_s = config.sync_interval_ms / 1000.0
 
     # ------------------------------------------------------------ plumbing
 
@@ -481,18 +496,142 @@ class RedisStore(StateStore):
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
     ) -> tuple[Gate, str, float]:
-        result = await self.admit(breaker_key, breaker, (), (), now)
-        assert result.gate is not None
-        return result.gate, result.source, result.age_s
+        """Gate an outbound attempt (one call; pending budget counts ride along)."""
+        gate, _allowed, source, age = await self.outbound_gate(
+            breaker_key, breaker, None, None, False, now
+        )
+        assert gate is not None
+        return gate, source, age
+
+    # ------------------------------------------------------------ outbound
+
+    async def outbound_gate(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """One call before an outbound attempt: host breaker gate + retry budget.
+
+        First attempt (`retry=False`): counts one request on the budget and
+        gates the breaker. Retry (`retry=True`): spends one retry if the
+        budget allows it *and* the breaker admits; a denied retry takes no
+        gate (no probe slot), a breaker rejection spends no retry. Returns
+        (gate or None, budget allowed, source, age_s). Pending counts from
+        `budget_request` ride along.
+        """
+        has_breaker = breaker_key is not None and breaker is not None
+        keys: list[str] = []
+        args: list[Any] = ["1" if has_breaker else "0", self._rng(), 0]
+        if breaker_key is not None and breaker is not None:
+            keys.append(self.key("br", breaker_key))
+            keys.append(self.key("bp", breaker_key))
+            args.extend(self.breaker_config_args(breaker))
+        taken: list[tuple[str, RetryConfig, int]] = []
+        if budget_key is not None and cfg is not None:
+            pending = self._pending.pop(budget_key, None)
+            add = (pending[1] if pending is not None else 0) + (0 if retry else 1)
+            taken.append((budget_key, cfg, add))
+            keys.append(self.key("bu", budget_key))
+            args.extend((*budget_args(cfg), add, 1 if retry else 0))
+        for other in list(self._pending)[: _MAX_PENDING_PER_CALL - len(taken)]:
+            other_cfg, count, _since = self._pending.pop(other)
+            taken.append((other, other_cfg, count))
+            keys.append(self.key("bu", other))
+            args.extend((*budget_args(other_cfg), count, 0))
+        args[2] = len(taken)
+        if not keys:
+            return None, True, SOURCE_REDIS, 0.0
+        got = await self.call(OUTBOUND, keys, args)
+        if got is None:
+            return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
+        reply, age = got
+        allowed = True if budget_key is None or cfg is None else reply[6] == 1
+        gate = None
+        if has_breaker and allowed:  # a denied retry asked no breaker
+            gate = Gate(
+                _text(reply[1]), _text(reply[2]), int(reply[3]), float(reply[4]), int(reply[5])
+            )
+        return gate, allowed, SOURCE_REDIS, age
+
+    def _outbound_fallback(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        taken: Sequence[tuple[str, RetryConfig, int]],
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        self.stats.fallbacks += 1
+        age = self.fallback_age()
+        mode = self.on_error
+        has_breaker = breaker_key is not None and breaker is not None
+        if mode == "closed":
+            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+        if mode == "open":
+            gate = Gate("allow", CLOSED, _OPEN_EPOCH, 0.0) if has_breaker else None
+            return gate, True, SOURCE_FALLBACK, age
+        local = self.local
+        # the counts that could not be sent still count, locally
+        for key, key_cfg, count in taken:
+            add = count - (1 if key == budget_key and not retry else 0)
+            for _ in range(add):
+                local.budget_request_now(key, key_cfg, now)
+        allowed = True
+        if budget_key is not None and cfg is not None:
+            if retry:
+                allowed = local.budget_try_retry_now(budget_key, cfg, now)[0]
+            else:
+                local.budget_request_now(budget_key, cfg, now)
+        gate = None
+        if allowed and breaker_key is not None and breaker is not None:
+            gate = local.gate_now(breaker_key, breaker, now)
+            gate = gate._replace(epoch=_local_epoch(gate.epoch))
+        return gate, allowed, SOURCE_FALLBACK, age
+
+    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        """Count a top-level request: no round trip, it rides on the next outbound call.
+
+        Counts waiting longer than one sync interval are sent in the background.
+        """
+        if not self.health.up:
+            if self.on_error == "local":
+                self.local.budget_request_now(budget_key, cfg, now)
+            return
+        entry = self._pending.get(budget_key)
+        if entry is None:
+            self._pending[budget_key] = [cfg, 1, self._clock.monotonic()]
+        else:
+            entry[0] = cfg
+            entry[1] += 1
+            if self._clock.monotonic() - entry[2] >= self.sync_s:
+                task = self._flush_task
+                if task is None or task.done():
+                    self._flush_task = asyncio.get_running_loop().create_task(
+                        self.outbound_gate(None, None, None, None, False, now)
+                    )
+
+    async def budget_try_retry(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        _gate, allowed, source, age = await self.outbound_gate(
+            None, None, budget_key, cfg, True, now
+        )
+        return allowed, source, age
 
     # ------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
-        task = self.health.probe_task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self.health.probe_task, self._flush_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(*_CALL_ERRORS, RuntimeError):

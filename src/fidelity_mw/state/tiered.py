@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from .._types import Clock, RandomSource
 from ..breaker import CLOSED, FAILURE, IGNORED, OPEN, Gate
-from ..policy import BreakerConfig, StateConfig
+from ..policy import BreakerConfig, RetryConfig, StateConfig
 from ..ratelimit import LimitVerdict
 from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
@@ -302,6 +302,41 @@ class TieredStore(StateStore):
         result = await self.admit(breaker_key, breaker, (), (), now)
         assert result.gate is not None
         return result.gate, result.source, result.age_s
+
+    # ------------------------------------------------------------ outbound budgets
+
+    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        """Deferred like RedisStore's: sent with the next budget call or within a sync."""
+        await self.exact.budget_request(budget_key, cfg, now)
+
+    async def budget_try_retry(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        """Budgets stay exact in tiered mode: one call per retry (retries are rare)."""
+        return await self.exact.budget_try_retry(budget_key, cfg, now)
+
+    async def outbound_gate(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """Budget in Redis only for a retry; the breaker gate from the cache."""
+        allowed, source, age = True, SOURCE_CACHE, 0.0
+        if budget_key is not None and cfg is not None:
+            if retry:
+                allowed, source, age = await self.exact.budget_try_retry(budget_key, cfg, now)
+            else:
+                await self.exact.budget_request(budget_key, cfg, now)
+        gate = None
+        if allowed and breaker_key is not None and breaker is not None:
+            gate, gate_source, gate_age = await self.breaker_gate(breaker_key, breaker, now)
+            if not retry or gate_source != SOURCE_CACHE:
+                source, age = gate_source, gate_age
+        return gate, allowed, source, age
 
     # ------------------------------------------------------------ syncing
 

@@ -1,0 +1,132 @@
+"""Outbound state in Redis: host breakers and retry budgets, one call per attempt."""
+
+from __future__ import annotations
+
+import pytest
+
+from fidelity_mw.breaker import FAILURE
+from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import seeded_random
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+# 20 % of requests + 0.1/s x 10 s = 2 + 1 retries for 10 requests
+BUDGET = RetryConfig(budget_ratio=0.2, budget_min_per_s=0.1, budget_window_s=10.0)
+HOST = BreakerConfig(min_calls=1, consecutive_failures=1, open_s=30.0, half_open_probes=1)
+
+
+def store(url: str, **state: object) -> RedisStore:
+    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(11))  # type: ignore[arg-type]
+
+
+async def test_budget_decides_like_memory_store(redis_url: str) -> None:
+    redis_store = store(redis_url)
+    memory = MemoryStore(rng=seeded_random(11))
+    now = 100.0
+    try:
+        for _ in range(10):
+            await redis_store.budget_request("budget:h", BUDGET, now)
+            memory.budget_request_now("budget:h", BUDGET, now)
+        got = [(await redis_store.budget_try_retry("budget:h", BUDGET, now))[0] for _ in range(6)]
+        want = [memory.budget_try_retry_now("budget:h", BUDGET, now)[0] for _ in range(6)]
+        assert got == want == [True, True, True, False, False, False]
+        allowed, source, age = await redis_store.budget_try_retry("budget:h", BUDGET, now)
+        assert (allowed, source) == (False, "redis")
+        assert age >= 0.0
+    finally:
+        await redis_store.aclose()
+
+
+async def test_budget_is_shared_by_the_fleet(redis_url: str) -> None:
+    """Requests counted on A earn retries on B; B's retries use up A's allowance."""
+    a, b = store(redis_url), store(redis_url)
+    try:
+        for _ in range(10):
+            await a.budget_request("budget:h", BUDGET, 0.0)
+        await a.breaker_gate("upstream:h", HOST, 0.0)  # the counts ride on A's next call
+        assert [(await b.budget_try_retry("budget:h", BUDGET, 0.0))[0] for _ in range(4)] == [
+            True,
+            True,
+            True,
+            False,
+        ]
+        assert not (await a.budget_try_retry("budget:h", BUDGET, 0.0))[0]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_one_call_per_attempt(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    redis_store = store(redis_url)
+    try:
+        await redis_store.breaker_gate("upstream:warm", HOST, 0.0)  # loads the script
+        with redis_server.client() as client:
+            client.config_resetstat()
+            # first attempt, as the transport does it: count the request, gate the breaker
+            await redis_store.budget_request("budget:h", BUDGET, 0.0)
+            gate, source, _age = await redis_store.breaker_gate("upstream:h", HOST, 0.0)
+            assert (gate.verdict, source) == ("allow", "redis")
+            # a retry through the fused call: budget + breaker in one script
+            gate2, allowed, source, _age = await redis_store.outbound_gate(
+                "upstream:h", HOST, "budget:h", BUDGET, True, 0.0
+            )
+            assert gate2 is not None
+            assert allowed
+            assert gate2.verdict == "allow"
+            calls = client.info("commandstats")["cmdstat_evalsha"]["calls"]
+        assert calls == 2
+    finally:
+        await redis_store.aclose()
+
+
+async def test_denied_retry_takes_no_probe_and_rejected_gate_spends_no_retry(
+    redis_url: str,
+) -> None:
+    redis_store = store(redis_url)
+    tight = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10.0)  # 1 retry
+    try:
+        gate, _allowed, _s, _a = await redis_store.outbound_gate(
+            "upstream:p", HOST, "budget:p", tight, False, 0.0
+        )
+        assert gate is not None
+        assert await redis_store.record("upstream:p", HOST, gate, FAILURE, False, 0.0) == "open"
+        # open: the breaker rejects, so the retry is not spent
+        gate, allowed, _s, _a = await redis_store.outbound_gate(
+            "upstream:p", HOST, "budget:p", tight, True, 0.0
+        )
+        assert gate is not None
+        assert gate.verdict == "reject"
+        assert allowed  # the budget would have allowed it ...
+        assert (await redis_store.budget_try_retry("budget:p", tight, 0.0))[0]  # ... still there
+        # now the budget is spent: a denied retry does not even ask the breaker
+        gate, allowed, _s, _a = await redis_store.outbound_gate(
+            "upstream:p", HOST, "budget:p", tight, True, 0.0
+        )
+        assert gate is None
+        assert not allowed
+    finally:
+        await redis_store.aclose()
+
+
+async def test_outbound_falls_back_locally(own_redis) -> None:  # type: ignore[no-untyped-def]
+    redis_store = store(own_redis.url, timeout_ms=50, connect_timeout_ms=50)
+    try:
+        await redis_store.breaker_gate("upstream:f", HOST, 0.0)
+        own_redis.kill()
+        for _ in range(10):
+            await redis_store.budget_request("budget:f", BUDGET, 0.0)
+        gate, source, age = await redis_store.breaker_gate("upstream:f", HOST, 0.0)
+        assert source == "fallback"
+        assert gate.verdict == "allow"
+        assert gate.epoch < 0
+        assert age >= 0.0
+        # counted locally while Redis is gone: 10 requests -> 3 retries
+        answers = [await redis_store.budget_try_retry("budget:f", BUDGET, 0.0) for _ in range(4)]
+        assert [a[0] for a in answers] == [True, True, True, False]
+        assert {a[1] for a in answers} == {"fallback"}
+        # the local breaker takes the outcome of a fallback gate
+        assert await redis_store.record("upstream:f", HOST, gate, FAILURE, False, 0.0) == "open"
+    finally:
+        await redis_store.aclose()
