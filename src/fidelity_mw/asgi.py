@@ -116,6 +116,8 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        if self.engine.route_app is None:
+            self.engine.route_app = app
         self._monotonic = self.engine.clock.monotonic
         self._plan_for = self.engine.plan_for
         self._plans = self.engine._plans
@@ -228,7 +230,13 @@ class FidelityMiddleware:
                         message["headers"] = [*message.get("headers", ()), *headers]
                 elif kind == "http.response.body" and not message.get("more_body", False):
                     complete = True
-                await send(message)
+                try:
+                    await send(message)
+                except OSError:
+                    # The server could not write to the client: a disconnect, not
+                    # the route's failure (an OSError from the app's own backends is).
+                    ctx.client_disconnected = True
+                    raise
 
             try:
                 await self.app(scope, receive, send_wrapper)
@@ -403,7 +411,7 @@ class FidelityMiddleware:
             return 503, [(b"retry-after", wait.encode())], body
         if result.admitted:
             ctx._pending = (_admission_decisions, plan, result, now)
-            if plan.specs and self._headers_mode == "always":
+            if plan.policy_header is not None and self._headers_mode == "always":
                 ctx.response_headers = _ratelimit_headers(plan, result)
             return None
         _admission_decisions(ctx, plan, result, now)
@@ -418,7 +426,7 @@ class FidelityMiddleware:
         name = plan.specs[worst].name
         wait = retry_after_header(worst_wait)
         headers = [(b"retry-after", wait.encode())]
-        if self._headers_mode != "never":
+        if self._headers_mode != "never" and plan.policy_header is not None:
             headers.extend(_ratelimit_headers(plan, result))
         body = problem_body(
             429,
@@ -472,7 +480,7 @@ class FidelityMiddleware:
         exc: BaseException,
     ) -> Coroutine[Any, Any, str] | None:
         ctx.decided_by = DECIDED_BY_APP
-        if isinstance(exc, asyncio.CancelledError | ClientDisconnect | OSError):
+        if ctx.client_disconnected or isinstance(exc, asyncio.CancelledError | ClientDisconnect):
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
@@ -504,8 +512,9 @@ class FidelityMiddleware:
         gate = result.gate if result is not None else None
         if breaker is None or gate is None or plan.breaker_key is None:
             return None
-        if breaker.slow_call_ms is None and self._record_now is not None:
-            # Outcomes land in 3 s buckets: the start time is close enough.
+        if breaker.slow_call_ms is None and outcome == SUCCESS and self._record_now is not None:
+            # A success never opens the breaker and lands in a 3 s bucket: the
+            # start time is close enough and saves a clock read per request.
             try:
                 self._record_now(plan.breaker_key, breaker, gate, outcome, False, ctx.started_at)
             except Exception:
@@ -521,14 +530,10 @@ class FidelityMiddleware:
         gate = result.gate if result is not None else None
         if gate is None or breaker is None or plan.breaker_key is None:
             return None
-        if breaker.slow_call_ms is None:
-            # Outcomes land in 3 s buckets: the start time is close enough, and
-            # saves a clock read per request.
-            now = ctx.started_at
-            slow = False
-        else:
-            now = self._monotonic()
-            slow = (now - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+        now = self._monotonic()
+        slow = breaker.slow_call_ms is not None and (
+            (now - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+        )
         record_now = self._record_now
         if record_now is None:
             return self.engine.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
@@ -641,13 +646,15 @@ def _ratelimit_headers(plan: RoutePlan, result: InboundResult) -> list[tuple[byt
     """RateLimit-Policy (static per route) and RateLimit (remaining; seconds to reset)."""
     prefixes = plan.remaining_prefixes
     limits = result.limits
-    if len(limits) == 1:
+    # The slack absorbs float noise: a reset of exactly 10 s must not read 11.
+    if len(limits) == 1 and prefixes[0] is not None:
         verdict = limits[0]
-        value = prefixes[0] + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s))
-    else:
+        value = prefixes[0] + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s - 1e-9))
+    else:  # shadow limits (prefix None) are not advertised: they are never enforced
         value = b", ".join(
-            prefix + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s))
+            prefix + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s - 1e-9))
             for prefix, verdict in zip(prefixes, limits, strict=True)
+            if prefix is not None
         )
     return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", value)]
 

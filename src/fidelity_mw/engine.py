@@ -79,17 +79,21 @@ class RoutePlan:
         self.ip_key_prefix: str | None = (
             self.key_prefixes[0] if len(limits) == 1 and limits[0].key == "client_ip" else None
         )
-        self.remaining_prefixes = tuple(f'"{lim.name}";r='.encode("latin-1") for lim in limits)
+        # RateLimit item prefixes; None for shadow limits, which are not advertised.
+        self.remaining_prefixes: tuple[bytes | None, ...] = tuple(
+            None if lim.shadow else f'"{lim.name}";r='.encode("latin-1") for lim in limits
+        )
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
+        advertised = [lim for lim in limits if not lim.shadow]
         self.policy_header: bytes | None = (
             ", ".join(
                 # q units per w seconds: the bucket size, and the time the rate takes
                 # to refill it: q/w never exceeds the sustained rate, whatever the burst.
                 policy_field(lim.name, lim.burst_size, lim.burst_size * lim.emission_interval_s)
-                for lim in limits
+                for lim in advertised
             ).encode("latin-1")
-            if limits
+            if advertised
             else None
         )
 
@@ -112,6 +116,9 @@ class Engine:
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
+        # The app the middleware wraps: its routes name route identities when
+        # `scope["app"]` is missing (the middleware wrapped the app directly).
+        self.route_app: object | None = None
         # Set by the middleware / transports from `telemetry.py` (or by the user).
         self.request_observer: RequestObserver | None = None
         self.attempt_observer: AttemptObserver | None = None
@@ -136,7 +143,7 @@ class Engine:
         if route_cfg is not None:
             route = route_cfg.name or route_cfg.match
         else:
-            route = framework_template(scope) or UNMATCHED
+            route = framework_template(scope, self.route_app) or UNMATCHED
         breaker = policy.breaker
         deadline_ms = policy.deadline.default_ms
         cap_ms = policy.deadline.cap_ms

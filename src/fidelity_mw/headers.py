@@ -67,6 +67,8 @@ def in_networks(address: str, nets: tuple[Network, ...]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack server reports IPv4 peers as ::ffff:a.b.c.d
     return any(ip in net for net in nets)
 
 

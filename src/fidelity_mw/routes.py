@@ -16,9 +16,9 @@ from starlette.routing import Match
 UNMATCHED = "!unmatched"
 
 
-def framework_template(scope: Mapping[str, Any]) -> str | None:
+def framework_template(scope: Mapping[str, Any], fallback_app: object = None) -> str | None:
     """The path template of the Starlette/FastAPI route that will serve `scope`."""
-    routes = getattr(scope.get("app"), "routes", None)
+    routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return None
     partial: str | None = None
