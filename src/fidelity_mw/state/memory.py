@@ -24,18 +24,18 @@ from .base import InboundResult, LimitSpec, StateStore
 class GcraTable:
     """key -> TAT, with lossless sweeping of idle keys."""
 
-    __slots__ = ("_next_sweep", "evicted_active", "max_keys", "tats")
+    __slots__ = ("evicted_active", "max_keys", "next_sweep", "tats")
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
         self.tats: dict[str, float] = {}
-        self._next_sweep = max_keys
+        self.next_sweep = max_keys
         self.evicted_active = 0
 
     def make_room(self, now: float, incoming: int = 1) -> None:
         """Make sure `incoming` more keys fit under `max_keys`."""
         tats = self.tats
-        if len(tats) + incoming <= self._next_sweep:
+        if len(tats) + incoming <= self.next_sweep:
             return
         idle = [k for k, tat in tats.items() if tat <= now]
         for key in idle:
@@ -48,8 +48,8 @@ class GcraTable:
             self.evicted_active += overflow
         # Sweep again only after the table has grown by a quarter of its bound:
         # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
-        self._next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
-        self._next_sweep = max(self._next_sweep, len(tats) + 1)
+        self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
+        self.next_sweep = max(self.next_sweep, len(tats) + 1)
 
 
 class MemoryStore(StateStore):
@@ -86,31 +86,44 @@ class MemoryStore(StateStore):
             gate: Gate | None = None
             state: BreakerState | None = None
             if breaker_key is not None and breaker is not None:
-                state = self.breaker_state(breaker_key, breaker)
+                state = self.breakers.get(breaker_key)
+                if state is None or state.config is not breaker:
+                    state = self.breaker_state(breaker_key, breaker)
                 gate = state.gate(now, self._rng)
                 if gate.verdict == "reject":
                     return InboundResult(gate, (), False, "memory", 0.0)
             if not limits:
                 return InboundResult(gate, (), True, "memory", 0.0)
             table = self.limits
-            table.make_room(now, len(limits))
             tats = table.tats
-            verdicts: list[LimitVerdict] = []
-            admitted = True
-            for key, spec in zip(limit_keys, limits, strict=True):
+            if len(tats) + len(limits) > table.next_sweep:
+                table.make_room(now, len(limits))
+            if len(limits) == 1:  # the common case, without the loops
+                spec = limits[0]
+                key = limit_keys[0]
                 verdict = gcra(
                     tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost
                 )
-                verdicts.append(verdict)
-                if not verdict.allowed and not spec.shadow:
-                    admitted = False
-            if admitted:
-                for key, verdict in zip(limit_keys, verdicts, strict=True):
-                    if verdict.allowed:
-                        tats[key] = verdict.tat
-            elif gate is not None and state is not None and gate.probe_id:
+                if verdict.allowed:
+                    tats[key] = verdict.tat
+                    return InboundResult(gate, (verdict,), True, "memory", 0.0)
+                verdicts: tuple[LimitVerdict, ...] = (verdict,)
+                admitted = spec.shadow
+            else:
+                verdicts = tuple(
+                    gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
+                    for key, spec in zip(limit_keys, limits, strict=True)
+                )
+                admitted = all(
+                    v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
+                )
+                if admitted:
+                    for key, verdict in zip(limit_keys, verdicts, strict=True):
+                        if verdict.allowed:
+                            tats[key] = verdict.tat
+            if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return InboundResult(gate, tuple(verdicts), admitted, "memory", 0.0)
+            return InboundResult(gate, verdicts, admitted, "memory", 0.0)
 
     async def admit(
         self,
@@ -132,7 +145,9 @@ class MemoryStore(StateStore):
         now: float,
     ) -> str:
         with self._lock:
-            state = self.breaker_state(breaker_key, breaker)
+            state = self.breakers.get(breaker_key)
+            if state is None or state.config is not breaker:
+                state = self.breaker_state(breaker_key, breaker)
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
 
     async def record(
