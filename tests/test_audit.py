@@ -88,6 +88,15 @@ def test_slowapi_decorator_gets_a_ready_rate_limit():
     assert finding.replace_with.endswith('e.g. { match = "/search", rate = "5/minute" }')
 
 
+def test_objects_made_in_another_module():
+    routes = FIXTURES / "service" / "routes.py"
+    together = audit_paths([str(FIXTURES / "service")])
+    found = [(f.line, f.kind) for f in together.findings if f.file == routes.as_posix()]
+    assert found == [(14, LIMITER), (20, BREAKER)]
+    # alone, routes.py shows no library call: the objects are made elsewhere
+    assert audit_paths([str(routes)]).findings == []
+
+
 def test_hand_written_loop_reports_the_loop_and_the_sleep():
     source = (
         "import time\n"

@@ -25,7 +25,7 @@ def test_report_lines_name_file_line_kind_and_replacement(capsys: pytest.Capture
         "on charge() -> upstream[].breaker (outbound) or breaker / route[].breaker (inbound)"
     ) in lines
     assert lines[-1] == (
-        "31 finding(s) (15 retry, 9 breaker, 7 limiter) in 4 file(s); 5 file(s) scanned"
+        "33 finding(s) (15 retry, 10 breaker, 8 limiter) in 5 file(s); 6 file(s) scanned"
     )
 
 
@@ -53,9 +53,9 @@ def test_clean_tree_passes_any(capsys: pytest.CaptureFixture[str]):
 def test_json(capsys: pytest.CaptureFixture[str]):
     assert main(["audit", "--json", "--fail-on", "breaker", f"{FIXTURES}/service"]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["counts"] == {"retry": 15, "breaker": 9, "limiter": 7}
+    assert doc["counts"] == {"retry": 15, "breaker": 10, "limiter": 8}
     assert doc["fail_on"] == ["breaker"]
-    assert doc["scanned"] == 4
+    assert doc["scanned"] == 5
     first = doc["findings"][0]
     assert set(first) == {"file", "line", "kind", "library", "what", "replace_with"}
     assert first["file"] == "tests/fixtures/audit/service/breakers.py"

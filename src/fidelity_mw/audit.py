@@ -225,17 +225,39 @@ def iter_python_files(paths: Sequence[str], excludes: Iterable[str] = ()) -> Ite
                     yield path
 
 
+def module_name(path: Path, root: Path) -> str:
+    """`root/service/routes.py` -> `service.routes`; `pkg/__init__.py` -> `pkg`."""
+    rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+    parts = list(rel.with_suffix("").parts)
+    if parts and parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
 def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditReport:
+    """Scan files in two passes: first every module's library objects (`limiter =
+    Limiter(...)`), so that a use in another module (`from .limits import limiter`)
+    is found too; then every use."""
     report = AuditReport()
-    for path in iter_python_files(paths, excludes):
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source, filename=str(path))
-        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
-            report.skipped.append((path.as_posix(), f"{type(exc).__name__}: {exc}"))
-            continue
+    parsed: list[tuple[Path, str, ast.Module, str]] = []
+    for raw in paths:
+        root = Path(raw)
+        for path in iter_python_files([raw], excludes):
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = ast.parse(source, filename=str(path))
+            except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+                report.skipped.append((path.as_posix(), f"{type(exc).__name__}: {exc}"))
+                continue
+            parsed.append((path, source, tree, module_name(path, root)))
+    shared: dict[str, Rule] = {}
+    for path, _, tree, module in parsed:
+        scanner = _Scanner(path.as_posix(), module, shared)
+        scanner.collect_imports(tree)
+        scanner.collect_module_objects(tree)
+    for path, source, tree, module in parsed:
         report.scanned += 1
-        report.findings.extend(audit_tree(tree, source, path.as_posix()))
+        report.findings.extend(audit_tree(tree, source, path.as_posix(), module, shared))
     return report
 
 
@@ -243,8 +265,14 @@ def audit_source(source: str, filename: str = "<string>") -> list[AuditFinding]:
     return audit_tree(ast.parse(source, filename=filename), source, filename)
 
 
-def audit_tree(tree: ast.Module, source: str, filename: str) -> list[AuditFinding]:
-    scanner = _Scanner(filename)
+def audit_tree(
+    tree: ast.Module,
+    source: str,
+    filename: str,
+    module: str = "",
+    shared: dict[str, Rule] | None = None,
+) -> list[AuditFinding]:
+    scanner = _Scanner(filename, module, shared)
     scanner.collect_imports(tree)
     scanner.visit(tree)
     lines = source.splitlines()
@@ -293,8 +321,14 @@ def _short(node: ast.AST) -> str:
 
 
 class _Scanner(ast.NodeVisitor):
-    def __init__(self, filename: str) -> None:
+    def __init__(
+        self, filename: str, module: str = "", shared: dict[str, Rule] | None = None
+    ) -> None:
         self.filename = filename
+        self.module = module
+        self.is_package = Path(filename).name == "__init__.py"
+        # `module.name` -> rule, for library objects bound at module level, across files
+        self.shared: dict[str, Rule] = shared if shared is not None else {}
         self.aliases: dict[str, str] = {}
         self.instances: dict[str, Rule] = {}
         self.findings: list[AuditFinding] = []
@@ -312,10 +346,53 @@ class _Scanner(ast.NodeVisitor):
                     else:
                         top = alias.name.split(".")[0]
                         self.aliases[top] = top
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            elif isinstance(node, ast.ImportFrom):
+                base = self._from_base(node)
                 for alias in node.names:
-                    if alias.name != "*":
-                        self.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                    if base and alias.name != "*":
+                        self.aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+
+    def _from_base(self, node: ast.ImportFrom) -> str | None:
+        """The module a `from X import` names; relative imports resolved against ours."""
+        if not node.level:
+            return node.module
+        parts = self.module.split(".") if self.module else []
+        if not self.is_package:
+            parts = parts[:-1]
+        if node.level - 1 > len(parts):
+            return None
+        parts = parts[: len(parts) - (node.level - 1)]
+        if node.module:
+            parts.append(node.module)
+        return ".".join(parts) or None
+
+    def collect_module_objects(self, tree: ast.Module) -> None:
+        """`limiter = Limiter(...)` at module level: shared with the other files."""
+        for stmt in tree.body:
+            value: ast.expr | None
+            if isinstance(stmt, ast.Assign):
+                value, targets = stmt.value, stmt.targets
+            elif isinstance(stmt, ast.AnnAssign):
+                value, targets = stmt.value, [stmt.target]
+            else:
+                continue
+            if not isinstance(value, ast.Call):
+                continue
+            found = self.rule_for(self.resolve(value.func))
+            if found is None:
+                continue
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    self.shared[f"{self.module}.{target.id}"] = found[1]
+
+    def shared_object(self, name: str | None) -> Rule | None:
+        """A library object another scanned module made, imported here under `name`."""
+        if not name or "." not in name:
+            return None
+        for key, rule in self.shared.items():
+            if key == name or key.endswith("." + name) or name.endswith("." + key):
+                return rule
+        return None
 
     def resolve(self, node: ast.expr) -> str | None:
         if isinstance(node, ast.Name):
@@ -396,14 +473,18 @@ class _Scanner(ast.NodeVisitor):
         text = _target_text(target)
         if text is None:
             return None
-        if text in self.instances:
-            return (self.instances[text], text) if decorator else None
+        own = self.instances.get(text) or (
+            self.shared_object(self.resolve(target)) if isinstance(target, ast.Name) else None
+        )
+        if own is not None:
+            return (own, text) if decorator else None
         if isinstance(target, ast.Attribute):
             base = _target_text(target.value)
-            if base in self.instances:
-                rule = self.instances[base]
-                if decorator or target.attr in INSTANCE_METHODS[rule.kind]:
-                    return rule, text
+            rule = self.instances.get(base) if base else None
+            if rule is None and isinstance(target.value, ast.Name):
+                rule = self.shared_object(self.resolve(target.value))
+            if rule is not None and (decorator or target.attr in INSTANCE_METHODS[rule.kind]):
+                return rule, text
         return None
 
     def visit_Assign(self, node: ast.Assign) -> None:
