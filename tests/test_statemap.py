@@ -69,8 +69,16 @@ def test_tiered_policy_staleness_is_the_sync_interval():
     data = {**POLICY, "state": {"url": "tiered+redis://cache:6379", "sync_interval_ms": 50}}
     smap = from_policy(Policy.from_dict(data), "p.toml")
     limit = layer(smap, "inbound", "ratelimit", "per-client")
-    assert limit.staleness == "up to 50 ms (sync_interval_ms) behind the fleet"
+    assert limit.state.startswith("slices of the fleet's bucket in Redis at redis://cache:6379")
+    assert limit.staleness.startswith("up to 50 ms (sync_interval_ms)")
     assert "decide on process-local counters" in limit.on_failure
+    pay = layer(smap, "inbound", "breaker", "route pay")
+    assert pay.state.startswith("a per-process cached copy of the breaker in Redis")
+    assert pay.staleness.startswith("at most 50 ms (one sync interval")
+    # retry budgets stay exact in Redis in tiered mode
+    budget = layer(smap, "outbound", "budget", "payments.internal")
+    assert budget.staleness.startswith("about half a round trip")
+    assert budget.key == "{fmw}:bu:H(budget:{host[:port]})"
 
 
 def test_disabled_breaker_and_shadow_limit():

@@ -98,7 +98,8 @@ class _Home:
     on_failure: str
 
 
-def _home(policy: Policy) -> _Home:
+def _homes(policy: Policy) -> dict[str, _Home]:
+    """Where each kind of state lives (`limit`, `breaker`, `budget`) under this policy."""
     st = policy.state
     url = st.url
     failure = {
@@ -108,26 +109,44 @@ def _home(policy: Policy) -> _Home:
         "closed": "503 + Retry-After: 1 (fail closed)",
     }[st.on_error]
     if url.startswith("memory://"):
-        return _Home(
+        memory = _Home(
             "process memory (per worker process: not shared, lost on restart)",
             None,
             "none: exact for this process",
             "cannot fail (no remote dependency)",
         )
-    if url.startswith("tiered+"):
-        return _Home(
-            f"local slices of the fleet's quota, reconciled with Redis at "
-            f"{redact_url(url[len('tiered+') :])}",
-            st.key_prefix,
-            f"up to {st.sync_interval_ms} ms (sync_interval_ms) behind the fleet",
-            f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
-        )
-    return _Home(
-        f"Redis at {redact_url(url)}",
+        return {"limit": memory, "breaker": memory, "budget": memory}
+    on_failure = f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}"
+    exact = _Home(
+        f"Redis at {redact_url(url.removeprefix('tiered+'))}",
         st.key_prefix,
         "about half a round trip: decided atomically in Redis on the server clock",
-        f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}",
+        on_failure,
     )
+    if not url.startswith("tiered+"):
+        return {"limit": exact, "breaker": exact, "budget": exact}
+    sync = st.sync_interval_ms
+    where = redact_url(url.removeprefix("tiered+"))
+    return {
+        "limit": _Home(
+            f"slices of the fleet's bucket in Redis at {where}, leased per process and "
+            "spent locally",
+            st.key_prefix,
+            f"up to {sync} ms (sync_interval_ms): slices are topped up and given back "
+            "every sync; never more than one exact GCRA admits, but units in other "
+            "processes' slices (at most burst/4 each) wait for the next sync",
+            on_failure,
+        ),
+        "breaker": _Home(
+            f"a per-process cached copy of the breaker in Redis at {where}; half-open "
+            "probes are leased exactly in Redis",
+            st.key_prefix,
+            f"at most {sync} ms (one sync interval: an older copy is refreshed before use); "
+            "local outcomes reach the shared window at the next sync",
+            on_failure,
+        ),
+        "budget": exact,
+    }
 
 
 def _key(home: _Home, logical: str, *kinds: str) -> str:
@@ -186,7 +205,10 @@ def _retry_data(r: RetryConfig) -> str:
 
 def layers_for(policy: Policy) -> list[Layer]:
     """The layers `policy` sets up, inbound outermost first, then outbound."""
-    home = _home(policy)
+    homes = _homes(policy)
+    home = homes["breaker"]
+    limit_home = homes["limit"]
+    budget_home = homes["budget"]
     rows: list[Layer] = []
     dl = policy.deadline
     rows.append(
@@ -282,8 +304,8 @@ def layers_for(policy: Policy) -> list[Layer]:
                 home.on_failure,
             )
         )
-    limiter_state = home.state
-    if home.prefix is None:
+    limiter_state = limit_home.state
+    if limit_home.prefix is None:
         limiter_state += f"; at most {policy.state.max_keys} keys, idle keys evicted first"
     for i, lim in enumerate(policy.rate_limits):
         verb = "records would-reject, never rejects (shadow)" if lim.shadow else "429"
@@ -304,11 +326,11 @@ def layers_for(policy: Policy) -> list[Layer]:
                     else str(lim.key if isinstance(lim.key, str) else "callable")
                 ),
                 limiter_state,
-                _key(home, f"{lim.name}|{{client}}", "rl"),
+                _key(limit_home, f"{lim.name}|{{client}}", "rl"),
                 "FidelityMiddleware at admission, only when every limit admits "
                 "(a shed or rejected request consumes no quota)",
-                home.staleness,
-                home.on_failure,
+                limit_home.staleness,
+                limit_home.on_failure,
             )
         )
     upstreams = list(policy.upstreams)
@@ -378,11 +400,11 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "whether a retry may be spent at all",
                 f"retries <= {r.budget_ratio:g} x requests + {r.budget_min_per_s:g}/s "
                 f"over {r.budget_window_s:g} s",
-                home.state,
-                _key(home, "budget:{host[:port]}", "bu"),
+                budget_home.state,
+                _key(budget_home, "budget:{host[:port]}", "bu"),
                 "FidelityTransport: each request deposits, each retry withdraws",
-                home.staleness,
-                home.on_failure,
+                budget_home.staleness,
+                budget_home.on_failure,
             )
         )
     return rows
