@@ -9,7 +9,8 @@ run) and reports, with file and line:
   httpx transports with `retries=N` (N != 0), httpx-retries, pybreaker,
   aiobreaker, circuitbreaker, purgatory, slowapi, limits, fastapi-limiter;
 - uses of the objects those create (`@limiter.limit("5/minute")`,
-  `@breaker`, `breaker.call(f)`), with the route path when one is declared;
+  `@breaker`, `breaker.call(f)`), with the route path when one is declared,
+  also in other scanned modules that import them;
 - hand-written retry loops: a `for`/`while` loop whose body has a `try`
   around a call, with a `sleep` in an `except` branch. A loop that sleeps
   without an `except` (polling) and an `except` that sleeps outside a loop
