@@ -80,7 +80,7 @@ _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
 
 # Probing an unreachable Redis: exponential backoff, equal jitter.
 PROBE_BASE_S: Final = 0.05
-PROBE_CAP_S: Final = 1.0
+PROBE_CAP_S: Final = 0.5
 
 _KEY_CACHE_MAX = 10_000
 
@@ -200,6 +200,7 @@ class RedisStats:
     dropped_records: int = 0  # outcomes not recorded because Redis was down
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
+    recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
 
 
 class Health:
@@ -396,6 +397,8 @@ class RedisStore(StateStore):
             health.up = True
             health.last_ok = now
             self.stats.recoveries.append(now - health.down_since)
+            self.stats.recovered_at.append(now)
+            del self.stats.recoveries[:-100], self.stats.recovered_at[:-100]
             logger.warning(
                 "fidelity_mw: redis reachable again after %.3f s", now - health.down_since
             )
