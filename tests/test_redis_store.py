@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.breaker import FAILURE, IGNORED, SUCCESS
+from fidelity_mw.breaker import FAILURE, SUCCESS
 from fidelity_mw.errors import PolicyError
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
@@ -102,8 +102,8 @@ async def test_limits_decide_like_memory_store(redis_url: str) -> None:
 
 
 async def test_one_round_trip_per_request(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
-    """Breaker gate + three limits = one EVALSHA; a success record = one more."""
-    redis_store = store(redis_url)
+    """Breaker gate + three limits = one EVALSHA; the success rides on the next one."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
     breaker = BreakerConfig()
     limits = [spec(1000, 100, name=n) for n in "xyz"]
     keys = [f"{n}|client" for n in "xyz"]
@@ -113,11 +113,12 @@ async def test_one_round_trip_per_request(redis_url: str, redis_server) -> None:
         for _ in range(20):
             result = await redis_store.admit("route:/a", breaker, keys, limits, 0.0)
             assert result.admitted
-            await redis_store.record("route:/a", breaker, result.gate, IGNORED, False, 0.0)
+            assert result.gate is not None
+            await redis_store.record("route:/a", breaker, result.gate, SUCCESS, False, 0.0)
         stats = client.info("commandstats")
     await redis_store.aclose()
     calls = {name: value["calls"] for name, value in stats.items()}
-    assert calls.get("cmdstat_evalsha") == 20  # ignored outcomes are not even sent
+    assert calls.get("cmdstat_evalsha") == 20  # one per request, successes included
     assert "cmdstat_eval" not in calls
 
 
@@ -389,3 +390,67 @@ async def test_fleet_wide_probe_limit(redis_url: str) -> None:
     assert verdicts.count("probe") == 2
     assert verdicts.count("reject") == 38
     assert {source for _gate, source, _age in results} == {"redis"}
+
+
+# ---------------------------------------------------------------- deferred successes
+
+
+def window_calls(redis_server, breaker_key: str) -> int:  # type: ignore[no-untyped-def]
+    with redis_server.client() as client:
+        raw = client.hget(hashed_key("fmw", "br", breaker_key), "w")
+    if raw is None:
+        return 0
+    numbers = [int(n) for n in raw.decode().split(",")]
+    return sum(numbers[0::3])
+
+
+async def test_successes_ride_on_the_next_call(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A plain success costs no round trip; the next admit (or a failure) carries it."""
+    cfg = BreakerConfig(min_calls=4, failure_ratio=0.6)
+    redis_store = store(redis_url, sync_interval_ms=60_000)  # no timed flush in this test
+    memory = MemoryStore(rng=seeded_random(7))
+    try:
+        gate = (await redis_store.admit("route:/d", cfg, (), (), 0.0)).gate
+        local_gate = memory.admit_now("route:/d", cfg, (), (), 0.0).gate
+        assert gate is not None
+        assert local_gate is not None
+        trips = redis_store.stats.round_trips
+        for _ in range(3):
+            assert await redis_store.record("route:/d", cfg, gate, SUCCESS, False, 0.0) == "closed"
+            memory.record_now("route:/d", cfg, local_gate, SUCCESS, False, 0.0)
+        assert redis_store.stats.round_trips == trips  # no calls for successes
+        assert window_calls(redis_server, "route:/d") == 0
+        # four failures: with the three successes carried first, 4/7 < 0.6 stays closed
+        # (had they been dropped, 4/4 would have opened it)
+        states = []
+        for _ in range(4):
+            states.append(await redis_store.record("route:/d", cfg, gate, FAILURE, False, 0.0))
+            memory.record_now("route:/d", cfg, local_gate, FAILURE, False, 0.0)
+        assert states == ["closed"] * 4
+        assert memory.breakers["route:/d"].state == "closed"
+        assert window_calls(redis_server, "route:/d") == 7
+        await redis_store.record("route:/d", cfg, gate, SUCCESS, False, 0.0)
+        await redis_store.admit("route:/d", cfg, (), (), 0.0)  # carries it
+        assert window_calls(redis_server, "route:/d") == 8
+    finally:
+        await redis_store.aclose()
+
+
+async def test_deferred_successes_are_flushed_after_one_sync_interval(
+    redis_url: str,
+    redis_server,  # type: ignore[no-untyped-def]
+) -> None:
+    redis_store = store(redis_url, sync_interval_ms=20)
+    cfg = BreakerConfig()
+    try:
+        gate = (await redis_store.admit("route:/idle", cfg, (), (), 0.0)).gate
+        assert gate is not None
+        for _ in range(5):
+            await redis_store.record("route:/idle", cfg, gate, SUCCESS, False, 0.0)
+        for _ in range(100):  # bounded: 1 s
+            await anyio.sleep(0.01)
+            if window_calls(redis_server, "route:/idle") == 5:
+                break
+        assert window_calls(redis_server, "route:/idle") == 5
+    finally:
+        await redis_store.aclose()

@@ -282,6 +282,9 @@ class RedisStore(StateStore):
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
         self._flush_task: asyncio.Task[Any] | None = None
+        # breaker key -> [config, epoch, plain successes not yet sent]
+        self._deferred: dict[str, list[Any]] = {}
+        self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
 
     # ------------------------------------------------------------ plumbing
@@ -427,6 +430,7 @@ class RedisStore(StateStore):
             keys.append(self.key("br", breaker_key))
             keys.append(self.key("bp", breaker_key))
             args.extend(self.breaker_config_args(breaker))
+            args.extend(self._take_deferred(breaker_key))
         for key, spec in zip(limit_keys, limits, strict=True):
             keys.append(self.key("rl", key))
             args.extend(self.limit_args(spec))
@@ -479,14 +483,19 @@ class RedisStore(StateStore):
                 return gate.state
             local = gate._replace(epoch=_local_epoch(gate.epoch))
             return self.local.record_now(breaker_key, breaker, local, outcome, slow, now)
-        if outcome == IGNORED and not gate.probe_id:
-            return gate.state  # nothing would change: save the round trip
+        if not gate.probe_id:
+            if outcome == IGNORED:
+                return gate.state  # nothing would change: save the round trip
+            if outcome == SUCCESS and not slow:
+                self._defer_success(breaker_key, breaker, gate.epoch)
+                return gate.state
         args = (
             self._rng(),
             gate.epoch,
             gate.probe_id,
             _OUTCOME_CODES.get(outcome, "i"),
             1 if slow else 0,
+            *self._take_deferred(breaker_key),
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
@@ -495,6 +504,40 @@ class RedisStore(StateStore):
             self.stats.dropped_records += 1
             return gate.state
         return _text(got[0][0])
+
+    # Plain successes (not a probe, not slow) cannot open or close a breaker:
+    # they only add to the window's call count. Instead of one call each, they
+    # ride on this instance's next call about the same breaker (its next
+    # admit or failure), or are flushed after one sync interval. A failure
+    # carries them along, so the window never sees this instance's failures
+    # without its earlier successes.
+
+    def _defer_success(self, breaker_key: str, breaker: BreakerConfig, epoch: int) -> None:
+        entry = self._deferred.get(breaker_key)
+        if entry is None or epoch > entry[1]:
+            self._deferred[breaker_key] = [breaker, epoch, 1]
+        elif epoch == entry[1]:
+            entry[2] += 1
+        # (a success from an older epoch would be ignored by Redis: drop it)
+        task = self._deferred_task
+        if task is None or task.done():
+            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
+
+    def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
+        entry = self._deferred.pop(breaker_key, None)
+        return (entry[1], entry[2]) if entry is not None else (0, 0)
+
+    async def _flush_deferred(self) -> None:
+        await self._clock.sleep(self.sync_s)
+        for breaker_key in list(self._deferred)[:64]:
+            entry = self._deferred.get(breaker_key)
+            if entry is None:
+                continue
+            args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
+            keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
+            await self.call(RECORD, keys, (*args, *self.breaker_config_args(entry[0])))
+        if self._deferred:
+            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -533,6 +576,7 @@ class RedisStore(StateStore):
             keys.append(self.key("br", breaker_key))
             keys.append(self.key("bp", breaker_key))
             args.extend(self.breaker_config_args(breaker))
+            args.extend(self._take_deferred(breaker_key))
         taken: list[tuple[str, RetryConfig, int]] = []
         if budget_key is not None and cfg is not None:
             pending = self._pending.pop(budget_key, None)
@@ -630,7 +674,7 @@ class RedisStore(StateStore):
     # ------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
-        for task in (self.health.probe_task, self._flush_task):
+        for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,8 +1,10 @@
 -- admit: the route breaker gate and every rate limit of one request, atomically.
 --
 -- KEYS: [breaker hash, breaker probes] if ARGV[1] == '1', then one TAT key per limit.
--- ARGV: has_breaker, jitter u in [0,1), n_limits, [9 breaker config values],
+-- ARGV: has_breaker, jitter u in [0,1), n_limits,
+--       [9 breaker config values, deferred_epoch, deferred_successes],
 --       then per limit: interval_s, tolerance_s, cost, shadow (0/1).
+-- Deferred successes (see RedisStore.record) are applied before the gate.
 -- Returns: now, verdict, state, epoch, retry_after_s, probe_id, admitted,
 --          then per limit: allowed (0/1), remaining, reset_s, retry_after_s.
 -- Limits are committed only if the breaker admits and every enforced limit
@@ -20,6 +22,8 @@ if has_breaker then
   local cfg
   cfg, i = read_config(ARGV, i)
   b = br_load(KEYS[1], KEYS[2], cfg)
+  br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now)
+  i = i + 2
   k = 3
   verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
   if verdict == 'reject' then

@@ -279,3 +279,17 @@ local function br_record(b, epoch, probe_id, outcome, slow, now, u)
   end
   return b.st
 end
+
+-- Apply `n` plain successes an instance deferred (they were admitted in
+-- `epoch`): counted only if that epoch is still the current one of a closed
+-- breaker, exactly as `n` calls to br_record(..., 's', false, ...) would.
+local function br_successes(b, epoch, n, now)
+  if n <= 0 or epoch ~= b.ep or b.st ~= 'closed' then
+    return
+  end
+  br_rotate(b, now)
+  local last = 3 * (BUCKETS - 1)
+  b.w[last + 1] = b.w[last + 1] + n
+  b.co = 0
+  b.dirty = true
+end

@@ -6,7 +6,8 @@
 --   retries + 1 <= budget_ratio * requests + budget_min_per_s * window_s.
 --
 -- KEYS: [breaker hash, breaker probes] if ARGV[1] == '1', then one key per budget.
--- ARGV: has_breaker, jitter u, n_budgets, [9 breaker config values],
+-- ARGV: has_breaker, jitter u, n_budgets,
+--       [9 breaker config values, deferred_epoch, deferred_successes],
 --       then per budget: window_s, ratio, min_per_s, add_requests, want_retry (0/1).
 -- Order: requests are counted first (they are facts); a wanted retry the
 -- budget denies takes no breaker gate (no probe slot); a breaker rejection
@@ -84,8 +85,11 @@ local nb = tonumber(ARGV[3])
 local i = 4
 local k = 1
 local cfg = nil
+local deferred_epoch, deferred = 0, 0
 if has_breaker then
   cfg, i = read_config(ARGV, i)
+  deferred_epoch, deferred = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
   k = 3
 end
 local budgets = {}
@@ -113,9 +117,12 @@ for j = 0, nb - 1 do
   budgets[#budgets + 1] = w
 end
 local verdict, state, epoch, wait, probe_id = 'allow', '', 0, 0, 0
-if has_breaker and not denied then
+if has_breaker then
   local b = br_load(KEYS[1], KEYS[2], cfg)
-  verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
+  br_successes(b, deferred_epoch, deferred, now)
+  if not denied then
+    verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
+  end
   br_save(b)
 end
 local out = { fmt(now), verdict, state, epoch, fmt(wait), probe_id }
