@@ -541,6 +541,10 @@ class Policy(_Validated):
             raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError([PolicyIssue("", f"not valid TOML: {exc}")], source) from exc
+        except UnicodeDecodeError as exc:  # TOML files are UTF-8
+            raise PolicyError(
+                [PolicyIssue("", f"not valid TOML: the file is not UTF-8 ({exc})")], source
+            ) from exc
         try:
             return cls.from_dict(data)
         except PolicyError as exc:
@@ -685,6 +689,8 @@ def _read_nested(
             _build(sub_cls, item, f"{where}[{i}]", issues, sub_nested)
             for i, item in enumerate(value)
         )
+    if sub_cls is BreakerConfig and value is None and parent is not RouteConfig:
+        return None  # JSON null (what `to_dict` writes for a disabled breaker): no breaker
     if sub_cls is BreakerConfig and isinstance(value, bool):
         if parent is RouteConfig:
             return value
