@@ -132,7 +132,7 @@ def test_late_decisions_added_once_when_span_still_open(otel: Pipeline) -> None:
     span.end()
     (only,) = otel.finished()
     assert [e["fidelity.layer"] for e in decision_events(only)] == ["ratelimit", "retry"]
-    assert dict(only.attributes or {})[schema.DECISION_COUNT] == 2
+    assert dict(only.attributes or {})[schema.DECIDED_BY] == "app"
 
 
 # ------------------------------------------------------------ ASGI

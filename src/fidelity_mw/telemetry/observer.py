@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
@@ -40,6 +41,7 @@ from opentelemetry import metrics as metrics_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
     INVALID_SPAN,
@@ -61,6 +63,7 @@ from ..context import (
     PROBE,
     RETRY,
     SHED,
+    SOURCE_MEMORY,
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
@@ -133,6 +136,11 @@ _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
 _REJECTION_STATUS: Final = {"rejected": 429, "shed": 503, "expired": 504}
 _MAX_CACHED: Final = 4096
 _MAX_SUBJECTS: Final = 1024
+_MAX_SERIES: Final = 2048
+_ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
+# Decisions on process-local state (or on the request itself) are always fresh: the
+# state-age histogram records the others only.
+_LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
 _MISSING: Final = object()
 # The key opentelemetry-instrumentation-* check before starting HTTP spans (API-level).
 _SUPPRESS_HTTP_KEY: Final[str] = getattr(
@@ -157,9 +165,25 @@ def _global_tracer_provider() -> TracerProvider | None:
     return provider  # type: ignore[return-value]
 
 
+if hasattr(trace_api, "_TRACER_PROVIDER") and hasattr(_metrics_internal, "_METER_PROVIDER"):
+
+    def _no_global_tracer_provider() -> bool:
+        return trace_api._TRACER_PROVIDER is None
+
+    def _no_global_meter_provider() -> bool:
+        return _metrics_internal._METER_PROVIDER is None
+
+else:  # pragma: no cover - the API moved its globals: take the public road
+
+    def _no_global_tracer_provider() -> bool:
+        return _global_tracer_provider() is None
+
+    def _no_global_meter_provider() -> bool:
+        return _global_meter_provider() is None
+
+
 def _global_meter_provider() -> MeterProvider | None:
-    internal = sys.modules.get("opentelemetry.metrics._internal")
-    provider = getattr(internal, "_METER_PROVIDER", _MISSING)
+    provider = getattr(_metrics_internal, "_METER_PROVIDER", _MISSING)
     if provider is _MISSING:
         provider = metrics_api.get_meter_provider()
         return None if _is_proxy_meter_provider(provider) else provider
@@ -287,38 +311,68 @@ class _Attempt:
 # ---------------------------------------------------------------- metrics
 
 
+class _Tally:
+    """Counts kept in the process and reported by an observable counter at collection.
+
+    A synchronous SDK counter costs several microseconds per `add` (attribute
+    hashing, exemplar sampling); a dict increment under a lock costs ~0.1 us.
+    The exported series are the same cumulative sums.
+    """
+
+    __slots__ = ("counts", "lock", "names")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.counts: dict[tuple[str, ...], int] = {}
+        self.lock = threading.Lock()
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self.lock:
+            items = list(self.counts.items())
+        names = self.names
+        return [Observation(n, dict(zip(names, key, strict=True))) for key, n in items]
+
+
 class _Metrics:
-    """The instruments of one meter, with the attribute sets they are fed cached."""
+    """The instruments of one meter."""
 
     def __init__(self, meter: Meter, owner: Telemetry) -> None:
-        self.decisions = meter.create_counter(
+        self.decisions = _Tally((s.LAYER, s.VERDICT, s.STATE_SOURCE))
+        meter.create_observable_counter(
             s.METRIC_DECISIONS,
+            callbacks=[self.decisions.observe],
             unit="{decision}",
             description="Decisions taken by fidelity_mw's control layers.",
+        )
+        self.requests = _Tally((s.OUTCOME, s.DECIDED_BY, s.ROUTE))
+        meter.create_observable_counter(
+            s.METRIC_REQUESTS,
+            callbacks=[self.requests.observe],
+            unit="{request}",
+            description="Inbound requests by outcome and deciding layer.",
+        )
+        self.failures = _Tally((s.FAILURE_CAUSE, s.DECIDED_BY, s.ROUTE))
+        meter.create_observable_counter(
+            s.METRIC_FAILURES,
+            callbacks=[self.failures.observe],
+            unit="{request}",
+            description="Failed inbound requests: cause=control (a fidelity layer turned the "
+            "request away) counted apart from cause=app (the application failed).",
+        )
+        self.budget = _Tally((s.SUBJECT, s.BUDGET_RESULT))
+        meter.create_observable_counter(
+            s.METRIC_RETRY_BUDGET,
+            callbacks=[self.budget.observe],
+            unit="{retry}",
+            description="Retries drawn from the per-upstream retry budget, and retries the "
+            "exhausted budget refused.",
         )
         self.state_age = _histogram(
             meter,
             s.METRIC_STATE_AGE,
             "s",
-            "Age of the state a decision was taken on (0 = fresh, authoritative read).",
+            "Age of the shared state a decision was taken on (redis, cache, fallback).",
             _STATE_AGE_BUCKETS,
-        )
-        self.requests = meter.create_counter(
-            s.METRIC_REQUESTS,
-            unit="{request}",
-            description="Inbound requests by outcome and deciding layer.",
-        )
-        self.failures = meter.create_counter(
-            s.METRIC_FAILURES,
-            unit="{request}",
-            description="Failed inbound requests: cause=control (a fidelity layer turned the "
-            "request away) counted apart from cause=app (the application failed).",
-        )
-        self.budget = meter.create_counter(
-            s.METRIC_RETRY_BUDGET,
-            unit="{retry}",
-            description="Retries drawn from the per-upstream retry budget, and retries the "
-            "exhausted budget refused.",
         )
         self.client_duration = _histogram(
             meter,
@@ -340,56 +394,60 @@ class _Metrics:
             description="Circuit breaker state: 1 for the current state of each breaker, "
             "0 for the others.",
         )
-        self._decision_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
-        self._request_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
-        self._failure_attrs: dict[tuple[str, str, str], dict[str, str]] = {}
 
-    def record_decision(self, d: Decision) -> None:
-        key = (d.layer, d.verdict, d.state_source)
-        attrs = self._decision_attrs.get(key)
-        if attrs is None:
-            attrs = {s.LAYER: d.layer, s.VERDICT: d.verdict, s.STATE_SOURCE: d.state_source}
-            if len(self._decision_attrs) < _MAX_CACHED:
-                self._decision_attrs[key] = attrs
-        self.decisions.add(1, attrs)
-        if d.state_source != SOURCE_REQUEST:
-            age_key = (d.layer, d.state_source)
-            age_attrs = self._age_attrs.get(age_key)
-            if age_attrs is None:
-                age_attrs = {s.LAYER: d.layer, s.STATE_SOURCE: d.state_source}
-                if len(self._age_attrs) < _MAX_CACHED:
-                    self._age_attrs[age_key] = age_attrs
-            self.state_age.record(d.state_age_s if d.state_age_s > 0.0 else 0.0, age_attrs)
-        layer = d.layer
-        if layer == LAYER_RETRY and d.verdict == RETRY:
-            self.budget.add(1, {s.SUBJECT: d.subject, s.BUDGET_RESULT: "drawn"})
-        elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
-            self.budget.add(1, {s.SUBJECT: d.subject, s.BUDGET_RESULT: "exhausted"})
+    def record(self, ctx: DecisionContext | None, decisions: Sequence[Decision]) -> None:
+        """One finished request (ctx) or outbound call (ctx None) and its decisions."""
+        aged: list[Decision] | None = None
+        budget: list[tuple[str, str]] | None = None
+        tally = self.decisions
+        with tally.lock:
+            counts = tally.counts
+            for d in decisions:
+                key = (d.layer, d.verdict, d.state_source)
+                counts[key] = counts.get(key, 0) + 1
+                if d.state_source not in _LOCAL_SOURCES or d.state_age_s > 0.0:
+                    if aged is None:
+                        aged = []
+                    aged.append(d)
+                layer = d.layer
+                if layer == LAYER_RETRY:
+                    if d.verdict == RETRY:
+                        if budget is None:
+                            budget = []
+                        budget.append((d.subject, "drawn"))
+                elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
+                    if budget is None:
+                        budget = []
+                    budget.append((d.subject, "exhausted"))
+        if ctx is not None:
+            outcome = ctx.outcome or "unknown"
+            decided_by = ctx.decided_by or "none"
+            _bump(self.requests, (outcome, decided_by, ctx.route))
+            if outcome in _CONTROL_OUTCOMES:
+                _bump(self.failures, (s.CAUSE_CONTROL, decided_by, ctx.route))
+            elif outcome == "failed":
+                _bump(self.failures, (s.CAUSE_APP, decided_by, ctx.route))
+        if budget is not None:
+            for subject_result in budget:
+                _bump(self.budget, subject_result)
+        if aged is not None:
+            for d in aged:
+                age_key = (d.layer, d.state_source)
+                attrs = self._age_attrs.get(age_key)
+                if attrs is None:
+                    attrs = {s.LAYER: d.layer, s.STATE_SOURCE: d.state_source}
+                    if len(self._age_attrs) < _MAX_CACHED:
+                        self._age_attrs[age_key] = attrs
+                self.state_age.record(d.state_age_s if d.state_age_s > 0.0 else 0.0, attrs)
 
-    def record_request(self, ctx: DecisionContext) -> None:
-        outcome = ctx.outcome or "unknown"
-        decided_by = ctx.decided_by or "none"
-        key = (outcome, decided_by, ctx.route)
-        attrs = self._request_attrs.get(key)
-        if attrs is None:
-            attrs = {s.OUTCOME: outcome, s.DECIDED_BY: decided_by, s.ROUTE: ctx.route}
-            if len(self._request_attrs) < _MAX_CACHED:
-                self._request_attrs[key] = attrs
-        self.requests.add(1, attrs)
-        if outcome in _CONTROL_OUTCOMES:
-            cause = s.CAUSE_CONTROL
-        elif outcome == "failed":
-            cause = s.CAUSE_APP
-        else:
-            return
-        fkey = (cause, decided_by, ctx.route)
-        fattrs = self._failure_attrs.get(fkey)
-        if fattrs is None:
-            fattrs = {s.FAILURE_CAUSE: cause, s.DECIDED_BY: decided_by, s.ROUTE: ctx.route}
-            if len(self._failure_attrs) < _MAX_CACHED:
-                self._failure_attrs[fkey] = fattrs
-        self.failures.add(1, fattrs)
+
+def _bump(tally: _Tally, key: tuple[str, ...]) -> None:
+    with tally.lock:
+        counts = tally.counts
+        if key not in counts and len(counts) >= _MAX_SERIES:
+            key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
+        counts[key] = counts.get(key, 0) + 1
 
 
 def _histogram(
@@ -493,9 +551,13 @@ class Telemetry:
     # ------------------------------------------------------------ inbound
 
     def start(self, ctx: DecisionContext, scope: Scope) -> _Inbound | None:
-        tracer = self._tracer or self._get_tracer()
+        tracer = self._tracer
         if tracer is None:
-            return None
+            if self._tracer_provider is None and _no_global_tracer_provider():
+                return None  # no SDK: the common fast way out
+            tracer = self._get_tracer()
+            if tracer is None:
+                return None
         current = trace_api.get_current_span()
         if current.is_recording():
             if _is_server_span(current):
@@ -560,16 +622,17 @@ class Telemetry:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
-        metrics = self._metrics or self._get_metrics()
+        metrics = self._metrics
+        if metrics is None:
+            if self._meter_provider is None and _no_global_meter_provider():
+                return
+            metrics = self._get_metrics()
         if metrics is not None:
             if decisions is None:
                 decisions = ctx.decisions
             self._observe_engine(ctx)
-            metrics.record_request(ctx)
-            for d in decisions:
-                metrics.record_decision(d)
-                if d.layer == LAYER_BREAKER:
-                    self._note_breaker(d)
+            metrics.record(ctx, decisions)
+            self._note_breakers(decisions)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision]) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -606,7 +669,6 @@ class Telemetry:
             s.POLICY_VERSION: ctx.policy_version,
             s.STALE_DECISIONS: stale,
             s.ROUTE: ctx.route,
-            s.DECISION_COUNT: len(decisions),
         }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
@@ -646,7 +708,9 @@ class Telemetry:
         if not decisions:
             return
         # Decision.at is on the engine's monotonic clock; events want epoch nanoseconds.
-        offset_ns = time.time_ns() - int(ctx.engine.clock.monotonic() * 1e9)
+        now_ns = time.time_ns()
+        offset_ns = now_ns - int(ctx.engine.clock.monotonic() * 1e9)
+        raw = _raw_event_adder(span)
         for d in decisions:
             attrs: dict[str, Any] = {
                 s.LAYER: d.layer,
@@ -655,17 +719,20 @@ class Telemetry:
                 s.SUBJECT: d.subject,
                 s.STATE_SOURCE: d.state_source,
                 s.STATE_AGE_MS: round(d.state_age_s * 1000.0, 3),
-                s.STATE_STALE: d.is_stale,
             }
+            if d.is_stale:
+                attrs[s.STATE_STALE] = True
             details = d.details
             if details:
                 for key, value in details.items():
+                    if type(value) not in _ATTRIBUTE_TYPES:
+                        value = str(value)
                     attrs[s.DETAIL_PREFIX + key] = value
-            span.add_event(
-                s.DECISION_EVENT,
-                attrs,
-                offset_ns + int(d.at * 1e9) if d.at else None,
-            )
+            at = offset_ns + int(d.at * 1e9) if d.at else now_ns
+            if raw is not None:
+                raw[0](span, raw[1](s.DECISION_EVENT, MappingProxyType(attrs), at))
+            else:
+                span.add_event(s.DECISION_EVENT, attrs, at)
 
     # ------------------------------------------------------------ outbound
 
@@ -773,10 +840,9 @@ class Telemetry:
         if metrics is None:
             return
         self._observe_engine(ctx)
-        for d in ctx.decisions:
-            metrics.record_decision(d)
-            if d.layer == LAYER_BREAKER:
-                self._note_breaker(d)
+        decisions = ctx.decisions
+        metrics.record(None, decisions)
+        self._note_breakers(decisions)
 
     # ------------------------------------------------------------ privacy
 
@@ -801,17 +867,17 @@ class Telemetry:
             self._engines.add(engine)
             self._last_engine = weakref.ref(engine)
 
-    def _note_breaker(self, d: Decision) -> None:
-        state = _state_of(d)
-        if state is None and d.verdict == GIVE_UP and d.reason == "breaker_open":
-            state = "open"
-        if state is None and d.verdict == SHED:
-            state = "open"
-        if state is None:
-            return
+    def _note_breakers(self, decisions: Sequence[Decision]) -> None:
+        """Remember the breaker states decisions reveal (for stores we cannot read)."""
         seen = self._seen_breakers
-        if d.subject in seen or len(seen) < _MAX_SUBJECTS:
-            seen[d.subject] = state
+        for d in decisions:
+            if d.layer != LAYER_BREAKER:
+                continue
+            state = _state_of(d)
+            if state is None and d.verdict in (GIVE_UP, SHED, "reject"):
+                state = "open" if d.reason == "breaker_open" or d.verdict == SHED else None
+            if state is not None and (d.subject in seen or len(seen) < _MAX_SUBJECTS):
+                seen[d.subject] = state
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
@@ -845,6 +911,30 @@ class Telemetry:
                     attrs[s.BREAKER_SCOPE] = kind
                 out.append(Observation(1 if candidate == state else 0, attrs))
         return out
+
+
+# The SDK's `Span.add_event` re-validates every attribute (a few microseconds per event);
+# ours are built above from typed fields, so for SDK spans the event goes in through
+# `Span._add_event(Event(...))`, which keeps the span's event limit and the ended-span
+# check. Any other span class - or an SDK that renamed these - takes the public call.
+_RAW_EVENTS: dict[type, tuple[Any, Any] | None] = {}
+
+
+def _raw_event_adder(span: Span) -> tuple[Any, Any] | None:
+    cls = type(span)
+    try:
+        return _RAW_EVENTS[cls]
+    except KeyError:
+        pass
+    found: tuple[Any, Any] | None = None
+    sdk = sys.modules.get("opentelemetry.sdk.trace")
+    if sdk is not None and cls.__module__ == "opentelemetry.sdk.trace":
+        add = getattr(cls, "_add_event", None)
+        event = getattr(sdk, "Event", None)
+        if callable(add) and isinstance(event, type):
+            found = (add, event)
+    _RAW_EVENTS[cls] = found
+    return found
 
 
 def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:

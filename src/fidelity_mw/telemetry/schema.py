@@ -15,7 +15,6 @@ OUTCOME: Final = "fidelity.outcome"  # served | failed | rejected | shed | expir
 POLICY_VERSION: Final = "fidelity.policy.version"
 STALE_DECISIONS: Final = "fidelity.stale_decisions"
 ROUTE: Final = "fidelity.route"
-DECISION_COUNT: Final = "fidelity.decision_count"
 CLIENT_KEY_HASH: Final = "fidelity.client.key_hash"
 UPSTREAM_EXHAUSTED: Final = "fidelity.upstream_exhausted"
 INBOUND_ATTEMPT: Final = "fidelity.inbound_attempt"
