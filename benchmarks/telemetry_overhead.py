@@ -141,8 +141,7 @@ def report(
         "fidelity-nosdk": "fidelity-off",
     }
     lines = [
-        "| variant | median µs/request | vs | paired diff | paired ratio "
-        "| spans/request (ours) |",
+        "| variant | median µs/request | vs | paired diff | paired ratio | spans/request (ours) |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for name, values in samples.items():
@@ -166,13 +165,19 @@ def report(
         f"- fidelity with tracing on adds **{(ratio - 1) * 100:+.1f} %** to the instrumented "
         f"request (target ≤ +{(TARGET_RATIO - 1) * 100:.0f} %): "
         f"{'met' if ratio_ok else 'MISSED'}; of which the telemetry itself "
-        f"(instr+fidelity − instr+fidelity-off) is {telemetry_only * 1e6:+.2f} µs.",
+        f"(instr+fidelity - instr+fidelity-off) is {telemetry_only * 1e6:+.2f} µs.",
         f"- extra spans per inbound request: **{extra_spans:g}** (target 0): "
-        f"{'met' if spans_ok else 'MISSED'}.",
-        f"- the observer without an SDK (fidelity-nosdk − fidelity-off): "
+        f"{'met' if spans_ok else 'MISSED'}"
+        + (
+            " - this FidelityMiddleware does not call `before_response_end`, so the "
+            "decisions went to a child span (see docs/telemetry.md)."
+            if spans["instr+fidelity"][1]
+            else "."
+        ),
+        f"- the observer without an SDK (fidelity-nosdk - fidelity-off): "
         f"**{nosdk * 1e6:+.2f} µs** per request.",
         "",
-        f"{rounds} interleaved rounds × {batch} sequential requests per variant per round, "
+        f"{rounds} interleaved rounds x {batch} sequential requests per variant per round, "
         "in-process ASGI calls (no server). OpenTelemetryMiddleware with its defaults "
         "(server span + two `http send` spans); SDK TracerProvider with a "
         "SimpleSpanProcessor into a counting no-op exporter; SDK MeterProvider with an "
