@@ -205,6 +205,21 @@ async def test_success_is_one_attempt_with_headers_timeouts_and_a_decision(
     assert not ctx.upstream_exhausted
 
 
+async def test_per_attempt_headers_leave_the_request_as_the_caller_built_it(
+    clock: FakeClock,
+) -> None:
+    up = Upstream(503, 200)
+    async with httpx.AsyncClient(transport=transport(up, clock)) as client:
+        plain = await client.get(URL)
+        mine = await client.get(URL, headers={"X-Request-Timeout-Ms": "50", "x-other": "1"})
+    assert "x-fidelity-attempt" not in plain.request.headers
+    assert "x-request-timeout-ms" not in plain.request.headers
+    assert mine.request.headers["x-request-timeout-ms"] == "50"  # the caller's, given back
+    assert mine.request.headers["x-other"] == "1"
+    assert up.headers[-1]["x-request-timeout-ms"] == "10000"  # what went on the wire
+    assert [h["x-fidelity-attempt"] for h in up.headers] == ["1", "2", "1"]
+
+
 async def test_attempt_timeout_caps_the_httpx_timeouts(clock: FakeClock) -> None:
     up = Upstream(200)
     pol = policy(attempt_timeout_ms=250)

@@ -116,20 +116,58 @@ def _has_fast_headers() -> bool:
 _FAST_HEADERS: Final = _has_fast_headers()
 
 
-def _stamp(headers: httpx.Headers, attempt: bytes, timeout_ms: bytes) -> None:
-    """Set `x-fidelity-attempt` and `x-request-timeout-ms` in one pass over the headers."""
+_OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+
+
+def _take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
+    """Set aside headers named like ours that the caller set (rare): None if there are none."""
     if not _FAST_HEADERS:
-        headers[ATTEMPT_HEADER.decode()] = attempt.decode()
+        return None
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    for item in raw:
+        if item[1] in _OURS:
+            prior = [it for it in raw if it[1] in _OURS]
+            raw[:] = [it for it in raw if it[1] not in _OURS]
+            return prior
+    return None
+
+
+def _stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
+    """Set `x-fidelity-attempt` and `x-request-timeout-ms` for one attempt.
+
+    They are per-attempt metadata: `_unstamp` takes them off the request again
+    when the call ends, so the request the caller gets back is the one it built
+    (and httpx's own per-header work after the call does not grow). The
+    caller's own headers of those names were set aside by `_take_ours`.
+    """
+    value = _ATTEMPT_VALUES[attempt]
+    if not _FAST_HEADERS:
+        headers[ATTEMPT_HEADER.decode()] = value.decode()
         headers[TIMEOUT_HEADER.decode()] = timeout_ms.decode()
         return
     raw: list[tuple[bytes, bytes, bytes]] = headers._list
-    for item in raw:
-        key = item[1]
-        if key in (ATTEMPT_HEADER, TIMEOUT_HEADER):
-            raw[:] = [it for it in raw if it[1] != ATTEMPT_HEADER and it[1] != TIMEOUT_HEADER]
-            break
-    raw.append((ATTEMPT_HEADER, ATTEMPT_HEADER, attempt))
+    if attempt > 1:
+        # Identity, not equality: only our stamps carry these very bytes objects.
+        if len(raw) >= 2 and raw[-2][1] is ATTEMPT_HEADER and raw[-1][1] is TIMEOUT_HEADER:
+            raw[-2] = (ATTEMPT_HEADER, ATTEMPT_HEADER, value)
+            raw[-1] = (TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms)
+            return
+        raw[:] = [it for it in raw if it[1] is not ATTEMPT_HEADER and it[1] is not TIMEOUT_HEADER]
+    raw.append((ATTEMPT_HEADER, ATTEMPT_HEADER, value))
     raw.append((TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms))
+
+
+def _unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | None) -> None:
+    """Take our per-attempt headers off the request; give back the caller's own."""
+    if not _FAST_HEADERS:
+        return
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    if len(raw) >= 2 and raw[-2][1] is ATTEMPT_HEADER and raw[-1][1] is TIMEOUT_HEADER:
+        del raw[-2:]
+    else:
+        raw[:] = [it for it in raw if it[1] is not ATTEMPT_HEADER and it[1] is not TIMEOUT_HEADER]
+    if prior:
+        raw.extend(prior)
 
 
 def _has_header(headers: httpx.Headers, key: bytes) -> bool:
@@ -325,12 +363,12 @@ class _Base:
         else:
             timeout_header = up.timeout_header
         request.extensions["timeout"] = bounded_timeouts(original_timeout, bound)
-        _stamp(request.headers, _ATTEMPT_VALUES[attempt], timeout_header)
+        _stamp(request.headers, attempt, timeout_header)
         attempts = ctx.attempts
         attempts[up.key] = attempts.get(up.key, 0) + 1
 
     @staticmethod
-    def _attempt_decision(
+    def _retry_decision(
         ctx: DecisionContext,
         up: Upstream,
         attempt: int,
@@ -340,14 +378,7 @@ class _Base:
         age_s: float,
         now: float,
     ) -> None:
-        if attempt == 1:
-            ctx.decisions.append(
-                _new_tuple(
-                    Decision,
-                    (LAYER_RETRY, up.key, ALLOW, "attempt", source, age_s, now, _FIRST_ATTEMPT),
-                )
-            )
-            return
+        """The record of attempt 2, 3, ...: why, and after how long a backoff."""
         details = {"attempt": attempt, "delay_ms": round(delay_s * 1000.0, 3)}
         ctx.decisions.append(
             Decision(LAYER_RETRY, up.key, RETRY, cause, source, age_s, now, details)
@@ -694,7 +725,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 await store.budget_request(up.budget_key, cfg, now)
             except Exception as exc:
                 self._store_failed(ctx, up, "budget count", exc, 0, now)
-        observer = self.observer_for(engine)
+        observer = self._observer or engine.attempt_observer
+        if observer is None and self._telemetry and engine is not self._observed_engine:
+            observer = self.observer_for(engine)
         original_timeout = request.extensions.get("timeout")
         # Only a body held in memory can be sent again; judged before the first
         # attempt, which consumes a streaming one (and may buffer it).
@@ -705,103 +738,128 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         delay = 0.0
         previous_delay: float | None = None
         last_error: BaseException | None = None
-        while True:
-            attempt += 1
-            if attempt > 1:
-                now = clock.monotonic()
-            deadline_at = ctx.deadline_at
-            remaining = None if deadline_at is None else deadline_at - now
-            if remaining is not None and remaining <= 0.0:
-                raise self._deadline_passed(ctx, up, attempt - 1, now, last_error)
-            # --- the breaker, before every attempt
-            if breaker is not None and (attempt > 1 or mem is None):
-                try:
-                    if mem is not None:
-                        gate, source, age = (
-                            mem.gate_now(up.breaker_key, breaker, now),
-                            "memory",
-                            0.0,
+        prior = _take_ours(request.headers)
+        try:
+            while True:
+                attempt += 1
+                if attempt > 1:
+                    now = clock.monotonic()
+                deadline_at = ctx.deadline_at
+                remaining = None if deadline_at is None else deadline_at - now
+                if remaining is not None and remaining <= 0.0:
+                    raise self._deadline_passed(ctx, up, attempt - 1, now, last_error)
+                # --- the breaker, before every attempt
+                if breaker is not None and (attempt > 1 or mem is None):
+                    try:
+                        if mem is not None:
+                            gate, source, age = (
+                                mem.gate_now(up.breaker_key, breaker, now),
+                                "memory",
+                                0.0,
+                            )
+                        else:
+                            gate, source, age = await store.breaker_gate(
+                                up.breaker_key, breaker, now
+                            )
+                    except Exception as exc:
+                        gate, source, age = None, SOURCE_FALLBACK, 0.0
+                        self._closed_on_store_error(ctx, up, exc, attempt - 1, now, last_error)
+                if gate is not None and gate.verdict != "allow":
+                    self._gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
+                # --- the attempt
+                self._prepare(ctx, up, request, attempt, original_timeout, remaining)
+                if attempt == 1:
+                    ctx.decisions.append(
+                        _new_tuple(
+                            Decision,
+                            (
+                                LAYER_RETRY,
+                                up.key,
+                                ALLOW,
+                                "attempt",
+                                source,
+                                age,
+                                now,
+                                _FIRST_ATTEMPT,
+                            ),
                         )
+                    )
+                else:
+                    self._retry_decision(ctx, up, attempt, cause, delay, source, age, now)
+                token = self._observe_start(observer, ctx, request, attempt) if observer else None
+                response: httpx.Response | None = None
+                error: BaseException | None = None
+                try:
+                    response = await inner.handle_async_request(request)
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # cancelled or interrupted: never retried
+                        if gate is not None and breaker is not None:
+                            if mem is not None:
+                                self._record_now(ctx, mem, up, breaker, gate, IGNORED)
+                            else:
+                                await self._record(ctx, store, up, breaker, gate, IGNORED)
+                        self._observe_end(observer, token, None, exc)
+                        raise
+                    error = exc
+                try:
+                    if (
+                        response is not None
+                        and (status := response.status_code) < 500
+                        and (status not in up.retry_statuses)
+                    ):  # the success path, inlined
+                        outcome = FAILURE if status in up.fail_statuses else SUCCESS
+                        retryable = downstream = False
                     else:
-                        gate, source, age = await store.breaker_gate(up.breaker_key, breaker, now)
-                except Exception as exc:
-                    gate, source, age = None, SOURCE_FALLBACK, 0.0
-                    self._closed_on_store_error(ctx, up, exc, attempt - 1, now, last_error)
-            if gate is not None and gate.verdict != "allow":
-                self._gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
-            # --- the attempt
-            self._prepare(ctx, up, request, attempt, original_timeout, remaining)
-            self._attempt_decision(ctx, up, attempt, cause, delay, source, age, now)
-            token = self._observe_start(observer, ctx, request, attempt) if observer else None
-            response: httpx.Response | None = None
-            error: BaseException | None = None
-            try:
-                response = await inner.handle_async_request(request)
-            except BaseException as exc:
-                if not isinstance(exc, Exception):  # cancelled or interrupted: never retried
+                        outcome, retryable, downstream = self._outcome(engine, up, response, error)
+                    state = ""
                     if gate is not None and breaker is not None:
                         if mem is not None:
-                            self._record_now(ctx, mem, up, breaker, gate, IGNORED)
+                            state = mem.record_now(
+                                up.breaker_key, breaker, gate, outcome, False, clock.monotonic()
+                            )
                         else:
-                            await self._record(ctx, store, up, breaker, gate, IGNORED)
-                    self._observe_end(observer, token, None, exc)
+                            state = await self._record(ctx, store, up, breaker, gate, outcome)
+                    if observer is not None:
+                        self._observe_end(observer, token, response, error)
+                    if retryable or downstream:
+                        # --- a retryable failure: retry, or give up with a reason
+                        now = clock.monotonic()
+                        plan = self._plan(
+                            engine, ctx, up, request, response, attempt, downstream, state,
+                            previous_delay, replayable, now,
+                        )  # fmt: skip
+                        if plan.retry:
+                            answer: tuple[bool, str, float] | Exception
+                            try:
+                                if mem is not None:
+                                    answer = mem.budget_try_retry_now(up.budget_key, cfg, now)
+                                else:
+                                    answer = await store.budget_try_retry(up.budget_key, cfg, now)
+                            except Exception as exc:
+                                answer = exc
+                            denied, source, age = self._budget_denied(ctx, up, answer, attempt, now)
+                            if not denied:
+                                # --- release this attempt, back off, go again
+                                cause = _cause(response, error)
+                                last_error = error
+                                delay = previous_delay = plan.delay_s
+                                if response is not None:
+                                    await response.aclose()
+                                    response = None
+                                await clock.sleep(delay)  # a cancellation leaves at once
+                                continue
+                except BaseException:  # cancelled while deciding: do not leak the connection
+                    if response is not None:
+                        await response.aclose()
                     raise
-                error = exc
-            try:
-                if (
-                    response is not None
-                    and (status := response.status_code) < 500
-                    and (status not in up.retry_statuses)
-                ):  # the success path, inlined
-                    outcome = FAILURE if status in up.fail_statuses else SUCCESS
-                    retryable = downstream = False
-                else:
-                    outcome, retryable, downstream = self._outcome(engine, up, response, error)
-                state = ""
-                if gate is not None and breaker is not None:
-                    if mem is not None:
-                        state = self._record_now(ctx, mem, up, breaker, gate, outcome)
-                    else:
-                        state = await self._record(ctx, store, up, breaker, gate, outcome)
-                if observer is not None:
-                    self._observe_end(observer, token, response, error)
-                if retryable or downstream:
-                    # --- a retryable failure: retry, or give up with a reason
-                    now = clock.monotonic()
-                    plan = self._plan(
-                        engine, ctx, up, request, response, attempt, downstream, state,
-                        previous_delay, replayable, now,
-                    )  # fmt: skip
-                    if plan.retry:
-                        answer: tuple[bool, str, float] | Exception
-                        try:
-                            if mem is not None:
-                                answer = mem.budget_try_retry_now(up.budget_key, cfg, now)
-                            else:
-                                answer = await store.budget_try_retry(up.budget_key, cfg, now)
-                        except Exception as exc:
-                            answer = exc
-                        denied, source, age = self._budget_denied(ctx, up, answer, attempt, now)
-                        if not denied:
-                            # --- release this attempt, back off, go again
-                            cause = _cause(response, error)
-                            last_error = error
-                            delay = previous_delay = plan.delay_s
-                            if response is not None:
-                                await response.aclose()
-                                response = None
-                            await clock.sleep(delay)  # a cancellation leaves at once
-                            continue
-            except BaseException:  # cancelled while deciding: do not leak the connection
-                if response is not None:
-                    await response.aclose()
-                raise
-            if response is None:
-                assert error is not None
-                raise error
-            if own:
-                response.extensions[CONTEXT_EXTENSION] = ctx
-            return response
+                if response is None:
+                    assert error is not None
+                    raise error
+                if own:
+                    response.extensions[CONTEXT_EXTENSION] = ctx
+                return response
+        finally:
+            _unstamp(request.headers, prior)
 
     @staticmethod
     async def _record(
@@ -901,7 +959,9 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
                 _sync_op(store, "budget_request")(up.budget_key, cfg, now)
             except Exception as exc:
                 self._store_failed(ctx, up, "budget count", exc, 0, now)
-        observer = self.observer_for(engine)
+        observer = self._observer or engine.attempt_observer
+        if observer is None and self._telemetry and engine is not self._observed_engine:
+            observer = self.observer_for(engine)
         original_timeout = request.extensions.get("timeout")
         # Only a body held in memory can be sent again; judged before the first
         # attempt, which consumes a streaming one (and may buffer it).
@@ -912,87 +972,110 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         delay = 0.0
         previous_delay: float | None = None
         last_error: BaseException | None = None
-        while True:
-            attempt += 1
-            if attempt > 1:
-                now = clock.monotonic()
-            deadline_at = ctx.deadline_at
-            remaining = None if deadline_at is None else deadline_at - now
-            if remaining is not None and remaining <= 0.0:
-                raise self._deadline_passed(ctx, up, attempt - 1, now, last_error)
-            if breaker is not None and (attempt > 1 or mem is None):
-                try:
-                    answer_gate = _sync_op(store, "gate")(up.breaker_key, breaker, now)
-                    if isinstance(answer_gate, Gate):
-                        gate, source, age = answer_gate, SOURCE_MEMORY, 0.0
-                    else:
-                        gate, source, age = answer_gate
-                except Exception as exc:
-                    gate, source, age = None, SOURCE_FALLBACK, 0.0
-                    self._closed_on_store_error(ctx, up, exc, attempt - 1, now, last_error)
-            if gate is not None and gate.verdict != "allow":
-                self._gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
-            self._prepare(ctx, up, request, attempt, original_timeout, remaining)
-            self._attempt_decision(ctx, up, attempt, cause, delay, source, age, now)
-            token = self._observe_start(observer, ctx, request, attempt) if observer else None
-            response: httpx.Response | None = None
-            error: BaseException | None = None
-            try:
-                response = inner.handle_request(request)
-            except BaseException as exc:
-                if not isinstance(exc, Exception):
-                    if gate is not None and breaker is not None:
-                        self._record_sync(ctx, store, up, breaker, gate, IGNORED)
-                    self._observe_end(observer, token, None, exc)
-                    raise
-                error = exc
-            try:
-                if (
-                    response is not None
-                    and (status := response.status_code) < 500
-                    and (status not in up.retry_statuses)
-                ):
-                    outcome = FAILURE if status in up.fail_statuses else SUCCESS
-                    retryable = downstream = False
-                else:
-                    outcome, retryable, downstream = self._outcome(engine, up, response, error)
-                state = ""
-                if gate is not None and breaker is not None:
-                    state = self._record_sync(ctx, store, up, breaker, gate, outcome)
-                if observer is not None:
-                    self._observe_end(observer, token, response, error)
-                if retryable or downstream:
+        prior = _take_ours(request.headers)
+        try:
+            while True:
+                attempt += 1
+                if attempt > 1:
                     now = clock.monotonic()
-                    plan = self._plan(
-                        engine, ctx, up, request, response, attempt, downstream, state,
-                        previous_delay, replayable, now,
-                    )  # fmt: skip
-                    if plan.retry:
-                        answer: tuple[bool, str, float] | Exception
-                        try:
-                            answer = _sync_op(store, "budget_try_retry")(up.budget_key, cfg, now)
-                        except Exception as exc:
-                            answer = exc
-                        denied, source, age = self._budget_denied(ctx, up, answer, attempt, now)
-                        if not denied:
-                            cause = _cause(response, error)
-                            last_error = error
-                            delay = previous_delay = plan.delay_s
-                            if response is not None:
-                                response.close()
-                                response = None
-                            clock.sleep_sync(delay)
-                            continue
-            except BaseException:
-                if response is not None:
-                    response.close()
-                raise
-            if response is None:
-                assert error is not None
-                raise error
-            if own:
-                response.extensions[CONTEXT_EXTENSION] = ctx
-            return response
+                deadline_at = ctx.deadline_at
+                remaining = None if deadline_at is None else deadline_at - now
+                if remaining is not None and remaining <= 0.0:
+                    raise self._deadline_passed(ctx, up, attempt - 1, now, last_error)
+                if breaker is not None and (attempt > 1 or mem is None):
+                    try:
+                        answer_gate = _sync_op(store, "gate")(up.breaker_key, breaker, now)
+                        if isinstance(answer_gate, Gate):
+                            gate, source, age = answer_gate, SOURCE_MEMORY, 0.0
+                        else:
+                            gate, source, age = answer_gate
+                    except Exception as exc:
+                        gate, source, age = None, SOURCE_FALLBACK, 0.0
+                        self._closed_on_store_error(ctx, up, exc, attempt - 1, now, last_error)
+                if gate is not None and gate.verdict != "allow":
+                    self._gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
+                self._prepare(ctx, up, request, attempt, original_timeout, remaining)
+                if attempt == 1:
+                    ctx.decisions.append(
+                        _new_tuple(
+                            Decision,
+                            (
+                                LAYER_RETRY,
+                                up.key,
+                                ALLOW,
+                                "attempt",
+                                source,
+                                age,
+                                now,
+                                _FIRST_ATTEMPT,
+                            ),
+                        )
+                    )
+                else:
+                    self._retry_decision(ctx, up, attempt, cause, delay, source, age, now)
+                token = self._observe_start(observer, ctx, request, attempt) if observer else None
+                response: httpx.Response | None = None
+                error: BaseException | None = None
+                try:
+                    response = inner.handle_request(request)
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):
+                        if gate is not None and breaker is not None:
+                            self._record_sync(ctx, store, up, breaker, gate, IGNORED)
+                        self._observe_end(observer, token, None, exc)
+                        raise
+                    error = exc
+                try:
+                    if (
+                        response is not None
+                        and (status := response.status_code) < 500
+                        and (status not in up.retry_statuses)
+                    ):
+                        outcome = FAILURE if status in up.fail_statuses else SUCCESS
+                        retryable = downstream = False
+                    else:
+                        outcome, retryable, downstream = self._outcome(engine, up, response, error)
+                    state = ""
+                    if gate is not None and breaker is not None:
+                        state = self._record_sync(ctx, store, up, breaker, gate, outcome)
+                    if observer is not None:
+                        self._observe_end(observer, token, response, error)
+                    if retryable or downstream:
+                        now = clock.monotonic()
+                        plan = self._plan(
+                            engine, ctx, up, request, response, attempt, downstream, state,
+                            previous_delay, replayable, now,
+                        )  # fmt: skip
+                        if plan.retry:
+                            answer: tuple[bool, str, float] | Exception
+                            try:
+                                answer = _sync_op(store, "budget_try_retry")(
+                                    up.budget_key, cfg, now
+                                )
+                            except Exception as exc:
+                                answer = exc
+                            denied, source, age = self._budget_denied(ctx, up, answer, attempt, now)
+                            if not denied:
+                                cause = _cause(response, error)
+                                last_error = error
+                                delay = previous_delay = plan.delay_s
+                                if response is not None:
+                                    response.close()
+                                    response = None
+                                clock.sleep_sync(delay)
+                                continue
+                except BaseException:
+                    if response is not None:
+                        response.close()
+                    raise
+                if response is None:
+                    assert error is not None
+                    raise error
+                if own:
+                    response.extensions[CONTEXT_EXTENSION] = ctx
+                return response
+        finally:
+            _unstamp(request.headers, prior)
 
     @staticmethod
     def _record_sync(
