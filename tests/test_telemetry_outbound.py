@@ -88,6 +88,25 @@ def test_one_client_span_per_attempt_with_semconv(otel: Pipeline) -> None:
     assert retry["fidelity.detail.delay_ms"] == 12.5
 
 
+def test_attempt_events_are_the_decisions_since_the_previous_attempt(otel: Pipeline) -> None:
+    c = ctx()
+    request = httpx.Request("GET", "http://up:8080/x")
+    c.decide("ratelimit", "per-client", "allow", "under_limit")  # inbound, another subject
+    c.decide("retry", "up:8080", "allow", "attempt")
+    otel.telemetry.attempt_end(otel.telemetry.attempt_start(c, request, 1), None, OSError())
+    c.decide("breaker", "up:8080", "probe", "half_open_probe")
+    c.decide("retry", "up:8080", "retry", "connect_error")
+    otel.telemetry.attempt_end(
+        otel.telemetry.attempt_start(c, request, 2), httpx.Response(200), None
+    )
+    first, second = otel.finished()
+    assert [e["fidelity.reason"] for e in decision_events(first)] == ["attempt"]
+    assert [e["fidelity.reason"] for e in decision_events(second)] == [
+        "half_open_probe",
+        "connect_error",
+    ]
+
+
 def test_transport_error_and_default_port(otel: Pipeline) -> None:
     request = httpx.Request("POST", "https://api.example/v1")
     token = otel.telemetry.attempt_start(ctx(), request, 1)

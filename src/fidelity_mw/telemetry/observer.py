@@ -938,17 +938,20 @@ def _raw_event_adder(span: Span) -> tuple[Any, Any] | None:
 
 
 def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
-    """The decisions that led to this attempt: the trailing run for this upstream, back to
-    and including the retry layer's attempt decision (breaker probe, attempt/retry)."""
+    """The decisions that led to this attempt: the trailing run for this upstream since
+    the previous attempt (a breaker probe, then the retry layer's attempt/retry decision)."""
     decisions = ctx.decisions
     subject = _subject_of(url)
     out: list[Decision] = []
+    seen_attempt = False
     for d in reversed(decisions):
         if d.subject != subject or len(out) >= 8:
             break
-        out.append(d)
         if d.layer == LAYER_RETRY:
-            break
+            if seen_attempt:
+                break  # the previous attempt's
+            seen_attempt = True
+        out.append(d)
     out.reverse()
     return out
 
