@@ -236,10 +236,10 @@ async def test_fidelity_transport_inside_a_request_lands_under_the_server_span(
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
+    # no observer given to the transport: inside the request it reports to the
+    # middleware's Telemetry (the engine's attempt observer)
     client = httpx.AsyncClient(
-        transport=FidelityTransport(
-            httpx.MockTransport(lambda r: httpx.Response(200)), observer=otel.telemetry
-        )
+        transport=FidelityTransport(httpx.MockTransport(lambda r: httpx.Response(200)))
     )
 
     async def handler(request: Any) -> PlainTextResponse:

@@ -558,6 +558,10 @@ class Telemetry:
             tracer = self._get_tracer()
             if tracer is None:
                 return None
+        engine = ctx.engine
+        if engine.attempt_observer is None:
+            # FidelityTransport inside this app's requests reports to the same providers.
+            engine.attempt_observer = self
         current = trace_api.get_current_span()
         if current.is_recording():
             if _is_server_span(current):
