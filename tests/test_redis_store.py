@@ -3,6 +3,7 @@ NOSCRIPT recovery, keys clients cannot steer, no client-side retries."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.crc import key_slot
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +34,7 @@ from fidelity_mw.state.redis import (
     RECORD,
     SYNC,
     RedisStore,
+    Slots,
     build_client,
     hashed_key,
     load_script,
@@ -283,9 +285,8 @@ def test_client_is_built_without_retries() -> None:
     client = build_client(config.url, config)
     assert isinstance(client, Redis)
     pool = client.connection_pool
-    assert isinstance(pool, BlockingConnectionPool)
+    assert isinstance(pool, ConnectionPool)
     assert pool.max_connections == 7
-    assert pool.timeout == pytest.approx(0.04)
     kwargs = pool.connection_kwargs
     assert kwargs["retry"].get_retries() == 0
     assert kwargs["socket_timeout"] == pytest.approx(0.04)
@@ -371,8 +372,6 @@ async def test_shared_breaker_sheds_on_every_instance(redis_url: str) -> None:
 
 async def test_fleet_wide_probe_limit(redis_url: str) -> None:
     """Five instances, many concurrent gates after the open period: exactly 2 probes."""
-    import asyncio
-
     cfg = BreakerConfig(min_calls=1, consecutive_failures=1, open_s=0.05, open_jitter=0.0,
                         half_open_probes=2, probe_lease_s=60.0)  # fmt: skip
     fleet = [store(redis_url) for _ in range(5)]
@@ -454,3 +453,35 @@ async def test_deferred_successes_are_flushed_after_one_sync_interval(
         assert window_calls(redis_server, "route:/idle") == 5
     finally:
         await redis_store.aclose()
+
+
+async def test_bounded_pool_queues_calls_instead_of_failing(redis_url: str) -> None:
+    redis_store = store(redis_url, pool_size=2)
+    limit = spec(1e6, 1_000_000)
+    try:
+        results = await asyncio.gather(
+            *(redis_store.admit(None, None, [f"l|{i}"], [limit], 0.0) for i in range(50))
+        )
+        client = redis_store.client()
+        assert isinstance(client, Redis)
+        pool = client.connection_pool
+        opened = len(pool._available_connections) + len(pool._in_use_connections)
+        assert opened <= 2
+    finally:
+        await redis_store.aclose()
+    assert {r.source for r in results} == {"redis"}
+    assert redis_store.stats.pool_waits == 0
+
+
+async def test_slots_bound_waits_and_hand_over() -> None:
+    slots = Slots(1)
+    assert slots.try_acquire()
+    assert not slots.try_acquire()
+    assert not await slots.acquire(0.01)  # nobody released in time
+    waiting = asyncio.ensure_future(slots.acquire(5.0))
+    await asyncio.sleep(0)
+    slots.release()  # handed straight to the waiter
+    assert await waiting
+    assert not slots.try_acquire()
+    slots.release()
+    assert slots.try_acquire()

@@ -108,6 +108,7 @@ local function br_load(hkey, pkey, cfg)
     np = tonumber(v[7]) or 1,
     w = {},
     dirty = false,
+    full = false,
   }
   if v[8] then
     for n in string.gmatch(v[8], '[^,]+') do
@@ -123,18 +124,25 @@ local function br_load(hkey, pkey, cfg)
   return b
 end
 
+-- b.dirty: the window changed (co, be, w); b.full: anything else changed too
+-- (a transition or a probe id), so every field is written.
 local function br_save(b)
-  if not b.dirty then
+  if not b.dirty and not b.full then
     return
   end
-  redis.call('HSET', b.hkey,
-    'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
-    'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','))
-  redis.call('PEXPIRE', b.hkey, b.cfg.keep_ms)
-  if redis.call('EXISTS', b.pkey) == 1 then
-    redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
+  if b.full then
+    redis.call('HSET', b.hkey,
+      'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
+      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','))
+    if redis.call('EXISTS', b.pkey) == 1 then
+      redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
+    end
+  else
+    redis.call('HSET', b.hkey, 'co', b.co, 'be', fmt(b.be), 'w', table.concat(b.w, ','))
   end
+  redis.call('PEXPIRE', b.hkey, b.cfg.keep_ms)
   b.dirty = false
+  b.full = false
 end
 
 local function br_clear_window(b)
@@ -182,7 +190,7 @@ local function br_transition(b, state, now, u)
     b.co = 0
     br_clear_window(b)
   end
-  b.dirty = true
+  b.full = true
 end
 
 local function br_should_open(b, now)
@@ -223,7 +231,7 @@ local function br_gate(b, now, u)
   if inflight < b.cfg.probes then
     local id = b.np
     b.np = b.np + 1
-    b.dirty = true
+    b.full = true
     redis.call('ZADD', b.pkey, fmt(now), id)
     redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     return 'probe', 'half_open', b.ep, 0, id
