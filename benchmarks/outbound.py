@@ -1,0 +1,349 @@
+"""Outbound cost per call on the success path: plain httpx vs retry layers, interleaved rounds.
+
+Every variant is an `httpx.AsyncClient` whose innermost transport is the same
+`httpx.MockTransport` (a 200 with a 2-byte body), so the network does not
+drown the difference:
+
+  plain          the MockTransport alone
+  fidelity       FidelityTransport around it, outside a request (a context per call)
+  fidelity_req   FidelityTransport inside a request's DecisionContext (the common case)
+  httpx_retries  httpx-retries' RetryTransport around it
+  tenacity       a tenacity-decorated async function calling the plain client
+  stamina        a stamina-decorated async function calling the plain client
+  plain_headers  a pass-through transport that only sets the two headers fidelity
+                 sends (x-fidelity-attempt, x-request-timeout-ms) with httpx's public
+                 API and leaves them on the request: the floor for any layer that
+                 must add two headers (httpx's own per-header work included);
+                 fidelity appends them cheaply and takes them off after the call
+
+All retry layers are configured for 3 attempts; on the success path none of
+them waits. Rounds run the variants in a shuffled order; we report each
+variant's median time per call and the medians of the per-round paired
+differences and ratios against `plain`, which cancels most drift on a
+shared machine. Time is process CPU time (`time.process_time`), so being
+descheduled by other tenants of the machine does not count.
+
+A second table times the layers alone: `handle_async_request` called
+directly with a do-nothing inner transport, against a pass-through wrapper.
+
+    .venv/bin/python benchmarks/outbound.py [--rounds 40] [--batch 500] [--no-write]
+    .venv/bin/python benchmarks/outbound.py --profile   # cProfile of the fidelity layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+import stamina
+import tenacity
+from httpx_retries import Retry, RetryTransport
+
+from benchmarks._results import stamp, write_section
+from fidelity_mw import DecisionContext, FidelityTransport
+from fidelity_mw.context import _CURRENT
+
+URL = "http://upstream.internal/items/1"
+Call = Callable[[], Awaitable[httpx.Response]]
+
+
+def handler(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=b"ok")
+
+
+def mock() -> httpx.MockTransport:
+    return httpx.MockTransport(handler)
+
+
+class HeadersOnly(httpx.AsyncBaseTransport):
+    """Pass-through that adds the two headers FidelityTransport adds, and nothing else."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request.headers["x-fidelity-attempt"] = "1"
+        request.headers["x-request-timeout-ms"] = "10000"
+        return await self.inner.handle_async_request(request)
+
+
+class PassThrough(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+
+class Null(httpx.AsyncBaseTransport):
+    """An inner transport that costs nothing: a prebuilt response."""
+
+    def __init__(self) -> None:
+        self.response = httpx.Response(200, content=b"ok")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return self.response
+
+
+def build() -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None]]:
+    plain = httpx.AsyncClient(transport=mock())
+    headers_only = httpx.AsyncClient(transport=HeadersOnly(mock()))
+    fidelity = httpx.AsyncClient(transport=FidelityTransport(mock(), telemetry=False))
+    req_transport = FidelityTransport(mock(), telemetry=False)
+    fidelity_req = httpx.AsyncClient(transport=req_transport)
+    retries = httpx.AsyncClient(
+        transport=RetryTransport(mock(), retry=Retry(total=3, backoff_factor=0.1))
+    )
+    tenacity_client = httpx.AsyncClient(transport=mock())
+    stamina_client = httpx.AsyncClient(transport=mock())
+
+    @tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_random_exponential(multiplier=0.1, max=2),
+        retry=tenacity.retry_if_exception_type(httpx.TransportError),
+        reraise=True,
+    )
+    async def with_tenacity() -> httpx.Response:
+        return await tenacity_client.get(URL)
+
+    @stamina.retry(on=httpx.TransportError, attempts=3)
+    async def with_stamina() -> httpx.Response:
+        return await stamina_client.get(URL)
+
+    # One inbound request's context, as FidelityMiddleware would bind it.
+    engine = req_transport.engine
+    ctx = DecisionContext(engine=engine, route="/bench", method="GET", started_at=0.0)
+
+    async def in_request() -> httpx.Response:
+        ctx.deadline_at = engine.clock.monotonic() + 30.0
+        if len(ctx.decisions) > 64:  # one context per inbound request; keep it small
+            ctx.decisions.clear()
+        return await fidelity_req.get(URL)
+
+    token = _CURRENT.set(None)
+
+    async def run_in_request() -> httpx.Response:
+        reset = _CURRENT.set(ctx)
+        try:
+            return await in_request()
+        finally:
+            _CURRENT.reset(reset)
+
+    calls: dict[str, Call] = {
+        "plain": lambda: plain.get(URL),
+        "fidelity": lambda: fidelity.get(URL),
+        "fidelity_req": run_in_request,
+        "httpx_retries": lambda: retries.get(URL),
+        "tenacity": with_tenacity,
+        "stamina": with_stamina,
+        "plain_headers": lambda: headers_only.get(URL),
+    }
+    clients = [
+        plain,
+        fidelity,
+        fidelity_req,
+        retries,
+        tenacity_client,
+        stamina_client,
+        headers_only,
+    ]
+    return calls, clients, lambda: _CURRENT.reset(token)
+
+
+async def timed(call: Call, n: int) -> float:
+    """CPU seconds per call over `n` sequential calls."""
+    start = time.process_time()
+    for _ in range(n):
+        response = await call()
+        assert response.status_code == 200
+    return (time.process_time() - start) / n
+
+
+async def layer_costs(rounds: int, batch: int) -> dict[str, list[float]]:
+    """Each layer's own cost per call: direct calls, inner transport does nothing."""
+    layers: dict[str, httpx.AsyncBaseTransport] = {
+        "pass_through": PassThrough(Null()),
+        "fidelity": FidelityTransport(Null(), telemetry=False),
+        "httpx_retries": RetryTransport(Null(), retry=Retry(total=3, backoff_factor=0.1)),
+    }
+    timeout = httpx.Timeout(5.0).as_dict()
+
+    async def run(layer: httpx.AsyncBaseTransport) -> float:
+        requests = [
+            httpx.Request("GET", URL, extensions={"timeout": dict(timeout)}) for _ in range(batch)
+        ]
+        start = time.process_time()
+        for request in requests:
+            await layer.handle_async_request(request)
+        return (time.process_time() - start) / batch
+
+    samples: dict[str, list[float]] = {name: [] for name in layers}
+    order = list(layers)
+    rnd = random.Random(11)
+    for _ in range(rounds):
+        rnd.shuffle(order)
+        for name in order:
+            samples[name].append(await run(layers[name]))
+    return samples
+
+
+async def measure(rounds: int, batch: int) -> dict[str, list[float]]:
+    calls, clients, done = build()
+    for call in calls.values():  # warm-up
+        await timed(call, 500)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    rnd = random.Random(7)
+    for _ in range(rounds):
+        rnd.shuffle(order)
+        for name in order:
+            samples[name].append(await timed(calls[name], batch))
+    for client in clients:
+        await client.aclose()
+    done()
+    return samples
+
+
+def table(samples: dict[str, list[float]], base_name: str) -> list[str]:
+    base = samples[base_name]
+    rows = [
+        f"| variant | median µs/call | overhead vs {base_name} (median of paired diffs) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, values in samples.items():
+        med = statistics.median(values) * 1e6
+        if name == base_name:
+            rows.append(f"| {name} | {med:.2f} | — | 1.000 |")
+            continue
+        diffs = [(v - b) * 1e6 for v, b in zip(values, base, strict=True)]
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        rows.append(
+            f"| {name} | {med:.2f} | {statistics.median(diffs):+.2f} µs "
+            f"(IQR {_q(diffs, 0.25):+.2f} … {_q(diffs, 0.75):+.2f}) | "
+            f"{statistics.median(ratios):.3f} |"
+        )
+    return rows
+
+
+def report(
+    samples: dict[str, list[float]],
+    layers: dict[str, list[float]],
+    rounds: int,
+    batch: int,
+    profile_text: str,
+) -> str:
+    client_delta = statistics.median(
+        [(f - p) * 1e6 for f, p in zip(samples["fidelity"], samples["plain"], strict=True)]
+    )
+    layer_delta = statistics.median(
+        [(f - p) * 1e6 for f, p in zip(layers["fidelity"], layers["pass_through"], strict=True)]
+    )
+    verdict = "met" if client_delta <= 3.0 else "missed"
+    tenacity_delta = statistics.median(
+        [(t - p) * 1e6 for t, p in zip(samples["tenacity"], samples["plain"], strict=True)]
+    )
+    scale = tenacity_delta / 24.0  # the issue quotes tenacity at ~24 us on its machine
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    return "\n".join(
+        [
+            stamp(),
+            f"`uname -a`: `{uname}`",
+            "",
+            f"`benchmarks/outbound.py`: {rounds} interleaved rounds x {batch} sequential "
+            "`AsyncClient.get` calls per variant, each on `httpx.MockTransport` (200, 2-byte "
+            "body), success path. Retry layers configured for 3 attempts. `fidelity` runs "
+            "outside a request (it builds a DecisionContext per call); `fidelity_req` runs "
+            "inside one request's context, as under FidelityMiddleware. Memory state, "
+            "telemetry off, process CPU time. Target: fidelity adds at most 3 µs per call "
+            f"over plain: **{verdict}** on this machine (+{client_delta:.1f} µs through the "
+            f"client, +{layer_delta:.1f} µs for the layer alone). For scale: tenacity adds "
+            f"{tenacity_delta:.1f} µs here against ≈24 µs where the target was set, so this "
+            f"machine runs this code ≈{scale:.1f}x slower; scaled, fidelity would add "
+            f"≈{client_delta / scale:.1f} µs through the client and ≈{layer_delta / scale:.1f} µs "
+            "alone.",
+            "",
+            *table(samples, "plain"),
+            "",
+            "The layers alone (`handle_async_request` with a do-nothing inner transport, "
+            f"{rounds} rounds x {batch} calls):",
+            "",
+            *table(layers, "pass_through"),
+            "",
+            "Where fidelity's time goes (cProfile of the layer alone, own time per call, "
+            "profiler overhead included, so only the proportions matter):",
+            "",
+            "```",
+            profile_text.strip(),
+            "```",
+        ]
+    )
+
+
+def _q(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+async def profile(n: int) -> str:
+    """Own time per call of each function the fidelity layer runs (direct calls)."""
+    transport = FidelityTransport(Null(), telemetry=False)
+    timeout = httpx.Timeout(5.0).as_dict()
+    requests = [httpx.Request("GET", URL, extensions={"timeout": dict(timeout)}) for _ in range(n)]
+    for request in requests[:500]:
+        await transport.handle_async_request(request)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for request in requests[500:]:
+        await transport.handle_async_request(request)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    calls = n - 500
+    rows = []
+    for (filename, _line, func), (_cc, ncalls, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = Path(filename).name if filename != "~" else "builtin"
+        rows.append((tottime / calls * 1e6, ncalls / calls, f"{where}:{func}"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    out = io.StringIO()
+    out.write(
+        f"{'µs/call':>8} {'calls':>6}  function   (total {total:.2f} µs/call under the profiler)\n"
+    )
+    for per_call, ncalls, name in rows[:14]:
+        out.write(f"{per_call:8.2f} {ncalls:6.1f}  {name}\n")
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--profile", action="store_true", help="cProfile the fidelity variant")
+    args = parser.parse_args()
+    if args.profile:
+        print(asyncio.run(profile(20_000)))
+        return
+    samples = asyncio.run(measure(args.rounds, args.batch))
+    layers = asyncio.run(layer_costs(args.rounds, args.batch))
+    profile_text = asyncio.run(profile(20_000))
+    text = report(samples, layers, args.rounds, args.batch, profile_text)
+    print(text)
+    if not args.no_write:
+        write_section("Outbound overhead", text)
+        print("\nwrote the 'Outbound overhead' section of benchmarks/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
