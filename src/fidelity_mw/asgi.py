@@ -122,9 +122,11 @@ class FidelityMiddleware:
         self._plan_for = self.engine.plan_for
         self._plans = self.engine._plans
         store_ = self.engine.store
-        # Memory state needs no await: call it directly on the hot path.
-        self._admit_now = store_.admit_now if isinstance(store_, MemoryStore) else None
-        self._record_now = store_.record_now if isinstance(store_, MemoryStore) else None
+        # Memory state needs no await: call it directly on the hot path (exactly
+        # MemoryStore: a subclass may override the async methods).
+        plain_memory = type(store_) is MemoryStore
+        self._admit_now = store_.admit_now if plain_memory else None
+        self._record_now = store_.record_now if plain_memory else None
         self._headers_mode = pol.rate_limit_headers
         self._use_forwarded = bool(pol.trusted_proxies)
         self._on_error = pol.state.on_error

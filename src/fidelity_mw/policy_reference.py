@@ -97,8 +97,9 @@ DESCRIPTIONS: dict[str, str] = {
     "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
     "is the client.",
-    "trusted_peers": "Callers whose `x-fidelity-retry: exhausted` signal is honoured "
-    "(and to whom ours is sent). Private and loopback networks by default.",
+    "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
+    "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
+    "is recorded. Private and loopback networks by default.",
     "rate_limit_headers": "When responses carry the IETF `RateLimit` / `RateLimit-Policy` "
     "fields: on every limited response, only on 429s, or never.",
     # [state]
