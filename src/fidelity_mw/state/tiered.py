@@ -466,9 +466,19 @@ class TieredStore(StateStore):
             sl.synced_at = now
             sl.demand = 0
             if want > 0 and granted == 0:
-                # The bucket cannot cover one request: stop asking for a while.
-                sl.blocked_until = now + min(max(retry, sync_s), IDLE_INTERVALS * sync_s)
+                # The bucket cannot cover one request: stop asking until it could
+                # have refilled this slice (at least `retry`, at most 10 syncs;
+                # at least a quarter sync, so a hot empty key costs <= 4 calls
+                # per sync interval).
+                refill = want * sl.spec.interval_s
+                block = max(retry, min(refill, sync_s), sync_s / 4.0)
+                sl.blocked_until = now + min(block, IDLE_INTERVALS * sync_s)
                 sl.retry_at = now - age + retry
+            elif 0 < granted < want:
+                # A short grant: the bucket is (nearly) empty. Spend what came,
+                # then do not ask again before it could refill a slice.
+                sl.blocked_until = now + min(want * sl.spec.interval_s, sync_s)
+                sl.retry_at = sl.blocked_until
             elif granted:
                 sl.blocked_until = 0.0
         return age
