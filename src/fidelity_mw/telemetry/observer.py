@@ -69,6 +69,15 @@ from ..context import (
     DecisionContext,
 )
 from . import schema as s
+from .schema import DECISION_EVENT as _DECISION_EVENT
+from .schema import DETAIL_PREFIX as _DETAIL_PREFIX
+from .schema import LAYER as _LAYER
+from .schema import REASON as _REASON
+from .schema import STATE_AGE_MS as _STATE_AGE_MS
+from .schema import STATE_SOURCE as _STATE_SOURCE
+from .schema import STATE_STALE as _STATE_STALE
+from .schema import SUBJECT as _SUBJECT
+from .schema import VERDICT as _VERDICT
 
 if TYPE_CHECKING:
     import httpx
@@ -716,27 +725,27 @@ class Telemetry:
         offset_ns = now_ns - int(ctx.engine.clock.monotonic() * 1e9)
         raw = _raw_event_adder(span)
         for d in decisions:
+            layer, subject, verdict, reason, source, age_s, at, details = d
             attrs: dict[str, Any] = {
-                s.LAYER: d.layer,
-                s.VERDICT: d.verdict,
-                s.REASON: d.reason,
-                s.SUBJECT: d.subject,
-                s.STATE_SOURCE: d.state_source,
-                s.STATE_AGE_MS: round(d.state_age_s * 1000.0, 3),
+                _LAYER: layer,
+                _VERDICT: verdict,
+                _REASON: reason,
+                _SUBJECT: subject,
+                _STATE_SOURCE: source,
+                _STATE_AGE_MS: round(age_s * 1000.0, 3) if age_s else 0.0,
             }
             if d.is_stale:
-                attrs[s.STATE_STALE] = True
-            details = d.details
+                attrs[_STATE_STALE] = True
             if details:
                 for key, value in details.items():
                     if type(value) not in _ATTRIBUTE_TYPES:
                         value = str(value)
-                    attrs[s.DETAIL_PREFIX + key] = value
-            at = offset_ns + int(d.at * 1e9) if d.at else now_ns
+                    attrs[_DETAIL_PREFIX + key] = value
+            timestamp = offset_ns + int(at * 1e9) if at else now_ns
             if raw is not None:
-                raw[0](span, raw[1](s.DECISION_EVENT, MappingProxyType(attrs), at))
+                raw[0](span, raw[1](_DECISION_EVENT, MappingProxyType(attrs), timestamp))
             else:
-                span.add_event(s.DECISION_EVENT, attrs, at)
+                span.add_event(_DECISION_EVENT, attrs, timestamp)
 
     # ------------------------------------------------------------ outbound
 
