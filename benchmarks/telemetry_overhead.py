@@ -165,7 +165,8 @@ def report(
         "fidelity-nosdk": "fidelity-off",
     }
     lines = [
-        "| variant | median µs/request | vs | paired diff | paired ratio | spans/request (ours) |",
+        "| variant | median CPU µs/request | vs | paired diff | paired ratio "
+        "| spans/request (ours) |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for name, values in samples.items():
