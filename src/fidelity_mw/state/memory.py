@@ -5,20 +5,32 @@ in the past is indistinguishable from a fresh key, so sweeping those away
 loses nothing; only if every key is still active does eviction drop the
 oldest-inserted ones (counted in `evicted_active`), which can only make the
 limiter more lenient for those clients, never stricter.
+
+Breakers and retry budgets are keyed by route and by upstream host. Hosts can
+be many (a service that calls URLs its clients supply: webhooks, link
+previews), so they are bounded too: at most `max_breakers` of each (default
+10,000, about 2 KB per host). An idle one (a closed breaker with nothing in
+its window, no probe and no failure streak; a budget window with nothing in
+it) is the same as a fresh one and is swept away first; only if that is not
+enough are the oldest-inserted dropped (counted in `breakers_evicted_active`
+/ `budgets_evicted_active`), which again only makes them more lenient.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .._types import RandomSource
-from ..breaker import IGNORED, BreakerState, Gate
+from ..breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..policy import BreakerConfig, RetryConfig
 from ..ratelimit import LimitVerdict, gcra
 from ..retry import BudgetWindow
 from .base import InboundResult, LimitSpec, StateStore
+
+_T = TypeVar("_T")
 
 
 class GcraTable:
@@ -52,26 +64,66 @@ class GcraTable:
         self.next_sweep = max(self.next_sweep, len(tats) + 1)
 
 
+def _breaker_idle(state: BreakerState, now: float) -> bool:
+    return (
+        state.state == CLOSED
+        and not state.probes
+        and state.consecutive == 0
+        and state.totals(now) == (0, 0, 0)
+    )
+
+
+def _budget_idle(window: BudgetWindow, now: float) -> bool:
+    return window.totals(now) == (0, 0)
+
+
 class MemoryStore(StateStore):
     """Counters in this process. Thread-safe (sync routes run in a thread pool)."""
 
     source = "memory"
 
-    def __init__(self, *, max_keys: int = 100_000, rng: RandomSource | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        rng: RandomSource | None = None,
+        max_breakers: int = 10_000,
+    ) -> None:
         self.limits = GcraTable(max_keys)
         self.breakers: dict[str, BreakerState] = {}
-        # Outbound retry budgets, one per upstream host: a handful of keys
-        # (the hosts this service calls), so no eviction.
+        # Outbound retry budgets, one per upstream host.
         self.budgets: dict[str, BudgetWindow] = {}
+        self.max_breakers = max_breakers
+        self.breakers_evicted_active = 0
+        self.budgets_evicted_active = 0
         self._rng: RandomSource = rng or random.Random().random
         self._lock = threading.Lock()
 
-    def breaker_state(self, key: str, config: BreakerConfig) -> BreakerState:
+    def breaker_state(
+        self, key: str, config: BreakerConfig, now: float | None = None
+    ) -> BreakerState:
         state = self.breakers.get(key)
         if state is None or state.config is not config:
             # A new config (policy reload) starts a fresh breaker.
+            if state is None and now is not None and len(self.breakers) >= self.max_breakers:
+                self.breakers_evicted_active += self._sweep(self.breakers, _breaker_idle, now)
             state = self.breakers[key] = BreakerState(config)
         return state
+
+    def _sweep(self, table: dict[str, _T], idle: Callable[[_T, float], bool], now: float) -> int:
+        """Make room in a breaker or budget table: idle entries first, then the oldest.
+
+        Leaves at most 3/4 of `max_breakers` (the O(n) scan is paid once per
+        n/4 new hosts). Returns how many non-idle entries had to go.
+        """
+        for key in [k for k, v in table.items() if idle(v, now)]:
+            del table[key]
+        overflow = len(table) - (self.max_breakers * 3) // 4
+        if overflow <= 0:
+            return 0
+        for key in list(table)[:overflow]:
+            del table[key]
+        return overflow
 
     def admit_now(
         self,
@@ -88,7 +140,7 @@ class MemoryStore(StateStore):
             if breaker_key is not None and breaker is not None:
                 state = self.breakers.get(breaker_key)
                 if state is None or state.config is not breaker:
-                    state = self.breaker_state(breaker_key, breaker)
+                    state = self.breaker_state(breaker_key, breaker, now)
                 gate = state.gate(now, self._rng)
                 if gate.verdict == "reject":
                     return InboundResult(gate, (), False, "memory", 0.0)
@@ -147,7 +199,7 @@ class MemoryStore(StateStore):
         with self._lock:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
-                state = self.breaker_state(breaker_key, breaker)
+                state = self.breaker_state(breaker_key, breaker, now)
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
 
     async def record(
@@ -163,7 +215,7 @@ class MemoryStore(StateStore):
 
     def gate_now(self, breaker_key: str, breaker: BreakerConfig, now: float) -> Gate:
         with self._lock:
-            return self.breaker_state(breaker_key, breaker).gate(now, self._rng)
+            return self.breaker_state(breaker_key, breaker, now).gate(now, self._rng)
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -172,24 +224,26 @@ class MemoryStore(StateStore):
 
     # ------------------------------------------------------------ retry budget
 
-    def budget_window(self, key: str, cfg: RetryConfig) -> BudgetWindow:
+    def budget_window(self, key: str, cfg: RetryConfig, now: float | None = None) -> BudgetWindow:
         window = self.budgets.get(key)
         if window is None or window.config is not cfg:
             # A new config (policy reload) starts a fresh window.
+            if window is None and now is not None and len(self.budgets) >= self.max_breakers:
+                self.budgets_evicted_active += self._sweep(self.budgets, _budget_idle, now)
             window = self.budgets[key] = BudgetWindow(cfg)
         return window
 
     def budget_request_now(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         """`budget_request` without the coroutine (the transports' fast path)."""
         with self._lock:
-            self.budget_window(budget_key, cfg).request(now)
+            self.budget_window(budget_key, cfg, now).request(now)
 
     def budget_try_retry_now(
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         """`budget_try_retry` without the coroutine."""
         with self._lock:
-            return self.budget_window(budget_key, cfg).try_retry(now), "memory", 0.0
+            return self.budget_window(budget_key, cfg, now).try_retry(now), "memory", 0.0
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         self.budget_request_now(budget_key, cfg, now)
@@ -214,13 +268,13 @@ class MemoryStore(StateStore):
         try:
             window = self.budgets.get(budget_key)
             if window is None or window.config is not cfg:
-                window = self.budget_window(budget_key, cfg)
+                window = self.budget_window(budget_key, cfg, now)
             window.request(now)
             if breaker is None:
                 return None
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
-                state = self.breaker_state(breaker_key, breaker)
+                state = self.breaker_state(breaker_key, breaker, now)
             return state.gate(now, self._rng)
         finally:
             lock.release()
