@@ -5,9 +5,9 @@
 - **Limits.** Leases a *slice* of each hot key's quota from the global GCRA
   bucket in Redis (the slice's units are taken from the bucket when leased)
   and admits locally while the slice lasts. A request that finds its slice
-  empty waits for one lease round trip; a key whose bucket is empty is
-  blocked locally for a while (``min(max(retry_after, sync), 10 x sync)``)
-  instead of asking Redis on every request. Every sync the instance tops up
+  empty waits for one lease round trip; a key whose bucket is (nearly) empty
+  is blocked locally until the bucket could have refilled a slice, instead of
+  asking Redis on every request. Every sync the instance tops up
   slices that run low and gives back what it holds beyond its current need,
   and all of an idle key's units.
 - **Breakers.** Gates on a cached copy of each route breaker, refreshed on
