@@ -76,7 +76,6 @@ async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pi
     assert span.instrumentation_scope is not None
     assert span.instrumentation_scope.name == "fidelity_mw"
     attrs = dict(span.attributes or {})
-    ctx: DecisionContext = SEEN["ctx"]
     assert attrs == {
         "http.request.method": "GET",
         "http.route": "/items/{id}",
