@@ -262,3 +262,40 @@ async def test_fidelity_transport_inside_a_request_lands_under_the_server_span(
     layers = [(e["fidelity.layer"], e["fidelity.subject"]) for e in decision_events(server)]
     assert ("retry", "inventory") in layers
     assert dict(server.attributes or {})[schema.DECIDED_BY] == "app"
+
+
+async def test_sync_transport_in_a_sync_fastapi_route(otel: Pipeline) -> None:
+    """Sync routes run in a worker thread; the request's context (and our server span)
+    reach it, and each attempt of the sync transport is a CLIENT span under it."""
+    FidelitySyncTransport = transport_module().FidelitySyncTransport
+    from fastapi import FastAPI
+
+    answers = iter([502, 200])
+    client = httpx.Client(
+        transport=FidelitySyncTransport(
+            httpx.MockTransport(lambda r: httpx.Response(next(answers))),
+            clock=FakeClock(),
+            rng=seeded_random(3),
+        )
+    )
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_route() -> dict[str, int]:
+        return {"status": client.get("http://ledger:9000/balance").status_code}
+
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=FakeClock(), observer=otel.telemetry
+    )
+    assert (await call(app, "/sync")).json() == {"status": 200}  # (a mock: nothing to close)
+    spans = otel.finished()
+    (server,) = [s for s in spans if s.kind is SpanKind.SERVER]
+    attempts = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert [dict(s.attributes or {}).get("http.request.resend_count") for s in attempts] == [
+        None,
+        1,
+    ]
+    assert server.context is not None
+    for span in attempts:
+        assert span.parent is not None
+        assert span.parent.span_id == server.context.span_id
