@@ -752,12 +752,15 @@ class Telemetry:
     def attempt_start(
         self, ctx: DecisionContext, request: httpx.Request, attempt: int
     ) -> _Attempt | None:
-        tracer = self._tracer or self._get_tracer()
+        tracer = self._tracer
         if tracer is None:
-            # No tracing here, but a propagated trace passes through untouched.
-            if trace_api.get_current_span().get_span_context().is_valid:
-                propagate.inject(request.headers)
-            return None
+            if self._tracer_provider is not None or not _no_global_tracer_provider():
+                tracer = self._get_tracer()
+            if tracer is None:
+                # No tracing here, but a propagated trace passes through untouched.
+                if trace_api.get_current_span().get_span_context().is_valid:
+                    propagate.inject(request.headers)
+                return None
         current = trace_api.get_current_span()
         outer_client = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
         if outer_client or not self.client_spans:
