@@ -4,7 +4,10 @@ Inbound (`start` / `end`, called by FidelityMiddleware):
 
 * a SERVER span that is already recording (the ASGI, FastAPI or Starlette
   instrumentation installed outside the middleware) gets the `fidelity.*`
-  attributes and one `fidelity.decision` event per decision - no span of ours;
+  attributes and one `fidelity.decision` event per decision - no span of ours.
+  That instrumentation ends its span with the last response body message, so
+  the annotation happens in `before_response_end`, which the middleware calls
+  just before sending it; without that call the decisions go on a child span;
 * otherwise the observer starts its own SERVER span ("METHOD route"), parented
   on the trace context (and baggage) of the request headers, so the library
   is useful without any other instrumentation.
