@@ -1,0 +1,237 @@
+"""Upstream faults under load, through a real service (uvicorn, middleware, transport).
+
+The upstream is a raw asyncio HTTP server on loopback that hangs, resets
+connections (RST after reading the request), refuses connections (listening
+socket closed) or answers 503, switched while a bounded load runs. The
+service maps every upstream error to 502/503/504, so for every request:
+
+- the load client gets exactly one response (no connection error, no hang);
+- no 500 (it could only come from the middleware);
+- no POST reaches the upstream twice (counted there, per request id), and no
+  GET more than `attempts` times;
+- afterwards the breakers recover (fake clock moved past open_s), and no task
+  (on the service's event loop) or file descriptor (process-wide) is left.
+
+Attempt timeouts are real and tiny (100 ms); backoff and open periods run on
+a FakeClock, so nothing waits out a window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import BreakerConfig, DeadlineConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.breaker import CLOSED
+from fidelity_mw.testing import FakeClock, seeded_random
+from test_faults_support import (
+    HANG,
+    OK,
+    RESET,
+    UNAVAILABLE,
+    FrontApp,
+    RawUpstream,
+    Recorder,
+    ServerThread,
+    fd_count,
+    load,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+ATTEMPTS = 3
+ALLOWED = {200, 502, 503, 504}
+
+
+def front_policy() -> Policy:
+    return Policy(
+        deadline=DeadlineConfig(default_ms=5_000),
+        breaker=BreakerConfig(min_calls=20, failure_ratio=0.5, open_s=5.0, open_jitter=0.0),
+        upstreams=(
+            UpstreamConfig(
+                host="127.0.0.1",
+                retry=RetryConfig(attempts=ATTEMPTS, base_ms=1, max_ms=5, budget_min_per_s=100.0),
+                breaker=BreakerConfig(
+                    min_calls=5, failure_ratio=0.5, open_s=5.0, open_jitter=0.0, half_open_probes=1
+                ),
+                attempt_timeout_ms=100,
+            ),
+        ),
+    )
+
+
+class Rig:
+    """Upstream + front service + load client, with the leak baselines taken first."""
+
+    def __init__(self, mode: str) -> None:
+        self.fds_before = fd_count()
+        self.upstream = RawUpstream(mode)
+        self.clock = FakeClock()
+        self.recorder = Recorder()
+        self.front = FrontApp(
+            self.upstream.url,
+            front_policy(),
+            clock=self.clock,
+            rng=seeded_random(5),
+            observer=self.recorder,
+        )
+        self.server = ServerThread(self.front.asgi).__enter__()
+        self.idle_tasks = self.server.task_count()
+
+    def run_load(self, requests: list[tuple[str, str, str]], concurrency: int = 8) -> list:
+        async def go() -> list:
+            async with httpx.AsyncClient(base_url=self.server.url, timeout=10.0) as client:
+                return await load(client, requests, concurrency)
+
+        return asyncio.run(go())
+
+    def upstream_breaker(self) -> Any:
+        store = self.front.asgi.engine.store
+        return store.breakers.get(f"upstream:127.0.0.1:{self.upstream.port}")  # type: ignore[attr-defined]
+
+    def recover(self) -> dict[str, Any]:
+        """Upstream healthy again: move the fake clock past open_s and count the
+        requests (and real time) until one is served and both breakers are closed."""
+        self.upstream.mode = OK
+        self.upstream.unhang()
+        started = time.monotonic()
+        self.clock.advance(6.0)
+        tries = 0
+        statuses = []
+        with httpx.Client(base_url=self.server.url, timeout=10.0) as client:
+            for tries in range(1, 21):
+                r = client.get("/proxy/item", headers={"x-req-id": f"recover-{tries}"})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    break
+            took = time.monotonic() - started
+            after = [client.get("/proxy/item").status_code for _ in range(5)]
+        breaker = self.upstream_breaker()
+        assert statuses[-1] == 200, statuses
+        assert after == [200] * 5
+        assert breaker is None or breaker.state == CLOSED
+        return {"requests_to_recover": tries, "recovery_real_s": round(took, 3)}
+
+    def close(self) -> None:
+        self.server.call(self.front.aclose())
+        # every connection the load opened is closed: the loop is back to idle
+        assert wait_until(lambda: self.server.task_count() <= self.idle_tasks, 5.0), (
+            self.server.task_count(),
+            self.idle_tasks,
+        )
+        self.server.__exit__(None, None, None)
+        self.upstream.close()
+        assert wait_until(lambda: fd_count() <= self.fds_before, 5.0), (
+            fd_count(),
+            self.fds_before,
+        )
+
+
+@pytest.fixture
+def rig_factory() -> Iterator[Any]:
+    rigs: list[Rig] = []
+
+    def make(mode: str) -> Rig:
+        rig = Rig(mode)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def mixed(n_get: int, n_post: int, tag: str) -> list[tuple[str, str, str]]:
+    reqs = [("GET", "/proxy/item", f"{tag}-g{i}") for i in range(n_get)]
+    reqs += [("POST", "/pay", f"{tag}-p{i}") for i in range(n_post)]
+    # interleave
+    out: list[tuple[str, str, str]] = []
+    while reqs:
+        out.append(reqs.pop(0))
+        if reqs:
+            out.append(reqs.pop())
+    return out
+
+
+def check_invariants(rig: Rig, results: list, expected: int) -> dict[str, int]:
+    assert len(results) == expected
+    statuses: dict[str, int] = {}
+    for _, status in results:
+        assert isinstance(status, int), f"no response: {status}"  # exactly one response each
+        assert status != 500
+        assert status in ALLOWED, status
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    assert rig.upstream.max_per_id("POST") <= 1, "a POST reached the upstream twice"
+    assert rig.upstream.max_per_id("GET") <= ATTEMPTS
+    return statuses
+
+
+def test_hanging_upstream(rig_factory: Any, record_property: Any) -> None:
+    rig = rig_factory(HANG)
+    requests = mixed(16, 8, "hang")
+    results = rig.run_load(requests)
+    statuses = check_invariants(rig, results, len(requests))
+    assert set(statuses) <= {"502", "503"}
+    # the host breaker opened: later calls failed fast instead of hanging
+    assert rig.front.errors["circuit_open"] > 0
+    assert rig.upstream.count("GET /item") < 16 * ATTEMPTS
+    recovery = rig.recover()
+    record_property("hang", {**statuses, **recovery})
+    print("\nhang:", statuses, recovery)
+
+
+def test_resetting_upstream(rig_factory: Any, record_property: Any) -> None:
+    rig = rig_factory(RESET)
+    requests = mixed(16, 8, "reset")
+    results = rig.run_load(requests)
+    statuses = check_invariants(rig, results, len(requests))
+    assert set(statuses) <= {"502", "503"}
+    assert rig.front.errors["circuit_open"] > 0
+    recovery = rig.recover()
+    record_property("reset", {**statuses, **recovery})
+    print("\nreset:", statuses, recovery)
+
+
+def test_flapping_upstream(rig_factory: Any, record_property: Any) -> None:
+    """Up, refusing connections, resetting, 503 and up again, every 40 ms, under load."""
+    rig = rig_factory(OK)
+    up = rig.upstream
+    stop = threading.Event()
+    flips = 0
+
+    def flap() -> None:
+        nonlocal flips
+        cycle = ["down", RESET, UNAVAILABLE, OK, HANG, OK]
+        while not stop.is_set():
+            step = cycle[flips % len(cycle)]
+            if step == "down":
+                up.down()
+            else:
+                up.unhang()  # let go of the previous hang phase's requests
+                up.up()
+                up.mode = step
+            flips += 1
+            rig.clock.advance(2.5)  # time passes: open breakers go half-open
+            stop.wait(0.04)
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    try:
+        requests = mixed(200, 100, "flap")
+        results = rig.run_load(requests, concurrency=4)
+    finally:
+        stop.set()
+        flapper.join(timeout=5)
+    up.up()
+    statuses = check_invariants(rig, results, len(requests))
+    assert flips >= 3
+    recovery = rig.recover()
+    record_property("flap", {**statuses, "flips": flips, **recovery})
+    print("\nflap:", statuses, "flips", flips, recovery)
