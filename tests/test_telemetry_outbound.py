@@ -299,3 +299,28 @@ async def test_sync_transport_in_a_sync_fastapi_route(otel: Pipeline) -> None:
     for span in attempts:
         assert span.parent is not None
         assert span.parent.span_id == server.context.span_id
+
+
+async def test_calls_outside_a_request_reach_the_decision_metrics() -> None:
+    """The transport tells the observer when a call it owns the context of is over."""
+    import httpx
+
+    from fidelity_mw import FidelityTransport
+    from fidelity_mw.telemetry import schema
+    from fidelity_mw.testing import FakeClock
+    from test_telemetry_helpers import counter_values, pipeline
+
+    p = pipeline()
+    answers = iter([503, 200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers))
+
+    transport = FidelityTransport(
+        httpx.MockTransport(handler), clock=FakeClock(), observer=p.telemetry
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get("http://api.internal/x")).status_code == 200
+    decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
+    assert decisions.get(("retry", "retry")) == 1
+    p.shutdown()

@@ -116,6 +116,9 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        # Optional (hooks.ResponseEndObserver): an outer instrumentation ends its
+        # server span with the last body message, before our `end` runs.
+        self._before_response_end = getattr(observer, "before_response_end", None)
         if self.engine.route_app is None:
             self.engine.route_app = app
         self._monotonic = self.engine.clock.monotonic
@@ -124,9 +127,8 @@ class FidelityMiddleware:
         store_ = self.engine.store
         # Memory state needs no await: call it directly on the hot path (exactly
         # MemoryStore: a subclass may override the async methods).
-        plain_memory = type(store_) is MemoryStore
-        self._admit_now = store_.admit_now if plain_memory else None
-        self._record_now = store_.record_now if plain_memory else None
+        self._admit_now = store_.admit_now if type(store_) is MemoryStore else None
+        self._record_now = store_.record_now if type(store_) is MemoryStore else None
         self._headers_mode = pol.rate_limit_headers
         self._use_forwarded = bool(pol.trusted_proxies)
         self._on_error = pol.state.on_error
@@ -211,6 +213,9 @@ class FidelityMiddleware:
                 rejection = self._state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
+                ctx.status = rejection[0]
+                if self._before_response_end is not None:
+                    self._response_ends(ctx, scope, obs_token)
                 await _respond(send, *rejection)
                 return
 
@@ -232,6 +237,8 @@ class FidelityMiddleware:
                         message["headers"] = [*message.get("headers", ()), *headers]
                 elif kind == "http.response.body" and not message.get("more_body", False):
                     complete = True
+                    if self._before_response_end is not None:
+                        self._response_ends(ctx, scope, obs_token)
                 try:
                     await send(message)
                 except OSError:
@@ -260,6 +267,15 @@ class FidelityMiddleware:
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
             _CURRENT.reset(token)
+
+    def _response_ends(self, ctx: DecisionContext, scope: Scope, obs_token: Any) -> None:
+        hook = self._before_response_end
+        if hook is None:
+            return
+        try:
+            hook(ctx, scope, obs_token)
+        except Exception:
+            logger.exception("fidelity_mw: telemetry observer failed")
 
     # ------------------------------------------------------------ deadline, peers
 

@@ -638,6 +638,17 @@ class _Base:
             return None
 
     @staticmethod
+    def _call_end(observer: AttemptObserver, ctx: DecisionContext) -> None:
+        """A call made outside any request is over: no RequestObserver will see it."""
+        call_end = getattr(observer, "call_end", None)  # hooks.CallObserver, optional
+        if call_end is None:
+            return
+        try:
+            call_end(ctx)
+        except Exception:
+            logger.exception("fidelity_mw: attempt observer failed")
+
+    @staticmethod
     def _observe_end(
         observer: AttemptObserver | None,
         token: Any,
@@ -860,6 +871,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 return response
         finally:
             _unstamp(request.headers, prior)
+            if own and observer is not None:
+                self._call_end(observer, ctx)
 
     @staticmethod
     async def _record(
@@ -1076,6 +1089,8 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
                 return response
         finally:
             _unstamp(request.headers, prior)
+            if own and observer is not None:
+                self._call_end(observer, ctx)
 
     @staticmethod
     def _record_sync(
