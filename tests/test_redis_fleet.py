@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import httpx
 import pytest
@@ -131,31 +131,8 @@ class Fleet:
             "FMW_TIMEOUT_MS": str(self.timeout_ms),
         }
         for port in self.ports:
-            log = (self.workdir / f"uvicorn-{port}.log").open("wb")
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "fleet_app:app",
-                        "--app-dir",
-                        str(self.workdir),
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                        "--no-access-log",
-                        "--lifespan",
-                        "off",
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            with (self.workdir / f"uvicorn-{port}.log").open("wb") as log:
+                self.procs.append(self._spawn(port, env, log))
         deadline = time.monotonic() + START_TIMEOUT_S
         for port in self.ports:
             while True:
@@ -168,6 +145,12 @@ class Fleet:
                         raise RuntimeError(f"fleet member on {port} did not start") from None
                     time.sleep(0.05)
         return self
+
+    def _spawn(self, port: int, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "uvicorn", "fleet_app:app", "--app-dir", str(self.workdir)]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        argv += ["--no-access-log", "--lifespan", "off"]
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stats(self) -> list[dict]:  # type: ignore[type-arg]
         return [

@@ -485,3 +485,29 @@ async def test_slots_bound_waits_and_hand_over() -> None:
     assert not slots.try_acquire()
     slots.release()
     assert slots.try_acquire()
+
+
+async def test_one_store_serves_several_event_loops(redis_url: str) -> None:
+    """Sync code paths run coroutines on worker-thread loops: each loop gets its own client."""
+    redis_store = store(redis_url)
+    limit = spec(1e6, 1_000_000)
+
+    async def burst() -> list[str]:
+        return [
+            (await redis_store.admit(None, None, ["l|loops"], [limit], 0.0)).source
+            for _ in range(20)
+        ]
+
+    async def in_a_worker_thread() -> list[str]:
+        try:
+            return await burst()
+        finally:
+            await redis_store.aclose_loop()  # this loop ends with the thread
+
+    try:
+        theirs = asyncio.to_thread(asyncio.run, in_a_worker_thread())
+        mine, other = await asyncio.gather(burst(), theirs)
+    finally:
+        await redis_store.aclose()
+    assert set(mine) == set(other) == {"redis"}
+    assert redis_store.stats.fallbacks == 0

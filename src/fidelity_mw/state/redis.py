@@ -37,6 +37,8 @@ import hashlib
 import importlib.resources
 import logging
 import random
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -327,11 +329,21 @@ class RedisStore(StateStore):
         self.local = MemoryStore(max_keys=config.max_keys, rng=self._rng)
         self.health = Health(self._clock)
         self.stats = RedisStats()
-        self._client: RedisClient | None = None
-        self._slots = Slots(config.pool_size)
+        # Connections belong to one event loop. The common case is one loop
+        # (uvicorn); sync routes calling through `FidelitySyncTransport` may
+        # use others from worker threads: one client + slots per loop, the
+        # last used one in `_bound` (a single attribute: swapped atomically).
+        self._bound: tuple[asyncio.AbstractEventLoop | None, RedisClient | None, Slots] = (
+            None,
+            None,
+            Slots(config.pool_size),
+        )
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[RedisClient, Slots]
+        ] = weakref.WeakKeyDictionary()
+        self._bind_lock = threading.Lock()
         self._timeout_s = config.timeout_ms / 1000.0
         self._breaker_keys: dict[str, tuple[str, str]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._keys: dict[tuple[str, str], str] = {}
         self._limit_args: dict[LimitSpec, tuple[float | int, ...]] = {}
         self._breaker_args: dict[BreakerConfig, tuple[float | int, ...]] = {}
@@ -356,12 +368,23 @@ class RedisStore(StateStore):
 
     def client(self) -> RedisClient:
         """The client of the running event loop (connections belong to one loop)."""
+        return self._bind()[1]
+
+    def _bind(self) -> tuple[asyncio.AbstractEventLoop, RedisClient, Slots]:
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            self._client = build_client(self.url, self.config)
-            self._slots = Slots(self.config.pool_size)
-            self._loop = loop
-        return self._client
+        bound = self._bound
+        if bound[0] is loop and bound[1] is not None:
+            return bound  # type: ignore[return-value]
+        with self._bind_lock:
+            known = self._clients.get(loop)
+            if known is None:
+                known = self._clients[loop] = (
+                    build_client(self.url, self.config),
+                    Slots(self.config.pool_size),
+                )
+            fresh = (loop, known[0], known[1])
+            self._bound = fresh
+            return fresh
 
     def breaker_keys(self, breaker_key: str) -> tuple[str, str]:
         """The breaker's hash and probe-set keys (cached)."""
@@ -400,9 +423,11 @@ class RedisStore(StateStore):
         EVAL both runs the script and puts it back in the server's cache, so
         the next EVALSHA finds it. No error handling here: see `call`.
         """
-        client = self._client
-        if client is None or self._loop is not asyncio.get_running_loop():
-            client = self.client()
+        return await self._evalsha(self._bind()[1], script, keys, args)
+
+    async def _evalsha(
+        self, client: RedisClient, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
         try:
             return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -420,9 +445,11 @@ class RedisStore(StateStore):
             return None
         clock = self._clock
         started = clock.monotonic()
-        if self._loop is not asyncio.get_running_loop():
-            self.client()  # (re)binds the client and the slots to this event loop
-        slots = self._slots
+        bound = self._bound
+        if bound[0] is not asyncio.get_running_loop() or bound[1] is None:
+            bound = self._bind()
+        client, slots = bound[1], bound[2]
+        assert client is not None
         if not slots.try_acquire() and not await slots.acquire(self._timeout_s):
             # every connection stayed busy for timeout_ms: this request falls
             # back; Redis is not marked down for it
@@ -430,7 +457,7 @@ class RedisStore(StateStore):
             self.stats.pool_waits += 1
             return None
         try:
-            reply = await self.evalsha(script, keys, args)
+            reply = await self._evalsha(client, script, keys, args)
         except _CALL_ERRORS as exc:
             self._failed(exc)
             return None
@@ -762,19 +789,39 @@ class RedisStore(StateStore):
 
     # ------------------------------------------------------------ lifecycle
 
+    async def aclose_loop(self) -> None:
+        """Close only the running loop's client (a worker thread's loop that is ending)."""
+        loop = asyncio.get_running_loop()
+        with self._bind_lock:
+            mine = self._clients.pop(loop, None)
+            if self._bound[0] is loop:
+                self._bound = (None, None, Slots(self.config.pool_size))
+        if mine is not None:
+            await _close_client(mine[0])
+
     async def aclose(self) -> None:
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
-                if isinstance(client, Redis):
-                    await client.aclose(close_connection_pool=True)
-                else:
-                    await client.aclose()
+        # Close this loop's client; clients of other loops can only be closed
+        # from their loops, so they are dropped (their sockets close with them).
+        loop = asyncio.get_running_loop()
+        with self._bind_lock:
+            mine = self._clients.pop(loop, None)
+            self._clients.clear()
+            self._bound = (None, None, Slots(self.config.pool_size))
+        if mine is not None:
+            await _close_client(mine[0])
+
+
+async def _close_client(client: RedisClient) -> None:
+    with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+        if isinstance(client, Redis):
+            await client.aclose(close_connection_pool=True)
+        else:
+            await client.aclose()
 
 
 # ---------------------------------------------------------------- replies
