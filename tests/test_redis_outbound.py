@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from fidelity_mw.breaker import FAILURE
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
-from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.redis import RedisStore, hashed_key
 from fidelity_mw.testing import seeded_random
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -130,3 +131,40 @@ async def test_outbound_falls_back_locally(own_redis) -> None:  # type: ignore[n
         assert await redis_store.record("upstream:f", HOST, gate, FAILURE, False, 0.0) == "open"
     finally:
         await redis_store.aclose()
+
+
+async def test_budget_counts_are_sent_within_a_sync_interval(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    redis_store = store(redis_url, sync_interval_ms=20)
+    try:
+        await redis_store.budget_request("budget:q", BUDGET, 0.0)
+        await anyio.sleep(0.03)
+        await redis_store.budget_request("budget:q", BUDGET, 0.0)  # older than 20 ms: send
+        for _ in range(100):  # bounded: 1 s
+            await anyio.sleep(0.01)
+            with redis_server.client() as client:
+                raw = client.hget(hashed_key("fmw", "bu", "budget:q"), "rq")
+            if raw is not None and sum(int(n) for n in raw.decode().split(",")) == 2:
+                break
+        assert raw is not None
+        assert sum(int(n) for n in raw.decode().split(",")) == 2
+    finally:
+        await redis_store.aclose()
+
+
+async def test_a_reply_that_is_not_ours_falls_back(redis_url: str) -> None:
+    redis_store = store(redis_url)
+
+    async def garbage(*_args: object) -> list[bytes]:
+        return [b"not", b"an", b"admit", b"reply"]
+
+    redis_store._evalsha = garbage  # type: ignore[method-assign]
+    try:
+        result = await redis_store.admit("route:/g", HOST, (), (), 0.0)
+        gate, source, _age = await redis_store.breaker_gate("upstream:g", HOST, 0.0)
+    finally:
+        await redis_store.aclose()
+    assert result.source == "fallback"
+    assert result.admitted
+    assert source == "fallback"
+    assert gate.verdict == "allow"
+    assert redis_store.up  # Redis answered: nothing to probe

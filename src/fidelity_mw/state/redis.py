@@ -80,6 +80,8 @@ SOURCE_FALLBACK: Final = "fallback"
 _UNREACHABLE = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
 _CALL_ERRORS = (RedisError, OSError, TimeoutError)
 
+_REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
+
 _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
 
 # Probing an unreachable Redis: exponential backoff, equal jitter.
@@ -468,6 +470,10 @@ class RedisStore(StateStore):
         self.stats.round_trips += 1
         return reply, (done - started) / 2.0
 
+    def _bad_reply(self, exc: Exception) -> None:
+        self.stats.errors += 1
+        logger.warning("fidelity_mw: unexpected reply from redis (%s: %s)", type(exc).__name__, exc)
+
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
         if isinstance(exc, MaxConnectionsError) or (
@@ -554,7 +560,11 @@ class RedisStore(StateStore):
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
-        return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
+        try:
+            return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
+        except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
+            self._bad_reply(exc)
+            return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
 
     def fallback_admit(
         self,
@@ -619,7 +629,11 @@ class RedisStore(StateStore):
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
-        return _text(got[0][0])
+        try:
+            return _text(got[0][0])
+        except _REPLY_ERRORS as exc:
+            self._bad_reply(exc)
+            return gate.state
 
     # Plain successes (not a probe, not slow) cannot open or close a breaker:
     # they only add to the window's call count. Instead of one call each, they
@@ -645,6 +659,14 @@ class RedisStore(StateStore):
 
     async def _flush_deferred(self) -> None:
         await self._clock.sleep(self.sync_s)
+        try:
+            await self._flush_deferred_now()
+        except Exception:  # a background task: nobody else would see it
+            logger.exception("fidelity_mw: could not flush deferred breaker outcomes")
+        if self._deferred:
+            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
+
+    async def _flush_deferred_now(self) -> None:
         for breaker_key in list(self._deferred)[:64]:
             entry = self._deferred.get(breaker_key)
             if entry is None:
@@ -652,8 +674,6 @@ class RedisStore(StateStore):
             args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
             keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
             await self.call(RECORD, keys, (*args, *self.breaker_config_args(entry[0])))
-        if self._deferred:
-            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -712,12 +732,16 @@ class RedisStore(StateStore):
         if got is None:
             return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
         reply, age = got
-        allowed = True if budget_key is None or cfg is None else reply[6] == 1
-        gate = None
-        if has_breaker and allowed:  # a denied retry asked no breaker
-            gate = Gate(
-                _text(reply[1]), _text(reply[2]), int(reply[3]), float(reply[4]), int(reply[5])
-            )
+        try:
+            allowed = True if budget_key is None or cfg is None else reply[6] == 1
+            gate = None
+            if has_breaker and allowed:  # a denied retry asked no breaker
+                gate = Gate(
+                    _text(reply[1]), _text(reply[2]), int(reply[3]), float(reply[4]), int(reply[5])
+                )
+        except _REPLY_ERRORS as exc:
+            self._bad_reply(exc)
+            return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, (), now)
         return gate, allowed, SOURCE_REDIS, age
 
     def _outbound_fallback(
@@ -776,8 +800,15 @@ class RedisStore(StateStore):
                 task = self._flush_task
                 if task is None or task.done():
                     self._flush_task = asyncio.get_running_loop().create_task(
-                        self.outbound_gate(None, None, None, None, False, now)
+                        self._flush_pending(now)
                     )
+
+    async def _flush_pending(self, now: float) -> None:
+        """Send waiting budget request counts (a background task)."""
+        try:
+            await self.outbound_gate(None, None, None, None, False, now)
+        except Exception:  # closed mode raises; nobody else would see it
+            logger.debug("fidelity_mw: budget counts not sent", exc_info=True)
 
     async def budget_try_retry(
         self, budget_key: str, cfg: RetryConfig, now: float

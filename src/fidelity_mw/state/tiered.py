@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
 
 SOURCE_CACHE: Final = "cache"
+
+logger = logging.getLogger("fidelity_mw.tiered")
 
 # How many keys one sync call carries at most (the rest wait for the next).
 MAX_SYNC_KEYS: Final = 256
@@ -446,6 +449,20 @@ class TieredStore(StateStore):
         if got is None:
             return -1.0
         reply, age = got
+        try:
+            self._apply_sync(reply, age, flushed, limits)
+        except (IndexError, TypeError, ValueError, AttributeError) as exc:
+            exact._bad_reply(exc)
+            return -1.0
+        return age
+
+    def _apply_sync(
+        self,
+        reply: Sequence[Any],
+        age: float,
+        flushed: Sequence[CachedBreaker],
+        limits: Sequence[tuple[str, LimitSpec, int, int]],
+    ) -> None:
         now = self._clock.monotonic()
         i = 1
         for cb in flushed:
@@ -481,7 +498,6 @@ class TieredStore(StateStore):
                 sl.retry_at = sl.blocked_until
             elif granted:
                 sl.blocked_until = 0.0
-        return age
 
     def _maybe_sync(self, now: float) -> None:
         if now - self._last_sync < 0.8 * self.sync_s:
@@ -490,7 +506,13 @@ class TieredStore(StateStore):
         if task is not None and not task.done():
             return
         self._last_sync = now
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_all(now))
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_logged(now))
+
+    async def _sync_logged(self, now: float) -> None:
+        try:
+            await self._sync_all(now)
+        except Exception:  # a background task: nobody else would see it
+            logger.exception("fidelity_mw: tiered sync failed")
 
     async def _sync_all(self, now: float) -> None:
         """The periodic reconciliation: one call for everything that is due."""
