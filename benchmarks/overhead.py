@@ -193,7 +193,7 @@ def report(samples: dict[str, list[float]], rounds: int, batch: int) -> str:
         )
     lines.append("")
     lines.append(
-        f"{rounds} interleaved rounds × {batch} sequential requests per variant per round; "
+        f"{rounds} interleaved rounds x {batch} sequential requests per variant per round; "
         "in-process ASGI calls (no server, no sockets), Starlette 1.x, one route returning "
         "PlainTextResponse. FidelityMiddleware: one permissive per-client limit, the default "
         "route breaker, deadline from `x-request-timeout-ms`, memory state, telemetry off. "

@@ -514,3 +514,34 @@ def test_default_construction_as_documented() -> None:
         statuses = [client.get("/items/1").status_code for _ in range(2)]
         assert client.get("/async").status_code == 429
     assert statuses == [200, 429]
+
+
+def test_lifespan_shutdown_closes_the_state_store() -> None:
+    from starlette.testclient import TestClient
+
+    from fidelity_mw.state.memory import MemoryStore
+
+    class CountingStore(MemoryStore):
+        closed = 0
+
+        async def aclose(self) -> None:
+            CountingStore.closed += 1
+
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", ok)], lifespan=lifespan)
+    app.add_middleware(FidelityMiddleware, store=CountingStore(), telemetry=False)
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200
+        assert CountingStore.closed == 0
+    assert events == ["startup", "shutdown"]
+    assert CountingStore.closed == 1

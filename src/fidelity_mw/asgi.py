@@ -149,7 +149,10 @@ class FidelityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._closing_on_shutdown(send))
+            else:
+                await self.app(scope, receive, send)
             return
         now = self._monotonic()
         try:
@@ -267,6 +270,19 @@ class FidelityMiddleware:
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
             _CURRENT.reset(token)
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        """Lifespan passes through; on shutdown the store's connections are closed first."""
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                try:
+                    await self.engine.aclose()
+                except Exception:
+                    logger.exception("fidelity_mw: could not close the state store")
+            await send(message)
+
+        return lifespan_send
 
     def _response_ends(self, ctx: DecisionContext, scope: Scope, obs_token: Any) -> None:
         hook = self._before_response_end

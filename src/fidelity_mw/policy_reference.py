@@ -105,7 +105,7 @@ DESCRIPTIONS: dict[str, str] = {
     # [state]
     "state.url": "`memory://` (process memory), `redis://`, `rediss://`, `unix://` "
     "(one Redis, exact fleet-wide), `tiered+redis://` / `tiered+rediss://` "
-    "(local-first, reconciled with Redis).",
+    "(local-first, reconciled with Redis). Add `?cluster=true` for Redis Cluster.",
     "state.on_error": "When Redis errors or times out: `local` decides on process-local "
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
     "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
