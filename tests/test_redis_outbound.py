@@ -168,3 +168,73 @@ async def test_a_reply_that_is_not_ours_falls_back(redis_url: str) -> None:
     assert source == "fallback"
     assert gate.verdict == "allow"
     assert redis_store.up  # Redis answered: nothing to probe
+
+
+async def test_transport_asks_redis_once_per_attempt(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Through FidelityTransport: each attempt's breaker gate and budget is one script call."""
+    import httpx
+
+    from fidelity_mw import FidelityTransport, Policy, UpstreamConfig
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.testing import FakeClock
+
+    class CountingStore(RedisStore):
+        """The real store; counts which operations the transport uses."""
+
+        def __init__(self, **kw: object) -> None:
+            super().__init__(**kw)  # type: ignore[arg-type]
+            self.ops: dict[str, int] = {}
+
+        def _count(self, name: str) -> None:
+            self.ops[name] = self.ops.get(name, 0) + 1
+
+        async def outbound_gate(self, *args, **kw):  # type: ignore[no-untyped-def]
+            self._count("outbound_gate")
+            return await super().outbound_gate(*args, **kw)
+
+        async def breaker_gate(self, *args, **kw):  # type: ignore[no-untyped-def]
+            self._count("breaker_gate")
+            return await super().breaker_gate(*args, **kw)
+
+        async def budget_try_retry(self, *args, **kw):  # type: ignore[no-untyped-def]
+            self._count("budget_try_retry")
+            return await super().budget_try_retry(*args, **kw)
+
+        async def budget_request(self, *args, **kw):  # type: ignore[no-untyped-def]
+            self._count("budget_request")
+            return await super().budget_request(*args, **kw)
+
+    policy = Policy(
+        state=StateConfig(url=redis_url),
+        upstreams=(UpstreamConfig(host="api.internal", retry=RetryConfig(base_ms=1)),),
+    )
+    redis_store = CountingStore(config=policy.state, rng=seeded_random(3))
+    engine = Engine(policy, clock=FakeClock(), store=redis_store)
+    answers = iter([503, 503, 200])
+    upstream_calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal upstream_calls
+        upstream_calls += 1
+        return httpx.Response(next(answers))
+
+    transport = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    try:
+        await redis_store.breaker_gate("upstream:warm", HOST, 0.0)  # loads the scripts
+        redis_store.ops.clear()
+        with redis_server.client() as client:
+            client.config_resetstat()
+            async with httpx.AsyncClient(transport=transport) as http:
+                response = await http.get("http://api.internal/x")
+            evalsha = client.info("commandstats")["cmdstat_evalsha"]["calls"]
+        assert response.status_code == 200
+        assert upstream_calls == 3
+        assert redis_store.ops == {"outbound_gate": 3}
+        # one gate+budget call per attempt, plus the two failures' breaker records
+        assert evalsha <= 3 + 2
+        ctx = response.extensions["fidelity_context"]
+        retries = [d for d in ctx.decisions if d.layer == "retry" and d.verdict == "retry"]
+        assert len(retries) == 2
+        assert {d.state_source for d in retries} == {"redis"}
+    finally:
+        await redis_store.aclose()

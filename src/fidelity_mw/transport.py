@@ -731,11 +731,14 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             gate = mem.outbound_begin_now(up.breaker_key, breaker, up.budget_key, cfg, now)
             if gate is not None:
                 source = SOURCE_MEMORY
-        else:
+        else:  # a remote store: budget count and first gate in one round trip
             try:
-                await store.budget_request(up.budget_key, cfg, now)
+                gate, _, source, age = await store.outbound_gate(
+                    up.breaker_key, breaker, up.budget_key, cfg, False, now
+                )
             except Exception as exc:
-                self._store_failed(ctx, up, "budget count", exc, 0, now)
+                gate, source, age = None, SOURCE_FALLBACK, 0.0
+                self._closed_on_store_error(ctx, up, exc, 0, now, None)
         observer = self._observer or engine.attempt_observer
         if observer is None and self._telemetry and engine is not self._observed_engine:
             observer = self.observer_for(engine)
@@ -759,22 +762,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 remaining = None if deadline_at is None else deadline_at - now
                 if remaining is not None and remaining <= 0.0:
                     raise self._deadline_passed(ctx, up, attempt - 1, now, last_error)
-                # --- the breaker, before every attempt
-                if breaker is not None and (attempt > 1 or mem is None):
-                    try:
-                        if mem is not None:
-                            gate, source, age = (
-                                mem.gate_now(up.breaker_key, breaker, now),
-                                "memory",
-                                0.0,
-                            )
-                        else:
-                            gate, source, age = await store.breaker_gate(
-                                up.breaker_key, breaker, now
-                            )
-                    except Exception as exc:
-                        gate, source, age = None, SOURCE_FALLBACK, 0.0
-                        self._closed_on_store_error(ctx, up, exc, attempt - 1, now, last_error)
+                # --- the breaker, before every attempt (a remote store's gate came
+                # with the budget answer, in the same round trip)
+                if breaker is not None and attempt > 1 and mem is not None:
+                    gate, source, age = mem.gate_now(up.breaker_key, breaker, now), "memory", 0.0
                 if gate is not None and gate.verdict != "allow":
                     self._gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
                 # --- the attempt
@@ -841,19 +832,32 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                         )  # fmt: skip
                         if plan.retry:
                             answer: tuple[bool, str, float] | Exception
+                            next_gate: Gate | None = None
                             try:
                                 if mem is not None:
                                     answer = mem.budget_try_retry_now(up.budget_key, cfg, now)
-                                else:
-                                    answer = await store.budget_try_retry(up.budget_key, cfg, now)
+                                else:  # one round trip: the retry's budget and its gate
+                                    next_gate, allowed, src, src_age = await store.outbound_gate(
+                                        up.breaker_key, breaker, up.budget_key, cfg, True, now
+                                    )
+                                    answer = (allowed, src, src_age)
                             except Exception as exc:
                                 answer = exc
+                                if mem is None and breaker is not None:
+                                    self._closed_on_store_error(
+                                        ctx, up, exc, attempt, now, last_error
+                                    )
                             denied, source, age = self._budget_denied(ctx, up, answer, attempt, now)
                             if not denied:
                                 # --- release this attempt, back off, go again
                                 cause = _cause(response, error)
                                 last_error = error
                                 delay = previous_delay = plan.delay_s
+                                if mem is None:
+                                    # the gate was read before the backoff: by the attempt
+                                    # it is that much older, and says so
+                                    gate = next_gate
+                                    age += delay
                                 if response is not None:
                                     await response.aclose()
                                     response = None

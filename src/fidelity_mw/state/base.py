@@ -106,5 +106,36 @@ class StateStore(abc.ABC):
         """
         return True, "fallback", 0.0
 
+    async def outbound_gate(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """Everything an outbound attempt needs from the store, in one operation.
+
+        First attempt (`retry=False`): count one request on the budget and gate
+        the host breaker. Retry (`retry=True`): spend one retry if the budget
+        allows it, then gate the breaker (a denied retry takes no gate).
+        Returns (gate or None, budget allowed, source, age_s). Remote stores
+        override this to make it one round trip; this default composes the
+        separate operations.
+        """
+        source, age = "memory", 0.0
+        if budget_key is not None and cfg is not None:
+            if retry:
+                allowed, source, age = await self.budget_try_retry(budget_key, cfg, now)
+                if not allowed:
+                    return None, False, source, age
+            else:
+                await self.budget_request(budget_key, cfg, now)
+        if breaker_key is None or breaker is None:
+            return None, True, source, age
+        gate, source, age = await self.breaker_gate(breaker_key, breaker, now)
+        return gate, True, source, age
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. The memory store holds none."""
