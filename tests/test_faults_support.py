@@ -101,7 +101,10 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int = 0) -> None:
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections
+        # only when the listening socket says proto=TCP; with proto 0, Nagle and
+        # delayed ACKs cost ~40 ms per response written in two parts.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((HOST, port))
         self.port = int(self.sock.getsockname()[1])
