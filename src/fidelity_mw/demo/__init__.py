@@ -1,14 +1,187 @@
-"""`fidelity-mw demo`. Placeholder: filled in with the Core demo."""
+"""`fidelity-mw demo`: the load-balancer-chaos scenario, scattered control layers against
+fidelity_mw's one decision context, side by side (docs/demo.md).
+
+Real servers on loopback (uvicorn, in this process's event loop): three
+upstream instances with scripted faults, a front service in two variants,
+and a population of clients. Nothing to install beyond the dev extra, no
+server to run: state is in memory unless `--redis URL` is given.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+_NEEDED = {
+    "uvicorn": "uvicorn",
+    "tenacity": "tenacity",
+    "httpx_retries": "httpx-retries",
+    "limits": "limits",
+}
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 4.0 <= value <= 3600.0:
+        raise argparse.ArgumentTypeError(f"{value:g} s is out of range: allowed 4 to 3600")
+    return value
+
+
+def _clients(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"{value} clients is out of range: allowed 1 to 200")
+    return value
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=1)
+    parser.description = (
+        "The load-balancer-chaos scenario: an upstream fleet with scripted faults, a front "
+        "service with scattered control layers (tenacity, httpx-retries, a breaker on a "
+        "delayed metrics snapshot, a fixed-window limiter) and the same service on "
+        "fidelity_mw, driven by the same clients; the numbers side by side."
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed for every random choice")
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="approximate length of the whole run in seconds, both variants (default 60)",
+    )
+    parser.add_argument(
+        "--clients", type=_clients, default=20, metavar="N", help="clients (default 20)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of the table"
+    )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="save a picture (needs the 'plot' extra: matplotlib)"
+    )
+    parser.add_argument(
+        "--otlp",
+        metavar="URL",
+        help="send the fidelity variant's traces over OTLP/HTTP (e.g. http://localhost:4318)",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="run the fidelity variant on Redis state (policy state.url), e.g. redis://localhost:6379/0",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _missing_modules() -> list[str]:
+    return [pkg for mod, pkg in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+
+
+def _error(message: str) -> int:
+    print(f"fidelity-mw demo: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _telemetry_observer(url: str) -> tuple[Any, Any, str | None]:
+    """(observer, setup to shut down, message if unavailable) for `--otlp URL`."""
+    from .. import telemetry
+
+    configure = getattr(telemetry, "configure_otel", None)
+    default = getattr(telemetry, "default_telemetry", None)
+    if configure is None or default is None:
+        return None, None, "OTLP export is unavailable in this build (no telemetry setup helper)"
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
+    setup = configure(service_name="fidelity-mw-demo")
+    return default(), setup, None
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    print("demo not built yet")
-    return 1
+    missing = _missing_modules()
+    if missing:
+        return _error(
+            "the demo needs " + ", ".join(missing) + " (install the dev extra: "
+            "pip install -e '.[dev]')"
+        )
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            return _error(
+                "--plot needs matplotlib, which is not installed: "
+                "pip install 'fidelity-mw[plot]' (or pip install matplotlib)"
+            )
+        if not str(args.plot).lower().endswith(".png"):
+            return _error(f"--plot {args.plot}: give a .png file name")
+
+    from ..errors import PolicyError
+    from .fronts import fidelity_policy
+    from .report import decision_lines, json_document, plot, render_scenario, render_table
+    from .runner import Progress, run_scenario
+    from .scenario import ScenarioConfig
+
+    cfg = ScenarioConfig(
+        seed=args.seed,
+        duration_s=args.duration,
+        clients=args.clients,
+        redis_url=args.redis,
+    )
+    try:
+        fidelity_policy(cfg)
+    except PolicyError as exc:
+        print(f"fidelity-mw demo: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    extra: dict[str, Any] = {"otlp": None}
+    observer = setup = None
+    if args.otlp:
+        observer, setup, unavailable = _telemetry_observer(args.otlp)
+        if unavailable:
+            print(f"fidelity-mw demo: --otlp: {unavailable}", file=sys.stderr)
+            extra["otlp"] = {"url": args.otlp, "exported": False, "reason": unavailable}
+        else:
+            extra["otlp"] = {"url": args.otlp, "exported": True}
+
+    progress = Progress(sys.stderr, enabled=not args.no_progress)
+    if not args.json:
+        print(render_scenario(cfg))
+        print()
+    try:
+        results = asyncio.run(run_scenario(cfg, progress, observer))
+    except PolicyError as exc:
+        print(f"fidelity-mw demo: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nfidelity-mw demo: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if setup is not None:
+            setup.shutdown()
+
+    if args.plot:
+        plot(results, cfg, args.plot)
+        extra["plot"] = args.plot
+    if args.json:
+        print(json.dumps(json_document(results, cfg, extra), indent=2))
+        return EXIT_OK
+    for result in results.values():
+        print(f"{result.label}: one line per decision, for a few requests")
+        for line in decision_lines(result):
+            print(line)
+        print()
+    print(render_table(results, cfg))
+    if args.plot:
+        print(f"plot saved to {args.plot}")
+    return EXIT_OK
+
+
+__all__ = ["add_demo_arguments", "run_demo"]

@@ -1,0 +1,177 @@
+"""Run the scenario: one variant after the other, each on a fresh fleet, same seed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from ..hooks import RequestObserver
+from .clients import Population
+from .fronts import fidelity_front, scattered_front
+from .metrics import VariantResult
+from .records import Recorder, RunClock
+from .scenario import FaultScript, ScenarioConfig
+from .servers import Fleet, RunningServer
+
+SCATTERED = "scattered"
+FIDELITY = "fidelity"
+LABELS = {SCATTERED: "scattered layers", FIDELITY: "fidelity_mw"}
+_PROGRESS_EVERY_S = 0.25
+
+
+class Progress:
+    """A single updating status line on stderr (plain lines when it is not a terminal)."""
+
+    def __init__(self, stream: TextIO | None, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._width = 0
+
+    def update(self, text: str) -> None:
+        if not self.enabled or not self.tty:
+            return
+        pad = max(0, self._width - len(text))
+        self.stream.write("\r" + text + " " * pad)
+        self.stream.flush()
+        self._width = len(text)
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+async def _ticker(
+    progress: Progress,
+    name: str,
+    cfg: ScenarioConfig,
+    clock: RunClock,
+    script: FaultScript,
+    recorder: Recorder,
+    population: Population,
+    fleet: Fleet,
+) -> None:
+    while True:
+        await asyncio.sleep(_PROGRESS_EVERY_S)
+        t = clock.now()
+        front = recorder.records
+        ok = sum(1 for r in front if r.status == 200)
+        r429 = sum(1 for r in front if r.status == 429)
+        r5xx = sum(1 for r in front if r.status >= 500)
+        progress.update(
+            f"[{name:<9} {min(t, cfg.load_s):5.1f}/{cfg.load_s:.0f} s] "
+            f"requests {len(population.requests):4d}  front ok {ok:4d} 429 {r429:3d} "
+            f"5xx {r5xx:3d}  upstream calls {fleet.calls:5d}  | {script.label(t)}"
+        )
+
+
+async def run_variant(
+    name: str,
+    cfg: ScenarioConfig,
+    progress: Progress,
+    telemetry_observer: RequestObserver | None = None,
+) -> VariantResult:
+    """Start a fresh fleet and front, drive the client population, tear everything down."""
+    clock = RunClock()
+    script = cfg.fault_script()
+    fleet = Fleet(script, clock, cfg.seed)
+    await fleet.start()
+    names = [i.name for i in fleet.instances]
+    closers: list[Callable[[], Any]] = []
+    front_server: RunningServer | None = None
+    extra: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        if name == SCATTERED:
+            recorder, scattered = scattered_front(
+                cfg, fleet.urls, names, clock, script.healthy_path
+            )
+            closers.append(scattered.aclose)
+            breaker = scattered.breaker
+        else:
+            recorder, fidelity, engine = fidelity_front(
+                cfg, fleet.urls, names, clock, script.healthy_path, telemetry_observer
+            )
+            closers.append(fidelity.aclose)
+            closers.append(engine.aclose)
+            extra["policy_version"] = engine.policy.version
+            extra["state_url"] = engine.policy.state.url
+        front_server = RunningServer(recorder, f"front-{name}")
+        await front_server.start()
+        population = Population(cfg, front_server.url, clock, script)
+        progress.line(
+            f"{LABELS[name]}: fleet {', '.join(fleet.urls)}; front {front_server.url}; "
+            f"{len(population.arrivals)} client requests over {cfg.load_s:.1f} s"
+        )
+        clock.start()
+        if name == SCATTERED:
+            breaker.start()
+        ticker = asyncio.create_task(
+            _ticker(progress, name, cfg, clock, script, recorder, population, fleet)
+        )
+        try:
+            await population.run()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        if name == SCATTERED:
+            extra["breaker_openings"] = breaker.openings
+            extra["breaker_events"] = breaker.events
+    finally:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                await close()
+        if front_server is not None:
+            await front_server.stop()
+        await fleet.stop()
+    wall = time.monotonic() - started
+    per_tick: dict[int, int] = {}
+    for inst in fleet.instances:
+        for tick, n in inst.per_tick.items():
+            per_tick[tick] = per_tick.get(tick, 0) + n
+    statuses: dict[str, int] = {}
+    for inst in fleet.instances:
+        for status, n in inst.statuses.items():
+            statuses[str(status)] = statuses.get(str(status), 0) + n
+    result = VariantResult(
+        name=name,
+        label=LABELS[name],
+        client_requests=population.requests,
+        front=sorted(recorder.records, key=lambda r: r.seq),
+        upstream_calls=fleet.calls,
+        upstream_by_instance={i.name: i.calls for i in fleet.instances},
+        upstream_statuses=dict(sorted(statuses.items())),
+        upstream_per_tick=dict(sorted(per_tick.items())),
+        wall_s=wall,
+        limit_count=cfg.limit_count,
+        limit_period_s=cfg.limit_period_s,
+        extra=extra,
+    )
+    progress.line(
+        f"{LABELS[name]}: done in {wall:.1f} s: {result.requests} client requests, "
+        f"{result.front_requests} front requests, {result.upstream_calls} upstream calls"
+    )
+    return result
+
+
+async def run_scenario(
+    cfg: ScenarioConfig,
+    progress: Progress | None = None,
+    telemetry_observer: RequestObserver | None = None,
+) -> dict[str, VariantResult]:
+    """Both variants, scattered first, each on its own fresh fleet."""
+    progress = progress or Progress(None, enabled=False)
+    results: dict[str, VariantResult] = {}
+    for name in (SCATTERED, FIDELITY):
+        results[name] = await run_variant(name, cfg, progress, telemetry_observer)
+    return results

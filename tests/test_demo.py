@@ -1,0 +1,252 @@
+"""`fidelity-mw demo`: a shortened run of the load-balancer-chaos scenario, and its metrics.
+
+The shortened run (``--duration 12``: about 5.4 s of load per variant, every
+timing of the scenario scaled down with it) takes about 13 s. Its margins
+on a loaded 2-core machine, over repeated runs and seeds 1-4: amplification
+scattered >= 1.7x against fidelity <= 1.3x; healthy-path success scattered
+<= 0.82 against fidelity >= 0.98.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from typing import Any
+
+import pytest
+
+from fidelity_mw import cli
+from fidelity_mw.demo.metrics import VariantResult
+from fidelity_mw.demo.records import ClientRequest, DemoDecision, FrontRecord
+from fidelity_mw.demo.report import METRIC_DEFINITIONS, render_table
+from fidelity_mw.demo.scenario import ScenarioConfig
+
+VARIANT_METRICS = {
+    "label",
+    "client_requests",
+    "client_requests_succeeded",
+    "client_requests_with_healthy_path",
+    "healthy_path_requests_succeeded",
+    "fidelity",
+    "success_ratio",
+    "front_requests",
+    "front_statuses",
+    "control_failures_while_healthy",
+    "control_failures_while_healthy_by_layer",
+    "undeserved_429s",
+    "clients_throttled_undeserved",
+    "responses_429",
+    "upstream_calls",
+    "upstream_calls_by_instance",
+    "upstream_statuses",
+    "retry_amplification",
+    "upstream_calls_per_front_request",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_succeeded_p50_ms",
+    "latency_succeeded_p99_ms",
+    "decisions_total",
+    "decisions_by_layer",
+    "stale_decisions",
+    "stale_decision_share",
+    "stale_median_age_s",
+    "stale_decisions_by_layer",
+    "wall_s",
+    "per_second",
+    "sample_requests",
+}
+
+
+def _run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["demo", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def short_run() -> dict[str, Any]:
+    code, out, err = _run_cli("--duration", "20", "--seed", "1", "--json")
+    assert code == 0, err
+    doc: dict[str, Any] = json.loads(out)  # stdout is exactly one JSON document
+    for name, v in doc["variants"].items():  # shown by `pytest -s`, and on failure
+        print(
+            f"{name}: fidelity {v['fidelity']:.3f}, amplification "
+            f"{v['retry_amplification']:.2f}x, control failures while healthy "
+            f"{v['control_failures_while_healthy']}, undeserved 429s {v['undeserved_429s']} "
+            f"({v['clients_throttled_undeserved']} clients), p50/p99 "
+            f"{v['latency_p50_ms']:.0f}/{v['latency_p99_ms']:.0f} ms, stale "
+            f"{v['stale_decision_share']:.1%}"
+        )
+    print("scattered breaker:", doc["variants"]["scattered"]["breaker_events"])
+    return doc
+
+
+def test_fidelity_beats_scattered_on_amplification(short_run: dict[str, Any]) -> None:
+    scattered = short_run["variants"]["scattered"]
+    fidelity = short_run["variants"]["fidelity"]
+    assert fidelity["retry_amplification"] < scattered["retry_amplification"]
+
+
+def test_fidelity_beats_scattered_on_healthy_request_success(short_run: dict[str, Any]) -> None:
+    scattered = short_run["variants"]["scattered"]
+    fidelity = short_run["variants"]["fidelity"]
+    assert fidelity["fidelity"] > scattered["fidelity"]
+    # the same seed gives both variants the same requests at the same offsets
+    assert fidelity["client_requests"] == scattered["client_requests"]
+    assert (
+        fidelity["client_requests_with_healthy_path"]
+        == scattered["client_requests_with_healthy_path"]
+    )
+
+
+def test_json_is_complete(short_run: dict[str, Any]) -> None:
+    doc = short_run
+    assert doc["demo"] == "load-balancer-chaos"
+    assert doc["seed"] == 1
+    assert doc["duration_s"] == 20.0
+    assert doc["scenario"]["load_s_per_variant"] > 0
+    kinds = {f["kind"] for f in doc["fault_timeline"]}
+    assert kinds == {"degraded", "error_burst", "slow"}
+    for fault in doc["fault_timeline"]:
+        assert 0 <= fault["start_s"] < fault["end_s"] <= doc["scenario"]["load_s_per_variant"]
+    assert doc["fidelity_policy"]["rate_limit"][0]["rate"] == "5/s"
+    assert doc["fidelity_policy_version"]
+    assert set(doc["metric_definitions"]) == set(METRIC_DEFINITIONS)
+    assert set(doc["variants"]) == {"scattered", "fidelity"}
+    for name, variant in doc["variants"].items():
+        missing = VARIANT_METRICS - set(variant)
+        assert not missing, f"{name} lacks {sorted(missing)}"
+        assert variant["client_requests"] > 50
+        assert variant["upstream_calls"] == sum(variant["upstream_calls_by_instance"].values())
+        assert 0.0 <= variant["fidelity"] <= 1.0
+        assert variant["latency_p50_ms"] <= variant["latency_p99_ms"]
+        assert variant["decisions_total"] == sum(
+            sum(v.values()) for v in variant["decisions_by_layer"].values()
+        )
+        assert variant["sample_requests"], "decision lines for the first requests"
+    # what each variant is made of shows in its decisions
+    assert {"app-retry", "client-retry", "breaker", "ratelimit", "lb"} <= set(
+        doc["variants"]["scattered"]["decisions_by_layer"]
+    )
+    assert {"deadline", "breaker", "ratelimit", "retry", "lb"} <= set(
+        doc["variants"]["fidelity"]["decisions_by_layer"]
+    )
+    # in-memory state: fidelity_mw never decides on stale data here
+    assert doc["variants"]["fidelity"]["stale_decisions"] == 0
+    assert doc["variants"]["fidelity"]["state_url"] == "memory://"
+
+
+# ---------------------------------------------------------------- fast checks, no servers
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "matplotlib" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    code, out, err = _run_cli("--plot", "chaos.png", "--duration", "12")
+    assert code == 2
+    assert "matplotlib" in err
+    assert "plot" in err
+    assert out == ""
+
+
+def test_unsupported_state_url_lets_the_policy_error_speak() -> None:
+    code, out, err = _run_cli("--redis", "mongodb://localhost/0", "--duration", "12")
+    assert code == 1
+    assert "state.url" in err
+    assert "unknown scheme" in err
+    assert out == ""
+
+
+def test_duration_out_of_range_is_a_usage_error() -> None:
+    code, _, _ = _run_cli("--duration", "1")
+    assert code == 2
+
+
+def test_fault_script_knows_when_a_healthy_path_exists() -> None:
+    cfg = ScenarioConfig(duration_s=60.0)
+    script = cfg.fault_script()
+    burst = next(f for f in script.faults if f.kind == "error_burst")
+    degraded = next(f for f in script.faults if f.kind == "degraded")
+    assert script.healthy_path(0.0)
+    assert script.healthy_instances(degraded.start_s + 0.01) == 2
+    assert not script.healthy_path((burst.start_s + burst.end_s) / 2)
+    assert script.healthy_path(burst.end_s + 0.01)
+    assert 1.0 <= burst.end_s - burst.start_s <= 2.5  # a transient burst
+    # shorter runs play the same story faster
+    short = ScenarioConfig(duration_s=12.0)
+    assert short.time_scale < cfg.time_scale
+    assert short.breaker_open_s < cfg.breaker_open_s
+
+
+def _front(seq: int, client: str, start: float, status: int, failed_by: str | None) -> FrontRecord:
+    return FrontRecord(seq, client, start, True, start + 0.01, status, failed_by)
+
+
+def _result(front: list[FrontRecord], requests: list[ClientRequest]) -> VariantResult:
+    return VariantResult(
+        name="scattered",
+        label="scattered layers",
+        client_requests=requests,
+        front=front,
+        upstream_calls=6,
+        upstream_by_instance={"up-a": 6},
+        upstream_statuses={"200": 6},
+        upstream_per_tick={0: 6},
+        wall_s=1.0,
+        limit_count=2,
+        limit_period_s=1.0,
+    )
+
+
+def test_undeserved_429_counts_only_admitted_requests() -> None:
+    front = [
+        # c1: two admitted in the window, then a 429: deserved (limit 2 per 1 s)
+        _front(1, "c1", 0.0, 200, None),
+        _front(2, "c1", 0.1, 200, None),
+        _front(3, "c1", 0.2, 429, "ratelimit"),
+        # c2: its earlier requests were shed by a breaker, not admitted: the 429 is undeserved
+        _front(4, "c2", 0.0, 503, "breaker"),
+        _front(5, "c2", 0.1, 503, "breaker"),
+        _front(6, "c2", 0.2, 429, "ratelimit"),
+        # c3: an upstream failure still counts as admitted traffic
+        _front(7, "c3", 0.0, 503, "upstream"),
+        _front(8, "c3", 0.1, 200, None),
+        _front(9, "c3", 0.2, 429, "ratelimit"),
+        # c1 again, after the window: nothing admitted in the last second -> undeserved
+        _front(10, "c1", 1.5, 429, "ratelimit"),
+    ]
+    result = _result(front, [])
+    assert result.undeserved_429s() == (2, 2, 4)
+    assert dict(result.control_failures_while_healthy()) == {"breaker": 2, "ratelimit": 4}
+
+
+def test_fidelity_amplification_and_staleness_definitions() -> None:
+    requests = [
+        ClientRequest("c1", 1, 0.0, True, 0.0, 0.1, True, 1, [200]),
+        ClientRequest("c1", 2, 0.5, True, 0.5, 0.9, False, 2, [503, 503]),
+        ClientRequest("c2", 1, 0.6, False, 0.6, 0.7, False, 1, [503]),
+    ]
+    front = [_front(1, "c1", 0.0, 200, None)]
+    front[0].decisions = [
+        DemoDecision(0.0, "breaker", "upstream", "allow", "closed", "snapshot", 2.5),
+        DemoDecision(0.0, "breaker", "upstream", "allow", "closed", "snapshot", 0.5),
+        DemoDecision(0.0, "ratelimit", "c1", "allow", "under_limit"),
+        DemoDecision(0.0, "breaker", "upstream", "allow", "closed", "cache", 0.0),
+    ]
+    result = _result(front, requests)
+    assert result.fidelity == 0.5  # one of the two healthy-path requests succeeded
+    assert result.amplification == 2.0  # 6 upstream calls for 3 client requests
+    share, median, stale, total = result.staleness()
+    assert (stale, total) == (2, 4)
+    assert share == 0.5
+    assert median == 1.25  # of 2.5 s and 0.0 s (a cache read counts as stale at any age)
+    table = render_table({"scattered": result, "fidelity": result}, ScenarioConfig())
+    assert "50.0 % (1 / 2)" in table
+    assert "2.00x (6 / 3)" in table
