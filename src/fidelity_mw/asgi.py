@@ -177,7 +177,14 @@ class FidelityMiddleware:
         else:
             state["fidelity"] = ctx
         observer = self.observer
-        obs_token = observer.start(ctx, scope) if observer is not None else None
+        obs_token = None
+        if observer is not None:
+            try:
+                obs_token = observer.start(ctx, scope)
+            except Exception:  # telemetry must never fail a request: go on without it
+                logger.exception("fidelity_mw: telemetry observer failed")
+                observer = None
+        before_end = self._before_response_end if observer is not None else None
         try:
             # ---- decide: deadline, then breaker + limits in one store call
             result: InboundResult | None = None
@@ -217,7 +224,7 @@ class FidelityMiddleware:
                 result = None
             if rejection is not None:
                 ctx.status = rejection[0]
-                if self._before_response_end is not None:
+                if before_end is not None:
                     self._response_ends(ctx, scope, obs_token)
                 await _respond(send, *rejection)
                 return
@@ -240,7 +247,7 @@ class FidelityMiddleware:
                         message["headers"] = [*message.get("headers", ()), *headers]
                 elif kind == "http.response.body" and not message.get("more_body", False):
                     complete = True
-                    if self._before_response_end is not None:
+                    if before_end is not None:
                         self._response_ends(ctx, scope, obs_token)
                 try:
                     await send(message)
