@@ -274,7 +274,7 @@ class SnapshotBreaker:
                     "breaker",
                     "upstream",
                     "reject",
-                    f"opens: {snap.ratio:.0%} errors in snapshot",
+                    f"opens: {snap.ratio:.0%} errors in the last {self.window_s:g} s",
                     source=SNAPSHOT,
                     age_s=age,
                 )
@@ -340,16 +340,13 @@ class RoundRobinTransport(httpx.AsyncBaseTransport):
         self.clock = clock
         self.inner = httpx.AsyncHTTPTransport(limits=POOL)
         self._next = itertools.count()
-        self._seen: dict[int, int] = {}  # id(request) -> attempts through this transport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         i = next(self._next) % len(self.targets)
         target = self.targets[i]
-        key = id(request)
-        attempt = self._seen.get(key, 0) + 1
-        self._seen[key] = attempt
-        if len(self._seen) > 10_000:
-            self._seen.clear()
+        # httpx-retries hands the same Request object to every retry of a call
+        attempt = int(request.extensions.get("demo_lb_attempt", 0)) + 1
+        request.extensions["demo_lb_attempt"] = attempt
         name = self.names[i]
         if attempt > 1:
             log_decision(
