@@ -421,7 +421,7 @@ class FidelityMiddleware:
         client = scope.get("client")
         peer: str | None = client[0] if client else None
         if found is None or not self.engine.trusted_proxies:
-            return peer or "unknown"
+            return peer if peer is not None else "unknown"
         return client_address(
             peer,
             found.get(b"x-forwarded-for"),
