@@ -188,6 +188,7 @@ class FidelityMiddleware:
         try:
             # ---- decide: deadline, then breaker + limits in one store call
             result: InboundResult | None = None
+            keys: Sequence[str] = ()
             try:
                 remaining = plan.deadline_default_s
                 rejection = None
@@ -202,11 +203,9 @@ class FidelityMiddleware:
                             client = scope.get("client")
                             ip = client[0] if client else "unknown"
                             ctx.client_key = ip
-                            keys: Sequence[str] = (plan.ip_key_prefix + ip,)
+                            keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:
                             keys = self._limit_keys(scope, plan, found, ctx)
-                        else:
-                            keys = ()
                         admit_now = self._admit_now
                         if admit_now is not None:
                             result = admit_now(
@@ -260,11 +259,11 @@ class FidelityMiddleware:
             try:
                 await self.app(scope, receive, send_wrapper)
             except BaseException as exc:
-                pending = self._after_error(ctx, plan, result, exc)
+                pending = self._after_error(ctx, plan, result, keys, exc)
                 if pending is not None:
                     self._spawn(pending)  # cannot await while unwinding (maybe cancelled)
                 raise
-            pending = self._after_app(ctx, plan, result, complete)
+            pending = self._after_app(ctx, plan, result, keys, complete)
             if pending is not None:  # a remote store: record after the response went out
                 try:
                     await pending
@@ -518,13 +517,17 @@ class FidelityMiddleware:
         ctx: DecisionContext,
         plan: RoutePlan,
         result: InboundResult | None,
+        keys: Sequence[str],
         exc: BaseException,
-    ) -> Coroutine[Any, Any, str] | None:
+    ) -> Coroutine[Any, Any, Any] | None:
         ctx.decided_by = DECIDED_BY_APP
         if ctx.client_disconnected or isinstance(exc, asyncio.CancelledError | ClientDisconnect):
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
+        elif ctx.shed_by is not None and isinstance(exc, Exception):
+            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision
+            return self._shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
             outcome = FAILURE
@@ -533,8 +536,13 @@ class FidelityMiddleware:
         return self._finish(ctx, plan, result, outcome)
 
     def _after_app(
-        self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, complete: bool
-    ) -> Coroutine[Any, Any, str] | None:
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        complete: bool,
+    ) -> Coroutine[Any, Any, Any] | None:
         ctx.decided_by = DECIDED_BY_APP
         status = ctx.status
         breaker = plan.breaker
@@ -544,6 +552,8 @@ class FidelityMiddleware:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
+        elif ctx.shed_by is not None and (status is None or status >= 500):
+            return self._shed_downstream(ctx, plan, result, keys)
         elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
             outcome = FAILURE
@@ -562,6 +572,32 @@ class FidelityMiddleware:
                 logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
             return None
         return self._finish(ctx, plan, result, outcome)
+
+    def _shed_downstream(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+    ) -> Coroutine[Any, Any, Any] | None:
+        """An outbound control layer refused the app's upstream call before sending it,
+        and the app answered with an error. That layer decided: the route breaker does
+        not count it (no second breaker on the same evidence) and the limits get their
+        units back (a request rejected by one layer consumes no quota of another)."""
+        ctx.decided_by = ctx.shed_by
+        ctx.outcome = OUTCOME_SHED
+        pending = self._finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        if result is None or not result.admitted or not keys:
+            return pending
+        charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
+        charged_keys = [keys[i] for i in charged]
+        charged_specs = [plan.specs[i] for i in charged]
+        now = self._monotonic()
+        if type(self.engine.store) is MemoryStore:
+            self.engine.store.refund_now(charged_keys, charged_specs, now)
+            return pending
+        refund = self.engine.store.refund(charged_keys, charged_specs, result.source, now)
+        return _in_order(pending, refund)
 
     def _finish(
         self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, outcome: str
@@ -698,6 +734,12 @@ def _ratelimit_headers(plan: RoutePlan, result: InboundResult) -> list[tuple[byt
             if prefix is not None
         )
     return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", value)]
+
+
+async def _in_order(*steps: Coroutine[Any, Any, Any] | None) -> None:
+    for step in steps:
+        if step is not None:
+            await step
 
 
 async def _respond(

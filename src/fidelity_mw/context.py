@@ -80,6 +80,10 @@ class DecisionContext:
     # Set by the transport when it gave up retrying an upstream; the
     # middleware then tells our own callers not to retry us.
     upstream_exhausted = False
+    # Set by the transport when a control layer (host breaker, deadline) refused an
+    # outbound call before anything was sent: an error response then is that
+    # layer's decision, not the route's failure, and costs the client no quota.
+    shed_by: str | None = None
     inbound_attempt = 1
     trusted_peer = False
     deadline_from_caller = False  # the deadline came from a request header

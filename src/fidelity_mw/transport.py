@@ -412,6 +412,8 @@ class _Base:
                 {"attempts": attempts, **details},
             )
         )
+        if attempts == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
+            ctx.shed_by = layer  # refused before anything was sent
         # "attempts" with retries configured off is not exhaustion: we did
         # not retry, so the caller is the nearest owner and may.
         if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):

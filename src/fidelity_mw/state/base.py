@@ -137,5 +137,16 @@ class StateStore(abc.ABC):
         gate, source, age = await self.breaker_gate(breaker_key, breaker, now)
         return gate, True, source, age
 
+    @abc.abstractmethod
+    async def refund(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+    ) -> None:
+        """Give back the units `admit` charged these limits: another control layer shed the
+        request after it was admitted (an outbound breaker refused its upstream call).
+
+        `source` is the admission's (a tiered store returns units to where they came
+        from). Best effort: a refund that cannot reach the store is dropped.
+        """
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. The memory store holds none."""

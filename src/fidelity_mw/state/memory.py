@@ -177,6 +177,27 @@ class MemoryStore(StateStore):
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
             return InboundResult(gate, verdicts, admitted, "memory", 0.0)
 
+    def refund_now(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> None:
+        """`refund` without the coroutine: move each TAT back by the units it took."""
+        with self._lock:
+            tats = self.limits.tats
+            for key, spec in zip(limit_keys, limits, strict=True):
+                tat = tats.get(key)
+                if tat is None:
+                    continue
+                back = tat - spec.cost * spec.interval_s
+                if back > now:
+                    tats[key] = back
+                else:  # a full bucket: the same as no key
+                    del tats[key]
+
+    async def refund(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+    ) -> None:
+        self.refund_now(limit_keys, limits, now)
+
     async def admit(
         self,
         breaker_key: str | None,

@@ -115,6 +115,7 @@ ADMIT: Final = load_script("admit")
 RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
+REFUND: Final = load_script("refund")
 
 
 # ---------------------------------------------------------------- keys
@@ -565,6 +566,18 @@ class RedisStore(StateStore):
         except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
             self._bad_reply(exc)
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+
+    async def refund(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+    ) -> None:
+        if source == SOURCE_FALLBACK:  # the units came from the local fallback store
+            self.local.refund_now(limit_keys, limits, now)
+            return
+        keys = [self.key("rl", key) for key in limit_keys]
+        args: list[Any] = []
+        for spec in limits:
+            args += (spec.interval_s, spec.cost)
+        await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
 
     def fallback_admit(
         self,

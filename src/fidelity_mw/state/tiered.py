@@ -264,6 +264,17 @@ class TieredStore(StateStore):
         self._maybe_sync(now)
         return self._result(gate, tuple(verdicts), admitted, waited, age)
 
+    async def refund(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+    ) -> None:
+        if source != SOURCE_CACHE:  # decided exactly (a probe) or on fallback: not a slice
+            await self.exact.refund(limit_keys, limits, source, now)
+            return
+        for key, spec in zip(limit_keys, limits, strict=True):
+            sl = self.slices.get(key)
+            if sl is not None and sl.spec == spec:
+                sl.tokens += spec.cost  # leased units, unspent after all
+
     @staticmethod
     def _result(
         gate: Gate | None,

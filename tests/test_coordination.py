@@ -1,0 +1,139 @@
+"""Coordination across the inbound and outbound layers of one request (DESIGN.md).
+
+A request that an outbound control layer refused before anything was sent (the
+host breaker is open) and that the app then fails is that layer's decision:
+the route breaker does not count it, and the client's rate-limit units are
+given back. A real upstream failure still counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import (
+    BreakerConfig,
+    CircuitOpen,
+    FidelityMiddleware,
+    FidelityTransport,
+    Policy,
+    RateLimit,
+    RetryConfig,
+    UpstreamConfig,
+    current,
+)
+from fidelity_mw.breaker import CLOSED, OPEN
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+pytestmark = pytest.mark.anyio
+
+HOST_BREAKER = BreakerConfig(consecutive_failures=1, open_s=60.0)
+POLICY = Policy(
+    rate_limits=(RateLimit(name="per-client", rate="3/s", burst=3),),
+    breaker=BreakerConfig(consecutive_failures=1, open_s=60.0),
+    upstreams=(
+        UpstreamConfig(host="api.internal", retry=RetryConfig(attempts=1), breaker=HOST_BREAKER),
+    ),
+)
+
+
+class Rig:
+    def __init__(self, *, catch: bool) -> None:
+        self.clock = FakeClock()
+        self.upstream_calls = 0
+        self.upstream_status = 200
+        self.contexts: list[Any] = []
+
+        def upstream(request: httpx.Request) -> httpx.Response:
+            self.upstream_calls += 1
+            return httpx.Response(self.upstream_status)
+
+        client = httpx.AsyncClient(
+            transport=FidelityTransport(httpx.MockTransport(upstream), telemetry=False)
+        )
+
+        async def quote(request: Request) -> Response:
+            self.contexts.append(current())
+            try:
+                answer = await client.get("http://api.internal/quote")
+            except CircuitOpen:
+                if not catch:
+                    raise
+                return PlainTextResponse("upstream unavailable", status_code=503)
+            return PlainTextResponse(
+                "ok" if answer.is_success else "bad",
+                status_code=(200 if answer.is_success else 502),
+            )
+
+        self.app = Starlette(routes=[Route("/quote", quote)])
+        self.app.add_middleware(
+            FidelityMiddleware,
+            policy=POLICY,
+            clock=self.clock,
+            rng=seeded_random(5),
+            telemetry=False,
+        )
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
+            base_url="http://front",
+        )
+
+    @property
+    def store(self) -> MemoryStore:
+        store = self.contexts[-1].engine.store
+        assert isinstance(store, MemoryStore)
+        return store
+
+    def open_host_breaker(self) -> None:
+        self.store.breaker_state("upstream:api.internal", HOST_BREAKER).force(
+            OPEN, self.clock.monotonic(), seeded_random(1)
+        )
+
+    def route_breaker(self) -> str:
+        return self.store.breakers["route:/quote"].state
+
+    async def get(self) -> int:
+        return (await self.http.get("/quote")).status_code
+
+
+@pytest.mark.parametrize(("catch", "status"), [(True, 503), (False, 500)])
+async def test_outbound_shed_costs_no_quota_and_is_no_route_failure(
+    catch: bool, status: int
+) -> None:
+    rig = Rig(catch=catch)
+    assert await rig.get() == 200  # one real call: the store and the breakers exist
+    rig.open_host_breaker()
+    # burst 3, one unit already used: without refunds the 3rd of these would be a 429
+    statuses = [await rig.get() for _ in range(6)]
+    assert statuses == [status] * 6
+    assert rig.upstream_calls == 1  # the host breaker refused every call before sending
+    assert rig.route_breaker() == CLOSED  # consecutive_failures=1, yet nothing counted
+    ctx = rig.contexts[-1]
+    assert ctx.decided_by == "breaker"
+    assert ctx.outcome == "shed"
+    refused = [d for d in ctx.decisions if d.layer == "breaker" and d.verdict == "reject"]
+    assert [d.subject for d in refused] == ["api.internal"]
+
+
+async def test_a_real_upstream_failure_still_counts() -> None:
+    rig = Rig(catch=True)
+    assert await rig.get() == 200
+    rig.upstream_status = 503  # the upstream answers: real evidence
+    assert await rig.get() == 502
+    assert rig.upstream_calls == 2
+    assert rig.route_breaker() == OPEN  # the route breaker counted the failure
+    assert rig.contexts[-1].decided_by == "app"
+    assert rig.contexts[-1].outcome == "failed"
+
+
+async def test_quota_spent_by_served_requests_is_not_refunded() -> None:
+    rig = Rig(catch=True)
+    statuses = [await rig.get() for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]

@@ -1,0 +1,60 @@
+"""Refunds on shared state: units an admitted request took come back, exactly, in Redis
+and in tiered mode (where they go back to the slice they were leased into)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.redis import REFUND, RedisStore, load_script
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import seeded_random
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+# 1/min with a burst of 3: nothing refills during a test
+SLOW3 = LimitSpec("r", 60.0, 180.0, 1, False)
+
+
+async def admitted(store: RedisStore | TieredStore, key: str) -> tuple[bool, str]:
+    result = await store.admit(None, None, [key], [SLOW3], time.monotonic())
+    return result.admitted, result.source
+
+
+async def test_redis_refund_gives_the_units_back(redis_url: str) -> None:
+    store = RedisStore(config=StateConfig(url=redis_url), rng=seeded_random(2))
+    try:
+        assert [(await admitted(store, "r|a"))[0] for _ in range(4)] == [True, True, True, False]
+        await store.refund(["r|a"], [SLOW3], "redis", time.monotonic())
+        assert [(await admitted(store, "r|a"))[0] for _ in range(2)] == [True, False]
+        # a refund never banks more than a full bucket
+        for _ in range(10):
+            await store.refund(["r|b"], [SLOW3], "redis", time.monotonic())
+        assert [(await admitted(store, "r|b"))[0] for _ in range(4)] == [True, True, True, False]
+    finally:
+        await store.aclose()
+
+
+async def test_tiered_refund_returns_units_to_the_slice(redis_url: str) -> None:
+    burst40 = LimitSpec("r", 60.0, 2400.0, 1, False)  # leases slices of 40 // 4 = 10 units
+    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=60_000)
+    store = TieredStore(config=config, rng=seeded_random(2))
+    try:
+        first = await store.admit(None, None, ["r|t"], [burst40], time.monotonic())
+        assert (first.admitted, first.source) == (True, "redis")  # waited for a lease
+        held = store.slices["r|t"].tokens
+        second = await store.admit(None, None, ["r|t"], [burst40], time.monotonic())
+        assert (second.admitted, second.source) == (True, "cache")
+        assert store.slices["r|t"].tokens == held - 1
+        await store.refund(["r|t"], [burst40], "cache", time.monotonic())
+        assert store.slices["r|t"].tokens == held
+    finally:
+        await store.aclose()
+
+
+def test_refund_script_runs_on_the_server_clock() -> None:
+    assert load_script("refund").sha == REFUND.sha
+    assert "server_now()" in REFUND.source
