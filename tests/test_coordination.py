@@ -137,3 +137,92 @@ async def test_quota_spent_by_served_requests_is_not_refunded() -> None:
     rig = Rig(catch=True)
     statuses = [await rig.get() for _ in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
+
+
+# ---------------------------------------------------------------- outbound policy options
+
+
+async def test_shared_budget_is_one_budget_for_all_instances() -> None:
+    """Two instance URLs of one service: retries drawn on one are gone for the other."""
+    retry = RetryConfig(
+        attempts=3, base_ms=1, budget_ratio=0.0, budget_min_per_s=0.2, budget_window_s=10.0
+    )  # 2 retries per 10 s for the whole budget
+
+    def policy(shared: bool) -> Policy:
+        return Policy(
+            upstreams=(
+                UpstreamConfig(host="up-*", retry=retry, breaker=None, shared_budget=shared),
+            )
+        )
+
+    async def retries_granted(shared: bool) -> int:
+        transport = FidelityTransport(
+            httpx.MockTransport(lambda request: httpx.Response(503)),
+            policy=policy(shared),
+            clock=FakeClock(),
+            telemetry=False,
+        )
+        granted = 0
+        async with httpx.AsyncClient(transport=transport) as client:
+            for host in ("up-a", "up-b"):
+                response = await client.get(f"http://{host}/x")
+                ctx = response.extensions["fidelity_context"]
+                granted += sum(1 for d in ctx.decisions if d.verdict == "retry")
+        return granted
+
+    assert await retries_granted(shared=False) == 4  # 2 per instance
+    assert await retries_granted(shared=True) == 2  # 2 for the service
+
+
+async def test_slow_calls_count_for_the_host_breaker() -> None:
+    clock = FakeClock()
+    breaker = BreakerConfig(min_calls=2, slow_call_ms=500, slow_call_ratio=1.0, open_s=30.0)
+
+    def slow_upstream(request: httpx.Request) -> httpx.Response:
+        clock.advance(0.6)  # each answer takes 600 ms
+        return httpx.Response(200)
+
+    transport = FidelityTransport(
+        httpx.MockTransport(slow_upstream),
+        policy=Policy(upstreams=(UpstreamConfig(host="slow.internal", breaker=breaker),)),
+        clock=clock,
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get("http://slow.internal/")).status_code == 200
+        assert (await client.get("http://slow.internal/")).status_code == 200
+        with pytest.raises(CircuitOpen):  # two slow calls of two: open
+            await client.get("http://slow.internal/")
+
+
+async def test_circuit_open_says_how_many_attempts_went_out() -> None:
+    breaker = BreakerConfig(min_calls=100, open_s=30.0)  # our own failures will not open it
+    store = MemoryStore(rng=seeded_random(1))
+
+    class OthersOpenItMeanwhile(FakeClock):
+        async def sleep(self, seconds: float) -> None:
+            await super().sleep(seconds)  # during our backoff, other requests trip it
+            store.breaker_state("upstream:api.internal", breaker).force(
+                OPEN, self.monotonic(), seeded_random(2)
+            )
+
+    transport = FidelityTransport(
+        httpx.MockTransport(lambda request: httpx.Response(503)),
+        policy=Policy(
+            upstreams=(
+                UpstreamConfig(
+                    host="api.internal", retry=RetryConfig(attempts=3, base_ms=1), breaker=breaker
+                ),
+            )
+        ),
+        clock=OthersOpenItMeanwhile(),
+        store=store,
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(CircuitOpen) as mid_retry:
+            await client.get("http://api.internal/")
+        assert mid_retry.value.attempts_made == 1
+        with pytest.raises(CircuitOpen) as before:  # still open: nothing is sent
+            await client.get("http://api.internal/")
+        assert before.value.attempts_made == 0

@@ -53,12 +53,17 @@ class CircuitOpen(FidelityError, httpx.TransportError):
 
     It is an `httpx.TransportError`, so code that already handles
     `httpx.RequestError` / `httpx.TransportError` handles it too.
+    `attempts_made` is 0 when nothing was sent (fail over to another instance
+    freely), or how many attempts went out before the breaker opened.
     """
 
-    def __init__(self, message: str, *, host: str, retry_after_s: float) -> None:
+    def __init__(
+        self, message: str, *, host: str, retry_after_s: float, attempts_made: int = 0
+    ) -> None:
         super().__init__(message)
         self.host = host
         self.retry_after_s = retry_after_s
+        self.attempts_made = attempts_made
 
 
 class DeadlineExceeded(FidelityError, httpx.TimeoutException):

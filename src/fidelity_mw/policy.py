@@ -475,6 +475,7 @@ class UpstreamConfig(_Validated):
     retry: RetryConfig = _spec(RetryConfig(), _instance(RetryConfig))
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
+    shared_budget: bool = _spec(False, boolean)
 
 
 DEFAULT_TRUSTED_PEERS = (

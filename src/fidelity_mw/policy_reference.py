@@ -166,6 +166,9 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
     "upstream.attempt_timeout_ms": "Timeout of one attempt; the remaining deadline shortens it.",
+    "upstream.shared_budget": "One retry budget for every host this entry matches (the "
+    "instance URLs of one service behind client-side load balancing) instead of one per "
+    "host, so N instances do not get N times the budget and its floor.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "

@@ -275,7 +275,8 @@ class Upstream:
         self.retry: RetryConfig = cfg.retry
         self.breaker: BreakerConfig | None = cfg.breaker
         self.breaker_key = "upstream:" + self.key
-        self.budget_key = "budget:" + self.key
+        # One budget per host, or one for every host of the entry (a service's instances).
+        self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
         self.timeout_header = str(cfg.attempt_timeout_ms).encode()
         default_ms = policy.deadline.default_ms
@@ -450,6 +451,7 @@ class _Base:
                 f"retry in {gate.retry_after_s:.3f} s",
                 host=up.key,
                 retry_after_s=gate.retry_after_s,
+                attempts_made=attempts,
             ) from last_error
         if gate.probe_id:
             ctx.decisions.append(
@@ -504,6 +506,7 @@ class _Base:
                 f"breaker state for {up.key} is unreachable and the policy fails closed",
                 host=up.key,
                 retry_after_s=1.0,
+                attempts_made=attempts,
             ) from exc
 
     @staticmethod
@@ -665,6 +668,12 @@ class _Base:
             logger.exception("fidelity_mw: attempt observer failed")
 
 
+def _slow(breaker: BreakerConfig, started: float, ended: float) -> bool:
+    """A slow call for the host breaker's slow-call ratio (`slow_call_ms`)."""
+    limit = breaker.slow_call_ms
+    return limit is not None and (ended - started) * 1000.0 >= limit
+
+
 def _cause(response: httpx.Response | None, error: BaseException | None) -> str:
     """The reason recorded on the retry that follows this failure."""
     if response is not None:
@@ -818,11 +827,15 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     state = ""
                     if gate is not None and breaker is not None:
                         if mem is not None:
+                            ended = clock.monotonic()
                             state = mem.record_now(
-                                up.breaker_key, breaker, gate, outcome, False, clock.monotonic()
-                            )
+                                up.breaker_key, breaker, gate, outcome,
+                                _slow(breaker, now, ended), ended,
+                            )  # fmt: skip
                         else:
-                            state = await self._record(ctx, store, up, breaker, gate, outcome)
+                            state = await self._record(
+                                ctx, store, up, breaker, gate, outcome, started=now
+                            )
                     if observer is not None:
                         self._observe_end(observer, token, response, error)
                     if retryable or downstream:
@@ -888,11 +901,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         breaker: BreakerConfig,
         gate: Gate,
         outcome: str,
+        started: float | None = None,
     ) -> str:
         """Report the attempt's outcome to the host breaker; the breaker's state afterwards."""
         now = ctx.engine.clock.monotonic()
+        slow = started is not None and _slow(breaker, started, now)
         try:
-            return await store.record(up.breaker_key, breaker, gate, outcome, False, now)
+            return await store.record(up.breaker_key, breaker, gate, outcome, slow, now)
         except Exception as exc:
             logger.warning("fidelity_mw: could not record an outcome for %s: %s", up.key, exc)
             return ""
@@ -1056,7 +1071,9 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
                         outcome, retryable, downstream = self._outcome(engine, up, response, error)
                     state = ""
                     if gate is not None and breaker is not None:
-                        state = self._record_sync(ctx, store, up, breaker, gate, outcome)
+                        state = self._record_sync(
+                            ctx, store, up, breaker, gate, outcome, started=now
+                        )
                     if observer is not None:
                         self._observe_end(observer, token, response, error)
                     if retryable or downstream:
@@ -1106,11 +1123,13 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         breaker: BreakerConfig,
         gate: Gate,
         outcome: str,
+        started: float | None = None,
     ) -> str:
         now = ctx.engine.clock.monotonic()
+        slow = started is not None and _slow(breaker, started, now)
         try:
             state: str = _sync_op(store, "record")(
-                up.breaker_key, breaker, gate, outcome, False, now
+                up.breaker_key, breaker, gate, outcome, slow, now
             )
             return state
         except Exception as exc:
