@@ -594,14 +594,12 @@ def fidelity_policy(cfg: ScenarioConfig) -> Policy:
                     base_ms=max(1, round(cfg.retry_base_s * 1000)),
                     max_ms=max(1, round(cfg.retry_max_s * 1000)),
                     jitter="full",
-                    # The default floor (3 retries/s) is per upstream host; here one
-                    # service is spread over 3 instance URLs, so 1/s each keeps 3/s
-                    # for the service, as the default intends.
-                    budget_min_per_s=3.0 / 3,
                     budget_window_s=cfg.breaker_window_s,
                 ),
                 breaker=breaker,
                 attempt_timeout_ms=int(UPSTREAM_TIMEOUT_S * 1000),
+                # one service behind 3 instance URLs: one budget (and one 3/s floor)
+                shared_budget=True,
             ),
         ),
     )
