@@ -111,8 +111,8 @@ def run_demo(args: argparse.Namespace) -> int:
     missing = _missing_modules()
     if missing:
         return _error(
-            "the demo needs " + ", ".join(missing) + " (install the dev extra: "
-            "pip install -e '.[dev]')"
+            "the demo needs " + ", ".join(missing) + " (install the demo extra: "
+            "pip install 'fidelity-mw[demo]')"
         )
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:
