@@ -30,18 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from benchmarks._asgi import hello, run_batch
 from benchmarks._results import stamp, write_section
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 
 Scope = dict[str, Any]
-
-
-async def hello(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
 
 
 class NoopMiddleware:
@@ -113,50 +108,6 @@ def build_apps() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - slowapi is a dev dependency
         print("slowapi not installed: skipping that variant", file=sys.stderr)
     return apps
-
-
-def make_scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/hello",
-        "raw_path": b"/hello",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"api.example"),
-            (b"user-agent", b"bench/1.0"),
-            (b"accept", b"*/*"),
-            (b"x-request-timeout-ms", b"5000"),
-        ],
-        "client": ("10.1.2.3", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
-async def _receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-async def run_batch(app: Any, n: int) -> float:
-    """Seconds per request over n sequential requests."""
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    scopes = [make_scope() for _ in range(n)]
-    start = time.perf_counter()
-    for scope in scopes:
-        await app(scope, _receive, send)
-    elapsed = time.perf_counter() - start
-    if any(s != 200 for s in statuses):
-        raise RuntimeError(f"unexpected statuses: {set(statuses)}")
-    return elapsed / n
 
 
 async def measure(rounds: int, batch: int, seed: int) -> dict[str, list[float]]:

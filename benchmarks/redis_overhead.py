@@ -48,10 +48,9 @@ import redis
 import redis.asyncio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from benchmarks._asgi import CLIENT, hello, run_batch
 from benchmarks._results import stamp, write_section
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.breaker import SUCCESS
@@ -61,41 +60,8 @@ from fidelity_mw.state.redis import ADMIT, RedisStore, breaker_args, hashed_key
 from fidelity_mw.state.tiered import TieredStore
 
 Scope = dict[str, Any]
-CLIENT = "10.1.2.3"
 PREFIX = "bench"
-
-
-async def hello(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
-
-
 ROUTES = [Route("/hello", hello)]
-
-
-def make_scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/hello",
-        "raw_path": b"/hello",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"api.example"),
-            (b"user-agent", b"bench/1.0"),
-            (b"accept", b"*/*"),
-            (b"x-request-timeout-ms", b"5000"),
-        ],
-        "client": (CLIENT, 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
-async def _receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 def policy(url: str) -> Policy:
@@ -169,24 +135,6 @@ def store_calls(url: str) -> tuple[RedisStore, Callable[[], Awaitable[Any]]]:
     return store, call
 
 
-async def run_app(app: Any, n: int) -> float:
-    """Seconds per request over n sequential requests."""
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    scopes = [make_scope() for _ in range(n)]
-    start = time.perf_counter()
-    for scope in scopes:
-        await app(scope, _receive, send)
-    elapsed = time.perf_counter() - start
-    if any(s != 200 for s in statuses):
-        raise RuntimeError(f"unexpected statuses: {set(statuses)}")
-    return elapsed / n
-
-
 async def run_call(call: Callable[[], Awaitable[Any]], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
@@ -209,12 +157,12 @@ async def measure(url: str, rounds: int, batch: int, seed: int) -> dict[str, Any
     raw = raw_evalsha(url)
     bare_store, store_call = store_calls(url)
     runners: dict[str, Callable[[int], Awaitable[float]]] = {
-        name: (lambda n, app=app: run_app(app, n)) for name, app in apps.items()
+        name: (lambda n, app=app: run_batch(app, n)) for name, app in apps.items()
     }
     runners["store"] = lambda n: run_call(store_call, n)
     runners["raw_evalsha"] = lambda n: run_call(raw, n)
     # warm up: scripts loaded, connections open, caches filled, slices leased
-    await run_app(apps["redis"], 200)
+    await run_batch(apps["redis"], 200)
     for runner in runners.values():
         await runner(300)
     redis_store = apps["redis"].engine.store

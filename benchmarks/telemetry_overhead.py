@@ -42,8 +42,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from benchmarks import _asgi
+from benchmarks._asgi import hello
 from benchmarks._results import stamp, write_section
-from benchmarks.overhead import _receive, fidelity_policy, hello, make_scope
+from benchmarks.overhead import fidelity_policy
 from fidelity_mw import FidelityMiddleware
 from fidelity_mw.telemetry import Telemetry
 from fidelity_mw.telemetry.observer import _global_tracer_provider
@@ -68,26 +70,8 @@ class CountingExporter(SpanExporter):
 
 
 async def run_batch(app: Any, n: int) -> float:
-    """CPU seconds per request over n sequential requests.
-
-    Process CPU time, not wall time: on a shared machine other processes'
-    load then changes the numbers much less (time slices given away are not
-    counted); what is left is what this code costs.
-    """
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    scopes = [make_scope() for _ in range(n)]
-    start = time.process_time()
-    for scope in scopes:
-        await app(scope, _receive, send)
-    elapsed = time.process_time() - start
-    if any(s != 200 for s in statuses):
-        raise RuntimeError(f"unexpected statuses: {set(statuses)}")
-    return elapsed / n
+    """CPU seconds per request (process time: other processes' load counts less)."""
+    return await _asgi.run_batch(app, n, timer=time.process_time)
 
 
 def build(tp: TracerProvider, mp: MeterProvider) -> dict[str, Any]:
