@@ -86,6 +86,8 @@ class StoreAgainstModel(RuleBasedStateMachine):
         super().__init__()
         self.now = T0
         self.inflight: list[tuple[Gate, RefCall]] = []
+        # admitted requests whose units may be given back: (keys, specs, limits) charged
+        self.charged: list[tuple[list[str], list[LimitSpec], list[RateLimit]]] = []
         self.buckets: dict[str, RefBucket] = {}
         self.evicted_seen = 0
 
@@ -197,6 +199,15 @@ class StoreAgainstModel(RuleBasedStateMachine):
                     assert self.table.tats[key] == v.tat
                 else:  # a shadow limit that would have refused: nothing taken
                     assert self.table.tats.get(key) == before.get(key)
+            picked = [i for i, ok in enumerate(answers) if ok]
+            self.charged = [
+                *self.charged[-5:],
+                (
+                    [keys[i] for i in picked],
+                    [specs[i] for i in picked],
+                    [self.limits[i] for i in picked],
+                ),
+            ]
             if call is not None:
                 assert result.gate is not None
                 self.inflight.append((result.gate, call))
@@ -246,6 +257,21 @@ class StoreAgainstModel(RuleBasedStateMachine):
         assert state in accepted
         if len(accepted) > 1 and state == OPEN:
             self.model.open_now(self.now)
+
+    @precondition(lambda self: self.charged)
+    @rule(index=st.integers(0, 5))
+    def refund(self, index: int) -> None:
+        """Another layer shed an admitted request (its upstream call was refused
+        before sending): the units it was charged come back, up to a full bucket."""
+        keys, specs, limits = self.charged.pop(index % len(self.charged))
+        self.store.refund_now(keys, specs, self.now)
+        for key, spec, lim in zip(keys, specs, limits, strict=True):
+            bucket = self.bucket(key, lim)
+            bucket.refill(self.now)
+            bucket.tokens = min(bucket.burst, bucket.tokens + spec.cost)
+            if bucket.tokens == bucket.burst:
+                # a full bucket is the same as no key: the store forgets it
+                assert key not in self.table.tats or self.table.tats[key] <= self.now + 1e-6
 
     # ------------------------------------------------------------ time
 
