@@ -103,11 +103,17 @@ class Load:
 
 
 def first_redis_after(recorder: Recorder, since: float, budget_s: float = 5.0) -> float:
-    """Seconds from `since` to the first request decided on Redis again."""
+    """Seconds from `since` to the first request decided on shared state again
+    (`redis`, or `cache` - the tiered store's synced copy - with no `fallback`)."""
 
     def found() -> float | None:
         for record in recorder.snapshot():
-            if record["at"] >= since and "redis" in record["sources"]:
+            sources = record["sources"]
+            if (
+                record["at"] >= since
+                and "fallback" not in sources
+                and ("redis" in sources or "cache" in sources)
+            ):
                 return float(record["at"] - since)
         return None
 
@@ -123,12 +129,13 @@ def fallbacks_between(recorder: Recorder, start: float, end: float) -> int:
     )
 
 
+@pytest.mark.parametrize("scheme", ["redis", "tiered+redis"])
 def test_redis_killed_paused_stalled_and_slowed_under_load(
-    debug_redis: DebugRedis, record_property: Any
+    debug_redis: DebugRedis, record_property: Any, scheme: str
 ) -> None:
     fds_before = fd_count()
     recorder = Recorder()
-    mw = service(debug_redis.url, recorder)
+    mw = service(debug_redis.url.replace("redis", scheme, 1), recorder)
     recovery: dict[str, float] = {}
     fallbacks: dict[str, int] = {}
     with ServerThread(mw) as server:
@@ -185,7 +192,12 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
     for _, status in results:
         assert isinstance(status, int), f"no response: {status}"
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-    assert set(statuses) == {"200"}, statuses  # generous limits: every request served
+    # generous limits: every request served. Tiered mode may refuse a few requests
+    # that race for a slice lease (a known under-admission, not a fault-handling
+    # issue: tests/test_model_tiered.py, xfail)
+    allowed = {"200"} if scheme == "redis" else {"200", "429"}
+    assert set(statuses) <= allowed, statuses
+    assert statuses.get("200", 0) > 0.95 * len(results)
     records = recorder.snapshot()
     assert len(records) == len(results)
     # decided on local state while Redis was unreachable, and said so
@@ -197,5 +209,5 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
         "fallback_decisions": fallbacks,
         "recovery_s": {k: round(v, 3) for k, v in recovery.items()},
     }
-    record_property("redis_faults", report)
-    print("\nredis faults:", report)
+    record_property(f"{scheme}_faults", report)
+    print(f"\n{scheme} faults:", report)
