@@ -21,15 +21,11 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import Policy, RateLimit, UpstreamConfig
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from redis_server import RedisServer, require_redis
-from test_faults_support import Recorder, ServerThread, fd_count, wait_until
+from test_faults_support import FrontApp, RawUpstream, Recorder, ServerThread, fd_count, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -52,11 +48,9 @@ def debug_redis(tmp_path: Path) -> Iterator[DebugRedis]:
         server.stop()
 
 
-def service(url: str, recorder: Recorder) -> FidelityMiddleware:
-    async def hello(request: Request) -> Response:
-        return PlainTextResponse("hello")
-
-    app = Starlette(routes=[Route("/hello", hello)])
+def service(url: str, recorder: Recorder, upstream: RawUpstream) -> FrontApp:
+    """`/hello` answers itself; `/proxy/item` calls a healthy upstream through
+    FidelityTransport, whose host breaker and retry budget live in Redis too."""
     policy = Policy(
         state=StateConfig(url=url, timeout_ms=100, connect_timeout_ms=100, on_error="local"),
         rate_limits=(
@@ -64,8 +58,9 @@ def service(url: str, recorder: Recorder) -> FidelityMiddleware:
             RateLimit(name="key", rate="5000/s", burst=5000, key="header:x-api-key"),
         ),
         breaker=BreakerConfig(min_calls=20, open_s=5.0),
+        upstreams=(UpstreamConfig(attempt_timeout_ms=1000),),
     )
-    return FidelityMiddleware(app, policy=policy, observer=recorder)
+    return FrontApp(upstream.url, policy, observer=recorder)
 
 
 class Load:
@@ -85,8 +80,9 @@ class Load:
                 i = 0
                 while not self.stop.is_set():
                     i += 1
+                    path = "/hello" if i % 2 else "/proxy/item"
                     try:
-                        r = await client.get("/hello", headers={"x-api-key": f"k{n}-{i % 50}"})
+                        r = await client.get(path, headers={"x-api-key": f"k{n}-{i % 50}"})
                         self.results.append((time.monotonic(), r.status_code))
                     except httpx.HTTPError as exc:
                         self.results.append((time.monotonic(), type(exc).__name__))
@@ -135,7 +131,9 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
 ) -> None:
     fds_before = fd_count()
     recorder = Recorder()
-    mw = service(debug_redis.url.replace("redis", scheme, 1), recorder)
+    upstream = RawUpstream()
+    front = service(debug_redis.url.replace("redis", scheme, 1), recorder, upstream)
+    mw = front.asgi
     recovery: dict[str, float] = {}
     fallbacks: dict[str, int] = {}
     with ServerThread(mw) as server:
@@ -181,11 +179,13 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
                 fallbacks["slow"] = fallbacks_between(recorder, t0, t1)
             time.sleep(0.2)
         results = load.results
+        server.call(front.aclose())
         server.call(mw.engine.aclose())
         assert wait_until(lambda: server.task_count() <= idle_tasks, 5.0), (
             server.task_count(),
             idle_tasks,
         )
+    upstream.close()
     assert wait_until(lambda: fd_count() <= fds_before, 5.0), (fd_count(), fds_before)
 
     statuses: dict[str, int] = {}
