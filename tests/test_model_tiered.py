@@ -42,16 +42,6 @@ def test_a_few_requests_on_a_cold_key_are_admitted(redis_url: str, concurrent: i
 
 
 @pytest.mark.parametrize("concurrent", [10, 50])
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tiered.py: concurrent requests on a cold (or dry) key wait for one lease; the "
-        "lease is sized on the demand seen so far, and the waiters that find the slice "
-        "empty again after it are refused (429, remaining 4998-4999 of 5000) instead of "
-        "leasing again. 50 concurrent requests on a fresh 5000/s burst-5000 key: 46 "
-        "refused; 10: 6 refused. Exact mode admits all of them."
-    ),
-)
 def test_concurrent_requests_on_a_cold_key_are_not_refused(redis_url: str, concurrent: int) -> None:
     admitted = asyncio.run(_admit_all(redis_url, concurrent))
     assert all(admitted), f"{admitted.count(False)} of {concurrent} refused"

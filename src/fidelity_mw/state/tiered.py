@@ -235,6 +235,17 @@ class TieredStore(StateStore):
                     self._note_gate(cb, result.gate, self._clock.monotonic())
                 return result
             age = now - cb.synced_at
+        # A slice still short after the lease (concurrent requests on a cold or dry
+        # key share one lease) while the fleet's bucket is not known to be empty:
+        # decide this request exactly rather than refuse what the bucket can serve.
+        for key, spec in zip(limit_keys, limits, strict=True):
+            sl = slices[key]
+            if not spec.shadow and sl.tokens < spec.cost and sl.blocked_until <= now:
+                self.stats.delegated += 1
+                result = await exact.admit(breaker_key, breaker, limit_keys, limits, now)
+                if result.source == SOURCE_REDIS and result.gate is not None and cb is not None:
+                    self._note_gate(cb, result.gate, self._clock.monotonic())
+                return result
         # --- the limits, on the slices
         admitted = True
         ok: list[bool] = []
