@@ -22,7 +22,9 @@ The load (steady rate, a fixed number of clients) measures latency per
 request; every `--sample` seconds the script records latency percentiles,
 outcome counts and the service's RSS. At the end: benchmarks/soak.png and the
 "## Soak" section of benchmarks/RESULTS.md, with a plain statement of whether
-memory or latency grew (least-squares slope over the run after warm-up).
+memory or latency grew, comparing like with like: the same point (RSS) and the
+same quiet part (latency) of each 60 s fault cycle, the first cycle being
+warm-up.
 
 Invariants checked and reported: every request got exactly one response, no
 500, no POST reached the upstream twice.
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -487,7 +490,9 @@ def plot(samples: list[Sample], faults: list[tuple[float, float, str]], duration
     lat.set_yscale("log")
     lat.set_ylabel("latency (ms)")
     lat.legend(loc="upper right")
-    span = [(s.t - (done[i - 1].t if i else 0.0)) or 1.0 for i, s in enumerate(done)]
+    # each sample covers [t, next t): rates per second of that span
+    span = [(done[i + 1].t if i + 1 < len(done) else s.t + 2.0) - s.t for i, s in enumerate(done)]
+    span = [dt if dt > 0 else 1.0 for dt in span]
     groups = {
         "2xx": lambda k: k.startswith("2"),
         "429": lambda k: k == "429",
@@ -618,6 +623,44 @@ def main() -> None:
     summarize(samples, table, args, state, upstream, png)
 
 
+def per_cycle(
+    done: list[Sample], table: list[tuple[float, float, str]], sample_s: float
+) -> list[dict[str, float]]:
+    """Per 60 s fault cycle: latency percentiles (all samples, and quiet ones: no
+    fault window nor the 6 s after one), requests, and RSS at the cycle's end."""
+
+    def quiet(t: float) -> bool:
+        # the sample covers [t, t + sample_s): it must not touch a fault or its aftermath
+        for start, end, _ in table:
+            offset = t % CYCLE_S
+            if start - sample_s < offset < end + 6.0:
+                return False
+        return True
+
+    out = []
+    n_cycles = math.ceil((done[-1].t + sample_s) / CYCLE_S) if done else 0
+    for c in range(n_cycles):
+        span = [s for s in done if c * CYCLE_S <= s.t < (c + 1) * CYCLE_S]
+        if not span:
+            continue
+        calm = [s for s in span if quiet(s.t)] or span
+        lat = [v for s in span for v in s.latencies]
+        calm_lat = [v for s in calm for v in s.latencies]
+        out.append(
+            {
+                "start": c * CYCLE_S,
+                "end": min((c + 1) * CYCLE_S, span[-1].t + sample_s),
+                "n": len(lat),
+                "p50": percentile(lat, 0.5) * 1000,
+                "p99": percentile(lat, 0.99) * 1000,
+                "quiet_p50": percentile(calm_lat, 0.5) * 1000,
+                "quiet_p99": percentile(calm_lat, 0.99) * 1000,
+                "rss_end": span[-1].stats["rss"] / 1e6,
+            }
+        )
+    return out
+
+
 def summarize(
     samples: list[Sample],
     table: list[tuple[float, float, str]],
@@ -644,37 +687,37 @@ def summarize(
     no_response = sum(n for k, n in statuses.items() if k.startswith("no response"))
     five_hundreds = statuses.get("500", 0)
     dup_posts = sum(1 for n in upstream.post_ids.values() if n > 1)
-    warm = [s for s in done if s.t >= min(60.0, args.duration / 5)]
-    minute = max(1, int(60 / args.sample))
-    first, last = warm[:minute], warm[-minute:]
-
-    def med(xs: list[Sample], f: Any) -> float:
-        return statistics.median(f(s) for s in xs) if xs else float("nan")
-
-    rss_first = med(first, lambda s: s.stats["rss"] / 1e6)
-    rss_last = med(last, lambda s: s.stats["rss"] / 1e6)
-    rss_slope = slope([s.t / 60 for s in warm], [s.stats["rss"] / 1e6 for s in warm])
-
-    def pct(xs: list[Sample], q: float) -> float:
-        return percentile([v for s in xs for v in s.latencies], q) * 1000
-
-    p50_first, p50_last = pct(first, 0.5), pct(last, 0.5)
-    p99_first, p99_last = pct(first, 0.99), pct(last, 0.99)
-    # latency trend on the quiet parts only (faults make their own spikes)
-    quiet = [s for s in warm if phase_at(s.t, table) is None]
-    p50_slope = slope(
-        [s.t / 60 for s in quiet], [percentile(s.latencies, 0.5) * 1000 for s in quiet]
-    )
+    cycles = per_cycle(done, table, args.sample)
     fds = [s.stats.get("fds", 0) for s in done]
     tasks = [s.stats.get("tasks", 0) for s in done]
     keys = [s.stats.get("keys") for s in done if s.stats.get("keys") is not None]
     rkeys = [s.stats["redis_keys"] for s in done if s.stats.get("redis_keys") is not None]
     counts = done[-1].stats.get("counts", {}) if done else {}
     fallback = sum(n for k, n in counts.items() if k.endswith("/fallback"))
-    memory_grew = rss_last - rss_first > max(2.0, 0.05 * rss_first) or rss_slope > 0.5
-    latency_grew = p50_last > 1.5 * p50_first + 1.0 or p50_slope > 0.2
-    verdict_mem = "**memory grew**" if memory_grew else "**no memory growth**"
-    verdict_lat = "**latency grew**" if latency_grew else "**no latency growth**"
+    # Compare like with like: the same phase of the fault cycle. The first cycle
+    # is warm-up (allocator, pools, key table filling up to max_keys).
+    base = cycles[1] if len(cycles) > 2 else cycles[0]
+    end = cycles[-1]
+    memory_grew = end["rss_end"] - base["rss_end"] > max(2.0, 0.05 * base["rss_end"])
+    latency_grew = (
+        end["quiet_p50"] > 1.25 * base["quiet_p50"] + 1.0
+        or end["quiet_p99"] > 1.5 * base["quiet_p99"] + 5.0
+    )
+    verdict_mem = "**memory did not grow**" if not memory_grew else "**memory grew**"
+    verdict_lat = "**latency did not grow**" if not latency_grew else "**latency grew**"
+    rss_slope = slope(
+        [s.t / 60 for s in done if s.t >= base["start"]],
+        [s.stats["rss"] / 1e6 for s in done if s.t >= base["start"]],
+    )
+    table_lines = [
+        "| cycle (s) | requests | quiet p50 / p99 ms | all p50 / p99 ms | RSS at end MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in cycles:
+        table_lines.append(
+            f"| {c['start']:.0f} to {c['end']:.0f} | {c['n']:,} | {c['quiet_p50']:.1f} / "
+            f"{c['quiet_p99']:.1f} | {c['p50']:.1f} / {c['p99']:.1f} | {c['rss_end']:.1f} |"
+        )
 
     lines = [
         stamp(),
@@ -691,26 +734,31 @@ def summarize(
             if "redis" in state
             else "."
         )
-        + f" Samples every {args.sample:g} s; trend = least-squares slope after "
-        f"{min(60.0, args.duration / 5):.0f} s of warm-up; first/last = first and last "
-        "minute after it.",
+        + f" Samples every {args.sample:g} s. The service, the load and the upstream share "
+        "the machine's 2 cores (with whatever else runs): absolute latencies are not the "
+        "point, their trend is.",
         "",
         f"- Requests: {total:,}; " + ", ".join(f"{k}: {n:,}" for k, n in sorted(statuses.items())),
         f"- Invariants: requests without a response **{no_response}**, 500s **{five_hundreds}**, "
         f"POSTs that reached the upstream twice **{dup_posts}** (of {len(upstream.post_ids):,}).",
-        f"- Memory (service RSS): {rss_first:.1f} MB first minute, {rss_last:.1f} MB last minute, "
-        f"slope {rss_slope:+.2f} MB/min: {verdict_mem}. Local key table {min(keys, default=0):,}"
+        f"- Memory: service RSS {base['rss_end']:.1f} MB at the end of cycle "
+        f"{cycles.index(base) + 1}, {end['rss_end']:.1f} MB at the end of the run "
+        f"({end['rss_end'] - base['rss_end']:+.1f} MB; slope since {base['start']:.0f} s "
+        f"{rss_slope:+.2f} MB/min): {verdict_mem}. Local key table {min(keys, default=0):,}"
         f"..{max(keys, default=0):,} keys"
         + (f", Redis {min(rkeys):,}..{max(rkeys):,} keys" if rkeys else "")
         + f"; fds {min(fds, default=0)}..{max(fds, default=0)}; "
-        f"asyncio tasks {min(tasks, default=0)}..{max(tasks, default=0)}.",
-        f"- Latency: p50 {p50_first:.1f} → {p50_last:.1f} ms, p99 {p99_first:.1f} → "
-        f"{p99_last:.1f} ms (first → last minute, faults included); p50 slope on fault-free "
-        f"samples {p50_slope:+.3f} ms/min: {verdict_lat}.",
+        f"asyncio tasks {min(tasks, default=0)}..{max(tasks, default=0)} (in flight).",
+        f"- Latency in the quiet part of each cycle (no fault, nor within 6 s after one): p50 "
+        f"{base['quiet_p50']:.1f} → {end['quiet_p50']:.1f} ms, p99 {base['quiet_p99']:.1f} → "
+        f"{end['quiet_p99']:.1f} ms (cycle {cycles.index(base) + 1} → last): {verdict_lat}.",
         f"- Decisions on fallback state (Redis unreachable): {fallback:,}.",
-        "- Criteria: memory grew if the last minute is > max(2 MB, 5 %) above the first or the "
-        "slope is > 0.5 MB/min; latency grew if the last-minute p50 is > 1.5x the first + 1 ms "
-        "or the fault-free p50 slope is > 0.2 ms/min.",
+        "- Criteria: memory grew if RSS at the end of the run is more than max(2 MB, 5 %) above "
+        "its value at the end of the second cycle (the first is warm-up); latency grew if the "
+        "last cycle's quiet p50 is above 1.25x the second cycle's + 1 ms, or its quiet p99 "
+        "above 1.5x + 5 ms.",
+        "",
+        *table_lines,
     ]
     if png is not None:
         lines += ["", "![soak](soak.png)"]
