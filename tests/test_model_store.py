@@ -300,3 +300,15 @@ StoreAgainstModel.TestCase.settings = settings(
     max_examples=200, stateful_step_count=50, deadline=None
 )
 TestStoreAgainstModel = StoreAgainstModel.TestCase
+
+
+def test_a_refund_that_fills_the_bucket_forgets_the_key() -> None:
+    """Found by the machine above: TAT - cost x interval came out one ulp above
+    `now`, so a full bucket stayed in the table as an 'active' key (and was later
+    counted in `evicted_active`). Within float noise, full is full."""
+    store = MemoryStore()
+    spec = LimitSpec("l2", 12.0, 24.0, 2, False)  # 5/min, burst 2, cost 2
+    now = 1000.568884370305
+    assert store.admit_now(None, None, ["k"], [spec], now).admitted
+    store.refund_now(["k"], [spec], now)
+    assert "k" not in store.limits.tats

@@ -31,6 +31,9 @@ from ..retry import BudgetWindow
 from .base import InboundResult, LimitSpec, StateStore
 
 _T = TypeVar("_T")
+# A TAT this close to `now` (in emission intervals) is a full bucket: float sums
+# leave ulps behind (gcra uses the same slack when admitting).
+_FULL_SLACK = 1e-6
 
 
 class GcraTable:
@@ -188,9 +191,9 @@ class MemoryStore(StateStore):
                 if tat is None:
                     continue
                 back = tat - spec.cost * spec.interval_s
-                if back > now:
+                if back - now > _FULL_SLACK * spec.interval_s:
                     tats[key] = back
-                else:  # a full bucket: the same as no key
+                else:  # a full bucket (within float noise): the same as no key
                     del tats[key]
 
     async def refund(
