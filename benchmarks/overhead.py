@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from benchmarks._asgi import hello, run_batch
 from benchmarks._results import stamp, write_section
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import DeadlineConfig, FidelityMiddleware, Policy, RateLimit
 
 Scope = dict[str, Any]
 
@@ -84,7 +84,19 @@ def fidelity_policy() -> Policy:
     return Policy(rate_limits=[RateLimit(name="per-client", rate="1000000000/s")])
 
 
-def build_apps() -> dict[str, Any]:
+def breakdown_policies() -> dict[str, Policy]:
+    """FidelityMiddleware with its layers switched on one at a time: where the time goes."""
+    permissive = (RateLimit(name="per-client", rate="1000000000/s"),)
+    no_deadline = DeadlineConfig(default_ms=None, header=("x-not-sent",))
+    return {
+        "fid:frame": Policy(breaker=None, deadline=no_deadline),
+        "fid:+deadline": Policy(breaker=None),
+        "fid:+breaker": Policy(),
+        "fid:+limit": Policy(rate_limits=permissive, rate_limit_headers="on_reject"),
+    }
+
+
+def build_apps(breakdown: bool = False) -> dict[str, Any]:
     routes = [Route("/hello", hello)]
     apps: dict[str, Any] = {
         "bare": Starlette(routes=routes),
@@ -107,11 +119,19 @@ def build_apps() -> dict[str, Any]:
         apps["slowapi"] = app
     except ImportError:  # pragma: no cover - slowapi is a dev dependency
         print("slowapi not installed: skipping that variant", file=sys.stderr)
+    if breakdown:
+        for name, policy in breakdown_policies().items():
+            apps[name] = Starlette(
+                routes=routes,
+                middleware=[Middleware(FidelityMiddleware, policy=policy, telemetry=False)],
+            )
     return apps
 
 
-async def measure(rounds: int, batch: int, seed: int) -> dict[str, list[float]]:
-    apps = build_apps()
+async def measure(
+    rounds: int, batch: int, seed: int, breakdown: bool = False
+) -> dict[str, list[float]]:
+    apps = build_apps(breakdown)
     for app in apps.values():  # warm up: build middleware stacks, fill caches
         await run_batch(app, 500)
     samples: dict[str, list[float]] = {name: [] for name in apps}
@@ -159,8 +179,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="add FidelityMiddleware with its layers switched on one at a time",
+    )
     args = parser.parse_args()
-    samples = asyncio.run(measure(args.rounds, args.batch, args.seed))
+    samples = asyncio.run(measure(args.rounds, args.batch, args.seed, args.breakdown))
     table = report(samples, args.rounds, args.batch)
     print(table)
     if not args.no_write:

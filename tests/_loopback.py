@@ -23,7 +23,7 @@ class LoopbackServer:
     def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
         self.app = app
         self.host = host
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.port: int = self.sock.getsockname()[1]
