@@ -170,6 +170,27 @@ def report(samples: dict[str, list[float]], rounds: int, batch: int) -> str:
         "route breaker, deadline from `x-request-timeout-ms`, memory state, telemetry off. "
         "Target: fidelity ≤ 2 µs over bare."
     )
+    steps = [
+        ("fid:frame", "bare", "the frame: context + ContextVar, one header scan, send wrapper"),
+        ("fid:+deadline", "fid:frame", "deadline: parse `x-request-timeout-ms`, set the deadline"),
+        (
+            "fid:+breaker",
+            "fid:+deadline",
+            "route breaker: gate before, outcome after (one lock each)",
+        ),
+        ("fid:+limit", "fid:+breaker", "rate limit: key, GCRA in the same store call"),
+        ("fidelity", "fid:+limit", "RateLimit / RateLimit-Policy fields on the response"),
+    ]
+    if all(name in samples for name, _, _ in steps):
+        lines += [
+            "",
+            "Where the time goes (`--breakdown`: layers switched on one at a time, "
+            "median of paired per-round differences):",
+            "",
+        ]
+        for name, before, what in steps:
+            diffs = [v - b for v, b in zip(samples[name], samples[before], strict=True)]
+            lines.append(f"- {statistics.median(diffs) * 1e6:+.2f} µs  {what}")
     return "\n".join(lines)
 
 
