@@ -34,7 +34,6 @@ import dataclasses
 import itertools
 import math
 import random
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -529,7 +528,8 @@ class FixedWindowLimiter:
             await self.app(scope, receive, send)
             return
         stats = self.strategy.get_window_stats(self.item, key)
-        wait = max(1, math.ceil(stats.reset_time - time.time()))
+        # `limits` keeps its windows on the wall clock; the demo's clock has one too
+        wait = max(1, math.ceil(stats.reset_time - self.clock.wall()))
         log_decision(self.clock, "ratelimit", key, "reject", "over_limit (fixed window)")
         record = CURRENT_RECORD.get()
         if record is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._types import ASGIApp, Message, Receive, Scope, Send
+from ..clock import SYSTEM_CLOCK
 
 CLIENT_HEADER = b"x-client-id"
 ATTEMPT_HEADER = b"x-client-attempt"  # informational: which try of the client this is
@@ -114,6 +115,10 @@ class RunClock:
 
     def rel(self, monotonic: float) -> float:
         return monotonic - self.t0
+
+    def wall(self) -> float:
+        """Wall time, for libraries that keep their windows on it (`limits`)."""
+        return SYSTEM_CLOCK.wall()
 
 
 class Recorder:
