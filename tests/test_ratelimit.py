@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.ratelimit import gcra, limit_field, policy_field, retry_after_header
+from fidelity_mw.ratelimit import gcra, policy_field, retry_after_header
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
@@ -129,8 +129,6 @@ def test_structured_fields() -> None:
     assert policy_field("slow", 5, 0.5) == '"slow";q=5;w=1'  # w is whole seconds, at least 1
     assert policy_field("thirds", 3, 3 * (10 / 3) + 1e-12) == '"thirds";q=3;w=10'  # float noise
     assert policy_field("up", 2, 2.5) == '"up";q=2;w=3'  # rounded up: never overstates the rate
-    assert limit_field("per-client", 7, 2.2) == '"per-client";r=7;t=3'
-    assert limit_field("per-client", 0, 0.0) == '"per-client";r=0;t=0'
 
 
 # ---------------------------------------------------------------- properties

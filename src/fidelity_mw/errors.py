@@ -76,7 +76,3 @@ class DeadlineExceeded(FidelityError, httpx.TimeoutException):
     def __init__(self, message: str, *, host: str) -> None:
         super().__init__(message)
         self.host = host
-
-
-class RetriesExhausted(FidelityError):
-    """Marker base for give-ups that callers may want to tell apart (see docs/outbound.md)."""

@@ -51,8 +51,3 @@ def retry_after_header(seconds: float) -> str:
 def policy_field(name: str, quota: int, window_s: float) -> str:
     """One RateLimit-Policy item (draft-ietf-httpapi-ratelimit-headers, sf-list)."""
     return f'"{name}";q={quota};w={max(1, math.ceil(window_s - 1e-9))}'
-
-
-def limit_field(name: str, remaining: int, reset_s: float) -> str:
-    """One RateLimit item: remaining quota units and seconds until reset."""
-    return f'"{name}";r={remaining};t={max(0, math.ceil(reset_s - 1e-9))}'
