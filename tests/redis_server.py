@@ -1,7 +1,8 @@
 """Real redis-server processes for the tests: one server, and a three-master cluster.
 
 The suite starts them itself on free loopback ports, in temporary directories,
-without persistence, and stops them afterwards. No fakeredis.
+without persistence, and stops them afterwards: a real server, never an
+in-process imitation of one.
 
 If `redis-server` is missing the Redis tests are skipped locally, but they
 fail when the `CI` environment variable is set (`.ci/run` installs the

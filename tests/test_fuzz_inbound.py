@@ -167,7 +167,7 @@ async def drive(rig: Rig, scope: dict[str, Any], body: bytes = b"") -> list[dict
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(3600)  # a real server blocks until the client goes away
+        await asyncio.Event().wait()  # a real server blocks until the client goes away
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:

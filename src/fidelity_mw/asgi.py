@@ -43,10 +43,9 @@ from .context import (
 from .engine import Engine, RoutePlan, compact_key
 from .headers import (
     client_address,
+    deadline_parser,
     in_networks,
     parse_attempt,
-    parse_grpc_timeout,
-    parse_timeout_ms,
 )
 from .hooks import RequestObserver
 from .policy import Policy
@@ -132,9 +131,12 @@ class FidelityMiddleware:
         self._headers_mode = pol.rate_limit_headers
         self._use_forwarded = bool(pol.trusted_proxies)
         self._on_error = pol.state.on_error
-        self._deadline_headers = tuple((n, n.encode("latin-1")) for n in pol.deadline.header)
+        # (name, raw name, parser), chosen once: the hot path only calls the parser
+        self._deadline_headers = tuple(
+            (n, n.encode("latin-1"), deadline_parser(n)) for n in pol.deadline.header
+        )
         wanted: dict[bytes, int] = {}
-        for _name, raw in self._deadline_headers:
+        for _name, raw, _parse in self._deadline_headers:
             wanted[raw] = _ROLE_DEADLINE
         if pol.trusted_proxies:
             wanted[b"x-forwarded-for"] = _ROLE_XFF
@@ -312,13 +314,11 @@ class FidelityMiddleware:
         """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
         remaining = plan.deadline_default_s
         caller = None  # the shortest valid deadline among the configured headers
-        for name, raw in self._deadline_headers:
+        for name, raw, parse in self._deadline_headers:
             value = found.get(raw)
             if value is None:
                 continue
-            seconds = (
-                parse_grpc_timeout(value) if name == "grpc-timeout" else (parse_timeout_ms(value))
-            )
+            seconds = parse(value)
             if seconds is None:
                 ctx.decisions.append(
                     Decision(

@@ -26,7 +26,6 @@ PROBE: Final = "probe"
 RETRY: Final = "retry"
 GIVE_UP: Final = "give_up"
 WOULD_REJECT: Final = "would_reject"  # shadow mode: recorded, not enforced
-RECORD: Final = "record"  # an outcome was recorded (breaker bookkeeping)
 
 SOURCE_MEMORY: Final = "memory"
 SOURCE_REDIS: Final = "redis"

@@ -42,7 +42,6 @@ class RoutePlan:
         "deadline_default_s",
         "ip_key_prefix",
         "key_prefixes",
-        "limit_names",
         "limits",
         "policy_header",
         "remaining_prefixes",
@@ -72,7 +71,6 @@ class RoutePlan:
             )
             for lim in limits
         )
-        self.limit_names = tuple(lim.name for lim in limits)
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
         # Set when the route has exactly one limit, keyed by client IP.

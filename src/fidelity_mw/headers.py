@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MAX_HEADER_CHARS = 64
@@ -42,10 +42,13 @@ def parse_grpc_timeout(value: bytes) -> float | None:
     return int(digits) * _GRPC_UNITS[text[-1]]
 
 
+def deadline_parser(name: str) -> Callable[[bytes], float | None]:
+    """The parser for a deadline header: `grpc-timeout` syntax, else milliseconds."""
+    return parse_grpc_timeout if name == "grpc-timeout" else parse_timeout_ms
+
+
 def parse_deadline(name: str, value: bytes) -> float | None:
-    if name == "grpc-timeout":
-        return parse_grpc_timeout(value)
-    return parse_timeout_ms(value)
+    return deadline_parser(name)(value)
 
 
 def parse_attempt(value: bytes) -> int | None:

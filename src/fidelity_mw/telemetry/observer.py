@@ -345,38 +345,49 @@ class _Tally:
         return [Observation(n, dict(zip(names, key, strict=True))) for key, n in items]
 
 
+def _counter(
+    meter: Meter, name: str, labels: tuple[str, ...], unit: str, description: str
+) -> _Tally:
+    """An in-process tally, exported as an observable counter."""
+    tally = _Tally(labels)
+    meter.create_observable_counter(
+        name, callbacks=[tally.observe], unit=unit, description=description
+    )
+    return tally
+
+
 class _Metrics:
     """The instruments of one meter."""
 
     def __init__(self, meter: Meter, owner: Telemetry) -> None:
-        self.decisions = _Tally((s.LAYER, s.VERDICT, s.STATE_SOURCE))
-        meter.create_observable_counter(
+        self.decisions = _counter(
+            meter,
             s.METRIC_DECISIONS,
-            callbacks=[self.decisions.observe],
-            unit="{decision}",
-            description="Decisions taken by fidelity_mw's control layers.",
+            (s.LAYER, s.VERDICT, s.STATE_SOURCE),
+            "{decision}",
+            "Decisions taken by fidelity_mw's control layers.",
         )
-        self.requests = _Tally((s.OUTCOME, s.DECIDED_BY, s.ROUTE))
-        meter.create_observable_counter(
+        self.requests = _counter(
+            meter,
             s.METRIC_REQUESTS,
-            callbacks=[self.requests.observe],
-            unit="{request}",
-            description="Inbound requests by outcome and deciding layer.",
+            (s.OUTCOME, s.DECIDED_BY, s.ROUTE),
+            "{request}",
+            "Inbound requests by outcome and deciding layer.",
         )
-        self.failures = _Tally((s.FAILURE_CAUSE, s.DECIDED_BY, s.ROUTE))
-        meter.create_observable_counter(
+        self.failures = _counter(
+            meter,
             s.METRIC_FAILURES,
-            callbacks=[self.failures.observe],
-            unit="{request}",
-            description="Failed inbound requests: cause=control (a fidelity layer turned the "
+            (s.FAILURE_CAUSE, s.DECIDED_BY, s.ROUTE),
+            "{request}",
+            "Failed inbound requests: cause=control (a fidelity layer turned the "
             "request away) counted apart from cause=app (the application failed).",
         )
-        self.budget = _Tally((s.SUBJECT, s.BUDGET_RESULT))
-        meter.create_observable_counter(
+        self.budget = _counter(
+            meter,
             s.METRIC_RETRY_BUDGET,
-            callbacks=[self.budget.observe],
-            unit="{retry}",
-            description="Retries drawn from the per-upstream retry budget, and retries the "
+            (s.SUBJECT, s.BUDGET_RESULT),
+            "{retry}",
+            "Retries drawn from the per-upstream retry budget, and retries the "
             "exhausted budget refused.",
         )
         self.state_age = _histogram(
