@@ -29,7 +29,7 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.testing import FakeClock, seeded_random
-from fidelity_mw.transport import connected_peer_trusted
+from fidelity_mw.outbound.transport import connected_peer_trusted
 
 pytestmark = pytest.mark.anyio
 

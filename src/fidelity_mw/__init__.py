@@ -15,7 +15,7 @@ from .policy import (
     StateConfig,
     UpstreamConfig,
 )
-from .transport import FidelitySyncTransport, FidelityTransport
+from .outbound import FidelitySyncTransport, FidelityTransport
 
 __all__ = [
     "BreakerConfig",

@@ -71,7 +71,7 @@ from ..policy import (
     RetryConfig,
     UpstreamConfig,
 )
-from ..transport import FidelityTransport
+from ..outbound import FidelityTransport
 from .records import (
     CLIENT_HEADER,
     CURRENT_RECORD,
