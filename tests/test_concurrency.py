@@ -151,3 +151,26 @@ def test_dropped_requests_shrink_the_adaptive_limit() -> None:
         lim.try_acquire(CRITICAL)
         lim.release(dropped=True)
     assert lim.limit == 5
+
+
+def test_policy_concurrency_tables_validate_and_round_trip() -> None:
+    from fidelity_mw.errors import PolicyError
+    from fidelity_mw.policy import Policy
+
+    policy = Policy.from_dict(
+        {
+            "concurrency": {"limit": 10, "adaptive": True},
+            "route": [{"match": "/x*", "priority": "sheddable", "concurrency": {"limit": 3}}],
+        }
+    )
+    assert policy.concurrency is not None
+    assert policy.concurrency.adaptive
+    assert policy.routes[0].concurrency is not None
+    assert policy.routes[0].concurrency.limit == 3
+    assert Policy.from_dict(policy.to_dict()) == policy
+    with pytest.raises(PolicyError) as err:
+        Policy.from_dict(
+            {"concurrency": {"limit": 0, "sheddable_share": 0.95}, "route": [{"priority": "low"}]}
+        )
+    paths = [issue.path for issue in err.value.issues]
+    assert paths == ["concurrency.limit", "concurrency.sheddable_share", "route[0].priority"]
