@@ -389,6 +389,37 @@ def test_a_spoofed_chain_behind_a_trusted_proxy_changes_nothing() -> None:
     assert _admitted(mw, "10.0.0.1", lambda i: [(b"x-forwarded-for", ip_of(i + 7).encode())]) == 20
 
 
+def test_client_sent_forwarded_behind_an_xff_proxy_picks_no_key() -> None:
+    """Issue 12 #1: the proxy appends to X-Forwarded-For and passes the client's own
+    `Forwarded: for=...` through. Every request is the same client: burst 3 admits 3."""
+    mw = _limited(trusted_proxies=("10.0.0.0/8",))
+
+    def spoofed(i: int) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"forwarded", f"for={ip_of(i + 7)}".encode()),
+            (b"x-forwarded-for", b"198.51.100.7"),
+        ]
+
+    assert _admitted(mw, "10.0.0.1", spoofed) == 3
+
+
+def test_forwarded_header_policy_reads_forwarded_only() -> None:
+    mw = _limited(trusted_proxies=("10.0.0.0/8",), forwarded_header="forwarded")
+
+    def spoofed(i: int) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-forwarded-for", ip_of(i + 7).encode()),
+            (b"forwarded", b"for=198.51.100.7"),
+        ]
+
+    assert _admitted(mw, "10.0.0.1", spoofed) == 3
+    # ... and Forwarded is believed: distinct clients each get their own bucket
+    mw = _limited(trusted_proxies=("10.0.0.0/8",), forwarded_header="forwarded")
+    assert (
+        _admitted(mw, "10.0.0.1", lambda i: [(b"forwarded", f"for={ip_of(i + 7)}".encode())]) == 20
+    )
+
+
 def test_attempt_header_from_an_untrusted_caller_is_ignored() -> None:
     mw = _limited(trusted_peers=("10.0.0.0/8",))
     contexts = []

@@ -64,7 +64,6 @@ OUTCOME_DISCONNECTED = "disconnected"
 DECIDED_BY_APP = "app"
 
 _ROLE_DEADLINE = 1
-_ROLE_XFF = 2
 _ROLE_FORWARDED = 3
 _ROLE_KEY = 4
 _ROLE_ATTEMPT = 5
@@ -138,9 +137,10 @@ class FidelityMiddleware:
         wanted: dict[bytes, int] = {}
         for _name, raw, _parse in self._deadline_headers:
             wanted[raw] = _ROLE_DEADLINE
+        self._forwarded_header = pol.forwarded_header
+        self._forwarded_raw = pol.forwarded_header.encode("latin-1")
         if pol.trusted_proxies:
-            wanted[b"x-forwarded-for"] = _ROLE_XFF
-            wanted[b"forwarded"] = _ROLE_FORWARDED
+            wanted[self._forwarded_raw] = _ROLE_FORWARDED
         for lim in pol.rate_limits:
             if isinstance(lim.key, str) and lim.key.startswith("header:"):
                 wanted[lim.key[7:].lower().encode("latin-1")] = _ROLE_KEY
@@ -423,9 +423,9 @@ class FidelityMiddleware:
             return peer if peer is not None else "unknown"
         return client_address(
             peer,
-            found.get(b"x-forwarded-for"),
-            found.get(b"forwarded"),
+            found.get(self._forwarded_raw),
             self.engine.trusted_proxies,
+            self._forwarded_header,
         )
 
     # ------------------------------------------------------------ breaker + limiter verdicts

@@ -85,18 +85,21 @@ def _strip_port(token: str) -> str:
     return token
 
 
-def forwarded_chain(xff: bytes | None, forwarded: bytes | None) -> list[str]:
-    """Addresses from Forwarded (preferred) or X-Forwarded-For, client first. Junk dropped."""
+def forwarded_chain(value: bytes | None, header: str = "x-forwarded-for") -> list[str]:
+    """Addresses from one forwarding header (`x-forwarded-for` or `forwarded`), client
+    first. Junk hops become "" (they stop the walk)."""
     chain: list[str] = []
-    if forwarded is not None and len(forwarded) <= 4096:
-        text = forwarded.decode("latin-1")
+    if value is None or len(value) > 4096:
+        return chain
+    text = value.decode("latin-1")
+    if header == "forwarded":
         for element in text.split(","):
             for pair in element.split(";"):
                 key, _, val = pair.partition("=")
                 if key.strip().lower() == "for":
                     chain.append(_strip_port(val))
-    elif xff is not None and len(xff) <= 4096:
-        chain = [_strip_port(part) for part in xff.decode("latin-1").split(",")]
+    else:
+        chain = [_strip_port(part) for part in text.split(",")]
     valid = []
     for address in chain:
         try:
@@ -107,20 +110,26 @@ def forwarded_chain(xff: bytes | None, forwarded: bytes | None) -> list[str]:
 
 
 def client_address(
-    peer: str | None, xff: bytes | None, forwarded: bytes | None, proxies: tuple[Network, ...]
+    peer: str | None,
+    value: bytes | None,
+    proxies: tuple[Network, ...],
+    header: str = "x-forwarded-for",
 ) -> str:
     """The client's address: walk the forwarding chain right to left over trusted proxies.
 
+    Only the one header the policy trusts (`forwarded_header`) is read: a proxy
+    that appends to X-Forwarded-For passes a client-sent `Forwarded` through
+    untouched, so believing the other header would let the client pick its key.
     Headers are believed only when the direct peer is a trusted proxy; the
     first hop that is not a trusted proxy is the client. An unparseable hop
     stops the walk there (we cannot vouch for anything left of it).
     """
     if peer is None:
         return "unknown"
-    if not proxies or (xff is None and forwarded is None) or not in_networks(peer, proxies):
+    if not proxies or value is None or not in_networks(peer, proxies):
         return peer
     address = peer
-    for hop in reversed(forwarded_chain(xff, forwarded)):
+    for hop in reversed(forwarded_chain(value, header)):
         if not hop:
             return address
         address = hop

@@ -28,6 +28,7 @@ KeyFunc = Callable[[Mapping[str, Any]], str | None]
 JITTER_MODES = ("full", "equal", "decorrelated", "none")
 FAILURE_MODES = ("local", "open", "closed")
 HEADER_MODES = ("always", "on_reject", "never")
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 MAX_ATTEMPTS = 10
 
@@ -500,6 +501,9 @@ class Policy(_Validated):
     upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
     trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
     trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = _spec(
+        "x-forwarded-for", one_of(FORWARDED_HEADERS)
+    )
     rate_limit_headers: Literal["always", "on_reject", "never"] = _spec(
         "always", one_of(HEADER_MODES)
     )
