@@ -143,7 +143,7 @@ class FidelityMiddleware:
             wanted[self._forwarded_raw] = _ROLE_FORWARDED
         for lim in pol.rate_limits:
             if isinstance(lim.key, str) and lim.key.startswith("header:"):
-                wanted[lim.key[7:].lower().encode("latin-1")] = _ROLE_KEY
+                wanted[lim.key[7:].lower().encode("latin-1", "replace")] = _ROLE_KEY
         wanted[b"x-fidelity-attempt"] = _ROLE_ATTEMPT
         self._wanted = wanted
         self._peer_trust: dict[str, bool] = {}
@@ -392,7 +392,7 @@ class FidelityMiddleware:
             elif kind == "global":
                 value = "*"
             elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
-                raw = found.get(kind[7:].lower().encode("latin-1")) if found else None
+                raw = found.get(kind[7:].lower().encode("latin-1", "replace")) if found else None
                 if raw:
                     value = "h:" + compact_key(raw.decode("latin-1"))
                 else:
