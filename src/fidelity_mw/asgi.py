@@ -160,13 +160,26 @@ class FidelityMiddleware:
         try:
             plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
             found: dict[bytes, bytes] | None = None
+            repeated: dict[bytes, list[bytes]] | None = None
             wanted = self._wanted
             for name, value in scope["headers"]:
                 if name in wanted:
                     if found is None:
                         found = {}
                     prior = found.get(name)
-                    found[name] = value if prior is None else prior + b"," + value
+                    if prior is None:
+                        found[name] = value
+                    else:  # joined once at the end: appending per line is quadratic
+                        if repeated is None:
+                            repeated = {}
+                        parts = repeated.get(name)
+                        if parts is None:
+                            repeated[name] = [prior, value]
+                        else:
+                            parts.append(value)
+            if repeated is not None and found is not None:
+                for name, parts in repeated.items():
+                    found[name] = b",".join(parts)
             ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
