@@ -548,6 +548,30 @@ async def test_malformed_deadline_is_recorded_and_ignored(clock: FakeClock) -> N
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"x-request-timeout-ms", b"-0"),
+        (b"x-request-timeout-ms", b"1_000"),
+        (b"x-request-timeout-ms", b"1e3"),
+        (b"x-request-timeout-ms", b"+5"),
+        (b"x-request-timeout-ms", b"\t7"),
+        (b"grpc-timeout", b"\t0S"),
+    ],
+)
+async def test_deadline_headers_follow_their_own_grammar(
+    clock: FakeClock, name: bytes, value: bytes
+) -> None:
+    """Issue 12 #23: Python number syntax is malformed (`-0` used to give a 504)."""
+    h = Harness(Policy(breaker=None), clock)
+    status, _, _ = await h.request(headers=[(name, value)])
+    assert status == 200
+    ctx = h.seen[-1]
+    assert ctx is not None
+    assert ctx.deadline_at is None
+    assert [(d.subject, d.reason) for d in ctx.decisions] == [(name.decode(), "malformed_header")]
+
+
 # ---------------------------------------------------------------- context
 
 

@@ -19,27 +19,26 @@ def _ascii(value: bytes) -> str | None:
 
 
 def parse_timeout_ms(value: bytes) -> float | None:
-    """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds."""
-    if len(value) > _MAX_HEADER_CHARS:
-        return None
-    try:
-        ms = float(value)  # float() parses ASCII bytes; anything else is a ValueError
-    except ValueError:
-        return None
-    if ms != ms or ms < 0 or ms == float("inf"):
-        return None
-    return ms / 1000.0
+    """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds.
+
+    The header's grammar is ASCII digits and nothing else: no sign, decimal point,
+    exponent, digit separator or whitespace (`float()` and `int()` accept all of
+    those, and `-0` would then read as an expired deadline).
+    """
+    if not value or len(value) > _MAX_HEADER_CHARS or not value.isdigit():
+        return None  # bytes.isdigit() is ASCII-only
+    return int(value) / 1000.0
 
 
 def parse_grpc_timeout(value: bytes) -> float | None:
-    """`grpc-timeout`: 1-8 digits and a unit (H M S m u n) -> seconds."""
-    text = _ascii(value)
-    if not text or len(text) > 9 or text[-1] not in _GRPC_UNITS:
+    """`grpc-timeout`: TimeoutValue (1-8 ASCII digits) then TimeoutUnit (H M S m u n)."""
+    if not 2 <= len(value) <= 9:
         return None
-    digits = text[:-1]
-    if not digits.isdigit() or not digits.isascii():
+    unit = _GRPC_UNITS.get(chr(value[-1]))
+    digits = value[:-1]
+    if unit is None or not digits.isdigit():
         return None
-    return int(digits) * _GRPC_UNITS[text[-1]]
+    return int(digits) * unit
 
 
 def deadline_parser(name: str) -> Callable[[bytes], float | None]:
