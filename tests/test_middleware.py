@@ -563,13 +563,17 @@ async def test_deadline_headers_follow_their_own_grammar(
     clock: FakeClock, name: bytes, value: bytes
 ) -> None:
     """Issue 12 #23: Python number syntax is malformed (`-0` used to give a 504)."""
-    h = Harness(Policy(breaker=None), clock)
+    h = Harness(Policy(breaker=None, deadline=DeadlineConfig(default_ms=3000)), clock)
+    start = clock.monotonic()
     status, _, _ = await h.request(headers=[(name, value)])
     assert status == 200
     ctx = h.seen[-1]
     assert ctx is not None
-    assert ctx.deadline_at is None
-    assert [(d.subject, d.reason) for d in ctx.decisions] == [(name.decode(), "malformed_header")]
+    assert ctx.deadline_at == pytest.approx(start + 3.0)
+    assert [(d.subject, d.reason) for d in ctx.decisions] == [
+        (name.decode(), "malformed_header"),
+        ("/", "route_default"),
+    ]
 
 
 # ---------------------------------------------------------------- context
