@@ -1169,3 +1169,135 @@ async def test_quotes_and_backslashes_in_a_limit_name_are_escaped(clock: FakeClo
     _, headers, _ = await h.request()
     assert headers[b"ratelimit-policy"] == b'"a\\"b\\\\c";q=2;w=120'
     assert headers[b"ratelimit"].startswith(b'"a\\"b\\\\c";r=1;')
+
+
+# ---------------------------------------------------------------- when a call ends
+
+
+def _slow_policy() -> Policy:
+    return Policy(
+        breaker=BreakerConfig(
+            min_calls=3, slow_call_ms=1000, slow_call_ratio=0.5, open_s=10, open_jitter=0.0
+        )
+    )
+
+
+async def _drive(app: Any, scope: dict[str, Any]) -> list[Mapping[str, Any]]:
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def _scope(path: str = "/", **extra: Any) -> dict[str, Any]:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("192.0.2.1", 5000),
+        "server": ("testserver", 80),
+    }
+    scope.update(extra)
+    return scope
+
+
+async def test_slow_call_time_ends_at_the_last_body_message(clock: FakeClock) -> None:
+    """Issue 12 #13: a slow background task after an instant response is not a slow call."""
+    from starlette.background import BackgroundTask
+
+    def slow_task() -> None:
+        clock.advance(5.0)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(slow_task))
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    mw = FidelityMiddleware(app, policy=_slow_policy(), clock=clock, telemetry=False)
+    for _ in range(6):
+        sent = await _drive(mw, _scope())
+        assert sent[0]["status"] == 200
+    store = mw.engine.store
+    assert isinstance(store, MemoryStore)
+    assert store.breakers["route:/"].state == CLOSED
+
+
+async def test_a_slow_response_is_still_a_slow_call(clock: FakeClock) -> None:
+    async def endpoint(request: Request) -> Response:
+        clock.advance(5.0)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    mw = FidelityMiddleware(app, policy=_slow_policy(), clock=clock, telemetry=False)
+    for _ in range(3):
+        await _drive(mw, _scope())
+    sent = await _drive(mw, _scope())
+    assert sent[0]["status"] == 503
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        {"type": "http.response.pathsend", "path": "/dev/null"},
+        {"type": "http.response.zerocopysend", "file": 0},
+    ],
+    ids=["pathsend", "zerocopysend"],
+)
+async def test_file_send_extensions_end_the_response(
+    clock: FakeClock, final: dict[str, Any]
+) -> None:
+    """Issue 12 #14: a response ending in pathsend / zerocopysend is complete, not a
+    client disconnect: its probes close a half-open breaker."""
+    fail = True
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500 if fail else 200})
+        if fail:
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await send(dict(final))
+
+    mw = FidelityMiddleware(app, policy=breaker_policy(), clock=clock, telemetry=False)
+    for _ in range(2):
+        await _drive(mw, _scope())
+    store = mw.engine.store
+    assert isinstance(store, MemoryStore)
+    assert store.breakers["route:!unmatched"].state == OPEN
+    fail = False
+    clock.advance(10.0)
+    scope = _scope()
+    sent = await _drive(mw, scope)
+    assert sent[-1]["type"] == final["type"]
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert (ctx.outcome, ctx.client_disconnected) == ("served", False)
+    assert store.breakers["route:!unmatched"].state == CLOSED
+
+
+async def test_a_scope_without_headers_has_no_headers(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 #21: the key is optional; its absence used to skip every layer with an
+    ERROR traceback."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    policy = limits(RateLimit(name="l", rate="1/min", burst=1))
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+    statuses = []
+    for _ in range(2):
+        scope = _scope()
+        del scope["headers"]
+        statuses.append((await _drive(mw, scope))[0]["status"])
+    assert statuses == [200, 429]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

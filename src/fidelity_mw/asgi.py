@@ -162,7 +162,8 @@ class FidelityMiddleware:
             found: dict[bytes, bytes] | None = None
             repeated: dict[bytes, list[bytes]] | None = None
             wanted = self._wanted
-            for name, value in scope["headers"]:
+            # A hand-built scope may leave out `headers` (the spec allows none): no headers.
+            for name, value in scope.get("headers") or ():
                 if name in wanted:
                     if found is None:
                         found = {}
@@ -246,6 +247,7 @@ class FidelityMiddleware:
             # ---- the app, watching only the response start and its end
             extra = ctx.response_headers
             complete = False
+            timed = plan.breaker is not None and plan.breaker.slow_call_ms is not None
 
             async def send_wrapper(message: Message) -> None:
                 nonlocal complete
@@ -259,8 +261,15 @@ class FidelityMiddleware:
                     if headers:
                         # a new list: the app's may be shared (a reused Response object)
                         message["headers"] = [*message.get("headers", ()), *headers]
-                elif kind == "http.response.body" and not message.get("more_body", False):
+                elif (
+                    (kind == "http.response.body" or kind == "http.response.zerocopysend")
+                    and not message.get("more_body", False)
+                ) or kind == "http.response.pathsend":
+                    # The last message of the response (a pathsend is always the whole
+                    # body): the call ends here, not when background tasks have run.
                     complete = True
+                    if timed:
+                        ctx.ended_at = self._monotonic()
                     if before_end is not None:
                         self._response_ends(ctx, scope, obs_token)
                 try:
@@ -621,8 +630,9 @@ class FidelityMiddleware:
         if gate is None or breaker is None or plan.breaker_key is None:
             return None
         now = self._monotonic()
+        ended = ctx.ended_at if ctx.ended_at is not None else now
         slow = breaker.slow_call_ms is not None and (
-            (now - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+            (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
         )
         record_now = self._record_now
         if record_now is None:
