@@ -1301,3 +1301,33 @@ async def test_a_scope_without_headers_has_no_headers(
         statuses.append((await _drive(mw, scope))[0]["status"])
     assert statuses == [200, 429]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_route_naming_never_calls_the_apps_matches(clock: FakeClock) -> None:
+    """Issue 12 #19: the app's own `Route.matches()` runs once per request (its router's
+    call), not once more for naming."""
+    calls: Counter[str] = Counter()
+
+    class CountingRoute(Route):
+        def matches(self, scope: Any) -> Any:
+            calls[self.path] += 1
+            return super().matches(scope)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[CountingRoute("/a", endpoint), CountingRoute("/items/{item_id}", endpoint)]
+    )
+    app.add_middleware(FidelityMiddleware, policy=NO_BREAKER, clock=clock, telemetry=False)
+    scope = _scope("/items/7")
+    assert (await _drive(app, scope))[0]["status"] == 200
+    assert calls == {"/a": 1, "/items/{item_id}": 1}
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert ctx.route == "/items/{item_id}"
+    scope = _scope("/a", method="POST")  # method not allowed: still the route's breaker
+    assert (await _drive(app, scope))[0]["status"] == 405
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert ctx.route == "/a"
