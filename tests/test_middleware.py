@@ -228,7 +228,8 @@ def limits(*items: RateLimit, **policy: Any) -> Policy:
 
 async def test_429_with_retry_after_fields_and_problem_body(clock: FakeClock) -> None:
     h = Harness(limits(RateLimit(name="per-client", rate="4/10s", burst=4)), clock)
-    for expected in ("r=3;t=3", "r=2;t=5", "r=1;t=8", "r=0;t=10"):  # t: until the bucket is full
+    # t: seconds until one more unit is available (2.5 s per unit)
+    for expected in ("r=3;t=3", "r=2;t=3", "r=1;t=3", "r=0;t=3"):
         status, headers, _ = await h.request()
         assert status == 200
         assert headers[b"ratelimit"] == f'"per-client";{expected}'.encode()
@@ -239,7 +240,7 @@ async def test_429_with_retry_after_fields_and_problem_body(clock: FakeClock) ->
     assert headers[b"retry-after"] == b"2"  # 2.5 s per unit, 0.5 s gone: 2.0
     assert headers[b"content-type"] == b"application/problem+json"
     assert headers[b"ratelimit-policy"] == b'"per-client";q=4;w=10'
-    assert headers[b"ratelimit"] == b'"per-client";r=0;t=10'  # 9.5 s, rounded up
+    assert headers[b"ratelimit"] == b'"per-client";r=0;t=2'  # the same wait as Retry-After
     assert POLICY_FIELD.match(headers[b"ratelimit-policy"].decode())
     assert LIMIT_FIELD.match(headers[b"ratelimit"].decode())
     doc = problem(body)
@@ -270,7 +271,7 @@ async def test_429_retry_after_rounds_up_a_fraction(clock: FakeClock) -> None:
 
 async def test_ratelimit_reset_is_not_inflated_by_float_noise(clock: FakeClock) -> None:
     h = Harness(limits(RateLimit(name="l", rate="3/10s", burst=3)), clock)
-    for expected in ("r=2;t=4", "r=1;t=7", "r=0;t=10"):
+    for expected in ("r=2;t=4", "r=1;t=4", "r=0;t=4"):  # 3.33 s per unit
         _, headers, _ = await h.request()
         assert headers[b"ratelimit"] == f'"l";{expected}'.encode()
 
@@ -340,6 +341,45 @@ async def test_retry_after_ignores_limits_that_allow(clock: FakeClock) -> None:
     assert problem(body)["limit"] == "tight"
     # The roomy limit's allowance was not spent by the rejected request.
     assert headers[b"ratelimit"] == b'"roomy";r=98;t=1, "tight";r=0;t=5'
+
+
+async def test_ratelimit_t_is_the_wait_for_more_quota_and_retry_after_not_earlier(
+    clock: FakeClock,
+) -> None:
+    """Issue 12 #17 (draft-ietf-httpapi-ratelimit-headers-10+): `t` is the seconds until
+    more quota is available, and Retry-After never points earlier than it. Old: a 429
+    with Retry-After 1 and t=2 (t was the time until the bucket is full)."""
+    h = Harness(limits(RateLimit(name="l", rate="1/s", burst=2)), clock)
+    for expected in (b'"l";r=1;t=1', b'"l";r=0;t=1'):
+        status, headers, _ = await h.request()
+        assert (status, headers[b"ratelimit"]) == (200, expected)
+    clock.advance(0.25)
+    status, headers, _ = await h.request()
+    assert status == 429
+    assert headers[b"retry-after"] == b"1"
+    assert headers[b"ratelimit"] == b'"l";r=0;t=1'
+    clock.advance(0.75)  # t said 1 s: quota is there
+    assert await h.status() == 200
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    gaps=st.lists(st.sampled_from([0.0, 0.1, 0.4, 1.0, 2.5]), min_size=1, max_size=12),
+)
+async def test_retry_after_is_never_earlier_than_any_t(gaps: list[float]) -> None:
+    clock = FakeClock()
+    h = Harness(
+        limits(RateLimit(name="a", rate="2/s", burst=3), RateLimit(name="b", rate="5/10s")),
+        clock,
+    )
+    for gap in gaps:
+        clock.advance(gap)
+        status, headers, _ = await h.request()
+        ts = [int(item.rsplit("t=", 1)[1]) for item in headers[b"ratelimit"].decode().split(", ")]
+        if status == 429:
+            assert max(ts) <= int(headers[b"retry-after"])
 
 
 async def test_rate_limit_headers_modes(clock: FakeClock) -> None:

@@ -49,8 +49,8 @@ from .headers import (
 )
 from .hooks import RequestObserver
 from .policy import Policy
-from .ratelimit import retry_after_header
-from .state.base import InboundResult, StateStore
+from .ratelimit import LimitVerdict, retry_after_header
+from .state.base import InboundResult, LimitSpec, StateStore
 from .state.memory import MemoryStore
 
 logger = logging.getLogger("fidelity_mw")
@@ -489,7 +489,7 @@ class FidelityMiddleware:
         wait = retry_after_header(worst_wait)
         headers = [(b"retry-after", wait.encode())]
         if self._headers_mode != "never" and plan.policy_header is not None:
-            headers.extend(_ratelimit_headers(plan, result))
+            headers.extend(_ratelimit_headers(plan, result, int(wait)))
         body = problem_body(
             429,
             "Too Many Requests",
@@ -742,21 +742,36 @@ def _admission_decisions(
             )
 
 
-def _ratelimit_headers(plan: RoutePlan, result: InboundResult) -> list[tuple[bytes, bytes]]:
-    """RateLimit-Policy (static per route) and RateLimit (remaining; seconds to reset)."""
-    prefixes = plan.remaining_prefixes
-    limits = result.limits
-    # The slack absorbs float noise: a reset of exactly 10 s must not read 11.
-    if len(limits) == 1 and prefixes[0] is not None:
-        verdict = limits[0]
-        value = prefixes[0] + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s - 1e-9))
-    else:  # shadow limits (prefix None) are not advertised: they are never enforced
-        value = b", ".join(
-            prefix + b"%d;t=%d" % (verdict.remaining, math.ceil(verdict.reset_s - 1e-9))
-            for prefix, verdict in zip(prefixes, limits, strict=True)
-            if prefix is not None
-        )
-    return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", value)]
+def _quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
+    """Seconds until more quota is available: the RateLimit `t` parameter
+    (draft-ietf-httpapi-ratelimit-headers-10 section 4.1.2; -11 keeps the value and
+    calls it the effective window). Refused: until the request would be admitted.
+    Admitted: until the bucket holds one more whole unit than `r`."""
+    if not verdict.allowed:
+        return verdict.retry_after_s
+    wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
+    return wait if wait > 0.0 else 0.0
+
+
+def _ratelimit_headers(
+    plan: RoutePlan, result: InboundResult, retry_after: int | None = None
+) -> list[tuple[bytes, bytes]]:
+    """RateLimit-Policy (static per route) and RateLimit (remaining; seconds until more
+    quota). With a Retry-After, no `t` points past it: "within t s no more than r" stays
+    true for any shorter t, and the draft wants Retry-After no earlier than `t`."""
+    items = []
+    # shadow limits (prefix None) are not advertised: they are never enforced
+    for prefix, spec, verdict in zip(
+        plan.remaining_prefixes, plan.specs, result.limits, strict=True
+    ):
+        if prefix is None:
+            continue
+        # The slack absorbs float noise: a wait of exactly 10 s must not read 11.
+        t = math.ceil(_quota_wait_s(verdict, spec) - 1e-9)
+        if retry_after is not None and t > retry_after:
+            t = retry_after
+        items.append(prefix + b"%d;t=%d" % (verdict.remaining, t))
+    return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", b", ".join(items))]
 
 
 async def _in_order(*steps: Coroutine[Any, Any, Any] | None) -> None:
