@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from .._types import RandomSource
-from ..policy import BreakerConfig
+from .specs import BreakerParams, RandomSource
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
@@ -57,7 +56,7 @@ class BreakerState:
         "state",
     )
 
-    def __init__(self, config: BreakerConfig) -> None:
+    def __init__(self, config: BreakerParams) -> None:
         self.config = config
         self.state: str = CLOSED
         self.epoch = 0

@@ -8,17 +8,8 @@ from typing import NamedTuple
 
 from ..decide.breaker import Gate
 from ..decide.gcra import LimitVerdict
+from ..decide.specs import LimitSpec as LimitSpec
 from ..policy import BreakerConfig, RetryConfig
-
-
-class LimitSpec(NamedTuple):
-    """One rate limit as the store sees it: arithmetic only, no policy objects."""
-
-    name: str
-    interval_s: float
-    tolerance_s: float
-    cost: int
-    shadow: bool
 
 
 class InboundResult(NamedTuple):
@@ -73,7 +64,7 @@ class StateStore(abc.ABC):
     # ------------------------------------------------------------ outbound retry budget
     #
     # One budget per upstream (key `budget:<host[:port]>`), arithmetic in
-    # `fidelity_mw.decide.retry` (`BudgetWindow`, `budget_allows`): over a sliding
+    # `fidelity_mw.decide.budget` (`BudgetWindow`, `budget_allows`): over a sliding
     # window of `cfg.budget_window_s`, retries <= cfg.budget_ratio x requests
     # + cfg.budget_min_per_s x cfg.budget_window_s. "Requests" are top-level
     # outbound calls (first attempts), not retries.

@@ -25,8 +25,8 @@ from typing import TypeVar
 
 from .._types import RandomSource
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
+from ..decide.budget import BudgetWindow
 from ..decide.gcra import LimitVerdict, gcra
-from ..decide.retry import BudgetWindow
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 
