@@ -119,7 +119,7 @@ end
 local verdict, state, epoch, wait, probe_id = 'allow', '', 0, 0, 0
 if has_breaker then
   local b = br_load(KEYS[1], KEYS[2], cfg)
-  br_successes(b, deferred_epoch, deferred, now)
+  br_successes(b, deferred_epoch, deferred, now, u)
   if not denied then
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
   end
