@@ -58,7 +58,7 @@ from tenacity import (
 )
 
 from .._types import ASGIApp, Receive, Scope, Send
-from ..asgi import FidelityMiddleware
+from ..inbound import FidelityMiddleware
 from ..context import DecisionContext, current
 from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded

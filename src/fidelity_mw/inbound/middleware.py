@@ -23,8 +23,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-from ._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
-from .context import (
+from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
+from ..context import (
     _CURRENT,
     ALLOW,
     LAYER_BREAKER,
@@ -39,19 +39,19 @@ from .context import (
     Decision,
     DecisionContext,
 )
-from .decide.breaker import FAILURE, IGNORED, SUCCESS
-from .decide.gcra import LimitVerdict, retry_after_header
-from .engine import Engine, RoutePlan, compact_key
-from .headers import (
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS
+from ..decide.gcra import LimitVerdict, retry_after_header
+from ..engine import Engine, RoutePlan, compact_key
+from ..headers import (
     client_address,
     deadline_parser,
     in_networks,
     parse_attempt,
 )
-from .hooks import RequestObserver
-from .policy import Policy
-from .state.base import InboundResult, LimitSpec, StateStore
-from .state.memory import MemoryStore
+from ..hooks import RequestObserver
+from ..policy import Policy
+from ..state.base import InboundResult, LimitSpec, StateStore
+from ..state.memory import MemoryStore
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -109,7 +109,7 @@ class FidelityMiddleware:
         self.policy = pol = self.engine.policy
         if observer is None and telemetry:
             if self.engine.request_observer is None:
-                from .telemetry import default_request_observer
+                from ..telemetry import default_request_observer
 
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
