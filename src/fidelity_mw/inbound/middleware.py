@@ -73,9 +73,13 @@ class FidelityMiddleware:
         store_ = self.engine.store
         # An in-process store decides without an await (None: await `admit`).
         self._admit_now = store_.admit_now
-        self._reader = RequestReader(self.engine)
-        self._wanted = self._reader.wanted
-        self._admission = Admission(self.policy)
+        self._reader = reader = RequestReader(self.engine)
+        self._wanted = reader.wanted
+        self._uses_forwarding = reader.uses_forwarding
+        self._from_headers = reader.from_headers
+        self._limit_keys = reader.limit_keys
+        self._admission = admission = Admission(self.policy)
+        self._verdict = admission.verdict
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,7 +93,17 @@ class FidelityMiddleware:
         try:
             plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
-            found = scan_headers(scope.get("headers") or (), self._wanted)
+            found: dict[bytes, bytes] | None = None
+            wanted = self._wanted
+            for name, value in scope.get("headers") or ():
+                if name in wanted:
+                    if found is None:
+                        found = {name: value}
+                    elif name in found:  # rare: join every line of it once (linear)
+                        found = scan_headers(scope["headers"], wanted)
+                        break
+                    else:
+                        found[name] = value
             ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
@@ -118,13 +132,19 @@ class FidelityMiddleware:
             try:
                 remaining = plan.deadline_default_s
                 if found is not None:
-                    remaining, rejection = self._reader.from_headers(scope, ctx, plan, found, now)
+                    remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
                 if rejection is None:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
                     if plan.breaker_key is not None or plan.specs:
-                        if plan.specs:
-                            keys = self._reader.limit_keys(scope, plan, found, ctx)
+                        if plan.ip_key_prefix is not None and not self._uses_forwarding:
+                            # one limit keyed by the peer address: the common case, inline
+                            client = scope.get("client")
+                            ip = client[0] if client else "unknown"
+                            ctx.client_key = ip
+                            keys = (plan.ip_key_prefix + ip,)
+                        elif plan.specs:
+                            keys = self._limit_keys(scope, plan, found, ctx)
                         admit_now = self._admit_now
                         if admit_now is not None:
                             result = admit_now(
@@ -134,7 +154,7 @@ class FidelityMiddleware:
                             result = await self.engine.store.admit(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
-                        rejection = self._admission.verdict(ctx, plan, result, now)
+                        rejection = self._verdict(ctx, plan, result, now)
                     else:
                         ctx._pending = (admission_decisions, plan, None, now)
             except Exception as exc:
