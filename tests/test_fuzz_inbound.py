@@ -39,8 +39,8 @@ from fidelity_mw import (
     RateLimit,
     RouteConfig,
 )
-from fidelity_mw.breaker import OPEN
 from fidelity_mw.context import context_from_scope
+from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.telemetry import Telemetry
 from fidelity_mw.testing import FakeClock, seeded_random
 

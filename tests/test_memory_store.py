@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fidelity_mw import BreakerConfig
-from fidelity_mw.breaker import CLOSED, FAILURE, HALF_OPEN, OPEN, SUCCESS
+from fidelity_mw.decide.breaker import CLOSED, FAILURE, HALF_OPEN, OPEN, SUCCESS
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 

@@ -31,8 +31,8 @@ from fidelity_mw import (
     RateLimit,
     RouteConfig,
 )
-from fidelity_mw.breaker import CLOSED, HALF_OPEN, OPEN
 from fidelity_mw.context import context_from_scope
+from fidelity_mw.decide.breaker import CLOSED, HALF_OPEN, OPEN
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 )
 
 from fidelity_mw import BreakerConfig
-from fidelity_mw.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.policy import RateLimit
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import GcraTable, MemoryStore

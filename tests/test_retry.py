@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fidelity_mw.policy import RetryConfig
-from fidelity_mw.retry import (
+from fidelity_mw.decide.retry import (
     GIVE_UP_ATTEMPTS,
     GIVE_UP_BODY,
     GIVE_UP_DEADLINE,
@@ -30,6 +29,7 @@ from fidelity_mw.retry import (
     retryable_error,
     retryable_status,
 )
+from fidelity_mw.policy import RetryConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import seeded_random
 

@@ -5,6 +5,7 @@ from .asgi import FidelityMiddleware
 from .context import Decision, DecisionContext, current
 from .engine import Engine
 from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
+from .outbound import FidelitySyncTransport, FidelityTransport
 from .policy import (
     BreakerConfig,
     DeadlineConfig,
@@ -15,7 +16,6 @@ from .policy import (
     StateConfig,
     UpstreamConfig,
 )
-from .transport import FidelitySyncTransport, FidelityTransport
 
 __all__ = [
     "BreakerConfig",

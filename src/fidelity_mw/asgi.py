@@ -24,7 +24,6 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from ._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
-from .breaker import FAILURE, IGNORED, SUCCESS
 from .context import (
     _CURRENT,
     ALLOW,
@@ -40,6 +39,8 @@ from .context import (
     Decision,
     DecisionContext,
 )
+from .decide.breaker import FAILURE, IGNORED, SUCCESS
+from .decide.gcra import retry_after_header
 from .engine import Engine, RoutePlan, compact_key
 from .headers import (
     client_address,
@@ -49,7 +50,6 @@ from .headers import (
 )
 from .hooks import RequestObserver
 from .policy import Policy
-from .ratelimit import retry_after_header
 from .state.base import InboundResult, StateStore
 from .state.memory import MemoryStore
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from ._types import Clock, RandomSource
 from .clock import SYSTEM_CLOCK
+from .decide.gcra import policy_field
 from .headers import networks
 from .hooks import AttemptObserver, RequestObserver
 from .policy import BreakerConfig, Policy, RateLimit, RouteConfig, glob_matches
-from .ratelimit import policy_field
 from .routes import UNMATCHED, framework_template
 from .state.base import LimitSpec, StateStore
 from .state.factory import store_from_policy

@@ -6,9 +6,9 @@ import abc
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..breaker import Gate
+from ..decide.breaker import Gate
+from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig
-from ..ratelimit import LimitVerdict
 
 
 class LimitSpec(NamedTuple):
@@ -73,7 +73,7 @@ class StateStore(abc.ABC):
     # ------------------------------------------------------------ outbound retry budget
     #
     # One budget per upstream (key `budget:<host[:port]>`), arithmetic in
-    # `fidelity_mw.retry` (`BudgetWindow`, `budget_allows`): over a sliding
+    # `fidelity_mw.decide.retry` (`BudgetWindow`, `budget_allows`): over a sliding
     # window of `cfg.budget_window_s`, retries <= cfg.budget_ratio x requests
     # + cfg.budget_min_per_s x cfg.budget_window_s. "Requests" are top-level
     # outbound calls (first attempts), not retries.

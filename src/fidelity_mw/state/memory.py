@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .._types import RandomSource
-from ..breaker import CLOSED, IGNORED, BreakerState, Gate
+from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
+from ..decide.gcra import LimitVerdict, gcra
+from ..decide.retry import BudgetWindow
 from ..policy import BreakerConfig, RetryConfig
-from ..ratelimit import LimitVerdict, gcra
-from ..retry import BudgetWindow
 from .base import InboundResult, LimitSpec, StateStore
 
 _T = TypeVar("_T")

@@ -61,11 +61,11 @@ from redis.exceptions import (
 )
 
 from .._types import Clock, RandomSource
-from ..breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..clock import SYSTEM_CLOCK
+from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.gcra import LimitVerdict
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from ..ratelimit import LimitVerdict
 from .base import InboundResult, LimitSpec, StateStore
 from .memory import MemoryStore
 from .redis_batch import Coalescer

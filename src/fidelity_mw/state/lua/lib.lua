@@ -1,7 +1,7 @@
 -- fidelity_mw shared Lua library. The loader prepends this file to every
 -- entry script (admit.lua, record.lua, sync.lua, budget.lua), so each script
--- is self-contained for EVALSHA. Ports of fidelity_mw.ratelimit.gcra and
--- fidelity_mw.breaker.BreakerState: keep them in step with the Python.
+-- is self-contained for EVALSHA. Ports of fidelity_mw.decide.gcra.gcra and
+-- fidelity_mw.decide.breaker.BreakerState: keep them in step with the Python.
 --
 -- Time is the server's TIME (seconds, float): one clock for the whole fleet.
 -- Floats cross the wire as strings ("%.17g"): a Lua number returned to

@@ -1,7 +1,7 @@
 -- outbound: one call before an outbound attempt: the host breaker gate and the
 -- upstream's retry budget, atomically.
 --
--- Budgets port fidelity_mw.retry.BudgetWindow: a ring of 10 buckets over
+-- Budgets port fidelity_mw.decide.retry.BudgetWindow: a ring of 10 buckets over
 -- budget_window_s; a retry is allowed while
 --   retries + 1 <= budget_ratio * requests + budget_min_per_s * window_s.
 --

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from ._types import RandomSource
-from .policy import BreakerConfig
+from .._types import RandomSource
+from ..policy import BreakerConfig
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import PolicyError, PolicyIssue
+from ..errors import PolicyError, PolicyIssue
 
 Check = Callable[[Any], str | None]
 KeyFunc = Callable[[Mapping[str, Any]], str | None]

@@ -14,8 +14,8 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Final, NamedTuple
 
-from ._types import RandomSource
-from .policy import RetryConfig
+from .._types import RandomSource
+from ..policy import RetryConfig
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
