@@ -10,7 +10,7 @@ import anyio
 import pytest
 from redis.crc import key_slot
 
-from fidelity_mw.breaker import FAILURE
+from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
