@@ -112,11 +112,11 @@ class Coalescer:
             await self._send_one(ops[0])
             return
         keys: list[str] = []
-        args: list[Any] = [len(ops)]
+        args: list[str] = []
         for op in ops:
             keys.extend(op.keys)
-            args.append(_OP_CODES[op.script.name])
-            args.extend(op.args)
+            # str(float) is repr: the digits redis-py would send for the value
+            args.append(",".join((_OP_CODES[op.script.name], *map(str, op.args))))
         self.batches += 1
         self.coalesced += len(ops)
         try:
@@ -129,12 +129,12 @@ class Coalescer:
             for op in ops:
                 _fail(op, exc)
             return
-        if got is None:  # Redis down or the call failed: every operation falls back
-            replies: Sequence[Any] = ()
-            age = 0.0
-        else:
-            replies, age = got
-            if not isinstance(replies, list) or len(replies) != len(ops):
+        replies: Sequence[Any] = ()
+        age = 0.0
+        if got is not None:
+            age = got[1]
+            replies = _split(got[0])
+            if len(replies) != len(ops):
                 replies = ()  # not our script's reply: each operation sees a bad reply
         for j, op in enumerate(ops):
             if op.future.done():  # the request was cancelled meanwhile
@@ -154,6 +154,20 @@ class Coalescer:
 def _fail(op: _Op, exc: Exception) -> None:
     if not op.future.done():
         op.future.set_exception(exc)
+
+
+def _value(text: str) -> Any:
+    # Integers as Redis returns a Lua integer; everything else as the text it is.
+    return int(text) if text.isdigit() else text
+
+
+def _split(reply: Any) -> list[list[Any]]:
+    """batch.lua's reply, one list of values per operation (as its own script replies)."""
+    if isinstance(reply, bytes):
+        reply = reply.decode()
+    if not isinstance(reply, str):
+        return []
+    return [[_value(v) for v in op.split(",")] for op in reply.split(";")]
 
 
 def coalescable(script: Script) -> bool:

@@ -6,15 +6,16 @@
 -- KEYS: each operation's keys, in order (an admission: [breaker hash, breaker
 --       probes] if it has a breaker, then one TAT key per limit; a record:
 --       breaker hash, breaker probes).
--- ARGV: n_ops, then per operation either
---       'a' followed by admit.lua's ARGV, or
---       'r' followed by record.lua's ARGV (16 values).
--- Returns: one reply per operation, each what admit.lua / record.lua returns.
+-- ARGV: one string per operation: its values joined by ',' (one argument each
+--       costs the client far more than one string): either 'a' followed by
+--       admit.lua's ARGV, or 'r' followed by record.lua's ARGV (16 values).
+-- Returns: one string: per operation what admit.lua / record.lua return, values
+--          joined by ',', operations by ';' (one bulk reply parses cheaply).
 
 local now = server_now()
 
--- One admission: ARGV from `a`, KEYS from `k`. Returns reply, next a, next k.
-local function admit_at(a, k)
+-- One admission: its values in ARGV from `a`, KEYS from `k`. Returns reply, next k.
+local function admit_at(ARGV, a, k)
   local has_breaker = ARGV[a] == '1'
   local u = tonumber(ARGV[a + 1])
   local n = tonumber(ARGV[a + 2])
@@ -31,7 +32,7 @@ local function admit_at(a, k)
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
     if verdict == 'reject' then
       br_save(b)
-      return { fmt(now), verdict, state, epoch, fmt(wait), 0, 0 }, i + 4 * n, k + n
+      return { fmt(now), verdict, state, epoch, fmt(wait), 0, 0 }, k + n
     end
   end
   local out = { fmt(now), verdict, state, epoch, fmt(wait), probe_id, 1 }
@@ -68,11 +69,11 @@ local function admit_at(a, k)
   if b ~= nil then
     br_save(b)
   end
-  return out, i, k + n
+  return out, k + n
 end
 
--- One outcome record: ARGV from `a`, KEYS from `k`. Returns reply, next a, next k.
-local function record_at(a, k)
+-- One outcome record: its values in ARGV from `a`, KEYS from `k`. Returns reply, next k.
+local function record_at(ARGV, a, k)
   local u = tonumber(ARGV[a])
   local epoch = tonumber(ARGV[a + 1])
   local probe_id = tonumber(ARGV[a + 2])
@@ -83,19 +84,27 @@ local function record_at(a, k)
   br_successes(b, tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), now)
   local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
   br_save(b)
-  return { state, b.ep }, a + 16, k + 2
+  return { state, b.ep }, k + 2
 end
 
 local replies = {}
-local a, k = 2, 1
-for j = 1, tonumber(ARGV[1]) do
-  local op = ARGV[a]
-  if op == 'a' then
-    replies[j], a, k = admit_at(a + 1, k)
-  elseif op == 'r' then
-    replies[j], a, k = record_at(a + 1, k)
-  else
-    return redis.error_reply('batch: unknown operation ' .. tostring(op))
+local k = 1
+for j = 1, #ARGV do
+  local values = {}
+  for v in string.gmatch(ARGV[j], '[^,]+') do
+    values[#values + 1] = v
   end
+  local reply
+  if values[1] == 'a' then
+    reply, k = admit_at(values, 2, k)
+  elseif values[1] == 'r' then
+    reply, k = record_at(values, 2, k)
+  else
+    return redis.error_reply('batch: unknown operation ' .. tostring(values[1]))
+  end
+  for i = 1, #reply do
+    reply[i] = tostring(reply[i])
+  end
+  replies[j] = table.concat(reply, ',')
 end
-return replies
+return table.concat(replies, ';')
