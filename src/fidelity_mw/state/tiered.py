@@ -91,12 +91,6 @@ class Slice:
         self.used_at = now  # the last time a request asked for units
         self.pending: asyncio.Future[Any] | None = None
 
-    def ask(self, cost: int, now: float, window_s: float) -> None:
-        """Count `cost` units of demand at `now`."""
-        self.roll(now, window_s)
-        self.demand += cost
-        self.used_at = now
-
     def roll(self, now: float, window_s: float) -> None:
         """Close the demand window once it spans an interval: its rate becomes `rate`."""
         elapsed = now - self.window_start
@@ -251,7 +245,11 @@ class TieredStore(StateStore):
             sl = slices.get(key)
             if sl is None or sl.spec != spec:
                 sl = slices[key] = Slice(spec, now)
-            sl.ask(spec.cost, now, sync_s)
+            # count the demand (inline: this loop is the per-request cost of tiered mode)
+            if now - sl.window_start >= sync_s:
+                sl.roll(now, sync_s)
+            sl.demand += spec.cost
+            sl.used_at = now
             if sl.tokens < spec.cost and sl.blocked_until <= now:
                 wanted.append(key)
         waited = 0.0
