@@ -26,7 +26,7 @@ local function admit_at(ARGV, a, k)
     local cfg
     cfg, i = read_config(ARGV, i)
     b = br_load(KEYS[k], KEYS[k + 1], cfg)
-    br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now)
+    br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
     i = i + 2
     k = k + 2
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
@@ -81,7 +81,7 @@ local function record_at(ARGV, a, k)
   local slow = ARGV[a + 4] == '1'
   local cfg = read_config(ARGV, a + 7)
   local b = br_load(KEYS[k], KEYS[k + 1], cfg)
-  br_successes(b, tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), now)
+  br_successes(b, tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), now, u)
   local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
   br_save(b)
   return { state, b.ep }, k + 2
