@@ -4,10 +4,13 @@ each decided exactly as it would be alone (the memory store is the reference).""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from fidelity_mw.decide.breaker import FAILURE
@@ -272,3 +275,51 @@ async def test_a_failed_batch_degrades_every_request_in_it(own_redis, on_error: 
         assert admitted == [True] * n
     else:  # decided on the local store, in arrival order
         assert admitted == [True, True, True, False, False, False]
+
+
+_examples = itertools.count()
+LIMITS = {"a": A, "b": B, "c": C2, "s": SHADOW}
+request_lists = st.lists(
+    st.tuples(
+        st.sampled_from([None, "route:/p", "route:/q"]),
+        st.lists(
+            st.tuples(st.sampled_from("abcs"), st.sampled_from(["k1", "k2"])),
+            max_size=3,
+            unique=True,
+        ),
+    ),
+    min_size=2,
+    max_size=24,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(requests=request_lists)
+async def test_any_tick_of_admissions_decides_like_the_memory_store(
+    redis_url: str, requests
+) -> None:  # type: ignore[no-untyped-def]
+    """Generated ticks: whatever mix of routes, limits and clients arrives together,
+    one call decides it and every verdict equals the memory store's, in order."""
+    prefix = f"h{next(_examples)}"  # a fresh bucket set per example
+    redis_store = store(redis_url, key_prefix=prefix)
+    memory = MemoryStore(rng=seeded_random(7))
+    breaker = BreakerConfig()
+    plan = [
+        (
+            bkey,
+            [f"{name}|{client}" for name, client in limits],
+            [LIMITS[name] for name, _ in limits],
+        )
+        for bkey, limits in requests
+    ]
+    try:
+        got = await asyncio.gather(
+            *(redis_store.admit(b, breaker if b else None, k, s, 0.0) for b, k, s in plan)
+        )
+    finally:
+        await redis_store.aclose()
+    want = [memory.admit_now(b, breaker if b else None, k, s, 0.0) for b, k, s in plan]
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert redis_store.stats.round_trips - redis_store.stats.script_loads == 1
