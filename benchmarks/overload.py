@@ -42,11 +42,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import stamp, write_section  # noqa: E402
+from benchmarks._results import stamp, write_section
 
 VARIANTS = ("none", "fixed", "adaptive")
 
-APP_SOURCE = '''
+APP_SOURCE = """
 import asyncio, os, time
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -74,7 +74,7 @@ if variant != "none":
         conc = ConcurrencyConfig(limit=4, adaptive=True, max_limit=500)
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
-'''
+"""
 
 
 @dataclass
@@ -176,7 +176,9 @@ async def _one(client: httpx.AsyncClient, url: str, res: Result, timeout_s: floa
         res.failed += 1
 
 
-async def open_loop(base: str, rate: float, duration_s: float, timeout_s: float, res: Result) -> None:
+async def open_loop(
+    base: str, rate: float, duration_s: float, timeout_s: float, res: Result
+) -> None:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(limits=limits) as client:
         tasks = []
@@ -231,8 +233,11 @@ def main() -> None:
         one = asyncio.run(closed_loop(base, 1, max(3.0, args.duration / 2)))
     capacity = cal.goodput
     unloaded_p99 = one.pct(0.99)
-    print(f"capacity {capacity:.0f} req/s, unloaded p50 {one.pct(0.5) * 1000:.1f} ms, "
-          f"p99 {unloaded_p99 * 1000:.1f} ms", file=sys.stderr)
+    print(
+        f"capacity {capacity:.0f} req/s, unloaded p50 {one.pct(0.5) * 1000:.1f} ms, "
+        f"p99 {unloaded_p99 * 1000:.1f} ms",
+        file=sys.stderr,
+    )
 
     results: list[Result] = []
     for rnd in range(args.rounds):

@@ -158,8 +158,9 @@ class ConcurrencyLimiter:
         limit = self.limit
         if priority == CRITICAL:
             return limit
-        # At least one slot for every class, so a tiny limit does not lock a class out.
-        return max(1, math.floor(limit * self.spec.share(priority)))
+        # Rounded up: every class keeps at least one slot, and a small limit is not
+        # cut down further (limit 2 at share 0.9 is 2, not 1).
+        return min(limit, math.ceil(limit * self.spec.share(priority) - 1e-9))
 
     def try_acquire(self, priority: str = DEFAULT) -> Admission:
         """Admit one request now, or say why not (it takes no slot when refused)."""

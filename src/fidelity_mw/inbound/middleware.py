@@ -27,6 +27,7 @@ from ..hooks import RequestObserver
 from ..policy import Policy
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions
+from .bulkhead import Bulkheads
 from .request import RequestReader, scan_headers
 from .responses import Rejection, respond
 from .watch import OutcomeRecorder, ResponseWatcher, response_ends
@@ -81,6 +82,7 @@ class FidelityMiddleware:
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
+        self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,8 +126,10 @@ class FidelityMiddleware:
                 logger.exception("fidelity_mw: telemetry observer failed")
                 observer = None
         before_end = self._before_response_end if observer is not None else None
+        in_bulkhead = False  # holds a slot of the route's bulkhead
+        app_ran = False
         try:
-            # ---- decide: deadline, then breaker + limits in one store call
+            # ---- decide: deadline, bulkhead, then breaker + limits in one store call
             result: InboundResult | None = None
             keys: Sequence[str] = ()
             rejection: Rejection | None = None
@@ -133,6 +137,20 @@ class FidelityMiddleware:
                 remaining = plan.deadline_default_s
                 if found is not None:
                     remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                if rejection is None and plan.bulkhead is not None:
+                    if remaining is not None:
+                        ctx.deadline_at = now + remaining
+                    # Before breaker and limiter: a capacity shed costs no quota and
+                    # is no breaker outcome.
+                    bulkheads = self._bulkheads
+                    priority = bulkheads.priority(plan, scope, found)
+                    entered = bulkheads.enter_now(ctx, plan, priority, now)
+                    if entered is True:
+                        entered = await bulkheads.wait(ctx, plan, priority, now)
+                    if entered is None:
+                        in_bulkhead = True
+                    else:
+                        rejection = entered  # type: ignore[assignment]
                 if rejection is None:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
@@ -174,6 +192,7 @@ class FidelityMiddleware:
                 send, ctx, scope, before_end, obs_token, self._monotonic if timed else None
             )
             outcomes = self._outcomes
+            app_ran = True
             try:
                 await self.app(scope, receive, watcher)
             except BaseException as exc:
@@ -188,6 +207,8 @@ class FidelityMiddleware:
                 except Exception:
                     logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
         finally:
+            if in_bulkhead:
+                self._bulkheads.leave(ctx, plan, app_ran)
             if observer is not None:
                 try:
                     observer.end(ctx, scope, obs_token)
