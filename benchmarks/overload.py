@@ -163,8 +163,9 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[str
 async def _one(client: httpx.AsyncClient, url: str, res: Result, timeout_s: float) -> None:
     start = time.perf_counter()
     try:
-        resp = await client.get(url, timeout=timeout_s)
-    except httpx.HTTPError:
+        # a total time limit: httpx's own timeouts are per phase
+        resp = await asyncio.wait_for(client.get(url), timeout_s)
+    except (httpx.HTTPError, TimeoutError):
         res.failed += 1
         return
     if resp.status_code == 200:
