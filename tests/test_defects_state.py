@@ -10,7 +10,7 @@ import pytest
 
 from fidelity_mw.decide.breaker import FAILURE, OPEN, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
-from fidelity_mw.state.base import StateStore
+from fidelity_mw.state.base import LimitSpec, StateStore
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from redis_clock import RedisClock
@@ -130,3 +130,52 @@ async def test_defect10_redis_half_open_admits_no_more_probes_than_configured(
     finally:
         await store.aclose()
     assert verdicts == ["probe", "reject", "reject"]
+
+
+# ---------------------------------------------------------------- #4 refund after refill
+
+BURST10 = LimitSpec("l", 1.0, 10.0, 1, False)  # 1/s, burst 10
+
+
+async def _refund_after_refill(store: StateStore, set_now) -> int:  # type: ignore[no-untyped-def]
+    """A admitted at t, the bucket refills, ten more drain it, then A is refunded."""
+    set_now(T0)
+    a = await store.admit(None, None, ["k"], [BURST10], T0)
+    assert a.admitted
+    set_now(T0 + 1.0)  # A's unit has refilled: the bucket is full again
+    admitted = 0
+    for _ in range(10):
+        admitted += (await store.admit(None, None, ["k"], [BURST10], T0 + 1.0)).admitted
+    await store.refund(["k"], [BURST10], a.source, T0 + 1.0, [a.limits[0].tat])
+    for _ in range(3):
+        admitted += (await store.admit(None, None, ["k"], [BURST10], T0 + 1.0)).admitted
+    return admitted
+
+
+@pytest.mark.anyio
+async def test_defect4_refund_never_gives_back_refilled_units_memory() -> None:
+    assert await _refund_after_refill(MemoryStore(rng=mid), lambda now: None) == 10
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_defect4_refund_never_gives_back_refilled_units_redis(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    store = redis_store(redis_url)
+    try:
+        assert await _refund_after_refill(store, redis_clock.set) == 10
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_defect4_refund_gives_back_what_is_still_outstanding() -> None:
+    """A at t=0 (TAT 1), B at 0.2 (TAT 2); refund A at 0.5: half of A's unit is still
+    outstanding, so the TAT moves back by 0.5, never by the full unit."""
+    store = MemoryStore(rng=mid)
+    spec = LimitSpec("l", 1.0, 2.0, 1, False)
+    a = await store.admit(None, None, ["k"], [spec], 0.0)
+    await store.admit(None, None, ["k"], [spec], 0.2)
+    await store.refund(["k"], [spec], a.source, 0.5, [a.limits[0].tat])
+    assert store.limits.tats["k"] == pytest.approx(1.5)

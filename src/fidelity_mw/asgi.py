@@ -592,11 +592,14 @@ class FidelityMiddleware:
         charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
         charged_keys = [keys[i] for i in charged]
         charged_specs = [plan.specs[i] for i in charged]
+        charged_tats = [result.limits[i].tat for i in charged]  # units that refilled stay spent
         now = self._monotonic()
         if type(self.engine.store) is MemoryStore:
-            self.engine.store.refund_now(charged_keys, charged_specs, now)
+            self.engine.store.refund_now(charged_keys, charged_specs, now, charged_tats)
             return pending
-        refund = self.engine.store.refund(charged_keys, charged_specs, result.source, now)
+        refund = self.engine.store.refund(
+            charged_keys, charged_specs, result.source, now, charged_tats
+        )
         return _in_order(pending, refund)
 
     def _finish(

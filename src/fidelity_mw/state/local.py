@@ -29,6 +29,7 @@ from typing import TypeVar
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
 from ..decide.gcra import LimitVerdict, gcra
+from ..decide.gcra import refund as gcra_refund
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
 
@@ -182,16 +183,21 @@ class LocalState:
             return InboundResult(gate, verdicts, admitted, "memory", 0.0)
 
     def refund_now(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         """Give back the units `admit_now` charged (see `StateStore.refund`)."""
         with self._lock:
             tats = self.limits.tats
-            for key, spec in zip(limit_keys, limits, strict=True):
+            for j, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
                 tat = tats.get(key)
                 if tat is None:
                     continue
-                back = tat - spec.cost * spec.interval_s
+                admitted = admitted_tats[j] if admitted_tats is not None else None
+                back = gcra_refund(tat, admitted, now, spec.interval_s, spec.cost)
                 if back - now > _FULL_SLACK * spec.interval_s:
                     tats[key] = back
                 else:  # a full bucket (within float noise): the same as no key

@@ -60,9 +60,14 @@ class MemoryStore(LocalState, StateStore):
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        self.refund_now(limit_keys, limits, now)
+        self.refund_now(limit_keys, limits, now, admitted_tats)
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         self.budget_request_now(budget_key, cfg, now)

@@ -568,15 +568,22 @@ class RedisStore(StateStore):
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
-            self.local.refund_now(limit_keys, limits, now)
+            self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
         args: list[Any] = []
-        for spec in limits:
-            args += (spec.interval_s, spec.cost)
+        for j, spec in enumerate(limits):
+            # -1: admission TAT unknown (server TATs are never negative)
+            admitted = admitted_tats[j] if admitted_tats is not None else -1
+            args += (spec.interval_s, spec.cost, repr(admitted))
         await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
 
     def fallback_admit(
@@ -898,14 +905,22 @@ def parse_admit(
         )
         if gate.verdict == "reject":
             return InboundResult(gate, (), False, source, age)
+    # The TAT each limit now holds, on the server's clock (server now + reset):
+    # what a refund needs to give back only units still outstanding.
+    server_now = float(reply[0])
     if n_limits == 1:  # the common case, without the generator
+        reset = float(reply[9])
         verdicts: tuple[LimitVerdict, ...] = (
-            LimitVerdict(reply[7] == 1, 0.0, int(reply[8]), float(reply[9]), float(reply[10])),
+            LimitVerdict(reply[7] == 1, server_now + reset, int(reply[8]), reset, float(reply[10])),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] == 1, 0.0, int(reply[i + 1]), float(reply[i + 2]), float(reply[i + 3])
+                reply[i] == 1,
+                server_now + float(reply[i + 2]),
+                int(reply[i + 1]),
+                float(reply[i + 2]),
+                float(reply[i + 3]),
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )

@@ -276,10 +276,15 @@ class TieredStore(StateStore):
         return self._result(gate, tuple(verdicts), admitted, waited, age)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source != SOURCE_CACHE:  # decided exactly (a probe) or on fallback: not a slice
-            await self.exact.refund(limit_keys, limits, source, now)
+            await self.exact.refund(limit_keys, limits, source, now, admitted_tats)
             return
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = self.slices.get(key)
