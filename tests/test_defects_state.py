@@ -7,10 +7,13 @@ memory and Redis see the same `now`.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fidelity_mw.decide.breaker import FAILURE, OPEN, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec, StateStore
+from fidelity_mw.state.local import GcraTable
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from redis_clock import RedisClock
@@ -179,3 +182,78 @@ async def test_defect4_refund_gives_back_what_is_still_outstanding() -> None:
     await store.admit(None, None, ["k"], [spec], 0.2)
     await store.refund(["k"], [spec], a.source, 0.5, [a.limits[0].tat])
     assert store.limits.tats["k"] == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------- #3 eviction
+
+
+def _global_and_client(burst: int = 10) -> tuple[LimitSpec, LimitSpec]:
+    glob = LimitSpec("global", 0.1, burst * 0.1, 1, False)  # 10/s, burst `burst`
+    client = LimitSpec("per-client", 12.0, 60.0, 1, False)  # 5/min, burst 5
+    return glob, client
+
+
+def test_defect3_eviction_keeps_the_global_bucket() -> None:
+    """max_keys reached by new client addresses: a burst-10 global limit admitted 20 at
+    one instant when the oldest-inserted key (the global one) was evicted."""
+    store = MemoryStore(max_keys=8, rng=mid)
+    glob, client = _global_and_client()
+    admitted = sum(
+        store.admit_now(None, None, ["global", f"client|{i}"], [glob, client], T0).admitted
+        for i in range(20)
+    )
+    assert admitted == 10
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    max_keys=st.integers(4, 12),
+    burst=st.integers(1, 15),
+    clients=st.lists(st.integers(0, 40), min_size=1, max_size=60),
+)
+def test_defect3_property_a_bucket_every_request_charges_never_over_admits(
+    max_keys: int, burst: int, clients: list[int]
+) -> None:
+    """At one instant (no refill), whatever clients arrive in whatever order, the global
+    bucket admits at most its burst: it owes more units than any client's bucket, so
+    eviction never picks it."""
+    store = MemoryStore(max_keys=max_keys, rng=mid)
+    glob, client = _global_and_client(burst)
+    admitted = sum(
+        store.admit_now(None, None, ["global", f"client|{c}"], [glob, client], T0).admitted
+        for c in clients
+    )
+    assert admitted <= burst
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    debts=st.lists(
+        st.tuples(st.floats(-5.0, 50.0), st.sampled_from([0.01, 0.1, 1.0, 12.0])),
+        min_size=1,
+        max_size=40,
+    ),
+    max_keys=st.integers(2, 30),
+    incoming=st.integers(1, 3),
+)
+def test_defect3_property_eviction_forgives_the_fewest_units(
+    debts: list[tuple[float, float]], max_keys: int, incoming: int
+) -> None:
+    """One sweep: idle keys go first; of the active ones, every evicted key forgives no
+    more units than any key kept, and exactly enough go to fit the bound."""
+    table = GcraTable(max_keys)
+    table.next_sweep = 0  # force a sweep
+    for i, (ahead_s, interval) in enumerate(debts):
+        table.tats[f"k{i}"] = T0 + ahead_s
+        table.intervals[f"k{i}"] = interval
+    units = {k: (table.tats[k] - T0) / table.intervals[k] for k in table.tats}
+    active = {k for k, u in units.items() if u > 0}
+    table.make_room(T0, incoming)
+    kept = set(table.tats)
+    assert kept <= active
+    keep = max(0, min((max_keys * 3) // 4, max_keys - incoming))
+    assert len(kept) == min(len(active), keep)
+    evicted = active - kept
+    assert table.evicted_active == len(evicted)
+    if kept and evicted:
+        assert max(units[k] for k in evicted) <= min(units[k] for k in kept)

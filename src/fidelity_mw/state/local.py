@@ -5,9 +5,10 @@ what a Redis store falls back to while Redis is unreachable.
 
 Bound: at most `max_keys` limiter keys (default 100,000). A key whose TAT is
 in the past is indistinguishable from a fresh key, so sweeping those away
-loses nothing; only if every key is still active does eviction drop the
-oldest-inserted ones (counted in `evicted_active`), which can only make the
-limiter more lenient for those clients, never stricter.
+loses nothing; only if every key is still active does eviction drop those
+whose loss forgives the fewest units (counted in `evicted_active`), which can
+only make the limiter more lenient for those clients, never stricter, and
+keeps the buckets every request charges (global, per route) to the last.
 
 Breakers and retry budgets are keyed by route and by upstream host. Hosts can
 be many (a service that calls URLs its clients supply: webhooks, link
@@ -21,6 +22,7 @@ enough are the oldest-inserted dropped (counted in `breakers_evicted_active`
 
 from __future__ import annotations
 
+import heapq
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -40,30 +42,45 @@ _FULL_SLACK = 1e-6
 
 
 class GcraTable:
-    """key -> TAT, with lossless sweeping of idle keys."""
+    """key -> TAT, with lossless sweeping of idle keys and least-loss eviction."""
 
-    __slots__ = ("evicted_active", "max_keys", "next_sweep", "tats")
+    __slots__ = ("evicted_active", "intervals", "max_keys", "next_sweep", "tats")
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
         self.tats: dict[str, float] = {}
+        # key -> emission interval, set when the key is created: eviction weighs
+        # what losing a key forgives in units, not seconds.
+        self.intervals: dict[str, float] = {}
         self.next_sweep = max_keys
         self.evicted_active = 0
 
+    def forgiven(self, key: str, now: float) -> float:
+        """Units a client would get back if `key` were dropped now: its debt to the bucket."""
+        return (self.tats[key] - now) / self.intervals.get(key, 1.0)
+
     def make_room(self, now: float, incoming: int = 1) -> None:
-        """Make sure `incoming` more keys fit under `max_keys`."""
+        """Make sure `incoming` more keys fit under `max_keys`.
+
+        Idle keys (TAT <= now: a full bucket) go first and cost nothing. If
+        active keys must go too, those whose loss forgives the fewest units go:
+        a shared (global, per-route) bucket that every request charges owes the
+        most and is the last to go.
+        """
         tats = self.tats
         if len(tats) + incoming <= self.next_sweep:
             return
-        idle = [k for k, tat in tats.items() if tat <= now]
-        for key in idle:
+        for key in [k for k, tat in tats.items() if tat <= now]:
             del tats[key]
         keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
         overflow = len(tats) - keep
         if overflow > 0:
-            for key in list(tats)[:overflow]:
+            for key in heapq.nsmallest(overflow, tats, key=lambda k: self.forgiven(k, now)):
                 del tats[key]
             self.evicted_active += overflow
+        intervals = self.intervals
+        if len(intervals) > len(tats):
+            self.intervals = {k: intervals[k] for k in tats if k in intervals}
         # Sweep again only after the table has grown by a quarter of its bound:
         # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
         self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
@@ -158,10 +175,13 @@ class LocalState:
             if len(limits) == 1:  # the common case, without the loops
                 spec = limits[0]
                 key = limit_keys[0]
+                tat = tats.get(key)
                 verdict = gcra(
-                    tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost
+                    now if tat is None else tat, now, spec.interval_s, spec.tolerance_s, spec.cost
                 )
                 if verdict.allowed:
+                    if tat is None:
+                        table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
                     return InboundResult(gate, (verdict,), True, "memory", 0.0)
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
@@ -175,8 +195,11 @@ class LocalState:
                     v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
                 )
                 if admitted:
-                    for key, verdict in zip(limit_keys, verdicts, strict=True):
+                    intervals = table.intervals
+                    for key, spec, verdict in zip(limit_keys, limits, verdicts, strict=True):
                         if verdict.allowed:
+                            if key not in tats:
+                                intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
