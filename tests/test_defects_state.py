@@ -6,6 +6,8 @@ memory and Redis see the same `now`.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,8 @@ from fidelity_mw.state.base import LimitSpec, StateStore
 from fidelity_mw.state.local import GcraTable
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
 
 T0 = 1_000.0
@@ -257,3 +261,58 @@ def test_defect3_property_eviction_forgives_the_fewest_units(
     assert table.evicted_active == len(evicted)
     if kept and evicted:
         assert max(units[k] for k in evicted) <= min(units[k] for k in kept)
+
+
+# ---------------------------------------------------------------- #5 tiered slice table
+
+
+def _tiered(redis_url: str, clock: FakeClock, **state: object) -> TieredStore:
+    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=100, **state)  # type: ignore[arg-type]
+    store = TieredStore(config=config, rng=mid, clock=clock)
+    store._last_sync = math.inf  # no background syncs: the test runs them one by one
+    return store
+
+
+HOT = LimitSpec("ip", 0.01, 1.0, 1, False)  # 100/s, burst 100
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_defect5_idle_slices_are_released_while_many_keys_stay_hot(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """300 hot keys kept every sync busy with the first 256 slices: idle slices behind
+    them were never given back (their units stranded, the table growing)."""
+    clock = FakeClock(start=T0)
+    store = _tiered(redis_url, clock)
+    try:
+        hot = [f"ip|hot-{i}" for i in range(300)]
+        idle = [f"ip|idle-{i}" for i in range(50)]
+        for key in hot + idle:
+            assert (await store.admit(None, None, [key], [HOT], T0)).admitted
+        for _ in range(6):
+            clock.advance(0.1)
+            redis_clock.set(clock.monotonic())
+            for key in hot:
+                await store.admit(None, None, [key], [HOT], clock.monotonic())
+            await store._sync_all(clock.monotonic())
+        stranded = [key for key in idle if key in store.slices]
+    finally:
+        await store.aclose()
+    assert stranded == []
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_defect5_slice_table_is_bounded_by_max_keys(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    clock = FakeClock(start=T0)
+    store = _tiered(redis_url, clock, max_keys=16)
+    try:
+        results = [await store.admit(None, None, [f"ip|{i}"], [HOT], T0) for i in range(50)]
+        size = len(store.slices)
+    finally:
+        await store.aclose()
+    assert all(r.admitted for r in results)  # beyond the bound: decided exactly, not refused
+    assert size <= 16

@@ -168,6 +168,7 @@ class TieredStore(StateStore):
         self._rng = self.exact._rng
         self.sync_s = self.config.sync_interval_ms / 1000.0
         self.slices: dict[str, Slice] = {}
+        self.max_slices = self.config.max_keys
         self.breakers: dict[str, CachedBreaker] = {}
         self.stats = TieredStats()
         self._sync_task: asyncio.Task[None] | None = None
@@ -202,6 +203,13 @@ class TieredStore(StateStore):
             if now - cb.synced_at > sync_s:
                 refresh = breaker_key
         slices = self.slices
+        if len(slices) + len(limit_keys) > self.max_slices and any(
+            key not in slices for key in limit_keys
+        ):
+            # The slice table is full: decide this request exactly rather than
+            # grow it (idle slices leave at the next syncs and make room).
+            self.stats.delegated += 1
+            return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         wanted: list[str] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
@@ -542,17 +550,29 @@ class TieredStore(StateStore):
             logger.exception("fidelity_mw: tiered sync failed")
 
     async def _sync_all(self, now: float) -> None:
-        """The periodic reconciliation: one call for everything that is due."""
+        """The periodic reconciliation: one call for everything that is due.
+
+        One call carries at most MAX_SYNC_KEYS keys. The tables are swept like
+        a cursor: every entry this sync handled moves to the end of its table,
+        so the next sync starts with the ones left over, and every slice (an
+        idle one holding leased units too) is reached within
+        len(table) / MAX_SYNC_KEYS syncs, however many keys stay hot.
+        """
         sync_s = self.sync_s
+        breakers = self.breakers
         breaker_keys: list[str] = []
-        for bkey, cb in list(self.breakers.items()):
+        for bkey, cb in list(breakers.items()):
             if now - cb.used_at > IDLE_INTERVALS * sync_s and not cb.calls:
-                del self.breakers[bkey]
+                del breakers[bkey]
                 continue
+            if len(breaker_keys) >= MAX_SYNC_KEYS // 2:
+                break
             if cb.calls or now - cb.synced_at >= 0.5 * sync_s:
                 breaker_keys.append(bkey)
+                breakers[bkey] = breakers.pop(bkey)  # to the end: the cursor moves on
         limits: list[tuple[str, LimitSpec, int, int]] = []
-        for key, sl in list(self.slices.items()):
+        slices = self.slices
+        for key, sl in list(slices.items()):
             if len(limits) + len(breaker_keys) >= MAX_SYNC_KEYS:
                 break
             if sl.pending is not None:
@@ -561,8 +581,9 @@ class TieredStore(StateStore):
                 if now - sl.synced_at >= sync_s:
                     # Idle for a whole interval: the lease ends, give everything back.
                     limits.append((key, sl.spec, sl.tokens, 0))
-                    del self.slices[key]
+                    del slices[key]
                 continue
+            slices[key] = slices.pop(key)  # to the end: the cursor moves on
             want = self._want(sl, now)
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
