@@ -59,6 +59,8 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
@@ -209,6 +211,7 @@ class RedisStats:
     fallbacks: int = 0  # decisions made in the failure mode
     dropped_records: int = 0  # outcomes not recorded because Redis was down
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
+    reconnects: int = 0  # calls retried once on a fresh connection after a connection error
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
@@ -460,7 +463,18 @@ class RedisStore(StateStore):
             self.stats.pool_waits += 1
             return None
         try:
-            reply = await self._evalsha(client, script, keys, args)
+            try:
+                reply = await self._evalsha(client, script, keys, args)
+            except _CALL_ERRORS as exc:
+                if not _stale_connection(exc):
+                    raise
+                # After a restart every pooled connection to the old server fails
+                # once on first use; declaring Redis down for each would flap
+                # between redis and fallback. One more try, on fresh connections,
+                # before the outage is real (no other retries: none in redis-py).
+                self.stats.reconnects += 1
+                await _drop_idle_connections(client)
+                reply = await self._evalsha(client, script, keys, args)
         except _CALL_ERRORS as exc:
             self._failed(exc)
             return None
@@ -511,7 +525,11 @@ class RedisStore(StateStore):
             attempt += 1
             await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
             try:
-                await self.client().execute_command("PING")
+                # Pooled connections predate the outage: probe (and come back) on
+                # fresh ones, so the first requests after recovery find no stale one.
+                client = self.client()
+                await _drop_idle_connections(client)
+                await client.execute_command("PING")
             except _CALL_ERRORS:
                 continue
             now = self._clock.monotonic()
@@ -865,6 +883,21 @@ class RedisStore(StateStore):
             self._bound = (None, None, Slots(self.config.pool_size))
         if mine is not None:
             await _close_client(mine[0])
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """A broken connection (reset, closed, refused), as opposed to a slow server
+    (timeout) or an error reply: the kind a fresh connection may not have."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError | ResponseError):
+        return False
+    return isinstance(exc, RedisConnectionError | OSError)
+
+
+async def _drop_idle_connections(client: RedisClient) -> None:
+    """Disconnect the pool's idle connections; the next call connects afresh."""
+    if isinstance(client, Redis):
+        with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+            await client.connection_pool.disconnect(inuse_connections=False)
 
 
 async def _close_client(client: RedisClient) -> None:
