@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from .context import Decision, DecisionContext, current
     from .engine import Engine
     from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
+    from .outbound import FidelitySyncTransport, FidelityTransport
     from .policy import (
         BreakerConfig,
         DeadlineConfig,
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
         StateConfig,
         UpstreamConfig,
     )
-    from .transport import FidelitySyncTransport, FidelityTransport
 
 # Public names load on first use, so importing one part of the package (the
 # pure `fidelity_mw.decide`, say) does not import every adapter and its
@@ -33,8 +33,8 @@ _LAZY = {
     "Engine": ".engine",
     "FidelityError": ".errors",
     "FidelityMiddleware": ".asgi",
-    "FidelitySyncTransport": ".transport",
-    "FidelityTransport": ".transport",
+    "FidelitySyncTransport": ".outbound",
+    "FidelityTransport": ".outbound",
     "Policy": ".policy",
     "PolicyError": ".errors",
     "RateLimit": ".policy",

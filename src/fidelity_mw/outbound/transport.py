@@ -35,8 +35,8 @@ from typing import Any, Final
 
 import httpx
 
-from ._types import Clock, RandomSource
-from .context import (
+from .._types import Clock, RandomSource
+from ..context import (
     _CURRENT,
     ALLOW,
     GIVE_UP,
@@ -54,8 +54,8 @@ from .context import (
     DecisionContext,
     DetailValue,
 )
-from .decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
-from .decide.retry import (
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.retry import (
     ERROR_CONNECT,
     ERROR_LOCAL,
     ERROR_NETWORK,
@@ -73,13 +73,13 @@ from .decide.retry import (
     plan_retry,
     retryable_error,
 )
-from .engine import Engine
-from .errors import CircuitOpen, DeadlineExceeded, FidelityError
-from .headers import Network, in_networks
-from .hooks import AttemptObserver
-from .policy import MAX_ATTEMPTS, BreakerConfig, Policy, RetryConfig
-from .state.base import StateStore
-from .state.memory import MemoryStore
+from ..engine import Engine
+from ..errors import CircuitOpen, DeadlineExceeded, FidelityError
+from ..headers import Network, in_networks
+from ..hooks import AttemptObserver
+from ..policy import MAX_ATTEMPTS, BreakerConfig, Policy, RetryConfig
+from ..state.base import StateStore
+from ..state.memory import MemoryStore
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -338,7 +338,7 @@ class _Base:
             return self._observer
         observer = engine.attempt_observer
         if observer is None and self._telemetry and engine is not self._observed_engine:
-            from .telemetry import default_attempt_observer
+            from ..telemetry import default_attempt_observer
 
             observer = engine.attempt_observer = default_attempt_observer(engine)
             self._observed_engine = engine
