@@ -110,7 +110,7 @@ def test_opens_on_consecutive_failures() -> None:
 
 
 def test_open_rejects_with_time_until_half_open() -> None:
-    b = BreakerState(BreakerConfig(open_s=5, open_jitter=0.0))
+    b = BreakerState(BreakerConfig(open_s=5, open_min_s=5, open_jitter=0.0))
     for _ in range(20):
         call(b, T0, FAILURE)
     assert b.state == OPEN
@@ -125,7 +125,7 @@ def test_open_rejects_with_time_until_half_open() -> None:
 
 @pytest.mark.parametrize(("r", "factor"), [(0.0, 0.8), (0.5, 1.0), (0.75, 1.1), (0.9999, 1.19996)])
 def test_open_duration_jitter(r: float, factor: float) -> None:
-    b = BreakerState(BreakerConfig(open_s=10, open_jitter=0.2))
+    b = BreakerState(BreakerConfig(open_s=10, open_min_s=10, open_jitter=0.2))
     b.force(OPEN, T0, lambda: r)
     assert b.open_until == pytest.approx(T0 + 10 * factor)
     assert b.gate(T0 + 10 * factor - 1e-6, mid).verdict == "reject"
@@ -141,7 +141,7 @@ def test_open_duration_jitter(r: float, factor: float) -> None:
     jitter=st.floats(min_value=0.0, max_value=0.9),
 )
 def test_open_duration_stays_within_jitter_bounds(r: float, open_s: float, jitter: float) -> None:
-    b = BreakerState(BreakerConfig(open_s=open_s, open_jitter=jitter))
+    b = BreakerState(BreakerConfig(open_s=open_s, open_min_s=open_s, open_jitter=jitter))
     b.force(OPEN, T0, lambda: r)
     duration = b.open_until - T0
     assert open_s * (1 - jitter) - 1e-9 <= duration <= open_s * (1 + jitter) + 1e-9
@@ -191,7 +191,7 @@ def test_probe_success_closes_and_resets_counts() -> None:
 
 
 def test_probe_failure_reopens_with_a_new_open_period() -> None:
-    b = tripped(BreakerConfig(open_s=4, open_jitter=0.2, half_open_probes=3))
+    b = tripped(BreakerConfig(open_s=4, open_min_s=4, open_jitter=0.2, half_open_probes=3))
     probe = b.gate(T0 + 5, mid)
     other = b.gate(T0 + 5, mid)
     assert b.record(probe.epoch, probe.probe_id, FAILURE, T0 + 6, lambda: 0.0) == OPEN

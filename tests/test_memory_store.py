@@ -17,7 +17,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 
 T0 = 1_000.0
-BREAKER = BreakerConfig(min_calls=2, open_s=1, open_jitter=0, half_open_probes=1)
+BREAKER = BreakerConfig(min_calls=2, open_s=1, open_min_s=1, open_jitter=0, half_open_probes=1)
 
 
 def mid() -> float:

@@ -70,12 +70,14 @@ class GcraTable:
         tats = self.tats
         if len(tats) + incoming <= self.next_sweep:
             return
-        for key in [k for k, tat in tats.items() if tat <= now]:
+        # (within float noise of `now` is full too: gcra admits with the same slack)
+        forgiven = self.forgiven
+        for key in [k for k in tats if forgiven(k, now) <= _FULL_SLACK]:
             del tats[key]
         keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
         overflow = len(tats) - keep
         if overflow > 0:
-            for key in heapq.nsmallest(overflow, tats, key=lambda k: self.forgiven(k, now)):
+            for key in heapq.nsmallest(overflow, tats, key=lambda k: forgiven(k, now)):
                 del tats[key]
             self.evicted_active += overflow
         intervals = self.intervals

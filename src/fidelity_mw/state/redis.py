@@ -278,7 +278,7 @@ class Health:
 
 
 def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
-    """The 9 breaker config values as `read_config` in lib.lua expects them."""
+    """The 10 breaker config values as `read_config` in lib.lua expects them."""
     return (
         cfg.failure_ratio,
         cfg.min_calls,
@@ -289,6 +289,7 @@ def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
         cfg.probe_lease_s,
         cfg.slow_call_ratio if cfg.slow_call_ratio is not None else -1,
         cfg.consecutive_failures or 0,
+        cfg.open_min_s,
     )
 
 
