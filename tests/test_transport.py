@@ -838,6 +838,9 @@ class FailingStore(MemoryStore):
     async def budget_request(self, *args: Any) -> None:
         raise ConnectionError("redis down")
 
+    async def outbound_gate(self, *args: Any) -> Any:
+        raise ConnectionError("redis down")
+
 
 async def test_store_failure_decides_on_fallback_or_fails_closed(clock: FakeClock) -> None:
     up = Upstream(503, 200)

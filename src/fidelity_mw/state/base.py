@@ -31,6 +31,10 @@ RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float, Sequence[float]
 BudgetRequestNow = Callable[[str, RetryConfig, float], None]
 BudgetTryRetryNow = Callable[[str, RetryConfig, float], tuple[bool, str, float]]
 OutboundBeginNow = Callable[[str, BreakerConfig | None, str, RetryConfig, float], Gate | None]
+OutboundGateNow = Callable[
+    [str | None, BreakerConfig | None, str | None, RetryConfig | None, bool, float],
+    tuple[Gate | None, bool],
+]
 
 
 class StateStore(abc.ABC):
@@ -59,6 +63,7 @@ class StateStore(abc.ABC):
     budget_request_now: BudgetRequestNow | None = None
     budget_try_retry_now: BudgetTryRetryNow | None = None
     outbound_begin_now: OutboundBeginNow | None = None
+    outbound_gate_now: OutboundGateNow | None = None  # `outbound_gate` less provenance
 
     @abc.abstractmethod
     async def admit(

@@ -270,6 +270,38 @@ class LocalState:
         with self._lock:
             return self.budget_window(budget_key, cfg, now).try_retry(now), "memory", 0.0
 
+    def outbound_gate_now(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerParams | None,
+        budget_key: str | None,
+        cfg: BudgetParams | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool]:
+        """`StateStore.outbound_gate` in one step (as outbound.lua does it): a first
+        attempt counts a request; a retry the budget denies takes no gate; a breaker
+        rejection spends no retry. Returns (gate or None, budget allowed)."""
+        with self._lock:
+            window = None
+            allowed = True
+            if budget_key is not None and cfg is not None:
+                window = self.budget_window(budget_key, cfg, now)
+                if retry:
+                    allowed = window.allows(now)
+                else:
+                    window.request(now)
+            gate = None
+            if allowed and breaker_key is not None and breaker is not None:
+                state = self.breakers.get(breaker_key)
+                if state is None or state.config is not breaker:
+                    state = self.breaker_state(breaker_key, breaker, now)
+                gate = state.gate(now, self._rng)
+            if retry and allowed and window is not None:
+                if gate is None or gate.verdict != "reject":
+                    window.spend(now)
+            return gate, allowed
+
     def outbound_begin_now(
         self,
         breaker_key: str,

@@ -808,15 +808,8 @@ class RedisStore(StateStore):
             add = count - (1 if key == budget_key and not retry else 0)
             for _ in range(add):
                 local.budget_request_now(key, key_cfg, now)
-        allowed = True
-        if budget_key is not None and cfg is not None:
-            if retry:
-                allowed = local.budget_try_retry_now(budget_key, cfg, now)[0]
-            else:
-                local.budget_request_now(budget_key, cfg, now)
-        gate = None
-        if allowed and breaker_key is not None and breaker is not None:
-            gate = local.gate_now(breaker_key, breaker, now)
+        gate, allowed = local.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        if gate is not None:
             gate = gate._replace(epoch=_local_epoch(gate.epoch))
         return gate, allowed, SOURCE_FALLBACK, age
 
