@@ -297,9 +297,9 @@ class LocalState:
                 if state is None or state.config is not breaker:
                     state = self.breaker_state(breaker_key, breaker, now)
                 gate = state.gate(now, self._rng)
-            if retry and allowed and window is not None:
-                if gate is None or gate.verdict != "reject":
-                    window.spend(now)
+            refused = gate is not None and gate.verdict == "reject"
+            if retry and allowed and window is not None and not refused:
+                window.spend(now)
             return gate, allowed
 
     def outbound_begin_now(
