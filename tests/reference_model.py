@@ -7,6 +7,8 @@ not from the code under test. Every store (memory, Redis, tiered) is held to it
   `cost` tokens or is refused and takes nothing).
 - `RefBreaker`: the breaker rules of docs/inbound.md and decide/breaker.py's
   docstring, over an exact list of timestamped outcomes.
+- `RefLedger`: the same bucket replayed over the admitted requests, a refunded
+  one removed: what a limiter with refunds may hold at most.
 - `RefBudget`: the retry budget of docs/outbound.md (retries <= ratio x requests +
   floor x window over a sliding window), over exact timestamped events.
 
@@ -26,6 +28,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 # A request is surely admitted when the exact bucket holds its cost (less a
 # float rounding allowance), surely refused when it is short by more than
@@ -94,6 +97,40 @@ class RefBucket:
 
     def reset_full(self) -> None:
         self.tokens = self.burst
+
+
+class RefLedger:
+    """An exact token bucket over the requests it admitted, replayed from the start.
+
+    A refunded request is as if it never happened, so this is the most a
+    limiter with refunds may ever hold: an implementation must never admit a
+    request this bucket could not (a refund that gives back units that had
+    already refilled would)."""
+
+    def __init__(self, count: int, period_s: float, burst: int) -> None:
+        self.rate = F(count) / F(period_s)
+        self.burst = F(burst)
+        self.events: list[list[Any]] = []  # [time, cost, live], in time order
+
+    def tokens(self, now: float) -> Fraction:
+        tokens, last = self.burst, None
+        for t, cost, live in self.events:
+            if not live:
+                continue
+            if last is not None:
+                tokens = min(self.burst, tokens + (t - last) * self.rate)
+            tokens -= cost
+            last = t
+        if last is not None:
+            tokens = min(self.burst, tokens + (F(now) - last) * self.rate)
+        return tokens
+
+    def admit(self, now: float, cost: int) -> int:
+        self.events.append([F(now), cost, True])
+        return len(self.events) - 1
+
+    def refund(self, index: int) -> None:
+        self.events[index][2] = False
 
 
 def close(a: float, b: float | Fraction, tol: float = 1e-6) -> bool:

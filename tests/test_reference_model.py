@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from reference_model import CLOSED, HALF_OPEN, OPEN, RefBreaker, RefBucket, RefBudget, window_cuts
+from reference_model import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    RefBreaker,
+    RefBucket,
+    RefBudget,
+    RefLedger,
+    window_cuts,
+)
 
 
 def test_bucket_refills_at_rate_and_caps_at_burst() -> None:
@@ -73,3 +82,14 @@ def test_budget_model_floor_and_ratio() -> None:
     b.spend(0.0)
     assert b.allowed(0.0) == {False}
     assert b.allowed(20.0) == {True}  # everything left the window
+
+
+def test_ledger_refund_gives_back_only_what_had_not_refilled() -> None:
+    ledger = RefLedger(count=1, period_s=1.0, burst=10)
+    a = ledger.admit(0.0, 1)
+    assert ledger.tokens(0.0) == 9
+    assert ledger.tokens(1.0) == 10  # A's unit refilled
+    for _ in range(10):
+        ledger.admit(1.0, 1)
+    ledger.refund(a)
+    assert ledger.tokens(1.0) == 0  # A never happened: the bucket is still empty
