@@ -75,9 +75,7 @@ class RedisClock:
         self.client.close()
 
 
-def patch_scripts(
-    monkeypatch: pytest.MonkeyPatch, edits: Sequence[tuple[str, str]] = ()
-) -> None:
+def patch_scripts(monkeypatch: pytest.MonkeyPatch, edits: Sequence[tuple[str, str]] = ()) -> None:
     """Swap every Script of the store modules for its clocked (and edited) copy."""
     for old, _new in edits:
         assert any(old in value.source for value in _ORIGINALS.values()), old
