@@ -79,10 +79,10 @@ def test_every_error_names_file_line_and_key_path(
     assert main(["check", path]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [
-        f"{path}:5: state.on_error: 'sometimes' is not allowed: "
-        "choose one of 'local', 'open', 'closed'",
-        f"{path}:9: rate_limit[0].rate: unknown period unit 'fortnight' in "
-        "'100/fortnight': use s, min, h or d",
+        f'{path}:5: state.on_error: "sometimes" is not allowed: '
+        'choose one of "local", "open", "closed"',
+        f'{path}:9: rate_limit[0].rate: unknown period unit "fortnight" in '
+        '"100/fortnight": use s, min, h or d',
         f"{path}:14: rate_limit[1].brust: unknown key; did you mean 'burst'? "
         "(allowed: burst, cost, key, match, methods, name, rate, shadow)",
         f"{path}:18: upstream[0].retry.attempts: 30 is out of range: allowed between 1 and 10",
@@ -104,7 +104,7 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         "file": path,
         "line": 5,
         "path": "state.on_error",
-        "message": "'sometimes' is not allowed: choose one of 'local', 'open', 'closed'",
+        "message": '"sometimes" is not allowed: choose one of "local", "open", "closed"',
         "severity": "error",
     }
     assert [e["line"] for e in result["errors"]] == [5, 9, 14, 18, 24]
@@ -128,7 +128,7 @@ def test_cross_check_on_a_defaulted_key_falls_back_to_the_table_header(
     path = write(tmp_path, text)
     assert main(["check", path]) == 1
     out = capsys.readouterr().out
-    assert f"{path}:5: rate_limit[1].name: 'default' is already the name of rate_limit[0]" in out
+    assert f'{path}:5: rate_limit[1].name: "default" is already the name of rate_limit[0]' in out
 
 
 def test_invalid_toml_reports_the_parser_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -153,7 +153,10 @@ def test_warnings_do_not_fail_unless_strict(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_narrower_route_first_is_not_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    text = '[[route]]\nmatch = "/api/*"\nmethods = ["POST"]\n\n[[route]]\nmatch = "/api/*"\n'
+    text = (
+        '[[route]]\nmatch = "/api/*"\nmethods = ["POST"]\nname = "api-post"\n\n'
+        '[[route]]\nmatch = "/api/*"\n'
+    )
     path = write(tmp_path, text)
     assert main(["check", "--strict", path]) == 0
     assert "warning" not in capsys.readouterr().out
