@@ -8,6 +8,7 @@ earlier, broader entry always matches first (first match wins).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,10 +85,41 @@ def _line(lines: KeyLines, path: str) -> int | None:
     return lines.line_for(path) if path else None
 
 
+def glob_covers(broad: str, narrow: str) -> bool:
+    """True when every text `narrow` matches is matched by `broad` too.
+
+    Both are policy globs (`*` any run, `?` one character). The walk pairs the
+    broad pattern against the narrow one symbol by symbol: a broad `*` absorbs
+    any run of narrow symbols (its `*`s included), a broad `?` needs exactly
+    one narrow character (a literal or `?`), a literal needs the same literal.
+    It never claims cover that does not hold, so a warning built on it is
+    never a false alarm.
+    """
+    a, b = _squash(broad), _squash(narrow)
+    # reach[j]: broad[:i] can produce everything narrow[:j] produces
+    reach = [True] + [False] * len(b)
+    for sym in a:
+        nxt = [False] * (len(b) + 1)
+        for j in range(len(b) + 1):
+            if sym == "*":
+                nxt[j] = reach[j] or (j > 0 and nxt[j - 1])
+            elif j > 0 and reach[j - 1] and b[j - 1] != "*":
+                nxt[j] = sym == "?" or sym == b[j - 1]
+        reach = nxt
+    return reach[-1]
+
+
+def _squash(glob: str) -> str:
+    """Runs of `*` match what one `*` matches."""
+    while "**" in glob:
+        glob = glob.replace("**", "*")
+    return glob
+
+
 def _covers(
     first_glob: str, first_methods: tuple[str, ...] | None, glob: str, methods: object
 ) -> bool:
-    if first_glob not in ("*", glob):
+    if not glob_covers(first_glob, glob):
         return False
     if first_methods is None:
         return True
@@ -110,8 +142,8 @@ def _shadowed(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: route[{j}] (match {earlier.match!r}) comes first and "
-                        "matches every request this one would (first match wins); "
+                        f"never used: route[{j}] (match {json.dumps(earlier.match)}) comes "
+                        "first and matches every request this one would (first match wins); "
                         "move the narrower route up",
                         "warning",
                     )
@@ -120,18 +152,31 @@ def _shadowed(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
     upstreams: tuple[UpstreamConfig, ...] = policy.upstreams
     for i, upstream in enumerate(upstreams):
         for j in range(i):
-            if upstreams[j].host in ("*", upstream.host):
+            if glob_covers(upstreams[j].host, upstream.host):
                 path = f"upstream[{i}].host"
                 out.append(
                     Finding(
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: upstream[{j}] (host {upstreams[j].host!r}) comes first and "
-                        "matches every host this one would (first match wins); "
+                        f"never used: upstream[{j}] (host {json.dumps(upstreams[j].host)}) "
+                        "comes first and matches every host this one would (first match wins); "
                         "move the narrower upstream up",
                         "warning",
                     )
                 )
                 break
+    for i, upstream in enumerate(upstreams):
+        if upstream.host != upstream.host.lower():
+            path = f"upstream[{i}].host"
+            out.append(
+                Finding(
+                    name,
+                    lines.line_for(path),
+                    path,
+                    f"never used: host {json.dumps(upstream.host)} has capitals, but hosts are "
+                    "compared in lower case; write it in lower case",
+                    "warning",
+                )
+            )
     return out
