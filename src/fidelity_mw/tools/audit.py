@@ -201,6 +201,10 @@ ROUTE_DECORATORS = {
 }
 
 
+# Class methods that build (or set up) what their class does.
+_FACTORIES = (".from_int", ".init")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditFinding:
     file: str
@@ -590,7 +594,8 @@ class _Scanner(ast.NodeVisitor):
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
         if node.value is not None:
             self._bind([node.target], node.value)
-        self.generic_visit(node)
+            self.visit(node.value)
+        self.visit(node.target)  # the annotation names a type; it sets up nothing
 
     def _bind(self, targets: list[ast.expr], value: ast.expr) -> None:
         if not isinstance(value, ast.Call):
@@ -604,10 +609,15 @@ class _Scanner(ast.NodeVisitor):
                 self.instances[text] = found[1]
 
     def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass"):
+            for arg in node.args[1:]:
+                self._mark(arg)  # a type check sets up nothing
         if id(node) not in self.handled:
             name = self.resolve(node.func)
             found = self.rule_for(name)
-            if found is not None:
+            if found is not None and name and name != found[0] and not name.endswith(_FACTORIES):
+                self._mark(node.func)  # `Retry.DEFAULT_ALLOWED_METHODS.union(...)`: a constant
+            elif found is not None:
                 _, rule = found
                 if not self.configured_off(node):
                     region = self.function[-1] if self.function else None
@@ -710,9 +720,13 @@ class _Scanner(ast.NodeVisitor):
         """A bare reference such as `app.add_middleware(SlowAPIMiddleware)`."""
         if id(node) in self.handled or not isinstance(node.ctx, ast.Load):
             return False
-        found = self.rule_for(self.resolve(node))
+        name = self.resolve(node)
+        found = self.rule_for(name)
         if found is None:
             return False
+        if found[0] != name:
+            self._mark(node)  # `Retry.DEFAULT_ALLOWED_METHODS`: a constant of the library
+            return True
         _, rule = found
         self.report(node, rule, f"{rule.library} {_short(node)}")
         self._mark(node)

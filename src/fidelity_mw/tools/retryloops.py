@@ -27,6 +27,7 @@ sleeps).
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,7 +72,15 @@ _DATA_ERRORS = {
     "DecodeError",
     "FileExistsError",
     "PermissionError",
+    # flow control: a full or empty queue is waited out, not retried
+    "Full",
+    "Empty",
+    "QueueFull",
+    "QueueEmpty",
 }
+# Calls that wait for a lock, an event or a thread: looping on them is waiting.
+_WAITS = {"acquire", "wait", "join", "wait_for"}
+_BUILTINS = frozenset(dir(builtins))
 _CATCH_ALL = {"Exception", "BaseException"}
 _TRANSIENT = re.compile(
     r"connect|timeout|timedout|transport|network|socket|http|request|response|"
@@ -107,6 +116,8 @@ _NETWORK_CALLS = {
     "sendall",
     "perform",
 }
+# words that name a request in a longer method name (`_send_request`, `make_api_call`)
+_NETWORK_WORDS = {"send", "request", "fetch", "urlopen", "connect", "invoke", "execute", "api"}
 _STATUS_ATTRS = {"status_code", "status", "code", "status_int"}
 _STATUS_FLAGS = {"ok", "is_success", "is_error", "is_server_error", "is_client_error"}
 _COUNTERS = {"range", "count", "repeat", "itertools.count", "itertools.repeat"}
@@ -170,6 +181,12 @@ class LoopReader:
     def _caught(self, loop: Loop, body: Sequence[ast.stmt]) -> tuple[str, ast.AST, bool] | None:
         for index, stmt in _own_tries(body):
             calls = [c for c in _calls(stmt.body) if not self.is_sleep(c)]
+            if all(
+                _last_name(c.func) in _WAITS
+                for c in calls
+                if not (isinstance(c.func, ast.Name) and c.func.id in _BUILTINS)
+            ):
+                continue  # waiting for a lock or an event, with a timeout per turn
             if not calls or not self._same_call_each_turn(loop, calls):
                 continue
             repeating = [h for h in stmt.handlers if self._repeats(h, body, index)]
@@ -227,6 +244,9 @@ class LoopReader:
                 if isinstance(call, ast.Call) and not self.is_sleep(call):
                     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     for target in targets:
+                        # `response, entry = send(...)`: the first item is the response
+                        if isinstance(target, ast.Tuple | ast.List) and target.elts:
+                            target = target.elts[0]
                         if isinstance(target, ast.Name):
                             results[target.id] = call
         if not results:
@@ -299,8 +319,8 @@ class LoopReader:
                 name = self.resolve(node.func) or ""
                 if name.startswith(("httpx.", "requests.", "urllib3.", "aiohttp.", "socket.")):
                     return True
-                last = _last_name(node.func)
-                if last and last.lstrip("_").lower() in _NETWORK_CALLS:
+                last = (_last_name(node.func) or "").strip("_").lower()
+                if last in _NETWORK_CALLS or _NETWORK_WORDS & set(last.split("_")):
                     return True
         return False
 
@@ -375,7 +395,8 @@ def _caught_names(handler: ast.ExceptHandler) -> set[str]:
     items = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
     out: set[str] = set()
     for item in items:
-        name = _last_name(item)
+        # `except timeout_exceptions():` names its classes through a helper
+        name = _last_name(item.func if isinstance(item, ast.Call) else item)
         out.add(name or "?")
     return out
 
@@ -388,7 +409,11 @@ def _status_subject(test: ast.expr, names: set[str]) -> str | None:
     for node in ast.walk(test):
         if isinstance(node, ast.Attribute):
             base = node.value
-            if isinstance(base, ast.Attribute) and base.attr in ("response", "resp"):
+            if isinstance(base, ast.Attribute) and base.attr in (
+                "response",
+                "resp",
+                "http_response",
+            ):
                 base = base.value
             if not (isinstance(base, ast.Name) and base.id in names):
                 continue
