@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fidelity_mw import Policy, PolicyError, RateLimit, RouteConfig, StateConfig, UpstreamConfig
-from fidelity_mw.ratelimit import policy_field
+from fidelity_mw.decide.gcra import policy_field
 from fidelity_mw.tools.cli import main
 
 
