@@ -85,3 +85,14 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["audit", missing]) == 2
     assert f"{missing}: no such file or directory" in capsys.readouterr().err
     assert main(["audit"]) == 2
+
+
+def test_min_confidence_keeps_only_surer_findings(capsys: pytest.CaptureFixture[str]):
+    loops = f"{FIXTURES}/loops"
+    main(["audit", "--json", loops])
+    every = json.loads(capsys.readouterr().out)["findings"]
+    main(["audit", "--json", "--min-confidence", "high", loops])
+    high = json.loads(capsys.readouterr().out)["findings"]
+    assert {f["confidence"] for f in every} > {"high"}
+    assert high == [f for f in every if f["confidence"] == "high"]
+    assert main(["audit", loops, "--min-confidence", "sure"]) == 2

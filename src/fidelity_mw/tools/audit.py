@@ -228,6 +228,11 @@ class AuditReport:
     scanned: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def keep_at_least(self, confidence: str) -> None:
+        """Drop findings less sure than `confidence` (high > medium > low)."""
+        floor = CONFIDENCES.index(confidence)
+        self.findings = [f for f in self.findings if CONFIDENCES.index(f.confidence) <= floor]
+
     def counts(self) -> dict[str, int]:
         counter = Counter(f.kind for f in self.findings)
         return {k: counter.get(k, 0) for k in KINDS}
