@@ -165,7 +165,10 @@ class LoopReader:
         if found is None:
             return None
         how, attempt, transient = found
-        sleep = next((c for c in _calls(body) if self.is_sleep(c)), None)
+        sleeps = [c for c in _calls(body) if self.is_sleep(c)]
+        # name the call that waits (`anyio.sleep(...)`) over one that computes the delay
+        sleep = next((c for c in sleeps if "sleep" in ast.unparse(c.func).lower()), None)
+        sleep = sleep or next(iter(sleeps), None)
         bounded = self._bounded(loop)
         network = transient or self._network(attempt)
         if (sleep is not None or bounded) and network:
