@@ -397,3 +397,16 @@ def test_every_problem_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     ]
     assert "got boolean true" in lines[4]
     assert "True" not in "\n".join(lines)
+
+
+def test_shadowing_is_reported_alongside_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    text = (
+        '[[route]]\nmatch = "/api/*"\n\n[[route]]\nmatch = "/api/search*"\ndeadline_ms = 0\n\n'
+        '[[upstream]]\nhost = "*"\n\n[[upstream]]\nhost = "a.internal"\n'
+    )
+    path = write(tmp_path, text)
+    assert main(["check", path]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:6: route[1].deadline_ms: " in out
+    assert f"{path}:5: warning: route[1].match: never used: route[0]" in out
+    assert f"{path}:12: warning: upstream[1].host: never used: upstream[0]" in out

@@ -12,9 +12,10 @@ import json
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import PolicyError
-from ..policy import Policy, RouteConfig, UpstreamConfig
+from ..policy import Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 
 
@@ -64,7 +65,7 @@ def check_file(path: str | Path) -> CheckResult:
     text = Path(path).read_text(encoding="utf-8")
     result = CheckResult(name)
     try:
-        tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         pos = toml_error_position(str(exc))
         line = pos[0] if pos else None
@@ -76,9 +77,45 @@ def check_file(path: str | Path) -> CheckResult:
     except PolicyError as exc:
         for issue in exc.issues:
             result.errors.append(Finding(name, _line(lines, issue.path), issue.path, issue.message))
+        # the warnings too, from the plain data: every problem in one run
+        result.warnings.extend(_shadowed(name, lines, *_entries_from_data(data)))
         return result
-    result.warnings.extend(_shadowed(name, lines, result.policy))
+    policy = result.policy
+    routes: list[Entry | None] = [(r.match, r.methods) for r in policy.routes]
+    hosts: list[str | None] = [u.host for u in policy.upstreams]
+    result.warnings.extend(_shadowed(name, lines, routes, hosts))
     return result
+
+
+# A route as shadowing sees it: its glob and its methods (None: every method).
+Entry = tuple[str, tuple[str, ...] | None]
+
+
+def _entries_from_data(data: dict[str, Any]) -> tuple[list[Entry | None], list[str | None]]:
+    """Routes and upstream hosts of an invalid policy, as far as they can be read
+    (None for an entry whose glob or methods are not usable)."""
+
+    def items(key: str) -> list[Any]:
+        value = data.get(key, [])
+        return [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+
+    routes: list[Entry | None] = []
+    for item in items("route"):
+        match = item.get("match", "*") if isinstance(item, dict) else None
+        methods = item.get("methods") if isinstance(item, dict) else None
+        if not isinstance(match, str) or not match:
+            routes.append(None)
+        elif methods is None:
+            routes.append((match, None))
+        elif isinstance(methods, list) and all(isinstance(m, str) for m in methods):
+            routes.append((match, tuple(m.upper() for m in methods)))
+        else:
+            routes.append(None)
+    hosts: list[str | None] = []
+    for item in items("upstream"):
+        host = item.get("host", "*") if isinstance(item, dict) else None
+        hosts.append(host if isinstance(host, str) and host else None)
+    return routes, hosts
 
 
 def _line(lines: KeyLines, path: str) -> int | None:
@@ -128,53 +165,58 @@ def _covers(
     return set(methods) <= set(first_methods)
 
 
-def _shadowed(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+def _shadowed(
+    name: str, lines: KeyLines, routes: list[Entry | None], upstreams: list[str | None]
+) -> list[Finding]:
     """Entries that can never match because an earlier entry matches everything they do."""
     out: list[Finding] = []
-    routes: tuple[RouteConfig, ...] = policy.routes
     for i, route in enumerate(routes):
         for j in range(i):
             earlier = routes[j]
-            if _covers(earlier.match, earlier.methods, route.match, route.methods):
+            if route is None or earlier is None:
+                continue
+            if _covers(earlier[0], earlier[1], route[0], route[1]):
                 path = f"route[{i}].match"
                 out.append(
                     Finding(
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: route[{j}] (match {json.dumps(earlier.match)}) comes "
+                        f"never used: route[{j}] (match {json.dumps(earlier[0])}) comes "
                         "first and matches every request this one would (first match wins); "
                         "move the narrower route up",
                         "warning",
                     )
                 )
                 break
-    upstreams: tuple[UpstreamConfig, ...] = policy.upstreams
     for i, upstream in enumerate(upstreams):
         for j in range(i):
-            if glob_covers(upstreams[j].host, upstream.host):
+            earlier_host = upstreams[j]
+            if upstream is None or earlier_host is None:
+                continue
+            if glob_covers(earlier_host, upstream):
                 path = f"upstream[{i}].host"
                 out.append(
                     Finding(
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: upstream[{j}] (host {json.dumps(upstreams[j].host)}) "
+                        f"never used: upstream[{j}] (host {json.dumps(earlier_host)}) "
                         "comes first and matches every host this one would (first match wins); "
                         "move the narrower upstream up",
                         "warning",
                     )
                 )
                 break
-    for i, upstream in enumerate(upstreams):
-        if upstream.host != upstream.host.lower():
+    for i, host in enumerate(upstreams):
+        if host is not None and host != host.lower():
             path = f"upstream[{i}].host"
             out.append(
                 Finding(
                     name,
                     lines.line_for(path),
                     path,
-                    f"never used: host {json.dumps(upstream.host)} has capitals, but hosts are "
+                    f"never used: host {json.dumps(host)} has capitals, but hosts are "
                     "compared in lower case; write it in lower case",
                     "warning",
                 )
