@@ -13,6 +13,7 @@ from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -21,7 +22,7 @@ WIDE = LimitSpec("w", 1e-5, 10.0, 1, False)  # 100k/s, burst 1M: never the limit
 
 
 def tiered(url: str, sync_ms: int = 100, **state: object) -> TieredStore:
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=sync_ms, **state)  # type: ignore[arg-type]
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=sync_ms, **{**PATIENT, **state})  # type: ignore[arg-type]
     return TieredStore(config=config, rng=seeded_random(5))
 
 
