@@ -22,7 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.breaker import FAILURE, SUCCESS
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.errors import PolicyError
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
@@ -221,7 +221,7 @@ def test_wheel_ships_the_lua_scripts(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for lua in ("lib", "admit", "record", "sync", "outbound"):
+    for lua in ("lib", "admit", "record", "sync", "outbound", "batch"):
         assert f"fidelity_mw/state/lua/{lua}.lua" in names
 
 

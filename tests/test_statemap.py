@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fidelity_mw import Policy
-from fidelity_mw.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
+from fidelity_mw.tools.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
 
 POLICY = {
     "state": {"url": "memory://"},
@@ -135,7 +135,7 @@ def test_legacy_app_warns_about_every_overlap():
     assert [(e.name, e.role) for e in smap.stack] == [
         ("examples.legacy_app.TimingMiddleware", "base_http"),
         ("slowapi.middleware.SlowAPIMiddleware", "limiter"),
-        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+        ("fidelity_mw.inbound.middleware.FidelityMiddleware", "fidelity"),
     ]
     assert kinds(smap) == [
         "base-http-middleware",
@@ -171,7 +171,7 @@ def test_plain_asgi_chain_and_built_stack(app_dir: Path):
     )
     smap = from_app("mapped_plain:app")
     assert [(e.name, e.role) for e in smap.stack] == [
-        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+        ("fidelity_mw.inbound.middleware.FidelityMiddleware", "fidelity"),
         ("starlette.middleware.gzip.GZipMiddleware", "framework"),
     ]
     assert smap.warnings == []

@@ -58,11 +58,12 @@ from tenacity import (
 )
 
 from .._types import ASGIApp, Receive, Scope, Send
-from ..asgi import FidelityMiddleware
 from ..context import DecisionContext, current
 from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import RequestObserver
+from ..inbound import FidelityMiddleware
+from ..outbound import FidelityTransport
 from ..policy import (
     BreakerConfig,
     DeadlineConfig,
@@ -71,7 +72,6 @@ from ..policy import (
     RetryConfig,
     UpstreamConfig,
 )
-from ..transport import FidelityTransport
 from .records import (
     CLIENT_HEADER,
     CURRENT_RECORD,

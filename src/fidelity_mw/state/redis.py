@@ -16,7 +16,7 @@ The client is built explicitly: no client-side retries (redis-py 8 retries
 10 times by default), socket and connect timeouts from the policy, a bounded
 blocking pool. When Redis errors or times out, `on_error` decides:
 
-- ``local`` (default): decide on a process-local `MemoryStore`; decisions say
+- ``local`` (default): decide on process-local state (`LocalState`); decisions say
   ``fallback`` with age = time since the last successful Redis reply;
 - ``open``: admit, marked ``fallback``;
 - ``closed``: raise `StateUnavailable`, which the middleware turns into a 503.
@@ -34,14 +34,13 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import importlib.resources
 import logging
 import random
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -61,13 +60,15 @@ from redis.exceptions import (
 )
 
 from .._types import Clock, RandomSource
-from ..breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..clock import SYSTEM_CLOCK
+from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.gcra import LimitVerdict
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from ..ratelimit import LimitVerdict
 from .base import InboundResult, LimitSpec, StateStore
-from .memory import MemoryStore
+from .local import LocalState
+from .redis_batch import Coalescer
+from .scripts import Script, load_script
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -94,28 +95,12 @@ _KEY_CACHE_MAX = 10_000
 # ---------------------------------------------------------------- scripts
 
 
-class Script(NamedTuple):
-    """One Lua entry script with the shared library prepended, and its SHA1."""
-
-    name: str
-    source: str
-    sha: str
-
-
-def load_script(name: str) -> Script:
-    """Read `lua/lib.lua` + `lua/<name>.lua` from the package (works from a wheel)."""
-    lua = importlib.resources.files("fidelity_mw.state").joinpath("lua")
-    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
-    entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    source = f"{lib}\n-- ---- {name}.lua\n{entry}"
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
-
-
 ADMIT: Final = load_script("admit")
 RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
+BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 
 
 # ---------------------------------------------------------------- keys
@@ -311,6 +296,9 @@ class RedisStore(StateStore):
     """Exact fleet-wide state: one script call per inbound request."""
 
     source = SOURCE_REDIS
+    # Coalesce one event-loop tick's admissions and records into one script call
+    # (redis_batch.py). Off: one call each (benchmarks compare the two).
+    coalesce: bool = True
 
     def __init__(
         self,
@@ -329,7 +317,7 @@ class RedisStore(StateStore):
         self.on_error = config.on_error
         self._rng: RandomSource = rng or random.Random().random
         self._clock: Clock = clock or SYSTEM_CLOCK
-        self.local = MemoryStore(max_keys=config.max_keys, rng=self._rng)
+        self.local = LocalState(max_keys=config.max_keys, rng=self._rng)
         self.health = Health(self._clock)
         self.stats = RedisStats()
         # Connections belong to one event loop. The common case is one loop
@@ -357,6 +345,8 @@ class RedisStore(StateStore):
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
+        # Admissions and records of one event-loop tick share one script call.
+        self.coalescer = Coalescer(self.call, BATCH)
 
     # ------------------------------------------------------------ plumbing
 
@@ -557,7 +547,7 @@ class RedisStore(StateStore):
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-        got = await self.call(ADMIT, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(ADMIT, keys, args)
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
@@ -638,7 +628,7 @@ class RedisStore(StateStore):
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-        got = await self.call(RECORD, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(RECORD, keys, args)
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
@@ -844,6 +834,7 @@ class RedisStore(StateStore):
             await _close_client(mine[0])
 
     async def aclose(self) -> None:
+        await self.coalescer.aclose()
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()
