@@ -50,6 +50,7 @@ from .headers import (
 from .hooks import RequestObserver
 from .policy import Policy
 from .ratelimit import retry_after_header
+from .rejections import OnReject, custom_rejection, send_custom
 from .state.base import InboundResult, StateStore
 from .state.memory import MemoryStore
 
@@ -104,8 +105,11 @@ class FidelityMiddleware:
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
         telemetry: bool = True,
+        on_reject: OnReject | None = None,
     ) -> None:
         self.app = app
+        # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
+        self._on_reject = on_reject
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = pol = self.engine.policy
         if observer is None and telemetry:
@@ -224,10 +228,17 @@ class FidelityMiddleware:
                 rejection = self._state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
-                ctx.status = rejection[0]
+                custom = None
+                if self._on_reject is not None:
+                    custom = await custom_rejection(self._on_reject, ctx, rejection)
+                ctx.status = rejection[0] if custom is None else custom.status_code
                 if before_end is not None:
                     self._response_ends(ctx, scope, obs_token)
-                await _respond(send, *rejection)
+                if custom is None:
+                    await _respond(send, *rejection)
+                else:
+                    parts = rejection
+                    await send_custom(custom, lambda s: _respond(s, *parts), scope, receive, send)
                 return
 
             # ---- the app, watching only the response start and its end
