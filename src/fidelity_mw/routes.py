@@ -13,6 +13,8 @@ from typing import Any
 
 from starlette.routing import Match
 
+from .overrides import flat_routes
+
 UNMATCHED = "!unmatched"
 
 
@@ -23,7 +25,7 @@ def framework_template(scope: Mapping[str, Any], fallback_app: object = None) ->
         return None
     partial: str | None = None
     try:
-        for route in routes:
+        for route in flat_routes(routes):  # FastAPI's included routers opened up
             match, _child = route.matches(scope)
             path = getattr(route, "path", None) or getattr(route, "path_format", None)
             if match == Match.FULL:
