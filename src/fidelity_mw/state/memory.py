@@ -24,13 +24,21 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .._types import RandomSource
-from ..breaker import CLOSED, IGNORED, BreakerState, Gate
+from ..breaker import CLOSED, IGNORED, OPEN, BreakerState, Gate
 from ..policy import BreakerConfig, RetryConfig
 from ..ratelimit import LimitVerdict, gcra
 from ..retry import BudgetWindow
 from .base import InboundResult, LimitSpec, StateStore
+from .snapshot import (
+    BreakerView,
+    BudgetView,
+    SnapshotConfigs,
+    StoreSnapshot,
+    top_limiter_keys,
+)
 
 _T = TypeVar("_T")
+SOURCE_MEMORY = "memory"
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
 _FULL_SLACK = 1e-6
@@ -302,3 +310,62 @@ class MemoryStore(StateStore):
             return state.gate(now, self._rng)
         finally:
             lock.release()
+
+    # ------------------------------------------------------------ read-only view
+
+    def snapshot_now(self, now: float, top: int = 20) -> StoreSnapshot:
+        """Everything this store holds, aged to `now` (the page's view; decides nothing)."""
+        with self._lock:
+            breakers = tuple(
+                _breaker_view(key, state, now) for key, state in list(self.breakers.items())
+            )
+            budgets = tuple(
+                BudgetView(key, *window.totals(now), SOURCE_MEMORY, 0.0)
+                for key, window in list(self.budgets.items())
+            )
+            tats = self.limits.tats
+            limiter = top_limiter_keys(tats, now, top, SOURCE_MEMORY, 0.0)
+            count = len(tats)
+        return StoreSnapshot(
+            kind="memory",
+            source=SOURCE_MEMORY,
+            age_s=0.0,
+            breakers=breakers,
+            limiter_keys=limiter,
+            limiter_key_count=count,
+            budgets=budgets,
+            detail={
+                "max_keys": self.limits.max_keys,
+                "evicted_active_keys": self.limits.evicted_active,
+                "breakers_evicted_active": self.breakers_evicted_active,
+                "budgets_evicted_active": self.budgets_evicted_active,
+            },
+        )
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        return self.snapshot_now(now, top)
+
+
+def _breaker_view(key: str, state: BreakerState, now: float) -> BreakerView:
+    calls, failures, slow = state.totals(now)  # ages the window, as the next call would
+    since = None
+    retry_after = 0.0
+    if state.state == OPEN:
+        since = now - state.opened_at
+        retry_after = max(0.0, state.open_until - now)
+    return BreakerView(
+        key,
+        state.state,
+        state.epoch,
+        since,
+        calls,
+        failures,
+        slow,
+        state.consecutive,
+        len(state.probes),
+        retry_after,
+        SOURCE_MEMORY,
+        0.0,
+    )

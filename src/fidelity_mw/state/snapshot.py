@@ -1,0 +1,97 @@
+"""Read-only views of a store's state, for the live state page (`fidelity_mw.admin`).
+
+A store's `snapshot(now, ...)` returns one `StoreSnapshot`: what it holds right
+now, each item with where it was read from (`source`: memory | redis | cache
+| fallback) and how old that reading is (`age_s`). Taking a snapshot changes
+no decision: windows are aged to `now` exactly as the next decision would
+age them, nothing is admitted, counted or evicted.
+
+Keys are the logical ones (`route:/items/{id}`, `per-client|203.0.113.7`):
+whoever shows them outside the process hashes the client part first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..policy import BreakerConfig, RetryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerView:
+    key: str  # route:<route> | upstream:<host[:port]>
+    state: str  # closed | open | half_open
+    epoch: int  # transitions so far (the state changed when this changed)
+    since_s: float | None  # seconds in this state, when the store knows it
+    calls: int  # in the sliding window
+    failures: int
+    slow: int
+    consecutive: int  # failures in a row
+    probes: int  # half-open probes in flight
+    retry_after_s: float  # open: seconds until probes are admitted
+    source: str
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterKeyView:
+    key: str  # "<limit name>|<client key>"
+    backlog_s: float  # TAT - now: quota in use, in seconds of refill
+    source: str
+    age_s: float
+    held: int | None = None  # tiered: units of a leased slice not yet spent
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    key: str  # budget:<host or host glob>
+    requests: int  # in the window
+    retries: int
+    source: str
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    service: str
+    address: str
+    ejected: bool
+    ejected_for_s: float | None
+    source: str
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    kind: str  # memory | redis | tiered | the class name of another store
+    source: str  # where this snapshot mostly comes from
+    age_s: float
+    breakers: tuple[BreakerView, ...] = ()
+    limiter_keys: tuple[LimiterKeyView, ...] = ()  # the `top` busiest, busiest first
+    limiter_key_count: int = 0  # how many keys the store holds (or knows of)
+    budgets: tuple[BudgetView, ...] = ()
+    instances: tuple[InstanceView, ...] = ()
+    detail: Mapping[str, Any] = field(default_factory=dict)  # store health and counters
+    notes: tuple[str, ...] = ()  # what this view cannot show, in words
+    layers: tuple[StoreSnapshot, ...] = ()  # tiered: the exact store underneath
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotConfigs:
+    """Configs a remote store needs to age windows it holds only as numbers."""
+
+    breaker: Callable[[str], BreakerConfig | None] = lambda _key: None
+    retry: Callable[[str], RetryConfig | None] = lambda _key: None
+
+
+def top_limiter_keys(
+    items: Mapping[str, float], now: float, top: int, source: str, age_s: float
+) -> tuple[LimiterKeyView, ...]:
+    """The `top` keys furthest ahead of `now` (TAT in the past: idle, left out)."""
+    busy = sorted(
+        ((tat - now, key) for key, tat in items.items() if tat > now),
+        reverse=True,
+    )[:top]
+    return tuple(LimiterKeyView(key, backlog, source, age_s) for backlog, key in busy)
