@@ -27,7 +27,7 @@ from fidelity_mw import (
     UpstreamConfig,
 )
 from fidelity_mw.admin import AdminApp
-from fidelity_mw.breaker import FAILURE, OPEN
+from fidelity_mw.decide.breaker import FAILURE, OPEN
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random

@@ -20,7 +20,7 @@ from fidelity_mw import (
     Policy,
     RateLimit,
 )
-from fidelity_mw.breaker import OPEN
+from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 

@@ -50,7 +50,6 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from ._types import Clock, RandomSource
-from .breaker import FAILURE, IGNORED, SUCCESS, Gate
 from .context import (
     _CURRENT,
     ALLOW,
@@ -66,12 +65,13 @@ from .context import (
     DecisionContext,
     context_from_scope,
 )
+from .decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from .decide.gcra import policy_field, retry_after_header
 from .engine import Engine, RoutePlan
 from .errors import FidelityError
 from .headers import client_address, deadline_parser
 from .overrides import flat_routes, mark, override_of
 from .policy import BreakerConfig, Policy, RateLimit
-from .ratelimit import policy_field, retry_after_header
 from .rejections import (
     PROBLEM_MEDIA_TYPE,
     OnReject,
@@ -369,13 +369,13 @@ class Fidelity:
         peer = client.host if client else None
         if not engine.trusted_proxies:
             return peer or "unknown"
-        xff = request.headers.get("x-forwarded-for")
-        fwd = request.headers.get("forwarded")
+        header = engine.policy.forwarded_header
+        value = request.headers.get(header)
         return client_address(
             peer,
-            xff.encode("latin-1") if xff is not None else None,
-            fwd.encode("latin-1") if fwd is not None else None,
+            value.encode("latin-1") if value is not None else None,
             engine.trusted_proxies,
+            header,
         )
 
     # ------------------------------------------------------------ the forms

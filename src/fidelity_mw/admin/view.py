@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..decide.budget import budget_allowance
 from ..engine import Engine
 from ..policy import BreakerConfig, RetryConfig
-from ..retry import budget_allowance
 from ..state.snapshot import BreakerView, SnapshotConfigs, StoreSnapshot
 
 _MAX_SEEN = 10_000

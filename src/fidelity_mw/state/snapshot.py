@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..decide.breaker import OPEN
 from ..policy import BreakerConfig, RetryConfig
+
+if TYPE_CHECKING:
+    from ..decide.breaker import BreakerState
+    from .local import LocalState
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +100,56 @@ def top_limiter_keys(
         reverse=True,
     )[:top]
     return tuple(LimiterKeyView(key, backlog, source, age_s) for backlog, key in busy)
+
+
+def local_snapshot(local: LocalState, kind: str, now: float, top: int) -> StoreSnapshot:
+    """Everything a process-local state holds, aged to `now`, under its lock."""
+    with local._lock:
+        breakers = tuple(
+            _breaker_view(key, state, now) for key, state in list(local.breakers.items())
+        )
+        budgets = tuple(
+            BudgetView(key, *window.totals(now), "memory", 0.0)
+            for key, window in list(local.budgets.items())
+        )
+        tats = local.limits.tats
+        limiter = top_limiter_keys(tats, now, top, "memory", 0.0)
+        count = len(tats)
+    return StoreSnapshot(
+        kind=kind,
+        source="memory",
+        age_s=0.0,
+        breakers=breakers,
+        limiter_keys=limiter,
+        limiter_key_count=count,
+        budgets=budgets,
+        detail={
+            "max_keys": local.limits.max_keys,
+            "evicted_active_keys": local.limits.evicted_active,
+            "breakers_evicted_active": local.breakers_evicted_active,
+            "budgets_evicted_active": local.budgets_evicted_active,
+        },
+    )
+
+
+def _breaker_view(key: str, state: BreakerState, now: float) -> BreakerView:
+    calls, failures, slow = state.totals(now)  # ages the window, as the next call would
+    since = None
+    retry_after = 0.0
+    if state.state == OPEN:
+        since = now - state.opened_at
+        retry_after = max(0.0, state.open_until - now)
+    return BreakerView(
+        key,
+        state.state,
+        state.epoch,
+        since,
+        calls,
+        failures,
+        slow,
+        state.consecutive,
+        len(state.probes),
+        retry_after,
+        "memory",
+        0.0,
+    )
