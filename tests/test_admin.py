@@ -377,17 +377,19 @@ def test_page_json_is_plain_data(clock: FakeClock) -> None:
 
 @pytest.mark.redis
 async def test_tiered_snapshot_shows_the_cache_and_the_fleet_underneath(redis_url: str) -> None:
+    from fidelity_mw.clock import SYSTEM_CLOCK
     from fidelity_mw.state.tiered import TieredStore
 
     config = StateConfig(url="tiered+" + redis_url, key_prefix=f"admint{os.getpid()}")
     store = TieredStore(config=config, rng=seeded_random(4))
     breaker = BreakerConfig()
     spec = LimitSpec("per-client", 0.1, 4.0, 1, False)  # 40 units, 10/s
+    now = SYSTEM_CLOCK.monotonic  # the store's own clock: it drops what looks idle on it
     try:
         for _ in range(3):
-            result = await store.admit("route:/t", breaker, ["per-client|k"], [spec], 0.0)
+            result = await store.admit("route:/t", breaker, ["per-client|k"], [spec], now())
             assert result.admitted
-        snap = await store.snapshot(0.0)
+        snap = await store.snapshot(now())
     finally:
         await store.aclose()
     assert (snap.kind, snap.source) == ("tiered", "cache")

@@ -72,6 +72,8 @@ async def test_hook_shapes_the_rate_limit_rejection_and_keeps_retry_after(
     assert second.headers["retry-after"] == "60"
     assert second.headers["ratelimit-policy"] == '"tight";q=1;w=60'
     assert second.headers["ratelimit"].startswith('"tight";r=0')
+    # still marked as our refusal: a caller's breaker does not count it against us
+    assert second.headers["x-fidelity-decided-by"] == "ratelimit"
     [(ctx, decision)] = seen
     assert (decision.layer, decision.verdict, decision.reason) == (
         "ratelimit",

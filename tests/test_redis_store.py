@@ -219,7 +219,7 @@ def test_wheel_ships_the_lua_scripts(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for lua in ("lib", "admit", "record", "sync", "outbound"):
+    for lua in ("lib", "admit", "record", "sync", "outbound", "batch"):
         assert f"fidelity_mw/state/lua/{lua}.lua" in names
 
 

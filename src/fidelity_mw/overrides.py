@@ -9,19 +9,18 @@ rest comes from the matching `[[route]]` entry, else from the policy's
 defaults. The route keeps its identity (the `[[route]]` name, else the path
 template), so its breaker state and traces stay where they were.
 
-Starlette only: no FastAPI import here (the engine imports this module).
+No framework import here (the engine imports this module).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
-from starlette.routing import Match
-
 from .policy import BreakerConfig, RouteConfig
+from .route_list import flat_routes
+from .routes import framework_template
 
 ROUTE_ATTR: Final = "__fidelity_route__"
 
@@ -48,41 +47,32 @@ def override_of(endpoint: object) -> EndpointOverride | None:
     return found if isinstance(found, EndpointOverride) else None
 
 
-def flat_routes(routes: Iterable[Any]) -> list[Any]:
-    """The app's routes with FastAPI's included routers opened up.
-
-    Recent FastAPI keeps `include_router` routers as one entry whose `matches`
-    says FULL without naming the route; `fastapi.routing.iter_route_contexts`
-    lists what is inside, each with its full path, endpoint and `matches`.
-    Older FastAPI and Starlette list the routes themselves. FastAPI is only
-    looked up, never imported: an app that has FastAPI routes has imported it.
-    """
-    routing = sys.modules.get("fastapi.routing")
-    iter_contexts = getattr(routing, "iter_route_contexts", None)
-    if iter_contexts is None:
-        return list(routes)
-    return list(iter_contexts(list(routes)))
-
-
 def endpoint_overrides(
     scope: Mapping[str, Any], fallback_app: object, cfg: RouteConfig | None
 ) -> RouteConfig | None:
     """`cfg` (the policy's `[[route]]` entry, or None) with the serving endpoint's override.
 
-    Called once per (method, path) when the engine builds a plan, never per request.
+    The route is the one `routes.framework_template` names (no `route.matches()`
+    call: that is the app's router's to make). Called once per (method, path) when
+    the engine builds a plan, never per request.
     """
     routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return cfg
+    template = framework_template(scope, fallback_app)
+    if template is None:
+        return cfg
+    method = scope.get("method")
     try:
         for route in flat_routes(routes):
-            match, _child = route.matches(scope)
-            if match == Match.FULL:
-                override = override_of(getattr(route, "endpoint", None))
-                if override is None:
-                    return cfg
-                return merged(cfg, override, str(getattr(route, "path", "") or "*"))
-    except Exception:  # a third-party route type that cannot match this scope
+            if getattr(route, "path", None) != template:
+                continue
+            methods = getattr(route, "methods", None)
+            if methods and method not in methods:
+                continue
+            override = override_of(getattr(route, "endpoint", None))
+            return cfg if override is None else merged(cfg, override, template)
+    except Exception:  # a third-party route object with odd attributes
         return cfg
     return cfg
 

@@ -37,7 +37,14 @@ OnReject = Callable[[DecisionContext, Decision], Response | Awaitable[Response |
 RejectionParts = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 # Fields the default rejection carries that a custom response keeps unless it sets them.
-_KEPT_HEADERS: Final = (b"retry-after", b"ratelimit", b"ratelimit-policy", b"x-fidelity-retry")
+_KEPT_HEADERS: Final = (
+    b"retry-after",
+    b"ratelimit",
+    b"ratelimit-policy",
+    b"x-fidelity-retry",
+    # marks a refusal of ours: a caller's breaker does not count it against us
+    b"x-fidelity-decided-by",
+)
 
 
 def problem_document(
@@ -94,12 +101,15 @@ def keep_headers(response: Response, headers: Sequence[tuple[bytes, bytes]]) -> 
 
 
 async def custom_rejection(
-    on_reject: OnReject, ctx: DecisionContext, rejection: RejectionParts
+    on_reject: OnReject,
+    ctx: DecisionContext,
+    rejection: RejectionParts,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> Response | None:
     """The hook's response to a middleware rejection, with our headers kept; or None."""
     response = await call_on_reject(on_reject, ctx, rejecting_decision(ctx))
     if response is not None:
-        keep_headers(response, rejection[1])
+        keep_headers(response, [*rejection[1], *extra])
     return response
 
 

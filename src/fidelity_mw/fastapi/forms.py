@@ -16,7 +16,7 @@ from ..context import (
 )
 from ..engine import Engine
 from ..headers import client_address
-from ..overrides import flat_routes, mark
+from ..overrides import mark
 from ..policy import BreakerConfig, Policy
 from ..rejections import (
     PROBLEM_MEDIA_TYPE,
@@ -24,6 +24,7 @@ from ..rejections import (
     call_on_reject,
     keep_headers,
 )
+from ..route_list import flat_routes
 from ..state.base import StateStore
 from .exceptions import Rejected
 from .limit import KeyFunc, LimitDependency

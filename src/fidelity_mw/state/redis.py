@@ -69,6 +69,7 @@ from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
+from .redis_batch import Coalescer
 from .snapshot import (
     BreakerView,
     BudgetView,
@@ -125,6 +126,7 @@ RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
+BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 
 
 # ---------------------------------------------------------------- keys
@@ -320,6 +322,9 @@ class RedisStore(StateStore):
     """Exact fleet-wide state: one script call per inbound request."""
 
     source = SOURCE_REDIS
+    # Coalesce one event-loop tick's admissions and records into one script call
+    # (redis_batch.py). Off: one call each (benchmarks compare the two).
+    coalesce: bool = True
 
     def __init__(
         self,
@@ -366,6 +371,8 @@ class RedisStore(StateStore):
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
+        # Admissions and records of one event-loop tick share one script call.
+        self.coalescer = Coalescer(self.call, BATCH)
 
     # ------------------------------------------------------------ plumbing
 
@@ -566,7 +573,7 @@ class RedisStore(StateStore):
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-        got = await self.call(ADMIT, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(ADMIT, keys, args)
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
@@ -647,7 +654,7 @@ class RedisStore(StateStore):
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-        got = await self.call(RECORD, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(RECORD, keys, args)
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
@@ -853,6 +860,7 @@ class RedisStore(StateStore):
             await _close_client(mine[0])
 
     async def aclose(self) -> None:
+        await self.coalescer.aclose()
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()
