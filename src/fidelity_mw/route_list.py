@@ -10,9 +10,9 @@ from typing import Any
 def flat_routes(routes: Iterable[Any]) -> list[Any]:
     """The app's routes with FastAPI's included routers opened up.
 
-    Recent FastAPI keeps `include_router` routers as one entry whose `matches`
-    says FULL without naming the route; `fastapi.routing.iter_route_contexts`
-    lists what is inside, each with its full path, endpoint and `matches`.
+    Recent FastAPI keeps an `include_router` router as one entry with no path
+    template of its own; `fastapi.routing.iter_route_contexts` lists what is
+    inside, each with its full path, `path_regex`, methods and endpoint.
     Older FastAPI and Starlette list the routes themselves. FastAPI is only
     looked up, never imported: an app that has FastAPI routes has imported it.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from fastapi import Request, Response
 
@@ -17,6 +17,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.gcra import policy_field, retry_after_header
+from ..engine import Engine
 from ..policy import RateLimit
 from ..rejections import (
     problem_document,
@@ -24,8 +25,16 @@ from ..rejections import (
 from ..state.base import LimitSpec
 from .exceptions import RateLimited
 
-if TYPE_CHECKING:
-    from .forms import Fidelity
+
+class FormsOwner(Protocol):
+    """What a form needs of its `Fidelity` (a protocol: forms.py imports this module)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    def context(self, request: Request) -> DecisionContext: ...
+
+    def client_ip(self, request: Request, engine: Engine) -> str: ...
 
 
 _MAX_KEY_CHARS: Final = 64
@@ -46,7 +55,7 @@ class LimitDependency:
 
     def __init__(
         self,
-        owner: Fidelity,
+        owner: FormsOwner,
         rate: str,
         key: str | KeyFunc,
         burst: int | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -32,11 +32,8 @@ from ..rejections import (
     problem_document,
 )
 from .exceptions import BreakerOpen, DeadlineExpired, Rejected
+from .limit import FormsOwner
 from .openapi import document
-
-if TYPE_CHECKING:
-    from .forms import Fidelity
-
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -44,7 +41,7 @@ logger = logging.getLogger("fidelity_mw")
 # ---------------------------------------------------------------- the route class
 
 
-def route_class_for(owner: Fidelity) -> type[APIRoute]:
+def route_class_for(owner: FormsOwner) -> type[APIRoute]:
     class FidelityRoute(APIRoute):
         """Documents the route's rejections; without the middleware, enforces its
         breaker and deadline on the `Fidelity` engine."""
@@ -69,7 +66,7 @@ def route_class_for(owner: Fidelity) -> type[APIRoute]:
 
 
 async def _standalone(
-    owner: Fidelity,
+    owner: FormsOwner,
     request: Request,
     inner: Callable[[Request], Coroutine[Any, Any, Response]],
 ) -> Response:

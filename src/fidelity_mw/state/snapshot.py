@@ -12,16 +12,14 @@ whoever shows them outside the process hashes the client part first.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..decide.breaker import OPEN
+from ..decide.breaker import OPEN, BreakerState
+from ..decide.budget import BudgetWindow
 from ..policy import BreakerConfig, RetryConfig
-
-if TYPE_CHECKING:
-    from ..decide.breaker import BreakerState
-    from .local import LocalState
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +100,26 @@ def top_limiter_keys(
     return tuple(LimiterKeyView(key, backlog, source, age_s) for backlog, key in busy)
 
 
-def local_snapshot(local: LocalState, kind: str, now: float, top: int) -> StoreSnapshot:
+class _Tats(Protocol):
+    tats: dict[str, float]
+    max_keys: int
+    evicted_active: int
+
+
+class LocalTables(Protocol):
+    """What a snapshot reads of process-local state (`state/local.py`'s `LocalState`)."""
+
+    _lock: threading.Lock
+    breakers: dict[str, BreakerState]
+    budgets: dict[str, BudgetWindow]
+    breakers_evicted_active: int
+    budgets_evicted_active: int
+
+    @property
+    def limits(self) -> _Tats: ...
+
+
+def local_snapshot(local: LocalTables, kind: str, now: float, top: int) -> StoreSnapshot:
     """Everything a process-local state holds, aged to `now`, under its lock."""
     with local._lock:
         breakers = tuple(
