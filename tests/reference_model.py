@@ -315,6 +315,8 @@ class RefBreaker:
             return frozenset({self.state})
         self.events.append((now, failed, slow))
         self.consecutive = self.consecutive + 1 if failed else 0
+        # Every counted outcome re-checks the window: a success that brings the
+        # window to min_calls opens it when the failures already there suffice.
         answers = self.should_open(now)
         if len(answers) == 2:
             return frozenset({CLOSED, OPEN})
