@@ -24,6 +24,9 @@ by design (they cannot change the state); the test flushes them right after
 each record so both windows count them at the same instant (the deferral
 itself: test_defects_state.py::test_defect11_deferred_successes_open_like_single_ones).
 
+Concurrent admissions are sent in one event-loop tick, so the Redis store
+coalesces them into one batch.lua call: that script is held to the same answers.
+
 Planted bugs (test_planted_bug_is_caught) show the comparison has teeth:
 each plant, in Python or in Lua, must make the differential check fail.
 """
@@ -46,6 +49,7 @@ from fidelity_mw.decide import breaker as breaker_module
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state import local as local_module
+from fidelity_mw.state import redis as redis_module
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
@@ -97,6 +101,7 @@ op = st.one_of(
         st.integers(0, 7),  # which limits (a bit mask over LIMITS)
         st.integers(0, 1),  # which client
         st.integers(1, 4),  # how many such requests at this instant
+        st.booleans(),  # sent to Redis concurrently (one coalesced batch.lua call)
     ),
     st.tuples(
         st.just("record"),
@@ -257,9 +262,27 @@ async def _admit(
     specs: list[LimitSpec],
     now: float,
     seq: Sequence_,
+    repeat: int = 1,
+    together: bool = False,
 ) -> None:
-    m = await memory.admit(bkey, bcfg, keys, specs, now)
-    r = _from_redis(await red.admit(bkey, bcfg, keys, specs, now))
+    if together:  # one event-loop tick: the Redis store coalesces them, in this order
+        reds = await asyncio.gather(
+            *(red.admit(bkey, bcfg, keys, specs, now) for _ in range(repeat))
+        )
+    for i in range(repeat):
+        m = await memory.admit(bkey, bcfg, keys, specs, now)
+        r = reds[i] if together else await red.admit(bkey, bcfg, keys, specs, now)
+        _check_admit(m, _from_redis(r), keys, specs, now, seq)
+
+
+def _check_admit(
+    m: InboundResult,
+    r: InboundResult,
+    keys: list[str],
+    specs: list[LimitSpec],
+    now: float,
+    seq: Sequence_,
+) -> None:
     _same_admit(m, r)
     entry = Charged([], [], [], [], [])
     decided = zip(keys, specs, m.limits, r.limits, strict=True) if m.limits else ()
@@ -295,6 +318,7 @@ async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any
     red = h.red
     red._deferred.clear()
     red._pending.clear()
+    red.coalescer._batch = redis_module.BATCH  # the script as patched now (plants too)
     seq = Sequence_()
     for step in ops:
         kind = step[0]
@@ -302,13 +326,12 @@ async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any
             now += step[1]
             client.set(CLOCK_KEY, repr(now))
         elif kind == "admit":
-            _, with_breaker, mask, who, repeat = step
+            _, with_breaker, mask, who, repeat, together = step
             specs = [s for i, s in enumerate(SPECS) if mask & (1 << i)]
             keys = [f"{s.name}|c{who}" for s in specs]
             bkey = ROUTE if with_breaker else None
             bcfg = breaker if with_breaker else None
-            for _ in range(repeat):
-                await _admit(memory, red, bkey, bcfg, keys, specs, now, seq)
+            await _admit(memory, red, bkey, bcfg, keys, specs, now, seq, repeat, together)
         elif kind == "call":
             before = len(seq.inflight)
             await _admit(memory, red, ROUTE, breaker, [], [], now, seq)
@@ -360,20 +383,19 @@ def test_memory_and_redis_decide_alike_and_as_the_reference(
 
 def test_a_known_tricky_sequence(harness: Harness) -> None:
     """Hand-picked: open, probes in flight across a failed round (open time grows),
-    a refund after refill, the budget at its edge, F,F,S at min_calls 3."""
+    two requests coalesced into one batch call, a refund, the budget at its edge."""
     ops: list[tuple[Any, ...]] = [
-        ("admit", True, 1, 0, 1),
-        ("admit", True, 1, 0, 1),
+        ("admit", True, 1, 0, 1, False),
+        ("admit", True, 1, 0, 1, False),
         ("record", 0, FAILURE, False),
         ("record", 0, FAILURE, False),  # min_calls 2, 100 % failures: open for 0.25 s
         ("advance", 0.25),
-        ("admit", True, 3, 1, 1),  # probe 1
-        ("admit", True, 3, 1, 1),  # probe 2
-        ("admit", True, 3, 1, 1),  # no third slot
+        ("admit", True, 3, 1, 1, False),  # probe 1
+        ("admit", True, 3, 1, 1, False),  # probe 2
+        ("admit", True, 3, 1, 1, False),  # no third slot
         ("record", 0, FAILURE, False),  # re-open for 0.5 s; probe 2 keeps its slot
         ("advance", 0.5),
-        ("admit", True, 1, 2, 1),  # one free slot only
-        ("admit", True, 1, 2, 1),
+        ("admit", True, 1, 2, 2, True),  # one free slot only; both in one batch
         ("record", 1, SUCCESS, False),  # the fresh probe closes it
         ("refund", 0),
         ("advance", 1.0),
@@ -453,6 +475,12 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     ),
     "lua: open time does not grow": _lua(
         ("local t = first * 2 ^ reopens", "local t = cfg.open_s")
+    ),
+    "lua: a coalesced batch decides on a later clock": _lua(
+        (
+            "local function admit_at(ARGV, a, k)\n",
+            "local function admit_at(ARGV, a, k)\n  now = now + 0.01\n",
+        )
     ),
     "lua: budget counts a denied retry": _lua(
         ("if w.want and allowed then", "if w.want then")
