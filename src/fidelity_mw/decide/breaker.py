@@ -162,7 +162,8 @@ class BreakerState:
             bucket[2] += 1
             totals[2] += 1
         # Every outcome, a success too: F,F,F,S reaches min_calls on the success.
-        if self._should_open(now):
+        # (A window without failures or slow calls cannot open: the common case.)
+        if (totals[1] or totals[2]) and self._should_open(now):
             self._transition(OPEN, now, rng)
         return self.state
 
