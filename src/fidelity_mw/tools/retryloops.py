@@ -242,6 +242,12 @@ class LoopReader:
     def _checked(self, loop: Loop, body: Sequence[ast.stmt]) -> tuple[str, ast.AST, bool] | None:
         results: dict[str, ast.Call] = {}
         for node in _walk_own(body):
+            if isinstance(node, ast.With | ast.AsyncWith):
+                # `async with session.post(url) as resp:`
+                for item in node.items:
+                    call = _unawait(item.context_expr)
+                    if isinstance(call, ast.Call) and isinstance(item.optional_vars, ast.Name):
+                        results[item.optional_vars.id] = call
             if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
                 call = _unawait(node.value)
                 if isinstance(call, ast.Call) and not self.is_sleep(call):
@@ -538,9 +544,15 @@ def _walking(loop: Loop) -> set[str]:
         if name and isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Load):
             loads.append((name, (node.lineno, node.col_offset)))
         if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value:
-            # only plain derivations: a value a call returns may be anything
-            pure = not any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value))
-            reads = {d for n in ast.walk(node.value) if (d := _dotted(n))} if pure else set()
+            # plain derivations, or a call fed the name itself (`state = step(state)`);
+            # any other value a call returns may be anything
+            reads = {d for n in ast.walk(node.value) if (d := _dotted(n))}
+            if any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value)):
+                targets_text = {
+                    _dotted(t)
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                }
+                reads &= targets_text
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 items = target.elts if isinstance(target, ast.Tuple | ast.List) else [target]
