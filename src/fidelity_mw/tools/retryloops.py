@@ -289,7 +289,7 @@ class LoopReader:
             return False  # `current = current.parent`: a different thing each turn
         if isinstance(loop, ast.While):
             return True
-        targets = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+        targets = _derived(loop, {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)})
         # an attempt number passed along still makes the same request; a page number,
         # an item, a host or a format does not
         return not {t for t in targets & used if not _ATTEMPT_NAME.search(t)}
@@ -529,6 +529,29 @@ def _always_exits(body: Sequence[ast.stmt], leave_only: bool = False) -> bool:
     `raise`; with leave_only, `raise` does not count: it is not a success)."""
     allowed = {"leave"} if leave_only else {"leave", "raise"}
     return _outcomes(body) <= allowed
+
+
+def _derived(loop: ast.For | ast.AsyncFor, targets: set[str]) -> set[str]:
+    """The loop's item and the names the body computes from it (`i = (start + k) % n`);
+    an attempt number stays itself: what it feeds is still the same call."""
+    out = {t for t in targets}
+    if all(_ATTEMPT_NAME.search(t) for t in targets):
+        return out
+    grew = True
+    while grew:
+        grew = False
+        for node in _walk_own(loop.body):
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value:
+                reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                if not reads & out:
+                    continue
+                targets_ = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets_:
+                    for n in ast.walk(target):
+                        if isinstance(n, ast.Name) and n.id not in out:
+                            out.add(n.id)
+                            grew = True
+    return out
 
 
 def _walking(loop: Loop) -> set[str]:
