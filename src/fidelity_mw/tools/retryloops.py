@@ -13,10 +13,12 @@ ways:
   an exit out of the loop somewhere.
 
 "The same call" rules out loops that walk data: `for fmt in formats: try:
-return parse(s, fmt)` tries a different thing each turn (so does failover
-across hosts); such a loop counts only when its iterable is a counter
-(`range`, `itertools.count`). A handler that only catches data errors
-(`ValueError`, `KeyError`...) is input validation, not a retry.
+return parse(s, fmt)` tries a different thing each turn, and so do failover
+across hosts (also through an index computed from the item), pagination and
+a path walked upwards (`current = current.parent`). An attempt number passed
+along does not make a different call. A handler that only catches data
+errors (`ValueError`, `KeyError`...) or a full or empty queue is not retrying,
+and neither is a loop that only waits for a lock or an event.
 
 The sleep is not required (immediate retries are retries), but raises the
 confidence. It may be anywhere in the loop: in the `except`, after the
