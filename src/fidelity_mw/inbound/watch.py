@@ -217,9 +217,7 @@ class OutcomeRecorder:
         now = self.monotonic()
         refund_now = self.refund_now
         if refund_now is None:
-            return self.store.refund(
-                charged_keys, charged_specs, result.source, now, charged_tats
-            )
+            return self.store.refund(charged_keys, charged_specs, result.source, now, charged_tats)
         try:
             refund_now(charged_keys, charged_specs, now, charged_tats)
         except Exception:
