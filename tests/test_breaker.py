@@ -308,8 +308,8 @@ class ProbeBound(RuleBasedStateMachine):
 
     A probe is in flight from its gate until it reports; the lease is long, so
     no slot is freed by time. Probes of an earlier half-open round that are
-    still running count too: they are real concurrent calls on a recovering
-    route.
+    still running count too (they are real concurrent calls on a recovering
+    route) until the breaker closes: closed, it admits every call anyway.
     """
 
     def __init__(self) -> None:
@@ -327,6 +327,7 @@ class ProbeBound(RuleBasedStateMachine):
         self.breaker = BreakerState(self.config)
         self.now = T0
         self.calls: list[Gate] = []
+        self.closed_epoch = -1
 
     @rule(random=st.floats(min_value=0, max_value=0.999))
     def gate(self, random: float) -> None:
@@ -357,7 +358,13 @@ class ProbeBound(RuleBasedStateMachine):
 
     @invariant()
     def probes_in_flight_within_bound(self) -> None:
-        in_flight = sum(1 for gate in self.calls if gate.verdict == "probe")
+        # A close ends every half-open round: a closed breaker admits everything, so a
+        # probe still running from before it is an ordinary call from then on.
+        if self.breaker.state == CLOSED:
+            self.closed_epoch = self.breaker.epoch
+        in_flight = sum(
+            1 for gate in self.calls if gate.verdict == "probe" and gate.epoch > self.closed_epoch
+        )
         assert in_flight <= self.limit
         assert len(self.breaker.probes) <= self.limit
 
