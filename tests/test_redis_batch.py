@@ -323,3 +323,27 @@ async def test_any_tick_of_admissions_decides_like_the_memory_store(
     want = [memory.admit_now(b, breaker if b else None, k, s, 0.0) for b, k, s in plan]
     assert [flat(r) for r in got] == [flat(r) for r in want]
     assert redis_store.stats.round_trips - redis_store.stats.script_loads == 1
+
+
+async def test_each_event_loop_coalesces_its_own_ticks(redis_url: str) -> None:
+    """A worker thread's loop (a sync transport's) using the store first does not
+    stop the main loop from coalescing, and each loop's batch stays on its loop."""
+    redis_store = store(redis_url)
+    limit = spec(1, 100)
+
+    async def tick() -> list[bool]:
+        got = await asyncio.gather(
+            *(redis_store.admit(None, None, ["l|t"], [limit], 0.0) for _ in range(4))
+        )
+        return [r.admitted for r in got]
+
+    other = asyncio.new_event_loop()  # stays open, as a worker thread's loop would
+    try:
+        in_thread = await anyio.to_thread.run_sync(other.run_until_complete, tick())
+        assert redis_store.coalescer.batches == 1
+        assert await tick() == in_thread == [True] * 4
+        assert redis_store.coalescer.batches == 2
+    finally:
+        await anyio.to_thread.run_sync(other.run_until_complete, redis_store.aclose_loop())
+        other.close()
+        await redis_store.aclose()
