@@ -135,7 +135,7 @@ def test_legacy_app_warns_about_every_overlap():
     assert [(e.name, e.role) for e in smap.stack] == [
         ("examples.legacy_app.TimingMiddleware", "base_http"),
         ("slowapi.middleware.SlowAPIMiddleware", "limiter"),
-        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+        ("fidelity_mw.inbound.middleware.FidelityMiddleware", "fidelity"),
     ]
     assert kinds(smap) == [
         "base-http-middleware",
@@ -171,7 +171,7 @@ def test_plain_asgi_chain_and_built_stack(app_dir: Path):
     )
     smap = from_app("mapped_plain:app")
     assert [(e.name, e.role) for e in smap.stack] == [
-        ("fidelity_mw.asgi.FidelityMiddleware", "fidelity"),
+        ("fidelity_mw.inbound.middleware.FidelityMiddleware", "fidelity"),
         ("starlette.middleware.gzip.GZipMiddleware", "framework"),
     ]
     assert smap.warnings == []

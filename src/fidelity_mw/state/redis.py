@@ -34,14 +34,13 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import importlib.resources
 import logging
 import random
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -69,6 +68,7 @@ from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
 from .redis_batch import Coalescer
+from .scripts import Script, load_script
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -93,23 +93,6 @@ _KEY_CACHE_MAX = 10_000
 
 
 # ---------------------------------------------------------------- scripts
-
-
-class Script(NamedTuple):
-    """One Lua entry script with the shared library prepended, and its SHA1."""
-
-    name: str
-    source: str
-    sha: str
-
-
-def load_script(name: str) -> Script:
-    """Read `lua/lib.lua` + `lua/<name>.lua` from the package (works from a wheel)."""
-    lua = importlib.resources.files("fidelity_mw.state").joinpath("lua")
-    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
-    entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    source = f"{lib}\n-- ---- {name}.lua\n{entry}"
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
 
 
 ADMIT: Final = load_script("admit")

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from .redis import Script
+    from .scripts import Script
 
 # Operations per batch call: bounds the script's run time (Redis runs it alone)
 # and the reply size. A busier tick sends several calls, concurrently.

@@ -500,7 +500,7 @@ _INTERNAL = {
 
 def _classify(cls: type) -> tuple[str, str]:
     """(role, detail) for a middleware class."""
-    from ..asgi import FidelityMiddleware
+    from ..inbound import FidelityMiddleware
 
     names = _mro_names(cls)
     if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
@@ -579,7 +579,7 @@ def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
 
 def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
     """Follow `.app` from middleware to middleware (the pure-ASGI convention)."""
-    from ..asgi import FidelityMiddleware
+    from ..inbound import FidelityMiddleware
 
     node = app
     while node is not None and depth <= 64:
