@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import BreakerConfig, StateConfig
@@ -347,3 +348,78 @@ async def test_each_event_loop_coalesces_its_own_ticks(redis_url: str) -> None:
         await anyio.to_thread.run_sync(other.run_until_complete, redis_store.aclose_loop())
         other.close()
         await redis_store.aclose()
+
+
+# ---------------------------------------------------------------- through the middleware
+
+
+def _middleware(url: str, on_error: str = "local") -> FidelityMiddleware:
+    async def inner(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    policy = Policy(
+        state=StateConfig(url=url, on_error=on_error, timeout_ms=50, connect_timeout_ms=50),  # type: ignore[arg-type]
+        rate_limits=(RateLimit(name="api", rate="3/minute", key="client_ip"),),
+    )
+    return FidelityMiddleware(inner, policy=policy, telemetry=False)
+
+
+async def _requests(app: FidelityMiddleware, n: int) -> list[tuple[int, list[str]]]:
+    """`n` requests in one tick, straight through ASGI: (status, decision sources) each."""
+
+    async def one() -> tuple[int, list[str]]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
+                 "root_path": "", "query_string": b"", "headers": [(b"host", b"t")],
+                 "client": ("10.0.0.1", 1234), "server": ("t", 80), "state": {}}  # fmt: skip
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message) -> None:  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(scope, receive, send)
+        ctx = scope["state"]["fidelity"]
+        return statuses[0], [d.state_source for d in ctx.decisions if d.layer != "deadline"]
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_middleware_requests_of_one_tick_share_a_call_each_with_its_decision(
+    redis_url: str,
+    redis_server,  # type: ignore[no-untyped-def]
+) -> None:
+    app = _middleware(redis_url)
+    with redis_server.client() as client:
+        client.script_load(BATCH.source)
+        client.config_resetstat()
+    try:
+        got = await _requests(app, 5)
+    finally:
+        await app.engine.aclose()
+    calls = script_calls(redis_server)
+    assert [status for status, _ in got] == [200, 200, 200, 429, 429]
+    assert all(sources and set(sources) == {"redis"} for _, sources in got)
+    assert calls.get("evalsha") == 1
+
+
+@pytest.mark.parametrize(("on_error", "statuses"), [
+    ("local", [200, 200, 200, 429, 429]), ("open", [200] * 5), ("closed", [503] * 5),
+])  # fmt: skip
+async def test_middleware_batch_on_a_killed_redis_falls_back_per_request(
+    own_redis,  # type: ignore[no-untyped-def]
+    on_error: str,
+    statuses: list[int],
+) -> None:
+    app = _middleware(own_redis.url, on_error)
+    own_redis.kill()
+    try:
+        got = await _requests(app, 5)
+    finally:
+        await app.engine.aclose()
+    assert [status for status, _ in got] == statuses
+    assert all(sources and set(sources) == {"fallback"} for _, sources in got)
