@@ -2,7 +2,9 @@
 
 - accuracy: a global 200/s limit (burst 20) under ~2x that load for a few
   seconds; exact mode admits at most rate x t + burst (+1 %); tiered mode's
-  over-admission and round trips per request are measured and printed;
+  over-admission and round trips per request are measured and printed, with
+  even arrivals and in simultaneous groups of 8;
+- tiered round trips on a hot key with room at 1600 requests/s;
 - faults while a bounded load runs: Redis SIGKILLed and restarted, then
   SIGSTOPped and SIGCONTed; every request is answered, never with a 500,
   fallback decisions are recorded, and the time to recover is measured.
