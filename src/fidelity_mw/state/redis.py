@@ -1,10 +1,12 @@
 """Redis state: fleet-wide limits and breakers in Lua scripts, with explicit failure modes.
 
-One EVALSHA per inbound request: `admit.lua` decides the route breaker gate and
-every rate limit of the request atomically, on the server's clock (`TIME`),
-with the same semantics as `MemoryStore.admit_now` (all-or-nothing commit; a
-probe slot given back when a limit rejects). `record` is one call too, and is
-skipped when there is nothing to record.
+One script call per inbound request, shared with the other requests of its
+event-loop tick: `admit.lua` decides the route breaker gate and every rate
+limit of the request atomically, on the server's clock (`TIME`), with the same
+semantics as `MemoryStore.admit_now` (all-or-nothing commit; a probe slot given
+back when a limit rejects); requests arriving together go as one `batch.lua`
+call that decides each of them the same way (redis_batch.py). `record` is one
+call too (shared the same way), and is skipped when there is nothing to record.
 
 Keys (see docs/state.md): ``{prefix}:rl:<h>`` (GCRA TAT), ``{prefix}:br:<h>``
 (breaker hash), ``{prefix}:bp:<h>`` (probe leases), ``{prefix}:bu:<h>`` (retry
@@ -306,7 +308,7 @@ _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 
 
 class RedisStore(StateStore):
-    """Exact fleet-wide state: one script call per inbound request."""
+    """Exact fleet-wide state: one script call per inbound request, or per tick under load."""
 
     source = SOURCE_REDIS
     # Coalesce one event-loop tick's admissions and records into one script call
