@@ -90,6 +90,8 @@ async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pi
         schema.STALE_DECISIONS: 0,
         schema.ROUTE: "/items/{id}",
         schema.CLIENT_KEY_HASH: otel.telemetry.hash_client_key("127.0.0.1"),
+        schema.DECISIONS: "deadline/allow/route_default@request "
+        "breaker/allow/breaker_closed@memory ratelimit/allow/under_limit@memory",
     }
     assert span.status.status_code is StatusCode.UNSET
 
@@ -473,3 +475,52 @@ async def test_own_span_keeps_the_callers_context(otel: Pipeline) -> None:
     assert (await call(outer, "/ok")).status_code == 200
     assert seen == {"value": "kept", "tenant": "acme", "span": True}
     only_span(otel)  # ours, and still one
+
+
+# ------------------------------------------------------------ the default: one summary
+
+
+async def test_default_is_one_summary_and_events_only_for_non_allow_decisions() -> None:
+    otel = pipeline(decision_events="non_allow")
+    try:
+        app = app_with(otel, policy(rate_limits=(RateLimit(name="one", rate="1/s", burst=1),)))
+        assert (await call(app, "/ok")).status_code == 200
+        assert (await call(app, "/ok")).status_code == 429
+        served, rejected = otel.finished()
+        assert decision_events(served) == []
+        assert dict(served.attributes or {})[schema.DECISIONS] == (
+            "deadline/allow/route_default@request breaker/allow/breaker_closed@memory "
+            "ratelimit/allow/under_limit@memory"
+        )
+        summary = dict(rejected.attributes or {})[schema.DECISIONS].split(" ")
+        assert summary[-1] == "ratelimit/reject/over_limit@memory"
+        (event,) = decision_events(rejected)
+        assert (event[schema.LAYER], event[schema.VERDICT], event[schema.SUBJECT]) == (
+            "ratelimit",
+            "reject",
+            "one",
+        )
+    finally:
+        otel.shutdown()
+
+
+def test_decision_events_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="decision_events"):
+        Telemetry(decision_events="some")
+
+
+def test_telemetry_uses_no_private_opentelemetry_names() -> None:
+    """Only public OpenTelemetry API: no `module._private` attribute, no `_internal` module,
+    no private method of an SDK class (an SDK upgrade may remove any of them)."""
+    import re
+    from pathlib import Path
+
+    import fidelity_mw.telemetry as package
+
+    private = re.compile(
+        r"\b(?:trace_api|metrics_api|otel_context|propagate|opentelemetry[\w.]*)\._\w"
+        r"|_internal\b|\._add_event\b|_SUPPRESS\w*_KEY|_ProxyMeterProvider"
+    )
+    for path in Path(package.__file__).parent.glob("*.py"):
+        hits = [line for line in path.read_text().splitlines() if private.search(line)]
+        assert hits == [], path.name

@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
@@ -44,7 +44,6 @@ from opentelemetry import metrics as metrics_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
-from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
     INVALID_SPAN,
@@ -59,6 +58,7 @@ from opentelemetry.trace import (
 )
 
 from ..context import (
+    ALLOW,
     GIVE_UP,
     LAYER_BREAKER,
     LAYER_BUDGET,
@@ -153,67 +153,87 @@ _ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
 # Decisions on process-local state (or on the request itself) are always fresh: the
 # state-age histogram records the others only.
 _LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
-_MISSING: Final = object()
-# The key opentelemetry-instrumentation-* check before starting HTTP spans (API-level).
-_SUPPRESS_HTTP_KEY: Final[str] = getattr(
-    otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", "suppress_http_instrumentation"
-)
+# While no global provider is set, the API is asked again at most this often (its
+# getters read the environment on every call, ~0.7 us).
+_RECHECK_S: Final = 1.0
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _global_tracer_provider() -> TracerProvider | None:
-    """The globally set tracer provider, or None while only the API's proxy exists.
+class _GlobalProviders:
+    """The global providers, through the public API only.
 
-    `trace.get_tracer_provider()` costs ~1 us (it checks an environment
-    variable on every call); the module global costs ~20 ns. The fallback
-    keeps this correct should the private name ever go away.
+    A global provider is set once for the life of the process, so once one is
+    found it is kept. Until then the answer "none yet" is trusted for
+    `_RECHECK_S`: a provider set later (e.g. `configure_otel()` after the
+    app is built) is picked up within a second, or at once after `refresh()`,
+    which `configure_otel` calls.
     """
-    provider = getattr(trace_api, "_TRACER_PROVIDER", _MISSING)
-    if provider is _MISSING:
+
+    __slots__ = ("meter", "next_meter", "next_tracer", "tracer")
+
+    def __init__(self) -> None:
+        self.tracer: TracerProvider | None = None
+        self.meter: MeterProvider | None = None
+        self.next_tracer = 0.0
+        self.next_meter = 0.0
+
+    def refresh(self) -> None:
+        self.next_tracer = self.next_meter = 0.0
+
+    def tracer_provider(self) -> TracerProvider | None:
+        provider = self.tracer
+        if provider is not None:
+            return provider
+        now = time.monotonic()
+        if now < self.next_tracer:
+            return None
+        self.next_tracer = now + _RECHECK_S
         provider = trace_api.get_tracer_provider()
-        return None if isinstance(provider, ProxyTracerProvider) else provider
-    return provider  # type: ignore[return-value]
+        if isinstance(provider, ProxyTracerProvider):
+            return None
+        self.tracer = provider
+        return provider
 
-
-if hasattr(trace_api, "_TRACER_PROVIDER") and hasattr(_metrics_internal, "_METER_PROVIDER"):
-
-    def _no_global_tracer_provider() -> bool:
-        return trace_api._TRACER_PROVIDER is None
-
-    def _no_global_meter_provider() -> bool:
-        return _metrics_internal._METER_PROVIDER is None
-
-else:  # pragma: no cover - the API moved its globals: take the public road
-
-    def _no_global_tracer_provider() -> bool:
-        return _global_tracer_provider() is None
-
-    def _no_global_meter_provider() -> bool:
-        return _global_meter_provider() is None
-
-
-def _global_meter_provider() -> MeterProvider | None:
-    provider = getattr(_metrics_internal, "_METER_PROVIDER", _MISSING)
-    if provider is _MISSING:
+    def meter_provider(self) -> MeterProvider | None:
+        provider = self.meter
+        if provider is not None:
+            return provider
+        now = time.monotonic()
+        if now < self.next_meter:
+            return None
+        self.next_meter = now + _RECHECK_S
         provider = metrics_api.get_meter_provider()
-        return None if _is_proxy_meter_provider(provider) else provider
-    return provider  # type: ignore[return-value]
+        if _is_proxy_meter_provider(provider):
+            return None
+        self.meter = provider
+        return provider
 
 
 def _is_proxy_meter_provider(provider: object) -> bool:
-    """The API's stand-in until a global MeterProvider is set (a private class)."""
-    return type(provider).__name__ == "_ProxyMeterProvider"
+    """The API's stand-in until a global MeterProvider is set. Its class is not public:
+    any provider the API package defines, other than the explicit no-op one, is it."""
+    return (
+        provider is not None
+        and type(provider).__module__.startswith("opentelemetry.metrics")
+        and not isinstance(provider, metrics_api.NoOpMeterProvider)
+    )
 
 
-def _load_env_providers() -> None:
-    """`OTEL_PYTHON_TRACER_PROVIDER` / `..._METER_PROVIDER` are loaded by the API lazily, on
-    the first `get_*_provider()` call; make that call once so the fast checks above see them."""
-    if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
-        trace_api.get_tracer_provider()
-    if "OTEL_PYTHON_METER_PROVIDER" in os.environ:
-        metrics_api.get_meter_provider()
+GLOBAL_PROVIDERS: Final = _GlobalProviders()
+
+
+def global_tracer_provider() -> TracerProvider | None:
+    """The globally set tracer provider, or None while only the API's proxy exists."""
+    GLOBAL_PROVIDERS.refresh()
+    return GLOBAL_PROVIDERS.tracer_provider()
+
+
+def global_meter_provider() -> MeterProvider | None:
+    """The globally set meter provider, or None while only the API's proxy exists."""
+    GLOBAL_PROVIDERS.refresh()
+    return GLOBAL_PROVIDERS.meter_provider()
 
 
 class _ScopeGetter(Getter[Any]):
@@ -361,7 +381,7 @@ class _Inbound:
 class _Attempt:
     """The token `attempt_start` hands to `attempt_end`."""
 
-    __slots__ = ("attrs", "owned", "span", "started", "token")
+    __slots__ = ("attrs", "owned", "span", "started", "suppress", "token")
 
     def __init__(
         self,
@@ -370,12 +390,14 @@ class _Attempt:
         owned: bool,
         started: float,
         attrs: dict[str, Any] | None,
+        suppress: AbstractContextManager[None] | None = None,
     ) -> None:
         self.span = span
         self.token = token
         self.owned = owned
         self.started = started
         self.attrs = attrs
+        self.suppress = suppress  # entered: httpx instrumentation's spans held off
 
 
 # ---------------------------------------------------------------- metrics
@@ -551,7 +573,10 @@ class Telemetry:
     FidelityTransport).
 
     `tracer_provider` / `meter_provider`: explicit wiring; default the global
-    providers (looked up per request until one is set, then cached).
+    providers (picked up within a second of being set, then kept).
+    `decision_events`: `"non_allow"` (default) adds a `fidelity.decision` span
+    event only for decisions other than `allow` - every decision is in the
+    packed `fidelity.decisions` attribute anyway; `"all"` adds one per decision.
     `client_spans`: one CLIENT span per outbound attempt (default True);
     False leaves outbound spans to opentelemetry-instrumentation-httpx and only
     injects trace context. `client_key_salt`: key for hashing client keys into
@@ -570,8 +595,11 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         client_spans: bool = True,
         client_key_salt: bytes | str | None = None,
+        decision_events: str = "non_allow",
     ) -> None:
-        _load_env_providers()
+        if decision_events not in ("non_allow", "all"):
+            raise ValueError(f"decision_events={decision_events!r}: 'non_allow' or 'all'")
+        self.all_events = decision_events == "all"
         if isinstance(tracer_provider, ProxyTracerProvider):
             tracer_provider = None  # "the global one, whenever it is set"
         if _is_proxy_meter_provider(meter_provider):
@@ -601,7 +629,7 @@ class Telemetry:
     def _get_tracer(self) -> Tracer | None:
         if self._tracing_off:
             return None
-        provider = self._tracer_provider or _global_tracer_provider()
+        provider = self._tracer_provider or GLOBAL_PROVIDERS.tracer_provider()
         if provider is None:
             return None
         if isinstance(provider, NoOpTracerProvider):
@@ -617,7 +645,7 @@ class Telemetry:
     def _get_metrics(self) -> _Metrics | None:
         if self._metrics_off:
             return None
-        provider = self._meter_provider or _global_meter_provider()
+        provider = self._meter_provider or GLOBAL_PROVIDERS.meter_provider()
         if provider is None:
             return None
         if isinstance(provider, metrics_api.NoOpMeterProvider):
@@ -634,9 +662,7 @@ class Telemetry:
     def start(self, ctx: DecisionContext, scope: Scope) -> _Inbound | None:
         tracer = self._tracer
         if tracer is None:
-            if self._tracer_provider is None and _no_global_tracer_provider():
-                return None  # no SDK: the common fast way out
-            tracer = self._get_tracer()
+            tracer = self._get_tracer()  # no SDK: None, at the cost of a clock read
             if tracer is None:
                 return None
         engine = ctx.engine
@@ -713,11 +739,7 @@ class Telemetry:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
-        metrics = self._metrics
-        if metrics is None:
-            if self._meter_provider is None and _no_global_meter_provider():
-                return
-            metrics = self._get_metrics()
+        metrics = self._metrics or self._get_metrics()
         if metrics is not None:
             if decisions is None:
                 decisions = ctx.decisions
@@ -752,14 +774,12 @@ class Telemetry:
         provisional: bool = False,
     ) -> None:
         span = token.span
-        stale = 0
-        for d in decisions:
-            if d.is_stale:
-                stale += 1
+        packed, stale = _pack(decisions)
         attrs: dict[str, Any] = {
             s.POLICY_VERSION: ctx.policy_version,
             s.STALE_DECISIONS: stale,
             s.ROUTE: ctx.route,
+            s.DECISIONS: packed,
         }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
@@ -796,12 +816,15 @@ class Telemetry:
         self._add_events(span, ctx, decisions if exported <= 0 else decisions[exported:])
 
     def _add_events(self, span: Span, ctx: DecisionContext, decisions: Sequence[Decision]) -> None:
+        """One `fidelity.decision` event per decision that is not `allow` (per decision
+        with `decision_events="all"`): the packed summary already lists them all."""
+        if not self.all_events:
+            decisions = [d for d in decisions if d.verdict != ALLOW]
         if not decisions:
             return
         # Decision.at is on the engine's monotonic clock; events want epoch nanoseconds.
         now_ns = time.time_ns()
         offset_ns = now_ns - int(ctx.engine.clock.monotonic() * 1e9)
-        raw = _raw_event_adder(span)
         for d in decisions:
             layer, subject, verdict, reason, source, age_s, at, details = d
             attrs: dict[str, Any] = {
@@ -820,10 +843,7 @@ class Telemetry:
                         value = str(value)
                     attrs[_DETAIL_PREFIX + key] = value
             timestamp = offset_ns + int(at * 1e9) if at else now_ns
-            if raw is not None:
-                raw[0](span, raw[1](_DECISION_EVENT, MappingProxyType(attrs), timestamp))
-            else:
-                span.add_event(_DECISION_EVENT, attrs, timestamp)
+            span.add_event(_DECISION_EVENT, attrs, timestamp)
 
     # ------------------------------------------------------------ outbound
 
@@ -832,8 +852,7 @@ class Telemetry:
     ) -> _Attempt | None:
         tracer = self._tracer
         if tracer is None:
-            if self._tracer_provider is not None or not _no_global_tracer_provider():
-                tracer = self._get_tracer()
+            tracer = self._get_tracer()
             if tracer is None:
                 # No tracing here, but a propagated trace passes through untouched.
                 if trace_api.get_current_span().get_span_context().is_valid:
@@ -863,18 +882,19 @@ class Telemetry:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
         if attempt > 1:
             attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
+        decisions = _attempt_decisions(ctx, url)
+        if decisions:
+            attrs[s.DECISIONS] = _pack(decisions)[0]
         span = tracer.start_span(
             method if method != "_OTHER" else "HTTP", kind=SpanKind.CLIENT, attributes=attrs
         )
         span_ctx = trace_api.set_span_in_context(span)
         propagate.inject(request.headers, context=span_ctx)
-        if _httpx_instrumented():
-            # Their span for httpx's own transport would double ours.
-            span_ctx = otel_context.set_value(_SUPPRESS_HTTP_KEY, True, span_ctx)
         token = otel_context.attach(span_ctx)
-        self._add_events(span, ctx, _attempt_decisions(ctx, url))
+        suppress = _suppress_httpx_spans()
+        self._add_events(span, ctx, decisions)
         self._observe_engine(ctx)
-        return _Attempt(span, token, True, time.perf_counter(), attrs)
+        return _Attempt(span, token, True, time.perf_counter(), attrs, suppress)
 
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None
@@ -898,6 +918,8 @@ class Telemetry:
                 span.add_event(s.ATTEMPT_EVENT, event)
             return
         try:
+            if token.suppress is not None:
+                token.suppress.__exit__(None, None, None)
             if token.token is not None:
                 otel_context.detach(token.token)
         finally:
@@ -1007,28 +1029,36 @@ class Telemetry:
         return out
 
 
-# The SDK's `Span.add_event` re-validates every attribute (a few microseconds per event);
-# ours are built above from typed fields, so for SDK spans the event goes in through
-# `Span._add_event(Event(...))`, which keeps the span's event limit and the ended-span
-# check. Any other span class - or an SDK that renamed these - takes the public call.
-_RAW_EVENTS: dict[type, tuple[Any, Any] | None] = {}
+def _pack(decisions: Sequence[Decision]) -> tuple[str, int]:
+    """(`fidelity.decisions`, stale count): every decision as `layer/verdict/reason@source`,
+    `+<age>ms` appended when the state had an age, separated by spaces. One string
+    attribute costs the SDK one validation, where an event per decision costs several."""
+    parts = []
+    stale = 0
+    for d in decisions:
+        age_s = d.state_age_s
+        if age_s:
+            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}+{age_s * 1000.0:g}ms")
+        else:
+            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}")
+        if d.is_stale:
+            stale += 1
+    return " ".join(parts), stale
 
 
-def _raw_event_adder(span: Span) -> tuple[Any, Any] | None:
-    cls = type(span)
-    try:
-        return _RAW_EVENTS[cls]
-    except KeyError:
-        pass
-    found: tuple[Any, Any] | None = None
-    sdk = sys.modules.get("opentelemetry.sdk.trace")
-    if sdk is not None and cls.__module__ == "opentelemetry.sdk.trace":
-        add = getattr(cls, "_add_event", None)
-        event = getattr(sdk, "Event", None)
-        if callable(add) and isinstance(event, type):
-            found = (add, event)
-    _RAW_EVENTS[cls] = found
-    return found
+def _suppress_httpx_spans() -> AbstractContextManager[None] | None:
+    """While our attempt span is current, hold off opentelemetry-instrumentation-httpx's
+    span for httpx's own inner transport (it would double ours), through the
+    instrumentation package's public switch. Entered here, exited by `attempt_end`."""
+    if not _httpx_instrumented():
+        return None
+    utils = sys.modules.get("opentelemetry.instrumentation.utils")
+    switch = getattr(utils, "suppress_http_instrumentation", None)
+    if switch is None:
+        return None
+    manager: AbstractContextManager[None] = switch()
+    manager.__enter__()
+    return manager
 
 
 def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:

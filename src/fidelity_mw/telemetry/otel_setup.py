@@ -33,7 +33,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from .observer import _global_meter_provider, _global_tracer_provider
+from .observer import GLOBAL_PROVIDERS, global_meter_provider, global_tracer_provider
 
 logger = logging.getLogger("fidelity_mw.telemetry")
 
@@ -123,7 +123,7 @@ def configure_otel(
     setup = OtelSetup(trace_api.NoOpTracerProvider(), metrics_api.NoOpMeterProvider())
 
     if traces:
-        existing = _global_tracer_provider() if set_global else None
+        existing = global_tracer_provider() if set_global else None
         if existing is not None:
             logger.warning("fidelity_mw: a global TracerProvider is already set; keeping it")
             setup.tracer_provider = existing
@@ -133,7 +133,7 @@ def configure_otel(
             if set_global:
                 trace_api.set_tracer_provider(setup.tracer_provider)
     if metrics:
-        existing_m = _global_meter_provider() if set_global else None
+        existing_m = global_meter_provider() if set_global else None
         if existing_m is not None:
             logger.warning("fidelity_mw: a global MeterProvider is already set; keeping it")
             setup.meter_provider = existing_m
@@ -142,6 +142,7 @@ def configure_otel(
             setup.owned.append(setup.meter_provider)
             if set_global:
                 metrics_api.set_meter_provider(setup.meter_provider)
+    GLOBAL_PROVIDERS.refresh()  # observers pick the new providers up at once
     return setup
 
 
