@@ -524,3 +524,44 @@ def test_telemetry_uses_no_private_opentelemetry_names() -> None:
     for path in Path(package.__file__).parent.glob("*.py"):
         hits = [line for line in path.read_text().splitlines() if private.search(line)]
         assert hits == [], path.name
+
+
+# ------------------------------------------------------------ OTel's provider convention
+
+
+async def test_middleware_and_transport_take_tracer_and_meter_providers() -> None:
+    """Like OpenTelemetry's own instrumentations: providers for this app only, no globals."""
+    import httpx
+
+    from fidelity_mw import FidelityTransport
+
+    otel = pipeline()
+    try:
+        app = starlette_app()
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=policy(),
+            clock=FakeClock(),
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        assert (await call(app, "/ok")).status_code == 200
+        (server,) = otel.finished()
+        assert server.kind is SpanKind.SERVER
+        assert dict(server.attributes or {})[schema.DECIDED_BY] == "app"
+        requests = counter_values(otel.metrics, schema.METRIC_REQUESTS, schema.OUTCOME)
+        assert requests == {("served",): 1}
+
+        otel.spans.clear()
+        transport = FidelityTransport(
+            httpx.MockTransport(lambda request: httpx.Response(200)),
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get("http://up.example/x")).status_code == 200
+        (attempt,) = otel.finished()
+        assert attempt.kind is SpanKind.CLIENT
+        assert dict(attempt.attributes or {})["server.address"] == "up.example"
+    finally:
+        otel.shutdown()

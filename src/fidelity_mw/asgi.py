@@ -104,7 +104,13 @@ class FidelityMiddleware:
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
         telemetry: bool = True,
+        tracer_provider: Any = None,  # OpenTelemetry's convention: this app's providers,
+        meter_provider: Any = None,  # not the global ones (docs/telemetry.md)
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from .telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         self.app = app
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = pol = self.engine.policy
