@@ -71,6 +71,13 @@ SCRIPT = textwrap.dedent(
         else:
             raise SystemExit(f"{{url}}: no PolicyError without the redis extra")
 
+    from fidelity_mw.telemetry import configure_otel
+
+    try:
+        configure_otel("svc")
+    except ImportError as exc:
+        print("OTEL", exc)
+
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("redis", "prometheus_client")
                     or m.startswith(("opentelemetry.sdk", "opentelemetry.exporter")))
     print("LOADED", loaded)
@@ -89,6 +96,9 @@ def test_core_path_runs_without_the_extras_and_names_the_redis_extra() -> None:
         assert "pip install 'fidelity-mw[redis]'" in line
         assert "state.url" in line
     assert "LOADED []" in proc.stdout
+    assert "OTEL configure_otel needs the OpenTelemetry SDK: pip install 'fidelity-mw[otel]'" in (
+        proc.stdout
+    )
 
 
 def test_redis_url_error_does_not_echo_a_password(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ shared default one (global providers) unless given their own:
 
     from fidelity_mw.telemetry import Telemetry, configure_otel
 
-    configure_otel(service_name="checkout")        # SDK + OTLP/HTTP from OTEL_* env vars
+    configure_otel(service_name="checkout")   # the SDK's configurator: OTEL_* env / config file
     app.add_middleware(FidelityMiddleware, policy=policy)
 
     # or explicit wiring, no globals (OpenTelemetry's convention):
@@ -15,8 +15,8 @@ shared default one (global providers) unless given their own:
     app.add_middleware(FidelityMiddleware, policy=policy, observer=tel)
     client = httpx.AsyncClient(transport=FidelityTransport(observer=tel))
 
-Only `opentelemetry-api` is needed at run time; the SDK is imported by
-`configure_otel` alone.
+Only `opentelemetry-api` is needed at run time; the SDK (the `otel` extra) is
+imported by `configure_otel` alone.
 """
 
 from __future__ import annotations

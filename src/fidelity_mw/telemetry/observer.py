@@ -22,8 +22,9 @@ the whole transport), we defer to that span and annotate it instead of
 nesting CLIENT spans.
 
 Without an SDK (the API's default proxy/no-op providers) every hook returns
-after a couple of attribute reads; the global providers are picked up the
-moment one is set, so `configure_otel()` may run after the app is built.
+after a clock read; a global provider set later is picked up within a second
+(at once when `configure_otel()` set it), so it may run after the app is built.
+Only public OpenTelemetry API is used.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ _KNOWN_METHODS: Final = frozenset(
 _SENSITIVE_QUERY_KEYS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
 _SENSITIVE_QUERY_BYTES: Final = tuple(k.encode() for k in _SENSITIVE_QUERY_KEYS)
 _UNMATCHED_ROUTE: Final = "!unmatched"  # routes.UNMATCHED, without importing starlette here
-_STATE_AGE_BUCKETS: Final = (
+STATE_AGE_BUCKETS: Final = (
     0.0,
     0.001,
     0.005,
@@ -126,7 +127,7 @@ _STATE_AGE_BUCKETS: Final = (
     30.0,
     60.0,
 )
-_DURATION_BUCKETS: Final = (
+DURATION_BUCKETS: Final = (
     0.005,
     0.01,
     0.025,
@@ -475,14 +476,14 @@ class _Metrics:
             s.METRIC_STATE_AGE,
             "s",
             "Age of the shared state a decision was taken on (redis, cache, fallback).",
-            _STATE_AGE_BUCKETS,
+            STATE_AGE_BUCKETS,
         )
         self.client_duration = _histogram(
             meter,
             s.METRIC_CLIENT_DURATION,
             "s",
             "Duration of HTTP client request attempts made through FidelityTransport.",
-            _DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
         owner_ref = weakref.ref(owner)
 
