@@ -53,7 +53,7 @@ from starlette.routing import Route
 from benchmarks._asgi import CLIENT, hello, run_batch
 from benchmarks._results import stamp, write_section
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.breaker import SUCCESS
+from fidelity_mw.decide.breaker import SUCCESS
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import ADMIT, RedisStore, breaker_args, hashed_key

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fidelity_mw.audit import (
+from fidelity_mw.tools.audit import (
     BREAKER,
     LIMITER,
     RETRY,

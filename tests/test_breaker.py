@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fidelity_mw import BreakerConfig
-from fidelity_mw.breaker import (
+from fidelity_mw.decide.breaker import (
     CLOSED,
     FAILURE,
     HALF_OPEN,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fidelity_mw.cli import main
+from fidelity_mw.tools.cli import main
 
 FIXTURES = "tests/fixtures/audit"
 

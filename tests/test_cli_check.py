@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fidelity_mw.cli import main
-from fidelity_mw.policy_lines import locate_keys, toml_error_position
+from fidelity_mw.policy.lines import locate_keys, toml_error_position
+from fidelity_mw.tools.cli import main
 
 GOOD = """\
 version = 1

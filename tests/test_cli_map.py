@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fidelity_mw.cli import main
+from fidelity_mw.tools.cli import main
 
 
 def test_text_from_a_policy_file(capsys: pytest.CaptureFixture[str]):

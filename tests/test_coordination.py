@@ -28,7 +28,7 @@ from fidelity_mw import (
     UpstreamConfig,
     current,
 )
-from fidelity_mw.breaker import CLOSED, OPEN
+from fidelity_mw.decide.breaker import CLOSED, OPEN
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from fidelity_mw import cli
 from fidelity_mw.demo.metrics import VariantResult
 from fidelity_mw.demo.records import ClientRequest, DemoDecision, FrontRecord
 from fidelity_mw.demo.report import METRIC_DEFINITIONS, render_table
 from fidelity_mw.demo.scenario import ScenarioConfig
+from fidelity_mw.tools import cli
 
 VARIANT_METRICS = {
     "label",

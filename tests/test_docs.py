@@ -148,7 +148,7 @@ def working_directory(path: Path) -> Iterator[None]:
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:
-    from fidelity_mw.cli import main
+    from fidelity_mw.tools.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -293,7 +293,7 @@ def test_docs_run_code():
 
 
 def test_every_policy_key_is_documented():
-    from fidelity_mw.policy_reference import key_docs
+    from fidelity_mw.policy.reference import key_docs
 
     documented = {doc.path for doc in key_docs()}
     # spot-check the generator against the dataclasses, one field per section

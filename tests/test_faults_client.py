@@ -34,7 +34,7 @@ from fidelity_mw import (
     RetryConfig,
     UpstreamConfig,
 )
-from fidelity_mw.breaker import CLOSED
+from fidelity_mw.decide.breaker import CLOSED
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from test_faults_support import (

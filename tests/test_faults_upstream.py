@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from fidelity_mw import BreakerConfig, DeadlineConfig, Policy, RetryConfig, UpstreamConfig
-from fidelity_mw.breaker import CLOSED
+from fidelity_mw.decide.breaker import CLOSED
 from fidelity_mw.testing import FakeClock, seeded_random
 from test_faults_support import (
     HANG,

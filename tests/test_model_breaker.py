@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 )
 
 from fidelity_mw import BreakerConfig
-from fidelity_mw.breaker import FAILURE, IGNORED, SUCCESS, BreakerState, Gate
+from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, BreakerState, Gate
 from test_model_reference import CLOSED, OPEN, RefBreaker, RefCall
 
 T0 = 1_000.0

@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fidelity_mw.ratelimit import gcra
+from fidelity_mw.decide.gcra import gcra
 from test_model_reference import RefBucket, floors_near
 
 T0 = 1_000.0

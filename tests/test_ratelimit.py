@@ -15,7 +15,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.ratelimit import gcra, policy_field, retry_after_header
+from fidelity_mw.decide.gcra import gcra, policy_field, retry_after_header
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock

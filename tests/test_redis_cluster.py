@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from fidelity_mw.breaker import FAILURE
+from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import ADMIT, RedisStore

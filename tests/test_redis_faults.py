@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.breaker import FAILURE
+from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from fidelity_mw.breaker import FAILURE
+from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore, hashed_key

@@ -22,7 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
-from fidelity_mw.breaker import FAILURE, SUCCESS
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.errors import PolicyError
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec

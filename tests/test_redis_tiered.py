@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 
-from fidelity_mw.breaker import FAILURE, SUCCESS
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.tiered import TieredStore

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fidelity_mw.policy import RetryConfig
-from fidelity_mw.retry import (
+from fidelity_mw.decide.budget import BudgetWindow, budget_allowance, budget_allows
+from fidelity_mw.decide.retry import (
     GIVE_UP_ATTEMPTS,
     GIVE_UP_BODY,
     GIVE_UP_DEADLINE,
@@ -19,17 +19,15 @@ from fidelity_mw.retry import (
     GIVE_UP_NO_RETRY_AFTER,
     GIVE_UP_NOT_IDEMPOTENT,
     GIVE_UP_RETRY_AFTER,
-    BudgetWindow,
     backoff_ceiling,
     backoff_delay,
-    budget_allowance,
-    budget_allows,
     is_idempotent,
     parse_retry_after,
     plan_retry,
     retryable_error,
     retryable_status,
 )
+from fidelity_mw.policy import RetryConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import seeded_random
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fidelity_mw import Policy
-from fidelity_mw.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
+from fidelity_mw.tools.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
 
 POLICY = {
     "state": {"url": "memory://"},

@@ -39,7 +39,7 @@ def outbound_client(tel: Telemetry) -> httpx.AsyncClient:
     """FidelityTransport when it is available (it injects context per attempt through the
     observer); plain httpx with propagate.inject otherwise."""
     try:
-        from fidelity_mw.transport import FidelityTransport
+        from fidelity_mw.outbound.transport import FidelityTransport
     except ImportError:  # pragma: no cover - before the outbound work lands
         return httpx.AsyncClient(event_hooks={"request": [_inject]})
     return httpx.AsyncClient(transport=FidelityTransport(observer=tel))

@@ -193,7 +193,7 @@ def test_client_duration_metric(otel: Pipeline) -> None:
 
 
 def transport_module() -> Any:
-    return pytest.importorskip("fidelity_mw.transport")
+    return pytest.importorskip("fidelity_mw.outbound.transport")
 
 
 async def test_fidelity_transport_retries_make_one_span_per_attempt(otel: Pipeline) -> None:

@@ -37,14 +37,14 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import _CURRENT, Decision
 from fidelity_mw.errors import DeadlineExceeded
-from fidelity_mw.state.memory import MemoryStore
-from fidelity_mw.testing import FakeClock, seeded_random
-from fidelity_mw.transport import (
+from fidelity_mw.outbound.transport import (
     bounded_timeouts,
     connected_peer_trusted,
     error_kind,
     literal_peer_trusted,
 )
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
 

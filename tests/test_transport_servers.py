@@ -28,8 +28,8 @@ from fidelity_mw import (
     UpstreamConfig,
 )
 from fidelity_mw.context import _CURRENT
+from fidelity_mw.outbound.transport import connected_peer_trusted
 from fidelity_mw.testing import FakeClock, seeded_random
-from fidelity_mw.transport import connected_peer_trusted
 
 pytestmark = pytest.mark.anyio
 

@@ -63,6 +63,7 @@ from ..context import DecisionContext, current
 from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import RequestObserver
+from ..outbound import FidelityTransport
 from ..policy import (
     BreakerConfig,
     DeadlineConfig,
@@ -71,7 +72,6 @@ from ..policy import (
     RetryConfig,
     UpstreamConfig,
 )
-from ..transport import FidelityTransport
 from .records import (
     CLIENT_HEADER,
     CURRENT_RECORD,

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._types import Clock, RandomSource
-from ..breaker import CLOSED, FAILURE, IGNORED, OPEN, Gate
+from ..decide.breaker import CLOSED, FAILURE, IGNORED, OPEN, Gate
+from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from ..ratelimit import LimitVerdict
 from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
 

@@ -1,7 +1,7 @@
 """The policy key reference (docs/policy.md), generated from the dataclasses themselves.
 
 Type, default and allowed range come from each field's annotation, default and
-validation check (`_spec(default, check)` in policy.py), so they cannot drift
+validation check (`_spec(default, check)` in policy/model.py), so they cannot drift
 from what `Policy` accepts. Only the one-line descriptions are written by
 hand, here; `tests/test_docs.py` fails when a field has none, when a
 description names a key that no longer exists, and when docs/policy.md is not
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .policy import (
+from .model import (
     BreakerConfig,
     DeadlineConfig,
     Policy,
@@ -100,6 +100,10 @@ DESCRIPTIONS: dict[str, str] = {
     "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
     "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
     "is recorded. Private and loopback networks by default.",
+    "forwarded_header": "The one forwarding header `trusted_proxies` set: "
+    "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
+    "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
+    "one passes a client-sent value of the other through untouched.",
     "rate_limit_headers": "When responses carry the IETF `RateLimit` / `RateLimit-Policy` "
     "fields: on every limited response, only on 429s, or never.",
     # [state]
@@ -218,7 +222,7 @@ def _num(value: float) -> str:
 
 
 def describe_check(check: Callable[..., Any] | None) -> str:
-    """The allowed values, read from a validation check of policy.py."""
+    """The allowed values, read from a validation check of policy/model.py."""
     if check is None:
         return "see description"
     name = check.__qualname__
@@ -251,7 +255,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
     }
     if name in fixed:
         return fixed[name]
-    raise ValueError(f"policy_reference cannot describe the check {name!r}: teach describe_check")
+    raise ValueError(f"policy.reference cannot describe the check {name!r}: teach describe_check")
 
 
 _TYPES = {
@@ -278,7 +282,7 @@ def describe_type(annotation: object) -> str:
         return "string"
     if text in _TYPES:
         return _TYPES[text]
-    raise ValueError(f"policy_reference cannot describe the type {text!r}: teach describe_type")
+    raise ValueError(f"policy.reference cannot describe the type {text!r}: teach describe_type")
 
 
 def toml_value(value: Any) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .policy import BreakerConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
+from ..policy import BreakerConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
 
 # ---------------------------------------------------------------- the model
 
@@ -500,7 +500,7 @@ _INTERNAL = {
 
 def _classify(cls: type) -> tuple[str, str]:
     """(role, detail) for a middleware class."""
-    from .asgi import FidelityMiddleware
+    from ..asgi import FidelityMiddleware
 
     names = _mro_names(cls)
     if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
@@ -579,7 +579,7 @@ def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
 
 def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
     """Follow `.app` from middleware to middleware (the pure-ASGI convention)."""
-    from .asgi import FidelityMiddleware
+    from ..asgi import FidelityMiddleware
 
     node = app
     while node is not None and depth <= 64:

@@ -68,7 +68,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    from .errors import PolicyError
+    from ..errors import PolicyError
     from .statemap import build, render
 
     target: str = args.target
@@ -124,7 +124,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import add_demo_arguments, run_demo
+    from ..demo import add_demo_arguments, run_demo
 
     parser = argparse.ArgumentParser(
         prog="fidelity-mw",

@@ -1,7 +1,7 @@
 """`fidelity-mw check`: validate policy files; every problem with file, line and key path.
 
 Errors come from `Policy.from_toml` (the same validation the middleware runs),
-placed on a line by `policy_lines`. Warnings are things that validate but
+placed on a line by `policy.lines`. Warnings are things that validate but
 cannot be what the author meant: a `[[route]]` or `[[upstream]]` that an
 earlier, broader entry always matches first (first match wins).
 """
@@ -12,9 +12,9 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import PolicyError
-from .policy import Policy, RouteConfig, UpstreamConfig
-from .policy_lines import KeyLines, locate_keys, toml_error_position
+from ..errors import PolicyError
+from ..policy import Policy, RouteConfig, UpstreamConfig
+from ..policy.lines import KeyLines, locate_keys, toml_error_position
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,9 +35,8 @@ from typing import Any, Final
 
 import httpx
 
-from ._types import Clock, RandomSource
-from .breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
-from .context import (
+from .._types import Clock, RandomSource
+from ..context import (
     _CURRENT,
     ALLOW,
     GIVE_UP,
@@ -55,12 +54,8 @@ from .context import (
     DecisionContext,
     DetailValue,
 )
-from .engine import Engine
-from .errors import CircuitOpen, DeadlineExceeded, FidelityError
-from .headers import Network, in_networks
-from .hooks import AttemptObserver
-from .policy import MAX_ATTEMPTS, BreakerConfig, Policy, RetryConfig
-from .retry import (
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.retry import (
     ERROR_CONNECT,
     ERROR_LOCAL,
     ERROR_NETWORK,
@@ -78,8 +73,13 @@ from .retry import (
     plan_retry,
     retryable_error,
 )
-from .state.base import StateStore
-from .state.memory import MemoryStore
+from ..engine import Engine
+from ..errors import CircuitOpen, DeadlineExceeded, FidelityError
+from ..headers import Network, in_networks
+from ..hooks import AttemptObserver
+from ..policy import MAX_ATTEMPTS, BreakerConfig, Policy, RetryConfig
+from ..state.base import StateStore
+from ..state.memory import MemoryStore
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -192,7 +192,7 @@ def bounded_timeouts(
 
 
 def error_kind(exc: BaseException) -> str:
-    """Map an exception from the inner transport to a `fidelity_mw.retry` error kind."""
+    """Map an exception from the inner transport to a `fidelity_mw.decide.retry` error kind."""
     if isinstance(exc, FidelityError):  # a nested fidelity layer already decided
         return ERROR_LOCAL
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
@@ -338,7 +338,7 @@ class _Base:
             return self._observer
         observer = engine.attempt_observer
         if observer is None and self._telemetry and engine is not self._observed_engine:
-            from .telemetry import default_attempt_observer
+            from ..telemetry import default_attempt_observer
 
             observer = engine.attempt_observer = default_attempt_observer(engine)
             self._observed_engine = engine
