@@ -710,7 +710,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         meter_provider: Any = None,
     ) -> None:
         if observer is None and telemetry and (tracer_provider or meter_provider):
-            from .telemetry import telemetry_for
+            from ..telemetry import telemetry_for
 
             observer = telemetry_for(tracer_provider, meter_provider)
         super().__init__(
@@ -962,7 +962,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         meter_provider: Any = None,
     ) -> None:
         if observer is None and telemetry and (tracer_provider or meter_provider):
-            from .telemetry import telemetry_for
+            from ..telemetry import telemetry_for
 
             observer = telemetry_for(tracer_provider, meter_provider)
         super().__init__(
