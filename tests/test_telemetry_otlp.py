@@ -271,6 +271,8 @@ def test_configure_otel_env_service_name_wins_and_exporters_follow_the_env(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_SERVICE_NAME": "from-env",
+            # `otlp` with no protocol: the SDK alone would pick gRPC; HTTP is the default
+            "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_METRICS_EXPORTER": "none",
         }
     )

@@ -14,11 +14,12 @@ upstream:
   installed), `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, ...;
 * `OTEL_SDK_DISABLED=true`: configure nothing.
 
-What fidelity_mw adds is its own only: OTLP as the default exporter when the
-environment names none (the SDK alone would export nothing), `service_name=`
-as a fallback name, and the bucket boundaries of its histograms - carried by
-the instruments as advice, which the SDK honours, and as views added to a
-configuration file's meter provider.
+What fidelity_mw adds is its own only: like the OpenTelemetry distro, defaults
+for unset variables (`OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER=otlp`,
+`OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`: the SDK alone would export
+nothing), `service_name=` as a fallback name, and the bucket boundaries of its
+histograms - carried by the instruments as advice, which the SDK honours, and as
+views added to a configuration file's meter provider.
 
 The SDK is imported here only (the `otel` extra): an app that never calls this
 needs only `opentelemetry-api` at run time.
@@ -50,8 +51,13 @@ logger = logging.getLogger("fidelity_mw.telemetry")
 
 OTEL_EXTRA_HINT = "pip install 'fidelity-mw[otel]'"
 _TRUE = ("true", "1", "yes", "on")
-# OTLP exporters by protocol, as the SDK's entry points name them.
-_OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
+# Set when unset, before the SDK reads the environment - as the OpenTelemetry distro
+# does (it defaults to gRPC; the exporter bundled in the `otel` extra is OTLP/HTTP).
+_ENV_DEFAULTS = {
+    "OTEL_TRACES_EXPORTER": "otlp",
+    "OTEL_METRICS_EXPORTER": "otlp",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+}
 _GRPC_HINT = "pip install opentelemetry-exporter-otlp-proto-grpc"
 # Our histograms and their bucket boundaries (the views a configuration file gets).
 OUR_HISTOGRAMS: dict[str, tuple[float, ...]] = {
@@ -89,22 +95,6 @@ def _has_env_service_name() -> bool:
         item.split("=", 1)[0].strip() == "service.name"
         for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
     )
-
-
-def _default_otlp(signal: str) -> list[str]:
-    """The exporter the SDK should add for `signal` when `OTEL_<SIGNAL>_EXPORTER` is unset
-    (the SDK adds none): OTLP over the protocol the environment asks for, HTTP by default."""
-    if os.environ.get(f"OTEL_{signal}_EXPORTER", "").strip():
-        return []  # the SDK reads it
-    protocol = (
-        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    name = _OTLP_BY_PROTOCOL.get(protocol)
-    if name is None:
-        raise ValueError(f"OTLP protocol {protocol!r}: use 'http/protobuf' or 'grpc'")
-    return [name]
 
 
 def configure_otel(
@@ -148,14 +138,12 @@ def _configure_from_env(service_name: str | None, service_version: str | None) -
         attrs["service.name"] = service_name
     if service_version:
         attrs["service.version"] = service_version
+    for name, default in _ENV_DEFAULTS.items():
+        if not os.environ.get(name, "").strip():
+            os.environ[name] = default
     configure: Any = _OTelSDKConfigurator().configure  # type: ignore[no-untyped-call]
     try:
-        configure(
-            resource_attributes=attrs,
-            trace_exporter_names=_default_otlp("TRACES"),
-            metric_exporter_names=_default_otlp("METRICS"),
-            setup_logging_handler=False,
-        )
+        configure(resource_attributes=attrs, setup_logging_handler=False)
     except RuntimeError as exc:
         if "otlp_proto_grpc" in str(exc):
             raise RuntimeError(f"OTLP over gRPC needs its exporter: {_GRPC_HINT}") from exc
