@@ -414,10 +414,10 @@ class _Tally:
 
     __slots__ = ("counts", "lock", "names")
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], lock: threading.Lock) -> None:
         self.names = names
         self.counts: dict[tuple[str, ...], int] = {}
-        self.lock = threading.Lock()
+        self.lock = lock  # one per meter: a request's counts are taken under one lock
 
     def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
         with self.lock:
@@ -427,10 +427,15 @@ class _Tally:
 
 
 def _counter(
-    meter: Meter, name: str, labels: tuple[str, ...], unit: str, description: str
+    meter: Meter,
+    name: str,
+    labels: tuple[str, ...],
+    unit: str,
+    description: str,
+    lock: threading.Lock,
 ) -> _Tally:
     """An in-process tally, exported as an observable counter."""
-    tally = _Tally(labels)
+    tally = _Tally(labels, lock)
     meter.create_observable_counter(
         name, callbacks=[tally.observe], unit=unit, description=description
     )
@@ -441,12 +446,14 @@ class _Metrics:
     """The instruments of one meter."""
 
     def __init__(self, meter: Meter, owner: Telemetry) -> None:
+        self.lock = lock = threading.Lock()
         self.decisions = _counter(
             meter,
             s.METRIC_DECISIONS,
             (s.LAYER, s.VERDICT, s.STATE_SOURCE),
             "{decision}",
             "Decisions taken by fidelity_mw's control layers.",
+            lock,
         )
         self.requests = _counter(
             meter,
@@ -454,6 +461,7 @@ class _Metrics:
             (s.OUTCOME, s.DECIDED_BY, s.ROUTE),
             "{request}",
             "Inbound requests by outcome and deciding layer.",
+            lock,
         )
         self.failures = _counter(
             meter,
@@ -462,6 +470,7 @@ class _Metrics:
             "{request}",
             "Failed inbound requests: cause=control (a fidelity layer turned the "
             "request away) counted apart from cause=app (the application failed).",
+            lock,
         )
         self.budget = _counter(
             meter,
@@ -470,6 +479,7 @@ class _Metrics:
             "{retry}",
             "Retries drawn from the per-upstream retry budget, and retries the "
             "exhausted budget refused.",
+            lock,
         )
         self.state_age = _histogram(
             meter,
@@ -504,9 +514,8 @@ class _Metrics:
         """One finished request (ctx) or outbound call (ctx None) and its decisions."""
         aged: list[Decision] | None = None
         budget: list[tuple[str, str]] | None = None
-        tally = self.decisions
-        with tally.lock:
-            counts = tally.counts
+        with self.lock:
+            counts = self.decisions.counts
             for d in decisions:
                 key = (d.layer, d.verdict, d.state_source)
                 counts[key] = counts.get(key, 0) + 1
@@ -524,14 +533,14 @@ class _Metrics:
                     if budget is None:
                         budget = []
                     budget.append((d.subject, "exhausted"))
-        if ctx is not None:
-            outcome = ctx.outcome or "unknown"
-            decided_by = ctx.decided_by or "none"
-            _bump(self.requests, (outcome, decided_by, ctx.route))
-            if outcome in _CONTROL_OUTCOMES:
-                _bump(self.failures, (s.CAUSE_CONTROL, decided_by, ctx.route))
-            elif outcome == "failed":
-                _bump(self.failures, (s.CAUSE_APP, decided_by, ctx.route))
+            if ctx is not None:
+                outcome = ctx.outcome or "unknown"
+                decided_by = ctx.decided_by or "none"
+                _bump_locked(self.requests.counts, (outcome, decided_by, ctx.route))
+                if outcome in _CONTROL_OUTCOMES:
+                    _bump_locked(self.failures.counts, (s.CAUSE_CONTROL, decided_by, ctx.route))
+                elif outcome == "failed":
+                    _bump_locked(self.failures.counts, (s.CAUSE_APP, decided_by, ctx.route))
         if budget is not None:
             for subject_result in budget:
                 _bump(self.budget, subject_result)
@@ -548,10 +557,13 @@ class _Metrics:
 
 def _bump(tally: _Tally, key: tuple[str, ...]) -> None:
     with tally.lock:
-        counts = tally.counts
-        if key not in counts and len(counts) >= _MAX_SERIES:
-            key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
-        counts[key] = counts.get(key, 0) + 1
+        _bump_locked(tally.counts, key)
+
+
+def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+    if key not in counts and len(counts) >= _MAX_SERIES:
+        key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _histogram(
@@ -622,6 +634,7 @@ class Telemetry:
         self._key_hashes: dict[str, str] = {}
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._last_engine: weakref.ref[Engine] | None = None
+        self._last_readable = False
         # breaker states seen in decisions, for stores we cannot read directly
         self._seen_breakers: dict[str, str] = {}
 
@@ -744,9 +757,10 @@ class Telemetry:
         if metrics is not None:
             if decisions is None:
                 decisions = ctx.decisions
-            self._observe_engine(ctx)
+            readable = self._observe_engine(ctx)
             metrics.record(ctx, decisions)
-            self._note_breakers(decisions)
+            if not readable:
+                self._note_breakers(decisions)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision]) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -956,10 +970,11 @@ class Telemetry:
         metrics = self._metrics or self._get_metrics()
         if metrics is None:
             return
-        self._observe_engine(ctx)
+        readable = self._observe_engine(ctx)
         decisions = ctx.decisions
         metrics.record(None, decisions)
-        self._note_breakers(decisions)
+        if not readable:
+            self._note_breakers(decisions)
 
     # ------------------------------------------------------------ privacy
 
@@ -977,12 +992,16 @@ class Telemetry:
 
     # ------------------------------------------------------------ breaker gauge
 
-    def _observe_engine(self, ctx: DecisionContext) -> None:
+    def _observe_engine(self, ctx: DecisionContext) -> bool:
+        """Watch this engine's breakers; True when its store's breakers can be read
+        directly (memory), so decisions need not be scanned for breaker states."""
         engine = ctx.engine
         last = self._last_engine
         if last is None or last() is not engine:
             self._engines.add(engine)
             self._last_engine = weakref.ref(engine)
+            self._last_readable = isinstance(getattr(engine.store, "breakers", None), Mapping)
+        return self._last_readable
 
     def _note_breakers(self, decisions: Sequence[Decision]) -> None:
         """Remember the breaker states decisions reveal (for stores we cannot read)."""
