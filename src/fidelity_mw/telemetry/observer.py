@@ -225,6 +225,12 @@ def _is_proxy_meter_provider(provider: object) -> bool:
 GLOBAL_PROVIDERS: Final = _GlobalProviders()
 
 
+def _no_global_yet(explicit: object, found: object, next_check: float) -> bool:
+    """The no-SDK fast path: no explicit provider, no global one found, and not yet
+    time to ask the API again (one clock read, no API call)."""
+    return explicit is None and found is None and time.monotonic() < next_check
+
+
 def global_tracer_provider() -> TracerProvider | None:
     """The globally set tracer provider, or None while only the API's proxy exists."""
     GLOBAL_PROVIDERS.refresh()
@@ -676,7 +682,11 @@ class Telemetry:
     def start(self, ctx: DecisionContext, scope: Scope) -> _Inbound | None:
         tracer = self._tracer
         if tracer is None:
-            tracer = self._get_tracer()  # no SDK: None, at the cost of a clock read
+            if _no_global_yet(
+                self._tracer_provider, GLOBAL_PROVIDERS.tracer, GLOBAL_PROVIDERS.next_tracer
+            ):
+                return None  # no SDK: the common fast way out
+            tracer = self._get_tracer()
             if tracer is None:
                 return None
         engine = ctx.engine
@@ -753,7 +763,13 @@ class Telemetry:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
-        metrics = self._metrics or self._get_metrics()
+        metrics = self._metrics
+        if metrics is None:
+            if _no_global_yet(
+                self._meter_provider, GLOBAL_PROVIDERS.meter, GLOBAL_PROVIDERS.next_meter
+            ):
+                return
+            metrics = self._get_metrics()
         if metrics is not None:
             if decisions is None:
                 decisions = ctx.decisions
