@@ -58,11 +58,11 @@ from tenacity import (
 )
 
 from .._types import ASGIApp, Receive, Scope, Send
-from ..asgi import FidelityMiddleware
 from ..context import DecisionContext, current
 from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import RequestObserver
+from ..inbound import FidelityMiddleware
 from ..outbound import FidelityTransport
 from ..policy import (
     BreakerConfig,
