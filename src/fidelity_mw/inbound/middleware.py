@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..context import _CURRENT, DecisionContext
@@ -53,7 +54,13 @@ class FidelityMiddleware:
         observer: RequestObserver | None = None,
         telemetry: bool = True,
         on_reject: OnReject | None = None,
+        tracer_provider: Any = None,  # OpenTelemetry's convention: this app's providers,
+        meter_provider: Any = None,  # not the global ones (docs/telemetry.md)
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         self.app = app
         # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
         self._on_reject = on_reject
