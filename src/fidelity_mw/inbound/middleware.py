@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..context import _CURRENT, DecisionContext
 from ..engine import Engine
 from ..hooks import RequestObserver
 from ..policy import Policy
+from ..rejections import OnReject, custom_rejection, send_custom
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions
 from .bulkhead import Bulkheads
 from .request import RequestReader, scan_headers
-from .responses import Rejection, respond
+from .responses import DECIDED_BY_HEADER, Rejection, respond
 from .watch import OutcomeRecorder, ResponseWatcher, response_ends
 
 logger = logging.getLogger("fidelity_mw")
@@ -52,8 +54,17 @@ class FidelityMiddleware:
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
         telemetry: bool = True,
+        on_reject: OnReject | None = None,
+        tracer_provider: Any = None,  # OpenTelemetry's convention: this app's providers,
+        meter_provider: Any = None,  # not the global ones (docs/telemetry.md)
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         self.app = app
+        # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
+        self._on_reject = on_reject
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = self.engine.policy
         if observer is None and telemetry:
@@ -179,10 +190,20 @@ class FidelityMiddleware:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
-                ctx.status = rejection[0]
+                custom = None
+                if self._on_reject is not None:
+                    marker = (ctx.decided_by or "").encode("latin-1", "replace")
+                    custom = await custom_rejection(
+                        self._on_reject, ctx, rejection, ((DECIDED_BY_HEADER, marker),)
+                    )
+                ctx.status = rejection[0] if custom is None else custom.status_code
                 if before_end is not None:
                     response_ends(before_end, ctx, scope, obs_token)
-                await respond(send, rejection, ctx.decided_by)
+                if custom is None:
+                    await respond(send, rejection, ctx.decided_by)
+                else:
+                    own, by = rejection, ctx.decided_by
+                    await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
                 return
 
             # ---- the app, watching only the response start and its end

@@ -158,7 +158,11 @@ DESCRIPTIONS: dict[str, str] = {
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",
     "breaker.window_s": "Length of the sliding window (10 buckets).",
-    "breaker.open_s": "How long it stays open before admitting probes.",
+    "breaker.open_s": "The longest it stays open before admitting probes (see `open_min_s`).",
+    "breaker.open_min_s": "The first open period: half-open probes start this soon after the "
+    "breaker opens; each half-open round whose probe fails doubles it, up to `open_s`; a "
+    "successful probe closes the breaker and starts over. Set it to `open_s` for a fixed "
+    "open time.",
     "breaker.open_jitter": "Random spread of `open_s` (0.2 = ±20 %), so replicas do not "
     "probe in lockstep.",
     "breaker.half_open_probes": "Probes admitted at once while half-open; one success "
@@ -175,7 +179,8 @@ DESCRIPTIONS: dict[str, str] = {
     # [[route]]
     "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
     "route.methods": "Only these HTTP methods; leave it out for all.",
-    "route.name": "Name of the route in decisions, traces and breaker keys; defaults to `match`.",
+    "route.name": "Unique name of the route in decisions, traces and breaker keys; defaults "
+    "to `match`.",
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
     "route's own breaker.",
@@ -281,6 +286,9 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
+        "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
+        "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
+        "_key_prefix": "non-empty string without `{` or `}`",
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
     }

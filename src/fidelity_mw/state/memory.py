@@ -14,6 +14,7 @@ from ..decide.breaker import Gate
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
+from .snapshot import SnapshotConfigs, StoreSnapshot, local_snapshot
 
 __all__ = ["GcraTable", "MemoryStore"]
 
@@ -32,6 +33,7 @@ class MemoryStore(LocalState, StateStore):
     budget_request_now = LocalState.budget_request_now
     budget_try_retry_now = LocalState.budget_try_retry_now
     outbound_begin_now = LocalState.outbound_begin_now
+    outbound_gate_now = LocalState.outbound_gate_now
 
     async def admit(
         self,
@@ -60,9 +62,26 @@ class MemoryStore(LocalState, StateStore):
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        self.refund_now(limit_keys, limits, now)
+        self.refund_now(limit_keys, limits, now, admitted_tats)
+
+    async def outbound_gate(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        gate, allowed = self.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        return gate, allowed, "memory", 0.0
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         self.budget_request_now(budget_key, cfg, now)
@@ -71,3 +90,9 @@ class MemoryStore(LocalState, StateStore):
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         return self.budget_try_retry_now(budget_key, cfg, now)
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """Everything this store holds, aged to `now` (the live page's view; decides nothing)."""
+        return local_snapshot(self, "memory", now, top)

@@ -1,10 +1,12 @@
 """Redis state: fleet-wide limits and breakers in Lua scripts, with explicit failure modes.
 
-One EVALSHA per inbound request: `admit.lua` decides the route breaker gate and
-every rate limit of the request atomically, on the server's clock (`TIME`),
-with the same semantics as `MemoryStore.admit_now` (all-or-nothing commit; a
-probe slot given back when a limit rejects). `record` is one call too, and is
-skipped when there is nothing to record.
+One script call per inbound request, shared with the other requests of its
+event-loop tick: `admit.lua` decides the route breaker gate and every rate
+limit of the request atomically, on the server's clock (`TIME`), with the same
+semantics as `MemoryStore.admit_now` (all-or-nothing commit; a probe slot given
+back when a limit rejects); requests arriving together go as one `batch.lua`
+call that decides each of them the same way (redis_batch.py). `record` is one
+call too (shared the same way), and is skipped when there is nothing to record.
 
 Keys (see docs/state.md): ``{prefix}:rl:<h>`` (GCRA TAT), ``{prefix}:br:<h>``
 (breaker hash), ``{prefix}:bp:<h>`` (probe leases), ``{prefix}:bu:<h>`` (retry
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -58,6 +61,8 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
@@ -69,6 +74,14 @@ from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
 from .redis_batch import Coalescer
 from .scripts import Script, load_script
+from .snapshot import (
+    BreakerView,
+    BudgetView,
+    SnapshotConfigs,
+    StoreSnapshot,
+    local_snapshot,
+    top_limiter_keys,
+)
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -194,6 +207,7 @@ class RedisStats:
     fallbacks: int = 0  # decisions made in the failure mode
     dropped_records: int = 0  # outcomes not recorded because Redis was down
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
+    reconnects: int = 0  # calls retried once on a fresh connection after a connection error
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
@@ -260,7 +274,7 @@ class Health:
 
 
 def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
-    """The 9 breaker config values as `read_config` in lib.lua expects them."""
+    """The 10 breaker config values as `read_config` in lib.lua expects them."""
     return (
         cfg.failure_ratio,
         cfg.min_calls,
@@ -271,6 +285,7 @@ def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
         cfg.probe_lease_s,
         cfg.slow_call_ratio if cfg.slow_call_ratio is not None else -1,
         cfg.consecutive_failures or 0,
+        cfg.open_min_s,
     )
 
 
@@ -293,7 +308,7 @@ _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 
 
 class RedisStore(StateStore):
-    """Exact fleet-wide state: one script call per inbound request."""
+    """Exact fleet-wide state: one script call per inbound request, or per tick under load."""
 
     source = SOURCE_REDIS
     # Coalesce one event-loop tick's admissions and records into one script call
@@ -450,7 +465,18 @@ class RedisStore(StateStore):
             self.stats.pool_waits += 1
             return None
         try:
-            reply = await self._evalsha(client, script, keys, args)
+            try:
+                reply = await self._evalsha(client, script, keys, args)
+            except _CALL_ERRORS as exc:
+                if not _stale_connection(exc):
+                    raise
+                # After a restart every pooled connection to the old server fails
+                # once on first use; declaring Redis down for each would flap
+                # between redis and fallback. One more try, on fresh connections,
+                # before the outage is real (no other retries: none in redis-py).
+                self.stats.reconnects += 1
+                await _drop_idle_connections(client)
+                reply = await self._evalsha(client, script, keys, args)
         except _CALL_ERRORS as exc:
             self._failed(exc)
             return None
@@ -501,7 +527,11 @@ class RedisStore(StateStore):
             attempt += 1
             await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
             try:
-                await self.client().execute_command("PING")
+                # Pooled connections predate the outage: probe (and come back) on
+                # fresh ones, so the first requests after recovery find no stale one.
+                client = self.client()
+                await _drop_idle_connections(client)
+                await client.execute_command("PING")
             except _CALL_ERRORS:
                 continue
             now = self._clock.monotonic()
@@ -558,15 +588,22 @@ class RedisStore(StateStore):
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
-            self.local.refund_now(limit_keys, limits, now)
+            self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
         args: list[Any] = []
-        for spec in limits:
-            args += (spec.interval_s, spec.cost)
+        for j, spec in enumerate(limits):
+            # -1: admission TAT unknown (server TATs are never negative)
+            admitted = admitted_tats[j] if admitted_tats is not None else -1
+            args += (spec.interval_s, spec.cost, repr(admitted))
         await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
 
     def fallback_admit(
@@ -772,15 +809,8 @@ class RedisStore(StateStore):
             add = count - (1 if key == budget_key and not retry else 0)
             for _ in range(add):
                 local.budget_request_now(key, key_cfg, now)
-        allowed = True
-        if budget_key is not None and cfg is not None:
-            if retry:
-                allowed = local.budget_try_retry_now(budget_key, cfg, now)[0]
-            else:
-                local.budget_request_now(budget_key, cfg, now)
-        gate = None
-        if allowed and breaker_key is not None and breaker is not None:
-            gate = local.gate_now(breaker_key, breaker, now)
+        gate, allowed = local.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        if gate is not None:
             gate = gate._replace(epoch=_local_epoch(gate.epoch))
         return gate, allowed, SOURCE_FALLBACK, age
 
@@ -850,6 +880,121 @@ class RedisStore(StateStore):
         if mine is not None:
             await _close_client(mine[0])
 
+    # ------------------------------------------------------------ read-only view
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """The fleet's state for the keys this instance has used (Redis names keys by
+        hash, so it cannot list anyone else's); the local fallback while Redis is down."""
+        configs = configs or SnapshotConfigs()
+        stats = self.stats
+        parts = urlsplit(redis_url(self.url)[0])
+        detail: dict[str, Any] = {
+            "server": f"{parts.hostname or parts.path}:{parts.port or ''}".rstrip(":"),
+            "up": self.health.up,
+            "on_error": self.on_error,
+            "round_trips": stats.round_trips,
+            "errors": stats.errors,
+            "fallbacks": stats.fallbacks,
+            "outages": stats.outages,
+        }
+        breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
+        budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
+        limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]
+        note = "keys this instance has used; Redis stores them by hash only"
+        if not self.health.up:
+            return self._fallback_snapshot(now, top, detail, "redis is unreachable")
+        started = self._clock.monotonic()
+        try:
+            pipe = self.client().pipeline(transaction=False)
+            pipe.execute_command("TIME")
+            for key in breaker_keys:
+                hkey, pkey = self.breaker_keys(key)
+                pipe.execute_command("HMGET", hkey, "st", "ep", "ou", "oa", "co", "be", "w")
+                pipe.execute_command("ZCARD", pkey)
+            for key in budget_keys:
+                pipe.execute_command("HMGET", self.key("bu", key), "be", "ix", "rq", "rt")
+            for key in limit_keys:
+                pipe.execute_command("GET", self.key("rl", key))
+            async with asyncio.timeout(self._timeout_s * 4):
+                replies = list(await pipe.execute())
+        except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
+            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
+        age = (self._clock.monotonic() - started) / 2.0
+        server = float(replies[0][0]) + float(replies[0][1]) / 1e6
+        i = 1
+        breakers = []
+        for key in breaker_keys:
+            fields, probes = replies[i], replies[i + 1]
+            i += 2
+            if fields[0] is None:
+                continue  # expired or never written
+            breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+        budgets = []
+        for key in budget_keys:
+            fields = replies[i]
+            i += 1
+            if fields[0] is not None:
+                budgets.append(_redis_budget_view(key, fields, server, configs, age))
+        tats = {
+            key: float(reply)
+            for key, reply in zip(limit_keys, replies[i:], strict=True)
+            if reply is not None
+        }
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_REDIS,
+            age_s=age,
+            breakers=tuple(breakers),
+            limiter_keys=top_limiter_keys(tats, server, top, SOURCE_REDIS, age),
+            limiter_key_count=len(tats),
+            budgets=tuple(budgets),
+            detail=detail,
+            notes=(note,),
+        )
+
+    def _fallback_snapshot(
+        self, now: float, top: int, detail: dict[str, Any], why: str
+    ) -> StoreSnapshot:
+        local = local_snapshot(self.local, "redis", now, top)
+        age = self.fallback_age()
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_FALLBACK,
+            age_s=age,
+            breakers=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.breakers
+            ),
+            limiter_keys=tuple(
+                dataclasses.replace(k, source=SOURCE_FALLBACK, age_s=age)
+                for k in local.limiter_keys
+            ),
+            limiter_key_count=local.limiter_key_count,
+            budgets=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.budgets
+            ),
+            detail=detail,
+            notes=(
+                f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
+            ),
+        )
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """A broken connection (reset, closed, refused), as opposed to a slow server
+    (timeout) or an error reply: the kind a fresh connection may not have."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError | ResponseError):
+        return False
+    return isinstance(exc, RedisConnectionError | OSError)
+
+
+async def _drop_idle_connections(client: RedisClient) -> None:
+    """Disconnect the pool's idle connections; the next call connects afresh."""
+    if isinstance(client, Redis):
+        with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
 
 async def _close_client(client: RedisClient) -> None:
     with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
@@ -889,15 +1034,89 @@ def parse_admit(
         )
         if gate.verdict == "reject":
             return InboundResult(gate, (), False, source, age)
+    # The TAT each limit now holds, on the server's clock (server now + reset):
+    # what a refund needs to give back only units still outstanding.
+    server_now = float(reply[0])
     if n_limits == 1:  # the common case, without the generator
+        reset = float(reply[9])
         verdicts: tuple[LimitVerdict, ...] = (
-            LimitVerdict(reply[7] == 1, 0.0, int(reply[8]), float(reply[9]), float(reply[10])),
+            LimitVerdict(reply[7] == 1, server_now + reset, int(reply[8]), reset, float(reply[10])),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] == 1, 0.0, int(reply[i + 1]), float(reply[i + 2]), float(reply[i + 3])
+                reply[i] == 1,
+                server_now + float(reply[i + 2]),
+                int(reply[i + 1]),
+                float(reply[i + 2]),
+                float(reply[i + 3]),
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )
     return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+
+
+# ---------------------------------------------------------------- snapshot views
+
+_SNAPSHOT_MAX_KEYS: Final = 5_000
+_BUCKETS: Final = 10
+
+
+def _redis_breaker_view(
+    key: str,
+    fields: Sequence[Any],
+    probes: Any,
+    server: float,
+    configs: SnapshotConfigs,
+    age: float,
+) -> BreakerView:
+    """A breaker hash (see lib.lua) aged to the server's `TIME`, as br_rotate would."""
+    state = _text(fields[0])
+    epoch = int(fields[1] or 0)
+    open_until = float(fields[2] or 0.0)
+    opened_at = float(fields[3] or 0.0)
+    consecutive = int(fields[4] or 0)
+    bucket_end = float(fields[5] or 0.0)
+    window = [int(n) for n in _text(fields[6]).split(",")] if fields[6] else []
+    if len(window) != 3 * _BUCKETS:
+        window = [0] * (3 * _BUCKETS)
+    cfg = configs.breaker(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.window_s / _BUCKETS)) + 1
+        window = [0] * (3 * _BUCKETS) if steps >= _BUCKETS else window[3 * steps :]
+    calls, failures, slow = (sum(window[j::3]) for j in range(3))
+    since = server - opened_at if state == "open" else None
+    retry_after = max(0.0, open_until - server) if state == "open" else 0.0
+    return BreakerView(
+        key,
+        state,
+        epoch,
+        since,
+        calls,
+        failures,
+        slow,
+        consecutive,
+        int(probes or 0),
+        retry_after,
+        SOURCE_REDIS,
+        age,
+    )
+
+
+def _redis_budget_view(
+    key: str, fields: Sequence[Any], server: float, configs: SnapshotConfigs, age: float
+) -> BudgetView:
+    """A budget hash (see outbound.lua) aged to the server's `TIME`, as bu_rotate would."""
+    bucket_end = float(fields[0] or 0.0)
+    index = int(fields[1] or 0)
+    requests = [int(n) for n in _text(fields[2]).split(",")] if fields[2] else []
+    retries = [int(n) for n in _text(fields[3]).split(",")] if fields[3] else []
+    if len(requests) != _BUCKETS or len(retries) != _BUCKETS:
+        requests, retries = [0] * _BUCKETS, [0] * _BUCKETS
+    cfg = configs.retry(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.budget_window_s / _BUCKETS)) + 1
+        for _ in range(min(steps, _BUCKETS)):
+            index = (index + 1) % _BUCKETS
+            requests[index] = retries[index] = 0
+    return BudgetView(key, sum(requests), sum(retries), SOURCE_REDIS, age)

@@ -47,6 +47,7 @@ from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
+from .snapshot import BreakerView, LimiterKeyView, SnapshotConfigs, StoreSnapshot
 
 SOURCE_CACHE: Final = "cache"
 
@@ -204,6 +205,7 @@ class TieredStore(StateStore):
         self._rng = self.exact._rng
         self.sync_s = self.config.sync_interval_ms / 1000.0
         self.slices: dict[str, Slice] = {}
+        self.max_slices = self.config.max_keys
         self.breakers: dict[str, CachedBreaker] = {}
         self.stats = TieredStats()
         self._sync_task: asyncio.Task[None] | None = None
@@ -240,6 +242,13 @@ class TieredStore(StateStore):
             if now - cb.synced_at > sync_s:
                 refresh = breaker_key
         slices = self.slices
+        if len(slices) + len(limit_keys) > self.max_slices and any(
+            key not in slices for key in limit_keys
+        ):
+            # The slice table is full: decide this request exactly rather than
+            # grow it (idle slices leave at the next syncs and make room).
+            self.stats.delegated += 1
+            return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         wanted: list[str] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
@@ -318,10 +327,15 @@ class TieredStore(StateStore):
         return self._result(gate, tuple(verdicts), admitted, waited, age)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source != SOURCE_CACHE:  # decided exactly (a probe) or on fallback: not a slice
-            await self.exact.refund(limit_keys, limits, source, now)
+            await self.exact.refund(limit_keys, limits, source, now, admitted_tats)
             return
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = self.slices.get(key)
@@ -638,17 +652,28 @@ class TieredStore(StateStore):
         self, now: float, skip: Collection[str]
     ) -> tuple[list[str], list[tuple[str, LimitSpec, int, int]]]:
         """What a sync sends now: breakers to flush and refresh, and per slice
-        (key, spec, give_back, want). Slices in `skip` are left out."""
+        (key, spec, give_back, want). Slices in `skip` are left out.
+
+        One call carries at most MAX_SYNC_KEYS keys. The tables are swept like
+        a cursor: every entry planned here moves to the end of its table, so
+        the next sync starts with the ones left over, and every slice (an idle
+        one holding leased units too) is reached within
+        len(table) / MAX_SYNC_KEYS syncs, however many keys stay hot."""
         sync_s = self.sync_s
+        breakers = self.breakers
         breaker_keys: list[str] = []
-        for bkey, cb in list(self.breakers.items()):
+        for bkey, cb in list(breakers.items()):
             if now - cb.used_at > IDLE_INTERVALS * sync_s and not cb.calls:
-                del self.breakers[bkey]
+                del breakers[bkey]
                 continue
+            if len(breaker_keys) >= MAX_SYNC_KEYS // 2:
+                break
             if cb.calls or now - cb.synced_at >= 0.5 * sync_s:
                 breaker_keys.append(bkey)
+                breakers[bkey] = breakers.pop(bkey)  # to the end: the cursor moves on
         limits: list[tuple[str, LimitSpec, int, int]] = []
-        for key, sl in list(self.slices.items()):
+        slices = self.slices
+        for key, sl in list(slices.items()):
             if len(limits) + len(breaker_keys) >= MAX_SYNC_KEYS:
                 break
             if sl.pending is not None or key in skip:
@@ -657,8 +682,9 @@ class TieredStore(StateStore):
                 if now - sl.synced_at >= sync_s:
                     # Idle for a whole interval: the lease ends, give everything back.
                     limits.append((key, sl.spec, sl.tokens, 0))
-                    del self.slices[key]
+                    del slices[key]
                 continue
+            slices[key] = slices.pop(key)  # to the end: the cursor moves on
             want = self._want(sl, now)
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
@@ -681,6 +707,71 @@ class TieredStore(StateStore):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.exact.aclose()
+
+    # ------------------------------------------------------------ read-only view
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """What this instance decides on (cached breakers, leased slices), and the exact
+        fleet state underneath (`layers`)."""
+        for key in list(self.breakers):  # name the keys this instance syncs to the exact view
+            self.exact.breaker_keys(key)
+        for key in list(self.slices):
+            self.exact.key("rl", key)
+        exact = await self.exact.snapshot(now, top=top, configs=configs)
+        breakers = tuple(
+            BreakerView(
+                key,
+                cb.state,
+                cb.epoch,
+                None,
+                cb.calls,
+                cb.failures,
+                cb.slow,
+                0,
+                0,
+                max(0.0, cb.open_until - now) if cb.state != CLOSED else 0.0,
+                SOURCE_CACHE,
+                max(0.0, now - cb.synced_at),
+            )
+            for key, cb in list(self.breakers.items())
+            if cb.synced_at > -math.inf  # never synced: nothing to show yet
+        )
+        slices = []
+        for key, sl in list(self.slices.items()):
+            used = max(0, sl.burst_units - sl.remaining - sl.tokens)
+            slices.append(
+                LimiterKeyView(
+                    key,
+                    used * sl.spec.interval_s,
+                    SOURCE_CACHE,
+                    max(0.0, now - sl.synced_at),
+                    held=sl.tokens,
+                )
+            )
+        slices.sort(key=lambda view: view.backlog_s, reverse=True)
+        ages = [b.age_s for b in breakers] + [v.age_s for v in slices]
+        stats = self.stats
+        return StoreSnapshot(
+            kind="tiered",
+            source=SOURCE_CACHE,
+            age_s=max(ages, default=0.0),
+            breakers=breakers,
+            limiter_keys=tuple(slices[:top]),
+            limiter_key_count=len(slices),
+            budgets=exact.budgets,
+            detail={
+                "sync_interval_ms": self.config.sync_interval_ms,
+                "requests": stats.requests,
+                "decided_locally": stats.local,
+                "waited_for_redis": stats.waited,
+                "delegated_exact": stats.delegated,
+                "syncs": stats.syncs,
+            },
+            notes=("breakers and slices as this instance last synced them",),
+            layers=(exact,),
+        )
 
 
 def _text(value: Any) -> str:
