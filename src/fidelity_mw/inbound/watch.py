@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect
 
@@ -33,6 +33,14 @@ logger = logging.getLogger("fidelity_mw")
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+# loop.call_later, or a clock's own (FakeClock fires it when advanced past)
+CallLater = Callable[[float, Callable[[], None]], TimerHandle]
+
 _START = "http.response.start"
 _BODY = "http.response.body"
 _ZEROCOPY = "http.response.zerocopysend"
@@ -45,12 +53,14 @@ class ResponseWatcher:
     __slots__ = (
         "complete",
         "ctx",
+        "expired",
         "hook",
         "monotonic",
         "scope",
         "send",
         "started",
-        "timed",
+        "task",
+        "timer",
         "token",
     )
 
@@ -73,6 +83,28 @@ class ResponseWatcher:
         self.monotonic = monotonic
         self.started = False
         self.complete = False
+        self.expired = False  # the deadline passed before the response started
+        self.task: asyncio.Task[Any] | None = None
+        self.timer: TimerHandle | None = None
+
+    def arm(self, call_later: CallLater, delay: float) -> None:
+        """Cancel the app's work if the deadline passes before its response starts."""
+        self.task = asyncio.current_task()
+        self.timer = call_later(delay if delay > 0.0 else 0.0, self.expire)
+
+    def disarm(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
+    def expire(self) -> None:
+        self.timer = None
+        task = self.task
+        if self.started or task is None or task.done():
+            return  # a started response is never cut
+        self.expired = True
+        task.cancel()
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -81,6 +113,8 @@ class ResponseWatcher:
             status = message["status"]
             ctx.status = status
             self.started = True
+            if self.timer is not None:
+                self.disarm()
             headers = ctx.response_headers
             if status >= 500 and ctx.upstream_exhausted:
                 headers = [*(headers or ()), EXHAUSTED]
@@ -144,10 +178,26 @@ class OutcomeRecorder:
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
-            outcome = FAILURE
+            pending = self.finish(ctx, plan, result, FAILURE)
+            if ctx.upstream_exhausted:  # the upstream's fault: not the client's quota
+                return _in_order(pending, self.refund(plan, result, keys, served_only=True))
+            return pending
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
             outcome = IGNORED
         return self.finish(ctx, plan, result, outcome)
+
+    def refused(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+    ) -> Coroutine[Any, Any, Any] | None:
+        """The middleware answered a control decision for the app (an outbound refusal
+        that escaped it, or the deadline): not the route's failure, and the limits that
+        charge only served requests get their units back."""
+        pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        return _in_order(pending, self.refund(plan, result, keys, served_only=True))
 
     def after_app(
         self,
@@ -170,6 +220,10 @@ class OutcomeRecorder:
             return self.shed_downstream(ctx, plan, result, keys)
         elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
+            if ctx.upstream_exhausted and (status is None or status >= 500):
+                # the outbound layer gave up on an upstream: not the client's quota
+                pending = self.finish(ctx, plan, result, FAILURE)
+                return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             outcome = FAILURE
         else:
             ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
@@ -205,12 +259,24 @@ class OutcomeRecorder:
         return _in_order(pending, self.refund(plan, result, keys))
 
     def refund(
-        self, plan: RoutePlan, result: InboundResult | None, keys: Sequence[str]
+        self,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        served_only: bool = False,
     ) -> Coroutine[Any, Any, Any] | None:
-        """Give the admitted limits their units back (now, or as a coroutine)."""
+        """Give the admitted limits their units back (now, or as a coroutine); with
+        `served_only`, only those with `charge = "served"`."""
         if result is None or not result.admitted or not keys:
             return None
-        charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
+        served = plan.served
+        charged = [
+            i
+            for i, verdict in enumerate(result.limits)
+            if verdict.allowed and (not served_only or served[i])
+        ]
+        if not charged:
+            return None
         charged_keys = [keys[i] for i in charged]
         charged_specs = [plan.specs[i] for i in charged]
         now = self.monotonic()
