@@ -54,21 +54,24 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
     if not isinstance(exc, httpx.TransportError):
         return None
     gave_up = _outbound_give_up(ctx)
-    if gave_up is None:
-        return None
-    upstream = gave_up.subject
     if isinstance(exc, httpx.TimeoutException) and (
-        gave_up.layer == LAYER_DEADLINE or (ctx.deadline_at is not None and now >= ctx.deadline_at)
+        (gave_up is not None and gave_up.layer == LAYER_DEADLINE)
+        or (ctx.deadline_at is not None and now >= ctx.deadline_at)
     ):
         # the attempt's timeout was the rest of the deadline
+        upstream = gave_up.subject if gave_up is not None else _host(exc)
         return _answer(
             ctx,
             504,
             LAYER_DEADLINE,
             upstream,
-            f"the request's deadline passed while calling upstream {upstream!r}",
+            "the request's deadline passed while calling "
+            + (f"upstream {upstream!r}" if upstream else "an upstream"),
             "deadline-exceeded",
         )
+    if gave_up is None:
+        return None
+    upstream = gave_up.subject
     if gave_up.layer == LAYER_BUDGET:
         return _answer(
             ctx,
@@ -79,6 +82,13 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
             "retry-budget-exhausted",
         )
     return None
+
+
+def _host(exc: httpx.TransportError) -> str | None:
+    try:
+        return exc.request.url.host or None
+    except RuntimeError:  # an error raised without its request
+        return None
 
 
 def deadline_refusal(ctx: DecisionContext, now: float) -> Rejection:

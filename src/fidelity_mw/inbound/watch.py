@@ -218,12 +218,14 @@ class OutcomeRecorder:
             outcome = IGNORED
         elif ctx.shed_by is not None and (status is None or status >= 500):
             return self.shed_downstream(ctx, plan, result, keys)
+        elif ctx.upstream_exhausted and (status is None or status >= 500):
+            # the outbound layer gave up on an upstream: not the client's quota
+            ctx.outcome = OUTCOME_FAILED
+            failed = status is None or (breaker is not None and status in breaker.failure_statuses)
+            pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
+            return _in_order(pending, self.refund(plan, result, keys, served_only=True))
         elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
-            if ctx.upstream_exhausted and (status is None or status >= 500):
-                # the outbound layer gave up on an upstream: not the client's quota
-                pending = self.finish(ctx, plan, result, FAILURE)
-                return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             outcome = FAILURE
         else:
             ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
