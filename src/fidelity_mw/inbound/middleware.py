@@ -17,7 +17,6 @@ when somebody reads `ctx.decisions`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,14 @@ from .admission import Admission, admission_decisions
 from .refusals import control_refusal, deadline_refusal
 from .request import RequestReader, scan_headers
 from .responses import Rejection, respond
-from .watch import CallLater, OutcomeRecorder, ResponseEndHook, ResponseWatcher, response_ends
+from .watch import (
+    CallLater,
+    DeadlineWatch,
+    OutcomeRecorder,
+    ResponseEndHook,
+    ResponseWatcher,
+    response_ends,
+)
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -90,7 +96,8 @@ class FidelityMiddleware:
         # them through to the server, as any exception.
         self.answer_refusals = answer_refusals
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
-        self._call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
+        call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
+        self._deadlines = DeadlineWatch(self._monotonic, call_later)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,11 +192,7 @@ class FidelityMiddleware:
             )
             deadline_at = ctx.deadline_at
             if deadline_at is not None and plan.enforce:
-                if self._admit_now is None:  # the store call awaited: time went by
-                    now = self._monotonic()
-                watcher.arm(
-                    self._call_later or asyncio.get_running_loop().call_later, deadline_at - now
-                )
+                watcher.arm(self._deadlines, deadline_at, now)
             outcomes = self._outcomes
             try:
                 await self.app(scope, receive, watcher)
@@ -202,7 +205,7 @@ class FidelityMiddleware:
                         outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
                     raise
             else:
-                if watcher.timer is not None:
+                if watcher.armed:
                     watcher.disarm()
                 if watcher.expired:  # the app swallowed our cancellation
                     rejection = self._refusal(ctx, watcher, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -51,6 +52,7 @@ class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got."""
 
     __slots__ = (
+        "armed",
         "complete",
         "ctx",
         "expired",
@@ -60,8 +62,8 @@ class ResponseWatcher:
         "send",
         "started",
         "task",
-        "timer",
         "token",
+        "watch",
     )
 
     def __init__(
@@ -85,21 +87,23 @@ class ResponseWatcher:
         self.complete = False
         self.expired = False  # the deadline passed before the response started
         self.task: asyncio.Task[Any] | None = None
-        self.timer: TimerHandle | None = None
+        self.armed = False
+        self.watch: DeadlineWatch | None = None
 
-    def arm(self, call_later: CallLater, delay: float) -> None:
+    def arm(self, watch: DeadlineWatch, deadline_at: float, now: float) -> None:
         """Cancel the app's work if the deadline passes before its response starts."""
         self.task = asyncio.current_task()
-        self.timer = call_later(delay if delay > 0.0 else 0.0, self.expire)
+        self.watch = watch
+        self.armed = True
+        watch.add(self, deadline_at, now)
 
     def disarm(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        if self.armed:
+            self.armed = False
+            del self.watch.inflight[self]  # type: ignore[union-attr]  # set with armed
 
     def expire(self) -> None:
-        self.timer = None
+        self.disarm()
         task = self.task
         if self.started or task is None or task.done():
             return  # a started response is never cut
@@ -113,7 +117,7 @@ class ResponseWatcher:
             status = message["status"]
             ctx.status = status
             self.started = True
-            if self.timer is not None:
+            if self.armed:
                 self.disarm()
             headers = ctx.response_headers
             if status >= 500 and ctx.upstream_exhausted:
@@ -143,6 +147,55 @@ def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, tok
         hook(ctx, scope, token)
     except Exception:
         logger.exception("fidelity_mw: telemetry observer failed")
+
+
+class DeadlineWatch:
+    """One timer for every in-flight request of a middleware, not one per request.
+
+    Armed requests sit in a dict with their deadline; the single timer is set for
+    the earliest one known when it was set and, when it fires, expires every
+    request past its deadline and sets itself for the next. Per request that is a
+    dict insert and delete, where a timer handle each (`call_later` + `cancel`)
+    cost several times more.
+    """
+
+    __slots__ = ("_call_later", "_monotonic", "_timer", "_timer_at", "inflight")
+
+    def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
+        self._monotonic = monotonic
+        self._call_later = call_later  # None: the running event loop's
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.inf
+        self.inflight: dict[ResponseWatcher, float] = {}
+
+    def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
+        self.inflight[watcher] = deadline_at
+        # an overdue timer belongs to a loop that is gone (or stalled): set a new one
+        if deadline_at < self._timer_at or self._timer_at < now - 1.0:
+            self._schedule(deadline_at, now)
+
+    def _schedule(self, at: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        call_later = self._call_later or asyncio.get_running_loop().call_later
+        self._timer_at = at
+        self._timer = call_later(at - now if at > now else 0.0, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._monotonic()
+        earliest = math.inf
+        expired = []
+        for watcher, at in self.inflight.items():
+            if at <= now:
+                expired.append(watcher)
+            elif at < earliest:
+                earliest = at
+        for watcher in expired:
+            watcher.expire()
+        if earliest < math.inf:
+            self._schedule(earliest, now)
 
 
 class OutcomeRecorder:
