@@ -33,15 +33,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
-import importlib.resources
 import logging
 import random
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -68,6 +68,16 @@ from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
+from .redis_batch import Coalescer
+from .scripts import Script, load_script
+from .snapshot import (
+    BreakerView,
+    BudgetView,
+    SnapshotConfigs,
+    StoreSnapshot,
+    local_snapshot,
+    top_limiter_keys,
+)
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -94,28 +104,12 @@ _KEY_CACHE_MAX = 10_000
 # ---------------------------------------------------------------- scripts
 
 
-class Script(NamedTuple):
-    """One Lua entry script with the shared library prepended, and its SHA1."""
-
-    name: str
-    source: str
-    sha: str
-
-
-def load_script(name: str) -> Script:
-    """Read `lua/lib.lua` + `lua/<name>.lua` from the package (works from a wheel)."""
-    lua = importlib.resources.files("fidelity_mw.state").joinpath("lua")
-    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
-    entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    source = f"{lib}\n-- ---- {name}.lua\n{entry}"
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
-
-
 ADMIT: Final = load_script("admit")
 RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
+BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 
 
 # ---------------------------------------------------------------- keys
@@ -311,6 +305,9 @@ class RedisStore(StateStore):
     """Exact fleet-wide state: one script call per inbound request."""
 
     source = SOURCE_REDIS
+    # Coalesce one event-loop tick's admissions and records into one script call
+    # (redis_batch.py). Off: one call each (benchmarks compare the two).
+    coalesce: bool = True
 
     def __init__(
         self,
@@ -357,6 +354,8 @@ class RedisStore(StateStore):
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
+        # Admissions and records of one event-loop tick share one script call.
+        self.coalescer = Coalescer(self.call, BATCH)
 
     # ------------------------------------------------------------ plumbing
 
@@ -557,7 +556,7 @@ class RedisStore(StateStore):
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-        got = await self.call(ADMIT, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(ADMIT, keys, args)
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
@@ -638,7 +637,7 @@ class RedisStore(StateStore):
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-        got = await self.call(RECORD, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(RECORD, keys, args)
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
@@ -844,6 +843,7 @@ class RedisStore(StateStore):
             await _close_client(mine[0])
 
     async def aclose(self) -> None:
+        await self.coalescer.aclose()
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -858,6 +858,106 @@ class RedisStore(StateStore):
             self._bound = (None, None, Slots(self.config.pool_size))
         if mine is not None:
             await _close_client(mine[0])
+
+    # ------------------------------------------------------------ read-only view
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """The fleet's state for the keys this instance has used (Redis names keys by
+        hash, so it cannot list anyone else's); the local fallback while Redis is down."""
+        configs = configs or SnapshotConfigs()
+        stats = self.stats
+        parts = urlsplit(redis_url(self.url)[0])
+        detail: dict[str, Any] = {
+            "server": f"{parts.hostname or parts.path}:{parts.port or ''}".rstrip(":"),
+            "up": self.health.up,
+            "on_error": self.on_error,
+            "round_trips": stats.round_trips,
+            "errors": stats.errors,
+            "fallbacks": stats.fallbacks,
+            "outages": stats.outages,
+        }
+        breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
+        budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
+        limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]
+        note = "keys this instance has used; Redis stores them by hash only"
+        if not self.health.up:
+            return self._fallback_snapshot(now, top, detail, "redis is unreachable")
+        started = self._clock.monotonic()
+        try:
+            pipe = self.client().pipeline(transaction=False)
+            pipe.execute_command("TIME")
+            for key in breaker_keys:
+                hkey, pkey = self.breaker_keys(key)
+                pipe.execute_command("HMGET", hkey, "st", "ep", "ou", "oa", "co", "be", "w")
+                pipe.execute_command("ZCARD", pkey)
+            for key in budget_keys:
+                pipe.execute_command("HMGET", self.key("bu", key), "be", "ix", "rq", "rt")
+            for key in limit_keys:
+                pipe.execute_command("GET", self.key("rl", key))
+            async with asyncio.timeout(self._timeout_s * 4):
+                replies = list(await pipe.execute())
+        except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
+            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
+        age = (self._clock.monotonic() - started) / 2.0
+        server = float(replies[0][0]) + float(replies[0][1]) / 1e6
+        i = 1
+        breakers = []
+        for key in breaker_keys:
+            fields, probes = replies[i], replies[i + 1]
+            i += 2
+            if fields[0] is None:
+                continue  # expired or never written
+            breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+        budgets = []
+        for key in budget_keys:
+            fields = replies[i]
+            i += 1
+            if fields[0] is not None:
+                budgets.append(_redis_budget_view(key, fields, server, configs, age))
+        tats = {
+            key: float(reply)
+            for key, reply in zip(limit_keys, replies[i:], strict=True)
+            if reply is not None
+        }
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_REDIS,
+            age_s=age,
+            breakers=tuple(breakers),
+            limiter_keys=top_limiter_keys(tats, server, top, SOURCE_REDIS, age),
+            limiter_key_count=len(tats),
+            budgets=tuple(budgets),
+            detail=detail,
+            notes=(note,),
+        )
+
+    def _fallback_snapshot(
+        self, now: float, top: int, detail: dict[str, Any], why: str
+    ) -> StoreSnapshot:
+        local = local_snapshot(self.local, "redis", now, top)
+        age = self.fallback_age()
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_FALLBACK,
+            age_s=age,
+            breakers=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.breakers
+            ),
+            limiter_keys=tuple(
+                dataclasses.replace(k, source=SOURCE_FALLBACK, age_s=age)
+                for k in local.limiter_keys
+            ),
+            limiter_key_count=local.limiter_key_count,
+            budgets=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.budgets
+            ),
+            detail=detail,
+            notes=(
+                f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
+            ),
+        )
 
 
 async def _close_client(client: RedisClient) -> None:
@@ -910,3 +1010,69 @@ def parse_admit(
             for i in range(7, 7 + 4 * n_limits, 4)
         )
     return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+
+
+# ---------------------------------------------------------------- snapshot views
+
+_SNAPSHOT_MAX_KEYS: Final = 5_000
+_BUCKETS: Final = 10
+
+
+def _redis_breaker_view(
+    key: str,
+    fields: Sequence[Any],
+    probes: Any,
+    server: float,
+    configs: SnapshotConfigs,
+    age: float,
+) -> BreakerView:
+    """A breaker hash (see lib.lua) aged to the server's `TIME`, as br_rotate would."""
+    state = _text(fields[0])
+    epoch = int(fields[1] or 0)
+    open_until = float(fields[2] or 0.0)
+    opened_at = float(fields[3] or 0.0)
+    consecutive = int(fields[4] or 0)
+    bucket_end = float(fields[5] or 0.0)
+    window = [int(n) for n in _text(fields[6]).split(",")] if fields[6] else []
+    if len(window) != 3 * _BUCKETS:
+        window = [0] * (3 * _BUCKETS)
+    cfg = configs.breaker(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.window_s / _BUCKETS)) + 1
+        window = [0] * (3 * _BUCKETS) if steps >= _BUCKETS else window[3 * steps :]
+    calls, failures, slow = (sum(window[j::3]) for j in range(3))
+    since = server - opened_at if state == "open" else None
+    retry_after = max(0.0, open_until - server) if state == "open" else 0.0
+    return BreakerView(
+        key,
+        state,
+        epoch,
+        since,
+        calls,
+        failures,
+        slow,
+        consecutive,
+        int(probes or 0),
+        retry_after,
+        SOURCE_REDIS,
+        age,
+    )
+
+
+def _redis_budget_view(
+    key: str, fields: Sequence[Any], server: float, configs: SnapshotConfigs, age: float
+) -> BudgetView:
+    """A budget hash (see outbound.lua) aged to the server's `TIME`, as bu_rotate would."""
+    bucket_end = float(fields[0] or 0.0)
+    index = int(fields[1] or 0)
+    requests = [int(n) for n in _text(fields[2]).split(",")] if fields[2] else []
+    retries = [int(n) for n in _text(fields[3]).split(",")] if fields[3] else []
+    if len(requests) != _BUCKETS or len(retries) != _BUCKETS:
+        requests, retries = [0] * _BUCKETS, [0] * _BUCKETS
+    cfg = configs.retry(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.budget_window_s / _BUCKETS)) + 1
+        for _ in range(min(steps, _BUCKETS)):
+            index = (index + 1) % _BUCKETS
+            requests[index] = retries[index] = 0
+    return BudgetView(key, sum(requests), sum(retries), SOURCE_REDIS, age)
