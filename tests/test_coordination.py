@@ -1,4 +1,4 @@
-"""Coordination across the inbound and outbound layers of one request (DESIGN.md).
+"""Coordination across the inbound and outbound layers of one request.
 
 A request that an outbound control layer refused before anything was sent (the
 host breaker is open) and that the app then fails is that layer's decision:

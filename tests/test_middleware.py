@@ -1,6 +1,6 @@
 """FidelityMiddleware through a real Starlette app, on a fake clock.
 
-Each coordination rule of DESIGN.md that applies inbound has its own test.
+Each coordination rule of docs/inbound.md that applies inbound has its own test.
 """
 
 from __future__ import annotations
