@@ -159,25 +159,35 @@ class DeadlineWatch:
     cost several times more.
     """
 
-    __slots__ = ("_call_later", "_monotonic", "_timer", "_timer_at", "inflight")
+    __slots__ = ("_call_later", "_loop", "_monotonic", "_timer", "_timer_at", "inflight")
 
     def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
         self._monotonic = monotonic
         self._call_later = call_later  # None: the running event loop's
         self._timer: TimerHandle | None = None
         self._timer_at = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.inflight: dict[ResponseWatcher, float] = {}
 
     def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
         self.inflight[watcher] = deadline_at
-        # an overdue timer belongs to a loop that is gone (or stalled): set a new one
-        if deadline_at < self._timer_at or self._timer_at < now - 1.0:
+        if deadline_at < self._timer_at:
+            self._schedule(deadline_at, now)
+        elif (
+            self._timer_at < now - 1.0
+            and self._call_later is None
+            and self._loop is not asyncio.get_running_loop()
+        ):
+            # an overdue timer of an event loop that is gone (a busy loop's is only late)
             self._schedule(deadline_at, now)
 
     def _schedule(self, at: float, now: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        call_later = self._call_later or asyncio.get_running_loop().call_later
+        call_later = self._call_later
+        if call_later is None:
+            self._loop = loop = asyncio.get_running_loop()
+            call_later = loop.call_later
         self._timer_at = at
         self._timer = call_later(at - now if at > now else 0.0, self._fire)
 
