@@ -405,3 +405,38 @@ async def test_an_app_failure_of_its_own_always_costs_quota() -> None:
     rig.mw.app = broken
     assert (await rig.call("/any"))[0] == 500
     assert (await rig.call("/any"))[0] == 429
+
+
+async def test_the_deadline_fires_on_the_real_event_loop() -> None:
+    """The system clock: the middleware's one timer is the loop's `call_later`."""
+    cancelled = []
+
+    async def hangs(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(5.0)  # cancelled long before: the test waits ~30 ms
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    mw = FidelityMiddleware(hangs, policy=Policy(breaker=None), telemetry=False)
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = scope_for("/")
+    scope["headers"] = [(b"x-request-timeout-ms", b"30")]
+    await asyncio.wait_for(mw(scope, receive, send), timeout=10.0)
+    assert sent[0]["status"] == 504
+    assert cancelled == [True]
+    assert mw._deadlines.inflight == {}
+    # the next request on the same loop is armed and served as usual
+    ok = Router(routes=[Route("/", lambda r: PlainTextResponse("ok"))])
+    mw.app = ok
+    sent.clear()
+    await mw(scope_for("/"), receive, send)
+    assert sent[0]["status"] == 200
+    assert mw._deadlines.inflight == {}
