@@ -228,3 +228,22 @@ async def test_routes_without_a_bulkhead_record_no_concurrency_decision(clock: F
     assert (await svc.client.get("/w")).status_code == 200
     assert concurrency_decisions(svc.contexts[-1]) == []
     assert fidelity_mw.current() is None
+
+
+def test_the_map_describes_each_bulkhead_and_where_its_state_lives() -> None:
+    from fidelity_mw.tools.statemap import from_policy
+
+    policy = Policy.from_dict(
+        {
+            "concurrency": {"limit": 10, "adaptive": True},
+            "route": [{"match": "/x*", "name": "x", "concurrency": {"limit": 3, "max_queue": 2}}],
+        }
+    )
+    rows = [row for row in from_policy(policy, "t").layers if row.layer == "concurrency"]
+    assert [(row.subject, row.config) for row in rows] == [
+        ("route x", "route[0].concurrency"),
+        ("every other route", "concurrency"),
+    ]
+    assert "at most 3 in flight; up to 2 wait 50 ms" in rows[0].data
+    assert "adaptive limit from 1 to 1000" in rows[1].data
+    assert all(row.state.startswith("process memory") for row in rows)
