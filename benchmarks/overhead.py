@@ -12,15 +12,25 @@ per-request time of each and the median of per-round paired differences and
 ratios against `bare`, which cancels most drift on a shared machine.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 30] [--batch 2000] [--no-write]
+        [--breakdown] [--baseline REV]
+
+`--baseline REV` adds `fidelity@REV`: the same middleware from git revision REV
+(extracted under another package name), so a change is measured against what it
+replaced in the same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import io
 import random
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +106,21 @@ def breakdown_policies() -> dict[str, Policy]:
     }
 
 
-def build_apps(breakdown: bool = False) -> dict[str, Any]:
+def baseline_package(rev: str) -> Any:
+    """fidelity_mw as of git revision `rev`, importable beside the working tree's."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "archive", rev, "src/fidelity_mw"], cwd=root, check=True, capture_output=True
+    ).stdout
+    target = Path(tempfile.mkdtemp(prefix="fidelity_baseline_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    (target / "src" / "fidelity_mw").rename(target / "fidelity_mw_baseline")
+    sys.path.insert(0, str(target))
+    return importlib.import_module("fidelity_mw_baseline")
+
+
+def build_apps(breakdown: bool = False, baseline: str | None = None) -> dict[str, Any]:
     routes = [Route("/hello", hello)]
     apps: dict[str, Any] = {
         "bare": Starlette(routes=routes),
@@ -119,6 +143,13 @@ def build_apps(breakdown: bool = False) -> dict[str, Any]:
         apps["slowapi"] = app
     except ImportError:  # pragma: no cover - slowapi is a dev dependency
         print("slowapi not installed: skipping that variant", file=sys.stderr)
+    if baseline is not None:
+        old = baseline_package(baseline)  # its own Policy classes, for its isinstance checks
+        policy = old.Policy(rate_limits=[old.RateLimit(name="per-client", rate="1000000000/s")])
+        apps[f"fidelity@{baseline}"] = Starlette(
+            routes=routes,
+            middleware=[Middleware(old.FidelityMiddleware, policy=policy, telemetry=False)],
+        )
     if breakdown:
         for name, policy in breakdown_policies().items():
             apps[name] = Starlette(
@@ -129,9 +160,9 @@ def build_apps(breakdown: bool = False) -> dict[str, Any]:
 
 
 async def measure(
-    rounds: int, batch: int, seed: int, breakdown: bool = False
+    rounds: int, batch: int, seed: int, breakdown: bool = False, baseline: str | None = None
 ) -> dict[str, list[float]]:
-    apps = build_apps(breakdown)
+    apps = build_apps(breakdown, baseline)
     for app in apps.values():  # warm up: build middleware stacks, fill caches
         await run_batch(app, 500)
     samples: dict[str, list[float]] = {name: [] for name in apps}
@@ -205,8 +236,13 @@ def main() -> None:
         action="store_true",
         help="add FidelityMiddleware with its layers switched on one at a time",
     )
+    parser.add_argument(
+        "--baseline", metavar="REV", help="add FidelityMiddleware as of git revision REV"
+    )
     args = parser.parse_args()
-    samples = asyncio.run(measure(args.rounds, args.batch, args.seed, args.breakdown))
+    samples = asyncio.run(
+        measure(args.rounds, args.batch, args.seed, args.breakdown, args.baseline)
+    )
     table = report(samples, args.rounds, args.batch)
     print(table)
     if not args.no_write:
