@@ -74,7 +74,12 @@ class ResponseWatcher:
         hook: ResponseEndHook | None,
         token: Any,
         monotonic: Callable[[], float] | None,
+        watch: DeadlineWatch | None = None,
+        deadline_at: float = 0.0,
+        now: float = 0.0,
     ) -> None:
+        """With a `watch`: armed, the app's work is cancelled if `deadline_at` passes
+        before its response starts (arming here, not in a second call: the hot path)."""
         self.send = send
         self.ctx = ctx
         self.scope = scope
@@ -86,16 +91,17 @@ class ResponseWatcher:
         self.started = False
         self.complete = False
         self.expired = False  # the deadline passed before the response started
-        self.task: asyncio.Task[Any] | None = None
-        self.armed = False
-        self.watch: DeadlineWatch | None = None
-
-    def arm(self, watch: DeadlineWatch, deadline_at: float, now: float) -> None:
-        """Cancel the app's work if the deadline passes before its response starts."""
-        self.task = asyncio.current_task()
         self.watch = watch
+        if watch is None:
+            self.task: asyncio.Task[Any] | None = None
+            self.armed = False
+            return
+        self.task = asyncio.current_task()
         self.armed = True
-        watch.add(self, deadline_at, now)
+        watch.inflight[self] = deadline_at
+        # the common case (a deadline later than the timer's, a live timer) ends here
+        if deadline_at < watch._timer_at or watch._timer_at < now - 1.0:
+            watch.add(self, deadline_at, now)
 
     def disarm(self) -> None:
         if self.armed:
@@ -117,8 +123,9 @@ class ResponseWatcher:
             status = message["status"]
             ctx.status = status
             self.started = True
-            if self.armed:
-                self.disarm()
+            if self.armed:  # disarm(), inline: every armed response passes here
+                self.armed = False
+                del self.watch.inflight[self]  # type: ignore[union-attr]  # set with armed
             headers = ctx.response_headers
             if status >= 500 and ctx.upstream_exhausted:
                 headers = [*(headers or ()), EXHAUSTED]

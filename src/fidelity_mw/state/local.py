@@ -36,6 +36,8 @@ from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
 
 _T = TypeVar("_T")
+# InboundResult without its NamedTuple constructor's Python frame (the hot path)
+_new = tuple.__new__
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
 _FULL_SLACK = 1e-6
@@ -185,7 +187,7 @@ class LocalState:
                     if tat is None:
                         table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
-                    return InboundResult(gate, (verdict,), True, "memory", 0.0)
+                    return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0))
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
