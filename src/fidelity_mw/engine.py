@@ -71,6 +71,7 @@ class RoutePlan:
         "ip_key_prefix",
         "key_prefixes",
         "limits",
+        "policy_field",
         "policy_header",
         "priority",
         "remaining_prefixes",
@@ -139,6 +140,8 @@ class RoutePlan:
             if advertised
             else None
         )
+        # The RateLimit-Policy field as the response carries it: built once, not per response.
+        self.policy_field: tuple[bytes, bytes] = (b"ratelimit-policy", self.policy_header or b"")
 
 
 class Engine:
