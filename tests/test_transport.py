@@ -37,7 +37,7 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import _CURRENT, Decision
 from fidelity_mw.errors import DeadlineExceeded
-from fidelity_mw.outbound.transport import (
+from fidelity_mw.outbound.wire import (
     bounded_timeouts,
     connected_peer_trusted,
     error_kind,
@@ -464,30 +464,81 @@ async def test_429_is_not_a_breaker_failure(clock: FakeClock) -> None:
     assert up.calls == 10  # never shed: the breaker stayed closed
 
 
-async def test_429_retry_after_pauses_retries_to_that_host(clock: FakeClock) -> None:
+class StillClock(FakeClock):
+    """Sleeps are recorded but take no time: a pause set by one call is still on for the next."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+def limited_then_flaky(retry_after: str) -> Any:
     hits: list[str] = []
 
     def route(request: httpx.Request) -> httpx.Response:
         hits.append(request.url.path)
         if request.url.path == "/limited":
-            return httpx.Response(429, headers={"Retry-After": "5"})
+            if hits.count("/limited") == 1:
+                return httpx.Response(429, headers={"Retry-After": retry_after})
+            return httpx.Response(200)
         return httpx.Response(503 if hits.count("/flaky") == 1 else 200)
 
+    return route
+
+
+async def test_429_retry_after_pauses_retries_to_that_host() -> None:
+    clock = StillClock()
     t = FidelityTransport(
-        httpx.MockTransport(route),
+        httpx.MockTransport(limited_then_flaky("5")),
         policy=policy(),
         clock=clock,
         rng=seeded_random(1),
         telemetry=False,
     )
     async with httpx.AsyncClient(transport=t) as client:
-        with Bound(t.engine, deadline_in=4.0):  # 5 s does not fit: not retried, but remembered
-            assert (await client.get("http://svc.internal/limited")).status_code == 429
-        assert clock.sleeps == []
+        assert (await client.get("http://svc.internal/limited")).status_code == 200
+        assert clock.sleeps == [pytest.approx(5.0)]
         response = await client.get("http://svc.internal/flaky")
     assert response.status_code == 200
     # the 503's retry waited out the host's pause, not just its own backoff
-    assert clock.sleeps == [pytest.approx(5.0)]
+    assert clock.sleeps == [pytest.approx(5.0), pytest.approx(5.0)]
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999", "31"])
+async def test_a_refused_retry_after_pauses_nothing(retry_after: str) -> None:
+    """Regression (issue 12, #12): a 429's Retry-After beyond `retry_after_max_s` is not
+    retried, and must not pause the host: it paused retries for the life of the process."""
+    clock = StillClock()
+    t = FidelityTransport(
+        httpx.MockTransport(limited_then_flaky(retry_after)),
+        policy=policy(),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://svc.internal/limited")).status_code == 429
+        assert clock.sleeps == []
+        response = await client.get("http://svc.internal/flaky")
+    assert response.status_code == 200
+    assert len(clock.sleeps) == 1
+    assert clock.sleeps[0] < 1.0
+
+
+async def test_a_429_not_retried_for_the_deadline_pauses_nothing(clock: FakeClock) -> None:
+    t = FidelityTransport(
+        httpx.MockTransport(limited_then_flaky("5")),
+        policy=policy(),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        with Bound(t.engine, deadline_in=4.0):  # 5 s does not fit: not retried
+            assert (await client.get("http://svc.internal/limited")).status_code == 429
+        response = await client.get("http://svc.internal/flaky")
+    assert response.status_code == 200
+    assert len(clock.sleeps) == 1
+    assert clock.sleeps[0] < 1.0
 
 
 # ---------------------------------------------------------------- deadline
@@ -584,25 +635,27 @@ async def test_half_open_probe_closes_the_breaker(clock: FakeClock) -> None:
 
 
 async def test_breaker_rejection_between_retries_raises_circuit_open(clock: FakeClock) -> None:
-    """Another caller opens the breaker while we back off: we stop before the next attempt."""
+    """Another caller opens the breaker during our attempt: we stop before the next one,
+    without waiting out a backoff (the retry's gate is asked before its backoff)."""
     store = MemoryStore(rng=seeded_random(3))
     breaker = flaky_breaker()
-    up = Upstream(503)
-    engine = Engine(policy(attempts=3, breaker=breaker), clock=clock, store=store)
-    t = FidelityTransport(httpx.MockTransport(up), engine=engine, telemetry=False)
+    calls = 0
 
-    original_sleep = clock.sleep
-
-    async def sleep_and_trip(seconds: float) -> None:
-        await original_sleep(seconds)
+    def trip_then_fail(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
         state = store.breaker_state("upstream:svc.internal", breaker)
         state.force("open", clock.monotonic(), seeded_random(0))
+        return httpx.Response(503)
 
-    clock.sleep = sleep_and_trip  # type: ignore[method-assign]
+    engine = Engine(policy(attempts=3, breaker=breaker), clock=clock, store=store)
+    t = FidelityTransport(httpx.MockTransport(trip_then_fail), engine=engine, telemetry=False)
     async with httpx.AsyncClient(transport=t) as client:
-        with Bound(engine) as ctx, pytest.raises(CircuitOpen):
-            await client.get(URL)
-    assert up.calls == 1
+        with Bound(engine) as ctx:
+            assert (await client.get(URL)).status_code == 503
+    assert calls == 1
+    assert clock.sleeps == []
+    assert give_ups(ctx)[-1] == ("breaker", "give_up", "breaker_open")
     assert give_ups(ctx)[-1] == ("breaker", "give_up", "breaker_open")
 
 
@@ -825,7 +878,9 @@ async def test_a_failing_observer_never_fails_the_call(clock: FakeClock) -> None
 
 
 class FailingStore(MemoryStore):
-    """A remote store that is down (a subclass: the transport awaits its methods)."""
+    """A remote store that is down (no in-process twin: the transport awaits its methods)."""
+
+    outbound_gate_now = None  # type: ignore[assignment]
 
     async def breaker_gate(self, *args: Any) -> Any:
         raise ConnectionError("redis down")
@@ -926,6 +981,7 @@ async def test_sync_transport_bridges_to_an_async_only_store(clock: FakeClock) -
 
     class AsyncOnly(MemoryStore):
         gate_now = None  # type: ignore[assignment]
+        outbound_gate_now = None  # type: ignore[assignment]
         record_now = None  # type: ignore[assignment]
         budget_request_now = None  # type: ignore[assignment]
         budget_try_retry_now = None  # type: ignore[assignment]
@@ -966,7 +1022,10 @@ async def test_sync_transport_bridges_to_an_async_only_store(clock: FakeClock) -
         "gate",
         "record",
     ]
-    assert {(d.state_source, d.state_age_s) for d in ctx.decisions} == {("redis", 0.25)}
+    assert {d.state_source for d in ctx.decisions} == {"redis"}
+    # the retry's gate was read before its backoff: older by that much at the attempt
+    ages = [d.state_age_s for d in ctx.decisions]
+    assert ages == [0.25, pytest.approx(0.25 + clock.sleeps[0])]
 
 
 # ---------------------------------------------------------------- through the middleware

@@ -26,7 +26,7 @@ from typing import TypeVar
 from .._types import RandomSource
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.gcra import LimitVerdict, gcra
-from ..decide.retry import BudgetWindow
+from ..decide.retry import BudgetWindow, budget_allows
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 
@@ -276,6 +276,38 @@ class MemoryStore(StateStore):
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         return self.budget_try_retry_now(budget_key, cfg, now)
+
+    def outbound_gate_now(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """`outbound_gate` without the coroutine, in the order outbound.lua keeps: a
+        request is counted first; a retry the budget denies takes no gate; a breaker
+        rejection spends no retry."""
+        with self._lock:
+            window = None
+            if budget_key is not None and cfg is not None:
+                window = self.budgets.get(budget_key)
+                if window is None or window.config is not cfg:
+                    window = self.budget_window(budget_key, cfg, now)
+                if not retry:
+                    window.request(now)
+                elif not budget_allows(*window.totals(now), cfg):
+                    return None, False, "memory", 0.0
+            gate = None
+            if breaker_key is not None and breaker is not None:
+                state = self.breakers.get(breaker_key)
+                if state is None or state.config is not breaker:
+                    state = self.breaker_state(breaker_key, breaker, now)
+                gate = state.gate(now, self._rng)
+            if retry and window is not None and (gate is None or gate.verdict != "reject"):
+                window.try_retry(now)
+            return gate, True, "memory", 0.0
 
     def outbound_begin_now(
         self,
