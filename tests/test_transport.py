@@ -7,6 +7,7 @@ test_transport_servers.py and the three-service chain in test_chain.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -1062,3 +1063,52 @@ async def test_middleware_marks_our_error_response_after_upstream_exhaustion(
     assert not_retried.status_code == 502
     assert "x-fidelity-retry" not in not_retried.headers  # we did not retry: callers may
     assert up.calls == 3 + 1
+
+
+# ---------------------------------------------------------------- multipart bodies
+
+
+class Unseekable(io.RawIOBase):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        chunk, self.data = self.data, b""
+        return chunk
+
+
+async def test_multipart_files_are_retried_with_the_same_body(clock: FakeClock) -> None:
+    """Regression (issue 12, #16): `files=` bodies were never retried, though documented as
+    replayable. Bytes and seekable files are rewound and sent again."""
+    bodies: list[bytes] = []
+
+    def route(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        return httpx.Response(503 if len(bodies) == 1 else 200)
+
+    t = FidelityTransport(httpx.MockTransport(route), policy=policy(), clock=clock, telemetry=False)
+    files = {"a": ("a.txt", io.BytesIO(b"file-a")), "b": ("b.txt", b"file-b")}
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.put(URL, files=files)
+    assert response.status_code == 200
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert b"file-a" in bodies[1]
+    assert b"file-b" in bodies[1]
+
+
+async def test_multipart_with_an_unseekable_file_is_not_retried(clock: FakeClock) -> None:
+    up = Upstream(503, 200)
+    t = FidelityTransport(httpx.MockTransport(up), policy=policy(), clock=clock, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        with Bound(t.engine) as ctx:
+            files = {"a": ("a.bin", Unseekable(b"once"))}
+            assert (await client.put(URL, files=files)).status_code == 503
+    assert up.calls == 1
+    assert give_ups(ctx)[-1] == ("retry", "give_up", "body_not_replayable")

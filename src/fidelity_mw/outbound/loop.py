@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Generator, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import httpx
 
@@ -81,6 +81,7 @@ from .wire import (
     connected_peer_trusted,
     error_kind,
     has_header,
+    replayable,
     stamp,
     take_ours,
     unstamp,
@@ -114,14 +115,13 @@ def attempts(
 ) -> Steps:
     """One outbound call: every attempt, decision and wait, as effects (module docstring)."""
     clock = engine.clock
-    cfg = up.retry
     breaker = up.breaker
     instances = up.instances
     original_url = request.url
     original_timeout = request.extensions.get("timeout")
     # Only a body held in memory can be sent again; judged before the first
     # attempt, which consumes a streaming one (and may buffer it).
-    replayable = isinstance(request.stream, httpx.ByteStream)
+    can_replay = replayable(request.stream)
     tried: list[int] = []
     target: Instance | None = None
     breaker_key = up.breaker_key
@@ -138,42 +138,8 @@ def attempts(
         if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise _deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
-        pick = None
-        counted = False  # the request is counted on the budget by the call's first operation
-        for _ in range(len(instances) + 1 if instances else 1):
-            if instances is not None:
-                pick = choose(
-                    [i.view() for i in instances],
-                    tried,
-                    now,
-                    engine.rng,
-                    panic_threshold=up.cfg.panic_threshold,
-                    max_ejected_ratio=up.cfg.max_ejected_ratio,
-                )
-                target = instances[pick.chosen]
-                breaker_key = target.breaker_key
-                gated = breaker is not None and not pick.bypass
-            try:
-                counted, first = True, not counted
-                gate, _, source, age = yield (
-                    GATE,
-                    breaker_key,
-                    breaker if gated else None,
-                    up.budget_key if first else None,
-                    cfg if first else None,
-                    False,
-                    now,
-                )
-            except Exception as exc:
-                gate, source, age = None, SOURCE_FALLBACK, 0.0
-                _closed_on_store_error(ctx, up, exc, 0, now, None)
-            if gate is None and source == SOURCE_MEMORY:
-                source = SOURCE_REQUEST
-            if target is None or gate is None or gate.verdict != "reject":
-                break
-            _learned_open(target, gate, now)  # re-pick: the balancer now knows it is open
-        if pick is not None and target is not None:
-            _lb_decision(ctx, up, target, pick, len(instances or ()), now)
+        g = yield from _gate_next(ctx, engine, up, tried, False, 0, now, None)
+        target, breaker_key, gated, gate, source, age = g[:6]
         while True:
             attempt += 1
             deadline_at = ctx.deadline_at
@@ -257,49 +223,14 @@ def attempts(
                     now = clock.monotonic()
                     plan = _plan(
                         engine, ctx, up, request, response, attempt, downstream,
-                        state if target is None else "", previous_delay, replayable, now,
+                        state if target is None else "", previous_delay, can_replay, now,
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None and instances is not None:
                             tried.append(instances.index(target))
-                        allowed = True
-                        for _ in range(len(instances) + 1 if instances else 1):
-                            if instances is not None:
-                                pick = choose(
-                                    [i.view() for i in instances],
-                                    tried,
-                                    now,
-                                    engine.rng,
-                                    panic_threshold=up.cfg.panic_threshold,
-                                    max_ejected_ratio=up.cfg.max_ejected_ratio,
-                                )
-                                target = instances[pick.chosen]
-                                breaker_key = target.breaker_key
-                                gated = breaker is not None and not pick.bypass
-                            try:
-                                gate, allowed, source, age = yield (
-                                    GATE,
-                                    breaker_key,
-                                    breaker if gated else None,
-                                    up.budget_key,
-                                    cfg,
-                                    True,
-                                    now,
-                                )
-                            except Exception as exc:
-                                gate = None
-                                if gated:
-                                    _closed_on_store_error(ctx, up, exc, attempt, now, last_error)
-                                allowed = not _store_failed(ctx, up, "retry budget", exc)
-                                source, age = SOURCE_FALLBACK, 0.0
-                            if not allowed:
-                                _give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempt, now,
-                                         source, age)  # fmt: skip
-                                break
-                            if target is None or gate is None or gate.verdict != "reject":
-                                break
-                            _learned_open(target, gate, now)
+                        g = yield from _gate_next(ctx, engine, up, tried, True, attempt, now, error)
+                        target, breaker_key, gated, gate, source, age, allowed = g
                         if (
                             allowed
                             and target is None
@@ -310,8 +241,6 @@ def attempts(
                             last_error = error
                             _gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
                         if allowed:
-                            if pick is not None and target is not None:
-                                _lb_decision(ctx, up, target, pick, len(instances or ()), now)
                             # --- back off, go again (the gate is held through the wait)
                             cause = _cause(response, error)
                             last_error = error
@@ -349,6 +278,81 @@ def attempts(
 
 
 # ---------------------------------------------------------------- steps
+
+
+class _Gated(NamedTuple):
+    target: Instance | None  # the service instance picked; None for a plain upstream
+    breaker_key: str
+    gated: bool  # False when the pick overrides the instance's known-open breaker
+    gate: Gate | None
+    source: str
+    age_s: float
+    allowed: bool  # the retry budget's answer (always True for a first attempt)
+
+
+def _gate_next(
+    ctx: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    tried: list[int],
+    retry: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> Generator[Effect, Any, _Gated]:
+    """Pick the target (a service's instance) and take its gate together with the budget:
+    one store operation, made again only when the instance's breaker turns out to be open
+    (the balancer learns it and picks another; a rejected gate spent no retry)."""
+    breaker = up.breaker
+    instances = up.instances
+    target: Instance | None = None
+    pick = None
+    breaker_key = up.breaker_key
+    gated = breaker is not None
+    gate: Gate | None = None
+    source, age, allowed = SOURCE_REQUEST, 0.0, True
+    count = True  # a first attempt counts the request once; a retry asks the budget each time
+    for _ in range(len(instances) + 1 if instances else 1):
+        if instances is not None:
+            pick = choose(
+                [i.view() for i in instances],
+                tried,
+                now,
+                engine.rng,
+                panic_threshold=up.cfg.panic_threshold,
+                max_ejected_ratio=up.cfg.max_ejected_ratio,
+            )
+            target = instances[pick.chosen]
+            breaker_key = target.breaker_key
+            gated = breaker is not None and not pick.bypass
+        budget = retry or count
+        count = False
+        try:
+            gate, allowed, source, age = yield (
+                GATE,
+                breaker_key,
+                breaker if gated else None,
+                up.budget_key if budget else None,
+                up.retry if budget else None,
+                retry,
+                now,
+            )
+        except Exception as exc:
+            gate, source, age = None, SOURCE_FALLBACK, 0.0
+            if gated or not retry:
+                _closed_on_store_error(ctx, up, exc, attempts_made, now, last_error)
+            allowed = not retry or not _store_failed(ctx, up, "retry budget", exc)
+        if not retry and gate is None and source == SOURCE_MEMORY:
+            source = SOURCE_REQUEST
+        if not allowed:
+            _give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
+            break
+        if target is None or gate is None or gate.verdict != "reject":
+            break
+        _learned_open(target, gate, now)
+    if allowed and pick is not None and target is not None:
+        _lb_decision(ctx, up, target, pick, len(instances or ()), now)
+    return _Gated(target, breaker_key, gated, gate, source, age, allowed)
 
 
 def _release(

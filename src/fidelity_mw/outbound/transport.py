@@ -44,24 +44,32 @@ _MAX_UPSTREAMS: Final = 1024
 class _Base:
     """The transports' shared setup: engine, upstream plans, observer, store operations."""
 
+    inner: Any
+
     def __init__(
         self,
+        inner: Any = None,
         *,
-        policy: Policy | None,
-        engine: Engine | None,
-        clock: Clock | None,
-        rng: RandomSource | None,
-        store: StateStore | None,
-        observer: AttemptObserver | None,
-        telemetry: bool,
-        resolver: Resolver | None,
+        policy: Policy | None = None,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        store: StateStore | None = None,
+        observer: AttemptObserver | None = None,
+        telemetry: bool = True,
+        resolver: Resolver | None = None,
     ) -> None:
+        self.inner = inner if inner is not None else self._default_inner()
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self._observer = observer
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
+
+    @staticmethod
+    def _default_inner() -> Any:
+        raise NotImplementedError
 
     def upstream(self, engine: Engine, url: httpx.URL) -> Upstream:
         """The (cached) upstream plan for `url` under `engine`'s policy."""
@@ -94,7 +102,7 @@ class _Base:
             self._observed_engine = engine
         return observer
 
-    def _start(self, request: httpx.Request) -> Steps:
+    def _start(self, request: httpx.Request) -> tuple[_Stepper, Engine]:
         ctx = _CURRENT.get()
         own = ctx is None
         if ctx is None:
@@ -110,7 +118,31 @@ class _Base:
         observer = self._observer or engine.attempt_observer
         if observer is None and self._telemetry and engine is not self._observed_engine:
             observer = self.observer_for(engine)
-        return attempts(ctx, engine, up, request, own, observer, now)
+        return _Stepper(attempts(ctx, engine, up, request, own, observer, now)), engine
+
+
+class _Stepper:
+    """Runs the loop's generator: the last effect's result (or exception) goes back in."""
+
+    __slots__ = ("result", "steps", "thrown", "value")
+
+    def __init__(self, steps: Steps) -> None:
+        self.steps = steps
+        self.value: Any = None
+        self.thrown: BaseException | None = None
+        self.result: httpx.Response
+
+    def next(self) -> tuple[Any, ...] | None:
+        """The next effect; None when the call is over (its response is in `result`)."""
+        thrown = self.thrown
+        try:
+            if thrown is None:
+                return self.steps.send(self.value)
+            self.thrown = None
+            return self.steps.throw(thrown)
+        except StopIteration as done:
+            self.result = done.value
+            return None
 
 
 def _in_process(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
@@ -138,73 +170,43 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     logical host (docs/outbound.md, services).
     """
 
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport | None = None,
-        *,
-        policy: Policy | None = None,
-        engine: Engine | None = None,
-        clock: Clock | None = None,
-        rng: RandomSource | None = None,
-        store: StateStore | None = None,
-        observer: AttemptObserver | None = None,
-        telemetry: bool = True,
-        resolver: Resolver | None = None,
-    ) -> None:
-        super().__init__(
-            policy=policy,
-            engine=engine,
-            clock=clock,
-            rng=rng,
-            store=store,
-            observer=observer,
-            telemetry=telemetry,
-            resolver=resolver,
-        )
-        self.inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+    inner: httpx.AsyncBaseTransport
+
+    @staticmethod
+    def _default_inner() -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        steps = self._start(request)
-        ctx = _CURRENT.get()
-        engine = ctx.engine if ctx is not None else self.engine
+        step, engine = self._start(request)
         store = engine.store
         fast = _in_process(store)
         inner = self.inner
-        value: Any = None
-        thrown: BaseException | None = None
-        while True:
-            try:
-                if thrown is None:
-                    effect = steps.send(value)
-                else:
-                    effect, thrown = steps.throw(thrown), None
-            except StopIteration as done:
-                response: httpx.Response = done.value
-                return response
+        while (effect := step.next()) is not None:
             kind = effect[0]
             try:
                 if kind == SEND:
-                    value = await inner.handle_async_request(effect[1])
+                    step.value = await inner.handle_async_request(effect[1])
                 elif kind == GATE:
                     if fast is not None:
-                        value = fast[0](*effect[1:])
+                        step.value = fast[0](*effect[1:])
                     else:
-                        value = await store.outbound_gate(*effect[1:])
+                        step.value = await store.outbound_gate(*effect[1:])
                 elif kind == RECORD:
                     if fast is not None:
-                        value = fast[1](*effect[1:])
+                        step.value = fast[1](*effect[1:])
                     else:
-                        value = await store.record(*effect[1:])
+                        step.value = await store.record(*effect[1:])
                 elif kind == SLEEP:
-                    value = None
+                    step.value = None
                     if effect[2] is not None:
                         await effect[2].aclose()
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
-                    value = None
+                    step.value = None
                     await effect[1].aclose()
             except BaseException as exc:
-                thrown = exc
+                step.thrown = exc
+        return step.result
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -245,66 +247,35 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
     (the request's context variables reach the worker thread). Backoff sleeps
     block the calling thread through `clock.sleep_sync`."""
 
-    def __init__(
-        self,
-        inner: httpx.BaseTransport | None = None,
-        *,
-        policy: Policy | None = None,
-        engine: Engine | None = None,
-        clock: Clock | None = None,
-        rng: RandomSource | None = None,
-        store: StateStore | None = None,
-        observer: AttemptObserver | None = None,
-        telemetry: bool = True,
-        resolver: Resolver | None = None,
-    ) -> None:
-        super().__init__(
-            policy=policy,
-            engine=engine,
-            clock=clock,
-            rng=rng,
-            store=store,
-            observer=observer,
-            telemetry=telemetry,
-            resolver=resolver,
-        )
-        self.inner = inner if inner is not None else httpx.HTTPTransport()
+    inner: httpx.BaseTransport
+
+    @staticmethod
+    def _default_inner() -> httpx.BaseTransport:
+        return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        steps = self._start(request)
-        ctx = _CURRENT.get()
-        engine = ctx.engine if ctx is not None else self.engine
+        step, engine = self._start(request)
         gate_op, record_op = _sync_ops(engine.store)
-        inner = self.inner
-        value: Any = None
-        thrown: BaseException | None = None
-        while True:
+        sleep = engine.clock.sleep_sync
+
+        def wait(seconds: float, spent: httpx.Response | None) -> None:
+            if spent is not None:
+                spent.close()
+            sleep(seconds)
+
+        do: dict[int, Callable[..., Any]] = {
+            SEND: self.inner.handle_request,
+            GATE: gate_op,
+            RECORD: record_op,
+            SLEEP: wait,
+            CLOSE: httpx.Response.close,
+        }
+        while (effect := step.next()) is not None:
             try:
-                if thrown is None:
-                    effect = steps.send(value)
-                else:
-                    effect, thrown = steps.throw(thrown), None
-            except StopIteration as done:
-                response: httpx.Response = done.value
-                return response
-            kind = effect[0]
-            try:
-                if kind == SEND:
-                    value = inner.handle_request(effect[1])
-                elif kind == GATE:
-                    value = gate_op(*effect[1:])
-                elif kind == RECORD:
-                    value = record_op(*effect[1:])
-                elif kind == SLEEP:
-                    value = None
-                    if effect[2] is not None:
-                        effect[2].close()
-                    engine.clock.sleep_sync(effect[1])
-                elif kind == CLOSE:
-                    value = None
-                    effect[1].close()
+                step.value = do[effect[0]](*effect[1:])
             except BaseException as exc:
-                thrown = exc
+                step.thrown = exc
+        return step.result
 
     def close(self) -> None:
         self.inner.close()

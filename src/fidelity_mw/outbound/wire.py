@@ -95,6 +95,33 @@ def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | No
         raw.extend(prior)
 
 
+try:  # httpx's multipart body: private, so looked for rather than relied on
+    from httpx._multipart import MultipartStream as _Multipart
+except ImportError:  # pragma: no cover - another httpx layout
+    _Multipart = None  # type: ignore[assignment,misc]
+
+
+def replayable(stream: object) -> bool:
+    """Can this request body be sent again? Bytes held in memory can; so can a
+    multipart body (`files=`) whose files are bytes or seekable (httpx rewinds
+    each file before sending it); a streaming body cannot."""
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    if _Multipart is None or not isinstance(stream, _Multipart):
+        return False
+    for part in stream.fields:
+        file = getattr(part, "file", None)
+        if file is None or isinstance(file, str | bytes):
+            continue
+        seekable = getattr(file, "seekable", None)
+        try:
+            if seekable is None or not seekable():
+                return False
+        except Exception:
+            return False
+    return True
+
+
 def has_header(headers: httpx.Headers, key: bytes) -> bool:
     if not _FAST_HEADERS:
         return key.decode("latin-1") in headers
