@@ -96,6 +96,7 @@ RECORD: Final = 3
 CLOSE: Final = 4
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
+_ASSUMED_OPEN_S: Final = 0.5
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
@@ -376,7 +377,9 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     if not state:
         return
     target.seen_at = now
-    target.open_until = now + breaker.open_s if state == OPEN else 0.0
+    # The real open time is the breaker's (it may start short and grow): assume a short
+    # one; when it is over the next pick asks the breaker, whose rejection says how long.
+    target.open_until = now + min(breaker.open_s, _ASSUMED_OPEN_S) if state == OPEN else 0.0
 
 
 def _lb_decision(
