@@ -6,7 +6,9 @@ import pytest
 
 from fidelity_mw.testing import FakeClock, seeded_random
 
-pytest_plugins = ["redis_server"]  # real redis-server / cluster fixtures (tests/redis_server.py)
+# real redis-server / cluster fixtures (tests/redis_server.py); a pinned clock for the Lua
+# scripts (tests/redis_clock.py)
+pytest_plugins = ["redis_server", "redis_clock"]
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -389,6 +391,37 @@ def test_a_spoofed_chain_behind_a_trusted_proxy_changes_nothing() -> None:
     assert _admitted(mw, "10.0.0.1", lambda i: [(b"x-forwarded-for", ip_of(i + 7).encode())]) == 20
 
 
+def test_client_sent_forwarded_behind_an_xff_proxy_picks_no_key() -> None:
+    """Issue 12 #1: the proxy appends to X-Forwarded-For and passes the client's own
+    `Forwarded: for=...` through. Every request is the same client: burst 3 admits 3."""
+    mw = _limited(trusted_proxies=("10.0.0.0/8",))
+
+    def spoofed(i: int) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"forwarded", f"for={ip_of(i + 7)}".encode()),
+            (b"x-forwarded-for", b"198.51.100.7"),
+        ]
+
+    assert _admitted(mw, "10.0.0.1", spoofed) == 3
+
+
+def test_forwarded_header_policy_reads_forwarded_only() -> None:
+    mw = _limited(trusted_proxies=("10.0.0.0/8",), forwarded_header="forwarded")
+
+    def spoofed(i: int) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-forwarded-for", ip_of(i + 7).encode()),
+            (b"forwarded", b"for=198.51.100.7"),
+        ]
+
+    assert _admitted(mw, "10.0.0.1", spoofed) == 3
+    # ... and Forwarded is believed: distinct clients each get their own bucket
+    mw = _limited(trusted_proxies=("10.0.0.0/8",), forwarded_header="forwarded")
+    assert (
+        _admitted(mw, "10.0.0.1", lambda i: [(b"forwarded", f"for={ip_of(i + 7)}".encode())]) == 20
+    )
+
+
 def test_attempt_header_from_an_untrusted_caller_is_ignored() -> None:
     mw = _limited(trusted_peers=("10.0.0.0/8",))
     contexts = []
@@ -455,3 +488,29 @@ def test_exhausted_signal_only_from_trusted_upstreams(
 
         assert asyncio.run(run()) == 503
     assert upstream.calls == expected_calls
+
+
+def test_many_repeated_wanted_headers_are_joined_in_linear_time() -> None:
+    """Issue 12 #7: 200,000 repeated deadline and key headers. Joining them pairwise
+    copies ~10^12 bytes (many minutes); joining once copies a few MB. A subprocess, so the
+    old code can be killed: the limit separates "at once" from "never"."""
+    code = (
+        "import asyncio\n"
+        "from fidelity_mw import FidelityMiddleware, Policy, RateLimit\n"
+        "async def app(scope, receive, send):\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b''})\n"
+        "policy = Policy(rate_limits=(RateLimit(rate='10/s', key='header:x-api-key'),))\n"
+        "mw = FidelityMiddleware(app, policy=policy, telemetry=False)\n"
+        "headers = [(b'x-request-timeout-ms', b'1' * 200), (b'x-api-key', b'k' * 200)] * 100000\n"
+        "scope = {'type': 'http', 'method': 'GET', 'path': '/', 'headers': headers,\n"
+        "         'client': ('192.0.2.1', 1), 'query_string': b''}\n"
+        "sent = []\n"
+        "async def receive():\n"
+        "    return {'type': 'http.request', 'body': b''}\n"
+        "async def send(message):\n"
+        "    sent.append(message)\n"
+        "asyncio.run(mw(scope, receive, send))\n"
+        "assert sent[0]['status'] == 200, sent[0]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -249,3 +249,34 @@ def test_threads_get_at_most_n_probes() -> None:
     gates = hammer(8, 100, lambda: store.admit_now("route:/x", config, (), (), T0 + 1).gate)
     assert sum(g.verdict == "probe" for g in gates) == 3
     assert len({g.probe_id for g in gates if g.verdict == "probe"}) == 3
+
+
+def test_in_process_fast_path_contract() -> None:
+    """StateStore says "no fast path" with None; MemoryStore fills it with sync twins of
+    admit/record that decide exactly as the coroutines do; Redis's fallback is no store."""
+    from fidelity_mw.state.base import StateStore
+    from fidelity_mw.state.local import LocalState
+    from fidelity_mw.state.redis import RedisStore
+
+    assert StateStore.admit_now is None
+    assert StateStore.record_now is None
+    redis_store = RedisStore("redis://127.0.0.1:1/0")
+    assert redis_store.admit_now is None
+    assert redis_store.record_now is None
+    assert type(redis_store.local) is LocalState
+    assert not isinstance(redis_store.local, StateStore)
+
+    fast, slow = MemoryStore(rng=mid), MemoryStore(rng=mid)
+    assert fast.admit_now is not None
+    assert fast.record_now is not None
+    spec = limit(per_s=1.0, burst=2)
+    for step in range(4):
+        now = T0 + step * 0.25
+        a = fast.admit_now("route:/x", BREAKER, ["k"], [spec], now)
+        b = asyncio.run(slow.admit("route:/x", BREAKER, ["k"], [spec], now))
+        assert a == b
+        if a.gate is not None:
+            sa = fast.record_now("route:/x", BREAKER, a.gate, FAILURE, False, now)
+            sb = asyncio.run(slow.record("route:/x", BREAKER, b.gate, FAILURE, False, now))  # type: ignore[arg-type]
+            assert sa == sb
+    assert fast.breaker_state("route:/x", BREAKER).state == OPEN

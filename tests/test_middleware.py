@@ -548,6 +548,34 @@ async def test_malformed_deadline_is_recorded_and_ignored(clock: FakeClock) -> N
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"x-request-timeout-ms", b"-0"),
+        (b"x-request-timeout-ms", b"1_000"),
+        (b"x-request-timeout-ms", b"1e3"),
+        (b"x-request-timeout-ms", b"+5"),
+        (b"x-request-timeout-ms", b"\t7"),
+        (b"grpc-timeout", b"\t0S"),
+    ],
+)
+async def test_deadline_headers_follow_their_own_grammar(
+    clock: FakeClock, name: bytes, value: bytes
+) -> None:
+    """Issue 12 #23: Python number syntax is malformed (`-0` used to give a 504)."""
+    h = Harness(Policy(breaker=None, deadline=DeadlineConfig(default_ms=3000)), clock)
+    start = clock.monotonic()
+    status, _, _ = await h.request(headers=[(name, value)])
+    assert status == 200
+    ctx = h.seen[-1]
+    assert ctx is not None
+    assert ctx.deadline_at == pytest.approx(start + 3.0)
+    assert [(d.subject, d.reason) for d in ctx.decisions] == [
+        (name.decode(), "malformed_header"),
+        ("/", "route_default"),
+    ]
+
+
 # ---------------------------------------------------------------- context
 
 
@@ -1107,3 +1135,37 @@ async def test_wrapping_the_app_directly_still_names_routes(clock: FakeClock) ->
     store = app.engine.store
     assert isinstance(store, MemoryStore)
     assert sorted(store.breakers) == ["route:/items/{item_id}"]
+
+
+# ------------------------------------------------ names that slipped past validation
+
+
+def _renamed(policy: Policy, *names: str) -> Policy:
+    """Give the policy's limits names validation would refuse (a policy object built
+    around validation, or an older validator): the runtime must still enforce them."""
+    for lim, name in zip(policy.rate_limits, names, strict=True):
+        object.__setattr__(lim, "name", name)
+    return policy
+
+
+async def test_a_limit_name_outside_latin1_still_limits(clock: FakeClock) -> None:
+    """Issue 12 #2: such a name made plan building raise, and the request went through
+    with no limit and no breaker at all."""
+    policy = _renamed(limits(RateLimit(name="x", rate="1/min", burst=1)), "per-client — v2")
+    h = Harness(policy, clock)
+    status, headers, _ = await h.request()
+    assert status == 200
+    assert headers[b"ratelimit-policy"] == b'"per-client ? v2";q=1;w=60'
+    assert LIMIT_FIELD.match(headers[b"ratelimit"].decode())
+    status, headers, body = await h.request()
+    assert status == 429
+    assert problem(body)["limit"] == "per-client — v2"
+    assert h.calls["/"] == 1
+
+
+async def test_quotes_and_backslashes_in_a_limit_name_are_escaped(clock: FakeClock) -> None:
+    policy = _renamed(limits(RateLimit(name="x", rate="1/min", burst=2)), 'a"b\\c')
+    h = Harness(policy, clock)
+    _, headers, _ = await h.request()
+    assert headers[b"ratelimit-policy"] == b'"a\\"b\\\\c";q=2;w=120'
+    assert headers[b"ratelimit"].startswith(b'"a\\"b\\\\c";r=1;')

@@ -32,7 +32,8 @@ from fidelity_mw import BreakerConfig
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.policy import RateLimit
 from fidelity_mw.state.base import LimitSpec
-from fidelity_mw.state.memory import GcraTable, MemoryStore
+from fidelity_mw.state.local import GcraTable
+from fidelity_mw.state.memory import MemoryStore
 from test_model_reference import CLOSED, OPEN, RefBreaker, RefBucket, RefCall
 
 T0 = 1_000.0

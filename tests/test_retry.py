@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fidelity_mw.decide.budget import BudgetWindow, budget_allowance, budget_allows
 from fidelity_mw.decide.retry import (
     GIVE_UP_ATTEMPTS,
     GIVE_UP_BODY,
@@ -18,11 +19,8 @@ from fidelity_mw.decide.retry import (
     GIVE_UP_NO_RETRY_AFTER,
     GIVE_UP_NOT_IDEMPOTENT,
     GIVE_UP_RETRY_AFTER,
-    BudgetWindow,
     backoff_ceiling,
     backoff_delay,
-    budget_allowance,
-    budget_allows,
     is_idempotent,
     parse_retry_after,
     plan_retry,

@@ -9,6 +9,7 @@ import textwrap
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
 
 from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
@@ -436,3 +437,39 @@ def test_without_sdk_nothing_is_recorded_until_a_provider_is_set() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"
+
+
+# ------------------------------------------------------------ the caller's context is kept
+
+
+async def test_own_span_keeps_the_callers_context(otel: Pipeline) -> None:
+    """Defect 12.18: with no span current, the request headers were extracted into an
+    empty Context, so baggage and values attached by outer layers vanished in the app."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    key = otel_context.create_key("outer-layer-data")
+    seen: dict[str, Any] = {}
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        seen["value"] = otel_context.get_value(key)
+        seen["tenant"] = baggage.get_baggage("tenant")
+        seen["span"] = trace.get_current_span().get_span_context().is_valid
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    inner = FidelityMiddleware(
+        endpoint, policy=policy(), clock=FakeClock(), observer=otel.telemetry
+    )
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        ctx = otel_context.set_value(key, "kept", baggage.set_baggage("tenant", "acme"))
+        token = otel_context.attach(ctx)
+        try:
+            await inner(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+    assert (await call(outer, "/ok")).status_code == 200
+    assert seen == {"value": "kept", "tenant": "acme", "span": True}
+    only_span(otel)  # ours, and still one

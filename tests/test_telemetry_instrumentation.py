@@ -345,3 +345,53 @@ async def test_client_level_httpx_instrumentation_is_annotated_not_nested(
         {"http.response.status_code": 200},
     ]
     assert [e["fidelity.verdict"] for e in decision_events(span)] == ["allow", "retry"]
+
+
+# ------------------------------------------------------------ the app's choices are kept
+
+OPEN = Policy()
+
+
+async def test_fastapi_excluded_url_gets_no_span_of_ours(otel: Pipeline) -> None:
+    """Defect 12.20: a request the app's instrumentation excluded got a SERVER span of
+    ours (on whatever provider the observer had), and the app's spans hung off it."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    app = fastapi_app()
+    app.add_middleware(FidelityMiddleware, policy=OPEN, clock=FakeClock(), observer=spy(otel))
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=otel.tracer_provider, excluded_urls="ok", exclude_spans=NO_SEND_SPANS
+    )
+    try:
+        assert (await call(app, "/ok")).status_code == 200
+        assert otel.finished() == []
+        # a traced URL is still annotated: the exclusion is per request, not per app
+        assert (await call(app, "/items/1")).status_code == 200
+        assert len(fidelity_spans(otel.finished())) == 1
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+
+
+async def test_starlette_instrumentation_inside_excluded_url_gets_no_span(otel: Pipeline) -> None:
+    """The instrumentation inside the middleware (added first): its exclusion list is asked
+    before ours would start a span."""
+    app = starlette_app()
+    app.add_middleware(
+        OpenTelemetryMiddleware, tracer_provider=otel.tracer_provider, excluded_urls="ok"
+    )
+    app.add_middleware(FidelityMiddleware, policy=OPEN, clock=FakeClock(), observer=spy(otel))
+    assert (await call(app, "/ok")).status_code == 200
+    assert otel.finished() == []
+    assert (await call(app, "/items/1")).status_code == 200
+    servers = [s for s in otel.finished() if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1  # ours, with the instrumentation's INTERNAL span inside
+
+
+async def test_suppressed_http_instrumentation_gets_no_span_of_ours(otel: Pipeline) -> None:
+    from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+
+    app = starlette_app()
+    app.add_middleware(FidelityMiddleware, policy=OPEN, clock=FakeClock(), observer=spy(otel))
+    with suppress_http_instrumentation():
+        assert (await call(app, "/ok")).status_code == 200
+    assert otel.finished() == []

@@ -1,21 +1,64 @@
 """fidelity_mw: retries, circuit breaking and rate limiting for ASGI apps and their httpx
 calls, behind one per-request decision context, with traces that show who decided."""
 
-from .asgi import FidelityMiddleware
-from .context import Decision, DecisionContext, current
-from .engine import Engine
-from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
-from .outbound import FidelitySyncTransport, FidelityTransport
-from .policy import (
-    BreakerConfig,
-    DeadlineConfig,
-    Policy,
-    RateLimit,
-    RetryConfig,
-    RouteConfig,
-    StateConfig,
-    UpstreamConfig,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .asgi import FidelityMiddleware
+    from .context import Decision, DecisionContext, current
+    from .engine import Engine
+    from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
+    from .outbound import FidelitySyncTransport, FidelityTransport
+    from .policy import (
+        BreakerConfig,
+        DeadlineConfig,
+        Policy,
+        RateLimit,
+        RetryConfig,
+        RouteConfig,
+        StateConfig,
+        UpstreamConfig,
+    )
+
+# Public names load on first use, so importing one part of the package (the
+# pure `fidelity_mw.decide`, say) does not import every adapter and its
+# dependencies.
+_LAZY = {
+    "BreakerConfig": ".policy",
+    "CircuitOpen": ".errors",
+    "DeadlineConfig": ".policy",
+    "Decision": ".context",
+    "DecisionContext": ".context",
+    "Engine": ".engine",
+    "FidelityError": ".errors",
+    "FidelityMiddleware": ".asgi",
+    "FidelitySyncTransport": ".outbound",
+    "FidelityTransport": ".outbound",
+    "Policy": ".policy",
+    "PolicyError": ".errors",
+    "RateLimit": ".policy",
+    "RetryConfig": ".policy",
+    "RouteConfig": ".policy",
+    "StateConfig": ".policy",
+    "StateUnavailable": ".errors",
+    "UpstreamConfig": ".policy",
+    "current": ".context",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fidelity_mw' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "BreakerConfig",

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
+from .decide.specs import RandomSource as RandomSource  # one definition, in the pure core
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-# A source of uniform floats in [0, 1). `random.Random(seed).random` fits.
-RandomSource = Callable[[], float]
 
 
 class Clock(Protocol):

@@ -64,7 +64,6 @@ OUTCOME_DISCONNECTED = "disconnected"
 DECIDED_BY_APP = "app"
 
 _ROLE_DEADLINE = 1
-_ROLE_XFF = 2
 _ROLE_FORWARDED = 3
 _ROLE_KEY = 4
 _ROLE_ATTEMPT = 5
@@ -138,12 +137,13 @@ class FidelityMiddleware:
         wanted: dict[bytes, int] = {}
         for _name, raw, _parse in self._deadline_headers:
             wanted[raw] = _ROLE_DEADLINE
+        self._forwarded_header = pol.forwarded_header
+        self._forwarded_raw = pol.forwarded_header.encode("latin-1")
         if pol.trusted_proxies:
-            wanted[b"x-forwarded-for"] = _ROLE_XFF
-            wanted[b"forwarded"] = _ROLE_FORWARDED
+            wanted[self._forwarded_raw] = _ROLE_FORWARDED
         for lim in pol.rate_limits:
             if isinstance(lim.key, str) and lim.key.startswith("header:"):
-                wanted[lim.key[7:].lower().encode("latin-1")] = _ROLE_KEY
+                wanted[lim.key[7:].lower().encode("latin-1", "replace")] = _ROLE_KEY
         wanted[b"x-fidelity-attempt"] = _ROLE_ATTEMPT
         self._wanted = wanted
         self._peer_trust: dict[str, bool] = {}
@@ -160,13 +160,26 @@ class FidelityMiddleware:
         try:
             plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
             found: dict[bytes, bytes] | None = None
+            repeated: dict[bytes, list[bytes]] | None = None
             wanted = self._wanted
             for name, value in scope["headers"]:
                 if name in wanted:
                     if found is None:
                         found = {}
                     prior = found.get(name)
-                    found[name] = value if prior is None else prior + b"," + value
+                    if prior is None:
+                        found[name] = value
+                    else:  # joined once at the end: appending per line is quadratic
+                        if repeated is None:
+                            repeated = {}
+                        parts = repeated.get(name)
+                        if parts is None:
+                            repeated[name] = [prior, value]
+                        else:
+                            parts.append(value)
+            if repeated is not None and found is not None:
+                for name, parts in repeated.items():
+                    found[name] = b",".join(parts)
             ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
@@ -392,7 +405,7 @@ class FidelityMiddleware:
             elif kind == "global":
                 value = "*"
             elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
-                raw = found.get(kind[7:].lower().encode("latin-1")) if found else None
+                raw = found.get(kind[7:].lower().encode("latin-1", "replace")) if found else None
                 if raw:
                     value = "h:" + compact_key(raw.decode("latin-1"))
                 else:
@@ -423,9 +436,9 @@ class FidelityMiddleware:
             return peer if peer is not None else "unknown"
         return client_address(
             peer,
-            found.get(b"x-forwarded-for"),
-            found.get(b"forwarded"),
+            found.get(self._forwarded_raw),
             self.engine.trusted_proxies,
+            self._forwarded_header,
         )
 
     # ------------------------------------------------------------ breaker + limiter verdicts

@@ -25,6 +25,22 @@ _MAX_PLANS = 10_000
 _MAX_KEY_CHARS = 64
 
 
+def sf_string_content(text: str) -> str:
+    """`text` made safe inside an RFC 8941 sf-string: printable ASCII only, `"` and `\\`
+    escaped, anything else replaced by `?`. Policy validation refuses such names;
+    this keeps a name that slipped past it (a policy built around validation) from
+    breaking the route's plan, and with it every limit and the breaker."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append("?")
+    return "".join(out)
+
+
 def compact_key(key: str) -> str:
     """Client keys longer than 64 chars are hashed: a huge header must not cost huge memory."""
     if len(key) <= _MAX_KEY_CHARS:
@@ -79,7 +95,8 @@ class RoutePlan:
         )
         # RateLimit item prefixes; None for shadow limits, which are not advertised.
         self.remaining_prefixes: tuple[bytes | None, ...] = tuple(
-            None if lim.shadow else f'"{lim.name}";r='.encode("latin-1") for lim in limits
+            None if lim.shadow else f'"{sf_string_content(lim.name)}";r='.encode("ascii")
+            for lim in limits
         )
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
@@ -88,9 +105,13 @@ class RoutePlan:
             ", ".join(
                 # q units per w seconds: the bucket size, and the time the rate takes
                 # to refill it: q/w never exceeds the sustained rate, whatever the burst.
-                policy_field(lim.name, lim.burst_size, lim.burst_size * lim.emission_interval_s)
+                policy_field(
+                    sf_string_content(lim.name),
+                    lim.burst_size,
+                    lim.burst_size * lim.emission_interval_s,
+                )
                 for lim in advertised
-            ).encode("latin-1")
+            ).encode("ascii")
             if advertised
             else None
         )
@@ -141,7 +162,10 @@ class Engine:
         if route_cfg is not None:
             route = route_cfg.name or route_cfg.match
         else:
-            route = framework_template(scope, self.route_app) or UNMATCHED
+            try:
+                route = framework_template(scope, self.route_app) or UNMATCHED
+            except Exception:  # naming must never cost the request its limits
+                route = UNMATCHED
         breaker = policy.breaker
         deadline_ms = policy.deadline.default_ms
         cap_ms = policy.deadline.cap_ms

@@ -19,27 +19,26 @@ def _ascii(value: bytes) -> str | None:
 
 
 def parse_timeout_ms(value: bytes) -> float | None:
-    """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds."""
-    if len(value) > _MAX_HEADER_CHARS:
-        return None
-    try:
-        ms = float(value)  # float() parses ASCII bytes; anything else is a ValueError
-    except ValueError:
-        return None
-    if ms != ms or ms < 0 or ms == float("inf"):
-        return None
-    return ms / 1000.0
+    """`x-request-timeout-ms` / `x-envoy-expected-rq-timeout-ms`: milliseconds -> seconds.
+
+    The header's grammar is ASCII digits and nothing else: no sign, decimal point,
+    exponent, digit separator or whitespace (`float()` and `int()` accept all of
+    those, and `-0` would then read as an expired deadline).
+    """
+    if not value or len(value) > _MAX_HEADER_CHARS or not value.isdigit():
+        return None  # bytes.isdigit() is ASCII-only
+    return int(value) / 1000.0
 
 
 def parse_grpc_timeout(value: bytes) -> float | None:
-    """`grpc-timeout`: 1-8 digits and a unit (H M S m u n) -> seconds."""
-    text = _ascii(value)
-    if not text or len(text) > 9 or text[-1] not in _GRPC_UNITS:
+    """`grpc-timeout`: TimeoutValue (1-8 ASCII digits) then TimeoutUnit (H M S m u n)."""
+    if not 2 <= len(value) <= 9:
         return None
-    digits = text[:-1]
-    if not digits.isdigit() or not digits.isascii():
+    unit = _GRPC_UNITS.get(chr(value[-1]))
+    digits = value[:-1]
+    if unit is None or not digits.isdigit():
         return None
-    return int(digits) * _GRPC_UNITS[text[-1]]
+    return int(digits) * unit
 
 
 def deadline_parser(name: str) -> Callable[[bytes], float | None]:
@@ -85,18 +84,21 @@ def _strip_port(token: str) -> str:
     return token
 
 
-def forwarded_chain(xff: bytes | None, forwarded: bytes | None) -> list[str]:
-    """Addresses from Forwarded (preferred) or X-Forwarded-For, client first. Junk dropped."""
+def forwarded_chain(value: bytes | None, header: str = "x-forwarded-for") -> list[str]:
+    """Addresses from one forwarding header (`x-forwarded-for` or `forwarded`), client
+    first. Junk hops become "" (they stop the walk)."""
     chain: list[str] = []
-    if forwarded is not None and len(forwarded) <= 4096:
-        text = forwarded.decode("latin-1")
+    if value is None or len(value) > 4096:
+        return chain
+    text = value.decode("latin-1")
+    if header == "forwarded":
         for element in text.split(","):
             for pair in element.split(";"):
                 key, _, val = pair.partition("=")
                 if key.strip().lower() == "for":
                     chain.append(_strip_port(val))
-    elif xff is not None and len(xff) <= 4096:
-        chain = [_strip_port(part) for part in xff.decode("latin-1").split(",")]
+    else:
+        chain = [_strip_port(part) for part in text.split(",")]
     valid = []
     for address in chain:
         try:
@@ -107,20 +109,26 @@ def forwarded_chain(xff: bytes | None, forwarded: bytes | None) -> list[str]:
 
 
 def client_address(
-    peer: str | None, xff: bytes | None, forwarded: bytes | None, proxies: tuple[Network, ...]
+    peer: str | None,
+    value: bytes | None,
+    proxies: tuple[Network, ...],
+    header: str = "x-forwarded-for",
 ) -> str:
     """The client's address: walk the forwarding chain right to left over trusted proxies.
 
+    Only the one header the policy trusts (`forwarded_header`) is read: a proxy
+    that appends to X-Forwarded-For passes a client-sent `Forwarded` through
+    untouched, so believing the other header would let the client pick its key.
     Headers are believed only when the direct peer is a trusted proxy; the
     first hop that is not a trusted proxy is the client. An unparseable hop
     stops the walk there (we cannot vouch for anything left of it).
     """
     if peer is None:
         return "unknown"
-    if not proxies or (xff is None and forwarded is None) or not in_networks(peer, proxies):
+    if not proxies or value is None or not in_networks(peer, proxies):
         return peer
     address = peer
-    for hop in reversed(forwarded_chain(xff, forwarded)):
+    for hop in reversed(forwarded_chain(value, header)):
         if not hop:
             return address
         address = hop

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from .._types import RandomSource
-from ..policy import BreakerConfig
+from .specs import BreakerParams, RandomSource
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
@@ -46,6 +45,7 @@ class BreakerState:
         "_bucket_end",
         "_bucket_s",
         "_closed_gate",
+        "_totals",
         "buckets",
         "config",
         "consecutive",
@@ -57,7 +57,7 @@ class BreakerState:
         "state",
     )
 
-    def __init__(self, config: BreakerConfig) -> None:
+    def __init__(self, config: BreakerParams) -> None:
         self.config = config
         self.state: str = CLOSED
         self.epoch = 0
@@ -69,6 +69,9 @@ class BreakerState:
         self._bucket_s = config.window_s / _BUCKETS
         self._bucket_end = 0.0
         self.buckets: list[list[int]] = [[0, 0, 0] for _ in range(_BUCKETS)]
+        # [calls, failures, slow] summed over the buckets, kept in step with them so
+        # the ratios can be checked after every outcome in O(1).
+        self._totals = [0, 0, 0]
         self.probes: dict[int, float] = {}  # probe id -> start time, for probes in flight
         # The answer for the common case, built once per epoch instead of per call.
         self._closed_gate = Gate("allow", CLOSED, 0, 0.0)
@@ -78,11 +81,7 @@ class BreakerState:
 
     def totals(self, now: float) -> tuple[int, int, int]:
         self._rotate(now)
-        calls = failures = slow = 0
-        for c, f, s in self.buckets:
-            calls += c
-            failures += f
-            slow += s
+        calls, failures, slow = self._totals
         return calls, failures, slow
 
     # ------------------------------------------------------------ transitions
@@ -136,16 +135,20 @@ class BreakerState:
         if now >= self._bucket_end:
             self._rotate(now)
         bucket = self.buckets[-1]
+        totals = self._totals
         bucket[0] += 1
-        failed = outcome == FAILURE
-        if failed:
+        totals[0] += 1
+        if outcome == FAILURE:
             bucket[1] += 1
+            totals[1] += 1
             self.consecutive += 1
         else:
             self.consecutive = 0
         if slow:
             bucket[2] += 1
-        if (failed or slow) and self._should_open(now):
+            totals[2] += 1
+        # Every outcome, a success too: F,F,F,S reaches min_calls on the success.
+        if self._should_open(now):
             self._transition(OPEN, now, rng)
         return self.state
 
@@ -184,6 +187,7 @@ class BreakerState:
             self.consecutive = 0
             for bucket in self.buckets:
                 bucket[0] = bucket[1] = bucket[2] = 0
+            self._totals = [0, 0, 0]
 
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
@@ -193,9 +197,14 @@ class BreakerState:
         if steps >= _BUCKETS:
             for bucket in buckets:
                 bucket[0] = bucket[1] = bucket[2] = 0
+            self._totals = [0, 0, 0]
         else:
+            totals = self._totals
             for _ in range(steps):
                 oldest = buckets.pop(0)
+                totals[0] -= oldest[0]
+                totals[1] -= oldest[1]
+                totals[2] -= oldest[2]
                 oldest[0] = oldest[1] = oldest[2] = 0
                 buckets.append(oldest)
         self._bucket_end = (

@@ -3,8 +3,8 @@
 Nothing here knows about httpx, ASGI or a clock: time (`now`, `wall_now`) and
 randomness (`rng`, uniform floats in [0, 1)) come in as arguments, and
 transport errors come in as a *kind* string that the adapter maps them to
-(`ERROR_CONNECT`, ...). `transport.py` wires it to httpx; `state/` keeps the
-budget windows.
+(`ERROR_CONNECT`, ...). The outbound adapter wires it to httpx; `budget.py` holds the retry
+budget arithmetic and `state/` keeps the budget windows.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Final, NamedTuple
 
-from .._types import RandomSource
-from ..policy import RetryConfig
+from .specs import RandomSource, RetryParams
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -26,7 +25,7 @@ ERROR_NETWORK: Final = "network"  # connection broken mid-exchange: ditto
 ERROR_LOCAL: Final = "local"  # our side (pool exhausted, bad URL, protocol misuse): no retry
 ERROR_OTHER: Final = "other"  # not a transport error at all: no retry
 
-# Why a retry did not happen (Decision reasons; DESIGN.md and docs/outbound.md).
+# Why a retry did not happen (Decision reasons; docs/outbound.md).
 GIVE_UP_ATTEMPTS: Final = "attempts"
 GIVE_UP_BUDGET: Final = "budget"
 GIVE_UP_BREAKER: Final = "breaker_open"
@@ -132,14 +131,14 @@ def is_idempotent(method: str, has_idempotency_key: bool) -> bool:
     return has_idempotency_key or method.upper() in IDEMPOTENT_METHODS
 
 
-def retryable_status(status: int, cfg: RetryConfig) -> bool:
+def retryable_status(status: int, cfg: RetryParams) -> bool:
     """Is this status worth another attempt (before idempotency, budget and deadline)?"""
     if status == 429:
         return cfg.on_429
     return status in cfg.on_status
 
 
-def retryable_error(kind: str, cfg: RetryConfig) -> bool:
+def retryable_error(kind: str, cfg: RetryParams) -> bool:
     """Is this kind of transport error worth another attempt?"""
     if kind == ERROR_CONNECT:
         return cfg.on_connect_error
@@ -158,7 +157,7 @@ class RetryPlan(NamedTuple):
 
 def plan_retry(
     *,
-    cfg: RetryConfig,
+    cfg: RetryParams,
     attempt: int,
     idempotent: bool,
     replayable: bool,
@@ -205,79 +204,3 @@ def plan_retry(
     if remaining_s is not None and delay >= remaining_s:
         return RetryPlan(False, 0.0, GIVE_UP_DEADLINE)
     return RetryPlan(True, delay, "")
-
-
-# ---------------------------------------------------------------- budget
-
-
-_BUDGET_BUCKETS: Final = 10
-_EPSILON: Final = 1e-9
-
-
-def budget_allowance(requests: int, cfg: RetryConfig) -> float:
-    """Retries allowed in one window: budget_ratio x requests + budget_min_per_s x window."""
-    return cfg.budget_ratio * requests + cfg.budget_min_per_s * cfg.budget_window_s
-
-
-def budget_allows(requests: int, retries: int, cfg: RetryConfig) -> bool:
-    """May one more retry be spent, given the window's requests and retries so far?"""
-    return retries + 1 <= budget_allowance(requests, cfg) + _EPSILON
-
-
-class BudgetWindow:
-    """One upstream's retry budget: requests and retries over a sliding window.
-
-    The window is a ring of 10 buckets of `budget_window_s / 10` each, so a
-    count leaves the window between 0.9 and 1.0 windows after it was made.
-    "Requests" are top-level calls (first attempts); retries are not
-    requests, so retrying never earns more retries.
-    """
-
-    __slots__ = ("_bucket_end", "_bucket_s", "_index", "config", "requests", "retries")
-
-    def __init__(self, config: RetryConfig) -> None:
-        self.config = config
-        self._bucket_s = config.budget_window_s / _BUDGET_BUCKETS
-        self._bucket_end = 0.0
-        self._index = 0
-        self.requests = [0] * _BUDGET_BUCKETS
-        self.retries = [0] * _BUDGET_BUCKETS
-
-    def totals(self, now: float) -> tuple[int, int]:
-        """(requests, retries) in the window ending at `now`."""
-        self._rotate(now)
-        return sum(self.requests), sum(self.retries)
-
-    def request(self, now: float) -> None:
-        """Count one top-level request."""
-        if now >= self._bucket_end:
-            self._rotate(now)
-        self.requests[self._index] += 1
-
-    def try_retry(self, now: float) -> bool:
-        """Spend one retry if the budget allows it; True if spent."""
-        requests, retries = self.totals(now)
-        if not budget_allows(requests, retries, self.config):
-            return False
-        self.retries[self._index] += 1
-        return True
-
-    def _rotate(self, now: float) -> None:
-        if now < self._bucket_end:
-            return
-        if self._bucket_end == 0.0:
-            self._bucket_end = now + self._bucket_s
-            return
-        steps = int((now - self._bucket_end) / self._bucket_s) + 1
-        requests, retries = self.requests, self.retries
-        if steps >= _BUDGET_BUCKETS:
-            for i in range(_BUDGET_BUCKETS):
-                requests[i] = retries[i] = 0
-            self._index = 0
-        else:
-            index = self._index
-            for _ in range(steps):
-                index = (index + 1) % _BUDGET_BUCKETS
-                requests[index] = retries[index] = 0
-            self._index = index
-        self._bucket_end += steps * self._bucket_s

@@ -28,6 +28,7 @@ KeyFunc = Callable[[Mapping[str, Any]], str | None]
 JITTER_MODES = ("full", "equal", "decorrelated", "none")
 FAILURE_MODES = ("local", "open", "closed")
 HEADER_MODES = ("always", "on_reject", "never")
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 MAX_ATTEMPTS = 10
 
@@ -517,6 +518,9 @@ class Policy(_Validated):
     upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
     trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
     trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = _spec(
+        "x-forwarded-for", one_of(FORWARDED_HEADERS)
+    )
     rate_limit_headers: Literal["always", "on_reject", "never"] = _spec(
         "always", one_of(HEADER_MODES)
     )
@@ -626,29 +630,63 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """'*' matches any run of characters (slashes included); '?' matches one."""
-    parts = []
-    for ch in pattern:
-        if ch == "*":
-            parts.append(".*")
-        elif ch == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(ch))
-    return re.compile("^" + "".join(parts) + "$", re.DOTALL)
+def _glob_segment(segment: str) -> re.Pattern[str]:
+    """A fixed-length piece of a glob (no '*'): '?' is any one character."""
+    return re.compile("".join("." if ch == "?" else re.escape(ch) for ch in segment), re.DOTALL)
 
 
-_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+class _Glob:
+    """A glob split at its '*'s into fixed-length segments.
+
+    Greedy leftmost placement of each middle segment is exact for globs whose
+    only variable-length part is '*', and it never backtracks: matching costs
+    O(len(text) x len(pattern)), where a backtracking regex (`.*a.*b`) is
+    quadratic or worse in the path length (a 32 KB path took most of a second).
+    """
+
+    __slots__ = ("head", "head_len", "middle", "min_len", "tail", "tail_len")
+
+    def __init__(self, pattern: str) -> None:
+        segments = pattern.split("*")
+        self.head = _glob_segment(segments[0])
+        self.head_len = len(segments[0])
+        self.tail: re.Pattern[str] | None = None
+        self.tail_len = 0
+        self.middle: tuple[re.Pattern[str], ...] = ()
+        if len(segments) > 1:
+            self.tail = _glob_segment(segments[-1])
+            self.tail_len = len(segments[-1])
+            self.middle = tuple(_glob_segment(s) for s in segments[1:-1] if s)
+        self.min_len = sum(len(s) for s in segments)
+
+    def matches(self, text: str) -> bool:
+        if self.tail is None:
+            return self.head.fullmatch(text) is not None
+        end = len(text) - self.tail_len
+        if len(text) < self.min_len or self.head.match(text) is None:
+            return False
+        if self.tail.fullmatch(text, end) is None:
+            return False
+        start = self.head_len
+        for segment in self.middle:
+            found = segment.search(text, start, end)
+            if found is None:
+                return False
+            start = found.end()
+        return True
+
+
+_GLOB_CACHE: dict[str, _Glob] = {}
 
 
 def glob_matches(pattern: str, text: str) -> bool:
+    """'*' matches any run of characters (slashes included); '?' matches one."""
     if pattern == "*":
         return True
     compiled = _GLOB_CACHE.get(pattern)
     if compiled is None:
-        compiled = _GLOB_CACHE[pattern] = glob_to_regex(pattern)
-    return compiled.match(text) is not None
+        compiled = _GLOB_CACHE[pattern] = _Glob(pattern)
+    return compiled.matches(text)
 
 
 # How nested tables map to classes when reading plain data.

@@ -100,6 +100,10 @@ DESCRIPTIONS: dict[str, str] = {
     "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
     "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
     "is recorded. Private and loopback networks by default.",
+    "forwarded_header": "The one forwarding header `trusted_proxies` set: "
+    "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
+    "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
+    "one passes a client-sent value of the other through untouched.",
     "rate_limit_headers": "When responses carry the IETF `RateLimit` / `RateLimit-Policy` "
     "fields: on every limited response, only on 429s, or never.",
     # [state]

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ..decide.breaker import Gate
 from ..decide.gcra import LimitVerdict
+from ..decide.specs import LimitSpec as LimitSpec
 from ..policy import BreakerConfig, RetryConfig
-
-
-class LimitSpec(NamedTuple):
-    """One rate limit as the store sees it: arithmetic only, no policy objects."""
-
-    name: str
-    interval_s: float
-    tolerance_s: float
-    cost: int
-    shadow: bool
 
 
 class InboundResult(NamedTuple):
@@ -31,6 +22,17 @@ class InboundResult(NamedTuple):
     age_s: float  # how old the state behind this decision was
 
 
+AdmitNow = Callable[
+    [str | None, BreakerConfig | None, Sequence[str], Sequence[LimitSpec], float], InboundResult
+]
+RecordNow = Callable[[str, BreakerConfig, Gate, str, bool, float], str]
+GateNow = Callable[[str, BreakerConfig, float], Gate]
+RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float], None]
+BudgetRequestNow = Callable[[str, RetryConfig, float], None]
+BudgetTryRetryNow = Callable[[str, RetryConfig, float], tuple[bool, str, float]]
+OutboundBeginNow = Callable[[str, BreakerConfig | None, str, RetryConfig, float], Gate | None]
+
+
 class StateStore(abc.ABC):
     """Atomic breaker and limiter operations.
 
@@ -41,6 +43,22 @@ class StateStore(abc.ABC):
     """
 
     source: str = "memory"
+
+    # The in-process fast path. A store that decides in this process, with no
+    # I/O, sets these to methods with the same arguments and results as
+    # `admit` / `record`, without the coroutine (MemoryStore does); adapters
+    # call them when they are not None instead of awaiting the coroutine.
+    # None here means "no in-process fast path": await `admit` / `record`.
+    admit_now: AdmitNow | None = None
+    record_now: RecordNow | None = None
+    # Its sync twins (set together with admit_now): `gate_now` is `breaker_gate`
+    # without provenance; `refund_now` is `refund` (the source is this store);
+    # `outbound_begin_now` is `budget_request` then, with a breaker, `gate_now`.
+    gate_now: GateNow | None = None
+    refund_now: RefundNow | None = None
+    budget_request_now: BudgetRequestNow | None = None
+    budget_try_retry_now: BudgetTryRetryNow | None = None
+    outbound_begin_now: OutboundBeginNow | None = None
 
     @abc.abstractmethod
     async def admit(
@@ -73,16 +91,16 @@ class StateStore(abc.ABC):
     # ------------------------------------------------------------ outbound retry budget
     #
     # One budget per upstream (key `budget:<host[:port]>`), arithmetic in
-    # `fidelity_mw.decide.retry` (`BudgetWindow`, `budget_allows`): over a sliding
+    # `fidelity_mw.decide.budget` (`BudgetWindow`, `budget_allows`): over a sliding
     # window of `cfg.budget_window_s`, retries <= cfg.budget_ratio x requests
     # + cfg.budget_min_per_s x cfg.budget_window_s. "Requests" are top-level
     # outbound calls (first attempts), not retries.
     #
-    # Sync twins: a store may also offer `budget_request_now` and
-    # `budget_try_retry_now` (and `gate_now` / `record_now`) with the same
-    # arguments and results, without the coroutine. `FidelitySyncTransport`
-    # uses them when present (MemoryStore has them); otherwise it runs the
-    # async method on the event loop of the thread pool that called it.
+    # Sync twins: an in-process store (one with `admit_now`) also offers
+    # `budget_request_now`, `budget_try_retry_now`, `gate_now`, `refund_now`
+    # and `outbound_begin_now` with the same arguments and results, without
+    # the coroutine. The transports use them when present; otherwise they
+    # await the async method (the sync transport on an event loop of its own).
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         """Count one top-level outbound request to the upstream of `budget_key`.

@@ -1,205 +1,38 @@
-"""Process-memory state: the embedded default. Exact, O(1) per decision, bounded.
+"""Process-memory state: the embedded default, a `StateStore` over `LocalState`.
 
-Bound: at most `max_keys` limiter keys (default 100,000). A key whose TAT is
-in the past is indistinguishable from a fresh key, so sweeping those away
-loses nothing; only if every key is still active does eviction drop the
-oldest-inserted ones (counted in `evicted_active`), which can only make the
-limiter more lenient for those clients, never stricter.
-
-Breakers and retry budgets are keyed by route and by upstream host. Hosts can
-be many (a service that calls URLs its clients supply: webhooks, link
-previews), so they are bounded too: at most `max_breakers` of each (default
-10,000, about 2 KB per host). An idle one (a closed breaker with nothing in
-its window, no probe and no failure streak; a budget window with nothing in
-it) is the same as a fresh one and is swept away first; only if that is not
-enough are the oldest-inserted dropped (counted in `breakers_evicted_active`
-/ `budgets_evicted_active`), which again only makes them more lenient.
+Every decision is made synchronously under one lock (see `state/local.py` for
+the bounds), so the store offers the in-process fast path: `admit_now`,
+`record_now` and the other `*_now` twins, which adapters call directly instead
+of awaiting the coroutines.
 """
 
 from __future__ import annotations
 
-import random
-import threading
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
-from .._types import RandomSource
-from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
-from ..decide.gcra import LimitVerdict, gcra
-from ..decide.retry import BudgetWindow, budget_allows
+from ..decide.breaker import Gate
+from ..decide.budget import budget_allows
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
+from .local import GcraTable, LocalState
 
-_T = TypeVar("_T")
-# A TAT this close to `now` (in emission intervals) is a full bucket: float sums
-# leave ulps behind (gcra uses the same slack when admitting).
-_FULL_SLACK = 1e-6
+__all__ = ["GcraTable", "MemoryStore"]
 
 
-class GcraTable:
-    """key -> TAT, with lossless sweeping of idle keys."""
-
-    __slots__ = ("evicted_active", "max_keys", "next_sweep", "tats")
-
-    def __init__(self, max_keys: int) -> None:
-        self.max_keys = max_keys
-        self.tats: dict[str, float] = {}
-        self.next_sweep = max_keys
-        self.evicted_active = 0
-
-    def make_room(self, now: float, incoming: int = 1) -> None:
-        """Make sure `incoming` more keys fit under `max_keys`."""
-        tats = self.tats
-        if len(tats) + incoming <= self.next_sweep:
-            return
-        idle = [k for k, tat in tats.items() if tat <= now]
-        for key in idle:
-            del tats[key]
-        keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
-        overflow = len(tats) - keep
-        if overflow > 0:
-            for key in list(tats)[:overflow]:
-                del tats[key]
-            self.evicted_active += overflow
-        # Sweep again only after the table has grown by a quarter of its bound:
-        # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
-        self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
-        self.next_sweep = max(self.next_sweep, len(tats) + 1)
-
-
-def _breaker_idle(state: BreakerState, now: float) -> bool:
-    return (
-        state.state == CLOSED
-        and not state.probes
-        and state.consecutive == 0
-        and state.totals(now) == (0, 0, 0)
-    )
-
-
-def _budget_idle(window: BudgetWindow, now: float) -> bool:
-    return window.totals(now) == (0, 0)
-
-
-class MemoryStore(StateStore):
+class MemoryStore(LocalState, StateStore):
     """Counters in this process. Thread-safe (sync routes run in a thread pool)."""
 
     source = "memory"
 
-    def __init__(
-        self,
-        *,
-        max_keys: int = 100_000,
-        rng: RandomSource | None = None,
-        max_breakers: int = 10_000,
-    ) -> None:
-        self.limits = GcraTable(max_keys)
-        self.breakers: dict[str, BreakerState] = {}
-        # Outbound retry budgets, one per upstream host.
-        self.budgets: dict[str, BudgetWindow] = {}
-        self.max_breakers = max_breakers
-        self.breakers_evicted_active = 0
-        self.budgets_evicted_active = 0
-        self._rng: RandomSource = rng or random.Random().random
-        self._lock = threading.Lock()
-
-    def breaker_state(
-        self, key: str, config: BreakerConfig, now: float | None = None
-    ) -> BreakerState:
-        state = self.breakers.get(key)
-        if state is None or state.config is not config:
-            # A new config (policy reload) starts a fresh breaker.
-            if state is None and now is not None and len(self.breakers) >= self.max_breakers:
-                self.breakers_evicted_active += self._sweep(self.breakers, _breaker_idle, now)
-            state = self.breakers[key] = BreakerState(config)
-        return state
-
-    def _sweep(self, table: dict[str, _T], idle: Callable[[_T, float], bool], now: float) -> int:
-        """Make room in a breaker or budget table: idle entries first, then the oldest.
-
-        Leaves at most 3/4 of `max_breakers` (the O(n) scan is paid once per
-        n/4 new hosts). Returns how many non-idle entries had to go.
-        """
-        for key in [k for k, v in table.items() if idle(v, now)]:
-            del table[key]
-        overflow = len(table) - (self.max_breakers * 3) // 4
-        if overflow <= 0:
-            return 0
-        for key in list(table)[:overflow]:
-            del table[key]
-        return overflow
-
-    def admit_now(
-        self,
-        breaker_key: str | None,
-        breaker: BreakerConfig | None,
-        limit_keys: Sequence[str],
-        limits: Sequence[LimitSpec],
-        now: float,
-    ) -> InboundResult:
-        """`admit` without the coroutine: the middleware's fast path for memory state."""
-        with self._lock:
-            gate: Gate | None = None
-            state: BreakerState | None = None
-            if breaker_key is not None and breaker is not None:
-                state = self.breakers.get(breaker_key)
-                if state is None or state.config is not breaker:
-                    state = self.breaker_state(breaker_key, breaker, now)
-                gate = state.gate(now, self._rng)
-                if gate.verdict == "reject":
-                    return InboundResult(gate, (), False, "memory", 0.0)
-            if not limits:
-                return InboundResult(gate, (), True, "memory", 0.0)
-            table = self.limits
-            tats = table.tats
-            if len(tats) + len(limits) > table.next_sweep:
-                table.make_room(now, len(limits))
-            if len(limits) == 1:  # the common case, without the loops
-                spec = limits[0]
-                key = limit_keys[0]
-                verdict = gcra(
-                    tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost
-                )
-                if verdict.allowed:
-                    tats[key] = verdict.tat
-                    return InboundResult(gate, (verdict,), True, "memory", 0.0)
-                verdicts: tuple[LimitVerdict, ...] = (verdict,)
-                admitted = spec.shadow
-            else:
-                verdicts = tuple(
-                    gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
-                    for key, spec in zip(limit_keys, limits, strict=True)
-                )
-                admitted = all(
-                    v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
-                )
-                if admitted:
-                    for key, verdict in zip(limit_keys, verdicts, strict=True):
-                        if verdict.allowed:
-                            tats[key] = verdict.tat
-            if not admitted and state is not None and gate is not None and gate.probe_id:
-                state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return InboundResult(gate, verdicts, admitted, "memory", 0.0)
-
-    def refund_now(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
-    ) -> None:
-        """`refund` without the coroutine: move each TAT back by the units it took."""
-        with self._lock:
-            tats = self.limits.tats
-            for key, spec in zip(limit_keys, limits, strict=True):
-                tat = tats.get(key)
-                if tat is None:
-                    continue
-                back = tat - spec.cost * spec.interval_s
-                if back - now > _FULL_SLACK * spec.interval_s:
-                    tats[key] = back
-                else:  # a full bucket (within float noise): the same as no key
-                    del tats[key]
-
-    async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
-    ) -> None:
-        self.refund_now(limit_keys, limits, now)
+    # The fast path is LocalState's own methods (named here so the type checker
+    # sees them fill StateStore's `*_now` slots).
+    admit_now = LocalState.admit_now
+    record_now = LocalState.record_now
+    gate_now = LocalState.gate_now
+    refund_now = LocalState.refund_now
+    budget_request_now = LocalState.budget_request_now
+    budget_try_retry_now = LocalState.budget_try_retry_now
+    outbound_begin_now = LocalState.outbound_begin_now
 
     async def admit(
         self,
@@ -210,21 +43,6 @@ class MemoryStore(StateStore):
         now: float,
     ) -> InboundResult:
         return self.admit_now(breaker_key, breaker, limit_keys, limits, now)
-
-    def record_now(
-        self,
-        breaker_key: str,
-        breaker: BreakerConfig,
-        gate: Gate,
-        outcome: str,
-        slow: bool,
-        now: float,
-    ) -> str:
-        with self._lock:
-            state = self.breakers.get(breaker_key)
-            if state is None or state.config is not breaker:
-                state = self.breaker_state(breaker_key, breaker, now)
-            return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
 
     async def record(
         self,
@@ -237,37 +55,15 @@ class MemoryStore(StateStore):
     ) -> str:
         return self.record_now(breaker_key, breaker, gate, outcome, slow, now)
 
-    def gate_now(self, breaker_key: str, breaker: BreakerConfig, now: float) -> Gate:
-        with self._lock:
-            return self.breaker_state(breaker_key, breaker, now).gate(now, self._rng)
-
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
     ) -> tuple[Gate, str, float]:
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
 
-    # ------------------------------------------------------------ retry budget
-
-    def budget_window(self, key: str, cfg: RetryConfig, now: float | None = None) -> BudgetWindow:
-        window = self.budgets.get(key)
-        if window is None or window.config is not cfg:
-            # A new config (policy reload) starts a fresh window.
-            if window is None and now is not None and len(self.budgets) >= self.max_breakers:
-                self.budgets_evicted_active += self._sweep(self.budgets, _budget_idle, now)
-            window = self.budgets[key] = BudgetWindow(cfg)
-        return window
-
-    def budget_request_now(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
-        """`budget_request` without the coroutine (the transports' fast path)."""
-        with self._lock:
-            self.budget_window(budget_key, cfg, now).request(now)
-
-    def budget_try_retry_now(
-        self, budget_key: str, cfg: RetryConfig, now: float
-    ) -> tuple[bool, str, float]:
-        """`budget_try_retry` without the coroutine."""
-        with self._lock:
-            return self.budget_window(budget_key, cfg, now).try_retry(now), "memory", 0.0
+    async def refund(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+    ) -> None:
+        self.refund_now(limit_keys, limits, now)
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         self.budget_request_now(budget_key, cfg, now)
@@ -308,29 +104,3 @@ class MemoryStore(StateStore):
             if retry and window is not None and (gate is None or gate.verdict != "reject"):
                 window.try_retry(now)
             return gate, True, "memory", 0.0
-
-    def outbound_begin_now(
-        self,
-        breaker_key: str,
-        breaker: BreakerConfig | None,
-        budget_key: str,
-        cfg: RetryConfig,
-        now: float,
-    ) -> Gate | None:
-        """`budget_request` and, with a breaker, `gate_now` under one lock: the
-        transports' first attempt on memory state. None when there is no breaker."""
-        lock = self._lock
-        lock.acquire()  # cheaper than `with` on this path; nothing below awaits
-        try:
-            window = self.budgets.get(budget_key)
-            if window is None or window.config is not cfg:
-                window = self.budget_window(budget_key, cfg, now)
-            window.request(now)
-            if breaker is None:
-                return None
-            state = self.breakers.get(breaker_key)
-            if state is None or state.config is not breaker:
-                state = self.breaker_state(breaker_key, breaker, now)
-            return state.gate(now, self._rng)
-        finally:
-            lock.release()

@@ -16,7 +16,7 @@ The client is built explicitly: no client-side retries (redis-py 8 retries
 10 times by default), socket and connect timeouts from the policy, a bounded
 blocking pool. When Redis errors or times out, `on_error` decides:
 
-- ``local`` (default): decide on a process-local `MemoryStore`; decisions say
+- ``local`` (default): decide on process-local state (`LocalState`); decisions say
   ``fallback`` with age = time since the last successful Redis reply;
 - ``open``: admit, marked ``fallback``;
 - ``closed``: raise `StateUnavailable`, which the middleware turns into a 503.
@@ -67,7 +67,7 @@ from ..decide.gcra import LimitVerdict
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
-from .memory import MemoryStore
+from .local import LocalState
 from .redis_sync import SyncLink
 
 logger = logging.getLogger("fidelity_mw.redis")
@@ -330,7 +330,7 @@ class RedisStore(StateStore):
         self.on_error = config.on_error
         self._rng: RandomSource = rng or random.Random().random
         self._clock: Clock = clock or SYSTEM_CLOCK
-        self.local = MemoryStore(max_keys=config.max_keys, rng=self._rng)
+        self.local = LocalState(max_keys=config.max_keys, rng=self._rng)
         self.health = Health(self._clock)
         self.stats = RedisStats()
         # Connections belong to one event loop. The common case is one loop

@@ -243,6 +243,64 @@ def _is_server_span(span: Span) -> bool:
     return False
 
 
+# Per app middleware stack: the OpenTelemetry ASGI middleware in it, and whether it runs
+# outside ours (True) or inside (False); None when the stack has none.
+_STACKS: weakref.WeakKeyDictionary[Any, tuple[Any, bool] | None] = weakref.WeakKeyDictionary()
+
+
+def _find_instrumentation(stack: Any) -> tuple[Any, bool] | None:
+    node, ours_seen = stack, False
+    for _ in range(64):  # middleware chains are short; a cycle must not hang a request
+        cls = type(node)
+        module = cls.__module__
+        if module.startswith("opentelemetry.instrumentation.") and hasattr(node, "excluded_urls"):
+            return node, not ours_seen
+        if cls.__name__ == "FidelityMiddleware" and module.startswith("fidelity_mw"):
+            ours_seen = True
+        node = getattr(node, "app", None)
+        if node is None:
+            break
+    return None
+
+
+def _instrumentation_declined(scope: Scope) -> bool:
+    """Did the app's own ASGI instrumentation choose not to trace this request?
+
+    Called when no span is current. An instrumentation outside the middleware
+    that started no span excluded the request (its `excluded_urls`, or
+    suppression): a span of ours would become the parent of the app's spans
+    in a trace nobody asked for. One inside the middleware has not run yet:
+    ask its exclusion list the same question it will ask.
+    """
+    utils = sys.modules.get("opentelemetry.instrumentation.utils")
+    enabled = getattr(utils, "is_http_instrumentation_enabled", None)
+    if enabled is not None and not enabled():
+        return True
+    stack = getattr(scope.get("app"), "middleware_stack", None)
+    if stack is None:
+        return False
+    try:
+        found = _STACKS[stack]
+    except KeyError:
+        found = _find_instrumentation(stack)
+        _STACKS[stack] = found
+    except TypeError:  # not weak-referenceable: look each time
+        found = _find_instrumentation(stack)
+    if found is None:
+        return False
+    middleware, outside = found
+    if outside:
+        return True
+    excluded = middleware.excluded_urls
+    if not excluded:
+        return False
+    asgi = sys.modules.get(type(middleware).__module__)
+    url_of = getattr(asgi, "get_host_port_url_tuple", None)
+    if url_of is None:
+        return False
+    return bool(excluded.url_disabled(url_of(scope)[2]))
+
+
 def _method(method: str) -> tuple[str, str | None]:
     """(http.request.method, http.request.method_original or None) per the conventions."""
     if method in _KNOWN_METHODS:
@@ -592,7 +650,13 @@ class Telemetry:
                 return _Inbound(current, None, False, time.time_ns())
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
-            parent = propagate.extract(scope, getter=_SCOPE_GETTER)
+            if _instrumentation_declined(scope):
+                return None
+            # Into the current context, not an empty one: baggage and values that outer
+            # layers attached (suppression flags, framework data) must reach the app.
+            parent = propagate.extract(
+                scope, context=otel_context.get_current(), getter=_SCOPE_GETTER
+            )
         else:
             return None  # a span exists but is not sampled: add nothing
         method, original = _method(ctx.method)

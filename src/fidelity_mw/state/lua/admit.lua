@@ -22,7 +22,7 @@ if has_breaker then
   local cfg
   cfg, i = read_config(ARGV, i)
   b = br_load(KEYS[1], KEYS[2], cfg)
-  br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now)
+  br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
   i = i + 2
   k = 3
   verdict, state, epoch, wait, probe_id = br_gate(b, now, u)

@@ -181,7 +181,11 @@ end
 local function br_transition(b, state, now, u)
   b.st = state
   b.ep = b.ep + 1
-  redis.call('DEL', b.pkey)
+  if state == 'closed' then
+    redis.call('DEL', b.pkey)
+  end
+  -- Otherwise probes of an earlier half-open round keep their slots until they
+  -- report (their outcome is stale and not counted) or their lease runs out.
   if state == 'open' then
     local spread = b.cfg.open_jitter * (2.0 * u - 1.0)
     b.oa = now
@@ -193,18 +197,17 @@ local function br_transition(b, state, now, u)
   b.full = true
 end
 
-local function br_should_open(b, now)
-  local cfg = b.cfg
-  if cfg.consecutive > 0 and b.co >= cfg.consecutive then
-    return true
-  end
-  br_rotate(b, now)
+local function br_totals(b)
   local calls, failures, slow = 0, 0, 0
   for j = 1, 3 * BUCKETS, 3 do
     calls = calls + b.w[j]
     failures = failures + b.w[j + 1]
     slow = slow + b.w[j + 2]
   end
+  return calls, failures, slow
+end
+
+local function br_ratio_trips(cfg, calls, failures, slow)
   if calls < cfg.min_calls then
     return false
   end
@@ -212,6 +215,16 @@ local function br_should_open(b, now)
     return true
   end
   return cfg.slow_ratio >= 0 and slow >= cfg.slow_ratio * calls
+end
+
+local function br_should_open(b, now)
+  local cfg = b.cfg
+  if cfg.consecutive > 0 and b.co >= cfg.consecutive then
+    return true
+  end
+  br_rotate(b, now)
+  local calls, failures, slow = br_totals(b)
+  return br_ratio_trips(cfg, calls, failures, slow)
 end
 
 -- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
@@ -282,7 +295,8 @@ local function br_record(b, epoch, probe_id, outcome, slow, now, u)
     b.w[last + 3] = b.w[last + 3] + 1
   end
   b.dirty = true
-  if (failed or slow) and br_should_open(b, now) then
+  -- every outcome, a success too: F,F,F,S reaches min_calls on the success
+  if br_should_open(b, now) then
     br_transition(b, 'open', now, u)
   end
   return b.st
@@ -290,14 +304,24 @@ end
 
 -- Apply `n` plain successes an instance deferred (they were admitted in
 -- `epoch`): counted only if that epoch is still the current one of a closed
--- breaker, exactly as `n` calls to br_record(..., 's', false, ...) would.
-local function br_successes(b, epoch, n, now)
+-- breaker, as `n` calls to br_record(..., 's', false, ...) would. Each success
+-- only lowers the ratios, so those calls would have opened the breaker iff the
+-- first one that brings the window to min_calls did: check that one.
+local function br_successes(b, epoch, n, now, u)
   if n <= 0 or epoch ~= b.ep or b.st ~= 'closed' then
     return
   end
   br_rotate(b, now)
+  local calls, failures, slow = br_totals(b)
   local last = 3 * (BUCKETS - 1)
   b.w[last + 1] = b.w[last + 1] + n
   b.co = 0
   b.dirty = true
+  local first = b.cfg.min_calls - calls
+  if first < 1 then
+    first = 1
+  end
+  if first <= n and br_ratio_trips(b.cfg, calls + first, failures, slow) then
+    br_transition(b, 'open', now, u)
+  end
 end

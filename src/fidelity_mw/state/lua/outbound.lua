@@ -1,7 +1,7 @@
 -- outbound: one call before an outbound attempt: the host breaker gate and the
 -- upstream's retry budget, atomically.
 --
--- Budgets port fidelity_mw.decide.retry.BudgetWindow: a ring of 10 buckets over
+-- Budgets port fidelity_mw.decide.budget.BudgetWindow: a ring of 10 buckets over
 -- budget_window_s; a retry is allowed while
 --   retries + 1 <= budget_ratio * requests + budget_min_per_s * window_s.
 --
@@ -119,7 +119,7 @@ end
 local verdict, state, epoch, wait, probe_id = 'allow', '', 0, 0, 0
 if has_breaker then
   local b = br_load(KEYS[1], KEYS[2], cfg)
-  br_successes(b, deferred_epoch, deferred, now)
+  br_successes(b, deferred_epoch, deferred, now, u)
   if not denied then
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
   end

@@ -14,7 +14,7 @@ local outcome = ARGV[4]
 local slow = ARGV[5] == '1'
 local cfg = read_config(ARGV, 8)
 local b = br_load(KEYS[1], KEYS[2], cfg)
-br_successes(b, tonumber(ARGV[6]), tonumber(ARGV[7]), now)
+br_successes(b, tonumber(ARGV[6]), tonumber(ARGV[7]), now, u)
 local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
 br_save(b)
 return { state, b.ep }

@@ -49,11 +49,10 @@ for j = 0, nb - 1 do
       peak = b.co
     end
     b.dirty = true
-    if failures > 0 or slow > 0 then
-      local by_run = cfg.consecutive > 0 and peak >= cfg.consecutive
-      if by_run or br_should_open(b, now) then
-        br_transition(b, 'open', now, u)
-      end
+    -- every batch of outcomes, successes too (the ratio is checked on each)
+    local by_run = cfg.consecutive > 0 and peak >= cfg.consecutive
+    if by_run or br_should_open(b, now) then
+      br_transition(b, 'open', now, u)
     end
   end
   local wait = 0

@@ -1,0 +1,589 @@
+"""Throughput under a real server: uvicorn (1 worker, uvloop + httptools) driven by wrk.
+
+Variants (each its own uvicorn process serving one Starlette route, GET /hello -> "ok"):
+  bare              the route alone
+  fidelity-memory   + FidelityMiddleware, memory state
+  fidelity-redis    + FidelityMiddleware, redis:// (exact)
+  fidelity-tiered   + FidelityMiddleware, tiered+redis://
+  slowapi-memory    + slowapi's ASGI middleware, memory storage
+  slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
+
+Every middleware has one permissive per-client limit (every response must be a
+200); FidelityMiddleware also has its default route breaker and a deadline from
+`x-request-timeout-ms`, which wrk sends; telemetry off. All requests come from
+127.0.0.1, so the limit has one hot key.
+
+The servers run pinned to one core, wrk (`-t1`) and redis-server to the other
+(taskset). Each round measures every variant once at each connection count,
+in an order that reverses from one round to the next, after a short warm-up
+run on fresh connections. Per measurement: req/s and p99 from wrk, non-2xx
+responses and socket errors (both must be 0), the server's CPU time per request
+(utime + stime of its process from /proc), and Redis commands per request
+(`INFO commandstats` deltas, our own INFO calls excluded). Ratios to bare are
+paired per round; the table shows their medians. Load only on loopback, each
+measurement bounded by wrk's duration.
+
+    .venv/bin/python benchmarks/server.py [--rounds 3] [--duration 5] [--warmup 1]
+        [--connections 32,256] [--variants bare,fidelity-memory,...] [--no-write]
+
+Needs `wrk` (Debian package `wrk`: installed with apt-get when missing and run
+as root) and `redis-server` (started on a free loopback port and stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = (
+    "bare",
+    "fidelity-memory",
+    "fidelity-redis",
+    "fidelity-tiered",
+    "slowapi-memory",
+    "slowapi-redis",
+)
+REDIS_VARIANTS = {"fidelity-redis", "fidelity-tiered", "slowapi-redis"}
+HOST = "127.0.0.1"
+PREFIX = "bench-server"
+PERMISSIVE = "1000000000/second"
+DEADLINE_HEADER = "x-request-timeout-ms: 5000"
+# wrk's own summary as one JSON line: its text output rounds p99 and hides error kinds
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
+    .. '"status": %d, "timeout": %d, "p50_us": %.0f, "p99_us": %.0f, "max_us": %.0f}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+# ---------------------------------------------------------------- the served apps
+
+
+def build_app(variant: str, redis_url: str) -> Any:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from benchmarks._asgi import hello
+
+    routes = [Route("/hello", hello)]
+    if variant == "bare":
+        return Starlette(routes=routes)
+    if variant.startswith("fidelity-"):
+        from fidelity_mw import FidelityMiddleware, Policy, RateLimit, StateConfig
+
+        url = {"memory": "memory://", "redis": redis_url, "tiered": "tiered+" + redis_url}[
+            variant.removeprefix("fidelity-")
+        ]
+        policy = Policy(
+            state=StateConfig(url=url, key_prefix=PREFIX),
+            rate_limits=(RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
+        )
+        return FidelityMiddleware(Starlette(routes=routes), policy=policy, telemetry=False)
+    if variant.startswith("slowapi-"):
+        from slowapi import Limiter
+        from slowapi.middleware import SlowAPIASGIMiddleware
+        from slowapi.util import get_remote_address
+        from starlette.middleware import Middleware
+
+        storage = "memory://" if variant == "slowapi-memory" else redis_url
+        app = Starlette(routes=routes, middleware=[Middleware(SlowAPIASGIMiddleware)])
+        app.state.limiter = Limiter(
+            key_func=get_remote_address, default_limits=[PERMISSIVE], storage_uri=storage
+        )
+        return app
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def serve(variant: str, port: int, redis_url: str) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        build_app(variant, redis_url),
+        host=HOST,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    if cpu is None:
+        return argv
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("taskset not found (Debian package util-linux); or pass --no-pin")
+    return [taskset, "-c", str(cpu), *argv]
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt and os.geteuid() == 0:
+        print("wrk not found: installing the Debian package...", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run([apt, "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [apt, "install", "-y", "-qq", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL
+        )
+        found = shutil.which("wrk")
+        if found:
+            return found
+    raise SystemExit(
+        "wrk not found: install it (Debian/Ubuntu: `sudo apt-get install wrk`; "
+        "macOS: `brew install wrk`) and run again"
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_connections(pid: int, redis_port: int) -> int:
+    """Open TCP connections from process `pid` to the Redis port (its client pool's size)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = row.split()
+                if int(cols[2].rsplit(":", 1)[1], 16) == redis_port and cols[9] in inodes:
+                    count += 1
+    return count
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    import http.client
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
+        conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
+        try:
+            conn.request("GET", "/hello")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            conn.close()
+    raise SystemExit(f"server on port {port} did not answer within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def redis_server(cpu: int | None) -> Iterator[tuple[str, int, int]]:
+    """A throwaway redis-server on a free loopback port: (url, pid, port)."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found (Debian package redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+        argv += ["--dir", workdir]
+        proc = subprocess.Popen(
+            pinned(cpu, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        url = f"redis://{HOST}:{port}/0"
+        try:
+            for _ in range(500):
+                try:
+                    if redis.Redis.from_url(url, socket_timeout=0.2).ping():
+                        break
+                except redis.RedisError:
+                    time.sleep(0.02)
+            else:
+                raise SystemExit("redis-server did not start")
+            yield url, proc.pid, port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def servers(
+    variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path
+) -> Iterator[dict[str, tuple[int, int]]]:
+    """One uvicorn process per variant, all pinned to `cpu`: variant -> (port, pid)."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    ports: dict[str, int] = {}
+    try:
+        for variant in variants:
+            port = free_port()
+            argv = [sys.executable, str(Path(__file__).resolve()), "--serve", variant]
+            argv += ["--port", str(port), "--redis-url", redis_url]
+            with (logdir / f"{variant}.log").open("wb") as log:
+                procs[variant] = subprocess.Popen(
+                    pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT
+                )
+            ports[variant] = port
+        for variant, proc in procs.items():
+            wait_ready(ports[variant], proc)
+        yield {v: (ports[v], procs[v].pid) for v in variants}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Sample:
+    variant: str
+    connections: int
+    round: int
+    rps: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+    requests: int
+    cpu_us_per_req: float
+    redis_cpu_us_per_req: float | None
+    redis_cmds: dict[str, int] = field(default_factory=dict)
+    redis_clients: int | None = None
+    loadavg: str = ""
+
+    @property
+    def redis_per_req(self) -> float:
+        return sum(self.redis_cmds.values()) / max(1, self.requests)
+
+
+def commandstats(client: Any) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name != "cmdstat_info"  # our own snapshots
+    }
+
+
+def run_wrk(
+    wrk: str, script: Path, port: int, connections: int, seconds: int, cpu: int | None
+) -> dict[str, Any]:
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
+    argv += ["-s", str(script), "-H", DEADLINE_HEADER, f"http://{HOST}:{port}/hello"]
+    out = subprocess.run(
+        pinned(cpu, argv), check=True, capture_output=True, text=True, timeout=seconds + 60
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("WRKJSON "):
+            return dict(json.loads(line.removeprefix("WRKJSON ")))
+    raise RuntimeError(f"no summary from wrk:\n{out}")
+
+
+def measure_one(
+    args: argparse.Namespace,
+    wrk: str,
+    script: Path,
+    variant: str,
+    port: int,
+    pid: int,
+    connections: int,
+    round_no: int,
+    redis_client: Any,
+    redis_pid: int,
+    redis_port: int,
+) -> Sample:
+    if args.warmup > 0:
+        run_wrk(wrk, script, port, connections, args.warmup, args.load_cpu)
+    before_stats = commandstats(redis_client)
+    before_cpu = cpu_seconds(pid)
+    before_redis_cpu = cpu_seconds(redis_pid)
+    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    result = run_wrk(wrk, script, port, connections, args.duration, args.load_cpu)
+    cpu = cpu_seconds(pid) - before_cpu
+    redis_cpu = cpu_seconds(redis_pid) - before_redis_cpu
+    after_stats = commandstats(redis_client)
+    clients = redis_connections(pid, redis_port)
+    requests = int(result["requests"])
+    deltas = {
+        name: calls - before_stats.get(name, 0)
+        for name, calls in after_stats.items()
+        if calls > before_stats.get(name, 0)
+    }
+    errors = sum(int(result[k]) for k in ("connect", "read", "write", "timeout"))
+    return Sample(
+        variant=variant,
+        connections=connections,
+        round=round_no,
+        rps=requests / (int(result["duration_us"]) / 1e6),
+        p99_ms=float(result["p99_us"]) / 1000.0,
+        non2xx=int(result["status"]),
+        socket_errors=errors,
+        requests=requests,
+        cpu_us_per_req=cpu * 1e6 / max(1, requests),
+        redis_cpu_us_per_req=redis_cpu * 1e6 / max(1, requests),
+        redis_cmds=deltas,
+        redis_clients=clients,
+        loadavg=loadavg,
+    )
+
+
+def measure(args: argparse.Namespace) -> list[Sample]:
+    import redis
+
+    wrk = ensure_wrk()
+    samples: list[Sample] = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        script = tmp / "summary.lua"
+        script.write_text(WRK_SCRIPT)
+        url, redis_pid, redis_port = stack.enter_context(redis_server(args.redis_cpu))
+        client = stack.enter_context(redis.Redis.from_url(url))
+        running = stack.enter_context(servers(args.variants, url, args.server_cpu, tmp))
+        order = list(args.variants)
+        total = args.rounds * len(order) * len(args.connections)
+        for round_no in range(args.rounds):
+            for connections in args.connections:
+                for variant in order:
+                    port, pid = running[variant]
+                    sample = measure_one(
+                        args, wrk, script, variant, port, pid, connections, round_no,
+                        client, redis_pid, redis_port,
+                    )  # fmt: skip
+                    samples.append(sample)
+                    print(
+                        f"[{len(samples)}/{total}] round {round_no + 1} c{connections} "
+                        f"{variant}: {sample.rps:,.0f} req/s, p99 {sample.p99_ms:.1f} ms, "
+                        f"cpu {sample.cpu_us_per_req:.0f} µs/req, "
+                        f"redis {sample.redis_per_req:.2f} cmd/req, "
+                        f"non-2xx {sample.non2xx}, errors {sample.socket_errors}, "
+                        f"load {sample.loadavg}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            order.reverse()  # ABBA: drift within a round cancels across two rounds
+        with contextlib.suppress(Exception):
+            args.redis_version = str(client.info("server")["redis_version"])
+    return samples
+
+
+# ---------------------------------------------------------------- report
+
+
+SCRIPT_CALLS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
+def fmt_cmds(samples: Sequence[Sample]) -> str:
+    """Commands per request (those run inside scripts included), script calls per request
+    (each one round trip), the most frequent commands, and the server's pool size."""
+    requests = sum(s.requests for s in samples)
+    totals: dict[str, int] = {}
+    for s in samples:
+        for name, calls in s.redis_cmds.items():
+            totals[name] = totals.get(name, 0) + calls
+    if not totals:
+        return "—"
+    total = sum(totals.values()) / requests
+    scripts = sum(totals.get(name, 0) for name in SCRIPT_CALLS) / requests
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:4]
+    parts = ", ".join(f"{calls / requests:.2f} {name.upper()}" for name, calls in top)
+    clients = max((s.redis_clients or 0) for s in samples)
+    return f"{total:.2f} ({parts}) | {scripts:.3f} | {clients}"
+
+
+def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    for connections in args.connections:
+        at = [s for s in samples if s.connections == connections]
+        bare = {s.round: s for s in at if s.variant == "bare"}
+        lines += [
+            f"**{connections} connections** (`wrk -t1 -c{connections} -d{args.duration:g}s`)",
+            "",
+            "| variant | req/s (median) | ratio to bare: median (per round) | p99 ms "
+            "| non-2xx / socket errors | server CPU µs/req | redis-server CPU µs/req "
+            "| Redis commands/req (most frequent) | script calls/req | Redis connections |",
+            "|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for variant in args.variants:
+            mine = sorted((s for s in at if s.variant == variant), key=lambda s: s.round)
+            if not mine:
+                continue
+            ratios = [s.rps / bare[s.round].rps for s in mine if s.round in bare]
+            ratio = (
+                f"{statistics.median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})"
+                if ratios
+                else "—"
+            )
+            redis_cpu = (
+                f"{statistics.median(s.redis_cpu_us_per_req or 0.0 for s in mine):.0f}"
+                if variant in REDIS_VARIANTS
+                else "—"
+            )
+            bad = f"{sum(s.non2xx for s in mine)} / {sum(s.socket_errors for s in mine)}"
+            lines.append(
+                f"| {variant} | {statistics.median(s.rps for s in mine):,.0f} | {ratio} "
+                f"| {statistics.median(s.p99_ms for s in mine):.1f} | {bad} "
+                f"| {statistics.median(s.cpu_us_per_req for s in mine):.0f} | {redis_cpu} "
+                f"| {fmt_cmds(mine) if variant in REDIS_VARIANTS else '— | — | —'} |"
+            )
+        lines.append("")
+    loads = [s.loadavg for s in samples]
+    failures = sum(s.non2xx + s.socket_errors for s in samples)
+    lines += [
+        f"{args.rounds} rounds; in each, every variant once per connection count, the order "
+        f"reversed from one round to the next; {args.warmup:g} s warm-up on fresh connections "
+        f"before each {args.duration:g} s measurement. uvicorn {uvicorn_version()} "
+        f"(1 worker, uvloop, httptools) pinned to CPU {args.server_cpu}; wrk {wrk_version()} "
+        f"(`-t1`, 5 s timeout) and redis-server {getattr(args, 'redis_version', '?')} pinned "
+        f"to CPU {args.load_cpu}. One permissive per-client limit (one hot key: every request "
+        "comes from 127.0.0.1); FidelityMiddleware also runs its default route breaker and a "
+        "deadline header, telemetry off. Server CPU is utime + stime of the uvicorn process "
+        "over the measurement. Redis commands are `INFO commandstats` deltas, which count "
+        "the commands a script runs as well as the script call itself (`EVALSHA`): script "
+        "calls per request are the round trips; Redis connections are the server process's "
+        "open sockets to Redis after the run. Ratios are paired per round.",
+        "",
+        f"Machine load (1/5/15-min load average at each measurement's start): first "
+        f"{loads[0] if loads else '?'}, last {loads[-1] if loads else '?'}, highest 1-min "
+        f"{max((float(x.split()[0]) for x in loads), default=0.0):.2f}. "
+        f"Non-2xx responses and socket errors over the run: {failures}"
+        + (" (must be 0: see the table)." if failures else "."),
+    ]
+    return "\n".join(lines)
+
+
+def uvicorn_version() -> str:
+    try:
+        import uvicorn
+
+        return str(uvicorn.__version__)
+    except ImportError:
+        return "?"
+
+
+def wrk_version() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return "?"
+    out = subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout
+    words = out.split()
+    return words[1] if len(words) > 1 else "?"
+
+
+def machine() -> str:
+    lscpu: dict[str, str] = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            name, _, value = line.partition(":")
+            lscpu[name.strip()] = value.strip()
+    cpu = lscpu.get("Model name", platform.processor() or "unknown CPU")
+    cpus = lscpu.get("CPU(s)", str(os.cpu_count()))
+    return (
+        f"{platform.system()} {platform.release()} {platform.machine()}, {cpu}, {cpus} CPUs "
+        f"({lscpu.get('Thread(s) per core', '?')} thread(s) per core), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds before each (0: none)")
+    parser.add_argument("--connections", default="32,256")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1, help="wrk's and redis-server's CPU")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--json", type=Path, help="also write every sample here")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    # internal: one server process
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, args.redis_url)
+        return
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        raise SystemExit("needs uvloop and httptools: pip install -e '.[dev]'") from None
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.variants = [v.strip() for v in args.variants.split(",")]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
+    if "bare" not in args.variants:
+        args.variants.insert(0, "bare")
+    if args.no_pin:
+        args.server_cpu = args.load_cpu = args.redis_cpu = None
+    else:
+        args.redis_cpu = args.load_cpu
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    samples = measure(args)
+    if args.json:
+        args.json.write_text(json.dumps([s.__dict__ for s in samples], indent=1))
+    body = (
+        f"Run {started} on {machine()}.\n\n"
+        "`.venv/bin/python benchmarks/server.py` (needs `wrk` and `redis-server`; "
+        f"options: `--help`). This run: `--rounds {args.rounds} --duration {args.duration:g} "
+        f"--connections {','.join(map(str, args.connections))}`.\n\n" + report(samples, args)
+    )
+    print(body)
+    if not args.no_write:
+        from benchmarks._results import write_section
+
+        write_section("Under a real server (benchmarks/server.py)", body)
+
+
+if __name__ == "__main__":
+    main()

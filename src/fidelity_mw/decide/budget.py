@@ -1,0 +1,84 @@
+"""The retry budget, pure: retries <= ratio x requests + floor x window, over a sliding window.
+
+Finagle's and Envoy's idea: retries may add at most a fixed share of load on
+top of the requests, plus a small per-second floor so a quiet service can
+still retry. Time comes in as `now`; the stores keep the windows.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .specs import BudgetParams
+
+_BUDGET_BUCKETS: Final = 10
+_EPSILON: Final = 1e-9
+
+
+def budget_allowance(requests: int, cfg: BudgetParams) -> float:
+    """Retries allowed in one window: budget_ratio x requests + budget_min_per_s x window."""
+    return cfg.budget_ratio * requests + cfg.budget_min_per_s * cfg.budget_window_s
+
+
+def budget_allows(requests: int, retries: int, cfg: BudgetParams) -> bool:
+    """May one more retry be spent, given the window's requests and retries so far?"""
+    return retries + 1 <= budget_allowance(requests, cfg) + _EPSILON
+
+
+class BudgetWindow:
+    """One upstream's retry budget: requests and retries over a sliding window.
+
+    The window is a ring of 10 buckets of `budget_window_s / 10` each, so a
+    count leaves the window between 0.9 and 1.0 windows after it was made.
+    "Requests" are top-level calls (first attempts); retries are not
+    requests, so retrying never earns more retries.
+    """
+
+    __slots__ = ("_bucket_end", "_bucket_s", "_index", "config", "requests", "retries")
+
+    def __init__(self, config: BudgetParams) -> None:
+        self.config = config
+        self._bucket_s = config.budget_window_s / _BUDGET_BUCKETS
+        self._bucket_end = 0.0
+        self._index = 0
+        self.requests = [0] * _BUDGET_BUCKETS
+        self.retries = [0] * _BUDGET_BUCKETS
+
+    def totals(self, now: float) -> tuple[int, int]:
+        """(requests, retries) in the window ending at `now`."""
+        self._rotate(now)
+        return sum(self.requests), sum(self.retries)
+
+    def request(self, now: float) -> None:
+        """Count one top-level request."""
+        if now >= self._bucket_end:
+            self._rotate(now)
+        self.requests[self._index] += 1
+
+    def try_retry(self, now: float) -> bool:
+        """Spend one retry if the budget allows it; True if spent."""
+        requests, retries = self.totals(now)
+        if not budget_allows(requests, retries, self.config):
+            return False
+        self.retries[self._index] += 1
+        return True
+
+    def _rotate(self, now: float) -> None:
+        if now < self._bucket_end:
+            return
+        if self._bucket_end == 0.0:
+            self._bucket_end = now + self._bucket_s
+            return
+        steps = int((now - self._bucket_end) / self._bucket_s) + 1
+        requests, retries = self.requests, self.retries
+        if steps >= _BUDGET_BUCKETS:
+            for i in range(_BUDGET_BUCKETS):
+                requests[i] = retries[i] = 0
+            self._index = 0
+        else:
+            index = self._index
+            for _ in range(steps):
+                index = (index + 1) % _BUDGET_BUCKETS
+                requests[index] = retries[index] = 0
+            self._index = index
+        self._bucket_end += steps * self._bucket_s
