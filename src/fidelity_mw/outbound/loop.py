@@ -8,7 +8,10 @@
   `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
-- `(CLOSE, response)` -> None: close a response we will not hand back.
+- `(CLOSE, response)` -> None: close a response we will not hand back;
+- `(PEEK, breaker_keys, now)` -> until when each breaker is open (0.0: not open),
+  or None when the store cannot say without a round trip (the balancer then
+  uses what it learned from earlier answers).
 
 It returns the response for the caller, or raises (`CircuitOpen`,
 `DeadlineExceeded`, the last transport error). The async transport awaits the
@@ -94,6 +97,7 @@ SLEEP: Final = 1
 GATE: Final = 2
 RECORD: Final = 3
 CLOSE: Final = 4
+PEEK: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 _ASSUMED_OPEN_S: Final = 0.5
@@ -313,6 +317,12 @@ def _gate_next(
     gate: Gate | None = None
     source, age, allowed = SOURCE_REQUEST, 0.0, True
     count = True  # a first attempt counts the request once; a retry asks the budget each time
+    if instances is not None:
+        fresh = yield (PEEK, [i.breaker_key for i in instances], now)
+        if fresh is not None:
+            for instance, open_until in zip(instances, fresh, strict=True):
+                instance.open_until = open_until
+                instance.seen_at = now
     for _ in range(len(instances) + 1 if instances else 1):
         if instances is not None:
             pick = choose(

@@ -35,7 +35,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .loop import CLOSE, GATE, RECORD, SEND, SLEEP, Steps, attempts
+from .loop import CLOSE, GATE, PEEK, RECORD, SEND, SLEEP, Steps, attempts
 from .upstream import Resolver, Upstream
 
 _MAX_UPSTREAMS: Final = 1024
@@ -155,6 +155,18 @@ def _in_process(store: StateStore) -> tuple[Callable[..., Any], Callable[..., An
     return gate, record
 
 
+def _peek(store: StateStore) -> Callable[..., Any]:
+    """Breaker states for the balancer, from a store that has them without a round trip."""
+    peek = getattr(store, "breakers_open_until_now", None)
+    if peek is None or _in_process(store) is None:
+        return _unknown
+    return peek  # type: ignore[no-any-return]
+
+
+def _unknown(*args: Any) -> None:
+    return None
+
+
 # ---------------------------------------------------------------- async
 
 
@@ -204,6 +216,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == CLOSE:
                     step.value = None
                     await effect[1].aclose()
+                elif kind == PEEK:
+                    step.value = _peek(store)(*effect[1:])
             except BaseException as exc:
                 step.thrown = exc
         return step.result
@@ -269,6 +283,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             RECORD: record_op,
             SLEEP: wait,
             CLOSE: httpx.Response.close,
+            PEEK: _peek(engine.store),
         }
         while (effect := step.next()) is not None:
             try:
