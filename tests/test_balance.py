@@ -289,3 +289,24 @@ def test_instances_must_be_base_urls() -> None:
     with pytest.raises(PolicyError):
         UpstreamConfig(host="payments", instances=("http://a:1/path",))
     assert UpstreamConfig(host="p", instances=("https://a:1/",)).instances == ("https://a:1/",)
+
+
+async def test_a_retry_never_overrides_an_open_breaker() -> None:
+    """Panic and the ejection bound keep a call from being refused; a retry is optional,
+    so it goes only to an instance whose breaker admits it."""
+    fleet = Fleet(**dict.fromkeys(KEYS, 503))
+    store = MemoryStore(rng=seeded_random(3))
+    breaker = BreakerConfig(open_s=30.0)
+    pol = service_policy(breaker=breaker, max_ejected_ratio=1.0)
+    t = service_transport(fleet, pol, store)
+    for key in KEYS:
+        store.breaker_state("upstream:" + key, breaker).force(OPEN, 1_000.0, seeded_random(0))
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(10):
+            fleet.seen.clear()
+            response = await client.get("http://payments/pay")
+            assert response.status_code == 503
+            assert len(fleet.seen) == 1  # the panicked first attempt, no retry
+            ctx = response.extensions["fidelity_context"]
+            assert ctx.decisions[-1].reason == "breaker_open"
+            assert ctx.upstream_exhausted  # callers are told not to retry either

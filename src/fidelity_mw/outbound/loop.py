@@ -336,6 +336,12 @@ def _gate_next(
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
+            if retry and pick.bypass:
+                # Overriding an open breaker keeps a call from being refused; a retry is
+                # optional: it goes to an instance whose breaker admits it, or not at all.
+                _give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
+                         SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
+                return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
         budget = retry or count
         count = False
         try:
