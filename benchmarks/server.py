@@ -291,6 +291,7 @@ class Sample:
     p99_ms: float
     non2xx: int
     socket_errors: int
+    error_kinds: dict[str, int]
     requests: int
     cpu_us_per_req: float
     redis_cpu_us_per_req: float | None
@@ -356,7 +357,7 @@ def measure_one(
         for name, calls in after_stats.items()
         if calls > before_stats.get(name, 0)
     }
-    errors = sum(int(result[k]) for k in ("connect", "read", "write", "timeout"))
+    kinds = {k: int(result[k]) for k in ("connect", "read", "write", "timeout") if result[k]}
     return Sample(
         variant=variant,
         connections=connections,
@@ -364,7 +365,8 @@ def measure_one(
         rps=requests / (int(result["duration_us"]) / 1e6),
         p99_ms=float(result["p99_us"]) / 1000.0,
         non2xx=int(result["status"]),
-        socket_errors=errors,
+        socket_errors=sum(kinds.values()),
+        error_kinds=kinds,
         requests=requests,
         cpu_us_per_req=cpu * 1e6 / max(1, requests),
         redis_cpu_us_per_req=redis_cpu * 1e6 / max(1, requests),
@@ -446,8 +448,9 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
             f"**{connections} connections** (`wrk -t1 -c{connections} -d{args.duration:g}s`)",
             "",
             "| variant | req/s (median) | ratio to bare: median (per round) | p99 ms "
-            "| non-2xx / socket errors | server CPU µs/req | redis-server CPU µs/req "
-            "| Redis commands/req (most frequent) | script calls/req | Redis connections |",
+            "| non-2xx / socket errors | server CPU µs/req (ratio to bare) "
+            "| redis-server CPU µs/req | Redis commands/req (most frequent) "
+            "| script calls/req | Redis connections |",
             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for variant in args.variants:
@@ -465,11 +468,23 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
                 if variant in REDIS_VARIANTS
                 else "—"
             )
-            bad = f"{sum(s.non2xx for s in mine)} / {sum(s.socket_errors for s in mine)}"
+            cpu_ratios = [
+                s.cpu_us_per_req / bare[s.round].cpu_us_per_req for s in mine if s.round in bare
+            ]
+            cpu = f"{statistics.median(s.cpu_us_per_req for s in mine):.0f}"
+            if cpu_ratios:
+                cpu += f" ({statistics.median(cpu_ratios):.2f}x)"
+            kinds: dict[str, int] = {}
+            for s in mine:
+                for kind, n in s.error_kinds.items():
+                    kinds[kind] = kinds.get(kind, 0) + n
+            bad = f"{sum(s.non2xx for s in mine)} / {sum(kinds.values())}"
+            if kinds:
+                bad += " (" + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
             lines.append(
                 f"| {variant} | {statistics.median(s.rps for s in mine):,.0f} | {ratio} "
                 f"| {statistics.median(s.p99_ms for s in mine):.1f} | {bad} "
-                f"| {statistics.median(s.cpu_us_per_req for s in mine):.0f} | {redis_cpu} "
+                f"| {cpu} | {redis_cpu} "
                 f"| {fmt_cmds(mine) if variant in REDIS_VARIANTS else '— | — | —'} |"
             )
         lines.append("")
@@ -484,7 +499,9 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
         f"to CPU {args.load_cpu}. One permissive per-client limit (one hot key: every request "
         "comes from 127.0.0.1); FidelityMiddleware also runs its default route breaker and a "
         "deadline header, telemetry off. Server CPU is utime + stime of the uvicorn process "
-        "over the measurement. Redis commands are `INFO commandstats` deltas, which count "
+        "over the measurement, divided by the requests served (ratio to bare paired per round); "
+        "on a busy machine it moves much less than req/s, which depends on the CPU time the "
+        "server's core has to spare. Redis commands are `INFO commandstats` deltas, which count "
         "the commands a script runs as well as the script call itself (`EVALSHA`): script "
         "calls per request are the round trips; Redis connections are the server process's "
         "open sockets to Redis after the run. Ratios are paired per round.",

@@ -30,6 +30,11 @@ REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
+# StateConfig timeouts for tests that are not about timeouts. A starved process on a
+# busy machine can take longer than the 250 ms default to connect or to read a reply,
+# and the store then (rightly) decides on fallback state, which those tests do not
+# expect. Tests of slow or paused servers set their own small timeouts.
+PATIENT: dict[str, int] = {"timeout_ms": 5_000, "connect_timeout_ms": 5_000}
 
 
 def require_redis() -> None:

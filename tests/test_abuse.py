@@ -271,7 +271,7 @@ def test_many_clients_and_paths_through_the_middleware(
         "requests": n,
         "key_table": len(store.limits.tats),
         "route_plans": len(mw.engine._plans),
-        "peer_cache": len(mw._peer_trust),
+        "peer_cache": len(mw._reader._peer_trust),
         "traced_MB_at_15k": round(traced[15_000] / MB, 1),
         "traced_MB_at_25k": round(traced[n] / MB, 1),
         "us_per_request_first_5k": round(per_call_us(timings[:5]), 1),
@@ -282,7 +282,7 @@ def test_many_clients_and_paths_through_the_middleware(
     print("\nabuse/middleware:", report)
     assert len(store.limits.tats) <= 2_000
     assert len(mw.engine._plans) <= 10_000
-    assert len(mw._peer_trust) <= 4_097
+    assert len(mw._reader._peer_trust) <= 4_097
     hashes = getattr(telemetry, "_key_hashes", {})
     assert len(hashes) <= 4_096
     assert traced[n] <= traced[15_000] * 1.15

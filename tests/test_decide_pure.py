@@ -68,7 +68,7 @@ def test_policy_configs_and_frozen_specs_drive_the_same_arithmetic() -> None:
 def test_every_public_name_resolves_lazily() -> None:
     code = (
         "import sys, fidelity_mw\n"
-        "assert 'fidelity_mw.asgi' not in sys.modules\n"
+        "assert 'fidelity_mw.inbound' not in sys.modules\n"
         "for name in fidelity_mw.__all__:\n"
         "    assert getattr(fidelity_mw, name) is not None, name\n"
         "from fidelity_mw import FidelityMiddleware, Policy, current\n"

@@ -228,7 +228,8 @@ def limits(*items: RateLimit, **policy: Any) -> Policy:
 
 async def test_429_with_retry_after_fields_and_problem_body(clock: FakeClock) -> None:
     h = Harness(limits(RateLimit(name="per-client", rate="4/10s", burst=4)), clock)
-    for expected in ("r=3;t=3", "r=2;t=5", "r=1;t=8", "r=0;t=10"):  # t: until the bucket is full
+    # t: seconds until one more unit is available (2.5 s per unit)
+    for expected in ("r=3;t=3", "r=2;t=3", "r=1;t=3", "r=0;t=3"):
         status, headers, _ = await h.request()
         assert status == 200
         assert headers[b"ratelimit"] == f'"per-client";{expected}'.encode()
@@ -239,7 +240,7 @@ async def test_429_with_retry_after_fields_and_problem_body(clock: FakeClock) ->
     assert headers[b"retry-after"] == b"2"  # 2.5 s per unit, 0.5 s gone: 2.0
     assert headers[b"content-type"] == b"application/problem+json"
     assert headers[b"ratelimit-policy"] == b'"per-client";q=4;w=10'
-    assert headers[b"ratelimit"] == b'"per-client";r=0;t=10'  # 9.5 s, rounded up
+    assert headers[b"ratelimit"] == b'"per-client";r=0;t=2'  # the same wait as Retry-After
     assert POLICY_FIELD.match(headers[b"ratelimit-policy"].decode())
     assert LIMIT_FIELD.match(headers[b"ratelimit"].decode())
     doc = problem(body)
@@ -270,7 +271,7 @@ async def test_429_retry_after_rounds_up_a_fraction(clock: FakeClock) -> None:
 
 async def test_ratelimit_reset_is_not_inflated_by_float_noise(clock: FakeClock) -> None:
     h = Harness(limits(RateLimit(name="l", rate="3/10s", burst=3)), clock)
-    for expected in ("r=2;t=4", "r=1;t=7", "r=0;t=10"):
+    for expected in ("r=2;t=4", "r=1;t=4", "r=0;t=4"):  # 3.33 s per unit
         _, headers, _ = await h.request()
         assert headers[b"ratelimit"] == f'"l";{expected}'.encode()
 
@@ -340,6 +341,45 @@ async def test_retry_after_ignores_limits_that_allow(clock: FakeClock) -> None:
     assert problem(body)["limit"] == "tight"
     # The roomy limit's allowance was not spent by the rejected request.
     assert headers[b"ratelimit"] == b'"roomy";r=98;t=1, "tight";r=0;t=5'
+
+
+async def test_ratelimit_t_is_the_wait_for_more_quota_and_retry_after_not_earlier(
+    clock: FakeClock,
+) -> None:
+    """Issue 12 #17 (draft-ietf-httpapi-ratelimit-headers-10+): `t` is the seconds until
+    more quota is available, and Retry-After never points earlier than it. Old: a 429
+    with Retry-After 1 and t=2 (t was the time until the bucket is full)."""
+    h = Harness(limits(RateLimit(name="l", rate="1/s", burst=2)), clock)
+    for expected in (b'"l";r=1;t=1', b'"l";r=0;t=1'):
+        status, headers, _ = await h.request()
+        assert (status, headers[b"ratelimit"]) == (200, expected)
+    clock.advance(0.25)
+    status, headers, _ = await h.request()
+    assert status == 429
+    assert headers[b"retry-after"] == b"1"
+    assert headers[b"ratelimit"] == b'"l";r=0;t=1'
+    clock.advance(0.75)  # t said 1 s: quota is there
+    assert await h.status() == 200
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    gaps=st.lists(st.sampled_from([0.0, 0.1, 0.4, 1.0, 2.5]), min_size=1, max_size=12),
+)
+async def test_retry_after_is_never_earlier_than_any_t(gaps: list[float]) -> None:
+    clock = FakeClock()
+    h = Harness(
+        limits(RateLimit(name="a", rate="2/s", burst=3), RateLimit(name="b", rate="5/10s")),
+        clock,
+    )
+    for gap in gaps:
+        clock.advance(gap)
+        status, headers, _ = await h.request()
+        ts = [int(item.rsplit("t=", 1)[1]) for item in headers[b"ratelimit"].decode().split(", ")]
+        if status == 429:
+            assert max(ts) <= int(headers[b"retry-after"])
 
 
 async def test_rate_limit_headers_modes(clock: FakeClock) -> None:
@@ -1169,3 +1209,165 @@ async def test_quotes_and_backslashes_in_a_limit_name_are_escaped(clock: FakeClo
     _, headers, _ = await h.request()
     assert headers[b"ratelimit-policy"] == b'"a\\"b\\\\c";q=2;w=120'
     assert headers[b"ratelimit"].startswith(b'"a\\"b\\\\c";r=1;')
+
+
+# ---------------------------------------------------------------- when a call ends
+
+
+def _slow_policy() -> Policy:
+    return Policy(
+        breaker=BreakerConfig(
+            min_calls=3, slow_call_ms=1000, slow_call_ratio=0.5, open_s=10, open_jitter=0.0
+        )
+    )
+
+
+async def _drive(app: Any, scope: dict[str, Any]) -> list[Mapping[str, Any]]:
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def _scope(path: str = "/", **extra: Any) -> dict[str, Any]:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("192.0.2.1", 5000),
+        "server": ("testserver", 80),
+    }
+    scope.update(extra)
+    return scope
+
+
+async def test_slow_call_time_ends_at_the_last_body_message(clock: FakeClock) -> None:
+    """Issue 12 #13: a slow background task after an instant response is not a slow call."""
+    from starlette.background import BackgroundTask
+
+    def slow_task() -> None:
+        clock.advance(5.0)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(slow_task))
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    mw = FidelityMiddleware(app, policy=_slow_policy(), clock=clock, telemetry=False)
+    for _ in range(6):
+        sent = await _drive(mw, _scope())
+        assert sent[0]["status"] == 200
+    store = mw.engine.store
+    assert isinstance(store, MemoryStore)
+    assert store.breakers["route:/"].state == CLOSED
+
+
+async def test_a_slow_response_is_still_a_slow_call(clock: FakeClock) -> None:
+    async def endpoint(request: Request) -> Response:
+        clock.advance(5.0)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    mw = FidelityMiddleware(app, policy=_slow_policy(), clock=clock, telemetry=False)
+    for _ in range(3):
+        await _drive(mw, _scope())
+    sent = await _drive(mw, _scope())
+    assert sent[0]["status"] == 503
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        {"type": "http.response.pathsend", "path": "/dev/null"},
+        {"type": "http.response.zerocopysend", "file": 0},
+    ],
+    ids=["pathsend", "zerocopysend"],
+)
+async def test_file_send_extensions_end_the_response(
+    clock: FakeClock, final: dict[str, Any]
+) -> None:
+    """Issue 12 #14: a response ending in pathsend / zerocopysend is complete, not a
+    client disconnect: its probes close a half-open breaker."""
+    fail = True
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500 if fail else 200})
+        if fail:
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await send(dict(final))
+
+    mw = FidelityMiddleware(app, policy=breaker_policy(), clock=clock, telemetry=False)
+    for _ in range(2):
+        await _drive(mw, _scope())
+    store = mw.engine.store
+    assert isinstance(store, MemoryStore)
+    assert store.breakers["route:!unmatched"].state == OPEN
+    fail = False
+    clock.advance(10.0)
+    scope = _scope()
+    sent = await _drive(mw, scope)
+    assert sent[-1]["type"] == final["type"]
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert (ctx.outcome, ctx.client_disconnected) == ("served", False)
+    assert store.breakers["route:!unmatched"].state == CLOSED
+
+
+async def test_a_scope_without_headers_has_no_headers(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 #21: the key is optional; its absence used to skip every layer with an
+    ERROR traceback."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    policy = limits(RateLimit(name="l", rate="1/min", burst=1))
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+    statuses = []
+    for _ in range(2):
+        scope = _scope()
+        del scope["headers"]
+        statuses.append((await _drive(mw, scope))[0]["status"])
+    assert statuses == [200, 429]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_route_naming_never_calls_the_apps_matches(clock: FakeClock) -> None:
+    """Issue 12 #19: the app's own `Route.matches()` runs once per request (its router's
+    call), not once more for naming."""
+    calls: Counter[str] = Counter()
+
+    class CountingRoute(Route):
+        def matches(self, scope: Any) -> Any:
+            calls[self.path] += 1
+            return super().matches(scope)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[CountingRoute("/a", endpoint), CountingRoute("/items/{item_id}", endpoint)]
+    )
+    app.add_middleware(FidelityMiddleware, policy=NO_BREAKER, clock=clock, telemetry=False)
+    scope = _scope("/items/7")
+    assert (await _drive(app, scope))[0]["status"] == 200
+    assert calls == {"/a": 1, "/items/{item_id}": 1}
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert ctx.route == "/items/{item_id}"
+    scope = _scope("/a", method="POST")  # method not allowed: still the route's breaker
+    assert (await _drive(app, scope))[0]["status"] == 405
+    ctx = context_from_scope(scope)
+    assert ctx is not None
+    assert ctx.route == "/a"

@@ -140,7 +140,7 @@ class RefBreaker:
     closed: count outcomes in a sliding window of `window_s`; open when the
     window holds >= min_calls and failures >= failure_ratio x calls (or slow
     calls >= slow_call_ratio x calls), or after `consecutive_failures` failures
-    in a row (checked when a failure or slow call is counted).
+    in a row (checked whenever an outcome is counted).
     open: reject until open_s x (1 + open_jitter x (2r - 1)) has passed (r
     from the shared random source), then half-open.
     half-open: at most `half_open_probes` probes in flight; a probe slot not
@@ -266,8 +266,8 @@ class RefBreaker:
             return frozenset({self.state})
         self.events.append((now, failed, slow))
         self.consecutive = self.consecutive + 1 if failed else 0
-        if not (failed or slow):
-            return frozenset({CLOSED})
+        # Every counted outcome re-checks the window: a success that brings the
+        # window to min_calls opens it when the failures already there suffice.
         answers = self.should_open(now)
         if len(answers) == 2:
             return frozenset({CLOSED, OPEN})

@@ -11,6 +11,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import ADMIT, RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -30,7 +31,8 @@ def all_keys(cluster) -> dict[int, list[str]]:  # type: ignore[no-untyped-def]
 async def test_scripts_run_on_the_cluster_and_keys_share_a_slot(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     prefix = "clu1"
     store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix=prefix), rng=seeded_random(1)
+        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT),
+        rng=seeded_random(1),
     )
     breaker = BreakerConfig(min_calls=1, consecutive_failures=3)
     try:
@@ -59,7 +61,8 @@ async def test_scripts_run_on_the_cluster_and_keys_share_a_slot(redis_cluster) -
 
 async def test_noscript_recovery_on_the_cluster(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix="clu2"), rng=seeded_random(2)
+        config=StateConfig(url=redis_cluster.url, key_prefix="clu2", **PATIENT),
+        rng=seeded_random(2),
     )
     try:
         assert (await store.admit(None, None, ["l|x"], [SLOW], 0.0)).source == "redis"
@@ -80,7 +83,9 @@ async def test_noscript_recovery_on_the_cluster(redis_cluster) -> None:  # type:
 
 async def test_tiered_sync_runs_on_the_cluster(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     url = redis_cluster.url.replace("redis://", "tiered+redis://")
-    store = TieredStore(config=StateConfig(url=url, key_prefix="clu3"), rng=seeded_random(3))
+    store = TieredStore(
+        config=StateConfig(url=url, key_prefix="clu3", **PATIENT), rng=seeded_random(3)
+    )
     try:
         results = [
             await store.admit("route:/t", BreakerConfig(), ["w|t"], [WIDE], 0.0) for _ in range(7)

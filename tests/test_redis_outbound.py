@@ -10,6 +10,7 @@ from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore, hashed_key
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -19,7 +20,8 @@ HOST = BreakerConfig(min_calls=1, consecutive_failures=1, open_s=30.0, half_open
 
 
 def store(url: str, **state: object) -> RedisStore:
-    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(11))  # type: ignore[arg-type]
+    config = StateConfig(url=url, **{**PATIENT, **state})  # type: ignore[arg-type]
+    return RedisStore(config=config, rng=seeded_random(11))
 
 
 async def test_budget_decides_like_memory_store(redis_url: str) -> None:
@@ -205,7 +207,7 @@ async def test_transport_asks_redis_once_per_attempt(redis_url: str, redis_serve
             return await super().budget_request(*args, **kw)
 
     policy = Policy(
-        state=StateConfig(url=redis_url),
+        state=StateConfig(url=redis_url, **PATIENT),
         upstreams=(UpstreamConfig(host="api.internal", retry=RetryConfig(base_ms=1)),),
     )
     redis_store = CountingStore(config=policy.state, rng=seeded_random(3))

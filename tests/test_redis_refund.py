@@ -12,6 +12,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import REFUND, RedisStore, load_script
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -25,7 +26,7 @@ async def admitted(store: RedisStore | TieredStore, key: str) -> tuple[bool, str
 
 
 async def test_redis_refund_gives_the_units_back(redis_url: str) -> None:
-    store = RedisStore(config=StateConfig(url=redis_url), rng=seeded_random(2))
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT), rng=seeded_random(2))
     try:
         assert [(await admitted(store, "r|a"))[0] for _ in range(4)] == [True, True, True, False]
         await store.refund(["r|a"], [SLOW3], "redis", time.monotonic())
@@ -40,7 +41,7 @@ async def test_redis_refund_gives_the_units_back(redis_url: str) -> None:
 
 async def test_tiered_refund_returns_units_to_the_slice(redis_url: str) -> None:
     burst40 = LimitSpec("r", 60.0, 2400.0, 1, False)  # leases slices of 40 // 4 = 10 units
-    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=60_000)
+    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=60_000, **PATIENT)
     store = TieredStore(config=config, rng=seeded_random(2))
     try:
         first = await store.admit(None, None, ["r|t"], [burst40], time.monotonic())

@@ -41,6 +41,7 @@ from fidelity_mw.state.redis import (
 )
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -53,7 +54,8 @@ def spec(rate_per_s: float, burst: int, cost: int = 1, shadow: bool = False, nam
 
 
 def store(url: str, **state: object) -> RedisStore:
-    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(7))  # type: ignore[arg-type]
+    config = StateConfig(url=url, **{**PATIENT, **state})  # type: ignore[arg-type]
+    return RedisStore(config=config, rng=seeded_random(7))
 
 
 def flat(result):  # type: ignore[no-untyped-def]
@@ -219,7 +221,7 @@ def test_wheel_ships_the_lua_scripts(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for lua in ("lib", "admit", "record", "sync", "outbound"):
+    for lua in ("lib", "admit", "record", "sync", "outbound", "batch"):
         assert f"fidelity_mw/state/lua/{lua}.lua" in names
 
 
@@ -335,7 +337,7 @@ def _app(url: str, **state: object) -> tuple[FidelityMiddleware, list]:  # type:
         return PlainTextResponse("no", status_code=500)
 
     policy = Policy(
-        state=StateConfig(url=url, **state),  # type: ignore[arg-type]
+        state=StateConfig(url=url, **{**PATIENT, **state}),  # type: ignore[arg-type]
         rate_limits=(RateLimit(name="api", rate="1/min", burst=3, key="client_ip", match="/ok"),),
         breaker=BreakerConfig(min_calls=3, failure_ratio=0.5, open_s=30.0),
     )

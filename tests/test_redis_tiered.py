@@ -13,6 +13,7 @@ from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -21,7 +22,7 @@ WIDE = LimitSpec("w", 1e-5, 10.0, 1, False)  # 100k/s, burst 1M: never the limit
 
 
 def tiered(url: str, sync_ms: int = 100, **state: object) -> TieredStore:
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=sync_ms, **state)  # type: ignore[arg-type]
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=sync_ms, **{**PATIENT, **state})  # type: ignore[arg-type]
     return TieredStore(config=config, rng=seeded_random(5))
 
 
@@ -62,6 +63,7 @@ async def test_cache_decisions_say_cache_and_how_old(redis_url: str) -> None:
 async def test_round_trips_per_request_at_steady_state(redis_url: str) -> None:
     store = tiered(redis_url)
     n = 5000
+    started = time.monotonic()
     try:
         for i in range(n):
             result = await store.admit("route:/s", BreakerConfig(), ["w|s"], [WIDE], 0.0)
@@ -71,9 +73,18 @@ async def test_round_trips_per_request_at_steady_state(redis_url: str) -> None:
                 await asyncio.sleep(0)  # let the background sync run
     finally:
         await store.aclose()
+    elapsed = time.monotonic() - started
     per_request = store.round_trips / n
-    print(f"\ntiered: {store.round_trips} round trips for {n} requests = {per_request:.4f}/request")
-    assert per_request <= 0.05
+    syncs = store.stats.syncs
+    print(
+        f"\ntiered: {store.round_trips} round trips for {n} requests = {per_request:.4f}/request"
+        f" ({syncs} background syncs in {elapsed:.2f} s)"
+    )
+    # Background syncs come once per sync interval of real time, however many requests it
+    # holds: a slow machine has more of them per request. What the requests themselves
+    # cost (leases, refreshes) must stay rare, and the syncs keep to their interval.
+    assert store.round_trips - syncs <= 0.05 * n
+    assert syncs <= elapsed / store.sync_s + 2
     assert store.stats.local >= n - store.round_trips
 
 

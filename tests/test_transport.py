@@ -1112,3 +1112,45 @@ async def test_multipart_with_an_unseekable_file_is_not_retried(clock: FakeClock
             assert (await client.put(URL, files=files)).status_code == 503
     assert up.calls == 1
     assert give_ups(ctx)[-1] == ("retry", "give_up", "body_not_replayable")
+
+
+# ---------------------------------------------------------------- a callee's own refusals
+
+
+async def test_a_callees_control_layer_refusal_is_no_failure_for_our_breaker(
+    clock: FakeClock,
+) -> None:
+    """A 503 marked `x-fidelity-decided-by` (the callee's breaker shed it) from a trusted
+    peer does not count against the callee: our breaker stays closed, and the refusal's
+    Retry-After is honoured by the retry."""
+    marked = httpx.Response(503, headers={"x-fidelity-decided-by": "breaker", "retry-after": "1"})
+    answers = iter([marked, marked, httpx.Response(200)])
+    breaker = BreakerConfig(consecutive_failures=1, open_s=30.0)
+    t = FidelityTransport(
+        httpx.MockTransport(lambda request: next(answers)),
+        policy=policy(breaker=breaker),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://127.0.0.1:9/x")  # an IP literal: a trusted peer
+    assert response.status_code == 200
+    assert clock.sleeps == [pytest.approx(1.0), pytest.approx(1.0)]
+    state = t.engine.store.breaker_state("upstream:127.0.0.1:9", breaker)
+    assert state.state == "closed"
+
+
+async def test_an_untrusted_peers_marker_counts_as_a_failure(clock: FakeClock) -> None:
+    marked = httpx.Response(503, headers={"x-fidelity-decided-by": "breaker"})
+    breaker = BreakerConfig(consecutive_failures=1, open_s=30.0)
+    t = FidelityTransport(
+        httpx.MockTransport(lambda request: marked),
+        policy=policy(breaker=breaker),
+        clock=clock,
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://203.0.113.9/x")).status_code == 503
+        with pytest.raises(CircuitOpen):
+            await client.get("http://203.0.113.9/x")

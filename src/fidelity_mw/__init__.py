@@ -5,10 +5,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .asgi import FidelityMiddleware
     from .context import Decision, DecisionContext, current
     from .engine import Engine
     from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
+    from .inbound import FidelityMiddleware
     from .outbound import FidelitySyncTransport, FidelityTransport
     from .policy import (
         BreakerConfig,
@@ -32,7 +32,7 @@ _LAZY = {
     "DecisionContext": ".context",
     "Engine": ".engine",
     "FidelityError": ".errors",
-    "FidelityMiddleware": ".asgi",
+    "FidelityMiddleware": ".inbound",
     "FidelitySyncTransport": ".outbound",
     "FidelityTransport": ".outbound",
     "Policy": ".policy",

@@ -87,6 +87,9 @@ class DecisionContext:
     inbound_attempt = 1
     trusted_peer = False
     deadline_from_caller = False  # the deadline came from a request header
+    # When the last response message was sent (monotonic): the end of the call for
+    # slow-call accounting, before any background task runs. None until then.
+    ended_at: float | None = None
     # Headers the middleware adds to the app's response (RateLimit fields).
     response_headers: list[tuple[bytes, bytes]] | None = None
     # Decisions known as facts but not yet built into records (see `decisions`).

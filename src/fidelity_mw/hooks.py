@@ -1,8 +1,13 @@
 """Observer protocols: how telemetry (or anything else) watches the adapters.
 
-The middleware and the transports call these; `telemetry.py` implements them.
+The middleware and the transports call these; `telemetry/` implements them.
 Keeping the protocols here keeps the adapters independent of each other and
 of OpenTelemetry.
+
+The context parameter is a `DecisionContext`, declared `Ctx` (= Any) here: the
+engine holds the observers and each context holds its engine, so naming the
+class would close the import cycle context -> engine -> hooks -> context.
+Implementations annotate it as `DecisionContext`.
 """
 
 from __future__ import annotations
@@ -14,21 +19,22 @@ from ._types import Scope
 if TYPE_CHECKING:
     import httpx
 
-    from .context import DecisionContext
+# A fidelity_mw.context.DecisionContext (see the module docstring).
+Ctx = Any
 
 
 class RequestObserver(Protocol):
     """Inbound: `start` before the layers decide, `end` after the response (or error)."""
 
-    def start(self, ctx: DecisionContext, scope: Scope) -> Any: ...
+    def start(self, ctx: Ctx, scope: Scope) -> Any: ...
 
-    def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None: ...
+    def end(self, ctx: Ctx, scope: Scope, token: Any) -> None: ...
 
 
 class AttemptObserver(Protocol):
     """Outbound: one call per attempt (the transport's CLIENT spans hang on this)."""
 
-    def attempt_start(self, ctx: DecisionContext, request: httpx.Request, attempt: int) -> Any: ...
+    def attempt_start(self, ctx: Ctx, request: httpx.Request, attempt: int) -> Any: ...
 
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None
@@ -46,7 +52,7 @@ class ResponseEndObserver(Protocol):
     its span can still be annotated.
     """
 
-    def before_response_end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None: ...
+    def before_response_end(self, ctx: Ctx, scope: Scope, token: Any) -> None: ...
 
 
 class CallObserver(Protocol):
@@ -57,4 +63,4 @@ class CallObserver(Protocol):
     give-up decision: no `RequestObserver.end` will ever see those decisions.
     """
 
-    def call_end(self, ctx: DecisionContext) -> None: ...
+    def call_end(self, ctx: Ctx) -> None: ...

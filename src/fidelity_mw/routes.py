@@ -4,6 +4,11 @@ Identity must have bounded cardinality (one breaker per route, not per URL),
 so raw paths are never used. In order: the first `[[route]]` of the policy
 that matches; else the framework's route template (Starlette/FastAPI routes
 found through `scope["app"]`); else `UNMATCHED`.
+
+Naming reads each route's compiled `path_regex` and `methods` and never calls
+`route.matches()`: that method is the app's to override (counting, side
+effects, expensive checks), and the app's router calls it once already. The
+module duck-types Starlette's route classes, so it imports no framework.
 """
 
 from __future__ import annotations
@@ -11,9 +16,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.routing import Match
-
 UNMATCHED = "!unmatched"
+
+
+def _route_path(scope: Mapping[str, Any]) -> str:
+    """The path the router matches against: `path` without the `root_path` mount prefix."""
+    path: str = scope["path"]
+    root = scope.get("root_path") or ""
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def framework_template(scope: Mapping[str, Any], fallback_app: object = None) -> str | None:
@@ -23,15 +37,26 @@ def framework_template(scope: Mapping[str, Any], fallback_app: object = None) ->
         return None
     partial: str | None = None
     try:
+        route_path = _route_path(scope)
+        method = scope.get("method")
         for route in routes:
-            match, _child = route.matches(scope)
+            regex = getattr(route, "path_regex", None)
             path = getattr(route, "path", None) or getattr(route, "path_format", None)
-            if match == Match.FULL:
-                if path is not None and hasattr(route, "routes") and not hasattr(route, "endpoint"):
-                    return f"{path}/*"  # a Mount: its sub-routes share the prefix
-                return str(path) if path is not None else None
-            if match == Match.PARTIAL and partial is None and path is not None:
-                partial = str(path)  # method not allowed: same route, other verb
-    except Exception:  # a third-party route type that cannot match this scope
+            if regex is None or path is None:
+                continue  # Host, or a route type of its own: no path template to use
+            is_mount = hasattr(route, "routes") and not hasattr(route, "endpoint")
+            if not is_mount and not hasattr(route, "methods"):
+                continue  # a websocket route never serves an http request
+            if regex.match(route_path) is None:
+                continue
+            if is_mount:
+                return f"{path}/*"  # its sub-routes share the prefix
+            methods = route.methods
+            if methods and method not in methods:
+                if partial is None:
+                    partial = str(path)  # method not allowed: same route, other verb
+                continue
+            return str(path)
+    except Exception:  # a third-party route object with odd attributes
         return None
     return partial

@@ -61,10 +61,10 @@ from tenacity import (
 )
 
 from .._types import ASGIApp, Receive, Scope, Send
-from ..asgi import FidelityMiddleware
 from ..context import Decision, DecisionContext
 from ..engine import Engine
 from ..hooks import RequestObserver
+from ..inbound import FidelityMiddleware
 from ..outbound import FidelityTransport
 from ..policy import (
     BreakerConfig,

@@ -77,6 +77,7 @@ from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
 from .upstream import Instance, Upstream
 from .wire import (
+    DECIDED_BY,
     EXHAUSTED,
     IDEMPOTENCY_KEY,
     RETRY_SIGNAL_HEADER,
@@ -563,18 +564,17 @@ def _outcome(
     """(breaker outcome, retryable, downstream exhausted) of one finished attempt."""
     if response is not None:
         status = response.status_code
-        exhausted = False
         if status >= 500:
-            signal = response.headers.get(RETRY_SIGNAL_HEADER)
-            if signal is not None and signal.strip().lower() == EXHAUSTED:
-                trusted = up.trusted if target is None else target.trusted
-                if trusted is None:
-                    trusted = connected_peer_trusted(response, engine.trusted_peers)
-                exhausted = trusted
-        if exhausted:
-            # The callee's own control layer answered (it gave up, or its breaker
-            # shed): the fault is owned by the breaker next to it, not by ours.
-            return IGNORED, False, True
+            headers = response.headers
+            signal = headers.get(RETRY_SIGNAL_HEADER)
+            exhausted = signal is not None and signal.strip().lower() == EXHAUSTED
+            if (exhausted or DECIDED_BY in headers) and _trusted(engine, up, target, response):
+                # The callee's own control layer answered (it gave up after retrying,
+                # a breaker of it refused): no evidence against the callee, so no
+                # failure for our breaker; the breaker next to the fault owns it. An
+                # exhausted callee is not retried; another refusal is, after its
+                # Retry-After.
+                return IGNORED, not exhausted and status in up.retry_statuses, exhausted
         return (
             FAILURE if status in up.fail_statuses else SUCCESS,
             status in up.retry_statuses,
@@ -586,6 +586,16 @@ def _outcome(
     # host; our own pool, bad URLs and bugs do not.
     outcome = FAILURE if kind in (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_NETWORK) else IGNORED
     return outcome, retryable_error(kind, up.retry), False
+
+
+def _trusted(
+    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
+) -> bool:
+    """Is the peer that answered inside `trusted_peers` (its signals are believed)?"""
+    trusted = up.trusted if target is None else target.trusted
+    if trusted is None:
+        trusted = connected_peer_trusted(response, engine.trusted_peers)
+    return trusted
 
 
 def _plan(

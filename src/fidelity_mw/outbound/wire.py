@@ -21,6 +21,8 @@ ATTEMPT_HEADER: Final = b"x-fidelity-attempt"
 TIMEOUT_HEADER: Final = b"x-request-timeout-ms"
 RETRY_SIGNAL_HEADER: Final = "x-fidelity-retry"
 EXHAUSTED: Final = "exhausted"
+# On a response a callee's own control layer produced (its middleware's refusals).
+DECIDED_BY: Final = "x-fidelity-decided-by"
 IDEMPOTENCY_KEY: Final = b"idempotency-key"
 
 _ATTEMPT_VALUES: Final = tuple(str(i).encode() for i in range(MAX_ATTEMPTS + 2))

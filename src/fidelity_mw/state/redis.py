@@ -34,14 +34,13 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import importlib.resources
 import logging
 import random
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -68,7 +67,9 @@ from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
+from .redis_batch import Coalescer
 from .redis_sync import SyncLink
+from .scripts import Script, load_script
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -95,28 +96,12 @@ _KEY_CACHE_MAX = 10_000
 # ---------------------------------------------------------------- scripts
 
 
-class Script(NamedTuple):
-    """One Lua entry script with the shared library prepended, and its SHA1."""
-
-    name: str
-    source: str
-    sha: str
-
-
-def load_script(name: str) -> Script:
-    """Read `lua/lib.lua` + `lua/<name>.lua` from the package (works from a wheel)."""
-    lua = importlib.resources.files("fidelity_mw.state").joinpath("lua")
-    lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
-    entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    source = f"{lib}\n-- ---- {name}.lua\n{entry}"
-    return Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
-
-
 ADMIT: Final = load_script("admit")
 RECORD: Final = load_script("record")
 SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
+BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 
 
 # ---------------------------------------------------------------- keys
@@ -312,6 +297,9 @@ class RedisStore(StateStore):
     """Exact fleet-wide state: one script call per inbound request."""
 
     source = SOURCE_REDIS
+    # Coalesce one event-loop tick's admissions and records into one script call
+    # (redis_batch.py). Off: one call each (benchmarks compare the two).
+    coalesce: bool = True
 
     def __init__(
         self,
@@ -358,6 +346,8 @@ class RedisStore(StateStore):
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
+        # Admissions and records of one event-loop tick share one script call.
+        self.coalescer = Coalescer(self.call, BATCH)
         self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
 
     # ------------------------------------------------------------ plumbing
@@ -559,7 +549,7 @@ class RedisStore(StateStore):
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-        got = await self.call(ADMIT, keys, args)
+        got = await (self.coalescer.call if self.coalesce else self.call)(ADMIT, keys, args)
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
@@ -621,7 +611,8 @@ class RedisStore(StateStore):
         planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
         if isinstance(planned, str):
             return planned
-        return self._record_answer(await self.call(RECORD, *planned), gate)
+        call = self.coalescer.call if self.coalesce else self.call
+        return self._record_answer(await call(RECORD, *planned), gate)
 
     def record_sync(
         self,
@@ -938,6 +929,7 @@ class RedisStore(StateStore):
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
+        await self.coalescer.aclose()
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
                 task.cancel()

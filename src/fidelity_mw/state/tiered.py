@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,11 +65,14 @@ class Slice:
         "blocked_until",
         "demand",
         "pending",
+        "rate",
         "remaining",
         "retry_at",
         "spec",
         "synced_at",
         "tokens",
+        "used_at",
+        "window_start",
     )
 
     def __init__(self, spec: LimitSpec, now: float) -> None:
@@ -79,8 +82,27 @@ class Slice:
         self.synced_at = now
         self.blocked_until = 0.0  # bucket known empty until then
         self.retry_at = 0.0
-        self.demand = 0  # units asked for since the last sync
-        self.pending: asyncio.Future[None] | None = None
+        # Demand is measured over windows of one sync interval, independent of
+        # when leases happen (a lease must not restart the measurement: frequent
+        # leases would then see a fraction of an interval's demand).
+        self.demand = 0  # units asked for since `window_start`
+        self.window_start = now
+        self.rate = 0.0  # units/s over the last full window
+        self.used_at = now  # the last time a request asked for units
+        self.pending: asyncio.Future[Any] | None = None
+
+    def roll(self, now: float, window_s: float) -> None:
+        """Close the demand window once it spans an interval: its rate becomes `rate`."""
+        elapsed = now - self.window_start
+        if elapsed >= window_s:
+            self.rate = self.demand / elapsed
+            self.demand = 0
+            self.window_start = now
+
+    def demand_rate(self, window_s: float) -> float:
+        """Units/s: the last full window's rate, or the open window's demand as if it
+        were a whole interval's, whichever is higher (a burst counts at once)."""
+        return max(self.rate, self.demand / window_s)
 
     @property
     def burst_units(self) -> int:
@@ -139,6 +161,20 @@ class CachedBreaker:
             self.had_success = True
 
 
+class _LeaseBatch:
+    """The lease call one event-loop tick's requests share: breakers to refresh, keys to
+    lease for (dicts as ordered sets), and the future that says it is done (its result:
+    the age estimate, or -1.0 if Redis failed)."""
+
+    __slots__ = ("breakers", "done", "keys", "now")
+
+    def __init__(self, done: asyncio.Future[float]) -> None:
+        self.done = done
+        self.now = -math.inf
+        self.breakers: dict[str, None] = {}
+        self.keys: dict[str, None] = {}
+
+
 @dataclass
 class TieredStats:
     requests: int = 0
@@ -172,6 +208,8 @@ class TieredStore(StateStore):
         self.stats = TieredStats()
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = -math.inf
+        self._lease_batch: _LeaseBatch | None = None
+        self._lease_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def round_trips(self) -> int:
@@ -207,12 +245,16 @@ class TieredStore(StateStore):
             sl = slices.get(key)
             if sl is None or sl.spec != spec:
                 sl = slices[key] = Slice(spec, now)
+            # count the demand (inline: this loop is the per-request cost of tiered mode)
+            if now - sl.window_start >= sync_s:
+                sl.roll(now, sync_s)
             sl.demand += spec.cost
+            sl.used_at = now
             if sl.tokens < spec.cost and sl.blocked_until <= now:
                 wanted.append(key)
         waited = 0.0
         if refresh is not None or wanted:
-            waited = await self._fetch(refresh, wanted)
+            waited = await self._fetch(refresh, wanted, now)
             if waited < 0.0:  # Redis failed: the exact store is now in its failure mode
                 return exact.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
             self.stats.waited += 1
@@ -380,12 +422,11 @@ class TieredStore(StateStore):
 
     def _want(self, sl: Slice, now: float) -> int:
         """How many units this instance should hold: its demand over one interval, x2."""
-        elapsed = max(now - sl.synced_at, self.sync_s)
-        rate = sl.demand / elapsed
-        want = math.ceil(rate * self.sync_s * 2.0)
+        sl.roll(now, self.sync_s)
+        want = math.ceil(sl.demand_rate(self.sync_s) * self.sync_s * 2.0)
         return min(max(want, sl.spec.cost), sl.max_slice())
 
-    async def _fetch(self, breaker_key: str | None, keys: Sequence[str]) -> float:
+    async def _fetch(self, breaker_key: str | None, keys: Sequence[str], asked_at: float) -> float:
         """Refresh one breaker and lease for `keys` (waiting on leases in flight).
 
         Returns the age estimate of what it fetched (> 0), 0.0 if nothing
@@ -407,16 +448,66 @@ class TieredStore(StateStore):
                     return age
                 await asyncio.wait([w for w in waits if w is not None])
                 continue
-            self.stats.leases += 1
-            got = await self._sync_call(
-                [breaker_key] if breaker_key is not None else [],
-                [(k, slices[k].spec, 0, self._want(slices[k], now)) for k in fetch],
-            )
+            got = await self._lease(breaker_key, fetch, asked_at)
             if got < 0.0:
                 return got
             age = max(got, 1e-9)
             breaker_key = None
         return age
+
+    async def _lease(self, breaker_key: str | None, keys: Sequence[str], asked_at: float) -> float:
+        """Join this tick's lease call: the breaker refreshes and leases every request of
+        one event-loop tick asks for go out as one sync.lua call in the next tick, sized
+        by the demand of all of them (a batch of simultaneous arrivals shares one lease)."""
+        batch = self._lease_batch
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._lease_batch = _LeaseBatch(loop.create_future())
+            task = loop.create_task(self._lease_flush())
+            self._lease_tasks.add(task)
+            task.add_done_callback(self._lease_tasks.discard)
+        batch.now = max(batch.now, asked_at)
+        if breaker_key is not None:
+            batch.breakers[breaker_key] = None
+        for key in keys:
+            sl = self.slices.get(key)
+            if sl is not None and sl.pending is None:
+                batch.keys[key] = None
+                sl.pending = batch.done
+        # wait without cancelling the shared future when this request is cancelled
+        await asyncio.wait((batch.done,))
+        return float(batch.done.result())
+
+    async def _lease_flush(self) -> None:
+        batch, self._lease_batch = self._lease_batch, None
+        if batch is None:
+            return
+        got = -1.0
+        try:
+            now = batch.now  # the requests' time base, as for every other slice decision
+            limits = []
+            for key in batch.keys:
+                sl = self.slices.get(key)
+                if sl is not None:
+                    limits.append((key, sl.spec, 0, self._want(sl, now)))
+            breakers = [k for k in batch.breakers if k in self.breakers]
+            if now - self._last_sync >= 0.5 * self.sync_s:
+                # The periodic sync is half due: it rides on this call instead of
+                # costing one of its own a moment later.
+                self._last_sync = now
+                more_breakers, more_limits = self._plan_sync(now, batch.keys)
+                breakers += [k for k in more_breakers if k not in batch.breakers]
+                breakers = [k for k in breakers if k in self.breakers]  # planning drops idle ones
+                limits += more_limits
+            self.stats.leases += 1
+            got = await self._sync_call(breakers, limits)
+        finally:
+            for key in batch.keys:
+                sl = self.slices.get(key)
+                if sl is not None and sl.pending is batch.done:
+                    sl.pending = None
+            if not batch.done.done():
+                batch.done.set_result(got)
 
     async def _sync_call(
         self, breaker_keys: Sequence[str], limits: Sequence[tuple[str, LimitSpec, int, int]]
@@ -503,7 +594,6 @@ class TieredStore(StateStore):
             sl.tokens += granted
             sl.remaining = remaining
             sl.synced_at = now
-            sl.demand = 0
             if want > 0 and granted == 0:
                 # The bucket cannot cover one request: stop asking until it could
                 # have refilled this slice (at least `retry`, at most 10 syncs;
@@ -538,6 +628,17 @@ class TieredStore(StateStore):
 
     async def _sync_all(self, now: float) -> None:
         """The periodic reconciliation: one call for everything that is due."""
+        breaker_keys, limits = self._plan_sync(now, ())
+        if not breaker_keys and not limits:
+            return
+        self.stats.syncs += 1
+        await self._sync_call(breaker_keys, limits)
+
+    def _plan_sync(
+        self, now: float, skip: Collection[str]
+    ) -> tuple[list[str], list[tuple[str, LimitSpec, int, int]]]:
+        """What a sync sends now: breakers to flush and refresh, and per slice
+        (key, spec, give_back, want). Slices in `skip` are left out."""
         sync_s = self.sync_s
         breaker_keys: list[str] = []
         for bkey, cb in list(self.breakers.items()):
@@ -550,9 +651,9 @@ class TieredStore(StateStore):
         for key, sl in list(self.slices.items()):
             if len(limits) + len(breaker_keys) >= MAX_SYNC_KEYS:
                 break
-            if sl.pending is not None:
+            if sl.pending is not None or key in skip:
                 continue
-            if sl.demand == 0:
+            if now - sl.used_at >= sync_s:
                 if now - sl.synced_at >= sync_s:
                     # Idle for a whole interval: the lease ends, give everything back.
                     limits.append((key, sl.spec, sl.tokens, 0))
@@ -566,14 +667,14 @@ class TieredStore(StateStore):
                 limits.append((key, sl.spec, 0, want - sl.tokens))
             else:
                 limits.append((key, sl.spec, 0, 0))  # refresh `remaining` and the age
-        if not breaker_keys and not limits:
-            return
-        self.stats.syncs += 1
-        await self._sync_call(breaker_keys, limits)
+        return breaker_keys, limits
 
     # ------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
+        for lease in list(self._lease_tasks):
+            lease.cancel()
+        await asyncio.gather(*self._lease_tasks, return_exceptions=True)
         task = self._sync_task
         if task is not None and not task.done():
             task.cancel()

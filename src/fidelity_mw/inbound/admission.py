@@ -1,0 +1,246 @@
+"""Admission: the store's answer for one request, as decisions and (maybe) a refusal.
+
+The deadline, breaker and limiter records are built lazily (`ctx._pending`) on
+the allowed path: most requests never have their decisions read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ..context import (
+    ALLOW,
+    LAYER_BREAKER,
+    LAYER_DEADLINE,
+    LAYER_RATELIMIT,
+    PROBE,
+    REJECT,
+    SHED,
+    SOURCE_FALLBACK,
+    SOURCE_REQUEST,
+    WOULD_REJECT,
+    Decision,
+    DecisionContext,
+)
+from ..decide.gcra import LimitVerdict, retry_after_header
+from ..engine import RoutePlan
+from ..policy import Policy
+from ..state.base import InboundResult, LimitSpec
+from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
+
+logger = logging.getLogger("fidelity_mw")
+
+
+class Admission:
+    """Turns `StateStore.admit` answers (or its failure) into decisions and refusals."""
+
+    __slots__ = ("headers_mode", "on_error")
+
+    def __init__(self, policy: Policy) -> None:
+        self.headers_mode = policy.rate_limit_headers
+        self.on_error = policy.state.on_error
+
+    def verdict(
+        self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult, now: float
+    ) -> Rejection | None:
+        """Turn the store's answer into a response (if rejected) and decision facts."""
+        gate = result.gate
+        if gate is not None and gate.verdict == "reject":
+            admission_decisions(ctx, plan, result, now)
+            ctx.decided_by = LAYER_BREAKER
+            ctx.outcome = OUTCOME_SHED
+            wait = retry_after_header(gate.retry_after_s)
+            body = problem_body(
+                503,
+                "Service Unavailable",
+                f"the circuit breaker of route {plan.route!r} is "
+                f"{gate.state.replace('_', '-')}; retry in {wait} s",
+                "circuit-open",
+                route=plan.route,
+            )
+            return 503, [(b"retry-after", wait.encode())], body
+        if result.admitted:
+            ctx._pending = (admission_decisions, plan, result, now)
+            if plan.policy_header is not None and self.headers_mode == "always":
+                ctx.response_headers = ratelimit_headers(plan, result)
+            return None
+        admission_decisions(ctx, plan, result, now)
+        worst = -1
+        worst_wait = -1.0
+        for i, verdict in enumerate(result.limits):
+            blocking = not verdict.allowed and not plan.specs[i].shadow
+            if blocking and verdict.retry_after_s > worst_wait:
+                worst, worst_wait = i, verdict.retry_after_s
+        ctx.decided_by = LAYER_RATELIMIT
+        ctx.outcome = OUTCOME_REJECTED
+        name = plan.specs[worst].name
+        wait = retry_after_header(worst_wait)
+        headers = [(b"retry-after", wait.encode())]
+        if self.headers_mode != "never" and plan.policy_header is not None:
+            headers.extend(ratelimit_headers(plan, result, int(wait)))
+        body = problem_body(
+            429,
+            "Too Many Requests",
+            f"rate limit {name!r} exceeded; retry in {wait} s",
+            "rate-limited",
+            limit=name,
+        )
+        return 429, headers, body
+
+    def state_failure(
+        self, ctx: DecisionContext, plan: RoutePlan, exc: Exception, now: float
+    ) -> Rejection | None:
+        """The store (or our own code) failed: decide per `state.on_error`."""
+        logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+        closed = self.on_error == "closed"
+        layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
+        ctx._pending = None
+        admission_decisions(ctx, plan, None, now)
+        ctx.decisions.append(
+            Decision(
+                layer,
+                plan.route,
+                REJECT if closed else ALLOW,
+                f"state_error:{type(exc).__name__}",
+                SOURCE_FALLBACK,
+                0.0,
+                now,
+                {"on_error": self.on_error},
+            )
+        )
+        if not closed:
+            return None
+        ctx.decided_by = layer
+        ctx.outcome = OUTCOME_SHED
+        body = problem_body(
+            503,
+            "Service Unavailable",
+            "the control state is unreachable and the policy says to fail closed",
+            "state-unavailable",
+        )
+        return 503, [(b"retry-after", b"1")], body
+
+
+def admission_decisions(
+    ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, now: float
+) -> None:
+    """Build the deadline, breaker and limiter decision records from the facts."""
+    append = ctx._decisions.append
+    if ctx.deadline_at is not None:
+        remaining = ctx.deadline_at - now
+        append(
+            Decision(
+                LAYER_DEADLINE,
+                ctx.route,
+                ALLOW,
+                "caller_deadline" if ctx.deadline_from_caller else "route_default",
+                SOURCE_REQUEST,
+                0.0,
+                now,
+                {"remaining_ms": round(remaining * 1000.0, 3)},
+            )
+        )
+    if result is None:
+        return
+    source, age = result.source, result.age_s
+    gate = result.gate
+    if gate is not None:
+        if gate.verdict == "reject":
+            append(
+                Decision(
+                    LAYER_BREAKER,
+                    plan.route,
+                    SHED,
+                    f"breaker_{gate.state}",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(gate.retry_after_s, 3)},
+                )
+            )
+            return
+        probe = gate.verdict == "probe"
+        append(
+            Decision(
+                LAYER_BREAKER,
+                plan.route,
+                PROBE if probe else ALLOW,
+                "half_open_probe" if probe else "breaker_closed",
+                source,
+                age,
+                now,
+            )
+        )
+    for spec, verdict in zip(plan.specs, result.limits, strict=False):
+        if verdict.allowed:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    ALLOW,
+                    "under_limit",
+                    source,
+                    age,
+                    now,
+                    {"remaining": verdict.remaining},
+                )
+            )
+        elif spec.shadow:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    WOULD_REJECT,
+                    "over_limit_shadow",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "shadow": True},
+                )
+            )
+        else:
+            append(
+                Decision(
+                    LAYER_RATELIMIT,
+                    spec.name,
+                    REJECT,
+                    "over_limit",
+                    source,
+                    age,
+                    now,
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "remaining": 0},
+                )
+            )
+
+
+def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
+    """Seconds until more quota is available: the RateLimit `t` parameter
+    (draft-ietf-httpapi-ratelimit-headers-10 section 4.1.2; -11 keeps the value and
+    calls it the effective window). Refused: until the request would be admitted.
+    Admitted: until the bucket holds one more whole unit than `r`."""
+    if not verdict.allowed:
+        return verdict.retry_after_s
+    wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
+    return wait if wait > 0.0 else 0.0
+
+
+def ratelimit_headers(
+    plan: RoutePlan, result: InboundResult, retry_after: int | None = None
+) -> list[tuple[bytes, bytes]]:
+    """RateLimit-Policy (static per route) and RateLimit (remaining; seconds until more
+    quota). With a Retry-After, no `t` points past it: "within t s no more than r" stays
+    true for any shorter t, and the draft wants Retry-After no earlier than `t`."""
+    items = []
+    # shadow limits (prefix None) are not advertised: they are never enforced
+    for prefix, spec, verdict in zip(
+        plan.remaining_prefixes, plan.specs, result.limits, strict=True
+    ):
+        if prefix is None:
+            continue
+        # The slack absorbs float noise: a wait of exactly 10 s must not read 11.
+        t = math.ceil(quota_wait_s(verdict, spec) - 1e-9)
+        if retry_after is not None and t > retry_after:
+            t = retry_after
+        items.append(prefix + b"%d;t=%d" % (verdict.remaining, t))
+    return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", b", ".join(items))]

@@ -1,0 +1,209 @@
+"""FidelityMiddleware: deadline -> route breaker -> rate limits -> app, pure ASGI.
+
+Order and coordination: a request the deadline or the breaker turns away never
+reaches the limiter, so it costs the client no quota; a limiter rejection or a
+client disconnect is never counted as a breaker failure. Websocket and
+lifespan scopes pass straight through; bodies stream untouched in both
+directions (only the response start message gets headers added), and
+`receive` is handed to the app as it is.
+
+This module is the order of things per request; each concern lives next door:
+reading the request (`request`), the store's verdict (`admission`), the
+app's response and its outcome (`watch`), our own answers (`responses`).
+The allowed path is the hot path: one coroutine, one header scan, one store
+call, and decisions left as facts (`ctx._pending`) that become records only
+when somebody reads `ctx.decisions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
+from ..context import _CURRENT, DecisionContext
+from ..engine import Engine
+from ..hooks import RequestObserver
+from ..policy import Policy
+from ..state.base import InboundResult, StateStore
+from .admission import Admission, admission_decisions
+from .request import RequestReader, scan_headers
+from .responses import Rejection, respond
+from .watch import OutcomeRecorder, ResponseWatcher, response_ends
+
+logger = logging.getLogger("fidelity_mw")
+
+
+class FidelityMiddleware:
+    """Deadline, route circuit breaker and rate limiting for one ASGI app.
+
+    `app.add_middleware(FidelityMiddleware, policy=Policy.from_toml("fidelity.toml"))`
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: Policy | None = None,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        store: StateStore | None = None,
+        observer: RequestObserver | None = None,
+        telemetry: bool = True,
+    ) -> None:
+        self.app = app
+        self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
+        self.policy = self.engine.policy
+        if observer is None and telemetry:
+            if self.engine.request_observer is None:
+                from ..telemetry import default_request_observer
+
+                self.engine.request_observer = default_request_observer(self.engine)
+            observer = self.engine.request_observer
+        self.observer = observer
+        # Optional (hooks.ResponseEndObserver): an outer instrumentation ends its
+        # server span with the last body message, before our `end` runs.
+        self._before_response_end = getattr(observer, "before_response_end", None)
+        if self.engine.route_app is None:
+            self.engine.route_app = app
+        self._monotonic = self.engine.clock.monotonic
+        self._plan_for = self.engine.plan_for
+        self._plans = self.engine._plans
+        store_ = self.engine.store
+        # An in-process store decides without an await (None: await `admit`).
+        self._admit_now = store_.admit_now
+        self._reader = reader = RequestReader(self.engine)
+        self._wanted = reader.wanted
+        self._uses_forwarding = reader.uses_forwarding
+        self._from_headers = reader.from_headers
+        self._limit_keys = reader.limit_keys
+        self._admission = admission = Admission(self.policy)
+        self._verdict = admission.verdict
+        self._outcomes = OutcomeRecorder(store_, self._monotonic)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._closing_on_shutdown(send))
+            else:
+                await self.app(scope, receive, send)
+            return
+        now = self._monotonic()
+        try:
+            plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
+            # A hand-built scope may leave out `headers` (the spec allows none): no headers.
+            found: dict[bytes, bytes] | None = None
+            wanted = self._wanted
+            for name, value in scope.get("headers") or ():
+                if name in wanted:
+                    if found is None:
+                        found = {name: value}
+                    elif name in found:  # rare: join every line of it once (linear)
+                        found = scan_headers(scope["headers"], wanted)
+                        break
+                    else:
+                        found[name] = value
+            ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
+        except Exception:  # never a 500 of our own making: serve the request undecided
+            logger.exception("fidelity_mw: could not set up the request; passing it through")
+            await self.app(scope, receive, send)
+            return
+        token = _CURRENT.set(ctx)
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {"fidelity": ctx}
+        else:
+            state["fidelity"] = ctx
+        observer = self.observer
+        obs_token = None
+        if observer is not None:
+            try:
+                obs_token = observer.start(ctx, scope)
+            except Exception:  # telemetry must never fail a request: go on without it
+                logger.exception("fidelity_mw: telemetry observer failed")
+                observer = None
+        before_end = self._before_response_end if observer is not None else None
+        try:
+            # ---- decide: deadline, then breaker + limits in one store call
+            result: InboundResult | None = None
+            keys: Sequence[str] = ()
+            rejection: Rejection | None = None
+            try:
+                remaining = plan.deadline_default_s
+                if found is not None:
+                    remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                if rejection is None:
+                    if remaining is not None:
+                        ctx.deadline_at = now + remaining
+                    if plan.breaker_key is not None or plan.specs:
+                        if plan.ip_key_prefix is not None and not self._uses_forwarding:
+                            # one limit keyed by the peer address: the common case, inline
+                            client = scope.get("client")
+                            ip = client[0] if client else "unknown"
+                            ctx.client_key = ip
+                            keys = (plan.ip_key_prefix + ip,)
+                        elif plan.specs:
+                            keys = self._limit_keys(scope, plan, found, ctx)
+                        admit_now = self._admit_now
+                        if admit_now is not None:
+                            result = admit_now(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        else:
+                            result = await self.engine.store.admit(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        rejection = self._verdict(ctx, plan, result, now)
+                    else:
+                        ctx._pending = (admission_decisions, plan, None, now)
+            except Exception as exc:
+                rejection = self._admission.state_failure(ctx, plan, exc, now)
+                result = None
+            if rejection is not None:
+                ctx.status = rejection[0]
+                if before_end is not None:
+                    response_ends(before_end, ctx, scope, obs_token)
+                await respond(send, rejection, ctx.decided_by)
+                return
+
+            # ---- the app, watching only the response start and its end
+            breaker = plan.breaker
+            timed = breaker is not None and breaker.slow_call_ms is not None
+            watcher = ResponseWatcher(
+                send, ctx, scope, before_end, obs_token, self._monotonic if timed else None
+            )
+            outcomes = self._outcomes
+            try:
+                await self.app(scope, receive, watcher)
+            except BaseException as exc:
+                pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                if pending is not None:
+                    outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
+                raise
+            pending = outcomes.after_app(ctx, plan, result, keys, watcher.complete)
+            if pending is not None:  # a remote store: record after the response went out
+                try:
+                    await pending
+                except Exception:
+                    logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+        finally:
+            if observer is not None:
+                try:
+                    observer.end(ctx, scope, obs_token)
+                except Exception:
+                    logger.exception("fidelity_mw: telemetry observer failed")
+            _CURRENT.reset(token)
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        """Lifespan passes through; on shutdown the store's connections are closed first."""
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                try:
+                    await self.engine.aclose()
+                except Exception:
+                    logger.exception("fidelity_mw: could not close the state store")
+            await send(message)
+
+        return lifespan_send

@@ -1,0 +1,221 @@
+"""Request setup: read what the layers need from a request, once.
+
+One scan of the header list keeps only the headers some layer wants (deadline
+headers, the trusted forwarding header, `header:NAME` limit keys, the attempt
+signal); the rest of the request is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from .._types import Scope
+from ..context import (
+    ALLOW,
+    LAYER_DEADLINE,
+    REJECT,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
+from ..engine import Engine, RoutePlan, compact_key
+from ..headers import client_address, deadline_parser, in_networks, parse_attempt
+from .responses import OUTCOME_EXPIRED, Rejection, problem_body
+
+logger = logging.getLogger("fidelity_mw")
+
+ATTEMPT_HEADER = b"x-fidelity-attempt"
+_MAX_PEERS = 4096
+
+
+def header_key(name: str) -> bytes:
+    """A `header:NAME` limit key's header, as ASGI servers spell names (lowercase bytes)."""
+    return name.lower().encode("latin-1", "replace")
+
+
+def scan_headers(
+    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes] | dict[bytes, int]
+) -> dict[bytes, bytes] | None:
+    """The wanted headers, repeated lines joined with "," (None when there are none).
+
+    Repeats are joined once at the end: appending line by line copies the value
+    so far every time (quadratic in the number of lines)."""
+    found: dict[bytes, bytes] | None = None
+    repeated: dict[bytes, list[bytes]] | None = None
+    for name, value in headers:
+        if name in wanted:
+            if found is None:
+                found = {}
+            prior = found.get(name)
+            if prior is None:
+                found[name] = value
+            else:
+                if repeated is None:
+                    repeated = {}
+                parts = repeated.get(name)
+                if parts is None:
+                    repeated[name] = [prior, value]
+                else:
+                    parts.append(value)
+    if repeated is not None and found is not None:
+        for name, parts in repeated.items():
+            found[name] = b",".join(parts)
+    return found
+
+
+class RequestReader:
+    """Everything about reading requests that one middleware decides once."""
+
+    def __init__(self, engine: Engine) -> None:
+        pol = engine.policy
+        self.engine = engine
+        # (name, raw name, parser), chosen once: the hot path only calls the parser
+        self.deadline_headers = tuple(
+            (n, n.encode("latin-1", "replace"), deadline_parser(n)) for n in pol.deadline.header
+        )
+        self.forwarded_header = pol.forwarded_header
+        self.forwarded_raw = pol.forwarded_header.encode("latin-1")
+        # True: the client address may come from a header, not only the peer
+        self.uses_forwarding = bool(pol.trusted_proxies)
+        wanted: set[bytes] = {raw for _name, raw, _parse in self.deadline_headers}
+        if pol.trusted_proxies:
+            wanted.add(self.forwarded_raw)  # only this one: see headers.client_address
+        for lim in pol.rate_limits:
+            if isinstance(lim.key, str) and lim.key.startswith("header:"):
+                wanted.add(header_key(lim.key[7:]))
+        wanted.add(ATTEMPT_HEADER)
+        self.wanted = frozenset(wanted)
+        self._peer_trust: dict[str, bool] = {}
+
+    # ------------------------------------------------------------ deadline, peers
+
+    def from_headers(
+        self,
+        scope: Scope,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        found: dict[bytes, bytes],
+        now: float,
+    ) -> tuple[float | None, Rejection | None]:
+        """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
+        remaining = plan.deadline_default_s
+        caller = None  # the shortest valid deadline among the configured headers
+        for name, raw, parse in self.deadline_headers:
+            value = found.get(raw)
+            if value is None:
+                continue
+            seconds = parse(value)
+            if seconds is None:
+                ctx.decisions.append(
+                    Decision(
+                        LAYER_DEADLINE, name, ALLOW, "malformed_header", SOURCE_REQUEST, 0.0, now
+                    )
+                )
+            elif caller is None or seconds < caller:
+                caller = seconds
+        if caller is not None:
+            cap = plan.deadline_cap_s
+            remaining = caller if cap is None or caller < cap else cap
+            ctx.deadline_from_caller = True
+            if remaining <= 0.0:
+                return remaining, self._expired(ctx, now + remaining, now)
+        attempt = found.get(ATTEMPT_HEADER)
+        if attempt is not None:
+            client = scope.get("client")
+            if client and self.trusted_peer(client[0]):
+                ctx.trusted_peer = True
+                ctx.inbound_attempt = parse_attempt(attempt) or 1
+        return remaining, None
+
+    @staticmethod
+    def _expired(ctx: DecisionContext, deadline_at: float, now: float) -> Rejection:
+        ctx.deadline_at = deadline_at
+        ctx.decisions.append(
+            Decision(
+                LAYER_DEADLINE, ctx.route, REJECT, "expired_on_arrival", SOURCE_REQUEST, 0.0, now
+            )
+        )
+        ctx.decided_by = LAYER_DEADLINE
+        ctx.outcome = OUTCOME_EXPIRED
+        body = problem_body(
+            504,
+            "Gateway Timeout",
+            "the caller's deadline had passed on arrival",
+            "deadline-expired",
+        )
+        return 504, [], body
+
+    def trusted_peer(self, peer: str) -> bool:
+        trusted = self._peer_trust.get(peer)
+        if trusted is None:
+            trusted = in_networks(peer, self.engine.trusted_peers)
+            if len(self._peer_trust) > _MAX_PEERS:
+                self._peer_trust.clear()
+            self._peer_trust[peer] = trusted
+        return trusted
+
+    # ------------------------------------------------------------ limiter keys
+
+    def limit_keys(
+        self,
+        scope: Scope,
+        plan: RoutePlan,
+        found: dict[bytes, bytes] | None,
+        ctx: DecisionContext,
+    ) -> Sequence[str]:
+        """One storage key per limit of the route; sets the context's client key."""
+        if plan.ip_key_prefix is not None and not self.uses_forwarding:
+            # one limit keyed by the peer address: the common case
+            client = scope.get("client")
+            ip = client[0] if client else "unknown"
+            ctx.client_key = ip
+            return (plan.ip_key_prefix + ip,)
+        ip_: str | None = None
+        keys = []
+        for lim, prefix in zip(plan.limits, plan.key_prefixes, strict=True):
+            kind = lim.key
+            if kind == "client_ip":
+                if ip_ is None:
+                    ip_ = self.client_ip(scope, found)
+                value = ip_
+            elif kind == "route":
+                value = "route:" + plan.route
+            elif kind == "global":
+                value = "*"
+            elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
+                raw = found.get(header_key(kind[7:])) if found else None
+                if raw:
+                    value = "h:" + compact_key(raw.decode("latin-1"))
+                else:
+                    if ip_ is None:
+                        ip_ = self.client_ip(scope, found)
+                    value = ip_
+            else:
+                try:
+                    custom = kind(scope)
+                except Exception:
+                    logger.exception("fidelity_mw: key function of %r failed", lim.name)
+                    custom = None
+                if custom is None:
+                    if ip_ is None:
+                        ip_ = self.client_ip(scope, found)
+                    value = ip_
+                else:
+                    value = "k:" + compact_key(str(custom))
+            keys.append(prefix + value)
+        if ip_ is not None:
+            ctx.client_key = ip_
+        return keys
+
+    def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None) -> str:
+        client = scope.get("client")
+        peer: str | None = client[0] if client else None
+        if found is None or not self.engine.trusted_proxies:
+            return peer if peer is not None else "unknown"
+        return client_address(
+            peer,
+            found.get(self.forwarded_raw),
+            self.engine.trusted_proxies,
+            self.forwarded_header,
+        )

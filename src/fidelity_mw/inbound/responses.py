@@ -1,0 +1,54 @@
+"""What the middleware answers by itself: RFC 9457 problem documents, sent in two
+messages, and the outcome vocabulary the context and telemetry share."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .._types import Send
+
+OUTCOME_SERVED = "served"
+OUTCOME_FAILED = "failed"
+OUTCOME_REJECTED = "rejected"
+OUTCOME_SHED = "shed"
+OUTCOME_EXPIRED = "expired"
+OUTCOME_DISCONNECTED = "disconnected"
+DECIDED_BY_APP = "app"
+
+PROBLEM_JSON = b"application/problem+json"
+# On every response a control layer of ours produced (429/503/504 answered by the
+# middleware, never by the app): a caller's breaker can tell our refusal from the
+# service failing, and the layer's name says which decision it was.
+DECIDED_BY_HEADER = b"x-fidelity-decided-by"
+EXHAUSTED = (b"x-fidelity-retry", b"exhausted")
+
+Headers = list[tuple[bytes, bytes]]
+# status, extra headers, body; the content headers and the decided-by marker are added
+# when it is sent.
+Rejection = tuple[int, Headers, bytes]
+
+
+def problem_body(status: int, title: str, detail: str, kind: str, **extra: Any) -> bytes:
+    """An RFC 9457 problem document."""
+    body = {
+        "type": f"urn:fidelity-mw:problem:{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def respond(send: Send, rejection: Rejection, decided_by: str | None) -> None:
+    status, headers, body = rejection
+    head = [
+        (b"content-type", PROBLEM_JSON),
+        (b"content-length", b"%d" % len(body)),
+        (b"cache-control", b"no-store"),
+    ]
+    if decided_by is not None:
+        head.append((DECIDED_BY_HEADER, decided_by.encode("latin-1", "replace")))
+    await send({"type": "http.response.start", "status": status, "headers": head + headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,264 @@
+"""Response watching: what the app answered, when its answer ended, and what that
+outcome means for the route breaker and the limits' quota.
+
+The app's `send` is wrapped by one small object per request (no closure): it
+adds our response headers to the start message and notes the status, the last
+message and a failing write to the client. Everything else passes untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from starlette.requests import ClientDisconnect
+
+from .._types import Message, Scope, Send
+from ..context import DecisionContext
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS
+from ..engine import RoutePlan
+from ..state.base import InboundResult, StateStore
+from .responses import (
+    DECIDED_BY_APP,
+    EXHAUSTED,
+    OUTCOME_DISCONNECTED,
+    OUTCOME_FAILED,
+    OUTCOME_SERVED,
+    OUTCOME_SHED,
+)
+
+logger = logging.getLogger("fidelity_mw")
+
+ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
+
+_START = "http.response.start"
+_BODY = "http.response.body"
+_ZEROCOPY = "http.response.zerocopysend"
+_PATHSEND = "http.response.pathsend"  # always the whole body in one message
+
+
+class ResponseWatcher:
+    """The `send` the app gets. `started` / `complete` say how far its response got."""
+
+    __slots__ = (
+        "complete",
+        "ctx",
+        "hook",
+        "monotonic",
+        "scope",
+        "send",
+        "started",
+        "timed",
+        "token",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        ctx: DecisionContext,
+        scope: Scope,
+        hook: ResponseEndHook | None,
+        token: Any,
+        monotonic: Callable[[], float] | None,
+    ) -> None:
+        self.send = send
+        self.ctx = ctx
+        self.scope = scope
+        self.hook = hook
+        self.token = token
+        # set when the route counts slow calls: then the end time is read at the
+        # last message (background tasks run after it, and are not the call)
+        self.monotonic = monotonic
+        self.started = False
+        self.complete = False
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == _START:
+            ctx = self.ctx
+            status = message["status"]
+            ctx.status = status
+            self.started = True
+            headers = ctx.response_headers
+            if status >= 500 and ctx.upstream_exhausted:
+                headers = [*(headers or ()), EXHAUSTED]
+            if headers:
+                # a new list: the app's may be shared (a reused Response object)
+                message["headers"] = [*message.get("headers", ()), *headers]
+        elif (
+            kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
+        ) or kind == _PATHSEND:
+            self.complete = True
+            if self.monotonic is not None:
+                self.ctx.ended_at = self.monotonic()
+            if self.hook is not None:
+                response_ends(self.hook, self.ctx, self.scope, self.token)
+        try:
+            await self.send(message)
+        except OSError:
+            # The server could not write to the client: a disconnect, not the
+            # route's failure (an OSError from the app's own backends is).
+            self.ctx.client_disconnected = True
+            raise
+
+
+def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, token: Any) -> None:
+    try:
+        hook(ctx, scope, token)
+    except Exception:
+        logger.exception("fidelity_mw: telemetry observer failed")
+
+
+class OutcomeRecorder:
+    """Reports how an admitted request ended: to the route breaker, and refunds.
+
+    With an in-process store (`record_now` / `refund_now` set) it is done before
+    returning; with a remote one the work comes back as a coroutine for the
+    middleware to await after the response went out (or to spawn, when unwinding).
+    """
+
+    def __init__(self, store: StateStore, monotonic: Callable[[], float]) -> None:
+        self.store = store
+        self.monotonic = monotonic
+        self.record_now = store.record_now
+        self.refund_now = store.refund_now
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def after_error(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        exc: BaseException,
+    ) -> Coroutine[Any, Any, Any] | None:
+        ctx.decided_by = DECIDED_BY_APP
+        if ctx.client_disconnected or isinstance(exc, asyncio.CancelledError | ClientDisconnect):
+            ctx.outcome = OUTCOME_DISCONNECTED
+            ctx.client_disconnected = True
+            outcome = IGNORED
+        elif ctx.shed_by is not None and isinstance(exc, Exception):
+            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision
+            return self.shed_downstream(ctx, plan, result, keys)
+        elif isinstance(exc, Exception):
+            ctx.outcome = OUTCOME_FAILED
+            outcome = FAILURE
+        else:  # KeyboardInterrupt, SystemExit: not the route's fault
+            outcome = IGNORED
+        return self.finish(ctx, plan, result, outcome)
+
+    def after_app(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        complete: bool,
+    ) -> Coroutine[Any, Any, Any] | None:
+        ctx.decided_by = DECIDED_BY_APP
+        status = ctx.status
+        breaker = plan.breaker
+        if status is not None and not complete:
+            # The app stopped mid-response without an error: the client went away
+            # (Starlette's streaming responses end quietly on http.disconnect).
+            ctx.outcome = OUTCOME_DISCONNECTED
+            ctx.client_disconnected = True
+            outcome = IGNORED
+        elif ctx.shed_by is not None and (status is None or status >= 500):
+            return self.shed_downstream(ctx, plan, result, keys)
+        elif status is None or (breaker is not None and status in breaker.failure_statuses):
+            ctx.outcome = OUTCOME_FAILED
+            outcome = FAILURE
+        else:
+            ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
+            outcome = SUCCESS
+        gate = result.gate if result is not None else None
+        if breaker is None or gate is None or plan.breaker_key is None:
+            return None
+        record_now = self.record_now
+        if breaker.slow_call_ms is None and outcome == SUCCESS and record_now is not None:
+            # A success never opens the breaker and lands in a 3 s bucket: the
+            # start time is close enough and saves a clock read per request.
+            try:
+                record_now(plan.breaker_key, breaker, gate, outcome, False, ctx.started_at)
+            except Exception:
+                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+            return None
+        return self.finish(ctx, plan, result, outcome)
+
+    def shed_downstream(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+    ) -> Coroutine[Any, Any, Any] | None:
+        """An outbound control layer refused the app's upstream call before sending it,
+        and the app answered with an error. That layer decided: the route breaker does
+        not count it (no second breaker on the same evidence) and the limits get their
+        units back (a request rejected by one layer consumes no quota of another)."""
+        ctx.decided_by = ctx.shed_by
+        ctx.outcome = OUTCOME_SHED
+        pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        return _in_order(pending, self.refund(plan, result, keys))
+
+    def refund(
+        self, plan: RoutePlan, result: InboundResult | None, keys: Sequence[str]
+    ) -> Coroutine[Any, Any, Any] | None:
+        """Give the admitted limits their units back (now, or as a coroutine)."""
+        if result is None or not result.admitted or not keys:
+            return None
+        charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
+        charged_keys = [keys[i] for i in charged]
+        charged_specs = [plan.specs[i] for i in charged]
+        now = self.monotonic()
+        refund_now = self.refund_now
+        if refund_now is None:
+            return self.store.refund(charged_keys, charged_specs, result.source, now)
+        try:
+            refund_now(charged_keys, charged_specs, now)
+        except Exception:
+            logger.exception("fidelity_mw: could not refund quota of %s", plan.route)
+        return None
+
+    def finish(
+        self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, outcome: str
+    ) -> Coroutine[Any, Any, Any] | None:
+        """Report the outcome to the breaker: done at once in process, else a coroutine."""
+        breaker = plan.breaker
+        gate = result.gate if result is not None else None
+        if gate is None or breaker is None or plan.breaker_key is None:
+            return None
+        now = self.monotonic()
+        ended = ctx.ended_at if ctx.ended_at is not None else now
+        slow = breaker.slow_call_ms is not None and (
+            (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+        )
+        record_now = self.record_now
+        if record_now is None:
+            return self.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
+        try:
+            record_now(plan.breaker_key, breaker, gate, outcome, slow, now)
+        except Exception:
+            logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+        return None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Record to a remote store without holding up the unwinding request."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _in_order(*steps: Coroutine[Any, Any, Any] | None) -> Coroutine[Any, Any, None] | None:
+    if all(step is None for step in steps):
+        return None
+    return _run_in_order(steps)
+
+
+async def _run_in_order(steps: Sequence[Coroutine[Any, Any, Any] | None]) -> None:
+    for step in steps:
+        if step is not None:
+            await step

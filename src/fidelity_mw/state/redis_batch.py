@@ -1,0 +1,174 @@
+"""Coalescing: the admissions and outcome records of one event-loop tick in one script call.
+
+The cost of Redis mode is mostly the client: one asyncio round trip through
+redis-py costs far more CPU than the script itself. Requests that reach
+`RedisStore.admit` (or report an outcome) in the same tick are queued; a task
+scheduled by the first of them runs in the next tick and sends them all as one
+`EVALSHA` of `batch.lua`, which decides each one exactly as `admit.lua` /
+`record.lua` would alone, in arrival order, at one server time. A tick with a
+single operation sends that operation's own script, unchanged.
+
+`Coalescer.call` answers exactly what `RedisStore.call` answers for that one
+operation (its own reply and age, or None when the call failed), so the
+store's fallback and failure-mode handling applies per request unchanged: a
+failed batch degrades every request in it as `on_error` says, each recorded as
+its own fallback decision. Nothing is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from .scripts import Script
+
+# Operations per batch call: bounds the script's run time (Redis runs it alone)
+# and the reply size. A busier tick sends several calls, concurrently.
+MAX_BATCH: Final = 64
+
+# The scripts whose calls may share a batch, by script name, and their op codes.
+_OP_CODES: Final = {"admit": "a", "record": "r"}
+
+Reply = tuple[Any, float] | None
+Call = Callable[["Script", Sequence[str], Sequence[Any]], Awaitable[Reply]]
+
+
+class _Op:
+    __slots__ = ("args", "future", "keys", "script")
+
+    def __init__(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        future: asyncio.Future[Reply],
+    ) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.future = future
+
+
+class Coalescer:
+    """Queues `admit.lua` / `record.lua` calls of one event loop and sends each tick's
+    queue as one call. Calls from another loop (a worker thread's) go straight through."""
+
+    __slots__ = ("_batch", "_call", "_loop", "_queue", "_tasks", "batches", "coalesced")
+
+    def __init__(self, call: Call, batch: Script) -> None:
+        self._call = call
+        self._batch = batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[_Op] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # batch.lua calls sent
+        self.coalesced = 0  # operations that shared a call with others
+
+    async def call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Reply:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                return await self._call(script, keys, args)
+            self._loop = loop  # the first loop to call (or one that replaced a closed one)
+            self._queue = []
+        future: asyncio.Future[Reply] = loop.create_future()
+        queue = self._queue
+        queue.append(_Op(script, keys, args, future))
+        if len(queue) == 1:
+            # The task's first step runs in the next tick: everything queued
+            # until then goes with it.
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        ops, self._queue = self._queue, []
+        if len(ops) == 1:
+            await self._send_one(ops[0])
+            return
+        chunks = [ops[i : i + MAX_BATCH] for i in range(0, len(ops), MAX_BATCH)]
+        if len(chunks) == 1:
+            await self._send(chunks[0])
+        else:
+            await asyncio.gather(*(self._send(chunk) for chunk in chunks))
+
+    async def _send_one(self, op: _Op) -> None:
+        try:
+            got = await self._call(op.script, op.keys, op.args)
+        except asyncio.CancelledError:
+            op.future.cancel()
+            raise
+        except Exception as exc:  # the caller's await raises it, as a direct call would
+            _fail(op, exc)
+            return
+        if not op.future.done():
+            op.future.set_result(got)
+
+    async def _send(self, ops: Sequence[_Op]) -> None:
+        if len(ops) == 1:
+            await self._send_one(ops[0])
+            return
+        keys: list[str] = []
+        args: list[str] = []
+        for op in ops:
+            keys.extend(op.keys)
+            # str(float) is repr: the digits redis-py would send for the value
+            args.append(",".join((_OP_CODES[op.script.name], *map(str, op.args))))
+        self.batches += 1
+        self.coalesced += len(ops)
+        try:
+            got = await self._call(self._batch, keys, args)
+        except asyncio.CancelledError:
+            for op in ops:
+                op.future.cancel()
+            raise
+        except Exception as exc:
+            for op in ops:
+                _fail(op, exc)
+            return
+        replies: Sequence[Any] = ()
+        age = 0.0
+        if got is not None:
+            age = got[1]
+            replies = _split(got[0])
+            if len(replies) != len(ops):
+                replies = ()  # not our script's reply: each operation sees a bad reply
+        for j, op in enumerate(ops):
+            if op.future.done():  # the request was cancelled meanwhile
+                continue
+            if got is None:
+                op.future.set_result(None)
+            else:
+                op.future.set_result((replies[j] if j < len(replies) else (), age))
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _fail(op: _Op, exc: Exception) -> None:
+    if not op.future.done():
+        op.future.set_exception(exc)
+
+
+def _value(text: str) -> Any:
+    # Integers as Redis returns a Lua integer; everything else as the text it is.
+    return int(text) if text.isdigit() else text
+
+
+def _split(reply: Any) -> list[list[Any]]:
+    """batch.lua's reply, one list of values per operation (as its own script replies)."""
+    if isinstance(reply, bytes):
+        reply = reply.decode()
+    if not isinstance(reply, str):
+        return []
+    return [[_value(v) for v in op.split(",")] for op in reply.split(";")]
+
+
+def coalescable(script: Script) -> bool:
+    return script.name in _OP_CODES

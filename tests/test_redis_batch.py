@@ -1,0 +1,325 @@
+"""Coalescing on a real redis-server: one tick's admissions and records in one EVALSHA,
+each decided exactly as it would be alone (the memory store is the reference)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from fidelity_mw.decide.breaker import FAILURE
+from fidelity_mw.errors import StateUnavailable
+from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.redis import BATCH, RedisStore
+from fidelity_mw.testing import seeded_random
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+def spec(per_min: float, burst: int, cost: int = 1, shadow: bool = False, name: str = "l"):
+    interval = 60.0 / per_min  # slow enough that real time cannot refill during a test
+    return LimitSpec(name, interval, burst * interval, cost, shadow)
+
+
+def store(url: str, **state: object) -> RedisStore:
+    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(7))  # type: ignore[arg-type]
+
+
+def flat(result):  # type: ignore[no-untyped-def]
+    gate = (result.gate.verdict, result.gate.state) if result.gate is not None else None
+    limits = tuple((v.allowed, v.remaining) for v in result.limits)
+    return gate, limits, result.admitted
+
+
+def script_calls(redis_server) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with redis_server.client() as client:
+        stats = client.info("commandstats")
+    return {name[len("cmdstat_") :]: value["calls"] for name, value in stats.items()}
+
+
+def reset_stats(redis_server) -> None:  # type: ignore[no-untyped-def]
+    with redis_server.client() as client:
+        client.config_resetstat()
+
+
+A = spec(1, 3, name="a")
+B = spec(1, 5, name="b")
+C2 = spec(1, 5, cost=2, name="c")
+SHADOW = spec(1, 1, shadow=True, name="s")
+# (breaker key, limit keys, limits): clients sharing and not sharing buckets, costs,
+# shadow limits, a limit that runs out first (the other must not be charged)
+REQUESTS = [
+    ("route:/x", ["a|k1", "b|k1"], [A, B]),
+    ("route:/x", ["a|k1", "b|k1"], [A, B]),
+    (None, ["b|k1"], [B]),
+    ("route:/y", ["a|k1", "b|k1"], [A, B]),
+    ("route:/x", ["a|k1", "b|k1"], [A, B]),  # a is empty: rejected, b untouched
+    (None, ["b|k1"], [B]),
+    ("route:/x", ["c|k2"], [C2]),
+    ("route:/x", ["c|k2"], [C2]),
+    ("route:/y", ["c|k2"], [C2]),
+    (None, ["s|k3", "b|k3"], [SHADOW, B]),
+    (None, ["s|k3", "b|k3"], [SHADOW, B]),  # shadow would reject: recorded, not enforced
+    ("route:/z", [], []),
+] * 2
+
+
+async def test_one_tick_of_admissions_is_one_evalsha_with_sequential_verdicts(
+    redis_url: str,
+    redis_server,  # type: ignore[no-untyped-def]
+) -> None:
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    memory = MemoryStore(rng=seeded_random(7))
+    breaker = BreakerConfig()
+    with redis_server.client() as client:
+        client.script_load(BATCH.source)  # so the count below is EVALSHA alone
+    reset_stats(redis_server)
+    try:
+        got = await asyncio.gather(
+            *(
+                redis_store.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
+                for bkey, keys, limits in REQUESTS
+            )
+        )
+        calls = script_calls(redis_server)
+    finally:
+        await redis_store.aclose()
+    want = [
+        memory.admit_now(bkey, breaker if bkey else None, keys, limits, 0.0)
+        for bkey, keys, limits in REQUESTS
+    ]
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert sum(r.admitted for r in got) < len(REQUESTS)  # some were refused: a real test
+    assert calls.get("evalsha") == 1
+    assert "eval" not in calls
+    assert all(r.source == "redis" and r.age_s >= 0.0 for r in got)
+    assert len({id(r) for r in got}) == len(REQUESTS)  # each its own decision
+    assert redis_store.stats.round_trips == 1
+    assert redis_store.coalescer.batches == 1
+
+
+async def test_batched_verdicts_equal_one_call_each(redis_url: str) -> None:
+    """The same requests, concurrent and coalesced vs one script call each, in order."""
+    batched = store(redis_url, key_prefix="batched")
+    single = store(redis_url, key_prefix="single")
+    single.coalesce = False
+    breaker = BreakerConfig()
+    try:
+        together = await asyncio.gather(
+            *(batched.admit(b, breaker if b else None, k, s, 0.0) for b, k, s in REQUESTS)
+        )
+        apart = [await single.admit(b, breaker if b else None, k, s, 0.0) for b, k, s in REQUESTS]
+    finally:
+        await batched.aclose()
+        await single.aclose()
+    assert [flat(r) for r in together] == [flat(r) for r in apart]
+    assert batched.stats.round_trips == 1 + batched.stats.script_loads
+    assert single.stats.round_trips == len(REQUESTS) + single.stats.script_loads
+
+
+async def test_records_coalesce_and_open_the_breaker_like_sequential_records(
+    redis_url: str,
+    redis_server,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = BreakerConfig(min_calls=3, consecutive_failures=3, open_s=30.0)
+    redis_store = store(redis_url)
+    memory = MemoryStore(rng=seeded_random(7))
+    try:
+        gates = await asyncio.gather(
+            *(redis_store.admit("route:/f", cfg, (), (), 0.0) for _ in range(3))
+        )
+        local = [memory.admit_now("route:/f", cfg, (), (), 0.0) for _ in range(3)]
+        reset_stats(redis_server)
+        states = await asyncio.gather(
+            *(redis_store.record("route:/f", cfg, g.gate, FAILURE, False, 0.0) for g in gates)  # type: ignore[arg-type]
+        )
+        record_calls = script_calls(redis_server).get("evalsha", 0) + script_calls(
+            redis_server
+        ).get("eval", 0)
+        want = [memory.record_now("route:/f", cfg, g.gate, FAILURE, False, 0.0) for g in local]  # type: ignore[arg-type]
+        assert states == want == ["closed", "closed", "open"]
+        assert record_calls == 1
+        shed = await asyncio.gather(
+            *(redis_store.admit("route:/f", cfg, (), (), 0.0) for _ in range(4))
+        )
+        assert {(r.gate.verdict, r.gate.state) for r in shed} == {("reject", "open")}  # type: ignore[union-attr]
+    finally:
+        await redis_store.aclose()
+
+
+async def test_half_open_probes_in_one_batch(redis_url: str) -> None:
+    """Probe slots are taken in arrival order inside the batch; a probe whose request a
+    limit refuses gives its slot back to the next request in the same batch."""
+    cfg = BreakerConfig(min_calls=1, consecutive_failures=1, open_s=0.05, open_jitter=0.0,
+                        half_open_probes=2, probe_lease_s=60.0)  # fmt: skip
+    redis_store = store(redis_url)
+    memory = MemoryStore(rng=seeded_random(7))
+    empty = spec(1, 1, name="e")
+    try:
+        # open both breakers, and empty the limit "e|x"
+        gate = (await redis_store.admit("route:/h", cfg, ["e|x"], [empty], 0.0)).gate
+        await redis_store.record("route:/h", cfg, gate, FAILURE, False, 0.0)  # type: ignore[arg-type]
+        local = memory.admit_now("route:/h", cfg, ["e|x"], [empty], 0.0).gate
+        memory.record_now("route:/h", cfg, local, FAILURE, False, 0.0)  # type: ignore[arg-type]
+        await anyio.sleep(0.08)  # Redis decides on its own clock: wait out open_s for real
+        asks = [["e|x"], [], [], [], []]
+        got = await asyncio.gather(
+            *(redis_store.admit("route:/h", cfg, keys, [empty] * len(keys), 0.0) for keys in asks)
+        )
+        want = [memory.admit_now("route:/h", cfg, k, [empty] * len(k), 1.0) for k in asks]
+    finally:
+        await redis_store.aclose()
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert [r.gate.verdict for r in got] == ["probe", "probe", "probe", "reject", "reject"]  # type: ignore[union-attr]
+    assert [r.admitted for r in got] == [False, True, True, False, False]
+    assert (
+        redis_store.stats.round_trips - redis_store.stats.script_loads == 3
+    )  # admit, record, batch
+
+
+async def test_keys_of_one_batch_share_one_cluster_slot(redis_cluster) -> None:  # type: ignore[no-untyped-def]
+    prefix = "batch1"
+    redis_store = RedisStore(
+        config=StateConfig(url=redis_cluster.url, key_prefix=prefix), rng=seeded_random(1)
+    )
+    try:
+        got = await asyncio.gather(
+            *(
+                redis_store.admit(
+                    f"route:/r{i}",
+                    BreakerConfig(),
+                    [f"a|c{i}", "g|*"],
+                    [A, spec(1, 100, name="g")],
+                    0.0,
+                )
+                for i in range(10)
+            )
+        )
+        states = await asyncio.gather(
+            *(
+                redis_store.record(f"route:/r{i}", BreakerConfig(), r.gate, FAILURE, False, 0.0)  # type: ignore[arg-type]
+                for i, r in enumerate(got)
+            )
+        )
+    finally:
+        await redis_store.aclose()
+    assert [r.admitted for r in got] == [True] * 10
+    assert {r.source for r in got} == {"redis"}
+    assert states == ["closed"] * 10
+    assert redis_store.coalescer.batches == 2
+    names = {k.decode() for node in redis_cluster.nodes for k in node.client().keys("{batch1}*")}
+    assert len(names) == 10 + 1 + 10  # a per client, g, breakers
+    assert {key_slot(k.encode()) for k in names} == {key_slot(b"{batch1}")}
+
+
+async def test_noscript_recovery_for_a_batch(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    redis_store = store(redis_url)
+    limit = spec(1, 10)
+    try:
+        first = await asyncio.gather(
+            *(redis_store.admit(None, None, ["l|n"], [limit], 0.0) for _ in range(3))
+        )
+        with redis_server.client() as client:
+            client.script_flush()
+        reset_stats(redis_server)
+        again = await asyncio.gather(
+            *(redis_store.admit(None, None, ["l|n"], [limit], 0.0) for _ in range(3))
+        )
+        calls = script_calls(redis_server)
+    finally:
+        await redis_store.aclose()
+    assert [r.limits[0].remaining for r in first + again] == [9, 8, 7, 6, 5, 4]
+    assert calls.get("evalsha") == 1  # NOSCRIPT ...
+    assert calls.get("eval") == 1  # ... then EVAL once
+    assert {r.source for r in again} == {"redis"}
+    assert redis_store.stats.fallbacks == 0
+
+
+@pytest.mark.parametrize("on_error", ["local", "open", "closed"])
+async def test_a_failed_batch_degrades_every_request_in_it(own_redis, on_error: str) -> None:  # type: ignore[no-untyped-def]
+    config = StateConfig(url=own_redis.url, timeout_ms=50, connect_timeout_ms=50, on_error=on_error)  # type: ignore[arg-type]
+    redis_store = RedisStore(config=config, rng=seeded_random(3))
+    limit = spec(1, 3)
+    n = 6
+    try:
+        warm = await redis_store.admit(None, None, ["l|w"], [limit], time.monotonic())
+        assert warm.source == "redis"
+        trips = redis_store.stats.round_trips
+        own_redis.kill()
+        got = await asyncio.gather(
+            *(redis_store.admit("route:/d", BreakerConfig(), ["l|d"], [limit], time.monotonic())
+              for _ in range(n)),
+            return_exceptions=True,
+        )  # fmt: skip
+        stats = redis_store.stats
+        assert redis_store.coalescer.batches == 1
+        assert stats.errors == 1  # one call failed, and it was not retried
+        assert stats.round_trips == trips
+        assert stats.fallbacks == n  # each request is its own fallback decision
+    finally:
+        await redis_store.aclose()
+    if on_error == "closed":
+        assert all(isinstance(r, StateUnavailable) for r in got)
+        return
+    assert all(not isinstance(r, BaseException) and r.source == "fallback" for r in got)
+    admitted = [r.admitted for r in got]  # type: ignore[union-attr]
+    if on_error == "open":
+        assert admitted == [True] * n
+    else:  # decided on the local store, in arrival order
+        assert admitted == [True, True, True, False, False, False]
+
+
+_examples = itertools.count()
+LIMITS = {"a": A, "b": B, "c": C2, "s": SHADOW}
+request_lists = st.lists(
+    st.tuples(
+        st.sampled_from([None, "route:/p", "route:/q"]),
+        st.lists(
+            st.tuples(st.sampled_from("abcs"), st.sampled_from(["k1", "k2"])),
+            max_size=3,
+            unique=True,
+        ),
+    ),
+    min_size=2,
+    max_size=24,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(requests=request_lists)
+async def test_any_tick_of_admissions_decides_like_the_memory_store(
+    redis_url: str, requests
+) -> None:  # type: ignore[no-untyped-def]
+    """Generated ticks: whatever mix of routes, limits and clients arrives together,
+    one call decides it and every verdict equals the memory store's, in order."""
+    prefix = f"h{next(_examples)}"  # a fresh bucket set per example
+    redis_store = store(redis_url, key_prefix=prefix)
+    memory = MemoryStore(rng=seeded_random(7))
+    breaker = BreakerConfig()
+    plan = [
+        (
+            bkey,
+            [f"{name}|{client}" for name, client in limits],
+            [LIMITS[name] for name, _ in limits],
+        )
+        for bkey, limits in requests
+    ]
+    try:
+        got = await asyncio.gather(
+            *(redis_store.admit(b, breaker if b else None, k, s, 0.0) for b, k, s in plan)
+        )
+    finally:
+        await redis_store.aclose()
+    want = [memory.admit_now(b, breaker if b else None, k, s, 0.0) for b, k, s in plan]
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert redis_store.stats.round_trips - redis_store.stats.script_loads == 1
