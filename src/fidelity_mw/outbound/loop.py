@@ -37,54 +37,43 @@ import httpx
 
 from ..context import (
     ALLOW,
-    GIVE_UP,
     LAYER_BREAKER,
     LAYER_BUDGET,
-    LAYER_DEADLINE,
-    LAYER_LB,
     LAYER_RETRY,
-    PROBE,
-    REJECT,
     RETRY,
     SOURCE_FALLBACK,
     SOURCE_MEMORY,
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
-    DetailValue,
 )
 from ..decide.balance import EWMA_TAU_S, choose, ewma
 from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
 from ..decide.retry import (
-    ERROR_CONNECT,
-    ERROR_NETWORK,
-    ERROR_TIMEOUT,
-    EXHAUSTING_REASONS,
-    GIVE_UP_ATTEMPTS,
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
-    GIVE_UP_DEADLINE,
-    GIVE_UP_DOWNSTREAM,
-    IDEMPOTENT_METHODS,
-    RetryPlan,
-    parse_retry_after,
-    plan_retry,
-    retryable_error,
 )
 from ..engine import Engine
-from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
+from .decisions import (
+    call_end,
+    cause_of,
+    classify,
+    closed_on_store_error,
+    deadline_passed,
+    gate_answer,
+    give_up,
+    is_slow,
+    lb_decision,
+    observe_end,
+    observe_start,
+    plan_call,
+    store_failed,
+)
 from .upstream import Instance, Upstream
 from .wire import (
-    DECIDED_BY,
-    EXHAUSTED,
-    IDEMPOTENCY_KEY,
-    RETRY_SIGNAL_HEADER,
     bounded_timeouts,
-    connected_peer_trusted,
-    error_kind,
-    has_header,
     replayable,
     stamp,
     take_ours,
@@ -106,7 +95,7 @@ _ASSUMED_OPEN_S: Final = 0.5
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
 
-_FIRST_ATTEMPT: Final[Mapping[str, DetailValue]] = {"attempt": 1}
+_FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
 
 
@@ -142,7 +131,7 @@ def attempts(
     prior = take_ours(request.headers)
     try:
         if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
-            raise _deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
+            raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
         g = yield from _gate_next(ctx, engine, up, tried, False, 0, now, None)
         target, breaker_key, gated, gate, source, age = g[:6]
@@ -153,9 +142,9 @@ def attempts(
             if remaining is not None and remaining <= 0.0:
                 if gate is not None and gated:
                     yield from _release(breaker_key, breaker, gate, now)
-                raise _deadline_passed(ctx, up, attempt - 1, now, last_error)
+                raise deadline_passed(ctx, up, attempt - 1, now, last_error)
             if gate is not None and gate.verdict != "allow":
-                _gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
+                gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
             # --- the attempt
             _prepare(ctx, up, request, attempt, original_timeout, remaining)
             if target is not None:
@@ -174,7 +163,7 @@ def attempts(
                 ctx.decisions.append(
                     Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
                 )
-            token = _observe_start(observer, ctx, request, attempt) if observer else None
+            token = observe_start(observer, ctx, request, attempt) if observer else None
             response: httpx.Response | None = None
             error: BaseException | None = None
             if target is not None:
@@ -190,7 +179,7 @@ def attempts(
                     target.outstanding -= 1
                 if gate is not None and gated:
                     yield from _release(breaker_key, breaker, gate, now)
-                _observe_end(observer, token, None, exc)
+                observe_end(observer, token, None, exc)
                 raise
             ended = clock.monotonic()
             if target is not None:
@@ -208,11 +197,11 @@ def attempts(
                     outcome = FAILURE if status in up.fail_statuses else SUCCESS
                     retryable = downstream = False
                 else:
-                    outcome, retryable, downstream = _outcome(engine, up, target, response, error)
+                    outcome, retryable, downstream = classify(engine, up, target, response, error)
                 state = ""
                 if gate is not None and gated:
                     assert breaker is not None
-                    slow = breaker.slow_call_ms is not None and _slow(breaker, now, ended)
+                    slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
                     try:
                         state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
                     except Exception as exc:
@@ -223,11 +212,11 @@ def attempts(
                         _learned_state(target, breaker, state, ended)
                 gate = None
                 if observer is not None:
-                    _observe_end(observer, token, response, error)
+                    observe_end(observer, token, response, error)
                 if retryable or downstream:
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
-                    plan = _plan(
+                    plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
                     )  # fmt: skip
@@ -245,10 +234,10 @@ def attempts(
                         ):
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
-                            _gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
+                            gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
                         if allowed:
                             # --- back off, go again (the gate is held through the wait)
-                            cause = _cause(response, error)
+                            cause = cause_of(response, error)
                             last_error = error
                             delay = previous_delay = plan.delay_s
                             age += delay  # the gate was read before the wait: that much older
@@ -280,7 +269,7 @@ def attempts(
         request.url = original_url
         unstamp(request.headers, prior)
         if own and observer is not None:
-            _call_end(observer, ctx)
+            call_end(observer, ctx)
 
 
 # ---------------------------------------------------------------- steps
@@ -340,7 +329,7 @@ def _gate_next(
             if retry and pick.bypass:
                 # Overriding an open breaker keeps a call from being refused; a retry is
                 # optional: it goes to an instance whose breaker admits it, or not at all.
-                _give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
+                give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                          SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
         budget = retry or count
@@ -358,18 +347,18 @@ def _gate_next(
         except Exception as exc:
             gate, source, age = None, SOURCE_FALLBACK, 0.0
             if gated or not retry:
-                _closed_on_store_error(ctx, up, exc, attempts_made, now, last_error)
-            allowed = not retry or not _store_failed(ctx, up, "retry budget", exc)
+                closed_on_store_error(ctx, up, exc, attempts_made, now, last_error)
+            allowed = not retry or not store_failed(ctx, up, "retry budget", exc)
         if not retry and gate is None and source == SOURCE_MEMORY:
             source = SOURCE_REQUEST
         if not allowed:
-            _give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
+            give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
             break
         if target is None or gate is None or gate.verdict != "reject":
             break
         _learned_open(target, gate, now)
     if allowed and pick is not None and target is not None:
-        _lb_decision(ctx, up, target, pick, len(instances or ()), now)
+        lb_decision(ctx, up, target, pick, len(instances or ()), now)
     return _Gated(target, breaker_key, gated, gate, source, age, allowed)
 
 
@@ -399,31 +388,6 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     target.open_until = now + min(breaker.open_s, _ASSUMED_OPEN_S) if state == OPEN else 0.0
 
 
-def _lb_decision(
-    ctx: DecisionContext, up: Upstream, target: Instance, pick: Any, n: int, now: float
-) -> None:
-    ctx.decisions.append(
-        Decision(
-            LAYER_LB,
-            up.key,
-            ALLOW,
-            pick.reason,
-            SOURCE_MEMORY,
-            now - target.seen_at if target.seen_at else 0.0,
-            now,
-            {
-                "instance": target.key,
-                "outstanding": target.outstanding,
-                "latency_ms": round(target.latency_s * 1000.0, 3),
-                "admissible": pick.admissible,
-                "instances": n,
-                "panic": pick.panic,
-                "breaker_known_open": pick.bypass,
-            },
-        )
-    )
-
-
 def _prepare(
     ctx: DecisionContext,
     up: Upstream,
@@ -444,271 +408,3 @@ def _prepare(
     stamp(request.headers, attempt, timeout_header)
     counts = ctx.attempts
     counts[up.key] = counts.get(up.key, 0) + 1
-
-
-def _give_up(
-    ctx: DecisionContext,
-    up: Upstream,
-    layer: str,
-    reason: str,
-    attempts_made: int,
-    now: float,
-    source: str = SOURCE_REQUEST,
-    age_s: float = 0.0,
-    **details: DetailValue,
-) -> None:
-    """Record why there is no (further) attempt; mark the context when we are exhausted.
-
-    The verdict is `reject` when no attempt was made, `give_up` after one.
-    """
-    ctx.decisions.append(
-        Decision(
-            layer,
-            up.key,
-            GIVE_UP if attempts_made > 0 else REJECT,
-            reason,
-            source,
-            age_s,
-            now,
-            {"attempts": attempts_made, **details},
-        )
-    )
-    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
-        ctx.shed_by = layer  # refused before anything was sent
-    # "attempts" with retries configured off is not exhaustion: we did
-    # not retry, so the caller is the nearest owner and may.
-    if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
-        ctx.upstream_exhausted = True
-
-
-def _gate_answer(
-    ctx: DecisionContext,
-    up: Upstream,
-    gate: Gate,
-    source: str,
-    age_s: float,
-    attempts_made: int,
-    now: float,
-    last_error: BaseException | None,
-) -> None:
-    """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes."""
-    if gate.verdict == "reject":
-        _give_up(
-            ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
-            retry_after_s=round(gate.retry_after_s, 3),
-        )  # fmt: skip
-        raise CircuitOpen(
-            f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
-            f"retry in {gate.retry_after_s:.3f} s",
-            host=up.key,
-            retry_after_s=gate.retry_after_s,
-            attempts_made=attempts_made,
-        ) from last_error
-    if gate.probe_id:
-        ctx.decisions.append(
-            Decision(LAYER_BREAKER, up.key, PROBE, "half_open_probe", source, age_s, now)
-        )
-
-
-def _deadline_passed(
-    ctx: DecisionContext,
-    up: Upstream,
-    attempts_made: int,
-    now: float,
-    last: BaseException | None,
-) -> DeadlineExceeded:
-    _give_up(ctx, up, LAYER_DEADLINE, GIVE_UP_DEADLINE, attempts_made, now)
-    error = DeadlineExceeded(f"deadline exceeded before calling {up.key}", host=up.key)
-    error.__cause__ = last
-    return error
-
-
-def _store_failed(ctx: DecisionContext, up: Upstream, what: str, exc: Exception) -> bool:
-    """A store operation failed: log it; True when the policy says to fail closed."""
-    logger.warning(
-        "fidelity_mw: outbound %s for %s without state (%s: %s)",
-        what,
-        up.key,
-        type(exc).__name__,
-        exc,
-    )
-    return ctx.engine.policy.state.on_error == "closed"
-
-
-def _closed_on_store_error(
-    ctx: DecisionContext,
-    up: Upstream,
-    exc: Exception,
-    attempts_made: int,
-    now: float,
-    last_error: BaseException | None,
-) -> None:
-    """The breaker could not be asked: go ahead (fallback), or refuse when failing closed."""
-    if _store_failed(ctx, up, "breaker gate", exc):
-        _give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, SOURCE_FALLBACK)
-        raise CircuitOpen(
-            f"breaker state for {up.key} is unreachable and the policy fails closed",
-            host=up.key,
-            retry_after_s=1.0,
-            attempts_made=attempts_made,
-        ) from exc
-
-
-def _outcome(
-    engine: Engine,
-    up: Upstream,
-    target: Instance | None,
-    response: httpx.Response | None,
-    error: BaseException | None,
-) -> tuple[str, bool, bool]:
-    """(breaker outcome, retryable, downstream exhausted) of one finished attempt."""
-    if response is not None:
-        status = response.status_code
-        if status >= 500:
-            headers = response.headers
-            signal = headers.get(RETRY_SIGNAL_HEADER)
-            exhausted = signal is not None and signal.strip().lower() == EXHAUSTED
-            if (exhausted or DECIDED_BY in headers) and _trusted(engine, up, target, response):
-                # The callee's own control layer answered (it gave up after retrying,
-                # a breaker of it refused): no evidence against the callee, so no
-                # failure for our breaker; the breaker next to the fault owns it. An
-                # exhausted callee is not retried; another refusal is, after its
-                # Retry-After.
-                return IGNORED, not exhausted and status in up.retry_statuses, exhausted
-        return (
-            FAILURE if status in up.fail_statuses else SUCCESS,
-            status in up.retry_statuses,
-            False,
-        )
-    assert error is not None
-    kind = error_kind(error)
-    # Connect errors, timeouts and broken connections count against the
-    # host; our own pool, bad URLs and bugs do not.
-    outcome = FAILURE if kind in (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_NETWORK) else IGNORED
-    return outcome, retryable_error(kind, up.retry), False
-
-
-def _trusted(
-    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
-) -> bool:
-    """Is the peer that answered inside `trusted_peers` (its signals are believed)?"""
-    trusted = up.trusted if target is None else target.trusted
-    if trusted is None:
-        trusted = connected_peer_trusted(response, engine.trusted_peers)
-    return trusted
-
-
-def _plan(
-    engine: Engine,
-    ctx: DecisionContext,
-    up: Upstream,
-    request: httpx.Request,
-    response: httpx.Response | None,
-    attempt: int,
-    downstream: bool,
-    breaker_state: str,
-    previous_delay: float | None,
-    replayable: bool,
-    now: float,
-) -> RetryPlan:
-    """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
-    status: int | None = None
-    retry_after: float | None = None
-    if downstream:
-        plan = RetryPlan(False, 0.0, GIVE_UP_DOWNSTREAM)
-    elif breaker_state == OPEN:  # our failure (or another's) just opened it: stop now
-        plan = RetryPlan(False, 0.0, GIVE_UP_BREAKER)
-    else:
-        if response is not None:
-            status = response.status_code
-            retry_after = parse_retry_after(
-                response.headers.get("retry-after"), engine.clock.wall()
-            )
-        deadline_at = ctx.deadline_at
-        plan = plan_retry(
-            cfg=up.retry,
-            attempt=attempt,
-            idempotent=request.method in IDEMPOTENT_METHODS
-            or has_header(request.headers, IDEMPOTENCY_KEY),
-            replayable=replayable,
-            downstream_exhausted=False,
-            retry_after_s=retry_after,
-            status=status,
-            remaining_s=None if deadline_at is None else deadline_at - now,
-            rng=engine.rng,
-            previous_delay_s=previous_delay,
-            paused_s=max(0.0, up.paused_until - now),
-        )
-    if not plan.retry:
-        reason = plan.reason
-        layer = (
-            LAYER_DEADLINE
-            if reason == GIVE_UP_DEADLINE
-            else LAYER_BREAKER
-            if reason == GIVE_UP_BREAKER
-            else LAYER_RETRY
-        )
-        _give_up(ctx, up, layer, reason, attempt, now)
-    elif status == 429 and retry_after is not None:
-        # A planned retry after a 429 pauses other calls' retries to this host
-        # too, never longer than the cap (a refused Retry-After pauses nothing).
-        pause = min(retry_after, up.retry.retry_after_max_s)
-        up.paused_until = max(up.paused_until, now + pause)
-    return plan
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def _slow(breaker: BreakerConfig, started: float, ended: float) -> bool:
-    """A slow call for the host breaker's slow-call ratio (`slow_call_ms`)."""
-    limit = breaker.slow_call_ms
-    return limit is not None and (ended - started) * 1000.0 >= limit
-
-
-def _cause(response: httpx.Response | None, error: BaseException | None) -> str:
-    """The reason recorded on the retry that follows this failure."""
-    if response is not None:
-        return f"status_{response.status_code}"
-    assert error is not None
-    return f"{error_kind(error)}_error"
-
-
-def _observe_start(
-    observer: AttemptObserver | None,
-    ctx: DecisionContext,
-    request: httpx.Request,
-    attempt: int,
-) -> Any:
-    if observer is None:
-        return None
-    try:
-        return observer.attempt_start(ctx, request, attempt)
-    except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
-        return None
-
-
-def _observe_end(
-    observer: AttemptObserver | None,
-    token: Any,
-    response: httpx.Response | None,
-    error: BaseException | None,
-) -> None:
-    if observer is None:
-        return
-    try:
-        observer.attempt_end(token, response, error)
-    except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
-
-
-def _call_end(observer: AttemptObserver, ctx: DecisionContext) -> None:
-    """A call made outside any request is over: no RequestObserver will see it."""
-    call_end = getattr(observer, "call_end", None)  # hooks.CallObserver, optional
-    if call_end is None:
-        return
-    try:
-        call_end(ctx)
-    except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
