@@ -776,8 +776,9 @@ class RedisStore(StateStore):
             with self._bind_lock:
                 link = self._sync_link
                 if link is None:
+                    plain, cluster = redis_url(self.url)
                     link = self._sync_link = SyncLink(
-                        self.url, self.config, self._clock, self.stats
+                        plain, cluster, self.config, self._clock, self.stats
                     )
         return link
 

@@ -47,8 +47,11 @@ class _Stats(Protocol):
 class SyncLink:
     """One blocking client per store, shared by every thread (redis-py's pool is thread-safe)."""
 
-    def __init__(self, url: str, config: StateConfig, clock: Clock, stats: _Stats) -> None:
-        self.url = url
+    def __init__(
+        self, url: str, cluster: bool, config: StateConfig, clock: Clock, stats: _Stats
+    ) -> None:
+        self.url = url  # without the `cluster` query parameter (`redis_url`)
+        self.cluster = cluster
         self.config = config
         self._clock = clock
         self._stats = stats
@@ -66,9 +69,7 @@ class SyncLink:
         return client
 
     def _build(self) -> Any:
-        from .redis import redis_url  # redis.py imports this module
-
-        plain, cluster = redis_url(self.url)
+        plain, cluster = self.url, self.cluster
         config = self.config
         timeout = config.timeout_ms / 1000.0
         connect_timeout = config.connect_timeout_ms / 1000.0
