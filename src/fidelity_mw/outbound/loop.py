@@ -9,9 +9,9 @@
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
 - `(CLOSE, response)` -> None: close a response we will not hand back;
-- `(PEEK, breaker_keys, now)` -> until when each breaker is open (0.0: not open),
-  or None when the store cannot say without a round trip (the balancer then
-  uses what it learned from earlier answers).
+
+A store that answers in process (`Local`: memory) is called directly instead
+of through GATE and RECORD effects: nothing to await, in either transport.
 
 It returns the response for the caller, or raises (`CircuitOpen`,
 `DeadlineExceeded`, the last transport error). The async transport awaits the
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, NamedTuple
 
 import httpx
@@ -87,7 +87,6 @@ SLEEP: Final = 1
 GATE: Final = 2
 RECORD: Final = 3
 CLOSE: Final = 4
-PEEK: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 _ASSUMED_OPEN_S: Final = 0.5
@@ -99,6 +98,24 @@ _FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
 
 
+class Local(NamedTuple):
+    """An in-process store's synchronous operations (`outbound_gate_now`, `record_now`,
+    and the breaker states a balancer reads fresh, `breakers_open_until_now`)."""
+
+    gate: Callable[..., Any]
+    record: Callable[..., Any]
+    peek: Callable[..., Any] | None
+
+
+def local_ops(store: object) -> Local | None:
+    """The store's in-process operations, when it has them."""
+    gate = getattr(store, "outbound_gate_now", None)
+    record = getattr(store, "record_now", None)
+    if gate is None or record is None:
+        return None
+    return Local(gate, record, getattr(store, "breakers_open_until_now", None))
+
+
 def attempts(
     ctx: DecisionContext,
     engine: Engine,
@@ -107,6 +124,7 @@ def attempts(
     own: bool,
     observer: AttemptObserver | None,
     now: float,
+    local: Local | None,
 ) -> Steps:
     """One outbound call: every attempt, decision and wait, as effects (module docstring)."""
     clock = engine.clock
@@ -114,9 +132,10 @@ def attempts(
     instances = up.instances
     original_url = request.url
     original_timeout = request.extensions.get("timeout")
-    # Only a body held in memory can be sent again; judged before the first
-    # attempt, which consumes a streaming one (and may buffer it).
-    can_replay = replayable(request.stream)
+    # Judged before the first attempt, which consumes a streaming body (and may
+    # buffer it: a transport that reads it leaves bytes behind).
+    stream = request.stream
+    can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     tried: list[int] = []
     target: Instance | None = None
     breaker_key = up.breaker_key
@@ -133,15 +152,18 @@ def attempts(
         if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
-        g = yield from _gate_next(ctx, engine, up, tried, False, 0, now, None)
-        target, breaker_key, gated, gate, source, age = g[:6]
+        if instances is None and local is not None:
+            gate, _, source, age = _gate_plain(ctx, up, local, False, 0, now, None)
+        else:
+            g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
+            target, breaker_key, gated, gate, source, age = g[:6]
         while True:
             attempt += 1
             deadline_at = ctx.deadline_at
             remaining = None if deadline_at is None else deadline_at - now
             if remaining is not None and remaining <= 0.0:
                 if gate is not None and gated:
-                    yield from _release(breaker_key, breaker, gate, now)
+                    yield from _release(local, breaker_key, breaker, gate, now)
                 raise deadline_passed(ctx, up, attempt - 1, now, last_error)
             if gate is not None and gate.verdict != "allow":
                 gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
@@ -178,7 +200,7 @@ def attempts(
                 if target is not None:
                     target.outstanding -= 1
                 if gate is not None and gated:
-                    yield from _release(breaker_key, breaker, gate, now)
+                    yield from _release(local, breaker_key, breaker, gate, now)
                 observe_end(observer, token, None, exc)
                 raise
             ended = clock.monotonic()
@@ -203,7 +225,10 @@ def attempts(
                     assert breaker is not None
                     slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
                     try:
-                        state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
+                        if local is not None:
+                            state = local.record(breaker_key, breaker, gate, outcome, slow, ended)
+                        else:
+                            state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
                     except Exception as exc:
                         logger.warning(
                             "fidelity_mw: could not record an outcome for %s: %s", up.key, exc
@@ -224,8 +249,15 @@ def attempts(
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None and instances is not None:
                             tried.append(instances.index(target))
-                        g = yield from _gate_next(ctx, engine, up, tried, True, attempt, now, error)
-                        target, breaker_key, gated, gate, source, age, allowed = g
+                        if instances is None and local is not None:
+                            gate, allowed, source, age = _gate_plain(
+                                ctx, up, local, True, attempt, now, error
+                            )
+                        else:
+                            g = yield from _gate_next(
+                                ctx, engine, up, local, tried, True, attempt, now, error
+                            )
+                            target, breaker_key, gated, gate, source, age, allowed = g
                         if (
                             allowed
                             and target is None
@@ -248,7 +280,7 @@ def attempts(
                                 raise
                             except BaseException:
                                 if gate is not None and gated:
-                                    yield from _release(breaker_key, breaker, gate, now)
+                                    yield from _release(local, breaker_key, breaker, gate, now)
                                 raise
                             now = clock.monotonic()
                             continue
@@ -266,7 +298,8 @@ def attempts(
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response
     finally:
-        request.url = original_url
+        if target is not None:
+            request.url = original_url
         unstamp(request.headers, prior)
         if own and observer is not None:
             call_end(observer, ctx)
@@ -289,6 +322,7 @@ def _gate_next(
     ctx: DecisionContext,
     engine: Engine,
     up: Upstream,
+    local: Local | None,
     tried: list[int],
     retry: bool,
     attempts_made: int,
@@ -307,8 +341,8 @@ def _gate_next(
     gate: Gate | None = None
     source, age, allowed = SOURCE_REQUEST, 0.0, True
     count = True  # a first attempt counts the request once; a retry asks the budget each time
-    if instances is not None:
-        fresh = yield (PEEK, [i.breaker_key for i in instances], now)
+    if instances is not None and local is not None and local.peek is not None:
+        fresh = local.peek([i.breaker_key for i in instances], now)
         if fresh is not None:
             for instance, open_until in zip(instances, fresh, strict=True):
                 instance.open_until = open_until
@@ -334,25 +368,22 @@ def _gate_next(
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
         budget = retry or count
         count = False
+        args = (
+            breaker_key,
+            breaker if gated else None,
+            up.budget_key if budget else None,
+            up.retry if budget else None,
+            retry,
+            now,
+        )
         try:
-            gate, allowed, source, age = yield (
-                GATE,
-                breaker_key,
-                breaker if gated else None,
-                up.budget_key if budget else None,
-                up.retry if budget else None,
-                retry,
-                now,
-            )
+            answer = local.gate(*args) if local is not None else (yield (GATE, *args))
         except Exception as exc:
-            gate, source, age = None, SOURCE_FALLBACK, 0.0
-            if gated or not retry:
-                closed_on_store_error(ctx, up, exc, attempts_made, now, last_error)
-            allowed = not retry or not store_failed(ctx, up, "retry budget", exc)
-        if not retry and gate is None and source == SOURCE_MEMORY:
-            source = SOURCE_REQUEST
+            answer = exc
+        gate, allowed, source, age = _settle(
+            ctx, up, answer, retry, gated, attempts_made, now, last_error
+        )
         if not allowed:
-            give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
             break
         if target is None or gate is None or gate.verdict != "reject":
             break
@@ -362,14 +393,60 @@ def _gate_next(
     return _Gated(target, breaker_key, gated, gate, source, age, allowed)
 
 
+def _gate_plain(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local,
+    retry: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> tuple[Gate | None, bool, str, float]:
+    """`_gate_next` for the common case, without a generator: one upstream, in-process state."""
+    breaker = up.breaker
+    try:
+        answer = local.gate(up.breaker_key, breaker, up.budget_key, up.retry, retry, now)
+    except Exception as exc:
+        answer = exc
+    return _settle(ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error)
+
+
+def _settle(
+    ctx: DecisionContext,
+    up: Upstream,
+    answer: tuple[Gate | None, bool, str, float] | Exception,
+    retry: bool,
+    gated: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> tuple[Gate | None, bool, str, float]:
+    """The store's answer to a gate operation (or its failure) as the loop acts on it; a
+    retry the budget denies is recorded."""
+    if isinstance(answer, Exception):
+        if gated or not retry:
+            closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)
+        allowed = not retry or not store_failed(ctx, up, "retry budget", answer)
+        return None, allowed, SOURCE_FALLBACK, 0.0
+    gate, allowed, source, age = answer
+    if not retry and gate is None and source == SOURCE_MEMORY:
+        source = SOURCE_REQUEST
+    if not allowed:
+        give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
+    return gate, allowed, source, age
+
+
 def _release(
-    breaker_key: str, breaker: BreakerConfig | None, gate: Gate, now: float
+    local: Local | None, breaker_key: str, breaker: BreakerConfig | None, gate: Gate, now: float
 ) -> Generator[Effect, Any, None]:
     """Give back a gate whose attempt will not be made (frees a probe slot)."""
     if breaker is None:
         return
     try:
-        yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
+        if local is not None:
+            local.record(breaker_key, breaker, gate, IGNORED, False, now)
+        else:
+            yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
 

@@ -35,7 +35,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .loop import CLOSE, GATE, PEEK, RECORD, SEND, SLEEP, Steps, attempts
+from .loop import CLOSE, GATE, RECORD, SEND, SLEEP, Local, Steps, attempts, local_ops
 from .upstream import Resolver, Upstream
 
 _MAX_UPSTREAMS: Final = 1024
@@ -65,6 +65,7 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
+        self._local: tuple[StateStore | None, Local | None] = (None, None)
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
 
     @staticmethod
@@ -102,7 +103,7 @@ class _Base:
             self._observed_engine = engine
         return observer
 
-    def _start(self, request: httpx.Request) -> tuple[_Stepper, Engine]:
+    def _start(self, request: httpx.Request) -> tuple[Steps, Engine]:
         ctx = _CURRENT.get()
         own = ctx is None
         if ctx is None:
@@ -118,7 +119,11 @@ class _Base:
         observer = self._observer or engine.attempt_observer
         if observer is None and self._telemetry and engine is not self._observed_engine:
             observer = self.observer_for(engine)
-        return _Stepper(attempts(ctx, engine, up, request, own, observer, now)), engine
+        store = engine.store
+        cached = self._local
+        if cached[0] is not store:
+            cached = self._local = (store, local_ops(store))
+        return attempts(ctx, engine, up, request, own, observer, now, cached[1]), engine
 
 
 class _Stepper:
@@ -145,28 +150,6 @@ class _Stepper:
             return None
 
 
-def _in_process(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """The store's synchronous twins of `outbound_gate` and `record`, when it has both
-    (an in-process store answers without awaiting anything)."""
-    gate = getattr(store, "outbound_gate_now", None)
-    record = getattr(store, "record_now", None)
-    if gate is None or record is None:
-        return None
-    return gate, record
-
-
-def _peek(store: StateStore) -> Callable[..., Any]:
-    """Breaker states for the balancer, from a store that has them without a round trip."""
-    peek = getattr(store, "breakers_open_until_now", None)
-    if peek is None or _in_process(store) is None:
-        return _unknown
-    return peek  # type: ignore[no-any-return]
-
-
-def _unknown(*args: Any) -> None:
-    return None
-
-
 # ---------------------------------------------------------------- async
 
 
@@ -189,38 +172,36 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        step, engine = self._start(request)
+        steps, engine = self._start(request)
         store = engine.store
-        fast = _in_process(store)
         inner = self.inner
-        while (effect := step.next()) is not None:
+        value: Any = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                effect = steps.send(value) if thrown is None else steps.throw(thrown)
+            except StopIteration as done:
+                response: httpx.Response = done.value
+                return response
+            thrown = None
             kind = effect[0]
             try:
                 if kind == SEND:
-                    step.value = await inner.handle_async_request(effect[1])
-                elif kind == GATE:
-                    if fast is not None:
-                        step.value = fast[0](*effect[1:])
-                    else:
-                        step.value = await store.outbound_gate(*effect[1:])
+                    value = await inner.handle_async_request(effect[1])
+                elif kind == GATE:  # a remote store (an in-process one is called directly)
+                    value = await store.outbound_gate(*effect[1:])
                 elif kind == RECORD:
-                    if fast is not None:
-                        step.value = fast[1](*effect[1:])
-                    else:
-                        step.value = await store.record(*effect[1:])
+                    value = await store.record(*effect[1:])
                 elif kind == SLEEP:
-                    step.value = None
+                    value = None
                     if effect[2] is not None:
                         await effect[2].aclose()
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
-                    step.value = None
+                    value = None
                     await effect[1].aclose()
-                elif kind == PEEK:
-                    step.value = _peek(store)(*effect[1:])
             except BaseException as exc:
-                step.thrown = exc
-        return step.result
+                thrown = exc
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -232,14 +213,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """`outbound_gate` and `record` callable from sync code.
 
-    In order: the store's in-process twins (memory); its own blocking client
-    (`outbound_gate_sync` / `record_sync`: Redis, any thread); else its
-    coroutines run on the event loop of the anyio worker thread we are in
-    (sync FastAPI / Starlette routes run there).
+    (An in-process store is called by the loop directly.) A remote store's own
+    blocking client (`outbound_gate_sync` / `record_sync`: Redis, any thread);
+    else its coroutines run on the event loop of the anyio worker thread we are
+    in (sync FastAPI / Starlette routes run there).
     """
-    fast = _in_process(store)
-    if fast is not None:
-        return fast
     gate = getattr(store, "outbound_gate_sync", None)
     record = getattr(store, "record_sync", None)
     if gate is not None and record is not None:
@@ -268,7 +246,8 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        step, engine = self._start(request)
+        steps, engine = self._start(request)
+        step = _Stepper(steps)
         gate_op, record_op = _sync_ops(engine.store)
         sleep = engine.clock.sleep_sync
 
@@ -283,7 +262,6 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             RECORD: record_op,
             SLEEP: wait,
             CLOSE: httpx.Response.close,
-            PEEK: _peek(engine.store),
         }
         while (effect := step.next()) is not None:
             try:

@@ -106,7 +106,8 @@ except ImportError:  # pragma: no cover - another httpx layout
 def replayable(stream: object) -> bool:
     """Can this request body be sent again? Bytes held in memory can; so can a
     multipart body (`files=`) whose files are bytes or seekable (httpx rewinds
-    each file before sending it); a streaming body cannot."""
+    each file before sending it); a streaming body cannot. Ask before the first
+    attempt: a transport that reads a streaming body leaves bytes behind."""
     if isinstance(stream, httpx.ByteStream):
         return True
     if _Multipart is None or not isinstance(stream, _Multipart):
