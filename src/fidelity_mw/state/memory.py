@@ -15,6 +15,7 @@ from ..decide.budget import budget_allows
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
+from .snapshot import SnapshotConfigs, StoreSnapshot, local_snapshot
 
 __all__ = ["GcraTable", "MemoryStore"]
 
@@ -119,3 +120,9 @@ class MemoryStore(LocalState, StateStore):
                 until = state.open_until if state is not None and state.state == OPEN else 0.0
                 out.append(until if until > now else 0.0)
             return out
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """Everything this store holds, aged to `now` (the live page's view; decides nothing)."""
+        return local_snapshot(self, "memory", now, top)
