@@ -23,6 +23,7 @@ from fidelity_mw.errors import DeadlineExceeded
 from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, StateConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
 URL = "http://svc.internal/x"
@@ -201,15 +202,17 @@ def _half_open_at_retry(engine: Engine) -> None:
 # ---------------------------------------------------------------- #15: sync on Redis, no loop
 
 
-def test_sync_transport_on_redis_works_in_a_plain_thread(redis_url: str) -> None:
+@pytest.mark.parametrize("scheme", ["", "tiered+"])
+def test_sync_transport_on_redis_works_in_a_plain_thread(redis_url: str, scheme: str) -> None:
     """Regression (issue 12, #15): outside an AnyIO worker thread the sync transport's
     Redis operations failed: `on_error = "closed"` refused every call."""
     policy = Policy(
-        state=StateConfig(url=redis_url, on_error="closed"),
+        state=StateConfig(url=scheme + redis_url, on_error="closed"),
         upstreams=(UpstreamConfig(host="*", retry=RetryConfig(base_ms=1, max_ms=2)),),
     )
-    store = RedisStore(config=policy.state, rng=seeded_random(1))
-    engine = Engine(policy, clock=FakeClock(), store=store)
+    tiered = TieredStore(config=policy.state, rng=seeded_random(1)) if scheme else None
+    store = tiered.exact if tiered is not None else RedisStore(config=policy.state)
+    engine = Engine(policy, clock=FakeClock(), store=tiered or store)
     up = Answers(503, 200)
     results: list[Any] = []
 
