@@ -310,3 +310,27 @@ async def test_a_retry_never_overrides_an_open_breaker() -> None:
             ctx = response.extensions["fidelity_context"]
             assert ctx.decisions[-1].reason == "breaker_open"
             assert ctx.upstream_exhausted  # callers are told not to retry either
+
+
+async def test_an_ejected_instance_is_readmitted_when_its_probe_succeeds() -> None:
+    fleet = Fleet()
+    clock = FakeClock()
+    store = MemoryStore(rng=seeded_random(3))
+    breaker = BreakerConfig(open_s=2.0, open_jitter=0.0, half_open_probes=1)
+    engine = Engine(service_policy(breaker=breaker), clock=clock, rng=seeded_random(7), store=store)
+    t = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    a = store.breaker_state("upstream:" + KEYS[0], breaker)
+    a.force(OPEN, clock.monotonic(), seeded_random(0))
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(20):
+            assert (await client.get("http://payments/pay")).status_code == 200
+        assert KEYS[0] not in fleet.seen  # ejected while open
+        clock.advance(2.5)  # its open time is over: the next pick of it is a probe
+        probes = 0
+        for _ in range(40):
+            response = await client.get("http://payments/pay")
+            decisions = response.extensions["fidelity_context"].decisions
+            probes += sum(1 for d in decisions if d.verdict == "probe")
+    assert probes == 1  # one successful probe closed it
+    assert a.state == "closed"
+    assert fleet.seen[-40:].count(KEYS[0]) > 1  # back in rotation
