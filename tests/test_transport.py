@@ -44,6 +44,7 @@ from fidelity_mw.outbound.wire import (
     error_kind,
     literal_peer_trusted,
 )
+from fidelity_mw.state.base import StateStore
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -595,7 +596,9 @@ async def test_outside_a_request_the_policy_default_deadline_applies(clock: Fake
 
 
 def flaky_breaker() -> BreakerConfig:
-    return BreakerConfig(min_calls=100, consecutive_failures=2, open_s=5.0, open_jitter=0.0)
+    return BreakerConfig(
+        min_calls=100, consecutive_failures=2, open_s=5.0, open_min_s=5.0, open_jitter=0.0
+    )
 
 
 async def test_breaker_opening_mid_retry_stops_at_once_then_fails_fast(clock: FakeClock) -> None:
@@ -892,6 +895,9 @@ class FailingStore(MemoryStore):
     async def budget_request(self, *args: Any) -> None:
         raise ConnectionError("redis down")
 
+    async def outbound_gate(self, *args: Any) -> Any:
+        raise ConnectionError("redis down")
+
 
 async def test_store_failure_decides_on_fallback_or_fails_closed(clock: FakeClock) -> None:
     up = Upstream(503, 200)
@@ -983,6 +989,7 @@ async def test_sync_transport_bridges_to_an_async_only_store(clock: FakeClock) -
     class AsyncOnly(MemoryStore):
         gate_now = None  # type: ignore[assignment]
         outbound_gate_now = None  # type: ignore[assignment]
+        outbound_gate = StateStore.outbound_gate  # composes the methods below
         record_now = None  # type: ignore[assignment]
         budget_request_now = None  # type: ignore[assignment]
         budget_try_retry_now = None  # type: ignore[assignment]

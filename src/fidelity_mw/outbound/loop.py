@@ -89,7 +89,6 @@ RECORD: Final = 3
 CLOSE: Final = 4
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
-_ASSUMED_OPEN_S: Final = 0.5
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
@@ -99,8 +98,9 @@ _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper:
 
 
 class Local(NamedTuple):
-    """An in-process store's synchronous operations (`outbound_gate_now`, `record_now`,
-    and the breaker states a balancer reads fresh, `breakers_open_until_now`)."""
+    """An in-process store's synchronous operations: `outbound_gate_now` (answers
+    (gate, budget allowed)), `record_now`, and the breaker states a balancer reads
+    fresh, `breakers_open_until_now`."""
 
     gate: Callable[..., Any]
     record: Callable[..., Any]
@@ -377,7 +377,16 @@ def _gate_next(
             now,
         )
         try:
-            answer = local.gate(*args) if local is not None else (yield (GATE, *args))
+            if local is not None:
+                gate, allowed = local.gate(*args)
+                answer: tuple[Gate | None, bool, str, float] | Exception = (
+                    gate,
+                    allowed,
+                    SOURCE_MEMORY,
+                    0.0,
+                )
+            else:
+                answer = yield (GATE, *args)
         except Exception as exc:
             answer = exc
         gate, allowed, source, age = _settle(
@@ -404,8 +413,10 @@ def _gate_plain(
 ) -> tuple[Gate | None, bool, str, float]:
     """`_gate_next` for the common case, without a generator: one upstream, in-process state."""
     breaker = up.breaker
+    answer: tuple[Gate | None, bool, str, float] | Exception
     try:
-        answer = local.gate(up.breaker_key, breaker, up.budget_key, up.retry, retry, now)
+        gate, allowed = local.gate(up.breaker_key, breaker, up.budget_key, up.retry, retry, now)
+        answer = (gate, allowed, SOURCE_MEMORY, 0.0)
     except Exception as exc:
         answer = exc
     return _settle(ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error)
@@ -460,9 +471,11 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     if not state:
         return
     target.seen_at = now
-    # The real open time is the breaker's (it may start short and grow): assume a short
-    # one; when it is over the next pick asks the breaker, whose rejection says how long.
-    target.open_until = now + min(breaker.open_s, _ASSUMED_OPEN_S) if state == OPEN else 0.0
+    # The real open time is the breaker's (it starts at open_min_s and grows with failed
+    # probes): assume the shortest; when it is over the next pick asks the breaker, whose
+    # rejection says how long.
+    shortest = min(breaker.open_s, breaker.open_min_s)
+    target.open_until = now + shortest if state == OPEN else 0.0
 
 
 def _prepare(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..decide.breaker import OPEN, Gate
-from ..decide.budget import budget_allows
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
@@ -34,6 +33,7 @@ class MemoryStore(LocalState, StateStore):
     budget_request_now = LocalState.budget_request_now
     budget_try_retry_now = LocalState.budget_try_retry_now
     outbound_begin_now = LocalState.outbound_begin_now
+    outbound_gate_now = LocalState.outbound_gate_now
 
     async def admit(
         self,
@@ -62,19 +62,16 @@ class MemoryStore(LocalState, StateStore):
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        self.refund_now(limit_keys, limits, now)
+        self.refund_now(limit_keys, limits, now, admitted_tats)
 
-    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
-        self.budget_request_now(budget_key, cfg, now)
-
-    async def budget_try_retry(
-        self, budget_key: str, cfg: RetryConfig, now: float
-    ) -> tuple[bool, str, float]:
-        return self.budget_try_retry_now(budget_key, cfg, now)
-
-    def outbound_gate_now(
+    async def outbound_gate(
         self,
         breaker_key: str | None,
         breaker: BreakerConfig | None,
@@ -83,32 +80,16 @@ class MemoryStore(LocalState, StateStore):
         retry: bool,
         now: float,
     ) -> tuple[Gate | None, bool, str, float]:
-        """`outbound_gate` without the coroutine, in the order outbound.lua keeps: a
-        request is counted first; a retry the budget denies takes no gate; a breaker
-        rejection spends no retry."""
-        lock = self._lock
-        lock.acquire()  # cheaper than `with` on this path; nothing below awaits
-        try:
-            window = None
-            if budget_key is not None and cfg is not None:
-                window = self.budgets.get(budget_key)
-                if window is None or window.config is not cfg:
-                    window = self.budget_window(budget_key, cfg, now)
-                if not retry:
-                    window.request(now)
-                elif not budget_allows(*window.totals(now), cfg):
-                    return None, False, "memory", 0.0
-            gate = None
-            if breaker_key is not None and breaker is not None:
-                state = self.breakers.get(breaker_key)
-                if state is None or state.config is not breaker:
-                    state = self.breaker_state(breaker_key, breaker, now)
-                gate = state.gate(now, self._rng)
-            if retry and window is not None and (gate is None or gate.verdict != "reject"):
-                window.try_retry(now)
-            return gate, True, "memory", 0.0
-        finally:
-            lock.release()
+        gate, allowed = self.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        return gate, allowed, "memory", 0.0
+
+    async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
+        self.budget_request_now(budget_key, cfg, now)
+
+    async def budget_try_retry(
+        self, budget_key: str, cfg: RetryConfig, now: float
+    ) -> tuple[bool, str, float]:
+        return self.budget_try_retry_now(budget_key, cfg, now)
 
     def breakers_open_until_now(self, breaker_keys: Sequence[str], now: float) -> list[float]:
         """For each breaker: until when it is open (0.0 when it is not), read without
