@@ -58,7 +58,13 @@ class _Base:
         observer: AttemptObserver | None = None,
         telemetry: bool = True,
         resolver: Resolver | None = None,
+        tracer_provider: Any = None,  # OpenTelemetry's convention (docs/telemetry.md)
+        meter_provider: Any = None,
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self._observer = observer
