@@ -189,6 +189,20 @@ def _cidrs(value: Any) -> str | None:
     return None
 
 
+def _base_urls(value: Any) -> str | None:
+    if not isinstance(value, tuple | list):
+        return f"expected a list of base URLs, got {_tname(value)}"
+    for i, item in enumerate(value):
+        text = str(item)
+        scheme, _, rest = text.partition("://")
+        host = rest.rstrip("/")
+        if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
+            return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+    if len(set(value)) != len(value):
+        return "instance URLs must be distinct"
+    return None
+
+
 def _header_names(value: Any) -> str | None:
     if not isinstance(value, tuple | list) or not value:
         return "expected a non-empty list of header names"
@@ -601,6 +615,9 @@ class UpstreamConfig(_Validated):
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
     shared_budget: bool = _spec(False, boolean)
+    instances: tuple[str, ...] = _spec((), _base_urls)
+    panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
+    max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
 
 
 DEFAULT_TRUSTED_PEERS = (

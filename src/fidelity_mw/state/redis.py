@@ -73,6 +73,7 @@ from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
 from .redis_batch import Coalescer
+from .redis_sync import SyncLink
 from .scripts import Script, load_script
 from .snapshot import (
     BreakerView,
@@ -362,6 +363,7 @@ class RedisStore(StateStore):
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
         self.coalescer = Coalescer(self.call, BATCH)
+        self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
 
     # ------------------------------------------------------------ plumbing
 
@@ -643,6 +645,37 @@ class RedisStore(StateStore):
         slow: bool,
         now: float,
     ) -> str:
+        planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
+        if isinstance(planned, str):
+            return planned
+        call = self.coalescer.call if self.coalesce else self.call
+        return self._record_answer(await call(RECORD, *planned), gate)
+
+    def record_sync(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        """`record` for sync callers in any thread, over a blocking client (`SyncLink`)."""
+        planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
+        if isinstance(planned, str):
+            return planned
+        return self._record_answer(self.sync_link().call(RECORD, *planned), gate)
+
+    def _record_call(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
+        """The answer without a round trip (a str), or the script call to make."""
         if gate.epoch < 0:
             # The gate came from the failure mode: record where it was decided.
             if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
@@ -665,7 +698,9 @@ class RedisStore(StateStore):
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-        got = await (self.coalescer.call if self.coalesce else self.call)(RECORD, keys, args)
+        return keys, args
+
+    def _record_answer(self, got: tuple[Any, float] | None, gate: Gate) -> str:
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
@@ -691,7 +726,11 @@ class RedisStore(StateStore):
         # (a success from an older epoch would be ignored by Redis: drop it)
         task = self._deferred_task
         if task is None or task.done():
-            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a sync caller: they ride on its next call about this breaker
+                return
+            self._deferred_task = loop.create_task(self._flush_deferred())
 
     def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
         entry = self._deferred.pop(breaker_key, None)
@@ -745,6 +784,49 @@ class RedisStore(StateStore):
         (gate or None, budget allowed, source, age_s). Pending counts from
         `budget_request` ride along.
         """
+        keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
+        if not keys:
+            return None, True, SOURCE_REDIS, 0.0
+        got = await self.call(OUTBOUND, keys, args)
+        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+
+    def outbound_gate_sync(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """`outbound_gate` for sync callers in any thread, over a blocking client
+        (`SyncLink`): the same script, the same single round trip."""
+        keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
+        if not keys:
+            return None, True, SOURCE_REDIS, 0.0
+        got = self.sync_link().call(OUTBOUND, keys, args)
+        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+
+    def sync_link(self) -> SyncLink:
+        link = self._sync_link
+        if link is None:
+            with self._bind_lock:
+                link = self._sync_link
+                if link is None:
+                    plain, cluster = redis_url(self.url)
+                    link = self._sync_link = SyncLink(
+                        plain, cluster, self.config, self._clock, self.stats
+                    )
+        return link
+
+    def _outbound_call(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+    ) -> tuple[list[str], list[Any], list[tuple[str, RetryConfig, int]]]:
         has_breaker = breaker_key is not None and breaker is not None
         keys: list[str] = []
         args: list[Any] = ["1" if has_breaker else "0", self._rng(), 0]
@@ -766,16 +848,27 @@ class RedisStore(StateStore):
             keys.append(self.key("bu", other))
             args.extend((*budget_args(other_cfg), count, 0))
         args[2] = len(taken)
-        if not keys:
-            return None, True, SOURCE_REDIS, 0.0
-        got = await self.call(OUTBOUND, keys, args)
+        return keys, args, taken
+
+    def _outbound_answer(
+        self,
+        got: tuple[Any, float] | None,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        taken: Sequence[tuple[str, RetryConfig, int]],
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
         if got is None:
             return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
         reply, age = got
         try:
             allowed = True if budget_key is None or cfg is None else reply[6] == 1
             gate = None
-            if has_breaker and allowed:  # a denied retry asked no breaker
+            if breaker_key is not None and breaker is not None and allowed:
+                # (a denied retry asked no breaker)
                 gate = Gate(
                     _text(reply[1]), _text(reply[2]), int(reply[3]), float(reply[4]), int(reply[5])
                 )
@@ -864,6 +957,9 @@ class RedisStore(StateStore):
             await _close_client(mine[0])
 
     async def aclose(self) -> None:
+        link, self._sync_link = self._sync_link, None
+        if link is not None:
+            link.close()
         await self.coalescer.aclose()
         for task in (self.health.probe_task, self._flush_task, self._deferred_task):
             if task is not None and not task.done():
