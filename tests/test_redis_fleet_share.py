@@ -180,8 +180,10 @@ async def test_outage_admits_the_fleet_limit_with_the_share(share_redis, tmp_pat
 
 
 async def test_outage_admits_each_whole_limit_without_the_share(share_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Today's behaviour, for comparison: a quarter of 2x the load never reaches a whole
-    limit, so every request decided in fallback is admitted."""
+    """Today's behaviour, for comparison: a quarter of 2x the load stays under a whole
+    limit, so (nearly) every request decided in fallback is admitted. Nearly: a member
+    starved for a moment by the busy machine meets its queued requests at once, and
+    more than a burst of them at one instant is refused (2.5 % in one measured run)."""
     got = await outage_run(share_redis, tmp_path, share=False)
     assert got["shares"] == Counter({"-": got["fallback"]})  # type: ignore[comparison-overlap]
-    assert got["admitted"] == got["fallback"]
+    assert got["admitted"] >= 0.9 * got["fallback"]
