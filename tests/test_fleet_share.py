@@ -319,3 +319,28 @@ async def test_fallback_decisions_carry_the_fleet_size(own_redis: RedisServer) -
     assert limiter[0].details is not None
     assert limiter[0].details["fleet_size"] == 2
     assert limiter[0].details["fleet_size_age_s"] >= 1.5  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------- fidelity-mw map
+
+
+def test_map_says_where_the_fleet_size_lives() -> None:
+    from fidelity_mw.tools.statemap import from_policy
+
+    limits = (RateLimit(name="l", rate="10/s"),)
+    on = from_policy(Policy(state=StateConfig(url="redis://r:6379/0"), rate_limits=limits), "t")
+    limit = next(layer for layer in on.layers if layer.layer == "ratelimit")
+    breaker = next(layer for layer in on.layers if layer.layer == "breaker")
+    assert "share of the limit" in limit.on_failure
+    assert "{fmw}:fleet" in limit.on_failure
+    assert "share" not in breaker.on_failure  # breakers stay per process
+    assert any("{fmw}:fleet" in note for note in on.notes)
+    off = from_policy(
+        Policy(
+            state=StateConfig(url="redis://r:6379/0", fleet_share_max_age_s=0), rate_limits=limits
+        ),
+        "t",
+    )
+    limit = next(layer for layer in off.layers if layer.layer == "ratelimit")
+    assert "share" not in limit.on_failure
+    assert not any("fleet" in note for note in off.notes)
