@@ -84,10 +84,11 @@ class Fleet:
         self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], members: int
     ) -> tuple[list[str], list[LimitSpec]]:
         """The limits as this instance's share of `members`, on local keys of their own
-        (a key's state under the whole limit or another share never mixes with these)."""
+        (a key's state under the whole limit or another share never mixes with these; the
+        NUL ends the prefix where a real key has its limit name, which never holds one)."""
         prefix = self._prefixes.get(members)
         if prefix is None:
-            prefix = self._prefixes[members] = f"\x00fleet/{members}\x00"
+            prefix = self._prefixes[members] = f"share 1/{members}\x00"
         specs = self._specs
         out = []
         for spec in limits:

@@ -126,8 +126,9 @@ def _homes(policy: Policy) -> dict[str, _Home]:
     limit_failure = on_failure
     if st.on_error == "local" and st.fleet_share_max_age_s > 0:
         limit_failure = (
-            f"Redis slow/unreachable (timeout {st.timeout_ms} ms): each process enforces its "
-            f"share of the limit (rate / N, burst / N), N = the fleet size it last read from "
+            f"Redis slow/unreachable (timeout {st.timeout_ms} ms): decide on process-local "
+            "counters, each process enforcing its share of the limit (rate / N, burst / N), "
+            "N = the fleet size it last read from "
             f"{{{st.key_prefix}}}:fleet if at most {st.fleet_share_max_age_s:g} s old (else the "
             "whole limit, recorded as fleet_share=unknown); marked `fallback` with age = time "
             "since the last Redis reply; a background probe switches back"
