@@ -175,6 +175,9 @@ async def test_fleet_of_one_enforces_the_whole_limit(own_redis: RedisServer) -> 
     store = member(own_redis.url, clock)
     try:
         await announce(store)
+        assert store.fleet.announces == 1
+        # the announcement is not a request's round trip (the counts benchmarks read)
+        assert store.stats.round_trips - store.stats.script_loads == 1
         own_redis.kill()
         admitted, shares = await burst_admitted(store, "s|c")
         assert admitted == BURST

@@ -367,7 +367,13 @@ def _middleware(url: str, on_error: str = "local") -> FidelityMiddleware:
         await send({"type": "http.response.body", "body": b"ok"})
 
     policy = Policy(
-        state=StateConfig(url=url, on_error=on_error, timeout_ms=5000, connect_timeout_ms=5000),  # type: ignore[arg-type]
+        state=StateConfig(
+            url=url,
+            on_error=on_error,  # type: ignore[arg-type]
+            timeout_ms=5000,
+            connect_timeout_ms=5000,
+            **QUIET,
+        ),
         rate_limits=(RateLimit(name="api", rate="3/minute", key="client_ip"),),
     )
     return FidelityMiddleware(inner, policy=policy, telemetry=False)
