@@ -26,7 +26,7 @@ from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.telemetry import schema
 from test_telemetry_helpers import UvicornThread, pipeline
 
-HOST_BREAKER = BreakerConfig(consecutive_failures=1, open_s=60.0, open_jitter=0.0)
+HOST_BREAKER = BreakerConfig(consecutive_failures=1, open_s=60.0, open_min_s=60.0, open_jitter=0.0)
 
 
 class Records(logging.Handler):

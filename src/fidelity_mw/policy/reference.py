@@ -18,6 +18,7 @@ from typing import Any
 
 from .model import (
     BreakerConfig,
+    ConcurrencyConfig,
     DeadlineConfig,
     Policy,
     RateLimit,
@@ -65,6 +66,15 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "counts against: requests no route matches use the framework's route template.",
     ),
     (
+        "`[concurrency]`",
+        "concurrency",
+        ConcurrencyConfig,
+        "A bulkhead per route: at most `limit` requests in flight (fixed, or found from "
+        "latency with `adaptive = true`). Refused requests get 503 + `Retry-After`, cost "
+        "no rate-limit quota and are no breaker failure. The same keys configure "
+        "`[route.concurrency]`.",
+    ),
+    (
         "`[[upstream]]`",
         "upstream",
         UpstreamConfig,
@@ -88,12 +98,15 @@ _NESTED = {
     (Policy, "breaker"),
     (Policy, "routes"),
     (Policy, "upstreams"),
+    (Policy, "concurrency"),
     (UpstreamConfig, "retry"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
     # top level
     "version": "Schema version of the file. Only 1 exists.",
+    "priority_header": "Request header carrying a priority class (`critical`, `default`, "
+    "`sheddable`), believed only from `trusted_peers`; unset: the route's `priority` alone.",
     "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
     "is the client.",
@@ -181,6 +194,24 @@ DESCRIPTIONS: dict[str, str] = {
     "route's own breaker.",
     "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
     "started, answer 504 and cancel the app's work. A started response is never cut.",
+    "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys); left out: "
+    "the policy's `[concurrency]`, if any.",
+    "route.priority": "Priority class of the route's requests when the bulkhead is under "
+    "pressure: `sheddable` is shed first, then `default`; `critical` may fill the limit. "
+    "A trusted `priority_header` overrides it.",
+    # [concurrency]
+    "concurrency.limit": "Requests in flight at most; with `adaptive`, where the limit starts.",
+    "concurrency.adaptive": "Find the limit from latency (gradient limit): it grows while "
+    "latency stays within `tolerance` of its measured floor and shrinks when it rises.",
+    "concurrency.min_limit": "The adaptive limit never goes below this.",
+    "concurrency.max_limit": "The adaptive limit never goes above this.",
+    "concurrency.max_queue": "Requests that may wait for a slot beyond the limit (0: none; "
+    "refused at once).",
+    "concurrency.queue_timeout_ms": "How long a queued request waits before it is refused.",
+    "concurrency.default_share": "Share of the limit `default` requests may fill.",
+    "concurrency.sheddable_share": "Share of the limit `sheddable` requests may fill "
+    "(at most `default_share`).",
+    "concurrency.tolerance": "Adaptive: latency / floor ratio accepted before the limit shrinks.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
@@ -291,6 +322,7 @@ _TYPES = {
     "bool | BreakerConfig": "boolean or table",
     "BreakerConfig | None": "table or `false`",
     "RetryConfig": "table",
+    "ConcurrencyConfig | None": "table",
 }
 
 

@@ -38,7 +38,7 @@ class Layer:
     """One deciding layer for one subject (a route, a limit, an upstream)."""
 
     direction: str  # inbound | outbound
-    layer: str  # deadline | breaker | ratelimit | retry | budget
+    layer: str  # deadline | concurrency | breaker | ratelimit | retry | budget
     subject: str  # what it applies to
     config: str  # the policy key that configures it
     decides: str
@@ -280,6 +280,43 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "a malformed header is ignored: the route default applies",
                 )
             )
+    bulkheads = [
+        (f"route[{i}].concurrency", f"route {r.name or r.match}", r.concurrency)
+        for i, r in enumerate(policy.routes)
+        if r.concurrency is not None
+    ]
+    if policy.concurrency is not None:
+        bulkheads.append(("concurrency", "every other route", policy.concurrency))
+    for config_key, subject, conc in bulkheads:
+        kind = (
+            f"adaptive limit from {conc.min_limit} to {conc.max_limit} (starts at {conc.limit}; "
+            f"shrinks when latency passes {conc.tolerance}x its measured floor)"
+            if conc.adaptive
+            else f"at most {conc.limit} in flight"
+        )
+        queue = (
+            f"; up to {conc.max_queue} wait {conc.queue_timeout_ms} ms for a slot"
+            if conc.max_queue
+            else ""
+        )
+        rows.append(
+            Layer(
+                "inbound",
+                "concurrency",
+                subject,
+                config_key,
+                "503 + Retry-After when the route is full for the request's priority class "
+                "(before breaker and limiter: no quota spent, no breaker outcome)",
+                f"{kind}{queue}; default class may fill {conc.default_share:.0%}, "
+                f"sheddable {conc.sheddable_share:.0%}, critical all",
+                "process memory (per process by design: it guards this process's capacity)",
+                "-",
+                "FidelityMiddleware: a slot taken on admission, given back when the response "
+                "ends; the adaptive limit learns each served request's latency",
+                "none",
+                "cannot fail",
+            )
+        )
     breaker_writer = (
         "FidelityMiddleware, when an admitted response ends (exceptions and "
         "failure_statuses count as failures; limiter 429s and client disconnects never do)"
