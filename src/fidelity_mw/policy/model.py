@@ -360,6 +360,7 @@ class StateConfig(_Validated):
     max_keys: int = _spec(100_000, int_in(16, 100_000_000))
     sync_interval_ms: int = _spec(100, int_in(1, 60_000))
     key_prefix: str = _spec("fmw", _key_prefix)
+    fleet_share_max_age_s: float = _spec(60.0, number_in(0.0, 86_400.0))
 
     def _cross_checks(self) -> list[PolicyIssue]:
         schemes = (

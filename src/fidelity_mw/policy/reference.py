@@ -133,6 +133,10 @@ DESCRIPTIONS: dict[str, str] = {
     "Redis, which is also their staleness bound.",
     "state.key_prefix": "Prefix of every Redis key (`{prefix}:rl:...`); also the Redis "
     "Cluster hash tag, so no braces.",
+    "state.fleet_share_max_age_s": 'While Redis is unreachable (`on_error = "local"`), each '
+    "process enforces its share of every limit (rate / N, burst / N), N being the fleet size "
+    "it last read from Redis, if that was at most this many seconds ago; otherwise the whole "
+    "limit. 0 turns the share off (every process enforces the whole limit).",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
     "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",

@@ -67,10 +67,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
+from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
 from .redis_sync import SyncLink
@@ -212,6 +214,7 @@ class RedisStats:
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
+    fleet_unknown: int = 0  # local fallback decisions that enforced the whole limit (share unknown)
 
 
 class Slots:
@@ -364,6 +367,9 @@ class RedisStore(StateStore):
         # Admissions and records of one event-loop tick share one script call.
         self.coalescer = Coalescer(self.call, BATCH)
         self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
+        # Membership for the fleet-aware fallback (state/fleet.py).
+        self.fleet = Fleet(self.prefix, config.fleet_share_max_age_s)
+        self._fleet_warned = -1
 
     # ------------------------------------------------------------ plumbing
 
@@ -487,7 +493,24 @@ class RedisStore(StateStore):
         done = clock.monotonic()
         health.last_ok = done
         self.stats.round_trips += 1
+        if done >= self.fleet.due:
+            self.fleet.tick(done, self._fleet_run, clock.monotonic)
         return reply, (done - started) / 2.0
+
+    async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One fleet announcement: skipped when every connection is busy, and kept out of
+        `round_trips`, `errors` and the health state (a failure just leaves the count older)."""
+        bound = self._bind()
+        if not self.health.up or not bound[2].try_acquire():
+            raise StateUnavailable("no connection free for the fleet announcement")
+        client = bound[1]
+        try:
+            try:
+                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        finally:
+            bound[2].release()
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
@@ -598,6 +621,9 @@ class RedisStore(StateStore):
         admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
+            share = self.fleet.share(self._clock.monotonic()) if self.fleet.enabled else None
+            if share is not None and share.size is not None and share.size > 1:
+                limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
             self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
@@ -630,11 +656,33 @@ class RedisStore(StateStore):
             )
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age)
+        share = self._fleet_share() if limits and self.fleet.enabled else None
+        if share is not None and share.size is not None and share.size > 1:
+            limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
         result = self.local.admit_now(breaker_key, breaker, limit_keys, limits, now)
         local_gate = result.gate
         if local_gate is not None:
             local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
-        return InboundResult(local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age)
+        return InboundResult(
+            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share
+        )
+
+    def _fleet_share(self) -> FleetShare:
+        """This instance's share for a local decision; an unknown one is counted, and
+        logged once per outage."""
+        share = self.fleet.share(self._clock.monotonic())
+        if share.size is None:
+            self.stats.fleet_unknown += 1
+            if self._fleet_warned != self.stats.outages:
+                self._fleet_warned = self.stats.outages
+                logger.warning(
+                    "fidelity_mw: fleet size %s: each process enforces the whole of each "
+                    "limit until redis answers",
+                    "never read from redis"
+                    if share.age_s is None
+                    else f"read {share.age_s:.0f} s ago (> {self.fleet.max_age_s:g} s)",
+                )
+        return share
 
     async def record(
         self,
@@ -961,7 +1009,12 @@ class RedisStore(StateStore):
         if link is not None:
             link.close()
         await self.coalescer.aclose()
-        for task in (self.health.probe_task, self._flush_task, self._deferred_task):
+        for task in (
+            self.health.probe_task,
+            self._flush_task,
+            self._deferred_task,
+            self.fleet.task,
+        ):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -995,6 +1048,12 @@ class RedisStore(StateStore):
             "fallbacks": stats.fallbacks,
             "outages": stats.outages,
         }
+        fleet = self.fleet
+        if fleet.enabled:
+            share = fleet.share(self._clock.monotonic())
+            detail["fleet_size"] = fleet.size
+            detail["fleet_size_age_s"] = None if share.age_s is None else round(share.age_s, 3)
+            detail["fleet_share"] = "unknown" if share.size is None else f"1/{share.size}"
         breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
         budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
         limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]
