@@ -61,21 +61,12 @@ def test_refund_script_runs_on_the_server_clock() -> None:
     assert "server_now()" in REFUND.source
 
 
-# Known bug (tiered.py): a request admitted on a slice after waiting for its lease
-# reports source "redis", so its refund goes to Redis with the slice's local TAT and
-# is dropped there; the units stay spent in the slice.
-_TIERED_REFUND_BUG = pytest.mark.xfail(
-    reason="tiered: a lease-waiting admission is labelled redis; its refund misses the slice",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     ("tiered", "charge", "after"),
     [
         (False, "served", 200),
         (False, "always", 429),
-        pytest.param(True, "served", 200, marks=_TIERED_REFUND_BUG),
+        (True, "served", 200),
         (True, "always", 429),
     ],
     ids=["redis-served", "redis-always", "tiered-served", "tiered-always"],
