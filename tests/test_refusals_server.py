@@ -74,7 +74,7 @@ def test_fastapi_route_without_try_gets_a_503_not_a_500() -> None:
                 logger.removeHandler(records)
     assert response.status_code == 503
     assert response.headers["retry-after"].isdigit()
-    assert 55 <= int(response.headers["retry-after"]) <= 60
+    assert int(response.headers["retry-after"]) >= 1  # until the breaker lets a probe in
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["x-fidelity-decided-by"] == "breaker"
     doc = response.json()

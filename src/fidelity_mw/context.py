@@ -18,6 +18,7 @@ LAYER_BREAKER: Final = "breaker"
 LAYER_RATELIMIT: Final = "ratelimit"
 LAYER_RETRY: Final = "retry"
 LAYER_BUDGET: Final = "budget"
+LAYER_LB: Final = "lb"  # which instance of a service an attempt goes to
 LAYER_CONCURRENCY: Final = "concurrency"
 
 ALLOW: Final = "allow"

@@ -189,6 +189,20 @@ def _cidrs(value: Any) -> str | None:
     return None
 
 
+def _base_urls(value: Any) -> str | None:
+    if not isinstance(value, tuple | list):
+        return f"expected a list of base URLs, got {_tname(value)}"
+    for i, item in enumerate(value):
+        text = str(item)
+        scheme, _, rest = text.partition("://")
+        host = rest.rstrip("/")
+        if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
+            return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+    if len(set(value)) != len(value):
+        return "instance URLs must be distinct"
+    return None
+
+
 def _header_names(value: Any) -> str | None:
     if not isinstance(value, tuple | list) or not value:
         return "expected a non-empty list of header names"
@@ -346,6 +360,7 @@ class StateConfig(_Validated):
     max_keys: int = _spec(100_000, int_in(16, 100_000_000))
     sync_interval_ms: int = _spec(100, int_in(1, 60_000))
     key_prefix: str = _spec("fmw", _key_prefix)
+    fleet_share_max_age_s: float = _spec(60.0, number_in(0.0, 86_400.0))
 
     def _cross_checks(self) -> list[PolicyIssue]:
         schemes = (
@@ -601,6 +616,9 @@ class UpstreamConfig(_Validated):
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
     shared_budget: bool = _spec(False, boolean)
+    instances: tuple[str, ...] = _spec((), _base_urls)
+    panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
+    max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
 
 
 DEFAULT_TRUSTED_PEERS = (

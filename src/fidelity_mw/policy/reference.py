@@ -133,6 +133,10 @@ DESCRIPTIONS: dict[str, str] = {
     "Redis, which is also their staleness bound.",
     "state.key_prefix": "Prefix of every Redis key (`{prefix}:rl:...`); also the Redis "
     "Cluster hash tag, so no braces.",
+    "state.fleet_share_max_age_s": 'While Redis is unreachable (`on_error = "local"`), each '
+    "process enforces its share of every limit (rate / N, burst / N), N being the fleet size "
+    "it last read from Redis, if that was at most this many seconds ago; otherwise the whole "
+    "limit. 0 turns the share off (every process enforces the whole limit).",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
     "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
@@ -215,6 +219,13 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.shared_budget": "One retry budget for every host this entry matches (the "
     "instance URLs of one service behind client-side load balancing) instead of one per "
     "host, so N instances do not get N times the budget and its floor.",
+    "upstream.instances": "Base URLs of the instances of a service (`http://10.0.0.7:8080`). "
+    "Set with a logical `host` (`payments`): callers address `http://payments/...` and the "
+    "transport picks an instance for every attempt (docs/outbound.md, services).",
+    "upstream.panic_threshold": "Panic mode: when fewer than this share of a service's "
+    "instances are admissible, spread over all of them instead of refusing.",
+    "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
+    "(skipped for an open breaker) at once; at least one may always be.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
@@ -292,6 +303,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
+        "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
         "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
         "_key_prefix": "non-empty string without `{` or `}`",
