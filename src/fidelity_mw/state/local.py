@@ -36,7 +36,8 @@ from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
 
 _T = TypeVar("_T")
-# InboundResult without its NamedTuple constructor's Python frame (the hot path)
+# InboundResult without its NamedTuple constructor's Python frame (the hot path): every
+# field given, defaults too (tests/test_memory_store.py checks the arity)
 _new = tuple.__new__
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
@@ -172,9 +173,9 @@ class LocalState:
                 # closed: the gate `gate()` would return, without the call
                 gate = state.closed_gate if state.state == CLOSED else state.gate(now, self._rng)
                 if gate.verdict == "reject":
-                    return _new(InboundResult, (gate, (), False, "memory", 0.0))
+                    return _new(InboundResult, (gate, (), False, "memory", 0.0, None))
             if not limits:
-                return _new(InboundResult, (gate, (), True, "memory", 0.0))
+                return _new(InboundResult, (gate, (), True, "memory", 0.0, None))
             table = self.limits
             tats = table.tats
             if len(tats) + len(limits) > table.next_sweep:
@@ -190,7 +191,7 @@ class LocalState:
                     if tat is None:
                         table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
-                    return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0))
+                    return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0, None))
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -210,7 +211,7 @@ class LocalState:
                             tats[key] = verdict.tat
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return _new(InboundResult, (gate, verdicts, admitted, "memory", 0.0))
+            return _new(InboundResult, (gate, verdicts, admitted, "memory", 0.0, None))
         finally:
             lock.release()
 
