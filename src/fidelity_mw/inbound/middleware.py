@@ -187,7 +187,7 @@ class FidelityMiddleware:
                 if rejection is None:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
-                    if plan.breaker_key is not None or plan.specs:
+                    if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
                             client = scope.get("client")
@@ -237,8 +237,8 @@ class FidelityMiddleware:
                 return
 
             # ---- the app, watching only the response start and its end
-            breaker = plan.breaker
-            timed = breaker is not None and breaker.slow_call_ms is not None
+            # the end time is read only where the route counts slow calls
+            monotonic = self._monotonic if plan.timed else None
             deadline_at = ctx.deadline_at
             if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher = ResponseWatcher(
@@ -247,15 +247,13 @@ class FidelityMiddleware:
                     scope,
                     before_end,
                     obs_token,
-                    self._monotonic if timed else None,
+                    monotonic,
                     self._deadlines,
                     deadline_at,
                     now,
                 )
             else:
-                watcher = ResponseWatcher(
-                    send, ctx, scope, before_end, obs_token, self._monotonic if timed else None
-                )
+                watcher = ResponseWatcher(send, ctx, scope, before_end, obs_token, monotonic)
             outcomes = self._outcomes
             app_ran = True
             try:
