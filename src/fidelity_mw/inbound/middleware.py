@@ -239,21 +239,14 @@ class FidelityMiddleware:
             # ---- the app, watching only the response start and its end
             # the end time is read only where the route counts slow calls
             monotonic = self._monotonic if plan.timed else None
+            end = (before_end, scope, obs_token) if before_end is not None else None
             deadline_at = ctx.deadline_at
             if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher = ResponseWatcher(
-                    send,
-                    ctx,
-                    scope,
-                    before_end,
-                    obs_token,
-                    monotonic,
-                    self._deadlines,
-                    deadline_at,
-                    now,
+                    send, ctx, end, monotonic, self._deadlines, deadline_at, now
                 )
             else:
-                watcher = ResponseWatcher(send, ctx, scope, before_end, obs_token, monotonic)
+                watcher = ResponseWatcher(send, ctx, end, monotonic)
             outcomes = self._outcomes
             app_ran = True
             try:
@@ -267,7 +260,7 @@ class FidelityMiddleware:
                         outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
                     raise
             else:
-                if watcher.armed:
+                if watcher.watch is not None:
                     watcher.disarm()
                 if watcher.expired:  # the app swallowed our cancellation
                     rejection = self._refusal(ctx, watcher, None)
