@@ -20,6 +20,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import BATCH, RedisStore
 from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -30,7 +31,8 @@ def spec(per_min: float, burst: int, cost: int = 1, shadow: bool = False, name: 
 
 
 def store(url: str, **state: object) -> RedisStore:
-    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(7))  # type: ignore[arg-type]
+    config = StateConfig(url=url, **{**PATIENT, **state})  # type: ignore[arg-type]
+    return RedisStore(config=config, rng=seeded_random(7))
 
 
 def flat(result):  # type: ignore[no-untyped-def]
@@ -188,7 +190,8 @@ async def test_half_open_probes_in_one_batch(redis_url: str) -> None:
 async def test_keys_of_one_batch_share_one_cluster_slot(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     prefix = "batch1"
     redis_store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix=prefix), rng=seeded_random(1)
+        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT),
+        rng=seeded_random(1),
     )
     try:
         got = await asyncio.gather(

@@ -16,6 +16,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import SYNC
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -27,7 +28,7 @@ SCARCE = LimitSpec("s", 60.0, 60.0 * 400, 1, False)
 
 
 def tiered(url: str, clock: FakeClock | None = None, seed: int = 5) -> TieredStore:
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT)
     return TieredStore(config=config, rng=seeded_random(seed), clock=clock)
 
 
