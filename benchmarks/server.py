@@ -158,10 +158,11 @@ def ensure_wrk() -> str:
     if apt and os.geteuid() == 0:
         print("wrk not found: installing the Debian package...", file=sys.stderr)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run([apt, "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            [apt, "install", "-y", "-qq", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL
-        )
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run([apt, "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [apt, "install", "-y", "-qq", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL
+            )
         found = shutil.which("wrk")
         if found:
             return found
