@@ -69,6 +69,8 @@ def test_each_library_is_recognised():
         "slowapi",
         "limits",
         "fastapi-limiter",
+        "openai",
+        "anthropic",
         "hand-written",
     }
 
@@ -110,8 +112,10 @@ def test_hand_written_loop_reports_the_loop_and_the_sleep():
     (finding,) = audit_source(source, "x.py")
     assert (finding.line, finding.kind, finding.library) == (3, RETRY, "hand-written")
     assert finding.what == (
-        "for loop in f() retries a call: time.sleep(i) in an except branch (line 7)"
+        "for loop in f() retries a call after catching its failure (line 5); "
+        "waits with time.sleep(i) (line 7)"
     )
+    assert finding.confidence == "high"  # a sleep, a bound, and a call named like a request
 
 
 @pytest.mark.parametrize(

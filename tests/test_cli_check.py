@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fidelity_mw.policy import glob_matches
 from fidelity_mw.policy.lines import locate_keys, toml_error_position
+from fidelity_mw.tools.check import glob_covers
 from fidelity_mw.tools.cli import main
 
 GOOD = """\
@@ -79,10 +83,10 @@ def test_every_error_names_file_line_and_key_path(
     assert main(["check", path]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [
-        f"{path}:5: state.on_error: 'sometimes' is not allowed: "
-        "choose one of 'local', 'open', 'closed'",
-        f"{path}:9: rate_limit[0].rate: unknown period unit 'fortnight' in "
-        "'100/fortnight': use s, min, h or d",
+        f'{path}:5: state.on_error: "sometimes" is not allowed: '
+        'choose one of "local", "open", "closed"',
+        f'{path}:9: rate_limit[0].rate: unknown period unit "fortnight" in '
+        '"100/fortnight": use s, min, h or d',
         f"{path}:14: rate_limit[1].brust: unknown key; did you mean 'burst'? "
         "(allowed: burst, cost, key, match, methods, name, rate, shadow)",
         f"{path}:18: upstream[0].retry.attempts: 30 is out of range: allowed between 1 and 10",
@@ -104,7 +108,7 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         "file": path,
         "line": 5,
         "path": "state.on_error",
-        "message": "'sometimes' is not allowed: choose one of 'local', 'open', 'closed'",
+        "message": '"sometimes" is not allowed: choose one of "local", "open", "closed"',
         "severity": "error",
     }
     assert [e["line"] for e in result["errors"]] == [5, 9, 14, 18, 24]
@@ -128,7 +132,7 @@ def test_cross_check_on_a_defaulted_key_falls_back_to_the_table_header(
     path = write(tmp_path, text)
     assert main(["check", path]) == 1
     out = capsys.readouterr().out
-    assert f"{path}:5: rate_limit[1].name: 'default' is already the name of rate_limit[0]" in out
+    assert f'{path}:5: rate_limit[1].name: "default" is already the name of rate_limit[0]' in out
 
 
 def test_invalid_toml_reports_the_parser_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -146,14 +150,17 @@ def test_warnings_do_not_fail_unless_strict(tmp_path: Path, capsys: pytest.Captu
     path = write(tmp_path, text)
     assert main(["check", path]) == 0
     out = capsys.readouterr().out
-    assert f"{path}:5: warning: route[1].match: never used: route[0] (match '*')" in out
-    assert f"{path}:11: warning: upstream[1].host: never used: upstream[0] (host '*')" in out
+    assert f'{path}:5: warning: route[1].match: never used: route[0] (match "*")' in out
+    assert f'{path}:11: warning: upstream[1].host: never used: upstream[0] (host "*")' in out
     assert out.rstrip().endswith("; 2 warning(s)")
     assert main(["check", "--strict", path]) == 1
 
 
 def test_narrower_route_first_is_not_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    text = '[[route]]\nmatch = "/api/*"\nmethods = ["POST"]\n\n[[route]]\nmatch = "/api/*"\n'
+    text = (
+        '[[route]]\nmatch = "/api/*"\nmethods = ["POST"]\nname = "api-post"\n\n'
+        '[[route]]\nmatch = "/api/*"\n'
+    )
     path = write(tmp_path, text)
     assert main(["check", "--strict", path]) == 0
     assert "warning" not in capsys.readouterr().out
@@ -286,3 +293,120 @@ def test_locator_survives_text_it_does_not_understand():
 def test_toml_error_position():
     assert toml_error_position("Illegal character (at line 3, column 17)") == (3, 17)
     assert toml_error_position("no position") is None
+
+
+# ---------------------------------------------------------------- shadowing by subsumption
+
+
+@pytest.mark.parametrize(
+    ("broad", "narrow", "covers"),
+    [
+        ("/api/*", "/api/search*", True),
+        ("/api/search*", "/api/*", False),
+        ("*.internal", "payments.internal", True),
+        ("*.internal", "*.internal.example", False),
+        ("/a/?/b", "/a/x/b", True),
+        ("/a/x/b", "/a/?/b", False),
+        ("/a/*/b", "/a/*/c/*/b", True),
+        ("/a/*/c/*/b", "/a/*/b", False),
+        ("?*", "*", False),
+        ("*?", "?", True),
+        ("/api/*", "/api", False),
+        ("/api*", "/api", True),
+        ("**", "/x", True),
+        ("/x", "/x", True),
+    ],
+)
+def test_glob_covers(broad: str, narrow: str, covers: bool):
+    assert glob_covers(broad, narrow) is covers
+
+
+_GLOB = st.text(alphabet="ab/*?", max_size=7)
+
+
+@given(broad=_GLOB, narrow=_GLOB, fill=st.lists(st.text(alphabet="ab/", max_size=3), max_size=8))
+def test_glob_covers_never_claims_a_cover_that_does_not_hold(
+    broad: str, narrow: str, fill: list[str]
+):
+    # Instantiate the narrow glob (each wildcard becomes some text) and check the
+    # broad one matches the result whenever glob_covers says it covers the narrow one.
+    pieces = iter(fill)
+    text = ""
+    for ch in narrow:
+        if ch == "*":
+            text += next(pieces, "")
+        elif ch == "?":
+            text += (next(pieces, "") + "a")[0]
+        else:
+            text += ch
+    assert glob_matches(narrow, text)
+    if glob_covers(broad, narrow):
+        assert glob_matches(broad, text)
+
+
+def test_broader_globs_first_shadow_later_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    text = (
+        '[[route]]\nmatch = "/api/*"\n\n[[route]]\nmatch = "/api/search*"\n\n'
+        '[[upstream]]\nhost = "*.internal"\n\n[[upstream]]\nhost = "payments.internal"\n\n'
+        '[[upstream]]\nhost = "payments.internal.example"\n'
+    )
+    path = write(tmp_path, text)
+    assert main(["check", path]) == 0
+    out = capsys.readouterr().out
+    assert f'{path}:5: warning: route[1].match: never used: route[0] (match "/api/*")' in out
+    assert (
+        f'{path}:11: warning: upstream[1].host: never used: upstream[0] (host "*.internal")' in out
+    )
+    assert "upstream[2]" not in out
+    assert out.rstrip().endswith("; 2 warning(s)")
+
+
+def test_narrower_globs_first_are_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    text = (
+        '[[route]]\nmatch = "/api/search*"\n\n[[route]]\nmatch = "/api/*"\n\n'
+        '[[upstream]]\nhost = "payments.internal"\n\n[[upstream]]\nhost = "*.internal"\n'
+    )
+    assert main(["check", "--strict", write(tmp_path, text)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_capitalised_host_never_matches(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = write(tmp_path, '[[upstream]]\nhost = "Payments.internal"\n')
+    assert main(["check", "--strict", path]) == 1
+    assert "upstream[0].host: never used" in capsys.readouterr().out
+
+
+def test_every_problem_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    text = (
+        '[state]\nkey_prefix = "{fmw}"\n\n'
+        '[[rate_limit]]\nname = "a"\nrate = "fast"\n\n'
+        '[[rate_limit]]\nname = "a"\nrate = "1/s"\n\n'
+        '[[rate_limit]]\nname = "per-client \u2014 v2"\nshadow = true\nburst = true\n'
+    )
+    path = write(tmp_path, text)
+    assert main(["check", path]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 2)[:2] for line in lines[:-1]] == [
+        [f"{path}:2", "state.key_prefix"],
+        [f"{path}:6", "rate_limit[0].rate"],
+        [f"{path}:9", "rate_limit[1].name"],
+        [f"{path}:13", "rate_limit[2].name"],
+        [f"{path}:15", "rate_limit[2].burst"],
+    ]
+    assert "got boolean true" in lines[4]
+    assert "True" not in "\n".join(lines)
+
+
+def test_shadowing_is_reported_alongside_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    text = (
+        '[[route]]\nmatch = "/api/*"\n\n[[route]]\nmatch = "/api/search*"\ndeadline_ms = 0\n\n'
+        '[[upstream]]\nhost = "*"\n\n[[upstream]]\nhost = "a.internal"\n'
+    )
+    path = write(tmp_path, text)
+    assert main(["check", path]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:6: route[1].deadline_ms: " in out
+    assert f"{path}:5: warning: route[1].match: never used: route[0]" in out
+    assert f"{path}:12: warning: upstream[1].host: never used: upstream[0]" in out

@@ -67,7 +67,7 @@ def test_invalid_policy_exits_1_and_points_to_check(
     path.write_text('[state]\nurl = "ftp://x"\n')
     assert main(["map", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "state.url: 'ftp://x' has an unknown scheme" in out
+    assert 'state.url: "ftp://x" has an unknown scheme' in out
     assert f"fidelity-mw check {path}" in out
 
 

@@ -258,7 +258,7 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
     message = str(exc.value)
     assert str(path) in message
     assert "rate_limit[1].rate" in message
-    assert "'ten per second' is not a rate" in message
+    assert '"ten per second" is not a rate' in message
     assert "N/s, N/min, N/h or N/d" in message  # what is allowed
 
 
@@ -271,7 +271,7 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"rate_limit": [{"name": "a"}, {"name": "b", "rate": "fast"}]},
             "rate_limit[1].rate",
-            "'fast' is not a rate",
+            '"fast" is not a rate',
             "N/s",
         ),
         (
@@ -301,19 +301,19 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"rate_limit": [{"key": "cookie:session"}]},
             "rate_limit[0].key",
-            "'cookie:session' is not a key",
-            "'header:NAME'",
+            '"cookie:session" is not a key',
+            '"header:NAME"',
         ),
         (
             {"rate_limit": [{"methods": ["FETCH"]}]},
             "rate_limit[0].methods",
-            "'FETCH' is not an HTTP method",
+            '"FETCH" is not an HTTP method',
             "GET",
         ),
         (
             {"rate_limit": [{"shadow": "yes"}]},
             "rate_limit[0].shadow",
-            "got 'yes'",
+            'got "yes"',
             "true or false",
         ),
         (
@@ -343,7 +343,7 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"breaker": {"enabled": "no"}},
             "breaker.enabled",
-            "got 'no'",
+            'got "no"',
             "true or false",
         ),
         (
@@ -356,7 +356,7 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
             {"route": [{"match": ""}]},
             "route[0].match",
             "expected a glob",
-            "'/api/*'",
+            '"/api/*"',
         ),
         (
             {"state": {"url": "http://redis:6379"}},
@@ -367,13 +367,13 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"state": {"on_error": "explode"}},
             "state.on_error",
-            "'explode' is not allowed",
-            "'local', 'open', 'closed'",
+            '"explode" is not allowed',
+            '"local", "open", "closed"',
         ),
         (
             {"deadline": {"header": ["bad header"]}},
             "deadline.header",
-            "'bad header' is not a valid header name",
+            '"bad header" is not a valid header name',
             "header name",
         ),
         (
@@ -391,20 +391,20 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"upstream": [{"retry": {"jitter": "some"}}]},
             "upstream[0].retry.jitter",
-            "'some' is not allowed",
-            "'full'",
+            '"some" is not allowed',
+            '"full"',
         ),
         (
             {"trusted_proxies": ["10.0.0.0/8", "not-a-net"]},
             "trusted_proxies",
-            "item 1: 'not-a-net' is not an IP network",
+            'item 1: "not-a-net" is not an IP network',
             "10.0.0.0/8",
         ),
         (
             {"rate_limit_headers": "sometimes"},
             "rate_limit_headers",
-            "'sometimes' is not allowed",
-            "'on_reject'",
+            '"sometimes" is not allowed',
+            '"on_reject"',
         ),
         (
             {"version": 2},
@@ -518,7 +518,7 @@ def test_duplicate_limit_names() -> None:
         )
     found = issues_of(exc)
     assert list(found) == ["rate_limit[2].name"]
-    assert "'a' is already the name of rate_limit[0]" in found["rate_limit[2].name"]
+    assert '"a" is already the name of rate_limit[0]' in found["rate_limit[2].name"]
     assert "unique" in found["rate_limit[2].name"]
 
 

@@ -294,3 +294,47 @@ def test_build_dispatches_on_the_target(tmp_path: Path):
     path.write_text('[[rate_limit]]\nname = "a"\nrate = "1/s"\n')
     assert build(str(path)).source == str(path)
     assert build("examples/app.py:app").stack
+
+
+def test_clients_on_either_fidelity_transport_are_not_bypasses(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_sync",
+        """
+        import httpx
+        from starlette.applications import Starlette
+        from fidelity_mw import (
+            FidelityMiddleware, FidelitySyncTransport, FidelityTransport, Policy,
+        )
+
+        policy = Policy.from_dict({"upstream": [{"host": "x"}]})
+        sync_client = httpx.Client(transport=FidelitySyncTransport(policy=policy))
+        async_client = httpx.AsyncClient(transport=FidelityTransport(policy=policy))
+        app = Starlette()
+        app.add_middleware(FidelityMiddleware, policy=policy)
+        """,
+    )
+    smap = from_app("mapped_sync:app")
+    assert smap.warnings == []
+    assert sorted((c.name, c.role) for c in smap.clients) == [
+        ("async_client (AsyncClient)", "fidelity"),
+        ("sync_client (Client)", "fidelity"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("jitter", "attempts", "expected"),
+    [
+        ("full", 4, "full jitter: retries wait 0..20, 0..40, 0..80 ms"),
+        ("equal", 3, "equal jitter: retries wait 10..20, 20..40 ms"),
+        ("none", 5, "no jitter: retries wait 20, 40, 80, 100 ms"),
+        ("decorrelated", 3, "first retry waits 20..60 ms"),
+        ("full", 1, "no retries"),
+    ],
+)
+def test_retry_waits_match_the_backoff_each_mode_draws(jitter: str, attempts: int, expected: str):
+    retry = {"attempts": attempts, "base_ms": 20, "max_ms": 100, "jitter": jitter}
+    smap = from_policy(Policy.from_dict({"upstream": [{"host": "x", "retry": retry}]}), "p.toml")
+    data = layer(smap, "outbound", "retry", "upstream x").data
+    assert expected in data
+    assert "20..100" not in data

@@ -16,6 +16,7 @@ from .clock import SYSTEM_CLOCK
 from .decide.gcra import policy_field
 from .headers import networks
 from .hooks import AttemptObserver, RequestObserver
+from .overrides import endpoint_overrides
 from .policy import BreakerConfig, Policy, RateLimit, RouteConfig, glob_matches
 from .routes import UNMATCHED, framework_template
 from .state.base import LimitSpec, StateStore
@@ -159,6 +160,8 @@ class Engine:
     def _build_plan(self, scope: Mapping[str, Any], method: str, path: str) -> RoutePlan:
         policy = self.policy
         route_cfg = self._route_config(method, path)
+        # breaker / deadline declared on the endpoint in code (overrides.py)
+        route_cfg = endpoint_overrides(scope, self.route_app, route_cfg)
         if route_cfg is not None:
             route = route_cfg.name or route_cfg.match
         else:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .route_list import flat_routes
+
 UNMATCHED = "!unmatched"
 
 
@@ -39,7 +41,7 @@ def framework_template(scope: Mapping[str, Any], fallback_app: object = None) ->
     try:
         route_path = _route_path(scope)
         method = scope.get("method")
-        for route in routes:
+        for route in flat_routes(routes):  # FastAPI's included routers opened up
             regex = getattr(route, "path_regex", None)
             path = getattr(route, "path", None) or getattr(route, "path_format", None)
             if regex is None or path is None:

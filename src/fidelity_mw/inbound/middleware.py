@@ -25,10 +25,11 @@ from ..context import _CURRENT, DecisionContext
 from ..engine import Engine
 from ..hooks import RequestObserver
 from ..policy import Policy
+from ..rejections import OnReject, custom_rejection, send_custom
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions
 from .request import RequestReader, scan_headers
-from .responses import Rejection, respond
+from .responses import DECIDED_BY_HEADER, Rejection, respond
 from .watch import OutcomeRecorder, ResponseWatcher, response_ends
 
 logger = logging.getLogger("fidelity_mw")
@@ -51,8 +52,11 @@ class FidelityMiddleware:
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
         telemetry: bool = True,
+        on_reject: OnReject | None = None,
     ) -> None:
         self.app = app
+        # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
+        self._on_reject = on_reject
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = self.engine.policy
         if observer is None and telemetry:
@@ -161,10 +165,20 @@ class FidelityMiddleware:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
-                ctx.status = rejection[0]
+                custom = None
+                if self._on_reject is not None:
+                    marker = (ctx.decided_by or "").encode("latin-1", "replace")
+                    custom = await custom_rejection(
+                        self._on_reject, ctx, rejection, ((DECIDED_BY_HEADER, marker),)
+                    )
+                ctx.status = rejection[0] if custom is None else custom.status_code
                 if before_end is not None:
                     response_ends(before_end, ctx, scope, obs_token)
-                await respond(send, rejection, ctx.decided_by)
+                if custom is None:
+                    await respond(send, rejection, ctx.decided_by)
+                else:
+                    own, by = rejection, ctx.decided_by
+                    await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
                 return
 
             # ---- the app, watching only the response start and its end

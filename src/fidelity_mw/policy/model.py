@@ -51,8 +51,36 @@ _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # ---------------------------------------------------------------- checks
 
 
+_TOML_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    tuple: "array",
+    dict: "table",
+    type(None): "nothing",
+}
+
+
 def _tname(value: object) -> str:
-    return type(value).__name__
+    """The value's type as TOML names it (most policies are TOML files)."""
+    return _TOML_TYPES.get(type(value), type(value).__name__)
+
+
+def _toml(value: object) -> str:
+    """A value spelled as in a TOML file (`true`, `"text"`, `[1, 2]`), for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple | set | frozenset):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
 
 
 def _is_int(value: object) -> bool:
@@ -66,7 +94,7 @@ def _is_number(value: object) -> bool:
 def int_in(lo: int, hi: int | None = None) -> Check:
     def check(value: Any) -> str | None:
         if not _is_int(value):
-            return f"expected an integer, got {_tname(value)} {value!r}"
+            return f"expected an integer, got {_tname(value)} {_toml(value)}"
         if value < lo or (hi is not None and value > hi):
             if hi is None:
                 return f"{value} is out of range: allowed {lo} or more"
@@ -79,7 +107,7 @@ def int_in(lo: int, hi: int | None = None) -> Check:
 def number_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Check:
     def check(value: Any) -> str | None:
         if not _is_number(value):
-            return f"expected a number, got {_tname(value)} {value!r}"
+            return f"expected a number, got {_tname(value)} {_toml(value)}"
         if (
             value != value
             or (lo_open and value <= lo)
@@ -106,20 +134,47 @@ def one_of(choices: Iterable[str]) -> Check:
 
     def check(value: Any) -> str | None:
         if value not in allowed:
-            return f"{value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}"
+            return f"{_toml(value)} is not allowed: choose one of {', '.join(map(_toml, allowed))}"
         return None
 
     return check
 
 
 def boolean(value: Any) -> str | None:
-    return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    return None if isinstance(value, bool) else f"expected true or false, got {_toml(value)}"
 
 
 def non_empty_str(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
-        return f"expected a non-empty string, got {value!r}"
+        return f"expected a non-empty string, got {_toml(value)}"
     return None
+
+
+def _header_safe(value: str) -> str | None:
+    """Why `value` cannot travel as an RFC 8941 sf-string (RateLimit headers), or None."""
+    for i, ch in enumerate(value, 1):
+        if not " " <= ch <= "~" or ch in '"\\':
+            code = f"U+{ord(ch):04X}"
+            shown = f"{_toml(ch)} ({code})" if ch.isprintable() else code
+            return (
+                f"{_toml(value)} has {shown} at character {i}: names are sent in "
+                'response headers, so they must be printable ASCII without " or \\'
+            )
+    return None
+
+
+def _sf_name(value: Any) -> str | None:
+    return non_empty_str(value) or _header_safe(value)
+
+
+def _key_prefix(value: Any) -> str | None:
+    problem = non_empty_str(value)
+    if problem is None and ("{" in value or "}" in value):
+        problem = (
+            f"{_toml(value)} contains a brace: the prefix becomes the Redis Cluster hash tag "
+            "{prefix}, so it may not contain { or }"
+        )
+    return problem
 
 
 def _cidrs(value: Any) -> str | None:
@@ -129,7 +184,7 @@ def _cidrs(value: Any) -> str | None:
         try:
             ipaddress.ip_network(str(item), strict=False)
         except ValueError:
-            return f"item {i}: {item!r} is not an IP network (for example '10.0.0.0/8')"
+            return f'item {i}: {_toml(item)} is not an IP network (for example "10.0.0.0/8")'
     return None
 
 
@@ -138,7 +193,7 @@ def _header_names(value: Any) -> str | None:
         return "expected a non-empty list of header names"
     for item in value:
         if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
-            return f"{item!r} is not a valid header name"
+            return f"{_toml(item)} is not a valid header name"
     return None
 
 
@@ -149,7 +204,7 @@ def _methods(value: Any) -> str | None:
         return "expected a non-empty list of HTTP methods, or leave it out for all methods"
     for item in value:
         if not isinstance(item, str) or item.upper() not in HTTP_METHODS:
-            return f"{item!r} is not an HTTP method: allowed {', '.join(HTTP_METHODS)}"
+            return f"{_toml(item)} is not an HTTP method: allowed {', '.join(HTTP_METHODS)}"
     return None
 
 
@@ -158,35 +213,47 @@ def _statuses(value: Any) -> str | None:
         return "expected a list of HTTP status codes (e.g. [502, 503]) or classes ('5xx')"
     for item in value:
         if not _is_int(item) or not 100 <= item <= 599:
-            return f"{item!r} is not an HTTP status code between 100 and 599"
+            return f"{_toml(item)} is not an HTTP status code between 100 and 599"
     return None
 
 
 def _glob(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
-        return f"expected a glob such as '/api/*', got {value!r}"
+        return f'expected a glob such as "/api/*", got {_toml(value)}'
     return None
+
+
+def _host_glob(value: Any) -> str | None:
+    problem = _glob(value)
+    if problem is None and any(not " " < ch <= "~" or ch in '"\\' for ch in value):
+        problem = (
+            f"{_toml(value)} is not a host glob: hosts are matched in their ASCII form "
+            "(write an internationalised name as xn--...), without spaces, quotes or backslashes"
+        )
+    return problem
 
 
 def parse_rate(text: str) -> tuple[int, float]:
     """'100/s' -> (100, 1.0); '5/10min' -> (5, 600.0). Raises ValueError."""
     m = _RATE_RE.match(text.lower())
     if not m:
-        raise ValueError(f"{text!r} is not a rate: write N/s, N/min, N/h or N/d (e.g. '100/s')")
+        raise ValueError(
+            f'{_toml(text)} is not a rate: write N/s, N/min, N/h or N/d (e.g. "100/s")'
+        )
     count, multiple, unit = int(m.group(1)), m.group(2), m.group(3)
     if unit not in _PERIODS:
-        raise ValueError(f"unknown period unit {unit!r} in {text!r}: use s, min, h or d")
+        raise ValueError(f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d")
     if count < 1:
-        raise ValueError(f"{text!r} admits nothing: the count must be at least 1")
+        raise ValueError(f"{_toml(text)} admits nothing: the count must be at least 1")
     periods = int(multiple) if multiple else 1
     if periods < 1:
-        raise ValueError(f"{text!r} has an empty period: the period must be at least 1 {unit}")
+        raise ValueError(f"{_toml(text)} has an empty period: the period must be at least 1 {unit}")
     return count, _PERIODS[unit] * periods
 
 
 def _rate(value: Any) -> str | None:
     if not isinstance(value, str):
-        return f"expected a string like '100/s', got {_tname(value)} {value!r}"
+        return f'expected a string like "100/s", got {_tname(value)} {_toml(value)}'
     try:
         parse_rate(value)
     except ValueError as exc:
@@ -204,7 +271,7 @@ def _key(value: Any) -> str | None:
     if value.startswith("header:") and _HEADER_NAME_RE.match(value[7:]):
         return None
     return (
-        f"{value!r} is not a key: use 'client_ip', 'header:NAME', 'route', 'global' "
+        f'{_toml(value)} is not a key: use "client_ip", "header:NAME", "route", "global" '
         "(or a callable in Python)"
     )
 
@@ -277,7 +344,7 @@ class StateConfig(_Validated):
     pool_size: int = _spec(32, int_in(1, 10_000))
     max_keys: int = _spec(100_000, int_in(16, 100_000_000))
     sync_interval_ms: int = _spec(100, int_in(1, 60_000))
-    key_prefix: str = _spec("fmw", non_empty_str)
+    key_prefix: str = _spec("fmw", _key_prefix)
 
     def _cross_checks(self) -> list[PolicyIssue]:
         schemes = (
@@ -290,7 +357,9 @@ class StateConfig(_Validated):
         )
         if isinstance(self.url, str) and not self.url.startswith(schemes):
             return [
-                PolicyIssue("url", f"{self.url!r} has an unknown scheme: use " + ", ".join(schemes))
+                PolicyIssue(
+                    "url", f"{_toml(self.url)} has an unknown scheme: use " + ", ".join(schemes)
+                )
             ]
         return []
 
@@ -366,7 +435,7 @@ class BreakerConfig(_Validated):
 class RateLimit(_Validated):
     """One limit: `rate` with `burst`, counted per `key`, on paths matching `match`."""
 
-    name: str = _spec("default", non_empty_str)
+    name: str = _spec("default", _sf_name)
     rate: str = _spec("100/s", _rate)
     burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
     cost: int = _spec(1, int_in(1, 1_000_000))
@@ -425,7 +494,7 @@ class RouteConfig(_Validated):
 
     match: str = _spec("*", _glob)
     methods: tuple[str, ...] | None = _spec(None, _methods)
-    name: str | None = _spec(None, optional(non_empty_str))
+    name: str | None = _spec(None, optional(_sf_name))
     deadline_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
     # True: the policy's [breaker]; False: no breaker; a BreakerConfig: this one.
     breaker: bool | BreakerConfig = _spec(True, None)
@@ -436,9 +505,23 @@ class RouteConfig(_Validated):
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
 
     def _cross_checks(self) -> list[PolicyIssue]:
+        issues: list[PolicyIssue] = []
         if not isinstance(self.breaker, bool | BreakerConfig):
-            return [PolicyIssue("breaker", "expected true, false or a breaker table")]
-        return []
+            issues.append(PolicyIssue("breaker", "expected true, false or a breaker table"))
+        if self.name is None and _glob(self.match) is None:
+            unsafe = _header_safe(self.match)
+            if unsafe:
+                issues.append(
+                    PolicyIssue(
+                        "match", f"{unsafe}; the route's name defaults to its match: set name"
+                    )
+                )
+        return issues
+
+    @property
+    def route_name(self) -> str:
+        """The name the route is known by: `name`, or its `match` when unnamed."""
+        return self.name or self.match
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,7 +555,7 @@ class RetryConfig(_Validated):
 class UpstreamConfig(_Validated):
     """Outbound policy for hosts matching `host` (a glob; '*' is the default)."""
 
-    host: str = _spec("*", _glob)
+    host: str = _spec("*", _host_glob)
     retry: RetryConfig = _spec(RetryConfig(), _instance(RetryConfig))
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
@@ -517,21 +600,9 @@ class Policy(_Validated):
         object.__setattr__(self, "_version", hashlib.sha256(blob.encode()).hexdigest()[:12])
 
     def _cross_checks(self) -> list[PolicyIssue]:
-        issues: list[PolicyIssue] = []
-        seen: dict[str, int] = {}
-        for i, limit in enumerate(self.rate_limits):
-            if not isinstance(limit, RateLimit):
-                continue
-            if limit.name in seen:
-                issues.append(
-                    PolicyIssue(
-                        f"rate_limit[{i}].name",
-                        f"{limit.name!r} is already the name of rate_limit[{seen[limit.name]}]: "
-                        "names must be unique (they key the counters)",
-                    )
-                )
-            seen[limit.name] = i
-        return issues
+        limits = [lim.name if isinstance(lim, RateLimit) else None for lim in self.rate_limits]
+        routes = [r.route_name if isinstance(r, RouteConfig) else None for r in self.routes]
+        return _duplicate_names(limits, routes)
 
     # ------------------------------------------------------------ loading
 
@@ -563,6 +634,9 @@ class Policy(_Validated):
         issues: list[PolicyIssue] = []
         kwargs = _read_table(cls, data, "", issues, nested=_POLICY_NESTED)
         if issues:
+            # The policy cannot be built, so its own cross-checks would not run: find
+            # duplicate names in the plain data, so every problem is reported at once.
+            issues.extend(_duplicate_names(*_raw_names(data)))
             raise PolicyError(issues)
         try:
             return cls(**kwargs)
@@ -593,6 +667,58 @@ _DEFAULT_UPSTREAM = UpstreamConfig()
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _duplicate_names(
+    limits: Iterable[str | None], routes: Iterable[str | None]
+) -> list[PolicyIssue]:
+    """Names key the counters (limits) and the breakers (routes): two entries sharing
+    one would share, and keep resetting, each other's state."""
+    issues: list[PolicyIssue] = []
+    for table, names, why in (
+        ("rate_limit", limits, "names must be unique (they key the counters)"),
+        (
+            "route",
+            routes,
+            "names must be unique (they key the route's breaker); "
+            "a route without a name is named by its match: set name",
+        ),
+    ):
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name is None:
+                continue
+            if name in seen:
+                issues.append(
+                    PolicyIssue(
+                        f"{table}[{i}].name",
+                        f"{_toml(name)} is already the name of {table}[{seen[name]}]: {why}",
+                    )
+                )
+            else:
+                seen[name] = i
+    return issues
+
+
+def _raw_names(data: Mapping[str, Any]) -> tuple[list[str | None], list[str | None]]:
+    """The names of limits and routes as plain data gives them (defaults applied)."""
+
+    def entries(key: str) -> list[Any]:
+        value = data.get(key, [])
+        return [value] if isinstance(value, Mapping) else value if isinstance(value, list) else []
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    limits = [
+        text(item.get("name", "default")) if isinstance(item, Mapping) else None
+        for item in entries("rate_limit")
+    ]
+    routes = [
+        text(item.get("name") or item.get("match", "*")) if isinstance(item, Mapping) else None
+        for item in entries("route")
+    ]
+    return limits, routes
 
 
 def _plain(obj: Any) -> Any:
@@ -740,7 +866,7 @@ def _read_nested(
         enabled = value["enabled"]
         if not isinstance(enabled, bool):
             issues.append(
-                PolicyIssue(f"{where}.enabled", f"expected true or false, got {enabled!r}")
+                PolicyIssue(f"{where}.enabled", f"expected true or false, got {_toml(enabled)}")
             )
             return None
         if not enabled:
@@ -751,7 +877,7 @@ def _read_nested(
 
 def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
     if not isinstance(value, Mapping):
-        issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {value!r}"))
+        issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {_toml(value)}"))
         return None
     before = len(issues)
     kwargs = _read_table(cls, value, where, issues, nested)

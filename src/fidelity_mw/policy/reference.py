@@ -162,7 +162,8 @@ DESCRIPTIONS: dict[str, str] = {
     # [[route]]
     "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
     "route.methods": "Only these HTTP methods; leave it out for all.",
-    "route.name": "Name of the route in decisions, traces and breaker keys; defaults to `match`.",
+    "route.name": "Unique name of the route in decisions, traces and breaker keys; defaults "
+    "to `match`.",
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
     "route's own breaker.",
@@ -250,6 +251,9 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
+        "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
+        "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
+        "_key_prefix": "non-empty string without `{` or `}`",
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
     }

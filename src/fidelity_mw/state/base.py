@@ -10,6 +10,7 @@ from ..decide.breaker import Gate
 from ..decide.gcra import LimitVerdict
 from ..decide.specs import LimitSpec as LimitSpec
 from ..policy import BreakerConfig, RetryConfig
+from .snapshot import SnapshotConfigs, StoreSnapshot
 
 
 class InboundResult(NamedTuple):
@@ -168,3 +169,18 @@ class StateStore(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. The memory store holds none."""
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """A read-only view of the state for the live state page (`state/snapshot.py`).
+
+        `top`: how many limiter keys to list (the busiest). `configs`: breaker and
+        retry configs by key, for stores that hold windows only as numbers.
+        """
+        return StoreSnapshot(
+            kind=type(self).__name__,
+            source=self.source,
+            age_s=0.0,
+            notes=("this store offers no snapshot of its state",),
+        )

@@ -14,6 +14,7 @@ from ..decide.breaker import Gate
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
+from .snapshot import SnapshotConfigs, StoreSnapshot, local_snapshot
 
 __all__ = ["GcraTable", "MemoryStore"]
 
@@ -71,3 +72,9 @@ class MemoryStore(LocalState, StateStore):
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         return self.budget_try_retry_now(budget_key, cfg, now)
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """Everything this store holds, aged to `now` (the live page's view; decides nothing)."""
+        return local_snapshot(self, "memory", now, top)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -69,6 +70,14 @@ from .base import InboundResult, LimitSpec, StateStore
 from .local import LocalState
 from .redis_batch import Coalescer
 from .scripts import Script, load_script
+from .snapshot import (
+    BreakerView,
+    BudgetView,
+    SnapshotConfigs,
+    StoreSnapshot,
+    local_snapshot,
+    top_limiter_keys,
+)
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -850,6 +859,106 @@ class RedisStore(StateStore):
         if mine is not None:
             await _close_client(mine[0])
 
+    # ------------------------------------------------------------ read-only view
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """The fleet's state for the keys this instance has used (Redis names keys by
+        hash, so it cannot list anyone else's); the local fallback while Redis is down."""
+        configs = configs or SnapshotConfigs()
+        stats = self.stats
+        parts = urlsplit(redis_url(self.url)[0])
+        detail: dict[str, Any] = {
+            "server": f"{parts.hostname or parts.path}:{parts.port or ''}".rstrip(":"),
+            "up": self.health.up,
+            "on_error": self.on_error,
+            "round_trips": stats.round_trips,
+            "errors": stats.errors,
+            "fallbacks": stats.fallbacks,
+            "outages": stats.outages,
+        }
+        breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
+        budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
+        limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]
+        note = "keys this instance has used; Redis stores them by hash only"
+        if not self.health.up:
+            return self._fallback_snapshot(now, top, detail, "redis is unreachable")
+        started = self._clock.monotonic()
+        try:
+            pipe = self.client().pipeline(transaction=False)
+            pipe.execute_command("TIME")
+            for key in breaker_keys:
+                hkey, pkey = self.breaker_keys(key)
+                pipe.execute_command("HMGET", hkey, "st", "ep", "ou", "oa", "co", "be", "w")
+                pipe.execute_command("ZCARD", pkey)
+            for key in budget_keys:
+                pipe.execute_command("HMGET", self.key("bu", key), "be", "ix", "rq", "rt")
+            for key in limit_keys:
+                pipe.execute_command("GET", self.key("rl", key))
+            async with asyncio.timeout(self._timeout_s * 4):
+                replies = list(await pipe.execute())
+        except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
+            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
+        age = (self._clock.monotonic() - started) / 2.0
+        server = float(replies[0][0]) + float(replies[0][1]) / 1e6
+        i = 1
+        breakers = []
+        for key in breaker_keys:
+            fields, probes = replies[i], replies[i + 1]
+            i += 2
+            if fields[0] is None:
+                continue  # expired or never written
+            breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+        budgets = []
+        for key in budget_keys:
+            fields = replies[i]
+            i += 1
+            if fields[0] is not None:
+                budgets.append(_redis_budget_view(key, fields, server, configs, age))
+        tats = {
+            key: float(reply)
+            for key, reply in zip(limit_keys, replies[i:], strict=True)
+            if reply is not None
+        }
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_REDIS,
+            age_s=age,
+            breakers=tuple(breakers),
+            limiter_keys=top_limiter_keys(tats, server, top, SOURCE_REDIS, age),
+            limiter_key_count=len(tats),
+            budgets=tuple(budgets),
+            detail=detail,
+            notes=(note,),
+        )
+
+    def _fallback_snapshot(
+        self, now: float, top: int, detail: dict[str, Any], why: str
+    ) -> StoreSnapshot:
+        local = local_snapshot(self.local, "redis", now, top)
+        age = self.fallback_age()
+        return StoreSnapshot(
+            kind="redis",
+            source=SOURCE_FALLBACK,
+            age_s=age,
+            breakers=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.breakers
+            ),
+            limiter_keys=tuple(
+                dataclasses.replace(k, source=SOURCE_FALLBACK, age_s=age)
+                for k in local.limiter_keys
+            ),
+            limiter_key_count=local.limiter_key_count,
+            budgets=tuple(
+                dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.budgets
+            ),
+            detail=detail,
+            notes=(
+                f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
+            ),
+        )
+
 
 async def _close_client(client: RedisClient) -> None:
     with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
@@ -901,3 +1010,69 @@ def parse_admit(
             for i in range(7, 7 + 4 * n_limits, 4)
         )
     return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+
+
+# ---------------------------------------------------------------- snapshot views
+
+_SNAPSHOT_MAX_KEYS: Final = 5_000
+_BUCKETS: Final = 10
+
+
+def _redis_breaker_view(
+    key: str,
+    fields: Sequence[Any],
+    probes: Any,
+    server: float,
+    configs: SnapshotConfigs,
+    age: float,
+) -> BreakerView:
+    """A breaker hash (see lib.lua) aged to the server's `TIME`, as br_rotate would."""
+    state = _text(fields[0])
+    epoch = int(fields[1] or 0)
+    open_until = float(fields[2] or 0.0)
+    opened_at = float(fields[3] or 0.0)
+    consecutive = int(fields[4] or 0)
+    bucket_end = float(fields[5] or 0.0)
+    window = [int(n) for n in _text(fields[6]).split(",")] if fields[6] else []
+    if len(window) != 3 * _BUCKETS:
+        window = [0] * (3 * _BUCKETS)
+    cfg = configs.breaker(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.window_s / _BUCKETS)) + 1
+        window = [0] * (3 * _BUCKETS) if steps >= _BUCKETS else window[3 * steps :]
+    calls, failures, slow = (sum(window[j::3]) for j in range(3))
+    since = server - opened_at if state == "open" else None
+    retry_after = max(0.0, open_until - server) if state == "open" else 0.0
+    return BreakerView(
+        key,
+        state,
+        epoch,
+        since,
+        calls,
+        failures,
+        slow,
+        consecutive,
+        int(probes or 0),
+        retry_after,
+        SOURCE_REDIS,
+        age,
+    )
+
+
+def _redis_budget_view(
+    key: str, fields: Sequence[Any], server: float, configs: SnapshotConfigs, age: float
+) -> BudgetView:
+    """A budget hash (see outbound.lua) aged to the server's `TIME`, as bu_rotate would."""
+    bucket_end = float(fields[0] or 0.0)
+    index = int(fields[1] or 0)
+    requests = [int(n) for n in _text(fields[2]).split(",")] if fields[2] else []
+    retries = [int(n) for n in _text(fields[3]).split(",")] if fields[3] else []
+    if len(requests) != _BUCKETS or len(retries) != _BUCKETS:
+        requests, retries = [0] * _BUCKETS, [0] * _BUCKETS
+    cfg = configs.retry(key)
+    if cfg is not None and bucket_end and server >= bucket_end:
+        steps = int((server - bucket_end) / (cfg.budget_window_s / _BUCKETS)) + 1
+        for _ in range(min(steps, _BUCKETS)):
+            index = (index + 1) % _BUCKETS
+            requests[index] = retries[index] = 0
+    return BudgetView(key, sum(requests), sum(retries), SOURCE_REDIS, age)

@@ -47,6 +47,7 @@ from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
+from .snapshot import BreakerView, LimiterKeyView, SnapshotConfigs, StoreSnapshot
 
 SOURCE_CACHE: Final = "cache"
 
@@ -681,6 +682,71 @@ class TieredStore(StateStore):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.exact.aclose()
+
+    # ------------------------------------------------------------ read-only view
+
+    async def snapshot(
+        self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
+    ) -> StoreSnapshot:
+        """What this instance decides on (cached breakers, leased slices), and the exact
+        fleet state underneath (`layers`)."""
+        for key in list(self.breakers):  # name the keys this instance syncs to the exact view
+            self.exact.breaker_keys(key)
+        for key in list(self.slices):
+            self.exact.key("rl", key)
+        exact = await self.exact.snapshot(now, top=top, configs=configs)
+        breakers = tuple(
+            BreakerView(
+                key,
+                cb.state,
+                cb.epoch,
+                None,
+                cb.calls,
+                cb.failures,
+                cb.slow,
+                0,
+                0,
+                max(0.0, cb.open_until - now) if cb.state != CLOSED else 0.0,
+                SOURCE_CACHE,
+                max(0.0, now - cb.synced_at),
+            )
+            for key, cb in list(self.breakers.items())
+            if cb.synced_at > -math.inf  # never synced: nothing to show yet
+        )
+        slices = []
+        for key, sl in list(self.slices.items()):
+            used = max(0, sl.burst_units - sl.remaining - sl.tokens)
+            slices.append(
+                LimiterKeyView(
+                    key,
+                    used * sl.spec.interval_s,
+                    SOURCE_CACHE,
+                    max(0.0, now - sl.synced_at),
+                    held=sl.tokens,
+                )
+            )
+        slices.sort(key=lambda view: view.backlog_s, reverse=True)
+        ages = [b.age_s for b in breakers] + [v.age_s for v in slices]
+        stats = self.stats
+        return StoreSnapshot(
+            kind="tiered",
+            source=SOURCE_CACHE,
+            age_s=max(ages, default=0.0),
+            breakers=breakers,
+            limiter_keys=tuple(slices[:top]),
+            limiter_key_count=len(slices),
+            budgets=exact.budgets,
+            detail={
+                "sync_interval_ms": self.config.sync_interval_ms,
+                "requests": stats.requests,
+                "decided_locally": stats.local,
+                "waited_for_redis": stats.waited,
+                "delegated_exact": stats.delegated,
+                "syncs": stats.syncs,
+            },
+            notes=("breakers and slices as this instance last synced them",),
+            layers=(exact,),
+        )
 
 
 def _text(value: Any) -> str:

@@ -11,13 +11,17 @@ run) and reports, with file and line:
 - uses of the objects those create (`@limiter.limit("5/minute")`,
   `@breaker`, `breaker.call(f)`), with the route path when one is declared,
   also in other scanned modules that import them;
-- hand-written retry loops: a `for`/`while` loop whose body has a `try`
-  around a call, with a `sleep` in an `except` branch. A loop that sleeps
-  without an `except` (polling) and an `except` that sleeps outside a loop
-  are not retries and are not flagged.
+- hand-written retry loops, by what they do (see `retryloops`): a loop that
+  makes the same call again after catching its failure or checking its
+  status, and leaves on success, with or without a sleep.
 
-Each finding names the fidelity_mw policy key that replaces it. A line that
-ends with `# fidelity-mw: ignore` is skipped.
+Retries configured off (`Retry(total=0)`, `stop_after_attempt(1)`,
+`max_retries=0`...) are not reported. Each finding carries a confidence and a
+remedy that fits the client library in use: FidelityTransport wraps httpx
+only, so requests, urllib3 and aiohttp calls are told to turn their retries
+off and move to httpx, or to be marked out of scope; a library's own retry
+setting is told to be set to zero rather than replaced. A line that ends with
+`# fidelity-mw: ignore` is skipped.
 """
 
 from __future__ import annotations
@@ -30,15 +34,36 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .retryloops import HIGH, LOW, MEDIUM, LoopReader, LoopVerdict, sleeping_functions
+
 RETRY = "retry"
 BREAKER = "breaker"
 LIMITER = "limiter"
 KINDS = (RETRY, BREAKER, LIMITER)
 
+CONFIDENCES = (HIGH, MEDIUM, LOW)
+FIDELITY_RETRY = "upstream[].retry (attempts, base_ms, max_ms, jitter) via FidelityTransport"
 REPLACE = {
-    RETRY: "upstream[].retry (attempts, base_ms, max_ms, jitter) via FidelityTransport",
+    RETRY: FIDELITY_RETRY,
     BREAKER: "upstream[].breaker (outbound) or breaker / route[].breaker (inbound)",
     LIMITER: "rate_limit[] (rate, burst, key, match)",
+}
+HTTP_LIBRARIES = ("httpx", "requests", "urllib3", "aiohttp")
+# What to do with a retry, by the client library its calls go through.
+RETRY_REMEDY: dict[str | None, str] = {
+    "httpx": FIDELITY_RETRY,
+    "requests": "requests cannot go through FidelityTransport (httpx only): turn these "
+    "retries off (max_retries=0 / Retry(total=0)) and move the call to httpx with "
+    "FidelityTransport and upstream[].retry, or mark it out of scope (# fidelity-mw: ignore)",
+    "urllib3": "urllib3 cannot go through FidelityTransport (httpx only): turn these "
+    "retries off (Retry(total=0)) and move the call to httpx with FidelityTransport and "
+    "upstream[].retry, or mark it out of scope (# fidelity-mw: ignore)",
+    "aiohttp": "aiohttp cannot go through FidelityTransport (httpx only): move the call to "
+    "httpx.AsyncClient with FidelityTransport and upstream[].retry, or mark it out of "
+    "scope (# fidelity-mw: ignore)",
+    None: "no httpx call seen: FidelityTransport only owns httpx calls; if this is HTTP, "
+    "move it to httpx with FidelityTransport and upstream[].retry, otherwise mark it out "
+    "of scope (# fidelity-mw: ignore)",
 }
 
 DEFAULT_EXCLUDES = (
@@ -148,6 +173,15 @@ KEYWORD_RETRIES = {
     "httpx.AsyncHTTPTransport": ("retries", "httpx"),
     "requests.adapters.HTTPAdapter": ("max_retries", "requests"),
 }
+# SDK clients that retry on their own unless told not to: (keyword, library, default).
+SDK_RETRIES = {
+    f"{pkg}.{cls}": ("max_retries", pkg, 2)
+    for pkg, classes in (
+        ("openai", ("OpenAI", "AsyncOpenAI", "AzureOpenAI", "AsyncAzureOpenAI")),
+        ("anthropic", ("Anthropic", "AsyncAnthropic")),
+    )
+    for cls in classes
+}
 # Methods of library objects that apply them (decorators or calls).
 INSTANCE_METHODS = {
     LIMITER: {"limit", "shared_limit", "hit", "test", "exempt"},
@@ -167,6 +201,10 @@ ROUTE_DECORATORS = {
 }
 
 
+# Class methods that build (or set up) what their class does.
+_FACTORIES = (".from_int", ".init")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditFinding:
     file: str
@@ -175,9 +213,13 @@ class AuditFinding:
     library: str  # tenacity, ..., or "hand-written"
     what: str
     replace_with: str
+    confidence: str = HIGH  # high | medium | low: how sure the scan is that this is one
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.kind}: {self.what} -> {self.replace_with}"
+        return (
+            f"{self.file}:{self.line}: {self.kind} ({self.confidence}): {self.what} -> "
+            f"{self.replace_with}"
+        )
 
 
 @dataclass
@@ -185,6 +227,11 @@ class AuditReport:
     findings: list[AuditFinding] = field(default_factory=list)
     scanned: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def keep_at_least(self, confidence: str) -> None:
+        """Drop findings less sure than `confidence` (high > medium > low)."""
+        floor = CONFIDENCES.index(confidence)
+        self.findings = [f for f in self.findings if CONFIDENCES.index(f.confidence) <= floor]
 
     def counts(self) -> dict[str, int]:
         counter = Counter(f.kind for f in self.findings)
@@ -273,7 +320,7 @@ def audit_tree(
     module: str = "",
     shared: dict[str, Rule] | None = None,
 ) -> list[AuditFinding]:
-    scanner = _Scanner(filename, module, shared)
+    scanner = _Scanner(filename, module, shared, sleeping_functions(tree))
     scanner.collect_imports(tree)
     scanner.visit(tree)
     lines = source.splitlines()
@@ -323,9 +370,14 @@ def _short(node: ast.AST) -> str:
 
 class _Scanner(ast.NodeVisitor):
     def __init__(
-        self, filename: str, module: str = "", shared: dict[str, Rule] | None = None
+        self,
+        filename: str,
+        module: str = "",
+        shared: dict[str, Rule] | None = None,
+        sleepers: set[str] | None = None,
     ) -> None:
         self.filename = filename
+        self.loops = LoopReader(self.resolve, sleepers or set())
         self.module = module
         self.is_package = Path(filename).name == "__init__.py"
         # `module.name` -> rule, for library objects bound at module level, across files
@@ -416,13 +468,64 @@ class _Scanner(ast.NodeVisitor):
 
     # ------------------------------------------------------------ reporting
 
-    def report(self, node: ast.AST, rule: Rule, what: str, extra: str = "") -> None:
-        replace = REPLACE[rule.kind] + (f"; {extra}" if extra else "")
+    def report(
+        self,
+        node: ast.AST,
+        rule: Rule,
+        what: str,
+        extra: str = "",
+        *,
+        region: ast.AST | None = None,
+        confidence: str = HIGH,
+        remedy: str | None = None,
+    ) -> None:
+        if remedy is None:
+            remedy = self.remedy(rule, region)
+        replace = remedy + (f"; {extra}" if extra else "")
         self.findings.append(
             AuditFinding(
-                self.filename, getattr(node, "lineno", 0), rule.kind, rule.library, what, replace
+                self.filename,
+                getattr(node, "lineno", 0),
+                rule.kind,
+                rule.library,
+                what,
+                replace,
+                confidence,
             )
         )
+
+    def remedy(self, rule: Rule, region: ast.AST | None) -> str:
+        if rule.kind != RETRY:
+            return REPLACE[rule.kind]
+        if rule.library in ("requests", "urllib3"):
+            return RETRY_REMEDY[rule.library]
+        if rule.library == "httpx":
+            return "set retries=0 on this transport and wrap it in FidelityTransport: " + (
+                FIDELITY_RETRY.removesuffix(" via FidelityTransport")
+            )
+        if rule.library == "httpx-retries":
+            return FIDELITY_RETRY + " in place of RetryTransport"
+        return RETRY_REMEDY[self.client_library(region)]
+
+    def client_library(self, region: ast.AST | None) -> str | None:
+        """The HTTP client a piece of code calls through: its own calls first, then
+        the one HTTP client the module imports (None when unknown or several)."""
+        if region is not None:
+            seen = {
+                (self.resolve(node) or "").split(".")[0]
+                for node in ast.walk(region)
+                if isinstance(node, ast.Name | ast.Attribute)
+            } & set(HTTP_LIBRARIES)
+            if "urllib3" in seen and "requests" in seen:
+                seen.discard("urllib3")
+            if len(seen) == 1:
+                return seen.pop()
+            if seen:
+                return None
+        imported = {v.split(".")[0] for v in self.aliases.values()} & set(HTTP_LIBRARIES)
+        if "urllib3" in imported and "requests" in imported:
+            imported.discard("urllib3")
+        return imported.pop() if len(imported) == 1 else None
 
     def _mark(self, node: ast.AST) -> None:
         for sub in ast.walk(node):
@@ -456,7 +559,8 @@ class _Scanner(ast.NodeVisitor):
         found = self.rule_for(self.resolve(target))
         if found is not None:
             _, rule = found
-            self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}")
+            if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
+                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", region=fn)
             self._mark(target)
             self.handled.add(id(deco))
         else:
@@ -495,13 +599,14 @@ class _Scanner(ast.NodeVisitor):
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
         if node.value is not None:
             self._bind([node.target], node.value)
-        self.generic_visit(node)
+            self.visit(node.value)
+        self.visit(node.target)  # the annotation names a type; it sets up nothing
 
     def _bind(self, targets: list[ast.expr], value: ast.expr) -> None:
         if not isinstance(value, ast.Call):
             return
         found = self.rule_for(self.resolve(value.func))
-        if found is None:
+        if found is None or self.configured_off(value):
             return
         for target in targets:
             text = _target_text(target)
@@ -509,15 +614,24 @@ class _Scanner(ast.NodeVisitor):
                 self.instances[text] = found[1]
 
     def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass"):
+            for arg in node.args[1:]:
+                self._mark(arg)  # a type check sets up nothing
         if id(node) not in self.handled:
             name = self.resolve(node.func)
             found = self.rule_for(name)
-            if found is not None:
+            if found is not None and name and name != found[0] and not name.endswith(_FACTORIES):
+                self._mark(node.func)  # `Retry.DEFAULT_ALLOWED_METHODS.union(...)`: a constant
+            elif found is not None:
                 _, rule = found
-                self.report(node, rule, f"{rule.library} {_short(node)}")
+                if not self.configured_off(node):
+                    region = self.function[-1] if self.function else None
+                    self.report(node, rule, f"{rule.library} {_short(node)}", region=region)
                 self._mark(node.func)
             elif name in KEYWORD_RETRIES:
                 self._keyword_retries(node, name)
+            elif name in SDK_RETRIES:
+                self._sdk_retries(node, name)
             else:
                 inst = self._instance_use(node.func, decorator=False)
                 if inst is not None:
@@ -538,8 +652,67 @@ class _Scanner(ast.NodeVisitor):
                 isinstance(kw.value, ast.Call) and self.rule_for(self.resolve(kw.value.func))
             ) or _target_text(kw.value) in self.instances:
                 return  # max_retries=Retry(...): reported where the Retry is made
-            self.report(node, Rule(RETRY, library), f"{library} {_short(node)}")
+            confidence = HIGH if value is not _NOT_LITERAL else MEDIUM
+            self.report(
+                node, Rule(RETRY, library), f"{library} {_short(node)}", confidence=confidence
+            )
             self._mark(node.func)
+
+    def _sdk_retries(self, node: ast.Call, name: str) -> None:
+        """An SDK client that retries by itself: its own retry setting, not a layer to
+        replace by upstream[].retry; turned off, FidelityTransport can own the retries."""
+        keyword, library, default = SDK_RETRIES[name]
+        given = next((kw.value for kw in node.keywords if kw.arg == keyword), None)
+        value = _literal(given) if given is not None else default
+        if value == 0 or value is False:
+            return
+        told = "" if given is not None else f" (retries {default} times by default)"
+        self.report(
+            node,
+            Rule(RETRY, library),
+            f"{library} client{told} {_short(node)}",
+            confidence=HIGH if given is not None else MEDIUM,
+            remedy=f"{library}'s own retry setting: set {keyword}=0 and pass "
+            "http_client=httpx.Client(transport=FidelitySyncTransport()) (or an AsyncClient "
+            "with FidelityTransport) so upstream[].retry decides; never both",
+        )
+        self._mark(node.func)
+
+    def configured_off(self, call: ast.Call) -> bool:
+        """A retry library call whose own settings make it never retry."""
+        name = self.resolve(call.func) or ""
+        found = self.rule_for(name)
+        if found is None:
+            return False
+        library = found[1].library
+        kw = {k.arg: k.value for k in call.keywords if k.arg}
+        value = {k: _literal(v) for k, v in kw.items()}
+        if library == "urllib3":
+            total = value.get("total", _literal(call.args[0]) if call.args else 10)
+            if name.endswith(".from_int"):
+                return bool(call.args) and _literal(call.args[0]) in (0, False)
+            if total == 0 or total is False:
+                return True
+            return total is None and all(
+                value.get(k) in (0, False) for k in ("connect", "read", "status")
+            )
+        if library == "tenacity":
+            stop, retry = kw.get("stop"), kw.get("retry")
+            if isinstance(stop, ast.Call) and (self.resolve(stop.func) or "").endswith(
+                "stop_after_attempt"
+            ):
+                return bool(stop.args) and _literal(stop.args[0]) in (0, 1)
+            return retry is not None and (self.resolve(retry) or "").endswith("retry_never")
+        if library == "backoff":
+            return value.get("max_tries") in (0, 1)
+        if library == "stamina":
+            return value.get("attempts") in (0, 1)
+        if library == "httpx-retries":
+            retry = kw.get("retry")
+            return isinstance(retry, ast.Call) and any(
+                k.arg == "total" and _literal(k.value) == 0 for k in retry.keywords
+            )
+        return False
 
     def visit_Name(self, node: ast.Name) -> None:
         self._reference(node)
@@ -552,9 +725,13 @@ class _Scanner(ast.NodeVisitor):
         """A bare reference such as `app.add_middleware(SlowAPIMiddleware)`."""
         if id(node) in self.handled or not isinstance(node.ctx, ast.Load):
             return False
-        found = self.rule_for(self.resolve(node))
+        name = self.resolve(node)
+        found = self.rule_for(name)
         if found is None:
             return False
+        if found[0] != name:
+            self._mark(node)  # `Retry.DEFAULT_ALLOWED_METHODS`: a constant of the library
+            return True
         _, rule = found
         self.report(node, rule, f"{rule.library} {_short(node)}")
         self._mark(node)
@@ -573,37 +750,61 @@ class _Scanner(ast.NodeVisitor):
         self.generic_visit(node)
 
     def _loop(self, node: ast.For | ast.AsyncFor | ast.While) -> None:
-        """A loop whose body tries a call and sleeps in an except branch."""
-        for try_node in _own_nodes(node.body, ast.Try, ast.TryStar):
-            assert isinstance(try_node, ast.Try | ast.TryStar)
-            if not any(isinstance(n, ast.Call) for n in _walk_own(try_node.body)):
-                continue
-            for handler in try_node.handlers:
-                sleep = next(
-                    (
-                        n
-                        for n in _walk_own(handler.body)
-                        if isinstance(n, ast.Call) and self._is_sleep(n)
-                    ),
-                    None,
-                )
-                if sleep is not None:
-                    loop = type(node).__name__.lower().replace("async", "async ")
-                    where = f" in {self.function[-1].name}()" if self.function else ""
-                    self.report(
-                        node,
-                        Rule(RETRY, "hand-written"),
-                        f"{loop} loop{where} retries a call: {_short(sleep)} in an except "
-                        f"branch (line {sleep.lineno})",
-                    )
-                    return
+        """A hand-written retry loop (see `retryloops` for what counts)."""
+        verdict = self.loops.read(node, self._params(), self._is_library_call)
+        if verdict is None:
+            return
+        loop = type(node).__name__.lower().replace("async", "async ")
+        where = f" in {self.function[-1].name}()" if self.function else ""
+        how = (
+            "after catching its failure" if verdict.how == "caught" else "after checking its status"
+        )
+        attempt_line = getattr(_first_call(verdict.attempt), "lineno", node.lineno)
+        wait = (
+            f"waits with {_short(verdict.sleep)} (line {verdict.sleep.lineno})"
+            if verdict.sleep is not None
+            else "no wait between attempts"
+        )
+        self.report(
+            node,
+            Rule(RETRY, "hand-written"),
+            f"{loop} loop{where} retries a call {how} (line {attempt_line}); {wait}",
+            confidence=verdict.confidence,
+            remedy=self._loop_remedy(verdict, node),
+        )
 
-    def _is_sleep(self, call: ast.Call) -> bool:
-        """`time.sleep`, `asyncio.sleep`, `anyio.sleep`..., or any callee named like a sleep
-        (`self._sleep`, an injected `clock.sleep`)."""
-        func = call.func
-        name = self.resolve(func) or _target_text(func) or ""
-        return "sleep" in name.rsplit(".", 1)[-1].lower()
+    def _loop_remedy(self, verdict: LoopVerdict, node: ast.AST) -> str:
+        library = self.client_library(node)
+        base = RETRY_REMEDY[library]
+        if verdict.configurable is None:
+            return base if library != "httpx" else "remove the loop; " + base
+        knob = verdict.configurable
+        if library in ("httpx", None):
+            return (
+                f"a retry setting of this code ({knob}): callers on fidelity_mw set {knob}=0 "
+                f"and send through FidelityTransport, where {FIDELITY_RETRY.split(' via')[0]} "
+                "decides; never both"
+            )
+        return f"a retry setting of this code ({knob}): callers on fidelity_mw set {knob}=0; {base}"
+
+    def _params(self) -> set[str]:
+        if not self.function:
+            return set()
+        args = self.function[-1].args
+        return {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+
+    def _is_library_call(self, node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and (
+            self.rule_for(self.resolve(node.func)) is not None
+            or self._instance_use(node.func, decorator=False) is not None
+        )
+
+
+def _first_call(node: ast.AST) -> ast.AST:
+    if isinstance(node, ast.Call):
+        return node
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+    return min(calls, key=lambda c: (c.lineno, c.col_offset)) if calls else node
 
 
 def _walk_own(body: Sequence[ast.stmt]) -> Iterator[ast.AST]:

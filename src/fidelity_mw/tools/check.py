@@ -8,12 +8,14 @@ earlier, broader entry always matches first (first match wins).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import PolicyError
-from ..policy import Policy, RouteConfig, UpstreamConfig
+from ..policy import Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 
 
@@ -63,7 +65,7 @@ def check_file(path: str | Path) -> CheckResult:
     text = Path(path).read_text(encoding="utf-8")
     result = CheckResult(name)
     try:
-        tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         pos = toml_error_position(str(exc))
         line = pos[0] if pos else None
@@ -75,19 +77,86 @@ def check_file(path: str | Path) -> CheckResult:
     except PolicyError as exc:
         for issue in exc.issues:
             result.errors.append(Finding(name, _line(lines, issue.path), issue.path, issue.message))
+        # the warnings too, from the plain data: every problem in one run
+        result.warnings.extend(_shadowed(name, lines, *_entries_from_data(data)))
         return result
-    result.warnings.extend(_shadowed(name, lines, result.policy))
+    policy = result.policy
+    routes: list[Entry | None] = [(r.match, r.methods) for r in policy.routes]
+    hosts: list[str | None] = [u.host for u in policy.upstreams]
+    result.warnings.extend(_shadowed(name, lines, routes, hosts))
     return result
+
+
+# A route as shadowing sees it: its glob and its methods (None: every method).
+Entry = tuple[str, tuple[str, ...] | None]
+
+
+def _entries_from_data(data: dict[str, Any]) -> tuple[list[Entry | None], list[str | None]]:
+    """Routes and upstream hosts of an invalid policy, as far as they can be read
+    (None for an entry whose glob or methods are not usable)."""
+
+    def items(key: str) -> list[Any]:
+        value = data.get(key, [])
+        return [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+
+    routes: list[Entry | None] = []
+    for item in items("route"):
+        match = item.get("match", "*") if isinstance(item, dict) else None
+        methods = item.get("methods") if isinstance(item, dict) else None
+        if not isinstance(match, str) or not match:
+            routes.append(None)
+        elif methods is None:
+            routes.append((match, None))
+        elif isinstance(methods, list) and all(isinstance(m, str) for m in methods):
+            routes.append((match, tuple(m.upper() for m in methods)))
+        else:
+            routes.append(None)
+    hosts: list[str | None] = []
+    for item in items("upstream"):
+        host = item.get("host", "*") if isinstance(item, dict) else None
+        hosts.append(host if isinstance(host, str) and host else None)
+    return routes, hosts
 
 
 def _line(lines: KeyLines, path: str) -> int | None:
     return lines.line_for(path) if path else None
 
 
+def glob_covers(broad: str, narrow: str) -> bool:
+    """True when every text `narrow` matches is matched by `broad` too.
+
+    Both are policy globs (`*` any run, `?` one character). The walk pairs the
+    broad pattern against the narrow one symbol by symbol: a broad `*` absorbs
+    any run of narrow symbols (its `*`s included), a broad `?` needs exactly
+    one narrow character (a literal or `?`), a literal needs the same literal.
+    It never claims cover that does not hold, so a warning built on it is
+    never a false alarm.
+    """
+    a, b = _squash(broad), _squash(narrow)
+    # reach[j]: broad[:i] can produce everything narrow[:j] produces
+    reach = [True] + [False] * len(b)
+    for sym in a:
+        nxt = [False] * (len(b) + 1)
+        for j in range(len(b) + 1):
+            if sym == "*":
+                nxt[j] = reach[j] or (j > 0 and nxt[j - 1])
+            elif j > 0 and reach[j - 1] and b[j - 1] != "*":
+                nxt[j] = sym == "?" or sym == b[j - 1]
+        reach = nxt
+    return reach[-1]
+
+
+def _squash(glob: str) -> str:
+    """Runs of `*` match what one `*` matches."""
+    while "**" in glob:
+        glob = glob.replace("**", "*")
+    return glob
+
+
 def _covers(
     first_glob: str, first_methods: tuple[str, ...] | None, glob: str, methods: object
 ) -> bool:
-    if first_glob not in ("*", glob):
+    if not glob_covers(first_glob, glob):
         return False
     if first_methods is None:
         return True
@@ -96,42 +165,60 @@ def _covers(
     return set(methods) <= set(first_methods)
 
 
-def _shadowed(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+def _shadowed(
+    name: str, lines: KeyLines, routes: list[Entry | None], upstreams: list[str | None]
+) -> list[Finding]:
     """Entries that can never match because an earlier entry matches everything they do."""
     out: list[Finding] = []
-    routes: tuple[RouteConfig, ...] = policy.routes
     for i, route in enumerate(routes):
         for j in range(i):
             earlier = routes[j]
-            if _covers(earlier.match, earlier.methods, route.match, route.methods):
+            if route is None or earlier is None:
+                continue
+            if _covers(earlier[0], earlier[1], route[0], route[1]):
                 path = f"route[{i}].match"
                 out.append(
                     Finding(
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: route[{j}] (match {earlier.match!r}) comes first and "
-                        "matches every request this one would (first match wins); "
+                        f"never used: route[{j}] (match {json.dumps(earlier[0])}) comes "
+                        "first and matches every request this one would (first match wins); "
                         "move the narrower route up",
                         "warning",
                     )
                 )
                 break
-    upstreams: tuple[UpstreamConfig, ...] = policy.upstreams
     for i, upstream in enumerate(upstreams):
         for j in range(i):
-            if upstreams[j].host in ("*", upstream.host):
+            earlier_host = upstreams[j]
+            if upstream is None or earlier_host is None:
+                continue
+            if glob_covers(earlier_host, upstream):
                 path = f"upstream[{i}].host"
                 out.append(
                     Finding(
                         name,
                         lines.line_for(path),
                         path,
-                        f"never used: upstream[{j}] (host {upstreams[j].host!r}) comes first and "
-                        "matches every host this one would (first match wins); "
+                        f"never used: upstream[{j}] (host {json.dumps(earlier_host)}) "
+                        "comes first and matches every host this one would (first match wins); "
                         "move the narrower upstream up",
                         "warning",
                     )
                 )
                 break
+    for i, host in enumerate(upstreams):
+        if host is not None and host != host.lower():
+            path = f"upstream[{i}].host"
+            out.append(
+                Finding(
+                    name,
+                    lines.line_for(path),
+                    path,
+                    f"never used: host {json.dumps(host)} has capitals, but hosts are "
+                    "compared in lower case; write it in lower case",
+                    "warning",
+                )
+            )
     return out

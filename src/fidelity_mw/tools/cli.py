@@ -109,6 +109,7 @@ def run_audit(args: argparse.Namespace) -> int:
         if not Path(name).exists():
             return _usage_error("audit", f"{name}: no such file or directory")
     report = audit_paths(args.paths, args.exclude)
+    report.keep_at_least(args.min_confidence)
     if args.json:
         doc = report.to_json()
         doc["fail_on"] = sorted(args.fail_on)
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="skip files or directories matching GLOB (repeatable); "
         ".venv, build, site-packages and the like are always skipped",
+    )
+    audit.add_argument(
+        "--min-confidence",
+        choices=("high", "medium", "low"),
+        default="low",
+        help="report only findings at least this sure (default: low, everything)",
     )
     audit.set_defaults(func=run_audit)
 

@@ -187,6 +187,27 @@ def _limit_subject(lim: RateLimit) -> str:
     return f"limit {lim.name!r} on {lim.match}{methods}, per {key}"
 
 
+def _waits(r: RetryConfig) -> str:
+    """The wait before each retry as `backoff_delay` draws it, for people reading the map."""
+    if r.attempts < 2:
+        return "no retries"
+    base, cap = r.base_ms, r.max_ms
+    ceilings = [min(cap, base * 2**n) for n in range(r.attempts - 1)]
+    if r.jitter == "full":
+        ranges = [f"0..{c}" for c in ceilings]
+    elif r.jitter == "equal":
+        ranges = [f"{c / 2:g}..{c}" for c in ceilings]
+    elif r.jitter == "none":
+        ranges = [str(c) for c in ceilings]
+    else:  # decorrelated: each wait is drawn from [base, 3 x the previous wait], capped
+        return (
+            f"decorrelated jitter: first retry waits {base}..{min(cap, 3 * base)} ms, "
+            f"each later one {base} ms..3x the previous wait, at most {cap} ms"
+        )
+    label = "no jitter" if r.jitter == "none" else f"{r.jitter} jitter"
+    return f"{label}: retries wait {', '.join(ranges)} ms"
+
+
 def _retry_data(r: RetryConfig) -> str:
     statuses = sorted(r.on_status)
     on = [f"status {', '.join(map(str, statuses))}"] if statuses else []
@@ -197,7 +218,7 @@ def _retry_data(r: RetryConfig) -> str:
     if r.on_429:
         on.append("429 (after its Retry-After)")
     return (
-        f"{r.attempts} attempts total, {r.jitter} jitter {r.base_ms}..{r.max_ms} ms, "
+        f"{r.attempts} attempts total, {_waits(r)}, "
         f"idempotent requests only, on {', '.join(on)}; Retry-After honoured up to "
         f"{r.retry_after_max_s:g} s, never past the deadline"
     )
@@ -673,7 +694,9 @@ def _transport_chain(transport: Any) -> list[Any]:
 def _transport_role(t: Any) -> tuple[str, str, int]:
     """(role, detail, retries) for one transport."""
     name = _qualname(t)
-    if type(t).__name__.startswith("FidelityTransport") and name.startswith("fidelity_mw."):
+    from .. import FidelitySyncTransport, FidelityTransport
+
+    if isinstance(t, FidelityTransport | FidelitySyncTransport):
         return "fidelity", "outbound deadline -> host breaker -> retry", 0
     if name.startswith("httpx_retries."):
         retry = getattr(t, "retry", None)

@@ -1,0 +1,172 @@
+"""The live state page as a pure ASGI app: `GET /` (HTML) and `GET /state.json`."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import ipaddress
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from .._types import Receive, Scope, Send
+from ..context import context_from_scope
+from ..engine import Engine
+from ..rejections import PROBLEM_MEDIA_TYPE, problem_document, problem_json
+from .view import Since, key_hasher, render, snapshot_configs
+
+logger = logging.getLogger("fidelity_mw.admin")
+
+
+class AdminApp:
+    """Mount it to see the live state: `app.mount("/_fidelity", AdminApp(engine))`.
+
+    Off unless mounted. Without a `token` only loopback clients are served;
+    with one, every client must send it (`Authorization: Bearer <token>`, or
+    `?token=` for a browser), compared in constant time.
+
+    `engine`: the engine whose store to show. Without one, the engine of the
+    `FidelityMiddleware` the request passed through (mount the page inside the
+    wrapped app). `top`: how many limiter keys to list. `refresh_s`: how often
+    the page fetches the JSON again.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        token: str | None = None,
+        top: int = 20,
+        refresh_s: float = 2.0,
+    ) -> None:
+        if token is not None and len(token) < 16:
+            raise ValueError("an admin token needs at least 16 characters")
+        self.engine = engine
+        self._token = token.encode() if token is not None else None
+        self.top = top
+        self.refresh_s = refresh_s
+        self._since = Since()
+        self._hashers: dict[int, Any] = {}
+        self._page = (
+            importlib.resources.files("fidelity_mw.admin")
+            .joinpath("page.html")
+            .read_text(encoding="utf-8")
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # served on its own (not mounted)
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _send(send, refusal[0], problem_json(refusal[1]), PROBLEM_MEDIA_TYPE)
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            doc = problem_document(405, "Method Not Allowed", "read-only page", "admin-method")
+            await _send(send, 405, problem_json(doc), PROBLEM_MEDIA_TYPE, [(b"allow", b"GET")])
+            return
+        root = scope.get("root_path", "")
+        path: str = scope["path"]
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        engine = self.engine
+        if engine is None:
+            ctx = context_from_scope(scope)
+            engine = ctx.engine if ctx is not None else None
+        if path in ("", "/"):
+            await self._html(send, root)
+        elif path == "/state.json":
+            if engine is None:
+                doc = problem_document(
+                    503,
+                    "Service Unavailable",
+                    "no engine: pass AdminApp(engine) or mount it inside an app wrapped "
+                    "by FidelityMiddleware",
+                    "admin-no-engine",
+                )
+                await _send(send, 503, problem_json(doc), PROBLEM_MEDIA_TYPE)
+                return
+            body = json.dumps(await self.state(engine), separators=(",", ":")).encode()
+            await _send(send, 200, body, "application/json")
+        else:
+            doc = problem_document(404, "Not Found", "see / and /state.json", "admin-not-found")
+            await _send(send, 404, problem_json(doc), PROBLEM_MEDIA_TYPE)
+
+    async def state(self, engine: Engine) -> dict[str, Any]:
+        """The JSON document the page shows."""
+        now = engine.clock.monotonic()
+        snap = await engine.store.snapshot(now, top=self.top, configs=snapshot_configs(engine))
+        hasher = self._hashers.get(id(engine))
+        if hasher is None:
+            hasher = self._hashers[id(engine)] = key_hasher(engine)
+        return render(engine, snap, now, self._since, hasher)
+
+    def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
+        if self._token is not None:
+            if hmac.compare_digest(self._presented(scope), self._token):
+                return None
+            return 401, problem_document(
+                401, "Unauthorized", "this page needs its token", "admin-token"
+            )
+        client = scope.get("client")
+        if client and _loopback(client[0]):
+            return None
+        return 403, problem_document(
+            403,
+            "Forbidden",
+            "only loopback clients may see this page unless it has a token",
+            "admin-loopback-only",
+        )
+
+    @staticmethod
+    def _presented(scope: Scope) -> bytes:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return bytes(value[7:].strip())
+        query = scope.get("query_string", b"").decode("latin-1")
+        tokens = parse_qs(query).get("token")
+        return tokens[0].encode("latin-1") if tokens else b""
+
+    async def _html(self, send: Send, root: str) -> None:
+        page = self._page.replace("{{STATE_URL}}", json.dumps(root + "/state.json")).replace(
+            "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
+        )
+        await _send(send, 200, page.encode(), "text/html; charset=utf-8")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+                *(extra or ()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,190 @@
+"""`Fidelity`: the FastAPI forms of one application, and where they find their engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from starlette.responses import JSONResponse
+
+from .._types import Clock, RandomSource
+from ..context import (
+    DecisionContext,
+    context_from_scope,
+)
+from ..engine import Engine
+from ..headers import client_address
+from ..overrides import mark
+from ..policy import BreakerConfig, Policy
+from ..rejections import (
+    PROBLEM_MEDIA_TYPE,
+    OnReject,
+    call_on_reject,
+    keep_headers,
+)
+from ..route_list import flat_routes
+from ..state.base import StateStore
+from .exceptions import Rejected
+from .limit import KeyFunc, LimitDependency
+from .openapi import document, problem_responses
+from .routing import route_class_for
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+# ---------------------------------------------------------------- Fidelity
+
+
+class Fidelity:
+    """The FastAPI forms of one application. Create one, share it between routers."""
+
+    def __init__(
+        self,
+        app: FastAPI | None = None,
+        *,
+        policy: Policy | None = None,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        store: StateStore | None = None,
+        on_reject: OnReject | None = None,
+    ) -> None:
+        self._engine = engine
+        self._engine_args: tuple[Policy | None, Clock | None, RandomSource | None] = (
+            policy,
+            clock,
+            rng,
+        )
+        self._store = store
+        self.on_reject = on_reject
+        self.route_class: type[APIRoute] = route_class_for(self)
+        if app is not None:
+            self.install(app)
+
+    # ------------------------------------------------------------ engine and context
+
+    @property
+    def engine(self) -> Engine:
+        """The engine used where no middleware provides one (created on first use)."""
+        if self._engine is None:
+            policy, clock, rng = self._engine_args
+            self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+        return self._engine
+
+    def context(self, request: Request) -> DecisionContext:
+        """The request's decision context: the middleware's, else one of our own."""
+        ctx = context_from_scope(request.scope)
+        if ctx is not None:
+            return ctx
+        engine = self.engine
+        plan = engine.plan_for(request.scope)
+        ctx = DecisionContext(engine, plan.route, request.method, engine.clock.monotonic())
+        state = request.scope.setdefault("state", {})
+        state["fidelity"] = ctx
+        return ctx
+
+    @staticmethod
+    def client_ip(request: Request, engine: Engine) -> str:
+        client = request.client
+        peer = client.host if client else None
+        if not engine.trusted_proxies:
+            return peer or "unknown"
+        header = engine.policy.forwarded_header
+        value = request.headers.get(header)
+        return client_address(
+            peer,
+            value.encode("latin-1") if value is not None else None,
+            engine.trusted_proxies,
+            header,
+        )
+
+    # ------------------------------------------------------------ the forms
+
+    def limit(
+        self,
+        rate: str,
+        *,
+        key: str | KeyFunc = "client_ip",
+        burst: int | None = None,
+        cost: int = 1,
+        name: str | None = None,
+        shadow: bool = False,
+    ) -> LimitDependency:
+        """A rate limit for `Depends(...)`: `rate` like `"10/s"`, keyed by `key`.
+
+        `key`: `client_ip` (default), `header:<name>` (the client's IP when the
+        header is missing), `route`, `global`, or a function of the request
+        returning a key (None: the IP).
+        """
+        return LimitDependency(self, rate, key, burst, cost, name, shadow)
+
+    def breaker(
+        self, config: BreakerConfig | bool | None = None, **fields: Any
+    ) -> Callable[[_F], _F]:
+        """This endpoint's breaker: a `BreakerConfig`, its fields as keywords, or False (none).
+
+        Decorate the endpoint function below the route decorator.
+        """
+        if config is None:
+            config = BreakerConfig(**fields)
+        elif fields:
+            raise TypeError("pass a BreakerConfig or its fields as keywords, not both")
+
+        def decorate(endpoint: _F) -> _F:
+            return mark(endpoint, breaker=config)
+
+        return decorate
+
+    def deadline(self, ms: int) -> Callable[[_F], _F]:
+        """This endpoint's deadline in ms: the default, and the most a caller may ask for."""
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= 86_400_000:
+            raise ValueError(f"deadline must be 1..86400000 ms, got {ms!r}")
+
+        def decorate(endpoint: _F) -> _F:
+            return mark(endpoint, deadline_ms=ms)
+
+        return decorate
+
+    @staticmethod
+    def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        """OpenAPI entries for a route's `responses=` (default: 429, 503 and 504)."""
+        return problem_responses(*(statuses or (429, 503, 504)))
+
+    # ------------------------------------------------------------ the app
+
+    def install(self, app: FastAPI) -> None:
+        """RFC 9457 responses for `Rejected` (unless the app has its own handler for it),
+        and 429/503/504 in the OpenAPI of every route that uses a form."""
+        if Rejected not in app.exception_handlers:
+            app.add_exception_handler(Rejected, self.handle_rejected)  # type: ignore[arg-type]
+        generate = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                for route in flat_routes(app.routes):
+                    if isinstance(getattr(route, "original_route", route), APIRoute):
+                        document(route)
+            return generate()
+
+        app.openapi = openapi  # type: ignore[method-assign]
+
+    async def handle_rejected(self, request: Request, exc: Rejected) -> Response:
+        """The default handler: the `on_reject` hook's response, else RFC 9457."""
+        headers = dict(exc.headers or {})
+        if self.on_reject is not None:
+            custom = await call_on_reject(self.on_reject, exc.ctx, exc.decision)
+            if custom is not None:
+                keep_headers(
+                    custom,
+                    [
+                        (k.lower().encode("latin-1"), v.encode("latin-1"))
+                        for k, v in headers.items()
+                    ],
+                )
+                return custom
+        headers.setdefault("Cache-Control", "no-store")
+        return JSONResponse(
+            exc.problem, exc.status_code, headers=headers, media_type=PROBLEM_MEDIA_TYPE
+        )

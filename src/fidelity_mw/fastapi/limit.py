@@ -1,0 +1,177 @@
+"""`Depends(fidelity.limit(...))`: one GCRA limit on a route, in the request's decision context."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from fastapi import Request, Response
+
+from ..context import (
+    ALLOW,
+    LAYER_RATELIMIT,
+    REJECT,
+    WOULD_REJECT,
+    DecisionContext,
+)
+from ..decide.gcra import policy_field, retry_after_header
+from ..engine import Engine
+from ..policy import RateLimit
+from ..rejections import (
+    problem_document,
+)
+from ..state.base import LimitSpec
+from .exceptions import RateLimited
+
+
+class FormsOwner(Protocol):
+    """What a form needs of its `Fidelity` (a protocol: forms.py imports this module)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    def context(self, request: Request) -> DecisionContext: ...
+
+    def client_ip(self, request: Request, engine: Engine) -> str: ...
+
+
+_MAX_KEY_CHARS: Final = 64
+
+
+# ---------------------------------------------------------------- the limit dependency
+
+
+KeyFunc = Callable[[Request], str | None]
+
+
+class LimitDependency:
+    """`Depends(fidelity.limit(...))`: one GCRA limit on this route, per client key.
+
+    The counter is named `name` (default: the route template and the rate), so
+    routes that pass the same `name` share one counter per client key.
+    """
+
+    def __init__(
+        self,
+        owner: FormsOwner,
+        rate: str,
+        key: str | KeyFunc,
+        burst: int | None,
+        cost: int,
+        name: str | None,
+        shadow: bool,
+    ) -> None:
+        # Validated like a policy entry: a bad rate fails at import, not per request.
+        checked = RateLimit(
+            name=name or "depends",
+            rate=rate,
+            burst=burst,
+            cost=cost,
+            key="client_ip" if callable(key) else key,
+            shadow=shadow,
+        )
+        self.owner = owner
+        self.rate = rate
+        self.key = key
+        self.name = name
+        self.shadow = shadow
+        self.burst_size = checked.burst_size
+        interval = checked.emission_interval_s
+        self.interval_s = interval
+        self.tolerance_s = checked.burst_size * interval
+        self.cost = cost
+
+    def __repr__(self) -> str:
+        return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        owner = self.owner
+        ctx = owner.context(request)
+        engine = ctx.engine
+        now = engine.clock.monotonic()
+        name = self.name or f"{ctx.route}:{self.rate}"
+        spec = LimitSpec(name, self.interval_s, self.tolerance_s, self.cost, self.shadow)
+        value = self._key_value(request, ctx)
+        result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
+        verdict = result.limits[0]
+        source, age = result.source, result.age_s
+        policy = policy_field(name, self.burst_size, self.tolerance_s)
+        fields = {
+            "RateLimit-Policy": policy,
+            "RateLimit": f'"{name}";r={verdict.remaining};t={math.ceil(verdict.reset_s - 1e-9)}',
+        }
+        if verdict.allowed:
+            ctx.decide(
+                LAYER_RATELIMIT,
+                name,
+                ALLOW,
+                "under_limit",
+                source=source,
+                age_s=age,
+                at=now,
+                details={"remaining": verdict.remaining},
+            )
+            if not self.shadow:
+                for field, text in fields.items():
+                    response.headers.append(field, text)
+            return
+        wait = round(verdict.retry_after_s, 3)
+        if self.shadow:
+            ctx.decide(
+                LAYER_RATELIMIT,
+                name,
+                WOULD_REJECT,
+                "over_limit_shadow",
+                source=source,
+                age_s=age,
+                at=now,
+                details={"retry_after_s": wait, "shadow": True},
+            )
+            return
+        decision = ctx.decide(
+            LAYER_RATELIMIT,
+            name,
+            REJECT,
+            "over_limit",
+            source=source,
+            age_s=age,
+            at=now,
+            details={"retry_after_s": wait, "remaining": 0},
+        )
+        after = retry_after_header(verdict.retry_after_s)
+        problem = problem_document(
+            429,
+            "Too Many Requests",
+            f"rate limit {name!r} exceeded; retry in {after} s",
+            "rate-limited",
+            limit=name,
+        )
+        raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
+
+    def _key_value(self, request: Request, ctx: DecisionContext) -> str:
+        key = self.key
+        if key == "route":
+            return "route:" + ctx.route
+        if key == "global":
+            return "*"
+        if callable(key):
+            custom = key(request)
+            if custom is not None:
+                return "k:" + _compact(str(custom))
+        elif key.startswith("header:"):
+            raw = request.headers.get(key[7:])
+            if raw:
+                return "h:" + _compact(raw)
+        ip = self.owner.client_ip(request, ctx.engine)
+        ctx.client_key = ip
+        return ip
+
+
+def _compact(value: str) -> str:
+    """A huge key must not cost huge memory: long ones are hashed."""
+    if len(value) <= _MAX_KEY_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16)
+    return "#" + digest.hexdigest()

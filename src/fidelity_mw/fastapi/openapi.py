@@ -1,0 +1,80 @@
+"""OpenAPI entries for the rejections a route can give (RFC 9457 problem schema)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final
+
+from fastapi.dependencies.models import Dependant
+
+from ..overrides import override_of
+from ..rejections import (
+    PROBLEM_MEDIA_TYPE,
+)
+from .limit import LimitDependency
+
+PROBLEM_SCHEMA: Final[dict[str, Any]] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "limit": {"type": "string", "description": "the rate limit that rejected (429)"},
+        "route": {"type": "string", "description": "the route whose breaker shed (503)"},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+
+_DESCRIPTIONS: Final = {
+    429: "Rate limited: retry after `Retry-After` seconds",
+    503: "Shed by the route's circuit breaker: retry after `Retry-After` seconds",
+    504: "The request's deadline passed before it could be served",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for our rejections (pass to a route's `responses=`)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
+            "description": _DESCRIPTIONS.get(status, "Rejected by fidelity_mw"),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}},
+        }
+        if status in (429, 503):
+            entry["headers"] = {
+                "Retry-After": {
+                    "description": "seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            }
+        out[status] = entry
+    return out
+
+
+# ---------------------------------------------------------------- OpenAPI
+
+
+def _calls(dependant: Dependant) -> Iterator[Any]:
+    for sub in dependant.dependencies:
+        yield sub.call
+        yield from _calls(sub)
+
+
+def document(route: Any, enforced: bool = False) -> None:
+    """Add 429 / 503 / 504 problem responses the route can give to its OpenAPI entry.
+
+    `route`: an APIRoute, or FastAPI's view of one inside an included router
+    (its `responses` is the dict the OpenAPI generator reads)."""
+    statuses: list[int] = []
+    if any(isinstance(call, LimitDependency) for call in _calls(route.dependant)):
+        statuses.append(429)
+    override = override_of(route.endpoint)
+    if enforced or (override is not None and override.breaker not in (None, False)):
+        statuses.append(503)
+    if enforced or (override is not None and override.deadline_ms is not None):
+        statuses.append(504)
+    for status, entry in problem_responses(*statuses).items():
+        route.responses.setdefault(status, entry)

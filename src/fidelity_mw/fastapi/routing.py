@@ -1,0 +1,201 @@
+"""The route class: documents a route's rejections and, without the middleware, enforces
+its breaker and deadline on the `Fidelity` engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from ..context import (
+    _CURRENT,
+    ALLOW,
+    LAYER_BREAKER,
+    LAYER_DEADLINE,
+    PROBE,
+    REJECT,
+    SHED,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+    context_from_scope,
+)
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.gcra import retry_after_header
+from ..engine import Engine, RoutePlan
+from ..headers import deadline_parser
+from ..rejections import (
+    problem_document,
+)
+from .exceptions import BreakerOpen, DeadlineExpired, Rejected
+from .limit import FormsOwner
+from .openapi import document
+
+logger = logging.getLogger("fidelity_mw")
+
+
+# ---------------------------------------------------------------- the route class
+
+
+def route_class_for(owner: FormsOwner) -> type[APIRoute]:
+    class FidelityRoute(APIRoute):
+        """Documents the route's rejections; without the middleware, enforces its
+        breaker and deadline on the `Fidelity` engine."""
+
+        fidelity = owner
+
+        def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+            super().__init__(path, endpoint, **kwargs)
+            document(self, enforced=True)
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            inner = super().get_route_handler()
+
+            async def handler(request: Request) -> Response:
+                if context_from_scope(request.scope) is not None:
+                    return await inner(request)  # the middleware (or a form) decided already
+                return await _standalone(owner, request, inner)
+
+            return handler
+
+    return FidelityRoute
+
+
+async def _standalone(
+    owner: FormsOwner,
+    request: Request,
+    inner: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Response:
+    """Deadline and route breaker around the handler, as the middleware would do them."""
+    engine = owner.engine
+    plan = engine.plan_for(request.scope)
+    now = engine.clock.monotonic()
+    ctx = owner.context(request)
+    remaining = _deadline(engine, plan, request, ctx)
+    if remaining is not None:
+        ctx.deadline_at = now + remaining
+        if remaining <= 0.0:
+            decision = ctx.decide(
+                LAYER_DEADLINE,
+                ctx.route,
+                REJECT,
+                "expired_on_arrival",
+                source=SOURCE_REQUEST,
+                at=now,
+            )
+            raise _expired(ctx, decision, "the caller's deadline had passed on arrival")
+        ctx.decide(
+            LAYER_DEADLINE,
+            ctx.route,
+            ALLOW,
+            "caller_deadline" if ctx.deadline_from_caller else "route_default",
+            source=SOURCE_REQUEST,
+            at=now,
+            details={"remaining_ms": round(remaining * 1000.0, 3)},
+        )
+    gate: Gate | None = None
+    if plan.breaker is not None and plan.breaker_key is not None:
+        result = await engine.store.admit(plan.breaker_key, plan.breaker, (), (), now)
+        gate = result.gate
+        assert gate is not None
+        if gate.verdict == "reject":
+            decision = ctx.decide(
+                LAYER_BREAKER,
+                ctx.route,
+                SHED,
+                f"breaker_{gate.state}",
+                source=result.source,
+                age_s=result.age_s,
+                at=now,
+                details={"retry_after_s": round(gate.retry_after_s, 3)},
+            )
+            wait = retry_after_header(gate.retry_after_s)
+            problem = problem_document(
+                503,
+                "Service Unavailable",
+                f"the circuit breaker of route {ctx.route!r} is "
+                f"{gate.state.replace('_', '-')}; retry in {wait} s",
+                "circuit-open",
+                route=ctx.route,
+            )
+            raise BreakerOpen(503, problem, {"Retry-After": wait}, ctx, decision)
+        probe = gate.verdict == "probe"
+        ctx.decide(
+            LAYER_BREAKER,
+            ctx.route,
+            PROBE if probe else ALLOW,
+            "half_open_probe" if probe else "breaker_closed",
+            source=result.source,
+            age_s=result.age_s,
+            at=now,
+        )
+    token = _CURRENT.set(ctx)
+    outcome = IGNORED
+    try:
+        try:
+            response = await inner(request)
+        except Rejected:
+            raise  # another form's decision: not the route's failure
+        except HTTPException as exc:
+            outcome = _judge(plan, exc.status_code)
+            ctx.status = exc.status_code
+            raise
+        except Exception:
+            outcome = FAILURE
+            raise
+        outcome = _judge(plan, response.status_code)
+        ctx.status = response.status_code
+        return response
+    finally:
+        _CURRENT.reset(token)
+        if gate is not None and plan.breaker is not None and plan.breaker_key is not None:
+            await _record(engine, plan, gate, outcome, ctx)
+
+
+def _judge(plan: RoutePlan, status: int) -> str:
+    breaker = plan.breaker
+    return FAILURE if breaker is not None and status in breaker.failure_statuses else SUCCESS
+
+
+async def _record(
+    engine: Engine, plan: RoutePlan, gate: Gate, outcome: str, ctx: DecisionContext
+) -> None:
+    assert plan.breaker is not None
+    assert plan.breaker_key is not None
+    now = engine.clock.monotonic()
+    slow = plan.breaker.slow_call_ms is not None and (
+        (now - ctx.started_at) * 1000.0 >= plan.breaker.slow_call_ms
+    )
+    try:
+        await engine.store.record(plan.breaker_key, plan.breaker, gate, outcome, slow, now)
+    except Exception:  # the outcome is lost; the response is not
+        logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+
+
+def _deadline(
+    engine: Engine, plan: RoutePlan, request: Request, ctx: DecisionContext
+) -> float | None:
+    """The caller's deadline (shortest valid header, capped by the route), else the route's."""
+    remaining = plan.deadline_default_s
+    caller: float | None = None
+    for name in engine.policy.deadline.header:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        seconds = deadline_parser(name)(value.encode("latin-1"))
+        if seconds is not None and (caller is None or seconds < caller):
+            caller = seconds
+    if caller is None:
+        return remaining
+    ctx.deadline_from_caller = True
+    cap = plan.deadline_cap_s
+    return caller if cap is None or caller < cap else cap
+
+
+def _expired(ctx: DecisionContext, decision: Decision, detail: str) -> DeadlineExpired:
+    problem = problem_document(504, "Gateway Timeout", detail, "deadline-expired")
+    return DeadlineExpired(504, problem, {}, ctx, decision)

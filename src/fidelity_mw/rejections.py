@@ -1,0 +1,141 @@
+"""Rejection responses: the RFC 9457 problem document and the `on_reject` hook.
+
+A control layer that turns a request away answers with an RFC 9457 problem
+body by default. An application that needs another shape (its own error
+envelope, HTML for browsers, a different status) passes
+`on_reject(ctx, decision)`: it gets the request's decision context and the
+decision that rejected it, and returns a Starlette `Response`, or None to keep
+the default. `Retry-After` and the `RateLimit` fields are added to its
+response unless it sets them itself: clients need them whatever the body.
+
+A hook that raises, returns something that is not a response, or whose
+response fails before it starts, falls back to the default: a rejection never
+becomes a 500.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+from starlette.responses import Response
+
+from ._types import Message, Receive, Scope, Send
+from .context import REJECT, SHED, Decision, DecisionContext
+
+logger = logging.getLogger("fidelity_mw")
+
+PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
+
+OnReject = Callable[[DecisionContext, Decision], Response | Awaitable[Response | None] | None]
+"""`on_reject(ctx, decision) -> Response | None` (may be a coroutine function)."""
+
+# (status, headers, body): a rejection as the middleware builds it
+RejectionParts = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+# Fields the default rejection carries that a custom response keeps unless it sets them.
+_KEPT_HEADERS: Final = (
+    b"retry-after",
+    b"ratelimit",
+    b"ratelimit-policy",
+    b"x-fidelity-retry",
+    # marks a refusal of ours: a caller's breaker does not count it against us
+    b"x-fidelity-decided-by",
+)
+
+
+def problem_document(
+    status: int, title: str, detail: str, kind: str, **extra: Any
+) -> dict[str, Any]:
+    """An RFC 9457 problem document as a dict (`type` is a URN per kind of rejection)."""
+    return {
+        "type": f"urn:fidelity-mw:problem:{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+
+
+def rejecting_decision(ctx: DecisionContext) -> Decision:
+    """The decision that turned the request away: the last reject or shed."""
+    for decision in reversed(ctx.decisions):
+        if decision.verdict in (REJECT, SHED):
+            return decision
+    # A rejection always records its decision; this only guards a hook's argument.
+    return Decision("unknown", ctx.route, REJECT, "rejected")
+
+
+async def call_on_reject(
+    on_reject: OnReject, ctx: DecisionContext, decision: Decision
+) -> Response | None:
+    """Run the hook; None (the default response) when it declines or fails."""
+    try:
+        answer: Any = on_reject(ctx, decision)
+        if inspect.isawaitable(answer):
+            answer = await answer
+    except Exception:
+        logger.exception("fidelity_mw: on_reject failed; sending the default problem body")
+        return None
+    if answer is None:
+        return None
+    if not isinstance(answer, Response):
+        logger.error(
+            "fidelity_mw: on_reject returned %s, not a starlette Response; "
+            "sending the default problem body",
+            type(answer).__name__,
+        )
+        return None
+    return answer
+
+
+def keep_headers(response: Response, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Add the rejection's Retry-After / RateLimit fields the response does not set."""
+    have = {name.lower() for name, _value in response.raw_headers}
+    for name, value in headers:
+        if name in _KEPT_HEADERS and name not in have:
+            response.raw_headers.append((name, value))
+
+
+async def custom_rejection(
+    on_reject: OnReject,
+    ctx: DecisionContext,
+    rejection: RejectionParts,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+) -> Response | None:
+    """The hook's response to a middleware rejection, with our headers kept; or None."""
+    response = await call_on_reject(on_reject, ctx, rejecting_decision(ctx))
+    if response is not None:
+        keep_headers(response, [*rejection[1], *extra])
+    return response
+
+
+async def send_custom(
+    response: Response,
+    fallback: Callable[[Send], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Send the hook's response; if it fails before starting, send the default instead."""
+    started = False
+
+    async def watching_send(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        await response(scope, receive, watching_send)
+    except Exception:
+        if started:
+            raise  # half a response is out: nothing sound can follow it
+        logger.exception("fidelity_mw: the on_reject response failed; sending the default")
+        await fallback(send)
+
+
+def problem_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
