@@ -537,7 +537,7 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
             )
         lines += goals(at, connections)
         lines.append("")
-    loads = [s.loadavg for s in samples]
+    loads = [s.loadavg for s in samples if s.loadavg]
     failures = sum(s.non2xx + s.socket_errors for s in samples)
     lines += [
         f"{args.rounds} round{'s' if args.rounds != 1 else ''}; in each, every variant once "
