@@ -17,7 +17,7 @@ outside `server_now()`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import redis
@@ -38,10 +38,24 @@ _PINNED = """local function server_now()
   local t = redis.call('TIME')"""
 
 
-def clocked(script: Script) -> Script:
-    """The same script, reading the pinned test time when there is one."""
+# The production scripts, as loaded (before any test swapped them).
+_ORIGINALS = {
+    (module, name): value
+    for module in (redis_module, tiered_module)
+    for name, value in vars(module).items()
+    if isinstance(value, Script)
+}
+
+
+def clocked(script: Script, edits: Sequence[tuple[str, str]] = ()) -> Script:
+    """The same script, reading the pinned test time when there is one.
+
+    `edits` are (old, new) replacements on top, for tests that plant bugs.
+    """
     assert _REAL in script.source, "lib.lua's server_now() changed: update tests/redis_clock.py"
     source = script.source.replace(_REAL, _PINNED, 1)
+    for old, new in edits:
+        source = source.replace(old, new)
     return Script(script.name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
 
 
@@ -61,11 +75,12 @@ class RedisClock:
         self.client.close()
 
 
-def patch_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in (redis_module, tiered_module):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, Script):
-                monkeypatch.setattr(module, name, clocked(value))
+def patch_scripts(monkeypatch: pytest.MonkeyPatch, edits: Sequence[tuple[str, str]] = ()) -> None:
+    """Swap every Script of the store modules for its clocked (and edited) copy."""
+    for old, _new in edits:
+        assert any(old in value.source for value in _ORIGINALS.values()), old
+    for (module, name), original in _ORIGINALS.items():
+        monkeypatch.setattr(module, name, clocked(original, edits))
 
 
 @pytest.fixture

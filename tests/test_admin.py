@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 
 TOKEN = "s3cret-admin-token-0123"
 POLICY = Policy(
-    breaker=BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0),
+    breaker=BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0, open_min_s=30.0),
     rate_limits=(RateLimit(name="per-client", rate="10/min", burst=10, match="/ok"),),
     upstreams=(UpstreamConfig(host="payments.internal", retry=RetryConfig(budget_ratio=0.5)),),
 )
@@ -232,7 +232,7 @@ async def test_redis_snapshot_reads_the_fleet_state(redis_url: str) -> None:
 
     prefix = f"admin{os.getpid()}"
     store = RedisStore(config=StateConfig(url=redis_url, key_prefix=prefix), rng=seeded_random(3))
-    breaker = BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0)
+    breaker = BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0, open_min_s=30.0)
     spec = LimitSpec("per-client", 1.0, 5.0, 1, False)
     retry = RetryConfig()
     try:

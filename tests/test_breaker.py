@@ -110,7 +110,7 @@ def test_opens_on_consecutive_failures() -> None:
 
 
 def test_open_rejects_with_time_until_half_open() -> None:
-    b = BreakerState(BreakerConfig(open_s=5, open_jitter=0.0))
+    b = BreakerState(BreakerConfig(open_s=5, open_min_s=5, open_jitter=0.0))
     for _ in range(20):
         call(b, T0, FAILURE)
     assert b.state == OPEN
@@ -125,7 +125,7 @@ def test_open_rejects_with_time_until_half_open() -> None:
 
 @pytest.mark.parametrize(("r", "factor"), [(0.0, 0.8), (0.5, 1.0), (0.75, 1.1), (0.9999, 1.19996)])
 def test_open_duration_jitter(r: float, factor: float) -> None:
-    b = BreakerState(BreakerConfig(open_s=10, open_jitter=0.2))
+    b = BreakerState(BreakerConfig(open_s=10, open_min_s=10, open_jitter=0.2))
     b.force(OPEN, T0, lambda: r)
     assert b.open_until == pytest.approx(T0 + 10 * factor)
     assert b.gate(T0 + 10 * factor - 1e-6, mid).verdict == "reject"
@@ -141,7 +141,7 @@ def test_open_duration_jitter(r: float, factor: float) -> None:
     jitter=st.floats(min_value=0.0, max_value=0.9),
 )
 def test_open_duration_stays_within_jitter_bounds(r: float, open_s: float, jitter: float) -> None:
-    b = BreakerState(BreakerConfig(open_s=open_s, open_jitter=jitter))
+    b = BreakerState(BreakerConfig(open_s=open_s, open_min_s=open_s, open_jitter=jitter))
     b.force(OPEN, T0, lambda: r)
     duration = b.open_until - T0
     assert open_s * (1 - jitter) - 1e-9 <= duration <= open_s * (1 + jitter) + 1e-9
@@ -191,7 +191,7 @@ def test_probe_success_closes_and_resets_counts() -> None:
 
 
 def test_probe_failure_reopens_with_a_new_open_period() -> None:
-    b = tripped(BreakerConfig(open_s=4, open_jitter=0.2, half_open_probes=3))
+    b = tripped(BreakerConfig(open_s=4, open_min_s=4, open_jitter=0.2, half_open_probes=3))
     probe = b.gate(T0 + 5, mid)
     other = b.gate(T0 + 5, mid)
     assert b.record(probe.epoch, probe.probe_id, FAILURE, T0 + 6, lambda: 0.0) == OPEN
@@ -308,8 +308,8 @@ class ProbeBound(RuleBasedStateMachine):
 
     A probe is in flight from its gate until it reports; the lease is long, so
     no slot is freed by time. Probes of an earlier half-open round that are
-    still running count too: they are real concurrent calls on a recovering
-    route.
+    still running count too (they are real concurrent calls on a recovering
+    route) until the breaker closes: closed, it admits every call anyway.
     """
 
     def __init__(self) -> None:
@@ -327,6 +327,7 @@ class ProbeBound(RuleBasedStateMachine):
         self.breaker = BreakerState(self.config)
         self.now = T0
         self.calls: list[Gate] = []
+        self.closed_epoch = -1
 
     @rule(random=st.floats(min_value=0, max_value=0.999))
     def gate(self, random: float) -> None:
@@ -357,7 +358,13 @@ class ProbeBound(RuleBasedStateMachine):
 
     @invariant()
     def probes_in_flight_within_bound(self) -> None:
-        in_flight = sum(1 for gate in self.calls if gate.verdict == "probe")
+        # A close ends every half-open round: a closed breaker admits everything, so a
+        # probe still running from before it is an ordinary call from then on.
+        if self.breaker.state == CLOSED:
+            self.closed_epoch = self.breaker.epoch
+        in_flight = sum(
+            1 for gate in self.calls if gate.verdict == "probe" and gate.epoch > self.closed_epoch
+        )
         assert in_flight <= self.limit
         assert len(self.breaker.probes) <= self.limit
 

@@ -64,7 +64,7 @@ def build(
         return {"ok": "sync"}
 
     @router.get("/flaky")
-    @fidelity.breaker(min_calls=2, failure_ratio=0.5, open_jitter=0.0, open_s=5.0)
+    @fidelity.breaker(min_calls=2, failure_ratio=0.5, open_jitter=0.0, open_s=5.0, open_min_s=5.0)
     async def flaky() -> PlainTextResponse:
         return PlainTextResponse("flaky", status_code=statuses[0])
 

@@ -17,7 +17,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 
 T0 = 1_000.0
-BREAKER = BreakerConfig(min_calls=2, open_s=1, open_jitter=0, half_open_probes=1)
+BREAKER = BreakerConfig(min_calls=2, open_s=1, open_min_s=1, open_jitter=0, half_open_probes=1)
 
 
 def mid() -> float:
@@ -280,3 +280,23 @@ def test_in_process_fast_path_contract() -> None:
             sb = asyncio.run(slow.record("route:/x", BREAKER, b.gate, FAILURE, False, now))  # type: ignore[arg-type]
             assert sa == sb
     assert fast.breaker_state("route:/x", BREAKER).state == OPEN
+
+
+def test_outbound_gate_breaker_rejection_spends_no_retry() -> None:
+    """As outbound.lua does it: a retry the open breaker refuses costs no budget, a retry
+    the budget denies takes no gate (this drifted: memory spent the retry first)."""
+    from fidelity_mw.policy import RetryConfig
+
+    store = MemoryStore(rng=mid)
+    cfg = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10.0)  # 1 retry
+    trip(store, "upstream:h")
+    gate, allowed = store.outbound_gate_now("upstream:h", BREAKER, "budget:h", cfg, True, T0)
+    assert allowed
+    assert gate is not None
+    assert gate.verdict == "reject"
+    assert store.budget_window("budget:h", cfg).totals(T0) == (0, 0)  # nothing spent
+    gate, allowed = store.outbound_gate_now(None, None, "budget:h", cfg, True, T0)
+    assert (gate, allowed) == (None, True)
+    assert store.budget_window("budget:h", cfg).totals(T0) == (0, 1)
+    gate, allowed = store.outbound_gate_now("upstream:h", BREAKER, "budget:h", cfg, True, T0)
+    assert (gate, allowed) == (None, False)  # denied: no gate taken

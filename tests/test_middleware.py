@@ -422,6 +422,7 @@ async def test_app_headers_are_kept_next_to_ratelimit_fields(clock: FakeClock) -
 def breaker_policy(**cfg: Any) -> Policy:
     cfg.setdefault("consecutive_failures", 2)
     cfg.setdefault("open_s", 10)
+    cfg.setdefault("open_min_s", cfg["open_s"])  # a fixed open period
     cfg.setdefault("open_jitter", 0.0)
     cfg.setdefault("half_open_probes", 1)
     return Policy(breaker=BreakerConfig(**cfg))

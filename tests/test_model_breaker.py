@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 
 from fidelity_mw import BreakerConfig
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, BreakerState, Gate
-from test_model_reference import CLOSED, OPEN, RefBreaker, RefCall
+from reference_model import CLOSED, OPEN, RefBreaker, RefCall
 
 T0 = 1_000.0
 OUTCOMES = {"success": SUCCESS, "failure": FAILURE, "ignored": IGNORED}

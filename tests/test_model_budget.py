@@ -1,6 +1,6 @@
 """The retry budget (MemoryStore.budget_* over retry.BudgetWindow) against RefBudget.
 
-DESIGN.md: over a sliding window, retries <= budget_ratio x requests +
+The documented rule (docs/outbound.md): over a sliding window, retries <= budget_ratio x requests +
 budget_min_per_s x window; a refused retry spends nothing; retries are not
 requests (retrying never earns more retries). Arbitrary sequences of
 top-level requests, retry attempts and clock advances on two hosts.
@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fidelity_mw.policy import RetryConfig
 from fidelity_mw.state.memory import MemoryStore
-from test_model_reference import RefBudget
+from reference_model import RefBudget
 
 T0 = 1_000.0
 HOSTS = ["budget:a.internal", "budget:b.internal:8443"]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fidelity_mw.decide.gcra import gcra
-from test_model_reference import RefBucket, floors_near
+from reference_model import RefBucket, floors_near
 
 T0 = 1_000.0
 RATES = [(1, 1.0), (3, 1.0), (10, 1.0), (100, 1.0), (5, 60.0), (7, 10.0), (2, 3600.0)]

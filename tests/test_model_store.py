@@ -4,7 +4,7 @@ One route with an optional breaker and one to three limits (some in shadow
 mode) over several clients, with per-request costs, a key table small enough
 to be swept and evicted, calls finishing in any order and clock advances. The
 store must agree with the models on every gate and verdict, and keep the
-coordination rules of DESIGN.md:
+documented coordination rules:
 
 - all-or-nothing: a request one enforced limit refuses consumes no quota of
   any other limit; a breaker shed consumes no quota at all;
@@ -34,7 +34,7 @@ from fidelity_mw.policy import RateLimit
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.local import GcraTable
 from fidelity_mw.state.memory import MemoryStore
-from test_model_reference import CLOSED, OPEN, RefBreaker, RefBucket, RefCall
+from reference_model import CLOSED, OPEN, RefBreaker, RefBucket, RefCall
 
 T0 = 1_000.0
 ROUTE = "route:/api"

@@ -133,7 +133,7 @@ async def test_a_response_that_fails_before_starting_falls_back_to_the_default(
 
 async def test_hook_sees_the_breaker_shed_and_the_expired_deadline(clock: FakeClock) -> None:
     store = MemoryStore(rng=seeded_random(2))
-    breaker = BreakerConfig(min_calls=1, open_jitter=0.0)
+    breaker = BreakerConfig(min_calls=1, open_jitter=0.0, open_min_s=5.0)  # a fixed 5 s
     decisions: list[Decision] = []
 
     def on_reject(ctx: DecisionContext, decision: Decision) -> Response:

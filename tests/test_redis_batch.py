@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import BreakerConfig, StateConfig
@@ -248,7 +249,11 @@ async def test_noscript_recovery_for_a_batch(redis_url: str, redis_server) -> No
 
 @pytest.mark.parametrize("on_error", ["local", "open", "closed"])
 async def test_a_failed_batch_degrades_every_request_in_it(own_redis, on_error: str) -> None:  # type: ignore[no-untyped-def]
-    config = StateConfig(url=own_redis.url, timeout_ms=50, connect_timeout_ms=50, on_error=on_error)  # type: ignore[arg-type]
+    # a killed server refuses at once: generous timeouts only keep a loaded machine's
+    # slow warm-up from counting as a failure
+    config = StateConfig(
+        url=own_redis.url, timeout_ms=5000, connect_timeout_ms=5000, on_error=on_error
+    )  # type: ignore[arg-type]
     redis_store = RedisStore(config=config, rng=seeded_random(3))
     limit = spec(1, 3)
     n = 6
@@ -326,3 +331,102 @@ async def test_any_tick_of_admissions_decides_like_the_memory_store(
     want = [memory.admit_now(b, breaker if b else None, k, s, 0.0) for b, k, s in plan]
     assert [flat(r) for r in got] == [flat(r) for r in want]
     assert redis_store.stats.round_trips - redis_store.stats.script_loads == 1
+
+
+async def test_each_event_loop_coalesces_its_own_ticks(redis_url: str) -> None:
+    """A worker thread's loop (a sync transport's) using the store first does not
+    stop the main loop from coalescing, and each loop's batch stays on its loop."""
+    redis_store = store(redis_url)
+    limit = spec(1, 100)
+
+    async def tick() -> list[bool]:
+        got = await asyncio.gather(
+            *(redis_store.admit(None, None, ["l|t"], [limit], 0.0) for _ in range(4))
+        )
+        return [r.admitted for r in got]
+
+    other = asyncio.new_event_loop()  # stays open, as a worker thread's loop would
+    try:
+        in_thread = await anyio.to_thread.run_sync(other.run_until_complete, tick())
+        assert redis_store.coalescer.batches == 1
+        assert await tick() == in_thread == [True] * 4
+        assert redis_store.coalescer.batches == 2
+    finally:
+        await anyio.to_thread.run_sync(other.run_until_complete, redis_store.aclose_loop())
+        other.close()
+        await redis_store.aclose()
+
+
+# ---------------------------------------------------------------- through the middleware
+
+
+def _middleware(url: str, on_error: str = "local") -> FidelityMiddleware:
+    async def inner(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    policy = Policy(
+        state=StateConfig(url=url, on_error=on_error, timeout_ms=5000, connect_timeout_ms=5000),  # type: ignore[arg-type]
+        rate_limits=(RateLimit(name="api", rate="3/minute", key="client_ip"),),
+    )
+    return FidelityMiddleware(inner, policy=policy, telemetry=False)
+
+
+async def _requests(app: FidelityMiddleware, n: int) -> list[tuple[int, list[str]]]:
+    """`n` requests in one tick, straight through ASGI: (status, decision sources) each."""
+
+    async def one() -> tuple[int, list[str]]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
+                 "root_path": "", "query_string": b"", "headers": [(b"host", b"t")],
+                 "client": ("10.0.0.1", 1234), "server": ("t", 80), "state": {}}  # fmt: skip
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message) -> None:  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(scope, receive, send)
+        ctx = scope["state"]["fidelity"]
+        return statuses[0], [d.state_source for d in ctx.decisions if d.layer != "deadline"]
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_middleware_requests_of_one_tick_share_a_call_each_with_its_decision(
+    redis_url: str,
+    redis_server,  # type: ignore[no-untyped-def]
+) -> None:
+    app = _middleware(redis_url)
+    with redis_server.client() as client:
+        client.script_load(BATCH.source)
+        client.config_resetstat()
+    try:
+        got = await _requests(app, 5)
+    finally:
+        await app.engine.aclose()
+    calls = script_calls(redis_server)
+    assert [status for status, _ in got] == [200, 200, 200, 429, 429]
+    assert all(sources and set(sources) == {"redis"} for _, sources in got)
+    assert calls.get("evalsha") == 1
+
+
+@pytest.mark.parametrize(("on_error", "statuses"), [
+    ("local", [200, 200, 200, 429, 429]), ("open", [200] * 5), ("closed", [503] * 5),
+])  # fmt: skip
+async def test_middleware_batch_on_a_killed_redis_falls_back_per_request(
+    own_redis,  # type: ignore[no-untyped-def]
+    on_error: str,
+    statuses: list[int],
+) -> None:
+    app = _middleware(own_redis.url, on_error)
+    own_redis.kill()
+    try:
+        got = await _requests(app, 5)
+    finally:
+        await app.engine.aclose()
+    assert [status for status, _ in got] == statuses
+    assert all(sources and set(sources) == {"fallback"} for _, sources in got)

@@ -2,7 +2,9 @@
 
 - accuracy: a global 200/s limit (burst 20) under ~2x that load for a few
   seconds; exact mode admits at most rate x t + burst (+1 %); tiered mode's
-  over-admission and round trips per request are measured and printed;
+  over-admission and round trips per request are measured and printed, with
+  even arrivals and in simultaneous groups of 8;
+- tiered round trips on a hot key with room at 1600 requests/s;
 - faults while a bounded load runs: Redis SIGKILLed and restarted, then
   SIGSTOPped and SIGCONTed; every request is answered, never with a 500,
   fallback decisions are recorded, and the time to recover is measured.
@@ -361,6 +363,8 @@ async def test_tiered_mode_over_admission_and_round_trips(fleet_redis, tmp_path)
     assert admitted <= bound + N_PROCESSES * max_slice  # the documented bound
     assert admitted <= bound * 1.01  # from a fresh bucket: never more than exact GCRA
     assert sources["cache"] > 0
+    ideal = min(gcra_admitted([r.sent for r in replies]), gcra_admitted([r.done for r in replies]))
+    print(f"[tiered] an exact limiter would admit {ideal} of these arrivals")
 
 
 async def test_tiered_mode_with_batched_arrivals(fleet_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -480,7 +484,36 @@ async def test_faults_under_load_kill_restart_stop_continue(fleet_redis, tmp_pat
     assert after_continue is not None
     assert None not in back_restart  # every member got back to Redis by itself
     assert None not in back_continue
+    # Back within the probe backoff cap (0.5 s) plus generous scheduling slack for a
+    # loaded machine (docs/operations.md: 0.05-0.26 s measured). The outage counts are
+    # printed only: a 50 ms timeout on a busy machine is a genuine outage too; the
+    # restart itself costs one (tests/test_redis_restart.py, issue 12 #22).
+    assert max(b for b in back_restart if b is not None) <= 2_000
     # and is on Redis at the end, not stuck on fallback. How many requests fell back
     # meanwhile depends on how fast a loaded machine serves them (a 50 ms timeout): the
     # counts are printed, not compared.
     assert settled == [True] * N_PROCESSES, settled
+
+
+@pytest.mark.parametrize("batch", [1, 8], ids=["even", "batches-of-8"])
+async def test_tiered_round_trips_on_a_hot_key(fleet_redis, tmp_path, batch: int) -> None:  # type: ignore[no-untyped-def]
+    """A hot key with room (the /api/open limit) at 1600 requests/s over the fleet:
+    0.026-0.038 round trips per request here (0.37-0.39 before the demand fix)."""
+    url = "tiered+" + fleet_redis.url
+    with running(Fleet(tmp_path / f"hot{batch}", url, f"hot{batch}")) as fleet:
+        before = script_calls(fleet_redis)
+        replies = await load(fleet.ports, "/api/open", rate=1600, duration_s=2.0, batch=batch)
+        calls = script_calls(fleet_redis) - before
+    span = max(r.done for r in replies) - min(r.sent for r in replies)
+    per_request = calls / len(replies)
+    print(
+        f"\n[tiered hot key, batch {batch}] {len(replies)} requests in {span:.2f} s "
+        f"({len(replies) / span:.0f}/s): {calls} script calls = {per_request:.4f}/request"
+    )
+    assert Counter(r.status for r in replies) == Counter({200: len(replies)})
+    # Calls follow the sync cadence (one per process per >= 0.4 x sync interval,
+    # leases riding along), not the request rate: a bound in calls per second of
+    # the run, whatever rate this machine managed. (Before the demand fix and the
+    # shared leases: 1179-1251 calls for these 3200 requests.)
+    sync_s = 0.1
+    assert calls <= N_PROCESSES * span / (0.4 * sync_s) + 4 * N_PROCESSES

@@ -91,7 +91,7 @@ async def test_round_trips_per_request_at_steady_state(redis_url: str) -> None:
 async def test_breaker_opened_through_one_instance_sheds_on_another(redis_url: str) -> None:
     """Outcomes counted on A reach Redis at A's next sync; B sheds once its cache refreshes."""
     sync_ms = 50
-    cfg = BreakerConfig(min_calls=5, failure_ratio=0.5, open_s=30.0)
+    cfg = BreakerConfig(min_calls=5, failure_ratio=0.5, open_s=30.0, open_min_s=30.0)
     a, b = tiered(redis_url, sync_ms), tiered(redis_url, sync_ms)
     try:
         assert (await b.admit("route:/x", cfg, (), (), time.monotonic())).gate.verdict == "allow"  # type: ignore[union-attr]

@@ -543,7 +543,9 @@ async def test_outside_a_request_the_policy_default_deadline_applies(clock: Fake
 
 
 def flaky_breaker() -> BreakerConfig:
-    return BreakerConfig(min_calls=100, consecutive_failures=2, open_s=5.0, open_jitter=0.0)
+    return BreakerConfig(
+        min_calls=100, consecutive_failures=2, open_s=5.0, open_min_s=5.0, open_jitter=0.0
+    )
 
 
 async def test_breaker_opening_mid_retry_stops_at_once_then_fails_fast(clock: FakeClock) -> None:
@@ -834,6 +836,9 @@ class FailingStore(MemoryStore):
         raise ConnectionError("redis down")
 
     async def budget_request(self, *args: Any) -> None:
+        raise ConnectionError("redis down")
+
+    async def outbound_gate(self, *args: Any) -> Any:
         raise ConnectionError("redis down")
 
 

@@ -1,10 +1,15 @@
 """Circuit breaker state machine, pure: time and randomness come in as arguments.
 
-closed --(ratio over a sliding window with >= min_calls, or N consecutive
-failures)--> open --(open_s ± jitter)--> half_open --(a probe succeeds)-->
-closed; a failed probe re-opens. Half-open admits at most `half_open_probes`
-concurrent probes; a probe that never reports frees its slot after
-`probe_lease_s`.
+closed --(ratio over a sliding window with >= min_calls, checked after every
+outcome, or N consecutive failures)--> open --(open time ± jitter)-->
+half_open --(a probe succeeds)--> closed; a failed probe re-opens. Half-open
+admits at most `half_open_probes` concurrent probes; a probe that never
+reports frees its slot after `probe_lease_s`.
+
+Recovery follows evidence: the open time starts at `open_min_s` and doubles
+with every half-open round whose probe failed, up to `open_s`; a successful
+probe closes the breaker and starts over. A short outage costs a short open
+period; a long one is probed ever more rarely (`open_time`).
 
 Every transition bumps `epoch`. A call carries the epoch it was admitted in;
 outcomes from an older epoch are not counted (a call admitted before the
@@ -26,6 +31,13 @@ FAILURE: Final = "failure"
 IGNORED: Final = "ignored"  # neither: limiter rejection, client disconnect, cancellation
 
 _BUCKETS = 10
+
+
+def open_time(cfg: BreakerParams, reopens: int) -> float:
+    """The open period (before jitter) after `reopens` failed half-open rounds in a row:
+    open_min_s doubled per round, capped at open_s (open_min_s >= open_s: always open_s)."""
+    first = min(cfg.open_min_s, cfg.open_s)
+    return min(cfg.open_s, first * 2.0 ** min(reopens, 62))
 
 
 class Gate(NamedTuple):
@@ -54,6 +66,7 @@ class BreakerState:
         "open_until",
         "opened_at",
         "probes",
+        "reopens",
         "state",
     )
 
@@ -64,6 +77,7 @@ class BreakerState:
         self.open_until = 0.0
         self.opened_at = 0.0
         self.consecutive = 0
+        self.reopens = 0  # half-open rounds in a row whose probe failed
         # Sliding window as a ring of [calls, failures, slow] buckets; the
         # current bucket is the last one.
         self._bucket_s = config.window_s / _BUCKETS
@@ -148,7 +162,8 @@ class BreakerState:
             bucket[2] += 1
             totals[2] += 1
         # Every outcome, a success too: F,F,F,S reaches min_calls on the success.
-        if self._should_open(now):
+        # (A window without failures or slow calls cannot open: the common case.)
+        if (totals[1] or totals[2]) and self._should_open(now):
             self._transition(OPEN, now, rng)
         return self.state
 
@@ -170,6 +185,7 @@ class BreakerState:
         return cfg.slow_call_ratio is not None and slow >= cfg.slow_call_ratio * calls
 
     def _transition(self, state: str, now: float, rng: RandomSource) -> None:
+        previous = self.state
         self.state = state
         self.epoch += 1
         if state == CLOSED:
@@ -178,11 +194,16 @@ class BreakerState:
         # they report (their outcome is stale and not counted) or their lease
         # runs out: they are still real calls on a recovering route.
         if state == OPEN:
+            if previous == HALF_OPEN:
+                self.reopens += 1
+            elif previous == CLOSED:
+                self.reopens = 0
             cfg = self.config
             spread = cfg.open_jitter * (2.0 * rng() - 1.0)
             self.opened_at = now
-            self.open_until = now + cfg.open_s * (1.0 + spread)
+            self.open_until = now + open_time(cfg, self.reopens) * (1.0 + spread)
         elif state == CLOSED:
+            self.reopens = 0
             self._closed_gate = Gate("allow", CLOSED, self.epoch, 0.0)
             self.consecutive = 0
             for bucket in self.buckets:

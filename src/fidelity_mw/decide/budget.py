@@ -55,10 +55,20 @@ class BudgetWindow:
             self._rotate(now)
         self.requests[self._index] += 1
 
+    def allows(self, now: float) -> bool:
+        """Would the budget allow one more retry now? (Spends nothing.)"""
+        requests, retries = self.totals(now)
+        return budget_allows(requests, retries, self.config)
+
+    def spend(self, now: float) -> None:
+        """Count one retry (after `allows` said yes)."""
+        if now >= self._bucket_end:
+            self._rotate(now)
+        self.retries[self._index] += 1
+
     def try_retry(self, now: float) -> bool:
         """Spend one retry if the budget allows it; True if spent."""
-        requests, retries = self.totals(now)
-        if not budget_allows(requests, retries, self.config):
+        if not self.allows(now):
             return False
         self.retries[self._index] += 1
         return True

@@ -43,6 +43,24 @@ def gcra(
     return LimitVerdict(True, new_tat, max(0, remaining), new_tat - now, 0.0)
 
 
+def refund(
+    tat: float, admitted_tat: float | None, now: float, interval_s: float, cost: int = 1
+) -> float:
+    """The TAT after giving back one admitted request of `cost` units.
+
+    `admitted_tat` is the TAT that request's admission stored: its units are
+    still outstanding only until then (the bucket refills in order), so at
+    most `admitted_tat - now` seconds of them come back, never more than the
+    request took. Giving back units that had already refilled would admit
+    more than rate x t + burst. `None` (admission TAT unknown) gives back all
+    of them. A result within float noise of `now` or earlier is a full bucket.
+    """
+    back = cost * interval_s
+    if admitted_tat is not None:
+        back = min(back, max(0.0, admitted_tat - now))
+    return tat - back
+
+
 def retry_after_header(seconds: float) -> str:
     """Retry-After as integer seconds, rounded up, never 0 for a real wait."""
     return str(max(1, math.ceil(seconds - 1e-9))) if seconds > 0 else "0"

@@ -27,6 +27,8 @@ class BreakerParams(Protocol):
     @property
     def open_s(self) -> float: ...
     @property
+    def open_min_s(self) -> float: ...
+    @property
     def open_jitter(self) -> float: ...
     @property
     def half_open_probes(self) -> int: ...
@@ -76,6 +78,7 @@ class BreakerSpec:
     min_calls: int = 20
     window_s: float = 30.0
     open_s: float = 5.0
+    open_min_s: float = 0.5
     open_jitter: float = 0.2
     half_open_probes: int = 3
     probe_lease_s: float = 30.0

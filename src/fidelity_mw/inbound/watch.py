@@ -213,12 +213,13 @@ class OutcomeRecorder:
         charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
         charged_keys = [keys[i] for i in charged]
         charged_specs = [plan.specs[i] for i in charged]
+        charged_tats = [result.limits[i].tat for i in charged]  # units that refilled stay spent
         now = self.monotonic()
         refund_now = self.refund_now
         if refund_now is None:
-            return self.store.refund(charged_keys, charged_specs, result.source, now)
+            return self.store.refund(charged_keys, charged_specs, result.source, now, charged_tats)
         try:
-            refund_now(charged_keys, charged_specs, now)
+            refund_now(charged_keys, charged_specs, now, charged_tats)
         except Exception:
             logger.exception("fidelity_mw: could not refund quota of %s", plan.route)
         return None

@@ -406,6 +406,7 @@ class BreakerConfig(_Validated):
     min_calls: int = _spec(20, int_in(1, 1_000_000))
     window_s: float = _spec(30.0, number_in(0.1, 86_400.0))
     open_s: float = _spec(5.0, number_in(0.001, 86_400.0))
+    open_min_s: float = _spec(0.5, number_in(0.001, 86_400.0))
     open_jitter: float = _spec(0.2, number_in(0.0, 0.9))
     half_open_probes: int = _spec(3, int_in(1, 1000))
     probe_lease_s: float = _spec(30.0, number_in(0.001, 86_400.0))

@@ -145,7 +145,11 @@ DESCRIPTIONS: dict[str, str] = {
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",
     "breaker.window_s": "Length of the sliding window (10 buckets).",
-    "breaker.open_s": "How long it stays open before admitting probes.",
+    "breaker.open_s": "The longest it stays open before admitting probes (see `open_min_s`).",
+    "breaker.open_min_s": "The first open period: half-open probes start this soon after the "
+    "breaker opens; each half-open round whose probe fails doubles it, up to `open_s`; a "
+    "successful probe closes the breaker and starts over. Set it to `open_s` for a fixed "
+    "open time.",
     "breaker.open_jitter": "Random spread of `open_s` (0.2 = ±20 %), so replicas do not "
     "probe in lockstep.",
     "breaker.half_open_probes": "Probes admitted at once while half-open; one success "

@@ -28,10 +28,14 @@ AdmitNow = Callable[
 ]
 RecordNow = Callable[[str, BreakerConfig, Gate, str, bool, float], str]
 GateNow = Callable[[str, BreakerConfig, float], Gate]
-RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float], None]
+RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float, Sequence[float] | None], None]
 BudgetRequestNow = Callable[[str, RetryConfig, float], None]
 BudgetTryRetryNow = Callable[[str, RetryConfig, float], tuple[bool, str, float]]
 OutboundBeginNow = Callable[[str, BreakerConfig | None, str, RetryConfig, float], Gate | None]
+OutboundGateNow = Callable[
+    [str | None, BreakerConfig | None, str | None, RetryConfig | None, bool, float],
+    tuple[Gate | None, bool],
+]
 
 
 class StateStore(abc.ABC):
@@ -60,6 +64,7 @@ class StateStore(abc.ABC):
     budget_request_now: BudgetRequestNow | None = None
     budget_try_retry_now: BudgetTryRetryNow | None = None
     outbound_begin_now: OutboundBeginNow | None = None
+    outbound_gate_now: OutboundGateNow | None = None  # `outbound_gate` less provenance
 
     @abc.abstractmethod
     async def admit(
@@ -158,13 +163,21 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         """Give back the units `admit` charged these limits: another control layer shed the
         request after it was admitted (an outbound breaker refused its upstream call).
 
         `source` is the admission's (a tiered store returns units to where they came
-        from). Best effort: a refund that cannot reach the store is dropped.
+        from). `admitted_tats` are the `LimitVerdict.tat` values of that admission
+        (in the store's own clock): units that refilled since are not given back
+        twice (`decide.gcra.refund`); without them every unit is given back.
+        Best effort: a refund that cannot reach the store is dropped.
         """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default

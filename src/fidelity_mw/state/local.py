@@ -5,9 +5,10 @@ what a Redis store falls back to while Redis is unreachable.
 
 Bound: at most `max_keys` limiter keys (default 100,000). A key whose TAT is
 in the past is indistinguishable from a fresh key, so sweeping those away
-loses nothing; only if every key is still active does eviction drop the
-oldest-inserted ones (counted in `evicted_active`), which can only make the
-limiter more lenient for those clients, never stricter.
+loses nothing; only if every key is still active does eviction drop those
+whose loss forgives the fewest units (counted in `evicted_active`), which can
+only make the limiter more lenient for those clients, never stricter, and
+keeps the buckets every request charges (global, per route) to the last.
 
 Breakers and retry budgets are keyed by route and by upstream host. Hosts can
 be many (a service that calls URLs its clients supply: webhooks, link
@@ -21,6 +22,7 @@ enough are the oldest-inserted dropped (counted in `breakers_evicted_active`
 
 from __future__ import annotations
 
+import heapq
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from typing import TypeVar
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
 from ..decide.gcra import LimitVerdict, gcra
+from ..decide.gcra import refund as gcra_refund
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
 
@@ -39,30 +42,47 @@ _FULL_SLACK = 1e-6
 
 
 class GcraTable:
-    """key -> TAT, with lossless sweeping of idle keys."""
+    """key -> TAT, with lossless sweeping of idle keys and least-loss eviction."""
 
-    __slots__ = ("evicted_active", "max_keys", "next_sweep", "tats")
+    __slots__ = ("evicted_active", "intervals", "max_keys", "next_sweep", "tats")
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
         self.tats: dict[str, float] = {}
+        # key -> emission interval, set when the key is created: eviction weighs
+        # what losing a key forgives in units, not seconds.
+        self.intervals: dict[str, float] = {}
         self.next_sweep = max_keys
         self.evicted_active = 0
 
+    def forgiven(self, key: str, now: float) -> float:
+        """Units a client would get back if `key` were dropped now: its debt to the bucket."""
+        return (self.tats[key] - now) / self.intervals.get(key, 1.0)
+
     def make_room(self, now: float, incoming: int = 1) -> None:
-        """Make sure `incoming` more keys fit under `max_keys`."""
+        """Make sure `incoming` more keys fit under `max_keys`.
+
+        Idle keys (TAT <= now: a full bucket) go first and cost nothing. If
+        active keys must go too, those whose loss forgives the fewest units go:
+        a shared (global, per-route) bucket that every request charges owes the
+        most and is the last to go.
+        """
         tats = self.tats
         if len(tats) + incoming <= self.next_sweep:
             return
-        idle = [k for k, tat in tats.items() if tat <= now]
-        for key in idle:
+        # (within float noise of `now` is full too: gcra admits with the same slack)
+        forgiven = self.forgiven
+        for key in [k for k in tats if forgiven(k, now) <= _FULL_SLACK]:
             del tats[key]
         keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
         overflow = len(tats) - keep
         if overflow > 0:
-            for key in list(tats)[:overflow]:
+            for key in heapq.nsmallest(overflow, tats, key=lambda k: forgiven(k, now)):
                 del tats[key]
             self.evicted_active += overflow
+        intervals = self.intervals
+        if len(intervals) > len(tats):
+            self.intervals = {k: intervals[k] for k in tats if k in intervals}
         # Sweep again only after the table has grown by a quarter of its bound:
         # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
         self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
@@ -157,10 +177,13 @@ class LocalState:
             if len(limits) == 1:  # the common case, without the loops
                 spec = limits[0]
                 key = limit_keys[0]
+                tat = tats.get(key)
                 verdict = gcra(
-                    tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost
+                    now if tat is None else tat, now, spec.interval_s, spec.tolerance_s, spec.cost
                 )
                 if verdict.allowed:
+                    if tat is None:
+                        table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
                     return InboundResult(gate, (verdict,), True, "memory", 0.0)
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
@@ -174,24 +197,32 @@ class LocalState:
                     v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
                 )
                 if admitted:
-                    for key, verdict in zip(limit_keys, verdicts, strict=True):
+                    intervals = table.intervals
+                    for key, spec, verdict in zip(limit_keys, limits, verdicts, strict=True):
                         if verdict.allowed:
+                            if key not in tats:
+                                intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
             return InboundResult(gate, verdicts, admitted, "memory", 0.0)
 
     def refund_now(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         """Give back the units `admit_now` charged (see `StateStore.refund`)."""
         with self._lock:
             tats = self.limits.tats
-            for key, spec in zip(limit_keys, limits, strict=True):
+            for j, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
                 tat = tats.get(key)
                 if tat is None:
                     continue
-                back = tat - spec.cost * spec.interval_s
+                admitted = admitted_tats[j] if admitted_tats is not None else None
+                back = gcra_refund(tat, admitted, now, spec.interval_s, spec.cost)
                 if back - now > _FULL_SLACK * spec.interval_s:
                     tats[key] = back
                 else:  # a full bucket (within float noise): the same as no key
@@ -238,6 +269,38 @@ class LocalState:
         """Spend one retry if the budget allows it (see `StateStore.budget_try_retry`)."""
         with self._lock:
             return self.budget_window(budget_key, cfg, now).try_retry(now), "memory", 0.0
+
+    def outbound_gate_now(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerParams | None,
+        budget_key: str | None,
+        cfg: BudgetParams | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool]:
+        """`StateStore.outbound_gate` in one step (as outbound.lua does it): a first
+        attempt counts a request; a retry the budget denies takes no gate; a breaker
+        rejection spends no retry. Returns (gate or None, budget allowed)."""
+        with self._lock:
+            window = None
+            allowed = True
+            if budget_key is not None and cfg is not None:
+                window = self.budget_window(budget_key, cfg, now)
+                if retry:
+                    allowed = window.allows(now)
+                else:
+                    window.request(now)
+            gate = None
+            if allowed and breaker_key is not None and breaker is not None:
+                state = self.breakers.get(breaker_key)
+                if state is None or state.config is not breaker:
+                    state = self.breaker_state(breaker_key, breaker, now)
+                gate = state.gate(now, self._rng)
+            refused = gate is not None and gate.verdict == "reject"
+            if retry and allowed and window is not None and not refused:
+                window.spend(now)
+            return gate, allowed
 
     def outbound_begin_now(
         self,

@@ -33,6 +33,7 @@ class MemoryStore(LocalState, StateStore):
     budget_request_now = LocalState.budget_request_now
     budget_try_retry_now = LocalState.budget_try_retry_now
     outbound_begin_now = LocalState.outbound_begin_now
+    outbound_gate_now = LocalState.outbound_gate_now
 
     async def admit(
         self,
@@ -61,9 +62,26 @@ class MemoryStore(LocalState, StateStore):
         return self.gate_now(breaker_key, breaker, now), "memory", 0.0
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        self.refund_now(limit_keys, limits, now)
+        self.refund_now(limit_keys, limits, now, admitted_tats)
+
+    async def outbound_gate(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        gate, allowed = self.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        return gate, allowed, "memory", 0.0
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         self.budget_request_now(budget_key, cfg, now)

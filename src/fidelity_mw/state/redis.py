@@ -1,10 +1,12 @@
 """Redis state: fleet-wide limits and breakers in Lua scripts, with explicit failure modes.
 
-One EVALSHA per inbound request: `admit.lua` decides the route breaker gate and
-every rate limit of the request atomically, on the server's clock (`TIME`),
-with the same semantics as `MemoryStore.admit_now` (all-or-nothing commit; a
-probe slot given back when a limit rejects). `record` is one call too, and is
-skipped when there is nothing to record.
+One script call per inbound request, shared with the other requests of its
+event-loop tick: `admit.lua` decides the route breaker gate and every rate
+limit of the request atomically, on the server's clock (`TIME`), with the same
+semantics as `MemoryStore.admit_now` (all-or-nothing commit; a probe slot given
+back when a limit rejects); requests arriving together go as one `batch.lua`
+call that decides each of them the same way (redis_batch.py). `record` is one
+call too (shared the same way), and is skipped when there is nothing to record.
 
 Keys (see docs/state.md): ``{prefix}:rl:<h>`` (GCRA TAT), ``{prefix}:br:<h>``
 (breaker hash), ``{prefix}:bp:<h>`` (probe leases), ``{prefix}:bu:<h>`` (retry
@@ -59,6 +61,8 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
@@ -203,6 +207,7 @@ class RedisStats:
     fallbacks: int = 0  # decisions made in the failure mode
     dropped_records: int = 0  # outcomes not recorded because Redis was down
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
+    reconnects: int = 0  # calls retried once on a fresh connection after a connection error
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
@@ -269,7 +274,7 @@ class Health:
 
 
 def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
-    """The 9 breaker config values as `read_config` in lib.lua expects them."""
+    """The 10 breaker config values as `read_config` in lib.lua expects them."""
     return (
         cfg.failure_ratio,
         cfg.min_calls,
@@ -280,6 +285,7 @@ def breaker_args(cfg: BreakerConfig) -> tuple[float | int, ...]:
         cfg.probe_lease_s,
         cfg.slow_call_ratio if cfg.slow_call_ratio is not None else -1,
         cfg.consecutive_failures or 0,
+        cfg.open_min_s,
     )
 
 
@@ -302,7 +308,7 @@ _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 
 
 class RedisStore(StateStore):
-    """Exact fleet-wide state: one script call per inbound request."""
+    """Exact fleet-wide state: one script call per inbound request, or per tick under load."""
 
     source = SOURCE_REDIS
     # Coalesce one event-loop tick's admissions and records into one script call
@@ -459,7 +465,18 @@ class RedisStore(StateStore):
             self.stats.pool_waits += 1
             return None
         try:
-            reply = await self._evalsha(client, script, keys, args)
+            try:
+                reply = await self._evalsha(client, script, keys, args)
+            except _CALL_ERRORS as exc:
+                if not _stale_connection(exc):
+                    raise
+                # After a restart every pooled connection to the old server fails
+                # once on first use; declaring Redis down for each would flap
+                # between redis and fallback. One more try, on fresh connections,
+                # before the outage is real (no other retries: none in redis-py).
+                self.stats.reconnects += 1
+                await _drop_idle_connections(client)
+                reply = await self._evalsha(client, script, keys, args)
         except _CALL_ERRORS as exc:
             self._failed(exc)
             return None
@@ -510,7 +527,11 @@ class RedisStore(StateStore):
             attempt += 1
             await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
             try:
-                await self.client().execute_command("PING")
+                # Pooled connections predate the outage: probe (and come back) on
+                # fresh ones, so the first requests after recovery find no stale one.
+                client = self.client()
+                await _drop_idle_connections(client)
+                await client.execute_command("PING")
             except _CALL_ERRORS:
                 continue
             now = self._clock.monotonic()
@@ -567,15 +588,22 @@ class RedisStore(StateStore):
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
-            self.local.refund_now(limit_keys, limits, now)
+            self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
         args: list[Any] = []
-        for spec in limits:
-            args += (spec.interval_s, spec.cost)
+        for j, spec in enumerate(limits):
+            # -1: admission TAT unknown (server TATs are never negative)
+            admitted = admitted_tats[j] if admitted_tats is not None else -1
+            args += (spec.interval_s, spec.cost, repr(admitted))
         await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
 
     def fallback_admit(
@@ -781,15 +809,8 @@ class RedisStore(StateStore):
             add = count - (1 if key == budget_key and not retry else 0)
             for _ in range(add):
                 local.budget_request_now(key, key_cfg, now)
-        allowed = True
-        if budget_key is not None and cfg is not None:
-            if retry:
-                allowed = local.budget_try_retry_now(budget_key, cfg, now)[0]
-            else:
-                local.budget_request_now(budget_key, cfg, now)
-        gate = None
-        if allowed and breaker_key is not None and breaker is not None:
-            gate = local.gate_now(breaker_key, breaker, now)
+        gate, allowed = local.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
+        if gate is not None:
             gate = gate._replace(epoch=_local_epoch(gate.epoch))
         return gate, allowed, SOURCE_FALLBACK, age
 
@@ -960,6 +981,21 @@ class RedisStore(StateStore):
         )
 
 
+def _stale_connection(exc: BaseException) -> bool:
+    """A broken connection (reset, closed, refused), as opposed to a slow server
+    (timeout) or an error reply: the kind a fresh connection may not have."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError | ResponseError):
+        return False
+    return isinstance(exc, RedisConnectionError | OSError)
+
+
+async def _drop_idle_connections(client: RedisClient) -> None:
+    """Disconnect the pool's idle connections; the next call connects afresh."""
+    if isinstance(client, Redis):
+        with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
+
 async def _close_client(client: RedisClient) -> None:
     with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
         if isinstance(client, Redis):
@@ -998,14 +1034,22 @@ def parse_admit(
         )
         if gate.verdict == "reject":
             return InboundResult(gate, (), False, source, age)
+    # The TAT each limit now holds, on the server's clock (server now + reset):
+    # what a refund needs to give back only units still outstanding.
+    server_now = float(reply[0])
     if n_limits == 1:  # the common case, without the generator
+        reset = float(reply[9])
         verdicts: tuple[LimitVerdict, ...] = (
-            LimitVerdict(reply[7] == 1, 0.0, int(reply[8]), float(reply[9]), float(reply[10])),
+            LimitVerdict(reply[7] == 1, server_now + reset, int(reply[8]), reset, float(reply[10])),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] == 1, 0.0, int(reply[i + 1]), float(reply[i + 2]), float(reply[i + 3])
+                reply[i] == 1,
+                server_now + float(reply[i + 2]),
+                int(reply[i + 1]),
+                float(reply[i + 2]),
+                float(reply[i + 3]),
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )

@@ -18,6 +18,8 @@ its own fallback decision. Nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,41 +53,61 @@ class _Op:
         self.future = future
 
 
-class Coalescer:
-    """Queues `admit.lua` / `record.lua` calls of one event loop and sends each tick's
-    queue as one call. Calls from another loop (a worker thread's) go straight through."""
+class _Queue:
+    """The operations one event loop queued in its current tick."""
 
-    __slots__ = ("_batch", "_call", "_loop", "_queue", "_tasks", "batches", "coalesced")
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+
+
+class Coalescer:
+    """Queues `admit.lua` / `record.lua` calls and sends each event-loop tick's queue as
+    one call. Each loop has its own queue (a sync transport's worker threads run their
+    own loops), touched only by that loop's thread."""
+
+    __slots__ = ("_batch", "_bound", "_call", "_lock", "_queues", "_tasks", "batches", "coalesced")
 
     def __init__(self, call: Call, batch: Script) -> None:
         self._call = call
         self._batch = batch
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: list[_Op] = []
+        # the last loop used and its queue (one attribute: swapped atomically)
+        self._bound: tuple[asyncio.AbstractEventLoop | None, _Queue] = (None, _Queue())
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batch.lua calls sent
         self.coalesced = 0  # operations that shared a call with others
 
+    def _queue_of(self, loop: asyncio.AbstractEventLoop) -> _Queue:
+        bound = self._bound
+        if bound[0] is loop:
+            return bound[1]
+        with self._lock:
+            queue = self._queues.get(loop)
+            if queue is None:
+                queue = self._queues[loop] = _Queue()
+            self._bound = (loop, queue)
+            return queue
+
     async def call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Reply:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None and not self._loop.is_closed():
-                return await self._call(script, keys, args)
-            self._loop = loop  # the first loop to call (or one that replaced a closed one)
-            self._queue = []
+        queue = self._queue_of(loop)
         future: asyncio.Future[Reply] = loop.create_future()
-        queue = self._queue
-        queue.append(_Op(script, keys, args, future))
-        if len(queue) == 1:
+        queue.ops.append(_Op(script, keys, args, future))
+        if len(queue.ops) == 1:
             # The task's first step runs in the next tick: everything queued
             # until then goes with it.
-            task = loop.create_task(self._flush())
+            task = loop.create_task(self._flush(queue))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
 
-    async def _flush(self) -> None:
-        ops, self._queue = self._queue, []
+    async def _flush(self, queue: _Queue) -> None:
+        ops, queue.ops = queue.ops, []
         if len(ops) == 1:
             await self._send_one(ops[0])
             return
@@ -145,7 +167,8 @@ class Coalescer:
                 op.future.set_result((replies[j] if j < len(replies) else (), age))
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks)
+        loop = asyncio.get_running_loop()
+        tasks = [task for task in self._tasks if task.get_loop() is loop]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

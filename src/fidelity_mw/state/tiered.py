@@ -205,6 +205,7 @@ class TieredStore(StateStore):
         self._rng = self.exact._rng
         self.sync_s = self.config.sync_interval_ms / 1000.0
         self.slices: dict[str, Slice] = {}
+        self.max_slices = self.config.max_keys
         self.breakers: dict[str, CachedBreaker] = {}
         self.stats = TieredStats()
         self._sync_task: asyncio.Task[None] | None = None
@@ -241,6 +242,13 @@ class TieredStore(StateStore):
             if now - cb.synced_at > sync_s:
                 refresh = breaker_key
         slices = self.slices
+        if len(slices) + len(limit_keys) > self.max_slices and any(
+            key not in slices for key in limit_keys
+        ):
+            # The slice table is full: decide this request exactly rather than
+            # grow it (idle slices leave at the next syncs and make room).
+            self.stats.delegated += 1
+            return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         wanted: list[str] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
@@ -319,10 +327,15 @@ class TieredStore(StateStore):
         return self._result(gate, tuple(verdicts), admitted, waited, age)
 
     async def refund(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], source: str, now: float
+        self,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        source: str,
+        now: float,
+        admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source != SOURCE_CACHE:  # decided exactly (a probe) or on fallback: not a slice
-            await self.exact.refund(limit_keys, limits, source, now)
+            await self.exact.refund(limit_keys, limits, source, now, admitted_tats)
             return
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = self.slices.get(key)
@@ -639,17 +652,28 @@ class TieredStore(StateStore):
         self, now: float, skip: Collection[str]
     ) -> tuple[list[str], list[tuple[str, LimitSpec, int, int]]]:
         """What a sync sends now: breakers to flush and refresh, and per slice
-        (key, spec, give_back, want). Slices in `skip` are left out."""
+        (key, spec, give_back, want). Slices in `skip` are left out.
+
+        One call carries at most MAX_SYNC_KEYS keys. The tables are swept like
+        a cursor: every entry planned here moves to the end of its table, so
+        the next sync starts with the ones left over, and every slice (an idle
+        one holding leased units too) is reached within
+        len(table) / MAX_SYNC_KEYS syncs, however many keys stay hot."""
         sync_s = self.sync_s
+        breakers = self.breakers
         breaker_keys: list[str] = []
-        for bkey, cb in list(self.breakers.items()):
+        for bkey, cb in list(breakers.items()):
             if now - cb.used_at > IDLE_INTERVALS * sync_s and not cb.calls:
-                del self.breakers[bkey]
+                del breakers[bkey]
                 continue
+            if len(breaker_keys) >= MAX_SYNC_KEYS // 2:
+                break
             if cb.calls or now - cb.synced_at >= 0.5 * sync_s:
                 breaker_keys.append(bkey)
+                breakers[bkey] = breakers.pop(bkey)  # to the end: the cursor moves on
         limits: list[tuple[str, LimitSpec, int, int]] = []
-        for key, sl in list(self.slices.items()):
+        slices = self.slices
+        for key, sl in list(slices.items()):
             if len(limits) + len(breaker_keys) >= MAX_SYNC_KEYS:
                 break
             if sl.pending is not None or key in skip:
@@ -658,8 +682,9 @@ class TieredStore(StateStore):
                 if now - sl.synced_at >= sync_s:
                     # Idle for a whole interval: the lease ends, give everything back.
                     limits.append((key, sl.spec, sl.tokens, 0))
-                    del self.slices[key]
+                    del slices[key]
                 continue
+            slices[key] = slices.pop(key)  # to the end: the cursor moves on
             want = self._want(sl, now)
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))

@@ -794,6 +794,9 @@ class _Scanner(ast.NodeVisitor):
         return {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
 
     def _is_library_call(self, node: ast.AST) -> bool:
+        if isinstance(node, ast.Name | ast.Attribute):
+            text = _target_text(node)  # `retrying = AsyncRetrying(...)`, then `for a in retrying`
+            return text in self.instances or self.shared_object(self.resolve(node)) is not None
         return isinstance(node, ast.Call) and (
             self.rule_for(self.resolve(node.func)) is not None
             or self._instance_use(node.func, decorator=False) is not None

@@ -13,10 +13,12 @@ ways:
   an exit out of the loop somewhere.
 
 "The same call" rules out loops that walk data: `for fmt in formats: try:
-return parse(s, fmt)` tries a different thing each turn (so does failover
-across hosts); such a loop counts only when its iterable is a counter
-(`range`, `itertools.count`). A handler that only catches data errors
-(`ValueError`, `KeyError`...) is input validation, not a retry.
+return parse(s, fmt)` tries a different thing each turn, and so do failover
+across hosts (also through an index computed from the item), pagination and
+a path walked upwards (`current = current.parent`). An attempt number passed
+along does not make a different call. A handler that only catches data
+errors (`ValueError`, `KeyError`...) or a full or empty queue is not retrying,
+and neither is a loop that only waits for a lock or an event.
 
 The sleep is not required (immediate retries are retries), but raises the
 confidence. It may be anywhere in the loop: in the `except`, after the
@@ -242,6 +244,12 @@ class LoopReader:
     def _checked(self, loop: Loop, body: Sequence[ast.stmt]) -> tuple[str, ast.AST, bool] | None:
         results: dict[str, ast.Call] = {}
         for node in _walk_own(body):
+            if isinstance(node, ast.With | ast.AsyncWith):
+                # `async with session.post(url) as resp:`
+                for item in node.items:
+                    call = _unawait(item.context_expr)
+                    if isinstance(call, ast.Call) and isinstance(item.optional_vars, ast.Name):
+                        results[item.optional_vars.id] = call
             if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
                 call = _unawait(node.value)
                 if isinstance(call, ast.Call) and not self.is_sleep(call):
@@ -283,7 +291,7 @@ class LoopReader:
             return False  # `current = current.parent`: a different thing each turn
         if isinstance(loop, ast.While):
             return True
-        targets = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+        targets = _derived(loop, {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)})
         # an attempt number passed along still makes the same request; a page number,
         # an item, a host or a format does not
         return not {t for t in targets & used if not _ATTEMPT_NAME.search(t)}
@@ -525,6 +533,29 @@ def _always_exits(body: Sequence[ast.stmt], leave_only: bool = False) -> bool:
     return _outcomes(body) <= allowed
 
 
+def _derived(loop: ast.For | ast.AsyncFor, targets: set[str]) -> set[str]:
+    """The loop's item and the names the body computes from it (`i = (start + k) % n`);
+    an attempt number stays itself: what it feeds is still the same call."""
+    out = {t for t in targets}
+    if all(_ATTEMPT_NAME.search(t) for t in targets):
+        return out
+    grew = True
+    while grew:
+        grew = False
+        for node in _walk_own(loop.body):
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value:
+                reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+                if not reads & out:
+                    continue
+                targets_ = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets_:
+                    for n in ast.walk(target):
+                        if isinstance(n, ast.Name) and n.id not in out:
+                            out.add(n.id)
+                            grew = True
+    return out
+
+
 def _walking(loop: Loop) -> set[str]:
     """Names each turn derives from their value in the previous turn by plain data
     steps (`parent = current.parent; current = parent`, `offset += size`): a loop
@@ -538,9 +569,15 @@ def _walking(loop: Loop) -> set[str]:
         if name and isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Load):
             loads.append((name, (node.lineno, node.col_offset)))
         if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value:
-            # only plain derivations: a value a call returns may be anything
-            pure = not any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value))
-            reads = {d for n in ast.walk(node.value) if (d := _dotted(n))} if pure else set()
+            # plain derivations, or a call fed the name itself (`state = step(state)`);
+            # any other value a call returns may be anything
+            reads = {d for n in ast.walk(node.value) if (d := _dotted(n))}
+            if any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value)):
+                targets_text = {
+                    _dotted(t)
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                }
+                reads &= targets_text
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 items = target.elts if isinstance(target, ast.Tuple | ast.List) else [target]

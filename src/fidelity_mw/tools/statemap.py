@@ -175,8 +175,14 @@ def _breaker_data(b: BreakerConfig) -> str:
         parts.append(f"slow (>= {b.slow_call_ms} ms) ratio >= {b.slow_call_ratio:g}")
     if b.consecutive_failures is not None:
         parts.append(f"or {b.consecutive_failures} consecutive failures")
+    shortest = min(b.open_min_s, b.open_s)
+    opened = (
+        f"open {b.open_s:g} s"
+        if shortest >= b.open_s
+        else f"open {shortest:g} s doubling per failed probe round to {b.open_s:g} s"
+    )
     parts.append(
-        f"open {b.open_s:g} s ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes"
+        f"{opened} ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes"
     )
     return "; ".join(parts)
 

@@ -2,7 +2,7 @@
 --
 -- KEYS: [breaker hash, breaker probes] if ARGV[1] == '1', then one TAT key per limit.
 -- ARGV: has_breaker, jitter u in [0,1), n_limits,
---       [9 breaker config values, deferred_epoch, deferred_successes],
+--       [10 breaker config values, deferred_epoch, deferred_successes],
 --       then per limit: interval_s, tolerance_s, cost, shadow (0/1).
 -- Deferred successes (see RedisStore.record) are applied before the gate.
 -- Returns: now, verdict, state, epoch, retry_after_s, probe_id, admitted,

@@ -8,7 +8,7 @@
 --       breaker hash, breaker probes).
 -- ARGV: one string per operation: its values joined by ',' (one argument each
 --       costs the client far more than one string): either 'a' followed by
---       admit.lua's ARGV, or 'r' followed by record.lua's ARGV (16 values).
+--       admit.lua's ARGV, or 'r' followed by record.lua's ARGV (17 values).
 -- Returns: one string: per operation what admit.lua / record.lua return, values
 --          joined by ',', operations by ';' (one bulk reply parses cheaply).
 

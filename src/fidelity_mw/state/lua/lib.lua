@@ -65,9 +65,9 @@ end
 
 -- ------------------------------------------------------------------ breaker
 
--- Breaker config as it travels in ARGV (9 values, see BREAKER_ARGS in redis.py):
+-- Breaker config as it travels in ARGV (10 values, see breaker_args in redis.py):
 -- failure_ratio, min_calls, window_s, open_s, open_jitter, half_open_probes,
--- probe_lease_s, slow_call_ratio (-1: off), consecutive_failures (0: off)
+-- probe_lease_s, slow_call_ratio (-1: off), consecutive_failures (0: off), open_min_s
 local function read_config(argv, i)
   local c = {
     failure_ratio = tonumber(argv[i]),
@@ -79,6 +79,7 @@ local function read_config(argv, i)
     lease = tonumber(argv[i + 6]),
     slow_ratio = tonumber(argv[i + 7]),
     consecutive = tonumber(argv[i + 8]),
+    open_min = tonumber(argv[i + 9]),
   }
   c.bucket_s = c.window_s / BUCKETS
   -- Keep the state long enough that no live call can outlast it (its epoch
@@ -88,10 +89,10 @@ local function read_config(argv, i)
     keep = 3600
   end
   c.keep_ms = ttl_ms(keep)
-  return c, i + 9
+  return c, i + 10
 end
 
-local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w' }
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro' }
 
 local function br_load(hkey, pkey, cfg)
   local v = redis.call('HMGET', hkey, unpack(FIELDS))
@@ -106,6 +107,7 @@ local function br_load(hkey, pkey, cfg)
     co = tonumber(v[5]) or 0,
     be = tonumber(v[6]) or 0,
     np = tonumber(v[7]) or 1,
+    ro = tonumber(v[9]) or 0,
     w = {},
     dirty = false,
     full = false,
@@ -133,7 +135,7 @@ local function br_save(b)
   if b.full then
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
-      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','))
+      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro)
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
@@ -178,7 +180,25 @@ local function br_rotate(b, now)
   b.dirty = true
 end
 
+-- Port of decide.breaker.open_time: open_min_s doubled per failed half-open
+-- round in a row, capped at open_s.
+local function br_open_time(cfg, reopens)
+  local first = cfg.open_min
+  if first > cfg.open_s then
+    first = cfg.open_s
+  end
+  if reopens > 62 then
+    reopens = 62
+  end
+  local t = first * 2 ^ reopens
+  if t > cfg.open_s then
+    t = cfg.open_s
+  end
+  return t
+end
+
 local function br_transition(b, state, now, u)
+  local previous = b.st
   b.st = state
   b.ep = b.ep + 1
   if state == 'closed' then
@@ -187,10 +207,16 @@ local function br_transition(b, state, now, u)
   -- Otherwise probes of an earlier half-open round keep their slots until they
   -- report (their outcome is stale and not counted) or their lease runs out.
   if state == 'open' then
+    if previous == 'half_open' then
+      b.ro = b.ro + 1
+    elseif previous == 'closed' then
+      b.ro = 0
+    end
     local spread = b.cfg.open_jitter * (2.0 * u - 1.0)
     b.oa = now
-    b.ou = now + b.cfg.open_s * (1.0 + spread)
+    b.ou = now + br_open_time(b.cfg, b.ro) * (1.0 + spread)
   elseif state == 'closed' then
+    b.ro = 0
     b.co = 0
     br_clear_window(b)
   end

@@ -7,7 +7,7 @@
 --
 -- KEYS: [breaker hash, breaker probes] if ARGV[1] == '1', then one key per budget.
 -- ARGV: has_breaker, jitter u, n_budgets,
---       [9 breaker config values, deferred_epoch, deferred_successes],
+--       [10 breaker config values, deferred_epoch, deferred_successes],
 --       then per budget: window_s, ratio, min_per_s, add_requests, want_retry (0/1).
 -- Order: requests are counted first (they are facts); a wanted retry the
 -- budget denies takes no breaker gate (no probe slot); a breaker rejection

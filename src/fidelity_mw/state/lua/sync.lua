@@ -8,7 +8,7 @@
 --
 -- KEYS: [breaker hash, breaker probes] x nb, then one TAT key per limit.
 -- ARGV: jitter u, nb, nl,
---       per breaker: [9 config values], epoch, calls, failures, slow,
+--       per breaker: [10 config values], epoch, calls, failures, slow,
 --                    lead, maxrun, trail, had_success (0/1)
 --       per limit: interval_s, tolerance_s, give_back, want, min_take
 -- Returns: now, then per breaker: state, epoch, wait_s (time until a probe

@@ -1,11 +1,15 @@
-"""Small reference models, written from the documented rules, not from the code under test.
+"""The reference model: small, obviously correct, written from the documented rules,
+not from the code under test. Every store (memory, Redis, tiered) is held to it
+(tests/test_model_*.py, tests/test_differential.py).
 
 - `RefBucket`: a plain token bucket in exact fractions (capacity `burst`,
   refilled at `count / period` tokens per second, a request of `cost` takes
   `cost` tokens or is refused and takes nothing).
-- `RefBreaker`: the breaker rules of DESIGN.md / issue 2 / breaker.py's
+- `RefBreaker`: the breaker rules of docs/inbound.md and decide/breaker.py's
   docstring, over an exact list of timestamped outcomes.
-- `RefBudget`: the retry budget of DESIGN.md (retries <= ratio x requests +
+- `RefLedger`: the same bucket replayed over the admitted requests, a refunded
+  one removed: what a limiter with refunds may hold at most.
+- `RefBudget`: the retry budget of docs/outbound.md (retries <= ratio x requests +
   floor x window over a sliding window), over exact timestamped events.
 
 The implementation keeps sliding windows in 10 buckets, so an event leaves
@@ -15,7 +19,7 @@ band the implementation cut. Float arithmetic gets a tolerance of a
 hundred-thousandth of a token. Where a model is unsure it reports the set of
 answers it accepts; the tests then follow the implementation's answer.
 
-This module also holds the models' own sanity tests (hand-computed cases).
+Its own sanity tests (hand-computed cases) are in tests/test_reference_model.py.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 # A request is surely admitted when the exact bucket holds its cost (less a
 # float rounding allowance), surely refused when it is short by more than
@@ -94,6 +99,40 @@ class RefBucket:
         self.tokens = self.burst
 
 
+class RefLedger:
+    """An exact token bucket over the requests it admitted, replayed from the start.
+
+    A refunded request is as if it never happened, so this is the most a
+    limiter with refunds may ever hold: an implementation must never admit a
+    request this bucket could not (a refund that gives back units that had
+    already refilled would)."""
+
+    def __init__(self, count: int, period_s: float, burst: int) -> None:
+        self.rate = F(count) / F(period_s)
+        self.burst = F(burst)
+        self.events: list[list[Any]] = []  # [time, cost, live], in time order
+
+    def tokens(self, now: float) -> Fraction:
+        tokens, last = self.burst, None
+        for t, cost, live in self.events:
+            if not live:
+                continue
+            if last is not None:
+                tokens = min(self.burst, tokens + (t - last) * self.rate)
+            tokens -= cost
+            last = t
+        if last is not None:
+            tokens = min(self.burst, tokens + (F(now) - last) * self.rate)
+        return tokens
+
+    def admit(self, now: float, cost: int) -> int:
+        self.events.append([F(now), cost, True])
+        return len(self.events) - 1
+
+    def refund(self, index: int) -> None:
+        self.events[index][2] = False
+
+
 def close(a: float, b: float | Fraction, tol: float = 1e-6) -> bool:
     return abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b)))
 
@@ -140,9 +179,11 @@ class RefBreaker:
     closed: count outcomes in a sliding window of `window_s`; open when the
     window holds >= min_calls and failures >= failure_ratio x calls (or slow
     calls >= slow_call_ratio x calls), or after `consecutive_failures` failures
-    in a row (checked whenever an outcome is counted).
-    open: reject until open_s x (1 + open_jitter x (2r - 1)) has passed (r
-    from the shared random source), then half-open.
+    in a row (checked after every outcome counted, a success too).
+    open: reject until T x (1 + open_jitter x (2r - 1)) has passed (r from the
+    shared random source), then half-open. T starts at open_min_s when the
+    breaker opens from closed and doubles each time a probe fails (re-opening
+    from half-open), never above open_s.
     half-open: at most `half_open_probes` probes in flight; a probe slot not
     reported within probe_lease_s is freed; a probe's success closes, its
     failure (or slowness) re-opens. Outcomes of calls admitted in an earlier
@@ -159,6 +200,7 @@ class RefBreaker:
     probe_lease_s: float
     consecutive_failures: int | None = None
     slow_call_ratio: float | None = None
+    open_min_s: float | None = None  # None: a fixed open_s
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     state: str = CLOSED
     epoch: int = 0
@@ -168,6 +210,7 @@ class RefBreaker:
     consecutive: int = 0
     probes: dict[int, float] = field(default_factory=dict)  # probe id -> admitted at
     next_probe: int = 1
+    open_period: float = 0.0  # T before jitter, of the current (or last) open state
 
     @classmethod
     def from_config(cls, cfg, seed: int) -> RefBreaker:  # type: ignore[no-untyped-def]
@@ -181,16 +224,22 @@ class RefBreaker:
             probe_lease_s=cfg.probe_lease_s,
             consecutive_failures=cfg.consecutive_failures,
             slow_call_ratio=cfg.slow_call_ratio,
+            open_min_s=cfg.open_min_s,
             rng=random.Random(seed),
         )
 
     # -- transitions
     def _go(self, state: str, now: float) -> None:
-        self.state = state
+        previous, self.state = self.state, state
         self.epoch += 1
         if state == OPEN:
+            shortest = self.open_s if self.open_min_s is None else self.open_min_s
+            if previous == HALF_OPEN:  # a probe failed: twice as long, at most open_s
+                self.open_period = min(self.open_s, 2 * self.open_period)
+            elif previous == CLOSED:
+                self.open_period = min(self.open_s, shortest)
             r = self.rng.random()
-            self.open_until = now + self.open_s * (1.0 + self.open_jitter * (2.0 * r - 1.0))
+            self.open_until = now + self.open_period * (1.0 + self.open_jitter * (2.0 * r - 1.0))
         if state == CLOSED:
             self.probes.clear()
             self.events.clear()
@@ -324,76 +373,3 @@ class RefBudget:
 
     def spend(self, now: float) -> None:
         self.retries.append(now)
-
-
-# ---------------------------------------------------------------- the models' own checks
-
-
-def test_bucket_refills_at_rate_and_caps_at_burst() -> None:
-    b = RefBucket(count=2, period_s=1.0, burst=3, start=0.0)
-    assert b.ask(0.0, 3).allowed == {True}
-    b.take(3)
-    assert b.ask(0.0, 1).allowed == {False}
-    assert b.ask(0.5, 1).allowed == {True}  # 0.5 s x 2/s = 1 token
-    b.take(1)
-    assert b.refill(100.0) == 3
-
-
-def test_bucket_threshold_is_ambiguous_only_within_tolerance() -> None:
-    b = RefBucket(count=1, period_s=1.0, burst=1, start=0.0)
-    b.take(1)
-    assert b.ask(0.9999, 1).allowed == {False}
-    assert b.ask(0.999999, 1).allowed == {True, False}
-    assert b.ask(0.999999, 1).tokens_before < 1
-    assert b.ask(0.99999999999, 1).allowed == {True}  # short by float noise only
-
-
-def test_window_cuts() -> None:
-    times = [0.0, 5.0, 9.5, 9.95]
-    # at 10.0 with a 1 s window: 9.95 surely in (age .05), 9.5 surely in (age .5),
-    # 5.0 and 0.0 surely out
-    assert window_cuts(times, 10.0, 1.0) == [2]
-    # age 0.95 falls in the band [0.9, 1.0): either
-    assert window_cuts([9.05], 10.0, 1.0) == [0, 1]
-
-
-def test_breaker_model_opens_closes_and_ignores_stale_outcomes() -> None:
-    m = RefBreaker(
-        failure_ratio=0.5,
-        min_calls=2,
-        window_s=10,
-        open_s=1,
-        open_jitter=0.0,
-        half_open_probes=1,
-        probe_lease_s=5,
-    )
-    v, early, _ = m.gate(0.0)
-    assert v == "allow"
-    assert early is not None
-    v, call, _ = m.gate(0.0)
-    assert call is not None
-    assert m.record(call, "failure", 0.0, False) == {CLOSED}  # 1 call < min_calls
-    v, call, _ = m.gate(0.0)
-    assert call is not None
-    assert m.record(call, "failure", 0.0, False) == {OPEN}
-    assert m.gate(0.5)[0] == "reject"
-    v, probe, _ = m.gate(1.0)
-    assert v == "probe"
-    assert probe is not None
-    assert m.gate(1.0)[0] == "reject"  # one probe at a time
-    assert m.record(early, "failure", 1.0, False) == {HALF_OPEN}  # stale epoch
-    assert m.record(probe, "success", 1.0, False) == {CLOSED}
-    assert m.events == []
-
-
-def test_budget_model_floor_and_ratio() -> None:
-    b = RefBudget(ratio=0.5, floor_per_s=0.1, window_s=10)  # floor: 1 retry per window
-    assert b.allowed(0.0) == {True}
-    b.spend(0.0)
-    assert b.allowed(0.0) == {False}
-    b.request(0.0)
-    b.request(0.0)
-    assert b.allowed(0.0) == {True}  # 0.5 x 2 + 1 = 2 >= 2
-    b.spend(0.0)
-    assert b.allowed(0.0) == {False}
-    assert b.allowed(20.0) == {True}  # everything left the window

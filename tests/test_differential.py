@@ -1,0 +1,579 @@
+"""Differential tests: one model, many implementations.
+
+Hypothesis generates operation sequences (admit a request on a route breaker
+and up to three limits, record an outcome for any call in flight, refund an
+admitted request, outbound gates with the retry budget, advance time, several
+probes in flight at once) and runs each against the memory store and the
+Redis store on a real redis-server, step by step:
+
+- every answer must be the same (gate verdict, state, epoch, probe id,
+  retry-after; each limit's verdict, remaining, reset; the budget's answer),
+  and after every step the breakers' state must be the same (state, epoch,
+  open-until, failed-probe rounds, probe slots held);
+- every limit admission must be one the reference ledger (an exact token
+  bucket over the admitted requests, refunded ones removed) would make;
+- the tiered store, which decides on leased slices, is held to its documented
+  bound instead: from a fresh bucket, never more than rate x t + burst units
+  net of refunds (tests/test_differential.py::test_tiered_stays_within_its_bound).
+
+Time: Redis decides on its own clock, so the scripts run on a pinned clock
+(tests/redis_clock.py: a test-only copy of each script whose server_now()
+reads a key; production scripts are untouched) set to the same `now` the
+memory store gets. The Redis store defers plain successes to its next call
+by design (they cannot change the state); the test flushes them right after
+each record so both windows count them at the same instant (the deferral
+itself: test_defects_state.py::test_defect11_deferred_successes_open_like_single_ones).
+
+Concurrent admissions are sent in one event-loop tick, so the Redis store
+coalesces them into one batch.lua call: that script is held to the same answers.
+
+Planted bugs (test_planted_bug_is_caught) show the comparison has teeth:
+each plant, in Python or in Lua, must make the differential check fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from fidelity_mw.decide import breaker as breaker_module
+from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
+from fidelity_mw.state import local as local_module
+from fidelity_mw.state import redis as redis_module
+from fidelity_mw.state.base import InboundResult, LimitSpec
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import FakeClock
+from redis_clock import CLOCK_KEY, RedisClock, patch_scripts
+from reference_model import TOKEN_TOL, RefLedger
+
+pytestmark = pytest.mark.redis
+
+T0 = 1_000.0
+ROUTE = "route:/api"
+HOST = "upstream:h"
+BUDGET = "budget:h"
+
+# name, count, period, burst, shadow
+LIMITS = (
+    ("a", 2, 1.0, 3, False),
+    ("b", 1, 1.0, 2, False),
+    ("s", 1, 1.0, 1, True),
+)
+SPECS = tuple(
+    LimitSpec(name, period / count, burst * period / count, 1, shadow)
+    for name, count, period, burst, shadow in LIMITS
+)
+
+BREAKERS = (
+    BreakerConfig(
+        min_calls=2, failure_ratio=0.5, window_s=2.0, open_s=1.0, open_min_s=0.25,
+        open_jitter=0.0, half_open_probes=2, probe_lease_s=1.5,
+    ),
+    BreakerConfig(
+        min_calls=3, failure_ratio=0.6, window_s=1.0, open_s=2.0, open_min_s=0.5,
+        open_jitter=0.2, half_open_probes=1, probe_lease_s=0.75, consecutive_failures=3,
+    ),
+    BreakerConfig(
+        min_calls=1, failure_ratio=1.0, window_s=5.0, open_s=0.5, open_min_s=0.5,
+        open_jitter=0.1, half_open_probes=3, probe_lease_s=2.0, slow_call_ms=100,
+        slow_call_ratio=0.5,
+    ),
+)  # fmt: skip
+RETRY = RetryConfig(budget_ratio=0.5, budget_min_per_s=0.5, budget_window_s=2.0)
+
+op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.01, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5])),
+    st.tuples(
+        st.just("admit"),
+        st.sampled_from([True, True, False]),  # the route breaker
+        st.integers(0, 7),  # which limits (a bit mask over LIMITS)
+        st.integers(0, 1),  # which client
+        st.integers(1, 4),  # how many such requests at this instant
+        st.booleans(),  # sent to Redis concurrently (one coalesced batch.lua call)
+    ),
+    st.tuples(
+        st.just("record"),
+        st.integers(0, 20),
+        st.sampled_from([SUCCESS, FAILURE, FAILURE, IGNORED]),
+        st.booleans(),
+    ),
+    st.tuples(st.just("refund"), st.integers(0, 20)),
+    st.tuples(st.just("outbound"), st.booleans()),
+    # a whole call on the route breaker: admitted, then its outcome at once
+    st.tuples(st.just("call"), st.sampled_from([SUCCESS, FAILURE, FAILURE]), st.booleans()),
+)
+cases = st.tuples(
+    st.sampled_from(range(len(BREAKERS))),
+    st.sampled_from([0.5, 0.1, 0.93]),  # the jitter draw, the same for both stores
+    st.lists(op, min_size=5, max_size=40),
+)
+
+
+# ---------------------------------------------------------------- comparing answers
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def _same_gate(m: Gate | None, r: Gate | None, what: str) -> None:
+    if m is None or r is None:
+        assert m is r, (what, m, r)
+        return
+    assert (m.verdict, m.state, m.epoch, m.probe_id) == (
+        r.verdict,
+        r.state,
+        r.epoch,
+        r.probe_id,
+    ), (what, m, r)
+    assert _close(m.retry_after_s, r.retry_after_s), (what, m, r)
+
+
+def _same_admit(m: InboundResult, r: InboundResult) -> None:
+    _same_gate(m.gate, r.gate, "admit gate")
+    assert m.admitted == r.admitted, ("admitted", m, r)
+    assert len(m.limits) == len(r.limits), (m, r)
+    for mv, rv in zip(m.limits, r.limits, strict=True):
+        assert (mv.allowed, mv.remaining) == (rv.allowed, rv.remaining), ("limit", m, r)
+        assert _close(mv.reset_s, rv.reset_s), ("reset", m, r)
+        assert _close(mv.retry_after_s, rv.retry_after_s), ("retry_after", m, r)
+
+
+def _breaker_snapshot_memory(store: MemoryStore, key: str) -> tuple[Any, ...]:
+    state = store.breakers.get(key)
+    if state is None:
+        return ("closed", 0, 0.0, 0, 0)
+    return (state.state, state.epoch, state.open_until, state.reopens, len(state.probes))
+
+
+def _breaker_snapshot_redis(
+    client: redis_sync.Redis, store: RedisStore, key: str
+) -> tuple[Any, ...]:
+    hkey, pkey = store.breaker_keys(key)
+    st_, ep, ou, ro = client.hmget(hkey, "st", "ep", "ou", "ro")
+    return (
+        (st_ or b"closed").decode(),
+        int(ep or 0),
+        float(ou or 0.0),
+        int(ro or 0),
+        int(client.zcard(pkey)),
+    )
+
+
+def _same_breakers(memory: MemoryStore, red: RedisStore, client: redis_sync.Redis) -> None:
+    for key in (ROUTE, HOST):
+        m = _breaker_snapshot_memory(memory, key)
+        r = _breaker_snapshot_redis(client, red, key)
+        assert (m[0], m[1], m[3], m[4]) == (r[0], r[1], r[3], r[4]), (key, m, r)
+        assert _close(m[2], r[2]), (key, m, r)
+
+
+# ---------------------------------------------------------------- one sequence
+
+
+@dataclass
+class Charged:
+    """An admitted request's charges, per store, for a refund."""
+
+    keys: list[str]
+    specs: list[LimitSpec]
+    memory_tats: list[float]
+    redis_tats: list[float]
+    ledger: list[tuple[RefLedger, int]]
+
+
+class Harness:
+    """One event loop, one Redis store and one inspection client for many sequences
+    (a fresh connection per sequence would cost more than the sequence)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self.client = redis_sync.Redis.from_url(url, socket_timeout=5.0)
+        config = StateConfig(url=url, timeout_ms=5_000, connect_timeout_ms=5_000)
+        self.u = 0.5
+        self.red = RedisStore(config=config, rng=lambda: self.u)
+
+    def run(self, case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
+        self.loop.run_until_complete(_run(self, *case))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.red.aclose())
+        self.loop.close()
+        self.client.close()
+
+
+@pytest.fixture
+def harness(redis_url: str, redis_clock: RedisClock) -> Iterator[Harness]:
+    h = Harness(redis_url)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+class RedisUnavailable(Exception):
+    """The server did not answer: not a verdict of the test (a planted bug must not
+    count as caught because of it)."""
+
+
+@dataclass
+class Sequence_:
+    """What one sequence keeps beside the stores."""
+
+    ledgers: dict[str, RefLedger] = field(default_factory=dict)
+    refunded_keys: set[str] = field(default_factory=set)
+    inflight: list[tuple[str, Gate, Gate]] = field(default_factory=list)
+    charged: list[Charged] = field(default_factory=list)
+
+    def ledger(self, key: str) -> RefLedger:
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            name = key.split("|")[0]
+            count, period, burst = next((c, p, b) for n, c, p, b, _ in LIMITS if n == name)
+            ledger = self.ledgers[key] = RefLedger(count, period, burst)
+        return ledger
+
+
+def _from_redis(result: InboundResult) -> InboundResult:
+    if result.source != "redis":
+        raise RedisUnavailable(result)
+    return result
+
+
+async def _admit(
+    memory: MemoryStore,
+    red: RedisStore,
+    bkey: str | None,
+    bcfg: BreakerConfig | None,
+    keys: list[str],
+    specs: list[LimitSpec],
+    now: float,
+    seq: Sequence_,
+    repeat: int = 1,
+    together: bool = False,
+) -> None:
+    if together:  # one event-loop tick: the Redis store coalesces them, in this order
+        reds = await asyncio.gather(
+            *(red.admit(bkey, bcfg, keys, specs, now) for _ in range(repeat))
+        )
+    for i in range(repeat):
+        m = await memory.admit(bkey, bcfg, keys, specs, now)
+        r = reds[i] if together else await red.admit(bkey, bcfg, keys, specs, now)
+        _check_admit(m, _from_redis(r), keys, specs, now, seq)
+
+
+def _check_admit(
+    m: InboundResult,
+    r: InboundResult,
+    keys: list[str],
+    specs: list[LimitSpec],
+    now: float,
+    seq: Sequence_,
+) -> None:
+    _same_admit(m, r)
+    entry = Charged([], [], [], [], [])
+    decided = zip(keys, specs, m.limits, r.limits, strict=True) if m.limits else ()
+    for key, spec, mv, rv in decided:
+        ledger = seq.ledger(key)
+        tokens = ledger.tokens(now)
+        if mv.allowed and m.admitted:
+            # the reference bucket holds the units this admission took
+            assert tokens >= spec.cost - TOKEN_TOL, (key, float(tokens), now)
+            entry.keys.append(key)
+            entry.specs.append(spec)
+            entry.memory_tats.append(mv.tat)
+            entry.redis_tats.append(rv.tat)
+            entry.ledger.append((ledger, ledger.admit(now, spec.cost)))
+        elif not mv.allowed and key not in seq.refunded_keys:
+            # without refunds (which may give back less than the ledger forgets)
+            # a refusal means the bucket was short
+            assert tokens < spec.cost + TOKEN_TOL, (key, float(tokens), now)
+    if entry.keys:
+        seq.charged.append(entry)
+    if m.admitted and m.gate is not None and r.gate is not None:
+        seq.inflight.append((ROUTE, m.gate, r.gate))
+
+
+async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any, ...]]) -> None:
+    breaker = BREAKERS[breaker_index]
+    client = h.client
+    client.flushdb()
+    now = T0
+    client.set(CLOCK_KEY, repr(now))
+    h.u = u
+    memory = MemoryStore(rng=lambda: u)
+    red = h.red
+    red._deferred.clear()
+    red._pending.clear()
+    red.coalescer._batch = redis_module.BATCH  # the script as patched now (plants too)
+    seq = Sequence_()
+    for step in ops:
+        kind = step[0]
+        if kind == "advance":
+            now += step[1]
+            client.set(CLOCK_KEY, repr(now))
+        elif kind == "admit":
+            _, with_breaker, mask, who, repeat, together = step
+            specs = [s for i, s in enumerate(SPECS) if mask & (1 << i)]
+            keys = [f"{s.name}|c{who}" for s in specs]
+            bkey = ROUTE if with_breaker else None
+            bcfg = breaker if with_breaker else None
+            await _admit(memory, red, bkey, bcfg, keys, specs, now, seq, repeat, together)
+        elif kind == "call":
+            before = len(seq.inflight)
+            await _admit(memory, red, ROUTE, breaker, [], [], now, seq)
+            if len(seq.inflight) > before:  # admitted: it ends at once
+                step = ("record", before, step[1], step[2])
+        if step[0] == "record" and seq.inflight:
+            _, index, outcome, slow = step
+            key, mg, rg = seq.inflight.pop(index % len(seq.inflight))
+            slow = slow and breaker.slow_call_ratio is not None
+            await memory.record(key, breaker, mg, outcome, slow, now)
+            await red.record(key, breaker, rg, outcome, slow, now)
+            await red._flush_deferred_now()
+        if kind == "refund" and seq.charged:
+            entry = seq.charged.pop(step[1] % len(seq.charged))
+            await memory.refund(entry.keys, entry.specs, "memory", now, entry.memory_tats)
+            await red.refund(entry.keys, entry.specs, "redis", now, entry.redis_tats)
+            for ledger, index in entry.ledger:
+                ledger.refund(index)
+            seq.refunded_keys.update(entry.keys)
+        elif kind == "outbound":
+            retry = step[1]
+            mg, ma, _, _ = await memory.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
+            rg, ra, source, _ = await red.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
+            if source != "redis":
+                raise RedisUnavailable(source)
+            assert ma == ra, ("budget", retry, ma, ra)
+            _same_gate(mg, rg, "outbound gate")
+            if mg is not None and rg is not None and mg.verdict != "reject":
+                seq.inflight.append((HOST, mg, rg))
+        if not red.up:
+            raise RedisUnavailable("redis failed during the test")
+        _same_breakers(memory, red, client)
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=cases)
+def test_memory_and_redis_decide_alike_and_as_the_reference(
+    harness: Harness, case: tuple[int, float, list[tuple[Any, ...]]]
+) -> None:
+    harness.run(case)
+
+
+def test_a_known_tricky_sequence(harness: Harness) -> None:
+    """Hand-picked: open, probes in flight across a failed round (open time grows),
+    two requests coalesced into one batch call, a refund, the budget at its edge."""
+    ops: list[tuple[Any, ...]] = [
+        ("admit", True, 1, 0, 1, False),
+        ("admit", True, 1, 0, 1, False),
+        ("record", 0, FAILURE, False),
+        ("record", 0, FAILURE, False),  # min_calls 2, 100 % failures: open for 0.25 s
+        ("advance", 0.25),
+        ("admit", True, 3, 1, 1, False),  # probe 1
+        ("admit", True, 3, 1, 1, False),  # probe 2
+        ("admit", True, 3, 1, 1, False),  # no third slot
+        ("record", 0, FAILURE, False),  # re-open for 0.5 s; probe 2 keeps its slot
+        ("advance", 0.5),
+        ("admit", True, 1, 2, 2, True),  # one free slot only; both in one batch
+        ("record", 1, SUCCESS, False),  # the fresh probe closes it
+        ("refund", 0),
+        ("advance", 1.0),
+        ("outbound", False),
+        ("outbound", True),
+        ("outbound", True),
+        ("outbound", True),
+    ]
+    harness.run((0, 0.5, ops))
+
+
+# ---------------------------------------------------------------- planted bugs
+
+
+def _python_no_growth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(breaker_module, "open_time", lambda cfg, reopens: cfg.open_s)
+
+
+def _python_ratio_on_failure_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = breaker_module.BreakerState._should_open
+
+    def should_open(self: Any, now: float) -> bool:
+        return self.consecutive > 0 and real(self, now)  # right after a success: 0
+
+    monkeypatch.setattr(breaker_module.BreakerState, "_should_open", should_open)
+
+
+def _python_gcra_one_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = local_module.gcra
+
+    def gcra(tat: float, now: float, interval: float, tolerance: float, cost: int = 1) -> Any:
+        return real(tat, now, interval, tolerance + interval, cost)
+
+    monkeypatch.setattr(local_module, "gcra", gcra)
+
+
+def _python_refund_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        local_module,
+        "gcra_refund",
+        lambda tat, admitted, now, interval, cost: tat - cost * interval,
+    )
+
+
+def _lua(*edits: tuple[str, str]) -> Callable[[pytest.MonkeyPatch], None]:
+    def plant(monkeypatch: pytest.MonkeyPatch) -> None:
+        patch_scripts(monkeypatch, edits)
+
+    return plant
+
+
+PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    # Python (the memory store / decide)
+    "py: open time does not grow": _python_no_growth,
+    "py: ratio checked on failures only": _python_ratio_on_failure_only,
+    "py: gcra admits one unit over the burst": _python_gcra_one_extra,
+    "py: refund gives back units that refilled": _python_refund_everything,
+    # Lua (the Redis store)
+    "lua: every transition drops the probe slots": _lua(
+        (
+            "  if state == 'closed' then\n    redis.call('DEL', b.pkey)\n  end\n",
+            "  redis.call('DEL', b.pkey)\n",
+        )
+    ),
+    "lua: one probe more than configured": _lua(
+        ("if inflight < b.cfg.probes then", "if inflight <= b.cfg.probes then")
+    ),
+    "lua: ratio checked on failures only": _lua(
+        (
+            "  -- every outcome, a success too: F,F,F,S reaches min_calls on the success\n"
+            "  if br_should_open(b, now) then",
+            "  if failed and br_should_open(b, now) then",
+        )
+    ),
+    "lua: gcra slack of a whole interval": _lua(
+        ("if allow_at - now > SLACK * interval then", "if allow_at - now > interval then")
+    ),
+    "lua: open time does not grow": _lua(
+        ("local t = first * 2 ^ reopens", "local t = cfg.open_s")
+    ),
+    "lua: a coalesced batch decides on a later clock": _lua(
+        (
+            "local function admit_at(ARGV, a, k)\n",
+            "local function admit_at(ARGV, a, k)\n  now = now + 0.01\n",
+        )
+    ),
+    "lua: budget counts a denied retry": _lua(
+        ("if w.want and allowed then", "if w.want then")
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PLANTS))
+def test_planted_bug_is_caught(
+    name: str, harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PLANTS[name](monkeypatch)
+
+    @settings(
+        max_examples=400,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: we only need "caught"
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+    )
+    @given(case=cases)
+    def differential(case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
+        harness.run(case)
+
+    with pytest.raises(AssertionError):
+        differential()
+
+
+# ---------------------------------------------------------------- tiered, within its bound
+
+
+tiered_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.3, 1.0])),
+    st.tuples(st.just("admit"), st.integers(0, 1), st.integers(1, 4)),
+    st.tuples(st.just("refund"), st.integers(0, 20)),
+    st.tuples(
+        st.just("sync"),
+    ),
+)
+TIERED_LIMIT = LimitSpec("t", 0.1, 0.8, 1, False)  # 10/s, burst 8
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(tiered_op, min_size=5, max_size=40))
+def test_tiered_stays_within_its_bound(
+    redis_url: str, redis_clock: RedisClock, ops: list[tuple[Any, ...]]
+) -> None:
+    """From a fresh bucket, one tiered instance admits at most rate x t + burst units
+    (net of refunds) per key, whatever the order of admits, refunds and syncs."""
+    asyncio.run(_run_tiered(redis_url, ops))
+
+
+async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
+    client = redis_sync.Redis.from_url(url, socket_timeout=2.0)
+    client.flushdb()
+    clock = FakeClock(start=T0)
+    client.set(CLOCK_KEY, repr(T0))
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
+    store._last_sync = math.inf  # syncs only when the sequence says so
+    net: dict[str, int] = {}
+    admitted: list[tuple[str, str, float]] = []
+    rate = Fraction(1) / Fraction(TIERED_LIMIT.interval_s)
+    burst = Fraction(TIERED_LIMIT.tolerance_s) / Fraction(TIERED_LIMIT.interval_s)
+    try:
+        for step in ops:
+            now = clock.monotonic()
+            if step[0] == "advance":
+                clock.advance(step[1])
+                client.set(CLOCK_KEY, repr(clock.monotonic()))
+            elif step[0] == "admit":
+                key = f"t|c{step[1]}"
+                for _ in range(step[2]):
+                    result = await store.admit(None, None, [key], [TIERED_LIMIT], now)
+                    if result.admitted:
+                        net[key] = net.get(key, 0) + 1
+                        admitted.append((key, result.source, result.limits[0].tat))
+            elif step[0] == "refund" and admitted:
+                key, source, tat = admitted.pop(step[1] % len(admitted))
+                await store.refund([key], [TIERED_LIMIT], source, now, [tat])
+                if source == "cache" or tat > 0.0:  # (a slice verdict waited for is kept)
+                    net[key] -= 1
+            elif step[0] == "sync":
+                await store._sync_all(now)
+            elapsed = Fraction(clock.monotonic() - T0)
+            for key, units in net.items():
+                assert units <= rate * elapsed + burst + TOKEN_TOL, (key, units, float(elapsed))
+    finally:
+        await store.aclose()
+        client.close()
