@@ -1,8 +1,8 @@
 """The middleware's own moving parts fail: the request is still answered, never with our 500.
 
 State stores that raise on admit or on record, key functions that raise,
-telemetry observers that raise. DESIGN.md: "never a 500 caused by the
-middleware itself".
+telemetry observers that raise. The rule: never a 500 caused by the
+middleware itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FidelityMiddleware through a real Starlette app, on a fake clock.
 
-Each coordination rule of DESIGN.md that applies inbound has its own test.
+Each coordination rule of docs/inbound.md that applies inbound has its own test.
 """
 
 from __future__ import annotations
@@ -239,6 +239,7 @@ async def test_429_with_retry_after_fields_and_problem_body(clock: FakeClock) ->
     assert h.calls["/"] == 4  # the app never saw the rejected request
     assert headers[b"retry-after"] == b"2"  # 2.5 s per unit, 0.5 s gone: 2.0
     assert headers[b"content-type"] == b"application/problem+json"
+    assert headers[b"x-fidelity-decided-by"] == b"ratelimit"  # ours, not the app's
     assert headers[b"ratelimit-policy"] == b'"per-client";q=4;w=10'
     assert headers[b"ratelimit"] == b'"per-client";r=0;t=2'  # the same wait as Retry-After
     assert POLICY_FIELD.match(headers[b"ratelimit-policy"].decode())
@@ -439,6 +440,7 @@ async def test_503_while_open_without_calling_the_app(clock: FakeClock) -> None:
         status, headers, body = await h.request("/flaky")
         assert status == 503
         assert headers[b"retry-after"] == b"8"  # 7.5 s until half-open, rounded up
+        assert headers[b"x-fidelity-decided-by"] == b"breaker"
         assert headers[b"content-type"] == b"application/problem+json"
         doc = problem(body)
         assert doc["status"] == 503

@@ -59,3 +59,57 @@ async def test_tiered_refund_returns_units_to_the_slice(redis_url: str) -> None:
 def test_refund_script_runs_on_the_server_clock() -> None:
     assert load_script("refund").sha == REFUND.sha
     assert "server_now()" in REFUND.source
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["redis", "tiered"])
+@pytest.mark.parametrize(("charge", "after"), [("served", 200), ("always", 429)])
+async def test_charge_served_refunds_a_control_refusal_on_shared_state(
+    redis_url: str, tiered: bool, charge: str, after: int
+) -> None:
+    """Issue 13.6 through the middleware on Redis and tiered state: a request the
+    middleware answered 503 for an escaped CircuitOpen costs no quota with
+    `charge = "served"`, and costs it with `charge = "always"`."""
+    from fidelity_mw import CircuitOpen, FidelityMiddleware, Policy, RateLimit
+
+    url = ("tiered+" if tiered else "") + redis_url
+    limit = RateLimit(name=f"c-{charge}-{tiered}", rate="1/min", burst=1, charge=charge)  # type: ignore[arg-type]
+    policy = Policy(
+        state=StateConfig(url=url, sync_interval_ms=60_000, **PATIENT),
+        rate_limits=(limit,),
+        breaker=None,
+    )
+    refuse = True
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if refuse:
+            raise CircuitOpen("open", host="payments.internal", retry_after_s=1.0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    mw = FidelityMiddleware(app, policy=policy, telemetry=False)
+
+    async def status() -> int:
+        sent: list[dict] = []  # type: ignore[type-arg]
+
+        async def receive() -> dict:  # type: ignore[type-arg]
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict) -> None:  # type: ignore[type-arg]
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [],
+            "client": ("192.0.2.7", 1),
+        }
+        await mw(scope, receive, send)
+        return int(sent[0]["status"])
+
+    try:
+        assert await status() == 503
+        refuse = False
+        assert await status() == after
+    finally:
+        await mw.engine.aclose()

@@ -90,6 +90,8 @@ async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pi
         schema.STALE_DECISIONS: 0,
         schema.ROUTE: "/items/{id}",
         schema.CLIENT_KEY_HASH: otel.telemetry.hash_client_key("127.0.0.1"),
+        schema.DECISIONS: "deadline/allow/route_default@request "
+        "breaker/allow/breaker_closed@memory ratelimit/allow/under_limit@memory",
     }
     assert span.status.status_code is StatusCode.UNSET
 
@@ -416,8 +418,11 @@ _NO_SDK = textwrap.dedent(
     tel.attempt_end(None, httpx.Response(200), None)
 
     # configured later (after the app was built): picked up at once
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
     exporter = InMemorySpanExporter()
-    configure_otel("late", span_exporters=[exporter], metric_readers=[])
+    configure_otel("late")
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
     token = tel.start(ctx, scope)
     assert token is not None
     tel.end(ctx, scope, token)
@@ -473,3 +478,95 @@ async def test_own_span_keeps_the_callers_context(otel: Pipeline) -> None:
     assert (await call(outer, "/ok")).status_code == 200
     assert seen == {"value": "kept", "tenant": "acme", "span": True}
     only_span(otel)  # ours, and still one
+
+
+# ------------------------------------------------------------ the default: one summary
+
+
+async def test_default_is_one_summary_and_events_only_for_non_allow_decisions() -> None:
+    otel = pipeline(decision_events="non_allow")
+    try:
+        app = app_with(otel, policy(rate_limits=(RateLimit(name="one", rate="1/s", burst=1),)))
+        assert (await call(app, "/ok")).status_code == 200
+        assert (await call(app, "/ok")).status_code == 429
+        served, rejected = otel.finished()
+        assert decision_events(served) == []
+        assert dict(served.attributes or {})[schema.DECISIONS] == (
+            "deadline/allow/route_default@request breaker/allow/breaker_closed@memory "
+            "ratelimit/allow/under_limit@memory"
+        )
+        summary = dict(rejected.attributes or {})[schema.DECISIONS].split(" ")
+        assert summary[-1] == "ratelimit/reject/over_limit@memory"
+        (event,) = decision_events(rejected)
+        assert (event[schema.LAYER], event[schema.VERDICT], event[schema.SUBJECT]) == (
+            "ratelimit",
+            "reject",
+            "one",
+        )
+    finally:
+        otel.shutdown()
+
+
+def test_decision_events_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="decision_events"):
+        Telemetry(decision_events="some")
+
+
+def test_telemetry_uses_no_private_opentelemetry_names() -> None:
+    """Only public OpenTelemetry API on the request path: no `module._private` attribute, no
+    `_internal` module, no private method of an SDK class (an SDK upgrade may remove any
+    of them). (`configure_otel`, run once at startup, runs the SDK's own configurator.)"""
+    import re
+    from pathlib import Path
+
+    import fidelity_mw.telemetry as package
+
+    private = re.compile(
+        r"\b(?:trace_api|metrics_api|otel_context|propagate|opentelemetry[\w.]*)\._\w"
+        r"|_internal\b|\._add_event\b|_SUPPRESS\w*_KEY|_ProxyMeterProvider"
+    )
+    for name in ("__init__.py", "observer.py", "schema.py"):
+        path = Path(package.__file__).parent / name
+        hits = [line for line in path.read_text().splitlines() if private.search(line)]
+        assert hits == [], path.name
+
+
+# ------------------------------------------------------------ OTel's provider convention
+
+
+async def test_middleware_and_transport_take_tracer_and_meter_providers() -> None:
+    """Like OpenTelemetry's own instrumentations: providers for this app only, no globals."""
+    import httpx
+
+    from fidelity_mw import FidelityTransport
+
+    otel = pipeline()
+    try:
+        app = starlette_app()
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=policy(),
+            clock=FakeClock(),
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        assert (await call(app, "/ok")).status_code == 200
+        (server,) = otel.finished()
+        assert server.kind is SpanKind.SERVER
+        assert dict(server.attributes or {})[schema.DECIDED_BY] == "app"
+        requests = counter_values(otel.metrics, schema.METRIC_REQUESTS, schema.OUTCOME)
+        assert requests == {("served",): 1}
+
+        otel.spans.clear()
+        transport = FidelityTransport(
+            httpx.MockTransport(lambda request: httpx.Response(200)),
+            tracer_provider=otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+        )
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get("http://up.example/x")).status_code == 200
+        (attempt,) = otel.finished()
+        assert attempt.kind is SpanKind.CLIENT
+        assert dict(attempt.attributes or {})["server.address"] == "up.example"
+    finally:
+        otel.shutdown()

@@ -54,6 +54,9 @@ def pipeline(**telemetry_kwargs: Any) -> Pipeline:
     reader = InMemoryMetricReader()
     mp = MeterProvider(metric_readers=[reader])
     telemetry_kwargs.setdefault("client_key_salt", b"test-salt")
+    # most tests read every decision's event; the default (events for non-allow
+    # decisions only) has its own tests in test_telemetry.py
+    telemetry_kwargs.setdefault("decision_events", "all")
     tel = Telemetry(tracer_provider=tp, meter_provider=mp, **telemetry_kwargs)
     return Pipeline(tp, exporter, mp, reader, tel)
 

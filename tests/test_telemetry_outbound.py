@@ -70,6 +70,7 @@ def test_one_client_span_per_attempt_with_semconv(otel: Pipeline) -> None:
         "http.response.status_code": 503,
         "network.protocol.version": "1.1",
         "error.type": "503",
+        "fidelity.decisions": "retry/allow/attempt@memory",
     }
     assert spans[0].status.status_code is StatusCode.ERROR
     assert two["http.request.resend_count"] == 1

@@ -57,12 +57,14 @@ class RoutePlan:
         "breaker_key",
         "deadline_cap_s",
         "deadline_default_s",
+        "enforce",
         "ip_key_prefix",
         "key_prefixes",
         "limits",
         "policy_header",
         "remaining_prefixes",
         "route",
+        "served",
         "specs",
     )
 
@@ -73,8 +75,11 @@ class RoutePlan:
         limits: tuple[RateLimit, ...],
         deadline_default_s: float | None,
         deadline_cap_s: float | None,
+        enforce: bool = True,
     ) -> None:
         self.route = route
+        # the deadline is enforced while the app runs (504 and cancel, before a response)
+        self.enforce = enforce
         self.breaker = breaker
         self.breaker_key = f"route:{route}" if breaker is not None else None
         self.limits = limits
@@ -88,6 +93,8 @@ class RoutePlan:
             )
             for lim in limits
         )
+        # Per limit: its units come back when a fault the client did not cause answered 5xx.
+        self.served = tuple(lim.charge == "served" for lim in limits)
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
         # Set when the route has exactly one limit, keyed by client IP.
@@ -190,6 +197,7 @@ class Engine:
             limits,
             deadline_ms / 1000.0 if deadline_ms is not None else None,
             cap_ms / 1000.0 if cap_ms is not None else None,
+            route_cfg.enforce if route_cfg is not None else True,
         )
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
+from collections.abc import Callable
 
 from ._types import RandomSource
 
@@ -19,6 +22,9 @@ class FakeClock:
         self._now = start
         self._wall_offset = wall_start - start
         self.sleeps: list[float] = []
+        self._timers: list[tuple[float, int, FakeTimer]] = []
+        self._order = itertools.count()
+        self._cancelled = 0
 
     def monotonic(self) -> float:
         return self._now
@@ -30,6 +36,26 @@ class FakeClock:
         if seconds < 0:
             raise ValueError("time does not run backwards")
         self._now += seconds
+        timers = self._timers
+        while timers and timers[0][0] <= self._now:
+            timer = heapq.heappop(timers)[2]
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        """Run `callback` once the clock is advanced `delay` seconds past now (the
+        middleware's deadline enforcement schedules through this when present)."""
+        timers = self._timers
+        if len(timers) > 64 and self._cancelled * 2 > len(timers):
+            # drop cancelled timers, as asyncio does: a clock that is not advanced
+            # would keep every finished request's timer otherwise
+            timers[:] = [t for t in timers if not t[2].cancelled]
+            heapq.heapify(timers)
+            self._cancelled = 0
+        timer = FakeTimer(callback, self)
+        heapq.heappush(self._timers, (self._now + max(0.0, delay), next(self._order), timer))
+        return timer
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
@@ -39,6 +65,22 @@ class FakeClock:
     def sleep_sync(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.advance(max(0.0, seconds))
+
+
+class FakeTimer:
+    """What `FakeClock.call_later` returns: cancel it before it fires to stop it."""
+
+    __slots__ = ("callback", "cancelled", "clock")
+
+    def __init__(self, callback: Callable[[], None], clock: FakeClock) -> None:
+        self.callback = callback
+        self.cancelled = False
+        self.clock = clock
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.clock._cancelled += 1
 
 
 def seeded_random(seed: int = 0) -> RandomSource:

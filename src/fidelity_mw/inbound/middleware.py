@@ -19,18 +19,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..context import _CURRENT, DecisionContext
-from ..engine import Engine
+from ..engine import Engine, RoutePlan
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions
+from .refusals import control_refusal, deadline_refusal
 from .request import RequestReader, scan_headers
 from .responses import DECIDED_BY_HEADER, Rejection, respond
-from .watch import OutcomeRecorder, ResponseWatcher, response_ends
+from .watch import (
+    CallLater,
+    DeadlineWatch,
+    OutcomeRecorder,
+    ResponseEndHook,
+    ResponseWatcher,
+    response_ends,
+)
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -52,8 +61,15 @@ class FidelityMiddleware:
         store: StateStore | None = None,
         observer: RequestObserver | None = None,
         telemetry: bool = True,
+        answer_refusals: bool = True,
         on_reject: OnReject | None = None,
+        tracer_provider: Any = None,  # OpenTelemetry's convention: this app's providers,
+        meter_provider: Any = None,  # not the global ones (docs/telemetry.md)
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         self.app = app
         # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
         self._on_reject = on_reject
@@ -85,6 +101,13 @@ class FidelityMiddleware:
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
+        # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
+        # spent retry budget, a timeout that was the deadline) as 503/504; False: let
+        # them through to the server, as any exception.
+        self.answer_refusals = answer_refusals
+        # A clock may schedule its own timers (FakeClock does); else the event loop's.
+        call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
+        self._deadlines = DeadlineWatch(self._monotonic, call_later)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -187,14 +210,30 @@ class FidelityMiddleware:
             watcher = ResponseWatcher(
                 send, ctx, scope, before_end, obs_token, self._monotonic if timed else None
             )
+            deadline_at = ctx.deadline_at
+            if deadline_at is not None and plan.enforce:
+                watcher.arm(self._deadlines, deadline_at, now)
             outcomes = self._outcomes
             try:
                 await self.app(scope, receive, watcher)
             except BaseException as exc:
-                pending = outcomes.after_error(ctx, plan, result, keys, exc)
-                if pending is not None:
-                    outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
-                raise
+                watcher.disarm()
+                rejection = self._refusal(ctx, watcher, exc)
+                if rejection is None:
+                    pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                    if pending is not None:
+                        outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
+                    raise
+            else:
+                if watcher.armed:
+                    watcher.disarm()
+                if watcher.expired:  # the app swallowed our cancellation
+                    rejection = self._refusal(ctx, watcher, None)
+            if rejection is not None:
+                await self._answer(
+                    ctx, scope, send, rejection, before_end, obs_token, plan, result, keys
+                )
+                return
             pending = outcomes.after_app(ctx, plan, result, keys, watcher.complete)
             if pending is not None:  # a remote store: record after the response went out
                 try:
@@ -208,6 +247,59 @@ class FidelityMiddleware:
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
             _CURRENT.reset(token)
+
+    def _refusal(
+        self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None
+    ) -> Rejection | None:
+        """Our own answer when the app ended without a response because a control
+        layer decided: the deadline passed (we cancelled it), or an outbound refusal
+        escaped it. None: the app's outcome stands (and its exception propagates)."""
+        if watcher.expired:
+            task = watcher.task
+            if task is not None and task.uncancel() > 0:
+                return None  # cancelled by someone else too: that cancellation wins
+            if watcher.started:
+                return None
+            return deadline_refusal(ctx, self._monotonic())
+        if watcher.started or not self.answer_refusals or not isinstance(exc, Exception):
+            return None
+        return control_refusal(ctx, exc, self._monotonic())
+
+    async def _answer(
+        self,
+        ctx: DecisionContext,
+        scope: Scope,
+        send: Send,
+        rejection: Rejection,
+        before_end: ResponseEndHook | None,
+        obs_token: Any,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+    ) -> None:
+        """Send our answer to a control decision the app did not answer itself."""
+        logger.debug(
+            "fidelity_mw: %s answered %d for %s (%s)",
+            ctx.decided_by,
+            rejection[0],
+            ctx.route,
+            ctx.outcome,
+        )
+        ctx.status = rejection[0]
+        if before_end is not None:
+            response_ends(before_end, ctx, scope, obs_token)
+        pending = self._outcomes.refused(ctx, plan, result, keys)
+        try:
+            await respond(send, rejection, ctx.decided_by)
+        except BaseException:
+            if pending is not None:
+                self._outcomes.spawn(pending)
+            raise
+        if pending is not None:
+            try:
+                await pending
+            except Exception:
+                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         """Lifespan passes through; on shutdown the store's connections are closed first."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect
 
@@ -33,6 +34,14 @@ logger = logging.getLogger("fidelity_mw")
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+# loop.call_later, or a clock's own (FakeClock fires it when advanced past)
+CallLater = Callable[[float, Callable[[], None]], TimerHandle]
+
 _START = "http.response.start"
 _BODY = "http.response.body"
 _ZEROCOPY = "http.response.zerocopysend"
@@ -43,15 +52,18 @@ class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got."""
 
     __slots__ = (
+        "armed",
         "complete",
         "ctx",
+        "expired",
         "hook",
         "monotonic",
         "scope",
         "send",
         "started",
-        "timed",
+        "task",
         "token",
+        "watch",
     )
 
     def __init__(
@@ -73,6 +85,30 @@ class ResponseWatcher:
         self.monotonic = monotonic
         self.started = False
         self.complete = False
+        self.expired = False  # the deadline passed before the response started
+        self.task: asyncio.Task[Any] | None = None
+        self.armed = False
+        self.watch: DeadlineWatch | None = None
+
+    def arm(self, watch: DeadlineWatch, deadline_at: float, now: float) -> None:
+        """Cancel the app's work if the deadline passes before its response starts."""
+        self.task = asyncio.current_task()
+        self.watch = watch
+        self.armed = True
+        watch.add(self, deadline_at, now)
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.armed = False
+            del self.watch.inflight[self]  # type: ignore[union-attr]  # set with armed
+
+    def expire(self) -> None:
+        self.disarm()
+        task = self.task
+        if self.started or task is None or task.done():
+            return  # a started response is never cut
+        self.expired = True
+        task.cancel()
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -81,6 +117,8 @@ class ResponseWatcher:
             status = message["status"]
             ctx.status = status
             self.started = True
+            if self.armed:
+                self.disarm()
             headers = ctx.response_headers
             if status >= 500 and ctx.upstream_exhausted:
                 headers = [*(headers or ()), EXHAUSTED]
@@ -109,6 +147,65 @@ def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, tok
         hook(ctx, scope, token)
     except Exception:
         logger.exception("fidelity_mw: telemetry observer failed")
+
+
+class DeadlineWatch:
+    """One timer for every in-flight request of a middleware, not one per request.
+
+    Armed requests sit in a dict with their deadline; the single timer is set for
+    the earliest one known when it was set and, when it fires, expires every
+    request past its deadline and sets itself for the next. Per request that is a
+    dict insert and delete, where a timer handle each (`call_later` + `cancel`)
+    cost several times more.
+    """
+
+    __slots__ = ("_call_later", "_loop", "_monotonic", "_timer", "_timer_at", "inflight")
+
+    def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
+        self._monotonic = monotonic
+        self._call_later = call_later  # None: the running event loop's
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.inflight: dict[ResponseWatcher, float] = {}
+
+    def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
+        self.inflight[watcher] = deadline_at
+        if deadline_at < self._timer_at:
+            self._schedule(deadline_at, now)
+        elif (
+            self._timer_at < now - 1.0
+            and self._call_later is None
+            and self._loop is not asyncio.get_running_loop()
+        ):
+            # an overdue timer of an event loop that is gone (a busy loop's is only late)
+            self._schedule(deadline_at, now)
+
+    def _schedule(self, at: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        call_later = self._call_later
+        if call_later is None:
+            self._loop = loop = asyncio.get_running_loop()
+            call_later = loop.call_later
+        self._timer_at = at
+        self._timer = call_later(at - now if at > now else 0.0, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._monotonic()
+        earliest = math.inf
+        expired = []
+        for watcher, at in self.inflight.items():
+            if at <= now:
+                expired.append(watcher)
+            elif at < earliest:
+                earliest = at
+        for watcher in expired:
+            watcher.expire()
+        if earliest < math.inf:
+            self._schedule(earliest, now)
 
 
 class OutcomeRecorder:
@@ -144,10 +241,26 @@ class OutcomeRecorder:
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
-            outcome = FAILURE
+            pending = self.finish(ctx, plan, result, FAILURE)
+            if ctx.upstream_exhausted:  # the upstream's fault: not the client's quota
+                return _in_order(pending, self.refund(plan, result, keys, served_only=True))
+            return pending
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
             outcome = IGNORED
         return self.finish(ctx, plan, result, outcome)
+
+    def refused(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+    ) -> Coroutine[Any, Any, Any] | None:
+        """The middleware answered a control decision for the app (an outbound refusal
+        that escaped it, or the deadline): not the route's failure, and the limits that
+        charge only served requests get their units back."""
+        pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        return _in_order(pending, self.refund(plan, result, keys, served_only=True))
 
     def after_app(
         self,
@@ -168,6 +281,12 @@ class OutcomeRecorder:
             outcome = IGNORED
         elif ctx.shed_by is not None and (status is None or status >= 500):
             return self.shed_downstream(ctx, plan, result, keys)
+        elif ctx.upstream_exhausted and (status is None or status >= 500):
+            # the outbound layer gave up on an upstream: not the client's quota
+            ctx.outcome = OUTCOME_FAILED
+            failed = status is None or (breaker is not None and status in breaker.failure_statuses)
+            pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
+            return _in_order(pending, self.refund(plan, result, keys, served_only=True))
         elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
             outcome = FAILURE
@@ -205,12 +324,24 @@ class OutcomeRecorder:
         return _in_order(pending, self.refund(plan, result, keys))
 
     def refund(
-        self, plan: RoutePlan, result: InboundResult | None, keys: Sequence[str]
+        self,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        served_only: bool = False,
     ) -> Coroutine[Any, Any, Any] | None:
-        """Give the admitted limits their units back (now, or as a coroutine)."""
+        """Give the admitted limits their units back (now, or as a coroutine); with
+        `served_only`, only those with `charge = "served"`."""
         if result is None or not result.admitted or not keys:
             return None
-        charged = [i for i, verdict in enumerate(result.limits) if verdict.allowed]
+        served = plan.served
+        charged = [
+            i
+            for i, verdict in enumerate(result.limits)
+            if verdict.allowed and (not served_only or served[i])
+        ]
+        if not charged:
+            return None
         charged_keys = [keys[i] for i in charged]
         charged_specs = [plan.specs[i] for i in charged]
         charged_tats = [result.limits[i].tat for i in charged]  # units that refilled stay spent

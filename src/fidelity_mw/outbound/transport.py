@@ -706,7 +706,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         store: StateStore | None = None,
         observer: AttemptObserver | None = None,
         telemetry: bool = True,
+        tracer_provider: Any = None,  # OpenTelemetry's convention (docs/telemetry.md)
+        meter_provider: Any = None,
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         super().__init__(
             policy=policy,
             engine=engine,
@@ -952,7 +958,13 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         store: StateStore | None = None,
         observer: AttemptObserver | None = None,
         telemetry: bool = True,
+        tracer_provider: Any = None,  # OpenTelemetry's convention (docs/telemetry.md)
+        meter_provider: Any = None,
     ) -> None:
+        if observer is None and telemetry and (tracer_provider or meter_provider):
+            from ..telemetry import telemetry_for
+
+            observer = telemetry_for(tracer_provider, meter_provider)
         super().__init__(
             policy=policy,
             engine=engine,

@@ -29,6 +29,7 @@ JITTER_MODES = ("full", "equal", "decorrelated", "none")
 FAILURE_MODES = ("local", "open", "closed")
 HEADER_MODES = ("always", "on_reject", "never")
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
+CHARGE_MODES = ("served", "always")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 MAX_ATTEMPTS = 10
 
@@ -444,6 +445,7 @@ class RateLimit(_Validated):
     match: str = _spec("*", _glob)
     methods: tuple[str, ...] | None = _spec(None, _methods)
     shadow: bool = _spec(False, boolean)
+    charge: Literal["served", "always"] = _spec("served", one_of(CHARGE_MODES))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -499,6 +501,7 @@ class RouteConfig(_Validated):
     deadline_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
     # True: the policy's [breaker]; False: no breaker; a BreakerConfig: this one.
     breaker: bool | BreakerConfig = _spec(True, None)
+    enforce: bool = _spec(True, boolean)
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -141,6 +141,10 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit.methods": "Only these HTTP methods; leave it out for all.",
     "rate_limit.shadow": "Decide and record (`would_reject`), never reject: try a limit on "
     "real traffic first.",
+    "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
+    "failure or a control decision (breaker, retry budget, deadline) are given back, so a "
+    "fault the client did not cause does not throttle it; `always`: every admitted request "
+    "pays (for limits that guard the work itself, such as login attempts).",
     # [breaker]
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",
@@ -171,6 +175,8 @@ DESCRIPTIONS: dict[str, str] = {
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
     "route's own breaker.",
+    "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
+    "started, answer 504 and cancel the app's work. A started response is never cut.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",

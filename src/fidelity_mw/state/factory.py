@@ -15,6 +15,21 @@ from ..policy import Policy
 from .base import StateStore
 from .memory import MemoryStore
 
+# The Redis client is an optional extra: core installs (memory state) never import it.
+REDIS_EXTRA_HINT = "pip install 'fidelity-mw[redis]'"
+
+
+def _require_redis_client(url: str) -> None:
+    try:
+        import redis  # noqa: F401
+    except ImportError as exc:
+        raise PolicyError.at(
+            "state.url",
+            # the scheme only: a URL may carry a password
+            f"{url.partition('://')[0]}:// needs the Redis client, an optional extra: "
+            f"{REDIS_EXTRA_HINT}",
+        ) from exc
+
 
 def store_from_policy(policy: Policy, rng: RandomSource, clock: Clock) -> StateStore:
     state = policy.state
@@ -22,10 +37,12 @@ def store_from_policy(policy: Policy, rng: RandomSource, clock: Clock) -> StateS
     if url.startswith("memory://"):
         return MemoryStore(max_keys=state.max_keys, rng=rng)
     if url.startswith(("tiered+redis://", "tiered+rediss://")):
+        _require_redis_client(url)
         from .tiered import TieredStore
 
         return TieredStore(config=state, rng=rng, clock=clock)
     if url.startswith(("redis://", "rediss://", "unix://")):
+        _require_redis_client(url)
         from .redis import RedisStore
 
         return RedisStore(config=state, rng=rng, clock=clock)

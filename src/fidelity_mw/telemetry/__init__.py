@@ -5,22 +5,24 @@ shared default one (global providers) unless given their own:
 
     from fidelity_mw.telemetry import Telemetry, configure_otel
 
-    configure_otel(service_name="checkout")        # SDK + OTLP/HTTP from OTEL_* env vars
+    configure_otel(service_name="checkout")   # the SDK's configurator: OTEL_* env / config file
     app.add_middleware(FidelityMiddleware, policy=policy)
 
-    # or explicit wiring, no globals:
+    # or explicit wiring, no globals (OpenTelemetry's convention):
+    app.add_middleware(FidelityMiddleware, policy=policy, tracer_provider=tp, meter_provider=mp)
+    # one observer for both directions:
     tel = Telemetry(tracer_provider=tp, meter_provider=mp)
     app.add_middleware(FidelityMiddleware, policy=policy, observer=tel)
     client = httpx.AsyncClient(transport=FidelityTransport(observer=tel))
 
-Only `opentelemetry-api` is needed at run time; the SDK is imported by
-`configure_otel` alone.
+Only `opentelemetry-api` is needed at run time; the SDK (the `otel` extra) is
+imported by `configure_otel` alone.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import schema
 from .observer import Telemetry
@@ -44,6 +46,12 @@ def default_telemetry() -> Telemetry:
     return _DEFAULT
 
 
+def telemetry_for(tracer_provider: Any = None, meter_provider: Any = None) -> Telemetry:
+    """The observer for `FidelityMiddleware(..., tracer_provider=, meter_provider=)` and the
+    transports: explicit providers for this app only (a missing one: the global one)."""
+    return Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
 def default_request_observer(engine: Engine) -> RequestObserver | None:
     return default_telemetry()
 
@@ -60,4 +68,5 @@ __all__ = [
     "default_request_observer",
     "default_telemetry",
     "schema",
+    "telemetry_for",
 ]

@@ -22,8 +22,9 @@ the whole transport), we defer to that span and annotate it instead of
 nesting CLIENT spans.
 
 Without an SDK (the API's default proxy/no-op providers) every hook returns
-after a couple of attribute reads; the global providers are picked up the
-moment one is set, so `configure_otel()` may run after the app is built.
+after a clock read; a global provider set later is picked up within a second
+(at once when `configure_otel()` set it), so it may run after the app is built.
+Only public OpenTelemetry API is used.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
@@ -44,7 +45,6 @@ from opentelemetry import metrics as metrics_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
-from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
     INVALID_SPAN,
@@ -59,6 +59,7 @@ from opentelemetry.trace import (
 )
 
 from ..context import (
+    ALLOW,
     GIVE_UP,
     LAYER_BREAKER,
     LAYER_BUDGET,
@@ -110,7 +111,7 @@ _KNOWN_METHODS: Final = frozenset(
 _SENSITIVE_QUERY_KEYS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
 _SENSITIVE_QUERY_BYTES: Final = tuple(k.encode() for k in _SENSITIVE_QUERY_KEYS)
 _UNMATCHED_ROUTE: Final = "!unmatched"  # routes.UNMATCHED, without importing starlette here
-_STATE_AGE_BUCKETS: Final = (
+STATE_AGE_BUCKETS: Final = (
     0.0,
     0.001,
     0.005,
@@ -126,7 +127,7 @@ _STATE_AGE_BUCKETS: Final = (
     30.0,
     60.0,
 )
-_DURATION_BUCKETS: Final = (
+DURATION_BUCKETS: Final = (
     0.005,
     0.01,
     0.025,
@@ -153,67 +154,93 @@ _ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
 # Decisions on process-local state (or on the request itself) are always fresh: the
 # state-age histogram records the others only.
 _LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
-_MISSING: Final = object()
-# The key opentelemetry-instrumentation-* check before starting HTTP spans (API-level).
-_SUPPRESS_HTTP_KEY: Final[str] = getattr(
-    otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", "suppress_http_instrumentation"
-)
+# While no global provider is set, the API is asked again at most this often (its
+# getters read the environment on every call, ~0.7 us).
+_RECHECK_S: Final = 1.0
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _global_tracer_provider() -> TracerProvider | None:
-    """The globally set tracer provider, or None while only the API's proxy exists.
+class _GlobalProviders:
+    """The global providers, through the public API only.
 
-    `trace.get_tracer_provider()` costs ~1 us (it checks an environment
-    variable on every call); the module global costs ~20 ns. The fallback
-    keeps this correct should the private name ever go away.
+    A global provider is set once for the life of the process, so once one is
+    found it is kept. Until then the answer "none yet" is trusted for
+    `_RECHECK_S`: a provider set later (e.g. `configure_otel()` after the
+    app is built) is picked up within a second, or at once after `refresh()`,
+    which `configure_otel` calls.
     """
-    provider = getattr(trace_api, "_TRACER_PROVIDER", _MISSING)
-    if provider is _MISSING:
+
+    __slots__ = ("meter", "next_meter", "next_tracer", "tracer")
+
+    def __init__(self) -> None:
+        self.tracer: TracerProvider | None = None
+        self.meter: MeterProvider | None = None
+        self.next_tracer = 0.0
+        self.next_meter = 0.0
+
+    def refresh(self) -> None:
+        self.next_tracer = self.next_meter = 0.0
+
+    def tracer_provider(self) -> TracerProvider | None:
+        provider = self.tracer
+        if provider is not None:
+            return provider
+        now = time.monotonic()
+        if now < self.next_tracer:
+            return None
+        self.next_tracer = now + _RECHECK_S
         provider = trace_api.get_tracer_provider()
-        return None if isinstance(provider, ProxyTracerProvider) else provider
-    return provider  # type: ignore[return-value]
+        if isinstance(provider, ProxyTracerProvider):
+            return None
+        self.tracer = provider
+        return provider
 
-
-if hasattr(trace_api, "_TRACER_PROVIDER") and hasattr(_metrics_internal, "_METER_PROVIDER"):
-
-    def _no_global_tracer_provider() -> bool:
-        return trace_api._TRACER_PROVIDER is None
-
-    def _no_global_meter_provider() -> bool:
-        return _metrics_internal._METER_PROVIDER is None
-
-else:  # pragma: no cover - the API moved its globals: take the public road
-
-    def _no_global_tracer_provider() -> bool:
-        return _global_tracer_provider() is None
-
-    def _no_global_meter_provider() -> bool:
-        return _global_meter_provider() is None
-
-
-def _global_meter_provider() -> MeterProvider | None:
-    provider = getattr(_metrics_internal, "_METER_PROVIDER", _MISSING)
-    if provider is _MISSING:
+    def meter_provider(self) -> MeterProvider | None:
+        provider = self.meter
+        if provider is not None:
+            return provider
+        now = time.monotonic()
+        if now < self.next_meter:
+            return None
+        self.next_meter = now + _RECHECK_S
         provider = metrics_api.get_meter_provider()
-        return None if _is_proxy_meter_provider(provider) else provider
-    return provider  # type: ignore[return-value]
+        if _is_proxy_meter_provider(provider):
+            return None
+        self.meter = provider
+        return provider
 
 
 def _is_proxy_meter_provider(provider: object) -> bool:
-    """The API's stand-in until a global MeterProvider is set (a private class)."""
-    return type(provider).__name__ == "_ProxyMeterProvider"
+    """The API's stand-in until a global MeterProvider is set. Its class is not public:
+    any provider the API package defines, other than the explicit no-op one, is it."""
+    return (
+        provider is not None
+        and type(provider).__module__.startswith("opentelemetry.metrics")
+        and not isinstance(provider, metrics_api.NoOpMeterProvider)
+    )
 
 
-def _load_env_providers() -> None:
-    """`OTEL_PYTHON_TRACER_PROVIDER` / `..._METER_PROVIDER` are loaded by the API lazily, on
-    the first `get_*_provider()` call; make that call once so the fast checks above see them."""
-    if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
-        trace_api.get_tracer_provider()
-    if "OTEL_PYTHON_METER_PROVIDER" in os.environ:
-        metrics_api.get_meter_provider()
+GLOBAL_PROVIDERS: Final = _GlobalProviders()
+
+
+def _no_global_yet(explicit: object, found: object, next_check: float) -> bool:
+    """The no-SDK fast path: no explicit provider, no global one found, and not yet
+    time to ask the API again (one clock read, no API call)."""
+    return explicit is None and found is None and time.monotonic() < next_check
+
+
+def global_tracer_provider() -> TracerProvider | None:
+    """The globally set tracer provider, or None while only the API's proxy exists."""
+    GLOBAL_PROVIDERS.refresh()
+    return GLOBAL_PROVIDERS.tracer_provider()
+
+
+def global_meter_provider() -> MeterProvider | None:
+    """The globally set meter provider, or None while only the API's proxy exists."""
+    GLOBAL_PROVIDERS.refresh()
+    return GLOBAL_PROVIDERS.meter_provider()
 
 
 class _ScopeGetter(Getter[Any]):
@@ -361,7 +388,7 @@ class _Inbound:
 class _Attempt:
     """The token `attempt_start` hands to `attempt_end`."""
 
-    __slots__ = ("attrs", "owned", "span", "started", "token")
+    __slots__ = ("attrs", "owned", "span", "started", "suppress", "token")
 
     def __init__(
         self,
@@ -370,12 +397,14 @@ class _Attempt:
         owned: bool,
         started: float,
         attrs: dict[str, Any] | None,
+        suppress: AbstractContextManager[None] | None = None,
     ) -> None:
         self.span = span
         self.token = token
         self.owned = owned
         self.started = started
         self.attrs = attrs
+        self.suppress = suppress  # entered: httpx instrumentation's spans held off
 
 
 # ---------------------------------------------------------------- metrics
@@ -391,10 +420,10 @@ class _Tally:
 
     __slots__ = ("counts", "lock", "names")
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], lock: threading.Lock) -> None:
         self.names = names
         self.counts: dict[tuple[str, ...], int] = {}
-        self.lock = threading.Lock()
+        self.lock = lock  # one per meter: a request's counts are taken under one lock
 
     def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
         with self.lock:
@@ -404,10 +433,15 @@ class _Tally:
 
 
 def _counter(
-    meter: Meter, name: str, labels: tuple[str, ...], unit: str, description: str
+    meter: Meter,
+    name: str,
+    labels: tuple[str, ...],
+    unit: str,
+    description: str,
+    lock: threading.Lock,
 ) -> _Tally:
     """An in-process tally, exported as an observable counter."""
-    tally = _Tally(labels)
+    tally = _Tally(labels, lock)
     meter.create_observable_counter(
         name, callbacks=[tally.observe], unit=unit, description=description
     )
@@ -418,12 +452,14 @@ class _Metrics:
     """The instruments of one meter."""
 
     def __init__(self, meter: Meter, owner: Telemetry) -> None:
+        self.lock = lock = threading.Lock()
         self.decisions = _counter(
             meter,
             s.METRIC_DECISIONS,
             (s.LAYER, s.VERDICT, s.STATE_SOURCE),
             "{decision}",
             "Decisions taken by fidelity_mw's control layers.",
+            lock,
         )
         self.requests = _counter(
             meter,
@@ -431,6 +467,7 @@ class _Metrics:
             (s.OUTCOME, s.DECIDED_BY, s.ROUTE),
             "{request}",
             "Inbound requests by outcome and deciding layer.",
+            lock,
         )
         self.failures = _counter(
             meter,
@@ -439,6 +476,7 @@ class _Metrics:
             "{request}",
             "Failed inbound requests: cause=control (a fidelity layer turned the "
             "request away) counted apart from cause=app (the application failed).",
+            lock,
         )
         self.budget = _counter(
             meter,
@@ -447,20 +485,21 @@ class _Metrics:
             "{retry}",
             "Retries drawn from the per-upstream retry budget, and retries the "
             "exhausted budget refused.",
+            lock,
         )
         self.state_age = _histogram(
             meter,
             s.METRIC_STATE_AGE,
             "s",
             "Age of the shared state a decision was taken on (redis, cache, fallback).",
-            _STATE_AGE_BUCKETS,
+            STATE_AGE_BUCKETS,
         )
         self.client_duration = _histogram(
             meter,
             s.METRIC_CLIENT_DURATION,
             "s",
             "Duration of HTTP client request attempts made through FidelityTransport.",
-            _DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
         owner_ref = weakref.ref(owner)
 
@@ -481,9 +520,8 @@ class _Metrics:
         """One finished request (ctx) or outbound call (ctx None) and its decisions."""
         aged: list[Decision] | None = None
         budget: list[tuple[str, str]] | None = None
-        tally = self.decisions
-        with tally.lock:
-            counts = tally.counts
+        with self.lock:
+            counts = self.decisions.counts
             for d in decisions:
                 key = (d.layer, d.verdict, d.state_source)
                 counts[key] = counts.get(key, 0) + 1
@@ -501,14 +539,14 @@ class _Metrics:
                     if budget is None:
                         budget = []
                     budget.append((d.subject, "exhausted"))
-        if ctx is not None:
-            outcome = ctx.outcome or "unknown"
-            decided_by = ctx.decided_by or "none"
-            _bump(self.requests, (outcome, decided_by, ctx.route))
-            if outcome in _CONTROL_OUTCOMES:
-                _bump(self.failures, (s.CAUSE_CONTROL, decided_by, ctx.route))
-            elif outcome == "failed":
-                _bump(self.failures, (s.CAUSE_APP, decided_by, ctx.route))
+            if ctx is not None:
+                outcome = ctx.outcome or "unknown"
+                decided_by = ctx.decided_by or "none"
+                _bump_locked(self.requests.counts, (outcome, decided_by, ctx.route))
+                if outcome in _CONTROL_OUTCOMES:
+                    _bump_locked(self.failures.counts, (s.CAUSE_CONTROL, decided_by, ctx.route))
+                elif outcome == "failed":
+                    _bump_locked(self.failures.counts, (s.CAUSE_APP, decided_by, ctx.route))
         if budget is not None:
             for subject_result in budget:
                 _bump(self.budget, subject_result)
@@ -525,10 +563,13 @@ class _Metrics:
 
 def _bump(tally: _Tally, key: tuple[str, ...]) -> None:
     with tally.lock:
-        counts = tally.counts
-        if key not in counts and len(counts) >= _MAX_SERIES:
-            key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
-        counts[key] = counts.get(key, 0) + 1
+        _bump_locked(tally.counts, key)
+
+
+def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+    if key not in counts and len(counts) >= _MAX_SERIES:
+        key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _histogram(
@@ -551,7 +592,10 @@ class Telemetry:
     FidelityTransport).
 
     `tracer_provider` / `meter_provider`: explicit wiring; default the global
-    providers (looked up per request until one is set, then cached).
+    providers (picked up within a second of being set, then kept).
+    `decision_events`: `"non_allow"` (default) adds a `fidelity.decision` span
+    event only for decisions other than `allow` - every decision is in the
+    packed `fidelity.decisions` attribute anyway; `"all"` adds one per decision.
     `client_spans`: one CLIENT span per outbound attempt (default True);
     False leaves outbound spans to opentelemetry-instrumentation-httpx and only
     injects trace context. `client_key_salt`: key for hashing client keys into
@@ -570,8 +614,11 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         client_spans: bool = True,
         client_key_salt: bytes | str | None = None,
+        decision_events: str = "non_allow",
     ) -> None:
-        _load_env_providers()
+        if decision_events not in ("non_allow", "all"):
+            raise ValueError(f"decision_events={decision_events!r}: 'non_allow' or 'all'")
+        self.all_events = decision_events == "all"
         if isinstance(tracer_provider, ProxyTracerProvider):
             tracer_provider = None  # "the global one, whenever it is set"
         if _is_proxy_meter_provider(meter_provider):
@@ -593,6 +640,7 @@ class Telemetry:
         self._key_hashes: dict[str, str] = {}
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._last_engine: weakref.ref[Engine] | None = None
+        self._last_readable = False
         # breaker states seen in decisions, for stores we cannot read directly
         self._seen_breakers: dict[str, str] = {}
 
@@ -601,7 +649,7 @@ class Telemetry:
     def _get_tracer(self) -> Tracer | None:
         if self._tracing_off:
             return None
-        provider = self._tracer_provider or _global_tracer_provider()
+        provider = self._tracer_provider or GLOBAL_PROVIDERS.tracer_provider()
         if provider is None:
             return None
         if isinstance(provider, NoOpTracerProvider):
@@ -617,7 +665,7 @@ class Telemetry:
     def _get_metrics(self) -> _Metrics | None:
         if self._metrics_off:
             return None
-        provider = self._meter_provider or _global_meter_provider()
+        provider = self._meter_provider or GLOBAL_PROVIDERS.meter_provider()
         if provider is None:
             return None
         if isinstance(provider, metrics_api.NoOpMeterProvider):
@@ -634,7 +682,9 @@ class Telemetry:
     def start(self, ctx: DecisionContext, scope: Scope) -> _Inbound | None:
         tracer = self._tracer
         if tracer is None:
-            if self._tracer_provider is None and _no_global_tracer_provider():
+            if _no_global_yet(
+                self._tracer_provider, GLOBAL_PROVIDERS.tracer, GLOBAL_PROVIDERS.next_tracer
+            ):
                 return None  # no SDK: the common fast way out
             tracer = self._get_tracer()
             if tracer is None:
@@ -715,15 +765,18 @@ class Telemetry:
                         otel_context.detach(token.token)
         metrics = self._metrics
         if metrics is None:
-            if self._meter_provider is None and _no_global_meter_provider():
+            if _no_global_yet(
+                self._meter_provider, GLOBAL_PROVIDERS.meter, GLOBAL_PROVIDERS.next_meter
+            ):
                 return
             metrics = self._get_metrics()
         if metrics is not None:
             if decisions is None:
                 decisions = ctx.decisions
-            self._observe_engine(ctx)
+            readable = self._observe_engine(ctx)
             metrics.record(ctx, decisions)
-            self._note_breakers(decisions)
+            if not readable:
+                self._note_breakers(decisions)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision]) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -752,14 +805,12 @@ class Telemetry:
         provisional: bool = False,
     ) -> None:
         span = token.span
-        stale = 0
-        for d in decisions:
-            if d.is_stale:
-                stale += 1
+        packed, stale = _pack(decisions)
         attrs: dict[str, Any] = {
             s.POLICY_VERSION: ctx.policy_version,
             s.STALE_DECISIONS: stale,
             s.ROUTE: ctx.route,
+            s.DECISIONS: packed,
         }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
@@ -796,12 +847,15 @@ class Telemetry:
         self._add_events(span, ctx, decisions if exported <= 0 else decisions[exported:])
 
     def _add_events(self, span: Span, ctx: DecisionContext, decisions: Sequence[Decision]) -> None:
+        """One `fidelity.decision` event per decision that is not `allow` (per decision
+        with `decision_events="all"`): the packed summary already lists them all."""
+        if not self.all_events:
+            decisions = [d for d in decisions if d.verdict != ALLOW]
         if not decisions:
             return
         # Decision.at is on the engine's monotonic clock; events want epoch nanoseconds.
         now_ns = time.time_ns()
         offset_ns = now_ns - int(ctx.engine.clock.monotonic() * 1e9)
-        raw = _raw_event_adder(span)
         for d in decisions:
             layer, subject, verdict, reason, source, age_s, at, details = d
             attrs: dict[str, Any] = {
@@ -820,10 +874,7 @@ class Telemetry:
                         value = str(value)
                     attrs[_DETAIL_PREFIX + key] = value
             timestamp = offset_ns + int(at * 1e9) if at else now_ns
-            if raw is not None:
-                raw[0](span, raw[1](_DECISION_EVENT, MappingProxyType(attrs), timestamp))
-            else:
-                span.add_event(_DECISION_EVENT, attrs, timestamp)
+            span.add_event(_DECISION_EVENT, attrs, timestamp)
 
     # ------------------------------------------------------------ outbound
 
@@ -832,8 +883,7 @@ class Telemetry:
     ) -> _Attempt | None:
         tracer = self._tracer
         if tracer is None:
-            if self._tracer_provider is not None or not _no_global_tracer_provider():
-                tracer = self._get_tracer()
+            tracer = self._get_tracer()
             if tracer is None:
                 # No tracing here, but a propagated trace passes through untouched.
                 if trace_api.get_current_span().get_span_context().is_valid:
@@ -863,18 +913,19 @@ class Telemetry:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
         if attempt > 1:
             attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
+        decisions = _attempt_decisions(ctx, url)
+        if decisions:
+            attrs[s.DECISIONS] = _pack(decisions)[0]
         span = tracer.start_span(
             method if method != "_OTHER" else "HTTP", kind=SpanKind.CLIENT, attributes=attrs
         )
         span_ctx = trace_api.set_span_in_context(span)
         propagate.inject(request.headers, context=span_ctx)
-        if _httpx_instrumented():
-            # Their span for httpx's own transport would double ours.
-            span_ctx = otel_context.set_value(_SUPPRESS_HTTP_KEY, True, span_ctx)
         token = otel_context.attach(span_ctx)
-        self._add_events(span, ctx, _attempt_decisions(ctx, url))
+        suppress = _suppress_httpx_spans()
+        self._add_events(span, ctx, decisions)
         self._observe_engine(ctx)
-        return _Attempt(span, token, True, time.perf_counter(), attrs)
+        return _Attempt(span, token, True, time.perf_counter(), attrs, suppress)
 
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None
@@ -898,6 +949,8 @@ class Telemetry:
                 span.add_event(s.ATTEMPT_EVENT, event)
             return
         try:
+            if token.suppress is not None:
+                token.suppress.__exit__(None, None, None)
             if token.token is not None:
                 otel_context.detach(token.token)
         finally:
@@ -933,10 +986,11 @@ class Telemetry:
         metrics = self._metrics or self._get_metrics()
         if metrics is None:
             return
-        self._observe_engine(ctx)
+        readable = self._observe_engine(ctx)
         decisions = ctx.decisions
         metrics.record(None, decisions)
-        self._note_breakers(decisions)
+        if not readable:
+            self._note_breakers(decisions)
 
     # ------------------------------------------------------------ privacy
 
@@ -954,12 +1008,16 @@ class Telemetry:
 
     # ------------------------------------------------------------ breaker gauge
 
-    def _observe_engine(self, ctx: DecisionContext) -> None:
+    def _observe_engine(self, ctx: DecisionContext) -> bool:
+        """Watch this engine's breakers; True when its store's breakers can be read
+        directly (memory), so decisions need not be scanned for breaker states."""
         engine = ctx.engine
         last = self._last_engine
         if last is None or last() is not engine:
             self._engines.add(engine)
             self._last_engine = weakref.ref(engine)
+            self._last_readable = isinstance(getattr(engine.store, "breakers", None), Mapping)
+        return self._last_readable
 
     def _note_breakers(self, decisions: Sequence[Decision]) -> None:
         """Remember the breaker states decisions reveal (for stores we cannot read)."""
@@ -1007,28 +1065,36 @@ class Telemetry:
         return out
 
 
-# The SDK's `Span.add_event` re-validates every attribute (a few microseconds per event);
-# ours are built above from typed fields, so for SDK spans the event goes in through
-# `Span._add_event(Event(...))`, which keeps the span's event limit and the ended-span
-# check. Any other span class - or an SDK that renamed these - takes the public call.
-_RAW_EVENTS: dict[type, tuple[Any, Any] | None] = {}
+def _pack(decisions: Sequence[Decision]) -> tuple[str, int]:
+    """(`fidelity.decisions`, stale count): every decision as `layer/verdict/reason@source`,
+    `+<age>ms` appended when the state had an age, separated by spaces. One string
+    attribute costs the SDK one validation, where an event per decision costs several."""
+    parts = []
+    stale = 0
+    for d in decisions:
+        age_s = d.state_age_s
+        if age_s:
+            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}+{age_s * 1000.0:g}ms")
+        else:
+            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}")
+        if d.is_stale:
+            stale += 1
+    return " ".join(parts), stale
 
 
-def _raw_event_adder(span: Span) -> tuple[Any, Any] | None:
-    cls = type(span)
-    try:
-        return _RAW_EVENTS[cls]
-    except KeyError:
-        pass
-    found: tuple[Any, Any] | None = None
-    sdk = sys.modules.get("opentelemetry.sdk.trace")
-    if sdk is not None and cls.__module__ == "opentelemetry.sdk.trace":
-        add = getattr(cls, "_add_event", None)
-        event = getattr(sdk, "Event", None)
-        if callable(add) and isinstance(event, type):
-            found = (add, event)
-    _RAW_EVENTS[cls] = found
-    return found
+def _suppress_httpx_spans() -> AbstractContextManager[None] | None:
+    """While our attempt span is current, hold off opentelemetry-instrumentation-httpx's
+    span for httpx's own inner transport (it would double ours), through the
+    instrumentation package's public switch. Entered here, exited by `attempt_end`."""
+    if not _httpx_instrumented():
+        return None
+    utils = sys.modules.get("opentelemetry.instrumentation.utils")
+    switch = getattr(utils, "suppress_http_instrumentation", None)
+    if switch is None:
+        return None
+    manager: AbstractContextManager[None] = switch()
+    manager.__enter__()
+    return manager
 
 
 def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:

@@ -1,30 +1,34 @@
-"""`configure_otel()`: one call that sets up the OpenTelemetry SDK for apps that have none.
+"""`configure_otel()`: the OpenTelemetry SDK, set up by the SDK's own machinery.
 
-Everything comes from the standard `OTEL_*` environment variables, read by
-the SDK and the OTLP/HTTP exporters themselves:
+One call for apps that have no OpenTelemetry setup yet. What to export, where
+and how is read by the SDK itself, so every standard knob works as documented
+upstream:
 
-* `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` (win over `service_name=`,
-  which is only the fallback);
-* `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4318`),
-  `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._METRICS_ENDPOINT`, `..._HEADERS`,
-  `..._TIMEOUT`, `..._COMPRESSION`;
-* `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER`: `otlp` (default),
-  `console`, `none`, or a comma-separated mix;
-* `OTEL_TRACES_SAMPLER` / `..._ARG`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`;
+* `OTEL_CONFIG_FILE`: a declarative configuration file (YAML/JSON), applied by
+  `opentelemetry-configuration` (install it to use files); the file is then the
+  only source, as the SDK specifies;
+* otherwise the `OTEL_*` environment variables, through the SDK's configurator:
+  `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_EXPORTER`,
+  `OTEL_METRICS_EXPORTER`, `OTEL_EXPORTER_OTLP_*` (HTTP/protobuf, or gRPC with
+  `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` and `opentelemetry-exporter-otlp-proto-grpc`
+  installed), `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, ...;
 * `OTEL_SDK_DISABLED=true`: configure nothing.
 
-Only OTLP over HTTP/protobuf is bundled (`opentelemetry-exporter-otlp-proto-http`);
-`OTEL_EXPORTER_OTLP_PROTOCOL=grpc` is reported and HTTP is used.
+What fidelity_mw adds is its own only: like the OpenTelemetry distro, defaults
+for unset variables (`OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER=otlp`,
+`OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`: the SDK alone would export
+nothing), `service_name=` as a fallback name, and the bucket boundaries of its
+histograms - carried by the instruments as advice, which the SDK honours, and as
+views added to a configuration file's meter provider.
 
-The SDK is imported here only, so an app that never calls this needs only
-`opentelemetry-api` at run time.
+The SDK is imported here only (the `otel` extra): an app that never calls this
+needs only `opentelemetry-api` at run time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +37,33 @@ from opentelemetry import trace as trace_api
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from .observer import _global_meter_provider, _global_tracer_provider
+from . import schema as s
+from .observer import (
+    DURATION_BUCKETS,
+    GLOBAL_PROVIDERS,
+    INSTRUMENTATION_NAME,
+    STATE_AGE_BUCKETS,
+    global_meter_provider,
+    global_tracer_provider,
+)
 
 logger = logging.getLogger("fidelity_mw.telemetry")
 
+OTEL_EXTRA_HINT = "pip install 'fidelity-mw[otel]'"
 _TRUE = ("true", "1", "yes", "on")
+# Set when unset, before the SDK reads the environment - as the OpenTelemetry distro
+# does (it defaults to gRPC; the exporter bundled in the `otel` extra is OTLP/HTTP).
+_ENV_DEFAULTS = {
+    "OTEL_TRACES_EXPORTER": "otlp",
+    "OTEL_METRICS_EXPORTER": "otlp",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+}
+_GRPC_HINT = "pip install opentelemetry-exporter-otlp-proto-grpc"
+# Our histograms and their bucket boundaries (the views a configuration file gets).
+OUR_HISTOGRAMS: dict[str, tuple[float, ...]] = {
+    s.METRIC_STATE_AGE: STATE_AGE_BUCKETS,
+    s.METRIC_CLIENT_DURATION: DURATION_BUCKETS,
+}
 
 
 @dataclass
@@ -50,35 +76,16 @@ class OtelSetup:
 
     def force_flush(self, timeout_ms: int = 30_000) -> None:
         for provider in self.owned:
-            provider.force_flush(timeout_ms)
+            flush = getattr(provider, "force_flush", None)
+            if flush is not None:
+                flush(timeout_ms)
 
     def shutdown(self) -> None:
         for provider in self.owned:
-            provider.shutdown()
+            stop = getattr(provider, "shutdown", None)
+            if stop is not None:
+                stop()
         self.owned.clear()
-
-
-def _exporters(kind: str) -> list[str]:
-    raw = os.environ.get(f"OTEL_{kind}_EXPORTER", "otlp")
-    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
-    known = []
-    for name in names:
-        if name in ("otlp", "console", "none"):
-            known.append(name)
-        else:
-            logger.warning("fidelity_mw: OTEL_%s_EXPORTER=%s is not supported here", kind, name)
-    return [] if "none" in known else known
-
-
-def _check_protocol(signal: str) -> None:
-    protocol = os.environ.get(
-        f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
-    )
-    if protocol and protocol.strip().lower() != "http/protobuf":
-        logger.warning(
-            "fidelity_mw: OTLP protocol %r requested; only http/protobuf is bundled, using it",
-            protocol,
-        )
 
 
 def _has_env_service_name() -> bool:
@@ -91,99 +98,94 @@ def _has_env_service_name() -> bool:
 
 
 def configure_otel(
-    service_name: str | None = None,
-    *,
-    service_version: str | None = None,
-    set_global: bool = True,
-    traces: bool = True,
-    metrics: bool = True,
-    span_exporters: Sequence[Any] | None = None,
-    metric_readers: Sequence[Any] | None = None,
+    service_name: str | None = None, *, service_version: str | None = None
 ) -> OtelSetup:
-    """Configure an SDK TracerProvider and MeterProvider exporting over OTLP/HTTP.
+    """Set the global TracerProvider and MeterProvider up through the SDK's configurator.
 
-    `service_name` is used when the environment names no service.
-    `set_global=False` leaves the global providers alone (pass the returned
-    providers to `Telemetry(tracer_provider=..., meter_provider=...)`).
-    `span_exporters` / `metric_readers` replace the exporters the environment
-    asks for (tests, custom pipelines). If a global provider is already set,
-    it is kept and returned; nothing is added to it.
+    `service_name` / `service_version` are used when the environment (or the
+    configuration file) names none. If global providers are already set they
+    are kept and returned: nothing is added to them.
     """
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE:
         return OtelSetup(trace_api.NoOpTracerProvider(), metrics_api.NoOpMeterProvider())
+    tracer_provider, meter_provider = global_tracer_provider(), global_meter_provider()
+    if tracer_provider is not None or meter_provider is not None:
+        logger.warning("fidelity_mw: OpenTelemetry providers are already set; keeping them")
+        return OtelSetup(
+            tracer_provider or trace_api.get_tracer_provider(),
+            meter_provider or metrics_api.get_meter_provider(),
+        )
+    config_file = os.environ.get("OTEL_CONFIG_FILE", "").strip()
+    if config_file:
+        _configure_from_file(config_file)
+    else:
+        _configure_from_env(service_name, service_version)
+    GLOBAL_PROVIDERS.refresh()  # observers pick the new providers up at once
+    tracer, meter = trace_api.get_tracer_provider(), metrics_api.get_meter_provider()
+    return OtelSetup(tracer, meter, owned=[tracer, meter])
 
-    from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+
+def _configure_from_env(service_name: str | None, service_version: str | None) -> None:
+    try:
+        # The SDK's configurator, the one `opentelemetry-instrument` and the distros run
+        # (its module is underscored; the class is the documented base for distros).
+        from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+    except ImportError as exc:
+        raise ImportError(f"configure_otel needs the OpenTelemetry SDK: {OTEL_EXTRA_HINT}") from exc
 
     attrs: dict[str, str] = {}
     if service_name and not _has_env_service_name():
-        attrs[SERVICE_NAME] = service_name
+        attrs["service.name"] = service_name
     if service_version:
-        attrs[SERVICE_VERSION] = service_version
-    resource = Resource.create(attrs)
-    setup = OtelSetup(trace_api.NoOpTracerProvider(), metrics_api.NoOpMeterProvider())
-
-    if traces:
-        existing = _global_tracer_provider() if set_global else None
-        if existing is not None:
-            logger.warning("fidelity_mw: a global TracerProvider is already set; keeping it")
-            setup.tracer_provider = existing
-        else:
-            setup.tracer_provider = _tracer_provider(resource, span_exporters)
-            setup.owned.append(setup.tracer_provider)
-            if set_global:
-                trace_api.set_tracer_provider(setup.tracer_provider)
-    if metrics:
-        existing_m = _global_meter_provider() if set_global else None
-        if existing_m is not None:
-            logger.warning("fidelity_mw: a global MeterProvider is already set; keeping it")
-            setup.meter_provider = existing_m
-        else:
-            setup.meter_provider = _meter_provider(resource, metric_readers)
-            setup.owned.append(setup.meter_provider)
-            if set_global:
-                metrics_api.set_meter_provider(setup.meter_provider)
-    return setup
+        attrs["service.version"] = service_version
+    for name, default in _ENV_DEFAULTS.items():
+        if not os.environ.get(name, "").strip():
+            os.environ[name] = default
+    configure: Any = _OTelSDKConfigurator().configure  # type: ignore[no-untyped-call]
+    try:
+        configure(resource_attributes=attrs, setup_logging_handler=False)
+    except RuntimeError as exc:
+        if "otlp_proto_grpc" in str(exc):
+            raise RuntimeError(f"OTLP over gRPC needs its exporter: {_GRPC_HINT}") from exc
+        raise
 
 
-def _tracer_provider(resource: Any, exporters: Sequence[Any] | None) -> TracerProvider:
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    provider = SdkTracerProvider(resource=resource)
-    if exporters is None:
-        exporters = []
-        for name in _exporters("TRACES"):
-            if name == "otlp":
-                _check_protocol("TRACES")
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                    OTLPSpanExporter,
-                )
-
-                exporters.append(OTLPSpanExporter())
-            else:
-                exporters.append(ConsoleSpanExporter())
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+def _configure_from_file(path: str) -> None:
+    try:
+        from opentelemetry.configuration import configure_sdk, load_config_file
+    except ImportError as exc:
+        raise ImportError(
+            "OTEL_CONFIG_FILE is set: applying it needs opentelemetry-configuration "
+            "(pip install opentelemetry-configuration)"
+        ) from exc
+    config = load_config_file(path)
+    add_our_views(config)
+    configure_sdk(config)
 
 
-def _meter_provider(resource: Any, readers: Sequence[Any] | None) -> MeterProvider:
-    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-    from opentelemetry.sdk.metrics.export import (
-        ConsoleMetricExporter,
-        PeriodicExportingMetricReader,
-    )
+def add_our_views(config: Any) -> None:
+    """Add a view per fidelity_mw histogram (its bucket boundaries) to a declarative
+    configuration's meter provider, unless the file already selects that instrument."""
+    meter_provider = getattr(config, "meter_provider", None)
+    if meter_provider is None:
+        return
+    from opentelemetry.configuration import models
 
-    if readers is None:
-        readers = []
-        for name in _exporters("METRICS"):
-            if name == "otlp":
-                _check_protocol("METRICS")
-                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                    OTLPMetricExporter,
-                )
-
-                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-            else:
-                readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
-    return SdkMeterProvider(resource=resource, metric_readers=list(readers))
+    views = list(meter_provider.views or [])
+    chosen = {v.selector.instrument_name for v in views if v.selector is not None}
+    for name, buckets in OUR_HISTOGRAMS.items():
+        if name in chosen:
+            continue
+        views.append(
+            models.View(
+                selector=models.ViewSelector(instrument_name=name, meter_name=INSTRUMENTATION_NAME),
+                stream=models.ViewStream(
+                    aggregation=models.Aggregation(
+                        explicit_bucket_histogram=models.ExplicitBucketHistogramAggregation(
+                            boundaries=list(buckets)
+                        )
+                    )
+                ),
+            )
+        )
+    meter_provider.views = views

@@ -18,6 +18,8 @@ ROUTE: Final = "fidelity.route"
 CLIENT_KEY_HASH: Final = "fidelity.client.key_hash"
 UPSTREAM_EXHAUSTED: Final = "fidelity.upstream_exhausted"
 INBOUND_ATTEMPT: Final = "fidelity.inbound_attempt"
+# the per-request summary: every decision packed, "layer/verdict/reason@source[+Nms]" ...
+DECISIONS: Final = "fidelity.decisions"
 
 # ------------------------------------------------------------ the decision event
 
