@@ -334,13 +334,27 @@ class TieredStore(StateStore):
         now: float,
         admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        if source != SOURCE_CACHE:  # decided exactly (a probe) or on fallback: not a slice
-            await self.exact.refund(limit_keys, limits, source, now, admitted_tats)
-            return
-        for key, spec in zip(limit_keys, limits, strict=True):
-            sl = self.slices.get(key)
+        exact: list[int] = []
+        for i, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
+            # A slice admission reports no TAT (0.0): its units came from a leased
+            # slice, also when the request waited for that lease (source "redis").
+            # Anything else was decided exactly (or on the fallback) and goes back there.
+            sliced = source == SOURCE_CACHE or (
+                source == SOURCE_REDIS and admitted_tats is not None and admitted_tats[i] == 0.0
+            )
+            sl = self.slices.get(key) if sliced else None
             if sl is not None and sl.spec == spec:
                 sl.tokens += spec.cost  # leased units, unspent after all
+            elif not sliced or source != SOURCE_CACHE:
+                exact.append(i)
+        if exact:
+            await self.exact.refund(
+                [limit_keys[i] for i in exact],
+                [limits[i] for i in exact],
+                source,
+                now,
+                [admitted_tats[i] for i in exact] if admitted_tats is not None else None,
+            )
 
     @staticmethod
     def _result(

@@ -181,9 +181,7 @@ def _breaker_data(b: BreakerConfig) -> str:
         if shortest >= b.open_s
         else f"open {shortest:g} s doubling per failed probe round to {b.open_s:g} s"
     )
-    parts.append(
-        f"{opened} ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes"
-    )
+    parts.append(f"{opened} ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes")
     return "; ".join(parts)
 
 
