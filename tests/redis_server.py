@@ -35,6 +35,9 @@ START_TIMEOUT_S = 10.0
 # and the store then (rightly) decides on fallback state, which those tests do not
 # expect. Tests of slow or paused servers set their own small timeouts.
 PATIENT: dict[str, int] = {"timeout_ms": 5_000, "connect_timeout_ms": 5_000}
+# StateConfig for tests that count script calls or list keys: no fleet announcements
+# (state/fleet.py: one background call per second and a `{prefix}:fleet` key otherwise).
+QUIET: dict[str, float] = {"fleet_share_max_age_s": 0.0}
 
 
 def require_redis() -> None:

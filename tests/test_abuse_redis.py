@@ -28,6 +28,7 @@ from fidelity_mw import (
     RouteConfig,
     StateConfig,
 )
+from redis_server import QUIET
 
 pytestmark = pytest.mark.redis
 
@@ -86,7 +87,7 @@ def _all_keys(client: redis.Redis) -> list[bytes]:
 def test_hostile_input_never_shapes_a_redis_key(redis_url: str, scheme: str) -> None:
     url = redis_url.replace("redis", scheme, 1)
     policy = Policy(
-        state=StateConfig(url=url, timeout_ms=1000, connect_timeout_ms=1000),
+        state=StateConfig(url=url, timeout_ms=1000, connect_timeout_ms=1000, **QUIET),
         rate_limits=(
             RateLimit(name="ip", rate="1/h", burst=1000),
             RateLimit(name="api", rate="1/h", burst=1000, key="header:X-Api-Key"),

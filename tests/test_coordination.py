@@ -198,15 +198,16 @@ async def test_slow_calls_count_for_the_host_breaker() -> None:
 
 async def test_circuit_open_says_how_many_attempts_went_out() -> None:
     breaker = BreakerConfig(min_calls=100, open_s=30.0)  # our own failures will not open it
-    store = MemoryStore(rng=seeded_random(1))
 
-    class OthersOpenItMeanwhile(FakeClock):
-        async def sleep(self, seconds: float) -> None:
-            await super().sleep(seconds)  # during our backoff, other requests trip it
-            store.breaker_state("upstream:api.internal", breaker).force(
-                OPEN, self.monotonic(), seeded_random(2)
-            )
+    class OthersOpenItMeanwhile(MemoryStore):
+        def outbound_gate_now(self, *args: Any) -> Any:
+            if args[4]:  # between our attempts, other requests trip it
+                self.breaker_state("upstream:api.internal", breaker).force(
+                    OPEN, args[5], seeded_random(2)
+                )
+            return super().outbound_gate_now(*args)
 
+    store = OthersOpenItMeanwhile(rng=seeded_random(1))
     transport = FidelityTransport(
         httpx.MockTransport(lambda request: httpx.Response(503)),
         policy=Policy(
@@ -216,7 +217,7 @@ async def test_circuit_open_says_how_many_attempts_went_out() -> None:
                 ),
             )
         ),
-        clock=OthersOpenItMeanwhile(),
+        clock=FakeClock(),
         store=store,
         telemetry=False,
     )

@@ -566,8 +566,10 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
                         admitted.append((key, result.source, result.limits[0].tat))
             elif step[0] == "refund" and admitted:
                 key, source, tat = admitted.pop(step[1] % len(admitted))
+                back_to_slice = source == "redis" and tat == 0.0 and key in store.slices
                 await store.refund([key], [TIERED_LIMIT], source, now, [tat])
-                if source == "cache" or tat > 0.0:  # (a slice verdict waited for is kept)
+                # a slice verdict (also one that waited for its lease) goes back to the slice
+                if source == "cache" or tat > 0.0 or back_to_slice:
                     net[key] -= 1
             elif step[0] == "sync":
                 await store._sync_all(now)

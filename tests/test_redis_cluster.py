@@ -11,7 +11,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import ADMIT, RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
-from redis_server import PATIENT
+from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -31,7 +31,7 @@ def all_keys(cluster) -> dict[int, list[str]]:  # type: ignore[no-untyped-def]
 async def test_scripts_run_on_the_cluster_and_keys_share_a_slot(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     prefix = "clu1"
     store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT),
+        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT, **QUIET),
         rng=seeded_random(1),
     )
     breaker = BreakerConfig(min_calls=1, consecutive_failures=3)
@@ -61,7 +61,7 @@ async def test_scripts_run_on_the_cluster_and_keys_share_a_slot(redis_cluster) -
 
 async def test_noscript_recovery_on_the_cluster(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix="clu2", **PATIENT),
+        config=StateConfig(url=redis_cluster.url, key_prefix="clu2", **PATIENT, **QUIET),
         rng=seeded_random(2),
     )
     try:

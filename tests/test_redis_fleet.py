@@ -116,9 +116,17 @@ APP = textwrap.dedent(
 
 class Fleet:
     def __init__(
-        self, workdir: Path, url: str, prefix: str, timeout_ms: int = PATIENT["timeout_ms"]
+        self,
+        workdir: Path,
+        url: str,
+        prefix: str,
+        timeout_ms: int = PATIENT["timeout_ms"],
+        app: str = APP,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.timeout_ms = timeout_ms
+        self.app = app  # the member's module source (defines `app`)
+        self.env = env or {}
         self.workdir = workdir
         self.url = url
         self.prefix = prefix
@@ -127,12 +135,13 @@ class Fleet:
 
     def start(self) -> Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "fleet_app.py").write_text(APP)
+        (self.workdir / "fleet_app.py").write_text(self.app)
         env = {
             **os.environ,
             "FMW_URL": self.url,
             "FMW_PREFIX": self.prefix,
             "FMW_TIMEOUT_MS": str(self.timeout_ms),
+            **self.env,
         }
         for port in self.ports:
             with (self.workdir / f"uvicorn-{port}.log").open("wb") as log:

@@ -10,7 +10,7 @@ from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore, hashed_key
 from fidelity_mw.testing import seeded_random
-from redis_server import PATIENT
+from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -207,7 +207,7 @@ async def test_transport_asks_redis_once_per_attempt(redis_url: str, redis_serve
             return await super().budget_request(*args, **kw)
 
     policy = Policy(
-        state=StateConfig(url=redis_url, **PATIENT),
+        state=StateConfig(url=redis_url, **PATIENT, **QUIET),
         upstreams=(UpstreamConfig(host="api.internal", retry=RetryConfig(base_ms=1)),),
     )
     redis_store = CountingStore(config=policy.state, rng=seeded_random(3))

@@ -61,8 +61,16 @@ def test_refund_script_runs_on_the_server_clock() -> None:
     assert "server_now()" in REFUND.source
 
 
-@pytest.mark.parametrize("tiered", [False, True], ids=["redis", "tiered"])
-@pytest.mark.parametrize(("charge", "after"), [("served", 200), ("always", 429)])
+@pytest.mark.parametrize(
+    ("tiered", "charge", "after"),
+    [
+        (False, "served", 200),
+        (False, "always", 429),
+        (True, "served", 200),
+        (True, "always", 429),
+    ],
+    ids=["redis-served", "redis-always", "tiered-served", "tiered-always"],
+)
 async def test_charge_served_refunds_a_control_refusal_on_shared_state(
     redis_url: str, tiered: bool, charge: str, after: int
 ) -> None:

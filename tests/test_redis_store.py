@@ -41,7 +41,7 @@ from fidelity_mw.state.redis import (
 )
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
-from redis_server import PATIENT
+from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -54,7 +54,7 @@ def spec(rate_per_s: float, burst: int, cost: int = 1, shadow: bool = False, nam
 
 
 def store(url: str, **state: object) -> RedisStore:
-    config = StateConfig(url=url, **{**PATIENT, **state})  # type: ignore[arg-type]
+    config = StateConfig(url=url, **{**PATIENT, **QUIET, **state})  # type: ignore[arg-type]
     return RedisStore(config=config, rng=seeded_random(7))
 
 

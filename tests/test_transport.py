@@ -7,6 +7,7 @@ test_transport_servers.py and the three-service chain in test_chain.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -37,12 +38,13 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import _CURRENT, Decision
 from fidelity_mw.errors import DeadlineExceeded
-from fidelity_mw.outbound.transport import (
+from fidelity_mw.outbound.wire import (
     bounded_timeouts,
     connected_peer_trusted,
     error_kind,
     literal_peer_trusted,
 )
+from fidelity_mw.state.base import StateStore
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -464,30 +466,81 @@ async def test_429_is_not_a_breaker_failure(clock: FakeClock) -> None:
     assert up.calls == 10  # never shed: the breaker stayed closed
 
 
-async def test_429_retry_after_pauses_retries_to_that_host(clock: FakeClock) -> None:
+class StillClock(FakeClock):
+    """Sleeps are recorded but take no time: a pause set by one call is still on for the next."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+def limited_then_flaky(retry_after: str) -> Any:
     hits: list[str] = []
 
     def route(request: httpx.Request) -> httpx.Response:
         hits.append(request.url.path)
         if request.url.path == "/limited":
-            return httpx.Response(429, headers={"Retry-After": "5"})
+            if hits.count("/limited") == 1:
+                return httpx.Response(429, headers={"Retry-After": retry_after})
+            return httpx.Response(200)
         return httpx.Response(503 if hits.count("/flaky") == 1 else 200)
 
+    return route
+
+
+async def test_429_retry_after_pauses_retries_to_that_host() -> None:
+    clock = StillClock()
     t = FidelityTransport(
-        httpx.MockTransport(route),
+        httpx.MockTransport(limited_then_flaky("5")),
         policy=policy(),
         clock=clock,
         rng=seeded_random(1),
         telemetry=False,
     )
     async with httpx.AsyncClient(transport=t) as client:
-        with Bound(t.engine, deadline_in=4.0):  # 5 s does not fit: not retried, but remembered
-            assert (await client.get("http://svc.internal/limited")).status_code == 429
-        assert clock.sleeps == []
+        assert (await client.get("http://svc.internal/limited")).status_code == 200
+        assert clock.sleeps == [pytest.approx(5.0)]
         response = await client.get("http://svc.internal/flaky")
     assert response.status_code == 200
     # the 503's retry waited out the host's pause, not just its own backoff
-    assert clock.sleeps == [pytest.approx(5.0)]
+    assert clock.sleeps == [pytest.approx(5.0), pytest.approx(5.0)]
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999", "31"])
+async def test_a_refused_retry_after_pauses_nothing(retry_after: str) -> None:
+    """Regression (issue 12, #12): a 429's Retry-After beyond `retry_after_max_s` is not
+    retried, and must not pause the host: it paused retries for the life of the process."""
+    clock = StillClock()
+    t = FidelityTransport(
+        httpx.MockTransport(limited_then_flaky(retry_after)),
+        policy=policy(),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://svc.internal/limited")).status_code == 429
+        assert clock.sleeps == []
+        response = await client.get("http://svc.internal/flaky")
+    assert response.status_code == 200
+    assert len(clock.sleeps) == 1
+    assert clock.sleeps[0] < 1.0
+
+
+async def test_a_429_not_retried_for_the_deadline_pauses_nothing(clock: FakeClock) -> None:
+    t = FidelityTransport(
+        httpx.MockTransport(limited_then_flaky("5")),
+        policy=policy(),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        with Bound(t.engine, deadline_in=4.0):  # 5 s does not fit: not retried
+            assert (await client.get("http://svc.internal/limited")).status_code == 429
+        response = await client.get("http://svc.internal/flaky")
+    assert response.status_code == 200
+    assert len(clock.sleeps) == 1
+    assert clock.sleeps[0] < 1.0
 
 
 # ---------------------------------------------------------------- deadline
@@ -586,25 +639,27 @@ async def test_half_open_probe_closes_the_breaker(clock: FakeClock) -> None:
 
 
 async def test_breaker_rejection_between_retries_raises_circuit_open(clock: FakeClock) -> None:
-    """Another caller opens the breaker while we back off: we stop before the next attempt."""
+    """Another caller opens the breaker during our attempt: we stop before the next one,
+    without waiting out a backoff (the retry's gate is asked before its backoff)."""
     store = MemoryStore(rng=seeded_random(3))
     breaker = flaky_breaker()
-    up = Upstream(503)
-    engine = Engine(policy(attempts=3, breaker=breaker), clock=clock, store=store)
-    t = FidelityTransport(httpx.MockTransport(up), engine=engine, telemetry=False)
+    calls = 0
 
-    original_sleep = clock.sleep
-
-    async def sleep_and_trip(seconds: float) -> None:
-        await original_sleep(seconds)
+    def trip_then_fail(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
         state = store.breaker_state("upstream:svc.internal", breaker)
         state.force("open", clock.monotonic(), seeded_random(0))
+        return httpx.Response(503)
 
-    clock.sleep = sleep_and_trip  # type: ignore[method-assign]
+    engine = Engine(policy(attempts=3, breaker=breaker), clock=clock, store=store)
+    t = FidelityTransport(httpx.MockTransport(trip_then_fail), engine=engine, telemetry=False)
     async with httpx.AsyncClient(transport=t) as client:
-        with Bound(engine) as ctx, pytest.raises(CircuitOpen):
-            await client.get(URL)
-    assert up.calls == 1
+        with Bound(engine) as ctx:
+            assert (await client.get(URL)).status_code == 503
+    assert calls == 1
+    assert clock.sleeps == []
+    assert give_ups(ctx)[-1] == ("breaker", "give_up", "breaker_open")
     assert give_ups(ctx)[-1] == ("breaker", "give_up", "breaker_open")
 
 
@@ -827,7 +882,9 @@ async def test_a_failing_observer_never_fails_the_call(clock: FakeClock) -> None
 
 
 class FailingStore(MemoryStore):
-    """A remote store that is down (a subclass: the transport awaits its methods)."""
+    """A remote store that is down (no in-process twin: the transport awaits its methods)."""
+
+    outbound_gate_now = None  # type: ignore[assignment]
 
     async def breaker_gate(self, *args: Any) -> Any:
         raise ConnectionError("redis down")
@@ -931,6 +988,8 @@ async def test_sync_transport_bridges_to_an_async_only_store(clock: FakeClock) -
 
     class AsyncOnly(MemoryStore):
         gate_now = None  # type: ignore[assignment]
+        outbound_gate_now = None  # type: ignore[assignment]
+        outbound_gate = StateStore.outbound_gate  # composes the methods below
         record_now = None  # type: ignore[assignment]
         budget_request_now = None  # type: ignore[assignment]
         budget_try_retry_now = None  # type: ignore[assignment]
@@ -971,7 +1030,10 @@ async def test_sync_transport_bridges_to_an_async_only_store(clock: FakeClock) -
         "gate",
         "record",
     ]
-    assert {(d.state_source, d.state_age_s) for d in ctx.decisions} == {("redis", 0.25)}
+    assert {d.state_source for d in ctx.decisions} == {"redis"}
+    # the retry's gate was read before its backoff: older by that much at the attempt
+    ages = [d.state_age_s for d in ctx.decisions]
+    assert ages == [0.25, pytest.approx(0.25 + clock.sleeps[0])]
 
 
 # ---------------------------------------------------------------- through the middleware
@@ -1008,3 +1070,94 @@ async def test_middleware_marks_our_error_response_after_upstream_exhaustion(
     assert not_retried.status_code == 502
     assert "x-fidelity-retry" not in not_retried.headers  # we did not retry: callers may
     assert up.calls == 3 + 1
+
+
+# ---------------------------------------------------------------- multipart bodies
+
+
+class Unseekable(io.RawIOBase):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        chunk, self.data = self.data, b""
+        return chunk
+
+
+async def test_multipart_files_are_retried_with_the_same_body(clock: FakeClock) -> None:
+    """Regression (issue 12, #16): `files=` bodies were never retried, though documented as
+    replayable. Bytes and seekable files are rewound and sent again."""
+    bodies: list[bytes] = []
+
+    def route(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        return httpx.Response(503 if len(bodies) == 1 else 200)
+
+    t = FidelityTransport(httpx.MockTransport(route), policy=policy(), clock=clock, telemetry=False)
+    files = {"a": ("a.txt", io.BytesIO(b"file-a")), "b": ("b.txt", b"file-b")}
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.put(URL, files=files)
+    assert response.status_code == 200
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert b"file-a" in bodies[1]
+    assert b"file-b" in bodies[1]
+
+
+async def test_multipart_with_an_unseekable_file_is_not_retried(clock: FakeClock) -> None:
+    up = Upstream(503, 200)
+    t = FidelityTransport(httpx.MockTransport(up), policy=policy(), clock=clock, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        with Bound(t.engine) as ctx:
+            files = {"a": ("a.bin", Unseekable(b"once"))}
+            assert (await client.put(URL, files=files)).status_code == 503
+    assert up.calls == 1
+    assert give_ups(ctx)[-1] == ("retry", "give_up", "body_not_replayable")
+
+
+# ---------------------------------------------------------------- a callee's own refusals
+
+
+async def test_a_callees_control_layer_refusal_is_no_failure_for_our_breaker(
+    clock: FakeClock,
+) -> None:
+    """A 503 marked `x-fidelity-decided-by` (the callee's breaker shed it) from a trusted
+    peer does not count against the callee: our breaker stays closed, and the refusal's
+    Retry-After is honoured by the retry."""
+    marked = httpx.Response(503, headers={"x-fidelity-decided-by": "breaker", "retry-after": "1"})
+    answers = iter([marked, marked, httpx.Response(200)])
+    breaker = BreakerConfig(consecutive_failures=1, open_s=30.0)
+    t = FidelityTransport(
+        httpx.MockTransport(lambda request: next(answers)),
+        policy=policy(breaker=breaker),
+        clock=clock,
+        rng=seeded_random(1),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://127.0.0.1:9/x")  # an IP literal: a trusted peer
+    assert response.status_code == 200
+    assert clock.sleeps == [pytest.approx(1.0), pytest.approx(1.0)]
+    state = t.engine.store.breaker_state("upstream:127.0.0.1:9", breaker)
+    assert state.state == "closed"
+
+
+async def test_an_untrusted_peers_marker_counts_as_a_failure(clock: FakeClock) -> None:
+    marked = httpx.Response(503, headers={"x-fidelity-decided-by": "breaker"})
+    breaker = BreakerConfig(consecutive_failures=1, open_s=30.0)
+    t = FidelityTransport(
+        httpx.MockTransport(lambda request: marked),
+        policy=policy(breaker=breaker),
+        clock=clock,
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://203.0.113.9/x")).status_code == 503
+        with pytest.raises(CircuitOpen):
+            await client.get("http://203.0.113.9/x")

@@ -28,7 +28,7 @@ from fidelity_mw import (
     UpstreamConfig,
 )
 from fidelity_mw.context import _CURRENT
-from fidelity_mw.outbound.transport import connected_peer_trusted
+from fidelity_mw.outbound.wire import connected_peer_trusted
 from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio

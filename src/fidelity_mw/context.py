@@ -18,6 +18,8 @@ LAYER_BREAKER: Final = "breaker"
 LAYER_RATELIMIT: Final = "ratelimit"
 LAYER_RETRY: Final = "retry"
 LAYER_BUDGET: Final = "budget"
+LAYER_LB: Final = "lb"  # which instance of a service an attempt goes to
+LAYER_CONCURRENCY: Final = "concurrency"
 
 ALLOW: Final = "allow"
 REJECT: Final = "reject"
@@ -25,6 +27,7 @@ SHED: Final = "shed"
 PROBE: Final = "probe"
 RETRY: Final = "retry"
 GIVE_UP: Final = "give_up"
+QUEUED: Final = "queued"  # waited for a concurrency slot, then admitted
 WOULD_REJECT: Final = "would_reject"  # shadow mode: recorded, not enforced
 
 SOURCE_MEMORY: Final = "memory"

@@ -13,11 +13,19 @@ from typing import Any
 
 from ._types import Clock, RandomSource
 from .clock import SYSTEM_CLOCK
+from .decide.concurrency import ConcurrencyLimiter, ConcurrencySpec
 from .decide.gcra import policy_field
 from .headers import networks
 from .hooks import AttemptObserver, RequestObserver
 from .overrides import endpoint_overrides
-from .policy import BreakerConfig, Policy, RateLimit, RouteConfig, glob_matches
+from .policy import (
+    BreakerConfig,
+    ConcurrencyConfig,
+    Policy,
+    RateLimit,
+    RouteConfig,
+    glob_matches,
+)
 from .routes import UNMATCHED, framework_template
 from .state.base import LimitSpec, StateStore
 from .state.factory import store_from_policy
@@ -55,6 +63,8 @@ class RoutePlan:
     __slots__ = (
         "breaker",
         "breaker_key",
+        "bulkhead",
+        "concurrency",
         "deadline_cap_s",
         "deadline_default_s",
         "enforce",
@@ -62,6 +72,7 @@ class RoutePlan:
         "key_prefixes",
         "limits",
         "policy_header",
+        "priority",
         "remaining_prefixes",
         "route",
         "served",
@@ -108,6 +119,11 @@ class RoutePlan:
         )
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
+        # The route's bulkhead (in-process, shared by every plan of the route) and
+        # the priority its requests have unless a trusted header says otherwise.
+        self.concurrency: ConcurrencyConfig | None = None
+        self.bulkhead: ConcurrencyLimiter | None = None
+        self.priority = "default"
         advertised = [lim for lim in limits if not lim.shadow]
         self.policy_header: bytes | None = (
             ", ".join(
@@ -149,6 +165,9 @@ class Engine:
         # Set by the middleware / transports from `telemetry.py` (or by the user).
         self.request_observer: RequestObserver | None = None
         self.attempt_observer: AttemptObserver | None = None
+        # One concurrency limiter per route with a bulkhead: process memory, its
+        # only writer the middleware (plans come and go; the limiter stays).
+        self.bulkheads: dict[str, ConcurrencyLimiter] = {}
 
     # ------------------------------------------------------------ plans
 
@@ -191,7 +210,7 @@ class Engine:
             for lim in policy.rate_limits
             if glob_matches(lim.match, path) and (lim.methods is None or method in lim.methods)
         )
-        return RoutePlan(
+        plan = RoutePlan(
             route,
             breaker,
             limits,
@@ -199,6 +218,32 @@ class Engine:
             cap_ms / 1000.0 if cap_ms is not None else None,
             route_cfg.enforce if route_cfg is not None else True,
         )
+        concurrency = policy.concurrency
+        if route_cfg is not None:
+            plan.priority = route_cfg.priority
+            if route_cfg.concurrency is not None:
+                concurrency = route_cfg.concurrency
+        if concurrency is not None:
+            plan.concurrency = concurrency
+            plan.bulkhead = self.bulkhead_for(route, concurrency)
+        return plan
+
+    def bulkhead_for(self, route: str, cfg: ConcurrencyConfig) -> ConcurrencyLimiter:
+        limiter = self.bulkheads.get(route)
+        if limiter is None:
+            limiter = self.bulkheads[route] = ConcurrencyLimiter(
+                ConcurrencySpec(
+                    limit=cfg.limit,
+                    adaptive=cfg.adaptive,
+                    min_limit=cfg.min_limit,
+                    max_limit=cfg.max_limit,
+                    default_share=cfg.default_share,
+                    sheddable_share=cfg.sheddable_share,
+                    max_queue=cfg.max_queue,
+                    tolerance=cfg.tolerance,
+                )
+            )
+        return limiter
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:
         for cfg in self.policy.routes:

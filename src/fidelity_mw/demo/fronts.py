@@ -21,9 +21,12 @@ layers stand in front of it, is what differs:
                  retrying to an instance nobody chose)
 
 (b) **fidelity**: FidelityMiddleware (deadline, route breaker, the same
-    per-client rate) and FidelityTransport (one retry layer with jitter and
-    a budget, one breaker per instance, the deadline); the load balancer
-    skips instances whose breaker is open (`CircuitOpen` costs no call).
+    per-client rate) and FidelityTransport addressing the fleet as one
+    service (`http://upstream/work`, its instances in the policy): the
+    transport picks the instance of every attempt (power of two choices,
+    never an ejected instance, a retry to another one, panic threshold), with
+    one retry layer with jitter and a budget, one breaker per instance, and
+    the deadline. The front has no load-balancing or exception-mapping code.
 """
 
 from __future__ import annotations
@@ -58,9 +61,8 @@ from tenacity import (
 )
 
 from .._types import ASGIApp, Receive, Scope, Send
-from ..context import DecisionContext, current
+from ..context import Decision, DecisionContext
 from ..engine import Engine
-from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import RequestObserver
 from ..inbound import FidelityMiddleware
 from ..outbound import FidelityTransport
@@ -89,6 +91,8 @@ REQUEST = "request"  # decided on this request's own response / attempt count
 LOCAL = "local"  # the load balancer's own rotation counter
 POOL = httpx.Limits(max_connections=512, max_keepalive_connections=128)
 UPSTREAM_TIMEOUT_S = 2.0  # per upstream call, both variants
+SERVICE = "upstream"  # the fleet's logical name, for the fidelity variant
+SERVICE_URL = f"http://{SERVICE}/work"
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,7 +562,7 @@ def scattered_front(
 # ---------------------------------------------------------------- (b) fidelity_mw
 
 
-def fidelity_policy(cfg: ScenarioConfig) -> Policy:
+def fidelity_policy(cfg: ScenarioConfig, urls: Sequence[str] = ()) -> Policy:
     """The same per-client rate and breaker thresholds as the scattered variant."""
     breaker = BreakerConfig(
         failure_ratio=0.5,
@@ -588,7 +592,7 @@ def fidelity_policy(cfg: ScenarioConfig) -> Policy:
         breaker=route_breaker,
         upstreams=(
             UpstreamConfig(
-                host="*",
+                host=SERVICE,
                 retry=RetryConfig(
                     attempts=3,
                     base_ms=max(1, round(cfg.retry_base_s * 1000)),
@@ -598,8 +602,8 @@ def fidelity_policy(cfg: ScenarioConfig) -> Policy:
                 ),
                 breaker=breaker,
                 attempt_timeout_ms=int(UPSTREAM_TIMEOUT_S * 1000),
-                # one service behind 3 instance URLs: one budget (and one 3/s floor)
-                shared_budget=True,
+                # one service, one budget (and one 3/s floor) for its instances
+                instances=tuple(urls),
             ),
         ),
     )
@@ -621,61 +625,24 @@ class CountingTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def _attempts(ctx: DecisionContext | None) -> int:
-    return sum(ctx.attempts.values()) if ctx is not None else 0
-
-
 class FidelityCaller(Caller):
-    """Round-robin over the instances through FidelityTransport; skips open breakers."""
+    """One call to the service by its logical name through FidelityTransport.
 
-    def __init__(
-        self,
-        engine: Engine,
-        urls: Sequence[str],
-        names: Sequence[str],
-        clock: RunClock,
-    ) -> None:
-        self.urls = [u + "/work" for u in urls]
-        self.names = list(names)
-        self.clock = clock
+    The transport picks the instance of every attempt (a retry goes to another
+    one, open breakers are skipped within the ejection bound, panic spreads
+    over all): no load balancing here, and no exception mapping either (a
+    refusal that escapes is the middleware's to answer).
+    """
+
+    def __init__(self, engine: Engine) -> None:
         self.transport = FidelityTransport(CountingTransport(), engine=engine)
         self.http = httpx.AsyncClient(transport=self.transport, timeout=UPSTREAM_TIMEOUT_S)
-        self._next = itertools.count()
 
     async def call(self) -> UpstreamResult:
-        ctx = current()
-        n = len(self.urls)
-        start = next(self._next)
-        waits: list[float] = []
-        for k in range(n):
-            i = (start + k) % n
-            name = self.names[i]
-            before = _attempts(ctx)
-            log_decision(self.clock, "lb", name, "allow", "round_robin", source=LOCAL)
-            try:
-                response = await self.http.get(self.urls[i])
-            except CircuitOpen as exc:
-                if _attempts(ctx) == before:  # refused before any call: try the next one
-                    log_decision(self.clock, "lb", name, "skip", "host breaker open", source=LOCAL)
-                    waits.append(exc.retry_after_s)
-                    continue
-                return UpstreamResult(False, 503, UPSTREAM, "upstream failed; breaker opened")
-            except DeadlineExceeded:
-                return UpstreamResult(False, 504, "deadline", "deadline exceeded")
-            except httpx.TimeoutException:
-                return UpstreamResult(False, 503, UPSTREAM, "upstream timed out")
-            except httpx.TransportError:
-                return UpstreamResult(False, 503, UPSTREAM, "upstream unreachable")
-            if response.status_code < 500:
-                return UpstreamResult(True)
-            return UpstreamResult(False, 503, UPSTREAM, "upstream unavailable")
-        return UpstreamResult(
-            False,
-            503,
-            "breaker",
-            "every instance's breaker is open",
-            retry_after_s=min(waits) if waits else None,
-        )
+        response = await self.http.get(SERVICE_URL)
+        if response.status_code < 500:
+            return UpstreamResult(True)
+        return UpstreamResult(False, 503, UPSTREAM, "upstream unavailable")
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -698,6 +665,12 @@ class DecisionCopier:
         self.inner = inner
         self.contexts = 0
 
+    def _subject(self, d: Decision) -> str:
+        """An instance's name where the decision is about one (a pick names it)."""
+        instance = d.details.get("instance") if d.details else None
+        subject = instance if isinstance(instance, str) else d.subject
+        return self.names.get(subject, subject)
+
     def start(self, ctx: DecisionContext, scope: Scope) -> Any:
         return self.inner.start(ctx, scope) if self.inner is not None else None
 
@@ -709,7 +682,7 @@ class DecisionCopier:
                 DemoDecision(
                     self.clock.rel(d.at) if d.at else self.clock.now(),
                     d.layer,
-                    self.names.get(d.subject, d.subject),
+                    self._subject(d),
                     d.verdict,
                     d.reason,
                     d.state_source,
@@ -732,9 +705,9 @@ def fidelity_front(
     healthy: Callable[[float], bool],
     telemetry_observer: RequestObserver | None = None,
 ) -> tuple[Recorder, FidelityCaller, Engine]:
-    policy = fidelity_policy(cfg)  # PolicyError speaks for itself (e.g. an unknown state URL)
+    policy = fidelity_policy(cfg, urls)  # a PolicyError speaks for itself (a bad state URL)
     engine = Engine(policy, rng=random.Random(f"{cfg.seed}-fidelity").random)
-    caller = FidelityCaller(engine, urls, names, clock)
+    caller = FidelityCaller(engine)
     by_host = {httpx.URL(u).netloc.decode(): n for u, n in zip(urls, names, strict=True)}
     observer = DecisionCopier(clock, by_host, telemetry_observer)
     app = front_app(caller, [Middleware(FidelityMiddleware, engine=engine, observer=observer)])

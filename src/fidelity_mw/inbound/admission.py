@@ -22,7 +22,9 @@ from ..context import (
     WOULD_REJECT,
     Decision,
     DecisionContext,
+    DetailValue,
 )
+from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
 from ..engine import RoutePlan
 from ..policy import Policy
@@ -172,6 +174,7 @@ def admission_decisions(
                 now,
             )
         )
+    fleet = fleet_details(result.fleet) if result.fleet is not None else {}
     for spec, verdict in zip(plan.specs, result.limits, strict=False):
         if verdict.allowed:
             append(
@@ -183,7 +186,7 @@ def admission_decisions(
                     source,
                     age,
                     now,
-                    {"remaining": verdict.remaining},
+                    {"remaining": verdict.remaining, **fleet},
                 )
             )
         elif spec.shadow:
@@ -196,7 +199,7 @@ def admission_decisions(
                     source,
                     age,
                     now,
-                    {"retry_after_s": round(verdict.retry_after_s, 3), "shadow": True},
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "shadow": True, **fleet},
                 )
             )
         else:
@@ -209,9 +212,20 @@ def admission_decisions(
                     source,
                     age,
                     now,
-                    {"retry_after_s": round(verdict.retry_after_s, 3), "remaining": 0},
+                    {"retry_after_s": round(verdict.retry_after_s, 3), "remaining": 0, **fleet},
                 )
             )
+
+
+def fleet_details(share: FleetShare) -> dict[str, DetailValue]:
+    """What a local fallback decision knew about the fleet (see state/fleet.py)."""
+    if share.size is None:
+        details: dict[str, DetailValue] = {"fleet_share": "unknown", "fleet_share_why": share.why}
+    else:
+        details = {"fleet_size": share.size}
+    if share.age_s is not None:
+        details["fleet_size_age_s"] = round(share.age_s, 3)
+    return details
 
 
 def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:

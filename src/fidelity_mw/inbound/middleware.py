@@ -29,6 +29,7 @@ from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions
+from .bulkhead import Bulkheads
 from .refusals import control_refusal, deadline_refusal
 from .request import RequestReader, scan_headers
 from .responses import DECIDED_BY_HEADER, Rejection, respond
@@ -101,6 +102,7 @@ class FidelityMiddleware:
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
+        self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
         # spent retry budget, a timeout that was the deadline) as 503/504; False: let
         # them through to the server, as any exception.
@@ -151,8 +153,10 @@ class FidelityMiddleware:
                 logger.exception("fidelity_mw: telemetry observer failed")
                 observer = None
         before_end = self._before_response_end if observer is not None else None
+        in_bulkhead = False  # holds a slot of the route's bulkhead
+        app_ran = False
         try:
-            # ---- decide: deadline, then breaker + limits in one store call
+            # ---- decide: deadline, bulkhead, then breaker + limits in one store call
             result: InboundResult | None = None
             keys: Sequence[str] = ()
             rejection: Rejection | None = None
@@ -160,6 +164,20 @@ class FidelityMiddleware:
                 remaining = plan.deadline_default_s
                 if found is not None:
                     remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                if rejection is None and plan.bulkhead is not None:
+                    if remaining is not None:
+                        ctx.deadline_at = now + remaining
+                    # Before breaker and limiter: a capacity shed costs no quota and
+                    # is no breaker outcome.
+                    bulkheads = self._bulkheads
+                    priority = bulkheads.priority(plan, scope, found)
+                    entered = bulkheads.enter_now(ctx, plan, priority, now)
+                    if entered is True:
+                        entered = await bulkheads.wait(ctx, plan, priority, now)
+                    if entered is None:
+                        in_bulkhead = True
+                    else:
+                        rejection = entered  # type: ignore[assignment]
                 if rejection is None:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
@@ -214,6 +232,7 @@ class FidelityMiddleware:
             if deadline_at is not None and plan.enforce:
                 watcher.arm(self._deadlines, deadline_at, now)
             outcomes = self._outcomes
+            app_ran = True
             try:
                 await self.app(scope, receive, watcher)
             except BaseException as exc:
@@ -241,6 +260,8 @@ class FidelityMiddleware:
                 except Exception:
                     logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
         finally:
+            if in_bulkhead:
+                self._bulkheads.leave(ctx, plan, app_ran)
             if observer is not None:
                 try:
                     observer.end(ctx, scope, obs_token)

@@ -85,6 +85,8 @@ class RequestReader:
             if isinstance(lim.key, str) and lim.key.startswith("header:"):
                 wanted.add(header_key(lim.key[7:]))
         wanted.add(ATTEMPT_HEADER)
+        if pol.priority_header:  # the bulkhead's priority class, from trusted peers
+            wanted.add(header_key(pol.priority_header))
         self.wanted = frozenset(wanted)
         self._peer_trust: dict[str, bool] = {}
 

@@ -189,6 +189,20 @@ def _cidrs(value: Any) -> str | None:
     return None
 
 
+def _base_urls(value: Any) -> str | None:
+    if not isinstance(value, tuple | list):
+        return f"expected a list of base URLs, got {_tname(value)}"
+    for i, item in enumerate(value):
+        text = str(item)
+        scheme, _, rest = text.partition("://")
+        host = rest.rstrip("/")
+        if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
+            return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+    if len(set(value)) != len(value):
+        return "instance URLs must be distinct"
+    return None
+
+
 def _header_names(value: Any) -> str | None:
     if not isinstance(value, tuple | list) or not value:
         return "expected a non-empty list of header names"
@@ -346,6 +360,7 @@ class StateConfig(_Validated):
     max_keys: int = _spec(100_000, int_in(16, 100_000_000))
     sync_interval_ms: int = _spec(100, int_in(1, 60_000))
     key_prefix: str = _spec("fmw", _key_prefix)
+    fleet_share_max_age_s: float = _spec(60.0, number_in(0.0, 86_400.0))
 
     def _cross_checks(self) -> list[PolicyIssue]:
         schemes = (
@@ -491,6 +506,40 @@ class RateLimit(_Validated):
         return period / count
 
 
+PRIORITIES = ("critical", "default", "sheddable")
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyConfig(_Validated):
+    """A bulkhead: at most `limit` requests of a route in flight, fixed or found adaptively."""
+
+    limit: int = _spec(100, int_in(1, 1_000_000))
+    adaptive: bool = _spec(False, boolean)
+    min_limit: int = _spec(1, int_in(1, 1_000_000))
+    max_limit: int = _spec(1_000, int_in(1, 1_000_000))
+    max_queue: int = _spec(0, int_in(0, 1_000_000))
+    queue_timeout_ms: int = _spec(50, int_in(1, 60_000))
+    default_share: float = _spec(0.9, number_in(0.0, 1.0, lo_open=True))
+    sheddable_share: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
+    tolerance: float = _spec(1.5, number_in(1.0, 100.0))
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        issues = []
+        if self.min_limit > self.max_limit:
+            issues.append(PolicyIssue("min_limit", "must not exceed max_limit"))
+        if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
+            issues.append(
+                PolicyIssue("limit", "the adaptive limit starts between min_limit and max_limit")
+            )
+        if self.sheddable_share > self.default_share:
+            issues.append(
+                PolicyIssue(
+                    "sheddable_share", "must not exceed default_share (lower classes shed first)"
+                )
+            )
+        return issues
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig(_Validated):
     """Per-route overrides, matched by path glob (first match wins)."""
@@ -502,6 +551,9 @@ class RouteConfig(_Validated):
     # True: the policy's [breaker]; False: no breaker; a BreakerConfig: this one.
     breaker: bool | BreakerConfig = _spec(True, None)
     enforce: bool = _spec(True, boolean)
+    # None: the policy's [concurrency] (if any); a table: this route's own bulkhead.
+    concurrency: ConcurrencyConfig | None = _spec(None, optional(_instance(ConcurrencyConfig)))
+    priority: Literal["critical", "default", "sheddable"] = _spec("default", one_of(PRIORITIES))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -564,6 +616,9 @@ class UpstreamConfig(_Validated):
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     attempt_timeout_ms: int = _spec(10_000, int_in(1, 86_400_000))
     shared_budget: bool = _spec(False, boolean)
+    instances: tuple[str, ...] = _spec((), _base_urls)
+    panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
+    max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
 
 
 DEFAULT_TRUSTED_PEERS = (
@@ -585,6 +640,8 @@ class Policy(_Validated):
     rate_limits: tuple[RateLimit, ...] = _spec((), _items(RateLimit), toml="rate_limit")
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     routes: tuple[RouteConfig, ...] = _spec((), _items(RouteConfig), toml="route")
+    concurrency: ConcurrencyConfig | None = _spec(None, optional(_instance(ConcurrencyConfig)))
+    priority_header: str | None = _spec(None, optional(non_empty_str))
     upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
     trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
     trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)
@@ -811,9 +868,10 @@ _POLICY_NESTED: _Nested = {
     "breaker": (BreakerConfig, False),
     "route": (RouteConfig, True),
     "upstream": (UpstreamConfig, True),
+    "concurrency": (ConcurrencyConfig, False),
 }
 _SUB_NESTED: dict[type, _Nested] = {
-    RouteConfig: {"breaker": (BreakerConfig, False)},
+    RouteConfig: {"breaker": (BreakerConfig, False), "concurrency": (ConcurrencyConfig, False)},
     UpstreamConfig: {"retry": (RetryConfig, False), "breaker": (BreakerConfig, False)},
 }
 
@@ -858,6 +916,8 @@ def _read_nested(
             _build(sub_cls, item, f"{where}[{i}]", issues, sub_nested)
             for i, item in enumerate(value)
         )
+    if sub_cls is ConcurrencyConfig and value is None:
+        return None  # JSON null (what `to_dict` writes when there is none)
     if sub_cls is BreakerConfig and value is None and parent is not RouteConfig:
         return None  # JSON null (what `to_dict` writes for a disabled breaker): no breaker
     if sub_cls is BreakerConfig and isinstance(value, bool):

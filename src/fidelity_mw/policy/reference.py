@@ -18,6 +18,7 @@ from typing import Any
 
 from .model import (
     BreakerConfig,
+    ConcurrencyConfig,
     DeadlineConfig,
     Policy,
     RateLimit,
@@ -65,6 +66,15 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "counts against: requests no route matches use the framework's route template.",
     ),
     (
+        "`[concurrency]`",
+        "concurrency",
+        ConcurrencyConfig,
+        "A bulkhead per route: at most `limit` requests in flight (fixed, or found from "
+        "latency with `adaptive = true`). Refused requests get 503 + `Retry-After`, cost "
+        "no rate-limit quota and are no breaker failure. The same keys configure "
+        "`[route.concurrency]`.",
+    ),
+    (
         "`[[upstream]]`",
         "upstream",
         UpstreamConfig,
@@ -88,12 +98,15 @@ _NESTED = {
     (Policy, "breaker"),
     (Policy, "routes"),
     (Policy, "upstreams"),
+    (Policy, "concurrency"),
     (UpstreamConfig, "retry"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
     # top level
     "version": "Schema version of the file. Only 1 exists.",
+    "priority_header": "Request header carrying a priority class (`critical`, `default`, "
+    "`sheddable`), believed only from `trusted_peers`; unset: the route's `priority` alone.",
     "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
     "is the client.",
@@ -120,6 +133,10 @@ DESCRIPTIONS: dict[str, str] = {
     "Redis, which is also their staleness bound.",
     "state.key_prefix": "Prefix of every Redis key (`{prefix}:rl:...`); also the Redis "
     "Cluster hash tag, so no braces.",
+    "state.fleet_share_max_age_s": 'While Redis is unreachable (`on_error = "local"`), each '
+    "process enforces its share of every limit (rate / N, burst / N), N being the fleet size "
+    "it last read from Redis, if that was at most this many seconds ago; otherwise the whole "
+    "limit. 0 turns the share off (every process enforces the whole limit).",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
     "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
@@ -177,6 +194,24 @@ DESCRIPTIONS: dict[str, str] = {
     "route's own breaker.",
     "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
     "started, answer 504 and cancel the app's work. A started response is never cut.",
+    "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys); left out: "
+    "the policy's `[concurrency]`, if any.",
+    "route.priority": "Priority class of the route's requests when the bulkhead is under "
+    "pressure: `sheddable` is shed first, then `default`; `critical` may fill the limit. "
+    "A trusted `priority_header` overrides it.",
+    # [concurrency]
+    "concurrency.limit": "Requests in flight at most; with `adaptive`, where the limit starts.",
+    "concurrency.adaptive": "Find the limit from latency (gradient limit): it grows while "
+    "latency stays within `tolerance` of its measured floor and shrinks when it rises.",
+    "concurrency.min_limit": "The adaptive limit never goes below this.",
+    "concurrency.max_limit": "The adaptive limit never goes above this.",
+    "concurrency.max_queue": "Requests that may wait for a slot beyond the limit (0: none; "
+    "refused at once).",
+    "concurrency.queue_timeout_ms": "How long a queued request waits before it is refused.",
+    "concurrency.default_share": "Share of the limit `default` requests may fill.",
+    "concurrency.sheddable_share": "Share of the limit `sheddable` requests may fill "
+    "(at most `default_share`).",
+    "concurrency.tolerance": "Adaptive: latency / floor ratio accepted before the limit shrinks.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
@@ -184,6 +219,13 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.shared_budget": "One retry budget for every host this entry matches (the "
     "instance URLs of one service behind client-side load balancing) instead of one per "
     "host, so N instances do not get N times the budget and its floor.",
+    "upstream.instances": "Base URLs of the instances of a service (`http://10.0.0.7:8080`). "
+    "Set with a logical `host` (`payments`): callers address `http://payments/...` and the "
+    "transport picks an instance for every attempt (docs/outbound.md, services).",
+    "upstream.panic_threshold": "Panic mode: when fewer than this share of a service's "
+    "instances are admissible, spread over all of them instead of refusing.",
+    "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
+    "(skipped for an open breaker) at once; at least one may always be.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
@@ -261,6 +303,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
+        "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
         "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
         "_key_prefix": "non-empty string without `{` or `}`",
@@ -287,6 +330,7 @@ _TYPES = {
     "bool | BreakerConfig": "boolean or table",
     "BreakerConfig | None": "table or `false`",
     "RetryConfig": "table",
+    "ConcurrencyConfig | None": "table",
 }
 
 

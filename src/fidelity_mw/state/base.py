@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ..decide.breaker import Gate
+from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..decide.specs import LimitSpec as LimitSpec
 from ..policy import BreakerConfig, RetryConfig
@@ -21,6 +22,8 @@ class InboundResult(NamedTuple):
     admitted: bool
     source: str  # memory | redis | cache | fallback
     age_s: float  # how old the state behind this decision was
+    # A local fallback decision of a shared store: the fleet share its limits used.
+    fleet: FleetShare | None = None
 
 
 AdmitNow = Callable[

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..decide.breaker import Gate
+from ..decide.breaker import OPEN, Gate
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
@@ -90,6 +90,17 @@ class MemoryStore(LocalState, StateStore):
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         return self.budget_try_retry_now(budget_key, cfg, now)
+
+    def breakers_open_until_now(self, breaker_keys: Sequence[str], now: float) -> list[float]:
+        """For each breaker: until when it is open (0.0 when it is not), read without
+        gating: what a balancer needs to skip open instances, fresh from this process."""
+        with self._lock:
+            out = []
+            for key in breaker_keys:
+                state = self.breakers.get(key)
+                until = state.open_until if state is not None and state.state == OPEN else 0.0
+                out.append(until if until > now else 0.0)
+            return out
 
     async def snapshot(
         self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None

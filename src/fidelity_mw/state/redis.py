@@ -67,12 +67,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
+from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
+from .redis_sync import SyncLink
 from .scripts import Script, load_script
 from .snapshot import (
     BreakerView,
@@ -211,6 +214,7 @@ class RedisStats:
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
+    fleet_unknown: int = 0  # local fallback decisions that enforced the whole limit (share unknown)
 
 
 class Slots:
@@ -362,6 +366,10 @@ class RedisStore(StateStore):
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
         self.coalescer = Coalescer(self.call, BATCH)
+        self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
+        # Membership for the fleet-aware fallback (state/fleet.py).
+        self.fleet = Fleet(self.prefix, config.fleet_share_max_age_s)
+        self._fleet_warned = -1
 
     # ------------------------------------------------------------ plumbing
 
@@ -485,7 +493,24 @@ class RedisStore(StateStore):
         done = clock.monotonic()
         health.last_ok = done
         self.stats.round_trips += 1
+        if done >= self.fleet.due:
+            self.fleet.tick(done, self._fleet_run, clock.monotonic)
         return reply, (done - started) / 2.0
+
+    async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One fleet announcement: skipped when every connection is busy, and kept out of
+        `round_trips`, `errors` and the health state (a failure just leaves the count older)."""
+        bound = self._bind()
+        if not self.health.up or not bound[2].try_acquire():
+            raise StateUnavailable("no connection free for the fleet announcement")
+        client = bound[1]
+        try:
+            try:
+                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        finally:
+            bound[2].release()
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
@@ -596,6 +621,9 @@ class RedisStore(StateStore):
         admitted_tats: Sequence[float] | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
+            share = self.fleet.share(self._clock.monotonic()) if self.fleet.enabled else None
+            if share is not None and share.size is not None and share.size > 1:
+                limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
             self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
@@ -628,11 +656,33 @@ class RedisStore(StateStore):
             )
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age)
+        share = self._fleet_share() if limits and self.fleet.enabled else None
+        if share is not None and share.size is not None and share.size > 1:
+            limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
         result = self.local.admit_now(breaker_key, breaker, limit_keys, limits, now)
         local_gate = result.gate
         if local_gate is not None:
             local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
-        return InboundResult(local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age)
+        return InboundResult(
+            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share
+        )
+
+    def _fleet_share(self) -> FleetShare:
+        """This instance's share for a local decision; an unknown one is counted, and
+        logged once per outage."""
+        share = self.fleet.share(self._clock.monotonic())
+        if share.size is None:
+            self.stats.fleet_unknown += 1
+            if self._fleet_warned != self.stats.outages:
+                self._fleet_warned = self.stats.outages
+                logger.warning(
+                    "fidelity_mw: fleet size %s: each process enforces the whole of each "
+                    "limit until redis answers",
+                    "never read from redis"
+                    if share.age_s is None
+                    else f"read {share.age_s:.0f} s ago (> {self.fleet.max_age_s:g} s)",
+                )
+        return share
 
     async def record(
         self,
@@ -643,6 +693,37 @@ class RedisStore(StateStore):
         slow: bool,
         now: float,
     ) -> str:
+        planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
+        if isinstance(planned, str):
+            return planned
+        call = self.coalescer.call if self.coalesce else self.call
+        return self._record_answer(await call(RECORD, *planned), gate)
+
+    def record_sync(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        """`record` for sync callers in any thread, over a blocking client (`SyncLink`)."""
+        planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
+        if isinstance(planned, str):
+            return planned
+        return self._record_answer(self.sync_link().call(RECORD, *planned), gate)
+
+    def _record_call(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
+        """The answer without a round trip (a str), or the script call to make."""
         if gate.epoch < 0:
             # The gate came from the failure mode: record where it was decided.
             if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
@@ -665,7 +746,9 @@ class RedisStore(StateStore):
             *self.breaker_config_args(breaker),
         )
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-        got = await (self.coalescer.call if self.coalesce else self.call)(RECORD, keys, args)
+        return keys, args
+
+    def _record_answer(self, got: tuple[Any, float] | None, gate: Gate) -> str:
         if got is None:
             self.stats.dropped_records += 1
             return gate.state
@@ -691,7 +774,11 @@ class RedisStore(StateStore):
         # (a success from an older epoch would be ignored by Redis: drop it)
         task = self._deferred_task
         if task is None or task.done():
-            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a sync caller: they ride on its next call about this breaker
+                return
+            self._deferred_task = loop.create_task(self._flush_deferred())
 
     def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
         entry = self._deferred.pop(breaker_key, None)
@@ -745,6 +832,49 @@ class RedisStore(StateStore):
         (gate or None, budget allowed, source, age_s). Pending counts from
         `budget_request` ride along.
         """
+        keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
+        if not keys:
+            return None, True, SOURCE_REDIS, 0.0
+        got = await self.call(OUTBOUND, keys, args)
+        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+
+    def outbound_gate_sync(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """`outbound_gate` for sync callers in any thread, over a blocking client
+        (`SyncLink`): the same script, the same single round trip."""
+        keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
+        if not keys:
+            return None, True, SOURCE_REDIS, 0.0
+        got = self.sync_link().call(OUTBOUND, keys, args)
+        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+
+    def sync_link(self) -> SyncLink:
+        link = self._sync_link
+        if link is None:
+            with self._bind_lock:
+                link = self._sync_link
+                if link is None:
+                    plain, cluster = redis_url(self.url)
+                    link = self._sync_link = SyncLink(
+                        plain, cluster, self.config, self._clock, self.stats
+                    )
+        return link
+
+    def _outbound_call(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+    ) -> tuple[list[str], list[Any], list[tuple[str, RetryConfig, int]]]:
         has_breaker = breaker_key is not None and breaker is not None
         keys: list[str] = []
         args: list[Any] = ["1" if has_breaker else "0", self._rng(), 0]
@@ -766,16 +896,27 @@ class RedisStore(StateStore):
             keys.append(self.key("bu", other))
             args.extend((*budget_args(other_cfg), count, 0))
         args[2] = len(taken)
-        if not keys:
-            return None, True, SOURCE_REDIS, 0.0
-        got = await self.call(OUTBOUND, keys, args)
+        return keys, args, taken
+
+    def _outbound_answer(
+        self,
+        got: tuple[Any, float] | None,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        taken: Sequence[tuple[str, RetryConfig, int]],
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
         if got is None:
             return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
         reply, age = got
         try:
             allowed = True if budget_key is None or cfg is None else reply[6] == 1
             gate = None
-            if has_breaker and allowed:  # a denied retry asked no breaker
+            if breaker_key is not None and breaker is not None and allowed:
+                # (a denied retry asked no breaker)
                 gate = Gate(
                     _text(reply[1]), _text(reply[2]), int(reply[3]), float(reply[4]), int(reply[5])
                 )
@@ -864,8 +1005,16 @@ class RedisStore(StateStore):
             await _close_client(mine[0])
 
     async def aclose(self) -> None:
+        link, self._sync_link = self._sync_link, None
+        if link is not None:
+            link.close()
         await self.coalescer.aclose()
-        for task in (self.health.probe_task, self._flush_task, self._deferred_task):
+        for task in (
+            self.health.probe_task,
+            self._flush_task,
+            self._deferred_task,
+            self.fleet.task,
+        ):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -899,6 +1048,12 @@ class RedisStore(StateStore):
             "fallbacks": stats.fallbacks,
             "outages": stats.outages,
         }
+        fleet = self.fleet
+        if fleet.enabled:
+            share = fleet.share(self._clock.monotonic())
+            detail["fleet_size"] = fleet.size
+            detail["fleet_size_age_s"] = None if share.age_s is None else round(share.age_s, 3)
+            detail["fleet_share"] = "unknown" if share.size is None else f"1/{share.size}"
         breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
         budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
         limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]

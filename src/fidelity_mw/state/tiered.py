@@ -433,6 +433,31 @@ class TieredStore(StateStore):
                 source, age = gate_source, gate_age
         return gate, allowed, source, age
 
+    def outbound_gate_sync(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        now: float,
+    ) -> tuple[Gate | None, bool, str, float]:
+        """For sync callers in any thread (`FidelitySyncTransport`): exact, from Redis,
+        over its blocking client. The cache belongs to the event loop's side."""
+        return self.exact.outbound_gate_sync(breaker_key, breaker, budget_key, cfg, retry, now)
+
+    def record_sync(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str:
+        """The outcome of a call gated by `outbound_gate_sync`, where it was decided."""
+        return self.exact.record_sync(breaker_key, breaker, gate, outcome, slow, now)
+
     # ------------------------------------------------------------ syncing
 
     def _note_gate(self, cb: CachedBreaker, gate: Gate, now: float) -> None:

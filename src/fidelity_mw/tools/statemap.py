@@ -38,7 +38,7 @@ class Layer:
     """One deciding layer for one subject (a route, a limit, an upstream)."""
 
     direction: str  # inbound | outbound
-    layer: str  # deadline | breaker | ratelimit | retry | budget
+    layer: str  # deadline | concurrency | breaker | ratelimit | retry | budget
     subject: str  # what it applies to
     config: str  # the policy key that configures it
     decides: str
@@ -123,8 +123,19 @@ def _homes(policy: Policy) -> dict[str, _Home]:
         "about half a round trip: decided atomically in Redis on the server clock",
         on_failure,
     )
+    limit_failure = on_failure
+    if st.on_error == "local" and st.fleet_share_max_age_s > 0:
+        limit_failure = (
+            f"Redis slow/unreachable (timeout {st.timeout_ms} ms): decide on process-local "
+            "counters, each process enforcing its share of the limit (rate / N, burst / N), "
+            "N = the fleet size it last read from "
+            f"{{{st.key_prefix}}}:fleet if at most {st.fleet_share_max_age_s:g} s old (else the "
+            "whole limit, recorded as fleet_share=unknown); marked `fallback` with age = time "
+            "since the last Redis reply; a background probe switches back"
+        )
     if not url.startswith("tiered+"):
-        return {"limit": exact, "breaker": exact, "budget": exact}
+        limit = dataclasses.replace(exact, on_failure=limit_failure)
+        return {"limit": limit, "breaker": exact, "budget": exact}
     sync = st.sync_interval_ms
     where = redact_url(url.removeprefix("tiered+"))
     return {
@@ -135,7 +146,7 @@ def _homes(policy: Policy) -> dict[str, _Home]:
             f"up to {sync} ms (sync_interval_ms): slices are topped up and given back "
             "every sync; never more than one exact GCRA admits, but units in other "
             "processes' slices (at most burst/4 each) wait for the next sync",
-            on_failure,
+            limit_failure,
         ),
         "breaker": _Home(
             f"a per-process cached copy of the breaker in Redis at {where}; half-open "
@@ -269,6 +280,43 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "a malformed header is ignored: the route default applies",
                 )
             )
+    bulkheads = [
+        (f"route[{i}].concurrency", f"route {r.name or r.match}", r.concurrency)
+        for i, r in enumerate(policy.routes)
+        if r.concurrency is not None
+    ]
+    if policy.concurrency is not None:
+        bulkheads.append(("concurrency", "every other route", policy.concurrency))
+    for config_key, subject, conc in bulkheads:
+        kind = (
+            f"adaptive limit from {conc.min_limit} to {conc.max_limit} (starts at {conc.limit}; "
+            f"shrinks when latency passes {conc.tolerance}x its measured floor)"
+            if conc.adaptive
+            else f"at most {conc.limit} in flight"
+        )
+        queue = (
+            f"; up to {conc.max_queue} wait {conc.queue_timeout_ms} ms for a slot"
+            if conc.max_queue
+            else ""
+        )
+        rows.append(
+            Layer(
+                "inbound",
+                "concurrency",
+                subject,
+                config_key,
+                "503 + Retry-After when the route is full for the request's priority class "
+                "(before breaker and limiter: no quota spent, no breaker outcome)",
+                f"{kind}{queue}; default class may fill {conc.default_share:.0%}, "
+                f"sheddable {conc.sheddable_share:.0%}, critical all",
+                "process memory (per process by design: it guards this process's capacity)",
+                "-",
+                "FidelityMiddleware: a slot taken on admission, given back when the response "
+                "ends; the adaptive limit learns each served request's latency",
+                "none",
+                "cannot fail",
+            )
+        )
     breaker_writer = (
         "FidelityMiddleware, when an admitted response ends (exceptions and "
         "failure_statuses count as failures; limiter 429s and client disconnects never do)"
@@ -444,10 +492,20 @@ def notes_for(policy: Policy) -> list[str]:
             "counts on its own, so the fleet admits up to N x each rate and each "
             "process trips its breakers alone. Use redis:// or tiered+redis:// to share.",
         ]
-    return [
+    notes = [
         "Redis keys: H(x) is the blake2b-128 hex digest of x (client input never shapes a "
         f"key name); {{{policy.state.key_prefix}}} is a Redis Cluster hash tag.",
     ]
+    st = policy.state
+    if st.on_error == "local" and st.fleet_share_max_age_s > 0:
+        notes.append(
+            f"Fleet size: {{{st.key_prefix}}}:fleet, a sorted set of process ids scored by "
+            "Redis TIME. Writer: each process, at most once a second while it uses Redis "
+            "(fleet.lua; a process silent for 5 s drops out). Read by the same call: the "
+            "fleet size N behind each limit's share while Redis is unreachable; its age "
+            f"grows during the outage and past {st.fleet_share_max_age_s:g} s it is not used."
+        )
+    return notes
 
 
 def from_policy(policy: Policy, source: str) -> StateMap:

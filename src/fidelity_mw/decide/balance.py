@@ -1,0 +1,117 @@
+"""Instance choice for a service with several instances, pure.
+
+Power of two choices over the admissible instances, each scored by its
+outstanding requests weighted by its latency EWMA (cost = latency x
+(outstanding + 1)); a retry avoids instances the call already tried while
+another is admissible; an instance whose breaker is known open is ejected,
+but never more than `max_ejected_ratio` of them at once (at least one may
+be); when fewer than `panic_threshold` of the instances are admissible, the
+pick spreads over all of them instead of refusing (panic mode).
+
+Time (`now`) and randomness (`rng`, uniform floats in [0, 1)) are arguments;
+nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from typing import Final, NamedTuple
+
+RandomSource = Callable[[], float]
+
+PICK_P2C: Final = "p2c"  # the better of two random admissible instances
+PICK_ONLY: Final = "only_candidate"  # a single admissible instance left
+PICK_PANIC: Final = "panic"  # too few admissible: spread over all instances
+PICK_BOUND: Final = "ejection_bound"  # chosen although its breaker is open: the bound holds
+
+EWMA_TAU_S: Final = 5.0  # latency estimates lose half their weight in about 3.5 s
+
+
+class InstanceView(NamedTuple):
+    """What the balancer knows about one instance."""
+
+    outstanding: int  # requests in flight from this process
+    latency_s: float  # EWMA of attempt latency; 0.0 when not measured yet
+    open_until: float  # its breaker is known open until then (0.0: not known open)
+    seen_at: float  # when that breaker state was learned (its age is now - seen_at)
+
+
+class Pick(NamedTuple):
+    """The balancer's answer: which instance, why, and whether its breaker is bypassed."""
+
+    chosen: int
+    reason: str
+    panic: bool
+    bypass: bool  # its breaker is known open and the pick overrides it (panic, bound)
+    admissible: int  # instances admissible when the pick was made
+
+
+def ejected(views: Sequence[InstanceView], now: float, max_ejected_ratio: float) -> set[int]:
+    """Indices of the instances ejected now: known-open breakers, at most the bound.
+
+    Beyond the bound, the instances whose open time ends first stay in (they are
+    the nearest to a probe); ties go to the lower index.
+    """
+    open_ones = [i for i, v in enumerate(views) if v.open_until > now]
+    if not open_ones:
+        return set()
+    bound = max(1, math.floor(len(views) * max_ejected_ratio + 1e-9))
+    if len(open_ones) <= bound:
+        return set(open_ones)
+    open_ones.sort(key=lambda i: (-views[i].open_until, i))
+    return set(open_ones[:bound])
+
+
+def cost(view: InstanceView, default_latency_s: float) -> float:
+    latency = view.latency_s if view.latency_s > 0.0 else default_latency_s
+    return latency * (view.outstanding + 1)
+
+
+def choose(
+    views: Sequence[InstanceView],
+    tried: Collection[int],
+    now: float,
+    rng: RandomSource,
+    *,
+    panic_threshold: float = 0.5,
+    max_ejected_ratio: float = 0.5,
+) -> Pick:
+    """Pick the instance for the next attempt. Never refuses: `views` must not be empty."""
+    n = len(views)
+    out = ejected(views, now, max_ejected_ratio)
+    admissible = [i for i in range(n) if i not in out]
+    panic = len(admissible) < panic_threshold * n or not admissible
+    candidates = list(range(n)) if panic else admissible
+    fresh = [i for i in candidates if i not in tried]
+    if fresh:
+        candidates = fresh
+    measured = [views[i].latency_s for i in candidates if views[i].latency_s > 0.0]
+    # An unmeasured instance is assumed as fast as the fastest measured one: it gets tried.
+    default_latency = min(measured) if measured else 1.0
+    if len(candidates) == 1:
+        index, reason = candidates[0], PICK_ONLY
+    else:
+        a = candidates[min(len(candidates) - 1, int(rng() * len(candidates)))]
+        rest = [i for i in candidates if i != a]
+        b = rest[min(len(rest) - 1, int(rng() * len(rest)))]
+        ca, cb = cost(views[a], default_latency), cost(views[b], default_latency)
+        index = b if cb < ca else a
+        reason = PICK_P2C
+    bypass = views[index].open_until > now
+    if panic:
+        reason = PICK_PANIC
+    elif bypass:
+        reason = PICK_BOUND
+    return Pick(index, reason, panic, bypass, len(admissible))
+
+
+def ewma(previous: float, previous_at: float, sample: float, now: float, tau_s: float) -> float:
+    """Latency EWMA with time decay: an old estimate weighs less (Finagle's peak EWMA,
+    without the peak). The first sample is taken as it is."""
+    if previous <= 0.0:
+        return sample
+    if tau_s <= 0.0:
+        return sample
+    weight = math.exp(-max(0.0, now - previous_at) / tau_s)
+    return previous * weight + sample * (1.0 - weight)

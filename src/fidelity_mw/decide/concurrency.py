@@ -1,0 +1,216 @@
+"""Concurrency limits (bulkheads), fixed or adaptive, with priority classes. Pure: no I/O, no clock.
+
+A fixed limit admits at most `limit` requests in flight. The adaptive limit
+finds that number from the latencies it sees, in the manner of a gradient
+limiter (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency
+filter): while latency stays within `tolerance` of its baseline (the lowest
+latency seen lately) the limit grows by about sqrt(limit) per sample; when
+latency rises above that, the limit shrinks in proportion.
+
+Priorities: a class may fill only its share of the limit, so under pressure
+`sheddable` requests are shed first, then `default`, and `critical` ones may
+use the whole limit. Waiters (an optional short queue) are woken highest
+priority first, then in arrival order.
+
+The caller measures latency with its injected clock and reports it to
+`release`; nothing here reads time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+CRITICAL: Final = "critical"
+DEFAULT: Final = "default"
+SHEDDABLE: Final = "sheddable"
+PRIORITIES: Final = (CRITICAL, DEFAULT, SHEDDABLE)
+
+# Why a request was admitted or not (Decision reasons).
+UNDER_LIMIT: Final = "under_limit"
+AT_LIMIT: Final = "at_limit"
+PRIORITY_SHARE: Final = "priority_share"
+QUEUED: Final = "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencySpec:
+    """One route's concurrency limit as the decision code sees it."""
+
+    limit: int  # the fixed limit, or the adaptive limit's starting point
+    adaptive: bool = False
+    min_limit: int = 1
+    max_limit: int = 1000
+    # The share of the limit each class may fill; critical always 1.0.
+    default_share: float = 0.9
+    sheddable_share: float = 0.5
+    max_queue: int = 0  # waiters allowed beyond the limit (0: no queue)
+    # Adaptive only:
+    smoothing: float = 0.2  # weight of a new estimate in the limit
+    tolerance: float = 1.5  # latency / baseline accepted before the limit shrinks
+    remeasure_every: int = 2000  # samples between baseline re-measurements (0: never)
+    measure_limit: int = 4  # the limit while the baseline is re-measured
+    measure_samples: int = 20  # requests that finish at that limit make the new baseline
+
+    def share(self, priority: str) -> float:
+        if priority == SHEDDABLE:
+            return self.sheddable_share
+        if priority == DEFAULT:
+            return self.default_share
+        return 1.0
+
+
+class Admission(NamedTuple):
+    admitted: bool
+    reason: str  # UNDER_LIMIT | AT_LIMIT | PRIORITY_SHARE
+    in_flight: int  # after this decision
+    limit: int  # the limit this decision was taken against
+
+
+class GradientEstimate:
+    """The adaptive limit: a float that moves with every latency sample.
+
+    The baseline is the lowest latency seen since the last re-measurement.
+    Every `remeasure_every` samples the limit drops to `measure_limit` until
+    `measure_samples` requests have finished with no more than that many in
+    flight; their lowest latency becomes the new baseline (up or down) and the
+    limit returns. Without that, a baseline taken on a quieter day would hold
+    the limit down forever, or one taken under load would let it run away.
+    """
+
+    __slots__ = ("_measured", "_measuring", "_resume", "_since", "baseline_s", "spec", "value")
+
+    def __init__(self, spec: ConcurrencySpec) -> None:
+        self.spec = spec
+        self.value = float(spec.limit)
+        self.baseline_s = 0.0  # 0: not measured yet
+        self._since = 0
+        self._measuring = False
+        self._measured: list[float] = []
+        self._resume = self.value
+
+    @property
+    def measuring(self) -> bool:
+        return self._measuring
+
+    def current(self) -> float:
+        if self._measuring:
+            return float(min(self.spec.measure_limit, self._resume))
+        return self.value
+
+    def sample(self, latency_s: float, in_flight: int, dropped: bool = False) -> float:
+        """Fold one finished request in (`in_flight` counts it); returns the limit to use."""
+        spec = self.spec
+        if self._measuring:
+            if not dropped and latency_s > 0.0 and in_flight <= spec.measure_limit:
+                self._measured.append(latency_s)
+                if len(self._measured) >= spec.measure_samples:
+                    self.baseline_s = min(self._measured)
+                    self._measuring = False
+                    self.value = self._resume
+                    self._since = 0
+            return self.current()
+        if dropped:
+            # An overload failure (timeout, shed downstream) is the clearest signal there is.
+            self.value = max(float(spec.min_limit), self.value * 0.9)
+            return self.value
+        if latency_s <= 0.0:
+            return self.value
+        self._since += 1
+        if self.baseline_s == 0.0 or latency_s < self.baseline_s:
+            self.baseline_s = latency_s
+        gradient = max(0.5, min(1.0, spec.tolerance * self.baseline_s / latency_s))
+        # An idle server says nothing about its capacity: grow only while the
+        # limit is actually being used (shrinking is always allowed).
+        if not (gradient >= 1.0 and in_flight < self.value / 2.0):
+            target = self.value * gradient + math.sqrt(self.value)
+            value = (1.0 - spec.smoothing) * self.value + spec.smoothing * target
+            self.value = max(float(spec.min_limit), min(float(spec.max_limit), value))
+        if spec.remeasure_every and self._since >= spec.remeasure_every:
+            self._measuring = True
+            self._measured = []
+            self._resume = self.value
+        return self.current()
+
+
+class ConcurrencyLimiter:
+    """In-flight count, the limit (fixed or adaptive) and the waiters of one route."""
+
+    __slots__ = ("_seq", "_waiters", "estimate", "in_flight", "spec")
+
+    def __init__(self, spec: ConcurrencySpec) -> None:
+        self.spec = spec
+        self.in_flight = 0
+        self.estimate = GradientEstimate(spec) if spec.adaptive else None
+        # (priority rank, arrival seq, token) - the token is the caller's waiter handle
+        self._waiters: list[tuple[int, int, object]] = []
+        self._seq = 0
+
+    @property
+    def limit(self) -> int:
+        if self.estimate is None:
+            return self.spec.limit
+        return max(self.spec.min_limit, int(self.estimate.current()))
+
+    def _room(self, priority: str) -> int:
+        limit = self.limit
+        if priority == CRITICAL:
+            return limit
+        # Rounded up: every class keeps at least one slot, and a small limit is not
+        # cut down further (limit 2 at share 0.9 is 2, not 1).
+        return min(limit, math.ceil(limit * self.spec.share(priority) - 1e-9))
+
+    def try_acquire(self, priority: str = DEFAULT) -> Admission:
+        """Admit one request now, or say why not (it takes no slot when refused)."""
+        limit = self.limit
+        if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
+            self.in_flight += 1
+            return Admission(True, UNDER_LIMIT, self.in_flight, limit)
+        reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
+        return Admission(False, reason, self.in_flight, limit)
+
+    def _waiters_ahead(self, priority: str) -> bool:
+        # A newcomer does not overtake a queued request of the same or higher priority.
+        return bool(self._waiters) and self._waiters[0][0] <= PRIORITIES.index(priority)
+
+    def can_queue(self) -> bool:
+        return len(self._waiters) < self.spec.max_queue
+
+    def enqueue(self, priority: str, token: object) -> None:
+        """Wait for a slot; `release` hands slots to waiters, best priority first."""
+        self._seq += 1
+        heapq.heappush(self._waiters, (PRIORITIES.index(priority), self._seq, token))
+
+    def abandon(self, token: object) -> bool:
+        """A waiter gave up (timeout, disconnect). True if it was still waiting."""
+        for i, entry in enumerate(self._waiters):
+            if entry[2] is token:
+                self._waiters.pop(i)
+                heapq.heapify(self._waiters)
+                return True
+        return False
+
+    def release(self, latency_s: float | None = None, *, dropped: bool = False) -> list[object]:
+        """One admitted request finished. Returns the waiters that now hold a slot.
+
+        `latency_s` (None: not a sample, e.g. the client went away) feeds the
+        adaptive limit; `dropped` says the request failed from overload.
+        """
+        if self.estimate is not None and (latency_s is not None or dropped):
+            self.estimate.sample(latency_s or 0.0, self.in_flight, dropped)
+        self.in_flight = max(0, self.in_flight - 1)
+        woken: list[object] = []
+        while self._waiters:
+            rank, _seq, token = self._waiters[0]
+            if self.in_flight >= self._room(PRIORITIES[rank]):
+                break
+            heapq.heappop(self._waiters)
+            self.in_flight += 1
+            woken.append(token)
+        return woken
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)

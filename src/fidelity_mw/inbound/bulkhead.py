@@ -1,0 +1,157 @@
+"""The route's bulkhead: at most N requests in flight, by priority, before the other layers.
+
+It runs after the deadline and before the breaker and the limiter, so a
+request shed for capacity costs the client no rate-limit quota and never
+touches the breaker (neither a failure nor a probe). The limiter itself is
+pure (`decide.concurrency`); this module picks the priority, waits in the
+queue when the route has one, records the decision and feeds the adaptive
+limit the latency of every request it admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from .._types import Scope
+from ..context import (
+    ALLOW,
+    LAYER_CONCURRENCY,
+    QUEUED,
+    SHED,
+    SOURCE_MEMORY,
+    Decision,
+    DecisionContext,
+)
+from ..decide.concurrency import PRIORITIES, ConcurrencyLimiter
+from ..engine import Engine, RoutePlan
+from .request import header_key
+from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
+
+QUEUE_TIMEOUT = "queue_timeout"
+_RETRY_AFTER = [(b"retry-after", b"1")]
+
+
+class Bulkheads:
+    """Admission to and release from the route bulkheads of one middleware."""
+
+    def __init__(self, engine: Engine, trusted_peer: Callable[[str], bool]) -> None:
+        header = engine.policy.priority_header
+        self.priority_raw: bytes | None = header_key(header) if header else None
+        self.trusted_peer = trusted_peer
+        self.monotonic = engine.clock.monotonic
+
+    def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
+        """The route's class, unless a trusted peer names another one."""
+        raw = self.priority_raw
+        if raw is not None and found is not None:
+            value = found.get(raw)
+            if value is not None:
+                client = scope.get("client")
+                named = value.decode("latin-1").strip().lower()
+                if named in PRIORITIES and client and self.trusted_peer(client[0]):
+                    return named
+        return plan.priority
+
+    def enter_now(
+        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
+    ) -> Rejection | bool | None:
+        """Take a slot now (None), refuse (a Rejection), or True: wait in the queue."""
+        limiter = plan.bulkhead
+        assert limiter is not None
+        admission = limiter.try_acquire(priority)
+        if admission.admitted:
+            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
+            return None
+        if limiter.can_queue():
+            return True
+        return self._refuse(ctx, plan, admission.reason, priority, limiter, now)
+
+    async def wait(
+        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
+    ) -> Rejection | None:
+        """Wait for a slot, best priority first, at most `queue_timeout_ms`."""
+        limiter = plan.bulkhead
+        assert limiter is not None
+        assert plan.concurrency is not None
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        limiter.enqueue(priority, slot)
+        try:
+            await asyncio.wait_for(asyncio.shield(slot), plan.concurrency.queue_timeout_ms / 1000)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if not limiter.abandon(slot):
+                # A release handed us the slot just as we gave up: give it back.
+                self._wake(limiter.release())
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic())
+        self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, self.monotonic())
+        return None
+
+    def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
+        """Free the slot. A request the app served is a latency sample for the adaptive
+        limit; one that ran out of deadline says the route is overloaded."""
+        limiter = plan.bulkhead
+        assert limiter is not None
+        latency: float | None = None
+        dropped = False
+        if admitted_app and not ctx.client_disconnected:
+            if ctx.outcome == OUTCOME_EXPIRED:
+                dropped = True
+            elif ctx.status is not None:
+                ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
+                latency = ended - ctx.started_at
+        self._wake(limiter.release(latency, dropped=dropped))
+
+    @staticmethod
+    def _wake(slots: list[object]) -> None:
+        for slot in slots:
+            assert isinstance(slot, asyncio.Future)
+            if not slot.done():
+                slot.set_result(None)
+
+    @staticmethod
+    def _record(
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        verdict: str,
+        reason: str,
+        priority: str,
+        limiter: ConcurrencyLimiter,
+        now: float,
+    ) -> None:
+        ctx.decisions.append(
+            Decision(
+                LAYER_CONCURRENCY,
+                plan.route,
+                verdict,
+                reason,
+                SOURCE_MEMORY,
+                0.0,
+                now,
+                {"limit": limiter.limit, "in_flight": limiter.in_flight, "priority": priority},
+            )
+        )
+
+    def _refuse(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        reason: str,
+        priority: str,
+        limiter: ConcurrencyLimiter,
+        now: float,
+    ) -> Rejection:
+        self._record(ctx, plan, SHED, reason, priority, limiter, now)
+        ctx.decided_by = LAYER_CONCURRENCY
+        ctx.outcome = OUTCOME_SHED
+        body = problem_body(
+            503,
+            "Service Unavailable",
+            f"route {plan.route!r} is at its concurrency limit ({limiter.limit} in flight) "
+            f"for {priority} requests; retry in 1 s",
+            "concurrency-limit",
+            route=plan.route,
+            priority=priority,
+        )
+        return 503, list(_RETRY_AFTER), body

@@ -1,0 +1,356 @@
+"""What the attempt loop decides and records, apart from the loop itself: the outcome of
+an attempt, the retry plan, the give-ups and their records, the observer calls.
+
+Plain functions over the call's context and upstream plan; none of them does I/O
+(the loop asks for that by yielding effects).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from ..context import (
+    ALLOW,
+    GIVE_UP,
+    LAYER_BREAKER,
+    LAYER_DEADLINE,
+    LAYER_LB,
+    LAYER_RETRY,
+    PROBE,
+    REJECT,
+    SOURCE_FALLBACK,
+    SOURCE_MEMORY,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+    DetailValue,
+)
+from ..decide.balance import Pick
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.retry import (
+    ERROR_CONNECT,
+    ERROR_NETWORK,
+    ERROR_TIMEOUT,
+    EXHAUSTING_REASONS,
+    GIVE_UP_ATTEMPTS,
+    GIVE_UP_BREAKER,
+    GIVE_UP_DEADLINE,
+    GIVE_UP_DOWNSTREAM,
+    IDEMPOTENT_METHODS,
+    RetryPlan,
+    parse_retry_after,
+    plan_retry,
+    retryable_error,
+)
+from ..engine import Engine
+from ..errors import CircuitOpen, DeadlineExceeded
+from ..hooks import AttemptObserver
+from ..policy import BreakerConfig
+from .upstream import Instance, Upstream
+from .wire import (
+    DECIDED_BY,
+    EXHAUSTED,
+    IDEMPOTENCY_KEY,
+    RETRY_SIGNAL_HEADER,
+    connected_peer_trusted,
+    error_kind,
+    has_header,
+)
+
+logger = logging.getLogger("fidelity_mw")
+
+
+def lb_decision(
+    ctx: DecisionContext, up: Upstream, target: Instance, pick: Pick, n: int, now: float
+) -> None:
+    ctx.decisions.append(
+        Decision(
+            LAYER_LB,
+            up.key,
+            ALLOW,
+            pick.reason,
+            SOURCE_MEMORY,
+            now - target.seen_at if target.seen_at else 0.0,
+            now,
+            {
+                "instance": target.key,
+                "outstanding": target.outstanding,
+                "latency_ms": round(target.latency_s * 1000.0, 3),
+                "admissible": pick.admissible,
+                "instances": n,
+                "panic": pick.panic,
+                "breaker_known_open": pick.bypass,
+            },
+        )
+    )
+
+
+def give_up(
+    ctx: DecisionContext,
+    up: Upstream,
+    layer: str,
+    reason: str,
+    attempts_made: int,
+    now: float,
+    source: str = SOURCE_REQUEST,
+    age_s: float = 0.0,
+    **details: DetailValue,
+) -> None:
+    """Record why there is no (further) attempt; mark the context when we are exhausted.
+
+    The verdict is `reject` when no attempt was made, `give_up` after one.
+    """
+    ctx.decisions.append(
+        Decision(
+            layer,
+            up.key,
+            GIVE_UP if attempts_made > 0 else REJECT,
+            reason,
+            source,
+            age_s,
+            now,
+            {"attempts": attempts_made, **details},
+        )
+    )
+    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
+        ctx.shed_by = layer  # refused before anything was sent
+    # "attempts" with retries configured off is not exhaustion: we did
+    # not retry, so the caller is the nearest owner and may.
+    if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
+        ctx.upstream_exhausted = True
+
+
+def gate_answer(
+    ctx: DecisionContext,
+    up: Upstream,
+    gate: Gate,
+    source: str,
+    age_s: float,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> None:
+    """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes."""
+    if gate.verdict == "reject":
+        give_up(
+            ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
+            retry_after_s=round(gate.retry_after_s, 3),
+        )  # fmt: skip
+        raise CircuitOpen(
+            f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
+            f"retry in {gate.retry_after_s:.3f} s",
+            host=up.key,
+            retry_after_s=gate.retry_after_s,
+            attempts_made=attempts_made,
+        ) from last_error
+    if gate.probe_id:
+        ctx.decisions.append(
+            Decision(LAYER_BREAKER, up.key, PROBE, "half_open_probe", source, age_s, now)
+        )
+
+
+def deadline_passed(
+    ctx: DecisionContext,
+    up: Upstream,
+    attempts_made: int,
+    now: float,
+    last: BaseException | None,
+) -> DeadlineExceeded:
+    give_up(ctx, up, LAYER_DEADLINE, GIVE_UP_DEADLINE, attempts_made, now)
+    error = DeadlineExceeded(f"deadline exceeded before calling {up.key}", host=up.key)
+    error.__cause__ = last
+    return error
+
+
+def store_failed(ctx: DecisionContext, up: Upstream, what: str, exc: Exception) -> bool:
+    """A store operation failed: log it; True when the policy says to fail closed."""
+    logger.warning(
+        "fidelity_mw: outbound %s for %s without state (%s: %s)",
+        what,
+        up.key,
+        type(exc).__name__,
+        exc,
+    )
+    return ctx.engine.policy.state.on_error == "closed"
+
+
+def closed_on_store_error(
+    ctx: DecisionContext,
+    up: Upstream,
+    exc: Exception,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> None:
+    """The breaker could not be asked: go ahead (fallback), or refuse when failing closed."""
+    if store_failed(ctx, up, "breaker gate", exc):
+        give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, SOURCE_FALLBACK)
+        raise CircuitOpen(
+            f"breaker state for {up.key} is unreachable and the policy fails closed",
+            host=up.key,
+            retry_after_s=1.0,
+            attempts_made=attempts_made,
+        ) from exc
+
+
+def classify(
+    engine: Engine,
+    up: Upstream,
+    target: Instance | None,
+    response: httpx.Response | None,
+    error: BaseException | None,
+) -> tuple[str, bool, bool]:
+    """(breaker outcome, retryable, downstream exhausted) of one finished attempt."""
+    if response is not None:
+        status = response.status_code
+        if status >= 500:
+            headers = response.headers
+            signal = headers.get(RETRY_SIGNAL_HEADER)
+            exhausted = signal is not None and signal.strip().lower() == EXHAUSTED
+            if (exhausted or DECIDED_BY in headers) and trusted_peer(engine, up, target, response):
+                # The callee's own control layer answered (it gave up after retrying,
+                # a breaker of it refused): no evidence against the callee, so no
+                # failure for our breaker; the breaker next to the fault owns it. An
+                # exhausted callee is not retried; another refusal is, after its
+                # Retry-After.
+                return IGNORED, not exhausted and status in up.retry_statuses, exhausted
+        return (
+            FAILURE if status in up.fail_statuses else SUCCESS,
+            status in up.retry_statuses,
+            False,
+        )
+    assert error is not None
+    kind = error_kind(error)
+    # Connect errors, timeouts and broken connections count against the
+    # host; our own pool, bad URLs and bugs do not.
+    outcome = FAILURE if kind in (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_NETWORK) else IGNORED
+    return outcome, retryable_error(kind, up.retry), False
+
+
+def trusted_peer(
+    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
+) -> bool:
+    """Is the peer that answered inside `trusted_peers` (its signals are believed)?"""
+    trusted = up.trusted if target is None else target.trusted
+    if trusted is None:
+        trusted = connected_peer_trusted(response, engine.trusted_peers)
+    return trusted
+
+
+def plan_call(
+    engine: Engine,
+    ctx: DecisionContext,
+    up: Upstream,
+    request: httpx.Request,
+    response: httpx.Response | None,
+    attempt: int,
+    downstream: bool,
+    breaker_state: str,
+    previous_delay: float | None,
+    replayable: bool,
+    now: float,
+) -> RetryPlan:
+    """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
+    status: int | None = None
+    retry_after: float | None = None
+    if downstream:
+        plan = RetryPlan(False, 0.0, GIVE_UP_DOWNSTREAM)
+    elif breaker_state == OPEN:  # our failure (or another's) just opened it: stop now
+        plan = RetryPlan(False, 0.0, GIVE_UP_BREAKER)
+    else:
+        if response is not None:
+            status = response.status_code
+            retry_after = parse_retry_after(
+                response.headers.get("retry-after"), engine.clock.wall()
+            )
+        deadline_at = ctx.deadline_at
+        plan = plan_retry(
+            cfg=up.retry,
+            attempt=attempt,
+            idempotent=request.method in IDEMPOTENT_METHODS
+            or has_header(request.headers, IDEMPOTENCY_KEY),
+            replayable=replayable,
+            downstream_exhausted=False,
+            retry_after_s=retry_after,
+            status=status,
+            remaining_s=None if deadline_at is None else deadline_at - now,
+            rng=engine.rng,
+            previous_delay_s=previous_delay,
+            paused_s=max(0.0, up.paused_until - now),
+        )
+    if not plan.retry:
+        reason = plan.reason
+        layer = (
+            LAYER_DEADLINE
+            if reason == GIVE_UP_DEADLINE
+            else LAYER_BREAKER
+            if reason == GIVE_UP_BREAKER
+            else LAYER_RETRY
+        )
+        give_up(ctx, up, layer, reason, attempt, now)
+    elif status == 429 and retry_after is not None:
+        # A planned retry after a 429 pauses other calls' retries to this host
+        # too, never longer than the cap (a refused Retry-After pauses nothing).
+        pause = min(retry_after, up.retry.retry_after_max_s)
+        up.paused_until = max(up.paused_until, now + pause)
+    return plan
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def is_slow(breaker: BreakerConfig, started: float, ended: float) -> bool:
+    """A slow call for the host breaker's slow-call ratio (`slow_call_ms`)."""
+    limit = breaker.slow_call_ms
+    return limit is not None and (ended - started) * 1000.0 >= limit
+
+
+def cause_of(response: httpx.Response | None, error: BaseException | None) -> str:
+    """The reason recorded on the retry that follows this failure."""
+    if response is not None:
+        return f"status_{response.status_code}"
+    assert error is not None
+    return f"{error_kind(error)}_error"
+
+
+def observe_start(
+    observer: AttemptObserver | None,
+    ctx: DecisionContext,
+    request: httpx.Request,
+    attempt: int,
+) -> Any:
+    if observer is None:
+        return None
+    try:
+        return observer.attempt_start(ctx, request, attempt)
+    except Exception:
+        logger.exception("fidelity_mw: attempt observer failed")
+        return None
+
+
+def observe_end(
+    observer: AttemptObserver | None,
+    token: Any,
+    response: httpx.Response | None,
+    error: BaseException | None,
+) -> None:
+    if observer is None:
+        return
+    try:
+        observer.attempt_end(token, response, error)
+    except Exception:
+        logger.exception("fidelity_mw: attempt observer failed")
+
+
+def call_end(observer: AttemptObserver, ctx: DecisionContext) -> None:
+    """A call made outside any request is over: no RequestObserver will see it."""
+    call_end = getattr(observer, "call_end", None)  # hooks.CallObserver, optional
+    if call_end is None:
+        return
+    try:
+        call_end(ctx)
+    except Exception:
+        logger.exception("fidelity_mw: attempt observer failed")

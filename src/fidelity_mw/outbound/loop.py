@@ -1,0 +1,500 @@
+"""The attempt loop, sans I/O: one generator that both transports drive.
+
+`attempts(...)` yields effects and takes their results back:
+
+- `(SEND, request)` -> the response (or the inner transport's exception, thrown in);
+- `(SLEEP, seconds, response)` -> None: close `response` (a failed attempt's), then wait;
+- `(GATE, breaker_key, breaker, budget_key, cfg, retry, now)` -> the store's
+  `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
+- `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
+  answer (the breaker state afterwards, or its exception);
+- `(CLOSE, response)` -> None: close a response we will not hand back;
+
+A store that answers in process (`Local`: memory) is called directly instead
+of through GATE and RECORD effects: nothing to await, in either transport.
+
+It returns the response for the caller, or raises (`CircuitOpen`,
+`DeadlineExceeded`, the last transport error). The async transport awaits the
+effects, the sync one blocks on them: the order of decisions, the store
+operations and their number are the same for both by construction.
+
+Per call, outermost first: pick the instance (services only), the deadline,
+the host (or instance) breaker, the attempt, then on a retryable failure the
+retry plan, the budget and the next gate (one store operation), the backoff.
+Every exit that makes no attempt gives back what it took: a probe slot held
+for an attempt that is not made (deadline passed, cancelled during backoff)
+is released with an `ignored` outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Final, NamedTuple
+
+import httpx
+
+from ..context import (
+    ALLOW,
+    LAYER_BREAKER,
+    LAYER_BUDGET,
+    LAYER_RETRY,
+    RETRY,
+    SOURCE_FALLBACK,
+    SOURCE_MEMORY,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
+from ..decide.balance import EWMA_TAU_S, choose, ewma
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.retry import (
+    GIVE_UP_BREAKER,
+    GIVE_UP_BUDGET,
+)
+from ..engine import Engine
+from ..hooks import AttemptObserver
+from ..policy import BreakerConfig
+from .decisions import (
+    call_end,
+    cause_of,
+    classify,
+    closed_on_store_error,
+    deadline_passed,
+    gate_answer,
+    give_up,
+    is_slow,
+    lb_decision,
+    observe_end,
+    observe_start,
+    plan_call,
+    store_failed,
+)
+from .upstream import Instance, Upstream
+from .wire import (
+    bounded_timeouts,
+    replayable,
+    stamp,
+    take_ours,
+    unstamp,
+)
+
+logger = logging.getLogger("fidelity_mw")
+
+SEND: Final = 0
+SLEEP: Final = 1
+GATE: Final = 2
+RECORD: Final = 3
+CLOSE: Final = 4
+
+CONTEXT_EXTENSION: Final = "fidelity_context"
+
+Effect = tuple[Any, ...]
+Steps = Generator[Effect, Any, httpx.Response]
+
+_FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
+_new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
+
+
+class Local(NamedTuple):
+    """An in-process store's synchronous operations: `outbound_gate_now` (answers
+    (gate, budget allowed)), `record_now`, and the breaker states a balancer reads
+    fresh, `breakers_open_until_now`."""
+
+    gate: Callable[..., Any]
+    record: Callable[..., Any]
+    peek: Callable[..., Any] | None
+
+
+def local_ops(store: object) -> Local | None:
+    """The store's in-process operations, when it has them."""
+    gate = getattr(store, "outbound_gate_now", None)
+    record = getattr(store, "record_now", None)
+    if gate is None or record is None:
+        return None
+    return Local(gate, record, getattr(store, "breakers_open_until_now", None))
+
+
+def attempts(
+    ctx: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    request: httpx.Request,
+    own: bool,
+    observer: AttemptObserver | None,
+    now: float,
+    local: Local | None,
+) -> Steps:
+    """One outbound call: every attempt, decision and wait, as effects (module docstring)."""
+    clock = engine.clock
+    breaker = up.breaker
+    instances = up.instances
+    original_url = request.url
+    original_timeout = request.extensions.get("timeout")
+    # Judged before the first attempt, which consumes a streaming body (and may
+    # buffer it: a transport that reads it leaves bytes behind).
+    stream = request.stream
+    can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+    tried: list[int] = []
+    target: Instance | None = None
+    breaker_key = up.breaker_key
+    gated = breaker is not None  # False when the balancer overrides an open instance breaker
+    gate: Gate | None = None
+    source, age = SOURCE_REQUEST, 0.0
+    attempt = 0
+    cause = ""
+    delay = 0.0
+    previous_delay: float | None = None
+    last_error: BaseException | None = None
+    prior = take_ours(request.headers)
+    try:
+        if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
+            raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
+        # --- first attempt: count the request on the budget and gate the target
+        if instances is None and local is not None:
+            gate, _, source, age = _gate_plain(ctx, up, local, False, 0, now, None)
+        else:
+            g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
+            target, breaker_key, gated, gate, source, age = g[:6]
+        while True:
+            attempt += 1
+            deadline_at = ctx.deadline_at
+            remaining = None if deadline_at is None else deadline_at - now
+            if remaining is not None and remaining <= 0.0:
+                if gate is not None and gated:
+                    yield from _release(local, breaker_key, breaker, gate, now)
+                raise deadline_passed(ctx, up, attempt - 1, now, last_error)
+            if gate is not None and gate.verdict != "allow":
+                gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
+            # --- the attempt
+            _prepare(ctx, up, request, attempt, original_timeout, remaining)
+            if target is not None:
+                request.url = original_url.copy_with(
+                    scheme=target.scheme, host=target.host, port=target.port
+                )
+            if attempt == 1:
+                ctx.decisions.append(
+                    _new_tuple(
+                        Decision,
+                        (LAYER_RETRY, up.key, ALLOW, "attempt", source, age, now, _FIRST_ATTEMPT),
+                    )
+                )
+            else:
+                details = {"attempt": attempt, "delay_ms": round(delay * 1000.0, 3)}
+                ctx.decisions.append(
+                    Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
+                )
+            token = observe_start(observer, ctx, request, attempt) if observer else None
+            response: httpx.Response | None = None
+            error: BaseException | None = None
+            if target is not None:
+                target.outstanding += 1
+            try:
+                response = yield (SEND, request)
+            except Exception as exc:
+                error = exc
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # cancelled or interrupted: never retried
+                if target is not None:
+                    target.outstanding -= 1
+                if gate is not None and gated:
+                    yield from _release(local, breaker_key, breaker, gate, now)
+                observe_end(observer, token, None, exc)
+                raise
+            ended = clock.monotonic()
+            if target is not None:
+                target.outstanding -= 1
+                target.latency_s = ewma(
+                    target.latency_s, target.latency_at, ended - now, ended, EWMA_TAU_S
+                )
+                target.latency_at = ended
+            try:
+                if (
+                    response is not None
+                    and (status := response.status_code) < 500
+                    and (status not in up.retry_statuses)
+                ):  # the success path, inlined
+                    outcome = FAILURE if status in up.fail_statuses else SUCCESS
+                    retryable = downstream = False
+                else:
+                    outcome, retryable, downstream = classify(engine, up, target, response, error)
+                state = ""
+                if gate is not None and gated:
+                    assert breaker is not None
+                    slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+                    try:
+                        if local is not None:
+                            state = local.record(breaker_key, breaker, gate, outcome, slow, ended)
+                        else:
+                            state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
+                    except Exception as exc:
+                        logger.warning(
+                            "fidelity_mw: could not record an outcome for %s: %s", up.key, exc
+                        )
+                    if target is not None:
+                        _learned_state(target, breaker, state, ended)
+                gate = None
+                if observer is not None:
+                    observe_end(observer, token, response, error)
+                if retryable or downstream:
+                    # --- a retryable failure: retry, or give up with a reason
+                    now = clock.monotonic()
+                    plan = plan_call(
+                        engine, ctx, up, request, response, attempt, downstream,
+                        state if target is None else "", previous_delay, can_replay, now,
+                    )  # fmt: skip
+                    if plan.retry:
+                        # the retry's budget and the next target's gate: one store operation
+                        if target is not None and instances is not None:
+                            tried.append(instances.index(target))
+                        if instances is None and local is not None:
+                            gate, allowed, source, age = _gate_plain(
+                                ctx, up, local, True, attempt, now, error
+                            )
+                        else:
+                            g = yield from _gate_next(
+                                ctx, engine, up, local, tried, True, attempt, now, error
+                            )
+                            target, breaker_key, gated, gate, source, age, allowed = g
+                        if (
+                            allowed
+                            and target is None
+                            and gate is not None
+                            and gate.verdict == "reject"
+                        ):
+                            # the breaker refuses the retry: no point in waiting for it
+                            last_error = error
+                            gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
+                        if allowed:
+                            # --- back off, go again (the gate is held through the wait)
+                            cause = cause_of(response, error)
+                            last_error = error
+                            delay = previous_delay = plan.delay_s
+                            age += delay  # the gate was read before the wait: that much older
+                            spent, response = response, None
+                            try:
+                                yield (SLEEP, delay, spent)
+                            except GeneratorExit:
+                                raise
+                            except BaseException:
+                                if gate is not None and gated:
+                                    yield from _release(local, breaker_key, breaker, gate, now)
+                                raise
+                            now = clock.monotonic()
+                            continue
+            except GeneratorExit:
+                raise
+            except BaseException:  # cancelled while deciding: do not leak the connection
+                if response is not None:
+                    with contextlib.suppress(BaseException):
+                        yield (CLOSE, response)
+                raise
+            if response is None:
+                assert error is not None
+                raise error
+            if own:
+                response.extensions[CONTEXT_EXTENSION] = ctx
+            return response
+    finally:
+        if target is not None:
+            request.url = original_url
+        unstamp(request.headers, prior)
+        if own and observer is not None:
+            call_end(observer, ctx)
+
+
+# ---------------------------------------------------------------- steps
+
+
+class _Gated(NamedTuple):
+    target: Instance | None  # the service instance picked; None for a plain upstream
+    breaker_key: str
+    gated: bool  # False when the pick overrides the instance's known-open breaker
+    gate: Gate | None
+    source: str
+    age_s: float
+    allowed: bool  # the retry budget's answer (always True for a first attempt)
+
+
+def _gate_next(
+    ctx: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    local: Local | None,
+    tried: list[int],
+    retry: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> Generator[Effect, Any, _Gated]:
+    """Pick the target (a service's instance) and take its gate together with the budget:
+    one store operation, made again only when the instance's breaker turns out to be open
+    (the balancer learns it and picks another; a rejected gate spent no retry)."""
+    breaker = up.breaker
+    instances = up.instances
+    target: Instance | None = None
+    pick = None
+    breaker_key = up.breaker_key
+    gated = breaker is not None
+    gate: Gate | None = None
+    source, age, allowed = SOURCE_REQUEST, 0.0, True
+    count = True  # a first attempt counts the request once; a retry asks the budget each time
+    if instances is not None and local is not None and local.peek is not None:
+        fresh = local.peek([i.breaker_key for i in instances], now)
+        if fresh is not None:
+            for instance, open_until in zip(instances, fresh, strict=True):
+                instance.open_until = open_until
+                instance.seen_at = now
+    for _ in range(len(instances) + 1 if instances else 1):
+        if instances is not None:
+            pick = choose(
+                [i.view() for i in instances],
+                tried,
+                now,
+                engine.rng,
+                panic_threshold=up.cfg.panic_threshold,
+                max_ejected_ratio=up.cfg.max_ejected_ratio,
+            )
+            target = instances[pick.chosen]
+            breaker_key = target.breaker_key
+            gated = breaker is not None and not pick.bypass
+            if retry and pick.bypass:
+                # Overriding an open breaker keeps a call from being refused; a retry is
+                # optional: it goes to an instance whose breaker admits it, or not at all.
+                give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
+                         SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
+                return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
+        budget = retry or count
+        count = False
+        args = (
+            breaker_key,
+            breaker if gated else None,
+            up.budget_key if budget else None,
+            up.retry if budget else None,
+            retry,
+            now,
+        )
+        try:
+            if local is not None:
+                gate, allowed = local.gate(*args)
+                answer: tuple[Gate | None, bool, str, float] | Exception = (
+                    gate,
+                    allowed,
+                    SOURCE_MEMORY,
+                    0.0,
+                )
+            else:
+                answer = yield (GATE, *args)
+        except Exception as exc:
+            answer = exc
+        gate, allowed, source, age = _settle(
+            ctx, up, answer, retry, gated, attempts_made, now, last_error
+        )
+        if not allowed:
+            break
+        if target is None or gate is None or gate.verdict != "reject":
+            break
+        _learned_open(target, gate, now)
+    if allowed and pick is not None and target is not None:
+        lb_decision(ctx, up, target, pick, len(instances or ()), now)
+    return _Gated(target, breaker_key, gated, gate, source, age, allowed)
+
+
+def _gate_plain(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local,
+    retry: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> tuple[Gate | None, bool, str, float]:
+    """`_gate_next` for the common case, without a generator: one upstream, in-process state."""
+    breaker = up.breaker
+    answer: tuple[Gate | None, bool, str, float] | Exception
+    try:
+        gate, allowed = local.gate(up.breaker_key, breaker, up.budget_key, up.retry, retry, now)
+        answer = (gate, allowed, SOURCE_MEMORY, 0.0)
+    except Exception as exc:
+        answer = exc
+    return _settle(ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error)
+
+
+def _settle(
+    ctx: DecisionContext,
+    up: Upstream,
+    answer: tuple[Gate | None, bool, str, float] | Exception,
+    retry: bool,
+    gated: bool,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> tuple[Gate | None, bool, str, float]:
+    """The store's answer to a gate operation (or its failure) as the loop acts on it; a
+    retry the budget denies is recorded."""
+    if isinstance(answer, Exception):
+        if gated or not retry:
+            closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)
+        allowed = not retry or not store_failed(ctx, up, "retry budget", answer)
+        return None, allowed, SOURCE_FALLBACK, 0.0
+    gate, allowed, source, age = answer
+    if not retry and gate is None and source == SOURCE_MEMORY:
+        source = SOURCE_REQUEST
+    if not allowed:
+        give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
+    return gate, allowed, source, age
+
+
+def _release(
+    local: Local | None, breaker_key: str, breaker: BreakerConfig | None, gate: Gate, now: float
+) -> Generator[Effect, Any, None]:
+    """Give back a gate whose attempt will not be made (frees a probe slot)."""
+    if breaker is None:
+        return
+    try:
+        if local is not None:
+            local.record(breaker_key, breaker, gate, IGNORED, False, now)
+        else:
+            yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
+    except BaseException as exc:  # best effort: the probe lease frees it at the latest
+        logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _learned_open(target: Instance, gate: Gate, now: float) -> None:
+    target.open_until = now + max(gate.retry_after_s, 0.001)
+    target.seen_at = now
+
+
+def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: float) -> None:
+    if not state:
+        return
+    target.seen_at = now
+    # The real open time is the breaker's (it starts at open_min_s and grows with failed
+    # probes): assume the shortest; when it is over the next pick asks the breaker, whose
+    # rejection says how long.
+    shortest = min(breaker.open_s, breaker.open_min_s)
+    target.open_until = now + shortest if state == OPEN else 0.0
+
+
+def _prepare(
+    ctx: DecisionContext,
+    up: Upstream,
+    request: httpx.Request,
+    attempt: int,
+    original_timeout: Mapping[str, float | None] | None,
+    remaining: float | None,
+) -> None:
+    """Timeouts, headers and the attempt counter of one attempt."""
+    bound = up.attempt_timeout_s
+    if remaining is not None and remaining < bound:
+        bound = remaining
+        ms = round(remaining * 1000.0)
+        timeout_header = str(ms if ms > 0 else 1).encode()
+    else:
+        timeout_header = up.timeout_header
+    request.extensions["timeout"] = bounded_timeouts(original_timeout, bound)
+    stamp(request.headers, attempt, timeout_header)
+    counts = ctx.attempts
+    counts[up.key] = counts.get(up.key, 0) + 1

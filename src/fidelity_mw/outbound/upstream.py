@@ -1,0 +1,133 @@
+"""What the outbound layer knows about one upstream: its policy, and a service's instances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import httpx
+
+from ..decide.balance import InstanceView
+from ..engine import Engine
+from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from .wire import literal_peer_trusted
+
+# A resolver names the instance base URLs of a logical host, or None when the
+# host is not a service it knows (then the policy's `instances`, if any, apply).
+Resolver = Callable[[str], Sequence[str] | None]
+
+_MAX_INSTANCES: Final = 256
+
+
+class Instance:
+    """One instance of a service: where it is, and what this process saw of it.
+
+    Mutable, per transport, in process memory: requests in flight, the latency
+    EWMA, and the breaker state last learned from the store (with its time).
+    """
+
+    __slots__ = (
+        "breaker_key",
+        "host",
+        "key",
+        "latency_at",
+        "latency_s",
+        "open_until",
+        "outstanding",
+        "port",
+        "scheme",
+        "seen_at",
+        "trusted",
+        "url",
+    )
+
+    def __init__(self, base_url: str, engine: Engine) -> None:
+        url = httpx.URL(base_url)
+        self.url = base_url
+        self.scheme = url.scheme
+        self.host = url.host
+        self.port = url.port
+        self.key = self.host if self.port is None else f"{self.host}:{self.port}"
+        self.breaker_key = "upstream:" + self.key
+        self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
+        self.outstanding = 0
+        self.latency_s = 0.0
+        self.latency_at = 0.0
+        self.open_until = 0.0
+        self.seen_at = 0.0
+
+    def view(self) -> InstanceView:
+        return InstanceView(self.outstanding, self.latency_s, self.open_until, self.seen_at)
+
+
+class Upstream:
+    """What the transport knows about one upstream (host[:port]) under one policy.
+
+    `paused_until` is the end (monotonic seconds) of the pause an upstream
+    429's Retry-After put on retries to this host; `instances` is the
+    service's instances when the host names a service. Both live in process
+    memory, per transport.
+    """
+
+    __slots__ = (
+        "attempt_timeout_s",
+        "breaker",
+        "breaker_key",
+        "budget_key",
+        "cfg",
+        "default_deadline_s",
+        "fail_statuses",
+        "host",
+        "instances",
+        "key",
+        "paused_until",
+        "policy",
+        "resolved",
+        "retry",
+        "retry_statuses",
+        "timeout_header",
+        "trusted",
+    )
+
+    def __init__(self, engine: Engine, host: str, port: int | None) -> None:
+        policy = engine.policy
+        cfg = policy.upstream_for(host)
+        self.policy: Policy = policy
+        self.cfg: UpstreamConfig = cfg
+        self.host = host
+        self.key = host if port is None else f"{host}:{port}"
+        self.retry: RetryConfig = cfg.retry
+        self.breaker: BreakerConfig | None = cfg.breaker
+        self.breaker_key = "upstream:" + self.key
+        # One budget per host, or one for every host of the entry (a service's instances).
+        self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
+        self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
+        self.timeout_header = str(cfg.attempt_timeout_ms).encode()
+        default_ms = policy.deadline.default_ms
+        self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
+        self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
+        # A 429 is never a breaker failure: it says "slow down", not "down".
+        self.fail_statuses: frozenset[int] = (
+            frozenset(cfg.breaker.failure_statuses) - {429}
+            if cfg.breaker is not None
+            else frozenset()
+        )
+        retry_statuses = set(cfg.retry.on_status) - {429}
+        if cfg.retry.on_429:
+            retry_statuses.add(429)
+        self.retry_statuses: frozenset[int] = frozenset(retry_statuses)
+        self.paused_until = 0.0
+        self.resolved: tuple[str, ...] = ()
+        self.instances: list[Instance] | None = None
+        if cfg.instances:
+            self.set_instances(engine, cfg.instances)
+
+    def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:
+        """(Re)name the service's instances; instances that stay keep what was seen of them."""
+        urls = tuple(dict.fromkeys(urls))[:_MAX_INSTANCES]
+        if urls == self.resolved:
+            return
+        known = {i.url: i for i in self.instances or ()}
+        self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        self.resolved = urls
+        # A service's budget is one for all its instances: the logical host's (the default).

@@ -1,0 +1,196 @@
+"""What the outbound layer reads from and writes on the wire: headers, timeouts, trust.
+
+httpx-specific helpers that the attempt loop calls between decisions; they
+decide nothing themselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Final
+
+import httpx
+
+from ..decide.retry import ERROR_CONNECT, ERROR_LOCAL, ERROR_NETWORK, ERROR_OTHER, ERROR_TIMEOUT
+from ..errors import FidelityError
+from ..headers import Network, in_networks
+from ..policy import MAX_ATTEMPTS
+
+ATTEMPT_HEADER: Final = b"x-fidelity-attempt"
+TIMEOUT_HEADER: Final = b"x-request-timeout-ms"
+RETRY_SIGNAL_HEADER: Final = "x-fidelity-retry"
+EXHAUSTED: Final = "exhausted"
+# On a response a callee's own control layer produced (its middleware's refusals).
+DECIDED_BY: Final = "x-fidelity-decided-by"
+IDEMPOTENCY_KEY: Final = b"idempotency-key"
+
+_ATTEMPT_VALUES: Final = tuple(str(i).encode() for i in range(MAX_ATTEMPTS + 2))
+_LOCALHOST: Final = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+_NO_TIMEOUT: Final[Mapping[str, float | None]] = {
+    "connect": None,
+    "read": None,
+    "write": None,
+    "pool": None,
+}
+_OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+
+
+def _has_fast_headers() -> bool:
+    """httpx keeps headers as a list of (raw key, lower key, value); use it when it is there."""
+    probe = httpx.Headers({"a": "b"})
+    raw = getattr(probe, "_list", None)
+    return isinstance(raw, list) and raw == [(b"a", b"a", b"b")]
+
+
+_FAST_HEADERS: Final = _has_fast_headers()
+
+
+def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
+    """Set aside headers named like ours that the caller set (rare): None if there are none."""
+    if not _FAST_HEADERS:
+        return None
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    for item in raw:
+        if item[1] in _OURS:
+            prior = [it for it in raw if it[1] in _OURS]
+            raw[:] = [it for it in raw if it[1] not in _OURS]
+            return prior
+    return None
+
+
+def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
+    """Set `x-fidelity-attempt` and `x-request-timeout-ms` for one attempt.
+
+    They are per-attempt metadata: `unstamp` takes them off the request again
+    when the call ends, so the request the caller gets back is the one it built
+    (and httpx's own per-header work after the call does not grow). The
+    caller's own headers of those names were set aside by `take_ours`.
+    """
+    value = _ATTEMPT_VALUES[attempt]
+    if not _FAST_HEADERS:
+        headers[ATTEMPT_HEADER.decode()] = value.decode()
+        headers[TIMEOUT_HEADER.decode()] = timeout_ms.decode()
+        return
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    if attempt > 1:
+        # Identity, not equality: only our stamps carry these very bytes objects.
+        if len(raw) >= 2 and raw[-2][1] is ATTEMPT_HEADER and raw[-1][1] is TIMEOUT_HEADER:
+            raw[-2] = (ATTEMPT_HEADER, ATTEMPT_HEADER, value)
+            raw[-1] = (TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms)
+            return
+        raw[:] = [it for it in raw if it[1] is not ATTEMPT_HEADER and it[1] is not TIMEOUT_HEADER]
+    raw.append((ATTEMPT_HEADER, ATTEMPT_HEADER, value))
+    raw.append((TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms))
+
+
+def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | None) -> None:
+    """Take our per-attempt headers off the request; give back the caller's own."""
+    if not _FAST_HEADERS:
+        return
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    if len(raw) >= 2 and raw[-2][1] is ATTEMPT_HEADER and raw[-1][1] is TIMEOUT_HEADER:
+        del raw[-2:]
+    else:
+        raw[:] = [it for it in raw if it[1] is not ATTEMPT_HEADER and it[1] is not TIMEOUT_HEADER]
+    if prior:
+        raw.extend(prior)
+
+
+try:  # httpx's multipart body: private, so looked for rather than relied on
+    from httpx._multipart import MultipartStream as _Multipart
+except ImportError:  # pragma: no cover - another httpx layout
+    _Multipart = None  # type: ignore[assignment,misc]
+
+
+def replayable(stream: object) -> bool:
+    """Can this request body be sent again? Bytes held in memory can; so can a
+    multipart body (`files=`) whose files are bytes or seekable (httpx rewinds
+    each file before sending it); a streaming body cannot. Ask before the first
+    attempt: a transport that reads a streaming body leaves bytes behind."""
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    if _Multipart is None or not isinstance(stream, _Multipart):
+        return False
+    for part in stream.fields:
+        file = getattr(part, "file", None)
+        if file is None or isinstance(file, str | bytes):
+            continue
+        seekable = getattr(file, "seekable", None)
+        try:
+            if seekable is None or not seekable():
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def has_header(headers: httpx.Headers, key: bytes) -> bool:
+    if not _FAST_HEADERS:
+        return key.decode("latin-1") in headers
+    return any(item[1] == key for item in headers._list)
+
+
+def bounded_timeouts(
+    original: Mapping[str, float | None] | None, bound: float
+) -> Mapping[str, float | None]:
+    """Every httpx timeout (connect, read, write, pool) capped at `bound` seconds.
+
+    Returns `original` itself when nothing needs capping (the common case).
+    """
+    if original is None:
+        original = _NO_TIMEOUT
+    for value in original.values():
+        if value is None or value > bound:
+            return {k: bound if v is None or v > bound else v for k, v in original.items()}
+    return original
+
+
+def error_kind(exc: BaseException) -> str:
+    """Map an exception from the inner transport to a `fidelity_mw.retry` error kind."""
+    if isinstance(exc, FidelityError):  # a nested fidelity layer already decided
+        return ERROR_LOCAL
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ERROR_CONNECT
+    if isinstance(exc, httpx.PoolTimeout):  # our own pool is full: not the upstream's fault
+        return ERROR_LOCAL
+    if isinstance(exc, httpx.TimeoutException):
+        return ERROR_TIMEOUT
+    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
+        return ERROR_NETWORK
+    if isinstance(exc, httpx.TransportError):
+        return ERROR_LOCAL
+    return ERROR_OTHER
+
+
+def literal_peer_trusted(host: str, nets: tuple[Network, ...]) -> bool | None:
+    """Is `host` inside `trusted_peers`? True/False for IP literals and `localhost`
+    (127.0.0.1 and ::1); None for DNS names, which are judged per response by the
+    address the connection actually reached (`connected_peer_trusted`)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return any(ip in net for ip in _LOCALHOST for net in nets)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return in_networks(host, nets)
+
+
+def connected_peer_trusted(response: httpx.Response, nets: tuple[Network, ...]) -> bool:
+    """For a DNS name: trust the response if the socket's peer address is a trusted peer.
+
+    httpx's own transports expose the connection as `network_stream`; a
+    transport that does not (mocks, custom transports) earns no trust.
+    """
+    stream = response.extensions.get("network_stream")
+    get_extra_info = getattr(stream, "get_extra_info", None)
+    if get_extra_info is None:
+        return False
+    try:
+        addr = get_extra_info("server_addr")
+    except Exception:
+        return False
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return in_networks(addr[0], nets)
+    return False

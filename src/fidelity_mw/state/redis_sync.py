@@ -1,0 +1,124 @@
+"""A blocking Redis client for sync callers: `FidelitySyncTransport` in scripts, Celery
+workers and plain threads, where no event loop runs and the asyncio client cannot be used.
+
+Built explicitly like the asyncio one: no client-side retries, the policy's
+timeouts, a bounded pool whose wait is bounded by the same timeout. It runs
+the same Lua scripts (EVALSHA, EVAL once after NOSCRIPT). When a call fails,
+Redis is left alone for a short pause (callers decide in the failure mode
+meanwhile) instead of every thread paying a timeout per call.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from redis import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.connection import parse_url
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from .._types import Clock
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..policy import StateConfig
+
+_PAUSE_AFTER_ERROR_S: Final = 0.5
+_CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
+
+
+class _Script(Protocol):
+    @property
+    def sha(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+
+
+class _Stats(Protocol):
+    round_trips: int
+    script_loads: int
+    errors: int
+
+
+class SyncLink:
+    """One blocking client per store, shared by every thread (redis-py's pool is thread-safe)."""
+
+    def __init__(
+        self, url: str, cluster: bool, config: StateConfig, clock: Clock, stats: _Stats
+    ) -> None:
+        self.url = url  # without the `cluster` query parameter (`redis_url`)
+        self.cluster = cluster
+        self.config = config
+        self._clock = clock
+        self._stats = stats
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._paused_until = 0.0
+
+    def client(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._build()
+        return client
+
+    def _build(self) -> Any:
+        plain, cluster = self.url, self.cluster
+        config = self.config
+        timeout = config.timeout_ms / 1000.0
+        connect_timeout = config.connect_timeout_ms / 1000.0
+        if cluster:
+            return RedisCluster.from_url(
+                plain,
+                retry=Retry(NoBackoff(), 0),
+                max_connections=config.pool_size,
+                socket_timeout=timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+        kwargs: dict[str, Any] = dict(parse_url(plain))  # type: ignore[no-untyped-call]
+        pool = BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            max_connections=config.pool_size,
+            timeout=timeout,  # a bounded wait for a free connection
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            retry_on_error=[],
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            **kwargs,
+        )
+        return Redis(connection_pool=pool)
+
+    def call(
+        self, script: _Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, float] | None:
+        """Run a script: (reply, age_s), or None when Redis did not answer (or is paused)."""
+        clock = self._clock
+        started = clock.monotonic()
+        if started < self._paused_until:
+            return None
+        client = self.client()
+        try:
+            try:
+                reply = client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                self._stats.script_loads += 1
+                self._stats.round_trips += 1
+                reply = client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        except _CALL_ERRORS:
+            self._stats.errors += 1
+            self._paused_until = clock.monotonic() + _PAUSE_AFTER_ERROR_S
+            return None
+        done = clock.monotonic()
+        self._stats.round_trips += 1
+        return reply, (done - started) / 2.0
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,249 @@
+"""The route bulkhead through the real middleware: limits, priorities, queueing, and what a
+capacity shed does not cost (rate-limit quota, breaker outcomes). Fake clock throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+import fidelity_mw
+from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit, RouteConfig
+from fidelity_mw.context import LAYER_CONCURRENCY, QUEUED, SHED
+from fidelity_mw.policy import ConcurrencyConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+class Service:
+    """A route whose requests wait until released, so tests control what is in flight."""
+
+    def __init__(self, policy: Policy, clock: FakeClock, work_s: float = 0.0) -> None:
+        self.clock = clock
+        self.gate = asyncio.Event()
+        self.entered = 0
+        self.contexts: list[Any] = []
+
+        async def work(request: Request) -> Response:
+            # one route (one bulkhead): ?hold=1 keeps the request in flight until released
+            self.entered += 1
+            if request.query_params.get("hold"):
+                await self.gate.wait()
+            clock.advance(work_s)
+            return PlainTextResponse("ok")
+
+        app = Starlette(routes=[Route("/w", work)])
+        self.mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+
+        async def capture(scope: Any, receive: Any, send: Any) -> None:
+            await self.mw(scope, receive, send)
+            if scope["type"] == "http":
+                self.contexts.append(scope["state"]["fidelity"])
+
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=capture, client=("127.0.0.1", 5000)),
+            base_url="http://svc",
+        )
+
+    async def in_flight(self, n: int) -> None:
+        for _ in range(5000):
+            if self.entered >= n:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"only {self.entered} of {n} requests reached the app")
+
+
+def concurrency_decisions(ctx: Any) -> list[Any]:
+    return [d for d in ctx.decisions if d.layer == LAYER_CONCURRENCY]
+
+
+async def test_requests_over_the_limit_get_503_with_retry_after_and_a_problem_body(
+    clock: FakeClock,
+) -> None:
+    svc = Service(Policy(breaker=None, concurrency=ConcurrencyConfig(limit=2)), clock)
+    held = [asyncio.create_task(svc.client.get("/w?hold=1")) for _ in range(2)]
+    await svc.in_flight(2)
+    refused = await svc.client.get("/w?hold=1")
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["x-fidelity-decided-by"] == "concurrency"
+    body = json.loads(refused.content)
+    assert body["type"] == "urn:fidelity-mw:problem:concurrency-limit"
+    assert svc.entered == 2
+    ctx = svc.contexts[-1]
+    assert (ctx.decided_by, ctx.outcome) == ("concurrency", "shed")
+    (decision,) = concurrency_decisions(ctx)
+    assert (decision.verdict, decision.reason) == (SHED, "at_limit")
+    assert decision.details == {"limit": 2, "in_flight": 2, "priority": "default"}
+    svc.gate.set()
+    assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+    # the slots came back
+    assert (await svc.client.get("/w")).status_code == 200
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.in_flight == 0
+
+
+async def test_a_capacity_shed_costs_no_rate_limit_quota(clock: FakeClock) -> None:
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=1),
+        rate_limits=[RateLimit(name="per-client", rate="2/min", burst=2)],
+    )
+    svc = Service(policy, clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))  # unit 1 of 2
+    await svc.in_flight(1)
+    for _ in range(3):
+        assert (await svc.client.get("/w?hold=1")).status_code == 503  # shed: no units spent
+    svc.gate.set()
+    assert (await held).status_code == 200
+    assert (await svc.client.get("/w")).status_code == 200  # unit 2 of 2
+    assert (await svc.client.get("/w")).status_code == 429  # and now the quota is gone
+
+
+async def test_a_capacity_shed_is_no_breaker_outcome(clock: FakeClock) -> None:
+    breaker = BreakerConfig(consecutive_failures=1, min_calls=1)
+    svc = Service(Policy(breaker=breaker, concurrency=ConcurrencyConfig(limit=1)), clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    for _ in range(5):
+        assert (await svc.client.get("/w?hold=1")).status_code == 503
+    svc.gate.set()
+    assert (await held).status_code == 200
+    # Every shed left the breaker alone: the next request is served, not shed by it.
+    assert (await svc.client.get("/w")).status_code == 200
+    sheds = [ctx for ctx in svc.contexts if ctx.outcome == "shed"]
+    assert len(sheds) == 5
+    assert all(d.layer == LAYER_CONCURRENCY for ctx in sheds for d in ctx.decisions)
+
+
+async def test_sheddable_requests_are_shed_first_and_trusted_headers_set_the_class(
+    clock: FakeClock,
+) -> None:
+    policy = Policy(
+        breaker=None,
+        priority_header="x-priority",
+        concurrency=ConcurrencyConfig(limit=4, default_share=0.75, sheddable_share=0.5),
+    )
+    svc = Service(policy, clock)
+    held = [asyncio.create_task(svc.client.get("/w?hold=1")) for _ in range(2)]
+    await svc.in_flight(2)
+    # 2 of 4 in flight: sheddable (share 0.5 -> 2 slots) is refused, default still admitted
+    shed = await svc.client.get("/w", headers={"x-priority": "sheddable"})
+    assert shed.status_code == 503
+    (decision,) = concurrency_decisions(svc.contexts[-1])
+    assert (decision.reason, decision.details["priority"]) == ("priority_share", "sheddable")
+    held.append(asyncio.create_task(svc.client.get("/w?hold=1")))  # default: 3 of 4
+    await svc.in_flight(3)
+    assert (await svc.client.get("/w")).status_code == 503  # default share is 3
+    critical = await svc.client.get("/w", headers={"x-priority": "critical"})
+    assert critical.status_code == 200  # critical may fill the limit
+    svc.gate.set()
+    assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+
+
+async def test_priority_header_from_an_untrusted_peer_is_ignored(clock: FakeClock) -> None:
+    policy = Policy(
+        breaker=None,
+        priority_header="x-priority",
+        trusted_peers=("10.0.0.0/8",),
+        concurrency=ConcurrencyConfig(limit=2, default_share=0.5, sheddable_share=0.5),
+        routes=[RouteConfig(match="/w", priority="sheddable")],
+    )
+    svc = Service(policy, clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    # 127.0.0.1 is not trusted here: its "critical" does not lift the route's class
+    refused = await svc.client.get("/w", headers={"x-priority": "critical"})
+    assert refused.status_code == 503
+    assert concurrency_decisions(svc.contexts[-1])[0].details["priority"] == "sheddable"
+    svc.gate.set()
+    await held
+
+
+async def test_a_queued_request_takes_the_freed_slot(clock: FakeClock) -> None:
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=1, queue_timeout_ms=60_000)
+    )
+    svc = Service(policy, clock)
+    first = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    queued = asyncio.create_task(svc.client.get("/w"))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not queued.done()
+    # the queue is full: a third request is refused at once
+    assert (await svc.client.get("/w")).status_code == 503
+    svc.gate.set()
+    assert (await first).status_code == 200
+    assert (await queued).status_code == 200
+    queued_ctx = next(
+        c
+        for c in svc.contexts
+        if c.method == "GET" and c.status == 200 and concurrency_decisions(c)[0].verdict == QUEUED
+    )
+    assert concurrency_decisions(queued_ctx)[0].reason == "slot_freed"
+    assert svc.mw.engine.bulkheads["/w"].in_flight == 0
+
+
+async def test_a_queued_request_is_refused_when_its_wait_runs_out(clock: FakeClock) -> None:
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=1)
+    )
+    svc = Service(policy, clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    refused = await svc.client.get("/w")
+    assert refused.status_code == 503
+    assert concurrency_decisions(svc.contexts[-1])[0].reason == "queue_timeout"
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.waiting == 0
+    svc.gate.set()
+    await held
+    assert limiter.in_flight == 0
+
+
+async def test_admitted_requests_feed_the_adaptive_limit_their_latency(clock: FakeClock) -> None:
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=10, adaptive=True, max_limit=100)
+    )
+    svc = Service(policy, clock, work_s=0.025)
+    for _ in range(5):
+        assert (await svc.client.get("/w")).status_code == 200
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.estimate is not None
+    assert limiter.estimate.baseline_s == pytest.approx(0.025)
+    assert limiter.in_flight == 0
+
+
+async def test_routes_without_a_bulkhead_record_no_concurrency_decision(clock: FakeClock) -> None:
+    svc = Service(Policy(breaker=None), clock)
+    assert (await svc.client.get("/w")).status_code == 200
+    assert concurrency_decisions(svc.contexts[-1]) == []
+    assert fidelity_mw.current() is None
+
+
+def test_the_map_describes_each_bulkhead_and_where_its_state_lives() -> None:
+    from fidelity_mw.tools.statemap import from_policy
+
+    policy = Policy.from_dict(
+        {
+            "concurrency": {"limit": 10, "adaptive": True},
+            "route": [{"match": "/x*", "name": "x", "concurrency": {"limit": 3, "max_queue": 2}}],
+        }
+    )
+    rows = [row for row in from_policy(policy, "t").layers if row.layer == "concurrency"]
+    assert [(row.subject, row.config) for row in rows] == [
+        ("route x", "route[0].concurrency"),
+        ("every other route", "concurrency"),
+    ]
+    assert "at most 3 in flight; up to 2 wait 50 ms" in rows[0].data
+    assert "adaptive limit from 1 to 1000" in rows[1].data
+    assert all(row.state.startswith("process memory") for row in rows)

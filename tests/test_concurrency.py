@@ -1,0 +1,176 @@
+"""The concurrency limiter (bulkhead), fixed and adaptive, with priority classes: pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from fidelity_mw.decide.concurrency import (
+    AT_LIMIT,
+    CRITICAL,
+    DEFAULT,
+    PRIORITY_SHARE,
+    SHEDDABLE,
+    ConcurrencyLimiter,
+    ConcurrencySpec,
+)
+
+
+def test_fixed_limit_admits_at_most_limit_in_flight() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=3))
+    assert [lim.try_acquire(CRITICAL).admitted for _ in range(5)] == [True] * 3 + [False] * 2
+    refused = lim.try_acquire(CRITICAL)
+    assert refused.reason == AT_LIMIT
+    assert refused.in_flight == 3
+    assert refused.limit == 3
+    assert lim.release() == []
+    assert lim.try_acquire(CRITICAL).admitted
+    assert lim.in_flight == 3
+
+
+def test_priorities_shed_lowest_class_first() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=10, default_share=0.8, sheddable_share=0.5))
+    admitted = {p: 0 for p in (CRITICAL, DEFAULT, SHEDDABLE)}
+    # Rising pressure: each round offers one request of every class.
+    for _ in range(10):
+        for p in (SHEDDABLE, DEFAULT, CRITICAL):
+            if lim.try_acquire(p).admitted:
+                admitted[p] += 1
+    assert lim.in_flight == 10
+    # sheddable stopped at 5 in flight, default at 8, critical filled the rest
+    assert admitted[SHEDDABLE] < admitted[DEFAULT] <= admitted[CRITICAL] + admitted[DEFAULT]
+    assert lim.try_acquire(SHEDDABLE).reason == AT_LIMIT
+    lim.release()
+    lim.release()
+    lim.release()  # 7 in flight
+    assert lim.try_acquire(SHEDDABLE).reason == PRIORITY_SHARE
+    assert lim.try_acquire(DEFAULT).admitted  # 8
+    assert not lim.try_acquire(DEFAULT).admitted
+    assert lim.try_acquire(CRITICAL).admitted  # 9
+
+
+def test_priority_order_of_shedding_under_growing_load() -> None:
+    """Under growing load sheddable is refused first, then default; critical up to the limit."""
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=20, default_share=0.9, sheddable_share=0.5))
+    first_refused: dict[str, int] = {}
+    while lim.in_flight < 20:
+        for p in (SHEDDABLE, DEFAULT):
+            if not lim.try_acquire(p).admitted:
+                first_refused.setdefault(p, lim.in_flight)
+            else:
+                lim.release()
+        assert lim.try_acquire(CRITICAL).admitted
+    assert first_refused == {SHEDDABLE: 10, DEFAULT: 18}
+
+
+def test_every_class_keeps_one_slot_on_a_tiny_limit() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=1, sheddable_share=0.1))
+    assert lim.try_acquire(SHEDDABLE).admitted
+
+
+def test_queue_wakes_best_priority_first_then_arrival_order() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=1, max_queue=3))
+    assert lim.try_acquire(CRITICAL).admitted
+    assert lim.can_queue()
+    lim.enqueue(SHEDDABLE, "s1")
+    lim.enqueue(DEFAULT, "d1")
+    lim.enqueue(DEFAULT, "d2")
+    assert not lim.can_queue()
+    # A newcomer does not overtake queued requests of its own class.
+    assert not lim.try_acquire(DEFAULT).admitted
+    assert lim.release() == ["d1"]
+    assert lim.release() == ["d2"]
+    assert lim.abandon("s1") is True
+    assert lim.abandon("s1") is False
+    assert lim.release() == []
+    assert lim.in_flight == 0
+    assert lim.waiting == 0
+
+
+def test_release_never_goes_negative() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=2))
+    lim.release()
+    assert lim.in_flight == 0
+
+
+def _drive(lim: ConcurrencyLimiter, steps: int, base_s: float, capacity: int) -> list[int]:
+    """A closed loop that always wants more: latency grows once in-flight passes capacity."""
+    limits = []
+    for _ in range(steps):
+        while lim.try_acquire(CRITICAL).admitted:
+            pass
+        lim.release(base_s * max(1.0, lim.in_flight / capacity))
+        limits.append(lim.limit)
+    return limits
+
+
+@pytest.mark.parametrize("capacity", [10, 40, 100])
+def test_adaptive_limit_converges_near_capacity(capacity: int) -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=5, adaptive=True, max_limit=1000))
+    limits = _drive(lim, 20_000, 0.01, capacity)
+    tail = sorted(limits[-4000:])
+    median = tail[len(tail) // 2]
+    # Near the knee of the latency curve: above capacity (so the server is used)
+    # and at most tolerance-ish above it (so latency stays within ~2x of its floor).
+    assert capacity <= median <= 2 * capacity
+    assert max(limits[-4000:]) <= 2 * capacity
+
+
+def test_adaptive_limit_shrinks_when_latency_rises_and_recovers() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=5, adaptive=True, max_limit=1000))
+    _drive(lim, 6000, 0.01, 60)
+    high = lim.limit
+    _drive(lim, 6000, 0.01, 15)  # the server got 4x slower per request in flight
+    low = lim.limit
+    assert low < high / 2
+    _drive(lim, 6000, 0.01, 60)
+    assert lim.limit > 2 * low
+
+
+def test_adaptive_limit_follows_a_new_baseline() -> None:
+    """A permanently slower dependency is re-measured, not treated as overload forever."""
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=5, adaptive=True, max_limit=1000))
+    _drive(lim, 10_000, 0.01, 40)
+    before = lim.limit
+    _drive(lim, 10_000, 0.03, 40)
+    assert lim.estimate is not None
+    assert lim.estimate.baseline_s == pytest.approx(0.03)
+    assert abs(lim.limit - before) <= before // 4
+
+
+def test_adaptive_limit_does_not_grow_while_idle() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=20, adaptive=True))
+    for _ in range(500):
+        assert lim.try_acquire(DEFAULT).admitted
+        lim.release(0.01)
+    assert lim.limit == 20
+
+
+def test_dropped_requests_shrink_the_adaptive_limit() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=100, adaptive=True, min_limit=5))
+    for _ in range(100):
+        lim.try_acquire(CRITICAL)
+        lim.release(dropped=True)
+    assert lim.limit == 5
+
+
+def test_policy_concurrency_tables_validate_and_round_trip() -> None:
+    from fidelity_mw.errors import PolicyError
+    from fidelity_mw.policy import Policy
+
+    policy = Policy.from_dict(
+        {
+            "concurrency": {"limit": 10, "adaptive": True},
+            "route": [{"match": "/x*", "priority": "sheddable", "concurrency": {"limit": 3}}],
+        }
+    )
+    assert policy.concurrency is not None
+    assert policy.concurrency.adaptive
+    assert policy.routes[0].concurrency is not None
+    assert policy.routes[0].concurrency.limit == 3
+    assert Policy.from_dict(policy.to_dict()) == policy
+    with pytest.raises(PolicyError) as err:
+        Policy.from_dict(
+            {"concurrency": {"limit": 0, "sheddable_share": 0.95}, "route": [{"priority": "low"}]}
+        )
+    paths = [issue.path for issue in err.value.issues]
+    assert paths == ["concurrency.limit", "concurrency.sheddable_share", "route[0].priority"]

@@ -1,0 +1,189 @@
+"""Fleet-aware fallback, measured: 4 uvicorn processes on one real redis-server, Redis
+SIGSTOPped for 5 s while the fleet is offered 2x its limit.
+
+With the share (the default), each process enforces a quarter of the limit while it
+cannot reach Redis, so the fleet admits about one limit during the outage: asserted
+at most 1.2 x (rate x outage + burst), where the outage is the span from the first
+to the last fallback decision (the members notice the pause and come back at
+slightly different moments; their own windows lie inside that span). With the share
+off, each process enforces the whole limit, and a quarter of 2x the load never
+reaches it: every request of the outage is admitted (about 2x the limit here; up to
+4x under more load). Both are printed side by side with their numbers.
+
+The load is bounded in count and time; the slack covers a busy 2-core machine (a
+starved member decides late, never more often). Nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import time
+from collections import Counter
+
+import pytest
+
+from redis_server import RedisServer, require_redis
+from test_redis_fleet import N_PROCESSES, Connection, Fleet, Reply, load, running
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+
+RATE = 200
+BURST = 20
+PAUSE_AT_S = 1.0
+OUTAGE_S = 5.0
+LOAD_S = 7.0
+SLACK = 1.2  # the issue's bound: admissions during the outage <= 1.2 x the fleet limit
+
+APP = textwrap.dedent(
+    '''
+    """One fleet member; x-state-source says `<source>;<fleet share>` of its limiter decision."""
+    import os
+
+    from fidelity_mw import FidelityMiddleware, Policy
+    from fidelity_mw.policy import RateLimit, StateConfig
+
+    policy = Policy(
+        state=StateConfig(
+            url=os.environ["FMW_URL"],
+            key_prefix=os.environ["FMW_PREFIX"],
+            timeout_ms=int(os.environ["FMW_TIMEOUT_MS"]),
+            connect_timeout_ms=int(os.environ["FMW_TIMEOUT_MS"]),
+            fleet_share_max_age_s=float(os.environ["FMW_SHARE_MAX_AGE_S"]),
+        ),
+        rate_limits=(
+            RateLimit(name="fleet", rate="{rate}/s", burst={burst}, key="global",
+                      match="/api/limited"),
+        ),
+        rate_limit_headers="never",
+    )
+
+
+    async def inner(scope, receive, send):
+        await send({{"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]}})
+        await send({{"type": "http.response.body", "body": b"ok"}})
+
+
+    mw = FidelityMiddleware(inner, policy=policy, telemetry=False)
+
+
+    async def app(scope, receive, send):
+        scope["state"] = {{}}
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                ctx = scope["state"].get("fidelity")
+                tag = ""
+                for decision in (ctx.decisions if ctx is not None else ()):
+                    if decision.layer == "ratelimit":
+                        details = decision.details or {{}}
+                        share = details.get("fleet_size", details.get("fleet_share", "-"))
+                        age = details.get("fleet_size_age_s", "-")
+                        tag = f"{{decision.state_source}};{{share}};{{age}}"
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-state-source", tag.encode())]
+            await send(message)
+
+        await mw(scope, receive, tagged)
+    '''
+).format(rate=RATE, burst=BURST)
+
+
+@pytest.fixture(scope="module")
+def share_redis(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    require_redis()
+    server = RedisServer(tmp_path_factory.mktemp("share-redis")).start()
+    try:
+        yield server
+    finally:
+        server.resume()
+        server.stop()
+
+
+async def warm(ports: list[int]) -> None:
+    """Every member answers (so announces itself) for two announcement periods: each then
+    holds a fleet size read after all four had joined."""
+    conns = [Connection(port) for port in ports]
+    try:
+        for _ in range(30):  # 1.5 s
+            for conn in conns:
+                await asyncio.wait_for(conn.get("/api/limited"), timeout=5.0)
+            await asyncio.sleep(0.05)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+async def outage_run(share_redis: RedisServer, tmp_path, share: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    name = "share" if share else "whole"
+    fleet = Fleet(
+        tmp_path / name,
+        share_redis.url,
+        f"fs-{name}",
+        timeout_ms=100,
+        app=APP,
+        env={"FMW_SHARE_MAX_AGE_S": "60" if share else "0"},
+    )
+    with running(fleet):
+        await warm(fleet.ports)
+        marks: dict[str, float] = {}
+
+        async def outage() -> None:
+            await asyncio.sleep(PAUSE_AT_S)
+            marks["paused"] = time.monotonic()
+            try:
+                await asyncio.to_thread(share_redis.pause)
+                await asyncio.sleep(OUTAGE_S)
+            finally:
+                await asyncio.to_thread(share_redis.resume)
+                marks["resumed"] = time.monotonic()
+
+        replies, _ = await asyncio.gather(
+            load(fleet.ports, "/api/limited", rate=2 * RATE, duration_s=LOAD_S), outage()
+        )
+    return report(name, replies, marks)
+
+
+def report(name: str, replies: list[Reply], marks: dict[str, float]) -> dict[str, float]:
+    fallback = [r for r in replies if r.source.startswith("fallback;")]
+    assert fallback, "no decision was taken in fallback: the outage was not noticed"
+    span = max(r.done for r in fallback) - min(r.sent for r in fallback)
+    admitted = sum(r.status == 200 for r in fallback)
+    bound = RATE * span + BURST
+    shares = Counter(r.source.split(";")[1] for r in fallback)
+    ages = [float(a) for r in fallback if (a := r.source.split(";")[2]) != "-"]
+    statuses = Counter(r.status for r in replies)
+    print(
+        f"\n[{name}] {len(replies)} requests at {2 * RATE}/s, statuses {dict(statuses)}; "
+        f"Redis paused {marks['resumed'] - marks['paused']:.2f} s; fallback decisions "
+        f"over {span:.2f} s: {len(fallback)}, admitted {admitted} = "
+        f"{admitted / bound:.2f} x the fleet limit ({bound:.0f} = {RATE}/s x {span:.2f} s "
+        f"+ {BURST}); fleet share used {dict(shares)}; fleet size age "
+        f"{min(ages, default=0):.2f}..{max(ages, default=0):.2f} s"
+    )
+    assert {r.status for r in replies} <= {200, 429}  # every request answered, no 500
+    return {
+        "admitted": admitted,
+        "bound": bound,
+        "fallback": len(fallback),
+        "shares": shares,  # type: ignore[dict-item]
+    }
+
+
+async def test_outage_admits_the_fleet_limit_with_the_share(share_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    got = await outage_run(share_redis, tmp_path, share=True)
+    assert got["shares"] == Counter({str(N_PROCESSES): got["fallback"]})  # type: ignore[comparison-overlap]
+    assert got["admitted"] <= SLACK * got["bound"]
+    assert got["admitted"] < got["fallback"]  # the share refused some of the 2x load
+
+
+async def test_outage_admits_each_whole_limit_without_the_share(share_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Today's behaviour, for comparison: a quarter of 2x the load stays under a whole
+    limit, so (nearly) every request decided in fallback is admitted. Nearly: a member
+    starved for a moment by the busy machine meets its queued requests at once, and
+    more than a burst of them at one instant is refused (2.5 % in one measured run)."""
+    got = await outage_run(share_redis, tmp_path, share=False)
+    assert got["shares"] == Counter({"-": got["fallback"]})  # type: ignore[comparison-overlap]
+    assert got["admitted"] >= 0.9 * got["fallback"]
