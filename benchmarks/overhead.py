@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib
 import io
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +117,7 @@ def baseline_package(rev: str) -> Any:
         ["git", "archive", rev, "src/fidelity_mw"], cwd=root, check=True, capture_output=True
     ).stdout
     target = Path(tempfile.mkdtemp(prefix="fidelity_baseline_"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
     (target / "src" / "fidelity_mw").rename(target / "fidelity_mw_baseline")
