@@ -6,15 +6,7 @@
 -- Deferred successes (see RedisStore.record) are applied first.
 -- Returns: the state afterwards, the epoch afterwards.
 
-local now = server_now()
-local u = tonumber(ARGV[1])
-local epoch = tonumber(ARGV[2])
-local probe_id = tonumber(ARGV[3])
-local outcome = ARGV[4]
-local slow = ARGV[5] == '1'
-local cfg = read_config(ARGV, 8)
-local b = br_load(KEYS[1], KEYS[2], cfg)
-br_successes(b, tonumber(ARGV[6]), tonumber(ARGV[7]), now, u)
-local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
-br_save(b)
-return { state, b.ep }
+-- The work is lib.lua's record_at, shared with batch.lua.
+
+local out = record_at(ARGV, 1, 1, server_now())
+return out
