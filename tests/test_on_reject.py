@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -157,3 +158,69 @@ async def test_without_a_hook_the_body_is_rfc_9457(clock: FakeClock) -> None:
     assert second.headers["content-type"] == "application/problem+json"
     body = json.loads(second.content)
     assert set(body) >= {"type", "title", "status", "detail"}
+
+
+async def test_hook_shapes_refusals_that_escape_the_app_and_capacity_sheds(
+    clock: FakeClock,
+) -> None:
+    """Our answers to a control refusal escaping the app (an upstream's open breaker)
+    and to a full bulkhead go through the same hook as the other rejections."""
+    from fidelity_mw import CircuitOpen
+    from fidelity_mw.policy import ConcurrencyConfig
+
+    seen: list[Decision] = []
+
+    def on_reject(ctx: DecisionContext, decision: Decision) -> Response:
+        seen.append(decision)
+        return JSONResponse({"why": decision.layer}, status_code=decision_status(ctx))
+
+    def decision_status(ctx: DecisionContext) -> int:
+        return 503 if ctx.decided_by != "deadline" else 504
+
+    async def calls_upstream(request: Request) -> Response:
+        raise CircuitOpen("open", host="payments.internal", retry_after_s=2.0)
+
+    app = Starlette(routes=[Route("/pay", calls_upstream)])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(breaker=None),
+        clock=clock,
+        telemetry=False,
+        on_reject=on_reject,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        refused = await client.get("/pay")
+    assert refused.status_code == 503
+    assert refused.json() == {"why": seen[-1].layer}
+    assert refused.headers["retry-after"] == "2"  # kept from our own answer
+    assert refused.headers["x-fidelity-decided-by"] == seen[-1].layer
+
+    gate = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        await gate.wait()
+        return PlainTextResponse("ok")
+
+    full = Starlette(routes=[Route("/w", slow)])
+    full.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(breaker=None, concurrency=ConcurrencyConfig(limit=1)),
+        clock=clock,
+        telemetry=False,
+        on_reject=on_reject,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=full), base_url="http://t"
+    ) as client:
+        held = asyncio.create_task(client.get("/w"))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        shed = await client.get("/w")
+        gate.set()
+        assert (await held).status_code == 200
+    assert shed.status_code == 503
+    assert shed.json() == {"why": "concurrency"}
+    assert shed.headers["retry-after"] == "1"
+    assert seen[-1].layer == "concurrency"

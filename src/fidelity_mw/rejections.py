@@ -24,7 +24,7 @@ from typing import Any, Final
 from starlette.responses import Response
 
 from ._types import Message, Receive, Scope, Send
-from .context import REJECT, SHED, Decision, DecisionContext
+from .context import GIVE_UP, REJECT, SHED, Decision, DecisionContext
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -61,12 +61,14 @@ def problem_document(
 
 
 def rejecting_decision(ctx: DecisionContext) -> Decision:
-    """The decision that turned the request away: the last reject or shed."""
+    """The decision that turned the request away: the last reject, shed or (for a
+    refusal that escaped the app) the outbound layer's give-up."""
     for decision in reversed(ctx.decisions):
-        if decision.verdict in (REJECT, SHED):
+        if decision.verdict in (REJECT, SHED, GIVE_UP):
             return decision
-    # A rejection always records its decision; this only guards a hook's argument.
-    return Decision("unknown", ctx.route, REJECT, "rejected")
+    # An exception raised by the app itself carries no record: name the layer that
+    # answered, so the hook still knows what it is shaping.
+    return Decision(ctx.decided_by or "unknown", ctx.route, REJECT, "rejected")
 
 
 async def call_on_reject(

@@ -220,20 +220,9 @@ class FidelityMiddleware:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
-                custom = None
-                if self._on_reject is not None:
-                    marker = (ctx.decided_by or "").encode("latin-1", "replace")
-                    custom = await custom_rejection(
-                        self._on_reject, ctx, rejection, ((DECIDED_BY_HEADER, marker),)
-                    )
-                ctx.status = rejection[0] if custom is None else custom.status_code
-                if before_end is not None:
-                    response_ends(before_end, ctx, scope, obs_token)
-                if custom is None:
-                    await respond(send, rejection, ctx.decided_by)
-                else:
-                    own, by = rejection, ctx.decided_by
-                    await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+                await self._send_rejection(
+                    ctx, scope, receive, send, rejection, before_end, obs_token
+                )
                 return
 
             # ---- the app, watching only the response start and its end
@@ -266,7 +255,7 @@ class FidelityMiddleware:
                     rejection = self._refusal(ctx, watcher, None)
             if rejection is not None:
                 await self._answer(
-                    ctx, scope, send, rejection, before_end, obs_token, plan, result, keys
+                    ctx, scope, receive, send, rejection, before_end, obs_token, plan, result, keys
                 )
                 return
             pending = outcomes.after_app(ctx, plan, result, keys, watcher.complete)
@@ -302,10 +291,37 @@ class FidelityMiddleware:
             return None
         return control_refusal(ctx, exc, self._monotonic())
 
+    async def _send_rejection(
+        self,
+        ctx: DecisionContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rejection: Rejection,
+        before_end: ResponseEndHook | None,
+        obs_token: Any,
+    ) -> None:
+        """Send a refusal of ours, shaped by `on_reject` when the app gave one."""
+        custom = None
+        if self._on_reject is not None:
+            marker = (ctx.decided_by or "").encode("latin-1", "replace")
+            custom = await custom_rejection(
+                self._on_reject, ctx, rejection, ((DECIDED_BY_HEADER, marker),)
+            )
+        ctx.status = rejection[0] if custom is None else custom.status_code
+        if before_end is not None:
+            response_ends(before_end, ctx, scope, obs_token)
+        if custom is None:
+            await respond(send, rejection, ctx.decided_by)
+        else:
+            own, by = rejection, ctx.decided_by
+            await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+
     async def _answer(
         self,
         ctx: DecisionContext,
         scope: Scope,
+        receive: Receive,
         send: Send,
         rejection: Rejection,
         before_end: ResponseEndHook | None,
@@ -323,11 +339,9 @@ class FidelityMiddleware:
             ctx.outcome,
         )
         ctx.status = rejection[0]
-        if before_end is not None:
-            response_ends(before_end, ctx, scope, obs_token)
         pending = self._outcomes.refused(ctx, plan, result, keys)
         try:
-            await respond(send, rejection, ctx.decided_by)
+            await self._send_rejection(ctx, scope, receive, send, rejection, before_end, obs_token)
         except BaseException:
             if pending is not None:
                 self._outcomes.spawn(pending)
