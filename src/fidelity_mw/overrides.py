@@ -19,8 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from .policy import BreakerConfig, RouteConfig
-from .route_list import flat_routes
-from .routes import framework_template
+from .routes import flat_routes, framework_template
 
 ROUTE_ATTR: Final = "__fidelity_route__"
 

@@ -13,12 +13,27 @@ module duck-types Starlette's route classes, so it imports no framework.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .route_list import flat_routes
-
 UNMATCHED = "!unmatched"
+
+
+def flat_routes(routes: Iterable[Any]) -> list[Any]:
+    """The app's routes with FastAPI's included routers opened up.
+
+    Recent FastAPI keeps an `include_router` router as one entry with no path
+    template of its own; `fastapi.routing.iter_route_contexts` lists what is
+    inside, each with its full path, `path_regex`, methods and endpoint.
+    Older FastAPI and Starlette list the routes themselves. FastAPI is only
+    looked up, never imported: an app that has FastAPI routes has imported it.
+    """
+    routing = sys.modules.get("fastapi.routing")
+    iter_contexts = getattr(routing, "iter_route_contexts", None)
+    if iter_contexts is None:
+        return list(routes)
+    return list(iter_contexts(list(routes)))
 
 
 def _route_path(scope: Mapping[str, Any]) -> str:

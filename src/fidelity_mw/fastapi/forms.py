@@ -24,7 +24,7 @@ from ..rejections import (
     call_on_reject,
     keep_headers,
 )
-from ..route_list import flat_routes
+from ..routes import flat_routes
 from ..state.base import StateStore
 from .exceptions import Rejected
 from .limit import KeyFunc, LimitDependency
