@@ -273,3 +273,42 @@ def test_the_p95_delay_falls_back_until_the_window_has_enough_samples() -> None:
         window.add(0.2)
     assert hedge_delay("p95", 50, 20, window) == pytest.approx(0.2)
     assert hedge_delay("fixed", 50, 20, window) == 0.05
+
+
+async def test_a_hedge_is_a_client_span_with_its_resend_count() -> None:
+    from test_telemetry_helpers import pipeline
+
+    otel = pipeline()
+    try:
+        upstream = Upstream()
+        t, _ = transport(upstream)
+        t._observer = otel.telemetry
+        async with httpx.AsyncClient(transport=t) as client:
+            assert (await client.get("http://payments/pay")).status_code == 200
+        spans = otel.finished()
+        counts = sorted(dict(s.attributes or {}).get("http.request.resend_count", 0) for s in spans)
+        assert counts == [0, 1]  # the first attempt, and the hedge (resend 1)
+    finally:
+        otel.shutdown()
+
+
+async def test_a_failing_hedge_does_not_end_the_call_and_its_response_is_closed() -> None:
+    bodies: list[Tracked] = []
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = Tracked()
+        bodies.append(body)
+        if request.headers["x-fidelity-attempt"] == "1":
+            await release.wait()
+            return httpx.Response(200, stream=body)
+        release.set()  # the first attempt answers after the hedge failed
+        return httpx.Response(503, stream=body)
+
+    t, _ = transport(handler)
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    _first, hedge = bodies  # exactly two: a failed hedge is not retried
+    assert hedge.closed
+    assert response.extensions["fidelity_context"].upstream_exhausted is False
