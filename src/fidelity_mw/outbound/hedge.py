@@ -33,7 +33,6 @@ NO_HEDGE: Final = "no_hedge"  # a hedge the budget or a breaker refused (reason)
 
 _WINDOW: Final = 256  # attempt latencies kept per upstream
 _REFRESH: Final = 16  # samples between two p95 computations
-_TIMER: Final = -1
 
 
 class NoHedge(Exception):
@@ -107,11 +106,12 @@ def hedgeable(request: httpx.Request) -> bool:
     return type(stream) is httpx.ByteStream or replayable(stream)
 
 
-def copy_request(request: httpx.Request) -> httpx.Request:
-    """A request of its own for a hedge: the loop rewrites URL, headers and timeouts."""
+def copy_request(request: httpx.Request, url: httpx.URL) -> httpx.Request:
+    """A request of its own for a hedge, to `url`: the loop rewrites URL, headers and
+    timeouts of the request it sends."""
     return httpx.Request(
         request.method,
-        request.url,
+        url,
         headers=request.headers.copy(),
         stream=request.stream,
         extensions=dict(request.extensions),
@@ -137,6 +137,25 @@ async def _close(response: httpx.Response | None) -> None:
 Outcome = tuple[int, httpx.Response | None, Exception | None]
 
 
+class _Inbox:
+    """Outcomes of the call's attempt loops, and the wait they end (the hedge delay's
+    sleep, or a plain wait once no hedge is left to send)."""
+
+    __slots__ = ("outcomes", "timer", "wake")
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.timer: anyio.CancelScope | None = None
+        self.wake: anyio.Event | None = None
+
+    def post(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.wake is not None:
+            self.wake.set()
+
+
 async def run_race(
     race: Race,
     clock: Clock,
@@ -147,8 +166,12 @@ async def run_race(
     run_hedge: Callable[[], Awaitable[httpx.Response]],
 ) -> httpx.Response:
     """Race the call against its hedges (module docstring); the winner's response, or
-    the primary's outcome when no hedge answers well."""
-    send, receive = anyio.create_memory_object_stream[Outcome](2 * max_hedges + 4)
+    the primary's outcome when no hedge answers well.
+
+    The loops run as tasks; this task sleeps the hedge delay itself (on the engine's
+    clock), and an outcome cuts that sleep short: one task per attempt, nothing more."""
+    inbox = _Inbox()
+    outcomes = inbox.outcomes
     winner: tuple[httpx.Response | None, Exception | None] | None = None
     primary: tuple[httpx.Response | None, Exception | None] | None = None
 
@@ -156,33 +179,35 @@ async def run_race(
         try:
             response = await attempt()
         except Exception as exc:
-            send.send_nowait((index, None, exc))
+            inbox.post((index, None, exc))
         else:
-            send.send_nowait((index, response, None))
-
-    async def timer() -> None:
-        await clock.sleep(race.delay_s)
-        send.send_nowait((_TIMER, None, None))
+            inbox.post((index, response, None))
 
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(run, 0, run_primary)
-            group.start_soon(timer)
             pending, hedges, hedging = 1, 0, True
             while winner is None:
-                index, response, error = await receive.receive()
-                if index == _TIMER:
-                    if not hedging or hedges >= max_hedges:
+                if not outcomes:
+                    if hedging and hedges < max_hedges:
+                        with anyio.CancelScope() as timer:
+                            inbox.timer = timer
+                            await clock.sleep(race.delay_s)
+                        inbox.timer = None
+                        if outcomes:
+                            continue  # an answer came first
+                        if deadline_at is not None and deadline_at - clock.monotonic() <= 0.0:
+                            hedging = False
+                            continue
+                        hedges += 1
+                        pending += 1
+                        group.start_soon(run, hedges, run_hedge)
                         continue
-                    if deadline_at is not None and deadline_at - clock.monotonic() <= 0.0:
-                        hedging = False
-                        continue
-                    hedges += 1
-                    pending += 1
-                    group.start_soon(run, hedges, run_hedge)
-                    if hedges < max_hedges:
-                        group.start_soon(timer)
+                    inbox.wake = wake = anyio.Event()
+                    await wake.wait()
+                    inbox.wake = None
                     continue
+                index, response, error = outcomes.pop(0)
                 pending -= 1
                 if error is None and _good(response, retry_statuses):
                     winner = (response, None)
@@ -200,17 +225,12 @@ async def run_race(
             group.cancel_scope.cancel()
     finally:
         # Answers that came in after the winner (or while we were cancelled) are losers.
-        while True:
-            try:
-                _, response, _ = receive.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                break
+        for _, response, _ in outcomes:
             if winner is None or response is not winner[0]:
                 await _close(response)
+        outcomes.clear()
         if winner is None and primary is not None:
             await _close(primary[0])
-        send.close()
-        receive.close()
     assert winner is not None  # the loop ends with one, or the task group raised
     response, error = winner
     if error is not None:

@@ -149,11 +149,13 @@ class _Base:
         hedge = up.cfg.hedge
         if hedging and hedge is not None and hedgeable(request):
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
-            original = copy_request(request)
+            url = request.url
             call = ctx
 
             def spawn() -> Steps:
-                again = copy_request(original)
+                # Copied when needed (most calls never hedge), from what the first loop
+                # leaves intact: its own stamps are taken off again by the hedge's loop.
+                again = copy_request(request, url)
                 start = engine.clock.monotonic()
                 return attempts(call, engine, up, again, False, observer, start, local, race, True)
 
