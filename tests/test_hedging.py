@@ -312,3 +312,49 @@ async def test_a_failing_hedge_does_not_end_the_call_and_its_response_is_closed(
     _first, hedge = bodies  # exactly two: a failed hedge is not retried
     assert hedge.closed
     assert response.extensions["fidelity_context"].upstream_exhausted is False
+
+
+async def test_a_breaker_with_no_probe_slot_left_refuses_the_hedge() -> None:
+    from fidelity_mw.policy import BreakerConfig
+
+    statuses = [503]  # the first call fails and opens the breaker
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["x-fidelity-attempt"])
+        if not statuses:
+            await release.wait()
+            return httpx.Response(200)
+        return httpx.Response(statuses.pop())
+
+    async def answer_soon() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        release.set()
+
+    clock = FakeClock()
+    breaker = BreakerConfig(consecutive_failures=1, half_open_probes=1, open_jitter=0.0)
+    cfg = UpstreamConfig(
+        host="payments",
+        retry=RetryConfig(attempts=1),
+        breaker=breaker,
+        hedge=HedgeConfig(after_ms=50),
+    )
+    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, store=MemoryStore())
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://payments/a")).status_code == 503
+        clock.advance(breaker.open_min_s + 0.01)  # half-open: one probe slot
+        task = asyncio.ensure_future(answer_soon())
+        response = await client.get("http://payments/b")  # the probe; its hedge finds no slot
+        await task
+    assert response.status_code == 200
+    assert seen == ["1", "1"]  # no hedge went out
+    ctx = context(response)
+    refused = [d for d in ctx.decisions if d.reason == "no_hedge"]
+    assert [(d.layer, d.verdict, d.details["why"]) for d in refused] == [
+        ("breaker", "reject", "breaker_open")
+    ]
+    assert ctx.shed_by is None
+    assert ctx.upstream_exhausted is False

@@ -445,27 +445,28 @@ def _gate_hedge(
     mark = len(decisions)
     exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
     sent = race.sent
-    g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
-    gate = g.gate
-    if g.allowed and (gate is None or gate.verdict != "reject"):
-        return g
-    said = decisions[mark:]
+    layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
+    try:
+        g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+    except Exception:  # a store failing closed: the call's other attempts still stand
+        pass
+    else:
+        gate, source, age = g.gate, g.source, g.age_s
+        if g.allowed and (gate is None or gate.verdict != "reject"):
+            return g
+        said = decisions[mark:]
+        if gate is not None and gate.verdict == "reject":
+            layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
+        elif said:
+            layer, why = said[-1].layer, said[-1].reason
+        else:
+            why = GIVE_UP_BUDGET
     del decisions[mark:]
     ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
-    why = said[-1] if said else None
     decisions.append(
-        Decision(
-            why.layer if why is not None else LAYER_BUDGET,
-            up.key,
-            REJECT,
-            NO_HEDGE,
-            g.source,
-            g.age_s,
-            now,
-            {"attempts": sent, "why": why.reason if why is not None else "refused"},
-        )
+        Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, {"attempts": sent, "why": why})
     )
-    raise NoHedge(why.reason if why is not None else "refused")
+    raise NoHedge(why)
 
 
 def _gate_plain(
