@@ -158,10 +158,11 @@ def ensure_wrk() -> str:
     if apt and os.geteuid() == 0:
         print("wrk not found: installing the Debian package...", file=sys.stderr)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run([apt, "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            [apt, "install", "-y", "-qq", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL
-        )
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run([apt, "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [apt, "install", "-y", "-qq", "wrk"], check=True, env=env, stdout=subprocess.DEVNULL
+            )
         found = shutil.which("wrk")
         if found:
             return found
@@ -439,6 +440,53 @@ def fmt_cmds(samples: Sequence[Sample]) -> str:
     return f"{total:.2f} ({parts}) | {scripts:.3f} | {clients}"
 
 
+# issue 17's goals under this server: (variant, reference, least ratio of req/s)
+GOALS = (
+    ("fidelity-memory", "bare", 0.9),
+    ("fidelity-redis", "fidelity-memory", 0.5),
+    ("fidelity-redis", "slowapi-redis", 2.0),
+    ("fidelity-tiered", "fidelity-memory", 0.9),
+)
+P99_GOAL_MS = {("fidelity-redis", 256): 100.0}
+
+
+def paired(at: Sequence[Sample], variant: str, reference: str) -> tuple[float, float] | None:
+    """Medians over rounds of variant/reference: req/s, and the req/s a CPU-bound server
+    would reach from the CPU time per request (steady when the machine is busy)."""
+    ref = {s.round: s for s in at if s.variant == reference}
+    mine = [s for s in at if s.variant == variant and s.round in ref]
+    if not mine:
+        return None
+    rps = statistics.median(s.rps / ref[s.round].rps for s in mine)
+    cpu = statistics.median(ref[s.round].cpu_us_per_req / s.cpu_us_per_req for s in mine)
+    return rps, cpu
+
+
+def goals(at: Sequence[Sample], connections: int) -> list[str]:
+    out = []
+    for variant, reference, least in GOALS:
+        got = paired(at, variant, reference)
+        if got is None:
+            continue
+        rps, cpu = got
+        verdict = "met" if rps >= least else "missed"
+        out.append(
+            f"- {variant} / {reference}: {rps:.2f} in req/s, {cpu:.2f} from CPU per request "
+            f"(goal ≥ {least:g}: {verdict})"
+        )
+    for (variant, conns), most in P99_GOAL_MS.items():
+        p99s = [s.p99_ms for s in at if s.variant == variant and s.connections == conns]
+        if conns == connections and p99s:
+            p99 = statistics.median(p99s)
+            verdict = "met" if p99 <= most else "missed"
+            out.append(f"- {variant} p99: {p99:.0f} ms (goal ≤ {most:g} ms: {verdict})")
+    return (
+        ["", "Against the goals set in issue 17 (medians of per-round ratios):", "", *out]
+        if out
+        else []
+    )
+
+
 def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
     lines: list[str] = []
     for connections in args.connections:
@@ -487,11 +535,13 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
                 f"| {cpu} | {redis_cpu} "
                 f"| {fmt_cmds(mine) if variant in REDIS_VARIANTS else '— | — | —'} |"
             )
+        lines += goals(at, connections)
         lines.append("")
-    loads = [s.loadavg for s in samples]
+    loads = [s.loadavg for s in samples if s.loadavg]
     failures = sum(s.non2xx + s.socket_errors for s in samples)
     lines += [
-        f"{args.rounds} rounds; in each, every variant once per connection count, the order "
+        f"{args.rounds} round{'s' if args.rounds != 1 else ''}; in each, every variant once "
+        "per connection count, the order "
         f"reversed from one round to the next; {args.warmup:g} s warm-up on fresh connections "
         f"before each {args.duration:g} s measurement. uvicorn {uvicorn_version()} "
         f"(1 worker, uvloop, httptools) pinned to CPU {args.server_cpu}; wrk {wrk_version()} "
@@ -501,7 +551,9 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
         "deadline header, telemetry off. Server CPU is utime + stime of the uvicorn process "
         "over the measurement, divided by the requests served (ratio to bare paired per round); "
         "on a busy machine it moves much less than req/s, which depends on the CPU time the "
-        "server's core has to spare. Redis commands are `INFO commandstats` deltas, which count "
+        "server's core has to spare; the goals' \"from CPU per request\" ratio (the reference's "
+        "CPU per request over the variant's) is the req/s ratio a server with its core to "
+        "itself would show. Redis commands are `INFO commandstats` deltas, which count "
         "the commands a script runs as well as the script call itself (`EVALSHA`): script "
         "calls per request are the round trips; Redis connections are the server process's "
         "open sockets to Redis after the run. Ratios are paired per round.",

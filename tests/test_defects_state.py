@@ -21,6 +21,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
+from redis_server import PATIENT
 
 T0 = 1_000.0
 
@@ -30,7 +31,8 @@ def mid() -> float:
 
 
 def redis_store(url: str, **state: object) -> RedisStore:
-    return RedisStore(config=StateConfig(url=url, **state), rng=mid)  # type: ignore[arg-type]
+    config = StateConfig(url=url, **{**PATIENT, **state})  # type: ignore[arg-type]
+    return RedisStore(config=config, rng=mid)
 
 
 async def gate(store: StateStore, key: str, cfg: BreakerConfig, now: float) -> Gate:

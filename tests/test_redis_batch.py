@@ -21,7 +21,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import BATCH, RedisStore
 from fidelity_mw.testing import seeded_random
-from redis_server import QUIET
+from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -32,9 +32,9 @@ def spec(per_min: float, burst: int, cost: int = 1, shadow: bool = False, name: 
 
 
 def store(url: str, **state: object) -> RedisStore:
-    # a generous timeout: a loaded machine must not turn a slow reply into a fallback
-    state = {"timeout_ms": 5000, **QUIET, **state}
-    return RedisStore(config=StateConfig(url=url, **state), rng=seeded_random(7))  # type: ignore[arg-type]
+    # generous timeouts: a loaded machine must not turn a slow reply into a fallback
+    config = StateConfig(url=url, **{**PATIENT, **QUIET, **state})  # type: ignore[arg-type]
+    return RedisStore(config=config, rng=seeded_random(7))
 
 
 def flat(result):  # type: ignore[no-untyped-def]
@@ -192,7 +192,7 @@ async def test_half_open_probes_in_one_batch(redis_url: str) -> None:
 async def test_keys_of_one_batch_share_one_cluster_slot(redis_cluster) -> None:  # type: ignore[no-untyped-def]
     prefix = "batch1"
     redis_store = RedisStore(
-        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **QUIET),
+        config=StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT, **QUIET),
         rng=seeded_random(1),
     )
     try:

@@ -133,8 +133,21 @@ async def test_breaker_transitions_like_memory_store(redis_url: str) -> None:
     cfg = BreakerConfig(min_calls=4, failure_ratio=0.5, open_s=0.1, open_jitter=0.0,
                         half_open_probes=2)  # fmt: skip
     redis_store = store(redis_url)
+    try:
+        # A run in which the machine stalled past open_s right after the breaker opened
+        # cannot see it reject; it is run again on a fresh key (a bounded few times).
+        for attempt in range(3):
+            if await _transitions(redis_store, cfg, f"route:/b{attempt}"):
+                break
+        else:
+            pytest.fail("every run stalled for longer than open_s after the breaker opened")
+    finally:
+        await redis_store.aclose()
+
+
+async def _transitions(redis_store: RedisStore, cfg: BreakerConfig, key: str) -> bool:
+    """The step-by-step run; False when it stalled before the check for `reject`."""
     memory = MemoryStore(rng=seeded_random(7))
-    key = "route:/b"
 
     async def both_gate():  # type: ignore[no-untyped-def]
         now = time.monotonic()
@@ -149,31 +162,38 @@ async def test_breaker_transitions_like_memory_store(redis_url: str) -> None:
         assert state == memory.record_now(key, cfg, gates[1], outcome, False, now)
         return state
 
-    try:
-        for outcome in (SUCCESS, SUCCESS, FAILURE, FAILURE):
-            gates = await both_gate()
-            assert gates[0].verdict == "allow"
-            state = await both_record(gates, outcome)
-        assert state == "open"
+    for outcome in (SUCCESS, SUCCESS, FAILURE, FAILURE):
         gates = await both_gate()
-        assert gates[0].verdict == "reject"
-        assert 0.0 < gates[0].retry_after_s <= 0.1
-        await anyio.sleep(0.15)
-        probe1 = await both_gate()
-        probe2 = await both_gate()
-        third = await both_gate()
-        assert [probe1[0].verdict, probe2[0].verdict, third[0].verdict] == [
-            "probe",
-            "probe",
-            "reject",
-        ]
-        assert third[0].state == "half_open"
-        assert await both_record(probe1, SUCCESS) == "closed"
-        # the other probe reports late: its slot died with the epoch, nothing changes
-        assert await both_record(probe2, FAILURE) == "closed"
-        assert (await both_gate())[0].verdict == "allow"
-    finally:
-        await redis_store.aclose()
+        assert gates[0].verdict == "allow"
+        recorded_from = time.monotonic()
+        state = await both_record(gates, outcome)
+    assert state == "open"
+    now = time.monotonic()
+    got = await redis_store.admit(key, cfg, (), (), now)
+    # Both clocks opened the breaker after `recorded_from` and gated before this moment:
+    # less than open_s apart, both must still reject.
+    if time.monotonic() - recorded_from >= cfg.open_s:
+        return False
+    want = memory.admit_now(key, cfg, (), (), now)
+    assert flat(got) == flat(want)
+    assert got.gate is not None
+    assert got.gate.verdict == "reject"
+    assert 0.0 < got.gate.retry_after_s <= 0.1
+    await anyio.sleep(0.15)
+    probe1 = await both_gate()
+    probe2 = await both_gate()
+    third = await both_gate()
+    assert [probe1[0].verdict, probe2[0].verdict, third[0].verdict] == [
+        "probe",
+        "probe",
+        "reject",
+    ]
+    assert third[0].state == "half_open"
+    assert await both_record(probe1, SUCCESS) == "closed"
+    # the other probe reports late: its slot died with the epoch, nothing changes
+    assert await both_record(probe2, FAILURE) == "closed"
+    assert (await both_gate())[0].verdict == "allow"
+    return True
 
 
 async def test_probe_slot_given_back_when_a_limit_rejects(redis_url: str) -> None:

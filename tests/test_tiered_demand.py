@@ -16,7 +16,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import SYNC
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
-from redis_server import QUIET
+from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -28,10 +28,10 @@ SCARCE = LimitSpec("s", 60.0, 60.0 * 400, 1, False)
 
 
 def tiered(url: str, clock: FakeClock | None = None, seed: int = 5) -> TieredStore:
-    # A generous timeout: on a loaded machine a slow reply must not switch the
-    # store to its failure mode (those requests count no demand, and the
-    # FakeClock would jump by the probe's backoff sleeps).
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, timeout_ms=5000, **QUIET)
+    # Generous timeouts: on a loaded machine a slow reply must not switch the store to
+    # its failure mode (those requests count no demand, and the FakeClock would jump by
+    # the probe's backoff sleeps).
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT, **QUIET)
     return TieredStore(config=config, rng=seeded_random(seed), clock=clock)
 
 

@@ -1,0 +1,144 @@
+"""The benchmark harnesses measure what they say: counts, /proc readings and paired ratios.
+
+No timings are asserted: the inputs are counted events, this process's own
+readings, or made-up samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import callcount, server
+from benchmarks.overhead import build_apps
+
+
+class _Yield:
+    def __await__(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+async def _twice() -> int:
+    await _Yield()
+    await _Yield()
+    return 1
+
+
+def test_profile_tells_calls_from_resumptions() -> None:
+    coro = _twice()
+    profile = callcount.Profile()
+    sys.setprofile(profile)
+    try:
+        for _ in range(5):
+            try:
+                coro.send(None)
+            except StopIteration:
+                break
+    finally:
+        sys.setprofile(None)
+    names = {name.rsplit(" ", 1)[-1]: n for name, n in profile.by_function.items()}
+    assert names["_twice"] == 1  # entered once, resumed twice
+    assert names["_Yield.__await__"] == 2
+    assert profile.calls == 3
+    assert profile.resumes == 4  # _twice twice, each __await__ generator once
+
+
+def test_callcount_is_exact_and_sees_the_middleware() -> None:
+    apps = build_apps()
+
+    async def count(name: str) -> callcount.Profile:
+        profile = callcount.Profile()
+        await callcount._requests(apps[name], 20, profile)
+        return profile
+
+    async def run() -> list[callcount.Profile]:
+        for name in ("bare", "fidelity"):
+            await callcount._requests(apps[name], 50)  # warm up
+        return [await count("bare"), await count("fidelity"), await count("fidelity")]
+
+    bare, first, second = asyncio.run(run())
+    assert first.calls == second.calls  # counts, not samples: the same every time
+    assert first.c_calls == second.c_calls
+    assert first.calls > bare.calls
+    middleware = [
+        n for k, n in first.by_function.items() if k.endswith(" FidelityMiddleware.__call__")
+    ]
+    assert middleware == [20]  # one entry per request
+
+
+def test_cpu_seconds_reads_this_process_from_proc() -> None:
+    total = sum(range(2_000_000))  # some CPU time to read
+    times = os.times()
+    assert total > 0
+    assert abs(server.cpu_seconds(os.getpid()) - (times.user + times.system)) < 0.05
+
+
+def test_redis_connections_counts_sockets_to_that_port() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert server.redis_connections(os.getpid(), port) == 0
+        with socket.create_connection(("127.0.0.1", port)) as one:
+            accepted, _ = listener.accept()
+            with accepted, socket.create_connection(("127.0.0.1", port)) as two:
+                # two client sockets; the accepted one's far end is not the port
+                assert server.redis_connections(os.getpid(), port) == 2
+                assert one.fileno() != two.fileno()
+
+
+def _sample(variant: str, rnd: int, rps: float, cpu: float, **kw: object) -> server.Sample:
+    fields: dict = {  # type: ignore[type-arg]
+        "variant": variant,
+        "connections": 32,
+        "round": rnd,
+        "rps": rps,
+        "p99_ms": 5.0,
+        "non2xx": 0,
+        "socket_errors": 0,
+        "error_kinds": {},
+        "requests": int(rps * 5),
+        "cpu_us_per_req": cpu,
+        "redis_cpu_us_per_req": None,
+        **kw,
+    }
+    return server.Sample(**fields)
+
+
+def test_server_report_pairs_ratios_per_round_and_flags_failures() -> None:
+    # round 1 ran at half the speed of round 0 (a busy machine): the paired ratios agree
+    samples = [
+        _sample("bare", 0, 10_000, 40),
+        _sample("fidelity-memory", 0, 9_500, 50),
+        _sample("bare", 1, 5_000, 40),
+        _sample("fidelity-memory", 1, 4_750, 50),
+        _sample(
+            "fidelity-redis",
+            0,
+            2_000,
+            200,
+            redis_cmds={"evalsha": 1_000, "hmget": 3_000},
+            redis_clients=32,
+            non2xx=3,
+        ),
+    ]
+    args = argparse.Namespace(
+        connections=[32], variants=["bare", "fidelity-memory", "fidelity-redis"], rounds=2,
+        duration=5, warmup=1, server_cpu=0, load_cpu=1, redis_version="7",
+    )  # fmt: skip
+    text = server.report(samples, args)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 0.950 (0.950, 0.950) |" in rows["| fidelity-memory"]
+    assert "50 (1.25x)" in rows["| fidelity-memory"]
+    # 4,000 commands over 10,000 requests, a quarter of them script calls
+    assert "| 0.40 (0.30 HMGET, 0.10 EVALSHA) | 0.100 | 32 |" in rows["| fidelity-redis"]
+    assert "| 3 / 0 |" in rows["| fidelity-redis"]
+    assert "- fidelity-memory / bare: 0.95 in req/s, 0.80 from CPU per request" in text
+    assert "(goal ≥ 0.9: met)" in text
+    assert "over the run: 3 (must be 0" in text
