@@ -358,3 +358,55 @@ async def test_a_breaker_with_no_probe_slot_left_refuses_the_hedge() -> None:
     ]
     assert ctx.shed_by is None
     assert ctx.upstream_exhausted is False
+
+
+class SlowFirst:
+    """A real ASGI upstream: the first request waits for the client to go away (and
+    notes that it did); every other one answers at once with `name`."""
+
+    def __init__(self, name: bytes) -> None:
+        import threading
+
+        self.name = name
+        self.requests = 0
+        self.disconnected = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.requests += 1
+        if self.requests == 1:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected.set()
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": self.name})
+
+
+async def test_on_loopback_servers_the_hedge_wins_and_the_loser_connection_is_dropped() -> None:
+    from _loopback import LoopbackServer
+
+    a, b = SlowFirst(b"a"), SlowFirst(b"b")
+    b.requests = 1  # b answers every request
+    with LoopbackServer(a) as server_a, LoopbackServer(b) as server_b:
+        cfg = UpstreamConfig(
+            host="svc",
+            instances=(server_a.url, server_b.url),
+            breaker=None,
+            hedge=HedgeConfig(after_ms=20),  # real time: a real race
+        )
+        t = FidelityTransport(policy=Policy(upstreams=(cfg,)), telemetry=False)
+        first, second = t.upstream(t.engine, httpx.URL("http://svc/")).instances or ()
+        now = t.engine.clock.monotonic()
+        first.latency_s, second.latency_s = 0.001, 1.0  # the first attempt goes to a
+        first.latency_at = second.latency_at = now
+        async with httpx.AsyncClient(transport=t) as client:
+            response = await client.get("http://svc/x")
+            # the loser's connection is dropped with the client still open: the server
+            # sees the client go (slack: 5 s)
+            assert await asyncio.to_thread(a.disconnected.wait, 5.0)
+        assert response.status_code == 200
+        assert response.content == b"b"
+        assert a.requests == 1
+        assert b.requests == 2
