@@ -125,7 +125,8 @@ class _Base:
 
     def _start(self, request: httpx.Request, hedging: bool = False) -> tuple[Steps, Engine, Any]:
         """The call's attempt loop, its engine, and (async, for a hedged call) what the
-        race needs: `(race, hedge config, a maker of hedge loops)`."""
+        race needs: `(race, hedge config, a maker of hedge loops, upstream, context, the
+        observer whose call_end ends the call or None)`."""
         ctx = _CURRENT.get()
         own = ctx is None
         if ctx is None:
