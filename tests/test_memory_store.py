@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fidelity_mw import BreakerConfig
 from fidelity_mw.decide.breaker import CLOSED, FAILURE, HALF_OPEN, OPEN, SUCCESS
-from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.decide.gcra import LimitVerdict
+from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 
 T0 = 1_000.0
@@ -91,6 +92,30 @@ def test_probe_slot_is_released_when_a_limit_rejects() -> None:
     assert probe.gate is not None
     assert probe.gate.verdict == "probe"
     assert store.record_now("route:/x", BREAKER, probe.gate, SUCCESS, False, T0 + 1) == CLOSED
+
+
+def test_fast_path_results_carry_every_field() -> None:
+    """The hot path builds its NamedTuples without their constructors: every return
+    path must still produce all the fields, defaults included (a field added to
+    InboundResult or LimitVerdict must be added there too)."""
+    store = MemoryStore(rng=mid)
+    one, two = limit(burst=1), limit("m", burst=1)
+    results = [
+        store.admit_now(None, None, (), (), T0),  # nothing to decide
+        store.admit_now("route:/x", BREAKER, (), (), T0),  # breaker only
+        store.admit_now("route:/x", BREAKER, ["l|c"], [one], T0),  # one limit, admitted
+        store.admit_now("route:/x", BREAKER, ["l|c"], [one], T0),  # one limit, refused
+        store.admit_now(None, None, ["l|d", "m|d"], [one, two], T0),  # several limits
+    ]
+    trip(store)
+    results.append(store.admit_now("route:/x", BREAKER, ["l|e"], [one], T0 + 0.5))  # shed
+    assert [r.admitted for r in results] == [True, True, True, False, True, False]
+    for result in results:
+        assert len(result) == len(InboundResult._fields)
+        assert result.fleet is None  # a memory decision is never a fleet share
+        for verdict in result.limits:
+            assert isinstance(verdict, LimitVerdict)
+            assert len(verdict) == len(LimitVerdict._fields)
 
 
 def test_limit_rejection_is_not_a_breaker_outcome() -> None:

@@ -61,6 +61,7 @@ class RoutePlan:
     """Everything about a route that does not depend on the individual request."""
 
     __slots__ = (
+        "admits",
         "breaker",
         "breaker_key",
         "bulkhead",
@@ -71,12 +72,14 @@ class RoutePlan:
         "ip_key_prefix",
         "key_prefixes",
         "limits",
+        "policy_field",
         "policy_header",
         "priority",
         "remaining_prefixes",
         "route",
         "served",
         "specs",
+        "timed",
     )
 
     def __init__(
@@ -93,6 +96,8 @@ class RoutePlan:
         self.enforce = enforce
         self.breaker = breaker
         self.breaker_key = f"route:{route}" if breaker is not None else None
+        # the request's end time matters (slow calls count against the breaker)
+        self.timed = breaker is not None and breaker.slow_call_ms is not None
         self.limits = limits
         self.specs = tuple(
             LimitSpec(
@@ -106,6 +111,8 @@ class RoutePlan:
         )
         # Per limit: its units come back when a fault the client did not cause answered 5xx.
         self.served = tuple(lim.charge == "served" for lim in limits)
+        # There is something to ask the store (a breaker or a limit).
+        self.admits = self.breaker_key is not None or bool(limits)
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
         # Set when the route has exactly one limit, keyed by client IP.
@@ -139,6 +146,8 @@ class RoutePlan:
             if advertised
             else None
         )
+        # The RateLimit-Policy field as the response carries it: built once, not per response.
+        self.policy_field: tuple[bytes, bytes] = (b"ratelimit-policy", self.policy_header or b"")
 
 
 class Engine:

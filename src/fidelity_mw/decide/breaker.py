@@ -56,9 +56,9 @@ class BreakerState:
     __slots__ = (
         "_bucket_end",
         "_bucket_s",
-        "_closed_gate",
         "_totals",
         "buckets",
+        "closed_gate",
         "config",
         "consecutive",
         "epoch",
@@ -87,8 +87,9 @@ class BreakerState:
         # the ratios can be checked after every outcome in O(1).
         self._totals = [0, 0, 0]
         self.probes: dict[int, float] = {}  # probe id -> start time, for probes in flight
-        # The answer for the common case, built once per epoch instead of per call.
-        self._closed_gate = Gate("allow", CLOSED, 0, 0.0)
+        # The answer for the common case, built once per epoch instead of per call
+        # (read directly by the in-process store's hot path).
+        self.closed_gate = Gate("allow", CLOSED, 0, 0.0)
         self.next_probe_id = 1
 
     # ------------------------------------------------------------ queries
@@ -104,7 +105,7 @@ class BreakerState:
         """May a call go ahead? Admitting a probe takes a slot until `record`."""
         state = self.state
         if state == CLOSED:
-            return self._closed_gate
+            return self.closed_gate
         if state == OPEN:
             if now < self.open_until:
                 return Gate("reject", OPEN, self.epoch, self.open_until - now)
@@ -204,7 +205,7 @@ class BreakerState:
             self.open_until = now + open_time(cfg, self.reopens) * (1.0 + spread)
         elif state == CLOSED:
             self.reopens = 0
-            self._closed_gate = Gate("allow", CLOSED, self.epoch, 0.0)
+            self.closed_gate = Gate("allow", CLOSED, self.epoch, 0.0)
             self.consecutive = 0
             for bucket in self.buckets:
                 bucket[0] = bucket[1] = bucket[2] = 0

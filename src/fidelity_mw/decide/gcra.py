@@ -25,6 +25,11 @@ class LimitVerdict(NamedTuple):
     retry_after_s: float  # seconds until this request would be admitted (0 if allowed)
 
 
+# A NamedTuple's constructor is a Python-level function; building the tuple
+# directly skips that frame on the per-request path (same object, same type).
+_new = tuple.__new__
+
+
 def gcra(
     tat: float, now: float, interval_s: float, tolerance_s: float, cost: int = 1
 ) -> LimitVerdict:
@@ -38,9 +43,11 @@ def gcra(
     allow_at = new_tat - tolerance_s
     if allow_at - now > _SLACK * interval_s:
         remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
-        return LimitVerdict(False, tat, max(0, remaining), base - now, allow_at - now)
+        return _new(LimitVerdict, (False, tat, max(0, remaining), base - now, allow_at - now))
     remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
-    return LimitVerdict(True, new_tat, max(0, remaining), new_tat - now, 0.0)
+    return _new(
+        LimitVerdict, (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0)
+    )
 
 
 def refund(

@@ -254,8 +254,10 @@ def ratelimit_headers(
         t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
         if retry_after is not None and t > retry_after:
             t = retry_after
-        value = prefixes[0] + b"%d;t=%d" % (verdict.remaining, t)
-        return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", value)]
+        return [
+            plan.policy_field,
+            (b"ratelimit", prefixes[0] + b"%d;t=%d" % (verdict.remaining, t)),
+        ]
     items = []
     # shadow limits (prefix None) are not advertised: they are never enforced
     for prefix, spec, verdict in zip(
@@ -268,4 +270,4 @@ def ratelimit_headers(
         if retry_after is not None and t > retry_after:
             t = retry_after
         items.append(prefix + b"%d;t=%d" % (verdict.remaining, t))
-    return [(b"ratelimit-policy", plan.policy_header or b""), (b"ratelimit", b", ".join(items))]
+    return [plan.policy_field, (b"ratelimit", b", ".join(items))]

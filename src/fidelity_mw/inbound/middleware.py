@@ -18,17 +18,19 @@ when somebody reads `ctx.decisions`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
+from ..clock import SystemClock
 from ..context import _CURRENT, DecisionContext
 from ..engine import Engine, RoutePlan
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
 from ..state.base import InboundResult, StateStore
-from .admission import Admission, admission_decisions
+from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
 from .refusals import control_refusal, deadline_refusal
 from .request import RequestReader, scan_headers
@@ -88,7 +90,10 @@ class FidelityMiddleware:
         self._before_response_end = getattr(observer, "before_response_end", None)
         if self.engine.route_app is None:
             self.engine.route_app = app
-        self._monotonic = self.engine.clock.monotonic
+        clock = self.engine.clock
+        # The system clock's method only calls time.monotonic: read it directly (a
+        # Python frame less per read). Any other clock (FakeClock) is called as given.
+        self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._plan_for = self.engine.plan_for
         self._plans = self.engine._plans
         store_ = self.engine.store
@@ -101,6 +106,7 @@ class FidelityMiddleware:
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
+        self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
         self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
@@ -181,7 +187,7 @@ class FidelityMiddleware:
                 if rejection is None:
                     if remaining is not None:
                         ctx.deadline_at = now + remaining
-                    if plan.breaker_key is not None or plan.specs:
+                    if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
                             client = scope.get("client")
@@ -199,7 +205,15 @@ class FidelityMiddleware:
                             result = await self.engine.store.admit(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
-                        rejection = self._verdict(ctx, plan, result, now)
+                        gate = result.gate
+                        # Admission.verdict's allowed path, inline (a store never admits
+                        # past a rejecting gate; the check keeps a custom one honest)
+                        if result.admitted and (gate is None or gate.verdict != "reject"):
+                            ctx._pending = (admission_decisions, plan, result, now)
+                            if plan.policy_header is not None and self._always_headers:
+                                ctx.response_headers = ratelimit_headers(plan, result)
+                        else:
+                            rejection = self._verdict(ctx, plan, result, now)
                     else:
                         ctx._pending = (admission_decisions, plan, None, now)
             except Exception as exc:
@@ -223,14 +237,16 @@ class FidelityMiddleware:
                 return
 
             # ---- the app, watching only the response start and its end
-            breaker = plan.breaker
-            timed = breaker is not None and breaker.slow_call_ms is not None
-            watcher = ResponseWatcher(
-                send, ctx, scope, before_end, obs_token, self._monotonic if timed else None
-            )
+            # the end time is read only where the route counts slow calls
+            monotonic = self._monotonic if plan.timed else None
+            end = (before_end, scope, obs_token) if before_end is not None else None
             deadline_at = ctx.deadline_at
-            if deadline_at is not None and plan.enforce:
-                watcher.arm(self._deadlines, deadline_at, now)
+            if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
+                watcher = ResponseWatcher(
+                    send, ctx, end, monotonic, self._deadlines, deadline_at, now
+                )
+            else:
+                watcher = ResponseWatcher(send, ctx, end, monotonic)
             outcomes = self._outcomes
             app_ran = True
             try:
@@ -244,7 +260,7 @@ class FidelityMiddleware:
                         outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
                     raise
             else:
-                if watcher.armed:
+                if watcher.watch is not None:
                     watcher.disarm()
                 if watcher.expired:  # the app swallowed our cancellation
                     rejection = self._refusal(ctx, watcher, None)

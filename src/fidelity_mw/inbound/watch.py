@@ -52,17 +52,14 @@ class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got."""
 
     __slots__ = (
-        "armed",
         "complete",
         "ctx",
+        "end",
         "expired",
-        "hook",
         "monotonic",
-        "scope",
         "send",
         "started",
         "task",
-        "token",
         "watch",
     )
 
@@ -70,37 +67,39 @@ class ResponseWatcher:
         self,
         send: Send,
         ctx: DecisionContext,
-        scope: Scope,
-        hook: ResponseEndHook | None,
-        token: Any,
+        end: tuple[ResponseEndHook, Scope, Any] | None,
         monotonic: Callable[[], float] | None,
+        watch: DeadlineWatch | None = None,
+        deadline_at: float = 0.0,
+        now: float = 0.0,
     ) -> None:
+        """`end`: the observer's hook at the last message, with its scope and token.
+        With a `watch`: armed, the app's work is cancelled if `deadline_at` passes
+        before its response starts (arming here, not in a second call: the hot path)."""
         self.send = send
         self.ctx = ctx
-        self.scope = scope
-        self.hook = hook
-        self.token = token
+        self.end = end
         # set when the route counts slow calls: then the end time is read at the
         # last message (background tasks run after it, and are not the call)
         self.monotonic = monotonic
         self.started = False
         self.complete = False
         self.expired = False  # the deadline passed before the response started
-        self.task: asyncio.Task[Any] | None = None
-        self.armed = False
-        self.watch: DeadlineWatch | None = None
-
-    def arm(self, watch: DeadlineWatch, deadline_at: float, now: float) -> None:
-        """Cancel the app's work if the deadline passes before its response starts."""
+        self.watch = watch  # set while armed
+        if watch is None:
+            self.task: asyncio.Task[Any] | None = None
+            return
         self.task = asyncio.current_task()
-        self.watch = watch
-        self.armed = True
-        watch.add(self, deadline_at, now)
+        watch.inflight[self] = deadline_at
+        # the common case (a deadline later than the timer's, a live timer) ends here
+        if deadline_at < watch._timer_at or watch._timer_at < now - 1.0:
+            watch.add(self, deadline_at, now)
 
     def disarm(self) -> None:
-        if self.armed:
-            self.armed = False
-            del self.watch.inflight[self]  # type: ignore[union-attr]  # set with armed
+        watch = self.watch
+        if watch is not None:
+            self.watch = None
+            del watch.inflight[self]
 
     def expire(self) -> None:
         self.disarm()
@@ -117,8 +116,10 @@ class ResponseWatcher:
             status = message["status"]
             ctx.status = status
             self.started = True
-            if self.armed:
-                self.disarm()
+            watch = self.watch
+            if watch is not None:  # disarm(), inline: every armed response passes here
+                self.watch = None
+                del watch.inflight[self]
             headers = ctx.response_headers
             if status >= 500 and ctx.upstream_exhausted:
                 headers = [*(headers or ()), EXHAUSTED]
@@ -131,8 +132,9 @@ class ResponseWatcher:
             self.complete = True
             if self.monotonic is not None:
                 self.ctx.ended_at = self.monotonic()
-            if self.hook is not None:
-                response_ends(self.hook, self.ctx, self.scope, self.token)
+            end = self.end
+            if end is not None:
+                response_ends(end[0], self.ctx, end[1], end[2])
         try:
             await self.send(message)
         except OSError:
