@@ -40,6 +40,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_BUDGET,
     LAYER_RETRY,
+    REJECT,
     RETRY,
     SOURCE_FALLBACK,
     SOURCE_MEMORY,
@@ -71,6 +72,7 @@ from .decisions import (
     plan_call,
     store_failed,
 )
+from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     bounded_timeouts,
@@ -125,8 +127,16 @@ def attempts(
     observer: AttemptObserver | None,
     now: float,
     local: Local | None,
+    race: Race | None = None,
+    hedge: bool = False,
 ) -> Steps:
-    """One outbound call: every attempt, decision and wait, as effects (module docstring)."""
+    """One outbound call: every attempt, decision and wait, as effects (module docstring).
+
+    With `race` the call is hedged (outbound/hedge.py): the attempts of every loop of the
+    call share one count, and each loop notes the instances it sends to. A `hedge` loop
+    makes one attempt, asks the retry budget for it like a retry, avoids the instances
+    the call already uses, and raises `NoHedge` when the budget or a breaker refuses it.
+    """
     clock = engine.clock
     breaker = up.breaker
     instances = up.instances
@@ -152,7 +162,12 @@ def attempts(
         if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
-        if instances is None and local is not None:
+        if hedge:
+            assert race is not None
+            tried = list(race.targets)
+            g = yield from _gate_hedge(ctx, engine, up, local, tried, race, now)
+            target, breaker_key, gated, gate, source, age = g[:6]
+        elif instances is None and local is not None:
             gate, _, source, age = _gate_plain(ctx, up, local, False, 0, now, None)
         else:
             g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
@@ -168,12 +183,18 @@ def attempts(
             if gate is not None and gate.verdict != "allow":
                 gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
             # --- the attempt
-            _prepare(ctx, up, request, attempt, original_timeout, remaining)
+            number = attempt if race is None else race.next()
+            _prepare(ctx, up, request, number, original_timeout, remaining)
             if target is not None:
                 request.url = original_url.copy_with(
                     scheme=target.scheme, host=target.host, port=target.port
                 )
-            if attempt == 1:
+            if race is not None and hedge:
+                ctx.decisions.append(
+                    Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
+                             {"attempt": number, "after_ms": round(race.delay_s * 1000.0, 3)})
+                )  # fmt: skip
+            elif attempt == 1:
                 ctx.decisions.append(
                     _new_tuple(
                         Decision,
@@ -181,15 +202,17 @@ def attempts(
                     )
                 )
             else:
-                details = {"attempt": attempt, "delay_ms": round(delay * 1000.0, 3)}
+                details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
                 ctx.decisions.append(
                     Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
                 )
-            token = observe_start(observer, ctx, request, attempt) if observer else None
+            token = observe_start(observer, ctx, request, number) if observer else None
             response: httpx.Response | None = None
             error: BaseException | None = None
             if target is not None:
                 target.outstanding += 1
+                if race is not None and instances is not None:
+                    race.targets.append(instances.index(target))
             try:
                 response = yield (SEND, request)
             except Exception as exc:
@@ -197,6 +220,8 @@ def attempts(
             except GeneratorExit:
                 raise
             except BaseException as exc:  # cancelled or interrupted: never retried
+                if up.window is not None:  # a lower bound of its latency: still a sample
+                    up.window.add(clock.monotonic() - now)
                 if target is not None:
                     target.outstanding -= 1
                 if gate is not None and gated:
@@ -204,6 +229,8 @@ def attempts(
                 observe_end(observer, token, None, exc)
                 raise
             ended = clock.monotonic()
+            if up.window is not None:
+                up.window.add(ended - now)
             if target is not None:
                 target.outstanding -= 1
                 target.latency_s = ewma(
@@ -238,7 +265,7 @@ def attempts(
                 gate = None
                 if observer is not None:
                     observe_end(observer, token, response, error)
-                if retryable or downstream:
+                if (retryable or downstream) and not hedge:
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     plan = plan_call(
@@ -400,6 +427,46 @@ def _gate_next(
     if allowed and pick is not None and target is not None:
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
     return _Gated(target, breaker_key, gated, gate, source, age, allowed)
+
+
+def _gate_hedge(
+    ctx: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    local: Local | None,
+    tried: list[int],
+    race: Race,
+    now: float,
+) -> Generator[Effect, Any, _Gated]:
+    """A hedge's gate: the retry budget and the breaker, as for a retry. A refusal is no
+    give-up of the call (its other attempts go on): what the gate recorded is replaced by
+    one `no_hedge` decision, and `NoHedge` ends this loop."""
+    decisions = ctx.decisions
+    mark = len(decisions)
+    exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
+    sent = race.sent
+    layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
+    try:
+        g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+    except Exception:  # a store failing closed: the call's other attempts still stand
+        pass
+    else:
+        gate, source, age = g.gate, g.source, g.age_s
+        if g.allowed and (gate is None or gate.verdict != "reject"):
+            return g
+        said = decisions[mark:]
+        if gate is not None and gate.verdict == "reject":
+            layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
+        elif said:
+            layer, why = said[-1].layer, said[-1].reason
+        else:
+            why = GIVE_UP_BUDGET
+    del decisions[mark:]
+    ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
+    decisions.append(
+        Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, {"attempts": sent, "why": why})
+    )
+    raise NoHedge(why)
 
 
 def _gate_plain(

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+import anyio
 import httpx
 
 from .._types import Clock, RandomSource
@@ -35,7 +36,20 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .loop import CLOSE, GATE, RECORD, SEND, SLEEP, Local, Steps, attempts, local_ops
+from .decisions import call_end
+from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
+from .loop import (
+    CLOSE,
+    CONTEXT_EXTENSION,
+    GATE,
+    RECORD,
+    SEND,
+    SLEEP,
+    Local,
+    Steps,
+    attempts,
+    local_ops,
+)
 from .upstream import Resolver, Upstream
 
 _MAX_UPSTREAMS: Final = 1024
@@ -109,7 +123,10 @@ class _Base:
             self._observed_engine = engine
         return observer
 
-    def _start(self, request: httpx.Request) -> tuple[Steps, Engine]:
+    def _start(self, request: httpx.Request, hedging: bool = False) -> tuple[Steps, Engine, Any]:
+        """The call's attempt loop, its engine, and (async, for a hedged call) what the
+        race needs: `(race, hedge config, a maker of hedge loops, upstream, context, the
+        observer whose call_end ends the call or None)`."""
         ctx = _CURRENT.get()
         own = ctx is None
         if ctx is None:
@@ -129,7 +146,24 @@ class _Base:
         cached = self._local
         if cached[0] is not store:
             cached = self._local = (store, local_ops(store))
-        return attempts(ctx, engine, up, request, own, observer, now, cached[1]), engine
+        local = cached[1]
+        hedge = up.cfg.hedge
+        if hedging and hedge is not None and hedgeable(request):
+            race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
+            url = request.url
+            call = ctx
+
+            def spawn() -> Steps:
+                # Copied when needed (most calls never hedge), from what the first loop
+                # leaves intact: its own stamps are taken off again by the hedge's loop.
+                again = copy_request(request, url)
+                start = engine.clock.monotonic()
+                return attempts(call, engine, up, again, False, observer, start, local, race, True)
+
+            # The call ends when the race does: the transport, not a loop, ends it.
+            steps = attempts(ctx, engine, up, request, False, observer, now, local, race)
+            return steps, engine, (race, hedge, spawn, up, ctx, observer if own else None)
+        return attempts(ctx, engine, up, request, own, observer, now, local), engine, None
 
 
 class _Stepper:
@@ -178,7 +212,29 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        steps, engine = self._start(request)
+        steps, engine, hedged = self._start(request, True)
+        if hedged is None:
+            return await self._drive(steps, engine)
+        race, hedge, spawn, up, ctx, ends = hedged
+        try:
+            response = await run_race(
+                race,
+                engine.clock,
+                hedge.max_hedges,
+                ctx.deadline_at,
+                up.retry_statuses,
+                lambda: self._drive(steps, engine),
+                lambda: self._drive(spawn(), engine),
+            )
+        finally:
+            if ends is not None:
+                call_end(ends, ctx)
+        if _CURRENT.get() is None:
+            response.extensions[CONTEXT_EXTENSION] = ctx
+        return response
+
+    async def _drive(self, steps: Steps, engine: Engine) -> httpx.Response:
+        """Run one attempt loop to its end, doing its effects."""
         store = engine.store
         inner = self.inner
         value: Any = None
@@ -201,11 +257,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
-                        await effect[2].aclose()
+                        with anyio.CancelScope(shield=True):
+                            await effect[2].aclose()
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
                     value = None
-                    await effect[1].aclose()
+                    with anyio.CancelScope(shield=True):  # a cancelled loser closes too
+                        await effect[1].aclose()
             except BaseException as exc:
                 thrown = exc
 
@@ -252,7 +310,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         return httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        steps, engine = self._start(request)
+        steps, engine, _ = self._start(request)
         step = _Stepper(steps)
         gate_op, record_op = _sync_ops(engine.store)
         sleep = engine.clock.sleep_sync

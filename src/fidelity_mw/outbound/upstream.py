@@ -10,6 +10,7 @@ import httpx
 from ..decide.balance import InstanceView
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from .hedge import LatencyWindow
 from .wire import literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
@@ -87,6 +88,7 @@ class Upstream:
         "retry_statuses",
         "timeout_header",
         "trusted",
+        "window",
     )
 
     def __init__(self, engine: Engine, host: str, port: int | None) -> None:
@@ -117,6 +119,9 @@ class Upstream:
             retry_statuses.add(429)
         self.retry_statuses: frozenset[int] = frozenset(retry_statuses)
         self.paused_until = 0.0
+        # Attempt latencies, kept only when a hedge delay is the upstream's p95.
+        hedge = cfg.hedge
+        self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
         self.instances: list[Instance] | None = None
         if cfg.instances:

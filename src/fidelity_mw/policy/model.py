@@ -607,6 +607,19 @@ class RetryConfig(_Validated):
         return []
 
 
+HEDGE_DELAYS = ("fixed", "p95")
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig(_Validated):
+    """Hedged requests: a slow idempotent attempt gets a second one, first answer wins."""
+
+    after: Literal["fixed", "p95"] = _spec("fixed", one_of(HEDGE_DELAYS))
+    after_ms: int = _spec(50, int_in(1, 600_000))
+    max_hedges: int = _spec(1, int_in(1, 3))
+    min_samples: int = _spec(20, int_in(1, 10_000))
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig(_Validated):
     """Outbound policy for hosts matching `host` (a glob; '*' is the default)."""
@@ -619,6 +632,7 @@ class UpstreamConfig(_Validated):
     instances: tuple[str, ...] = _spec((), _base_urls)
     panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
     max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
+    hedge: HedgeConfig | None = _spec(None, optional(_instance(HedgeConfig)))
 
 
 DEFAULT_TRUSTED_PEERS = (
@@ -872,7 +886,11 @@ _POLICY_NESTED: _Nested = {
 }
 _SUB_NESTED: dict[type, _Nested] = {
     RouteConfig: {"breaker": (BreakerConfig, False), "concurrency": (ConcurrencyConfig, False)},
-    UpstreamConfig: {"retry": (RetryConfig, False), "breaker": (BreakerConfig, False)},
+    UpstreamConfig: {
+        "retry": (RetryConfig, False),
+        "breaker": (BreakerConfig, False),
+        "hedge": (HedgeConfig, False),
+    },
 }
 
 
@@ -916,7 +934,7 @@ def _read_nested(
             _build(sub_cls, item, f"{where}[{i}]", issues, sub_nested)
             for i, item in enumerate(value)
         )
-    if sub_cls is ConcurrencyConfig and value is None:
+    if sub_cls in (ConcurrencyConfig, HedgeConfig) and value is None:
         return None  # JSON null (what `to_dict` writes when there is none)
     if sub_cls is BreakerConfig and value is None and parent is not RouteConfig:
         return None  # JSON null (what `to_dict` writes for a disabled breaker): no breaker

@@ -20,6 +20,7 @@ from .model import (
     BreakerConfig,
     ConcurrencyConfig,
     DeadlineConfig,
+    HedgeConfig,
     Policy,
     RateLimit,
     RetryConfig,
@@ -88,6 +89,15 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "Written as a table under its `[[upstream]]` or inline: "
         "`retry = { attempts = 3, base_ms = 100 }`.",
     ),
+    (
+        "`[upstream.hedge]`",
+        "upstream.hedge",
+        HedgeConfig,
+        "Hedged requests (off when left out): an idempotent call with no answer after the "
+        "delay gets another attempt, to another instance of a service; the first answer "
+        'wins. Inline: `hedge = { after_ms = 50 }` or `hedge = { after = "p95" }`. '
+        "`FidelityTransport` only (docs/outbound.md, hedging).",
+    ),
 )
 
 # Fields whose value is another section, not a scalar key of this one.
@@ -100,6 +110,7 @@ _NESTED = {
     (Policy, "upstreams"),
     (Policy, "concurrency"),
     (UpstreamConfig, "retry"),
+    (UpstreamConfig, "hedge"),
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -226,6 +237,13 @@ DESCRIPTIONS: dict[str, str] = {
     "instances are admissible, spread over all of them instead of refusing.",
     "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
     "(skipped for an open breaker) at once; at least one may always be.",
+    # [upstream.hedge]
+    "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
+    "observed attempt latency p95 (a window of recent attempts in this process), "
+    "`after_ms` until it has `min_samples`.",
+    "upstream.hedge.after_ms": "The hedge delay (`fixed`), or the fallback delay (`p95`).",
+    "upstream.hedge.max_hedges": "Extra attempts one call may send while it waits.",
+    "upstream.hedge.min_samples": "`p95`: latency samples needed before the p95 is used.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
@@ -331,6 +349,7 @@ _TYPES = {
     "BreakerConfig | None": "table or `false`",
     "RetryConfig": "table",
     "ConcurrencyConfig | None": "table",
+    "HedgeConfig | None": "table",
 }
 
 

@@ -1,0 +1,239 @@
+"""Hedged requests: a slow idempotent call gets another attempt, and the first answer wins.
+
+`FidelityTransport` (async) races the call's attempt loop against up to
+`max_hedges` hedge loops (`attempts(..., hedge=True)`), each started when the
+delay passes with no answer: the upstream's `[upstream.hedge]` `after_ms`, or
+the p95 of its recent attempt latencies (`LatencyWindow`, in process memory)
+once there are `min_samples` of them. A hedge is an attempt like a retry: it
+asks the retry budget and the breaker, goes to another instance of a service,
+and counts in the decision record and `x-fidelity-attempt`. The first good
+answer wins; the other loops are cancelled (they release what they hold and
+close any response they got). A failed hedge does not end the call: the
+primary loop's own answer (retries included) stands unless a hedge answers well.
+
+The sync transport does not hedge: a blocking call has no second thread to race on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import anyio
+import httpx
+
+from .._types import Clock
+from ..decide.retry import IDEMPOTENT_METHODS
+from .wire import IDEMPOTENCY_KEY, has_header, replayable
+
+HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
+SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
+NO_HEDGE: Final = "no_hedge"  # a hedge the budget or a breaker refused (reason)
+
+_WINDOW: Final = 256  # attempt latencies kept per upstream
+_REFRESH: Final = 16  # samples between two p95 computations
+
+
+class NoHedge(Exception):
+    """The hedge was refused before it was sent (recorded as a `no_hedge` decision)."""
+
+
+class Race:
+    """One hedged call's shared state: the attempts it sent, the instances they went to."""
+
+    __slots__ = ("delay_s", "sent", "targets")
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.sent = 0
+        self.targets: list[int] = []
+
+    def next(self) -> int:
+        """The number of the attempt about to be sent (1 for the first)."""
+        self.sent += 1
+        return self.sent
+
+
+class LatencyWindow:
+    """The last attempt latencies of one upstream, and their p95 (recomputed every few
+    samples: a call reads it, it need not be exact)."""
+
+    __slots__ = ("_at", "_p95", "_since", "samples")
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._at = 0
+        self._since = 0
+        self._p95: float | None = None
+
+    def add(self, seconds: float) -> None:
+        if len(self.samples) < _WINDOW:
+            self.samples.append(seconds)
+        else:
+            self.samples[self._at] = seconds
+            self._at = (self._at + 1) % _WINDOW
+        self._since += 1
+
+    def p95(self, min_samples: int) -> float | None:
+        """The p95 of the window; None until it holds `min_samples`."""
+        n = len(self.samples)
+        if n < min_samples:
+            return None
+        if self._p95 is None or self._since >= _REFRESH:
+            ordered = sorted(self.samples)
+            self._p95 = ordered[min(n - 1, int(0.95 * n))]
+            self._since = 0
+        return self._p95
+
+
+def hedge_delay(after: str, after_ms: int, min_samples: int, window: LatencyWindow | None) -> float:
+    """Seconds to wait for an answer before hedging."""
+    if after == "p95" and window is not None:
+        p95 = window.p95(min_samples)
+        if p95 is not None:
+            return p95
+    return after_ms / 1000.0
+
+
+def hedgeable(request: httpx.Request) -> bool:
+    """The retry rule: an idempotent method or an idempotency key, and a body we can resend."""
+    if request.method not in IDEMPOTENT_METHODS and not has_header(
+        request.headers, IDEMPOTENCY_KEY
+    ):
+        return False
+    stream = request.stream
+    return type(stream) is httpx.ByteStream or replayable(stream)
+
+
+def copy_request(request: httpx.Request, url: httpx.URL) -> httpx.Request:
+    """A request of its own for a hedge, to `url`: the loop rewrites URL, headers and
+    timeouts of the request it sends."""
+    return httpx.Request(
+        request.method,
+        url,
+        headers=request.headers.copy(),
+        stream=request.stream,
+        extensions=dict(request.extensions),
+    )
+
+
+def _good(response: httpx.Response | None, retry_statuses: frozenset[int]) -> bool:
+    return (
+        response is not None
+        and response.status_code < 500
+        and (response.status_code not in retry_statuses)
+    )
+
+
+async def _close(response: httpx.Response | None) -> None:
+    if response is None:
+        return
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(Exception):  # a broken connection is closed enough
+            await response.aclose()
+
+
+Outcome = tuple[int, httpx.Response | None, Exception | None]
+
+
+class _Inbox:
+    """Outcomes of the call's attempt loops, and the wait they end (the hedge delay's
+    sleep, or a plain wait once no hedge is left to send)."""
+
+    __slots__ = ("outcomes", "timer", "wake")
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.timer: anyio.CancelScope | None = None
+        self.wake: anyio.Event | None = None
+
+    def post(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.wake is not None:
+            self.wake.set()
+
+
+async def run_race(
+    race: Race,
+    clock: Clock,
+    max_hedges: int,
+    deadline_at: float | None,
+    retry_statuses: frozenset[int],
+    run_primary: Callable[[], Awaitable[httpx.Response]],
+    run_hedge: Callable[[], Awaitable[httpx.Response]],
+) -> httpx.Response:
+    """Race the call against its hedges (module docstring); the winner's response, or
+    the primary's outcome when no hedge answers well.
+
+    The loops run as tasks; this task sleeps the hedge delay itself (on the engine's
+    clock), and an outcome cuts that sleep short: one task per attempt, nothing more."""
+    inbox = _Inbox()
+    outcomes = inbox.outcomes
+    winner: tuple[httpx.Response | None, Exception | None] | None = None
+    primary: tuple[httpx.Response | None, Exception | None] | None = None
+
+    async def run(index: int, attempt: Callable[[], Awaitable[httpx.Response]]) -> None:
+        try:
+            response = await attempt()
+        except Exception as exc:
+            inbox.post((index, None, exc))
+        else:
+            inbox.post((index, response, None))
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, 0, run_primary)
+            pending, hedges, hedging = 1, 0, True
+            while winner is None:
+                if not outcomes:
+                    if hedging and hedges < max_hedges:
+                        with anyio.CancelScope() as timer:
+                            inbox.timer = timer
+                            await clock.sleep(race.delay_s)
+                        inbox.timer = None
+                        if outcomes:
+                            continue  # an answer came first
+                        if deadline_at is not None and deadline_at - clock.monotonic() <= 0.0:
+                            hedging = False
+                            continue
+                        hedges += 1
+                        pending += 1
+                        group.start_soon(run, hedges, run_hedge)
+                        continue
+                    inbox.wake = wake = anyio.Event()
+                    await wake.wait()
+                    inbox.wake = None
+                    continue
+                index, response, error = outcomes.pop(0)
+                pending -= 1
+                if error is None and _good(response, retry_statuses):
+                    winner = (response, None)
+                    if primary is not None:
+                        await _close(primary[0])
+                elif index == 0:
+                    primary = (response, error)
+                    hedging = False  # the call has given up or been refused: no new attempts
+                else:
+                    await _close(response)
+                    if isinstance(error, NoHedge):
+                        hedging = False
+                if winner is None and pending == 0 and primary is not None:
+                    winner = primary
+            group.cancel_scope.cancel()
+    finally:
+        # Answers that came in after the winner (or while we were cancelled) are losers.
+        for _, response, _ in outcomes:
+            if winner is None or response is not winner[0]:
+                await _close(response)
+        outcomes.clear()
+        if winner is None and primary is not None:
+            await _close(primary[0])
+    assert winner is not None  # the loop ends with one, or the task group raised
+    response, error = winner
+    if error is not None:
+        raise error
+    assert response is not None
+    return response
