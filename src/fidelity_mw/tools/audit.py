@@ -34,7 +34,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .retryloops import HIGH, LOW, MEDIUM, LoopReader, LoopVerdict, sleeping_functions
+from .retryloops import (
+    HIGH,
+    LOW,
+    MEDIUM,
+    LoopReader,
+    LoopVerdict,
+    dotted_name,
+    sleeping_functions,
+)
 
 RETRY = "retry"
 BREAKER = "breaker"
@@ -353,16 +361,6 @@ def _literal(node: ast.expr | None) -> object:
 _NOT_LITERAL = object()
 
 
-def _target_text(node: ast.expr) -> str | None:
-    """`x` or `self.x` as text, for tracking what a library object was bound to."""
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _target_text(node.value)
-        return f"{base}.{node.attr}" if base else None
-    return None
-
-
 def _short(node: ast.AST) -> str:
     text = ast.unparse(node)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -575,7 +573,7 @@ class _Scanner(ast.NodeVisitor):
 
     def _instance_use(self, target: ast.expr, *, decorator: bool) -> tuple[Rule, str] | None:
         """`limiter.limit(...)` / `@breaker` on an object a library call created."""
-        text = _target_text(target)
+        text = dotted_name(target)
         if text is None:
             return None
         own = self.instances.get(text) or (
@@ -584,7 +582,7 @@ class _Scanner(ast.NodeVisitor):
         if own is not None:
             return (own, text) if decorator else None
         if isinstance(target, ast.Attribute):
-            base = _target_text(target.value)
+            base = dotted_name(target.value)
             rule = self.instances.get(base) if base else None
             if rule is None and isinstance(target.value, ast.Name):
                 rule = self.shared_object(self.resolve(target.value))
@@ -609,7 +607,7 @@ class _Scanner(ast.NodeVisitor):
         if found is None or self.configured_off(value):
             return
         for target in targets:
-            text = _target_text(target)
+            text = dotted_name(target)
             if text:
                 self.instances[text] = found[1]
 
@@ -650,7 +648,7 @@ class _Scanner(ast.NodeVisitor):
                 return  # retries=0: explicitly no retries
             if (
                 isinstance(kw.value, ast.Call) and self.rule_for(self.resolve(kw.value.func))
-            ) or _target_text(kw.value) in self.instances:
+            ) or dotted_name(kw.value) in self.instances:
                 return  # max_retries=Retry(...): reported where the Retry is made
             confidence = HIGH if value is not _NOT_LITERAL else MEDIUM
             self.report(
@@ -795,7 +793,7 @@ class _Scanner(ast.NodeVisitor):
 
     def _is_library_call(self, node: ast.AST) -> bool:
         if isinstance(node, ast.Name | ast.Attribute):
-            text = _target_text(node)  # `retrying = AsyncRetrying(...)`, then `for a in retrying`
+            text = dotted_name(node)  # `retrying = AsyncRetrying(...)`, then `for a in retrying`
             return text in self.instances or self.shared_object(self.resolve(node)) is not None
         return isinstance(node, ast.Call) and (
             self.rule_for(self.resolve(node.func)) is not None

@@ -234,7 +234,7 @@ class LoopReader:
             return True
         if isinstance(loop, ast.While):
             # `while not done:` with `done = True` after the call
-            tested = {_dotted(n) for n in ast.walk(loop.test)} - {None, "self", "cls"}
+            tested = {dotted_name(n) for n in ast.walk(loop.test)} - {None, "self", "cls"}
             if tested & _assigned_names([*stmt.body, *stmt.orelse]):
                 return True
         return False
@@ -286,7 +286,7 @@ class LoopReader:
 
     def _same_call_each_turn(self, loop: Loop, calls: list[ast.Call]) -> bool:
         """False for loops that try a different thing each turn (formats, hosts, items)."""
-        used = {d for c in calls for n in ast.walk(c) if (d := _dotted(n))}
+        used = {d for c in calls for n in ast.walk(c) if (d := dotted_name(n))}
         if {w for w in _walking(loop) & used if not _ATTEMPT_NAME.search(w)}:
             return False  # `current = current.parent`: a different thing each turn
         if isinstance(loop, ast.While):
@@ -565,16 +565,16 @@ def _walking(loop: Loop) -> set[str]:
     loads: list[tuple[str, tuple[int, int]]] = []
     tested = list(ast.walk(loop.test)) if isinstance(loop, ast.While) else []
     for node in [*tested, *_walk_own(loop.body)]:
-        name = _dotted(node)
+        name = dotted_name(node)
         if name and isinstance(node, ast.Name | ast.Attribute) and isinstance(node.ctx, ast.Load):
             loads.append((name, (node.lineno, node.col_offset)))
         if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign) and node.value:
             # plain derivations, or a call fed the name itself (`state = step(state)`);
             # any other value a call returns may be anything
-            reads = {d for n in ast.walk(node.value) if (d := _dotted(n))}
+            reads = {d for n in ast.walk(node.value) if (d := dotted_name(n))}
             if any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value)):
                 targets_text = {
-                    _dotted(t)
+                    dotted_name(t)
                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
                 }
                 reads &= targets_text
@@ -582,7 +582,7 @@ def _walking(loop: Loop) -> set[str]:
             for target in targets:
                 items = target.elts if isinstance(target, ast.Tuple | ast.List) else [target]
                 for item in items:
-                    name = _dotted(item)
+                    name = dotted_name(item)
                     if not name:
                         continue
                     own = {name} if isinstance(node, ast.AugAssign) else set()
@@ -604,12 +604,12 @@ def _walking(loop: Loop) -> set[str]:
     return out
 
 
-def _dotted(node: ast.AST) -> str | None:
-    """`x` or `self.x` as text."""
+def dotted_name(node: ast.AST) -> str | None:
+    """`x` or `self.x` as text (what a name or library object was bound to)."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
+        base = dotted_name(node.value)
         return f"{base}.{node.attr}" if base else None
     return None
 
@@ -622,7 +622,7 @@ def _assigned_names(body: Sequence[ast.stmt]) -> set[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 items = target.elts if isinstance(target, ast.Tuple | ast.List) else [target]
-                out.update(t for t in map(_dotted, items) if t)
+                out.update(t for t in map(dotted_name, items) if t)
     return out
 
 
