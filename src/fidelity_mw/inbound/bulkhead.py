@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Literal
 
 from .._types import Scope
 from ..context import (
@@ -55,7 +56,7 @@ class Bulkheads:
 
     def enter_now(
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
-    ) -> Rejection | bool | None:
+    ) -> Rejection | Literal[True] | None:
         """Take a slot now (None), refuse (a Rejection), or True: wait in the queue."""
         limiter = plan.bulkhead
         assert limiter is not None

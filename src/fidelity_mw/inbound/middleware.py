@@ -170,23 +170,20 @@ class FidelityMiddleware:
                 remaining = plan.deadline_default_s
                 if found is not None:
                     remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                if rejection is None and remaining is not None:
+                    ctx.deadline_at = now + remaining
                 if rejection is None and plan.bulkhead is not None:
-                    if remaining is not None:
-                        ctx.deadline_at = now + remaining
                     # Before breaker and limiter: a capacity shed costs no quota and
                     # is no breaker outcome.
                     bulkheads = self._bulkheads
                     priority = bulkheads.priority(plan, scope, found)
                     entered = bulkheads.enter_now(ctx, plan, priority, now)
                     if entered is True:
-                        entered = await bulkheads.wait(ctx, plan, priority, now)
-                    if entered is None:
-                        in_bulkhead = True
-                    else:
-                        rejection = entered  # type: ignore[assignment]
+                        rejection = await bulkheads.wait(ctx, plan, priority, now)
+                    elif entered is not None:
+                        rejection = entered
+                    in_bulkhead = rejection is None
                 if rejection is None:
-                    if remaining is not None:
-                        ctx.deadline_at = now + remaining
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
