@@ -24,10 +24,20 @@ shared machine. Time is process CPU time (`time.process_time`), so being
 descheduled by other tenants of the machine does not count.
 
 A second table times the layers alone: `handle_async_request` called
-directly with a do-nothing inner transport, against a pass-through wrapper.
+directly with a do-nothing inner transport, against a pass-through wrapper
+(`fidelity` outside a request, `fidelity_req` inside one).
+
+`--baseline REV` adds `fidelity@REV` (and `fidelity_req@REV`): the same transport as
+of git revision REV, in the same rounds, so a change is measured against its
+parent side by side. `--count` prints, instead of times, the Python calls, C calls,
+generator/coroutine resumptions and allocated blocks per call of each layer (the
+counters of benchmarks/callcount.py), and the functions fidelity calls per call:
+counts do not move with the machine's load.
 
     .venv/bin/python benchmarks/outbound.py [--rounds 40] [--batch 500] [--no-write]
+        [--baseline REV] [--layers-only]
     .venv/bin/python benchmarks/outbound.py --profile   # cProfile of the fidelity layer
+    .venv/bin/python benchmarks/outbound.py --count [--baseline REV]
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,7 +64,7 @@ import tenacity
 from httpx_retries import Retry, RetryTransport
 
 from benchmarks._results import stamp, write_section
-from fidelity_mw import DecisionContext, FidelityTransport
+from fidelity_mw import FidelityTransport
 from fidelity_mw.context import _CURRENT
 
 URL = "http://upstream.internal/items/1"
@@ -98,7 +109,37 @@ class Null(httpx.AsyncBaseTransport):
         return self.response
 
 
-def build() -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None]]:
+def in_context(package: Any, call: Call, transport: Any) -> Call:
+    """`call` run inside one inbound request's context of `package` (fidelity_mw or a
+    baseline copy), as FidelityMiddleware would bind it."""
+    engine = transport.engine
+    ctx = package.DecisionContext(engine=engine, route="/bench", method="GET", started_at=0.0)
+    current = package.context._CURRENT
+
+    async def run() -> httpx.Response:
+        ctx.deadline_at = engine.clock.monotonic() + 30.0
+        if len(ctx.decisions) > 64:  # one context per inbound request; keep it small
+            ctx.decisions.clear()
+        reset = current.set(ctx)
+        try:
+            return await call()
+        finally:
+            current.reset(reset)
+
+    return run
+
+
+def baseline(rev: str | None) -> Any:
+    if rev is None:
+        return None
+    from benchmarks.overhead import baseline_package
+
+    return baseline_package(rev)
+
+
+def build(
+    old: Any = None, rev: str = ""
+) -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None]]:
     plain = httpx.AsyncClient(transport=mock())
     headers_only = httpx.AsyncClient(transport=HeadersOnly(mock()))
     fidelity = httpx.AsyncClient(transport=FidelityTransport(mock(), telemetry=False))
@@ -123,29 +164,13 @@ def build() -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None
     async def with_stamina() -> httpx.Response:
         return await stamina_client.get(URL)
 
-    # One inbound request's context, as FidelityMiddleware would bind it.
-    engine = req_transport.engine
-    ctx = DecisionContext(engine=engine, route="/bench", method="GET", started_at=0.0)
-
-    async def in_request() -> httpx.Response:
-        ctx.deadline_at = engine.clock.monotonic() + 30.0
-        if len(ctx.decisions) > 64:  # one context per inbound request; keep it small
-            ctx.decisions.clear()
-        return await fidelity_req.get(URL)
-
     token = _CURRENT.set(None)
-
-    async def run_in_request() -> httpx.Response:
-        reset = _CURRENT.set(ctx)
-        try:
-            return await in_request()
-        finally:
-            _CURRENT.reset(reset)
+    import fidelity_mw
 
     calls: dict[str, Call] = {
         "plain": lambda: plain.get(URL),
         "fidelity": lambda: fidelity.get(URL),
-        "fidelity_req": run_in_request,
+        "fidelity_req": in_context(fidelity_mw, lambda: fidelity_req.get(URL), req_transport),
         "httpx_retries": lambda: retries.get(URL),
         "tenacity": with_tenacity,
         "stamina": with_stamina,
@@ -160,6 +185,13 @@ def build() -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None
         stamina_client,
         headers_only,
     ]
+    if old is not None:
+        old_client = httpx.AsyncClient(transport=old.FidelityTransport(mock(), telemetry=False))
+        old_req_transport = old.FidelityTransport(mock(), telemetry=False)
+        old_req = httpx.AsyncClient(transport=old_req_transport)
+        calls[f"fidelity@{rev}"] = lambda: old_client.get(URL)
+        calls[f"fidelity_req@{rev}"] = in_context(old, lambda: old_req.get(URL), old_req_transport)
+        clients += [old_client, old_req]
     return calls, clients, lambda: _CURRENT.reset(token)
 
 
@@ -172,23 +204,81 @@ async def timed(call: Call, n: int) -> float:
     return (time.process_time() - start) / n
 
 
-async def layer_costs(rounds: int, batch: int) -> dict[str, list[float]]:
-    """Each layer's own cost per call: direct calls, inner transport does nothing."""
-    layers: dict[str, httpx.AsyncBaseTransport] = {
-        "pass_through": PassThrough(Null()),
-        "fidelity": FidelityTransport(Null(), telemetry=False),
-        "httpx_retries": RetryTransport(Null(), retry=Retry(total=3, backoff_factor=0.1)),
-    }
-    timeout = httpx.Timeout(5.0).as_dict()
+Layer = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
-    async def run(layer: httpx.AsyncBaseTransport) -> float:
-        requests = [
-            httpx.Request("GET", URL, extensions={"timeout": dict(timeout)}) for _ in range(batch)
-        ]
+
+class InRequest:
+    """A layer run inside one inbound request's context, bound once per batch (as
+    FidelityMiddleware binds it once per request), so no harness call is timed."""
+
+    def __init__(self, package: Any, transport: Any) -> None:
+        self.layer: Layer = transport.handle_async_request
+        self.engine = transport.engine
+        self.ctx = package.DecisionContext(
+            engine=self.engine, route="/bench", method="GET", started_at=0.0
+        )
+        self.current = package.context._CURRENT
+
+    def enter(self) -> Callable[[], None]:
+        self.ctx.deadline_at = self.engine.clock.monotonic() + 30.0
+        self.ctx.decisions.clear()
+        token = self.current.set(self.ctx)
+        return lambda: self.current.reset(token)
+
+
+def build_layers(old: Any = None, rev: str = "") -> dict[str, Layer | InRequest]:
+    """Each layer's `handle_async_request` around a do-nothing inner transport."""
+    import fidelity_mw
+
+    layers: dict[str, Layer | InRequest] = {
+        "pass_through": PassThrough(Null()).handle_async_request,
+        "fidelity": FidelityTransport(Null(), telemetry=False).handle_async_request,
+        "fidelity_req": InRequest(fidelity_mw, FidelityTransport(Null(), telemetry=False)),
+        "httpx_retries": RetryTransport(
+            Null(), retry=Retry(total=3, backoff_factor=0.1)
+        ).handle_async_request,
+    }
+    if old is not None:
+        layers[f"fidelity@{rev}"] = old.FidelityTransport(
+            Null(), telemetry=False
+        ).handle_async_request
+        layers[f"fidelity_req@{rev}"] = InRequest(
+            old, old.FidelityTransport(Null(), telemetry=False)
+        )
+    return layers
+
+
+async def run_layer(layer: Layer | InRequest, requests: list[httpx.Request]) -> None:
+    if isinstance(layer, InRequest):
+        leave = layer.enter()
+        try:
+            await run_layer(layer.layer, requests)
+        finally:
+            leave()
+        return
+    for request in requests:
+        await layer(request)
+
+
+def _requests(n: int) -> list[httpx.Request]:
+    timeout = httpx.Timeout(5.0).as_dict()
+    return [httpx.Request("GET", URL, extensions={"timeout": dict(timeout)}) for _ in range(n)]
+
+
+async def layer_costs(
+    rounds: int, batch: int, old: Any = None, rev: str = ""
+) -> dict[str, list[float]]:
+    """Each layer's own cost per call: direct calls, inner transport does nothing."""
+    layers = build_layers(old, rev)
+
+    async def run(layer: Layer | InRequest) -> float:
+        requests = _requests(batch)
         start = time.process_time()
-        for request in requests:
-            await layer.handle_async_request(request)
+        await run_layer(layer, requests)
         return (time.process_time() - start) / batch
+
+    for layer in layers.values():  # warm-up
+        await run(layer)
 
     samples: dict[str, list[float]] = {name: [] for name in layers}
     order = list(layers)
@@ -200,8 +290,10 @@ async def layer_costs(rounds: int, batch: int) -> dict[str, list[float]]:
     return samples
 
 
-async def measure(rounds: int, batch: int) -> dict[str, list[float]]:
-    calls, clients, done = build()
+async def measure(
+    rounds: int, batch: int, old: Any = None, rev: str = ""
+) -> dict[str, list[float]]:
+    calls, clients, done = build(old, rev)
     for call in calls.values():  # warm-up
         await timed(call, 500)
     samples: dict[str, list[float]] = {name: [] for name in calls}
@@ -325,18 +417,67 @@ async def profile(n: int) -> str:
     return out.getvalue()
 
 
+async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
+    """Python calls, C calls, resumptions and allocated blocks per call of each layer."""
+    from benchmarks.callcount import Profile
+
+    results: dict[str, Profile] = {}
+    for name, layer in build_layers(old, rev).items():
+        await run_layer(layer, _requests(500))  # warm up
+        requests = _requests(n)
+        profile = Profile()
+        sys.setprofile(profile)
+        try:
+            await run_layer(layer, requests)
+        finally:
+            sys.setprofile(None)
+        results[name] = profile
+    lines = [
+        "| layer | Python calls | resumes | C calls | blocks allocated (≥) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, p in results.items():
+        lines.append(
+            f"| {name} | {p.calls / n:.1f} | {p.resumes / n:.1f} | {p.c_calls / n:.1f} "
+            f"| {p.blocks / n:.1f} |"
+        )
+    for name in ("fidelity", "fidelity_req"):
+        base = results["pass_through"].by_function
+        mine = results[name].by_function
+        extra = {k: (v - base.get(k, 0)) / n for k, v in mine.items()}
+        rows = sorted(((v, k) for k, v in extra.items() if v >= 0.5), reverse=True)[:top]
+        lines += ["", f"`{name}`: calls per call beyond `pass_through`'s:", "", "```"]
+        lines += [f"{v:6.1f}  {k}" for v, k in rows]
+        lines.append("```")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--profile", action="store_true", help="cProfile the fidelity variant")
+    parser.add_argument("--count", action="store_true", help="count calls per call, no times")
+    parser.add_argument("--layers-only", action="store_true", help="time the layers alone")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="add the transport as of git revision REV"
+    )
     args = parser.parse_args()
+    old = baseline(args.baseline)
+    rev = args.baseline or ""
     if args.profile:
         print(asyncio.run(profile(20_000)))
         return
-    samples = asyncio.run(measure(args.rounds, args.batch))
-    layers = asyncio.run(layer_costs(args.rounds, args.batch))
+    if args.count:
+        print(asyncio.run(count(2000, old, rev)))
+        return
+    if args.layers_only:
+        layers = asyncio.run(layer_costs(args.rounds, args.batch, old, rev))
+        print("\n".join(table(layers, "pass_through")))
+        return
+    samples = asyncio.run(measure(args.rounds, args.batch, old, rev))
+    layers = asyncio.run(layer_costs(args.rounds, args.batch, old, rev))
     profile_text = asyncio.run(profile(20_000))
     text = report(samples, layers, args.rounds, args.batch, profile_text)
     print(text)
