@@ -84,6 +84,7 @@ from .wire import (
     bounded_timeouts,
     replayable,
     stamp,
+    stamp_first,
     take_ours,
     unstamp,
 )
@@ -728,14 +729,22 @@ def _prepare(
     remaining: float | None,
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
-    bound = up.attempt_timeout_s
-    if remaining is not None and remaining < bound:
-        bound = remaining
+    if remaining is not None and remaining < up.attempt_timeout_s:
         ms = round(remaining * 1000.0)
-        timeout_header = str(ms if ms > 0 else 1).encode()
+        request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
+        stamp(request.headers, attempt, str(ms if ms > 0 else 1).encode())
     else:
-        timeout_header = up.timeout_header
-    request.extensions["timeout"] = bounded_timeouts(original_timeout, bound)
-    stamp(request.headers, attempt, timeout_header)
-    counts = ctx.attempts
+        timeouts = original_timeout
+        if timeouts is None or timeouts != up.uncapped:
+            timeouts = bounded_timeouts(timeouts, up.attempt_timeout_s)
+            if timeouts is original_timeout:  # the next request's are likely equal
+                up.uncapped = dict(timeouts)
+        request.extensions["timeout"] = timeouts
+        if attempt == 1:
+            stamp_first(request.headers, up.first_stamps)
+        else:
+            stamp(request.headers, attempt, up.timeout_header)
+    counts = ctx._attempts  # (the `attempts` property, without its call)
+    if counts is None:
+        counts = ctx._attempts = {}
     counts[up.key] = counts.get(up.key, 0) + 1

@@ -349,6 +349,8 @@ class LocalState:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
                 state = self.breaker_state(breaker_key, breaker, now)
+            if state.state == CLOSED:  # `gate`'s own first answer, without its call
+                return state.closed_gate
             return state.gate(now, self._rng)
         finally:
             lock.release()
