@@ -148,7 +148,6 @@ class First:
     __slots__ = (
         "can_replay",
         "ctx",
-        "engine",
         "gate",
         "local",
         "now",
@@ -165,7 +164,6 @@ class First:
     def __init__(
         self,
         ctx: DecisionContext,
-        engine: Engine,
         up: Upstream,
         request: httpx.Request,
         own: bool,
@@ -173,19 +171,12 @@ class First:
         now: float,
         local: Local,
     ) -> None:
-        self.ctx = ctx
-        self.engine = engine
-        self.up = up
-        self.request = request
-        self.own = own
-        self.observer = observer
-        self.now = now
-        self.local = local
+        self.ctx, self.up, self.request, self.own = ctx, up, request, own
+        self.observer, self.now, self.local = observer, now, local
         self.original_timeout = request.extensions.get("timeout")
         stream = request.stream  # judged before the attempt consumes it (see `attempts`)
         self.can_replay = type(stream) is httpx.ByteStream or replayable(stream)
         self.prior = prior = take_ours(request.headers)
-        self.gate = None
         try:
             remaining = ctx.deadline_at
             if remaining is not None:
@@ -194,14 +185,12 @@ class First:
                     raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
             breaker = up.breaker
             try:
-                self.gate = gate = local.begin(
-                    up.breaker_key, breaker, up.budget_key, up.retry, now
-                )
+                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
             except Exception as exc:
                 gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
             else:
                 source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
-            self.source = source
+            self.gate, self.source = gate, source
             if gate is not None and gate.verdict != "allow":
                 gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
             _prepare(ctx, up, request, 1, self.original_timeout, remaining)
@@ -226,15 +215,21 @@ class First:
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
-        clock = self.engine.clock
+        clock = self.ctx.engine.clock
         ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
         now = self.now
         if up.window is not None:
             up.window.add(ended - now)
-        gate = self.gate
-        if gate is not None:
-            outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            _record_now(self.local, up, up.breaker_key, gate, outcome, now, ended)
+        gate, breaker = self.gate, up.breaker
+        if gate is not None and breaker is not None:
+            try:
+                self.local.record(
+                    up.breaker_key, breaker, gate,
+                    FAILURE if status in up.fail_statuses else SUCCESS,
+                    breaker.slow_call_ms is not None and is_slow(breaker, now, ended), ended,
+                )  # fmt: skip
+            except Exception as exc:  # the response stands: an outcome lost is logged
+                logger.warning(_NOT_RECORDED, up.key, exc)
         observer = self.observer
         if observer is not None:
             observe_end(observer, self.token, response, None)
@@ -247,9 +242,10 @@ class First:
 
     def resume(self, response: httpx.Response | None, thrown: BaseException | None) -> Steps:
         """The rest of the call, as the loop: from the first attempt's result."""
+        ctx = self.ctx
         return attempts(
-            self.ctx, self.engine, self.up, self.request, self.own, self.observer,
-            self.now, self.local, first=self, sent=(response, thrown),
+            ctx, ctx.engine, self.up, self.request, self.own, self.observer, self.now,
+            self.local, first=self, sent=(response, thrown),
         )  # fmt: skip
 
 

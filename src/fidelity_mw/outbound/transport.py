@@ -160,7 +160,7 @@ class _Base:
         local = cached[1]
         hedge = up.cfg.hedge
         if local is not None and up.instances is None and (hedge is None or not hedging):
-            return First(ctx, engine, up, request, own, observer, now, local)
+            return First(ctx, up, request, own, observer, now, local)
         if hedging and hedge is not None and hedgeable(request):
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
             url = request.url
@@ -230,9 +230,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             try:
                 response = await self.inner.handle_async_request(request)
             except BaseException as exc:
-                return await self._drive(started.resume(None, exc), started.engine)
+                return await self._drive(started.resume(None, exc), started.ctx.engine)
             return started.finish(response) or await self._drive(
-                started.resume(response, None), started.engine
+                started.resume(response, None), started.ctx.engine
             )
         steps, engine, hedged = started
         if hedged is None:
@@ -337,9 +337,9 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             try:
                 response = self.inner.handle_request(request)
             except BaseException as exc:
-                return self._run(started.resume(None, exc), started.engine)
+                return self._run(started.resume(None, exc), started.ctx.engine)
             return started.finish(response) or self._run(
-                started.resume(response, None), started.engine
+                started.resume(response, None), started.ctx.engine
             )
         steps, engine, _ = started
         return self._run(steps, engine)
