@@ -173,7 +173,7 @@ class First:
     ) -> None:
         self.ctx, self.up, self.request, self.own = ctx, up, request, own
         self.observer, self.now, self.local = observer, now, local
-        self.original_timeout = request.extensions.get("timeout")
+        self.original_timeout = timeouts = request.extensions.get("timeout")
         stream = request.stream  # judged before the attempt consumes it (see `attempts`)
         self.can_replay = type(stream) is httpx.ByteStream or replayable(stream)
         self.prior = prior = take_ours(request.headers)
@@ -193,7 +193,7 @@ class First:
             self.gate, self.source = gate, source
             if gate is not None and gate.verdict != "allow":
                 gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
-            _prepare(ctx, up, request, 1, self.original_timeout, remaining)
+            _prepare(ctx, up, request, 1, timeouts, remaining)
             decision = _new_tuple(
                 Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
             )

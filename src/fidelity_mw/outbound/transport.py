@@ -159,9 +159,11 @@ class _Base:
             cached = self._local = (store, local_ops(store))
         local = cached[1]
         hedge = up.cfg.hedge
-        if local is not None and up.instances is None and (hedge is None or not hedging):
+        hedged = hedging and hedge is not None and hedgeable(request)
+        if local is not None and up.instances is None and not hedged:
             return First(ctx, up, request, own, observer, now, local)
-        if hedging and hedge is not None and hedgeable(request):
+        if hedged:
+            assert hedge is not None
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
             url = request.url
             call = ctx

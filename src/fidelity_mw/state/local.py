@@ -343,7 +343,9 @@ class LocalState:
             window = self.budgets.get(budget_key)
             if window is None or window.config is not cfg:
                 window = self.budget_window(budget_key, cfg, now)
-            window.request(now)
+            if now >= window._bucket_end:  # `window.request(now)`, without its call
+                window._rotate(now)
+            window.requests[window._index] += 1
             if breaker is None:
                 return None
             state = self.breakers.get(breaker_key)
