@@ -139,105 +139,55 @@ def _begin_with(gate: Callable[..., Any]) -> Callable[..., Any]:
     return begin
 
 
-class First:
+class First(NamedTuple):
     """The first attempt of a call to a plain upstream (no instances) on in-process state,
-    unhedged: gated and stamped here, sent by the transport, and, when its response ends
-    the call (`finish`), recorded here too. Otherwise the call goes on in `attempts`
-    (`resume`) from right after the send, with what was taken here."""
+    unhedged: gated and stamped by `first_attempt`, sent by the transport, and, when its
+    response ends the call (`finish`), recorded there too. Otherwise the call goes on in
+    `attempts` (`resume`) from right after the send, with what was taken here. (A tuple:
+    built in one step, without a class's per-call construction cost.)"""
 
-    __slots__ = (
-        "can_replay",
-        "ctx",
-        "gate",
-        "local",
-        "now",
-        "observer",
-        "original_timeout",
-        "own",
-        "prior",
-        "request",
-        "source",
-        "token",
-        "up",
-    )
-
-    def __init__(
-        self,
-        ctx: DecisionContext,
-        up: Upstream,
-        request: httpx.Request,
-        own: bool,
-        observer: AttemptObserver | None,
-        now: float,
-        local: Local,
-    ) -> None:
-        self.ctx, self.up, self.request, self.own = ctx, up, request, own
-        self.observer, self.now, self.local = observer, now, local
-        self.original_timeout = timeouts = request.extensions.get("timeout")
-        stream = request.stream  # judged before the attempt consumes it (see `attempts`)
-        self.can_replay = type(stream) is httpx.ByteStream or replayable(stream)
-        self.prior = prior = take_ours(request.headers)
-        try:
-            remaining = ctx.deadline_at
-            if remaining is not None:
-                remaining -= now
-                if remaining <= 0.0:
-                    raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
-            breaker = up.breaker
-            try:
-                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
-            except Exception as exc:
-                gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
-            else:
-                source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
-            self.gate, self.source = gate, source
-            if gate is not None and gate.verdict != "allow":
-                gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
-            _prepare(ctx, up, request, 1, timeouts, remaining)
-            decision = _new_tuple(
-                Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
-            )
-            if ctx._pending is None:
-                ctx._decisions.append(decision)
-            else:
-                ctx.decisions.append(decision)
-            self.token = observe_start(observer, ctx, request, 1) if observer else None
-        except BaseException:
-            unstamp(request.headers, prior)
-            if own and observer is not None:
-                call_end(observer, ctx)
-            raise
+    ctx: DecisionContext
+    up: Upstream
+    request: httpx.Request
+    own: bool
+    observer: AttemptObserver | None
+    now: float
+    local: Local
+    gate: Gate | None
+    source: str
+    prior: list[tuple[bytes, bytes, bytes]] | None
+    token: Any
+    original_timeout: Mapping[str, float | None] | None
+    can_replay: bool
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        up = self.up
+        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _ = self
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
-        clock = self.ctx.engine.clock
+        clock = ctx.engine.clock
         ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
-        now = self.now
         if up.window is not None:
             up.window.add(ended - now)
-        gate, breaker = self.gate, up.breaker
+        breaker = up.breaker
         if gate is not None and breaker is not None:
             try:
-                self.local.record(
+                local.record(
                     up.breaker_key, breaker, gate,
                     FAILURE if status in up.fail_statuses else SUCCESS,
                     breaker.slow_call_ms is not None and is_slow(breaker, now, ended), ended,
                 )  # fmt: skip
             except Exception as exc:  # the response stands: an outcome lost is logged
                 logger.warning(_NOT_RECORDED, up.key, exc)
-        observer = self.observer
         if observer is not None:
-            observe_end(observer, self.token, response, None)
-        unstamp(self.request.headers, self.prior)
-        if self.own:
-            response.extensions[CONTEXT_EXTENSION] = self.ctx
+            observe_end(observer, token, response, None)
+        unstamp(request.headers, prior)
+        if own:
+            response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
-                call_end(observer, self.ctx)
+                call_end(observer, ctx)
         return response
 
     def resume(self, response: httpx.Response | None, thrown: BaseException | None) -> Steps:
@@ -247,6 +197,56 @@ class First:
             ctx, ctx.engine, self.up, self.request, self.own, self.observer, self.now,
             self.local, first=self, sent=(response, thrown),
         )  # fmt: skip
+
+
+def first_attempt(
+    ctx: DecisionContext,
+    up: Upstream,
+    request: httpx.Request,
+    own: bool,
+    observer: AttemptObserver | None,
+    now: float,
+    local: Local,
+) -> First:
+    """Gate and stamp a call's first attempt (`First`); raises when it is refused."""
+    timeouts = request.extensions.get("timeout")
+    stream = request.stream  # judged before the attempt consumes it (see `attempts`)
+    can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+    prior = take_ours(request.headers)
+    try:
+        remaining = ctx.deadline_at
+        if remaining is not None:
+            remaining -= now
+            if remaining <= 0.0:
+                raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
+        breaker = up.breaker
+        try:
+            gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+        except Exception as exc:
+            gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
+        else:
+            source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
+        if gate is not None and gate.verdict != "allow":
+            gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
+        _prepare(ctx, up, request, 1, timeouts, remaining)
+        decision = _new_tuple(
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
+        )
+        if ctx._pending is None:
+            ctx._decisions.append(decision)
+        else:
+            ctx.decisions.append(decision)
+        token = observe_start(observer, ctx, request, 1) if observer else None
+    except BaseException:
+        unstamp(request.headers, prior)
+        if own and observer is not None:
+            call_end(observer, ctx)
+        raise
+    return _new_tuple(
+        First,
+        (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
+         can_replay),
+    )  # fmt: skip
 
 
 def attempts(

@@ -51,6 +51,7 @@ from .loop import (
     Local,
     Steps,
     attempts,
+    first_attempt,
     local_ops,
 )
 from .upstream import Resolver, Upstream
@@ -161,7 +162,7 @@ class _Base:
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
-            return First(ctx, up, request, own, observer, now, local)
+            return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
