@@ -742,5 +742,6 @@ def _prepare(
             stamp(request.headers, attempt, up.timeout_header)
     counts = ctx._attempts  # (the `attempts` property, without its call)
     if counts is None:
-        counts = ctx._attempts = {}
-    counts[up.key] = counts.get(up.key, 0) + 1
+        ctx._attempts = {up.key: 1}
+    else:
+        counts[up.key] = counts.get(up.key, 0) + 1
