@@ -170,3 +170,23 @@ def test_inside_a_request_the_first_attempt_lands_in_its_context(call: Any) -> N
     assert request.extensions["timeout"]["read"] == pytest.approx(0.25)
     assert ctx.attempts == {"svc.internal": 1}
     assert [d.reason for d in ctx.decisions] == ["attempt"]
+
+
+class GateOnlyStore(CountingStore):
+    """An in-process store without the first-attempt twin: the gate serves for it."""
+
+    outbound_begin_now = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_store_without_a_begin_twin_is_gated_as_a_first_attempt(call: Any) -> None:
+    policy = Policy(upstreams=(UpstreamConfig(host="*", breaker=BreakerConfig()),))
+    store, clock = GateOnlyStore(), FakeClock()
+    engine = Engine(policy, clock=clock, store=store)
+    handler, _ = answers(clock, 200)
+    start = clock.monotonic()
+    assert call(engine, handler, httpx.Request("GET", URL)).status_code == 200
+    key = "upstream:svc.internal"
+    # retry=False: the request is counted on the budget, no retry is spent
+    assert store.ops == [("gate", key, False, start), ("record", key, "success", start + 0.005)]
+    assert store.budgets["budget:svc.internal"].totals(clock.monotonic()) == (1, 0)
