@@ -19,7 +19,7 @@ _SLACK = 1e-6
 
 class LimitVerdict(NamedTuple):
     allowed: bool
-    tat: float  # the TAT to store (unchanged when rejected)
+    tat: float  # the TAT to store (unchanged when rejected); admissions report `marker`
     remaining: int  # whole units left in the bucket after this decision
     reset_s: float  # seconds until the bucket is full again
     retry_after_s: float  # seconds until this request would be admitted (0 if allowed)
@@ -51,21 +51,44 @@ def gcra(
 
 
 def refund(
-    tat: float, admitted_tat: float | None, now: float, interval_s: float, cost: int = 1
+    tat: float,
+    admitted_tat: float | None,
+    now: float,
+    interval_s: float,
+    cost: int = 1,
+    refunded_s: float = 0.0,
 ) -> float:
     """The TAT after giving back one admitted request of `cost` units.
 
-    `admitted_tat` is the TAT that request's admission stored: its units are
-    still outstanding only until then (the bucket refills in order), so at
-    most `admitted_tat - now` seconds of them come back, never more than the
-    request took. Giving back units that had already refilled would admit
-    more than rate x t + burst. `None` (admission TAT unknown) gives back all
-    of them. A result within float noise of `now` or earlier is a full bucket.
+    `admitted_tat` is the marker its admission reported (`LimitVerdict.tat`:
+    the TAT it stored plus the key's `refunded_s` then, see `marker`), and
+    `refunded_s` the seconds this key has given back so far. The bucket
+    refills in order, so the request's units are outstanding at most until
+    `admitted_tat - refunded_s`: every refund since its admission (of an
+    earlier request) moved its units forward in that order by what it gave
+    back. Refunds of later requests are counted too; that errs on the side of
+    giving back less. At most that much past `now` comes back, never more
+    than the request took: giving back units that had already refilled would
+    admit more than rate x t + burst. `None` (admission unknown) gives back
+    all of them. The caller adds what was given back (`tat` minus the result)
+    to the key's `refunded_s`. A result within float noise of `now` or
+    earlier is a full bucket.
     """
     back = cost * interval_s
     if admitted_tat is not None:
-        back = min(back, max(0.0, admitted_tat - now))
+        back = min(back, max(0.0, admitted_tat - refunded_s - now))
     return tat - back
+
+
+def marker(tat: float, refunded_s: float) -> float:
+    """What an admission that stored `tat` reports as its `LimitVerdict.tat`.
+
+    The key's virtual TAT: the stored TAT plus every second refunded so far.
+    It never decreases (a refund moves seconds from the one to the other), so
+    a key may be forgotten only once it is <= now: then every marker issued
+    is in the past and a fresh key (refunded_s 0) gives nothing back for them.
+    """
+    return tat + refunded_s
 
 
 def retry_after_header(seconds: float) -> str:

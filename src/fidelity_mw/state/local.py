@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
-from ..decide.gcra import LimitVerdict, gcra
+from ..decide.gcra import LimitVerdict, gcra, marker
 from ..decide.gcra import refund as gcra_refund
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
@@ -44,10 +44,16 @@ _new = tuple.__new__
 _FULL_SLACK = 1e-6
 
 
+def _marked(refunded: dict[str, float], key: str, verdict: LimitVerdict) -> LimitVerdict:
+    """An admission's verdict reporting the key's virtual TAT (`decide.gcra.marker`)."""
+    spent = refunded.get(key)
+    return verdict if spent is None else verdict._replace(tat=marker(verdict.tat, spent))
+
+
 class GcraTable:
     """key -> TAT, with lossless sweeping of idle keys and least-loss eviction."""
 
-    __slots__ = ("evicted_active", "intervals", "max_keys", "next_sweep", "tats")
+    __slots__ = ("evicted_active", "intervals", "max_keys", "next_sweep", "refunded", "tats")
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
@@ -57,6 +63,9 @@ class GcraTable:
         self.intervals: dict[str, float] = {}
         self.next_sweep = max_keys
         self.evicted_active = 0
+        # key -> seconds refunded so far (`decide.gcra.refund`), only for keys that
+        # had a refund: admissions look it up only while this is not empty.
+        self.refunded: dict[str, float] = {}
 
     def forgiven(self, key: str, now: float) -> float:
         """Units a client would get back if `key` were dropped now: its debt to the bucket."""
@@ -75,13 +84,22 @@ class GcraTable:
             return
         # (within float noise of `now` is full too: gcra admits with the same slack)
         forgiven = self.forgiven
+        refunded = self.refunded
         for key in [k for k in tats if forgiven(k, now) <= _FULL_SLACK]:
+            if refunded:
+                # a refunded key lives until its virtual TAT (`gcra.marker`) is past
+                spent = refunded.get(key)
+                if spent is not None:
+                    if (tats[key] + spent - now) / self.intervals.get(key, 1.0) > _FULL_SLACK:
+                        continue
+                    del refunded[key]
             del tats[key]
         keep = max(0, min((self.max_keys * 3) // 4, self.max_keys - incoming))
         overflow = len(tats) - keep
         if overflow > 0:
             for key in heapq.nsmallest(overflow, tats, key=lambda k: forgiven(k, now)):
                 del tats[key]
+                refunded.pop(key, None)
             self.evicted_active += overflow
         intervals = self.intervals
         if len(intervals) > len(tats):
@@ -204,6 +222,8 @@ class LocalState:
                     if tat is None:
                         table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
+                    if table.refunded:
+                        verdict = _marked(table.refunded, key, verdict)
                     return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0, None))
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
@@ -222,6 +242,12 @@ class LocalState:
                             if key not in tats:
                                 intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
+                    if table.refunded:
+                        refunded = table.refunded
+                        verdicts = tuple(
+                            _marked(refunded, key, v) if v.allowed else v
+                            for key, v in zip(limit_keys, verdicts, strict=True)
+                        )
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
             return _new(InboundResult, (gate, verdicts, admitted, "memory", 0.0, None))
@@ -238,16 +264,23 @@ class LocalState:
         """Give back the units `admit_now` charged (see `StateStore.refund`)."""
         with self._lock:
             tats = self.limits.tats
+            refunded = self.limits.refunded
             for j, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
                 tat = tats.get(key)
                 if tat is None:
                     continue
                 admitted = admitted_tats[j] if admitted_tats is not None else None
-                back = gcra_refund(tat, admitted, now, spec.interval_s, spec.cost)
-                if back - now > _FULL_SLACK * spec.interval_s:
+                spent = refunded.get(key, 0.0)
+                back = gcra_refund(tat, admitted, now, spec.interval_s, spec.cost, spent)
+                spent += tat - back
+                if back + spent - now > _FULL_SLACK * spec.interval_s:
+                    # kept until its virtual TAT is past, even with a full bucket
                     tats[key] = back
-                else:  # a full bucket (within float noise): the same as no key
+                    if spent > 0.0:
+                        refunded[key] = spent
+                else:  # every marker issued is past: the same as no key
                     del tats[key]
+                    refunded.pop(key, None)
 
     def record_now(
         self,

@@ -68,7 +68,7 @@ from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..decide.fleet import FleetShare
-from ..decide.gcra import LimitVerdict
+from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
@@ -1093,7 +1093,7 @@ class RedisStore(StateStore):
             if fields[0] is not None:
                 budgets.append(_redis_budget_view(key, fields, server, configs, age))
         tats = {
-            key: float(reply)
+            key: float(_text(reply).split(" ", 1)[0])  # "tat" or "tat refunded" (lib.lua)
             for key, reply in zip(limit_keys, replies[i:], strict=True)
             if reply is not None
         }
@@ -1208,7 +1208,19 @@ def parse_admit(
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )
+    if len(reply) > 7 + 4 * n_limits:  # keys that had refunds: see lib.lua admit_at
+        verdicts = _marked(verdicts, reply[7 + 4 * n_limits :])
     return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+
+
+def _marked(
+    verdicts: tuple[LimitVerdict, ...], refunded: Sequence[Any]
+) -> tuple[LimitVerdict, ...]:
+    """Each admission's marker (`decide.gcra.marker`): its TAT plus the key's refunded seconds."""
+    return tuple(
+        v._replace(tat=marker(v.tat, float(r))) if v.allowed else v
+        for v, r in zip(verdicts, refunded, strict=True)
+    )
 
 
 # ---------------------------------------------------------------- snapshot views

@@ -51,16 +51,29 @@ local function gcra(tat, now, interval, tol, cost)
   return true, new_tat, remaining, new_tat - now, 0
 end
 
+-- A TAT key holds "tat", or "tat refunded" once the key had a refund (the
+-- seconds refunded so far, see fidelity_mw.decide.gcra.refund and marker).
+-- Returns tat, refunded.
 local function tat_of(key, now)
   local v = redis.call('GET', key)
   if v then
-    return tonumber(v) or now
+    local sp = string.find(v, ' ', 1, true)
+    if sp then
+      return tonumber(string.sub(v, 1, sp - 1)) or now, tonumber(string.sub(v, sp + 1)) or 0
+    end
+    return tonumber(v) or now, 0
   end
-  return now
+  return now, 0
 end
 
-local function store_tat(key, tat, now)
-  redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now))
+-- A refunded key lives until its virtual TAT (tat + refunded) is past: until
+-- then a refund of any request it admitted needs the refunded seconds.
+local function store_tat(key, tat, now, refunded)
+  if refunded and refunded > 0 then
+    redis.call('SET', key, fmt(tat) .. ' ' .. fmt(refunded), 'PX', ttl_ms(tat + refunded - now))
+  else
+    redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now))
+  end
 end
 
 -- ------------------------------------------------------------------ breaker
@@ -384,6 +397,7 @@ local function admit_at(ARGV, a, k, now)
   local out = { fmt(now), verdict, state, epoch, fmt(wait), probe_id, 1 }
   local admitted = true
   local commits = {}
+  local marks = nil
   for j = 0, n - 1 do
     local key = KEYS[k + j]
     local interval = tonumber(ARGV[i])
@@ -391,9 +405,14 @@ local function admit_at(ARGV, a, k, now)
     local cost = tonumber(ARGV[i + 2])
     local shadow = ARGV[i + 3] == '1'
     i = i + 4
-    local allowed, tat, remaining, reset, retry = gcra(tat_of(key, now), now, interval, tol, cost)
+    local stored, refunded = tat_of(key, now)
+    local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
     if allowed then
-      commits[#commits + 1] = { key, tat }
+      commits[#commits + 1] = { key, tat, refunded }
+      if refunded > 0 then
+        marks = marks or {}
+        marks[j + 1] = refunded
+      end
     elseif not shadow then
       admitted = false
     end
@@ -404,7 +423,14 @@ local function admit_at(ARGV, a, k, now)
   end
   if admitted then
     for _, c in ipairs(commits) do
-      store_tat(c[1], c[2], now)
+      store_tat(c[1], c[2], now, c[3])
+    end
+    if marks ~= nil then
+      -- keys that had refunds: each limit's refunded seconds after the limits,
+      -- for the marker the verdict reports (fidelity_mw.decide.gcra.marker)
+      for j = 1, n do
+        out[#out + 1] = fmt(marks[j] or 0)
+      end
     end
   else
     out[7] = 0

@@ -88,10 +88,12 @@ for j = 0, nl - 1 do
   local want = tonumber(ARGV[i + 3])
   local min_take = tonumber(ARGV[i + 4])
   i = i + 5
-  local tat = tat_of(key, now)
+  local tat, refunded = tat_of(key, now)
   local changed = false
   if give > 0 then
+    -- a refund (fidelity_mw.decide.gcra.refund): counted in the key's refunded seconds
     tat = tat - give * interval
+    refunded = refunded + give * interval
     changed = true
   end
   local base = tat
@@ -121,8 +123,8 @@ for j = 0, nl - 1 do
     end
   end
   if changed then
-    if tat > now then
-      store_tat(key, tat, now)
+    if tat + refunded > now then
+      store_tat(key, tat, now, refunded)
     else
       redis.call('DEL', key)
     end
