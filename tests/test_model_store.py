@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 
 from fidelity_mw import BreakerConfig
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.decide.gcra import marker
 from fidelity_mw.policy import RateLimit
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.local import GcraTable
@@ -197,7 +198,9 @@ class StoreAgainstModel(RuleBasedStateMachine):
             ):
                 if ok:
                     self.bucket(key, lim).take(spec.cost)
-                    assert self.table.tats[key] == v.tat
+                    # an admission reports the key's virtual TAT (`gcra.marker`)
+                    spent = self.table.refunded.get(key, 0.0)
+                    assert marker(self.table.tats[key], spent) == v.tat
                 else:  # a shadow limit that would have refused: nothing taken
                     assert self.table.tats.get(key) == before.get(key)
             picked = [i for i, ok in enumerate(answers) if ok]
@@ -306,10 +309,18 @@ TestStoreAgainstModel = StoreAgainstModel.TestCase
 def test_a_refund_that_fills_the_bucket_forgets_the_key() -> None:
     """Found by the machine above: TAT - cost x interval came out one ulp above
     `now`, so a full bucket stayed in the table as an 'active' key (and was later
-    counted in `evicted_active`). Within float noise, full is full."""
+    counted in `evicted_active`). Within float noise, full is full; the key stays
+    only for the seconds it refunded."""
     store = MemoryStore()
     spec = LimitSpec("l2", 12.0, 24.0, 2, False)  # 5/min, burst 2, cost 2
     now = 1000.568884370305
     assert store.admit_now(None, None, ["k"], [spec], now).admitted
     store.refund_now(["k"], [spec], now)
-    assert "k" not in store.limits.tats
+    table = store.limits
+    assert table.forgiven("k", now) <= 1e-6  # a full bucket, not an active key
+    # kept for the seconds it refunded (a later refund of an earlier admission needs
+    # them) until its virtual TAT is past; never counted as an active eviction
+    assert table.refunded["k"] == 24.0
+    table.make_room(now, table.max_keys)
+    assert "k" not in table.tats
+    assert table.evicted_active == 0

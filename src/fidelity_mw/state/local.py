@@ -98,9 +98,10 @@ class GcraTable:
         overflow = len(tats) - keep
         if overflow > 0:
             for key in heapq.nsmallest(overflow, tats, key=lambda k: forgiven(k, now)):
+                # (a full bucket kept for its refunded seconds goes first, forgiving none)
+                self.evicted_active += forgiven(key, now) > _FULL_SLACK
                 del tats[key]
                 refunded.pop(key, None)
-            self.evicted_active += overflow
         intervals = self.intervals
         if len(intervals) > len(tats):
             self.intervals = {k: intervals[k] for k in tats if k in intervals}
