@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis as redis_sync
 
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state.base import LimitSpec
@@ -53,6 +54,37 @@ async def test_tiered_refund_returns_units_to_the_slice(redis_url: str) -> None:
         await store.refund(["r|t"], [burst40], "cache", time.monotonic())
         assert store.slices["r|t"].tokens == held
     finally:
+        await store.aclose()
+
+
+async def test_redis_keeps_the_refunded_seconds_beside_the_tat(redis_url: str) -> None:
+    """A key that never had a refund holds the plain TAT and reports it; after a
+    refund it holds "tat refunded", lives until their sum is past, and admissions
+    report that sum (the marker a later refund needs, see decide.gcra.refund)."""
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT), rng=seeded_random(2))
+    client = redis_sync.Redis.from_url(redis_url)
+    name = store.key("rl", "r|v")
+    try:
+        first = await store.admit(None, None, ["r|v"], [SLOW3], time.monotonic())
+        second = await store.admit(None, None, ["r|v"], [SLOW3], time.monotonic())
+        plain = client.get(name)
+        assert b" " not in plain
+        assert float(plain) == second.limits[0].tat == first.limits[0].tat + 60.0
+        await store.refund(["r|v"], [SLOW3], "redis", time.monotonic(), [first.limits[0].tat])
+        tat, refunded = (float(x) for x in client.get(name).split())
+        assert 59.0 < refunded <= 60.0  # the first unit was out for about a minute
+        assert tat + refunded == pytest.approx(second.limits[0].tat)
+        assert client.pttl(name) > (tat - time.time()) * 1000  # until tat + refunded
+        third = await store.admit(None, None, ["r|v"], [SLOW3], time.monotonic())
+        stored = float(client.get(name).split()[0])
+        assert third.limits[0].tat == pytest.approx(stored + refunded)
+        # the second unit's refund counts the first refund: one minute back, not two
+        await store.refund(["r|v"], [SLOW3], "redis", time.monotonic(), [second.limits[0].tat])
+        left, spent = (float(x) for x in client.get(name).split())
+        assert left == pytest.approx(stored - 60.0 + (60.0 - refunded), abs=1.0)
+        assert spent + left == pytest.approx(stored + refunded)
+    finally:
+        client.close()
         await store.aclose()
 
 
