@@ -57,11 +57,14 @@ end
 local function tat_of(key, now)
   local v = redis.call('GET', key)
   if v then
+    local tat = tonumber(v)
+    if tat then -- never refunded: the common case, one conversion
+      return tat, 0
+    end
     local sp = string.find(v, ' ', 1, true)
     if sp then
       return tonumber(string.sub(v, 1, sp - 1)) or now, tonumber(string.sub(v, sp + 1)) or 0
     end
-    return tonumber(v) or now, 0
   end
   return now, 0
 end
