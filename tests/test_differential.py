@@ -454,6 +454,17 @@ def _python_refund_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def _python_refund_ignores_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = local_module.gcra_refund
+    monkeypatch.setattr(
+        local_module,
+        "gcra_refund",
+        lambda tat, admitted, now, interval, cost, refunded=0.0: real(
+            tat, admitted, now, interval, cost
+        ),
+    )
+
+
 def _lua(*edits: tuple[str, str]) -> Callable[[pytest.MonkeyPatch], None]:
     def plant(monkeypatch: pytest.MonkeyPatch) -> None:
         patch_scripts(monkeypatch, edits)
@@ -467,6 +478,7 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "py: ratio checked on failures only": _python_ratio_on_failure_only,
     "py: gcra admits one unit over the burst": _python_gcra_one_extra,
     "py: refund gives back units that refilled": _python_refund_everything,
+    "py: a refund ignores the seconds refunded before": _python_refund_ignores_refunded,
     # Lua (the Redis store)
     "lua: every transition drops the probe slots": _lua(
         (
@@ -495,6 +507,9 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
             "    reply, k = admit_at(values, 2, k, now)\n",
             "    now = now + 0.01\n    reply, k = admit_at(values, 2, k, now)\n",
         )
+    ),
+    "lua: a refund ignores the seconds refunded before": _lua(
+        ("local outstanding = admitted - refunded - now", "local outstanding = admitted - now")
     ),
     "lua: budget counts a denied retry": _lua(
         ("if w.want and allowed then", "if w.want then")
