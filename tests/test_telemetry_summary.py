@@ -74,3 +74,25 @@ def test_metrics_from_a_cached_shape_still_read_subjects_and_ages() -> None:
     ages = metric_points(p.metrics, "fidelity.state.age")
     assert [(a[schema.STATE_SOURCE], pt.count) for a, pt in ages] == [("fallback", 2)]
     p.shutdown()
+
+
+def test_request_counts_by_shape_reach_the_counters_across_inline_flushes() -> None:
+    """Requests of a cached shape are counted once each and folded into the counters
+    when read, or earlier when too many kinds are pending: nothing is lost either way."""
+    p = pipeline()
+    engine = Engine(Policy())
+    routes = [f"/r{i}" for i in range(1500)]  # more kinds than are kept pending
+    for i, route in enumerate([*routes, *routes[:10]]):
+        ctx = DecisionContext(engine, route, "GET", 0.0)
+        ctx.add(Decision("breaker", route, "allow", "breaker_closed", "memory", 0.0, 1.0))
+        ctx.outcome, ctx.decided_by = ("failed", "app") if i % 2 else ("served", "app")
+        p.telemetry.end(ctx, {}, None)
+    requests = counter_values(p.metrics, "fidelity.requests", schema.ROUTE)
+    assert sum(requests.values()) == 1510
+    assert requests[("/r3",)] == 2
+    assert requests[("/r1499",)] == 1
+    failures = counter_values(p.metrics, "fidelity.failures", schema.FAILURE_CAUSE)
+    assert failures == {("app",): 755}
+    decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
+    assert decisions == {("breaker", "allow"): 1510}
+    p.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -53,6 +53,7 @@ DURATION_BUCKETS: Final = (
 _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
 _MAX_CACHED: Final = 4096
 _MAX_SERIES: Final = 2048
+_MAX_PENDING: Final = 1024
 
 
 class BreakerSource(Protocol):
@@ -69,15 +70,20 @@ class Tally:
     The exported series are the same cumulative sums.
     """
 
-    __slots__ = ("counts", "lock", "names")
+    __slots__ = ("counts", "flush", "lock", "names")
 
     def __init__(self, names: tuple[str, ...], lock: threading.Lock) -> None:
         self.names = names
         self.counts: dict[tuple[str, ...], int] = {}
         self.lock = lock  # one per meter: a request's counts are taken under one lock
+        # called under the lock before the counts are read (Metrics folds its pending
+        # request shapes into the tallies)
+        self.flush: Callable[[], None] | None = None
 
     def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
         with self.lock:
+            if self.flush is not None:
+                self.flush()
             items = list(self.counts.items())
         names = self.names
         return [Observation(n, dict(zip(names, key, strict=True))) for key, n in items]
@@ -166,11 +172,26 @@ class Metrics:
             "0 for the others.",
         )
         self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        # Requests not yet folded into the tallies, counted by (summary, outcome,
+        # decided_by, route): one increment per request; the decisions, requests and
+        # failures tallies get them when read (or when there are too many kinds).
+        self.pending: dict[tuple[Summary, str | None, str | None, str], int] = {}
+        for tally in (self.decisions, self.requests, self.failures):
+            tally.flush = self._flush_locked
 
     def record(
         self, ctx: DecisionContext | None, decisions: Sequence[Decision], summary: Summary
     ) -> None:
         """One finished request (ctx) or outbound call (ctx None) and its decisions."""
+        if ctx is not None and summary.plain:
+            # A shape that needs no subject or age: one count for the whole request.
+            shape = (summary, ctx.outcome, ctx.decided_by, ctx.route)
+            with self.lock:
+                pending = self.pending  # replaced by a flush: read under the lock
+                pending[shape] = pending.get(shape, 0) + 1
+                if len(pending) > _MAX_PENDING:
+                    self._flush_locked()
+            return
         with self.lock:
             counts = self.decisions.counts
             for key in summary.counter_keys:
@@ -185,6 +206,26 @@ class Metrics:
                     _bump_locked(self.failures.counts, (s.CAUSE_APP, decided_by, ctx.route))
         if not summary.plain:
             self._record_subjects(decisions)
+
+    def _flush_locked(self) -> None:
+        """Fold the pending request counts into the tallies (the lock is held)."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        decisions = self.decisions.counts
+        requests = self.requests.counts
+        failures = self.failures.counts
+        for (summary, outcome, decided_by, route), n in pending.items():
+            for key in summary.counter_keys:
+                decisions[key] = decisions.get(key, 0) + n
+            outcome = outcome or "unknown"
+            decided_by = decided_by or "none"
+            _bump_locked(requests, (outcome, decided_by, route), n)
+            if outcome in _CONTROL_OUTCOMES:
+                _bump_locked(failures, (s.CAUSE_CONTROL, decided_by, route), n)
+            elif outcome == "failed":
+                _bump_locked(failures, (s.CAUSE_APP, decided_by, route), n)
 
     def _record_subjects(self, decisions: Sequence[Decision]) -> None:
         """The instruments that read a decision's subject or age: retry budget, state age."""
@@ -212,10 +253,10 @@ def _bump(tally: Tally, key: tuple[str, ...]) -> None:
         _bump_locked(tally.counts, key)
 
 
-def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
+def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...], n: int = 1) -> None:
     if key not in counts and len(counts) >= _MAX_SERIES:
         key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
-    counts[key] = counts.get(key, 0) + 1
+    counts[key] = counts.get(key, 0) + n
 
 
 def _histogram(
