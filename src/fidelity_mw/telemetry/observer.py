@@ -70,10 +70,17 @@ from ..context import (
 )
 from . import schema as s
 from .metrics import Metrics
+from .schema import CLIENT_KEY_HASH as _CLIENT_KEY_HASH
+from .schema import DECIDED_BY as _DECIDED_BY
 from .schema import DECISION_EVENT as _DECISION_EVENT
+from .schema import DECISIONS as _DECISIONS
 from .schema import DETAIL_PREFIX as _DETAIL_PREFIX
 from .schema import LAYER as _LAYER
+from .schema import OUTCOME as _OUTCOME
+from .schema import POLICY_VERSION as _POLICY_VERSION
 from .schema import REASON as _REASON
+from .schema import ROUTE as _ROUTE
+from .schema import STALE_DECISIONS as _STALE_DECISIONS
 from .schema import STATE_AGE_MS as _STATE_AGE_MS
 from .schema import STATE_SOURCE as _STATE_SOURCE
 from .schema import STATE_STALE as _STATE_STALE
@@ -545,20 +552,22 @@ class Telemetry:
         summary: Summary | None = None
         if token is not None:
             decisions = ctx.decisions
-            try:
-                if token.owned or token.span.is_recording():
+            if token.owned:
+                try:
                     summary = summarize(decisions)
-                    self._annotate(ctx, token.span, token.owned, decisions, summary, token.exported)
-                elif token.exported < 0:
-                    summary = summarize(decisions)
-                    self._late_span(ctx, token, decisions, summary)
-                elif token.exported == len(decisions):
-                    summary = token.summary  # nothing was decided since the annotation
-            finally:
-                if token.owned:
+                    self._annotate(ctx, token.span, True, decisions, summary, token.exported)
+                finally:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
+            elif token.span.is_recording():  # not ended with the last body message
+                summary = summarize(decisions)
+                self._annotate(ctx, token.span, False, decisions, summary, token.exported)
+            elif token.exported == len(decisions):
+                summary = token.summary  # annotated, and nothing was decided since
+            elif token.exported < 0:
+                summary = summarize(decisions)
+                self._late_span(ctx, token, decisions, summary)
         metrics = self._metrics
         if metrics is None:
             if _no_global_yet(
@@ -566,15 +575,20 @@ class Telemetry:
             ):
                 return
             metrics = self._get_metrics()
-        if metrics is not None:
-            if decisions is None:
-                decisions = ctx.decisions
-            if summary is None:
-                summary = summarize(decisions)
+            if metrics is None:
+                return
+        if decisions is None:
+            decisions = ctx.decisions
+        if summary is None:
+            summary = summarize(decisions)
+        last = self._last_engine
+        if last is not None and last() is ctx.engine:
+            readable = self._last_readable
+        else:
             readable = self._observe_engine(ctx)
-            metrics.record(ctx, decisions, summary)
-            if not readable:
-                self._note_breakers(decisions)
+        metrics.record(ctx, decisions, summary)
+        if not readable:
+            self._note_breakers(decisions)
 
     def _late_span(
         self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision], summary: Summary
@@ -611,10 +625,10 @@ class Telemetry:
         """Everything on the span in one `set_attributes`; span events for the decisions
         after the first `exported` that are not `allow` (all, with `decision_events="all"`)."""
         attrs: dict[str, Any] = {
-            s.POLICY_VERSION: ctx.engine.policy.version,
-            s.STALE_DECISIONS: summary.stale,
-            s.ROUTE: ctx.route,
-            s.DECISIONS: summary.packed,
+            _POLICY_VERSION: ctx.engine.policy.version,
+            _STALE_DECISIONS: summary.stale,
+            _ROUTE: ctx.route,
+            _DECISIONS: summary.packed,
         }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
@@ -626,13 +640,13 @@ class Telemetry:
             decided_by = "app"
             outcome = "served" if status < 500 else "failed"
         if decided_by is not None:
-            attrs[s.DECIDED_BY] = decided_by
+            attrs[_DECIDED_BY] = decided_by
         if outcome is not None:
-            attrs[s.OUTCOME] = outcome
+            attrs[_OUTCOME] = outcome
         client_key = ctx.client_key
         if client_key is not None:
             key_hash = self._key_hashes.get(client_key)
-            attrs[s.CLIENT_KEY_HASH] = key_hash or self.hash_client_key(client_key)
+            attrs[_CLIENT_KEY_HASH] = key_hash or self.hash_client_key(client_key)
         if ctx.upstream_exhausted:
             attrs[s.UPSTREAM_EXHAUSTED] = True
         if ctx.inbound_attempt > 1:
