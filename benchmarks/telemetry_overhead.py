@@ -26,7 +26,9 @@ the response end; `:+span`: and the span annotated, metrics off; then
 `instr+fidelity`: and the metrics), so each piece's cost is a paired
 difference within one run. `--gc` also reports garbage collections per request
 and the objects left in reference cycles (gc.DEBUG_SAVEALL), per variant, from
-untimed passes.
+untimed passes. `--count` adds the bytecode instructions each variant executes
+per request (`sys.settrace` opcode events): a count, so the machine's load does
+not move it, and the paired times follow it.
 
 Each request's scope is dropped once it is answered, as a server drops it (the
 middleware keeps its DecisionContext in `scope["state"]`). `--keep-scopes` keeps
@@ -35,7 +37,7 @@ per-request objects then survive into older GC generations and are traversed
 there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
-        [--baseline REV] [--ablation] [--gc] [--keep-scopes] [--no-write]
+        [--baseline REV] [--ablation] [--gc] [--count] [--keep-scopes] [--no-write]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -225,6 +228,28 @@ async def gc_profile(app: Any, n: int, keep_scopes: bool) -> tuple[list[float], 
     return [counts[g] / n for g in range(3)], cyclic
 
 
+async def bytecodes_per_request(app: Any, n: int) -> float:
+    """Bytecode instructions executed per request (opcode events of every frame)."""
+    executed = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal executed
+        if event == "opcode":
+            executed += 1
+        return local
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(trace)
+    try:
+        await run_batch(app, n)
+    finally:
+        sys.settrace(None)
+    return executed / n
+
+
 async def measure(
     rounds: int,
     batch: int,
@@ -233,10 +258,12 @@ async def measure(
     ablation: bool,
     keep_scopes: bool,
     gc_report: bool,
+    count: bool,
 ) -> tuple[
     dict[str, list[float]],
     dict[str, tuple[float, float]],
     dict[str, tuple[list[float], float]],
+    dict[str, float],
 ]:
     if global_tracer_provider() is not None:
         raise SystemExit("a global TracerProvider is set: the no-SDK variant would be wrong")
@@ -251,6 +278,9 @@ async def measure(
     gcs = {}
     if gc_report:
         gcs = {name: await gc_profile(app, batch, keep_scopes) for name, app in apps.items()}
+    counts = {}
+    if count:
+        counts = {name: await bytecodes_per_request(app, 200) for name, app in apps.items()}
     samples: dict[str, list[float]] = {name: [] for name in apps}
     order = list(apps)
     shuffle = random.Random(seed).shuffle
@@ -262,7 +292,7 @@ async def measure(
     print(file=sys.stderr)
     tp.shutdown()
     mp.shutdown()
-    return samples, spans, gcs
+    return samples, spans, gcs, counts
 
 
 def paired(values: list[float], base: list[float]) -> tuple[float, float]:
@@ -281,24 +311,29 @@ def report(
     samples: dict[str, list[float]],
     spans: dict[str, tuple[float, float]],
     gcs: dict[str, tuple[list[float], float]],
+    counts: dict[str, float],
     rounds: int,
     batch: int,
     keep_scopes: bool,
 ) -> tuple[str, bool]:
     lines = [
         "| variant | median CPU µs/request | vs | paired diff | paired ratio "
-        "| spans/request (ours) |",
-        "|---|---:|---|---:|---:|---:|",
+        "| spans/request (ours) |" + (" bytecodes/request | vs |" if counts else ""),
+        "|---|---:|---|---:|---:|---:|" + ("---:|---:|" if counts else ""),
     ]
     for name, values in samples.items():
         base = baseline_of(name)
         diff, ratio = paired(values, samples[base])
         total, ours = spans[name]
         vs = "—" if base == name else base
+        counted = ""
+        if counts:
+            more = "—" if base == name else f"{counts[name] - counts[base]:+.0f}"
+            counted = f" {counts[name]:.0f} | {more} |"
         lines.append(
             f"| {name} | {statistics.median(values) * 1e6:.2f} | {vs} "
             f"| {'—' if base == name else f'{diff * 1e6:+.2f} µs'} "
-            f"| {'—' if base == name else f'{ratio:.3f}'} | {total:g} ({ours:g}) |"
+            f"| {'—' if base == name else f'{ratio:.3f}'} | {total:g} ({ours:g}) |" + counted
         )
     _, ratio = paired(samples["instr+fidelity"], samples["instr"])
     _, off_ratio = paired(samples["instr+fidelity-off"], samples["instr"])
@@ -332,14 +367,16 @@ def report(
         if "@" in name:
             current = name.split("@")[0]
             diff, ratio = paired(samples[current], samples[name])
+            fewer = f"; {counts[current] - counts[name]:+.0f} bytecodes/request" if counts else ""
             lines.append(
-                f"- {current} against {name} (paired): {diff * 1e6:+.2f} µs, {ratio:.3f}x."
+                f"- {current} against {name} (paired): {diff * 1e6:+.2f} µs, {ratio:.3f}x{fewer}."
             )
     if all(name in samples for name, _, _ in ABLATION):
         lines += ["", "Telemetry piece by piece (`--ablation`, median of paired differences):", ""]
         for name, before, what in ABLATION:
             diff, _ = paired(samples[name], samples[before])
-            lines.append(f"- {diff * 1e6:+.2f} µs  {what} (`{name}` - `{before}`)")
+            counted = f", {counts[name] - counts[before]:+.0f} bytecodes" if counts else ""
+            lines.append(f"- {diff * 1e6:+.2f} µs{counted}  {what} (`{name}` - `{before}`)")
     if gcs:
         lines += [
             "",
@@ -383,12 +420,13 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="add fidelity_mw as of git revision REV")
     parser.add_argument("--ablation", action="store_true", help="add the telemetry piece by piece")
     parser.add_argument("--gc", action="store_true", help="count collections and cyclic garbage")
+    parser.add_argument("--count", action="store_true", help="count bytecodes per request")
     parser.add_argument(
         "--keep-scopes", action="store_true", help="keep each batch's scopes until it ends"
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    samples, spans, gcs = asyncio.run(
+    samples, spans, gcs, counts = asyncio.run(
         measure(
             args.rounds,
             args.batch,
@@ -397,9 +435,10 @@ def main() -> None:
             args.ablation,
             args.keep_scopes,
             args.gc,
+            args.count,
         )
     )
-    table, ok = report(samples, spans, gcs, args.rounds, args.batch, args.keep_scopes)
+    table, ok = report(samples, spans, gcs, counts, args.rounds, args.batch, args.keep_scopes)
     print(table)
     if not args.no_write:
         write_section("Telemetry overhead", f"{stamp()}\n\n{table}")
