@@ -68,7 +68,7 @@ class Summary:
         # the `fidelity.decisions` counter's key of each decision
         self.counter_keys = tuple((d.layer, d.verdict, d.state_source) for d in decisions)
         # False: some decision also feeds the state-age histogram or the retry budget
-        # counter, which read its subject or its age (see `_Metrics.record`)
+        # counter, which read its subject or its age (see `Metrics.record`)
         self.plain = plain
         # some decision had a state age (in the packed text): a shape of its own
         self.aged = aged
