@@ -215,11 +215,15 @@ async def test_admitted_requests_feed_the_adaptive_limit_their_latency(clock: Fa
         breaker=None, concurrency=ConcurrencyConfig(limit=10, adaptive=True, max_limit=100)
     )
     svc = Service(policy, clock, work_s=0.025)
-    for _ in range(5):
-        assert (await svc.client.get("/w")).status_code == 200
+    assert (await svc.client.get("/w")).status_code == 200
     limiter = svc.mw.engine.bulkheads["/w"]
     assert limiter.estimate is not None
+    # The first 20 served requests measure the floor (the limit held at 4 meanwhile).
+    for _ in range(19):
+        assert limiter.limit == 4
+        assert (await svc.client.get("/w")).status_code == 200
     assert limiter.estimate.baseline_s == pytest.approx(0.025)
+    assert limiter.limit == 10
     assert limiter.in_flight == 0
 
 

@@ -41,6 +41,9 @@ class Bulkheads:
         self.priority_raw: bytes | None = header_key(header) if header else None
         self.trusted_peer = trusted_peer
         self.monotonic = engine.clock.monotonic
+        # A bulkhead under overload refuses most requests, on the same event loop
+        # that serves the rest: each (route, class) answer is built once, not per 503.
+        self._bodies: dict[tuple[str, str], bytes] = {}
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
         """The route's class, unless a trusted peer names another one."""
@@ -146,13 +149,16 @@ class Bulkheads:
         self._record(ctx, plan, SHED, reason, priority, limiter, now)
         ctx.decided_by = LAYER_CONCURRENCY
         ctx.outcome = OUTCOME_SHED
-        body = problem_body(
-            503,
-            "Service Unavailable",
-            f"route {plan.route!r} is at its concurrency limit ({limiter.limit} in flight) "
-            f"for {priority} requests; retry in 1 s",
-            "concurrency-limit",
-            route=plan.route,
-            priority=priority,
-        )
+        body = self._bodies.get((plan.route, priority))
+        if body is None:
+            # The limit at the time is in the decision record, not the cached body.
+            body = self._bodies[plan.route, priority] = problem_body(
+                503,
+                "Service Unavailable",
+                f"route {plan.route!r} is at its concurrency limit for {priority} requests; "
+                "retry in 1 s",
+                "concurrency-limit",
+                route=plan.route,
+                priority=priority,
+            )
         return 503, list(_RETRY_AFTER), body
