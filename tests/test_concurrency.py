@@ -224,3 +224,21 @@ def test_dropped_requests_while_the_floor_is_measured_lower_the_limit_it_returns
         lim.try_acquire(CRITICAL)
         lim.release(0.01)
     assert lim.limit == int(100 * 0.9**10)
+
+
+def test_event_loop_lag_counts_in_the_latency_signal() -> None:
+    """The route answers at its floor, but work waits for the event loop: the limit shrinks."""
+    spec = ConcurrencySpec(limit=20, adaptive=True, measure_samples=0)
+    lim = ConcurrencyLimiter(spec)
+    for _ in range(200):
+        while lim.try_acquire(CRITICAL).admitted:
+            pass
+        lim.release(0.01)
+    assert lim.limit >= 100  # busy at its floor: grows
+    high = lim.limit
+    for _ in range(30):
+        lim.release(0.01, lag_s=0.02)  # 3x the floor in all
+        lim.try_acquire(CRITICAL)
+    assert lim.limit < high / 4
+    assert lim.estimate is not None
+    assert lim.estimate.baseline_s == pytest.approx(0.01)

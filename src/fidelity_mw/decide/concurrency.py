@@ -211,14 +211,20 @@ class ConcurrencyLimiter:
                 return True
         return False
 
-    def release(self, latency_s: float | None = None, *, dropped: bool = False) -> list[object]:
+    def release(
+        self, latency_s: float | None = None, *, dropped: bool = False, lag_s: float = 0.0
+    ) -> list[object]:
         """One admitted request finished. Returns the waiters that now hold a slot.
 
         `latency_s` (None: not a sample, e.g. the client went away) feeds the
-        adaptive limit; `dropped` says the request failed from overload.
+        adaptive limit; `dropped` says the request failed from overload. `lag_s`
+        is how long work that is ready waits to run (the event loop's lag): a
+        request arriving now waits that long before anything can admit it, a
+        queue the route's own latency does not show, so it counts in the sample.
         """
         if self.estimate is not None and (latency_s is not None or dropped):
-            self.estimate.sample(latency_s or 0.0, self.in_flight, dropped)
+            sample = latency_s + lag_s if latency_s is not None else 0.0
+            self.estimate.sample(sample, self.in_flight, dropped)
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
         while self._waiters:
