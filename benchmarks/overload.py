@@ -15,6 +15,8 @@ Variants, measured in alternating order at each offered rate:
   none       no limiter: every request is admitted
   fixed      FidelityMiddleware with a fixed bulkhead ([concurrency] limit = --fixed-limit)
   adaptive   FidelityMiddleware with the adaptive limit ([concurrency] adaptive = true)
+  fixed=N    (highest rate only, --oracle) fixed limits swept: the frontier of what any
+             static limit achieves, against which the adaptive one is judged
 
 Per measurement: goodput (200s completed inside the window, per second, and as
 a share of capacity), p50 and p99 latency of the 200s over the whole run and
@@ -26,7 +28,8 @@ short runs, since a busy machine can only make it lower), the unloaded p99
 that of one request at a time (the median of the rounds).
 
     .venv/bin/python benchmarks/overload.py [--cpu-ms 8] [--duration 6] [--rounds 3]
-        [--multiples 1,2,4] [--variants none,fixed,adaptive] [--timeline] [--no-write]
+        [--multiples 1,2,4] [--variants none,fixed,adaptive] [--oracle 1,2,3] [--timeline]
+        [--no-write]
 
 The machine is shared: run it under `nice -n -15` (as root) for usable numbers.
 """
@@ -83,11 +86,12 @@ if variant != "none":
     from fidelity_mw import FidelityMiddleware, Policy
     from fidelity_mw.policy import ConcurrencyConfig
 
-    if variant == "fixed":
+    if variant.startswith("fixed"):
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_FIXED_LIMIT"]))
     else:
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_ADAPTIVE_START"]),
-                                 adaptive=True, max_limit=500)
+                                 adaptive=True, max_limit=500,
+                                 tolerance=float(os.environ["OVERLOAD_TOLERANCE"]))
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
@@ -171,8 +175,9 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[int
         OVERLOAD_VARIANT=variant,
         OVERLOAD_CPU_MS=str(args.cpu_ms),
         OVERLOAD_IO_MS=str(args.io_ms),
-        OVERLOAD_FIXED_LIMIT=str(args.fixed_limit),
+        OVERLOAD_FIXED_LIMIT=variant[6:] if variant.startswith("fixed=") else str(args.fixed_limit),
         OVERLOAD_ADAPTIVE_START=str(args.adaptive_start),
+        OVERLOAD_TOLERANCE=str(args.tolerance),
         OVERLOAD_TRACE=str(app_dir / "trace.txt") if args.timeline else "",
         PYTHONPATH=f"{app_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
@@ -407,13 +412,21 @@ def main() -> None:
     parser.add_argument("--multiples", default="1,2,4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--fixed-limit", type=int, default=8)
+    parser.add_argument(
+        "--oracle",
+        default="1,2,3",
+        help="fixed limits also measured at the highest multiple: the best any static limit "
+        "does, the frontier the adaptive limit is judged against ('' for none)",
+    )
     parser.add_argument("--adaptive-start", type=int, default=4)
+    parser.add_argument("--tolerance", type=float, default=1.5, help="the adaptive limit's")
     parser.add_argument("--max-conns", type=int, default=2000)
     parser.add_argument("--timeline", action="store_true", help="served latency per 0.5 s")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     multiples = [float(m) for m in args.multiples.split(",")]
     variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
+    oracle = tuple(f"fixed={n}" for n in args.oracle.split(",") if n)
 
     app_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fidelity-overload-{os.getpid()}"
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +442,8 @@ def main() -> None:
         cal = calibrate(args, app_dir)
         cals.append(cal)
         for multiple in multiples:
-            order = variants if (rnd + int(multiple)) % 2 == 0 else tuple(reversed(variants))
+            here = variants + oracle if multiple == max(multiples) else variants
+            order = here if (rnd + int(multiple)) % 2 == 0 else tuple(reversed(here))
             for variant in order:
                 res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
                 with serve(variant, args, app_dir) as port:
@@ -464,7 +478,9 @@ def main() -> None:
         f"{', '.join(f'{c.capacity:.0f}' for c in cals)}); unloaded p99 (one at a time): "
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
-        f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}. Each p99 is divided "
+        f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
+        f"{args.tolerance:g}; `fixed=N` rows (highest multiple only): static limits swept, "
+        f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "
         f"{args.settle:g} s; whole-run p99 includes that transient.",
         "",
@@ -473,7 +489,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for multiple in multiples:
-        for variant in variants:
+        for variant in variants + oracle:
             runs = [(r, c) for r, c in results if r.variant == variant and r.multiple == multiple]
             if not runs:
                 continue

@@ -223,7 +223,7 @@ def test_dropped_requests_while_the_floor_is_measured_lower_the_limit_it_returns
     for _ in range(20):
         lim.try_acquire(CRITICAL)
         lim.release(0.01)
-    assert lim.limit == int(100 * 0.9**10)
+    assert lim.limit == round(100 * 0.9**10)
 
 
 def test_event_loop_lag_counts_in_the_latency_signal() -> None:
