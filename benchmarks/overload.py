@@ -23,9 +23,11 @@ a share of capacity), p50 and p99 latency of the 200s over the whole run and
 over the steady state (after `--settle` s; the first seconds are reported as
 the transient, not hidden), the shed share (503s), and timeouts/errors.
 Every round first calibrates on the unlimited service: capacity is the
-goodput of a closed loop that keeps the service busy (the best of several
-short runs, since a busy machine can only make it lower), the unloaded p99
-that of one request at a time (the median of the rounds).
+goodput of a closed loop that keeps the service busy, the unloaded p99 that
+of one request at a time; each is the best of three short runs, since other
+work on the machine can only lower capacity and raise latency. Each run
+measures how long the server and the generator waited for their cores
+(schedstat run delay) and is redone when that passed `--max-stolen`.
 
     .venv/bin/python benchmarks/overload.py [--cpu-ms 8] [--duration 6] [--rounds 3]
         [--multiples 1,2,4] [--variants none,fixed,adaptive] [--oracle 1,2,3] [--timeline]
@@ -128,6 +130,9 @@ class Result:
     duration_s: float = 0.0
     settle_s: float = 0.0
     t0: float = 0.0  # perf_counter at the start of the measurement
+    stolen: float = 0.0  # share of the run the server or the generator waited for its core
+    attempts: int = 1
+    trace: list[tuple[float, float, int, float]] = field(default_factory=list)
     sent: int = 0
     ok: int = 0
     shed: int = 0
@@ -168,7 +173,7 @@ def _pin(core: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[int]:
+def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[tuple[int, int]]:
     port = _free_port()
     env = dict(
         os.environ,
@@ -210,7 +215,7 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[int
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"{variant}: server did not start")
             time.sleep(0.1)
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -341,13 +346,47 @@ class Calibration:
     unloaded_p99: float
 
 
+def run_delay(pid: int | str = "self") -> float:
+    """Seconds the process's main thread has spent runnable but waiting for a CPU."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measure(
+    variant: str, multiple: float, cal: Calibration, args: argparse.Namespace, app_dir: Path
+) -> Result:
+    """One open-loop run; repeated (up to --attempts) while another process took the
+    server's or the generator's core from it for more than --max-stolen of the run."""
+    best: Result | None = None
+    for attempt in range(args.attempts):
+        res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
+        with serve(variant, args, app_dir) as (port, pid):
+            server0, gen0 = run_delay(pid), run_delay()
+            asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns))
+            res.stolen = max(run_delay(pid) - server0, run_delay() - gen0) / args.duration
+        res.attempts = attempt + 1
+        if args.timeline:
+            res.trace = read_trace(app_dir / "trace.txt", res.t0)
+        if best is None or res.stolen < best.stolen:
+            best = res
+        if res.stolen <= args.max_stolen:
+            break
+    assert best is not None
+    best.attempts = args.attempts if best.stolen > args.max_stolen else best.attempts
+    return best
+
+
 def calibrate(args: argparse.Namespace, app_dir: Path) -> Calibration:
-    with serve("none", args, app_dir) as port:
+    with serve("none", args, app_dir) as (port, _pid):
         asyncio.run(closed_loop(port, 4, 0.5))  # warm the process up
         caps = [asyncio.run(closed_loop(port, 4, 1.5)).goodput for _ in range(3)]
-        ones = [asyncio.run(closed_loop(port, 1, 1.5)) for _ in range(2)]
-    lat = sorted(x for one in ones for x in one.latencies())
-    cal = Calibration(max(caps), _pct(lat, 0.5), _pct(lat, 0.99))
+        ones = [asyncio.run(closed_loop(port, 1, 1.0)).latencies() for _ in range(3)]
+    # Another process on the machine can only lower capacity and raise latency: the
+    # best run of each is the least disturbed (and the strictest yardstick).
+    quiet = min(ones, key=lambda lat: _pct(lat, 0.99))
+    cal = Calibration(max(caps), _pct(quiet, 0.5), _pct(quiet, 0.99))
     print(
         f"calibration: capacity {cal.capacity:.0f} req/s (runs "
         f"{', '.join(f'{c:.0f}' for c in caps)}), unloaded p50 {cal.unloaded_p50 * 1000:.1f} ms, "
@@ -421,6 +460,13 @@ def main() -> None:
     parser.add_argument("--adaptive-start", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=1.5, help="the adaptive limit's")
     parser.add_argument("--max-conns", type=int, default=2000)
+    parser.add_argument("--attempts", type=int, default=3, help="per run, on a busy machine")
+    parser.add_argument(
+        "--max-stolen",
+        type=float,
+        default=0.02,
+        help="share of a run the server or generator may wait for its core before it is redone",
+    )
     parser.add_argument("--timeline", action="store_true", help="served latency per 0.5 s")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -445,21 +491,19 @@ def main() -> None:
             here = variants + oracle if multiple == max(multiples) else variants
             order = here if (rnd + int(multiple)) % 2 == 0 else tuple(reversed(here))
             for variant in order:
-                res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
-                with serve(variant, args, app_dir) as port:
-                    asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns))
+                res = measure(variant, multiple, cal, args, app_dir)
                 late = sorted(res.lateness)
                 print(
                     f"r{rnd} {variant:9} x{multiple:g}: goodput {res.goodput:.0f}/s "
                     f"({res.goodput / cal.capacity:.0%}), p50 {res.pct(0.5) * 1000:.0f} ms, "
                     f"p99 {res.pct(0.99) * 1000:.0f} ms (steady "
                     f"{res.pct(0.99, args.settle) * 1000:.0f} ms), shed {res.shed}, "
-                    f"failed {res.failed}; generator late p99 {_pct(late, 0.99) * 1000:.1f} ms",
+                    f"failed {res.failed}; generator late p99 {_pct(late, 0.99) * 1000:.1f} ms; "
+                    f"core stolen {res.stolen:.1%} (attempt {res.attempts})",
                     file=sys.stderr,
                 )
                 if args.timeline:
-                    trace = read_trace(app_dir / "trace.txt", res.t0)
-                    print(timeline(res, 0.5, trace), file=sys.stderr)
+                    print(timeline(res, 0.5, res.trace), file=sys.stderr)
                 results.append((res, cal))
     load_after = uptime()
 
@@ -474,19 +518,22 @@ def main() -> None:
         f"keep-alive HTTP/1.1) from the other core, {args.duration:g} s per measurement, "
         f"timeout {args.timeout_s:g} s; {args.rounds} round(s), each calibrated on the "
         f"unlimited service, variants in alternating order; medians over rounds. Capacity "
-        f"(closed loop, best of 3): **{capacity:.0f} req/s** (rounds: "
-        f"{', '.join(f'{c.capacity:.0f}' for c in cals)}); unloaded p99 (one at a time): "
+        f"(closed loop of 4, best of 3 runs): **{capacity:.0f} req/s** (rounds: "
+        f"{', '.join(f'{c.capacity:.0f}' for c in cals)}); unloaded p99 (one at a time, "
+        f"lowest of 3 runs): "
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
         f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
         f"{args.tolerance:g}; `fixed=N` rows (highest multiple only): static limits swept, "
         f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "
-        f"{args.settle:g} s; whole-run p99 includes that transient.",
+        f"{args.settle:g} s; whole-run p99 includes that transient. Core stolen: the share "
+        f"of the run the server or the generator waited for its core (schedstat run delay); "
+        f"a run over {args.max_stolen:.0%} was redone, up to {args.attempts} times.",
         "",
         "| offered | variant | goodput | of capacity | p50 | p99 (whole run) | p99 steady "
-        "| steady p99 / unloaded | shed (503) | timeouts/errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| steady p99 / unloaded | shed (503) | timeouts/errors | core stolen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for multiple in multiples:
         for variant in variants + oracle:
@@ -501,10 +548,11 @@ def main() -> None:
             ratio = statistics.median(r.pct(0.99, args.settle) / c.unloaded_p99 for r, c in runs)
             shed = statistics.median(r.shed / max(1, r.sent) for r, _c in runs)
             failed = statistics.median(r.failed / max(1, r.sent) for r, _c in runs)
+            stolen = statistics.median(r.stolen for r, _c in runs)
             lines.append(
                 f"| {multiple:g}x | {variant} | {goodput:.0f}/s | {good:.0%} | "
                 f"{p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {steady * 1000:.0f} ms | "
-                f"{ratio:.1f}x | {shed:.0%} | {failed:.0%} |"
+                f"{ratio:.1f}x | {shed:.0%} | {failed:.0%} | {stolen:.1%} |"
             )
     body = "\n".join(lines)
     print(body)
