@@ -255,6 +255,32 @@ async def test_a_busy_event_loop_shrinks_the_adaptive_limit(clock: FakeClock) ->
     assert limiter.estimate.baseline_s == pytest.approx(0.01)
 
 
+def test_the_lag_probe_measures_afresh_on_a_new_event_loop() -> None:
+    """A probe armed on a loop that closed before it ran must not freeze the lag."""
+    from fidelity_mw.inbound.bulkhead import LagProbe
+
+    now = [0.0]
+    probe = LagProbe(lambda: now[0])
+    old_loop = asyncio.new_event_loop()
+    try:
+        old_loop.call_soon(probe.arm)  # armed there; that loop never runs again
+        old_loop.call_soon(old_loop.stop)
+        old_loop.run_forever()
+    finally:
+        old_loop.close()
+    probe.lag_s = 5.0  # what it last measured there
+    assert probe.pending
+
+    async def serve_again() -> None:
+        probe.arm()
+        now[0] += 0.02  # the loop stays busy before the probe's callback runs
+        await asyncio.sleep(0)
+
+    asyncio.run(serve_again())
+    assert probe.lag_s == pytest.approx(0.02)
+    assert not probe.pending
+
+
 async def test_routes_without_a_bulkhead_record_no_concurrency_decision(clock: FakeClock) -> None:
     svc = Service(Policy(breaker=None), clock)
     assert (await svc.client.get("/w")).status_code == 200

@@ -183,17 +183,25 @@ class LagProbe:
     It is armed as a request leaves, so a request's own work is never its lag.
     """
 
-    __slots__ = ("lag_s", "monotonic", "pending")
+    __slots__ = ("_loop", "lag_s", "monotonic", "pending")
 
     def __init__(self, monotonic: Callable[[], float]) -> None:
         self.monotonic = monotonic
         self.lag_s = 0.0
         self.pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def arm(self) -> None:
-        if not self.pending:
-            self.pending = True
-            asyncio.get_running_loop().call_soon(self._ran, self.monotonic())
+        loop = asyncio.get_running_loop()
+        if self.pending and loop is self._loop:
+            return
+        if loop is not self._loop:
+            # A new event loop (the app served again, e.g. by another test client):
+            # a callback left on the old one never runs, and its lag is not this one's.
+            self._loop = loop
+            self.lag_s = 0.0
+        self.pending = True
+        loop.call_soon(self._ran, self.monotonic())
 
     def _ran(self, scheduled: float) -> None:
         self.pending = False
