@@ -564,6 +564,7 @@ def main() -> None:
                 f"{p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {steady * 1000:.0f} ms | "
                 f"{ratio:.1f}x | {shed:.0%} | {failed:.0%} | {stolen:.1%} |"
             )
+    shutil.rmtree(app_dir, ignore_errors=True)
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
