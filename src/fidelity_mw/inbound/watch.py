@@ -21,9 +21,9 @@ from ..context import DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import RoutePlan
 from ..state.base import InboundResult, StateStore
+from .refusals import after_give_up
 from .responses import (
     DECIDED_BY_APP,
-    EXHAUSTED,
     OUTCOME_DISCONNECTED,
     OUTCOME_FAILED,
     OUTCOME_SERVED,
@@ -121,8 +121,8 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 500 and ctx.upstream_exhausted:
-                headers = [*(headers or ()), EXHAUSTED]
+            if status >= 500 and (ctx.upstream_exhausted or ctx.shed_by is not None):
+                headers = after_give_up(ctx, headers, message.get("headers", ()))
             if headers:
                 # a new list: the app's may be shared (a reused Response object)
                 message["headers"] = [*message.get("headers", ()), *headers]
