@@ -280,3 +280,30 @@ async def test_a_healthy_answer_gets_no_advice() -> None:
     assert response.status_code == 200
     assert "retry-after" not in response.headers
     assert "x-fidelity-retry" not in response.headers
+
+
+async def test_headers_given_as_any_iterable_are_read_once_and_kept() -> None:
+    clock = FakeClock()
+    engine, store = service(clock)
+    open_all(store, clock)
+    fleet = Fleet(clock, step=0.25)
+    http = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    )
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        upstream = await http.get("http://payments/pay")
+        headers = ((name, value) for name, value in [(b"content-type", b"text/plain")])
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": b"upstream unavailable"})
+
+    app = FidelityMiddleware(raw, engine=engine, telemetry=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+        response = await client.get("/work")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "text/plain"
+    assert response.headers["retry-after"] == "4"
+    assert response.headers["x-fidelity-retry"] == "exhausted"

@@ -12,7 +12,7 @@ same answer serves a deadline that passes while the app still runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import httpx
@@ -166,7 +166,7 @@ _ADVISING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER, LAYER_RETRY)
 
 
 def after_give_up(
-    ctx: DecisionContext, headers: Headers | None, app_headers: Iterable[Any]
+    ctx: DecisionContext, headers: Headers | None, start: MutableMapping[str, Any]
 ) -> Headers | None:
     """The headers we add to the app's own 5xx after an outbound give-up or refusal:
     `x-fidelity-retry: exhausted` when we gave up after retrying, and `Retry-After`
@@ -176,6 +176,9 @@ def after_give_up(
     if ctx.upstream_exhausted:
         extra.append(EXHAUSTED)
     try:
+        app_headers = start.get("headers") or ()
+        if not isinstance(app_headers, list | tuple):  # any iterable: read it only once
+            start["headers"] = app_headers = list(app_headers)
         if not _has_retry_after(app_headers):
             value = retry_advice(ctx, ctx.engine.clock.monotonic())
             if value is not None:

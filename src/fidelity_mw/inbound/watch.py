@@ -123,7 +123,7 @@ class ResponseWatcher:
                 del watch.inflight[self]
             headers = ctx.response_headers
             if status >= 500 and (ctx.upstream_exhausted or ctx.shed_by is not None):
-                headers = after_give_up(ctx, headers, message.get("headers", ()))
+                headers = after_give_up(ctx, headers, message)
             if headers:
                 # a new list: the app's may be shared (a reused Response object)
                 message["headers"] = [*message.get("headers", ()), *headers]
