@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -177,6 +178,9 @@ class Engine:
         # One concurrency limiter per route with a bulkhead: process memory, its
         # only writer the middleware (plans come and go; the limiter stays).
         self.bulkheads: dict[str, ConcurrencyLimiter] = {}
+        # The transports built on this engine (weakly: a closed client's goes away), so
+        # the admin page can show their balancers' per-instance state (admin/view.py).
+        self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # ------------------------------------------------------------ plans
 

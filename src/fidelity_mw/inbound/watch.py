@@ -9,6 +9,7 @@ message and a failing write to the client. Everything else passes untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,9 +22,9 @@ from ..context import DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import RoutePlan
 from ..state.base import InboundResult, StateStore
+from .refusals import after_give_up
 from .responses import (
     DECIDED_BY_APP,
-    EXHAUSTED,
     OUTCOME_DISCONNECTED,
     OUTCOME_FAILED,
     OUTCOME_SERVED,
@@ -121,8 +122,8 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 500 and ctx.upstream_exhausted:
-                headers = [*(headers or ()), EXHAUSTED]
+            if status >= 500 and (ctx.upstream_exhausted or ctx.shed_by is not None):
+                headers = after_give_up(ctx, headers, message)
             if headers:
                 # a new list: the app's may be shared (a reused Response object)
                 message["headers"] = [*message.get("headers", ()), *headers]
@@ -149,6 +150,13 @@ def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, tok
         hook(ctx, scope, token)
     except Exception:
         logger.exception("fidelity_mw: telemetry observer failed")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class DeadlineWatch:
@@ -187,11 +195,26 @@ class DeadlineWatch:
         if self._timer is not None:
             self._timer.cancel()
         call_later = self._call_later
+        fire = self._fire
         if call_later is None:
             self._loop = loop = asyncio.get_running_loop()
             call_later = loop.call_later
+        else:
+            # A clock's timer fires in whichever thread advances the clock, but the
+            # expiry cancels this loop's tasks: only the loop's own thread may do that
+            # (from another, the loop is not even woken up).
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+            fire = self._fire_in_loop
         self._timer_at = at
-        self._timer = call_later(at - now if at > now else 0.0, self._fire)
+        self._timer = call_later(at - now if at > now else 0.0, fire)
+
+    def _fire_in_loop(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or _running_loop() is loop:
+            self._fire()
+        else:
+            loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
         self._timer = None
