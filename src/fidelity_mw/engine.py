@@ -78,6 +78,7 @@ class RoutePlan:
         "remaining_prefixes",
         "route",
         "served",
+        "served_below",
         "specs",
         "timed",
     )
@@ -98,6 +99,12 @@ class RoutePlan:
         self.breaker_key = f"route:{route}" if breaker is not None else None
         # the request's end time matters (slow calls count against the breaker)
         self.timed = breaker is not None and breaker.slow_call_ms is not None
+        # A complete response with a status below this is a plain success: served, and
+        # nothing for the breaker to weigh but one more success (0: always ask the
+        # outcome recorder, as for slow-call routes, whose end time must be weighed).
+        self.served_below = (
+            0 if self.timed else min((500, *breaker.failure_statuses)) if breaker else 500
+        )
         self.limits = limits
         self.specs = tuple(
             LimitSpec(

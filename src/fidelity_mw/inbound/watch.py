@@ -31,6 +31,7 @@ from .responses import (
 )
 
 logger = logging.getLogger("fidelity_mw")
+current_task = asyncio.current_task
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -51,17 +52,16 @@ _PATHSEND = "http.response.pathsend"  # always the whole body in one message
 class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got."""
 
-    __slots__ = (
-        "complete",
-        "ctx",
-        "end",
-        "expired",
-        "monotonic",
-        "send",
-        "started",
-        "task",
-        "watch",
-    )
+    # Class-level defaults (no __slots__): a request stores only what it changes.
+    started = False
+    complete = False
+    expired = False  # the deadline passed before the response started
+    # set when the route counts slow calls: then the end time is read at the
+    # last message (background tasks run after it, and are not the call)
+    monotonic: Callable[[], float] | None = None
+    end: tuple[ResponseEndHook, Scope, Any] | None = None
+    watch: DeadlineWatch | None = None  # set while armed
+    task: asyncio.Task[Any] | None = None
 
     def __init__(
         self,
@@ -78,18 +78,14 @@ class ResponseWatcher:
         before its response starts (arming here, not in a second call: the hot path)."""
         self.send = send
         self.ctx = ctx
-        self.end = end
-        # set when the route counts slow calls: then the end time is read at the
-        # last message (background tasks run after it, and are not the call)
-        self.monotonic = monotonic
-        self.started = False
-        self.complete = False
-        self.expired = False  # the deadline passed before the response started
-        self.watch = watch  # set while armed
+        if end is not None:
+            self.end = end
+        if monotonic is not None:
+            self.monotonic = monotonic
         if watch is None:
-            self.task: asyncio.Task[Any] | None = None
             return
-        self.task = asyncio.current_task()
+        self.watch = watch
+        self.task = current_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here
         if deadline_at < watch._timer_at or watch._timer_at < now - 1.0:
