@@ -72,6 +72,7 @@ class RoutePlan:
         "ip_key_prefix",
         "key_prefixes",
         "limits",
+        "one_advertised",
         "policy_field",
         "policy_header",
         "priority",
@@ -131,6 +132,13 @@ class RoutePlan:
             None if lim.shadow else f'"{sf_string_content(lim.name)}";r='.encode("ascii")
             for lim in limits
         )
+        # The common shape, precomputed for the RateLimit field: exactly one limit, and
+        # advertised: (its item prefix, tolerance, emission interval).
+        self.one_advertised: tuple[bytes, float, float] | None = None
+        if len(limits) == 1 and not limits[0].shadow:
+            prefix = self.remaining_prefixes[0]
+            assert prefix is not None
+            self.one_advertised = (prefix, self.specs[0].tolerance_s, self.specs[0].interval_s)
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
         # The route's bulkhead (in-process, shared by every plan of the route) and
