@@ -216,7 +216,8 @@ def report(results: dict[str, dict[str, Any]], n: int, variant: str, top: int) -
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['calls']:.1f} | {r['resumes']:.1f} | {r['c_calls']:.1f} "
-            f"| {r['bytecodes']:.0f} | {r['blocks']:.1f} | {r['peak_kib']:.2f} | {r['retained']:.3f} |"
+            f"| {r['bytecodes']:.0f} | {r['blocks']:.1f} | {r['peak_kib']:.2f} "
+            f"| {r['retained']:.3f} |"
         )
     lines += [
         "",
