@@ -110,6 +110,7 @@ class FidelityMiddleware:
         self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
         self._record_now = store_.record_now
+        self._records_now = store_.record_now is not None  # an outcome recorded in process
         self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
         # spent retry budget, a timeout that was the deadline) as 503/504; False: let
@@ -265,7 +266,7 @@ class FidelityMiddleware:
                 and status is not None
                 and status < plan.served_below
                 and ctx.shed_by is None
-                and (result is None or result.gate is None or self._record_now is not None)
+                and (self._records_now or result is None or result.gate is None)
             ):
                 # OutcomeRecorder.after_app's common case, inline: served, a success
                 ctx.decided_by = DECIDED_BY_APP
