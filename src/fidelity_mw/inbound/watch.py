@@ -88,7 +88,7 @@ class ResponseWatcher:
         self.task = current_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here
-        if deadline_at < watch._timer_at or watch._timer_at < now - 1.0:
+        if deadline_at < watch._timer_at or watch._recheck_at < now:
             watch.add(self, deadline_at, now)
 
     def disarm(self) -> None:
@@ -157,13 +157,24 @@ class DeadlineWatch:
     cost several times more.
     """
 
-    __slots__ = ("_call_later", "_loop", "_monotonic", "_timer", "_timer_at", "inflight")
+    __slots__ = (
+        "_call_later",
+        "_loop",
+        "_monotonic",
+        "_recheck_at",
+        "_timer",
+        "_timer_at",
+        "inflight",
+    )
 
     def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
         self._monotonic = monotonic
         self._call_later = call_later  # None: the running event loop's
         self._timer: TimerHandle | None = None
         self._timer_at = math.inf
+        # A timer this late (a second past its time) may belong to an event loop that
+        # is gone: the next arming looks (once, then again a second later).
+        self._recheck_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self.inflight: dict[ResponseWatcher, float] = {}
 
@@ -171,13 +182,13 @@ class DeadlineWatch:
         self.inflight[watcher] = deadline_at
         if deadline_at < self._timer_at:
             self._schedule(deadline_at, now)
-        elif (
-            self._timer_at < now - 1.0
-            and self._call_later is None
-            and self._loop is not asyncio.get_running_loop()
-        ):
-            # an overdue timer of an event loop that is gone (a busy loop's is only late)
-            self._schedule(deadline_at, now)
+        elif self._recheck_at < now:
+            if self._call_later is None and self._loop is not asyncio.get_running_loop():
+                # an overdue timer of an event loop that is gone
+                self._schedule(deadline_at, now)
+            else:
+                # a busy loop's timer is only late: no need to look at every request
+                self._recheck_at = now + 1.0
 
     def _schedule(self, at: float, now: float) -> None:
         if self._timer is not None:
@@ -187,11 +198,12 @@ class DeadlineWatch:
             self._loop = loop = asyncio.get_running_loop()
             call_later = loop.call_later
         self._timer_at = at
+        self._recheck_at = at + 1.0
         self._timer = call_later(at - now if at > now else 0.0, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        self._timer_at = math.inf
+        self._timer_at = self._recheck_at = math.inf
         now = self._monotonic()
         earliest = math.inf
         expired = []
