@@ -230,7 +230,12 @@ class BreakerState:
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
             return
-        steps = int((now - self._bucket_end) / self._bucket_s) + 1
+        bucket_s = self._bucket_s
+        steps = int((now - self._bucket_end) / bucket_s) + 1
+        if self._bucket_end + steps * bucket_s <= now:
+            # The division can round down (1001 - 1000.1 over 0.1 is 8.99...): the
+            # new bucket must end after `now`, or the same instant rotates twice.
+            steps += 1
         buckets = self.buckets
         if steps >= _BUCKETS:
             for bucket in buckets:
@@ -246,7 +251,5 @@ class BreakerState:
                 oldest[0] = oldest[1] = oldest[2] = 0
                 buckets.append(oldest)
         self._bucket_end = (
-            now + self._bucket_s
-            if self._bucket_end == 0.0
-            else self._bucket_end + steps * self._bucket_s
+            now + bucket_s if self._bucket_end == 0.0 else self._bucket_end + steps * bucket_s
         )
