@@ -226,19 +226,17 @@ def ratelimit_headers(
     """RateLimit-Policy (static per route) and RateLimit (remaining; seconds until more
     quota). With a Retry-After, no `t` points past it: "within t s no more than r" stays
     true for any shorter t, and the draft wants Retry-After no earlier than `t`."""
-    prefixes = plan.remaining_prefixes
-    if len(prefixes) == 1 and prefixes[0] is not None and result.limits[0].allowed:
-        # the common case on the allowed path: one advertised limit, and it admitted
+    one = plan.one_advertised
+    if one is not None:
         verdict = result.limits[0]
-        spec = plan.specs[0]
-        wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
-        t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
-        if retry_after is not None and t > retry_after:
-            t = retry_after
-        return [
-            plan.policy_field,
-            (b"ratelimit", prefixes[0] + b"%d;t=%d" % (verdict.remaining, t)),
-        ]
+        if verdict.allowed:
+            # the common case on the allowed path: one advertised limit, and it admitted
+            item, tolerance_s, interval_s = one
+            wait = verdict.reset_s - tolerance_s + (verdict.remaining + 1) * interval_s
+            t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
+            if retry_after is not None and t > retry_after:
+                t = retry_after
+            return [plan.policy_field, (b"ratelimit", item + b"%d;t=%d" % (verdict.remaining, t))]
     items = []
     # shadow limits (prefix None) are not advertised: they are never enforced
     for prefix, spec, verdict in zip(
