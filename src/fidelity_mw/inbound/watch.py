@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from starlette.requests import ClientDisconnect
 
 from .._types import Message, Scope, Send
-from ..context import DecisionContext
+from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import RoutePlan
 from ..state.base import InboundResult, StateStore
@@ -27,6 +27,7 @@ from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
     OUTCOME_FAILED,
+    OUTCOME_REJECTED,
     OUTCOME_SERVED,
     OUTCOME_SHED,
 )
@@ -312,7 +313,7 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and (status is None or status >= 500):
+        elif ctx.shed_by is not None and (status is None or status >= 400):
             return self.shed_downstream(ctx, plan, result, keys)
         elif ctx.upstream_exhausted and (status is None or status >= 500):
             # the outbound layer gave up on an upstream: not the client's quota
@@ -348,11 +349,12 @@ class OutcomeRecorder:
         keys: Sequence[str],
     ) -> Coroutine[Any, Any, Any] | None:
         """An outbound control layer refused the app's upstream call before sending it,
-        and the app answered with an error. That layer decided: the route breaker does
+        and the app answered with an error (or a per-route form rejected the request
+        inside the app, e.g. `Depends(limit)`'s 429). That layer decided: the route breaker does
         not count it (no second breaker on the same evidence) and the limits get their
         units back (a request rejected by one layer consumes no quota of another)."""
         ctx.decided_by = ctx.shed_by
-        ctx.outcome = OUTCOME_SHED
+        ctx.outcome = OUTCOME_REJECTED if ctx.shed_by == LAYER_RATELIMIT else OUTCOME_SHED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
         return _in_order(pending, self.refund(plan, result, keys))
 
