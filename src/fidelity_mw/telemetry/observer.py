@@ -29,6 +29,7 @@ Only public OpenTelemetry API is used.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -755,7 +756,10 @@ class Telemetry:
         span: Span = token.span
         status = response.status_code if response is not None else None
         error_type: str | None = None
-        if error is not None:
+        cancelled = False
+        if isinstance(error, asyncio.CancelledError):
+            cancelled = True  # the call stopped it (a hedge race's loser): nothing failed
+        elif error is not None:
             error_type = type(error).__qualname__
         elif status is not None and status >= 400:
             error_type = str(status)
@@ -783,6 +787,8 @@ class Telemetry:
             if error_type is not None:
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
+            elif cancelled:
+                attrs[s.ATTEMPT_CANCELLED] = True
             if attrs:
                 span.set_attributes(attrs)
             span.end()
