@@ -69,6 +69,7 @@ class Slice:
         "rate",
         "remaining",
         "retry_at",
+        "saturated",
         "spec",
         "synced_at",
         "tokens",
@@ -83,6 +84,9 @@ class Slice:
         self.synced_at = now
         self.blocked_until = 0.0  # bucket known empty until then
         self.retry_at = 0.0
+        # The fleet asks for more than the bucket refills: leases are spaced out
+        # and may be as large as the burst.
+        self.saturated = False
         # Demand is measured over windows of one sync interval, independent of
         # when leases happen (a lease must not restart the measurement: frequent
         # leases would then see a fraction of an interval's demand).
@@ -110,6 +114,11 @@ class Slice:
         return max(1, int(self.spec.tolerance_s / self.spec.interval_s + 1e-6))
 
     def max_slice(self) -> int:
+        if self.saturated:
+            # Demand exceeds supply: each lease takes what refilled since the
+            # last one (at most the burst), so a slice of burst / 4 would make
+            # a lease per burst / 4 units.
+            return max(self.spec.cost, self.burst_units)
         return max(self.spec.cost, self.burst_units // 4)
 
 
@@ -638,6 +647,7 @@ class TieredStore(StateStore):
             cb.synced_at = now
             i += 3
         sync_s = self.sync_s
+        asked_at = now - 2.0 * age  # when the call started: the earliest the server read
         for key, _spec, _give, want in limits:
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
             i += 3
@@ -647,22 +657,34 @@ class TieredStore(StateStore):
             sl.tokens += granted
             sl.remaining = remaining
             sl.synced_at = now
-            if want > 0 and granted == 0:
-                # The bucket cannot cover one request: stop asking until it could
-                # have refilled this slice (at least `retry`, at most 10 syncs;
-                # at least a quarter sync, so a hot empty key costs <= 4 calls
-                # per sync interval).
-                refill = want * sl.spec.interval_s
-                block = max(retry, min(refill, sync_s), sync_s / 4.0)
-                sl.blocked_until = now + min(block, IDLE_INTERVALS * sync_s)
-                sl.retry_at = now - age + retry
-            elif 0 < granted < want:
-                # A short grant: the bucket is (nearly) empty. Spend what came,
-                # then do not ask again before it could refill a slice.
-                sl.blocked_until = now + min(want * sl.spec.interval_s, sync_s)
-                sl.retry_at = sl.blocked_until
-            elif granted:
+            if want <= 0:
+                continue
+            if remaining > 0 or (granted >= want and not sl.saturated):
+                # The bucket had all that was asked (and more): not saturated.
+                sl.saturated = False
                 sl.blocked_until = 0.0
+                continue
+            # The grant emptied the bucket: the fleet asks for more than it refills.
+            # Cache the refusal: no lease before the bucket can serve one request
+            # (`retry`, counted from the call's start, the earliest moment the
+            # server can have read its clock), and none before the bucket has had
+            # time to refill this instance's share of it, so a saturated key costs
+            # about one lease per refill time per instance, not one per request.
+            # The wait is jittered so the fleet's leases spread out, and scaled by
+            # the fleet size: N instances asking once per N x (the bucket's refill
+            # time) x 0.5 on average keep the bucket from overflowing (capacity
+            # nobody leased is lost) while each lease brings about half a burst.
+            sl.saturated = True
+            sl.retry_at = asked_at + retry
+            refill = sl.burst_units * sl.spec.interval_s
+            wait = refill * self._members(now) * (0.25 + 0.5 * self._rng())
+            sl.blocked_until = min(max(sl.retry_at, now + wait), now + IDLE_INTERVALS * sync_s)
+
+    def _members(self, now: float) -> int:
+        """The fleet size as last announced (1 when unknown or too old)."""
+        share = self.exact.fleet.share(now) if self.exact.fleet.enabled else None
+        size = share.size if share is not None else None
+        return size if size is not None and size >= 1 else 1
 
     def _maybe_sync(self, now: float) -> None:
         if now - self._last_sync < 0.8 * self.sync_s:
@@ -728,7 +750,11 @@ class TieredStore(StateStore):
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
                 sl.tokens = want
-            elif sl.tokens * 2 < want and sl.blocked_until <= now:
+            elif sl.tokens * 2 < want and (
+                sl.blocked_until <= now or (sl.saturated and sl.retry_at <= now)
+            ):
+                # A blocked saturated key is leased for here too: this call is made
+                # anyway, and the bucket may have refilled since the last lease.
                 limits.append((key, sl.spec, 0, want - sl.tokens))
             else:
                 limits.append((key, sl.spec, 0, 0))  # refresh `remaining` and the age
