@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from .scripts import Script
 
 # Operations per batch call: bounds the script's run time (Redis runs it alone)
-# and the reply size. A busier tick sends several calls, concurrently.
+# and the reply size. A busier tick sends several calls, concurrently, each
+# from its own task.
 MAX_BATCH: Final = 64
 
 # The scripts whose calls may share a batch, by script name, and their op codes.
@@ -97,25 +98,30 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         queue = self._queue_of(loop)
         future: asyncio.Future[Reply] = loop.create_future()
-        queue.ops.append(_Op(script, keys, args, future))
-        if len(queue.ops) == 1:
+        ops = queue.ops
+        ops.append(_Op(script, keys, args, future))
+        n = len(ops)
+        if n == 1:
             # The task's first step runs in the next tick: everything queued
-            # until then goes with it.
-            task = loop.create_task(self._flush(queue))
+            # until then goes with it (at most MAX_BATCH operations).
+            task = loop.create_task(self._flush(queue, ops))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        elif n >= MAX_BATCH:
+            # Full: the next operation starts another batch with a task of its
+            # own. Every batch of a busy tick then goes out in the next tick,
+            # each from its own task, rather than one task splitting the queue
+            # and starting a task per chunk (a tick later for all of them).
+            queue.ops = []
         return await future
 
-    async def _flush(self, queue: _Queue) -> None:
-        ops, queue.ops = queue.ops, []
+    async def _flush(self, queue: _Queue, ops: list[_Op]) -> None:
+        if queue.ops is ops:
+            queue.ops = []
         if len(ops) == 1:
             await self._send_one(ops[0])
-            return
-        chunks = [ops[i : i + MAX_BATCH] for i in range(0, len(ops), MAX_BATCH)]
-        if len(chunks) == 1:
-            await self._send(chunks[0])
         else:
-            await asyncio.gather(*(self._send(chunk) for chunk in chunks))
+            await self._send(ops)
 
     async def _send_one(self, op: _Op) -> None:
         try:
