@@ -67,6 +67,7 @@ class Slice:
         "demand",
         "pending",
         "rate",
+        "ready_at",
         "remaining",
         "retry_at",
         "saturated",
@@ -80,6 +81,9 @@ class Slice:
     def __init__(self, spec: LimitSpec, now: float) -> None:
         self.spec = spec
         self.tokens = 0  # units this instance may still admit
+        # When the next of them conforms (local clock): unit j at ready_at + j x
+        # interval. Units leased ahead (a saturated key) conform only later.
+        self.ready_at = -math.inf
         self.remaining = 0  # units left in the global bucket at the last sync
         self.synced_at = now
         self.blocked_until = 0.0  # bucket known empty until then
@@ -108,6 +112,35 @@ class Slice:
         """Units/s: the last full window's rate, or the open window's demand as if it
         were a whole interval's, whichever is higher (a burst counts at once)."""
         return max(self.rate, self.demand / window_s)
+
+    def usable(self, now: float) -> int:
+        """How many of the held units conform at `now`."""
+        ready = self.ready_at
+        if ready > now:
+            return 0
+        conforming = (now - ready) / self.spec.interval_s + 1e-6
+        return self.tokens if conforming >= self.tokens else int(conforming) + 1
+
+    def spend(self, units: int) -> None:
+        self.tokens -= units
+        self.ready_at += units * self.spec.interval_s
+
+    def put_back(self, units: int) -> None:
+        """Units spent and not used after all: they conform now, ahead of the rest."""
+        self.tokens += units
+        self.ready_at -= units * self.spec.interval_s
+
+    def add(self, units: int, ready_at: float) -> None:
+        """Units leased now, the first conforming at `ready_at`. Held ones keep their
+        place; the new ones follow them, never earlier than they conform: the merged
+        schedule never lets unit k be spent before k units conform."""
+        if units <= 0:
+            return
+        if self.tokens <= 0:
+            self.ready_at = ready_at
+        else:
+            self.ready_at = max(self.ready_at, ready_at - self.tokens * self.spec.interval_s)
+        self.tokens += units
 
     @property
     def burst_units(self) -> int:
@@ -311,7 +344,7 @@ class TieredStore(StateStore):
         ok: list[bool] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices[key]
-            allowed = sl.tokens >= spec.cost
+            allowed = sl.usable(now) >= spec.cost
             ok.append(allowed)
             if not allowed and not spec.shadow:
                 admitted = False
@@ -319,13 +352,15 @@ class TieredStore(StateStore):
         for key, spec, allowed in zip(limit_keys, limits, ok, strict=True):
             sl = slices[key]
             if allowed and admitted:
-                sl.tokens -= spec.cost
+                sl.spend(spec.cost)
             remaining = min(sl.burst_units, sl.remaining + sl.tokens)
             reset = (sl.burst_units - remaining) * spec.interval_s
             if allowed:
                 verdicts.append(LimitVerdict(True, 0.0, remaining, reset, 0.0))
             else:
                 wait = max(sl.retry_at, sl.blocked_until) - now
+                if sl.tokens >= spec.cost:  # leased ahead: held, not yet conforming
+                    wait = sl.ready_at + (spec.cost - 1) * spec.interval_s - now
                 verdicts.append(
                     LimitVerdict(False, 0.0, remaining, reset, max(wait, spec.interval_s))
                 )
@@ -353,7 +388,7 @@ class TieredStore(StateStore):
             )
             sl = self.slices.get(key) if sliced else None
             if sl is not None and sl.spec == spec:
-                sl.tokens += spec.cost  # leased units, unspent after all
+                sl.put_back(spec.cost)  # leased units, unspent after all
             elif not sliced or source != SOURCE_CACHE:
                 exact.append(i)
         if exact:
@@ -606,8 +641,11 @@ class TieredStore(StateStore):
         loop = asyncio.get_running_loop()
         for key, spec, give, want in limits:
             keys.append(exact.key("rl", key))
-            args.extend((spec.interval_s, spec.tolerance_s, give, want, spec.cost))
             sl = self.slices.get(key)
+            # A saturated key leases ahead: units that conform within one sync
+            # interval (see Slice.add), so the bucket never sits full unleased.
+            ahead = self.sync_s if want > 0 and sl is not None and sl.saturated else 0
+            args.extend((spec.interval_s, spec.tolerance_s, give, want, spec.cost, ahead))
             if want > 0 and sl is not None and sl.pending is None:
                 sl.pending = loop.create_future()
                 futures.append(sl.pending)
@@ -650,11 +688,15 @@ class TieredStore(StateStore):
         asked_at = now - 2.0 * age  # when the call started: the earliest the server read
         for key, _spec, _give, want in limits:
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
-            i += 3
+            first = float(reply[i + 3])
+            i += 4
             sl = self.slices.get(key)
             if sl is None:
                 continue
-            sl.tokens += granted
+            # Units that conform already are usable at once (whatever time base the
+            # caller's `now` uses); units leased ahead from `now` + `first`: the
+            # server read its clock at most at our `now`, so none is spent early.
+            sl.add(granted, now + first if first > 0.0 else -math.inf)
             sl.remaining = remaining
             sl.synced_at = now
             if want <= 0:
