@@ -5,11 +5,11 @@
 - **Limits.** Leases a *slice* of each hot key's quota from the global GCRA
   bucket in Redis (the slice's units are taken from the bucket when leased)
   and admits locally while the slice lasts. A request that finds its slice
-  empty waits for one lease round trip; a key whose bucket is (nearly) empty
-  is blocked locally until the bucket could have refilled a slice, instead of
-  asking Redis on every request. Every sync the instance tops up
-  slices that run low and gives back what it holds beyond its current need,
-  and all of an idle key's units.
+  empty waits for one lease round trip. A saturated key (a lease emptied the
+  bucket) caches the refusal instead of asking Redis on every request, and
+  leases ahead: units that conform only later, each spent no earlier than it
+  conforms. Every sync the instance tops up slices that run low and gives
+  back what it holds beyond its current need, and all of an idle key's units.
 - **Breakers.** Gates on a cached copy of each route breaker, refreshed on
   every sync and never used when older than one sync interval (then the
   request refreshes it first). Outcomes are counted locally and applied to
@@ -26,7 +26,8 @@ Accuracy (see docs/state.md): units are taken from the global bucket before
 they are admitted, so over any run that starts from a fresh bucket the fleet
 admits at most what one exact GCRA would (rate x t + burst). Over an
 arbitrary window the bound loosens by the units held in slices when the
-window starts: at most N x max_slice (N instances, max_slice = burst / 4).
+window starts: at most N x max_slice (N instances, max_slice = burst / 4, or
+the burst for a saturated key).
 The price is under-admission: units in one instance's slice are not
 available to the others until given back (at most one sync interval later).
 """
@@ -713,9 +714,11 @@ class TieredStore(StateStore):
             # time to refill this instance's share of it, so a saturated key costs
             # about one lease per refill time per instance, not one per request.
             # The wait is jittered so the fleet's leases spread out, and scaled by
-            # the fleet size: N instances asking once per N x (the bucket's refill
-            # time) x 0.5 on average keep the bucket from overflowing (capacity
-            # nobody leased is lost) while each lease brings about half a burst.
+            # the fleet size (N instances asking once per N x the bucket's refill
+            # time x 0.5 on average). The periodic sync, made anyway, leases for
+            # the key once `retry_at` has passed; leases of a saturated key reach
+            # ahead (`ahead` in _sync_call), so the bucket does not sit full while
+            # the fleet waits.
             sl.saturated = True
             sl.retry_at = asked_at + retry
             refill = sl.burst_units * sl.spec.interval_s
