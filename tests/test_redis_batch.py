@@ -476,3 +476,29 @@ async def test_a_busy_tick_sends_every_batch_in_the_next_tick(redis_url: str) ->
     assert redis_store.coalescer.coalesced == 150
     assert len(set(queued)) == 1  # one tick queued them all
     assert started == [queued[0] + 1] * 3
+
+
+async def test_a_batch_sends_each_key_once(redis_url: str) -> None:
+    """50 requests on one route breaker and one hot limit key: the batch call carries
+    the 3 keys once (the client's cost is per argument), and decides as before."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    memory = MemoryStore(rng=seeded_random(7))
+    sent: list[int] = []
+    send = redis_store.coalescer._call
+
+    async def counted(script, keys, args):  # type: ignore[no-untyped-def]
+        sent.append(len(keys))
+        return await send(script, keys, args)
+
+    redis_store.coalescer._call = counted
+    breaker = BreakerConfig()
+    try:
+        got = await asyncio.gather(
+            *(redis_store.admit("route:/h", breaker, ["a|hot"], [A], 0.0) for _ in range(50))
+        )
+    finally:
+        await redis_store.aclose()
+    want = [memory.admit_now("route:/h", breaker, ["a|hot"], [A], 0.0) for _ in range(50)]
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert sum(r.admitted for r in got) == 3  # the burst, then refusals: a real test
+    assert sent == [3]

@@ -139,12 +139,22 @@ class Coalescer:
         if len(ops) == 1:
             await self._send_one(ops[0])
             return
+        # Each key goes once (the client's cost is per argument, and a tick's
+        # requests mostly share keys); an operation names its keys by index.
         keys: list[str] = []
+        index: dict[str, str] = {}
         args: list[str] = []
         for op in ops:
-            keys.extend(op.keys)
+            refs = []
+            for key in op.keys:
+                ref = index.get(key)
+                if ref is None:
+                    keys.append(key)
+                    ref = index[key] = str(len(keys))
+                refs.append(ref)
             # str(float) is repr: the digits redis-py would send for the value
-            args.append(",".join((_OP_CODES[op.script.name], *map(str, op.args))))
+            head = (_OP_CODES[op.script.name], "k" + ".".join(refs))
+            args.append(",".join((*head, *map(str, op.args))))
         self.batches += 1
         self.coalesced += len(ops)
         try:
