@@ -502,3 +502,28 @@ async def test_a_batch_sends_each_key_once(redis_url: str) -> None:
     assert [flat(r) for r in got] == [flat(r) for r in want]
     assert sum(r.admitted for r in got) == 3  # the burst, then refusals: a real test
     assert sent == [3]
+
+
+async def test_cached_argument_text_is_what_the_values_would_send(redis_url: str) -> None:
+    """An admission hands the batch its values pre-joined (constant parts cached): the
+    same text, value for value, as joining them one by one."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    seen: list[tuple[list[object], str | None]] = []
+    call = redis_store.coalescer.call
+
+    async def spy(script, keys, args, text=None):  # type: ignore[no-untyped-def]
+        seen.append((list(args), text))
+        return await call(script, keys, args, text)
+
+    redis_store.coalescer = type(
+        "Spy", (), {"call": staticmethod(spy), "aclose": call.__self__.aclose}
+    )()  # type: ignore[assignment]
+    breaker = BreakerConfig()
+    try:
+        for bkey, keys, limits in REQUESTS:
+            await redis_store.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
+    finally:
+        await redis_store.aclose()
+    assert len(seen) == len(REQUESTS)
+    for args, text in seen:
+        assert text == ",".join(map(str, args))

@@ -39,7 +39,7 @@ Call = Callable[["Script", Sequence[str], Sequence[Any]], Awaitable[Reply]]
 
 
 class _Op:
-    __slots__ = ("args", "future", "keys", "script")
+    __slots__ = ("args", "future", "keys", "script", "text")
 
     def __init__(
         self,
@@ -47,11 +47,13 @@ class _Op:
         keys: Sequence[str],
         args: Sequence[Any],
         future: asyncio.Future[Reply],
+        text: str | None,
     ) -> None:
         self.script = script
         self.keys = keys
         self.args = args
         self.future = future
+        self.text = text
 
 
 class _Queue:
@@ -94,12 +96,16 @@ class Coalescer:
             self._bound = (loop, queue)
             return queue
 
-    async def call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Reply:
+    async def call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], text: str | None = None
+    ) -> Reply:
+        """`text`, when given, is `args` as a batch sends them: ",".join(map(str, args))
+        (a caller that caches the constant parts saves most of that cost)."""
         loop = asyncio.get_running_loop()
         queue = self._queue_of(loop)
         future: asyncio.Future[Reply] = loop.create_future()
         ops = queue.ops
-        ops.append(_Op(script, keys, args, future))
+        ops.append(_Op(script, keys, args, future, text))
         n = len(ops)
         if n == 1:
             # The task's first step runs in the next tick: everything queued
@@ -153,8 +159,8 @@ class Coalescer:
                     ref = index[key] = str(len(keys))
                 refs.append(ref)
             # str(float) is repr: the digits redis-py would send for the value
-            head = (_OP_CODES[op.script.name], "k" + ".".join(refs))
-            args.append(",".join((*head, *map(str, op.args))))
+            text = op.text if op.text is not None else ",".join(map(str, op.args))
+            args.append(f"{_OP_CODES[op.script.name]},k{'.'.join(refs)},{text}")
         self.batches += 1
         self.coalesced += len(ops)
         try:
