@@ -1203,6 +1203,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# A Lua 1 as a script's reply element (int), or as a batch's reply text carries it.
+_ONE: Final = (1, "1")
+
+
 def parse_admit(
     reply: Sequence[Any], has_breaker: bool, n_limits: int, source: str, age: float
 ) -> InboundResult:
@@ -1224,12 +1228,14 @@ def parse_admit(
     if n_limits == 1:  # the common case, without the generator
         reset = float(reply[9])
         verdicts: tuple[LimitVerdict, ...] = (
-            LimitVerdict(reply[7] == 1, server_now + reset, int(reply[8]), reset, float(reply[10])),
+            LimitVerdict(
+                reply[7] in _ONE, server_now + reset, int(reply[8]), reset, float(reply[10])
+            ),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] == 1,
+                reply[i] in _ONE,
                 server_now + float(reply[i + 2]),
                 int(reply[i + 1]),
                 float(reply[i + 2]),
@@ -1237,7 +1243,7 @@ def parse_admit(
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )
-    return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+    return InboundResult(gate, verdicts, reply[6] in _ONE, source, age)
 
 
 # ---------------------------------------------------------------- snapshot views

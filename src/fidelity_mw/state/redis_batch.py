@@ -201,18 +201,14 @@ def _fail(op: _Op, exc: Exception) -> None:
         op.future.set_exception(exc)
 
 
-def _value(text: str) -> Any:
-    # Integers as Redis returns a Lua integer; everything else as the text it is.
-    return int(text) if text.isdigit() else text
-
-
 def _split(reply: Any) -> list[list[Any]]:
-    """batch.lua's reply, one list of values per operation (as its own script replies)."""
+    """batch.lua's reply, one list of values per operation, each value as text (the
+    parsers convert what they read: int(), float(), and `parse_admit` takes "1" as 1)."""
     if isinstance(reply, bytes):
         reply = reply.decode()
     if not isinstance(reply, str):
         return []
-    return [[_value(v) for v in op.split(",")] for op in reply.split(";")]
+    return [op.split(",") for op in reply.split(";")]
 
 
 def coalescable(script: Script) -> bool:
