@@ -186,3 +186,25 @@ async def test_refunds_on_a_saturated_key(redis_url: str, pinned: RedisClock) ->
     )
     assert kept <= bound
     assert kept >= 0.9 * RATE * span
+
+
+def test_units_leased_ahead_are_spent_no_earlier_than_they_conform() -> None:
+    """The slice's schedule (pure, no Redis): unit j of a lease ahead conforms at its
+    first moment + j x interval; a merged lease never moves a unit earlier."""
+    from fidelity_mw.state.tiered import Slice
+
+    sl = Slice(LimitSpec("x", 1.0, 4.0, 1, False), 0.0)
+    sl.add(3, -float("inf"))  # conforming already
+    assert sl.usable(0.0) == 3
+    sl.spend(3)
+    sl.add(4, 10.0)  # ahead: at 10, 11, 12, 13
+    assert [sl.usable(t) for t in (9.99, 10.0, 11.5, 12.0, 20.0)] == [0, 1, 2, 3, 4]
+    sl.spend(1)
+    assert sl.usable(10.5) == 0
+    assert sl.usable(11.0) == 1
+    # 3 held (11, 12, 13) + 2 more conforming at 11.5 and 12.5: the new ones follow
+    sl.add(2, 11.5)
+    assert sl.tokens == 5
+    assert [sl.usable(t) for t in (11.0, 13.0, 15.0)] == [1, 3, 5]
+    sl.put_back(1)  # spent and not used: it conforms now, ahead of the others
+    assert sl.usable(10.0) == 1

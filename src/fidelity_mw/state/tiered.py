@@ -354,7 +354,7 @@ class TieredStore(StateStore):
             sl = slices[key]
             if allowed and admitted:
                 sl.spend(spec.cost)
-            remaining = min(sl.burst_units, sl.remaining + sl.tokens)
+            remaining = min(sl.burst_units, sl.remaining + sl.usable(now))
             reset = (sl.burst_units - remaining) * spec.interval_s
             if allowed:
                 verdicts.append(LimitVerdict(True, 0.0, remaining, reset, 0.0))
