@@ -83,6 +83,21 @@ def test_window_slides_old_failures_out() -> None:
     assert call(b2, T0 + 8.0, FAILURE) == OPEN
 
 
+def test_a_call_exactly_one_window_later_lands_in_a_fresh_bucket_once() -> None:
+    """1001.0 - 1000.1 over 0.1 rounds down to 8.99...: the rotation must still end its
+    bucket after `now`, so one instant never rotates twice (reading the totals at the
+    same instant must not move the window again)."""
+    b = BreakerState(BreakerConfig(failure_ratio=0.6, min_calls=3, window_s=1.0))
+    call(b, T0, FAILURE)
+    call(b, T0, FAILURE)
+    assert call(b, T0 + 1.0, SUCCESS) == CLOSED  # the failures are one window old
+    assert b.totals(T0 + 1.0) == (1, 0, 0)
+    assert b.totals(T0 + 1.0) == (1, 0, 0)  # the same instant again: nothing moves
+    # ... so the success is still in the window 0.95 s later (a second rotation at
+    # T0 + 1.0 had aged it by one bucket and dropped it here).
+    assert b.totals(T0 + 1.95) == (1, 0, 0)
+
+
 def test_opens_on_slow_call_ratio() -> None:
     config = BreakerConfig(min_calls=4, slow_call_ms=100, slow_call_ratio=0.5, window_s=10)
     b = BreakerState(config)

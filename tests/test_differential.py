@@ -407,6 +407,20 @@ def test_a_known_tricky_sequence(harness: Harness) -> None:
     harness.run((0, 0.5, ops))
 
 
+def test_a_bucket_edge_in_floating_point(harness: Harness) -> None:
+    """Found by Hypothesis: at exactly one window after two failures the bucket
+    arithmetic rounds down (8.99... steps); Python rotated a second time at the same
+    instant and Lua did not, so Redis opened where memory stayed closed."""
+    ops: list[tuple[Any, ...]] = [
+        ("call", FAILURE, False),
+        ("admit", True, 0, 0, 1, False),
+        ("record", 0, FAILURE, False),
+        ("advance", 1.0),
+        ("call", SUCCESS, False),
+    ]
+    harness.run((1, 0.5, ops))
+
+
 # ---------------------------------------------------------------- planted bugs
 
 

@@ -79,3 +79,16 @@ BudgetAgainstModel.TestCase.settings = settings(
     max_examples=120, stateful_step_count=50, deadline=None
 )
 TestBudgetAgainstModel = BudgetAgainstModel.TestCase
+
+
+def test_a_count_at_a_rounding_edge_stays_for_its_whole_bucket() -> None:
+    """1001.0 - 1000.1 over 0.1 rounds down to 8.99...: the window must still rotate
+    once per instant, or a request counted at 1001.0 ages a bucket at once and leaves
+    the window early (here: before 0.95 s)."""
+    from fidelity_mw.decide.budget import BudgetWindow
+
+    window = BudgetWindow(RetryConfig(budget_window_s=1.0))
+    window.request(T0)
+    window.request(T0 + 1.0)
+    assert window.totals(T0 + 1.0) == (1, 0)
+    assert window.totals(T0 + 1.95) == (1, 0)

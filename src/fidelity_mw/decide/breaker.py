@@ -134,6 +134,22 @@ class BreakerState:
         slow: bool = False,
     ) -> str:
         """Count one finished call (probe_id from its Gate). Returns the state afterwards."""
+        if (
+            outcome == SUCCESS
+            and not probe_id
+            and not slow
+            and now < self._bucket_end
+            and epoch == self.epoch
+            and self.state == CLOSED
+        ):
+            # Most calls: a success of this epoch, closed, in the current bucket. Without
+            # failures or slow calls in the window it cannot open: count it and return.
+            totals = self._totals
+            if not (totals[1] or totals[2]):
+                self.buckets[-1][0] += 1
+                totals[0] += 1
+                self.consecutive = 0
+                return CLOSED
         # A probe whose lease ran out no longer holds a slot; its late report
         # must not free someone else's.
         if probe_id and self.probes.pop(probe_id, None) is None:
@@ -214,7 +230,12 @@ class BreakerState:
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
             return
-        steps = int((now - self._bucket_end) / self._bucket_s) + 1
+        bucket_s = self._bucket_s
+        steps = int((now - self._bucket_end) / bucket_s) + 1
+        if self._bucket_end + steps * bucket_s <= now:
+            # The division can round down (1001 - 1000.1 over 0.1 is 8.99...): the
+            # new bucket must end after `now`, or the same instant rotates twice.
+            steps += 1
         buckets = self.buckets
         if steps >= _BUCKETS:
             for bucket in buckets:
@@ -230,7 +251,5 @@ class BreakerState:
                 oldest[0] = oldest[1] = oldest[2] = 0
                 buckets.append(oldest)
         self._bucket_end = (
-            now + self._bucket_s
-            if self._bucket_end == 0.0
-            else self._bucket_end + steps * self._bucket_s
+            now + bucket_s if self._bucket_end == 0.0 else self._bucket_end + steps * bucket_s
         )

@@ -79,7 +79,10 @@ class BudgetWindow:
         if self._bucket_end == 0.0:
             self._bucket_end = now + self._bucket_s
             return
-        steps = int((now - self._bucket_end) / self._bucket_s) + 1
+        bucket_s = self._bucket_s
+        steps = int((now - self._bucket_end) / bucket_s) + 1
+        if self._bucket_end + steps * bucket_s <= now:  # the division rounded down
+            steps += 1
         requests, retries = self.requests, self.retries
         if steps >= _BUDGET_BUCKETS:
             for i in range(_BUDGET_BUCKETS):
@@ -91,4 +94,4 @@ class BudgetWindow:
                 index = (index + 1) % _BUDGET_BUCKETS
                 requests[index] = retries[index] = 0
             self._index = index
-        self._bucket_end += steps * self._bucket_s
+        self._bucket_end += steps * bucket_s

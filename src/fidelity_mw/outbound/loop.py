@@ -12,6 +12,10 @@
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
+With one, a plain upstream's first attempt is decided without the generator
+(`First`): most calls are one attempt that succeeds, and that path then costs
+no generator resumptions; anything else goes on in `attempts` from right
+after the send, so every later decision is the loop's.
 
 It returns the response for the caller, or raises (`CircuitOpen`,
 `DeadlineExceeded`, the last transport error). The async transport awaits the
@@ -30,11 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, NamedTuple
 
 import httpx
 
+from ..clock import SystemClock
 from ..context import (
     ALLOW,
     LAYER_BREAKER,
@@ -78,6 +84,7 @@ from .wire import (
     bounded_timeouts,
     replayable,
     stamp,
+    stamp_first,
     take_ours,
     unstamp,
 )
@@ -97,16 +104,20 @@ Steps = Generator[Effect, Any, httpx.Response]
 
 _FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
+_monotonic = time.monotonic
+_NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 
 
 class Local(NamedTuple):
     """An in-process store's synchronous operations: `outbound_gate_now` (answers
-    (gate, budget allowed)), `record_now`, and the breaker states a balancer reads
-    fresh, `breakers_open_until_now`."""
+    (gate, budget allowed)), `outbound_begin_now` (a first attempt's: the gate or
+    None), `record_now`, and the breaker states a balancer reads fresh,
+    `breakers_open_until_now`."""
 
     gate: Callable[..., Any]
     record: Callable[..., Any]
     peek: Callable[..., Any] | None
+    begin: Callable[..., Any]
 
 
 def local_ops(store: object) -> Local | None:
@@ -115,7 +126,127 @@ def local_ops(store: object) -> Local | None:
     record = getattr(store, "record_now", None)
     if gate is None or record is None:
         return None
-    return Local(gate, record, getattr(store, "breakers_open_until_now", None))
+    begin = getattr(store, "outbound_begin_now", None)
+    if begin is None:
+        begin = _begin_with(gate)
+    return Local(gate, record, getattr(store, "breakers_open_until_now", None), begin)
+
+
+def _begin_with(gate: Callable[..., Any]) -> Callable[..., Any]:
+    def begin(key: str, breaker: BreakerConfig | None, budget: str, cfg: Any, now: float) -> Any:
+        return gate(key, breaker, budget, cfg, False, now)[0]
+
+    return begin
+
+
+class First(NamedTuple):
+    """The first attempt of a call to a plain upstream (no instances) on in-process state,
+    unhedged: gated and stamped by `first_attempt`, sent by the transport, and, when its
+    response ends the call (`finish`), recorded there too. Otherwise the call goes on in
+    `attempts` (`resume`) from right after the send, with what was taken here. (A tuple:
+    built in one step, without a class's per-call construction cost.)"""
+
+    ctx: DecisionContext
+    up: Upstream
+    request: httpx.Request
+    own: bool
+    observer: AttemptObserver | None
+    now: float
+    local: Local
+    gate: Gate | None
+    source: str
+    prior: list[tuple[bytes, bytes, bytes]] | None
+    token: Any
+    original_timeout: Mapping[str, float | None] | None
+    can_replay: bool
+
+    def finish(self, response: httpx.Response) -> httpx.Response | None:
+        """The response, recorded, when it ends the call (no retry to consider); None
+        when the call goes on in the loop (`resume`)."""
+        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _ = self
+        status = response.status_code
+        if status >= 500 or status in up.retry_statuses:
+            return None
+        clock = ctx.engine.clock
+        ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        if up.window is not None:
+            up.window.add(ended - now)
+        breaker = up.breaker
+        if gate is not None and breaker is not None:
+            try:
+                local.record(
+                    up.breaker_key, breaker, gate,
+                    FAILURE if status in up.fail_statuses else SUCCESS,
+                    breaker.slow_call_ms is not None and is_slow(breaker, now, ended), ended,
+                )  # fmt: skip
+            except Exception as exc:  # the response stands: an outcome lost is logged
+                logger.warning(_NOT_RECORDED, up.key, exc)
+        if observer is not None:
+            observe_end(observer, token, response, None)
+        unstamp(request.headers, prior)
+        if own:
+            response.extensions[CONTEXT_EXTENSION] = ctx
+            if observer is not None:
+                call_end(observer, ctx)
+        return response
+
+    def resume(self, response: httpx.Response | None, thrown: BaseException | None) -> Steps:
+        """The rest of the call, as the loop: from the first attempt's result."""
+        ctx = self.ctx
+        return attempts(
+            ctx, ctx.engine, self.up, self.request, self.own, self.observer, self.now,
+            self.local, first=self, sent=(response, thrown),
+        )  # fmt: skip
+
+
+def first_attempt(
+    ctx: DecisionContext,
+    up: Upstream,
+    request: httpx.Request,
+    own: bool,
+    observer: AttemptObserver | None,
+    now: float,
+    local: Local,
+) -> First:
+    """Gate and stamp a call's first attempt (`First`); raises when it is refused."""
+    timeouts = request.extensions.get("timeout")
+    stream = request.stream  # judged before the attempt consumes it (see `attempts`)
+    can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+    prior = take_ours(request.headers)
+    try:
+        remaining = ctx.deadline_at
+        if remaining is not None:
+            remaining -= now
+            if remaining <= 0.0:
+                raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
+        breaker = up.breaker
+        try:
+            gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+        except Exception as exc:
+            gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
+        else:
+            source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
+        if gate is not None and gate.verdict != "allow":
+            gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
+        _prepare(ctx, up, request, 1, timeouts, remaining)
+        decision = _new_tuple(
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
+        )
+        if ctx._pending is None:
+            ctx._decisions.append(decision)
+        else:
+            ctx.decisions.append(decision)
+        token = observe_start(observer, ctx, request, 1) if observer else None
+    except BaseException:
+        unstamp(request.headers, prior)
+        if own and observer is not None:
+            call_end(observer, ctx)
+        raise
+    return _new_tuple(
+        First,
+        (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
+         can_replay),
+    )  # fmt: skip
 
 
 def attempts(
@@ -129,6 +260,8 @@ def attempts(
     local: Local | None,
     race: Race | None = None,
     hedge: bool = False,
+    first: First | None = None,
+    sent: tuple[httpx.Response | None, BaseException | None] | None = None,
 ) -> Steps:
     """One outbound call: every attempt, decision and wait, as effects (module docstring).
 
@@ -136,16 +269,23 @@ def attempts(
     call share one count, and each loop notes the instances it sends to. A `hedge` loop
     makes one attempt, asks the retry budget for it like a retry, avoids the instances
     the call already uses, and raises `NoHedge` when the budget or a breaker refuses it.
+
+    With `first` the first attempt was made already (`First`), and `sent` is its result:
+    the response, or what the inner transport raised.
     """
     clock = engine.clock
     breaker = up.breaker
     instances = up.instances
     original_url = request.url
-    original_timeout = request.extensions.get("timeout")
-    # Judged before the first attempt, which consumes a streaming body (and may
-    # buffer it: a transport that reads it leaves bytes behind).
-    stream = request.stream
-    can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+    if first is None:
+        original_timeout = request.extensions.get("timeout")
+        # Judged before the first attempt, which consumes a streaming body (and may
+        # buffer it: a transport that reads it leaves bytes behind).
+        stream = request.stream
+        can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+        prior = take_ours(request.headers)
+    else:
+        original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
     tried: list[int] = []
     target: Instance | None = None
     breaker_key = up.breaker_key
@@ -157,12 +297,16 @@ def attempts(
     delay = 0.0
     previous_delay: float | None = None
     last_error: BaseException | None = None
-    prior = take_ours(request.headers)
+    token: Any = None
+    response: httpx.Response | None
+    thrown: BaseException | None
     try:
-        if ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
+        if first is not None:
+            gate, source, attempt, token = first.gate, first.source, 1, first.token
+        elif ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
-        if hedge:
+        elif hedge:
             assert race is not None
             tried = list(race.targets)
             g = yield from _gate_hedge(ctx, engine, up, local, tried, race, now)
@@ -173,61 +317,74 @@ def attempts(
             g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
             target, breaker_key, gated, gate, source, age = g[:6]
         while True:
-            attempt += 1
-            deadline_at = ctx.deadline_at
-            remaining = None if deadline_at is None else deadline_at - now
-            if remaining is not None and remaining <= 0.0:
-                if gate is not None and gated:
-                    yield from _release(local, breaker_key, breaker, gate, now)
-                raise deadline_passed(ctx, up, attempt - 1, now, last_error)
-            if gate is not None and gate.verdict != "allow":
-                gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
-            # --- the attempt
-            number = attempt if race is None else race.next()
-            _prepare(ctx, up, request, number, original_timeout, remaining)
-            if target is not None:
-                request.url = original_url.copy_with(
-                    scheme=target.scheme, host=target.host, port=target.port
-                )
-            if race is not None and hedge:
-                ctx.decisions.append(
-                    Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
-                             {"attempt": number, "after_ms": round(race.delay_s * 1000.0, 3)})
-                )  # fmt: skip
-            elif attempt == 1:
-                ctx.decisions.append(
-                    _new_tuple(
-                        Decision,
-                        (LAYER_RETRY, up.key, ALLOW, "attempt", source, age, now, _FIRST_ATTEMPT),
-                    )
-                )
-            else:
-                details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
-                ctx.decisions.append(
-                    Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
-                )
-            token = observe_start(observer, ctx, request, number) if observer else None
-            response: httpx.Response | None = None
-            error: BaseException | None = None
-            if target is not None:
-                target.outstanding += 1
-                if race is not None and instances is not None:
-                    race.targets.append(instances.index(target))
-            try:
-                response = yield (SEND, request)
-            except Exception as exc:
-                error = exc
-            except GeneratorExit:
-                raise
-            except BaseException as exc:  # cancelled or interrupted: never retried
-                if up.window is not None:  # a lower bound of its latency: still a sample
-                    up.window.add(clock.monotonic() - now)
+            if sent is None:
+                attempt += 1
+                deadline_at = ctx.deadline_at
+                remaining = None if deadline_at is None else deadline_at - now
+                if remaining is not None and remaining <= 0.0:
+                    if gate is not None and gated:
+                        yield from _release(local, breaker_key, breaker, gate, now)
+                    raise deadline_passed(ctx, up, attempt - 1, now, last_error)
+                if gate is not None and gate.verdict != "allow":
+                    gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
+                # --- the attempt
+                number = attempt if race is None else race.next()
+                _prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
-                    target.outstanding -= 1
-                if gate is not None and gated:
-                    yield from _release(local, breaker_key, breaker, gate, now)
-                observe_end(observer, token, None, exc)
-                raise
+                    request.url = original_url.copy_with(
+                        scheme=target.scheme, host=target.host, port=target.port
+                    )
+                if race is not None and hedge:
+                    ctx.decisions.append(
+                        Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
+                                 {"attempt": number, "after_ms": round(race.delay_s * 1000.0, 3)})
+                    )  # fmt: skip
+                elif attempt == 1:
+                    ctx.decisions.append(
+                        _new_tuple(
+                            Decision,
+                            (
+                                LAYER_RETRY,
+                                up.key,
+                                ALLOW,
+                                "attempt",
+                                source,
+                                age,
+                                now,
+                                _FIRST_ATTEMPT,
+                            ),
+                        )
+                    )
+                else:
+                    details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
+                    ctx.decisions.append(
+                        Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
+                    )
+                token = observe_start(observer, ctx, request, number) if observer else None
+                if target is not None:
+                    target.outstanding += 1
+                    if race is not None and instances is not None:
+                        race.targets.append(instances.index(target))
+                try:
+                    response, thrown = (yield (SEND, request)), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    response, thrown = None, exc
+            else:  # the first attempt, made by `First`
+                (response, thrown), sent = sent, None
+            error: BaseException | None = None
+            if thrown is not None:
+                if not isinstance(thrown, Exception):  # cancelled or interrupted: never retried
+                    if up.window is not None:  # a lower bound of its latency: still a sample
+                        up.window.add(clock.monotonic() - now)
+                    if target is not None:
+                        target.outstanding -= 1
+                    if gate is not None and gated:
+                        yield from _release(local, breaker_key, breaker, gate, now)
+                    observe_end(observer, token, None, thrown)
+                    raise thrown
+                error = thrown
             ended = clock.monotonic()
             if up.window is not None:
                 up.window.add(ended - now)
@@ -250,16 +407,14 @@ def attempts(
                 state = ""
                 if gate is not None and gated:
                     assert breaker is not None
-                    slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
-                    try:
-                        if local is not None:
-                            state = local.record(breaker_key, breaker, gate, outcome, slow, ended)
-                        else:
+                    if local is not None:
+                        state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
+                    else:
+                        slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+                        try:
                             state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
-                    except Exception as exc:
-                        logger.warning(
-                            "fidelity_mw: could not record an outcome for %s: %s", up.key, exc
-                        )
+                        except Exception as exc:
+                            logger.warning(_NOT_RECORDED, up.key, exc)
                     if target is not None:
                         _learned_state(target, breaker, state, ended)
                 gate = None
@@ -514,6 +669,22 @@ def _settle(
     return gate, allowed, source, age
 
 
+def _record_now(
+    local: Local, up: Upstream, breaker_key: str, gate: Gate, outcome: str, now: float, ended: float
+) -> str:
+    """Record an attempt's outcome on in-process state: the breaker state afterwards, or
+    "" when the store failed (logged: an outcome lost is no reason to fail the call)."""
+    breaker = up.breaker
+    assert breaker is not None
+    slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+    try:
+        state: str = local.record(breaker_key, breaker, gate, outcome, slow, ended)
+    except Exception as exc:
+        logger.warning(_NOT_RECORDED, up.key, exc)
+        return ""
+    return state
+
+
 def _release(
     local: Local | None, breaker_key: str, breaker: BreakerConfig | None, gate: Gate, now: float
 ) -> Generator[Effect, Any, None]:
@@ -554,14 +725,23 @@ def _prepare(
     remaining: float | None,
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
-    bound = up.attempt_timeout_s
-    if remaining is not None and remaining < bound:
-        bound = remaining
+    if remaining is not None and remaining < up.attempt_timeout_s:
         ms = round(remaining * 1000.0)
-        timeout_header = str(ms if ms > 0 else 1).encode()
+        request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
+        stamp(request.headers, attempt, str(ms if ms > 0 else 1).encode())
     else:
-        timeout_header = up.timeout_header
-    request.extensions["timeout"] = bounded_timeouts(original_timeout, bound)
-    stamp(request.headers, attempt, timeout_header)
-    counts = ctx.attempts
-    counts[up.key] = counts.get(up.key, 0) + 1
+        timeouts = original_timeout
+        if timeouts is None or timeouts != up.uncapped:
+            timeouts = bounded_timeouts(timeouts, up.attempt_timeout_s)
+            if timeouts is original_timeout:  # the next request's are likely equal
+                up.uncapped = dict(timeouts)
+        request.extensions["timeout"] = timeouts
+        if attempt == 1:
+            stamp_first(request.headers, up.first_stamps)
+        else:
+            stamp(request.headers, attempt, up.timeout_header)
+    counts = ctx._attempts  # (the `attempts` property, without its call)
+    if counts is None:
+        ctx._attempts = {up.key: 1}
+    else:
+        counts[up.key] = counts.get(up.key, 0) + 1

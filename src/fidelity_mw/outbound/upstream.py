@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import httpx
@@ -11,7 +11,7 @@ from ..decide.balance import InstanceView
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from .hedge import LatencyWindow
-from .wire import literal_peer_trusted
+from .wire import first_stamps, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -78,6 +78,7 @@ class Upstream:
         "cfg",
         "default_deadline_s",
         "fail_statuses",
+        "first_stamps",
         "host",
         "instances",
         "key",
@@ -88,6 +89,7 @@ class Upstream:
         "retry_statuses",
         "timeout_header",
         "trusted",
+        "uncapped",
         "window",
     )
 
@@ -105,6 +107,11 @@ class Upstream:
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
         self.timeout_header = str(cfg.attempt_timeout_ms).encode()
+        # Per-call work done once: a first attempt's headers (when the deadline leaves
+        # the whole attempt timeout), and the last request timeouts seen that the
+        # attempt timeout does not cap (a client sends equal ones with every request).
+        self.first_stamps = first_stamps(self.timeout_header)
+        self.uncapped: Mapping[str, float | None] | None = None
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)

@@ -84,6 +84,25 @@ def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     raw.append((TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms))
 
 
+Stamps = tuple[tuple[bytes, bytes, bytes], tuple[bytes, bytes, bytes]]
+
+
+def first_stamps(timeout_ms: bytes) -> Stamps:
+    """A first attempt's two headers, built once per upstream (`stamp_first`)."""
+    return (
+        (ATTEMPT_HEADER, ATTEMPT_HEADER, _ATTEMPT_VALUES[1]),
+        (TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms),
+    )
+
+
+def stamp_first(headers: httpx.Headers, stamps: Stamps) -> None:
+    """`stamp(headers, 1, ...)` with the upstream's prebuilt headers (`first_stamps`)."""
+    if _FAST_HEADERS:
+        headers._list += stamps
+    else:
+        stamp(headers, 1, stamps[1][2])
+
+
 def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | None) -> None:
     """Take our per-attempt headers off the request; give back the caller's own."""
     if not _FAST_HEADERS:

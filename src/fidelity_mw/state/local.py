@@ -343,12 +343,16 @@ class LocalState:
             window = self.budgets.get(budget_key)
             if window is None or window.config is not cfg:
                 window = self.budget_window(budget_key, cfg, now)
-            window.request(now)
+            if now >= window._bucket_end:  # `window.request(now)`, without its call
+                window._rotate(now)
+            window.requests[window._index] += 1
             if breaker is None:
                 return None
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
                 state = self.breaker_state(breaker_key, breaker, now)
+            if state.state == CLOSED:  # `gate`'s own first answer, without its call
+                return state.closed_gate
             return state.gate(now, self._rng)
         finally:
             lock.release()

@@ -159,6 +159,10 @@ local function br_rotate(b, now)
   end
   local bs = b.cfg.bucket_s
   local steps = math.floor((now - b.be) / bs) + 1
+  if b.be + steps * bs <= now then
+    -- the division can round down: the new bucket must end after now
+    steps = steps + 1
+  end
   if steps >= BUCKETS then
     br_clear_window(b)
   else

@@ -47,6 +47,9 @@ local function bu_rotate(w, now)
     return
   end
   local steps = math.floor((now - w.be) / w.bs) + 1
+  if w.be + steps * w.bs <= now then -- the division rounded down
+    steps = steps + 1
+  end
   if steps >= BUCKETS then
     for j = 1, BUCKETS do
       w.rq[j] = 0
