@@ -405,3 +405,66 @@ async def test_tiered_snapshot_shows_the_cache_and_the_fleet_underneath(redis_ur
     # the fleet's bucket: the units this instance leased for its slice are gone from it
     assert [k.key for k in exact.limiter_keys] == ["per-client|k"]
     assert exact.limiter_keys[0].backlog_s > 0.0
+
+
+async def test_state_json_shows_the_balancers_instances_and_hedging_window() -> None:
+    """What the transports on the engine know of a service's instances (in flight, latency
+    EWMA, breaker known open, ejected) and of a hedged upstream's latency window."""
+    from fidelity_mw import FidelityTransport
+    from fidelity_mw.policy import HedgeConfig
+
+    clock = FakeClock()
+    instances = ("http://10.0.0.1:8001", "http://10.0.0.2:8002", "http://10.0.0.3:8003")
+    breaker = BreakerConfig(open_s=30.0, open_min_s=30.0, open_jitter=0.0)
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(host="payments", instances=instances, breaker=breaker),
+            UpstreamConfig(host="ledger", hedge=HedgeConfig(after="p95", min_samples=3)),
+        )
+    )
+    store = MemoryStore(rng=seeded_random(3))
+    engine = Engine(policy, clock=clock, rng=seeded_random(7), store=store)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        clock.advance(0.02)  # every attempt takes 20 ms
+        return httpx.Response(200)
+
+    transport = FidelityTransport(httpx.MockTransport(answer), engine=engine, telemetry=False)
+    forced_at = clock.monotonic()
+    store.breaker_state("upstream:10.0.0.1:8001", breaker).force(
+        OPEN, clock.monotonic(), seeded_random(0)
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(12):
+            assert (await client.get("http://payments/pay")).status_code == 200
+        for _ in range(2):
+            await client.get("http://ledger/entries")
+        admin = AdminApp(engine=engine)
+        state = json.loads((await get(admin, "/state.json")).text)
+        rows = {row["instance"]: row for row in state["balancer"]}
+        assert set(rows) == {"10.0.0.1:8001", "10.0.0.2:8002", "10.0.0.3:8003"}
+        assert {row["service"] for row in rows.values()} == {"payments"}
+        opened = rows["10.0.0.1:8001"]
+        assert opened["breaker_open"] is True
+        assert opened["ejected"] is True
+        assert opened["open_for_s"] == pytest.approx(30.0 - (clock.monotonic() - forced_at))
+        assert opened["latency_ms"] is None  # never called: ejected throughout
+        for key in ("10.0.0.2:8002", "10.0.0.3:8003"):
+            assert rows[key]["breaker_open"] is False
+            assert rows[key]["ejected"] is False
+            assert rows[key]["outstanding"] == 0
+            assert rows[key]["latency_ms"] == pytest.approx(20.0)
+        (hedging,) = state["hedging"]
+        assert hedging["upstream"] == "ledger"
+        assert hedging["samples"] == 2
+        assert hedging["p95_ms"] is None  # fewer than min_samples: the fixed delay applies
+        assert hedging["delay_ms"] == 50.0
+        await client.get("http://ledger/entries")
+        state = json.loads((await get(admin, "/state.json")).text)
+        (hedging,) = state["hedging"]
+        assert hedging["samples"] == 3
+        # min_samples reached: the delay is now the window's p95 (on the fake clock the
+        # race's own 50 ms wait is inside each sample)
+        assert hedging["p95_ms"] is not None
+        assert hedging["p95_ms"] >= 20.0
+        assert hedging["delay_ms"] == hedging["p95_ms"]

@@ -114,6 +114,18 @@ def test_fidelity_beats_scattered_on_healthy_request_success(short_run: dict[str
     assert fidelity["fidelity"] >= scattered["fidelity"] - 0.02
 
 
+def test_fidelity_tells_clients_when_to_come_back(short_run: dict[str, Any]) -> None:
+    fidelity = short_run["variants"]["fidelity"]
+    # During the error burst every instance fails: their breakers open within 5 calls
+    # each, and the 503s after a give-up carry the time until the first admits a probe
+    # (an `advise` decision each). A count, whatever the machine's load: the burst
+    # always sees more than 5 calls per instance.
+    by_layer = fidelity["decisions_by_layer"]
+    advised = sum(verdicts.get("advise", 0) for verdicts in by_layer.values())
+    assert advised > 0
+    assert advised <= fidelity["front_statuses"].get("503", 0)
+
+
 def test_json_is_complete(short_run: dict[str, Any]) -> None:
     doc = short_run
     assert doc["demo"] == "load-balancer-chaos"

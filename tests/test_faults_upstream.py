@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from fidelity_mw import BreakerConfig, DeadlineConfig, Policy, RetryConfig, UpstreamConfig
-from fidelity_mw.decide.breaker import CLOSED
+from fidelity_mw.decide.breaker import CLOSED, FAILURE
 from fidelity_mw.testing import FakeClock, seeded_random
 from test_faults_support import (
     HANG,
@@ -97,12 +97,21 @@ class Rig:
         return store.breakers.get(f"upstream:127.0.0.1:{self.upstream.port}")  # type: ignore[attr-defined]
 
     def recover(self) -> dict[str, Any]:
-        """Upstream healthy again: move the fake clock past open_s and count the
-        requests (and real time) until one is served and both breakers are closed."""
+        """Upstream healthy again: move the fake clock past open_s and past the
+        breakers' windows, and count the requests (and real time) until one is
+        served and both breakers are closed.
+
+        Past the window too: a probe may have closed a breaker during the fault and
+        the fault's next failures, fewer than `min_calls`, still be in its window;
+        the ratio is checked on every outcome, a success too, so the first healthy
+        calls would bring it to `min_calls` and open it again, as the policy says.
+        """
         self.upstream.mode = OK
         self.upstream.unhang()
         started = time.monotonic()
-        self.clock.advance(6.0)
+        policy = self.front.asgi.engine.policy
+        breakers = [policy.breaker, *(u.breaker for u in policy.upstreams)]
+        self.clock.advance(max(max(b.open_s, b.window_s) for b in breakers if b) + 1.0)
         tries = 0
         statuses = []
         with httpx.Client(base_url=self.server.url, timeout=10.0) as client:
@@ -197,6 +206,23 @@ def test_resetting_upstream(rig_factory: Any, record_property: Any) -> None:
     recovery = rig.recover()
     record_property("reset", {**statuses, **recovery})
     print("\nreset:", statuses, recovery)
+
+
+def test_recovery_outlasts_failures_left_in_a_closed_breakers_window(rig_factory: Any) -> None:
+    """The flapping test's rare failure, made deterministic: a probe closed the host
+    breaker during the fault, then 3 failures (fewer than min_calls = 5) landed in its
+    window. Two healthy calls bring it to 5 calls with 60 % failures: it opens again,
+    on a success. Recovery therefore waits out the window, not just open_s."""
+    rig = rig_factory(OK)
+    engine = rig.front.asgi.engine
+    breaker = engine.policy.upstreams[0].breaker
+    assert breaker is not None
+    now = rig.clock.monotonic()
+    state = engine.store.breaker_state(f"upstream:127.0.0.1:{rig.upstream.port}", breaker, now)  # type: ignore[attr-defined]
+    for _ in range(3):
+        state.record(state.epoch, 0, FAILURE, now, seeded_random(0))
+    assert state.state == CLOSED
+    rig.recover()
 
 
 def test_flapping_upstream(rig_factory: Any, record_property: Any) -> None:

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from fidelity_mw import Policy
-from fidelity_mw.tools.statemap import Layer, StateMap, build, from_app, from_policy, redact_url
+from fidelity_mw.tools.statemap import (
+    Layer,
+    StateMap,
+    build,
+    from_app,
+    from_policy,
+    redact_url,
+    render,
+)
 
 POLICY = {
     "state": {"url": "memory://"},
@@ -338,3 +346,54 @@ def test_retry_waits_match_the_backoff_each_mode_draws(jitter: str, attempts: in
     data = layer(smap, "outbound", "retry", "upstream x").data
     assert expected in data
     assert "20..100" not in data
+
+
+def test_a_service_shows_its_balancer_and_hedging_state():
+    data = {
+        "state": {"url": "memory://"},
+        "upstream": [
+            {
+                "host": "payments",
+                "instances": ["http://10.0.0.1:8001", "http://10.0.0.2:8002"],
+                "max_ejected_ratio": 0.34,
+                "hedge": {"after": "p95", "after_ms": 80, "min_samples": 30},
+            },
+            {"host": "ledger", "hedge": {"after_ms": 40}},
+        ],
+    }
+    smap = from_policy(Policy.from_dict(data), "p.toml")
+    lb = layer(smap, "outbound", "lb", "payments")
+    assert lb.config == "upstream[0].instances"
+    assert "2 instances" in lb.data
+    assert "requests in flight" in lb.data
+    assert "latency EWMA" in lb.data
+    assert "at most 34% ejected" in lb.data
+    assert lb.key == "upstream:{instance host:port}"
+    assert "read fresh" in lb.staleness  # memory state: the balancer peeks each pick
+    hedge = layer(smap, "outbound", "hedge", "payments")
+    assert "p95" in hedge.data
+    assert "30" in hedge.data
+    assert "80 ms" in hedge.data
+    assert "process memory" in hedge.state
+    fixed = layer(smap, "outbound", "hedge", "ledger")
+    assert fixed.data == "hedge delay: fixed 40 ms"
+    assert fixed.state == "none: the policy"
+    # a plain upstream has no balancer row; the text rendering names both layers
+    assert not [r for r in smap.layers if r.layer == "lb" and "ledger" in r.subject]
+    text = render(smap, "text")
+    assert "lb — upstream payments  [upstream[0].instances]" in text
+    assert "hedge — upstream ledger  [upstream[1].hedge]" in text
+
+
+def test_a_service_on_redis_learns_instance_breakers_from_answers():
+    data = {
+        "state": {"url": "redis://cache:6379/0"},
+        "upstream": [{"host": "payments", "instances": ["http://10.0.0.1:8001"]}],
+    }
+    smap = from_policy(Policy.from_dict(data), "p.toml")
+    lb = layer(smap, "outbound", "lb", "payments")
+    assert (
+        lb.key
+        == "{fmw}:br:H(upstream:{instance host:port}) + {fmw}:bp:H(upstream:{instance host:port})"
+    )
+    assert "last learned" in lb.staleness

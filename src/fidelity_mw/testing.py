@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import random
+import threading
 from collections.abc import Callable
 
 from ._types import RandomSource
@@ -25,6 +26,7 @@ class FakeClock:
         self._timers: list[tuple[float, int, FakeTimer]] = []
         self._order = itertools.count()
         self._cancelled = 0
+        self._lock = threading.Lock()
 
     def monotonic(self) -> float:
         return self._now
@@ -33,28 +35,37 @@ class FakeClock:
         return self._now + self._wall_offset
 
     def advance(self, seconds: float) -> None:
+        """Move time on and fire the timers now due, in this thread (thread-safe: a
+        test may move time from a helper thread while a server's loop sleeps on it)."""
         if seconds < 0:
             raise ValueError("time does not run backwards")
-        self._now += seconds
-        timers = self._timers
-        while timers and timers[0][0] <= self._now:
-            timer = heapq.heappop(timers)[2]
-            if not timer.cancelled:
+        lock = self._lock
+        with lock:
+            self._now += seconds
+        while True:
+            with lock:
+                timers = self._timers
+                if not timers or timers[0][0] > self._now:
+                    return
+                timer = heapq.heappop(timers)[2]
+                due = not timer.cancelled
                 timer.cancelled = True
+            if due:
                 timer.callback()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
         """Run `callback` once the clock is advanced `delay` seconds past now (the
         middleware's deadline enforcement schedules through this when present)."""
-        timers = self._timers
-        if len(timers) > 64 and self._cancelled * 2 > len(timers):
-            # drop cancelled timers, as asyncio does: a clock that is not advanced
-            # would keep every finished request's timer otherwise
-            timers[:] = [t for t in timers if not t[2].cancelled]
-            heapq.heapify(timers)
-            self._cancelled = 0
         timer = FakeTimer(callback, self)
-        heapq.heappush(self._timers, (self._now + max(0.0, delay), next(self._order), timer))
+        with self._lock:
+            timers = self._timers
+            if len(timers) > 64 and self._cancelled * 2 > len(timers):
+                # drop cancelled timers, as asyncio does: a clock that is not advanced
+                # would keep every finished request's timer otherwise
+                timers[:] = [t for t in timers if not t[2].cancelled]
+                heapq.heapify(timers)
+                self._cancelled = 0
+            heapq.heappush(timers, (self._now + max(0.0, delay), next(self._order), timer))
         return timer
 
     async def sleep(self, seconds: float) -> None:

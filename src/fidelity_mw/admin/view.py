@@ -7,8 +7,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..decide.balance import ejected
 from ..decide.budget import budget_allowance
 from ..engine import Engine
+from ..outbound.hedge import hedge_delay
+from ..outbound.upstream import Upstream
 from ..policy import BreakerConfig, RetryConfig
 from ..state.snapshot import BreakerView, SnapshotConfigs, StoreSnapshot
 
@@ -154,6 +157,7 @@ def render(
         }
         for inst in snap.instances
     ]
+    balanced, hedging = balancers(engine, now)
     return {
         "generated_at": engine.clock.wall(),
         "policy_version": engine.policy.version,
@@ -169,8 +173,58 @@ def render(
         "limiter_keys": keys,
         "budgets": budgets,
         "instances": instances,
+        "balancer": balanced,
+        "hedging": hedging,
         "layers": [render(engine, layer, now, since, hash_key) for layer in snap.layers],
     }
+
+
+def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """What the transports on this engine know of their services' instances (requests in
+    flight, latency EWMA, breaker known open, ejected now) and their hedging latency
+    windows: process memory, this process's calls only, read as it is (no store call)."""
+    instances: list[dict[str, Any]] = []
+    hedging: list[dict[str, Any]] = []
+    for transport in list(engine.transports):
+        # the transport's per-host plans (outbound/upstream.py): read, never changed
+        upstreams: dict[Any, Upstream] = getattr(transport, "_upstreams", None) or {}
+        for up in list(upstreams.values()):
+            cfg = up.cfg
+            members = list(up.instances or ())
+            out = ejected([i.view() for i in members], now, cfg.max_ejected_ratio)
+            for index, inst in enumerate(members):
+                open_for = inst.open_until - now
+                instances.append(
+                    {
+                        "service": up.key,
+                        "instance": inst.key,
+                        "outstanding": inst.outstanding,
+                        "latency_ms": _round(inst.latency_s * 1000.0) if inst.latency_s else None,
+                        "latency_age_s": _round(now - inst.latency_at) if inst.latency_at else None,
+                        "breaker_open": open_for > 0.0,
+                        "open_for_s": _round(open_for) if open_for > 0.0 else None,
+                        "ejected": index in out,
+                        "source": "memory",
+                        "age_s": _round(now - inst.seen_at) if inst.seen_at else None,
+                    }
+                )
+            hedge = cfg.hedge
+            if hedge is not None:
+                window = up.window
+                p95 = window.p95(hedge.min_samples) if window is not None else None
+                delay = hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, window)
+                hedging.append(
+                    {
+                        "upstream": up.key,
+                        "after": hedge.after,
+                        "samples": len(window.samples) if window is not None else None,
+                        "min_samples": hedge.min_samples,
+                        "p95_ms": _round(p95 * 1000.0) if p95 is not None else None,
+                        "delay_ms": _round(delay * 1000.0),
+                        "source": "memory",
+                    }
+                )
+    return instances, hedging
 
 
 def _round(value: float | None) -> float | None:

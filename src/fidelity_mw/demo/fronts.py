@@ -600,7 +600,11 @@ def fidelity_policy(cfg: ScenarioConfig, urls: Sequence[str] = ()) -> Policy:
                     jitter="full",
                     budget_window_s=cfg.breaker_window_s,
                 ),
-                breaker=breaker,
+                # Instance breakers are outlier detection: they also eject after 5
+                # failures in a row (Envoy's consecutive_5xx default), so a fleet-wide
+                # fault is known within a few calls rather than when it has outweighed
+                # the window's healthy history; what they know becomes Retry-After.
+                breaker=dataclasses.replace(breaker, consecutive_failures=5),
                 attempt_timeout_ms=int(UPSTREAM_TIMEOUT_S * 1000),
                 # one service, one budget (and one 3/s floor) for its instances
                 instances=tuple(urls),

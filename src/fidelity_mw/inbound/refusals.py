@@ -12,6 +12,9 @@ same answer serves a deadline that passes while the app still runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
 import httpx
 
 from ..context import (
@@ -19,6 +22,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_BUDGET,
     LAYER_DEADLINE,
+    LAYER_RETRY,
     REJECT,
     SOURCE_REQUEST,
     Decision,
@@ -27,6 +31,9 @@ from ..context import (
 from ..decide.gcra import retry_after_header
 from ..errors import CircuitOpen, DeadlineExceeded
 from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
+
+ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
+RETRY_AFTER = b"retry-after"
 
 
 def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
@@ -80,6 +87,7 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
             upstream,
             f"upstream {upstream!r} failed and its retry budget is spent",
             "retry-budget-exhausted",
+            retry_advice(ctx, now),
         )
     return None
 
@@ -108,16 +116,84 @@ def deadline_refusal(ctx: DecisionContext, now: float) -> Rejection:
     )
 
 
-def _outbound_give_up(ctx: DecisionContext) -> Decision | None:
+def _outbound_give_up(
+    ctx: DecisionContext, layers: tuple[str, ...] = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
+) -> Decision | None:
     """The outbound layer's last refusal or give-up recorded on this context."""
     for decision in reversed(ctx.decisions):
         if (
             decision.verdict in (GIVE_UP, REJECT)
             and decision.subject != ctx.route
-            and decision.layer in (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
+            and decision.layer in layers
         ):
             return decision
     return None
+
+
+def retry_advice(ctx: DecisionContext, now: float) -> str | None:
+    """`Retry-After` for a 5xx that follows an outbound give-up, from what the outbound
+    layer knew when it gave up (outbound/advice.py), less the time since; None when it
+    knew of nothing that blocks a retry, or that time has passed. Recorded as an
+    `advise` decision of the give-up's layer, the reason naming what it came from."""
+    give_up = _outbound_give_up(ctx, _ADVISING_LAYERS)
+    details = give_up.details if give_up is not None else None
+    if not details:
+        return None
+    hint = details.get("retry_hint_s")
+    if not isinstance(hint, int | float) or isinstance(hint, bool):
+        return None
+    assert give_up is not None
+    left = hint - max(0.0, now - give_up.at)
+    if left <= 0.0:
+        return None
+    value = retry_after_header(left)
+    ctx.decisions.append(
+        Decision(
+            give_up.layer,
+            give_up.subject,
+            ADVISE,
+            f"retry_after_{details.get('retry_hint_from', 'outbound')}",
+            give_up.state_source,
+            max(0.0, now - give_up.at) + give_up.state_age_s,
+            now,
+            {"retry_after_s": int(value), "wait_s": round(left, 3)},
+        )
+    )
+    return value
+
+
+_ADVISING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER, LAYER_RETRY)
+
+
+def after_give_up(
+    ctx: DecisionContext, headers: Headers | None, start: MutableMapping[str, Any]
+) -> Headers | None:
+    """The headers we add to the app's own 5xx after an outbound give-up or refusal:
+    `x-fidelity-retry: exhausted` when we gave up after retrying, and `Retry-After`
+    from `retry_advice` unless the app set one (the app's wins). Never raises: a
+    response is never failed for its advice."""
+    extra: Headers = list(headers or ())
+    if ctx.upstream_exhausted:
+        extra.append(EXHAUSTED)
+    try:
+        app_headers = start.get("headers") or ()
+        if not isinstance(app_headers, list | tuple):  # any iterable: read it only once
+            start["headers"] = app_headers = list(app_headers)
+        if not _has_retry_after(app_headers):
+            value = retry_advice(ctx, ctx.engine.clock.monotonic())
+            if value is not None:
+                extra.append((RETRY_AFTER, value.encode()))
+    except Exception:  # malformed app headers, an odd clock: no advice, the response stands
+        pass
+    return extra or None
+
+
+def _has_retry_after(headers: Iterable[Any]) -> bool:
+    for item in headers:
+        name = item[0]
+        if isinstance(name, bytes | bytearray) and name.lower() == RETRY_AFTER:
+            return True
+    return False
 
 
 def _answer(

@@ -49,6 +49,7 @@ from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
+from .advice import retry_hint
 from .upstream import Instance, Upstream
 from .wire import (
     DECIDED_BY,
@@ -97,12 +98,29 @@ def give_up(
     now: float,
     source: str = SOURCE_REQUEST,
     age_s: float = 0.0,
+    *,
+    breaker_wait_s: float | None = None,
+    upstream_retry_after_s: float | None = None,
     **details: DetailValue,
 ) -> None:
     """Record why there is no (further) attempt; mark the context when we are exhausted.
 
-    The verdict is `reject` when no attempt was made, `give_up` after one.
+    The verdict is `reject` when no attempt was made, `give_up` after one. When the
+    outbound layer knows how long no attempt could help (advice.py), the record
+    carries it (`retry_hint_s`, `retry_hint_from`): the middleware turns it into the
+    `Retry-After` of a 5xx that follows.
     """
+    instances = up.instances
+    hint = retry_hint(
+        now,
+        instances_open_until=None if instances is None else [i.open_until for i in instances],
+        breaker_wait_s=breaker_wait_s,
+        upstream_retry_after_s=upstream_retry_after_s,
+        paused_until=up.paused_until,
+    )
+    if hint is not None:
+        details["retry_hint_s"] = round(hint.wait_s, 3)
+        details["retry_hint_from"] = hint.source
     ctx.decisions.append(
         Decision(
             layer,
@@ -137,7 +155,7 @@ def gate_answer(
     if gate.verdict == "reject":
         give_up(
             ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
-            retry_after_s=round(gate.retry_after_s, 3),
+            breaker_wait_s=gate.retry_after_s, retry_after_s=round(gate.retry_after_s, 3),
         )  # fmt: skip
         raise CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
@@ -256,16 +274,17 @@ def plan_call(
     """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
     status: int | None = None
     retry_after: float | None = None
+    breaker_wait: float | None = None
+    if response is not None:
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("retry-after"), engine.clock.wall())
     if downstream:
         plan = RetryPlan(False, 0.0, GIVE_UP_DOWNSTREAM)
     elif breaker_state == OPEN:  # our failure (or another's) just opened it: stop now
         plan = RetryPlan(False, 0.0, GIVE_UP_BREAKER)
+        if up.breaker is not None:  # it just opened: its shortest open time at least
+            breaker_wait = min(up.breaker.open_s, up.breaker.open_min_s)
     else:
-        if response is not None:
-            status = response.status_code
-            retry_after = parse_retry_after(
-                response.headers.get("retry-after"), engine.clock.wall()
-            )
         deadline_at = ctx.deadline_at
         plan = plan_retry(
             cfg=up.retry,
@@ -290,7 +309,10 @@ def plan_call(
             if reason == GIVE_UP_BREAKER
             else LAYER_RETRY
         )
-        give_up(ctx, up, layer, reason, attempt, now)
+        give_up(
+            ctx, up, layer, reason, attempt, now,
+            breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
+        )  # fmt: skip
     elif status == 429 and retry_after is not None:
         # A planned retry after a 429 pauses other calls' retries to this host
         # too, never longer than the cap (a refused Retry-After pauses nothing).

@@ -93,6 +93,7 @@ class _Base:
         self._observed_engine: Engine | None = None
         self._local: tuple[StateStore | None, Local | None] = (None, None)
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
+        self.engine.transports.add(self)  # for the admin page's balancer view
 
     @staticmethod
     def _default_inner() -> Any:

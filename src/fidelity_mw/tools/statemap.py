@@ -28,7 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..policy import BreakerConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
+from ..decide.balance import EWMA_TAU_S
+from ..policy import BreakerConfig, HedgeConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
 
 # ---------------------------------------------------------------- the model
 
@@ -38,7 +39,7 @@ class Layer:
     """One deciding layer for one subject (a route, a limit, an upstream)."""
 
     direction: str  # inbound | outbound
-    layer: str  # deadline | concurrency | breaker | ratelimit | retry | budget
+    layer: str  # deadline | concurrency | breaker | ratelimit | lb | hedge | retry | budget
     subject: str  # what it applies to
     config: str  # the policy key that configures it
     decides: str
@@ -446,6 +447,10 @@ def layers_for(policy: Policy) -> list[Layer]:
                     home.on_failure,
                 )
             )
+        if up.instances:
+            rows.append(_balancer_layer(up, subject, cfg, home))
+        if up.hedge is not None:
+            rows.append(_hedge_layer(up.hedge, subject, cfg))
         r = up.retry
         rows.append(
             Layer(
@@ -481,6 +486,66 @@ def layers_for(policy: Policy) -> list[Layer]:
             )
         )
     return rows
+
+
+def _balancer_layer(up: UpstreamConfig, subject: str, cfg: str, home: _Home) -> Layer:
+    """A service's instance choice: live per-instance state in the transport's memory,
+    the instance breakers in the breaker store."""
+    fresh = home.prefix is None and "cached" not in home.state
+    breakers = (
+        "read fresh from the store before each pick"
+        if fresh
+        else "as the transport last learned it from a gate or record answer (an instance "
+        "not seen open is assumed closed until its gate says otherwise)"
+    )
+    return Layer(
+        "outbound",
+        "lb",
+        subject,
+        f"{cfg}.instances",
+        "which instance each attempt goes to: the better of two random admissible ones, "
+        "never an ejected one, a retry to one not tried yet; panic spreads over all",
+        f"{len(up.instances)} instance{'' if len(up.instances) == 1 else 's'}; per instance: "
+        "requests in flight, latency EWMA "
+        f"(tau {EWMA_TAU_S:g} s), whether its breaker is open; panic below "
+        f"{up.panic_threshold:.0%} admissible, at most {up.max_ejected_ratio:.0%} ejected "
+        "(at least one may be)",
+        "in flight and EWMA: the transport's process memory (per transport, this process's "
+        f"calls only); instance breakers: {home.state}",
+        _key(home, "upstream:{instance host:port}", "br", "bp"),
+        "FidelityTransport: in flight around each attempt, EWMA after it; the instance "
+        "breakers after each attempt",
+        f"in flight and EWMA: fresh, this process only; breaker state: {breakers}",
+        "the balancer never refuses a call (panic, ejection bound); an instance breaker "
+        f"that cannot be read: {home.on_failure}",
+    )
+
+
+def _hedge_layer(h: HedgeConfig, subject: str, cfg: str) -> Layer:
+    """Hedged attempts: the delay is fixed, or the p95 of this process's latency window."""
+    windowed = h.after == "p95"
+    delay = (
+        f"p95 of the upstream's last attempt latencies, once {h.min_samples} are known "
+        f"({h.after_ms} ms until then)"
+        if windowed
+        else f"fixed {h.after_ms} ms"
+    )
+    return Layer(
+        "outbound",
+        "hedge",
+        subject,
+        f"{cfg}.hedge",
+        f"a slow idempotent attempt gets up to {h.max_hedges} more, the first answer wins; "
+        "each hedge is spent from the retry budget and gated by the breakers",
+        f"hedge delay: {delay}",
+        "the latency window: the transport's process memory, per upstream"
+        if windowed
+        else "none: the policy",
+        "-",
+        "FidelityTransport, after each attempt" if windowed else "-",
+        "this process's own attempts only, refreshed every few samples" if windowed else "none",
+        "a hedge the budget or a breaker refuses is not sent; the call goes on",
+    )
 
 
 def notes_for(policy: Policy) -> list[str]:

@@ -1,0 +1,63 @@
+"""When a caller may usefully come back after the outbound layer gave up, pure.
+
+A 5xx that follows an outbound give-up (retries spent, a breaker refusing, the
+budget spent) tells the caller only that this request failed. What the outbound
+layer knows says more: no attempt can be admitted before the earliest of the
+upstream's breakers lets a probe through, the upstream asked for a wait with
+its own `Retry-After`, a 429 paused retries to it. That time goes to the
+caller as `Retry-After`, so a client that honours it does not spend its
+retries while nothing could serve them. Nothing is made up: without such
+knowledge there is no hint.
+
+Time (`now`, monotonic seconds) is an argument; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, NamedTuple
+
+FROM_INSTANCES: Final = "instance_breakers"  # every instance's breaker is known open
+FROM_BREAKER: Final = "host_breaker"  # the upstream's breaker is open
+FROM_UPSTREAM: Final = "upstream_retry_after"  # the upstream's own Retry-After
+FROM_PAUSE: Final = "retry_pause"  # a 429's Retry-After paused retries to the host
+
+
+class RetryHint(NamedTuple):
+    """Seconds until an attempt could be admitted again, and what says so."""
+
+    wait_s: float
+    source: str
+
+
+def retry_hint(
+    now: float,
+    *,
+    instances_open_until: Iterable[float] | None = None,
+    breaker_wait_s: float | None = None,
+    upstream_retry_after_s: float | None = None,
+    paused_until: float = 0.0,
+) -> RetryHint | None:
+    """The longest of the known waits, or None when nothing is known to block a retry.
+
+    A service is blocked until the first of its instances' breakers admits a
+    probe (any instance not known open means no wait from the breakers);
+    `breaker_wait_s` is a plain upstream's breaker (instances' breakers take its
+    place). Every wait is a condition that must pass before a new attempt can be
+    admitted or welcome, so the longest one is the answer.
+    """
+    waits: list[tuple[float, str]] = []
+    if instances_open_until is not None:
+        earliest = min((until - now for until in instances_open_until), default=0.0)
+        if earliest > 0.0:
+            waits.append((earliest, FROM_INSTANCES))
+    elif breaker_wait_s is not None and breaker_wait_s > 0.0:
+        waits.append((breaker_wait_s, FROM_BREAKER))
+    if upstream_retry_after_s is not None and upstream_retry_after_s > 0.0:
+        waits.append((upstream_retry_after_s, FROM_UPSTREAM))
+    if paused_until > now:
+        waits.append((paused_until - now, FROM_PAUSE))
+    if not waits:
+        return None
+    wait, source = max(waits)
+    return RetryHint(wait, source)
