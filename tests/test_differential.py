@@ -610,6 +610,25 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
         client.close()
 
 
+def test_a_unit_leased_ahead_conforms_one_interval_after_the_bucket_base(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """Found by Hypothesis: sync.lua reported a unit leased ahead as conforming at
+    base - tolerance, one interval early, so the slice spent it early and the
+    instance admitted 10 units in 0.12 s where rate x t + burst is 9.2."""
+    ops: list[tuple[Any, ...]] = [
+        ("admit", 0, 1),
+        ("advance", 0.1),
+        ("admit", 0, 3),
+        ("admit", 0, 4),
+        ("sync",),
+        ("sync",),
+        ("advance", 0.02),
+        ("admit", 0, 2),
+    ]
+    asyncio.run(_run_tiered(redis_url, ops))
+
+
 def test_a_refund_after_another_refund(harness: Harness) -> None:
     """Found by Hypothesis: a refund shifts every later request's units back in the
     refill order, so a later request's admission TAT overstates how long its units

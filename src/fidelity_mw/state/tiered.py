@@ -697,7 +697,7 @@ class TieredStore(StateStore):
             # Units that conform already are usable at once (whatever time base the
             # caller's `now` uses); units leased ahead from `now` + `first`: the
             # server read its clock at most at our `now`, so none is spent early.
-            sl.add(granted, now + first if first > 0.0 else -math.inf)
+            sl.add(granted, now + first if first > 1e-9 else -math.inf)  # float noise: now
             sl.remaining = remaining
             sl.synced_at = now
             if want <= 0:

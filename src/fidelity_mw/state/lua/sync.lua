@@ -113,7 +113,8 @@ for j = 0, nl - 1 do
   end
   local granted = 0
   local retry = 0
-  local first = base - tol - now
+  -- the first granted unit conforms once base + interval - tol has passed
+  local first = base + interval - tol - now
   if want > 0 then
     local take = want
     local can = avail
