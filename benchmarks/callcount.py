@@ -10,6 +10,8 @@ Per request:
   resumes     coroutine / generator resumptions (also "call" events, told apart by where
               the frame resumes)
   c_calls     calls of functions implemented in C (builtins, C methods)
+  bytecodes   bytecode instructions executed (`sys.settrace` opcode events): the
+              interpreter's work, which the time per request follows closely
   blocks      memory blocks allocated, a lower bound: the rises of `sys.getallocatedblocks()`
               between consecutive profile events (a block allocated and freed between two
               events is not seen); pymalloc blocks only (objects up to 512 bytes)
@@ -124,6 +126,39 @@ async def _requests(app: Any, n: int, profile: Profile | None = None) -> None:
         sys.setprofile(None)
 
 
+class Instructions:
+    """The `sys.settrace` hook that counts the bytecode instructions every frame executes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return self._local
+
+    def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            self.count += 1
+        return self._local
+
+
+async def _instructions(app: Any, n: int) -> float:
+    scopes = [make_scope() for _ in range(n)]
+    counter = Instructions()
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    for scope in scopes:
+        sys.settrace(counter)
+        try:
+            await app(scope, receive, send)
+        finally:
+            sys.settrace(None)
+    return counter.count / n
+
+
 async def _peaks(app: Any, n: int) -> list[int]:
     """Per request: the traced memory's peak above what was live when it began."""
     scopes = [make_scope() for _ in range(n)]
@@ -157,11 +192,13 @@ async def measure(n: int) -> dict[str, dict[str, Any]]:
         gc.collect()
         retained = (sys.getallocatedblocks() - before) / n
         peaks = await _peaks(app, min(n, 500))
+        instructions = await _instructions(app, min(n, 200))
         results[name] = {
             "calls": profile.calls / n,
             "resumes": profile.resumes / n,
             "c_calls": profile.c_calls / n,
             "blocks": profile.blocks / n,
+            "bytecodes": instructions,
             "peak_kib": statistics.median(peaks) / 1024,
             "retained": retained,
             "by_function": {k: v / n for k, v in profile.by_function.items()},
@@ -172,14 +209,15 @@ async def measure(n: int) -> dict[str, dict[str, Any]]:
 
 def report(results: dict[str, dict[str, Any]], n: int, variant: str, top: int) -> str:
     lines = [
-        "| variant | Python calls | resumes | C calls | blocks allocated (≥) | peak KiB "
-        "| retained blocks |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | Python calls | resumes | C calls | bytecodes | blocks allocated (≥) "
+        "| peak KiB | retained blocks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['calls']:.1f} | {r['resumes']:.1f} | {r['c_calls']:.1f} "
-            f"| {r['blocks']:.1f} | {r['peak_kib']:.2f} | {r['retained']:.3f} |"
+            f"| {r['bytecodes']:.0f} | {r['blocks']:.1f} | {r['peak_kib']:.2f} "
+            f"| {r['retained']:.3f} |"
         )
     lines += [
         "",
@@ -188,7 +226,8 @@ def report(results: dict[str, dict[str, Any]], n: int, variant: str, top: int) -
         "per-client limit, the default route breaker, deadline from `x-request-timeout-ms`, "
         "memory state, telemetry off; `fid:*` rows add its layers one at a time). Calls are "
         "`sys.setprofile` events: new Python frames, coroutine resumptions, C calls (not the "
-        "C slots the interpreter calls itself, such as a `with` block's `__enter__`). Blocks "
+        "C slots the interpreter calls itself, such as a `with` block's `__enter__`); bytecodes "
+        "are the instructions every Python frame executed (`sys.settrace` opcode events). Blocks "
         "allocated is a lower bound (rises of `sys.getallocatedblocks()` between profile "
         "events); peak KiB is tracemalloc's peak above the memory live before the request "
         "(median); retained is blocks still allocated after the requests. Counts, not "

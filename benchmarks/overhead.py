@@ -226,6 +226,16 @@ def report(
                     f"\n{name}: overhead {statistics.median(times):.1f} x the hand-written "
                     "floor's (median of per-round ratios)."
                 )
+    for name in samples:
+        if name.startswith("fidelity@") and "fidelity" in samples:
+            # the change itself, paired per round: less drift than two overheads apart
+            diffs = [v - b for v, b in zip(samples["fidelity"], samples[name], strict=True)]
+            ratios = [v / b for v, b in zip(samples["fidelity"], samples[name], strict=True)]
+            lines.append(
+                f"\nfidelity vs {name}: {statistics.median(diffs) * 1e6:+.2f} µs per request, "
+                f"{statistics.median(ratios):.3f} x (medians of per-round paired differences "
+                "and ratios)."
+            )
     steps = [
         ("fid:frame", "bare", "the frame: context + ContextVar, one header scan, send wrapper"),
         ("fid:+deadline", "fid:frame", "deadline: parse `x-request-timeout-ms`, set the deadline"),

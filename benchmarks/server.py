@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -116,11 +117,18 @@ def build_app(variant: str, redis_url: str) -> Any:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
-def serve(variant: str, port: int, redis_url: str) -> None:
+def serve(variant: str, port: int, redis_url: str, gc_freeze: bool = False) -> None:
     import uvicorn
 
+    app = build_app(variant, redis_url)
+    if gc_freeze:
+        # Everything imported and built so far moves to the permanent generation:
+        # full collections then scan only what requests allocate (a deployment
+        # choice, made for every variant alike).
+        gc.collect()
+        gc.freeze()
     uvicorn.run(
-        build_app(variant, redis_url),
+        app,
         host=HOST,
         port=port,
         loop="uvloop",
@@ -250,7 +258,7 @@ def redis_server(cpu: int | None) -> Iterator[tuple[str, int, int]]:
 
 @contextlib.contextmanager
 def servers(
-    variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path
+    variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path, gc_freeze: bool = False
 ) -> Iterator[dict[str, tuple[int, int]]]:
     """One uvicorn process per variant, all pinned to `cpu`: variant -> (port, pid)."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -260,6 +268,8 @@ def servers(
             port = free_port()
             argv = [sys.executable, str(Path(__file__).resolve()), "--serve", variant]
             argv += ["--port", str(port), "--redis-url", redis_url]
+            if gc_freeze:
+                argv.append("--gc-freeze")
             with (logdir / f"{variant}.log").open("wb") as log:
                 procs[variant] = subprocess.Popen(
                     pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT
@@ -388,7 +398,9 @@ def measure(args: argparse.Namespace) -> list[Sample]:
         script.write_text(WRK_SCRIPT)
         url, redis_pid, redis_port = stack.enter_context(redis_server(args.redis_cpu))
         client = stack.enter_context(redis.Redis.from_url(url))
-        running = stack.enter_context(servers(args.variants, url, args.server_cpu, tmp))
+        running = stack.enter_context(
+            servers(args.variants, url, args.server_cpu, tmp, args.gc_freeze)
+        )
         order = list(args.variants)
         total = args.rounds * len(order) * len(args.connections)
         for round_no in range(args.rounds):
@@ -612,6 +624,11 @@ def main() -> None:
     parser.add_argument("--load-cpu", type=int, default=1, help="wrk's and redis-server's CPU")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--json", type=Path, help="also write every sample here")
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() in every server after start-up (shorter full collections)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     # internal: one server process
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -619,7 +636,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.redis_url)
+        serve(args.serve, args.port, args.redis_url, args.gc_freeze)
         return
     try:
         import httptools  # noqa: F401
@@ -645,7 +662,8 @@ def main() -> None:
         f"Run {started} on {machine()}.\n\n"
         "`.venv/bin/python benchmarks/server.py` (needs `wrk` and `redis-server`; "
         f"options: `--help`). This run: `--rounds {args.rounds} --duration {args.duration:g} "
-        f"--connections {','.join(map(str, args.connections))}`.\n\n" + report(samples, args)
+        f"--connections {','.join(map(str, args.connections))}"
+        f"{' --gc-freeze' if args.gc_freeze else ''}`.\n\n" + report(samples, args)
     )
     print(body)
     if not args.no_write:

@@ -31,6 +31,8 @@ class Service:
         self.gate = asyncio.Event()
         self.entered = 0
         self.contexts: list[Any] = []
+        # The event loop stays busy this long after each request (another task's CPU work)
+        self.busy_after_s = 0.0
 
         async def work(request: Request) -> Response:
             # one route (one bulkhead): ?hold=1 keeps the request in flight until released
@@ -47,6 +49,8 @@ class Service:
             await self.mw(scope, receive, send)
             if scope["type"] == "http":
                 self.contexts.append(scope["state"]["fidelity"])
+                # no await since the middleware returned: what is ready now waits this long
+                clock.advance(self.busy_after_s)
 
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=capture, client=("127.0.0.1", 5000)),
@@ -215,12 +219,66 @@ async def test_admitted_requests_feed_the_adaptive_limit_their_latency(clock: Fa
         breaker=None, concurrency=ConcurrencyConfig(limit=10, adaptive=True, max_limit=100)
     )
     svc = Service(policy, clock, work_s=0.025)
-    for _ in range(5):
-        assert (await svc.client.get("/w")).status_code == 200
+    assert (await svc.client.get("/w")).status_code == 200
     limiter = svc.mw.engine.bulkheads["/w"]
     assert limiter.estimate is not None
+    # The first 20 served requests measure the floor (the limit held at 4 meanwhile).
+    for _ in range(19):
+        assert limiter.limit == 4
+        assert (await svc.client.get("/w")).status_code == 200
     assert limiter.estimate.baseline_s == pytest.approx(0.025)
+    assert limiter.limit == 10
     assert limiter.in_flight == 0
+
+
+async def test_a_busy_event_loop_shrinks_the_adaptive_limit(clock: FakeClock) -> None:
+    """Requests served at their floor, but the loop stays busy after each: a request
+    arriving then waits before the middleware sees it, and the limit must shrink."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=10, adaptive=True, max_limit=100)
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    for _ in range(20):  # the floor: 10 ms
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    for _ in range(10):  # an idle loop: the limit stays (an idle route does not grow it)
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    assert limiter.limit == 10
+    svc.busy_after_s = 0.05
+    for _ in range(10):
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)  # a server yields to its loop between requests
+    assert limiter.limit <= 5
+    assert limiter.estimate is not None
+    assert limiter.estimate.baseline_s == pytest.approx(0.01)
+
+
+def test_the_lag_probe_measures_afresh_on_a_new_event_loop() -> None:
+    """A probe armed on a loop that closed before it ran must not freeze the lag."""
+    from fidelity_mw.inbound.bulkhead import LagProbe
+
+    now = [0.0]
+    probe = LagProbe(lambda: now[0])
+    old_loop = asyncio.new_event_loop()
+    try:
+        old_loop.call_soon(probe.arm)  # armed there; that loop never runs again
+        old_loop.call_soon(old_loop.stop)
+        old_loop.run_forever()
+    finally:
+        old_loop.close()
+    probe.lag_s = 5.0  # what it last measured there
+    assert probe.pending
+
+    async def serve_again() -> None:
+        probe.arm()
+        now[0] += 0.02  # the loop stays busy before the probe's callback runs
+        await asyncio.sleep(0)
+
+    asyncio.run(serve_again())
+    assert probe.lag_s == pytest.approx(0.02)
+    assert not probe.pending
 
 
 async def test_routes_without_a_bulkhead_record_no_concurrency_decision(clock: FakeClock) -> None:

@@ -174,3 +174,71 @@ def test_policy_concurrency_tables_validate_and_round_trip() -> None:
         )
     paths = [issue.path for issue in err.value.issues]
     assert paths == ["concurrency.limit", "concurrency.sheddable_share", "route[0].priority"]
+
+
+def test_adaptive_limit_goes_below_four_on_a_route_one_request_saturates() -> None:
+    """A CPU-bound route on one event loop: every request in flight adds its own
+    service time. Gradient2's constant sqrt(limit) headroom would hold the limit at
+    4 (4 * 0.5 + sqrt(4) == 4) whatever the latency; the limit must reach 1-2.
+    (The floor is measured one at a time here: on this curve 4 in flight are 4x slower.)"""
+    spec = ConcurrencySpec(limit=4, adaptive=True, max_limit=1000, measure_limit=1)
+    lim = ConcurrencyLimiter(spec)
+    limits = _drive(lim, 3000, 0.01, 1)
+    tail = sorted(limits[-1000:])
+    assert tail[len(tail) // 2] <= 2
+    assert max(tail) <= 3
+
+
+def test_adaptive_limit_started_far_too_high_under_overload_comes_down() -> None:
+    """The floor is measured first (limit held at 4 for 20 requests), so a service that
+    starts under overload does not take its queued latencies for the floor."""
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=500, adaptive=True, max_limit=1000))
+    assert lim.limit == 4
+    limits = _drive(lim, 20, 0.01, 10)
+    assert limits[:-1] == [4] * 19
+    assert lim.estimate is not None
+    assert lim.estimate.baseline_s == pytest.approx(0.01)
+    assert limits[-1] == 500  # measured: back to the configured start
+    limits = _drive(lim, 40, 0.01, 10)
+    assert limits[-1] <= 20  # -10 % per sample at the gradient's floor
+    limits = _drive(lim, 2000, 0.01, 10)  # the 500 admitted meanwhile drain
+    assert lim.in_flight <= 20
+    assert max(limits[-500:]) <= 20
+
+
+def test_the_floor_is_measured_at_min_limit_when_that_is_above_measure_limit() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=50, adaptive=True, min_limit=10))
+    assert lim.limit == 10
+    _drive(lim, 20, 0.01, 100)
+    assert lim.estimate is not None
+    assert not lim.estimate.measuring
+    assert lim.limit >= 50
+
+
+def test_dropped_requests_while_the_floor_is_measured_lower_the_limit_it_returns_to() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=100, adaptive=True))
+    for _ in range(10):
+        lim.try_acquire(CRITICAL)
+        lim.release(dropped=True)
+    for _ in range(20):
+        lim.try_acquire(CRITICAL)
+        lim.release(0.01)
+    assert lim.limit == round(100 * 0.9**10)
+
+
+def test_event_loop_lag_counts_in_the_latency_signal() -> None:
+    """The route answers at its floor, but work waits for the event loop: the limit shrinks."""
+    spec = ConcurrencySpec(limit=20, adaptive=True, measure_samples=0)
+    lim = ConcurrencyLimiter(spec)
+    for _ in range(200):
+        while lim.try_acquire(CRITICAL).admitted:
+            pass
+        lim.release(0.01)
+    assert lim.limit >= 100  # busy at its floor: grows
+    high = lim.limit
+    for _ in range(30):
+        lim.release(0.01, lag_s=0.02)  # 3x the floor in all
+        lim.try_acquire(CRITICAL)
+    assert lim.limit < high / 4
+    assert lim.estimate is not None
+    assert lim.estimate.baseline_s == pytest.approx(0.01)

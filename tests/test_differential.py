@@ -492,8 +492,8 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     ),
     "lua: a coalesced batch decides on a later clock": _lua(
         (
-            "    reply, k = admit_at(values, 2, k, now)\n",
-            "    now = now + 0.01\n    reply, k = admit_at(values, 2, k, now)\n",
+            "    reply = admit_at(values, 3, keys, 1, now)\n",
+            "    now = now + 0.01\n    reply = admit_at(values, 3, keys, 1, now)\n",
         )
     ),
     "lua: budget counts a denied retry": _lua(

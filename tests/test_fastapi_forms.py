@@ -136,6 +136,31 @@ async def test_limit_dependency_shares_the_middleware_context_and_store(
     assert set(store.limits.tats) == {"/keyed/{item}:2/min|h:k1", "/keyed/{item}:2/min|h:k2"}
 
 
+async def test_a_dependency_rejection_is_its_decision_and_costs_no_middleware_quota(
+    clock: FakeClock,
+) -> None:
+    """The middleware's own per-client limit admits (and charges) the request before the
+    app runs; when `Depends(limit)` then answers 429, the trace says the rate limit
+    decided, the route breaker does not count it, and the middleware's units come back."""
+    fidelity = Fidelity()
+    recorder = Recorder()
+    store = MemoryStore(rng=seeded_random(4))
+    policy = Policy(rate_limits=(RateLimit(name="mw", rate="1/h", burst=3),), breaker=None)
+    app = with_middleware(build(fidelity), clock, observer=recorder, store=store, policy=policy)
+    fidelity.install(app)
+    async with client(app) as c:
+        statuses = [(await c.get("/sync")).status_code for _ in range(4)]
+        # 1 served, 3 rejected by the dependency: the middleware charged only the served
+        # one, so two more requests still get through its 3-unit burst
+        more = [(await c.get("/plain")).status_code for _ in range(3)]
+    assert statuses == [200, 429, 429, 429]
+    assert more == [200, 200, 429]
+    rejected = recorder.contexts[1]
+    assert (rejected.decided_by, rejected.outcome) == ("ratelimit", "rejected")
+    assert (recorder.contexts[0].decided_by, recorder.contexts[0].outcome) == ("app", "served")
+    assert recorder.contexts[-1].decided_by == "ratelimit"  # the middleware's own 429
+
+
 async def test_limit_decisions_land_in_the_trace() -> None:
     otel: Pipeline = pipeline()
     try:

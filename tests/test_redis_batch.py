@@ -437,3 +437,93 @@ async def test_middleware_batch_on_a_killed_redis_falls_back_per_request(
         await app.engine.aclose()
     assert [status for status, _ in got] == statuses
     assert all(sources and set(sources) == {"fallback"} for _, sources in got)
+
+
+async def test_a_busy_tick_sends_every_batch_in_the_next_tick(redis_url: str) -> None:
+    """150 admissions in one tick: three batch calls (64 + 64 + 22), each started in the
+    tick right after the one that queued them, not a tick later through a splitting task."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    loop = asyncio.get_running_loop()
+    ticks = [0]
+
+    def tick() -> None:  # runs once per event-loop iteration
+        ticks[0] += 1
+        if ticks[0] < 10_000:
+            loop.call_soon(tick)
+
+    queued: list[int] = []
+    started: list[int] = []
+    send = redis_store.coalescer._call
+
+    async def counted(script, keys, args):  # type: ignore[no-untyped-def]
+        started.append(ticks[0])
+        return await send(script, keys, args)
+
+    async def admit(i: int):  # type: ignore[no-untyped-def]
+        queued.append(ticks[0])
+        return await redis_store.admit(None, None, [f"a|c{i}"], [A], 0.0)
+
+    redis_store.coalescer._call = counted
+    loop.call_soon(tick)
+    try:
+        got = await asyncio.gather(*(admit(i) for i in range(150)))
+    finally:
+        ticks[0] = 10_000
+        await redis_store.aclose()
+    assert [r.admitted for r in got] == [True] * 150
+    assert {r.source for r in got} == {"redis"}
+    assert redis_store.coalescer.batches == 3
+    assert redis_store.coalescer.coalesced == 150
+    assert len(set(queued)) == 1  # one tick queued them all
+    assert started == [queued[0] + 1] * 3
+
+
+async def test_a_batch_sends_each_key_once(redis_url: str) -> None:
+    """50 requests on one route breaker and one hot limit key: the batch call carries
+    the 3 keys once (the client's cost is per argument), and decides as before."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    memory = MemoryStore(rng=seeded_random(7))
+    sent: list[int] = []
+    send = redis_store.coalescer._call
+
+    async def counted(script, keys, args):  # type: ignore[no-untyped-def]
+        sent.append(len(keys))
+        return await send(script, keys, args)
+
+    redis_store.coalescer._call = counted
+    breaker = BreakerConfig()
+    try:
+        got = await asyncio.gather(
+            *(redis_store.admit("route:/h", breaker, ["a|hot"], [A], 0.0) for _ in range(50))
+        )
+    finally:
+        await redis_store.aclose()
+    want = [memory.admit_now("route:/h", breaker, ["a|hot"], [A], 0.0) for _ in range(50)]
+    assert [flat(r) for r in got] == [flat(r) for r in want]
+    assert sum(r.admitted for r in got) == 3  # the burst, then refusals: a real test
+    assert sent == [3]
+
+
+async def test_cached_argument_text_is_what_the_values_would_send(redis_url: str) -> None:
+    """An admission hands the batch its values pre-joined (constant parts cached): the
+    same text, value for value, as joining them one by one."""
+    redis_store = store(redis_url, sync_interval_ms=60_000)
+    seen: list[tuple[list[object], str | None]] = []
+    call = redis_store.coalescer.call
+
+    async def spy(script, keys, args, text=None):  # type: ignore[no-untyped-def]
+        seen.append((list(args), text))
+        return await call(script, keys, args, text)
+
+    redis_store.coalescer = type(
+        "Spy", (), {"call": staticmethod(spy), "aclose": call.__self__.aclose}
+    )()  # type: ignore[assignment]
+    breaker = BreakerConfig()
+    try:
+        for bkey, keys, limits in REQUESTS:
+            await redis_store.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
+    finally:
+        await redis_store.aclose()
+    assert len(seen) == len(REQUESTS)
+    for args, text in seen:
+        assert text == ",".join(map(str, args))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -440,3 +441,41 @@ async def test_the_deadline_fires_on_the_real_event_loop() -> None:
     await mw(scope_for("/"), receive, send)
     assert sent[0]["status"] == 200
     assert mw._deadlines.inflight == {}
+
+
+async def test_a_timer_left_on_an_event_loop_that_is_gone_is_replaced() -> None:
+    """A middleware outliving its event loop (tests, `asyncio.run` twice): its one timer
+    sits on the old loop, overdue. The next request on the new loop, even with a later
+    deadline than that timer's, gets a timer on the new loop and is cut at its deadline."""
+    cancelled = []
+
+    async def hangs(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(5.0)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    mw = FidelityMiddleware(hangs, policy=Policy(breaker=None), telemetry=False)
+    gone = asyncio.new_event_loop()
+    gone.close()
+    watch = mw._deadlines
+    # what an earlier loop left behind: its timer, 2 s overdue (so before any deadline)
+    now = time.monotonic()
+    watch._loop = gone
+    watch._timer_at = now - 2.0
+    watch._recheck_at = now - 1.0
+    sent: list[Mapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = scope_for("/")
+    scope["headers"] = [(b"x-request-timeout-ms", b"30")]
+    await asyncio.wait_for(mw(scope, receive, send), timeout=10.0)
+    assert sent[0]["status"] == 504
+    assert cancelled == [True]
+    assert watch._loop is asyncio.get_running_loop()

@@ -83,8 +83,10 @@ class DecisionContext:
     # middleware then tells our own callers not to retry us.
     upstream_exhausted = False
     # Set by the transport when a control layer (host breaker, deadline) refused an
-    # outbound call before anything was sent: an error response then is that
-    # layer's decision, not the route's failure, and costs the client no quota.
+    # outbound call before anything was sent, or by a per-route form that turned the
+    # request away inside the app (FastAPI `Depends(limit)`): an error response then
+    # is that layer's decision, not the route's failure, and costs the client no
+    # quota of the middleware's own limits.
     shed_by: str | None = None
     inbound_attempt = 1
     trusted_peer = False

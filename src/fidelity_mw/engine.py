@@ -73,12 +73,14 @@ class RoutePlan:
         "ip_key_prefix",
         "key_prefixes",
         "limits",
+        "one_advertised",
         "policy_field",
         "policy_header",
         "priority",
         "remaining_prefixes",
         "route",
         "served",
+        "served_below",
         "specs",
         "timed",
     )
@@ -99,6 +101,12 @@ class RoutePlan:
         self.breaker_key = f"route:{route}" if breaker is not None else None
         # the request's end time matters (slow calls count against the breaker)
         self.timed = breaker is not None and breaker.slow_call_ms is not None
+        # A complete response with a status below this is a plain success: served, and
+        # nothing for the breaker to weigh but one more success (0: always ask the
+        # outcome recorder, as for slow-call routes, whose end time must be weighed).
+        self.served_below = (
+            0 if self.timed else min((500, *breaker.failure_statuses)) if breaker else 500
+        )
         self.limits = limits
         self.specs = tuple(
             LimitSpec(
@@ -125,6 +133,13 @@ class RoutePlan:
             None if lim.shadow else f'"{sf_string_content(lim.name)}";r='.encode("ascii")
             for lim in limits
         )
+        # The common shape, precomputed for the RateLimit field: exactly one limit, and
+        # advertised: (its item prefix, tolerance, emission interval).
+        self.one_advertised: tuple[bytes, float, float] | None = None
+        if len(limits) == 1 and not limits[0].shadow:
+            prefix = self.remaining_prefixes[0]
+            assert prefix is not None
+            self.one_advertised = (prefix, self.specs[0].tolerance_s, self.specs[0].interval_s)
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
         # The route's bulkhead (in-process, shared by every plan of the route) and

@@ -134,6 +134,22 @@ class BreakerState:
         slow: bool = False,
     ) -> str:
         """Count one finished call (probe_id from its Gate). Returns the state afterwards."""
+        if (
+            outcome == SUCCESS
+            and not probe_id
+            and not slow
+            and now < self._bucket_end
+            and epoch == self.epoch
+            and self.state == CLOSED
+        ):
+            # Most calls: a success of this epoch, closed, in the current bucket. Without
+            # failures or slow calls in the window it cannot open: count it and return.
+            totals = self._totals
+            if not (totals[1] or totals[2]):
+                self.buckets[-1][0] += 1
+                totals[0] += 1
+                self.consecutive = 0
+                return CLOSED
         # A probe whose lease ran out no longer holds a slot; its late report
         # must not free someone else's.
         if probe_id and self.probes.pop(probe_id, None) is None:

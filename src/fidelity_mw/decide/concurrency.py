@@ -5,7 +5,11 @@ finds that number from the latencies it sees, in the manner of a gradient
 limiter (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency
 filter): while latency stays within `tolerance` of its baseline (the lowest
 latency seen lately) the limit grows by about sqrt(limit) per sample; when
-latency rises above that, the limit shrinks in proportion.
+latency rises above that, the limit shrinks in proportion. Unlike Gradient2,
+the sqrt(limit) headroom is added only while latency is within tolerance:
+added always, it props the limit up at 4 however slow requests get (at the
+gradient's floor of 0.5, 4 * 0.5 + sqrt(4) == 4), and a CPU-bound route on
+one event loop is saturated by 1 or 2.
 
 Priorities: a class may fill only its share of the limit, so under pressure
 `sheddable` requests are shed first, then `default`, and `critical` ones may
@@ -51,8 +55,8 @@ class ConcurrencySpec:
     smoothing: float = 0.2  # weight of a new estimate in the limit
     tolerance: float = 1.5  # latency / baseline accepted before the limit shrinks
     remeasure_every: int = 2000  # samples between baseline re-measurements (0: never)
-    measure_limit: int = 4  # the limit while the baseline is re-measured
-    measure_samples: int = 20  # requests that finish at that limit make the new baseline
+    measure_limit: int = 4  # the limit while the baseline is measured
+    measure_samples: int = 20  # requests that finish at that limit make the baseline (0: none)
 
     def share(self, priority: str) -> float:
         if priority == SHEDDABLE:
@@ -72,12 +76,14 @@ class Admission(NamedTuple):
 class GradientEstimate:
     """The adaptive limit: a float that moves with every latency sample.
 
-    The baseline is the lowest latency seen since the last re-measurement.
-    Every `remeasure_every` samples the limit drops to `measure_limit` until
-    `measure_samples` requests have finished with no more than that many in
-    flight; their lowest latency becomes the new baseline (up or down) and the
-    limit returns. Without that, a baseline taken on a quieter day would hold
-    the limit down forever, or one taken under load would let it run away.
+    The baseline is the lowest latency seen since the last measurement. It is
+    measured first thing, and again every `remeasure_every` samples: the limit
+    drops to `measure_limit` until `measure_samples` requests have finished
+    with no more than that many in flight; their lowest latency becomes the
+    baseline (up or down) and the limit returns. Without the first
+    measurement a service started under overload would take its first,
+    queued, latencies for the floor and never shrink; without the later ones a
+    baseline taken on a quieter day would hold the limit down forever.
     """
 
     __slots__ = ("_measured", "_measuring", "_resume", "_since", "baseline_s", "spec", "value")
@@ -87,7 +93,8 @@ class GradientEstimate:
         self.value = float(spec.limit)
         self.baseline_s = 0.0  # 0: not measured yet
         self._since = 0
-        self._measuring = False
+        # Envoy's filter does the same: the floor is measured before the limit is trusted.
+        self._measuring = spec.measure_samples > 0
         self._measured: list[float] = []
         self._resume = self.value
 
@@ -95,16 +102,24 @@ class GradientEstimate:
     def measuring(self) -> bool:
         return self._measuring
 
+    def _probe_limit(self) -> float:
+        spec = self.spec
+        return float(min(max(spec.measure_limit, spec.min_limit), self._resume))
+
     def current(self) -> float:
         if self._measuring:
-            return float(min(self.spec.measure_limit, self._resume))
+            return self._probe_limit()
         return self.value
 
     def sample(self, latency_s: float, in_flight: int, dropped: bool = False) -> float:
         """Fold one finished request in (`in_flight` counts it); returns the limit to use."""
         spec = self.spec
         if self._measuring:
-            if not dropped and latency_s > 0.0 and in_flight <= spec.measure_limit:
+            if dropped:
+                # An overload failure (timeout, shed downstream) is the clearest signal
+                # there is, also while measuring: the limit returns lower.
+                self._resume = max(float(spec.min_limit), self._resume * 0.9)
+            elif latency_s > 0.0 and in_flight <= self._probe_limit():
                 self._measured.append(latency_s)
                 if len(self._measured) >= spec.measure_samples:
                     self.baseline_s = min(self._measured)
@@ -113,7 +128,6 @@ class GradientEstimate:
                     self._since = 0
             return self.current()
         if dropped:
-            # An overload failure (timeout, shed downstream) is the clearest signal there is.
             self.value = max(float(spec.min_limit), self.value * 0.9)
             return self.value
         if latency_s <= 0.0:
@@ -122,12 +136,17 @@ class GradientEstimate:
         if self.baseline_s == 0.0 or latency_s < self.baseline_s:
             self.baseline_s = latency_s
         gradient = max(0.5, min(1.0, spec.tolerance * self.baseline_s / latency_s))
-        # An idle server says nothing about its capacity: grow only while the
-        # limit is actually being used (shrinking is always allowed).
-        if not (gradient >= 1.0 and in_flight < self.value / 2.0):
-            target = self.value * gradient + math.sqrt(self.value)
-            value = (1.0 - spec.smoothing) * self.value + spec.smoothing * target
-            self.value = max(float(spec.min_limit), min(float(spec.max_limit), value))
+        if gradient < 1.0:
+            # Latency is past tolerance: shrink, with no headroom (see the module doc).
+            target = self.value * gradient
+        elif in_flight >= self.value / 2.0:
+            target = self.value + math.sqrt(self.value)
+        else:
+            # An idle server says nothing about its capacity: grow only while the
+            # limit is actually being used.
+            target = self.value
+        value = (1.0 - spec.smoothing) * self.value + spec.smoothing * target
+        self.value = max(float(spec.min_limit), min(float(spec.max_limit), value))
         if spec.remeasure_every and self._since >= spec.remeasure_every:
             self._measuring = True
             self._measured = []
@@ -152,7 +171,9 @@ class ConcurrencyLimiter:
     def limit(self) -> int:
         if self.estimate is None:
             return self.spec.limit
-        return max(self.spec.min_limit, int(self.estimate.current()))
+        # Rounded, not truncated: truncating biases the limit down by half a request on
+        # average, which at the small limits of a CPU-bound route (1.9 -> 1) halves it.
+        return max(self.spec.min_limit, int(self.estimate.current() + 0.5))
 
     def _room(self, priority: str) -> int:
         limit = self.limit
@@ -192,14 +213,20 @@ class ConcurrencyLimiter:
                 return True
         return False
 
-    def release(self, latency_s: float | None = None, *, dropped: bool = False) -> list[object]:
+    def release(
+        self, latency_s: float | None = None, *, dropped: bool = False, lag_s: float = 0.0
+    ) -> list[object]:
         """One admitted request finished. Returns the waiters that now hold a slot.
 
         `latency_s` (None: not a sample, e.g. the client went away) feeds the
-        adaptive limit; `dropped` says the request failed from overload.
+        adaptive limit; `dropped` says the request failed from overload. `lag_s`
+        is how long work that is ready waits to run (the event loop's lag): a
+        request arriving now waits that long before anything can admit it, a
+        queue the route's own latency does not show, so it counts in the sample.
         """
         if self.estimate is not None and (latency_s is not None or dropped):
-            self.estimate.sample(latency_s or 0.0, self.in_flight, dropped)
+            sample = latency_s + lag_s if latency_s is not None else 0.0
+            self.estimate.sample(sample, self.in_flight, dropped)
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
         while self._waiters:

@@ -140,6 +140,10 @@ class LimitDependency:
             at=now,
             details={"retry_after_s": wait, "remaining": 0},
         )
+        # The 429 is this limit's decision: the middleware reports it so, and its own
+        # limits give back what they charged (one layer's rejection costs no quota of
+        # another).
+        ctx.shed_by = LAYER_RATELIMIT
         after = retry_after_header(verdict.retry_after_s)
         problem = problem_document(
             429,

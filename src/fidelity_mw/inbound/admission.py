@@ -33,6 +33,11 @@ from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 
 logger = logging.getLogger("fidelity_mw")
 
+# The allowed path's records are made with tuple.__new__ and all eight fields: the
+# NamedTuple's own __new__ is a Python function, a frame per record, and telemetry
+# reads every request's decisions.
+_record = tuple.__new__
+
 
 class Admission:
     """Turns `StateStore.admit` answers (or its failure) into decisions and refusals."""
@@ -131,18 +136,10 @@ def admission_decisions(
     append = ctx._decisions.append
     if ctx.deadline_at is not None:
         remaining = ctx.deadline_at - now
-        append(
-            Decision(
-                LAYER_DEADLINE,
-                ctx.route,
-                ALLOW,
-                "caller_deadline" if ctx.deadline_from_caller else "route_default",
-                SOURCE_REQUEST,
-                0.0,
-                now,
-                {"remaining_ms": round(remaining * 1000.0, 3)},
-            )
-        )
+        reason = "caller_deadline" if ctx.deadline_from_caller else "route_default"
+        details: dict[str, DetailValue] = {"remaining_ms": round(remaining * 1000.0, 3)}
+        deadline = (LAYER_DEADLINE, ctx.route, ALLOW, reason, SOURCE_REQUEST, 0.0, now, details)
+        append(_record(Decision, deadline))
     if result is None:
         return
     source, age = result.source, result.age_s
@@ -162,33 +159,17 @@ def admission_decisions(
                 )
             )
             return
-        probe = gate.verdict == "probe"
-        append(
-            Decision(
-                LAYER_BREAKER,
-                plan.route,
-                PROBE if probe else ALLOW,
-                "half_open_probe" if probe else "breaker_closed",
-                source,
-                age,
-                now,
-            )
-        )
+        if gate.verdict == "probe":
+            append(Decision(LAYER_BREAKER, plan.route, PROBE, "half_open_probe", source, age, now))
+        else:
+            closed = (LAYER_BREAKER, plan.route, ALLOW, "breaker_closed", source, age, now, None)
+            append(_record(Decision, closed))
     fleet = fleet_details(result.fleet) if result.fleet is not None else {}
     for spec, verdict in zip(plan.specs, result.limits, strict=False):
         if verdict.allowed:
-            append(
-                Decision(
-                    LAYER_RATELIMIT,
-                    spec.name,
-                    ALLOW,
-                    "under_limit",
-                    source,
-                    age,
-                    now,
-                    {"remaining": verdict.remaining, **fleet},
-                )
-            )
+            details = {"remaining": verdict.remaining, **fleet}
+            allowed = (LAYER_RATELIMIT, spec.name, ALLOW, "under_limit", source, age, now, details)
+            append(_record(Decision, allowed))
         elif spec.shadow:
             append(
                 Decision(
@@ -245,19 +226,17 @@ def ratelimit_headers(
     """RateLimit-Policy (static per route) and RateLimit (remaining; seconds until more
     quota). With a Retry-After, no `t` points past it: "within t s no more than r" stays
     true for any shorter t, and the draft wants Retry-After no earlier than `t`."""
-    prefixes = plan.remaining_prefixes
-    if len(prefixes) == 1 and prefixes[0] is not None and result.limits[0].allowed:
-        # the common case on the allowed path: one advertised limit, and it admitted
+    one = plan.one_advertised
+    if one is not None:
         verdict = result.limits[0]
-        spec = plan.specs[0]
-        wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
-        t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
-        if retry_after is not None and t > retry_after:
-            t = retry_after
-        return [
-            plan.policy_field,
-            (b"ratelimit", prefixes[0] + b"%d;t=%d" % (verdict.remaining, t)),
-        ]
+        if verdict.allowed:
+            # the common case on the allowed path: one advertised limit, and it admitted
+            item, tolerance_s, interval_s = one
+            wait = verdict.reset_s - tolerance_s + (verdict.remaining + 1) * interval_s
+            t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
+            if retry_after is not None and t > retry_after:
+                t = retry_after
+            return [plan.policy_field, (b"ratelimit", item + b"%d;t=%d" % (verdict.remaining, t))]
     items = []
     # shadow limits (prefix None) are not advertised: they are never enforced
     for prefix, spec, verdict in zip(

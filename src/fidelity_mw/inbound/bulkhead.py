@@ -41,6 +41,10 @@ class Bulkheads:
         self.priority_raw: bytes | None = header_key(header) if header else None
         self.trusted_peer = trusted_peer
         self.monotonic = engine.clock.monotonic
+        # A bulkhead under overload refuses most requests, on the same event loop
+        # that serves the rest: each (route, class) answer is built once, not per 503.
+        self._bodies: dict[tuple[str, str], bytes] = {}
+        self._lag: dict[str, LagProbe] = {}  # per adaptive route
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
         """The route's class, unless a trusted peer names another one."""
@@ -102,7 +106,14 @@ class Bulkheads:
             elif ctx.status is not None:
                 ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
                 latency = ended - ctx.started_at
-        self._wake(limiter.release(latency, dropped=dropped))
+        lag = 0.0
+        if limiter.estimate is not None:
+            probe = self._lag.get(plan.route)
+            if probe is None:
+                probe = self._lag[plan.route] = LagProbe(self.monotonic)
+            lag = probe.lag_s
+            probe.arm()
+        self._wake(limiter.release(latency, dropped=dropped, lag_s=lag))
 
     @staticmethod
     def _wake(slots: list[object]) -> None:
@@ -146,13 +157,52 @@ class Bulkheads:
         self._record(ctx, plan, SHED, reason, priority, limiter, now)
         ctx.decided_by = LAYER_CONCURRENCY
         ctx.outcome = OUTCOME_SHED
-        body = problem_body(
-            503,
-            "Service Unavailable",
-            f"route {plan.route!r} is at its concurrency limit ({limiter.limit} in flight) "
-            f"for {priority} requests; retry in 1 s",
-            "concurrency-limit",
-            route=plan.route,
-            priority=priority,
-        )
+        body = self._bodies.get((plan.route, priority))
+        if body is None:
+            # The limit at the time is in the decision record, not the cached body.
+            body = self._bodies[plan.route, priority] = problem_body(
+                503,
+                "Service Unavailable",
+                f"route {plan.route!r} is at its concurrency limit for {priority} requests; "
+                "retry in 1 s",
+                "concurrency-limit",
+                route=plan.route,
+                priority=priority,
+            )
         return 503, list(_RETRY_AFTER), body
+
+
+class LagProbe:
+    """How long ready work waits for the event loop, measured on the side.
+
+    A request is only seen by the middleware once the event loop gets to it;
+    with a CPU-bound app the loop, not the route, is where requests queue, and
+    that wait is invisible in the route's own latency. The probe schedules one
+    callback (at most one at a time) and notes how late it ran: the time
+    anything that became ready then, a newly arrived request included, waited.
+    It is armed as a request leaves, so a request's own work is never its lag.
+    """
+
+    __slots__ = ("_loop", "lag_s", "monotonic", "pending")
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
+        self.lag_s = 0.0
+        self.pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.pending and loop is self._loop:
+            return
+        if loop is not self._loop:
+            # A new event loop (the app served again, e.g. by another test client):
+            # a callback left on the old one never runs, and its lag is not this one's.
+            self._loop = loop
+            self.lag_s = 0.0
+        self.pending = True
+        loop.call_soon(self._ran, self.monotonic())
+
+    def _ran(self, scheduled: float) -> None:
+        self.pending = False
+        self.lag_s = max(0.0, self.monotonic() - scheduled)

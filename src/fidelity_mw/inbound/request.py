@@ -101,22 +101,28 @@ class RequestReader:
         now: float,
     ) -> tuple[float | None, Rejection | None]:
         """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
-        remaining = plan.deadline_default_s
         caller = None  # the shortest valid deadline among the configured headers
         for name, raw, parse in self.deadline_headers:
             value = found.get(raw)
-            if value is None:
-                continue
-            seconds = parse(value)
-            if seconds is None:
-                ctx.decisions.append(
-                    Decision(
-                        LAYER_DEADLINE, name, ALLOW, "malformed_header", SOURCE_REQUEST, 0.0, now
+            if value is not None:
+                seconds = parse(value)
+                if seconds is None:
+                    ctx.decisions.append(
+                        Decision(
+                            LAYER_DEADLINE,
+                            name,
+                            ALLOW,
+                            "malformed_header",
+                            SOURCE_REQUEST,
+                            0.0,
+                            now,
+                        )
                     )
-                )
-            elif caller is None or seconds < caller:
-                caller = seconds
-        if caller is not None:
+                elif caller is None or seconds < caller:
+                    caller = seconds
+        if caller is None:
+            remaining = plan.deadline_default_s
+        else:
             cap = plan.deadline_cap_s
             remaining = caller if cap is None or caller < cap else cap
             ctx.deadline_from_caller = True

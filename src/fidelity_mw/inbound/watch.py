@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from starlette.requests import ClientDisconnect
 
 from .._types import Message, Scope, Send
-from ..context import DecisionContext
+from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import RoutePlan
 from ..state.base import InboundResult, StateStore
@@ -27,11 +27,13 @@ from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
     OUTCOME_FAILED,
+    OUTCOME_REJECTED,
     OUTCOME_SERVED,
     OUTCOME_SHED,
 )
 
 logger = logging.getLogger("fidelity_mw")
+current_task = asyncio.current_task
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -52,17 +54,16 @@ _PATHSEND = "http.response.pathsend"  # always the whole body in one message
 class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got."""
 
-    __slots__ = (
-        "complete",
-        "ctx",
-        "end",
-        "expired",
-        "monotonic",
-        "send",
-        "started",
-        "task",
-        "watch",
-    )
+    # Class-level defaults (no __slots__): a request stores only what it changes.
+    started = False
+    complete = False
+    expired = False  # the deadline passed before the response started
+    # set when the route counts slow calls: then the end time is read at the
+    # last message (background tasks run after it, and are not the call)
+    monotonic: Callable[[], float] | None = None
+    end: tuple[ResponseEndHook, Scope, Any] | None = None
+    watch: DeadlineWatch | None = None  # set while armed
+    task: asyncio.Task[Any] | None = None
 
     def __init__(
         self,
@@ -79,21 +80,17 @@ class ResponseWatcher:
         before its response starts (arming here, not in a second call: the hot path)."""
         self.send = send
         self.ctx = ctx
-        self.end = end
-        # set when the route counts slow calls: then the end time is read at the
-        # last message (background tasks run after it, and are not the call)
-        self.monotonic = monotonic
-        self.started = False
-        self.complete = False
-        self.expired = False  # the deadline passed before the response started
-        self.watch = watch  # set while armed
+        if end is not None:
+            self.end = end
+        if monotonic is not None:
+            self.monotonic = monotonic
         if watch is None:
-            self.task: asyncio.Task[Any] | None = None
             return
-        self.task = asyncio.current_task()
+        self.watch = watch
+        self.task = current_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here
-        if deadline_at < watch._timer_at or watch._timer_at < now - 1.0:
+        if deadline_at < watch._timer_at or watch._recheck_at < now:
             watch.add(self, deadline_at, now)
 
     def disarm(self) -> None:
@@ -169,13 +166,24 @@ class DeadlineWatch:
     cost several times more.
     """
 
-    __slots__ = ("_call_later", "_loop", "_monotonic", "_timer", "_timer_at", "inflight")
+    __slots__ = (
+        "_call_later",
+        "_loop",
+        "_monotonic",
+        "_recheck_at",
+        "_timer",
+        "_timer_at",
+        "inflight",
+    )
 
     def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
         self._monotonic = monotonic
         self._call_later = call_later  # None: the running event loop's
         self._timer: TimerHandle | None = None
         self._timer_at = math.inf
+        # A timer this late (a second past its time) may belong to an event loop that
+        # is gone: the next arming looks (once, then again a second later).
+        self._recheck_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self.inflight: dict[ResponseWatcher, float] = {}
 
@@ -183,13 +191,13 @@ class DeadlineWatch:
         self.inflight[watcher] = deadline_at
         if deadline_at < self._timer_at:
             self._schedule(deadline_at, now)
-        elif (
-            self._timer_at < now - 1.0
-            and self._call_later is None
-            and self._loop is not asyncio.get_running_loop()
-        ):
-            # an overdue timer of an event loop that is gone (a busy loop's is only late)
-            self._schedule(deadline_at, now)
+        elif self._recheck_at < now:
+            if self._call_later is None and self._loop is not asyncio.get_running_loop():
+                # an overdue timer of an event loop that is gone
+                self._schedule(deadline_at, now)
+            else:
+                # a busy loop's timer is only late: no need to look at every request
+                self._recheck_at = now + 1.0
 
     def _schedule(self, at: float, now: float) -> None:
         if self._timer is not None:
@@ -207,6 +215,7 @@ class DeadlineWatch:
                 self._loop = asyncio.get_running_loop()
             fire = self._fire_in_loop
         self._timer_at = at
+        self._recheck_at = at + 1.0
         self._timer = call_later(at - now if at > now else 0.0, fire)
 
     def _fire_in_loop(self) -> None:
@@ -218,7 +227,7 @@ class DeadlineWatch:
 
     def _fire(self) -> None:
         self._timer = None
-        self._timer_at = math.inf
+        self._timer_at = self._recheck_at = math.inf
         now = self._monotonic()
         earliest = math.inf
         expired = []
@@ -304,7 +313,7 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and (status is None or status >= 500):
+        elif ctx.shed_by is not None and (status is None or status >= 400):
             return self.shed_downstream(ctx, plan, result, keys)
         elif ctx.upstream_exhausted and (status is None or status >= 500):
             # the outbound layer gave up on an upstream: not the client's quota
@@ -340,11 +349,12 @@ class OutcomeRecorder:
         keys: Sequence[str],
     ) -> Coroutine[Any, Any, Any] | None:
         """An outbound control layer refused the app's upstream call before sending it,
-        and the app answered with an error. That layer decided: the route breaker does
+        and the app answered with an error (or a per-route form rejected the request
+        inside the app, e.g. `Depends(limit)`'s 429). That layer decided: the route breaker does
         not count it (no second breaker on the same evidence) and the limits get their
         units back (a request rejected by one layer consumes no quota of another)."""
         ctx.decided_by = ctx.shed_by
-        ctx.outcome = OUTCOME_SHED
+        ctx.outcome = OUTCOME_REJECTED if ctx.shed_by == LAYER_RATELIMIT else OUTCOME_SHED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
         return _in_order(pending, self.refund(plan, result, keys))
 

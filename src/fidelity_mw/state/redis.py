@@ -357,6 +357,10 @@ class RedisStore(StateStore):
         self._keys: dict[tuple[str, str], str] = {}
         self._limit_args: dict[LimitSpec, tuple[float | int, ...]] = {}
         self._breaker_args: dict[BreakerConfig, tuple[float | int, ...]] = {}
+        # The same values joined as a coalesced batch sends them (str() of each, by
+        # ','): str(float) costs far more than a dict lookup, and these never change.
+        self._breaker_text: dict[BreakerConfig, str] = {}
+        self._limit_text: dict[LimitSpec, str] = {}
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
         self._flush_task: asyncio.Task[Any] | None = None
@@ -419,6 +423,20 @@ class RedisStore(StateStore):
         if args is None:
             args = self._breaker_args[cfg] = breaker_args(cfg)
         return args
+
+    def breaker_config_text(self, cfg: BreakerConfig) -> str:
+        text = self._breaker_text.get(cfg)
+        if text is None:
+            text = self._breaker_text[cfg] = ",".join(map(str, self.breaker_config_args(cfg)))
+        return text
+
+    def limit_text(self, spec: LimitSpec) -> str:
+        text = self._limit_text.get(spec)
+        if text is None:
+            if len(self._limit_text) >= _KEY_CACHE_MAX:
+                self._limit_text.clear()
+            text = self._limit_text[spec] = ",".join(map(str, self.limit_args(spec)))
+        return text
 
     def limit_args(self, spec: LimitSpec) -> tuple[float | int, ...]:
         args = self._limit_args.get(spec)
@@ -587,22 +605,33 @@ class RedisStore(StateStore):
         now: float,
     ) -> InboundResult:
         has_breaker = breaker_key is not None and breaker is not None
+        u = self._rng()
+        n = len(limits)
         if breaker_key is not None and breaker is not None:
             keys = list(self.breaker_keys(breaker_key))
-            args: list[Any] = ["1", self._rng(), len(limits)]
+            args: list[Any] = ["1", u, n]
             args += self.breaker_config_args(breaker)
             entry = self._deferred.pop(breaker_key, None) if self._deferred else None
-            args += (entry[1], entry[2]) if entry is not None else (0, 0)
+            d_epoch, d_count = (entry[1], entry[2]) if entry is not None else (0, 0)
+            args += (d_epoch, d_count)
+            text = f"1,{u!r},{n},{self.breaker_config_text(breaker)},{d_epoch},{d_count}"
         else:
             keys = []
-            args = ["0", self._rng(), len(limits)]
+            args = ["0", u, n]
+            text = f"0,{u!r},{n}"
         key_cache = self._keys
+        limit_text = self._limit_text
         for key, spec in zip(limit_keys, limits, strict=True):
             hashed = key_cache.get(("rl", key))
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-        got = await (self.coalescer.call if self.coalesce else self.call)(ADMIT, keys, args)
+            spec_text = limit_text.get(spec)
+            text += "," + (spec_text if spec_text is not None else self.limit_text(spec))
+        if self.coalesce:
+            got = await self.coalescer.call(ADMIT, keys, args, text)
+        else:
+            got = await self.call(ADMIT, keys, args)
         if got is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
@@ -1174,6 +1203,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# A Lua 1 as a script's reply element (int), or as a batch's reply text carries it.
+_ONE: Final = (1, "1")
+
+
 def parse_admit(
     reply: Sequence[Any], has_breaker: bool, n_limits: int, source: str, age: float
 ) -> InboundResult:
@@ -1195,12 +1228,14 @@ def parse_admit(
     if n_limits == 1:  # the common case, without the generator
         reset = float(reply[9])
         verdicts: tuple[LimitVerdict, ...] = (
-            LimitVerdict(reply[7] == 1, server_now + reset, int(reply[8]), reset, float(reply[10])),
+            LimitVerdict(
+                reply[7] in _ONE, server_now + reset, int(reply[8]), reset, float(reply[10])
+            ),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] == 1,
+                reply[i] in _ONE,
                 server_now + float(reply[i + 2]),
                 int(reply[i + 1]),
                 float(reply[i + 2]),
@@ -1208,7 +1243,7 @@ def parse_admit(
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )
-    return InboundResult(gate, verdicts, reply[6] == 1, source, age)
+    return InboundResult(gate, verdicts, reply[6] in _ONE, source, age)
 
 
 # ---------------------------------------------------------------- snapshot views

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from .scripts import Script
 
 # Operations per batch call: bounds the script's run time (Redis runs it alone)
-# and the reply size. A busier tick sends several calls, concurrently.
+# and the reply size. A busier tick sends several calls, concurrently, each
+# from its own task.
 MAX_BATCH: Final = 64
 
 # The scripts whose calls may share a batch, by script name, and their op codes.
@@ -38,7 +39,7 @@ Call = Callable[["Script", Sequence[str], Sequence[Any]], Awaitable[Reply]]
 
 
 class _Op:
-    __slots__ = ("args", "future", "keys", "script")
+    __slots__ = ("args", "future", "keys", "script", "text")
 
     def __init__(
         self,
@@ -46,11 +47,13 @@ class _Op:
         keys: Sequence[str],
         args: Sequence[Any],
         future: asyncio.Future[Reply],
+        text: str | None,
     ) -> None:
         self.script = script
         self.keys = keys
         self.args = args
         self.future = future
+        self.text = text
 
 
 class _Queue:
@@ -93,29 +96,38 @@ class Coalescer:
             self._bound = (loop, queue)
             return queue
 
-    async def call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Reply:
+    async def call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], text: str | None = None
+    ) -> Reply:
+        """`text`, when given, is `args` as a batch sends them: ",".join(map(str, args))
+        (a caller that caches the constant parts saves most of that cost)."""
         loop = asyncio.get_running_loop()
         queue = self._queue_of(loop)
         future: asyncio.Future[Reply] = loop.create_future()
-        queue.ops.append(_Op(script, keys, args, future))
-        if len(queue.ops) == 1:
+        ops = queue.ops
+        ops.append(_Op(script, keys, args, future, text))
+        n = len(ops)
+        if n == 1:
             # The task's first step runs in the next tick: everything queued
-            # until then goes with it.
-            task = loop.create_task(self._flush(queue))
+            # until then goes with it (at most MAX_BATCH operations).
+            task = loop.create_task(self._flush(queue, ops))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        elif n >= MAX_BATCH:
+            # Full: the next operation starts another batch with a task of its
+            # own. Every batch of a busy tick then goes out in the next tick,
+            # each from its own task, rather than one task splitting the queue
+            # and starting a task per chunk (a tick later for all of them).
+            queue.ops = []
         return await future
 
-    async def _flush(self, queue: _Queue) -> None:
-        ops, queue.ops = queue.ops, []
+    async def _flush(self, queue: _Queue, ops: list[_Op]) -> None:
+        if queue.ops is ops:
+            queue.ops = []
         if len(ops) == 1:
             await self._send_one(ops[0])
-            return
-        chunks = [ops[i : i + MAX_BATCH] for i in range(0, len(ops), MAX_BATCH)]
-        if len(chunks) == 1:
-            await self._send(chunks[0])
         else:
-            await asyncio.gather(*(self._send(chunk) for chunk in chunks))
+            await self._send(ops)
 
     async def _send_one(self, op: _Op) -> None:
         try:
@@ -133,12 +145,22 @@ class Coalescer:
         if len(ops) == 1:
             await self._send_one(ops[0])
             return
+        # Each key goes once (the client's cost is per argument, and a tick's
+        # requests mostly share keys); an operation names its keys by index.
         keys: list[str] = []
+        index: dict[str, str] = {}
         args: list[str] = []
         for op in ops:
-            keys.extend(op.keys)
+            refs = []
+            for key in op.keys:
+                ref = index.get(key)
+                if ref is None:
+                    keys.append(key)
+                    ref = index[key] = str(len(keys))
+                refs.append(ref)
             # str(float) is repr: the digits redis-py would send for the value
-            args.append(",".join((_OP_CODES[op.script.name], *map(str, op.args))))
+            text = op.text if op.text is not None else ",".join(map(str, op.args))
+            args.append(f"{_OP_CODES[op.script.name]},k{'.'.join(refs)},{text}")
         self.batches += 1
         self.coalesced += len(ops)
         try:
@@ -179,18 +201,14 @@ def _fail(op: _Op, exc: Exception) -> None:
         op.future.set_exception(exc)
 
 
-def _value(text: str) -> Any:
-    # Integers as Redis returns a Lua integer; everything else as the text it is.
-    return int(text) if text.isdigit() else text
-
-
 def _split(reply: Any) -> list[list[Any]]:
-    """batch.lua's reply, one list of values per operation (as its own script replies)."""
+    """batch.lua's reply, one list of values per operation, each value as text (the
+    parsers convert what they read: int(), float(), and `parse_admit` takes "1" as 1)."""
     if isinstance(reply, bytes):
         reply = reply.decode()
     if not isinstance(reply, str):
         return []
-    return [[_value(v) for v in op.split(",")] for op in reply.split(";")]
+    return [op.split(",") for op in reply.split(";")]
 
 
 def coalescable(script: Script) -> bool:

@@ -5,11 +5,11 @@
 - **Limits.** Leases a *slice* of each hot key's quota from the global GCRA
   bucket in Redis (the slice's units are taken from the bucket when leased)
   and admits locally while the slice lasts. A request that finds its slice
-  empty waits for one lease round trip; a key whose bucket is (nearly) empty
-  is blocked locally until the bucket could have refilled a slice, instead of
-  asking Redis on every request. Every sync the instance tops up
-  slices that run low and gives back what it holds beyond its current need,
-  and all of an idle key's units.
+  empty waits for one lease round trip. A saturated key (a lease emptied the
+  bucket) caches the refusal instead of asking Redis on every request, and
+  leases ahead: units that conform only later, each spent no earlier than it
+  conforms. Every sync the instance tops up slices that run low and gives
+  back what it holds beyond its current need, and all of an idle key's units.
 - **Breakers.** Gates on a cached copy of each route breaker, refreshed on
   every sync and never used when older than one sync interval (then the
   request refreshes it first). Outcomes are counted locally and applied to
@@ -26,7 +26,8 @@ Accuracy (see docs/state.md): units are taken from the global bucket before
 they are admitted, so over any run that starts from a fresh bucket the fleet
 admits at most what one exact GCRA would (rate x t + burst). Over an
 arbitrary window the bound loosens by the units held in slices when the
-window starts: at most N x max_slice (N instances, max_slice = burst / 4).
+window starts: at most N x max_slice (N instances, max_slice = burst / 4, or
+the burst for a saturated key).
 The price is under-admission: units in one instance's slice are not
 available to the others until given back (at most one sync interval later).
 """
@@ -67,8 +68,10 @@ class Slice:
         "demand",
         "pending",
         "rate",
+        "ready_at",
         "remaining",
         "retry_at",
+        "saturated",
         "spec",
         "synced_at",
         "tokens",
@@ -79,10 +82,16 @@ class Slice:
     def __init__(self, spec: LimitSpec, now: float) -> None:
         self.spec = spec
         self.tokens = 0  # units this instance may still admit
+        # When the next of them conforms (local clock): unit j at ready_at + j x
+        # interval. Units leased ahead (a saturated key) conform only later.
+        self.ready_at = -math.inf
         self.remaining = 0  # units left in the global bucket at the last sync
         self.synced_at = now
         self.blocked_until = 0.0  # bucket known empty until then
         self.retry_at = 0.0
+        # The fleet asks for more than the bucket refills: leases are spaced out
+        # and may be as large as the burst.
+        self.saturated = False
         # Demand is measured over windows of one sync interval, independent of
         # when leases happen (a lease must not restart the measurement: frequent
         # leases would then see a fraction of an interval's demand).
@@ -105,11 +114,45 @@ class Slice:
         were a whole interval's, whichever is higher (a burst counts at once)."""
         return max(self.rate, self.demand / window_s)
 
+    def usable(self, now: float) -> int:
+        """How many of the held units conform at `now`."""
+        ready = self.ready_at
+        if ready > now:
+            return 0
+        conforming = (now - ready) / self.spec.interval_s + 1e-6
+        return self.tokens if conforming >= self.tokens else int(conforming) + 1
+
+    def spend(self, units: int) -> None:
+        self.tokens -= units
+        self.ready_at += units * self.spec.interval_s
+
+    def put_back(self, units: int) -> None:
+        """Units spent and not used after all: they conform now, ahead of the rest."""
+        self.tokens += units
+        self.ready_at -= units * self.spec.interval_s
+
+    def add(self, units: int, ready_at: float) -> None:
+        """Units leased now, the first conforming at `ready_at`. Held ones keep their
+        place; the new ones follow them, never earlier than they conform: the merged
+        schedule never lets unit k be spent before k units conform."""
+        if units <= 0:
+            return
+        if self.tokens <= 0:
+            self.ready_at = ready_at
+        else:
+            self.ready_at = max(self.ready_at, ready_at - self.tokens * self.spec.interval_s)
+        self.tokens += units
+
     @property
     def burst_units(self) -> int:
         return max(1, int(self.spec.tolerance_s / self.spec.interval_s + 1e-6))
 
     def max_slice(self) -> int:
+        if self.saturated:
+            # Demand exceeds supply: each lease takes what refilled since the
+            # last one (at most the burst), so a slice of burst / 4 would make
+            # a lease per burst / 4 units.
+            return max(self.spec.cost, self.burst_units)
         return max(self.spec.cost, self.burst_units // 4)
 
 
@@ -302,7 +345,7 @@ class TieredStore(StateStore):
         ok: list[bool] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices[key]
-            allowed = sl.tokens >= spec.cost
+            allowed = sl.usable(now) >= spec.cost
             ok.append(allowed)
             if not allowed and not spec.shadow:
                 admitted = False
@@ -310,13 +353,15 @@ class TieredStore(StateStore):
         for key, spec, allowed in zip(limit_keys, limits, ok, strict=True):
             sl = slices[key]
             if allowed and admitted:
-                sl.tokens -= spec.cost
-            remaining = min(sl.burst_units, sl.remaining + sl.tokens)
+                sl.spend(spec.cost)
+            remaining = min(sl.burst_units, sl.remaining + sl.usable(now))
             reset = (sl.burst_units - remaining) * spec.interval_s
             if allowed:
                 verdicts.append(LimitVerdict(True, 0.0, remaining, reset, 0.0))
             else:
                 wait = max(sl.retry_at, sl.blocked_until) - now
+                if sl.tokens >= spec.cost:  # leased ahead: held, not yet conforming
+                    wait = sl.ready_at + (spec.cost - 1) * spec.interval_s - now
                 verdicts.append(
                     LimitVerdict(False, 0.0, remaining, reset, max(wait, spec.interval_s))
                 )
@@ -344,7 +389,7 @@ class TieredStore(StateStore):
             )
             sl = self.slices.get(key) if sliced else None
             if sl is not None and sl.spec == spec:
-                sl.tokens += spec.cost  # leased units, unspent after all
+                sl.put_back(spec.cost)  # leased units, unspent after all
             elif not sliced or source != SOURCE_CACHE:
                 exact.append(i)
         if exact:
@@ -597,8 +642,11 @@ class TieredStore(StateStore):
         loop = asyncio.get_running_loop()
         for key, spec, give, want in limits:
             keys.append(exact.key("rl", key))
-            args.extend((spec.interval_s, spec.tolerance_s, give, want, spec.cost))
             sl = self.slices.get(key)
+            # A saturated key leases ahead: units that conform within one sync
+            # interval (see Slice.add), so the bucket never sits full unleased.
+            ahead = self.sync_s if want > 0 and sl is not None and sl.saturated else 0
+            args.extend((spec.interval_s, spec.tolerance_s, give, want, spec.cost, ahead))
             if want > 0 and sl is not None and sl.pending is None:
                 sl.pending = loop.create_future()
                 futures.append(sl.pending)
@@ -638,31 +686,50 @@ class TieredStore(StateStore):
             cb.synced_at = now
             i += 3
         sync_s = self.sync_s
+        asked_at = now - 2.0 * age  # when the call started: the earliest the server read
         for key, _spec, _give, want in limits:
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
-            i += 3
+            first = float(reply[i + 3])
+            i += 4
             sl = self.slices.get(key)
             if sl is None:
                 continue
-            sl.tokens += granted
+            # Units that conform already are usable at once (whatever time base the
+            # caller's `now` uses); units leased ahead from `now` + `first`: the
+            # server read its clock at most at our `now`, so none is spent early.
+            sl.add(granted, now + first if first > 0.0 else -math.inf)
             sl.remaining = remaining
             sl.synced_at = now
-            if want > 0 and granted == 0:
-                # The bucket cannot cover one request: stop asking until it could
-                # have refilled this slice (at least `retry`, at most 10 syncs;
-                # at least a quarter sync, so a hot empty key costs <= 4 calls
-                # per sync interval).
-                refill = want * sl.spec.interval_s
-                block = max(retry, min(refill, sync_s), sync_s / 4.0)
-                sl.blocked_until = now + min(block, IDLE_INTERVALS * sync_s)
-                sl.retry_at = now - age + retry
-            elif 0 < granted < want:
-                # A short grant: the bucket is (nearly) empty. Spend what came,
-                # then do not ask again before it could refill a slice.
-                sl.blocked_until = now + min(want * sl.spec.interval_s, sync_s)
-                sl.retry_at = sl.blocked_until
-            elif granted:
+            if want <= 0:
+                continue
+            if remaining > 0 or (granted >= want and not sl.saturated):
+                # The bucket had all that was asked (and more): not saturated.
+                sl.saturated = False
                 sl.blocked_until = 0.0
+                continue
+            # The grant emptied the bucket: the fleet asks for more than it refills.
+            # Cache the refusal: no lease before the bucket can serve one request
+            # (`retry`, counted from the call's start, the earliest moment the
+            # server can have read its clock), and none before the bucket has had
+            # time to refill this instance's share of it, so a saturated key costs
+            # about one lease per refill time per instance, not one per request.
+            # The wait is jittered so the fleet's leases spread out, and scaled by
+            # the fleet size (N instances asking once per N x the bucket's refill
+            # time x 0.5 on average). The periodic sync, made anyway, leases for
+            # the key once `retry_at` has passed; leases of a saturated key reach
+            # ahead (`ahead` in _sync_call), so the bucket does not sit full while
+            # the fleet waits.
+            sl.saturated = True
+            sl.retry_at = asked_at + retry
+            refill = sl.burst_units * sl.spec.interval_s
+            wait = refill * self._members(now) * (0.25 + 0.5 * self._rng())
+            sl.blocked_until = min(max(sl.retry_at, now + wait), now + IDLE_INTERVALS * sync_s)
+
+    def _members(self, now: float) -> int:
+        """The fleet size as last announced (1 when unknown or too old)."""
+        share = self.exact.fleet.share(now) if self.exact.fleet.enabled else None
+        size = share.size if share is not None else None
+        return size if size is not None and size >= 1 else 1
 
     def _maybe_sync(self, now: float) -> None:
         if now - self._last_sync < 0.8 * self.sync_s:
@@ -728,7 +795,11 @@ class TieredStore(StateStore):
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
                 sl.tokens = want
-            elif sl.tokens * 2 < want and sl.blocked_until <= now:
+            elif sl.tokens * 2 < want and (
+                sl.blocked_until <= now or (sl.saturated and sl.retry_at <= now)
+            ):
+                # A blocked saturated key is leased for here too: this call is made
+                # anyway, and the bucket may have refilled since the last lease.
                 limits.append((key, sl.spec, 0, want - sl.tokens))
             else:
                 limits.append((key, sl.spec, 0, 0))  # refresh `remaining` and the age

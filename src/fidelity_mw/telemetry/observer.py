@@ -29,6 +29,7 @@ Only public OpenTelemetry API is used.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,7 +45,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics as metrics_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.metrics import MeterProvider, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
     INVALID_SPAN,
@@ -62,26 +63,31 @@ from ..context import (
     ALLOW,
     GIVE_UP,
     LAYER_BREAKER,
-    LAYER_BUDGET,
     LAYER_RETRY,
     PROBE,
-    RETRY,
     SHED,
-    SOURCE_MEMORY,
-    SOURCE_REQUEST,
     Decision,
     DecisionContext,
 )
 from . import schema as s
+from .metrics import Metrics
+from .schema import CLIENT_KEY_HASH as _CLIENT_KEY_HASH
+from .schema import DECIDED_BY as _DECIDED_BY
 from .schema import DECISION_EVENT as _DECISION_EVENT
+from .schema import DECISIONS as _DECISIONS
 from .schema import DETAIL_PREFIX as _DETAIL_PREFIX
 from .schema import LAYER as _LAYER
+from .schema import OUTCOME as _OUTCOME
+from .schema import POLICY_VERSION as _POLICY_VERSION
 from .schema import REASON as _REASON
+from .schema import ROUTE as _ROUTE
+from .schema import STALE_DECISIONS as _STALE_DECISIONS
 from .schema import STATE_AGE_MS as _STATE_AGE_MS
 from .schema import STATE_SOURCE as _STATE_SOURCE
 from .schema import STATE_STALE as _STATE_STALE
 from .schema import SUBJECT as _SUBJECT
 from .schema import VERDICT as _VERDICT
+from .summary import Summary, summarize
 
 if TYPE_CHECKING:
     import httpx
@@ -111,49 +117,12 @@ _KNOWN_METHODS: Final = frozenset(
 _SENSITIVE_QUERY_KEYS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
 _SENSITIVE_QUERY_BYTES: Final = tuple(k.encode() for k in _SENSITIVE_QUERY_KEYS)
 _UNMATCHED_ROUTE: Final = "!unmatched"  # routes.UNMATCHED, without importing starlette here
-STATE_AGE_BUCKETS: Final = (
-    0.0,
-    0.001,
-    0.005,
-    0.01,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-DURATION_BUCKETS: Final = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-)
 _BREAKER_STATES: Final = ("closed", "open", "half_open")
-_CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
 # The middleware answers these itself, without the app (and without setting ctx.status).
 _REJECTION_STATUS: Final = {"rejected": 429, "shed": 503, "expired": 504}
 _MAX_CACHED: Final = 4096
 _MAX_SUBJECTS: Final = 1024
-_MAX_SERIES: Final = 2048
 _ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
-# Decisions on process-local state (or on the request itself) are always fresh: the
-# state-age histogram records the others only.
-_LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
 # While no global provider is set, the API is asked again at most this often (its
 # getters read the environment on every call, ~0.7 us).
 _RECHECK_S: Final = 1.0
@@ -256,6 +225,7 @@ class _ScopeGetter(Getter[Any]):
 
 
 _SCOPE_GETTER: Final = _ScopeGetter()
+_SERVER: Final = SpanKind.SERVER
 
 
 def _is_server_span(span: Span) -> bool:
@@ -375,14 +345,14 @@ def _state_of(decision: Decision) -> str | None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("exported", "owned", "span", "start_ns", "token")
+    __slots__ = ("exported", "owned", "span", "summary", "token")
 
-    def __init__(self, span: Span, token: object | None, owned: bool, start_ns: int) -> None:
+    def __init__(self, span: Span, token: object | None, owned: bool) -> None:
         self.span = span
         self.token = token  # the attached OpenTelemetry context (our own span only)
         self.owned = owned
-        self.start_ns = start_ns
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
+        self.summary: Summary | None = None  # of those decisions
 
 
 class _Attempt:
@@ -405,182 +375,6 @@ class _Attempt:
         self.started = started
         self.attrs = attrs
         self.suppress = suppress  # entered: httpx instrumentation's spans held off
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class _Tally:
-    """Counts kept in the process and reported by an observable counter at collection.
-
-    A synchronous SDK counter costs several microseconds per `add` (attribute
-    hashing, exemplar sampling); a dict increment under a lock costs ~0.1 us.
-    The exported series are the same cumulative sums.
-    """
-
-    __slots__ = ("counts", "lock", "names")
-
-    def __init__(self, names: tuple[str, ...], lock: threading.Lock) -> None:
-        self.names = names
-        self.counts: dict[tuple[str, ...], int] = {}
-        self.lock = lock  # one per meter: a request's counts are taken under one lock
-
-    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
-        with self.lock:
-            items = list(self.counts.items())
-        names = self.names
-        return [Observation(n, dict(zip(names, key, strict=True))) for key, n in items]
-
-
-def _counter(
-    meter: Meter,
-    name: str,
-    labels: tuple[str, ...],
-    unit: str,
-    description: str,
-    lock: threading.Lock,
-) -> _Tally:
-    """An in-process tally, exported as an observable counter."""
-    tally = _Tally(labels, lock)
-    meter.create_observable_counter(
-        name, callbacks=[tally.observe], unit=unit, description=description
-    )
-    return tally
-
-
-class _Metrics:
-    """The instruments of one meter."""
-
-    def __init__(self, meter: Meter, owner: Telemetry) -> None:
-        self.lock = lock = threading.Lock()
-        self.decisions = _counter(
-            meter,
-            s.METRIC_DECISIONS,
-            (s.LAYER, s.VERDICT, s.STATE_SOURCE),
-            "{decision}",
-            "Decisions taken by fidelity_mw's control layers.",
-            lock,
-        )
-        self.requests = _counter(
-            meter,
-            s.METRIC_REQUESTS,
-            (s.OUTCOME, s.DECIDED_BY, s.ROUTE),
-            "{request}",
-            "Inbound requests by outcome and deciding layer.",
-            lock,
-        )
-        self.failures = _counter(
-            meter,
-            s.METRIC_FAILURES,
-            (s.FAILURE_CAUSE, s.DECIDED_BY, s.ROUTE),
-            "{request}",
-            "Failed inbound requests: cause=control (a fidelity layer turned the "
-            "request away) counted apart from cause=app (the application failed).",
-            lock,
-        )
-        self.budget = _counter(
-            meter,
-            s.METRIC_RETRY_BUDGET,
-            (s.SUBJECT, s.BUDGET_RESULT),
-            "{retry}",
-            "Retries drawn from the per-upstream retry budget, and retries the "
-            "exhausted budget refused.",
-            lock,
-        )
-        self.state_age = _histogram(
-            meter,
-            s.METRIC_STATE_AGE,
-            "s",
-            "Age of the shared state a decision was taken on (redis, cache, fallback).",
-            STATE_AGE_BUCKETS,
-        )
-        self.client_duration = _histogram(
-            meter,
-            s.METRIC_CLIENT_DURATION,
-            "s",
-            "Duration of HTTP client request attempts made through FidelityTransport.",
-            DURATION_BUCKETS,
-        )
-        owner_ref = weakref.ref(owner)
-
-        def observe_breakers(_options: CallbackOptions) -> Iterable[Observation]:
-            telemetry = owner_ref()
-            return telemetry.breaker_observations() if telemetry is not None else ()
-
-        meter.create_observable_gauge(
-            s.METRIC_BREAKER_STATE,
-            callbacks=[observe_breakers],
-            unit="1",
-            description="Circuit breaker state: 1 for the current state of each breaker, "
-            "0 for the others.",
-        )
-        self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
-
-    def record(self, ctx: DecisionContext | None, decisions: Sequence[Decision]) -> None:
-        """One finished request (ctx) or outbound call (ctx None) and its decisions."""
-        aged: list[Decision] | None = None
-        budget: list[tuple[str, str]] | None = None
-        with self.lock:
-            counts = self.decisions.counts
-            for d in decisions:
-                key = (d.layer, d.verdict, d.state_source)
-                counts[key] = counts.get(key, 0) + 1
-                if d.state_source not in _LOCAL_SOURCES or d.state_age_s > 0.0:
-                    if aged is None:
-                        aged = []
-                    aged.append(d)
-                layer = d.layer
-                if layer == LAYER_RETRY:
-                    if d.verdict == RETRY:
-                        if budget is None:
-                            budget = []
-                        budget.append((d.subject, "drawn"))
-                elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
-                    if budget is None:
-                        budget = []
-                    budget.append((d.subject, "exhausted"))
-            if ctx is not None:
-                outcome = ctx.outcome or "unknown"
-                decided_by = ctx.decided_by or "none"
-                _bump_locked(self.requests.counts, (outcome, decided_by, ctx.route))
-                if outcome in _CONTROL_OUTCOMES:
-                    _bump_locked(self.failures.counts, (s.CAUSE_CONTROL, decided_by, ctx.route))
-                elif outcome == "failed":
-                    _bump_locked(self.failures.counts, (s.CAUSE_APP, decided_by, ctx.route))
-        if budget is not None:
-            for subject_result in budget:
-                _bump(self.budget, subject_result)
-        if aged is not None:
-            for d in aged:
-                age_key = (d.layer, d.state_source)
-                attrs = self._age_attrs.get(age_key)
-                if attrs is None:
-                    attrs = {s.LAYER: d.layer, s.STATE_SOURCE: d.state_source}
-                    if len(self._age_attrs) < _MAX_CACHED:
-                        self._age_attrs[age_key] = attrs
-                self.state_age.record(d.state_age_s if d.state_age_s > 0.0 else 0.0, attrs)
-
-
-def _bump(tally: _Tally, key: tuple[str, ...]) -> None:
-    with tally.lock:
-        _bump_locked(tally.counts, key)
-
-
-def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...]) -> None:
-    if key not in counts and len(counts) >= _MAX_SERIES:
-        key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _histogram(
-    meter: Meter, name: str, unit: str, description: str, buckets: Sequence[float]
-) -> Any:
-    try:
-        return meter.create_histogram(
-            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
-        )
-    except TypeError:  # opentelemetry-api older than the bucket advisory
-        return meter.create_histogram(name, unit=unit, description=description)
 
 
 # ---------------------------------------------------------------- the observer
@@ -627,7 +421,7 @@ class Telemetry:
         self._meter_provider = meter_provider
         self._tracer: Tracer | None = None
         self._tracing_off = isinstance(tracer_provider, NoOpTracerProvider)
-        self._metrics: _Metrics | None = None
+        self._metrics: Metrics | None = None
         self._metrics_off = isinstance(meter_provider, metrics_api.NoOpMeterProvider)
         self._lock = threading.Lock()
         self.client_spans = client_spans
@@ -662,7 +456,7 @@ class Telemetry:
                 )
         return self._tracer
 
-    def _get_metrics(self) -> _Metrics | None:
+    def _get_metrics(self) -> Metrics | None:
         if self._metrics_off:
             return None
         provider = self._meter_provider or GLOBAL_PROVIDERS.meter_provider()
@@ -674,7 +468,7 @@ class Telemetry:
         with self._lock:
             if self._metrics is None:
                 meter = provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
-                self._metrics = _Metrics(meter, self)
+                self._metrics = Metrics(meter, self)
         return self._metrics
 
     # ------------------------------------------------------------ inbound
@@ -695,9 +489,9 @@ class Telemetry:
             engine.attempt_observer = self
         current = trace_api.get_current_span()
         if current.is_recording():
-            if _is_server_span(current):
+            if getattr(current, "kind", None) is _SERVER or _is_server_span(current):
                 # The instrumentation's span: annotate it, start none of our own.
-                return _Inbound(current, None, False, time.time_ns())
+                return _Inbound(current, None, False)
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
             if _instrumentation_declined(scope):
@@ -734,7 +528,7 @@ class Telemetry:
             attributes=attrs,
         )
         token = otel_context.attach(trace_api.set_span_in_context(span, parent))
-        return _Inbound(span, token, True, 0)
+        return _Inbound(span, token, True)
 
     def before_response_end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         """The middleware is about to send the last body message of the response.
@@ -743,26 +537,38 @@ class Telemetry:
         as that message is through, before the middleware returns: annotate
         its span now. (Our own span waits for `end`.)
         """
-        if token is None or token.owned or not token.span.is_recording():
+        if token is None or token.owned:
+            return
+        span = token.span
+        if not span.is_recording():
             return
         decisions = ctx.decisions
-        self._annotate(ctx, token, decisions, provisional=True)
+        summary = summarize(decisions)
+        self._annotate(ctx, span, False, decisions, summary, 0, provisional=True)
         token.exported = len(decisions)
+        token.summary = summary
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         decisions: list[Decision] | None = None
+        summary: Summary | None = None
         if token is not None:
             decisions = ctx.decisions
-            try:
-                if token.owned or token.span.is_recording():
-                    self._annotate(ctx, token, decisions)
-                elif token.exported < 0:
-                    self._late_span(ctx, token, decisions)
-            finally:
-                if token.owned:
+            if token.owned:
+                try:
+                    summary = summarize(decisions)
+                    self._annotate(ctx, token.span, True, decisions, summary, token.exported)
+                finally:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
+            elif token.span.is_recording():  # not ended with the last body message
+                summary = summarize(decisions)
+                self._annotate(ctx, token.span, False, decisions, summary, token.exported)
+            elif token.exported == len(decisions):
+                summary = token.summary  # annotated, and nothing was decided since
+            elif token.exported < 0:
+                summary = summarize(decisions)
+                self._late_span(ctx, token, decisions, summary)
         metrics = self._metrics
         if metrics is None:
             if _no_global_yet(
@@ -770,47 +576,60 @@ class Telemetry:
             ):
                 return
             metrics = self._get_metrics()
-        if metrics is not None:
-            if decisions is None:
-                decisions = ctx.decisions
+            if metrics is None:
+                return
+        if decisions is None:
+            decisions = ctx.decisions
+        if summary is None:
+            summary = summarize(decisions)
+        last = self._last_engine
+        if last is not None and last() is ctx.engine:
+            readable = self._last_readable
+        else:
             readable = self._observe_engine(ctx)
-            metrics.record(ctx, decisions)
-            if not readable:
-                self._note_breakers(decisions)
+        metrics.record(ctx, decisions, summary)
+        if not readable:
+            self._note_breakers(decisions)
 
-    def _late_span(self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision]) -> None:
+    def _late_span(
+        self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision], summary: Summary
+    ) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
         does not call `before_response_end`): record the decisions on a child span rather
-        than lose them."""
+        than lose them, started when its parent started (the SDK's spans say when)."""
         tracer = self._tracer
         if tracer is None:
             return
         parent = trace_api.set_span_in_context(token.span)
+        start_time = getattr(token.span, "start_time", None)
         span = tracer.start_span(
             f"fidelity {ctx.method} {ctx.route}",
             context=parent,
             kind=SpanKind.INTERNAL,
-            start_time=token.start_ns,
+            start_time=start_time if isinstance(start_time, int) else None,
         )
         try:
-            self._annotate(ctx, _Inbound(span, None, False, token.start_ns), decisions)
+            self._annotate(ctx, span, False, decisions, summary, 0)
         finally:
             span.end()
 
     def _annotate(
         self,
         ctx: DecisionContext,
-        token: _Inbound,
+        span: Span,
+        owned: bool,
         decisions: list[Decision],
+        summary: Summary,
+        exported: int,
         provisional: bool = False,
     ) -> None:
-        span = token.span
-        packed, stale = _pack(decisions)
+        """Everything on the span in one `set_attributes`; span events for the decisions
+        after the first `exported` that are not `allow` (all, with `decision_events="all"`)."""
         attrs: dict[str, Any] = {
-            s.POLICY_VERSION: ctx.policy_version,
-            s.STALE_DECISIONS: stale,
-            s.ROUTE: ctx.route,
-            s.DECISIONS: packed,
+            _POLICY_VERSION: ctx.engine.policy.version,
+            _STALE_DECISIONS: summary.stale,
+            _ROUTE: ctx.route,
+            _DECISIONS: summary.packed,
         }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
@@ -822,16 +641,18 @@ class Telemetry:
             decided_by = "app"
             outcome = "served" if status < 500 else "failed"
         if decided_by is not None:
-            attrs[s.DECIDED_BY] = decided_by
+            attrs[_DECIDED_BY] = decided_by
         if outcome is not None:
-            attrs[s.OUTCOME] = outcome
-        if ctx.client_key is not None:
-            attrs[s.CLIENT_KEY_HASH] = self.hash_client_key(ctx.client_key)
+            attrs[_OUTCOME] = outcome
+        client_key = ctx.client_key
+        if client_key is not None:
+            key_hash = self._key_hashes.get(client_key)
+            attrs[_CLIENT_KEY_HASH] = key_hash or self.hash_client_key(client_key)
         if ctx.upstream_exhausted:
             attrs[s.UPSTREAM_EXHAUSTED] = True
         if ctx.inbound_attempt > 1:
             attrs[s.INBOUND_ATTEMPT] = ctx.inbound_attempt
-        if token.owned:
+        if owned:
             if status is not None:
                 attrs[s.HTTP_RESPONSE_STATUS_CODE] = status
                 if status >= 500:
@@ -843,8 +664,8 @@ class Telemetry:
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type))
         span.set_attributes(attrs)
-        exported = token.exported
-        self._add_events(span, ctx, decisions if exported <= 0 else decisions[exported:])
+        if summary.flagged or self.all_events:
+            self._add_events(span, ctx, decisions[exported:] if exported > 0 else decisions)
 
     def _add_events(self, span: Span, ctx: DecisionContext, decisions: Sequence[Decision]) -> None:
         """One `fidelity.decision` event per decision that is not `allow` (per decision
@@ -915,7 +736,7 @@ class Telemetry:
             attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
         decisions = _attempt_decisions(ctx, url)
         if decisions:
-            attrs[s.DECISIONS] = _pack(decisions)[0]
+            attrs[s.DECISIONS] = summarize(decisions).packed
         span = tracer.start_span(
             method if method != "_OTHER" else "HTTP", kind=SpanKind.CLIENT, attributes=attrs
         )
@@ -935,7 +756,10 @@ class Telemetry:
         span: Span = token.span
         status = response.status_code if response is not None else None
         error_type: str | None = None
-        if error is not None:
+        cancelled = False
+        if isinstance(error, asyncio.CancelledError):
+            cancelled = True  # the call stopped it (a hedge race's loser): nothing failed
+        elif error is not None:
             error_type = type(error).__qualname__
         elif status is not None and status >= 400:
             error_type = str(status)
@@ -963,6 +787,8 @@ class Telemetry:
             if error_type is not None:
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
+            elif cancelled:
+                attrs[s.ATTEMPT_CANCELLED] = True
             if attrs:
                 span.set_attributes(attrs)
             span.end()
@@ -988,7 +814,7 @@ class Telemetry:
             return
         readable = self._observe_engine(ctx)
         decisions = ctx.decisions
-        metrics.record(None, decisions)
+        metrics.record(None, decisions, summarize(decisions))
         if not readable:
             self._note_breakers(decisions)
 
@@ -1063,23 +889,6 @@ class Telemetry:
                     attrs[s.BREAKER_SCOPE] = kind
                 out.append(Observation(1 if candidate == state else 0, attrs))
         return out
-
-
-def _pack(decisions: Sequence[Decision]) -> tuple[str, int]:
-    """(`fidelity.decisions`, stale count): every decision as `layer/verdict/reason@source`,
-    `+<age>ms` appended when the state had an age, separated by spaces. One string
-    attribute costs the SDK one validation, where an event per decision costs several."""
-    parts = []
-    stale = 0
-    for d in decisions:
-        age_s = d.state_age_s
-        if age_s:
-            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}+{age_s * 1000.0:g}ms")
-        else:
-            parts.append(f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}")
-        if d.is_stale:
-            stale += 1
-    return " ".join(parts), stale
 
 
 def _suppress_httpx_spans() -> AbstractContextManager[None] | None:

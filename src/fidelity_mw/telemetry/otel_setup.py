@@ -38,11 +38,10 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from . import schema as s
+from .metrics import DURATION_BUCKETS, STATE_AGE_BUCKETS
 from .observer import (
-    DURATION_BUCKETS,
     GLOBAL_PROVIDERS,
     INSTRUMENTATION_NAME,
-    STATE_AGE_BUCKETS,
     global_meter_provider,
     global_tracer_provider,
 )

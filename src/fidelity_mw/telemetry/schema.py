@@ -34,6 +34,8 @@ STATE_STALE: Final = "fidelity.state.stale"
 DETAIL_PREFIX: Final = "fidelity.detail."
 # on a CLIENT span we did not start (httpx instrument_client's), one per attempt
 ATTEMPT_EVENT: Final = "fidelity.attempt"
+# An attempt the call itself cancelled (the loser of a hedge race): not an error.
+ATTEMPT_CANCELLED: Final = "fidelity.attempt.cancelled"
 
 # ------------------------------------------------------------ HTTP semantic conventions
 

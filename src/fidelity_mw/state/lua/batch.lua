@@ -3,29 +3,34 @@
 -- decide it alone, in the order given, at one server time: the same verdicts as
 -- that many separate calls arriving back to back.
 --
--- KEYS: each operation's keys, in order (an admission: [breaker hash, breaker
---       probes] if it has a breaker, then one TAT key per limit; a record:
---       breaker hash, breaker probes).
+-- KEYS: every key the operations use, each once (a tick's requests mostly share
+--       their keys: one route breaker, one hot limit key).
 -- ARGV: one string per operation: its values joined by ',' (one argument each
---       costs the client far more than one string): either 'a' followed by
---       admit.lua's ARGV, or 'r' followed by record.lua's ARGV (17 values).
+--       costs the client far more than one string): 'a' (admission) or 'r'
+--       (record), then 'k' followed by the KEYS indices of the operation's own
+--       keys joined by '.' (an admission: [breaker hash, breaker probes] if it
+--       has a breaker, then one TAT key per limit; a record: breaker hash,
+--       breaker probes), then admit.lua's or record.lua's ARGV.
 -- Returns: one string: per operation what admit.lua / record.lua return, values
 --          joined by ',', operations by ';' (one bulk reply parses cheaply).
 
 local now = server_now()
 
 local replies = {}
-local k = 1
 for j = 1, #ARGV do
   local values = {}
   for v in string.gmatch(ARGV[j], '[^,]+') do
     values[#values + 1] = v
   end
+  local keys = {}
+  for x in string.gmatch(values[2], '%d+') do
+    keys[#keys + 1] = KEYS[tonumber(x)]
+  end
   local reply
   if values[1] == 'a' then
-    reply, k = admit_at(values, 2, k, now)
+    reply = admit_at(values, 3, keys, 1, now)
   elseif values[1] == 'r' then
-    reply, k = record_at(values, 2, k, now)
+    reply = record_at(values, 3, keys, 1, now)
   else
     return redis.error_reply('batch: unknown operation ' .. tostring(values[1]))
   end

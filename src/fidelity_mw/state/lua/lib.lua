@@ -358,10 +358,10 @@ end
 
 -- ---------------------------------------------------------------- entry operations
 
--- One admission (admit.lua's ARGV from `a`, its KEYS from `k`), decided at `now`:
--- the breaker gate, then every limit, all or nothing. Returns its reply and the next k.
--- admit.lua runs one; batch.lua runs a tick's worth in order.
-local function admit_at(ARGV, a, k, now)
+-- One admission (admit.lua's ARGV from `a`, its keys from `keys[k]`), decided at
+-- `now`: the breaker gate, then every limit, all or nothing. Returns its reply and
+-- the next k. admit.lua runs one (on KEYS); batch.lua runs a tick's worth in order.
+local function admit_at(ARGV, a, keys, k, now)
   local has_breaker = ARGV[a] == '1'
   local u = tonumber(ARGV[a + 1])
   local n = tonumber(ARGV[a + 2])
@@ -371,7 +371,7 @@ local function admit_at(ARGV, a, k, now)
   if has_breaker then
     local cfg
     cfg, i = read_config(ARGV, i)
-    b = br_load(KEYS[k], KEYS[k + 1], cfg)
+    b = br_load(keys[k], keys[k + 1], cfg)
     br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
     i = i + 2
     k = k + 2
@@ -385,7 +385,7 @@ local function admit_at(ARGV, a, k, now)
   local admitted = true
   local commits = {}
   for j = 0, n - 1 do
-    local key = KEYS[k + j]
+    local key = keys[k + j]
     local interval = tonumber(ARGV[i])
     local tol = tonumber(ARGV[i + 1])
     local cost = tonumber(ARGV[i + 2])
@@ -418,16 +418,16 @@ local function admit_at(ARGV, a, k, now)
   return out, k + n
 end
 
--- One outcome record (record.lua's ARGV from `a`, its KEYS from `k`) at `now`.
+-- One outcome record (record.lua's ARGV from `a`, its keys from `keys[k]`) at `now`.
 -- Returns its reply and the next k.
-local function record_at(ARGV, a, k, now)
+local function record_at(ARGV, a, keys, k, now)
   local u = tonumber(ARGV[a])
   local epoch = tonumber(ARGV[a + 1])
   local probe_id = tonumber(ARGV[a + 2])
   local outcome = ARGV[a + 3]
   local slow = ARGV[a + 4] == '1'
   local cfg = read_config(ARGV, a + 7)
-  local b = br_load(KEYS[k], KEYS[k + 1], cfg)
+  local b = br_load(keys[k], keys[k + 1], cfg)
   br_successes(b, tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), now, u)
   local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
   br_save(b)

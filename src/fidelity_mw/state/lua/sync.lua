@@ -4,16 +4,22 @@
 -- last sync (only if they were counted in the current epoch of a closed
 -- breaker), maybe open it, and report its state. For each limit: give back
 -- the unused units of the instance's expired slice, then lease a new slice
--- of up to `want` units (all or nothing below `min_take`).
+-- of up to `want` units (all or nothing below `min_take`). With `ahead` > 0
+-- the slice may include units that conform only later, up to `ahead`
+-- seconds from now (a saturated key: the instance spends unit j no earlier
+-- than `first` + j x interval), so capacity nobody asked for in time is not
+-- lost and the lease is worth its round trip.
 --
 -- KEYS: [breaker hash, breaker probes] x nb, then one TAT key per limit.
 -- ARGV: jitter u, nb, nl,
 --       per breaker: [10 config values], epoch, calls, failures, slow,
 --                    lead, maxrun, trail, had_success (0/1)
---       per limit: interval_s, tolerance_s, give_back, want, min_take
+--       per limit: interval_s, tolerance_s, give_back, want, min_take, ahead_s
 -- Returns: now, then per breaker: state, epoch, wait_s (time until a probe
 --          may be admitted; 0 when closed or when a probe slot is free),
---          then per limit: granted, remaining, retry_after_s.
+--          then per limit: granted, remaining (units left that conform now),
+--          retry_after_s, first_s (when the first granted unit conforms,
+--          from now; <= 0: already).
 
 local now = server_now()
 local u = tonumber(ARGV[1])
@@ -87,7 +93,8 @@ for j = 0, nl - 1 do
   local give = tonumber(ARGV[i + 2])
   local want = tonumber(ARGV[i + 3])
   local min_take = tonumber(ARGV[i + 4])
-  i = i + 5
+  local ahead = tonumber(ARGV[i + 5])
+  i = i + 6
   local tat = tat_of(key, now)
   local changed = false
   if give > 0 then
@@ -104,21 +111,30 @@ for j = 0, nl - 1 do
   end
   local granted = 0
   local retry = 0
+  local first = base - tol - now
   if want > 0 then
     local take = want
-    if avail < take then
-      take = avail
+    local can = avail
+    if ahead > 0 then
+      can = math.floor((tol + ahead - (base - now)) / interval + SLACK)
+    end
+    if can < take then
+      take = can
     end
     if take >= min_take then
       granted = take
       tat = base + take * interval
       changed = true
     else
-      retry = base + min_take * interval - tol - now
+      retry = base + min_take * interval - tol - ahead - now
       if retry < 0 then
         retry = 0
       end
     end
+  end
+  local left = avail - granted
+  if left < 0 then
+    left = 0
   end
   if changed then
     if tat > now then
@@ -128,7 +144,8 @@ for j = 0, nl - 1 do
     end
   end
   out[#out + 1] = granted
-  out[#out + 1] = avail - granted
+  out[#out + 1] = left
   out[#out + 1] = fmt(retry)
+  out[#out + 1] = fmt(first)
 end
 return out

@@ -1,0 +1,94 @@
+"""A request's decisions, summarised once per *shape* for the span and the counters.
+
+Most requests of a route take the same decisions (`deadline/allow`,
+`breaker/allow`, `ratelimit/allow`, all on fresh memory state): only the
+subject, the time and the details differ, and neither the packed
+`fidelity.decisions` value, the stale count nor the counter keys read those.
+So the summary is computed for the first request of a shape and looked up for
+the next ones: one tuple of five fields per decision to build and hash, instead
+of formatting every decision, testing its staleness and building its counter
+key again.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Final
+
+from ..context import (
+    ALLOW,
+    LAYER_BUDGET,
+    LAYER_RETRY,
+    SOURCE_CACHE,
+    SOURCE_FALLBACK,
+    SOURCE_MEMORY,
+    SOURCE_REQUEST,
+    Decision,
+)
+
+# Decisions on process-local state (or on the request itself) are always fresh: the
+# state-age histogram records the others only.
+LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
+_STALE_SOURCES: Final = frozenset({SOURCE_CACHE, SOURCE_FALLBACK})
+# the fields a summary reads: layer, verdict, reason, state_source, state_age_s
+_SHAPE: Final = operator.itemgetter(0, 2, 3, 4, 5)
+_MAX_SHAPES: Final = 512
+
+
+class Summary:
+    """What the span and the counters need of a request's decisions."""
+
+    __slots__ = ("aged", "counter_keys", "flagged", "packed", "plain", "stale")
+
+    def __init__(self, decisions: Sequence[Decision]) -> None:
+        parts = []
+        stale = 0
+        flagged = False
+        aged = False
+        plain = True
+        for layer, _subject, verdict, reason, source, age_s, _at, _details in decisions:
+            if age_s:
+                aged = True
+                parts.append(f"{layer}/{verdict}/{reason}@{source}+{age_s * 1000.0:g}ms")
+            else:
+                parts.append(f"{layer}/{verdict}/{reason}@{source}")
+            if source in _STALE_SOURCES or age_s > 1.0:
+                stale += 1
+            if verdict != ALLOW:
+                flagged = True
+            if age_s or source not in LOCAL_SOURCES or layer in (LAYER_RETRY, LAYER_BUDGET):
+                plain = False
+        # `fidelity.decisions`: every decision as `layer/verdict/reason@source`, `+<age>ms`
+        # appended when the state had an age, separated by spaces
+        self.packed = " ".join(parts)
+        self.stale = stale
+        # some decision is not `allow`: it gets a span event
+        self.flagged = flagged
+        # the `fidelity.decisions` counter's key of each decision
+        self.counter_keys = tuple((d.layer, d.verdict, d.state_source) for d in decisions)
+        # False: some decision also feeds the state-age histogram or the retry budget
+        # counter, which read its subject or its age (see `Metrics.record`)
+        self.plain = plain
+        # some decision had a state age (in the packed text): a shape of its own
+        self.aged = aged
+
+
+_SHAPES: dict[tuple[tuple[object, ...], ...], Summary] = {}
+
+
+def summarize(decisions: Sequence[Decision]) -> Summary:
+    """The summary of these decisions, from the cache when their shape was seen before.
+
+    A decision with a state age makes its own shape (the age is in the packed text)
+    and is not cached: shared state's ages vary from request to request.
+    """
+    key = tuple(map(_SHAPE, decisions))
+    summary = _SHAPES.get(key)
+    if summary is None:
+        summary = Summary(decisions)
+        if not summary.aged:
+            if len(_SHAPES) >= _MAX_SHAPES:
+                _SHAPES.clear()
+            _SHAPES[key] = summary
+    return summary

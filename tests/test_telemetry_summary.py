@@ -1,0 +1,98 @@
+"""The per-shape decision summary: cached only where the cached value cannot differ."""
+
+from __future__ import annotations
+
+from tests.test_telemetry_helpers import counter_values, metric_points, pipeline
+
+from fidelity_mw import Policy
+from fidelity_mw.context import Decision, DecisionContext
+from fidelity_mw.engine import Engine
+from fidelity_mw.telemetry import schema
+from fidelity_mw.telemetry.summary import summarize
+
+
+def _allowed(subject: str, at: float, remaining: int) -> list[Decision]:
+    return [
+        Decision("deadline", "/a", "allow", "caller_deadline", "request", 0.0, at, {"ms": 1.5}),
+        Decision("breaker", "/a", "allow", "breaker_closed", "memory", 0.0, at),
+        Decision("ratelimit", subject, "allow", "under_limit", "memory", 0.0, at, {"r": remaining}),
+    ]
+
+
+def test_same_shape_is_summarised_once_whatever_subject_time_and_details() -> None:
+    first = summarize(_allowed("per-client", 1.0, 9))
+    again = summarize(_allowed("per-key", 2.0, 3))
+    assert again is first
+    assert first.packed == (
+        "deadline/allow/caller_deadline@request breaker/allow/breaker_closed@memory "
+        "ratelimit/allow/under_limit@memory"
+    )
+    assert (first.stale, first.flagged, first.plain) == (0, False, True)
+    assert first.counter_keys == (
+        ("deadline", "allow", "request"),
+        ("breaker", "allow", "memory"),
+        ("ratelimit", "allow", "memory"),
+    )
+
+
+def test_a_different_verdict_reason_or_source_is_another_shape() -> None:
+    base = _allowed("per-client", 1.0, 9)
+    rejected = [*base[:2], Decision("ratelimit", "per-client", "reject", "over_limit", "memory")]
+    cached = [*base[:2], Decision("ratelimit", "per-client", "allow", "under_limit", "cache")]
+    summaries = [summarize(base), summarize(rejected), summarize(cached)]
+    assert len({id(s) for s in summaries}) == 3
+    assert summaries[1].flagged
+    assert summaries[1].packed.endswith("ratelimit/reject/over_limit@memory")
+    assert (summaries[2].stale, summaries[2].plain) == (1, False)
+    assert summarize([]).packed == ""
+
+
+def test_decisions_with_a_state_age_are_not_cached() -> None:
+    aged = [Decision("ratelimit", "k", "allow", "under_limit", "redis", 1.5, 1.0)]
+    first, second = summarize(aged), summarize(list(aged))
+    assert first is not second
+    assert first.packed == second.packed == "ratelimit/allow/under_limit@redis+1500ms"
+    assert (first.stale, first.aged, first.plain) == (1, True, False)
+
+
+def test_metrics_from_a_cached_shape_still_read_subjects_and_ages() -> None:
+    """The second call's summary comes from the cache: the retry budget counter and
+    the state-age histogram, which read each decision's subject and age, still count it."""
+    p = pipeline()
+    engine = Engine(Policy())
+    for subject in ("api:8080", "pay:443"):
+        ctx = DecisionContext(engine, "outbound", "GET", 0.0)
+        ctx.add(Decision("retry", subject, "retry", "status_503", "memory", 0.0, 1.0))
+        ctx.add(Decision("breaker", subject, "allow", "breaker_closed", "fallback", 0.0, 1.0))
+        p.telemetry.call_end(ctx)
+    budget = counter_values(
+        p.metrics, "fidelity.retry_budget.usage", schema.SUBJECT, schema.BUDGET_RESULT
+    )
+    assert budget == {("api:8080", "drawn"): 1, ("pay:443", "drawn"): 1}
+    decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
+    assert decisions == {("retry", "retry"): 2, ("breaker", "allow"): 2}
+    ages = metric_points(p.metrics, "fidelity.state.age")
+    assert [(a[schema.STATE_SOURCE], pt.count) for a, pt in ages] == [("fallback", 2)]
+    p.shutdown()
+
+
+def test_request_counts_by_shape_reach_the_counters_across_inline_flushes() -> None:
+    """Requests of a cached shape are counted once each and folded into the counters
+    when read, or earlier when too many kinds are pending: nothing is lost either way."""
+    p = pipeline()
+    engine = Engine(Policy())
+    routes = [f"/r{i}" for i in range(1500)]  # more kinds than are kept pending
+    for i, route in enumerate([*routes, *routes[:10]]):
+        ctx = DecisionContext(engine, route, "GET", 0.0)
+        ctx.add(Decision("breaker", route, "allow", "breaker_closed", "memory", 0.0, 1.0))
+        ctx.outcome, ctx.decided_by = ("failed", "app") if i % 2 else ("served", "app")
+        p.telemetry.end(ctx, {}, None)
+    requests = counter_values(p.metrics, "fidelity.requests", schema.ROUTE)
+    assert sum(requests.values()) == 1510
+    assert requests[("/r3",)] == 2
+    assert requests[("/r1499",)] == 1
+    failures = counter_values(p.metrics, "fidelity.failures", schema.FAILURE_CAUSE)
+    assert failures == {("app",): 755}
+    decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
+    assert decisions == {("breaker", "allow"): 1510}
+    p.shutdown()
