@@ -8,6 +8,7 @@ seeded randomness throughout; the upstream is httpx.MockTransport.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from starlette.routing import Route, Router
 from fidelity_mw import FidelityMiddleware, FidelityTransport, current
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.decide.breaker import OPEN
+from fidelity_mw.decide.specs import RandomSource
 from fidelity_mw.engine import Engine
 from fidelity_mw.inbound.refusals import ADVISE
 from fidelity_mw.outbound.advice import (
@@ -28,6 +30,8 @@ from fidelity_mw.outbound.advice import (
     FROM_UPSTREAM,
     RetryHint,
     retry_hint,
+    retry_spread_s,
+    spread_wait,
 )
 from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -83,6 +87,39 @@ def test_nothing_known_is_no_hint() -> None:
     assert retry_hint(NOW) is None
 
 
+class Draws:
+    """A random source that answers the given values in turn (and records the calls)."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.values.pop(0)
+
+
+def test_the_spread_window_is_a_share_of_the_hint_and_at_least_the_minimum() -> None:
+    assert retry_spread_s(8.0, 0.5, 1.0) == 4.0
+    assert retry_spread_s(1.5, 0.5, 1.0) == 1.0  # a short hint still spreads over 1 s
+    assert retry_spread_s(8.0, 0.0, 0.0) == 0.0  # both off: no spread
+
+
+def test_the_advised_wait_is_never_before_the_hint_and_within_the_window() -> None:
+    draws = Draws(0.0, 0.5, 0.999999)
+    waits = [spread_wait(3.75, 2.0, draws) for _ in range(3)]
+    assert waits == [3.75, 4.75, pytest.approx(5.75, abs=1e-5)]
+    assert all(3.75 <= w < 3.75 + 2.0 for w in waits)
+    # whole seconds, rounded up: 4, 5, 6 - three different instants for one burst
+    assert [math.ceil(w) for w in waits] == [4, 5, 6]
+
+
+def test_no_spread_uses_no_draw() -> None:
+    draws = Draws()
+    assert spread_wait(3.75, 0.0, draws) == 3.75
+    assert draws.calls == 0
+
+
 # ---------------------------------------------------------------- the give-up record
 
 
@@ -105,16 +142,16 @@ class Fleet:
 BREAKER = BreakerConfig(open_s=30.0, open_min_s=4.0, open_jitter=0.0, min_calls=100)
 
 
-def service(clock: FakeClock, **upstream: Any) -> tuple[Engine, MemoryStore]:
+RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2)
+NO_SPREAD = RetryConfig(attempts=3, base_ms=1, max_ms=2, advice_spread=0.0, advice_spread_min_s=0.0)
+
+
+def service(
+    clock: FakeClock, rng: RandomSource | None = None, retry: RetryConfig = RETRY
+) -> tuple[Engine, MemoryStore]:
     store = MemoryStore(rng=seeded_random(3))
-    cfg = UpstreamConfig(
-        host="payments",
-        instances=INSTANCES,
-        retry=RetryConfig(attempts=3, base_ms=1, max_ms=2),
-        breaker=BREAKER,
-        **upstream,
-    )
-    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=store)
+    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, breaker=BREAKER)
+    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=rng or seeded_random(7), store=store)
     return engine, store
 
 
@@ -140,6 +177,7 @@ async def test_a_give_up_with_every_instance_open_carries_the_first_probe_time()
     assert give_up.details is not None
     assert give_up.details["retry_hint_from"] == FROM_INSTANCES
     assert give_up.details["retry_hint_s"] == pytest.approx(4.0 - 0.25)
+    assert give_up.details["retry_hint_spread_s"] == pytest.approx((4.0 - 0.25) * 0.5)
 
 
 async def test_retries_spent_on_closed_breakers_carry_no_hint() -> None:
@@ -184,9 +222,16 @@ async def test_the_upstreams_retry_after_is_passed_on() -> None:
 class Front:
     """A Starlette route that calls the service and answers 503 itself when it fails."""
 
-    def __init__(self, clock: FakeClock, fleet_step: float = 0.25, app_retry_after: str = ""):
+    def __init__(
+        self,
+        clock: FakeClock,
+        fleet_step: float = 0.25,
+        app_retry_after: str = "",
+        rng: RandomSource | None = None,
+        retry: RetryConfig = RETRY,
+    ):
         self.clock = clock
-        self.engine, self.store = service(clock)
+        self.engine, self.store = service(clock, rng, retry)
         self.fleet = Fleet(clock, step=fleet_step)
         self.contexts: list[DecisionContext] = []
         transport = FidelityTransport(
@@ -215,7 +260,7 @@ class Front:
 
 async def test_the_apps_503_after_exhaustion_carries_the_derived_retry_after() -> None:
     clock = FakeClock()
-    front = Front(clock)
+    front = Front(clock, retry=NO_SPREAD)
     open_all(front.store, clock, stagger=1.0)  # the first probe in 4 s
     response = await front.get()
     assert response.status_code == 503
@@ -227,13 +272,36 @@ async def test_the_apps_503_after_exhaustion_carries_the_derived_retry_after() -
     assert advice[0].layer == "breaker"
     assert advice[0].subject == "payments"
     assert advice[0].reason == "retry_after_" + FROM_INSTANCES
-    assert advice[0].details == {"retry_after_s": 4, "wait_s": 3.75}
+    assert advice[0].details == {"retry_after_s": 4, "wait_s": 3.75, "spread_s": 0.0}
     assert ctx.decided_by == "app"  # the answer stays the app's
+
+
+async def test_the_advised_retry_after_is_spread_over_a_window_from_the_hint() -> None:
+    advised: list[int] = []
+    for draw in (0.0, 0.5, 0.999):
+        clock = FakeClock()
+        front = Front(clock, rng=lambda draw=draw: draw)
+        open_all(front.store, clock, stagger=1.0)  # the first probe in 4 s
+        response = await front.get()
+        assert response.status_code == 503
+        (advice,) = [d for d in front.contexts[-1].decisions if d.verdict == ADVISE]
+        assert advice.details is not None
+        wait, spread = advice.details["wait_s"], advice.details["spread_s"]
+        assert isinstance(wait, float)
+        assert isinstance(spread, float)
+        assert spread == pytest.approx(max(wait * 0.5, 1.0), abs=1e-3)  # the default share
+        value = int(response.headers["retry-after"])
+        assert advice.details["retry_after_s"] == value
+        assert math.ceil(wait) <= value <= math.ceil(wait + spread)  # never before the hint
+        assert value == math.ceil(wait + draw * spread)
+        advised.append(value)
+    assert advised == sorted(advised)
+    assert len(set(advised)) == 3  # one burst's callers come back at different seconds
 
 
 async def test_the_time_spent_since_the_give_up_is_taken_off() -> None:
     clock = FakeClock()
-    front = Front(clock)
+    front = Front(clock, retry=NO_SPREAD)
     open_all(front.store, clock)  # every instance open until +4 s
 
     real_work = front.app.app
@@ -284,7 +352,7 @@ async def test_a_healthy_answer_gets_no_advice() -> None:
 
 async def test_headers_given_as_any_iterable_are_read_once_and_kept() -> None:
     clock = FakeClock()
-    engine, store = service(clock)
+    engine, store = service(clock, retry=NO_SPREAD)
     open_all(store, clock)
     fleet = Fleet(clock, step=0.25)
     http = httpx.AsyncClient(

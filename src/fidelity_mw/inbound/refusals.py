@@ -30,6 +30,7 @@ from ..context import (
 )
 from ..decide.gcra import retry_after_header
 from ..errors import CircuitOpen, DeadlineExceeded
+from ..outbound.advice import spread_wait
 from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
 
 ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
@@ -132,7 +133,8 @@ def _outbound_give_up(
 
 def retry_advice(ctx: DecisionContext, now: float) -> str | None:
     """`Retry-After` for a 5xx that follows an outbound give-up, from what the outbound
-    layer knew when it gave up (outbound/advice.py), less the time since; None when it
+    layer knew when it gave up (outbound/advice.py), less the time since, plus a draw
+    from the engine's random source over the give-up's spread window; None when it
     knew of nothing that blocks a retry, or that time has passed. Recorded as an
     `advise` decision of the give-up's layer, the reason naming what it came from."""
     give_up = _outbound_give_up(ctx, _ADVISING_LAYERS)
@@ -146,7 +148,11 @@ def retry_advice(ctx: DecisionContext, now: float) -> str | None:
     left = hint - max(0.0, now - give_up.at)
     if left <= 0.0:
         return None
-    value = retry_after_header(left)
+    spread = details.get("retry_hint_spread_s")
+    if not isinstance(spread, int | float) or isinstance(spread, bool) or spread <= 0.0:
+        spread = 0.0
+    # spread so the callers of one burst do not all come back in the same second
+    value = retry_after_header(spread_wait(left, spread, ctx.engine.rng))
     ctx.decisions.append(
         Decision(
             give_up.layer,
@@ -156,7 +162,7 @@ def retry_advice(ctx: DecisionContext, now: float) -> str | None:
             give_up.state_source,
             max(0.0, now - give_up.at) + give_up.state_age_s,
             now,
-            {"retry_after_s": int(value), "wait_s": round(left, 3)},
+            {"retry_after_s": int(value), "wait_s": round(left, 3), "spread_s": spread},
         )
     )
     return value

@@ -9,6 +9,12 @@ caller as `Retry-After`, so a client that honours it does not spend its
 retries while nothing could serve them. Nothing is made up: without such
 knowledge there is no hint.
 
+Every caller that failed in one burst would be told the same instant, and a
+client's retries would land together on top of its own new requests (a retry
+storm of its own, and 429s from a per-client limit that were avoidable). So
+the advice is spread: the hint plus a uniform draw over a window
+(`retry_spread_s`), never earlier than the hint.
+
 Time (`now`, monotonic seconds) is an argument; nothing here does I/O.
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Final, NamedTuple
+
+from .._types import RandomSource
 
 FROM_INSTANCES: Final = "instance_breakers"  # every instance's breaker is known open
 FROM_BREAKER: Final = "host_breaker"  # the upstream's breaker is open
@@ -61,3 +69,16 @@ def retry_hint(
         return None
     wait, source = max(waits)
     return RetryHint(wait, source)
+
+
+def retry_spread_s(hint_s: float, share: float, min_s: float) -> float:
+    """The window advised retries are spread over: `share` of the hint, at least
+    `min_s` (both 0: no spread, every caller is told the hint itself)."""
+    return max(hint_s * share, min_s, 0.0)
+
+
+def spread_wait(wait_s: float, spread_s: float, rng: RandomSource) -> float:
+    """The wait to advise: `wait_s` plus a uniform draw from [0, spread_s)."""
+    if spread_s <= 0.0:
+        return wait_s
+    return wait_s + rng() * spread_s

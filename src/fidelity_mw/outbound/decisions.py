@@ -49,7 +49,7 @@ from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
-from .advice import retry_hint
+from .advice import retry_hint, retry_spread_s
 from .upstream import Instance, Upstream
 from .wire import (
     DECIDED_BY,
@@ -107,8 +107,9 @@ def give_up(
 
     The verdict is `reject` when no attempt was made, `give_up` after one. When the
     outbound layer knows how long no attempt could help (advice.py), the record
-    carries it (`retry_hint_s`, `retry_hint_from`): the middleware turns it into the
-    `Retry-After` of a 5xx that follows.
+    carries it (`retry_hint_s`, `retry_hint_from`) with the window the advice is spread
+    over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
+    5xx that follows.
     """
     instances = up.instances
     hint = retry_hint(
@@ -121,6 +122,9 @@ def give_up(
     if hint is not None:
         details["retry_hint_s"] = round(hint.wait_s, 3)
         details["retry_hint_from"] = hint.source
+        spread = retry_spread_s(hint.wait_s, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        if spread > 0.0:
+            details["retry_hint_spread_s"] = round(spread, 3)
     ctx.decisions.append(
         Decision(
             layer,
