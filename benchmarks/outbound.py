@@ -418,7 +418,7 @@ def report(
             stamp(),
             f"`uname -a`: `{uname}`",
             f"Load average (1 min) before and after: {loads[0]} and {loads[1]} on the 2 cores "
-            "(a machine shared with other jobs; run under `nice -n -15`).",
+            "(above 1: other work shared the machine; the ratios are paired per round).",
             "",
             f"`benchmarks/outbound.py`: {rounds} interleaved rounds x {batch} sequential "
             "`AsyncClient.get` calls per variant, each on `httpx.MockTransport` (200, 2-byte "
