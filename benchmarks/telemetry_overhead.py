@@ -67,7 +67,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from benchmarks._asgi import hello, make_scope, receive
+from benchmarks import _asgi
+from benchmarks._asgi import hello
 from benchmarks._results import stamp, write_section
 from benchmarks.overhead import baseline_package, fidelity_policy
 from fidelity_mw import FidelityMiddleware
@@ -101,31 +102,9 @@ class CountingExporter(SpanExporter):
 
 
 async def run_batch(app: Any, n: int, keep_scopes: bool = False) -> float:
-    """CPU seconds per request over n sequential requests (every one must be a 200).
-
-    Process time: other processes' load counts less. The scopes are built before
-    the clock starts; each is dropped once answered unless `keep_scopes`.
-    """
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    scopes: list[dict[str, Any] | None] = [make_scope() for _ in range(n)]
-    start = time.process_time()
-    if keep_scopes:
-        for scope in scopes:
-            await app(scope, receive, send)
-    else:
-        for i in range(n):
-            scope, scopes[i] = scopes[i], None
-            await app(scope, receive, send)
-            del scope
-    elapsed = time.process_time() - start
-    if len(statuses) != n or any(s != 200 for s in statuses):
-        raise RuntimeError(f"unexpected statuses: {set(statuses)}")
-    return elapsed / n
+    """CPU seconds per request over n sequential requests (every one must be a 200);
+    other processes' load counts less in process time."""
+    return await _asgi.run_batch(app, n, time.process_time, keep_scopes)
 
 
 class StartOnly:
