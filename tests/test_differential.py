@@ -629,6 +629,22 @@ def test_a_unit_leased_ahead_conforms_one_interval_after_the_bucket_base(
     asyncio.run(_run_tiered(redis_url, ops))
 
 
+def test_units_leased_ahead_past_the_first_conform_one_interval_apart(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """Found by Hypothesis: when the first unit of a lease reaching ahead conformed
+    already, the slice took every unit of it as usable at once; the second conforms one
+    interval later (10 units in 0.15 s where rate x t + burst is 9.5)."""
+    ops: list[tuple[Any, ...]] = [
+        ("sync",), ("admit", 0, 4), ("refund", 20), ("sync",), ("sync",), ("refund", 18),
+        ("admit", 0, 4), ("sync",), ("admit", 0, 1), ("admit", 0, 3), ("admit", 1, 4),
+        ("sync",), ("admit", 1, 2), ("refund", 0), ("advance", 0.1), ("refund", 10),
+        ("admit", 0, 1), ("refund", 19), ("admit", 0, 2), ("advance", 0.05), ("sync",),
+        ("sync",), ("sync",), ("admit", 0, 2), ("advance", 0.3),
+    ]  # fmt: skip
+    asyncio.run(_run_tiered(redis_url, ops))
+
+
 def test_a_refund_after_another_refund(harness: Harness) -> None:
     """Found by Hypothesis: a refund shifts every later request's units back in the
     refill order, so a later request's admission TAT overstates how long its units

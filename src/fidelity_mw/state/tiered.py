@@ -687,17 +687,19 @@ class TieredStore(StateStore):
             i += 3
         sync_s = self.sync_s
         asked_at = now - 2.0 * age  # when the call started: the earliest the server read
-        for key, _spec, _give, want in limits:
+        for key, spec, _give, want in limits:
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
             first = float(reply[i + 3])
             i += 4
             sl = self.slices.get(key)
             if sl is None:
                 continue
-            # Units that conform already are usable at once (whatever time base the
-            # caller's `now` uses); units leased ahead from `now` + `first`: the
+            # Units that all conform already are usable at once (whatever time base
+            # the caller's `now` uses). Otherwise unit j conforms at `now` + `first` +
+            # j x interval, `first` <= 0 when the first ones conform already: the
             # server read its clock at most at our `now`, so none is spent early.
-            sl.add(granted, now + first if first > 1e-9 else -math.inf)  # float noise: now
+            conforming = 0 if first > 1e-9 else int(-first / spec.interval_s + 1e-6) + 1
+            sl.add(granted, -math.inf if granted <= conforming else now + first)
             sl.remaining = remaining
             sl.synced_at = now
             if want <= 0:
