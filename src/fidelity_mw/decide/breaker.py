@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from .specs import BreakerParams, RandomSource
+from .window import buckets_passed
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
@@ -231,11 +232,7 @@ class BreakerState:
         if now < self._bucket_end:
             return
         bucket_s = self._bucket_s
-        steps = int((now - self._bucket_end) / bucket_s) + 1
-        if self._bucket_end + steps * bucket_s <= now:
-            # The division can round down (1001 - 1000.1 over 0.1 is 8.99...): the
-            # new bucket must end after `now`, or the same instant rotates twice.
-            steps += 1
+        steps = buckets_passed(now, self._bucket_end, bucket_s)
         buckets = self.buckets
         if steps >= _BUCKETS:
             for bucket in buckets:

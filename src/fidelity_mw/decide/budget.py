@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 from .specs import BudgetParams
+from .window import buckets_passed
 
 _BUDGET_BUCKETS: Final = 10
 _EPSILON: Final = 1e-9
@@ -80,9 +81,7 @@ class BudgetWindow:
             self._bucket_end = now + self._bucket_s
             return
         bucket_s = self._bucket_s
-        steps = int((now - self._bucket_end) / bucket_s) + 1
-        if self._bucket_end + steps * bucket_s <= now:  # the division rounded down
-            steps += 1
+        steps = buckets_passed(now, self._bucket_end, bucket_s)
         requests, retries = self.requests, self.retries
         if steps >= _BUDGET_BUCKETS:
             for i in range(_BUDGET_BUCKETS):

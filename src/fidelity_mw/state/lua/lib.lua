@@ -169,16 +169,22 @@ local function br_clear_window(b)
   end
 end
 
+-- Port of decide.window.buckets_passed: buckets to rotate so that the current one
+-- ends after now (the division can round down: 1001 - 1000.1 over 0.1 is 8.99...).
+local function buckets_passed(now, be, bs)
+  local steps = math.floor((now - be) / bs) + 1
+  if be + steps * bs <= now then
+    steps = steps + 1
+  end
+  return steps
+end
+
 local function br_rotate(b, now)
   if now < b.be then
     return
   end
   local bs = b.cfg.bucket_s
-  local steps = math.floor((now - b.be) / bs) + 1
-  if b.be + steps * bs <= now then
-    -- the division can round down: the new bucket must end after now
-    steps = steps + 1
-  end
+  local steps = buckets_passed(now, b.be, bs)
   if steps >= BUCKETS then
     br_clear_window(b)
   else

@@ -46,10 +46,7 @@ local function bu_rotate(w, now)
     w.be = now + w.bs
     return
   end
-  local steps = math.floor((now - w.be) / w.bs) + 1
-  if w.be + steps * w.bs <= now then -- the division rounded down
-    steps = steps + 1
-  end
+  local steps = buckets_passed(now, w.be, w.bs)
   if steps >= BUCKETS then
     for j = 1, BUCKETS do
       w.rq[j] = 0
