@@ -126,12 +126,12 @@ def test_hand_written_loop_reports_the_loop_and_the_sleep():
     "source",
     [
         # a loop that sleeps with no except: polling
-        "import time\nwhile True:\n    poll()\n    time.sleep(1)\n",
+        "import time\nwhile True:\n    poll()\n    time.sleep(0.1)\n",
         # an except that sleeps with no loop
-        "import time\ntry:\n    call()\nexcept OSError:\n    time.sleep(1)\n",
+        "import time\ntry:\n    call()\nexcept OSError:\n    time.sleep(0.1)\n",
         # no call inside the try
         "import time\nfor x in xs:\n    try:\n        y = x\n    except KeyError:\n"
-        "        time.sleep(1)\n",
+        "        time.sleep(0.1)\n",
         # a function called retry that is not a library's
         "def retry(f):\n    return f\n\n@retry\ndef g():\n    pass\n",
         "from mypkg.retry import retry\n\n@retry(3)\ndef g():\n    pass\n",

@@ -17,7 +17,7 @@ def test_report_lines_name_file_line_kind_and_replacement(capsys: pytest.Capture
     lines = capsys.readouterr().out.splitlines()
     assert (
         "tests/fixtures/audit/service/loops.py:11: retry (high): for loop in fetch() retries a "
-        "call after catching its failure (line 13); waits with time.sleep(2 ** attempt) "
+        "call after catching its failure (line 13); waits with time.sleep(0.1 * 2 ** attempt) "
         "(line 15) -> remove the loop; upstream[].retry (attempts, base_ms, max_ms, jitter) "
         "via FidelityTransport"
     ) in lines
