@@ -305,3 +305,73 @@ def test_the_map_describes_each_bulkhead_and_where_its_state_lives() -> None:
     assert "at most 3 in flight; up to 2 wait 50 ms" in rows[0].data
     assert "adaptive limit from 1 to 1000" in rows[1].data
     assert all(row.state.startswith("process memory") for row in rows)
+
+
+async def _raw_get(mw: FidelityMiddleware, path: str) -> tuple[int, Any]:
+    """One GET straight into the middleware (no client in between: it enters in the
+    turn its task first runs)."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "headers": [(b"host", b"svc")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("svc", 80),
+    }
+    await mw(scope, receive, send)
+    return statuses[0], scope["state"]["fidelity"]
+
+
+@pytest.mark.parametrize("busy_s", [0.0, 0.008])
+async def test_a_lagging_loop_lets_one_more_request_in_per_turn(
+    clock: FakeClock, busy_s: float
+) -> None:
+    """Requests arriving in one turn of a loop that lags (its CPU is the bottleneck):
+    one is admitted beside the one in flight, the rest are shed (`paced`); the next
+    turn admits one more. A loop that keeps up admits them all, up to the limit."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100)
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    svc.busy_after_s = busy_s
+    for _ in range(21):  # the floor, then one more so the lag is reported
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.limit == 4
+    assert limiter.pacing is (busy_s > 0)
+    first = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+    await svc.in_flight(22)
+    batch = [asyncio.create_task(_raw_get(svc.mw, "/w?hold=1")) for _ in range(3)]
+    await asyncio.sleep(0)  # the batch's turn
+    if busy_s:
+        assert limiter.in_flight == 2
+        shed = [await t for t in batch if t.done()]
+        assert [status for status, _ctx in shed] == [503, 503]
+        for _status, ctx in shed:
+            assert [d.reason for d in concurrency_decisions(ctx)] == ["paced"]
+        late = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        await svc.in_flight(24)
+        assert limiter.in_flight == 3
+        batch.append(late)
+    else:
+        assert limiter.in_flight == 4
+    svc.gate.set()
+    served = [await t for t in [first, *batch] if not t.done() or t.result()[0] == 200]
+    assert [status for status, _ctx in served] == [200] * (3 if busy_s else 4)
+    assert limiter.in_flight == 0

@@ -8,6 +8,7 @@ from fidelity_mw.decide.concurrency import (
     AT_LIMIT,
     CRITICAL,
     DEFAULT,
+    PACED,
     PRIORITY_SHARE,
     SHEDDABLE,
     ConcurrencyLimiter,
@@ -242,3 +243,68 @@ def test_event_loop_lag_counts_in_the_latency_signal() -> None:
     assert lim.limit < high / 4
     assert lim.estimate is not None
     assert lim.estimate.baseline_s == pytest.approx(0.01)
+
+
+def _lagging(lag_s: float, limit: int = 4) -> ConcurrencyLimiter:
+    """An adaptive limiter with a 10 ms floor whose last release reported `lag_s`."""
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=limit, adaptive=True, measure_samples=0))
+    for lag in (0.0, lag_s):
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.release(0.01, lag_s=lag)
+        lim.new_turn()
+    assert lim.estimate is not None
+    assert lim.estimate.baseline_s == pytest.approx(0.01)
+    assert lim.limit == limit
+    return lim
+
+
+def test_a_lagging_event_loop_admits_one_more_request_per_turn() -> None:
+    """The loop's lag reached half the floor: requests let in together would only queue
+    for its CPU, so a route with one in flight takes one more per turn, at its limit."""
+    lim = _lagging(0.006)
+    assert lim.pacing
+    assert lim.try_acquire(CRITICAL).admitted
+    refused = lim.try_acquire(CRITICAL)
+    assert (refused.admitted, refused.reason, refused.in_flight) == (False, PACED, 1)
+    lim.new_turn()
+    assert lim.try_acquire(DEFAULT).admitted
+    assert not lim.try_acquire(CRITICAL).admitted
+    lim.new_turn()
+    assert lim.try_acquire(CRITICAL).admitted
+    assert lim.in_flight == 3
+
+
+def test_pacing_lets_the_first_request_into_an_idle_route() -> None:
+    """A turn that admitted one which already finished: nothing is in flight, so the
+    next one is no batch."""
+    lim = _lagging(0.006)
+    assert lim.try_acquire(CRITICAL).admitted
+    lim.release(0.01, lag_s=0.006)
+    assert lim.try_acquire(CRITICAL).admitted
+
+
+def test_no_pacing_while_the_loop_keeps_up_or_on_a_fixed_limit() -> None:
+    lim = _lagging(0.004)  # under half the 10 ms floor
+    assert not lim.pacing
+    assert [lim.try_acquire(CRITICAL).admitted for _ in range(5)] == [True] * 4 + [False]
+    fixed = ConcurrencyLimiter(ConcurrencySpec(limit=3))
+    fixed.release(0.01, lag_s=1.0)
+    fixed.in_flight = 0
+    assert not fixed.pacing
+    assert [fixed.try_acquire(CRITICAL).admitted for _ in range(3)] == [True] * 3
+
+
+def test_pacing_ends_as_the_lag_fades() -> None:
+    """One lagging stretch paces for a while (lag comes and goes while the loop is
+    busy), not for ever: each later report weighs the old peak down by a tenth."""
+    lim = _lagging(0.02)
+    fades = 0
+    while lim.pacing:
+        fades += 1
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.release(0.01, lag_s=0.0)
+        assert fades < 100
+    # 0.02 * 0.9**n < 0.005 from n = 14 on
+    assert fades == 14
+    lim.new_turn()
+    assert [lim.try_acquire(CRITICAL).admitted for _ in range(3)] == [True] * 3

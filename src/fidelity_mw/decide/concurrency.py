@@ -16,6 +16,15 @@ Priorities: a class may fill only its share of the limit, so under pressure
 use the whole limit. Waiters (an optional short queue) are woken highest
 priority first, then in arrival order.
 
+Pacing (adaptive only): while the event loop is the bottleneck (its lag, as
+reported to `release`, lately reached half the route's latency floor), a
+route with a request in flight admits at most one more per loop turn (the
+caller says when a turn ends: `new_turn`). On one event loop, requests let in
+together do not run together: they wait out their awaits side by side and then
+queue for the CPU one behind the other, so the last of a batch pays for the
+whole batch, and the core idles through the await they all began at once.
+One per turn staggers them, each one's await overlapping another's CPU work.
+
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
 """
@@ -37,6 +46,7 @@ UNDER_LIMIT: Final = "under_limit"
 AT_LIMIT: Final = "at_limit"
 PRIORITY_SHARE: Final = "priority_share"
 QUEUED: Final = "queued"
+PACED: Final = "paced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,7 @@ class ConcurrencySpec:
 
 class Admission(NamedTuple):
     admitted: bool
-    reason: str  # UNDER_LIMIT | AT_LIMIT | PRIORITY_SHARE
+    reason: str  # UNDER_LIMIT | AT_LIMIT | PRIORITY_SHARE | PACED
     in_flight: int  # after this decision
     limit: int  # the limit this decision was taken against
 
@@ -157,12 +167,24 @@ class GradientEstimate:
 class ConcurrencyLimiter:
     """In-flight count, the limit (fixed or adaptive) and the waiters of one route."""
 
-    __slots__ = ("_seq", "_waiters", "estimate", "in_flight", "spec")
+    __slots__ = (
+        "_lag_peak",
+        "_seq",
+        "_waiters",
+        "admitted_in_turn",
+        "estimate",
+        "in_flight",
+        "spec",
+    )
 
     def __init__(self, spec: ConcurrencySpec) -> None:
         self.spec = spec
         self.in_flight = 0
         self.estimate = GradientEstimate(spec) if spec.adaptive else None
+        self.admitted_in_turn = 0  # since the caller last called `new_turn`
+        # The event loop's recent lag: the latest report, or an earlier, larger one
+        # fading by a tenth per report (lag comes and goes within a busy stretch).
+        self._lag_peak = 0.0
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
         self._seq = 0
@@ -183,11 +205,28 @@ class ConcurrencyLimiter:
         # cut down further (limit 2 at share 0.9 is 2, not 1).
         return min(limit, math.ceil(limit * self.spec.share(priority) - 1e-9))
 
+    @property
+    def pacing(self) -> bool:
+        """True while the event loop is the bottleneck: one admission per turn."""
+        estimate = self.estimate
+        return (
+            estimate is not None
+            and estimate.baseline_s > 0.0
+            and 2.0 * self._lag_peak >= estimate.baseline_s
+        )
+
+    def new_turn(self) -> None:
+        """The caller's event loop went round once: pacing admits again."""
+        self.admitted_in_turn = 0
+
     def try_acquire(self, priority: str = DEFAULT) -> Admission:
         """Admit one request now, or say why not (it takes no slot when refused)."""
         limit = self.limit
         if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
+            if self.admitted_in_turn and self.in_flight and self.pacing:
+                return Admission(False, PACED, self.in_flight, limit)
             self.in_flight += 1
+            self.admitted_in_turn += 1
             return Admission(True, UNDER_LIMIT, self.in_flight, limit)
         reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
         return Admission(False, reason, self.in_flight, limit)
@@ -224,9 +263,11 @@ class ConcurrencyLimiter:
         request arriving now waits that long before anything can admit it, a
         queue the route's own latency does not show, so it counts in the sample.
         """
-        if self.estimate is not None and (latency_s is not None or dropped):
-            sample = latency_s + lag_s if latency_s is not None else 0.0
-            self.estimate.sample(sample, self.in_flight, dropped)
+        if self.estimate is not None:
+            self._lag_peak = max(lag_s, 0.9 * self._lag_peak)
+            if latency_s is not None or dropped:
+                sample = latency_s + lag_s if latency_s is not None else 0.0
+                self.estimate.sample(sample, self.in_flight, dropped)
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
         while self._waiters:

@@ -66,6 +66,10 @@ class Bulkheads:
         assert limiter is not None
         admission = limiter.try_acquire(priority)
         if admission.admitted:
+            if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
+                # The turn ends when the loop has run what is ready now (this
+                # request's batch of arrivals among it): see decide.concurrency's pacing.
+                asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
             return None
         if limiter.can_queue():
