@@ -31,7 +31,7 @@ measures how long the server and the generator waited for their cores
 
     .venv/bin/python benchmarks/overload.py [--cpu-ms 8] [--duration 6] [--rounds 3]
         [--multiples 1,2,4] [--variants none,fixed,adaptive] [--oracle 1,2,3] [--timeline]
-        [--no-write]
+        [--components] [--no-write]
 
 The machine is shared: run it under `nice -n -15` (as root) for usable numbers.
 """
@@ -67,11 +67,17 @@ from starlette.routing import Route
 CPU_S = float(os.environ["OVERLOAD_CPU_MS"]) / 1000.0
 IO_S = float(os.environ["OVERLOAD_IO_MS"]) / 1000.0
 
+EVENTS = os.environ.get("OVERLOAD_EVENTS")
+STAMPS = {}  # --components: request id -> [read by the app, CPU start, CPU end]
+
 async def work(request):
     await asyncio.sleep(IO_S)
-    end = time.perf_counter() + CPU_S
+    start = time.perf_counter()
+    end = start + CPU_S
     while time.perf_counter() < end:
         pass
+    if EVENTS:
+        STAMPS[request.scope["query_string"]] += (start, time.perf_counter())
     return PlainTextResponse("ok")
 
 AT_EXIT = []
@@ -117,6 +123,23 @@ if variant != "none":
                 f.writelines(f"{t:.6f} {lat:.6f} {n} {lim:.3f}\\n" for t, lat, n, lim in samples)
 
         AT_EXIT.append(dump)
+
+if EVENTS:
+    # Outside the middleware: when the server handed the request to the app at all.
+    inner = app
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            STAMPS[scope["query_string"]] = [time.perf_counter()]
+        await inner(scope, receive, send)
+
+    def dump_events():
+        with open(EVENTS, "w") as f:
+            for key, stamps in STAMPS.items():
+                if key:
+                    f.write(key.decode() + " " + " ".join(f"{t:.6f}" for t in stamps) + "\\n")
+
+    AT_EXIT.append(dump_events)
 """
 
 REQUEST = b"GET /work HTTP/1.1\r\nHost: overload\r\n\r\n"
@@ -140,6 +163,9 @@ class Result:
     # (due offset, completion offset, latency) of every 200
     served: list[tuple[float, float, float]] = field(default_factory=list)
     shed_at: list[float] = field(default_factory=list)
+    # --components: request id -> (due, completion, status), and the server's stamps
+    by_id: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    stamps: dict[int, list[float]] = field(default_factory=dict)
     lateness: list[float] = field(default_factory=list)  # the generator's own
 
     @property
@@ -184,6 +210,7 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[tup
         OVERLOAD_ADAPTIVE_START=str(args.adaptive_start),
         OVERLOAD_TOLERANCE=str(args.tolerance),
         OVERLOAD_TRACE=str(app_dir / "trace.txt") if args.timeline else "",
+        OVERLOAD_EVENTS=str(app_dir / "events.txt") if args.components else "",
         PYTHONPATH=f"{app_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
     cmd = [
@@ -233,9 +260,11 @@ async def _probe(port: int) -> tuple[int, None]:
         writer.close()
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes = REQUEST
+) -> int:
     """One request on a keep-alive connection; the status code."""
-    writer.write(REQUEST)
+    writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     at = head.lower().find(b"\r\ncontent-length:")
@@ -264,7 +293,7 @@ class Client:
             self.idle.append(await asyncio.open_connection("127.0.0.1", self.port))
             self.open += 1
 
-    async def get(self, timeout_s: float) -> int:
+    async def get(self, timeout_s: float, request: bytes = REQUEST) -> int:
         conn = self.idle.pop() if self.idle else None
         if conn is None:
             if self.open >= self.max_conns:
@@ -274,7 +303,7 @@ class Client:
             async with asyncio.timeout(timeout_s):
                 if conn is None:
                     conn = await asyncio.open_connection("127.0.0.1", self.port)
-                status = await _exchange(*conn)
+                status = await _exchange(*conn, request)
         except BaseException:
             self.open -= 1
             if conn is not None:
@@ -288,13 +317,18 @@ class Client:
             writer.close()
 
 
-async def _timed(client: Client, res: Result, t0: float, due: float, timeout_s: float) -> None:
+async def _timed(
+    client: Client, res: Result, t0: float, due: float, timeout_s: float, rid: int | None = None
+) -> None:
+    request = REQUEST if rid is None else b"GET /work?%d HTTP/1.1\r\nHost: overload\r\n\r\n" % rid
     try:
-        status = await client.get(timeout_s - (time.perf_counter() - due))
+        status = await client.get(timeout_s - (time.perf_counter() - due), request)
     except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
         res.failed += 1
         return
     end = time.perf_counter()
+    if rid is not None:
+        res.by_id[rid] = (due - t0, end - t0, status)
     if status == 200:
         res.ok += 1
         res.served.append((due - t0, end - t0, end - due))
@@ -305,7 +339,9 @@ async def _timed(client: Client, res: Result, t0: float, due: float, timeout_s: 
         res.failed += 1
 
 
-async def open_loop(port: int, res: Result, timeout_s: float, max_conns: int) -> None:
+async def open_loop(
+    port: int, res: Result, timeout_s: float, max_conns: int, ids: bool = False
+) -> None:
     client = Client(port, max_conns)
     await client.warm(32)
     rate = res.offered
@@ -318,7 +354,8 @@ async def open_loop(port: int, res: Result, timeout_s: float, max_conns: int) ->
         if delay > 0:
             await asyncio.sleep(delay)
         res.lateness.append(max(0.0, time.perf_counter() - due))
-        tasks.append(asyncio.create_task(_timed(client, res, t0, due, timeout_s)))
+        rid = i if ids else None
+        tasks.append(asyncio.create_task(_timed(client, res, t0, due, timeout_s, rid)))
     res.sent = n
     await asyncio.gather(*tasks)
     client.close()
@@ -365,11 +402,13 @@ def measure(
         res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
         with serve(variant, args, app_dir) as (port, pid):
             server0, gen0 = run_delay(pid), run_delay()
-            asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns))
+            asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns, args.components))
             res.stolen = max(run_delay(pid) - server0, run_delay() - gen0) / args.duration
         res.attempts = attempt + 1
         if args.timeline:
             res.trace = read_trace(app_dir / "trace.txt", res.t0)
+        if args.components:
+            res.stamps = read_stamps(app_dir / "events.txt", res.t0)
         if best is None or res.stolen < best.stolen:
             best = res
         if res.stolen <= args.max_stolen:
@@ -434,6 +473,51 @@ def read_trace(path: Path, t0: float) -> list[tuple[float, float, int, float]]:
     return rows
 
 
+def read_stamps(path: Path, t0: float) -> dict[int, list[float]]:
+    if not path.exists():
+        return {}
+    stamps = {}
+    for line in path.read_text().splitlines():
+        rid, *times = line.split()
+        stamps[int(rid)] = [float(t) - t0 for t in times]
+    path.unlink()
+    return stamps
+
+
+def components(res: Result) -> str:
+    """Where a served request's time went (steady state), and a shed one's wait to be read.
+
+    read: from when it was due until the server handed it to the app (waiting in
+    the socket while the loop was busy, then parsing); before CPU: in the app
+    (middleware, its await, then waiting for the core); CPU: its own burn; after:
+    from the burn's end until the generator had the answer.
+    """
+    parts: dict[str, list[float]] = {"read": [], "before CPU": [], "CPU": [], "after": []}
+    shed_read = []
+    for rid, (due, end, status) in res.by_id.items():
+        stamps = res.stamps.get(rid)
+        if due < res.settle_s or not stamps:
+            continue
+        if status == 200 and len(stamps) == 3:
+            seen, start, stop = stamps
+            values = (seen - due, start - seen, stop - start, end - stop)
+            for name, value in zip(parts, values, strict=True):
+                parts[name].append(value)
+        elif status == 503:
+            shed_read.append(stamps[0] - due)
+    rows = []
+    for name, values in parts.items():
+        values.sort()
+        p50, p90, p99 = (_pct(values, q) * 1000 for q in (0.5, 0.9, 0.99))
+        rows.append(f"    {name:10} p50 {p50:5.1f}  p90 {p90:5.1f}  p99 {p99:5.1f} ms")
+    shed_read.sort()
+    rows.append(
+        f"    (shed: read p50 {_pct(shed_read, 0.5) * 1000:.1f}, p99 "
+        f"{_pct(shed_read, 0.99) * 1000:.1f} ms)"
+    )
+    return "\n".join(rows)
+
+
 def uptime() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -475,6 +559,12 @@ def main() -> None:
         help="share of a run the server or generator may wait for its core before it is redone",
     )
     parser.add_argument("--timeline", action="store_true", help="served latency per 0.5 s")
+    parser.add_argument(
+        "--components",
+        action="store_true",
+        help="where served requests' time goes: waiting to be read, in the app before "
+        "their CPU, CPU, after (the server stamps each request; adds ids to the requests)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     multiples = [float(m) for m in args.multiples.split(",")]
@@ -513,6 +603,8 @@ def main() -> None:
                 )
                 if args.timeline:
                     print(timeline(res, 0.5, res.trace), file=sys.stderr)
+                if args.components:
+                    print(components(res), file=sys.stderr)
                 results.append((res, cal))
     load_after = uptime()
 
