@@ -296,15 +296,15 @@ def test_no_pacing_while_the_loop_keeps_up_or_on_a_fixed_limit() -> None:
 
 def test_pacing_ends_as_the_lag_fades() -> None:
     """One lagging stretch paces for a while (lag comes and goes while the loop is
-    busy), not for ever: each later report weighs the old peak down by a tenth."""
+    busy), not for ever: each later report weighs the old peak down by 1 %."""
     lim = _lagging(0.02)
     fades = 0
     while lim.pacing:
         fades += 1
         assert lim.try_acquire(CRITICAL).admitted
         lim.release(0.01, lag_s=0.0)
-        assert fades < 100
-    # 0.02 * 0.9**n < 0.005 from n = 14 on
-    assert fades == 14
+        assert fades < 1000
+    # 0.02 * 0.99**n < 0.005 from n = 138 on
+    assert fades == 138
     lim.new_turn()
     assert [lim.try_acquire(CRITICAL).admitted for _ in range(3)] == [True] * 3

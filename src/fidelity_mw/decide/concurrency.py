@@ -18,12 +18,16 @@ priority first, then in arrival order.
 
 Pacing (adaptive only): while the event loop is the bottleneck (its lag, as
 reported to `release`, lately reached half the route's latency floor), a
-route with a request in flight admits at most one more per loop turn (the
-caller says when a turn ends: `new_turn`). On one event loop, requests let in
-together do not run together: they wait out their awaits side by side and then
-queue for the CPU one behind the other, so the last of a batch pays for the
-whole batch, and the core idles through the await they all began at once.
-One per turn staggers them, each one's await overlapping another's CPU work.
+route with a request in flight admits at most one more per pacing turn: at
+least one turn of the loop and `PACE_S` (the caller says when a turn ends:
+`new_turn`). On one event loop, requests let in together do not run together:
+they wait out their awaits side by side and then queue for the CPU one behind
+the other, so the last of a batch pays for the whole batch, and the core idles
+through the await they all began at once. Staggered, each one's await overlaps
+another's CPU work. Why `PACE_S` and not just a loop turn: uvloop's timers
+have millisecond resolution, so requests let in within the same millisecond
+whose awaits are alike wake in the same turn and run back to back, with no
+chance for the loop to read the requests waiting meanwhile.
 
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
@@ -47,6 +51,12 @@ AT_LIMIT: Final = "at_limit"
 PRIORITY_SHARE: Final = "priority_share"
 QUEUED: Final = "queued"
 PACED: Final = "paced"
+
+PACE_S: Final = 0.001  # the shortest pacing turn (see the module doc)
+# Per report, the recent lag peak keeps this much of itself: a lagging stretch
+# paces for some hundred requests after it (lag comes and goes while the loop
+# is busy: a probe that lands between two CPU bursts sees none).
+LAG_FADE: Final = 0.99
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +193,7 @@ class ConcurrencyLimiter:
         self.estimate = GradientEstimate(spec) if spec.adaptive else None
         self.admitted_in_turn = 0  # since the caller last called `new_turn`
         # The event loop's recent lag: the latest report, or an earlier, larger one
-        # fading by a tenth per report (lag comes and goes within a busy stretch).
+        # fading by LAG_FADE per report.
         self._lag_peak = 0.0
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
@@ -216,7 +226,8 @@ class ConcurrencyLimiter:
         )
 
     def new_turn(self) -> None:
-        """The caller's event loop went round once: pacing admits again."""
+        """A pacing turn ended (at least one turn of the loop and PACE_S): pacing
+        admits again."""
         self.admitted_in_turn = 0
 
     def try_acquire(self, priority: str = DEFAULT) -> Admission:
@@ -264,7 +275,7 @@ class ConcurrencyLimiter:
         queue the route's own latency does not show, so it counts in the sample.
         """
         if self.estimate is not None:
-            self._lag_peak = max(lag_s, 0.9 * self._lag_peak)
+            self._lag_peak = max(lag_s, LAG_FADE * self._lag_peak)
             if latency_s is not None or dropped:
                 sample = latency_s + lag_s if latency_s is not None else 0.0
                 self.estimate.sample(sample, self.in_flight, dropped)

@@ -24,7 +24,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.concurrency import PRIORITIES, ConcurrencyLimiter
+from ..decide.concurrency import PACE_S, PRIORITIES, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
@@ -67,9 +67,9 @@ class Bulkheads:
         admission = limiter.try_acquire(priority)
         if admission.admitted:
             if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
-                # The turn ends when the loop has run what is ready now (this
-                # request's batch of arrivals among it): see decide.concurrency's pacing.
-                asyncio.get_running_loop().call_soon(limiter.new_turn)
+                # The turn ends once the loop has run what is ready now (this
+                # request's batch of arrivals among it) and PACE_S has passed.
+                asyncio.get_running_loop().call_later(PACE_S, limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
             return None
         if limiter.can_queue():
