@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport, current
-from fidelity_mw.context import DecisionContext
+from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.decide.specs import RandomSource
 from fidelity_mw.engine import Engine
@@ -162,35 +162,51 @@ NO_SPREAD = RetryConfig(attempts=3, base_ms=1, max_ms=2, advice_spread=0.0, advi
 
 
 def service(
-    clock: FakeClock, rng: RandomSource | None = None, retry: RetryConfig = RETRY
+    clock: FakeClock,
+    rng: RandomSource | None = None,
+    retry: RetryConfig = RETRY,
+    breaker: BreakerConfig = BREAKER,
 ) -> tuple[Engine, MemoryStore]:
     store = MemoryStore(rng=seeded_random(3))
-    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, breaker=BREAKER)
+    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, breaker=breaker)
     engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=rng or seeded_random(7), store=store)
     return engine, store
 
 
-def open_all(store: MemoryStore, clock: FakeClock, stagger: float = 0.0) -> None:
+def open_all(
+    store: MemoryStore,
+    clock: FakeClock,
+    stagger: float = 0.0,
+    breaker: BreakerConfig = BREAKER,
+    later_s: float = 0.0,
+) -> None:
     for i, key in enumerate(KEYS):
-        state = store.breaker_state("upstream:" + key, BREAKER)
-        state.force(OPEN, clock.monotonic() + i * stagger, seeded_random(0))
+        state = store.breaker_state("upstream:" + key, breaker)
+        state.force(OPEN, clock.monotonic() + later_s + i * stagger, seeded_random(0))
+
+
+async def breaker_give_up(engine: Engine, fleet: Fleet) -> Decision:
+    """One call to the service, every breaker open: the ejection bound's attempt
+    fails and its retry is refused; the give-up that ends the call."""
+    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 503
+    assert fleet.calls == 1
+    ctx: DecisionContext = response.extensions["fidelity_context"]
+    give_up = ctx.decisions[-1]
+    assert give_up.reason == "breaker_open"
+    assert give_up.details is not None
+    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
+    return give_up
 
 
 async def test_a_give_up_with_every_instance_open_carries_the_first_probe_time() -> None:
     clock = FakeClock()
     engine, store = service(clock)
     open_all(store, clock, stagger=1.0)  # open until +4, +5, +6 s
-    fleet = Fleet(clock, step=0.25)
-    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
-    async with httpx.AsyncClient(transport=transport) as client:
-        response = await client.get("http://payments/pay")
-    assert response.status_code == 503
-    assert fleet.calls == 1  # the ejection bound's attempt; its retry is refused
-    ctx: DecisionContext = response.extensions["fidelity_context"]
-    give_up = ctx.decisions[-1]
-    assert give_up.reason == "breaker_open"
+    give_up = await breaker_give_up(engine, Fleet(clock, step=0.25))
     assert give_up.details is not None
-    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
     assert give_up.details["retry_hint_s"] == pytest.approx(4.0 - 0.25)
     assert give_up.details["retry_hint_spread_s"] == pytest.approx((4.0 - 0.25) * 0.5)
 
@@ -201,23 +217,10 @@ async def test_open_breakers_kept_in_rotation_advise_their_shortest_open_time() 
     # to one of them, so the service may answer again long before 8 s.
     clock = FakeClock()
     breaker = BreakerConfig(open_s=30.0, open_min_s=0.5, open_jitter=0.0, min_calls=100)
-    store = MemoryStore(rng=seeded_random(3))
-    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=NO_SPREAD, breaker=breaker)
-    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=store)
-    for key in KEYS:
-        state = store.breaker_state("upstream:" + key, breaker)
-        state.force(OPEN, clock.monotonic() + 7.5, seeded_random(0))
-    fleet = Fleet(clock, step=0.25)
-    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
-    async with httpx.AsyncClient(transport=transport) as client:
-        response = await client.get("http://payments/pay")
-    assert response.status_code == 503
-    assert fleet.calls == 1  # the ejection bound's attempt; its retry is refused
-    ctx: DecisionContext = response.extensions["fidelity_context"]
-    give_up = ctx.decisions[-1]
-    assert give_up.reason == "breaker_open"
+    engine, store = service(clock, retry=NO_SPREAD, breaker=breaker)
+    open_all(store, clock, breaker=breaker, later_s=7.5)  # open until about +8 s
+    give_up = await breaker_give_up(engine, Fleet(clock, step=0.25))
     assert give_up.details is not None
-    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
     assert give_up.details["retry_hint_s"] == pytest.approx(0.5)  # not the breakers' ~7.75 s
 
 
