@@ -357,7 +357,7 @@ async def test_a_lagging_loop_lets_one_more_request_in_per_turn(
     assert limiter.pacing is (busy_s > 0)
     first = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
     await svc.in_flight(22)
-    await asyncio.sleep(0.002)  # past the first one's pacing turn
+    clock.advance(0.002)  # past the first one's pacing turn (PACE_S)
     batch = [asyncio.create_task(_raw_get(svc.mw, "/w?hold=1")) for _ in range(3)]
     await asyncio.sleep(0)  # the batch's turn
     if busy_s:
@@ -366,7 +366,11 @@ async def test_a_lagging_loop_lets_one_more_request_in_per_turn(
         assert [status for status, _ctx in shed] == [503, 503]
         for _status, ctx in shed:
             assert [d.reason for d in concurrency_decisions(ctx)] == ["paced"]
-        await asyncio.sleep(0.002)  # the pacing turn: a loop turn and at least PACE_S
+        await asyncio.sleep(0)  # a loop turn later...
+        clock.advance(0.0005)  # ...but within PACE_S of the admission
+        early = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        assert (await early)[0] == 503
+        clock.advance(0.0006)
         late = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
         await svc.in_flight(24)
         assert limiter.in_flight == 3

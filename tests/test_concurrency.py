@@ -8,6 +8,7 @@ from fidelity_mw.decide.concurrency import (
     AT_LIMIT,
     CRITICAL,
     DEFAULT,
+    PACE_S,
     PACED,
     PRIORITY_SHARE,
     SHEDDABLE,
@@ -272,6 +273,24 @@ def test_a_lagging_event_loop_admits_one_more_request_per_turn() -> None:
     lim.new_turn()
     assert lim.try_acquire(CRITICAL).admitted
     assert lim.in_flight == 3
+
+
+def test_paced_admissions_are_pace_s_apart_by_the_callers_clock() -> None:
+    """A loop turn is not enough when it came within PACE_S of the last admission
+    (requests let in that close together, with alike awaits, wake together)."""
+    lim = _lagging(0.006)
+    assert lim.try_acquire(CRITICAL, now=1.0).admitted
+    lim.new_turn()
+    early = lim.try_acquire(CRITICAL, now=1.0 + PACE_S / 2)
+    assert (early.admitted, early.reason) == (False, PACED)
+    assert lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.01).admitted
+    lim.new_turn()
+    assert not lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.5).admitted
+    lim.release(0.01, lag_s=0.006)
+    lim.release(0.01, lag_s=0.006)
+    assert lim.in_flight == 0
+    # nothing in flight: no batch to stagger, whatever the clock says
+    assert lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.6).admitted
 
 
 def test_pacing_lets_the_first_request_into_an_idle_route() -> None:

@@ -19,15 +19,18 @@ priority first, then in arrival order.
 Pacing (adaptive only): while the event loop is the bottleneck (its lag, as
 reported to `release`, lately reached half the route's latency floor), a
 route with a request in flight admits at most one more per pacing turn: at
-least one turn of the loop and `PACE_S` (the caller says when a turn ends:
-`new_turn`). On one event loop, requests let in together do not run together:
+least one turn of the loop (the caller says when a turn ends: `new_turn`) and
+`PACE_S` since the last admission (by the `now` the caller passes). On one
+event loop, requests let in together do not run together:
 they wait out their awaits side by side and then queue for the CPU one behind
 the other, so the last of a batch pays for the whole batch, and the core idles
 through the await they all began at once. Staggered, each one's await overlaps
 another's CPU work. Why `PACE_S` and not just a loop turn: uvloop's timers
 have millisecond resolution, so requests let in within the same millisecond
 whose awaits are alike wake in the same turn and run back to back, with no
-chance for the loop to read the requests waiting meanwhile.
+chance for the loop to read the requests waiting meanwhile. (The time is
+checked here, not left to a timer: uvloop's clock is read once per loop turn,
+so a 1 ms timer set just after a long CPU step is already due.)
 
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
@@ -178,6 +181,7 @@ class ConcurrencyLimiter:
     """In-flight count, the limit (fixed or adaptive) and the waiters of one route."""
 
     __slots__ = (
+        "_admitted_at",
         "_lag_peak",
         "_seq",
         "_waiters",
@@ -192,6 +196,7 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self.estimate = GradientEstimate(spec) if spec.adaptive else None
         self.admitted_in_turn = 0  # since the caller last called `new_turn`
+        self._admitted_at = -math.inf  # the `now` of the last admission
         # The event loop's recent lag: the latest report, or an earlier, larger one
         # fading by LAG_FADE per report.
         self._lag_peak = 0.0
@@ -226,18 +231,28 @@ class ConcurrencyLimiter:
         )
 
     def new_turn(self) -> None:
-        """A pacing turn ended (at least one turn of the loop and PACE_S): pacing
-        admits again."""
+        """The caller's event loop went round once since an admission."""
         self.admitted_in_turn = 0
 
-    def try_acquire(self, priority: str = DEFAULT) -> Admission:
-        """Admit one request now, or say why not (it takes no slot when refused)."""
+    def try_acquire(self, priority: str = DEFAULT, now: float | None = None) -> Admission:
+        """Admit one request now, or say why not (it takes no slot when refused).
+
+        `now` (the caller's clock) spaces paced admissions by PACE_S; without it,
+        pacing goes by loop turns alone."""
         limit = self.limit
         if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
-            if self.admitted_in_turn and self.in_flight and self.pacing:
+            if (
+                self.in_flight
+                and (
+                    self.admitted_in_turn or (now is not None and now - self._admitted_at < PACE_S)
+                )
+                and self.pacing
+            ):
                 return Admission(False, PACED, self.in_flight, limit)
             self.in_flight += 1
             self.admitted_in_turn += 1
+            if now is not None:
+                self._admitted_at = now
             return Admission(True, UNDER_LIMIT, self.in_flight, limit)
         reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
         return Admission(False, reason, self.in_flight, limit)

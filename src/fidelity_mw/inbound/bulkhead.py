@@ -24,7 +24,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.concurrency import PACE_S, PRIORITIES, ConcurrencyLimiter
+from ..decide.concurrency import PRIORITIES, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
@@ -64,12 +64,12 @@ class Bulkheads:
         """Take a slot now (None), refuse (a Rejection), or True: wait in the queue."""
         limiter = plan.bulkhead
         assert limiter is not None
-        admission = limiter.try_acquire(priority)
+        admission = limiter.try_acquire(priority, now)
         if admission.admitted:
             if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
                 # The turn ends once the loop has run what is ready now (this
-                # request's batch of arrivals among it) and PACE_S has passed.
-                asyncio.get_running_loop().call_later(PACE_S, limiter.new_turn)
+                # request's batch of arrivals among it); PACE_S is the limiter's.
+                asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
             return None
         if limiter.can_queue():
