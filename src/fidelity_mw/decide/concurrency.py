@@ -17,7 +17,7 @@ use the whole limit. Waiters (an optional short queue) are woken highest
 priority first, then in arrival order.
 
 Pacing (adaptive only): while the event loop is the bottleneck (its lag, as
-reported to `release`, lately reached half the route's latency floor), a
+reported to `release`, lately reached a quarter of the route's latency floor), a
 route with a request in flight admits at most one more per pacing turn: at
 least one turn of the loop (the caller says when a turn ends: `new_turn`) and
 `PACE_S` since the last admission (by the `now` the caller passes). On one
@@ -227,7 +227,7 @@ class ConcurrencyLimiter:
         return (
             estimate is not None
             and estimate.baseline_s > 0.0
-            and 2.0 * self._lag_peak >= estimate.baseline_s
+            and 4.0 * self._lag_peak >= estimate.baseline_s
         )
 
     def new_turn(self) -> None:
