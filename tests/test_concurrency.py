@@ -264,14 +264,14 @@ def test_a_lagging_event_loop_admits_one_more_request_per_turn() -> None:
     for its CPU, so a route with one in flight takes one more per turn, at its limit."""
     lim = _lagging(0.006)
     assert lim.pacing
-    assert lim.try_acquire(CRITICAL).admitted
-    refused = lim.try_acquire(CRITICAL)
+    assert lim.try_acquire(DEFAULT).admitted
+    refused = lim.try_acquire(DEFAULT)
     assert (refused.admitted, refused.reason, refused.in_flight) == (False, PACED, 1)
     lim.new_turn()
     assert lim.try_acquire(DEFAULT).admitted
-    assert not lim.try_acquire(CRITICAL).admitted
+    assert not lim.try_acquire(DEFAULT).admitted
     lim.new_turn()
-    assert lim.try_acquire(CRITICAL).admitted
+    assert lim.try_acquire(DEFAULT).admitted
     assert lim.in_flight == 3
 
 
@@ -279,18 +279,30 @@ def test_paced_admissions_are_pace_s_apart_by_the_callers_clock() -> None:
     """A loop turn is not enough when it came within PACE_S of the last admission
     (requests let in that close together, with alike awaits, wake together)."""
     lim = _lagging(0.006)
-    assert lim.try_acquire(CRITICAL, now=1.0).admitted
+    assert lim.try_acquire(DEFAULT, now=1.0).admitted
     lim.new_turn()
-    early = lim.try_acquire(CRITICAL, now=1.0 + PACE_S / 2)
+    early = lim.try_acquire(DEFAULT, now=1.0 + PACE_S / 2)
     assert (early.admitted, early.reason) == (False, PACED)
-    assert lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.01).admitted
+    assert lim.try_acquire(DEFAULT, now=1.0 + PACE_S * 1.01).admitted
     lim.new_turn()
-    assert not lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.5).admitted
+    assert not lim.try_acquire(DEFAULT, now=1.0 + PACE_S * 1.5).admitted
     lim.release(0.01, lag_s=0.006)
     lim.release(0.01, lag_s=0.006)
     assert lim.in_flight == 0
     # nothing in flight: no batch to stagger, whatever the clock says
-    assert lim.try_acquire(CRITICAL, now=1.0 + PACE_S * 1.6).admitted
+    assert lim.try_acquire(DEFAULT, now=1.0 + PACE_S * 1.6).admitted
+
+
+def test_critical_requests_are_never_paced() -> None:
+    """Pacing must not shed the class that may fill the whole limit, nor hand the
+    turn's one admission to a lower class ahead of it."""
+    lim = _lagging(0.006)
+    assert lim.try_acquire(SHEDDABLE, now=1.0).admitted
+    assert lim.pacing
+    assert not lim.try_acquire(DEFAULT, now=1.0).admitted
+    assert lim.try_acquire(CRITICAL, now=1.0).admitted
+    assert lim.try_acquire(CRITICAL, now=1.0).admitted
+    assert lim.in_flight == 3
 
 
 def test_pacing_lets_the_first_request_into_an_idle_route() -> None:

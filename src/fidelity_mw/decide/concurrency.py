@@ -30,7 +30,10 @@ have millisecond resolution, so requests let in within the same millisecond
 whose awaits are alike wake in the same turn and run back to back, with no
 chance for the loop to read the requests waiting meanwhile. (The time is
 checked here, not left to a timer: uvloop's clock is read once per loop turn,
-so a 1 ms timer set just after a long CPU step is already due.)
+so a 1 ms timer set just after a long CPU step is already due.) Critical
+requests are never paced: pacing trades a little goodput for latency, and must
+neither shed the class allowed the whole limit nor let a lower class take its
+turn.
 
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
@@ -243,6 +246,7 @@ class ConcurrencyLimiter:
         if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
             if (
                 self.in_flight
+                and priority != CRITICAL
                 and (
                     self.admitted_in_turn or (now is not None and now - self._admitted_at < PACE_S)
                 )
