@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 from ..context import (
     ALLOW,
@@ -127,6 +128,32 @@ class Admission:
             "state-unavailable",
         )
         return 503, [(b"retry-after", b"1")], body
+
+
+_ALLOWED = operator.itemgetter(0)  # LimitVerdict.allowed, read in C
+
+
+def admission_shape(
+    ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None
+) -> tuple[object, ...] | None:
+    """A key equal for two requests whose `admission_decisions`, built now, would have
+    the same layers, verdicts, reasons, sources and state ages (all a summary reads),
+    without building them; None when the state had an age (it varies per request).
+    Kept beside `admission_decisions`: it reads the facts that function branches on."""
+    deadline = None if ctx.deadline_at is None else ctx.deadline_from_caller
+    if result is None:
+        return (plan, deadline)
+    if result.age_s:
+        return None
+    gate = result.gate
+    return (
+        plan,
+        deadline,
+        result.source,
+        None if gate is None else gate.verdict,
+        None if gate is None else gate.state,
+        tuple(map(_ALLOWED, result.limits)),
+    )
 
 
 def admission_decisions(
