@@ -118,4 +118,3 @@ def summary_of(ctx: DecisionContext) -> Summary:
             _BY_FACTS.clear()
         _BY_FACTS[key] = summary
     return summary
-
