@@ -97,6 +97,8 @@ def summarize(decisions: Sequence[Decision]) -> Summary:
     return summary
 
 
+# keyed by route plan among the facts: as many as the plans the engines keep
+_MAX_BY_FACTS: Final = 4096
 _BY_FACTS: dict[tuple[object, ...], Summary] = {}
 
 
@@ -114,7 +116,7 @@ def summary_of(ctx: DecisionContext) -> Summary:
     summary = _BY_FACTS.get(key)
     if summary is None:
         summary = summarize(ctx.decisions)
-        if len(_BY_FACTS) >= _MAX_SHAPES:
+        if len(_BY_FACTS) >= _MAX_BY_FACTS:
             _BY_FACTS.clear()
         _BY_FACTS[key] = summary
     return summary
