@@ -413,10 +413,10 @@ def report(
         lines.append(
             "- the middleware alone (`--working-set`): "
             + "; ".join(parts)
-            + ". Inside SDK work that never touches the request (spans on another "
-            "provider, never current) it costs what it costs inside the instrumented one: "
-            "the same code runs slower in a request with a larger working set, not "
-            "because of the instrumentation's context or wrappers."
+            + ". The SDK work never touches the request (spans on another provider, never "
+            "made current): where the middleware costs as much there as inside the "
+            "instrumented request, the extra cost over a bare route is the request's larger "
+            "working set, not the instrumentation's context or wrappers."
         )
     if all(name in samples for name, _, _ in ABLATION):
         lines += ["", "Telemetry piece by piece (`--ablation`, median of paired differences):", ""]
