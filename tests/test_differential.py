@@ -449,19 +449,17 @@ def _python_gcra_one_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 def _python_refund_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         local_module,
-        "gcra_refund",
-        lambda tat, admitted, now, interval, cost, refunded=0.0: tat - cost * interval,
+        "refund_seconds",
+        lambda admitted, now, interval, cost, refunded=0.0: cost * interval,
     )
 
 
 def _python_refund_ignores_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = local_module.gcra_refund
+    real = local_module.refund_seconds
     monkeypatch.setattr(
         local_module,
-        "gcra_refund",
-        lambda tat, admitted, now, interval, cost, refunded=0.0: real(
-            tat, admitted, now, interval, cost
-        ),
+        "refund_seconds",
+        lambda admitted, now, interval, cost, refunded=0.0: real(admitted, now, interval, cost),
     )
 
 

@@ -115,6 +115,8 @@ class RoutePlan:
                 lim.burst_size * lim.emission_interval_s,
                 lim.cost,
                 lim.shadow,
+                # retry credit comes from refunds of requests the service failed
+                lim.retry_credit_s if lim.charge == "served" else 0.0,
             )
             for lim in limits
         )
