@@ -77,8 +77,8 @@ def refund_seconds(
     than the request took: giving back units that had already refilled would
     admit more than rate x t + burst. `None` (admission unknown) gives back
     all of them. The caller lowers the TAT by the result and adds it to the
-    key's `refunded_s`; what falls short of `cost * interval_s` may become
-    retry credit (`earn_credit`).
+    key's `refunded_s` (and may credit the key with the request's cost,
+    `earn_credit`).
     """
     back = cost * interval_s
     if admitted_tat is not None:
@@ -118,38 +118,41 @@ def marker(tat: float, refunded_s: float) -> float:
 
 # ------------------------------------------------------------------ retry credit
 #
-# A refund gives back only what is still outstanding: for a client whose bucket
-# was (nearly) full, the units of a request that failed upstream had refilled
-# before the failure was known, so its retry would pay a second time. The
-# shortfall becomes credit on the key instead, bounded and short-lived: at most
-# a burst's worth (`tolerance_s`), gone `window_s` after the last refund that
-# earned some. Credit is spent only by an admission that GCRA alone would
-# refuse, and leaves the TAT as it was. So over any window the key admits at
-# most rate x t + burst units, plus the units credited by refunds (each one
-# short of what its request took) made while the credit was alive.
+# A refund gives back to the bucket only what is still outstanding, and what it
+# gives back is worth something only until the bucket is full again: a client
+# whose bucket was (nearly) full when its request failed upstream has lost it
+# to the refill by the time its retry arrives (a retry waits out Retry-After or
+# a backoff; the failures of one fault then come back together), so the retry
+# pays a second time and the retries of a fault can meet 429s. So each refund
+# also credits the key with its request's cost: spendable only by an admission
+# that GCRA alone would refuse (the retry that found the bucket empty), never
+# more than one burst at a time, gone `window_s` after the last refund that
+# earned some. A credit admission leaves the TAT as it was. Over any window the
+# key admits at most rate x t + burst units (net of refunds) plus the units
+# credited by the refunds that kept the credit alive in that window.
 
 
 def earn_credit(
     credit_s: float,
     expires_at: float,
-    shortfall_s: float,
+    units_s: float,
     now: float,
     interval_s: float,
     tolerance_s: float,
     window_s: float,
 ) -> tuple[float, float]:
-    """The key's (credit_s, expires_at) after a refund that gave back `shortfall_s`
-    seconds less than its request took (`cost * interval_s - refund_seconds(...)`).
+    """The key's (credit_s, expires_at) after a refund of a request that took `units_s`
+    (its `cost * interval_s`).
 
-    Nothing changes when credit is off (`window_s` 0) or the shortfall is float
-    noise. Credit that had expired starts again from 0; the sum is capped at
-    `tolerance_s` (one burst) and expires `window_s` after this refund.
+    Nothing changes when credit is off (`window_s` 0). Credit that had expired
+    starts again from 0; the sum is capped at `tolerance_s` (one burst) and
+    expires `window_s` after this refund. `interval_s` is for the float slack.
     """
-    if window_s <= 0.0 or shortfall_s <= _SLACK * interval_s:
+    if window_s <= 0.0 or units_s <= _SLACK * interval_s:
         return credit_s, expires_at
     if expires_at <= now:
         credit_s = 0.0
-    credit_s += shortfall_s
+    credit_s += units_s
     if credit_s > tolerance_s:
         credit_s = tolerance_s
     return credit_s, now + window_s

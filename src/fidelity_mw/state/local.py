@@ -165,14 +165,14 @@ class GcraTable:
             for key in list(credits)[: len(credits) - (self.max_keys * 3) // 4]:
                 del credits[key]
 
-    def earn(self, key: str, spec: LimitSpec, given_s: float, now: float) -> None:
-        """Credit the shortfall of a refund that gave back `given_s` (`earn_credit`)."""
+    def earn(self, key: str, spec: LimitSpec, now: float) -> None:
+        """Credit the key with one refunded request of `spec` (`decide.gcra.earn_credit`)."""
         credits = self.credits
         held = credits.get(key)
         credit, expires = held if held is not None else (0.0, 0.0)
-        shortfall = spec.cost * spec.interval_s - given_s
+        units = spec.cost * spec.interval_s
         got = earn_credit(
-            credit, expires, shortfall, now, spec.interval_s, spec.tolerance_s, spec.credit_s
+            credit, expires, units, now, spec.interval_s, spec.tolerance_s, spec.credit_s
         )
         if got != (credit, expires):
             if held is None and len(credits) >= self.max_keys:
@@ -353,8 +353,8 @@ class LocalState:
         now: float,
         admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        """Give back the units `admit_now` charged (see `StateStore.refund`); what a
-        refund cannot give back becomes retry credit on limits that have it (`credit_s`)."""
+        """Give back the units `admit_now` charged (see `StateStore.refund`), and credit
+        their cost to limits with retry credit (`credit_s`, `decide.gcra.earn_credit`)."""
         with self._lock:
             table = self.limits
             tats = table.tats
@@ -377,7 +377,7 @@ class LocalState:
                         del tats[key]
                         refunded.pop(key, None)
                 if spec.credit_s > 0.0:
-                    table.earn(key, spec, give, now)
+                    table.earn(key, spec, now)
 
     def record_now(
         self,

@@ -109,14 +109,14 @@ local function refund_seconds(admitted, now, interval, cost, refunded)
   return give
 end
 
-local function earn_credit(credit, expires, shortfall, now, interval, tol, window)
-  if window <= 0 or shortfall <= SLACK * interval then
+local function earn_credit(credit, expires, units, now, interval, tol, window)
+  if window <= 0 or units <= SLACK * interval then
     return credit, expires
   end
   if expires <= now then
     credit = 0
   end
-  credit = credit + shortfall
+  credit = credit + units
   if credit > tol then
     credit = tol
   end

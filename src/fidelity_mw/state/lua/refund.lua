@@ -10,8 +10,8 @@
 -- bucket refills in order and every refund since moved them forward), so at
 -- most that minus now comes back, never more than cost * interval. The key
 -- keeps the refunded seconds (lib.lua store_tat) until tat + refunded is past.
--- What falls short of cost * interval becomes retry credit (earn_credit), which
--- keeps the key until it expires.
+-- With credit_s > 0 the request's cost also becomes retry credit (earn_credit),
+-- which keeps the key until it expires.
 -- Returns: now.
 
 local now = server_now()
@@ -32,8 +32,8 @@ for _, key in ipairs(KEYS) do
     changed = true
   end
   if window > 0 then
-    local earned, until_ = earn_credit(credit, expires, cost * interval - give, now, interval,
-      tol, window)
+    local earned, until_ = earn_credit(credit, expires, cost * interval, now, interval, tol,
+      window)
     if earned ~= credit or until_ ~= expires then
       credit, expires, changed = earned, until_, true
     end
