@@ -34,7 +34,7 @@ from fidelity_mw.decide.gcra import (
 from fidelity_mw.engine import RoutePlan
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
-from reference_model import TOKEN_TOL, RefLedger
+from reference_model import TOKEN_TOL, RefCredit, RefLedger
 
 T0 = 1_000.0
 # 5/s, burst 5 (the demo's client limit): interval 0.2 s, tolerance 1 s
@@ -241,51 +241,6 @@ class Key:
             self.window,
         )
         return give
-
-
-class RefCredit:
-    """The credit rule in exact fractions, fed with the shortfalls the refunds had."""
-
-    def __init__(self, interval: float, burst: int, window: float) -> None:
-        self.interval = Fraction(interval)
-        self.cap = burst * self.interval
-        self.window = Fraction(window)
-        self.balance = Fraction(0)
-        self.expires = Fraction(0)
-        # credit-earning refunds of the credit alive now: (time, seconds)
-        self.epoch: list[tuple[Fraction, Fraction]] = []
-        self.epochs: list[list[tuple[Fraction, Fraction]]] = []
-
-    def earn(self, now: float, shortfall: Fraction) -> None:
-        t = Fraction(now)
-        if self.window <= 0 or shortfall <= Fraction(1, 1_000_000) * self.interval:
-            return
-        if self.expires <= t:
-            self.balance = Fraction(0)
-            self.epoch = []
-            self.epochs.append(self.epoch)
-        self.balance = min(self.cap, self.balance + shortfall)
-        self.expires = t + self.window
-        self.epoch.append((t, shortfall))
-
-    def answers(self, now: float, cost: int) -> set[bool]:
-        need = cost * self.interval
-        tol = TOKEN_TOL * self.interval
-        if Fraction(now) >= self.expires or self.balance < need - tol:
-            return {False}
-        return {True} if self.balance >= need + tol else {True, False}
-
-    def spend(self, cost: int) -> None:
-        self.balance -= cost * self.interval
-
-    def earned_alive(self, start: float, end: float) -> Fraction:
-        """Seconds credited by the refunds of every credit epoch alive in [start, end]."""
-        a, b = Fraction(start), Fraction(end)
-        total = Fraction(0)
-        for epoch in self.epochs:
-            if epoch and epoch[0][0] <= b and epoch[-1][0] + self.window > a:
-                total += sum(s for t, s in epoch if t <= b)
-        return total
 
 
 ops = st.lists(

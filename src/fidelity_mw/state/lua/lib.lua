@@ -477,7 +477,7 @@ local function admit_at(ARGV, a, keys, k, now)
     if not allowed and credit > 0 then
       local left = spend_credit(credit, expires, now, interval, cost)
       if left then -- admitted from retry credit: the TAT stays as it was
-        allowed, code, credit = true, 2, left
+        allowed, code, credit, retry = true, 2, left, 0
       end
     end
     if allowed then
