@@ -97,3 +97,20 @@ async def test_a_lease_keeps_the_credit(redis_url: str, redis_clock: RedisClock)
     finally:
         client.close()
         await store.aclose()
+
+
+async def test_a_refund_without_credit_still_goes_back_to_the_slice(redis_url: str) -> None:
+    """The middleware refunds another limit's 429 with `credit_s` 0 (no retry credit):
+    tiered still recognises the slice the unit came from."""
+    burst40 = LimitSpec("c", 60.0, 2400.0, 1, False, 10.0)  # slices of 10 units
+    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=60_000, **PATIENT)
+    store = TieredStore(config=config, rng=seeded_random(2))
+    try:
+        await store.admit(None, None, ["c|s"], [burst40], T0)  # waits for a lease
+        second = await store.admit(None, None, ["c|s"], [burst40], T0)
+        assert second.source == "cache"
+        held = store.slices["c|s"].tokens
+        await store.refund(["c|s"], [burst40._replace(credit_s=0.0)], "cache", T0)
+        assert store.slices["c|s"].tokens == held + 1
+    finally:
+        await store.aclose()

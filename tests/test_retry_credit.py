@@ -63,7 +63,15 @@ class Rig:
             ctx = current()
             assert ctx is not None
             self.contexts.append(ctx)
-            answer = await client.get(f"http://api.internal/{request.path_params['what']}")
+            what = request.path_params["what"]
+            if what in ("breaker", "ratelimit"):
+                # another layer refused the request after admission (an outbound breaker
+                # before sending, which the app answers; a `Depends(limit)` 429)
+                self.waiting += 1
+                await self.release.wait()
+                ctx.shed_by = what
+                return PlainTextResponse("refused", status_code=503 if what == "breaker" else 429)
+            answer = await client.get(f"http://api.internal/{what}")
             status = 200 if answer.is_success else 503
             return PlainTextResponse("done", status_code=status)
 
@@ -100,9 +108,9 @@ class Rig:
         return (await self.http.get(f"/{what}", headers=CLIENT)).status_code
 
 
-async def run(rig: Rig) -> tuple[list[int], list[int]]:
+async def run(rig: Rig, fail: str = "fail") -> tuple[list[int], list[int]]:
     """The first burst (4 of 5 fail a second later), then retries + the next burst."""
-    calls = [asyncio.ensure_future(rig.get("fail")) for _ in range(4)]
+    calls = [asyncio.ensure_future(rig.get(fail)) for _ in range(4)]
     for _ in range(100):  # until the 4 are admitted and waiting on the upstream
         if rig.waiting == 4:
             break
@@ -134,4 +142,22 @@ async def test_without_retry_credit_the_retries_are_throttled() -> None:
     rig = Rig(retry_credit_s=0.0)
     first, second = await run(rig)
     assert first == [503] * 4
+    assert second == [200] * 5 + [429] * 4
+
+
+async def test_a_request_another_layer_shed_earns_credit_too() -> None:
+    """The app answered 503 for an outbound breaker that refused its call: the service
+    failed the request as surely as an upstream 503 does."""
+    rig = Rig(retry_credit_s=10.0)
+    first, second = await run(rig, "breaker")
+    assert first == [503] * 4
+    assert second == [200] * 9
+
+
+async def test_a_429_of_another_limit_earns_no_credit() -> None:
+    """A `Depends(limit)` 429 gives the middleware's units back (one layer's refusal costs
+    no quota of another) but is the client's own doing: no credit for its retries."""
+    rig = Rig(retry_credit_s=10.0)
+    first, second = await run(rig, "ratelimit")
+    assert first == [429] * 4
     assert second == [200] * 5 + [429] * 4
