@@ -310,8 +310,9 @@ class LocalState:
                     gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
                     for key, spec in zip(limit_keys, limits, strict=True)
                 )
-                spends: dict[int, tuple[LimitVerdict, float, float]] = {}
-                if table.credits:
+                spends: dict[int, tuple[LimitVerdict, float, float]] | None = None
+                if table.credits:  # (no dict per request while no key has credit)
+                    spends = {}
                     for j, (key, spec, v) in enumerate(
                         zip(limit_keys, limits, verdicts, strict=True)
                     ):
@@ -322,6 +323,8 @@ class LocalState:
                         verdicts = tuple(
                             spends[j][0] if j in spends else v for j, v in enumerate(verdicts)
                         )
+                    else:
+                        spends = None
                 admitted = all(
                     v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
                 )
@@ -332,8 +335,9 @@ class LocalState:
                             if key not in tats:
                                 intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
-                    for j, (_, left, expires) in spends.items():
-                        _keep_credit(table.credits, limit_keys[j], left, expires)
+                    if spends is not None:
+                        for j, (_, left, expires) in spends.items():
+                            _keep_credit(table.credits, limit_keys[j], left, expires)
                     if table.refunded:
                         refunded = table.refunded
                         verdicts = tuple(
