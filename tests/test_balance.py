@@ -23,6 +23,7 @@ from fidelity_mw.decide.balance import (
     choose,
     ejected,
     ewma,
+    open_in_rotation,
 )
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.engine import Engine
@@ -89,6 +90,23 @@ def test_ejection_bound_keeps_the_nearest_to_recovery_in() -> None:
     assert {p.chosen for p in picks} == {1, 2, 3}
     assert {p.reason for p in picks if p.chosen == 1} == {PICK_BOUND}
     assert all(p.bypass == (p.chosen == 1) for p in picks)
+
+
+def test_open_instances_in_rotation_beyond_the_bound_or_in_panic() -> None:
+    closed = view()
+    shut = view(open_until=NOW + 5)
+    assert not open_in_rotation([closed, closed, closed], NOW)
+    assert not open_in_rotation([shut, closed, closed], NOW)  # ejected: within the bound of 1
+    assert open_in_rotation([shut, shut, closed], NOW)  # the bound keeps one of them in
+    assert open_in_rotation([shut, shut, shut], NOW)
+    assert open_in_rotation([shut], NOW)  # ejected, none admissible: panic uses it
+    # every open one ejected, one admissible of three: panic below a threshold of 0.5 ...
+    assert open_in_rotation([shut, shut, closed], NOW, max_ejected_ratio=1.0)
+    # ... and not below 0.3: the closed instance takes the traffic
+    assert not open_in_rotation(
+        [shut, shut, closed], NOW, panic_threshold=0.3, max_ejected_ratio=1.0
+    )
+    assert not open_in_rotation([view(open_until=NOW), closed], NOW)  # its open time is over
 
 
 def test_panic_spreads_over_all_instances() -> None:
@@ -310,6 +328,47 @@ async def test_a_retry_never_overrides_an_open_breaker() -> None:
             ctx = response.extensions["fidelity_context"]
             assert ctx.decisions[-1].reason == "breaker_open"
             assert ctx.upstream_exhausted  # callers are told not to retry either
+
+
+async def test_a_retry_may_go_around_an_open_breaker_whose_instance_answered_last() -> None:
+    """Every breaker open, the bound keeps two instances in: one answers again (the
+    fault is over there), one still fails. A retry of the failing one's 503 goes to the
+    one whose last call around its open breaker succeeded; before that call, and again
+    once it fails, a retry is refused as before."""
+    healthy, failing = KEYS[1], KEYS[2]
+    fleet = Fleet(**{KEYS[0]: 503, healthy: 200, failing: 503})
+    store = MemoryStore(rng=seeded_random(3))
+    breaker = BreakerConfig(open_s=30.0)
+    pol = service_policy(breaker=breaker, max_ejected_ratio=0.34, panic_threshold=0.0)
+    t = service_transport(fleet, pol, store)
+    # KEYS[0] open longest: the one ejected; the other two stay in rotation
+    for key, until in zip(KEYS, (2_000.0, 1_000.0, 1_000.0), strict=True):
+        store.breaker_state("upstream:" + key, breaker).force(OPEN, until, seeded_random(0))
+    calls: list[tuple[list[str], int]] = []
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(40):
+            fleet.seen.clear()
+            response = await client.get("http://payments/pay")
+            calls.append((list(fleet.seen), response.status_code))
+            if fleet.seen == [failing, healthy]:
+                ctx = response.extensions["fidelity_context"]
+                picks = [d for d in ctx.decisions if d.layer == "lb"]
+                assert [p.details["answered_around_open"] for p in picks] == [False, True]
+                assert all(p.details["breaker_known_open"] for p in picks)
+        fleet.statuses[healthy] = 503  # the fault is back there too
+        for _ in range(10):
+            fleet.seen.clear()
+            response = await client.get("http://payments/pay")
+            calls.append((list(fleet.seen), response.status_code))
+            assert response.status_code == 503
+    assert all(KEYS[0] not in seen for seen, _ in calls)  # ejected throughout
+    first_ok = next(i for i, (seen, _) in enumerate(calls) if seen == [healthy])
+    before, after, again = calls[:first_ok], calls[first_ok:40], calls[40:]
+    assert all(seen == [failing] and status == 503 for seen, status in before)  # refused
+    assert all(status == 200 for _, status in after)  # every call of the healthy phase
+    assert ([failing, healthy], 200) in after  # a retry around the open breaker
+    # once its call around the breaker failed, no retry goes around it any more
+    assert all(len(seen) == 1 for seen, _ in again[1:])
 
 
 async def test_an_ejected_instance_is_readmitted_when_its_probe_succeeds() -> None:
