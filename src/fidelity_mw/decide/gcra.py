@@ -2,8 +2,12 @@
 
 A limit of `rate` with bucket size `burst` admits at most rate*t + burst units
 over any interval of length t, and rejects a request only when admitting it
-would break that bound (it is an exact token bucket). Nothing here knows about
-storage: the state stores keep the TAT and call `gcra`.
+would break that bound (it is an exact token bucket). Refunds (`refund_seconds`,
+`marker`) give back units still outstanding; retry credit (`earn_credit`,
+`spend_credit`, `credit_verdict`) lets the retries of refunded requests past a
+bucket that refilled meanwhile, within a documented bound. Nothing here knows
+about storage: the state stores keep the TAT, the refunded seconds and the
+credit, and call these.
 """
 
 from __future__ import annotations
