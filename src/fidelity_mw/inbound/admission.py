@@ -195,7 +195,9 @@ def admission_decisions(
     for spec, verdict in zip(plan.specs, result.limits, strict=False):
         if verdict.allowed:
             details = {"remaining": verdict.remaining, **fleet}
-            allowed = (LAYER_RATELIMIT, spec.name, ALLOW, "under_limit", source, age, now, details)
+            # (admitted from the retry credit of refunds: the bucket alone would refuse it)
+            why = "retry_credit" if verdict.credit else "under_limit"
+            allowed = (LAYER_RATELIMIT, spec.name, ALLOW, why, source, age, now, details)
             append(_record(Decision, allowed))
         elif spec.shadow:
             append(
