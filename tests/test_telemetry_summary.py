@@ -105,15 +105,20 @@ def test_request_counts_by_shape_reach_the_counters_across_inline_flushes() -> N
 
 
 def _facts_context(
-    engine: Engine, deadline: str | None, gate: Gate | None, allowed: tuple[bool, ...], source: str
+    engine: Engine, deadline: str | None, gate: Gate | None, limits: str, source: str
 ) -> tuple[DecisionContext, InboundResult]:
+    """`limits`: one letter per limit's verdict: a(llowed), c(redit: allowed from the
+    retry credit), r(efused)."""
     plan = engine.plan_for({"type": "http", "method": "GET", "path": "/a"})
     ctx = DecisionContext(engine, plan.route, "GET", 10.0)
     if deadline is not None:
         ctx.deadline_at = 12.5
         ctx.deadline_from_caller = deadline == "caller"
-    limits = tuple(LimitVerdict(ok, 0.0, 3 if ok else 0, 1.0, 0.0 if ok else 0.5) for ok in allowed)
-    result = InboundResult(gate, limits, True, source, 0.0)
+    verdicts = tuple(
+        LimitVerdict(v != "r", 0.0, 0 if v == "r" else 3, 1.0, 0.5 if v == "r" else 0.0, v == "c")
+        for v in limits
+    )
+    result = InboundResult(gate, verdicts, True, source, 0.0)
     ctx._pending = (admission_decisions, plan, result, 10.0)
     return ctx, result
 
@@ -140,7 +145,7 @@ def test_the_summary_of_pending_facts_is_the_summary_of_the_records_they_build()
     for deadline, gate, allowed, source in itertools.product(
         (None, "route", "caller"),
         gates,
-        ((True, True), (True, False), (False, True), (False, False), ()),
+        ("aa", "ar", "ra", "rr", "ca", "ac", "cr", ""),
         ("memory", "redis"),
     ):
         for attempt in range(2):  # the second: from the cache
@@ -157,17 +162,18 @@ def test_the_summary_of_pending_facts_is_the_summary_of_the_records_they_build()
             )
             assert fast.counter_keys == built.counter_keys
         seen.add(fast.packed)
-    assert len(seen) > 40  # the combinations really differ
+    assert len(seen) > 60  # the combinations really differ
+    assert any("retry_credit" in packed for packed in seen)
 
 
 def test_facts_with_a_state_age_or_records_already_made_are_summarised_from_records() -> None:
     engine = Engine(Policy(rate_limits=[RateLimit(name="hard", rate="10/s")]))
-    ctx, result = _facts_context(engine, "caller", None, (True,), "redis")
+    ctx, result = _facts_context(engine, "caller", None, "a", "redis")
     ctx._pending = (admission_decisions, ctx._pending[1], result._replace(age_s=1.5), 10.0)
     assert summary_of(ctx).packed.endswith("ratelimit/allow/under_limit@redis+1500ms")
     assert ctx._pending is None  # built: an age is not a shape
     # A decision taken before the admission's (a bulkhead's wait) comes first.
-    ctx, _result = _facts_context(engine, None, None, (True,), "memory")
+    ctx, _result = _facts_context(engine, None, None, "a", "memory")
     ctx._decisions.append(Decision("concurrency", "/a", "queued", "waited", "memory"))
     assert summary_of(ctx).packed == (
         "concurrency/queued/waited@memory ratelimit/allow/under_limit@memory"

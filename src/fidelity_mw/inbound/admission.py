@@ -130,7 +130,9 @@ class Admission:
         return 503, [(b"retry-after", b"1")], body
 
 
-_ALLOWED = operator.itemgetter(0)  # LimitVerdict.allowed, read in C
+# what `admission_decisions` reads of each limit's verdict to choose its verdict and
+# reason, read in C
+_VERDICT_SHAPE = operator.attrgetter("allowed", "credit")
 
 
 def admission_shape(
@@ -152,14 +154,15 @@ def admission_shape(
         result.source,
         None if gate is None else gate.verdict,
         None if gate is None else gate.state,
-        tuple(map(_ALLOWED, result.limits)),
+        tuple(map(_VERDICT_SHAPE, result.limits)),
     )
 
 
 def admission_decisions(
     ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, now: float
 ) -> None:
-    """Build the deadline, breaker and limiter decision records from the facts."""
+    """Build the deadline, breaker and limiter decision records from the facts.
+    (A fact this reads to choose a verdict or reason belongs in `admission_shape`.)"""
     append = ctx._decisions.append
     if ctx.deadline_at is not None:
         remaining = ctx.deadline_at - now
