@@ -23,6 +23,7 @@ from fidelity_mw.decide.balance import (
     choose,
     ejected,
     ewma,
+    open_in_rotation,
 )
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.engine import Engine
@@ -89,6 +90,23 @@ def test_ejection_bound_keeps_the_nearest_to_recovery_in() -> None:
     assert {p.chosen for p in picks} == {1, 2, 3}
     assert {p.reason for p in picks if p.chosen == 1} == {PICK_BOUND}
     assert all(p.bypass == (p.chosen == 1) for p in picks)
+
+
+def test_open_instances_in_rotation_beyond_the_bound_or_in_panic() -> None:
+    closed = view()
+    shut = view(open_until=NOW + 5)
+    assert not open_in_rotation([closed, closed, closed], NOW)
+    assert not open_in_rotation([shut, closed, closed], NOW)  # ejected: within the bound of 1
+    assert open_in_rotation([shut, shut, closed], NOW)  # the bound keeps one of them in
+    assert open_in_rotation([shut, shut, shut], NOW)
+    assert open_in_rotation([shut], NOW)  # ejected, none admissible: panic uses it
+    # every open one ejected, one admissible of three: panic below a threshold of 0.5 ...
+    assert open_in_rotation([shut, shut, closed], NOW, max_ejected_ratio=1.0)
+    # ... and not below 0.3: the closed instance takes the traffic
+    assert not open_in_rotation(
+        [shut, shut, closed], NOW, panic_threshold=0.3, max_ejected_ratio=1.0
+    )
+    assert not open_in_rotation([view(open_until=NOW), closed], NOW)  # its open time is over
 
 
 def test_panic_spreads_over_all_instances() -> None:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport, current
-from fidelity_mw.context import DecisionContext
+from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.decide.specs import RandomSource
 from fidelity_mw.engine import Engine
@@ -56,6 +56,21 @@ def test_one_instance_not_known_open_means_no_wait_from_the_breakers() -> None:
     assert retry_hint(NOW, instances_open_until=[NOW + 3.0, 0.0, NOW + 7.0]) is None
     assert retry_hint(NOW, instances_open_until=[NOW + 3.0, NOW - 0.1]) is None
     assert retry_hint(NOW, instances_open_until=[]) is None
+
+
+def test_open_instances_still_in_rotation_cap_the_instances_wait() -> None:
+    opens = [NOW + 3.0, NOW + 5.0]
+    assert retry_hint(NOW, instances_open_until=opens, instances_wait_cap_s=0.5) == RetryHint(
+        0.5, FROM_INSTANCES
+    )
+    assert retry_hint(NOW, instances_open_until=opens, instances_wait_cap_s=9.0) == RetryHint(
+        3.0, FROM_INSTANCES
+    )
+    # the cap is the instances' own: a longer wait the upstream asked for still wins
+    hint = retry_hint(
+        NOW, instances_open_until=opens, instances_wait_cap_s=0.5, upstream_retry_after_s=4.0
+    )
+    assert hint == RetryHint(4.0, FROM_UPSTREAM)
 
 
 def test_a_plain_upstream_uses_its_breaker_and_instances_take_its_place() -> None:
@@ -147,37 +162,66 @@ NO_SPREAD = RetryConfig(attempts=3, base_ms=1, max_ms=2, advice_spread=0.0, advi
 
 
 def service(
-    clock: FakeClock, rng: RandomSource | None = None, retry: RetryConfig = RETRY
+    clock: FakeClock,
+    rng: RandomSource | None = None,
+    retry: RetryConfig = RETRY,
+    breaker: BreakerConfig = BREAKER,
 ) -> tuple[Engine, MemoryStore]:
     store = MemoryStore(rng=seeded_random(3))
-    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, breaker=BREAKER)
+    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, breaker=breaker)
     engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=rng or seeded_random(7), store=store)
     return engine, store
 
 
-def open_all(store: MemoryStore, clock: FakeClock, stagger: float = 0.0) -> None:
+def open_all(
+    store: MemoryStore,
+    clock: FakeClock,
+    stagger: float = 0.0,
+    breaker: BreakerConfig = BREAKER,
+    later_s: float = 0.0,
+) -> None:
     for i, key in enumerate(KEYS):
-        state = store.breaker_state("upstream:" + key, BREAKER)
-        state.force(OPEN, clock.monotonic() + i * stagger, seeded_random(0))
+        state = store.breaker_state("upstream:" + key, breaker)
+        state.force(OPEN, clock.monotonic() + later_s + i * stagger, seeded_random(0))
+
+
+async def breaker_give_up(engine: Engine, fleet: Fleet) -> Decision:
+    """One call to the service, every breaker open: the ejection bound's attempt
+    fails and its retry is refused; the give-up that ends the call."""
+    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 503
+    assert fleet.calls == 1
+    ctx: DecisionContext = response.extensions["fidelity_context"]
+    give_up = ctx.decisions[-1]
+    assert give_up.reason == "breaker_open"
+    assert give_up.details is not None
+    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
+    return give_up
 
 
 async def test_a_give_up_with_every_instance_open_carries_the_first_probe_time() -> None:
     clock = FakeClock()
     engine, store = service(clock)
     open_all(store, clock, stagger=1.0)  # open until +4, +5, +6 s
-    fleet = Fleet(clock, step=0.25)
-    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
-    async with httpx.AsyncClient(transport=transport) as client:
-        response = await client.get("http://payments/pay")
-    assert response.status_code == 503
-    assert fleet.calls == 1  # the ejection bound's attempt; its retry is refused
-    ctx: DecisionContext = response.extensions["fidelity_context"]
-    give_up = ctx.decisions[-1]
-    assert give_up.reason == "breaker_open"
+    give_up = await breaker_give_up(engine, Fleet(clock, step=0.25))
     assert give_up.details is not None
-    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
     assert give_up.details["retry_hint_s"] == pytest.approx(4.0 - 0.25)
     assert give_up.details["retry_hint_spread_s"] == pytest.approx((4.0 - 0.25) * 0.5)
+
+
+async def test_open_breakers_kept_in_rotation_advise_their_shortest_open_time() -> None:
+    # Each breaker's open time has grown (failed probes) to about 8 s, but the
+    # ejection bound keeps two of the three in rotation: the next request is sent
+    # to one of them, so the service may answer again long before 8 s.
+    clock = FakeClock()
+    breaker = BreakerConfig(open_s=30.0, open_min_s=0.5, open_jitter=0.0, min_calls=100)
+    engine, store = service(clock, retry=NO_SPREAD, breaker=breaker)
+    open_all(store, clock, breaker=breaker, later_s=7.5)  # open until about +8 s
+    give_up = await breaker_give_up(engine, Fleet(clock, step=0.25))
+    assert give_up.details is not None
+    assert give_up.details["retry_hint_s"] == pytest.approx(0.5)  # not the breakers' ~7.75 s
 
 
 async def test_retries_spent_on_closed_breakers_carry_no_hint() -> None:
@@ -289,7 +333,7 @@ async def test_the_advised_retry_after_is_spread_over_a_window_from_the_hint() -
         wait, spread = advice.details["wait_s"], advice.details["spread_s"]
         assert isinstance(wait, float)
         assert isinstance(spread, float)
-        assert spread == pytest.approx(max(wait * 0.5, 1.0), abs=1e-3)  # the default share
+        assert spread == pytest.approx(wait * 0.5, abs=1e-3)  # the default share, no minimum
         value = int(response.headers["retry-after"])
         assert advice.details["retry_after_s"] == value
         assert math.ceil(wait) <= value <= math.ceil(wait + spread)  # never before the hint

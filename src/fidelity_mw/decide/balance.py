@@ -63,6 +63,28 @@ def ejected(views: Sequence[InstanceView], now: float, max_ejected_ratio: float)
     return set(open_ones[:bound])
 
 
+def open_in_rotation(
+    views: Sequence[InstanceView],
+    now: float,
+    *,
+    panic_threshold: float = 0.5,
+    max_ejected_ratio: float = 0.5,
+) -> bool:
+    """Whether a new request may go to an instance whose breaker is known open.
+
+    True when the ejection bound keeps an open instance in, or too few are
+    admissible and the pick spreads over all (panic): `choose` then sends
+    attempts to open instances, and how long their breakers stay open says
+    nothing about when the service answers again.
+    """
+    n_open = sum(1 for v in views if v.open_until > now)
+    if n_open == 0:
+        return False
+    out = len(ejected(views, now, max_ejected_ratio))
+    admissible = len(views) - out
+    return n_open > out or admissible == 0 or admissible < panic_threshold * len(views)
+
+
 def cost(view: InstanceView, default_latency_s: float) -> float:
     latency = view.latency_s if view.latency_s > 0.0 else default_latency_s
     return latency * (view.outstanding + 1)

@@ -42,6 +42,7 @@ def retry_hint(
     now: float,
     *,
     instances_open_until: Iterable[float] | None = None,
+    instances_wait_cap_s: float | None = None,
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
     paused_until: float = 0.0,
@@ -51,12 +52,19 @@ def retry_hint(
     A service is blocked until the first of its instances' breakers admits a
     probe (any instance not known open means no wait from the breakers);
     `breaker_wait_s` is a plain upstream's breaker (instances' breakers take its
-    place). Every wait is a condition that must pass before a new attempt can be
+    place). When open instances still take new requests (the ejection bound
+    keeps some in, or panic spreads over all: `decide.balance.open_in_rotation`),
+    the service answers again as soon as one of them does, whatever its
+    breaker's open time: the caller passes `instances_wait_cap_s` (the
+    breakers' shortest open time) and the instances' wait is at most that.
+    Every wait is a condition that must pass before a new attempt can be
     admitted or welcome, so the longest one is the answer.
     """
     waits: list[tuple[float, str]] = []
     if instances_open_until is not None:
         earliest = min((until - now for until in instances_open_until), default=0.0)
+        if instances_wait_cap_s is not None and earliest > instances_wait_cap_s:
+            earliest = instances_wait_cap_s
         if earliest > 0.0:
             waits.append((earliest, FROM_INSTANCES))
     elif breaker_wait_s is not None and breaker_wait_s > 0.0:

@@ -28,7 +28,7 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.balance import Pick
+from ..decide.balance import Pick, open_in_rotation
 from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
 from ..decide.retry import (
     ERROR_CONNECT,
@@ -112,9 +112,22 @@ def give_up(
     5xx that follows.
     """
     instances = up.instances
+    opens: list[float] | None = None
+    wait_cap: float | None = None
+    if instances is not None:
+        views = [i.view() for i in instances]
+        opens = [v.open_until for v in views]
+        if up.breaker is not None and open_in_rotation(
+            views,
+            now,
+            panic_threshold=up.cfg.panic_threshold,
+            max_ejected_ratio=up.cfg.max_ejected_ratio,
+        ):
+            wait_cap = min(up.breaker.open_s, up.breaker.open_min_s)
     hint = retry_hint(
         now,
-        instances_open_until=None if instances is None else [i.open_until for i in instances],
+        instances_open_until=opens,
+        instances_wait_cap_s=wait_cap,
         breaker_wait_s=breaker_wait_s,
         upstream_retry_after_s=upstream_retry_after_s,
         paused_until=up.paused_until,

@@ -260,9 +260,10 @@ DESCRIPTIONS: dict[str, str] = {
     "ones give up at once. Never waits past the deadline.",
     "upstream.retry.advice_spread": "The `Retry-After` we advise our caller after giving "
     "up is the known wait plus a uniform draw over a window of this share of it, so the "
-    "callers of one failure burst do not all come back in the same second (0 with "
-    "`advice_spread_min_s` 0: the wait itself).",
-    "upstream.retry.advice_spread_min_s": "The advice's spread window is at least this long.",
+    "callers of one failure burst do not all come back in the same second (0: the wait itself).",
+    "upstream.retry.advice_spread_min_s": "The advice's spread window is at least this long. "
+    "0 by default: `Retry-After` counts whole seconds, so a minimum of 1 s on a short wait "
+    "sends half of its callers back a whole second after the service could answer them.",
     "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed).',
     "upstream.retry.on_connect_error": "Retry when the connection could not be made.",
     "upstream.retry.on_read_timeout": "Retry on read timeouts and network errors after "
