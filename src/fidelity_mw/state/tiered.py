@@ -935,9 +935,13 @@ class TieredStore(StateStore):
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
                 sl.tokens = want
-            elif sl.tokens * 2 < want and (
+            elif (sl.tokens * 2 < want if sl.saturated else sl.tokens < want) and (
                 sl.blocked_until <= now or (sl.saturated and sl.retry_at <= now)
             ):
+                # A roomy key is topped up to its target at every sync (the call is
+                # made anyway): topped up only below half of it, a slice could run dry
+                # before the next sync's units arrived (its round trip is long on a
+                # busy event loop) and every request meanwhile waited for a lease.
                 # A blocked saturated key is leased for here too: this call is made
                 # anyway, and the bucket may have refilled since the last lease.
                 limits.append((key, sl.spec, 0, want - sl.tokens))
