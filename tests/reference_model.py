@@ -9,6 +9,8 @@ not from the code under test. Every store (memory, Redis, tiered) is held to it
   docstring, over an exact list of timestamped outcomes.
 - `RefLedger`: the same bucket replayed over the admitted requests, a refunded
   one removed: what a limiter with refunds may hold at most.
+- `RefCredit`: the retry credit refunds earn (a request's cost each, one burst
+  at most, expiring), exact.
 - `RefBudget`: the retry budget of docs/outbound.md (retries <= ratio x requests +
   floor x window over a sliding window), over exact timestamped events.
 
@@ -131,6 +133,54 @@ class RefLedger:
 
     def refund(self, index: int) -> None:
         self.events[index][2] = False
+
+
+class RefCredit:
+    """Retry credit (docs/inbound.md): each refund credits its request's cost, at most
+    one burst in all, until `window` seconds after the last refund that earned some;
+    spent only by a request the bucket refused. In exact fractions; `epochs` keeps
+    the earning refunds of each stretch of live credit, for window bounds."""
+
+    def __init__(self, interval: float, burst: int, window: float) -> None:
+        self.interval = Fraction(interval)
+        self.cap = burst * self.interval
+        self.window = Fraction(window)
+        self.balance = Fraction(0)
+        self.expires = Fraction(0)
+        # credit-earning refunds of the credit alive now: (time, seconds)
+        self.epoch: list[tuple[Fraction, Fraction]] = []
+        self.epochs: list[list[tuple[Fraction, Fraction]]] = []
+
+    def earn(self, now: float, shortfall: Fraction) -> None:
+        t = Fraction(now)
+        if self.window <= 0 or shortfall <= Fraction(1, 1_000_000) * self.interval:
+            return
+        if self.expires <= t:
+            self.balance = Fraction(0)
+            self.epoch = []
+            self.epochs.append(self.epoch)
+        self.balance = min(self.cap, self.balance + shortfall)
+        self.expires = t + self.window
+        self.epoch.append((t, shortfall))
+
+    def answers(self, now: float, cost: int) -> set[bool]:
+        need = cost * self.interval
+        tol = TOKEN_TOL * self.interval
+        if Fraction(now) >= self.expires or self.balance < need - tol:
+            return {False}
+        return {True} if self.balance >= need + tol else {True, False}
+
+    def spend(self, cost: int) -> None:
+        self.balance -= cost * self.interval
+
+    def earned_alive(self, start: float, end: float) -> Fraction:
+        """Seconds credited by the refunds of every credit epoch alive in [start, end]."""
+        a, b = Fraction(start), Fraction(end)
+        total = Fraction(0)
+        for epoch in self.epochs:
+            if epoch and epoch[0][0] <= b and epoch[-1][0] + self.window > a:
+                total += sum(s for t, s in epoch if t <= b)
+        return total
 
 
 def close(a: float, b: float | Fraction, tol: float = 1e-6) -> bool:

@@ -330,6 +330,47 @@ async def test_a_retry_never_overrides_an_open_breaker() -> None:
             assert ctx.upstream_exhausted  # callers are told not to retry either
 
 
+async def test_a_retry_may_go_around_an_open_breaker_whose_instance_answered_last() -> None:
+    """Every breaker open, the bound keeps two instances in: one answers again (the
+    fault is over there), one still fails. A retry of the failing one's 503 goes to the
+    one whose last call around its open breaker succeeded; before that call, and again
+    once it fails, a retry is refused as before."""
+    healthy, failing = KEYS[1], KEYS[2]
+    fleet = Fleet(**{KEYS[0]: 503, healthy: 200, failing: 503})
+    store = MemoryStore(rng=seeded_random(3))
+    breaker = BreakerConfig(open_s=30.0)
+    pol = service_policy(breaker=breaker, max_ejected_ratio=0.34, panic_threshold=0.0)
+    t = service_transport(fleet, pol, store)
+    # KEYS[0] open longest: the one ejected; the other two stay in rotation
+    for key, until in zip(KEYS, (2_000.0, 1_000.0, 1_000.0), strict=True):
+        store.breaker_state("upstream:" + key, breaker).force(OPEN, until, seeded_random(0))
+    calls: list[tuple[list[str], int]] = []
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(40):
+            fleet.seen.clear()
+            response = await client.get("http://payments/pay")
+            calls.append((list(fleet.seen), response.status_code))
+            if fleet.seen == [failing, healthy]:
+                ctx = response.extensions["fidelity_context"]
+                picks = [d for d in ctx.decisions if d.layer == "lb"]
+                assert [p.details["answered_around_open"] for p in picks] == [False, True]
+                assert all(p.details["breaker_known_open"] for p in picks)
+        fleet.statuses[healthy] = 503  # the fault is back there too
+        for _ in range(10):
+            fleet.seen.clear()
+            response = await client.get("http://payments/pay")
+            calls.append((list(fleet.seen), response.status_code))
+            assert response.status_code == 503
+    assert all(KEYS[0] not in seen for seen, _ in calls)  # ejected throughout
+    first_ok = next(i for i, (seen, _) in enumerate(calls) if seen == [healthy])
+    before, after, again = calls[:first_ok], calls[first_ok:40], calls[40:]
+    assert all(seen == [failing] and status == 503 for seen, status in before)  # refused
+    assert all(status == 200 for _, status in after)  # every call of the healthy phase
+    assert ([failing, healthy], 200) in after  # a retry around the open breaker
+    # once its call around the breaker failed, no retry goes around it any more
+    assert all(len(seen) == 1 for seen, _ in again[1:])
+
+
 async def test_an_ejected_instance_is_readmitted_when_its_probe_succeeds() -> None:
     fleet = Fleet()
     clock = FakeClock()

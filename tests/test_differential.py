@@ -11,7 +11,9 @@ Redis store on a real redis-server, step by step:
   and after every step the breakers' state must be the same (state, epoch,
   open-until, failed-probe rounds, probe slots held);
 - every limit admission must be one the reference ledger (an exact token
-  bucket over the admitted requests, refunded ones removed) would make;
+  bucket over the admitted requests, refunded ones removed) would make, and
+  every admission from retry credit one the exact credit reference allows
+  (`RefCredit`: each refund credits its cost, one burst at most, expiring);
 - the tiered store, which decides on leased slices, is held to its documented
   bound instead: from a fresh bucket, never more than rate x t + burst units
   net of refunds (tests/test_differential.py::test_tiered_stays_within_its_bound).
@@ -42,7 +44,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from fidelity_mw.decide import breaker as breaker_module
@@ -56,7 +58,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import CLOCK_KEY, RedisClock, patch_scripts
-from reference_model import TOKEN_TOL, RefLedger
+from reference_model import TOKEN_TOL, RefCredit, RefLedger
 
 pytestmark = pytest.mark.redis
 
@@ -65,15 +67,15 @@ ROUTE = "route:/api"
 HOST = "upstream:h"
 BUDGET = "budget:h"
 
-# name, count, period, burst, shadow
+# name, count, period, burst, shadow, retry credit (s): short enough to expire in a sequence
 LIMITS = (
-    ("a", 2, 1.0, 3, False),
-    ("b", 1, 1.0, 2, False),
-    ("s", 1, 1.0, 1, True),
+    ("a", 2, 1.0, 3, False, 0.3),
+    ("b", 1, 1.0, 2, False, 0.0),
+    ("s", 1, 1.0, 1, True, 0.6),
 )
 SPECS = tuple(
-    LimitSpec(name, period / count, burst * period / count, 1, shadow)
-    for name, count, period, burst, shadow in LIMITS
+    LimitSpec(name, period / count, burst * period / count, 1, shadow, credit)
+    for name, count, period, burst, shadow, credit in LIMITS
 )
 
 BREAKERS = (
@@ -146,7 +148,11 @@ def _same_admit(m: InboundResult, r: InboundResult) -> None:
     assert m.admitted == r.admitted, ("admitted", m, r)
     assert len(m.limits) == len(r.limits), (m, r)
     for mv, rv in zip(m.limits, r.limits, strict=True):
-        assert (mv.allowed, mv.remaining) == (rv.allowed, rv.remaining), ("limit", m, r)
+        assert (mv.allowed, mv.credit, mv.remaining) == (rv.allowed, rv.credit, rv.remaining), (
+            "limit",
+            m,
+            r,
+        )
         assert _close(mv.reset_s, rv.reset_s), ("reset", m, r)
         assert _close(mv.retry_after_s, rv.retry_after_s), ("retry_after", m, r)
 
@@ -206,8 +212,8 @@ class Harness:
         self.u = 0.5
         self.red = RedisStore(config=config, rng=lambda: self.u)
 
-    def run(self, case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
-        self.loop.run_until_complete(_run(self, *case))
+    def run(self, case: tuple[int, float, list[tuple[Any, ...]]]) -> Sequence_:
+        return self.loop.run_until_complete(_run(self, *case))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.red.aclose())
@@ -234,6 +240,8 @@ class Sequence_:
     """What one sequence keeps beside the stores."""
 
     ledgers: dict[str, RefLedger] = field(default_factory=dict)
+    credits: dict[str, RefCredit] = field(default_factory=dict)
+    credit_admissions: int = 0
     refunded_keys: set[str] = field(default_factory=set)
     inflight: list[tuple[str, Gate, Gate]] = field(default_factory=list)
     charged: list[Charged] = field(default_factory=list)
@@ -242,9 +250,18 @@ class Sequence_:
         ledger = self.ledgers.get(key)
         if ledger is None:
             name = key.split("|")[0]
-            count, period, burst = next((c, p, b) for n, c, p, b, _ in LIMITS if n == name)
+            count, period, burst = next((c, p, b) for n, c, p, b, _, _ in LIMITS if n == name)
             ledger = self.ledgers[key] = RefLedger(count, period, burst)
         return ledger
+
+    def credit(self, key: str) -> RefCredit:
+        credit = self.credits.get(key)
+        if credit is None:
+            name = key.split("|")[0]
+            spec = next(s for s in SPECS if s.name == name)
+            burst = round(spec.tolerance_s / spec.interval_s)
+            credit = self.credits[key] = RefCredit(spec.interval_s, burst, spec.credit_s)
+        return credit
 
 
 def _from_redis(result: InboundResult) -> InboundResult:
@@ -289,6 +306,21 @@ def _check_admit(
     for key, spec, mv, rv in decided:
         ledger = seq.ledger(key)
         tokens = ledger.tokens(now)
+        credit = seq.credit(key)
+        if mv.credit:
+            # GCRA refused it; the credit the refunds earned (exact) covers it
+            assert True in credit.answers(now, spec.cost), (key, now, credit.balance)
+            if m.admitted:
+                seq.credit_admissions += 1
+                credit.spend(spec.cost)
+                entry.keys.append(key)
+                entry.specs.append(spec)
+                entry.memory_tats.append(mv.tat)
+                entry.redis_tats.append(rv.tat)
+            continue
+        if not mv.allowed:
+            # refused: the credit could not cover it either
+            assert False in credit.answers(now, spec.cost), (key, now, credit.balance)
         if mv.allowed and m.admitted:
             # the reference bucket holds the units this admission took
             assert tokens >= spec.cost - TOKEN_TOL, (key, float(tokens), now)
@@ -307,7 +339,9 @@ def _check_admit(
         seq.inflight.append((ROUTE, m.gate, r.gate))
 
 
-async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any, ...]]) -> None:
+async def _run(
+    h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any, ...]]
+) -> Sequence_:
     breaker = BREAKERS[breaker_index]
     client = h.client
     client.flushdb()
@@ -350,6 +384,8 @@ async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any
             await red.refund(entry.keys, entry.specs, "redis", now, entry.redis_tats)
             for ledger, index in entry.ledger:
                 ledger.refund(index)
+            for key, spec in zip(entry.keys, entry.specs, strict=True):
+                seq.credit(key).earn(now, Fraction(spec.cost * spec.interval_s))
             seq.refunded_keys.update(entry.keys)
         elif kind == "outbound":
             retry = step[1]
@@ -364,6 +400,7 @@ async def _run(h: Harness, breaker_index: int, u: float, ops: Sequence[tuple[Any
         if not red.up:
             raise RedisUnavailable("redis failed during the test")
         _same_breakers(memory, red, client)
+    return seq
 
 
 # ---------------------------------------------------------------- the tests
@@ -446,22 +483,40 @@ def _python_gcra_one_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(local_module, "gcra", gcra)
 
 
+def _python_credit_never_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = local_module.spend_credit
+    monkeypatch.setattr(
+        local_module,
+        "spend_credit",
+        lambda credit, expires, now, interval, cost=1: real(credit, math.inf, now, interval, cost),
+    )
+
+
+def _python_credit_not_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = local_module.earn_credit
+    monkeypatch.setattr(
+        local_module,
+        "earn_credit",
+        lambda credit, expires, units, now, interval, tol, window: real(
+            credit, expires, units, now, interval, math.inf, window
+        ),
+    )
+
+
 def _python_refund_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         local_module,
-        "gcra_refund",
-        lambda tat, admitted, now, interval, cost, refunded=0.0: tat - cost * interval,
+        "refund_seconds",
+        lambda admitted, now, interval, cost, refunded=0.0: cost * interval,
     )
 
 
 def _python_refund_ignores_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = local_module.gcra_refund
+    real = local_module.refund_seconds
     monkeypatch.setattr(
         local_module,
-        "gcra_refund",
-        lambda tat, admitted, now, interval, cost, refunded=0.0: real(
-            tat, admitted, now, interval, cost
-        ),
+        "refund_seconds",
+        lambda admitted, now, interval, cost, refunded=0.0: real(admitted, now, interval, cost),
     )
 
 
@@ -479,6 +534,8 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "py: gcra admits one unit over the burst": _python_gcra_one_extra,
     "py: refund gives back units that refilled": _python_refund_everything,
     "py: a refund ignores the seconds refunded before": _python_refund_ignores_refunded,
+    "py: retry credit never expires": _python_credit_never_expires,
+    "py: retry credit is not capped at the burst": _python_credit_not_capped,
     # Lua (the Redis store)
     "lua: every transition drops the probe slots": _lua(
         (
@@ -511,6 +568,21 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "lua: a refund ignores the seconds refunded before": _lua(
         ("local outstanding = admitted - refunded - now", "local outstanding = admitted - now")
     ),
+    "lua: an admission from credit moves the TAT": _lua(
+        (
+            "allowed, code, credit, retry = true, 2, left, 0",
+            "allowed, code, credit, retry, tat = true, 2, left, 0, tat + cost * interval",
+        )
+    ),
+    "lua: retry credit is not capped at the burst": _lua(
+        ("  if credit > tol then\n    credit = tol", "  if credit > 1e9 then\n    credit = tol")
+    ),
+    "lua: an admission from credit reported as a plain one": _lua(
+        (
+            "        allowed, code, credit, retry = true, 2, left, 0",
+            "        allowed, code, credit, retry = true, 1, left, 0",
+        )
+    ),
     "lua: budget counts a denied retry": _lua(
         ("if w.want and allowed then", "if w.want then")
     ),
@@ -533,6 +605,7 @@ def test_planted_bug_is_caught(
         report_multiple_bugs=False,
     )
     @given(case=cases)
+    @example(case=CREDIT_CASE)
     def differential(case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
         harness.run(case)
 
@@ -643,6 +716,35 @@ def test_units_leased_ahead_past_the_first_conform_one_interval_apart(
         ("sync",), ("sync",), ("admit", 0, 2), ("advance", 0.3),
     ]  # fmt: skip
     asyncio.run(_run_tiered(redis_url, ops))
+
+
+# Limit a (2/s, burst 3, credit 0.3 s): a burst of 3 whose refunds come once the units
+# refilled (the bucket gets nothing back, the key 3 units of credit), 3 more refunded at
+# once (their units come back, and the credit stays capped at the burst), a burst that
+# takes the bucket and then the credit, a credit admission refunded (its credit comes
+# back, the TAT stays), then the credit expires. Also an explicit case for every plant.
+CREDIT_CASE: tuple[int, float, list[tuple[Any, ...]]] = (
+    0,
+    0.5,
+    [
+        ("admit", False, 1, 0, 3, False),
+        ("advance", 2.5),
+        ("admit", False, 1, 0, 3, False),
+        *[("refund", 0)] * 6,
+        ("admit", False, 1, 0, 8, False),  # 3 from the bucket, 3 from credit, 2 refused
+        ("refund", 20),  # the last one admitted: from credit
+        ("admit", False, 1, 0, 2, False),  # its credit back: 1 admitted, 1 refused
+        ("advance", 0.1),
+        ("refund", 0),
+        ("advance", 1.0),  # expired
+        ("admit", False, 1, 0, 4, True),
+    ],
+)
+
+
+def test_retry_credit_earned_capped_spent_refunded_and_expired(harness: Harness) -> None:
+    seq = harness.run(CREDIT_CASE)
+    assert seq.credit_admissions == 4
 
 
 def test_a_refund_after_another_refund(harness: Harness) -> None:

@@ -483,7 +483,10 @@ def test_unknown_key_without_close_match_lists_allowed_keys() -> None:
         Policy.from_dict({"rate_limit": [{"zzzzzz": 1}]})
     message = issues_of(exc)["rate_limit[0].zzzzzz"]
     assert "did you mean" not in message
-    assert "allowed: burst, charge, cost, key, match, methods, name, rate, shadow" in message
+    assert (
+        "allowed: burst, charge, cost, key, match, methods, name, rate, retry_credit_s, shadow"
+        in message
+    )
 
 
 def test_internal_fields_are_not_keys() -> None:

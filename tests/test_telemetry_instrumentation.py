@@ -18,10 +18,12 @@ from fidelity_mw.engine import Engine
 from fidelity_mw.telemetry import Telemetry, schema
 from fidelity_mw.testing import FakeClock
 from test_telemetry_helpers import (
+    SEEN,
     Pipeline,
     RetryingFakeTransport,
     UvicornThread,
     call,
+    counter_values,
     decision_events,
     pipeline,
     routes,
@@ -186,6 +188,41 @@ async def test_asgi_instrumentation_inside(otel: Pipeline) -> None:
     assert (await call(app, "/items/1")).status_code == 429
     (span,) = otel.finished()
     assert dict(span.attributes or {})[schema.DECIDED_BY] == "ratelimit"
+
+
+async def test_allowed_requests_are_annotated_from_the_facts_each_with_its_own_values(
+    otel: Pipeline,
+) -> None:
+    """On the allowed path the span and the counters need only the summary: the
+    records stay unbuilt (the admission's facts) until somebody reads them, and
+    the attributes shared by a shape and outcome are built once, while each request
+    still gets its own outcome and client key hash."""
+    tel = spy(otel)
+    app = starlette_app()
+    policy = Policy(rate_limits=(RateLimit(name="many", rate="1000/s", burst=1000),))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), observer=tel)
+    outer = OpenTelemetryMiddleware(
+        app, tracer_provider=otel.tracer_provider, exclude_spans=NO_SEND_SPANS
+    )
+    seen = []
+    for i, (path, status) in enumerate((("/ok", 200), ("/fail", 500)) * 2):
+        assert (await call(outer, path)).status_code == status
+        ctx = SEEN["ctx"]
+        # built for the first request of a route only (to summarise them once)
+        assert (ctx._pending is not None) == (i >= 2)
+        (span,) = otel.finished()
+        otel.spans.clear()
+        attrs = dict(span.attributes or {})
+        seen.append((attrs[schema.OUTCOME], attrs[schema.ROUTE]))
+        assert attrs[schema.DECIDED_BY] == "app"
+        assert attrs[schema.CLIENT_KEY_HASH] == tel.hash_client_key("127.0.0.1")
+        assert attrs[schema.DECISIONS] == " ".join(
+            f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}" for d in ctx.decisions
+        )
+        assert [d.layer for d in ctx.decisions] == ["deadline", "breaker", "ratelimit"]
+    assert seen == [("served", "/ok"), ("failed", "/fail")] * 2
+    requests = counter_values(otel.metrics, "fidelity.requests", schema.OUTCOME, schema.ROUTE)
+    assert requests == {("served", "/ok"): 2, ("failed", "/fail"): 2}
 
 
 # ------------------------------------------------------------ FastAPI and Starlette

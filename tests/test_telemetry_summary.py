@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 from tests.test_telemetry_helpers import counter_values, metric_points, pipeline
 
-from fidelity_mw import Policy
+from fidelity_mw import Policy, RateLimit
 from fidelity_mw.context import Decision, DecisionContext
+from fidelity_mw.decide.breaker import Gate
+from fidelity_mw.decide.gcra import LimitVerdict
 from fidelity_mw.engine import Engine
+from fidelity_mw.inbound.admission import admission_decisions
+from fidelity_mw.state.base import InboundResult
 from fidelity_mw.telemetry import schema
-from fidelity_mw.telemetry.summary import summarize
+from fidelity_mw.telemetry.summary import summarize, summary_of
 
 
 def _allowed(subject: str, at: float, remaining: int) -> list[Decision]:
@@ -96,3 +102,79 @@ def test_request_counts_by_shape_reach_the_counters_across_inline_flushes() -> N
     decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
     assert decisions == {("breaker", "allow"): 1510}
     p.shutdown()
+
+
+def _facts_context(
+    engine: Engine, deadline: str | None, gate: Gate | None, limits: str, source: str
+) -> tuple[DecisionContext, InboundResult]:
+    """`limits`: one letter per limit's verdict: a(llowed), c(redit: allowed from the
+    retry credit), r(efused)."""
+    plan = engine.plan_for({"type": "http", "method": "GET", "path": "/a"})
+    ctx = DecisionContext(engine, plan.route, "GET", 10.0)
+    if deadline is not None:
+        ctx.deadline_at = 12.5
+        ctx.deadline_from_caller = deadline == "caller"
+    verdicts = tuple(
+        LimitVerdict(v != "r", 0.0, 0 if v == "r" else 3, 1.0, 0.5 if v == "r" else 0.0, v == "c")
+        for v in limits
+    )
+    result = InboundResult(gate, verdicts, True, source, 0.0)
+    ctx._pending = (admission_decisions, plan, result, 10.0)
+    return ctx, result
+
+
+def test_the_summary_of_pending_facts_is_the_summary_of_the_records_they_build() -> None:
+    """Differential: for every combination of facts, the summary looked up from the
+    facts (records never built) equals the summary of the records built from them,
+    on the first request of a shape and on the next ones."""
+    engine = Engine(
+        Policy(
+            rate_limits=[
+                RateLimit(name="hard", rate="10/s"),
+                RateLimit(name="trial", rate="1/s", shadow=True),
+            ]
+        )
+    )
+    gates = [
+        None,
+        Gate("allow", "closed", 0, 0.0),
+        Gate("probe", "half_open", 1, 0.0, 7),
+        Gate("reject", "open", 1, 2.0),
+    ]
+    seen = set()
+    for deadline, gate, allowed, source in itertools.product(
+        (None, "route", "caller"),
+        gates,
+        ("aa", "ar", "ra", "rr", "ca", "ac", "cr", ""),
+        ("memory", "redis"),
+    ):
+        for attempt in range(2):  # the second: from the cache
+            ctx, _result = _facts_context(engine, deadline, gate, allowed, source)
+            fast = summary_of(ctx)
+            assert ctx._pending is not None or attempt == 0  # built only for a new shape
+            built = summarize(ctx.decisions)
+            assert (fast.packed, fast.stale, fast.flagged, fast.plain, fast.count) == (
+                built.packed,
+                built.stale,
+                built.flagged,
+                built.plain,
+                len(ctx.decisions),
+            )
+            assert fast.counter_keys == built.counter_keys
+        seen.add(fast.packed)
+    assert len(seen) > 60  # the combinations really differ
+    assert any("retry_credit" in packed for packed in seen)
+
+
+def test_facts_with_a_state_age_or_records_already_made_are_summarised_from_records() -> None:
+    engine = Engine(Policy(rate_limits=[RateLimit(name="hard", rate="10/s")]))
+    ctx, result = _facts_context(engine, "caller", None, "a", "redis")
+    ctx._pending = (admission_decisions, ctx._pending[1], result._replace(age_s=1.5), 10.0)
+    assert summary_of(ctx).packed.endswith("ratelimit/allow/under_limit@redis+1500ms")
+    assert ctx._pending is None  # built: an age is not a shape
+    # A decision taken before the admission's (a bulkhead's wait) comes first.
+    ctx, _result = _facts_context(engine, None, None, "a", "memory")
+    ctx._decisions.append(Decision("concurrency", "/a", "queued", "waited", "memory"))
+    assert summary_of(ctx).packed == (
+        "concurrency/queued/waited@memory ratelimit/allow/under_limit@memory"
+    )

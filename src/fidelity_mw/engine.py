@@ -82,6 +82,7 @@ class RoutePlan:
         "served",
         "served_below",
         "specs",
+        "specs_without_credit",
         "timed",
     )
 
@@ -115,11 +116,15 @@ class RoutePlan:
                 lim.burst_size * lim.emission_interval_s,
                 lim.cost,
                 lim.shadow,
+                # retry credit comes from refunds of requests the service failed
+                lim.retry_credit_s if lim.charge == "served" else 0.0,
             )
             for lim in limits
         )
         # Per limit: its units come back when a fault the client did not cause answered 5xx.
         self.served = tuple(lim.charge == "served" for lim in limits)
+        # The specs for a refund that earns no retry credit (another limit's 429).
+        self.specs_without_credit = tuple(spec._replace(credit_s=0.0) for spec in self.specs)
         # There is something to ask the store (a breaker or a limit).
         self.admits = self.breaker_key is not None or bool(limits)
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).

@@ -2,8 +2,12 @@
 
 A limit of `rate` with bucket size `burst` admits at most rate*t + burst units
 over any interval of length t, and rejects a request only when admitting it
-would break that bound (it is an exact token bucket). Nothing here knows about
-storage: the state stores keep the TAT and call `gcra`.
+would break that bound (it is an exact token bucket). Refunds (`refund_seconds`,
+`marker`) give back units still outstanding; retry credit (`earn_credit`,
+`spend_credit`, `credit_verdict`) lets the retries of refunded requests past a
+bucket that refilled meanwhile, within a documented bound. Nothing here knows
+about storage: the state stores keep the TAT, the refunded seconds and the
+credit, and call these.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class LimitVerdict(NamedTuple):
     remaining: int  # whole units left in the bucket after this decision
     reset_s: float  # seconds until the bucket is full again
     retry_after_s: float  # seconds until this request would be admitted (0 if allowed)
+    # Admitted from the key's retry credit (`spend_credit`): GCRA alone refused it. Its
+    # `tat` is then the marker of a full bucket and remaining / reset_s describe the
+    # bucket, which this admission left as it was.
+    credit: bool = False
 
 
 # A NamedTuple's constructor is a Python-level function; building the tuple
@@ -43,22 +51,24 @@ def gcra(
     allow_at = new_tat - tolerance_s
     if allow_at - now > _SLACK * interval_s:
         remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
-        return _new(LimitVerdict, (False, tat, max(0, remaining), base - now, allow_at - now))
+        return _new(
+            LimitVerdict, (False, tat, max(0, remaining), base - now, allow_at - now, False)
+        )
     remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
     return _new(
-        LimitVerdict, (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0)
+        LimitVerdict,
+        (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False),
     )
 
 
-def refund(
-    tat: float,
+def refund_seconds(
     admitted_tat: float | None,
     now: float,
     interval_s: float,
     cost: int = 1,
     refunded_s: float = 0.0,
 ) -> float:
-    """The TAT after giving back one admitted request of `cost` units.
+    """The seconds a refund of one admitted request of `cost` units gives back to the TAT.
 
     `admitted_tat` is the marker its admission reported (`LimitVerdict.tat`:
     the TAT it stored plus the key's `refunded_s` then, see `marker`), and
@@ -70,14 +80,33 @@ def refund(
     giving back less. At most that much past `now` comes back, never more
     than the request took: giving back units that had already refilled would
     admit more than rate x t + burst. `None` (admission unknown) gives back
-    all of them. The caller adds what was given back (`tat` minus the result)
-    to the key's `refunded_s`. A result within float noise of `now` or
-    earlier is a full bucket.
+    all of them. The caller lowers the TAT by the result and adds it to the
+    key's `refunded_s` (and may credit the key with the request's cost,
+    `earn_credit`).
     """
     back = cost * interval_s
     if admitted_tat is not None:
-        back = min(back, max(0.0, admitted_tat - refunded_s - now))
-    return tat - back
+        outstanding = admitted_tat - refunded_s - now
+        if outstanding < 0.0:
+            outstanding = 0.0
+        if outstanding < back:
+            back = outstanding
+    return back
+
+
+def refund(
+    tat: float,
+    admitted_tat: float | None,
+    now: float,
+    interval_s: float,
+    cost: int = 1,
+    refunded_s: float = 0.0,
+) -> float:
+    """The TAT after giving back one admitted request of `cost` units (`refund_seconds`).
+
+    A result within float noise of `now` or earlier is a full bucket.
+    """
+    return tat - refund_seconds(admitted_tat, now, interval_s, cost, refunded_s)
 
 
 def marker(tat: float, refunded_s: float) -> float:
@@ -89,6 +118,77 @@ def marker(tat: float, refunded_s: float) -> float:
     is in the past and a fresh key (refunded_s 0) gives nothing back for them.
     """
     return tat + refunded_s
+
+
+# ------------------------------------------------------------------ retry credit
+#
+# A refund gives back to the bucket only what is still outstanding, and what it
+# gives back is worth something only until the bucket is full again: a client
+# whose bucket was (nearly) full when its request failed upstream has lost it
+# to the refill by the time its retry arrives (a retry waits out Retry-After or
+# a backoff; the failures of one fault then come back together), so the retry
+# pays a second time and the retries of a fault can meet 429s. So each refund
+# also credits the key with its request's cost: spendable only by an admission
+# that GCRA alone would refuse (the retry that found the bucket empty), never
+# more than one burst at a time, gone `window_s` after the last refund that
+# earned some. A credit admission leaves the TAT as it was. Over any window the
+# key admits at most rate x t + burst units (net of refunds) plus the units
+# credited by the refunds that kept the credit alive in that window.
+
+
+def earn_credit(
+    credit_s: float,
+    expires_at: float,
+    units_s: float,
+    now: float,
+    interval_s: float,
+    tolerance_s: float,
+    window_s: float,
+) -> tuple[float, float]:
+    """The key's (credit_s, expires_at) after a refund of a request that took `units_s`
+    (its `cost * interval_s`).
+
+    Nothing changes when credit is off (`window_s` 0). Credit that had expired
+    starts again from 0; the sum is capped at `tolerance_s` (one burst) and
+    expires `window_s` after this refund. `interval_s` is for the float slack.
+    """
+    if window_s <= 0.0 or units_s <= _SLACK * interval_s:
+        return credit_s, expires_at
+    if expires_at <= now:
+        credit_s = 0.0
+    credit_s += units_s
+    if credit_s > tolerance_s:
+        credit_s = tolerance_s
+    return credit_s, now + window_s
+
+
+def spend_credit(
+    credit_s: float, expires_at: float, now: float, interval_s: float, cost: int = 1
+) -> float | None:
+    """The credit left after admitting one request of `cost` units from it, or None
+    when the credit is gone or too small. Only for a request GCRA refused.
+
+    A remainder within float noise of 0 is 0 (the stores then drop the credit).
+    """
+    need = cost * interval_s
+    if expires_at <= now or credit_s - need < -_SLACK * interval_s:
+        return None
+    left = credit_s - need
+    return left if left > _SLACK * interval_s else 0.0
+
+
+def credit_verdict(refused: LimitVerdict, now: float, refunded_s: float) -> LimitVerdict:
+    """The verdict of an admission from credit, made of GCRA's refusal.
+
+    Its marker is that of a full bucket (`marker(now, refunded_s)`): its units
+    never came from the bucket, so a refund of it gives nothing back to the TAT
+    and returns its whole cost as credit (net: the credit it spent) instead of
+    minting it twice. `remaining` and `reset_s` are the bucket's, as refused.
+    """
+    return _new(
+        LimitVerdict,
+        (True, marker(now, refunded_s), refused.remaining, refused.reset_s, 0.0, True),
+    )
 
 
 def retry_after_header(seconds: float) -> str:

@@ -121,3 +121,6 @@ class LimitSpec(NamedTuple):
     tolerance_s: float  # burst x interval_s
     cost: int
     shadow: bool
+    # Retry credit: how long a refund's credit stays spendable (seconds; 0: off;
+    # `decide.gcra.earn_credit`). The policy's `retry_credit_s` under `charge = "served"`.
+    credit_s: float = 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 from ..context import (
     ALLOW,
@@ -129,10 +130,39 @@ class Admission:
         return 503, [(b"retry-after", b"1")], body
 
 
+# what `admission_decisions` reads of each limit's verdict to choose its verdict and
+# reason, read in C
+_VERDICT_SHAPE = operator.attrgetter("allowed", "credit")
+
+
+def admission_shape(
+    ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None
+) -> tuple[object, ...] | None:
+    """A key equal for two requests whose `admission_decisions`, built now, would have
+    the same layers, verdicts, reasons, sources and state ages (all a summary reads),
+    without building them; None when the state had an age (it varies per request).
+    Kept beside `admission_decisions`: it reads the facts that function branches on."""
+    deadline = None if ctx.deadline_at is None else ctx.deadline_from_caller
+    if result is None:
+        return (plan, deadline)
+    if result.age_s:
+        return None
+    gate = result.gate
+    return (
+        plan,
+        deadline,
+        result.source,
+        None if gate is None else gate.verdict,
+        None if gate is None else gate.state,
+        tuple(map(_VERDICT_SHAPE, result.limits)),
+    )
+
+
 def admission_decisions(
     ctx: DecisionContext, plan: RoutePlan, result: InboundResult | None, now: float
 ) -> None:
-    """Build the deadline, breaker and limiter decision records from the facts."""
+    """Build the deadline, breaker and limiter decision records from the facts.
+    (A fact this reads to choose a verdict or reason belongs in `admission_shape`.)"""
     append = ctx._decisions.append
     if ctx.deadline_at is not None:
         remaining = ctx.deadline_at - now
@@ -168,7 +198,9 @@ def admission_decisions(
     for spec, verdict in zip(plan.specs, result.limits, strict=False):
         if verdict.allowed:
             details = {"remaining": verdict.remaining, **fleet}
-            allowed = (LAYER_RATELIMIT, spec.name, ALLOW, "under_limit", source, age, now, details)
+            # (admitted from the retry credit of refunds: the bucket alone would refuse it)
+            why = "retry_credit" if verdict.credit else "under_limit"
+            allowed = (LAYER_RATELIMIT, spec.name, ALLOW, why, source, age, now, details)
             append(_record(Decision, allowed))
         elif spec.shadow:
             append(

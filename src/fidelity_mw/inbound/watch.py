@@ -356,9 +356,11 @@ class OutcomeRecorder:
         not count it (no second breaker on the same evidence) and the limits get their
         units back (a request rejected by one layer consumes no quota of another)."""
         ctx.decided_by = ctx.shed_by
-        ctx.outcome = OUTCOME_REJECTED if ctx.shed_by == LAYER_RATELIMIT else OUTCOME_SHED
+        limited = ctx.shed_by == LAYER_RATELIMIT
+        ctx.outcome = OUTCOME_REJECTED if limited else OUTCOME_SHED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
-        return _in_order(pending, self.refund(plan, result, keys))
+        # another limit's 429 is the client's own doing: its units come back, no retry credit
+        return _in_order(pending, self.refund(plan, result, keys, credit=not limited))
 
     def refund(
         self,
@@ -366,9 +368,11 @@ class OutcomeRecorder:
         result: InboundResult | None,
         keys: Sequence[str],
         served_only: bool = False,
+        credit: bool = True,
     ) -> Coroutine[Any, Any, Any] | None:
         """Give the admitted limits their units back (now, or as a coroutine); with
-        `served_only`, only those with `charge = "served"`."""
+        `served_only`, only those with `charge = "served"`; without `credit`, the
+        refund earns no retry credit (`RateLimit.retry_credit_s`)."""
         if result is None or not result.admitted or not keys:
             return None
         served = plan.served
@@ -380,7 +384,8 @@ class OutcomeRecorder:
         if not charged:
             return None
         charged_keys = [keys[i] for i in charged]
-        charged_specs = [plan.specs[i] for i in charged]
+        specs = plan.specs if credit else plan.specs_without_credit
+        charged_specs = [specs[i] for i in charged]
         charged_tats = [result.limits[i].tat for i in charged]  # units that refilled stay spent
         now = self.monotonic()
         refund_now = self.refund_now

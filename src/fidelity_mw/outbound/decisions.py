@@ -84,6 +84,7 @@ def lb_decision(
                 "instances": n,
                 "panic": pick.panic,
                 "breaker_known_open": pick.bypass,
+                "answered_around_open": pick.bypass and target.answered,
             },
         )
     )

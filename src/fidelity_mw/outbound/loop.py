@@ -417,6 +417,8 @@ def attempts(
                             logger.warning(_NOT_RECORDED, up.key, exc)
                     if target is not None:
                         _learned_state(target, breaker, state, ended)
+                elif not gated and target is not None and breaker is not None:  # around it
+                    target.answered = outcome == SUCCESS
                 gate = None
                 if observer is not None:
                     observe_end(observer, token, response, error)
@@ -542,9 +544,10 @@ def _gate_next(
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
-            if retry and pick.bypass:
+            if retry and pick.bypass and not target.answered:
                 # Overriding an open breaker keeps a call from being refused; a retry is
-                # optional: it goes to an instance whose breaker admits it, or not at all.
+                # optional: it goes to an instance whose breaker admits it, or to one whose
+                # last attempt around its open breaker succeeded, or not at all.
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                          SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
@@ -709,6 +712,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     if not state:
         return
     target.seen_at = now
+    target.answered = False  # its breaker admitted the call: it speaks for itself again
     # The real open time is the breaker's (it starts at open_min_s and grows with failed
     # probes): assume the shortest; when it is over the next pick asks the breaker, whose
     # rejection says how long.

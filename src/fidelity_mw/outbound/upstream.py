@@ -28,6 +28,7 @@ class Instance:
     """
 
     __slots__ = (
+        "answered",
         "breaker_key",
         "host",
         "key",
@@ -56,6 +57,9 @@ class Instance:
         self.latency_at = 0.0
         self.open_until = 0.0
         self.seen_at = 0.0
+        # The last attempt sent around its known-open breaker (ejection bound, panic)
+        # succeeded: evidence it answers again before its breaker has probed.
+        self.answered = False
 
     def view(self) -> InstanceView:
         return InstanceView(self.outstanding, self.latency_s, self.open_until, self.seen_at)

@@ -461,6 +461,7 @@ class RateLimit(_Validated):
     methods: tuple[str, ...] | None = _spec(None, _methods)
     shadow: bool = _spec(False, boolean)
     charge: Literal["served", "always"] = _spec("served", one_of(CHARGE_MODES))
+    retry_credit_s: float = _spec(10.0, number_in(0.0, 3600.0))
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -173,6 +173,11 @@ DESCRIPTIONS: dict[str, str] = {
     "failure or a control decision (breaker, retry budget, deadline) are given back, so a "
     "fault the client did not cause does not throttle it; `always`: every admitted request "
     "pays (for limits that guard the work itself, such as login attempts).",
+    "rate_limit.retry_credit_s": 'With `charge = "served"`: each refunded request also '
+    "credits the client with its cost, for its retry: the credit (at most one burst) admits "
+    "requests the bucket alone would refuse, until this many seconds after the last refund "
+    "that earned some. The default outlasts clients' usual retry waits (`Retry-After`, "
+    'backoffs of a few seconds); 0 turns it off. No effect with `charge = "always"`.',
     # [breaker]
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",

@@ -9,6 +9,9 @@ loses nothing; only if every key is still active does eviction drop those
 whose loss forgives the fewest units (counted in `evicted_active`), which can
 only make the limiter more lenient for those clients, never stricter, and
 keeps the buckets every request charges (global, per route) to the last.
+Retry credit (`decide.gcra.earn_credit`) sits in its own table of keys that
+have some, at most `max_keys` too: expired credit goes at every sweep, and
+past the bound the oldest earned goes (that only withdraws credit).
 
 Breakers and retry budgets are keyed by route and by upstream host. Hosts can
 be many (a service that calls URLs its clients supply: webhooks, link
@@ -30,8 +33,15 @@ from typing import TypeVar
 
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
-from ..decide.gcra import LimitVerdict, gcra, marker
-from ..decide.gcra import refund as gcra_refund
+from ..decide.gcra import (
+    LimitVerdict,
+    credit_verdict,
+    earn_credit,
+    gcra,
+    marker,
+    refund_seconds,
+    spend_credit,
+)
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
 from .base import InboundResult, LimitSpec
 
@@ -50,10 +60,40 @@ def _marked(refunded: dict[str, float], key: str, verdict: LimitVerdict) -> Limi
     return verdict if spent is None else verdict._replace(tat=marker(verdict.tat, spent))
 
 
+def _from_credit(
+    table: GcraTable, key: str, spec: LimitSpec, refused: LimitVerdict, now: float
+) -> tuple[LimitVerdict, float, float] | None:
+    """A refused limit admitted from the key's retry credit (`decide.gcra.spend_credit`):
+    (its verdict, the credit left, the expiry), or None. Commits nothing."""
+    held = table.credits.get(key)
+    if held is None:
+        return None
+    left = spend_credit(held[0], held[1], now, spec.interval_s, spec.cost)
+    if left is None:
+        return None
+    verdict = credit_verdict(refused, now, table.refunded.get(key, 0.0))
+    return verdict, left, held[1]
+
+
+def _keep_credit(credits: dict[str, tuple[float, float]], key: str, left: float, at: float) -> None:
+    if left > 0.0:
+        credits[key] = (left, at)
+    else:  # spent: as if there had never been any (Redis stores none either)
+        credits.pop(key, None)
+
+
 class GcraTable:
     """key -> TAT, with lossless sweeping of idle keys and least-loss eviction."""
 
-    __slots__ = ("evicted_active", "intervals", "max_keys", "next_sweep", "refunded", "tats")
+    __slots__ = (
+        "credits",
+        "evicted_active",
+        "intervals",
+        "max_keys",
+        "next_sweep",
+        "refunded",
+        "tats",
+    )
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
@@ -66,6 +106,10 @@ class GcraTable:
         # key -> seconds refunded so far (`decide.gcra.refund`), only for keys that
         # had a refund: admissions look it up only while this is not empty.
         self.refunded: dict[str, float] = {}
+        # key -> (retry credit in seconds, when it expires) (`decide.gcra.earn_credit`),
+        # only for keys that have some: only refused admissions look it up. Independent
+        # of the TAT's entry (a full bucket may hold credit), swept once expired.
+        self.credits: dict[str, tuple[float, float]] = {}
 
     def forgiven(self, key: str, now: float) -> float:
         """Units a client would get back if `key` were dropped now: its debt to the bucket."""
@@ -102,6 +146,7 @@ class GcraTable:
                 self.evicted_active += forgiven(key, now) > _FULL_SLACK
                 del tats[key]
                 refunded.pop(key, None)
+        self.sweep_credits(now)
         intervals = self.intervals
         if len(intervals) > len(tats):
             self.intervals = {k: intervals[k] for k in tats if k in intervals}
@@ -109,6 +154,31 @@ class GcraTable:
         # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
         self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
         self.next_sweep = max(self.next_sweep, len(tats) + 1)
+
+    def sweep_credits(self, now: float) -> None:
+        """Drop expired credit; past `max_keys` entries, the oldest earned go too (that
+        only withdraws credit: the limiter is never more lenient than GCRA for it)."""
+        credits = self.credits
+        for key in [k for k, (_, expires) in credits.items() if expires <= now]:
+            del credits[key]
+        if len(credits) >= self.max_keys:
+            for key in list(credits)[: len(credits) - (self.max_keys * 3) // 4]:
+                del credits[key]
+
+    def earn(self, key: str, spec: LimitSpec, now: float) -> None:
+        """Credit the key with one refunded request of `spec` (`decide.gcra.earn_credit`)."""
+        credits = self.credits
+        held = credits.get(key)
+        credit, expires = held if held is not None else (0.0, 0.0)
+        units = spec.cost * spec.interval_s
+        got = earn_credit(
+            credit, expires, units, now, spec.interval_s, spec.tolerance_s, spec.credit_s
+        )
+        if got != (credit, expires):
+            if held is None and len(credits) >= self.max_keys:
+                self.sweep_credits(now)
+            credits.pop(key, None)  # re-inserted last: the sweep drops the oldest first
+            credits[key] = got
 
 
 def _breaker_idle(state: BreakerState, now: float) -> bool:
@@ -226,6 +296,13 @@ class LocalState:
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
                     return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0, None))
+                if table.credits:
+                    credited = _from_credit(table, key, spec, verdict, now)
+                    if credited is not None:
+                        _keep_credit(table.credits, key, credited[1], credited[2])
+                        return _new(
+                            InboundResult, (gate, (credited[0],), True, "memory", 0.0, None)
+                        )
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -233,20 +310,38 @@ class LocalState:
                     gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
                     for key, spec in zip(limit_keys, limits, strict=True)
                 )
+                spends: dict[int, tuple[LimitVerdict, float, float]] | None = None
+                if table.credits:  # (no dict per request while no key has credit)
+                    spends = {}
+                    for j, (key, spec, v) in enumerate(
+                        zip(limit_keys, limits, verdicts, strict=True)
+                    ):
+                        credited = None if v.allowed else _from_credit(table, key, spec, v, now)
+                        if credited is not None:
+                            spends[j] = credited
+                    if spends:
+                        verdicts = tuple(
+                            spends[j][0] if j in spends else v for j, v in enumerate(verdicts)
+                        )
+                    else:
+                        spends = None
                 admitted = all(
                     v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
                 )
                 if admitted:
                     intervals = table.intervals
                     for key, spec, verdict in zip(limit_keys, limits, verdicts, strict=True):
-                        if verdict.allowed:
+                        if verdict.allowed and not verdict.credit:
                             if key not in tats:
                                 intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
+                    if spends is not None:
+                        for j, (_, left, expires) in spends.items():
+                            _keep_credit(table.credits, limit_keys[j], left, expires)
                     if table.refunded:
                         refunded = table.refunded
                         verdicts = tuple(
-                            _marked(refunded, key, v) if v.allowed else v
+                            _marked(refunded, key, v) if v.allowed and not v.credit else v
                             for key, v in zip(limit_keys, verdicts, strict=True)
                         )
             if not admitted and state is not None and gate is not None and gate.probe_id:
@@ -262,26 +357,31 @@ class LocalState:
         now: float,
         admitted_tats: Sequence[float] | None = None,
     ) -> None:
-        """Give back the units `admit_now` charged (see `StateStore.refund`)."""
+        """Give back the units `admit_now` charged (see `StateStore.refund`), and credit
+        their cost to limits with retry credit (`credit_s`, `decide.gcra.earn_credit`)."""
         with self._lock:
-            tats = self.limits.tats
-            refunded = self.limits.refunded
+            table = self.limits
+            tats = table.tats
+            refunded = table.refunded
             for j, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
                 tat = tats.get(key)
-                if tat is None:
-                    continue
                 admitted = admitted_tats[j] if admitted_tats is not None else None
-                spent = refunded.get(key, 0.0)
-                back = gcra_refund(tat, admitted, now, spec.interval_s, spec.cost, spent)
-                spent += tat - back
-                if back + spent - now > _FULL_SLACK * spec.interval_s:
-                    # kept until its virtual TAT is past, even with a full bucket
-                    tats[key] = back
-                    if spent > 0.0:
-                        refunded[key] = spent
-                else:  # every marker issued is past: the same as no key
-                    del tats[key]
-                    refunded.pop(key, None)
+                # (no key: a full bucket whose markers are all past, as refund.lua reads it)
+                spent = refunded.get(key, 0.0) if tat is not None else 0.0
+                give = refund_seconds(admitted, now, spec.interval_s, spec.cost, spent)
+                if tat is not None:
+                    back = tat - give
+                    spent += give
+                    if back + spent - now > _FULL_SLACK * spec.interval_s:
+                        # kept until its virtual TAT is past, even with a full bucket
+                        tats[key] = back
+                        if spent > 0.0:
+                            refunded[key] = spent
+                    else:  # every marker issued is past: the same as no key
+                        del tats[key]
+                        refunded.pop(key, None)
+                if spec.credit_s > 0.0:
+                    table.earn(key, spec, now)
 
     def record_now(
         self,

@@ -660,7 +660,7 @@ class RedisStore(StateStore):
         for j, spec in enumerate(limits):
             # -1: admission TAT unknown (server TATs are never negative)
             admitted = admitted_tats[j] if admitted_tats is not None else -1
-            args += (spec.interval_s, spec.cost, repr(admitted))
+            args += (spec.interval_s, spec.cost, repr(admitted), spec.tolerance_s, spec.credit_s)
         await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
 
     def fallback_admit(
@@ -1205,6 +1205,8 @@ def _text(value: Any) -> str:
 
 # A Lua 1 as a script's reply element (int), or as a batch's reply text carries it.
 _ONE: Final = (1, "1")
+# A limit's "allowed" of 2: admitted from retry credit (lib.lua admit_at).
+_TWO: Final = (2, "2")
 
 
 def parse_admit(
@@ -1223,23 +1225,32 @@ def parse_admit(
         if gate.verdict == "reject":
             return InboundResult(gate, (), False, source, age)
     # The TAT each limit now holds, on the server's clock (server now + reset):
-    # what a refund needs to give back only units still outstanding.
+    # what a refund needs to give back only units still outstanding. An admission
+    # from retry credit left the TAT alone: it reports a full bucket's marker
+    # (server now, `decide.gcra.credit_verdict`).
     server_now = float(reply[0])
     if n_limits == 1:  # the common case, without the generator
         reset = float(reply[9])
+        credit = reply[7] in _TWO
         verdicts: tuple[LimitVerdict, ...] = (
             LimitVerdict(
-                reply[7] in _ONE, server_now + reset, int(reply[8]), reset, float(reply[10])
+                credit or reply[7] in _ONE,
+                server_now if credit else server_now + reset,
+                int(reply[8]),
+                reset,
+                float(reply[10]),
+                credit,
             ),
         )
     else:
         verdicts = tuple(
             LimitVerdict(
-                reply[i] in _ONE,
-                server_now + float(reply[i + 2]),
+                reply[i] in _ONE or reply[i] in _TWO,
+                server_now if reply[i] in _TWO else server_now + float(reply[i + 2]),
                 int(reply[i + 1]),
                 float(reply[i + 2]),
                 float(reply[i + 3]),
+                reply[i] in _TWO,
             )
             for i in range(7, 7 + 4 * n_limits, 4)
         )

@@ -509,7 +509,8 @@ class TieredStore(StateStore):
                 source == SOURCE_REDIS and admitted_tats is not None and admitted_tats[i] == 0.0
             )
             sl = self.slices.get(key) if sliced else None
-            if sl is not None and sl.spec == spec:
+            # (the limit's arithmetic: a refund that earns no retry credit says credit_s 0)
+            if sl is not None and sl.spec[:5] == spec[:5]:
                 sl.put_back(spec.cost)  # leased units, unspent after all
             elif not sliced or source != SOURCE_CACHE:
                 exact.append(i)

@@ -87,7 +87,7 @@ from .schema import STATE_SOURCE as _STATE_SOURCE
 from .schema import STATE_STALE as _STATE_STALE
 from .schema import SUBJECT as _SUBJECT
 from .schema import VERDICT as _VERDICT
-from .summary import Summary, summarize
+from .summary import Summary, summarize, summary_of
 
 if TYPE_CHECKING:
     import httpx
@@ -432,6 +432,7 @@ class Telemetry:
             salt = client_key_salt.encode() if isinstance(client_key_salt, str) else client_key_salt
         self._salt = salt[:64]
         self._key_hashes: dict[str, str] = {}
+        self._shared_attrs: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._last_engine: weakref.ref[Engine] | None = None
         self._last_readable = False
@@ -542,33 +543,33 @@ class Telemetry:
         span = token.span
         if not span.is_recording():
             return
-        decisions = ctx.decisions
-        summary = summarize(decisions)
-        self._annotate(ctx, span, False, decisions, summary, 0, provisional=True)
-        token.exported = len(decisions)
+        summary = summary_of(ctx)
+        self._annotate(ctx, span, False, summary, 0, provisional=True)
+        token.exported = summary.count
         token.summary = summary
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
-        decisions: list[Decision] | None = None
         summary: Summary | None = None
         if token is not None:
-            decisions = ctx.decisions
             if token.owned:
                 try:
-                    summary = summarize(decisions)
-                    self._annotate(ctx, token.span, True, decisions, summary, token.exported)
+                    summary = summary_of(ctx)
+                    self._annotate(ctx, token.span, True, summary, token.exported)
                 finally:
                     token.span.end()
                     if token.token is not None:
                         otel_context.detach(token.token)
             elif token.span.is_recording():  # not ended with the last body message
-                summary = summarize(decisions)
-                self._annotate(ctx, token.span, False, decisions, summary, token.exported)
-            elif token.exported == len(decisions):
-                summary = token.summary  # annotated, and nothing was decided since
+                summary = summary_of(ctx)
+                self._annotate(ctx, token.span, False, summary, token.exported)
             elif token.exported < 0:
-                summary = summarize(decisions)
-                self._late_span(ctx, token, decisions, summary)
+                summary = summary_of(ctx)
+                self._late_span(ctx, token, summary)
+            elif ctx._pending is not None or token.exported == len(ctx._decisions):
+                # Annotated, and nothing was decided since: the records were still the
+                # admission's facts when summarised (nothing reads or adds one without
+                # building them first), or are as many as then.
+                summary = token.summary
         metrics = self._metrics
         if metrics is None:
             if _no_global_yet(
@@ -578,22 +579,22 @@ class Telemetry:
             metrics = self._get_metrics()
             if metrics is None:
                 return
-        if decisions is None:
-            decisions = ctx.decisions
         if summary is None:
-            summary = summarize(decisions)
+            summary = summary_of(ctx)
         last = self._last_engine
         if last is not None and last() is ctx.engine:
             readable = self._last_readable
         else:
             readable = self._observe_engine(ctx)
+        if summary.plain and readable:
+            metrics.record(ctx, (), summary)  # a plain shape reads no decision
+            return
+        decisions = ctx.decisions
         metrics.record(ctx, decisions, summary)
         if not readable:
             self._note_breakers(decisions)
 
-    def _late_span(
-        self, ctx: DecisionContext, token: _Inbound, decisions: list[Decision], summary: Summary
-    ) -> None:
+    def _late_span(self, ctx: DecisionContext, token: _Inbound, summary: Summary) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
         does not call `before_response_end`): record the decisions on a child span rather
         than lose them, started when its parent started (the SDK's spans say when)."""
@@ -609,7 +610,7 @@ class Telemetry:
             start_time=start_time if isinstance(start_time, int) else None,
         )
         try:
-            self._annotate(ctx, span, False, decisions, summary, 0)
+            self._annotate(ctx, span, False, summary, 0)
         finally:
             span.end()
 
@@ -618,19 +619,12 @@ class Telemetry:
         ctx: DecisionContext,
         span: Span,
         owned: bool,
-        decisions: list[Decision],
         summary: Summary,
         exported: int,
         provisional: bool = False,
     ) -> None:
         """Everything on the span in one `set_attributes`; span events for the decisions
         after the first `exported` that are not `allow` (all, with `decision_events="all"`)."""
-        attrs: dict[str, Any] = {
-            _POLICY_VERSION: ctx.engine.policy.version,
-            _STALE_DECISIONS: summary.stale,
-            _ROUTE: ctx.route,
-            _DECISIONS: summary.packed,
-        }
         decided_by = ctx.decided_by
         outcome = ctx.outcome
         status = ctx.status
@@ -640,10 +634,12 @@ class Telemetry:
             # Sent by the app; the middleware settles the outcome after the app returns.
             decided_by = "app"
             outcome = "served" if status < 500 else "failed"
-        if decided_by is not None:
-            attrs[_DECIDED_BY] = decided_by
-        if outcome is not None:
-            attrs[_OUTCOME] = outcome
+        # The attributes every request of this shape, route and outcome shares, built once.
+        key = (summary, ctx.route, decided_by, outcome, ctx.engine.policy.version)
+        shared = self._shared_attrs.get(key)
+        if shared is None:
+            shared = self._shared_attributes(key)
+        attrs = shared.copy()  # the SDK copies the values; a custom span might keep the dict
         client_key = ctx.client_key
         if client_key is not None:
             key_hash = self._key_hashes.get(client_key)
@@ -665,7 +661,26 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, error_type))
         span.set_attributes(attrs)
         if summary.flagged or self.all_events:
+            decisions = ctx.decisions
             self._add_events(span, ctx, decisions[exported:] if exported > 0 else decisions)
+
+    def _shared_attributes(self, key: tuple[Any, ...]) -> dict[str, Any]:
+        summary, route, decided_by, outcome, version = key
+        attrs: dict[str, Any] = {
+            _POLICY_VERSION: version,
+            _STALE_DECISIONS: summary.stale,
+            _ROUTE: route,
+            _DECISIONS: summary.packed,
+        }
+        if decided_by is not None:
+            attrs[_DECIDED_BY] = decided_by
+        if outcome is not None:
+            attrs[_OUTCOME] = outcome
+        if not summary.aged:  # an aged summary is one request's own
+            if len(self._shared_attrs) >= _MAX_CACHED:
+                self._shared_attrs.clear()
+            self._shared_attrs[key] = attrs
+        return attrs
 
     def _add_events(self, span: Span, ctx: DecisionContext, decisions: Sequence[Decision]) -> None:
         """One `fidelity.decision` event per decision that is not `allow` (per decision

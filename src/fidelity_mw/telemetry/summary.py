@@ -25,7 +25,9 @@ from ..context import (
     SOURCE_MEMORY,
     SOURCE_REQUEST,
     Decision,
+    DecisionContext,
 )
+from ..inbound.admission import admission_decisions, admission_shape
 
 # Decisions on process-local state (or on the request itself) are always fresh: the
 # state-age histogram records the others only.
@@ -39,7 +41,7 @@ _MAX_SHAPES: Final = 512
 class Summary:
     """What the span and the counters need of a request's decisions."""
 
-    __slots__ = ("aged", "counter_keys", "flagged", "packed", "plain", "stale")
+    __slots__ = ("aged", "count", "counter_keys", "flagged", "packed", "plain", "stale")
 
     def __init__(self, decisions: Sequence[Decision]) -> None:
         parts = []
@@ -63,6 +65,7 @@ class Summary:
         # appended when the state had an age, separated by spaces
         self.packed = " ".join(parts)
         self.stale = stale
+        self.count = len(decisions)
         # some decision is not `allow`: it gets a span event
         self.flagged = flagged
         # the `fidelity.decisions` counter's key of each decision
@@ -91,4 +94,29 @@ def summarize(decisions: Sequence[Decision]) -> Summary:
             if len(_SHAPES) >= _MAX_SHAPES:
                 _SHAPES.clear()
             _SHAPES[key] = summary
+    return summary
+
+
+# keyed by route plan among the facts: as many as the plans the engines keep
+_MAX_BY_FACTS: Final = 4096
+_BY_FACTS: dict[tuple[object, ...], Summary] = {}
+
+
+def summary_of(ctx: DecisionContext) -> Summary:
+    """The summary of `ctx.decisions`, without building them when they are still the
+    admission's facts alone (`ctx._pending`, nothing has read a decision yet) and a
+    request with the same facts was summarised before: on the allowed path the span
+    and the counters need only the summary, so most requests build no records."""
+    pending = ctx._pending
+    if pending is None or pending[0] is not admission_decisions or ctx._decisions:
+        return summarize(ctx.decisions)
+    key = admission_shape(ctx, pending[1], pending[2])
+    if key is None:
+        return summarize(ctx.decisions)
+    summary = _BY_FACTS.get(key)
+    if summary is None:
+        summary = summarize(ctx.decisions)
+        if len(_BY_FACTS) >= _MAX_BY_FACTS:
+            _BY_FACTS.clear()
+        _BY_FACTS[key] = summary
     return summary

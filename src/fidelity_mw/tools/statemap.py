@@ -384,6 +384,9 @@ def layers_for(policy: Policy) -> list[Layer]:
     for i, lim in enumerate(policy.rate_limits):
         verb = "records would-reject, never rejects (shadow)" if lim.shadow else "429"
         cost = f", cost {lim.cost} per request" if lim.cost != 1 else ""
+        if lim.charge == "served" and lim.retry_credit_s > 0:
+            # kept in the same key as the TAT (docs/state.md)
+            cost += f", retry credit for {lim.retry_credit_s:g} s after a refund"
         rows.append(
             Layer(
                 "inbound",

@@ -6,7 +6,9 @@
 --       then per limit: interval_s, tolerance_s, cost, shadow (0/1).
 -- Deferred successes (see RedisStore.record) are applied before the gate.
 -- Returns: now, verdict, state, epoch, retry_after_s, probe_id, admitted,
---          then per limit: allowed (0/1), remaining, reset_s, retry_after_s.
+--          then per limit: allowed (0/1; 2: admitted from retry credit, the TAT
+--          unchanged), remaining, reset_s, retry_after_s; then, if a committed key
+--          had refunds, each limit's refunded seconds (see lib.lua admit_at).
 -- Limits are committed only if the breaker admits and every enforced limit
 -- allows; a probe slot taken by the gate is given back when a limit rejects.
 

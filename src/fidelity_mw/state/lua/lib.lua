@@ -52,31 +52,88 @@ local function gcra(tat, now, interval, tol, cost)
 end
 
 -- A TAT key holds "tat", or "tat refunded" once the key had a refund (the
--- seconds refunded so far, see fidelity_mw.decide.gcra.refund and marker).
--- Returns tat, refunded.
+-- seconds refunded so far, see fidelity_mw.decide.gcra.refund and marker), or
+-- "tat refunded credit expires" while it holds retry credit (seconds, and when
+-- they expire: fidelity_mw.decide.gcra.earn_credit).
+-- Returns tat, refunded, credit, expires (credit 0 once expired).
 local function tat_of(key, now)
   local v = redis.call('GET', key)
   if v then
     local tat = tonumber(v)
     if tat then -- never refunded: the common case, one conversion
-      return tat, 0
+      return tat, 0, 0, 0
     end
-    local sp = string.find(v, ' ', 1, true)
-    if sp then
-      return tonumber(string.sub(v, 1, sp - 1)) or now, tonumber(string.sub(v, sp + 1)) or 0
+    local f = {}
+    for x in string.gmatch(v, '[^ ]+') do
+      f[#f + 1] = tonumber(x)
     end
+    local credit, expires = f[3] or 0, f[4] or 0
+    if expires <= now then
+      credit, expires = 0, 0
+    end
+    return f[1] or now, f[2] or 0, credit, expires
   end
-  return now, 0
+  return now, 0, 0, 0
 end
 
 -- A refunded key lives until its virtual TAT (tat + refunded) is past: until
--- then a refund of any request it admitted needs the refunded seconds.
-local function store_tat(key, tat, now, refunded)
-  if refunded and refunded > 0 then
+-- then a refund of any request it admitted needs the refunded seconds. Credit
+-- keeps it until the credit expires too.
+local function store_tat(key, tat, now, refunded, credit, expires)
+  if credit and credit > 0 then
+    local keep = tat + refunded
+    if expires > keep then
+      keep = expires
+    end
+    redis.call('SET', key, fmt(tat) .. ' ' .. fmt(refunded) .. ' ' .. fmt(credit) .. ' ' ..
+      fmt(expires), 'PX', ttl_ms(keep - now))
+  elseif refunded and refunded > 0 then
     redis.call('SET', key, fmt(tat) .. ' ' .. fmt(refunded), 'PX', ttl_ms(tat + refunded - now))
   else
     redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now))
   end
+end
+
+-- Ports of fidelity_mw.decide.gcra.refund_seconds, earn_credit and spend_credit.
+local function refund_seconds(admitted, now, interval, cost, refunded)
+  local give = cost * interval
+  if admitted >= 0 then -- negative: admission unknown, give back everything
+    local outstanding = admitted - refunded - now
+    if outstanding < 0 then
+      outstanding = 0
+    end
+    if outstanding < give then
+      give = outstanding
+    end
+  end
+  return give
+end
+
+local function earn_credit(credit, expires, units, now, interval, tol, window)
+  if window <= 0 or units <= SLACK * interval then
+    return credit, expires
+  end
+  if expires <= now then
+    credit = 0
+  end
+  credit = credit + units
+  if credit > tol then
+    credit = tol
+  end
+  return credit, now + window
+end
+
+-- returns the credit left, or nil
+local function spend_credit(credit, expires, now, interval, cost)
+  local need = cost * interval
+  if expires <= now or credit - need < -SLACK * interval then
+    return nil
+  end
+  local left = credit - need
+  if left > SLACK * interval then
+    return left
+  end
+  return 0
 end
 
 -- ------------------------------------------------------------------ breaker
@@ -414,10 +471,17 @@ local function admit_at(ARGV, a, keys, k, now)
     local cost = tonumber(ARGV[i + 2])
     local shadow = ARGV[i + 3] == '1'
     i = i + 4
-    local stored, refunded = tat_of(key, now)
+    local stored, refunded, credit, expires = tat_of(key, now)
     local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
+    local code = 1
+    if not allowed and credit > 0 then
+      local left = spend_credit(credit, expires, now, interval, cost)
+      if left then -- admitted from retry credit: the TAT stays as it was
+        allowed, code, credit, retry = true, 2, left, 0
+      end
+    end
     if allowed then
-      commits[#commits + 1] = { key, tat, refunded }
+      commits[#commits + 1] = { key, tat, refunded, credit, expires }
       if refunded > 0 then
         marks = marks or {}
         marks[j + 1] = refunded
@@ -425,14 +489,14 @@ local function admit_at(ARGV, a, keys, k, now)
     elseif not shadow then
       admitted = false
     end
-    out[#out + 1] = allowed and 1 or 0
+    out[#out + 1] = allowed and code or 0
     out[#out + 1] = remaining
     out[#out + 1] = fmt(reset)
     out[#out + 1] = fmt(retry)
   end
   if admitted then
     for _, c in ipairs(commits) do
-      store_tat(c[1], c[2], now, c[3])
+      store_tat(c[1], c[2], now, c[3], c[4], c[5])
     end
     if marks ~= nil then
       -- keys that had refunds: each limit's refunded seconds after the limits,

@@ -95,7 +95,7 @@ for j = 0, nl - 1 do
   local min_take = tonumber(ARGV[i + 4])
   local ahead = tonumber(ARGV[i + 5])
   i = i + 6
-  local tat, refunded = tat_of(key, now)
+  local tat, refunded, credit, expires = tat_of(key, now)
   local changed = false
   if give > 0 then
     -- a refund (fidelity_mw.decide.gcra.refund): counted in the key's refunded seconds
@@ -140,8 +140,8 @@ for j = 0, nl - 1 do
     left = 0
   end
   if changed then
-    if tat + refunded > now then
-      store_tat(key, tat, now, refunded)
+    if tat + refunded > now or credit > 0 then -- retry credit stays as it was
+      store_tat(key, tat, now, refunded, credit, expires)
     else
       redis.call('DEL', key)
     end
