@@ -16,6 +16,7 @@ import pytest
 
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.decide.breaker import CLOSED, FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from fidelity_mw.decide.gcra import LimitVerdict
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.tiered import TieredStore
@@ -208,6 +209,12 @@ async def test_the_fast_path_leaves_to_admit_what_needs_redis(redis_url: str) ->
         untouched(key, BREAKER, ["r|k"], [ROOMY], now)
         store.exact.health.up = True
         fast = store.admit_now(key, BREAKER, ["r|k"], [ROOMY], now)  # all is well again
+        # built without the NamedTuple constructors: every field there, defaults too
+        assert fast is not None
+        assert len(fast) == len(InboundResult._fields)
+        assert [len(v) for v in fast.limits] == [len(LimitVerdict._fields)]
+        assert fast.limits[0] == LimitVerdict(True, 0.0, fast.limits[0].remaining,
+                                              fast.limits[0].reset_s, 0.0)  # fmt: skip
         assert fast is not None
         assert fast.admitted
         assert fast.source == "cache"

@@ -355,7 +355,7 @@ class TieredStore(StateStore):
         if remaining > burst:
             remaining = burst
         reset = (burst - remaining) * spec.interval_s
-        verdict = _new(LimitVerdict, (True, 0.0, remaining, reset, 0.0))
+        verdict = _new(LimitVerdict, (True, 0.0, remaining, reset, 0.0, False))
         synced = now - sl.synced_at
         if synced > age:
             age = synced
