@@ -63,6 +63,36 @@ async def test_frequent_leases_do_not_reset_the_demand_estimate(redis_url: str) 
     assert store.round_trips - store.exact.stats.script_loads <= 12
 
 
+async def test_each_sync_tops_a_roomy_slice_up_to_its_target(redis_url: str) -> None:
+    """A slice holding less than its target gets the difference at the next sync, not only
+    once it is below half: between two syncs a slice spends about half its target, and the
+    units a sync asks for arrive a round trip later (long on a busy event loop), so one
+    topped up only below half ran dry first and its requests waited for a lease."""
+    clock = FakeClock()
+    store = tiered(redis_url, clock)
+    try:
+        for _ in range(20):  # 1000 units/s for 0.2 s: a target of about 200
+            for _ in range(10):
+                assert (await store.admit(None, None, ["r|t"], [ROOMY], clock.monotonic())).admitted
+            clock.advance(0.01)
+        await settle()
+        now = clock.monotonic()
+        sl = store.slices["r|t"]
+        want = store._want(sl, now)
+        assert want >= 100
+        for held in (want - 1, want * 3 // 4, want // 2 + 1):  # short of it, not below half
+            sl.tokens = held
+            _breakers, limits = store._plan_sync(now, ())
+            assert [(give, ask) for key, _spec, give, ask in limits if key == "r|t"] == [
+                (0, want - held)
+            ]
+        sl.tokens = want  # at its target: nothing to ask for
+        _breakers, limits = store._plan_sync(now, ())
+        assert [(give, ask) for key, _spec, give, ask in limits if key == "r|t"] == [(0, 0)]
+    finally:
+        await store.aclose()
+
+
 async def test_simultaneous_arrivals_share_one_lease(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
     """8 requests in one tick on a cold key and a cold breaker: one script call sized for
     all 8; none decided one by one in Redis."""

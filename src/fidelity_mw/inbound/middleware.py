@@ -203,7 +203,7 @@ class FidelityMiddleware:
                             result = admit_now(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
-                        else:
+                        if result is None:  # no fast path, or this request needs I/O
                             result = await self.engine.store.admit(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
@@ -276,7 +276,7 @@ class FidelityMiddleware:
                         # A success never opens the breaker and lands in a 3 s bucket:
                         # the start time is close enough and saves a clock read. (A gate
                         # comes only from the route's breaker: key and config are set.)
-                        self._record_now(  # type: ignore[misc]
+                        recorded = self._record_now(  # type: ignore[misc]
                             plan.breaker_key,  # type: ignore[arg-type]
                             plan.breaker,  # type: ignore[arg-type]
                             result.gate,
@@ -284,6 +284,15 @@ class FidelityMiddleware:
                             False,
                             now,
                         )
+                        if recorded is None:  # not in process after all (a tiered probe)
+                            await self.engine.store.record(
+                                plan.breaker_key,  # type: ignore[arg-type]
+                                plan.breaker,  # type: ignore[arg-type]
+                                result.gate,
+                                SUCCESS,
+                                False,
+                                now,
+                            )
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route

@@ -335,10 +335,12 @@ class OutcomeRecorder:
             # A success never opens the breaker and lands in a 3 s bucket: the
             # start time is close enough and saves a clock read per request.
             try:
-                record_now(plan.breaker_key, breaker, gate, outcome, False, ctx.started_at)
+                started = ctx.started_at
+                if record_now(plan.breaker_key, breaker, gate, outcome, False, started) is not None:
+                    return None
             except Exception:
                 logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
-            return None
+                return None
         return self.finish(ctx, plan, result, outcome)
 
     def shed_downstream(
@@ -409,13 +411,15 @@ class OutcomeRecorder:
             (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
         )
         record_now = self.record_now
-        if record_now is None:
-            return self.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
-        try:
-            record_now(plan.breaker_key, breaker, gate, outcome, slow, now)
-        except Exception:
-            logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
-        return None
+        if record_now is not None:
+            try:
+                if record_now(plan.breaker_key, breaker, gate, outcome, slow, now) is not None:
+                    return None
+            except Exception:
+                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+                return None
+        # a remote store, or one whose fast path left this outcome to the coroutine
+        return self.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Record to a remote store without holding up the unwinding request."""

@@ -26,10 +26,12 @@ class InboundResult(NamedTuple):
     fleet: FleetShare | None = None
 
 
+# None: this request needs the store's I/O after all; await `admit` / `record`.
 AdmitNow = Callable[
-    [str | None, BreakerConfig | None, Sequence[str], Sequence[LimitSpec], float], InboundResult
+    [str | None, BreakerConfig | None, Sequence[str], Sequence[LimitSpec], float],
+    InboundResult | None,
 ]
-RecordNow = Callable[[str, BreakerConfig, Gate, str, bool, float], str]
+RecordNow = Callable[[str, BreakerConfig, Gate, str, bool, float], str | None]
 GateNow = Callable[[str, BreakerConfig, float], Gate]
 RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float, Sequence[float] | None], None]
 BudgetRequestNow = Callable[[str, RetryConfig, float], None]
@@ -57,6 +59,12 @@ class StateStore(abc.ABC):
     # `admit` / `record`, without the coroutine (MemoryStore does); adapters
     # call them when they are not None instead of awaiting the coroutine.
     # None here means "no in-process fast path": await `admit` / `record`.
+    # A store that decides most requests in process but some over I/O (tiered:
+    # on leased slices, leasing more from Redis) sets them too, and they answer
+    # None, having changed nothing, when that request needs the I/O: the caller
+    # then awaits the coroutine. Such a store sets no other `*_now` twin (the
+    # transports require `outbound_gate_now` with `record_now`); MemoryStore's
+    # never answer None.
     admit_now: AdmitNow | None = None
     record_now: RecordNow | None = None
     # Its sync twins (set together with admit_now): `gate_now` is `breaker_gate`

@@ -58,6 +58,11 @@ logger = logging.getLogger("fidelity_mw.tiered")
 MAX_SYNC_KEYS: Final = 256
 # A cached breaker nobody used for this many sync intervals is dropped.
 IDLE_INTERVALS: Final = 10
+# A slice's ready_at while every unit it holds conforms already (a roomy key).
+_ALL_CONFORM: Final = -math.inf
+# NamedTuples without their constructor's Python frame (the per-request path): every
+# field given, defaults too
+_new = tuple.__new__
 
 
 class Slice:
@@ -65,6 +70,7 @@ class Slice:
 
     __slots__ = (
         "blocked_until",
+        "burst_units",
         "demand",
         "pending",
         "rate",
@@ -81,6 +87,8 @@ class Slice:
 
     def __init__(self, spec: LimitSpec, now: float) -> None:
         self.spec = spec
+        # the bucket's size in units (read per request: computed once)
+        self.burst_units = max(1, int(spec.tolerance_s / spec.interval_s + 1e-6))
         self.tokens = 0  # units this instance may still admit
         # When the next of them conforms (local clock): unit j at ready_at + j x
         # interval. Units leased ahead (a saturated key) conform only later.
@@ -143,10 +151,6 @@ class Slice:
             self.ready_at = max(self.ready_at, ready_at - self.tokens * self.spec.interval_s)
         self.tokens += units
 
-    @property
-    def burst_units(self) -> int:
-        return max(1, int(self.spec.tolerance_s / self.spec.interval_s + 1e-6))
-
     def max_slice(self) -> int:
         if self.saturated:
             # Demand exceeds supply: each lease takes what refilled since the
@@ -161,6 +165,7 @@ class CachedBreaker:
 
     __slots__ = (
         "calls",
+        "closed_gate",
         "config",
         "epoch",
         "failures",
@@ -179,6 +184,8 @@ class CachedBreaker:
         self.config = config
         self.state = CLOSED
         self.epoch = -1  # unknown until the first sync
+        # The gate of a closed breaker at `epoch`, made once per epoch, not per request.
+        self.closed_gate = Gate("allow", CLOSED, -1, 0.0)
         self.open_until = 0.0
         self.synced_at = -math.inf
         self.used_at = 0.0
@@ -262,6 +269,103 @@ class TieredStore(StateStore):
 
     # ------------------------------------------------------------ inbound
 
+    def admit_now(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult | None:
+        """`admit` on this instance's cache alone, without an await: the common case.
+
+        Decides when the cached breaker is fresh and closed (or open: a cached
+        refusal) and every slice holds the units or is known empty (a saturated
+        key's cached refusal). Otherwise it changes nothing and returns None: the
+        request needs Redis (a lease, a breaker refresh, a half-open probe, the
+        failure mode) and the caller awaits `admit`, which counts its demand then.
+        """
+        if not self.exact.health.up:
+            return None
+        cb: CachedBreaker | None = None
+        if breaker_key is not None and breaker is not None:
+            cb = self.breakers.get(breaker_key)
+            if (
+                cb is None
+                or (cb.config is not breaker and cb.config != breaker)
+                or now - cb.synced_at > self.sync_s
+                or (cb.state != CLOSED and now >= cb.open_until)  # a probe may be due
+            ):
+                return None
+        slices = self.slices
+        sl: Slice | None = None
+        if len(limit_keys) == 1:  # the common case, without the loops
+            spec = limits[0]
+            sl = slices.get(limit_keys[0])
+            if (
+                sl is None
+                or (sl.spec is not spec and sl.spec != spec)
+                or (sl.tokens < spec.cost and sl.blocked_until <= now)
+            ):
+                return None
+        else:
+            for key, spec in zip(limit_keys, limits, strict=True):
+                held = slices.get(key)
+                if (
+                    held is None
+                    or (held.spec is not spec and held.spec != spec)
+                    or (held.tokens < spec.cost and held.blocked_until <= now)
+                ):
+                    return None
+        # --- decided here: count the request and its demand (as `admit` does)
+        stats = self.stats
+        stats.requests += 1
+        sync_s = self.sync_s
+        if sl is not None:
+            if now - sl.window_start >= sync_s:
+                sl.roll(now, sync_s)
+            sl.demand += spec.cost
+            sl.used_at = now
+        else:
+            for key, spec in zip(limit_keys, limits, strict=True):
+                held = slices[key]
+                if now - held.window_start >= sync_s:
+                    held.roll(now, sync_s)
+                held.demand += spec.cost
+                held.used_at = now
+        gate: Gate | None = None
+        age = 0.0
+        if cb is not None:
+            cb.used_at = now
+            if cb.state != CLOSED:  # open, and fresh: the cached refusal
+                gate = Gate("reject", cb.state, cb.epoch, cb.open_until - now)
+                self._maybe_sync(now)
+                return self._result(gate, (), False, 0.0, now - cb.synced_at)
+            gate = cb.closed_gate
+            if gate.epoch != cb.epoch:  # the epoch moved since this gate was made
+                gate = cb.closed_gate = Gate("allow", CLOSED, cb.epoch, 0.0)
+            age = now - cb.synced_at
+        # One roomy limit: `_decide` inline. A roomy key's units all conform at once
+        # (ready_at stays -inf), so usable = tokens before and after the spend.
+        if sl is None or sl.ready_at != _ALL_CONFORM or sl.tokens < spec.cost:
+            return self._decide(gate, limit_keys, limits, now, 0.0, age)
+        sl.tokens = tokens = sl.tokens - spec.cost
+        burst = sl.burst_units
+        remaining = sl.remaining + tokens
+        if remaining > burst:
+            remaining = burst
+        reset = (burst - remaining) * spec.interval_s
+        verdict = _new(LimitVerdict, (True, 0.0, remaining, reset, 0.0, False))
+        synced = now - sl.synced_at
+        if synced > age:
+            age = synced
+        stats.local += 1
+        if now - self._last_sync >= 0.8 * sync_s:
+            self._maybe_sync(now)
+        return _new(
+            InboundResult, (gate, (verdict,), True, SOURCE_CACHE, age if age > 0.0 else 0.0, None)
+        )
+
     async def admit(
         self,
         breaker_key: str | None,
@@ -270,6 +374,9 @@ class TieredStore(StateStore):
         limits: Sequence[LimitSpec],
         now: float,
     ) -> InboundResult:
+        result = self.admit_now(breaker_key, breaker, limit_keys, limits, now)
+        if result is not None:
+            return result
         exact = self.exact
         self.stats.requests += 1
         if not exact.health.up:
@@ -316,7 +423,9 @@ class TieredStore(StateStore):
         age = 0.0
         if cb is not None:
             if cb.state == CLOSED:
-                gate = Gate("allow", CLOSED, cb.epoch, 0.0)
+                gate = cb.closed_gate
+                if gate.epoch != cb.epoch:
+                    gate = cb.closed_gate = Gate("allow", CLOSED, cb.epoch, 0.0)
             elif now < cb.open_until:
                 gate = Gate("reject", cb.state, cb.epoch, cb.open_until - now)
                 self._maybe_sync(now)
@@ -340,7 +449,19 @@ class TieredStore(StateStore):
                 if result.source == SOURCE_REDIS and result.gate is not None and cb is not None:
                     self._note_gate(cb, result.gate, self._clock.monotonic())
                 return result
-        # --- the limits, on the slices
+        return self._decide(gate, limit_keys, limits, now, waited, age)
+
+    def _decide(
+        self,
+        gate: Gate | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+        waited: float,
+        age: float,
+    ) -> InboundResult:
+        """The limits, on the slices (the breaker admitted): all-or-nothing."""
+        slices = self.slices
         admitted = True
         ok: list[bool] = []
         for key, spec in zip(limit_keys, limits, strict=True):
@@ -414,6 +535,26 @@ class TieredStore(StateStore):
             return InboundResult(gate, verdicts, admitted, SOURCE_REDIS, waited)
         return InboundResult(gate, verdicts, admitted, SOURCE_CACHE, max(0.0, age))
 
+    def record_now(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str | None:
+        """`record` of a gate the cache gave, without an await: counted locally, sent
+        with the next sync. None (nothing changed) for a probe or a fallback gate,
+        which are recorded where they were decided: await `record`."""
+        if gate.epoch < 0 or gate.probe_id:
+            return None
+        cb = self.breakers.get(breaker_key)
+        if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
+            return cb.state if cb is not None else gate.state
+        cb.count(outcome, slow)
+        return cb.state
+
     async def record(
         self,
         breaker_key: str,
@@ -423,19 +564,16 @@ class TieredStore(StateStore):
         slow: bool,
         now: float,
     ) -> str:
-        if gate.epoch < 0 or gate.probe_id:
-            # Fallback gates are recorded locally; probes exactly (they hold a lease).
-            state = await self.exact.record(breaker_key, breaker, gate, outcome, slow, now)
-            cb = self.breakers.get(breaker_key)
-            if gate.probe_id and cb is not None and state != gate.state:
-                cb.state = state
-                cb.synced_at = -math.inf  # the epoch moved: refresh before the next decision
-            return state
+        local = self.record_now(breaker_key, breaker, gate, outcome, slow, now)
+        if local is not None:
+            return local
+        # Fallback gates are recorded locally; probes exactly (they hold a lease).
+        state = await self.exact.record(breaker_key, breaker, gate, outcome, slow, now)
         cb = self.breakers.get(breaker_key)
-        if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
-            return cb.state if cb is not None else gate.state
-        cb.count(outcome, slow)
-        return cb.state
+        if gate.probe_id and cb is not None and state != gate.state:
+            cb.state = state
+            cb.synced_at = -math.inf  # the epoch moved: refresh before the next decision
+        return state
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -798,9 +936,13 @@ class TieredStore(StateStore):
             if sl.tokens > want:
                 limits.append((key, sl.spec, sl.tokens - want, 0))
                 sl.tokens = want
-            elif sl.tokens * 2 < want and (
+            elif (sl.tokens * 2 < want if sl.saturated else sl.tokens < want) and (
                 sl.blocked_until <= now or (sl.saturated and sl.retry_at <= now)
             ):
+                # A roomy key is topped up to its target at every sync (the call is
+                # made anyway): topped up only below half of it, a slice could run dry
+                # before the next sync's units arrived (its round trip is long on a
+                # busy event loop) and every request meanwhile waited for a lease.
                 # A blocked saturated key is leased for here too: this call is made
                 # anyway, and the bucket may have refilled since the last lease.
                 limits.append((key, sl.spec, 0, want - sl.tokens))
