@@ -10,6 +10,7 @@ says so), leases from a real redis-server.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -306,5 +307,35 @@ async def test_a_probe_through_the_middleware_is_recorded_in_redis(
         else:
             assert after == 503
             assert store.breakers[next(iter(store.breakers))].state == OPEN
+    finally:
+        await store.aclose()
+
+
+async def test_a_request_served_by_anothers_lease_counts_as_waited_not_local(
+    redis_url: str,
+) -> None:
+    """A request that finds the slice empty while another's lease is in flight (the
+    cached breaker fresh: nothing else to fetch) waits on that lease. It awaited Redis,
+    so it counts as waited, not as decided locally (it used to count in both)."""
+    clock = FakeClock()
+    store = tiered(redis_url, clock)
+    try:
+        now = clock.monotonic()
+        assert (await store.admit("b", BREAKER, ["k"], [SMALL], now)).admitted
+        while (r := store.admit_now("b", BREAKER, ["k"], [SMALL], now)) is not None:
+            assert r.admitted  # the slice's units, decided locally
+        before = store.stats
+        local, waited, requests = before.local, before.waited, before.requests
+        first = asyncio.create_task(store.admit("b", BREAKER, ["k"], [SMALL], now))
+        for _ in range(50):  # until its lease has left and is awaited
+            await asyncio.sleep(0)
+            if store.slices["k"].pending is not None:
+                break
+        assert store.slices["k"].pending is not None
+        await store.admit("b", BREAKER, ["k"], [SMALL], now)
+        await first
+        assert store.stats.requests == requests + 2
+        assert store.stats.waited == waited + 2
+        assert store.stats.local == local  # neither decided without Redis
     finally:
         await store.aclose()

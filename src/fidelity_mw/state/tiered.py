@@ -449,7 +449,8 @@ class TieredStore(StateStore):
                 if result.source == SOURCE_REDIS and result.gate is not None and cb is not None:
                     self._note_gate(cb, result.gate, self._clock.monotonic())
                 return result
-        return self._decide(gate, limit_keys, limits, now, waited, age)
+        fetched = refresh is not None or bool(wanted)
+        return self._decide(gate, limit_keys, limits, now, waited, age, local=not fetched)
 
     def _decide(
         self,
@@ -459,8 +460,12 @@ class TieredStore(StateStore):
         now: float,
         waited: float,
         age: float,
+        *,
+        local: bool = True,
     ) -> InboundResult:
-        """The limits, on the slices (the breaker admitted): all-or-nothing."""
+        """The limits, on the slices (the breaker admitted): all-or-nothing. `local`:
+        decided without awaiting Redis (counted in `stats.local`; a request that awaited
+        a lease is counted in `stats.waited`, also when another's lease served it)."""
         slices = self.slices
         admitted = True
         ok: list[bool] = []
@@ -487,7 +492,7 @@ class TieredStore(StateStore):
                     LimitVerdict(False, 0.0, remaining, reset, max(wait, spec.interval_s))
                 )
             age = max(age, now - sl.synced_at)
-        if not waited:
+        if local:
             self.stats.local += 1
         self._maybe_sync(now)
         return self._result(gate, tuple(verdicts), admitted, waited, age)
