@@ -19,8 +19,9 @@ from starlette.requests import ClientDisconnect
 
 from .._types import Message, Scope, Send
 from ..context import LAYER_RATELIMIT, DecisionContext
-from ..decide.breaker import FAILURE, IGNORED, SUCCESS
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..engine import RoutePlan
+from ..policy import BreakerConfig
 from ..state.base import InboundResult, StateStore
 from .refusals import after_give_up
 from .responses import (
@@ -330,17 +331,12 @@ class OutcomeRecorder:
         gate = result.gate if result is not None else None
         if breaker is None or gate is None or plan.breaker_key is None:
             return None
-        record_now = self.record_now
-        if breaker.slow_call_ms is None and outcome == SUCCESS and record_now is not None:
+        if breaker.slow_call_ms is None and outcome == SUCCESS and self.record_now is not None:
             # A success never opens the breaker and lands in a 3 s bucket: the
             # start time is close enough and saves a clock read per request.
-            try:
-                started = ctx.started_at
-                if record_now(plan.breaker_key, breaker, gate, outcome, False, started) is not None:
-                    return None
-            except Exception:
-                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
-                return None
+            return self.record(
+                ctx.route, plan.breaker_key, breaker, gate, outcome, False, ctx.started_at
+            )
         return self.finish(ctx, plan, result, outcome)
 
     def shed_downstream(
@@ -410,16 +406,30 @@ class OutcomeRecorder:
         slow = breaker.slow_call_ms is not None and (
             (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
         )
+        return self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
+
+    def record(
+        self,
+        route: str,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        at: float,
+    ) -> Coroutine[Any, Any, Any] | None:
+        """One outcome to the breaker: done in process when the store's fast path takes
+        it (None; a failure there is logged, never raised), else the store's coroutine (a
+        remote store, or a gate only Redis settles, as a tiered probe)."""
         record_now = self.record_now
         if record_now is not None:
             try:
-                if record_now(plan.breaker_key, breaker, gate, outcome, slow, now) is not None:
+                if record_now(breaker_key, breaker, gate, outcome, slow, at) is not None:
                     return None
             except Exception:
-                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+                logger.exception("fidelity_mw: could not record the outcome of %s", route)
                 return None
-        # a remote store, or one whose fast path left this outcome to the coroutine
-        return self.store.record(plan.breaker_key, breaker, gate, outcome, slow, now)
+        return self.store.record(breaker_key, breaker, gate, outcome, slow, at)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Record to a remote store without holding up the unwinding request."""

@@ -29,7 +29,7 @@ from ..context import (
     DetailValue,
 )
 from ..decide.balance import Pick, open_in_rotation
-from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     ERROR_CONNECT,
     ERROR_NETWORK,
@@ -124,7 +124,7 @@ def give_up(
             panic_threshold=up.cfg.panic_threshold,
             max_ejected_ratio=up.cfg.max_ejected_ratio,
         ):
-            wait_cap = min(up.breaker.open_s, up.breaker.open_min_s)
+            wait_cap = open_time(up.breaker, 0)  # the shortest open time
     hint = retry_hint(
         now,
         instances_open_until=opens,
@@ -301,7 +301,7 @@ def plan_call(
     elif breaker_state == OPEN:  # our failure (or another's) just opened it: stop now
         plan = RetryPlan(False, 0.0, GIVE_UP_BREAKER)
         if up.breaker is not None:  # it just opened: its shortest open time at least
-            breaker_wait = min(up.breaker.open_s, up.breaker.open_min_s)
+            breaker_wait = open_time(up.breaker, 0)
     else:
         deadline_at = ctx.deadline_at
         plan = plan_retry(

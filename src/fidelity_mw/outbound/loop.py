@@ -55,7 +55,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.balance import EWMA_TAU_S, choose, ewma
-from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
@@ -172,15 +172,9 @@ class First(NamedTuple):
         if up.window is not None:
             up.window.add(ended - now)
         breaker = up.breaker
-        if gate is not None and breaker is not None:
-            try:
-                local.record(
-                    up.breaker_key, breaker, gate,
-                    FAILURE if status in up.fail_statuses else SUCCESS,
-                    breaker.slow_call_ms is not None and is_slow(breaker, now, ended), ended,
-                )  # fmt: skip
-            except Exception as exc:  # the response stands: an outcome lost is logged
-                logger.warning(_NOT_RECORDED, up.key, exc)
+        if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
         unstamp(request.headers, prior)
@@ -716,7 +710,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     # The real open time is the breaker's (it starts at open_min_s and grows with failed
     # probes): assume the shortest; when it is over the next pick asks the breaker, whose
     # rejection says how long.
-    shortest = min(breaker.open_s, breaker.open_min_s)
+    shortest = open_time(breaker, 0)
     target.open_until = now + shortest if state == OPEN else 0.0
 
 

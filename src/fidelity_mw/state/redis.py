@@ -614,21 +614,26 @@ class RedisStore(StateStore):
             entry = self._deferred.pop(breaker_key, None) if self._deferred else None
             d_epoch, d_count = (entry[1], entry[2]) if entry is not None else (0, 0)
             args += (d_epoch, d_count)
-            text = f"1,{u!r},{n},{self.breaker_config_text(breaker)},{d_epoch},{d_count}"
         else:
             keys = []
             args = ["0", u, n]
-            text = f"0,{u!r},{n}"
         key_cache = self._keys
-        limit_text = self._limit_text
         for key, spec in zip(limit_keys, limits, strict=True):
             hashed = key_cache.get(("rl", key))
             keys.append(hashed if hashed is not None else self.key("rl", key))
             spec_args = self._limit_args.get(spec)
             args += spec_args if spec_args is not None else self.limit_args(spec)
-            spec_text = limit_text.get(spec)
-            text += "," + (spec_text if spec_text is not None else self.limit_text(spec))
         if self.coalesce:
+            # the batch's text form of the same arguments (batch.lua), only when batching
+            if has_breaker:
+                assert breaker is not None
+                text = f"1,{u!r},{n},{self.breaker_config_text(breaker)},{d_epoch},{d_count}"
+            else:
+                text = f"0,{u!r},{n}"
+            limit_text = self._limit_text
+            for spec in limits:
+                spec_text = limit_text.get(spec)
+                text += "," + (spec_text if spec_text is not None else self.limit_text(spec))
             got = await self.coalescer.call(ADMIT, keys, args, text)
         else:
             got = await self.call(ADMIT, keys, args)

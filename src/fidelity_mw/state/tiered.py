@@ -191,6 +191,13 @@ class CachedBreaker:
         self.used_at = 0.0
         self.reset_counts()
 
+    def learn_epoch(self, epoch: int) -> None:
+        """The breaker's epoch as Redis reports it; a new one gets its closed gate here,
+        not on the request path."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.closed_gate = Gate("allow", CLOSED, epoch, 0.0)
+
     def reset_counts(self) -> None:
         self.calls = self.failures = self.slow = 0
         self.lead = self.maxrun = self.trail = 0
@@ -342,8 +349,6 @@ class TieredStore(StateStore):
                 self._maybe_sync(now)
                 return self._result(gate, (), False, 0.0, now - cb.synced_at)
             gate = cb.closed_gate
-            if gate.epoch != cb.epoch:  # the epoch moved since this gate was made
-                gate = cb.closed_gate = Gate("allow", CLOSED, cb.epoch, 0.0)
             age = now - cb.synced_at
         # One roomy limit: `_decide` inline. A roomy key's units all conform at once
         # (ready_at stays -inf), so usable = tokens before and after the spend.
@@ -424,8 +429,6 @@ class TieredStore(StateStore):
         if cb is not None:
             if cb.state == CLOSED:
                 gate = cb.closed_gate
-                if gate.epoch != cb.epoch:
-                    gate = cb.closed_gate = Gate("allow", CLOSED, cb.epoch, 0.0)
             elif now < cb.open_until:
                 gate = Gate("reject", cb.state, cb.epoch, cb.open_until - now)
                 self._maybe_sync(now)
@@ -514,8 +517,10 @@ class TieredStore(StateStore):
                 source == SOURCE_REDIS and admitted_tats is not None and admitted_tats[i] == 0.0
             )
             sl = self.slices.get(key) if sliced else None
-            # (the limit's arithmetic: a refund that earns no retry credit says credit_s 0)
-            if sl is not None and sl.spec[:5] == spec[:5]:
+            # the same limit (a refund that earns no retry credit says credit_s 0)
+            if sl is not None and (
+                sl.spec is spec or sl.spec == spec._replace(credit_s=sl.spec.credit_s)
+            ):
                 sl.put_back(spec.cost)  # leased units, unspent after all
             elif not sliced or source != SOURCE_CACHE:
                 exact.append(i)
@@ -652,7 +657,7 @@ class TieredStore(StateStore):
     def _note_gate(self, cb: CachedBreaker, gate: Gate, now: float) -> None:
         """Learn from an exact gate (half-open): cache it for at most one sync interval."""
         cb.state = gate.state
-        cb.epoch = gate.epoch
+        cb.learn_epoch(gate.epoch)
         cb.synced_at = now
         if gate.verdict == "reject":
             wait = gate.retry_after_s
@@ -825,7 +830,7 @@ class TieredStore(StateStore):
         i = 1
         for cb in flushed:
             cb.state = _text(reply[i])
-            cb.epoch = int(reply[i + 1])
+            cb.learn_epoch(int(reply[i + 1]))
             cb.open_until = now - age + float(reply[i + 2])
             cb.synced_at = now
             i += 3
