@@ -81,6 +81,9 @@ from .decisions import (
 from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
+    ATTEMPT_HEADER,
+    FAST_HEADERS,
+    TIMEOUT_HEADER,
     bounded_timeouts,
     replayable,
     stamp,
@@ -167,17 +170,32 @@ class First(NamedTuple):
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
-        clock = ctx.engine.clock
-        ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
-        if up.window is not None:
-            up.window.add(ended - now)
-        breaker = up.breaker
-        if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
-            outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+        if gate is not None or up.window is not None:
+            clock = ctx.engine.clock
+            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+            if up.window is not None:
+                up.window.add(ended - now)
+            breaker = up.breaker
+            if gate is not None and breaker is not None:
+                outcome = FAILURE if status in up.fail_statuses else SUCCESS
+                slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+                try:  # `_record_now`, inlined: a lost outcome is logged, not raised
+                    local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
+                except Exception as exc:
+                    logger.warning(_NOT_RECORDED, up.key, exc)
         if observer is not None:
             observe_end(observer, token, response, None)
-        unstamp(request.headers, prior)
+        raw = request.headers._list if FAST_HEADERS else None
+        if (  # `unstamp`, inlined for its common case: our two stamps last, nothing set aside
+            raw is not None
+            and prior is None
+            and len(raw) >= 2
+            and raw[-1][1] is TIMEOUT_HEADER
+            and raw[-2][1] is ATTEMPT_HEADER
+        ):
+            del raw[-2:]
+        else:
+            unstamp(request.headers, prior)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -222,7 +240,19 @@ def first_attempt(
             source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
             gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
-        _prepare(ctx, up, request, 1, timeouts, remaining)
+        if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
+            # `_prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
+            # case: the whole attempt timeout fits in the deadline.
+            if timeouts is None or timeouts != up.uncapped:
+                request.extensions["timeout"] = _uncapped(up, timeouts)
+            request.headers._list += up.first_stamps
+            counts = ctx._attempts
+            if counts is None:
+                ctx._attempts = {up.key: 1}
+            else:
+                counts[up.key] = counts.get(up.key, 0) + 1
+        else:
+            _prepare(ctx, up, request, 1, timeouts, remaining)
         decision = _new_tuple(
             Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
         )
@@ -730,9 +760,7 @@ def _prepare(
     else:
         timeouts = original_timeout
         if timeouts is None or timeouts != up.uncapped:
-            timeouts = bounded_timeouts(timeouts, up.attempt_timeout_s)
-            if timeouts is original_timeout:  # the next request's are likely equal
-                up.uncapped = dict(timeouts)
+            timeouts = _uncapped(up, timeouts)
         request.extensions["timeout"] = timeouts
         if attempt == 1:
             stamp_first(request.headers, up.first_stamps)
@@ -743,3 +771,15 @@ def _prepare(
         ctx._attempts = {up.key: 1}
     else:
         counts[up.key] = counts.get(up.key, 0) + 1
+
+
+def _uncapped(
+    up: Upstream, timeouts: Mapping[str, float | None] | None
+) -> Mapping[str, float | None]:
+    """An attempt's timeouts when the whole attempt timeout fits in the deadline; the
+    request's own when it caps none of them (remembered: a client sends equal ones with
+    every request, and comparing is cheaper than capping)."""
+    bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
+    if bounded is timeouts:
+        up.uncapped = dict(bounded)
+    return bounded
