@@ -105,10 +105,11 @@ CONTEXT_EXTENSION: Final = "fidelity_context"
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
 
-_FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
+FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
 _monotonic = time.monotonic
-_NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
+NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
+UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 
 
 class Local(NamedTuple):
@@ -182,7 +183,7 @@ class First(NamedTuple):
                 try:  # `_record_now`, inlined: a lost outcome is logged, not raised
                     local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
                 except Exception as exc:
-                    logger.warning(_NOT_RECORDED, up.key, exc)
+                    logger.warning(NOT_RECORDED, up.key, exc)
         if observer is not None:
             observe_end(observer, token, response, None)
         raw = request.headers._list if FAST_HEADERS else None
@@ -219,8 +220,13 @@ def first_attempt(
     observer: AttemptObserver | None,
     now: float,
     local: Local,
+    taken: Any = UNTAKEN,
 ) -> First:
-    """Gate and stamp a call's first attempt (`First`); raises when it is refused."""
+    """Gate and stamp a call's first attempt (`First`); raises when it is refused.
+
+    `taken` is what `local.begin` answered (its gate, or what it raised) when the
+    async transport's shortcut asked already: only what it does not handle comes here.
+    """
     timeouts = request.extensions.get("timeout")
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
@@ -233,7 +239,12 @@ def first_attempt(
                 raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         breaker = up.breaker
         try:
-            gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+            if taken is UNTAKEN:
+                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+            elif isinstance(taken, Exception):
+                raise taken
+            else:
+                gate = taken
         except Exception as exc:
             gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
         else:
@@ -254,7 +265,7 @@ def first_attempt(
         else:
             _prepare(ctx, up, request, 1, timeouts, remaining)
         decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
         if ctx._pending is None:
             ctx._decisions.append(decision)
@@ -375,7 +386,7 @@ def attempts(
                                 source,
                                 age,
                                 now,
-                                _FIRST_ATTEMPT,
+                                FIRST_ATTEMPT,
                             ),
                         )
                     )
@@ -438,7 +449,7 @@ def attempts(
                         try:
                             state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
                         except Exception as exc:
-                            logger.warning(_NOT_RECORDED, up.key, exc)
+                            logger.warning(NOT_RECORDED, up.key, exc)
                     if target is not None:
                         _learned_state(target, breaker, state, ended)
                 elif not gated and target is not None and breaker is not None:  # around it
@@ -707,7 +718,7 @@ def _record_now(
     try:
         state: str = local.record(breaker_key, breaker, gate, outcome, slow, ended)
     except Exception as exc:
-        logger.warning(_NOT_RECORDED, up.key, exc)
+        logger.warning(NOT_RECORDED, up.key, exc)
         return ""
     return state
 

@@ -33,31 +33,46 @@ import httpx
 
 from .._types import Clock, RandomSource
 from ..clock import SystemClock
-from ..context import _CURRENT, DecisionContext
+from ..context import (
+    _CURRENT,
+    ALLOW,
+    LAYER_RETRY,
+    SOURCE_MEMORY,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
+from ..decide.breaker import FAILURE, SUCCESS
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .decisions import call_end
+from .decisions import call_end, is_slow
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
     CONTEXT_EXTENSION,
+    FIRST_ATTEMPT,
     GATE,
+    NOT_RECORDED,
     RECORD,
     SEND,
     SLEEP,
+    UNTAKEN,
     First,
     Local,
     Steps,
     attempts,
     first_attempt,
     local_ops,
+    logger,
 )
 from .upstream import Resolver, Upstream
+from .wire import ATTEMPT_HEADER, FAST_HEADERS, OURS, TIMEOUT_HEADER, replayable, unstamp
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic = time.monotonic
+_new_tuple = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
 Started = First | tuple[Steps, Engine, Any]
 
 
@@ -91,6 +106,7 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
+        self._quiet: Engine | None = None
         self._local: tuple[StateStore | None, Local | None] = (None, None)
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine.transports.add(self)  # for the admin page's balancer view
@@ -163,6 +179,8 @@ class _Base:
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
+            if observer is None and self._resolver is None and up.plain:
+                self._quiet = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -229,6 +247,132 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # The common call, inlined (it is most calls, and every Python call and tuple
+        # costs here): a plain upstream (no instances, no hedging) on in-process state,
+        # no observer, the whole attempt timeout inside the deadline, the request's
+        # timeouts the last ones seen, no header of ours set by the caller, and a first
+        # attempt that ends the call. The same steps as `first_attempt` and
+        # `First.finish`, in the same order: anything else is handed to them, from the
+        # step it has reached.
+        ctx = _CURRENT.get()
+        engine = self.engine if ctx is None else ctx.engine
+        cached = self._local
+        try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
+            ref = request.url._uri_reference
+            up = self._upstreams.get((ref.host, ref.port))
+        except AttributeError:  # pragma: no cover - another httpx layout
+            up = None
+        if (
+            up is None
+            or not up.plain
+            or engine is not self._quiet
+            or up.policy is not engine.policy
+            or cached[0] is not engine.store
+            or engine.attempt_observer is not None
+        ):
+            return await self._handle(request)
+        local = cached[1]
+        assert local is not None  # (`_quiet` is only set with in-process state)
+        clock = engine.clock
+        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        own = ctx is None
+        if ctx is None:
+            ctx = DecisionContext(engine, "outbound", request.method, now)
+            if up.default_deadline_s is not None:
+                ctx.deadline_at = now + up.default_deadline_s
+        remaining = ctx.deadline_at
+        timeouts = request.extensions.get("timeout")
+        uncapped = up.uncapped
+        raw = request.headers._list if FAST_HEADERS else None
+        if (
+            raw is None
+            or uncapped is None
+            or timeouts != uncapped
+            or (remaining is not None and remaining - now < up.attempt_timeout_s)
+        ):
+            return await self._first(ctx, up, request, own, now, local, UNTAKEN)
+        for item in raw:  # (`take_ours`' test) a header of ours the caller set: rare
+            if item[1] in OURS:
+                return await self._first(ctx, up, request, own, now, local, UNTAKEN)
+        stream = request.stream  # judged before the attempt consumes it
+        can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+        try:
+            gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
+        except Exception as exc:
+            return await self._first(ctx, up, request, own, now, local, exc)
+        if gate is None:
+            source = SOURCE_REQUEST
+        elif gate.verdict == "allow":
+            source = SOURCE_MEMORY
+        else:
+            return await self._first(ctx, up, request, own, now, local, gate)
+        raw += up.first_stamps
+        counts = ctx._attempts  # (the `attempts` property, without its call)
+        if counts is None:
+            ctx._attempts = {up.key: 1}
+        else:
+            counts[up.key] = counts.get(up.key, 0) + 1
+        decision = _new_tuple(
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+        )
+        if ctx._pending is None:
+            ctx._decisions.append(decision)
+        else:
+            ctx.decisions.append(decision)
+        try:
+            response = await self.inner.handle_async_request(request)
+        except BaseException as exc:
+            first = _new_tuple(
+                First,
+                (ctx, up, request, own, None, now, local, gate, source, None, None, timeouts,
+                 can_replay),
+            )  # fmt: skip
+            return await self._drive(first.resume(None, exc), engine)
+        status = response.status_code
+        if status >= 500 or status in up.retry_statuses:
+            first = _new_tuple(
+                First,
+                (ctx, up, request, own, None, now, local, gate, source, None, None, timeouts,
+                 can_replay),
+            )  # fmt: skip
+            return await self._drive(first.resume(response, None), engine)
+        breaker = up.breaker
+        if gate is not None and breaker is not None:
+            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+            try:  # a lost outcome is logged, not raised
+                local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
+            except Exception as exc:
+                logger.warning(NOT_RECORDED, up.key, exc)
+        if len(raw) >= 2 and raw[-1][1] is TIMEOUT_HEADER and raw[-2][1] is ATTEMPT_HEADER:
+            del raw[-2:]
+        else:
+            unstamp(request.headers, None)
+        if own:
+            response.extensions[CONTEXT_EXTENSION] = ctx
+        return response
+
+    async def _first(
+        self,
+        ctx: DecisionContext,
+        up: Upstream,
+        request: httpx.Request,
+        own: bool,
+        now: float,
+        local: Local,
+        taken: Any,
+    ) -> httpx.Response:
+        """The shortcut's call from where it stopped: `first_attempt` on."""
+        first = first_attempt(ctx, up, request, own, None, now, local, taken)
+        try:
+            response = await self.inner.handle_async_request(request)
+        except BaseException as exc:
+            return await self._drive(first.resume(None, exc), ctx.engine)
+        return first.finish(response) or await self._drive(first.resume(response, None), ctx.engine)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        """Any call: its first attempt by `First` when it makes it, else the loop."""
         started = self._start(request, True)
         if isinstance(started, First):
             try:

@@ -87,6 +87,7 @@ class Upstream:
         "instances",
         "key",
         "paused_until",
+        "plain",
         "policy",
         "resolved",
         "retry",
@@ -135,6 +136,7 @@ class Upstream:
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
         self.instances: list[Instance] | None = None
+        self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
         if cfg.instances:
             self.set_instances(engine, cfg.instances)
 
@@ -145,5 +147,6 @@ class Upstream:
             return
         known = {i.url: i for i in self.instances or ()}
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
         # A service's budget is one for all its instances: the logical host's (the default).

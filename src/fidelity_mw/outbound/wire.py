@@ -33,7 +33,7 @@ _NO_TIMEOUT: Final[Mapping[str, float | None]] = {
     "write": None,
     "pool": None,
 }
-_OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
 
 
 def _has_fast_headers() -> bool:
@@ -52,9 +52,9 @@ def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None
         return None
     raw: list[tuple[bytes, bytes, bytes]] = headers._list
     for item in raw:
-        if item[1] in _OURS:
-            prior = [it for it in raw if it[1] in _OURS]
-            raw[:] = [it for it in raw if it[1] not in _OURS]
+        if item[1] in OURS:
+            prior = [it for it in raw if it[1] in OURS]
+            raw[:] = [it for it in raw if it[1] not in OURS]
             return prior
     return None
 
