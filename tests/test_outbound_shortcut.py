@@ -1,0 +1,319 @@
+"""The async transport's shortcut for the common call (issue 17, item 3).
+
+`FidelityTransport.handle_async_request` makes a plain upstream's call on in-process
+state itself once it has seen one from that engine, and hands anything it does not
+handle to `first_attempt` / `First` from the step it reached. These tests run the same
+calls, in the same order, on one reused transport of each kind (the async one takes its
+shortcut, the sync one goes through `First`) and on a fresh async transport per call (no
+shortcut yet), and require the same store operations, decisions, attempt counts, wire
+headers, timeouts and outcomes from all three; and that each of the shortcut's hand-offs
+was really taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw.context import _CURRENT, DecisionContext
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+URL = "http://svc.internal/x"
+KEY = "upstream:svc.internal"
+
+
+class Store(MemoryStore):
+    """A memory store that logs its outbound operations, and can fail its first gate."""
+
+    def __init__(self) -> None:
+        super().__init__(rng=seeded_random(3))
+        self.ops: list[tuple[Any, ...]] = []
+        self.fail_begin = False
+
+    def outbound_begin_now(self, *args: Any) -> Any:
+        self.ops.append(("begin", args[0], args[-1]))
+        if self.fail_begin:
+            raise RuntimeError("state unavailable")
+        return super().outbound_begin_now(*args)
+
+    def outbound_gate_now(self, *args: Any) -> Any:
+        self.ops.append(("gate", args[0], args[-2], args[-1]))
+        return super().outbound_gate_now(*args)
+
+    def record_now(self, *args: Any) -> Any:
+        self.ops.append(("record", args[0], args[3], args[-1]))
+        return super().record_now(*args)
+
+
+class Step:
+    """One call: what the upstream answers to each of its attempts (a status, or an
+    exception to raise), and how the call is made."""
+
+    def __init__(
+        self,
+        *answers: int | type[BaseException],
+        headers: dict[str, str] | None = None,
+        deadline_ms: float | None = None,
+        timeout: float = 5.0,
+        advance: float = 0.0,
+        fail_begin: bool = False,
+        method: str = "GET",
+    ) -> None:
+        self.answers = answers
+        self.headers = headers
+        self.deadline_ms = deadline_ms  # None: outside any request (the call's own context)
+        self.timeout = timeout
+        self.advance = advance
+        self.fail_begin = fail_begin
+        self.method = method
+
+    def request(self) -> httpx.Request:
+        timeout = httpx.Timeout(self.timeout).as_dict()
+        return httpx.Request(
+            self.method, URL, headers=self.headers, extensions={"timeout": timeout}
+        )
+
+
+def make_engine() -> tuple[Engine, Store, FakeClock]:
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="*",
+                retry=RetryConfig(attempts=3, base_ms=1, max_ms=1),
+                breaker=BreakerConfig(
+                    consecutive_failures=2, min_calls=100, open_s=0.05, open_jitter=0.0
+                ),
+            ),
+        )
+    )
+    store, clock = Store(), FakeClock()
+    return Engine(policy, clock=clock, rng=seeded_random(5), store=store), store, clock
+
+
+class Upstream:
+    """The inner transport's handler: each step's answers in order, 5 ms each."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.answers: list[int | type[BaseException]] = []
+        self.wire: list[tuple[Any, ...]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        headers = request.headers
+        self.wire.append(
+            (
+                headers.get_list("x-fidelity-attempt"),
+                headers.get_list("x-request-timeout-ms"),
+                dict(request.extensions["timeout"]),
+            )
+        )
+        self.clock.advance(0.005)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, int):
+            return httpx.Response(answer)
+        raise answer("upstream")
+
+
+def outcome(
+    engine: Engine, store: Store, upstream: Upstream, step: Step, request: httpx.Request
+) -> Callable[[httpx.Response | BaseException, DecisionContext | None], dict[str, Any]]:
+    before = list(request.headers.raw)
+
+    def seen(result: httpx.Response | BaseException, ctx: DecisionContext | None) -> dict[str, Any]:
+        if isinstance(result, httpx.Response):
+            own = result.extensions.get("fidelity_context")
+            assert (own is None) == (ctx is not None)  # only a call's own context goes back
+            ctx = ctx or own
+            shown: Any = result.status_code
+        else:
+            shown = type(result).__name__
+        assert ctx is not None
+        facts = {
+            "result": shown,
+            "ops": list(store.ops),
+            "decisions": [
+                (d.layer, d.verdict, d.reason, d.state_source, d.state_age_s, d.at)
+                for d in ctx.decisions
+            ],
+            "attempts": dict(ctx.attempts),
+            "wire": list(upstream.wire),
+            "headers_after": list(request.headers.raw) == before,
+            "timeout_after": dict(request.extensions["timeout"]),
+            "exhausted": ctx.upstream_exhausted,
+        }
+        store.ops.clear()
+        upstream.wire.clear()
+        return facts
+
+    return seen
+
+
+def begin(engine: Engine, store: Store, clock: FakeClock, upstream: Upstream, step: Step) -> Any:
+    clock.advance(step.advance)
+    store.fail_begin = step.fail_begin
+    upstream.answers = list(step.answers)
+    ctx = None
+    if step.deadline_ms is not None:
+        ctx = DecisionContext(engine, "/route", "GET", clock.monotonic())
+        ctx.deadline_at = clock.monotonic() + step.deadline_ms / 1000.0
+    return ctx
+
+
+def run_async(steps: list[Step], fresh: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """The steps on one async transport (or a new one per step); also which way each took."""
+    engine, store, clock = make_engine()
+    upstream = Upstream(clock)
+    paths: list[str] = []
+
+    def transport() -> FidelityTransport:
+        made = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+        handle, first = made._handle, made._first
+
+        async def spy_handle(request: httpx.Request) -> httpx.Response:
+            paths.append("handle")
+            return await handle(request)
+
+        async def spy_first(*args: Any) -> httpx.Response:
+            paths.append("first")
+            return await first(*args)
+
+        made._handle = spy_handle  # type: ignore[method-assign]
+        made._first = spy_first  # type: ignore[method-assign]
+        return made
+
+    async def main() -> list[dict[str, Any]]:
+        shared = transport()
+        out = []
+        for step in steps:
+            ctx = begin(engine, store, clock, upstream, step)
+            request = step.request()
+            seen = outcome(engine, store, upstream, step, request)
+            token = _CURRENT.set(ctx)
+            mark = len(paths)
+            result: httpx.Response | BaseException
+            try:
+                result = await (transport() if fresh else shared).handle_async_request(request)
+            except BaseException as exc:  # compared, not swallowed
+                result = exc
+            finally:
+                _CURRENT.reset(token)
+            if len(paths) == mark:
+                paths.append("shortcut")
+            out.append(seen(result, ctx))
+        return out
+
+    return asyncio.run(main()), paths
+
+
+def run_sync(steps: list[Step]) -> list[dict[str, Any]]:
+    engine, store, clock = make_engine()
+    upstream = Upstream(clock)
+    transport = FidelitySyncTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    out = []
+    for step in steps:
+        ctx = begin(engine, store, clock, upstream, step)
+        request = step.request()
+        seen = outcome(engine, store, upstream, step, request)
+        token = _CURRENT.set(ctx)
+        result: httpx.Response | BaseException
+        try:
+            result = transport.handle_request(request)
+        except BaseException as exc:  # compared, not swallowed
+            result = exc
+        finally:
+            _CURRENT.reset(token)
+        out.append(seen(result, ctx))
+    return out
+
+
+# Each step, and the way the reused async transport must take it.
+STEPS = [
+    (Step(200), "handle"),  # the transport's first call: the shortcut is not armed yet
+    (Step(200), "shortcut"),
+    (Step(200, deadline_ms=30_000), "shortcut"),  # inside a request's context
+    (Step(503, 200), "shortcut"),  # the loop takes over from the failed response
+    (Step(httpx.ConnectError, 200), "shortcut"),  # ... and from the inner transport's error
+    (Step(404, method="POST"), "shortcut"),  # not retryable: recorded, handed back
+    (Step(200, headers={"x-request-timeout-ms": "7"}), "first"),  # the caller's own header
+    (Step(200, headers={"X-Fidelity-Attempt": "9"}, deadline_ms=30_000), "first"),
+    (Step(200, deadline_ms=250), "first"),  # the deadline caps the attempt timeout
+    (Step(200, timeout=1.0), "first"),  # timeouts not seen before
+    (Step(200, timeout=1.0), "shortcut"),  # ... and now seen
+    (Step(200, fail_begin=True), "first"),  # the first gate failed: fail-open, recorded
+    (Step(503, 503, 503), "shortcut"),  # two failures open the breaker: the retry is refused
+    (Step(200, deadline_ms=30_000), "first"),  # open: refused before anything is sent
+    (Step(200, advance=0.1), "first"),  # half-open: this call is the probe, and closes it
+    (Step(200), "shortcut"),
+]
+
+
+def test_the_shortcut_and_first_make_the_same_calls() -> None:
+    steps = [step for step, _ in STEPS]
+    shortcut, paths = run_async(steps)
+    # every hand-off was really taken (a test that could not fail otherwise)
+    assert paths == [path for _, path in STEPS]
+    fresh, _ = run_async(steps, fresh=True)
+    sync = run_sync(steps)
+    for number, (a, f, s) in enumerate(zip(shortcut, fresh, sync, strict=True)):
+        assert a == f, f"step {number}: shortcut vs a fresh transport"
+        assert a == s, f"step {number}: async vs sync"
+
+
+def test_what_the_shortcut_does_on_a_success() -> None:
+    steps = [Step(200), Step(200, deadline_ms=30_000)]
+    results, paths = run_async(steps)
+    assert paths == ["handle", "shortcut"]
+    done = results[1]
+    assert done["result"] == 200
+    at = done["ops"][0][2]
+    assert done["ops"] == [("begin", KEY, at), ("record", KEY, "success", at + 0.005)]
+    assert done["decisions"] == [("retry", "allow", "attempt", "memory", 0.0, at)]
+    assert done["attempts"] == {"svc.internal": 1}
+    # one attempt header and one deadline header on the wire, and both off again
+    assert done["wire"] == [(["1"], ["10000"], httpx.Timeout(5.0).as_dict())]
+    assert done["headers_after"] is True
+
+
+def test_the_callers_own_header_is_replaced_on_the_wire_and_given_back() -> None:
+    steps = [Step(200), Step(200, headers={"x-request-timeout-ms": "7"})]
+    results, paths = run_async(steps)
+    assert paths == ["handle", "first"]
+    assert results[1]["wire"][0][:2] == (["1"], ["10000"])
+    assert results[1]["headers_after"] is True
+
+
+@pytest.mark.parametrize("cancel_on", [1, 2])
+def test_a_cancelled_attempt_gives_its_gate_back(cancel_on: int) -> None:
+    """Cancelled while the attempt is in flight, on the transport's first call (`First`)
+    or a later one (the shortcut): the breaker slot is released the same way."""
+    engine, store, clock = make_engine()
+    calls = 0
+
+    class Cancelling(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            nonlocal calls
+            calls += 1
+            if calls == cancel_on:
+                raise asyncio.CancelledError
+            return httpx.Response(200)
+
+    async def main() -> list[tuple[Any, ...]]:
+        transport = FidelityTransport(Cancelling(), engine=engine, telemetry=False)
+        for _ in range(cancel_on - 1):
+            await transport.handle_async_request(httpx.Request("GET", URL))
+        store.ops.clear()
+        with pytest.raises(asyncio.CancelledError):
+            await transport.handle_async_request(httpx.Request("GET", URL))
+        return list(store.ops)
+
+    ops = asyncio.run(main())
+    at = clock.monotonic()
+    assert ops == [("begin", KEY, at), ("record", KEY, "ignored", at)]
