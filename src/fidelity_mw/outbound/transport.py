@@ -24,6 +24,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -68,11 +69,12 @@ from .loop import (
     logger,
 )
 from .upstream import Resolver, Upstream
-from .wire import ATTEMPT_HEADER, FAST_HEADERS, OURS, TIMEOUT_HEADER, replayable, unstamp
+from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic = time.monotonic
 _new_tuple = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
+_name = operator.itemgetter(1)  # a raw header's lower-cased name
 Started = First | tuple[Steps, Engine, Any]
 
 
@@ -291,9 +293,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             or (remaining is not None and remaining - now < up.attempt_timeout_s)
         ):
             return await self._first(ctx, up, request, own, now, local, UNTAKEN)
-        for item in raw:  # (`take_ours`' test) a header of ours the caller set: rare
-            if item[1] in OURS:
-                return await self._first(ctx, up, request, own, now, local, UNTAKEN)
+        if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
+            return await self._first(ctx, up, request, own, now, local, UNTAKEN)
         stream = request.stream  # judged before the attempt consumes it
         can_replay = type(stream) is httpx.ByteStream or replayable(stream)
         try:
@@ -306,7 +307,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, now, local, gate)
-        raw += up.first_stamps
+        stamps = up.first_stamps
+        raw += stamps
         counts = ctx._attempts  # (the `attempts` property, without its call)
         if counts is None:
             ctx._attempts = {up.key: 1}
@@ -345,7 +347,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
             except Exception as exc:
                 logger.warning(NOT_RECORDED, up.key, exc)
-        if len(raw) >= 2 and raw[-1][1] is TIMEOUT_HEADER and raw[-2][1] is ATTEMPT_HEADER:
+        if len(raw) > 1 and raw[-1] is stamps[1] and raw[-2] is stamps[0]:  # still ours, last
             del raw[-2:]
         else:
             unstamp(request.headers, None)

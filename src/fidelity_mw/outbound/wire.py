@@ -34,6 +34,7 @@ _NO_TIMEOUT: Final[Mapping[str, float | None]] = {
     "pool": None,
 }
 OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+OURS_SET: Final = frozenset(OURS)
 
 
 def _has_fast_headers() -> bool:
