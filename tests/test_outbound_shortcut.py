@@ -82,6 +82,26 @@ class Step:
         )
 
 
+class Watcher:
+    """An attempt observer that logs what it is told (`AttemptObserver`, `CallObserver`)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    def attempt_start(self, ctx: DecisionContext, request: httpx.Request, attempt: int) -> Any:
+        self.log.append(("start", attempt, request.headers.get("x-fidelity-attempt")))
+        return attempt
+
+    def attempt_end(
+        self, token: Any, response: httpx.Response | None, error: BaseException | None
+    ) -> None:
+        status = None if response is None else response.status_code
+        self.log.append(("end", token, status, type(error).__name__ if error else None))
+
+    def call_end(self, ctx: DecisionContext) -> None:
+        self.log.append(("call_end", len(ctx.decisions)))
+
+
 def make_engine() -> tuple[Engine, Store, FakeClock]:
     policy = Policy(
         upstreams=(
@@ -123,7 +143,12 @@ class Upstream:
 
 
 def outcome(
-    engine: Engine, store: Store, upstream: Upstream, step: Step, request: httpx.Request
+    engine: Engine,
+    store: Store,
+    upstream: Upstream,
+    step: Step,
+    request: httpx.Request,
+    watcher: Watcher | None,
 ) -> Callable[[httpx.Response | BaseException, DecisionContext | None], dict[str, Any]]:
     before = list(request.headers.raw)
 
@@ -148,7 +173,10 @@ def outcome(
             "headers_after": list(request.headers.raw) == before,
             "timeout_after": dict(request.extensions["timeout"]),
             "exhausted": ctx.upstream_exhausted,
+            "observed": list(watcher.log) if watcher else None,
         }
+        if watcher:
+            watcher.log.clear()
         store.ops.clear()
         upstream.wire.clear()
         return facts
@@ -167,14 +195,26 @@ def begin(engine: Engine, store: Store, clock: FakeClock, upstream: Upstream, st
     return ctx
 
 
-def run_async(steps: list[Step], fresh: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def watched(engine: Engine, how: str) -> tuple[Watcher | None, dict[str, Any]]:
+    """No observer, the transport's own (`observer=`), or the engine's (as telemetry is)."""
+    watcher = Watcher() if how else None
+    if how == "engine":
+        engine.attempt_observer = watcher
+        return watcher, {"telemetry": True}
+    return watcher, {"observer": watcher, "telemetry": False}
+
+
+def run_async(
+    steps: list[Step], fresh: bool = False, how: str = ""
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The steps on one async transport (or a new one per step); also which way each took."""
     engine, store, clock = make_engine()
+    watcher, options = watched(engine, how)
     upstream = Upstream(clock)
     paths: list[str] = []
 
     def transport() -> FidelityTransport:
-        made = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+        made = FidelityTransport(httpx.MockTransport(upstream), engine=engine, **options)
         handle, first = made._handle, made._first
 
         async def spy_handle(request: httpx.Request) -> httpx.Response:
@@ -195,7 +235,7 @@ def run_async(steps: list[Step], fresh: bool = False) -> tuple[list[dict[str, An
         for step in steps:
             ctx = begin(engine, store, clock, upstream, step)
             request = step.request()
-            seen = outcome(engine, store, upstream, step, request)
+            seen = outcome(engine, store, upstream, step, request, watcher)
             token = _CURRENT.set(ctx)
             mark = len(paths)
             result: httpx.Response | BaseException
@@ -213,15 +253,16 @@ def run_async(steps: list[Step], fresh: bool = False) -> tuple[list[dict[str, An
     return asyncio.run(main()), paths
 
 
-def run_sync(steps: list[Step]) -> list[dict[str, Any]]:
+def run_sync(steps: list[Step], how: str = "") -> list[dict[str, Any]]:
     engine, store, clock = make_engine()
+    watcher, options = watched(engine, how)
     upstream = Upstream(clock)
-    transport = FidelitySyncTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    transport = FidelitySyncTransport(httpx.MockTransport(upstream), engine=engine, **options)
     out = []
     for step in steps:
         ctx = begin(engine, store, clock, upstream, step)
         request = step.request()
-        seen = outcome(engine, store, upstream, step, request)
+        seen = outcome(engine, store, upstream, step, request, watcher)
         token = _CURRENT.set(ctx)
         result: httpx.Response | BaseException
         try:
@@ -255,13 +296,18 @@ STEPS = [
 ]
 
 
-def test_the_shortcut_and_first_make_the_same_calls() -> None:
+@pytest.mark.parametrize("how", ["", "transport", "engine"])
+def test_the_shortcut_and_first_make_the_same_calls(how: str) -> None:
+    """Without an observer, with the transport's own, and with the engine's."""
     steps = [step for step, _ in STEPS]
-    shortcut, paths = run_async(steps)
+    shortcut, paths = run_async(steps, how=how)
     # every hand-off was really taken (a test that could not fail otherwise)
     assert paths == [path for _, path in STEPS]
-    fresh, _ = run_async(steps, fresh=True)
-    sync = run_sync(steps)
+    if how:  # and the observer saw every attempt, and every call's own end
+        assert all(facts["observed"] for facts in shortcut if facts["wire"])
+        assert ("call_end", 1) in shortcut[1]["observed"]
+    fresh, _ = run_async(steps, fresh=True, how=how)
+    sync = run_sync(steps, how=how)
     for number, (a, f, s) in enumerate(zip(shortcut, fresh, sync, strict=True)):
         assert a == f, f"step {number}: shortcut vs a fresh transport"
         assert a == s, f"step {number}: async vs sync"

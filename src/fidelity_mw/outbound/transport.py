@@ -48,7 +48,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .decisions import call_end, is_slow
+from .decisions import call_end, is_slow, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
@@ -108,7 +108,7 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
-        self._quiet: Engine | None = None
+        self._shortcut: Engine | None = None
         self._local: tuple[StateStore | None, Local | None] = (None, None)
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine.transports.add(self)  # for the admin page's balancer view
@@ -181,8 +181,8 @@ class _Base:
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
-            if observer is None and self._resolver is None and up.plain:
-                self._quiet = engine  # the async transport's shortcut may skip all of this
+            if self._resolver is None and up.plain:
+                self._shortcut = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -251,7 +251,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # The common call, inlined (it is most calls, and every Python call and tuple
         # costs here): a plain upstream (no instances, no hedging) on in-process state,
-        # no observer, the whole attempt timeout inside the deadline, the request's
+        # the whole attempt timeout inside the deadline, the request's
         # timeouts the last ones seen, no header of ours set by the caller, and a first
         # attempt that ends the call. The same steps as `first_attempt` and
         # `First.finish`, in the same order: anything else is handed to them, from the
@@ -267,14 +267,15 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if (
             up is None
             or not up.plain
-            or engine is not self._quiet
+            or engine is not self._shortcut
             or up.policy is not engine.policy
             or cached[0] is not engine.store
-            or engine.attempt_observer is not None
         ):
             return await self._handle(request)
+        # (`_start` looked the engine's observer up before it armed the shortcut)
+        observer = self._observer or engine.attempt_observer
         local = cached[1]
-        assert local is not None  # (`_quiet` is only set with in-process state)
+        assert local is not None  # (`_shortcut` is set only with in-process state)
         clock = engine.clock
         now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
         own = ctx is None
@@ -292,21 +293,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             or timeouts != uncapped
             or (remaining is not None and remaining - now < up.attempt_timeout_s)
         ):
-            return await self._first(ctx, up, request, own, now, local, UNTAKEN)
+            return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
-            return await self._first(ctx, up, request, own, now, local, UNTAKEN)
+            return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         stream = request.stream  # judged before the attempt consumes it
         can_replay = type(stream) is httpx.ByteStream or replayable(stream)
         try:
             gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
         except Exception as exc:
-            return await self._first(ctx, up, request, own, now, local, exc)
+            return await self._first(ctx, up, request, own, observer, now, local, exc)
         if gate is None:
             source = SOURCE_REQUEST
         elif gate.verdict == "allow":
             source = SOURCE_MEMORY
         else:
-            return await self._first(ctx, up, request, own, now, local, gate)
+            return await self._first(ctx, up, request, own, observer, now, local, gate)
         stamps = up.first_stamps
         raw += stamps
         counts = ctx._attempts  # (the `attempts` property, without its call)
@@ -321,12 +322,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             ctx._decisions.append(decision)
         else:
             ctx.decisions.append(decision)
+        token = None if observer is None else observe_start(observer, ctx, request, 1)
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException as exc:
             first = _new_tuple(
                 First,
-                (ctx, up, request, own, None, now, local, gate, source, None, None, timeouts,
+                (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
                  can_replay),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
@@ -334,7 +336,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if status >= 500 or status in up.retry_statuses:
             first = _new_tuple(
                 First,
-                (ctx, up, request, own, None, now, local, gate, source, None, None, timeouts,
+                (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
                  can_replay),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
@@ -347,12 +349,16 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
             except Exception as exc:
                 logger.warning(NOT_RECORDED, up.key, exc)
+        if observer is not None:
+            observe_end(observer, token, response, None)
         if len(raw) > 1 and raw[-1] is stamps[1] and raw[-2] is stamps[0]:  # still ours, last
             del raw[-2:]
         else:
             unstamp(request.headers, None)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
+            if observer is not None:
+                call_end(observer, ctx)
         return response
 
     async def _first(
@@ -361,12 +367,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         up: Upstream,
         request: httpx.Request,
         own: bool,
+        observer: AttemptObserver | None,
         now: float,
         local: Local,
         taken: Any,
     ) -> httpx.Response:
         """The shortcut's call from where it stopped: `first_attempt` on."""
-        first = first_attempt(ctx, up, request, own, None, now, local, taken)
+        first = first_attempt(ctx, up, request, own, observer, now, local, taken)
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException as exc:
