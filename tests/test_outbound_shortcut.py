@@ -363,3 +363,40 @@ def test_a_cancelled_attempt_gives_its_gate_back(cancel_on: int) -> None:
     ops = asyncio.run(main())
     at = clock.monotonic()
     assert ops == [("begin", KEY, at), ("record", KEY, "ignored", at)]
+
+
+class RemoteLike:
+    """A store without in-process twins (as Redis is): the loop awaits its operations."""
+
+    def __init__(self) -> None:
+        self.state = Store()
+        self.ops: list[str] = []
+
+    async def outbound_gate(self, *args: Any) -> Any:
+        self.ops.append("gate")
+        return await self.state.outbound_gate(*args)
+
+    async def record(self, *args: Any) -> Any:
+        self.ops.append("record")
+        return await self.state.record(*args)
+
+
+def test_an_engine_whose_store_is_replaced_is_not_taken_on_the_shortcut() -> None:
+    """Armed on in-process state, then the engine's store becomes one without
+    in-process operations: its calls go through the loop, not the shortcut."""
+    engine, _, clock = make_engine()
+    upstream = Upstream(clock)
+    upstream.answers = [200]
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    remote = RemoteLike()
+
+    async def main() -> list[int]:
+        statuses = [(await transport.handle_async_request(httpx.Request("GET", URL))).status_code]
+        engine.store = remote  # type: ignore[assignment]
+        for _ in range(2):
+            response = await transport.handle_async_request(httpx.Request("GET", URL))
+            statuses.append(response.status_code)
+        return statuses
+
+    assert asyncio.run(main()) == [200, 200, 200]
+    assert remote.ops == ["gate", "record"] * 2

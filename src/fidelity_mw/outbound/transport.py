@@ -270,12 +270,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             or engine is not self._shortcut
             or up.policy is not engine.policy
             or cached[0] is not engine.store
+            or (local := cached[1]) is None
         ):
             return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = self._observer or engine.attempt_observer
-        local = cached[1]
-        assert local is not None  # (`_shortcut` is set only with in-process state)
         clock = engine.clock
         now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
         own = ctx is None
