@@ -420,7 +420,12 @@ def report(
             f" The same rows as of `{rev}` (`--baseline {rev}`), in the same rounds: "
             f"layer +{layer[f'fidelity_req@{rev}']:.2f} µs inside a request, "
             f"+{layer[f'fidelity@{rev}']:.2f} µs outside one; through the client "
-            f"{_ratio(samples, f'fidelity_req@{rev}', 'plain'):.3f}x plain."
+            f"{_ratio(samples, f'fidelity_req@{rev}', 'plain'):.3f}x plain. Paired with "
+            f"it per round (now / then, median): through the client "
+            f"{_ratio(samples, 'fidelity_req', f'fidelity_req@{rev}'):.3f} inside a request "
+            f"({_delta(samples, 'fidelity_req', f'fidelity_req@{rev}'):+.2f} µs), "
+            f"{_ratio(samples, 'fidelity', f'fidelity@{rev}'):.3f} outside one "
+            f"({_delta(samples, 'fidelity', f'fidelity@{rev}'):+.2f} µs)."
         )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     return "\n".join(
