@@ -62,7 +62,7 @@ class Step:
         *answers: int | type[BaseException],
         headers: dict[str, str] | None = None,
         deadline_ms: float | None = None,
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
         advance: float = 0.0,
         fail_begin: bool = False,
         method: str = "GET",
@@ -70,12 +70,14 @@ class Step:
         self.answers = answers
         self.headers = headers
         self.deadline_ms = deadline_ms  # None: outside any request (the call's own context)
-        self.timeout = timeout
+        self.timeout = timeout  # None: the request carries no timeouts at all
         self.advance = advance
         self.fail_begin = fail_begin
         self.method = method
 
     def request(self) -> httpx.Request:
+        if self.timeout is None:
+            return httpx.Request(self.method, URL, headers=self.headers)
         timeout = httpx.Timeout(self.timeout).as_dict()
         return httpx.Request(
             self.method, URL, headers=self.headers, extensions={"timeout": timeout}
@@ -171,7 +173,7 @@ def outcome(
             "attempts": dict(ctx.attempts),
             "wire": list(upstream.wire),
             "headers_after": list(request.headers.raw) == before,
-            "timeout_after": dict(request.extensions["timeout"]),
+            "timeout_after": request.extensions.get("timeout"),
             "exhausted": ctx.upstream_exhausted,
             "observed": list(watcher.log) if watcher else None,
         }
@@ -288,6 +290,10 @@ STEPS = [
     (Step(200, deadline_ms=250), "first"),  # the deadline caps the attempt timeout
     (Step(200, timeout=1.0), "first"),  # timeouts not seen before
     (Step(200, timeout=1.0), "shortcut"),  # ... and now seen
+    (Step(200, timeout=30.0), "first"),  # timeouts the attempt timeout caps
+    (Step(503, 200, timeout=30.0), "shortcut"),  # ... capped again, on every attempt
+    (Step(200, timeout=None), "first"),  # no timeouts at all: capped too
+    (Step(200, timeout=None), "shortcut"),
     (Step(200, fail_begin=True), "first"),  # the first gate failed: fail-open, recorded
     (Step(503, 503, 503), "shortcut"),  # two failures open the breaker: the retry is refused
     (Step(200, deadline_ms=30_000), "first"),  # open: refused before anything is sent
@@ -400,3 +406,35 @@ def test_an_engine_whose_store_is_replaced_is_not_taken_on_the_shortcut() -> Non
 
     assert asyncio.run(main()) == [200, 200, 200]
     assert remote.ops == ["gate", "record"] * 2
+
+
+def test_capped_timeouts_are_remembered_and_each_request_gets_its_own() -> None:
+    """A client whose timeouts exceed the attempt timeout (10 s) sends equal ones with
+    every request: the shortcut takes them, capped, each request with its own mapping."""
+    engine, _, clock = make_engine()
+    upstream = Upstream(clock)
+    upstream.answers = [200]
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    long = httpx.Timeout(30.0, connect=2.0).as_dict()
+    requests = [httpx.Request("GET", URL, extensions={"timeout": dict(long)}) for _ in range(3)]
+    handle = transport._handle
+    general = 0
+
+    async def counted(request: httpx.Request) -> httpx.Response:
+        nonlocal general
+        general += 1
+        return await handle(request)
+
+    transport._handle = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for request in requests:
+            await transport.handle_async_request(request)
+
+    asyncio.run(main())
+    assert general == 1  # the first call; the others took the shortcut
+    capped = {"connect": 2.0, "read": 10.0, "write": 10.0, "pool": 10.0}
+    assert [wire[2] for wire in upstream.wire] == [capped] * 3
+    timeouts = [request.extensions["timeout"] for request in requests]
+    assert timeouts == [capped] * 3
+    assert len({id(t) for t in timeouts}) == 3

@@ -254,8 +254,7 @@ def first_attempt(
         if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
             # `_prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
-            if timeouts is None or timeouts != up.uncapped:
-                request.extensions["timeout"] = _uncapped(up, timeouts)
+            request.extensions["timeout"] = attempt_timeouts(up, timeouts)
             request.headers._list += up.first_stamps
             counts = ctx._attempts
             if counts is None:
@@ -769,10 +768,7 @@ def _prepare(
         request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
         stamp(request.headers, attempt, str(ms if ms > 0 else 1).encode())
     else:
-        timeouts = original_timeout
-        if timeouts is None or timeouts != up.uncapped:
-            timeouts = _uncapped(up, timeouts)
-        request.extensions["timeout"] = timeouts
+        request.extensions["timeout"] = attempt_timeouts(up, original_timeout)
         if attempt == 1:
             stamp_first(request.headers, up.first_stamps)
         else:
@@ -784,13 +780,23 @@ def _prepare(
         counts[up.key] = counts.get(up.key, 0) + 1
 
 
-def _uncapped(
+def attempt_timeouts(
     up: Upstream, timeouts: Mapping[str, float | None] | None
 ) -> Mapping[str, float | None]:
-    """An attempt's timeouts when the whole attempt timeout fits in the deadline; the
-    request's own when it caps none of them (remembered: a client sends equal ones with
-    every request, and comparing is cheaper than capping)."""
+    """An attempt's timeouts when the whole attempt timeout fits in the deadline: the
+    request's own capped at it (the request's own mapping when it caps none of them).
+    Remembered with the timeouts they came from: a client sends equal ones with every
+    request, and comparing is cheaper than capping."""
+    seen = up.timeouts
+    if seen is not None and timeouts == seen[0]:
+        capped = seen[1]
+        if capped is None:
+            assert timeouts is not None  # (a missing mapping is always capped)
+            return timeouts
+        return dict(capped)  # each request its own mapping, as `bounded_timeouts` gives
     bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
-    if bounded is timeouts:
-        up.uncapped = dict(bounded)
+    up.timeouts = (
+        None if timeouts is None else dict(timeouts),
+        None if bounded is timeouts else dict(bounded),
+    )
     return bounded

@@ -284,12 +284,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 ctx.deadline_at = now + up.default_deadline_s
         remaining = ctx.deadline_at
         timeouts = request.extensions.get("timeout")
-        uncapped = up.uncapped
+        seen = up.timeouts
         raw = request.headers._list if FAST_HEADERS else None
         if (
             raw is None
-            or uncapped is None
-            or timeouts != uncapped
+            or seen is None
+            or timeouts != seen[0]
             or (remaining is not None and remaining - now < up.attempt_timeout_s)
         ):
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
@@ -307,6 +307,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
+        capped = seen[1]
+        if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
+            request.extensions["timeout"] = dict(capped)
         stamps = up.first_stamps
         raw += stamps
         counts = ctx._attempts  # (the `attempts` property, without its call)

@@ -18,6 +18,9 @@ from .wire import first_stamps, literal_peer_trusted
 Resolver = Callable[[str], Sequence[str] | None]
 
 _MAX_INSTANCES: Final = 256
+# The last request timeouts seen (None: the request had none) and what an attempt's are
+# then, when the whole attempt timeout fits in the deadline (None: the request's own).
+TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None]
 
 
 class Instance:
@@ -93,8 +96,8 @@ class Upstream:
         "retry",
         "retry_statuses",
         "timeout_header",
+        "timeouts",
         "trusted",
-        "uncapped",
         "window",
     )
 
@@ -113,10 +116,10 @@ class Upstream:
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
         self.timeout_header = str(cfg.attempt_timeout_ms).encode()
         # Per-call work done once: a first attempt's headers (when the deadline leaves
-        # the whole attempt timeout), and the last request timeouts seen that the
-        # attempt timeout does not cap (a client sends equal ones with every request).
+        # the whole attempt timeout), and the attempt's timeouts for the last request
+        # timeouts seen (a client sends equal ones with every request).
         self.first_stamps = first_stamps(self.timeout_header)
-        self.uncapped: Mapping[str, float | None] | None = None
+        self.timeouts: TimeoutsSeen | None = None
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
