@@ -287,7 +287,9 @@ STEPS = [
     (Step(404, method="POST"), "shortcut"),  # not retryable: recorded, handed back
     (Step(200, headers={"x-request-timeout-ms": "7"}), "first"),  # the caller's own header
     (Step(200, headers={"X-Fidelity-Attempt": "9"}, deadline_ms=30_000), "first"),
-    (Step(200, deadline_ms=250), "first"),  # the deadline caps the attempt timeout
+    (Step(200, deadline_ms=250), "shortcut"),  # the deadline caps the attempt timeout
+    (Step(503, 200, deadline_ms=250), "shortcut"),  # ... and the retry's, shorter
+    (Step(200, deadline_ms=0), "first"),  # passed already: nothing is sent
     (Step(200, timeout=1.0), "first"),  # timeouts not seen before
     (Step(200, timeout=1.0), "shortcut"),  # ... and now seen
     (Step(200, timeout=30.0), "first"),  # timeouts the attempt timeout caps

@@ -252,7 +252,7 @@ def first_attempt(
         if gate is not None and gate.verdict != "allow":
             gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
         if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
-            # `_prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
+            # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
             request.extensions["timeout"] = attempt_timeouts(up, timeouts)
             request.headers._list += up.first_stamps
@@ -262,7 +262,7 @@ def first_attempt(
             else:
                 counts[up.key] = counts.get(up.key, 0) + 1
         else:
-            _prepare(ctx, up, request, 1, timeouts, remaining)
+            prepare(ctx, up, request, 1, timeouts, remaining)
         decision = _new_tuple(
             Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
@@ -363,7 +363,7 @@ def attempts(
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
                 # --- the attempt
                 number = attempt if race is None else race.next()
-                _prepare(ctx, up, request, number, original_timeout, remaining)
+                prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(
                         scheme=target.scheme, host=target.host, port=target.port
@@ -754,7 +754,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     target.open_until = now + shortest if state == OPEN else 0.0
 
 
-def _prepare(
+def prepare(
     ctx: DecisionContext,
     up: Upstream,
     request: httpx.Request,

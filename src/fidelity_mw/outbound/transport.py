@@ -67,6 +67,7 @@ from .loop import (
     first_attempt,
     local_ops,
     logger,
+    prepare,
 )
 from .upstream import Resolver, Upstream
 from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
@@ -251,11 +252,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # The common call, inlined (it is most calls, and every Python call and tuple
         # costs here): a plain upstream (no instances, no hedging) on in-process state,
-        # the whole attempt timeout inside the deadline, the request's
-        # timeouts the last ones seen, no header of ours set by the caller, and a first
-        # attempt that ends the call. The same steps as `first_attempt` and
-        # `First.finish`, in the same order: anything else is handed to them, from the
-        # step it has reached.
+        # a deadline not yet passed, request timeouts seen last time (when the deadline
+        # leaves the whole attempt timeout), no header of ours set by the caller, a
+        # breaker plainly closed (or none), and a first attempt that ends the call. The
+        # same steps as `first_attempt` and `First.finish`, in the same order: anything
+        # else is handed to them, from the step it has reached.
         ctx = _CURRENT.get()
         engine = self.engine if ctx is None else ctx.engine
         cached = self._local
@@ -286,12 +287,14 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout")
         seen = up.timeouts
         raw = request.headers._list if FAST_HEADERS else None
-        if (
-            raw is None
-            or seen is None
-            or timeouts != seen[0]
-            or (remaining is not None and remaining - now < up.attempt_timeout_s)
-        ):
+        tight = False  # the deadline caps the attempt timeout
+        if remaining is not None:
+            remaining -= now
+            if remaining < up.attempt_timeout_s:
+                if remaining <= 0.0:  # passed already: `first_attempt` says so
+                    return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
+                tight = True
+        if raw is None or (not tight and (seen is None or timeouts != seen[0])):
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
@@ -307,16 +310,20 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
-        capped = seen[1]
-        if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
-            request.extensions["timeout"] = dict(capped)
         stamps = up.first_stamps
-        raw += stamps
-        counts = ctx._attempts  # (the `attempts` property, without its call)
-        if counts is None:
-            ctx._attempts = {up.key: 1}
+        if tight:
+            prepare(ctx, up, request, 1, timeouts, remaining)
         else:
-            counts[up.key] = counts.get(up.key, 0) + 1
+            assert seen is not None
+            capped = seen[1]
+            if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
+                request.extensions["timeout"] = dict(capped)
+            raw += stamps
+            counts = ctx._attempts  # (the `attempts` property, without its call)
+            if counts is None:
+                ctx._attempts = {up.key: 1}
+            else:
+                counts[up.key] = counts.get(up.key, 0) + 1
         decision = _new_tuple(
             Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
