@@ -81,9 +81,7 @@ from .decisions import (
 from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
-    ATTEMPT_HEADER,
     FAST_HEADERS,
-    TIMEOUT_HEADER,
     bounded_timeouts,
     replayable,
     stamp,
@@ -108,7 +106,7 @@ Steps = Generator[Effect, Any, httpx.Response]
 FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
 _monotonic = time.monotonic
-NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
+_NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 
 
@@ -171,32 +169,17 @@ class First(NamedTuple):
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
-        if gate is not None or up.window is not None:
-            clock = ctx.engine.clock
-            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
-            if up.window is not None:
-                up.window.add(ended - now)
-            breaker = up.breaker
-            if gate is not None and breaker is not None:
-                outcome = FAILURE if status in up.fail_statuses else SUCCESS
-                slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
-                try:  # `_record_now`, inlined: a lost outcome is logged, not raised
-                    local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
-                except Exception as exc:
-                    logger.warning(NOT_RECORDED, up.key, exc)
+        clock = ctx.engine.clock
+        ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        if up.window is not None:
+            up.window.add(ended - now)
+        breaker = up.breaker
+        if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
-        raw = request.headers._list if FAST_HEADERS else None
-        if (  # `unstamp`, inlined for its common case: our two stamps last, nothing set aside
-            raw is not None
-            and prior is None
-            and len(raw) >= 2
-            and raw[-1][1] is TIMEOUT_HEADER
-            and raw[-2][1] is ATTEMPT_HEADER
-        ):
-            del raw[-2:]
-        else:
-            unstamp(request.headers, prior)
+        unstamp(request.headers, prior)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -448,7 +431,7 @@ def attempts(
                         try:
                             state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
                         except Exception as exc:
-                            logger.warning(NOT_RECORDED, up.key, exc)
+                            logger.warning(_NOT_RECORDED, up.key, exc)
                     if target is not None:
                         _learned_state(target, breaker, state, ended)
                 elif not gated and target is not None and breaker is not None:  # around it
@@ -717,7 +700,7 @@ def _record_now(
     try:
         state: str = local.record(breaker_key, breaker, gate, outcome, slow, ended)
     except Exception as exc:
-        logger.warning(NOT_RECORDED, up.key, exc)
+        logger.warning(_NOT_RECORDED, up.key, exc)
         return ""
     return state
 

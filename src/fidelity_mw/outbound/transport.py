@@ -48,14 +48,13 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .decisions import call_end, is_slow, observe_end, observe_start
+from .decisions import call_end, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
     GATE,
-    NOT_RECORDED,
     RECORD,
     SEND,
     SLEEP,
@@ -63,10 +62,10 @@ from .loop import (
     First,
     Local,
     Steps,
+    _record_now,
     attempts,
     first_attempt,
     local_ops,
-    logger,
     prepare,
 )
 from .upstream import Resolver, Upstream
@@ -353,11 +352,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if gate is not None and breaker is not None:
             ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
-            try:  # a lost outcome is logged, not raised
-                local.record(up.breaker_key, breaker, gate, outcome, slow, ended)
-            except Exception as exc:
-                logger.warning(NOT_RECORDED, up.key, exc)
+            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
         if len(raw) > 1 and raw[-1] is stamps[1] and raw[-2] is stamps[0]:  # still ours, last
