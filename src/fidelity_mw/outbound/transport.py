@@ -6,7 +6,10 @@
 Both drive the same attempt loop (`fidelity_mw.outbound.loop`): it decides
 (instance, deadline, breaker, retry, budget, backoff) and asks for I/O by
 yielding effects; the async transport awaits them, the sync one blocks on
-them. Nothing else differs.
+them. Nothing else differs, but for one shortcut: the async transport makes
+the commonest call (a plain upstream on in-process state, a first attempt that
+ends it) in one function of its own, with the same steps in the same order
+(tests/test_outbound_shortcut.py holds the two transports to the same calls).
 
 Inside a request handled by `FidelityMiddleware` the transport uses that
 request's `DecisionContext` (deadline, decisions) and the middleware's engine
