@@ -440,3 +440,37 @@ def test_capped_timeouts_are_remembered_and_each_request_gets_its_own() -> None:
     timeouts = [request.extensions["timeout"] for request in requests]
     assert timeouts == [capped] * 3
     assert len({id(t) for t in timeouts}) == 3
+
+
+@pytest.mark.parametrize("calls_before", [0, 1])
+def test_a_failure_before_the_send_leaves_nothing_of_ours_on_the_request(
+    calls_before: int,
+) -> None:
+    """A request context whose pending decisions cannot be built (a broken builder)
+    fails the call before anything is sent, on `First` (the transport's first call) and
+    on the shortcut alike: the request keeps only the caller's headers."""
+    engine, _, clock = make_engine()
+    upstream = Upstream(clock)
+    upstream.answers = [200]
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+
+    def broken(ctx: DecisionContext) -> None:
+        raise RuntimeError("cannot build")
+
+    async def main() -> httpx.Request:
+        for _ in range(calls_before):
+            await transport.handle_async_request(httpx.Request("GET", URL))
+        ctx = DecisionContext(engine, "/route", "GET", clock.monotonic())
+        ctx._pending = (broken,)
+        request = httpx.Request("GET", URL, headers={"accept": "text/plain"})
+        token = _CURRENT.set(ctx)
+        try:
+            with pytest.raises(RuntimeError, match="cannot build"):
+                await transport.handle_async_request(request)
+        finally:
+            _CURRENT.reset(token)
+        return request
+
+    request = asyncio.run(main())
+    assert [name for name, _ in request.headers.raw] == [b"Host", b"accept"]
+    assert len(upstream.wire) == calls_before  # the failed call sent nothing

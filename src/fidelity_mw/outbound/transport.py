@@ -313,27 +313,33 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
         stamps = up.first_stamps
-        if tight:
-            prepare(ctx, up, request, 1, timeouts, remaining)
-        else:
-            assert seen is not None
-            capped = seen[1]
-            if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
-                request.extensions["timeout"] = dict(capped)
-            raw += stamps
-            counts = ctx._attempts  # (the `attempts` property, without its call)
-            if counts is None:
-                ctx._attempts = {up.key: 1}
+        try:
+            if tight:
+                prepare(ctx, up, request, 1, timeouts, remaining)
             else:
-                counts[up.key] = counts.get(up.key, 0) + 1
-        decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
-        )
-        if ctx._pending is None:
-            ctx._decisions.append(decision)
-        else:
-            ctx.decisions.append(decision)
-        token = None if observer is None else observe_start(observer, ctx, request, 1)
+                assert seen is not None
+                capped = seen[1]
+                if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
+                    request.extensions["timeout"] = dict(capped)
+                raw += stamps
+                counts = ctx._attempts  # (the `attempts` property, without its call)
+                if counts is None:
+                    ctx._attempts = {up.key: 1}
+                else:
+                    counts[up.key] = counts.get(up.key, 0) + 1
+            decision = _new_tuple(
+                Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+            )
+            if ctx._pending is None:
+                ctx._decisions.append(decision)
+            else:
+                ctx.decisions.append(decision)
+            token = None if observer is None else observe_start(observer, ctx, request, 1)
+        except BaseException:  # as `first_attempt`: nothing of ours stays on the request
+            unstamp(request.headers, None)
+            if own and observer is not None:
+                call_end(observer, ctx)
+            raise
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException as exc:
