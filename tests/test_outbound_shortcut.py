@@ -474,3 +474,40 @@ def test_a_failure_before_the_send_leaves_nothing_of_ours_on_the_request(
     request = asyncio.run(main())
     assert [name for name, _ in request.headers.raw] == [b"Host", b"accept"]
     assert len(upstream.wire) == calls_before  # the failed call sent nothing
+
+
+def test_a_streaming_body_is_judged_before_the_shortcut_sends_it() -> None:
+    """A body that cannot be sent twice (an async iterator; MockTransport reads it, which
+    leaves a replayable-looking buffer behind) is not retried, on the shortcut as on a
+    fresh transport: the judgement is made before the first send."""
+
+    def run(fresh: bool) -> list[Any]:
+        engine, store, clock = make_engine()
+        upstream = Upstream(clock)
+        shared = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+
+        async def body() -> Any:
+            yield b"part"
+
+        async def main() -> list[Any]:
+            upstream.answers = [200]
+            await shared.handle_async_request(httpx.Request("GET", URL))  # arms the shortcut
+            upstream.answers = [503, 200]
+            store.ops.clear()
+            transport = (
+                FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+                if fresh
+                else shared
+            )
+            response = await transport.handle_async_request(
+                httpx.Request("PUT", URL, content=body())
+            )
+            ctx = response.extensions["fidelity_context"]
+            return [response.status_code, [(d.verdict, d.reason) for d in ctx.decisions]]
+
+        return asyncio.run(main())
+
+    shortcut = run(fresh=False)
+    assert shortcut == run(fresh=True)
+    assert shortcut[0] == 503  # not sent again
+    assert ("give_up", "body_not_replayable") in shortcut[1]
