@@ -49,10 +49,13 @@ class FakeTransport:
     def __init__(self, port: int) -> None:
         self.port = port
         self.writes = 0
+        self.head = b""  # the last status line and headers written
         self.closing = False
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        if data.startswith(b"HTTP/"):
+            self.head = data
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": (served.HOST, 8000), "peername": (served.HOST, self.port)}.get(
