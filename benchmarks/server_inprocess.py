@@ -18,6 +18,10 @@ which do not depend on the machine's load.
 
     .venv/bin/python benchmarks/server_inprocess.py [--rounds 12] [--batch 6400]
         [--variants bare,noop,headers,fidelity-noheaders,fidelity-memory] [--count] [--no-write]
+
+A variant `fidelity-memory@REV` runs FidelityMiddleware as of git revision REV (extracted
+under another package name, as benchmarks/overhead.py `--baseline` does) beside the
+working tree's, in the same rounds.
 """
 
 from __future__ import annotations
@@ -75,6 +79,27 @@ class FakeTransport:
         pass
 
 
+def baseline_app(variant: str) -> Any:
+    """`fidelity-memory@REV`: FidelityMiddleware as of git revision REV, same app and policy."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from benchmarks._asgi import hello
+    from benchmarks.overhead import baseline_package
+
+    kind, rev = variant.split("@", 1)
+    if kind != "fidelity-memory":
+        raise SystemExit(f"only fidelity-memory@REV can be a baseline, not {variant!r}")
+    old = baseline_package(rev)
+    policy = old.Policy(
+        state=old.StateConfig(url="memory://", key_prefix=served.PREFIX),
+        rate_limits=(old.RateLimit(name="per-client", rate=served.PERMISSIVE, key="client_ip"),),
+    )
+    return old.FidelityMiddleware(
+        Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
+    )
+
+
 class Server:
     """One variant's app behind `CONNECTIONS` uvicorn connections."""
 
@@ -83,7 +108,7 @@ class Server:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.server import ServerState
 
-        app = served.build_app(variant, "")
+        app = baseline_app(variant) if "@" in variant else served.build_app(variant, "")
         config = Config(
             app=app,
             http="httptools",
@@ -183,6 +208,16 @@ def report(
             extra = "" if name == "bare" else f" ({counts[name] - counts['bare']:+.0f})"
             row += f" {counts[name]:.0f}{extra} |"
         lines.append(row)
+    for name in samples:
+        if "@" in name and name.split("@")[0] in samples:
+            mine = samples[name.split("@")[0]]
+            diffs = [v - b for v, b in zip(mine, samples[name], strict=True)]
+            ratios = [v / b for v, b in zip(mine, samples[name], strict=True)]
+            lines.append(
+                f"\n{name.split('@')[0]} vs {name}: {statistics.median(diffs) * 1e6:+.2f} µs "
+                f"per request, {statistics.median(ratios):.3f} x (medians of per-round paired "
+                "differences and ratios)."
+            )
     lines += [
         "",
         f"{rounds} rounds x {batch} requests per variant (order reversed each round), process "
@@ -204,7 +239,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
-    bad = [v for v in variants if v not in served.VARIANTS or v in served.REDIS_VARIANTS]
+    bad = [
+        v
+        for v in variants
+        if "@" not in v and (v not in served.VARIANTS or v in served.REDIS_VARIANTS)
+    ]
     if bad:
         parser.error(f"not an in-process variant: {bad}")
     if "bare" not in variants:
