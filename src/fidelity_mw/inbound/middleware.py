@@ -109,7 +109,6 @@ class FidelityMiddleware:
         self._verdict = admission.verdict
         self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
-        self._record_now = store_.record_now
         self._records_now = store_.record_now is not None  # an outcome recorded in process
         self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
@@ -271,33 +270,22 @@ class FidelityMiddleware:
                 # OutcomeRecorder.after_app's common case, inline: served, a success
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
-                gate = result.gate if result is not None else None
-                if gate is not None:
-                    # OutcomeRecorder.record, inline (a frame less per request). A success
-                    # never opens the breaker and lands in a 3 s bucket: the start time is
-                    # close enough and saves a clock read. (A gate comes only from the
-                    # route's breaker: key and config are set; and only a store that
-                    # records in process gets here.)
+                if result is not None and result.gate is not None:
                     try:
-                        if (
-                            self._record_now(  # type: ignore[misc]
-                                plan.breaker_key,  # type: ignore[arg-type]
-                                plan.breaker,  # type: ignore[arg-type]
-                                gate,
-                                SUCCESS,
-                                False,
-                                now,
-                            )
-                            is None
-                        ):  # not in process after all (a tiered probe): the store's way
-                            await self.engine.store.record(
-                                plan.breaker_key,  # type: ignore[arg-type]
-                                plan.breaker,  # type: ignore[arg-type]
-                                gate,
-                                SUCCESS,
-                                False,
-                                now,
-                            )
+                        # A success never opens the breaker and lands in a 3 s bucket:
+                        # the start time is close enough and saves a clock read. (A gate
+                        # comes only from the route's breaker: key and config are set.)
+                        pending = outcomes.record(
+                            ctx.route,
+                            plan.breaker_key,  # type: ignore[arg-type]
+                            plan.breaker,  # type: ignore[arg-type]
+                            result.gate,
+                            SUCCESS,
+                            False,
+                            now,
+                        )
+                        if pending is not None:  # not in process after all (a tiered probe)
+                            await pending
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route
