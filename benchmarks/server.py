@@ -13,6 +13,10 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   slowapi-memory    + slowapi's ASGI middleware, memory storage
   slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
 
+`fidelity-memory@REV` serves FidelityMiddleware as of git revision REV (extracted under
+another package name, as benchmarks/overhead.py `--baseline` does): a change measured
+before and after in the same rounds.
+
 Every middleware has one permissive per-client limit (every response must be a
 200); FidelityMiddleware also has its default route breaker and a deadline from
 `x-request-timeout-ms`, which wrk sends; telemetry off. All requests come from
@@ -127,6 +131,27 @@ class Passthrough:
         await self.app(scope, receive, add_headers)
 
 
+def baseline_app(variant: str) -> Any:
+    """`fidelity-memory@REV`: FidelityMiddleware as of git revision REV, same app and policy."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from benchmarks._asgi import hello
+    from benchmarks.overhead import baseline_package
+
+    kind, rev = variant.split("@", 1)
+    if kind != "fidelity-memory":
+        raise SystemExit(f"only fidelity-memory@REV can be a baseline, not {variant!r}")
+    old = baseline_package(rev)
+    policy = old.Policy(
+        state=old.StateConfig(url="memory://", key_prefix=PREFIX),
+        rate_limits=(old.RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
+    )
+    return old.FidelityMiddleware(
+        Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
+    )
+
+
 def build_app(variant: str, redis_url: str) -> Any:
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -134,6 +159,8 @@ def build_app(variant: str, redis_url: str) -> Any:
     from benchmarks._asgi import hello
 
     routes = [Route("/hello", hello)]
+    if "@" in variant:
+        return baseline_app(variant)
     if variant == "bare":
         return Starlette(routes=routes)
     if variant == "noop":
@@ -696,7 +723,7 @@ def main() -> None:
         raise SystemExit("needs uvloop and httptools: pip install -e '.[dev]'") from None
     args.connections = [int(c) for c in args.connections.split(",")]
     args.variants = [v.strip() for v in args.variants.split(",")]
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = {v for v in args.variants if "@" not in v} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
     if "bare" not in args.variants:

@@ -79,27 +79,6 @@ class FakeTransport:
         pass
 
 
-def baseline_app(variant: str) -> Any:
-    """`fidelity-memory@REV`: FidelityMiddleware as of git revision REV, same app and policy."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    from benchmarks._asgi import hello
-    from benchmarks.overhead import baseline_package
-
-    kind, rev = variant.split("@", 1)
-    if kind != "fidelity-memory":
-        raise SystemExit(f"only fidelity-memory@REV can be a baseline, not {variant!r}")
-    old = baseline_package(rev)
-    policy = old.Policy(
-        state=old.StateConfig(url="memory://", key_prefix=served.PREFIX),
-        rate_limits=(old.RateLimit(name="per-client", rate=served.PERMISSIVE, key="client_ip"),),
-    )
-    return old.FidelityMiddleware(
-        Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
-    )
-
-
 class Server:
     """One variant's app behind `CONNECTIONS` uvicorn connections."""
 
@@ -108,7 +87,7 @@ class Server:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.server import ServerState
 
-        app = baseline_app(variant) if "@" in variant else served.build_app(variant, "")
+        app = served.build_app(variant, "")
         config = Config(
             app=app,
             http="httptools",
