@@ -172,3 +172,22 @@ def test_compiled_wheel_keeps_the_sources() -> None:
         for suffix in EXTENSION_SUFFIXES:
             base = base.removesuffix(suffix)
         assert Path(base + ".py").is_file(), base
+
+
+def test_benchmark_pairs_each_build_with_its_own_bare_route() -> None:
+    from argparse import Namespace
+
+    from benchmarks.compiled import report
+
+    def rnd(bare: float, fidelity: float) -> dict[str, float]:
+        return {"bare": bare, "handwritten": bare + 1e-6, "fidelity": fidelity}
+
+    # Drift moves both variants of a round together; the paired overheads do not move.
+    samples = {
+        "pure": [rnd(10e-6, 30e-6), rnd(20e-6, 40e-6), rnd(12e-6, 32e-6)],
+        "compiled": [rnd(10e-6, 20e-6), rnd(20e-6, 30e-6), rnd(12e-6, 22e-6)],
+    }
+    text = report(samples, Namespace(rounds=3, batch=1, cpu_time=True))
+    assert "| pure | 12.00 | 32.00 | +20.00 µs | 2.667 | 20.0 |" in text
+    assert "| compiled | 12.00 | 22.00 | +10.00 µs | 1.833 | 10.0 |" in text
+    assert "compiled overhead / pure overhead: 0.500" in text
