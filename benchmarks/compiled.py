@@ -10,6 +10,12 @@ ratio of those overheads. Medians throughout.
 
     bash scripts/compiled.sh -q tests/test_compiled.py    # build + install the wheel
     .venv/bin/python benchmarks/compiled.py [--rounds 20] [--batch 2000] [--cpu-time]
+
+Under a real server: `--server [server.py options]` runs benchmarks/server.py with one more
+variant, `fidelity-memory-compiled`: the same app as `fidelity-memory`, served by the
+compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`.
+
+    .venv/bin/python benchmarks/compiled.py --server --rounds 3 --connections 32,256
 """
 
 from __future__ import annotations
@@ -80,7 +86,41 @@ class Worker:
         self.proc.wait(timeout=30)
 
 
+COMPILED_VARIANT = "fidelity-memory-compiled"
+
+
+def under_server(compiled_python: str, argv: list[str]) -> None:
+    """benchmarks/server.py as it is, one variant's server started by the compiled venv."""
+    check = "import fidelity_mw; assert fidelity_mw.compiled, fidelity_mw.__file__"
+    subprocess.run([compiled_python, "-c", check], check=True)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import server
+
+    plain_pinned = server.pinned
+
+    def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+        if COMPILED_VARIANT in argv:
+            argv = [compiled_python, *argv[1:]]
+            argv[argv.index(COMPILED_VARIANT)] = "fidelity-memory"
+        return plain_pinned(cpu, argv)
+
+    server.pinned = pinned
+    server.VARIANTS = (*server.VARIANTS, COMPILED_VARIANT)
+    variants = ["--variants", f"bare,fidelity-memory,{COMPILED_VARIANT}"]
+    sys.argv = [str(Path(server.__file__)), *variants, "--no-write", *argv]
+    server.main()
+
+
 def main() -> None:
+    if "--server" in sys.argv:
+        args = [a for a in sys.argv[1:] if a != "--server"]
+        python = str(ROOT / ".venv-compiled/bin/python")
+        if "--compiled" in args:
+            i = args.index("--compiled")
+            python = args[i + 1]
+            del args[i : i + 2]
+        under_server(python, args)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=2000)
