@@ -47,6 +47,7 @@ import redis as redis_sync
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+import fidelity_mw
 from fidelity_mw.decide import breaker as breaker_module
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
@@ -593,6 +594,9 @@ PLANTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 def test_planted_bug_is_caught(
     name: str, harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if name.startswith("py:") and fidelity_mw.compiled:
+        # the compiled modules call these directly: a patched module attribute never runs
+        pytest.skip("compiled build: the plant patches a function compiled code binds")
     PLANTS[name](monkeypatch)
 
     @settings(

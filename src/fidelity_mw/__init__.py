@@ -5,6 +5,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .buildinfo import compiled
     from .context import Decision, DecisionContext, current
     from .engine import Engine
     from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
@@ -43,6 +44,7 @@ _LAZY = {
     "StateConfig": ".policy",
     "StateUnavailable": ".errors",
     "UpstreamConfig": ".policy",
+    "compiled": ".buildinfo",
     "current": ".context",
 }
 
@@ -79,6 +81,7 @@ __all__ = [
     "StateConfig",
     "StateUnavailable",
     "UpstreamConfig",
+    "compiled",
     "current",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..buildinfo import build_name
 from ..decide.balance import ejected
 from ..decide.budget import budget_allowance
 from ..engine import Engine
@@ -161,6 +162,7 @@ def render(
     return {
         "generated_at": engine.clock.wall(),
         "policy_version": engine.policy.version,
+        "build": build_name(),
         "store": {
             "kind": snap.kind,
             "source": snap.source,

@@ -429,7 +429,9 @@ class BreakerConfig(_Validated):
     slow_call_ms: int | None = _spec(None, optional(int_in(1, 86_400_000)))
     slow_call_ratio: float | None = _spec(None, optional(number_in(0.0, 1.0, lo_open=True)))
     consecutive_failures: int | None = _spec(None, optional(int_in(1, 1_000_000)))
-    failure_statuses: tuple[int, ...] = _spec(tuple(range(500, 600)), _statuses)
+    # Given as a list or tuple (or "5xx" classes), held as a frozenset: the annotation says
+    # both, because the compiled build checks attribute types where it reads them.
+    failure_statuses: frozenset[int] | tuple[int, ...] = _spec(tuple(range(500, 600)), _statuses)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "failure_statuses", _statuses_from(self.failure_statuses))

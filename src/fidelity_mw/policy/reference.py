@@ -355,6 +355,7 @@ _TYPES = {
     "tuple[str, ...]": "array of strings",
     "tuple[str, ...] | None": "array of strings",
     "tuple[int, ...]": "array of integers / strings",
+    "frozenset[int] | tuple[int, ...]": "array of integers / strings",
     "str | KeyFunc": "string",
     "bool | BreakerConfig": "boolean or table",
     "BreakerConfig | None": "table or `false`",

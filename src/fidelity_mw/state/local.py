@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from .._mypyc import mypyc_attr
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
 from ..decide.gcra import (
@@ -82,6 +83,7 @@ def _keep_credit(credits: dict[str, tuple[float, float]], key: str, left: float,
         credits.pop(key, None)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 class GcraTable:
     """key -> TAT, with lossless sweeping of idle keys and least-loss eviction."""
 
@@ -194,6 +196,7 @@ def _budget_idle(window: BudgetWindow, now: float) -> bool:
     return window.totals(now) == (0, 0)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # MemoryStore, test stores
 class LocalState:
     """Breakers, limits and budgets of this process. Thread-safe (sync routes run in a
     thread pool); every method is synchronous and does no I/O.

@@ -124,6 +124,13 @@ def run_audit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
+def _version() -> str:
+    from .. import __version__
+    from ..buildinfo import build_name
+
+    return f"fidelity-mw {__version__} ({build_name()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..demo import add_demo_arguments, run_demo
 
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fidelity-mw",
         description="Retries, circuit breaking and rate limiting for ASGI apps, in one place.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser(

@@ -1,0 +1,185 @@
+"""The mypyc-compiled build against the pure-Python build, in the same interleaved rounds.
+
+One worker process per build (each its own venv: `.venv` runs the sources, `.venv-compiled`
+the compiled wheel that `scripts/compiled.sh` installs), both warmed up and kept alive. Each
+round asks both workers, in a shuffled order and one at a time (they never compete for a
+core), to time the in-process variants of benchmarks/overhead.py (bare, handwritten,
+fidelity) in a shuffled order. Per build, the fidelity overhead is the per-round paired
+difference to that process's own bare route; the builds are compared by the per-round
+ratio of those overheads. Medians throughout.
+
+    bash scripts/compiled.sh -q tests/test_compiled.py    # build + install the wheel
+    .venv/bin/python benchmarks/compiled.py [--rounds 20] [--batch 2000] [--cpu-time]
+
+Under a real server: `--server [server.py options]` runs benchmarks/server.py with one more
+variant, `fidelity-memory-compiled`: the same app as `fidelity-memory`, served by the
+compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`.
+
+    .venv/bin/python benchmarks/compiled.py --server --rounds 3 --connections 32,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("bare", "handwritten", "fidelity")
+
+
+def worker(batch: int, seed: int, cpu_time: bool) -> None:
+    """Serve rounds over stdin/stdout: one JSON line of seconds per request per variant."""
+    sys.path.insert(0, str(ROOT))
+    import fidelity_mw
+    from benchmarks._asgi import run_batch
+    from benchmarks.overhead import build_apps
+
+    timer = time.process_time if cpu_time else time.perf_counter
+    apps = {name: app for name, app in build_apps().items() if name in VARIANTS}
+    loop = asyncio.new_event_loop()
+    for app in apps.values():
+        loop.run_until_complete(run_batch(app, 500))
+    shuffle = random.Random(seed).shuffle
+    order = list(apps)
+    print(json.dumps({"compiled": fidelity_mw.compiled, "file": fidelity_mw.__file__}), flush=True)
+    for _ in sys.stdin:
+        shuffle(order)
+        result = {
+            name: loop.run_until_complete(run_batch(apps[name], batch, timer)) for name in order
+        }
+        print(json.dumps(result), flush=True)
+
+
+class Worker:
+    def __init__(self, python: str, args: argparse.Namespace) -> None:
+        cmd = [python, __file__, "--worker", "--batch", str(args.batch), "--seed", str(args.seed)]
+        if args.cpu_time:
+            cmd.append("--cpu-time")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello: dict[str, Any] = json.loads(self._line())
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args[0]} exited")
+        return line
+
+    def round(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        result: dict[str, float] = json.loads(self._line())
+        return result
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+COMPILED_VARIANT = "fidelity-memory-compiled"
+
+
+def under_server(compiled_python: str, argv: list[str]) -> None:
+    """benchmarks/server.py as it is, one variant's server started by the compiled venv."""
+    check = "import fidelity_mw; assert fidelity_mw.compiled, fidelity_mw.__file__"
+    subprocess.run([compiled_python, "-c", check], check=True)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import server
+
+    plain_pinned = server.pinned
+
+    def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+        if COMPILED_VARIANT in argv:
+            argv = [compiled_python, *argv[1:]]
+            argv[argv.index(COMPILED_VARIANT)] = "fidelity-memory"
+        return plain_pinned(cpu, argv)
+
+    server.pinned = pinned
+    server.VARIANTS = (*server.VARIANTS, COMPILED_VARIANT)
+    variants = ["--variants", f"bare,fidelity-memory,{COMPILED_VARIANT}"]
+    sys.argv = [str(Path(server.__file__)), *variants, "--no-write", *argv]
+    server.main()
+
+
+def main() -> None:
+    if "--server" in sys.argv:
+        args = [a for a in sys.argv[1:] if a != "--server"]
+        python = str(ROOT / ".venv-compiled/bin/python")
+        if "--compiled" in args:
+            i = args.index("--compiled")
+            python = args[i + 1]
+            del args[i : i + 2]
+        under_server(python, args)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time")
+    parser.add_argument("--pure", default=str(ROOT / ".venv/bin/python"))
+    parser.add_argument("--compiled", default=str(ROOT / ".venv-compiled/bin/python"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.batch, args.seed, args.cpu_time)
+        return
+    builds = {"pure": Worker(args.pure, args), "compiled": Worker(args.compiled, args)}
+    for name, w in builds.items():
+        if w.hello["compiled"] != (name == "compiled"):
+            raise SystemExit(f"{name}: {w.hello} is not the {name} build")
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
+    order = list(builds)
+    shuffle = random.Random(args.seed + 1).shuffle
+    for r in range(args.rounds):
+        shuffle(order)
+        for name in order:
+            samples[name].append(builds[name].round())
+        print(f"\rround {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for w in builds.values():
+        w.close()
+    print(report(samples, args))
+
+
+def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    med = statistics.median
+    lines = [
+        "| build | bare µs/req | fidelity µs/req | overhead vs bare | ratio vs bare "
+        "| overhead / hand-written floor's |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    overheads: dict[str, list[float]] = {}
+    for name, rounds in samples.items():
+        over = [r["fidelity"] - r["bare"] for r in rounds]
+        floor = [r["handwritten"] - r["bare"] for r in rounds]
+        to_floor = [o / f if f > 0 else float("inf") for o, f in zip(over, floor, strict=True)]
+        overheads[name] = over
+        lines.append(
+            f"| {name} | {med(r['bare'] for r in rounds) * 1e6:.2f} "
+            f"| {med(r['fidelity'] for r in rounds) * 1e6:.2f} | {med(over) * 1e6:+.2f} µs "
+            f"| {med(r['fidelity'] / r['bare'] for r in rounds):.3f} "
+            f"| {med(to_floor):.1f} |"
+        )
+    ratio = med(c / p for c, p in zip(overheads["compiled"], overheads["pure"], strict=True))
+    clock = "process CPU time" if args.cpu_time else "wall time"
+    lines += [
+        "",
+        f"compiled overhead / pure overhead: {ratio:.3f} (median of per-round ratios). "
+        f"{args.rounds} rounds; per round each build's worker ran {args.batch} sequential "
+        f"requests per variant, the builds one after the other in a shuffled order ({clock}).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
