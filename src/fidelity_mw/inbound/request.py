@@ -29,7 +29,6 @@ ATTEMPT_HEADER = b"x-fidelity-attempt"
 _MAX_PEERS = 4096
 _MAX_PARSED = 1024  # deadline header values kept parsed, per header
 _MAX_KEPT_CHARS = 64
-_UNPARSED: float = float("nan")  # (a sentinel no parser returns: compared by identity)
 
 
 def header_key(name: str) -> bytes:
@@ -112,8 +111,9 @@ class RequestReader:
             if value is not None:
                 # Callers repeat a few values ("5000"): each is parsed once (a bounded
                 # table per header; junk is kept as None like any other value).
-                seconds = parsed.get(value, _UNPARSED)
-                if seconds is _UNPARSED:
+                try:
+                    seconds = parsed[value]
+                except KeyError:  # (no sentinel: compiled code boxes floats anew, so `is` fails)
                     seconds = parse(value)
                     if len(value) <= _MAX_KEPT_CHARS:  # (no valid value is longer)
                         if len(parsed) >= _MAX_PARSED:
