@@ -67,7 +67,8 @@ class Bulkheads:
         limiter = plan.bulkhead
         assert limiter is not None
         waited = None
-        if limiter.spec.shed_stale:
+        if limiter.spec.shed_stale and limiter.pacing:
+            # Only while the loop is the bottleneck: the heartbeat costs a timer a ms.
             waited = self._clock.waited(now)
         admission = limiter.try_acquire(priority, now, waited)
         if admission.admitted:
@@ -241,9 +242,10 @@ class LoopClock:
     after a long CPU step it covers the step. (On asyncio's own loop, work
     queued earlier runs between its I/O phase and its timers, so the bound can
     fall short by that work; uvloop, which uvicorn uses when installed, runs
-    timers right after I/O.) The heartbeat runs while requests keep coming and
-    stops `IDLE_S` after the last one, so an idle service is not woken for it;
-    until it has ticked since it (re)started the bound is unknown.
+    timers right after I/O.) The heartbeat runs while requests ask (the bulkhead
+    asks only while the loop is the bottleneck) and stops `IDLE_S` after the
+    last one, so a service that keeps up is not woken for it; until it has
+    ticked since it (re)started the bound is unknown.
     """
 
     TICK_S = 0.001
