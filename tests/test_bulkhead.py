@@ -491,3 +491,27 @@ async def test_a_request_read_after_a_long_cpu_step_is_shed_as_stale_beside_one_
     assert [d.details["waited_ms"] for d in concurrency_decisions(served[2][1])] == [
         pytest.approx(2.5)
     ]
+
+
+async def test_the_loop_heartbeat_runs_only_while_a_stale_shedding_route_is_pacing(
+    clock: FakeClock,
+) -> None:
+    """A service that keeps up is never woken every millisecond for the loop clock."""
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, shed_stale=True),
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    for _ in range(25):
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert not limiter.pacing
+    assert svc.mw._bulkheads._clock._handle is None
+    svc.busy_after_s = 0.008  # now the loop lags: pacing, and the heartbeat starts
+    for _ in range(3):
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    assert limiter.pacing
+    assert svc.mw._bulkheads._clock._handle is not None
+    svc.mw._bulkheads._clock._handle.cancel()
