@@ -438,17 +438,21 @@ async def test_the_loop_clock_stops_when_requests_stop_and_restarts_unknown() ->
     assert clock.waited(0.3) is None  # restarted: unknown until it ticks again
 
 
+@pytest.mark.parametrize("max_queue", [0, 2])
 async def test_a_request_read_after_a_long_cpu_step_is_shed_as_stale_beside_one_in_flight(
-    clock: FakeClock,
+    clock: FakeClock, max_queue: int
 ) -> None:
     """shed_stale: while the loop is the bottleneck, a request that waited past the
     tolerance to be read is not queued behind the one in flight (503, `stale`, with its
-    bound in the decision); a fresh one is; critical ones never."""
+    bound in the decision; nor put in the route's queue, where it would only grow
+    staler); a fresh one is; critical ones never."""
     policy = Policy(
         breaker=None,
         priority_header="x-priority",
         trusted_peers=("127.0.0.1",),
-        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, shed_stale=True),
+        concurrency=ConcurrencyConfig(
+            limit=4, adaptive=True, max_limit=100, shed_stale=True, max_queue=max_queue
+        ),
     )
     svc = Service(policy, clock, work_s=0.01)
     svc.busy_after_s = 0.008

@@ -25,7 +25,7 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.concurrency import PRIORITIES, ConcurrencyLimiter
+from ..decide.concurrency import PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
@@ -78,8 +78,8 @@ class Bulkheads:
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
-        if limiter.can_queue():
-            return True
+        if admission.reason != STALE and limiter.can_queue():
+            return True  # (a stale request only grows staler in the queue)
         return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
