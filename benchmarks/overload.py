@@ -232,6 +232,8 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[tup
         "--no-access-log",
         "--backlog",
         "4096",
+        "--loop",
+        args.loop,
     ]
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -567,6 +569,9 @@ def main() -> None:
         action="store_true",
         help="where served requests' time goes: waiting to be read, in the app before "
         "their CPU, CPU, after (the server stamps each request; adds ids to the requests)",
+    )
+    parser.add_argument(
+        "--loop", default="auto", help="uvicorn's event loop: auto (uvloop if installed), asyncio"
     )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
