@@ -6,15 +6,19 @@ drown the difference:
 
   plain          the MockTransport alone
   fidelity       FidelityTransport around it, outside a request (a context per call)
-  fidelity_req   FidelityTransport inside a request's DecisionContext (the common case)
+  fidelity_req   FidelityTransport inside a request's DecisionContext (the common case),
+                 bound once per batch as the middleware binds it once per request
   httpx_retries  httpx-retries' RetryTransport around it
   tenacity       a tenacity-decorated async function calling the plain client
   stamina        a stamina-decorated async function calling the plain client
   plain_headers  a pass-through transport that only sets the two headers fidelity
                  sends (x-fidelity-attempt, x-request-timeout-ms) with httpx's public
                  API and leaves them on the request: the floor for any layer that
-                 must add two headers (httpx's own per-header work included);
-                 fidelity appends them cheaply and takes them off after the call
+                 must add two headers (httpx's own per-header work included: after
+                 the transport returns, its cookie handling copies every request
+                 header into a urllib Request, each through `Headers.__getitem__`,
+                 which scans them all); fidelity appends them to the raw list and
+                 takes them off before it returns, so it pays neither
 
 All retry layers are configured for 3 attempts; on the success path none of
 them waits. Rounds run the variants in a shuffled order; we report each
@@ -143,24 +147,24 @@ class Floor(httpx.AsyncBaseTransport):
         return response
 
 
-def in_context(package: Any, call: Call, transport: Any) -> Call:
-    """`call` run inside one inbound request's context of `package` (fidelity_mw or a
-    baseline copy), as FidelityMiddleware would bind it."""
-    engine = transport.engine
-    ctx = package.DecisionContext(engine=engine, route="/bench", method="GET", started_at=0.0)
-    current = package.context._CURRENT
+class InContext:
+    """A client call made inside one inbound request's context of `package` (fidelity_mw
+    or a baseline copy), bound once per batch as FidelityMiddleware binds it once per
+    request: binding it is the middleware's cost, not the transport's."""
 
-    async def run() -> httpx.Response:
-        ctx.deadline_at = engine.clock.monotonic() + 30.0
-        if len(ctx.decisions) > 64:  # one context per inbound request; keep it small
-            ctx.decisions.clear()
-        reset = current.set(ctx)
-        try:
-            return await call()
-        finally:
-            current.reset(reset)
+    def __init__(self, package: Any, call: Call, transport: Any) -> None:
+        self.call = call
+        self.engine = transport.engine
+        self.ctx = package.DecisionContext(
+            engine=self.engine, route="/bench", method="GET", started_at=0.0
+        )
+        self.current = package.context._CURRENT
 
-    return run
+    def enter(self) -> Callable[[], None]:
+        self.ctx.deadline_at = self.engine.clock.monotonic() + 30.0
+        self.ctx.decisions.clear()
+        token = self.current.set(self.ctx)
+        return lambda: self.current.reset(token)
 
 
 def baseline(rev: str | None) -> Any:
@@ -173,7 +177,7 @@ def baseline(rev: str | None) -> Any:
 
 def build(
     old: Any = None, rev: str = ""
-) -> tuple[dict[str, Call], list[httpx.AsyncClient], Callable[[], None]]:
+) -> tuple[dict[str, Call | InContext], list[httpx.AsyncClient], Callable[[], None]]:
     plain = httpx.AsyncClient(transport=mock())
     headers_only = httpx.AsyncClient(transport=HeadersOnly(mock()))
     fidelity = httpx.AsyncClient(transport=FidelityTransport(mock(), telemetry=False))
@@ -201,10 +205,10 @@ def build(
     token = _CURRENT.set(None)
     import fidelity_mw
 
-    calls: dict[str, Call] = {
+    calls: dict[str, Call | InContext] = {
         "plain": lambda: plain.get(URL),
         "fidelity": lambda: fidelity.get(URL),
-        "fidelity_req": in_context(fidelity_mw, lambda: fidelity_req.get(URL), req_transport),
+        "fidelity_req": InContext(fidelity_mw, lambda: fidelity_req.get(URL), req_transport),
         "httpx_retries": lambda: retries.get(URL),
         "tenacity": with_tenacity,
         "stamina": with_stamina,
@@ -224,13 +228,19 @@ def build(
         old_req_transport = old.FidelityTransport(mock(), telemetry=False)
         old_req = httpx.AsyncClient(transport=old_req_transport)
         calls[f"fidelity@{rev}"] = lambda: old_client.get(URL)
-        calls[f"fidelity_req@{rev}"] = in_context(old, lambda: old_req.get(URL), old_req_transport)
+        calls[f"fidelity_req@{rev}"] = InContext(old, lambda: old_req.get(URL), old_req_transport)
         clients += [old_client, old_req]
     return calls, clients, lambda: _CURRENT.reset(token)
 
 
-async def timed(call: Call, n: int) -> float:
+async def timed(call: Call | InContext, n: int) -> float:
     """CPU seconds per call over `n` sequential calls."""
+    if isinstance(call, InContext):
+        leave = call.enter()
+        try:
+            return await timed(call.call, n)
+        finally:
+            leave()
     start = time.process_time()
     for _ in range(n):
         response = await call()
@@ -410,7 +420,12 @@ def report(
             f" The same rows as of `{rev}` (`--baseline {rev}`), in the same rounds: "
             f"layer +{layer[f'fidelity_req@{rev}']:.2f} µs inside a request, "
             f"+{layer[f'fidelity@{rev}']:.2f} µs outside one; through the client "
-            f"{_ratio(samples, f'fidelity_req@{rev}', 'plain'):.3f}x plain."
+            f"{_ratio(samples, f'fidelity_req@{rev}', 'plain'):.3f}x plain. Paired with "
+            f"it per round (now / then, median): through the client "
+            f"{_ratio(samples, 'fidelity_req', f'fidelity_req@{rev}'):.3f} inside a request "
+            f"({_delta(samples, 'fidelity_req', f'fidelity_req@{rev}'):+.2f} µs), "
+            f"{_ratio(samples, 'fidelity', f'fidelity@{rev}'):.3f} outside one "
+            f"({_delta(samples, 'fidelity', f'fidelity@{rev}'):+.2f} µs)."
         )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     return "\n".join(
@@ -424,7 +439,9 @@ def report(
             "`AsyncClient.get` calls per variant, each on `httpx.MockTransport` (200, 2-byte "
             "body), success path. Retry layers configured for 3 attempts. `fidelity` runs "
             "outside a request (it builds a DecisionContext per call); `fidelity_req` runs "
-            "inside one request's context, as under FidelityMiddleware. Memory state, "
+            "inside one request's context, bound once per batch as FidelityMiddleware binds "
+            "it once per request (binding it per call, the ContextVar set and reset and a "
+            "wrapper coroutine, is the middleware's cost, not the transport's). Memory state, "
             f"telemetry off, process CPU time. Issue 17 item 3: {verdicts}.{before}",
             "",
             *table(samples, "plain"),

@@ -2,11 +2,20 @@
 
 Variants (each its own uvicorn process serving one Starlette route, GET /hello -> "ok"):
   bare              the route alone
+  noop              + a pure ASGI pass-through middleware (what any middleware layer costs)
+  headers           + a pure ASGI middleware that only adds two constant response headers,
+                    as long as fidelity's RateLimit fields (what the server pays to write them)
   fidelity-memory   + FidelityMiddleware, memory state
+  fidelity-noheaders  the same with `rate_limit_headers = "on_reject"` (no RateLimit fields
+                    on allowed responses)
   fidelity-redis    + FidelityMiddleware, redis:// (exact)
   fidelity-tiered   + FidelityMiddleware, tiered+redis://
   slowapi-memory    + slowapi's ASGI middleware, memory storage
   slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
+
+`fidelity-memory@REV` serves FidelityMiddleware as of git revision REV (extracted under
+another package name, as benchmarks/overhead.py `--baseline` does): a change measured
+before and after in the same rounds.
 
 Every middleware has one permissive per-client limit (every response must be a
 200); FidelityMiddleware also has its default route breaker and a deadline from
@@ -55,6 +64,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = (
     "bare",
+    "noop",
+    "headers",
+    "fidelity-memory",
+    "fidelity-noheaders",
+    "fidelity-redis",
+    "fidelity-tiered",
+    "slowapi-memory",
+    "slowapi-redis",
+)
+# a run without --variants: the comparisons issue 17 asks for (the others diagnose)
+DEFAULT_VARIANTS = (
+    "bare",
     "fidelity-memory",
     "fidelity-redis",
     "fidelity-tiered",
@@ -82,6 +103,55 @@ end
 # ---------------------------------------------------------------- the served apps
 
 
+# what FidelityMiddleware adds to an allowed response here, byte for byte in length
+STAND_IN_HEADERS = (
+    (b"ratelimit-policy", b'"per-client";q=1000000000;w=1'),
+    (b"ratelimit", b'"per-client";r=999999998;t=0'),
+)
+
+
+class Passthrough:
+    """A pure ASGI middleware that does nothing but (optionally) add response headers."""
+
+    def __init__(self, app: Any, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self.app = app
+        self.headers = headers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not self.headers:
+            await self.app(scope, receive, send)
+            return
+        extra = self.headers
+
+        async def add_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, add_headers)
+
+
+def baseline_app(variant: str) -> Any:
+    """`fidelity-memory@REV`: FidelityMiddleware as of git revision REV, same app and policy."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from benchmarks._asgi import hello
+    from benchmarks.overhead import baseline_package
+
+    kind, rev = variant.split("@", 1)
+    if kind != "fidelity-memory":
+        raise SystemExit(f"only fidelity-memory@REV can be a baseline, not {variant!r}")
+    old = baseline_package(rev)
+    policy = old.Policy(
+        state=old.StateConfig(url="memory://", key_prefix=PREFIX),
+        rate_limits=(old.RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
+    )
+    return old.FidelityMiddleware(
+        Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
+    )
+
+
 def build_app(variant: str, redis_url: str) -> Any:
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -89,17 +159,23 @@ def build_app(variant: str, redis_url: str) -> Any:
     from benchmarks._asgi import hello
 
     routes = [Route("/hello", hello)]
+    if "@" in variant:
+        return baseline_app(variant)
     if variant == "bare":
         return Starlette(routes=routes)
+    if variant == "noop":
+        return Passthrough(Starlette(routes=routes))
+    if variant == "headers":
+        return Passthrough(Starlette(routes=routes), STAND_IN_HEADERS)
     if variant.startswith("fidelity-"):
         from fidelity_mw import FidelityMiddleware, Policy, RateLimit, StateConfig
 
-        url = {"memory": "memory://", "redis": redis_url, "tiered": "tiered+" + redis_url}[
-            variant.removeprefix("fidelity-")
-        ]
+        kind = variant.removeprefix("fidelity-")
+        url = {"redis": redis_url, "tiered": "tiered+" + redis_url}.get(kind, "memory://")
         policy = Policy(
             state=StateConfig(url=url, key_prefix=PREFIX),
             rate_limits=(RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
+            rate_limit_headers="on_reject" if kind == "noheaders" else "always",
         )
         return FidelityMiddleware(Starlette(routes=routes), policy=policy, telemetry=False)
     if variant.startswith("slowapi-"):
@@ -619,7 +695,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="seconds before each (0: none)")
     parser.add_argument("--connections", default="32,256")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="any of: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1, help="wrk's and redis-server's CPU")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -645,7 +723,7 @@ def main() -> None:
         raise SystemExit("needs uvloop and httptools: pip install -e '.[dev]'") from None
     args.connections = [int(c) for c in args.connections.split(",")]
     args.variants = [v.strip() for v in args.variants.split(",")]
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = {v for v in args.variants if "@" not in v} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
     if "bare" not in args.variants:

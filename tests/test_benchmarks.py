@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import callcount, server
+from benchmarks import callcount, server, server_inprocess
 from benchmarks.overhead import build_apps
 
 
@@ -72,6 +72,32 @@ def test_callcount_is_exact_and_sees_the_middleware() -> None:
         n for k, n in first.by_function.items() if k.endswith(" FidelityMiddleware.__call__")
     ]
     assert middleware == [20]  # one entry per request
+
+
+def test_server_inprocess_serves_every_connection_through_uvicorns_protocol() -> None:
+    async def run() -> dict[str, server_inprocess.Server]:
+        servers = {
+            v: server_inprocess.Server(v)
+            for v in ("bare", "headers", "fidelity-memory", "fidelity-noheaders")
+        }
+        for s in servers.values():
+            assert await s.run(64) > 0.0
+        return servers
+
+    servers = asyncio.run(run())
+    for variant, s in servers.items():
+        # two batches over 32 connections: every connection answered twice (head, then
+        # body: two writes each), kept open
+        assert [t.writes for _, t in s.connections] == [4] * server_inprocess.CONNECTIONS
+        assert not any(t.closing for _, t in s.connections)
+        response = s.connections[0][1].head
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n"), variant
+        # the stand-in fields are as long as the middleware's own (same serialization work)
+        fields = b"ratelimit: " in response and b"ratelimit-policy: " in response
+        assert fields == (variant in ("headers", "fidelity-memory")), variant
+    own = servers["fidelity-memory"].connections[0][1].head
+    stand_in = servers["headers"].connections[0][1].head
+    assert len(own.split(b"\r\n")) == len(stand_in.split(b"\r\n"))
 
 
 def test_cpu_seconds_reads_this_process_from_proc() -> None:

@@ -252,6 +252,11 @@ def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
     return wait if wait > 0.0 else 0.0
 
 
+# (advertised item prefix, r, t) -> the RateLimit field of one admitted limit
+_FIELDS: dict[tuple[bytes, int, int], tuple[bytes, bytes]] = {}
+_MAX_FIELDS = 4096
+
+
 def ratelimit_headers(
     plan: RoutePlan, result: InboundResult, retry_after: int | None = None
 ) -> list[tuple[bytes, bytes]]:
@@ -264,11 +269,20 @@ def ratelimit_headers(
         if verdict.allowed:
             # the common case on the allowed path: one advertised limit, and it admitted
             item, tolerance_s, interval_s = one
-            wait = verdict.reset_s - tolerance_s + (verdict.remaining + 1) * interval_s
+            remaining = verdict.remaining
+            wait = verdict.reset_s - tolerance_s + (remaining + 1) * interval_s
             t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
             if retry_after is not None and t > retry_after:
                 t = retry_after
-            return [plan.policy_field, (b"ratelimit", item + b"%d;t=%d" % (verdict.remaining, t))]
+            # A client's requests repeat a few (r, t) pairs: their fields are kept, not
+            # formatted again (about 1 µs per request under a server).
+            key = (item, remaining, t)
+            field = _FIELDS.get(key)
+            if field is None:
+                if len(_FIELDS) >= _MAX_FIELDS:
+                    _FIELDS.clear()
+                field = _FIELDS[key] = (b"ratelimit", item + b"%d;t=%d" % (remaining, t))
+            return [plan.policy_field, field]
     items = []
     # shadow limits (prefix None) are not advertised: they are never enforced
     for prefix, spec, verdict in zip(

@@ -8,7 +8,7 @@ signal); the rest of the request is never touched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .._types import Scope
 from ..context import (
@@ -27,6 +27,9 @@ logger = logging.getLogger("fidelity_mw")
 
 ATTEMPT_HEADER = b"x-fidelity-attempt"
 _MAX_PEERS = 4096
+_MAX_PARSED = 1024  # deadline header values kept parsed, per header
+_MAX_KEPT_CHARS = 64
+_UNPARSED: float = float("nan")  # (a sentinel no parser returns: compared by identity)
 
 
 def header_key(name: str) -> bytes:
@@ -70,15 +73,17 @@ class RequestReader:
     def __init__(self, engine: Engine) -> None:
         pol = engine.policy
         self.engine = engine
-        # (name, raw name, parser), chosen once: the hot path only calls the parser
-        self.deadline_headers = tuple(
-            (n, n.encode("latin-1", "replace"), deadline_parser(n)) for n in pol.deadline.header
+        # (name, raw name, parser, value -> seconds already parsed), chosen once
+        self.deadline_headers: tuple[
+            tuple[str, bytes, Callable[[bytes], float | None], dict[bytes, float | None]], ...
+        ] = tuple(
+            (n, n.encode("latin-1", "replace"), deadline_parser(n), {}) for n in pol.deadline.header
         )
         self.forwarded_header = pol.forwarded_header
         self.forwarded_raw = pol.forwarded_header.encode("latin-1")
         # True: the client address may come from a header, not only the peer
         self.uses_forwarding = bool(pol.trusted_proxies)
-        wanted: set[bytes] = {raw for _name, raw, _parse in self.deadline_headers}
+        wanted: set[bytes] = {raw for _name, raw, _parse, _parsed in self.deadline_headers}
         if pol.trusted_proxies:
             wanted.add(self.forwarded_raw)  # only this one: see headers.client_address
         for lim in pol.rate_limits:
@@ -102,10 +107,18 @@ class RequestReader:
     ) -> tuple[float | None, Rejection | None]:
         """The caller's deadline (504 if it passed) and the trusted-peer attempt header."""
         caller = None  # the shortest valid deadline among the configured headers
-        for name, raw, parse in self.deadline_headers:
+        for name, raw, parse, parsed in self.deadline_headers:
             value = found.get(raw)
             if value is not None:
-                seconds = parse(value)
+                # Callers repeat a few values ("5000"): each is parsed once (a bounded
+                # table per header; junk is kept as None like any other value).
+                seconds = parsed.get(value, _UNPARSED)
+                if seconds is _UNPARSED:
+                    seconds = parse(value)
+                    if len(value) <= _MAX_KEPT_CHARS:  # (no valid value is longer)
+                        if len(parsed) >= _MAX_PARSED:
+                            parsed.clear()
+                        parsed[value] = seconds
                 if seconds is None:
                     ctx.decisions.append(
                         Decision(

@@ -81,6 +81,7 @@ from .decisions import (
 from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
+    FAST_HEADERS,
     bounded_timeouts,
     replayable,
     stamp,
@@ -102,10 +103,11 @@ CONTEXT_EXTENSION: Final = "fidelity_context"
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
 
-_FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
+FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
 _monotonic = time.monotonic
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
+UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 
 
 class Local(NamedTuple):
@@ -201,8 +203,13 @@ def first_attempt(
     observer: AttemptObserver | None,
     now: float,
     local: Local,
+    taken: Any = UNTAKEN,
 ) -> First:
-    """Gate and stamp a call's first attempt (`First`); raises when it is refused."""
+    """Gate and stamp a call's first attempt (`First`); raises when it is refused.
+
+    `taken` is what `local.begin` answered (its gate, or what it raised) when the
+    async transport's shortcut asked already: only what it does not handle comes here.
+    """
     timeouts = request.extensions.get("timeout")
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
@@ -215,16 +222,32 @@ def first_attempt(
                 raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         breaker = up.breaker
         try:
-            gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+            if taken is UNTAKEN:
+                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+            elif isinstance(taken, Exception):
+                raise taken
+            else:
+                gate = taken
         except Exception as exc:
             gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
         else:
             source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
             gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
-        _prepare(ctx, up, request, 1, timeouts, remaining)
+        if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
+            # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
+            # case: the whole attempt timeout fits in the deadline.
+            request.extensions["timeout"] = attempt_timeouts(up, timeouts)
+            request.headers._list += up.first_stamps
+            counts = ctx._attempts
+            if counts is None:
+                ctx._attempts = {up.key: 1}
+            else:
+                counts[up.key] = counts.get(up.key, 0) + 1
+        else:
+            prepare(ctx, up, request, 1, timeouts, remaining)
         decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, _FIRST_ATTEMPT)
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
         if ctx._pending is None:
             ctx._decisions.append(decision)
@@ -323,7 +346,7 @@ def attempts(
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
                 # --- the attempt
                 number = attempt if race is None else race.next()
-                _prepare(ctx, up, request, number, original_timeout, remaining)
+                prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(
                         scheme=target.scheme, host=target.host, port=target.port
@@ -345,7 +368,7 @@ def attempts(
                                 source,
                                 age,
                                 now,
-                                _FIRST_ATTEMPT,
+                                FIRST_ATTEMPT,
                             ),
                         )
                     )
@@ -714,7 +737,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     target.open_until = now + shortest if state == OPEN else 0.0
 
 
-def _prepare(
+def prepare(
     ctx: DecisionContext,
     up: Upstream,
     request: httpx.Request,
@@ -728,12 +751,7 @@ def _prepare(
         request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
         stamp(request.headers, attempt, str(ms if ms > 0 else 1).encode())
     else:
-        timeouts = original_timeout
-        if timeouts is None or timeouts != up.uncapped:
-            timeouts = bounded_timeouts(timeouts, up.attempt_timeout_s)
-            if timeouts is original_timeout:  # the next request's are likely equal
-                up.uncapped = dict(timeouts)
-        request.extensions["timeout"] = timeouts
+        request.extensions["timeout"] = attempt_timeouts(up, original_timeout)
         if attempt == 1:
             stamp_first(request.headers, up.first_stamps)
         else:
@@ -743,3 +761,25 @@ def _prepare(
         ctx._attempts = {up.key: 1}
     else:
         counts[up.key] = counts.get(up.key, 0) + 1
+
+
+def attempt_timeouts(
+    up: Upstream, timeouts: Mapping[str, float | None] | None
+) -> Mapping[str, float | None]:
+    """An attempt's timeouts when the whole attempt timeout fits in the deadline: the
+    request's own capped at it (the request's own mapping when it caps none of them).
+    Remembered with the timeouts they came from: a client sends equal ones with every
+    request, and comparing is cheaper than capping."""
+    seen = up.timeouts
+    if seen is not None and timeouts == seen[0]:
+        capped = seen[1]
+        if capped is None:
+            assert timeouts is not None  # (a missing mapping is always capped)
+            return timeouts
+        return dict(capped)  # each request its own mapping, as `bounded_timeouts` gives
+    bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
+    up.timeouts = (
+        None if timeouts is None else dict(timeouts),
+        None if bounded is timeouts else dict(bounded),
+    )
+    return bounded

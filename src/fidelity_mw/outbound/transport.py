@@ -6,7 +6,10 @@
 Both drive the same attempt loop (`fidelity_mw.outbound.loop`): it decides
 (instance, deadline, breaker, retry, budget, backoff) and asks for I/O by
 yielding effects; the async transport awaits them, the sync one blocks on
-them. Nothing else differs.
+them. Nothing else differs, but for one shortcut: the async transport makes
+the commonest call (a plain upstream on in-process state, a first attempt that
+ends it) in one function of its own, with the same steps in the same order
+(tests/test_outbound_shortcut.py holds the two transports to the same calls).
 
 Inside a request handled by `FidelityMiddleware` the transport uses that
 request's `DecisionContext` (deadline, decisions) and the middleware's engine
@@ -24,6 +27,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -33,31 +37,47 @@ import httpx
 
 from .._types import Clock, RandomSource
 from ..clock import SystemClock
-from ..context import _CURRENT, DecisionContext
+from ..context import (
+    _CURRENT,
+    ALLOW,
+    LAYER_RETRY,
+    SOURCE_MEMORY,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
+from ..decide.breaker import FAILURE, SUCCESS
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import StateStore
-from .decisions import call_end
+from .decisions import call_end, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
     CONTEXT_EXTENSION,
+    FIRST_ATTEMPT,
     GATE,
     RECORD,
     SEND,
     SLEEP,
+    UNTAKEN,
     First,
     Local,
     Steps,
+    _record_now,
     attempts,
     first_attempt,
     local_ops,
+    prepare,
 )
 from .upstream import Resolver, Upstream
+from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic = time.monotonic
+_new_tuple = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
+_name = operator.itemgetter(1)  # a raw header's lower-cased name
 Started = First | tuple[Steps, Engine, Any]
 
 
@@ -91,6 +111,7 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
+        self._shortcut: Engine | None = None
         self._local: tuple[StateStore | None, Local | None] = (None, None)
         self._upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine.transports.add(self)  # for the admin page's balancer view
@@ -163,6 +184,8 @@ class _Base:
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
+            if self._resolver is None and up.plain:
+                self._shortcut = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -229,6 +252,149 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         return httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # The common call, inlined (it is most calls, and every Python call and tuple
+        # costs here): a plain upstream (no instances, no hedging) on in-process state,
+        # a deadline not yet passed, request timeouts seen last time (when the deadline
+        # leaves the whole attempt timeout), no header of ours set by the caller, a
+        # breaker plainly closed (or none), and a first attempt that ends the call. The
+        # same steps as `first_attempt` and `First.finish`, in the same order: anything
+        # else is handed to them, from the step it has reached.
+        ctx = _CURRENT.get()
+        engine = self.engine if ctx is None else ctx.engine
+        cached = self._local
+        try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
+            ref = request.url._uri_reference
+            up = self._upstreams.get((ref.host, ref.port))
+        except AttributeError:  # pragma: no cover - another httpx layout
+            up = None
+        if (
+            up is None
+            or not up.plain
+            or engine is not self._shortcut
+            or up.policy is not engine.policy
+            or cached[0] is not engine.store
+            or (local := cached[1]) is None
+        ):
+            return await self._handle(request)
+        # (`_start` looked the engine's observer up before it armed the shortcut)
+        observer = self._observer or engine.attempt_observer
+        clock = engine.clock
+        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        own = ctx is None
+        if ctx is None:
+            ctx = DecisionContext(engine, "outbound", request.method, now)
+            if up.default_deadline_s is not None:
+                ctx.deadline_at = now + up.default_deadline_s
+        remaining = ctx.deadline_at
+        timeouts = request.extensions.get("timeout")
+        seen = up.timeouts
+        raw = request.headers._list if FAST_HEADERS else None
+        tight = False  # the deadline caps the attempt timeout
+        if remaining is not None:
+            remaining -= now
+            if remaining < up.attempt_timeout_s:
+                if remaining <= 0.0:  # passed already: `first_attempt` says so
+                    return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
+                tight = True
+        if raw is None or (not tight and (seen is None or timeouts != seen[0])):
+            return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
+        if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
+            return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
+        stream = request.stream  # judged before the attempt consumes it
+        can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+        try:
+            gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
+        except Exception as exc:
+            return await self._first(ctx, up, request, own, observer, now, local, exc)
+        if gate is None:
+            source = SOURCE_REQUEST
+        elif gate.verdict == "allow":
+            source = SOURCE_MEMORY
+        else:
+            return await self._first(ctx, up, request, own, observer, now, local, gate)
+        stamps = up.first_stamps
+        try:
+            if tight:
+                prepare(ctx, up, request, 1, timeouts, remaining)
+            else:
+                assert seen is not None
+                capped = seen[1]
+                if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
+                    request.extensions["timeout"] = dict(capped)
+                raw += stamps
+                counts = ctx._attempts  # (the `attempts` property, without its call)
+                if counts is None:
+                    ctx._attempts = {up.key: 1}
+                else:
+                    counts[up.key] = counts.get(up.key, 0) + 1
+            decision = _new_tuple(
+                Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+            )
+            if ctx._pending is None:
+                ctx._decisions.append(decision)
+            else:
+                ctx.decisions.append(decision)
+            token = None if observer is None else observe_start(observer, ctx, request, 1)
+        except BaseException:  # as `first_attempt`: nothing of ours stays on the request
+            unstamp(request.headers, None)
+            if own and observer is not None:
+                call_end(observer, ctx)
+            raise
+        try:
+            response = await self.inner.handle_async_request(request)
+        except BaseException as exc:
+            first = _new_tuple(
+                First,
+                (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
+                 can_replay),
+            )  # fmt: skip
+            return await self._drive(first.resume(None, exc), engine)
+        status = response.status_code
+        if status >= 500 or status in up.retry_statuses:
+            first = _new_tuple(
+                First,
+                (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
+                 can_replay),
+            )  # fmt: skip
+            return await self._drive(first.resume(response, None), engine)
+        breaker = up.breaker
+        if gate is not None and breaker is not None:
+            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+        if observer is not None:
+            observe_end(observer, token, response, None)
+        if len(raw) > 1 and raw[-1] is stamps[1] and raw[-2] is stamps[0]:  # still ours, last
+            del raw[-2:]
+        else:
+            unstamp(request.headers, None)
+        if own:
+            response.extensions[CONTEXT_EXTENSION] = ctx
+            if observer is not None:
+                call_end(observer, ctx)
+        return response
+
+    async def _first(
+        self,
+        ctx: DecisionContext,
+        up: Upstream,
+        request: httpx.Request,
+        own: bool,
+        observer: AttemptObserver | None,
+        now: float,
+        local: Local,
+        taken: Any,
+    ) -> httpx.Response:
+        """The shortcut's call from where it stopped: `first_attempt` on."""
+        first = first_attempt(ctx, up, request, own, observer, now, local, taken)
+        try:
+            response = await self.inner.handle_async_request(request)
+        except BaseException as exc:
+            return await self._drive(first.resume(None, exc), ctx.engine)
+        return first.finish(response) or await self._drive(first.resume(response, None), ctx.engine)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        """Any call: its first attempt by `First` when it makes it, else the loop."""
         started = self._start(request, True)
         if isinstance(started, First):
             try:

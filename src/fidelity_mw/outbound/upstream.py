@@ -18,6 +18,9 @@ from .wire import first_stamps, literal_peer_trusted
 Resolver = Callable[[str], Sequence[str] | None]
 
 _MAX_INSTANCES: Final = 256
+# The last request timeouts seen (None: the request had none) and what an attempt's are
+# then, when the whole attempt timeout fits in the deadline (None: the request's own).
+TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None]
 
 
 class Instance:
@@ -87,13 +90,14 @@ class Upstream:
         "instances",
         "key",
         "paused_until",
+        "plain",
         "policy",
         "resolved",
         "retry",
         "retry_statuses",
         "timeout_header",
+        "timeouts",
         "trusted",
-        "uncapped",
         "window",
     )
 
@@ -112,10 +116,10 @@ class Upstream:
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
         self.timeout_header = str(cfg.attempt_timeout_ms).encode()
         # Per-call work done once: a first attempt's headers (when the deadline leaves
-        # the whole attempt timeout), and the last request timeouts seen that the
-        # attempt timeout does not cap (a client sends equal ones with every request).
+        # the whole attempt timeout), and the attempt's timeouts for the last request
+        # timeouts seen (a client sends equal ones with every request).
         self.first_stamps = first_stamps(self.timeout_header)
-        self.uncapped: Mapping[str, float | None] | None = None
+        self.timeouts: TimeoutsSeen | None = None
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
@@ -135,6 +139,7 @@ class Upstream:
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
         self.instances: list[Instance] | None = None
+        self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
         if cfg.instances:
             self.set_instances(engine, cfg.instances)
 
@@ -145,5 +150,6 @@ class Upstream:
             return
         known = {i.url: i for i in self.instances or ()}
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
         # A service's budget is one for all its instances: the logical host's (the default).

@@ -33,7 +33,8 @@ _NO_TIMEOUT: Final[Mapping[str, float | None]] = {
     "write": None,
     "pool": None,
 }
-_OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
+OURS_SET: Final = frozenset(OURS)
 
 
 def _has_fast_headers() -> bool:
@@ -43,18 +44,18 @@ def _has_fast_headers() -> bool:
     return isinstance(raw, list) and raw == [(b"a", b"a", b"b")]
 
 
-_FAST_HEADERS: Final = _has_fast_headers()
+FAST_HEADERS: Final = _has_fast_headers()
 
 
 def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
     """Set aside headers named like ours that the caller set (rare): None if there are none."""
-    if not _FAST_HEADERS:
+    if not FAST_HEADERS:
         return None
     raw: list[tuple[bytes, bytes, bytes]] = headers._list
     for item in raw:
-        if item[1] in _OURS:
-            prior = [it for it in raw if it[1] in _OURS]
-            raw[:] = [it for it in raw if it[1] not in _OURS]
+        if item[1] in OURS:
+            prior = [it for it in raw if it[1] in OURS]
+            raw[:] = [it for it in raw if it[1] not in OURS]
             return prior
     return None
 
@@ -68,7 +69,7 @@ def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     caller's own headers of those names were set aside by `take_ours`.
     """
     value = _ATTEMPT_VALUES[attempt]
-    if not _FAST_HEADERS:
+    if not FAST_HEADERS:
         headers[ATTEMPT_HEADER.decode()] = value.decode()
         headers[TIMEOUT_HEADER.decode()] = timeout_ms.decode()
         return
@@ -97,7 +98,7 @@ def first_stamps(timeout_ms: bytes) -> Stamps:
 
 def stamp_first(headers: httpx.Headers, stamps: Stamps) -> None:
     """`stamp(headers, 1, ...)` with the upstream's prebuilt headers (`first_stamps`)."""
-    if _FAST_HEADERS:
+    if FAST_HEADERS:
         headers._list += stamps
     else:
         stamp(headers, 1, stamps[1][2])
@@ -105,7 +106,7 @@ def stamp_first(headers: httpx.Headers, stamps: Stamps) -> None:
 
 def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | None) -> None:
     """Take our per-attempt headers off the request; give back the caller's own."""
-    if not _FAST_HEADERS:
+    if not FAST_HEADERS:
         return
     raw: list[tuple[bytes, bytes, bytes]] = headers._list
     if len(raw) >= 2 and raw[-2][1] is ATTEMPT_HEADER and raw[-1][1] is TIMEOUT_HEADER:
@@ -145,7 +146,7 @@ def replayable(stream: object) -> bool:
 
 
 def has_header(headers: httpx.Headers, key: bytes) -> bool:
-    if not _FAST_HEADERS:
+    if not FAST_HEADERS:
         return key.decode("latin-1") in headers
     return any(item[1] == key for item in headers._list)
 

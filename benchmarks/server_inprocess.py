@@ -1,0 +1,244 @@
+"""uvicorn's own HTTP protocol driven in process: what a server runs per request, minus the kernel.
+
+The apps are benchmarks/server.py's (`--variants`, Redis ones excepted). Each gets
+32 `HttpToolsProtocol` connections (uvicorn's httptools protocol, as `uvicorn.run`
+builds them) over a fake transport that only counts writes; a batch feeds one
+`GET /hello` with `x-request-timeout-ms` to every connection, lets the event loop
+(uvloop) run the request tasks to completion, and repeats. That executes the
+server's Python per request (parsing callbacks, one task per request, the ASGI
+cycle, header validation and serialization, keep-alive timers) but no socket,
+syscall or load generator: on a shared machine it moves much less than
+benchmarks/server.py, and it tells the middleware's cost under a server apart from
+the kernel's share.
+
+Reported per variant: median CPU µs per request (process CPU time), the median of
+per-round paired differences and ratios against `bare`, and with `--count` the
+bytecodes every Python frame executes per request (`sys.settrace` opcode events),
+which do not depend on the machine's load.
+
+    .venv/bin/python benchmarks/server_inprocess.py [--rounds 12] [--batch 6400]
+        [--variants bare,noop,headers,fidelity-noheaders,fidelity-memory] [--count] [--no-write]
+
+A variant `fidelity-memory@REV` runs FidelityMiddleware as of git revision REV (extracted
+under another package name, as benchmarks/overhead.py `--baseline` does) beside the
+working tree's, in the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import server as served
+from benchmarks._results import stamp, write_section
+
+CONNECTIONS = 32
+REQUEST = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + (
+    served.DEADLINE_HEADER.encode("latin-1") + b"\r\n\r\n"
+)
+DEFAULT = "bare,noop,headers,fidelity-noheaders,fidelity-memory"
+
+
+class FakeTransport:
+    """Just enough of an asyncio transport for uvicorn's protocol: writes are counted."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.writes = 0
+        self.head = b""  # the last status line and headers written
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        if data.startswith(b"HTTP/"):
+            self.head = data
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": (served.HOST, 8000), "peername": (served.HOST, self.port)}.get(
+            name, default
+        )
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Server:
+    """One variant's app behind `CONNECTIONS` uvicorn connections."""
+
+    def __init__(self, variant: str) -> None:
+        from uvicorn.config import Config
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.server import ServerState
+
+        app = served.build_app(variant, "")
+        config = Config(
+            app=app,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            # armed and cancelled per request as usual, but a variant idle while the
+            # others run must not have its connections closed
+            timeout_keep_alive=3600,
+        )
+        config.load()
+        self.state = ServerState()
+        self.connections = []
+        for i in range(CONNECTIONS):
+            protocol = HttpToolsProtocol(config=config, server_state=self.state, app_state={})
+            transport = FakeTransport(40000 + i)
+            protocol.connection_made(transport)  # type: ignore[arg-type]
+            self.connections.append((protocol, transport))
+
+    async def run(self, requests: int) -> float:
+        """CPU seconds per request over `requests` (rounded down to whole batches)."""
+        batches = max(1, requests // CONNECTIONS)
+        before = sum(t.writes for _, t in self.connections)
+        start = time.process_time()
+        for _ in range(batches):
+            for protocol, _transport in self.connections:
+                protocol.data_received(REQUEST)
+            # the request tasks run until done; no event to wait on: they are the server's
+            while self.state.tasks:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        elapsed = time.process_time() - start
+        # a response is at least one write (start line + headers + body may be one)
+        if sum(t.writes for _, t in self.connections) - before < batches * CONNECTIONS:
+            raise RuntimeError("a request got no response")
+        if any(t.closing for _, t in self.connections):
+            raise RuntimeError("a connection was closed (an error response?)")
+        return elapsed / (batches * CONNECTIONS)
+
+
+async def count_bytecodes(variant: str, requests: int) -> float:
+    """Bytecodes executed per request (every Python frame, uvicorn's and the app's)."""
+    executed = 0
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal executed
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            executed += 1
+        return tracer
+
+    server = Server(variant)
+    await server.run(requests)  # warm up
+    batches = max(1, requests // CONNECTIONS)
+    sys.settrace(tracer)
+    try:
+        await server.run(batches * CONNECTIONS)
+    finally:
+        sys.settrace(None)
+    return executed / (batches * CONNECTIONS)
+
+
+async def count_all(variants: list[str]) -> dict[str, float]:
+    return {v: await count_bytecodes(v, 640) for v in variants}
+
+
+async def measure(variants: list[str], rounds: int, batch: int) -> dict[str, list[float]]:
+    servers = {v: Server(v) for v in variants}
+    for server in servers.values():
+        await server.run(batch // 2)  # warm up: middleware stacks built, caches filled
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            samples[v].append(await servers[v].run(batch))
+        print(f"\rround {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return samples
+
+
+def report(
+    samples: dict[str, list[float]], counts: dict[str, float], rounds: int, batch: int
+) -> str:
+    bare = samples["bare"]
+    lines = [
+        "| variant | median CPU µs/request | over bare (median of paired diffs) | ratio to bare"
+        + (" | bytecodes/request (over bare) |" if counts else " |"),
+        "|---|---:|---:|---:|" + ("---:|" if counts else ""),
+    ]
+    for name, values in samples.items():
+        diffs = [v - b for v, b in zip(values, bare, strict=True)]
+        ratios = [v / b for v, b in zip(values, bare, strict=True)]
+        over = "—" if name == "bare" else f"{statistics.median(diffs) * 1e6:+.2f} µs"
+        row = (
+            f"| {name} | {statistics.median(values) * 1e6:.2f} | {over} "
+            f"| {statistics.median(ratios):.3f} |"
+        )
+        if counts:
+            extra = "" if name == "bare" else f" ({counts[name] - counts['bare']:+.0f})"
+            row += f" {counts[name]:.0f}{extra} |"
+        lines.append(row)
+    for name in samples:
+        if "@" in name and name.split("@")[0] in samples:
+            mine = samples[name.split("@")[0]]
+            diffs = [v - b for v, b in zip(mine, samples[name], strict=True)]
+            ratios = [v / b for v, b in zip(mine, samples[name], strict=True)]
+            lines.append(
+                f"\n{name.split('@')[0]} vs {name}: {statistics.median(diffs) * 1e6:+.2f} µs "
+                f"per request, {statistics.median(ratios):.3f} x (medians of per-round paired "
+                "differences and ratios)."
+            )
+    lines += [
+        "",
+        f"{rounds} rounds x {batch} requests per variant (order reversed each round), process "
+        f"CPU time; uvicorn's httptools protocol over a fake transport, {CONNECTIONS} "
+        "connections, one task per request on uvloop, no sockets: the server's Python without "
+        "the kernel. Apps as in benchmarks/server.py (FidelityMiddleware: one permissive "
+        "per-client limit, its default route breaker, a deadline from `x-request-timeout-ms`, "
+        "memory state, telemetry off).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=6400)
+    parser.add_argument("--variants", default=DEFAULT)
+    parser.add_argument("--count", action="store_true", help="also count bytecodes per request")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",")]
+    bad = [
+        v
+        for v in variants
+        if "@" not in v and (v not in served.VARIANTS or v in served.REDIS_VARIANTS)
+    ]
+    if bad:
+        parser.error(f"not an in-process variant: {bad}")
+    if "bare" not in variants:
+        variants.insert(0, "bare")
+    import uvloop
+
+    counts = uvloop.run(count_all(variants)) if args.count else {}
+    samples = uvloop.run(measure(variants, args.rounds, args.batch))
+    table = report(samples, counts, args.rounds, args.batch)
+    print(table)
+    if not args.no_write:
+        write_section(
+            "uvicorn's protocol in process (benchmarks/server_inprocess.py)",
+            f"{stamp()}\n\n{table}",
+        )
+
+
+if __name__ == "__main__":
+    main()
