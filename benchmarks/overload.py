@@ -15,6 +15,8 @@ Variants, measured in alternating order at each offered rate:
   none       no limiter: every request is admitted
   fixed      FidelityMiddleware with a fixed bulkhead ([concurrency] limit = --fixed-limit)
   adaptive   FidelityMiddleware with the adaptive limit ([concurrency] adaptive = true)
+  stale      the adaptive limit that also sheds requests that waited too long to be read
+             (shed_stale = true): latency first
   fixed=N    (highest rate only, --oracle) fixed limits swept: the frontier of what any
              static limit achieves, against which the adaptive one is judged
 
@@ -30,7 +32,7 @@ measures how long the server and the generator waited for their cores
 (schedstat run delay) and is redone when that passed `--max-stolen`.
 
     .venv/bin/python benchmarks/overload.py [--cpu-ms 8] [--duration 6] [--rounds 3]
-        [--multiples 1,2,4] [--variants none,fixed,adaptive] [--oracle 1,2,3] [--timeline]
+        [--multiples 1,2,4] [--variants none,fixed,adaptive,stale] [--oracle 1,2,3] [--timeline]
         [--components] [--no-write]
 
 The machine is shared: run it under `nice -n -15` (as root) for usable numbers.
@@ -56,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import stamp, write_section
 
-VARIANTS = ("none", "fixed", "adaptive")
+VARIANTS = ("none", "fixed", "adaptive", "stale")
 
 APP_SOURCE = """
 import asyncio, contextlib, os, time
@@ -99,12 +101,13 @@ if variant != "none":
     else:
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_ADAPTIVE_START"]),
                                  adaptive=True, max_limit=500,
-                                 tolerance=float(os.environ["OVERLOAD_TOLERANCE"]))
+                                 tolerance=float(os.environ["OVERLOAD_TOLERANCE"]),
+                                 shed_stale=variant == "stale")
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
     trace_path = os.environ.get("OVERLOAD_TRACE")
-    if trace_path and variant == "adaptive":
+    if trace_path and variant in ("adaptive", "stale"):
         # --timeline: every latency sample and the limit after it, written at exit
         from fidelity_mw.decide.concurrency import GradientEstimate
 
@@ -229,6 +232,8 @@ def serve(variant: str, args: argparse.Namespace, app_dir: Path) -> Iterator[tup
         "--no-access-log",
         "--backlog",
         "4096",
+        "--loop",
+        args.loop,
     ]
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -565,6 +570,9 @@ def main() -> None:
         help="where served requests' time goes: waiting to be read, in the app before "
         "their CPU, CPU, after (the server stamps each request; adds ids to the requests)",
     )
+    parser.add_argument(
+        "--loop", default="auto", help="uvicorn's event loop: auto (uvloop if installed), asyncio"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     multiples = [float(m) for m in args.multiples.split(",")]
@@ -626,7 +634,8 @@ def main() -> None:
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
         f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
-        f"{args.tolerance:g}; `fixed=N` rows (highest multiple only): static limits swept, "
+        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; `fixed=N` rows "
+        f"(highest multiple only): static limits swept, "
         f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "
         f"{args.settle:g} s; whole-run p99 includes that transient. Core stolen: the share "

@@ -293,7 +293,7 @@ def test_the_map_describes_each_bulkhead_and_where_its_state_lives() -> None:
 
     policy = Policy.from_dict(
         {
-            "concurrency": {"limit": 10, "adaptive": True},
+            "concurrency": {"limit": 10, "adaptive": True, "shed_stale": True},
             "route": [{"match": "/x*", "name": "x", "concurrency": {"limit": 3, "max_queue": 2}}],
         }
     )
@@ -304,10 +304,14 @@ def test_the_map_describes_each_bulkhead_and_where_its_state_lives() -> None:
     ]
     assert "at most 3 in flight; up to 2 wait 50 ms" in rows[0].data
     assert "adaptive limit from 1 to 1000" in rows[1].data
+    assert "sheds requests that waited over 0.5x the floor" in rows[1].data
+    assert "sheds" not in rows[0].data
     assert all(row.state.startswith("process memory") for row in rows)
 
 
-async def _raw_get(mw: FidelityMiddleware, path: str) -> tuple[int, Any]:
+async def _raw_get(
+    mw: FidelityMiddleware, path: str, headers: dict[bytes, bytes] | None = None
+) -> tuple[int, Any]:
     """One GET straight into the middleware (no client in between: it enters in the
     turn its task first runs)."""
     statuses: list[int] = []
@@ -329,7 +333,7 @@ async def _raw_get(mw: FidelityMiddleware, path: str) -> tuple[int, Any]:
         "path": path,
         "raw_path": path.encode(),
         "query_string": query.encode(),
-        "headers": [(b"host", b"svc")],
+        "headers": [(b"host", b"svc"), *(headers or {}).items()],
         "client": ("127.0.0.1", 5000),
         "server": ("svc", 80),
     }
@@ -381,3 +385,137 @@ async def test_a_lagging_loop_lets_one_more_request_in_per_turn(
     served = [await t for t in [first, *batch] if not t.done() or t.result()[0] == 200]
     assert [status for status, _ctx in served] == [200] * (3 if busy_s else 4)
     assert limiter.in_flight == 0
+
+
+class _HandClock:
+    """A LoopClock whose heartbeat the test drives by hand (its own timer never fires)."""
+
+    @staticmethod
+    def make(now: list[float]) -> Any:
+        from fidelity_mw.inbound.bulkhead import LoopClock
+
+        class Hand(LoopClock):
+            TICK_S = 3600.0
+
+        return Hand(lambda: now[0])
+
+
+async def test_the_loop_clock_bounds_how_long_a_request_waited_to_be_read() -> None:
+    """The bound is the time since the last tick before the I/O phase that read the
+    request: the tick before the latest while the latest ran in this turn (the request
+    was read just before it), else the latest."""
+    now = [0.0]
+    clock = _HandClock.make(now)
+    loop = asyncio.get_running_loop()
+    assert clock.waited(0.0) is None  # the heartbeat starts: nothing known yet
+    now[0] = 0.001
+    clock._tick(loop)
+    assert clock.waited(0.0011) is None  # read before the first tick: unknown
+    await asyncio.sleep(0)  # the next turn: read after the tick
+    assert clock.waited(0.0015) == pytest.approx(0.0005)
+    now[0] = 0.002
+    clock._tick(loop)  # on time: the loop was waiting for I/O
+    await asyncio.sleep(0)
+    now[0] = 0.0101  # an 8 ms CPU step held the loop; then its I/O phase and the tick
+    clock._tick(loop)
+    read_during_the_step = clock.waited(0.0102)
+    assert read_during_the_step == pytest.approx(0.0082)
+    await asyncio.sleep(0)
+    assert clock.waited(0.0105) == pytest.approx(0.0004)  # read once the loop was free
+
+
+async def test_the_loop_clock_stops_when_requests_stop_and_restarts_unknown() -> None:
+    now = [0.0]
+    clock = _HandClock.make(now)
+    loop = asyncio.get_running_loop()
+    clock.waited(0.0)
+    now[0] = 0.05
+    clock._tick(loop)
+    assert clock._handle is not None
+    now[0] = 0.2  # no request for IDLE_S: the heartbeat stops
+    clock._tick(loop)
+    assert clock._handle is None
+    assert clock.waited(0.3) is None  # restarted: unknown until it ticks again
+
+
+@pytest.mark.parametrize("max_queue", [0, 2])
+async def test_a_request_read_after_a_long_cpu_step_is_shed_as_stale_beside_one_in_flight(
+    clock: FakeClock, max_queue: int
+) -> None:
+    """shed_stale: while the loop is the bottleneck, a request that waited past the
+    tolerance to be read is not queued behind the one in flight (503, `stale`, with its
+    bound in the decision; nor put in the route's queue, where it would only grow
+    staler); a fresh one is; critical ones never."""
+    policy = Policy(
+        breaker=None,
+        priority_header="x-priority",
+        trusted_peers=("127.0.0.1",),
+        concurrency=ConcurrencyConfig(
+            limit=4, adaptive=True, max_limit=100, shed_stale=True, max_queue=max_queue
+        ),
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    svc.busy_after_s = 0.008
+    now = [0.0]
+    hand = _HandClock.make(now)
+    svc.mw._bulkheads._clock = hand
+    for _ in range(21):  # the floor (10 ms), then one more so the lag is reported
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.pacing
+    assert limiter.stale_after_s == pytest.approx(0.005)
+    first = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+    await svc.in_flight(22)
+    loop = asyncio.get_running_loop()
+    now[0] = clock.monotonic() - 0.009  # the tick before a 9 ms CPU step
+    hand._tick(loop)
+    await asyncio.sleep(0)
+    now[0] = clock.monotonic()
+    hand._tick(loop)  # the step ended; this turn's requests were read just before it
+    clock.advance(0.002)  # past the first one's pacing turn
+    status, ctx = await _raw_get(svc.mw, "/w")  # (not held: admitted, it would just finish)
+    assert status == 503
+    [decision] = concurrency_decisions(ctx)
+    assert (decision.verdict, decision.reason) == (SHED, "stale")
+    assert decision.details is not None
+    assert decision.details["waited_ms"] == pytest.approx(11.0)
+    assert limiter.in_flight == 1
+    critical = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1", {b"x-priority": b"critical"}))
+    await svc.in_flight(23)
+    assert limiter.in_flight == 2
+    await asyncio.sleep(0)  # a later turn: read after the tick, 2 ms ago
+    clock.advance(0.0005)
+    fresh = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+    await svc.in_flight(24)
+    assert limiter.in_flight == 3
+    svc.gate.set()
+    served = [await t for t in (first, critical, fresh)]
+    assert [status for status, _ctx in served] == [200, 200, 200]
+    assert [d.details["waited_ms"] for d in concurrency_decisions(served[2][1])] == [
+        pytest.approx(2.5)
+    ]
+
+
+async def test_the_loop_heartbeat_runs_only_while_a_stale_shedding_route_is_pacing(
+    clock: FakeClock,
+) -> None:
+    """A service that keeps up is never woken every millisecond for the loop clock."""
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, shed_stale=True),
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    for _ in range(25):
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert not limiter.pacing
+    assert svc.mw._bulkheads._clock._handle is None
+    svc.busy_after_s = 0.008  # now the loop lags: pacing, and the heartbeat starts
+    for _ in range(3):
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    assert limiter.pacing
+    assert svc.mw._bulkheads._clock._handle is not None
+    svc.mw._bulkheads._clock._handle.cancel()

@@ -12,6 +12,8 @@ from fidelity_mw.decide.concurrency import (
     PACED,
     PRIORITY_SHARE,
     SHEDDABLE,
+    STALE,
+    UNDER_LIMIT,
     ConcurrencyLimiter,
     ConcurrencySpec,
 )
@@ -105,9 +107,11 @@ def _drive(lim: ConcurrencyLimiter, steps: int, base_s: float, capacity: int) ->
     return limits
 
 
+@pytest.mark.parametrize("shed_stale", [False, True])
 @pytest.mark.parametrize("capacity", [10, 40, 100])
-def test_adaptive_limit_converges_near_capacity(capacity: int) -> None:
-    lim = ConcurrencyLimiter(ConcurrencySpec(limit=5, adaptive=True, max_limit=1000))
+def test_adaptive_limit_converges_near_capacity(capacity: int, shed_stale: bool) -> None:
+    spec = ConcurrencySpec(limit=5, adaptive=True, max_limit=1000, shed_stale=shed_stale)
+    lim = ConcurrencyLimiter(spec)
     limits = _drive(lim, 20_000, 0.01, capacity)
     tail = sorted(limits[-4000:])
     median = tail[len(tail) // 2]
@@ -339,3 +343,110 @@ def test_pacing_ends_as_the_lag_fades() -> None:
     assert fades == 207
     lim.new_turn()
     assert [lim.try_acquire(CRITICAL).admitted for _ in range(3)] == [True] * 3
+
+
+def _stale_limiter(limit: int = 4) -> ConcurrencyLimiter:
+    """`_lagging` with `shed_stale`: 10 ms floor, tolerance 1.5, the loop the bottleneck.
+    A request that waited over 5 ms to be seen is stale beside one in flight, 15 ms alone."""
+    lim = ConcurrencyLimiter(
+        ConcurrencySpec(limit=limit, adaptive=True, measure_samples=0, shed_stale=True)
+    )
+    for lag in (0.0, 0.006):
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.release(0.01, lag_s=lag)
+        lim.new_turn()
+    assert lim.pacing
+    assert lim.stale_after_s == pytest.approx(0.005)
+    return lim
+
+
+def test_a_request_that_waited_too_long_to_be_seen_is_not_queued_behind_another() -> None:
+    """While the loop is the bottleneck, a request that would wait for another's work
+    and already waited past the tolerance to be read is shed (`stale`); a fresh one
+    is admitted, without waiting out PACE_S (it was read while the loop waited for
+    I/O, not in a batch), but still one per turn."""
+    lim = _stale_limiter()
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.009).admitted  # alone: runs at once
+    stale = lim.try_acquire(DEFAULT, now=1.0, waited_s=0.006)
+    assert (stale.admitted, stale.reason, stale.in_flight) == (False, STALE, 1)
+    lim.new_turn()
+    assert lim.try_acquire(SHEDDABLE, now=1.0002, waited_s=0.006).reason == STALE
+    fresh = lim.try_acquire(DEFAULT, now=1.0002, waited_s=0.001)
+    assert (fresh.admitted, fresh.reason, fresh.in_flight) == (True, UNDER_LIMIT, 2)
+    assert lim.try_acquire(DEFAULT, now=1.0004, waited_s=0.0).reason == PACED  # same turn
+    assert lim.in_flight == 2
+
+
+def test_critical_requests_are_never_shed_as_stale() -> None:
+    lim = _stale_limiter()
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.0).admitted
+    assert lim.try_acquire(CRITICAL, now=1.0, waited_s=1.0).admitted
+    assert lim.try_acquire(CRITICAL, now=1.0, waited_s=1.0).admitted
+
+
+def test_the_stale_rule_leaves_the_old_rules_first() -> None:
+    """Limit and priority shares decide before staleness: the reason is theirs, and
+    a class's share is no larger for being fresh."""
+    lim = _stale_limiter(limit=2)
+    assert lim.try_acquire(SHEDDABLE, now=1.0, waited_s=0.0).admitted
+    lim.new_turn()
+    share = lim.try_acquire(SHEDDABLE, now=1.01, waited_s=0.0)  # 2 * 0.5 = 1 slot
+    assert (share.admitted, share.reason) == (False, PRIORITY_SHARE)
+    assert lim.try_acquire(DEFAULT, now=1.01, waited_s=0.0).admitted
+    lim.new_turn()
+    full = lim.try_acquire(DEFAULT, now=1.02, waited_s=0.5)
+    assert (full.admitted, full.reason) == (False, AT_LIMIT)
+    full = lim.try_acquire(CRITICAL, now=1.02, waited_s=0.0)
+    assert (full.admitted, full.reason) == (False, AT_LIMIT)
+
+
+@pytest.mark.parametrize("case", ["off", "unknown", "keeps_up", "fixed"])
+def test_no_stale_shedding_without_the_option_a_bound_or_a_lagging_loop(case: str) -> None:
+    if case == "fixed":
+        lim = ConcurrencyLimiter(ConcurrencySpec(limit=4, shed_stale=True))
+    elif case == "off":
+        lim = _lagging(0.006)
+    else:
+        lim = _stale_limiter()
+    if case == "keeps_up":
+        for _ in range(400):  # the lag peak fades below a quarter of the floor
+            lim.release(0.01, lag_s=0.0)
+        assert not lim.pacing
+    waited = None if case == "unknown" else 1.0
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=waited).admitted
+    lim.new_turn()
+    second = lim.try_acquire(DEFAULT, now=1.1, waited_s=waited)
+    assert (second.admitted, second.reason) == (True, UNDER_LIMIT)
+
+
+def test_alone_a_request_may_wait_the_whole_tolerance_and_a_quiet_route_is_never_starved() -> None:
+    """Nothing in flight: it runs at once, so it is stale only past tolerance x floor
+    (15 ms), and only while the route admitted one lately (within twice that): other
+    work hogging the loop in long steps must not shut the route out."""
+    lim = _stale_limiter()
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.0).admitted
+    lim.release(0.01)
+    assert lim.try_acquire(DEFAULT, now=1.012, waited_s=0.014).admitted
+    lim.release(0.01)
+    late = lim.try_acquire(DEFAULT, now=1.03, waited_s=0.016)
+    assert (late.admitted, late.reason, late.in_flight) == (False, STALE, 0)
+    # the last admission 31 ms ago: admitted, however long it waited
+    assert lim.try_acquire(DEFAULT, now=1.043, waited_s=0.5).admitted
+
+
+def test_with_stale_shedding_the_limit_grows_only_when_it_refused_someone() -> None:
+    """The stale rule, not the limit, holds requests back: half the limit in use no
+    longer shows the limit is used, so within-tolerance samples grow it only after
+    it refused a request."""
+    lim = _stale_limiter(limit=4)
+    for _ in range(200):
+        for _ in range(3):
+            assert lim.try_acquire(CRITICAL).admitted
+        for _ in range(3):
+            lim.release(0.01)
+    assert lim.limit == 4  # three of four in flight, latency at the floor: unchanged
+    for _ in range(200):
+        while lim.try_acquire(CRITICAL).admitted:
+            pass
+        lim.release(0.01)
+    assert lim.limit > 20

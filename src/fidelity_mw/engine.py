@@ -274,6 +274,7 @@ class Engine:
                     sheddable_share=cfg.sheddable_share,
                     max_queue=cfg.max_queue,
                     tolerance=cfg.tolerance,
+                    shed_stale=cfg.shed_stale,
                 )
             )
         return limiter

@@ -35,6 +35,24 @@ requests are never paced: pacing trades a little goodput for latency, and must
 neither shed the class allowed the whole limit nor let a lower class take its
 turn.
 
+Stale shedding (adaptive, opt-in `shed_stale`): while pacing, the caller may
+pass a bound on how long each request waited before it could be seen at all
+(`waited_s`: on one event loop, requests that arrive during another's CPU step
+are read only after it, in an order ASGI does not give). A request that would
+queue behind one in flight and already waited more than the latency the route
+tolerates above its floor ((tolerance - 1) x floor) is shed as `stale`: at
+overload fresh requests are plentiful, and only those read while the loop was
+waiting for I/O can join in-flight work and still finish near the floor. A
+fresh one may join without waiting out PACE_S (it was read alone, not in a
+batch), still one per turn. With nothing in flight a request runs at once, so
+it may have waited the whole tolerance x floor; past that it is shed only while
+the route admitted one lately, so other work hogging the loop cannot starve
+the route. Since this rule, not the limit, then holds requests back, the limit
+grows only after it refused one. Critical requests are never shed as stale.
+This trades goodput for latency: the core idles through the await of a
+request let in alone whenever no fresh one arrives meanwhile
+(docs/inbound.md has the measured trade).
+
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
 """
@@ -57,6 +75,7 @@ AT_LIMIT: Final = "at_limit"
 PRIORITY_SHARE: Final = "priority_share"
 QUEUED: Final = "queued"
 PACED: Final = "paced"
+STALE: Final = "stale"
 
 PACE_S: Final = 0.001  # the shortest pacing turn (see the module doc)
 # Per report, the recent lag peak keeps this much of itself: a lagging stretch
@@ -83,6 +102,7 @@ class ConcurrencySpec:
     remeasure_every: int = 2000  # samples between baseline re-measurements (0: never)
     measure_limit: int = 4  # the limit while the baseline is measured
     measure_samples: int = 20  # requests that finish at that limit make the baseline (0: none)
+    shed_stale: bool = False  # shed requests that waited too long to be seen (module doc)
 
     def share(self, priority: str) -> float:
         if priority == SHEDDABLE:
@@ -137,7 +157,9 @@ class GradientEstimate:
             return self._probe_limit()
         return self.value
 
-    def sample(self, latency_s: float, in_flight: int, dropped: bool = False) -> float:
+    def sample(
+        self, latency_s: float, in_flight: int, dropped: bool = False, binding: bool = True
+    ) -> float:
         """Fold one finished request in (`in_flight` counts it); returns the limit to use."""
         spec = self.spec
         if self._measuring:
@@ -165,7 +187,7 @@ class GradientEstimate:
         if gradient < 1.0:
             # Latency is past tolerance: shrink, with no headroom (see the module doc).
             target = self.value * gradient
-        elif in_flight >= self.value / 2.0:
+        elif in_flight >= self.value / 2.0 and binding:
             target = self.value + math.sqrt(self.value)
         else:
             # An idle server says nothing about its capacity: grow only while the
@@ -189,6 +211,7 @@ class ConcurrencyLimiter:
         "_seq",
         "_waiters",
         "admitted_in_turn",
+        "binding",
         "estimate",
         "in_flight",
         "spec",
@@ -199,6 +222,7 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self.estimate = GradientEstimate(spec) if spec.adaptive else None
         self.admitted_in_turn = 0  # since the caller last called `new_turn`
+        self.binding = False  # the limit refused a request since the last sample
         self._admitted_at = -math.inf  # the `now` of the last admission
         # The event loop's recent lag: the latest report, or an earlier, larger one
         # fading by LAG_FADE per report.
@@ -237,18 +261,54 @@ class ConcurrencyLimiter:
         """The caller's event loop went round once since an admission."""
         self.admitted_in_turn = 0
 
-    def try_acquire(self, priority: str = DEFAULT, now: float | None = None) -> Admission:
+    @property
+    def stale_after_s(self) -> float:
+        """How long a request may have waited unseen and still queue behind another:
+        the latency the route tolerates above its floor (inf: not known)."""
+        estimate = self.estimate
+        if estimate is None or estimate.baseline_s <= 0.0:
+            return math.inf
+        return (self.spec.tolerance - 1.0) * estimate.baseline_s
+
+    def _stale(self, waited_s: float, now: float | None) -> bool | None:
+        """True: shed as stale; False: fresh (may join in-flight work at once); None:
+        the rule does not apply (the loop keeps up, or nothing to compare with)."""
+        if not self.pacing:
+            return None
+        allowance = self.stale_after_s
+        if self.in_flight:
+            return waited_s > allowance
+        # Nothing in flight: it runs at once, so it may have waited the whole tolerance;
+        # past that it is shed only while the route is busy with its own arrivals (it
+        # admitted one lately), so other work hogging the loop cannot starve the route.
+        tolerance = self.spec.tolerance
+        whole = allowance * tolerance / (tolerance - 1.0) if tolerance > 1.0 else math.inf
+        recent = now is not None and now - self._admitted_at < 2.0 * whole
+        return waited_s > whole and recent
+
+    def try_acquire(
+        self, priority: str = DEFAULT, now: float | None = None, waited_s: float | None = None
+    ) -> Admission:
         """Admit one request now, or say why not (it takes no slot when refused).
 
         `now` (the caller's clock) spaces paced admissions by PACE_S; without it,
-        pacing goes by loop turns alone."""
+        pacing goes by loop turns alone. `waited_s` bounds how long the request
+        waited before the caller could see it (None: not known)."""
         limit = self.limit
+        fresh = False
         if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
+            if self.spec.shed_stale and waited_s is not None and priority != CRITICAL:
+                stale = self._stale(waited_s, now)
+                if stale is not None:
+                    if stale:
+                        return Admission(False, STALE, self.in_flight, limit)
+                    fresh = True
             if (
                 self.in_flight
                 and priority != CRITICAL
                 and (
-                    self.admitted_in_turn or (now is not None and now - self._admitted_at < PACE_S)
+                    self.admitted_in_turn
+                    or (not fresh and now is not None and now - self._admitted_at < PACE_S)
                 )
                 and self.pacing
             ):
@@ -259,6 +319,7 @@ class ConcurrencyLimiter:
                 self._admitted_at = now
             return Admission(True, UNDER_LIMIT, self.in_flight, limit)
         reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
+        self.binding = True
         return Admission(False, reason, self.in_flight, limit)
 
     def _waiters_ahead(self, priority: str) -> bool:
@@ -297,7 +358,11 @@ class ConcurrencyLimiter:
             self._lag_peak = max(lag_s, LAG_FADE * self._lag_peak)
             if latency_s is not None or dropped:
                 sample = latency_s + lag_s if latency_s is not None else 0.0
-                self.estimate.sample(sample, self.in_flight, dropped)
+                # Shedding stale requests keeps fewer in flight than the limit allows:
+                # half the limit in use no longer shows it is what holds requests back.
+                binding = self.binding or not self.spec.shed_stale
+                self.estimate.sample(sample, self.in_flight, dropped, binding)
+                self.binding = False
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
         while self._waiters:

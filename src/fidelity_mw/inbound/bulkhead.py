@@ -23,8 +23,9 @@ from ..context import (
     SOURCE_MEMORY,
     Decision,
     DecisionContext,
+    DetailValue,
 )
-from ..decide.concurrency import PRIORITIES, ConcurrencyLimiter
+from ..decide.concurrency import PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
@@ -45,6 +46,7 @@ class Bulkheads:
         # that serves the rest: each (route, class) answer is built once, not per 503.
         self._bodies: dict[tuple[str, str], bytes] = {}
         self._lag: dict[str, LagProbe] = {}  # per adaptive route
+        self._clock = LoopClock(self.monotonic)
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
         """The route's class, unless a trusted peer names another one."""
@@ -64,17 +66,21 @@ class Bulkheads:
         """Take a slot now (None), refuse (a Rejection), or True: wait in the queue."""
         limiter = plan.bulkhead
         assert limiter is not None
-        admission = limiter.try_acquire(priority, now)
+        waited = None
+        if limiter.spec.shed_stale and limiter.pacing:
+            # Only while the loop is the bottleneck: the heartbeat costs a timer a ms.
+            waited = self._clock.waited(now)
+        admission = limiter.try_acquire(priority, now, waited)
         if admission.admitted:
             if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
                 # The turn ends once the loop has run what is ready now (this
                 # request's batch of arrivals among it); PACE_S is the limiter's.
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
-            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
+            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
-        if limiter.can_queue():
-            return True
-        return self._refuse(ctx, plan, admission.reason, priority, limiter, now)
+        if admission.reason != STALE and limiter.can_queue():
+            return True  # (a stale request only grows staler in the queue)
+        return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
@@ -135,7 +141,15 @@ class Bulkheads:
         priority: str,
         limiter: ConcurrencyLimiter,
         now: float,
+        waited: float | None = None,
     ) -> None:
+        details: dict[str, DetailValue] = {
+            "limit": limiter.limit,
+            "in_flight": limiter.in_flight,
+            "priority": priority,
+        }
+        if waited is not None:
+            details["waited_ms"] = round(waited * 1000.0, 3)
         ctx.decisions.append(
             Decision(
                 LAYER_CONCURRENCY,
@@ -145,7 +159,7 @@ class Bulkheads:
                 SOURCE_MEMORY,
                 0.0,
                 now,
-                {"limit": limiter.limit, "in_flight": limiter.in_flight, "priority": priority},
+                details,
             )
         )
 
@@ -157,8 +171,9 @@ class Bulkheads:
         priority: str,
         limiter: ConcurrencyLimiter,
         now: float,
+        waited: float | None = None,
     ) -> Rejection:
-        self._record(ctx, plan, SHED, reason, priority, limiter, now)
+        self._record(ctx, plan, SHED, reason, priority, limiter, now, waited)
         ctx.decided_by = LAYER_CONCURRENCY
         ctx.outcome = OUTCOME_SHED
         body = self._bodies.get((plan.route, priority))
@@ -210,3 +225,69 @@ class LagProbe:
     def _ran(self, scheduled: float) -> None:
         self.pending = False
         self.lag_s = max(0.0, self.monotonic() - scheduled)
+
+
+class LoopClock:
+    """When the event loop last got round to reading its sockets, from a light heartbeat.
+
+    A request is read in the loop's I/O phase. If the loop was busy before that
+    phase (another request's CPU work), the request may have arrived at any time
+    since the phase before, and ASGI says neither when nor in what order. A
+    timer every `TICK_S` runs just after an I/O phase; `waited` is the time
+    since the last tick that ran before the phase that read the request, an
+    upper bound on how long it waited. That is the tick before the latest one
+    while the latest ran in this very turn (after this request was read: a
+    callback the tick queues has not run yet), else the latest. While the loop
+    waits for I/O, ticks come `TICK_S` apart and the bound is about a tick;
+    after a long CPU step it covers the step. (On asyncio's own loop, work
+    queued earlier runs between its I/O phase and its timers, so the bound can
+    fall short by that work; uvloop, which uvicorn uses when installed, runs
+    timers right after I/O.) The heartbeat runs while requests ask (the bulkhead
+    asks only while the loop is the bottleneck) and stops `IDLE_S` after the
+    last one, so a service that keeps up is not woken for it; until it has
+    ticked since it (re)started the bound is unknown.
+    """
+
+    TICK_S = 0.001
+    IDLE_S = 0.1
+
+    __slots__ = ("_handle", "_loop", "current", "last", "monotonic", "prev", "seen")
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
+        self.last: float | None = None  # the latest tick
+        self.prev: float | None = None  # the one before
+        self.current = False  # the latest tick ran in this loop turn
+        self.seen = 0.0  # when a request last asked
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def waited(self, now: float) -> float | None:
+        """A bound on how long a request seen `now` waited to be read (None: unknown)."""
+        self.seen = now
+        loop = asyncio.get_running_loop()
+        if self._handle is None or loop is not self._loop:
+            # (Re)started, or a new event loop: a timer left on the old one never runs.
+            self._loop = loop
+            self.last = self.prev = None
+            self.current = False
+            self._handle = loop.call_later(self.TICK_S, self._tick, loop)
+            return None
+        ref = self.prev if self.current else self.last
+        return None if ref is None else max(0.0, now - ref)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return
+        now = self.monotonic()
+        self.prev, self.last = self.last, now
+        if now - self.seen > self.IDLE_S:
+            self._handle = None
+            return
+        # Requests read in the I/O phase just before this tick run next, before this:
+        self.current = True
+        loop.call_soon(self._turned)
+        self._handle = loop.call_later(self.TICK_S, self._tick, loop)
+
+    def _turned(self) -> None:
+        self.current = False

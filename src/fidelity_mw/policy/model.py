@@ -525,9 +525,12 @@ class ConcurrencyConfig(_Validated):
     default_share: float = _spec(0.9, number_in(0.0, 1.0, lo_open=True))
     sheddable_share: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
     tolerance: float = _spec(1.5, number_in(1.0, 100.0))
+    shed_stale: bool = _spec(False, boolean)
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues = []
+        if self.shed_stale and not self.adaptive:
+            issues.append(PolicyIssue("shed_stale", "needs adaptive = true"))
         if self.min_limit > self.max_limit:
             issues.append(PolicyIssue("min_limit", "must not exceed max_limit"))
         if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:

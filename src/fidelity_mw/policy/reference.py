@@ -228,6 +228,8 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.sheddable_share": "Share of the limit `sheddable` requests may fill "
     "(at most `default_share`).",
     "concurrency.tolerance": "Adaptive: latency / floor ratio accepted before the limit shrinks.",
+    "concurrency.shed_stale": "Adaptive: while the event loop is the bottleneck, shed requests "
+    "that waited too long to be read (`stale`): latency first, some goodput traded for it.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",

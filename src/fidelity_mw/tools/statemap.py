@@ -300,6 +300,11 @@ def layers_for(policy: Policy) -> list[Layer]:
             if conc.max_queue
             else ""
         )
+        if conc.shed_stale:
+            queue += (
+                "; while the event loop is the bottleneck, sheds requests that waited over "
+                f"{conc.tolerance - 1:g}x the floor to be read (tick-sampled loop clock)"
+            )
         rows.append(
             Layer(
                 "inbound",
