@@ -66,7 +66,11 @@ class CompileHook(BuildHookInterface):  # type: ignore[type-arg]
                 raise FileNotFoundError(f"{SWITCH}: {path} (listed under compile) does not exist")
         out = Path(tempfile.mkdtemp(prefix="fidelity-mypyc-out-"))
         self._out = out
-        built = _compile(root, paths, out)
+        try:
+            built = _compile(root, paths, out)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # finalize() never runs after a failure
+            raise
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
         for so in built:
@@ -106,6 +110,14 @@ def _compile(root: Path, paths: list[str], out: Path) -> list[Path]:
             os.chdir(cwd)
     suffix = ".pyd" if sys.platform == "win32" else ".so"
     built = sorted(p for p in out.rglob(f"*{suffix}"))
-    if len(built) < len(paths):
-        raise RuntimeError(f"mypyc built {len(built)} extension modules for {len(paths)} sources")
+    # Each source by name: mypyc also builds one shared library, so a count would let one
+    # missing module through.
+    names = {(p.parent.relative_to(out), p.name.split(".")[0]) for p in built}
+    missing = [
+        path
+        for path in paths
+        if (Path(path).parent.relative_to("src"), Path(path).stem) not in names
+    ]
+    if missing:
+        raise RuntimeError(f"mypyc built no extension module for {', '.join(missing)}")
     return built

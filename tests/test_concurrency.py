@@ -450,3 +450,24 @@ def test_with_stale_shedding_the_limit_grows_only_when_it_refused_someone() -> N
             pass
         lim.release(0.01)
     assert lim.limit > 20
+
+
+def test_a_fresh_request_is_not_stale_by_the_loop_clocks_grain_on_a_fast_route() -> None:
+    """A 0.4 ms floor allows 0.2 ms, finer than the loop clock's heartbeat can bound: a
+    request read just now measures up to two ticks and must not be shed for it."""
+    lim = ConcurrencyLimiter(
+        ConcurrencySpec(limit=4, adaptive=True, measure_samples=0, shed_stale=True)
+    )
+    for lag in (0.0, 0.0003):
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.release(0.0004, lag_s=lag)
+        lim.new_turn()
+    assert lim.pacing
+    assert lim.stale_after_s == pytest.approx(0.0002)
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.0).admitted
+    lim.new_turn()
+    fresh = lim.try_acquire(DEFAULT, now=1.01, waited_s=0.0015)  # within two ticks
+    assert (fresh.admitted, fresh.in_flight) == (True, 2)
+    lim.new_turn()
+    stale = lim.try_acquire(DEFAULT, now=1.02, waited_s=0.004)  # a CPU step's worth
+    assert (stale.admitted, stale.reason) == (False, STALE)

@@ -779,3 +779,14 @@ def test_sections_are_exported() -> None:
     # Every section class constructs with defaults (the documented public names).
     for cls in (StateConfig, DeadlineConfig, BreakerConfig, RetryConfig, RouteConfig):
         assert cls() == cls()
+
+
+def test_stale_shedding_needs_a_tolerance_above_one() -> None:
+    """(tolerance - 1) x floor is the wait a request may have had: at 1.0 every request
+    beside one in flight would be shed, so the policy says so instead."""
+    from fidelity_mw.policy.model import ConcurrencyConfig
+
+    with pytest.raises(PolicyError) as exc:
+        ConcurrencyConfig(limit=4, adaptive=True, shed_stale=True, tolerance=1.0)
+    assert issues_of(exc)["shed_stale"] == "needs tolerance > 1"
+    assert ConcurrencyConfig(limit=4, adaptive=True, shed_stale=True, tolerance=1.1).shed_stale

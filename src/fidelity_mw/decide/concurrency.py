@@ -78,6 +78,7 @@ PACED: Final = "paced"
 STALE: Final = "stale"
 
 PACE_S: Final = 0.001  # the shortest pacing turn (see the module doc)
+STALE_RESOLUTION_S: Final = 0.002  # two ticks of the inbound loop clock's heartbeat
 # Per report, the recent lag peak keeps this much of itself: a lagging stretch
 # paces for some hundred requests after it (lag comes and goes while the loop
 # is busy: a probe that lands between two CPU bursts sees none).
@@ -272,17 +273,23 @@ class ConcurrencyLimiter:
 
     def _stale(self, waited_s: float, now: float | None) -> bool | None:
         """True: shed as stale; False: fresh (may join in-flight work at once); None:
-        the rule does not apply (the loop keeps up, or nothing to compare with)."""
+        the rule does not apply (the loop keeps up)."""
         if not self.pacing:
             return None
-        allowance = self.stale_after_s
+        # A bound finer than the caller's clock can tell is no evidence: a request read
+        # just now may measure a couple of ms (the loop clock's heartbeat grain).
+        allowance = max(self.stale_after_s, STALE_RESOLUTION_S)
         if self.in_flight:
             return waited_s > allowance
         # Nothing in flight: it runs at once, so it may have waited the whole tolerance;
         # past that it is shed only while the route is busy with its own arrivals (it
         # admitted one lately), so other work hogging the loop cannot starve the route.
         tolerance = self.spec.tolerance
-        whole = allowance * tolerance / (tolerance - 1.0) if tolerance > 1.0 else math.inf
+        whole = (
+            max(self.stale_after_s * tolerance / (tolerance - 1.0), STALE_RESOLUTION_S)
+            if tolerance > 1.0
+            else math.inf
+        )
         recent = now is not None and now - self._admitted_at < 2.0 * whole
         return waited_s > whole and recent
 

@@ -364,10 +364,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
-        if len(raw) > 1 and raw[-1] is stamps[1] and raw[-2] is stamps[0]:  # still ours, last
-            del raw[-2:]
-        else:
-            unstamp(request.headers, None)
+        unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:

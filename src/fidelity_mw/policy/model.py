@@ -531,6 +531,9 @@ class ConcurrencyConfig(_Validated):
         issues = []
         if self.shed_stale and not self.adaptive:
             issues.append(PolicyIssue("shed_stale", "needs adaptive = true"))
+        if self.shed_stale and self.tolerance <= 1.0:
+            # (tolerance - 1) x floor is the wait a request may have: 0 would shed them all
+            issues.append(PolicyIssue("shed_stale", "needs tolerance > 1"))
         if self.min_limit > self.max_limit:
             issues.append(PolicyIssue("min_limit", "must not exceed max_limit"))
         if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
