@@ -33,8 +33,7 @@ _NO_TIMEOUT: Final[Mapping[str, float | None]] = {
     "write": None,
     "pool": None,
 }
-OURS: Final = (ATTEMPT_HEADER, TIMEOUT_HEADER)
-OURS_SET: Final = frozenset(OURS)
+OURS_SET: Final = frozenset((ATTEMPT_HEADER, TIMEOUT_HEADER))  # our per-attempt headers
 
 
 def _has_fast_headers() -> bool:
@@ -53,9 +52,9 @@ def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None
         return None
     raw: list[tuple[bytes, bytes, bytes]] = headers._list
     for item in raw:
-        if item[1] in OURS:
-            prior = [it for it in raw if it[1] in OURS]
-            raw[:] = [it for it in raw if it[1] not in OURS]
+        if item[1] in OURS_SET:
+            prior = [it for it in raw if it[1] in OURS_SET]
+            raw[:] = [it for it in raw if it[1] not in OURS_SET]
             return prior
     return None
 
