@@ -83,6 +83,10 @@ DEFAULT_VARIANTS = (
     "slowapi-redis",
 )
 REDIS_VARIANTS = {"fidelity-redis", "fidelity-tiered", "slowapi-redis"}
+# `VARIANT+compiled` (e.g. `fidelity-memory+compiled`): the same server run by the venv of
+# the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md)
+COMPILED_SUFFIX = "+compiled"
+COMPILED_PYTHON = Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
 HOST = "127.0.0.1"
 PREFIX = "bench-server"
 PERMISSIVE = "1000000000/second"
@@ -342,7 +346,9 @@ def servers(
     try:
         for variant in variants:
             port = free_port()
-            argv = [sys.executable, str(Path(__file__).resolve()), "--serve", variant]
+            served = variant.removesuffix(COMPILED_SUFFIX)
+            python = sys.executable if served == variant else str(COMPILED_PYTHON)
+            argv = [python, str(Path(__file__).resolve()), "--serve", served]
             argv += ["--port", str(port), "--redis-url", redis_url]
             if gc_freeze:
                 argv.append("--gc-freeze")
@@ -723,7 +729,11 @@ def main() -> None:
         raise SystemExit("needs uvloop and httptools: pip install -e '.[dev]'") from None
     args.connections = [int(c) for c in args.connections.split(",")]
     args.variants = [v.strip() for v in args.variants.split(",")]
-    unknown = {v for v in args.variants if "@" not in v} - set(VARIANTS)
+    unknown = {v.removesuffix(COMPILED_SUFFIX) for v in args.variants if "@" not in v} - set(
+        VARIANTS
+    )
+    if any(v.endswith(COMPILED_SUFFIX) for v in args.variants) and not COMPILED_PYTHON.exists():
+        parser.error(f"{COMPILED_PYTHON} is missing: run `bash scripts/compiled.sh` first")
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
     if "bare" not in args.variants:
