@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
-from threading import get_ident
+from sys import get_asyncgen_hooks
 from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect
@@ -92,7 +92,11 @@ class ResponseWatcher:
         # asyncio.current_task(), asking the loop last seen running in this thread first
         # (DeadlineWatch.running_task: no system call per request)
         home = watch.home
-        task = current_task(home[1]) if home is not None and home[0] == get_ident() else None
+        task = (
+            current_task(home[1])
+            if home is not None and get_asyncgen_hooks()[0] is home[0]
+            else None
+        )
         self.task = task if task is not None else watch.running_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here
@@ -193,8 +197,8 @@ class DeadlineWatch:
         self._recheck_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self.inflight: dict[ResponseWatcher, float] = {}
-        # (thread ident, the event loop last found running in that thread): see running_task
-        self.home: tuple[int, asyncio.AbstractEventLoop] | None = None
+        # (the asyncgen hook a loop's run installed in its thread, that loop): see running_task
+        self.home: tuple[object, asyncio.AbstractEventLoop] | None = None
 
     def running_task(self) -> asyncio.Task[Any] | None:
         """The current task, found the long way; remembers the running loop as `home`.
@@ -203,15 +207,18 @@ class DeadlineWatch:
         makes a getpid() system call, its fork check, every time: under a server, one
         system call more per request (about 1 µs with the caches it leaves cold, where
         the same call costs 0.1 µs in a tight loop). So arming first asks `home`'s loop
-        for its current task, when called in the thread that found that loop running: a
-        thread runs one loop at a time, so if that loop has a current task, it is the
-        loop running here and the task is ours. No task there (the loop stopped or
-        closed, a new one runs here) or another thread: this lookup, which checks.
-        (Not covered: a stopped loop later run by another thread, while this thread
-        runs a new loop and has not armed since; asyncio allows it, no server does it.)
+        for its current task when this thread's asyncgen `firstiter` hook is the one
+        that loop installed as its run began (asyncio's and uvloop's loops install a
+        new bound method per run, in the running thread, and put the old hook back when
+        the run ends): then that loop runs in this thread, and its current task is ours.
+        (A thread ident would not do: a stopped loop may be run again by another
+        thread, where its current task is not this request's.) Any other hook: this
+        lookup, which checks.
         """
         loop = asyncio.get_running_loop()
-        self.home = (get_ident(), loop)
+        firstiter = get_asyncgen_hooks()[0]
+        # a hook that is not this loop's (another library's) proves nothing: no home
+        self.home = (firstiter, loop) if getattr(firstiter, "__self__", None) is loop else None
         return current_task(loop)
 
     def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
