@@ -27,6 +27,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 from collections.abc import Callable
@@ -73,6 +74,8 @@ from .loop import (
 )
 from .upstream import Resolver, Upstream
 from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
+
+logger = logging.getLogger("fidelity_mw")
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic = time.monotonic
@@ -134,9 +137,12 @@ class _Base:
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
         resolver = self._resolver
         if resolver is not None:
-            urls = resolver(up.host)
-            if urls:
-                up.set_instances(engine, urls)
+            try:
+                urls = resolver(up.host)
+                if urls:
+                    up.set_instances(engine, urls)
+            except Exception:  # discovery down: the instances it named last still answer
+                logger.exception("fidelity_mw: the resolver failed for %s", up.host)
         return up
 
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
