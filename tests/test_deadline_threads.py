@@ -82,3 +82,53 @@ def test_a_clock_advanced_from_another_thread_expires_the_request_on_its_loop() 
             done.wait(10.0)
         server.join(10.0)
         loop.close()
+
+
+def test_a_deadline_timer_of_one_loop_expires_a_request_of_another_on_its_own_loop() -> None:
+    """One middleware, two event loops in two threads: the deadline timer lives on the
+    loop that set it, and expires every request past its deadline, others' too. A
+    request of the other loop is cancelled on its own loop (from this thread, its loop
+    is not even woken up, and the request hangs)."""
+    entered = {"/a": threading.Event(), "/b": threading.Event()}
+
+    async def parked(scope: Any, receive: Any, send: Any) -> None:
+        entered[scope["path"]].set()
+        await asyncio.Event().wait()  # only the deadline ends it
+
+    app = FidelityMiddleware(parked, policy=Policy(), telemetry=False)
+
+    async def request(path: str, deadline_ms: int) -> list[int]:
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        here = {**scope(), "path": path, "raw_path": path.encode()}
+        here["headers"] = [(b"x-request-timeout-ms", str(deadline_ms).encode())]
+        await app(here, receive, send)
+        return statuses
+
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        # the first loop's timer is set for its own request; the second request's
+        # deadline is later, so no timer of its loop is set for it
+        first = asyncio.run_coroutine_threadsafe(request("/a", 40), loops[0])
+        assert entered["/a"].wait(10)
+        second = asyncio.run_coroutine_threadsafe(request("/b", 80), loops[1])
+        assert entered["/b"].wait(10)
+        assert first.result(10) == [504]
+        assert second.result(10) == [504], "the other loop never ran the cancellation"
+    finally:
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for thread in threads:
+            thread.join(10)
+        for loop in loops:
+            loop.close()

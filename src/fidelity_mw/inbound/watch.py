@@ -112,8 +112,8 @@ class ResponseWatcher:
     def expire(self) -> None:
         self.disarm()
         task = self.task
-        if self.started or task is None or task.done():
-            return  # a started response is never cut
+        if self.started or self.expired or task is None or task.done():
+            return  # a started response is never cut; a request is cancelled once
         self.expired = True
         task.cancel()
 
@@ -265,13 +265,23 @@ class DeadlineWatch:
         now = self._monotonic()
         earliest = math.inf
         expired = []
-        for watcher, at in self.inflight.items():
+        # a copy made in one step: loops in other threads arm and disarm meanwhile
+        for watcher, at in list(self.inflight.items()):
             if at <= now:
                 expired.append(watcher)
             elif at < earliest:
                 earliest = at
+        running = _running_loop()
         for watcher in expired:
-            watcher.expire()
+            task = watcher.task
+            loop = task.get_loop() if task is not None else None
+            if loop is None or loop is running or loop.is_closed():
+                watcher.expire()
+            else:
+                # a request of a loop in another thread: cancelled there (from here
+                # that loop is not even woken up, and the request hangs)
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(watcher.expire)
         if earliest < math.inf:
             self._schedule(earliest, now)
 
