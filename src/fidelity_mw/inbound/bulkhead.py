@@ -129,8 +129,13 @@ class Bulkheads:
     def _wake(slots: list[object]) -> None:
         for slot in slots:
             assert isinstance(slot, asyncio.Future)
-            if not slot.done():
-                slot.set_result(None)
+            loop = slot.get_loop()
+            if loop is asyncio.get_running_loop():
+                _hand(slot)
+            elif not loop.is_closed():
+                # queued on a loop in another thread: handed over there (from here that
+                # loop is not even woken up; the request sat out its queue timeout)
+                loop.call_soon_threadsafe(_hand, slot)
 
     @staticmethod
     def _record(
@@ -189,6 +194,11 @@ class Bulkheads:
                 priority=priority,
             )
         return 503, list(_RETRY_AFTER), body
+
+
+def _hand(slot: asyncio.Future[None]) -> None:
+    if not slot.done():
+        slot.set_result(None)
 
 
 class LagProbe:
