@@ -21,7 +21,6 @@ import importlib.util
 import inspect
 import itertools
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from ..decide.balance import EWMA_TAU_S
 from ..policy import BreakerConfig, HedgeConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
+from ..policy.model import redact_url
 
 # ---------------------------------------------------------------- the model
 
@@ -84,11 +84,6 @@ class StateMap:
 
 
 # ---------------------------------------------------------------- state homes
-
-
-def redact_url(url: str) -> str:
-    """`redis://user:secret@host` -> `redis://user:***@host`."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True, slots=True)
