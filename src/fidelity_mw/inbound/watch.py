@@ -138,6 +138,7 @@ class ResponseWatcher:
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
             self.complete = True
+            self.ctx.response_complete = True
             if self.monotonic is not None:
                 self.ctx.ended_at = self.monotonic()
             end = self.end

@@ -163,8 +163,10 @@ class _Base:
         what the race needs: `(race, hedge config, a maker of hedge loops, upstream,
         context, the observer whose call_end ends the call or None)`."""
         ctx = _CURRENT.get()
-        own = ctx is None
         engine = self.engine if ctx is None else ctx.engine
+        if ctx is not None and ctx.response_complete:
+            ctx = None  # after the response (a background task): a call of its own
+        own = ctx is None
         clock = engine.clock
         # The system clock's method only calls time.monotonic: read it directly.
         now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
@@ -267,6 +269,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # else is handed to them, from the step it has reached.
         ctx = _CURRENT.get()
         engine = self.engine if ctx is None else ctx.engine
+        if ctx is not None and ctx.response_complete:
+            ctx = None  # after the response (a background task): a call of its own
         cached = self._local
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
             ref = request.url._uri_reference
@@ -424,7 +428,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         finally:
             if ends is not None:
                 call_end(ends, ctx)
-        if _CURRENT.get() is None:
+        if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
 
