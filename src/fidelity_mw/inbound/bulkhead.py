@@ -136,10 +136,14 @@ class Bulkheads:
 
     @staticmethod
     def _wake(slots: list[object]) -> None:
+        if not slots:
+            return
+        # (None when a request is unwound outside its loop, e.g. finalised after it closed)
+        running = asyncio.events._get_running_loop()
         for slot in slots:
             assert isinstance(slot, asyncio.Future)
             loop = slot.get_loop()
-            if loop is asyncio.get_running_loop():
+            if loop is running:
                 _hand(slot)
             elif not loop.is_closed():
                 # queued on a loop in another thread: handed over there (from here that
