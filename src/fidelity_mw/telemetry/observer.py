@@ -716,10 +716,11 @@ class Telemetry:
         summary, route, decided_by, outcome, version = key
         attrs: dict[str, Any] = {
             _POLICY_VERSION: version,
-            _STALE_DECISIONS: summary.stale,
             _ROUTE: route,
             _DECISIONS: summary.packed,
         }
+        if summary.stale:  # absent means 0, as OpenTelemetry does with resend_count
+            attrs[_STALE_DECISIONS] = summary.stale
         if decided_by is not None:
             attrs[_DECIDED_BY] = decided_by
         if outcome is not None:
