@@ -3,13 +3,17 @@ workers and plain threads, where no event loop runs and the asyncio client canno
 
 Built explicitly like the asyncio one: no client-side retries, the policy's
 timeouts, a bounded pool whose wait is bounded by the same timeout. It runs
-the same Lua scripts (EVALSHA, EVAL once after NOSCRIPT). When a call fails,
-Redis is left alone for a short pause (callers decide in the failure mode
-meanwhile) instead of every thread paying a timeout per call.
+the same Lua scripts (EVALSHA, EVAL once after NOSCRIPT), and classifies
+failures the same way: an error reply or a full pool fails only that call
+(redis-py's blocking pool already replaces a connection broken by a restart
+before using it); when
+Redis cannot be reached it is left alone for a short pause (callers decide in
+the failure mode meanwhile) instead of every thread paying a timeout per call.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -17,7 +21,17 @@ from redis import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import parse_url
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MaxConnectionsError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from .._types import Clock
@@ -27,8 +41,29 @@ if TYPE_CHECKING:
 
     from ..policy import StateConfig
 
+logger = logging.getLogger("fidelity_mw.redis")
+
 _PAUSE_AFTER_ERROR_S: Final = 0.5
 _CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
+# error replies that still mean "Redis cannot serve us now" (as in redis.py)
+_UNREACHABLE: Final = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
+
+
+class PoolExhausted(MaxConnectionsError):
+    """Every connection stayed busy for `timeout_ms`: this call fails, Redis is not down."""
+
+
+class _Pool(BlockingConnectionPool):
+    """redis-py reports a full pool as a plain ConnectionError, the same class as a
+    refused connection; the wait for a free one is the only `pool.get` here."""
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if type(exc) is RedisConnectionError and str(exc) == "No connection available.":
+                raise PoolExhausted(str(exc)) from exc
+            raise
 
 
 class _Script(Protocol):
@@ -42,6 +77,7 @@ class _Stats(Protocol):
     round_trips: int
     script_loads: int
     errors: int
+    pool_waits: int
 
 
 class SyncLink:
@@ -82,7 +118,7 @@ class SyncLink:
                 socket_connect_timeout=connect_timeout,
             )
         kwargs: dict[str, Any] = dict(parse_url(plain))  # type: ignore[no-untyped-call]
-        pool = BlockingConnectionPool(  # type: ignore[no-untyped-call]
+        pool = _Pool(  # type: ignore[no-untyped-call]
             max_connections=config.pool_size,
             timeout=timeout,  # a bounded wait for a free connection
             retry=Retry(NoBackoff(), 0),
@@ -104,19 +140,37 @@ class SyncLink:
             return None
         client = self.client()
         try:
-            try:
-                reply = client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                self._stats.script_loads += 1
-                self._stats.round_trips += 1
-                reply = client.execute_command("EVAL", script.source, len(keys), *keys, *args)
-        except _CALL_ERRORS:
-            self._stats.errors += 1
-            self._paused_until = clock.monotonic() + _PAUSE_AFTER_ERROR_S
+            reply = self._evalsha(client, script, keys, args)
+        except _CALL_ERRORS as exc:
+            self._failed(exc)
             return None
         done = clock.monotonic()
         self._stats.round_trips += 1
         return reply, (done - started) / 2.0
+
+    def _evalsha(
+        self, client: Any, script: _Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        try:
+            return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._stats.script_loads += 1
+            self._stats.round_trips += 1
+            return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._stats.errors += 1
+        if isinstance(exc, MaxConnectionsError) or (
+            isinstance(exc, ResponseError) and not isinstance(exc, _UNREACHABLE)
+        ):
+            # Redis answered (an error reply) or every connection was busy: only
+            # this call falls back; pausing would fail every thread's next calls.
+            if isinstance(exc, PoolExhausted):
+                self._stats.pool_waits += 1
+            else:
+                logger.warning("fidelity_mw: redis replied with an error: %s", exc)
+            return
+        self._paused_until = self._clock.monotonic() + _PAUSE_AFTER_ERROR_S
 
     def close(self) -> None:
         client, self._client = self._client, None
