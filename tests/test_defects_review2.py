@@ -3,13 +3,21 @@ the code before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass
+from typing import Any
 
-from fidelity_mw.policy import StateConfig
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import Policy, StateConfig
 from fidelity_mw.state.redis import RedisStats
 from fidelity_mw.state.redis_sync import SyncLink
-from fidelity_mw.testing import FakeClock
+from fidelity_mw.testing import FakeClock, seeded_random
 from redis_server import RedisServer
 
 
@@ -91,3 +99,61 @@ def test_sync_link_pauses_when_redis_is_unreachable(own_redis: RedisServer) -> N
         assert stats.errors == errors
     finally:
         link.close()
+
+
+# ------------------------------------------------ resolver answers validated like `instances`
+
+GOOD = ("http://10.0.0.1:8001", "http://10.0.0.2:8002")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["10.0.0.1:8001"],  # no scheme: the request would go to "/pay", on no host
+        ["payments-1"],
+        ["ftp://10.0.0.1"],
+        "http://10.0.0.3:8003",  # a string: each character became an "instance"
+        [GOOD[0], "http://"],
+    ],
+)
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_resolver_answer_that_is_not_base_urls_is_ignored(
+    bad: Any, sync: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad answer is treated like a failing resolver: logged once (no traceback), and
+    calls go on to the instances it named last."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200)
+
+    answers: list[Any] = [GOOD]
+    engine = Engine(Policy(), clock=FakeClock(), rng=seeded_random(7))
+    kind = FidelitySyncTransport if sync else FidelityTransport
+    t = kind(
+        httpx.MockTransport(handler),
+        engine=engine,
+        telemetry=False,
+        resolver=lambda host: answers[-1] if host == "payments" else None,
+    )
+
+    async def get_async() -> int:
+        async with httpx.AsyncClient(transport=t) as client:  # type: ignore[arg-type]
+            return (await client.get("http://payments/pay")).status_code
+
+    def get() -> int:
+        if not sync:
+            return asyncio.run(get_async())
+        with httpx.Client(transport=t) as client:  # type: ignore[arg-type]
+            return client.get("http://payments/pay").status_code
+
+    assert get() == 200
+    answers.append(bad)
+    with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+        for _ in range(6):
+            assert get() == 200
+    assert {u.removesuffix("/pay") for u in seen} <= set(GOOD)
+    warned = [r for r in caplog.records if "resolver" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].exc_info is None

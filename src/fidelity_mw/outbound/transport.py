@@ -72,7 +72,7 @@ from .loop import (
     local_ops,
     prepare,
 )
-from .upstream import Resolver, Upstream
+from .upstream import Resolver, Upstream, resolved_problem
 from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 
 logger = logging.getLogger("fidelity_mw")
@@ -113,6 +113,7 @@ class _Base:
         self._observer = observer
         self._telemetry = telemetry
         self._resolver = resolver
+        self._bad_answers: dict[str, str] = {}  # host -> the resolver answer's problem logged
         self._observed_engine: Engine | None = None
         self._shortcut: Engine | None = None
         self._local: tuple[StateStore | None, Local | None] = (None, None)
@@ -140,7 +141,18 @@ class _Base:
             try:
                 urls = resolver(up.host)
                 if urls:
-                    up.set_instances(engine, urls)
+                    problem = resolved_problem(urls)
+                    if problem is None:
+                        up.set_instances(engine, urls)
+                        self._bad_answers.pop(up.host, None)
+                    elif self._bad_answers.get(up.host) != problem:
+                        # like a resolver down; once per answer, not per call
+                        self._bad_answers[up.host] = problem
+                        logger.warning(
+                            "fidelity_mw: the resolver's answer for %s is ignored: %s",
+                            up.host,
+                            problem,
+                        )
             except Exception:  # discovery down: the instances it named last still answer
                 logger.exception("fidelity_mw: the resolver failed for %s", up.host)
         return up

@@ -10,12 +10,26 @@ import httpx
 from ..decide.balance import InstanceView
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from ..policy.model import _base_urls
 from .hedge import LatencyWindow
 from .wire import first_stamps, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
 Resolver = Callable[[str], Sequence[str] | None]
+
+
+def resolved_problem(urls: Sequence[str]) -> str | None:
+    """What is wrong with a resolver's answer, held to the rule for the policy's
+    `instances` (base URLs only), or None. A bad URL would send every call it
+    is picked for to no host, or to a wrong one."""
+    if isinstance(urls, str | bytes):
+        return f"expected a list of base URLs, got a string: {urls!r}"
+    try:
+        return _base_urls(list(dict.fromkeys(urls)))
+    except TypeError as exc:  # unhashable items
+        return f"expected a list of base URLs ({exc})"
+
 
 _MAX_INSTANCES: Final = 256
 # The last request timeouts seen (None: the request had none) and what an attempt's are
