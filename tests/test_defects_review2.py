@@ -4,6 +4,7 @@ the code before its fix."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
+from fidelity_mw.context import _CURRENT
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import Policy, StateConfig
 from fidelity_mw.state.redis import RedisStats
@@ -157,3 +159,32 @@ def test_a_resolver_answer_that_is_not_base_urls_is_ignored(
     warned = [r for r in caplog.records if "resolver" in r.getMessage()]
     assert len(warned) == 1
     assert warned[0].exc_info is None
+
+
+# ------------------------------------- a request's coroutine finalised in another context
+
+
+@pytest.mark.anyio
+async def test_a_request_coroutine_closed_in_another_context_ends_quietly() -> None:
+    """A server that drops a request's coroutine (closed by it, or by the garbage
+    collector, in whatever context runs then) must not make the middleware raise
+    ValueError from resetting its context variable: that logged a traceback."""
+    parked = asyncio.get_running_loop().create_future()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await parked  # the client went away meanwhile
+
+    mw = FidelityMiddleware(app, policy=Policy(), clock=FakeClock(), telemetry=False)
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "client": ("1.2.3.4", 5)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    coro = mw(scope, receive, send)
+    contextvars.copy_context().run(coro.send, None)  # the request ran in its own context
+    coro.close()  # finalised here, in another one
+    assert _CURRENT.get() is None
+    parked.cancel()

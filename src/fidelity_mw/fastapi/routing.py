@@ -151,7 +151,10 @@ async def _standalone(
         ctx.status = response.status_code
         return response
     finally:
-        _CURRENT.reset(token)
+        try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
+            _CURRENT.reset(token)
+        except ValueError:  # finalised in another context (a dropped coroutine):
+            pass  # the variable there was never ours to restore
         if gate is not None and plan.breaker is not None and plan.breaker_key is not None:
             await _record(engine, plan, gate, outcome, ctx)
 

@@ -305,7 +305,10 @@ class FidelityMiddleware:
                     observer.end(ctx, scope, obs_token)
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
-            _CURRENT.reset(token)
+            try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
+                _CURRENT.reset(token)
+            except ValueError:  # finalised in another context (a dropped coroutine):
+                pass  # the variable there was never ours to restore
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None
