@@ -4,6 +4,7 @@ the code before its fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -17,6 +18,7 @@ from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTrans
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import Policy, StateConfig
+from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStats
 from fidelity_mw.state.redis_sync import SyncLink
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -188,3 +190,99 @@ async def test_a_request_coroutine_closed_in_another_context_ends_quietly() -> N
     coro.close()  # finalised here, in another one
     assert _CURRENT.get() is None
     parked.cancel()
+
+
+# ------------------------------------------ deadlines under FakeClock, armed after a wait
+
+
+class SlowAdmitStore(MemoryStore):
+    """In-process state that answers admission after `delay` s (a remote store's
+    round trip, a queue): the middleware awaits it, and the clock moves meanwhile."""
+
+    admit_now = None
+
+    def __init__(self, clock: FakeClock, delay: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.delay = delay
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        await self.clock.sleep(self.delay)
+        return await super().admit(*args, **kwargs)
+
+
+async def _deadline_request(
+    clock: FakeClock, admit_delay: float
+) -> tuple[asyncio.Task[Any], list[int]]:
+    """A request with a 1 s deadline to an app that never answers by itself."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.Event().wait()
+
+    store = SlowAdmitStore(clock, admit_delay)
+    mw = FidelityMiddleware(app, policy=Policy(), clock=clock, store=store, telemetry=False)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/x",
+        "headers": [(b"x-request-timeout-ms", b"1000")],
+        "client": ("1.2.3.4", 5),
+    }
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    task = asyncio.get_running_loop().create_task(mw(scope, receive, send))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return task, statuses
+
+
+async def _settle(task: asyncio.Task[Any]) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.anyio
+async def test_deadline_timer_counts_from_arming_not_from_arrival() -> None:
+    """0.8 s of the 1 s deadline went by before the app started: 0.2 s remain, and
+    the timer must fire 0.2 s later (it was set for the whole second again)."""
+    clock = FakeClock()
+    task, statuses = await _deadline_request(clock, 0.8)
+    clock.advance(0.3)
+    await _settle(task)
+    assert statuses == [504]
+
+
+@pytest.mark.anyio
+async def test_deadline_already_passed_when_armed_is_enforced_without_advancing() -> None:
+    """As on the event loop's clock, where call_later(0) runs on the next iteration."""
+    clock = FakeClock()
+    task, statuses = await _deadline_request(clock, 1.2)
+    await _settle(task)
+    assert statuses == [504]
+
+
+@pytest.mark.anyio
+async def test_fake_clock_call_later_now_runs_soon_like_the_loop() -> None:
+    clock = FakeClock()
+    fired: list[str] = []
+    clock.call_later(0.0, lambda: fired.append("now"))
+    clock.call_later(-1.0, lambda: fired.append("past"))
+    clock.call_later(0.5, lambda: fired.append("later"))
+    cancelled = clock.call_later(0.0, lambda: fired.append("cancelled"))
+    cancelled.cancel()
+    assert fired == []  # not from inside call_later: the loop's is never reentrant
+    await asyncio.sleep(0)
+    assert fired == ["now", "past"]
+    clock.advance(0.5)
+    assert fired == ["now", "past", "later"]

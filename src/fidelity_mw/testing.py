@@ -66,6 +66,14 @@ class FakeClock:
                 heapq.heapify(timers)
                 self._cancelled = 0
             heapq.heappush(timers, (self._now + max(0.0, delay), next(self._order), timer))
+        if delay <= 0.0:
+            # Due already: an event loop's call_later(0) runs it on the loop's next
+            # iteration, not whenever a test next moves the clock.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread: the next advance() runs it
+                return timer
+            loop.call_soon(timer.fire)
         return timer
 
     async def sleep(self, seconds: float) -> None:
@@ -87,6 +95,14 @@ class FakeTimer:
         self.callback = callback
         self.cancelled = False
         self.clock = clock
+
+    def fire(self) -> None:
+        """Run the callback unless cancelled or run already (by `advance`)."""
+        with self.clock._lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+        self.callback()
 
     def cancel(self) -> None:
         if not self.cancelled:

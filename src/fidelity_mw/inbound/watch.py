@@ -225,16 +225,16 @@ class DeadlineWatch:
     def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
         self.inflight[watcher] = deadline_at
         if deadline_at < self._timer_at:
-            self._schedule(deadline_at, now)
+            self._schedule(deadline_at)
         elif self._recheck_at < now:
             if self._call_later is None and self._loop is not asyncio.get_running_loop():
                 # an overdue timer of an event loop that is gone
-                self._schedule(deadline_at, now)
+                self._schedule(deadline_at)
             else:
                 # a busy loop's timer is only late: no need to look at every request
                 self._recheck_at = now + 1.0
 
-    def _schedule(self, at: float, now: float) -> None:
+    def _schedule(self, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
         call_later = self._call_later
@@ -251,7 +251,10 @@ class DeadlineWatch:
             fire = self._fire_in_loop
         self._timer_at = at
         self._recheck_at = at + 1.0
-        self._timer = call_later(at - now if at > now else 0.0, fire)
+        # From the clock now, not the request's arrival: admission may have waited
+        # (a bulkhead queue, a Redis round trip) and the timer would fire that much late.
+        delay = at - self._monotonic()
+        self._timer = call_later(delay if delay > 0.0 else 0.0, fire)
 
     def _fire_in_loop(self) -> None:
         loop = self._loop
@@ -284,7 +287,7 @@ class DeadlineWatch:
                 with contextlib.suppress(RuntimeError):  # closed meanwhile
                     loop.call_soon_threadsafe(watcher.expire)
         if earliest < math.inf:
-            self._schedule(earliest, now)
+            self._schedule(earliest)
 
 
 class OutcomeRecorder:
