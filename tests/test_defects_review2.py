@@ -18,9 +18,11 @@ from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTrans
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import Policy, StateConfig
+from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStats
 from fidelity_mw.state.redis_sync import SyncLink
+from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from redis_server import RedisServer
 
@@ -286,3 +288,31 @@ async def test_fake_clock_call_later_now_runs_soon_like_the_loop() -> None:
     assert fired == ["now", "past"]
     clock.advance(0.5)
     assert fired == ["now", "past", "later"]
+
+
+# ------------------------------------------- tiered: closing with a lease call queued
+
+
+@pytest.mark.anyio
+async def test_tiered_close_answers_a_request_waiting_for_its_queued_lease(
+    redis_url: str,
+) -> None:
+    """aclose cancels the tick's lease task; cancelled before its first step it never
+    ran its `finally`, so the requests waiting for that lease waited forever (and
+    every later request joined the same dead batch)."""
+    config = StateConfig(url="tiered+" + redis_url, timeout_ms=5_000, connect_timeout_ms=5_000)
+    store = TieredStore(config=config, rng=seeded_random(5))
+    spec = LimitSpec("l", 1.0, 10.0, 1, False)
+    loop = asyncio.get_running_loop()
+    waiting = loop.create_task(store.admit(None, None, ["k"], [spec], 1_000.0))
+    await asyncio.sleep(0)  # the request joined this tick's lease; its task has not run
+    await store.aclose()
+    for _ in range(50):
+        if waiting.done():
+            break
+        await asyncio.sleep(0)
+    assert waiting.done()
+    waiting.result()  # decided (in the failure mode or not), not hung
+    later = await asyncio.wait_for(store.admit(None, None, ["k"], [spec], 1_000.0), 5.0)
+    assert later is not None
+    await store.aclose()

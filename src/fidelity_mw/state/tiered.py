@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Collection, Sequence
@@ -712,7 +713,7 @@ class TieredStore(StateStore):
             batch = self._lease_batch = _LeaseBatch(loop.create_future())
             task = loop.create_task(self._lease_flush())
             self._lease_tasks.add(task)
-            task.add_done_callback(self._lease_tasks.discard)
+            task.add_done_callback(functools.partial(self._lease_done, batch))
         batch.now = max(batch.now, asked_at)
         if breaker_key is not None:
             batch.breakers[breaker_key] = None
@@ -724,6 +725,20 @@ class TieredStore(StateStore):
         # wait without cancelling the shared future when this request is cancelled
         await asyncio.wait((batch.done,))
         return float(batch.done.result())
+
+    def _lease_done(self, batch: _LeaseBatch, task: asyncio.Task[None]) -> None:
+        self._lease_tasks.discard(task)
+        if batch.done.done():
+            return
+        # Cancelled before its first step (aclose): its `finally` never ran. Its
+        # requests decide as if Redis had failed, and later ones start a new batch.
+        if self._lease_batch is batch:
+            self._lease_batch = None
+        for key in batch.keys:
+            sl = self.slices.get(key)
+            if sl is not None and sl.pending is batch.done:
+                sl.pending = None
+        batch.done.set_result(-1.0)
 
     async def _lease_flush(self) -> None:
         batch, self._lease_batch = self._lease_batch, None
