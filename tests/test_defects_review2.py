@@ -20,7 +20,7 @@ from fidelity_mw.engine import Engine
 from fidelity_mw.policy import Policy, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
-from fidelity_mw.state.redis import RedisStats
+from fidelity_mw.state.redis import RedisStats, RedisStore
 from fidelity_mw.state.redis_sync import SyncLink
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -315,4 +315,38 @@ async def test_tiered_close_answers_a_request_waiting_for_its_queued_lease(
     waiting.result()  # decided (in the failure mode or not), not hung
     later = await asyncio.wait_for(store.admit(None, None, ["k"], [spec], 1_000.0), 5.0)
     assert later is not None
+    await store.aclose()
+
+
+# ----------------------------------- redis: closing with a tick's batch not yet sent
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ticks", [1, 2])  # 1: the batch task has not run; 2: it is sending
+async def test_redis_close_answers_requests_whose_batch_was_not_sent(
+    redis_url: str, ticks: int
+) -> None:
+    """aclose cancels the coalescer's batch task; cancelled before its first step it
+    never answered its requests (they waited forever), and the queue kept their list,
+    so later requests joined it and waited too."""
+    config = StateConfig(url=redis_url, timeout_ms=5_000, connect_timeout_ms=5_000)
+    store = RedisStore(config=config, rng=seeded_random(5))
+    spec = LimitSpec("l", 1.0, 10.0, 1, False)
+    loop = asyncio.get_running_loop()
+    waiting = [
+        loop.create_task(store.admit(None, None, [f"k{i}"], [spec], 1_000.0)) for i in range(3)
+    ]
+    for _ in range(ticks):
+        await asyncio.sleep(0)
+    await store.aclose()
+    for _ in range(50):
+        if all(w.done() for w in waiting):
+            break
+        await asyncio.sleep(0)
+    assert all(w.done() for w in waiting)
+    for w in waiting:
+        assert not w.cancelled()  # decided (per on_error), not aborted
+        w.result()
+    later = await asyncio.wait_for(store.admit(None, None, ["k9"], [spec], 1_000.0), 5.0)
+    assert later.admitted
     await store.aclose()

@@ -18,6 +18,7 @@ its own fallback decision. Nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -112,7 +113,7 @@ class Coalescer:
             # until then goes with it (at most MAX_BATCH operations).
             task = loop.create_task(self._flush(queue, ops))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._flushed, queue, ops))
         elif n >= MAX_BATCH:
             # Full: the next operation starts another batch with a task of its
             # own. Every batch of a busy tick then goes out in the next tick,
@@ -120,6 +121,18 @@ class Coalescer:
             # and starting a task per chunk (a tick later for all of them).
             queue.ops = []
         return await future
+
+    def _flushed(self, queue: _Queue, ops: list[_Op], task: asyncio.Task[None]) -> None:
+        """The batch task ended. Cancelled (aclose), maybe before its first step: its
+        operations are answered as failed calls (each request then decides per
+        `on_error`, rather than waiting forever or being cancelled itself), and the
+        queue no longer holds their list (later operations would join it unsent)."""
+        self._tasks.discard(task)
+        if queue.ops is ops:
+            queue.ops = []
+        for op in ops:
+            if not op.future.done():
+                op.future.set_result(None)
 
     async def _flush(self, queue: _Queue, ops: list[_Op]) -> None:
         if queue.ops is ops:
@@ -132,9 +145,6 @@ class Coalescer:
     async def _send_one(self, op: _Op) -> None:
         try:
             got = await self._call(op.script, op.keys, op.args)
-        except asyncio.CancelledError:
-            op.future.cancel()
-            raise
         except Exception as exc:  # the caller's await raises it, as a direct call would
             _fail(op, exc)
             return
@@ -165,10 +175,6 @@ class Coalescer:
         self.coalesced += len(ops)
         try:
             got = await self._call(self._batch, keys, args)
-        except asyncio.CancelledError:
-            for op in ops:
-                op.future.cancel()
-            raise
         except Exception as exc:
             for op in ops:
                 _fail(op, exc)
