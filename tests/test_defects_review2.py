@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest
 
 from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
 from fidelity_mw.context import _CURRENT
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.engine import Engine
-from fidelity_mw.policy import Policy, StateConfig
+from fidelity_mw.policy import BreakerConfig, Policy, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStats, RedisStore
@@ -350,3 +352,32 @@ async def test_redis_close_answers_requests_whose_batch_was_not_sent(
     later = await asyncio.wait_for(store.admit(None, None, ["k9"], [spec], 1_000.0), 5.0)
     assert later.admitted
     await store.aclose()
+
+
+# ------------------------------------ tiered: outcomes a failed sync carried are counted
+
+
+@pytest.mark.anyio
+async def test_tiered_outcomes_lost_with_a_failed_sync_are_counted(
+    own_redis: RedisServer,
+) -> None:
+    """Outcomes of cached gates go to Redis with the next sync; a sync that failed
+    dropped them without counting them in `dropped_records` (docs/state.md: Redis
+    gates' outcomes are dropped, counted)."""
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + own_redis.url, timeout_ms=1_000, connect_timeout_ms=1_000)
+    store = TieredStore(config=config, rng=seeded_random(5), clock=clock)
+    store._last_sync = math.inf  # no background syncs: the test runs them
+    breaker = BreakerConfig(min_calls=100)
+    try:
+        gate, _source, _age = await store.breaker_gate("route:r", breaker, clock.monotonic())
+        assert gate.epoch >= 0  # a gate of the cache, as Redis last said
+        for outcome in (FAILURE, FAILURE, SUCCESS):
+            store.record_now("route:r", breaker, gate, outcome, False, clock.monotonic())
+        before = store.exact.stats.dropped_records
+        own_redis.stop()
+        clock.advance(1.0)
+        await store._sync_all(clock.monotonic())
+        assert store.exact.stats.dropped_records - before == 3
+    finally:
+        await store.aclose()

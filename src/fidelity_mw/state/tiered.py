@@ -783,6 +783,7 @@ class TieredStore(StateStore):
         keys: list[str] = []
         args: list[Any] = [self._rng(), len(breaker_keys), len(limits)]
         flushed: list[CachedBreaker] = []
+        flushed_calls: list[int] = []
         for bkey in breaker_keys:
             cb = self.breakers[bkey]
             keys.append(exact.key("br", bkey))
@@ -800,6 +801,7 @@ class TieredStore(StateStore):
                     1 if cb.had_success else 0,
                 )
             )
+            flushed_calls.append(cb.calls)
             cb.reset_counts()
             flushed.append(cb)
         futures: list[asyncio.Future[None]] = []
@@ -825,6 +827,8 @@ class TieredStore(StateStore):
                 if not fut.done():
                     fut.set_result(None)
         if got is None:
+            # the outcomes it carried are lost, like a failed record's
+            exact.stats.dropped_records += sum(flushed_calls)
             return -1.0
         reply, age = got
         try:
