@@ -122,6 +122,7 @@ GOOD = ("http://10.0.0.1:8001", "http://10.0.0.2:8002")
         ["ftp://10.0.0.1"],
         "http://10.0.0.3:8003",  # a string: each character became an "instance"
         [GOOD[0], "http://"],
+        ["http://10.0.0.1:8001", "http://a:notaport"],  # a base URL's shape, not a URL
     ],
 )
 @pytest.mark.parametrize("sync", [False, True])

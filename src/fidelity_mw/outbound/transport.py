@@ -140,7 +140,8 @@ class _Base:
         if resolver is not None:
             try:
                 urls = resolver(up.host)
-                if urls:
+                # (a resolver that returns its cached list costs no validation per call)
+                if urls and tuple(urls) != up.resolved:
                     problem = resolved_problem(urls)
                     if problem is None:
                         up.set_instances(engine, urls)

@@ -26,9 +26,16 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
     if isinstance(urls, str | bytes):
         return f"expected a list of base URLs, got a string: {urls!r}"
     try:
-        return _base_urls(list(dict.fromkeys(urls)))
+        problem = _base_urls(list(dict.fromkeys(urls)))
     except TypeError as exc:  # unhashable items
         return f"expected a list of base URLs ({exc})"
+    if problem is None:
+        for i, url in enumerate(urls):
+            try:
+                httpx.URL(url)
+            except (httpx.InvalidURL, TypeError) as exc:
+                return f"item {i}: {url!r} is not a URL ({exc})"
+    return problem
 
 
 _MAX_INSTANCES: Final = 256
