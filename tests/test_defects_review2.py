@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
 from fidelity_mw.context import _CURRENT
@@ -382,3 +383,32 @@ async def test_tiered_outcomes_lost_with_a_failed_sync_are_counted(
         assert store.exact.stats.dropped_records - before == 3
     finally:
         await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_traced_request_coroutine_closed_in_another_context_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same with tracing on: detaching our span's OpenTelemetry context there
+    logged "Failed to detach context" with a traceback."""
+    parked = asyncio.get_running_loop().create_future()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await parked
+
+    provider = TracerProvider()
+    mw = FidelityMiddleware(app, policy=Policy(), clock=FakeClock(), tracer_provider=provider)
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "client": ("1.2.3.4", 5)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    coro = mw(scope, receive, send)
+    contextvars.copy_context().run(coro.send, None)
+    with caplog.at_level(logging.WARNING):
+        coro.close()
+    parked.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

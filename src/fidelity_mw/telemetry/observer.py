@@ -30,6 +30,7 @@ Only public OpenTelemetry API is used.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import os
@@ -343,6 +344,18 @@ def _state_of(decision: Decision) -> str | None:
     return None
 
 
+def _detach_quietly(token: Any) -> None:
+    """otel_context.detach, minus its logged traceback when the request's coroutine is
+    finalised in another context (a dropped coroutine): nothing of ours is set there."""
+    if type(token) is contextvars.Token:  # the SDK's default runtime context
+        try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
+            token.var.reset(token)
+        except ValueError:
+            pass
+    else:
+        otel_context.detach(token)
+
+
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
@@ -606,7 +619,7 @@ class Telemetry:
                 finally:
                     token.span.end()
                     if token.token is not None:
-                        otel_context.detach(token.token)
+                        _detach_quietly(token.token)
             elif token.span.is_recording():  # not ended with the last body message
                 summary = summary_of(ctx)
                 self._annotate(ctx, token.span, False, summary, token.exported)
