@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTrans
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.engine import Engine
+from fidelity_mw.errors import PolicyError
 from fidelity_mw.policy import BreakerConfig, Policy, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
@@ -27,6 +29,7 @@ from fidelity_mw.state.redis import RedisStats, RedisStore
 from fidelity_mw.state.redis_sync import SyncLink
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.tools.cli import main as cli_main
 from redis_server import RedisServer
 
 
@@ -412,3 +415,21 @@ async def test_a_traced_request_coroutine_closed_in_another_context_logs_nothing
         coro.close()
     parked.cancel()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# ------------------------------------------ `fidelity-mw check` on a file that is not UTF-8
+
+
+def test_check_reports_a_non_utf8_policy_as_the_middleware_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The middleware refuses such a file as a policy error (not valid TOML: not UTF-8);
+    `check`, which validates "the way the middleware will", called it unreadable (a
+    usage error, exit 2) without naming the problem as a finding."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[[rate_limit]]\nname = "caf\xe9"\nrate = "10/s"\n'.encode("latin-1"))
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        Policy.from_toml(path)
+    assert cli_main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: not valid TOML: the file is not UTF-8" in out

@@ -62,8 +62,14 @@ class CheckResult:
 def check_file(path: str | Path) -> CheckResult:
     """Validate one policy file. Raises OSError when it cannot be read at all."""
     name = str(path)
-    text = Path(path).read_text(encoding="utf-8")
     result = CheckResult(name)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # readable, but not TOML: a finding, as when loaded
+        result.errors.append(
+            Finding(name, None, "", f"not valid TOML: the file is not UTF-8 ({exc})")
+        )
+        return result
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
