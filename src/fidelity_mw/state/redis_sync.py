@@ -6,9 +6,9 @@ timeouts, a bounded pool whose wait is bounded by the same timeout. It runs
 the same Lua scripts (EVALSHA, EVAL once after NOSCRIPT), and classifies
 failures the same way: an error reply or a full pool fails only that call
 (redis-py's blocking pool already replaces a connection broken by a restart
-before using it); when
-Redis cannot be reached it is left alone for a short pause (callers decide in
-the failure mode meanwhile) instead of every thread paying a timeout per call.
+before using it); when Redis cannot be reached it is left alone for a short
+pause (callers decide in the failure mode meanwhile) instead of every thread
+paying a timeout per call.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class SyncLink:
         ):
             # Redis answered (an error reply) or every connection was busy: only
             # this call falls back; pausing would fail every thread's next calls.
-            if isinstance(exc, PoolExhausted):
+            if isinstance(exc, MaxConnectionsError):
                 self._stats.pool_waits += 1
             else:
                 logger.warning("fidelity_mw: redis replied with an error: %s", exc)
