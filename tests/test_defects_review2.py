@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter, FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 
 from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
@@ -22,6 +23,7 @@ from fidelity_mw.context import _CURRENT
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.engine import Engine
 from fidelity_mw.errors import PolicyError
+from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.policy import BreakerConfig, Policy, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
@@ -433,3 +435,44 @@ def test_check_reports_a_non_utf8_policy_as_the_middleware_does(
     assert cli_main(["check", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"{path}: not valid TOML: the file is not UTF-8" in out
+
+
+@pytest.mark.anyio
+async def test_a_fastapi_route_coroutine_closed_in_another_context_ends_quietly() -> None:
+    """The same for Fidelity's route class without the middleware."""
+    parked = asyncio.get_running_loop().create_future()
+    fidelity = Fidelity(policy=Policy(), clock=FakeClock())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/x")
+    async def x() -> dict[str, str]:
+        await parked
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/x",
+        "raw_path": b"/x",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("1.2.3.4", 5),
+        "server": ("testserver", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    coro = app(scope, receive, send)
+    contextvars.copy_context().run(coro.send, None)
+    coro.close()
+    parked.cancel()
