@@ -27,8 +27,8 @@ from ..context import (
 )
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
-from ..engine import RoutePlan
 from ..policy import Policy
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, LimitSpec
 from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 

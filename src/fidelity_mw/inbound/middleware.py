@@ -26,10 +26,11 @@ from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
 from ..context import _CURRENT, DecisionContext
 from ..decide.breaker import SUCCESS
-from ..engine import Engine, RoutePlan
+from ..engine import Engine
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads

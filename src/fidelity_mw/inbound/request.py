@@ -19,8 +19,9 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..engine import Engine, RoutePlan, compact_key
+from ..engine import Engine, compact_key
 from ..headers import client_address, deadline_parser, in_networks, parse_attempt
+from ..routeplan import RoutePlan
 from .responses import OUTCOME_EXPIRED, Rejection, problem_body
 
 logger = logging.getLogger("fidelity_mw")

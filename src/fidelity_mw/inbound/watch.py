@@ -21,8 +21,8 @@ from starlette.requests import ClientDisconnect
 from .._types import Message, Scope, Send
 from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
-from ..engine import RoutePlan
 from ..policy import BreakerConfig
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .refusals import after_give_up
 from .responses import (
