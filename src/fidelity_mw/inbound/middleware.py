@@ -104,7 +104,6 @@ class FidelityMiddleware:
         self._reader = reader = RequestReader(self.engine)
         self._wanted = reader.wanted
         self._uses_forwarding = reader.uses_forwarding
-        self._from_headers = reader.from_headers
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
@@ -174,7 +173,8 @@ class FidelityMiddleware:
             try:
                 remaining = plan.deadline_default_s
                 if found is not None:
-                    remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                    # (the method itself: compiled, a direct call with an unboxed `now`)
+                    remaining, rejection = self._reader.from_headers(scope, ctx, plan, found, now)
                 if rejection is None and remaining is not None:
                     ctx.deadline_at = now + remaining
                 if rejection is None and plan.bulkhead is not None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from threading import get_ident
 from typing import Any, Protocol
@@ -35,7 +36,19 @@ from .responses import (
 )
 
 logger = logging.getLogger("fidelity_mw")
-current_task = asyncio.current_task
+
+
+def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
+    """`asyncio.current_task(loop)` as one C call. On Python 3.11 that function is Python
+    code around a dict the C accelerator keeps (a frame per request); from 3.12 on it is
+    the C function itself. Anything unexpected: the public function."""
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and type(tasks) is dict:
+        return tasks.get
+    return asyncio.current_task
+
+
+current_task = _task_lookup()
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
