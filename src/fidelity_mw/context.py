@@ -58,7 +58,7 @@ class Decision(NamedTuple):
 
 
 _PID: Final = os.getpid()
-_SEQUENCE = itertools.count(1)
+_SEQUENCE: Final = itertools.count(1)
 
 
 class DecisionContext:
@@ -191,7 +191,9 @@ class DecisionContext:
         )
 
 
-_CURRENT: ContextVar[DecisionContext | None] = ContextVar("fidelity_mw_context", default=None)
+_CURRENT: Final[ContextVar[DecisionContext | None]] = ContextVar(
+    "fidelity_mw_context", default=None
+)
 
 
 def current() -> DecisionContext | None:

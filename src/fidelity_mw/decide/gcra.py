@@ -13,12 +13,12 @@ credit, and call these.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Float sums of the emission interval drift by ulps; without slack the last
 # unit of a full burst would be refused. One millionth of an interval is far
 # below any clock resolution that matters here.
-_SLACK = 1e-6
+_SLACK: Final = 1e-6
 
 
 class LimitVerdict(NamedTuple):
@@ -35,7 +35,7 @@ class LimitVerdict(NamedTuple):
 
 # A NamedTuple's constructor is a Python-level function; building the tuple
 # directly skips that frame on the per-request path (same object, same type).
-_new = tuple.__new__
+_new: Final = tuple.__new__
 
 
 def gcra(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
@@ -46,7 +46,7 @@ from .watch import (
     response_ends,
 )
 
-logger = logging.getLogger("fidelity_mw")
+logger: Final = logging.getLogger("fidelity_mw")
 
 
 class FidelityMiddleware:

@@ -15,7 +15,7 @@ import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from threading import get_ident
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from starlette.requests import ClientDisconnect
 
@@ -35,7 +35,7 @@ from .responses import (
     OUTCOME_SHED,
 )
 
-logger = logging.getLogger("fidelity_mw")
+logger: Final = logging.getLogger("fidelity_mw")
 
 
 def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
@@ -48,7 +48,7 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | 
     return asyncio.current_task
 
 
-current_task = _task_lookup()
+current_task: Final = _task_lookup()
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -60,10 +60,10 @@ class TimerHandle(Protocol):
 # loop.call_later, or a clock's own (FakeClock fires it when advanced past)
 CallLater = Callable[[float, Callable[[], None]], TimerHandle]
 
-_START = "http.response.start"
-_BODY = "http.response.body"
-_ZEROCOPY = "http.response.zerocopysend"
-_PATHSEND = "http.response.pathsend"  # always the whole body in one message
+_START: Final = "http.response.start"
+_BODY: Final = "http.response.body"
+_ZEROCOPY: Final = "http.response.zerocopysend"
+_PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 
 
 class ResponseWatcher:

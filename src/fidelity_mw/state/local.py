@@ -29,7 +29,7 @@ import heapq
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from .._mypyc import mypyc_attr
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
@@ -49,10 +49,10 @@ from .base import InboundResult, LimitSpec
 _T = TypeVar("_T")
 # InboundResult without its NamedTuple constructor's Python frame (the hot path): every
 # field given, defaults too (tests/test_memory_store.py checks the arity)
-_new = tuple.__new__
+_new: Final = tuple.__new__
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
-_FULL_SLACK = 1e-6
+_FULL_SLACK: Final = 1e-6
 
 
 def _marked(refunded: dict[str, float], key: str, verdict: LimitVerdict) -> LimitVerdict:
