@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
@@ -107,8 +107,12 @@ class FidelityMiddleware:
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
+        # the records of an allowed request, built when someone reads them
+        # (an attribute: compiled, a field read, not a module lookup by name)
+        self._pending_builder: Callable[..., None] = admission_decisions
         self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
+        self._record_now = store_.record_now
         self._records_now = store_.record_now is not None  # an outcome recorded in process
         self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
@@ -211,13 +215,13 @@ class FidelityMiddleware:
                         # Admission.verdict's allowed path, inline (a store never admits
                         # past a rejecting gate; the check keeps a custom one honest)
                         if result.admitted and (gate is None or gate.verdict != "reject"):
-                            ctx._pending = (admission_decisions, plan, result, now)
+                            ctx._pending = (self._pending_builder, plan, result, now)
                             if plan.policy_header is not None and self._always_headers:
                                 ctx.response_headers = ratelimit_headers(plan, result)
                         else:
                             rejection = self._verdict(ctx, plan, result, now)
                     else:
-                        ctx._pending = (admission_decisions, plan, None, now)
+                        ctx._pending = (self._pending_builder, plan, None, now)
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -271,22 +275,18 @@ class FidelityMiddleware:
                 # OutcomeRecorder.after_app's common case, inline: served, a success
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
-                if result is not None and result.gate is not None:
+                gate = result.gate if result is not None else None
+                record_now = self._record_now
+                key, breaker = plan.breaker_key, plan.breaker
+                # (a gate comes only from the route's breaker: key and config are set)
+                if gate is not None and record_now and key is not None and breaker is not None:
+                    # OutcomeRecorder.record, inline. A success never opens the breaker
+                    # and lands in a 3 s bucket: the start time is close enough and
+                    # saves a clock read.
                     try:
-                        # A success never opens the breaker and lands in a 3 s bucket:
-                        # the start time is close enough and saves a clock read. (A gate
-                        # comes only from the route's breaker: key and config are set.)
-                        pending = outcomes.record(
-                            ctx.route,
-                            plan.breaker_key,  # type: ignore[arg-type]
-                            plan.breaker,  # type: ignore[arg-type]
-                            result.gate,
-                            SUCCESS,
-                            False,
-                            now,
-                        )
-                        if pending is not None:  # not in process after all (a tiered probe)
-                            await pending
+                        if record_now(key, breaker, gate, SUCCESS, False, now) is None:
+                            # not in process after all (a tiered probe)
+                            await outcomes.store.record(key, breaker, gate, SUCCESS, False, now)
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route
