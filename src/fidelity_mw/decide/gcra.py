@@ -36,6 +36,8 @@ class LimitVerdict(NamedTuple):
 # A NamedTuple's constructor is a Python-level function; building the tuple
 # directly skips that frame on the per-request path (same object, same type).
 _new: Final = tuple.__new__
+# The class as a constant: compiled, no lookup by name in the module's globals per call
+_VERDICT: Final = LimitVerdict
 
 
 def gcra(
@@ -51,13 +53,10 @@ def gcra(
     allow_at = new_tat - tolerance_s
     if allow_at - now > _SLACK * interval_s:
         remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
-        return _new(
-            LimitVerdict, (False, tat, max(0, remaining), base - now, allow_at - now, False)
-        )
+        return _new(_VERDICT, (False, tat, max(0, remaining), base - now, allow_at - now, False))
     remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
     return _new(
-        LimitVerdict,
-        (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False),
+        _VERDICT, (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False)
     )
 
 

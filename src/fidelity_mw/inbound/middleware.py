@@ -47,6 +47,10 @@ from .watch import (
 )
 
 logger: Final = logging.getLogger("fidelity_mw")
+# The context variable's methods, bound once: a plain call per request (compiled, no
+# method lookup by name)
+_set_current: Final = _CURRENT.set
+_reset_current: Final = _CURRENT.reset
 
 
 class FidelityMiddleware:
@@ -103,6 +107,7 @@ class FidelityMiddleware:
         self._admit_now = store_.admit_now
         self._reader = reader = RequestReader(self.engine)
         self._wanted = reader.wanted
+        self._none_wanted = reader.wanted.isdisjoint  # bound once, as above
         self._uses_forwarding = reader.uses_forwarding
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(self.policy)
@@ -143,7 +148,7 @@ class FidelityMiddleware:
                 found = dict(raw_headers)
                 if len(found) != len(raw_headers):
                     found = scan_headers(raw_headers, self._wanted)
-                elif self._wanted.isdisjoint(found):
+                elif self._none_wanted(found):
                     found = None  # nothing any layer reads: the common case skips them
             else:
                 found = scan_headers(raw_headers, self._wanted)
@@ -152,7 +157,7 @@ class FidelityMiddleware:
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
             return
-        token = _CURRENT.set(ctx)
+        token = _set_current(ctx)
         state = scope.get("state")
         if state is None:
             scope["state"] = {"fidelity": ctx}
@@ -306,7 +311,7 @@ class FidelityMiddleware:
                     observer.end(ctx, scope, obs_token)
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
-            _CURRENT.reset(token)
+            _reset_current(token)
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None

@@ -49,6 +49,7 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | 
 
 
 current_task: Final = _task_lookup()
+_thread_id: Final = get_ident  # compiled: a constant, not a module lookup per request
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -105,7 +106,7 @@ class ResponseWatcher:
         # asyncio.current_task(), asking the loop last seen running in this thread first
         # (DeadlineWatch.running_task: no system call per request)
         home = watch.home
-        task = current_task(home[1]) if home is not None and home[0] == get_ident() else None
+        task = current_task(home[1]) if home is not None and home[0] == _thread_id() else None
         self.task = task if task is not None else watch.running_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here

@@ -50,6 +50,7 @@ _T = TypeVar("_T")
 # InboundResult without its NamedTuple constructor's Python frame (the hot path): every
 # field given, defaults too (tests/test_memory_store.py checks the arity)
 _new: Final = tuple.__new__
+_RESULT: Final = InboundResult  # compiled: a constant, not a lookup by name per request
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
 _FULL_SLACK: Final = 1e-6
@@ -280,9 +281,9 @@ class LocalState:
                 # closed: the gate `gate()` would return, without the call
                 gate = state.closed_gate if state.state == CLOSED else state.gate(now, self._rng)
                 if gate.verdict == "reject":
-                    return _new(InboundResult, (gate, (), False, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (), False, "memory", 0.0, None))
             if not limits:
-                return _new(InboundResult, (gate, (), True, "memory", 0.0, None))
+                return _new(_RESULT, (gate, (), True, "memory", 0.0, None))
             table = self.limits
             tats = table.tats
             n = len(limits)
@@ -301,14 +302,12 @@ class LocalState:
                     tats[key] = verdict.tat
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
-                    return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None))
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
                         _keep_credit(table.credits, key, credited[1], credited[2])
-                        return _new(
-                            InboundResult, (gate, (credited[0],), True, "memory", 0.0, None)
-                        )
+                        return _new(_RESULT, (gate, (credited[0],), True, "memory", 0.0, None))
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -352,7 +351,7 @@ class LocalState:
                         )
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return _new(InboundResult, (gate, verdicts, admitted, "memory", 0.0, None))
+            return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None))
         finally:
             self._release()
 
