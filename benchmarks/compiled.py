@@ -17,7 +17,9 @@ the report gives each build's overhead as a share of its base's (paired per roun
 
 Under a real server: `--server [server.py options]` runs benchmarks/server.py with one more
 variant, `fidelity-memory-compiled`: the same app as `fidelity-memory`, served by the
-compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`.
+compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`;
+`--base-compiled PYTHON` adds `fidelity-memory-basecompiled` (another compiled build) and
+`--base-rev REV` server.py's `fidelity-memory@REV` (the pure build of a git revision).
 
     .venv/bin/python benchmarks/compiled.py --server --rounds 3 --connections 32,256
 """
@@ -92,39 +94,50 @@ class Worker:
 
 
 COMPILED_VARIANT = "fidelity-memory-compiled"
+BASE_COMPILED_VARIANT = "fidelity-memory-basecompiled"
 
 
-def under_server(compiled_python: str, argv: list[str]) -> None:
-    """benchmarks/server.py as it is, one variant's server started by the compiled venv."""
+def under_server(pythons: dict[str, str], base_rev: str | None, argv: list[str]) -> None:
+    """benchmarks/server.py as it is, with variants served by other venvs' Pythons
+    (`pythons`: variant -> its Python, each serving `fidelity-memory`) and, with
+    `base_rev`, server.py's own `fidelity-memory@REV` (the pure build of that revision)."""
     check = "import fidelity_mw; assert fidelity_mw.compiled, fidelity_mw.__file__"
-    subprocess.run([compiled_python, "-c", check], check=True)
+    for python in pythons.values():
+        subprocess.run([python, "-c", check], check=True)
     sys.path.insert(0, str(ROOT))
     from benchmarks import server
 
     plain_pinned = server.pinned
 
     def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-        if COMPILED_VARIANT in argv:
-            argv = [compiled_python, *argv[1:]]
-            argv[argv.index(COMPILED_VARIANT)] = "fidelity-memory"
+        for variant, python in pythons.items():
+            if variant in argv:
+                argv = [python, *argv[1:]]
+                argv[argv.index(variant)] = "fidelity-memory"
         return plain_pinned(cpu, argv)
 
     server.pinned = pinned
-    server.VARIANTS = (*server.VARIANTS, COMPILED_VARIANT)
-    variants = ["--variants", f"bare,fidelity-memory,{COMPILED_VARIANT}"]
-    sys.argv = [str(Path(server.__file__)), *variants, "--no-write", *argv]
+    server.VARIANTS = (*server.VARIANTS, *pythons)
+    names = ["bare", "fidelity-memory", *pythons]
+    if base_rev is not None:
+        names.insert(2, f"fidelity-memory@{base_rev}")
+    sys.argv = [str(Path(server.__file__)), "--variants", ",".join(names), "--no-write", *argv]
     server.main()
 
 
 def main() -> None:
     if "--server" in sys.argv:
         args = [a for a in sys.argv[1:] if a != "--server"]
-        python = str(ROOT / ".venv-compiled/bin/python")
-        if "--compiled" in args:
-            i = args.index("--compiled")
-            python = args[i + 1]
-            del args[i : i + 2]
-        under_server(python, args)
+        options = {"--compiled": str(ROOT / ".venv-compiled/bin/python")}
+        for name in ("--compiled", "--base-compiled", "--base-rev"):
+            if name in args:
+                i = args.index(name)
+                options[name] = args[i + 1]
+                del args[i : i + 2]
+        pythons = {COMPILED_VARIANT: options["--compiled"]}
+        if "--base-compiled" in options:
+            pythons[BASE_COMPILED_VARIANT] = options["--base-compiled"]
+        under_server(pythons, options.get("--base-rev"), args)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
