@@ -137,7 +137,8 @@ class FidelityMiddleware:
             return
         now = self._monotonic()
         try:
-            plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
+            method = scope["method"]
+            plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
             # Every header in one C call, then a lookup per header a layer wants; a
@@ -152,7 +153,7 @@ class FidelityMiddleware:
                     found = None  # nothing any layer reads: the common case skips them
             else:
                 found = scan_headers(raw_headers, self._wanted)
-            ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
+            ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
