@@ -5,6 +5,8 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   noop              + a pure ASGI pass-through middleware (what any middleware layer costs)
   headers           + a pure ASGI middleware that only adds two constant response headers,
                     as long as fidelity's RateLimit fields (what the server pays to write them)
+  handwritten       + overhead.py's hand-written floor (client key, token bucket, breaker;
+                    no response headers): the least a limiter middleware costs here
   fidelity-memory   + FidelityMiddleware, memory state
   fidelity-noheaders  the same with `rate_limit_headers = "on_reject"` (no RateLimit fields
                     on allowed responses)
@@ -12,6 +14,7 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   fidelity-tiered   + FidelityMiddleware, tiered+redis://
   slowapi-memory    + slowapi's ASGI middleware, memory storage
   slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
+  VARIANT+compiled  VARIANT served by .venv-compiled (the mypyc build: scripts/compiled.sh)
 
 `fidelity-memory@REV` serves FidelityMiddleware as of git revision REV (extracted under
 another package name, as benchmarks/overhead.py `--baseline` does): a change measured
@@ -66,6 +69,7 @@ VARIANTS = (
     "bare",
     "noop",
     "headers",
+    "handwritten",
     "fidelity-memory",
     "fidelity-noheaders",
     "fidelity-redis",
@@ -169,6 +173,10 @@ def build_app(variant: str, redis_url: str) -> Any:
         return Starlette(routes=routes)
     if variant == "noop":
         return Passthrough(Starlette(routes=routes))
+    if variant == "handwritten":  # overhead.py's floor: client key + token bucket + breaker
+        from benchmarks.overhead import HandwrittenMiddleware
+
+        return HandwrittenMiddleware(Starlette(routes=routes))
     if variant == "headers":
         return Passthrough(Starlette(routes=routes), STAND_IN_HEADERS)
     if variant.startswith("fidelity-"):
