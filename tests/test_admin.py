@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -202,6 +203,27 @@ async def test_token_is_required_from_every_client_once_set(clock: FakeClock) ->
     assert (await get(admin, "/state.json?token=")).status_code == 401
     with pytest.raises(ValueError, match="16 characters"):
         AdminApp(token="short")
+
+
+async def test_a_query_token_is_read_as_utf8_and_junk_is_refused(clock: FakeClock) -> None:
+    """A percent-escape outside latin-1, or a byte that is no UTF-8, is a wrong token (401),
+    not a 500 of the page's own; a non-ASCII token works in the query as in the header."""
+    admin = AdminApp(engine_with(clock), token=TOKEN)
+    for junk in ("%E2%82%AC", "%FF", "%C3%A9"):
+        assert (await get(admin, f"/state.json?token={junk}")).status_code == 401
+    accented = "jeton-d-admin-été-0123"
+    admin = AdminApp(engine_with(clock), token=accented)
+    assert (await get(admin, f"/state.json?token={quote(accented)}")).status_code == 200
+    bearer = {"authorization": f"Bearer {accented}".encode()}
+    assert (await get(admin, "/state.json", headers=bearer)).status_code == 200
+
+
+async def test_an_ipv4_mapped_loopback_peer_is_loopback(clock: FakeClock) -> None:
+    """A dual-stack server reports IPv4 peers as ::ffff:a.b.c.d."""
+    admin = AdminApp(engine_with(clock))
+    assert (await get(admin, "/state.json", client_ip="::ffff:127.0.0.1")).status_code == 200
+    refused = await get(admin, "/state.json", client_ip="::ffff:10.1.2.3")
+    assert refused.status_code == 403
 
 
 async def test_read_only(clock: FakeClock) -> None:

@@ -5,6 +5,7 @@ Fake clock and seeded randomness throughout; the upstream is httpx.MockTransport
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -296,6 +297,41 @@ async def test_a_resolver_names_the_instances() -> None:
     async with httpx.AsyncClient(transport=t) as client:
         for _ in range(20):
             assert (await client.get("http://payments/pay")).status_code == 200
+    assert set(fleet.seen) == set(KEYS[:2])
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_failing_resolver_keeps_the_instances_it_named_last(sync: bool) -> None:
+    """Service discovery down (the resolver raises): calls go on to the instances it
+    named last, not fail with the resolver's error."""
+    fleet = Fleet()
+    answers: list[Any] = [INSTANCES[:2]]
+
+    def resolver(host: str) -> Any:
+        answer = answers[-1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer if host == "payments" else None
+
+    engine = Engine(Policy(), clock=FakeClock(), rng=seeded_random(7))
+    kind = FidelitySyncTransport if sync else FidelityTransport
+    inner = httpx.MockTransport(fleet)
+    t = kind(inner, engine=engine, telemetry=False, resolver=resolver)  # type: ignore[arg-type]
+
+    async def get_async() -> int:
+        async with httpx.AsyncClient(transport=t) as client:
+            return (await client.get("http://payments/pay")).status_code
+
+    def get() -> int:
+        if not sync:
+            return asyncio.run(get_async())
+        with httpx.Client(transport=t) as client:
+            return client.get("http://payments/pay").status_code
+
+    assert get() == 200
+    answers.append(OSError("discovery is down"))
+    for _ in range(10):
+        assert get() == 200
     assert set(fleet.seen) == set(KEYS[:2])
 
 

@@ -197,6 +197,37 @@ async def test_a_queued_request_takes_the_freed_slot(clock: FakeClock) -> None:
     assert svc.mw.engine.bulkheads["/w"].in_flight == 0
 
 
+async def test_a_queued_request_whose_deadline_passed_is_refused_not_run(
+    clock: FakeClock,
+) -> None:
+    """A slot handed over after the request's deadline would only run an app that the
+    deadline cuts at once: the slot goes on to the next, the request is refused as a
+    queue timeout (its wait is bounded by its deadline too), and the app never sees it."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=1, queue_timeout_ms=60_000)
+    )
+    svc = Service(policy, clock)
+    first = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    queued = asyncio.create_task(svc.client.get("/w", headers={"x-request-timeout-ms": "100"}))
+    limiter = svc.mw.engine.bulkheads["/w"]
+    for _ in range(500):
+        if limiter.waiting:
+            break
+        await asyncio.sleep(0)
+    assert limiter.waiting == 1
+    clock.advance(1.0)  # past the queued request's deadline
+    svc.gate.set()
+    assert (await first).status_code == 200
+    refused = await queued
+    assert refused.status_code == 503
+    assert svc.entered == 1
+    ctx = next(c for c in svc.contexts if c.status == 503)
+    assert concurrency_decisions(ctx)[-1].reason == "queue_timeout"
+    assert limiter.in_flight == 0
+    assert (await svc.client.get("/w")).status_code == 200  # the slot came back
+
+
 async def test_a_queued_request_is_refused_when_its_wait_runs_out(clock: FakeClock) -> None:
     policy = Policy(
         breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=1)

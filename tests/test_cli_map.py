@@ -81,3 +81,17 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["map", "examples.app:nope"]) == 2
     assert "AttributeError" in capsys.readouterr().err
     assert main(["map", "examples/fidelity.toml", "--format", "html"]) == 2
+
+
+def test_an_app_whose_import_fails_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """The module docstring's contract: an app that cannot be imported exits 2, whatever its
+    import raised (a missing setting, a syntax error), with the cause, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "needs_settings.py").write_text("raise KeyError('DATABASE_URL')\n")
+    (tmp_path / "typo_app.py").write_text("app = (\n")
+    assert main(["map", "needs_settings.py:app"]) == 2
+    assert "KeyError: 'DATABASE_URL'" in capsys.readouterr().err
+    assert main(["map", "typo_app:app"]) == 2
+    assert "SyntaxError" in capsys.readouterr().err

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import uvloop
 
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.inbound.watch import ResponseWatcher
@@ -149,6 +151,36 @@ def test_loops_running_in_two_threads_each_get_their_own_tasks() -> None:
             thread.join(10)
         for loop in loops:
             loop.close()
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_a_loop_run_again_in_another_thread_does_not_lend_its_task(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The loop this thread last armed on, stopped here and now running elsewhere, has a
+    current task there: that task is not this request's (cancelling it at the deadline
+    would cut another thread's work, from the wrong thread, and leave ours running)."""
+    mw, inner = middleware()
+    first, second = new_loop(), new_loop()
+    in_step = threading.Event()
+    release = threading.Event()
+
+    async def busy() -> None:
+        in_step.set()
+        release.wait(10)  # in the middle of a step: first's current task is this one
+
+    elsewhere = threading.Thread(target=first.run_until_complete, args=(busy(),), daemon=True)
+    try:
+        assert first.run_until_complete(call(mw)) == 200  # remembered in this thread
+        elsewhere.start()
+        assert in_step.wait(10)
+        assert second.run_until_complete(call(mw)) == 200
+        assert inner.armed == 2
+    finally:
+        release.set()
+        elsewhere.join(10)
+        first.close()
+        second.close()
 
 
 def test_the_task_lookup_agrees_with_asyncio_current_task() -> None:

@@ -339,6 +339,36 @@ async def test_shadow_limit_records_but_never_rejects(clock: FakeClock) -> None:
     assert [d.verdict for d in seen[2].decisions] == ["would_reject"]
 
 
+async def test_a_route_template_outside_ascii_names_the_limit_in_its_fields_safely(
+    clock: FakeClock,
+) -> None:
+    """The default limit name is the route template, which no policy check has seen: in
+    the RateLimit fields it is an sf-string (printable ASCII, `"` escaped), never a 500
+    for a character latin-1 cannot carry, nor a field a `"` breaks."""
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/日本/{x}", dependencies=[Depends(fidelity.limit("2/min"))])
+    async def japanese(x: str) -> dict[str, str]:
+        return {"x": x}
+
+    @app.get('/q"uote', dependencies=[Depends(fidelity.limit("2/min"))])
+    async def quoted() -> dict[str, str]:
+        return {}
+
+    app = with_middleware(app, clock)
+    fidelity.install(app)
+    async with client(app) as c:
+        japanese_answers = [await c.get("/%E6%97%A5%E6%9C%AC/1") for _ in range(3)]
+        quoted_answers = [await c.get("/q%22uote") for _ in range(3)]
+    assert [r.status_code for r in japanese_answers] == [200, 200, 429]
+    assert japanese_answers[0].headers["ratelimit"] == '"/??/{x}:2/min";r=1;t=30'
+    assert japanese_answers[2].headers["ratelimit-policy"] == '"/??/{x}:2/min";q=2;w=60'
+    assert japanese_answers[2].json()["limit"] == "/日本/{x}:2/min"  # JSON carries it whole
+    assert [r.status_code for r in quoted_answers] == [200, 200, 429]
+    assert quoted_answers[0].headers["ratelimit"] == '"/q\\"uote:2/min";r=1;t=30'
+
+
 async def test_key_function_and_an_http_exception_of_the_app(clock: FakeClock) -> None:
     fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
     app = FastAPI()

@@ -790,3 +790,12 @@ def test_stale_shedding_needs_a_tolerance_above_one() -> None:
         ConcurrencyConfig(limit=4, adaptive=True, shed_stale=True, tolerance=1.0)
     assert issues_of(exc)["shed_stale"] == "needs tolerance > 1"
     assert ConcurrencyConfig(limit=4, adaptive=True, shed_stale=True, tolerance=1.1).shed_stale
+
+
+def test_an_unknown_state_url_scheme_is_named_without_its_password() -> None:
+    """The error goes to startup logs and CI output: the URL's password does not."""
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"state": {"url": "Redis://app:s3cr3t-pw@redis.internal:6379/0"}})
+    message = str(caught.value)
+    assert "s3cr3t-pw" not in message
+    assert '"Redis://app:***@redis.internal:6379/0" has an unknown scheme' in message

@@ -18,6 +18,7 @@ import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -1161,3 +1162,61 @@ async def test_an_untrusted_peers_marker_counts_as_a_failure(clock: FakeClock) -
         assert (await client.get("http://203.0.113.9/x")).status_code == 503
         with pytest.raises(CircuitOpen):
             await client.get("http://203.0.113.9/x")
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_a_call_after_the_response_is_not_bound_by_the_callers_deadline(
+    sync: bool,
+) -> None:
+    """Work after the response (a Starlette background task) runs for nobody who waits:
+    its calls are calls of their own (the middleware's policy, the policy's default
+    deadline, their own decisions), not cut by the answered caller's deadline (1 s here,
+    passed by the time the task calls), nor added to the answered request's record."""
+    clock = FakeClock()
+    outcomes: list[Any] = []
+    upstream = httpx.MockTransport(lambda request: httpx.Response(200))
+    policy = Policy(
+        deadline=DeadlineConfig(default_ms=1_000),
+        upstreams=(UpstreamConfig(host="audit.internal", attempt_timeout_ms=500),),
+    )
+
+    def call_sync() -> httpx.Response:
+        with httpx.Client(transport=FidelitySyncTransport(upstream, telemetry=False)) as c:
+            return c.get("http://audit.internal/log")
+
+    async def later() -> None:
+        clock.advance(2.0)  # the background work takes a while
+        try:
+            if sync:
+                response = await anyio.to_thread.run_sync(call_sync)
+            else:
+                transport = FidelityTransport(upstream, telemetry=False)
+                async with httpx.AsyncClient(transport=transport) as c:
+                    response = await c.get("http://audit.internal/log")
+            outcomes.append(response.status_code)
+            outcomes.append(response.extensions.get("fidelity_context"))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async def handler(request: Request) -> Response:
+        return Response("ok", background=BackgroundTask(later))
+
+    app = Starlette(routes=[Route("/", handler)])
+    seen: list[DecisionContext] = []
+
+    class Keep:
+        def start(self, ctx: DecisionContext, scope: Any) -> None:
+            return None
+
+        def end(self, ctx: DecisionContext, scope: Any, token: Any) -> None:
+            seen.append(ctx)
+
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, observer=Keep(), telemetry=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
+        assert (await c.get("/")).status_code == 200
+    assert outcomes[0] == 200, outcomes
+    own = outcomes[1]
+    assert isinstance(own, DecisionContext)
+    assert own is not seen[0]
+    assert own.engine is mw.engine  # the middleware's policy still applies
+    assert [d.layer for d in seen[0].decisions if d.subject == "audit.internal"] == []

@@ -89,6 +89,10 @@ class DecisionContext:
     # is that layer's decision, not the route's failure, and costs the client no
     # quota of the middleware's own limits.
     shed_by: str | None = None
+    # The response's last message went out: the caller has its answer, and work after
+    # it (a background task) runs for nobody who waits, so outbound calls then are
+    # calls of their own, not bound by this request's deadline.
+    response_complete = False
     inbound_attempt = 1
     trusted_peer = False
     deadline_from_caller = False  # the deadline came from a request header

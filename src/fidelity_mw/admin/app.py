@@ -132,8 +132,10 @@ class AdminApp:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return bytes(value[7:].strip())
         query = scope.get("query_string", b"").decode("latin-1")
+        # parse_qs decodes percent-escapes as UTF-8 (junk as U+FFFD): back to UTF-8,
+        # as the token itself is (latin-1 could not encode "%E2%82%AC": a 500)
         tokens = parse_qs(query).get("token")
-        return tokens[0].encode("latin-1") if tokens else b""
+        return tokens[0].encode("utf-8", "replace") if tokens else b""
 
     async def _html(self, send: Send, root: str) -> None:
         page = self._page.replace("{{STATE_URL}}", json.dumps(root + "/state.json")).replace(
@@ -144,9 +146,12 @@ class AdminApp:
 
 def _loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack server reports IPv4 peers as ::ffff:a.b.c.d
+    return ip.is_loopback
 
 
 async def _send(

@@ -17,7 +17,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.gcra import policy_field, retry_after_header
-from ..engine import Engine
+from ..engine import Engine, sf_string_content
 from ..policy import RateLimit
 from ..rejections import (
     problem_document,
@@ -97,10 +97,14 @@ class LimitDependency:
         result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         verdict = result.limits[0]
         source, age = result.source, result.age_s
-        policy = policy_field(name, self.burst_size, self.tolerance_s)
+        # The default name is the route template, which no policy check has seen: in the
+        # fields it is an sf-string (a character latin-1 lacks made every request a 500)
+        advertised = sf_string_content(name)
+        policy = policy_field(advertised, self.burst_size, self.tolerance_s)
+        reset = math.ceil(verdict.reset_s - 1e-9)
         fields = {
             "RateLimit-Policy": policy,
-            "RateLimit": f'"{name}";r={verdict.remaining};t={math.ceil(verdict.reset_s - 1e-9)}',
+            "RateLimit": f'"{advertised}";r={verdict.remaining};t={reset}',
         }
         if verdict.allowed:
             ctx.decide(

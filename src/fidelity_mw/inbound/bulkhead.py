@@ -85,14 +85,19 @@ class Bulkheads:
     async def wait(
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
     ) -> Rejection | None:
-        """Wait for a slot, best priority first, at most `queue_timeout_ms`."""
+        """Wait for a slot, best priority first, at most `queue_timeout_ms` and never past
+        the request's deadline (a slot then would only run an app that is cut at once)."""
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
+        timeout_s = plan.concurrency.queue_timeout_ms / 1000
+        deadline_at = ctx.deadline_at
+        if deadline_at is not None and deadline_at - now < timeout_s:
+            timeout_s = max(deadline_at - now, 0.0)
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         limiter.enqueue(priority, slot)
         try:
-            await asyncio.wait_for(asyncio.shield(slot), plan.concurrency.queue_timeout_ms / 1000)
+            await asyncio.wait_for(asyncio.shield(slot), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if not limiter.abandon(slot):
                 # A release handed us the slot just as we gave up: give it back.
@@ -100,7 +105,11 @@ class Bulkheads:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic())
-        self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, self.monotonic())
+        now = self.monotonic()
+        if deadline_at is not None and now >= deadline_at:  # handed over too late
+            self._wake(limiter.release())
+            return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, now)
+        self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
         return None
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
@@ -127,10 +136,19 @@ class Bulkheads:
 
     @staticmethod
     def _wake(slots: list[object]) -> None:
+        if not slots:
+            return
+        # (None when a request is unwound outside its loop, e.g. finalised after it closed)
+        running = asyncio.events._get_running_loop()
         for slot in slots:
             assert isinstance(slot, asyncio.Future)
-            if not slot.done():
-                slot.set_result(None)
+            loop = slot.get_loop()
+            if loop is running:
+                _hand(slot)
+            elif not loop.is_closed():
+                # queued on a loop in another thread: handed over there (from here that
+                # loop is not even woken up; the request sat out its queue timeout)
+                loop.call_soon_threadsafe(_hand, slot)
 
     @staticmethod
     def _record(
@@ -189,6 +207,11 @@ class Bulkheads:
                 priority=priority,
             )
         return 503, list(_RETRY_AFTER), body
+
+
+def _hand(slot: asyncio.Future[None]) -> None:
+    if not slot.done():
+        slot.set_result(None)
 
 
 class LagProbe:

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from threading import get_ident
+from sys import get_asyncgen_hooks
 from typing import Any, Final, Protocol
 
 from starlette.requests import ClientDisconnect
@@ -49,7 +49,7 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | 
 
 
 current_task: Final = _task_lookup()
-_thread_id: Final = get_ident  # compiled: a constant, not a module lookup per request
+_asyncgen_hooks: Final = get_asyncgen_hooks  # compiled: a constant, not a lookup per request
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -106,7 +106,9 @@ class ResponseWatcher:
         # asyncio.current_task(), asking the loop last seen running in this thread first
         # (DeadlineWatch.running_task: no system call per request)
         home = watch.home
-        task = current_task(home[1]) if home is not None and home[0] == _thread_id() else None
+        task = (
+            current_task(home[1]) if home is not None and _asyncgen_hooks()[0] is home[0] else None
+        )
         self.task = task if task is not None else watch.running_task()
         watch.inflight[self] = deadline_at
         # the common case (a deadline later than the timer's, a live timer) ends here
@@ -122,8 +124,8 @@ class ResponseWatcher:
     def expire(self) -> None:
         self.disarm()
         task = self.task
-        if self.started or task is None or task.done():
-            return  # a started response is never cut
+        if self.started or self.expired or task is None or task.done():
+            return  # a started response is never cut; a request is cancelled once
         self.expired = True
         task.cancel()
 
@@ -148,6 +150,7 @@ class ResponseWatcher:
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
             self.complete = True
+            self.ctx.response_complete = True
             if self.monotonic is not None:
                 self.ctx.ended_at = self.monotonic()
             end = self.end
@@ -207,8 +210,8 @@ class DeadlineWatch:
         self._recheck_at = math.inf
         self._loop: asyncio.AbstractEventLoop | None = None
         self.inflight: dict[ResponseWatcher, float] = {}
-        # (thread ident, the event loop last found running in that thread): see running_task
-        self.home: tuple[int, asyncio.AbstractEventLoop] | None = None
+        # (the asyncgen hook a loop's run installed in its thread, that loop): see running_task
+        self.home: tuple[object, asyncio.AbstractEventLoop] | None = None
 
     def running_task(self) -> asyncio.Task[Any] | None:
         """The current task, found the long way; remembers the running loop as `home`.
@@ -217,15 +220,18 @@ class DeadlineWatch:
         makes a getpid() system call, its fork check, every time: under a server, one
         system call more per request (about 1 µs with the caches it leaves cold, where
         the same call costs 0.1 µs in a tight loop). So arming first asks `home`'s loop
-        for its current task, when called in the thread that found that loop running: a
-        thread runs one loop at a time, so if that loop has a current task, it is the
-        loop running here and the task is ours. No task there (the loop stopped or
-        closed, a new one runs here) or another thread: this lookup, which checks.
-        (Not covered: a stopped loop later run by another thread, while this thread
-        runs a new loop and has not armed since; asyncio allows it, no server does it.)
+        for its current task when this thread's asyncgen `firstiter` hook is the one
+        that loop installed as its run began (asyncio's and uvloop's loops install a
+        new bound method per run, in the running thread, and put the old hook back when
+        the run ends): then that loop runs in this thread, and its current task is ours.
+        (A thread ident would not do: a stopped loop may be run again by another
+        thread, where its current task is not this request's.) Any other hook: this
+        lookup, which checks.
         """
         loop = asyncio.get_running_loop()
-        self.home = (get_ident(), loop)
+        firstiter = get_asyncgen_hooks()[0]
+        # a hook that is not this loop's (another library's) proves nothing: no home
+        self.home = (firstiter, loop) if getattr(firstiter, "__self__", None) is loop else None
         return current_task(loop)
 
     def add(self, watcher: ResponseWatcher, deadline_at: float, now: float) -> None:
@@ -272,13 +278,23 @@ class DeadlineWatch:
         now = self._monotonic()
         earliest = math.inf
         expired = []
-        for watcher, at in self.inflight.items():
+        # a copy made in one step: loops in other threads arm and disarm meanwhile
+        for watcher, at in list(self.inflight.items()):
             if at <= now:
                 expired.append(watcher)
             elif at < earliest:
                 earliest = at
+        running = _running_loop()
         for watcher in expired:
-            watcher.expire()
+            task = watcher.task
+            loop = task.get_loop() if task is not None else None
+            if loop is None or loop is running or loop.is_closed():
+                watcher.expire()
+            else:
+                # a request of a loop in another thread: cancelled there (from here
+                # that loop is not even woken up, and the request hangs)
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(watcher.expire)
         if earliest < math.inf:
             self._schedule(earliest, now)
 

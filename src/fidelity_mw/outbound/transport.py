@@ -27,6 +27,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 from collections.abc import Callable
@@ -73,6 +74,8 @@ from .loop import (
 )
 from .upstream import Resolver, Upstream
 from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
+
+logger = logging.getLogger("fidelity_mw")
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic = time.monotonic
@@ -134,9 +137,12 @@ class _Base:
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
         resolver = self._resolver
         if resolver is not None:
-            urls = resolver(up.host)
-            if urls:
-                up.set_instances(engine, urls)
+            try:
+                urls = resolver(up.host)
+                if urls:
+                    up.set_instances(engine, urls)
+            except Exception:  # discovery down: the instances it named last still answer
+                logger.exception("fidelity_mw: the resolver failed for %s", up.host)
         return up
 
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
@@ -157,8 +163,10 @@ class _Base:
         what the race needs: `(race, hedge config, a maker of hedge loops, upstream,
         context, the observer whose call_end ends the call or None)`."""
         ctx = _CURRENT.get()
-        own = ctx is None
         engine = self.engine if ctx is None else ctx.engine
+        if ctx is not None and ctx.response_complete:
+            ctx = None  # after the response (a background task): a call of its own
+        own = ctx is None
         clock = engine.clock
         # The system clock's method only calls time.monotonic: read it directly.
         now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
@@ -261,6 +269,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # else is handed to them, from the step it has reached.
         ctx = _CURRENT.get()
         engine = self.engine if ctx is None else ctx.engine
+        if ctx is not None and ctx.response_complete:
+            ctx = None  # after the response (a background task): a call of its own
         cached = self._local
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
             ref = request.url._uri_reference
@@ -418,7 +428,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         finally:
             if ends is not None:
                 call_end(ends, ctx)
-        if _CURRENT.get() is None:
+        if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
 

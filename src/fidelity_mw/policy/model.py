@@ -69,6 +69,12 @@ def _tname(value: object) -> str:
     return _TOML_TYPES.get(type(value), type(value).__name__)
 
 
+def redact_url(url: str) -> str:
+    """`redis://user:secret@host` -> `redis://user:***@host`: messages and maps name the
+    server, never its password."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def _toml(value: object) -> str:
     """A value spelled as in a TOML file (`true`, `"text"`, `[1, 2]`), for messages."""
     if isinstance(value, bool):
@@ -374,7 +380,9 @@ class StateConfig(_Validated):
         if isinstance(self.url, str) and not self.url.startswith(schemes):
             return [
                 PolicyIssue(
-                    "url", f"{_toml(self.url)} has an unknown scheme: use " + ", ".join(schemes)
+                    "url",
+                    f"{_toml(redact_url(self.url))} has an unknown scheme: use "
+                    + ", ".join(schemes),
                 )
             ]
         return []

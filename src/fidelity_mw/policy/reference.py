@@ -223,7 +223,8 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.max_limit": "The adaptive limit never goes above this.",
     "concurrency.max_queue": "Requests that may wait for a slot beyond the limit (0: none; "
     "refused at once).",
-    "concurrency.queue_timeout_ms": "How long a queued request waits before it is refused.",
+    "concurrency.queue_timeout_ms": "How long a queued request waits before it is refused "
+    "(never past its deadline: a slot after it would only run an app cut at once).",
     "concurrency.default_share": "Share of the limit `default` requests may fill.",
     "concurrency.sheddable_share": "Share of the limit `sheddable` requests may fill "
     "(at most `default_share`).",

@@ -21,7 +21,6 @@ import importlib.util
 import inspect
 import itertools
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from ..decide.balance import EWMA_TAU_S
 from ..policy import BreakerConfig, HedgeConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
+from ..policy.model import redact_url
 
 # ---------------------------------------------------------------- the model
 
@@ -84,11 +84,6 @@ class StateMap:
 
 
 # ---------------------------------------------------------------- state homes
-
-
-def redact_url(url: str) -> str:
-    """`redis://user:secret@host` -> `redis://user:***@host`."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,29 +600,36 @@ def load_target(target: str) -> tuple[ModuleType, Any]:
     cwd = Path.cwd()
     if str(cwd) not in sys.path:
         sys.path.insert(0, str(cwd))
-    module: ModuleType
-    if module_part.endswith(".py"):
-        path = Path(module_part).resolve()
-        try:
-            dotted = ".".join(path.relative_to(cwd).with_suffix("").parts)
-        except ValueError:
-            dotted = ""
-        if dotted and all(part.isidentifier() for part in dotted.split(".")):
-            module = importlib.import_module(dotted)
-        else:
-            name = path.stem if path.stem.isidentifier() else "fidelity_map_target"
-            spec = importlib.util.spec_from_file_location(name, path)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load {module_part}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_part)
+    try:
+        module = _import(module_part, cwd)
+    except ImportError:
+        raise
+    except Exception as exc:  # the app's own import failed (a missing setting, a typo)
+        raise ImportError(f"importing {module_part} raised {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part)
     return module, obj
+
+
+def _import(module_part: str, cwd: Path) -> ModuleType:
+    if not module_part.endswith(".py"):
+        return importlib.import_module(module_part)
+    path = Path(module_part).resolve()
+    try:
+        dotted = ".".join(path.relative_to(cwd).with_suffix("").parts)
+    except ValueError:
+        dotted = ""
+    if dotted and all(part.isidentifier() for part in dotted.split(".")):
+        return importlib.import_module(dotted)
+    name = path.stem if path.stem.isidentifier() else "fidelity_map_target"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {module_part}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _qualname(obj: Any) -> str:

@@ -14,5 +14,5 @@
 
 -- The work is lib.lua's admit_at, shared with batch.lua.
 
-local out = admit_at(ARGV, 1, KEYS, 1, server_now())
+local out = admit_at(ARGV, 1, KEYS, server_now())
 return out

@@ -28,9 +28,9 @@ for j = 1, #ARGV do
   end
   local reply
   if values[1] == 'a' then
-    reply = admit_at(values, 3, keys, 1, now)
+    reply = admit_at(values, 3, keys, now)
   elseif values[1] == 'r' then
-    reply = record_at(values, 3, keys, 1, now)
+    reply = record_at(values, 3, keys, now)
   else
     return redis.error_reply('batch: unknown operation ' .. tostring(values[1]))
   end

@@ -437,10 +437,11 @@ end
 
 -- ---------------------------------------------------------------- entry operations
 
--- One admission (admit.lua's ARGV from `a`, its keys from `keys[k]`), decided at
--- `now`: the breaker gate, then every limit, all or nothing. Returns its reply and
--- the next k. admit.lua runs one (on KEYS); batch.lua runs a tick's worth in order.
-local function admit_at(ARGV, a, keys, k, now)
+-- One admission (admit.lua's ARGV from `a`; `keys`: its own keys only), decided at
+-- `now`: the breaker gate, then every limit, all or nothing. Returns its reply.
+-- admit.lua runs one (on KEYS); batch.lua runs a tick's worth in order.
+local function admit_at(ARGV, a, keys, now)
+  local k = 1
   local has_breaker = ARGV[a] == '1'
   local u = tonumber(ARGV[a + 1])
   local n = tonumber(ARGV[a + 2])
@@ -457,7 +458,7 @@ local function admit_at(ARGV, a, keys, k, now)
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
     if verdict == 'reject' then
       br_save(b)
-      return { fmt(now), verdict, state, epoch, fmt(wait), 0, 0 }, k + n
+      return { fmt(now), verdict, state, epoch, fmt(wait), 0, 0 }
     end
   end
   local out = { fmt(now), verdict, state, epoch, fmt(wait), probe_id, 1 }
@@ -514,21 +515,21 @@ local function admit_at(ARGV, a, keys, k, now)
   if b ~= nil then
     br_save(b)
   end
-  return out, k + n
+  return out
 end
 
--- One outcome record (record.lua's ARGV from `a`, its keys from `keys[k]`) at `now`.
--- Returns its reply and the next k.
-local function record_at(ARGV, a, keys, k, now)
+-- One outcome record (record.lua's ARGV from `a`; `keys`: breaker hash, breaker
+-- probes) at `now`. Returns its reply.
+local function record_at(ARGV, a, keys, now)
   local u = tonumber(ARGV[a])
   local epoch = tonumber(ARGV[a + 1])
   local probe_id = tonumber(ARGV[a + 2])
   local outcome = ARGV[a + 3]
   local slow = ARGV[a + 4] == '1'
   local cfg = read_config(ARGV, a + 7)
-  local b = br_load(keys[k], keys[k + 1], cfg)
+  local b = br_load(keys[1], keys[2], cfg)
   br_successes(b, tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), now, u)
   local state = br_record(b, epoch, probe_id, outcome, slow, now, u)
   br_save(b)
-  return { state, b.ep }, k + 2
+  return { state, b.ep }
 end

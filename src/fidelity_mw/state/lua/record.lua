@@ -8,5 +8,5 @@
 
 -- The work is lib.lua's record_at, shared with batch.lua.
 
-local out = record_at(ARGV, 1, KEYS, 1, server_now())
+local out = record_at(ARGV, 1, KEYS, server_now())
 return out
