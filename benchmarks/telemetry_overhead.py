@@ -33,6 +33,14 @@ request than outside one. `--count` adds the bytecode instructions each variant 
 per request (`sys.settrace` opcode events): a count, so the machine's load does
 not move it, and the paired times follow it.
 
+`--hooks` times the observer alone instead: its `start`, `before_response_end`
+and `end` on one captured allowed request, around a real SDK server span started
+and ended as the ASGI instrumentation does, against the same loop without the
+hooks (minimum over interleaved repeats: the hooks are a few microseconds, and
+a full request's noise on a shared machine is larger than that). With
+`--baseline REV` the old observer is timed in the same repeats. To compare two
+builds that cannot share a process (pure and compiled), run each in turn.
+
 Each request's scope is dropped once it is answered, as a server drops it (the
 middleware keeps its DecisionContext in `scope["state"]`). `--keep-scopes` keeps
 every scope of a batch alive until the batch ends, as benchmarks/_asgi.py does:
@@ -41,7 +49,7 @@ there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
-        [--no-write]
+        [--hooks] [--no-write]
 """
 
 from __future__ import annotations
@@ -62,15 +70,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace as trace_api
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+import fidelity_mw
 from benchmarks import _asgi
 from benchmarks._asgi import hello
 from benchmarks._results import stamp, write_section
@@ -319,6 +331,107 @@ async def measure(
     return samples, spans, gcs, counts
 
 
+class Capture:
+    """Passes the hooks through to `inner`, keeping the last request's context and scope."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.ctx: Any = None
+        self.scope: Any = None
+
+    def start(self, ctx: Any, scope: Any) -> Any:
+        self.ctx, self.scope = ctx, scope
+        return self.inner.start(ctx, scope)
+
+    def before_response_end(self, ctx: Any, scope: Any, token: Any) -> None:
+        self.inner.before_response_end(ctx, scope, token)
+
+    def end(self, ctx: Any, scope: Any, token: Any) -> None:
+        self.inner.end(ctx, scope, token)
+
+
+HOOK_STEPS = ("span only", "start", "+ before_response_end", "+ end")
+
+
+def _hook_loop(tracer: Any, observer: Any, ctx: Any, scope: Any, steps: int, n: int) -> float:
+    """CPU seconds per iteration: a SERVER span started, made current and ended as the
+    ASGI instrumentation does, with the first `steps` hooks of `observer` around it."""
+    start, before_end, end = observer.start, observer.before_response_end, observer.end
+    attach, detach, in_context = (
+        otel_context.attach,
+        otel_context.detach,
+        trace_api.set_span_in_context,
+    )
+    began = time.process_time()
+    for _ in range(n):
+        span = tracer.start_span("GET /hello", kind=SpanKind.SERVER, attributes={"n": 1})
+        attached = attach(in_context(span))
+        token = start(ctx, scope) if steps >= 1 else None
+        if steps >= 2:
+            before_end(ctx, scope, token)
+        span.end()
+        detach(attached)
+        if steps >= 3:
+            end(ctx, scope, token)
+    return (time.process_time() - began) / n
+
+
+async def hooks_profile(baseline: str | None, repeats: int, n: int) -> dict[str, list[float]]:
+    """Per observer: the minimum time of each step of `HOOK_STEPS`, over interleaved repeats."""
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+    mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    routes = [Route("/hello", hello)]
+    observers = {"fidelity_mw": (FidelityMiddleware, fidelity_policy(), Telemetry)}
+    if baseline is not None:
+        old = baseline_package(baseline)
+        policy = old.Policy(rate_limits=[old.RateLimit(name="per-client", rate="1000000000/s")])
+        telemetry_class = importlib.import_module(f"{old.__name__}.telemetry").Telemetry
+        observers[f"fidelity_mw@{baseline}"] = (old.FidelityMiddleware, policy, telemetry_class)
+    captured = {}
+    for name, (middleware, policy, telemetry_class) in observers.items():
+        observer = telemetry_class(tracer_provider=tp, meter_provider=mp)
+        capture = Capture(observer)
+        app = Starlette(routes=routes)
+        app.add_middleware(middleware, policy=policy, observer=capture)
+        await run_batch(OpenTelemetryMiddleware(app, tracer_provider=tp, meter_provider=mp), 300)
+        captured[name] = (observer, capture.ctx, capture.scope)
+    tracer = tp.get_tracer("opentelemetry.instrumentation.asgi")
+    best = {name: [float("inf")] * len(HOOK_STEPS) for name in captured}
+    for r in range(repeats):
+        for name, (observer, ctx, scope) in captured.items():
+            for steps in range(len(HOOK_STEPS)):
+                took = _hook_loop(tracer, observer, ctx, scope, steps, n)
+                best[name][steps] = min(best[name][steps], took)
+        print(f"\rrepeat {r + 1}/{repeats}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    tp.shutdown()
+    mp.shutdown()
+    return best
+
+
+def hooks_report(best: dict[str, list[float]], repeats: int, n: int) -> str:
+    build = "compiled (mypyc)" if getattr(fidelity_mw, "compiled", False) else "pure Python"
+    lines = [
+        f"The observer's hooks alone (`--hooks`, {build} build), µs per request over "
+        "the span alone:",
+        "",
+        "| observer | " + " | ".join(HOOK_STEPS[1:]) + " | span alone µs |",
+        "|---|" + "---:|" * len(HOOK_STEPS),
+    ]
+    for name, mins in best.items():
+        steps = [f"{(mins[i] - mins[0]) * 1e6:+.2f}" for i in range(1, len(HOOK_STEPS))]
+        lines.append(f"| {name} | " + " | ".join(steps) + f" | {mins[0] * 1e6:.2f} |")
+    lines += [
+        "",
+        f"Minimum of {repeats} interleaved repeats x {n} iterations, process CPU time; one "
+        "captured allowed request (3 decisions, all `allow`) annotated again each time; "
+        "each step includes the ones before it, so the last column is the observer's whole "
+        "cost per request.",
+    ]
+    return "\n".join(lines)
+
+
 def paired(values: list[float], base: list[float]) -> tuple[float, float]:
     diffs = [v - b for v, b in zip(values, base, strict=True)]
     ratios = [v / b for v, b in zip(values, base, strict=True)]
@@ -476,8 +589,16 @@ def main() -> None:
     parser.add_argument(
         "--keep-scopes", action="store_true", help="keep each batch's scopes until it ends"
     )
+    parser.add_argument(
+        "--hooks", action="store_true", help="time the observer's hooks alone (see above)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    if args.hooks:
+        repeats, n = max(args.rounds // 2, 5), 5000
+        best = asyncio.run(hooks_profile(args.baseline, repeats, n))
+        print(hooks_report(best, repeats, n))
+        return
     samples, spans, gcs, counts = asyncio.run(
         measure(
             args.rounds,

@@ -3,9 +3,11 @@ every metric; privacy; trace context extraction; the no-SDK path."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 from typing import Any
 
 import pytest
@@ -87,13 +89,14 @@ async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pi
         schema.DECIDED_BY: "app",
         schema.OUTCOME: "served",
         schema.POLICY_VERSION: pol.version,
-        schema.STALE_DECISIONS: 0,
         schema.ROUTE: "/items/{id}",
         schema.CLIENT_KEY_HASH: otel.telemetry.hash_client_key("127.0.0.1"),
         schema.DECISIONS: "deadline/allow/route_default@request "
         "breaker/allow/breaker_closed@memory ratelimit/allow/under_limit@memory",
     }
     assert span.status.status_code is StatusCode.UNSET
+    # no decision was stale: `fidelity.stale_decisions` is absent rather than 0
+    assert schema.STALE_DECISIONS not in attrs
 
 
 async def test_one_event_per_decision_with_all_fields(otel: Pipeline) -> None:
@@ -369,6 +372,23 @@ def test_breaker_gauge_from_decisions_when_the_store_cannot_be_read() -> None:
         if a[schema.SUBJECT] == "payments:443"
     }
     assert states == {"closed": 0, "open": 1, "half_open": 0}
+    p.shutdown()
+
+
+def test_breaker_gauge_does_not_keep_a_dropped_observer_alive() -> None:
+    """The gauge's callback lives as long as the meter provider; it must not keep the
+    observer (and the engines and states it watches) alive after the app dropped it."""
+    p = pipeline()
+    ctx = _ctx()
+    ctx.engine.store = object()  # type: ignore[assignment]
+    ctx.add(Decision("breaker", "payments:443", "give_up", "breaker_open", "redis", 0.2, 1.0))
+    p.telemetry.call_end(ctx)
+    watched = weakref.ref(p.telemetry._breakers)
+    p.telemetry = None  # type: ignore[assignment]
+    gc.collect()
+    assert watched() is None
+    # collecting afterwards finds no breaker to report, and does not fail
+    assert not [a for a, _pt in metric_points(p.metrics, "fidelity.breaker.state")]
     p.shutdown()
 
 

@@ -59,6 +59,7 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
+from .._mypyc import mypyc_attr
 from ..context import (
     ALLOW,
     GIVE_UP,
@@ -377,9 +378,58 @@ class _Attempt:
         self.suppress = suppress  # entered: httpx instrumentation's spans held off
 
 
+@mypyc_attr(native_class=False)  # the breaker gauge's callback holds it weakly
+class BreakerWatch:
+    """The breakers a `Telemetry` reports on: the engines it saw (their memory stores are
+    read at collection) and the states decisions revealed for stores it cannot read.
+
+    Its own object, held by the observer, so that the gauge's callback can hold it
+    weakly: a compiled `Telemetry` cannot be weakly referenced."""
+
+    def __init__(self) -> None:
+        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # breaker states seen in decisions, for stores we cannot read directly
+        self.seen: dict[str, str] = {}
+
+    def breaker_observations(self) -> list[Observation]:
+        """One observation per breaker and state: 1 for its current state, 0 otherwise.
+
+        Memory stores are read directly (their state is authoritative); for
+        other stores the state last revealed by a decision is reported.
+        """
+        states: dict[tuple[str, str], str] = {}
+        for engine in list(self.engines):
+            breakers = getattr(engine.store, "breakers", None)
+            if not isinstance(breakers, Mapping):
+                continue
+            try:
+                items = list(breakers.items())
+            except RuntimeError:  # resized while copied by another thread
+                continue
+            for key, breaker in items:
+                kind, _, subject = str(key).partition(":")
+                state = getattr(breaker, "state", None)
+                if isinstance(state, str) and subject:
+                    states[(subject, "route" if kind == "route" else "upstream")] = state
+        known = {subject for subject, _ in states}
+        for subject, state in list(self.seen.items()):
+            if subject not in known:
+                states[(subject, "")] = state
+        out = []
+        for (subject, kind), state in states.items():
+            for candidate in _BREAKER_STATES:
+                attrs = {s.SUBJECT: subject, s.BREAKER_STATE: candidate}
+                if kind:
+                    attrs[s.BREAKER_SCOPE] = kind
+                out.append(Observation(1 if candidate == state else 0, attrs))
+        return out
+
+
 # ---------------------------------------------------------------- the observer
 
 
+# tests subclass it
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Telemetry:
     """Exports fidelity_mw's decisions through OpenTelemetry. Implements both
     `RequestObserver` (for FidelityMiddleware) and `AttemptObserver` (for
@@ -433,11 +483,9 @@ class Telemetry:
         self._salt = salt[:64]
         self._key_hashes: dict[str, str] = {}
         self._shared_attrs: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._breakers = BreakerWatch()
         self._last_engine: weakref.ref[Engine] | None = None
         self._last_readable = False
-        # breaker states seen in decisions, for stores we cannot read directly
-        self._seen_breakers: dict[str, str] = {}
 
     # ------------------------------------------------------------ providers
 
@@ -469,7 +517,7 @@ class Telemetry:
         with self._lock:
             if self._metrics is None:
                 meter = provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
-                self._metrics = Metrics(meter, self)
+                self._metrics = Metrics(meter, self._breakers)
         return self._metrics
 
     # ------------------------------------------------------------ inbound
@@ -668,10 +716,11 @@ class Telemetry:
         summary, route, decided_by, outcome, version = key
         attrs: dict[str, Any] = {
             _POLICY_VERSION: version,
-            _STALE_DECISIONS: summary.stale,
             _ROUTE: route,
             _DECISIONS: summary.packed,
         }
+        if summary.stale:  # absent means 0, as OpenTelemetry does with resend_count
+            attrs[_STALE_DECISIONS] = summary.stale
         if decided_by is not None:
             attrs[_DECIDED_BY] = decided_by
         if outcome is not None:
@@ -855,14 +904,14 @@ class Telemetry:
         engine = ctx.engine
         last = self._last_engine
         if last is None or last() is not engine:
-            self._engines.add(engine)
+            self._breakers.engines.add(engine)
             self._last_engine = weakref.ref(engine)
             self._last_readable = isinstance(getattr(engine.store, "breakers", None), Mapping)
         return self._last_readable
 
     def _note_breakers(self, decisions: Sequence[Decision]) -> None:
         """Remember the breaker states decisions reveal (for stores we cannot read)."""
-        seen = self._seen_breakers
+        seen = self._breakers.seen
         for d in decisions:
             if d.layer != LAYER_BREAKER:
                 continue
@@ -873,37 +922,9 @@ class Telemetry:
                 seen[d.subject] = state
 
     def breaker_observations(self) -> list[Observation]:
-        """One observation per breaker and state: 1 for its current state, 0 otherwise.
-
-        Memory stores are read directly (their state is authoritative); for
-        other stores the state last revealed by a decision is reported.
-        """
-        states: dict[tuple[str, str], str] = {}
-        for engine in list(self._engines):
-            breakers = getattr(engine.store, "breakers", None)
-            if not isinstance(breakers, Mapping):
-                continue
-            try:
-                items = list(breakers.items())
-            except RuntimeError:  # resized while copied by another thread
-                continue
-            for key, breaker in items:
-                kind, _, subject = str(key).partition(":")
-                state = getattr(breaker, "state", None)
-                if isinstance(state, str) and subject:
-                    states[(subject, "route" if kind == "route" else "upstream")] = state
-        known = {subject for subject, _ in states}
-        for subject, state in list(self._seen_breakers.items()):
-            if subject not in known:
-                states[(subject, "")] = state
-        out = []
-        for (subject, kind), state in states.items():
-            for candidate in _BREAKER_STATES:
-                attrs = {s.SUBJECT: subject, s.BREAKER_STATE: candidate}
-                if kind:
-                    attrs[s.BREAKER_SCOPE] = kind
-                out.append(Observation(1 if candidate == state else 0, attrs))
-        return out
+        """One observation per breaker and state: 1 for its current state, 0 otherwise
+        (see `BreakerWatch.breaker_observations`)."""
+        return self._breakers.breaker_observations()
 
 
 def _suppress_httpx_spans() -> AbstractContextManager[None] | None:
