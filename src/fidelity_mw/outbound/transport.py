@@ -35,7 +35,9 @@ from typing import Any, Final
 
 import anyio
 import httpx
+import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
+from .._mypyc import mypyc_attr
 from .._types import Clock, RandomSource
 from ..clock import SystemClock
 from ..context import (
@@ -78,12 +80,13 @@ from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 logger = logging.getLogger("fidelity_mw")
 
 _MAX_UPSTREAMS: Final = 1024
-_monotonic = time.monotonic
-_new_tuple = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
-_name = operator.itemgetter(1)  # a raw header's lower-cased name
+_monotonic: Final = time.monotonic
+_new_tuple: Final = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
+_name: Final = operator.itemgetter(1)  # a raw header's lower-cased name
 Started = First | tuple[Steps, Engine, Any]
 
 
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class _Base:
     """The transports' shared setup: engine, upstream plans, observer, store operations."""
 
@@ -198,20 +201,35 @@ class _Base:
         if hedged:
             assert hedge is not None
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
-            url = request.url
-            call = ctx
-
-            def spawn() -> Steps:
-                # Copied when needed (most calls never hedge), from what the first loop
-                # leaves intact: its own stamps are taken off again by the hedge's loop.
-                again = copy_request(request, url)
-                start = engine.clock.monotonic()
-                return attempts(call, engine, up, again, False, observer, start, local, race, True)
+            spawn = _spawner(ctx, engine, up, request, observer, local, race)
 
             # The call ends when the race does: the transport, not a loop, ends it.
             steps = attempts(ctx, engine, up, request, False, observer, now, local, race)
             return steps, engine, (race, hedge, spawn, up, ctx, observer if own else None)
         return attempts(ctx, engine, up, request, own, observer, now, local), engine, None
+
+
+def _spawner(
+    call: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    request: httpx.Request,
+    observer: AttemptObserver | None,
+    local: Local | None,
+    race: Race,
+) -> Callable[[], Steps]:
+    """A maker of hedge loops for one call (module level: mypyc compiles no closure in
+    a method of a class it leaves interpreted-style)."""
+    url = request.url
+
+    def spawn() -> Steps:
+        # Copied when needed (most calls never hedge), from what the first loop
+        # leaves intact: its own stamps are taken off again by the hedge's loop.
+        again = copy_request(request, url)
+        start = engine.clock.monotonic()
+        return attempts(call, engine, up, again, False, observer, start, local, race, True)
+
+    return spawn
 
 
 class _Stepper:
@@ -241,6 +259,7 @@ class _Stepper:
 # ---------------------------------------------------------------- async
 
 
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     """An `httpx.AsyncBaseTransport` that owns retries, the host breaker and the deadline,
     and balances a service's instances.
@@ -497,6 +516,20 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     return bridge(store.outbound_gate), bridge(store.record)
 
 
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
+def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
+    """A backoff sleep that first closes the response it spends (module level, as
+    `_spawner`)."""
+
+    def wait(seconds: float, spent: httpx.Response | None) -> None:
+        if spent is not None:
+            spent.close()
+        sleep(seconds)
+
+    return wait
+
+
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class FidelitySyncTransport(_Base, httpx.BaseTransport):
     """The same layer for `httpx.Client`: sync code, including sync FastAPI routes
     (the request's context variables reach the worker thread). Backoff sleeps
@@ -525,13 +558,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         """Run one attempt loop to its end, doing its effects."""
         step = _Stepper(steps)
         gate_op, record_op = _sync_ops(engine.store)
-        sleep = engine.clock.sleep_sync
-
-        def wait(seconds: float, spent: httpx.Response | None) -> None:
-            if spent is not None:
-                spent.close()
-            sleep(seconds)
-
+        wait = _waiter(engine.clock.sleep_sync)
         do: dict[int, Callable[..., Any]] = {
             SEND: self.inner.handle_request,
             GATE: gate_op,
