@@ -104,8 +104,10 @@ Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
 
 FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
-_new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
-_monotonic = time.monotonic
+_new_tuple: Final = (
+    tuple.__new__
+)  # Decision(...) without the keyword-default wrapper: hot path only
+_monotonic: Final = time.monotonic
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 

@@ -84,6 +84,27 @@ _monotonic: Final = time.monotonic
 _new_tuple: Final = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
 _name: Final = operator.itemgetter(1)  # a raw header's lower-cased name
 Started = First | tuple[Steps, Engine, Any]
+# Module-level names the hot path reads, bound once: compiled, a `Final` name is a C
+# static, where any other global is a dictionary lookup per use.
+_current: Final = _CURRENT
+_SYSTEM_CLOCK: Final = SystemClock
+_BYTE_STREAM: Final = httpx.ByteStream
+
+
+class _Armed:
+    """What the async transport's shortcut reads per call, in one object: compiled, a
+    native class (field reads) beside the transport, which stays an interpreted-style
+    class (the engine holds transports weakly). `engine` is the engine the shortcut
+    serves (set by `_start` once it has looked its observer up), `local` a store and its
+    in-process operations (one tuple: threads of the sync transport may replace it at
+    once), `upstreams` the upstream plans."""
+
+    __slots__ = ("engine", "local", "upstreams")
+
+    def __init__(self) -> None:
+        self.upstreams: dict[tuple[str, int | None], Upstream] = {}
+        self.engine: Engine | None = None
+        self.local: tuple[StateStore | None, Local | None] = (None, None)
 
 
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
@@ -117,9 +138,8 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._observed_engine: Engine | None = None
-        self._shortcut: Engine | None = None
-        self._local: tuple[StateStore | None, Local | None] = (None, None)
-        self._upstreams: dict[tuple[str, int | None], Upstream] = {}
+        self._armed = armed = _Armed()
+        self._upstreams = armed.upstreams
         self.engine.transports.add(self)  # for the admin page's balancer view
 
     @staticmethod
@@ -165,14 +185,14 @@ class _Base:
         state, unhedged), else its attempt loop, its engine, and (async, for a hedged call)
         what the race needs: `(race, hedge config, a maker of hedge loops, upstream,
         context, the observer whose call_end ends the call or None)`."""
-        ctx = _CURRENT.get()
+        ctx = _current.get()
         engine = self.engine if ctx is None else ctx.engine
         if ctx is not None and ctx.response_complete:
             ctx = None  # after the response (a background task): a call of its own
         own = ctx is None
         clock = engine.clock
         # The system clock's method only calls time.monotonic: read it directly.
-        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
@@ -188,15 +208,16 @@ class _Base:
         if observer is None and self._telemetry and engine is not self._observed_engine:
             observer = self.observer_for(engine)
         store = engine.store
-        cached = self._local
+        armed = self._armed
+        cached = armed.local
         if cached[0] is not store:
-            cached = self._local = (store, local_ops(store))
+            cached = armed.local = (store, local_ops(store))
         local = cached[1]
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain:
-                self._shortcut = engine  # the async transport's shortcut may skip all of this
+                armed.engine = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -286,20 +307,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # breaker plainly closed (or none), and a first attempt that ends the call. The
         # same steps as `first_attempt` and `First.finish`, in the same order: anything
         # else is handed to them, from the step it has reached.
-        ctx = _CURRENT.get()
+        ctx = _current.get()
         engine = self.engine if ctx is None else ctx.engine
         if ctx is not None and ctx.response_complete:
             ctx = None  # after the response (a background task): a call of its own
-        cached = self._local
+        armed = self._armed
+        cached = armed.local
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
             ref = request.url._uri_reference
-            up = self._upstreams.get((ref.host, ref.port))
+            up = armed.upstreams.get((ref.host, ref.port))
         except AttributeError:  # pragma: no cover - another httpx layout
             up = None
         if (
             up is None
             or not up.plain
-            or engine is not self._shortcut
+            or engine is not armed.engine
             or up.policy is not engine.policy
             or cached[0] is not engine.store
             or (local := cached[1]) is None
@@ -308,7 +330,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = self._observer or engine.attempt_observer
         clock = engine.clock
-        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
         own = ctx is None
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
@@ -330,7 +352,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         stream = request.stream  # judged before the attempt consumes it
-        can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+        can_replay = type(stream) is _BYTE_STREAM or replayable(stream)
         try:
             gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
         except Exception as exc:
@@ -388,7 +410,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+            ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
