@@ -112,16 +112,26 @@ _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 
 
-class Local(NamedTuple):
+class Local:
     """An in-process store's synchronous operations: `outbound_gate_now` (answers
     (gate, budget allowed)), `outbound_begin_now` (a first attempt's: the gate or
     None), `record_now`, and the breaker states a balancer reads fresh,
-    `breakers_open_until_now`."""
+    `breakers_open_until_now`. (A class, not a named tuple: compiled, its fields are
+    read from a struct, where a named tuple's go through a descriptor each.)"""
 
-    gate: Callable[..., Any]
-    record: Callable[..., Any]
-    peek: Callable[..., Any] | None
-    begin: Callable[..., Any]
+    __slots__ = ("begin", "gate", "peek", "record")
+
+    def __init__(
+        self,
+        gate: Callable[..., Any],
+        record: Callable[..., Any],
+        peek: Callable[..., Any] | None,
+        begin: Callable[..., Any],
+    ) -> None:
+        self.gate = gate
+        self.record = record
+        self.peek = peek
+        self.begin = begin
 
 
 def local_ops(store: object) -> Local | None:
