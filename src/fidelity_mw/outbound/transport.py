@@ -87,6 +87,10 @@ Started = First | tuple[Steps, Engine, Any]
 # Module-level names the hot path reads, bound once: compiled, a `Final` name is a C
 # static, where any other global is a dictionary lookup per use.
 _current: Final = _CURRENT
+_DECISION: Final = Decision
+_observe_start: Final = observe_start
+_observe_end: Final = observe_end
+_call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 
@@ -379,17 +383,17 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 else:
                     counts[up.key] = counts.get(up.key, 0) + 1
             decision = _new_tuple(
-                Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+                _DECISION, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
             )
             if ctx._pending is None:
                 ctx._decisions.append(decision)
             else:
                 ctx.decisions.append(decision)
-            token = None if observer is None else observe_start(observer, ctx, request, 1)
+            token = None if observer is None else _observe_start(observer, ctx, request, 1)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
             unstamp(request.headers, None)
             if own and observer is not None:
-                call_end(observer, ctx)
+                _call_end(observer, ctx)
             raise
         try:
             response = await self.inner.handle_async_request(request)
@@ -414,12 +418,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
-            observe_end(observer, token, response, None)
+            _observe_end(observer, token, response, None)
         unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
-                call_end(observer, ctx)
+                _call_end(observer, ctx)
         return response
 
     async def _first(
