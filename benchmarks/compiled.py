@@ -11,9 +11,15 @@ ratio of those overheads. Medians throughout.
     bash scripts/compiled.sh -q tests/test_compiled.py    # build + install the wheel
     .venv/bin/python benchmarks/compiled.py [--rounds 20] [--batch 2000] [--cpu-time]
 
+Against another version of the code (say main's, installed in venvs of its own): `--base-pure
+PYTHON` and `--base-compiled PYTHON` add a worker each, timed in the same shuffled rounds, and
+the report gives each build's overhead as a share of its base's (paired per round).
+
 Under a real server: `--server [server.py options]` runs benchmarks/server.py with one more
 variant, `fidelity-memory-compiled`: the same app as `fidelity-memory`, served by the
-compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`.
+compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-memory`;
+`--base-compiled PYTHON` adds `fidelity-memory-basecompiled` (another compiled build) and
+`--base-rev REV` server.py's `fidelity-memory@REV` (the pure build of a git revision).
 
     .venv/bin/python benchmarks/compiled.py --server --rounds 3 --connections 32,256
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -87,39 +94,50 @@ class Worker:
 
 
 COMPILED_VARIANT = "fidelity-memory-compiled"
+BASE_COMPILED_VARIANT = "fidelity-memory-basecompiled"
 
 
-def under_server(compiled_python: str, argv: list[str]) -> None:
-    """benchmarks/server.py as it is, one variant's server started by the compiled venv."""
+def under_server(pythons: dict[str, str], base_rev: str | None, argv: list[str]) -> None:
+    """benchmarks/server.py as it is, with variants served by other venvs' Pythons
+    (`pythons`: variant -> its Python, each serving `fidelity-memory`) and, with
+    `base_rev`, server.py's own `fidelity-memory@REV` (the pure build of that revision)."""
     check = "import fidelity_mw; assert fidelity_mw.compiled, fidelity_mw.__file__"
-    subprocess.run([compiled_python, "-c", check], check=True)
+    for python in pythons.values():
+        subprocess.run([python, "-c", check], check=True)
     sys.path.insert(0, str(ROOT))
     from benchmarks import server
 
     plain_pinned = server.pinned
 
     def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-        if COMPILED_VARIANT in argv:
-            argv = [compiled_python, *argv[1:]]
-            argv[argv.index(COMPILED_VARIANT)] = "fidelity-memory"
+        for variant, python in pythons.items():
+            if variant in argv:
+                argv = [python, *argv[1:]]
+                argv[argv.index(variant)] = "fidelity-memory"
         return plain_pinned(cpu, argv)
 
     server.pinned = pinned
-    server.VARIANTS = (*server.VARIANTS, COMPILED_VARIANT)
-    variants = ["--variants", f"bare,fidelity-memory,{COMPILED_VARIANT}"]
-    sys.argv = [str(Path(server.__file__)), *variants, "--no-write", *argv]
+    server.VARIANTS = (*server.VARIANTS, *pythons)
+    names = ["bare", "fidelity-memory", *pythons]
+    if base_rev is not None:
+        names.insert(2, f"fidelity-memory@{base_rev}")
+    sys.argv = [str(Path(server.__file__)), "--variants", ",".join(names), "--no-write", *argv]
     server.main()
 
 
 def main() -> None:
     if "--server" in sys.argv:
         args = [a for a in sys.argv[1:] if a != "--server"]
-        python = str(ROOT / ".venv-compiled/bin/python")
-        if "--compiled" in args:
-            i = args.index("--compiled")
-            python = args[i + 1]
-            del args[i : i + 2]
-        under_server(python, args)
+        options = {"--compiled": str(ROOT / ".venv-compiled/bin/python")}
+        for name in ("--compiled", "--base-compiled", "--base-rev"):
+            if name in args:
+                i = args.index(name)
+                options[name] = args[i + 1]
+                del args[i : i + 2]
+        pythons = {COMPILED_VARIANT: options["--compiled"]}
+        if "--base-compiled" in options:
+            pythons[BASE_COMPILED_VARIANT] = options["--base-compiled"]
+        under_server(pythons, options.get("--base-rev"), args)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -128,15 +146,23 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time")
     parser.add_argument("--pure", default=str(ROOT / ".venv/bin/python"))
     parser.add_argument("--compiled", default=str(ROOT / ".venv-compiled/bin/python"))
+    parser.add_argument("--base-pure", help="python of a pure build to compare with")
+    parser.add_argument("--base-compiled", help="python of a compiled build to compare with")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.batch, args.seed, args.cpu_time)
         return
-    builds = {"pure": Worker(args.pure, args), "compiled": Worker(args.compiled, args)}
+    pythons = {"pure": args.pure, "compiled": args.compiled}
+    if args.base_pure:
+        pythons["base-pure"] = args.base_pure
+    if args.base_compiled:
+        pythons["base-compiled"] = args.base_compiled
+    builds = {name: Worker(python, args) for name, python in pythons.items()}
     for name, w in builds.items():
-        if w.hello["compiled"] != (name == "compiled"):
+        if w.hello["compiled"] != name.endswith("compiled"):
             raise SystemExit(f"{name}: {w.hello} is not the {name} build")
+    load_before = os.getloadavg()[0]
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
     order = list(builds)
     shuffle = random.Random(args.seed + 1).shuffle
@@ -149,6 +175,7 @@ def main() -> None:
     for w in builds.values():
         w.close()
     print(report(samples, args))
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
 def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
@@ -170,11 +197,20 @@ def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace)
             f"| {med(r['fidelity'] / r['bare'] for r in rounds):.3f} "
             f"| {med(to_floor):.1f} |"
         )
-    ratio = med(c / p for c, p in zip(overheads["compiled"], overheads["pure"], strict=True))
+
+    def paired(a: str, b: str) -> float:
+        return med(x / y for x, y in zip(overheads[a], overheads[b], strict=True))
+
     clock = "process CPU time" if args.cpu_time else "wall time"
+    lines += ["", f"compiled overhead / pure overhead: {paired('compiled', 'pure'):.3f}"]
+    for name in ("pure", "compiled"):
+        if f"base-{name}" in overheads:
+            lines.append(
+                f"{name} overhead / base-{name} overhead: {paired(name, 'base-' + name):.3f}"
+            )
     lines += [
         "",
-        f"compiled overhead / pure overhead: {ratio:.3f} (median of per-round ratios). "
+        "(medians of per-round ratios). "
         f"{args.rounds} rounds; per round each build's worker ran {args.batch} sequential "
         f"requests per variant, the builds one after the other in a shuffled order ({clock}).",
     ]

@@ -181,3 +181,26 @@ def test_a_loop_run_again_in_another_thread_does_not_lend_its_task(
         elsewhere.join(10)
         first.close()
         second.close()
+
+
+def test_the_task_lookup_agrees_with_asyncio_current_task() -> None:
+    """watch.current_task (one C call on 3.11) answers what asyncio.current_task does."""
+    from fidelity_mw.inbound import watch
+
+    async def inside() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        other = asyncio.new_event_loop()
+        try:
+            mine = watch.current_task(loop)
+            return mine is asyncio.current_task() and mine is not None, (
+                watch.current_task(other) is None
+            )
+        finally:
+            other.close()
+
+    assert asyncio.run(inside()) == (True, True)
+    loop = asyncio.new_event_loop()
+    try:
+        assert watch.current_task(loop) is None  # not running: no task
+    finally:
+        loop.close()

@@ -58,7 +58,8 @@ class Decision(NamedTuple):
 
 
 _PID: Final = os.getpid()
-_SEQUENCE = itertools.count(1)
+_SEQUENCE: Final = itertools.count(1)
+_next_seq: Final = _SEQUENCE.__next__  # one C call per request (compiled: no `next` lookup)
 
 
 class DecisionContext:
@@ -113,7 +114,7 @@ class DecisionContext:
         deadline_at: float | None = None,
         client_key: str | None = None,
     ) -> None:
-        self._seq = next(_SEQUENCE)
+        self._seq = _next_seq()
         self.engine = engine
         self.route = route
         self.method = method
@@ -195,7 +196,9 @@ class DecisionContext:
         )
 
 
-_CURRENT: ContextVar[DecisionContext | None] = ContextVar("fidelity_mw_context", default=None)
+_CURRENT: Final[ContextVar[DecisionContext | None]] = ContextVar(
+    "fidelity_mw_context", default=None
+)
 
 
 def current() -> DecisionContext | None:

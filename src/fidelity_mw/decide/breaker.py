@@ -31,7 +31,7 @@ SUCCESS: Final = "success"
 FAILURE: Final = "failure"
 IGNORED: Final = "ignored"  # neither: limiter rejection, client disconnect, cancellation
 
-_BUCKETS = 10
+_BUCKETS: Final = 10
 
 
 def open_time(cfg: BreakerParams, reopens: int) -> float:

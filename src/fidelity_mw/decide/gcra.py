@@ -13,12 +13,12 @@ credit, and call these.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 # Float sums of the emission interval drift by ulps; without slack the last
 # unit of a full burst would be refused. One millionth of an interval is far
 # below any clock resolution that matters here.
-_SLACK = 1e-6
+_SLACK: Final = 1e-6
 
 
 class LimitVerdict(NamedTuple):
@@ -35,7 +35,9 @@ class LimitVerdict(NamedTuple):
 
 # A NamedTuple's constructor is a Python-level function; building the tuple
 # directly skips that frame on the per-request path (same object, same type).
-_new = tuple.__new__
+_new: Final = tuple.__new__
+# The class as a constant: compiled, no lookup by name in the module's globals per call
+_VERDICT: Final = LimitVerdict
 
 
 def gcra(
@@ -51,13 +53,10 @@ def gcra(
     allow_at = new_tat - tolerance_s
     if allow_at - now > _SLACK * interval_s:
         remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
-        return _new(
-            LimitVerdict, (False, tat, max(0, remaining), base - now, allow_at - now, False)
-        )
+        return _new(_VERDICT, (False, tat, max(0, remaining), base - now, allow_at - now, False))
     remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
     return _new(
-        LimitVerdict,
-        (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False),
+        _VERDICT, (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from typing import Final
 
 from ..context import (
     ALLOW,
@@ -27,17 +28,17 @@ from ..context import (
 )
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
-from ..engine import RoutePlan
 from ..policy import Policy
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, LimitSpec
 from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 
-logger = logging.getLogger("fidelity_mw")
+logger: Final = logging.getLogger("fidelity_mw")
 
 # The allowed path's records are made with tuple.__new__ and all eight fields: the
 # NamedTuple's own __new__ is a Python function, a frame per record, and telemetry
 # reads every request's decisions.
-_record = tuple.__new__
+_record: Final = tuple.__new__
 
 
 class Admission:
@@ -132,7 +133,7 @@ class Admission:
 
 # what `admission_decisions` reads of each limit's verdict to choose its verdict and
 # reason, read in C
-_VERDICT_SHAPE = operator.attrgetter("allowed", "credit")
+_VERDICT_SHAPE: Final = operator.attrgetter("allowed", "credit")
 
 
 def admission_shape(
@@ -253,8 +254,8 @@ def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
 
 
 # (advertised item prefix, r, t) -> the RateLimit field of one admitted limit
-_FIELDS: dict[tuple[bytes, int, int], tuple[bytes, bytes]] = {}
-_MAX_FIELDS = 4096
+_FIELDS: Final[dict[tuple[bytes, int, int], tuple[bytes, bytes]]] = {}
+_MAX_FIELDS: Final = 4096
 
 
 def ratelimit_headers(

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
 from ..context import _CURRENT, DecisionContext
 from ..decide.breaker import SUCCESS
-from ..engine import Engine, RoutePlan
+from ..engine import Engine
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
@@ -45,7 +46,11 @@ from .watch import (
     response_ends,
 )
 
-logger = logging.getLogger("fidelity_mw")
+logger: Final = logging.getLogger("fidelity_mw")
+# The context variable's methods, bound once: a plain call per request (compiled, no
+# method lookup by name)
+_set_current: Final = _CURRENT.set
+_reset_current: Final = _CURRENT.reset
 
 
 class FidelityMiddleware:
@@ -102,13 +107,17 @@ class FidelityMiddleware:
         self._admit_now = store_.admit_now
         self._reader = reader = RequestReader(self.engine)
         self._wanted = reader.wanted
+        self._none_wanted = reader.wanted.isdisjoint  # bound once, as above
         self._uses_forwarding = reader.uses_forwarding
-        self._from_headers = reader.from_headers
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(self.policy)
         self._verdict = admission.verdict
+        # the records of an allowed request, built when someone reads them
+        # (an attribute: compiled, a field read, not a module lookup by name)
+        self._pending_builder: Callable[..., None] = admission_decisions
         self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
+        self._record_now = store_.record_now
         self._records_now = store_.record_now is not None  # an outcome recorded in process
         self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
@@ -128,7 +137,8 @@ class FidelityMiddleware:
             return
         now = self._monotonic()
         try:
-            plan = self._plans.get((scope["method"], scope["path"])) or self._plan_for(scope)
+            method = scope["method"]
+            plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
             # Every header in one C call, then a lookup per header a layer wants; a
@@ -139,16 +149,16 @@ class FidelityMiddleware:
                 found = dict(raw_headers)
                 if len(found) != len(raw_headers):
                     found = scan_headers(raw_headers, self._wanted)
-                elif self._wanted.isdisjoint(found):
+                elif self._none_wanted(found):
                     found = None  # nothing any layer reads: the common case skips them
             else:
                 found = scan_headers(raw_headers, self._wanted)
-            ctx = DecisionContext(self.engine, plan.route, scope["method"], now)
+            ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
             return
-        token = _CURRENT.set(ctx)
+        token = _set_current(ctx)
         state = scope.get("state")
         if state is None:
             scope["state"] = {"fidelity": ctx}
@@ -173,7 +183,8 @@ class FidelityMiddleware:
             try:
                 remaining = plan.deadline_default_s
                 if found is not None:
-                    remaining, rejection = self._from_headers(scope, ctx, plan, found, now)
+                    # (the method itself: compiled, a direct call with an unboxed `now`)
+                    remaining, rejection = self._reader.from_headers(scope, ctx, plan, found, now)
                 if rejection is None and remaining is not None:
                     ctx.deadline_at = now + remaining
                 if rejection is None and plan.bulkhead is not None:
@@ -210,13 +221,13 @@ class FidelityMiddleware:
                         # Admission.verdict's allowed path, inline (a store never admits
                         # past a rejecting gate; the check keeps a custom one honest)
                         if result.admitted and (gate is None or gate.verdict != "reject"):
-                            ctx._pending = (admission_decisions, plan, result, now)
+                            ctx._pending = (self._pending_builder, plan, result, now)
                             if plan.policy_header is not None and self._always_headers:
                                 ctx.response_headers = ratelimit_headers(plan, result)
                         else:
                             rejection = self._verdict(ctx, plan, result, now)
                     else:
-                        ctx._pending = (admission_decisions, plan, None, now)
+                        ctx._pending = (self._pending_builder, plan, None, now)
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -270,22 +281,18 @@ class FidelityMiddleware:
                 # OutcomeRecorder.after_app's common case, inline: served, a success
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
-                if result is not None and result.gate is not None:
+                gate = result.gate if result is not None else None
+                record_now = self._record_now
+                key, breaker = plan.breaker_key, plan.breaker
+                # (a gate comes only from the route's breaker: key and config are set)
+                if gate is not None and record_now and key is not None and breaker is not None:
+                    # OutcomeRecorder.record, inline. A success never opens the breaker
+                    # and lands in a 3 s bucket: the start time is close enough and
+                    # saves a clock read.
                     try:
-                        # A success never opens the breaker and lands in a 3 s bucket:
-                        # the start time is close enough and saves a clock read. (A gate
-                        # comes only from the route's breaker: key and config are set.)
-                        pending = outcomes.record(
-                            ctx.route,
-                            plan.breaker_key,  # type: ignore[arg-type]
-                            plan.breaker,  # type: ignore[arg-type]
-                            result.gate,
-                            SUCCESS,
-                            False,
-                            now,
-                        )
-                        if pending is not None:  # not in process after all (a tiered probe)
-                            await pending
+                        if record_now(key, breaker, gate, SUCCESS, False, now) is None:
+                            # not in process after all (a tiered probe)
+                            await outcomes.store.record(key, breaker, gate, SUCCESS, False, now)
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route
@@ -305,7 +312,7 @@ class FidelityMiddleware:
                     observer.end(ctx, scope, obs_token)
                 except Exception:
                     logger.exception("fidelity_mw: telemetry observer failed")
-            _CURRENT.reset(token)
+            _reset_current(token)
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None

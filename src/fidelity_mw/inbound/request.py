@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from .._types import Scope
 from ..context import (
@@ -19,16 +20,17 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..engine import Engine, RoutePlan, compact_key
+from ..engine import Engine, compact_key
 from ..headers import client_address, deadline_parser, in_networks, parse_attempt
+from ..routeplan import RoutePlan
 from .responses import OUTCOME_EXPIRED, Rejection, problem_body
 
-logger = logging.getLogger("fidelity_mw")
+logger: Final = logging.getLogger("fidelity_mw")
 
-ATTEMPT_HEADER = b"x-fidelity-attempt"
-_MAX_PEERS = 4096
-_MAX_PARSED = 1024  # deadline header values kept parsed, per header
-_MAX_KEPT_CHARS = 64
+ATTEMPT_HEADER: Final = b"x-fidelity-attempt"
+_MAX_PEERS: Final = 4096
+_MAX_PARSED: Final = 1024  # deadline header values kept parsed, per header
+_MAX_KEPT_CHARS: Final = 64
 
 
 def header_key(name: str) -> bytes:

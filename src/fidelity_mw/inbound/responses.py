@@ -4,23 +4,24 @@ messages, and the outcome vocabulary the context and telemetry share."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 from .._types import Send
 
-OUTCOME_SERVED = "served"
-OUTCOME_FAILED = "failed"
-OUTCOME_REJECTED = "rejected"
-OUTCOME_SHED = "shed"
-OUTCOME_EXPIRED = "expired"
-OUTCOME_DISCONNECTED = "disconnected"
-DECIDED_BY_APP = "app"
+# Final: the compiled build inlines them (no module lookup per request)
+OUTCOME_SERVED: Final = "served"
+OUTCOME_FAILED: Final = "failed"
+OUTCOME_REJECTED: Final = "rejected"
+OUTCOME_SHED: Final = "shed"
+OUTCOME_EXPIRED: Final = "expired"
+OUTCOME_DISCONNECTED: Final = "disconnected"
+DECIDED_BY_APP: Final = "app"
 
 PROBLEM_JSON = b"application/problem+json"
 # On every response a control layer of ours produced (429/503/504 answered by the
 # middleware, never by the app): a caller's breaker can tell our refusal from the
 # service failing, and the layer's name says which decision it was.
-DECIDED_BY_HEADER = b"x-fidelity-decided-by"
+DECIDED_BY_HEADER: Final = b"x-fidelity-decided-by"
 EXHAUSTED = (b"x-fidelity-retry", b"exhausted")
 
 Headers = list[tuple[bytes, bytes]]

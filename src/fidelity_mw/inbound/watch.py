@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from sys import get_asyncgen_hooks
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from starlette.requests import ClientDisconnect
 
 from .._types import Message, Scope, Send
 from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
-from ..engine import RoutePlan
 from ..policy import BreakerConfig
+from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .refusals import after_give_up
 from .responses import (
@@ -34,8 +35,21 @@ from .responses import (
     OUTCOME_SHED,
 )
 
-logger = logging.getLogger("fidelity_mw")
-current_task = asyncio.current_task
+logger: Final = logging.getLogger("fidelity_mw")
+
+
+def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
+    """`asyncio.current_task(loop)` as one C call. On Python 3.11 that function is Python
+    code around a dict the C accelerator keeps (a frame per request); from 3.12 on it is
+    the C function itself. Anything unexpected: the public function."""
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and type(tasks) is dict:
+        return tasks.get
+    return asyncio.current_task
+
+
+current_task: Final = _task_lookup()
+_asyncgen_hooks: Final = get_asyncgen_hooks  # compiled: a constant, not a lookup per request
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
@@ -47,10 +61,10 @@ class TimerHandle(Protocol):
 # loop.call_later, or a clock's own (FakeClock fires it when advanced past)
 CallLater = Callable[[float, Callable[[], None]], TimerHandle]
 
-_START = "http.response.start"
-_BODY = "http.response.body"
-_ZEROCOPY = "http.response.zerocopysend"
-_PATHSEND = "http.response.pathsend"  # always the whole body in one message
+_START: Final = "http.response.start"
+_BODY: Final = "http.response.body"
+_ZEROCOPY: Final = "http.response.zerocopysend"
+_PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 
 
 class ResponseWatcher:
@@ -93,9 +107,7 @@ class ResponseWatcher:
         # (DeadlineWatch.running_task: no system call per request)
         home = watch.home
         task = (
-            current_task(home[1])
-            if home is not None and get_asyncgen_hooks()[0] is home[0]
-            else None
+            current_task(home[1]) if home is not None and _asyncgen_hooks()[0] is home[0] else None
         )
         self.task = task if task is not None else watch.running_task()
         watch.inflight[self] = deadline_at

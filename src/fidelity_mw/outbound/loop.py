@@ -116,8 +116,8 @@ class Local:
     """An in-process store's synchronous operations: `outbound_gate_now` (answers
     (gate, budget allowed)), `outbound_begin_now` (a first attempt's: the gate or
     None), `record_now`, and the breaker states a balancer reads fresh,
-    `breakers_open_until_now`. (A class, not a named tuple: compiled, its fields are
-    read from a struct, where a named tuple's go through a descriptor each.)"""
+    `breakers_open_until_now`. (A slotted class: compiled, a native class whose fields
+    are struct reads.)"""
 
     __slots__ = ("begin", "gate", "peek", "record")
 

@@ -29,7 +29,7 @@ import heapq
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from .._mypyc import mypyc_attr
 from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
@@ -49,10 +49,11 @@ from .base import InboundResult, LimitSpec
 _T = TypeVar("_T")
 # InboundResult without its NamedTuple constructor's Python frame (the hot path): every
 # field given, defaults too (tests/test_memory_store.py checks the arity)
-_new = tuple.__new__
+_new: Final = tuple.__new__
+_RESULT: Final = InboundResult  # compiled: a constant, not a lookup by name per request
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
-_FULL_SLACK = 1e-6
+_FULL_SLACK: Final = 1e-6
 
 
 def _marked(refunded: dict[str, float], key: str, verdict: LimitVerdict) -> LimitVerdict:
@@ -229,6 +230,10 @@ class LocalState:
         self.budgets_evicted_active = 0
         self._rng: RandomSource = rng or random.Random().random
         self._lock = threading.Lock()
+        # Its methods, bound once: compiled, a call of each is then a plain C call
+        # (no method lookup by name on every request).
+        self._acquire: Callable[[], bool] = self._lock.acquire
+        self._release: Callable[[], None] = self._lock.release
 
     def breaker_state(
         self, key: str, config: BreakerParams, now: float | None = None
@@ -265,8 +270,7 @@ class LocalState:
         now: float,
     ) -> InboundResult:
         """Decide the route breaker and every limit of one request (see `StateStore.admit`)."""
-        lock = self._lock
-        lock.acquire()  # cheaper than `with` on the per-request path
+        self._acquire()  # cheaper than `with` on the per-request path
         try:
             gate: Gate | None = None
             state: BreakerState | None = None
@@ -277,9 +281,9 @@ class LocalState:
                 # closed: the gate `gate()` would return, without the call
                 gate = state.closed_gate if state.state == CLOSED else state.gate(now, self._rng)
                 if gate.verdict == "reject":
-                    return _new(InboundResult, (gate, (), False, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (), False, "memory", 0.0, None))
             if not limits:
-                return _new(InboundResult, (gate, (), True, "memory", 0.0, None))
+                return _new(_RESULT, (gate, (), True, "memory", 0.0, None))
             table = self.limits
             tats = table.tats
             n = len(limits)
@@ -298,14 +302,12 @@ class LocalState:
                     tats[key] = verdict.tat
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
-                    return _new(InboundResult, (gate, (verdict,), True, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None))
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
                         _keep_credit(table.credits, key, credited[1], credited[2])
-                        return _new(
-                            InboundResult, (gate, (credited[0],), True, "memory", 0.0, None)
-                        )
+                        return _new(_RESULT, (gate, (credited[0],), True, "memory", 0.0, None))
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -349,9 +351,9 @@ class LocalState:
                         )
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return _new(InboundResult, (gate, verdicts, admitted, "memory", 0.0, None))
+            return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None))
         finally:
-            lock.release()
+            self._release()
 
     def refund_now(
         self,
@@ -395,15 +397,14 @@ class LocalState:
         slow: bool,
         now: float,
     ) -> str:
-        lock = self._lock
-        lock.acquire()  # cheaper than `with` on the per-request path
+        self._acquire()  # cheaper than `with` on the per-request path
         try:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
                 state = self.breaker_state(breaker_key, breaker, now)
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
         finally:
-            lock.release()
+            self._release()
 
     def gate_now(self, breaker_key: str, breaker: BreakerParams, now: float) -> Gate:
         with self._lock:

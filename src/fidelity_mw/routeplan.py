@@ -1,0 +1,142 @@
+"""A route's plan: everything about a route that does not depend on the request.
+
+Built once per (method, path) by the engine and read on every request by the inbound
+path: its own module so that the compiled build (docs/compiled.md) makes it a native
+class, whose attributes compiled code reads as struct fields rather than by name.
+"""
+
+from __future__ import annotations
+
+from .decide.concurrency import ConcurrencyLimiter
+from .decide.gcra import policy_field
+from .decide.specs import LimitSpec
+from .policy import BreakerConfig, ConcurrencyConfig, RateLimit
+
+
+def sf_string_content(text: str) -> str:
+    """`text` made safe inside an RFC 8941 sf-string: printable ASCII only, `"` and `\\`
+    escaped, anything else replaced by `?`. Policy validation refuses such names;
+    this keeps a name that slipped past it (a policy built around validation) from
+    breaking the route's plan, and with it every limit and the breaker."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append("?")
+    return "".join(out)
+
+
+class RoutePlan:
+    """Everything about a route that does not depend on the individual request."""
+
+    __slots__ = (
+        "admits",
+        "breaker",
+        "breaker_key",
+        "bulkhead",
+        "concurrency",
+        "deadline_cap_s",
+        "deadline_default_s",
+        "enforce",
+        "ip_key_prefix",
+        "key_prefixes",
+        "limits",
+        "one_advertised",
+        "policy_field",
+        "policy_header",
+        "priority",
+        "remaining_prefixes",
+        "route",
+        "served",
+        "served_below",
+        "specs",
+        "specs_without_credit",
+        "timed",
+    )
+
+    def __init__(
+        self,
+        route: str,
+        breaker: BreakerConfig | None,
+        limits: tuple[RateLimit, ...],
+        deadline_default_s: float | None,
+        deadline_cap_s: float | None,
+        enforce: bool = True,
+    ) -> None:
+        self.route = route
+        # the deadline is enforced while the app runs (504 and cancel, before a response)
+        self.enforce = enforce
+        self.breaker = breaker
+        self.breaker_key = f"route:{route}" if breaker is not None else None
+        # the request's end time matters (slow calls count against the breaker)
+        self.timed = breaker is not None and breaker.slow_call_ms is not None
+        # A complete response with a status below this is a plain success: served, and
+        # nothing for the breaker to weigh but one more success (0: always ask the
+        # outcome recorder, as for slow-call routes, whose end time must be weighed).
+        self.served_below = (
+            0 if self.timed else min((500, *breaker.failure_statuses)) if breaker else 500
+        )
+        self.limits = limits
+        self.specs = tuple(
+            LimitSpec(
+                lim.name,
+                lim.emission_interval_s,
+                lim.burst_size * lim.emission_interval_s,
+                lim.cost,
+                lim.shadow,
+                # retry credit comes from refunds of requests the service failed
+                lim.retry_credit_s if lim.charge == "served" else 0.0,
+            )
+            for lim in limits
+        )
+        # Per limit: its units come back when a fault the client did not cause answered 5xx.
+        self.served = tuple(lim.charge == "served" for lim in limits)
+        # The specs for a refund that earns no retry credit (another limit's 429).
+        self.specs_without_credit = tuple(spec._replace(credit_s=0.0) for spec in self.specs)
+        # There is something to ask the store (a breaker or a limit).
+        self.admits = self.breaker_key is not None or bool(limits)
+        # Precomputed pieces of per-request strings (storage keys, RateLimit items).
+        self.key_prefixes = tuple(lim.name + "|" for lim in limits)
+        # Set when the route has exactly one limit, keyed by client IP.
+        self.ip_key_prefix: str | None = (
+            self.key_prefixes[0] if len(limits) == 1 and limits[0].key == "client_ip" else None
+        )
+        # RateLimit item prefixes; None for shadow limits, which are not advertised.
+        self.remaining_prefixes: tuple[bytes | None, ...] = tuple(
+            None if lim.shadow else f'"{sf_string_content(lim.name)}";r='.encode("ascii")
+            for lim in limits
+        )
+        # The common shape, precomputed for the RateLimit field: exactly one limit, and
+        # advertised: (its item prefix, tolerance, emission interval).
+        self.one_advertised: tuple[bytes, float, float] | None = None
+        if len(limits) == 1 and not limits[0].shadow:
+            prefix = self.remaining_prefixes[0]
+            assert prefix is not None
+            self.one_advertised = (prefix, self.specs[0].tolerance_s, self.specs[0].interval_s)
+        self.deadline_default_s = deadline_default_s
+        self.deadline_cap_s = deadline_cap_s
+        # The route's bulkhead (in-process, shared by every plan of the route) and
+        # the priority its requests have unless a trusted header says otherwise.
+        self.concurrency: ConcurrencyConfig | None = None
+        self.bulkhead: ConcurrencyLimiter | None = None
+        self.priority = "default"
+        advertised = [lim for lim in limits if not lim.shadow]
+        self.policy_header: bytes | None = (
+            ", ".join(
+                # q units per w seconds: the bucket size, and the time the rate takes
+                # to refill it: q/w never exceeds the sustained rate, whatever the burst.
+                policy_field(
+                    sf_string_content(lim.name),
+                    lim.burst_size,
+                    lim.burst_size * lim.emission_interval_s,
+                )
+                for lim in advertised
+            ).encode("ascii")
+            if advertised
+            else None
+        )
+        # The RateLimit-Policy field as the response carries it: built once, not per response.
+        self.policy_field: tuple[bytes, bytes] = (b"ratelimit-policy", self.policy_header or b"")
