@@ -391,6 +391,17 @@ def load() -> str:
     return out.rsplit("load average:", 1)[-1].split(",")[0].strip() if out else "?"
 
 
+def build_name() -> str:
+    """Which fidelity_mw ran: compiled modules change every fidelity row but the baseline's
+    (a copy of the sources at REV, always interpreted)."""
+    from fidelity_mw import buildinfo
+
+    modules = buildinfo.compiled_modules()
+    if not modules:
+        return "pure Python"
+    return f"compiled with mypyc ({len(modules)} modules; a `--baseline` copy runs interpreted)"
+
+
 def report(
     samples: dict[str, list[float]],
     layers: dict[str, list[float]],
@@ -432,6 +443,7 @@ def report(
         [
             stamp(),
             f"`uname -a`: `{uname}`",
+            f"Build: {build_name()}.",
             f"Load average (1 min) before and after: {loads[0]} and {loads[1]} on the 2 cores "
             "(above 1: other work shared the machine; the ratios are paired per round).",
             "",

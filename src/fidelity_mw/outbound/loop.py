@@ -104,22 +104,34 @@ Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
 
 FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
-_new_tuple = tuple.__new__  # Decision(...) without the keyword-default wrapper: hot path only
-_monotonic = time.monotonic
+_new_tuple: Final = (
+    tuple.__new__
+)  # Decision(...) without the keyword-default wrapper: hot path only
+_monotonic: Final = time.monotonic
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 
 
-class Local(NamedTuple):
+class Local:
     """An in-process store's synchronous operations: `outbound_gate_now` (answers
     (gate, budget allowed)), `outbound_begin_now` (a first attempt's: the gate or
     None), `record_now`, and the breaker states a balancer reads fresh,
-    `breakers_open_until_now`."""
+    `breakers_open_until_now`. (A slotted class: compiled, a native class whose fields
+    are struct reads.)"""
 
-    gate: Callable[..., Any]
-    record: Callable[..., Any]
-    peek: Callable[..., Any] | None
-    begin: Callable[..., Any]
+    __slots__ = ("begin", "gate", "peek", "record")
+
+    def __init__(
+        self,
+        gate: Callable[..., Any],
+        record: Callable[..., Any],
+        peek: Callable[..., Any] | None,
+        begin: Callable[..., Any],
+    ) -> None:
+        self.gate = gate
+        self.record = record
+        self.peek = peek
+        self.begin = begin
 
 
 def local_ops(store: object) -> Local | None:

@@ -35,7 +35,9 @@ from typing import Any, Final
 
 import anyio
 import httpx
+import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
+from .._mypyc import mypyc_attr
 from .._types import Clock, RandomSource
 from ..clock import SystemClock
 from ..context import (
@@ -78,12 +80,38 @@ from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 logger = logging.getLogger("fidelity_mw")
 
 _MAX_UPSTREAMS: Final = 1024
-_monotonic = time.monotonic
-_new_tuple = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
-_name = operator.itemgetter(1)  # a raw header's lower-cased name
+_monotonic: Final = time.monotonic
+_new_tuple: Final = tuple.__new__  # a tuple subclass built without its keyword wrapper: hot path
+_name: Final = operator.itemgetter(1)  # a raw header's lower-cased name
 Started = First | tuple[Steps, Engine, Any]
+# Module-level names the hot path reads, bound once: compiled, a `Final` name is a C
+# static, where any other global is a dictionary lookup per use.
+_current: Final = _CURRENT
+_DECISION: Final = Decision
+_observe_start: Final = observe_start
+_observe_end: Final = observe_end
+_call_end: Final = call_end
+_SYSTEM_CLOCK: Final = SystemClock
+_BYTE_STREAM: Final = httpx.ByteStream
 
 
+class _Armed:
+    """What the async transport's shortcut reads per call, in one object: compiled, a
+    native class (field reads) beside the transport, which stays an interpreted-style
+    class (the engine holds transports weakly). `engine` is the engine the shortcut
+    serves (set by `_start` once it has looked its observer up), `local` a store and its
+    in-process operations (one tuple: threads of the sync transport may replace it at
+    once), `upstreams` the upstream plans."""
+
+    __slots__ = ("engine", "local", "upstreams")
+
+    def __init__(self) -> None:
+        self.upstreams: dict[tuple[str, int | None], Upstream] = {}
+        self.engine: Engine | None = None
+        self.local: tuple[StateStore | None, Local | None] = (None, None)
+
+
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class _Base:
     """The transports' shared setup: engine, upstream plans, observer, store operations."""
 
@@ -115,9 +143,8 @@ class _Base:
         self._resolver = resolver
         self._bad_answers: dict[str, str] = {}  # host -> the resolver answer's problem logged
         self._observed_engine: Engine | None = None
-        self._shortcut: Engine | None = None
-        self._local: tuple[StateStore | None, Local | None] = (None, None)
-        self._upstreams: dict[tuple[str, int | None], Upstream] = {}
+        self._armed = armed = _Armed()
+        self._upstreams = armed.upstreams
         self.engine.transports.add(self)  # for the admin page's balancer view
 
     @staticmethod
@@ -175,14 +202,14 @@ class _Base:
         state, unhedged), else its attempt loop, its engine, and (async, for a hedged call)
         what the race needs: `(race, hedge config, a maker of hedge loops, upstream,
         context, the observer whose call_end ends the call or None)`."""
-        ctx = _CURRENT.get()
+        ctx = _current.get()
         engine = self.engine if ctx is None else ctx.engine
         if ctx is not None and ctx.response_complete:
             ctx = None  # after the response (a background task): a call of its own
         own = ctx is None
         clock = engine.clock
         # The system clock's method only calls time.monotonic: read it directly.
-        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
@@ -198,33 +225,49 @@ class _Base:
         if observer is None and self._telemetry and engine is not self._observed_engine:
             observer = self.observer_for(engine)
         store = engine.store
-        cached = self._local
+        armed = self._armed
+        cached = armed.local
         if cached[0] is not store:
-            cached = self._local = (store, local_ops(store))
+            cached = armed.local = (store, local_ops(store))
         local = cached[1]
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain:
-                self._shortcut = engine  # the async transport's shortcut may skip all of this
+                armed.engine = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
             race = Race(hedge_delay(hedge.after, hedge.after_ms, hedge.min_samples, up.window))
-            url = request.url
-            call = ctx
-
-            def spawn() -> Steps:
-                # Copied when needed (most calls never hedge), from what the first loop
-                # leaves intact: its own stamps are taken off again by the hedge's loop.
-                again = copy_request(request, url)
-                start = engine.clock.monotonic()
-                return attempts(call, engine, up, again, False, observer, start, local, race, True)
+            spawn = _spawner(ctx, engine, up, request, observer, local, race)
 
             # The call ends when the race does: the transport, not a loop, ends it.
             steps = attempts(ctx, engine, up, request, False, observer, now, local, race)
             return steps, engine, (race, hedge, spawn, up, ctx, observer if own else None)
         return attempts(ctx, engine, up, request, own, observer, now, local), engine, None
+
+
+def _spawner(
+    call: DecisionContext,
+    engine: Engine,
+    up: Upstream,
+    request: httpx.Request,
+    observer: AttemptObserver | None,
+    local: Local | None,
+    race: Race,
+) -> Callable[[], Steps]:
+    """A maker of hedge loops for one call (module level: mypyc compiles no closure in
+    a method of a class it leaves interpreted-style)."""
+    url = request.url
+
+    def spawn() -> Steps:
+        # Copied when needed (most calls never hedge), from what the first loop
+        # leaves intact: its own stamps are taken off again by the hedge's loop.
+        again = copy_request(request, url)
+        start = engine.clock.monotonic()
+        return attempts(call, engine, up, again, False, observer, start, local, race, True)
+
+    return spawn
 
 
 class _Stepper:
@@ -254,6 +297,7 @@ class _Stepper:
 # ---------------------------------------------------------------- async
 
 
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     """An `httpx.AsyncBaseTransport` that owns retries, the host breaker and the deadline,
     and balances a service's instances.
@@ -280,20 +324,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # breaker plainly closed (or none), and a first attempt that ends the call. The
         # same steps as `first_attempt` and `First.finish`, in the same order: anything
         # else is handed to them, from the step it has reached.
-        ctx = _CURRENT.get()
+        ctx = _current.get()
         engine = self.engine if ctx is None else ctx.engine
         if ctx is not None and ctx.response_complete:
             ctx = None  # after the response (a background task): a call of its own
-        cached = self._local
+        armed = self._armed
+        cached = armed.local
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
             ref = request.url._uri_reference
-            up = self._upstreams.get((ref.host, ref.port))
+            up = armed.upstreams.get((ref.host, ref.port))
         except AttributeError:  # pragma: no cover - another httpx layout
             up = None
         if (
             up is None
             or not up.plain
-            or engine is not self._shortcut
+            or engine is not armed.engine
             or up.policy is not engine.policy
             or cached[0] is not engine.store
             or (local := cached[1]) is None
@@ -302,7 +347,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = self._observer or engine.attempt_observer
         clock = engine.clock
-        now = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
         own = ctx is None
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
@@ -324,7 +369,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         stream = request.stream  # judged before the attempt consumes it
-        can_replay = type(stream) is httpx.ByteStream or replayable(stream)
+        can_replay = type(stream) is _BYTE_STREAM or replayable(stream)
         try:
             gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
         except Exception as exc:
@@ -351,17 +396,17 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 else:
                     counts[up.key] = counts.get(up.key, 0) + 1
             decision = _new_tuple(
-                Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+                _DECISION, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
             )
             if ctx._pending is None:
                 ctx._decisions.append(decision)
             else:
                 ctx.decisions.append(decision)
-            token = None if observer is None else observe_start(observer, ctx, request, 1)
+            token = None if observer is None else _observe_start(observer, ctx, request, 1)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
             unstamp(request.headers, None)
             if own and observer is not None:
-                call_end(observer, ctx)
+                _call_end(observer, ctx)
             raise
         try:
             response = await self.inner.handle_async_request(request)
@@ -382,16 +427,16 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
+            ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
-            observe_end(observer, token, response, None)
+            _observe_end(observer, token, response, None)
         unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
-                call_end(observer, ctx)
+                _call_end(observer, ctx)
         return response
 
     async def _first(
@@ -510,6 +555,20 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     return bridge(store.outbound_gate), bridge(store.record)
 
 
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
+def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
+    """A backoff sleep that first closes the response it spends (module level, as
+    `_spawner`)."""
+
+    def wait(seconds: float, spent: httpx.Response | None) -> None:
+        if spent is not None:
+            spent.close()
+        sleep(seconds)
+
+    return wait
+
+
+@mypyc_attr(native_class=False)  # the engine holds transports weakly
 class FidelitySyncTransport(_Base, httpx.BaseTransport):
     """The same layer for `httpx.Client`: sync code, including sync FastAPI routes
     (the request's context variables reach the worker thread). Backoff sleeps
@@ -538,13 +597,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         """Run one attempt loop to its end, doing its effects."""
         step = _Stepper(steps)
         gate_op, record_op = _sync_ops(engine.store)
-        sleep = engine.clock.sleep_sync
-
-        def wait(seconds: float, spent: httpx.Response | None) -> None:
-            if spent is not None:
-                spent.close()
-            sleep(seconds)
-
+        wait = _waiter(engine.clock.sleep_sync)
         do: dict[int, Callable[..., Any]] = {
             SEND: self.inner.handle_request,
             GATE: gate_op,
