@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -211,6 +211,7 @@ class RedisStats:
     dropped_records: int = 0  # outcomes not recorded because Redis was down
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
     reconnects: int = 0  # calls retried once on a fresh connection after a connection error
+    lost_replies: int = 0  # calls sent whose connection broke before the reply: never resent
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
@@ -496,10 +497,22 @@ class RedisStore(StateStore):
             except _CALL_ERRORS as exc:
                 if not _stale_connection(exc):
                     raise
+                if _reply_lost(exc):
+                    # Sent in full, then the connection broke: Redis may have run
+                    # it (a batch charges every key in it), so it is never sent
+                    # again. These requests fall back; the next call starts on a
+                    # fresh connection, and finds out whether Redis is still there.
+                    self.stats.errors += 1
+                    self.stats.lost_replies += 1
+                    logger.warning("fidelity_mw: redis reply lost (%s); not resent", exc)
+                    await _drop_idle_connections(client)
+                    return None
                 # After a restart every pooled connection to the old server fails
                 # once on first use; declaring Redis down for each would flap
                 # between redis and fallback. One more try, on fresh connections,
                 # before the outage is real (no other retries: none in redis-py).
+                # Only a call that failed before Redis could read all of it: one
+                # that broke while sending or connecting.
                 self.stats.reconnects += 1
                 await _drop_idle_connections(client)
                 reply = await self._evalsha(client, script, keys, args)
@@ -1176,6 +1189,21 @@ def _stale_connection(exc: BaseException) -> bool:
     if isinstance(exc, TimeoutError | RedisTimeoutError | ResponseError):
         return False
     return isinstance(exc, RedisConnectionError | OSError)
+
+
+# redis-py's reply reader: a failure raised through it came after the whole command
+# was written (a failed write raises from the writer, before any of this).
+_READ_REPLY: Final = AbstractConnection.read_response.__code__
+
+
+def _reply_lost(exc: BaseException) -> bool:
+    """The call was sent in full and failed while its reply was awaited."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _READ_REPLY:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 async def _drop_idle_connections(client: RedisClient) -> None:

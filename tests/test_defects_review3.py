@@ -1,0 +1,117 @@
+"""Regression tests for defects confirmed by the third review pass: each failed on
+the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT, QUIET
+
+
+class _LossyProxy:
+    """A TCP proxy in front of a real Redis that, when armed, lets the next command
+    through and then resets the client's connection instead of passing the reply on:
+    Redis applied the command, its answer never arrives."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.db = parts.path
+        self.armed = False
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> _LossyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()  # each connection's pumps then end by themselves
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}{self.db}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers |= {writer, up_writer}
+
+        async def pump_up() -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.transport.abort()
+
+        up = asyncio.create_task(pump_up())
+        self._tasks.add(up)
+        try:
+            while data := await up_reader.read(65536):
+                if self.armed:
+                    self.armed = False
+                    self.dropped += 1
+                    break  # Redis answered; the client sees a reset instead
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+
+# no refill during the test: every charge stays visible in `remaining`
+_BUCKET = LimitSpec("l", 1_000.0, 10_000.0, 1, False)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("n", [1, 3])  # one admission alone, and a coalesced batch
+async def test_redis_reply_lost_after_the_call_was_sent_is_not_resent(
+    redis_url: str, n: int
+) -> None:
+    async with _LossyProxy(redis_url) as proxy:
+        config = StateConfig(url=proxy.url, **PATIENT, **QUIET)  # type: ignore[arg-type]
+        store = RedisStore(config=config, rng=seeded_random(7))
+        keys = [f"review3:lost:{n}:{i}:{time.monotonic_ns()}" for i in range(n)]
+        try:
+            # the same call once before: its script is loaded (no NOSCRIPT reply to lose)
+            # and a pooled connection exists
+            warm = await asyncio.gather(
+                *(store.admit(None, None, [key + ":warm"], [_BUCKET], 0.0) for key in keys)
+            )
+            assert [r.source for r in warm] == ["redis"] * n
+            proxy.armed = True
+            lost = await asyncio.gather(
+                *(store.admit(None, None, [key], [_BUCKET], 0.0) for key in keys)
+            )
+            assert proxy.dropped == 1
+            # the degrade path answered them: nothing was sent a second time
+            assert [r.source for r in lost] == ["fallback"] * n
+            assert store.stats.fallbacks == n
+            after = await asyncio.gather(
+                *(store.admit(None, None, [key], [_BUCKET], 0.0) for key in keys)
+            )
+        finally:
+            await store.aclose()
+    assert [r.source for r in after] == ["redis"] * n
+    # Redis applied the lost call once (10 - 1), then this one: 8 left, not 7
+    assert [r.limits[0].remaining for r in after] == [8] * n
+
