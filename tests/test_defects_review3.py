@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from fidelity_mw.policy import StateConfig
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS
+from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
-from fidelity_mw.testing import seeded_random
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import FakeClock, seeded_random
 from redis_server import PATIENT, QUIET
 
 
@@ -115,3 +119,42 @@ async def test_redis_reply_lost_after_the_call_was_sent_is_not_resent(
     # Redis applied the lost call once (10 - 1), then this one: 8 left, not 7
     assert [r.limits[0].remaining for r in after] == [8] * n
 
+
+# ------------------------------ tiered: outcomes a sync with a bad reply carried
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reply", [[], [b"?"], b"not a list", [1, b"open"]])
+async def test_tiered_outcomes_of_a_sync_with_a_bad_reply_are_counted(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, reply: Any
+) -> None:
+    """A sync that reached Redis but whose reply could not be read left the breaker
+    outcomes it carried neither kept nor counted in `dropped_records` (a failed sync
+    counts them)."""
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + redis_url, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = TieredStore(config=config, rng=seeded_random(5), clock=clock)
+    store._last_sync = math.inf  # no background syncs: the test runs them
+    breaker = BreakerConfig(min_calls=100)
+    route = f"route:review3:{time.monotonic_ns()}"
+    try:
+        gate, _source, _age = await store.breaker_gate(route, breaker, clock.monotonic())
+        assert gate.epoch >= 0  # a gate of the cache, as Redis last said
+        for outcome in (FAILURE, FAILURE, SUCCESS):
+            store.record_now(route, breaker, gate, outcome, False, clock.monotonic())
+        before = store.exact.stats.dropped_records
+        errors = store.exact.stats.errors
+        real = store.exact.call
+
+        async def garbled(script: Any, keys: Any, args: Any) -> tuple[Any, float] | None:
+            got = await real(script, keys, args)  # Redis applies it; the reply is bad
+            assert got is not None
+            return reply, got[1]
+
+        monkeypatch.setattr(store.exact, "call", garbled)
+        clock.advance(1.0)
+        await store._sync_all(clock.monotonic())
+        assert store.exact.stats.errors == errors + 1
+        assert store.exact.stats.dropped_records - before == 3
+    finally:
+        await store.aclose()

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._types import Clock, RandomSource
-from ..decide.breaker import CLOSED, FAILURE, IGNORED, OPEN, Gate
+from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
@@ -832,9 +832,12 @@ class TieredStore(StateStore):
             return -1.0
         reply, age = got
         try:
+            _check_sync_reply(reply, len(flushed), len(limits))
             self._apply_sync(reply, age, flushed, limits)
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             exact._bad_reply(exc)
+            # Whether Redis counted them is unknown: counted as dropped, never resent
+            exact.stats.dropped_records += sum(flushed_calls)
             return -1.0
         return age
 
@@ -1060,3 +1063,16 @@ class TieredStore(StateStore):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_BREAKER_STATES: Final = frozenset((CLOSED, OPEN, HALF_OPEN))
+
+
+def _check_sync_reply(reply: Any, breakers: int, limits: int) -> None:
+    """sync.lua's reply, before any of it is applied: the server time, 3 values per
+    breaker and 4 per limit key; each breaker's state one of the three."""
+    if not isinstance(reply, list | tuple) or len(reply) != 1 + 3 * breakers + 4 * limits:
+        raise ValueError(f"not a sync reply for {breakers} breakers and {limits} keys")
+    for j in range(breakers):
+        if _text(reply[1 + 3 * j]) not in _BREAKER_STATES:
+            raise ValueError(f"breaker state {reply[1 + 3 * j]!r}")
