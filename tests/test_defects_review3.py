@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
-from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.errors import PolicyError
+from fidelity_mw.policy import BreakerConfig, Policy, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.tools.cli import main as cli_main
 from redis_server import PATIENT, QUIET
 
 
@@ -158,3 +162,51 @@ async def test_tiered_outcomes_of_a_sync_with_a_bad_reply_are_counted(
         assert store.exact.stats.dropped_records - before == 3
     finally:
         await store.aclose()
+
+
+# ------------------------------------------------ policy: a negative burst, plainly
+
+
+@pytest.mark.parametrize("burst", [-1, 0])
+def test_an_out_of_range_burst_is_the_bursts_error_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], burst: int
+) -> None:
+    """`burst = -1` also blamed the cost ("cost 1 exceeds burst -1"), on the table's line,
+    and printed that before the burst's own error."""
+    path = tmp_path / "p.toml"
+    path.write_text(f'version = 1\n[[rate_limit]]\nname = "x"\nrate = "10/s"\nburst = {burst}\n')
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_toml(path)
+    assert [issue.path for issue in caught.value.issues] == ["rate_limit[0].burst"]
+    assert cli_main(["check", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:5: rate_limit[0].burst: {burst} is out of range: allowed between 1 and 1000000000",
+        f"{path}: 1 error(s)",
+    ]
+
+
+# ---------------------------------- `fidelity-mw check`: each path's problem, then on
+
+
+def test_check_reports_every_path_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing first file ended the run (exit 2) before the others were checked, and a
+    directory was called "no such file"."""
+    missing = tmp_path / "missing.toml"
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    good = tmp_path / "good.toml"
+    good.write_text("version = 1\n")
+    assert cli_main(["check", str(missing), str(folder), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert f"{missing}: no such file\n{missing}: 1 error(s)\n" in out
+    assert f"{folder}: is a directory, not a policy file\n{folder}: 1 error(s)\n" in out
+    assert f"{good}: ok" in out
+    assert cli_main(["check", "--json", str(missing), str(good)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [(f["file"], f["ok"]) for f in doc["files"]] == [
+        (str(missing), False),
+        (str(good), True),
+    ]
+    assert doc["files"][0]["errors"][0]["message"] == "no such file"

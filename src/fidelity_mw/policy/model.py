@@ -479,7 +479,11 @@ class RateLimit(_Validated):
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
 
     def _cross_checks(self) -> list[PolicyIssue]:
-        if _is_int(self.burst) and _is_int(self.cost) and self.burst < self.cost:  # type: ignore[operator]
+        # Only between values that passed their own checks: a burst of -1 is the
+        # burst's problem (reported there), not the cost's.
+        if (
+            _is_int(self.burst) and _is_int(self.cost) and 1 <= self.burst < self.cost  # type: ignore[operator]
+        ):
             return [
                 PolicyIssue(
                     "cost",

@@ -27,16 +27,24 @@ def _usage_error(command: str, message: str) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from .check import CheckResult, check_file
+    from .check import CheckResult, Finding, check_file
 
     results: list[CheckResult] = []
     for name in args.policy:
-        if not Path(name).is_file():
-            return _usage_error("check", f"{name}: no such file")
-        try:
-            results.append(check_file(name))
-        except (OSError, UnicodeDecodeError) as exc:
-            return _usage_error("check", f"{name}: cannot read: {exc}")
+        # A path that is no policy file is that path's error: the others are still checked.
+        path = Path(name)
+        problem = None
+        if path.is_dir():
+            problem = "is a directory, not a policy file"
+        elif not path.exists():
+            problem = "no such file"
+        else:
+            try:
+                results.append(check_file(name))
+            except OSError as exc:
+                problem = f"cannot read: {exc.strerror or exc}"
+        if problem is not None:
+            results.append(CheckResult(name, errors=[Finding(name, None, "", problem)]))
     failed = any(not r.ok or (args.strict and r.warnings) for r in results)
     if args.json:
         doc = {
