@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import math
 import time
@@ -12,11 +13,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
 
+from fidelity_mw import FidelityMiddleware, FidelityTransport
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
+from fidelity_mw.engine import Engine
 from fidelity_mw.errors import PolicyError
-from fidelity_mw.policy import BreakerConfig, Policy, StateConfig
+from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, StateConfig, UpstreamConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
@@ -210,3 +217,57 @@ def test_check_reports_every_path_and_goes_on(
         (str(good), True),
     ]
     assert doc["files"][0]["errors"][0]["message"] == "no such file"
+
+
+# ------------------------------- outbound: a day-long upstream Retry-After, passed on
+
+
+def _front(clock: FakeClock, upstream_retry_after: str, retry: RetryConfig) -> Any:
+    """A route that calls a plain upstream answering 503 with `upstream_retry_after`
+    and answers 503 itself when that call fails."""
+    engine = Engine(
+        Policy(upstreams=(UpstreamConfig(host="plain", retry=retry, breaker=None),)),
+        clock=clock,
+        rng=seeded_random(7),
+    )
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers={"retry-after": upstream_retry_after})
+
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    http = httpx.AsyncClient(transport=transport)
+
+    async def work(request: Request) -> Response:
+        got = await http.get("http://plain/pay")
+        return JSONResponse({"upstream": got.status_code}, 503)
+
+    app = Router(routes=[Route("/work", work)])
+    return FidelityMiddleware(app, engine=engine, telemetry=False)
+
+
+def _http_date(wall: float) -> str:
+    return email.utils.formatdate(wall, usegmt=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("day", ["86400", "date"])
+@pytest.mark.parametrize("spread", [0.0, 0.5])
+async def test_a_huge_upstream_retry_after_is_capped_in_the_advice(day: str, spread: float) -> None:
+    """The upstream's Retry-After (a day; or an HTTP date a day away) went to our caller
+    as it was, plus half of it again as spread: every client told to stay away for up
+    to a day and a half. Our own wait gives up at once (`retry_after_max_s`)."""
+    clock = FakeClock()
+    value = "86400" if day == "86400" else _http_date(clock.wall() + 86_400.0)
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, advice_spread=spread)
+    front = _front(clock, value, retry)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=front), base_url="http://front"
+    ) as client:
+        response = await client.get("/work")
+    assert response.status_code == 503
+    assert clock.sleeps == []  # never waited for it
+    advised = response.headers["retry-after"]
+    assert advised.isdigit()
+    cap = retry.advice_max_s
+    assert cap < 86_400
+    assert cap <= int(advised) <= math.ceil(cap * (1.0 + spread))

@@ -134,9 +134,11 @@ def give_up(
         paused_until=up.paused_until,
     )
     if hint is not None:
-        details["retry_hint_s"] = round(hint.wait_s, 3)
+        # An upstream's Retry-After is its word, not ours to pass on unbounded.
+        wait = min(hint.wait_s, up.retry.advice_max_s)
+        details["retry_hint_s"] = round(wait, 3)
         details["retry_hint_from"] = hint.source
-        spread = retry_spread_s(hint.wait_s, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        spread = retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
         if spread > 0.0:
             details["retry_hint_spread_s"] = round(spread, 3)
     ctx.decisions.append(

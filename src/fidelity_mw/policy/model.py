@@ -615,6 +615,7 @@ class RetryConfig(_Validated):
     retry_after_max_s: float = _spec(30.0, number_in(0.0, 86_400.0))
     advice_spread: float = _spec(0.5, number_in(0.0, 10.0))
     advice_spread_min_s: float = _spec(0.0, number_in(0.0, 3_600.0))
+    advice_max_s: float = _spec(300.0, number_in(1.0, 86_400.0))
     on_status: tuple[int, ...] = _spec((502, 503, 504), _statuses)
     on_connect_error: bool = _spec(True, boolean)
     on_read_timeout: bool = _spec(True, boolean)

@@ -272,6 +272,9 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.retry.advice_spread_min_s": "The advice's spread window is at least this long. "
     "0 by default: `Retry-After` counts whole seconds, so a minimum of 1 s on a short wait "
     "sends half of its callers back a whole second after the service could answer them.",
+    "upstream.retry.advice_max_s": "Longest wait advised to our caller after giving up, "
+    "before the spread: an upstream asking for a day (`Retry-After: 86400`, or a date "
+    "far ahead) must not send every client of ours away for that long.",
     "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed).',
     "upstream.retry.on_connect_error": "Retry when the connection could not be made.",
     "upstream.retry.on_read_timeout": "Retry on read timeouts and network errors after "
