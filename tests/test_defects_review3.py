@@ -23,7 +23,14 @@ from fidelity_mw import FidelityMiddleware, FidelityTransport
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.engine import Engine
 from fidelity_mw.errors import PolicyError
-from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, StateConfig, UpstreamConfig
+from fidelity_mw.policy import (
+    BreakerConfig,
+    Policy,
+    RateLimit,
+    RetryConfig,
+    StateConfig,
+    UpstreamConfig,
+)
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
@@ -271,3 +278,60 @@ async def test_a_huge_upstream_retry_after_is_capped_in_the_advice(day: str, spr
     cap = retry.advice_max_s
     assert cap < 86_400
     assert cap <= int(advised) <= math.ceil(cap * (1.0 + spread))
+
+
+# ---------------------------------------------- inbound: a CORS preflight costs nothing
+
+
+def _limited_app(calls: list[str]) -> FidelityMiddleware:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["method"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    policy = Policy(rate_limits=(RateLimit(name="per-client", rate="2/min", burst=2),))
+    return FidelityMiddleware(app, policy=policy, clock=FakeClock(), telemetry=False)
+
+
+PREFLIGHT = {"origin": "https://app.example", "access-control-request-method": "POST"}
+
+
+@pytest.mark.anyio
+async def test_a_cors_preflight_spends_no_quota_and_is_never_refused() -> None:
+    """Browsers send a preflight before each cross-origin call; it cost the client a
+    token, so half of a browser client's quota went to OPTIONS, and a preflight refused
+    with 429 reaches the page as a CORS failure (its Retry-After unreadable)."""
+    calls: list[str] = []
+    app = _limited_app(calls)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api"
+    ) as client:
+        for _ in range(3):
+            preflight = await client.options("/api/orders", headers=PREFLIGHT)
+            assert preflight.status_code == 204
+            assert "ratelimit" not in preflight.headers
+        first = await client.post("/api/orders")
+        second = await client.post("/api/orders")
+        third = await client.post("/api/orders")
+        # a plain OPTIONS (no preflight headers) is an ordinary request: charged
+        plain = await client.options("/api/orders")
+    assert [first.status_code, second.status_code, third.status_code] == [204, 204, 429]
+    assert plain.status_code == 429
+    assert calls == ["OPTIONS"] * 3 + ["POST"] * 2
+
+
+@pytest.mark.anyio
+async def test_a_limit_that_names_options_still_counts_preflights() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    limit = RateLimit(name="options", rate="1/min", burst=1, methods=("OPTIONS",))
+    front = FidelityMiddleware(
+        app, policy=Policy(rate_limits=(limit,)), clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=front), base_url="http://api"
+    ) as client:
+        statuses = [(await client.options("/x", headers=PREFLIGHT)).status_code for _ in range(2)]
+    assert statuses == [204, 429]

@@ -32,6 +32,8 @@ from .state.base import StateStore
 from .state.factory import store_from_policy
 
 _MAX_PLANS = 10_000
+# The plan cache's method for CORS preflights (no HTTP method has a space).
+_PREFLIGHT = "OPTIONS preflight"
 _MAX_KEY_CHARS = 64
 
 
@@ -87,7 +89,23 @@ class Engine:
             self._plans[(method, path)] = plan
         return plan
 
-    def _build_plan(self, scope: Mapping[str, Any], method: str, path: str) -> RoutePlan:
+    def preflight_plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:
+        """The plan for a CORS preflight: the route's, without its rate limits. A
+        browser sends one on its own before a cross-origin call; charging it would
+        bill the client twice per call, and refusing it would reach the page as a
+        CORS failure (the 429 unreadable). Cached like `plan_for`."""
+        path: str = scope["path"]
+        plan = self._plans.get((_PREFLIGHT, path))
+        if plan is None:
+            plan = self._build_plan(scope, "OPTIONS", path, preflight=True)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[(_PREFLIGHT, path)] = plan
+        return plan
+
+    def _build_plan(
+        self, scope: Mapping[str, Any], method: str, path: str, preflight: bool = False
+    ) -> RoutePlan:
         policy = self.policy
         route_cfg = self._route_config(method, path)
         # breaker / deadline declared on the endpoint in code (overrides.py)
@@ -112,7 +130,10 @@ class Engine:
         limits = tuple(
             lim
             for lim in policy.rate_limits
-            if glob_matches(lim.match, path) and (lim.methods is None or method in lim.methods)
+            if glob_matches(lim.match, path)
+            and (lim.methods is None or method in lim.methods)
+            # a preflight counts only against a limit that names OPTIONS itself
+            and (not preflight or lim.methods is not None)
         )
         plan = RoutePlan(
             route,

@@ -61,6 +61,21 @@ def parse_attempt(value: bytes) -> int | None:
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def is_cors_preflight(headers: Iterable[object]) -> bool:
+    """An `OPTIONS` request's ASGI headers: a CORS preflight carries `Origin` and
+    `Access-Control-Request-Method` (Fetch standard). Anything odd is not one."""
+    origin = asked = False
+    for item in headers:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            continue
+        name = item[0]
+        if name == b"access-control-request-method":
+            asked = True
+        elif name == b"origin":
+            origin = True
+    return origin and asked
+
+
 def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 

@@ -27,6 +27,7 @@ from ..clock import SystemClock
 from ..context import _CURRENT, DecisionContext
 from ..decide.breaker import SUCCESS
 from ..engine import Engine
+from ..headers import is_cors_preflight
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
@@ -141,6 +142,8 @@ class FidelityMiddleware:
             plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
+            if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
+                plan = self.engine.preflight_plan_for(scope)  # no quota spent, none refused
             # Every header in one C call, then a lookup per header a layer wants; a
             # repeated line (the dict is shorter) or another iterable: the wanted ones,
             # repeats joined (request.scan_headers).

@@ -166,7 +166,9 @@ DESCRIPTIONS: dict[str, str] = {
     "IP when absent), `route`, `global`; a callable in Python.",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
     "`?` one character.",
-    "rate_limit.methods": "Only these HTTP methods; leave it out for all.",
+    "rate_limit.methods": "Only these HTTP methods; leave it out for all. A CORS preflight "
+    "(`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted only by a "
+    "limit that lists `OPTIONS`.",
     "rate_limit.shadow": "Decide and record (`would_reject`), never reject: try a limit on "
     "real traffic first.",
     "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
