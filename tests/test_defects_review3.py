@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import email.utils
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -335,3 +338,68 @@ async def test_a_limit_that_names_options_still_counts_preflights() -> None:
     ) as client:
         statuses = [(await client.options("/x", headers=PREFLIGHT)).status_code for _ in range(2)]
     assert statuses == [204, 429]
+
+
+# ----------------------- outbound: an attempt's coroutine finalised in another context
+
+
+class _ParkedTransport(httpx.AsyncBaseTransport):
+    """An upstream that never answers: the attempt waits on `parked`."""
+
+    def __init__(self, parked: asyncio.Future[None]) -> None:
+        self.parked = parked
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self.parked
+        return httpx.Response(200)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("attempts", [1, 2])  # the first attempt's fast path, and the loop
+async def test_a_traced_attempt_closed_in_another_context_logs_nothing(
+    caplog: pytest.LogCaptureFixture, attempts: int
+) -> None:
+    """A dropped call's coroutine, finalised in another context (the garbage collector
+    runs it wherever it is): detaching the attempt span's OpenTelemetry context there
+    went through `otel_context.detach`, which logged "Failed to detach context" with a
+    traceback (the inbound side already detached quietly)."""
+    parked = asyncio.get_running_loop().create_future()
+    engine = Engine(
+        Policy(upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=attempts)),)),
+        clock=FakeClock(),
+        rng=seeded_random(3),
+    )
+    transport = FidelityTransport(
+        _ParkedTransport(parked), engine=engine, tracer_provider=TracerProvider()
+    )
+    request = httpx.Request("GET", "http://up.example/x")
+    coro = transport.handle_async_request(request)
+    contextvars.copy_context().run(coro.send, None)  # the call ran in its own context
+    with caplog.at_level(logging.WARNING):
+        coro.close()  # finalised here, in another one
+    parked.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_no_private_opentelemetry_names_anywhere_but_the_startup_configurator() -> None:
+    """tests/test_telemetry.py checks three telemetry modules; every module of the
+    package is held to it, but `configure_otel`'s (it runs the SDK's own configurator,
+    once, at startup)."""
+    import re
+
+    import fidelity_mw
+
+    private = re.compile(
+        r"\b(?:trace_api|metrics_api|otel_context|propagate|opentelemetry[\w.]*)\._\w"
+        r"|from opentelemetry[\w.]* import .*\b_\w"
+        r"|_internal\b|\._add_event\b|_SUPPRESS\w*_KEY|_ProxyMeterProvider"
+    )
+    root = Path(fidelity_mw.__file__).parent
+    hits = [
+        f"{path.relative_to(root)}: {line.strip()}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "otel_setup.py"
+        for line in path.read_text().splitlines()
+        if private.search(line)
+    ]
+    assert hits == []

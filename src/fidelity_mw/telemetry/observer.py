@@ -345,8 +345,11 @@ def _state_of(decision: Decision) -> str | None:
 
 
 def _detach_quietly(token: Any) -> None:
-    """otel_context.detach, minus its logged traceback when the request's coroutine is
-    finalised in another context (a dropped coroutine): nothing of ours is set there."""
+    """otel_context.detach, minus its logged traceback when the request's (or call's)
+    coroutine is finalised in another context (a dropped coroutine): nothing of ours is
+    set there. Public names only: the token of the SDK's default runtime context is a
+    plain `contextvars.Token`, reset through the standard library; any other runtime
+    context's token goes to `otel_context.detach`."""
     if type(token) is contextvars.Token:  # the SDK's default runtime context
         try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
             token.var.reset(token)
@@ -853,7 +856,7 @@ class Telemetry:
             if token.suppress is not None:
                 token.suppress.__exit__(None, None, None)
             if token.token is not None:
-                otel_context.detach(token.token)
+                _detach_quietly(token.token)  # a dropped call may end in another context
         finally:
             attrs: dict[str, Any] = {}
             if status is not None:
