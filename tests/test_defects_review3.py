@@ -39,7 +39,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from fidelity_mw.tools.cli import main as cli_main
-from redis_server import PATIENT, QUIET
+from redis_server import PATIENT, QUIET, RedisServer
 
 
 class _LossyProxy:
@@ -403,3 +403,46 @@ def test_no_private_opentelemetry_names_anywhere_but_the_startup_configurator() 
         if private.search(line)
     ]
     assert hits == []
+
+
+# ------------------- redis: deferred breaker successes lost with the call that carried them
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("carrier", ["admit", "record", "flush", "outbound"])
+async def test_redis_deferred_successes_lost_with_a_failed_call_are_counted(
+    own_redis: RedisServer, carrier: str
+) -> None:
+    """Plain successes wait for this instance's next call about the breaker; when that
+    call failed they were gone without a trace in `dropped_records` (a failed record
+    counted only its own outcome)."""
+    # no background flush during the test: the deferred successes wait for a carrier
+    config = StateConfig(url=own_redis.url, sync_interval_ms=60_000, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(5))
+    breaker = BreakerConfig(min_calls=100)
+    key = "upstream:up.example" if carrier == "outbound" else "route:r"
+    try:
+        if carrier == "outbound":
+            gate, source, _age = await store.breaker_gate(key, breaker, 0.0)
+        else:
+            result = await store.admit(key, breaker, [], [], 0.0)
+            assert result.gate is not None
+            gate, source = result.gate, result.source
+        assert source == "redis"
+        for _ in range(3):
+            await store.record(key, breaker, gate, SUCCESS, False, 0.0)
+        assert store.stats.dropped_records == 0
+        own_redis.stop()
+        own = 0
+        if carrier == "admit":
+            await store.admit(key, breaker, [], [], 0.0)
+        elif carrier == "record":
+            await store.record(key, breaker, gate, FAILURE, False, 0.0)
+            own = 1  # the failure itself
+        elif carrier == "flush":
+            await store._flush_deferred_now()
+        else:
+            await store.breaker_gate(key, breaker, 0.0)
+        assert store.stats.dropped_records == 3 + own
+    finally:
+        await store.aclose()

@@ -208,7 +208,9 @@ class RedisStats:
     script_loads: int = 0  # NOSCRIPT recoveries (EVAL of the full source)
     errors: int = 0  # calls that failed
     fallbacks: int = 0  # decisions made in the failure mode
-    dropped_records: int = 0  # outcomes not recorded because Redis was down
+    # outcomes not recorded because Redis was down (or its reply was unreadable),
+    # deferred successes lost with the call that carried them included
+    dropped_records: int = 0
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
     reconnects: int = 0  # calls retried once on a fresh connection after a connection error
     lost_replies: int = 0  # calls sent whose connection broke before the reply: never resent
@@ -310,6 +312,8 @@ def _local_epoch(epoch: int) -> int:
 
 
 _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
+# Where record.lua's arguments carry the deferred successes' count.
+_CARRIED: Final = 6
 
 
 class RedisStore(StateStore):
@@ -630,6 +634,7 @@ class RedisStore(StateStore):
         else:
             keys = []
             args = ["0", u, n]
+            d_count = 0
         key_cache = self._keys
         for key, spec in zip(limit_keys, limits, strict=True):
             hashed = key_cache.get(("rl", key))
@@ -651,12 +656,14 @@ class RedisStore(StateStore):
         else:
             got = await self.call(ADMIT, keys, args)
         if got is None:
+            self.stats.dropped_records += d_count  # the successes it carried
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
         reply, age = got
         try:
             return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
         except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
             self._bad_reply(exc)
+            self.stats.dropped_records += d_count
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
 
     async def refund(
@@ -744,7 +751,7 @@ class RedisStore(StateStore):
         if isinstance(planned, str):
             return planned
         call = self.coalescer.call if self.coalesce else self.call
-        return self._record_answer(await call(RECORD, *planned), gate)
+        return self._record_answer(await call(RECORD, *planned), gate, planned[1][_CARRIED])
 
     def record_sync(
         self,
@@ -759,7 +766,8 @@ class RedisStore(StateStore):
         planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
         if isinstance(planned, str):
             return planned
-        return self._record_answer(self.sync_link().call(RECORD, *planned), gate)
+        got = self.sync_link().call(RECORD, *planned)
+        return self._record_answer(got, gate, planned[1][_CARRIED])
 
     def _record_call(
         self,
@@ -795,14 +803,16 @@ class RedisStore(StateStore):
         keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
         return keys, args
 
-    def _record_answer(self, got: tuple[Any, float] | None, gate: Gate) -> str:
+    def _record_answer(self, got: tuple[Any, float] | None, gate: Gate, carried: int) -> str:
+        """`carried`: the deferred successes the call took along (lost with it)."""
         if got is None:
-            self.stats.dropped_records += 1
+            self.stats.dropped_records += 1 + carried
             return gate.state
         try:
             return _text(got[0][0])
         except _REPLY_ERRORS as exc:
             self._bad_reply(exc)
+            self.stats.dropped_records += 1 + carried
             return gate.state
 
     # Plain successes (not a probe, not slow) cannot open or close a breaker:
@@ -827,6 +837,11 @@ class RedisStore(StateStore):
                 return
             self._deferred_task = loop.create_task(self._flush_deferred())
 
+    def _carried(self, breaker_key: str | None) -> int:
+        """How many deferred successes the next call about this breaker takes along."""
+        entry = self._deferred.get(breaker_key) if breaker_key is not None else None
+        return int(entry[2]) if entry is not None else 0
+
     def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
         entry = self._deferred.pop(breaker_key, None)
         return (entry[1], entry[2]) if entry is not None else (0, 0)
@@ -847,7 +862,9 @@ class RedisStore(StateStore):
                 continue
             args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
             keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-            await self.call(RECORD, keys, (*args, *self.breaker_config_args(entry[0])))
+            got = await self.call(RECORD, keys, (*args, *self.breaker_config_args(entry[0])))
+            if got is None:
+                self.stats.dropped_records += entry[2]
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -879,11 +896,14 @@ class RedisStore(StateStore):
         (gate or None, budget allowed, source, age_s). Pending counts from
         `budget_request` ride along.
         """
+        carried = self._carried(breaker_key)
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
         got = await self.call(OUTBOUND, keys, args)
-        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+        return self._outbound_answer(
+            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried
+        )
 
     def outbound_gate_sync(
         self,
@@ -896,11 +916,14 @@ class RedisStore(StateStore):
     ) -> tuple[Gate | None, bool, str, float]:
         """`outbound_gate` for sync callers in any thread, over a blocking client
         (`SyncLink`): the same script, the same single round trip."""
+        carried = self._carried(breaker_key)
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
         got = self.sync_link().call(OUTBOUND, keys, args)
-        return self._outbound_answer(got, breaker_key, breaker, budget_key, cfg, retry, taken, now)
+        return self._outbound_answer(
+            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried
+        )
 
     def sync_link(self) -> SyncLink:
         link = self._sync_link
@@ -955,8 +978,10 @@ class RedisStore(StateStore):
         retry: bool,
         taken: Sequence[tuple[str, RetryConfig, int]],
         now: float,
+        carried: int = 0,
     ) -> tuple[Gate | None, bool, str, float]:
         if got is None:
+            self.stats.dropped_records += carried  # deferred successes it took along
             return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
         reply, age = got
         try:
@@ -969,6 +994,7 @@ class RedisStore(StateStore):
                 )
         except _REPLY_ERRORS as exc:
             self._bad_reply(exc)
+            self.stats.dropped_records += carried
             return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, (), now)
         return gate, allowed, SOURCE_REDIS, age
 
