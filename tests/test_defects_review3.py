@@ -25,7 +25,7 @@ from starlette.routing import Route, Router
 from fidelity_mw import FidelityMiddleware, FidelityTransport
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
 from fidelity_mw.engine import Engine
-from fidelity_mw.errors import PolicyError
+from fidelity_mw.errors import CircuitOpen, PolicyError
 from fidelity_mw.policy import (
     BreakerConfig,
     Policy,
@@ -446,3 +446,28 @@ async def test_redis_deferred_successes_lost_with_a_failed_call_are_counted(
         assert store.stats.dropped_records == 3 + own
     finally:
         await store.aclose()
+
+
+# --------------------------- inbound: a CircuitOpen the app raised with an odd wait
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("wait", "header"),
+    [(math.inf, "31536000"), (1e300, "31536000"), (math.nan, "0"), (-5.0, "0"), (2.5, "3")],
+)
+async def test_our_retry_after_is_whole_seconds_for_any_wait(wait: float, header: str) -> None:
+    """An infinite wait made our answer a 500 (OverflowError while formatting it), and
+    1e300 became a 301-digit header."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise CircuitOpen("open", host="up.example", retry_after_s=wait)
+
+    front = FidelityMiddleware(app, policy=Policy(), clock=FakeClock(), telemetry=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=front, raise_app_exceptions=False),
+        base_url="http://api",
+    ) as client:
+        response = await client.get("/x")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == header

@@ -190,9 +190,19 @@ def credit_verdict(refused: LimitVerdict, now: float, refunded_s: float) -> Limi
     )
 
 
+# The longest Retry-After we write: a wait from an exception the app raised may be
+# infinite or absurd, and the header is whole seconds, not a 300-digit number.
+MAX_RETRY_AFTER_S: Final = 365 * 86_400
+
+
 def retry_after_header(seconds: float) -> str:
-    """Retry-After as integer seconds, rounded up, never 0 for a real wait."""
-    return str(max(1, math.ceil(seconds - 1e-9))) if seconds > 0 else "0"
+    """Retry-After as integer seconds, rounded up, never 0 for a real wait; "0" for no
+    wait (or NaN), at most a year."""
+    if not seconds > 0:
+        return "0"
+    if seconds >= MAX_RETRY_AFTER_S:
+        return str(MAX_RETRY_AFTER_S)
+    return str(max(1, math.ceil(seconds - 1e-9)))
 
 
 def policy_field(name: str, quota: int, window_s: float) -> str:
