@@ -202,6 +202,24 @@ def test_an_out_of_range_burst_is_the_bursts_error_only(
     ]
 
 
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"concurrency": {"adaptive": True, "max_limit": -1}}, "concurrency.max_limit"),
+        ({"concurrency": {"default_share": -0.5}}, "concurrency.default_share"),
+        ({"upstream": [{"host": "*", "retry": {"max_ms": -1}}]}, "upstream[0].retry.max_ms"),
+    ],
+)
+def test_an_out_of_range_value_is_not_also_blamed_on_its_neighbours(
+    table: dict[str, Any], expected: str
+) -> None:
+    """max_limit = -1 also gave "min_limit: must not exceed max_limit" and "limit: the
+    adaptive limit starts between ..."; default_share = -0.5 also blamed sheddable_share."""
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict(table)
+    assert [issue.path for issue in caught.value.issues] == [expected]
+
+
 # ---------------------------------- `fidelity-mw check`: each path's problem, then on
 
 

@@ -350,6 +350,17 @@ class _Validated:
     def _cross_checks(self) -> list[PolicyIssue]:
         return []
 
+    def _valid(self, *names: str) -> bool:
+        """Did each named field pass its own check? A check between fields weighs only
+        such values: a burst of -1 is the burst's problem, reported there, not also the
+        cost's ("cost 1 exceeds burst -1"), nor a max_limit of -1 the min_limit's."""
+        checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in names:
+            check = checks[name]
+            if check is not None and check(getattr(self, name)):
+                return False
+        return True
+
 
 # ---------------------------------------------------------------- sections
 
@@ -479,11 +490,7 @@ class RateLimit(_Validated):
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
 
     def _cross_checks(self) -> list[PolicyIssue]:
-        # Only between values that passed their own checks: a burst of -1 is the
-        # burst's problem (reported there), not the cost's.
-        if (
-            _is_int(self.burst) and _is_int(self.cost) and 1 <= self.burst < self.cost  # type: ignore[operator]
-        ):
+        if self._valid("burst", "cost") and self.burst is not None and self.burst < self.cost:
             return [
                 PolicyIssue(
                     "cost",
@@ -546,13 +553,17 @@ class ConcurrencyConfig(_Validated):
         if self.shed_stale and self.tolerance <= 1.0:
             # (tolerance - 1) x floor is the wait a request may have: 0 would shed them all
             issues.append(PolicyIssue("shed_stale", "needs tolerance > 1"))
-        if self.min_limit > self.max_limit:
+        limits_valid = self._valid("limit", "min_limit", "max_limit")
+        if limits_valid and self.min_limit > self.max_limit:
             issues.append(PolicyIssue("min_limit", "must not exceed max_limit"))
-        if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
+        if limits_valid and self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
             issues.append(
                 PolicyIssue("limit", "the adaptive limit starts between min_limit and max_limit")
             )
-        if self.sheddable_share > self.default_share:
+        if (
+            self._valid("sheddable_share", "default_share")
+            and self.sheddable_share > self.default_share
+        ):
             issues.append(
                 PolicyIssue(
                     "sheddable_share", "must not exceed default_share (lower classes shed first)"
@@ -626,7 +637,7 @@ class RetryConfig(_Validated):
         _validate(self)
 
     def _cross_checks(self) -> list[PolicyIssue]:
-        if _is_int(self.base_ms) and _is_int(self.max_ms) and self.max_ms < self.base_ms:
+        if self._valid("base_ms", "max_ms") and self.max_ms < self.base_ms:
             return [PolicyIssue("max_ms", f"max_ms {self.max_ms} is below base_ms {self.base_ms}")]
         return []
 
