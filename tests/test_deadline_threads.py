@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fidelity_mw import DeadlineConfig, FidelityMiddleware, Policy
@@ -32,6 +34,40 @@ def scope() -> dict[str, Any]:
         "client": ("192.0.2.1", 5000),
         "server": ("testserver", 80),
     }
+
+
+async def statuses_of(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> list[int]:
+    """The response statuses `app` sends for one GET of `path`."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    here = {**scope(), "path": path, "raw_path": path.encode(), "headers": headers}
+    await app(here, receive, send)
+    return statuses
+
+
+@contextmanager
+def loops_in_threads(count: int) -> Iterator[list[asyncio.AbstractEventLoop]]:
+    """`count` event loops, each running in a thread of its own until the block ends."""
+    loops = [asyncio.new_event_loop() for _ in range(count)]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        yield loops
+    finally:
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for thread in threads:
+            thread.join(10)
+        for loop in loops:
+            loop.close()
 
 
 def test_a_clock_advanced_from_another_thread_expires_the_request_on_its_loop() -> None:
@@ -98,26 +134,10 @@ def test_a_deadline_timer_of_one_loop_expires_a_request_of_another_on_its_own_lo
 
     app = FidelityMiddleware(parked, policy=Policy(), telemetry=False)
 
-    async def request(path: str, deadline_ms: int) -> list[int]:
-        statuses: list[int] = []
+    def request(path: str, deadline_ms: int) -> Any:
+        return statuses_of(app, path, [(b"x-request-timeout-ms", str(deadline_ms).encode())])
 
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        here = {**scope(), "path": path, "raw_path": path.encode()}
-        here["headers"] = [(b"x-request-timeout-ms", str(deadline_ms).encode())]
-        await app(here, receive, send)
-        return statuses
-
-    loops = [asyncio.new_event_loop() for _ in range(2)]
-    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
-    for thread in threads:
-        thread.start()
-    try:
+    with loops_in_threads(2) as loops:
         # the first loop's timer is set for its own request; the second request's
         # deadline is later, so no timer of its loop is set for it
         first = asyncio.run_coroutine_threadsafe(request("/a", 40), loops[0])
@@ -126,13 +146,6 @@ def test_a_deadline_timer_of_one_loop_expires_a_request_of_another_on_its_own_lo
         assert entered["/b"].wait(10)
         assert first.result(10) == [504]
         assert second.result(10) == [504], "the other loop never ran the cancellation"
-    finally:
-        for loop in loops:
-            loop.call_soon_threadsafe(loop.stop)
-        for thread in threads:
-            thread.join(10)
-        for loop in loops:
-            loop.close()
 
 
 def test_a_bulkhead_slot_freed_on_one_loop_reaches_a_request_queued_on_another() -> None:
@@ -156,24 +169,10 @@ def test_a_bulkhead_slot_freed_on_one_loop_reaches_a_request_queued_on_another()
     )
     mw = FidelityMiddleware(app, policy=policy, telemetry=False)
 
-    async def request(path: str) -> list[int]:
-        statuses: list[int] = []
+    def request(path: str) -> Any:
+        return statuses_of(mw, path, [])
 
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        await mw({**scope(), "path": path, "raw_path": path.encode()}, receive, send)
-        return statuses
-
-    loops = [asyncio.new_event_loop() for _ in range(2)]
-    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
-    for thread in threads:
-        thread.start()
-    try:
+    with loops_in_threads(2) as loops:
         held = asyncio.run_coroutine_threadsafe(request("/hold"), loops[0])
         assert entered.wait(10)
         queued = asyncio.run_coroutine_threadsafe(request("/next"), loops[1])
@@ -187,10 +186,3 @@ def test_a_bulkhead_slot_freed_on_one_loop_reaches_a_request_queued_on_another()
         loop.call_soon_threadsafe(event.set)
         assert held.result(10) == [200]
         assert queued.result(5) == [200], "the queued request never got the slot"
-    finally:
-        for loop in loops:
-            loop.call_soon_threadsafe(loop.stop)
-        for thread in threads:
-            thread.join(10)
-        for loop in loops:
-            loop.close()
