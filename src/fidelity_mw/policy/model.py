@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+
 from ..errors import PolicyError, PolicyIssue
 
 Check = Callable[[Any], str | None]
@@ -204,6 +206,10 @@ def _base_urls(value: Any) -> str | None:
         host = rest.rstrip("/")
         if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
             return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+        try:  # what httpx cannot parse (a port that is not a number) fails every call
+            httpx.URL(text)
+        except httpx.InvalidURL as exc:
+            return f"item {i}: {item!r} is not a URL ({exc})"
     if len(set(value)) != len(value):
         return "instance URLs must be distinct"
     return None
