@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
+from fidelity_mw.context import DecisionContext
 from fidelity_mw.engine import Engine
 from fidelity_mw.errors import PolicyError
-from fidelity_mw.policy import Policy, UpstreamConfig
+from fidelity_mw.policy import DeadlineConfig, Policy, UpstreamConfig
 from fidelity_mw.testing import FakeClock, seeded_random
 from fidelity_mw.tools.cli import main as cli_main
 
@@ -138,3 +139,79 @@ def test_a_failing_resolver_is_logged_once_per_failure(
     failed = [r for r in caplog.records if "resolver failed" in r.getMessage()]
     assert len(failed) == 2
     assert all(r.exc_info is not None for r in failed)
+
+
+# ---------------------------------------------- work that outlives our own answer
+
+
+@pytest.mark.anyio
+async def test_a_call_after_our_own_answer_is_a_call_of_its_own() -> None:
+    """The middleware answered 504 on the deadline while a task the handler spawned
+    still ran: that task's later call is a call of its own (as after an app's own
+    response), not refused by the answered request's passed deadline nor added to
+    its record."""
+    clock = FakeClock()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    outcomes: list[Any] = []
+    upstream = httpx.MockTransport(lambda request: httpx.Response(200))
+    transport = FidelityTransport(upstream, telemetry=False)
+    spawned: list[asyncio.Task[None]] = []
+
+    async def later() -> None:
+        await release.wait()
+        try:
+            async with httpx.AsyncClient(transport=transport) as client:
+                response = await client.get("http://audit.internal/log")
+            outcomes.append(response.status_code)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        spawned.append(asyncio.create_task(later()))  # carries the request's context
+        entered.set()
+        await asyncio.Event().wait()  # only the deadline ends it
+
+    seen: list[DecisionContext] = []
+
+    class Keep:
+        def start(self, ctx: DecisionContext, scope: Any) -> None:
+            return None
+
+        def end(self, ctx: DecisionContext, scope: Any, token: Any) -> None:
+            seen.append(ctx)
+
+    policy = Policy(deadline=DeadlineConfig(default_ms=1_000))
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, observer=Keep(), telemetry=False)
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("192.0.2.1", 5000),
+        "server": ("testserver", 80),
+    }
+    request = asyncio.create_task(mw(scope, receive, send))
+    await entered.wait()
+    clock.advance(2.0)  # the deadline passes: the middleware answers
+    await request
+    assert statuses == [504]
+    release.set()
+    await spawned[0]
+    assert outcomes == [200]
+    assert [d for d in seen[0].decisions if d.subject == "audit.internal"] == []
