@@ -16,7 +16,8 @@ from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTrans
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.engine import Engine
 from fidelity_mw.errors import PolicyError
-from fidelity_mw.policy import DeadlineConfig, Policy, UpstreamConfig
+from fidelity_mw.policy import DeadlineConfig, Policy, StateConfig, UpstreamConfig
+from fidelity_mw.policy.model import redact_url
 from fidelity_mw.testing import FakeClock, seeded_random
 from fidelity_mw.tools.cli import main as cli_main
 
@@ -215,3 +216,24 @@ async def test_a_call_after_our_own_answer_is_a_call_of_its_own() -> None:
     await spawned[0]
     assert outcomes == [200]
     assert [d for d in seen[0].decisions if d.subject == "audit.internal"] == []
+
+
+# ---------------------------------------------- passwords in messages
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("Redis://app:s3cr/et@host:6379/0", "Redis://app:***@host:6379/0"),
+        ("redis://app:p@ss@host", "redis://app:***@host"),
+        ("rediss://:secret@host:1/0", "rediss://:***@host:1/0"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+    ],
+)
+def test_a_password_with_a_slash_or_an_at_sign_is_masked(url: str, masked: str) -> None:
+    """Policy errors and the state map name the Redis URL: a password holding "/" or
+    "@" was printed whole, or its tail after the "@"."""
+    assert redact_url(url) == masked
+    with pytest.raises(PolicyError) as caught:
+        StateConfig(url=url.replace("edis", "emcache", 1))
+    assert masked in str(caught.value).replace("emcache", "edis", 1)

@@ -74,7 +74,9 @@ def _tname(value: object) -> str:
 def redact_url(url: str) -> str:
     """`redis://user:secret@host` -> `redis://user:***@host`: messages and maps name the
     server, never its password."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    # Up to the last "@": a password typed raw may hold "/" or "@" itself. A URL with
+    # an "@" further on and no password is over-masked, never leaked.
+    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url, count=1)
 
 
 def _toml(value: object) -> str:
