@@ -237,3 +237,17 @@ def test_a_password_with_a_slash_or_an_at_sign_is_masked(url: str, masked: str) 
     with pytest.raises(PolicyError) as caught:
         StateConfig(url=url.replace("edis", "emcache", 1))
     assert masked in str(caught.value).replace("emcache", "edis", 1)
+
+
+def test_a_map_target_file_that_raises_leaves_no_half_run_module(tmp_path: Path) -> None:
+    """`fidelity-mw map broken.py:app` outside the working directory: the failed
+    module was left in sys.modules, half run, for a later import to find."""
+    import sys
+
+    from fidelity_mw.tools.statemap import load_target
+
+    target = tmp_path / "broken_app_for_map.py"
+    target.write_text("import os\nAPP_SECRET = os.environ['NO_SUCH_SETTING_FOR_MAP']\n")
+    with pytest.raises(ImportError, match="NO_SUCH_SETTING_FOR_MAP"):
+        load_target(f"{target}:app")
+    assert "broken_app_for_map" not in sys.modules
