@@ -1,5 +1,6 @@
 """Regression tests for defects found by the second review pass: each failed on
-the code before its fix."""
+the code before its fix, but for two guards that hold a fixed behaviour in place
+(the sync link still pauses when Redis is unreachable, and survives a restart)."""
 
 from __future__ import annotations
 

@@ -571,7 +571,6 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     return bridge(store.outbound_gate), bridge(store.record)
 
 
-@mypyc_attr(native_class=False)  # the engine holds transports weakly
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
