@@ -251,3 +251,23 @@ def test_a_map_target_file_that_raises_leaves_no_half_run_module(tmp_path: Path)
     with pytest.raises(ImportError, match="NO_SUCH_SETTING_FOR_MAP"):
         load_target(f"{target}:app")
     assert "broken_app_for_map" not in sys.modules
+
+
+# ---------------------------------------------- TOML's way to say "none"
+
+
+def test_false_turns_off_the_default_deadline(tmp_path: Path) -> None:
+    """docs/policy.md offers `default_ms = false` for no default deadline (TOML has no
+    null; leaving the key out gives 30 s): it was refused as "expected an integer"."""
+    from fidelity_mw import Policy as PolicyFromFile
+
+    path = tmp_path / "fidelity.toml"
+    path.write_text("[deadline]\ndefault_ms = false\n")
+    policy = PolicyFromFile.from_toml(path)
+    assert policy.deadline.default_ms is None
+    assert PolicyFromFile.from_dict(policy.to_dict()).deadline.default_ms is None
+    path.write_text("[deadline]\n")
+    assert PolicyFromFile.from_toml(path).deadline.default_ms == 30_000
+    path.write_text("[deadline]\ndefault_ms = true\n")
+    with pytest.raises(PolicyError, match=r"deadline\.default_ms"):
+        PolicyFromFile.from_toml(path)

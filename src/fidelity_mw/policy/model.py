@@ -941,7 +941,8 @@ def _read_table(
     cls: type, data: Mapping[str, Any], path: str, issues: list[PolicyIssue], nested: _Nested
 ) -> dict[str, Any]:
     """Map TOML keys to constructor kwargs, checking unknown keys and nested tables."""
-    by_toml = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    by_toml = {f.metadata.get("toml", f.name): f.name for f in fields.values()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
@@ -958,9 +959,18 @@ def _read_table(
         if key in nested:
             sub_cls, is_array = nested[key]
             kwargs[attr] = _read_nested(sub_cls, value, where, issues, is_array, cls)
+        elif value is False and _false_means_none(fields[attr]):
+            kwargs[attr] = None  # TOML has no null: `false` turns an optional value off
         else:
             kwargs[attr] = tuple(value) if isinstance(value, list) else value
     return kwargs
+
+
+def _false_means_none(f: dataclasses.Field[Any]) -> bool:
+    """A value that may be none but is not by default (`deadline.default_ms`): TOML
+    has no null, so `false` says none. A flag's `false` is just false."""
+    kind = str(f.type)
+    return f.default is not None and kind.endswith("| None") and "bool" not in kind
 
 
 def _read_nested(
