@@ -189,8 +189,8 @@ DESCRIPTIONS: dict[str, str] = {
     "breaker opens; each half-open round whose probe fails doubles it, up to `open_s`; a "
     "successful probe closes the breaker and starts over. Set it to `open_s` for a fixed "
     "open time.",
-    "breaker.open_jitter": "Random spread of `open_s` (0.2 = ±20 %), so replicas do not "
-    "probe in lockstep.",
+    "breaker.open_jitter": "Random spread of each open period (0.2 = ±20 %), so replicas "
+    "do not probe in lockstep.",
     "breaker.half_open_probes": "Probes admitted at once while half-open; one success "
     "closes, one failure re-opens.",
     "breaker.probe_lease_s": "A probe that never reports frees its slot after this long.",
@@ -236,7 +236,10 @@ DESCRIPTIONS: dict[str, str] = {
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
-    "upstream.attempt_timeout_ms": "Timeout of one attempt; the remaining deadline shortens it.",
+    "upstream.attempt_timeout_ms": "Timeout of one attempt; the remaining deadline shortens "
+    "it. It caps each httpx timeout (connect, read, write, pool), and a shorter one of the "
+    "client's stays: httpx's default is 5 s, so raise the client's (`timeout=`) for longer "
+    "attempts.",
     "upstream.shared_budget": "One retry budget for every host this entry matches (the "
     "instance URLs of one service behind client-side load balancing) instead of one per "
     "host, so N instances do not get N times the budget and its floor.",
@@ -267,7 +270,8 @@ DESCRIPTIONS: dict[str, str] = {
     "ratio, so low traffic can still retry.",
     "upstream.retry.budget_window_s": "Window of the retry budget.",
     "upstream.retry.retry_after_max_s": "Longest upstream `Retry-After` honoured; longer "
-    "ones give up at once. Never waits past the deadline.",
+    "ones give up at once (`retry_after_too_long`, or `deadline` when the wait also "
+    "reaches the deadline). Never waits past the deadline.",
     "upstream.retry.advice_spread": "The `Retry-After` we advise our caller after giving "
     "up is the known wait plus a uniform draw over a window of this share of it, so the "
     "callers of one failure burst do not all come back in the same second (0: the wait itself).",
