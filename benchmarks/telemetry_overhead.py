@@ -426,8 +426,8 @@ def hooks_report(best: dict[str, list[float]], repeats: int, n: int) -> str:
         "",
         f"Minimum of {repeats} interleaved repeats x {n} iterations, process CPU time; one "
         "captured allowed request (3 decisions, all `allow`) annotated again each time; "
-        "each step includes the ones before it, so the last column is the observer's whole "
-        "cost per request.",
+        "each step includes the ones before it, so the last step's column is the observer's "
+        "whole cost per request (the last column is the span alone, for scale).",
     ]
     return "\n".join(lines)
 

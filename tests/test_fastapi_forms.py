@@ -149,11 +149,15 @@ async def test_a_dependency_rejection_is_its_decision_and_costs_no_middleware_qu
     app = with_middleware(build(fidelity), clock, observer=recorder, store=store, policy=policy)
     fidelity.install(app)
     async with client(app) as c:
-        statuses = [(await c.get("/sync")).status_code for _ in range(4)]
+        answers = [await c.get("/sync") for _ in range(4)]
+        statuses = [a.status_code for a in answers]
         # 1 served, 3 rejected by the dependency: the middleware charged only the served
         # one, so two more requests still get through its 3-unit burst
         more = [(await c.get("/plain")).status_code for _ in range(3)]
     assert statuses == [200, 429, 429, 429]
+    assert [a.headers.get_list("x-fidelity-decided-by") for a in answers] == [[]] + [
+        ["ratelimit"]
+    ] * 3  # marked once, behind the middleware too
     assert more == [200, 200, 429]
     rejected = recorder.contexts[1]
     assert (rejected.decided_by, rejected.outcome) == ("ratelimit", "rejected")
@@ -269,6 +273,9 @@ async def test_route_class_enforces_breaker_and_deadline_on_its_own_engine(
     assert capped.json()["remaining_s"] == pytest.approx(1.5)
     assert (probe.status_code, after.status_code) == (200, 200)  # the probe closed it
     assert limited == [200, 429]
+    # each marked as a control decision, as the middleware's own answers are
+    assert shed.headers["x-fidelity-decided-by"] == "breaker"
+    assert expired.headers["x-fidelity-decided-by"] == "deadline"
     assert isinstance(fidelity.engine.store, MemoryStore)
     assert "/sync:1/min|127.0.0.1" in fidelity.engine.store.limits.tats
 
@@ -281,6 +288,7 @@ async def test_exceptions_are_http_exceptions_without_install(clock: FakeClock) 
         rejected = await c.get("/sync")
     assert rejected.status_code == 429
     assert rejected.headers["retry-after"] == "60"
+    assert rejected.headers["x-fidelity-decided-by"] == "ratelimit"
     assert "rate limit" in rejected.json()["detail"]
 
 

@@ -31,7 +31,10 @@ class Rejected(FidelityError, HTTPException):
         ctx: DecisionContext,
         decision: Decision,
     ) -> None:
-        HTTPException.__init__(self, status_code, str(problem["detail"]), headers)
+        # The marker a caller's breaker and retries read (as on the middleware's own
+        # answers): this 429/503/504 is a control decision, not the service failing.
+        marked = {**headers, "x-fidelity-decided-by": ctx.decided_by or decision.layer}
+        HTTPException.__init__(self, status_code, str(problem["detail"]), marked)
         self.problem = problem
         self.ctx = ctx
         self.decision = decision

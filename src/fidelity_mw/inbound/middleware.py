@@ -357,11 +357,16 @@ class FidelityMiddleware:
         ctx.status = rejection[0] if custom is None else custom.status_code
         if before_end is not None:
             response_ends(before_end, ctx, scope, obs_token)
-        if custom is None:
-            await respond(send, rejection, ctx.decided_by)
-        else:
-            own, by = rejection, ctx.decided_by
-            await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+        try:
+            if custom is None:
+                await respond(send, rejection, ctx.decided_by)
+            else:
+                own, by = rejection, ctx.decided_by
+                await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+        finally:
+            # The request is answered (or its client gone): a task the app spawned
+            # makes calls of its own from here, as after the app's own response.
+            ctx.response_complete = True
 
     async def _answer(
         self,

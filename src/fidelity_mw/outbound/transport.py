@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -167,23 +167,39 @@ class _Base:
         if resolver is not None:
             try:
                 urls = resolver(up.host)
-                # (a resolver that returns its cached list costs no validation per call)
-                if urls and tuple(urls) != up.resolved:
-                    problem = resolved_problem(urls)
-                    if problem is None:
-                        up.set_instances(engine, urls)
-                        self._bad_answers.pop(up.host, None)
-                    elif self._bad_answers.get(up.host) != problem:
-                        # like a resolver down; once per answer, not per call
-                        self._bad_answers[up.host] = problem
-                        logger.warning(
-                            "fidelity_mw: the resolver's answer for %s is ignored: %s",
-                            up.host,
-                            problem,
-                        )
-            except Exception:  # discovery down: the instances it named last still answer
-                logger.exception("fidelity_mw: the resolver failed for %s", up.host)
+            except Exception as exc:  # discovery down: the instances it named last answer
+                failure = f"raised {exc!r}"
+                if self._bad_answers.get(up.host) != failure:  # once per failure, not per call
+                    self._bad_answers[up.host] = failure
+                    logger.exception("fidelity_mw: the resolver failed for %s", up.host)
+            else:
+                if urls:
+                    self._resolved(engine, up, urls)
         return up
+
+    def _resolved(self, engine: Engine, up: Upstream, urls: Sequence[str]) -> None:
+        """Take a resolver's answer. One the same as the last (good or bad) is not
+        checked again: a resolver that returns its cached list costs no validation
+        per call, and a bad answer is reported once, not per call."""
+        try:
+            answer: tuple[object, ...] = (urls,) if isinstance(urls, str | bytes) else tuple(urls)
+        except TypeError:  # not a sequence at all: refused below like any bad answer
+            answer = (urls,)
+        if answer == up.last_answer:
+            if self._bad_answers.get(up.host, "").startswith("raised "):
+                del self._bad_answers[up.host]  # answering again after a failure
+            return
+        up.last_answer = answer
+        problem = resolved_problem(urls)
+        if problem is None:
+            up.set_instances(engine, urls)
+            self._bad_answers.pop(up.host, None)
+        elif self._bad_answers.get(up.host) != problem:
+            # like a resolver down: the instances it named last still answer
+            self._bad_answers[up.host] = problem
+            logger.warning(
+                "fidelity_mw: the resolver's answer for %s is ignored: %s", up.host, problem
+            )
 
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
         """The transport's observer, else the engine's (looked up once from telemetry)."""
@@ -555,7 +571,6 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     return bridge(store.outbound_gate), bridge(store.record)
 
 
-@mypyc_attr(native_class=False)  # the engine holds transports weakly
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""

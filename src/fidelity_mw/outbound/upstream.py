@@ -29,12 +29,6 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
         problem = _base_urls(list(dict.fromkeys(urls)))
     except TypeError as exc:  # unhashable items
         return f"expected a list of base URLs ({exc})"
-    if problem is None:
-        for i, url in enumerate(urls):
-            try:
-                httpx.URL(url)
-            except (httpx.InvalidURL, TypeError) as exc:
-                return f"item {i}: {url!r} is not a URL ({exc})"
     return problem
 
 
@@ -110,6 +104,7 @@ class Upstream:
         "host",
         "instances",
         "key",
+        "last_answer",
         "paused_until",
         "plain",
         "policy",
@@ -159,6 +154,9 @@ class Upstream:
         hedge = cfg.hedge
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
+        # the resolver's last answer as given (duplicates and all, or one that was
+        # refused): an unchanged answer is not checked again
+        self.last_answer: tuple[object, ...] = ()
         self.instances: list[Instance] | None = None
         self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
         if cfg.instances:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+
 from ..errors import PolicyError, PolicyIssue
 
 Check = Callable[[Any], str | None]
@@ -72,7 +74,9 @@ def _tname(value: object) -> str:
 def redact_url(url: str) -> str:
     """`redis://user:secret@host` -> `redis://user:***@host`: messages and maps name the
     server, never its password."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    # Up to the last "@": a password typed raw may hold "/" or "@" itself. A URL with
+    # an "@" further on and no password is over-masked, never leaked.
+    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url, count=1)
 
 
 def _toml(value: object) -> str:
@@ -204,6 +208,10 @@ def _base_urls(value: Any) -> str | None:
         host = rest.rstrip("/")
         if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
             return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+        try:  # what httpx cannot parse (a port that is not a number) fails every call
+            httpx.URL(text)
+        except httpx.InvalidURL as exc:
+            return f"item {i}: {item!r} is not a URL ({exc})"
     if len(set(value)) != len(value):
         return "instance URLs must be distinct"
     return None
@@ -933,7 +941,8 @@ def _read_table(
     cls: type, data: Mapping[str, Any], path: str, issues: list[PolicyIssue], nested: _Nested
 ) -> dict[str, Any]:
     """Map TOML keys to constructor kwargs, checking unknown keys and nested tables."""
-    by_toml = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    by_toml = {f.metadata.get("toml", f.name): f.name for f in fields.values()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
@@ -950,9 +959,18 @@ def _read_table(
         if key in nested:
             sub_cls, is_array = nested[key]
             kwargs[attr] = _read_nested(sub_cls, value, where, issues, is_array, cls)
+        elif value is False and _false_means_none(fields[attr]):
+            kwargs[attr] = None  # TOML has no null: `false` turns an optional value off
         else:
             kwargs[attr] = tuple(value) if isinstance(value, list) else value
     return kwargs
+
+
+def _false_means_none(f: dataclasses.Field[Any]) -> bool:
+    """A value that may be none but is not by default (`deadline.default_ms`): TOML
+    has no null, so `false` says none. A flag's `false` is just false."""
+    kind = str(f.type)
+    return f.default is not None and kind.endswith("| None") and "bool" not in kind
 
 
 def _read_nested(

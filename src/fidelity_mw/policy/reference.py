@@ -151,8 +151,8 @@ DESCRIPTIONS: dict[str, str] = {
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
     "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
-    "deadline.default_ms": "Deadline of a request that sends none. Leave it out for no "
-    "default deadline.",
+    "deadline.default_ms": "Deadline of a request that sends none; `false` for no "
+    "default deadline (left out, it is 30 s).",
     "deadline.max_ms": "Longest deadline a caller may ask for; defaults to `default_ms`. "
     "Callers can shorten their deadline, not extend it.",
     # [[rate_limit]]

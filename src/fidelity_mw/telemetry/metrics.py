@@ -161,8 +161,8 @@ class Metrics:
         owner_ref = weakref.ref(owner)
 
         def observe_breakers(_options: CallbackOptions) -> Iterable[Observation]:
-            telemetry = owner_ref()
-            return telemetry.breaker_observations() if telemetry is not None else ()
+            watch = owner_ref()  # a BreakerWatch, held weakly
+            return watch.breaker_observations() if watch is not None else ()
 
         meter.create_observable_gauge(
             s.METRIC_BREAKER_STATE,

@@ -628,7 +628,12 @@ def _import(module_part: str, cwd: Path) -> ModuleType:
         raise ImportError(f"cannot load {module_part}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        # as importlib does for a failed import: no half-run module left to find later
+        sys.modules.pop(name, None)
+        raise
     return module
 
 
