@@ -201,8 +201,8 @@ async def test_a_queued_request_whose_deadline_passed_is_refused_not_run(
     clock: FakeClock,
 ) -> None:
     """A slot handed over after the request's deadline would only run an app that the
-    deadline cuts at once: the slot goes on to the next, the request is refused as a
-    queue timeout (its wait is bounded by its deadline too), and the app never sees it."""
+    deadline cuts at once: the slot goes on to the next, the request gets the deadline's
+    504 (its wait is bounded by its deadline too), and the app never sees it."""
     policy = Policy(
         breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=1, queue_timeout_ms=60_000)
     )
@@ -220,10 +220,10 @@ async def test_a_queued_request_whose_deadline_passed_is_refused_not_run(
     svc.gate.set()
     assert (await first).status_code == 200
     refused = await queued
-    assert refused.status_code == 503
+    assert refused.status_code == 504
     assert svc.entered == 1
-    ctx = next(c for c in svc.contexts if c.status == 503)
-    assert concurrency_decisions(ctx)[-1].reason == "queue_timeout"
+    ctx = next(c for c in svc.contexts if c.status == 504)
+    assert ctx.decisions[-1].reason == "expired_in_queue"
     assert limiter.in_flight == 0
     assert (await svc.client.get("/w")).status_code == 200  # the slot came back
 

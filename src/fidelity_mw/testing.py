@@ -55,7 +55,10 @@ class FakeClock:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
         """Run `callback` once the clock is advanced `delay` seconds past now (the
-        middleware's deadline enforcement schedules through this when present)."""
+        middleware's deadline enforcement schedules through this when present). With
+        `delay <= 0` it is due already: called from a running event loop, it runs on
+        that loop's next iteration, as `loop.call_later(0, ...)` would; with no loop in
+        the calling thread, at the next `advance`."""
         timer = FakeTimer(callback, self)
         with self._lock:
             timers = self._timers

@@ -60,7 +60,9 @@ The caller measures latency with its injected clock and reports it to
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -209,6 +211,7 @@ class ConcurrencyLimiter:
     __slots__ = (
         "_admitted_at",
         "_lag_peak",
+        "_lock",
         "_seq",
         "_waiters",
         "admitted_in_turn",
@@ -230,7 +233,10 @@ class ConcurrencyLimiter:
         self._lag_peak = 0.0
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
-        self._seq = 0
+        self._seq = itertools.count()
+        # One route's bulkhead may serve event loops in several threads (one middleware,
+        # several loops): the count and the queue change together, under this lock.
+        self._lock = threading.Lock()
 
     @property
     def limit(self) -> int:
@@ -301,33 +307,39 @@ class ConcurrencyLimiter:
         `now` (the caller's clock) spaces paced admissions by PACE_S; without it,
         pacing goes by loop turns alone. `waited_s` bounds how long the request
         waited before the caller could see it (None: not known)."""
-        limit = self.limit
-        fresh = False
-        if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
-            if self.spec.shed_stale and waited_s is not None and priority != CRITICAL:
-                stale = self._stale(waited_s, now)
-                if stale is not None:
-                    if stale:
-                        return Admission(False, STALE, self.in_flight, limit)
-                    fresh = True
-            if (
-                self.in_flight
-                and priority != CRITICAL
-                and (
-                    self.admitted_in_turn
-                    or (not fresh and now is not None and now - self._admitted_at < PACE_S)
-                )
-                and self.pacing
-            ):
-                return Admission(False, PACED, self.in_flight, limit)
-            self.in_flight += 1
-            self.admitted_in_turn += 1
-            if now is not None:
-                self._admitted_at = now
-            return Admission(True, UNDER_LIMIT, self.in_flight, limit)
-        reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
-        self.binding = True
-        return Admission(False, reason, self.in_flight, limit)
+        # (acquire / release, not `with`: on every request, half the cost of the lock)
+        lock = self._lock
+        lock.acquire()
+        try:
+            limit = self.limit
+            fresh = False
+            if self.in_flight < self._room(priority) and not self._waiters_ahead(priority):
+                if self.spec.shed_stale and waited_s is not None and priority != CRITICAL:
+                    stale = self._stale(waited_s, now)
+                    if stale is not None:
+                        if stale:
+                            return Admission(False, STALE, self.in_flight, limit)
+                        fresh = True
+                if (
+                    self.in_flight
+                    and priority != CRITICAL
+                    and (
+                        self.admitted_in_turn
+                        or (not fresh and now is not None and now - self._admitted_at < PACE_S)
+                    )
+                    and self.pacing
+                ):
+                    return Admission(False, PACED, self.in_flight, limit)
+                self.in_flight += 1
+                self.admitted_in_turn += 1
+                if now is not None:
+                    self._admitted_at = now
+                return Admission(True, UNDER_LIMIT, self.in_flight, limit)
+            reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
+            self.binding = True
+            return Admission(False, reason, self.in_flight, limit)
+        finally:
+            lock.release()
 
     def _waiters_ahead(self, priority: str) -> bool:
         # A newcomer does not overtake a queued request of the same or higher priority.
@@ -338,17 +350,19 @@ class ConcurrencyLimiter:
 
     def enqueue(self, priority: str, token: object) -> None:
         """Wait for a slot; `release` hands slots to waiters, best priority first."""
-        self._seq += 1
-        heapq.heappush(self._waiters, (PRIORITIES.index(priority), self._seq, token))
+        entry = (PRIORITIES.index(priority), next(self._seq), token)
+        with self._lock:
+            heapq.heappush(self._waiters, entry)
 
     def abandon(self, token: object) -> bool:
         """A waiter gave up (timeout, disconnect). True if it was still waiting."""
-        for i, entry in enumerate(self._waiters):
-            if entry[2] is token:
-                self._waiters.pop(i)
-                heapq.heapify(self._waiters)
-                return True
-        return False
+        with self._lock:
+            for i, entry in enumerate(self._waiters):
+                if entry[2] is token:
+                    self._waiters.pop(i)
+                    heapq.heapify(self._waiters)
+                    return True
+            return False
 
     def release(
         self, latency_s: float | None = None, *, dropped: bool = False, lag_s: float = 0.0
@@ -361,15 +375,32 @@ class ConcurrencyLimiter:
         request arriving now waits that long before anything can admit it, a
         queue the route's own latency does not show, so it counts in the sample.
         """
-        if self.estimate is not None:
-            self._lag_peak = max(lag_s, LAG_FADE * self._lag_peak)
-            if latency_s is not None or dropped:
-                sample = latency_s + lag_s if latency_s is not None else 0.0
-                # Shedding stale requests keeps fewer in flight than the limit allows:
-                # half the limit in use no longer shows it is what holds requests back.
-                binding = self.binding or not self.spec.shed_stale
-                self.estimate.sample(sample, self.in_flight, dropped, binding)
-                self.binding = False
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self.estimate is not None:
+                self._lag_peak = max(lag_s, LAG_FADE * self._lag_peak)
+                if latency_s is not None or dropped:
+                    sample = latency_s + lag_s if latency_s is not None else 0.0
+                    # Shedding stale requests keeps fewer in flight than the limit allows:
+                    # half the limit in use no longer shows it is what holds requests back.
+                    binding = self.binding or not self.spec.shed_stale
+                    self.estimate.sample(sample, self.in_flight, dropped, binding)
+                    self.binding = False
+            if not self._waiters:  # the common case, without a call
+                self.in_flight = max(0, self.in_flight - 1)
+                return []
+            return self._free_one()
+        finally:
+            lock.release()
+
+    def give_back(self) -> list[object]:
+        """A slot that served no request (its waiter gave up, or could not be woken):
+        free it for the waiters, without a sample. Returns those that now hold a slot."""
+        with self._lock:
+            return self._free_one()
+
+    def _free_one(self) -> list[object]:
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
         while self._waiters:

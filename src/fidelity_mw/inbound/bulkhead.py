@@ -2,7 +2,9 @@
 
 It runs after the deadline and before the breaker and the limiter, so a
 request shed for capacity costs the client no rate-limit quota and never
-touches the breaker (neither a failure nor a probe). The limiter itself is
+touches the breaker (neither a failure nor a probe). A queued request's wait
+ends at its deadline where the route enforces it; that refusal is the
+deadline's (504), not a capacity shed. The limiter itself is
 pure (`decide.concurrency`); this module picks the priority, waits in the
 queue when the route has one, records the decision and feeds the adaptive
 limit the latency of every request it admitted.
@@ -18,9 +20,12 @@ from .._types import Scope
 from ..context import (
     ALLOW,
     LAYER_CONCURRENCY,
+    LAYER_DEADLINE,
     QUEUED,
+    REJECT,
     SHED,
     SOURCE_MEMORY,
+    SOURCE_REQUEST,
     Decision,
     DecisionContext,
     DetailValue,
@@ -31,6 +36,7 @@ from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
 
 QUEUE_TIMEOUT = "queue_timeout"
+EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_on_arrival
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
 
@@ -47,6 +53,13 @@ class Bulkheads:
         self._bodies: dict[tuple[str, str], bytes] = {}
         self._lag: dict[str, LagProbe] = {}  # per adaptive route
         self._clock = LoopClock(self.monotonic)
+        self._expired_body = problem_body(
+            504,
+            "Gateway Timeout",
+            "the request's deadline passed while it waited for a slot",
+            "deadline-expired",
+            layer=LAYER_DEADLINE,
+        )
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
         """The route's class, unless a trusted peer names another one."""
@@ -85,14 +98,18 @@ class Bulkheads:
     async def wait(
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
     ) -> Rejection | None:
-        """Wait for a slot, best priority first, at most `queue_timeout_ms` and never past
-        the request's deadline (a slot then would only run an app that is cut at once)."""
+        """Wait for a slot, best priority first, at most `queue_timeout_ms`; where the route
+        enforces deadlines, never past the request's (a slot then would only run an app
+        that is cut at once), and that refusal is the deadline's 504."""
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
         timeout_s = plan.concurrency.queue_timeout_ms / 1000
-        deadline_at = ctx.deadline_at
-        if deadline_at is not None and deadline_at - now < timeout_s:
+        # (a route with `enforce = false` only records deadlines: its queue timeout stands)
+        deadline_at = ctx.deadline_at if plan.enforce else None
+        until_deadline = deadline_at is not None and deadline_at - now < timeout_s
+        if until_deadline:
+            assert deadline_at is not None
             timeout_s = max(deadline_at - now, 0.0)
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         limiter.enqueue(priority, slot)
@@ -101,14 +118,16 @@ class Bulkheads:
         except (TimeoutError, asyncio.CancelledError) as exc:
             if not limiter.abandon(slot):
                 # A release handed us the slot just as we gave up: give it back.
-                self._wake(limiter.release())
+                self._wake(limiter, limiter.give_back())
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if until_deadline:
+                return self._expired(ctx, self.monotonic())
             return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic())
         now = self.monotonic()
         if deadline_at is not None and now >= deadline_at:  # handed over too late
-            self._wake(limiter.release())
-            return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, now)
+            self._wake(limiter, limiter.give_back())
+            return self._expired(ctx, now)
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
         return None
 
@@ -132,23 +151,45 @@ class Bulkheads:
                 probe = self._lag[plan.route] = LagProbe(self.monotonic)
             lag = probe.lag_s
             probe.arm()
-        self._wake(limiter.release(latency, dropped=dropped, lag_s=lag))
+        woken = limiter.release(latency, dropped=dropped, lag_s=lag)
+        if woken:
+            self._wake(limiter, woken)
 
     @staticmethod
-    def _wake(slots: list[object]) -> None:
-        if not slots:
-            return
+    def _wake(limiter: ConcurrencyLimiter, slots: list[object]) -> None:
+        """Hand the slots a release gave to waiters over to their requests. Never raises:
+        it runs as a request unwinds, before the observer's end and the context reset."""
         # (None when a request is unwound outside its loop, e.g. finalised after it closed)
         running = asyncio.events._get_running_loop()
-        for slot in slots:
+        i = 0
+        while i < len(slots):
+            slot = slots[i]
+            i += 1
             assert isinstance(slot, asyncio.Future)
             loop = slot.get_loop()
             if loop is running:
                 _hand(slot)
-            elif not loop.is_closed():
+                continue
+            if not loop.is_closed():
                 # queued on a loop in another thread: handed over there (from here that
                 # loop is not even woken up; the request sat out its queue timeout)
-                loop.call_soon_threadsafe(_hand, slot)
+                try:
+                    loop.call_soon_threadsafe(_hand, slot)
+                    continue
+                except RuntimeError:  # closed since the check
+                    pass
+            # Its loop is gone, and its request with it: the slot goes to the next waiter.
+            slots.extend(limiter.give_back())
+
+    def _expired(self, ctx: DecisionContext, now: float) -> Rejection:
+        """The deadline passed while the request waited for a slot: the deadline's refusal,
+        as on arrival or while the app runs (504, no Retry-After), not a capacity shed."""
+        ctx.decisions.append(
+            Decision(LAYER_DEADLINE, ctx.route, REJECT, EXPIRED_IN_QUEUE, SOURCE_REQUEST, 0.0, now)
+        )
+        ctx.decided_by = LAYER_DEADLINE
+        ctx.outcome = OUTCOME_EXPIRED
+        return 504, [], self._expired_body
 
     @staticmethod
     def _record(

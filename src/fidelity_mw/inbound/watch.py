@@ -103,8 +103,9 @@ class ResponseWatcher:
         if watch is None:
             return
         self.watch = watch
-        # asyncio.current_task(), asking the loop last seen running in this thread first
-        # (DeadlineWatch.running_task: no system call per request)
+        # asyncio.current_task(), asking `home`'s loop first when this thread's asyncgen
+        # hook is the one that loop installed (DeadlineWatch.running_task: no system call
+        # per request)
         home = watch.home
         task = (
             current_task(home[1]) if home is not None and _asyncgen_hooks()[0] is home[0] else None
@@ -122,7 +123,13 @@ class ResponseWatcher:
             del watch.inflight[self]
 
     def expire(self) -> None:
-        self.disarm()
+        watch = self.watch
+        if watch is None:
+            # Disarmed (its response started, or the app returned) after the timer of
+            # another thread's loop posted this expiry: too late to act on.
+            return
+        self.watch = None
+        del watch.inflight[self]
         task = self.task
         if self.started or self.expired or task is None or task.done():
             return  # a started response is never cut; a request is cancelled once
