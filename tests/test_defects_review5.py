@@ -271,3 +271,30 @@ def test_false_turns_off_the_default_deadline(tmp_path: Path) -> None:
     path.write_text("[deadline]\ndefault_ms = true\n")
     with pytest.raises(PolicyError, match=r"deadline\.default_ms"):
         PolicyFromFile.from_toml(path)
+
+
+# ---------------------------------------------- redis-py 8.2 and unix sockets
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("unix:///run/redis.sock?db=0", ("unix:///run/redis.sock?db=0", False)),
+        ("unix:///run/redis.sock", ("unix:///run/redis.sock", False)),
+        ("tiered+unix:///run/r.sock?cluster=0&db=2", ("unix:///run/r.sock?db=2", False)),
+        ("redis://h:6379/0?cluster=1", ("redis://h:6379/0", True)),
+        (
+            "rediss://u:p@h:1/0?ssl_cert_reqs=none&cluster=yes",
+            ("rediss://u:p@h:1/0?ssl_cert_reqs=none", True),
+        ),
+    ],
+)
+def test_the_url_handed_to_redis_py_keeps_its_scheme_slashes(
+    url: str, expected: tuple[str, bool]
+) -> None:
+    """Stripping our `cluster=` flag rebuilt the URL through urlunsplit, which turns
+    `unix:///path?db=0` into `unix:/path?db=0`: redis-py 8.2 refuses that, so every
+    unix-socket policy failed to connect."""
+    from fidelity_mw.state.redis import redis_url
+
+    assert redis_url(url) == expected

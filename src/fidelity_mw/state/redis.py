@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -149,16 +149,21 @@ def redis_url(url: str) -> tuple[str, bool]:
     """Strip `tiered+` and our own `cluster=` query flag: (redis-py URL, cluster?)."""
     if url.startswith("tiered+"):
         url = url[len("tiered+") :]
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    # Only the query is rebuilt: a round trip through urlunsplit turns `unix:///path`
+    # into `unix:/path`, which redis-py >= 8.2 refuses.
+    base, has_query, rest = url.partition("?")
+    if not has_query:
+        return url, False
+    query_text, has_fragment, fragment = rest.partition("#")
     cluster = False
     kept = []
-    for name, value in query:
+    for name, value in parse_qsl(query_text, keep_blank_values=True):
         if name == "cluster":
             cluster = value.lower() in ("1", "true", "yes", "on")
         else:
             kept.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), cluster
+    query = urlencode(kept)
+    return base + ("?" + query if query else "") + has_fragment + fragment, cluster
 
 
 def build_client(url: str, config: StateConfig) -> RedisClient:
