@@ -226,7 +226,8 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.max_queue": "Requests that may wait for a slot beyond the limit (0: none; "
     "refused at once).",
     "concurrency.queue_timeout_ms": "How long a queued request waits before it is refused "
-    "(never past its deadline: a slot after it would only run an app cut at once).",
+    "with 503 (never past an enforced deadline: then it is the deadline's 504, as a slot "
+    "after it would only run an app cut at once).",
     "concurrency.default_share": "Share of the limit `default` requests may fill.",
     "concurrency.sheddable_share": "Share of the limit `sheddable` requests may fill "
     "(at most `default_share`).",
