@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from fidelity_mw import FidelityMiddleware, Policy, RouteConfig
-from fidelity_mw.context import LAYER_DEADLINE, REJECT
+from fidelity_mw.context import LAYER_DEADLINE, REJECT, DecisionContext
 from fidelity_mw.decide.concurrency import ConcurrencyLimiter, ConcurrencySpec
+from fidelity_mw.engine import Engine
 from fidelity_mw.inbound.watch import DeadlineWatch, ResponseWatcher
 from fidelity_mw.policy import ConcurrencyConfig
 from fidelity_mw.testing import FakeClock
@@ -248,7 +249,8 @@ async def test_an_expiry_that_arrives_after_the_request_disarmed_cancels_nothing
     (its response started, or the app returned): the late expiry must leave it alone."""
     clock = FakeClock()
     watch = DeadlineWatch(clock.monotonic, clock.call_later)
-    ctx: Any = object()
+    engine = Engine(Policy(), clock=clock)
+    ctx = DecisionContext(engine, "inbound", "GET", clock.monotonic())
 
     async def send(message: Any) -> None:
         pass
