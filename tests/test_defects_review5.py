@@ -298,3 +298,36 @@ def test_the_url_handed_to_redis_py_keeps_its_scheme_slashes(
     from fidelity_mw.state.redis import redis_url
 
     assert redis_url(url) == expected
+
+
+# ---------------------------------------------- patterns that can never match
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("rate_limit", "match", "api/*"),
+        ("route", "match", "health"),
+        ("upstream", "host", "https://payments.internal"),
+        ("upstream", "host", "payments.internal:8443"),
+        ("upstream", "host", "payments.internal/v1"),
+    ],
+)
+def test_a_pattern_that_can_never_match_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, key: str, value: str
+) -> None:
+    """A path glob without its leading slash, or a host written as a URL or with a port,
+    passed `check` and silently never applied (a limit let everything through, an
+    upstream's retry settings gave way to the defaults)."""
+    extra = 'name = "a"\nrate = "1/min"\n' if table == "rate_limit" else ""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(f'[[{table}]]\n{extra}{key} = "{value}"\n')
+    assert cli_main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{table}[0].{key}" in out
+    assert "never matches" in out
+
+
+@pytest.mark.parametrize("host", ["*", "payments.internal", "*.internal", "::1", "10.0.0.7"])
+def test_hosts_and_globs_that_can_match_are_accepted(host: str) -> None:
+    assert UpstreamConfig(host=host).host == host

@@ -246,18 +246,38 @@ def _statuses(value: Any) -> str | None:
     return None
 
 
-def _glob(value: Any) -> str | None:
+def _any_glob(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return f'expected a glob such as "/api/*", got {_toml(value)}'
     return None
 
 
+def _glob(value: Any) -> str | None:
+    """A request path glob. Paths start with "/": a pattern that cannot is a silent no-op."""
+    problem = _any_glob(value)
+    if problem is None and value[0] not in "/*?":
+        problem = (
+            f"{_toml(value)} never matches: request paths start with a slash "
+            f"(write {_toml('/' + value)})"
+        )
+    return problem
+
+
+_HOST_WITH_PORT = re.compile(r"[^:]+:[0-9]+")
+
+
 def _host_glob(value: Any) -> str | None:
-    problem = _glob(value)
+    problem = _any_glob(value)
     if problem is None and any(not " " < ch <= "~" or ch in '"\\' for ch in value):
         problem = (
             f"{_toml(value)} is not a host glob: hosts are matched in their ASCII form "
             "(write an internationalised name as xn--...), without spaces, quotes or backslashes"
+        )
+    elif problem is None and ("/" in value or _HOST_WITH_PORT.fullmatch(value)):
+        # matched against the URL's host alone: a scheme, port or path never matches
+        problem = (
+            f"{_toml(value)} never matches: write the host alone, without a scheme, "
+            'port or path (for example "payments.internal")'
         )
     return problem
 
