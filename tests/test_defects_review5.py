@@ -331,3 +331,46 @@ def test_a_pattern_that_can_never_match_is_an_error(
 @pytest.mark.parametrize("host", ["*", "payments.internal", "*.internal", "::1", "10.0.0.7"])
 def test_hosts_and_globs_that_can_match_are_accepted(host: str) -> None:
     assert UpstreamConfig(host=host).host == host
+
+
+# ---------------------------------------------- a transport's own policy under a middleware
+
+
+@pytest.mark.anyio
+async def test_a_transports_own_policy_overridden_by_the_middleware_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/migration.md's examples build `FidelityTransport(policy=...)`; inside a request
+    the middleware's policy applies, so those settings silently did nothing."""
+    from fidelity_mw.policy import RetryConfig
+
+    calls: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        return httpx.Response(503)
+
+    own = Policy(upstreams=(UpstreamConfig(host="up.internal", retry=RetryConfig(attempts=1)),))
+    transport = FidelityTransport(httpx.MockTransport(upstream), policy=own, telemetry=False)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with httpx.AsyncClient(transport=transport) as client:
+            got = await client.get("http://up.internal/x")
+        await send({"type": "http.response.start", "status": got.status_code, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = FidelityMiddleware(app, policy=Policy(breaker=None), telemetry=False)
+    with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=mw), base_url="http://t"
+        ) as client:
+            for _ in range(3):
+                await client.get("/")
+        # outside a request the transport's own policy applies: one attempt, no warning
+        async with httpx.AsyncClient(transport=transport) as outside:
+            before = len(calls)
+            await outside.get("http://up.internal/x")
+            assert len(calls) - before == 1
+    said = [r for r in caplog.records if "its own policy" in r.getMessage()]
+    assert len(said) == 1
+    assert "middleware's policy" in said[0].getMessage()

@@ -138,6 +138,8 @@ class _Base:
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
+        # A policy given here that a request's middleware overrides: said once (below).
+        self._own_policy = self.engine.policy if policy is not None or engine else None
         self._observer = observer
         self._telemetry = telemetry
         self._resolver = resolver
@@ -163,6 +165,14 @@ class _Base:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._upstreams.clear()
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
+            own = self._own_policy
+            if own is not None and engine is not self.engine and engine.policy != own:
+                self._own_policy = None  # once per transport
+                logger.warning(
+                    "fidelity_mw: a FidelityTransport built with its own policy is used "
+                    "inside a request handled by FidelityMiddleware: the middleware's policy "
+                    "applies there (put the [[upstream]] tables in the middleware's policy)"
+                )
         resolver = self._resolver
         if resolver is not None:
             try:
