@@ -374,3 +374,36 @@ async def test_a_transports_own_policy_overridden_by_the_middleware_is_said_once
     said = [r for r in caplog.records if "its own policy" in r.getMessage()]
     assert len(said) == 1
     assert "middleware's policy" in said[0].getMessage()
+
+
+# ---------------------------------------------- a deadline header repeated
+
+
+@pytest.mark.parametrize(
+    ("lines", "status"),
+    [
+        ([b"100", b"900000"], 504),  # the shorter one (100 ms) has passed by then
+        ([b"900000", b"100"], 504),
+        ([b"900000", b"800000"], 200),
+        ([b"100", b"abc"], 200),  # one malformed value: malformed, the default applies
+    ],
+)
+@pytest.mark.anyio
+async def test_a_repeated_deadline_header_takes_the_shortest_value(
+    lines: list[bytes], status: int
+) -> None:
+    """Two hops each adding `x-request-timeout-ms` (100 and 900000): the caller's shorter
+    deadline was dropped as malformed and the 30 s default applied instead."""
+    clock = FakeClock()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        clock.advance(0.5)  # the handler takes 500 ms
+        await asyncio.sleep(0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = FidelityMiddleware(app, policy=Policy(breaker=None), clock=clock, telemetry=False)
+    headers = [(b"x-request-timeout-ms", line) for line in lines]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
+        got = await c.get("/", headers=headers)
+    assert got.status_code == status

@@ -42,9 +42,34 @@ def parse_grpc_timeout(value: bytes) -> float | None:
     return int(digits) * unit
 
 
+def _shortest(parse: Callable[[bytes], float | None]) -> Callable[[bytes], float | None]:
+    """The header repeated (its lines joined with ","): the shortest of the values, as
+    each hop that added one allows no more; any malformed value makes it malformed."""
+
+    def parse_list(value: bytes) -> float | None:
+        if b"," not in value:
+            return parse(value)
+        if len(value) > 8 * _MAX_HEADER_CHARS:  # a few hops' values, not a list to scan
+            return None
+        shortest: float | None = None
+        for part in value.split(b","):
+            seconds = parse(part.strip(b" \t"))
+            if seconds is None:
+                return None
+            if shortest is None or seconds < shortest:
+                shortest = seconds
+        return shortest
+
+    return parse_list
+
+
+_PARSE_TIMEOUT_MS_LIST: Final = _shortest(parse_timeout_ms)
+_PARSE_GRPC_TIMEOUT_LIST: Final = _shortest(parse_grpc_timeout)
+
+
 def deadline_parser(name: str) -> Callable[[bytes], float | None]:
     """The parser for a deadline header: `grpc-timeout` syntax, else milliseconds."""
-    return parse_grpc_timeout if name == "grpc-timeout" else parse_timeout_ms
+    return _PARSE_GRPC_TIMEOUT_LIST if name == "grpc-timeout" else _PARSE_TIMEOUT_MS_LIST
 
 
 def parse_deadline(name: str, value: bytes) -> float | None:
