@@ -407,3 +407,15 @@ async def test_a_repeated_deadline_header_takes_the_shortest_value(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
         got = await c.get("/", headers=headers)
     assert got.status_code == status
+
+
+def test_a_single_entry_where_a_list_belongs_is_a_policy_error() -> None:
+    """`Policy(rate_limits=RateLimit(...))` raised a bare TypeError from a check between
+    fields instead of the field's own error."""
+    from fidelity_mw import RateLimit
+
+    with pytest.raises(PolicyError) as caught:
+        Policy(rate_limits=RateLimit(name="a", rate="1/s"))  # type: ignore[arg-type]
+    assert "expected a list of RateLimit" in str(caught.value)
+    with pytest.raises(PolicyError, match="expected an UpstreamConfig"):
+        Policy(upstreams=[{"host": "a"}])  # type: ignore[list-item]

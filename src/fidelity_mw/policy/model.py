@@ -328,10 +328,14 @@ def _key(value: Any) -> str | None:
 def _instance(cls: type) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, cls):
-            return f"expected a {cls.__name__}, got {_tname(value)}"
+            return f"expected {_a(cls.__name__)}, got {_tname(value)}"
         return None
 
     return check
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "AEIOU" else "a ") + noun
 
 
 def _items(cls: type) -> Check:
@@ -340,7 +344,7 @@ def _items(cls: type) -> Check:
             return f"expected a list of {cls.__name__}, got {_tname(value)}"
         for i, item in enumerate(value):
             if not isinstance(item, cls):
-                return f"item {i}: expected a {cls.__name__}, got {_tname(item)}"
+                return f"item {i}: expected {_a(cls.__name__)}, got {_tname(item)}"
         return None
 
     return check
@@ -738,6 +742,8 @@ class Policy(_Validated):
         object.__setattr__(self, "_version", hashlib.sha256(blob.encode()).hexdigest()[:12])
 
     def _cross_checks(self) -> list[PolicyIssue]:
+        if not self._valid("rate_limits", "routes"):  # (reported as those fields' own)
+            return []
         limits = [lim.name if isinstance(lim, RateLimit) else None for lim in self.rate_limits]
         routes = [r.route_name if isinstance(r, RouteConfig) else None for r in self.routes]
         return _duplicate_names(limits, routes)
