@@ -79,28 +79,24 @@ class Engine:
 
     def plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:
         """The plan for this request; cached by (method, path), bounded."""
-        method: str = scope["method"]
-        path: str = scope["path"]
-        plan = self._plans.get((method, path))
-        if plan is None:
-            plan = self._build_plan(scope, method, path)
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            self._plans[(method, path)] = plan
-        return plan
+        return self._cached_plan(scope, scope["method"], False)
 
     def preflight_plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:
         """The plan for a CORS preflight: the route's, without its rate limits. A
         browser sends one on its own before a cross-origin call; charging it would
         bill the client twice per call, and refusing it would reach the page as a
         CORS failure (the 429 unreadable). Cached like `plan_for`."""
+        return self._cached_plan(scope, "OPTIONS", True)
+
+    def _cached_plan(self, scope: Mapping[str, Any], method: str, preflight: bool) -> RoutePlan:
         path: str = scope["path"]
-        plan = self._plans.get((_PREFLIGHT, path))
+        key = (_PREFLIGHT if preflight else method, path)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = self._build_plan(scope, "OPTIONS", path, preflight=True)
+            plan = self._build_plan(scope, method, path, preflight)
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            self._plans[(_PREFLIGHT, path)] = plan
+            self._plans[key] = plan
         return plan
 
     def _build_plan(

@@ -123,13 +123,11 @@ class ResponseWatcher:
             del watch.inflight[self]
 
     def expire(self) -> None:
-        watch = self.watch
-        if watch is None:
+        if self.watch is None:
             # Disarmed (its response started, or the app returned) after the timer of
             # another thread's loop posted this expiry: too late to act on.
             return
-        self.watch = None
-        del watch.inflight[self]
+        self.disarm()
         task = self.task
         if self.started or self.expired or task is None or task.done():
             return  # a started response is never cut; a request is cancelled once

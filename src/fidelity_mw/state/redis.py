@@ -51,17 +51,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterDownError,
-    MaxConnectionsError,
-    NoScriptError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._types import Clock, RandomSource
@@ -75,6 +66,8 @@ from .base import InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
+from .redis_sync import CALL_ERRORS as _CALL_ERRORS
+from .redis_sync import UNREACHABLE as _UNREACHABLE
 from .redis_sync import SyncLink
 from .scripts import Script, load_script
 from .snapshot import (
@@ -90,12 +83,6 @@ logger = logging.getLogger("fidelity_mw.redis")
 
 SOURCE_REDIS: Final = "redis"
 SOURCE_FALLBACK: Final = "fallback"
-
-# Errors that mean "the state is unreachable right now" (as opposed to a bad
-# reply to one call): they switch the store to its failure mode until a probe
-# succeeds.
-_UNREACHABLE = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
-_CALL_ERRORS = (RedisError, OSError, TimeoutError)
 
 _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 

@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fidelity_mw.redis")
 
 _PAUSE_AFTER_ERROR_S: Final = 0.5
-_CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
-# error replies that still mean "Redis cannot serve us now" (as in redis.py)
-_UNREACHABLE: Final = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
+# What a call to Redis can raise, for both clients (this one and redis.py's asyncio one).
+CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
+# Error replies that still mean "the state is unreachable right now" (as opposed to a
+# bad reply to one call): they switch a store to its failure mode.
+UNREACHABLE: Final = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
 
 
 class PoolExhausted(MaxConnectionsError):
@@ -141,7 +143,7 @@ class SyncLink:
         client = self.client()
         try:
             reply = self._evalsha(client, script, keys, args)
-        except _CALL_ERRORS as exc:
+        except CALL_ERRORS as exc:
             self._failed(exc)
             return None
         done = clock.monotonic()
@@ -161,7 +163,7 @@ class SyncLink:
     def _failed(self, exc: BaseException) -> None:
         self._stats.errors += 1
         if isinstance(exc, MaxConnectionsError) or (
-            isinstance(exc, ResponseError) and not isinstance(exc, _UNREACHABLE)
+            isinstance(exc, ResponseError) and not isinstance(exc, UNREACHABLE)
         ):
             # Redis answered (an error reply) or every connection was busy: only
             # this call falls back; pausing would fail every thread's next calls.
