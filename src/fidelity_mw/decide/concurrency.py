@@ -348,11 +348,25 @@ class ConcurrencyLimiter:
     def can_queue(self) -> bool:
         return len(self._waiters) < self.spec.max_queue
 
-    def enqueue(self, priority: str, token: object) -> None:
-        """Wait for a slot; `release` hands slots to waiters, best priority first."""
+    def enqueue(self, priority: str, token: object, paced: bool = False) -> bool:
+        """Wait for a slot; `release` hands slots to waiters, best priority first.
+
+        True: the slot is taken now instead. Between the refusal and this call a
+        request on another thread's event loop may have freed a slot, with no waiter
+        yet to hand it to; queued, this request would wait for the next release, or
+        its whole queue timeout, beside a free slot. A `paced` refusal had room: it
+        waits its turn in the queue."""
         entry = (PRIORITIES.index(priority), next(self._seq), token)
         with self._lock:
+            if (
+                not paced
+                and self.in_flight < self._room(priority)
+                and not self._waiters_ahead(priority)
+            ):
+                self.in_flight += 1
+                return True
             heapq.heappush(self._waiters, entry)
+            return False
 
     def abandon(self, token: object) -> bool:
         """A waiter gave up (timeout, disconnect). True if it was still waiting."""

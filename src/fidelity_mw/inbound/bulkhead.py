@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Literal
 
 from .._types import Scope
 from ..context import (
@@ -30,7 +29,7 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.concurrency import PRIORITIES, STALE, ConcurrencyLimiter
+from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
@@ -75,8 +74,9 @@ class Bulkheads:
 
     def enter_now(
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
-    ) -> Rejection | Literal[True] | None:
-        """Take a slot now (None), refuse (a Rejection), or True: wait in the queue."""
+    ) -> Rejection | str | None:
+        """Take a slot now (None), refuse (a Rejection), or wait in the queue: the reason
+        it was refused now (a str, for `wait`)."""
         limiter = plan.bulkhead
         assert limiter is not None
         waited = None
@@ -92,11 +92,11 @@ class Bulkheads:
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
         if admission.reason != STALE and limiter.can_queue():
-            return True  # (a stale request only grows staler in the queue)
+            return admission.reason  # (a stale request only grows staler in the queue)
         return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
-        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
+        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float, refused: str
     ) -> Rejection | None:
         """Wait for a slot, best priority first, at most `queue_timeout_ms`; where the route
         enforces deadlines, never past the request's (a slot then would only run an app
@@ -112,7 +112,10 @@ class Bulkheads:
             assert deadline_at is not None
             timeout_s = max(deadline_at - now, 0.0)
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        limiter.enqueue(priority, slot)
+        if limiter.enqueue(priority, slot, paced=refused == PACED):
+            # freed since the refusal, by a request on another thread's loop
+            self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
+            return None
         try:
             await asyncio.wait_for(asyncio.shield(slot), timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:

@@ -125,9 +125,18 @@ class FidelityMiddleware:
         # spent retry budget, a timeout that was the deadline) as 503/504; False: let
         # them through to the server, as any exception.
         self.answer_refusals = answer_refusals
+        self._nested_said = False  # another FidelityMiddleware decided this request first
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
+
+    def _say_nested(self) -> None:
+        self._nested_said = True
+        logger.warning(
+            "fidelity_mw: a request went through two FidelityMiddleware: each keeps its own "
+            "state, so its limits and breakers are counted twice. Keep one (route policies "
+            "in one Policy: docs/policy.md); `fidelity-mw map` shows the stack."
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,6 +175,8 @@ class FidelityMiddleware:
         if state is None:
             scope["state"] = {"fidelity": ctx}
         else:
+            if "fidelity" in state and not self._nested_said:
+                self._say_nested()
             state["fidelity"] = ctx
         observer = self.observer
         obs_token = None
@@ -196,8 +207,8 @@ class FidelityMiddleware:
                     bulkheads = self._bulkheads
                     priority = bulkheads.priority(plan, scope, found)
                     entered = bulkheads.enter_now(ctx, plan, priority, now)
-                    if entered is True:
-                        rejection = await bulkheads.wait(ctx, plan, priority, now)
+                    if isinstance(entered, str):  # refused for now: wait in the queue
+                        rejection = await bulkheads.wait(ctx, plan, priority, now, entered)
                     elif entered is not None:
                         rejection = entered
                     in_bulkhead = rejection is None

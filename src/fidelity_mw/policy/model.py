@@ -778,9 +778,12 @@ class Policy(_Validated):
         issues: list[PolicyIssue] = []
         kwargs = _read_table(cls, data, "", issues, nested=_POLICY_NESTED)
         if issues:
-            # The policy cannot be built, so its own cross-checks would not run: find
-            # duplicate names in the plain data, so every problem is reported at once.
-            issues.extend(_duplicate_names(*_raw_names(data)))
+            if _unknown_keys_only(issues, ""):
+                _more_issues(cls, kwargs, "", issues)  # its cross-checks among them
+            else:
+                # The policy cannot be built, so its own cross-checks would not run: find
+                # duplicate names in the plain data, so every problem is reported at once.
+                issues.extend(_duplicate_names(*_raw_names(data)))
             raise PolicyError(issues)
         try:
             return cls(**kwargs)
@@ -1036,6 +1039,30 @@ def _read_nested(
     return _build(sub_cls, value, where, issues, sub_nested)
 
 
+def _unknown_keys_only(found: list[PolicyIssue], where: str) -> bool:
+    """Every issue found in the table at `where` is an unknown key of its own (none in a
+    table within it, which would leave a hole in what the table is built from)."""
+    prefix = f"{where}." if where else ""
+    return all(
+        i.message.startswith("unknown key")
+        and i.path.startswith(prefix)
+        and "." not in i.path[len(prefix) :]
+        and "[" not in i.path[len(prefix) :]
+        for i in found
+    )
+
+
+def _more_issues(cls: type, kwargs: dict[str, Any], where: str, issues: list[PolicyIssue]) -> None:
+    """A table with an unknown key is not built; its known keys are still checked, so one
+    run of `check` names every problem, not the typo first and the rest next time."""
+    try:
+        cls(**kwargs)
+    except PolicyError as exc:
+        issues.extend(exc.prefixed(where).issues if where else exc.issues)
+    except TypeError:  # pragma: no cover - guarded by the unknown-key check
+        pass
+
+
 def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
     if not isinstance(value, Mapping):
         issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {_toml(value)}"))
@@ -1043,6 +1070,8 @@ def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested:
     before = len(issues)
     kwargs = _read_table(cls, value, where, issues, nested)
     if len(issues) > before:
+        if _unknown_keys_only(issues[before:], where):
+            _more_issues(cls, kwargs, where, issues)
         return None
     try:
         return cls(**kwargs)

@@ -1,0 +1,162 @@
+"""Defects a sixth review found.
+
+1. The route bulkhead, shared by event loops in several threads: a request refused for a
+   full bulkhead queued itself a moment later, and a slot freed by a request on another
+   thread in between found no waiter to go to; the request then waited beside a free slot
+   for the next release, or its whole queue timeout and a 503.
+2. Two FidelityMiddleware on one request's way (each charging its limits) were silent
+   at run time.
+3. A policy table with an unknown key was not checked further: its other errors showed
+   only once the typo was fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.context import QUEUED
+from fidelity_mw.decide.concurrency import DEFAULT, ConcurrencyLimiter, ConcurrencySpec
+from fidelity_mw.errors import PolicyError
+from fidelity_mw.policy import ConcurrencyConfig
+from fidelity_mw.testing import FakeClock
+from test_bulkhead import Service, concurrency_decisions
+
+# ------------------------------------- 1. a slot freed between the refusal and the queue
+
+
+def test_a_slot_freed_after_the_refusal_is_taken_when_the_request_queues() -> None:
+    limiter = ConcurrencyLimiter(ConcurrencySpec(limit=1, max_queue=4))
+    assert limiter.try_acquire(DEFAULT).admitted
+    refused = limiter.try_acquire(DEFAULT)
+    assert (refused.admitted, refused.reason) == (False, "at_limit")
+    assert limiter.release() == []  # another thread's request ends: nobody waits yet
+    assert limiter.enqueue(DEFAULT, "late") is True  # the free slot, not the queue
+    assert (limiter.in_flight, limiter.waiting) == (1, 0)
+    assert limiter.release() == []
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+def test_a_paced_request_queues_though_a_slot_is_free() -> None:
+    """Pacing refuses with room left on purpose: such a request waits its turn."""
+    limiter = ConcurrencyLimiter(ConcurrencySpec(limit=4, max_queue=4))
+    assert limiter.enqueue(DEFAULT, "paced", paced=True) is False
+    assert (limiter.in_flight, limiter.waiting) == (0, 1)
+
+
+def test_a_queued_request_does_not_overtake_a_better_waiter_through_a_freed_slot() -> None:
+    limiter = ConcurrencyLimiter(ConcurrencySpec(limit=1, max_queue=4))
+    assert limiter.try_acquire(DEFAULT).admitted
+    assert limiter.enqueue("critical", "first") is False
+    assert limiter.enqueue(DEFAULT, "second") is False
+    assert limiter.release() == ["first"]
+
+
+@pytest.mark.anyio
+async def test_a_request_refused_as_another_threads_request_ends_takes_its_slot(
+    clock: FakeClock,
+) -> None:
+    """One slot, held by a request served on another thread's loop, which ends right
+    after this request was refused and before it queued (the plant below): this request
+    is served, its record says it got a freed slot, and nothing stays held or queued.
+    Before the fix it waited out its queue timeout and got a 503."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=2000)
+    )
+    svc = Service(policy, clock)
+    assert (await svc.client.get("/w")).status_code == 200  # the route's bulkhead is made
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.try_acquire(DEFAULT).admitted  # the other thread's request
+    bulkheads = svc.mw._bulkheads
+    refusals: list[Any] = []
+    enter_now = bulkheads.enter_now
+
+    def refused_then_freed(*args: Any) -> Any:
+        entered = enter_now(*args)
+        refusals.append(entered)
+        limiter.release()  # the other thread's request ends here
+        return entered
+
+    bulkheads.enter_now = refused_then_freed
+    response = await svc.client.get("/w")
+    (entered,) = refusals
+    assert entered is not None  # refused for now ...
+    assert not isinstance(entered, tuple)  # ... to queue, not shed
+    assert response.status_code == 200
+    (decision,) = concurrency_decisions(svc.contexts[-1])
+    assert (decision.verdict, decision.reason) == (QUEUED, "slot_freed")
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+# ------------------------------------------- 2. two FidelityMiddleware on one request
+
+
+def _stack(middlewares: int) -> Any:
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app: Any = ok
+    for _ in range(middlewares):
+        app = FidelityMiddleware(app, policy=Policy(), telemetry=False)
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("middlewares", [1, 2])
+async def test_a_request_through_two_fidelity_middlewares_is_said_once(
+    middlewares: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only `fidelity-mw map` said so: a service that added the middleware twice (in the
+    app and again in a mounted sub-app, say) had every limit charged twice, silently."""
+    transport = httpx.ASGITransport(app=_stack(middlewares))
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+            for _ in range(3):
+                assert (await client.get("/")).status_code == 200
+    said = [r for r in caplog.records if "two FidelityMiddleware" in r.getMessage()]
+    assert len(said) == (1 if middlewares == 2 else 0)
+
+
+# ------------------------------- 3. an unknown key hid the other problems of its table
+
+
+def _issues(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict(data)
+    return sorted(str(i) for i in caught.value.issues)
+
+
+def test_a_table_with_an_unknown_key_still_has_its_other_keys_checked() -> None:
+    """One run of `check` names every problem: the typo and the bad value beside it (the
+    value's error used to appear only once the typo was fixed)."""
+    found = _issues({"breaker": {"failure_ratio": 2, "typo": 1}})
+    assert found[0] == "breaker.failure_ratio: 2 is out of range: allowed > 0.0 and <= 1.0"
+    assert found[1].startswith("breaker.typo: unknown key")
+    assert len(found) == 2
+    found = _issues({"upstream": [{"host": "a.internal", "retry": {"attempts": 0, "x": 1}}]})
+    assert found[0] == "upstream[0].retry.attempts: 0 is out of range: allowed between 1 and 10"
+    assert found[1].startswith("upstream[0].retry.x: unknown key")
+    assert len(found) == 2
+
+
+def test_an_unknown_top_level_key_leaves_the_policys_own_checks_to_run_once() -> None:
+    data = {"bogus": 1, "trusted_peers": 5, "rate_limit": [{"name": "a"}, {"name": "a"}]}
+    found = _issues(data)
+    assert found[0].startswith("bogus: unknown key")
+    assert found[1].startswith('rate_limit[1].name: "a" is already the name of rate_limit[0]')
+    assert found[2].startswith("trusted_peers: expected a list")
+    assert len(found) == 3
+
+
+def test_a_table_whose_inner_table_failed_adds_no_guess_about_it() -> None:
+    """A route whose breaker table is broken is not rebuilt with a default breaker (which
+    could raise cross-checks about a breaker the file does not have): only the real ones."""
+    found = _issues({"route": [{"match": "/a", "x": 1, "breaker": {"failure_ratio": 7}}]})
+    assert found[0].startswith("route[0].breaker.failure_ratio: 7 is out of range")
+    assert found[1].startswith("route[0].x: unknown key")
+    assert len(found) == 2
