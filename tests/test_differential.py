@@ -46,6 +46,7 @@ import pytest
 import redis as redis_sync
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyFailure
 
 import fidelity_mw
 from fidelity_mw.decide import breaker as breaker_module
@@ -613,8 +614,14 @@ def test_planted_bug_is_caught(
     def differential(case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
         harness.run(case)
 
-    with pytest.raises(AssertionError):
+    # Caught: a sequence failed. Hypothesis calls it flaky when the failing sequence then
+    # passes on its replay (seen once, in the compiled build: the store's background
+    # flushes run on the wall clock, so across sequences their timing can differ);
+    # the failure it saw first is still the plant's.
+    with pytest.raises((AssertionError, FlakyFailure)) as caught:
         differential()
+    if isinstance(caught.value, FlakyFailure):
+        assert all(isinstance(e, AssertionError) for e in caught.value.exceptions)
 
 
 # ---------------------------------------------------------------- tiered, within its bound
