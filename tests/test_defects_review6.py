@@ -8,6 +8,8 @@
    at run time.
 3. A policy table with an unknown key was not checked further: its other errors showed
    only once the typo was fixed.
+4. A bulkhead with `shed_stale` and a `tolerance` that is not a number: the cross-check
+   compared it with 1.0 and raised TypeError, losing the field's own message.
 """
 
 from __future__ import annotations
@@ -160,3 +162,22 @@ def test_a_table_whose_inner_table_failed_adds_no_guess_about_it() -> None:
     assert found[0].startswith("route[0].breaker.failure_ratio: 7 is out of range")
     assert found[1].startswith("route[0].x: unknown key")
     assert len(found) == 2
+
+
+# --------------------- 4. a cross-check that compared a value its own check had refused
+
+
+def test_a_shed_stale_bulkhead_with_a_tolerance_that_is_not_a_number_names_the_field() -> None:
+    """`tolerance = "2"` beside `shed_stale = true` is the tolerance's error, said as such
+    (the cross-check compared the string with 1.0: a TypeError, every other problem of the
+    table lost, and `concurrency: '<=' not supported ...` as the only message)."""
+    found = _issues(
+        {"concurrency": {"adaptive": True, "shed_stale": True, "tolerance": "2", "limit": 0}}
+    )
+    assert found == [
+        "concurrency.limit: 0 is out of range: allowed between 1 and 1000000",
+        'concurrency.tolerance: expected a number, got string "2"',
+    ]
+    with pytest.raises(PolicyError) as caught:
+        ConcurrencyConfig(adaptive=True, shed_stale=True, tolerance="2")  # type: ignore[arg-type]
+    assert [i.path for i in caught.value.issues] == ["tolerance"]
