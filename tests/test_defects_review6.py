@@ -10,6 +10,9 @@
    only once the typo was fixed.
 4. A bulkhead with `shed_stale` and a `tolerance` that is not a number: the cross-check
    compared it with 1.0 and raised TypeError, losing the field's own message.
+5. `Depends(fidelity.limit(...))` let a store failure (Redis away under
+   `on_error = "closed"`) escape as the app's 500, where the middleware answers 503
+   `state-unavailable` for its own limits ("closed") or lets the request on (otherwise).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import pytest
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.context import QUEUED
 from fidelity_mw.decide.concurrency import DEFAULT, ConcurrencyLimiter, ConcurrencySpec
-from fidelity_mw.errors import PolicyError
-from fidelity_mw.policy import ConcurrencyConfig
+from fidelity_mw.errors import PolicyError, StateUnavailable
+from fidelity_mw.policy import ConcurrencyConfig, StateConfig
+from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
 from test_bulkhead import Service, concurrency_decisions
 
@@ -181,3 +185,63 @@ def test_a_shed_stale_bulkhead_with_a_tolerance_that_is_not_a_number_names_the_f
     with pytest.raises(PolicyError) as caught:
         ConcurrencyConfig(adaptive=True, shed_stale=True, tolerance="2")  # type: ignore[arg-type]
     assert [i.path for i in caught.value.issues] == ["tolerance"]
+
+
+# ------------------------- 5. a store failure in the limit dependency was the app's 500
+
+
+class _Unreachable(MemoryStore):
+    """A store whose every admission fails, as Redis's does when it is away and the
+    policy says "closed"."""
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+
+
+async def _limited_route(on_error: str, shadow: bool = False) -> tuple[httpx.Response, Any]:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    app = FastAPI()
+    seen: list[Any] = []
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("5/min", shadow=shadow))])
+    async def x() -> dict[str, int]:
+        import fidelity_mw
+
+        seen.append(fidelity_mw.current())
+        return {"ok": 1}
+
+    policy = Policy(breaker=None, state=StateConfig(on_error=on_error))  # type: ignore[arg-type]
+    app.add_middleware(
+        FidelityMiddleware, policy=policy, store=_Unreachable(), clock=FakeClock(), telemetry=False
+    )
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        response = await c.get("/x")
+    return response, seen[0] if seen else None
+
+
+@pytest.mark.anyio
+async def test_a_limit_dependency_whose_store_is_away_fails_closed_with_the_policys_503() -> None:
+    response, _ = await _limited_route("closed")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["x-fidelity-decided-by"] == "ratelimit"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("on_error", "shadow"), [("local", False), ("closed", True)])
+async def test_a_limit_dependency_whose_store_fails_lets_the_request_on_unless_closed(
+    on_error: str, shadow: bool
+) -> None:
+    response, ctx = await _limited_route(on_error, shadow)
+    assert response.status_code == 200
+    decision = ctx.last("ratelimit")
+    assert (decision.verdict, decision.reason) == ("allow", "state_error:StateUnavailable")
+    assert decision.state_source == "fallback"
