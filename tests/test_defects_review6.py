@@ -13,6 +13,8 @@
 5. `Depends(fidelity.limit(...))` let a store failure (Redis away under
    `on_error = "closed"`) escape as the app's 500, where the middleware answers 503
    `state-unavailable` for its own limits ("closed") or lets the request on (otherwise).
+6. An upstream `Retry-After` such as "1².5" (non-ASCII digits, which `str.isdigit`
+   accepts and `float` refuses) raised ValueError out of the outbound call.
 """
 
 from __future__ import annotations
@@ -245,3 +247,38 @@ async def test_a_limit_dependency_whose_store_fails_lets_the_request_on_unless_c
     decision = ctx.last("ratelimit")
     assert (decision.verdict, decision.reason) == ("allow", "state_error:StateUnavailable")
     assert decision.state_source == "fallback"
+
+
+# ------------------- 6. a Retry-After with non-ASCII digits raised out of the call
+
+
+@pytest.mark.parametrize("junk", ["1\u00b2.5", "\u00b2.5", "\u0661.\u0665"])
+def test_a_retry_after_with_digits_outside_ascii_is_junk(junk: str) -> None:
+    from fidelity_mw.decide.retry import parse_retry_after
+
+    assert parse_retry_after(junk, 0.0) is None
+
+
+@pytest.mark.anyio
+async def test_an_upstream_retry_after_with_a_superscript_digit_is_ignored_not_raised() -> None:
+    from fidelity_mw import FidelityTransport
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.policy import RetryConfig, UpstreamConfig
+    from fidelity_mw.testing import seeded_random
+
+    clock = FakeClock()
+    retry = RetryConfig(attempts=2, base_ms=1, max_ms=2)
+    upstream_cfg = UpstreamConfig(host="plain", retry=retry, breaker=None)
+    engine = Engine(Policy(upstreams=(upstream_cfg,)), clock=clock, rng=seeded_random(7))
+    calls: list[int] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        # httpx reads a header that is not ASCII as UTF-8: "1².5"
+        return httpx.Response(503, headers=[(b"retry-after", "1\u00b2.5".encode())])
+
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.get("http://plain/pay")
+    assert response.status_code == 503
+    assert len(calls) == 2  # retried on its own backoff, the junk value ignored
