@@ -15,6 +15,8 @@
    `state-unavailable` for its own limits ("closed") or lets the request on (otherwise).
 6. An upstream `Retry-After` such as "1².5" (non-ASCII digits, which `str.isdigit`
    accepts and `float` refuses) raised ValueError out of the outbound call.
+7. The FastAPI route class without the middleware read only the first line of a
+   repeated deadline header: a longer deadline than the caller's hops allowed.
 """
 
 from __future__ import annotations
@@ -282,3 +284,42 @@ async def test_an_upstream_retry_after_with_a_superscript_digit_is_ignored_not_r
         response = await http.get("http://plain/pay")
     assert response.status_code == 503
     assert len(calls) == 2  # retried on its own backoff, the junk value ignored
+
+
+# ------------- 7. the standalone route class read the first line of a repeated deadline
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("lines", "remaining"),
+    [(["900000", "100"], 0.1), (["100", "900000"], 0.1), (["9000", "abc"], 1.5)],
+)
+async def test_the_route_class_alone_takes_the_shortest_of_a_repeated_deadline(
+    lines: list[str], remaining: float
+) -> None:
+    """As the middleware does (test_defects_review5): the shortest line, and a malformed
+    one makes the header malformed (the route's 1.5 s default then applies)."""
+    from fastapi import APIRouter, FastAPI
+
+    import fidelity_mw
+    from fidelity_mw.fastapi import Fidelity
+
+    clock = FakeClock()
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/slow")
+    @fidelity.deadline(1_500)
+    async def slow() -> dict[str, float | None]:
+        ctx = fidelity_mw.current()
+        assert ctx is not None
+        return {"remaining_s": ctx.remaining_s(clock.monotonic())}
+
+    app = FastAPI()
+    app.include_router(router)
+    fidelity.install(app)
+    headers = [("x-request-timeout-ms", line) for line in lines]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        got = await c.get("/slow", headers=headers)
+    assert got.json()["remaining_s"] == pytest.approx(remaining)

@@ -186,10 +186,12 @@ def _deadline(
     remaining = plan.deadline_default_s
     caller: float | None = None
     for name in engine.policy.deadline.header:
-        value = request.headers.get(name)
-        if value is None:
+        # Every line of it, joined as the middleware reads them: two hops that each
+        # added one allow the shorter (`get` read the first line alone).
+        values = request.headers.getlist(name)
+        if not values:
             continue
-        seconds = deadline_parser(name)(value.encode("latin-1"))
+        seconds = deadline_parser(name)(", ".join(values).encode("latin-1"))
         if seconds is not None and (caller is None or seconds < caller):
             caller = seconds
     if caller is None:
