@@ -17,6 +17,8 @@
    accepts and `float` refuses) raised ValueError out of the outbound call.
 7. The FastAPI route class without the middleware read only the first line of a
    repeated deadline header: a longer deadline than the caller's hops allowed.
+8. The same route class let a store failure on the breaker's admission out as a 500,
+   where the middleware decides it per `state.on_error`.
 """
 
 from __future__ import annotations
@@ -323,3 +325,36 @@ async def test_the_route_class_alone_takes_the_shortest_of_a_repeated_deadline(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         got = await c.get("/slow", headers=headers)
     assert got.json()["remaining_s"] == pytest.approx(remaining)
+
+
+# ------------- 8. the standalone route class let a store failure out as the app's 500
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("on_error", "status"), [("closed", 503), ("local", 200)])
+async def test_the_route_class_alone_decides_a_store_failure_per_on_error(
+    on_error: str, status: int
+) -> None:
+    from fastapi import APIRouter, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+    from fidelity_mw.policy import BreakerConfig
+
+    policy = Policy(breaker=BreakerConfig(), state=StateConfig(on_error=on_error))  # type: ignore[arg-type]
+    fidelity = Fidelity(policy=policy, clock=FakeClock(), store=_Unreachable())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/x")
+    async def x() -> dict[str, int]:
+        return {"ok": 1}
+
+    app = FastAPI()
+    app.include_router(router)
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        got = await c.get("/x")
+    assert got.status_code == status
+    if status == 503:
+        assert got.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
+        assert got.headers["x-fidelity-decided-by"] == "breaker"
