@@ -19,6 +19,8 @@
    repeated deadline header: a longer deadline than the caller's hops allowed.
 8. The same route class let a store failure on the breaker's admission out as a 500,
    where the middleware decides it per `state.on_error`.
+9. The limit dependency read only the first line of a repeated X-Forwarded-For: behind
+   a proxy that adds a line of its own, the client's line chose its rate-limit key.
 """
 
 from __future__ import annotations
@@ -358,3 +360,42 @@ async def test_the_route_class_alone_decides_a_store_failure_per_on_error(
     if status == 503:
         assert got.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
         assert got.headers["x-fidelity-decided-by"] == "breaker"
+
+
+# ----------- 9. the limit dependency read the client's own X-Forwarded-For line alone
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("middleware", [False, True])
+async def test_a_client_cannot_pick_its_key_with_an_x_forwarded_for_line_of_its_own(
+    middleware: bool,
+) -> None:
+    """A proxy (HAProxy's `option forwardfor`, say) adds its own X-Forwarded-For line
+    after the client's: the client is the rightmost untrusted hop of all the lines."""
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    clock = FakeClock()
+    policy = Policy(breaker=None, trusted_proxies=("127.0.0.0/8",))
+    fidelity = Fidelity(policy=policy, clock=clock)
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("1/min"))])
+    async def x() -> dict[str, int]:
+        return {"ok": 1}
+
+    if middleware:
+        app.add_middleware(FidelityMiddleware, policy=policy, clock=clock, telemetry=False)
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app)  # the peer: 127.0.0.1, a trusted proxy
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        statuses = [
+            (
+                await c.get(
+                    "/x", headers=[("x-forwarded-for", spoof), ("x-forwarded-for", "9.9.9.9")]
+                )
+            ).status_code
+            for spoof in ("1.1.1.1", "2.2.2.2")
+        ]
+    assert statuses == [200, 429]  # one client, 9.9.9.9, whatever it wrote itself
