@@ -21,6 +21,8 @@
    where the middleware decides it per `state.on_error`.
 9. The limit dependency read only the first line of a repeated X-Forwarded-For: behind
    a proxy that adds a line of its own, the client's line chose its rate-limit key.
+10. The state page listed a fleet share's key (a Redis outage, `on_error = "local"`)
+    under its internal prefix as the limit's name, with no use shown.
 """
 
 from __future__ import annotations
@@ -399,3 +401,31 @@ async def test_a_client_cannot_pick_its_key_with_an_x_forwarded_for_line_of_its_
             for spoof in ("1.1.1.1", "2.2.2.2")
         ]
     assert statuses == [200, 429]  # one client, 9.9.9.9, whatever it wrote itself
+
+
+# ------- 10. the state page named a fleet share's key by its internal prefix
+
+
+def test_the_state_page_shows_a_fleet_shares_key_under_its_limit() -> None:
+    """During a Redis outage each process counts its share of a limit on keys of its own
+    ("share 1/N" + NUL + the key): the page listed the limit as that prefix and, finding
+    no limit of that name, showed no use at all."""
+    from fidelity_mw.admin.view import Since, render
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.policy import RateLimit
+    from fidelity_mw.state.fleet import Fleet
+    from fidelity_mw.state.snapshot import LimiterKeyView, StoreSnapshot
+
+    clock = FakeClock()
+    limit = RateLimit(name="per-client", rate="60/min", burst=6)  # 1 unit per s, 6 at once
+    engine = Engine(Policy(rate_limits=(limit,), breaker=None), clock=clock)
+    spec = engine.plan_for({"type": "http", "path": "/", "method": "GET"}).specs[0]
+    [key], _ = Fleet("fmw", 60.0).scaled(["per-client|203.0.113.9"], [spec], 3)
+    snap = StoreSnapshot(
+        "redis", "fallback", 1.0, limiter_keys=(LimiterKeyView(key, 3.0, "fallback", 1.0),)
+    )
+    [row] = render(engine, snap, clock.monotonic(), Since(), lambda k: "h")["limiter_keys"]
+    assert row["limit"] == "per-client"
+    assert row["fleet_share"] == "1/3"
+    # the share's bucket: 1 unit per 3 s, 2 at once; 3 s of backlog is one unit in use
+    assert (row["used"], row["burst"]) == (1.0, 2.0)
