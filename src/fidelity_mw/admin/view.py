@@ -115,15 +115,23 @@ def render(
     keys = []
     for item in snap.limiter_keys:
         name, _, client = item.key.partition("|")
+        members = 1
+        if "\x00" in name:  # a fleet share's key (state/fleet.py): "share 1/N\0<name>"
+            tag, _, name = name.partition("\x00")
+            count = tag.rpartition("/")[2]
+            members = int(count) if count.isdigit() and int(count) > 1 else 1
         lim = limits.get(name)
         used = None
-        burst = None
+        burst: float | None = None
         if lim is not None:
-            burst = lim.burst_size
-            used = min(burst, round(item.backlog_s / lim.emission_interval_s, 2))
+            # a share's bucket: rate / N and burst / N, never below one request's cost
+            burst = lim.burst_size if members == 1 else max(lim.cost, lim.burst_size / members)
+            interval = lim.emission_interval_s * members
+            used = min(burst, round(item.backlog_s / interval, 2))
         keys.append(
             {
                 "limit": name,
+                "fleet_share": f"1/{members}" if members > 1 else None,
                 "key_hash": hash_key(client),
                 "backlog_s": _round(item.backlog_s),
                 "used": used,

@@ -109,7 +109,12 @@ def parse_retry_after(value: str | bytes | None, wall_now: float) -> float | Non
         return None
     if text.isdigit() and text.isascii():  # RFC 9110 delta-seconds: 1*DIGIT
         return float(int(text))
-    if text[0].isdigit() and text.count(".") == 1 and text.replace(".", "", 1).isdigit():
+    if (
+        text.isascii()  # str.isdigit() also takes superscripts, which float() refuses
+        and text[0].isdigit()
+        and text.count(".") == 1
+        and text.replace(".", "", 1).isdigit()
+    ):
         seconds = float(text)  # lenient: "1.5" is common enough and unambiguous
         return seconds if math.isfinite(seconds) else None
     if not text[0].isalpha():  # HTTP-dates start with a day name; "-1", "+5" are junk

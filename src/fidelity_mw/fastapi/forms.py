@@ -92,10 +92,12 @@ class Fidelity:
         if not engine.trusted_proxies:
             return peer or "unknown"
         header = engine.policy.forwarded_header
-        value = request.headers.get(header)
+        # Every line, joined as the middleware joins them: a proxy that adds a line of
+        # its own leaves the client's line first, and `get` read that one alone.
+        lines = request.headers.getlist(header)
         return client_address(
             peer,
-            value.encode("latin-1") if value is not None else None,
+            ",".join(lines).encode("latin-1") if lines else None,
             engine.trusted_proxies,
             header,
         )

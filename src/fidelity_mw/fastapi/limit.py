@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -13,6 +14,7 @@ from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
     REJECT,
+    SOURCE_FALLBACK,
     WOULD_REJECT,
     DecisionContext,
 )
@@ -23,7 +25,9 @@ from ..rejections import (
     problem_document,
 )
 from ..state.base import LimitSpec
-from .exceptions import RateLimited
+from .exceptions import RateLimited, Rejected
+
+logger = logging.getLogger("fidelity_mw")
 
 
 class FormsOwner(Protocol):
@@ -94,7 +98,11 @@ class LimitDependency:
         name = self.name or f"{ctx.route}:{self.rate}"
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, self.cost, self.shadow)
         value = self._key_value(request, ctx)
-        result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
+        try:
+            result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
+        except Exception as exc:  # the middleware's rule for its own limits: `on_error`
+            self._state_failure(ctx, name, exc, now)
+            return
         verdict = result.limits[0]
         source, age = result.source, result.age_s
         # The default name is the route template, which no policy check has seen: in the
@@ -157,6 +165,33 @@ class LimitDependency:
             limit=name,
         )
         raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
+
+    def _state_failure(self, ctx: DecisionContext, name: str, exc: Exception, now: float) -> None:
+        """The store failed (Redis away under `on_error = "closed"`, say): decide as the
+        middleware does for its own limits, not with the app's 500. "closed" answers 503
+        `state-unavailable`; otherwise the request goes on, and the record says why."""
+        on_error = ctx.engine.policy.state.on_error
+        refuse = on_error == "closed" and not self.shadow
+        logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+        decision = ctx.decide(
+            LAYER_RATELIMIT,
+            name,
+            REJECT if refuse else ALLOW,
+            f"state_error:{type(exc).__name__}",
+            source=SOURCE_FALLBACK,
+            at=now,
+            details={"on_error": on_error},
+        )
+        if not refuse:
+            return
+        ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
+        problem = problem_document(
+            503,
+            "Service Unavailable",
+            "the control state is unreachable and the policy says to fail closed",
+            "state-unavailable",
+        )
+        raise Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)
 
     def _key_value(self, request: Request, ctx: DecisionContext) -> str:
         key = self.key

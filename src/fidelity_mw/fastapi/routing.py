@@ -19,6 +19,7 @@ from ..context import (
     PROBE,
     REJECT,
     SHED,
+    SOURCE_FALLBACK,
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
@@ -31,6 +32,7 @@ from ..headers import deadline_parser
 from ..rejections import (
     problem_document,
 )
+from ..state.base import InboundResult
 from .exceptions import BreakerOpen, DeadlineExpired, Rejected
 from .limit import FormsOwner
 from .openapi import document
@@ -98,8 +100,10 @@ async def _standalone(
             details={"remaining_ms": round(remaining * 1000.0, 3)},
         )
     gate: Gate | None = None
+    result: InboundResult | None = None
     if plan.breaker is not None and plan.breaker_key is not None:
-        result = await engine.store.admit(plan.breaker_key, plan.breaker, (), (), now)
+        result = await _admit(engine, plan, ctx, now)  # None: decided without its state
+    if result is not None:
         gate = result.gate
         assert gate is not None
         if gate.verdict == "reject":
@@ -159,6 +163,45 @@ async def _standalone(
             await _record(engine, plan, gate, outcome, ctx)
 
 
+async def _admit(
+    engine: Engine, plan: RoutePlan, ctx: DecisionContext, now: float
+) -> InboundResult | None:
+    """The route breaker's gate; None when its state could not be read and the policy
+    lets the request go on (`state.on_error`, the middleware's rule: not a 500)."""
+    assert plan.breaker is not None
+    assert plan.breaker_key is not None
+    try:
+        return await engine.store.admit(plan.breaker_key, plan.breaker, (), (), now)
+    except Exception as exc:
+        _state_failure(engine, ctx, exc, now)
+        return None
+
+
+def _state_failure(engine: Engine, ctx: DecisionContext, exc: Exception, now: float) -> None:
+    """The breaker's state could not be read: go on, or answer 503 `state-unavailable`
+    when the policy fails closed."""
+    on_error = engine.policy.state.on_error
+    closed = on_error == "closed"
+    logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+    decision = ctx.decide(
+        LAYER_BREAKER,
+        ctx.route,
+        REJECT if closed else ALLOW,
+        f"state_error:{type(exc).__name__}",
+        source=SOURCE_FALLBACK,
+        at=now,
+        details={"on_error": on_error},
+    )
+    if closed:
+        problem = problem_document(
+            503,
+            "Service Unavailable",
+            "the control state is unreachable and the policy says to fail closed",
+            "state-unavailable",
+        )
+        raise Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)
+
+
 def _judge(plan: RoutePlan, status: int) -> str:
     breaker = plan.breaker
     return FAILURE if breaker is not None and status in breaker.failure_statuses else SUCCESS
@@ -186,10 +229,12 @@ def _deadline(
     remaining = plan.deadline_default_s
     caller: float | None = None
     for name in engine.policy.deadline.header:
-        value = request.headers.get(name)
-        if value is None:
+        # Every line of it, joined as the middleware reads them: two hops that each
+        # added one allow the shorter (`get` read the first line alone).
+        values = request.headers.getlist(name)
+        if not values:
             continue
-        seconds = deadline_parser(name)(value.encode("latin-1"))
+        seconds = deadline_parser(name)(", ".join(values).encode("latin-1"))
         if seconds is not None and (caller is None or seconds < caller):
             caller = seconds
     if caller is None:

@@ -582,7 +582,7 @@ class ConcurrencyConfig(_Validated):
         issues = []
         if self.shed_stale and not self.adaptive:
             issues.append(PolicyIssue("shed_stale", "needs adaptive = true"))
-        if self.shed_stale and self.tolerance <= 1.0:
+        if self.shed_stale and self._valid("tolerance") and self.tolerance <= 1.0:
             # (tolerance - 1) x floor is the wait a request may have: 0 would shed them all
             issues.append(PolicyIssue("shed_stale", "needs tolerance > 1"))
         limits_valid = self._valid("limit", "min_limit", "max_limit")
