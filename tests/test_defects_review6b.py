@@ -5,10 +5,22 @@
    under its class's share: the refusal said `priority_share`, and a queue that was full
    turned it into a 503 whose record blamed the class's share; it also marked the limit
    as binding, so with `shed_stale` the adaptive limit grew for a refusal it never made.
+2. A hedged multipart upload whose file is a file object (`files={"f": open(...)}`): the
+   hedge read the same file as the primary attempt, still sending it (httpx rewinds the
+   file and reads it in chunks), so each attempt sent part of the file, or none of it.
+   A hedge needs a body two attempts can read at once: bytes in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityTransport
 from fidelity_mw.decide.concurrency import (
     AT_LIMIT,
     DEFAULT,
@@ -18,6 +30,11 @@ from fidelity_mw.decide.concurrency import (
     ConcurrencyLimiter,
     ConcurrencySpec,
 )
+from fidelity_mw.engine import Engine
+from fidelity_mw.outbound.hedge import hedgeable
+from fidelity_mw.policy import HedgeConfig, Policy, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
 
 # --------------------------- 1. refused behind the queue, not by the limit or the share
 
@@ -66,3 +83,69 @@ def test_a_refusal_by_the_share_still_says_so() -> None:
     assert limiter.try_acquire(DEFAULT).admitted
     assert limiter.try_acquire(DEFAULT).admitted
     assert limiter.try_acquire(DEFAULT).reason == AT_LIMIT
+
+
+# ------------------------------- 2. a hedge reading the file the primary is still sending
+
+_FILE = bytes(range(256)) * 1024  # 256 KiB: httpx sends it in four 64 KiB chunks
+
+
+class _Wire(httpx.AsyncBaseTransport):
+    """Hands the request to `handler` with its body unread, as a socket transport reads
+    it while sending (httpx.MockTransport reads the whole body first)."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = await self.handler(request)
+        return response
+
+
+@pytest.mark.anyio
+async def test_a_hedged_upload_of_a_file_object_sends_the_whole_file_in_every_attempt() -> None:
+    bodies: list[bytes] = []
+    primary_done = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        first = (
+            not bodies
+            and not primary_done.is_set()
+            and request.headers["x-fidelity-attempt"] == "1"
+        )
+        body = b""
+        async for chunk in request.stream:  # type: ignore[union-attr]
+            body += chunk
+            if first and len(body) > 100_000:
+                for _ in range(50):  # a slow upload: the hedge's delay passes meanwhile
+                    await asyncio.sleep(0)
+        bodies.append(body)
+        if first:
+            primary_done.set()
+            return httpx.Response(200)
+        await primary_done.wait()  # the primary answers first, as it finished first
+        return httpx.Response(200)
+
+    clock = FakeClock()
+    engine = Engine(
+        Policy(upstreams=(UpstreamConfig(host="store", hedge=HedgeConfig(after_ms=50)),)),
+        clock=clock,
+        rng=seeded_random(6),
+        store=MemoryStore(),
+    )
+    transport = FidelityTransport(_Wire(upstream), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.put("http://store/blob", files={"f": io.BytesIO(_FILE)})
+    assert response.status_code == 200
+    assert bodies
+    assert all(_FILE in body for body in bodies), [len(b) for b in bodies]
+
+
+def test_only_a_body_two_attempts_can_read_at_once_is_hedged() -> None:
+    def put(**kwargs: object) -> httpx.Request:
+        return httpx.Request("PUT", "http://store/blob", **kwargs)  # type: ignore[arg-type]
+
+    assert hedgeable(put(content=b"x"))
+    assert hedgeable(put(files={"f": b"bytes in memory"}, data={"a": "b"}))
+    assert not hedgeable(put(files={"f": io.BytesIO(b"a file object")}))
+    assert not hedgeable(put(files={"f": ("name", io.BytesIO(b"x"), "text/plain")}))
