@@ -9,12 +9,16 @@
    hedge read the same file as the primary attempt, still sending it (httpx rewinds the
    file and reads it in chunks), so each attempt sent part of the file, or none of it.
    A hedge needs a body two attempts can read at once: bytes in memory.
+3. A policy file nested deeper than `tomllib` can recurse (`x = [[[[...]]]]`): the loader
+   and `fidelity-mw check` raised RecursionError with a parser traceback, where every
+   other unparseable file is a `PolicyError` / a finding saying "not valid TOML".
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,10 +35,12 @@ from fidelity_mw.decide.concurrency import (
     ConcurrencySpec,
 )
 from fidelity_mw.engine import Engine
+from fidelity_mw.errors import PolicyError
 from fidelity_mw.outbound.hedge import hedgeable
 from fidelity_mw.policy import HedgeConfig, Policy, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.tools.check import check_file
 
 # --------------------------- 1. refused behind the queue, not by the limit or the share
 
@@ -149,3 +155,26 @@ def test_only_a_body_two_attempts_can_read_at_once_is_hedged() -> None:
     assert hedgeable(put(files={"f": b"bytes in memory"}, data={"a": "b"}))
     assert not hedgeable(put(files={"f": io.BytesIO(b"a file object")}))
     assert not hedgeable(put(files={"f": ("name", io.BytesIO(b"x"), "text/plain")}))
+
+
+# ------------------------------------------ 3. a policy file nested past the parser's depth
+
+
+def _deep(tmp_path: Path) -> Path:
+    path = tmp_path / "deep.toml"
+    path.write_text('version = "1"\nx = ' + "[" * 5000 + "1" + "]" * 5000 + "\n")
+    return path
+
+
+def test_a_policy_file_nested_too_deep_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_toml(_deep(tmp_path))
+    assert [i.path for i in caught.value.issues] == [""]
+    assert "not valid TOML" in caught.value.issues[0].message
+    assert "nested" in caught.value.issues[0].message
+
+
+def test_check_reports_it_as_a_finding(tmp_path: Path) -> None:
+    result = check_file(_deep(tmp_path))
+    assert not result.ok
+    assert [f.message.split(":")[0] for f in result.errors] == ["not valid TOML"]
