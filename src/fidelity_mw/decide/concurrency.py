@@ -335,8 +335,14 @@ class ConcurrencyLimiter:
                 if now is not None:
                     self._admitted_at = now
                 return Admission(True, UNDER_LIMIT, self.in_flight, limit)
-            reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
-            self.binding = True
+            if self.in_flight >= self._room(priority):
+                reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
+                self.binding = True
+            else:
+                # Room, but requests of its class or better wait ahead of it: queued while
+                # pacing (their turn first), or under a limit that grew since. Neither the
+                # limit nor the class's share refused it, and the record must not say so.
+                reason = PACED if self.pacing else AT_LIMIT
             return Admission(False, reason, self.in_flight, limit)
         finally:
             lock.release()

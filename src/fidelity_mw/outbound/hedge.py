@@ -97,13 +97,21 @@ def hedge_delay(after: str, after_ms: int, min_samples: int, window: LatencyWind
 
 
 def hedgeable(request: httpx.Request) -> bool:
-    """The retry rule: an idempotent method or an idempotency key, and a body we can resend."""
+    """The retry rule (an idempotent method or an idempotency key), and a body two attempts
+    can send at once: bytes in memory. A multipart file object is not one, replayable as it
+    is for a retry: httpx rewinds it and reads it in chunks as it sends, so a hedge reading
+    it while the first attempt still sends would leave each attempt part of the file."""
     if request.method not in IDEMPOTENT_METHODS and not has_header(
         request.headers, IDEMPOTENCY_KEY
     ):
         return False
     stream = request.stream
-    return type(stream) is httpx.ByteStream or replayable(stream)
+    if type(stream) is httpx.ByteStream:
+        return True
+    return replayable(stream) and all(
+        isinstance(getattr(part, "file", b""), str | bytes)
+        for part in getattr(stream, "fields", ())
+    )
 
 
 def copy_request(request: httpx.Request, url: httpx.URL) -> httpx.Request:

@@ -761,6 +761,8 @@ class Policy(_Validated):
             raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError([PolicyIssue("", f"not valid TOML: {exc}")], source) from exc
+        except RecursionError:  # tomllib recurses per level of nested arrays and tables
+            raise PolicyError([PolicyIssue("", f"not valid TOML: {TOO_DEEP}")], source) from None
         except UnicodeDecodeError as exc:  # TOML files are UTF-8
             raise PolicyError(
                 [PolicyIssue("", f"not valid TOML: the file is not UTF-8 ({exc})")], source
@@ -933,6 +935,9 @@ class _Glob:
 
 
 _GLOB_CACHE: dict[str, _Glob] = {}
+
+
+TOO_DEEP = "arrays or tables nested too deeply to parse"
 
 
 def glob_matches(pattern: str, text: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..policy import Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
+from ..policy.model import TOO_DEEP
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,9 @@ def check_file(path: str | Path) -> CheckResult:
         pos = toml_error_position(str(exc))
         line = pos[0] if pos else None
         result.errors.append(Finding(name, line, "", f"not valid TOML: {exc}"))
+        return result
+    except RecursionError:  # tomllib recurses per level of nesting
+        result.errors.append(Finding(name, None, "", f"not valid TOML: {TOO_DEEP}"))
         return result
     lines = locate_keys(text)
     try:
