@@ -39,7 +39,9 @@ and ended as the ASGI instrumentation does, against the same loop without the
 hooks (minimum over interleaved repeats: the hooks are a few microseconds, and
 a full request's noise on a shared machine is larger than that). With
 `--baseline REV` the old observer is timed in the same repeats. To compare two
-builds that cannot share a process (pure and compiled), run each in turn.
+builds that cannot share a process (pure and compiled), run each in turn. A row
+`SDK set_attributes alone` sets the attributes the observer set, in one
+`set_attributes` and nothing else: the SDK's share of the hooks' cost.
 
 Each request's scope is dropped once it is answered, as a server drops it (the
 middleware keeps its DecisionContext in `scope["state"]`). `--keep-scopes` keeps
@@ -353,6 +355,25 @@ class Capture:
 HOOK_STEPS = ("span only", "start", "+ before_response_end", "+ end")
 
 
+SDK_FLOOR = "SDK set_attributes alone"
+
+
+class SetAttributesOnly:
+    """An observer that only sets given attributes on the current span at the response end."""
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+
+    def start(self, ctx: Any, scope: Any) -> Any:
+        return None
+
+    def before_response_end(self, ctx: Any, scope: Any, token: Any) -> None:
+        trace_api.get_current_span().set_attributes(self.attributes)
+
+    def end(self, ctx: Any, scope: Any, token: Any) -> None:
+        return None
+
+
 def _hook_loop(tracer: Any, observer: Any, ctx: Any, scope: Any, steps: int, n: int) -> float:
     """CPU seconds per iteration: a SERVER span started, made current and ended as the
     ASGI instrumentation does, with the first `steps` hooks of `observer` around it."""
@@ -397,6 +418,18 @@ async def hooks_profile(baseline: str | None, repeats: int, n: int) -> dict[str,
         await run_batch(OpenTelemetryMiddleware(app, tracer_provider=tp, meter_provider=mp), 300)
         captured[name] = (observer, capture.ctx, capture.scope)
     tracer = tp.get_tracer("opentelemetry.instrumentation.asgi")
+    # The SDK's share: the attributes our observer sets, set by one `set_attributes` and
+    # nothing else (no span lookup, summary or metrics) - the floor of any observer that
+    # exports the same schema through the public API.
+    observer, ctx, scope = captured["fidelity_mw"]
+    probe = tracer.start_span("GET /hello", kind=SpanKind.SERVER)
+    attached = otel_context.attach(trace_api.set_span_in_context(probe))
+    token = observer.start(ctx, scope)
+    observer.before_response_end(ctx, scope, token)
+    probe.end()
+    otel_context.detach(attached)
+    observer.end(ctx, scope, token)
+    captured[SDK_FLOOR] = (SetAttributesOnly(dict(probe.attributes or {})), ctx, scope)
     best = {name: [float("inf")] * len(HOOK_STEPS) for name in captured}
     for r in range(repeats):
         for name, (observer, ctx, scope) in captured.items():
@@ -427,7 +460,9 @@ def hooks_report(best: dict[str, list[float]], repeats: int, n: int) -> str:
         f"Minimum of {repeats} interleaved repeats x {n} iterations, process CPU time; one "
         "captured allowed request (3 decisions, all `allow`) annotated again each time; "
         "each step includes the ones before it, so the last step's column is the observer's "
-        "whole cost per request (the last column is the span alone, for scale).",
+        "whole cost per request (the last column is the span alone, for scale). "
+        f"`{SDK_FLOOR}`: the same attributes set by one `set_attributes` and nothing "
+        "else, the SDK's share (the floor for this schema through the public API).",
     ]
     return "\n".join(lines)
 
