@@ -22,6 +22,7 @@ import time
 from collections import Counter
 
 import pytest
+import redis as redis_sync
 
 from redis_server import RedisServer, require_redis
 from test_redis_fleet import N_PROCESSES, Connection, Fleet, Reply, load, running
@@ -102,18 +103,41 @@ def share_redis(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         server.stop()
 
 
-async def warm(ports: list[int]) -> None:
-    """Every member answers (so announces itself) for two announcement periods: each then
-    holds a fleet size read after all four had joined."""
+async def warm(ports: list[int], url: str, prefix: str | None) -> None:
+    """Every member answers (so announces itself) until each has announced since all four
+    had joined: each then holds a fleet size of four. Waited for in Redis, not for a
+    time: on a busy machine a starved member announces late (its size read before the
+    others joined was once still 2 when Redis paused). Without the share (`prefix`
+    None: members do not announce), every member answers for 1.5 s."""
+    client = redis_sync.Redis.from_url(url, socket_timeout=5.0)
+    key = f"{{{prefix}}}:fleet"
     conns = [Connection(port) for port in ports]
     try:
-        for _ in range(30):  # 1.5 s
+        joined_at: float | None = None  # server time when all were members
+        for rounds in range(2000):  # bounded: at least 100 s
+            if prefix is None and rounds == 30:
+                break
             for conn in conns:
                 await asyncio.wait_for(conn.get("/api/limited"), timeout=5.0)
             await asyncio.sleep(0.05)
+            if prefix is None:
+                continue
+            members = client.zrange(key, 0, -1, withscores=True)
+            if len(members) < N_PROCESSES:
+                continue
+            if joined_at is None:
+                seconds, micros = client.time()
+                joined_at = seconds + micros / 1e6
+            elif all(score > joined_at for _, score in members):
+                break
+        else:
+            raise AssertionError(f"the fleet did not settle: {members}")
+        for conn in conns:  # each announcement's reply lands just after its score
+            await asyncio.wait_for(conn.get("/api/limited"), timeout=5.0)
     finally:
         for conn in conns:
             conn.close()
+        client.close()
 
 
 async def outage_run(share_redis: RedisServer, tmp_path, share: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -127,7 +151,7 @@ async def outage_run(share_redis: RedisServer, tmp_path, share: bool) -> dict[st
         env={"FMW_SHARE_MAX_AGE_S": "60" if share else "0"},
     )
     with running(fleet):
-        await warm(fleet.ports)
+        await warm(fleet.ports, share_redis.url, f"fs-{name}" if share else None)
         marks: dict[str, float] = {}
 
         async def outage() -> None:
