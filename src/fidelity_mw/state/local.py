@@ -408,11 +408,12 @@ class LocalState:
                 and not gate.probe_id
                 and gate.epoch == state.epoch
                 and state.state == CLOSED
-                and now < state._bucket_end
             ):
                 # BreakerState.record's first case, without its call (most requests): a
-                # success of this epoch, closed, in the current bucket, and no failure or
-                # slow call in the window, so it cannot open.
+                # success of this epoch, closed, and no failure or slow call in the
+                # window, so it cannot open.
+                if now >= state._bucket_end:
+                    state._rotate(now)
                 totals = state._totals
                 if not (totals[1] or totals[2]):
                     state.buckets[-1][0] += 1
