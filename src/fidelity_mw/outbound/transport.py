@@ -472,7 +472,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             # (`_record_now`, inlined: a lost outcome is logged, not raised)
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            limit = breaker.slow_call_ms
+            limit = up.slow_ms
             try:
                 local.record(
                     up.breaker_key,
