@@ -538,7 +538,10 @@ def test_the_shortcut_follows_the_host_and_a_new_policy() -> None:
 
     asyncio.run(main())
     keys = [op[1] for op in store.ops if op[0] == "begin"]
-    assert keys == [KEY, KEY, "upstream:other.internal:8080", KEY] + [
-        "upstream:other.internal:8080"
-    ] * 2 + [KEY] * 2
+    assert (
+        keys
+        == [KEY, KEY, "upstream:other.internal:8080", KEY]
+        + ["upstream:other.internal:8080"] * 2
+        + [KEY] * 2
+    )
     assert [wire[1] for wire in upstream.wire] == [["10000"]] * 6 + [["2000"]] * 2

@@ -105,18 +105,17 @@ class _Armed:
     in-process operations (one tuple: threads of the sync transport may replace it at
     once), `upstreams` the upstream plans."""
 
-    __slots__ = ("engine", "host", "local", "port", "up", "upstreams")
+    __slots__ = ("engine", "last", "local", "upstreams")
 
     def __init__(self) -> None:
         self.upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine: Engine | None = None
         self.local: tuple[StateStore | None, Local | None] = (None, None)
-        # The upstream of the shortcut's last call and its host and port: a client calls
-        # one host over and over, and comparing a host is cheaper than building and
-        # hashing a key (None: look it up in `upstreams`).
-        self.up: Upstream | None = None
-        self.host = ""
-        self.port: int | None = None
+        # The host, port and upstream plan of the shortcut's last call: a client calls one
+        # host over and over, and comparing a host is cheaper than building and hashing a
+        # key (None: look it up in `upstreams`). One tuple, replaced whole: threads may
+        # call one transport at once, and three fields could be read half-written.
+        self.last: tuple[str, int | None, Upstream] | None = None
 
 
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
@@ -172,7 +171,7 @@ class _Base:
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._upstreams.clear()
-                self._armed.up = None  # a plan no longer in the table: not the shortcut's
+                self._armed.last = None  # a plan no longer in the table: not the shortcut's
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
@@ -371,11 +370,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             port: int | None = ref.port
         except AttributeError:  # pragma: no cover - another httpx layout
             return await self._handle(request)
-        up = armed.up
-        if up is None or host != armed.host or port != armed.port:
+        last = armed.last
+        if last is not None and last[0] == host and last[1] == port:
+            up: Upstream | None = last[2]
+        else:
             up = armed.upstreams.get((host, port))
             if up is not None:
-                armed.up, armed.host, armed.port = up, host, port
+                armed.last = (host, port, up)
         if (
             up is None
             or not up.plain
@@ -384,7 +385,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             or cached[0] is not engine.store
             or (local := cached[1]) is None
         ):
-            armed.up = None  # (`_start` may replace the plan)
+            armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = self._observer or engine.attempt_observer
