@@ -571,6 +571,16 @@ def main() -> None:
     if args.layers_only:
         layers = asyncio.run(layer_costs(args.rounds, args.batch, old, rev))
         print("\n".join(table(layers, "pass_through")))
+        retries = _delta(layers, "httpx_retries", "pass_through")
+        for name in ("fidelity", "fidelity_req") if rev else ():
+            then = f"{name}@{rev}"
+            now_x = _delta(layers, name, "pass_through") / retries
+            then_x = _delta(layers, then, "pass_through") / retries
+            print(
+                f"{name} now / then, paired per round (median): "
+                f"{_ratio(layers, name, then):.3f} ({_delta(layers, name, then):+.2f} µs); "
+                f"the layer vs httpx-retries' now {now_x:.2f}x, then {then_x:.2f}x"
+            )
         return
     before = load()
     samples = asyncio.run(measure(args.rounds, args.batch, old, rev))

@@ -511,3 +511,37 @@ def test_a_streaming_body_is_judged_before_the_shortcut_sends_it() -> None:
     assert shortcut == run(fresh=True)
     assert shortcut[0] == 503  # not sent again
     assert ("give_up", "body_not_replayable") in shortcut[1]
+
+
+def test_the_shortcut_follows_the_host_and_a_new_policy() -> None:
+    """The shortcut keeps its last upstream plan at hand: calls alternating between two
+    hosts each get their own plan (and breaker), and a policy the engine swaps in replaces
+    the plan of a host the shortcut has just served."""
+    engine, store, clock = make_engine()
+    upstream = Upstream(clock)
+    upstream.answers = [200]
+    transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    other = "http://other.internal:8080/y"
+    tighter = Policy(
+        upstreams=(
+            UpstreamConfig(host="svc.internal", attempt_timeout_ms=2000),
+            UpstreamConfig(host="*"),
+        )
+    )
+
+    async def main() -> None:
+        for url in (URL, URL, other, URL, other, other):
+            await transport.handle_async_request(httpx.Request("GET", url))
+        engine.policy = tighter
+        for url in (URL, URL):
+            await transport.handle_async_request(httpx.Request("GET", url))
+
+    asyncio.run(main())
+    keys = [op[1] for op in store.ops if op[0] == "begin"]
+    assert (
+        keys
+        == [KEY, KEY, "upstream:other.internal:8080", KEY]
+        + ["upstream:other.internal:8080"] * 2
+        + [KEY] * 2
+    )
+    assert [wire[1] for wire in upstream.wire] == [["10000"]] * 6 + [["2000"]] * 2

@@ -57,6 +57,7 @@ from ..state.base import StateStore
 from .decisions import call_end, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
+    _NOT_RECORDED,
     CLOSE,
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
@@ -68,14 +69,13 @@ from .loop import (
     First,
     Local,
     Steps,
-    _record_now,
     attempts,
     first_attempt,
     local_ops,
     prepare,
 )
 from .upstream import Resolver, Upstream, resolved_problem
-from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
+from .wire import ATTEMPT_HEADER, FAST_HEADERS, OURS_SET, TIMEOUT_HEADER, replayable, unstamp
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -93,6 +93,8 @@ _observe_end: Final = observe_end
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
+_ATTEMPT: Final = ATTEMPT_HEADER
+_TIMEOUT: Final = TIMEOUT_HEADER
 
 
 class _Armed:
@@ -103,12 +105,17 @@ class _Armed:
     in-process operations (one tuple: threads of the sync transport may replace it at
     once), `upstreams` the upstream plans."""
 
-    __slots__ = ("engine", "local", "upstreams")
+    __slots__ = ("engine", "last", "local", "upstreams")
 
     def __init__(self) -> None:
         self.upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine: Engine | None = None
         self.local: tuple[StateStore | None, Local | None] = (None, None)
+        # The host, port and upstream plan of the shortcut's last call: a client calls one
+        # host over and over, and comparing a host is cheaper than building and hashing a
+        # key (None: look it up in `upstreams`). One tuple, replaced whole: threads may
+        # call one transport at once, and three fields could be read half-written.
+        self.last: tuple[str, int | None, Upstream] | None = None
 
 
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
@@ -164,6 +171,7 @@ class _Base:
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._upstreams.clear()
+                self._armed.last = None  # a plan no longer in the table: not the shortcut's
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
@@ -358,9 +366,17 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         cached = armed.local
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
             ref = request.url._uri_reference
-            up = armed.upstreams.get((ref.host, ref.port))
+            host: str = ref.host
+            port: int | None = ref.port
         except AttributeError:  # pragma: no cover - another httpx layout
-            up = None
+            return await self._handle(request)
+        last = armed.last
+        if last is not None and last[0] == host and last[1] == port:
+            up: Upstream | None = last[2]
+        else:
+            up = armed.upstreams.get((host, port))
+            if up is not None:
+                armed.last = (host, port, up)
         if (
             up is None
             or not up.plain
@@ -369,6 +385,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             or cached[0] is not engine.store
             or (local := cached[1]) is None
         ):
+            armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = self._observer or engine.attempt_observer
@@ -453,12 +470,29 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
+            # (`_record_now`, inlined: a lost outcome is logged, not raised)
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            limit = up.slow_ms
+            try:
+                local.record(
+                    up.breaker_key,
+                    breaker,
+                    gate,
+                    outcome,
+                    limit is not None and (ended - now) * 1000.0 >= limit,
+                    ended,
+                )
+            except Exception as exc:
+                logger.warning(_NOT_RECORDED, up.key, exc)
         if observer is not None:
             _observe_end(observer, token, response, None)
-        unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
+        # (`unstamp`, inlined; the request's list now: the inner may replace it)
+        raw = request.headers._list
+        if len(raw) >= 2 and raw[-2][1] is _ATTEMPT and raw[-1][1] is _TIMEOUT:
+            del raw[-2:]
+        else:
+            unstamp(request.headers, None)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
