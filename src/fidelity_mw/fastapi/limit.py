@@ -171,27 +171,11 @@ class LimitDependency:
         middleware does for its own limits, not with the app's 500. "closed" answers 503
         `state-unavailable`; otherwise the request goes on, and the record says why."""
         on_error = ctx.engine.policy.state.on_error
-        refuse = on_error == "closed" and not self.shadow
-        logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
-        decision = ctx.decide(
-            LAYER_RATELIMIT,
-            name,
-            REJECT if refuse else ALLOW,
-            f"state_error:{type(exc).__name__}",
-            source=SOURCE_FALLBACK,
-            at=now,
-            details={"on_error": on_error},
-        )
-        if not refuse:
-            return
-        ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
-        problem = problem_document(
-            503,
-            "Service Unavailable",
-            "the control state is unreachable and the policy says to fail closed",
-            "state-unavailable",
-        )
-        raise Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)
+        if decide_without_state(
+            ctx, LAYER_RATELIMIT, name, exc, now, refuse=on_error == "closed" and not self.shadow
+        ):
+            ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
+            raise state_unavailable(ctx)
 
     def _key_value(self, request: Request, ctx: DecisionContext) -> str:
         key = self.key
@@ -218,3 +202,32 @@ def _compact(value: str) -> str:
         return value
     digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16)
     return "#" + digest.hexdigest()
+
+
+def decide_without_state(
+    ctx: DecisionContext, layer: str, subject: str, exc: Exception, now: float, refuse: bool
+) -> bool:
+    """Record a decision taken without the store (it failed): `refuse` it or let it by,
+    as `state.on_error` says. Returns `refuse`."""
+    logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+    ctx.decide(
+        layer,
+        subject,
+        REJECT if refuse else ALLOW,
+        f"state_error:{type(exc).__name__}",
+        source=SOURCE_FALLBACK,
+        at=now,
+        details={"on_error": ctx.engine.policy.state.on_error},
+    )
+    return refuse
+
+
+def state_unavailable(ctx: DecisionContext) -> Rejected:
+    """The 503 of a policy that fails closed while the store is unreachable."""
+    problem = problem_document(
+        503,
+        "Service Unavailable",
+        "the control state is unreachable and the policy says to fail closed",
+        "state-unavailable",
+    )
+    return Rejected(503, problem, {"Retry-After": "1"}, ctx, ctx.decisions[-1])

@@ -19,7 +19,6 @@ from ..context import (
     PROBE,
     REJECT,
     SHED,
-    SOURCE_FALLBACK,
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
@@ -34,7 +33,7 @@ from ..rejections import (
 )
 from ..state.base import InboundResult
 from .exceptions import BreakerOpen, DeadlineExpired, Rejected
-from .limit import FormsOwner
+from .limit import FormsOwner, decide_without_state, state_unavailable
 from .openapi import document
 
 logger = logging.getLogger("fidelity_mw")
@@ -180,26 +179,9 @@ async def _admit(
 def _state_failure(engine: Engine, ctx: DecisionContext, exc: Exception, now: float) -> None:
     """The breaker's state could not be read: go on, or answer 503 `state-unavailable`
     when the policy fails closed."""
-    on_error = engine.policy.state.on_error
-    closed = on_error == "closed"
-    logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
-    decision = ctx.decide(
-        LAYER_BREAKER,
-        ctx.route,
-        REJECT if closed else ALLOW,
-        f"state_error:{type(exc).__name__}",
-        source=SOURCE_FALLBACK,
-        at=now,
-        details={"on_error": on_error},
-    )
-    if closed:
-        problem = problem_document(
-            503,
-            "Service Unavailable",
-            "the control state is unreachable and the policy says to fail closed",
-            "state-unavailable",
-        )
-        raise Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)
+    closed = engine.policy.state.on_error == "closed"
+    if decide_without_state(ctx, LAYER_BREAKER, ctx.route, exc, now, refuse=closed):
+        raise state_unavailable(ctx)
 
 
 def _judge(plan: RoutePlan, status: int) -> str:
