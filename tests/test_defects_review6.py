@@ -429,3 +429,34 @@ def test_the_state_page_shows_a_fleet_shares_key_under_its_limit() -> None:
     assert row["fleet_share"] == "1/3"
     # the share's bucket: 1 unit per 3 s, 2 at once; 3 s of backlog is one unit in use
     assert (row["used"], row["burst"]) == (1.0, 2.0)
+
+
+# ------------------------------------- 15. the state page and a value it cannot read
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_limiter_value_the_snapshot_cannot_read_is_left_out_not_a_500(
+    redis_url: str,
+) -> None:
+    """Something else wrote under one of our limiter keys: `/state.json` (the snapshot)
+    raised ValueError, a 500, and showed nothing; now that key is left out."""
+    import redis as redis_sync
+
+    from fidelity_mw.policy import StateConfig
+    from fidelity_mw.state.base import LimitSpec
+    from fidelity_mw.state.redis import RedisStore
+
+    store = RedisStore(config=StateConfig(url=redis_url, key_prefix="odd-value"))
+    spec = LimitSpec("per-client", 1.0, 5.0, 1, False)
+    raw = redis_sync.Redis.from_url(redis_url)
+    try:
+        for who in ("k1", "k2"):
+            await store.admit(None, None, [f"per-client|{who}"], [spec], 0.0)
+        raw.set(store.key("rl", "per-client|k2"), b"\xffnot a number")
+        snap = await store.snapshot(0.0, top=5)
+    finally:
+        raw.close()
+        await store.aclose()
+    assert snap.source == "redis"
+    assert [k.key for k in snap.limiter_keys] == ["per-client|k1"]

@@ -1157,11 +1157,14 @@ class RedisStore(StateStore):
             i += 1
             if fields[0] is not None:
                 budgets.append(_redis_budget_view(key, fields, server, configs, age))
-        tats = {
-            key: float(_text(reply).split(" ", 1)[0])  # "tat" or "tat refunded" (lib.lua)
-            for key, reply in zip(limit_keys, replies[i:], strict=True)
-            if reply is not None
-        }
+        tats = {}
+        for key, reply in zip(limit_keys, replies[i:], strict=True):
+            if reply is None:
+                continue
+            try:  # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
+                tats[key] = float(_text(reply).split(" ", 1)[0])
+            except (ValueError, UnicodeDecodeError):
+                continue  # a page about the state must not fail on one odd value
         return StoreSnapshot(
             kind="redis",
             source=SOURCE_REDIS,
