@@ -57,7 +57,6 @@ from ..state.base import StateStore
 from .decisions import call_end, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
-    _NOT_RECORDED,
     CLOSE,
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
@@ -69,13 +68,14 @@ from .loop import (
     First,
     Local,
     Steps,
+    _record_now,
     attempts,
     first_attempt,
     local_ops,
     prepare,
 )
 from .upstream import Resolver, Upstream, resolved_problem
-from .wire import ATTEMPT_HEADER, FAST_HEADERS, OURS_SET, TIMEOUT_HEADER, replayable, unstamp
+from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -93,8 +93,6 @@ _observe_end: Final = observe_end
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
-_ATTEMPT: Final = ATTEMPT_HEADER
-_TIMEOUT: Final = TIMEOUT_HEADER
 
 
 class _Armed:
@@ -470,29 +468,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            # (`_record_now`, inlined: a lost outcome is logged, not raised)
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            limit = up.slow_ms
-            try:
-                local.record(
-                    up.breaker_key,
-                    breaker,
-                    gate,
-                    outcome,
-                    limit is not None and (ended - now) * 1000.0 >= limit,
-                    ended,
-                )
-            except Exception as exc:
-                logger.warning(_NOT_RECORDED, up.key, exc)
+            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             _observe_end(observer, token, response, None)
-        # (`unstamp`, inlined; the request's list now: the inner may replace it)
-        raw = request.headers._list
-        if len(raw) >= 2 and raw[-2][1] is _ATTEMPT and raw[-1][1] is _TIMEOUT:
-            del raw[-2:]
-        else:
-            unstamp(request.headers, None)
+        unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:

@@ -111,7 +111,6 @@ class Upstream:
         "resolved",
         "retry",
         "retry_statuses",
-        "slow_ms",
         "timeout_header",
         "timeouts",
         "trusted",
@@ -127,8 +126,6 @@ class Upstream:
         self.key = host if port is None else f"{host}:{port}"
         self.retry: RetryConfig = cfg.retry
         self.breaker: BreakerConfig | None = cfg.breaker
-        # the breaker's slow-call bound (a frozen config: read once, not per call)
-        self.slow_ms: int | None = None if cfg.breaker is None else cfg.breaker.slow_call_ms
         self.breaker_key = "upstream:" + self.key
         # One budget per host, or one for every host of the entry (a service's instances).
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)

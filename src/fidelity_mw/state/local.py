@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from .._mypyc import mypyc_attr
-from ..decide.breaker import CLOSED, IGNORED, SUCCESS, BreakerState, Gate
+from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
 from ..decide.budget import BudgetWindow
 from ..decide.gcra import (
     LimitVerdict,
@@ -402,24 +402,6 @@ class LocalState:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
                 state = self.breaker_state(breaker_key, breaker, now)
-            if (
-                outcome == SUCCESS
-                and not slow
-                and not gate.probe_id
-                and gate.epoch == state.epoch
-                and state.state == CLOSED
-            ):
-                # BreakerState.record's first case, without its call (most requests): a
-                # success of this epoch, closed, and no failure or slow call in the
-                # window, so it cannot open.
-                if now >= state._bucket_end:
-                    state._rotate(now)
-                totals = state._totals
-                if not (totals[1] or totals[2]):
-                    state.buckets[-1][0] += 1
-                    totals[0] += 1
-                    state.consecutive = 0
-                    return CLOSED
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
         finally:
             self._release()
