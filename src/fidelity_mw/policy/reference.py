@@ -285,7 +285,8 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed).',
     "upstream.retry.on_connect_error": "Retry when the connection could not be made.",
     "upstream.retry.on_read_timeout": "Retry on read timeouts and network errors after "
-    "connecting (the request may have been processed: idempotent requests only, as always).",
+    "connecting (the request may have been processed: idempotent methods or requests with "
+    "an `Idempotency-Key` only, as always).",
     "upstream.retry.on_429": "Retry an upstream 429 that carries `Retry-After`, after it.",
 }
 

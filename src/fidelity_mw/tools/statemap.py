@@ -141,7 +141,8 @@ def _homes(policy: Policy) -> dict[str, _Home]:
             st.key_prefix,
             f"up to {sync} ms (sync_interval_ms): slices are topped up and given back "
             "every sync; never more than one exact GCRA admits, but units in other "
-            "processes' slices (at most burst/4 each) wait for the next sync",
+            "processes' slices (at most burst/4 each, the whole burst for a saturated key) "
+            "wait for the next sync",
             limit_failure,
         ),
         "breaker": _Home(
@@ -230,7 +231,8 @@ def _retry_data(r: RetryConfig) -> str:
         on.append("429 (after its Retry-After)")
     return (
         f"{r.attempts} attempts total, {_waits(r)}, "
-        f"idempotent requests only, on {', '.join(on)}; Retry-After honoured up to "
+        f"idempotent methods or requests with an Idempotency-Key only, on {', '.join(on)}; "
+        f"Retry-After honoured up to "
         f"{r.retry_after_max_s:g} s, never past the deadline"
     )
 
