@@ -212,7 +212,11 @@ class Harness:
         self.client = redis_sync.Redis.from_url(url, socket_timeout=5.0)
         config = StateConfig(url=url, timeout_ms=5_000, connect_timeout_ms=5_000)
         self.u = 0.5
-        self.red = RedisStore(config=config, rng=lambda: self.u)
+        # The store's own clock (its background flushes' waits, the age of budget
+        # counts waiting to be sent) is a fake one: on the wall clock, whether a flush
+        # ran before or after a step depended on how fast the machine was, so a
+        # failing sequence could pass on replay.
+        self.red = RedisStore(config=config, rng=lambda: self.u, clock=FakeClock())
 
     def run(self, case: tuple[int, float, list[tuple[Any, ...]]]) -> Sequence_:
         return self.loop.run_until_complete(_run(self, *case))
@@ -354,6 +358,9 @@ async def _run(
     red = h.red
     red._deferred.clear()
     red._pending.clear()
+    for task in (red._deferred_task, red._flush_task):  # an earlier sequence's
+        if task is not None and not task.done():
+            task.cancel()
     red.coalescer._batch = redis_module.BATCH  # the script as patched now (plants too)
     seq = Sequence_()
     for step in ops:
@@ -615,9 +622,9 @@ def test_planted_bug_is_caught(
         harness.run(case)
 
     # Caught: a sequence failed. Hypothesis calls it flaky when the failing sequence then
-    # passes on its replay (seen once, in the compiled build: the store's background
-    # flushes run on the wall clock, so across sequences their timing can differ);
-    # the failure it saw first is still the plant's.
+    # passes on its replay (seen once, in the compiled build, while the store's background
+    # flushes ran on the wall clock; the harness now gives the store a fake clock); the
+    # failure it saw first would still be the plant's.
     with pytest.raises((AssertionError, FlakyFailure)) as caught:
         differential()
     if isinstance(caught.value, FlakyFailure):
