@@ -17,8 +17,9 @@ return parse(s, fmt)` tries a different thing each turn, and so do failover
 across hosts (also through an index computed from the item), pagination and
 a path walked upwards (`current = current.parent`). An attempt number passed
 along does not make a different call. A handler that only catches data
-errors (`ValueError`, `KeyError`...) or a full or empty queue is not retrying,
-and neither is a loop that only waits for a lock or an event.
+errors (`ValueError`, `KeyError`...), a full or empty queue or a socket not
+ready yet (`BlockingIOError`, `SSLWantReadError`...) is not retrying, and
+neither is a loop that only waits for a lock or an event.
 
 The sleep is not required (immediate retries are retries), but raises the
 confidence. It may be anywhere in the loop: in the `except`, after the
@@ -79,6 +80,14 @@ _DATA_ERRORS = {
     "Empty",
     "QueueFull",
     "QueueEmpty",
+    # non-blocking I/O: the operation is tried again once the socket is ready
+    "BlockingIOError",
+    "InterruptedError",
+    "WouldBlock",
+    "SSLWantReadError",
+    "SSLWantWriteError",
+    "WantReadError",
+    "WantWriteError",
 }
 # Calls that wait for a lock, an event or a thread: looping on them is waiting.
 _WAITS = {"acquire", "wait", "join", "wait_for"}
