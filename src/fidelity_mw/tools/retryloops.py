@@ -89,6 +89,14 @@ _DATA_ERRORS = {
     "WantReadError",
     "WantWriteError",
 }
+
+
+def _data_error(name: str) -> bool:
+    """An error that says the input is bad (`InvalidResponse`, `InvalidURL` and the
+    like, by name): a prompt asking again is not a retry."""
+    return name in _DATA_ERRORS or (name.startswith("Invalid") and name != "Invalid")
+
+
 # Calls that wait for a lock, an event or a thread: looping on them is waiting.
 _WAITS = {"acquire", "wait", "join", "wait_for"}
 _BUILTINS = frozenset(dir(builtins))
@@ -207,7 +215,7 @@ class LoopReader:
             if not repeating:
                 continue
             kinds = [_caught_names(h) for h in repeating]
-            if all(names and names <= _DATA_ERRORS for names in kinds):
+            if all(names and all(map(_data_error, names)) for names in kinds):
                 continue  # input validation: a different outcome needs different input
             if not self._success_leaves(loop, stmt, body, index):
                 continue
