@@ -307,13 +307,15 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
                 continue
             parsed.append((path, source, tree, module_name(path, root)))
     shared: dict[str, Rule] = {}
+    imports: list[dict[str, str]] = []
     for path, _, tree, module in parsed:
         scanner = _Scanner(path.as_posix(), module, shared)
         scanner.collect_imports(tree)
         scanner.collect_module_objects(tree)
-    for path, source, tree, module in parsed:
+        imports.append(scanner.aliases)
+    for (path, source, tree, module), aliases in zip(parsed, imports, strict=True):
         report.scanned += 1
-        report.findings.extend(audit_tree(tree, source, path.as_posix(), module, shared))
+        report.findings.extend(audit_tree(tree, source, path.as_posix(), module, shared, aliases))
     return report
 
 
@@ -327,9 +329,14 @@ def audit_tree(
     filename: str,
     module: str = "",
     shared: dict[str, Rule] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> list[AuditFinding]:
+    """`aliases`: the module's imports, when the caller collected them already."""
     scanner = _Scanner(filename, module, shared, sleeping_functions(tree))
-    scanner.collect_imports(tree)
+    if aliases is None:
+        scanner.collect_imports(tree)
+    else:
+        scanner.aliases = dict(aliases)
     scanner.visit(tree)
     lines = source.splitlines()
     kept = [
