@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,48 @@ async def test_a_dependencys_closed_on_error_503_is_shed_like_the_middlewares() 
     dependency, middleware = (rec.contexts[0] for rec in recorders)
     assert (middleware.decided_by, middleware.outcome) == ("ratelimit", "shed")
     assert (dependency.decided_by, dependency.outcome) == ("ratelimit", "shed")
+
+
+# ------------------------------- part 2: one bad operation in a coalesced tick
+
+
+def _spec(burst: int) -> Any:
+    from fidelity_mw.state.base import LimitSpec
+
+    return LimitSpec("l", 60.0, 60.0 * burst, 1, False)  # no refill within a test
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("on_error", ["local", "closed"])
+async def test_one_operation_failing_in_a_batch_fails_that_request_alone(
+    redis_url: str, redis_server: Any, on_error: str
+) -> None:
+    """Six admissions of one tick share a call; the third one's key holds a value that
+    is not ours (WRONGTYPE). Alone, that request would fall back (or be refused under
+    "closed") and the others be decided by Redis: so in a batch too. Before, the
+    script's error failed the whole call: every request of the tick fell back (or got
+    503), and the two decided before the error stayed charged in Redis as well."""
+    config = StateConfig(url=redis_url, on_error=on_error, **PATIENT, fleet_share_max_age_s=0.0)  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(3))
+    limit = _spec(2)
+    keys = [f"l|c{i}" for i in range(6)]
+    with redis_server.client() as client:
+        client.hset(store.key("rl", keys[2]), "foreign", "1")
+    try:
+        got = await asyncio.gather(
+            *(store.admit(None, None, [key], [limit], 0.0) for key in keys),
+            return_exceptions=True,
+        )
+        assert store.coalescer.batches == 1
+        # each healthy key was charged once, in Redis: one unit of two left
+        again = await asyncio.gather(
+            *(store.admit(None, None, [k], [limit], 0.0) for k in keys[:2])
+        )
+    finally:
+        await store.aclose()
+    sources = [r.source if not isinstance(r, BaseException) else type(r).__name__ for r in got]
+    failed = "StateUnavailable" if on_error == "closed" else "fallback"
+    assert sources == ["redis", "redis", failed, "redis", "redis", "redis"]
+    assert [(r.source, r.admitted, r.limits[0].remaining) for r in again] == [
+        ("redis", True, 0)
+    ] * 2

@@ -366,7 +366,7 @@ class RedisStore(StateStore):
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
-        self.coalescer = Coalescer(self.call, BATCH)
+        self.coalescer = Coalescer(self.call, BATCH, self._failed)
         self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
         # Membership for the fleet-aware fallback (state/fleet.py).
         self.fleet = Fleet(self.prefix, config.fleet_share_max_age_s)
