@@ -388,3 +388,27 @@ async def test_one_operation_failing_in_a_batch_fails_that_request_alone(
     assert [(r.source, r.admitted, r.limits[0].remaining) for r in again] == [
         ("redis", True, 0)
     ] * 2
+
+
+@pytest.mark.redis
+async def test_a_request_cancelled_before_its_ticks_call_is_not_sent(redis_url: str) -> None:
+    """Three admissions of one tick; the second request is cancelled before the call goes
+    out (its client left): the others get their answers, and its key is not charged."""
+    config = StateConfig(url=redis_url, **PATIENT, fleet_share_max_age_s=0.0)  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(3))
+    limit = _spec(1)
+    try:
+        tasks = [
+            asyncio.ensure_future(store.admit(None, None, [f"l|q{i}"], [limit], 0.0))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)  # each has queued its operation
+        tasks[1].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[1], asyncio.CancelledError)
+        assert [(r.source, r.admitted) for r in (done[0], done[2])] == [("redis", True)] * 2
+        # the cancelled request's unit is still there
+        later = await store.admit(None, None, ["l|q1"], [limit], 0.0)
+        assert (later.source, later.admitted) == ("redis", True)
+    finally:
+        await store.aclose()

@@ -155,10 +155,13 @@ class Coalescer:
     async def _flush(self, queue: _Queue, ops: list[_Op]) -> None:
         if queue.ops is ops:
             queue.ops = []
-        if len(ops) == 1:
-            await self._send_one(ops[0])
-        else:
-            await self._send(ops)
+        # A request cancelled before its tick's call went out (its client left) is not
+        # sent: an admission would charge quota, a record count, for nobody.
+        live = [op for op in ops if not op.future.done()]
+        if len(live) == 1:
+            await self._send_one(live[0])
+        elif live:
+            await self._send(live)
 
     async def _send_one(self, op: _Op) -> None:
         try:
