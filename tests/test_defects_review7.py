@@ -412,3 +412,46 @@ async def test_a_request_cancelled_before_its_ticks_call_is_not_sent(redis_url: 
         assert (later.source, later.admitted) == ("redis", True)
     finally:
         await store.aclose()
+
+
+# ------------------------------------------------- part 2: `fidelity-mw map` arguments
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "said"),
+    [
+        ("app = 42\n", "notapp:app", "is int 42, not an ASGI app"),
+        ("import os\napp = os\n", "notapp:app", "is module <module 'os'"),
+        ("app = 'x'\n", "notapp", "neither a policy file nor an app import path"),
+    ],
+)
+def test_map_of_something_that_is_no_app_is_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    target: str,
+    said: str,
+) -> None:
+    """Before, `fidelity-mw map mod:app` with `app = 42` printed a map of "builtins.int"
+    and exited 0."""
+    from fidelity_mw.tools.cli import EXIT_USAGE, main
+
+    (tmp_path / "notapp.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(__import__("sys").modules, "notapp", raising=False)
+    assert main(["map", target]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert said in err
+    assert "Traceback" not in err
+
+
+def test_map_of_a_directory_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fidelity_mw.tools.cli import EXIT_USAGE, main
+
+    (tmp_path / "policies.toml").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["map", "policies.toml"]) == EXIT_USAGE
+    assert "policies.toml: is a directory, not a policy file" in capsys.readouterr().err
