@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import WebSocket
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -455,3 +456,47 @@ def test_map_of_a_directory_says_so(
     monkeypatch.chdir(tmp_path)
     assert main(["map", "policies.toml"]) == EXIT_USAGE
     assert "policies.toml: is a directory, not a policy file" in capsys.readouterr().err
+
+
+# ------------------------------ part 2: `Depends(fidelity.limit)` on a websocket route
+
+
+def test_a_limit_dependency_on_a_websocket_route_limits_its_handshakes() -> None:
+    """Before, FastAPI could not fill the dependency's `Request` parameter on a websocket
+    route: every handshake failed with a TypeError. Now the handshake is limited like a
+    GET (the middleware lets websockets by undecided, so the form decides on its own):
+    over the limit, the handshake is denied with the problem's 429."""
+    import warnings
+
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    fidelity = Fidelity(clock=FakeClock())
+    app = FastAPI()
+    keys: list[str] = []
+
+    @app.websocket("/ws", dependencies=[Depends(fidelity.limit("1/h", key="header:x-k"))])
+    async def ws(websocket: WebSocket) -> None:
+        keys.append(websocket.state.fidelity.route)  # the form's own decision context
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    fidelity.install(app)
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws", headers={"x-k": "a"}) as socket:
+            assert socket.receive_text() == "hi"
+        with pytest.raises(WebSocketDenialResponse) as denied:
+            client.websocket_connect("/ws", headers={"x-k": "a"}).__enter__()
+        with client.websocket_connect("/ws", headers={"x-k": "b"}) as socket:  # its own key
+            assert socket.receive_text() == "hi"
+    assert denied.value.status_code == 429
+    assert denied.value.json()["type"] == "urn:fidelity-mw:problem:rate-limited"
+    assert denied.value.headers["retry-after"] == "3600"
+    assert keys == ["/ws", "/ws"]
