@@ -42,7 +42,7 @@ for j = 1, #ARGV do
       reply[i] = tostring(reply[i])
     end
     replies[j] = table.concat(reply, ',')
-  else -- (an operation reads every key before it writes one: it wrote nothing)
+  else -- (an operation reads its keys before it writes: a key of another type fails it unchanged)
     local text = type(reply) == 'table' and reply.err or tostring(reply)
     replies[j] = '!' .. (string.gsub(tostring(text), '[,;]', ' '))
   end
