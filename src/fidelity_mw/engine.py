@@ -150,20 +150,27 @@ class Engine:
         return plan
 
     def bulkhead_for(self, route: str, cfg: ConcurrencyConfig) -> ConcurrencyLimiter:
+        """The route's one bulkhead. Plans are built on whichever thread (event loop)
+        first sees the route, so two can ask at once: `setdefault` is one atomic dict
+        step, and the loser's new limiter is dropped unused, so the route's in-flight
+        limit is never split across two objects. Once created it is one lookup."""
         limiter = self.bulkheads.get(route)
         if limiter is None:
-            limiter = self.bulkheads[route] = ConcurrencyLimiter(
-                ConcurrencySpec(
-                    limit=cfg.limit,
-                    adaptive=cfg.adaptive,
-                    min_limit=cfg.min_limit,
-                    max_limit=cfg.max_limit,
-                    default_share=cfg.default_share,
-                    sheddable_share=cfg.sheddable_share,
-                    max_queue=cfg.max_queue,
-                    tolerance=cfg.tolerance,
-                    shed_stale=cfg.shed_stale,
-                )
+            limiter = self.bulkheads.setdefault(
+                route,
+                ConcurrencyLimiter(
+                    ConcurrencySpec(
+                        limit=cfg.limit,
+                        adaptive=cfg.adaptive,
+                        min_limit=cfg.min_limit,
+                        max_limit=cfg.max_limit,
+                        default_share=cfg.default_share,
+                        sheddable_share=cfg.sheddable_share,
+                        max_queue=cfg.max_queue,
+                        tolerance=cfg.tolerance,
+                        shed_stale=cfg.shed_stale,
+                    )
+                ),
             )
         return limiter
 

@@ -8,7 +8,7 @@ import ipaddress
 import json
 import logging
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote, unquote_plus
 
 from .._types import Receive, Scope, Send
 from ..context import context_from_scope
@@ -63,6 +63,11 @@ class AdminApp:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":  # no websocket here: refused, as Starlette's
+            # Router refuses one it has no route for (before the accept, a server answers
+            # the handshake 403); returning without a word left the client hanging
+            await send({"type": "websocket.close", "code": 1000, "reason": ""})
+            return
         if scope["type"] != "http":
             return
         refusal = self._refusal(scope)
@@ -111,7 +116,9 @@ class AdminApp:
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
         if self._token is not None:
-            if hmac.compare_digest(self._presented(scope), self._token):
+            token = self._token
+            # every spelling compared (no early exit), each in constant time
+            if any([hmac.compare_digest(seen, token) for seen in self._presented(scope)]):
                 return None
             return 401, problem_document(
                 401, "Unauthorized", "this page needs its token", "admin-token"
@@ -127,15 +134,24 @@ class AdminApp:
         )
 
     @staticmethod
-    def _presented(scope: Scope) -> bytes:
+    def _presented(scope: Scope) -> list[bytes]:
+        """The token the client presented, in each spelling it may have meant."""
         for name, value in scope.get("headers", ()):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                return bytes(value[7:].strip())
+                return [bytes(value[7:].strip())]
         query = scope.get("query_string", b"").decode("latin-1")
-        # parse_qs decodes percent-escapes as UTF-8 (junk as U+FFFD): back to UTF-8,
-        # as the token itself is (latin-1 could not encode "%E2%82%AC": a 500)
-        tokens = parse_qs(query).get("token")
-        return tokens[0].encode("utf-8", "replace") if tokens else b""
+        for pair in query.split("&"):
+            key, eq, raw = pair.partition("=")
+            if eq and unquote_plus(key) == "token":
+                # Percent-escapes are UTF-8, as the token itself is (junk as U+FFFD, back
+                # to UTF-8: latin-1 could not encode "%E2%82%AC", a 500). A "+" is the
+                # token's own "+" as typed or pasted into a URL (base64 tokens hold
+                # them), or a space as a form encodes one: both spellings are tried.
+                literal = unquote(raw).encode("utf-8", "replace")
+                if "+" not in raw:
+                    return [literal]
+                return [literal, unquote_plus(raw).encode("utf-8", "replace")]
+        return [b""]
 
     async def _html(self, send: Send, root: str) -> None:
         page = self._page.replace("{{STATE_URL}}", json.dumps(root + "/state.json")).replace(

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from .._types import Clock, RandomSource
@@ -73,20 +74,24 @@ class Fidelity:
             self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
         return self._engine
 
-    def context(self, request: Request) -> DecisionContext:
-        """The request's decision context: the middleware's, else one of our own."""
+    def context(self, request: HTTPConnection) -> DecisionContext:
+        """The request's decision context: the middleware's, else one of our own (a
+        websocket's too: the middleware lets websockets by undecided; its handshake is
+        a GET)."""
         ctx = context_from_scope(request.scope)
         if ctx is not None:
             return ctx
         engine = self.engine
-        plan = engine.plan_for(request.scope)
-        ctx = DecisionContext(engine, plan.route, request.method, engine.clock.monotonic())
+        scope = request.scope
+        method = scope.get("method") or "GET"
+        plan = engine.plan_for(scope if "method" in scope else {**scope, "method": method})
+        ctx = DecisionContext(engine, plan.route, method, engine.clock.monotonic())
         state = request.scope.setdefault("state", {})
         state["fidelity"] = ctx
         return ctx
 
     @staticmethod
-    def client_ip(request: Request, engine: Engine) -> str:
+    def client_ip(request: HTTPConnection, engine: Engine) -> str:
         client = request.client
         peer = client.host if client else None
         if not engine.trusted_proxies:

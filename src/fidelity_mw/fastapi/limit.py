@@ -6,9 +6,10 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
+from starlette.requests import HTTPConnection
 
 from ..context import (
     ALLOW,
@@ -36,9 +37,9 @@ class FormsOwner(Protocol):
     @property
     def engine(self) -> Engine: ...
 
-    def context(self, request: Request) -> DecisionContext: ...
+    def context(self, request: HTTPConnection) -> DecisionContext: ...
 
-    def client_ip(self, request: Request, engine: Engine) -> str: ...
+    def client_ip(self, request: HTTPConnection, engine: Engine) -> str: ...
 
 
 _MAX_KEY_CHARS: Final = 64
@@ -90,7 +91,9 @@ class LimitDependency:
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
 
-    async def __call__(self, request: Request, response: Response) -> None:
+    async def __call__(self, request: HTTPConnection, response: Response) -> None:
+        # (HTTPConnection: FastAPI passes a websocket route's WebSocket here too, where
+        # `Request` left the parameter unfilled and every handshake a TypeError)
         owner = self.owner
         ctx = owner.context(request)
         engine = ctx.engine
@@ -177,18 +180,21 @@ class LimitDependency:
             ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
             raise state_unavailable(ctx)
 
-    def _key_value(self, request: Request, ctx: DecisionContext) -> str:
+    def _key_value(self, request: HTTPConnection, ctx: DecisionContext) -> str:
         key = self.key
         if key == "route":
             return "route:" + ctx.route
         if key == "global":
             return "*"
         if callable(key):
-            custom = key(request)
+            # (a websocket's WebSocket has the headers and client a key reads, as a Request)
+            custom = key(cast(Request, request))
             if custom is not None:
                 return "k:" + _compact(str(custom))
         elif key.startswith("header:"):
-            raw = request.headers.get(key[7:])
+            # every line, joined as the middleware joins a repeated header: a client
+            # that repeats it is one key, not whichever line came first
+            raw = ",".join(request.headers.getlist(key[7:]))
             if raw:
                 return "h:" + _compact(raw)
         ip = self.owner.client_ip(request, ctx.engine)

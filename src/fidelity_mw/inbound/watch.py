@@ -36,6 +36,8 @@ from .responses import (
 )
 
 logger: Final = logging.getLogger("fidelity_mw")
+# The reason of a decision taken without the store (`state_error:<exception>`).
+_STATE_ERROR: Final = "state_error:"
 
 
 def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
@@ -415,8 +417,14 @@ class OutcomeRecorder:
         inside the app, e.g. `Depends(limit)`'s 429). That layer decided: the route breaker does
         not count it (no second breaker on the same evidence) and the limits get their
         units back (a request rejected by one layer consumes no quota of another)."""
-        ctx.decided_by = ctx.shed_by
-        limited = ctx.shed_by == LAYER_RATELIMIT
+        shed_by = ctx.decided_by = ctx.shed_by
+        # "rejected" is a limit's over-limit 429; a form that refused because its state
+        # was unreachable (`on_error = "closed"`) shed the request, as the middleware's
+        # own limits do then (docs/telemetry.md)
+        limited = False
+        if shed_by == LAYER_RATELIMIT:
+            decision = ctx.last(LAYER_RATELIMIT)
+            limited = decision is None or not decision.reason.startswith(_STATE_ERROR)
         ctx.outcome = OUTCOME_REJECTED if limited else OUTCOME_SHED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
         # another limit's 429 is the client's own doing: its units come back, no retry credit
@@ -450,6 +458,11 @@ class OutcomeRecorder:
         now = self.monotonic()
         refund_now = self.refund_now
         if refund_now is None:
+            fleet = result.fleet  # said only when set: a store of the user's may not know it
+            if fleet is not None:
+                return self.store.refund(
+                    charged_keys, charged_specs, result.source, now, charged_tats, fleet=fleet
+                )
             return self.store.refund(charged_keys, charged_specs, result.source, now, charged_tats)
         try:
             refund_now(charged_keys, charged_specs, now, charged_tats)

@@ -445,6 +445,24 @@ class DeadlineConfig(_Validated):
         _validate(self)
         object.__setattr__(self, "header", tuple(h.lower() for h in self.header))
 
+    def _cross_checks(self) -> list[PolicyIssue]:
+        # A default above the cap would be cut to the cap on every request without a
+        # header of its own: the file would say one deadline and the service keep another.
+        if (
+            self._valid("default_ms", "max_ms")
+            and self.default_ms is not None
+            and self.max_ms is not None
+            and self.default_ms > self.max_ms
+        ):
+            return [
+                PolicyIssue(
+                    "default_ms",
+                    f"default_ms {self.default_ms} exceeds max_ms {self.max_ms}: "
+                    "the default deadline cannot be longer than the longest one allowed",
+                )
+            ]
+        return []
+
     @property
     def cap_ms(self) -> int | None:
         """Longest deadline a caller may ask for (callers can shorten, not extend)."""
@@ -756,7 +774,10 @@ class Policy(_Validated):
         source = str(path)
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = fh.read()
+            # "utf-8-sig": a byte order mark (Windows editors write one) is no TOML
+            # statement for tomllib, but no reason to refuse the file either
+            data = tomllib.loads(raw.decode("utf-8-sig"))
         except OSError as exc:
             raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
         except tomllib.TOMLDecodeError as exc:

@@ -154,7 +154,7 @@ DESCRIPTIONS: dict[str, str] = {
     "deadline.default_ms": "Deadline of a request that sends none; `false` for no "
     "default deadline (left out, it is 30 s).",
     "deadline.max_ms": "Longest deadline a caller may ask for; defaults to `default_ms`. "
-    "Callers can shorten their deadline, not extend it.",
+    "Callers can shorten their deadline, not extend it. Not below `default_ms`.",
     # [[rate_limit]]
     "rate_limit.name": "Unique name; keys the counters and appears in `RateLimit-Policy`.",
     "rate_limit.rate": "Sustained rate: `N/s`, `N/min`, `N/h`, `N/d`, or a multiple such as "

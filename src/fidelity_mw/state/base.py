@@ -180,6 +180,8 @@ class StateStore(abc.ABC):
         source: str,
         now: float,
         admitted_tats: Sequence[float] | None = None,
+        *,
+        fleet: FleetShare | None = None,
     ) -> None:
         """Give back the units `admit` charged these limits: another control layer shed the
         request after it was admitted (an outbound breaker refused its upstream call).
@@ -188,6 +190,9 @@ class StateStore(abc.ABC):
         from). `admitted_tats` are the `LimitVerdict.tat` values of that admission
         (in the store's own clock): units that refilled since are not given back
         twice (`decide.gcra.refund`); without them every unit is given back.
+        `fleet` is the admission's `InboundResult.fleet`: a local fallback decision's
+        units go back to the bucket that admission charged (this instance's share of
+        the fleet, or the whole limit), whatever the share is by the time of the refund.
         Best effort: a refund that cannot reach the store is dropped.
         """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..decide.breaker import OPEN, Gate
+from ..decide.fleet import FleetShare
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .local import GcraTable, LocalState
@@ -68,6 +69,8 @@ class MemoryStore(LocalState, StateStore):
         source: str,
         now: float,
         admitted_tats: Sequence[float] | None = None,
+        *,
+        fleet: FleetShare | None = None,
     ) -> None:
         self.refund_now(limit_keys, limits, now, admitted_tats)
 

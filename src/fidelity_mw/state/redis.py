@@ -366,7 +366,7 @@ class RedisStore(StateStore):
         self._deferred_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
-        self.coalescer = Coalescer(self.call, BATCH)
+        self.coalescer = Coalescer(self.call, BATCH, self._failed)
         self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
         # Membership for the fleet-aware fallback (state/fleet.py).
         self.fleet = Fleet(self.prefix, config.fleet_share_max_age_s)
@@ -665,9 +665,15 @@ class RedisStore(StateStore):
         source: str,
         now: float,
         admitted_tats: Sequence[float] | None = None,
+        *,
+        fleet: FleetShare | None = None,
     ) -> None:
         if source == SOURCE_FALLBACK:  # the units came from the local fallback store
-            share = self.fleet.share(self._clock.monotonic()) if self.fleet.enabled else None
+            # ... on the bucket of the share that admission used: the share may have gone
+            # stale (or a fresh fleet size arrived) while the request ran
+            share = fleet
+            if share is None:  # (a caller that did not say: the share as it is now)
+                share = self.fleet.share(self._clock.monotonic()) if self.fleet.enabled else None
             if share is not None and share.size is not None and share.size > 1:
                 limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
             self.local.refund_now(limit_keys, limits, now, admitted_tats)

@@ -12,7 +12,10 @@ single operation sends that operation's own script, unchanged.
 operation (its own reply and age, or None when the call failed), so the
 store's fallback and failure-mode handling applies per request unchanged: a
 failed batch degrades every request in it as `on_error` says, each recorded as
-its own fallback decision. Nothing is retried.
+its own fallback decision. An operation that fails on its own inside the batch
+(Redis answered it with an error, say a key holding a value of another type)
+fails alone, as its own call would have: None for it, and `failed` is told.
+Nothing is retried.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
+
+from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
     from .scripts import Script
@@ -71,11 +76,24 @@ class Coalescer:
     one call. Each loop has its own queue (a sync transport's worker threads run their
     own loops), touched only by that loop's thread."""
 
-    __slots__ = ("_batch", "_bound", "_call", "_lock", "_queues", "_tasks", "batches", "coalesced")
+    __slots__ = (
+        "_batch",
+        "_bound",
+        "_call",
+        "_failed",
+        "_lock",
+        "_queues",
+        "_tasks",
+        "batches",
+        "coalesced",
+    )
 
-    def __init__(self, call: Call, batch: Script) -> None:
+    def __init__(
+        self, call: Call, batch: Script, failed: Callable[[Exception], None] | None = None
+    ) -> None:
         self._call = call
         self._batch = batch
+        self._failed = failed  # told of an operation's own error inside a batch
         # the last loop used and its queue (one attribute: swapped atomically)
         self._bound: tuple[asyncio.AbstractEventLoop | None, _Queue] = (None, _Queue())
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
@@ -137,10 +155,13 @@ class Coalescer:
     async def _flush(self, queue: _Queue, ops: list[_Op]) -> None:
         if queue.ops is ops:
             queue.ops = []
-        if len(ops) == 1:
-            await self._send_one(ops[0])
-        else:
-            await self._send(ops)
+        # A request cancelled before its tick's call went out (its client left) is not
+        # sent: an admission would charge quota, a record count, for nobody.
+        live = [op for op in ops if not op.future.done()]
+        if len(live) == 1:
+            await self._send_one(live[0])
+        elif live:
+            await self._send(live)
 
     async def _send_one(self, op: _Op) -> None:
         try:
@@ -187,12 +208,17 @@ class Coalescer:
             if len(replies) != len(ops):
                 replies = ()  # not our script's reply: each operation sees a bad reply
         for j, op in enumerate(ops):
+            reply = replies[j] if j < len(replies) else []
+            if reply and reply[0][:1] == "!":  # this operation's own error reply
+                if self._failed is not None:
+                    self._failed(ResponseError(reply[0][1:]))
+                reply = None
             if op.future.done():  # the request was cancelled meanwhile
                 continue
-            if got is None:
+            if got is None or reply is None:
                 op.future.set_result(None)
             else:
-                op.future.set_result((replies[j] if j < len(replies) else (), age))
+                op.future.set_result((reply, age))
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from .._types import Clock, RandomSource
 from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
+from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
@@ -508,6 +509,8 @@ class TieredStore(StateStore):
         source: str,
         now: float,
         admitted_tats: Sequence[float] | None = None,
+        *,
+        fleet: FleetShare | None = None,
     ) -> None:
         exact: list[int] = []
         for i, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
@@ -532,6 +535,7 @@ class TieredStore(StateStore):
                 source,
                 now,
                 [admitted_tats[i] for i in exact] if admitted_tats is not None else None,
+                fleet=fleet,
             )
 
     @staticmethod

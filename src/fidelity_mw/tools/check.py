@@ -65,7 +65,7 @@ def check_file(path: str | Path) -> CheckResult:
     name = str(path)
     result = CheckResult(name)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is read past, as when loaded
     except UnicodeDecodeError as exc:  # readable, but not TOML: a finding, as when loaded
         result.errors.append(
             Finding(name, None, "", f"not valid TOML: the file is not UTF-8 ({exc})")

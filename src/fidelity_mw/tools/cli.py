@@ -81,6 +81,8 @@ def run_map(args: argparse.Namespace) -> int:
 
     target: str = args.target
     is_policy = target.endswith(".toml") or Path(target).is_file()
+    if is_policy and Path(target).is_dir():
+        return _usage_error("map", f"{target}: is a directory, not a policy file")
     if is_policy and not Path(target).is_file():
         return _usage_error("map", f"{target}: no such file")
     if not is_policy and ":" not in target:
@@ -94,6 +96,8 @@ def run_map(args: argparse.Namespace) -> int:
         return EXIT_FINDINGS
     except (ImportError, AttributeError) as exc:
         return _usage_error("map", f"cannot load {target}: {type(exc).__name__}: {exc}")
+    except TypeError as exc:  # (load_target: the object named is no app)
+        return _usage_error("map", f"cannot map {target}: {exc}")
     sys.stdout.write(render(smap, args.format))
     return EXIT_OK
 

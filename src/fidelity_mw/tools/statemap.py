@@ -611,6 +611,8 @@ def load_target(target: str) -> tuple[ModuleType, Any]:
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part)
+    if not callable(obj):  # an app is an ASGI callable: not a module, a number, a string
+        raise TypeError(f"{target} is {type(obj).__name__} {obj!r:.60}, not an ASGI app")
     return module, obj
 
 

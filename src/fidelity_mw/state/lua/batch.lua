@@ -12,7 +12,10 @@
 --       has a breaker, then one TAT key per limit; a record: breaker hash,
 --       breaker probes), then admit.lua's or record.lua's ARGV.
 -- Returns: one string: per operation what admit.lua / record.lua return, values
---          joined by ',', operations by ';' (one bulk reply parses cheaply).
+--          joined by ',', operations by ';' (one bulk reply parses cheaply). An
+--          operation that raised (a key holding a value that is not ours: WRONGTYPE)
+--          is '!' and the error's text instead: alone it would have failed its own
+--          call, so it fails alone here too; the others are decided as they would be.
 
 local now = server_now()
 
@@ -26,17 +29,22 @@ for j = 1, #ARGV do
   for x in string.gmatch(values[2], '%d+') do
     keys[#keys + 1] = KEYS[tonumber(x)]
   end
-  local reply
+  local ok, reply
   if values[1] == 'a' then
-    reply = admit_at(values, 3, keys, now)
+    ok, reply = pcall(admit_at, values, 3, keys, now)
   elseif values[1] == 'r' then
-    reply = record_at(values, 3, keys, now)
+    ok, reply = pcall(record_at, values, 3, keys, now)
   else
     return redis.error_reply('batch: unknown operation ' .. tostring(values[1]))
   end
-  for i = 1, #reply do
-    reply[i] = tostring(reply[i])
+  if ok then
+    for i = 1, #reply do
+      reply[i] = tostring(reply[i])
+    end
+    replies[j] = table.concat(reply, ',')
+  else -- (an operation reads its keys before it writes: a key of another type fails it unchanged)
+    local text = type(reply) == 'table' and reply.err or tostring(reply)
+    replies[j] = '!' .. (string.gsub(tostring(text), '[,;]', ' '))
   end
-  replies[j] = table.concat(reply, ',')
 end
 return table.concat(replies, ';')
