@@ -7,10 +7,12 @@ with `# expect: KIND`; any other reported line is a false positive.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from fidelity_mw import Policy
 from fidelity_mw.tools.audit import (
     BREAKER,
     LIMITER,
@@ -91,7 +93,49 @@ def test_slowapi_decorator_gets_a_ready_rate_limit():
     report = audit_paths([str(FIXTURES / "service" / "limiters.py")])
     (finding,) = [f for f in report.findings if "@limiter.limit" in f.what]
     assert finding.what == "slowapi @limiter.limit('5/minute') on search()"
-    assert finding.replace_with.endswith('e.g. { match = "/search", rate = "5/minute" }')
+    assert finding.replace_with.endswith(
+        'e.g. { name = "search", match = "/search", rate = "5/minute" }'
+    )
+
+
+def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
+    """The hint pastes into a valid policy: one table per rate, unique names, and a glob
+    for the route template (`match = "/items/{item_id}"` would never match a request)."""
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "app = FastAPI()\n"
+        "@app.get('/items/{item_id}')\n"
+        "@limiter.limit('5/minute;50/hour')\n"
+        "async def item(request: Request, item_id: int): ...\n"
+        "@app.get('/search')\n"
+        "@limiter.limit('10 per minute')\n"
+        "async def search(request: Request): ...\n"
+        "@app.get('/healthz')\n"
+        "@limiter.exempt\n"
+        "async def healthz(request: Request): ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [
+        f.replace_with.split("e.g. ", 1)[1] for f in report.findings if "e.g. " in f.replace_with
+    ]
+    assert hints == [
+        '{ name = "item", match = "/items/*", rate = "5/minute" }, '
+        '{ name = "item-2", match = "/items/*", rate = "50/hour" }',
+        '{ name = "search", match = "/search", rate = "10 per minute" }',
+    ]
+    tables = [t.strip() for hint in hints for t in hint.split("}, ")]
+    toml = "".join(f"[[rate_limit]]\n{t.strip('{} ').replace(', ', chr(10))}\n" for t in tables)
+    policy = Policy.from_dict(tomllib.loads(toml))
+    assert [(r.name, r.match) for r in policy.rate_limits] == [
+        ("item", "/items/*"),
+        ("item-2", "/items/*"),
+        ("search", "/search"),
+    ]
+    (exempt,) = [f for f in report.findings if "exempt" in f.what]
+    assert "leave this route out of every [[rate_limit]] match" in exempt.replace_with
 
 
 def test_objects_made_in_another_module():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -565,7 +566,7 @@ class _Scanner(ast.NodeVisitor):
             inst = self._instance_use(target, decorator=True)
             if inst is not None:
                 rule, _text = inst
-                extra = _limit_hint(deco, route) if rule.kind == LIMITER else ""
+                extra = _limit_hint(deco, route, fn.name) if rule.kind == LIMITER else ""
                 self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra)
                 self._mark(target)
                 self.handled.add(id(deco))
@@ -849,16 +850,32 @@ def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     return None
 
 
-def _limit_hint(deco: ast.expr, route: str | None) -> str:
-    """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]]."""
+_ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
+
+
+def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
+    """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
+
+    One table per rate ("5/minute;100/hour" is two limits), each named after the
+    function (names must be unique), matching the route's path: its template's
+    parameters ("/items/{item_id}") become "*", since `match` globs the request path."""
+    if isinstance(deco, ast.Attribute) and deco.attr == "exempt":
+        return (
+            "no exemption key: leave this route out of every [[rate_limit]] match "
+            '(docs/migration.md, "From slowapi")'
+        )
     if not isinstance(deco, ast.Call) or not deco.args:
         return ""
-    rate = _literal(deco.args[0])
-    if not isinstance(rate, str):
+    text = _literal(deco.args[0])
+    if not isinstance(text, str):
         return ""
-    rate = rate.split(";")[0].strip().replace(" per ", "/")
-    match = f'match = "{route}", ' if route else ""
-    return f'e.g. {{ {match}rate = "{rate}" }}'
+    rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
+    match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
+    tables = [
+        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}" }}'
+        for i, rate in enumerate(rates)
+    ]
+    return "e.g. " + ", ".join(tables) if tables else ""
 
 
 def parse_fail_on(text: str) -> frozenset[str]:
