@@ -1,0 +1,39 @@
+"""What a new user gets wrong first, and the message that names the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fidelity_mw import Engine, FidelityMiddleware, FidelitySyncTransport, FidelityTransport
+
+
+async def _app(scope: object, receive: object, send: object) -> None:  # pragma: no cover
+    pass
+
+
+@pytest.mark.parametrize(
+    ("wrong", "fix"),
+    [
+        ("fidelity.toml", "pass Policy.from_toml('fidelity.toml')"),
+        (Path("conf/fidelity.toml"), "pass Policy.from_toml('conf/fidelity.toml')"),
+        ({"rate_limit": []}, "pass Policy.from_dict(...)"),
+        (42, 'pass Policy(...), Policy.from_toml("fidelity.toml") or Policy.from_dict(...)'),
+    ],
+)
+def test_a_policy_that_is_not_a_policy_names_the_fix(wrong: object, fix: str) -> None:
+    """`policy="fidelity.toml"` failed on the first request with "'str' object has no
+    attribute 'state'"; every entry point now says what to pass."""
+    builders = [
+        lambda: Engine(wrong),  # type: ignore[arg-type]
+        lambda: FidelityMiddleware(_app, policy=wrong),  # type: ignore[arg-type]
+        lambda: FidelityTransport(policy=wrong),  # type: ignore[arg-type]
+        lambda: FidelitySyncTransport(policy=wrong),  # type: ignore[arg-type]
+    ]
+    for build in builders:
+        with pytest.raises(TypeError) as exc:
+            build()
+        assert str(exc.value) == (
+            f"policy= takes a fidelity_mw.Policy, got {type(wrong).__name__}: {fix}"
+        )
