@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from fidelity_mw import Engine, FidelityMiddleware, FidelitySyncTransport, FidelityTransport
+from fidelity_mw import (
+    Engine,
+    FidelityMiddleware,
+    FidelitySyncTransport,
+    FidelityTransport,
+    Policy,
+    PolicyError,
+)
 
 
 async def _app(scope: object, receive: object, send: object) -> None:  # pragma: no cover
@@ -37,3 +44,17 @@ def test_a_policy_that_is_not_a_policy_names_the_fix(wrong: object, fix: str) ->
         assert str(exc.value) == (
             f"policy= takes a fidelity_mw.Policy, got {type(wrong).__name__}: {fix}"
         )
+
+
+def test_a_relative_policy_path_that_is_missing_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn started from another directory: say where the file was looked for."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_toml("fidelity.toml")
+    (issue,) = exc.value.issues
+    assert issue.message.endswith(f"(relative to the working directory {tmp_path})")
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_toml(tmp_path / "missing.toml")
+    assert "working directory" not in exc.value.issues[0].message

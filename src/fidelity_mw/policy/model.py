@@ -790,7 +790,12 @@ class Policy(_Validated):
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
         except OSError as exc:
-            raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
+            where = ""
+            if isinstance(exc, FileNotFoundError) and not Path(path).is_absolute():
+                # a server started from another directory looks for it there
+                where = f" (relative to the working directory {Path.cwd()})"
+            message = f"cannot read policy file: {exc}{where}"
+            raise PolicyError([PolicyIssue("", message)], source) from exc
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError([PolicyIssue("", f"not valid TOML: {exc}")], source) from exc
         except RecursionError:  # tomllib recurses per level of nested arrays and tables
