@@ -244,3 +244,36 @@ def test_parse_fail_on():
         parse_fail_on("retries")
     with pytest.raises(ValueError, match="no kinds"):
         parse_fail_on(",")
+
+
+def test_tenacity_and_stamina_hints_are_the_same_retry(tmp_path):
+    """A retry decorator's finding carries the `[upstream.retry]` that does what it did
+    (docs/migration.md's table), and the hint is a valid policy."""
+    (tmp_path / "calls.py").write_text(
+        "import stamina, tenacity\n"
+        "from tenacity import retry, stop_after_attempt, stop_after_delay, wait_fixed\n"
+        "from tenacity import wait_exponential, wait_random_exponential\n"
+        "@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.05, max=1))\n"
+        "async def a(): ...\n"
+        "@retry(stop=stop_after_delay(9) | stop_after_attempt(3),\n"
+        "       wait=wait_random_exponential(0.1, 2))\n"
+        "async def b(): ...\n"
+        "@tenacity.retry(stop=tenacity.stop_after_attempt(20), wait=wait_fixed(0.5))\n"
+        "async def c(): ...\n"
+        "@stamina.retry(on=Exception, attempts=3, wait_initial=0.2, wait_max=2)\n"
+        "async def d(): ...\n"
+        "@stamina.retry(on=Exception)\n"
+        "async def e(): ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
+    assert hints == [
+        'retry = { attempts = 4, base_ms = 50, max_ms = 1000, jitter = "none" }',
+        'retry = { attempts = 3, base_ms = 100, max_ms = 2000, jitter = "full" }',
+        'retry = { attempts = 10, base_ms = 500, max_ms = 500, jitter = "none" }',
+        'retry = { attempts = 3, base_ms = 200, max_ms = 2000, jitter = "full" }',
+        'retry = { attempts = 10, base_ms = 100, max_ms = 5000, jitter = "full" }',
+    ]
+    for hint in hints:
+        table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
+        assert Policy.from_dict(table).upstreams[0].retry is not None

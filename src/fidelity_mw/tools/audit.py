@@ -559,7 +559,8 @@ class _Scanner(ast.NodeVisitor):
         if found is not None:
             _, rule = found
             if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
-                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", region=fn)
+                extra = _retry_hint(deco, rule.library) if rule.kind == RETRY else ""
+                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra, region=fn)
             self._mark(target)
             self.handled.add(id(deco))
         else:
@@ -848,6 +849,89 @@ def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
             if isinstance(path, str):
                 return path
     return None
+
+
+def _call_named(node: ast.AST | None, *names: str) -> ast.Call | None:
+    """The first call in `node` (an `a | b` of stops included) to a function so named."""
+    for sub in ast.walk(node) if node is not None else ():
+        if isinstance(sub, ast.Call):
+            func = sub.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in names:
+                return sub
+    return None
+
+
+def _number(call: ast.Call, position: int, keyword: str, default: float | None) -> float | None:
+    """A literal number argument of `call`, by keyword or position; None if not literal."""
+    node = next((k.value for k in call.keywords if k.arg == keyword), None)
+    if node is None and len(call.args) > position:
+        node = call.args[position]
+    if node is None:
+        return default
+    value = _literal(node)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None  # type: ignore[arg-type]
+
+
+def _ms_value(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _retry_hint(deco: ast.expr, library: str) -> str:
+    """`@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2))`
+    or `@stamina.retry(attempts=3, wait_initial=0.1, wait_max=2)` -> the same
+    `[upstream.retry]` (docs/migration.md, "From tenacity and stamina")."""
+    if not isinstance(deco, ast.Call):
+        return ""
+    keys: dict[str, object] = {}
+    kw = {k.arg: k.value for k in deco.keywords if k.arg}
+    if library == "tenacity":
+        stop = _call_named(kw.get("stop"), "stop_after_attempt")
+        if stop is not None and (n := _number(stop, 0, "max_attempt_number", None)):
+            keys["attempts"] = int(n)
+        wait = kw.get("wait")
+        fixed = _call_named(wait, "wait_fixed")
+        expo = _call_named(wait, "wait_exponential", "wait_random_exponential")
+        jittered = _call_named(wait, "wait_exponential_jitter")
+        if fixed is not None and (w := _number(fixed, 0, "wait", None)) is not None:
+            keys.update(base_ms=_ms_value(w), max_ms=_ms_value(w), jitter="none")
+        elif expo is not None:
+            base, cap = _number(expo, 0, "multiplier", 1.0), _number(expo, 1, "max", None)
+            if base is not None:
+                keys["base_ms"] = _ms_value(base)
+            if cap is not None:
+                keys["max_ms"] = _ms_value(cap)
+            keys["jitter"] = "full" if "random" in ast.unparse(expo.func) else "none"
+        elif jittered is not None:
+            base, cap = _number(jittered, 0, "initial", 1.0), _number(jittered, 1, "max", None)
+            if base is not None:
+                keys["base_ms"] = _ms_value(base)
+            if cap is not None:
+                keys["max_ms"] = _ms_value(cap)
+            keys["jitter"] = "full"
+    elif library == "stamina":
+        attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
+        count = _literal(attempts) if attempts is not None else 10  # stamina's default
+        if isinstance(count, int) and not isinstance(count, bool):
+            keys["attempts"] = count
+        for arg, key, default in (("wait_initial", "base_ms", 0.1), ("wait_max", "max_ms", 5.0)):
+            node = kw.get(arg)
+            value = default if node is None else _literal(node)  # stamina's defaults
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                keys[key] = _ms_value(float(value))
+        keys["jitter"] = "full"
+    if not keys:
+        return ""
+    attempts_n, base_ms, max_ms = keys.get("attempts"), keys.get("base_ms"), keys.get("max_ms")
+    if isinstance(attempts_n, int):
+        keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
+    if isinstance(base_ms, int) and isinstance(max_ms, int):
+        keys["max_ms"] = max(base_ms, max_ms)  # max_ms may not be below base_ms
+    body = ", ".join(
+        f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
+    )
+    return f"e.g. retry = {{ {body} }}"
 
 
 _ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
