@@ -275,6 +275,40 @@ def test_fastapi_limiter_dependency_and_bypassing_client(app_dir: Path):
     assert by_kind["bypass"].where == "plain (Client)"
 
 
+def test_fastapi_limiter_on_an_included_router(app_dir: Path):
+    pkg = app_dir / "fastapi_limiter"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "depends.py").write_text(
+        "class RateLimiter:\n"
+        "    def __init__(self, times, seconds):\n"
+        "        self.times = times\n"
+        "    async def __call__(self):\n"
+        "        return None\n"
+    )
+    write_module(
+        app_dir,
+        "mapped_router_limiter",
+        """
+        from fastapi import APIRouter, Depends, FastAPI
+        from fastapi_limiter.depends import RateLimiter
+        from fidelity_mw import FidelityMiddleware, Policy
+
+        router = APIRouter()
+        app = FastAPI()
+        app.add_middleware(FidelityMiddleware, policy=Policy())
+
+        @router.get("/report", dependencies=[Depends(RateLimiter(times=2, seconds=5))])
+        async def report():
+            return {}
+
+        app.include_router(router)
+        """,
+    )
+    smap = from_app("mapped_router_limiter:app")
+    assert [(w.kind, w.where) for w in smap.warnings] == [("overlap-limiter", "route /report")]
+
+
 def test_fastapi_forms_are_layers_of_the_map(app_dir: Path):
     """`Depends(fidelity.limit(...))`, `@fidelity.breaker` and `@fidelity.deadline`
     decide too: the map lists them, on routes of the app and of included routers."""

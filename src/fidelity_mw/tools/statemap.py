@@ -764,8 +764,10 @@ def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
 
 
 def _fastapi_limiter_routes(app: Any) -> list[str]:
+    from ..routes import flat_routes
+
     found: list[str] = []
-    for route in getattr(app, "routes", []):
+    for route in flat_routes(getattr(app, "routes", [])):  # included routers too
         dependant = getattr(route, "dependant", None)
         stack = list(getattr(dependant, "dependencies", []))
         while stack:
