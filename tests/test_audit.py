@@ -264,6 +264,9 @@ def test_tenacity_and_stamina_hints_are_the_same_retry(tmp_path):
         "async def d(): ...\n"
         "@stamina.retry(on=Exception)\n"
         "async def e(): ...\n"
+        "async def f():\n"
+        "    async for attempt in tenacity.AsyncRetrying(stop=stop_after_attempt(2)):\n"
+        "        with attempt: ...\n"
     )
     report = audit_paths([str(tmp_path)])
     hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
@@ -273,6 +276,7 @@ def test_tenacity_and_stamina_hints_are_the_same_retry(tmp_path):
         'retry = { attempts = 10, base_ms = 500, max_ms = 500, jitter = "none" }',
         'retry = { attempts = 3, base_ms = 200, max_ms = 2000, jitter = "full" }',
         'retry = { attempts = 10, base_ms = 100, max_ms = 5000, jitter = "full" }',
+        "retry = { attempts = 2 }",
     ]
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')

@@ -626,7 +626,11 @@ class _Scanner(ast.NodeVisitor):
                 _, rule = found
                 if not self.configured_off(node):
                     region = self.function[-1] if self.function else None
-                    self.report(node, rule, f"{rule.library} {_short(node)}", region=region)
+                    # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
+                    tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
+                    extra = _retry_hint(node, rule.library) if tenacity_loop else ""
+                    what = f"{rule.library} {_short(node)}"
+                    self.report(node, rule, what, extra, region=region)
                 self._mark(node.func)
             elif name in KEYWORD_RETRIES:
                 self._keyword_retries(node, name)
