@@ -281,3 +281,32 @@ def test_tenacity_and_stamina_hints_are_the_same_retry(tmp_path):
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
         assert Policy.from_dict(table).upstreams[0].retry is not None
+
+
+def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
+    """pybreaker's fail_max / reset_timeout, aiobreaker's timedelta, circuitbreaker's
+    failure_threshold / recovery_timeout (and their defaults) as a `breaker` table."""
+    (tmp_path / "breakers.py").write_text(
+        "import pybreaker, aiobreaker\n"
+        "from datetime import timedelta\n"
+        "from circuitbreaker import circuit\n"
+        "a = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=20)\n"
+        "b = aiobreaker.CircuitBreaker(fail_max=4, timeout_duration=timedelta(minutes=2))\n"
+        "@circuit(failure_threshold=7)\n"
+        "def c(): ...\n"
+        "d = pybreaker.CircuitBreaker()\n"
+        "e = pybreaker.CircuitBreaker(2, 0.5)\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
+    probe = ", half_open_probes = 1 }"
+    assert hints == [
+        "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20" + probe,
+        "breaker = { consecutive_failures = 4, open_s = 120, open_min_s = 120" + probe,
+        "breaker = { consecutive_failures = 7, open_s = 30, open_min_s = 30" + probe,
+        "breaker = { consecutive_failures = 5, open_s = 60, open_min_s = 60" + probe,
+        "breaker = { consecutive_failures = 2, open_s = 0.5, open_min_s = 0.5" + probe,
+    ]
+    for hint in hints:
+        table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
+        assert Policy.from_dict(table).upstreams[0].breaker is not None

@@ -559,7 +559,7 @@ class _Scanner(ast.NodeVisitor):
         if found is not None:
             _, rule = found
             if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
-                extra = _retry_hint(deco, rule.library) if rule.kind == RETRY else ""
+                extra = _hint(deco, rule)
                 self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra, region=fn)
             self._mark(target)
             self.handled.add(id(deco))
@@ -628,7 +628,7 @@ class _Scanner(ast.NodeVisitor):
                     region = self.function[-1] if self.function else None
                     # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
                     tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
-                    extra = _retry_hint(node, rule.library) if tenacity_loop else ""
+                    extra = _hint(node, rule) if tenacity_loop or rule.kind == BREAKER else ""
                     what = f"{rule.library} {_short(node)}"
                     self.report(node, rule, what, extra, region=region)
                 self._mark(node.func)
@@ -936,6 +936,61 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
         f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
     )
     return f"e.g. retry = {{ {body} }}"
+
+
+# library -> (its consecutive-failure argument, its open-time argument, their defaults)
+_BREAKER_ARGS = {
+    "pybreaker": ("fail_max", "reset_timeout", 5, 60.0),
+    "aiobreaker": ("fail_max", "timeout_duration", 5, 60.0),
+    "circuitbreaker": ("failure_threshold", "recovery_timeout", 5, 30.0),
+}
+
+
+def _seconds(node: ast.expr | None, default: float) -> float | None:
+    """A literal number of seconds, or `timedelta(seconds=..., minutes=...)`."""
+    if node is None:
+        return default
+    if isinstance(node, ast.Call) and _call_named(node, "timedelta") is node:
+        units = {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0, "milliseconds": 0.001}
+        total = 0.0
+        for k in node.keywords:
+            value = _literal(k.value)
+            if k.arg not in units or not isinstance(value, int | float):
+                return None
+            total += float(value) * units[k.arg]
+        return total if not node.args else None
+    value = _literal(node)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None  # type: ignore[arg-type]
+
+
+def _breaker_hint(call: ast.expr, library: str) -> str:
+    """`pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)` (or circuitbreaker's,
+    aiobreaker's) -> the `breaker` table that opens and waits the same way."""
+    if library not in _BREAKER_ARGS:
+        return ""
+    fails_arg, open_arg, fails_default, open_default = _BREAKER_ARGS[library]
+    kw = {k.arg: k.value for k in call.keywords if k.arg} if isinstance(call, ast.Call) else {}
+    if isinstance(call, ast.Call):  # all three take these two first, in this order
+        kw.update(zip((fails_arg, open_arg), call.args[:2], strict=False))
+    fails = _literal(kw[fails_arg]) if fails_arg in kw else fails_default
+    open_s = _seconds(kw.get(open_arg), open_default)
+    parts = []
+    if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 1:
+        parts.append(f"consecutive_failures = {fails}")
+    if open_s is not None and open_s >= 0.001:
+        parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}")
+    if not parts:
+        return ""
+    return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}"
+
+
+def _hint(node: ast.expr, rule: Rule) -> str:
+    if rule.kind == RETRY:
+        return _retry_hint(node, rule.library)
+    if rule.kind == BREAKER:
+        return _breaker_hint(node, rule.library)
+    return ""
 
 
 _ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
