@@ -7,10 +7,12 @@ with `# expect: KIND`; any other reported line is a false positive.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from fidelity_mw import Policy
 from fidelity_mw.tools.audit import (
     BREAKER,
     LIMITER,
@@ -91,7 +93,49 @@ def test_slowapi_decorator_gets_a_ready_rate_limit():
     report = audit_paths([str(FIXTURES / "service" / "limiters.py")])
     (finding,) = [f for f in report.findings if "@limiter.limit" in f.what]
     assert finding.what == "slowapi @limiter.limit('5/minute') on search()"
-    assert finding.replace_with.endswith('e.g. { match = "/search", rate = "5/minute" }')
+    assert finding.replace_with.endswith(
+        'e.g. { name = "search", match = "/search", rate = "5/minute" }'
+    )
+
+
+def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
+    """The hint pastes into a valid policy: one table per rate, unique names, and a glob
+    for the route template (`match = "/items/{item_id}"` would never match a request)."""
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "app = FastAPI()\n"
+        "@app.get('/items/{item_id}')\n"
+        "@limiter.limit('5/minute;50/hour')\n"
+        "async def item(request: Request, item_id: int): ...\n"
+        "@app.get('/search')\n"
+        "@limiter.limit('10 per minute')\n"
+        "async def search(request: Request): ...\n"
+        "@app.get('/healthz')\n"
+        "@limiter.exempt\n"
+        "async def healthz(request: Request): ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [
+        f.replace_with.split("e.g. ", 1)[1] for f in report.findings if "e.g. " in f.replace_with
+    ]
+    assert hints == [
+        '{ name = "item", match = "/items/*", rate = "5/minute" }, '
+        '{ name = "item-2", match = "/items/*", rate = "50/hour" }',
+        '{ name = "search", match = "/search", rate = "10 per minute" }',
+    ]
+    tables = [t.strip() for hint in hints for t in hint.split("}, ")]
+    toml = "".join(f"[[rate_limit]]\n{t.strip('{} ').replace(', ', chr(10))}\n" for t in tables)
+    policy = Policy.from_dict(tomllib.loads(toml))
+    assert [(r.name, r.match) for r in policy.rate_limits] == [
+        ("item", "/items/*"),
+        ("item-2", "/items/*"),
+        ("search", "/search"),
+    ]
+    (exempt,) = [f for f in report.findings if "exempt" in f.what]
+    assert "leave this route out of every [[rate_limit]] match" in exempt.replace_with
 
 
 def test_objects_made_in_another_module():
@@ -200,3 +244,69 @@ def test_parse_fail_on():
         parse_fail_on("retries")
     with pytest.raises(ValueError, match="no kinds"):
         parse_fail_on(",")
+
+
+def test_tenacity_and_stamina_hints_are_the_same_retry(tmp_path):
+    """A retry decorator's finding carries the `[upstream.retry]` that does what it did
+    (docs/migration.md's table), and the hint is a valid policy."""
+    (tmp_path / "calls.py").write_text(
+        "import stamina, tenacity\n"
+        "from tenacity import retry, stop_after_attempt, stop_after_delay, wait_fixed\n"
+        "from tenacity import wait_exponential, wait_random_exponential\n"
+        "@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.05, max=1))\n"
+        "async def a(): ...\n"
+        "@retry(stop=stop_after_delay(9) | stop_after_attempt(3),\n"
+        "       wait=wait_random_exponential(0.1, 2))\n"
+        "async def b(): ...\n"
+        "@tenacity.retry(stop=tenacity.stop_after_attempt(20), wait=wait_fixed(0.5))\n"
+        "async def c(): ...\n"
+        "@stamina.retry(on=Exception, attempts=3, wait_initial=0.2, wait_max=2)\n"
+        "async def d(): ...\n"
+        "@stamina.retry(on=Exception)\n"
+        "async def e(): ...\n"
+        "async def f():\n"
+        "    async for attempt in tenacity.AsyncRetrying(stop=stop_after_attempt(2)):\n"
+        "        with attempt: ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
+    assert hints == [
+        'retry = { attempts = 4, base_ms = 50, max_ms = 1000, jitter = "none" }',
+        'retry = { attempts = 3, base_ms = 100, max_ms = 2000, jitter = "full" }',
+        'retry = { attempts = 10, base_ms = 500, max_ms = 500, jitter = "none" }',
+        'retry = { attempts = 3, base_ms = 200, max_ms = 2000, jitter = "full" }',
+        'retry = { attempts = 10, base_ms = 100, max_ms = 5000, jitter = "full" }',
+        "retry = { attempts = 2 }",
+    ]
+    for hint in hints:
+        table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
+        assert Policy.from_dict(table).upstreams[0].retry is not None
+
+
+def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
+    """pybreaker's fail_max / reset_timeout, aiobreaker's timedelta, circuitbreaker's
+    failure_threshold / recovery_timeout (and their defaults) as a `breaker` table."""
+    (tmp_path / "breakers.py").write_text(
+        "import pybreaker, aiobreaker\n"
+        "from datetime import timedelta\n"
+        "from circuitbreaker import circuit\n"
+        "a = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=20)\n"
+        "b = aiobreaker.CircuitBreaker(fail_max=4, timeout_duration=timedelta(minutes=2))\n"
+        "@circuit(failure_threshold=7)\n"
+        "def c(): ...\n"
+        "d = pybreaker.CircuitBreaker()\n"
+        "e = pybreaker.CircuitBreaker(2, 0.5)\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
+    probe = ", half_open_probes = 1 }"
+    assert hints == [
+        "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20" + probe,
+        "breaker = { consecutive_failures = 4, open_s = 120, open_min_s = 120" + probe,
+        "breaker = { consecutive_failures = 7, open_s = 30, open_min_s = 30" + probe,
+        "breaker = { consecutive_failures = 5, open_s = 60, open_min_s = 60" + probe,
+        "breaker = { consecutive_failures = 2, open_s = 0.5, open_min_s = 0.5" + probe,
+    ]
+    for hint in hints:
+        table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
+        assert Policy.from_dict(table).upstreams[0].breaker is not None

@@ -161,6 +161,76 @@ def test_parse_rate_rejects(text: str) -> None:
         parse_rate(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5 per minute", (5, 60.0)),
+        ("10 per 2 minutes", (10, 120.0)),
+        ("100/hours", (100, 3600.0)),
+        ("3/secs", (3, 1.0)),
+        ("2 PER Day", (2, 86_400.0)),
+    ],
+)
+def test_parse_rate_takes_slowapi_spellings(text: str, expected: tuple[int, float]) -> None:
+    """What a slowapi / limits user writes in @limiter.limit(...) works as a rate."""
+    assert parse_rate(text) == expected
+
+
+def test_parse_rate_ms_is_not_minutes() -> None:
+    with pytest.raises(ValueError, match='unknown period unit "ms"'):
+        parse_rate("5/ms")
+
+
+def test_several_rates_in_one_string_name_the_fix() -> None:
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_dict({"rate_limit": [{"name": "a", "rate": "5/minute;100/hour"}]})
+    assert issues_of(exc)["rate_limit[0].rate"] == (
+        '"5/minute;100/hour" holds several rates: write one [[rate_limit]] per rate, '
+        "each with its own name"
+    )
+
+
+def test_route_template_as_match_is_an_error_naming_the_glob() -> None:
+    """`match` globs the request path: "/items/{item_id}" never matches a request."""
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_dict(
+            {
+                "rate_limit": [{"name": "a", "match": "/items/{item_id}"}],
+                "route": [{"match": "/files/{path:path}"}],
+            }
+        )
+    problems = {i.path: i.message for i in exc.value.issues}
+    assert problems == {
+        "rate_limit[0].match": '"/items/{item_id}" never matches: match is a glob over the '
+        'request path, not a route template (write "/items/*")',
+        "route[0].match": '"/files/{path:path}" never matches: match is a glob over the '
+        'request path, not a route template (write "/files/*")',
+    }
+
+
+def test_breaker_of_the_wrong_type_says_what_it_may_be() -> None:
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_dict(
+            {"route": [{"match": "/a", "breaker": "off"}], "upstream": [{"breaker": 0}]}
+        )
+    problems = {i.path: i.message for i in exc.value.issues}
+    assert problems["route[0].breaker"] == (
+        'expected a table of breaker keys, true or false (no breaker), got string "off"'
+    )
+    assert problems["upstream[0].breaker"].startswith(
+        "expected a table of breaker keys, true or false"
+    )
+
+
+def test_max_ms_below_base_ms_names_the_default_and_the_fix() -> None:
+    with pytest.raises(PolicyError) as exc:
+        Policy.from_dict({"upstream": [{"retry": {"base_ms": 5000}}]})
+    assert {i.path: i.message for i in exc.value.issues} == {
+        "upstream[0].retry.max_ms": "max_ms 2000 (the default) is below base_ms 5000: "
+        "set max_ms >= 5000"
+    }
+
+
 # ---------------------------------------------------------------- TOML
 
 

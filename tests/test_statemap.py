@@ -275,6 +275,87 @@ def test_fastapi_limiter_dependency_and_bypassing_client(app_dir: Path):
     assert by_kind["bypass"].where == "plain (Client)"
 
 
+def test_fastapi_limiter_on_an_included_router(app_dir: Path):
+    pkg = app_dir / "fastapi_limiter"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "depends.py").write_text(
+        "class RateLimiter:\n"
+        "    def __init__(self, times, seconds):\n"
+        "        self.times = times\n"
+        "    async def __call__(self):\n"
+        "        return None\n"
+    )
+    write_module(
+        app_dir,
+        "mapped_router_limiter",
+        """
+        from fastapi import APIRouter, Depends, FastAPI
+        from fastapi_limiter.depends import RateLimiter
+        from fidelity_mw import FidelityMiddleware, Policy
+
+        router = APIRouter()
+        app = FastAPI()
+        app.add_middleware(FidelityMiddleware, policy=Policy())
+
+        @router.get("/report", dependencies=[Depends(RateLimiter(times=2, seconds=5))])
+        async def report():
+            return {}
+
+        app.include_router(router)
+        """,
+    )
+    smap = from_app("mapped_router_limiter:app")
+    assert [(w.kind, w.where) for w in smap.warnings] == [("overlap-limiter", "route /report")]
+
+
+def test_fastapi_forms_are_layers_of_the_map(app_dir: Path):
+    """`Depends(fidelity.limit(...))`, `@fidelity.breaker` and `@fidelity.deadline`
+    decide too: the map lists them, on routes of the app and of included routers."""
+    write_module(
+        app_dir,
+        "mapped_forms",
+        """
+        from fastapi import APIRouter, Depends, FastAPI
+        from fidelity_mw import FidelityMiddleware, Policy
+        from fidelity_mw.fastapi import Fidelity
+
+        fidelity = Fidelity()
+        router = APIRouter(dependencies=[Depends(fidelity.limit("20/min", name="default"))])
+        app = FastAPI()
+        app.add_middleware(FidelityMiddleware, policy=Policy())
+
+        @router.get("/pay", dependencies=[Depends(fidelity.limit("2/min", key="header:k"))])
+        @fidelity.breaker(failure_ratio=0.25, min_calls=10)
+        @fidelity.deadline(2_000)
+        async def pay():
+            return {}
+
+        @app.get("/healthz")
+        @fidelity.breaker(False)
+        async def healthz():
+            return {}
+
+        app.include_router(router)
+        """,
+    )
+    smap = from_app("mapped_forms:app")
+    forms = [(r.layer, r.subject) for r in smap.layers if r.config.startswith("fidelity.")]
+    assert forms == [
+        ("breaker", "route GET /healthz: @fidelity.breaker(False)"),
+        ("ratelimit", "route GET /pay: Depends(fidelity.limit('20/min')), per client_ip"),
+        ("ratelimit", "route GET /pay: Depends(fidelity.limit('2/min')), per header:k"),
+        ("deadline", "route GET /pay: @fidelity.deadline"),
+        ("breaker", "route GET /pay: @fidelity.breaker (this route's one breaker)"),
+    ]
+    shared = layer(smap, "inbound", "ratelimit", "'20/min'")
+    assert shared.key == "default|{client}"
+    assert "failure ratio >= 0.25" in layer(smap, "inbound", "breaker", "GET /pay").data
+    # inbound, before the outbound layers
+    directions = [r.direction for r in smap.layers]
+    assert directions == sorted(directions, key=lambda d: d != "inbound")
+
+
 def test_redis_client_without_retries_is_quiet(app_dir: Path):
     write_module(
         app_dir,

@@ -10,6 +10,7 @@ import hashlib
 import random
 import weakref
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Any
 
 from ._types import Clock, RandomSource
@@ -44,6 +45,17 @@ def compact_key(key: str) -> str:
     return "#" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
+def _not_a_policy(value: object) -> str:
+    """`policy="fidelity.toml"` and `policy={...}` are natural guesses: name the fix."""
+    if isinstance(value, str | PurePath):
+        fix = f"Policy.from_toml({str(value)!r})"
+    elif isinstance(value, Mapping):
+        fix = "Policy.from_dict(...)"
+    else:
+        fix = 'Policy(...), Policy.from_toml("fidelity.toml") or Policy.from_dict(...)'
+    return f"policy= takes a fidelity_mw.Policy, got {type(value).__name__}: pass {fix}"
+
+
 class Engine:
     """Shared by the middleware and the transports of one application."""
 
@@ -55,6 +67,8 @@ class Engine:
         rng: RandomSource | None = None,
         store: StateStore | None = None,
     ) -> None:
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(_not_a_policy(policy))
         self.policy = policy if policy is not None else Policy()
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.rng: RandomSource = rng or random.Random().random

@@ -48,6 +48,7 @@ _PERIODS = {
     "day": 86400.0,
 }
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+_PER_RE = re.compile(r"(?<=\d)\s+per\s+")  # the limits library's "5 per minute"
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -252,6 +253,11 @@ def _any_glob(value: Any) -> str | None:
     return None
 
 
+# A route template's parameter ("{item_id}", "{path:path}"): what FastAPI and Starlette
+# routes are written with, and what a request path never holds.
+_TEMPLATE_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_]+)?\}")
+
+
 def _glob(value: Any) -> str | None:
     """A request path glob. Paths start with "/": a pattern that cannot is a silent no-op."""
     problem = _any_glob(value)
@@ -259,6 +265,12 @@ def _glob(value: Any) -> str | None:
         problem = (
             f"{_toml(value)} never matches: request paths start with a slash "
             f"(write {_toml('/' + value)})"
+        )
+    elif problem is None and _TEMPLATE_PARAM.search(value):
+        # "/items/{item_id}" is matched against the request path, which holds the id
+        problem = (
+            f"{_toml(value)} never matches: match is a glob over the request path, "
+            f"not a route template (write {_toml(_TEMPLATE_PARAM.sub('*', value))})"
         )
     return problem
 
@@ -283,13 +295,23 @@ def _host_glob(value: Any) -> str | None:
 
 
 def parse_rate(text: str) -> tuple[int, float]:
-    """'100/s' -> (100, 1.0); '5/10min' -> (5, 600.0). Raises ValueError."""
-    m = _RATE_RE.match(text.lower())
+    """'100/s' -> (100, 1.0); '5/10min' -> (5, 600.0); '5 per 2 minutes' -> (5, 120.0).
+
+    Raises ValueError."""
+    if any(sep in text for sep in ";,|"):
+        # slowapi / limits write several limits in one string: "5/minute;100/hour"
+        raise ValueError(
+            f"{_toml(text)} holds several rates: write one [[rate_limit]] per rate, "
+            "each with its own name"
+        )
+    m = _RATE_RE.match(_PER_RE.sub("/", text.lower()))
     if not m:
         raise ValueError(
             f'{_toml(text)} is not a rate: write N/s, N/min, N/h or N/d (e.g. "100/s")'
         )
     count, multiple, unit = int(m.group(1)), m.group(2), m.group(3)
+    if unit not in _PERIODS and len(unit) > 3 and unit[:-1] in _PERIODS:
+        unit = unit[:-1]  # "minutes", "hours", "secs" (never "ms": that is no minute)
     if unit not in _PERIODS:
         raise ValueError(f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d")
     if count < 1:
@@ -662,13 +684,16 @@ class RouteConfig(_Validated):
         return self.name or self.match
 
 
+_RETRY_MAX_MS_DEFAULT = 2_000
+
+
 @dataclass(frozen=True, slots=True)
 class RetryConfig(_Validated):
     """Outbound retry: total attempts, backoff with jitter, and the retry budget."""
 
     attempts: int = _spec(3, int_in(1, MAX_ATTEMPTS))
     base_ms: int = _spec(100, int_in(0, 600_000))
-    max_ms: int = _spec(2_000, int_in(0, 600_000))
+    max_ms: int = _spec(_RETRY_MAX_MS_DEFAULT, int_in(0, 600_000))
     jitter: Literal["full", "equal", "decorrelated", "none"] = _spec("full", one_of(JITTER_MODES))
     budget_ratio: float = _spec(0.2, number_in(0.0, 10.0))
     budget_min_per_s: float = _spec(3.0, number_in(0.0, 1_000_000.0))
@@ -688,7 +713,14 @@ class RetryConfig(_Validated):
 
     def _cross_checks(self) -> list[PolicyIssue]:
         if self._valid("base_ms", "max_ms") and self.max_ms < self.base_ms:
-            return [PolicyIssue("max_ms", f"max_ms {self.max_ms} is below base_ms {self.base_ms}")]
+            default = " (the default)" if self.max_ms == _RETRY_MAX_MS_DEFAULT else ""
+            return [
+                PolicyIssue(
+                    "max_ms",
+                    f"max_ms {self.max_ms}{default} is below base_ms {self.base_ms}: "
+                    f"set max_ms >= {self.base_ms}",
+                )
+            ]
         return []
 
 
@@ -779,7 +811,12 @@ class Policy(_Validated):
             # statement for tomllib, but no reason to refuse the file either
             data = tomllib.loads(raw.decode("utf-8-sig"))
         except OSError as exc:
-            raise PolicyError([PolicyIssue("", f"cannot read policy file: {exc}")], source) from exc
+            where = ""
+            if isinstance(exc, FileNotFoundError) and not Path(path).is_absolute():
+                # a server started from another directory looks for it there
+                where = f" (relative to the working directory {Path.cwd()})"
+            message = f"cannot read policy file: {exc}{where}"
+            raise PolicyError([PolicyIssue("", message)], source) from exc
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError([PolicyIssue("", f"not valid TOML: {exc}")], source) from exc
         except RecursionError:  # tomllib recurses per level of nested arrays and tables
@@ -1062,6 +1099,16 @@ def _read_nested(
         if not enabled:
             return False if parent is RouteConfig else None
         value = {k: v for k, v in value.items() if k != "enabled"}
+    if sub_cls is BreakerConfig and not isinstance(value, Mapping):
+        # `breaker = "off"`: say what a breaker may be, not only that a table was expected
+        issues.append(
+            PolicyIssue(
+                where,
+                f"expected a table of breaker keys, true or false (no breaker), "
+                f"got {_tname(value)} {_toml(value)}",
+            )
+        )
+        return None
     return _build(sub_cls, value, where, issues, sub_nested)
 
 

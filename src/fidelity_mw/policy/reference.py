@@ -158,14 +158,16 @@ DESCRIPTIONS: dict[str, str] = {
     # [[rate_limit]]
     "rate_limit.name": "Unique name; keys the counters and appears in `RateLimit-Policy`.",
     "rate_limit.rate": "Sustained rate: `N/s`, `N/min`, `N/h`, `N/d`, or a multiple such as "
-    "`5/10min`.",
+    "`5/10min`. slowapi's spellings work too (`5/minute`, `5 per 2 minutes`); one rate per "
+    "limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
     "rate_limit.burst": "Bucket size: how many requests may arrive at once. Defaults to the "
     "N of `rate`.",
     "rate_limit.cost": "Tokens one request takes. Must not exceed the burst.",
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
     "IP when absent), `route`, `global`; a callable in Python.",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
-    "`?` one character.",
+    "`?` one character. Matched against the request path, so a route template such as "
+    "`/items/{item_id}` is an error: write `/items/*`.",
     "rate_limit.methods": "Only these HTTP methods; leave it out for all. A CORS preflight "
     "(`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted only by a "
     "limit that lists `OPTIONS`.",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -565,14 +566,15 @@ class _Scanner(ast.NodeVisitor):
         if found is not None:
             _, rule = found
             if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
-                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", region=fn)
+                extra = _hint(deco, rule)
+                self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra, region=fn)
             self._mark(target)
             self.handled.add(id(deco))
         else:
             inst = self._instance_use(target, decorator=True)
             if inst is not None:
                 rule, _text = inst
-                extra = _limit_hint(deco, route) if rule.kind == LIMITER else ""
+                extra = _limit_hint(deco, route, fn.name) if rule.kind == LIMITER else ""
                 self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra)
                 self._mark(target)
                 self.handled.add(id(deco))
@@ -631,7 +633,11 @@ class _Scanner(ast.NodeVisitor):
                 _, rule = found
                 if not self.configured_off(node):
                     region = self.function[-1] if self.function else None
-                    self.report(node, rule, f"{rule.library} {_short(node)}", region=region)
+                    # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
+                    tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
+                    extra = _hint(node, rule) if tenacity_loop or rule.kind == BREAKER else ""
+                    what = f"{rule.library} {_short(node)}"
+                    self.report(node, rule, what, extra, region=region)
                 self._mark(node.func)
             elif name in KEYWORD_RETRIES:
                 self._keyword_retries(node, name)
@@ -856,16 +862,170 @@ def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     return None
 
 
-def _limit_hint(deco: ast.expr, route: str | None) -> str:
-    """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]]."""
+def _call_named(node: ast.AST | None, *names: str) -> ast.Call | None:
+    """The first call in `node` (an `a | b` of stops included) to a function so named."""
+    for sub in ast.walk(node) if node is not None else ():
+        if isinstance(sub, ast.Call):
+            func = sub.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in names:
+                return sub
+    return None
+
+
+def _number(call: ast.Call, position: int, keyword: str, default: float | None) -> float | None:
+    """A literal number argument of `call`, by keyword or position; None if not literal."""
+    node = next((k.value for k in call.keywords if k.arg == keyword), None)
+    if node is None and len(call.args) > position:
+        node = call.args[position]
+    if node is None:
+        return default
+    value = _literal(node)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None  # type: ignore[arg-type]
+
+
+def _ms_value(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _retry_hint(deco: ast.expr, library: str) -> str:
+    """`@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2))`
+    or `@stamina.retry(attempts=3, wait_initial=0.1, wait_max=2)` -> the same
+    `[upstream.retry]` (docs/migration.md, "From tenacity and stamina")."""
+    if not isinstance(deco, ast.Call):
+        return ""
+    keys: dict[str, object] = {}
+    kw = {k.arg: k.value for k in deco.keywords if k.arg}
+    if library == "tenacity":
+        stop = _call_named(kw.get("stop"), "stop_after_attempt")
+        if stop is not None and (n := _number(stop, 0, "max_attempt_number", None)):
+            keys["attempts"] = int(n)
+        wait = kw.get("wait")
+        fixed = _call_named(wait, "wait_fixed")
+        expo = _call_named(wait, "wait_exponential", "wait_random_exponential")
+        jittered = _call_named(wait, "wait_exponential_jitter")
+        if fixed is not None and (w := _number(fixed, 0, "wait", None)) is not None:
+            keys.update(base_ms=_ms_value(w), max_ms=_ms_value(w), jitter="none")
+        elif expo is not None:
+            base, cap = _number(expo, 0, "multiplier", 1.0), _number(expo, 1, "max", None)
+            if base is not None:
+                keys["base_ms"] = _ms_value(base)
+            if cap is not None:
+                keys["max_ms"] = _ms_value(cap)
+            keys["jitter"] = "full" if "random" in ast.unparse(expo.func) else "none"
+        elif jittered is not None:
+            base, cap = _number(jittered, 0, "initial", 1.0), _number(jittered, 1, "max", None)
+            if base is not None:
+                keys["base_ms"] = _ms_value(base)
+            if cap is not None:
+                keys["max_ms"] = _ms_value(cap)
+            keys["jitter"] = "full"
+    elif library == "stamina":
+        attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
+        count = _literal(attempts) if attempts is not None else 10  # stamina's default
+        if isinstance(count, int) and not isinstance(count, bool):
+            keys["attempts"] = count
+        for arg, key, default in (("wait_initial", "base_ms", 0.1), ("wait_max", "max_ms", 5.0)):
+            node = kw.get(arg)
+            value = default if node is None else _literal(node)  # stamina's defaults
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                keys[key] = _ms_value(float(value))
+        keys["jitter"] = "full"
+    if not keys:
+        return ""
+    attempts_n, base_ms, max_ms = keys.get("attempts"), keys.get("base_ms"), keys.get("max_ms")
+    if isinstance(attempts_n, int):
+        keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
+    if isinstance(base_ms, int) and isinstance(max_ms, int):
+        keys["max_ms"] = max(base_ms, max_ms)  # max_ms may not be below base_ms
+    body = ", ".join(
+        f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
+    )
+    return f"e.g. retry = {{ {body} }}"
+
+
+# library -> (its consecutive-failure argument, its open-time argument, their defaults)
+_BREAKER_ARGS = {
+    "pybreaker": ("fail_max", "reset_timeout", 5, 60.0),
+    "aiobreaker": ("fail_max", "timeout_duration", 5, 60.0),
+    "circuitbreaker": ("failure_threshold", "recovery_timeout", 5, 30.0),
+}
+
+
+def _seconds(node: ast.expr | None, default: float) -> float | None:
+    """A literal number of seconds, or `timedelta(seconds=..., minutes=...)`."""
+    if node is None:
+        return default
+    if isinstance(node, ast.Call) and _call_named(node, "timedelta") is node:
+        units = {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0, "milliseconds": 0.001}
+        total = 0.0
+        for k in node.keywords:
+            value = _literal(k.value)
+            if k.arg not in units or not isinstance(value, int | float):
+                return None
+            total += float(value) * units[k.arg]
+        return total if not node.args else None
+    value = _literal(node)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None  # type: ignore[arg-type]
+
+
+def _breaker_hint(call: ast.expr, library: str) -> str:
+    """`pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)` (or circuitbreaker's,
+    aiobreaker's) -> the `breaker` table that opens and waits the same way."""
+    if library not in _BREAKER_ARGS:
+        return ""
+    fails_arg, open_arg, fails_default, open_default = _BREAKER_ARGS[library]
+    kw = {k.arg: k.value for k in call.keywords if k.arg} if isinstance(call, ast.Call) else {}
+    if isinstance(call, ast.Call):  # all three take these two first, in this order
+        kw.update(zip((fails_arg, open_arg), call.args[:2], strict=False))
+    fails = _literal(kw[fails_arg]) if fails_arg in kw else fails_default
+    open_s = _seconds(kw.get(open_arg), open_default)
+    parts = []
+    if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 1:
+        parts.append(f"consecutive_failures = {fails}")
+    if open_s is not None and open_s >= 0.001:
+        parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}")
+    if not parts:
+        return ""
+    return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}"
+
+
+def _hint(node: ast.expr, rule: Rule) -> str:
+    if rule.kind == RETRY:
+        return _retry_hint(node, rule.library)
+    if rule.kind == BREAKER:
+        return _breaker_hint(node, rule.library)
+    return ""
+
+
+_ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
+
+
+def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
+    """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
+
+    One table per rate ("5/minute;100/hour" is two limits), each named after the
+    function (names must be unique), matching the route's path: its template's
+    parameters ("/items/{item_id}") become "*", since `match` globs the request path."""
+    if isinstance(deco, ast.Attribute) and deco.attr == "exempt":
+        return (
+            "no exemption key: leave this route out of every [[rate_limit]] match "
+            '(docs/migration.md, "From slowapi")'
+        )
     if not isinstance(deco, ast.Call) or not deco.args:
         return ""
-    rate = _literal(deco.args[0])
-    if not isinstance(rate, str):
+    text = _literal(deco.args[0])
+    if not isinstance(text, str):
         return ""
-    rate = rate.split(";")[0].strip().replace(" per ", "/")
-    match = f'match = "{route}", ' if route else ""
-    return f'e.g. {{ {match}rate = "{rate}" }}'
+    rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
+    match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
+    tables = [
+        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}" }}'
+        for i, rate in enumerate(rates)
+    ]
+    return "e.g. " + ", ".join(tables) if tables else ""
 
 
 def parse_fail_on(text: str) -> frozenset[str]:

@@ -22,6 +22,7 @@ import inspect
 import itertools
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -767,8 +768,10 @@ def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
 
 
 def _fastapi_limiter_routes(app: Any) -> list[str]:
+    from ..routes import flat_routes
+
     found: list[str] = []
-    for route in getattr(app, "routes", []):
+    for route in flat_routes(getattr(app, "routes", [])):  # included routers too
         dependant = getattr(route, "dependant", None)
         stack = list(getattr(dependant, "dependencies", []))
         while stack:
@@ -808,6 +811,111 @@ def _app_level_limiters(app: Any, walk: _Walk) -> None:
                 f"{path!r}.",
             )
         )
+
+
+def _route_dependencies(route: Any) -> Iterator[Any]:
+    """The `call` of every dependency of a FastAPI route, nested ones included."""
+    stack = list(reversed(getattr(getattr(route, "dependant", None), "dependencies", [])))
+    while stack:  # in declaration order, a dependency before its own
+        dep = stack.pop()
+        call = getattr(dep, "call", None)
+        if call is not None:
+            yield call
+        stack.extend(reversed(getattr(dep, "dependencies", [])))
+
+
+def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
+    """The `fidelity_mw.fastapi` forms on the app's routes (docs/fastapi.md): each
+    `Depends(fidelity.limit(...))` and each `@fidelity.breaker` / `@fidelity.deadline`."""
+    from ..overrides import override_of
+    from ..routes import flat_routes
+
+    # Only an app that uses the forms has imported them (FastAPI stays optional).
+    forms = sys.modules.get("fidelity_mw.fastapi.limit")
+    limit_cls: type | None = getattr(forms, "LimitDependency", None)
+
+    homes = _homes(policy if policy is not None else Policy())
+    rows: list[Layer] = []
+    for app in apps:
+        for route in flat_routes(getattr(app, "routes", [])):
+            path = str(getattr(route, "path", "?"))
+            methods = ",".join(sorted(getattr(route, "methods", None) or ()))
+            where = f"{methods} {path}" if methods else path
+            for found in _route_dependencies(route):
+                if limit_cls is None or not isinstance(found, limit_cls):
+                    continue
+                call: Any = found  # a LimitDependency (fastapi/limit.py)
+                home = homes["limit"]
+                key = call.key if isinstance(call.key, str) else "callable"
+                counter = call.name or f"<route>:{call.rate}"
+                shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
+                rows.append(
+                    Layer(
+                        "inbound",
+                        "ratelimit",
+                        f"route {where}: Depends(fidelity.limit({call.rate!r})), per {key}",
+                        f"fidelity.limit on {path}",
+                        ("records would-reject, never rejects (shadow)" if call.shadow else "429")
+                        + " + Retry-After + RateLimit fields when the bucket is empty; runs "
+                        "after the middleware admitted the request",
+                        f"GCRA {call.rate}, burst {call.burst_size}"
+                        + (f", cost {call.cost} per request" if call.cost != 1 else "")
+                        + f"{shared}; charges every request it admits (charge = always)",
+                        home.state,
+                        _key(home, f"{counter}|{{client}}", "rl"),
+                        "the dependency, before the endpoint runs",
+                        home.staleness,
+                        home.on_failure,
+                    )
+                )
+            override = override_of(getattr(route, "endpoint", None))
+            if override is None:
+                continue
+            if override.deadline_ms is not None:
+                rows.append(
+                    Layer(
+                        "inbound",
+                        "deadline",
+                        f"route {where}: @fidelity.deadline",
+                        f"fidelity.deadline on {path}",
+                        "504 on arrival when expired, or when the endpoint runs past it; "
+                        "caps the caller's deadline",
+                        f"{override.deadline_ms} ms",
+                        "none: read from each request",
+                        "-",
+                        "the caller",
+                        "none",
+                        "a malformed header is ignored: the route default applies",
+                    )
+                )
+            b = override.breaker
+            if b is False:
+                rows.append(
+                    Layer(
+                        "inbound", "breaker", f"route {where}: @fidelity.breaker(False)",
+                        f"fidelity.breaker on {path}", "nothing: breaker disabled for this route",
+                        "-", "-", "-", "-", "-", "-",
+                    )
+                )  # fmt: skip
+            elif isinstance(b, BreakerConfig):
+                home = homes["breaker"]
+                rows.append(
+                    Layer(
+                        "inbound",
+                        "breaker",
+                        f"route {where}: @fidelity.breaker (this route's one breaker)",
+                        f"fidelity.breaker on {path}",
+                        "503 + Retry-After while open, without calling the app; "
+                        "half-open admits limited probes",
+                        _breaker_data(b),
+                        home.state,
+                        _key(home, "route:{route}", "br", "bp"),
+                        "FidelityMiddleware (or the route class), when the response ends",
+                        home.staleness,
+                        home.on_failure,
+                    )
+                )
+    return rows
 
 
 # ---------------------------------------------------------------- clients
@@ -977,11 +1085,14 @@ def from_app(target: str) -> StateMap:
         if isinstance(state, dict):
             namespace.update({f"app.state.{k}": v for k, v in state.items()})
     clients = _inspect_clients(namespace, walk, bool(policy and policy.upstreams))
+    layers = layers_for(policy) if policy else []
+    inbound = sum(1 for layer in layers if layer.direction == "inbound")
+    layers[inbound:inbound] = _form_layers(walk.apps, policy)
     smap = StateMap(
         target,
         policy.version if policy else None,
         redact_url(policy.state.url) if policy else None,
-        layers_for(policy) if policy else [],
+        layers,
         walk.stack,
         clients,
         notes=notes_for(policy) if policy else [],
