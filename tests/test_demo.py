@@ -11,6 +11,7 @@ three CPU-burning processes on a 2-core machine already at load average 13
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import io
@@ -24,6 +25,7 @@ from fidelity_mw.demo.records import ClientRequest, DemoDecision, FrontRecord
 from fidelity_mw.demo.report import METRIC_DEFINITIONS, render_table
 from fidelity_mw.demo.scenario import ScenarioConfig
 from fidelity_mw.tools import cli
+from redis_server import free_port
 
 VARIANT_METRICS = {
     "label",
@@ -274,3 +276,20 @@ def test_fidelity_amplification_and_staleness_definitions() -> None:
     table = render_table({"scattered": result, "fidelity": result}, ScenarioConfig())
     assert "50.0 % (1 / 2)" in table
     assert "2.00x (6 / 3)" in table
+
+
+def test_a_redis_that_does_not_answer_is_said_before_the_run() -> None:
+    # Run anyway, every fidelity decision would be the fallback's: an outage, unexplained.
+    unused_port = free_port()
+    code, out, err = _run_cli("--redis", f"redis://127.0.0.1:{unused_port}/0", "--duration", "12")
+    assert code == 1
+    assert "Redis does not answer" in err
+    assert f"127.0.0.1:{unused_port}" in err
+    assert out == ""
+
+
+def test_the_demo_runs_on_a_redis_that_answers(redis_url: str) -> None:
+    from fidelity_mw.demo import _redis_unreachable
+    from fidelity_mw.policy import StateConfig
+
+    assert asyncio.run(_redis_unreachable(StateConfig(url=redis_url))) is None

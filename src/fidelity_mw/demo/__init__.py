@@ -107,6 +107,22 @@ def _telemetry_observer(url: str) -> tuple[Any, Any, str | None]:
     return default(), setup, None
 
 
+async def _redis_unreachable(state: Any) -> str | None:
+    """Why the policy's Redis does not answer a PING (None: it does)."""
+    try:
+        from ..state.redis import build_client
+    except ImportError:
+        return "the redis extra is not installed: pip install 'fidelity-mw[redis]'"
+    client = build_client(state.url, state)
+    try:
+        await client.ping()
+    except Exception as exc:  # any failure is the answer
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     missing = _missing_modules()
     if missing:
@@ -136,10 +152,21 @@ def run_demo(args: argparse.Namespace) -> int:
         redis_url=args.redis,
     )
     try:
-        fidelity_policy(cfg)
+        policy = fidelity_policy(cfg)
     except PolicyError as exc:
         print(f"fidelity-mw demo: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if cfg.redis_url:
+        unreachable = asyncio.run(_redis_unreachable(policy.state))
+        if unreachable:
+            # Run anyway and every decision would be the fallback's: a demo of an outage,
+            # not of Redis state, and no word why.
+            print(
+                f"fidelity-mw demo: --redis {args.redis}: Redis does not answer "
+                f"({unreachable}); start it, or leave out --redis to run on in-memory state",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
 
     extra: dict[str, Any] = {"otlp": None}
     observer = setup = None
