@@ -310,3 +310,22 @@ def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
         assert Policy.from_dict(table).upstreams[0].breaker is not None
+
+
+def test_slowapi_limiter_defaults_are_per_route_and_application_limits_are_one_bucket(tmp_path):
+    """slowapi counts `default_limits` per route (a dependency on the router does the
+    same) and `application_limits` over every route (a `match = "*"` limit)."""
+    (tmp_path / "app.py").write_text(
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address,\n"
+        "                  default_limits=['100/minute;1000/hour'],\n"
+        "                  application_limits=['5000/hour'])\n"
+    )
+    (finding,) = audit_paths([str(tmp_path)]).findings
+    assert finding.replace_with.endswith(
+        'default_limits count per route: Depends(fidelity.limit("100/minute")), '
+        'Depends(fidelity.limit("1000/hour")) on the router or the app '
+        '(docs/migration.md, "From slowapi"); application_limits: e.g. '
+        '{ name = "application", match = "*", rate = "5000/hour" }'
+    )
