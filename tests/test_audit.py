@@ -116,6 +116,9 @@ def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
         "@app.get('/healthz')\n"
         "@limiter.exempt\n"
         "async def healthz(request: Request): ...\n"
+        "@app.get('/keyed')\n"
+        "@limiter.limit('2/second', key_func=lambda r: r.headers.get('X-Api-Key', 'anon'))\n"
+        "async def keyed(request: Request): ...\n"
     )
     report = audit_paths([str(tmp_path)])
     hints = [
@@ -125,14 +128,16 @@ def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
         '{ name = "item", match = "/items/*", rate = "5/minute" }, '
         '{ name = "item-2", match = "/items/*", rate = "50/hour" }',
         '{ name = "search", match = "/search", rate = "10 per minute" }',
+        '{ name = "keyed", match = "/keyed", rate = "2/second", key = "header:X-Api-Key" }',
     ]
     tables = [t.strip() for hint in hints for t in hint.split("}, ")]
     toml = "".join(f"[[rate_limit]]\n{t.strip('{} ').replace(', ', chr(10))}\n" for t in tables)
     policy = Policy.from_dict(tomllib.loads(toml))
-    assert [(r.name, r.match) for r in policy.rate_limits] == [
-        ("item", "/items/*"),
-        ("item-2", "/items/*"),
-        ("search", "/search"),
+    assert [(r.name, r.match, r.key) for r in policy.rate_limits] == [
+        ("item", "/items/*", "client_ip"),
+        ("item-2", "/items/*", "client_ip"),
+        ("search", "/search", "client_ip"),
+        ("keyed", "/keyed", "header:X-Api-Key"),
     ]
     (exempt,) = [f for f in report.findings if "exempt" in f.what]
     assert "leave this route out of every [[rate_limit]] match" in exempt.replace_with

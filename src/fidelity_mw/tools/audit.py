@@ -1027,6 +1027,25 @@ def _hint(node: ast.expr, rule: Rule) -> str:
 _ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
 
 
+def _header_key(func: ast.expr | None) -> str | None:
+    """`key_func=lambda request: request.headers.get("x-api-key", ...)` (or `[...]`):
+    the header it keys on, for `key = "header:NAME"`."""
+    if not isinstance(func, ast.Lambda):
+        return None
+    body = func.body
+    if isinstance(body, ast.Call) and isinstance(body.func, ast.Attribute):
+        if body.func.attr != "get" or not body.args:
+            return None
+        target, arg = body.func.value, body.args[0]
+    elif isinstance(body, ast.Subscript):
+        target, arg = body.value, body.slice
+    else:
+        return None
+    is_headers = isinstance(target, ast.Attribute) and target.attr == "headers"
+    value = _literal(arg)
+    return value if is_headers and isinstance(value, str) and value else None
+
+
 def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
     """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
 
@@ -1045,8 +1064,10 @@ def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
         return ""
     rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
+    header = _header_key(next((k.value for k in deco.keywords if k.arg == "key_func"), None))
+    key = f', key = "header:{header}"' if header else ""
     tables = [
-        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}" }}'
+        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}"{key} }}'
         for i, rate in enumerate(rates)
     ]
     return "e.g. " + ", ".join(tables) if tables else ""
