@@ -116,6 +116,9 @@ def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
         "@app.get('/healthz')\n"
         "@limiter.exempt\n"
         "async def healthz(request: Request): ...\n"
+        "@app.get('/keyed')\n"
+        "@limiter.limit('2/second', key_func=lambda r: r.headers.get('X-Api-Key', 'anon'))\n"
+        "async def keyed(request: Request): ...\n"
     )
     report = audit_paths([str(tmp_path)])
     hints = [
@@ -125,14 +128,16 @@ def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
         '{ name = "item", match = "/items/*", rate = "5/minute" }, '
         '{ name = "item-2", match = "/items/*", rate = "50/hour" }',
         '{ name = "search", match = "/search", rate = "10 per minute" }',
+        '{ name = "keyed", match = "/keyed", rate = "2/second", key = "header:X-Api-Key" }',
     ]
     tables = [t.strip() for hint in hints for t in hint.split("}, ")]
     toml = "".join(f"[[rate_limit]]\n{t.strip('{} ').replace(', ', chr(10))}\n" for t in tables)
     policy = Policy.from_dict(tomllib.loads(toml))
-    assert [(r.name, r.match) for r in policy.rate_limits] == [
-        ("item", "/items/*"),
-        ("item-2", "/items/*"),
-        ("search", "/search"),
+    assert [(r.name, r.match, r.key) for r in policy.rate_limits] == [
+        ("item", "/items/*", "client_ip"),
+        ("item-2", "/items/*", "client_ip"),
+        ("search", "/search", "client_ip"),
+        ("keyed", "/keyed", "header:X-Api-Key"),
     ]
     (exempt,) = [f for f in report.findings if "exempt" in f.what]
     assert "leave this route out of every [[rate_limit]] match" in exempt.replace_with
@@ -310,3 +315,22 @@ def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
         assert Policy.from_dict(table).upstreams[0].breaker is not None
+
+
+def test_slowapi_limiter_defaults_are_per_route_and_application_limits_are_one_bucket(tmp_path):
+    """slowapi counts `default_limits` per route (a dependency on the router does the
+    same) and `application_limits` over every route (a `match = "*"` limit)."""
+    (tmp_path / "app.py").write_text(
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address,\n"
+        "                  default_limits=['100/minute;1000/hour'],\n"
+        "                  application_limits=['5000/hour'])\n"
+    )
+    (finding,) = audit_paths([str(tmp_path)]).findings
+    assert finding.replace_with.endswith(
+        'default_limits count per route: Depends(fidelity.limit("100/minute")), '
+        'Depends(fidelity.limit("1000/hour")) on the router or the app '
+        '(docs/migration.md, "From slowapi"); application_limits: e.g. '
+        '{ name = "application", match = "*", rate = "5000/hour" }'
+    )

@@ -635,7 +635,8 @@ class _Scanner(ast.NodeVisitor):
                     region = self.function[-1] if self.function else None
                     # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
                     tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
-                    extra = _hint(node, rule) if tenacity_loop or rule.kind == BREAKER else ""
+                    hinted = tenacity_loop or rule.kind in (BREAKER, LIMITER)
+                    extra = _hint(node, rule) if hinted else ""
                     what = f"{rule.library} {_short(node)}"
                     self.report(node, rule, what, extra, region=region)
                 self._mark(node.func)
@@ -992,15 +993,64 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
     return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}"
 
 
+def _slowapi_limiter_hint(call: ast.expr) -> str:
+    """`Limiter(default_limits=[...], application_limits=[...])`: slowapi counts a
+    default limit per route and an application limit over all routes together."""
+    if not isinstance(call, ast.Call):
+        return ""
+    kw = {k.arg: _literal(k.value) for k in call.keywords if k.arg}
+    hints = []
+    defaults = kw.get("default_limits")
+    if isinstance(defaults, list | tuple) and all(isinstance(d, str) for d in defaults):
+        rates = [r.strip() for d in defaults for r in re.split(r"[;,|]", d) if r.strip()]
+        deps = ", ".join(f'Depends(fidelity.limit("{r}"))' for r in rates)
+        if deps:
+            hints.append(
+                f"default_limits count per route: {deps} on the router or the app "
+                '(docs/migration.md, "From slowapi")'
+            )
+    apps = kw.get("application_limits")
+    if isinstance(apps, list | tuple) and all(isinstance(a, str) for a in apps):
+        rates = [r.strip() for a in apps for r in re.split(r"[;,|]", a) if r.strip()]
+        tables = [
+            f'{{ name = "application{"" if i == 0 else f"-{i + 1}"}", match = "*", rate = "{r}" }}'
+            for i, r in enumerate(rates)
+        ]
+        if tables:
+            hints.append("application_limits: e.g. " + ", ".join(tables))
+    return "; ".join(hints)
+
+
 def _hint(node: ast.expr, rule: Rule) -> str:
     if rule.kind == RETRY:
         return _retry_hint(node, rule.library)
     if rule.kind == BREAKER:
         return _breaker_hint(node, rule.library)
+    if rule.kind == LIMITER and rule.library == "slowapi":
+        return _slowapi_limiter_hint(node)
     return ""
 
 
 _ROUTE_PARAM = re.compile(r"\{[^{}/]*\}")
+
+
+def _header_key(func: ast.expr | None) -> str | None:
+    """`key_func=lambda request: request.headers.get("x-api-key", ...)` (or `[...]`):
+    the header it keys on, for `key = "header:NAME"`."""
+    if not isinstance(func, ast.Lambda):
+        return None
+    body = func.body
+    if isinstance(body, ast.Call) and isinstance(body.func, ast.Attribute):
+        if body.func.attr != "get" or not body.args:
+            return None
+        target, arg = body.func.value, body.args[0]
+    elif isinstance(body, ast.Subscript):
+        target, arg = body.value, body.slice
+    else:
+        return None
+    is_headers = isinstance(target, ast.Attribute) and target.attr == "headers"
+    value = _literal(arg)
+    return value if is_headers and isinstance(value, str) and value else None
 
 
 def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
@@ -1021,8 +1071,10 @@ def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
         return ""
     rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
+    header = _header_key(next((k.value for k in deco.keywords if k.arg == "key_func"), None))
+    key = f', key = "header:{header}"' if header else ""
     tables = [
-        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}" }}'
+        f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}"{key} }}'
         for i, rate in enumerate(rates)
     ]
     return "e.g. " + ", ".join(tables) if tables else ""
