@@ -155,9 +155,17 @@ class DecisionContext:
     def policy_version(self) -> str:
         return self.engine.policy.version
 
-    def remaining_s(self, now: float) -> float | None:
-        """Seconds left before the deadline (negative once past), or None without one."""
-        return None if self.deadline_at is None else self.deadline_at - now
+    def remaining_s(self, now: float | None = None) -> float | None:
+        """Seconds left before the deadline (negative once past), or None without one.
+
+        `now` defaults to the middleware's clock (the `clock=` it was given, else
+        `time.monotonic`): a handler need not know which clock that is."""
+        deadline_at = self.deadline_at
+        if deadline_at is None:
+            return None
+        if now is None:
+            now = self.engine.clock.monotonic()
+        return deadline_at - now
 
     def add(self, decision: Decision) -> None:
         self.decisions.append(decision)
