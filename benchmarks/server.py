@@ -10,6 +10,11 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   fidelity-memory   + FidelityMiddleware, memory state
   fidelity-noheaders  the same with `rate_limit_headers = "on_reject"` (no RateLimit fields
                     on allowed responses)
+  fidelity-frame    FidelityMiddleware with its layers off (no limit, breaker or deadline):
+                    the context, the send wrapper, the plan lookup; then the layers switched
+                    on one at a time: fidelity-deadline (+ the caller's deadline, armed),
+                    fidelity-breaker (+ the route breaker), fidelity-noheaders (+ the limit),
+                    fidelity-memory (+ its RateLimit fields): where the cost goes
   fidelity-redis    + FidelityMiddleware, redis:// (exact)
   fidelity-tiered   + FidelityMiddleware, tiered+redis://
   slowapi-memory    + slowapi's ASGI middleware, memory storage
@@ -72,6 +77,9 @@ VARIANTS = (
     "handwritten",
     "fidelity-memory",
     "fidelity-noheaders",
+    "fidelity-frame",
+    "fidelity-deadline",
+    "fidelity-breaker",
     "fidelity-redis",
     "fidelity-tiered",
     "slowapi-memory",
@@ -87,6 +95,8 @@ DEFAULT_VARIANTS = (
     "slowapi-redis",
 )
 REDIS_VARIANTS = {"fidelity-redis", "fidelity-tiered", "slowapi-redis"}
+# FidelityMiddleware's layers switched on one at a time (no rate limit: no RateLimit fields)
+LAYER_VARIANTS = {"fidelity-frame", "fidelity-deadline", "fidelity-breaker"}
 # `VARIANT+compiled` (e.g. `fidelity-memory+compiled`): the same server run by the venv of
 # the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md)
 COMPILED_SUFFIX = "+compiled"
@@ -179,6 +189,21 @@ def build_app(variant: str, redis_url: str) -> Any:
         return HandwrittenMiddleware(Starlette(routes=routes))
     if variant == "headers":
         return Passthrough(Starlette(routes=routes), STAND_IN_HEADERS)
+    if variant in LAYER_VARIANTS:
+        from fidelity_mw import DeadlineConfig, FidelityMiddleware, Policy, StateConfig
+
+        state = StateConfig(url="memory://", key_prefix=PREFIX)
+        if variant == "fidelity-frame":  # (no header of wrk's names a deadline here)
+            policy = Policy(
+                state=state,
+                breaker=None,
+                deadline=DeadlineConfig(default_ms=None, header=("x-no",)),
+            )
+        else:
+            policy = Policy(
+                state=state, **({"breaker": None} if variant == "fidelity-deadline" else {})
+            )
+        return FidelityMiddleware(Starlette(routes=routes), policy=policy, telemetry=False)
     if variant.startswith("fidelity-"):
         from fidelity_mw import FidelityMiddleware, Policy, RateLimit, StateConfig
 

@@ -22,15 +22,30 @@ which do not depend on the machine's load.
 A variant `fidelity-memory@REV` runs FidelityMiddleware as of git revision REV (extracted
 under another package name, as benchmarks/overhead.py `--baseline` does) beside the
 working tree's, in the same rounds.
+
+`--instructions` counts instead of timing: machine instructions per request in user space
+(CPython, uvloop, httptools, a compiled build's extension modules), which no other load on
+the machine moves. Each variant runs twice under `valgrind --tool=callgrind` (apt-get install
+valgrind), with and without `--requests` more requests after the same warm-up, and the
+difference is divided by them; hash randomisation is fixed, so both runs build the same
+tables. A `VARIANT+compiled` there runs in .venv-compiled (the mypyc build).
+
+    .venv/bin/python benchmarks/server_inprocess.py --instructions [--requests 6400]
+        [--variants bare,headers,fidelity-memory,fidelity-memory+compiled]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -209,6 +224,74 @@ def report(
     return "\n".join(lines)
 
 
+WARMUP = 640  # requests before a counted run: middleware stacks built, caches filled
+
+
+def run_one(variant: str, requests: int) -> int:
+    """Serve `requests` requests of one variant after the warm-up (a callgrind run);
+    returns the requests served (whole batches)."""
+    import uvloop
+
+    async def go() -> int:
+        server = Server(variant)
+        await server.run(WARMUP)
+        if requests <= 0:
+            return 0
+        batches = max(1, requests // CONNECTIONS)
+        await server.run(batches * CONNECTIONS)
+        return batches * CONNECTIONS
+
+    return uvloop.run(go())
+
+
+def callgrind_total(text: str) -> int:
+    """The instructions a callgrind output file counted (its `summary:` / `totals:` line)."""
+    for line in text.splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise ValueError("no summary or totals line: not a callgrind output file")
+
+
+def count_instructions(variant: str, requests: int) -> float:
+    """Instructions per request: a callgrind run with `requests` more than one without."""
+    plain = variant.removesuffix(served.COMPILED_SUFFIX)
+    python = sys.executable if plain == variant else str(served.COMPILED_PYTHON)
+    totals = []
+    for n in (0, requests):
+        with tempfile.TemporaryDirectory(prefix="server-inprocess-cg-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
+            argv += [str(Path(__file__).resolve()), "--one", plain, "--requests", str(n)]
+            subprocess.run(
+                argv,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            totals.append(callgrind_total(out.read_text()))
+    batches = max(1, requests // CONNECTIONS)
+    return (totals[1] - totals[0]) / (batches * CONNECTIONS)
+
+
+def report_instructions(counts: dict[str, float], requests: int) -> str:
+    bare = counts["bare"]
+    lines = [
+        "| variant | instructions/request | over bare | ratio to bare |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, value in counts.items():
+        over = "—" if name == "bare" else f"{value - bare:+,.0f}"
+        lines.append(f"| {name} | {value:,.0f} | {over} | {value / bare:.3f} |")
+    lines += [
+        "",
+        f"callgrind, user space: each variant with and without {requests} requests after "
+        f"the same {WARMUP}-request warm-up (PYTHONHASHSEED=0), the difference per request; "
+        f"uvicorn's httptools protocol over a fake transport, {CONNECTIONS} connections, uvloop.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -216,17 +299,40 @@ def main() -> None:
     parser.add_argument("--variants", default=DEFAULT)
     parser.add_argument("--count", action="store_true", help="also count bytecodes per request")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request with callgrind instead of timing (print only)",
+    )
+    parser.add_argument("--requests", type=int, default=6400, help="with --instructions")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     args = parser.parse_args()
+    if args.one:
+        run_one(args.one, args.requests)
+        return
     variants = [v.strip() for v in args.variants.split(",")]
     bad = [
         v
         for v in variants
-        if "@" not in v and (v not in served.VARIANTS or v in served.REDIS_VARIANTS)
+        if "@" not in v
+        and (
+            (v.removesuffix(served.COMPILED_SUFFIX) if args.instructions else v)
+            not in served.VARIANTS
+            or v in served.REDIS_VARIANTS
+        )
     ]
     if bad:
         parser.error(f"not an in-process variant: {bad}")
     if "bare" not in variants:
         variants.insert(0, "bare")
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind not found (Debian package valgrind)")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            found = pool.map(lambda v: count_instructions(v, args.requests), variants)
+            counts = dict(zip(variants, found, strict=True))
+        print(report_instructions(counts, args.requests))
+        return
     import uvloop
 
     counts = uvloop.run(count_all(variants)) if args.count else {}

@@ -107,6 +107,41 @@ def test_server_inprocess_serves_every_connection_through_uvicorns_protocol() ->
     assert len(own.split(b"\r\n")) == len(stand_in.split(b"\r\n"))
 
 
+def test_server_layer_variants_switch_fidelitys_layers_on_one_at_a_time() -> None:
+    async def run() -> dict[str, server_inprocess.Server]:
+        servers = {v: server_inprocess.Server(v) for v in sorted(server.LAYER_VARIANTS)}
+        for s in servers.values():
+            assert await s.run(32) > 0.0
+        return servers
+
+    servers = asyncio.run(run())
+    for variant, s in servers.items():
+        response = s.connections[0][1].head
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n"), variant
+        assert b"ratelimit" not in response, variant  # no limit: no RateLimit fields
+        app = s.connections[0][0].app  # uvicorn's wrapper around the variant's app
+        mw = getattr(app, "app", app)
+        plan = mw.engine.plan_for({"type": "http", "method": "GET", "path": "/hello"})
+        assert not plan.limits, variant
+        assert (plan.breaker is not None) == (variant == "fidelity-breaker"), variant
+        # (the frame: no default deadline, and no header of the requests' names one)
+        assert (plan.deadline_default_s is None) == (variant == "fidelity-frame"), variant
+    assert set(server.VARIANTS) >= server.LAYER_VARIANTS
+
+
+def test_server_inprocess_one_variant_run_and_callgrind_totals() -> None:
+    # the run a callgrind count wraps: whole batches after the warm-up
+    assert server_inprocess.run_one("fidelity-memory", 40) == server_inprocess.CONNECTIONS
+    assert server_inprocess.run_one("bare", 0) == 0
+    text = "version: 1\ncmd: python\nevents: Ir\nfn=(1) main\n0 5\nsummary: 123456\n"
+    assert server_inprocess.callgrind_total(text) == 123456
+    assert server_inprocess.callgrind_total("events: Ir\ntotals: 42\n") == 42
+    with pytest.raises(ValueError, match="not a callgrind output"):
+        server_inprocess.callgrind_total("events: Ir\n")
+    table = server_inprocess.report_instructions({"bare": 1000.0, "fidelity-memory": 1500.0}, 64)
+    assert "| fidelity-memory | 1,500 | +500 | 1.500 |" in table
+
+
 def test_cpu_seconds_reads_this_process_from_proc() -> None:
     total = sum(range(2_000_000))  # some CPU time to read
     times = os.times()
