@@ -147,6 +147,24 @@ def test_cpu_seconds_reads_this_process_from_proc() -> None:
     times = os.times()
     assert total > 0
     assert abs(server.cpu_seconds(os.getpid()) - (times.user + times.system)) < 0.05
+    user, system = server.cpu_times(os.getpid())
+    assert abs(user - times.user) < 0.05
+    assert abs(system - times.system) < 0.05
+
+
+def test_server_report_shows_the_user_space_share_of_server_cpu() -> None:
+    samples = [
+        _sample("bare", 0, 10_000, 40, user_us_per_req=25.0),
+        _sample("fidelity-memory", 0, 8_000, 50, user_us_per_req=34.0),
+    ]
+    args = argparse.Namespace(
+        connections=[32], variants=["bare", "fidelity-memory"], rounds=1,
+        duration=5, warmup=1, server_cpu=0, load_cpu=1, redis_version="7",
+    )  # fmt: skip
+    text = server.report(samples, args)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 50 (1.25x), user 34 |" in rows["| fidelity-memory"]
+    assert "| 40 (1.00x), user 25 |" in rows["| bare"]
 
 
 def test_redis_connections_counts_sockets_to_that_port() -> None:
@@ -205,7 +223,7 @@ def test_server_report_pairs_ratios_per_round_and_flags_failures() -> None:
     text = server.report(samples, args)
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| 0.950 (0.950, 0.950) |" in rows["| fidelity-memory"]
-    assert "50 (1.25x)" in rows["| fidelity-memory"]
+    assert "50 (1.25x) |" in rows["| fidelity-memory"]  # no user-space share measured
     # 4,000 commands over 10,000 requests, a quarter of them script calls
     assert "| 0.40 (0.30 HMGET, 0.10 EVALSHA) | 0.100 | 32 |" in rows["| fidelity-redis"]
     assert "| 3 / 0 |" in rows["| fidelity-redis"]
