@@ -19,6 +19,11 @@ which do not depend on the machine's load.
     .venv/bin/python benchmarks/server_inprocess.py [--rounds 12] [--batch 6400]
         [--variants bare,noop,headers,fidelity-noheaders,fidelity-memory] [--count] [--no-write]
 
+`--loopback` puts the kernel's share back in part: every response write also goes through
+a loopback TCP pair and is read back, in the process, so the Python steps of a request run
+between system calls, as under a server (the compiled build's lead over the pure one
+shrinks there).
+
 A variant `fidelity-memory@REV` runs FidelityMiddleware as of git revision REV (extracted
 under another package name, as benchmarks/overhead.py `--baseline` does) beside the
 working tree's, in the same rounds.
@@ -40,6 +45,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -62,19 +68,45 @@ REQUEST = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + (
 DEFAULT = "bare,noop,headers,fidelity-noheaders,fidelity-memory"
 
 
-class FakeTransport:
-    """Just enough of an asyncio transport for uvicorn's protocol: writes are counted."""
+class Loopback:
+    """A connected TCP pair on 127.0.0.1: what a response write costs the kernel (`--loopback`)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            self.out = socket.create_connection(listener.getsockname())
+            self.into, _ = listener.accept()
+        self.out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def carry(self, data: bytes) -> None:
+        self.out.sendall(data)
+        left = len(data)
+        while left:
+            left -= len(self.into.recv(left))
+
+    def close(self) -> None:
+        self.out.close()
+        self.into.close()
+
+
+class FakeTransport:
+    """Just enough of an asyncio transport for uvicorn's protocol: writes are counted (and,
+    with a `loopback`, sent through the kernel's TCP stack and read back, in the process)."""
+
+    def __init__(self, port: int, loopback: Loopback | None = None) -> None:
         self.port = port
         self.writes = 0
         self.head = b""  # the last status line and headers written
         self.closing = False
+        self.loopback = loopback
 
     def write(self, data: bytes) -> None:
         self.writes += 1
         if data.startswith(b"HTTP/"):
             self.head = data
+        if self.loopback is not None:
+            self.loopback.carry(data)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": (served.HOST, 8000), "peername": (served.HOST, self.port)}.get(
@@ -97,7 +129,7 @@ class FakeTransport:
 class Server:
     """One variant's app behind `CONNECTIONS` uvicorn connections."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, loopback: Loopback | None = None) -> None:
         from uvicorn.config import Config
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.server import ServerState
@@ -118,7 +150,7 @@ class Server:
         self.connections = []
         for i in range(CONNECTIONS):
             protocol = HttpToolsProtocol(config=config, server_state=self.state, app_state={})
-            transport = FakeTransport(40000 + i)
+            transport = FakeTransport(40000 + i, loopback)
             protocol.connection_made(transport)  # type: ignore[arg-type]
             self.connections.append((protocol, transport))
 
@@ -168,8 +200,10 @@ async def count_all(variants: list[str]) -> dict[str, float]:
     return {v: await count_bytecodes(v, 640) for v in variants}
 
 
-async def measure(variants: list[str], rounds: int, batch: int) -> dict[str, list[float]]:
-    servers = {v: Server(v) for v in variants}
+async def measure(
+    variants: list[str], rounds: int, batch: int, loopback: Loopback | None = None
+) -> dict[str, list[float]]:
+    servers = {v: Server(v, loopback) for v in variants}
     for server in servers.values():
         await server.run(batch // 2)  # warm up: middleware stacks built, caches filled
     samples: dict[str, list[float]] = {v: [] for v in variants}
@@ -182,7 +216,11 @@ async def measure(variants: list[str], rounds: int, batch: int) -> dict[str, lis
 
 
 def report(
-    samples: dict[str, list[float]], counts: dict[str, float], rounds: int, batch: int
+    samples: dict[str, list[float]],
+    counts: dict[str, float],
+    rounds: int,
+    batch: int,
+    loopback: bool = False,
 ) -> str:
     bare = samples["bare"]
     lines = [
@@ -216,8 +254,14 @@ def report(
         "",
         f"{rounds} rounds x {batch} requests per variant (order reversed each round), process "
         f"CPU time; uvicorn's httptools protocol over a fake transport, {CONNECTIONS} "
-        "connections, one task per request on uvloop, no sockets: the server's Python without "
-        "the kernel. Apps as in benchmarks/server.py (FidelityMiddleware: one permissive "
+        "connections, one task per request on uvloop, "
+        + (
+            "every response write also sent through a loopback TCP pair and read back (the "
+            "kernel's work per write, counted in the process's CPU time). "
+            if loopback
+            else "no sockets: the server's Python without the kernel. "
+        )
+        + "Apps as in benchmarks/server.py (FidelityMiddleware: one permissive "
         "per-client limit, its default route breaker, a deadline from `x-request-timeout-ms`, "
         "memory state, telemetry off).",
     ]
@@ -305,6 +349,12 @@ def main() -> None:
         help="count instructions per request with callgrind instead of timing (print only)",
     )
     parser.add_argument("--requests", type=int, default=6400, help="with --instructions")
+    parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="send every response write through a loopback TCP pair and read it back: the "
+        "kernel's work per response between the server's Python steps (timed, as CPU time)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     args = parser.parse_args()
     if args.one:
@@ -336,8 +386,13 @@ def main() -> None:
     import uvloop
 
     counts = uvloop.run(count_all(variants)) if args.count else {}
-    samples = uvloop.run(measure(variants, args.rounds, args.batch))
-    table = report(samples, counts, args.rounds, args.batch)
+    loopback = Loopback() if args.loopback else None
+    try:
+        samples = uvloop.run(measure(variants, args.rounds, args.batch, loopback))
+    finally:
+        if loopback is not None:
+            loopback.close()
+    table = report(samples, counts, args.rounds, args.batch, args.loopback)
     print(table)
     if not args.no_write:
         write_section(

@@ -129,6 +129,36 @@ def test_server_layer_variants_switch_fidelitys_layers_on_one_at_a_time() -> Non
     assert set(server.VARIANTS) >= server.LAYER_VARIANTS
 
 
+def test_server_inprocess_loopback_carries_every_response_through_the_kernel() -> None:
+    loopback = server_inprocess.Loopback()
+    carried: list[bytes] = []
+    carry = loopback.carry
+
+    def spy(data: bytes) -> None:
+        carry(data)  # sent, and read back whole (else the next write's bytes would mix in)
+        carried.append(data)
+
+    loopback.carry = spy  # type: ignore[method-assign]
+
+    async def run() -> server_inprocess.Server:
+        s = server_inprocess.Server("fidelity-memory", loopback)
+        assert await s.run(32) > 0.0
+        return s
+
+    try:
+        s = asyncio.run(run())
+    finally:
+        loopback.close()
+    # every connection's head and body went through the socket pair, in order
+    assert len(carried) == 2 * server_inprocess.CONNECTIONS
+    assert sum(t.writes for _, t in s.connections) == len(carried)
+    assert carried[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"ratelimit: " in carried[0]
+    table = server_inprocess.report({"bare": [1e-5], "fidelity-memory": [2e-5]}, {}, 1, 32, True)
+    assert "loopback TCP pair" in table
+    assert "no sockets" not in table
+
+
 def test_server_inprocess_one_variant_run_and_callgrind_totals() -> None:
     # the run a callgrind count wraps: whole batches after the warm-up
     assert server_inprocess.run_one("fidelity-memory", 40) == server_inprocess.CONNECTIONS
