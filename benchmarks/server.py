@@ -10,6 +10,11 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   fidelity-memory   + FidelityMiddleware, memory state
   fidelity-noheaders  the same with `rate_limit_headers = "on_reject"` (no RateLimit fields
                     on allowed responses)
+  fidelity-frame    FidelityMiddleware with its layers off (no limit, breaker or deadline):
+                    the context, the send wrapper, the plan lookup; then the layers switched
+                    on one at a time: fidelity-deadline (+ the caller's deadline, armed),
+                    fidelity-breaker (+ the route breaker), fidelity-noheaders (+ the limit),
+                    fidelity-memory (+ its RateLimit fields): where the cost goes
   fidelity-redis    + FidelityMiddleware, redis:// (exact)
   fidelity-tiered   + FidelityMiddleware, tiered+redis://
   slowapi-memory    + slowapi's ASGI middleware, memory storage
@@ -72,6 +77,9 @@ VARIANTS = (
     "handwritten",
     "fidelity-memory",
     "fidelity-noheaders",
+    "fidelity-frame",
+    "fidelity-deadline",
+    "fidelity-breaker",
     "fidelity-redis",
     "fidelity-tiered",
     "slowapi-memory",
@@ -87,6 +95,8 @@ DEFAULT_VARIANTS = (
     "slowapi-redis",
 )
 REDIS_VARIANTS = {"fidelity-redis", "fidelity-tiered", "slowapi-redis"}
+# FidelityMiddleware's layers switched on one at a time (no rate limit: no RateLimit fields)
+LAYER_VARIANTS = {"fidelity-frame", "fidelity-deadline", "fidelity-breaker"}
 # `VARIANT+compiled` (e.g. `fidelity-memory+compiled`): the same server run by the venv of
 # the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md)
 COMPILED_SUFFIX = "+compiled"
@@ -179,6 +189,21 @@ def build_app(variant: str, redis_url: str) -> Any:
         return HandwrittenMiddleware(Starlette(routes=routes))
     if variant == "headers":
         return Passthrough(Starlette(routes=routes), STAND_IN_HEADERS)
+    if variant in LAYER_VARIANTS:
+        from fidelity_mw import DeadlineConfig, FidelityMiddleware, Policy, StateConfig
+
+        state = StateConfig(url="memory://", key_prefix=PREFIX)
+        if variant == "fidelity-frame":  # (no header of wrk's names a deadline here)
+            policy = Policy(
+                state=state,
+                breaker=None,
+                deadline=DeadlineConfig(default_ms=None, header=("x-no",)),
+            )
+        else:
+            policy = Policy(
+                state=state, **({"breaker": None} if variant == "fidelity-deadline" else {})
+            )
+        return FidelityMiddleware(Starlette(routes=routes), policy=policy, telemetry=False)
     if variant.startswith("fidelity-"):
         from fidelity_mw import FidelityMiddleware, Policy, RateLimit, StateConfig
 
@@ -270,9 +295,16 @@ def ensure_wrk() -> str:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds: its own code's time (the interpreter, the
+    app, uvloop) and the kernel's on its behalf (sockets, system calls)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def redis_connections(pid: int, redis_port: int) -> int:
@@ -399,6 +431,8 @@ class Sample:
     redis_cmds: dict[str, int] = field(default_factory=dict)
     redis_clients: int | None = None
     loadavg: str = ""
+    # the user-space share of cpu_us_per_req (the rest is the kernel's)
+    user_us_per_req: float | None = None
 
     @property
     def redis_per_req(self) -> float:
@@ -444,11 +478,13 @@ def measure_one(
     if args.warmup > 0:
         run_wrk(wrk, script, port, connections, args.warmup, args.load_cpu)
     before_stats = commandstats(redis_client)
-    before_cpu = cpu_seconds(pid)
+    before_user, before_system = cpu_times(pid)
     before_redis_cpu = cpu_seconds(redis_pid)
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     result = run_wrk(wrk, script, port, connections, args.duration, args.load_cpu)
-    cpu = cpu_seconds(pid) - before_cpu
+    after_user, after_system = cpu_times(pid)
+    user = after_user - before_user
+    cpu = user + after_system - before_system
     redis_cpu = cpu_seconds(redis_pid) - before_redis_cpu
     after_stats = commandstats(redis_client)
     clients = redis_connections(pid, redis_port)
@@ -470,6 +506,7 @@ def measure_one(
         error_kinds=kinds,
         requests=requests,
         cpu_us_per_req=cpu * 1e6 / max(1, requests),
+        user_us_per_req=user * 1e6 / max(1, requests),
         redis_cpu_us_per_req=redis_cpu * 1e6 / max(1, requests),
         redis_cmds=deltas,
         redis_clients=clients,
@@ -598,7 +635,7 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
             f"**{connections} connections** (`wrk -t1 -c{connections} -d{args.duration:g}s`)",
             "",
             "| variant | req/s (median) | ratio to bare: median (per round) | p99 ms "
-            "| non-2xx / socket errors | server CPU µs/req (ratio to bare) "
+            "| non-2xx / socket errors | server CPU µs/req (ratio to bare), of it user space "
             "| redis-server CPU µs/req | Redis commands/req (most frequent) "
             "| script calls/req | Redis connections |",
             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
@@ -624,6 +661,9 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
             cpu = f"{statistics.median(s.cpu_us_per_req for s in mine):.0f}"
             if cpu_ratios:
                 cpu += f" ({statistics.median(cpu_ratios):.2f}x)"
+            users = [s.user_us_per_req for s in mine if s.user_us_per_req is not None]
+            if users:
+                cpu += f", user {statistics.median(users):.0f}"
             kinds: dict[str, int] = {}
             for s in mine:
                 for kind, n in s.error_kinds.items():

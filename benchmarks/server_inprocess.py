@@ -19,18 +19,39 @@ which do not depend on the machine's load.
     .venv/bin/python benchmarks/server_inprocess.py [--rounds 12] [--batch 6400]
         [--variants bare,noop,headers,fidelity-noheaders,fidelity-memory] [--count] [--no-write]
 
+`--loopback` puts the kernel's share back in part: every response write also goes through
+a loopback TCP pair and is read back, in the process, so the Python steps of a request run
+between system calls, as under a server (the compiled build's lead over the pure one
+shrinks there).
+
 A variant `fidelity-memory@REV` runs FidelityMiddleware as of git revision REV (extracted
 under another package name, as benchmarks/overhead.py `--baseline` does) beside the
 working tree's, in the same rounds.
+
+`--instructions` counts instead of timing: machine instructions per request in user space
+(CPython, uvloop, httptools, a compiled build's extension modules), which no other load on
+the machine moves. Each variant runs twice under `valgrind --tool=callgrind` (apt-get install
+valgrind), with and without `--requests` more requests after the same warm-up, and the
+difference is divided by them; hash randomisation is fixed, so both runs build the same
+tables. A `VARIANT+compiled` there runs in .venv-compiled (the mypyc build).
+
+    .venv/bin/python benchmarks/server_inprocess.py --instructions [--requests 6400]
+        [--variants bare,headers,fidelity-memory,fidelity-memory+compiled]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -47,19 +68,45 @@ REQUEST = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n" + (
 DEFAULT = "bare,noop,headers,fidelity-noheaders,fidelity-memory"
 
 
-class FakeTransport:
-    """Just enough of an asyncio transport for uvicorn's protocol: writes are counted."""
+class Loopback:
+    """A connected TCP pair on 127.0.0.1: what a response write costs the kernel (`--loopback`)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            self.out = socket.create_connection(listener.getsockname())
+            self.into, _ = listener.accept()
+        self.out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def carry(self, data: bytes) -> None:
+        self.out.sendall(data)
+        left = len(data)
+        while left:
+            left -= len(self.into.recv(left))
+
+    def close(self) -> None:
+        self.out.close()
+        self.into.close()
+
+
+class FakeTransport:
+    """Just enough of an asyncio transport for uvicorn's protocol: writes are counted (and,
+    with a `loopback`, sent through the kernel's TCP stack and read back, in the process)."""
+
+    def __init__(self, port: int, loopback: Loopback | None = None) -> None:
         self.port = port
         self.writes = 0
         self.head = b""  # the last status line and headers written
         self.closing = False
+        self.loopback = loopback
 
     def write(self, data: bytes) -> None:
         self.writes += 1
         if data.startswith(b"HTTP/"):
             self.head = data
+        if self.loopback is not None:
+            self.loopback.carry(data)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": (served.HOST, 8000), "peername": (served.HOST, self.port)}.get(
@@ -82,7 +129,7 @@ class FakeTransport:
 class Server:
     """One variant's app behind `CONNECTIONS` uvicorn connections."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, loopback: Loopback | None = None) -> None:
         from uvicorn.config import Config
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.server import ServerState
@@ -103,7 +150,7 @@ class Server:
         self.connections = []
         for i in range(CONNECTIONS):
             protocol = HttpToolsProtocol(config=config, server_state=self.state, app_state={})
-            transport = FakeTransport(40000 + i)
+            transport = FakeTransport(40000 + i, loopback)
             protocol.connection_made(transport)  # type: ignore[arg-type]
             self.connections.append((protocol, transport))
 
@@ -153,8 +200,10 @@ async def count_all(variants: list[str]) -> dict[str, float]:
     return {v: await count_bytecodes(v, 640) for v in variants}
 
 
-async def measure(variants: list[str], rounds: int, batch: int) -> dict[str, list[float]]:
-    servers = {v: Server(v) for v in variants}
+async def measure(
+    variants: list[str], rounds: int, batch: int, loopback: Loopback | None = None
+) -> dict[str, list[float]]:
+    servers = {v: Server(v, loopback) for v in variants}
     for server in servers.values():
         await server.run(batch // 2)  # warm up: middleware stacks built, caches filled
     samples: dict[str, list[float]] = {v: [] for v in variants}
@@ -167,7 +216,11 @@ async def measure(variants: list[str], rounds: int, batch: int) -> dict[str, lis
 
 
 def report(
-    samples: dict[str, list[float]], counts: dict[str, float], rounds: int, batch: int
+    samples: dict[str, list[float]],
+    counts: dict[str, float],
+    rounds: int,
+    batch: int,
+    loopback: bool = False,
 ) -> str:
     bare = samples["bare"]
     lines = [
@@ -201,10 +254,84 @@ def report(
         "",
         f"{rounds} rounds x {batch} requests per variant (order reversed each round), process "
         f"CPU time; uvicorn's httptools protocol over a fake transport, {CONNECTIONS} "
-        "connections, one task per request on uvloop, no sockets: the server's Python without "
-        "the kernel. Apps as in benchmarks/server.py (FidelityMiddleware: one permissive "
+        "connections, one task per request on uvloop, "
+        + (
+            "every response write also sent through a loopback TCP pair and read back (the "
+            "kernel's work per write, counted in the process's CPU time). "
+            if loopback
+            else "no sockets: the server's Python without the kernel. "
+        )
+        + "Apps as in benchmarks/server.py (FidelityMiddleware: one permissive "
         "per-client limit, its default route breaker, a deadline from `x-request-timeout-ms`, "
         "memory state, telemetry off).",
+    ]
+    return "\n".join(lines)
+
+
+WARMUP = 640  # requests before a counted run: middleware stacks built, caches filled
+
+
+def run_one(variant: str, requests: int) -> int:
+    """Serve `requests` requests of one variant after the warm-up (a callgrind run);
+    returns the requests served (whole batches)."""
+    import uvloop
+
+    async def go() -> int:
+        server = Server(variant)
+        await server.run(WARMUP)
+        if requests <= 0:
+            return 0
+        batches = max(1, requests // CONNECTIONS)
+        await server.run(batches * CONNECTIONS)
+        return batches * CONNECTIONS
+
+    return uvloop.run(go())
+
+
+def callgrind_total(text: str) -> int:
+    """The instructions a callgrind output file counted (its `summary:` / `totals:` line)."""
+    for line in text.splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise ValueError("no summary or totals line: not a callgrind output file")
+
+
+def count_instructions(variant: str, requests: int) -> float:
+    """Instructions per request: a callgrind run with `requests` more than one without."""
+    plain = variant.removesuffix(served.COMPILED_SUFFIX)
+    python = sys.executable if plain == variant else str(served.COMPILED_PYTHON)
+    totals = []
+    for n in (0, requests):
+        with tempfile.TemporaryDirectory(prefix="server-inprocess-cg-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
+            argv += [str(Path(__file__).resolve()), "--one", plain, "--requests", str(n)]
+            subprocess.run(
+                argv,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            totals.append(callgrind_total(out.read_text()))
+    batches = max(1, requests // CONNECTIONS)
+    return (totals[1] - totals[0]) / (batches * CONNECTIONS)
+
+
+def report_instructions(counts: dict[str, float], requests: int) -> str:
+    bare = counts["bare"]
+    lines = [
+        "| variant | instructions/request | over bare | ratio to bare |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, value in counts.items():
+        over = "—" if name == "bare" else f"{value - bare:+,.0f}"
+        lines.append(f"| {name} | {value:,.0f} | {over} | {value / bare:.3f} |")
+    lines += [
+        "",
+        f"callgrind, user space: each variant with and without {requests} requests after "
+        f"the same {WARMUP}-request warm-up (PYTHONHASHSEED=0), the difference per request; "
+        f"uvicorn's httptools protocol over a fake transport, {CONNECTIONS} connections, uvloop.",
     ]
     return "\n".join(lines)
 
@@ -216,22 +343,56 @@ def main() -> None:
     parser.add_argument("--variants", default=DEFAULT)
     parser.add_argument("--count", action="store_true", help="also count bytecodes per request")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request with callgrind instead of timing (print only)",
+    )
+    parser.add_argument("--requests", type=int, default=6400, help="with --instructions")
+    parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="send every response write through a loopback TCP pair and read it back: the "
+        "kernel's work per response between the server's Python steps (timed, as CPU time)",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     args = parser.parse_args()
+    if args.one:
+        run_one(args.one, args.requests)
+        return
     variants = [v.strip() for v in args.variants.split(",")]
     bad = [
         v
         for v in variants
-        if "@" not in v and (v not in served.VARIANTS or v in served.REDIS_VARIANTS)
+        if "@" not in v
+        and (
+            (v.removesuffix(served.COMPILED_SUFFIX) if args.instructions else v)
+            not in served.VARIANTS
+            or v in served.REDIS_VARIANTS
+        )
     ]
     if bad:
         parser.error(f"not an in-process variant: {bad}")
     if "bare" not in variants:
         variants.insert(0, "bare")
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind not found (Debian package valgrind)")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            found = pool.map(lambda v: count_instructions(v, args.requests), variants)
+            counts = dict(zip(variants, found, strict=True))
+        print(report_instructions(counts, args.requests))
+        return
     import uvloop
 
     counts = uvloop.run(count_all(variants)) if args.count else {}
-    samples = uvloop.run(measure(variants, args.rounds, args.batch))
-    table = report(samples, counts, args.rounds, args.batch)
+    loopback = Loopback() if args.loopback else None
+    try:
+        samples = uvloop.run(measure(variants, args.rounds, args.batch, loopback))
+    finally:
+        if loopback is not None:
+            loopback.close()
+    table = report(samples, counts, args.rounds, args.batch, args.loopback)
     print(table)
     if not args.no_write:
         write_section(

@@ -107,11 +107,94 @@ def test_server_inprocess_serves_every_connection_through_uvicorns_protocol() ->
     assert len(own.split(b"\r\n")) == len(stand_in.split(b"\r\n"))
 
 
+def test_server_layer_variants_switch_fidelitys_layers_on_one_at_a_time() -> None:
+    async def run() -> dict[str, server_inprocess.Server]:
+        servers = {v: server_inprocess.Server(v) for v in sorted(server.LAYER_VARIANTS)}
+        for s in servers.values():
+            assert await s.run(32) > 0.0
+        return servers
+
+    servers = asyncio.run(run())
+    for variant, s in servers.items():
+        response = s.connections[0][1].head
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n"), variant
+        assert b"ratelimit" not in response, variant  # no limit: no RateLimit fields
+        app = s.connections[0][0].app  # uvicorn's wrapper around the variant's app
+        mw = getattr(app, "app", app)
+        plan = mw.engine.plan_for({"type": "http", "method": "GET", "path": "/hello"})
+        assert not plan.limits, variant
+        assert (plan.breaker is not None) == (variant == "fidelity-breaker"), variant
+        # (the frame: no default deadline, and no header of the requests' names one)
+        assert (plan.deadline_default_s is None) == (variant == "fidelity-frame"), variant
+    assert set(server.VARIANTS) >= server.LAYER_VARIANTS
+
+
+def test_server_inprocess_loopback_carries_every_response_through_the_kernel() -> None:
+    loopback = server_inprocess.Loopback()
+    carried: list[bytes] = []
+    carry = loopback.carry
+
+    def spy(data: bytes) -> None:
+        carry(data)  # sent, and read back whole (else the next write's bytes would mix in)
+        carried.append(data)
+
+    loopback.carry = spy  # type: ignore[method-assign]
+
+    async def run() -> server_inprocess.Server:
+        s = server_inprocess.Server("fidelity-memory", loopback)
+        assert await s.run(32) > 0.0
+        return s
+
+    try:
+        s = asyncio.run(run())
+    finally:
+        loopback.close()
+    # every connection's head and body went through the socket pair, in order
+    assert len(carried) == 2 * server_inprocess.CONNECTIONS
+    assert sum(t.writes for _, t in s.connections) == len(carried)
+    assert carried[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"ratelimit: " in carried[0]
+    table = server_inprocess.report({"bare": [1e-5], "fidelity-memory": [2e-5]}, {}, 1, 32, True)
+    assert "loopback TCP pair" in table
+    assert "no sockets" not in table
+
+
+def test_server_inprocess_one_variant_run_and_callgrind_totals() -> None:
+    # the run a callgrind count wraps: whole batches after the warm-up
+    assert server_inprocess.run_one("fidelity-memory", 40) == server_inprocess.CONNECTIONS
+    assert server_inprocess.run_one("bare", 0) == 0
+    text = "version: 1\ncmd: python\nevents: Ir\nfn=(1) main\n0 5\nsummary: 123456\n"
+    assert server_inprocess.callgrind_total(text) == 123456
+    assert server_inprocess.callgrind_total("events: Ir\ntotals: 42\n") == 42
+    with pytest.raises(ValueError, match="not a callgrind output"):
+        server_inprocess.callgrind_total("events: Ir\n")
+    table = server_inprocess.report_instructions({"bare": 1000.0, "fidelity-memory": 1500.0}, 64)
+    assert "| fidelity-memory | 1,500 | +500 | 1.500 |" in table
+
+
 def test_cpu_seconds_reads_this_process_from_proc() -> None:
     total = sum(range(2_000_000))  # some CPU time to read
     times = os.times()
     assert total > 0
     assert abs(server.cpu_seconds(os.getpid()) - (times.user + times.system)) < 0.05
+    user, system = server.cpu_times(os.getpid())
+    assert abs(user - times.user) < 0.05
+    assert abs(system - times.system) < 0.05
+
+
+def test_server_report_shows_the_user_space_share_of_server_cpu() -> None:
+    samples = [
+        _sample("bare", 0, 10_000, 40, user_us_per_req=25.0),
+        _sample("fidelity-memory", 0, 8_000, 50, user_us_per_req=34.0),
+    ]
+    args = argparse.Namespace(
+        connections=[32], variants=["bare", "fidelity-memory"], rounds=1,
+        duration=5, warmup=1, server_cpu=0, load_cpu=1, redis_version="7",
+    )  # fmt: skip
+    text = server.report(samples, args)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 50 (1.25x), user 34 |" in rows["| fidelity-memory"]
+    assert "| 40 (1.00x), user 25 |" in rows["| bare"]
 
 
 def test_redis_connections_counts_sockets_to_that_port() -> None:
@@ -170,7 +253,7 @@ def test_server_report_pairs_ratios_per_round_and_flags_failures() -> None:
     text = server.report(samples, args)
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| 0.950 (0.950, 0.950) |" in rows["| fidelity-memory"]
-    assert "50 (1.25x)" in rows["| fidelity-memory"]
+    assert "50 (1.25x) |" in rows["| fidelity-memory"]  # no user-space share measured
     # 4,000 commands over 10,000 requests, a quarter of them script calls
     assert "| 0.40 (0.30 HMGET, 0.10 EVALSHA) | 0.100 | 32 |" in rows["| fidelity-redis"]
     assert "| 3 / 0 |" in rows["| fidelity-redis"]
