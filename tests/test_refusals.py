@@ -479,3 +479,85 @@ async def test_a_timer_left_on_an_event_loop_that_is_gone_is_replaced() -> None:
     assert sent[0]["status"] == 504
     assert cancelled == [True]
     assert watch._loop is asyncio.get_running_loop()
+
+
+# ------------------------------------- an upstream given up on, its error let out
+
+
+def _retrying_app(
+    error: httpx.TransportError, attempts: int = 3
+) -> tuple[Router, list[str], Policy]:
+    """An app that calls a dead upstream through FidelityTransport and lets the error out
+    (no try/except around the call: the common handler)."""
+    from fidelity_mw import FidelityTransport, RetryConfig, UpstreamConfig
+
+    sent: list[str] = []
+
+    def dead(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.host)
+        raise error
+
+    client = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(dead)))
+
+    async def handler(request: Request) -> Response:
+        await client.get("http://payments.internal/charge")
+        return PlainTextResponse("unreachable")
+
+    retry = RetryConfig(attempts=attempts, base_ms=1, max_ms=1)
+    policy = Policy(
+        deadline=DEADLINE,
+        breaker=BreakerConfig(consecutive_failures=1, open_s=60.0),
+        upstreams=(UpstreamConfig(host="*", retry=retry),),
+    )
+    return Router(routes=[Route("/charge", handler)]), sent, policy
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "title"),
+    [
+        (httpx.ConnectError("refused"), 502, "Bad Gateway"),
+        (httpx.ReadTimeout("timed out"), 504, "Gateway Timeout"),
+    ],
+)
+async def test_an_upstream_error_let_out_after_retrying_is_answered_marked_exhausted(
+    error: httpx.TransportError, status: int, title: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """We retried the upstream and gave up; the app let the error out. The server's bare
+    500 carried no `x-fidelity-retry: exhausted`, so a caller could retry a request we
+    had already retried (retries multiply down a chain). Now the answer names the
+    upstream and carries the marker, as the app's own 5xx after a give-up does; the
+    outcome is the app's failure, not a control decision."""
+    app, sent, policy = _retrying_app(error)
+    rig = Rig(FakeClock(), policy)
+    rig.mw.app = app
+    with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+        got, headers, body, ctx = await rig.call("/charge")
+    assert sent == ["payments.internal"] * 3  # retried, then given up
+    assert got == status
+    assert headers[b"x-fidelity-retry"] == b"exhausted"
+    assert b"x-fidelity-decided-by" not in headers  # the upstream failed, not a control layer
+    doc = problem(body)
+    assert (doc["status"], doc["title"], doc["upstream"]) == (status, title, "payments.internal")
+    assert doc["type"].endswith("upstream-failed")
+    assert (ctx.decided_by, ctx.outcome) == ("app", "failed")
+    assert type(error).__name__ in caplog.text
+    assert f"answered {status}" in caplog.text
+
+
+async def test_an_upstream_error_not_retried_still_propagates() -> None:
+    """With retries off we did not retry: the caller is the nearest owner that may, so
+    nothing is marked and the app's error stands as before."""
+    app, sent, policy = _retrying_app(httpx.ConnectError("refused"), attempts=1)
+    rig = Rig(FakeClock(), policy)
+    rig.mw.app = app
+    with pytest.raises(httpx.ConnectError):
+        await rig.call("/charge")
+    assert sent == ["payments.internal"]
+
+
+async def test_answering_an_upstream_give_up_can_be_turned_off() -> None:
+    app, _, policy = _retrying_app(httpx.ConnectError("refused"))
+    rig = Rig(FakeClock(), policy, answer_refusals=False)
+    rig.mw.app = app
+    with pytest.raises(httpx.ConnectError):
+        await rig.call("/charge")

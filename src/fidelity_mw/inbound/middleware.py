@@ -35,7 +35,7 @@ from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
-from .refusals import control_refusal, deadline_refusal
+from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
 from .responses import DECIDED_BY_APP, DECIDED_BY_HEADER, OUTCOME_SERVED, Rejection, respond
 from .watch import (
@@ -261,10 +261,20 @@ class FidelityMiddleware:
                 watcher.disarm()
                 rejection = self._refusal(ctx, watcher, exc)
                 if rejection is None:
-                    pending = outcomes.after_error(ctx, plan, result, keys, exc)
-                    if pending is not None:
-                        outcomes.spawn(pending)  # cannot await while unwinding (maybe cancelled)
-                    raise
+                    failed = self._upstream_failure(ctx, watcher, exc)
+                    if failed is None:
+                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        if pending is not None:
+                            outcomes.spawn(pending)  # cannot await while unwinding
+                        raise
+                    # answered as the app's own 5xx after the give-up, and recorded so below
+                    try:
+                        await respond(watcher, failed, None)
+                    except BaseException:  # the client went away: the app's error stands
+                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        if pending is not None:
+                            outcomes.spawn(pending)
+                        raise
             else:
                 if watcher.watch is not None:
                     watcher.disarm()
@@ -338,6 +348,24 @@ class FidelityMiddleware:
         if watcher.started or not self.answer_refusals or not isinstance(exc, Exception):
             return None
         return control_refusal(ctx, exc, self._monotonic())
+
+    def _upstream_failure(
+        self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException
+    ) -> Rejection | None:
+        """Our answer to an upstream's transport error the app let out after the outbound
+        layer gave up retrying (refusals.upstream_failure); None: it propagates."""
+        if watcher.started or not self.answer_refusals or not isinstance(exc, Exception):
+            return None
+        failed = upstream_failure(ctx, exc)
+        if failed is not None:
+            logger.warning(
+                "fidelity_mw: %s: the app let out %s from an upstream it gave up on after "
+                "retrying; answered %d",
+                ctx.route,
+                type(exc).__name__,
+                failed[0],
+            )
+        return failed
 
     async def _send_rejection(
         self,

@@ -93,6 +93,27 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
     return None
 
 
+def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | None:
+    """Our answer when the app let out the transport error of an upstream the outbound
+    layer retried and gave up on: 502 (504 for a timeout) with a problem document naming
+    the upstream, sent as if the app had answered it, so the give-up's marker
+    (`x-fidelity-retry: exhausted`) and `Retry-After` advice go with it. Unanswered,
+    the server's bare 500 carried neither, and a caller could retry a request we already
+    retried. Not a control decision: the upstream failed, and the outcome is `failed`."""
+    if not ctx.upstream_exhausted or not isinstance(exc, httpx.TransportError):
+        return None
+    gave_up = _outbound_give_up(ctx, (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER))
+    upstream = gave_up.subject if gave_up is not None else _host(exc)
+    timeout = isinstance(exc, httpx.TimeoutException)
+    status = 504 if timeout else 502
+    detail = (
+        f"upstream {upstream!r}" if upstream else "an upstream"
+    ) + f" failed after retrying ({type(exc).__name__})"
+    extra = {} if upstream is None else {"upstream": upstream}
+    title = "Gateway Timeout" if timeout else "Bad Gateway"
+    return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
+
+
 def _host(exc: httpx.TransportError) -> str | None:
     try:
         return exc.request.url.host or None
