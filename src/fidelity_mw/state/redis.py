@@ -186,7 +186,56 @@ def build_client(url: str, config: StateConfig) -> RedisClient:
         socket_connect_timeout=connect_timeout,
         **kwargs,
     )
-    return Redis(connection_pool=pool)
+    return LaneClient(connection_pool=pool)
+
+
+class LaneClient(Redis):
+    """A redis-py client whose script calls (`run`) go over connections of their own.
+
+    `execute_command` costs far more CPU than the round trip itself: the pool's
+    lock and its per-checkout readiness probe, the retry wrapper, observability
+    hooks, all per command. The store's script calls need none of it: `RedisStore`
+    already bounds them (`Slots`, at most `pool_size` at once, so the lane opens
+    at most that many connections), sends each once (no retries), and its error
+    handling reads only the exceptions, which are redis-py's own either way. A
+    connection that failed is disconnected by redis-py (on any error or
+    cancellation while sending or reading) and reconnects on its next use, as
+    a pooled one would. Everything else (snapshots, PING probes) uses the pool.
+    """
+
+    def __init__(self, *, connection_pool: ConnectionPool) -> None:
+        super().__init__(connection_pool=connection_pool)
+        self.lane_free: list[AbstractConnection] = []  # idle lane connections
+        self.lane_opened: list[AbstractConnection] = []  # every one made (closed with us)
+
+    async def run(self, *args: Any) -> Any:
+        """One command on a lane connection: its reply, or redis-py's exception."""
+        free = self.lane_free
+        if free:
+            conn = free.pop()
+        else:
+            pool = self.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self.lane_opened.append(conn)
+        try:
+            await conn.send_packed_command(conn.pack_command(*args))
+            return await conn.read_response()
+        finally:
+            free.append(conn)  # (failed: redis-py disconnected it; it reconnects when used)
+
+    async def drop_idle(self) -> None:
+        """Disconnect the idle lane connections (each connects afresh when next used)."""
+        for conn in list(self.lane_free):
+            await conn.disconnect()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        opened, self.lane_opened, self.lane_free = self.lane_opened, [], []
+        try:
+            for conn in opened:
+                with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+                    await conn.disconnect()
+        finally:
+            await super().aclose(close_connection_pool)
 
 
 # ---------------------------------------------------------------- health
@@ -459,12 +508,13 @@ class RedisStore(StateStore):
     async def _evalsha(
         self, client: RedisClient, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
+        run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
-            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await run("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             self.stats.script_loads += 1
             self.stats.round_trips += 1
-            return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+            return await run("EVAL", script.source, len(keys), *keys, *args)
 
     async def call(
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
@@ -531,11 +581,12 @@ class RedisStore(StateStore):
         if not self.health.up or not bound[2].try_acquire():
             raise StateUnavailable("no connection free for the fleet announcement")
         client = bound[1]
+        run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
             try:
-                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await run("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
-                return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                return await run("EVAL", script.source, len(keys), *keys, *args)
         finally:
             bound[2].release()
 
@@ -761,7 +812,7 @@ class RedisStore(StateStore):
         got = self.sync_link().call(RECORD, *planned)
         return self._record_answer(got, gate, planned[1][_CARRIED])
 
-    def _record_call(
+    def record_now(
         self,
         breaker_key: str,
         breaker: BreakerConfig,
@@ -769,8 +820,12 @@ class RedisStore(StateStore):
         outcome: str,
         slow: bool,
         now: float,
-    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
-        """The answer without a round trip (a str), or the script call to make."""
+    ) -> str | None:
+        """`record` of an outcome that needs no round trip, without the coroutine (the
+        middleware's fast path calls it per request, as it does MemoryStore's): a plain
+        success (deferred: it rides on a later call), an ignored outcome, an outcome of a
+        fallback gate. None, having changed nothing, for one Redis must see (a failure, a
+        slow call, a probe's outcome): await `record`."""
         if gate.epoch < 0:
             # The gate came from the failure mode: record where it was decided.
             if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
@@ -783,6 +838,21 @@ class RedisStore(StateStore):
             if outcome == SUCCESS and not slow:
                 self._defer_success(breaker_key, breaker, gate.epoch)
                 return gate.state
+        return None
+
+    def _record_call(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
+        """The answer without a round trip (a str), or the script call to make."""
+        done = self.record_now(breaker_key, breaker, gate, outcome, slow, now)
+        if done is not None:
+            return done
         args = (
             self._rng(),
             gate.epoch,
@@ -1232,6 +1302,9 @@ async def _drop_idle_connections(client: RedisClient) -> None:
     if isinstance(client, Redis):
         with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
             await client.connection_pool.disconnect(inuse_connections=False)
+        if isinstance(client, LaneClient):
+            with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+                await client.drop_idle()
 
 
 async def _close_client(client: RedisClient) -> None:
