@@ -189,6 +189,12 @@ def build_client(url: str, config: StateConfig) -> RedisClient:
     return LaneClient(connection_pool=pool)
 
 
+async def _can_read(conn: AbstractConnection) -> bool:
+    """Data (or EOF: raises) waiting on an idle connection (redis-py >= 6: `can_read`)."""
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive
+    return bool(await check())
+
+
 class LaneClient(Redis):
     """A redis-py client whose script calls (`run`) go over connections of their own.
 
@@ -218,6 +224,15 @@ class LaneClient(Redis):
             conn = pool.connection_class(**pool.connection_kwargs)
             self.lane_opened.append(conn)
         try:
+            if conn.is_connected:
+                # What the pool checks at every checkout: a connection the server
+                # closed meanwhile (restart, idle `timeout`), or with bytes nobody
+                # read, is replaced before the command is sent on it.
+                try:
+                    if await _can_read(conn):
+                        raise RedisConnectionError("Connection has data")
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    await conn.disconnect()
             await conn.send_packed_command(conn.pack_command(*args))
             return await conn.read_response()
         finally:
@@ -407,6 +422,8 @@ class RedisStore(StateStore):
         # ','): str(float) costs far more than a dict lookup, and these never change.
         self._breaker_text: dict[BreakerConfig, str] = {}
         self._limit_text: dict[LimitSpec, str] = {}
+        # breaker key (None: none) -> what admit sends for it and its limits (`_route`)
+        self._routes: dict[str | None, tuple[Any, ...]] = {}
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
         self._flush_task: asyncio.Task[Any] | None = None
@@ -664,39 +681,43 @@ class RedisStore(StateStore):
         limits: Sequence[LimitSpec],
         now: float,
     ) -> InboundResult:
-        has_breaker = breaker_key is not None and breaker is not None
-        u = self._rng()
+        route = self._routes.get(breaker_key)
+        if route is None or not (
+            (route[0] is breaker or route[0] == breaker)
+            and (route[1] is limits or route[1] == tuple(limits))
+        ):
+            route = self._route(breaker_key, breaker, limits)
+        has_breaker, breaker_keys, breaker_values, limit_values, breaker_text, limit_text = route[
+            2:
+        ]
         n = len(limits)
-        if breaker_key is not None and breaker is not None:
-            keys = list(self.breaker_keys(breaker_key))
-            args: list[Any] = ["1", u, n]
-            args += self.breaker_config_args(breaker)
-            entry = self._deferred.pop(breaker_key, None) if self._deferred else None
-            d_epoch, d_count = (entry[1], entry[2]) if entry is not None else (0, 0)
-            args += (d_epoch, d_count)
-        else:
-            keys = []
-            args = ["0", u, n]
-            d_count = 0
+        if len(limit_keys) != n:
+            raise ValueError(f"{len(limit_keys)} limit keys for {n} limits")
+        u = self._rng()
+        keys = list(breaker_keys)
         key_cache = self._keys
-        for key, spec in zip(limit_keys, limits, strict=True):
+        for key in limit_keys:
             hashed = key_cache.get(("rl", key))
             keys.append(hashed if hashed is not None else self.key("rl", key))
-            spec_args = self._limit_args.get(spec)
-            args += spec_args if spec_args is not None else self.limit_args(spec)
+        d_epoch = d_count = 0
+        if has_breaker and self._deferred and breaker_key is not None:
+            entry = self._deferred.pop(breaker_key, None)
+            if entry is not None:
+                d_epoch, d_count = entry[1], entry[2]
         if self.coalesce:
-            # the batch's text form of the same arguments (batch.lua), only when batching
+            # The text a batch sends (batch.lua): the same values as the arguments
+            # below, joined by ','; an admission alone sends it split again.
             if has_breaker:
-                assert breaker is not None
-                text = f"1,{u!r},{n},{self.breaker_config_text(breaker)},{d_epoch},{d_count}"
+                text = f"1,{u!r},{n},{breaker_text},{d_epoch},{d_count}{limit_text}"
             else:
-                text = f"0,{u!r},{n}"
-            limit_text = self._limit_text
-            for spec in limits:
-                spec_text = limit_text.get(spec)
-                text += "," + (spec_text if spec_text is not None else self.limit_text(spec))
-            got = await self.coalescer.call(ADMIT, keys, args, text)
+                text = f"0,{u!r},{n}{limit_text}"
+            got = await self.coalescer.call(ADMIT, keys, None, text)
         else:
+            args: list[Any] = (
+                ["1", u, n, *breaker_values, d_epoch, d_count, *limit_values]
+                if has_breaker
+                else ["0", u, n, *limit_values]
+            )
             got = await self.call(ADMIT, keys, args)
         if got is None:
             self.stats.dropped_records += d_count  # the successes it carried
@@ -708,6 +729,42 @@ class RedisStore(StateStore):
             self._bad_reply(exc)
             self.stats.dropped_records += d_count
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+
+    def _route(
+        self, breaker_key: str | None, breaker: BreakerConfig | None, limits: Sequence[LimitSpec]
+    ) -> tuple[Any, ...]:
+        """What `admit` sends for this breaker and these limits whatever the request:
+        (breaker, limits, has breaker, breaker keys, breaker config values, limit values,
+        breaker config text, limit text). Cached by breaker key, one entry each (a
+        route plan passes the same objects every time: an identity check; other
+        limits with the same key replace the entry)."""
+        has_breaker = breaker_key is not None and breaker is not None
+        breaker_keys: tuple[str, ...] = ()
+        breaker_values: tuple[float | int, ...] = ()
+        breaker_text = ""
+        if breaker_key is not None and breaker is not None:
+            breaker_keys = self.breaker_keys(breaker_key)
+            breaker_values = self.breaker_config_args(breaker)
+            breaker_text = self.breaker_config_text(breaker)
+        limit_values: list[float | int] = []
+        limit_text = ""
+        for spec in limits:
+            limit_values += self.limit_args(spec)
+            limit_text += "," + self.limit_text(spec)
+        route = (
+            breaker,
+            limits if isinstance(limits, tuple) else tuple(limits),
+            has_breaker,
+            breaker_keys,
+            breaker_values,
+            tuple(limit_values),
+            breaker_text,
+            limit_text,
+        )
+        if len(self._routes) >= _KEY_CACHE_MAX:
+            self._routes.clear()
+        self._routes[breaker_key] = route
+        return route
 
     async def refund(
         self,
@@ -1342,9 +1399,10 @@ def parse_admit(
     """Turn admit.lua's flat reply into an InboundResult."""
     gate: Gate | None = None
     if has_breaker:
+        verdict, state = reply[1], reply[2]
         gate = Gate(
-            _text(reply[1]),
-            _text(reply[2]),
+            verdict if type(verdict) is str else _text(verdict),  # a batch's reply is text
+            state if type(state) is str else _text(state),
             int(reply[3]),
             float(reply[4]),
             int(reply[5]),
