@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -158,6 +159,7 @@ def baseline_app(variant: str, redis_url: str) -> Any:
     if kind not in ("fidelity-memory", "fidelity-redis"):
         raise SystemExit(f"only fidelity-memory@REV or fidelity-redis@REV, not {variant!r}")
     old = baseline_package(rev)
+    own_scripts(old.__name__)
     url = redis_url if kind == "fidelity-redis" else "memory://"
     policy = old.Policy(
         state=old.StateConfig(url=url, key_prefix=PREFIX),
@@ -166,6 +168,27 @@ def baseline_app(variant: str, redis_url: str) -> Any:
     return old.FidelityMiddleware(
         Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
     )
+
+
+def own_scripts(package: str) -> None:
+    """Make a baseline package read its own Lua scripts: `state/scripts.py` names the
+    package `fidelity_mw`, so an extracted revision would otherwise run the working
+    tree's scripts (with its own arguments). Before its Redis store is imported."""
+    import importlib
+    import importlib.resources
+
+    if f"{package}.state.redis" in sys.modules:
+        raise RuntimeError(f"{package}.state.redis was imported before its scripts were set")
+    scripts = importlib.import_module(f"{package}.state.scripts")
+    lua = importlib.resources.files(f"{package}.state").joinpath("lua")
+
+    def load_script(name: str) -> Any:
+        lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
+        entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        source = f"{lib}\n-- ---- {name}.lua\n{entry}"
+        return scripts.Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+    scripts.load_script = load_script
 
 
 def build_app(variant: str, redis_url: str) -> Any:
