@@ -186,3 +186,49 @@ async def test_middleware_records_plain_successes_without_a_coroutine(
         assert entry[2] >= 1  # the successes wait to ride on the next call
     finally:
         await redis_store.aclose()
+
+
+async def test_a_batch_goes_as_one_argument(redis_url: str) -> None:
+    redis_store = store(redis_url, key_prefix="lane7", sync_interval_ms=60_000)
+    sent: list[int] = []
+    send = redis_store.coalescer._call
+
+    async def counted(script, keys, args):  # type: ignore[no-untyped-def]
+        sent.append(len(args))
+        return await send(script, keys, args)
+
+    redis_store.coalescer._call = counted
+    try:
+        got = await asyncio.gather(
+            *(redis_store.admit(None, None, [f"k{i}"], [LIMIT], 0.0) for i in range(20))
+        )
+    finally:
+        await redis_store.aclose()
+    assert {r.source for r in got} == {"redis"}
+    assert sent == [1]  # 20 operations, one ARGV
+
+
+async def test_route_values_follow_the_limits_passed(redis_url: str) -> None:
+    """The per-route cache of what admit sends is checked against the breaker and limits
+    of every call: other limits under the same breaker key (or none) are sent as given."""
+    other = LimitSpec("m", 60.0, 180.0, 1, False)  # burst 3, one more a minute
+    breaker = BreakerConfig()
+    for coalesce in (True, False):
+        redis_store = store(redis_url, key_prefix=f"lane8{coalesce}")
+        redis_store.coalesce = coalesce
+        try:
+            one = await redis_store.admit("route:/z", breaker, ["a"], (LIMIT,), 0.0)
+            two = await redis_store.admit("route:/z", breaker, ["a", "b"], [LIMIT, other], 0.0)
+            again = await redis_store.admit("route:/z", breaker, ["b"], [other], 0.0)
+            none = await redis_store.admit("route:/z", breaker, [], (), 0.0)
+            plain = await redis_store.admit(None, None, ["c"], [other], 0.0)
+        finally:
+            await redis_store.aclose()
+        assert [len(r.limits) for r in (one, two, again, none, plain)] == [1, 2, 1, 0, 1]
+        assert {r.source for r in (one, two, again, none, plain)} == {"redis"}
+        assert two.limits[1].remaining == 2  # "m": burst 3, one taken
+        assert again.limits[0].remaining == 1  # the same key "b" of "m", one more taken
+        assert none.gate is not None
+        assert plain.gate is None
+        with pytest.raises(ValueError, match="limit keys"):
+            await store(redis_url, key_prefix="lane9").admit(None, None, ["x"], (), 0.0)
