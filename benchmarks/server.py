@@ -21,9 +21,9 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
   VARIANT+compiled  VARIANT served by .venv-compiled (the mypyc build: scripts/compiled.sh)
 
-`fidelity-memory@REV` serves FidelityMiddleware as of git revision REV (extracted under
-another package name, as benchmarks/overhead.py `--baseline` does): a change measured
-before and after in the same rounds.
+`fidelity-memory@REV` (or `fidelity-redis@REV`) serves FidelityMiddleware as of git
+revision REV (extracted under another package name, as benchmarks/overhead.py `--baseline`
+does): a change measured before and after in the same rounds.
 
 Every middleware has one permissive per-client limit (every response must be a
 200); FidelityMiddleware also has its default route breaker and a deadline from
@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -97,6 +98,12 @@ DEFAULT_VARIANTS = (
 REDIS_VARIANTS = {"fidelity-redis", "fidelity-tiered", "slowapi-redis"}
 # FidelityMiddleware's layers switched on one at a time (no rate limit: no RateLimit fields)
 LAYER_VARIANTS = {"fidelity-frame", "fidelity-deadline", "fidelity-breaker"}
+
+
+def is_redis(variant: str) -> bool:
+    return variant.split("@", 1)[0].removesuffix("+compiled") in REDIS_VARIANTS
+
+
 # `VARIANT+compiled` (e.g. `fidelity-memory+compiled`): the same server run by the venv of
 # the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md)
 COMPILED_SUFFIX = "+compiled"
@@ -149,8 +156,9 @@ class Passthrough:
         await self.app(scope, receive, add_headers)
 
 
-def baseline_app(variant: str) -> Any:
-    """`fidelity-memory@REV`: FidelityMiddleware as of git revision REV, same app and policy."""
+def baseline_app(variant: str, redis_url: str) -> Any:
+    """`fidelity-memory@REV` / `fidelity-redis@REV`: FidelityMiddleware as of git revision
+    REV, same app and policy."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -158,16 +166,39 @@ def baseline_app(variant: str) -> Any:
     from benchmarks.overhead import baseline_package
 
     kind, rev = variant.split("@", 1)
-    if kind != "fidelity-memory":
-        raise SystemExit(f"only fidelity-memory@REV can be a baseline, not {variant!r}")
+    if kind not in ("fidelity-memory", "fidelity-redis"):
+        raise SystemExit(f"only fidelity-memory@REV or fidelity-redis@REV, not {variant!r}")
     old = baseline_package(rev)
+    own_scripts(old.__name__)
+    url = redis_url if kind == "fidelity-redis" else "memory://"
     policy = old.Policy(
-        state=old.StateConfig(url="memory://", key_prefix=PREFIX),
+        state=old.StateConfig(url=url, key_prefix=PREFIX),
         rate_limits=(old.RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
     )
     return old.FidelityMiddleware(
         Starlette(routes=[Route("/hello", hello)]), policy=policy, telemetry=False
     )
+
+
+def own_scripts(package: str) -> None:
+    """Make a baseline package read its own Lua scripts: `state/scripts.py` names the
+    package `fidelity_mw`, so an extracted revision would otherwise run the working
+    tree's scripts (with its own arguments). Before its Redis store is imported."""
+    import importlib
+    import importlib.resources
+
+    if f"{package}.state.redis" in sys.modules:
+        raise RuntimeError(f"{package}.state.redis was imported before its scripts were set")
+    scripts = importlib.import_module(f"{package}.state.scripts")
+    lua = importlib.resources.files(f"{package}.state").joinpath("lua")
+
+    def load_script(name: str) -> Any:
+        lib = lua.joinpath("lib.lua").read_text(encoding="utf-8")
+        entry = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        source = f"{lib}\n-- ---- {name}.lua\n{entry}"
+        return scripts.Script(name, source, hashlib.sha1(source.encode("utf-8")).hexdigest())
+
+    scripts.load_script = load_script
 
 
 def build_app(variant: str, redis_url: str) -> Any:
@@ -178,7 +209,7 @@ def build_app(variant: str, redis_url: str) -> Any:
 
     routes = [Route("/hello", hello)]
     if "@" in variant:
-        return baseline_app(variant)
+        return baseline_app(variant, redis_url)
     if variant == "bare":
         return Starlette(routes=routes)
     if variant == "noop":
@@ -652,7 +683,7 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
             )
             redis_cpu = (
                 f"{statistics.median(s.redis_cpu_us_per_req or 0.0 for s in mine):.0f}"
-                if variant in REDIS_VARIANTS
+                if is_redis(variant)
                 else "—"
             )
             cpu_ratios = [
@@ -675,7 +706,7 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
                 f"| {variant} | {statistics.median(s.rps for s in mine):,.0f} | {ratio} "
                 f"| {statistics.median(s.p99_ms for s in mine):.1f} | {bad} "
                 f"| {cpu} | {redis_cpu} "
-                f"| {fmt_cmds(mine) if variant in REDIS_VARIANTS else '— | — | —'} |"
+                f"| {fmt_cmds(mine) if is_redis(variant) else '— | — | —'} |"
             )
         lines += goals(at, connections)
         lines.append("")

@@ -505,25 +505,50 @@ async def test_a_batch_sends_each_key_once(redis_url: str) -> None:
 
 
 async def test_cached_argument_text_is_what_the_values_would_send(redis_url: str) -> None:
-    """An admission hands the batch its values pre-joined (constant parts cached): the
-    same text, value for value, as joining them one by one."""
-    redis_store = store(redis_url, sync_interval_ms=60_000)
-    seen: list[tuple[list[object], str | None]] = []
-    call = redis_store.coalescer.call
+    """An admission hands the batch its values pre-joined (constant parts cached, and no
+    argument list built: one sent alone splits the text again): the same text, value for
+    value, as joining the arguments the same admission sends with coalescing off."""
+    coalesced = store(redis_url, sync_interval_ms=60_000)
+    plain = store(redis_url, sync_interval_ms=60_000)  # the same seed: the same jitter
+    plain.coalesce = False
+    texts: list[str | None] = []
+    arguments: list[list[object]] = []
+    call = coalesced.coalescer.call
+    plain_call = plain.call
 
     async def spy(script, keys, args, text=None):  # type: ignore[no-untyped-def]
-        seen.append((list(args), text))
+        texts.append(text)
         return await call(script, keys, args, text)
 
-    redis_store.coalescer = type(
+    async def plain_spy(script, keys, args):  # type: ignore[no-untyped-def]
+        arguments.append(list(args))
+        return await plain_call(script, keys, args)
+
+    coalesced.coalescer = type(
         "Spy", (), {"call": staticmethod(spy), "aclose": call.__self__.aclose}
     )()  # type: ignore[assignment]
+    plain.call = plain_spy  # type: ignore[method-assign]
     breaker = BreakerConfig()
     try:
         for bkey, keys, limits in REQUESTS:
-            await redis_store.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
+            await coalesced.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
+            await plain.admit(bkey, breaker if bkey else None, keys, limits, 0.0)
     finally:
-        await redis_store.aclose()
-    assert len(seen) == len(REQUESTS)
-    for args, text in seen:
+        await coalesced.aclose()
+        await plain.aclose()
+    assert len(texts) == len(arguments) == len(REQUESTS)
+    for text, args in zip(texts, arguments, strict=True):
         assert text == ",".join(map(str, args))
+    # and alone, the text split again is what redis-py would send for those values
+    for text, args in zip(texts, arguments, strict=True):
+        assert text is not None
+        assert [str(v).encode() for v in text.split(",")] == [_wire(v) for v in args]
+
+
+def _wire(value: object) -> bytes:
+    """redis-py's Encoder.encode: bytes as they are, str encoded, a number as its repr."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, int | float):
+        return repr(value).encode()
+    return str(value).encode()

@@ -186,7 +186,71 @@ def build_client(url: str, config: StateConfig) -> RedisClient:
         socket_connect_timeout=connect_timeout,
         **kwargs,
     )
-    return Redis(connection_pool=pool)
+    return LaneClient(connection_pool=pool)
+
+
+async def _can_read(conn: AbstractConnection) -> bool:
+    """Data (or EOF: raises) waiting on an idle connection (redis-py >= 6: `can_read`)."""
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive
+    return bool(await check())
+
+
+class LaneClient(Redis):
+    """A redis-py client whose script calls (`run`) go over connections of their own.
+
+    `execute_command` costs far more CPU than the round trip itself: the pool's
+    lock and its per-checkout readiness probe, the retry wrapper, observability
+    hooks, all per command. The store's script calls need none of it: `RedisStore`
+    already bounds them (`Slots`, at most `pool_size` at once, so the lane opens
+    at most that many connections), sends each once (no retries), and its error
+    handling reads only the exceptions, which are redis-py's own either way. A
+    connection that failed is disconnected by redis-py (on any error or
+    cancellation while sending or reading) and reconnects on its next use, as
+    a pooled one would. Everything else (snapshots, PING probes) uses the pool.
+    """
+
+    def __init__(self, *, connection_pool: ConnectionPool) -> None:
+        super().__init__(connection_pool=connection_pool)
+        self.lane_free: list[AbstractConnection] = []  # idle lane connections
+        self.lane_opened: list[AbstractConnection] = []  # every one made (closed with us)
+
+    async def run(self, *args: Any) -> Any:
+        """One command on a lane connection: its reply, or redis-py's exception."""
+        free = self.lane_free
+        if free:
+            conn = free.pop()
+        else:
+            pool = self.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self.lane_opened.append(conn)
+        try:
+            if conn.is_connected:
+                # What the pool checks at every checkout: a connection the server
+                # closed meanwhile (restart, idle `timeout`), or with bytes nobody
+                # read, is replaced before the command is sent on it.
+                try:
+                    if await _can_read(conn):
+                        raise RedisConnectionError("Connection has data")
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    await conn.disconnect()
+            await conn.send_packed_command(conn.pack_command(*args))
+            return await conn.read_response()
+        finally:
+            free.append(conn)  # (failed: redis-py disconnected it; it reconnects when used)
+
+    async def drop_idle(self) -> None:
+        """Disconnect the idle lane connections (each connects afresh when next used)."""
+        for conn in list(self.lane_free):
+            await conn.disconnect()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        opened, self.lane_opened, self.lane_free = self.lane_opened, [], []
+        try:
+            for conn in opened:
+                with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+                    await conn.disconnect()
+        finally:
+            await super().aclose(close_connection_pool)
 
 
 # ---------------------------------------------------------------- health
@@ -358,6 +422,8 @@ class RedisStore(StateStore):
         # ','): str(float) costs far more than a dict lookup, and these never change.
         self._breaker_text: dict[BreakerConfig, str] = {}
         self._limit_text: dict[LimitSpec, str] = {}
+        # breaker key (None: none) -> what admit sends for it and its limits (`_route`)
+        self._routes: dict[str | None, tuple[Any, ...]] = {}
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
         self._flush_task: asyncio.Task[Any] | None = None
@@ -459,12 +525,13 @@ class RedisStore(StateStore):
     async def _evalsha(
         self, client: RedisClient, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
+        run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
-            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await run("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             self.stats.script_loads += 1
             self.stats.round_trips += 1
-            return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+            return await run("EVAL", script.source, len(keys), *keys, *args)
 
     async def call(
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
@@ -531,11 +598,12 @@ class RedisStore(StateStore):
         if not self.health.up or not bound[2].try_acquire():
             raise StateUnavailable("no connection free for the fleet announcement")
         client = bound[1]
+        run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
             try:
-                return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await run("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
-                return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                return await run("EVAL", script.source, len(keys), *keys, *args)
         finally:
             bound[2].release()
 
@@ -613,39 +681,43 @@ class RedisStore(StateStore):
         limits: Sequence[LimitSpec],
         now: float,
     ) -> InboundResult:
-        has_breaker = breaker_key is not None and breaker is not None
-        u = self._rng()
+        route = self._routes.get(breaker_key)
+        if route is None or not (
+            (route[0] is breaker or route[0] == breaker)
+            and (route[1] is limits or route[1] == tuple(limits))
+        ):
+            route = self._route(breaker_key, breaker, limits)
+        has_breaker, breaker_keys, breaker_values, limit_values, breaker_text, limit_text = route[
+            2:
+        ]
         n = len(limits)
-        if breaker_key is not None and breaker is not None:
-            keys = list(self.breaker_keys(breaker_key))
-            args: list[Any] = ["1", u, n]
-            args += self.breaker_config_args(breaker)
-            entry = self._deferred.pop(breaker_key, None) if self._deferred else None
-            d_epoch, d_count = (entry[1], entry[2]) if entry is not None else (0, 0)
-            args += (d_epoch, d_count)
-        else:
-            keys = []
-            args = ["0", u, n]
-            d_count = 0
+        if len(limit_keys) != n:
+            raise ValueError(f"{len(limit_keys)} limit keys for {n} limits")
+        u = self._rng()
+        keys = list(breaker_keys)
         key_cache = self._keys
-        for key, spec in zip(limit_keys, limits, strict=True):
+        for key in limit_keys:
             hashed = key_cache.get(("rl", key))
             keys.append(hashed if hashed is not None else self.key("rl", key))
-            spec_args = self._limit_args.get(spec)
-            args += spec_args if spec_args is not None else self.limit_args(spec)
+        d_epoch = d_count = 0
+        if has_breaker and self._deferred and breaker_key is not None:
+            entry = self._deferred.pop(breaker_key, None)
+            if entry is not None:
+                d_epoch, d_count = entry[1], entry[2]
         if self.coalesce:
-            # the batch's text form of the same arguments (batch.lua), only when batching
+            # The text a batch sends (batch.lua): the same values as the arguments
+            # below, joined by ','; an admission alone sends it split again.
             if has_breaker:
-                assert breaker is not None
-                text = f"1,{u!r},{n},{self.breaker_config_text(breaker)},{d_epoch},{d_count}"
+                text = f"1,{u!r},{n},{breaker_text},{d_epoch},{d_count}{limit_text}"
             else:
-                text = f"0,{u!r},{n}"
-            limit_text = self._limit_text
-            for spec in limits:
-                spec_text = limit_text.get(spec)
-                text += "," + (spec_text if spec_text is not None else self.limit_text(spec))
-            got = await self.coalescer.call(ADMIT, keys, args, text)
+                text = f"0,{u!r},{n}{limit_text}"
+            got = await self.coalescer.call(ADMIT, keys, None, text)
         else:
+            args: list[Any] = (
+                ["1", u, n, *breaker_values, d_epoch, d_count, *limit_values]
+                if has_breaker
+                else ["0", u, n, *limit_values]
+            )
             got = await self.call(ADMIT, keys, args)
         if got is None:
             self.stats.dropped_records += d_count  # the successes it carried
@@ -657,6 +729,42 @@ class RedisStore(StateStore):
             self._bad_reply(exc)
             self.stats.dropped_records += d_count
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+
+    def _route(
+        self, breaker_key: str | None, breaker: BreakerConfig | None, limits: Sequence[LimitSpec]
+    ) -> tuple[Any, ...]:
+        """What `admit` sends for this breaker and these limits whatever the request:
+        (breaker, limits, has breaker, breaker keys, breaker config values, limit values,
+        breaker config text, limit text). Cached by breaker key, one entry each (a
+        route plan passes the same objects every time: an identity check; other
+        limits with the same key replace the entry)."""
+        has_breaker = breaker_key is not None and breaker is not None
+        breaker_keys: tuple[str, ...] = ()
+        breaker_values: tuple[float | int, ...] = ()
+        breaker_text = ""
+        if breaker_key is not None and breaker is not None:
+            breaker_keys = self.breaker_keys(breaker_key)
+            breaker_values = self.breaker_config_args(breaker)
+            breaker_text = self.breaker_config_text(breaker)
+        limit_values: list[float | int] = []
+        limit_text = ""
+        for spec in limits:
+            limit_values += self.limit_args(spec)
+            limit_text += "," + self.limit_text(spec)
+        route = (
+            breaker,
+            limits if isinstance(limits, tuple) else tuple(limits),
+            has_breaker,
+            breaker_keys,
+            breaker_values,
+            tuple(limit_values),
+            breaker_text,
+            limit_text,
+        )
+        if len(self._routes) >= _KEY_CACHE_MAX:
+            self._routes.clear()
+        self._routes[breaker_key] = route
+        return route
 
     async def refund(
         self,
@@ -767,7 +875,7 @@ class RedisStore(StateStore):
         got = self.sync_link().call(RECORD, *planned)
         return self._record_answer(got, gate, planned[1][_CARRIED])
 
-    def _record_call(
+    def record_now(
         self,
         breaker_key: str,
         breaker: BreakerConfig,
@@ -775,8 +883,12 @@ class RedisStore(StateStore):
         outcome: str,
         slow: bool,
         now: float,
-    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
-        """The answer without a round trip (a str), or the script call to make."""
+    ) -> str | None:
+        """`record` of an outcome that needs no round trip, without the coroutine (the
+        middleware's fast path calls it per request, as it does MemoryStore's): a plain
+        success (deferred: it rides on a later call), an ignored outcome, an outcome of a
+        fallback gate. None, having changed nothing, for one Redis must see (a failure, a
+        slow call, a probe's outcome): await `record`."""
         if gate.epoch < 0:
             # The gate came from the failure mode: record where it was decided.
             if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
@@ -789,6 +901,21 @@ class RedisStore(StateStore):
             if outcome == SUCCESS and not slow:
                 self._defer_success(breaker_key, breaker, gate.epoch)
                 return gate.state
+        return None
+
+    def _record_call(
+        self,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate,
+        outcome: str,
+        slow: bool,
+        now: float,
+    ) -> str | tuple[tuple[str, str], tuple[Any, ...]]:
+        """The answer without a round trip (a str), or the script call to make."""
+        done = self.record_now(breaker_key, breaker, gate, outcome, slow, now)
+        if done is not None:
+            return done
         args = (
             self._rng(),
             gate.epoch,
@@ -1238,6 +1365,9 @@ async def _drop_idle_connections(client: RedisClient) -> None:
     if isinstance(client, Redis):
         with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
             await client.connection_pool.disconnect(inuse_connections=False)
+        if isinstance(client, LaneClient):
+            with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
+                await client.drop_idle()
 
 
 async def _close_client(client: RedisClient) -> None:
@@ -1275,9 +1405,10 @@ def parse_admit(
     """Turn admit.lua's flat reply into an InboundResult."""
     gate: Gate | None = None
     if has_breaker:
+        verdict, state = reply[1], reply[2]
         gate = Gate(
-            _text(reply[1]),
-            _text(reply[2]),
+            verdict if type(verdict) is str else _text(verdict),  # a batch's reply is text
+            state if type(state) is str else _text(state),
             int(reply[3]),
             float(reply[4]),
             int(reply[5]),

@@ -51,7 +51,7 @@ class _Op:
         self,
         script: Script,
         keys: Sequence[str],
-        args: Sequence[Any],
+        args: Sequence[Any] | None,
         future: asyncio.Future[Reply],
         text: str | None,
     ) -> None:
@@ -116,10 +116,16 @@ class Coalescer:
             return queue
 
     async def call(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any], text: str | None = None
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any] | None,
+        text: str | None = None,
     ) -> Reply:
         """`text`, when given, is `args` as a batch sends them: ",".join(map(str, args))
-        (a caller that caches the constant parts saves most of that cost)."""
+        (a caller that caches the constant parts saves most of that cost). With `text`,
+        `args` may be None: an operation sent alone then sends `text.split(",")`, the
+        same bytes (redis-py sends a number as its repr, which is its str)."""
         loop = asyncio.get_running_loop()
         queue = self._queue_of(loop)
         future: asyncio.Future[Reply] = loop.create_future()
@@ -164,8 +170,12 @@ class Coalescer:
             await self._send(live)
 
     async def _send_one(self, op: _Op) -> None:
+        args = op.args
+        if args is None:  # given as text only: the same values, the same bytes sent
+            assert op.text is not None
+            args = op.text.split(",")
         try:
-            got = await self._call(op.script, op.keys, op.args)
+            got = await self._call(op.script, op.keys, args)
         except Exception as exc:  # the caller's await raises it, as a direct call would
             _fail(op, exc)
             return
@@ -177,25 +187,32 @@ class Coalescer:
             await self._send_one(ops[0])
             return
         # Each key goes once (the client's cost is per argument, and a tick's
-        # requests mostly share keys); an operation names its keys by index.
+        # requests mostly share keys); an operation names its keys by index. The
+        # operations go as one argument, joined by ';'.
         keys: list[str] = []
         index: dict[str, str] = {}
-        args: list[str] = []
+        parts: list[str] = []
+        last_keys: Sequence[str] | None = None
+        head = ""
         for op in ops:
-            refs = []
-            for key in op.keys:
-                ref = index.get(key)
-                if ref is None:
-                    keys.append(key)
-                    ref = index[key] = str(len(keys))
-                refs.append(ref)
+            op_keys = op.keys
+            if op_keys != last_keys:  # (a tick's requests mostly name the same keys)
+                refs = []
+                for key in op_keys:
+                    ref = index.get(key)
+                    if ref is None:
+                        keys.append(key)
+                        ref = index[key] = str(len(keys))
+                    refs.append(ref)
+                last_keys = op_keys
+                head = f"k{'.'.join(refs)},"
             # str(float) is repr: the digits redis-py would send for the value
-            text = op.text if op.text is not None else ",".join(map(str, op.args))
-            args.append(f"{_OP_CODES[op.script.name]},k{'.'.join(refs)},{text}")
+            text = op.text if op.text is not None else ",".join(map(str, op.args or ()))
+            parts.append(f"{_OP_CODES[op.script.name]},{head}{text}")
         self.batches += 1
         self.coalesced += len(ops)
         try:
-            got = await self._call(self._batch, keys, args)
+            got = await self._call(self._batch, keys, (";".join(parts),))
         except Exception as exc:
             for op in ops:
                 _fail(op, exc)

@@ -5,12 +5,13 @@
 --
 -- KEYS: every key the operations use, each once (a tick's requests mostly share
 --       their keys: one route breaker, one hot limit key).
--- ARGV: one string per operation: its values joined by ',' (one argument each
---       costs the client far more than one string): 'a' (admission) or 'r'
---       (record), then 'k' followed by the KEYS indices of the operation's own
---       keys joined by '.' (an admission: [breaker hash, breaker probes] if it
---       has a breaker, then one TAT key per limit; a record: breaker hash,
---       breaker probes), then admit.lua's or record.lua's ARGV.
+-- ARGV: one string, the operations joined by ';' (the client's cost is per
+--       argument: one for the whole batch), each operation its values joined
+--       by ',': 'a' (admission) or 'r' (record), then 'k' followed by the KEYS
+--       indices of the operation's own keys joined by '.' (an admission:
+--       [breaker hash, breaker probes] if it has a breaker, then one TAT key per
+--       limit; a record: breaker hash, breaker probes), then admit.lua's or
+--       record.lua's ARGV.
 -- Returns: one string: per operation what admit.lua / record.lua return, values
 --          joined by ',', operations by ';' (one bulk reply parses cheaply). An
 --          operation that raised (a key holding a value that is not ours: WRONGTYPE)
@@ -20,9 +21,11 @@
 local now = server_now()
 
 local replies = {}
-for j = 1, #ARGV do
+local j = 0
+for op in string.gmatch(ARGV[1], '[^;]+') do
+  j = j + 1
   local values = {}
-  for v in string.gmatch(ARGV[j], '[^,]+') do
+  for v in string.gmatch(op, '[^,]+') do
     values[#values + 1] = v
   end
   local keys = {}
