@@ -340,8 +340,9 @@ async def test_retry_after_ignores_limits_that_allow(clock: FakeClock) -> None:
     assert status == 429
     assert headers[b"retry-after"] == b"5"
     assert problem(body)["limit"] == "tight"
-    # The roomy limit's allowance was not spent by the rejected request.
-    assert headers[b"ratelimit"] == b'"roomy";r=98;t=1, "tight";r=0;t=5'
+    # The roomy limit's allowance was not spent by the rejected request: 99 of its 100
+    # left after the first (its field said 98, as if the refused one had taken a unit).
+    assert headers[b"ratelimit"] == b'"roomy";r=99;t=1, "tight";r=0;t=5'
 
 
 async def test_ratelimit_t_is_the_wait_for_more_quota_and_retry_after_not_earlier(

@@ -44,3 +44,41 @@ async def test_remaining_s_reads_the_middlewares_own_clock_by_default() -> None:
         transport=httpx.ASGITransport(app=bare), base_url="http://t"
     ) as client:
         assert (await client.get("/work")).json() == {"default": None, "explicit": None}
+
+
+@pytest.mark.parametrize("state", ["memory", "redis", "tiered"])
+async def test_a_429_reports_the_limits_that_would_admit_as_they_are(
+    state: str, request: pytest.FixtureRequest
+) -> None:
+    """All-or-nothing: a request one limit refuses charges no other limit. The other
+    limits' RateLimit fields said one unit fewer, as if it had (memory and Redis; the
+    tiered store's slices already said it right)."""
+    from fidelity_mw import RateLimit
+    from fidelity_mw.policy import StateConfig
+
+    url = "memory://" if state == "memory" else request.getfixturevalue("redis_url")
+    if state == "tiered":
+        url = "tiered+" + url
+    policy = Policy(
+        state=StateConfig(url=url, key_prefix=f"t7-{state}"),
+        breaker=None,
+        rate_limits=(
+            RateLimit(name="per-client", rate="1/s", burst=1),
+            RateLimit(name="shared", rate="10/s", burst=10, key="global"),
+        ),
+    )
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/x", ok)])
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        first = await client.get("/x")
+        second = await client.get("/x")
+    assert (first.status_code, second.status_code) == (200, 429)
+    fields = dict(item.strip().split(";", 1) for item in second.headers["ratelimit"].split(","))
+    assert fields['"per-client"'].startswith("r=0;")
+    assert fields['"shared"'].startswith("r=9;")  # the first request's unit only

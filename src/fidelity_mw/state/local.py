@@ -333,6 +333,16 @@ class LocalState:
                 admitted = all(
                     v.allowed or spec.shadow for v, spec in zip(verdicts, limits, strict=True)
                 )
+                if not admitted:
+                    # Nothing is charged: a limit that would have admitted reports its
+                    # bucket as it is (its RateLimit field), not as if this request took
+                    # its units (the tiered store's slices report the same).
+                    verdicts = tuple(
+                        gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, 0)
+                        if v.allowed and not v.credit
+                        else v
+                        for key, spec, v in zip(limit_keys, limits, verdicts, strict=True)
+                    )
                 if admitted:
                     intervals = table.intervals
                     for key, spec, verdict in zip(limit_keys, limits, verdicts, strict=True):

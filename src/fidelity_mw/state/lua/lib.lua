@@ -465,6 +465,7 @@ local function admit_at(ARGV, a, keys, now)
   local admitted = true
   local commits = {}
   local marks = nil
+  local uncharged = {} -- per limit that would admit: where its fields are, its bucket
   for j = 0, n - 1 do
     local key = keys[k + j]
     local interval = tonumber(ARGV[i])
@@ -480,6 +481,9 @@ local function admit_at(ARGV, a, keys, now)
       if left then -- admitted from retry credit: the TAT stays as it was
         allowed, code, credit, retry = true, 2, left, 0
       end
+    end
+    if allowed and code == 1 then
+      uncharged[#uncharged + 1] = { #out + 2, stored, interval, tol }
     end
     if allowed then
       commits[#commits + 1] = { key, tat, refunded, credit, expires }
@@ -508,6 +512,12 @@ local function admit_at(ARGV, a, keys, now)
     end
   else
     out[7] = 0
+    -- nothing is charged: a limit that would have admitted reports its bucket as it is
+    for _, lim in ipairs(uncharged) do
+      local _, _, remaining, reset = gcra(lim[2], now, lim[3], lim[4], 0)
+      out[lim[1]] = remaining
+      out[lim[1] + 1] = fmt(reset)
+    end
     if b ~= nil and probe_id ~= 0 then
       br_record(b, epoch, probe_id, 'i', false, now, u)
     end
