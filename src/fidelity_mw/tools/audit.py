@@ -908,20 +908,17 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
         jittered = _call_named(wait, "wait_exponential_jitter")
         if fixed is not None and (w := _number(fixed, 0, "wait", None)) is not None:
             keys.update(base_ms=_ms_value(w), max_ms=_ms_value(w), jitter="none")
-        elif expo is not None:
-            base, cap = _number(expo, 0, "multiplier", 1.0), _number(expo, 1, "max", None)
+        elif expo is not None or jittered is not None:
+            # the same two numbers, under the name each wait gives its first one
+            call, first = (expo, "multiplier") if expo is not None else (jittered, "initial")
+            assert call is not None
+            base, cap = _number(call, 0, first, 1.0), _number(call, 1, "max", None)
             if base is not None:
                 keys["base_ms"] = _ms_value(base)
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
-            keys["jitter"] = "full" if "random" in ast.unparse(expo.func) else "none"
-        elif jittered is not None:
-            base, cap = _number(jittered, 0, "initial", 1.0), _number(jittered, 1, "max", None)
-            if base is not None:
-                keys["base_ms"] = _ms_value(base)
-            if cap is not None:
-                keys["max_ms"] = _ms_value(cap)
-            keys["jitter"] = "full"
+            plain = expo is not None and "random" not in ast.unparse(expo.func)
+            keys["jitter"] = "none" if plain else "full"
     elif library == "stamina":
         attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
         count = _literal(attempts) if attempts is not None else 10  # stamina's default
