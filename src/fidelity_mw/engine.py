@@ -140,7 +140,7 @@ class Engine:
         limits = tuple(
             lim
             for lim in policy.rate_limits
-            if glob_matches(lim.match, path)
+            if lim.applies_to(path)
             and (lim.methods is None or method in lim.methods)
             # a preflight counts only against a limit that names OPTIONS itself
             and (not preflight or lim.methods is not None)

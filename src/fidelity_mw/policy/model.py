@@ -275,6 +275,17 @@ def _glob(value: Any) -> str | None:
     return problem
 
 
+def _globs(value: Any) -> str | None:
+    """Path globs a limit leaves out (`exclude`): each one as `match` checks it."""
+    if not isinstance(value, tuple | list):
+        return 'expected a list of path globs such as ["/healthz", "/metrics"], or leave it out'
+    for i, item in enumerate(value):
+        problem = _glob(item)
+        if problem:
+            return f"item {i}: {problem}"
+    return None
+
+
 _HOST_WITH_PORT = re.compile(r"[^:]+:[0-9]+")
 
 
@@ -551,6 +562,7 @@ class RateLimit(_Validated):
     cost: int = _spec(1, int_in(1, 1_000_000))
     key: str | KeyFunc = _spec("client_ip", _key)
     match: str = _spec("*", _glob)
+    exclude: tuple[str, ...] = _spec((), _globs)
     methods: tuple[str, ...] | None = _spec(None, _methods)
     shadow: bool = _spec(False, boolean)
     charge: Literal["served", "always"] = _spec("served", one_of(CHARGE_MODES))
@@ -560,6 +572,12 @@ class RateLimit(_Validated):
         _validate(self)
         if self.methods is not None:
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+
+    def applies_to(self, path: str) -> bool:
+        """Whether `path` is this limit's: its `match` covers it and no `exclude` does."""
+        return glob_matches(self.match, path) and not any(
+            glob_matches(glob, path) for glob in self.exclude
+        )
 
     def _cross_checks(self) -> list[PolicyIssue]:
         if self._valid("burst", "cost") and self.burst is not None and self.burst < self.cost:

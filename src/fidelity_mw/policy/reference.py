@@ -168,6 +168,9 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
     "`?` one character. Matched against the request path, so a route template such as "
     "`/items/{item_id}` is an error: write `/items/*`.",
+    "rate_limit.exclude": "Paths the limit leaves out although `match` covers them, as "
+    'globs: `match = "*"` with `exclude = ["/healthz", "/metrics"]` limits every route but '
+    "those two (slowapi's `@limiter.exempt`).",
     "rate_limit.methods": "Only these HTTP methods; leave it out for all. A CORS preflight "
     "(`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted only by a "
     "limit that lists `OPTIONS`.",
@@ -347,6 +350,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_header_names": "non-empty list of header names",
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
+        "_globs": "path globs, each as for `match`",
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
         "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
         "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",

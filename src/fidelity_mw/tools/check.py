@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..policy import Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
-from ..policy.model import TOO_DEEP
+from ..policy.model import TOO_DEEP, glob_matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,31 @@ def check_file(path: str | Path) -> CheckResult:
     routes: list[Entry | None] = [(r.match, r.methods) for r in policy.routes]
     hosts: list[str | None] = [u.host for u in policy.upstreams]
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
+    result.warnings.extend(_idle_excludes(name, lines, policy))
     return result
+
+
+def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """A limit's `exclude` globs that leave out everything (the limit never counts) or,
+    for a plain path, nothing (its `match` does not cover it: likely a typo)."""
+    out: list[Finding] = []
+    for i, lim in enumerate(policy.rate_limits):
+        for k, glob in enumerate(lim.exclude):
+            path = f"rate_limit[{i}].exclude"
+            if glob_covers(glob, lim.match):
+                message = (
+                    f"the limit never applies: exclude[{k}] ({json.dumps(glob)}) covers every "
+                    f"path its match ({json.dumps(lim.match)}) does"
+                )
+            elif not any(ch in glob for ch in "*?") and not glob_matches(lim.match, glob):
+                message = (
+                    f"exclude[{k}] ({json.dumps(glob)}) leaves out nothing: the limit's match "
+                    f"({json.dumps(lim.match)}) does not cover that path"
+                )
+            else:
+                continue
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
 
 
 # A route as shadowing sees it: its glob and its methods (None: every method).

@@ -197,7 +197,8 @@ def _breaker_data(b: BreakerConfig) -> str:
 def _limit_subject(lim: RateLimit) -> str:
     methods = f" {','.join(lim.methods)}" if lim.methods else ""
     key = lim.key if isinstance(lim.key, str) else "callable"
-    return f"limit {lim.name!r} on {lim.match}{methods}, per {key}"
+    excluded = f" except {', '.join(lim.exclude)}" if lim.exclude else ""
+    return f"limit {lim.name!r} on {lim.match}{excluded}{methods}, per {key}"
 
 
 def _waits(r: RetryConfig) -> str:
