@@ -115,10 +115,12 @@ async def test_limit_dependency_shares_the_middleware_context_and_store(
     assert [r.status_code for r in answers] == [200, 200, 429]
     assert other.status_code == 200  # another key has its own counter
     assert answers[0].headers["ratelimit-policy"] == '"/keyed/{item}:2/min";q=2;w=60'
-    assert answers[1].headers["ratelimit"] == '"/keyed/{item}:2/min";r=0;t=60'
+    # t: seconds until more quota (one unit of 2/min), as the middleware's fields say it
+    assert answers[1].headers["ratelimit"] == '"/keyed/{item}:2/min";r=0;t=30'
     rejected = answers[2]
     assert rejected.headers["content-type"] == PROBLEM
     assert rejected.headers["retry-after"] == "30"
+    assert rejected.headers["ratelimit"] == '"/keyed/{item}:2/min";r=0;t=30'
     body = rejected.json()
     assert body["type"] == "urn:fidelity-mw:problem:rate-limited"
     assert body["status"] == 429
@@ -474,3 +476,41 @@ async def test_middleware_names_included_router_routes_by_their_template(
         assert (await c.get("/v1/items/7")).status_code == 200
         assert (await c.post("/v1/items/7")).status_code == 405
     assert [ctx.route for ctx in recorder.contexts] == ["/v1/items/{id}", "/v1/items/{id}"]
+
+
+async def test_limit_dependency_fields_say_what_the_middleware_fields_say(
+    clock: FakeClock,
+) -> None:
+    """The same rate as a dependency and as a policy limit: the same RateLimit fields
+    at every step (`t` was the time until the bucket is full for the dependency, so a
+    429 carried a `t` past its own Retry-After)."""
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/dep", dependencies=[Depends(fidelity.limit("3/min", name="n"))])
+    async def dep() -> str:
+        return "ok"
+
+    @app.get("/mw")
+    async def mw() -> str:
+        return "ok"
+
+    limit = RateLimit(name="n", match="/mw", rate="3/min")
+    with_middleware(app, clock, policy=Policy(breaker=None, rate_limits=(limit,)))
+    fidelity.install(app)
+
+    async def fields(path: str) -> list[tuple[int, str, str | None]]:
+        out = []
+        async with client(app) as c:
+            for step in range(5):
+                if step == 4:
+                    clock.advance(7.5)
+                r = await c.get(path)
+                out.append((r.status_code, r.headers["ratelimit"], r.headers.get("retry-after")))
+        return out
+
+    from_dependency = await fields("/dep")
+    clock.advance(3600)
+    assert await fields("/mw") == from_dependency
+    assert from_dependency[3] == (429, '"n";r=0;t=20', "20")
+    assert from_dependency[4] == (429, '"n";r=0;t=13', "13")

@@ -21,6 +21,7 @@ from ..context import (
 )
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
+from ..inbound.admission import quota_wait_s
 from ..policy import RateLimit
 from ..rejections import (
     problem_document,
@@ -112,10 +113,12 @@ class LimitDependency:
         # fields it is an sf-string (a character latin-1 lacks made every request a 500)
         advertised = sf_string_content(name)
         policy = policy_field(advertised, self.burst_size, self.tolerance_s)
-        reset = math.ceil(verdict.reset_s - 1e-9)
+        # `t` as the middleware's fields say it: seconds until more quota (until the
+        # request would be admitted, on a 429), so never past the Retry-After
+        t = math.ceil(quota_wait_s(verdict, spec) - 1e-9)
         fields = {
             "RateLimit-Policy": policy,
-            "RateLimit": f'"{advertised}";r={verdict.remaining};t={reset}',
+            "RateLimit": f'"{advertised}";r={verdict.remaining};t={t}',
         }
         if verdict.allowed:
             ctx.decide(
