@@ -41,6 +41,9 @@ _KEPT_HEADERS: Final = (
     b"retry-after",
     b"ratelimit",
     b"ratelimit-policy",
+    b"x-ratelimit-limit",
+    b"x-ratelimit-remaining",
+    b"x-ratelimit-reset",
     b"x-fidelity-retry",
     # marks a refusal of ours: a caller's breaker does not count it against us
     b"x-fidelity-decided-by",

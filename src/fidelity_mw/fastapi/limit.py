@@ -22,6 +22,7 @@ from ..context import (
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
 from ..inbound.admission import quota_wait_s
+from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
     problem_document,
@@ -115,11 +116,24 @@ class LimitDependency:
         policy = policy_field(advertised, self.burst_size, self.tolerance_s)
         # `t` as the middleware's fields say it: seconds until more quota (until the
         # request would be admitted, on a 429), so never past the Retry-After
-        t = math.ceil(quota_wait_s(verdict, spec) - 1e-9)
-        fields = {
-            "RateLimit-Policy": policy,
-            "RateLimit": f'"{advertised}";r={verdict.remaining};t={t}',
-        }
+        wait_s = quota_wait_s(verdict, spec)
+        if not verdict.allowed:
+            wait_s = min(wait_s, int(retry_after_header(verdict.retry_after_s)))
+        t = math.ceil(wait_s - 1e-9)
+        # the policy's `rate_limit_headers` (when) and `rate_limit_header_names` (which),
+        # as for the middleware's own limits
+        fields: dict[str, str] = {}
+        when = engine.policy.rate_limit_headers
+        names: str = engine.policy.rate_limit_header_names
+        if when == "never" or (verdict.allowed and when == "on_reject"):
+            names = ""
+        if names in ("ietf", "both"):
+            fields["RateLimit-Policy"] = policy
+            fields["RateLimit"] = f'"{advertised}";r={verdict.remaining};t={t}'
+        if names in ("x-ratelimit", "both"):
+            wall = engine.clock.wall()
+            for raw_name, raw_value in x_ratelimit_fields(spec, verdict.remaining, wait_s, wall):
+                fields[raw_name.decode()] = raw_value.decode()
         if verdict.allowed:
             ctx.decide(
                 LAYER_RATELIMIT,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from typing import Final
+from typing import Final, Protocol
 
 from ..context import (
     ALLOW,
@@ -41,14 +41,25 @@ logger: Final = logging.getLogger("fidelity_mw")
 _record: Final = tuple.__new__
 
 
+class FieldsFn(Protocol):
+    """What makes a response's rate-limit fields (`ratelimit_headers`, or another
+    set by `rate_limit_header_names`: inbound/xratelimit.py)."""
+
+    def __call__(
+        self, plan: RoutePlan, result: InboundResult, retry_after: int | None = None
+    ) -> list[tuple[bytes, bytes]]: ...
+
+
 class Admission:
     """Turns `StateStore.admit` answers (or its failure) into decisions and refusals."""
 
-    __slots__ = ("headers_mode", "on_error")
+    __slots__ = ("fields", "headers_mode", "on_error")
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, fields: FieldsFn | None = None) -> None:
         self.headers_mode = policy.rate_limit_headers
         self.on_error = policy.state.on_error
+        # the fields by `rate_limit_header_names` (xratelimit.fields_for); IETF's alone
+        self.fields: FieldsFn = fields if fields is not None else ratelimit_headers
 
     def verdict(
         self, ctx: DecisionContext, plan: RoutePlan, result: InboundResult, now: float
@@ -72,7 +83,7 @@ class Admission:
         if result.admitted:
             ctx._pending = (admission_decisions, plan, result, now)
             if plan.policy_header is not None and self.headers_mode == "always":
-                ctx.response_headers = ratelimit_headers(plan, result)
+                ctx.response_headers = self.fields(plan, result)
             return None
         admission_decisions(ctx, plan, result, now)
         worst = -1
@@ -87,7 +98,7 @@ class Admission:
         wait = retry_after_header(worst_wait)
         headers = [(b"retry-after", wait.encode())]
         if self.headers_mode != "never" and plan.policy_header is not None:
-            headers.extend(ratelimit_headers(plan, result, int(wait)))
+            headers.extend(self.fields(plan, result, int(wait)))
         body = problem_body(
             429,
             "Too Many Requests",

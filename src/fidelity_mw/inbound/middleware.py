@@ -46,6 +46,7 @@ from .watch import (
     ResponseWatcher,
     response_ends,
 )
+from .xratelimit import fields_for
 
 logger: Final = logging.getLogger("fidelity_mw")
 # The context variable's methods, bound once: a plain call per request (compiled, no
@@ -110,7 +111,12 @@ class FidelityMiddleware:
         self._wanted = reader.wanted
         self._uses_forwarding = reader.uses_forwarding
         self._limit_keys = reader.limit_keys
-        self._admission = admission = Admission(self.policy)
+        self._admission = admission = Admission(
+            self.policy, fields_for(self.policy.rate_limit_header_names, self.engine.clock.wall)
+        )
+        # the IETF fields alone (the default): called directly, a native call compiled
+        self._ietf_fields = self.policy.rate_limit_header_names == "ietf"
+        self._fields = admission.fields
         self._verdict = admission.verdict
         # the records of an allowed request, built when someone reads them
         # (an attribute: compiled, a field read, not a module lookup by name)
@@ -228,7 +234,11 @@ class FidelityMiddleware:
                         if result.admitted and (gate is None or gate.verdict != "reject"):
                             ctx._pending = (self._pending_builder, plan, result, now)
                             if plan.policy_header is not None and self._always_headers:
-                                ctx.response_headers = ratelimit_headers(plan, result)
+                                ctx.response_headers = (
+                                    ratelimit_headers(plan, result)
+                                    if self._ietf_fields
+                                    else self._fields(plan, result)
+                                )
                         else:
                             rejection = self._verdict(ctx, plan, result, now)
                     else:

@@ -30,6 +30,7 @@ KeyFunc = Callable[[Mapping[str, Any]], str | None]
 JITTER_MODES = ("full", "equal", "decorrelated", "none")
 FAILURE_MODES = ("local", "open", "closed")
 HEADER_MODES = ("always", "on_reject", "never")
+HEADER_NAMES = ("ietf", "x-ratelimit", "both")
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 CHARGE_MODES = ("served", "always")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
@@ -799,6 +800,9 @@ class Policy(_Validated):
     )
     rate_limit_headers: Literal["always", "on_reject", "never"] = _spec(
         "always", one_of(HEADER_MODES)
+    )
+    rate_limit_header_names: Literal["ietf", "x-ratelimit", "both"] = _spec(
+        "ietf", one_of(HEADER_NAMES)
     )
     schema_version: int = _spec(1, int_in(1, 1), toml="version")
 

@@ -128,8 +128,12 @@ DESCRIPTIONS: dict[str, str] = {
     "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
     "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
     "one passes a client-sent value of the other through untouched.",
-    "rate_limit_headers": "When responses carry the IETF `RateLimit` / `RateLimit-Policy` "
-    "fields: on every limited response, only on 429s, or never.",
+    "rate_limit_headers": "When responses carry the rate-limit fields: on every limited "
+    "response, only on 429s, or never.",
+    "rate_limit_header_names": "Which fields: the IETF `RateLimit` / `RateLimit-Policy` "
+    "(every advertised limit); `x-ratelimit`: `X-RateLimit-Limit`, `-Remaining` and "
+    "`-Reset` (Unix seconds) of the limit closest to refusing, as slowapi, GitHub and "
+    "many API clients use them; `both`.",
     # [state]
     "state.url": "`memory://` (process memory), `redis://`, `rediss://`, `unix://` "
     "(one Redis, exact fleet-wide), `tiered+redis://` / `tiered+rediss://` "
