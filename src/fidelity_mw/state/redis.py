@@ -55,6 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
@@ -609,7 +610,13 @@ class RedisStore(StateStore):
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
-        logger.warning("fidelity_mw: unexpected reply from redis (%s: %s)", type(exc).__name__, exc)
+        warn(
+            logger,
+            type(exc).__name__,
+            "fidelity_mw: unexpected reply from redis (%s: %s)",
+            type(exc).__name__,
+            exc,
+        )
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
@@ -618,7 +625,7 @@ class RedisStore(StateStore):
         ):
             # A bad reply to this call (a script error, OOM...): fall back for
             # this request, but Redis itself answered.
-            logger.warning("fidelity_mw: redis replied with an error: %s", exc)
+            warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
         health = self.health
         if health.up:
