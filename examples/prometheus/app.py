@@ -1,7 +1,8 @@
 """fidelity_mw's metrics for Prometheus to scrape, through OpenTelemetry's Prometheus reader.
 
     pip install 'fidelity-mw[prometheus]' uvicorn
-    uvicorn app:create_app --factory --port 8000      # the API, and /metrics
+    uvicorn app:create_app --factory --port 8000      # the API, and /metrics (one process:
+                                                      # no --workers, docs/operations.md)
     prometheus --config.file=prometheus.yml           # scrapes localhost:8000/metrics
 
 The meter provider is the app's own (`meter_provider=`), so nothing global is
