@@ -28,7 +28,7 @@ from fidelity_mw import (
     UpstreamConfig,
 )
 from fidelity_mw.admin import AdminApp
-from fidelity_mw.decide.breaker import FAILURE, OPEN
+from fidelity_mw.decide.breaker import FAILURE, OPEN, SUCCESS
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -282,6 +282,28 @@ async def test_redis_snapshot_reads_the_fleet_state(redis_url: str) -> None:
     assert 0.0 < key.backlog_s <= 2.0  # two units taken, refilling 1 per second
     [budget] = snap.budgets
     assert (budget.key, budget.requests, budget.retries) == ("budget:up", 1, 0)
+
+
+async def test_redis_snapshot_lists_a_breaker_that_never_tripped(redis_url: str) -> None:
+    """ops8 walkthrough: a breaker hash that only ever had its window written (no
+    transition, so no `st` field: the scripts read that as closed) was skipped as
+    "never written", so a busy, healthy route was missing from the page."""
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.snapshot import SnapshotConfigs
+
+    store = RedisStore(config=StateConfig(url=redis_url), rng=seeded_random(3))
+    breaker = BreakerConfig(min_calls=20)
+    try:
+        for _ in range(3):
+            result = await store.admit("route:/ok", breaker, [], [], 0.0)
+            assert result.gate is not None
+            await store.record("route:/ok", breaker, result.gate, SUCCESS, False, 0.0)
+        await store.admit("route:/ok", breaker, [], [], 0.0)  # carries the successes
+        snap = await store.snapshot(0.0, configs=SnapshotConfigs(breaker=lambda key: breaker))
+    finally:
+        await store.aclose()
+    [view] = snap.breakers
+    assert (view.key, view.state, view.calls, view.source) == ("route:/ok", "closed", 3, "redis")
 
 
 async def test_redis_snapshot_while_redis_is_down_shows_the_fallback() -> None:

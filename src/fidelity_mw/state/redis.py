@@ -1288,8 +1288,8 @@ class RedisStore(StateStore):
         for key in breaker_keys:
             fields, probes = replies[i], replies[i + 1]
             i += 2
-            if fields[0] is None:
-                continue  # expired or never written
+            if all(f is None for f in fields):
+                continue  # expired or never written (no `st` yet is a closed breaker)
             breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
         budgets = []
         for key in budget_keys:
@@ -1482,7 +1482,7 @@ def _redis_breaker_view(
     age: float,
 ) -> BreakerView:
     """A breaker hash (see lib.lua) aged to the server's `TIME`, as br_rotate would."""
-    state = _text(fields[0])
+    state = _text(fields[0]) if fields[0] is not None else "closed"  # as br_load reads it
     epoch = int(fields[1] or 0)
     open_until = float(fields[2] or 0.0)
     opened_at = float(fields[3] or 0.0)
