@@ -123,3 +123,39 @@ def test_redis_out_of_memory_logs_once_not_per_call(
     said = lines(caplog, "redis replied with an error")
     assert len(said) == 1
     assert "maxmemory" in said[0]
+
+
+def test_a_failing_key_function_and_observer_log_one_traceback_not_one_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """App code that fails on every request (a `key=` function reading a header some
+    clients omit, an observer whose exporter broke) logged a traceback per request."""
+
+    async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def tenant(scope: Any) -> str:
+        raise KeyError("x-tenant")
+
+    class BrokenObserver:
+        def start(self, ctx: Any, scope: Any) -> None:
+            raise RuntimeError("exporter gone")
+
+        def end(self, ctx: Any, scope: Any, token: Any) -> None:
+            raise RuntimeError("exporter gone")
+
+    policy = Policy(rate_limits=[RateLimit(name="per-tenant", rate="1000/s", key=tenant)])
+    mw = FidelityMiddleware(ok_app, policy=policy, clock=FakeClock(), observer=BrokenObserver())
+
+    async def run() -> list[int]:
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [(await client.get("/x")).status_code for _ in range(30)]
+
+    with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+        assert asyncio.run(run()) == [200] * 30
+    keyed = [r for r in caplog.records if "key function of 'per-tenant' failed" in r.getMessage()]
+    assert len(keyed) == 1
+    assert keyed[0].exc_info is not None  # the traceback, once
+    assert len(lines(caplog, "telemetry observer failed")) == 1

@@ -7,7 +7,9 @@ line each would be a log storm at the request rate, burying everything else in t
 log (and costing its pipeline) exactly when an operator reads it. So these sites
 log through `warn`: the first occurrence of a message (per logger, message and
 kind) at once, then at most one line per `INTERVAL_S` that says how many were left
-out since. The metrics and decision records still count every one.
+out since. The metrics and decision records still count every one. The same holds
+for code of the app's that fails on every request (a `key=` function, a telemetry
+observer): one traceback per interval, not one per request.
 """
 
 from __future__ import annotations
@@ -27,9 +29,17 @@ _seen: dict[tuple[str, str, str], list[float]] = {}
 clock: Callable[[], float] = time.monotonic  # tests swap it for a fake clock
 
 
-def warn(logger: logging.Logger, kind: str, msg: str, *args: object) -> bool:
-    """`logger.warning(msg, *args)`, or count it when the same (logger, msg, kind) was
-    logged less than `INTERVAL_S` ago. True when a line was logged."""
+def warn(
+    logger: logging.Logger,
+    kind: str,
+    msg: str,
+    *args: object,
+    level: int = logging.WARNING,
+    exc_info: bool = False,
+) -> bool:
+    """`logger.log(level, msg, *args, exc_info=exc_info)` (a warning by default; ERROR
+    with `exc_info` for what `logger.exception` logged), or count it when the same
+    (logger, msg, kind) was logged less than `INTERVAL_S` ago. True when logged."""
     key = (logger.name, msg, kind)
     now = clock()
     with _lock:
@@ -41,19 +51,30 @@ def warn(logger: logging.Logger, kind: str, msg: str, *args: object) -> bool:
             _seen.clear()
         _seen[key] = [now, 0.0]
     if entry is None:
-        logger.warning(
-            msg + " (repeats: at most one line per %g s, with a count)", *args, INTERVAL_S
+        logger.log(
+            level,
+            msg + " (repeats: at most one line per %g s, with a count)",
+            *args,
+            INTERVAL_S,
+            exc_info=exc_info,
         )
     elif entry[1]:
-        logger.warning(
+        logger.log(
+            level,
             msg + " (%d more like it in the last %.0f s, not logged)",
             *args,
             int(entry[1]),
             now - entry[0],
+            exc_info=exc_info,
         )
     else:
-        logger.warning(msg, *args)
+        logger.log(level, msg, *args, exc_info=exc_info)
     return True
+
+
+def exception(logger: logging.Logger, kind: str, msg: str, *args: object) -> bool:
+    """`logger.exception(msg, *args)` (ERROR, with the traceback), throttled like `warn`."""
+    return warn(logger, kind, msg, *args, level=logging.ERROR, exc_info=True)
 
 
 def error_kind(exc: BaseException) -> str:
