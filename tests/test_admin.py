@@ -190,6 +190,25 @@ async def test_refuses_non_loopback_clients_without_a_token(clock: FakeClock) ->
     assert spoofed.status_code == 403
 
 
+async def test_a_forwarded_request_is_not_a_loopback_one(clock: FakeClock) -> None:
+    """ops8 walkthrough: uvicorn with --forwarded-allow-ips '*' (usual behind a load
+    balancer) rewrites scope["client"] from X-Forwarded-For before the app sees it, so
+    any client sending `X-Forwarded-For: 127.0.0.1` got the token-less page (200 from
+    192.0.2.2 in the run). A request carrying a proxy's header came from elsewhere."""
+    admin = AdminApp(engine_with(clock))
+    for name, value in (
+        ("x-forwarded-for", "127.0.0.1"),
+        ("forwarded", "for=127.0.0.1"),
+        ("x-real-ip", "127.0.0.1"),
+    ):
+        refused = await get(admin, "/state.json", client_ip="127.0.0.1", headers={name: value})
+        assert refused.status_code == 403, name
+    # with a token, forwarded requests are served as before
+    admin = AdminApp(engine_with(clock), token=TOKEN)
+    headers = {"authorization": f"Bearer {TOKEN}", "x-forwarded-for": "10.1.2.3"}
+    assert (await get(admin, "/state.json", headers=headers)).status_code == 200
+
+
 async def test_token_is_required_from_every_client_once_set(clock: FakeClock) -> None:
     admin = AdminApp(engine_with(clock), token=TOKEN)
     assert (await get(admin, "/state.json")).status_code == 401  # even from loopback
