@@ -28,7 +28,7 @@ from fidelity_mw import (
     UpstreamConfig,
 )
 from fidelity_mw.admin import AdminApp
-from fidelity_mw.decide.breaker import FAILURE, OPEN
+from fidelity_mw.decide.breaker import FAILURE, OPEN, SUCCESS
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -190,6 +190,25 @@ async def test_refuses_non_loopback_clients_without_a_token(clock: FakeClock) ->
     assert spoofed.status_code == 403
 
 
+async def test_a_forwarded_request_is_not_a_loopback_one(clock: FakeClock) -> None:
+    """ops8 walkthrough: uvicorn with --forwarded-allow-ips '*' (usual behind a load
+    balancer) rewrites scope["client"] from X-Forwarded-For before the app sees it, so
+    any client sending `X-Forwarded-For: 127.0.0.1` got the token-less page (200 from
+    192.0.2.2 in the run). A request carrying a proxy's header came from elsewhere."""
+    admin = AdminApp(engine_with(clock))
+    for name, value in (
+        ("x-forwarded-for", "127.0.0.1"),
+        ("forwarded", "for=127.0.0.1"),
+        ("x-real-ip", "127.0.0.1"),
+    ):
+        refused = await get(admin, "/state.json", client_ip="127.0.0.1", headers={name: value})
+        assert refused.status_code == 403, name
+    # with a token, forwarded requests are served as before
+    admin = AdminApp(engine_with(clock), token=TOKEN)
+    headers = {"authorization": f"Bearer {TOKEN}", "x-forwarded-for": "10.1.2.3"}
+    assert (await get(admin, "/state.json", headers=headers)).status_code == 200
+
+
 async def test_token_is_required_from_every_client_once_set(clock: FakeClock) -> None:
     admin = AdminApp(engine_with(clock), token=TOKEN)
     assert (await get(admin, "/state.json")).status_code == 401  # even from loopback
@@ -282,6 +301,28 @@ async def test_redis_snapshot_reads_the_fleet_state(redis_url: str) -> None:
     assert 0.0 < key.backlog_s <= 2.0  # two units taken, refilling 1 per second
     [budget] = snap.budgets
     assert (budget.key, budget.requests, budget.retries) == ("budget:up", 1, 0)
+
+
+async def test_redis_snapshot_lists_a_breaker_that_never_tripped(redis_url: str) -> None:
+    """ops8 walkthrough: a breaker hash that only ever had its window written (no
+    transition, so no `st` field: the scripts read that as closed) was skipped as
+    "never written", so a busy, healthy route was missing from the page."""
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.snapshot import SnapshotConfigs
+
+    store = RedisStore(config=StateConfig(url=redis_url), rng=seeded_random(3))
+    breaker = BreakerConfig(min_calls=20)
+    try:
+        for _ in range(3):
+            result = await store.admit("route:/ok", breaker, [], [], 0.0)
+            assert result.gate is not None
+            await store.record("route:/ok", breaker, result.gate, SUCCESS, False, 0.0)
+        await store.admit("route:/ok", breaker, [], [], 0.0)  # carries the successes
+        snap = await store.snapshot(0.0, configs=SnapshotConfigs(breaker=lambda key: breaker))
+    finally:
+        await store.aclose()
+    [view] = snap.breakers
+    assert (view.key, view.state, view.calls, view.source) == ("route:/ok", "closed", 3, "redis")
 
 
 async def test_redis_snapshot_while_redis_is_down_shows_the_fallback() -> None:

@@ -95,3 +95,71 @@ def test_an_app_whose_import_fails_is_a_usage_error(
     assert "KeyError: 'DATABASE_URL'" in capsys.readouterr().err
     assert main(["map", "typo_app:app"]) == 2
     assert "SyntaxError" in capsys.readouterr().err
+
+
+_GLOB_APP = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from fidelity_mw import FidelityMiddleware, Policy
+
+
+async def ok(request):
+    return PlainTextResponse("ok")
+
+
+async def opaque(scope, receive, send):
+    await PlainTextResponse("ok")(scope, receive, send)
+
+
+POLICY = Policy.from_dict({
+    "rate_limit": [
+        {"name": "typo", "match": "/apu/*", "rate": "10/s"},
+        {"name": "items", "match": "/api/items/*", "rate": "10/s"},
+        {"name": "admin", "match": "/admin*", "rate": "10/s"},
+        {"name": "v2", "match": "/v2/*", "rate": "10/s"},
+    ],
+    "route": [{"match": "/healthz", "breaker": False}, {"match": "/health", "breaker": False}],
+})
+app = Starlette(routes=[
+    Route("/api/items/{item_id}", ok),
+    Route("/healthz", ok),
+    Mount("/v2", routes=[Route("/orders", ok)]),
+    Mount("/admin", app=opaque),
+])
+app.add_middleware(FidelityMiddleware, policy=POLICY)
+"""
+
+
+def test_a_glob_that_reaches_no_route_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """ops8 walkthrough: `match = "/apu/*"` for "/api/*" passes `check` and silently
+    limits nothing in production; the map of the app knows its routes and says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "glob_app.py").write_text(_GLOB_APP)
+    assert main(["map", "--format", "json", "glob_app:app"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    unmatched = {w["where"]: w["message"] for w in warnings if w["kind"] == "unmatched-glob"}
+    assert sorted(unmatched) == ["rate_limit[0]", "route[1]"]
+    assert "'/apu/*' reaches none of the app's routes" in unmatched["rate_limit[0]"]
+    assert "/api/items/x" in unmatched["rate_limit[0]"]
+
+
+def test_an_app_factory_gets_a_hint_not_only_no_fidelity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """`uvicorn app:create_app --factory` is how the Prometheus example runs; `map
+    app:create_app` mapped the function itself and said only "no FidelityMiddleware"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "factory_app.py").write_text(
+        _GLOB_APP.replace("app = Starlette(", "def create_app():\n    app = Starlette(", 1)
+        .replace("\napp.add_middleware", "\n    app.add_middleware")
+        .replace("\n])\n", "\n    ])\n")
+        + "    return app\n"
+    )
+    assert main(["map", "factory_app:create_app"]) == 0
+    out = capsys.readouterr().out
+    assert "no-fidelity" in out
+    assert "an app factory (uvicorn --factory)?" in out

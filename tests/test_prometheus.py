@@ -50,6 +50,34 @@ def example_app() -> Any:
     return module.create_app(policy=policy, registry=CollectorRegistry())
 
 
+def test_the_scrape_is_answered_while_redis_is_away_with_on_error_closed() -> None:
+    """ops8 walkthrough: the example's /metrics went through the route breaker, which with
+    Redis state and on_error = "closed" answers 503 while Redis is unreachable: the scrape
+    failed exactly when its fallback and breaker series were needed."""
+    import asyncio
+
+    from fidelity_mw.policy import StateConfig
+
+    spec = importlib.util.spec_from_file_location("prometheus_example_app", EXAMPLE / "app.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    down = StateConfig(
+        url="redis://127.0.0.1:1/0", on_error="closed", timeout_ms=50, connect_timeout_ms=50
+    )
+    app = module.create_app(policy=replace(module.POLICY, state=down), registry=CollectorRegistry())
+
+    async def scrape() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            orders = await client.get("/orders/1")
+            assert orders.status_code == 503  # the API itself fails closed, as configured
+            return [(await client.get("/metrics")).status_code for _ in range(2)]
+
+    assert asyncio.run(scrape()) == [200, 200]
+
+
 class Prometheus:
     """A prometheus server on a free loopback port, with its own config and storage."""
 

@@ -325,3 +325,22 @@ async def test_calls_outside_a_request_reach_the_decision_metrics() -> None:
     decisions = counter_values(p.metrics, "fidelity.decisions", schema.LAYER, schema.VERDICT)
     assert decisions.get(("retry", "retry")) == 1
     p.shutdown()
+
+
+def test_client_duration_hosts_are_bounded(otel: Pipeline) -> None:
+    """ops8 walkthrough: every distinct upstream host was a new series set of the
+    histogram (the SDK bounds nothing), so a service calling URLs its clients supply
+    (webhooks) grew its /metrics without end. Past MAX_CLIENT_HOSTS: `_OTHER`."""
+    from fidelity_mw.telemetry.metrics import MAX_CLIENT_HOSTS
+
+    for n in range(MAX_CLIENT_HOSTS + 50):
+        request = httpx.Request("GET", f"http://hook-{n}.example:8080/x")
+        token = otel.telemetry.attempt_start(ctx(), request, 1)
+        otel.telemetry.attempt_end(token, httpx.Response(200), None)
+    points = metric_points(otel.metrics, "http.client.request.duration")
+    hosts = {attrs["server.address"] for attrs, _ in points}
+    assert len(hosts) == MAX_CLIENT_HOSTS + 1
+    [other] = [(attrs, p) for attrs, p in points if attrs["server.address"] == "_OTHER"]
+    assert "server.port" not in other[0]
+    assert other[1].count == 50
+    assert sum(p.count for _, p in points) == MAX_CLIENT_HOSTS + 50  # every attempt counted

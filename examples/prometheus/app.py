@@ -1,7 +1,8 @@
 """fidelity_mw's metrics for Prometheus to scrape, through OpenTelemetry's Prometheus reader.
 
     pip install 'fidelity-mw[prometheus]' uvicorn
-    uvicorn app:create_app --factory --port 8000      # the API, and /metrics
+    uvicorn app:create_app --factory --port 8000      # the API, and /metrics (one process:
+                                                      # no --workers, docs/operations.md)
     prometheus --config.file=prometheus.yml           # scrapes localhost:8000/metrics
 
 The meter provider is the app's own (`meter_provider=`), so nothing global is
@@ -21,11 +22,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit, RouteConfig
 
 POLICY = Policy(
     rate_limits=[RateLimit(name="per-client", rate="50/s", burst=100, match="/orders/*")],
     breaker=BreakerConfig(consecutive_failures=3, open_s=30.0),
+    # The scrape asks no state: no breaker and no limit on it. With Redis state and
+    # on_error = "closed" it would otherwise be answered 503 while Redis is away,
+    # hiding the metrics of the outage itself.
+    routes=[RouteConfig(match="/metrics", breaker=False)],
 )
 
 

@@ -7,7 +7,7 @@ import importlib.resources
 import ipaddress
 import json
 import logging
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote, unquote_plus
 
 from .._types import Receive, Scope, Send
@@ -124,12 +124,13 @@ class AdminApp:
                 401, "Unauthorized", "this page needs its token", "admin-token"
             )
         client = scope.get("client")
-        if client and _loopback(client[0]):
+        if client and _loopback(client[0]) and not _forwarded(scope):
             return None
         return 403, problem_document(
             403,
             "Forbidden",
-            "only loopback clients may see this page unless it has a token",
+            "only loopback clients may see this page unless it has a token "
+            "(a request a proxy forwarded is not one)",
             "admin-loopback-only",
         )
 
@@ -158,6 +159,18 @@ class AdminApp:
             "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
         )
         await _send(send, 200, page.encode(), "text/html; charset=utf-8")
+
+
+# Headers a proxy adds. The server may already have turned one into scope["client"]
+# (uvicorn and hypercorn do for the peers in their forwarded-allow-ips: with '*' any
+# client's `X-Forwarded-For: 127.0.0.1` became a loopback peer), and a reverse proxy on
+# the same host makes every client a loopback peer: either way the request came from
+# somewhere else, so without a token it is refused.
+_FORWARDING: Final = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+
+
+def _forwarded(scope: Scope) -> bool:
+    return any(name in _FORWARDING for name, _ in scope.get("headers", ()))
 
 
 def _loopback(host: str) -> bool:

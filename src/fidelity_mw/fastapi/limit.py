@@ -11,6 +11,7 @@ from typing import Final, Protocol, cast
 from fastapi import Request, Response
 from starlette.requests import HTTPConnection
 
+from .._logs import warn
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
@@ -232,7 +233,13 @@ def decide_without_state(
 ) -> bool:
     """Record a decision taken without the store (it failed): `refuse` it or let it by,
     as `state.on_error` says. Returns `refuse`."""
-    logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+    warn(
+        logger,
+        type(exc).__name__,
+        "fidelity_mw: deciding without state (%s: %s)",
+        type(exc).__name__,
+        exc,
+    )
     ctx.decide(
         layer,
         subject,

@@ -11,6 +11,7 @@ import math
 import operator
 from typing import Final, Protocol
 
+from .._logs import warn
 from ..context import (
     ALLOW,
     LAYER_BREAKER,
@@ -112,7 +113,13 @@ class Admission:
         self, ctx: DecisionContext, plan: RoutePlan, exc: Exception, now: float
     ) -> Rejection | None:
         """The store (or our own code) failed: decide per `state.on_error`."""
-        logger.warning("fidelity_mw: deciding without state (%s: %s)", type(exc).__name__, exc)
+        warn(
+            logger,
+            type(exc).__name__,
+            "fidelity_mw: deciding without state (%s: %s)",
+            type(exc).__name__,
+            exc,
+        )
         closed = self.on_error == "closed"
         layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
         ctx._pending = None

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from .._logs import exception as log_exception
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
 from ..context import _CURRENT, DecisionContext
@@ -181,7 +182,7 @@ class FidelityMiddleware:
             try:
                 obs_token = observer.start(ctx, scope)
             except Exception:  # telemetry must never fail a request: go on without it
-                logger.exception("fidelity_mw: telemetry observer failed")
+                log_exception(logger, "start", "fidelity_mw: telemetry observer failed")
                 observer = None
         before_end = self._before_response_end if observer is not None else None
         in_bulkhead = False  # holds a slot of the route's bulkhead
@@ -336,7 +337,7 @@ class FidelityMiddleware:
                 try:
                     observer.end(ctx, scope, obs_token)
                 except Exception:
-                    logger.exception("fidelity_mw: telemetry observer failed")
+                    log_exception(logger, "end", "fidelity_mw: telemetry observer failed")
             try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
                 _reset_current(token)
             except ValueError:  # finalised in another context (a dropped coroutine):

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from .._logs import exception as log_exception
 from .._types import Scope
 from ..context import (
     ALLOW,
@@ -218,7 +219,9 @@ class RequestReader:
                 try:
                     custom = kind(scope)
                 except Exception:
-                    logger.exception("fidelity_mw: key function of %r failed", lim.name)
+                    log_exception(
+                        logger, lim.name, "fidelity_mw: key function of %r failed", lim.name
+                    )
                     custom = None
                 if custom is None:
                     if ip_ is None:

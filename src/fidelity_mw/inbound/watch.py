@@ -19,6 +19,7 @@ from typing import Any, Final, Protocol
 
 from starlette.requests import ClientDisconnect
 
+from .._logs import exception as log_exception
 from .._types import Message, Scope, Send
 from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
@@ -176,7 +177,7 @@ def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, tok
     try:
         hook(ctx, scope, token)
     except Exception:
-        logger.exception("fidelity_mw: telemetry observer failed")
+        log_exception(logger, "before_response_end", "fidelity_mw: telemetry observer failed")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from .._logs import warn
 from ..context import (
     ALLOW,
     GIVE_UP,
@@ -205,7 +206,9 @@ def deadline_passed(
 
 def store_failed(ctx: DecisionContext, up: Upstream, what: str, exc: Exception) -> bool:
     """A store operation failed: log it; True when the policy says to fail closed."""
-    logger.warning(
+    warn(
+        logger,
+        f"{up.key} {type(exc).__name__}",
         "fidelity_mw: outbound %s for %s without state (%s: %s)",
         what,
         up.key,

@@ -120,7 +120,9 @@ DESCRIPTIONS: dict[str, str] = {
     "`sheddable`), believed only from `trusted_peers`; unset: the route's `priority` alone.",
     "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
-    "is the client.",
+    'is the client. The peer is `scope["client"]`, which the server may already have '
+    "rewritten from `X-Forwarded-For` (uvicorn's `--forwarded-allow-ips`): with `'*'` "
+    "there, clients choose it (docs/operations.md, recommended settings).",
     "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
     "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
     "is recorded. Private and loopback networks by default.",

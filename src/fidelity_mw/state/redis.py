@@ -55,6 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
@@ -609,7 +610,13 @@ class RedisStore(StateStore):
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
-        logger.warning("fidelity_mw: unexpected reply from redis (%s: %s)", type(exc).__name__, exc)
+        warn(
+            logger,
+            type(exc).__name__,
+            "fidelity_mw: unexpected reply from redis (%s: %s)",
+            type(exc).__name__,
+            exc,
+        )
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
@@ -618,7 +625,7 @@ class RedisStore(StateStore):
         ):
             # A bad reply to this call (a script error, OOM...): fall back for
             # this request, but Redis itself answered.
-            logger.warning("fidelity_mw: redis replied with an error: %s", exc)
+            warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
         health = self.health
         if health.up:
@@ -1281,8 +1288,8 @@ class RedisStore(StateStore):
         for key in breaker_keys:
             fields, probes = replies[i], replies[i + 1]
             i += 2
-            if fields[0] is None:
-                continue  # expired or never written
+            if all(f is None for f in fields):
+                continue  # expired or never written (no `st` yet is a closed breaker)
             breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
         budgets = []
         for key in budget_keys:
@@ -1475,7 +1482,7 @@ def _redis_breaker_view(
     age: float,
 ) -> BreakerView:
     """A breaker hash (see lib.lua) aged to the server's `TIME`, as br_rotate would."""
-    state = _text(fields[0])
+    state = _text(fields[0]) if fields[0] is not None else "closed"  # as br_load reads it
     epoch = int(fields[1] or 0)
     open_until = float(fields[2] or 0.0)
     opened_at = float(fields[3] or 0.0)

@@ -34,6 +34,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
+from .._logs import error_kind, warn
 from .._types import Clock
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ class SyncLink:
             if isinstance(exc, MaxConnectionsError):
                 self._stats.pool_waits += 1
             else:
-                logger.warning("fidelity_mw: redis replied with an error: %s", exc)
+                warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
         self._paused_until = self._clock.monotonic() + _PAUSE_AFTER_ERROR_S
 

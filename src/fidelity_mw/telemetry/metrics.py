@@ -54,6 +54,12 @@ _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
 _MAX_CACHED: Final = 4096
 _MAX_SERIES: Final = 2048
 _MAX_PENDING: Final = 1024
+# Distinct (server.address, server.port) in http.client.request.duration; later hosts
+# are recorded as `_OTHER` (no port). A service that calls URLs its clients supply
+# (webhooks) would otherwise grow a histogram series set per host without end: the SDK
+# sets no limit of its own.
+MAX_CLIENT_HOSTS: Final = 256
+_OTHER: Final = "_OTHER"
 
 
 class BreakerSource(Protocol):
@@ -151,12 +157,14 @@ class Metrics:
             "Age of the shared state a decision was taken on (redis, cache, fallback).",
             STATE_AGE_BUCKETS,
         )
-        self.client_duration = _histogram(
-            meter,
-            s.METRIC_CLIENT_DURATION,
-            "s",
-            "Duration of HTTP client request attempts made through FidelityTransport.",
-            DURATION_BUCKETS,
+        self.client_duration = HostBoundHistogram(
+            _histogram(
+                meter,
+                s.METRIC_CLIENT_DURATION,
+                "s",
+                "Duration of HTTP client request attempts made through FidelityTransport.",
+                DURATION_BUCKETS,
+            )
         )
         owner_ref = weakref.ref(owner)
 
@@ -257,6 +265,27 @@ def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...], n: in
     if key not in counts and len(counts) >= _MAX_SERIES:
         key = (*key[:-1], "_other")  # bound the cardinality: fold the last attribute
     counts[key] = counts.get(key, 0) + n
+
+
+class HostBoundHistogram:
+    """A histogram whose `server.address` / `server.port` take at most
+    `MAX_CLIENT_HOSTS` distinct values; the hosts after that are recorded as
+    `server.address = "_OTHER"` without a port (spans keep the real host)."""
+
+    def __init__(self, histogram: Any) -> None:
+        self.histogram = histogram
+        self.hosts: set[tuple[Any, Any]] = set()
+
+    def record(self, amount: float, attributes: dict[str, Any]) -> None:
+        host = (attributes.get(s.SERVER_ADDRESS), attributes.get(s.SERVER_PORT))
+        hosts = self.hosts
+        if host not in hosts:
+            if len(hosts) >= MAX_CLIENT_HOSTS:
+                attributes = {k: v for k, v in attributes.items() if k != s.SERVER_PORT}
+                attributes[s.SERVER_ADDRESS] = _OTHER
+            else:
+                hosts.add(host)
+        self.histogram.record(amount, attributes)
 
 
 def _histogram(

@@ -67,6 +67,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_RETRY,
     PROBE,
+    RETRY,
     SHED,
     Decision,
     DecisionContext,
@@ -404,8 +405,9 @@ class BreakerWatch:
 
     def __init__(self) -> None:
         self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-        # breaker states seen in decisions, for stores we cannot read directly
-        self.seen: dict[str, str] = {}
+        # breaker states seen in decisions, for stores we cannot read directly:
+        # (subject, scope) -> state, scope "route" or "upstream"
+        self.seen: dict[tuple[str, str], str] = {}
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
@@ -428,9 +430,9 @@ class BreakerWatch:
                 if isinstance(state, str) and subject:
                     states[(subject, "route" if kind == "route" else "upstream")] = state
         known = {subject for subject, _ in states}
-        for subject, state in list(self.seen.items()):
+        for (subject, kind), state in list(self.seen.items()):
             if subject not in known:
-                states[(subject, "")] = state
+                states[(subject, kind)] = state
         out = []
         for (subject, kind), state in states.items():
             for candidate in _BREAKER_STATES:
@@ -656,7 +658,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(ctx, decisions, summary)
         if not readable:
-            self._note_breakers(decisions)
+            self._note_breakers(decisions, ctx.route)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, summary: Summary) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -896,7 +898,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(None, decisions, summarize(decisions))
         if not readable:
-            self._note_breakers(decisions)
+            self._note_breakers(decisions, None)
 
     # ------------------------------------------------------------ privacy
 
@@ -925,17 +927,42 @@ class Telemetry:
             self._last_readable = isinstance(getattr(engine.store, "breakers", None), Mapping)
         return self._last_readable
 
-    def _note_breakers(self, decisions: Sequence[Decision]) -> None:
-        """Remember the breaker states decisions reveal (for stores we cannot read)."""
+    def _note_breakers(self, decisions: Sequence[Decision], route: str | None) -> None:
+        """Remember the breaker states decisions reveal (for stores we cannot read).
+
+        `route`: the request's route (its route breaker's decisions have it as their
+        subject), None for an outbound call outside any request. An outbound attempt
+        records no breaker decision when the host breaker let it through closed (only
+        a probe or a refusal does), so an attempt sent to an upstream whose breaker
+        was last seen open or half-open, without a probe of its own, reveals that it
+        closed: without this the gauge stayed on `open` after the upstream recovered,
+        and the breaker-open alert with it."""
         seen = self._breakers.seen
+        probed = ""
         for d in decisions:
-            if d.layer != LAYER_BREAKER:
+            layer = d.layer
+            if layer == LAYER_RETRY:
+                key = (d.subject, "upstream")
+                if (
+                    d.verdict in (ALLOW, RETRY)
+                    and d.subject != probed
+                    and seen.get(key, "closed") != "closed"
+                ):
+                    seen[key] = "closed"
+                probed = ""
+                continue
+            if layer != LAYER_BREAKER:
                 continue
             state = _state_of(d)
             if state is None and d.verdict in (GIVE_UP, SHED, "reject"):
                 state = "open" if d.reason == "breaker_open" or d.verdict == SHED else None
-            if state is not None and (d.subject in seen or len(seen) < _MAX_SUBJECTS):
-                seen[d.subject] = state
+            # a probe's attempt decision follows it: that attempt proves nothing yet
+            probed = d.subject if d.verdict == PROBE else ""
+            if state is None:
+                continue
+            key = (d.subject, "route" if d.subject == route else "upstream")
+            if key in seen or len(seen) < _MAX_SUBJECTS:
+                seen[key] = state
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise

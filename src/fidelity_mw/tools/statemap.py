@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..decide.balance import EWMA_TAU_S
 from ..policy import BreakerConfig, HedgeConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
-from ..policy.model import redact_url
+from ..policy.model import glob_matches, redact_url
 
 # ---------------------------------------------------------------- the model
 
@@ -1071,6 +1072,81 @@ def _redis_retries(client: Any) -> tuple[int, str]:
     return retries, backoff
 
 
+_PARAM = re.compile(r"\{[^}]*\}")
+
+
+def _served(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, bool]]:
+    """(path, is_prefix) for every route the app serves: a route's full path with its
+    parameters filled in, or a mount of an app without routes of its own (anything
+    under it may be served)."""
+    from ..routes import flat_routes
+
+    out: list[tuple[str, bool]] = []
+    for route in flat_routes(routes or []):
+        path = prefix + str(getattr(route, "path", "") or "")
+        if hasattr(route, "routes"):  # Mount / Host
+            sub = getattr(route, "routes", None)
+            if sub and depth < 16:
+                out += _served(sub, path, depth + 1)
+            else:
+                out.append((path, True))
+        else:
+            out.append((_PARAM.sub("x", path), False))
+    return out
+
+
+def _reaches(glob: str, served: list[tuple[str, bool]]) -> bool:
+    literal = re.split(r"[*?]", glob, maxsplit=1)[0]
+    for path, is_prefix in served:
+        if is_prefix:
+            if literal.startswith(path) or path.startswith(literal):
+                return True
+        elif glob_matches(glob, path):
+            return True
+    return False
+
+
+def _unmatched_globs(policy: Policy, apps: list[Any]) -> list[MapWarning]:
+    """Rate limits and [[route]] entries whose `match` reaches none of the app's routes:
+    a typo there (`/apu/*`) passes `check` and silently limits nothing."""
+    served = [s for app in apps for s in _served(getattr(app, "routes", None))]
+    if not served:
+        return []
+    shown = ", ".join(sorted({path + ("/..." if p else "") for path, p in served})[:8])
+    out = []
+    entries = [
+        (f"rate_limit[{i}]", f"limit {lim.name!r}", lim.match)
+        for i, lim in enumerate(policy.rate_limits)
+    ] + [
+        (f"route[{i}]", "route" + (f" {cfg.name!r}" if cfg.name else ""), cfg.match)
+        for i, cfg in enumerate(policy.routes)
+    ]
+    for where, what, glob in entries:
+        if not _reaches(glob, served):
+            out.append(
+                MapWarning(
+                    "unmatched-glob",
+                    where,
+                    f"{what}: match {glob!r} reaches none of the app's routes ({shown}): "
+                    "it applies only to requests the app answers 404. A typo?",
+                )
+            )
+    return out
+
+
+def _looks_like_a_factory(obj: Any) -> bool:
+    """A plain function callable without arguments: not an ASGI app (that takes three)."""
+    if not inspect.isfunction(obj) or inspect.iscoroutinefunction(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
 def from_app(target: str) -> StateMap:
     """Import `module:app`, walk its stack and clients, and map what it finds."""
     module, app = load_target(target)
@@ -1100,13 +1176,14 @@ def from_app(target: str) -> StateMap:
     )
     warnings: list[MapWarning] = []
     if not policies:
-        warnings.append(
-            MapWarning(
-                "no-fidelity",
-                target,
-                "no FidelityMiddleware in the middleware stack: no inbound layer is mapped.",
+        message = "no FidelityMiddleware in the middleware stack: no inbound layer is mapped."
+        if _looks_like_a_factory(app):
+            message += (
+                f" {target} is a function that takes no arguments: an app factory "
+                "(uvicorn --factory)? Map the app it builds: a module with "
+                "`app = create_app()`."
             )
-        )
+        warnings.append(MapWarning("no-fidelity", target, message))
     elif len(policies) > 1:
         warnings.append(
             MapWarning(
@@ -1147,6 +1224,8 @@ def from_app(target: str) -> StateMap:
                     "ASGI middleware.",
                 )
             )
+    if policy is not None:
+        warnings += _unmatched_globs(policy, walk.apps)
     smap.warnings = warnings + walk.warnings
     return smap
 
