@@ -43,6 +43,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import ResponseError
+
 from .._types import Clock, RandomSource
 from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
@@ -74,6 +76,7 @@ class Slice:
         "blocked_until",
         "burst_units",
         "demand",
+        "failed",
         "pending",
         "rate",
         "ready_at",
@@ -110,6 +113,9 @@ class Slice:
         self.rate = 0.0  # units/s over the last full window
         self.used_at = now  # the last time a request asked for units
         self.pending: asyncio.Future[Any] | None = None
+        # The last sync failed this key alone (its Redis key holds a value that is
+        # not ours): a request leases for it once, then is decided exactly.
+        self.failed = False
 
     def roll(self, now: float, window_s: float) -> None:
         """Close the demand window once it spans an interval: its rate becomes `rate`."""
@@ -429,6 +435,11 @@ class TieredStore(StateStore):
         gate: Gate | None = None
         age = 0.0
         if cb is not None:
+            if refresh is not None and now - cb.synced_at > sync_s:
+                # Its refresh failed alone (its Redis key holds a value that is not
+                # ours): decided exactly, as in exact mode (where it falls back).
+                self.stats.delegated += 1
+                return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
             if cb.state == CLOSED:
                 gate = cb.closed_gate
             elif now < cb.open_until:
@@ -685,13 +696,15 @@ class TieredStore(StateStore):
         needed fetching after all, or -1.0 if Redis failed.
         """
         age = 0.0
-        for _ in range(3):
+        for attempt in range(3):
             now = self._clock.monotonic()
             slices = self.slices
             need = [
                 k
                 for k in keys
-                if slices[k].tokens < slices[k].spec.cost and slices[k].blocked_until <= now
+                if slices[k].tokens < slices[k].spec.cost
+                and slices[k].blocked_until <= now
+                and not (attempt and slices[k].failed)  # its lease failed: no second try
             ]
             waits = [slices[k].pending for k in need if slices[k].pending is not None]
             fetch = [k for k in need if slices[k].pending is None]
@@ -837,7 +850,7 @@ class TieredStore(StateStore):
         reply, age = got
         try:
             _check_sync_reply(reply, len(flushed), len(limits))
-            self._apply_sync(reply, age, flushed, limits)
+            self._apply_sync(reply, age, flushed, flushed_calls, limits)
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             exact._bad_reply(exc)
             # Whether Redis counted them is unknown: counted as dropped, never resent
@@ -850,11 +863,23 @@ class TieredStore(StateStore):
         reply: Sequence[Any],
         age: float,
         flushed: Sequence[CachedBreaker],
+        flushed_calls: Sequence[int],
         limits: Sequence[tuple[str, LimitSpec, int, int]],
     ) -> None:
+        """sync.lua's reply, applied. A breaker or key it failed alone (its Redis key
+        holds a value that is not ours) is left as it was, as if it had not been in the
+        call: a request on it then goes to the exact store, which fails that request
+        alone, as in exact mode. The failed breaker's outcomes are lost like a failed
+        record's; units given back to a failed key were not taken back."""
         now = self._clock.monotonic()
+        exact = self.exact
         i = 1
-        for cb in flushed:
+        for cb, calls in zip(flushed, flushed_calls, strict=True):
+            if _failed_entry(reply[i]):
+                exact._failed(ResponseError(_text(reply[i])[1:]))
+                exact.stats.dropped_records += calls
+                i += 3
+                continue
             cb.state = _text(reply[i])
             cb.learn_epoch(int(reply[i + 1]))
             cb.open_until = now - age + float(reply[i + 2])
@@ -863,12 +888,19 @@ class TieredStore(StateStore):
         sync_s = self.sync_s
         asked_at = now - 2.0 * age  # when the call started: the earliest the server read
         for key, spec, _give, want in limits:
+            sl = self.slices.get(key)
+            if _failed_entry(reply[i]):
+                exact._failed(ResponseError(_text(reply[i])[1:]))
+                if sl is not None:
+                    sl.failed = True
+                i += 4
+                continue
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
             first = float(reply[i + 3])
             i += 4
-            sl = self.slices.get(key)
             if sl is None:
                 continue
+            sl.failed = False
             # Units that all conform already are usable at once (whatever time base
             # the caller's `now` uses). Otherwise unit j conforms at `now` + `first` +
             # j x interval, `first` <= 0 when the first ones conform already: the
@@ -1072,11 +1104,18 @@ def _text(value: Any) -> str:
 _BREAKER_STATES: Final = frozenset((CLOSED, OPEN, HALF_OPEN))
 
 
+def _failed_entry(value: Any) -> bool:
+    """A breaker's or key's first value in sync.lua's reply says it failed alone ("!")."""
+    return isinstance(value, bytes | str) and value[:1] in (b"!", "!")
+
+
 def _check_sync_reply(reply: Any, breakers: int, limits: int) -> None:
     """sync.lua's reply, before any of it is applied: the server time, 3 values per
-    breaker and 4 per limit key; each breaker's state one of the three."""
+    breaker and 4 per limit key; each breaker's state one of the three (or "!" and an
+    error's text: that breaker failed alone)."""
     if not isinstance(reply, list | tuple) or len(reply) != 1 + 3 * breakers + 4 * limits:
         raise ValueError(f"not a sync reply for {breakers} breakers and {limits} keys")
     for j in range(breakers):
-        if _text(reply[1 + 3 * j]) not in _BREAKER_STATES:
+        state = reply[1 + 3 * j]
+        if _text(state) not in _BREAKER_STATES and not _failed_entry(state):
             raise ValueError(f"breaker state {reply[1 + 3 * j]!r}")

@@ -1,0 +1,123 @@
+"""Defects an eighth review found.
+
+1. One key of a tiered sync holding a value that is not ours (WRONGTYPE) failed the
+   whole `sync.lua` call: every request of the tick that waited for that lease or
+   breaker refresh fell back, and every periodic sync of the instance failed while
+   the key stayed in its tables, so every other slice ran dry and every cached
+   breaker went stale. Now, as in `batch.lua`, it fails that key alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from fidelity_mw.decide.breaker import FAILURE
+from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import seeded_random
+from redis_server import PATIENT, QUIET
+
+pytestmark = pytest.mark.anyio
+
+BURST8 = LimitSpec("l", 60.0, 480.0, 1, False)  # 1/min, burst 8: no refill during a test
+
+
+def _tiered(url: str, **state: Any) -> TieredStore:
+    config = StateConfig(
+        url="tiered+" + url, sync_interval_ms=1_000, **{**PATIENT, **QUIET, **state}
+    )  # type: ignore[arg-type]
+    return TieredStore(config=config, rng=seeded_random(8))
+
+
+# ------------------------------------- 1. one foreign-typed key in a tiered sync
+
+
+@pytest.mark.redis
+async def test_a_foreign_limit_key_fails_only_its_own_lease(
+    redis_url: str, redis_server: Any
+) -> None:
+    """Three requests of one tick share a lease call; the second one's bucket key holds a
+    hash. The other two are leased for and decided (source redis); the second falls back,
+    as it would in exact mode. Before, the whole lease failed: all three fell back."""
+    store = _tiered(redis_url)
+    keys = ["l|a", "l|b", "l|c"]
+    with redis_server.client() as client:
+        client.hset(store.exact.key("rl", "l|b"), "foreign", "1")
+    try:
+        now = store._clock.monotonic()
+        got = await asyncio.gather(*(store.admit(None, None, [k], [BURST8], now) for k in keys))
+        assert [(r.source, r.admitted) for r in got] == [
+            ("redis", True),
+            ("fallback", True),
+            ("redis", True),
+        ]
+        # one shared lease; the foreign key was not leased for again, but decided exactly
+        assert (store.stats.leases, store.stats.delegated) == (1, 1)
+        # the healthy slices were leased for: later requests are decided on them
+        now = store._clock.monotonic()
+        again = [store.admit_now(None, None, [k], [BURST8], now) for k in ("l|a", "l|c")]
+        assert [(r.source, r.admitted) if r else None for r in again] == [("cache", True)] * 2
+        # a periodic sync with the foreign key in it still syncs the others
+        before = {k: store.slices[k].synced_at for k in keys}
+        errors = store.exact.stats.errors
+        await store._sync_all(store._clock.monotonic())
+        assert [store.slices[k].synced_at > before[k] for k in keys] == [True, False, True]
+        assert store.exact.stats.errors == errors + 1  # the foreign key, said once
+    finally:
+        await store.aclose()
+    assert store.exact.health.up  # an error reply, not an outage
+
+
+@pytest.mark.redis
+async def test_a_foreign_breaker_key_fails_only_its_own_route(
+    redis_url: str, redis_server: Any
+) -> None:
+    """Two routes' breakers refreshed by one call; one route's breaker hash key holds a
+    string. The other route is decided on its fresh copy; the broken one falls back."""
+    store = _tiered(redis_url)
+    cfg = BreakerConfig()
+    with redis_server.client() as client:
+        client.set(store.exact.key("br", "route:/bad"), "not a hash")
+    try:
+        good, bad = await asyncio.gather(
+            store.admit("route:/ok", cfg, ["l|a"], [BURST8], store._clock.monotonic()),
+            store.admit("route:/bad", cfg, ["l|b"], [BURST8], store._clock.monotonic()),
+        )
+        assert (good.source, good.admitted, good.gate.verdict) == ("redis", True, "allow")  # type: ignore[union-attr]
+        assert bad.source == "fallback"
+        assert store.breakers["route:/ok"].epoch == 0  # learned from Redis
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.redis
+async def test_a_periodic_sync_applies_the_other_breakers_outcomes(
+    redis_url: str, redis_server: Any
+) -> None:
+    """Outcomes counted on two cached breakers; one breaker's key is then overwritten by a
+    string. The sync applies the other's outcomes in Redis and counts the broken one's as
+    dropped (as a failed record's). Before, both were lost with the whole call."""
+    store = _tiered(redis_url)
+    cfg = BreakerConfig(min_calls=100)
+    try:
+        for route in ("route:/ok", "route:/bad"):
+            result = await store.admit(route, cfg, (), (), store._clock.monotonic())
+            assert result.gate is not None
+            for _ in range(3):
+                store.record_now(route, cfg, result.gate, FAILURE, False, 0.0)
+        with redis_server.client() as client:
+            client.set(store.exact.key("br", "route:/bad"), "not a hash")
+        dropped = store.exact.stats.dropped_records
+        await store._sync_all(store._clock.monotonic() + 0.6)
+        assert store.exact.stats.dropped_records == dropped + 3
+        with redis_server.client() as client:
+            window = client.hget(store.exact.key("br", "route:/ok"), "w")
+        assert window is not None
+        assert sum(int(n) for n in window.split(b",")[0::3]) == 3  # the three calls
+        assert store.breakers["route:/ok"].calls == 0  # sent
+    finally:
+        await store.aclose()
