@@ -5,6 +5,9 @@
    breaker refresh fell back, and every periodic sync of the instance failed while
    the key stayed in its tables, so every other slice ran dry and every cached
    breaker went stale. Now, as in `batch.lua`, it fails that key alone.
+2. `fidelity-mw demo --redis notaurl` exited 1 as a policy error, and `--redis memory://`
+   or a URL with a port that is no number ended in a traceback: a malformed argument
+   is a usage error (exit 2, `argument --redis: ...`).
 """
 
 from __future__ import annotations
@@ -121,3 +124,29 @@ async def test_a_periodic_sync_applies_the_other_breakers_outcomes(
         assert store.breakers["route:/ok"].calls == 0  # sent
     finally:
         await store.aclose()
+
+
+# ------------------------------- 2. `fidelity-mw demo --redis` with a malformed URL
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "argument --redis: 'notaurl' is not a Redis URL"),
+        ("memory://", "argument --redis: memory://: in-memory state is what the demo runs on"),
+        ("redis://u:pw@host:notaport/0", "argument --redis: redis://u:***@host:notaport/0: Port"),
+        ("redis://host:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_malformed_demo_redis_url_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], url: str, said: str
+) -> None:
+    """Before: "notaurl" exited 1 as a policy error; "memory://" and a non-numeric port
+    ended in a traceback (exit 1) from the client built for the PING."""
+    from fidelity_mw.tools.cli import EXIT_USAGE, main
+
+    assert main(["demo", "--redis", url, "--duration", "4"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert said in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
