@@ -8,6 +8,9 @@
 2. `fidelity-mw demo --redis notaurl` exited 1 as a policy error, and `--redis memory://`
    or a URL with a port that is no number ended in a traceback: a malformed argument
    is a usage error (exit 2, `argument --redis: ...`).
+3. The loop clock behind stale shedding (a 1 ms heartbeat) was one per middleware: an
+   app of several FidelityMiddleware instances ran that many timers, each with its own
+   bound. Now one per event loop (and time source), shared.
 """
 
 from __future__ import annotations
@@ -150,3 +153,73 @@ def test_a_malformed_demo_redis_url_is_a_usage_error(
     assert said in captured.err
     assert "Traceback" not in captured.err
     assert captured.out == ""
+
+
+# ------------------------- 3. the loop clock's heartbeat: one per event loop, not per app
+
+
+def _heartbeats(calls: list[Any]) -> set[int]:
+    """The distinct loop clocks that scheduled a heartbeat tick, from recorded call_later
+    calls."""
+    from fidelity_mw.inbound.bulkhead import LoopClock
+
+    return {
+        id(cb.__self__) for _delay, cb in calls if getattr(cb, "__func__", None) is LoopClock._tick
+    }
+
+
+async def test_two_middlewares_on_one_loop_share_one_loop_heartbeat(
+    clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two FidelityMiddleware instances (two mounted apps) with stale shedding on one
+    event loop, both pacing: one 1 ms heartbeat, one answer to "when did the loop last
+    read its sockets". Before, each instance ran its own timer (N per loop) and each
+    bound came from its own ticks."""
+    from fidelity_mw import Policy
+    from fidelity_mw.policy import ConcurrencyConfig
+    from test_bulkhead import Service
+
+    loop = asyncio.get_running_loop()
+    calls: list[Any] = []
+    real = loop.call_later
+
+    def call_later(delay: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((delay, callback))
+        return real(delay, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_later", call_later)
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, shed_stale=True),
+    )
+    services = [Service(policy, clock, work_s=0.01) for _ in range(2)]
+    for svc in services:
+        svc.busy_after_s = 0.008  # the loop lags: pacing, and the heartbeat starts
+        for _ in range(25):
+            assert (await svc.client.get("/w")).status_code == 200
+            await asyncio.sleep(0)
+        assert svc.mw.engine.bulkheads["/w"].pacing
+    first, second = (svc.mw._bulkheads.loop_clock() for svc in services)
+    assert first is second
+    assert len(_heartbeats(calls)) == 1
+    handle = first._handle
+    assert handle is not None
+    handle.cancel()
+
+
+async def test_each_event_loop_has_its_own_loop_clock() -> None:
+    from fidelity_mw.inbound.bulkhead import loop_clock
+    from fidelity_mw.testing import FakeClock
+
+    fake = FakeClock()
+    here = loop_clock(fake.monotonic)
+    assert loop_clock(fake.monotonic) is here
+    assert loop_clock(FakeClock().monotonic) is not here  # another clock: its own
+
+    def elsewhere() -> Any:
+        async def get() -> Any:
+            return loop_clock(fake.monotonic)
+
+        return asyncio.run(get())
+
+    assert await asyncio.to_thread(elsewhere) is not here
