@@ -537,8 +537,11 @@ class TieredStore(StateStore):
                 sl.spec is spec or sl.spec == spec._replace(credit_s=sl.spec.credit_s)
             ):
                 sl.put_back(spec.cost)  # leased units, unspent after all
-            elif not sliced or source != SOURCE_CACHE:
+            elif not sliced:
                 exact.append(i)
+            # (a slice's unit whose slice has gone, or changed its limit: nowhere to go,
+            # whatever the source said; the bucket in Redis would take none of it back
+            # and only earn the key retry credit a slice's unit never earns)
         if exact:
             await self.exact.refund(
                 [limit_keys[i] for i in exact],
