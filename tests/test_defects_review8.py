@@ -11,6 +11,9 @@
 3. The loop clock behind stale shedding (a 1 ms heartbeat) was one per middleware: an
    app of several FidelityMiddleware instances ran that many timers, each with its own
    bound. Now one per event loop (and time source), shared.
+4. A refund of a tiered request whose unit came from a slice after a lease (source
+   redis) went to Redis when the slice had gone meanwhile: a call that gave nothing
+   back and earned the key retry credit, which a slice's unit never earns.
 """
 
 from __future__ import annotations
