@@ -14,6 +14,9 @@
 4. A refund of a tiered request whose unit came from a slice after a lease (source
    redis) went to Redis when the slice had gone meanwhile: a call that gave nothing
    back and earned the key retry credit, which a slice's unit never earns.
+5. A limit name that routes share with a cost each (`Depends(fidelity.limit(...,
+   name=..., cost=...))`) replaced the tiered slice on every change of cost: the held
+   units stranded in no slice and a lease per request.
 """
 
 from __future__ import annotations
@@ -255,5 +258,32 @@ async def test_a_refund_of_a_slice_unit_after_its_slice_went_earns_no_credit_in_
             stored = client.get(store.exact.key("rl", "l|r"))
         assert stored is not None
         assert len(stored.split()) <= 2  # "TAT" or "TAT R": no credit fields
+    finally:
+        await store.aclose()
+
+
+# ------------ part 2: one limit name, routes with a cost each, on tiered state
+
+
+@pytest.mark.redis
+async def test_requests_of_several_costs_share_one_slice(redis_url: str) -> None:
+    """`Depends(fidelity.limit(..., name="api", cost=...))` on two routes with a cost
+    each: one bucket. Alternating requests of cost 1 and 2 on one key, burst 40, no
+    refill: every unit of the bucket is admitted or still held, in a few leases.
+    Before, each change of cost replaced the slice: its units stranded (21 of 40 units
+    admitted, none held) and a lease per request (41 round trips for 40 requests)."""
+    store = _tiered(redis_url)
+    one = LimitSpec("api", 60.0, 60.0 * 40, 1, False)
+    two = LimitSpec("api", 60.0, 60.0 * 40, 2, False)
+    units = 0
+    try:
+        for i in range(40):
+            spec = one if i % 2 == 0 else two
+            now = store._clock.monotonic()
+            result = await store.admit(None, None, ["api|c"], [spec], now)
+            units += spec.cost if result.admitted else 0
+        held = store.slices["api|c"].tokens
+        assert units + held == 40
+        assert store.round_trips <= 10
     finally:
         await store.aclose()

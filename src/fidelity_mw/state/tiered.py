@@ -319,7 +319,7 @@ class TieredStore(StateStore):
             sl = slices.get(limit_keys[0])
             if (
                 sl is None
-                or (sl.spec is not spec and sl.spec != spec)
+                or (sl.spec is not spec and not _same_bucket(sl.spec, spec))
                 or (sl.tokens < spec.cost and sl.blocked_until <= now)
             ):
                 return None
@@ -328,7 +328,7 @@ class TieredStore(StateStore):
                 held = slices.get(key)
                 if (
                     held is None
-                    or (held.spec is not spec and held.spec != spec)
+                    or (held.spec is not spec and not _same_bucket(held.spec, spec))
                     or (held.tokens < spec.cost and held.blocked_until <= now)
                 ):
                     return None
@@ -415,8 +415,12 @@ class TieredStore(StateStore):
         wanted: list[str] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
-            if sl is None or sl.spec != spec:
+            if sl is None or not _same_bucket(sl.spec, spec):
                 sl = slices[key] = Slice(spec, now)
+            elif spec.cost > sl.spec.cost:
+                # One bucket, requests of several costs (a limit name shared by routes
+                # with a cost each): the slice leases at least the largest at a time.
+                sl.spec = spec
             # count the demand (inline: this loop is the per-request cost of tiered mode)
             if now - sl.window_start >= sync_s:
                 sl.roll(now, sync_s)
@@ -533,9 +537,7 @@ class TieredStore(StateStore):
             )
             sl = self.slices.get(key) if sliced else None
             # the same limit (a refund that earns no retry credit says credit_s 0)
-            if sl is not None and (
-                sl.spec is spec or sl.spec == spec._replace(credit_s=sl.spec.credit_s)
-            ):
+            if sl is not None and (sl.spec is spec or _same_bucket(sl.spec, spec)):
                 sl.put_back(spec.cost)  # leased units, unspent after all
             elif not sliced:
                 exact.append(i)
@@ -1098,6 +1100,15 @@ class TieredStore(StateStore):
             notes=("breakers and slices as this instance last synced them",),
             layers=(exact,),
         )
+
+
+def _same_bucket(held: LimitSpec, spec: LimitSpec) -> bool:
+    """Units of one bucket: a slice serves every request on its key whose limit has the
+    same rate and burst, whatever its cost (per request), retry credit (earned in Redis)
+    or shadow flag. (Compared as a whole, a limit name that routes share with a cost
+    each replaced the slice on every change of cost: its units stranded, a lease per
+    request.)"""
+    return held.interval_s == spec.interval_s and held.tolerance_s == spec.tolerance_s
 
 
 def _text(value: Any) -> str:
