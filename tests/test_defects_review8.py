@@ -17,6 +17,8 @@
 5. A limit name that routes share with a cost each (`Depends(fidelity.limit(...,
    name=..., cost=...))`) replaced the tiered slice on every change of cost: the held
    units stranded in no slice and a lease per request.
+6. A process that reaches Redis only through the blocking client (FidelitySyncTransport)
+   dated its fallback decisions from the store's start, not from Redis's last reply.
 """
 
 from __future__ import annotations
@@ -287,3 +289,36 @@ async def test_requests_of_several_costs_share_one_slice(redis_url: str) -> None
         assert store.round_trips <= 10
     finally:
         await store.aclose()
+
+
+# ----------- part 2: the age of a sync caller's fallback decision (FidelitySyncTransport)
+
+
+@pytest.mark.redis
+def test_a_sync_callers_fallback_age_counts_from_its_last_reply(own_redis: Any) -> None:
+    """A process that reaches Redis only through the blocking client (a worker thread's
+    FidelitySyncTransport): its fallback decisions say how long ago Redis last answered.
+    Before, only the asyncio client's replies counted, so the age was the time since
+    the store started (here 100 s, not 2)."""
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.testing import FakeClock
+
+    clock = FakeClock()
+    config = StateConfig(url=own_redis.url, **{**PATIENT, **QUIET})  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(8), clock=clock)
+    cfg = BreakerConfig()
+    try:
+        clock.advance(98.0)
+        gate, allowed, source, _age = store.outbound_gate_sync(
+            "upstream:a", cfg, None, None, False, clock.monotonic()
+        )
+        assert (source, allowed) == ("redis", True)
+        own_redis.kill()
+        clock.advance(2.0)
+        gate, allowed, source, age = store.outbound_gate_sync(
+            "upstream:a", cfg, None, None, False, clock.monotonic()
+        )
+        assert (source, allowed) == ("fallback", True)
+        assert age == pytest.approx(2.0)
+    finally:
+        store.sync_link().close()
