@@ -309,13 +309,13 @@ def test_a_sync_callers_fallback_age_counts_from_its_last_reply(own_redis: Any) 
     cfg = BreakerConfig()
     try:
         clock.advance(98.0)
-        gate, allowed, source, _age = store.outbound_gate_sync(
+        _gate, allowed, source, _age = store.outbound_gate_sync(
             "upstream:a", cfg, None, None, False, clock.monotonic()
         )
         assert (source, allowed) == ("redis", True)
         own_redis.kill()
         clock.advance(2.0)
-        gate, allowed, source, age = store.outbound_gate_sync(
+        _gate, allowed, source, age = store.outbound_gate_sync(
             "upstream:a", cfg, None, None, False, clock.monotonic()
         )
         assert (source, allowed) == ("fallback", True)
