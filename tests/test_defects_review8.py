@@ -7,7 +7,8 @@
    breaker went stale. Now, as in `batch.lua`, it fails that key alone.
 2. `fidelity-mw demo --redis notaurl` exited 1 as a policy error, and `--redis memory://`
    or a URL with a port that is no number ended in a traceback: a malformed argument
-   is a usage error (exit 2, `argument --redis: ...`).
+   is a usage error (exit 2, `argument --redis: ...`); so is a malformed `--otlp`, which
+   ran the whole demo, every export failing, and said "exported".
 3. The loop clock behind stale shedding (a 1 ms heartbeat) was one per middleware: an
    app of several FidelityMiddleware instances ran that many timers, each with its own
    bound. Now one per event loop (and time source), shared.
@@ -138,6 +139,27 @@ async def test_a_periodic_sync_applies_the_other_breakers_outcomes(
 
 
 # ------------------------------- 2. `fidelity-mw demo --redis` with a malformed URL
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "argument --otlp: 'notaurl' is not an OTLP/HTTP endpoint"),
+        ("localhost:4318", "argument --otlp: 'localhost:4318' is not an OTLP/HTTP endpoint"),
+        ("http://localhost:port", "argument --otlp: http://localhost:port: Port"),
+    ],
+)
+def test_a_malformed_demo_otlp_url_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], url: str, said: str
+) -> None:
+    """Before: the whole demo ran, every span and metric export failed ("No scheme
+    supplied"), and it exited 0 with `"otlp": {"exported": true}`."""
+    from fidelity_mw.tools.cli import EXIT_USAGE, main
+
+    assert main(["demo", "--otlp", url, "--duration", "4"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert said in captured.err
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize(

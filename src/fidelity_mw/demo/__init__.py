@@ -82,6 +82,28 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _otlp_url(text: str) -> str:
+    """`--otlp`: an OTLP/HTTP endpoint, http(s)://host[:port], or a usage error (exit 2).
+    (A bare "localhost:4318" ran the whole demo, every export failing, and said
+    "exported".)"""
+    from urllib.parse import urlsplit
+
+    from ..policy.model import redact_url
+
+    shown = redact_url(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is no number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{shown}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not an OTLP/HTTP endpoint: give http://HOST:PORT "
+            "(e.g. http://localhost:4318)"
+        )
+    return text
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "The load-balancer-chaos scenario: an upstream fleet with scripted faults, a front "
@@ -108,6 +130,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--otlp",
+        type=_otlp_url,
         metavar="URL",
         help="send the fidelity variant's traces over OTLP/HTTP (e.g. http://localhost:4318)",
     )
