@@ -13,6 +13,7 @@ limit the latency of every request it admitted.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -375,6 +376,7 @@ class LoopClock:
 _LOOP_CLOCKS: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[Callable[[], float], LoopClock]
 ] = weakref.WeakKeyDictionary()
+_LOOP_CLOCKS_LOCK = threading.Lock()
 
 
 def loop_clock(monotonic: Callable[[], float]) -> LoopClock:
@@ -382,11 +384,14 @@ def loop_clock(monotonic: Callable[[], float]) -> LoopClock:
     loop = asyncio.get_running_loop()
     clocks = _LOOP_CLOCKS.get(loop)
     if clocks is None:
-        # A closed loop's clock may hold its last timer, which refers to the loop: the
-        # weak key alone would never let it go.
-        for old in [old for old in _LOOP_CLOCKS if old.is_closed()]:
-            _LOOP_CLOCKS.pop(old, None)
-        clocks = _LOOP_CLOCKS[loop] = {}
+        with _LOOP_CLOCKS_LOCK:  # (loops in several threads: once per loop)
+            clocks = _LOOP_CLOCKS.get(loop)
+            if clocks is None:
+                # A closed loop's clock may hold its last timer, which refers to the
+                # loop: the weak key alone would never let it go.
+                for old in [old for old in _LOOP_CLOCKS if old.is_closed()]:
+                    _LOOP_CLOCKS.pop(old, None)
+                clocks = _LOOP_CLOCKS[loop] = {}
     clock = clocks.get(monotonic)
     if clock is None:
         clock = clocks[monotonic] = LoopClock(monotonic)
