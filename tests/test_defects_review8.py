@@ -20,6 +20,9 @@
    units stranded in no slice and a lease per request.
 6. A process that reaches Redis only through the blocking client (FidelitySyncTransport)
    dated its fallback decisions from the store's start, not from Redis's last reply.
+7. Outcomes a tiered instance counted were sent with its next sync however late (the
+   periodic sync runs only while requests come): after a quiet hour, failures an hour
+   old opened the breaker. Counts whose latest outcome is older than the window drop.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ async def test_a_periodic_sync_applies_the_other_breakers_outcomes(
             result = await store.admit(route, cfg, (), (), store._clock.monotonic())
             assert result.gate is not None
             for _ in range(3):
-                store.record_now(route, cfg, result.gate, FAILURE, False, 0.0)
+                store.record_now(route, cfg, result.gate, FAILURE, False, store._clock.monotonic())
         with redis_server.client() as client:
             client.set(store.exact.key("br", "route:/bad"), "not a hash")
         dropped = store.exact.stats.dropped_records
@@ -344,3 +347,37 @@ def test_a_sync_callers_fallback_age_counts_from_its_last_reply(own_redis: Any) 
         assert age == pytest.approx(2.0)
     finally:
         store.sync_link().close()
+
+
+# ------ part 2: tiered outcomes older than the breaker's window, sent when traffic resumes
+
+
+@pytest.mark.redis
+async def test_outcomes_older_than_the_window_do_not_open_the_breaker_later(
+    redis_url: str,
+) -> None:
+    """Five failures counted on a cached breaker, then no traffic for an hour (the
+    periodic sync runs only while requests come). The next request's sync would apply
+    them to the shared window as if they had just happened: the breaker opened on
+    failures an hour old, which any window of 30 s had long forgotten (in exact mode
+    they were in Redis at once and rotated out). Now counts whose latest outcome is
+    older than the window are dropped, as a failed record's."""
+    from fidelity_mw.testing import FakeClock
+
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=100, **{**PATIENT, **QUIET})  # type: ignore[arg-type]
+    store = TieredStore(config=config, rng=seeded_random(8), clock=clock)
+    cfg = BreakerConfig(min_calls=5, failure_ratio=0.5, window_s=30.0)
+    try:
+        first = await store.admit("route:/f", cfg, (), (), clock.monotonic())
+        assert first.gate is not None
+        for _ in range(5):
+            store.record_now("route:/f", cfg, first.gate, FAILURE, False, clock.monotonic())
+        assert store.breakers["route:/f"].calls == 5  # counted, not yet sent
+        clock.advance(3600.0)
+        later = await store.admit("route:/f", cfg, (), (), clock.monotonic())
+        assert later.gate is not None
+        assert (later.gate.verdict, later.gate.state) == ("allow", "closed")
+        assert store.exact.stats.dropped_records == 5
+    finally:
+        await store.aclose()

@@ -175,6 +175,7 @@ class CachedBreaker:
         "calls",
         "closed_gate",
         "config",
+        "counted_at",
         "epoch",
         "failures",
         "had_success",
@@ -197,6 +198,7 @@ class CachedBreaker:
         self.open_until = 0.0
         self.synced_at = -math.inf
         self.used_at = 0.0
+        self.counted_at = -math.inf  # when the latest outcome not yet sent was counted
         self.reset_counts()
 
     def learn_epoch(self, epoch: int) -> None:
@@ -584,6 +586,8 @@ class TieredStore(StateStore):
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
         cb.count(outcome, slow)
+        if now > cb.counted_at:  # (a success is recorded at its request's start)
+            cb.counted_at = now
         return cb.state
 
     async def record(
@@ -784,7 +788,7 @@ class TieredStore(StateStore):
                 breakers = [k for k in breakers if k in self.breakers]  # planning drops idle ones
                 limits += more_limits
             self.stats.leases += 1
-            got = await self._sync_call(breakers, limits)
+            got = await self._sync_call(breakers, limits, now)
         finally:
             for key in batch.keys:
                 sl = self.slices.get(key)
@@ -794,12 +798,18 @@ class TieredStore(StateStore):
                 batch.done.set_result(got)
 
     async def _sync_call(
-        self, breaker_keys: Sequence[str], limits: Sequence[tuple[str, LimitSpec, int, int]]
+        self,
+        breaker_keys: Sequence[str],
+        limits: Sequence[tuple[str, LimitSpec, int, int]],
+        now: float,
     ) -> float:
         """One sync.lua call: flush+refresh breakers, give back / lease units.
 
         `limits` holds (key, spec, give_back, want). Returns the age estimate,
         or -1.0 if Redis failed (the exact store is then in its failure mode).
+        Outcomes counted more than the breaker's window before `now` (the traffic
+        stopped, or Redis was away, and no sync ran) are dropped: sent now, they would
+        count in the current window for failures any window had long forgotten.
         """
         exact = self.exact
         keys: list[str] = []
@@ -808,6 +818,9 @@ class TieredStore(StateStore):
         flushed_calls: list[int] = []
         for bkey in breaker_keys:
             cb = self.breakers[bkey]
+            if cb.calls and now - cb.counted_at > cb.config.window_s:
+                exact.stats.dropped_records += cb.calls
+                cb.reset_counts()
             keys.append(exact.key("br", bkey))
             keys.append(exact.key("bp", bkey))
             args.extend(exact.breaker_config_args(cb.config))
@@ -966,7 +979,7 @@ class TieredStore(StateStore):
         if not breaker_keys and not limits:
             return
         self.stats.syncs += 1
-        await self._sync_call(breaker_keys, limits)
+        await self._sync_call(breaker_keys, limits, now)
 
     def _plan_sync(
         self, now: float, skip: Collection[str]
