@@ -542,11 +542,11 @@ async def test_the_loop_heartbeat_runs_only_while_a_stale_shedding_route_is_paci
         await asyncio.sleep(0)
     limiter = svc.mw.engine.bulkheads["/w"]
     assert not limiter.pacing
-    assert svc.mw._bulkheads._clock._handle is None
+    assert svc.mw._bulkheads.loop_clock()._handle is None
     svc.busy_after_s = 0.008  # now the loop lags: pacing, and the heartbeat starts
     for _ in range(3):
         assert (await svc.client.get("/w")).status_code == 200
         await asyncio.sleep(0)
     assert limiter.pacing
-    assert svc.mw._bulkheads._clock._handle is not None
-    svc.mw._bulkheads._clock._handle.cancel()
+    assert svc.mw._bulkheads.loop_clock()._handle is not None
+    svc.mw._bulkheads.loop_clock()._handle.cancel()

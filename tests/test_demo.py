@@ -182,11 +182,10 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     assert out == ""
 
 
-def test_unsupported_state_url_lets_the_policy_error_speak() -> None:
+def test_a_state_url_of_another_scheme_is_a_usage_error() -> None:
     code, out, err = _run_cli("--redis", "mongodb://localhost/0", "--duration", "12")
-    assert code == 1
-    assert "state.url" in err
-    assert "unknown scheme" in err
+    assert code == 2
+    assert "argument --redis: 'mongodb://localhost/0' is not a Redis URL" in err
     assert out == ""
 
 

@@ -48,6 +48,62 @@ def _clients(text: str) -> int:
     return value
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "tiered+redis://", "tiered+rediss://")
+
+
+def _redis_url(text: str) -> str:
+    """`--redis`: a URL the store can build a Redis client from, or a usage error (exit
+    2, like every malformed argument). Whether a Redis answers there is checked before
+    the run (exit 1)."""
+    from ..policy.model import redact_url
+
+    shown = redact_url(text)
+    if text.startswith("memory://"):
+        raise argparse.ArgumentTypeError(
+            f"{shown}: in-memory state is what the demo runs on without --redis; "
+            "give a Redis URL or leave out --redis"
+        )
+    if not text.startswith(_REDIS_SCHEMES):
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not a Redis URL: use one of "
+            + ", ".join(_REDIS_SCHEMES)
+            + " (e.g. redis://localhost:6379/0)"
+        )
+    try:
+        from redis.asyncio.connection import parse_url
+
+        from ..state.redis import redis_url
+    except ImportError:  # said before the run: the redis extra is not installed
+        return text
+    try:
+        parse_url(redis_url(text)[0])
+    except ValueError as exc:  # a port that is no number, a bad query value...
+        raise argparse.ArgumentTypeError(f"{shown}: {exc}") from None
+    return text
+
+
+def _otlp_url(text: str) -> str:
+    """`--otlp`: an OTLP/HTTP endpoint, http(s)://host[:port], or a usage error (exit 2).
+    (A bare "localhost:4318" ran the whole demo, every export failing, and said
+    "exported".)"""
+    from urllib.parse import urlsplit
+
+    from ..policy.model import redact_url
+
+    shown = redact_url(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is no number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{shown}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not an OTLP/HTTP endpoint: give http://HOST:PORT "
+            "(e.g. http://localhost:4318)"
+        )
+    return text
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "The load-balancer-chaos scenario: an upstream fleet with scripted faults, a front "
@@ -74,13 +130,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--otlp",
+        type=_otlp_url,
         metavar="URL",
         help="send the fidelity variant's traces over OTLP/HTTP (e.g. http://localhost:4318)",
     )
     parser.add_argument(
         "--redis",
+        type=_redis_url,
         metavar="URL",
-        help="run the fidelity variant on Redis state (policy state.url), e.g. redis://localhost:6379/0",
+        help="run the fidelity variant on Redis state (policy state.url), e.g. "
+        "redis://localhost:6379/0 (also rediss://, unix://, tiered+redis://). A malformed "
+        "URL is a usage error (exit 2); a Redis that does not answer a PING stops the demo "
+        "before the run (exit 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 

@@ -13,6 +13,8 @@ limit the latency of every request it admitted.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Callable
 
 from .._types import Scope
@@ -51,7 +53,9 @@ class Bulkheads:
         # that serves the rest: each (route, class) answer is built once, not per 503.
         self._bodies: dict[tuple[str, str], bytes] = {}
         self._lag: dict[str, LagProbe] = {}  # per adaptive route
-        self._clock = LoopClock(self.monotonic)
+        # None: the running loop's own (`loop_clock`), shared with every other
+        # middleware on that loop (tests put a hand-driven one here)
+        self._clock: LoopClock | None = None
         self._expired_body = problem_body(
             504,
             "Gateway Timeout",
@@ -59,6 +63,11 @@ class Bulkheads:
             "deadline-expired",
             layer=LAYER_DEADLINE,
         )
+
+    def loop_clock(self) -> LoopClock:
+        """The heartbeat that bounds how long a request waited to be read."""
+        clock = self._clock
+        return clock if clock is not None else loop_clock(self.monotonic)
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
         """The route's class, unless a trusted peer names another one."""
@@ -82,7 +91,7 @@ class Bulkheads:
         waited = None
         if limiter.spec.shed_stale and limiter.pacing:
             # Only while the loop is the bottleneck: the heartbeat costs a timer a ms.
-            waited = self._clock.waited(now)
+            waited = self.loop_clock().waited(now)
         admission = limiter.try_acquire(priority, now, waited)
         if admission.admitted:
             if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
@@ -358,3 +367,32 @@ class LoopClock:
 
     def _turned(self) -> None:
         self.current = False
+
+
+# One LoopClock per event loop (and time source): when the loop last read its sockets is
+# the loop's, whichever middleware asks. With one per middleware, an app of N middlewares
+# (mounted sub-apps each with its own) ran N heartbeats a millisecond apart, each giving
+# its own bound. Weak keys: a loop garbage-collected takes its clocks along.
+_LOOP_CLOCKS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[Callable[[], float], LoopClock]
+] = weakref.WeakKeyDictionary()
+_LOOP_CLOCKS_LOCK = threading.Lock()
+
+
+def loop_clock(monotonic: Callable[[], float]) -> LoopClock:
+    """The running event loop's LoopClock on this time source, made on first use."""
+    loop = asyncio.get_running_loop()
+    clocks = _LOOP_CLOCKS.get(loop)
+    if clocks is None:
+        with _LOOP_CLOCKS_LOCK:  # (loops in several threads: once per loop)
+            clocks = _LOOP_CLOCKS.get(loop)
+            if clocks is None:
+                # A closed loop's clock may hold its last timer, which refers to the
+                # loop: the weak key alone would never let it go.
+                for old in [old for old in _LOOP_CLOCKS if old.is_closed()]:
+                    _LOOP_CLOCKS.pop(old, None)
+                clocks = _LOOP_CLOCKS[loop] = {}
+    clock = clocks.get(monotonic)
+    if clock is None:
+        clock = clocks[monotonic] = LoopClock(monotonic)
+    return clock

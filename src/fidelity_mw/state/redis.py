@@ -672,7 +672,13 @@ class RedisStore(StateStore):
             )
 
     def fallback_age(self) -> float:
-        return max(0.0, self._clock.monotonic() - self.health.last_ok)
+        """Time since Redis last answered, through either client (a process that calls it
+        only through the blocking one, `FidelitySyncTransport` in worker threads, too)."""
+        last = self.health.last_ok
+        link = self._sync_link
+        if link is not None and link.last_ok > last:
+            last = link.last_ok
+        return max(0.0, self._clock.monotonic() - last)
 
     @property
     def up(self) -> bool:

@@ -14,6 +14,7 @@ paying a timeout per call.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -97,6 +98,9 @@ class SyncLink:
         self._client: Any = None
         self._lock = threading.Lock()
         self._paused_until = 0.0
+        # When Redis last answered this client (the store's clock; -inf: never): a
+        # fallback decision's age counts from the latest reply of either client.
+        self.last_ok = -math.inf
 
     def client(self) -> Any:
         client = self._client
@@ -148,6 +152,7 @@ class SyncLink:
             self._failed(exc)
             return None
         done = clock.monotonic()
+        self.last_ok = done
         self._stats.round_trips += 1
         return reply, (done - started) / 2.0
 

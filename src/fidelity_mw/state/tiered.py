@@ -43,6 +43,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import ResponseError
+
 from .._types import Clock, RandomSource
 from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
@@ -74,6 +76,7 @@ class Slice:
         "blocked_until",
         "burst_units",
         "demand",
+        "failed",
         "pending",
         "rate",
         "ready_at",
@@ -110,6 +113,9 @@ class Slice:
         self.rate = 0.0  # units/s over the last full window
         self.used_at = now  # the last time a request asked for units
         self.pending: asyncio.Future[Any] | None = None
+        # The last sync failed this key alone (its Redis key holds a value that is
+        # not ours): a request leases for it once, then is decided exactly.
+        self.failed = False
 
     def roll(self, now: float, window_s: float) -> None:
         """Close the demand window once it spans an interval: its rate becomes `rate`."""
@@ -169,6 +175,7 @@ class CachedBreaker:
         "calls",
         "closed_gate",
         "config",
+        "counted_at",
         "epoch",
         "failures",
         "had_success",
@@ -191,6 +198,7 @@ class CachedBreaker:
         self.open_until = 0.0
         self.synced_at = -math.inf
         self.used_at = 0.0
+        self.counted_at = -math.inf  # when the latest outcome not yet sent was counted
         self.reset_counts()
 
     def learn_epoch(self, epoch: int) -> None:
@@ -313,7 +321,7 @@ class TieredStore(StateStore):
             sl = slices.get(limit_keys[0])
             if (
                 sl is None
-                or (sl.spec is not spec and sl.spec != spec)
+                or (sl.spec is not spec and not _same_bucket(sl.spec, spec))
                 or (sl.tokens < spec.cost and sl.blocked_until <= now)
             ):
                 return None
@@ -322,7 +330,7 @@ class TieredStore(StateStore):
                 held = slices.get(key)
                 if (
                     held is None
-                    or (held.spec is not spec and held.spec != spec)
+                    or (held.spec is not spec and not _same_bucket(held.spec, spec))
                     or (held.tokens < spec.cost and held.blocked_until <= now)
                 ):
                     return None
@@ -409,8 +417,12 @@ class TieredStore(StateStore):
         wanted: list[str] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
-            if sl is None or sl.spec != spec:
+            if sl is None or not _same_bucket(sl.spec, spec):
                 sl = slices[key] = Slice(spec, now)
+            elif spec.cost > sl.spec.cost:
+                # One bucket, requests of several costs (a limit name shared by routes
+                # with a cost each): the slice leases at least the largest at a time.
+                sl.spec = spec
             # count the demand (inline: this loop is the per-request cost of tiered mode)
             if now - sl.window_start >= sync_s:
                 sl.roll(now, sync_s)
@@ -429,6 +441,11 @@ class TieredStore(StateStore):
         gate: Gate | None = None
         age = 0.0
         if cb is not None:
+            if refresh is not None and now - cb.synced_at > sync_s:
+                # Its refresh failed alone (its Redis key holds a value that is not
+                # ours): decided exactly, as in exact mode (where it falls back).
+                self.stats.delegated += 1
+                return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
             if cb.state == CLOSED:
                 gate = cb.closed_gate
             elif now < cb.open_until:
@@ -522,12 +539,13 @@ class TieredStore(StateStore):
             )
             sl = self.slices.get(key) if sliced else None
             # the same limit (a refund that earns no retry credit says credit_s 0)
-            if sl is not None and (
-                sl.spec is spec or sl.spec == spec._replace(credit_s=sl.spec.credit_s)
-            ):
+            if sl is not None and (sl.spec is spec or _same_bucket(sl.spec, spec)):
                 sl.put_back(spec.cost)  # leased units, unspent after all
-            elif not sliced or source != SOURCE_CACHE:
+            elif not sliced:
                 exact.append(i)
+            # (a slice's unit whose slice has gone, or changed its limit: nowhere to go,
+            # whatever the source said; the bucket in Redis would take none of it back
+            # and only earn the key retry credit a slice's unit never earns)
         if exact:
             await self.exact.refund(
                 [limit_keys[i] for i in exact],
@@ -568,6 +586,8 @@ class TieredStore(StateStore):
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
         cb.count(outcome, slow)
+        if now > cb.counted_at:  # (a success is recorded at its request's start)
+            cb.counted_at = now
         return cb.state
 
     async def record(
@@ -685,13 +705,15 @@ class TieredStore(StateStore):
         needed fetching after all, or -1.0 if Redis failed.
         """
         age = 0.0
-        for _ in range(3):
+        for attempt in range(3):
             now = self._clock.monotonic()
             slices = self.slices
             need = [
                 k
                 for k in keys
-                if slices[k].tokens < slices[k].spec.cost and slices[k].blocked_until <= now
+                if slices[k].tokens < slices[k].spec.cost
+                and slices[k].blocked_until <= now
+                and not (attempt and slices[k].failed)  # its lease failed: no second try
             ]
             waits = [slices[k].pending for k in need if slices[k].pending is not None]
             fetch = [k for k in need if slices[k].pending is None]
@@ -766,7 +788,7 @@ class TieredStore(StateStore):
                 breakers = [k for k in breakers if k in self.breakers]  # planning drops idle ones
                 limits += more_limits
             self.stats.leases += 1
-            got = await self._sync_call(breakers, limits)
+            got = await self._sync_call(breakers, limits, now)
         finally:
             for key in batch.keys:
                 sl = self.slices.get(key)
@@ -776,12 +798,18 @@ class TieredStore(StateStore):
                 batch.done.set_result(got)
 
     async def _sync_call(
-        self, breaker_keys: Sequence[str], limits: Sequence[tuple[str, LimitSpec, int, int]]
+        self,
+        breaker_keys: Sequence[str],
+        limits: Sequence[tuple[str, LimitSpec, int, int]],
+        now: float,
     ) -> float:
         """One sync.lua call: flush+refresh breakers, give back / lease units.
 
         `limits` holds (key, spec, give_back, want). Returns the age estimate,
         or -1.0 if Redis failed (the exact store is then in its failure mode).
+        Outcomes counted more than the breaker's window before `now` (the traffic
+        stopped, or Redis was away, and no sync ran) are dropped: sent now, they would
+        count in the current window for failures any window had long forgotten.
         """
         exact = self.exact
         keys: list[str] = []
@@ -790,6 +818,9 @@ class TieredStore(StateStore):
         flushed_calls: list[int] = []
         for bkey in breaker_keys:
             cb = self.breakers[bkey]
+            if cb.calls and now - cb.counted_at > cb.config.window_s:
+                exact.stats.dropped_records += cb.calls
+                cb.reset_counts()
             keys.append(exact.key("br", bkey))
             keys.append(exact.key("bp", bkey))
             args.extend(exact.breaker_config_args(cb.config))
@@ -837,7 +868,7 @@ class TieredStore(StateStore):
         reply, age = got
         try:
             _check_sync_reply(reply, len(flushed), len(limits))
-            self._apply_sync(reply, age, flushed, limits)
+            self._apply_sync(reply, age, flushed, flushed_calls, limits)
         except (IndexError, TypeError, ValueError, AttributeError) as exc:
             exact._bad_reply(exc)
             # Whether Redis counted them is unknown: counted as dropped, never resent
@@ -850,11 +881,23 @@ class TieredStore(StateStore):
         reply: Sequence[Any],
         age: float,
         flushed: Sequence[CachedBreaker],
+        flushed_calls: Sequence[int],
         limits: Sequence[tuple[str, LimitSpec, int, int]],
     ) -> None:
+        """sync.lua's reply, applied. A breaker or key it failed alone (its Redis key
+        holds a value that is not ours) is left as it was, as if it had not been in the
+        call: a request on it then goes to the exact store, which fails that request
+        alone, as in exact mode. The failed breaker's outcomes are lost like a failed
+        record's; units given back to a failed key were not taken back."""
         now = self._clock.monotonic()
+        exact = self.exact
         i = 1
-        for cb in flushed:
+        for cb, calls in zip(flushed, flushed_calls, strict=True):
+            if _failed_entry(reply[i]):
+                exact._failed(ResponseError(_text(reply[i])[1:]))
+                exact.stats.dropped_records += calls
+                i += 3
+                continue
             cb.state = _text(reply[i])
             cb.learn_epoch(int(reply[i + 1]))
             cb.open_until = now - age + float(reply[i + 2])
@@ -863,12 +906,19 @@ class TieredStore(StateStore):
         sync_s = self.sync_s
         asked_at = now - 2.0 * age  # when the call started: the earliest the server read
         for key, spec, _give, want in limits:
+            sl = self.slices.get(key)
+            if _failed_entry(reply[i]):
+                exact._failed(ResponseError(_text(reply[i])[1:]))
+                if sl is not None:
+                    sl.failed = True
+                i += 4
+                continue
             granted, remaining, retry = int(reply[i]), int(reply[i + 1]), float(reply[i + 2])
             first = float(reply[i + 3])
             i += 4
-            sl = self.slices.get(key)
             if sl is None:
                 continue
+            sl.failed = False
             # Units that all conform already are usable at once (whatever time base
             # the caller's `now` uses). Otherwise unit j conforms at `now` + `first` +
             # j x interval, `first` <= 0 when the first ones conform already: the
@@ -929,7 +979,7 @@ class TieredStore(StateStore):
         if not breaker_keys and not limits:
             return
         self.stats.syncs += 1
-        await self._sync_call(breaker_keys, limits)
+        await self._sync_call(breaker_keys, limits, now)
 
     def _plan_sync(
         self, now: float, skip: Collection[str]
@@ -1065,6 +1115,15 @@ class TieredStore(StateStore):
         )
 
 
+def _same_bucket(held: LimitSpec, spec: LimitSpec) -> bool:
+    """Units of one bucket: a slice serves every request on its key whose limit has the
+    same rate and burst, whatever its cost (per request), retry credit (earned in Redis)
+    or shadow flag. (Compared as a whole, a limit name that routes share with a cost
+    each replaced the slice on every change of cost: its units stranded, a lease per
+    request.)"""
+    return held.interval_s == spec.interval_s and held.tolerance_s == spec.tolerance_s
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -1072,11 +1131,18 @@ def _text(value: Any) -> str:
 _BREAKER_STATES: Final = frozenset((CLOSED, OPEN, HALF_OPEN))
 
 
+def _failed_entry(value: Any) -> bool:
+    """A breaker's or key's first value in sync.lua's reply says it failed alone ("!")."""
+    return isinstance(value, bytes | str) and value[:1] in (b"!", "!")
+
+
 def _check_sync_reply(reply: Any, breakers: int, limits: int) -> None:
     """sync.lua's reply, before any of it is applied: the server time, 3 values per
-    breaker and 4 per limit key; each breaker's state one of the three."""
+    breaker and 4 per limit key; each breaker's state one of the three (or "!" and an
+    error's text: that breaker failed alone)."""
     if not isinstance(reply, list | tuple) or len(reply) != 1 + 3 * breakers + 4 * limits:
         raise ValueError(f"not a sync reply for {breakers} breakers and {limits} keys")
     for j in range(breakers):
-        if _text(reply[1 + 3 * j]) not in _BREAKER_STATES:
+        state = reply[1 + 3 * j]
+        if _text(state) not in _BREAKER_STATES and not _failed_entry(state):
             raise ValueError(f"breaker state {reply[1 + 3 * j]!r}")
