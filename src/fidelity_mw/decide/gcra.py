@@ -16,9 +16,27 @@ import math
 from typing import Final, NamedTuple
 
 # Float sums of the emission interval drift by ulps; without slack the last
-# unit of a full burst would be refused. One millionth of an interval is far
-# below any clock resolution that matters here.
+# unit of a full burst would be refused. One millionth of an interval covers
+# that on a clock near 0 (a process's monotonic clock). Near the present Unix
+# time (Redis TIME, about 1.8e9 s) one ulp is about 2.4e-7 s, more than a
+# millionth of any interval under a quarter second: there the last unit of a
+# burst decided at one instant (a coalesced batch) was refused and `remaining`
+# read one low. Each addition of the interval rounds by at most half an ulp
+# of `now`, and a burst decided at one instant adds it once per unit: the slack
+# covers that many half ulps and 32 more, and never exceeds half an interval,
+# so no whole unit can come of it (beyond some 40,000 units per second on one
+# key, Unix time in a double cannot tell the units apart).
 _SLACK: Final = 1e-6
+_HALF_ULP: Final = 2.0**-53  # relative
+
+
+def slack_s(now: float, interval_s: float, tolerance_s: float) -> float:
+    """The float slack of a decision at `now` (seconds). lib.lua's slack_of mirrors it."""
+    slack = _SLACK * interval_s + (now if now >= 0.0 else -now) * _HALF_ULP * (
+        tolerance_s / interval_s + 32.0
+    )
+    half = 0.5 * interval_s
+    return slack if slack < half else half
 
 
 class LimitVerdict(NamedTuple):
@@ -51,10 +69,16 @@ def gcra(
     base = tat if tat > now else now
     new_tat = base + cost * interval_s
     allow_at = new_tat - tolerance_s
-    if allow_at - now > _SLACK * interval_s:
-        remaining = int((tolerance_s - (base - now)) / interval_s + _SLACK)
+    # slack_s, inline: this runs for every limit of every request
+    slack = _SLACK * interval_s + (now if now >= 0.0 else -now) * _HALF_ULP * (
+        tolerance_s / interval_s + 32.0
+    )
+    if slack > 0.5 * interval_s:
+        slack = 0.5 * interval_s
+    if allow_at - now > slack:
+        remaining = int((tolerance_s - (base - now) + slack) / interval_s)
         return _new(_VERDICT, (False, tat, max(0, remaining), base - now, allow_at - now, False))
-    remaining = int((tolerance_s - (new_tat - now)) / interval_s + _SLACK)
+    remaining = int((tolerance_s - (new_tat - now) + slack) / interval_s)
     return _new(
         _VERDICT, (True, new_tat, remaining if remaining > 0 else 0, new_tat - now, 0.0, False)
     )

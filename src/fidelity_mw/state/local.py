@@ -41,6 +41,7 @@ from ..decide.gcra import (
     gcra,
     marker,
     refund_seconds,
+    slack_s,
     spend_credit,
 )
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
@@ -387,7 +388,7 @@ class LocalState:
                 if tat is not None:
                     back = tat - give
                     spent += give
-                    if back + spent - now > _FULL_SLACK * spec.interval_s:
+                    if back + spent - now > slack_s(now, spec.interval_s, spec.tolerance_s):
                         # kept until its virtual TAT is past, even with a full bucket
                         tats[key] = back
                         if spent > 0.0:

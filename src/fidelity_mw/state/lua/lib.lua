@@ -8,6 +8,7 @@
 -- Redis is truncated to an integer.
 
 local SLACK = 1e-6
+local HALF_ULP = 2 ^ -53
 local BUCKETS = 10
 
 local function server_now()
@@ -29,6 +30,18 @@ end
 
 -- ------------------------------------------------------------------ GCRA
 
+-- fidelity_mw.decide.gcra.slack_s: a millionth of an interval plus half an ulp
+-- of now (TIME is about 1.8e9 s, one ulp about 2.4e-7 s) per unit of the burst
+-- and 32 more, at most half an interval
+local function slack_of(now, interval, tol)
+  local slack = SLACK * interval + math.abs(now) * HALF_ULP * (tol / interval + 32)
+  local half = 0.5 * interval
+  if slack < half then
+    return slack
+  end
+  return half
+end
+
 -- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
 local function gcra(tat, now, interval, tol, cost)
   local base = tat
@@ -37,14 +50,15 @@ local function gcra(tat, now, interval, tol, cost)
   end
   local new_tat = base + cost * interval
   local allow_at = new_tat - tol
-  if allow_at - now > SLACK * interval then
-    local remaining = math.floor((tol - (base - now)) / interval + SLACK)
+  local slack = slack_of(now, interval, tol)
+  if allow_at - now > slack then
+    local remaining = math.floor((tol - (base - now) + slack) / interval)
     if remaining < 0 then
       remaining = 0
     end
     return false, tat, remaining, base - now, allow_at - now
   end
-  local remaining = math.floor((tol - (new_tat - now)) / interval + SLACK)
+  local remaining = math.floor((tol - (new_tat - now) + slack) / interval)
   if remaining < 0 then
     remaining = 0
   end

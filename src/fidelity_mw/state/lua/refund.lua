@@ -39,7 +39,7 @@ for _, key in ipairs(KEYS) do
     end
   end
   if changed then
-    if tat + refunded - now > SLACK * interval or credit > 0 then
+    if tat + refunded - now > slack_of(now, interval, tol) or credit > 0 then
       store_tat(key, tat, now, refunded, credit, expires)
     else
       redis.call('DEL', key)

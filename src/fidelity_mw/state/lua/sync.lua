@@ -129,7 +129,8 @@ for j = 0, nl - 1 do
     if now > base then
       base = now
     end
-    local avail = math.floor((tol - (base - now)) / interval + SLACK)
+    local slack = slack_of(now, interval, tol)
+    local avail = math.floor((tol - (base - now) + slack) / interval)
     if avail < 0 then
       avail = 0
     end
@@ -141,7 +142,7 @@ for j = 0, nl - 1 do
       local take = want
       local can = avail
       if ahead > 0 then
-        can = math.floor((tol + ahead - (base - now)) / interval + SLACK)
+        can = math.floor((tol + ahead - (base - now) + slack) / interval)
       end
       if can < take then
         take = can
