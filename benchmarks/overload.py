@@ -451,9 +451,11 @@ def measure(
         res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
         with serve(variant, args, app_dir) as (port, pid):
             server0, gen0, ran0 = run_delay(pid), run_delay(), run_time(pid)
+            began = time.perf_counter()
             asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns, args.components))
             res.stolen = max(run_delay(pid) - server0, run_delay() - gen0) / args.duration
-            res.busy = (run_time(pid) - ran0) / args.duration
+            # (over the whole run, the drain after the last request included)
+            res.busy = (run_time(pid) - ran0) / (time.perf_counter() - began)
         res.attempts = attempt + 1
         if args.timeline:
             res.trace = read_trace(app_dir / "trace.txt", res.t0)
@@ -704,7 +706,7 @@ def main() -> None:
         f"{args.settle:g} s; whole-run p99 includes that transient. Core stolen: the share "
         f"of the run the server or the generator waited for its core (schedstat run delay); "
         f"a run over {args.max_stolen:.0%} was redone, up to {args.attempts} times. Server busy: "
-        f"the share of the run the server ran on its core.",
+        f"the share of the run (until its last answer) the server ran on its core.",
         "",
         "| offered | variant | goodput | of capacity | p50 | p99 (whole run) | p99 steady "
         "| steady p99 / unloaded | shed (503) | timeouts/errors | core stolen | server busy |",
