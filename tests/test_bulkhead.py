@@ -550,3 +550,72 @@ async def test_the_loop_heartbeat_runs_only_while_a_stale_shedding_route_is_paci
     assert limiter.pacing
     assert svc.mw._bulkheads._clock._handle is not None
     svc.mw._bulkheads._clock._handle.cancel()
+
+
+async def test_a_fresh_request_joining_one_let_in_at_the_same_loop_tick_is_held_in_its_slot(
+    clock: FakeClock,
+) -> None:
+    """shed_stale while pacing: a fresh request let in at the same reading of the loop's
+    clock as the one before takes its slot at once (recorded `allow`, with `held_ms`)
+    but reaches the app only after HOLD_S, so the two awaits do not end in the same tick
+    of the loop's timers; if it is cancelled while held, the slot is given back and it
+    never reaches the app. At a later reading: no hold."""
+    from fidelity_mw.decide.concurrency import HOLD_S
+
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, shed_stale=True),
+    )
+    svc = Service(policy, clock, work_s=0.01)
+    svc.busy_after_s = 0.008
+    now = [0.0]
+    hand = _HandClock.make(now)
+    svc.mw._bulkheads._clock = hand
+    for _ in range(21):  # the floor (10 ms), then one more so the lag is reported
+        assert (await svc.client.get("/w")).status_code == 200
+        await asyncio.sleep(0)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.pacing
+    loop = asyncio.get_running_loop()
+    # the loop's clock, as uvloop's reads it: the same value until the test moves it
+    tick = [loop.time()]
+    loop_time = loop.time
+    loop.time = lambda: tick[0]  # type: ignore[method-assign]
+    try:
+        now[0] = clock.monotonic()
+        hand._tick(loop)
+        await asyncio.sleep(0)  # the loop waits for I/O: what it reads now is fresh
+        first = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        await svc.in_flight(22)
+        await asyncio.sleep(0)  # a later turn, at the same reading of the loop's clock
+        clock.advance(0.0003)
+        held = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        for _ in range(100):
+            if limiter.in_flight == 2:
+                break
+            await asyncio.sleep(0)
+        assert limiter.in_flight == 2  # its slot is taken...
+        assert svc.entered == 22  # ...but it has not started yet
+        cancelled = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        for _ in range(100):
+            if limiter.in_flight == 3:
+                break
+            await asyncio.sleep(0)
+        assert limiter.in_flight == 3  # held in turn (same reading)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert limiter.in_flight == 2  # given back, without reaching the app
+        tick[0] += 0.002  # the loop's clock moves on: the held one's timer is due
+        await svc.in_flight(23)
+        unheld = asyncio.create_task(_raw_get(svc.mw, "/w?hold=1"))
+        await svc.in_flight(24)  # a later reading: started at once
+    finally:
+        loop.time = loop_time  # type: ignore[method-assign]
+    svc.gate.set()
+    served = [await t for t in (first, held, unheld)]
+    assert [status for status, _ctx in served] == [200, 200, 200]
+    details = [concurrency_decisions(ctx)[0].details or {} for _status, ctx in served]
+    assert [d.get("held_ms") for d in details] == [None, pytest.approx(HOLD_S * 1000), None]
+    assert concurrency_decisions(served[1][1])[0].verdict == "allow"
+    assert limiter.in_flight == 0
