@@ -8,7 +8,6 @@ from fidelity_mw.decide.concurrency import (
     AT_LIMIT,
     CRITICAL,
     DEFAULT,
-    HOLD_S,
     PACE_S,
     PACED,
     PRIORITY_SHARE,
@@ -364,7 +363,7 @@ def _stale_limiter(limit: int = 4) -> ConcurrencyLimiter:
 def test_a_request_that_waited_too_long_to_be_seen_is_not_queued_behind_another() -> None:
     """While the loop is the bottleneck, a request that would wait for another's work
     and already waited past the tolerance to be read is shed (`stale`); a fresh one
-    is admitted, without being shed for PACE_S (it was read while the loop waited for
+    is admitted, without waiting out PACE_S (it was read while the loop waited for
     I/O, not in a batch), but still one per turn."""
     lim = _stale_limiter()
     assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.009).admitted  # alone: runs at once
@@ -472,52 +471,6 @@ def test_a_fresh_request_is_not_stale_by_the_loop_clocks_grain_on_a_fast_route()
     lim.new_turn()
     stale = lim.try_acquire(DEFAULT, now=1.02, waited_s=0.004)  # a CPU step's worth
     assert (stale.admitted, stale.reason) == (False, STALE)
-
-
-def test_a_fresh_request_let_in_at_the_same_timer_tick_is_held_back_not_shed() -> None:
-    """A fresh request joining one let in at the same tick of the caller's timer clock
-    (`tick`: uvloop's clock reads whole milliseconds) is admitted (it holds its slot)
-    but told to start HOLD_S later: started at once, its await would end in the same
-    tick as the other's, and the two CPU steps would run back to back with no read
-    between (the requests that arrived meanwhile then all waited both steps, and are
-    stale). At a later tick, with nothing in flight, or with no tick given: no hold."""
-    lim = _stale_limiter()
-    alone = lim.try_acquire(DEFAULT, now=1.0, waited_s=0.009, tick=7.0)
-    assert (alone.admitted, alone.hold_s) == (True, 0.0)  # nothing in flight
-    lim.new_turn()
-    same = lim.try_acquire(DEFAULT, now=1.0003, waited_s=0.001, tick=7.0)
-    assert (same.admitted, same.reason, same.in_flight) == (True, UNDER_LIMIT, 2)
-    assert same.hold_s == HOLD_S
-    lim.new_turn()
-    later = lim.try_acquire(DEFAULT, now=1.0006, waited_s=0.001, tick=7.001)
-    assert (later.admitted, later.hold_s) == (True, 0.0)
-    lim.new_turn()
-    unknown = lim.try_acquire(DEFAULT, now=1.0007, waited_s=0.001)
-    assert (unknown.admitted, unknown.hold_s) == (True, 0.0)
-    assert lim.in_flight == 4
-
-
-@pytest.mark.parametrize("case", ["no_stale_rule", "keeps_up", "critical", "stale"])
-def test_only_a_fresh_request_is_held(case: str) -> None:
-    """Without `shed_stale` a request within PACE_S is paced (shed) as before; a loop
-    that keeps up admits without pacing or holds; a critical request is neither paced
-    nor held; a stale one is shed, not held."""
-    lim = _lagging(0.006) if case == "no_stale_rule" else _stale_limiter()
-    if case == "keeps_up":
-        for _ in range(400):
-            lim.release(0.01, lag_s=0.0)
-        assert not lim.pacing
-    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.0, tick=7.0).admitted
-    lim.new_turn()
-    priority = CRITICAL if case == "critical" else DEFAULT
-    waited = 0.006 if case == "stale" else 0.0
-    second = lim.try_acquire(priority, now=1.0003, waited_s=waited, tick=7.0)
-    if case == "no_stale_rule":
-        assert (second.admitted, second.reason) == (False, PACED)
-    elif case == "stale":
-        assert (second.admitted, second.reason, second.hold_s) == (False, STALE, 0.0)
-    else:
-        assert (second.admitted, second.hold_s) == (True, 0.0)
 
 
 def test_a_request_refused_at_the_limit_that_was_stale_anyway_does_not_grow_it() -> None:

@@ -44,16 +44,7 @@ tolerates above its floor ((tolerance - 1) x floor) is shed as `stale`: at
 overload fresh requests are plentiful, and only those read while the loop was
 waiting for I/O can join in-flight work and still finish near the floor. A
 fresh one may join without waiting out PACE_S (it was read alone, not in a
-batch), still one per turn; but one let in at the same tick of the loop's
-timer clock as the last admission (`tick`: uvloop's clock reads whole
-milliseconds) is told to start HOLD_S later (`Admission.hold_s`; it holds its
-slot meanwhile). Started at once, its await would end in the same tick as the
-other's and the two CPU steps would run back to back, with no read between:
-the requests that arrived during both then all waited both steps, too long
-even to run alone, and the core idles until a fresh one comes. Held, its await
-ends a tick later, after the loop has read what arrived during the first step,
-and it still waits for that step: its own latency moves by the reads in
-between. With nothing in flight a request runs at once, so
+batch), still one per turn. With nothing in flight a request runs at once, so
 it may have waited the whole tolerance x floor; past that it is shed only while
 the route admitted one lately, so other work hogging the loop cannot starve
 the route. Since this rule, not the limit, then holds requests back, the limit
@@ -91,7 +82,6 @@ PACED: Final = "paced"
 STALE: Final = "stale"
 
 PACE_S: Final = 0.001  # the shortest pacing turn (see the module doc)
-HOLD_S: Final = 0.001  # a fresh request let in at the last admission's tick starts this late
 STALE_RESOLUTION_S: Final = 0.002  # two ticks of the inbound loop clock's heartbeat
 # Per report, the recent lag peak keeps this much of itself: a lagging stretch
 # paces for some hundred requests after it (lag comes and goes while the loop
@@ -129,10 +119,9 @@ class ConcurrencySpec:
 
 class Admission(NamedTuple):
     admitted: bool
-    reason: str  # UNDER_LIMIT | AT_LIMIT | PRIORITY_SHARE | PACED | STALE
+    reason: str  # UNDER_LIMIT | AT_LIMIT | PRIORITY_SHARE | PACED
     in_flight: int  # after this decision
     limit: int  # the limit this decision was taken against
-    hold_s: float = 0.0  # admitted: start it this much later (a fresh request; module doc)
 
 
 class GradientEstimate:
@@ -223,7 +212,6 @@ class ConcurrencyLimiter:
 
     __slots__ = (
         "_admitted_at",
-        "_admitted_tick",
         "_lag_peak",
         "_lock",
         "_seq",
@@ -242,7 +230,6 @@ class ConcurrencyLimiter:
         self.admitted_in_turn = 0  # since the caller last called `new_turn`
         self.binding = False  # the limit refused a request since the last sample
         self._admitted_at = -math.inf  # the `now` of the last admission
-        self._admitted_tick: float | None = None  # the `tick` of the last admission
         # The event loop's recent lag: the latest report, or an earlier, larger one
         # fading by LAG_FADE per report.
         self._lag_peak = 0.0
@@ -315,19 +302,13 @@ class ConcurrencyLimiter:
         return waited_s > whole and recent
 
     def try_acquire(
-        self,
-        priority: str = DEFAULT,
-        now: float | None = None,
-        waited_s: float | None = None,
-        tick: float | None = None,
+        self, priority: str = DEFAULT, now: float | None = None, waited_s: float | None = None
     ) -> Admission:
         """Admit one request now, or say why not (it takes no slot when refused).
 
         `now` (the caller's clock) spaces paced admissions by PACE_S; without it,
         pacing goes by loop turns alone. `waited_s` bounds how long the request
-        waited before the caller could see it (None: not known). `tick` is the
-        caller's timer clock as its timers read it (equal readings: timers set then
-        fire together; None: not known), for the hold (module doc)."""
+        waited before the caller could see it (None: not known)."""
         # (acquire / release, not `with`: on every request, half the cost of the lock)
         lock = self._lock
         lock.acquire()
@@ -351,18 +332,11 @@ class ConcurrencyLimiter:
                     and self.pacing
                 ):
                     return Admission(False, PACED, self.in_flight, limit)
-                hold = 0.0
-                if fresh and self.in_flight and tick is not None and tick == self._admitted_tick:
-                    # Joins one let in at the same tick of the caller's timer clock:
-                    # started now, alike awaits would end in the same tick and the two
-                    # CPU steps run back to back (module doc).
-                    hold = HOLD_S
                 self.in_flight += 1
                 self.admitted_in_turn += 1
                 if now is not None:
                     self._admitted_at = now
-                self._admitted_tick = tick
-                return Admission(True, UNDER_LIMIT, self.in_flight, limit, hold)
+                return Admission(True, UNDER_LIMIT, self.in_flight, limit)
             if self.in_flight >= self._room(priority):
                 reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
                 # A request the stale rule would have shed anyway says nothing of the limit:

@@ -29,13 +29,12 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.concurrency import HOLD_S, PACED, PRIORITIES, STALE, ConcurrencyLimiter
+from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
 
 QUEUE_TIMEOUT = "queue_timeout"
-HELD = "held"  # enter_now: admitted, to start a little later (`wait` holds it)
 EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_on_arrival
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -77,29 +76,20 @@ class Bulkheads:
         self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float
     ) -> Rejection | str | None:
         """Take a slot now (None), refuse (a Rejection), or wait in the queue: the reason
-        it was refused now (a str, for `wait`). HELD (a str too): the slot is taken,
-        and `wait` starts the request HOLD_S later (decide.concurrency: the hold)."""
+        it was refused now (a str, for `wait`)."""
         limiter = plan.bulkhead
         assert limiter is not None
         waited = None
         if limiter.spec.shed_stale and limiter.pacing:
             # Only while the loop is the bottleneck: the heartbeat costs a timer a ms.
             waited = self._clock.waited(now)
-        tick = None
-        if waited is not None:
-            # The loop's own clock: uvloop's reads whole milliseconds, and timers set in
-            # the same one fire together (decide.concurrency's module doc: the hold).
-            tick = asyncio.get_running_loop().time()
-        admission = limiter.try_acquire(priority, now, waited, tick)
+        admission = limiter.try_acquire(priority, now, waited)
         if admission.admitted:
             if limiter.admitted_in_turn == 1 and limiter.estimate is not None:
                 # The turn ends once the loop has run what is ready now (this
                 # request's batch of arrivals among it); PACE_S is the limiter's.
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
-            hold = admission.hold_s
-            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited, hold)
-            if hold:
-                return HELD  # `wait` holds it back HOLD_S, in its slot
+            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
         if admission.reason != STALE and limiter.can_queue():
             return admission.reason  # (a stale request only grows staler in the queue)
@@ -113,9 +103,6 @@ class Bulkheads:
         that is cut at once), and that refusal is the deadline's 504."""
         limiter = plan.bulkhead
         assert limiter is not None
-        if refused == HELD:
-            await self._hold(limiter)
-            return None
         assert plan.concurrency is not None
         timeout_s = plan.concurrency.queue_timeout_ms / 1000
         # (a route with `enforce = false` only records deadlines: its queue timeout stands)
@@ -146,15 +133,6 @@ class Bulkheads:
             return self._expired(ctx, now)
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
         return None
-
-    async def _hold(self, limiter: ConcurrencyLimiter) -> None:
-        """An admitted request starts HOLD_S later (it keeps its slot meanwhile)."""
-        try:
-            await asyncio.sleep(HOLD_S)
-        except asyncio.CancelledError:
-            # Never ran: the slot goes back, without a latency sample.
-            self._wake(limiter, limiter.give_back())
-            raise
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
         """Free the slot. A request the app served is a latency sample for the adaptive
@@ -226,7 +204,6 @@ class Bulkheads:
         limiter: ConcurrencyLimiter,
         now: float,
         waited: float | None = None,
-        held: float = 0.0,
     ) -> None:
         details: dict[str, DetailValue] = {
             "limit": limiter.limit,
@@ -235,8 +212,6 @@ class Bulkheads:
         }
         if waited is not None:
             details["waited_ms"] = round(waited * 1000.0, 3)
-        if held:
-            details["held_ms"] = round(held * 1000.0, 3)
         ctx.decisions.append(
             Decision(
                 LAYER_CONCURRENCY,
