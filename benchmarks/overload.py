@@ -69,7 +69,6 @@ SETTINGS = {
     "pace_ms": "decide.concurrency.PACE_S, the shortest pacing turn (1 ms)",
     "res_ms": "decide.concurrency.STALE_RESOLUTION_S, the finest stale bound (2 ms)",
     "fade": "decide.concurrency.LAG_FADE, the lag peak's fade per release (0.99)",
-    "hold_ms": "decide.concurrency.HOLD_S, a fresh joiner's hold (1 ms; 0: none)",
     "tick_ms": "inbound.bulkhead.LoopClock.TICK_S, the heartbeat (1 ms)",
 }
 
@@ -123,8 +122,6 @@ if variant.partition("@")[0] != "none":
                 decide.PACE_S = float(value) / 1000.0
             elif key == "res_ms":
                 decide.STALE_RESOLUTION_S = float(value) / 1000.0
-            elif key == "hold_ms":
-                decide.HOLD_S = float(value) / 1000.0
             elif key == "fade":
                 decide.LAG_FADE = float(value)
             elif key == "tick_ms":
