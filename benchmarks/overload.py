@@ -19,6 +19,8 @@ Variants, measured in alternating order at each offered rate:
              (shed_stale = true): latency first
   fixed=N    (highest rate only, --oracle) fixed limits swept: the frontier of what any
              static limit achieves, against which the adaptive one is judged
+  NAME@k=v/..  a variant with settings of its own (`SETTINGS`), e.g. `stale@tol=2`
+             or `stale@tol=1.75/pace_ms=0.5`: sweeps in one run, rounds interleaved
 
 Per measurement: goodput (200s completed inside the window, per second, and as
 a share of capacity), p50 and p99 latency of the 200s over the whole run and
@@ -59,6 +61,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import stamp, write_section
 
 VARIANTS = ("none", "fixed", "adaptive", "stale")
+# A variant's own settings (`--variants stale@tol=2/pace_ms=0.5`): `tol` is the policy's
+# tolerance; the others set the library's constants in the server process, to sweep them.
+SETTINGS = {
+    "tol": "[concurrency] tolerance (default: --tolerance)",
+    "min": "[concurrency] min_limit (default 1)",
+    "pace_ms": "decide.concurrency.PACE_S, the shortest pacing turn (1 ms)",
+    "res_ms": "decide.concurrency.STALE_RESOLUTION_S, the finest stale bound (2 ms)",
+    "fade": "decide.concurrency.LAG_FADE, the lag peak's fade per release (0.99)",
+    "tick_ms": "inbound.bulkhead.LoopClock.TICK_S, the heartbeat (1 ms)",
+}
 
 APP_SOURCE = """
 import asyncio, contextlib, os, time
@@ -92,30 +104,50 @@ async def lifespan(app):
 
 app = Starlette(routes=[Route("/work", work)], lifespan=lifespan)
 variant = os.environ["OVERLOAD_VARIANT"]
-if variant != "none":
+if variant.partition("@")[0] != "none":
     from fidelity_mw import FidelityMiddleware, Policy
     from fidelity_mw.policy import ConcurrencyConfig
 
-    if variant.startswith("fixed"):
+    # --variants NAME@key=value/...: this variant's own settings (SETTINGS in overload.py)
+    base, _, extra = variant.partition("@")
+    settings = dict(item.split("=", 1) for item in extra.split("/") if item)
+    tolerance = float(settings.pop("tol", os.environ["OVERLOAD_TOLERANCE"]))
+    min_limit = int(settings.pop("min", "1"))
+    if settings:
+        import fidelity_mw.decide.concurrency as decide
+        from fidelity_mw.inbound.bulkhead import LoopClock
+
+        for key, value in settings.items():
+            if key == "pace_ms":
+                decide.PACE_S = float(value) / 1000.0
+            elif key == "res_ms":
+                decide.STALE_RESOLUTION_S = float(value) / 1000.0
+            elif key == "fade":
+                decide.LAG_FADE = float(value)
+            elif key == "tick_ms":
+                LoopClock.TICK_S = float(value) / 1000.0
+            else:
+                raise SystemExit(f"overload: unknown variant setting {key!r}")
+    if base.startswith("fixed"):
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_FIXED_LIMIT"]))
     else:
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_ADAPTIVE_START"]),
-                                 adaptive=True, max_limit=500,
-                                 tolerance=float(os.environ["OVERLOAD_TOLERANCE"]),
-                                 shed_stale=variant == "stale")
+                                 adaptive=True, max_limit=500, min_limit=min_limit,
+                                 tolerance=tolerance,
+                                 shed_stale=base == "stale")
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
     trace_path = os.environ.get("OVERLOAD_TRACE")
-    if trace_path and variant in ("adaptive", "stale"):
+    if trace_path and base in ("adaptive", "stale"):
         # --timeline: every latency sample and the limit after it, written at exit
         from fidelity_mw.decide.concurrency import GradientEstimate
 
         samples = []
         sample = GradientEstimate.sample
 
-        def traced(self, latency_s, in_flight, dropped=False):
-            limit = sample(self, latency_s, in_flight, dropped)
+        def traced(self, latency_s, in_flight, *more):
+            limit = sample(self, latency_s, in_flight, *more)
             samples.append((time.perf_counter(), latency_s, in_flight, limit))
             return limit
 
@@ -157,6 +189,7 @@ class Result:
     settle_s: float = 0.0
     t0: float = 0.0  # perf_counter at the start of the measurement
     stolen: float = 0.0  # share of the run the server or the generator waited for its core
+    busy: float = 0.0  # share of the run the server ran on its core (schedstat run time)
     attempts: int = 1
     trace: list[tuple[float, float, int, float]] = field(default_factory=list)
     sent: int = 0
@@ -397,6 +430,14 @@ def run_delay(pid: int | str = "self") -> float:
         return 0.0
 
 
+def run_time(pid: int | str = "self") -> float:
+    """Seconds the process's main thread has spent on a CPU."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def measure(
     variant: str, multiple: float, cal: Calibration, args: argparse.Namespace, app_dir: Path
 ) -> Result:
@@ -406,9 +447,12 @@ def measure(
     for attempt in range(args.attempts):
         res = Result(variant, multiple, cal.capacity * multiple, args.duration, args.settle)
         with serve(variant, args, app_dir) as (port, pid):
-            server0, gen0 = run_delay(pid), run_delay()
+            server0, gen0, ran0 = run_delay(pid), run_delay(), run_time(pid)
+            began = time.perf_counter()
             asyncio.run(open_loop(port, res, args.timeout_s, args.max_conns, args.components))
             res.stolen = max(run_delay(pid) - server0, run_delay() - gen0) / args.duration
+            # (over the whole run, the drain after the last request included)
+            res.busy = (run_time(pid) - ran0) / (time.perf_counter() - began)
         res.attempts = attempt + 1
         if args.timeline:
             res.trace = read_trace(app_dir / "trace.txt", res.t0)
@@ -523,6 +567,23 @@ def components(res: Result) -> str:
     return "\n".join(rows)
 
 
+def _variants(spec: str) -> list[str]:
+    """The variants named, each NAME or NAME@key=value/... (a name of VARIANTS)."""
+    out = []
+    for variant in spec.split(","):
+        base, _, extra = variant.partition("@")
+        if base not in VARIANTS:
+            raise SystemExit(f"overload: unknown variant {base!r} (one of {', '.join(VARIANTS)})")
+        for item in extra.split("/") if extra else ():
+            key, eq, _value = item.partition("=")
+            if not eq or key not in SETTINGS:
+                raise SystemExit(
+                    f"overload: bad setting {item!r} in {variant!r} (keys: {', '.join(SETTINGS)})"
+                )
+        out.append(variant)
+    return out
+
+
 def uptime() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -576,7 +637,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     multiples = [float(m) for m in args.multiples.split(",")]
-    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
+    variants = tuple(_variants(args.variants))
     oracle = tuple(f"fixed={n}" for n in args.oracle.split(",") if n)
 
     app_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"fidelity-overload-{os.getpid()}"
@@ -606,7 +667,8 @@ def main() -> None:
                     f"p99 {res.pct(0.99) * 1000:.0f} ms (steady "
                     f"{res.pct(0.99, args.settle) * 1000:.0f} ms), shed {res.shed}, "
                     f"failed {res.failed}; generator late p99 {_pct(late, 0.99) * 1000:.1f} ms; "
-                    f"core stolen {res.stolen:.1%} (attempt {res.attempts})",
+                    f"core stolen {res.stolen:.1%} (attempt {res.attempts}); server busy "
+                    f"{res.busy:.0%}",
                     file=sys.stderr,
                 )
                 if args.timeline:
@@ -640,11 +702,12 @@ def main() -> None:
         f"by its own round's unloaded p99. Steady p99: requests due after the first "
         f"{args.settle:g} s; whole-run p99 includes that transient. Core stolen: the share "
         f"of the run the server or the generator waited for its core (schedstat run delay); "
-        f"a run over {args.max_stolen:.0%} was redone, up to {args.attempts} times.",
+        f"a run over {args.max_stolen:.0%} was redone, up to {args.attempts} times. Server busy: "
+        f"the share of the run (until its last answer) the server ran on its core.",
         "",
         "| offered | variant | goodput | of capacity | p50 | p99 (whole run) | p99 steady "
-        "| steady p99 / unloaded | shed (503) | timeouts/errors | core stolen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| steady p99 / unloaded | shed (503) | timeouts/errors | core stolen | server busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for multiple in multiples:
         for variant in variants + oracle:
@@ -660,10 +723,11 @@ def main() -> None:
             shed = statistics.median(r.shed / max(1, r.sent) for r, _c in runs)
             failed = statistics.median(r.failed / max(1, r.sent) for r, _c in runs)
             stolen = statistics.median(r.stolen for r, _c in runs)
+            busy = statistics.median(r.busy for r, _c in runs)
             lines.append(
                 f"| {multiple:g}x | {variant} | {goodput:.0f}/s | {good:.0%} | "
                 f"{p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {steady * 1000:.0f} ms | "
-                f"{ratio:.1f}x | {shed:.0%} | {failed:.0%} | {stolen:.1%} |"
+                f"{ratio:.1f}x | {shed:.0%} | {failed:.0%} | {stolen:.1%} | {busy:.0%} |"
             )
     shutil.rmtree(app_dir, ignore_errors=True)
     body = "\n".join(lines)

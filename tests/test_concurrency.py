@@ -471,3 +471,28 @@ def test_a_fresh_request_is_not_stale_by_the_loop_clocks_grain_on_a_fast_route()
     lim.new_turn()
     stale = lim.try_acquire(DEFAULT, now=1.02, waited_s=0.004)  # a CPU step's worth
     assert (stale.admitted, stale.reason) == (False, STALE)
+
+
+def test_a_request_refused_at_the_limit_that_was_stale_anyway_does_not_grow_it() -> None:
+    """With stale shedding the limit grows only after it refused someone; a request
+    refused at the limit that the stale rule would have shed anyway is no such evidence
+    (the reason stays the limit's). A fresh one refused there is."""
+    lim = _stale_limiter(limit=1)
+    assert lim.try_acquire(DEFAULT, now=1.0, waited_s=0.0).admitted
+    lim.new_turn()
+    refused = lim.try_acquire(DEFAULT, now=1.01, waited_s=0.009)  # stale beside one
+    assert (refused.admitted, refused.reason) == (False, AT_LIMIT)
+    assert not lim.binding
+    for _ in range(50):
+        lim.release(0.01, lag_s=0.003)  # within tolerance, still pacing
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.try_acquire(DEFAULT, now=1.01, waited_s=0.009)
+    assert lim.limit == 1  # never grown: nothing the limit alone held back
+    fresh = lim.try_acquire(DEFAULT, now=1.02, waited_s=0.001)
+    assert (fresh.admitted, fresh.reason) == (False, AT_LIMIT)
+    assert lim.binding
+    for _ in range(50):
+        lim.release(0.01, lag_s=0.003)  # within tolerance, still pacing
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.try_acquire(DEFAULT, now=1.02, waited_s=0.001)
+    assert lim.limit >= 2

@@ -48,7 +48,9 @@ batch), still one per turn. With nothing in flight a request runs at once, so
 it may have waited the whole tolerance x floor; past that it is shed only while
 the route admitted one lately, so other work hogging the loop cannot starve
 the route. Since this rule, not the limit, then holds requests back, the limit
-grows only after it refused one. Critical requests are never shed as stale.
+grows only after it refused one (one the stale rule would not have shed: a
+stale request refused at the limit is no evidence the limit is too low).
+Critical requests are never shed as stale.
 This trades goodput for latency: the core idles through the await of a
 request let in alone whenever no fresh one arrives meanwhile
 (docs/inbound.md has the measured trade).
@@ -337,7 +339,15 @@ class ConcurrencyLimiter:
                 return Admission(True, UNDER_LIMIT, self.in_flight, limit)
             if self.in_flight >= self._room(priority):
                 reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
-                self.binding = True
+                # A request the stale rule would have shed anyway says nothing of the limit:
+                # it is no reason to grow it (module doc).
+                if not (
+                    self.spec.shed_stale
+                    and waited_s is not None
+                    and priority != CRITICAL
+                    and self._stale(waited_s, now)
+                ):
+                    self.binding = True
             else:
                 # Room, but requests of its class or better wait ahead of it: queued while
                 # pacing (their turn first), or under a limit that grew since. Neither the
