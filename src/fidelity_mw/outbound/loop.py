@@ -405,10 +405,19 @@ def attempts(
             error: BaseException | None = None
             if thrown is not None:
                 if not isinstance(thrown, Exception):  # cancelled or interrupted: never retried
-                    if up.window is not None:  # a lower bound of its latency: still a sample
-                        up.window.add(clock.monotonic() - now)
+                    # (a hedge's loser, mostly): its time so far is a lower bound of its
+                    # latency, still a sample; without it a slow instance that always loses
+                    # to its hedge would keep the estimate it had before, and the balancer
+                    # would keep sending it the first attempt of every call.
+                    ended = clock.monotonic()
+                    if up.window is not None:
+                        up.window.add(ended - now)
                     if target is not None:
                         target.outstanding -= 1
+                        target.latency_s = ewma(
+                            target.latency_s, target.latency_at, ended - now, ended, EWMA_TAU_S
+                        )
+                        target.latency_at = ended
                     if gate is not None and gated:
                         yield from _release(local, breaker_key, breaker, gate, now)
                     observe_end(observer, token, None, thrown)
@@ -563,7 +572,7 @@ def _gate_next(
     for _ in range(len(instances) + 1 if instances else 1):
         if instances is not None:
             pick = choose(
-                [i.view() for i in instances],
+                [i.view(now) for i in instances],
                 tried,
                 now,
                 engine.rng,

@@ -1,0 +1,106 @@
+"""Defects found by the eighth review (the outbound side: transport, retries, hedging,
+instance balancing). Each test failed before its fix; the fake clock stands for time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityTransport
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import HedgeConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+pytestmark = pytest.mark.anyio
+
+INSTANCES = ("http://10.0.0.1:8001", "http://10.0.0.2:8002", "http://10.0.0.3:8003")
+RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2)
+
+
+def _key(request: httpx.Request) -> str:
+    return f"{request.url.host}:{request.url.port}"
+
+
+def _service(
+    handler: Any, clock: FakeClock, instances: tuple[str, ...] = INSTANCES, **cfg: Any
+) -> tuple[FidelityTransport, Engine]:
+    upstream = UpstreamConfig(host="payments", instances=instances, retry=RETRY, **cfg)
+    engine = Engine(
+        Policy(upstreams=(upstream,)), clock=clock, rng=seeded_random(7), store=MemoryStore()
+    )
+    return FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False), engine
+
+
+class PoliteClock(FakeClock):
+    """A fake clock whose sleep lets the other tasks run before it moves time: an
+    attempt that answers at once answers before a hedge delay has passed, as it would."""
+
+    async def sleep(self, seconds: float) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await super().sleep(seconds)
+
+
+# ---------------------------------------------------------------- balancing
+
+
+async def test_an_instance_with_one_slow_answer_is_tried_again_once_that_is_old() -> None:
+    # One slow answer (a GC pause, a cold cache) left an instance's latency estimate high;
+    # the estimate only moved on a new sample, and an instance that loses every power-of-
+    # two comparison gets none: it was never picked again, healthy as it was.
+    clock = FakeClock()
+    slow = {"10.0.0.1:8001": 2.0}
+    seen: Counter[str] = Counter()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        key = _key(request)
+        seen[key] += 1
+        clock.advance(slow.pop(key, 0.01))
+        return httpx.Response(200)
+
+    t, _ = _service(handler, clock)
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(10):  # every instance measured, the first one once, slowly
+            await client.get("http://payments/pay")
+        assert seen["10.0.0.1:8001"] == 1
+        seen.clear()
+        for _ in range(600):  # a minute of calls, every instance fast
+            assert (await client.get("http://payments/pay")).status_code == 200
+            clock.advance(0.1)
+    assert seen["10.0.0.1:8001"] > 0
+
+
+async def test_a_hedged_away_slow_instance_stops_being_the_first_choice() -> None:
+    # An instance that hangs loses every race to its hedge, and its attempts are
+    # cancelled: their time went into no latency estimate, so the balancer kept the
+    # instance's old (fast) one and sent it the first attempt of every call, each paying
+    # the hedge delay and a hedge from the retry budget (once that is spent, the call
+    # waits on the hanging instance).
+    clock = PoliteClock()
+    first: Counter[str] = Counter()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        key = _key(request)
+        if request.headers["x-fidelity-attempt"] == "1":
+            first[key] += 1
+        if key == "10.0.0.1:8001":
+            await asyncio.Event().wait()  # hangs until cancelled
+        clock.advance(0.01)
+        return httpx.Response(200)
+
+    t, engine = _service(handler, clock, INSTANCES[:2], hedge=HedgeConfig(after_ms=50))
+    hung, fine = t.upstream(engine, httpx.URL("http://payments/")).instances or ()
+    hung.latency_s, fine.latency_s = 0.03, 0.05  # it was the faster one until now
+    hung.latency_at = fine.latency_at = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(30):  # (within the retry budget: every call may hedge)
+            assert (await client.get("http://payments/pay")).status_code == 200
+            clock.advance(0.1)
+    assert hung.outstanding == fine.outstanding == 0
+    assert first["10.0.0.1:8001"] < 15  # not every call any more
