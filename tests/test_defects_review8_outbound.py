@@ -104,3 +104,44 @@ async def test_a_hedged_away_slow_instance_stops_being_the_first_choice() -> Non
             clock.advance(0.1)
     assert hung.outstanding == fine.outstanding == 0
     assert first["10.0.0.1:8001"] < 15  # not every call any more
+
+
+# ---------------------------------------------------------------- resolver
+
+
+async def test_instances_renamed_by_the_resolver_during_a_call_fail_no_retry() -> None:
+    # The resolver is asked once per call, so another call may rename the instances
+    # while this one is between attempts. The loop kept the list it started with and
+    # looked its retry's instance up in it by position: an instance that list did not
+    # have raised ValueError out of the transport (and left it counted as busy).
+    clock = FakeClock()
+    answer = [["http://10.0.0.1:8001", "http://10.0.0.2:8002"]]
+    seen: list[str] = []
+    client: httpx.AsyncClient
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        key = _key(request)
+        if request.url.path == "/other":
+            return httpx.Response(200)
+        seen.append(key)
+        if len(seen) == 1:  # meanwhile, another call learns a new instance list
+            answer[0] = ["http://10.0.0.3:8003"]
+            assert (await client.get("http://payments/other")).status_code == 200
+        return httpx.Response(200 if len(seen) == 3 else 503)
+
+    upstream = UpstreamConfig(host="payments", retry=RETRY)
+    engine = Engine(
+        Policy(upstreams=(upstream,)), clock=clock, rng=seeded_random(7), store=MemoryStore()
+    )
+    t = FidelityTransport(
+        httpx.MockTransport(handler),
+        engine=engine,
+        telemetry=False,
+        resolver=lambda host: answer[0] if host == "payments" else None,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    assert seen[1:] == ["10.0.0.3:8003", "10.0.0.3:8003"]
+    instances = t.upstream(engine, httpx.URL("http://payments/")).instances or ()
+    assert all(i.outstanding == 0 for i in instances)

@@ -315,7 +315,9 @@ def attempts(
         prior = take_ours(request.headers)
     else:
         original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
-    tried: list[int] = []
+    # The instances this call sent to (not their positions: another call may rename the
+    # service's instances while this one backs off, and the list is then a new one).
+    tried: list[Instance] = []
     target: Instance | None = None
     breaker_key = up.breaker_key
     gated = breaker is not None  # False when the balancer overrides an open instance breaker
@@ -392,8 +394,8 @@ def attempts(
                 token = observe_start(observer, ctx, request, number) if observer else None
                 if target is not None:
                     target.outstanding += 1
-                    if race is not None and instances is not None:
-                        race.targets.append(instances.index(target))
+                    if race is not None:
+                        race.targets.append(target)
                 try:
                     response, thrown = (yield (SEND, request)), None
                 except GeneratorExit:
@@ -469,8 +471,8 @@ def attempts(
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
-                        if target is not None and instances is not None:
-                            tried.append(instances.index(target))
+                        if target is not None:
+                            tried.append(target)
                         if instances is None and local is not None:
                             gate, allowed, source, age = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
@@ -545,7 +547,7 @@ def _gate_next(
     engine: Engine,
     up: Upstream,
     local: Local | None,
-    tried: list[int],
+    tried: list[Instance],
     retry: bool,
     attempts_made: int,
     now: float,
@@ -573,7 +575,7 @@ def _gate_next(
         if instances is not None:
             pick = choose(
                 [i.view(now) for i in instances],
-                tried,
+                [n for n, i in enumerate(instances) if i in tried],
                 now,
                 engine.rng,
                 panic_threshold=up.cfg.panic_threshold,
@@ -630,7 +632,7 @@ def _gate_hedge(
     engine: Engine,
     up: Upstream,
     local: Local | None,
-    tried: list[int],
+    tried: list[Instance],
     race: Race,
     now: float,
 ) -> Generator[Effect, Any, _Gated]:
