@@ -145,3 +145,61 @@ async def test_instances_renamed_by_the_resolver_during_a_call_fail_no_retry() -
     assert seen[1:] == ["10.0.0.3:8003", "10.0.0.3:8003"]
     instances = t.upstream(engine, httpx.URL("http://payments/")).instances or ()
     assert all(i.outstanding == 0 for i in instances)
+
+
+# ---------------------------------------------------------------- hedging
+
+
+async def test_a_call_a_hedge_won_is_no_give_up_for_the_callers_answer() -> None:
+    # The first attempt's loop gave up (an exhausted callee) while its hedge was still
+    # out; the hedge then answered 200 and the call succeeded. The give-up had marked the
+    # request as exhausted all the same, so a later, unrelated 500 of the app went out
+    # with `x-fidelity-retry: exhausted` (its callers would not retry it) and the give-up's
+    # Retry-After.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from fidelity_mw import FidelityMiddleware
+
+    clock = PoliteClock()
+    primary_go, hedge_go = asyncio.Event(), asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.headers["x-fidelity-attempt"] == "1":
+            await primary_go.wait()
+            hedge_go.set()  # the hedge answers after this give-up
+            return httpx.Response(503, headers={"x-fidelity-retry": "exhausted"})
+        primary_go.set()
+        await hedge_go.wait()
+        return httpx.Response(200)
+
+    client = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(upstream), telemetry=False)
+    )
+    called: list[int] = []
+
+    async def route(request: Request) -> Response:
+        response = await client.get("http://payments/pay")
+        called.append(response.status_code)
+        return Response("unrelated bug", status_code=500)
+
+    cfg = UpstreamConfig(
+        host="payments", instances=INSTANCES[:2], retry=RETRY, hedge=HedgeConfig(after_ms=50)
+    )
+    app = Starlette(routes=[Route("/", route)])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(upstreams=(cfg,)),
+        clock=clock,
+        rng=seeded_random(3),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/")
+    await client.aclose()
+    assert called == [200]
+    assert response.status_code == 500
+    assert "x-fidelity-retry" not in response.headers
+    assert "retry-after" not in response.headers

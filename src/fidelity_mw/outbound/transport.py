@@ -514,6 +514,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if hedged is None:
             return await self._drive(steps, engine)
         race, hedge, spawn, up, ctx, ends = hedged
+        exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
         try:
             response = await run_race(
                 race,
@@ -527,6 +528,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         finally:
             if ends is not None:
                 call_end(ends, ctx)
+        status = response.status_code
+        if status < 500 and status not in up.retry_statuses:
+            # A good answer (a hedge's, mostly) ends the call: a give-up of the first
+            # attempt's loop before it says nothing about this call any more (its record
+            # stays), so the caller's own 5xx is not marked exhausted for it.
+            ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
         if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
