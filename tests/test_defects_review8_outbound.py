@@ -106,6 +106,35 @@ async def test_a_hedged_away_slow_instance_stops_being_the_first_choice() -> Non
     assert first["10.0.0.1:8001"] < 15  # not every call any more
 
 
+async def test_an_instance_that_fails_fast_does_not_draw_more_calls() -> None:
+    # An instance that answers 40 % of its calls with a quick 503 (below the breaker's
+    # failure ratio, so never ejected) had its fast failures taken as fast answers: its
+    # latency estimate was the lowest and it won most comparisons, drawing two thirds of
+    # the calls' first attempts instead of a third, and twice the failures.
+    import random
+
+    clock = FakeClock()
+    first: Counter[str] = Counter()
+    coin = random.Random(1)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        key = _key(request)
+        if request.headers["x-fidelity-attempt"] == "1":
+            first[key] += 1
+        if key == "10.0.0.1:8001" and coin.random() < 0.4:
+            clock.advance(0.001)
+            return httpx.Response(503)
+        clock.advance(0.02)
+        return httpx.Response(200)
+
+    t, _ = _service(handler, clock)
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(600):
+            await client.get("http://payments/pay")
+            clock.advance(0.005)
+    assert first["10.0.0.1:8001"] < 280  # about a third (200), not two thirds (400)
+
+
 # ---------------------------------------------------------------- resolver
 
 

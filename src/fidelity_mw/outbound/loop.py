@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, NamedTuple
@@ -430,10 +431,23 @@ def attempts(
                 up.window.add(ended - now)
             if target is not None:
                 target.outstanding -= 1
-                target.latency_s = ewma(
-                    target.latency_s, target.latency_at, ended - now, ended, EWMA_TAU_S
-                )
-                target.latency_at = ended
+                sample = ended - now
+                if (
+                    response is None
+                    or response.status_code >= 500
+                    or response.status_code in up.retry_statuses
+                ) and sample <= _known_latency(target, up.instances):
+                    # A quick failure is no evidence of speed (a slow one is of slowness):
+                    # taken as one, an instance failing fast would look the fastest and
+                    # draw more calls. Its estimate stands as of now (not aged as if the
+                    # instance had not been asked); an unmeasured one stays unmeasured.
+                    if target.latency_s > 0.0:
+                        target.latency_at = ended
+                else:
+                    target.latency_s = ewma(
+                        target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S
+                    )
+                    target.latency_at = ended
             try:
                 if (
                     response is not None
@@ -741,6 +755,15 @@ def _release(
             yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
+    """The instance's latency estimate; unmeasured, the fastest measured of the service
+    (what the balancer takes for it), or infinite when none is (a failure then tells
+    nothing of any speed)."""
+    if target.latency_s > 0.0:
+        return target.latency_s
+    return min((i.latency_s for i in instances or () if i.latency_s > 0.0), default=math.inf)
 
 
 def _learned_open(target: Instance, gate: Gate, now: float) -> None:
