@@ -232,3 +232,67 @@ async def test_a_call_a_hedge_won_is_no_give_up_for_the_callers_answer() -> None
     assert response.status_code == 500
     assert "x-fidelity-retry" not in response.headers
     assert "retry-after" not in response.headers
+
+
+# ---------------------------------------------------------------- closing a spent attempt
+
+
+class _BrokenOnClose(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """A failed attempt's body whose connection breaks as it is closed."""
+
+    def __iter__(self) -> Any:
+        yield b"down"
+
+    async def __aiter__(self) -> Any:
+        yield b"down"
+
+    def close(self) -> None:
+        raise httpx.ReadError("connection reset while closing")
+
+    async def aclose(self) -> None:
+        raise httpx.ReadError("connection reset while closing")
+
+
+def _plain_engine(clock: FakeClock) -> Engine:
+    upstream = UpstreamConfig(host="*", retry=RETRY)
+    return Engine(Policy(upstreams=(upstream,)), clock=clock, rng=seeded_random(7))
+
+
+def _broken_then_fine(seen: list[int]) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) == 1:
+            return httpx.Response(503, stream=_BrokenOnClose())
+        return httpx.Response(200)
+
+    return handler
+
+
+async def test_a_failed_attempt_whose_connection_breaks_as_it_is_closed_is_still_retried() -> None:
+    # The failed attempt's response is closed before the backoff; an error from that close
+    # (its connection broke) failed the whole call instead of the retry going out.
+    seen: list[int] = []
+    t = FidelityTransport(
+        httpx.MockTransport(_broken_then_fine(seen)),
+        engine=_plain_engine(FakeClock()),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://svc.internal/items")
+    assert response.status_code == 200
+    assert len(seen) == 2
+
+
+def test_the_sync_transport_retries_it_too() -> None:
+    from fidelity_mw import FidelitySyncTransport
+
+    seen: list[int] = []
+    t = FidelitySyncTransport(
+        httpx.MockTransport(_broken_then_fine(seen)),
+        engine=_plain_engine(FakeClock()),
+        telemetry=False,
+    )
+    with httpx.Client(transport=t) as client:
+        response = client.get("http://svc.internal/items")
+    assert response.status_code == 200
+    assert len(seen) == 2

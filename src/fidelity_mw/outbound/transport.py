@@ -27,6 +27,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import time
@@ -562,7 +563,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
-                        with anyio.CancelScope(shield=True):
+                        # (a broken connection is closed enough: the retry goes on)
+                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                             await effect[2].aclose()
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
@@ -609,7 +611,8 @@ def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response |
 
     def wait(seconds: float, spent: httpx.Response | None) -> None:
         if spent is not None:
-            spent.close()
+            with contextlib.suppress(Exception):  # a broken connection is closed enough
+                spent.close()
         sleep(seconds)
 
     return wait
