@@ -296,3 +296,53 @@ def test_the_sync_transport_retries_it_too() -> None:
         response = client.get("http://svc.internal/items")
     assert response.status_code == 200
     assert len(seen) == 2
+
+
+class _Tracked(httpx.AsyncByteStream):
+    """A response body that remembers being closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def __aiter__(self) -> Any:
+        yield b"ok"
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_hedged_call_cancelled_as_its_losers_wind_down_closes_the_winner() -> None:
+    # The winner is chosen, the losers are cancelled and wind down (a connection closing);
+    # the caller is cancelled meanwhile (its client went away, its deadline passed). The
+    # winner's response was then neither handed back nor closed: its connection stayed
+    # checked out of the pool.
+    import anyio
+
+    clock = PoliteClock()
+    winding_down, let_go = asyncio.Event(), asyncio.Event()
+    bodies: list[_Tracked] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers["x-fidelity-attempt"] == "1":
+            try:
+                await asyncio.Event().wait()  # slow: the hedge wins
+            except asyncio.CancelledError:
+                with anyio.CancelScope(shield=True):  # its connection takes a while to close
+                    winding_down.set()
+                    await let_go.wait()
+                raise
+        body = _Tracked()
+        bodies.append(body)
+        return httpx.Response(200, stream=body)
+
+    t, _ = _service(handler, clock, INSTANCES[:2], hedge=HedgeConfig(after_ms=50))
+    async with httpx.AsyncClient(transport=t) as client:
+        call = asyncio.ensure_future(client.get("http://payments/pay"))
+        await winding_down.wait()
+        call.cancel()  # the caller goes away while the loser winds down
+        await asyncio.sleep(0)
+        let_go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert len(bodies) == 1
+    assert bodies[0].closed

@@ -234,6 +234,12 @@ async def run_race(
                 if winner is None and pending == 0 and primary is not None:
                     winner = primary
             group.cancel_scope.cancel()
+    except BaseException:
+        # Cancelled (or failed) once the winner was chosen, while the losers wound down:
+        # its response is handed back to no one, so it is closed like theirs.
+        if winner is not None:
+            await _close(winner[0])
+        raise
     finally:
         # Answers that came in after the winner (or while we were cancelled) are losers.
         for _, response, _ in outcomes:
