@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -26,9 +26,6 @@ import httpx
 from .._types import Clock
 from ..decide.retry import IDEMPOTENT_METHODS
 from .wire import IDEMPOTENCY_KEY, has_header, replayable
-
-if TYPE_CHECKING:
-    from .upstream import Instance
 
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
@@ -50,7 +47,8 @@ class Race:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.sent = 0
-        self.targets: list[Instance] = []  # (the instances, not positions in a list)
+        # The `upstream.Instance`s sent to (not positions: the service's list may be renamed).
+        self.targets: list[Any] = []
 
     def next(self) -> int:
         """The number of the attempt about to be sent (1 for the first)."""
