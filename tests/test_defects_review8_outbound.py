@@ -346,3 +346,50 @@ async def test_a_hedged_call_cancelled_as_its_losers_wind_down_closes_the_winner
             await call
     assert len(bodies) == 1
     assert bodies[0].closed
+
+
+class _HeldClock(PoliteClock):
+    """Sleeps of a second or more wait until the test lets them go (then move time):
+    the shorter ones (a hedge delay) run meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds >= 1.0:
+            await self.held.wait()
+        await super().sleep(seconds)
+
+
+async def test_no_hedge_goes_to_a_host_whose_429_paused_retries() -> None:
+    # A 429's Retry-After pauses every retry to its host; the first attempt waits it out
+    # before its retry. The hedge timer went on running meanwhile and sent a hedge (an
+    # attempt like a retry) right into the pause, where it met the same 429.
+    clock = _HeldClock()
+    arrivals: list[tuple[float, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        arrivals.append((clock.monotonic(), request.headers["x-fidelity-attempt"]))
+        if len(arrivals) == 1:
+            return httpx.Response(429, headers={"retry-after": "1"})
+        return httpx.Response(200)
+
+    upstream = UpstreamConfig(host="*", retry=RETRY, hedge=HedgeConfig(after_ms=50))
+    engine = Engine(
+        Policy(upstreams=(upstream,)), clock=clock, rng=seeded_random(7), store=MemoryStore()
+    )
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    start = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        call = asyncio.ensure_future(client.get("http://svc.internal/items"))
+        for _ in range(100):  # the hedge delay passes while the retry waits out the 429
+            await asyncio.sleep(0)
+        clock.held.set()
+        response = await call
+    assert response.status_code == 200
+    assert [n for _, n in arrivals] == ["1", "2"]  # the first attempt and its retry
+    assert arrivals[1][0] - start >= 1.0  # after the pause
+    decisions = response.extensions["fidelity_context"].decisions
+    refused = [d for d in decisions if d.reason == "no_hedge"]
+    assert [(d.layer, d.details["why"]) for d in refused] == [("retry", "retry_pause")]

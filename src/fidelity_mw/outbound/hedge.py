@@ -30,6 +30,7 @@ from .wire import IDEMPOTENCY_KEY, has_header, replayable
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
 NO_HEDGE: Final = "no_hedge"  # a hedge the budget or a breaker refused (reason)
+HEDGE_PAUSED: Final = "retry_pause"  # why no hedge: a 429's Retry-After pauses retries
 
 _WINDOW: Final = 256  # attempt latencies kept per upstream
 _REFRESH: Final = 16  # samples between two p95 computations

@@ -79,7 +79,7 @@ from .decisions import (
     plan_call,
     store_failed,
 )
-from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
+from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
@@ -658,21 +658,26 @@ def _gate_hedge(
     exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
     sent = race.sent
     layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
-    try:
-        g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
-    except Exception:  # a store failing closed: the call's other attempts still stand
-        pass
+    if up.paused_until > now:
+        # A 429's Retry-After pauses retries to the host, and a hedge is one: the call's
+        # first attempt waits the pause out for its own retry.
+        layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
-        gate, source, age = g.gate, g.source, g.age_s
-        if g.allowed and (gate is None or gate.verdict != "reject"):
-            return g
-        said = decisions[mark:]
-        if gate is not None and gate.verdict == "reject":
-            layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
-        elif said:
-            layer, why = said[-1].layer, said[-1].reason
+        try:
+            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+        except Exception:  # a store failing closed: the call's other attempts still stand
+            pass
         else:
-            why = GIVE_UP_BUDGET
+            gate, source, age = g.gate, g.source, g.age_s
+            if g.allowed and (gate is None or gate.verdict != "reject"):
+                return g
+            said = decisions[mark:]
+            if gate is not None and gate.verdict == "reject":
+                layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
+            elif said:
+                layer, why = said[-1].layer, said[-1].reason
+            else:
+                why = GIVE_UP_BUDGET
     del decisions[mark:]
     ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
     decisions.append(
