@@ -393,3 +393,30 @@ async def test_no_hedge_goes_to_a_host_whose_429_paused_retries() -> None:
     decisions = response.extensions["fidelity_context"].decisions
     refused = [d for d in decisions if d.reason == "no_hedge"]
     assert [(d.layer, d.details["why"]) for d in refused] == [("retry", "retry_pause")]
+
+
+async def test_a_call_with_the_most_attempts_and_hedges_numbers_every_attempt() -> None:
+    # `x-fidelity-attempt` came from a table sized for the attempts alone (10 at most);
+    # a hedged call counts its hedges too (up to 3 more), and the attempt past the table
+    # raised IndexError out of the transport.
+    clock = PoliteClock()
+    numbers: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        numbers.append(request.headers["x-fidelity-attempt"])
+        return httpx.Response(503)
+
+    upstream = UpstreamConfig(
+        host="*",
+        retry=RetryConfig(attempts=10, base_ms=100, max_ms=100, jitter="none"),
+        hedge=HedgeConfig(after_ms=50, max_hedges=3),
+        breaker=None,
+    )
+    engine = Engine(
+        Policy(upstreams=(upstream,)), clock=clock, rng=seeded_random(7), store=MemoryStore()
+    )
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://svc.internal/items")
+    assert response.status_code == 503
+    assert numbers == [str(n) for n in range(1, 14)]
