@@ -128,6 +128,17 @@ def choose(
     return Pick(index, reason, panic, bypass, len(admissible))
 
 
+def decayed(latency_s: float, at: float, now: float, tau_s: float) -> float:
+    """A latency estimate as read at `now`, made at `at`: it loses weight with its age, as
+    Finagle's peak EWMA and Linkerd's decay theirs on every read. An instance whose
+    estimate went up (one slow answer) loses every comparison and so gets no new sample
+    to bring it down: without the decay it would never be picked again. With it, its
+    estimate falls until the instance is tried, and that answer speaks for it."""
+    if latency_s <= 0.0 or tau_s <= 0.0 or now <= at:
+        return latency_s
+    return latency_s * math.exp(-(now - at) / tau_s)
+
+
 def ewma(previous: float, previous_at: float, sample: float, now: float, tau_s: float) -> float:
     """Latency EWMA with time decay: an old estimate weighs less (Finagle's peak EWMA,
     without the peak). The first sample is taken as it is."""

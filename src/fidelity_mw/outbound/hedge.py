@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -30,6 +30,7 @@ from .wire import IDEMPOTENCY_KEY, has_header, replayable
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
 NO_HEDGE: Final = "no_hedge"  # a hedge the budget or a breaker refused (reason)
+HEDGE_PAUSED: Final = "retry_pause"  # why no hedge: a 429's Retry-After pauses retries
 
 _WINDOW: Final = 256  # attempt latencies kept per upstream
 _REFRESH: Final = 16  # samples between two p95 computations
@@ -47,7 +48,8 @@ class Race:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.sent = 0
-        self.targets: list[int] = []
+        # The `upstream.Instance`s sent to (not positions: the service's list may be renamed).
+        self.targets: list[Any] = []
 
     def next(self) -> int:
         """The number of the attempt about to be sent (1 for the first)."""
@@ -231,6 +233,12 @@ async def run_race(
                 if winner is None and pending == 0 and primary is not None:
                     winner = primary
             group.cancel_scope.cancel()
+    except BaseException:
+        # Cancelled (or failed) once the winner was chosen, while the losers wound down:
+        # its response is handed back to no one, so it is closed like theirs.
+        if winner is not None:
+            await _close(winner[0])
+        raise
     finally:
         # Answers that came in after the winner (or while we were cancelled) are losers.
         for _, response, _ in outcomes:

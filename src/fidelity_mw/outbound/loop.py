@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, NamedTuple
@@ -78,7 +79,7 @@ from .decisions import (
     plan_call,
     store_failed,
 )
-from .hedge import HEDGE, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
+from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
@@ -315,7 +316,9 @@ def attempts(
         prior = take_ours(request.headers)
     else:
         original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
-    tried: list[int] = []
+    # The instances this call sent to (not their positions: another call may rename the
+    # service's instances while this one backs off, and the list is then a new one).
+    tried: list[Instance] = []
     target: Instance | None = None
     breaker_key = up.breaker_key
     gated = breaker is not None  # False when the balancer overrides an open instance breaker
@@ -392,8 +395,8 @@ def attempts(
                 token = observe_start(observer, ctx, request, number) if observer else None
                 if target is not None:
                     target.outstanding += 1
-                    if race is not None and instances is not None:
-                        race.targets.append(instances.index(target))
+                    if race is not None:
+                        race.targets.append(target)
                 try:
                     response, thrown = (yield (SEND, request)), None
                 except GeneratorExit:
@@ -405,10 +408,19 @@ def attempts(
             error: BaseException | None = None
             if thrown is not None:
                 if not isinstance(thrown, Exception):  # cancelled or interrupted: never retried
-                    if up.window is not None:  # a lower bound of its latency: still a sample
-                        up.window.add(clock.monotonic() - now)
+                    # (a hedge's loser, mostly): its time so far is a lower bound of its
+                    # latency, still a sample; without it a slow instance that always loses
+                    # to its hedge would keep the estimate it had before, and the balancer
+                    # would keep sending it the first attempt of every call.
+                    ended = clock.monotonic()
+                    if up.window is not None:
+                        up.window.add(ended - now)
                     if target is not None:
                         target.outstanding -= 1
+                        target.latency_s = ewma(
+                            target.latency_s, target.latency_at, ended - now, ended, EWMA_TAU_S
+                        )
+                        target.latency_at = ended
                     if gate is not None and gated:
                         yield from _release(local, breaker_key, breaker, gate, now)
                     observe_end(observer, token, None, thrown)
@@ -419,10 +431,23 @@ def attempts(
                 up.window.add(ended - now)
             if target is not None:
                 target.outstanding -= 1
-                target.latency_s = ewma(
-                    target.latency_s, target.latency_at, ended - now, ended, EWMA_TAU_S
-                )
-                target.latency_at = ended
+                sample = ended - now
+                if (
+                    response is None
+                    or response.status_code >= 500
+                    or response.status_code in up.retry_statuses
+                ) and sample <= _known_latency(target, up.instances):
+                    # A quick failure is no evidence of speed (a slow one is of slowness):
+                    # taken as one, an instance failing fast would look the fastest and
+                    # draw more calls. Its estimate stands as of now (not aged as if the
+                    # instance had not been asked); an unmeasured one stays unmeasured.
+                    if target.latency_s > 0.0:
+                        target.latency_at = ended
+                else:
+                    target.latency_s = ewma(
+                        target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S
+                    )
+                    target.latency_at = ended
             try:
                 if (
                     response is not None
@@ -460,8 +485,8 @@ def attempts(
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
-                        if target is not None and instances is not None:
-                            tried.append(instances.index(target))
+                        if target is not None:
+                            tried.append(target)
                         if instances is None and local is not None:
                             gate, allowed, source, age = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
@@ -536,7 +561,7 @@ def _gate_next(
     engine: Engine,
     up: Upstream,
     local: Local | None,
-    tried: list[int],
+    tried: list[Instance],
     retry: bool,
     attempts_made: int,
     now: float,
@@ -563,8 +588,8 @@ def _gate_next(
     for _ in range(len(instances) + 1 if instances else 1):
         if instances is not None:
             pick = choose(
-                [i.view() for i in instances],
-                tried,
+                [i.view(now) for i in instances],
+                [n for n, i in enumerate(instances) if i in tried],
                 now,
                 engine.rng,
                 panic_threshold=up.cfg.panic_threshold,
@@ -621,7 +646,7 @@ def _gate_hedge(
     engine: Engine,
     up: Upstream,
     local: Local | None,
-    tried: list[int],
+    tried: list[Instance],
     race: Race,
     now: float,
 ) -> Generator[Effect, Any, _Gated]:
@@ -633,21 +658,26 @@ def _gate_hedge(
     exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
     sent = race.sent
     layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
-    try:
-        g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
-    except Exception:  # a store failing closed: the call's other attempts still stand
-        pass
+    if up.paused_until > now:
+        # A 429's Retry-After pauses retries to the host, and a hedge is one: the call's
+        # first attempt waits the pause out for its own retry.
+        layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
-        gate, source, age = g.gate, g.source, g.age_s
-        if g.allowed and (gate is None or gate.verdict != "reject"):
-            return g
-        said = decisions[mark:]
-        if gate is not None and gate.verdict == "reject":
-            layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
-        elif said:
-            layer, why = said[-1].layer, said[-1].reason
+        try:
+            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+        except Exception:  # a store failing closed: the call's other attempts still stand
+            pass
         else:
-            why = GIVE_UP_BUDGET
+            gate, source, age = g.gate, g.source, g.age_s
+            if g.allowed and (gate is None or gate.verdict != "reject"):
+                return g
+            said = decisions[mark:]
+            if gate is not None and gate.verdict == "reject":
+                layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
+            elif said:
+                layer, why = said[-1].layer, said[-1].reason
+            else:
+                why = GIVE_UP_BUDGET
     del decisions[mark:]
     ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
     decisions.append(
@@ -730,6 +760,15 @@ def _release(
             yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
+    """The instance's latency estimate; unmeasured, the fastest measured of the service
+    (what the balancer takes for it), or infinite when none is (a failure then tells
+    nothing of any speed)."""
+    if target.latency_s > 0.0:
+        return target.latency_s
+    return min((i.latency_s for i in instances or () if i.latency_s > 0.0), default=math.inf)
 
 
 def _learned_open(target: Instance, gate: Gate, now: float) -> None:

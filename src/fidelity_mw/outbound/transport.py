@@ -27,6 +27,7 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import time
@@ -514,6 +515,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if hedged is None:
             return await self._drive(steps, engine)
         race, hedge, spawn, up, ctx, ends = hedged
+        exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
         try:
             response = await run_race(
                 race,
@@ -527,6 +529,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         finally:
             if ends is not None:
                 call_end(ends, ctx)
+        status = response.status_code
+        if status < 500 and status not in up.retry_statuses:
+            # A good answer (a hedge's, mostly) ends the call: a give-up of the first
+            # attempt's loop before it says nothing about this call any more (its record
+            # stays), so the caller's own 5xx is not marked exhausted for it.
+            ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
         if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
@@ -555,7 +563,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
-                        with anyio.CancelScope(shield=True):
+                        # (a broken connection is closed enough: the retry goes on)
+                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                             await effect[2].aclose()
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
@@ -602,7 +611,8 @@ def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response |
 
     def wait(seconds: float, spent: httpx.Response | None) -> None:
         if spent is not None:
-            spent.close()
+            with contextlib.suppress(Exception):  # a broken connection is closed enough
+                spent.close()
         sleep(seconds)
 
     return wait

@@ -7,7 +7,7 @@ from typing import Final
 
 import httpx
 
-from ..decide.balance import InstanceView
+from ..decide.balance import EWMA_TAU_S, InstanceView, decayed
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
@@ -79,8 +79,12 @@ class Instance:
         # succeeded: evidence it answers again before its breaker has probed.
         self.answered = False
 
-    def view(self) -> InstanceView:
-        return InstanceView(self.outstanding, self.latency_s, self.open_until, self.seen_at)
+    def view(self, now: float | None = None) -> InstanceView:
+        """What the balancer knows; with `now`, the latency estimate as read then (aged)."""
+        latency = self.latency_s
+        if now is not None:
+            latency = decayed(latency, self.latency_at, now, EWMA_TAU_S)
+        return InstanceView(self.outstanding, latency, self.open_until, self.seen_at)
 
 
 class Upstream:

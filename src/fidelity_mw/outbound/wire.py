@@ -25,7 +25,8 @@ EXHAUSTED: Final = "exhausted"
 DECIDED_BY: Final = "x-fidelity-decided-by"
 IDEMPOTENCY_KEY: Final = b"idempotency-key"
 
-_ATTEMPT_VALUES: Final = tuple(str(i).encode() for i in range(MAX_ATTEMPTS + 2))
+# Every attempt number a call can reach: its attempts and its hedges (`max_hedges` <= 3).
+_ATTEMPT_VALUES: Final = tuple(str(i).encode() for i in range(MAX_ATTEMPTS + 3 + 2))
 _LOCALHOST: Final = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 _NO_TIMEOUT: Final[Mapping[str, float | None]] = {
     "connect": None,
@@ -67,7 +68,7 @@ def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     (and httpx's own per-header work after the call does not grow). The
     caller's own headers of those names were set aside by `take_ours`.
     """
-    value = _ATTEMPT_VALUES[attempt]
+    value = _ATTEMPT_VALUES[attempt] if attempt < len(_ATTEMPT_VALUES) else str(attempt).encode()
     if not FAST_HEADERS:
         headers[ATTEMPT_HEADER.decode()] = value.decode()
         headers[TIMEOUT_HEADER.decode()] = timeout_ms.decode()
