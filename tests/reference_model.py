@@ -166,8 +166,14 @@ class RefCredit:
     def answers(self, now: float, cost: int) -> set[bool]:
         need = cost * self.interval
         tol = TOKEN_TOL * self.interval
-        if Fraction(now) >= self.expires or self.balance < need - tol:
+        t = Fraction(now)
+        # A float implementation keeps `now + window` rounded: within that rounding of
+        # the expiry it may read the credit as alive or as gone.
+        edge = Fraction(1, 1_000_000_000) * max(1, abs(t))
+        if t >= self.expires + edge or self.balance < need - tol:
             return {False}
+        if t >= self.expires - edge:
+            return {True, False}
         return {True} if self.balance >= need + tol else {True, False}
 
     def spend(self, cost: int) -> None:
