@@ -17,6 +17,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -40,6 +42,7 @@ from fidelity_mw import (
 from fidelity_mw.context import _CURRENT, Decision
 from fidelity_mw.errors import DeadlineExceeded
 from fidelity_mw.outbound.wire import (
+    advertised_ms,
     bounded_timeouts,
     connected_peer_trusted,
     error_kind,
@@ -188,7 +191,8 @@ async def test_success_is_one_attempt_with_headers_timeouts_and_a_decision(
     assert response.status_code == 200
     assert up.calls == 1
     assert up.headers[0]["x-fidelity-attempt"] == "1"
-    assert up.headers[0]["x-request-timeout-ms"] == "10000"  # the attempt timeout
+    # the attempt timeout less a tenth (at most 250 ms): the next hop answers in time
+    assert up.headers[0]["x-request-timeout-ms"] == "9750"
     assert up.requests[0].extensions["timeout"] == {
         "connect": 5.0,
         "read": 5.0,
@@ -219,7 +223,7 @@ async def test_per_attempt_headers_leave_the_request_as_the_caller_built_it(
     assert "x-request-timeout-ms" not in plain.request.headers
     assert mine.request.headers["x-request-timeout-ms"] == "50"  # the caller's, given back
     assert mine.request.headers["x-other"] == "1"
-    assert up.headers[-1]["x-request-timeout-ms"] == "10000"  # what went on the wire
+    assert up.headers[-1]["x-request-timeout-ms"] == "9750"  # what went on the wire
     assert [h["x-fidelity-attempt"] for h in up.headers] == ["1", "2", "1"]
 
 
@@ -234,7 +238,7 @@ async def test_attempt_timeout_caps_the_httpx_timeouts(clock: FakeClock) -> None
         "write": 0.25,
         "pool": 0.25,
     }
-    assert up.headers[0]["x-request-timeout-ms"] == "250"
+    assert up.headers[0]["x-request-timeout-ms"] == "225"
 
 
 def test_bounded_timeouts_keeps_what_is_already_shorter() -> None:
@@ -556,7 +560,7 @@ async def test_deadline_caps_attempt_timeout_and_is_sent_downstream(clock: FakeC
     assert up.requests[0].extensions["timeout"] == dict.fromkeys(
         ("connect", "read", "write", "pool"), 1.5
     )
-    assert up.headers[0]["x-request-timeout-ms"] == "1500"
+    assert up.headers[0]["x-request-timeout-ms"] == "1350"  # the deadline's 1500, less a tenth
     assert ctx.attempts == {"svc.internal": 1}
 
 
@@ -590,7 +594,7 @@ async def test_outside_a_request_the_policy_default_deadline_applies(clock: Fake
     pol = policy(deadline_ms=400, attempt_timeout_ms=10_000)
     async with httpx.AsyncClient(transport=transport(up, clock, pol)) as client:
         await client.get(URL)
-    assert up.headers[0]["x-request-timeout-ms"] == "400"
+    assert up.headers[0]["x-request-timeout-ms"] == "360"
 
 
 # ---------------------------------------------------------------- breaker
@@ -1220,3 +1224,14 @@ async def test_a_call_after_the_response_is_not_bound_by_the_callers_deadline(
     assert own is not seen[0]
     assert own.engine is mw.engine  # the middleware's policy still applies
     assert [d.layer for d in seen[0].decisions if d.subject == "audit.internal"] == []
+
+
+@given(ms=st.integers(1, 86_400_000))
+def test_the_next_hop_is_told_a_little_less_than_the_attempt_waits(ms: int) -> None:
+    """So its answer at its deadline (a 504, marked exhausted when it retried) arrives
+    before this attempt's own timeout fires and is retried, restarting its retries."""
+    told = int(advertised_ms(ms))
+    assert 1 <= told <= ms
+    if ms > 3:
+        assert told <= ms - 2
+        assert ms - told == min(250, max(2, ms // 10))

@@ -163,7 +163,7 @@ async def test_a_hanging_server_hits_the_attempt_timeout(fresh: tuple[Upstream, 
             await client.get(url + "/hang")
     assert app.count("GET", "/hang") == 2
     assert reasons(ctx) == ["attempt", "timeout_error", "attempts"]
-    assert [h["x-request-timeout-ms"] for h in app.headers["/hang"]] == ["80", "80"]
+    assert [h["x-request-timeout-ms"] for h in app.headers["/hang"]] == ["72", "72"]
     assert [h["x-fidelity-attempt"] for h in app.headers["/hang"]] == ["1", "2"]
 
 

@@ -83,6 +83,7 @@ from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
+    advertised_ms,
     bounded_timeouts,
     replayable,
     stamp,
@@ -798,9 +799,8 @@ def prepare(
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
     if remaining is not None and remaining < up.attempt_timeout_s:
-        ms = round(remaining * 1000.0)
         request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
-        stamp(request.headers, attempt, str(ms if ms > 0 else 1).encode())
+        stamp(request.headers, attempt, advertised_ms(round(remaining * 1000.0)))
     else:
         request.extensions["timeout"] = attempt_timeouts(up, original_timeout)
         if attempt == 1:

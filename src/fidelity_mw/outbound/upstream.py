@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import first_stamps, literal_peer_trusted
+from .wire import advertised_ms, first_stamps, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -134,7 +134,7 @@ class Upstream:
         # One budget per host, or one for every host of the entry (a service's instances).
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
-        self.timeout_header = str(cfg.attempt_timeout_ms).encode()
+        self.timeout_header = advertised_ms(cfg.attempt_timeout_ms)
         # Per-call work done once: a first attempt's headers (when the deadline leaves
         # the whole attempt timeout), and the attempt's timeouts for the last request
         # timeouts seen (a client sends equal ones with every request).

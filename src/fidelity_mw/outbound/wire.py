@@ -60,6 +60,19 @@ def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None
     return None
 
 
+def advertised_ms(ms: int) -> bytes:
+    """The `x-request-timeout-ms` sent for an attempt of `ms`: a tenth less (at least
+    2 ms, at most 250 ms), at least 1. The next hop gives up at the time it is told and
+    then answers (a 504, with `x-fidelity-retry: exhausted` when it retried): told the
+    attempt's whole time, its answer arrived after this side's own timeout had fired,
+    so this side retried and the next hop's retries started over. Envoy has the same
+    offset for `grpc-timeout` (`grpc_timeout_header_offset`)."""
+    margin = ms // 10
+    margin = 2 if margin < 2 else 250 if margin > 250 else margin
+    told = ms - margin
+    return b"%d" % (told if told > 0 else 1)
+
+
 def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     """Set `x-fidelity-attempt` and `x-request-timeout-ms` for one attempt.
 
