@@ -166,7 +166,7 @@ def test_inside_a_request_the_first_attempt_lands_in_its_context(call: Any) -> N
         _CURRENT.reset(token)
     assert response.status_code == 200
     assert "fidelity_context" not in response.extensions
-    assert seen == ["250"]
+    assert seen == ["225"]
     assert request.extensions["timeout"]["read"] == pytest.approx(0.25)
     assert ctx.attempts == {"svc.internal": 1}
     assert [d.reason for d in ctx.decisions] == ["attempt"]
