@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
-from ..context import _CURRENT, DecisionContext
+from ..context import _CURRENT, INTERPRETED, DecisionContext, new_request_context
 from ..decide.breaker import SUCCESS
 from ..engine import Engine
 from ..headers import is_cors_preflight
@@ -156,7 +156,10 @@ class FidelityMiddleware:
             # scan with a set lookup per line costs less than `dict(raw_headers)` and a
             # disjointness check (that builds a dict of every header), in both builds.
             found = scan_headers(raw_headers, self._wanted)
-            ctx = DecisionContext(self.engine, plan.route, method, now)
+            if INTERPRETED:  # (the class call costs an interpreter call of its own)
+                ctx = new_request_context(self.engine, plan.route, method, now)
+            else:
+                ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
@@ -243,16 +246,17 @@ class FidelityMiddleware:
                 return
 
             # ---- the app, watching only the response start and its end
-            # the end time is read only where the route counts slow calls
-            monotonic = self._monotonic if plan.timed else None
-            end = (before_end, scope, obs_token) if before_end is not None else None
+            # (field by field: a class call with an __init__ costs a call of its own)
+            watcher = ResponseWatcher()
+            watcher.send = send
+            watcher.ctx = ctx
+            if before_end is not None:
+                watcher.end = (before_end, scope, obs_token)
+            if plan.timed:  # the end time is read only where the route counts slow calls
+                watcher.monotonic = self._monotonic
             deadline_at = ctx.deadline_at
             if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
-                watcher = ResponseWatcher(
-                    send, ctx, end, monotonic, self._deadlines, deadline_at, now
-                )
-            else:
-                watcher = ResponseWatcher(send, ctx, end, monotonic)
+                watcher.arm(self._deadlines, deadline_at, now)
             outcomes = self._outcomes
             app_ran = True
             try:
