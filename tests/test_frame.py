@@ -3,6 +3,8 @@ constructors build."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from fidelity_mw import Engine, Policy
@@ -26,3 +28,23 @@ def test_the_request_context_shortcut_sets_what_the_constructor_sets() -> None:
     assert made._seq + 1 == built._seq  # the same sequence, one number each
     assert made.decisions == []
     assert made.decisions is not built.decisions
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="compiled: no interpreter frame to size")
+def test_the_request_coroutine_fits_the_small_object_allocator() -> None:
+    """The middleware's coroutine is allocated per request: up to 512 bytes it comes from
+    Python's small-object allocator, above that from malloc (a few hundred instructions
+    more per request, allocation and free). Its size grows with the locals and the
+    deepest call of `FidelityMiddleware.__call__`: move a rare path into a method of its
+    own (as `_enter_bulkhead`) rather than growing it."""
+    from fidelity_mw import FidelityMiddleware
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        pass
+
+    mw = FidelityMiddleware(app, telemetry=False)
+    coroutine = mw({"type": "http"}, None, None)  # type: ignore[arg-type]
+    try:
+        assert sys.getsizeof(coroutine) <= 512
+    finally:
+        coroutine.close()

@@ -198,13 +198,7 @@ class FidelityMiddleware:
                 if rejection is None and plan.bulkhead is not None:
                     # Before breaker and limiter: a capacity shed costs no quota and
                     # is no breaker outcome.
-                    bulkheads = self._bulkheads
-                    priority = bulkheads.priority(plan, scope, found)
-                    entered = bulkheads.enter_now(ctx, plan, priority, now)
-                    if isinstance(entered, str):  # refused for now: wait in the queue
-                        rejection = await bulkheads.wait(ctx, plan, priority, now, entered)
-                    elif entered is not None:
-                        rejection = entered
+                    rejection = await self._enter_bulkhead(ctx, plan, scope, found, now)
                     in_bulkhead = rejection is None
                 if rejection is None:
                     if plan.admits:
@@ -216,9 +210,8 @@ class FidelityMiddleware:
                             keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:
                             keys = self._limit_keys(scope, plan, found, ctx)
-                        admit_now = self._admit_now
-                        if admit_now is not None:
-                            result = admit_now(
+                        if self._admit_now is not None:
+                            result = self._admit_now(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
                         if result is None:  # no fast path, or this request needs I/O
@@ -254,10 +247,8 @@ class FidelityMiddleware:
                 watcher.end = (before_end, scope, obs_token)
             if plan.timed:  # the end time is read only where the route counts slow calls
                 watcher.monotonic = self._monotonic
-            deadline_at = ctx.deadline_at
-            if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
-                watcher.arm(self._deadlines, deadline_at, now)
-            outcomes = self._outcomes
+            if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
+                watcher.arm(self._deadlines, ctx.deadline_at, now)
             app_ran = True
             try:
                 await self.app(scope, receive, watcher)
@@ -267,17 +258,17 @@ class FidelityMiddleware:
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
                     if failed is None:
-                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
                         if pending is not None:
-                            outcomes.spawn(pending)  # cannot await while unwinding
+                            self._outcomes.spawn(pending)  # cannot await while unwinding
                         raise
                     # answered as the app's own 5xx after the give-up, and recorded so below
                     try:
                         await respond(watcher, failed, None)
                     except BaseException:  # the client went away: the app's error stands
-                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
                         if pending is not None:
-                            outcomes.spawn(pending)
+                            self._outcomes.spawn(pending)
                         raise
             else:
                 if watcher.watch is not None:
@@ -301,23 +292,33 @@ class FidelityMiddleware:
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
                 gate = result.gate if result is not None else None
-                record_now = self._record_now
-                key, breaker = plan.breaker_key, plan.breaker
                 # (a gate comes only from the route's breaker: key and config are set)
-                if gate is not None and record_now and key is not None and breaker is not None:
+                if (
+                    gate is not None
+                    and self._record_now is not None
+                    and plan.breaker_key is not None
+                    and plan.breaker is not None
+                ):
                     # OutcomeRecorder.record, inline. A success never opens the breaker
                     # and lands in a 3 s bucket: the start time is close enough and
                     # saves a clock read.
                     try:
-                        if record_now(key, breaker, gate, SUCCESS, False, now) is None:
+                        if (
+                            self._record_now(
+                                plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
+                            )
+                            is None
+                        ):
                             # not in process after all (a tiered probe)
-                            await outcomes.store.record(key, breaker, gate, SUCCESS, False, now)
+                            await self._outcomes.store.record(
+                                plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
+                            )
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route
                         )
                 return
-            pending = outcomes.after_app(ctx, plan, result, keys, watcher.complete)
+            pending = self._outcomes.after_app(ctx, plan, result, keys, watcher.complete)
             if pending is not None:  # a remote store: record after the response went out
                 try:
                     await pending
@@ -335,6 +336,23 @@ class FidelityMiddleware:
                 _reset_current(token)
             except ValueError:  # finalised in another context (a dropped coroutine):
                 pass  # the variable there was never ours to restore
+
+    async def _enter_bulkhead(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        scope: Scope,
+        found: dict[bytes, bytes] | None,
+        now: float,
+    ) -> Rejection | None:
+        """A slot of the route's bulkhead (None), or its refusal; waits in the queue when
+        the bulkhead says so. (Its own method: the request's coroutine stays small.)"""
+        bulkheads = self._bulkheads
+        priority = bulkheads.priority(plan, scope, found)
+        entered = bulkheads.enter_now(ctx, plan, priority, now)
+        if isinstance(entered, str):  # refused for now: wait in the queue
+            return await bulkheads.wait(ctx, plan, priority, now, entered)
+        return entered
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None
