@@ -255,7 +255,7 @@ async def test_an_expiry_that_arrives_after_the_request_disarmed_cancels_nothing
     async def send(message: Any) -> None:
         pass
 
-    watcher = ResponseWatcher(send, ctx, None, None, watch, 10.0, 0.0)
+    watcher = ResponseWatcher.watching(send, ctx, None, None, watch, 10.0, 0.0)
     assert watcher.task is asyncio.current_task()
     watcher.disarm()
     watcher.expire()

@@ -6,6 +6,7 @@ import itertools
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 if TYPE_CHECKING:
@@ -203,6 +204,30 @@ class DecisionContext:
             f"decisions={len(self.decisions)}>"
         )
 
+
+_object_new: Final = object.__new__
+
+
+def new_request_context(
+    engine: Engine, route: str, method: str, started_at: float
+) -> DecisionContext:
+    """`DecisionContext(engine, route, method, started_at)`, the same fields set, without
+    the class call: interpreted, calling a class whose `__init__` is Python code costs an
+    interpreter call of its own (type.__call__, slot_tp_init) on top of the function's.
+    Only where this module runs interpreted (`INTERPRETED`): a compiled class refuses
+    `object.__new__`, and its native constructor is the cheap way there."""
+    ctx: DecisionContext = _object_new(DecisionContext)
+    ctx._seq = _next_seq()
+    ctx.engine = engine
+    ctx.route = route
+    ctx.method = method
+    ctx.started_at = started_at
+    ctx._decisions = []
+    return ctx
+
+
+# This module runs as Python source (not compiled by mypyc): see new_request_context.
+INTERPRETED: Final = type(new_request_context) is FunctionType
 
 _CURRENT: Final[ContextVar[DecisionContext | None]] = ContextVar(
     "fidelity_mw_context", default=None

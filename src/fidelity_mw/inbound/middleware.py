@@ -25,7 +25,7 @@ from typing import Any, Final
 from .._logs import exception as log_exception
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
-from ..context import _CURRENT, DecisionContext
+from ..context import _CURRENT, INTERPRETED, DecisionContext, new_request_context
 from ..decide.breaker import SUCCESS
 from ..engine import Engine
 from ..headers import is_cors_preflight
@@ -163,7 +163,10 @@ class FidelityMiddleware:
             # scan with a set lookup per line costs less than `dict(raw_headers)` and a
             # disjointness check (that builds a dict of every header), in both builds.
             found = scan_headers(raw_headers, self._wanted)
-            ctx = DecisionContext(self.engine, plan.route, method, now)
+            if INTERPRETED:  # (the class call costs an interpreter call of its own)
+                ctx = new_request_context(self.engine, plan.route, method, now)
+            else:
+                ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
@@ -202,13 +205,7 @@ class FidelityMiddleware:
                 if rejection is None and plan.bulkhead is not None:
                     # Before breaker and limiter: a capacity shed costs no quota and
                     # is no breaker outcome.
-                    bulkheads = self._bulkheads
-                    priority = bulkheads.priority(plan, scope, found)
-                    entered = bulkheads.enter_now(ctx, plan, priority, now)
-                    if isinstance(entered, str):  # refused for now: wait in the queue
-                        rejection = await bulkheads.wait(ctx, plan, priority, now, entered)
-                    elif entered is not None:
-                        rejection = entered
+                    rejection = await self._enter_bulkhead(ctx, plan, scope, found, now)
                     in_bulkhead = rejection is None
                 if rejection is None:
                     if plan.admits:
@@ -220,9 +217,8 @@ class FidelityMiddleware:
                             keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:
                             keys = self._limit_keys(scope, plan, found, ctx)
-                        admit_now = self._admit_now
-                        if admit_now is not None:
-                            result = admit_now(
+                        if self._admit_now is not None:
+                            result = self._admit_now(
                                 plan.breaker_key, plan.breaker, keys, plan.specs, now
                             )
                         if result is None:  # no fast path, or this request needs I/O
@@ -254,17 +250,16 @@ class FidelityMiddleware:
                 return
 
             # ---- the app, watching only the response start and its end
-            # the end time is read only where the route counts slow calls
-            monotonic = self._monotonic if plan.timed else None
-            end = (before_end, scope, obs_token) if before_end is not None else None
-            deadline_at = ctx.deadline_at
-            if deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
-                watcher = ResponseWatcher(
-                    send, ctx, end, monotonic, self._deadlines, deadline_at, now
-                )
-            else:
-                watcher = ResponseWatcher(send, ctx, end, monotonic)
-            outcomes = self._outcomes
+            # (field by field: a class call with an __init__ costs a call of its own)
+            watcher = ResponseWatcher()
+            watcher.send = send
+            watcher.ctx = ctx
+            if before_end is not None:
+                watcher.end = (before_end, scope, obs_token)
+            if plan.timed:  # the end time is read only where the route counts slow calls
+                watcher.monotonic = self._monotonic
+            if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
+                watcher.arm(self._deadlines, ctx.deadline_at, now)
             app_ran = True
             try:
                 await self.app(scope, receive, watcher)
@@ -274,17 +269,17 @@ class FidelityMiddleware:
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
                     if failed is None:
-                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
                         if pending is not None:
-                            outcomes.spawn(pending)  # cannot await while unwinding
+                            self._outcomes.spawn(pending)  # cannot await while unwinding
                         raise
                     # answered as the app's own 5xx after the give-up, and recorded so below
                     try:
                         await respond(watcher, failed, None)
                     except BaseException:  # the client went away: the app's error stands
-                        pending = outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
                         if pending is not None:
-                            outcomes.spawn(pending)
+                            self._outcomes.spawn(pending)
                         raise
             else:
                 if watcher.watch is not None:
@@ -308,23 +303,33 @@ class FidelityMiddleware:
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
                 gate = result.gate if result is not None else None
-                record_now = self._record_now
-                key, breaker = plan.breaker_key, plan.breaker
                 # (a gate comes only from the route's breaker: key and config are set)
-                if gate is not None and record_now and key is not None and breaker is not None:
+                if (
+                    gate is not None
+                    and self._record_now is not None
+                    and plan.breaker_key is not None
+                    and plan.breaker is not None
+                ):
                     # OutcomeRecorder.record, inline. A success never opens the breaker
                     # and lands in a 3 s bucket: the start time is close enough and
                     # saves a clock read.
                     try:
-                        if record_now(key, breaker, gate, SUCCESS, False, now) is None:
+                        if (
+                            self._record_now(
+                                plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
+                            )
+                            is None
+                        ):
                             # not in process after all (a tiered probe)
-                            await outcomes.store.record(key, breaker, gate, SUCCESS, False, now)
+                            await self._outcomes.store.record(
+                                plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
+                            )
                     except Exception:
                         logger.exception(
                             "fidelity_mw: could not record the outcome of %s", ctx.route
                         )
                 return
-            pending = outcomes.after_app(ctx, plan, result, keys, watcher.complete)
+            pending = self._outcomes.after_app(ctx, plan, result, keys, watcher.complete)
             if pending is not None:  # a remote store: record after the response went out
                 try:
                     await pending
@@ -342,6 +347,23 @@ class FidelityMiddleware:
                 _reset_current(token)
             except ValueError:  # finalised in another context (a dropped coroutine):
                 pass  # the variable there was never ours to restore
+
+    async def _enter_bulkhead(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        scope: Scope,
+        found: dict[bytes, bytes] | None,
+        now: float,
+    ) -> Rejection | None:
+        """A slot of the route's bulkhead (None), or its refusal; waits in the queue when
+        the bulkhead says so. (Its own method: the request's coroutine stays small.)"""
+        bulkheads = self._bulkheads
+        priority = bulkheads.priority(plan, scope, found)
+        entered = bulkheads.enter_now(ctx, plan, priority, now)
+        if isinstance(entered, str):  # refused for now: wait in the queue
+            return await bulkheads.wait(ctx, plan, priority, now, entered)
+        return entered
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None

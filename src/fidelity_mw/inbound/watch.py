@@ -71,7 +71,12 @@ _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one mess
 
 
 class ResponseWatcher:
-    """The `send` the app gets. `started` / `complete` say how far its response got."""
+    """The `send` the app gets. `started` / `complete` say how far its response got.
+
+    Built field by field, not by an `__init__` (the middleware sets `send` and `ctx`,
+    and what else its request needs): a class call with a Python `__init__` costs an
+    interpreter call of its own per request, one without it only the allocation.
+    `watching` builds one in a single call."""
 
     # Class-level defaults (no __slots__): a request stores only what it changes.
     started = False
@@ -80,31 +85,38 @@ class ResponseWatcher:
     # set when the route counts slow calls: then the end time is read at the
     # last message (background tasks run after it, and are not the call)
     monotonic: Callable[[], float] | None = None
+    # the observer's hook at the last message, with its scope and token
     end: tuple[ResponseEndHook, Scope, Any] | None = None
     watch: DeadlineWatch | None = None  # set while armed
     task: asyncio.Task[Any] | None = None
+    send: Send  # the server's
+    ctx: DecisionContext
 
-    def __init__(
-        self,
+    @staticmethod
+    def watching(
         send: Send,
         ctx: DecisionContext,
-        end: tuple[ResponseEndHook, Scope, Any] | None,
-        monotonic: Callable[[], float] | None,
+        end: tuple[ResponseEndHook, Scope, Any] | None = None,
+        monotonic: Callable[[], float] | None = None,
         watch: DeadlineWatch | None = None,
         deadline_at: float = 0.0,
         now: float = 0.0,
-    ) -> None:
-        """`end`: the observer's hook at the last message, with its scope and token.
-        With a `watch`: armed, the app's work is cancelled if `deadline_at` passes
-        before its response starts (arming here, not in a second call: the hot path)."""
-        self.send = send
-        self.ctx = ctx
+    ) -> ResponseWatcher:
+        """A watcher of `send` for `ctx`, armed on `watch` when given."""
+        watcher = ResponseWatcher()
+        watcher.send = send
+        watcher.ctx = ctx
         if end is not None:
-            self.end = end
+            watcher.end = end
         if monotonic is not None:
-            self.monotonic = monotonic
-        if watch is None:
-            return
+            watcher.monotonic = monotonic
+        if watch is not None:
+            watcher.arm(watch, deadline_at, now)
+        return watcher
+
+    def arm(self, watch: DeadlineWatch, deadline_at: float, now: float) -> None:
+        """Cancel the app's work (this task) if `deadline_at` passes before its response
+        starts."""
         self.watch = watch
         # asyncio.current_task(), asking `home`'s loop first when this thread's asyncgen
         # hook is the one that loop installed (DeadlineWatch.running_task: no system call
