@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
-from fidelity_mw.testing import seeded_random
+from fidelity_mw.testing import FakeClock, seeded_random
 from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -171,3 +171,46 @@ async def test_middleware_never_500s_when_redis_is_gone(own_redis, on_error, sta
         statuses = [(await client.get("/")).status_code for _ in range(5)]
     await app.engine.aclose()
     assert statuses == [status] * 5
+
+
+async def test_a_decision_without_state_says_how_long_redis_has_been_gone(own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Under on_error = "closed" the refusal's record carries the time since Redis last
+    answered (it said 0, as if the state were fresh), so a trace shows the outage's age."""
+    seen: list[DecisionContext] = []
+
+    class Keep:
+        def start(self, ctx: DecisionContext, scope: object) -> None:
+            return None
+
+        def end(self, ctx: DecisionContext, scope: object, token: object) -> None:
+            seen.append(ctx)
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    clock = FakeClock()
+    policy = Policy(
+        state=StateConfig(
+            url=own_redis.url, on_error="closed", timeout_ms=50, connect_timeout_ms=50
+        ),
+        rate_limits=(RateLimit(name="api", rate="1000/s", key="client_ip"),),
+    )
+    app = FidelityMiddleware(
+        Starlette(routes=[Route("/", ok)]), policy=policy, clock=clock, observer=Keep()
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        assert (await client.get("/")).status_code == 200  # Redis answered at 1000.0
+        own_redis.kill()
+        clock.advance(30.0)
+        assert (await client.get("/")).status_code == 503
+        clock.advance(12.5)
+        assert (await client.get("/")).status_code == 503
+    await app.engine.aclose()
+    refusals = [d for ctx in seen[1:] for d in ctx.decisions if d.reason.startswith("state_error")]
+    # the time since the last reply, at 1000.0 (the store's reconnect waits move the fake
+    # clock on a little while it decides, so a little more than the request's own `at`)
+    ages = [d.state_age_s for d in refusals]
+    assert 30.0 <= ages[0] < 31.0
+    assert 42.5 <= ages[1] < 44.0

@@ -28,7 +28,7 @@ from ..policy import RateLimit
 from ..rejections import (
     problem_document,
 )
-from ..state.base import LimitSpec
+from ..state.base import LimitSpec, state_age_s
 from .exceptions import RateLimited, Rejected
 
 logger = logging.getLogger("fidelity_mw")
@@ -246,6 +246,7 @@ def decide_without_state(
         REJECT if refuse else ALLOW,
         f"state_error:{type(exc).__name__}",
         source=SOURCE_FALLBACK,
+        age_s=state_age_s(ctx.engine.store),
         at=now,
         details={"on_error": ctx.engine.policy.state.on_error},
     )

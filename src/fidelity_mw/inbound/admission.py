@@ -31,7 +31,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
 from ..policy import Policy
 from ..routeplan import RoutePlan
-from ..state.base import InboundResult, LimitSpec
+from ..state.base import InboundResult, LimitSpec, state_age_s
 from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 
 logger: Final = logging.getLogger("fidelity_mw")
@@ -131,7 +131,7 @@ class Admission:
                 REJECT if closed else ALLOW,
                 f"state_error:{type(exc).__name__}",
                 SOURCE_FALLBACK,
-                0.0,
+                state_age_s(ctx.engine.store),
                 now,
                 {"on_error": self.on_error},
             )

@@ -213,3 +213,15 @@ class StateStore(abc.ABC):
             age_s=0.0,
             notes=("this store offers no snapshot of its state",),
         )
+
+
+def state_age_s(store: object) -> float:
+    """How long ago `store` last answered (`fallback_age`; 0 when it cannot say): the
+    age of a decision taken without it, so a record says how long the state was gone."""
+    age = getattr(store, "fallback_age", None)
+    if age is None:
+        return 0.0
+    try:
+        return float(age())
+    except Exception:  # a record's age must not cost the request its answer
+        return 0.0
