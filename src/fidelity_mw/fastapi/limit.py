@@ -11,7 +11,6 @@ from typing import Final, Protocol, cast
 from fastapi import Request, Response
 from starlette.requests import HTTPConnection
 
-from .._logs import warn
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
@@ -22,7 +21,7 @@ from ..context import (
 )
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
-from ..inbound.admission import quota_wait_s
+from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -233,13 +232,7 @@ def decide_without_state(
 ) -> bool:
     """Record a decision taken without the store (it failed): `refuse` it or let it by,
     as `state.on_error` says. Returns `refuse`."""
-    warn(
-        logger,
-        type(exc).__name__,
-        "fidelity_mw: deciding without state (%s: %s)",
-        type(exc).__name__,
-        exc,
-    )
+    warn_without_state(exc)
     ctx.decide(
         layer,
         subject,

@@ -42,6 +42,13 @@ logger: Final = logging.getLogger("fidelity_mw")
 _record: Final = tuple.__new__
 
 
+def warn_without_state(exc: Exception) -> None:
+    """The log line of a decision taken without the store (throttled: one per outage,
+    not one per request)."""
+    kind = type(exc).__name__
+    warn(logger, kind, "fidelity_mw: deciding without state (%s: %s)", kind, exc)
+
+
 class FieldsFn(Protocol):
     """What makes a response's rate-limit fields (`ratelimit_headers`, or another
     set by `rate_limit_header_names`: inbound/xratelimit.py)."""
@@ -113,13 +120,7 @@ class Admission:
         self, ctx: DecisionContext, plan: RoutePlan, exc: Exception, now: float
     ) -> Rejection | None:
         """The store (or our own code) failed: decide per `state.on_error`."""
-        warn(
-            logger,
-            type(exc).__name__,
-            "fidelity_mw: deciding without state (%s: %s)",
-            type(exc).__name__,
-            exc,
-        )
+        warn_without_state(exc)
         closed = self.on_error == "closed"
         layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
         ctx._pending = None
