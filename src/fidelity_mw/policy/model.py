@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -462,7 +463,26 @@ class StateConfig(_Validated):
                     + ", ".join(schemes),
                 )
             ]
+        if isinstance(self.url, str) and self.url.startswith(("redis", "tiered+redis")):
+            problem = _tcp_redis_url_problem(self.url)
+            if problem:
+                return [PolicyIssue("url", f"{_toml(redact_url(self.url))}: {problem}")]
         return []
+
+
+def _tcp_redis_url_problem(url: str) -> str | None:
+    """What makes a redis:// URL one no client can be built from (the middleware then
+    ran without state, one warning in the log): a port that is no number, a database
+    that is no number."""
+    parts = urlsplit(url.removeprefix("tiered+"))
+    try:
+        parts.port  # noqa: B018 - the property parses the port, and raises
+    except ValueError:
+        return "the port is not a number between 0 and 65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"the database {_toml(db)} is not a number (write redis://HOST:PORT/0)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
