@@ -25,8 +25,8 @@ from typing import Final, NamedTuple
 # of `now`, and a burst decided at one instant adds it once per unit: the slack
 # covers that many half ulps and 32 more, and never exceeds half an interval,
 # so no whole unit can come of it. The cap binds for a burst decided at one
-# instant of more than about interval / 2.4e-7 s units (some 2,000 at 1000/s,
-# 20 at 100,000/s): there Unix time in a double cannot tell the units apart,
+# instant of more than about interval / 2.4e-7 s units (some 4,000 at 1000/s,
+# 40 at 100,000/s): there Unix time in a double cannot tell the units apart,
 # and such a burst may be off by one unit either way.
 _SLACK: Final = 1e-6
 _HALF_ULP: Final = 2.0**-53  # relative
