@@ -24,10 +24,10 @@ from typing import Final, NamedTuple
 # read one low. Each addition of the interval rounds by at most half an ulp
 # of `now`, and a burst decided at one instant adds it once per unit: the slack
 # covers that many half ulps and 32 more, and never exceeds half an interval,
-# so no whole unit can come of it. The cap binds for a burst decided at one
-# instant of more than about interval / 2.4e-7 s units (some 4,000 at 1000/s,
-# 40 at 100,000/s): there Unix time in a double cannot tell the units apart,
-# and such a burst may be off by one unit either way.
+# so no whole unit can come of it. A burst decided at one instant of more than
+# about interval / 2.4e-7 s units (some 4,000 at 1000/s, 40 at 100,000/s) may
+# be off by one unit either way: its float error passes half an interval, and
+# Unix time in a double cannot tell its units apart.
 _SLACK: Final = 1e-6
 _HALF_ULP: Final = 2.0**-53  # relative
 
