@@ -212,9 +212,12 @@ def admission_decisions(
         if gate.verdict == "probe":
             append(Decision(LAYER_BREAKER, plan.route, PROBE, "half_open_probe", source, age, now))
         else:
-            closed = (LAYER_BREAKER, plan.route, ALLOW, "breaker_closed", source, age, now, None)
+            fell = None if result.why is None else {"fallback_why": result.why}
+            closed = (LAYER_BREAKER, plan.route, ALLOW, "breaker_closed", source, age, now, fell)
             append(_record(Decision, closed))
     fleet = fleet_details(result.fleet) if result.fleet is not None else {}
+    if result.why is not None:  # a shared store decided without its state: why
+        fleet["fallback_why"] = result.why
     for spec, verdict in zip(plan.specs, result.limits, strict=False):
         if verdict.allowed:
             details = {"remaining": verdict.remaining, **fleet}

@@ -465,8 +465,15 @@ class OutcomeRecorder:
         if not charged:
             return None
         charged_keys = [keys[i] for i in charged]
-        specs = plan.specs if credit else plan.specs_without_credit
-        charged_specs = [specs[i] for i in charged]
+        if credit:
+            specs = plan.specs
+            charged_specs = [specs[i] for i in charged]
+        else:
+            # No new credit; but a limit that admitted from retry credit gets back the
+            # credit it spent: its refund returns the cost as credit, nothing to the
+            # bucket (`decide.gcra.credit_verdict`), as a refund that earns credit does.
+            limits, specs = result.limits, plan.specs_without_credit
+            charged_specs = [plan.specs[i] if limits[i].credit else specs[i] for i in charged]
         charged_tats = [result.limits[i].tat for i in charged]  # units that refilled stay spent
         now = self.monotonic()
         refund_now = self.refund_now

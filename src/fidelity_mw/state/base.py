@@ -24,6 +24,9 @@ class InboundResult(NamedTuple):
     age_s: float  # how old the state behind this decision was
     # A local fallback decision of a shared store: the fleet share its limits used.
     fleet: FleetShare | None = None
+    # A fallback decision of a shared store: why it decided without the shared state,
+    # "unreachable" or "read_only" (a replica refused the writes); None otherwise.
+    why: str | None = None
 
 
 # None: this request needs the store's I/O after all; await `admit` / `record`.

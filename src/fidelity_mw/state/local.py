@@ -282,9 +282,9 @@ class LocalState:
                 # closed: the gate `gate()` would return, without the call
                 gate = state.closed_gate if state.state == CLOSED else state.gate(now, self._rng)
                 if gate.verdict == "reject":
-                    return _new(_RESULT, (gate, (), False, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (), False, "memory", 0.0, None, None))
             if not limits:
-                return _new(_RESULT, (gate, (), True, "memory", 0.0, None))
+                return _new(_RESULT, (gate, (), True, "memory", 0.0, None, None))
             table = self.limits
             tats = table.tats
             n = len(limits)
@@ -303,12 +303,14 @@ class LocalState:
                     tats[key] = verdict.tat
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
-                    return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None))
+                    return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None, None))
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
                         _keep_credit(table.credits, key, credited[1], credited[2])
-                        return _new(_RESULT, (gate, (credited[0],), True, "memory", 0.0, None))
+                        return _new(
+                            _RESULT, (gate, (credited[0],), True, "memory", 0.0, None, None)
+                        )
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -362,7 +364,7 @@ class LocalState:
                         )
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None))
+            return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None, None))
         finally:
             self._release()
 

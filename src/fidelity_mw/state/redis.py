@@ -23,8 +23,13 @@ blocking pool. When Redis errors or times out, `on_error` decides:
 - ``open``: admit, marked ``fallback``;
 - ``closed``: raise `StateUnavailable`, which the middleware turns into a 503.
 
-While Redis is down no request waits for it: a background task probes it with
-PING under jittered exponential backoff and switches back on the first answer.
+While Redis is down no request waits for it: a background task probes it under
+jittered exponential backoff and switches back on the first answer that shows a
+writable primary (`ROLE` says "master"; where ROLE is not allowed, a script that
+writes succeeds): a read-only replica answers PING but refuses every script, so
+it stays in the failure mode (`fallback_why = "read_only"`) instead of coming back
+for one call and failing again. The backoff carries over into an outage that
+starts soon after the last one ended.
 
 Provenance: a decision from Redis has source ``redis`` and age = half the
 measured round trip, an estimate of the time since the server read the state.
@@ -52,7 +57,7 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._logs import error_kind, warn
@@ -92,6 +97,17 @@ _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
 # Probing an unreachable Redis: exponential backoff, equal jitter.
 PROBE_BASE_S: Final = 0.05
 PROBE_CAP_S: Final = 0.5
+# An outage that starts less than this after the last one ended continues its backoff
+# (a Redis that fails again right after each recovery is not probed at the fastest rate).
+PROBE_RESET_S: Final = 10.0
+# Why a store decides without Redis (`RedisStore.fallback_why`, decision details, the
+# `fidelity.state.fallback` gauge): no answer, or an answer that refuses writes.
+WHY_UNREACHABLE: Final = "unreachable"
+WHY_READ_ONLY: Final = "read_only"
+# The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
+# a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
+# does not exist changes nothing and is not replicated.
+_WRITE_PROBE: Final = "return redis.call('DEL', KEYS[1])"
 
 _KEY_CACHE_MAX = 10_000
 
@@ -332,6 +348,10 @@ class Health:
         self.last_ok = clock.monotonic()  # before any contact: since the store started
         self.down_since = 0.0
         self.probe_task: asyncio.Task[None] | None = None
+        self.why = ""  # while down: WHY_UNREACHABLE or WHY_READ_ONLY
+        self.attempt = 0  # probes so far: the backoff's exponent (kept across quick re-failures)
+        self.up_since = float("-inf")  # monotonic time of the last recovery
+        self.role_denied = False  # ROLE refused (ACL, proxy): the probe writes instead
 
 
 # ---------------------------------------------------------------- the store
@@ -629,16 +649,43 @@ class RedisStore(StateStore):
             return
         health = self.health
         if health.up:
+            now = self._clock.monotonic()
             health.up = False
-            health.down_since = self._clock.monotonic()
+            health.down_since = now
+            if now - health.up_since >= PROBE_RESET_S:
+                health.attempt = 0  # up long enough: the backoff starts over
             self.stats.outages += 1
-            logger.warning(
-                "fidelity_mw: redis unreachable (%s: %s); on_error=%s until it answers",
-                type(exc).__name__,
-                exc,
-                self.on_error,
-            )
+            if isinstance(exc, ReadOnlyError):
+                health.why = WHY_READ_ONLY
+                self._read_only_warning(str(exc))
+            else:
+                health.why = WHY_UNREACHABLE
+                logger.warning(
+                    "fidelity_mw: redis unreachable (%s: %s); on_error=%s until it answers",
+                    type(exc).__name__,
+                    exc,
+                    self.on_error,
+                )
         self._ensure_probe()
+
+    def _read_only_warning(self, what: str) -> None:
+        warn(
+            logger,
+            WHY_READ_ONLY,
+            "fidelity_mw: redis at %s is a read-only replica (%s); on_error=%s until it is "
+            "a writable primary (point state.url at an address that follows the primary)",
+            _server_of(self.url),
+            what,
+            self.on_error,
+        )
+
+    @property
+    def fallback_why(self) -> str | None:
+        """None while Redis answers; else why the store decides without it:
+        "unreachable" (no answer, or an answer that says it cannot serve now) or
+        "read_only" (a replica: it answers, and refuses every write)."""
+        health = self.health
+        return None if health.up else (health.why or WHY_UNREACHABLE)
 
     def _ensure_probe(self) -> None:
         health = self.health
@@ -646,23 +693,30 @@ class RedisStore(StateStore):
             health.probe_task = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        """PING with jittered exponential backoff until Redis answers."""
+        """Ask Redis, with jittered exponential backoff, until it answers as a writable
+        primary (`_writable`)."""
         health = self.health
-        attempt = 0
         while not health.up:
-            delay = min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(attempt, 16))
-            attempt += 1
+            delay = min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(health.attempt, 16))
+            health.attempt += 1
             await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
             try:
                 # Pooled connections predate the outage: probe (and come back) on
                 # fresh ones, so the first requests after recovery find no stale one.
                 client = self.client()
                 await _drop_idle_connections(client)
-                await client.execute_command("PING")
+                writable = await self._writable(client)
             except _CALL_ERRORS:
+                continue
+            if not writable:
+                if health.why != WHY_READ_ONLY:  # (down for another reason before)
+                    health.why = WHY_READ_ONLY
+                    self._read_only_warning("found by the probe")
                 continue
             now = self._clock.monotonic()
             health.up = True
+            health.up_since = now
+            health.why = ""
             health.last_ok = now
             self.stats.recoveries.append(now - health.down_since)
             self.stats.recovered_at.append(now)
@@ -670,6 +724,26 @@ class RedisStore(StateStore):
             logger.warning(
                 "fidelity_mw: redis reachable again after %.3f s", now - health.down_since
             )
+
+    async def _writable(self, client: RedisClient) -> bool:
+        """Does Redis answer as a primary that takes writes? False for a replica (it
+        answers PING and refuses every script); raises what a failed call raises.
+        `ROLE` first; where it is not allowed, a script that writes a key of ours."""
+        health = self.health
+        if not health.role_denied and not isinstance(client, RedisCluster):
+            try:
+                role = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+            except ResponseError as exc:
+                if isinstance(exc, _UNREACHABLE):
+                    raise
+                health.role_denied = True  # NOPERM, or a proxy without ROLE
+            else:
+                return _text(role[0]) == "master"
+        try:
+            await client.execute_command("EVAL", _WRITE_PROBE, 1, f"{{{self.prefix}}}:probe")
+        except ReadOnlyError:
+            return False
+        return True
 
     def fallback_age(self) -> float:
         """Time since Redis last answered, through either client (a process that calls it
@@ -828,7 +902,7 @@ class RedisStore(StateStore):
                 else None
             )
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
-            return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age)
+            return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age, None, self._why())
         share = self._fleet_share() if limits and self.fleet.enabled else None
         if share is not None and share.size is not None and share.size > 1:
             limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
@@ -837,8 +911,14 @@ class RedisStore(StateStore):
         if local_gate is not None:
             local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
         return InboundResult(
-            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share
+            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share, self._why()
         )
+
+    def _why(self) -> str:
+        """Why a decision now is taken without Redis (see `fallback_why`); a failure of
+        one call while Redis is up (an error reply, a full pool) says "unreachable"."""
+        health = self.health
+        return WHY_UNREACHABLE if health.up else (health.why or WHY_UNREACHABLE)
 
     def _fleet_share(self) -> FleetShare:
         """This instance's share for a local decision; an unknown one is counted, and
@@ -1249,10 +1329,10 @@ class RedisStore(StateStore):
         hash, so it cannot list anyone else's); the local fallback while Redis is down."""
         configs = configs or SnapshotConfigs()
         stats = self.stats
-        parts = urlsplit(redis_url(self.url)[0])
         detail: dict[str, Any] = {
-            "server": f"{parts.hostname or parts.path}:{parts.port or ''}".rstrip(":"),
+            "server": _server_of(self.url),
             "up": self.health.up,
+            "fallback_why": self.fallback_why,
             "on_error": self.on_error,
             "round_trips": stats.round_trips,
             "errors": stats.errors,
@@ -1348,6 +1428,12 @@ class RedisStore(StateStore):
                 f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
             ),
         )
+
+
+def _server_of(url: str) -> str:
+    """host:port (or the socket path) of a state URL, without credentials."""
+    parts = urlsplit(redis_url(url)[0])
+    return f"{parts.hostname or parts.path}:{parts.port or ''}".rstrip(":")
 
 
 def _stale_connection(exc: BaseException) -> bool:

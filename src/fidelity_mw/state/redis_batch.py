@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from redis.exceptions import ResponseError
+from .redis_sync import reply_error
 
 if TYPE_CHECKING:
     from .scripts import Script
@@ -228,7 +228,7 @@ class Coalescer:
             reply = replies[j] if j < len(replies) else []
             if reply and reply[0][:1] == "!":  # this operation's own error reply
                 if self._failed is not None:
-                    self._failed(ResponseError(reply[0][1:]))
+                    self._failed(reply_error(reply[0][1:]))
                 reply = None
             if op.future.done():  # the request was cancelled meanwhile
                 continue

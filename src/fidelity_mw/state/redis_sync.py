@@ -51,6 +51,23 @@ CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
 # Error replies that still mean "the state is unreachable right now" (as opposed to a
 # bad reply to one call): they switch a store to its failure mode.
 UNREACHABLE: Final = (BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError)
+_UNREACHABLE_CODES: Final[dict[str, type[RedisError]]] = {
+    "LOADING": BusyLoadingError,
+    "CLUSTERDOWN": ClusterDownError,
+    "READONLY": ReadOnlyError,
+    "TRYAGAIN": TryAgainError,
+}
+
+
+def reply_error(text: str) -> RedisError:
+    """The error a script's operation reported inside its reply (batch.lua, sync.lua:
+    one failed alone, its text), as the exception redis-py raises for that error reply
+    on a call of its own: `READONLY ...` from a replica is a `ReadOnlyError` (the store
+    is in its failure mode), not a bad reply to one call."""
+    kind = _UNREACHABLE_CODES.get(text.partition(" ")[0])
+    if kind is None:
+        return ResponseError(text)
+    return kind(text.partition(" ")[2])
 
 
 class PoolExhausted(MaxConnectionsError):

@@ -43,8 +43,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import ResponseError
-
 from .._types import Clock, RandomSource
 from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
@@ -52,6 +50,7 @@ from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
+from .redis_sync import reply_error
 from .snapshot import BreakerView, LimiterKeyView, SnapshotConfigs, StoreSnapshot
 
 SOURCE_CACHE: Final = "cache"
@@ -284,6 +283,11 @@ class TieredStore(StateStore):
     def round_trips(self) -> int:
         return self.exact.stats.round_trips
 
+    @property
+    def fallback_why(self) -> str | None:
+        """Why Redis is not used now (`RedisStore.fallback_why`), None while it is."""
+        return self.exact.fallback_why
+
     # ------------------------------------------------------------ inbound
 
     def admit_now(
@@ -378,7 +382,8 @@ class TieredStore(StateStore):
         if now - self._last_sync >= 0.8 * sync_s:
             self._maybe_sync(now)
         return _new(
-            InboundResult, (gate, (verdict,), True, SOURCE_CACHE, age if age > 0.0 else 0.0, None)
+            InboundResult,
+            (gate, (verdict,), True, SOURCE_CACHE, age if age > 0.0 else 0.0, None, None),
         )
 
     async def admit(
@@ -894,7 +899,7 @@ class TieredStore(StateStore):
         i = 1
         for cb, calls in zip(flushed, flushed_calls, strict=True):
             if _failed_entry(reply[i]):
-                exact._failed(ResponseError(_text(reply[i])[1:]))
+                exact._failed(reply_error(_text(reply[i])[1:]))
                 exact.stats.dropped_records += calls
                 i += 3
                 continue
@@ -908,7 +913,7 @@ class TieredStore(StateStore):
         for key, spec, _give, want in limits:
             sl = self.slices.get(key)
             if _failed_entry(reply[i]):
-                exact._failed(ResponseError(_text(reply[i])[1:]))
+                exact._failed(reply_error(_text(reply[i])[1:]))
                 if sl is not None:
                     sl.failed = True
                 i += 4

@@ -179,6 +179,27 @@ class Metrics:
             description="Circuit breaker state: 1 for the current state of each breaker, "
             "0 for the others.",
         )
+
+        def observe_policies(_options: CallbackOptions) -> Iterable[Observation]:
+            return policy_observations(owner_ref())
+
+        def observe_fallback(_options: CallbackOptions) -> Iterable[Observation]:
+            return fallback_observations(owner_ref())
+
+        meter.create_observable_gauge(
+            s.METRIC_POLICY_INFO,
+            callbacks=[observe_policies],
+            unit="1",
+            description="1 for the version (content hash) of each policy in force; "
+            "a reload replaces the series.",
+        )
+        meter.create_observable_gauge(
+            s.METRIC_STATE_FALLBACK,
+            callbacks=[observe_fallback],
+            unit="1",
+            description="1 while a shared store (Redis, tiered) decides without its shared "
+            "state, by why (unreachable, read_only: a replica refused the writes); 0 otherwise.",
+        )
         self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
         # Requests not yet folded into the tallies, counted by (summary, outcome,
         # decided_by, route): one increment per request; the decisions, requests and
@@ -254,6 +275,47 @@ class Metrics:
                 if len(self._age_attrs) < _MAX_CACHED:
                     self._age_attrs[age_key] = attrs
             self.state_age.record(age_s if age_s > 0.0 else 0.0, attrs)
+
+
+def _engines(watch: object) -> list[Any]:
+    """The engines a BreakerWatch saw (held weakly by it); none for another owner."""
+    engines = getattr(watch, "engines", None)
+    if engines is None:
+        return []
+    try:
+        return list(engines)
+    except RuntimeError:  # changed while copied by another thread
+        return []
+
+
+def policy_observations(watch: object) -> list[Observation]:
+    """`fidelity.policy.info`: 1 per policy version in force, read at collection, so a
+    reload shows at the next one."""
+    versions = set()
+    for engine in _engines(watch):
+        version = getattr(getattr(engine, "policy", None), "version", None)
+        if isinstance(version, str):
+            versions.add(version)
+    return [Observation(1, {s.POLICY_VERSION: v}) for v in sorted(versions)]
+
+
+def fallback_observations(watch: object) -> list[Observation]:
+    """`fidelity.state.fallback`: for the shared stores (those with `fallback_why`), 1 for
+    the reason they decide without their state now, 0 for the other; nothing at all
+    while only memory stores are in use."""
+    shared = False
+    now: set[str] = set()
+    for engine in _engines(watch):
+        store = getattr(engine, "store", None)
+        if not hasattr(store, "fallback_why"):
+            continue
+        shared = True
+        why = getattr(store, "fallback_why", None)
+        if isinstance(why, str):
+            now.add(why)
+    if not shared:
+        return []
+    return [Observation(1 if why in now else 0, {s.FALLBACK_WHY: why}) for why in s.FALLBACK_WHYS]
 
 
 def _bump(tally: Tally, key: tuple[str, ...]) -> None:

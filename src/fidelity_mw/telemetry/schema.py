@@ -61,12 +61,18 @@ METRIC_FAILURES: Final = "fidelity.failures"
 METRIC_BREAKER_STATE: Final = "fidelity.breaker.state"
 METRIC_RETRY_BUDGET: Final = "fidelity.retry_budget.usage"
 METRIC_CLIENT_DURATION: Final = "http.client.request.duration"
+# 1 for the version of each policy in force (Prometheus: fidelity_policy_info{...} 1)
+METRIC_POLICY_INFO: Final = "fidelity.policy.info"
+# 1 while a shared store decides without its shared state, per why; 0 otherwise
+METRIC_STATE_FALLBACK: Final = "fidelity.state.fallback"
 
 # metric-only attributes
 FAILURE_CAUSE: Final = "fidelity.failure.cause"  # control | app
 BREAKER_STATE: Final = "fidelity.breaker.state"  # closed | open | half_open
 BREAKER_SCOPE: Final = "fidelity.breaker.scope"  # route | upstream
 BUDGET_RESULT: Final = "fidelity.retry_budget.result"  # drawn | exhausted
+FALLBACK_WHY: Final = "fidelity.state.fallback_why"  # unreachable | read_only
+FALLBACK_WHYS: Final = ("unreachable", "read_only")
 
 CAUSE_CONTROL: Final = "control"
 CAUSE_APP: Final = "app"

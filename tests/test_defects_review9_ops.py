@@ -1,0 +1,323 @@
+"""State and operations defects of review 9 (ops9): each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import FakeClock, seeded_random
+from redis_server import HOST, PATIENT, QUIET, RedisServer, require_redis
+from test_telemetry_helpers import decision_events, metric_points, pipeline
+
+LIMIT = LimitSpec("l", 0.001, 1.0, 1, False)
+
+
+async def _until(condition: Callable[[], bool], budget_s: float = 10.0) -> None:
+    """Let the event loop run (real I/O: Redis round trips) until `condition` holds."""
+    for _ in range(int(budget_s / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+
+
+# ---------------------------------------------------------------- 1. a read-only replica
+
+
+class _Replica(RedisServer):
+    """A redis-server started as a replica of `primary` (`--replicaof`): it answers PING
+    and reads, and refuses every write with `READONLY`."""
+
+    def __init__(self, workdir: Path, primary: RedisServer) -> None:
+        super().__init__(workdir)
+        self.primary = primary
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--replicaof", HOST, str(self.primary.port)]
+
+
+@pytest.fixture
+def replica(tmp_path: Path) -> Iterator[_Replica]:
+    require_redis()
+    primary = RedisServer(tmp_path / "primary").start()
+    server = _Replica(tmp_path / "replica", primary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        primary.stop()
+
+
+async def _spin(store: RedisStore, rounds: int, *, batch: int = 1) -> list[str]:
+    """`rounds` times: `batch` admissions in one tick, then a short real pause (the probe's
+    round trip runs meanwhile; its backoff sleeps on the fake clock, so it never waits)."""
+    sources: list[str] = []
+    for i in range(rounds):
+        results = await asyncio.gather(
+            *(store.admit(None, None, [f"l|{i}.{j}"], [LIMIT], 0.0) for j in range(batch))
+        )
+        sources += [r.source for r in results]
+        await asyncio.sleep(0.01)
+    return sources
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+@pytest.mark.parametrize("batch", [1, 4], ids=["alone", "coalesced"])
+async def test_a_read_only_replica_is_one_outage_not_a_flap_per_probe(
+    replica: _Replica, batch: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: one `READONLY` reply marked Redis down and the PING probe (which a replica
+    answers) brought it straight back, about ten outages a second per process; inside a
+    coalesced batch each operation's `READONLY` never marked it down at all (every
+    request paid a round trip). Now the probe asks `ROLE` and stays down on a replica."""
+    clock = FakeClock()
+    config = StateConfig(url=replica.url, **PATIENT, **QUIET)
+    store = RedisStore(config=config, rng=seeded_random(9), clock=clock)
+    caplog.set_level(logging.WARNING, "fidelity_mw.redis")
+    try:
+        sources = await _spin(store, 20, batch=batch)
+        assert set(sources) == {"fallback"}
+        assert store.stats.outages == 1
+        assert not store.health.up
+        assert store.fallback_why == "read_only"
+        result = await store.admit(None, None, ["l|x"], [LIMIT], 0.0)
+        assert (result.source, result.why) == ("fallback", "read_only")
+        probes = len(clock.sleeps)
+        assert probes >= 3  # the probe kept asking, and kept the store down
+        read_only_lines = [r for r in caplog.records if "read-only replica" in r.getMessage()]
+        assert len(read_only_lines) == 1
+        # promoted (a failover): the next probe finds a primary and the store comes back
+        with replica.client() as client:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        await _until(lambda: store.health.up)
+        assert store.health.up
+        assert store.fallback_why is None
+        result = await store.admit(None, None, ["l|y"], [LIMIT], 0.0)
+        assert (result.source, result.why) == ("redis", None)
+        assert store.stats.outages == 1
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_the_probe_falls_back_to_a_write_when_role_is_not_allowed(
+    replica: _Replica,
+) -> None:
+    """An ACL user without ROLE (NOPERM): the probe is a script that writes (DEL of a key
+    of our own), which a replica refuses as it refuses the store's scripts."""
+    url = f"redis://app@{HOST}:{replica.port}/0"
+    with replica.client() as client:  # (ACLs are not replicated: set on the replica)
+        client.execute_command("ACL", "SETUSER", "app", "on", "nopass", "~*", "+@all", "-role")
+    clock = FakeClock()
+    store = RedisStore(config=StateConfig(url=url, **PATIENT, **QUIET), clock=clock)
+    try:
+        await _spin(store, 10)
+        assert store.stats.outages == 1
+        assert not store.health.up
+        assert store.health.role_denied
+        with replica.client() as client:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        await _until(lambda: store.health.up)
+        assert store.health.up
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_the_probe_backoff_is_kept_across_a_quick_re_failure(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: every outage started its probe at 50 ms again, so a Redis that failed again
+    right after each recovery was probed (and flapped) at the fastest rate for good."""
+    real = RedisStore._evalsha
+    failing = [True]
+
+    async def flaky(self, client, script, keys, args):  # type: ignore[no-untyped-def]
+        if failing[0]:
+            raise RedisConnectionError("connection reset (test)")
+        return await real(self, client, script, keys, args)
+
+    monkeypatch.setattr(RedisStore, "_evalsha", flaky)
+    clock = FakeClock()
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET), clock=clock)
+    try:
+        firsts = []
+        for _ in range(4):
+            failing[0] = True
+            before = len(clock.sleeps)
+            await store.admit(None, None, ["l|a"], [LIMIT], 0.0)
+            assert not store.health.up
+            failing[0] = False
+            await _until(lambda: store.health.up)
+            assert store.health.up
+            firsts.append(clock.sleeps[before])
+        # equal jitter: attempt k sleeps 0.05 * 2**k * (0.5..1), capped at 0.5 s
+        assert firsts[0] <= 0.05
+        assert firsts[-1] > 0.1, firsts
+        assert store.stats.outages == 4
+        # Redis up for a while (longer than the reset time): the backoff starts over
+        clock.advance(60.0)
+        failing[0] = True
+        before = len(clock.sleeps)
+        await store.admit(None, None, ["l|a"], [LIMIT], 0.0)
+        failing[0] = False
+        await _until(lambda: store.health.up)
+        assert clock.sleeps[before] <= 0.05
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_read_only_fallback_is_in_the_decisions_and_the_fallback_gauge(
+    replica: _Replica,
+) -> None:
+    """The degradation is recorded: each fallback decision says why
+    (`fidelity.detail.fallback_why = read_only`), and `fidelity.state.fallback` is 1 for
+    `read_only` while the store stays on its local state."""
+    pipe = pipeline()
+    store = RedisStore(config=StateConfig(url=replica.url, **PATIENT, **QUIET))
+    policy = Policy(rate_limits=[RateLimit(name="per-client", rate="100/s", match="/*")])
+    app = Starlette(routes=[Route("/x", _ok)])
+    app.add_middleware(FidelityMiddleware, policy=policy, store=store, observer=pipe.telemetry)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for _ in range(3):
+                assert (await client.get("/x")).status_code == 200
+                await asyncio.sleep(0.02)
+        assert not store.health.up
+        events = [e for span in pipe.finished() for e in decision_events(span)]
+        limited = [e for e in events if e["fidelity.layer"] == "ratelimit"]
+        assert limited
+        assert all(e["fidelity.state.source"] == "fallback" for e in limited)
+        assert all(e["fidelity.detail.fallback_why"] == "read_only" for e in limited)
+        gauge = {
+            a["fidelity.state.fallback_why"]: p.value
+            for a, p in metric_points(pipe.metrics, "fidelity.state.fallback")
+        }
+        assert gauge == {"read_only": 1, "unreachable": 0}
+        versions = metric_points(pipe.metrics, "fidelity.policy.info")
+        assert [(a, p.value) for a, p in versions] == [
+            ({"fidelity.policy.version": policy.version}, 1)
+        ]
+    finally:
+        await store.aclose()
+        pipe.shutdown()
+
+
+async def _ok(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+# ---------------------------------------------------------------- 2. credit spent, then refunded
+
+CREDIT_T0 = 1_000.0
+
+
+class _CreditRig:
+    """A client with a 5/s limit (burst 5, retry credit 10 s) in front of an app whose
+    `/fail` waits for the test and then answers 503 for another layer (an outbound
+    breaker: its refund earns credit) and whose `/limited` answers a `Depends(limit)`-style
+    429 (another limit: its refund earns none)."""
+
+    def __init__(self, store: object, redis_clock: object | None) -> None:
+        self.clock = FakeClock(CREDIT_T0)
+        self.redis_clock = redis_clock
+        self.release = asyncio.Event()
+        self.waiting = 0
+        self.reasons: list[str] = []
+
+        async def work(request: Request) -> Response:
+            ctx = current()
+            assert ctx is not None
+            decision = ctx.last("ratelimit")
+            self.reasons.append(decision.reason if decision is not None else "")
+            what = request.path_params["what"]
+            if what == "fail":
+                self.waiting += 1
+                await self.release.wait()
+                ctx.shed_by = "breaker"
+                return PlainTextResponse("refused", status_code=503)
+            if what == "limited":
+                ctx.shed_by = "ratelimit"
+                return PlainTextResponse("refused", status_code=429)
+            return PlainTextResponse("ok")
+
+        limit = RateLimit(
+            name="per-client", rate="5/s", burst=5, key="header:x-client-id", retry_credit_s=10.0
+        )
+        app = Starlette(routes=[Route("/{what}", work)])
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=Policy(breaker=None, rate_limits=(limit,)),
+            clock=self.clock,
+            rng=seeded_random(3),
+            store=store,
+            telemetry=False,
+        )
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f")
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        if self.redis_clock is not None:
+            self.redis_clock.set(self.clock.monotonic())  # type: ignore[attr-defined]
+
+    async def get(self, what: str) -> int:
+        return (await self.http.get(f"/{what}", headers={"x-client-id": "c1"})).status_code
+
+
+async def _credit_run(rig: _CreditRig) -> list[int]:
+    rig.advance(0.0)
+    calls = [asyncio.ensure_future(rig.get("fail")) for _ in range(4)]
+    await _until(lambda: rig.waiting == 4)  # (Redis: real round trips before the app runs)
+    assert rig.waiting == 4
+    assert await rig.get("ok") == 200  # the bucket is empty now
+    rig.advance(1.0)  # refilled while the four waited: their refunds become credit
+    rig.release.set()
+    assert await asyncio.gather(*calls) == [503] * 4
+    assert [await rig.get("ok") for _ in range(5)] == [200] * 5  # the bucket again
+    assert await rig.get("limited") == 429  # admitted from credit, then another limit's 429
+    assert rig.reasons[-1] == "retry_credit"
+    return [await rig.get("ok") for _ in range(5)]
+
+
+@pytest.mark.anyio
+async def test_credit_spent_by_a_request_another_limit_refused_comes_back_memory() -> None:
+    """Before: the refund of another limit's 429 earns no credit (right: the client's own
+    doing), and so the credit that admission had spent was lost: 3 retries left, not 4."""
+    rig = _CreditRig(None, None)
+    assert await _credit_run(rig) == [200] * 4 + [429]
+    assert rig.reasons[-4:] == ["retry_credit"] * 4
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_credit_spent_by_a_request_another_limit_refused_comes_back_redis(
+    redis_url: str, redis_clock: object
+) -> None:
+    """The same through refund.lua, on the pinned Redis clock: the same answers."""
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET))
+    try:
+        rig = _CreditRig(store, redis_clock)
+        assert await _credit_run(rig) == [200] * 4 + [429]
+        assert rig.reasons[-4:] == ["retry_credit"] * 4
+    finally:
+        await store.aclose()
