@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_sync
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,7 +21,9 @@ from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from redis_clock import RedisClock
 from redis_server import HOST, PATIENT, QUIET, RedisServer, require_redis
 from test_telemetry_helpers import decision_events, metric_points, pipeline
 
@@ -311,7 +315,7 @@ async def test_credit_spent_by_a_request_another_limit_refused_comes_back_memory
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_credit_spent_by_a_request_another_limit_refused_comes_back_redis(
-    redis_url: str, redis_clock: object
+    redis_url: str, redis_clock: RedisClock
 ) -> None:
     """The same through refund.lua, on the pinned Redis clock: the same answers."""
     store = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET))
@@ -321,3 +325,51 @@ async def test_credit_spent_by_a_request_another_limit_refused_comes_back_redis(
         assert rig.reasons[-4:] == ["retry_credit"] * 4
     finally:
         await store.aclose()
+
+
+# ---------------------------------------------------------------- 3. units handed back by sync.lua
+
+TIERED = LimitSpec("t", 0.1, 0.8, 1, False)  # 10/s, burst 8
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_tiered_instance_hands_back_after_a_restart_only_the_units_it_held(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """Checked, not changed: sync.lua's give-back is not capped at the units still
+    outstanding as a refund is, but an instance only ever hands back units it holds
+    (leased, or refunded into its slice), at most burst / 4 of a roomy key. After a
+    restart (the key gone) the units it held of the old server go to the new one: the
+    fleet then admits a burst plus those, exactly what it admits when the instance
+    spends them instead, which it may (docs/state.md: "the bound loosens by the units
+    already held in slices"). A cap "as refunds are" (the lease's marker) would not
+    stop it either: the old lease's marker is still in the future."""
+    t = 1_000.0
+    clock = FakeClock(t)
+    cfg = StateConfig(url="tiered+" + redis_url, sync_interval_ms=100, **PATIENT, **QUIET)
+    tiered = TieredStore(config=cfg, rng=lambda: 0.5, clock=clock)
+    tiered._last_sync = math.inf  # syncs only when the test says so
+    exact = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET))
+    try:
+        for _ in range(3):
+            assert (await tiered.admit(None, None, ["t|k"], [TIERED], t)).admitted
+        held = tiered.slices["t|k"].tokens
+        assert held > 0
+        with redis_sync.Redis.from_url(redis_url) as client:  # a restart: every key gone
+            client.flushdb()
+        redis_clock.set(t)
+        fleet = sum(
+            [(await exact.admit(None, None, ["t|k"], [TIERED], t)).admitted for _ in range(12)]
+        )
+        assert fleet == 8  # a fresh bucket: the burst
+        clock.advance(0.2)  # the slice is idle for a sync interval: it is handed back
+        await tiered._sync_all(clock.monotonic())
+        assert "t|k" not in tiered.slices
+        more = sum(
+            [(await exact.admit(None, None, ["t|k"], [TIERED], t)).admitted for _ in range(12)]
+        )
+        assert more == held  # what it held, no more (units of the old server)
+    finally:
+        await tiered.aclose()
+        await exact.aclose()
