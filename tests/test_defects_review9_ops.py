@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -19,10 +20,12 @@ from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.policy import StateConfig
+from fidelity_mw.state import factory
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.tools.cli import main
 from redis_clock import RedisClock
 from redis_server import HOST, PATIENT, QUIET, RedisServer, require_redis
 from test_telemetry_helpers import decision_events, metric_points, pipeline
@@ -373,3 +376,65 @@ async def test_a_tiered_instance_hands_back_after_a_restart_only_the_units_it_he
     finally:
         await tiered.aclose()
         await exact.aclose()
+
+
+# ---------------------------------------------------------- 4. memory:// under several workers
+
+MEMORY_POLICY = """\
+version = 1
+
+[state]
+url = "memory://"
+
+[[rate_limit]]
+name = "per-client"
+rate = "100/s"
+"""
+
+
+def _policy_file(tmp_path: Path, text: str = MEMORY_POLICY) -> str:
+    path = tmp_path / "fidelity.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_warns_about_memory_state_under_several_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `check` passed a memory:// policy whatever the worker count, and the
+    service then admitted N times each limit without a word."""
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    name = _policy_file(tmp_path)
+    assert main(["check", name]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["check", "--workers", "4", name]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}:4: warning: state.url: memory:// state under 4 worker processes" in out
+    assert "up to 4 x each rate limit" in out
+    assert main(["check", "--strict", "--workers", "4", name]) == 1
+    capsys.readouterr()
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")  # what uvicorn and gunicorn default to
+    assert main(["check", "--json", name]) == 0
+    (warning,) = json.loads(capsys.readouterr().out)["files"][0]["warnings"]
+    assert (warning["path"], warning["line"]) == ("state.url", 4)
+    assert "3 worker processes" in warning["message"]
+    assert main(["check", "--workers", "1", name]) == 0  # said explicitly: one process
+    assert "warning" not in capsys.readouterr().out
+    shared = _policy_file(tmp_path, MEMORY_POLICY.replace("memory://", "redis://r:6379/0"))
+    assert main(["check", shared]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_the_middleware_warns_once_at_startup_under_web_concurrency(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(factory, "_warned_workers", False)
+    caplog.set_level(logging.WARNING, "fidelity_mw.state")
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    FidelityMiddleware(_ok, policy=Policy(), telemetry=False)
+    assert not caplog.records
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    for _ in range(3):  # one line per process, however many middlewares it builds
+        FidelityMiddleware(_ok, policy=Policy(), telemetry=False)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("fidelity_mw: WEB_CONCURRENCY=4: memory:// state under 4 worker")

@@ -18,6 +18,7 @@ from ..errors import PolicyError
 from ..policy import Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 from ..policy.model import TOO_DEEP, glob_matches
+from ..state.factory import memory_workers_warning, web_concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +61,11 @@ class CheckResult:
         }
 
 
-def check_file(path: str | Path) -> CheckResult:
-    """Validate one policy file. Raises OSError when it cannot be read at all."""
+def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
+    """Validate one policy file. Raises OSError when it cannot be read at all.
+
+    `workers`: how many worker processes will serve the app (`--workers N`, else
+    `WEB_CONCURRENCY`); more than one with `memory://` state is a warning."""
     name = str(path)
     result = CheckResult(name)
     try:
@@ -95,6 +99,12 @@ def check_file(path: str | Path) -> CheckResult:
     hosts: list[str | None] = [u.host for u in policy.upstreams]
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
     result.warnings.extend(_idle_excludes(name, lines, policy))
+    if workers is None:
+        workers = web_concurrency()
+    if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
+        path = "state.url"
+        message = memory_workers_warning(workers)
+        result.warnings.append(Finding(name, _line(lines, path), path, message, "warning"))
     return result
 
 

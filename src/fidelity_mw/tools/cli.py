@@ -40,7 +40,7 @@ def run_check(args: argparse.Namespace) -> int:
             problem = "no such file"
         else:
             try:
-                results.append(check_file(name))
+                results.append(check_file(name, workers=args.workers))
             except OSError as exc:
                 problem = f"cannot read: {exc.strerror or exc}"
         if problem is not None:
@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("policy", nargs="+", metavar="POLICY.toml")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes that will serve the app (uvicorn --workers, gunicorn -w; "
+        "default: $WEB_CONCURRENCY): more than one with memory:// state is a warning",
+    )
     check.set_defaults(func=run_check)
 
     map_ = sub.add_parser(
