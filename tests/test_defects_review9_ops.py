@@ -438,3 +438,35 @@ def test_the_middleware_warns_once_at_startup_under_web_concurrency(
         FidelityMiddleware(_ok, policy=Policy(), telemetry=False)
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("fidelity_mw: WEB_CONCURRENCY=4: memory:// state under 4 worker")
+
+
+# ---------------------------------------------------------------- 5. the policy version as a metric
+
+
+@pytest.mark.anyio
+async def test_the_policy_version_is_a_metric_and_follows_the_policy_in_force() -> None:
+    """Before: the version was on spans only. `fidelity.policy.info` is read from the
+    engines at collection, so a policy put in force (a restart, an engine's new policy)
+    shows at the next collection, and no gauge is exported for shared-state fallback
+    while only memory state is in use."""
+    pipe = pipeline()
+    first = Policy(rate_limits=[RateLimit(name="per-client", rate="100/s")])
+    app = FidelityMiddleware(
+        Starlette(routes=[Route("/x", _ok)]), policy=first, observer=pipe.telemetry
+    )
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/x")).status_code == 200
+            versions = metric_points(pipe.metrics, "fidelity.policy.info")
+            assert [(a, p.value) for a, p in versions] == [
+                ({"fidelity.policy.version": first.version}, 1)
+            ]
+            assert metric_points(pipe.metrics, "fidelity.state.fallback") == []
+            second = Policy(rate_limits=[RateLimit(name="per-client", rate="5/s")])
+            app.engine.policy = second
+            versions = metric_points(pipe.metrics, "fidelity.policy.info")
+            assert [a["fidelity.policy.version"] for a, _ in versions] == [second.version]
+            assert second.version != first.version
+    finally:
+        pipe.shutdown()

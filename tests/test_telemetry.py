@@ -92,7 +92,7 @@ async def test_served_request_gets_one_server_span_with_every_attribute(otel: Pi
         schema.ROUTE: "/items/{id}",
         schema.CLIENT_KEY_HASH: otel.telemetry.hash_client_key("127.0.0.1"),
         schema.DECISIONS: "deadline/allow/route_default@request "
-        "breaker/allow/breaker_closed@memory ratelimit/allow/under_limit@memory",
+        "breaker/allow/breaker_closed@memory ratelimit:per-client/allow/under_limit@memory",
     }
     assert span.status.status_code is StatusCode.UNSET
     # no decision was stale: `fidelity.stale_decisions` is absent rather than 0
@@ -513,10 +513,10 @@ async def test_default_is_one_summary_and_events_only_for_non_allow_decisions() 
         assert decision_events(served) == []
         assert dict(served.attributes or {})[schema.DECISIONS] == (
             "deadline/allow/route_default@request breaker/allow/breaker_closed@memory "
-            "ratelimit/allow/under_limit@memory"
+            "ratelimit:one/allow/under_limit@memory"
         )
         summary = dict(rejected.attributes or {})[schema.DECISIONS].split(" ")
-        assert summary[-1] == "ratelimit/reject/over_limit@memory"
+        assert summary[-1] == "ratelimit:one/reject/over_limit@memory"
         (event,) = decision_events(rejected)
         assert (event[schema.LAYER], event[schema.VERDICT], event[schema.SUBJECT]) == (
             "ratelimit",

@@ -27,12 +27,24 @@ def _allowed(subject: str, at: float, remaining: int) -> list[Decision]:
 
 def test_same_shape_is_summarised_once_whatever_subject_time_and_details() -> None:
     first = summarize(_allowed("per-client", 1.0, 9))
-    again = summarize(_allowed("per-key", 2.0, 3))
+    again = summarize(_allowed("per-client", 2.0, 3))
     assert again is first
     assert first.packed == (
         "deadline/allow/caller_deadline@request breaker/allow/breaker_closed@memory "
-        "ratelimit/allow/under_limit@memory"
+        "ratelimit:per-client/allow/under_limit@memory"
     )
+    # a rate limit's entry names its limit (review 9): another limit is another shape;
+    # other layers' subjects (a route, an upstream host) are not in the summary
+    other = summarize(_allowed("per-key", 1.0, 9))
+    assert other is not first
+    assert other.packed.endswith(" ratelimit:per-key/allow/under_limit@memory")
+    routed = [
+        d._replace(subject="/b") if d.layer != "ratelimit" else d
+        for d in _allowed("per-client", 1.0, 9)
+    ]
+    assert summarize(routed) is first
+    odd = summarize(_allowed("api/v1 @ 50%: x", 1.0, 9))
+    assert odd.packed.endswith(" ratelimit:api%2Fv1%20%40%2050%25%3A%20x/allow/under_limit@memory")
     assert (first.stale, first.flagged, first.plain) == (0, False, True)
     assert first.counter_keys == (
         ("deadline", "allow", "request"),
@@ -48,7 +60,7 @@ def test_a_different_verdict_reason_or_source_is_another_shape() -> None:
     summaries = [summarize(base), summarize(rejected), summarize(cached)]
     assert len({id(s) for s in summaries}) == 3
     assert summaries[1].flagged
-    assert summaries[1].packed.endswith("ratelimit/reject/over_limit@memory")
+    assert summaries[1].packed.endswith("ratelimit:per-client/reject/over_limit@memory")
     assert (summaries[2].stale, summaries[2].plain) == (1, False)
     assert summarize([]).packed == ""
 
@@ -57,7 +69,7 @@ def test_decisions_with_a_state_age_are_not_cached() -> None:
     aged = [Decision("ratelimit", "k", "allow", "under_limit", "redis", 1.5, 1.0)]
     first, second = summarize(aged), summarize(list(aged))
     assert first is not second
-    assert first.packed == second.packed == "ratelimit/allow/under_limit@redis+1500ms"
+    assert first.packed == second.packed == "ratelimit:k/allow/under_limit@redis+1500ms"
     assert (first.stale, first.aged, first.plain) == (1, True, False)
 
 
@@ -170,11 +182,11 @@ def test_facts_with_a_state_age_or_records_already_made_are_summarised_from_reco
     engine = Engine(Policy(rate_limits=[RateLimit(name="hard", rate="10/s")]))
     ctx, result = _facts_context(engine, "caller", None, "a", "redis")
     ctx._pending = (admission_decisions, ctx._pending[1], result._replace(age_s=1.5), 10.0)
-    assert summary_of(ctx).packed.endswith("ratelimit/allow/under_limit@redis+1500ms")
+    assert summary_of(ctx).packed.endswith("ratelimit:hard/allow/under_limit@redis+1500ms")
     assert ctx._pending is None  # built: an age is not a shape
     # A decision taken before the admission's (a bulkhead's wait) comes first.
     ctx, _result = _facts_context(engine, None, None, "a", "memory")
     ctx._decisions.append(Decision("concurrency", "/a", "queued", "waited", "memory"))
     assert summary_of(ctx).packed == (
-        "concurrency/queued/waited@memory ratelimit/allow/under_limit@memory"
+        "concurrency/queued/waited@memory ratelimit:hard/allow/under_limit@memory"
     )

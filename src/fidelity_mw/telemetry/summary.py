@@ -5,9 +5,12 @@ Most requests of a route take the same decisions (`deadline/allow`,
 subject, the time and the details differ, and neither the packed
 `fidelity.decisions` value, the stale count nor the counter keys read those.
 So the summary is computed for the first request of a shape and looked up for
-the next ones: one tuple of five fields per decision to build and hash, instead
+the next ones: one tuple of six fields per decision to build and hash, instead
 of formatting every decision, testing its staleness and building its counter
-key again.
+key again. A rate limit's decision names its limit in the summary
+(`ratelimit:per-client/allow/under_limit@memory`), so its subject (the limit's
+name, one per limit of the policy) is part of its shape; other layers' subjects
+(routes, upstream hosts) are not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Final
 from ..context import (
     ALLOW,
     LAYER_BUDGET,
+    LAYER_RATELIMIT,
     LAYER_RETRY,
     SOURCE_CACHE,
     SOURCE_FALLBACK,
@@ -33,9 +37,28 @@ from ..inbound.admission import admission_decisions, admission_shape
 # state-age histogram records the others only.
 LOCAL_SOURCES: Final = frozenset({SOURCE_MEMORY, SOURCE_REQUEST})
 _STALE_SOURCES: Final = frozenset({SOURCE_CACHE, SOURCE_FALLBACK})
-# the fields a summary reads: layer, verdict, reason, state_source, state_age_s
-_SHAPE: Final = operator.itemgetter(0, 2, 3, 4, 5)
+# the fields a summary reads: layer, verdict, reason, state_source, state_age_s, and a
+# rate limit's subject (its name)
+_FIELDS: Final = operator.itemgetter(0, 2, 3, 4, 5)
 _MAX_SHAPES: Final = 512
+# characters of a limit's name that would break the summary's `split on spaces, then on
+# / and @` (and the `:` before the name), percent-encoded
+_NAME_ESCAPES: Final = str.maketrans({"%": "%25", " ": "%20", "/": "%2F", "@": "%40", ":": "%3A"})
+
+
+def _shape(d: Decision) -> tuple[object, ...]:
+    """What a summary reads of one decision (its cache key's part)."""
+    if d[0] == LAYER_RATELIMIT:
+        return (d[1], *_FIELDS(d))
+    return _FIELDS(d)  # type: ignore[no-any-return]
+
+
+def entry_layer(layer: str, subject: str) -> str:
+    """The layer as a summary entry writes it: `ratelimit:<limit name>` for a rate limit
+    (the name percent-encoded where it has a space, `/`, `@`, `:` or `%`)."""
+    if layer == LAYER_RATELIMIT:
+        return f"{layer}:{subject.translate(_NAME_ESCAPES)}"
+    return layer
 
 
 class Summary:
@@ -49,20 +72,22 @@ class Summary:
         flagged = False
         aged = False
         plain = True
-        for layer, _subject, verdict, reason, source, age_s, _at, _details in decisions:
+        for layer, subject, verdict, reason, source, age_s, _at, _details in decisions:
+            entry = entry_layer(layer, subject)
             if age_s:
                 aged = True
-                parts.append(f"{layer}/{verdict}/{reason}@{source}+{age_s * 1000.0:g}ms")
+                parts.append(f"{entry}/{verdict}/{reason}@{source}+{age_s * 1000.0:g}ms")
             else:
-                parts.append(f"{layer}/{verdict}/{reason}@{source}")
+                parts.append(f"{entry}/{verdict}/{reason}@{source}")
             if source in _STALE_SOURCES or age_s > 1.0:
                 stale += 1
             if verdict != ALLOW:
                 flagged = True
             if age_s or source not in LOCAL_SOURCES or layer in (LAYER_RETRY, LAYER_BUDGET):
                 plain = False
-        # `fidelity.decisions`: every decision as `layer/verdict/reason@source`, `+<age>ms`
-        # appended when the state had an age, separated by spaces
+        # `fidelity.decisions`: every decision as `layer/verdict/reason@source` (a rate
+        # limit's layer as `ratelimit:<name>`), `+<age>ms` appended when the state had an
+        # age, separated by spaces
         self.packed = " ".join(parts)
         self.stale = stale
         self.count = len(decisions)
@@ -86,7 +111,7 @@ def summarize(decisions: Sequence[Decision]) -> Summary:
     A decision with a state age makes its own shape (the age is in the packed text)
     and is not cached: shared state's ages vary from request to request.
     """
-    key = tuple(map(_SHAPE, decisions))
+    key = tuple(map(_shape, decisions))
     summary = _SHAPES.get(key)
     if summary is None:
         summary = Summary(decisions)
