@@ -16,6 +16,7 @@ from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.engine import Engine
 from fidelity_mw.telemetry import Telemetry, schema
+from fidelity_mw.telemetry.summary import entry_layer
 from fidelity_mw.testing import FakeClock
 from test_telemetry_helpers import (
     SEEN,
@@ -217,7 +218,8 @@ async def test_allowed_requests_are_annotated_from_the_facts_each_with_its_own_v
         assert attrs[schema.DECIDED_BY] == "app"
         assert attrs[schema.CLIENT_KEY_HASH] == tel.hash_client_key("127.0.0.1")
         assert attrs[schema.DECISIONS] == " ".join(
-            f"{d.layer}/{d.verdict}/{d.reason}@{d.state_source}" for d in ctx.decisions
+            f"{entry_layer(d.layer, d.subject)}/{d.verdict}/{d.reason}@{d.state_source}"
+            for d in ctx.decisions
         )
         assert [d.layer for d in ctx.decisions] == ["deadline", "breaker", "ratelimit"]
     assert seen == [("served", "/ok"), ("failed", "/fail")] * 2

@@ -177,7 +177,7 @@ async def test_real_otlp_exporter_carries_decisions_and_staleness(
     summary = r_attrs["fidelity.decisions"].split(" ")
     assert [p.split("/")[0] for p in summary if p.endswith("@cache+1250ms")] == [
         "breaker",
-        "ratelimit",
+        "ratelimit:one-per-s",  # a rate limit's entry names its limit
     ]
 
     names = {
