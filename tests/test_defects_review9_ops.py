@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis as redis_sync
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -187,6 +188,25 @@ async def test_the_probe_backoff_is_kept_across_a_quick_re_failure(
         failing[0] = False
         await _until(lambda: store.health.up)
         assert clock.sleeps[before] <= 0.05
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_an_error_reply_while_redis_is_up_says_error_not_unreachable(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def oom(self, client, script, keys, args):  # type: ignore[no-untyped-def]
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(RedisStore, "_evalsha", oom)
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET))
+    try:
+        result = await store.admit(None, None, ["l|a"], [LIMIT], 0.0)
+        assert (result.source, result.why) == ("fallback", "error")
+        assert store.health.up
+        assert store.fallback_why is None
     finally:
         await store.aclose()
 

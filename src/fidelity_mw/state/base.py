@@ -25,7 +25,8 @@ class InboundResult(NamedTuple):
     # A local fallback decision of a shared store: the fleet share its limits used.
     fleet: FleetShare | None = None
     # A fallback decision of a shared store: why it decided without the shared state,
-    # "unreachable" or "read_only" (a replica refused the writes); None otherwise.
+    # "unreachable", "read_only" (a replica refused the writes) or "error" (it is up,
+    # this call failed); None otherwise.
     why: str | None = None
 
 

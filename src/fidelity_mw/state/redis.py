@@ -104,6 +104,7 @@ PROBE_RESET_S: Final = 10.0
 # `fidelity.state.fallback` gauge): no answer, or an answer that refuses writes.
 WHY_UNREACHABLE: Final = "unreachable"
 WHY_READ_ONLY: Final = "read_only"
+WHY_ERROR: Final = "error"  # (decision details only: Redis is up, one call failed)
 # The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
 # a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
 # does not exist changes nothing and is not replicated.
@@ -915,10 +916,10 @@ class RedisStore(StateStore):
         )
 
     def _why(self) -> str:
-        """Why a decision now is taken without Redis (see `fallback_why`); a failure of
-        one call while Redis is up (an error reply, a full pool) says "unreachable"."""
+        """Why a decision now is taken without Redis (see `fallback_why`), or "error":
+        Redis is up and this call failed (an error reply, a full pool, a bad reply)."""
         health = self.health
-        return WHY_UNREACHABLE if health.up else (health.why or WHY_UNREACHABLE)
+        return WHY_ERROR if health.up else (health.why or WHY_UNREACHABLE)
 
     def _fleet_share(self) -> FleetShare:
         """This instance's share for a local decision; an unknown one is counted, and
