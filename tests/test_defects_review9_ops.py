@@ -22,7 +22,7 @@ from starlette.routing import Route
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state import factory
-from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.base import LimitSpec, state_age_s
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -252,6 +252,16 @@ async def test_read_only_fallback_is_in_the_decisions_and_the_fallback_gauge(
 
 async def _ok(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
+
+
+def test_a_tiered_store_says_how_long_ago_redis_answered() -> None:
+    """Found on the way: a decision taken without state (`on_error`, the store raised)
+    reads the store's `fallback_age` (`state_age_s`); the tiered store had none, so its
+    refusals said age 0 as if the state were fresh. No I/O: the store never connects."""
+    clock = FakeClock()
+    store = TieredStore(config=StateConfig(url="tiered+redis://127.0.0.1:1/0"), clock=clock)
+    clock.advance(42.5)
+    assert state_age_s(store) == 42.5
 
 
 # ---------------------------------------------------------------- 2. credit spent, then refunded

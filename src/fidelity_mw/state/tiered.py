@@ -283,6 +283,11 @@ class TieredStore(StateStore):
     def round_trips(self) -> int:
         return self.exact.stats.round_trips
 
+    def fallback_age(self) -> float:
+        """Time since Redis last answered (`RedisStore.fallback_age`): the age of a
+        decision taken without it (`state_age_s`)."""
+        return self.exact.fallback_age()
+
     @property
     def fallback_why(self) -> str | None:
         """Why Redis is not used now (`RedisStore.fallback_why`), None while it is."""
