@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
+from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state import factory
 from fidelity_mw.state.base import LimitSpec, state_age_s
@@ -248,6 +248,42 @@ async def test_read_only_fallback_is_in_the_decisions_and_the_fallback_gauge(
     finally:
         await store.aclose()
         pipe.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_on_error_closed_refusals_on_a_replica_say_read_only(replica: _Replica) -> None:
+    """With `on_error = "closed"` the refusal's reason stays `state_error:<Exception>`;
+    its details say why the state is unavailable."""
+    config = StateConfig(url=replica.url, on_error="closed", **PATIENT, **QUIET)
+    seen: list[DecisionContext] = []
+
+    async def keep(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    class Keep:
+        def start(self, ctx: DecisionContext, scope: object) -> None:
+            return None
+
+        def end(self, ctx: DecisionContext, scope: object, token: object) -> None:
+            seen.append(ctx)
+
+    limit = RateLimit(name="per-client", rate="100/s", match="/*")
+    policy = Policy(state=config, rate_limits=[limit])
+    app = FidelityMiddleware(Starlette(routes=[Route("/x", keep)]), policy=policy, observer=Keep())
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            statuses = []
+            for _ in range(3):
+                statuses.append((await client.get("/x")).status_code)
+                await asyncio.sleep(0.02)
+        assert statuses == [503] * 3
+        refusals = [d for ctx in seen for d in ctx.decisions if d.reason.startswith("state_")]
+        assert [d.reason for d in refusals] == ["state_error:StateUnavailable"] * 3
+        assert all(d.details["fallback_why"] == "read_only" for d in refusals)  # type: ignore[index]
+    finally:
+        await app.engine.aclose()
 
 
 async def _ok(request: Request) -> PlainTextResponse:

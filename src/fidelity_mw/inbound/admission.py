@@ -31,7 +31,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
 from ..policy import Policy
 from ..routeplan import RoutePlan
-from ..state.base import InboundResult, LimitSpec, state_age_s
+from ..state.base import InboundResult, LimitSpec, state_age_s, state_why
 from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 
 logger: Final = logging.getLogger("fidelity_mw")
@@ -125,6 +125,10 @@ class Admission:
         layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
         ctx._pending = None
         admission_decisions(ctx, plan, None, now)
+        details: dict[str, DetailValue] = {"on_error": self.on_error}
+        why = state_why(ctx.engine.store)
+        if why is not None:  # (a shared store that knows why: unreachable, read_only)
+            details["fallback_why"] = why
         ctx.decisions.append(
             Decision(
                 layer,
@@ -134,7 +138,7 @@ class Admission:
                 SOURCE_FALLBACK,
                 state_age_s(ctx.engine.store),
                 now,
-                {"on_error": self.on_error},
+                details,
             )
         )
         if not closed:

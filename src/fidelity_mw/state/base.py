@@ -219,6 +219,13 @@ class StateStore(abc.ABC):
         )
 
 
+def state_why(store: object) -> str | None:
+    """Why a shared store decides without its state now (`fallback_why`: "unreachable",
+    "read_only"); None while it has it, or for a store that cannot say."""
+    why = getattr(store, "fallback_why", None)
+    return why if isinstance(why, str) else None
+
+
 def state_age_s(store: object) -> float:
     """How long ago `store` last answered (`fallback_age`; 0 when it cannot say): the
     age of a decision taken without it, so a record says how long the state was gone."""
