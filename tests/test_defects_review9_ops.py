@@ -1,4 +1,5 @@
-"""State and operations defects of review 9 (ops9): each test failed before its fix."""
+"""State and operations defects of review 9 (ops9): each test failed before its fix, but
+the one on tiered give-backs after a restart, which checks a suspicion that did not hold."""
 
 from __future__ import annotations
 
