@@ -51,7 +51,8 @@ _PERIODS = {
 }
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
 _PER_RE = re.compile(r"(?<=\d)\s+per\s+")  # the limits library's "5 per minute"
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline ("x-api-key\n" is no header name)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 # ---------------------------------------------------------------- checks
@@ -227,6 +228,15 @@ def _header_names(value: Any) -> str | None:
         if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
             return f"{_toml(item)} is not a valid header name"
     return None
+
+
+def _header_name(value: Any) -> str | None:
+    """One request header name (`priority_header`): a name no request can carry (a space,
+    a colon) would never be found, and the setting would silently do nothing."""
+    problem = non_empty_str(value)
+    if problem is None and not _HEADER_NAME_RE.match(value):
+        problem = f"{_toml(value)} is not a valid header name (letters, digits and -, no spaces)"
+    return problem
 
 
 def _methods(value: Any) -> str | None:
@@ -811,7 +821,7 @@ class Policy(_Validated):
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     routes: tuple[RouteConfig, ...] = _spec((), _items(RouteConfig), toml="route")
     concurrency: ConcurrencyConfig | None = _spec(None, optional(_instance(ConcurrencyConfig)))
-    priority_header: str | None = _spec(None, optional(non_empty_str))
+    priority_header: str | None = _spec(None, optional(_header_name))
     upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
     trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
     trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)

@@ -1,0 +1,101 @@
+"""Defects a ninth review (inbound, policy, telemetry) found.
+
+1. `priority_header` took any non-empty string: `"x priority"` or `"x-priority:"` is a
+   header no request carries, so the bulkhead's priority classes silently never came
+   from it. Header names (that one, `[deadline] header`, `key = "header:NAME"`) also
+   passed with a final newline ("$" matches before one). Now each names the field.
+2. A `key = "header:NAME"` limit keyed a repeated header on all its lines joined: a
+   client with a valid API key that sent it and then a new junk line each time got a
+   fresh counter per request, while the app (Starlette's `headers[...]`, FastAPI's
+   `Header()`) read the valid key from the first line. The key is now the first line,
+   in the middleware and in `Depends(fidelity.limit(...))`.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
+from fidelity_mw.policy import DeadlineConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+def _problems(**kwargs: object) -> dict[str, str]:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict(kwargs)
+    return {issue.path: issue.message for issue in caught.value.issues}
+
+
+# ------------------------------------------- 1. header names that no request carries
+
+
+@pytest.mark.parametrize("name", ["x priority", "x-priority:", "x-priority\n"])
+def test_a_priority_header_that_is_no_header_name_is_an_error_naming_it(name: str) -> None:
+    problems = _problems(priority_header=name)
+    assert set(problems) == {"priority_header"}
+    assert "is not a valid header name" in problems["priority_header"]
+    assert Policy(priority_header="X-Priority").priority_header == "X-Priority"
+
+
+def test_header_names_with_a_final_newline_are_errors() -> None:
+    problems = _problems(
+        deadline={"header": ["x-request-timeout-ms\n"]},
+        rate_limit=[{"name": "k", "key": "header:X-Api-Key\n"}],
+    )
+    assert set(problems) == {"deadline.header", "rate_limit[0].key"}
+    assert DeadlineConfig(header=("x-request-timeout-ms",)).header == ("x-request-timeout-ms",)
+
+
+# ------------------------------------------- 2. a repeated key header
+
+
+def _keyed_app() -> object:
+    from fastapi import FastAPI, Header, HTTPException
+
+    app = FastAPI()
+
+    @app.get("/data")
+    async def data(x_api_key: str = Header()) -> dict[str, bool]:
+        if x_api_key != "valid-key":  # the app authenticates the key it reads
+            raise HTTPException(401)
+        return {"ok": True}
+
+    limit = RateLimit(name="per-key", rate="2/h", key="header:X-Api-Key")
+    policy = Policy(rate_limits=(limit,), breaker=None)
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_a_junk_line_after_a_valid_api_key_is_no_fresh_counter() -> None:
+    """Before: 200 five times, each request a counter of its own ("valid-key,0", ...)."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=_keyed_app()), base_url="http://t"
+    ) as client:
+        codes = [
+            (
+                await client.get(
+                    "/data", headers=[("x-api-key", "valid-key"), ("x-api-key", f"{i}")]
+                )
+            ).status_code
+            for i in range(4)
+        ]
+        plain = await client.get("/data", headers={"x-api-key": "valid-key"})
+    assert codes == [200, 200, 429, 429]
+    assert plain.status_code == 429  # the same key's counter
+    assert plain.headers["ratelimit"] == '"per-key";r=0;t=1800'
+
+
+async def test_a_single_key_line_with_a_comma_is_that_whole_line() -> None:
+    """Only a repeated header is cut to its first line: a value of one line is kept."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=_keyed_app()), base_url="http://t"
+    ) as client:
+        junk = [
+            (await client.get("/data", headers={"x-api-key": "a,b"})).status_code for _ in range(3)
+        ]
+        valid = await client.get("/data", headers={"x-api-key": "valid-key"})
+    assert junk == [401, 401, 429]
+    assert valid.status_code == 200  # "a,b" spent its own counter, not valid-key's
