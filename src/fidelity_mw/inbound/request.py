@@ -69,6 +69,15 @@ def scan_headers(
     return found
 
 
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first line of header `name` (lowercase bytes) in the request, as Starlette's
+    `request.headers[name]` reads it; None without one."""
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return bytes(value)
+    return None
+
+
 class RequestReader:
     """Everything about reading requests that one middleware decides once."""
 
@@ -208,7 +217,14 @@ class RequestReader:
             elif kind == "global":
                 value = "*"
             elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
-                raw = found.get(header_key(kind[7:])) if found else None
+                name = header_key(kind[7:])
+                raw = found.get(name) if found else None
+                if raw and b"," in raw:
+                    # Repeated lines come joined: the key is the first line, the value the
+                    # app reads (Starlette's `headers[...]`, FastAPI's `Header()`). Keyed on
+                    # them all, a client that sends its valid key and then a new junk line
+                    # each time had a fresh counter per request, its app seeing the key.
+                    raw = first_header(scope, name)
                 if raw:
                     value = "h:" + compact_key(raw.decode("latin-1"))
                 else:
