@@ -9,15 +9,22 @@
    fresh counter per request, while the app (Starlette's `headers[...]`, FastAPI's
    `Header()`) read the valid key from the first line. The key is now the first line,
    in the middleware and in `Depends(fidelity.limit(...))`.
+3. Every route under a Starlette `Mount` (a mounted router or sub-app) was one route,
+   `/api/*`, with one breaker: one failing endpoint shed every other under the mount
+   with 503. Once FastAPI was imported, its route list (which wraps a Mount too) made
+   that route "/api". A request under a mount is now named by the mounted route's
+   template, prefixed by the mount's (`/api/items/{id}`).
 """
 
 from __future__ import annotations
+
+import sys
 
 import httpx
 import pytest
 
 from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
-from fidelity_mw.policy import DeadlineConfig
+from fidelity_mw.policy import BreakerConfig, DeadlineConfig
 from fidelity_mw.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +106,52 @@ async def test_a_single_key_line_with_a_comma_is_that_whole_line() -> None:
         valid = await client.get("/data", headers={"x-api-key": "valid-key"})
     assert junk == [401, 401, 429]
     assert valid.status_code == 200  # "a,b" spent its own counter, not valid-key's
+
+
+# ------------------------------------------- 3. routes under a Mount
+
+
+def _mounted_app() -> object:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def good(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def bad(request: object) -> PlainTextResponse:
+        return PlainTextResponse("down", status_code=500)
+
+    api = Starlette(routes=[Route("/good/{item}", good), Route("/bad", bad)])
+    app = Starlette(routes=[Mount("/api", app=api), Mount("/v2", routes=[Route("/bad", bad)])])
+    policy = Policy(breaker=BreakerConfig(min_calls=3, failure_ratio=0.5))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+@pytest.mark.parametrize("fastapi_loaded", [False, True])
+async def test_a_failing_route_under_a_mount_opens_only_its_own_breaker(
+    fastapi_loaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: every route under /api was one route, "/api/*" ("/api" once FastAPI was
+    imported: its route list wraps a Mount too), with one breaker: three 500s of
+    /api/bad shed /api/good/1 with 503."""
+    import fastapi.routing
+
+    if fastapi_loaded:  # routes.flat_routes then lists routes through FastAPI's helper
+        monkeypatch.setitem(sys.modules, "fastapi.routing", fastapi.routing)
+    else:
+        monkeypatch.delitem(sys.modules, "fastapi.routing")
+    app = _mounted_app()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        bad = [(await client.get("/api/bad")).status_code for _ in range(4)]
+        good = await client.get("/api/good/1")
+        v2 = await client.get("/v2/bad")
+        unknown = await client.get("/api/nothing-here")
+    assert bad == [500, 500, 500, 503]
+    assert (good.status_code, v2.status_code, unknown.status_code) == (200, 500, 404)
+    engine = app.middleware_stack.app.engine  # type: ignore[attr-defined]
+    names = sorted({plan.route for plan in engine._plans.values()})
+    assert names == ["/api/*", "/api/bad", "/api/good/{item}", "/v2/bad"]
