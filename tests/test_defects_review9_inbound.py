@@ -14,6 +14,10 @@
    with 503. Once FastAPI was imported, its route list (which wraps a Mount too) made
    that route "/api". A request under a mount is now named by the mounted route's
    template, prefixed by the mount's (`/api/items/{id}`).
+4. With the ASGI/FastAPI instrumentation outside the middleware, its span (annotated
+   as the last body message goes out) said decided_by=app for an error answer a layer
+   inside the app caused (`Depends(limit)`'s 429, a 503 after an outbound breaker
+   refused), where our own span and the metrics named that layer.
 """
 
 from __future__ import annotations
@@ -155,3 +159,46 @@ async def test_a_failing_route_under_a_mount_opens_only_its_own_breaker(
     engine = app.middleware_stack.app.engine  # type: ignore[attr-defined]
     names = sorted({plan.route for plan in engine._plans.values()})
     assert names == ["/api/*", "/api/bad", "/api/good/{item}", "/v2/bad"]
+
+
+# ------------------------------------------- 4. the instrumentation's span, annotated early
+
+
+async def test_an_instrumented_span_names_the_layer_inside_the_app_that_refused() -> None:
+    """With the ASGI instrumentation outside the middleware, its span is annotated as the
+    last body message goes out, before the middleware settles the outcome. A 429 of
+    `Depends(limit)` (or a 503 after an outbound breaker refused) said decided_by=app,
+    outcome=served there, while our own span and the metrics said ratelimit/rejected."""
+    from fastapi import Depends, FastAPI
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    from fidelity_mw.fastapi import Fidelity
+    from test_telemetry_helpers import call, counter_values, pipeline
+
+    otel = pipeline(decision_events="non_allow")
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/once", dependencies=[Depends(fidelity.limit("1/h"))])
+    async def once() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=FakeClock(), observer=otel.telemetry
+    )
+    fidelity.install(app)
+    outer = OpenTelemetryMiddleware(
+        app, tracer_provider=otel.tracer_provider, exclude_spans=["send", "receive"]
+    )
+    try:
+        codes = [(await call(outer, "/once")).status_code for _ in range(2)]
+        spans = otel.finished()
+        requests = counter_values(
+            otel.metrics, "fidelity.requests", "fidelity.decided_by", "fidelity.outcome"
+        )
+    finally:
+        otel.shutdown()
+    assert codes == [200, 429]
+    said = [(s.attributes["fidelity.decided_by"], s.attributes["fidelity.outcome"]) for s in spans]
+    assert said == [("app", "served"), ("ratelimit", "rejected")]
+    assert requests == {("app", "served"): 1, ("ratelimit", "rejected"): 1}
