@@ -18,6 +18,10 @@
    as the last body message goes out) said decided_by=app for an error answer a layer
    inside the app caused (`Depends(limit)`'s 429, a 503 after an outbound breaker
    refused), where our own span and the metrics named that layer.
+5. A request counted by an API key (`header:NAME`, or a custom key) carried no
+   `fidelity.client.key_hash`, and with the providers given to the middleware
+   (`tracer_provider=`) the admin page hashed keys with a salt of its own: its rows
+   could not be matched to traces as docs/admin.md says.
 """
 
 from __future__ import annotations
@@ -202,3 +206,50 @@ async def test_an_instrumented_span_names_the_layer_inside_the_app_that_refused(
     said = [(s.attributes["fidelity.decided_by"], s.attributes["fidelity.outcome"]) for s in spans]
     assert said == [("app", "served"), ("ratelimit", "rejected")]
     assert requests == {("app", "served"): 1, ("ratelimit", "rejected"): 1}
+
+
+# ------------------------------------------- 5. the key hash of an API-keyed request
+
+
+async def test_an_api_keyed_request_carries_the_key_hash_its_admin_row_shows() -> None:
+    """docs/admin.md: a rate-limit key's hash on the state page is the traces'
+    `fidelity.client.key_hash`, "so a row can be matched to its traces". For a limit
+    keyed by a header the span had no key hash at all (only an address was hashed), and
+    with the providers given to the middleware the page hashed with a salt of its own."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from fidelity_mw import Engine
+    from fidelity_mw.admin import AdminApp
+    from test_telemetry_helpers import pipeline
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    otel = pipeline(decision_events="non_allow")
+    limit = RateLimit(name="per-key", rate="10/min", key="header:X-Api-Key", match="/ok")
+    engine = Engine(Policy(rate_limits=(limit,)), clock=FakeClock())
+    app = Starlette(routes=[Route("/ok", ok), Mount("/_fidelity", app=AdminApp(engine))])
+    app.add_middleware(
+        FidelityMiddleware,
+        engine=engine,
+        tracer_provider=otel.tracer_provider,  # the documented wiring (docs/telemetry.md)
+        meter_provider=otel.meter_provider,
+    )
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            keyed = await client.get("/ok", headers={"x-api-key": "key-of-tenant-7"})
+            plain = await client.get("/ok")  # no key: counted by its address
+            state = (await client.get("/_fidelity/state.json")).json()
+        spans = [s for s in otel.finished() if s.attributes.get("fidelity.route") == "/ok"]
+    finally:
+        otel.shutdown()
+    assert (keyed.status_code, plain.status_code) == (200, 200)
+    hashes = [s.attributes.get("fidelity.client.key_hash") for s in spans]
+    rows = {row["key_hash"] for row in state["limiter_keys"]}
+    assert None not in hashes
+    assert len(hashes) == 2
+    assert set(hashes) == rows  # one row per key, each matched by its request's span
+    assert "key-of-tenant-7" not in str([dict(s.attributes) for s in spans])

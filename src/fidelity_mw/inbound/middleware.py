@@ -94,6 +94,10 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        if observer is not None and self.engine.request_observer is None:
+            # the engine's, too: the admin page hashes client keys with it, so its rows
+            # match the traces of this observer (given, or built for the providers)
+            self.engine.request_observer = observer
         # Optional (hooks.ResponseEndObserver): an outer instrumentation ends its
         # server span with the last body message, before our `end` runs.
         self._before_response_end = getattr(observer, "before_response_end", None)

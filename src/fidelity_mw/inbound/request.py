@@ -205,6 +205,7 @@ class RequestReader:
             ctx.client_key = ip
             return (plan.ip_key_prefix + ip,)
         ip_: str | None = None
+        other: str | None = None  # the first header or custom key, as stored
         keys = []
         for lim, prefix in zip(plan.limits, plan.key_prefixes, strict=True):
             kind = lim.key
@@ -227,6 +228,8 @@ class RequestReader:
                     raw = first_header(scope, name)
                 if raw:
                     value = "h:" + compact_key(raw.decode("latin-1"))
+                    if other is None:
+                        other = value
                 else:
                     if ip_ is None:
                         ip_ = self.client_ip(scope, found)
@@ -245,9 +248,16 @@ class RequestReader:
                     value = ip_
                 else:
                     value = "k:" + compact_key(str(custom))
+                    if other is None:
+                        other = value
             keys.append(prefix + value)
+        # The client key telemetry hashes (`fidelity.client.key_hash`): the address when a
+        # limit counted by it, else the API key (or custom key) a limit counted by, as the
+        # store keys it, so the admin page's row of that key matches the request's traces.
         if ip_ is not None:
             ctx.client_key = ip_
+        elif other is not None:
+            ctx.client_key = other
         return keys
 
     def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None) -> str:
