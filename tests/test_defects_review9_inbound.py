@@ -22,6 +22,9 @@
    `fidelity.client.key_hash`, and with the providers given to the middleware
    (`tracer_provider=`) the admin page hashed keys with a salt of its own: its rows
    could not be matched to traces as docs/admin.md says.
+6. An exception after the response went out whole (a Starlette background task, run
+   after the last body message inside the app call) counted as the route's failure:
+   a failing e-mail task opened the breaker of a route that answered every request.
 """
 
 from __future__ import annotations
@@ -253,3 +256,36 @@ async def test_an_api_keyed_request_carries_the_key_hash_its_admin_row_shows() -
     assert len(hashes) == 2
     assert set(hashes) == rows  # one row per key, each matched by its request's span
     assert "key-of-tenant-7" not in str([dict(s.attributes) for s in spans])
+
+
+# ------------------------------------------- 6. an error after the response went out
+
+
+async def test_a_failing_background_task_after_a_whole_response_is_no_breaker_failure() -> None:
+    """Starlette runs a response's background task after its last body message, inside
+    the app call: its exception reached the middleware as the app's, and a failing e-mail
+    task opened the breaker of a route that answered every signup: 503s after three."""
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from fidelity_mw import current
+
+    seen = []
+
+    async def send_mail() -> None:
+        raise ConnectionError("smtp down")
+
+    async def signup(request: object) -> PlainTextResponse:
+        seen.append(current())
+        return PlainTextResponse("welcome", background=BackgroundTask(send_mail))
+
+    app = Starlette(routes=[Route("/signup", signup)])
+    policy = Policy(breaker=BreakerConfig(min_calls=3))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        codes = [(await client.get("/signup")).status_code for _ in range(5)]
+    assert codes == [200] * 5
+    assert [(c.decided_by, c.outcome) for c in seen if c] == [("app", "served")] * 5

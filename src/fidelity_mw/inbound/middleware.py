@@ -273,7 +273,9 @@ class FidelityMiddleware:
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
                     if failed is None:
-                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(
+                            ctx, plan, result, keys, exc, watcher.complete
+                        )
                         if pending is not None:
                             self._outcomes.spawn(pending)  # cannot await while unwinding
                         raise
