@@ -13,7 +13,8 @@
    `/api/*`, with one breaker: one failing endpoint shed every other under the mount
    with 503. Once FastAPI was imported, its route list (which wraps a Mount too) made
    that route "/api". A request under a mount is now named by the mounted route's
-   template, prefixed by the mount's (`/api/items/{id}`).
+   template, prefixed by the mount's (`/api/items/{id}`), and an endpoint's override
+   (`@fidelity.deadline`, `@fidelity.breaker`) under a mount is found too.
 4. With the ASGI/FastAPI instrumentation outside the middleware, its span (annotated
    as the last body message goes out) said decided_by=app for an error answer a layer
    inside the app caused (`Depends(limit)`'s 429, a 503 after an outbound breaker
@@ -289,3 +290,37 @@ async def test_a_failing_background_task_after_a_whole_response_is_no_breaker_fa
         codes = [(await client.get("/signup")).status_code for _ in range(5)]
     assert codes == [200] * 5
     assert [(c.decided_by, c.outcome) for c in seen if c] == [("app", "served")] * 5
+
+
+async def test_an_endpoint_override_under_a_mount_is_enforced_by_the_outer_middleware() -> None:
+    """`@fidelity.deadline(...)` on an endpoint of a mounted FastAPI sub-app: the
+    middleware on the outer app looked for the endpoint among the outer app's own
+    routes only, and served the request with the policy's 30 s deadline."""
+    from fastapi import FastAPI
+
+    from fidelity_mw import current
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    seen = []
+    sub = FastAPI()
+
+    @sub.get("/reports/{rid}")
+    @fidelity.deadline(250)
+    async def report(rid: str) -> dict[str, str]:
+        seen.append(current())
+        return {"rid": rid}
+
+    app = FastAPI()
+    app.mount("/v1", sub)
+    clock = FakeClock()
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=clock, telemetry=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        response = await client.get("/v1/reports/7", headers={"x-request-timeout-ms": "5000"})
+    assert response.status_code == 200
+    [ctx] = seen
+    assert ctx is not None
+    assert ctx.route == "/v1/reports/{rid}"
+    assert ctx.remaining_s() == pytest.approx(0.25)  # the endpoint's cap, not 5 s

@@ -57,16 +57,25 @@ def framework_template(scope: Mapping[str, Any], fallback_app: object = None) ->
     prefixed by the mount's (`/api` + `/items/{id}`), so each route of a mounted router or
     sub-app keeps a breaker of its own; a mount whose app lists no routes (or none that
     match) is `<mount>/*`."""
+    found = serving_route(scope, fallback_app)
+    return None if found is None else found[0]
+
+
+def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tuple[str, Any] | None:
+    """(the template `framework_template` names, the route object that serves `scope`, or
+    None when no route serves its method or the request goes to a mounted app of its own)."""
     routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return None
     try:
-        return _template(routes, _route_path(scope), scope.get("method"), 0)
+        return _serving(routes, _route_path(scope), scope.get("method"), 0)
     except Exception:  # a third-party route object with odd attributes
         return None
 
 
-def _template(routes: Iterable[Any], route_path: str, method: object, depth: int) -> str | None:
+def _serving(
+    routes: Iterable[Any], route_path: str, method: object, depth: int
+) -> tuple[str, Any] | None:
     partial: str | None = None
     for route in flat_routes(routes):  # FastAPI's included routers opened up
         regex = getattr(route, "path_regex", None)
@@ -88,14 +97,14 @@ def _template(routes: Iterable[Any], route_path: str, method: object, depth: int
             if rest is not None and depth < _MAX_MOUNT_DEPTH:
                 sub = getattr(route, "routes", None)
                 if sub:
-                    inner = _template(sub, "/" + rest, method, depth + 1)
+                    inner = _serving(sub, "/" + rest, method, depth + 1)
             if inner is not None:
-                return str(getattr(route, "path", "") or "") + inner
-            return f"{path}/*"  # an app of its own (or no route of it matches)
+                return str(getattr(route, "path", "") or "") + inner[0], inner[1]
+            return f"{path}/*", None  # an app of its own (or no route of it matches)
         methods = route.methods
         if methods and method not in methods:
             if partial is None:
                 partial = str(path)  # method not allowed: same route, other verb
             continue
-        return str(path)
-    return partial
+        return str(path), route
+    return None if partial is None else (partial, None)
