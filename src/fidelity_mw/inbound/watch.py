@@ -344,11 +344,14 @@ class OutcomeRecorder:
         exc: BaseException,
         complete: bool = False,
     ) -> Coroutine[Any, Any, Any] | None:
-        """The app raised `exc`. With `complete`, its response had gone out whole: the
-        error came after it (a background task, which Starlette runs after the last
-        body message) and the request counts as its response says, not as a failure:
-        a failing e-mail task must not open the breaker of the route that answered."""
-        if complete and not ctx.client_disconnected:
+        """The app raised `exc`. With `complete`, its response had gone out whole: an
+        error after a response below 500 came after it (a background task, which
+        Starlette runs after the last body message) and the request counts as its
+        response says, not as a failure: a failing e-mail task must not open the breaker
+        of the route that answered. (A 5xx then is the answer to `exc` itself, e.g.
+        Starlette's ServerErrorMiddleware inside ours answers 500, then re-raises.)"""
+        status = ctx.status
+        if complete and status is not None and status < 500 and not ctx.client_disconnected:
             return self.after_app(ctx, plan, result, keys, True)
         ctx.decided_by = DECIDED_BY_APP
         if ctx.client_disconnected or isinstance(exc, asyncio.CancelledError | ClientDisconnect):
