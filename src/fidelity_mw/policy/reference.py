@@ -64,7 +64,8 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "route",
         RouteConfig,
         "Per-route overrides, first match wins. A route also names the breaker a request "
-        "counts against: requests no route matches use the framework's route template.",
+        "counts against: requests no route matches use the framework's route template "
+        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`).",
     ),
     (
         "`[concurrency]`",
