@@ -26,6 +26,10 @@
 6. An exception after the response went out whole (a Starlette background task, run
    after the last body message inside the app call) counted as the route's failure:
    a failing e-mail task opened the breaker of a route that answered every request.
+7. A table with a problem stopped the policy (or the `[[route]]` / `[[upstream]]`
+   holding it) from being built, and with it the checks of its plain values: one
+   `fidelity-mw check` run did not name every problem (`trusted_proxies = ["nope"]`
+   beside a bad `[[rate_limit]]`). Those values are now checked as given.
 """
 
 from __future__ import annotations
@@ -324,3 +328,41 @@ async def test_an_endpoint_override_under_a_mount_is_enforced_by_the_outer_middl
     assert ctx is not None
     assert ctx.route == "/v1/reports/{rid}"
     assert ctx.remaining_s() == pytest.approx(0.25)  # the endpoint's cap, not 5 s
+
+
+# ------------------------------------------- 7. every problem of a policy at once
+
+
+def test_a_bad_top_level_value_is_reported_beside_a_bad_table() -> None:
+    """docs/policy.md: validation reports every problem at once. A table with a problem
+    stopped the policy (or the table holding it) from being built, and with it the
+    checks of its plain values: `trusted_proxies = ["nope"]` surfaced only after the
+    `[[rate_limit]]` was fixed, `attempt_timeout_ms = 0` only after the `retry`."""
+    problems = _problems(
+        trusted_proxies=["nope"],
+        rate_limit_headers="sometimes",
+        rate_limit=[{"name": "a", "rate": "1/fortnight"}],
+        upstream=[{"host": "x", "attempt_timeout_ms": 0, "retry": {"attempts": 0}}],
+        route=[{"match": "/r", "deadline_ms": -1, "breaker": {"min_calls": 0}}],
+    )
+    assert set(problems) == {
+        "trusted_proxies",
+        "rate_limit_headers",
+        "rate_limit[0].rate",
+        "upstream[0].attempt_timeout_ms",
+        "upstream[0].retry.attempts",
+        "route[0].deadline_ms",
+        "route[0].breaker.min_calls",
+    }
+    assert problems["trusted_proxies"].startswith('item 0: "nope" is not an IP network')
+
+
+def test_plain_values_next_to_a_bad_table_are_checked_as_given() -> None:
+    """Only the plain values are checked there: good ones add no problem."""
+    problems = _problems(
+        trusted_proxies=["10.0.0.0/8"],
+        priority_header="x-priority",
+        route=[{"match": "/r", "methods": ["get"], "breaker": {"min_calls": 0}}],
+        upstream=[{"host": "x", "instances": ["http://10.0.0.7:80"], "retry": {"jitter": "no"}}],
+    )
+    assert set(problems) == {"route[0].breaker.min_calls", "upstream[0].retry.jitter"}

@@ -893,8 +893,10 @@ class Policy(_Validated):
             if _unknown_keys_only(issues, ""):
                 _more_issues(cls, kwargs, "", issues)  # its cross-checks among them
             else:
-                # The policy cannot be built, so its own cross-checks would not run: find
-                # duplicate names in the plain data, so every problem is reported at once.
+                # The policy cannot be built, so its own checks would not run: check the
+                # plain values of its top level, and find duplicate names in the plain
+                # data, so every problem is reported at once.
+                _field_checks(cls, kwargs, "", issues, _POLICY_NESTED)
                 issues.extend(_duplicate_names(*_raw_names(data)))
             raise PolicyError(issues)
         try:
@@ -1188,6 +1190,25 @@ def _more_issues(cls: type, kwargs: dict[str, Any], where: str, issues: list[Pol
         pass
 
 
+def _field_checks(
+    cls: type, kwargs: Mapping[str, Any], where: str, issues: list[PolicyIssue], nested: _Nested
+) -> None:
+    """Each plain value's own check (not the tables within, which report their own), for
+    a table that cannot be built because a table within it failed: without it, a bad
+    `trusted_proxies` surfaced only once a bad `[[rate_limit]]` was fixed. (The classes
+    with tables within check their plain values as given, without converting them first.)"""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name, value in kwargs.items():
+        f = fields.get(name)
+        key = f.metadata.get("toml", name) if f is not None else name
+        check = f.metadata.get("check") if f is not None else None
+        if check is None or key in nested:
+            continue
+        problem = check(value)
+        if problem:
+            issues.append(PolicyIssue(f"{where}.{key}" if where else key, problem))
+
+
 def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
     if not isinstance(value, Mapping):
         issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {_toml(value)}"))
@@ -1197,6 +1218,8 @@ def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested:
     if len(issues) > before:
         if _unknown_keys_only(issues[before:], where):
             _more_issues(cls, kwargs, where, issues)
+        else:  # a table within failed: the table's own plain values are still checked
+            _field_checks(cls, kwargs, where, issues, nested)
         return None
     try:
         return cls(**kwargs)
