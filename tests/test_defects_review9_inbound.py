@@ -30,6 +30,8 @@
    holding it) from being built, and with it the checks of its plain values: one
    `fidelity-mw check` run did not name every problem (`trusted_proxies = ["nope"]`
    beside a bad `[[rate_limit]]`). Those values are now checked as given.
+8. An `on_reject` response that failed before it started was replaced by the default
+   answer, but the request kept the hook's status (the span said 418, the client got 429).
 """
 
 from __future__ import annotations
@@ -366,3 +368,40 @@ def test_plain_values_next_to_a_bad_table_are_checked_as_given() -> None:
         upstream=[{"host": "x", "instances": ["http://10.0.0.7:80"], "retry": {"jitter": "no"}}],
     )
     assert set(problems) == {"route[0].breaker.min_calls", "upstream[0].retry.jitter"}
+
+
+# ------------------------------------------- 8. an on_reject response that fails
+
+
+async def test_a_hook_response_that_fails_before_starting_records_the_status_sent() -> None:
+    """The default 429 goes out when the hook's response fails before it starts; the
+    request (and its span's http.response.status_code) kept the hook's 418."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from test_telemetry_helpers import call, pipeline
+
+    class Broken(Response):
+        async def __call__(self, scope: object, receive: object, send: object) -> None:
+            raise RuntimeError("template missing")
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    otel = pipeline(decision_events="non_allow")
+    app = Starlette(routes=[Route("/ok", ok)])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(rate_limits=(RateLimit(name="tight", rate="1/min"),)),
+        clock=FakeClock(),
+        observer=otel.telemetry,
+        on_reject=lambda ctx, decision: Broken("x", status_code=418),
+    )
+    try:
+        codes = [(await call(app, "/ok")).status_code for _ in range(2)]
+        statuses = [s.attributes["http.response.status_code"] for s in otel.finished()]
+    finally:
+        otel.shutdown()
+    assert codes == [200, 429]
+    assert statuses == [200, 429]

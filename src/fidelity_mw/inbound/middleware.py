@@ -431,7 +431,12 @@ class FidelityMiddleware:
                 await respond(send, rejection, ctx.decided_by)
             else:
                 own, by = rejection, ctx.decided_by
-                await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+
+                async def fallback(send_: Send) -> None:
+                    ctx.status = own[0]  # the default goes out after all, not the hook's
+                    await respond(send_, own, by)
+
+                await send_custom(custom, fallback, scope, receive, send)
         finally:
             # The request is answered (or its client gone): a task the app spawned
             # makes calls of its own from here, as after the app's own response.
