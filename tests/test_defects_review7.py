@@ -262,9 +262,11 @@ def test_a_policy_file_with_a_byte_order_mark_loads_and_checks(tmp_path: Path) -
 # ------------------------------------------- 7. the limit dependency, as the middleware
 
 
-async def test_the_limit_dependency_keys_on_every_line_of_a_repeated_header() -> None:
-    """Two lines of X-Api-Key are one key, "a,b", as the middleware joins them: a client
-    cannot spend a fresh counter by putting a new first line before the old one."""
+async def test_the_limit_dependency_keys_a_repeated_header_as_the_middleware() -> None:
+    """Two lines of X-Api-Key are one key for the dependency and the middleware alike.
+    (Review 9: that key is the first line, the value the app reads; keyed on both lines
+    joined, a junk second line was a fresh counter per request:
+    test_defects_review9_inbound.py.)"""
     from fastapi import Depends, FastAPI
 
     from fidelity_mw.fastapi import Fidelity
@@ -290,7 +292,7 @@ async def test_the_limit_dependency_keys_on_every_line_of_a_repeated_header() ->
         again = await client.get("/k", headers=[("x-api-key", "a"), ("x-api-key", "b")])
     assert (first.status_code, again.status_code) == (200, 429)
     keys = {key.split("|", 1)[1] for key in store.limits.tats}
-    assert keys == {"h:a,b"}  # the dependency's and the middleware's: the same key
+    assert keys == {"h:a"}  # the dependency's and the middleware's: the same key
 
 
 class _Unreachable(MemoryStore):

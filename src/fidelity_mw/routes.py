@@ -47,33 +47,64 @@ def _route_path(scope: Mapping[str, Any]) -> str:
     return path[len(root) :] if path[len(root)] == "/" else path
 
 
+_MAX_MOUNT_DEPTH = 8
+
+
 def framework_template(scope: Mapping[str, Any], fallback_app: object = None) -> str | None:
-    """The path template of the Starlette/FastAPI route that will serve `scope`."""
+    """The path template of the Starlette/FastAPI route that will serve `scope`.
+
+    A request under a `Mount` is named by the mounted route that serves it, its template
+    prefixed by the mount's (`/api` + `/items/{id}`), so each route of a mounted router or
+    sub-app keeps a breaker of its own; a mount whose app lists no routes (or none that
+    match) is `<mount>/*`."""
+    found = serving_route(scope, fallback_app)
+    return None if found is None else found[0]
+
+
+def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tuple[str, Any] | None:
+    """(the template `framework_template` names, the route object that serves `scope`, or
+    None when no route serves its method or the request goes to a mounted app of its own)."""
     routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return None
-    partial: str | None = None
     try:
-        route_path = _route_path(scope)
-        method = scope.get("method")
-        for route in flat_routes(routes):  # FastAPI's included routers opened up
-            regex = getattr(route, "path_regex", None)
-            path = getattr(route, "path", None) or getattr(route, "path_format", None)
-            if regex is None or path is None:
-                continue  # Host, or a route type of its own: no path template to use
-            is_mount = hasattr(route, "routes") and not hasattr(route, "endpoint")
-            if not is_mount and not hasattr(route, "methods"):
-                continue  # a websocket route never serves an http request
-            if regex.match(route_path) is None:
-                continue
-            if is_mount:
-                return f"{path}/*"  # its sub-routes share the prefix
-            methods = route.methods
-            if methods and method not in methods:
-                if partial is None:
-                    partial = str(path)  # method not allowed: same route, other verb
-                continue
-            return str(path)
+        return _serving(routes, _route_path(scope), scope.get("method"), 0)
     except Exception:  # a third-party route object with odd attributes
         return None
-    return partial
+
+
+def _serving(
+    routes: Iterable[Any], route_path: str, method: object, depth: int
+) -> tuple[str, Any] | None:
+    partial: str | None = None
+    for route in flat_routes(routes):  # FastAPI's included routers opened up
+        regex = getattr(route, "path_regex", None)
+        path = getattr(route, "path", None) or getattr(route, "path_format", None)
+        if regex is None or path is None:
+            continue  # Host, or a route type of its own: no path template to use
+        # (FastAPI lists every route, a Mount too, as a RouteContext whose `endpoint` is
+        # None for a mount: "no attribute" alone took a mount for a route named "/api")
+        is_mount = getattr(route, "endpoint", None) is None and hasattr(route, "routes")
+        if not is_mount and not hasattr(route, "methods"):
+            continue  # a websocket route never serves an http request
+        found = regex.match(route_path)
+        if found is None:
+            continue
+        if is_mount:
+            # the mounted routes see the rest of the path, as Starlette's Mount passes it on
+            rest = found.groupdict().get("path")
+            inner = None
+            if rest is not None and depth < _MAX_MOUNT_DEPTH:
+                sub = getattr(route, "routes", None)
+                if sub:
+                    inner = _serving(sub, "/" + rest, method, depth + 1)
+            if inner is not None:
+                return str(getattr(route, "path", "") or "") + inner[0], inner[1]
+            return f"{path}/*", None  # an app of its own (or no route of it matches)
+        methods = route.methods
+        if methods and method not in methods:
+            if partial is None:
+                partial = str(path)  # method not allowed: same route, other verb
+            continue
+        return str(path), route
+    return None if partial is None else (partial, None)

@@ -209,9 +209,10 @@ class LimitDependency:
             if custom is not None:
                 return "k:" + _compact(str(custom))
         elif key.startswith("header:"):
-            # every line, joined as the middleware joins a repeated header: a client
-            # that repeats it is one key, not whichever line came first
-            raw = ",".join(request.headers.getlist(key[7:]))
+            # the first line, as the middleware keys it: the value the app reads
+            # (`Header()`, `request.headers[...]`), so a junk line after a valid key
+            # is no fresh counter
+            raw = request.headers.get(key[7:], "")
             if raw:
                 return "h:" + _compact(raw)
         ip = self.owner.client_ip(request, ctx.engine)

@@ -94,6 +94,10 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        if observer is not None and self.engine.request_observer is None:
+            # the engine's, too: the admin page hashes client keys with it, so its rows
+            # match the traces of this observer (given, or built for the providers)
+            self.engine.request_observer = observer
         # Optional (hooks.ResponseEndObserver): an outer instrumentation ends its
         # server span with the last body message, before our `end` runs.
         self._before_response_end = getattr(observer, "before_response_end", None)
@@ -269,7 +273,9 @@ class FidelityMiddleware:
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
                     if failed is None:
-                        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
+                        pending = self._outcomes.after_error(
+                            ctx, plan, result, keys, exc, watcher.complete
+                        )
                         if pending is not None:
                             self._outcomes.spawn(pending)  # cannot await while unwinding
                         raise
@@ -425,7 +431,12 @@ class FidelityMiddleware:
                 await respond(send, rejection, ctx.decided_by)
             else:
                 own, by = rejection, ctx.decided_by
-                await send_custom(custom, lambda s: respond(s, own, by), scope, receive, send)
+
+                async def fallback(send_: Send) -> None:
+                    ctx.status = own[0]  # the default goes out after all, not the hook's
+                    await respond(send_, own, by)
+
+                await send_custom(custom, fallback, scope, receive, send)
         finally:
             # The request is answered (or its client gone): a task the app spawned
             # makes calls of its own from here, as after the app's own response.

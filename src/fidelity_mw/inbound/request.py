@@ -69,6 +69,15 @@ def scan_headers(
     return found
 
 
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """The first line of header `name` (lowercase bytes) in the request, as Starlette's
+    `request.headers[name]` reads it; None without one."""
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return bytes(value)
+    return None
+
+
 class RequestReader:
     """Everything about reading requests that one middleware decides once."""
 
@@ -196,6 +205,7 @@ class RequestReader:
             ctx.client_key = ip
             return (plan.ip_key_prefix + ip,)
         ip_: str | None = None
+        other: str | None = None  # the first header or custom key, as stored
         keys = []
         for lim, prefix in zip(plan.limits, plan.key_prefixes, strict=True):
             kind = lim.key
@@ -208,9 +218,18 @@ class RequestReader:
             elif kind == "global":
                 value = "*"
             elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
-                raw = found.get(header_key(kind[7:])) if found else None
+                name = header_key(kind[7:])
+                raw = found.get(name) if found else None
+                if raw and b"," in raw:
+                    # Repeated lines come joined: the key is the first line, the value the
+                    # app reads (Starlette's `headers[...]`, FastAPI's `Header()`). Keyed on
+                    # them all, a client that sends its valid key and then a new junk line
+                    # each time had a fresh counter per request, its app seeing the key.
+                    raw = first_header(scope, name)
                 if raw:
                     value = "h:" + compact_key(raw.decode("latin-1"))
+                    if other is None:
+                        other = value
                 else:
                     if ip_ is None:
                         ip_ = self.client_ip(scope, found)
@@ -229,9 +248,16 @@ class RequestReader:
                     value = ip_
                 else:
                     value = "k:" + compact_key(str(custom))
+                    if other is None:
+                        other = value
             keys.append(prefix + value)
+        # The client key telemetry hashes (`fidelity.client.key_hash`): the address when a
+        # limit counted by it, else the API key (or custom key) a limit counted by, as the
+        # store keys it, so the admin page's row of that key matches the request's traces.
         if ip_ is not None:
             ctx.client_key = ip_
+        elif other is not None:
+            ctx.client_key = other
         return keys
 
     def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None) -> str:

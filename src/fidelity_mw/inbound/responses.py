@@ -7,6 +7,7 @@ import json
 from typing import Any, Final
 
 from .._types import Send
+from ..context import LAYER_RATELIMIT, DecisionContext
 
 # Final: the compiled build inlines them (no module lookup per request)
 OUTCOME_SERVED: Final = "served"
@@ -16,6 +17,22 @@ OUTCOME_SHED: Final = "shed"
 OUTCOME_EXPIRED: Final = "expired"
 OUTCOME_DISCONNECTED: Final = "disconnected"
 DECIDED_BY_APP: Final = "app"
+
+# The reason of a decision taken without the store (`state_error:<exception>`).
+STATE_ERROR: Final = "state_error:"
+
+
+def shed_outcome(ctx: DecisionContext, layer: str) -> str:
+    """The outcome of an error answer that a layer inside the app (`ctx.shed_by`, e.g. an
+    outbound breaker, `Depends(limit)`) caused: "rejected" for a limit's over-limit 429,
+    "shed" otherwise (a form whose state was unreachable, `on_error = "closed"`, shed the
+    request as the middleware's own limits do then)."""
+    if layer == LAYER_RATELIMIT:
+        decision = ctx.last(LAYER_RATELIMIT)
+        if decision is None or not decision.reason.startswith(STATE_ERROR):
+            return OUTCOME_REJECTED
+    return OUTCOME_SHED
+
 
 PROBLEM_JSON = b"application/problem+json"
 # On every response a control layer of ours produced (429/503/504 answered by the

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
 from .._types import Message, Scope, Send
-from ..context import LAYER_RATELIMIT, DecisionContext
+from ..context import DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
@@ -33,12 +33,10 @@ from .responses import (
     OUTCOME_FAILED,
     OUTCOME_REJECTED,
     OUTCOME_SERVED,
-    OUTCOME_SHED,
+    shed_outcome,
 )
 
 logger: Final = logging.getLogger("fidelity_mw")
-# The reason of a decision taken without the store (`state_error:<exception>`).
-_STATE_ERROR: Final = "state_error:"
 
 
 def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
@@ -344,7 +342,17 @@ class OutcomeRecorder:
         result: InboundResult | None,
         keys: Sequence[str],
         exc: BaseException,
+        complete: bool = False,
     ) -> Coroutine[Any, Any, Any] | None:
+        """The app raised `exc`. With `complete`, its response had gone out whole: an
+        error after a response below 500 came after it (a background task, which
+        Starlette runs after the last body message) and the request counts as its
+        response says, not as a failure: a failing e-mail task must not open the breaker
+        of the route that answered. (A 5xx then is the answer to `exc` itself, e.g.
+        Starlette's ServerErrorMiddleware inside ours answers 500, then re-raises.)"""
+        status = ctx.status
+        if complete and status is not None and status < 500 and not ctx.client_disconnected:
+            return self.after_app(ctx, plan, result, keys, True)
         ctx.decided_by = DECIDED_BY_APP
         if ctx.client_disconnected or isinstance(exc, asyncio.CancelledError | ClientDisconnect):
             ctx.outcome = OUTCOME_DISCONNECTED
@@ -431,14 +439,9 @@ class OutcomeRecorder:
         not count it (no second breaker on the same evidence) and the limits get their
         units back (a request rejected by one layer consumes no quota of another)."""
         shed_by = ctx.decided_by = ctx.shed_by
-        # "rejected" is a limit's over-limit 429; a form that refused because its state
-        # was unreachable (`on_error = "closed"`) shed the request, as the middleware's
-        # own limits do then (docs/telemetry.md)
-        limited = False
-        if shed_by == LAYER_RATELIMIT:
-            decision = ctx.last(LAYER_RATELIMIT)
-            limited = decision is None or not decision.reason.startswith(_STATE_ERROR)
-        ctx.outcome = OUTCOME_REJECTED if limited else OUTCOME_SHED
+        assert shed_by is not None
+        outcome = ctx.outcome = shed_outcome(ctx, shed_by)
+        limited = outcome == OUTCOME_REJECTED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
         # another limit's 429 is the client's own doing: its units come back, no retry credit
         return _in_order(pending, self.refund(plan, result, keys, credit=not limited))

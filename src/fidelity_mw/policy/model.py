@@ -51,7 +51,8 @@ _PERIODS = {
 }
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
 _PER_RE = re.compile(r"(?<=\d)\s+per\s+")  # the limits library's "5 per minute"
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: "$" also matches before a final newline ("x-api-key\n" is no header name)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 # ---------------------------------------------------------------- checks
@@ -227,6 +228,15 @@ def _header_names(value: Any) -> str | None:
         if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
             return f"{_toml(item)} is not a valid header name"
     return None
+
+
+def _header_name(value: Any) -> str | None:
+    """One request header name (`priority_header`): a name no request can carry (a space,
+    a colon) would never be found, and the setting would silently do nothing."""
+    problem = non_empty_str(value)
+    if problem is None and not _HEADER_NAME_RE.match(value):
+        problem = f"{_toml(value)} is not a valid header name (letters, digits and -, no spaces)"
+    return problem
 
 
 def _methods(value: Any) -> str | None:
@@ -811,7 +821,7 @@ class Policy(_Validated):
     breaker: BreakerConfig | None = _spec(BreakerConfig(), optional(_instance(BreakerConfig)))
     routes: tuple[RouteConfig, ...] = _spec((), _items(RouteConfig), toml="route")
     concurrency: ConcurrencyConfig | None = _spec(None, optional(_instance(ConcurrencyConfig)))
-    priority_header: str | None = _spec(None, optional(non_empty_str))
+    priority_header: str | None = _spec(None, optional(_header_name))
     upstreams: tuple[UpstreamConfig, ...] = _spec((), _items(UpstreamConfig), toml="upstream")
     trusted_proxies: tuple[str, ...] = _spec((), _cidrs)
     trusted_peers: tuple[str, ...] = _spec(DEFAULT_TRUSTED_PEERS, _cidrs)
@@ -883,8 +893,10 @@ class Policy(_Validated):
             if _unknown_keys_only(issues, ""):
                 _more_issues(cls, kwargs, "", issues)  # its cross-checks among them
             else:
-                # The policy cannot be built, so its own cross-checks would not run: find
-                # duplicate names in the plain data, so every problem is reported at once.
+                # The policy cannot be built, so its own checks would not run: check the
+                # plain values of its top level, and find duplicate names in the plain
+                # data, so every problem is reported at once.
+                _field_checks(cls, kwargs, "", issues, _POLICY_NESTED)
                 issues.extend(_duplicate_names(*_raw_names(data)))
             raise PolicyError(issues)
         try:
@@ -1178,6 +1190,25 @@ def _more_issues(cls: type, kwargs: dict[str, Any], where: str, issues: list[Pol
         pass
 
 
+def _field_checks(
+    cls: type, kwargs: Mapping[str, Any], where: str, issues: list[PolicyIssue], nested: _Nested
+) -> None:
+    """Each plain value's own check (not the tables within, which report their own), for
+    a table that cannot be built because a table within it failed: without it, a bad
+    `trusted_proxies` surfaced only once a bad `[[rate_limit]]` was fixed. (The classes
+    with tables within check their plain values as given, without converting them first.)"""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name, value in kwargs.items():
+        f = fields.get(name)
+        key = f.metadata.get("toml", name) if f is not None else name
+        check = f.metadata.get("check") if f is not None else None
+        if check is None or key in nested:
+            continue
+        problem = check(value)
+        if problem:
+            issues.append(PolicyIssue(f"{where}.{key}" if where else key, problem))
+
+
 def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
     if not isinstance(value, Mapping):
         issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {_toml(value)}"))
@@ -1187,6 +1218,8 @@ def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested:
     if len(issues) > before:
         if _unknown_keys_only(issues[before:], where):
             _more_issues(cls, kwargs, where, issues)
+        else:  # a table within failed: the table's own plain values are still checked
+            _field_checks(cls, kwargs, where, issues, nested)
         return None
     try:
         return cls(**kwargs)

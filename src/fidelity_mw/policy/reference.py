@@ -64,7 +64,8 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "route",
         RouteConfig,
         "Per-route overrides, first match wins. A route also names the breaker a request "
-        "counts against: requests no route matches use the framework's route template.",
+        "counts against: requests no route matches use the framework's route template "
+        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`).",
     ),
     (
         "`[concurrency]`",
@@ -170,7 +171,8 @@ DESCRIPTIONS: dict[str, str] = {
     "N of `rate`.",
     "rate_limit.cost": "Tokens one request takes. Must not exceed the burst.",
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
-    "IP when absent), `route`, `global`; a callable in Python.",
+    "IP when absent; sent more than once, its first line, the value the app reads), `route`, "
+    "`global`; a callable in Python.",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
     "`?` one character. Matched against the request path, so a route template such as "
     "`/items/{item_id}` is an error: write `/items/*`.",
@@ -354,6 +356,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "non_empty_str": "non-empty string",
         "_cidrs": 'IP networks such as `"10.0.0.0/8"`',
         "_header_names": "non-empty list of header names",
+        "_header_name": "a header name",
         "_methods": "HTTP methods (GET, POST, ...)",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_globs": "path globs, each as for `match`",

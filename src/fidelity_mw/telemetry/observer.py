@@ -72,6 +72,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
+from ..inbound.responses import shed_outcome
 from . import schema as s
 from .metrics import Metrics
 from .schema import CLIENT_KEY_HASH as _CLIENT_KEY_HASH
@@ -697,9 +698,16 @@ class Telemetry:
         if status is None and outcome is not None:
             status = _REJECTION_STATUS.get(outcome)
         if provisional and decided_by is None and status is not None:
-            # Sent by the app; the middleware settles the outcome after the app returns.
-            decided_by = "app"
-            outcome = "served" if status < 500 else "failed"
+            # Sent by the app; the middleware settles the outcome after the app returns,
+            # as this says (OutcomeRecorder.after_app): an error answer a layer inside the
+            # app caused (an outbound breaker, `Depends(limit)`'s 429) is that layer's.
+            shed_by = ctx.shed_by
+            if shed_by is not None and status >= 400:
+                decided_by = shed_by
+                outcome = shed_outcome(ctx, shed_by)
+            else:
+                decided_by = "app"
+                outcome = "served" if status < 500 else "failed"
         # The attributes every request of this shape, route and outcome shares, built once.
         key = (summary, ctx.route, decided_by, outcome, ctx.engine.policy.version)
         shared = self._shared_attrs.get(key)
