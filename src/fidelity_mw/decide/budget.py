@@ -7,6 +7,7 @@ still retry. Time comes in as `now`; the stores keep the windows.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from .specs import BudgetParams
@@ -72,6 +73,30 @@ class BudgetWindow:
         if not self.allows(now):
             return False
         self.retries[self._index] += 1
+        return True
+
+    def refund(self, now: float, age_s: float) -> bool:
+        """Give back one retry counted `age_s` ago whose attempt was not sent (cancelled
+        during its backoff, or the deadline passed first): taken off the bucket it was
+        counted in while that bucket is still in the window and holds a retry; once it
+        has left the window it counts no more anyway. True if one was given back.
+
+        Reads the ring as it stands, without rotating it (the next count rotates), the
+        way `state/lua/budget_refund.lua` does: the bucket `age_s` back from `now` is
+        found from the current bucket's end."""
+        end = self._bucket_end
+        spent = now - age_s
+        if end == 0.0 or spent >= end:  # nothing counted yet, or not in this window
+            return False
+        bucket_s = self._bucket_s
+        back = math.ceil((end - spent) / bucket_s) - 1  # buckets before the current one
+        passed = buckets_passed(now, end, bucket_s) if now >= end else 0
+        if back < 0 or back + passed >= _BUDGET_BUCKETS:
+            return False
+        index = (self._index - back) % _BUDGET_BUCKETS
+        if self.retries[index] <= 0:
+            return False
+        self.retries[index] -= 1
         return True
 
     def _rotate(self, now: float) -> None:

@@ -9,6 +9,8 @@
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
 - `(CLOSE, response)` -> None: close a response we will not hand back;
+- `(REFUND, budget_key, cfg, source, age_s, now)` -> None: the store's `budget_refund` (a
+  retry the budget counted whose attempt is not sent; best effort, errors ignored);
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
@@ -99,6 +101,7 @@ SLEEP: Final = 1
 GATE: Final = 2
 RECORD: Final = 3
 CLOSE: Final = 4
+REFUND: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 
@@ -112,6 +115,8 @@ _new_tuple: Final = (
 _monotonic: Final = time.monotonic
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
+REFUND_VERDICT: Final = "refund"  # a retry the budget counted, given back: it was not sent
+RETRY_NOT_SENT: Final = "retry_not_sent"
 
 
 class Local:
@@ -121,7 +126,7 @@ class Local:
     `breakers_open_until_now`. (A slotted class: compiled, a native class whose fields
     are struct reads.)"""
 
-    __slots__ = ("begin", "gate", "peek", "record")
+    __slots__ = ("begin", "gate", "peek", "record", "refund")
 
     def __init__(
         self,
@@ -129,11 +134,13 @@ class Local:
         record: Callable[..., Any],
         peek: Callable[..., Any] | None,
         begin: Callable[..., Any],
+        refund: Callable[..., Any] | None = None,
     ) -> None:
         self.gate = gate
         self.record = record
         self.peek = peek
         self.begin = begin
+        self.refund = refund
 
 
 def local_ops(store: object) -> Local | None:
@@ -145,7 +152,13 @@ def local_ops(store: object) -> Local | None:
     begin = getattr(store, "outbound_begin_now", None)
     if begin is None:
         begin = _begin_with(gate)
-    return Local(gate, record, getattr(store, "breakers_open_until_now", None), begin)
+    return Local(
+        gate,
+        record,
+        getattr(store, "breakers_open_until_now", None),
+        begin,
+        getattr(store, "budget_refund_now", None),
+    )
 
 
 def _begin_with(gate: Callable[..., Any]) -> Callable[..., Any]:
@@ -331,6 +344,10 @@ def attempts(
     previous_delay: float | None = None
     last_error: BaseException | None = None
     token: Any = None
+    # A retry (or hedge) the budget counted whose attempt is not sent yet: when it was
+    # counted (`now` then) and the gate's source; given back if the attempt is not made.
+    unsent: tuple[float, str] | None = None
+    number = 0  # the attempt's number (a retry's is taken when it is decided)
     response: httpx.Response | None
     thrown: BaseException | None
     try:
@@ -344,8 +361,10 @@ def attempts(
             tried = list(race.targets)
             g = yield from _gate_hedge(ctx, engine, up, local, tried, race, now)
             target, breaker_key, gated, gate, source, age = g[:6]
+            if g.spent:
+                unsent = (now, source)
         elif instances is None and local is not None:
-            gate, _, source, age = _gate_plain(ctx, up, local, False, 0, now, None)
+            gate, _, source, age, _ = _gate_plain(ctx, up, local, False, 0, now, None)
         else:
             g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
             target, breaker_key, gated, gate, source, age = g[:6]
@@ -357,11 +376,20 @@ def attempts(
                 if remaining is not None and remaining <= 0.0:
                     if gate is not None and gated:
                         yield from _release(local, breaker_key, breaker, gate, now)
+                    if unsent is not None:
+                        yield from _unsent(
+                            ctx, up, local, unsent, max(number, attempt), "deadline", now
+                        )
                     raise deadline_passed(ctx, up, attempt - 1, now, last_error)
-                if gate is not None and gate.verdict != "allow":
+                if number < attempt and gate is not None and gate.verdict != "allow":
+                    # (a retry's gate was answered when the retry was decided)
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
                 # --- the attempt
-                number = attempt if race is None else race.next()
+                if number < attempt:  # not a retry numbered when it was decided
+                    number = attempt if race is None else race.next()
+                elif race is not None:
+                    race.resume()  # the call's retry goes out: the hedge delay starts again
+                unsent = None
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(
@@ -388,11 +416,6 @@ def attempts(
                             ),
                         )
                     )
-                else:
-                    details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
-                    ctx.decisions.append(
-                        Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
-                    )
                 token = observe_start(observer, ctx, request, number) if observer else None
                 if target is not None:
                     target.outstanding += 1
@@ -404,6 +427,8 @@ def attempts(
                     raise
                 except BaseException as exc:
                     response, thrown = None, exc
+                if race is not None and not hedge:
+                    race.pause()  # answered: a hedge now is for the retry's attempt only
             else:  # the first attempt, made by `First`
                 (response, thrown), sent = sent, None
             error: BaseException | None = None
@@ -489,29 +514,36 @@ def attempts(
                         if target is not None:
                             tried.append(target)
                         if instances is None and local is not None:
-                            gate, allowed, source, age = _gate_plain(
+                            gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
                             )
                         else:
                             g = yield from _gate_next(
                                 ctx, engine, up, local, tried, True, attempt, now, error
                             )
-                            target, breaker_key, gated, gate, source, age, allowed = g
-                        if (
-                            allowed
-                            and target is None
-                            and gate is not None
-                            and gate.verdict == "reject"
-                        ):
+                            target, breaker_key, gated, gate, source, age, allowed = g[:7]
+                            spent_budget = g.spent
+                        if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
                             gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
                         if allowed:
-                            # --- back off, go again (the gate is held through the wait)
+                            # --- decided: record it now, on the state it was decided on
+                            # (the backoff is the plan, not the state's age); back off, go
+                            # again (the gate is held through the wait)
                             cause = cause_of(response, error)
                             last_error = error
                             delay = previous_delay = plan.delay_s
-                            age += delay  # the gate was read before the wait: that much older
+                            if gate is not None and gate.probe_id:
+                                gate_answer(ctx, up, gate, source, age, attempt, now, error)
+                            number = attempt + 1 if race is None else race.next()
+                            details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
+                            ctx.decisions.append(
+                                Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
+                                         details)
+                            )  # fmt: skip
+                            if spent_budget:
+                                unsent = (now, source)
                             spent, response = response, None
                             try:
                                 yield (SLEEP, delay, spent)
@@ -520,6 +552,11 @@ def attempts(
                             except BaseException:
                                 if gate is not None and gated:
                                     yield from _release(local, breaker_key, breaker, gate, now)
+                                if unsent is not None:
+                                    yield from _unsent(
+                                        ctx, up, local, unsent, number, "cancelled",
+                                        clock.monotonic(),
+                                    )  # fmt: skip
                                 raise
                             now = clock.monotonic()
                             continue
@@ -555,6 +592,7 @@ class _Gated(NamedTuple):
     source: str
     age_s: float
     allowed: bool  # the retry budget's answer (always True for a first attempt)
+    spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
 
 
 def _gate_next(
@@ -586,6 +624,7 @@ def _gate_next(
             for instance, open_until in zip(instances, fresh, strict=True):
                 instance.open_until = open_until
                 instance.seen_at = now
+    failed = False
     for _ in range(len(instances) + 1 if instances else 1):
         if instances is not None:
             pick = choose(
@@ -606,6 +645,7 @@ def _gate_next(
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                          SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
+        failed = False
         budget = retry or count
         count = False
         args = (
@@ -629,6 +669,7 @@ def _gate_next(
                 answer = yield (GATE, *args)
         except Exception as exc:
             answer = exc
+        failed = isinstance(answer, Exception)
         gate, allowed, source, age = _settle(
             ctx, up, answer, retry, gated, attempts_made, now, last_error
         )
@@ -639,7 +680,9 @@ def _gate_next(
         _learned_open(target, gate, now)
     if allowed and pick is not None and target is not None:
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
-    return _Gated(target, breaker_key, gated, gate, source, age, allowed)
+    # (the store spends a retry only when it admits it and the breaker does not refuse)
+    spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
+    return _Gated(target, breaker_key, gated, gate, source, age, allowed, spent)
 
 
 def _gate_hedge(
@@ -695,8 +738,9 @@ def _gate_plain(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
-) -> tuple[Gate | None, bool, str, float]:
-    """`_gate_next` for the common case, without a generator: one upstream, in-process state."""
+) -> tuple[Gate | None, bool, str, float, bool]:
+    """`_gate_next` for the common case, without a generator: one upstream, in-process state.
+    The last value says whether a retry was counted on the budget (as `_Gated.spent`)."""
     breaker = up.breaker
     answer: tuple[Gate | None, bool, str, float] | Exception
     try:
@@ -704,7 +748,16 @@ def _gate_plain(
         answer = (gate, allowed, SOURCE_MEMORY, 0.0)
     except Exception as exc:
         answer = exc
-    return _settle(ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error)
+    gate, allowed, source, age = _settle(
+        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error
+    )
+    spent = (
+        retry
+        and allowed
+        and not isinstance(answer, Exception)
+        and (gate is None or gate.verdict != "reject")
+    )
+    return gate, allowed, source, age, spent
 
 
 def _settle(
@@ -761,6 +814,33 @@ def _release(
             yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _unsent(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local | None,
+    unsent: tuple[float, str],
+    number: int,
+    why: str,
+    now: float,
+) -> Generator[Effect, Any, None]:
+    """A retry (or hedge) the budget counted is not sent after all (`why`: `cancelled`
+    during its backoff, or the `deadline` passed first): say so, and give it back."""
+    spent_at, source = unsent
+    ctx.decisions.append(
+        Decision(LAYER_BUDGET, up.key, REFUND_VERDICT, RETRY_NOT_SENT, source, 0.0, now,
+                 {"attempt": number, "why": why})
+    )  # fmt: skip
+    age = max(0.0, now - spent_at)
+    try:
+        if local is not None:
+            if local.refund is not None:
+                local.refund(up.budget_key, up.retry, age, now)
+        else:
+            yield (REFUND, up.budget_key, up.retry, source, age, now)
+    except BaseException as exc:  # best effort: the window forgets it at the latest
+        logger.debug("fidelity_mw: could not give a retry back to the budget: %s", exc)
 
 
 def _known_latency(target: Instance, instances: list[Instance] | None) -> float:

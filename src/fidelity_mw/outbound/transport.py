@@ -63,6 +63,7 @@ from .loop import (
     FIRST_ATTEMPT,
     GATE,
     RECORD,
+    REFUND,
     SEND,
     SLEEP,
     UNTAKEN,
@@ -571,6 +572,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     value = None
                     with anyio.CancelScope(shield=True):  # a cancelled loser closes too
                         await effect[1].aclose()
+                elif kind == REFUND:  # a retry not sent (cancelled, mostly): shielded too
+                    value = None
+                    with anyio.CancelScope(shield=True):
+                        await store.budget_refund(*effect[1:])
             except BaseException as exc:
                 thrown = exc
 
@@ -581,8 +586,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 # ---------------------------------------------------------------- sync
 
 
-def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """`outbound_gate` and `record` callable from sync code.
+def _sync_ops(
+    store: StateStore,
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """`outbound_gate`, `record` and `budget_refund` callable from sync code.
 
     (An in-process store is called by the loop directly.) A remote store's own
     blocking client (`outbound_gate_sync` / `record_sync`: Redis, any thread);
@@ -591,18 +598,22 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     """
     gate = getattr(store, "outbound_gate_sync", None)
     record = getattr(store, "record_sync", None)
+    refund = getattr(store, "budget_refund_sync", None)
     if gate is not None and record is not None:
-        return gate, record
+        return gate, record, refund if refund is not None else _bridge(store.budget_refund)
 
-    def bridge(method: Callable[..., Any]) -> Callable[..., Any]:
-        def bridged(*args: Any) -> Any:
-            import anyio.from_thread
+    return _bridge(store.outbound_gate), _bridge(store.record), _bridge(store.budget_refund)
 
-            return anyio.from_thread.run(method, *args)
 
-        return bridged
+def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An async store method run on the event loop of the anyio worker thread we are in."""
 
-    return bridge(store.outbound_gate), bridge(store.record)
+    def bridged(*args: Any) -> Any:
+        import anyio.from_thread
+
+        return anyio.from_thread.run(method, *args)
+
+    return bridged
 
 
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
@@ -646,7 +657,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
     def _run(self, steps: Steps, engine: Engine) -> httpx.Response:
         """Run one attempt loop to its end, doing its effects."""
         step = _Stepper(steps)
-        gate_op, record_op = _sync_ops(engine.store)
+        gate_op, record_op, refund_op = _sync_ops(engine.store)
         wait = _waiter(engine.clock.sleep_sync)
         do: dict[int, Callable[..., Any]] = {
             SEND: self.inner.handle_request,
@@ -654,6 +665,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             RECORD: record_op,
             SLEEP: wait,
             CLOSE: httpx.Response.close,
+            REFUND: refund_op,
         }
         while (effect := step.next()) is not None:
             try:

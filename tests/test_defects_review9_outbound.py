@@ -1,0 +1,295 @@
+"""Defects of the outbound side the ninth round fixed (retries, hedging, the retry budget).
+Each test failed before its fix; time is a fake clock.
+
+Hedging needs sleeps that end in the order of their deadlines (a 50 ms hedge delay before
+a 200 ms answer), which `FakeClock.sleep` does not give (it moves time at once):
+`JumpClock` waits each sleep out on the fake clock's timers, and `jumping` moves the clock
+to the next timer whenever every task is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw.context import _CURRENT, DecisionContext
+from fidelity_mw.decide.budget import BudgetWindow
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import BreakerConfig, HedgeConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+pytestmark = pytest.mark.anyio
+
+
+class JumpClock(FakeClock):
+    """A fake clock whose sleeps wait for the clock to reach their end (`jumping`)."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        woken = asyncio.Event()
+        timer = self.call_later(max(0.0, seconds), woken.set)
+        try:
+            await woken.wait()
+        finally:
+            timer.cancelled = True
+
+    def next_due(self) -> float | None:
+        due = [at for at, _, timer in self._timers if not timer.cancelled]
+        return min(due) if due else None
+
+
+@contextlib.asynccontextmanager
+async def jumping(clock: JumpClock) -> AsyncIterator[None]:
+    """Move `clock` to its next timer whenever the other tasks have nothing left to do."""
+
+    async def jump() -> None:
+        while True:
+            for _ in range(50):
+                await asyncio.sleep(0)
+            due = clock.next_due()
+            if due is not None:
+                clock.advance(max(0.0, due - clock.monotonic()))
+
+    task = asyncio.ensure_future(jump())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _engine(clock: FakeClock, upstream: UpstreamConfig, store: Any = None) -> Engine:
+    return Engine(
+        Policy(upstreams=(upstream,)),
+        clock=clock,
+        rng=seeded_random(9),
+        store=store if store is not None else MemoryStore(),
+    )
+
+
+# ---------------------------------------------------------------- 1: hedging a failed attempt
+
+
+async def test_a_quick_failure_is_retried_after_its_backoff_not_hedged_at_once() -> None:
+    # A quick 503 sent the first attempt into its backoff; the hedge timer went on and
+    # fired during it, so the hedge was a retry without backoff: 4 upstream calls per
+    # request to a failing host with the default 3 attempts.
+    clock = JumpClock()
+    calls: list[tuple[float, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((clock.monotonic(), request.headers["x-fidelity-attempt"]))
+        return httpx.Response(503)
+
+    upstream = UpstreamConfig(host="*", hedge=HedgeConfig(after_ms=50))  # default retries
+    t = FidelityTransport(
+        httpx.MockTransport(handler), engine=_engine(clock, upstream), telemetry=False
+    )
+    async with jumping(clock), httpx.AsyncClient(transport=t) as client:
+        for _ in range(5):
+            calls.clear()
+            response = await client.get("http://failing.internal/items")
+            assert response.status_code == 503
+            assert [n for _, n in calls] == ["1", "2", "3"]  # the attempts, no hedge
+            decisions = response.extensions["fidelity_context"].decisions
+            assert not [d for d in decisions if d.verdict == "hedge" or d.reason == "no_hedge"]
+            clock.advance(1.0)
+
+
+async def test_a_slow_retry_is_still_hedged_after_the_delay() -> None:
+    # The hedge timer stops when the call's attempt fails and starts again, with the whole
+    # delay, when its retry goes out: a slow retry gets its hedge.
+    clock = JumpClock()
+    calls: list[tuple[float, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        number = request.headers["x-fidelity-attempt"]
+        calls.append((clock.monotonic(), number))
+        if number == "1":
+            return httpx.Response(503)  # at once
+        if number == "2":
+            await clock.sleep(10.0)  # the retry hangs
+        return httpx.Response(200)
+
+    upstream = UpstreamConfig(
+        host="*", retry=RetryConfig(base_ms=100, jitter="none"), hedge=HedgeConfig(after_ms=50)
+    )
+    t = FidelityTransport(
+        httpx.MockTransport(handler), engine=_engine(clock, upstream), telemetry=False
+    )
+    start = clock.monotonic()
+    async with jumping(clock), httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://slow.internal/items")
+    assert response.status_code == 200
+    assert [n for _, n in calls] == ["1", "2", "3"]
+    sent = [at - start for at, _ in calls]
+    assert sent[1] == pytest.approx(0.1)  # the retry, after its backoff
+    assert sent[2] == pytest.approx(0.15)  # its hedge, the delay after it
+    hedges = [d for d in response.extensions["fidelity_context"].decisions if d.verdict == "hedge"]
+    assert [d.details["attempt"] for d in hedges] == [3]
+
+
+# ---------------------------------------------------------------- 2: a retry spent, not sent
+
+
+def test_the_model_gives_a_retry_back_to_the_bucket_it_was_counted_in() -> None:
+    cfg = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10.0)  # 1 retry
+    window = BudgetWindow(cfg)
+    assert window.try_retry(100.0)
+    assert not window.allows(100.5)
+    assert window.refund(101.5, 1.5)  # spent at 100.0
+    assert window.allows(101.5)
+    assert not window.refund(101.5, 1.5)  # nothing left to give back
+    assert window.try_retry(101.5)
+    # once the bucket it was counted in has left the window, nothing comes back
+    assert not window.refund(111.6, 10.1)
+    assert window.allows(111.6)  # (it left the window by itself)
+    # a retry counted in this window is not taken back from an older bucket
+    assert window.try_retry(112.0)
+    assert not window.refund(112.0, 5.0)  # spent 5 s ago: that bucket holds none
+    assert window.refund(112.0, 0.0)
+
+
+class CancelInBackoff(FakeClock):
+    """Cancels the call's task when it starts its backoff sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: asyncio.Task[Any] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.sleep(0)
+
+
+def _budget(store: MemoryStore, key: str, now: float) -> tuple[int, int]:
+    return store.budgets[key].totals(now)
+
+
+async def test_a_retry_cancelled_in_its_backoff_gives_its_budget_back_and_says_so() -> None:
+    clock = CancelInBackoff()
+    store = MemoryStore()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    upstream = UpstreamConfig(host="api.internal", breaker=BreakerConfig(half_open_probes=1))
+    engine = _engine(clock, upstream, store)
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    ctx = DecisionContext(engine, "GET /", "GET", clock.monotonic())
+    ctx.deadline_at = clock.monotonic() + 30.0
+    token = _CURRENT.set(ctx)
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            clock.task = asyncio.ensure_future(client.get("http://api.internal/x"))
+            with pytest.raises(asyncio.CancelledError):
+                await clock.task
+    finally:
+        _CURRENT.reset(token)
+    assert _budget(store, "budget:api.internal", clock.monotonic()) == (1, 0)  # given back
+    tail = [(d.layer, d.verdict, d.reason, d.details) for d in ctx.decisions][-2:]
+    assert tail == [
+        ("retry", "retry", "status_503", {"attempt": 2, "delay_ms": tail[0][3]["delay_ms"]}),
+        ("budget", "refund", "retry_not_sent", {"attempt": 2, "why": "cancelled"}),
+    ]
+
+
+def test_a_retry_whose_deadline_passes_in_its_backoff_gives_its_budget_back() -> None:
+    clock = FakeClock()
+    store = MemoryStore()
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        # the upstream asks for a wait that ends just past the deadline
+        return httpx.Response(503, headers={"retry-after": "1"})
+
+    upstream = UpstreamConfig(host="api.internal", retry=RetryConfig(base_ms=1, max_ms=1))
+    engine = _engine(clock, upstream, store)
+
+    t = FidelitySyncTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    ctx = DecisionContext(engine, "GET /", "GET", clock.monotonic())
+    ctx.deadline_at = clock.monotonic() + 1.5
+    token = _CURRENT.set(ctx)
+    real_sleep = clock.sleep_sync
+
+    def late_sleep(seconds: float) -> None:
+        real_sleep(seconds + 0.6)  # the backoff overran (a busy loop, a slow thread)
+
+    clock.sleep_sync = late_sleep  # type: ignore[method-assign]
+    try:
+        with httpx.Client(transport=t) as client, pytest.raises(httpx.TimeoutException):
+            client.get("http://api.internal/x")
+    finally:
+        _CURRENT.reset(token)
+    assert calls == 1
+    assert _budget(store, "budget:api.internal", clock.monotonic()) == (1, 0)
+    reasons = [(d.layer, d.verdict, d.reason) for d in ctx.decisions]
+    assert reasons[-3:] == [
+        ("retry", "retry", "status_503"),
+        ("budget", "refund", "retry_not_sent"),
+        ("deadline", "give_up", "deadline"),
+    ]
+    assert ctx.decisions[-2].details["why"] == "deadline"
+
+
+async def test_a_sent_retry_keeps_its_budget_spent() -> None:
+    clock = FakeClock()
+    store = MemoryStore()
+    statuses = [503, 200]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(statuses.pop(0))
+
+    upstream = UpstreamConfig(host="api.internal")
+    t = FidelityTransport(
+        httpx.MockTransport(handler), engine=_engine(clock, upstream, store), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://api.internal/x")
+    assert response.status_code == 200
+    assert _budget(store, "budget:api.internal", clock.monotonic()) == (1, 1)
+    decisions = response.extensions["fidelity_context"].decisions
+    assert not [d for d in decisions if d.verdict == "refund"]
+
+
+# ---------------------------------------------------------------- 4: a retry's state age
+
+
+async def test_a_retry_is_recorded_when_decided_and_its_backoff_is_no_state_age() -> None:
+    # The retry's record was made after its backoff with the backoff added to its state
+    # age: a retry after a 2 s Retry-After on memory state read as decided on 2 s old
+    # state (stale by the `Decision.is_stale` rule, and in the state-age histogram).
+    clock = FakeClock()
+    statuses = [(503, "2"), (200, None)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status, after = statuses.pop(0)
+        return httpx.Response(status, headers={"retry-after": after} if after else {})
+
+    upstream = UpstreamConfig(host="api.internal")
+    t = FidelityTransport(
+        httpx.MockTransport(handler), engine=_engine(clock, upstream), telemetry=False
+    )
+    start = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://api.internal/x")
+    assert response.status_code == 200
+    decisions = response.extensions["fidelity_context"].decisions
+    (retry,) = [d for d in decisions if d.verdict == "retry"]
+    assert retry.state_source == "memory"
+    assert retry.state_age_s == 0.0
+    assert not retry.is_stale
+    assert retry.at == start  # decided right after the 503, before the 2 s wait
+    assert retry.details["delay_ms"] >= 2000.0
