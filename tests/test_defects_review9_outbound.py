@@ -21,7 +21,14 @@ from fidelity_mw import FidelitySyncTransport, FidelityTransport
 from fidelity_mw.context import _CURRENT, DecisionContext
 from fidelity_mw.decide.budget import BudgetWindow
 from fidelity_mw.engine import Engine
-from fidelity_mw.policy import BreakerConfig, HedgeConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.policy import (
+    BreakerConfig,
+    HedgeConfig,
+    Policy,
+    RetryConfig,
+    StateConfig,
+    UpstreamConfig,
+)
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -293,3 +300,91 @@ async def test_a_retry_is_recorded_when_decided_and_its_backoff_is_no_state_age(
     assert not retry.is_stale
     assert retry.at == start  # decided right after the 503, before the 2 s wait
     assert retry.details["delay_ms"] >= 2000.0
+
+
+# ---------------------------------------------------------------- 2, on a real redis-server
+
+
+ONE_RETRY = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10.0)
+
+
+@pytest.mark.redis
+async def test_redis_gives_a_retry_back_while_its_bucket_is_in_the_window(
+    redis_url: str, redis_clock: Any
+) -> None:
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.tiered import TieredStore
+
+    for url in (redis_url, "tiered+" + redis_url):
+        config = StateConfig(url=url, timeout_ms=5_000, connect_timeout_ms=5_000)
+        store = (TieredStore if url.startswith("tiered") else RedisStore)(
+            config=config, rng=seeded_random(3)
+        )
+        key = f"budget:{url[:6]}"
+        redis_clock.set(1_000.0)
+        try:
+
+            async def retry(now: float, store: Any = store, key: str = key) -> bool:
+                _, allowed, source, _ = await store.outbound_gate(
+                    None, None, key, ONE_RETRY, True, now
+                )
+                assert source == "redis"
+                return allowed
+
+            assert await retry(1_000.0)
+            assert not await retry(1_000.0)  # one retry per window
+            redis_clock.set(1_001.5)
+            await store.budget_refund(key, ONE_RETRY, "redis", 1.5, 1_001.5)
+            assert await retry(1_001.5)  # given back: one more
+            assert not await retry(1_001.5)
+            redis_clock.set(1_011.55)  # 1001.5's bucket [1001.5, 1002.5) is in the window
+            await store.budget_refund(key, ONE_RETRY, "redis", 10.05, 1_011.55)
+            # ... 1000.0's left it: a refund of that one gives nothing back
+            await store.budget_refund(key, ONE_RETRY, "redis", 11.55, 1_011.55)
+            assert await retry(1_011.55)
+            assert not await retry(1_011.55)
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.redis
+async def test_a_retry_cancelled_in_its_backoff_gives_its_budget_back_in_redis(
+    redis_url: str,
+) -> None:
+    import redis as redis_sync
+
+    from fidelity_mw.state.redis import RedisStore, hashed_key
+
+    clock = CancelInBackoff()
+    config = StateConfig(url=redis_url, timeout_ms=5_000, connect_timeout_ms=5_000)
+    store = RedisStore(config=config, rng=seeded_random(3))
+    upstream = UpstreamConfig(host="refund.internal", retry=ONE_RETRY)
+    engine = _engine(clock, upstream, store)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    ctx = DecisionContext(engine, "GET /", "GET", clock.monotonic())
+    ctx.deadline_at = clock.monotonic() + 30.0
+    token = _CURRENT.set(ctx)
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        async with httpx.AsyncClient(transport=t) as http:
+            clock.task = asyncio.ensure_future(http.get("http://refund.internal/x"))
+            with pytest.raises(asyncio.CancelledError):
+                await clock.task
+        rq, rt = client.hmget(hashed_key(store.prefix, "bu", "budget:refund.internal"), "rq", "rt")
+    finally:
+        _CURRENT.reset(token)
+        client.close()
+        await store.aclose()
+    assert sum(map(int, rq.split(b","))) == 1
+    assert sum(map(int, rt.split(b","))) == 0  # spent by the gate, given back
+    refund = ctx.decisions[-1]
+    assert (refund.layer, refund.verdict, refund.reason, refund.state_source) == (
+        "budget",
+        "refund",
+        "retry_not_sent",
+        "redis",
+    )

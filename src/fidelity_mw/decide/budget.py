@@ -7,7 +7,6 @@ still retry. Time comes in as `now`; the stores keep the windows.
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from .specs import BudgetParams
@@ -25,6 +24,19 @@ def budget_allowance(requests: int, cfg: BudgetParams) -> float:
 def budget_allows(requests: int, retries: int, cfg: BudgetParams) -> bool:
     """May one more retry be spent, given the window's requests and retries so far?"""
     return retries + 1 <= budget_allowance(requests, cfg) + _EPSILON
+
+
+def buckets_back(end: float, at: float, bucket_s: float) -> int:
+    """How many buckets before the one ending at `end` the instant `at` (< `end`) fell in:
+    the `k` with `end - (k + 1) x bucket_s <= at < end - k x bucket_s`. The division can
+    land a hair off (an instant at a bucket's start divides to 1.0000000000002): the
+    guess is checked against the bucket's own bounds, as `buckets_passed` does."""
+    back = int((end - at) / bucket_s)
+    if end - back * bucket_s <= at:
+        back -= 1
+    elif end - (back + 1) * bucket_s > at:
+        back += 1
+    return back
 
 
 class BudgetWindow:
@@ -89,7 +101,7 @@ class BudgetWindow:
         if end == 0.0 or spent >= end:  # nothing counted yet, or not in this window
             return False
         bucket_s = self._bucket_s
-        back = math.ceil((end - spent) / bucket_s) - 1  # buckets before the current one
+        back = buckets_back(end, spent, bucket_s)
         passed = buckets_passed(now, end, bucket_s) if now >= end else 0
         if back < 0 or back + passed >= _BUDGET_BUCKETS:
             return False

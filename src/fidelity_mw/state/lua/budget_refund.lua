@@ -28,7 +28,13 @@ end
 if #rt ~= BUCKETS then
   return 0
 end
-local back = math.ceil((be - spent) / bs) - 1
+-- port of decide.budget.buckets_back: the bucket `spent` fell in, checked against its bounds
+local back = math.floor((be - spent) / bs)
+if be - back * bs <= spent then
+  back = back - 1
+elseif be - (back + 1) * bs > spent then
+  back = back + 1
+end
 local passed = 0
 if now >= be then
   passed = buckets_passed(now, be, bs)
