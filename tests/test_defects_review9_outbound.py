@@ -388,3 +388,74 @@ async def test_a_retry_cancelled_in_its_backoff_gives_its_budget_back_in_redis(
         "retry_not_sent",
         "redis",
     )
+
+
+class CancelScopeInBackoff(FakeClock):
+    """Cancels an anyio scope (level-triggered: every later await of the call is cancelled
+    too, as under the middleware's deadline) when the call starts its backoff sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scope: Any = None
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.scope.cancel()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.redis
+async def test_a_retry_cancelled_by_a_scope_gives_back_its_probe_slot_and_budget_in_redis(
+    redis_url: str, redis_clock: Any
+) -> None:
+    # Cancelled by an anyio scope, every await after the cancellation is cancelled too:
+    # the store calls that give back the retry's probe slot and its budget failed at once,
+    # so the slot stayed taken until its lease ran out (the breaker admitting no probe
+    # meanwhile) and the budget stayed spent.
+    import anyio
+    import redis as redis_sync
+
+    from fidelity_mw.state.redis import RedisStore, hashed_key
+
+    clock = CancelScopeInBackoff()
+    config = StateConfig(url=redis_url, timeout_ms=5_000, connect_timeout_ms=5_000)
+    store = RedisStore(config=config, rng=seeded_random(3))
+    breaker = BreakerConfig(
+        min_calls=1, consecutive_failures=1, open_min_s=1.0, open_s=1.0, open_jitter=0.0,
+        half_open_probes=1, probe_lease_s=30.0,
+    )  # fmt: skip
+    upstream = UpstreamConfig(host="127.0.0.1", retry=ONE_RETRY, breaker=breaker)
+    engine = _engine(clock, upstream, store)
+    refused = {"x-fidelity-decided-by": "breaker"}  # the callee's own refusal: no failure
+    answers = [httpx.Response(503), httpx.Response(503, headers=refused)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    client = redis_sync.Redis.from_url(redis_url)
+    url = "http://127.0.0.1:9/x"
+    try:
+        async with httpx.AsyncClient(transport=t) as http:
+            redis_clock.set(1_000.0)
+            assert (await http.get(url)).status_code == 503  # opens the breaker
+            redis_clock.set(1_002.0)  # half-open: one probe
+            ctx = DecisionContext(engine, "GET /", "GET", clock.monotonic())
+            ctx.deadline_at = clock.monotonic() + 30.0
+            token = _CURRENT.set(ctx)
+            try:
+                with anyio.CancelScope() as scope:
+                    clock.scope = scope
+                    await http.get(url)  # a probe, ignored; its retry takes the probe slot
+            finally:
+                _CURRENT.reset(token)
+        _, probes = store.breaker_keys("upstream:127.0.0.1:9")
+        held = client.zcard(probes)
+        rt = client.hget(hashed_key(store.prefix, "bu", "budget:127.0.0.1:9"), "rt")
+    finally:
+        client.close()
+        await store.aclose()
+    assert scope.cancelled_caught
+    assert [d.reason for d in ctx.decisions if d.layer == "breaker"] == ["half_open_probe"] * 2
+    assert held == 0  # the retry's probe slot was given back
+    assert sum(map(int, rt.split(b","))) == 0  # and its retry

@@ -50,7 +50,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.breaker import FAILURE, SUCCESS
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
@@ -560,7 +560,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == GATE:  # a remote store (an in-process one is called directly)
                     value = await store.outbound_gate(*effect[1:])
                 elif kind == RECORD:
-                    value = await store.record(*effect[1:])
+                    if effect[4] == IGNORED:  # a gate given back (cancelled, mostly):
+                        with anyio.CancelScope(shield=True):  # under a cancelled scope too
+                            value = await store.record(*effect[1:])
+                    else:
+                        value = await store.record(*effect[1:])
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
