@@ -459,3 +459,72 @@ async def test_a_retry_cancelled_by_a_scope_gives_back_its_probe_slot_and_budget
     assert [d.reason for d in ctx.decisions if d.layer == "breaker"] == ["half_open_probe"] * 2
     assert held == 0  # the retry's probe slot was given back
     assert sum(map(int, rt.split(b","))) == 0  # and its retry
+
+
+# ---------------------------------------------------------------- 3: whose 429 pause
+
+
+SERVICE = ("http://10.0.0.1:8001", "http://10.0.0.2:8002", "http://10.0.0.3:8003")
+
+
+async def test_one_instances_429_pauses_that_instance_not_the_service() -> None:
+    # A 429 with Retry-After from one instance paused retries to the whole logical
+    # service: another call's retry, which would go to another instance, waited it out.
+    clock = JumpClock()
+    seen: list[tuple[float, str, str]] = []  # (time, instance, attempt)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        where = f"{request.url.host}:{request.url.port}"
+        seen.append((clock.monotonic(), where, request.headers["x-fidelity-attempt"]))
+        if len(seen) == 1:
+            return httpx.Response(429, headers={"retry-after": "5"})  # that instance is busy
+        if len(seen) == 2:
+            return httpx.Response(503)  # the second call's first attempt
+        return httpx.Response(200)
+
+    upstream = UpstreamConfig(host="payments", instances=SERVICE)
+    engine = _engine(clock, upstream)
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    start = clock.monotonic()
+
+    async def later() -> httpx.Response:
+        await clock.sleep(0.01)
+        return await client.get("http://payments/pay")
+
+    async with jumping(clock), httpx.AsyncClient(transport=t) as client:
+        first, second = await asyncio.gather(client.get("http://payments/pay"), later())
+    assert first.status_code == second.status_code == 200
+    busy = seen[0][1]
+    retried = [(at - start, where) for at, where, n in seen[2:] if n == "2"]
+    # the second call's retry goes out after its own backoff (at most 100 ms), not after
+    # the first instance's 5 s, and not to the paused instance
+    (second_retry,) = [r for r in retried if r[0] < 5.0]
+    assert second_retry[0] <= 0.01 + 0.1 + 1e-9
+    assert second_retry[1] != busy
+    # the first call waits the Retry-After it was given, and goes elsewhere
+    (first_retry,) = [r for r in retried if r[0] >= 5.0]
+    assert first_retry[1] != busy
+    plan = t.upstream(engine, httpx.URL("http://payments/"))
+    assert plan.paused_until == 0.0  # the service is not paused: one instance is
+
+
+async def test_a_full_table_of_upstream_plans_keeps_the_services_and_the_pauses() -> None:
+    # At 1024 hosts the table of upstream plans was cleared: a service's balancer state
+    # (its instances' load, latency, breaker states) and every 429 pause went with it.
+    clock = FakeClock()
+    upstream = UpstreamConfig(host="payments", instances=SERVICE)
+    engine = _engine(clock, upstream)
+    t = FidelityTransport(httpx.MockTransport(lambda r: httpx.Response(200)), engine=engine)
+    service = t.upstream(engine, httpx.URL("http://payments/"))
+    instances = service.instances
+    assert instances is not None
+    instances[0].latency_s = 0.25
+    paused = t.upstream(engine, httpx.URL("http://busy.internal/"))
+    paused.paused_until = clock.monotonic() + 10.0
+    for n in range(1_100):  # a client calling many hosts
+        t.upstream(engine, httpx.URL(f"http://host-{n}.internal/"))
+    assert t.upstream(engine, httpx.URL("http://payments/")) is service
+    assert service.instances is instances
+    assert instances[0].latency_s == 0.25
+    assert t.upstream(engine, httpx.URL("http://busy.internal/")) is paused
+    assert len(t._upstreams) <= 1_024

@@ -508,6 +508,7 @@ def attempts(
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
+                        target,
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
@@ -629,7 +630,12 @@ def _gate_next(
         if instances is not None:
             pick = choose(
                 [i.view(now) for i in instances],
-                [n for n, i in enumerate(instances) if i in tried],
+                # a retry (or hedge) avoids the instances tried, and those a 429 paused
+                [
+                    n
+                    for n, i in enumerate(instances)
+                    if i in tried or (retry and i.paused_until > now)
+                ],
                 now,
                 engine.rng,
                 panic_threshold=up.cfg.panic_threshold,

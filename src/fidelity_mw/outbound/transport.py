@@ -170,8 +170,7 @@ class _Base:
         up = self._upstreams.get(key)
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
-                self._upstreams.clear()
-                self._armed.last = None  # a plan no longer in the table: not the shortcut's
+                self._evict(engine.clock.monotonic())
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
@@ -194,6 +193,21 @@ class _Base:
                 if urls:
                     self._resolved(engine, up, urls)
         return up
+
+    def _evict(self, now: float) -> None:
+        """Make room in the table of upstream plans (it is full): the plans of plain hosts
+        go, but not a service's (its instances' load, latency and breaker states are
+        what the balancer knows) nor a host's whose 429 pause still runs; of those, the
+        newest half of the table at most stay (the bound holds whatever the calls)."""
+        table = self._upstreams
+        keep = [
+            (key, up)
+            for key, up in table.items()
+            if up.instances is not None or up.paused_until > now
+        ][-(_MAX_UPSTREAMS // 2) :]
+        table.clear()
+        table.update(keep)
+        self._armed.last = None  # a plan no longer in the table: not the shortcut's
 
     def _resolved(self, engine: Engine, up: Upstream, urls: Sequence[str]) -> None:
         """Take a resolver's answer. One the same as the last (good or bad) is not
