@@ -29,6 +29,7 @@ from fidelity_mw.policy import (
     StateConfig,
     UpstreamConfig,
 )
+from fidelity_mw.state.local import LocalState as LocalOps
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -528,3 +529,69 @@ async def test_a_full_table_of_upstream_plans_keeps_the_services_and_the_pauses(
     assert instances[0].latency_s == 0.25
     assert t.upstream(engine, httpx.URL("http://busy.internal/")) is paused
     assert len(t._upstreams) <= 1_024
+
+
+# ---------------------------------------------------------------- 5: learned open, half-open
+
+
+class SharedStore(MemoryStore):
+    """State another process shares, as Redis is: no in-process twins, so the balancer
+    knows an instance's breaker only from the gates it was answered."""
+
+    gate_now = None  # type: ignore[assignment]
+    outbound_gate_now = None  # type: ignore[assignment]
+    outbound_begin_now = None  # type: ignore[assignment]
+    record_now = None  # type: ignore[assignment]
+
+    async def outbound_gate(self, *args: Any) -> Any:
+        return (*LocalOps.outbound_gate_now(self, *args), "redis", 0.0)
+
+    async def record(self, *args: Any) -> str:
+        return LocalOps.record_now(self, *args)
+
+
+async def test_an_instance_rejected_half_open_is_asked_again_soon() -> None:
+    # A half-open rejection (another process holds the probe slot) told the balancer "open
+    # for the probe lease's wait" (up to open_s, 5 s): when that process's probe closed the
+    # breaker a moment later, this one kept the instance ejected for seconds.
+    clock = FakeClock()
+    store = SharedStore()
+    breaker = BreakerConfig(
+        min_calls=1, consecutive_failures=1, open_min_s=0.5, open_s=5.0, open_jitter=0.0,
+        half_open_probes=1,
+    )  # fmt: skip
+    upstream = UpstreamConfig(host="payments", instances=SERVICE, breaker=breaker)
+    engine = _engine(clock, upstream, store)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}:{request.url.port}")
+        return httpx.Response(200)
+
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    plan = t.upstream(engine, httpx.URL("http://payments/"))
+    assert plan.instances is not None
+    fast = plan.instances[0]
+    for instance in plan.instances:  # the first instance is the fastest: p2c prefers it
+        instance.latency_s, instance.latency_at = (0.001 if instance is fast else 0.5), 1e9
+    key = fast.breaker_key
+    # the other process: its failure opens the breaker; once open, it takes the probe
+    now = clock.monotonic()
+    gate, _ = LocalOps.outbound_gate_now(store, key, breaker, None, None, False, now)
+    LocalOps.record_now(store, key, breaker, gate, "failure", False, now)
+    clock.advance(0.6)
+    probe, _ = LocalOps.outbound_gate_now(store, key, breaker, None, None, False, now + 0.6)
+    assert probe.verdict == "probe"
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(10):  # until this process's balancer meets the half-open breaker
+            await client.get("http://payments/pay")
+            if fast.open_until > clock.monotonic():
+                break
+        assert fast.open_until > clock.monotonic()
+        # the other process's probe succeeds: closed
+        LocalOps.record_now(store, key, breaker, probe, "success", False, clock.monotonic())
+        clock.advance(1.0)
+        seen.clear()
+        for _ in range(10):
+            await client.get("http://payments/pay")
+    assert fast.key in seen  # back in rotation within the shortest open time

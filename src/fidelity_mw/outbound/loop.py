@@ -58,7 +58,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.balance import EWMA_TAU_S, choose, ewma
-from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, open_time
+from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
@@ -683,7 +683,7 @@ def _gate_next(
             break
         if target is None or gate is None or gate.verdict != "reject":
             break
-        _learned_open(target, gate, now)
+        _learned_open(target, gate, breaker, now)
     if allowed and pick is not None and target is not None:
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
     # (the store spends a retry only when it admits it and the breaker does not refuse)
@@ -858,8 +858,14 @@ def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
     return min((i.latency_s for i in instances or () if i.latency_s > 0.0), default=math.inf)
 
 
-def _learned_open(target: Instance, gate: Gate, now: float) -> None:
-    target.open_until = now + max(gate.retry_after_s, 0.001)
+def _learned_open(target: Instance, gate: Gate, breaker: BreakerConfig | None, now: float) -> None:
+    wait = max(gate.retry_after_s, 0.001)
+    if gate.state == HALF_OPEN and breaker is not None:
+        # Its probes are out (here or in another process): their outcome may close it
+        # any moment, and the gate's wait is the probe lease's (up to `open_s`). Ask
+        # again after the shortest open time at the latest, as a tiered store's cache does.
+        wait = min(wait, open_time(breaker, 0))
+    target.open_until = now + wait
     target.seen_at = now
 
 
