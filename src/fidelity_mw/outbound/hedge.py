@@ -4,7 +4,9 @@
 `max_hedges` hedge loops (`attempts(..., hedge=True)`), each started when the
 delay passes with no answer: the upstream's `[upstream.hedge]` `after_ms`, or
 the p95 of its recent attempt latencies (`LatencyWindow`, in process memory)
-once there are `min_samples` of them. A hedge is an attempt like a retry: it
+once there are `min_samples` of them, while the call's own attempt is out
+(a failed attempt stops the timer: its retry, after the backoff, starts it
+again; `Race.pause`). A hedge is an attempt like a retry: it
 asks the retry budget and the breaker, goes to another instance of a service,
 and counts in the decision record and `x-fidelity-attempt`. The first good
 answer wins; the other loops are cancelled (they release what they hold and

@@ -29,7 +29,10 @@ the host (or instance) breaker, the attempt, then on a retryable failure the
 retry plan, the budget and the next gate (one store operation), the backoff.
 Every exit that makes no attempt gives back what it took: a probe slot held
 for an attempt that is not made (deadline passed, cancelled during backoff)
-is released with an `ignored` outcome.
+is released with an `ignored` outcome, and a retry the budget counted for it
+is given back (`budget_refund`, recorded as `budget` / `refund`). A retry is
+recorded when it is decided, before its backoff, with the state age of the
+answer it was decided on.
 """
 
 from __future__ import annotations
