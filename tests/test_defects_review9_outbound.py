@@ -595,3 +595,47 @@ async def test_an_instance_rejected_half_open_is_asked_again_soon() -> None:
         for _ in range(10):
             await client.get("http://payments/pay")
     assert fast.key in seen  # back in rotation within the shortest open time
+
+
+# ---------------------------------------------------------------- cancellation paths
+
+
+class SlowRecord(SharedStore):
+    """Its `record` awaits (a round trip), where a cancelled scope cancels it."""
+
+    async def record(self, *args: Any) -> str:
+        await asyncio.sleep(0)
+        return await super().record(*args)
+
+
+async def test_a_probes_outcome_is_recorded_when_the_call_is_cancelled_as_it_answers() -> None:
+    # The caller went away (an anyio scope cancelled: every later await of the call is
+    # cancelled) just as the half-open probe answered: its outcome never reached the store,
+    # so the breaker stayed half-open with the slot taken until the probe lease ran out
+    # (30 s by default), refusing every call meanwhile, though the upstream was back.
+    import anyio
+
+    clock = FakeClock()
+    store = SlowRecord()
+    breaker = BreakerConfig(
+        min_calls=1, consecutive_failures=1, open_min_s=0.5, open_s=5.0, open_jitter=0.0,
+        half_open_probes=1,
+    )  # fmt: skip
+    upstream = UpstreamConfig(host="api.internal", breaker=breaker)
+    engine = _engine(clock, upstream, store)
+    key = "upstream:api.internal"
+    gate, _ = LocalOps.outbound_gate_now(store, key, breaker, None, None, False, 1_000.0)
+    LocalOps.record_now(store, key, breaker, gate, "failure", False, 1_000.0)  # open
+    clock.advance(1.0)
+    scope = anyio.CancelScope()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        scope.cancel()  # the caller is gone as the answer comes
+        return httpx.Response(200)
+
+    t = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        with scope:
+            await client.get("http://api.internal/x")
+    state = store.breakers[key]
+    assert (state.state, len(state.probes)) == ("closed", 0)  # the probe's success counted

@@ -574,8 +574,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == GATE:  # a remote store (an in-process one is called directly)
                     value = await store.outbound_gate(*effect[1:])
                 elif kind == RECORD:
-                    if effect[4] == IGNORED:  # a gate given back (cancelled, mostly):
-                        with anyio.CancelScope(shield=True):  # under a cancelled scope too
+                    if effect[4] == IGNORED or effect[3].probe_id:
+                        # A gate given back (cancelled, mostly), or a probe's outcome (it
+                        # closes or reopens the breaker, and frees its slot): recorded
+                        # under a cancelled scope too (a hedge's loser, a caller gone).
+                        with anyio.CancelScope(shield=True):
                             value = await store.record(*effect[1:])
                     else:
                         value = await store.record(*effect[1:])
