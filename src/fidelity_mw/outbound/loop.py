@@ -549,11 +549,17 @@ def attempts(
                             if spent_budget:
                                 unsent = (now, source)
                             spent, response = response, None
+                            interrupted: BaseException | None = None
                             try:
                                 yield (SLEEP, delay, spent)
                             except GeneratorExit:
                                 raise
-                            except BaseException:
+                            except BaseException as exc:
+                                interrupted = exc
+                            if interrupted is not None:
+                                # (given back outside the handler: compiled, a generator
+                                # that yields in an `except` block and then re-raises
+                                # crashed the interpreter)
                                 if gate is not None and gated:
                                     yield from _release(local, breaker_key, breaker, gate, now)
                                 if unsent is not None:
@@ -561,7 +567,7 @@ def attempts(
                                         ctx, up, local, unsent, number, "cancelled",
                                         clock.monotonic(),
                                     )  # fmt: skip
-                                raise
+                                raise interrupted
                             now = clock.monotonic()
                             continue
             except GeneratorExit:
