@@ -639,3 +639,31 @@ async def test_a_probes_outcome_is_recorded_when_the_call_is_cancelled_as_it_ans
             await client.get("http://api.internal/x")
     state = store.breakers[key]
     assert (state.state, len(state.probes)) == ("closed", 0)  # the probe's success counted
+
+
+def test_the_sync_transport_runs_on_a_store_that_gives_no_budget_back() -> None:
+    # A store of its own (no `budget_refund`, no `budget_refund_sync`): the sync transport
+    # asks for the three operations it may need per call; it must not need the third.
+    class OwnStore(MemoryStore):
+        outbound_gate_now = None  # type: ignore[assignment]
+
+        @property
+        def budget_refund(self) -> Any:  # as if it had none
+            raise AttributeError("budget_refund")
+
+        def outbound_gate_sync(self, *args: Any) -> Any:
+            return (*LocalOps.outbound_gate_now(self, *args), "redis", 0.0)
+
+        def record_sync(self, *args: Any) -> str:
+            return LocalOps.record_now(self, *args)
+
+    clock = FakeClock()
+    statuses = [503, 200]
+    engine = _engine(clock, UpstreamConfig(host="api.internal"), OwnStore())
+    t = FidelitySyncTransport(
+        httpx.MockTransport(lambda r: httpx.Response(statuses.pop(0))),
+        engine=engine,
+        telemetry=False,
+    )
+    with httpx.Client(transport=t) as client:
+        assert client.get("http://api.internal/x").status_code == 200

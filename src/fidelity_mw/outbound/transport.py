@@ -620,10 +620,17 @@ def _sync_ops(
     gate = getattr(store, "outbound_gate_sync", None)
     record = getattr(store, "record_sync", None)
     refund = getattr(store, "budget_refund_sync", None)
+    if refund is None:  # (a store of its own that gives nothing back: nothing to do)
+        give_back = getattr(store, "budget_refund", None)
+        refund = _ignore if give_back is None else _bridge(give_back)
     if gate is not None and record is not None:
-        return gate, record, refund if refund is not None else _bridge(store.budget_refund)
+        return gate, record, refund
 
-    return _bridge(store.outbound_gate), _bridge(store.record), _bridge(store.budget_refund)
+    return _bridge(store.outbound_gate), _bridge(store.record), refund
+
+
+def _ignore(*args: Any) -> None:
+    return None
 
 
 def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
