@@ -241,7 +241,7 @@ def test_wheel_ships_the_lua_scripts(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for lua in ("lib", "admit", "record", "sync", "outbound", "batch"):
+    for lua in ("lib", "admit", "record", "sync", "outbound", "batch", "budget_refund"):
         assert f"fidelity_mw/state/lua/{lua}.lua" in names
 
 

@@ -26,6 +26,19 @@ def budget_allows(requests: int, retries: int, cfg: BudgetParams) -> bool:
     return retries + 1 <= budget_allowance(requests, cfg) + _EPSILON
 
 
+def buckets_back(end: float, at: float, bucket_s: float) -> int:
+    """How many buckets before the one ending at `end` the instant `at` (< `end`) fell in:
+    the `k` with `end - (k + 1) x bucket_s <= at < end - k x bucket_s`. The division can
+    land a hair off (an instant at a bucket's start divides to 1.0000000000002): the
+    guess is checked against the bucket's own bounds, as `buckets_passed` does."""
+    back = int((end - at) / bucket_s)
+    if end - back * bucket_s <= at:
+        back -= 1
+    elif end - (back + 1) * bucket_s > at:
+        back += 1
+    return back
+
+
 class BudgetWindow:
     """One upstream's retry budget: requests and retries over a sliding window.
 
@@ -72,6 +85,30 @@ class BudgetWindow:
         if not self.allows(now):
             return False
         self.retries[self._index] += 1
+        return True
+
+    def refund(self, now: float, age_s: float) -> bool:
+        """Give back one retry counted `age_s` ago whose attempt was not sent (cancelled
+        during its backoff, or the deadline passed first): taken off the bucket it was
+        counted in while that bucket is still in the window and holds a retry; once it
+        has left the window it counts no more anyway. True if one was given back.
+
+        Reads the ring as it stands, without rotating it (the next count rotates), the
+        way `state/lua/budget_refund.lua` does: the bucket `age_s` back from `now` is
+        found from the current bucket's end."""
+        end = self._bucket_end
+        spent = now - age_s
+        if end == 0.0 or spent >= end:  # nothing counted yet, or not in this window
+            return False
+        bucket_s = self._bucket_s
+        back = buckets_back(end, spent, bucket_s)
+        passed = buckets_passed(now, end, bucket_s) if now >= end else 0
+        if back < 0 or back + passed >= _BUDGET_BUCKETS:
+            return False
+        index = (self._index - back) % _BUDGET_BUCKETS
+        if self.retries[index] <= 0:
+            return False
+        self.retries[index] -= 1
         return True
 
     def _rotate(self, now: float) -> None:

@@ -293,6 +293,7 @@ def plan_call(
     previous_delay: float | None,
     replayable: bool,
     now: float,
+    target: Instance | None = None,
 ) -> RetryPlan:
     """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
     status: int | None = None
@@ -337,10 +338,11 @@ def plan_call(
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
         )  # fmt: skip
     elif status == 429 and retry_after is not None:
-        # A planned retry after a 429 pauses other calls' retries to this host
-        # too, never longer than the cap (a refused Retry-After pauses nothing).
+        # A planned retry after a 429 pauses other calls' retries to this host (to
+        # this instance of a service) too, never longer than the cap (a refused
+        # Retry-After pauses nothing).
         pause = min(retry_after, up.retry.retry_after_max_s)
-        up.paused_until = max(up.paused_until, now + pause)
+        up.pause(target, now + pause)
     return plan
 
 

@@ -4,7 +4,9 @@
 `max_hedges` hedge loops (`attempts(..., hedge=True)`), each started when the
 delay passes with no answer: the upstream's `[upstream.hedge]` `after_ms`, or
 the p95 of its recent attempt latencies (`LatencyWindow`, in process memory)
-once there are `min_samples` of them. A hedge is an attempt like a retry: it
+once there are `min_samples` of them, while the call's own attempt is out
+(a failed attempt stops the timer: its retry, after the backoff, starts it
+again; `Race.pause`). A hedge is an attempt like a retry: it
 asks the retry budget and the breaker, goes to another instance of a service,
 and counts in the decision record and `x-fidelity-attempt`. The first good
 answer wins; the other loops are cancelled (they release what they hold and
@@ -41,20 +43,43 @@ class NoHedge(Exception):
 
 
 class Race:
-    """One hedged call's shared state: the attempts it sent, the instances they went to."""
+    """One hedged call's shared state: the attempts it sent, the instances they went to,
+    and whether the hedge timer runs.
 
-    __slots__ = ("delay_s", "sent", "targets")
+    The timer runs only while the call's own attempt is out and has not answered: a
+    hedge is for a slow attempt. Once that attempt has failed, the retry path owns the
+    next attempt (after its backoff, as Envoy does: it hedges on a per-try timeout,
+    never on a failure), so the call's loop pauses the timer when its attempt answers
+    and starts it again, with the whole delay, when it sends its retry."""
+
+    __slots__ = ("delay_s", "inbox", "paused", "sent", "targets")
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.sent = 0
         # The `upstream.Instance`s sent to (not positions: the service's list may be renamed).
         self.targets: list[Any] = []
+        self.paused = False
+        self.inbox: _Inbox | None = None  # the running race's (`run_race`)
 
     def next(self) -> int:
         """The number of the attempt about to be sent (1 for the first)."""
         self.sent += 1
         return self.sent
+
+    def pause(self) -> None:
+        """The call's attempt answered: no hedge until it sends another one (`resume`)."""
+        self.paused = True
+        inbox = self.inbox
+        if inbox is not None and inbox.timer is not None:
+            inbox.timer.cancel()
+
+    def resume(self) -> None:
+        """The call's loop sends an attempt (its retry): the hedge delay starts again."""
+        self.paused = False
+        inbox = self.inbox
+        if inbox is not None and inbox.wake is not None:
+            inbox.wake.set()
 
 
 class LatencyWindow:
@@ -180,7 +205,7 @@ async def run_race(
 
     The loops run as tasks; this task sleeps the hedge delay itself (on the engine's
     clock), and an outcome cuts that sleep short: one task per attempt, nothing more."""
-    inbox = _Inbox()
+    inbox = race.inbox = _Inbox()
     outcomes = inbox.outcomes
     winner: tuple[httpx.Response | None, Exception | None] | None = None
     primary: tuple[httpx.Response | None, Exception | None] | None = None
@@ -199,13 +224,15 @@ async def run_race(
             pending, hedges, hedging = 1, 0, True
             while winner is None:
                 if not outcomes:
-                    if hedging and hedges < max_hedges:
+                    if hedging and hedges < max_hedges and not race.paused:
                         with anyio.CancelScope() as timer:
                             inbox.timer = timer
                             await clock.sleep(race.delay_s)
                         inbox.timer = None
-                        if outcomes:
-                            continue  # an answer came first
+                        if outcomes or timer.cancel_called:
+                            # an answer came first, or the call's attempt answered (paused:
+                            # wait for its retry; resumed already: the delay starts again)
+                            continue
                         if deadline_at is not None and deadline_at - clock.monotonic() <= 0.0:
                             hedging = False
                             continue

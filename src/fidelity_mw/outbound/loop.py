@@ -9,6 +9,8 @@
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
 - `(CLOSE, response)` -> None: close a response we will not hand back;
+- `(REFUND, budget_key, cfg, source, age_s, now)` -> None: the store's `budget_refund` (a
+  retry the budget counted whose attempt is not sent; best effort, errors ignored);
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
@@ -27,7 +29,10 @@ the host (or instance) breaker, the attempt, then on a retryable failure the
 retry plan, the budget and the next gate (one store operation), the backoff.
 Every exit that makes no attempt gives back what it took: a probe slot held
 for an attempt that is not made (deadline passed, cancelled during backoff)
-is released with an `ignored` outcome.
+is released with an `ignored` outcome, and a retry the budget counted for it
+is given back (`budget_refund`, recorded as `budget` / `refund`). A retry is
+recorded when it is decided, before its backoff, with the state age of the
+answer it was decided on.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.balance import EWMA_TAU_S, choose, ewma
-from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, open_time
+from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
@@ -99,6 +104,7 @@ SLEEP: Final = 1
 GATE: Final = 2
 RECORD: Final = 3
 CLOSE: Final = 4
+REFUND: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 
@@ -112,6 +118,8 @@ _new_tuple: Final = (
 _monotonic: Final = time.monotonic
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
+REFUND_VERDICT: Final = "refund"  # a retry the budget counted, given back: it was not sent
+RETRY_NOT_SENT: Final = "retry_not_sent"
 
 
 class Local:
@@ -121,7 +129,7 @@ class Local:
     `breakers_open_until_now`. (A slotted class: compiled, a native class whose fields
     are struct reads.)"""
 
-    __slots__ = ("begin", "gate", "peek", "record")
+    __slots__ = ("begin", "gate", "peek", "record", "refund")
 
     def __init__(
         self,
@@ -129,11 +137,13 @@ class Local:
         record: Callable[..., Any],
         peek: Callable[..., Any] | None,
         begin: Callable[..., Any],
+        refund: Callable[..., Any] | None = None,
     ) -> None:
         self.gate = gate
         self.record = record
         self.peek = peek
         self.begin = begin
+        self.refund = refund
 
 
 def local_ops(store: object) -> Local | None:
@@ -145,7 +155,13 @@ def local_ops(store: object) -> Local | None:
     begin = getattr(store, "outbound_begin_now", None)
     if begin is None:
         begin = _begin_with(gate)
-    return Local(gate, record, getattr(store, "breakers_open_until_now", None), begin)
+    return Local(
+        gate,
+        record,
+        getattr(store, "breakers_open_until_now", None),
+        begin,
+        getattr(store, "budget_refund_now", None),
+    )
 
 
 def _begin_with(gate: Callable[..., Any]) -> Callable[..., Any]:
@@ -331,6 +347,10 @@ def attempts(
     previous_delay: float | None = None
     last_error: BaseException | None = None
     token: Any = None
+    # A retry (or hedge) the budget counted whose attempt is not sent yet: when it was
+    # counted (`now` then) and the gate's source; given back if the attempt is not made.
+    unsent: tuple[float, str] | None = None
+    number = 0  # the attempt's number (a retry's is taken when it is decided)
     response: httpx.Response | None
     thrown: BaseException | None
     try:
@@ -344,8 +364,10 @@ def attempts(
             tried = list(race.targets)
             g = yield from _gate_hedge(ctx, engine, up, local, tried, race, now)
             target, breaker_key, gated, gate, source, age = g[:6]
+            if g.spent:
+                unsent = (now, source)
         elif instances is None and local is not None:
-            gate, _, source, age = _gate_plain(ctx, up, local, False, 0, now, None)
+            gate, _, source, age, _ = _gate_plain(ctx, up, local, False, 0, now, None)
         else:
             g = yield from _gate_next(ctx, engine, up, local, tried, False, 0, now, None)
             target, breaker_key, gated, gate, source, age = g[:6]
@@ -357,11 +379,20 @@ def attempts(
                 if remaining is not None and remaining <= 0.0:
                     if gate is not None and gated:
                         yield from _release(local, breaker_key, breaker, gate, now)
+                    if unsent is not None:
+                        yield from _unsent(
+                            ctx, up, local, unsent, max(number, attempt), "deadline", now
+                        )
                     raise deadline_passed(ctx, up, attempt - 1, now, last_error)
-                if gate is not None and gate.verdict != "allow":
+                if number < attempt and gate is not None and gate.verdict != "allow":
+                    # (a retry's gate was answered when the retry was decided)
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
                 # --- the attempt
-                number = attempt if race is None else race.next()
+                if number < attempt:  # not a retry numbered when it was decided
+                    number = attempt if race is None else race.next()
+                elif race is not None:
+                    race.resume()  # the call's retry goes out: the hedge delay starts again
+                unsent = None
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(
@@ -388,11 +419,6 @@ def attempts(
                             ),
                         )
                     )
-                else:
-                    details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
-                    ctx.decisions.append(
-                        Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now, details)
-                    )
                 token = observe_start(observer, ctx, request, number) if observer else None
                 if target is not None:
                     target.outstanding += 1
@@ -404,6 +430,8 @@ def attempts(
                     raise
                 except BaseException as exc:
                     response, thrown = None, exc
+                if race is not None and not hedge:
+                    race.pause()  # answered: a hedge now is for the retry's attempt only
             else:  # the first attempt, made by `First`
                 (response, thrown), sent = sent, None
             error: BaseException | None = None
@@ -483,44 +511,63 @@ def attempts(
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
+                        target,
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
                         if instances is None and local is not None:
-                            gate, allowed, source, age = _gate_plain(
+                            gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
                             )
                         else:
                             g = yield from _gate_next(
                                 ctx, engine, up, local, tried, True, attempt, now, error
                             )
-                            target, breaker_key, gated, gate, source, age, allowed = g
-                        if (
-                            allowed
-                            and target is None
-                            and gate is not None
-                            and gate.verdict == "reject"
-                        ):
+                            target, breaker_key, gated, gate, source, age, allowed = g[:7]
+                            spent_budget = g.spent
+                        if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
                             gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
                         if allowed:
-                            # --- back off, go again (the gate is held through the wait)
+                            # --- decided: record it now, on the state it was decided on
+                            # (the backoff is the plan, not the state's age); back off, go
+                            # again (the gate is held through the wait)
                             cause = cause_of(response, error)
                             last_error = error
                             delay = previous_delay = plan.delay_s
-                            age += delay  # the gate was read before the wait: that much older
+                            if gate is not None and gate.probe_id:
+                                gate_answer(ctx, up, gate, source, age, attempt, now, error)
+                            number = attempt + 1 if race is None else race.next()
+                            details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
+                            ctx.decisions.append(
+                                Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
+                                         details)
+                            )  # fmt: skip
+                            if spent_budget:
+                                unsent = (now, source)
                             spent, response = response, None
+                            interrupted: BaseException | None = None
                             try:
                                 yield (SLEEP, delay, spent)
                             except GeneratorExit:
                                 raise
-                            except BaseException:
+                            except BaseException as exc:
+                                interrupted = exc
+                            if interrupted is not None:
+                                # (given back outside the handler: compiled, a generator
+                                # that yields in an `except` block and then re-raises
+                                # crashed the interpreter)
                                 if gate is not None and gated:
                                     yield from _release(local, breaker_key, breaker, gate, now)
-                                raise
+                                if unsent is not None:
+                                    yield from _unsent(
+                                        ctx, up, local, unsent, number, "cancelled",
+                                        clock.monotonic(),
+                                    )  # fmt: skip
+                                raise interrupted
                             now = clock.monotonic()
                             continue
             except GeneratorExit:
@@ -555,6 +602,7 @@ class _Gated(NamedTuple):
     source: str
     age_s: float
     allowed: bool  # the retry budget's answer (always True for a first attempt)
+    spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
 
 
 def _gate_next(
@@ -586,11 +634,17 @@ def _gate_next(
             for instance, open_until in zip(instances, fresh, strict=True):
                 instance.open_until = open_until
                 instance.seen_at = now
+    failed = False
     for _ in range(len(instances) + 1 if instances else 1):
         if instances is not None:
             pick = choose(
                 [i.view(now) for i in instances],
-                [n for n, i in enumerate(instances) if i in tried],
+                # a retry (or hedge) avoids the instances tried, and those a 429 paused
+                [
+                    n
+                    for n, i in enumerate(instances)
+                    if i in tried or (retry and i.paused_until > now)
+                ],
                 now,
                 engine.rng,
                 panic_threshold=up.cfg.panic_threshold,
@@ -606,6 +660,7 @@ def _gate_next(
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                          SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
+        failed = False
         budget = retry or count
         count = False
         args = (
@@ -629,6 +684,7 @@ def _gate_next(
                 answer = yield (GATE, *args)
         except Exception as exc:
             answer = exc
+        failed = isinstance(answer, Exception)
         gate, allowed, source, age = _settle(
             ctx, up, answer, retry, gated, attempts_made, now, last_error
         )
@@ -636,10 +692,12 @@ def _gate_next(
             break
         if target is None or gate is None or gate.verdict != "reject":
             break
-        _learned_open(target, gate, now)
+        _learned_open(target, gate, breaker, now)
     if allowed and pick is not None and target is not None:
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
-    return _Gated(target, breaker_key, gated, gate, source, age, allowed)
+    # (the store spends a retry only when it admits it and the breaker does not refuse)
+    spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
+    return _Gated(target, breaker_key, gated, gate, source, age, allowed, spent)
 
 
 def _gate_hedge(
@@ -695,8 +753,9 @@ def _gate_plain(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
-) -> tuple[Gate | None, bool, str, float]:
-    """`_gate_next` for the common case, without a generator: one upstream, in-process state."""
+) -> tuple[Gate | None, bool, str, float, bool]:
+    """`_gate_next` for the common case, without a generator: one upstream, in-process state.
+    The last value says whether a retry was counted on the budget (as `_Gated.spent`)."""
     breaker = up.breaker
     answer: tuple[Gate | None, bool, str, float] | Exception
     try:
@@ -704,7 +763,16 @@ def _gate_plain(
         answer = (gate, allowed, SOURCE_MEMORY, 0.0)
     except Exception as exc:
         answer = exc
-    return _settle(ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error)
+    gate, allowed, source, age = _settle(
+        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error
+    )
+    spent = (
+        retry
+        and allowed
+        and not isinstance(answer, Exception)
+        and (gate is None or gate.verdict != "reject")
+    )
+    return gate, allowed, source, age, spent
 
 
 def _settle(
@@ -763,6 +831,33 @@ def _release(
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
 
 
+def _unsent(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local | None,
+    unsent: tuple[float, str],
+    number: int,
+    why: str,
+    now: float,
+) -> Generator[Effect, Any, None]:
+    """A retry (or hedge) the budget counted is not sent after all (`why`: `cancelled`
+    during its backoff, or the `deadline` passed first): say so, and give it back."""
+    spent_at, source = unsent
+    ctx.decisions.append(
+        Decision(LAYER_BUDGET, up.key, REFUND_VERDICT, RETRY_NOT_SENT, source, 0.0, now,
+                 {"attempt": number, "why": why})
+    )  # fmt: skip
+    age = max(0.0, now - spent_at)
+    try:
+        if local is not None:
+            if local.refund is not None:
+                local.refund(up.budget_key, up.retry, age, now)
+        else:
+            yield (REFUND, up.budget_key, up.retry, source, age, now)
+    except BaseException as exc:  # best effort: the window forgets it at the latest
+        logger.debug("fidelity_mw: could not give a retry back to the budget: %s", exc)
+
+
 def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
     """The instance's latency estimate; unmeasured, the fastest measured of the service
     (what the balancer takes for it), or infinite when none is (a failure then tells
@@ -772,8 +867,14 @@ def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
     return min((i.latency_s for i in instances or () if i.latency_s > 0.0), default=math.inf)
 
 
-def _learned_open(target: Instance, gate: Gate, now: float) -> None:
-    target.open_until = now + max(gate.retry_after_s, 0.001)
+def _learned_open(target: Instance, gate: Gate, breaker: BreakerConfig | None, now: float) -> None:
+    wait = max(gate.retry_after_s, 0.001)
+    if gate.state == HALF_OPEN and breaker is not None:
+        # Its probes are out (here or in another process): their outcome may close it
+        # any moment, and the gate's wait is the probe lease's (up to `open_s`). Ask
+        # again after the shortest open time at the latest, as a tiered store's cache does.
+        wait = min(wait, open_time(breaker, 0))
+    target.open_until = now + wait
     target.seen_at = now
 
 

@@ -50,7 +50,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.breaker import FAILURE, SUCCESS
+from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
@@ -63,6 +63,7 @@ from .loop import (
     FIRST_ATTEMPT,
     GATE,
     RECORD,
+    REFUND,
     SEND,
     SLEEP,
     UNTAKEN,
@@ -169,8 +170,7 @@ class _Base:
         up = self._upstreams.get(key)
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
-                self._upstreams.clear()
-                self._armed.last = None  # a plan no longer in the table: not the shortcut's
+                self._evict(engine.clock.monotonic())
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
@@ -193,6 +193,21 @@ class _Base:
                 if urls:
                     self._resolved(engine, up, urls)
         return up
+
+    def _evict(self, now: float) -> None:
+        """Make room in the table of upstream plans (it is full): the plans of plain hosts
+        go, but not a service's (its instances' load, latency and breaker states are
+        what the balancer knows) nor a host's whose 429 pause still runs; of those, the
+        newest half of the table at most stay (the bound holds whatever the calls)."""
+        table = self._upstreams
+        keep = [
+            (key, up)
+            for key, up in table.items()
+            if up.instances is not None or up.paused_until > now
+        ][-(_MAX_UPSTREAMS // 2) :]
+        table.clear()
+        table.update(keep)
+        self._armed.last = None  # a plan no longer in the table: not the shortcut's
 
     def _resolved(self, engine: Engine, up: Upstream, urls: Sequence[str]) -> None:
         """Take a resolver's answer. One the same as the last (good or bad) is not
@@ -559,7 +574,14 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == GATE:  # a remote store (an in-process one is called directly)
                     value = await store.outbound_gate(*effect[1:])
                 elif kind == RECORD:
-                    value = await store.record(*effect[1:])
+                    if effect[4] == IGNORED or effect[3].probe_id:
+                        # A gate given back (cancelled, mostly), or a probe's outcome (it
+                        # closes or reopens the breaker, and frees its slot): recorded
+                        # under a cancelled scope too (a hedge's loser, a caller gone).
+                        with anyio.CancelScope(shield=True):
+                            value = await store.record(*effect[1:])
+                    else:
+                        value = await store.record(*effect[1:])
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
@@ -571,6 +593,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     value = None
                     with anyio.CancelScope(shield=True):  # a cancelled loser closes too
                         await effect[1].aclose()
+                elif kind == REFUND:  # a retry not sent (cancelled, mostly): shielded too
+                    value = None
+                    with anyio.CancelScope(shield=True):
+                        await store.budget_refund(*effect[1:])
             except BaseException as exc:
                 thrown = exc
 
@@ -581,8 +607,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 # ---------------------------------------------------------------- sync
 
 
-def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """`outbound_gate` and `record` callable from sync code.
+def _sync_ops(
+    store: StateStore,
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """`outbound_gate`, `record` and `budget_refund` callable from sync code.
 
     (An in-process store is called by the loop directly.) A remote store's own
     blocking client (`outbound_gate_sync` / `record_sync`: Redis, any thread);
@@ -591,18 +619,29 @@ def _sync_ops(store: StateStore) -> tuple[Callable[..., Any], Callable[..., Any]
     """
     gate = getattr(store, "outbound_gate_sync", None)
     record = getattr(store, "record_sync", None)
+    refund = getattr(store, "budget_refund_sync", None)
+    if refund is None:  # (a store of its own that gives nothing back: nothing to do)
+        give_back = getattr(store, "budget_refund", None)
+        refund = _ignore if give_back is None else _bridge(give_back)
     if gate is not None and record is not None:
-        return gate, record
+        return gate, record, refund
 
-    def bridge(method: Callable[..., Any]) -> Callable[..., Any]:
-        def bridged(*args: Any) -> Any:
-            import anyio.from_thread
+    return _bridge(store.outbound_gate), _bridge(store.record), refund
 
-            return anyio.from_thread.run(method, *args)
 
-        return bridged
+def _ignore(*args: Any) -> None:
+    return None
 
-    return bridge(store.outbound_gate), bridge(store.record)
+
+def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An async store method run on the event loop of the anyio worker thread we are in."""
+
+    def bridged(*args: Any) -> Any:
+        import anyio.from_thread
+
+        return anyio.from_thread.run(method, *args)
+
+    return bridged
 
 
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
@@ -646,7 +685,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
     def _run(self, steps: Steps, engine: Engine) -> httpx.Response:
         """Run one attempt loop to its end, doing its effects."""
         step = _Stepper(steps)
-        gate_op, record_op = _sync_ops(engine.store)
+        gate_op, record_op, refund_op = _sync_ops(engine.store)
         wait = _waiter(engine.clock.sleep_sync)
         do: dict[int, Callable[..., Any]] = {
             SEND: self.inner.handle_request,
@@ -654,6 +693,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             RECORD: record_op,
             SLEEP: wait,
             CLOSE: httpx.Response.close,
+            REFUND: refund_op,
         }
         while (effect := step.next()) is not None:
             try:

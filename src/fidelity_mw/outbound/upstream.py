@@ -54,6 +54,7 @@ class Instance:
         "latency_s",
         "open_until",
         "outstanding",
+        "paused_until",
         "port",
         "scheme",
         "seen_at",
@@ -75,6 +76,8 @@ class Instance:
         self.latency_at = 0.0
         self.open_until = 0.0
         self.seen_at = 0.0
+        # The end of the pause a 429's Retry-After from this instance put on retries to it.
+        self.paused_until = 0.0
         # The last attempt sent around its known-open breaker (ejection bound, panic)
         # succeeded: evidence it answers again before its breaker has probed.
         self.answered = False
@@ -91,9 +94,11 @@ class Upstream:
     """What the transport knows about one upstream (host[:port]) under one policy.
 
     `paused_until` is the end (monotonic seconds) of the pause an upstream
-    429's Retry-After put on retries to this host; `instances` is the
-    service's instances when the host names a service. Both live in process
-    memory, per transport.
+    429's Retry-After put on retries to this host; for a service, until when
+    every one of its instances is paused (each instance's own pause is on the
+    `Instance`: one instance's 429 is that instance's overload, not the
+    service's). `instances` is the service's instances when the host names a
+    service. Both live in process memory, per transport.
     """
 
     __slots__ = (
@@ -175,4 +180,20 @@ class Upstream:
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
+        self._service_pause()
         # A service's budget is one for all its instances: the logical host's (the default).
+
+    def pause(self, target: Instance | None, until: float) -> None:
+        """A 429's Retry-After pauses retries until `until`: to this host, or, for a
+        service, to the instance that answered it (the service is paused only while all
+        of its instances are)."""
+        if target is None or self.instances is None:
+            self.paused_until = max(self.paused_until, until)
+            return
+        target.paused_until = max(target.paused_until, until)
+        self._service_pause()
+
+    def _service_pause(self) -> None:
+        instances = self.instances
+        if instances is not None:
+            self.paused_until = min(i.paused_until for i in instances)

@@ -41,6 +41,7 @@ RefundNow = Callable[[Sequence[str], Sequence[LimitSpec], float, Sequence[float]
 BudgetRequestNow = Callable[[str, RetryConfig, float], None]
 BudgetTryRetryNow = Callable[[str, RetryConfig, float], tuple[bool, str, float]]
 OutboundBeginNow = Callable[[str, BreakerConfig | None, str, RetryConfig, float], Gate | None]
+BudgetRefundNow = Callable[[str, RetryConfig, float, float], bool]
 OutboundGateNow = Callable[
     [str | None, BreakerConfig | None, str | None, RetryConfig | None, bool, float],
     tuple[Gate | None, bool],
@@ -80,6 +81,7 @@ class StateStore(abc.ABC):
     budget_try_retry_now: BudgetTryRetryNow | None = None
     outbound_begin_now: OutboundBeginNow | None = None
     outbound_gate_now: OutboundGateNow | None = None  # `outbound_gate` less provenance
+    budget_refund_now: BudgetRefundNow | None = None  # `budget_refund` of its own spends
 
     @abc.abstractmethod
     async def admit(
@@ -175,6 +177,20 @@ class StateStore(abc.ABC):
             return None, True, source, age
         gate, source, age = await self.breaker_gate(breaker_key, breaker, now)
         return gate, True, source, age
+
+    async def budget_refund(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        """Give back one retry that `outbound_gate` spent `age_s` ago (on the caller's
+        clock) and whose attempt was then not sent: the call was cancelled during the
+        backoff, or the deadline passed before it. It comes off the bucket it was counted
+        in, as long as that bucket is still in the window (`BudgetWindow.refund`).
+
+        `source` is the gate's: a retry spent on a fallback decision goes back to the
+        fallback's counts. Best effort (a refund that cannot reach the store is dropped);
+        never on the success path. The default gives nothing back.
+        """
+        return None
 
     @abc.abstractmethod
     async def refund(

@@ -478,6 +478,17 @@ class LocalState:
                 window.spend(now)
             return gate, allowed
 
+    def budget_refund_now(
+        self, budget_key: str, cfg: BudgetParams, age_s: float, now: float
+    ) -> bool:
+        """Give back one retry spent `age_s` ago whose attempt was not sent (see
+        `StateStore.budget_refund`). True if one was given back."""
+        with self._lock:
+            window = self.budgets.get(budget_key)
+            if window is None or window.config is not cfg:
+                return False  # a fresh window (a new config) never counted it
+            return window.refund(now, age_s)
+
     def outbound_begin_now(
         self,
         breaker_key: str,

@@ -35,6 +35,7 @@ class MemoryStore(LocalState, StateStore):
     budget_try_retry_now = LocalState.budget_try_retry_now
     outbound_begin_now = LocalState.outbound_begin_now
     outbound_gate_now = LocalState.outbound_gate_now
+    budget_refund_now = LocalState.budget_refund_now
 
     async def admit(
         self,
@@ -93,6 +94,11 @@ class MemoryStore(LocalState, StateStore):
         self, budget_key: str, cfg: RetryConfig, now: float
     ) -> tuple[bool, str, float]:
         return self.budget_try_retry_now(budget_key, cfg, now)
+
+    async def budget_refund(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        self.budget_refund_now(budget_key, cfg, age_s, now)
 
     def breakers_open_until_now(self, breaker_keys: Sequence[str], now: float) -> list[float]:
         """For each breaker: until when it is open (0.0 when it is not), read without

@@ -122,6 +122,7 @@ SYNC: Final = load_script("sync")
 OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
 BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
+BUDGET_REFUND: Final = load_script("budget_refund")  # a retry spent, then not sent
 
 
 # ---------------------------------------------------------------- keys
@@ -1283,6 +1284,32 @@ class RedisStore(StateStore):
             None, None, budget_key, cfg, True, now
         )
         return allowed, source, age
+
+    async def budget_refund(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        """Give back a retry spent and then not sent (`StateStore.budget_refund`): one
+        `budget_refund.lua` call, or the fallback's counts when it was spent there."""
+        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now)
+        if planned is not None:
+            await self.call(BUDGET_REFUND, *planned)  # None (Redis down): dropped
+
+    def budget_refund_sync(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        """`budget_refund` for sync callers in any thread, over the blocking client."""
+        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now)
+        if planned is not None:
+            self.sync_link().call(BUDGET_REFUND, *planned)
+
+    def _budget_refund_call(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> tuple[list[str], list[Any]] | None:
+        if source == SOURCE_FALLBACK:
+            if self.on_error == "local":  # (`open` spent nothing anywhere)
+                self.local.budget_refund_now(budget_key, cfg, age_s, now)
+            return None
+        return [self.key("bu", budget_key)], [cfg.budget_window_s, repr(max(0.0, age_s))]
 
     # ------------------------------------------------------------ lifecycle
 

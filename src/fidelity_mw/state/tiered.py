@@ -639,6 +639,18 @@ class TieredStore(StateStore):
         """Budgets stay exact in tiered mode: one call per retry (retries are rare)."""
         return await self.exact.budget_try_retry(budget_key, cfg, now)
 
+    async def budget_refund(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        """Budgets are exact in tiered mode: given back where they were spent."""
+        await self.exact.budget_refund(budget_key, cfg, source, age_s, now)
+
+    def budget_refund_sync(
+        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+    ) -> None:
+        """`budget_refund` for sync callers (`FidelitySyncTransport`), as `outbound_gate_sync`."""
+        self.exact.budget_refund_sync(budget_key, cfg, source, age_s, now)
+
     async def outbound_gate(
         self,
         breaker_key: str | None,

@@ -1,0 +1,51 @@
+-- budget_refund: give back one retry that outbound.lua spent and whose attempt was
+-- then not sent (the call was cancelled during its backoff, or its deadline passed
+-- first). Port of fidelity_mw.decide.budget.BudgetWindow.refund.
+--
+-- KEYS: the budget hash (outbound.lua's: be = the current bucket's end, ix = its index,
+--       rt = the retries per bucket).
+-- ARGV: window_s, age_s (how long ago the retry was spent, on the caller's clock).
+-- The retry comes off the bucket it was counted in, found age_s back from now on the
+-- server's clock, while that bucket is still in the window and holds one; the ring is
+-- read as it stands, not rotated (the next outbound.lua call rotates it), and the key
+-- keeps the expiry its last count gave it.
+-- Returns: 1 if a retry was given back, else 0.
+
+local key = KEYS[1]
+local bs = tonumber(ARGV[1]) / BUCKETS
+local now = server_now()
+local spent = now - tonumber(ARGV[2])
+local v = redis.call('HMGET', key, 'be', 'ix', 'rt')
+local be = tonumber(v[1]) or 0
+local ix = tonumber(v[2]) or 0
+if be == 0 or spent >= be or not v[3] then
+  return 0
+end
+local rt = {}
+for n in string.gmatch(v[3], '[^,]+') do
+  rt[#rt + 1] = tonumber(n)
+end
+if #rt ~= BUCKETS then
+  return 0
+end
+-- port of decide.budget.buckets_back: the bucket `spent` fell in, checked against its bounds
+local back = math.floor((be - spent) / bs)
+if be - back * bs <= spent then
+  back = back - 1
+elseif be - (back + 1) * bs > spent then
+  back = back + 1
+end
+local passed = 0
+if now >= be then
+  passed = buckets_passed(now, be, bs)
+end
+if back < 0 or back + passed >= BUCKETS then
+  return 0
+end
+local j = (ix - back) % BUCKETS + 1
+if rt[j] <= 0 then
+  return 0
+end
+rt[j] = rt[j] - 1
+redis.call('HSET', key, 'rt', table.concat(rt, ','))
+return 1
