@@ -123,6 +123,29 @@ cases = st.tuples(
     st.sampled_from([0.5, 0.1, 0.93]),  # the jitter draw, the same for both stores
     st.lists(op, min_size=5, max_size=40),
 )
+# Requests of several costs on the same counters (a per-request cost: each request's
+# spec carries its own cost; the stores take it from the spec, whatever the last one was)
+costed_op = st.one_of(
+    op,
+    st.tuples(
+        st.just("admit"),
+        st.sampled_from([True, False]),
+        st.integers(1, 7),
+        st.integers(0, 1),
+        st.integers(1, 3),
+        st.booleans(),
+        st.integers(1, 3),  # the cost of each of these requests
+    ),
+)
+costed_cases = st.tuples(
+    st.sampled_from(range(len(BREAKERS))),
+    st.sampled_from([0.5, 0.1, 0.93]),
+    st.lists(costed_op, min_size=5, max_size=40),
+)
+
+
+def _burst(spec: LimitSpec) -> int:
+    return round(spec.tolerance_s / spec.interval_s)
 
 
 # ---------------------------------------------------------------- comparing answers
@@ -369,8 +392,10 @@ async def _run(
             now += step[1]
             client.set(CLOCK_KEY, repr(now))
         elif kind == "admit":
-            _, with_breaker, mask, who, repeat, together = step
+            _, with_breaker, mask, who, repeat, together = step[:6]
             specs = [s for i, s in enumerate(SPECS) if mask & (1 << i)]
+            if len(step) > 6:  # a per-request cost (fidelity.limit(cost=fn)), up to the burst
+                specs = [s._replace(cost=min(step[6], _burst(s))) for s in specs]
             keys = [f"{s.name}|c{who}" for s in specs]
             bkey = ROUTE if with_breaker else None
             bcfg = breaker if with_breaker else None
@@ -424,6 +449,20 @@ async def _run(
 def test_memory_and_redis_decide_alike_and_as_the_reference(
     harness: Harness, case: tuple[int, float, list[tuple[Any, ...]]]
 ) -> None:
+    harness.run(case)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=costed_cases)
+def test_requests_of_several_costs_decide_alike_and_as_the_reference(
+    harness: Harness, case: tuple[int, float, list[tuple[Any, ...]]]
+) -> None:
+    """A per-request cost is the spec's cost of that request: every store, and the batch
+    script, decide each one as the exact bucket does, refunds included."""
     harness.run(case)
 
 
@@ -637,6 +676,8 @@ def test_planted_bug_is_caught(
 tiered_op = st.one_of(
     st.tuples(st.just("advance"), st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.3, 1.0])),
     st.tuples(st.just("admit"), st.integers(0, 1), st.integers(1, 4)),
+    # a per-request cost: requests of several costs on one counter
+    st.tuples(st.just("admit"), st.integers(0, 1), st.integers(1, 2), st.integers(1, 8)),
     st.tuples(st.just("refund"), st.integers(0, 20)),
     st.tuples(
         st.just("sync"),
@@ -668,7 +709,7 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf  # syncs only when the sequence says so
     net: dict[str, int] = {}
-    admitted: list[tuple[str, str, float]] = []
+    admitted: list[tuple[str, str, float, LimitSpec]] = []
     rate = Fraction(1) / Fraction(TIERED_LIMIT.interval_s)
     burst = Fraction(TIERED_LIMIT.tolerance_s) / Fraction(TIERED_LIMIT.interval_s)
     try:
@@ -679,18 +720,19 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
                 client.set(CLOCK_KEY, repr(clock.monotonic()))
             elif step[0] == "admit":
                 key = f"t|c{step[1]}"
+                spec = TIERED_LIMIT._replace(cost=step[3]) if len(step) > 3 else TIERED_LIMIT
                 for _ in range(step[2]):
-                    result = await store.admit(None, None, [key], [TIERED_LIMIT], now)
+                    result = await store.admit(None, None, [key], [spec], now)
                     if result.admitted:
-                        net[key] = net.get(key, 0) + 1
-                        admitted.append((key, result.source, result.limits[0].tat))
+                        net[key] = net.get(key, 0) + spec.cost
+                        admitted.append((key, result.source, result.limits[0].tat, spec))
             elif step[0] == "refund" and admitted:
-                key, source, tat = admitted.pop(step[1] % len(admitted))
+                key, source, tat, spec = admitted.pop(step[1] % len(admitted))
                 back_to_slice = source == "redis" and tat == 0.0 and key in store.slices
-                await store.refund([key], [TIERED_LIMIT], source, now, [tat])
+                await store.refund([key], [spec], source, now, [tat])
                 # a slice verdict (also one that waited for its lease) goes back to the slice
                 if source == "cache" or tat > 0.0 or back_to_slice:
-                    net[key] -= 1
+                    net[key] -= spec.cost
             elif step[0] == "sync":
                 await store._sync_all(now)
             elapsed = Fraction(clock.monotonic() - T0)

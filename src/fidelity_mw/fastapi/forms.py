@@ -28,7 +28,7 @@ from ..rejections import (
 from ..routes import flat_routes
 from ..state.base import StateStore
 from .exceptions import Rejected
-from .limit import KeyFunc, LimitDependency
+from .limit import CostFunc, KeyFunc, LimitDependency
 from .openapi import document, problem_responses
 from .routing import route_class_for
 
@@ -115,15 +115,18 @@ class Fidelity:
         *,
         key: str | KeyFunc = "client_ip",
         burst: int | None = None,
-        cost: int = 1,
+        cost: int | CostFunc = 1,
         name: str | None = None,
         shadow: bool = False,
     ) -> LimitDependency:
         """A rate limit for `Depends(...)`: `rate` like `"10/s"`, keyed by `key`.
 
         `key`: `client_ip` (default), `header:<name>` (the client's IP when the
-        header is missing), `route`, `global`, or a function of the request
-        returning a key (None: the IP).
+        header is missing), `route`, `global`, or a function (or coroutine
+        function) of the request returning a key (None: the IP).
+        `cost`: the units each request takes, or a function (or coroutine
+        function) of the request returning them (a batch: its length): a whole
+        number >= 0; 0 takes nothing, more than the burst is refused at once.
         """
         return LimitDependency(self, rate, key, burst, cost, name, shadow)
 

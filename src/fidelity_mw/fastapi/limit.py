@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
@@ -16,8 +17,10 @@ from ..context import (
     LAYER_RATELIMIT,
     REJECT,
     SOURCE_FALLBACK,
+    SOURCE_REQUEST,
     WOULD_REJECT,
     DecisionContext,
+    DetailValue,
 )
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
@@ -50,7 +53,10 @@ _MAX_KEY_CHARS: Final = 64
 # ---------------------------------------------------------------- the limit dependency
 
 
-KeyFunc = Callable[[Request], str | None]
+# A key or a cost from the request; either may be a coroutine function (an auth lookup,
+# `await request.json()` for a batch's size).
+KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+CostFunc = Callable[[Request], int | Awaitable[int]]
 
 
 class LimitDependency:
@@ -66,16 +72,17 @@ class LimitDependency:
         rate: str,
         key: str | KeyFunc,
         burst: int | None,
-        cost: int,
+        cost: int | CostFunc,
         name: str | None,
         shadow: bool,
     ) -> None:
         # Validated like a policy entry: a bad rate fails at import, not per request.
+        # A cost function is checked per request (`_cost_of`): the bound is the burst.
         checked = RateLimit(
             name=name or "depends",
             rate=rate,
             burst=burst,
-            cost=cost,
+            cost=1 if callable(cost) else cost,
             key="client_ip" if callable(key) else key,
             shadow=shadow,
         )
@@ -88,7 +95,8 @@ class LimitDependency:
         interval = checked.emission_interval_s
         self.interval_s = interval
         self.tolerance_s = checked.burst_size * interval
-        self.cost = cost
+        self.cost_fn: CostFunc | None = cost if callable(cost) else None
+        self.cost = 1 if callable(cost) else cost
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -101,8 +109,24 @@ class LimitDependency:
         engine = ctx.engine
         now = engine.clock.monotonic()
         name = self.name or f"{ctx.route}:{self.rate}"
-        spec = LimitSpec(name, self.interval_s, self.tolerance_s, self.cost, self.shadow)
-        value = self._key_value(request, ctx)
+        cost = self.cost
+        # the cost, when it is not 1, goes on every record of this limit
+        costed: dict[str, DetailValue] = {}
+        if self.cost_fn is not None:
+            cost = await self._cost_of(request, name)
+        if cost != 1 or self.cost_fn is not None:
+            costed["cost"] = cost
+        if cost == 0:  # (an empty batch) takes nothing: the store is not asked
+            ctx.decide(
+                LAYER_RATELIMIT, name, ALLOW, "zero_cost", source=SOURCE_REQUEST, at=now,
+                details=costed,
+            )  # fmt: skip
+            return
+        if cost > self.burst_size:
+            self._over_burst(ctx, name, cost, costed, now)
+            return
+        spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
+        value = await self._key_value(request, ctx)
         try:
             result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
@@ -143,7 +167,7 @@ class LimitDependency:
                 source=source,
                 age_s=age,
                 at=now,
-                details={"remaining": verdict.remaining},
+                details={"remaining": verdict.remaining, **costed},
             )
             if not self.shadow:
                 for field, text in fields.items():
@@ -159,7 +183,7 @@ class LimitDependency:
                 source=source,
                 age_s=age,
                 at=now,
-                details={"retry_after_s": wait, "shadow": True},
+                details={"retry_after_s": wait, "shadow": True, **costed},
             )
             return
         decision = ctx.decide(
@@ -170,7 +194,7 @@ class LimitDependency:
             source=source,
             age_s=age,
             at=now,
-            details={"retry_after_s": wait, "remaining": 0},
+            details={"retry_after_s": wait, "remaining": 0, **costed},
         )
         # The 429 is this limit's decision: the middleware reports it so, and its own
         # limits give back what they charged (one layer's rejection costs no quota of
@@ -186,6 +210,59 @@ class LimitDependency:
         )
         raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
 
+    async def _cost_of(self, request: HTTPConnection, name: str) -> int:
+        """The units this request takes, from the cost function: a whole number >= 0."""
+        assert self.cost_fn is not None
+        cost: object = self.cost_fn(cast(Request, request))
+        if inspect.isawaitable(cost):
+            cost = await cost
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ValueError(
+                f"fidelity.limit {name!r}: the cost function returned {cost!r}; "
+                "a cost is a whole number of units >= 0"
+            )
+        return cost
+
+    def _over_burst(
+        self,
+        ctx: DecisionContext,
+        name: str,
+        cost: int,
+        costed: dict[str, DetailValue],
+        now: float,
+    ) -> None:
+        """A request costing more than the burst: no wait would ever admit it, so it is
+        refused at once, without asking the store (and with no Retry-After: retrying the
+        same request cannot help)."""
+        details: dict[str, DetailValue] = {**costed, "burst": self.burst_size}
+        if self.shadow:
+            ctx.decide(
+                LAYER_RATELIMIT, name, WOULD_REJECT, "cost_over_burst_shadow",
+                source=SOURCE_REQUEST, at=now, details={**details, "shadow": True},
+            )  # fmt: skip
+            return
+        decision = ctx.decide(
+            LAYER_RATELIMIT, name, REJECT, "cost_over_burst", source=SOURCE_REQUEST, at=now,
+            details=details,
+        )  # fmt: skip
+        ctx.shed_by = LAYER_RATELIMIT
+        problem = problem_document(
+            429,
+            "Too Many Requests",
+            f"this request costs {cost} units and rate limit {name!r} admits at most "
+            f"{self.burst_size} at once: it is never admitted as it is; make it smaller",
+            "cost-over-burst",
+            limit=name,
+            cost=cost,
+            burst=self.burst_size,
+        )
+        advertised = sf_string_content(name)
+        fields: dict[str, str] = {}
+        policy = ctx.engine.policy
+        if policy.rate_limit_headers != "never" and policy.rate_limit_header_names != "x-ratelimit":
+            fields["RateLimit-Policy"] = policy_field(advertised, self.burst_size, self.tolerance_s)
+        raise RateLimited(429, problem, fields, ctx, decision)
+
     def _state_failure(self, ctx: DecisionContext, name: str, exc: Exception, now: float) -> None:
         """The store failed (Redis away under `on_error = "closed"`, say): decide as the
         middleware does for its own limits, not with the app's 500. "closed" answers 503
@@ -197,7 +274,7 @@ class LimitDependency:
             ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
             raise state_unavailable(ctx)
 
-    def _key_value(self, request: HTTPConnection, ctx: DecisionContext) -> str:
+    async def _key_value(self, request: HTTPConnection, ctx: DecisionContext) -> str:
         key = self.key
         if key == "route":
             return "route:" + ctx.route
@@ -206,6 +283,8 @@ class LimitDependency:
         if callable(key):
             # (a websocket's WebSocket has the headers and client a key reads, as a Request)
             custom = key(cast(Request, request))
+            if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
+                custom = await custom
             if custom is not None:
                 return "k:" + _compact(str(custom))
         elif key.startswith("header:"):

@@ -861,7 +861,13 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
                         + " + Retry-After + RateLimit fields when the bucket is empty; runs "
                         "after the middleware admitted the request",
                         f"GCRA {call.rate}, burst {call.burst_size}"
-                        + (f", cost {call.cost} per request" if call.cost != 1 else "")
+                        + (
+                            ", cost per request from a function (over the burst: refused)"
+                            if call.cost_fn is not None
+                            else f", cost {call.cost} per request"
+                            if call.cost != 1
+                            else ""
+                        )
                         + f"{shared}; charges every request it admits (charge = always)",
                         home.state,
                         _key(home, f"{counter}|{{client}}", "rl"),
