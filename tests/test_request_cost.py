@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
 
-from fidelity_mw import DecisionContext, FidelityMiddleware, Policy
+from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit, check_limits
 from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -183,3 +183,139 @@ async def test_a_key_function_may_be_a_coroutine_function(clock: FakeClock) -> N
     assert alice == [200, 200, 429]
     assert bob == 200
     assert set(fidelity.engine.store.limits.tats) == {"/me:2/min|k:a", "/me:2/min|k:b"}  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- check without counting
+
+
+def export_app(clock: FakeClock) -> tuple[FastAPI, MemoryStore]:
+    """POST /api/export: 2/min per client (a policy limit); GET /quota: a UI hint."""
+    app = FastAPI()
+    policy = Policy(
+        breaker=None,
+        rate_limits=(
+            RateLimit(name="exports", match="/api/export", methods=("POST",), rate="2/min"),
+            RateLimit(name="all", match="/api/*", rate="100/min"),
+        ),
+    )
+
+    @app.post("/api/export")
+    async def export() -> dict[str, bool]:
+        return {"exported": True}
+
+    @app.get("/quota")
+    async def quota(request: Request, n: int | None = None) -> dict[str, Any]:
+        check = await check_limits(request, path="/api/export", method="POST", cost=n)
+        return {
+            "allowed": check.allowed,
+            "retry_after_s": check.retry_after_s,
+            "limits": {s.name: [s.allowed, s.remaining, s.reason] for s in check.limits},
+            "source": check.source,
+        }
+
+    store = MemoryStore(rng=seeded_random(1))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=clock, store=store, telemetry=False)
+    return app, store
+
+
+async def test_check_limits_answers_for_another_route_and_counts_nothing(
+    clock: FakeClock,
+) -> None:
+    app, store = export_app(clock)
+    async with client(app) as c:
+        hints = [(await c.get("/quota")).json() for _ in range(5)]  # counted nowhere
+        assert not store.limits.tats
+        assert hints[0] == {
+            "allowed": True,
+            "retry_after_s": 0.0,
+            "limits": {"exports": [True, 2, "under_limit"], "all": [True, 100, "under_limit"]},
+            "source": "memory",
+        }
+        assert [(await c.post("/api/export")).status_code for _ in range(2)] == [200, 200]
+        empty = (await c.get("/quota")).json()
+        assert empty["allowed"] is False
+        assert empty["retry_after_s"] == pytest.approx(30.0)
+        assert empty["limits"]["exports"] == [False, 0, "over_limit"]
+        assert (await c.post("/api/export")).status_code == 429  # as the check said
+        clock.advance(30.0)
+        assert (await c.get("/quota")).json()["allowed"] is True
+        assert (await c.post("/api/export")).status_code == 200
+        # a request of 3 units never fits a burst of 2
+        big = (await c.get("/quota", params={"n": 3})).json()
+        assert big["limits"]["exports"] == [False, 0, "cost_over_burst"]
+        assert big["retry_after_s"] is None  # infinite (JSON has no infinity: null)
+
+
+async def test_check_limits_needs_the_middleware() -> None:
+    app = FastAPI()
+
+    @app.get("/q")
+    async def q(request: Request) -> None:
+        await check_limits(request)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        with pytest.raises(RuntimeError, match="went through FidelityMiddleware"):
+            await c.get("/q")
+
+
+async def test_a_dependency_limit_checks_without_counting(clock: FakeClock) -> None:
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+    batches = fidelity.limit("10/min", burst=10, cost=batch_size)
+
+    @app.post("/batch", dependencies=[Depends(batches)])
+    async def batch(items: list[int]) -> dict[str, int]:
+        return {"stored": len(items)}
+
+    @app.get("/room")
+    async def room(request: Request, n: int) -> dict[str, Any]:
+        check = await batches.check(request, cost=n, route="/batch")
+        (status,) = check.limits
+        return {
+            "allowed": check.allowed,
+            "remaining": status.remaining,
+            "wait": check.retry_after_s,
+        }
+
+    fidelity.install(app)
+    async with client(app) as c:
+        assert (await c.get("/room", params={"n": 10})).json() == {
+            "allowed": True,
+            "remaining": 10,
+            "wait": 0.0,
+        }
+        assert (await c.post("/batch", json=list(range(7)))).status_code == 200
+        assert (await c.get("/room", params={"n": 3})).json()["allowed"] is True
+        assert (await c.get("/room", params={"n": 3})).json()["remaining"] == 3  # not spent
+        four = (await c.get("/room", params={"n": 4})).json()
+        assert (four["allowed"], four["wait"]) == (False, pytest.approx(6.0))
+        assert (await c.post("/batch", json=list(range(4)))).status_code == 429
+        assert (await c.post("/batch", json=list(range(3)))).status_code == 200
+
+
+class Unreachable(MemoryStore):
+    async def peek(self, limit_keys: Any, limits: Any, now: float) -> Any:
+        raise ConnectionError("redis away")
+
+
+@pytest.mark.parametrize(("on_error", "allowed"), [("closed", False), ("local", True)])
+async def test_a_check_whose_store_fails_answers_as_on_error_says(
+    clock: FakeClock, on_error: str, allowed: bool
+) -> None:
+    fidelity = Fidelity(
+        policy=Policy.from_dict({"state": {"on_error": on_error}, "breaker": False}),
+        clock=clock,
+        store=Unreachable(),
+    )
+    app = FastAPI()
+    limit = fidelity.limit("1/min", name="one")
+
+    @app.get("/hint")
+    async def hint(request: Request) -> dict[str, Any]:
+        check = await limit.check(request)
+        return {"allowed": check.allowed, "reason": check.limits[0].reason}
+
+    async with client(app) as c:
+        answer = (await c.get("/hint")).json()
+    assert answer == {"allowed": allowed, "reason": "state_error:ConnectionError"}

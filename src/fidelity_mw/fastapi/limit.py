@@ -25,6 +25,7 @@ from ..context import (
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
 from ..inbound.admission import quota_wait_s, warn_without_state
+from ..inbound.checks import LimitCheck, peek_limits
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -209,6 +210,28 @@ class LimitDependency:
             limit=name,
         )
         raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
+
+    async def check(
+        self, request: HTTPConnection, *, cost: int | None = None, route: str | None = None
+    ) -> LimitCheck:
+        """Would this client's next request be admitted by this limit now? Check without
+        counting (limits' `test()`): the same key, counter and state as the dependency,
+        and nothing charged, spent or recorded.
+
+        `cost`: the units that request would take (default: the dependency's `cost`,
+        its function applied to `request`). `route`: the route whose counter to ask,
+        when the limit has no `name` and `request` is another route's (a `GET /quota`
+        asking about `POST /export`): its identity, as the default name uses it (the
+        `[[route]]` name, else the route template such as `/export`).
+        """
+        ctx = self.owner.context(request)
+        name = self.name or f"{route or ctx.route}:{self.rate}"
+        if cost is None:
+            cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
+        value = await self._key_value(request, ctx)
+        spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
+        now = ctx.engine.clock.monotonic()
+        return await peek_limits(ctx.engine, (f"{name}|{value}",), (spec,), (self.burst_size,), now)
 
     async def _cost_of(self, request: HTTPConnection, name: str) -> int:
         """The units this request takes, from the cost function: a whole number >= 0."""
