@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from .policy import BreakerConfig, RouteConfig
-from .routes import flat_routes, framework_template
+from .routes import framework_route
 
 ROUTE_ATTR: Final = "__fidelity_route__"
 
@@ -55,25 +55,12 @@ def endpoint_overrides(
     call: that is the app's router's to make). Called once per (method, path) when
     the engine builds a plan, never per request.
     """
-    routes = getattr(scope.get("app") or fallback_app, "routes", None)
-    if not routes:
+    found = framework_route(scope, fallback_app)
+    if found is None or found[1] is None:
         return cfg
-    template = framework_template(scope, fallback_app)
-    if template is None:
-        return cfg
-    method = scope.get("method")
-    try:
-        for route in flat_routes(routes):
-            if getattr(route, "path", None) != template:
-                continue
-            methods = getattr(route, "methods", None)
-            if methods and method not in methods:
-                continue
-            override = override_of(getattr(route, "endpoint", None))
-            return cfg if override is None else merged(cfg, override, template)
-    except Exception:  # a third-party route object with odd attributes
-        return cfg
-    return cfg
+    template, route = found
+    override = override_of(getattr(route, "endpoint", None))
+    return cfg if override is None else merged(cfg, override, template)
 
 
 def merged(cfg: RouteConfig | None, override: EndpointOverride, template: str) -> RouteConfig:

@@ -47,33 +47,65 @@ def _route_path(scope: Mapping[str, Any]) -> str:
     return path[len(root) :] if path[len(root)] == "/" else path
 
 
+# Mounts inside mounts are followed this deep (a cycle of apps must not recurse forever).
+_MAX_MOUNT_DEPTH = 8
+
+
 def framework_template(scope: Mapping[str, Any], fallback_app: object = None) -> str | None:
     """The path template of the Starlette/FastAPI route that will serve `scope`."""
+    found = framework_route(scope, fallback_app)
+    return None if found is None else found[0]
+
+
+def framework_route(
+    scope: Mapping[str, Any], fallback_app: object = None
+) -> tuple[str, Any] | None:
+    """The path template of the route that will serve `scope`, and that route (None: a
+    mount whose app has no routes to look into, or a method the route does not allow).
+
+    A mounted app's routes are looked into (`app.mount("/v2", v2)`: `/v2/orders`, not one
+    identity, one breaker and one default limit counter for every route under `/v2`); a
+    path none of them serves keeps the mount's own identity."""
     routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return None
-    partial: str | None = None
     try:
-        route_path = _route_path(scope)
-        method = scope.get("method")
-        for route in flat_routes(routes):  # FastAPI's included routers opened up
-            regex = getattr(route, "path_regex", None)
-            path = getattr(route, "path", None) or getattr(route, "path_format", None)
-            if regex is None or path is None:
-                continue  # Host, or a route type of its own: no path template to use
-            is_mount = hasattr(route, "routes") and not hasattr(route, "endpoint")
-            if not is_mount and not hasattr(route, "methods"):
-                continue  # a websocket route never serves an http request
-            if regex.match(route_path) is None:
-                continue
-            if is_mount:
-                return f"{path}/*"  # its sub-routes share the prefix
-            methods = route.methods
-            if methods and method not in methods:
-                if partial is None:
-                    partial = str(path)  # method not allowed: same route, other verb
-                continue
-            return str(path)
+        return _match(routes, _route_path(scope), scope.get("method"), 0)
     except Exception:  # a third-party route object with odd attributes
         return None
+
+
+def _match(
+    routes: Iterable[Any], route_path: str, method: object, depth: int
+) -> tuple[str, Any] | None:
+    partial: tuple[str, Any] | None = None
+    for route in flat_routes(routes):  # FastAPI's included routers opened up
+        regex = getattr(route, "path_regex", None)
+        path = getattr(route, "path", None) or getattr(route, "path_format", None)
+        if regex is None or path is None:
+            continue  # Host, or a route type of its own: no path template to use
+        # a mount (FastAPI's route contexts give one an endpoint too: its routes tell it)
+        is_mount = hasattr(route, "routes")
+        if not is_mount and not hasattr(route, "methods"):
+            continue  # a websocket route never serves an http request
+        matched = regex.match(route_path)
+        if matched is None:
+            continue
+        if is_mount:
+            inner = None
+            sub_routes = getattr(route, "routes", None)
+            rest = matched.groupdict().get("path")
+            if sub_routes and rest is not None and depth < _MAX_MOUNT_DEPTH:
+                inner = _match(sub_routes, "/" + rest, method, depth + 1)
+            if inner is not None:
+                return f"{str(path).rstrip('/')}{inner[0]}", inner[1]
+            # its sub-routes share the prefix (a FastAPI route context or a Starlette
+            # Mount alike: "/v2" was the name when FastAPI was imported, "/v2/*" without)
+            return f"{str(path).rstrip('/')}/*", None
+        methods = route.methods
+        if methods and method not in methods:
+            if partial is None:
+                partial = (str(path), None)  # method not allowed: same route, other verb
+            continue
+        return str(path), route
     return partial
