@@ -10,7 +10,14 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
 
-from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit, check_limits
+from fidelity_mw import (
+    DecisionContext,
+    FidelityMiddleware,
+    Policy,
+    PolicyError,
+    RateLimit,
+    check_limits,
+)
 from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -319,3 +326,17 @@ async def test_a_check_whose_store_fails_answers_as_on_error_says(
     async with client(app) as c:
         answer = (await c.get("/hint")).json()
     assert answer == {"allowed": allowed, "reason": "state_error:ConnectionError"}
+
+
+def test_a_bad_form_names_the_form_and_the_field() -> None:
+    fidelity = Fidelity()
+    with pytest.raises(PolicyError) as limit_error:
+        fidelity.limit("10/fortnight")
+    assert [issue.path for issue in limit_error.value.issues] == [
+        "fidelity.limit('10/fortnight').rate"
+    ]
+    with pytest.raises(PolicyError) as breaker_error:
+        fidelity.breaker(failure_ratio=2)
+    assert [issue.path for issue in breaker_error.value.issues] == [
+        "fidelity.breaker.failure_ratio"
+    ]

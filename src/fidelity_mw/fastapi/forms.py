@@ -16,6 +16,7 @@ from ..context import (
     context_from_scope,
 )
 from ..engine import Engine
+from ..errors import PolicyError
 from ..headers import client_address
 from ..overrides import mark
 from ..policy import BreakerConfig, Policy
@@ -138,7 +139,10 @@ class Fidelity:
         Decorate the endpoint function below the route decorator.
         """
         if config is None:
-            config = BreakerConfig(**fields)
+            try:
+                config = BreakerConfig(**fields)
+            except PolicyError as exc:
+                raise exc.prefixed("fidelity.breaker") from None
         elif fields:
             raise TypeError("pass a BreakerConfig or its fields as keywords, not both")
 

@@ -24,6 +24,7 @@ from ..context import (
 )
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
+from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
 from ..inbound.xratelimit import x_ratelimit_fields
@@ -79,14 +80,17 @@ class LimitDependency:
     ) -> None:
         # Validated like a policy entry: a bad rate fails at import, not per request.
         # A cost function is checked per request (`_cost_of`): the bound is the burst.
-        checked = RateLimit(
-            name=name or "depends",
-            rate=rate,
-            burst=burst,
-            cost=1 if callable(cost) else cost,
-            key="client_ip" if callable(key) else key,
-            shadow=shadow,
-        )
+        try:
+            checked = RateLimit(
+                name=name or "depends",
+                rate=rate,
+                burst=burst,
+                cost=1 if callable(cost) else cost,
+                key="client_ip" if callable(key) else key,
+                shadow=shadow,
+            )
+        except PolicyError as exc:  # named as written, not as a policy's unnamed entry
+            raise exc.prefixed(f"fidelity.limit({rate!r})") from None
         self.owner = owner
         self.rate = rate
         self.key = key
