@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 
 from fidelity_mw import (
     DecisionContext,
@@ -340,3 +340,50 @@ def test_a_bad_form_names_the_form_and_the_field() -> None:
     assert [issue.path for issue in breaker_error.value.issues] == [
         "fidelity.breaker.failure_ratio"
     ]
+
+
+# ---------------------------------------------------------------- a key from a dependency
+
+
+async def test_a_key_from_a_dependency_counts_per_user_whatever_the_order(
+    clock: FakeClock,
+) -> None:
+    """`key=Depends(current_user)`: FastAPI resolves the user once per request (the
+    endpoint's own `Depends(current_user)` gets the same call), and the limit counts
+    per user although it runs before any other dependency of the route."""
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+    lookups: list[str] = []
+
+    async def current_user(request: Request) -> str:
+        token = request.headers.get("authorization", "")
+        if not token:
+            raise HTTPException(401)
+        lookups.append(token)
+        return token
+
+    per_user = fidelity.limit("2/min", key=Depends(current_user), name="per-user")
+
+    @app.get("/me", dependencies=[Depends(per_user)])
+    async def me(user: str = Depends(current_user)) -> dict[str, str]:
+        return {"user": user}
+
+    @app.get("/hint")
+    async def hint(request: Request, user: str = Depends(current_user)) -> dict[str, Any]:
+        check = await per_user.check(request, identity=user)
+        return {"allowed": check.allowed, "remaining": check.limits[0].remaining}
+
+    fidelity.install(app)
+    async with client(app) as c:
+        ann = [(await c.get("/me", headers={"authorization": "ann"})).status_code for _ in "123"]
+        bob = await c.get("/me", headers={"authorization": "bob"})
+        anonymous = await c.get("/me")
+        hint_ann = (await c.get("/hint", headers={"authorization": "ann"})).json()
+    assert ann == [200, 200, 429]
+    assert bob.json() == {"user": "bob"}
+    assert anonymous.status_code == 401  # no user: nothing counted
+    assert hint_ann == {"allowed": False, "remaining": 0}
+    assert lookups == ["ann", "ann", "ann", "bob", "ann"]  # once per request
+    assert set(fidelity.engine.store.limits.tats) == {"per-user|k:ann", "per-user|k:bob"}  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="identity="):
+        await per_user.check(Request({"type": "http", "headers": [], "state": {}}))

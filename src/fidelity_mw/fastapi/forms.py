@@ -29,7 +29,7 @@ from ..rejections import (
 from ..routes import flat_routes
 from ..state.base import StateStore
 from .exceptions import Rejected
-from .limit import CostFunc, KeyFunc, LimitDependency
+from .limit import CostFunc, KeyDep, KeyFunc, LimitDependency
 from .openapi import document, problem_responses
 from .routing import route_class_for
 
@@ -114,7 +114,7 @@ class Fidelity:
         self,
         rate: str,
         *,
-        key: str | KeyFunc = "client_ip",
+        key: str | KeyFunc | KeyDep = "client_ip",
         burst: int | None = None,
         cost: int | CostFunc = 1,
         name: str | None = None,
@@ -123,8 +123,9 @@ class Fidelity:
         """A rate limit for `Depends(...)`: `rate` like `"10/s"`, keyed by `key`.
 
         `key`: `client_ip` (default), `header:<name>` (the client's IP when the
-        header is missing), `route`, `global`, or a function (or coroutine
-        function) of the request returning a key (None: the IP).
+        header is missing), `route`, `global`, a function (or coroutine
+        function) of the request returning a key (None: the IP), or a FastAPI
+        dependency, `Depends(current_user)`, whose value is the key (None: the IP).
         `cost`: the units each request takes, or a function (or coroutine
         function) of the request returning them (a batch: its length): a whole
         number >= 0; 0 takes nothing, more than the burst is refused at once.

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
+from fastapi import params as fastapi_params
 from starlette.requests import HTTPConnection
 
 from ..context import (
@@ -58,6 +59,8 @@ _MAX_KEY_CHARS: Final = 64
 # A key or a cost from the request; either may be a coroutine function (an auth lookup,
 # `await request.json()` for a batch's size).
 KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+# a key from a FastAPI dependency: `key=Depends(current_user)` (its value, as text)
+KeyDep = fastapi_params.Depends
 CostFunc = Callable[[Request], int | Awaitable[int]]
 
 
@@ -72,12 +75,22 @@ class LimitDependency:
         self,
         owner: FormsOwner,
         rate: str,
-        key: str | KeyFunc,
+        key: str | KeyFunc | KeyDep,
         burst: int | None,
         cost: int | CostFunc,
         name: str | None,
         shadow: bool,
     ) -> None:
+        # `key=Depends(current_user)`: FastAPI resolves it (once per request, shared
+        # with the endpoint's own `Depends(current_user)`), whatever the order of the
+        # route's dependencies; the dependency's signature says so.
+        self.key_dep: KeyDep | None = None
+        plain: str | KeyFunc
+        if isinstance(key, fastapi_params.Depends):
+            self.key_dep, plain = key, "client_ip"  # (the fallback of an identity that is None)
+        else:
+            plain = key
+        self.__signature__ = _signature(self.key_dep)
         # Validated like a policy entry: a bad rate fails at import, not per request.
         # A cost function is checked per request (`_cost_of`): the bound is the burst.
         try:
@@ -86,14 +99,14 @@ class LimitDependency:
                 rate=rate,
                 burst=burst,
                 cost=1 if callable(cost) else cost,
-                key="client_ip" if callable(key) else key,
+                key="client_ip" if callable(plain) else plain,
                 shadow=shadow,
             )
         except PolicyError as exc:  # named as written, not as a policy's unnamed entry
             raise exc.prefixed(f"fidelity.limit({rate!r})") from None
         self.owner = owner
         self.rate = rate
-        self.key = key
+        self.key = plain
         self.name = name
         self.shadow = shadow
         self.burst_size = checked.burst_size
@@ -106,7 +119,9 @@ class LimitDependency:
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
 
-    async def __call__(self, request: HTTPConnection, response: Response) -> None:
+    async def __call__(
+        self, request: HTTPConnection, response: Response, identity: object = None
+    ) -> None:
         # (HTTPConnection: FastAPI passes a websocket route's WebSocket here too, where
         # `Request` left the parameter unfilled and every handshake a TypeError)
         owner = self.owner
@@ -131,7 +146,7 @@ class LimitDependency:
             self._over_burst(ctx, name, cost, costed, now)
             return
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
-        value = await self._key_value(request, ctx)
+        value = await self._key_value(request, ctx, identity)
         try:
             result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
@@ -216,7 +231,12 @@ class LimitDependency:
         raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
 
     async def check(
-        self, request: HTTPConnection, *, cost: int | None = None, route: str | None = None
+        self,
+        request: HTTPConnection,
+        *,
+        cost: int | None = None,
+        route: str | None = None,
+        identity: object = None,
     ) -> LimitCheck:
         """Would this client's next request be admitted by this limit now? Check without
         counting (limits' `test()`): the same key, counter and state as the dependency,
@@ -226,13 +246,19 @@ class LimitDependency:
         its function applied to `request`). `route`: the route whose counter to ask,
         when the limit has no `name` and `request` is another route's (a `GET /quota`
         asking about `POST /export`): its identity, as the default name uses it (the
-        `[[route]]` name, else the route template such as `/export`).
+        `[[route]]` name, else the route template such as `/export`). `identity`: for a
+        limit keyed by a dependency (`key=Depends(current_user)`), its value for this
+        client (the check resolves no dependency).
         """
+        if self.key_dep is not None and identity is None:
+            raise TypeError(
+                f"{self!r} is keyed by a dependency: pass its value, check(request, identity=...)"
+            )
         ctx = self.owner.context(request)
         name = self.name or f"{route or ctx.route}:{self.rate}"
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
-        value = await self._key_value(request, ctx)
+        value = await self._key_value(request, ctx, identity)
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         now = ctx.engine.clock.monotonic()
         return await peek_limits(ctx.engine, (f"{name}|{value}",), (spec,), (self.burst_size,), now)
@@ -301,9 +327,14 @@ class LimitDependency:
             ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
             raise state_unavailable(ctx)
 
-    async def _key_value(self, request: HTTPConnection, ctx: DecisionContext) -> str:
+    async def _key_value(
+        self, request: HTTPConnection, ctx: DecisionContext, identity: object = None
+    ) -> str:
         key = self.key
-        if key == "route":
+        if self.key_dep is not None:
+            if identity is not None:  # the dependency's value: the caller's identity
+                return "k:" + _compact(str(identity))
+        elif key == "route":
             return "route:" + ctx.route
         if key == "global":
             return "*"
@@ -323,6 +354,19 @@ class LimitDependency:
         ip = self.owner.client_ip(request, ctx.engine)
         ctx.client_key = ip
         return ip
+
+
+def _signature(key_dep: object) -> inspect.Signature:
+    """What FastAPI reads of the dependency: the connection, the response (for the
+    fields), and with a dependency for its key, that dependency as `identity`."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [
+        inspect.Parameter("request", kind, annotation=HTTPConnection),
+        inspect.Parameter("response", kind, annotation=Response),
+    ]
+    if key_dep is not None:
+        parameters.append(inspect.Parameter("identity", kind, default=key_dep))
+    return inspect.Signature(parameters)
 
 
 def _compact(value: str) -> str:

@@ -848,7 +848,13 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
                     continue
                 call: Any = found  # a LimitDependency (fastapi/limit.py)
                 home = homes["limit"]
-                key = call.key if isinstance(call.key, str) else "callable"
+                key = (
+                    "a dependency's value"
+                    if getattr(call, "key_dep", None) is not None
+                    else call.key
+                    if isinstance(call.key, str)
+                    else "callable"
+                )
                 counter = call.name or f"<route>:{call.rate}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
                 rows.append(
