@@ -125,6 +125,31 @@ cases = st.tuples(
     st.sampled_from([0.5, 0.1, 0.93]),  # the jitter draw, the same for both stores
     st.lists(op, min_size=5, max_size=40),
 )
+# Requests of several costs on the same counters (a per-request cost: each request's
+# spec carries its own cost; the stores take it from the spec, whatever the last one was)
+costed_op = st.one_of(
+    op,
+    st.tuples(
+        st.just("admit"),
+        st.sampled_from([True, False]),
+        st.integers(1, 7),
+        st.integers(0, 1),
+        st.integers(1, 3),
+        st.booleans(),
+        st.integers(1, 3),  # the cost of each of these requests
+    ),
+    # would a request (of this cost) be admitted now? then one is sent at once
+    st.tuples(st.just("peek"), st.integers(1, 7), st.integers(0, 1), st.integers(1, 3)),
+)
+costed_cases = st.tuples(
+    st.sampled_from(range(len(BREAKERS))),
+    st.sampled_from([0.5, 0.1, 0.93]),
+    st.lists(costed_op, min_size=5, max_size=40),
+)
+
+
+def _burst(spec: LimitSpec) -> int:
+    return round(spec.tolerance_s / spec.interval_s)
 
 
 # ---------------------------------------------------------------- comparing answers
@@ -307,7 +332,7 @@ async def _admit(
     seq: Sequence_,
     repeat: int = 1,
     together: bool = False,
-) -> None:
+) -> InboundResult:
     if together:  # one event-loop tick: the Redis store coalesces them, in this order
         reds = await asyncio.gather(
             *(red.admit(bkey, bcfg, keys, specs, now) for _ in range(repeat))
@@ -316,6 +341,7 @@ async def _admit(
         m = await memory.admit(bkey, bcfg, keys, specs, now)
         r = reds[i] if together else await red.admit(bkey, bcfg, keys, specs, now)
         _check_admit(m, _from_redis(r), keys, specs, now, seq)
+    return m
 
 
 def _check_admit(
@@ -389,12 +415,16 @@ async def _run(
             now += step[1]
             client.set(CLOCK_KEY, repr(now))
         elif kind == "admit":
-            _, with_breaker, mask, who, repeat, together = step
+            _, with_breaker, mask, who, repeat, together = step[:6]
             specs = [s for i, s in enumerate(SPECS) if mask & (1 << i)]
+            if len(step) > 6:  # a per-request cost (fidelity.limit(cost=fn)), up to the burst
+                specs = [s._replace(cost=min(step[6], _burst(s))) for s in specs]
             keys = [f"{s.name}|c{who}" for s in specs]
             bkey = ROUTE if with_breaker else None
             bcfg = breaker if with_breaker else None
             await _admit(memory, red, bkey, bcfg, keys, specs, now, seq, repeat, together)
+        elif kind == "peek":
+            await _peek(memory, red, client, step, now, seq)
         elif kind == "call":
             before = len(seq.inflight)
             await _admit(memory, red, ROUTE, breaker, [], [], now, seq)
@@ -438,6 +468,49 @@ async def _run(
             raise RedisUnavailable("redis failed during the test")
         _same_breakers(memory, red, client)
     return seq
+
+
+async def _peek(
+    memory: MemoryStore,
+    red: RedisStore,
+    client: redis_sync.Redis,
+    step: tuple[Any, ...],
+    now: float,
+    seq: Sequence_,
+) -> None:
+    """Check without counting: both stores answer alike, as the reference would, change
+    nothing, and say what an admission at the same instant then decides."""
+    _, mask, who, cost = step
+    specs = [s._replace(cost=min(cost, _burst(s))) for i, s in enumerate(SPECS) if mask & (1 << i)]
+    keys = [f"{s.name}|c{who}" for s in specs]
+    table = memory.limits
+    before = (dict(table.tats), dict(table.credits), dict(table.refunded))
+    stored = [client.get(red.key("rl", key)) for key in keys]
+    m = await memory.peek(keys, specs, now)
+    r = await red.peek(keys, specs, now)
+    if r.source != "redis":
+        raise RedisUnavailable(r.source)
+    assert (dict(table.tats), dict(table.credits), dict(table.refunded)) == before
+    assert [client.get(red.key("rl", key)) for key in keys] == stored
+    assert m.gate is None
+    assert r.gate is None
+    assert m.admitted == r.admitted, (m, r)
+    for key, spec, mv, rv in zip(keys, specs, m.limits, r.limits, strict=True):
+        assert (mv.allowed, mv.credit, mv.remaining) == (rv.allowed, rv.credit, rv.remaining)
+        assert _close(mv.reset_s, rv.reset_s), (mv, rv)
+        assert _close(mv.retry_after_s, rv.retry_after_s), (mv, rv)
+        tokens = seq.ledger(key).tokens(now)
+        if mv.credit:
+            assert True in seq.credit(key).answers(now, spec.cost), (key, now)
+        elif mv.allowed:
+            assert tokens >= spec.cost - TOKEN_TOL, (key, float(tokens), now)
+        elif key not in seq.refunded_keys:
+            assert tokens < spec.cost + TOKEN_TOL, (key, float(tokens), now)
+    admitted = await _admit(memory, red, None, None, keys, specs, now, seq)
+    assert admitted.admitted == m.admitted
+    assert [(v.allowed, v.credit) for v in admitted.limits] == [
+        (v.allowed, v.credit) for v in m.limits
+    ]
 
 
 # ---------------------------------------------------------------- the tests
@@ -495,6 +568,36 @@ budget_op = st.one_of(
 @given(ops=st.lists(budget_op, min_size=5, max_size=40))
 @example(ops=BUDGET_CASE[2])
 def test_budget_refunds_decide_alike(harness: Harness, ops: list[tuple[Any, ...]]) -> None:
+    harness.run((0, 0.5, ops))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=costed_cases)
+def test_requests_of_several_costs_decide_alike_and_as_the_reference(
+    harness: Harness, case: tuple[int, float, list[tuple[Any, ...]]]
+) -> None:
+    """A per-request cost is the spec's cost of that request: every store, and the batch
+    script, decide each one as the exact bucket does, refunds included. A check without
+    counting (`peek`) answers alike in both stores, changes nothing, and says what an
+    admission at that instant decides."""
+    harness.run(case)
+
+
+def test_a_check_without_counting_sees_retry_credit(harness: Harness) -> None:
+    """A refund credits its cost; with the bucket empty again, a check says the next
+    request is admitted from that credit (as the admission then is), and once it is
+    spent, that it is not."""
+    ops = [
+        ("admit", False, 1, 0, 3, False),  # limit a's burst of 3, spent
+        ("refund", 0),  # one unit back, and one unit of credit
+        ("admit", False, 1, 0, 1, False),  # the unit given back, spent again
+        ("peek", 1, 0, 1),  # GCRA refuses; the credit admits
+        ("peek", 1, 0, 1),  # the credit is spent
+    ]
     harness.run((0, 0.5, ops))
 
 
@@ -730,6 +833,10 @@ def test_planted_bug_is_caught(
 tiered_op = st.one_of(
     st.tuples(st.just("advance"), st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.3, 1.0])),
     st.tuples(st.just("admit"), st.integers(0, 1), st.integers(1, 4)),
+    # a per-request cost: requests of several costs on one counter
+    st.tuples(st.just("admit"), st.integers(0, 1), st.integers(1, 2), st.integers(1, 8)),
+    # a check without counting (of this cost), then that request at once
+    st.tuples(st.just("peek"), st.integers(0, 1), st.integers(1, 8)),
     st.tuples(st.just("refund"), st.integers(0, 20)),
     st.tuples(
         st.just("sync"),
@@ -761,7 +868,7 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf  # syncs only when the sequence says so
     net: dict[str, int] = {}
-    admitted: list[tuple[str, str, float]] = []
+    admitted: list[tuple[str, str, float, LimitSpec]] = []
     rate = Fraction(1) / Fraction(TIERED_LIMIT.interval_s)
     burst = Fraction(TIERED_LIMIT.tolerance_s) / Fraction(TIERED_LIMIT.interval_s)
     try:
@@ -772,18 +879,35 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
                 client.set(CLOCK_KEY, repr(clock.monotonic()))
             elif step[0] == "admit":
                 key = f"t|c{step[1]}"
+                spec = TIERED_LIMIT._replace(cost=step[3]) if len(step) > 3 else TIERED_LIMIT
                 for _ in range(step[2]):
-                    result = await store.admit(None, None, [key], [TIERED_LIMIT], now)
+                    result = await store.admit(None, None, [key], [spec], now)
                     if result.admitted:
-                        net[key] = net.get(key, 0) + 1
-                        admitted.append((key, result.source, result.limits[0].tat))
+                        net[key] = net.get(key, 0) + spec.cost
+                        admitted.append((key, result.source, result.limits[0].tat, spec))
+            elif step[0] == "peek":
+                key = f"t|c{step[1]}"
+                spec = TIERED_LIMIT._replace(cost=step[2])
+                held = {k: (sl.tokens, sl.ready_at) for k, sl in store.slices.items()}
+                stored = client.get(store.exact.key("rl", key))
+                peeked = await store.peek([key], [spec], now)
+                assert {k: (sl.tokens, sl.ready_at) for k, sl in store.slices.items()} == held
+                assert client.get(store.exact.key("rl", key)) == stored
+                result = await store.admit(None, None, [key], [spec], now)
+                # A refusal is sure: the slice and the bucket together hold too little.
+                # (An admission may still refuse what they hold together: the slice's
+                # units and the bucket's are not pooled for one request, docs/state.md.)
+                assert peeked.admitted or not result.admitted, (peeked, result)
+                if result.admitted:
+                    net[key] = net.get(key, 0) + spec.cost
+                    admitted.append((key, result.source, result.limits[0].tat, spec))
             elif step[0] == "refund" and admitted:
-                key, source, tat = admitted.pop(step[1] % len(admitted))
+                key, source, tat, spec = admitted.pop(step[1] % len(admitted))
                 back_to_slice = source == "redis" and tat == 0.0 and key in store.slices
-                await store.refund([key], [TIERED_LIMIT], source, now, [tat])
+                await store.refund([key], [spec], source, now, [tat])
                 # a slice verdict (also one that waited for its lease) goes back to the slice
                 if source == "cache" or tat > 0.0 or back_to_slice:
-                    net[key] -= 1
+                    net[key] -= spec.cost
             elif step[0] == "sync":
                 await store._sync_all(now)
             elapsed = Fraction(clock.monotonic() - T0)

@@ -356,6 +356,36 @@ def test_fastapi_forms_are_layers_of_the_map(app_dir: Path):
     assert directions == sorted(directions, key=lambda d: d != "inbound")
 
 
+def test_a_limit_with_a_cost_function_says_so_in_the_map(app_dir: Path):
+    write_module(
+        app_dir,
+        "mapped_costs",
+        """
+        from fastapi import Depends, FastAPI
+        from fidelity_mw import FidelityMiddleware, Policy
+        from fidelity_mw.fastapi import Fidelity
+
+        fidelity = Fidelity()
+        app = FastAPI()
+        app.add_middleware(FidelityMiddleware, policy=Policy())
+
+        async def size(request):
+            return len(await request.json())
+
+        @app.post("/batch", dependencies=[Depends(fidelity.limit("10/min", cost=size))])
+        async def batch():
+            return {}
+
+        @app.post("/pair", dependencies=[Depends(fidelity.limit("10/min", cost=2))])
+        async def pair():
+            return {}
+        """,
+    )
+    smap = from_app("mapped_costs:app")
+    assert "cost per request from a function" in layer(smap, "inbound", "ratelimit", "/batch").data
+    assert "cost 2 per request" in layer(smap, "inbound", "ratelimit", "/pair").data
+
+
 def test_redis_client_without_retries_is_quiet(app_dir: Path):
     write_module(
         app_dir,

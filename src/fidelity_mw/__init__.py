@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .errors import CircuitOpen, FidelityError, PolicyError, StateUnavailable
     from .inbound import FidelityMiddleware
+    from .inbound.checks import LimitCheck, LimitStatus, check_limits
     from .outbound import FidelitySyncTransport, FidelityTransport
     from .policy import (
         BreakerConfig,
@@ -36,6 +37,8 @@ _LAZY = {
     "FidelityMiddleware": ".inbound",
     "FidelitySyncTransport": ".outbound",
     "FidelityTransport": ".outbound",
+    "LimitCheck": ".inbound.checks",
+    "LimitStatus": ".inbound.checks",
     "Policy": ".policy",
     "PolicyError": ".errors",
     "RateLimit": ".policy",
@@ -45,6 +48,7 @@ _LAZY = {
     "StateUnavailable": ".errors",
     "UpstreamConfig": ".policy",
     "compiled": ".buildinfo",
+    "check_limits": ".inbound.checks",
     "current": ".context",
 }
 
@@ -73,6 +77,8 @@ __all__ = [
     "FidelityMiddleware",
     "FidelitySyncTransport",
     "FidelityTransport",
+    "LimitCheck",
+    "LimitStatus",
     "Policy",
     "PolicyError",
     "RateLimit",
@@ -81,6 +87,7 @@ __all__ = [
     "StateConfig",
     "StateUnavailable",
     "UpstreamConfig",
+    "check_limits",
     "compiled",
     "current",
 ]

@@ -216,6 +216,42 @@ def credit_verdict(refused: LimitVerdict, now: float, refunded_s: float) -> Limi
     )
 
 
+# ------------------------------------------------------------------ check without counting
+
+
+def peek(
+    tat: float,
+    now: float,
+    interval_s: float,
+    tolerance_s: float,
+    cost: int = 1,
+    credit_s: float = 0.0,
+    credit_expires_at: float = 0.0,
+    refunded_s: float = 0.0,
+) -> LimitVerdict:
+    """Would a request of `cost` units be admitted now? The verdict an admission would
+    get (`gcra`, then the key's retry credit, `spend_credit`), of which nothing is
+    stored: limits' `test()`, for hints. The key's state is `tat` (`now` for a fresh
+    key), its credit and expiry, and its refunded seconds.
+
+    `remaining` and `reset_s` describe the bucket as it is, not as the request would
+    leave it (what an admission that another limit refused reports too), and `tat` is
+    the stored TAT, unchanged. `retry_after_s` is 0 when it would be admitted, else
+    when it would be.
+    """
+    verdict = gcra(tat, now, interval_s, tolerance_s, cost)
+    if verdict.allowed:
+        # the bucket as it is: an admission of nothing
+        as_is = gcra(tat, now, interval_s, tolerance_s, 0)
+        return _new(_VERDICT, (True, tat, as_is.remaining, as_is.reset_s, 0.0, False))
+    if (
+        credit_s > 0.0
+        and spend_credit(credit_s, credit_expires_at, now, interval_s, cost) is not None
+    ):
+        return credit_verdict(verdict, now, refunded_s)._replace(tat=tat)
+    return verdict
+
+
 # The longest Retry-After we write: a wait from an exception the app raised may be
 # infinite or absurd, and the header is whole seconds, not a 300-digit number.
 MAX_RETRY_AFTER_S: Final = 365 * 86_400

@@ -16,6 +16,7 @@ from ..context import (
     context_from_scope,
 )
 from ..engine import Engine
+from ..errors import PolicyError
 from ..headers import client_address
 from ..overrides import mark
 from ..policy import BreakerConfig, Policy
@@ -28,7 +29,7 @@ from ..rejections import (
 from ..routes import flat_routes
 from ..state.base import StateStore
 from .exceptions import Rejected
-from .limit import KeyFunc, LimitDependency
+from .limit import CostFunc, KeyDep, KeyFunc, LimitDependency
 from .openapi import document, problem_responses
 from .routing import route_class_for
 
@@ -113,17 +114,21 @@ class Fidelity:
         self,
         rate: str,
         *,
-        key: str | KeyFunc = "client_ip",
+        key: str | KeyFunc | KeyDep = "client_ip",
         burst: int | None = None,
-        cost: int = 1,
+        cost: int | CostFunc = 1,
         name: str | None = None,
         shadow: bool = False,
     ) -> LimitDependency:
         """A rate limit for `Depends(...)`: `rate` like `"10/s"`, keyed by `key`.
 
         `key`: `client_ip` (default), `header:<name>` (the client's IP when the
-        header is missing), `route`, `global`, or a function of the request
-        returning a key (None: the IP).
+        header is missing), `route`, `global`, a function (or coroutine
+        function) of the request returning a key (None: the IP), or a FastAPI
+        dependency, `Depends(current_user)`, whose value is the key (None: the IP).
+        `cost`: the units each request takes, or a function (or coroutine
+        function) of the request returning them (a batch: its length): a whole
+        number >= 0; 0 takes nothing, more than the burst is refused at once.
         """
         return LimitDependency(self, rate, key, burst, cost, name, shadow)
 
@@ -135,7 +140,10 @@ class Fidelity:
         Decorate the endpoint function below the route decorator.
         """
         if config is None:
-            config = BreakerConfig(**fields)
+            try:
+                config = BreakerConfig(**fields)
+            except PolicyError as exc:
+                raise exc.prefixed("fidelity.breaker") from None
         elif fields:
             raise TypeError("pass a BreakerConfig or its fields as keywords, not both")
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
+from fastapi import params as fastapi_params
 from starlette.requests import HTTPConnection
 
 from ..context import (
@@ -16,12 +18,16 @@ from ..context import (
     LAYER_RATELIMIT,
     REJECT,
     SOURCE_FALLBACK,
+    SOURCE_REQUEST,
     WOULD_REJECT,
     DecisionContext,
+    DetailValue,
 )
 from ..decide.gcra import policy_field, retry_after_header
 from ..engine import Engine, sf_string_content
+from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
+from ..inbound.checks import LimitCheck, peek_limits
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -50,7 +56,12 @@ _MAX_KEY_CHARS: Final = 64
 # ---------------------------------------------------------------- the limit dependency
 
 
-KeyFunc = Callable[[Request], str | None]
+# A key or a cost from the request; either may be a coroutine function (an auth lookup,
+# `await request.json()` for a batch's size).
+KeyFunc = Callable[[Request], str | Awaitable[str | None] | None]
+# a key from a FastAPI dependency: `key=Depends(current_user)` (its value, as text)
+KeyDep = fastapi_params.Depends
+CostFunc = Callable[[Request], int | Awaitable[int]]
 
 
 class LimitDependency:
@@ -64,36 +75,53 @@ class LimitDependency:
         self,
         owner: FormsOwner,
         rate: str,
-        key: str | KeyFunc,
+        key: str | KeyFunc | KeyDep,
         burst: int | None,
-        cost: int,
+        cost: int | CostFunc,
         name: str | None,
         shadow: bool,
     ) -> None:
+        # `key=Depends(current_user)`: FastAPI resolves it (once per request, shared
+        # with the endpoint's own `Depends(current_user)`), whatever the order of the
+        # route's dependencies; the dependency's signature says so.
+        self.key_dep: KeyDep | None = None
+        plain: str | KeyFunc
+        if isinstance(key, fastapi_params.Depends):
+            self.key_dep, plain = key, "client_ip"  # (the fallback of an identity that is None)
+        else:
+            plain = key
+        self.__signature__ = _signature(self.key_dep)
         # Validated like a policy entry: a bad rate fails at import, not per request.
-        checked = RateLimit(
-            name=name or "depends",
-            rate=rate,
-            burst=burst,
-            cost=cost,
-            key="client_ip" if callable(key) else key,
-            shadow=shadow,
-        )
+        # A cost function is checked per request (`_cost_of`): the bound is the burst.
+        try:
+            checked = RateLimit(
+                name=name or "depends",
+                rate=rate,
+                burst=burst,
+                cost=1 if callable(cost) else cost,
+                key="client_ip" if callable(plain) else plain,
+                shadow=shadow,
+            )
+        except PolicyError as exc:  # named as written, not as a policy's unnamed entry
+            raise exc.prefixed(f"fidelity.limit({rate!r})") from None
         self.owner = owner
         self.rate = rate
-        self.key = key
+        self.key = plain
         self.name = name
         self.shadow = shadow
         self.burst_size = checked.burst_size
         interval = checked.emission_interval_s
         self.interval_s = interval
         self.tolerance_s = checked.burst_size * interval
-        self.cost = cost
+        self.cost_fn: CostFunc | None = cost if callable(cost) else None
+        self.cost = 1 if callable(cost) else cost
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
 
-    async def __call__(self, request: HTTPConnection, response: Response) -> None:
+    async def __call__(
+        self, request: HTTPConnection, response: Response, identity: object = None
+    ) -> None:
         # (HTTPConnection: FastAPI passes a websocket route's WebSocket here too, where
         # `Request` left the parameter unfilled and every handshake a TypeError)
         owner = self.owner
@@ -101,8 +129,24 @@ class LimitDependency:
         engine = ctx.engine
         now = engine.clock.monotonic()
         name = self.name or f"{ctx.route}:{self.rate}"
-        spec = LimitSpec(name, self.interval_s, self.tolerance_s, self.cost, self.shadow)
-        value = self._key_value(request, ctx)
+        cost = self.cost
+        # the cost, when it is not 1, goes on every record of this limit
+        costed: dict[str, DetailValue] = {}
+        if self.cost_fn is not None:
+            cost = await self._cost_of(request, name)
+        if cost != 1 or self.cost_fn is not None:
+            costed["cost"] = cost
+        if cost == 0:  # (an empty batch) takes nothing: the store is not asked
+            ctx.decide(
+                LAYER_RATELIMIT, name, ALLOW, "zero_cost", source=SOURCE_REQUEST, at=now,
+                details=costed,
+            )  # fmt: skip
+            return
+        if cost > self.burst_size:
+            self._over_burst(ctx, name, cost, costed, now)
+            return
+        spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
+        value = await self._key_value(request, ctx, identity)
         try:
             result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
@@ -143,7 +187,7 @@ class LimitDependency:
                 source=source,
                 age_s=age,
                 at=now,
-                details={"remaining": verdict.remaining},
+                details={"remaining": verdict.remaining, **costed},
             )
             if not self.shadow:
                 for field, text in fields.items():
@@ -159,7 +203,7 @@ class LimitDependency:
                 source=source,
                 age_s=age,
                 at=now,
-                details={"retry_after_s": wait, "shadow": True},
+                details={"retry_after_s": wait, "shadow": True, **costed},
             )
             return
         decision = ctx.decide(
@@ -170,7 +214,7 @@ class LimitDependency:
             source=source,
             age_s=age,
             at=now,
-            details={"retry_after_s": wait, "remaining": 0},
+            details={"retry_after_s": wait, "remaining": 0, **costed},
         )
         # The 429 is this limit's decision: the middleware reports it so, and its own
         # limits give back what they charged (one layer's rejection costs no quota of
@@ -186,6 +230,92 @@ class LimitDependency:
         )
         raise RateLimited(429, problem, {"Retry-After": after, **fields}, ctx, decision)
 
+    async def check(
+        self,
+        request: HTTPConnection,
+        *,
+        cost: int | None = None,
+        route: str | None = None,
+        identity: object = None,
+    ) -> LimitCheck:
+        """Would this client's next request be admitted by this limit now? Check without
+        counting (limits' `test()`): the same key, counter and state as the dependency,
+        and nothing charged, spent or recorded.
+
+        `cost`: the units that request would take (default: the dependency's `cost`,
+        its function applied to `request`). `route`: the route whose counter to ask,
+        when the limit has no `name` and `request` is another route's (a `GET /quota`
+        asking about `POST /export`): its identity, as the default name uses it (the
+        `[[route]]` name, else the route template such as `/export`). `identity`: for a
+        limit keyed by a dependency (`key=Depends(current_user)`), its value for this
+        client (the check resolves no dependency).
+        """
+        if self.key_dep is not None and identity is None:
+            raise TypeError(
+                f"{self!r} is keyed by a dependency: pass its value, check(request, identity=...)"
+            )
+        ctx = self.owner.context(request)
+        name = self.name or f"{route or ctx.route}:{self.rate}"
+        if cost is None:
+            cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
+        value = await self._key_value(request, ctx, identity)
+        spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
+        now = ctx.engine.clock.monotonic()
+        return await peek_limits(ctx.engine, (f"{name}|{value}",), (spec,), (self.burst_size,), now)
+
+    async def _cost_of(self, request: HTTPConnection, name: str) -> int:
+        """The units this request takes, from the cost function: a whole number >= 0."""
+        assert self.cost_fn is not None
+        cost: object = self.cost_fn(cast(Request, request))
+        if inspect.isawaitable(cost):
+            cost = await cost
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ValueError(
+                f"fidelity.limit {name!r}: the cost function returned {cost!r}; "
+                "a cost is a whole number of units >= 0"
+            )
+        return cost
+
+    def _over_burst(
+        self,
+        ctx: DecisionContext,
+        name: str,
+        cost: int,
+        costed: dict[str, DetailValue],
+        now: float,
+    ) -> None:
+        """A request costing more than the burst: no wait would ever admit it, so it is
+        refused at once, without asking the store (and with no Retry-After: retrying the
+        same request cannot help)."""
+        details: dict[str, DetailValue] = {**costed, "burst": self.burst_size}
+        if self.shadow:
+            ctx.decide(
+                LAYER_RATELIMIT, name, WOULD_REJECT, "cost_over_burst_shadow",
+                source=SOURCE_REQUEST, at=now, details={**details, "shadow": True},
+            )  # fmt: skip
+            return
+        decision = ctx.decide(
+            LAYER_RATELIMIT, name, REJECT, "cost_over_burst", source=SOURCE_REQUEST, at=now,
+            details=details,
+        )  # fmt: skip
+        ctx.shed_by = LAYER_RATELIMIT
+        problem = problem_document(
+            429,
+            "Too Many Requests",
+            f"this request costs {cost} units and rate limit {name!r} admits at most "
+            f"{self.burst_size} at once: it is never admitted as it is; make it smaller",
+            "cost-over-burst",
+            limit=name,
+            cost=cost,
+            burst=self.burst_size,
+        )
+        advertised = sf_string_content(name)
+        fields: dict[str, str] = {}
+        policy = ctx.engine.policy
+        if policy.rate_limit_headers != "never" and policy.rate_limit_header_names != "x-ratelimit":
+            fields["RateLimit-Policy"] = policy_field(advertised, self.burst_size, self.tolerance_s)
+        raise RateLimited(429, problem, fields, ctx, decision)
+
     def _state_failure(self, ctx: DecisionContext, name: str, exc: Exception, now: float) -> None:
         """The store failed (Redis away under `on_error = "closed"`, say): decide as the
         middleware does for its own limits, not with the app's 500. "closed" answers 503
@@ -197,15 +327,22 @@ class LimitDependency:
             ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
             raise state_unavailable(ctx)
 
-    def _key_value(self, request: HTTPConnection, ctx: DecisionContext) -> str:
+    async def _key_value(
+        self, request: HTTPConnection, ctx: DecisionContext, identity: object = None
+    ) -> str:
         key = self.key
-        if key == "route":
+        if self.key_dep is not None:
+            if identity is not None:  # the dependency's value: the caller's identity
+                return "k:" + _compact(str(identity))
+        elif key == "route":
             return "route:" + ctx.route
         if key == "global":
             return "*"
         if callable(key):
             # (a websocket's WebSocket has the headers and client a key reads, as a Request)
             custom = key(cast(Request, request))
+            if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
+                custom = await custom
             if custom is not None:
                 return "k:" + _compact(str(custom))
         elif key.startswith("header:"):
@@ -218,6 +355,19 @@ class LimitDependency:
         ip = self.owner.client_ip(request, ctx.engine)
         ctx.client_key = ip
         return ip
+
+
+def _signature(key_dep: object) -> inspect.Signature:
+    """What FastAPI reads of the dependency: the connection, the response (for the
+    fields), and with a dependency for its key, that dependency as `identity`."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [
+        inspect.Parameter("request", kind, annotation=HTTPConnection),
+        inspect.Parameter("response", kind, annotation=Response),
+    ]
+    if key_dep is not None:
+        parameters.append(inspect.Parameter("identity", kind, default=key_dep))
+    return inspect.Signature(parameters)
 
 
 def _compact(value: str) -> str:

@@ -169,7 +169,10 @@ DESCRIPTIONS: dict[str, str] = {
     "limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
     "rate_limit.burst": "Bucket size: how many requests may arrive at once. Defaults to the "
     "N of `rate`.",
-    "rate_limit.cost": "Tokens one request takes. Must not exceed the burst.",
+    "rate_limit.cost": (
+        "Tokens one request takes. Must not exceed the burst. Per request (a batch costs "
+        "its length): `Depends(fidelity.limit(..., cost=fn))` (docs/fastapi.md)."
+    ),
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
     "IP when absent; sent more than once, its first line, the value the app reads), `route`, "
     "`global`; a callable in Python.",

@@ -216,6 +216,21 @@ class StateStore(abc.ABC):
         Best effort: a refund that cannot reach the store is dropped.
         """
 
+    async def peek(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        """Would a request with these limits be admitted now? Check without counting
+        (limits' `test()`): each limit's verdict as `admit` would decide it (retry credit
+        included), from the same state, and nothing charged, spent or created.
+
+        The result has no gate; `admitted` says whether every limit that is not shadow
+        allows; each verdict's `remaining` and `reset_s` describe the bucket as it is,
+        `retry_after_s` when the request would be admitted. A store that cannot reach
+        its state answers as `state.on_error` says for admissions (`closed` raises
+        `StateUnavailable`). The default says this store cannot check.
+        """
+        raise NotImplementedError(f"{type(self).__name__} offers no check without counting")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. The memory store holds none."""
 

@@ -40,6 +40,7 @@ from ..decide.gcra import (
     earn_credit,
     gcra,
     marker,
+    peek,
     refund_seconds,
     slack_s,
     spend_credit,
@@ -261,6 +262,32 @@ class LocalState:
         for key in list(table)[:overflow]:
             del table[key]
         return overflow
+
+    def peek_now(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        """Would a request with these limits be admitted now (`StateStore.peek`)? Each
+        limit's verdict as `admit_now` would decide it, from retry credit too; nothing is
+        charged, spent or created. `admitted`: every limit that is not shadow allows."""
+        with self._lock:
+            table = self.limits
+            verdicts = []
+            for key, spec in zip(limit_keys, limits, strict=True):
+                credit, expires = table.credits.get(key, (0.0, 0.0))
+                verdicts.append(
+                    peek(
+                        table.tats.get(key, now),
+                        now,
+                        spec.interval_s,
+                        spec.tolerance_s,
+                        spec.cost,
+                        credit,
+                        expires,
+                        table.refunded.get(key, 0.0),
+                    )
+                )
+        admitted = all(v.allowed or s.shadow for v, s in zip(verdicts, limits, strict=True))
+        return InboundResult(None, tuple(verdicts), admitted, "memory", 0.0)
 
     def admit_now(
         self,

@@ -47,6 +47,11 @@ class MemoryStore(LocalState, StateStore):
     ) -> InboundResult:
         return self.admit_now(breaker_key, breaker, limit_keys, limits, now)
 
+    async def peek(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        return self.peek_now(limit_keys, limits, now)
+
     async def record(
         self,
         breaker_key: str,

@@ -123,6 +123,7 @@ OUTBOUND: Final = load_script("outbound")
 REFUND: Final = load_script("refund")
 BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 BUDGET_REFUND: Final = load_script("budget_refund")  # a retry spent, then not sent
+PEEK: Final = load_script("peek")  # check without counting (`StateStore.peek`)
 
 
 # ---------------------------------------------------------------- keys
@@ -882,6 +883,53 @@ class RedisStore(StateStore):
             admitted = admitted_tats[j] if admitted_tats is not None else -1
             args += (spec.interval_s, spec.cost, repr(admitted), spec.tolerance_s, spec.credit_s)
         await self.call(REFUND, keys, args)  # None (Redis down): the refund is dropped
+
+    async def peek(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        """Check without counting (`StateStore.peek`): peek.lua, which writes nothing;
+        without Redis, as `on_error` says (the local state's answer under `local`)."""
+        keys = [self.key("rl", key) for key in limit_keys]
+        args: list[Any] = []
+        for spec in limits:
+            args += (spec.interval_s, spec.tolerance_s, spec.cost)
+        got = await self.call(PEEK, keys, args)
+        if got is None:
+            return self.fallback_peek(limit_keys, limits, now)
+        reply, age = got
+        try:
+            verdicts = tuple(
+                LimitVerdict(
+                    reply[i] in _ONE or reply[i] in _TWO,
+                    0.0,
+                    int(reply[i + 1]),
+                    float(reply[i + 2]),
+                    float(reply[i + 3]),
+                    reply[i] in _TWO,
+                )
+                for i in range(1, 1 + 4 * len(limits), 4)
+            )
+        except _REPLY_ERRORS as exc:
+            self._bad_reply(exc)
+            return self.fallback_peek(limit_keys, limits, now)
+        admitted = all(v.allowed or s.shadow for v, s in zip(verdicts, limits, strict=True))
+        return InboundResult(None, verdicts, admitted, SOURCE_REDIS, age)
+
+    def fallback_peek(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        """`peek` without Redis, as `fallback_admit` decides (charging nothing)."""
+        age = self.fallback_age()
+        if self.on_error == "closed":
+            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+        if self.on_error == "open":
+            verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
+            return InboundResult(None, verdicts, True, SOURCE_FALLBACK, age)
+        share = self._fleet_share() if limits and self.fleet.enabled else None
+        if share is not None and share.size is not None and share.size > 1:
+            limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
+        result = self.local.peek_now(limit_keys, limits, now)
+        return InboundResult(None, result.limits, result.admitted, SOURCE_FALLBACK, age, share)
 
     def fallback_admit(
         self,

@@ -529,6 +529,49 @@ class TieredStore(StateStore):
         self._maybe_sync(now)
         return self._result(gate, tuple(verdicts), admitted, waited, age)
 
+    async def peek(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], now: float
+    ) -> InboundResult:
+        """Check without counting (`StateStore.peek`): a limit whose slice holds the
+        request's cost in conforming units allows it (source `cache`); for the others
+        peek.lua asks the fleet's bucket in Redis for the rest of the cost (the slice's
+        units are leased from it already). Nothing is leased, spent or given back. As
+        the admissions of this store, within its bound: units other instances hold in
+        their slices are not counted."""
+        exact = self.exact
+        if not exact.health.up:
+            return await exact.peek(limit_keys, limits, now)
+        verdicts: list[LimitVerdict | None] = []
+        ask: list[int] = []
+        held: list[int] = []
+        age = 0.0
+        for i, (key, spec) in enumerate(zip(limit_keys, limits, strict=True)):
+            sl = self.slices.get(key)
+            usable = 0 if sl is None or not _same_bucket(sl.spec, spec) else sl.usable(now)
+            held.append(usable)
+            if sl is not None and usable >= spec.cost:
+                remaining = min(sl.burst_units, sl.remaining + usable)
+                reset = (sl.burst_units - remaining) * spec.interval_s
+                verdicts.append(LimitVerdict(True, 0.0, remaining, reset, 0.0))
+                age = max(age, now - sl.synced_at)
+            else:
+                verdicts.append(None)
+                ask.append(i)
+        source = SOURCE_CACHE
+        if ask:
+            asked = await exact.peek(
+                [limit_keys[i] for i in ask],
+                [limits[i]._replace(cost=limits[i].cost - held[i]) for i in ask],
+                now,
+            )
+            source, age = asked.source, max(age, asked.age_s)
+            for i, verdict in zip(ask, asked.limits, strict=True):
+                burst = max(1, int(limits[i].tolerance_s / limits[i].interval_s + 1e-6))
+                verdicts[i] = verdict._replace(remaining=min(burst, verdict.remaining + held[i]))
+        final = tuple(v for v in verdicts if v is not None)
+        admitted = all(v.allowed or s.shadow for v, s in zip(final, limits, strict=True))
+        return InboundResult(None, final, admitted, source, age)
+
     async def refund(
         self,
         limit_keys: Sequence[str],

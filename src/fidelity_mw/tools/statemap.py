@@ -848,7 +848,13 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
                     continue
                 call: Any = found  # a LimitDependency (fastapi/limit.py)
                 home = homes["limit"]
-                key = call.key if isinstance(call.key, str) else "callable"
+                key = (
+                    "a dependency's value"
+                    if getattr(call, "key_dep", None) is not None
+                    else call.key
+                    if isinstance(call.key, str)
+                    else "callable"
+                )
                 counter = call.name or f"<route>:{call.rate}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
                 rows.append(
@@ -861,7 +867,13 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
                         + " + Retry-After + RateLimit fields when the bucket is empty; runs "
                         "after the middleware admitted the request",
                         f"GCRA {call.rate}, burst {call.burst_size}"
-                        + (f", cost {call.cost} per request" if call.cost != 1 else "")
+                        + (
+                            ", cost per request from a function (over the burst: refused)"
+                            if call.cost_fn is not None
+                            else f", cost {call.cost} per request"
+                            if call.cost != 1
+                            else ""
+                        )
                         + f"{shared}; charges every request it admits (charge = always)",
                         home.state,
                         _key(home, f"{counter}|{{client}}", "rl"),

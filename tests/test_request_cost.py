@@ -1,0 +1,389 @@
+"""A per-request cost for `Depends(fidelity.limit(..., cost=fn))` (slowapi's `cost=`
+callable, limits' `hit(cost=)`), bounded by the burst and on the record; and key
+functions that are coroutine functions (an auth lookup)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request
+
+from fidelity_mw import (
+    DecisionContext,
+    FidelityMiddleware,
+    Policy,
+    PolicyError,
+    RateLimit,
+    check_limits,
+)
+from fidelity_mw.fastapi import Fidelity
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.contexts: list[DecisionContext] = []
+
+    def start(self, ctx: DecisionContext, scope: Any) -> None:
+        return None
+
+    def end(self, ctx: DecisionContext, scope: Any, token: Any) -> None:
+        self.contexts.append(ctx)
+
+
+async def batch_size(request: Request) -> int:
+    """A batch costs one unit per item (FastAPI keeps the body for the endpoint)."""
+    return len(await request.json())
+
+
+def batch_app(
+    clock: FakeClock, *, shadow: bool = False, cost: Any = batch_size
+) -> tuple[FastAPI, Recorder, MemoryStore]:
+    fidelity = Fidelity()
+    limit = fidelity.limit("10/min", burst=10, cost=cost, name="items", shadow=shadow)
+    app = FastAPI()
+
+    @app.post("/batch", dependencies=[Depends(limit)])
+    async def batch(items: list[int]) -> dict[str, int]:
+        return {"stored": len(items)}
+
+    recorder = Recorder()
+    store = MemoryStore(rng=seeded_random(1))
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(breaker=None),
+        clock=clock,
+        store=store,
+        observer=recorder,
+        telemetry=False,
+    )
+    fidelity.install(app)
+    return app, recorder, store
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def limit_decision(ctx: DecisionContext) -> tuple[str, str, dict[str, Any]]:
+    (decision,) = [d for d in ctx.decisions if d.layer == "ratelimit"]
+    return decision.verdict, decision.reason, dict(decision.details or {})
+
+
+async def test_a_batch_takes_one_unit_per_item(clock: FakeClock) -> None:
+    app, recorder, _ = batch_app(clock)
+    async with client(app) as c:
+        four = await c.post("/batch", json=[1, 2, 3, 4])
+        five = await c.post("/batch", json=[1, 2, 3, 4, 5])
+        two = await c.post("/batch", json=[1, 2])  # 1 unit left: refused
+        one = await c.post("/batch", json=[1])  # the last unit
+    assert [r.status_code for r in (four, five, two, one)] == [200, 200, 429, 200]
+    assert four.json() == {"stored": 4}  # the endpoint still read the body
+    assert four.headers["ratelimit"].startswith('"items";r=6;')
+    assert five.headers["ratelimit"].startswith('"items";r=1;')
+    assert two.json()["type"] == "urn:fidelity-mw:problem:rate-limited"
+    assert two.headers["retry-after"] == "6"  # one more unit at 10/min
+    assert limit_decision(recorder.contexts[0]) == (
+        "allow",
+        "under_limit",
+        {"remaining": 6, "cost": 4},
+    )
+    assert limit_decision(recorder.contexts[2])[:2] == ("reject", "over_limit")
+    assert limit_decision(recorder.contexts[2])[2]["cost"] == 2
+
+
+async def test_a_cost_above_the_burst_is_refused_at_once_and_says_why(clock: FakeClock) -> None:
+    app, recorder, store = batch_app(clock)
+    async with client(app) as c:
+        huge = await c.post("/batch", json=list(range(11)))
+        fits = await c.post("/batch", json=list(range(10)))
+    assert huge.status_code == 429
+    body = huge.json()
+    assert body["type"] == "urn:fidelity-mw:problem:cost-over-burst"
+    assert (body["cost"], body["burst"], body["limit"]) == (11, 10, "items")
+    assert "retry-after" not in huge.headers  # waiting never admits it
+    assert huge.headers["ratelimit-policy"] == '"items";q=10;w=60'
+    assert limit_decision(recorder.contexts[0]) == (
+        "reject",
+        "cost_over_burst",
+        {"cost": 11, "burst": 10},
+    )
+    assert recorder.contexts[0].decided_by == "ratelimit"
+    # it took nothing: the whole burst is still there for a batch that fits
+    assert fits.status_code == 200
+    assert fits.headers["ratelimit"].startswith('"items";r=0;')
+    assert len(store.limits.tats) == 1
+
+
+async def test_a_shadow_limit_only_records_a_cost_above_the_burst(clock: FakeClock) -> None:
+    app, recorder, store = batch_app(clock, shadow=True)
+    async with client(app) as c:
+        huge = await c.post("/batch", json=list(range(11)))
+    assert huge.status_code == 200
+    verdict, reason, details = limit_decision(recorder.contexts[0])
+    assert (verdict, reason, details["cost"], details["shadow"]) == (
+        "would_reject",
+        "cost_over_burst_shadow",
+        11,
+        True,
+    )
+    assert not store.limits.tats
+
+
+async def test_an_empty_batch_takes_nothing(clock: FakeClock) -> None:
+    app, recorder, store = batch_app(clock)
+    async with client(app) as c:
+        empty = await c.post("/batch", json=[])
+    assert empty.status_code == 200
+    assert limit_decision(recorder.contexts[0]) == ("allow", "zero_cost", {"cost": 0})
+    assert not store.limits.tats
+
+
+@pytest.mark.parametrize("bad", [-1, "3", True, 2.5])
+async def test_a_cost_that_is_no_whole_number_names_the_limit(clock: FakeClock, bad: Any) -> None:
+    app, _, _ = batch_app(clock, cost=lambda request: bad)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        with pytest.raises(ValueError, match=r"fidelity.limit 'items': the cost function returned"):
+            await c.post("/batch", json=[1])
+
+
+async def test_a_plain_cost_function_without_the_middleware(clock: FakeClock) -> None:
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+
+    def weight(request: Request) -> int:
+        return int(request.query_params.get("n", "1"))
+
+    @app.get("/w", dependencies=[Depends(fidelity.limit("3/min", cost=weight))])
+    async def w() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    fidelity.install(app)
+    async with client(app) as c:
+        statuses = [(await c.get("/w", params={"n": n})).status_code for n in (2, 2, 1, 4)]
+    assert statuses == [200, 429, 200, 429]
+
+
+async def test_a_key_function_may_be_a_coroutine_function(clock: FakeClock) -> None:
+    """An async key (a token looked up) limits per awaited key: it was used unawaited,
+    every request a new key (the coroutine's repr), so the limit never applied."""
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+
+    async def user(request: Request) -> str | None:
+        return request.headers.get("authorization")
+
+    @app.get("/me", dependencies=[Depends(fidelity.limit("2/min", key=user))])
+    async def me() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    fidelity.install(app)
+    async with client(app) as c:
+        alice = [(await c.get("/me", headers={"authorization": "a"})).status_code for _ in "123"]
+        bob = (await c.get("/me", headers={"authorization": "b"})).status_code
+    assert alice == [200, 200, 429]
+    assert bob == 200
+    assert set(fidelity.engine.store.limits.tats) == {"/me:2/min|k:a", "/me:2/min|k:b"}  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- check without counting
+
+
+def export_app(clock: FakeClock) -> tuple[FastAPI, MemoryStore]:
+    """POST /api/export: 2/min per client (a policy limit); GET /quota: a UI hint."""
+    app = FastAPI()
+    policy = Policy(
+        breaker=None,
+        rate_limits=(
+            RateLimit(name="exports", match="/api/export", methods=("POST",), rate="2/min"),
+            RateLimit(name="all", match="/api/*", rate="100/min"),
+        ),
+    )
+
+    @app.post("/api/export")
+    async def export() -> dict[str, bool]:
+        return {"exported": True}
+
+    @app.get("/quota")
+    async def quota(request: Request, n: int | None = None) -> dict[str, Any]:
+        check = await check_limits(request, path="/api/export", method="POST", cost=n)
+        return {
+            "allowed": check.allowed,
+            "retry_after_s": check.retry_after_s,
+            "limits": {s.name: [s.allowed, s.remaining, s.reason] for s in check.limits},
+            "source": check.source,
+        }
+
+    store = MemoryStore(rng=seeded_random(1))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=clock, store=store, telemetry=False)
+    return app, store
+
+
+async def test_check_limits_answers_for_another_route_and_counts_nothing(
+    clock: FakeClock,
+) -> None:
+    app, store = export_app(clock)
+    async with client(app) as c:
+        hints = [(await c.get("/quota")).json() for _ in range(5)]  # counted nowhere
+        assert not store.limits.tats
+        assert hints[0] == {
+            "allowed": True,
+            "retry_after_s": 0.0,
+            "limits": {"exports": [True, 2, "under_limit"], "all": [True, 100, "under_limit"]},
+            "source": "memory",
+        }
+        assert [(await c.post("/api/export")).status_code for _ in range(2)] == [200, 200]
+        empty = (await c.get("/quota")).json()
+        assert empty["allowed"] is False
+        assert empty["retry_after_s"] == pytest.approx(30.0)
+        assert empty["limits"]["exports"] == [False, 0, "over_limit"]
+        assert (await c.post("/api/export")).status_code == 429  # as the check said
+        clock.advance(30.0)
+        assert (await c.get("/quota")).json()["allowed"] is True
+        assert (await c.post("/api/export")).status_code == 200
+        # a request of 3 units never fits a burst of 2
+        big = (await c.get("/quota", params={"n": 3})).json()
+        assert big["limits"]["exports"] == [False, 0, "cost_over_burst"]
+        assert big["retry_after_s"] is None  # infinite (JSON has no infinity: null)
+
+
+async def test_check_limits_needs_the_middleware() -> None:
+    app = FastAPI()
+
+    @app.get("/q")
+    async def q(request: Request) -> None:
+        await check_limits(request)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        with pytest.raises(RuntimeError, match="went through FidelityMiddleware"):
+            await c.get("/q")
+
+
+async def test_a_dependency_limit_checks_without_counting(clock: FakeClock) -> None:
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+    batches = fidelity.limit("10/min", burst=10, cost=batch_size)
+
+    @app.post("/batch", dependencies=[Depends(batches)])
+    async def batch(items: list[int]) -> dict[str, int]:
+        return {"stored": len(items)}
+
+    @app.get("/room")
+    async def room(request: Request, n: int) -> dict[str, Any]:
+        check = await batches.check(request, cost=n, route="/batch")
+        (status,) = check.limits
+        return {
+            "allowed": check.allowed,
+            "remaining": status.remaining,
+            "wait": check.retry_after_s,
+        }
+
+    fidelity.install(app)
+    async with client(app) as c:
+        assert (await c.get("/room", params={"n": 10})).json() == {
+            "allowed": True,
+            "remaining": 10,
+            "wait": 0.0,
+        }
+        assert (await c.post("/batch", json=list(range(7)))).status_code == 200
+        assert (await c.get("/room", params={"n": 3})).json()["allowed"] is True
+        assert (await c.get("/room", params={"n": 3})).json()["remaining"] == 3  # not spent
+        four = (await c.get("/room", params={"n": 4})).json()
+        assert (four["allowed"], four["wait"]) == (False, pytest.approx(6.0))
+        assert (await c.post("/batch", json=list(range(4)))).status_code == 429
+        assert (await c.post("/batch", json=list(range(3)))).status_code == 200
+
+
+class Unreachable(MemoryStore):
+    async def peek(self, limit_keys: Any, limits: Any, now: float) -> Any:
+        raise ConnectionError("redis away")
+
+
+@pytest.mark.parametrize(("on_error", "allowed"), [("closed", False), ("local", True)])
+async def test_a_check_whose_store_fails_answers_as_on_error_says(
+    clock: FakeClock, on_error: str, allowed: bool
+) -> None:
+    fidelity = Fidelity(
+        policy=Policy.from_dict({"state": {"on_error": on_error}, "breaker": False}),
+        clock=clock,
+        store=Unreachable(),
+    )
+    app = FastAPI()
+    limit = fidelity.limit("1/min", name="one")
+
+    @app.get("/hint")
+    async def hint(request: Request) -> dict[str, Any]:
+        check = await limit.check(request)
+        return {"allowed": check.allowed, "reason": check.limits[0].reason}
+
+    async with client(app) as c:
+        answer = (await c.get("/hint")).json()
+    assert answer == {"allowed": allowed, "reason": "state_error:ConnectionError"}
+
+
+def test_a_bad_form_names_the_form_and_the_field() -> None:
+    fidelity = Fidelity()
+    with pytest.raises(PolicyError) as limit_error:
+        fidelity.limit("10/fortnight")
+    assert [issue.path for issue in limit_error.value.issues] == [
+        "fidelity.limit('10/fortnight').rate"
+    ]
+    with pytest.raises(PolicyError) as breaker_error:
+        fidelity.breaker(failure_ratio=2)
+    assert [issue.path for issue in breaker_error.value.issues] == [
+        "fidelity.breaker.failure_ratio"
+    ]
+
+
+# ---------------------------------------------------------------- a key from a dependency
+
+
+async def test_a_key_from_a_dependency_counts_per_user_whatever_the_order(
+    clock: FakeClock,
+) -> None:
+    """`key=Depends(current_user)`: FastAPI resolves the user once per request (the
+    endpoint's own `Depends(current_user)` gets the same call), and the limit counts
+    per user although it runs before any other dependency of the route."""
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+    lookups: list[str] = []
+
+    async def current_user(request: Request) -> str:
+        token = request.headers.get("authorization", "")
+        if not token:
+            raise HTTPException(401)
+        lookups.append(token)
+        return token
+
+    per_user = fidelity.limit("2/min", key=Depends(current_user), name="per-user")
+
+    @app.get("/me", dependencies=[Depends(per_user)])
+    async def me(user: str = Depends(current_user)) -> dict[str, str]:
+        return {"user": user}
+
+    @app.get("/hint")
+    async def hint(request: Request, user: str = Depends(current_user)) -> dict[str, Any]:
+        check = await per_user.check(request, identity=user)
+        return {"allowed": check.allowed, "remaining": check.limits[0].remaining}
+
+    fidelity.install(app)
+    async with client(app) as c:
+        ann = [(await c.get("/me", headers={"authorization": "ann"})).status_code for _ in "123"]
+        bob = await c.get("/me", headers={"authorization": "bob"})
+        anonymous = await c.get("/me")
+        hint_ann = (await c.get("/hint", headers={"authorization": "ann"})).json()
+    assert ann == [200, 200, 429]
+    assert bob.json() == {"user": "bob"}
+    assert anonymous.status_code == 401  # no user: nothing counted
+    assert hint_ann == {"allowed": False, "remaining": 0}
+    assert lookups == ["ann", "ann", "ann", "bob", "ann"]  # once per request
+    assert set(fidelity.engine.store.limits.tats) == {"per-user|k:ann", "per-user|k:bob"}  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="identity="):
+        await per_user.check(Request({"type": "http", "headers": [], "state": {}}))
