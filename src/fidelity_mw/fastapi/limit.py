@@ -33,7 +33,7 @@ from ..policy import RateLimit
 from ..rejections import (
     problem_document,
 )
-from ..state.base import LimitSpec, state_age_s
+from ..state.base import LimitSpec, state_age_s, state_why
 from .exceptions import RateLimited, Rejected
 
 logger = logging.getLogger("fidelity_mw")
@@ -154,6 +154,8 @@ class LimitDependency:
             return
         verdict = result.limits[0]
         source, age = result.source, result.age_s
+        if result.why is not None:  # the store decided without its state: why (every record)
+            costed["fallback_why"] = result.why
         # The default name is the route template, which no policy check has seen: in the
         # fields it is an sf-string (a character latin-1 lacks made every request a 500)
         advertised = sf_string_content(name)
@@ -392,9 +394,19 @@ def decide_without_state(
         source=SOURCE_FALLBACK,
         age_s=state_age_s(ctx.engine.store),
         at=now,
-        details={"on_error": ctx.engine.policy.state.on_error},
+        details=_without_state(ctx, exc),
     )
     return refuse
+
+
+def _without_state(ctx: DecisionContext, exc: Exception) -> dict[str, DetailValue]:
+    """The details of a decision taken without the store, as the middleware's own say:
+    `on_error`, and why the store is without its state when it can say."""
+    details: dict[str, DetailValue] = {"on_error": ctx.engine.policy.state.on_error}
+    why = getattr(exc, "why", None) or state_why(ctx.engine.store)
+    if why is not None:
+        details["fallback_why"] = why
+    return details
 
 
 def state_unavailable(ctx: DecisionContext) -> Rejected:

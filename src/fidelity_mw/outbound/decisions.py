@@ -8,7 +8,9 @@ Plain functions over the call's context and upstream plan; none of them does I/O
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, Final
 
 import httpx
 
@@ -63,6 +65,35 @@ from .wire import (
 )
 
 logger = logging.getLogger("fidelity_mw")
+
+# Why the latest gate answer of this call's context was decided without the shared state
+# ("unreachable", "read_only", "error": `FallbackAnswer.why`, `StateUnavailable.why`):
+# every outbound decision taken on a `fallback` answer says it, as the inbound ones do.
+# (Set by the loop as each answer arrives, read as the decisions on it are recorded: only
+# for a decision whose source is `fallback`, so an older value is never read for a newer
+# answer from the state.)
+_FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", default=None)
+
+
+def fell(answer: object) -> None:
+    """A gate answer (or the store's exception) arrived: note why it is a fallback."""
+    why = getattr(answer, "why", None)
+    if isinstance(answer, Exception) and why is None:
+        why = "error"  # (a store that cannot say: it failed this call)
+    _FELL.set(why if isinstance(why, str) else None)
+
+
+def with_why(
+    source: str, details: Mapping[str, DetailValue] | None
+) -> Mapping[str, DetailValue] | None:
+    """`details` of an outbound decision taken on a gate answer, with `fallback_why` when
+    the store decided without its state."""
+    if source != SOURCE_FALLBACK:
+        return details
+    why = _FELL.get()
+    if why is None:
+        return details
+    return {**(details or {}), "fallback_why": why}
 
 
 def lb_decision(
@@ -151,7 +182,7 @@ def give_up(
             source,
             age_s,
             now,
-            {"attempts": attempts_made, **details},
+            with_why(source, {"attempts": attempts_made, **details}),
         )
     )
     if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
@@ -187,7 +218,16 @@ def gate_answer(
         ) from last_error
     if gate.probe_id:
         ctx.decisions.append(
-            Decision(LAYER_BREAKER, up.key, PROBE, "half_open_probe", source, age_s, now)
+            Decision(
+                LAYER_BREAKER,
+                up.key,
+                PROBE,
+                "half_open_probe",
+                source,
+                age_s,
+                now,
+                with_why(source, None),
+            )
         )
 
 
@@ -229,8 +269,10 @@ def closed_on_store_error(
     """The breaker could not be asked: go ahead (fallback), or refuse when failing closed."""
     if store_failed(ctx, up, "breaker gate", exc):
         give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, SOURCE_FALLBACK)
+        why = getattr(exc, "why", None)
+        what = "on a read-only replica" if why == "read_only" else "unreachable"
         raise CircuitOpen(
-            f"breaker state for {up.key} is unreachable and the policy fails closed",
+            f"breaker state for {up.key} is {what} and the policy fails closed",
             host=up.key,
             retry_after_s=1.0,
             attempts_made=attempts_made,

@@ -75,6 +75,7 @@ from .decisions import (
     classify,
     closed_on_store_error,
     deadline_passed,
+    fell,
     gate_answer,
     give_up,
     is_slow,
@@ -83,6 +84,7 @@ from .decisions import (
     observe_start,
     plan_call,
     store_failed,
+    with_why,
 )
 from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
@@ -401,7 +403,8 @@ def attempts(
                 if race is not None and hedge:
                     ctx.decisions.append(
                         Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
-                                 {"attempt": number, "after_ms": round(race.delay_s * 1000.0, 3)})
+                                 with_why(source, {"attempt": number,
+                                                   "after_ms": round(race.delay_s * 1000.0, 3)}))
                     )  # fmt: skip
                 elif attempt == 1:
                     ctx.decisions.append(
@@ -415,7 +418,9 @@ def attempts(
                                 source,
                                 age,
                                 now,
-                                FIRST_ATTEMPT,
+                                FIRST_ATTEMPT
+                                if source != SOURCE_FALLBACK
+                                else with_why(source, FIRST_ATTEMPT),
                             ),
                         )
                     )
@@ -544,7 +549,7 @@ def attempts(
                             details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
                             ctx.decisions.append(
                                 Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
-                                         details)
+                                         with_why(source, details))
                             )  # fmt: skip
                             if spent_budget:
                                 unsent = (now, source)
@@ -739,9 +744,8 @@ def _gate_hedge(
                 why = GIVE_UP_BUDGET
     del decisions[mark:]
     ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
-    decisions.append(
-        Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, {"attempts": sent, "why": why})
-    )
+    details = with_why(source, {"attempts": sent, "why": why})
+    decisions.append(Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, details))
     raise NoHedge(why)
 
 
@@ -787,6 +791,8 @@ def _settle(
 ) -> tuple[Gate | None, bool, str, float]:
     """The store's answer to a gate operation (or its failure) as the loop acts on it; a
     retry the budget denies is recorded."""
+    if isinstance(answer, Exception) or answer[2] == SOURCE_FALLBACK:
+        fell(answer)  # (the decisions on it say why)
     if isinstance(answer, Exception):
         if gated or not retry:
             closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)
@@ -845,7 +851,7 @@ def _unsent(
     spent_at, source = unsent
     ctx.decisions.append(
         Decision(LAYER_BUDGET, up.key, REFUND_VERDICT, RETRY_NOT_SENT, source, 0.0, now,
-                 {"attempt": number, "why": why})
+                 with_why(source, {"attempt": number, "why": why}))
     )  # fmt: skip
     age = max(0.0, now - spent_at)
     try:

@@ -30,6 +30,21 @@ class InboundResult(NamedTuple):
     why: str | None = None
 
 
+class FallbackAnswer(tuple[Gate | None, bool, str, float]):
+    """An `outbound_gate` answer a shared store decided without its state: the same four
+    values (gate, allowed, "fallback", age_s), and `why` as `InboundResult.why` says it
+    ("unreachable", "read_only", "error"), for the outbound decisions taken on it."""
+
+    why: str | None
+
+    def __new__(
+        cls, values: tuple[Gate | None, bool, str, float], why: str | None
+    ) -> FallbackAnswer:
+        self = super().__new__(cls, values)
+        self.why = why
+        return self
+
+
 # None: this request needs the store's I/O after all; await `admit` / `record`.
 AdmitNow = Callable[
     [str | None, BreakerConfig | None, Sequence[str], Sequence[LimitSpec], float],

@@ -68,13 +68,23 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from .base import InboundResult, LimitSpec, StateStore
+from .base import FallbackAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
 from .redis_sync import CALL_ERRORS as _CALL_ERRORS
+from .redis_sync import (
+    PROBE_BASE_S,
+    PROBE_CAP_S,
+    PROBE_RESET_S,
+    WHY_ERROR,
+    WHY_READ_ONLY,
+    WHY_UNREACHABLE,
+    SyncLink,
+    read_only_warning,
+)
 from .redis_sync import UNREACHABLE as _UNREACHABLE
-from .redis_sync import SyncLink
+from .redis_sync import WRITE_PROBE as _WRITE_PROBE
 from .scripts import Script, load_script
 from .snapshot import (
     BreakerView,
@@ -93,22 +103,6 @@ SOURCE_FALLBACK: Final = "fallback"
 _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 
 _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
-
-# Probing an unreachable Redis: exponential backoff, equal jitter.
-PROBE_BASE_S: Final = 0.05
-PROBE_CAP_S: Final = 0.5
-# An outage that starts less than this after the last one ended continues its backoff
-# (a Redis that fails again right after each recovery is not probed at the fastest rate).
-PROBE_RESET_S: Final = 10.0
-# Why a store decides without Redis (`RedisStore.fallback_why`, decision details, the
-# `fidelity.state.fallback` gauge): no answer, or an answer that refuses writes.
-WHY_UNREACHABLE: Final = "unreachable"
-WHY_READ_ONLY: Final = "read_only"
-WHY_ERROR: Final = "error"  # (decision details only: Redis is up, one call failed)
-# The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
-# a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
-# does not exist changes nothing and is not replicated.
-_WRITE_PROBE: Final = "return redis.call('DEL', KEYS[1])"
 
 _KEY_CACHE_MAX = 10_000
 
@@ -672,23 +666,20 @@ class RedisStore(StateStore):
         self._ensure_probe()
 
     def _read_only_warning(self, what: str) -> None:
-        warn(
-            logger,
-            WHY_READ_ONLY,
-            "fidelity_mw: redis at %s is a read-only replica (%s); on_error=%s until it is "
-            "a writable primary (point state.url at an address that follows the primary)",
-            _server_of(self.url),
-            what,
-            self.on_error,
-        )
+        read_only_warning(_server_of(self.url), what, self.on_error)
 
     @property
     def fallback_why(self) -> str | None:
         """None while Redis answers; else why the store decides without it:
         "unreachable" (no answer, or an answer that says it cannot serve now) or
-        "read_only" (a replica: it answers, and refuses every write)."""
+        "read_only" (a replica: it answers, and refuses every write). Either client's
+        (a process that calls Redis only through the blocking one, `FidelitySyncTransport`
+        in worker threads, has its outages too)."""
         health = self.health
-        return None if health.up else (health.why or WHY_UNREACHABLE)
+        if not health.up:
+            return health.why or WHY_UNREACHABLE
+        link = self._sync_link
+        return None if link is None else link.fallback_why
 
     def _ensure_probe(self) -> None:
         health = self.health
@@ -921,7 +912,7 @@ class RedisStore(StateStore):
         """`peek` without Redis, as `fallback_admit` decides (charging nothing)."""
         age = self.fallback_age()
         if self.on_error == "closed":
-            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+            raise _closed(self._why())
         if self.on_error == "open":
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(None, verdicts, True, SOURCE_FALLBACK, age)
@@ -944,7 +935,7 @@ class RedisStore(StateStore):
         age = self.fallback_age()
         mode = self.on_error
         if mode == "closed":
-            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+            raise _closed(self._why())
         if mode == "open":
             gate = (
                 Gate("allow", CLOSED, _OPEN_EPOCH, 0.0)
@@ -964,9 +955,13 @@ class RedisStore(StateStore):
             local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share, self._why()
         )
 
-    def _why(self) -> str:
+    def _why(self, sync: bool = False) -> str:
         """Why a decision now is taken without Redis (see `fallback_why`), or "error":
-        Redis is up and this call failed (an error reply, a full pool, a bad reply)."""
+        Redis is up and this call failed (an error reply, a full pool, a bad reply).
+        `sync`: a call through the blocking client (`SyncLink`), whose health is its own."""
+        if sync:
+            link = self._sync_link
+            return (link.fallback_why if link is not None else None) or WHY_ERROR
         health = self.health
         return WHY_ERROR if health.up else (health.why or WHY_UNREACHABLE)
 
@@ -1170,7 +1165,7 @@ class RedisStore(StateStore):
             return None, True, SOURCE_REDIS, 0.0
         got = await self.call(OUTBOUND, keys, args)
         return self._outbound_answer(
-            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried
+            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
         )
 
     def outbound_gate_sync(
@@ -1190,7 +1185,7 @@ class RedisStore(StateStore):
             return None, True, SOURCE_REDIS, 0.0
         got = self.sync_link().call(OUTBOUND, keys, args)
         return self._outbound_answer(
-            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried
+            got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, True
         )
 
     def sync_link(self) -> SyncLink:
@@ -1201,7 +1196,13 @@ class RedisStore(StateStore):
                 if link is None:
                     plain, cluster = redis_url(self.url)
                     link = self._sync_link = SyncLink(
-                        plain, cluster, self.config, self._clock, self.stats
+                        plain,
+                        cluster,
+                        self.config,
+                        self._clock,
+                        self.stats,
+                        rng=self._rng,
+                        server=_server_of(self.url),
                     )
         return link
 
@@ -1247,10 +1248,13 @@ class RedisStore(StateStore):
         taken: Sequence[tuple[str, RetryConfig, int]],
         now: float,
         carried: int = 0,
+        sync: bool = False,
     ) -> tuple[Gate | None, bool, str, float]:
         if got is None:
             self.stats.dropped_records += carried  # deferred successes it took along
-            return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, taken, now)
+            return self._outbound_fallback(
+                breaker_key, breaker, budget_key, cfg, retry, taken, now, self._why(sync)
+            )
         reply, age = got
         try:
             allowed = True if budget_key is None or cfg is None else reply[6] == 1
@@ -1263,7 +1267,9 @@ class RedisStore(StateStore):
         except _REPLY_ERRORS as exc:
             self._bad_reply(exc)
             self.stats.dropped_records += carried
-            return self._outbound_fallback(breaker_key, breaker, budget_key, cfg, retry, (), now)
+            return self._outbound_fallback(
+                breaker_key, breaker, budget_key, cfg, retry, (), now, WHY_ERROR
+            )
         return gate, allowed, SOURCE_REDIS, age
 
     def _outbound_fallback(
@@ -1275,16 +1281,19 @@ class RedisStore(StateStore):
         retry: bool,
         taken: Sequence[tuple[str, RetryConfig, int]],
         now: float,
+        why: str = WHY_UNREACHABLE,
     ) -> tuple[Gate | None, bool, str, float]:
+        """Decide without Redis, per `on_error`. The answer says `why` (`FallbackAnswer`):
+        the outbound decisions taken on it carry it, as the inbound ones do."""
         self.stats.fallbacks += 1
         age = self.fallback_age()
         mode = self.on_error
         has_breaker = breaker_key is not None and breaker is not None
         if mode == "closed":
-            raise StateUnavailable("redis is unreachable and state.on_error is 'closed'")
+            raise _closed(why)
         if mode == "open":
             gate = Gate("allow", CLOSED, _OPEN_EPOCH, 0.0) if has_breaker else None
-            return gate, True, SOURCE_FALLBACK, age
+            return FallbackAnswer((gate, True, SOURCE_FALLBACK, age), why)
         local = self.local
         # the counts that could not be sent still count, locally
         for key, key_cfg, count in taken:
@@ -1294,7 +1303,7 @@ class RedisStore(StateStore):
         gate, allowed = local.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
         if gate is not None:
             gate = gate._replace(epoch=_local_epoch(gate.epoch))
-        return gate, allowed, SOURCE_FALLBACK, age
+        return FallbackAnswer((gate, allowed, SOURCE_FALLBACK, age), why)
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         """Count a top-level request: no round trip, it rides on the next outbound call.
@@ -1504,6 +1513,18 @@ class RedisStore(StateStore):
                 f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
             ),
         )
+
+
+_CLOSED_WHAT: Final = {
+    WHY_READ_ONLY: "redis is a read-only replica",
+    WHY_ERROR: "redis failed this call",
+}
+
+
+def _closed(why: str) -> StateUnavailable:
+    """The refusal of a store that fails closed, saying why (as the decision details do)."""
+    what = _CLOSED_WHAT.get(why, "redis is unreachable")
+    return StateUnavailable(f"{what} and state.on_error is 'closed'", why=why)
 
 
 def _server_of(url: str) -> str:

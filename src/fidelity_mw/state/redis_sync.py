@@ -6,15 +6,21 @@ timeouts, a bounded pool whose wait is bounded by the same timeout. It runs
 the same Lua scripts (EVALSHA, EVAL once after NOSCRIPT), and classifies
 failures the same way: an error reply or a full pool fails only that call
 (redis-py's blocking pool already replaces a connection broken by a restart
-before using it); when Redis cannot be reached it is left alone for a short
-pause (callers decide in the failure mode meanwhile) instead of every thread
-paying a timeout per call.
+before using it); when Redis cannot be reached, or answers as a read-only
+replica (`READONLY`), that is one outage, as for the asyncio client: one log
+line, `outages` counted once, `fallback_why` says why ("unreachable" or
+"read_only"), and callers decide in the failure mode without asking Redis.
+The first call after each pause (jittered exponential backoff, as the asyncio
+store's probe) probes it instead: `ROLE` (or, where ROLE is not allowed, a
+script that writes) until it answers as a writable primary, so a replica is
+not taken back for one call and failed again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -36,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from .._logs import error_kind, warn
-from .._types import Clock
+from .._types import Clock, RandomSource
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -45,7 +51,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fidelity_mw.redis")
 
-_PAUSE_AFTER_ERROR_S: Final = 0.5
+# Probing an unreachable Redis: exponential backoff, equal jitter (both clients).
+PROBE_BASE_S: Final = 0.05
+PROBE_CAP_S: Final = 0.5
+# An outage that starts less than this after the last one ended continues its backoff
+# (a Redis that fails again right after each recovery is not probed at the fastest rate).
+PROBE_RESET_S: Final = 10.0
+# Why a store decides without Redis (`RedisStore.fallback_why`, decision details, the
+# `fidelity.state.fallback` gauge): no answer, or an answer that refuses writes.
+WHY_UNREACHABLE: Final = "unreachable"
+WHY_READ_ONLY: Final = "read_only"
+WHY_ERROR: Final = "error"  # (decision details only: Redis is up, one call failed)
+# The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
+# a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
+# does not exist changes nothing and is not replicated.
+WRITE_PROBE: Final = "return redis.call('DEL', KEYS[1])"
 # What a call to Redis can raise, for both clients (this one and redis.py's asyncio one).
 CALL_ERRORS: Final = (RedisError, OSError, TimeoutError)
 # Error replies that still mean "the state is unreachable right now" (as opposed to a
@@ -99,25 +119,71 @@ class _Stats(Protocol):
     script_loads: int
     errors: int
     pool_waits: int
+    outages: int
+    recoveries: list[float]
+    recovered_at: list[float]
+
+
+def read_only_warning(server: str, what: str, on_error: str) -> None:
+    """The (throttled) line for a read-only replica: the same for both clients, so a
+    process that uses both logs it once per interval."""
+    warn(
+        logger,
+        WHY_READ_ONLY,
+        "fidelity_mw: redis at %s is a read-only replica (%s); on_error=%s until it is "
+        "a writable primary (point state.url at an address that follows the primary)",
+        server,
+        what,
+        on_error,
+    )
+
+
+def role_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SyncLink:
     """One blocking client per store, shared by every thread (redis-py's pool is thread-safe)."""
 
     def __init__(
-        self, url: str, cluster: bool, config: StateConfig, clock: Clock, stats: _Stats
+        self,
+        url: str,
+        cluster: bool,
+        config: StateConfig,
+        clock: Clock,
+        stats: _Stats,
+        *,
+        rng: RandomSource | None = None,
+        server: str = "",
     ) -> None:
         self.url = url  # without the `cluster` query parameter (`redis_url`)
         self.cluster = cluster
         self.config = config
         self._clock = clock
         self._stats = stats
+        self._rng: RandomSource = rng or random.Random().random
+        self._server = server or url
         self._client: Any = None
         self._lock = threading.Lock()
+        # The health of this client, as `Health` is the asyncio client's: down from the
+        # first unreachable (or read-only) answer until a probe finds a writable primary.
+        self._state = threading.Lock()
+        self._probing = threading.Lock()  # one thread probes; the others fall back
+        self.up = True
+        self.why = ""  # while down: WHY_UNREACHABLE or WHY_READ_ONLY
+        self.down_since = 0.0
+        self.up_since = -math.inf
+        self.attempt = 0  # probes so far this outage: the backoff's exponent
+        self.role_denied = False  # ROLE refused (ACL, proxy): the probe writes instead
         self._paused_until = 0.0
         # When Redis last answered this client (the store's clock; -inf: never): a
         # fallback decision's age counts from the latest reply of either client.
         self.last_ok = -math.inf
+
+    @property
+    def fallback_why(self) -> str | None:
+        """None while this client reaches Redis; else why not (as `RedisStore.fallback_why`)."""
+        return None if self.up else (self.why or WHY_UNREACHABLE)
 
     def client(self) -> Any:
         client = self._client
@@ -157,11 +223,12 @@ class SyncLink:
     def call(
         self, script: _Script, keys: Sequence[str], args: Sequence[Any]
     ) -> tuple[Any, float] | None:
-        """Run a script: (reply, age_s), or None when Redis did not answer (or is paused)."""
+        """Run a script: (reply, age_s), or None when Redis did not answer (or is down:
+        then the first call after each pause probes it, and goes on if it is back)."""
         clock = self._clock
-        started = clock.monotonic()
-        if started < self._paused_until:
+        if not self.up and not self._probe():
             return None
+        started = clock.monotonic()
         client = self.client()
         try:
             reply = self._evalsha(client, script, keys, args)
@@ -195,7 +262,89 @@ class SyncLink:
             else:
                 warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
-        self._paused_until = self._clock.monotonic() + _PAUSE_AFTER_ERROR_S
+        with self._state:
+            if not self.up:
+                return  # (another thread's call found it first: one outage)
+            now = self._clock.monotonic()
+            self.up = False
+            self.down_since = now
+            if now - self.up_since >= PROBE_RESET_S:
+                self.attempt = 0  # up long enough: the backoff starts over
+            self._stats.outages += 1
+            self.why = WHY_READ_ONLY if isinstance(exc, ReadOnlyError) else WHY_UNREACHABLE
+            self._pause(now)
+        if self.why == WHY_READ_ONLY:
+            read_only_warning(self._server, str(exc), self.config.on_error)
+        else:
+            logger.warning(
+                "fidelity_mw: redis unreachable from the blocking client (%s: %s); "
+                "on_error=%s until it answers",
+                type(exc).__name__,
+                exc,
+                self.config.on_error,
+            )
+
+    def _pause(self, now: float) -> None:
+        delay = min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(self.attempt, 16))
+        self.attempt += 1
+        self._paused_until = now + delay * (0.5 + 0.5 * self._rng())
+
+    def _probe(self) -> bool:
+        """Down: True when this call may go to Redis (a probe found a writable primary);
+        False while paused, while another thread probes, or when the probe fails."""
+        if self._clock.monotonic() < self._paused_until or not self._probing.acquire(
+            blocking=False
+        ):
+            return False
+        try:
+            if self.up:  # (another thread's probe brought it back meanwhile)
+                return True
+            try:
+                writable = self._writable(self.client())
+            except CALL_ERRORS:
+                writable = None
+            now = self._clock.monotonic()
+            if not writable:
+                if writable is False and self.why != WHY_READ_ONLY:
+                    self.why = WHY_READ_ONLY  # (down for another reason before)
+                    read_only_warning(self._server, "found by the probe", self.config.on_error)
+                with self._state:
+                    self._pause(now)
+                return False
+            with self._state:
+                self.up = True
+                self.up_since = now
+                self.why = ""
+                self.last_ok = now
+                stats = self._stats
+                stats.recoveries.append(now - self.down_since)
+                stats.recovered_at.append(now)
+                del stats.recoveries[:-100], stats.recovered_at[:-100]
+            logger.warning(
+                "fidelity_mw: redis reachable again from the blocking client after %.3f s",
+                now - self.down_since,
+            )
+            return True
+        finally:
+            self._probing.release()
+
+    def _writable(self, client: Any) -> bool:
+        """Does Redis answer as a primary that takes writes (`RedisStore._writable`)?"""
+        if not self.role_denied and not self.cluster:
+            try:
+                role = client.execute_command("ROLE")
+            except ResponseError as exc:
+                if isinstance(exc, UNREACHABLE):
+                    raise
+                self.role_denied = True  # NOPERM, or a proxy without ROLE
+            else:
+                return role_text(role[0]) == "master"
+        prefix = self.config.key_prefix
+        try:
+            client.execute_command("EVAL", WRITE_PROBE, 1, f"{{{prefix}}}:probe")
+        except ReadOnlyError:
+            return False
+        return True
 
     def close(self) -> None:
         client, self._client = self._client, None
