@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -303,3 +304,125 @@ async def test_a_limit_dependency_decided_without_redis_says_why(
         assert all(d.details["fallback_why"] == "read_only" for d in limited)  # type: ignore[index]
     finally:
         await store.aclose()
+
+
+# ---------------------------------------- 3. a refund finds its bucket by the server's time
+
+ONE_RETRY = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10.0)
+TWO_RETRIES = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.2, budget_window_s=10.0)
+
+
+def _stores(url: str) -> list[Any]:
+    from fidelity_mw.state.tiered import TieredStore
+
+    stores: list[Any] = []
+    for each in (url, "tiered+" + url):
+        config = StateConfig(url=each, **PATIENT, **QUIET)
+        stores.append((TieredStore if each.startswith("tiered") else RedisStore)(config=config))
+    return stores
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_refund_at_a_bucket_edge_gives_the_retry_back(
+    redis_url: str, redis_clock: Any
+) -> None:
+    """Before: the refund found the retry's bucket by its age on the caller's clock, back
+    from the server's time: a retry spent 10 ms before its bucket's end, refunded with an
+    age 20 ms short (round trips), named the next bucket, which held nothing: nothing came
+    back, and the next retry was refused. Now the gate's answer says when the server spent
+    it (`GateAnswer.spent_at`) and the refund names that bucket."""
+    for store in _stores(redis_url):
+        key = f"edge:{type(store).__name__}"
+        redis_clock.set(1_000.0)
+        try:
+            exact = getattr(store, "exact", store)  # (sent now: the ring starts at 1000)
+            await exact.outbound_gate(None, None, key, ONE_RETRY, False, 1_000.0)  # be = 1001
+            redis_clock.set(1_000.99)
+            answer = await store.outbound_gate(None, None, key, ONE_RETRY, True, 1_000.99)
+            assert answer[1:3] == (True, "redis")
+            assert answer.spent_at == 1_000.99
+            redis_clock.set(1_001.5)
+            # (the age alone names [1001, 1002): nothing there to give back)
+            await store.budget_refund(key, ONE_RETRY, "redis", 0.49, 1_001.5)
+            again = await store.outbound_gate(None, None, key, ONE_RETRY, True, 1_001.5)
+            assert not again[1]
+            await store.budget_refund(key, ONE_RETRY, "redis", 0.49, 1_001.5, answer.spent_at)
+            again = await store.outbound_gate(None, None, key, ONE_RETRY, True, 1_001.5)
+            assert again[1]  # given back: one more
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_refund_at_a_bucket_edge_leaves_another_calls_retry_alone(
+    redis_url: str, redis_clock: Any
+) -> None:
+    """Before: the age named the next bucket, which held another call's retry: that one
+    came off (it then left the window a bucket early with the refunded one)."""
+    store = _stores(redis_url)[0]
+    key = "edge:other"
+    try:
+        await store.outbound_gate(None, None, key, TWO_RETRIES, False, 1_000.0)  # be = 1001
+        redis_clock.set(1_000.99)
+        mine = await store.outbound_gate(None, None, key, TWO_RETRIES, True, 1_000.99)
+        redis_clock.set(1_001.2)
+        other = await store.outbound_gate(None, None, key, TWO_RETRIES, True, 1_001.2)
+        assert mine[1]
+        assert other[1]
+        redis_clock.set(1_001.5)
+        await store.budget_refund(key, TWO_RETRIES, "redis", 0.49, 1_001.5, mine.spent_at)
+        # 1000.99's bucket has left the window, the other call's retry (1001.2) has not:
+        # one retry left, not two
+        redis_clock.set(1_010.5)
+        first = await store.outbound_gate(None, None, key, TWO_RETRIES, True, 1_010.5)
+        second = await store.outbound_gate(None, None, key, TWO_RETRIES, True, 1_010.5)
+        assert (first[1], second[1]) == (True, False)
+    finally:
+        await store.aclose()
+
+
+def test_the_model_and_the_memory_store_find_the_bucket_by_spent_at() -> None:
+    """The model (`BudgetWindow.refund`), as budget_refund.lua: `spent_at` names the
+    bucket; the age is not read then."""
+    from fidelity_mw.decide.budget import BudgetWindow
+
+    window = BudgetWindow(ONE_RETRY)
+    window.request(1_000.0)
+    assert window.try_retry(1_000.99)
+    assert not window.refund(1_001.5, 0.49)  # the age names the next bucket
+    assert window.refund(1_001.5, 0.49, 1_000.99)
+    assert window.try_retry(1_001.5)
+
+
+# ------------------------------------------------------ found on the way: aclose hung on the probe
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_probe_is_not_kept_running_by_the_pools_disconnect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: redis-py's `ConnectionPool.disconnect` (a gather with return_exceptions)
+    can return normally when the task awaiting it is cancelled; the probe, cancelled by
+    `aclose` while dropping idle connections, went on probing, and `aclose` (awaiting it)
+    hung for good (seen with a replica: the probe never ends by itself there). No I/O:
+    the pool's disconnect is replaced by one that swallows the cancellation so."""
+    from redis.asyncio import ConnectionPool
+
+    from fidelity_mw.state import redis as redis_module
+
+    async def swallowing(self: ConnectionPool, inuse_connections: bool = True) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return  # (as the gather with return_exceptions does)
+
+    monkeypatch.setattr(ConnectionPool, "disconnect", swallowing)
+    store = RedisStore(config=StateConfig(url="redis://127.0.0.1:1/0"))
+    client = store.client()
+    task = asyncio.get_running_loop().create_task(redis_module._drop_idle_connections(client))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -461,8 +461,10 @@ async def _run(
             _same_budget(memory, red, client, now)
         elif kind == "budget_refund" and seq.retries:
             spent = seq.retries.pop(step[1] % len(seq.retries))
-            await memory.budget_refund(BUDGET, RETRY, "memory", now - spent, now)
-            await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now)
+            # odd: the store's time of the spend (`GateAnswer.spent_at`) names the bucket
+            said = spent if step[1] % 2 else None
+            await memory.budget_refund(BUDGET, RETRY, "memory", now - spent, now, said)
+            await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now, said)
             _same_budget(memory, red, client, now)
         if not red.up:
             raise RedisUnavailable("redis failed during the test")
@@ -704,7 +706,7 @@ def _python_refund_ignores_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _python_refund_any_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refund(self: BudgetWindow, now: float, age_s: float) -> bool:
+    def refund(self: BudgetWindow, now: float, age_s: float, spent_at: float | None = None) -> bool:
         self._rotate(now)
         for index in range(len(self.retries)):
             if self.retries[index] > 0:

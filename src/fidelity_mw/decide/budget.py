@@ -87,7 +87,7 @@ class BudgetWindow:
         self.retries[self._index] += 1
         return True
 
-    def refund(self, now: float, age_s: float) -> bool:
+    def refund(self, now: float, age_s: float, spent_at: float | None = None) -> bool:
         """Give back one retry counted `age_s` ago whose attempt was not sent (cancelled
         during its backoff, or the deadline passed first): taken off the bucket it was
         counted in while that bucket is still in the window and holds a retry; once it
@@ -95,9 +95,11 @@ class BudgetWindow:
 
         Reads the ring as it stands, without rotating it (the next count rotates), the
         way `state/lua/budget_refund.lua` does: the bucket `age_s` back from `now` is
-        found from the current bucket's end."""
+        found from the current bucket's end. `spent_at`, when the caller has it (the
+        time the state's own clock spent the retry at), names that bucket instead of
+        the age: an age measured on another clock can land in the next bucket."""
         end = self._bucket_end
-        spent = now - age_s
+        spent = now - age_s if spent_at is None else spent_at
         if end == 0.0 or spent >= end:  # nothing counted yet, or not in this window
             return False
         bucket_s = self._bucket_s

@@ -9,7 +9,8 @@
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
 - `(CLOSE, response)` -> None: close a response we will not hand back;
-- `(REFUND, budget_key, cfg, source, age_s, now)` -> None: the store's `budget_refund` (a
+- `(REFUND, budget_key, cfg, source, age_s, now[, spent_at])` -> None: the store's
+  `budget_refund` (`spent_at` when its gate answer said it: `GateAnswer.spent_at`; a
   retry the budget counted whose attempt is not sent; best effort, errors ignored);
 
 A store that answers in process (`Local`: memory) is called directly instead
@@ -351,7 +352,8 @@ def attempts(
     token: Any = None
     # A retry (or hedge) the budget counted whose attempt is not sent yet: when it was
     # counted (`now` then) and the gate's source; given back if the attempt is not made.
-    unsent: tuple[float, str] | None = None
+    # a retry counted and not sent yet: (when, the gate's source, the store's `spent_at`)
+    unsent: tuple[float, str, float | None] | None = None
     number = 0  # the attempt's number (a retry's is taken when it is decided)
     response: httpx.Response | None
     thrown: BaseException | None
@@ -367,7 +369,7 @@ def attempts(
             g = yield from _gate_hedge(ctx, engine, up, local, tried, race, now)
             target, breaker_key, gated, gate, source, age = g[:6]
             if g.spent:
-                unsent = (now, source)
+                unsent = (now, source, g.spent_at)
         elif instances is None and local is not None:
             gate, _, source, age, _ = _gate_plain(ctx, up, local, False, 0, now, None)
         else:
@@ -522,6 +524,7 @@ def attempts(
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
+                        spent_at: float | None = None
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
@@ -531,7 +534,7 @@ def attempts(
                                 ctx, engine, up, local, tried, True, attempt, now, error
                             )
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
-                            spent_budget = g.spent
+                            spent_budget, spent_at = g.spent, g.spent_at
                         if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
@@ -552,7 +555,7 @@ def attempts(
                                          with_why(source, details))
                             )  # fmt: skip
                             if spent_budget:
-                                unsent = (now, source)
+                                unsent = (now, source, spent_at)
                             spent, response = response, None
                             interrupted: BaseException | None = None
                             try:
@@ -608,6 +611,7 @@ class _Gated(NamedTuple):
     age_s: float
     allowed: bool  # the retry budget's answer (always True for a first attempt)
     spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
+    spent_at: float | None = None  # ... at this time of the store's clock, when it said
 
 
 def _gate_next(
@@ -690,6 +694,7 @@ def _gate_next(
         except Exception as exc:
             answer = exc
         failed = isinstance(answer, Exception)
+        said = getattr(answer, "spent_at", None)  # (`GateAnswer`: a remote store's clock)
         gate, allowed, source, age = _settle(
             ctx, up, answer, retry, gated, attempts_made, now, last_error
         )
@@ -702,7 +707,9 @@ def _gate_next(
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
-    return _Gated(target, breaker_key, gated, gate, source, age, allowed, spent)
+    return _Gated(
+        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None
+    )
 
 
 def _gate_hedge(
@@ -841,14 +848,14 @@ def _unsent(
     ctx: DecisionContext,
     up: Upstream,
     local: Local | None,
-    unsent: tuple[float, str],
+    unsent: tuple[float, str, float | None],
     number: int,
     why: str,
     now: float,
 ) -> Generator[Effect, Any, None]:
     """A retry (or hedge) the budget counted is not sent after all (`why`: `cancelled`
     during its backoff, or the `deadline` passed first): say so, and give it back."""
-    spent_at, source = unsent
+    spent_at, source, said = unsent
     ctx.decisions.append(
         Decision(LAYER_BUDGET, up.key, REFUND_VERDICT, RETRY_NOT_SENT, source, 0.0, now,
                  with_why(source, {"attempt": number, "why": why}))
@@ -859,7 +866,10 @@ def _unsent(
             if local.refund is not None:
                 local.refund(up.budget_key, up.retry, age, now)
         else:
-            yield (REFUND, up.budget_key, up.retry, source, age, now)
+            if said is None:
+                yield (REFUND, up.budget_key, up.retry, source, age, now)
+            else:  # the store's own time of the spend: its bucket, whatever the clocks say
+                yield (REFUND, up.budget_key, up.retry, source, age, now, said)
     except BaseException as exc:  # best effort: the window forgets it at the latest
         logger.debug("fidelity_mw: could not give a retry back to the budget: %s", exc)
 

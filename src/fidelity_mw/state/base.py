@@ -30,18 +30,25 @@ class InboundResult(NamedTuple):
     why: str | None = None
 
 
-class FallbackAnswer(tuple[Gate | None, bool, str, float]):
-    """An `outbound_gate` answer a shared store decided without its state: the same four
-    values (gate, allowed, "fallback", age_s), and `why` as `InboundResult.why` says it
-    ("unreachable", "read_only", "error"), for the outbound decisions taken on it."""
+class GateAnswer(tuple[Gate | None, bool, str, float]):
+    """An `outbound_gate` answer of a shared store that says more than the four values
+    (gate, allowed, source, age_s): `why` a fallback answer was decided without the
+    shared state, as `InboundResult.why` says it ("unreachable", "read_only", "error"),
+    for the outbound decisions taken on it; `spent_at`, the state's own time (Redis:
+    the server's) at which a retry was spent, for `budget_refund`."""
 
     why: str | None
+    spent_at: float | None
 
     def __new__(
-        cls, values: tuple[Gate | None, bool, str, float], why: str | None
-    ) -> FallbackAnswer:
+        cls,
+        values: tuple[Gate | None, bool, str, float],
+        why: str | None = None,
+        spent_at: float | None = None,
+    ) -> GateAnswer:
         self = super().__new__(cls, values)
         self.why = why
+        self.spent_at = spent_at
         return self
 
 
@@ -194,12 +201,21 @@ class StateStore(abc.ABC):
         return gate, True, source, age
 
     async def budget_refund(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
         """Give back one retry that `outbound_gate` spent `age_s` ago (on the caller's
         clock) and whose attempt was then not sent: the call was cancelled during the
         backoff, or the deadline passed before it. It comes off the bucket it was counted
         in, as long as that bucket is still in the window (`BudgetWindow.refund`).
+        `spent_at`: when the store said the retry was spent, on its own clock
+        (`GateAnswer.spent_at`), passed only when the answer said it: it finds the
+        bucket exactly, where an age on another clock can land in the next one.
 
         `source` is the gate's: a retry spent on a fallback decision goes back to the
         fallback's counts. Best effort (a refund that cannot reach the store is dropped);

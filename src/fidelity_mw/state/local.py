@@ -506,7 +506,12 @@ class LocalState:
             return gate, allowed
 
     def budget_refund_now(
-        self, budget_key: str, cfg: BudgetParams, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: BudgetParams,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> bool:
         """Give back one retry spent `age_s` ago whose attempt was not sent (see
         `StateStore.budget_refund`). True if one was given back."""
@@ -514,7 +519,7 @@ class LocalState:
             window = self.budgets.get(budget_key)
             if window is None or window.config is not cfg:
                 return False  # a fresh window (a new config) never counted it
-            return window.refund(now, age_s)
+            return window.refund(now, age_s, spent_at)
 
     def outbound_begin_now(
         self,

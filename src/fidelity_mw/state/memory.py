@@ -101,9 +101,15 @@ class MemoryStore(LocalState, StateStore):
         return self.budget_try_retry_now(budget_key, cfg, now)
 
     async def budget_refund(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
-        self.budget_refund_now(budget_key, cfg, age_s, now)
+        self.budget_refund_now(budget_key, cfg, age_s, now, spent_at)
 
     def breakers_open_until_now(self, breaker_keys: Sequence[str], now: float) -> list[float]:
         """For each breaker: until when it is open (0.0 when it is not), read without

@@ -68,7 +68,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from .base import FallbackAnswer, InboundResult, LimitSpec, StateStore
+from .base import GateAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
@@ -1270,6 +1270,14 @@ class RedisStore(StateStore):
             return self._outbound_fallback(
                 breaker_key, breaker, budget_key, cfg, retry, (), now, WHY_ERROR
             )
+        if retry and allowed and (gate is None or gate.verdict != "reject"):
+            # A retry spent: when, on the server's clock (the script's `now`), so a refund
+            # finds its bucket exactly (an age measured here is off by the round trips).
+            try:
+                spent_at = float(reply[0])
+            except _REPLY_ERRORS:
+                spent_at = None
+            return GateAnswer((gate, allowed, SOURCE_REDIS, age), None, spent_at)
         return gate, allowed, SOURCE_REDIS, age
 
     def _outbound_fallback(
@@ -1283,7 +1291,7 @@ class RedisStore(StateStore):
         now: float,
         why: str = WHY_UNREACHABLE,
     ) -> tuple[Gate | None, bool, str, float]:
-        """Decide without Redis, per `on_error`. The answer says `why` (`FallbackAnswer`):
+        """Decide without Redis, per `on_error`. The answer says `why` (`GateAnswer`):
         the outbound decisions taken on it carry it, as the inbound ones do."""
         self.stats.fallbacks += 1
         age = self.fallback_age()
@@ -1293,7 +1301,7 @@ class RedisStore(StateStore):
             raise _closed(why)
         if mode == "open":
             gate = Gate("allow", CLOSED, _OPEN_EPOCH, 0.0) if has_breaker else None
-            return FallbackAnswer((gate, True, SOURCE_FALLBACK, age), why)
+            return GateAnswer((gate, True, SOURCE_FALLBACK, age), why)
         local = self.local
         # the counts that could not be sent still count, locally
         for key, key_cfg, count in taken:
@@ -1303,7 +1311,7 @@ class RedisStore(StateStore):
         gate, allowed = local.outbound_gate_now(breaker_key, breaker, budget_key, cfg, retry, now)
         if gate is not None:
             gate = gate._replace(epoch=_local_epoch(gate.epoch))
-        return FallbackAnswer((gate, allowed, SOURCE_FALLBACK, age), why)
+        return GateAnswer((gate, allowed, SOURCE_FALLBACK, age), why)
 
     async def budget_request(self, budget_key: str, cfg: RetryConfig, now: float) -> None:
         """Count a top-level request: no round trip, it rides on the next outbound call.
@@ -1343,30 +1351,51 @@ class RedisStore(StateStore):
         return allowed, source, age
 
     async def budget_refund(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
         """Give back a retry spent and then not sent (`StateStore.budget_refund`): one
         `budget_refund.lua` call, or the fallback's counts when it was spent there."""
-        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now)
+        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now, spent_at)
         if planned is not None:
             await self.call(BUDGET_REFUND, *planned)  # None (Redis down): dropped
 
     def budget_refund_sync(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
         """`budget_refund` for sync callers in any thread, over the blocking client."""
-        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now)
+        planned = self._budget_refund_call(budget_key, cfg, source, age_s, now, spent_at)
         if planned is not None:
             self.sync_link().call(BUDGET_REFUND, *planned)
 
     def _budget_refund_call(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> tuple[list[str], list[Any]] | None:
         if source == SOURCE_FALLBACK:
             if self.on_error == "local":  # (`open` spent nothing anywhere)
                 self.local.budget_refund_now(budget_key, cfg, age_s, now)
             return None
-        return [self.key("bu", budget_key)], [cfg.budget_window_s, repr(max(0.0, age_s))]
+        args = [cfg.budget_window_s, repr(max(0.0, age_s))]
+        if spent_at is not None:  # the server's time of the spend: its bucket, exactly
+            args.append(repr(spent_at))
+        return [self.key("bu", budget_key)], args
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1557,13 +1586,21 @@ def _reply_lost(exc: BaseException) -> bool:
 
 
 async def _drop_idle_connections(client: RedisClient) -> None:
-    """Disconnect the pool's idle connections; the next call connects afresh."""
+    """Disconnect the pool's idle connections; the next call connects afresh.
+
+    redis-py's `ConnectionPool.disconnect` gathers the disconnects with
+    `return_exceptions=True`, and can return normally when the task awaiting it is
+    cancelled: the cancellation is raised here again (else the probe, cancelled by
+    `aclose`, went on probing and `aclose` waited for it forever)."""
     if isinstance(client, Redis):
         with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
             await client.connection_pool.disconnect(inuse_connections=False)
         if isinstance(client, LaneClient):
             with contextlib.suppress(*_CALL_ERRORS, RuntimeError):
                 await client.drop_idle()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
 
 
 async def _close_client(client: RedisClient) -> None:

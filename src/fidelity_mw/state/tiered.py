@@ -48,7 +48,7 @@ from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from .base import InboundResult, LimitSpec, StateStore
+from .base import GateAnswer, InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
 from .redis_sync import reply_error
 from .snapshot import BreakerView, LimiterKeyView, SnapshotConfigs, StoreSnapshot
@@ -683,16 +683,28 @@ class TieredStore(StateStore):
         return await self.exact.budget_try_retry(budget_key, cfg, now)
 
     async def budget_refund(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
         """Budgets are exact in tiered mode: given back where they were spent."""
-        await self.exact.budget_refund(budget_key, cfg, source, age_s, now)
+        await self.exact.budget_refund(budget_key, cfg, source, age_s, now, spent_at)
 
     def budget_refund_sync(
-        self, budget_key: str, cfg: RetryConfig, source: str, age_s: float, now: float
+        self,
+        budget_key: str,
+        cfg: RetryConfig,
+        source: str,
+        age_s: float,
+        now: float,
+        spent_at: float | None = None,
     ) -> None:
         """`budget_refund` for sync callers (`FidelitySyncTransport`), as `outbound_gate_sync`."""
-        self.exact.budget_refund_sync(budget_key, cfg, source, age_s, now)
+        self.exact.budget_refund_sync(budget_key, cfg, source, age_s, now, spent_at)
 
     async def outbound_gate(
         self,
@@ -703,11 +715,15 @@ class TieredStore(StateStore):
         retry: bool,
         now: float,
     ) -> tuple[Gate | None, bool, str, float]:
-        """Budget in Redis only for a retry; the breaker gate from the cache."""
+        """Budget in Redis only for a retry; the breaker gate from the cache. The exact
+        store's answer for the retry says when Redis spent it (`GateAnswer.spent_at`),
+        or why it decided without Redis; passed on."""
         allowed, source, age = True, SOURCE_CACHE, 0.0
+        spent: tuple[Any, ...] = ()
         if budget_key is not None and cfg is not None:
             if retry:
-                allowed, source, age = await self.exact.budget_try_retry(budget_key, cfg, now)
+                spent = await self.exact.outbound_gate(None, None, budget_key, cfg, True, now)
+                _, allowed, source, age = spent
             else:
                 await self.exact.budget_request(budget_key, cfg, now)
         gate = None
@@ -715,6 +731,8 @@ class TieredStore(StateStore):
             gate, gate_source, gate_age = await self.breaker_gate(breaker_key, breaker, now)
             if not retry or gate_source != SOURCE_CACHE:
                 source, age = gate_source, gate_age
+        if isinstance(spent, GateAnswer) and source == spent[2]:
+            return GateAnswer((gate, allowed, source, age), spent.why, spent.spent_at)
         return gate, allowed, source, age
 
     def outbound_gate_sync(

@@ -4,9 +4,12 @@
 --
 -- KEYS: the budget hash (outbound.lua's: be = the current bucket's end, ix = its index,
 --       rt = the retries per bucket).
--- ARGV: window_s, age_s (how long ago the retry was spent, on the caller's clock).
--- The retry comes off the bucket it was counted in, found age_s back from now on the
--- server's clock, while that bucket is still in the window and holds one; the ring is
+-- ARGV: window_s, age_s (how long ago the retry was spent, on the caller's clock)
+--       [, spent_at: the server time outbound.lua spent it at (its reply's first value)].
+-- The retry comes off the bucket it was counted in: the one spent_at is in, or without
+-- it, the one age_s back from now on the server's clock (an age measured on another
+-- clock, off by the round trips: at a bucket's edge it can name the next one), while
+-- that bucket is still in the window and holds one; the ring is
 -- read as it stands, not rotated (the next outbound.lua call rotates it), and the key
 -- keeps the expiry its last count gave it.
 -- Returns: 1 if a retry was given back, else 0.
@@ -14,7 +17,7 @@
 local key = KEYS[1]
 local bs = tonumber(ARGV[1]) / BUCKETS
 local now = server_now()
-local spent = now - tonumber(ARGV[2])
+local spent = tonumber(ARGV[3]) or (now - tonumber(ARGV[2]))
 local v = redis.call('HMGET', key, 'be', 'ix', 'rt')
 local be = tonumber(v[1]) or 0
 local ix = tonumber(v[2]) or 0
