@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -426,3 +426,122 @@ async def test_a_cancelled_probe_is_not_kept_running_by_the_pools_disconnect(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ------------------------------------------- 4. a call cancelled while its gate is in flight
+
+
+class _CancelledInFlight:
+    """The store's `outbound_gate`, with the caller cancelled while the reply is on its way:
+    the script ran (it took what it takes), then the cancellation arrives."""
+
+    def __init__(self, store: RedisStore, scope: Any, when: Callable[[tuple[Any, ...]], bool]):
+        self.real = store.outbound_gate
+        self.scope = scope
+        self.when = when
+
+    async def __call__(self, *args: Any) -> Any:
+        import anyio.lowlevel
+
+        answer = await self.real(*args)
+        if self.when(args):
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()  # (where the await of the reply was)
+        return answer
+
+
+PROBING = BreakerConfig(
+    consecutive_failures=1, open_s=0.05, open_jitter=0.0, half_open_probes=1, probe_lease_s=30.0
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_call_cancelled_while_its_probe_gate_is_in_flight_frees_the_slot(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the half-open breaker's probe slot taken by a gate whose caller was cancelled
+    before the reply arrived stayed taken until the probe lease (30 s) ran out: every
+    call meanwhile was refused. Now the reply is read under a shield, and the slot given
+    back."""
+    import anyio
+
+    policy = Policy(
+        state=StateConfig(url=redis_url, **PATIENT, **QUIET),
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=1), breaker=PROBING),),
+    )
+    store = RedisStore(config=policy.state, rng=seeded_random(1))
+    engine = Engine(policy, clock=FakeClock(), store=store)
+    answers = iter([503, 200, 200])
+    t = FidelityTransport(
+        httpx.MockTransport(lambda r: httpx.Response(next(answers))),
+        engine=engine,
+        telemetry=False,
+    )
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            assert (await client.get(URL)).status_code == 503  # opens the breaker
+            await asyncio.sleep(0.06)  # (the server's clock: half-open after 50 ms)
+            with anyio.CancelScope() as scope:
+                gate = _CancelledInFlight(store, scope, lambda args: True)
+                monkeypatch.setattr(store, "outbound_gate", gate)
+                await client.get(URL)
+            assert scope.cancelled_caught
+            monkeypatch.undo()
+            response = await client.get(URL)  # the probe slot is free: this is the probe
+        assert response.status_code == 200
+        decisions = response.extensions["fidelity_context"].decisions
+        assert [d.verdict for d in decisions if d.layer == "breaker"] == ["probe"]
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_a_call_cancelled_while_its_retry_gate_is_in_flight_gives_the_retry_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the retry the budget spent for a call cancelled before the gate's reply
+    arrived was never given back (one retry per window here: the next call could not
+    retry)."""
+    import anyio
+
+    policy = Policy(
+        state=StateConfig(url=redis_url, **PATIENT, **QUIET),
+        upstreams=(
+            UpstreamConfig(
+                host="*",
+                retry=RetryConfig(
+                    attempts=2,
+                    base_ms=1,
+                    max_ms=2,
+                    budget_ratio=0.0,
+                    budget_min_per_s=0.1,
+                    budget_window_s=10.0,
+                ),
+                breaker=None,
+            ),
+        ),
+    )
+    store = RedisStore(config=policy.state, rng=seeded_random(1))
+    engine = Engine(policy, clock=FakeClock(), store=store)
+    answers = iter([503, 503, 200])
+    t = FidelityTransport(
+        httpx.MockTransport(lambda r: httpx.Response(next(answers))),
+        engine=engine,
+        telemetry=False,
+    )
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            with anyio.CancelScope() as scope:
+                gate = _CancelledInFlight(store, scope, lambda args: bool(args[4]))
+                monkeypatch.setattr(store, "outbound_gate", gate)
+                await client.get(URL)
+            assert scope.cancelled_caught
+            monkeypatch.undo()
+            response = await client.get(URL)  # 503, then its retry: the budget has it
+        assert response.status_code == 200
+        decisions = response.extensions["fidelity_context"].decisions
+        assert [d.verdict for d in decisions if d.layer == "retry"] == ["allow", "retry"]
+    finally:
+        await store.aclose()

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import httpx
 import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
@@ -572,7 +573,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 if kind == SEND:
                     value = await inner.handle_async_request(effect[1])
                 elif kind == GATE:  # a remote store (an in-process one is called directly)
-                    value = await store.outbound_gate(*effect[1:])
+                    # Its answer is read whatever happens to the caller meanwhile (the
+                    # store's timeout bounds the wait): a call cancelled while the gate
+                    # was in flight gives back what the gate took, which the loop, never
+                    # seeing the answer, cannot (a retry spent, a probe slot).
+                    with anyio.CancelScope(shield=True):
+                        value = await store.outbound_gate(*effect[1:])
+                    gone: BaseException | None = None
+                    try:
+                        await anyio.lowlevel.checkpoint()
+                    except BaseException as exc:  # cancelled: the loop will not go on
+                        gone = exc
+                    if gone is not None:
+                        with anyio.CancelScope(shield=True):
+                            await _give_back(store, effect, value)
+                        raise gone
                 elif kind == RECORD:
                     if effect[4] == IGNORED or effect[3].probe_id:
                         # A gate given back (cancelled, mostly), or a probe's outcome (it
@@ -602,6 +617,29 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def _give_back(store: StateStore, effect: tuple[Any, ...], answer: Any) -> None:
+    """A gate answered for a call cancelled meanwhile (`_drive`): give back what it took,
+    as the loop gives back a gate whose attempt is not made (an `ignored` outcome frees a
+    probe slot) and a retry the budget counted (`budget_refund`, at the store's own time
+    of the spend when its answer says it). Best effort: the probe lease and the budget
+    window bound what is not given back."""
+    _, breaker_key, breaker, budget_key, cfg, retry, now = effect
+    try:
+        gate, allowed, source, _age = answer
+        taken = gate is None or gate.verdict != "reject"
+        if gate is not None and breaker is not None and taken:
+            await store.record(breaker_key, breaker, gate, IGNORED, False, now)
+        refund = getattr(store, "budget_refund", None)
+        if retry and allowed and taken and budget_key is not None and refund is not None:
+            spent_at = getattr(answer, "spent_at", None)
+            if spent_at is None:
+                await refund(budget_key, cfg, source, 0.0, now)
+            else:
+                await refund(budget_key, cfg, source, 0.0, now, spent_at)
+    except Exception as exc:
+        logger.debug("fidelity_mw: a cancelled call's gate not given back: %s", exc)
 
 
 # ---------------------------------------------------------------- sync
