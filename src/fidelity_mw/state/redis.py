@@ -1464,7 +1464,8 @@ class RedisStore(StateStore):
         limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]
         note = "keys this instance has used; Redis stores them by hash only"
         if not self.health.up:
-            return self._fallback_snapshot(now, top, detail, "redis is unreachable")
+            what = _CLOSED_WHAT.get(self.fallback_why or "", "redis is unreachable")
+            return self._fallback_snapshot(now, top, detail, what)
         started = self._clock.monotonic()
         try:
             pipe = self.client().pipeline(transaction=False)
