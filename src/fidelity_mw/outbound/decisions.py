@@ -75,11 +75,9 @@ logger = logging.getLogger("fidelity_mw")
 _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", default=None)
 
 
-def fell(answer: object) -> None:
-    """A gate answer (or the store's exception) arrived: note why it is a fallback."""
-    why = getattr(answer, "why", None)
-    if isinstance(answer, Exception) and why is None:
-        why = "error"  # (a store that cannot say: it failed this call)
+def fell(why: object) -> None:
+    """A gate answer decided without the shared state (or the store's exception) arrived:
+    note why (`GateAnswer.why`, `StateUnavailable.why`; None: the store cannot say)."""
     _FELL.set(why if isinstance(why, str) else None)
 
 

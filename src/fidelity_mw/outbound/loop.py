@@ -694,7 +694,12 @@ def _gate_next(
         except Exception as exc:
             answer = exc
         failed = isinstance(answer, Exception)
-        said = getattr(answer, "spent_at", None)  # (`GateAnswer`: a remote store's clock)
+        # (`GateAnswer`, read before anything narrows `answer` to a tuple: compiled, a
+        # narrowed tuple is unboxed, and boxed again as a plain one without these)
+        said = getattr(answer, "spent_at", None)  # when a remote store spent the retry
+        why = getattr(answer, "why", None)  # why a fallback answer is one
+        if not failed:
+            fell(why)  # (before `_settle`: the decisions it records say why)
         gate, allowed, source, age = _settle(
             ctx, up, answer, retry, gated, attempts_made, now, last_error
         )
@@ -798,9 +803,8 @@ def _settle(
 ) -> tuple[Gate | None, bool, str, float]:
     """The store's answer to a gate operation (or its failure) as the loop acts on it; a
     retry the budget denies is recorded."""
-    if isinstance(answer, Exception) or answer[2] == SOURCE_FALLBACK:
-        fell(answer)  # (the decisions on it say why)
     if isinstance(answer, Exception):
+        fell(getattr(answer, "why", None) or "error")  # (the decisions on it say why)
         if gated or not retry:
             closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)
         allowed = not retry or not store_failed(ctx, up, "retry budget", answer)
