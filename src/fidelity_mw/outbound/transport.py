@@ -581,7 +581,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                         value = await store.outbound_gate(*effect[1:])
                     gone: BaseException | None = None
                     try:
-                        await anyio.lowlevel.checkpoint()
+                        await anyio.lowlevel.checkpoint_if_cancelled()
                     except BaseException as exc:  # cancelled: the loop will not go on
                         gone = exc
                     if gone is not None:
