@@ -404,14 +404,14 @@ def fast_admission(
     def record_success(gate: Gate, now: float) -> None:
         """`LocalState.record_now(breaker_key, breaker, gate, SUCCESS, False, now)`, with
         `BreakerState.record`'s first case inline: a success of the breaker's epoch, closed,
-        in its current bucket, with no failure or slow call in the window."""
+        in its current bucket, with no failure or slow call in the window. (The gate is
+        one `admit` returned: a closed breaker's, never a probe's.)"""
         acquire()
         try:
             state = store.breakers.get(record_key)
             if (
                 state is not None
                 and state.config is record_config
-                and not gate.probe_id
                 and now < state._bucket_end
                 and gate.epoch == state.epoch
                 and state.state == CLOSED
