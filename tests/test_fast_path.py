@@ -56,16 +56,12 @@ class App:
         await send({"type": "http.response.body", "body": b"x"})
 
 
-def build(
-    policy: Policy, fast: bool, max_keys: int
-) -> tuple[FidelityMiddleware, App, FakeClock]:
+def build(policy: Policy, fast: bool, max_keys: int) -> tuple[FidelityMiddleware, App, FakeClock]:
     app = App()
     clock = FakeClock(start=T0)
     rng = seeded_random(3)
     store = MemoryStore(max_keys=max_keys, rng=rng)
-    mw = FidelityMiddleware(
-        app, policy=policy, clock=clock, rng=rng, store=store, telemetry=False
-    )
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, rng=rng, store=store, telemetry=False)
     if not fast:
         mw._fast_ok = False
     return mw, app, clock
