@@ -9,14 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 from .._logs import warn
-from .._types import Scope
 from ..context import (
     ALLOW,
-    INTERPRETED,
     LAYER_BREAKER,
     LAYER_DEADLINE,
     LAYER_RATELIMIT,
@@ -29,16 +26,12 @@ from ..context import (
     Decision,
     DecisionContext,
     DetailValue,
-    _next_seq,
 )
-from ..decide.breaker import CLOSED, SUCCESS, Gate
 from ..decide.fleet import FleetShare
-from ..decide.gcra import _HALF_ULP, _SLACK, LimitVerdict, retry_after_header
-from ..engine import Engine
-from ..policy import BreakerConfig, Policy
+from ..decide.gcra import LimitVerdict, retry_after_header
+from ..policy import Policy
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, LimitSpec, state_age_s, state_why
-from ..state.local import LocalState
 from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
 
 logger: Final = logging.getLogger("fidelity_mw")
@@ -47,7 +40,6 @@ logger: Final = logging.getLogger("fidelity_mw")
 # NamedTuple's own __new__ is a Python function, a frame per record, and telemetry
 # reads every request's decisions.
 _record: Final = tuple.__new__
-_new_tuple: Final = tuple.__new__
 
 
 def warn_without_state(exc: Exception) -> None:
@@ -331,189 +323,3 @@ def ratelimit_headers(
             t = retry_after
         items.append(prefix + b"%d;t=%d" % (verdict.remaining, t))
     return [plan.policy_field, (b"ratelimit", b", ".join(items))]
-
-
-# (the admitted request's gate, now): its success recorded to the route breaker
-FastRecord = Callable[[Gate, float], None]
-# What a route's fast admission returns: the request's context, the store's answer, the
-# limit keys, and how to record a success to the route breaker (None: no breaker)
-FastResult = tuple[DecisionContext, InboundResult, tuple[str], FastRecord | None]
-# (scope, its raw headers, its method, now) -> FastResult, or None: this request is not
-# the common case, decide it the general way (nothing was changed, no context made)
-FastAdmit = Callable[[Scope, Iterable[tuple[bytes, bytes]], str, float], "FastResult | None"]
-_RESULT: Final = InboundResult  # compiled: constants, not lookups by name per request
-_LIMIT_VERDICT: Final = LimitVerdict
-_CONTEXT: Final = DecisionContext
-_object_new: Final = object.__new__
-
-
-def fast_admission(
-    plan: RoutePlan,
-    engine: Engine,
-    store: LocalState,
-    wanted: frozenset[bytes],
-    deadline_values: dict[bytes, dict[bytes, float | None]],
-    fields: bool,
-) -> FastAdmit | None:
-    """The allowed path of one route of the common shape, fused into one function: the
-    client key, the deadline header, the route breaker's closed check and the one GCRA
-    limit on process memory, the RateLimit fields and the decision facts (built into
-    records lazily, as on the general path), and the breaker's record of its success
-    (in the answer; None without a breaker). None: the route is not of that shape.
-
-    The function it returns mirrors, step for step and float for float, what the general
-    path does (`RequestReader.from_headers`, `LocalState.admit_now`, `decide.gcra.gcra`,
-    `ratelimit_headers`); the moment a request is anything but ordinary (a wanted header
-    other than one deadline header the reader has parsed before, a deadline not ahead,
-    a breaker not closed or not yet made, a refusal, a refunded key, a table due for a
-    sweep) it returns None having changed nothing, and the general path decides it.
-    tests/test_fast_path.py holds the two paths equal.
-
-    `deadline_values`: per deadline header, the reader's table of values already parsed
-    (read only: the general path fills it). `fields`: the IETF RateLimit fields go on
-    every response (`rate_limit_headers = "always"`)."""
-    prefix = plan.ip_key_prefix
-    one = plan.one_advertised
-    if prefix is None or one is None or plan.bulkhead is not None:
-        return None
-    breaker_key = plan.breaker_key
-    breaker = plan.breaker
-    spec = plan.specs[0]
-    interval_s = spec.interval_s
-    tolerance_s = spec.tolerance_s
-    # the parts of decide.gcra.gcra that depend on the route alone, each computed as
-    # gcra computes it (the same floats)
-    step = spec.cost * interval_s
-    slack_base = _SLACK * interval_s
-    slack_factor = tolerance_s / interval_s + 32.0
-    half = 0.5 * interval_s
-    item = one[0]
-    policy_field = plan.policy_field
-    default_s = plan.deadline_default_s
-    cap_s = plan.deadline_cap_s
-    builder = admission_decisions
-    acquire = store._acquire
-    release = store._release
-    fields_cache = _FIELDS
-    route = plan.route
-
-    # (the recorder is made only for a route with a breaker: both are set)
-    record_key = breaker_key if breaker_key is not None else ""
-    record_config = cast("BreakerConfig", breaker)
-
-    def record_success(gate: Gate, now: float) -> None:
-        """`LocalState.record_now(breaker_key, breaker, gate, SUCCESS, False, now)`, with
-        `BreakerState.record`'s first case inline: a success of the breaker's epoch, closed,
-        in its current bucket, with no failure or slow call in the window. (The gate is
-        one `admit` returned: a closed breaker's, never a probe's.)"""
-        acquire()
-        try:
-            state = store.breakers.get(record_key)
-            if (
-                state is not None
-                and state.config is record_config
-                and now < state._bucket_end
-                and gate.epoch == state.epoch
-                and state.state == CLOSED
-            ):
-                totals = state._totals
-                if not (totals[1] or totals[2]):
-                    state.buckets[-1][0] += 1
-                    totals[0] += 1
-                    state.consecutive = 0
-                    return
-            if state is None or state.config is not record_config:
-                state = store.breaker_state(record_key, record_config, now)
-            state.record(gate.epoch, gate.probe_id, SUCCESS, now, store._rng, False)
-        finally:
-            release()
-
-    recorder = record_success if breaker_key is not None else None
-
-    def admit(
-        scope: Scope, headers: Iterable[tuple[bytes, bytes]], method: str, now: float
-    ) -> FastResult | None:
-        caller: float | None = None
-        for name, value in headers:
-            if name in wanted:
-                parsed = deadline_values.get(name)
-                if parsed is None or caller is not None:
-                    return None  # not a deadline header, or a second one
-                caller = parsed.get(value)
-                if caller is None:
-                    return None  # not parsed yet, or malformed
-        remaining_s = default_s
-        if caller is not None:
-            remaining_s = caller if cap_s is None or caller < cap_s else cap_s
-            if remaining_s <= 0.0:
-                return None  # expired on arrival
-        client = scope.get("client")
-        ip: str = client[0] if client else "unknown"
-        key = prefix + ip
-        acquire()
-        try:
-            gate = None
-            if breaker_key is not None:
-                state = store.breakers.get(breaker_key)
-                if state is None or state.config is not breaker or state.state != CLOSED:
-                    return None
-                gate = state.closed_gate
-            table = store.limits
-            tats = table.tats
-            if len(tats) + 1 > table.next_sweep:
-                return None
-            if table.refunded and key in table.refunded:
-                return None
-            tat = tats.get(key)
-            # decide.gcra.gcra, admitting
-            base = tat if tat is not None and tat > now else now
-            new_tat = base + step
-            slack = slack_base + (now if now >= 0.0 else -now) * _HALF_ULP * slack_factor
-            if slack > half:
-                slack = half
-            if new_tat - tolerance_s - now > slack:
-                return None  # refused
-            remaining = int((tolerance_s - (new_tat - now) + slack) / interval_s)
-            if tat is None:
-                table.intervals[key] = interval_s
-            tats[key] = new_tat
-        finally:
-            release()
-        if remaining < 0:
-            remaining = 0
-        reset_s = new_tat - now
-        verdict = _new_tuple(_LIMIT_VERDICT, (True, new_tat, remaining, reset_s, 0.0, False))
-        result: InboundResult = _new_tuple(
-            _RESULT, (gate, (verdict,), True, "memory", 0.0, None, None)
-        )
-        deadline_at = now + remaining_s if remaining_s is not None else None
-        if INTERPRETED:  # context.new_request_context, inline
-            ctx: DecisionContext = _object_new(_CONTEXT)
-            ctx._seq = _next_seq()
-            ctx.engine = engine
-            ctx.route = route
-            ctx.method = method
-            ctx.started_at = now
-            ctx._decisions = []
-            if deadline_at is not None:
-                ctx.deadline_at = deadline_at
-            ctx.client_key = ip
-        else:  # the native constructor
-            ctx = _CONTEXT(engine, route, method, now, deadline_at, ip)
-        if caller is not None:
-            ctx.deadline_from_caller = True
-        ctx._pending = (builder, plan, result, now)
-        if fields:
-            # ratelimit_headers, one advertised limit that admitted
-            wait = reset_s - tolerance_s + (remaining + 1) * interval_s
-            t = math.ceil(wait - 1e-9) if wait > 0.0 else 0
-            field_key = (item, remaining, t)
-            field = fields_cache.get(field_key)
-            if field is None:
-                if len(fields_cache) >= _MAX_FIELDS:
-                    fields_cache.clear()
-                field = fields_cache[field_key] = (b"ratelimit", item + b"%d;t=%d" % (remaining, t))
-            ctx.response_headers = [policy_field, field]
-        return ctx, result, (key,), recorder
-
-    return admit

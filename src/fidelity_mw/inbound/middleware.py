@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from .._logs import exception as log_exception
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
@@ -34,15 +34,7 @@ from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from ..state.memory import MemoryStore
-from .admission import (
-    Admission,
-    FastAdmit,
-    FastResult,
-    admission_decisions,
-    fast_admission,
-    ratelimit_headers,
-)
+from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
@@ -62,7 +54,6 @@ logger: Final = logging.getLogger("fidelity_mw")
 # method lookup by name)
 _set_current: Final = _CURRENT.set
 _reset_current: Final = _CURRENT.reset
-_MAX_FAST_ROUTES: Final = 10_000  # as many as the engine keeps plans
 
 
 class FidelityMiddleware:
@@ -144,42 +135,6 @@ class FidelityMiddleware:
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
-        # Per (method, path): the route's plan and fused allowed path (fast_admission), or
-        # () when it has none; built on the route's first request. Only where nothing
-        # outside the route's plan can change the allowed path: process memory exactly
-        # (a subclass may decide otherwise), no observer (it sees the context before
-        # admission), the client address from the peer, and the IETF fields or none.
-        self._fast_routes: dict[tuple[str, str], tuple[RoutePlan, FastAdmit] | tuple[()]] = {}
-        self._fast_ok = (
-            type(store_) is MemoryStore
-            and observer is None
-            and not self._uses_forwarding
-            and (self._ietf_fields or not self._always_headers)
-        )
-        # per deadline header: the reader's table of values it has parsed
-        self._deadline_values = {raw: parsed for _n, raw, _p, parsed in reader.deadline_headers}
-
-    def _new_context(self, plan: RoutePlan, method: str, now: float) -> DecisionContext:
-        if INTERPRETED:
-            return new_request_context(self.engine, plan.route, method, now)
-        return DecisionContext(self.engine, plan.route, method, now)
-
-    def _learn_route(self, method: str, path: str, plan: RoutePlan) -> None:
-        """Remember whether this route has a fused allowed path (never for OPTIONS: a
-        CORS preflight has a plan of its own)."""
-        admit = None
-        if method != "OPTIONS":
-            admit = fast_admission(
-                plan,
-                self.engine,
-                cast(MemoryStore, self.engine.store),
-                self._wanted,
-                self._deadline_values,
-                self._always_headers,
-            )
-        if len(self._fast_routes) >= _MAX_FAST_ROUTES:
-            self._fast_routes.clear()
-        self._fast_routes[(method, path)] = (plan, admit) if admit is not None else ()
 
     def _say_nested(self) -> None:
         self._nested_said = True
@@ -197,36 +152,21 @@ class FidelityMiddleware:
                 await self.app(scope, receive, send)
             return
         now = self._monotonic()
-        # (the coroutine's locals are counted: under 512 bytes it is pymalloc's to make)
-        fast: FastResult | None = None  # admitted by the route's fused allowed path
         try:
             method = scope["method"]
+            plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
-            fast_route = self._fast_routes.get((method, scope["path"]))
-            if fast_route:  # a route of the common shape (admission.fast_admission)
-                plan = fast_route[0]
-                fast = fast_route[1](scope, raw_headers, method, now)
-                if fast is None:  # not an ordinary request: nothing changed, decide it below
-                    found = scan_headers(raw_headers, self._wanted)
-                    ctx = self._new_context(plan, method, now)
-                else:
-                    found = None
-                    ctx = fast[0]
+            if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
+                plan = self.engine.preflight_plan_for(scope)  # no quota spent, none refused
+            # Only the headers a layer wants, repeats joined (None: none of them). One
+            # scan with a set lookup per line costs less than `dict(raw_headers)` and a
+            # disjointness check (that builds a dict of every header), in both builds.
+            found = scan_headers(raw_headers, self._wanted)
+            if INTERPRETED:  # (the class call costs an interpreter call of its own)
+                ctx = new_request_context(self.engine, plan.route, method, now)
             else:
-                plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
-                if fast_route is None and self._fast_ok:
-                    self._learn_route(method, scope["path"], plan)
-                if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
-                    plan = self.engine.preflight_plan_for(scope)  # no quota spent, none refused
-                # Only the headers a layer wants, repeats joined (None: none of them). One
-                # scan with a set lookup per line costs less than `dict(raw_headers)` and a
-                # disjointness check (that builds a dict of every header), in both builds.
-                found = scan_headers(raw_headers, self._wanted)
-                if INTERPRETED:  # (the class call costs an interpreter call of its own)
-                    ctx = new_request_context(self.engine, plan.route, method, now)
-                else:
-                    ctx = DecisionContext(self.engine, plan.route, method, now)
+                ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
             logger.exception("fidelity_mw: could not set up the request; passing it through")
             await self.app(scope, receive, send)
@@ -256,56 +196,50 @@ class FidelityMiddleware:
             keys: Sequence[str] = ()
             rejection: Rejection | None = None
             try:
-                if fast is not None:  # decided by the route's fused allowed path
-                    result = fast[1]
-                    keys = fast[2]
-                else:
-                    remaining = plan.deadline_default_s
-                    if found is not None:
-                        # (the method itself: compiled, a direct call with an unboxed `now`)
-                        remaining, rejection = self._reader.from_headers(
-                            scope, ctx, plan, found, now
-                        )
-                    if rejection is None and remaining is not None:
-                        ctx.deadline_at = now + remaining
-                    if rejection is None and plan.bulkhead is not None:
-                        # Before breaker and limiter: a capacity shed costs no quota and
-                        # is no breaker outcome.
-                        rejection = await self._enter_bulkhead(ctx, plan, scope, found, now)
-                        in_bulkhead = rejection is None
-                    if rejection is None:
-                        if plan.admits:
-                            if plan.ip_key_prefix is not None and not self._uses_forwarding:
-                                # one limit keyed by the peer address: the common case, inline
-                                client = scope.get("client")
-                                ip = client[0] if client else "unknown"
-                                ctx.client_key = ip
-                                keys = (plan.ip_key_prefix + ip,)
-                            elif plan.specs:
-                                keys = self._limit_keys(scope, plan, found, ctx)
-                            if self._admit_now is not None:
-                                result = self._admit_now(
-                                    plan.breaker_key, plan.breaker, keys, plan.specs, now
+                remaining = plan.deadline_default_s
+                if found is not None:
+                    # (the method itself: compiled, a direct call with an unboxed `now`)
+                    remaining, rejection = self._reader.from_headers(scope, ctx, plan, found, now)
+                if rejection is None and remaining is not None:
+                    ctx.deadline_at = now + remaining
+                if rejection is None and plan.bulkhead is not None:
+                    # Before breaker and limiter: a capacity shed costs no quota and
+                    # is no breaker outcome.
+                    rejection = await self._enter_bulkhead(ctx, plan, scope, found, now)
+                    in_bulkhead = rejection is None
+                if rejection is None:
+                    if plan.admits:
+                        if plan.ip_key_prefix is not None and not self._uses_forwarding:
+                            # one limit keyed by the peer address: the common case, inline
+                            client = scope.get("client")
+                            ip = client[0] if client else "unknown"
+                            ctx.client_key = ip
+                            keys = (plan.ip_key_prefix + ip,)
+                        elif plan.specs:
+                            keys = self._limit_keys(scope, plan, found, ctx)
+                        if self._admit_now is not None:
+                            result = self._admit_now(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        if result is None:  # no fast path, or this request needs I/O
+                            result = await self.engine.store.admit(
+                                plan.breaker_key, plan.breaker, keys, plan.specs, now
+                            )
+                        gate = result.gate
+                        # Admission.verdict's allowed path, inline (a store never admits
+                        # past a rejecting gate; the check keeps a custom one honest)
+                        if result.admitted and (gate is None or gate.verdict != "reject"):
+                            ctx._pending = (self._pending_builder, plan, result, now)
+                            if plan.policy_header is not None and self._always_headers:
+                                ctx.response_headers = (
+                                    ratelimit_headers(plan, result)
+                                    if self._ietf_fields
+                                    else self._fields(plan, result)
                                 )
-                            if result is None:  # no fast path, or this request needs I/O
-                                result = await self.engine.store.admit(
-                                    plan.breaker_key, plan.breaker, keys, plan.specs, now
-                                )
-                            gate = result.gate
-                            # Admission.verdict's allowed path, inline (a store never admits
-                            # past a rejecting gate; the check keeps a custom one honest)
-                            if result.admitted and (gate is None or gate.verdict != "reject"):
-                                ctx._pending = (self._pending_builder, plan, result, now)
-                                if plan.policy_header is not None and self._always_headers:
-                                    ctx.response_headers = (
-                                        ratelimit_headers(plan, result)
-                                        if self._ietf_fields
-                                        else self._fields(plan, result)
-                                    )
-                            else:
-                                rejection = self._verdict(ctx, plan, result, now)
                         else:
-                            ctx._pending = (self._pending_builder, plan, None, now)
+                            rejection = self._verdict(ctx, plan, result, now)
+                    else:
+                        ctx._pending = (self._pending_builder, plan, None, now)
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -369,15 +303,8 @@ class FidelityMiddleware:
                 ctx.decided_by = DECIDED_BY_APP
                 ctx.outcome = OUTCOME_SERVED
                 gate = result.gate if result is not None else None
-                if gate is not None and fast is not None and fast[3] is not None:
-                    try:  # the fused path's own record (admission.fast_admission)
-                        fast[3](gate, now)
-                    except Exception:
-                        logger.exception(
-                            "fidelity_mw: could not record the outcome of %s", ctx.route
-                        )
                 # (a gate comes only from the route's breaker: key and config are set)
-                elif (
+                if (
                     gate is not None
                     and self._record_now is not None
                     and plan.breaker_key is not None
