@@ -1,0 +1,154 @@
+"""Defects a tenth review (inbound) found.
+
+1. An app that called `response.raise_for_status()` on the answer FidelityTransport gave
+   up on (it retried a 503 until its attempts or its retry budget ran out) let the
+   `httpx.HTTPStatusError` out: the server answered a bare 500, without the
+   `x-fidelity-retry: exhausted` marker, so a caller retried a request we had already
+   retried, and a budget refusal surfaced as a 500. It is now answered as the same
+   give-up with a transport error is: 502 `upstream-failed` marked exhausted, or 503
+   `retry-budget-exhausted` naming the budget. An HTTPStatusError the transport did
+   not give up on (a 500 it does not retry, a 404) stays the app's 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
+from fidelity_mw.context import context_from_scope
+from fidelity_mw.policy import BreakerConfig, DeadlineConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+# ------------------------------------------- 1. raise_for_status() after a give-up
+
+
+def _raising_app(
+    upstream_status: int, retry: RetryConfig, seen: list[Any]
+) -> tuple[Starlette, list[str]]:
+    sent: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(upstream_status, text="upstream says no")
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+
+    async def charge(request: Request) -> Response:
+        seen.append(request.scope)
+        response = await outbound.get("http://payments.internal" + request.url.path)
+        response.raise_for_status()  # the common handler: no try/except around it
+        return PlainTextResponse("charged")
+
+    app = Starlette(routes=[Route("/{kind}", charge)])
+    policy = Policy(
+        deadline=DeadlineConfig(default_ms=5000),
+        breaker=BreakerConfig(consecutive_failures=100),
+        upstreams=(UpstreamConfig(host="*", retry=retry),),
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app, sent
+
+
+def _doc(response: httpx.Response) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(response.content)
+    return doc
+
+
+async def test_raise_for_status_after_retries_ran_out_is_a_502_marked_exhausted() -> None:
+    """Before: a bare 500 (text/plain "Internal Server Error"), no marker."""
+    seen: list[Any] = []
+    app, sent = _raising_app(503, RetryConfig(attempts=3, base_ms=1, max_ms=1), seen)
+    async with _client(app) as client:
+        got = await client.get("/a")
+    assert sent == ["/a"] * 3  # retried, then given up
+    assert got.status_code == 502
+    assert got.headers["x-fidelity-retry"] == "exhausted"
+    assert "x-fidelity-decided-by" not in got.headers  # the upstream failed, not a layer
+    assert got.headers["content-type"] == "application/problem+json"
+    doc = _doc(got)
+    assert doc["type"].endswith("upstream-failed")
+    assert doc["upstream"] == "payments.internal"
+    assert "503" in doc["detail"]
+    ctx = context_from_scope(seen[0])
+    assert ctx is not None
+    assert (ctx.decided_by, ctx.outcome, ctx.status) == ("app", "failed", 502)
+
+
+async def test_raise_for_status_after_the_budget_refused_a_retry_is_a_503_of_the_budget() -> (
+    None
+):
+    seen: list[Any] = []
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=1, budget_ratio=0.0, budget_min_per_s=0.0)
+    app, sent = _raising_app(503, retry, seen)
+    async with _client(app) as client:
+        got = await client.get("/b")
+    assert sent == ["/b"]  # the retry was refused by the budget
+    assert got.status_code == 503
+    assert got.headers["x-fidelity-retry"] == "exhausted"
+    assert got.headers["x-fidelity-decided-by"] == "budget"
+    doc = _doc(got)
+    assert doc["type"].endswith("retry-budget-exhausted")
+    assert (doc["layer"], doc["upstream"]) == ("budget", "payments.internal")
+    ctx = context_from_scope(seen[0])
+    assert ctx is not None
+    assert (ctx.decided_by, ctx.outcome) == ("budget", "shed")
+    assert [d.layer for d in ctx.decisions if d.verdict == "give_up"] == ["budget"]
+
+
+@pytest.mark.parametrize(("status", "attempts"), [(500, 3), (404, 3), (503, 1)])
+async def test_an_http_status_error_not_given_up_on_stays_the_apps_500(
+    status: int, attempts: int
+) -> None:
+    """A 500 and a 404 are not retried; with retries off we did not retry either: the
+    caller is the nearest owner that may, as for a transport error."""
+    seen: list[Any] = []
+    app, sent = _raising_app(status, RetryConfig(attempts=attempts, base_ms=1, max_ms=1), seen)
+    async with _client(app) as client:
+        got = await client.get("/c")
+    assert sent == ["/c"]
+    assert got.status_code == 500
+    assert "x-fidelity-retry" not in got.headers
+    assert got.text == "Internal Server Error"
+
+
+async def test_a_later_unretried_error_of_the_same_upstream_stays_the_apps_500() -> None:
+    """The give-up of an earlier call in the request marks that call's response only."""
+    calls: list[int] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503 if request.url.path == "/first" else 404)
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+
+    async def handler(request: Request) -> Response:
+        first = await outbound.get("http://payments.internal/first")
+        assert first.status_code == 503  # given up on, handled by the app
+        second = await outbound.get("http://payments.internal/second")
+        second.raise_for_status()
+        return PlainTextResponse("unreachable")
+
+    app = Starlette(routes=[Route("/", handler)])
+    retry = RetryConfig(attempts=2, base_ms=1, max_ms=1)
+    policy = Policy(upstreams=(UpstreamConfig(host="*", retry=retry),))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    async with _client(app) as client:
+        got = await client.get("/")
+    assert len(calls) == 3
+    assert got.status_code == 500
