@@ -22,9 +22,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, RateLimit
 from fidelity_mw.context import context_from_scope
-from fidelity_mw.policy import BreakerConfig, DeadlineConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.policy import (
+    BreakerConfig,
+    DeadlineConfig,
+    RetryConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from fidelity_mw.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -90,9 +96,7 @@ async def test_raise_for_status_after_retries_ran_out_is_a_502_marked_exhausted(
     assert (ctx.decided_by, ctx.outcome, ctx.status) == ("app", "failed", 502)
 
 
-async def test_raise_for_status_after_the_budget_refused_a_retry_is_a_503_of_the_budget() -> (
-    None
-):
+async def test_raise_for_status_after_the_budget_refused_a_retry_is_a_503_of_the_budget() -> None:
     seen: list[Any] = []
     retry = RetryConfig(attempts=3, base_ms=1, max_ms=1, budget_ratio=0.0, budget_min_per_s=0.0)
     app, sent = _raising_app(503, retry, seen)
@@ -152,3 +156,84 @@ async def test_a_later_unretried_error_of_the_same_upstream_stays_the_apps_500()
         got = await client.get("/")
     assert len(calls) == 3
     assert got.status_code == 500
+
+
+# ------------------------------------------- 2. HEAD is GET without the body
+
+
+def _head_app(policy: Policy) -> Starlette:
+    async def items(request: Request) -> Response:
+        return PlainTextResponse("items")
+
+    app = Starlette(routes=[Route("/items", items)])  # GET, so HEAD too (Starlette)
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_a_get_only_limit_counts_head_too() -> None:
+    """Before: HEAD (served by the GET handler) was never counted: 200 for ever."""
+    limit = RateLimit(name="reads", rate="2/h", methods=("GET",))
+    app = _head_app(Policy(rate_limits=(limit,), breaker=None))
+    async with _client(app) as client:
+        codes = [(await client.head("/items")).status_code for _ in range(2)]
+        codes.append((await client.get("/items")).status_code)
+        codes.append((await client.post("/items")).status_code)  # 405, not counted
+    assert codes == [200, 200, 429, 405]
+
+
+async def test_head_named_by_another_limit_is_that_limits_alone() -> None:
+    limits = (
+        RateLimit(name="reads", rate="1/h", methods=("GET",)),
+        RateLimit(name="probes", rate="3/h", methods=("HEAD",)),
+    )
+    app = _head_app(Policy(rate_limits=limits, breaker=None))
+    async with _client(app) as client:
+        heads = [(await client.head("/items")) for _ in range(4)]
+    assert [r.status_code for r in heads] == [200, 200, 200, 429]
+    assert heads[0].headers["ratelimit"] == '"probes";r=2;t=1200'
+
+
+async def test_a_get_only_route_entry_covers_head() -> None:
+    """Before: HEAD fell through to the policy's defaults: another breaker (the route's
+    name) and another deadline."""
+    policy = Policy(
+        routes=(RouteConfig(match="/items", methods=("GET",), name="reads", deadline_ms=100),),
+    )
+    engine = FidelityMiddleware(_head_app(policy), policy=policy, telemetry=False).engine
+    for method in ("GET", "HEAD"):
+        plan = engine.plan_for({"type": "http", "method": method, "path": "/items"})
+        assert (plan.route, plan.deadline_default_s) == ("reads", 0.1)
+    post = engine.plan_for({"type": "http", "method": "POST", "path": "/items"})
+    assert post.route != "reads"
+    named = Policy(
+        routes=(
+            RouteConfig(match="/items", methods=("GET",), name="reads"),
+            RouteConfig(match="/items", methods=("HEAD",), name="probes"),
+        ),
+    )
+    engine = FidelityMiddleware(_head_app(named), policy=named, telemetry=False).engine
+    assert engine.plan_for({"type": "http", "method": "HEAD", "path": "/items"}).route == "probes"
+
+
+def test_map_shows_the_head_that_get_implies() -> None:
+    from fidelity_mw.tools.statemap import layers_for
+
+    def subjects(policy: Policy) -> list[str]:
+        return [f"{row.subject} {row.data}" for row in layers_for(policy)]
+
+    get_only = Policy(
+        rate_limits=(RateLimit(name="reads", match="/api/*", methods=("GET",)),),
+        routes=(RouteConfig(match="/api/slow", methods=("GET",), deadline_ms=100),),
+    )
+    shown = subjects(get_only)
+    assert any("limit 'reads' on /api/* GET,HEAD," in s for s in shown)
+    assert any("100 ms for GET,HEAD requests matching /api/slow" in s for s in shown)
+    named = Policy(
+        rate_limits=(
+            RateLimit(name="reads", methods=("GET",)),
+            RateLimit(name="probes", methods=("HEAD",)),
+        ),
+    )
+    shown = subjects(named)
+    assert any("limit 'reads' on * GET," in s for s in shown)
+    assert any("limit 'probes' on * HEAD," in s for s in shown)

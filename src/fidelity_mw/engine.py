@@ -26,6 +26,7 @@ from .policy import (
     RouteConfig,
     glob_matches,
 )
+from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
 from .routes import UNMATCHED, framework_template
@@ -76,6 +77,9 @@ class Engine:
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
+        # GET covers HEAD unless a limit (a route entry) names HEAD itself (covers_method)
+        self._head_limits = names_head(self.policy.rate_limits)
+        self._head_routes = names_head(self.policy.routes)
         # The app the middleware wraps: its routes name route identities when
         # `scope["app"]` is missing (the middleware wrapped the app directly).
         self.route_app: object | None = None
@@ -141,7 +145,7 @@ class Engine:
             lim
             for lim in policy.rate_limits
             if lim.applies_to(path)
-            and (lim.methods is None or method in lim.methods)
+            and covers_method(lim.methods, method, self._head_limits)
             # a preflight counts only against a limit that names OPTIONS itself
             and (not preflight or lim.methods is not None)
         )
@@ -190,7 +194,9 @@ class Engine:
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:
         for cfg in self.policy.routes:
-            if glob_matches(cfg.match, path) and (cfg.methods is None or method in cfg.methods):
+            if glob_matches(cfg.match, path) and covers_method(
+                cfg.methods, method, self._head_routes
+            ):
                 return cfg
         return None
 

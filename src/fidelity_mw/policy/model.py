@@ -1052,6 +1052,30 @@ _GLOB_CACHE: dict[str, _Glob] = {}
 TOO_DEEP = "arrays or tables nested too deeply to parse"
 
 
+def names_head(entries: Iterable[RateLimit | RouteConfig]) -> bool:
+    """Whether an entry of this list (`[[rate_limit]]` or `[[route]]`) names HEAD itself."""
+    return any(entry.methods is not None and "HEAD" in entry.methods for entry in entries)
+
+
+def covers_method(methods: tuple[str, ...] | None, method: str, head_named: bool) -> bool:
+    """Whether an entry with `methods` (None: every method) applies to `method`.
+
+    HEAD is GET without the body (RFC 9110 9.3.2), and Starlette serves it with the GET
+    handler (Flask and Django do the same): an entry that lists GET covers HEAD too, as
+    a limit left out of it could be bypassed, unless an entry of the same list names
+    HEAD itself (`head_named`, from `names_head`): then HEAD is that entry's alone."""
+    if methods is None or method in methods:
+        return True
+    return method == "HEAD" and not head_named and "GET" in methods
+
+
+def shown_methods(methods: tuple[str, ...], head_named: bool) -> tuple[str, ...]:
+    """`methods` as they apply: with the HEAD that GET implies (`covers_method`)."""
+    if "GET" in methods and "HEAD" not in methods and not head_named:
+        return (*methods, "HEAD")
+    return methods
+
+
 def glob_matches(pattern: str, text: str) -> bool:
     """'*' matches any run of characters (slashes included); '?' matches one."""
     if pattern == "*":

@@ -182,9 +182,10 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit.exclude": "Paths the limit leaves out although `match` covers them, as "
     'globs: `match = "*"` with `exclude = ["/healthz", "/metrics"]` limits every route but '
     "those two (slowapi's `@limiter.exempt`).",
-    "rate_limit.methods": "Only these HTTP methods; leave it out for all. A CORS preflight "
-    "(`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted only by a "
-    "limit that lists `OPTIONS`.",
+    "rate_limit.methods": "Only these HTTP methods; leave it out for all. `GET` covers "
+    "`HEAD` too (the GET handler serves it) unless a limit names `HEAD` itself. A CORS "
+    "preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted "
+    "only by a limit that lists `OPTIONS`.",
     "rate_limit.shadow": "Decide and record (`would_reject`), never reject: try a limit on "
     "real traffic first.",
     "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
@@ -220,7 +221,8 @@ DESCRIPTIONS: dict[str, str] = {
     "never do.",
     # [[route]]
     "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
-    "route.methods": "Only these HTTP methods; leave it out for all.",
+    "route.methods": "Only these HTTP methods; leave it out for all. `GET` covers `HEAD` "
+    "too unless a route names `HEAD` itself.",
     "route.name": "Unique name of the route in decisions, traces and breaker keys; defaults "
     "to `match`.",
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
