@@ -237,3 +237,74 @@ def test_map_shows_the_head_that_get_implies() -> None:
     shown = subjects(named)
     assert any("limit 'reads' on * GET," in s for s in shown)
     assert any("limit 'probes' on * HEAD," in s for s in shown)
+
+
+# ------------------------------------------- 3. routes under a Host are named
+
+
+def _hosted_app() -> Starlette:
+    from starlette.routing import Host, Router
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def broken(request: Request) -> Response:
+        return PlainTextResponse("down", status_code=500)
+
+    @fidelity.deadline(250)
+    async def quick(request: Request) -> Response:
+        return PlainTextResponse("quick")
+
+    api = Router(
+        routes=[Route("/items/{id}", ok), Route("/broken", broken), Route("/quick", quick)]
+    )
+    app = Starlette(
+        routes=[Host("api.example.com", app=api), Host("{tenant}.example.com", app=api)]
+    )
+    policy = Policy(breaker=BreakerConfig(consecutive_failures=1, open_s=60.0))
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_a_route_under_a_host_is_named_by_its_own_template() -> None:
+    """Before: every request to a Host's app was `!unmatched`, one breaker for the whole
+    API: one failing endpoint shed every other with 503."""
+    seen: list[str] = []
+    app = _hosted_app()
+
+    async def watch(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        if scope["type"] == "http":
+            ctx = context_from_scope(scope)
+            assert ctx is not None
+            seen.append(ctx.route)
+
+    async with _client(watch) as client:
+        broken = await client.get("/broken", headers={"host": "api.example.com"})
+        assert broken.status_code == 500  # opens the breaker of /broken only
+        item = await client.get("/items/7", headers={"host": "api.example.com:8000"})
+        tenant = await client.get("/items/8", headers={"host": "acme.example.com"})
+        again = await client.get("/broken", headers={"host": "api.example.com"})
+    assert (item.status_code, tenant.status_code, again.status_code) == (200, 200, 503)
+    assert seen == ["/broken", "/items/{id}", "/items/{id}", "/broken"]
+
+
+def test_an_endpoint_override_under_a_host_is_found() -> None:
+    app = _hosted_app()
+    engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/quick",
+        "headers": [(b"host", b"api.example.com")],
+    }
+    plan = engine.plan_for(scope)
+    assert (plan.route, plan.deadline_default_s) == ("/quick", 0.25)
+    # no host serves it (a fresh engine: plans are cached by method and path alone)
+    engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
+    other = dict(scope, headers=[(b"host", b"elsewhere.org")])
+    assert engine.plan_for(other).route == "!unmatched"

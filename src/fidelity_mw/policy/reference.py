@@ -65,7 +65,10 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         RouteConfig,
         "Per-route overrides, first match wins. A route also names the breaker a request "
         "counts against: requests no route matches use the framework's route template "
-        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`).",
+        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`; "
+        "under a `Host`, the route of its app that serves the request, without the host: "
+        "plans are cached by method and path, so two `Host` apps that serve the same path "
+        "share the first one's route: name them apart with `[[route]]` entries if needed).",
     ),
     (
         "`[concurrency]`",
