@@ -308,3 +308,45 @@ def test_an_endpoint_override_under_a_host_is_found() -> None:
     engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
     other = dict(scope, headers=[(b"host", b"elsewhere.org")])
     assert engine.plan_for(other).route == "!unmatched"
+
+
+# ------------------------------------------- 4. a limit name with "|"
+
+
+def test_a_limit_name_with_a_bar_is_an_error_naming_it() -> None:
+    """The state key is "<name>|<client key>": the admin page split "a|b|1.2.3.4" into
+    limit "a" and client "b|1.2.3.4" (the wrong row, a key hash no trace carries)."""
+    from fidelity_mw import PolicyError
+
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"rate_limit": [{"name": "reads|writes", "rate": "5/s"}]})
+    [issue] = caught.value.issues
+    assert issue.path == "rate_limit[0].name"
+    assert "|" in issue.message
+    assert Policy.from_dict({"rate_limit": [{"name": "reads-writes"}]}).rate_limits
+
+
+def test_a_depends_limit_name_with_a_bar_is_an_error() -> None:
+    from fidelity_mw import PolicyError
+    from fidelity_mw.fastapi import Fidelity
+
+    with pytest.raises(PolicyError, match="name"):
+        Fidelity().limit("5/s", name="a|b")
+
+
+async def test_the_admin_page_splits_each_limit_from_its_client_key() -> None:
+    """A client key may carry a bar (an API key header): the name is the part before
+    the first one, now that names cannot hold one."""
+    from fidelity_mw.admin.app import AdminApp
+
+    limit = RateLimit(name="per-key", rate="5/h", key="header:X-Api-Key")
+    app = _head_app(Policy(rate_limits=(limit,), breaker=None))
+    async with _client(app) as client:
+        assert (await client.get("/items", headers={"x-api-key": "k|1"})).status_code == 200
+    mw: Any = app.middleware_stack
+    while not isinstance(mw, FidelityMiddleware):
+        mw = mw.app
+    admin = AdminApp(mw.engine, token="t" * 32)
+    [row] = (await admin.state(mw.engine))["limiter_keys"]
+    assert row["limit"] == "per-key"
+    assert row["key_hash"] == admin._hashers[id(mw.engine)]("h:k|1")  # as traces hash it

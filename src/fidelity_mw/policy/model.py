@@ -182,6 +182,18 @@ def _sf_name(value: Any) -> str | None:
     return non_empty_str(value) or _header_safe(value)
 
 
+def _limit_name(value: Any) -> str | None:
+    problem = _sf_name(value)
+    if problem is None and "|" in value:
+        # the state key is "<name>|<client key>" and a client key may hold a "|": the
+        # name must not, or the admin page splits it at the wrong bar
+        problem = (
+            f'{_toml(value)} contains "|": a limit\'s state key is "<name>|<client key>", '
+            "so its name may not"
+        )
+    return problem
+
+
 def _key_prefix(value: Any) -> str | None:
     problem = non_empty_str(value)
     if problem is None and ("{" in value or "}" in value):
@@ -587,7 +599,7 @@ class BreakerConfig(_Validated):
 class RateLimit(_Validated):
     """One limit: `rate` with `burst`, counted per `key`, on paths matching `match`."""
 
-    name: str = _spec("default", _sf_name)
+    name: str = _spec("default", _limit_name)
     rate: str = _spec("100/s", _rate)
     burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
     cost: int = _spec(1, int_in(1, 1_000_000))

@@ -372,6 +372,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
         "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
+        "_limit_name": 'non-empty printable ASCII, without `"`, `\\` or `|`',
         "_key_prefix": "non-empty string without `{` or `}`",
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
