@@ -350,3 +350,96 @@ async def test_the_admin_page_splits_each_limit_from_its_client_key() -> None:
     [row] = (await admin.state(mw.engine))["limiter_keys"]
     assert row["limit"] == "per-key"
     assert row["key_hash"] == admin._hashers[id(mw.engine)]("h:k|1")  # as traces hash it
+
+
+# ------------------------------------------- 5. Depends(limit): client key, fields on its 429
+
+
+def _depends_app(key: str, seen: list[Any]) -> Any:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    app = FastAPI()
+    fidelity.install(app)
+
+    @app.get("/export", dependencies=[Depends(fidelity.limit("1/h", key=key, name="export"))])
+    async def export(request: Request) -> dict[str, bool]:
+        seen.append(request.state.fidelity)
+        return {"ok": True}
+
+    outer = RateLimit(name="per-client", rate="10/h")
+    policy = Policy(rate_limits=(outer,), breaker=None)
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_a_depends_limit_keyed_by_a_header_sets_the_client_key() -> None:
+    """Before: None, so the request's traces carried no `fidelity.client.key_hash` and
+    the admin page's row of the key could not be matched to them."""
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    app = FastAPI()
+    seen: list[Any] = []
+    limit = fidelity.limit("5/h", key="header:X-Api-Key", name="per-key")
+
+    @app.get("/data", dependencies=[Depends(limit)])
+    async def data(request: Request) -> dict[str, bool]:
+        seen.append(request.state.fidelity)
+        return {"ok": True}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    async with _client(app) as client:
+        assert (await client.get("/data", headers={"x-api-key": "abc"})).status_code == 200
+        assert (await client.get("/data")).status_code == 200  # falls back to the address
+    assert [ctx.client_key for ctx in seen] == ["h:abc", "127.0.0.1"]
+
+
+async def test_a_depends_429_shows_the_middleware_limit_as_it_stands_after_the_refund() -> None:
+    """The Depends limit's 429 gives the middleware's unit back (one layer's rejection
+    costs no quota of another): its field said r one low, as if it had been spent."""
+    seen: list[Any] = []
+    app = _depends_app("client_ip", seen)
+    async with _client(app) as client:
+        first = await client.get("/export")
+        refused = [await client.get("/export") for _ in range(2)]
+    assert first.status_code == 200
+    assert '"per-client";r=9;' in first.headers["ratelimit"]
+    for response in refused:
+        assert response.status_code == 429
+        fields = response.headers.get_list("ratelimit")
+        assert any(f.startswith('"export";r=0;') for f in fields)
+        [outer] = [f for f in fields if f.startswith('"per-client"')]
+        assert outer.startswith('"per-client";r=9;'), fields  # before: r=8
+
+
+async def test_a_depends_429_x_ratelimit_fields_count_the_refund_too() -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    app = FastAPI()
+    fidelity.install(app)
+
+    @app.get("/export", dependencies=[Depends(fidelity.limit("1/h", name="export"))])
+    async def export() -> dict[str, bool]:
+        return {"ok": True}
+
+    policy = Policy(
+        rate_limits=(RateLimit(name="per-client", rate="10/h"),),
+        breaker=None,
+        rate_limit_header_names="x-ratelimit",
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    async with _client(app) as client:
+        first = await client.get("/export")
+        refused = await client.get("/export")
+    assert first.headers.get_list("x-ratelimit-remaining") == ["0", "9"]
+    assert refused.status_code == 429
+    # the Depends limit's own (0), then the middleware's as it stands (before: 8)
+    assert refused.headers.get_list("x-ratelimit-remaining") == ["0", "9"]

@@ -35,6 +35,7 @@ from .responses import (
     OUTCOME_SERVED,
     shed_outcome,
 )
+from .xratelimit import refunded_fields
 
 logger: Final = logging.getLogger("fidelity_mw")
 
@@ -159,8 +160,11 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 500 and (ctx.upstream_exhausted or ctx.shed_by is not None):
-                headers = after_give_up(ctx, headers, message)
+            if status >= 400 and (ctx.shed_by is not None or ctx.upstream_exhausted):
+                if headers and ctx.shed_by is not None:  # its units come back
+                    headers = refunded_fields(ctx, headers)
+                if status >= 500:
+                    headers = after_give_up(ctx, headers, message)
             if headers:
                 # a new list: the app's may be shared (a reused Response object)
                 message["headers"] = [*message.get("headers", ()), *headers]
