@@ -443,3 +443,46 @@ async def test_a_depends_429_x_ratelimit_fields_count_the_refund_too() -> None:
     assert refused.status_code == 429
     # the Depends limit's own (0), then the middleware's as it stands (before: 8)
     assert refused.headers.get_list("x-ratelimit-remaining") == ["0", "9"]
+
+
+# ------------------------------------------- 6. the router's trailing-slash redirect
+
+
+def _slash_app(charge: str) -> Starlette:
+    async def items(request: Request) -> Response:
+        return PlainTextResponse("items")
+
+    app = Starlette(routes=[Route("/api/items", items)])  # redirect_slashes: on
+    limit = RateLimit(name="per-client", rate="2/h", match="/api/*", charge=charge)
+    policy = Policy(rate_limits=(limit,), breaker=None)
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_the_routers_slash_redirect_costs_no_quota_when_charged_served() -> None:
+    """Before: the 307 to /api/items was charged, and the request it led to again: a
+    client that followed it paid twice, and was refused at half its rate."""
+    async with _client(_slash_app("served")) as client:
+        codes = []
+        for _ in range(2):
+            redirect = await client.get("/api/items/")
+            assert redirect.status_code == 307
+            assert redirect.headers["location"] == "http://t/api/items"
+            codes.append((await client.get("/api/items")).status_code)
+        codes.append((await client.get("/api/items")).status_code)
+        # (a redirect is admitted first: with the bucket empty, it is refused too)
+        codes.append((await client.get("/api/items/")).status_code)
+    assert codes == [200, 200, 429, 429]
+
+
+async def test_the_routers_slash_redirect_is_charged_when_charge_always() -> None:
+    async with _client(_slash_app("always")) as client:
+        assert (await client.get("/api/items/")).status_code == 307
+        assert (await client.get("/api/items")).status_code == 200
+        assert (await client.get("/api/items/")).status_code == 429
+
+
+async def test_a_path_the_router_does_not_redirect_is_charged_as_before() -> None:
+    async with _client(_slash_app("served")) as client:
+        codes = [(await client.get("/api/other/")).status_code for _ in range(3)]
+    assert codes == [404, 404, 429]

@@ -29,7 +29,7 @@ from .policy import (
 from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, framework_template
+from .routes import UNMATCHED, framework_template, slash_redirect
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -157,6 +157,11 @@ class Engine:
             cap_ms / 1000.0 if cap_ms is not None else None,
             route_cfg.enforce if route_cfg is not None else True,
         )
+        if any(plan.served) and slash_redirect(scope, self.route_app):
+            # the router's redirect is not the resource: charged only by "always" limits
+            # (inbound/watch.py); every 3xx is then looked at, on this path alone
+            plan.slash_redirect = True
+            plan.served_below = min(plan.served_below, 300)
         concurrency = policy.concurrency
         if route_cfg is not None:
             plan.priority = route_cfg.priority

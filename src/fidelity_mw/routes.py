@@ -134,3 +134,26 @@ def _serving(
             continue
         return str(path), route
     return None if partial is None else (partial, None)
+
+
+def slash_redirect(scope: Mapping[str, Any], fallback_app: object = None) -> bool:
+    """Will the app's router answer `scope` with its own trailing-slash redirect?
+    (Starlette's `redirect_slashes`, on by default: no route serves the path, and one
+    serves it with the final slash added or taken off, whatever its method.)"""
+    app = scope.get("app") or fallback_app
+    router = getattr(app, "router", app)
+    if getattr(router, "redirect_slashes", False) is not True:
+        return False
+    routes = getattr(router, "routes", None)
+    path = _route_path(scope)
+    if not routes or not path or path == "/":
+        return False
+    other = path.rstrip("/") if path.endswith("/") else path + "/"
+    method = scope.get("method")
+    try:
+        return (
+            _serving(routes, path, method, 0, scope) is None
+            and _serving(routes, other, method, 0, scope) is not None
+        )
+    except Exception:  # a third-party route object with odd attributes
+        return False

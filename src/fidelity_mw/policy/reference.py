@@ -193,8 +193,9 @@ DESCRIPTIONS: dict[str, str] = {
     "real traffic first.",
     "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
     "failure or a control decision (breaker, retry budget, deadline) are given back, so a "
-    "fault the client did not cause does not throttle it; `always`: every admitted request "
-    "pays (for limits that guard the work itself, such as login attempts).",
+    "fault the client did not cause does not throttle it, and of the router's own "
+    "trailing-slash redirect (the request it leads to pays); `always`: every admitted "
+    "request pays (for limits that guard the work itself, such as login attempts).",
     "rate_limit.retry_credit_s": 'With `charge = "served"`: each refunded request also '
     "credits the client with its cost, for its retry: the credit (at most one burst) admits "
     "requests the bucket alone would refuse, until this many seconds after the last refund "
