@@ -8,6 +8,20 @@
    give-up with a transport error is: 502 `upstream-failed` marked exhausted, or 503
    `retry-budget-exhausted` naming the budget. An HTTPStatusError the transport did
    not give up on (a 500 it does not retry, a 404) stays the app's 500.
+2. `methods = ["GET"]` on a `[[rate_limit]]` or `[[route]]` skipped HEAD, which Starlette
+   serves with the GET handler: the limit could be bypassed with HEAD, and HEAD got
+   another breaker and deadline. GET now covers HEAD unless an entry of the same list
+   names HEAD itself (RFC 9110: HEAD is GET without the body); `map` shows `GET,HEAD`.
+3. A request a Starlette `Host` route served was `!unmatched`: each host's whole API
+   shared one breaker, and endpoint overrides under it were not found. It is named by
+   the route of the host's app that serves it.
+4. A limit name with "|" made the admin page split the state key "<name>|<client>" at
+   the wrong bar (the wrong limit, a key hash no trace carries): now a policy error.
+5. `Depends(fidelity.limit(..., key="header:..."))` (or a key function or dependency)
+   left `ctx.client_key` unset; and its 429 carried the middleware's own limits' fields
+   as charged (r one low), though those units are given back.
+6. Starlette's trailing-slash redirect (307) was charged, and the request it led to
+   again. With `charge = "served"` its units now come back; `"always"` charges it.
 """
 
 from __future__ import annotations
