@@ -26,9 +26,10 @@ from .policy import (
     RouteConfig,
     glob_matches,
 )
+from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, framework_template
+from .routes import UNMATCHED, framework_template, slash_redirect
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -76,6 +77,9 @@ class Engine:
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
+        # GET covers HEAD unless a limit (a route entry) names HEAD itself (covers_method)
+        self._head_limits = names_head(self.policy.rate_limits)
+        self._head_routes = names_head(self.policy.routes)
         # The app the middleware wraps: its routes name route identities when
         # `scope["app"]` is missing (the middleware wrapped the app directly).
         self.route_app: object | None = None
@@ -141,7 +145,7 @@ class Engine:
             lim
             for lim in policy.rate_limits
             if lim.applies_to(path)
-            and (lim.methods is None or method in lim.methods)
+            and covers_method(lim.methods, method, self._head_limits)
             # a preflight counts only against a limit that names OPTIONS itself
             and (not preflight or lim.methods is not None)
         )
@@ -153,6 +157,11 @@ class Engine:
             cap_ms / 1000.0 if cap_ms is not None else None,
             route_cfg.enforce if route_cfg is not None else True,
         )
+        if any(plan.served) and slash_redirect(scope, self.route_app):
+            # the router's redirect is not the resource: charged only by "always" limits
+            # (inbound/watch.py); every 3xx is then looked at, on this path alone
+            plan.slash_redirect = True
+            plan.served_below = min(plan.served_below, 300)
         concurrency = policy.concurrency
         if route_cfg is not None:
             plan.priority = route_cfg.priority
@@ -190,7 +199,9 @@ class Engine:
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:
         for cfg in self.policy.routes:
-            if glob_matches(cfg.match, path) and (cfg.methods is None or method in cfg.methods):
+            if glob_matches(cfg.match, path) and covers_method(
+                cfg.methods, method, self._head_routes
+            ):
                 return cfg
         return None
 

@@ -147,6 +147,11 @@ class LimitDependency:
             return
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         value = await self._key_value(request, ctx, identity)
+        if ctx.client_key is None and value[:2] in ("h:", "k:"):
+            # an API key or identity, as the store keys it: the client key telemetry
+            # hashes (`fidelity.client.key_hash`), so the admin page's row matches the
+            # traces; an address the middleware's limits counted by stays (its rule)
+            ctx.client_key = value
         try:
             result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
