@@ -79,6 +79,12 @@ async def check_limits(
     engine = ctx.engine
     target = dict(scope)
     target["type"] = "http"
+    if "app_root_path" in scope and scope.get("router") is not None:
+        # inside a mounted app: route the request as the middleware saw it (the outermost
+        # router, the root path before any Mount), not as the sub-app did: the plan is
+        # cached for the middleware's own requests of that path too
+        target["app"] = scope["router"]
+        target["root_path"] = scope["app_root_path"]
     if path is not None:
         target["path"] = path
     target["method"] = (method or scope.get("method") or "GET").upper()
