@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, check_limits, current
+from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
@@ -51,3 +52,52 @@ async def test_check_limits_from_a_mounted_app_leaves_the_route_its_name(
     async with client(app) as c:
         assert (await c.get("/v2/quota")).json() == {"allowed": True, "limits": ["exports"]}
         assert (await c.post("/v2/export")).json() == {"route": "/v2/export"}
+
+
+# ---------------------------------------------------------------- a cost function that raises
+
+
+async def test_a_cost_function_broken_by_the_body_is_no_failure_of_the_route(
+    clock: FakeClock,
+) -> None:
+    """The documented cost function (`len(await request.json())`) raised on a body of
+    valid JSON that is not a batch (`5`): the dependency runs before FastAPI reports the
+    body's validation error, so every such request was a 500 that the route breaker
+    counted, and one client opened the route for everyone. Now the request costs the
+    burst (its cost is unknown), FastAPI answers its 422, and the route stays closed."""
+    fidelity = Fidelity()
+
+    async def batch_size(request: Request) -> int:
+        return len(await request.json())
+
+    async def too_large(request: Request) -> int:
+        raise HTTPException(413, "too large")
+
+    app = FastAPI()
+
+    @app.post("/items", dependencies=[Depends(fidelity.limit("10/s", cost=batch_size))])
+    async def add(items: list[str]) -> dict[str, int]:
+        return {"added": len(items)}
+
+    @app.post("/big", dependencies=[Depends(fidelity.limit("10/s", cost=too_large))])
+    async def big() -> dict[str, int]:
+        return {}
+
+    fidelity.install(app)
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=clock, rng=seeded_random(1), telemetry=False
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        statuses = []
+        for _ in range(30):
+            statuses.append((await c.post("/items", json=5)).status_code)
+            clock.advance(1.0)  # the bucket refilled: FastAPI's answer, not ours
+        assert set(statuses) == {422}
+        assert (await c.post("/items", json=["a", "b"])).json() == {"added": 2}
+        clock.advance(1.0)
+        # a cost that cannot be read takes the burst: nothing left right after it
+        assert (await c.post("/items", json=5)).status_code == 422
+        assert (await c.post("/items", json=["a"])).status_code == 429
+        # an HTTPException raised by the cost function is the app's answer, as before
+        assert (await c.post("/big")).status_code == 413

@@ -11,8 +11,11 @@ from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
 from fastapi import params as fastapi_params
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import HTTPConnection
 
+from .._logs import exception as log_exception
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
@@ -51,6 +54,13 @@ class FormsOwner(Protocol):
 
 
 _MAX_KEY_CHARS: Final = 64
+# What a cost function may raise as the app's answer to the request (not a failure)
+_APP_ANSWERS: Final = (
+    HTTPException,
+    WebSocketException,
+    RequestValidationError,
+    WebSocketRequestValidationError,
+)
 
 
 # ---------------------------------------------------------------- the limit dependency
@@ -271,9 +281,24 @@ class LimitDependency:
     async def _cost_of(self, request: HTTPConnection, name: str) -> int:
         """The units this request takes, from the cost function: a whole number >= 0."""
         assert self.cost_fn is not None
-        cost: object = self.cost_fn(cast(Request, request))
-        if inspect.isawaitable(cost):
-            cost = await cost
+        cost: object
+        try:
+            cost = self.cost_fn(cast(Request, request))
+            if inspect.isawaitable(cost):
+                cost = await cost
+        except _APP_ANSWERS:
+            raise  # the app's own answer (a 413 it raised, FastAPI's 422)
+        except Exception:
+            # What the client sent broke it (a body of valid JSON that is not the batch
+            # the endpoint declares: FastAPI answers 422 after the dependencies): no 500
+            # of ours for the route breaker to count. The cost is unknown: the request
+            # takes the most one may, the burst (sending what the function cannot read
+            # passes no limit).
+            log_exception(
+                logger, name, "fidelity_mw: the cost function of %r failed; the request "
+                "costs the burst (%d)", name, self.burst_size,
+            )  # fmt: skip
+            return self.burst_size
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError(
                 f"fidelity.limit {name!r}: the cost function returned {cost!r}; "
