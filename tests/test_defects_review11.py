@@ -101,3 +101,29 @@ async def test_a_cost_function_broken_by_the_body_is_no_failure_of_the_route(
         assert (await c.post("/items", json=["a"])).status_code == 429
         # an HTTPException raised by the cost function is the app's answer, as before
         assert (await c.post("/big")).status_code == 413
+
+
+async def test_check_limits_in_a_mounted_app_with_its_own_middleware(clock: FakeClock) -> None:
+    """(The fix above keeps this:) with the middleware on the mounted app, its requests
+    are named as the mounted app routes them, and so is the check's."""
+    v2 = FastAPI()
+
+    @v2.post("/export")
+    async def export() -> dict[str, str | None]:
+        ctx = current()
+        return {"route": None if ctx is None else ctx.route}
+
+    @v2.get("/quota")
+    async def quota(request: Request) -> dict[str, Any]:
+        check = await check_limits(request, path="/v2/export", method="POST")
+        return {"allowed": check.allowed, "limits": [s.name for s in check.limits]}
+
+    policy = Policy(rate_limits=(RateLimit(name="exports", match="/v2/export", rate="2/min"),))
+    v2.add_middleware(
+        FidelityMiddleware, policy=policy, clock=clock, rng=seeded_random(1), telemetry=False
+    )
+    app = FastAPI()
+    app.mount("/v2", v2)
+    async with client(app) as c:
+        assert (await c.get("/v2/quota")).json() == {"allowed": True, "limits": ["exports"]}
+        assert (await c.post("/v2/export")).json() == {"route": "/export"}
