@@ -4,6 +4,7 @@ with the test that failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, check_limits, current
 from fidelity_mw.fastapi import Fidelity
+from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
@@ -127,3 +129,46 @@ async def test_check_limits_in_a_mounted_app_with_its_own_middleware(clock: Fake
     async with client(app) as c:
         assert (await c.get("/v2/quota")).json() == {"allowed": True, "limits": ["exports"]}
         assert (await c.post("/v2/export")).json() == {"route": "/export"}
+
+
+async def test_a_client_gone_while_the_cost_function_reads_is_not_charged(
+    clock: FakeClock,
+) -> None:
+    """(With the fix above:) a client that disconnects while the cost function reads the
+    body is the middleware's `disconnected`, not a cost function failure charged the burst."""
+    fidelity = Fidelity()
+    limit = fidelity.limit("10/min", cost=lambda r: _body_size(r), name="upload")
+
+    app = FastAPI()
+
+    @app.post("/upload", dependencies=[Depends(limit)])
+    async def upload() -> dict[str, int]:
+        return {}
+
+    fidelity.install(app)
+    store = MemoryStore()
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=clock, store=store, telemetry=False
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/upload", "raw_path": b"/upload", "root_path": "",
+        "query_string": b"", "headers": [(b"host", b"t")], "client": ("10.0.0.1", 1),
+        "server": ("t", 80),
+    }  # fmt: skip
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+    assert not store.limits.tats  # nothing charged
+    assert not [m for m in sent if m.get("status") == 200]
+
+
+async def _body_size(request: Request) -> int:
+    return len(await request.body())

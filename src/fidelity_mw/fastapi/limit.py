@@ -13,7 +13,7 @@ from fastapi import Request, Response
 from fastapi import params as fastapi_params
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from starlette.exceptions import HTTPException, WebSocketException
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 
 from .._logs import exception as log_exception
 from ..context import (
@@ -54,12 +54,14 @@ class FormsOwner(Protocol):
 
 
 _MAX_KEY_CHARS: Final = 64
-# What a cost function may raise as the app's answer to the request (not a failure)
+# What a cost function may raise that is no failure of it: the app's answer to the
+# request, or the client gone while it read the body (the middleware's to record)
 _APP_ANSWERS: Final = (
     HTTPException,
     WebSocketException,
     RequestValidationError,
     WebSocketRequestValidationError,
+    ClientDisconnect,
 )
 
 
@@ -287,7 +289,7 @@ class LimitDependency:
             if inspect.isawaitable(cost):
                 cost = await cost
         except _APP_ANSWERS:
-            raise  # the app's own answer (a 413 it raised, FastAPI's 422)
+            raise  # the app's own answer (a 413 it raised, FastAPI's 422), a client gone
         except Exception:
             # What the client sent broke it (a body of valid JSON that is not the batch
             # the endpoint declares: FastAPI answers 422 after the dependencies): no 500
