@@ -172,3 +172,45 @@ async def test_a_client_gone_while_the_cost_function_reads_is_not_charged(
 
 async def _body_size(request: Request) -> int:
     return len(await request.body())
+
+
+# ---------------------------------------------------------------- one path, two hosts
+
+
+async def test_two_hosts_with_one_path_keep_their_own_endpoint_overrides(
+    clock: FakeClock,
+) -> None:
+    """Since endpoint overrides under a `Host` are found, a request's plan depends on its
+    host, but plans were cached by (method, path) alone: whichever host came first gave
+    the other its endpoint's `@fidelity.deadline` (a 50 ms deadline on the wrong host's
+    endpoint), or took it away from its own."""
+    fidelity = Fidelity()
+    api, admin = FastAPI(), FastAPI()
+
+    @api.get("/items/{item}")
+    async def api_item(item: int) -> dict[str, float | None]:
+        ctx = current()
+        return {"deadline_at": None if ctx is None else ctx.deadline_at}
+
+    @admin.get("/items/{item}")
+    @fidelity.deadline(50)
+    async def admin_item(item: int) -> dict[str, float | None]:
+        ctx = current()
+        return {"deadline_at": None if ctx is None else ctx.deadline_at}
+
+    fidelity.install(api)
+    fidelity.install(admin)
+    app = FastAPI()
+    app.host("api.example.com", api)
+    app.host("admin.example.com", admin)
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=clock, rng=seeded_random(1), telemetry=False
+    )
+    transport = httpx.ASGITransport(app=app)
+    now = clock.monotonic()
+    default_s = Policy().deadline.default_ms / 1000.0
+    for host, deadline in [("api", default_s), ("admin", 0.05), ("api", default_s)]:
+        base = f"http://{host}.example.com"
+        async with httpx.AsyncClient(transport=transport, base_url=base) as c:
+            answer = (await c.get("/items/1")).json()
+        assert answer["deadline_at"] == pytest.approx(now + deadline), host
