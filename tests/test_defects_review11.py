@@ -1,6 +1,15 @@
-"""Review 11: defects found in this session's merged changes (check without counting,
-per-request cost, hedging pause/resume, Redis read-only handling, mount naming), each
-with the test that failed before its fix."""
+"""Review 11: defects found in this session's merged changes, each with the test that
+failed before its fix.
+
+- check_limits(request, path=...) inside a mounted app named the path as the sub-app
+  routes it and cached that plan for the middleware (`/v2/export` became `/export`);
+  with the middleware on the mounted app, the mounted app's view stays.
+- A cost function that raised (the documented `len(await request.json())` on a body
+  that is not a batch) was a 500 the route breaker counted: one client opened the route.
+  Now the request costs the burst; an HTTPException or a client gone passes through.
+- Plans were cached by (method, path) while a Host route's endpoint overrides depend on
+  the host: one host's `@fidelity.deadline` served the other host's endpoint.
+"""
 
 from __future__ import annotations
 
