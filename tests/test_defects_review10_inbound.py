@@ -304,7 +304,14 @@ async def test_a_route_under_a_host_is_named_by_its_own_template() -> None:
         tenant = await client.get("/items/8", headers={"host": "acme.example.com"})
         again = await client.get("/broken", headers={"host": "api.example.com"})
     assert (item.status_code, tenant.status_code, again.status_code) == (200, 200, 503)
-    assert seen == ["/broken", "/items/{id}", "/items/{id}", "/broken"]
+    # (since review 12 the name carries the host pattern: one template, two hosts, two
+    # breakers)
+    assert seen == [
+        "api.example.com/broken",
+        "api.example.com/items/{id}",
+        "{tenant}.example.com/items/{id}",
+        "api.example.com/broken",
+    ]
 
 
 def test_an_endpoint_override_under_a_host_is_found() -> None:
@@ -317,7 +324,7 @@ def test_an_endpoint_override_under_a_host_is_found() -> None:
         "headers": [(b"host", b"api.example.com")],
     }
     plan = engine.plan_for(scope)
-    assert (plan.route, plan.deadline_default_s) == ("/quick", 0.25)
+    assert (plan.route, plan.deadline_default_s) == ("api.example.com/quick", 0.25)
     # no host serves it (a fresh engine: plans are cached by method and path alone)
     engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
     other = dict(scope, headers=[(b"host", b"elsewhere.org")])

@@ -56,8 +56,9 @@ def framework_template(scope: Mapping[str, Any], fallback_app: object = None) ->
     A request under a `Mount` is named by the mounted route that serves it, its template
     prefixed by the mount's (`/api` + `/items/{id}`), so each route of a mounted router or
     sub-app keeps a breaker of its own; a mount whose app lists no routes (or none that
-    match) is `<mount>/*`. A request a `Host` route serves is named by the route of the
-    host's app (the host pattern is left out of the name)."""
+    match) is `<mount>/*`. A request a `Host` route matches is named by the host pattern
+    and the route of the host's app that serves it (`api.example.com/items/{id}`), or
+    `<host>/*` when none of them does (Starlette goes no further than the host)."""
     found = serving_route(scope, fallback_app)
     return None if found is None else found[0]
 
@@ -95,15 +96,20 @@ def _serving(
         host_regex = getattr(route, "host_regex", None)
         if host_regex is not None and getattr(route, "path_regex", None) is None:
             # Starlette's `Host`: its app sees the whole path; a request it serves is
-            # named by the route of its app that serves it (the host is not part of the
-            # name: one template, one breaker, whichever host pattern routed to it)
+            # named by the host pattern and the route of its app that serves it
+            # (`api.example.com/items/{id}`), so one template under two hosts keeps two
+            # breakers and two default counters, as under two mounts
             if depth >= _MAX_MOUNT_DEPTH or host_regex.match(_host(scope)) is None:
                 continue
+            pattern = str(getattr(route, "host", "") or "")
             sub = getattr(route, "routes", None)
             inner = _serving(sub, route_path, method, depth + 1, scope) if sub else None
             if inner is not None:
-                return inner
-            continue  # (Starlette stops here; unmatched, as before)
+                return pattern + inner[0], inner[1]
+            # Starlette routes it to this host's app whatever the path (a Host match is
+            # full): later routes never see it; its 404 (or the app of its own) is the
+            # host's, as a mount's is `<mount>/*`
+            return f"{pattern}/*", None
         regex = getattr(route, "path_regex", None)
         path = getattr(route, "path", None) or getattr(route, "path_format", None)
         if regex is None or path is None:

@@ -66,9 +66,11 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "Per-route overrides, first match wins. A route also names the breaker a request "
         "counts against: requests no route matches use the framework's route template "
         "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`; "
-        "under a `Host`, the route of its app that serves the request, without the host: "
-        "plans are cached by method and path, so two `Host` apps that serve the same path "
-        "share the first one's route: name them apart with `[[route]]` entries if needed).",
+        "under a `Host`, the host pattern and the route of its app that serves the "
+        "request: `api.example.com/items/{id}`, so one template under two hosts keeps two "
+        "breakers and two default `Depends(fidelity.limit)` counters; a request a `Host` "
+        "matches but none of its app's routes serve is `<host>/*`, as Starlette goes no "
+        "further than the host. Apps without a `Host` route are named as before).",
     ),
     (
         "`[concurrency]`",
