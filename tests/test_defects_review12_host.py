@@ -184,3 +184,17 @@ def test_check_shadowing_agrees_with_the_engines_matching(
         served = {m: engine._route_config(m, "/x") for m in methods}
         never = all(cfg is None or cfg.name != "r1" for cfg in served.values())
         assert warned == never, (first, second, third)
+
+
+def test_a_slash_redirect_under_a_host_is_still_seen() -> None:
+    """With the host's misses named `<host>/*` instead of falling through, the router's
+    trailing-slash redirect of the host's app (`/items/1/` to `/items/1`) must still be
+    seen as one (charged only by "always" limits), as it was."""
+    app = Starlette(
+        routes=[Host("api.example.com", app=Router(routes=[Route("/items/{id}", _ok)]))]
+    )
+    policy = Policy.from_dict({"rate_limit": [{"name": "a", "rate": "5/s"}]})
+    engine = FidelityMiddleware(app, policy=policy, telemetry=False).engine
+    plan = engine.plan_for(_scope("/items/1/", "api.example.com"))
+    assert (plan.route, plan.slash_redirect) == ("api.example.com/*", True)
+    assert not engine.plan_for(_scope("/nothing/", "api.example.com")).slash_redirect

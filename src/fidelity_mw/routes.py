@@ -18,6 +18,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 UNMATCHED = "!unmatched"
+# `_serving`'s route for a request a `Host` matches but none of its app's routes serve
+# (`<host>/*`): no route (`serving_route` gives None), but the host app's own router may
+# still redirect it to the path with or without its final slash (`slash_redirect`).
+_HOST_MISS = ("host miss",)
 
 
 def flat_routes(routes: Iterable[Any]) -> list[Any]:
@@ -70,9 +74,12 @@ def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tupl
     if not routes:
         return None
     try:
-        return _serving(routes, _route_path(scope), scope.get("method"), 0, scope)
+        found = _serving(routes, _route_path(scope), scope.get("method"), 0, scope)
     except Exception:  # a third-party route object with odd attributes
         return None
+    if found is not None and found[1] is _HOST_MISS:
+        return found[0], None
+    return found
 
 
 def _host(scope: Mapping[str, Any]) -> str:
@@ -109,7 +116,7 @@ def _serving(
             # Starlette routes it to this host's app whatever the path (a Host match is
             # full): later routes never see it; its 404 (or the app of its own) is the
             # host's, as a mount's is `<mount>/*`
-            return f"{pattern}/*", None
+            return f"{pattern}/*", _HOST_MISS
         regex = getattr(route, "path_regex", None)
         path = getattr(route, "path", None) or getattr(route, "path_format", None)
         if regex is None or path is None:
@@ -157,9 +164,11 @@ def slash_redirect(scope: Mapping[str, Any], fallback_app: object = None) -> boo
     other = path.rstrip("/") if path.endswith("/") else path + "/"
     method = scope.get("method")
     try:
-        return (
-            _serving(routes, path, method, 0, scope) is None
-            and _serving(routes, other, method, 0, scope) is not None
+        here = _serving(routes, path, method, 0, scope)
+        there = _serving(routes, other, method, 0, scope)
+        # (under a `Host`: its app's router redirects what none of its routes serve)
+        return (here is None or here[1] is _HOST_MISS) and not (
+            there is None or there[1] is _HOST_MISS
         )
     except Exception:  # a third-party route object with odd attributes
         return False
