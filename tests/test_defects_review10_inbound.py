@@ -325,7 +325,7 @@ def test_an_endpoint_override_under_a_host_is_found() -> None:
     }
     plan = engine.plan_for(scope)
     assert (plan.route, plan.deadline_default_s) == ("api.example.com/quick", 0.25)
-    # no host serves it (a fresh engine: plans are cached by method and path alone)
+    # no host serves it (a fresh engine, so no plan learned above is in the way)
     engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
     other = dict(scope, headers=[(b"host", b"elsewhere.org")])
     assert engine.plan_for(other).route == "!unmatched"
