@@ -20,7 +20,8 @@ Per request:
   retained    blocks still allocated after the requests, per request (a leak shows here)
 
 Then, for one variant (default `fidelity`), the functions it calls per request beyond
-`bare`'s, most frequent first: the list to shorten.
+`bare`'s, most frequent first, and the bytecodes each function runs per request beyond
+`bare`'s: the lists to shorten.
 
     .venv/bin/python benchmarks/callcount.py [--requests 500] [--top 25]
         [--variant fidelity] [--no-write]
@@ -127,10 +128,12 @@ async def _requests(app: Any, n: int, profile: Profile | None = None) -> None:
 
 
 class Instructions:
-    """The `sys.settrace` hook that counts the bytecode instructions every frame executes."""
+    """The `sys.settrace` hook that counts the bytecode instructions every frame executes,
+    in all and per function (`by_code`)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.by_code: collections.Counter[CodeType] = collections.Counter()
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
@@ -140,10 +143,18 @@ class Instructions:
     def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "opcode":
             self.count += 1
+            self.by_code[frame.f_code] += 1
         return self._local
 
+    def by_function(self, n: int) -> dict[str, float]:
+        """Bytecodes per request (over `n` requests) by function, named as `_where` does."""
+        out: dict[str, float] = collections.defaultdict(float)
+        for code, count in self.by_code.items():
+            out[_where(code)] += count / n
+        return dict(out)
 
-async def _instructions(app: Any, n: int) -> float:
+
+async def _instructions(app: Any, n: int) -> Instructions:
     scopes = [make_scope() for _ in range(n)]
     counter = Instructions()
 
@@ -156,7 +167,7 @@ async def _instructions(app: Any, n: int) -> float:
             await app(scope, receive, send)
         finally:
             sys.settrace(None)
-    return counter.count / n
+    return counter
 
 
 async def _peaks(app: Any, n: int) -> list[int]:
@@ -192,13 +203,15 @@ async def measure(n: int) -> dict[str, dict[str, Any]]:
         gc.collect()
         retained = (sys.getallocatedblocks() - before) / n
         peaks = await _peaks(app, min(n, 500))
-        instructions = await _instructions(app, min(n, 200))
+        traced = min(n, 200)
+        instructions = await _instructions(app, traced)
         results[name] = {
             "calls": profile.calls / n,
             "resumes": profile.resumes / n,
             "c_calls": profile.c_calls / n,
             "blocks": profile.blocks / n,
-            "bytecodes": instructions,
+            "bytecodes": instructions.count / traced,
+            "bytecodes_by_function": instructions.by_function(traced),
             "peak_kib": statistics.median(peaks) / 1024,
             "retained": retained,
             "by_function": {k: v / n for k, v in profile.by_function.items()},
@@ -247,6 +260,19 @@ def report(results: dict[str, dict[str, Any]], n: int, variant: str, top: int) -
             "",
             "```",
             *(f"{v:6.1f}  {k}" for v, k in rows),
+            "```",
+        ]
+        ours = results[variant]["bytecodes_by_function"]
+        base_ops = results["bare"]["bytecodes_by_function"]
+        extra_ops = {k: v - base_ops.get(k, 0.0) for k, v in ours.items()}
+        op_rows = sorted(((v, k) for k, v in extra_ops.items() if v >= 0.5), reverse=True)
+        lines += [
+            "",
+            f"`{variant}`: bytecodes per request beyond `bare`'s, by function (top {top}; "
+            f"total {results[variant]['bytecodes'] - results['bare']['bytecodes']:+.0f}):",
+            "",
+            "```",
+            *(f"{v:7.1f}  {k}" for v, k in op_rows[:top]),
             "```",
         ]
     return "\n".join(lines)

@@ -81,6 +81,24 @@ def test_callcount_is_exact_and_sees_the_middleware() -> None:
     assert middleware == [20]  # one entry per request
 
 
+@pytest.mark.skipif(
+    fidelity_mw.compiled, reason="compiled build: its middleware runs no bytecode to count"
+)
+def test_callcount_counts_bytecodes_by_function() -> None:
+    apps = build_apps()
+
+    async def run() -> callcount.Instructions:
+        await callcount._requests(apps["fidelity"], 50)  # warm up
+        return await callcount._instructions(apps["fidelity"], 10)
+
+    counter = asyncio.run(run())
+    by_function = counter.by_function(10)
+    assert sum(by_function.values()) == pytest.approx(counter.count / 10)
+    middleware = [v for k, v in by_function.items() if k.endswith(" FidelityMiddleware.__call__")]
+    assert len(middleware) == 1
+    assert middleware[0] > 50
+
+
 def test_server_inprocess_serves_every_connection_through_uvicorns_protocol() -> None:
     async def run() -> dict[str, server_inprocess.Server]:
         servers = {

@@ -166,6 +166,19 @@ def test_the_model_gives_a_retry_back_to_the_bucket_it_was_counted_in() -> None:
     assert window.refund(112.0, 0.0)
 
 
+def test_a_retry_counted_at_a_buckets_start_comes_back_after_the_ring_turned() -> None:
+    """The ring's bucket ends are sums, each rounded: stepped back from a later end, the
+    start of the bucket a retry was counted in lies a few ulps after the instant it was
+    counted at 1000.0 + 0.1 + 0.1 (found by the differential test). It still comes back."""
+    cfg = RetryConfig(budget_ratio=0.0, budget_min_per_s=0.5, budget_window_s=2.0)  # 1 retry
+    window = BudgetWindow(cfg)
+    assert window.try_retry(1000.0)  # the ring's first bucket: [1000.0, 1000.2)
+    now = 1000.0 + 0.1 + 0.1
+    window.request(now)  # the ring turns: its end is 1000.2 + 0.2, rounded
+    assert window.refund(now, now - 1000.0)
+    assert window.totals(now) == (1, 0)
+
+
 class CancelInBackoff(FakeClock):
     """Cancels the call's task when it starts its backoff sleep."""
 

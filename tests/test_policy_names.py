@@ -71,7 +71,8 @@ def test_python_construction_refuses_unsafe_names_too() -> None:
         UpstreamConfig(host="bücher.example")
 
 
-@pytest.mark.parametrize("name", ["per-client v2", "a;b=c, d", "~!#$%&'()*+-./:<=>?@[]^_`{|}"])
+# ("|" is the one printable left out: it separates a limit's name from the client key)
+@pytest.mark.parametrize("name", ["per-client v2", "a;b=c, d", "~!#$%&'()*+-./:<=>?@[]^_`{}"])
 def test_every_accepted_name_encodes_as_an_sf_string(name: str) -> None:
     # What the validation lets through must be what the header code can send.
     policy = Policy.from_dict({"rate_limit": [{"name": name}]})

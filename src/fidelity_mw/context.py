@@ -104,6 +104,10 @@ class DecisionContext:
     response_headers: list[tuple[bytes, bytes]] | None = None
     # Decisions known as facts but not yet built into records (see `decisions`).
     _pending: tuple[Any, ...] | None = None
+    # The facts `_pending` held once they were built into records: the middleware's
+    # RateLimit fields are redone from them when another layer refuses the request
+    # (its units come back: inbound/xratelimit.refunded_fields).
+    _built: tuple[Any, ...] | None = None
     _attempts: dict[str, int] | None = None
 
     def __init__(
@@ -137,6 +141,7 @@ class DecisionContext:
         pending = self._pending
         if pending is not None:
             self._pending = None
+            self._built = pending
             pending[0](self, *pending[1:])
         return self._decisions
 

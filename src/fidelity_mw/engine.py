@@ -26,9 +26,10 @@ from .policy import (
     RouteConfig,
     glob_matches,
 )
+from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, framework_template
+from .routes import UNMATCHED, flat_routes, framework_template, slash_redirect
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -76,6 +77,12 @@ class Engine:
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
+        # An app with Host routes: its plans by (method, path, host) (`_cached_plan`)
+        self._by_host: bool | None = None
+        self._host_plans: dict[tuple[str, str, str], RoutePlan] = {}
+        # GET covers HEAD unless a limit (a route entry) names HEAD itself (covers_method)
+        self._head_limits = names_head(self.policy.rate_limits)
+        self._head_routes = names_head(self.policy.routes)
         # The app the middleware wraps: its routes name route identities when
         # `scope["app"]` is missing (the middleware wrapped the app directly).
         self.route_app: object | None = None
@@ -107,6 +114,21 @@ class Engine:
         key = (_PREFLIGHT if preflight else method, path)
         plan = self._plans.get(key)
         if plan is None:
+            by_host = self._by_host
+            if by_host is None:
+                by_host = self._by_host = _routes_by_host(scope.get("app") or self.route_app)
+            if by_host:
+                # The app routes by Host: one path may be two hosts' endpoints (their
+                # overrides, their names), so these plans are cached by host too, and
+                # never where the middleware looks up plans by (method, path) alone.
+                host_key = (*key, _host_of(scope))
+                plan = self._host_plans.get(host_key)
+                if plan is None:
+                    plan = self._build_plan(scope, method, path, preflight)
+                    if len(self._host_plans) >= _MAX_PLANS:
+                        self._host_plans.clear()
+                    self._host_plans[host_key] = plan
+                return plan
             plan = self._build_plan(scope, method, path, preflight)
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
@@ -141,7 +163,7 @@ class Engine:
             lim
             for lim in policy.rate_limits
             if lim.applies_to(path)
-            and (lim.methods is None or method in lim.methods)
+            and covers_method(lim.methods, method, self._head_limits)
             # a preflight counts only against a limit that names OPTIONS itself
             and (not preflight or lim.methods is not None)
         )
@@ -153,6 +175,11 @@ class Engine:
             cap_ms / 1000.0 if cap_ms is not None else None,
             route_cfg.enforce if route_cfg is not None else True,
         )
+        if any(plan.served) and slash_redirect(scope, self.route_app):
+            # the router's redirect is not the resource: charged only by "always" limits
+            # (inbound/watch.py); every 3xx is then looked at, on this path alone
+            plan.slash_redirect = True
+            plan.served_below = min(plan.served_below, 300)
         concurrency = policy.concurrency
         if route_cfg is not None:
             plan.priority = route_cfg.priority
@@ -190,9 +217,34 @@ class Engine:
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:
         for cfg in self.policy.routes:
-            if glob_matches(cfg.match, path) and (cfg.methods is None or method in cfg.methods):
+            if glob_matches(cfg.match, path) and covers_method(
+                cfg.methods, method, self._head_routes
+            ):
                 return cfg
         return None
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+def _routes_by_host(app: object, depth: int = 0) -> bool:
+    """Does `app` route by Host (a Starlette `Host`, here or in a mounted app)?"""
+    try:
+        for route in flat_routes(getattr(app, "routes", None) or ()):
+            if getattr(route, "path_regex", None) is None:
+                if getattr(route, "host_regex", None) is not None:
+                    return True
+                continue
+            is_mount = getattr(route, "endpoint", None) is None and depth < 8
+            if is_mount and _routes_by_host(route, depth + 1):
+                return True
+    except Exception:  # a third-party route object with odd attributes
+        return False
+    return False
+
+
+def _host_of(scope: Mapping[str, Any]) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            return bytes(value).decode("latin-1").split(":")[0]
+    return ""

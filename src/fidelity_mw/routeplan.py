@@ -52,6 +52,7 @@ class RoutePlan:
         "route",
         "served",
         "served_below",
+        "slash_redirect",
         "specs",
         "specs_without_credit",
         "timed",
@@ -79,6 +80,9 @@ class RoutePlan:
         self.served_below = (
             0 if self.timed else min((500, *breaker.failure_statuses)) if breaker else 500
         )
+        # The app's router answers this path with its trailing-slash redirect (set by
+        # the engine): a 307/308 then gives `charge = "served"` limits their units back.
+        self.slash_redirect = False
         self.limits = limits
         self.specs = tuple(
             LimitSpec(

@@ -14,6 +14,10 @@ from .window import buckets_passed
 
 _BUDGET_BUCKETS: Final = 10
 _EPSILON: Final = 1e-9
+# A bucket bound found by stepping back from the current bucket's end is within a few
+# ulps of the bound the counts met (the ring's ends are sums, each rounded): an instant
+# that close to a bound is taken as the later bucket's. 2**-48 of the end is 16 ulps.
+BOUND_SLACK: Final = 2.0**-48
 
 
 def budget_allowance(requests: int, cfg: BudgetParams) -> float:
@@ -99,7 +103,9 @@ class BudgetWindow:
         time the state's own clock spent the retry at), names that bucket instead of
         the age: an age measured on another clock can land in the next bucket."""
         end = self._bucket_end
-        spent = now - age_s if spent_at is None else spent_at
+        # (the slack: a retry counted at a bucket's very start is that bucket's, though
+        # the start stepped back to lies a few ulps after it)
+        spent = (now - age_s if spent_at is None else spent_at) + end * BOUND_SLACK
         if end == 0.0 or spent >= end:  # nothing counted yet, or not in this window
             return False
         bucket_s = self._bucket_s

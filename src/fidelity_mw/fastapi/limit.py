@@ -11,8 +11,11 @@ from typing import Final, Protocol, cast
 
 from fastapi import Request, Response
 from fastapi import params as fastapi_params
-from starlette.requests import HTTPConnection
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from starlette.exceptions import HTTPException, WebSocketException
+from starlette.requests import ClientDisconnect, HTTPConnection
 
+from .._logs import exception as log_exception
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
@@ -51,6 +54,15 @@ class FormsOwner(Protocol):
 
 
 _MAX_KEY_CHARS: Final = 64
+# What a cost function may raise that is no failure of it: the app's answer to the
+# request, or the client gone while it read the body (the middleware's to record)
+_APP_ANSWERS: Final = (
+    HTTPException,
+    WebSocketException,
+    RequestValidationError,
+    WebSocketRequestValidationError,
+    ClientDisconnect,
+)
 
 
 # ---------------------------------------------------------------- the limit dependency
@@ -147,6 +159,11 @@ class LimitDependency:
             return
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         value = await self._key_value(request, ctx, identity)
+        if ctx.client_key is None and value[:2] in ("h:", "k:"):
+            # an API key or identity, as the store keys it: the client key telemetry
+            # hashes (`fidelity.client.key_hash`), so the admin page's row matches the
+            # traces; an address the middleware's limits counted by stays (its rule)
+            ctx.client_key = value
         try:
             result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
@@ -268,9 +285,24 @@ class LimitDependency:
     async def _cost_of(self, request: HTTPConnection, name: str) -> int:
         """The units this request takes, from the cost function: a whole number >= 0."""
         assert self.cost_fn is not None
-        cost: object = self.cost_fn(cast(Request, request))
-        if inspect.isawaitable(cost):
-            cost = await cost
+        cost: object
+        try:
+            cost = self.cost_fn(cast(Request, request))
+            if inspect.isawaitable(cost):
+                cost = await cost
+        except _APP_ANSWERS:
+            raise  # the app's own answer (a 413 it raised, FastAPI's 422), a client gone
+        except Exception:
+            # What the client sent broke it (a body of valid JSON that is not the batch
+            # the endpoint declares: FastAPI answers 422 after the dependencies): no 500
+            # of ours for the route breaker to count. The cost is unknown: the request
+            # takes the most one may, the burst (sending what the function cannot read
+            # passes no limit).
+            log_exception(
+                logger, name, "fidelity_mw: the cost function of %r failed; the request "
+                "costs the burst (%d)", name, self.burst_size,
+            )  # fmt: skip
+            return self.burst_size
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError(
                 f"fidelity.limit {name!r}: the cost function returned {cost!r}; "

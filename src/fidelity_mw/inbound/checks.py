@@ -79,6 +79,13 @@ async def check_limits(
     engine = ctx.engine
     target = dict(scope)
     target["type"] = "http"
+    router = scope.get("router")
+    if "app_root_path" in scope and router is not None and _wraps(engine.route_app, router):
+        # inside an app mounted in the one the middleware is on: route the request as the
+        # middleware saw it (the outermost router, the root path before any Mount), not
+        # as the sub-app did: the plan is cached for the middleware's requests too
+        target["app"] = router
+        target["root_path"] = scope["app_root_path"]
     if path is not None:
         target["path"] = path
     target["method"] = (method or scope.get("method") or "GET").upper()
@@ -97,6 +104,17 @@ async def check_limits(
         specs = tuple(spec._replace(cost=cost) for spec in specs)
     bursts = [lim.burst_size for lim in plan.limits]
     return await peek_limits(engine, keys, specs, bursts, now)
+
+
+def _wraps(app: object, router: object) -> bool:
+    """Does the middleware's inner app (its chain of `.app`s) lead to `router`?"""
+    for _ in range(32):
+        if app is None:
+            return False
+        if app is router:
+            return True
+        app = getattr(app, "app", None)
+    return False
 
 
 async def peek_limits(

@@ -29,6 +29,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.gcra import retry_after_header
+from ..decide.retry import EXHAUSTING_REASONS
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
@@ -58,6 +59,22 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
             exc.host,
             f"the request's deadline passed before upstream {exc.host!r} could be called",
             "deadline-exceeded",
+        )
+    if isinstance(exc, httpx.HTTPStatusError):
+        # `raise_for_status()` on the response the outbound layer gave up on: answered as
+        # the same give-up with a transport error (a spent budget here, else below)
+        gave_up = given_up_response(ctx, exc)
+        if gave_up is None or gave_up.layer != LAYER_BUDGET:
+            return None
+        return _answer(
+            ctx,
+            503,
+            LAYER_BUDGET,
+            gave_up.subject,
+            f"upstream {gave_up.subject!r} answered {exc.response.status_code} "
+            "and its retry budget is spent",
+            "retry-budget-exhausted",
+            retry_advice(ctx, now),
         )
     if not isinstance(exc, httpx.TransportError):
         return None
@@ -99,19 +116,56 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     the upstream, sent as if the app had answered it, so the give-up's marker
     (`x-fidelity-retry: exhausted`) and `Retry-After` advice go with it. Unanswered,
     the server's bare 500 carried neither, and a caller could retry a request we already
-    retried. Not a control decision: the upstream failed, and the outcome is `failed`."""
-    if not ctx.upstream_exhausted or not isinstance(exc, httpx.TransportError):
+    retried. Not a control decision: the upstream failed, and the outcome is `failed`.
+    The same for `raise_for_status()`'s HTTPStatusError on the response given up on
+    (`given_up_response`): 502."""
+    if not ctx.upstream_exhausted:
         return None
-    gave_up = _outbound_give_up(ctx, (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER))
-    upstream = gave_up.subject if gave_up is not None else _host(exc)
+    if isinstance(exc, httpx.HTTPStatusError):
+        gave_up = given_up_response(ctx, exc)
+        if gave_up is None:
+            return None
+        upstream: str | None = gave_up.subject
+        why = f"answered {exc.response.status_code}"
+    elif isinstance(exc, httpx.TransportError):
+        layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
+        gave_up = _outbound_give_up(ctx, layers)
+        upstream = gave_up.subject if gave_up is not None else _host(exc)
+        why = f"failed ({type(exc).__name__})"
+    else:
+        return None
     timeout = isinstance(exc, httpx.TimeoutException)
     status = 504 if timeout else 502
-    detail = (
-        f"upstream {upstream!r}" if upstream else "an upstream"
-    ) + f" failed after retrying ({type(exc).__name__})"
+    detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why} after retrying"
     extra = {} if upstream is None else {"upstream": upstream}
     title = "Gateway Timeout" if timeout else "Bad Gateway"
     return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
+
+
+def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decision | None:
+    """The outbound layer's give-up on the response `exc` was raised for, or None.
+
+    The transport hands the last response back when it gives up retrying it (attempts
+    or retry budget spent, the breaker opened, no time left, a callee's
+    `x-fidelity-retry: exhausted`): such a response is one the transport retries (5xx,
+    429), and the last decision recorded for its upstream in this request is that
+    give-up; a later call to the same upstream records its own attempt first."""
+    if not ctx.upstream_exhausted:
+        return None
+    status = exc.response.status_code
+    if status < 500 and status != 429:
+        return None
+    try:
+        url = exc.request.url
+    except RuntimeError:  # raised without its request
+        return None
+    key = url.host if url.port is None else f"{url.host}:{url.port}"
+    for decision in reversed(ctx.decisions):
+        if decision.subject == key:
+            if decision.verdict == GIVE_UP and decision.reason in EXHAUSTING_REASONS:
+                return decision
+            return None
+    return None
 
 
 def _host(exc: httpx.TransportError) -> str | None:

@@ -35,6 +35,7 @@ from .responses import (
     OUTCOME_SERVED,
     shed_outcome,
 )
+from .xratelimit import refunded_fields
 
 logger: Final = logging.getLogger("fidelity_mw")
 
@@ -159,8 +160,11 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 500 and (ctx.upstream_exhausted or ctx.shed_by is not None):
-                headers = after_give_up(ctx, headers, message)
+            if status >= 400 and (ctx.shed_by is not None or ctx.upstream_exhausted):
+                if headers and ctx.shed_by is not None:  # its units come back
+                    headers = refunded_fields(ctx, headers)
+                if status >= 500:
+                    headers = after_give_up(ctx, headers, message)
             if headers:
                 # a new list: the app's may be shared (a reused Response object)
                 message["headers"] = [*message.get("headers", ()), *headers]
@@ -403,6 +407,13 @@ class OutcomeRecorder:
             outcome = IGNORED
         elif ctx.shed_by is not None and (status is None or status >= 400):
             return self.shed_downstream(ctx, plan, result, keys)
+        elif plan.slash_redirect and (status == 307 or status == 308):
+            # The router's own trailing-slash redirect: not the resource. A client that
+            # follows it pays for the request it lands on; `charge = "always"` limits
+            # keep this charge too. No retry credit: nothing failed.
+            ctx.outcome = OUTCOME_SERVED
+            pending = self.finish(ctx, plan, result, SUCCESS)
+            return _in_order(pending, self.refund(plan, result, keys, True, False))
         elif ctx.upstream_exhausted and (status is None or status >= 500):
             # the outbound layer gave up on an upstream: not the client's quota
             ctx.outcome = OUTCOME_FAILED

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ..context import DecisionContext
 from ..decide.specs import LimitSpec
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult
-from .admission import FieldsFn, quota_wait_s, ratelimit_headers
+from .admission import FieldsFn, admission_decisions, quota_wait_s, ratelimit_headers
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -74,3 +75,32 @@ def fields_for(names: str, wall: Callable[[], float]) -> FieldsFn:
         return ratelimit_headers(plan, result, retry_after) + x_only(plan, result, retry_after)
 
     return both
+
+
+def refunded_fields(ctx: DecisionContext, headers: Fields) -> Fields:
+    """The middleware's rate-limit fields for a request another layer refused inside the
+    app (`ctx.shed_by`: a `Depends(limit)` 429, an outbound refusal answered with an
+    error): as its limits stand once they get their units back (watch.py's
+    `shed_downstream`), not as the admission charged them, which read one request low.
+    `headers` as they are when the admission's facts are gone (a builder of its own)."""
+    facts = ctx._pending if ctx._pending is not None else ctx._built
+    if facts is None or facts[0] is not admission_decisions:
+        return headers
+    plan: RoutePlan = facts[1]
+    result: InboundResult | None = facts[2]
+    if result is None or not result.admitted:
+        return headers
+    limits = []
+    for spec, verdict in zip(plan.specs, result.limits, strict=True):
+        if verdict.allowed and not verdict.credit:
+            # (admitted from retry credit, the bucket was left as it was: so it stays)
+            burst = round(spec.tolerance_s / spec.interval_s)
+            given = spec.cost * spec.interval_s
+            verdict = verdict._replace(
+                remaining=min(burst, verdict.remaining + spec.cost),
+                reset_s=max(0.0, verdict.reset_s - given),
+            )
+        limits.append(verdict)
+    policy = ctx.engine.policy
+    fields = fields_for(policy.rate_limit_header_names, ctx.engine.clock.wall)
+    return fields(plan, result._replace(limits=tuple(limits)))

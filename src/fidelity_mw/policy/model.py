@@ -182,6 +182,18 @@ def _sf_name(value: Any) -> str | None:
     return non_empty_str(value) or _header_safe(value)
 
 
+def _limit_name(value: Any) -> str | None:
+    problem = _sf_name(value)
+    if problem is None and "|" in value:
+        # the state key is "<name>|<client key>" and a client key may hold a "|": the
+        # name must not, or the admin page splits it at the wrong bar
+        problem = (
+            f'{_toml(value)} contains "|": a limit\'s state key is "<name>|<client key>", '
+            "so its name may not"
+        )
+    return problem
+
+
 def _key_prefix(value: Any) -> str | None:
     problem = non_empty_str(value)
     if problem is None and ("{" in value or "}" in value):
@@ -587,7 +599,7 @@ class BreakerConfig(_Validated):
 class RateLimit(_Validated):
     """One limit: `rate` with `burst`, counted per `key`, on paths matching `match`."""
 
-    name: str = _spec("default", _sf_name)
+    name: str = _spec("default", _limit_name)
     rate: str = _spec("100/s", _rate)
     burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
     cost: int = _spec(1, int_in(1, 1_000_000))
@@ -1050,6 +1062,30 @@ _GLOB_CACHE: dict[str, _Glob] = {}
 
 
 TOO_DEEP = "arrays or tables nested too deeply to parse"
+
+
+def names_head(entries: Iterable[RateLimit | RouteConfig]) -> bool:
+    """Whether an entry of this list (`[[rate_limit]]` or `[[route]]`) names HEAD itself."""
+    return any(entry.methods is not None and "HEAD" in entry.methods for entry in entries)
+
+
+def covers_method(methods: tuple[str, ...] | None, method: str, head_named: bool) -> bool:
+    """Whether an entry with `methods` (None: every method) applies to `method`.
+
+    HEAD is GET without the body (RFC 9110 9.3.2), and Starlette serves it with the GET
+    handler (Flask and Django do the same): an entry that lists GET covers HEAD too, as
+    a limit left out of it could be bypassed, unless an entry of the same list names
+    HEAD itself (`head_named`, from `names_head`): then HEAD is that entry's alone."""
+    if methods is None or method in methods:
+        return True
+    return method == "HEAD" and not head_named and "GET" in methods
+
+
+def shown_methods(methods: tuple[str, ...], head_named: bool) -> tuple[str, ...]:
+    """`methods` as they apply: with the HEAD that GET implies (`covers_method`)."""
+    if "GET" in methods and "HEAD" not in methods and not head_named:
+        return (*methods, "HEAD")
+    return methods
 
 
 def glob_matches(pattern: str, text: str) -> bool:

@@ -65,7 +65,12 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         RouteConfig,
         "Per-route overrides, first match wins. A route also names the breaker a request "
         "counts against: requests no route matches use the framework's route template "
-        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`).",
+        "(under a `Mount`, the mount's path and the mounted route's: `/api/items/{id}`; "
+        "under a `Host`, the host pattern and the route of its app that serves the "
+        "request: `api.example.com/items/{id}`, so one template under two hosts keeps two "
+        "breakers and two default `Depends(fidelity.limit)` counters; a request a `Host` "
+        "matches but none of its app's routes serve is `<host>/*`, as Starlette goes no "
+        "further than the host. Apps without a `Host` route are named as before).",
     ),
     (
         "`[concurrency]`",
@@ -182,15 +187,17 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit.exclude": "Paths the limit leaves out although `match` covers them, as "
     'globs: `match = "*"` with `exclude = ["/healthz", "/metrics"]` limits every route but '
     "those two (slowapi's `@limiter.exempt`).",
-    "rate_limit.methods": "Only these HTTP methods; leave it out for all. A CORS preflight "
-    "(`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted only by a "
-    "limit that lists `OPTIONS`.",
+    "rate_limit.methods": "Only these HTTP methods; leave it out for all. `GET` covers "
+    "`HEAD` too (the GET handler serves it) unless a limit names `HEAD` itself. A CORS "
+    "preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is counted "
+    "only by a limit that lists `OPTIONS`.",
     "rate_limit.shadow": "Decide and record (`would_reject`), never reject: try a limit on "
     "real traffic first.",
     "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
     "failure or a control decision (breaker, retry budget, deadline) are given back, so a "
-    "fault the client did not cause does not throttle it; `always`: every admitted request "
-    "pays (for limits that guard the work itself, such as login attempts).",
+    "fault the client did not cause does not throttle it, and of the router's own "
+    "trailing-slash redirect (the request it leads to pays); `always`: every admitted "
+    "request pays (for limits that guard the work itself, such as login attempts).",
     "rate_limit.retry_credit_s": 'With `charge = "served"`: each refunded request also '
     "credits the client with its cost, for its retry: the credit (at most one burst) admits "
     "requests the bucket alone would refuse, until this many seconds after the last refund "
@@ -220,7 +227,8 @@ DESCRIPTIONS: dict[str, str] = {
     "never do.",
     # [[route]]
     "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
-    "route.methods": "Only these HTTP methods; leave it out for all.",
+    "route.methods": "Only these HTTP methods; leave it out for all. `GET` covers `HEAD` "
+    "too unless a route names `HEAD` itself.",
     "route.name": "Unique name of the route in decisions, traces and breaker keys; defaults "
     "to `match`.",
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
@@ -367,6 +375,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
         "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
+        "_limit_name": 'non-empty printable ASCII, without `"`, `\\` or `|`',
         "_key_prefix": "non-empty string without `{` or `}`",
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',

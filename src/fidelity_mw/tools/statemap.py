@@ -30,8 +30,16 @@ from types import ModuleType
 from typing import Any
 
 from ..decide.balance import EWMA_TAU_S
-from ..policy import BreakerConfig, HedgeConfig, Policy, RateLimit, RetryConfig, UpstreamConfig
-from ..policy.model import glob_matches, redact_url
+from ..policy import (
+    BreakerConfig,
+    HedgeConfig,
+    Policy,
+    RateLimit,
+    RetryConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
+from ..policy.model import glob_matches, names_head, redact_url, shown_methods
 
 # ---------------------------------------------------------------- the model
 
@@ -195,8 +203,16 @@ def _breaker_data(b: BreakerConfig) -> str:
     return "; ".join(parts)
 
 
-def _limit_subject(lim: RateLimit) -> str:
-    methods = f" {','.join(lim.methods)}" if lim.methods else ""
+def _route_methods(route: RouteConfig, head_named: bool) -> str:
+    """ "GET,HEAD " for a `[[route]]` with methods (HEAD as GET implies), "" without."""
+    if route.methods is None:
+        return ""
+    return ",".join(shown_methods(route.methods, head_named)) + " "
+
+
+def _limit_subject(lim: RateLimit, head_named: bool = False) -> str:
+    # with the HEAD that GET implies unless a limit names HEAD (policy.model.covers_method)
+    methods = f" {','.join(shown_methods(lim.methods, head_named))}" if lim.methods else ""
     key = lim.key if isinstance(lim.key, str) else "callable"
     excluded = f" except {', '.join(lim.exclude)}" if lim.exclude else ""
     return f"limit {lim.name!r} on {lim.match}{excluded}{methods}, per {key}"
@@ -273,7 +289,9 @@ def layers_for(policy: Policy) -> list[Layer]:
                     f"route {route.name or route.match}",
                     f"route[{i}].deadline_ms",
                     "504 on arrival when expired; caps the caller's deadline",
-                    f"{route.deadline_ms} ms for requests matching {route.match}",
+                    f"{route.deadline_ms} ms for "
+                    + _route_methods(route, names_head(policy.routes))
+                    + f"requests matching {route.match}",
                     "none: read from each request",
                     "-",
                     "the caller",
@@ -396,7 +414,7 @@ def layers_for(policy: Policy) -> list[Layer]:
             Layer(
                 "inbound",
                 "ratelimit",
-                _limit_subject(lim),
+                _limit_subject(lim, names_head(policy.rate_limits)),
                 f"rate_limit[{i}]",
                 f"{verb} + Retry-After + RateLimit fields when the bucket is empty",
                 f"GCRA {lim.rate}, burst {lim.burst_size}{cost}; client key "

@@ -17,9 +17,11 @@
 local key = KEYS[1]
 local bs = tonumber(ARGV[1]) / BUCKETS
 local now = server_now()
-local spent = tonumber(ARGV[3]) or (now - tonumber(ARGV[2]))
 local v = redis.call('HMGET', key, 'be', 'ix', 'rt')
 local be = tonumber(v[1]) or 0
+-- decide.budget.BOUND_SLACK (2^-48 of the end): an instant a few ulps before a bound
+-- stepped back to is the later bucket's
+local spent = (tonumber(ARGV[3]) or (now - tonumber(ARGV[2]))) + be * 3.552713678800501e-15
 local ix = tonumber(v[2]) or 0
 if be == 0 or spent >= be or not v[3] then
   return 0
