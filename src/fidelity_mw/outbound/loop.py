@@ -683,19 +683,16 @@ def _gate_next(
         try:
             if local is not None:
                 gate, allowed = local.gate(*args)
-                answer: tuple[Gate | None, bool, str, float] | Exception = (
-                    gate,
-                    allowed,
-                    SOURCE_MEMORY,
-                    0.0,
-                )
+                # (Any, not the union `_settle` takes: compiled, a value assigned to that
+                # union is unboxed and boxed again, a `GateAnswer` as a plain tuple)
+                answer: Any = (gate, allowed, SOURCE_MEMORY, 0.0)
             else:
                 answer = yield (GATE, *args)
         except Exception as exc:
             answer = exc
         failed = isinstance(answer, Exception)
-        # (`GateAnswer`, read before anything narrows `answer` to a tuple: compiled, a
-        # narrowed tuple is unboxed, and boxed again as a plain one without these)
+        # (`GateAnswer`, read before `_settle`: compiled, its argument is unboxed, and
+        # boxed again as a plain tuple without these)
         said = getattr(answer, "spent_at", None)  # when a remote store spent the retry
         why = getattr(answer, "why", None)  # why a fallback answer is one
         if not failed:
