@@ -558,6 +558,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     async def _drive(self, steps: Steps, engine: Engine) -> httpx.Response:
         """Run one attempt loop to its end, doing its effects."""
         store = engine.store
+        # (Any: compiled, the declared tuple result would be unboxed and boxed again as a
+        # plain tuple, losing a `GateAnswer`'s why and spent_at)
+        gate_op: Any = store.outbound_gate
         inner = self.inner
         value: Any = None
         thrown: BaseException | None = None
@@ -578,7 +581,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     # was in flight gives back what the gate took, which the loop, never
                     # seeing the answer, cannot (a retry spent, a probe slot).
                     with anyio.CancelScope(shield=True):
-                        value = await store.outbound_gate(*effect[1:])
+                        value = await gate_op(*effect[1:])
                     gone: BaseException | None = None
                     try:
                         await anyio.lowlevel.checkpoint_if_cancelled()
