@@ -29,6 +29,7 @@ from ..context import (
 )
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, retry_after_header
+from ..errors import StateUnavailable
 from ..policy import Policy
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, LimitSpec, state_age_s, state_why
@@ -126,8 +127,10 @@ class Admission:
         ctx._pending = None
         admission_decisions(ctx, plan, None, now)
         details: dict[str, DetailValue] = {"on_error": self.on_error}
-        why = state_why(ctx.engine.store)
-        if why is not None:  # (a shared store that knows why: unreachable, read_only)
+        # the exception's own reason first: with Redis up (this call failed) only it knows
+        why = exc.why if isinstance(exc, StateUnavailable) and exc.why else None
+        why = why or state_why(ctx.engine.store)
+        if why is not None:  # (unreachable, read_only, error)
             details["fallback_why"] = why
         ctx.decisions.append(
             Decision(
