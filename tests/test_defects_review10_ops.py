@@ -414,7 +414,7 @@ async def test_a_cancelled_probe_is_not_kept_running_by_the_pools_disconnect(
 
     async def swallowing(self: ConnectionPool, inuse_connections: bool = True) -> None:
         try:
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             return  # (as the gather with return_exceptions does)
 
