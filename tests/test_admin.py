@@ -325,6 +325,42 @@ async def test_redis_snapshot_lists_a_breaker_that_never_tripped(redis_url: str)
     assert (view.key, view.state, view.calls, view.source) == ("route:/ok", "closed", 3, "redis")
 
 
+@pytest.mark.redis
+async def test_redis_snapshot_skips_a_breaker_or_budget_it_cannot_read(redis_url: str) -> None:
+    """A page about the state must not fail on one odd value: a breaker hash or a budget
+    ring holding what our scripts never write (a hand edit, another version's format) is
+    left off the page, and the others are shown; before, the page answered 500."""
+    import redis as redis_sync
+
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.snapshot import SnapshotConfigs
+
+    prefix = f"adminodd{os.getpid()}"
+    store = RedisStore(config=StateConfig(url=redis_url, key_prefix=prefix), rng=seeded_random(3))
+    breaker = BreakerConfig(min_calls=20)
+    retry = RetryConfig()
+    direct = redis_sync.Redis.from_url(redis_url)
+    try:
+        for route in ("route:/ok", "route:/odd"):
+            result = await store.admit(route, breaker, [], [], 0.0)
+            assert result.gate is not None
+            await store.record(route, breaker, result.gate, FAILURE, False, 0.0)
+        for budget in ("budget:ok", "budget:odd"):
+            await store.outbound_gate(None, None, budget, retry, False, 0.0)
+        await store.admit("route:/ok", breaker, [], [], 0.0)  # carries the outcomes
+        await store.admit("route:/odd", breaker, [], [], 0.0)
+        direct.hset(store.breaker_keys("route:/odd")[0], mapping={"st": "x", "ou": "soon"})
+        direct.hset(store.key("bu", "budget:odd"), mapping={"rq": "1,two,3"})
+        snap = await store.snapshot(
+            0.0, configs=SnapshotConfigs(breaker=lambda key: breaker, retry=lambda key: retry)
+        )
+    finally:
+        direct.close()
+        await store.aclose()
+    assert [view.key for view in snap.breakers] == ["route:/ok"]
+    assert [view.key for view in snap.budgets] == ["budget:ok"]
+
+
 async def test_redis_snapshot_while_redis_is_down_shows_the_fallback() -> None:
     from fidelity_mw.state.redis import RedisStore
 

@@ -118,6 +118,8 @@ REFUND: Final = load_script("refund")
 BATCH: Final = load_script("batch")  # one tick's admits and records (redis_batch.py)
 BUDGET_REFUND: Final = load_script("budget_refund")  # a retry spent, then not sent
 PEEK: Final = load_script("peek")  # check without counting (`StateStore.peek`)
+# what parsing a stored value we did not write can raise (`snapshot` skips that key)
+_ODD_VALUE: Final = (ValueError, TypeError, IndexError, UnicodeDecodeError)
 
 
 # ---------------------------------------------------------------- keys
@@ -1491,20 +1493,26 @@ class RedisStore(StateStore):
             i += 2
             if all(f is None for f in fields):
                 continue  # expired or never written (no `st` yet is a closed breaker)
-            breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+            try:
+                breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+            except _ODD_VALUE:
+                continue  # a page about the state must not fail on one odd value
         budgets = []
         for key in budget_keys:
             fields = replies[i]
             i += 1
             if fields[0] is not None:
-                budgets.append(_redis_budget_view(key, fields, server, configs, age))
+                try:
+                    budgets.append(_redis_budget_view(key, fields, server, configs, age))
+                except _ODD_VALUE:
+                    continue
         tats = {}
         for key, reply in zip(limit_keys, replies[i:], strict=True):
             if reply is None:
                 continue
             try:  # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
                 tats[key] = float(_text(reply).split(" ", 1)[0])
-            except (ValueError, UnicodeDecodeError):
+            except _ODD_VALUE:
                 continue  # a page about the state must not fail on one odd value
         return StoreSnapshot(
             kind="redis",
