@@ -191,6 +191,18 @@ class RedisServer:
         self.proc = None
 
 
+class ReplicaServer(RedisServer):
+    """A redis-server started as a replica of `primary` (`--replicaof`): it answers PING,
+    ROLE and reads, and refuses every write with `READONLY`."""
+
+    def __init__(self, workdir: Path, primary: RedisServer) -> None:
+        super().__init__(workdir)
+        self.primary = primary
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--replicaof", HOST, str(self.primary.port)]
+
+
 class RedisCluster:
     """Three masters, no replicas, all on loopback."""
 
@@ -292,3 +304,17 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def replica(tmp_path: Path) -> Iterator[ReplicaServer]:
+    """A primary and its read-only replica, both this test's own."""
+    require_redis()
+    primary = RedisServer(tmp_path / "primary").start()
+    server = ReplicaServer(tmp_path / "replica", primary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        primary.stop()

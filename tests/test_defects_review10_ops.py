@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +19,12 @@ from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, StateConfig, 
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.testing import FakeClock, seeded_random
-from redis_server import HOST, PATIENT, QUIET, RedisServer, require_redis
+from redis_server import PATIENT, QUIET, RedisServer, ReplicaServer, require_redis
 
 URL = "http://svc.internal/x"
 BREAKER = BreakerConfig(consecutive_failures=3, open_s=5.0, open_jitter=0.0)
 RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2)
 LIMIT = LimitSpec("l", 0.001, 1.0, 1, False)
-
-
-class _Replica(RedisServer):
-    """A redis-server started as a replica of `primary`: it answers PING, ROLE and reads,
-    and refuses every write with `READONLY`."""
-
-    def __init__(self, workdir: Path, primary: RedisServer) -> None:
-        super().__init__(workdir)
-        self.primary = primary
-
-    def argv(self) -> list[str]:
-        return [*super().argv(), "--replicaof", HOST, str(self.primary.port)]
-
-
-@pytest.fixture
-def replica(tmp_path: Path) -> Iterator[_Replica]:
-    require_redis()
-    primary = RedisServer(tmp_path / "primary").start()
-    server = _Replica(tmp_path / "replica", primary)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        primary.stop()
 
 
 def _policy(url: str, on_error: str = "local") -> Policy:
@@ -70,7 +45,7 @@ def _engine(url: str, clock: FakeClock, on_error: str = "local") -> Engine:
 
 @pytest.mark.redis
 def test_the_blocking_client_on_a_replica_is_one_outage_with_its_why_and_one_line(
-    replica: _Replica, caplog: pytest.LogCaptureFixture
+    replica: ReplicaServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: `FidelitySyncTransport`'s client paused 0.5 s on every `READONLY` and asked
     again, taking the replica back for one call each time: no outage counted, no log line,
@@ -160,7 +135,7 @@ def test_the_blocking_client_probes_before_asking_an_unreachable_redis_again(
 
 @pytest.mark.anyio
 @pytest.mark.redis
-async def test_outbound_fallback_decisions_say_why(replica: _Replica) -> None:
+async def test_outbound_fallback_decisions_say_why(replica: ReplicaServer) -> None:
     """Before: the transport's decisions taken without Redis said `fallback` and nothing
     about why, where the inbound ones say `fallback_why`."""
     clock = FakeClock()
@@ -188,7 +163,7 @@ async def test_outbound_fallback_decisions_say_why(replica: _Replica) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.redis
-async def test_a_retry_decided_without_redis_says_why(replica: _Replica) -> None:
+async def test_a_retry_decided_without_redis_says_why(replica: ReplicaServer) -> None:
     clock = FakeClock()
     engine = _engine(replica.url, clock)
     answers = iter([503, 200])
@@ -214,7 +189,7 @@ async def test_a_retry_decided_without_redis_says_why(replica: _Replica) -> None
 
 @pytest.mark.anyio
 @pytest.mark.redis
-async def test_closed_on_a_replica_says_read_only_not_unreachable(replica: _Replica) -> None:
+async def test_closed_on_a_replica_says_read_only_not_unreachable(replica: ReplicaServer) -> None:
     """Before: `StateUnavailable` said "redis is unreachable" for a replica that answered."""
     clock = FakeClock()
     store = RedisStore(
@@ -236,7 +211,7 @@ async def test_closed_on_a_replica_says_read_only_not_unreachable(replica: _Repl
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_the_outbound_refusal_of_a_closed_policy_on_a_replica_says_so(
-    replica: _Replica,
+    replica: ReplicaServer,
 ) -> None:
     clock = FakeClock()
     engine = _engine(replica.url, clock, on_error="closed")
@@ -260,7 +235,7 @@ async def test_the_outbound_refusal_of_a_closed_policy_on_a_replica_says_so(
 @pytest.mark.redis
 @pytest.mark.parametrize("on_error", ["local", "closed"])
 async def test_a_limit_dependency_decided_without_redis_says_why(
-    replica: _Replica, on_error: str
+    replica: ReplicaServer, on_error: str
 ) -> None:
     """Before: `fidelity.limit(...)` records taken on a fallback answer, and its refusals
     when the store failed closed, had no `fallback_why`, where the middleware's have it."""

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,7 +29,7 @@ from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from fidelity_mw.tools.cli import main
 from redis_clock import RedisClock
-from redis_server import HOST, PATIENT, QUIET, RedisServer, require_redis
+from redis_server import HOST, PATIENT, QUIET, ReplicaServer
 from test_telemetry_helpers import decision_events, metric_points, pipeline
 
 LIMIT = LimitSpec("l", 0.001, 1.0, 1, False)
@@ -44,31 +44,6 @@ async def _until(condition: Callable[[], bool], budget_s: float = 10.0) -> None:
 
 
 # ---------------------------------------------------------------- 1. a read-only replica
-
-
-class _Replica(RedisServer):
-    """A redis-server started as a replica of `primary` (`--replicaof`): it answers PING
-    and reads, and refuses every write with `READONLY`."""
-
-    def __init__(self, workdir: Path, primary: RedisServer) -> None:
-        super().__init__(workdir)
-        self.primary = primary
-
-    def argv(self) -> list[str]:
-        return [*super().argv(), "--replicaof", HOST, str(self.primary.port)]
-
-
-@pytest.fixture
-def replica(tmp_path: Path) -> Iterator[_Replica]:
-    require_redis()
-    primary = RedisServer(tmp_path / "primary").start()
-    server = _Replica(tmp_path / "replica", primary)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        primary.stop()
 
 
 async def _spin(store: RedisStore, rounds: int, *, batch: int = 1) -> list[str]:
@@ -88,7 +63,7 @@ async def _spin(store: RedisStore, rounds: int, *, batch: int = 1) -> list[str]:
 @pytest.mark.redis
 @pytest.mark.parametrize("batch", [1, 4], ids=["alone", "coalesced"])
 async def test_a_read_only_replica_is_one_outage_not_a_flap_per_probe(
-    replica: _Replica, batch: int, caplog: pytest.LogCaptureFixture
+    replica: ReplicaServer, batch: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: one `READONLY` reply marked Redis down and the PING probe (which a replica
     answers) brought it straight back, about ten outages a second per process; inside a
@@ -126,7 +101,7 @@ async def test_a_read_only_replica_is_one_outage_not_a_flap_per_probe(
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_the_probe_falls_back_to_a_write_when_role_is_not_allowed(
-    replica: _Replica,
+    replica: ReplicaServer,
 ) -> None:
     """An ACL user without ROLE (NOPERM): the probe is a script that writes (DEL of a key
     of our own), which a replica refuses as it refuses the store's scripts."""
@@ -215,7 +190,7 @@ async def test_an_error_reply_while_redis_is_up_says_error_not_unreachable(
 @pytest.mark.anyio
 @pytest.mark.redis
 async def test_read_only_fallback_is_in_the_decisions_and_the_fallback_gauge(
-    replica: _Replica,
+    replica: ReplicaServer,
 ) -> None:
     """The degradation is recorded: each fallback decision says why
     (`fidelity.detail.fallback_why = read_only`), and `fidelity.state.fallback` is 1 for
@@ -253,7 +228,7 @@ async def test_read_only_fallback_is_in_the_decisions_and_the_fallback_gauge(
 
 @pytest.mark.anyio
 @pytest.mark.redis
-async def test_on_error_closed_refusals_on_a_replica_say_read_only(replica: _Replica) -> None:
+async def test_on_error_closed_refusals_on_a_replica_say_read_only(replica: ReplicaServer) -> None:
     """With `on_error = "closed"` the refusal's reason stays `state_error:<Exception>`;
     its details say why the state is unavailable."""
     config = StateConfig(url=replica.url, on_error="closed", **PATIENT, **QUIET)
