@@ -387,3 +387,276 @@ async def test_a_key_from_a_dependency_counts_per_user_whatever_the_order(
     assert set(fidelity.engine.store.limits.tats) == {"per-user|k:ann", "per-user|k:bob"}  # type: ignore[attr-defined]
     with pytest.raises(TypeError, match="identity="):
         await per_user.check(Request({"type": "http", "headers": [], "state": {}}))
+
+
+# ---------------------------------------------------------------- the middleware's own limits
+# `RateLimit(cost=fn)`: a plain Starlette app (no Depends) says what a request costs.
+
+
+async def body_items(request: Any) -> int:
+    """A batch costs one unit per item: the body read before the app, which reads it again."""
+    return len(await request.json())
+
+
+def header_units(request: Any) -> int:
+    """What the gateway says the request costs (request is a Starlette Request, and the
+    scope as a Mapping)."""
+    return int(request.headers.get("x-units", "1"))
+
+
+def starlette_app(
+    policy: Policy, clock: FakeClock | None = None, store: Any = None
+) -> tuple[Any, Recorder]:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def batch(request: Any) -> JSONResponse:
+        return JSONResponse({"stored": len(await request.json())})
+
+    async def plain(request: Any) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/batch", batch, methods=["POST"]), Route("/plain", plain)])
+    recorder = Recorder()
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=policy,
+        clock=clock,
+        store=store,
+        observer=recorder,
+        telemetry=False,
+    )
+    return app, recorder
+
+
+def batch_policy(cost: Any = body_items, **extra: Any) -> Policy:
+    return Policy(
+        breaker=None,
+        rate_limits=[
+            RateLimit(name="items", rate="10/min", burst=10, cost=cost, match="/batch", **extra)
+        ],
+    )
+
+
+async def test_a_middleware_limit_takes_the_cost_its_function_reads_from_the_body(
+    clock: FakeClock,
+) -> None:
+    store = MemoryStore(rng=seeded_random(1))
+    app, recorder = starlette_app(batch_policy(), clock, store)
+    async with client(app) as c:
+        four = await c.post("/batch", json=[1, 2, 3, 4])
+        five = await c.post("/batch", json=[1, 2, 3, 4, 5])
+        two = await c.post("/batch", json=[1, 2])  # 1 unit left: refused
+        one = await c.post("/batch", json=[1])  # the last unit
+    assert [r.status_code for r in (four, five, two, one)] == [200, 200, 429, 200]
+    assert four.json() == {"stored": 4}  # the app read the body the function read
+    assert four.headers["ratelimit"].startswith('"items";r=6;')
+    assert five.headers["ratelimit"].startswith('"items";r=1;')
+    assert two.headers["retry-after"] == "6"  # one more unit at 10/min
+    assert two.json()["type"] == "urn:fidelity-mw:problem:rate-limited"
+    assert limit_decision(recorder.contexts[0]) == (
+        "allow",
+        "under_limit",
+        {"remaining": 6, "cost": 4},
+    )
+    verdict, reason, details = limit_decision(recorder.contexts[2])
+    assert (verdict, reason, details["cost"]) == ("reject", "over_limit", 2)
+
+
+async def test_a_middleware_cost_from_a_gateway_header(clock: FakeClock) -> None:
+    app, recorder = starlette_app(batch_policy(header_units), clock)
+    async with client(app) as c:
+        seven = await c.post("/batch", json=[], headers={"x-units": "7"})
+        four = await c.post("/batch", json=[], headers={"x-units": "4"})
+        three = await c.post("/batch", json=[], headers={"x-units": "3"})
+    assert [r.status_code for r in (seven, four, three)] == [200, 429, 200]
+    assert limit_decision(recorder.contexts[1])[2]["cost"] == 4
+
+
+async def test_a_middleware_cost_above_the_burst_is_refused_at_once(clock: FakeClock) -> None:
+    store = MemoryStore(rng=seeded_random(1))
+    app, recorder = starlette_app(batch_policy(), clock, store)
+    async with client(app) as c:
+        big = await c.post("/batch", json=list(range(11)))
+        after = await c.post("/batch", json=list(range(10)))  # nothing was taken
+    assert big.status_code == 429
+    assert "retry-after" not in big.headers  # waiting never admits it
+    problem = big.json()
+    assert problem["type"] == "urn:fidelity-mw:problem:cost-over-burst"
+    assert (problem["limit"], problem["cost"], problem["burst"]) == ("items", 11, 10)
+    assert big.headers["ratelimit-policy"] == '"items";q=10;w=60'
+    assert limit_decision(recorder.contexts[0]) == (
+        "reject",
+        "cost_over_burst",
+        {"cost": 11, "burst": 10},
+    )
+    assert recorder.contexts[0].decided_by == "ratelimit"
+    assert after.status_code == 200
+
+
+async def test_a_middleware_shadow_limit_records_a_cost_above_the_burst(clock: FakeClock) -> None:
+    app, recorder = starlette_app(batch_policy(shadow=True), clock)
+    async with client(app) as c:
+        big = await c.post("/batch", json=list(range(11)))
+    assert big.status_code == 200
+    assert limit_decision(recorder.contexts[0]) == (
+        "would_reject",
+        "cost_over_burst_shadow",
+        {"cost": 11, "burst": 10, "shadow": True},
+    )
+
+
+async def test_a_middleware_cost_of_zero_does_not_ask_the_store(clock: FakeClock) -> None:
+    store = MemoryStore(rng=seeded_random(1))
+    app, recorder = starlette_app(batch_policy(), clock, store)
+    async with client(app) as c:
+        empty = await c.post("/batch", json=[])
+    assert empty.status_code == 200
+    assert empty.json() == {"stored": 0}
+    assert "ratelimit" not in empty.headers  # no limit was asked
+    assert limit_decision(recorder.contexts[0]) == ("allow", "zero_cost", {"cost": 0})
+    assert not (await store.snapshot(clock.monotonic())).limiter_keys
+
+
+@pytest.mark.parametrize("bad", [lambda r: 1 / 0, lambda r: "three", lambda r: -1])
+async def test_a_middleware_cost_function_that_fails_charges_the_burst(
+    clock: FakeClock, bad: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, recorder = starlette_app(batch_policy(bad), clock)
+    async with client(app) as c:
+        first = await c.post("/batch", json=[1])
+        second = await c.post("/batch", json=[1])
+    assert (first.status_code, second.status_code) == (200, 429)  # the whole burst, once
+    assert limit_decision(recorder.contexts[0])[2]["cost"] == 10
+    assert "the cost function of 'items'" in caplog.text
+
+
+async def test_an_async_middleware_cost_function_is_awaited(clock: FakeClock) -> None:
+    async def lookup(request: Any) -> int:
+        return 6
+
+    app, _ = starlette_app(batch_policy(lookup), clock)
+    async with client(app) as c:
+        statuses = [(await c.post("/batch", json=[])).status_code for _ in range(2)]
+    assert statuses == [200, 429]
+
+
+async def test_a_middleware_refund_gives_back_what_the_request_cost(clock: FakeClock) -> None:
+    """The router's trailing-slash redirect gives `charge = "served"` limits their units
+    back: the request's cost, not the limit's constant."""
+    policy = Policy(
+        breaker=None,
+        rate_limits=[RateLimit(name="items", rate="10/min", burst=10, cost=body_items)],
+    )
+    app, _ = starlette_app(policy, clock)
+    async with client(app) as c:
+        redirected = await c.post("/batch/", json=list(range(8)), follow_redirects=False)
+        full = await c.post("/batch", json=list(range(10)))
+    assert redirected.status_code == 307
+    assert full.status_code == 200  # the 8 units came back
+
+
+async def test_routes_with_constant_costs_keep_the_common_step(clock: FakeClock) -> None:
+    """A policy with a cost function elsewhere costs a constant-cost route nothing:
+    its plan admits at the middleware's common step."""
+    policy = Policy(
+        breaker=None,
+        rate_limits=[
+            RateLimit(name="items", rate="10/min", cost=body_items, match="/batch"),
+            RateLimit(name="plain", rate="10/min", match="/plain"),
+        ],
+    )
+    app, _ = starlette_app(policy, clock)
+    async with client(app) as c:
+        assert (await c.get("/plain")).status_code == 200
+        assert (await c.post("/batch", json=[1])).status_code == 200
+    engine = app.middleware_stack.app.engine  # type: ignore[union-attr]
+    plain = engine._plans[("GET", "/plain")]
+    batch = engine._plans[("POST", "/batch")]
+    assert plain.cost_fns is None
+    assert plain.admits
+    assert batch.cost_fns is not None
+    assert not batch.admits
+    assert list(batch.costed) == [(1,)]
+
+
+async def test_check_limits_applies_a_middleware_cost_function(clock: FakeClock) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def quota(request: Any) -> JSONResponse:
+        check = await check_limits(request, path="/batch", method="POST")
+        return JSONResponse({"allowed": check.allowed, "cost": check.limits[0].cost})
+
+    app = Starlette(routes=[Route("/quota", quota)])
+    app.add_middleware(
+        FidelityMiddleware, policy=batch_policy(header_units), clock=clock, telemetry=False
+    )
+    async with client(app) as c:
+        answer = await c.get("/quota", headers={"x-units": "11"})
+    assert answer.json() == {"allowed": False, "cost": 11}
+
+
+def test_a_cost_function_is_python_only_and_a_file_says_so() -> None:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"rate_limit": [{"name": "a", "cost": "app.costs:units"}]})
+    assert "rate_limit[0].cost" in str(caught.value)
+    assert "a policy file cannot name" in str(caught.value)
+    # a function's cost is bounded per request, not at load
+    limit = RateLimit(rate="5/min", cost=header_units)
+    assert limit.cost_fn is header_units
+    assert limit.fixed_cost == 1
+    assert "callable:" in Policy(rate_limits=[limit]).to_dict()["rate_limit"][0]["cost"]
+
+
+# the same costed requests through the middleware on every store: memory, Redis, tiered;
+# "/batch/" is the router's trailing-slash redirect, which gives the cost back
+COSTED_SEQUENCE = (
+    ("/batch", 4), ("/batch/", 5), ("/batch", 5), ("/batch", 2), ("/batch", 1),
+    ("/batch", 11), ("/batch", 0), ("/batch", 3),
+)  # fmt: skip
+
+
+async def costed_run(url: str) -> list[tuple[int, str | None]]:
+    import uuid
+
+    from fidelity_mw.policy import StateConfig
+    from redis_server import PATIENT, QUIET
+
+    state = StateConfig(url=url, key_prefix=f"cost-{uuid.uuid4().hex[:8]}", **PATIENT, **QUIET)
+    policy = Policy(
+        breaker=None,
+        state=state,
+        rate_limits=[RateLimit(name="items", rate="10/min", burst=10, cost=body_items)],
+    )
+    app, _ = starlette_app(policy)
+    seen = []
+    try:
+        async with client(app) as c:
+            for path, n in COSTED_SEQUENCE:
+                answer = await c.post(path, json=list(range(n)), follow_redirects=False)
+                remaining = answer.headers.get("ratelimit")
+                seen.append((answer.status_code, remaining and remaining.split(";")[1]))
+    finally:
+        await app.middleware_stack.app.engine.aclose()  # type: ignore[union-attr]
+    return seen
+
+
+@pytest.mark.redis
+async def test_a_middleware_cost_is_the_same_on_every_store(redis_url: str) -> None:
+    memory = await costed_run("memory://")
+    assert memory == [
+        (200, "r=6"),
+        (307, "r=1"),  # charged 5, then given back
+        (200, "r=1"),
+        (429, "r=1"),
+        (200, "r=0"),
+        (429, None),  # above the burst: refused before any store
+        (200, None),  # 0: no store asked
+        (429, "r=0"),
+    ]
+    assert await costed_run(redis_url) == memory
+    tiered = await costed_run("tiered+" + redis_url)
+    assert [status for status, _ in tiered] == [status for status, _ in memory]

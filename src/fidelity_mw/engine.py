@@ -29,7 +29,7 @@ from .policy import (
 from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, flat_routes, framework_template, slash_redirect
+from .routes import UNMATCHED, flat_routes, framework_template, serving_route, slash_redirect
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -180,6 +180,11 @@ class Engine:
             # (inbound/watch.py); every 3xx is then looked at, on this path alone
             plan.slash_redirect = True
             plan.served_below = min(plan.served_below, 300)
+        elif any(plan.served) and method_not_allowed(scope, self.route_app):
+            # the router's 405 (FastAPI's to a HEAD on a GET route) never reached an
+            # endpoint: charged only by "always" limits, as the redirect
+            plan.not_allowed = True
+            plan.served_below = min(plan.served_below, 405)
         concurrency = policy.concurrency
         if route_cfg is not None:
             plan.priority = route_cfg.priority
@@ -225,6 +230,25 @@ class Engine:
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+def method_not_allowed(scope: Mapping[str, Any], fallback_app: object = None) -> bool:
+    """Will the app's router answer `scope` 405 itself? No route serves its method, and
+    one serves its path with another method (Starlette's partial match; FastAPI's GET
+    route and a HEAD, which Starlette's own routes serve with the GET handler)."""
+    method = scope.get("method")
+    found = serving_route(scope, fallback_app)
+    if found is None or found[1] is not None:
+        return False
+    for other in _METHODS:
+        if other != method:
+            served = serving_route({**scope, "method": other}, fallback_app)
+            if served is not None and served[1] is not None:
+                return True
+    return False
 
 
 def _routes_by_host(app: object, depth: int = 0) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .decide.concurrency import ConcurrencyLimiter
 from .decide.gcra import policy_field
 from .decide.specs import LimitSpec
-from .policy import BreakerConfig, ConcurrencyConfig, RateLimit
+from .policy import BreakerConfig, ConcurrencyConfig, CostFunc, RateLimit
 
 
 def sf_string_content(text: str) -> str:
@@ -38,12 +38,15 @@ class RoutePlan:
         "breaker_key",
         "bulkhead",
         "concurrency",
+        "cost_fns",
+        "costed",
         "deadline_cap_s",
         "deadline_default_s",
         "enforce",
         "ip_key_prefix",
         "key_prefixes",
         "limits",
+        "not_allowed",
         "one_advertised",
         "policy_field",
         "policy_header",
@@ -66,6 +69,7 @@ class RoutePlan:
         deadline_default_s: float | None,
         deadline_cap_s: float | None,
         enforce: bool = True,
+        costs: tuple[int, ...] | None = None,
     ) -> None:
         self.route = route
         # the deadline is enforced while the app runs (504 and cancel, before a response)
@@ -83,25 +87,38 @@ class RoutePlan:
         # The app's router answers this path with its trailing-slash redirect (set by
         # the engine): a 307/308 then gives `charge = "served"` limits their units back.
         self.slash_redirect = False
+        # The router answers this method 405 (another method's route serves the path; set
+        # by the engine): a 405 then gives `charge = "served"` limits their units back.
+        self.not_allowed = False
         self.limits = limits
         self.specs = tuple(
             LimitSpec(
                 lim.name,
                 lim.emission_interval_s,
                 lim.burst_size * lim.emission_interval_s,
-                lim.cost,
+                lim.fixed_cost if costs is None else costs[i],
                 lim.shadow,
                 # retry credit comes from refunds of requests the service failed
                 lim.retry_credit_s if lim.charge == "served" else 0.0,
             )
-            for lim in limits
+            for i, lim in enumerate(limits)
         )
+        # A limit whose cost is a function of the request (None: a constant cost), or None
+        # when every limit's is constant. Such a plan admits nothing itself: each request
+        # is admitted by a plan of its own costs (`costed`; inbound/costs.py).
+        fns = tuple(lim.cost_fn for lim in limits)
+        self.cost_fns: tuple[CostFunc | None, ...] | None = (
+            fns if costs is None and any(fn is not None for fn in fns) else None
+        )
+        # the plans of this route's requests by their costs (a few repeat)
+        self.costed: dict[tuple[int, ...], RoutePlan] = {}
         # Per limit: its units come back when a fault the client did not cause answered 5xx.
         self.served = tuple(lim.charge == "served" for lim in limits)
         # The specs for a refund that earns no retry credit (another limit's 429).
         self.specs_without_credit = tuple(spec._replace(credit_s=0.0) for spec in self.specs)
-        # There is something to ask the store (a breaker or a limit).
-        self.admits = self.breaker_key is not None or bool(limits)
+        # There is something to ask the store (a breaker or a limit) at the middleware's
+        # common step: a plan whose costs vary per request asks in a step of its own.
+        self.admits = (self.breaker_key is not None or bool(limits)) and self.cost_fns is None
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
         # Set when the route has exactly one limit, keyed by client IP.
@@ -144,3 +161,35 @@ class RoutePlan:
         )
         # The RateLimit-Policy field as the response carries it: built once, not per response.
         self.policy_field: tuple[bytes, bytes] = (b"ratelimit-policy", self.policy_header or b"")
+
+
+_MAX_COSTED: int = 256
+
+
+def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
+    """The plan of one request of `plan`'s route whose limits cost `costs` (one per limit,
+    each between 1 and its burst; a limit the request does not ask is left out: 0, or a
+    shadow limit's cost above its burst, is given as 0). Cached per route: costs repeat."""
+    found = plan.costed.get(costs)
+    if found is not None:
+        return found
+    kept = [i for i, cost in enumerate(costs) if cost > 0]
+    sub = RoutePlan(
+        plan.route,
+        plan.breaker,
+        tuple(plan.limits[i] for i in kept),
+        plan.deadline_default_s,
+        plan.deadline_cap_s,
+        plan.enforce,
+        tuple(costs[i] for i in kept),
+    )
+    sub.slash_redirect = plan.slash_redirect
+    sub.not_allowed = plan.not_allowed
+    sub.served_below = plan.served_below
+    sub.concurrency = plan.concurrency
+    sub.bulkhead = plan.bulkhead
+    sub.priority = plan.priority
+    if len(plan.costed) >= _MAX_COSTED:
+        plan.costed.clear()
+    plan.costed[costs] = sub
+    return sub

@@ -125,7 +125,9 @@ def render(
         burst: float | None = None
         if lim is not None:
             # a share's bucket: rate / N and burst / N, never below one request's cost
-            burst = lim.burst_size if members == 1 else max(lim.cost, lim.burst_size / members)
+            burst = (
+                lim.burst_size if members == 1 else max(lim.fixed_cost, lim.burst_size / members)
+            )
             interval = lim.emission_interval_s * members
             used = min(burst, round(item.backlog_s / interval, 2))
         keys.append(

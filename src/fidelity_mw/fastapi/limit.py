@@ -140,7 +140,7 @@ class LimitDependency:
         ctx = owner.context(request)
         engine = ctx.engine
         now = engine.clock.monotonic()
-        name = self.name or f"{ctx.route}:{self.rate}"
+        name = self.name or default_name(ctx.route, self.rate)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
         costed: dict[str, DetailValue] = {}
@@ -274,7 +274,7 @@ class LimitDependency:
                 f"{self!r} is keyed by a dependency: pass its value, check(request, identity=...)"
             )
         ctx = self.owner.context(request)
-        name = self.name or f"{route or ctx.route}:{self.rate}"
+        name = self.name or default_name(route or ctx.route, self.rate)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
         value = await self._key_value(request, ctx, identity)
@@ -389,6 +389,14 @@ class LimitDependency:
         ip = self.owner.client_ip(request, ctx.engine)
         ctx.client_key = ip
         return ip
+
+
+def default_name(route: str, rate: str) -> str:
+    """A limit's name when it is given none: `<route>:<rate>`, with any "|" of the route
+    name written %7C. A limit's state key is "<name>|<client key>" and its records are
+    split at the first "|" (the admin page, the decision summary): a `[[route]]` name
+    may hold one, a limit name may not (policy names are refused with one)."""
+    return f"{route.replace('|', '%7C')}:{rate}"
 
 
 def _signature(key_dep: object) -> inspect.Signature:

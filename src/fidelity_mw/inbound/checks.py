@@ -14,11 +14,14 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from starlette.requests import Request
+
 from ..context import SOURCE_FALLBACK, SOURCE_REQUEST, DecisionContext, context_from_scope
 from ..decide.gcra import LimitVerdict
 from ..engine import Engine
 from ..state.base import LimitSpec
 from .admission import warn_without_state
+from .costs import cost_of
 from .request import RequestReader, scan_headers
 
 
@@ -65,7 +68,8 @@ async def check_limits(
     through `FidelityMiddleware`; its client (IP, headers) is the one checked.
     `path` and `method`: the request to check, when it is another than this one (a
     `GET /quota` asking about `POST /api/export`). `cost`: the units it would take
-    instead of each limit's `cost`. Only the rate limits are asked: the breaker, the
+    instead of each limit's `cost` (a limit's cost function is applied to `request`).
+    Only the rate limits are asked: the breaker, the
     bulkhead and the deadline decide when the request comes. Nothing is counted.
     """
     scope: Mapping[str, Any] = request if isinstance(request, Mapping) else request.scope
@@ -102,6 +106,15 @@ async def check_limits(
     keys = reader.limit_keys(target, plan, found, scratch)
     if cost is not None:
         specs = tuple(spec._replace(cost=cost) for spec in specs)
+    elif plan.cost_fns is not None:
+        # a limit's cost is a function: of this request (without its body, which is the
+        # app's by now: a function that reads it counts the burst; pass `cost`)
+        request = Request(target)
+        costs = [
+            lim.fixed_cost if fn is None else await cost_of(fn, request, lim)
+            for lim, fn in zip(plan.limits, plan.cost_fns, strict=True)
+        ]
+        specs = tuple(spec._replace(cost=c) for spec, c in zip(specs, costs, strict=True))
     bursts = [lim.burst_size for lim in plan.limits]
     return await peek_limits(engine, keys, specs, bursts, now)
 

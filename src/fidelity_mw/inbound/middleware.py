@@ -32,10 +32,11 @@ from ..headers import is_cors_preflight
 from ..hooks import RequestObserver
 from ..policy import Policy
 from ..rejections import OnReject, custom_rejection, send_custom
-from ..routeplan import RoutePlan
+from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
+from .costs import asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
 from .responses import DECIDED_BY_APP, DECIDED_BY_HEADER, OUTCOME_SERVED, Rejection, respond
@@ -242,8 +243,12 @@ class FidelityMiddleware:
                                 )
                         else:
                             rejection = self._verdict(ctx, plan, result, now)
-                    else:
+                    elif plan.cost_fns is None:
                         ctx._pending = (self._pending_builder, plan, None, now)
+                    else:  # a limit's cost is a function of the request: inbound/costs.py
+                        plan, receive, result, keys, rejection = await self._admit_costed(
+                            ctx, plan, scope, receive, found, now
+                        )
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -370,6 +375,49 @@ class FidelityMiddleware:
         if isinstance(entered, str):  # refused for now: wait in the queue
             return await bulkheads.wait(ctx, plan, priority, now, entered)
         return entered
+
+    async def _admit_costed(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        scope: Scope,
+        receive: Receive,
+        found: dict[bytes, bytes] | None,
+        now: float,
+    ) -> tuple[RoutePlan, Receive, InboundResult | None, Sequence[str], Rejection | None]:
+        """Admission for a route with a cost function: the request's costs, then the
+        common admission with a plan of those costs (which the refunds, fields and
+        records of this request then use), and the `receive` the app gets (what the
+        cost function read of the body, again)."""
+        costs, replay = await request_costs(plan, scope, receive)
+        if replay is not None:
+            receive = replay.replay
+        asked, refused = asked_costs(ctx, plan, costs, now)
+        if refused is not None:
+            admission_decisions(ctx, plan, None, now)  # (the deadline's record)
+            return plan, receive, None, (), refused
+        plan = costed_plan(plan, asked)
+        keys: Sequence[str] = ()
+        if not plan.admits:  # no breaker, and no limit asked (each cost 0)
+            ctx._pending = (costed_decisions, plan, None, now)
+            return plan, receive, None, keys, None
+        if plan.specs:
+            keys = self._limit_keys(scope, plan, found, ctx)
+        result = None
+        if self._admit_now is not None:
+            result = self._admit_now(plan.breaker_key, plan.breaker, keys, plan.specs, now)
+        if result is None:
+            result = await self.engine.store.admit(
+                plan.breaker_key, plan.breaker, keys, plan.specs, now
+            )
+        start = len(ctx.decisions)
+        rejection = self._verdict(ctx, plan, result, now)
+        pending = ctx._pending
+        if pending is not None:  # admitted: its records are built when read
+            ctx._pending = (costed_decisions, *pending[1:])
+        else:
+            with_costs(ctx, plan, start)
+        return plan, receive, result, keys, rejection
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None

@@ -407,10 +407,13 @@ class OutcomeRecorder:
             outcome = IGNORED
         elif ctx.shed_by is not None and (status is None or status >= 400):
             return self.shed_downstream(ctx, plan, result, keys)
-        elif plan.slash_redirect and (status == 307 or status == 308):
+        elif (plan.slash_redirect and (status == 307 or status == 308)) or (
+            plan.not_allowed and status == 405
+        ):
             # The router's own trailing-slash redirect: not the resource. A client that
             # follows it pays for the request it lands on; `charge = "always"` limits
-            # keep this charge too. No retry credit: nothing failed.
+            # keep this charge too. No retry credit: nothing failed. So too the router's
+            # 405 (a method no route of the path serves): it never reached an endpoint.
             ctx.outcome = OUTCOME_SERVED
             pending = self.finish(ctx, plan, result, SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, True, False))

@@ -19,6 +19,7 @@ from ..decide.specs import LimitSpec
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult
 from .admission import FieldsFn, admission_decisions, quota_wait_s, ratelimit_headers
+from .costs import costed_decisions
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -84,7 +85,8 @@ def refunded_fields(ctx: DecisionContext, headers: Fields) -> Fields:
     `shed_downstream`), not as the admission charged them, which read one request low.
     `headers` as they are when the admission's facts are gone (a builder of its own)."""
     facts = ctx._pending if ctx._pending is not None else ctx._built
-    if facts is None or facts[0] is not admission_decisions:
+    # (a request of a route with a cost function: inbound/costs.py)
+    if facts is None or (facts[0] is not admission_decisions and facts[0] is not costed_decisions):
         return headers
     plan: RoutePlan = facts[1]
     result: InboundResult | None = facts[2]

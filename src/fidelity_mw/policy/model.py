@@ -15,7 +15,7 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,9 @@ from ..errors import PolicyError, PolicyIssue
 
 Check = Callable[[Any], str | None]
 KeyFunc = Callable[[Mapping[str, Any]], str | None]
+# A request's cost from the request (a Starlette `Request`, which is also the scope as a
+# Mapping): plain or async, a whole number of units >= 0 (inbound/costs.py)
+CostFunc = Callable[[Any], int | Awaitable[int]]
 
 JITTER_MODES = ("full", "equal", "decorrelated", "none")
 FAILURE_MODES = ("local", "open", "closed")
@@ -382,6 +385,23 @@ def _key(value: Any) -> str | None:
     )
 
 
+_COST_RANGE = int_in(1, 1_000_000)
+
+
+def _cost(value: Any) -> str | None:
+    """A whole number of units, or (in Python) a function of the request."""
+    if callable(value) and not isinstance(value, type):
+        return None
+    if isinstance(value, str):
+        # a file names no function: `key` strings are kinds, not import paths, either
+        return (
+            f"{_toml(value)} is not a cost: a cost is a whole number of units; a cost per "
+            "request is a function, given in Python (RateLimit(cost=fn)), which a policy "
+            "file cannot name"
+        )
+    return _COST_RANGE(value)
+
+
 def _instance(cls: type) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, cls):
@@ -602,7 +622,8 @@ class RateLimit(_Validated):
     name: str = _spec("default", _limit_name)
     rate: str = _spec("100/s", _rate)
     burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
-    cost: int = _spec(1, int_in(1, 1_000_000))
+    # an int, or (in Python) a function of the request: its cost (inbound/costs.py)
+    cost: int | CostFunc = _spec(1, _cost)
     key: str | KeyFunc = _spec("client_ip", _key)
     match: str = _spec("*", _glob)
     exclude: tuple[str, ...] = _spec((), _globs)
@@ -623,7 +644,10 @@ class RateLimit(_Validated):
         )
 
     def _cross_checks(self) -> list[PolicyIssue]:
-        if self._valid("burst", "cost") and self.burst is not None and self.burst < self.cost:
+        cost = self.cost
+        if not isinstance(cost, int):  # a function's cost is checked per request
+            return []
+        if self._valid("burst", "cost") and self.burst is not None and self.burst < cost:
             return [
                 PolicyIssue(
                     "cost",
@@ -631,9 +655,9 @@ class RateLimit(_Validated):
                     "no request could ever be admitted",
                 )
             ]
-        if self.burst is None and _rate(self.rate) is None and _is_int(self.cost):
+        if self.burst is None and _rate(self.rate) is None and _is_int(cost):
             count, _ = parse_rate(self.rate)
-            if count < self.cost:
+            if count < cost:
                 return [
                     PolicyIssue(
                         "cost",
@@ -645,6 +669,18 @@ class RateLimit(_Validated):
     @property
     def limit(self) -> int:
         return parse_rate(self.rate)[0]
+
+    @property
+    def cost_fn(self) -> CostFunc | None:
+        """The function that says each request's cost, or None for a constant `cost`."""
+        cost = self.cost
+        return None if isinstance(cost, int) else cost
+
+    @property
+    def fixed_cost(self) -> int:
+        """The constant cost, or 1 for a cost per request (the least one that is counted)."""
+        cost = self.cost
+        return cost if isinstance(cost, int) else 1
 
     @property
     def period_s(self) -> float:

@@ -406,7 +406,14 @@ def layers_for(policy: Policy) -> list[Layer]:
         limiter_state += f"; at most {policy.state.max_keys} keys, idle keys evicted first"
     for i, lim in enumerate(policy.rate_limits):
         verb = "records would-reject, never rejects (shadow)" if lim.shadow else "429"
-        cost = f", cost {lim.cost} per request" if lim.cost != 1 else ""
+        fn = lim.cost_fn
+        cost = (
+            f", cost per request from {getattr(fn, '__qualname__', None) or repr(fn)}()"
+            if fn is not None
+            else f", cost {lim.cost} per request"
+            if lim.cost != 1
+            else ""
+        )
         if lim.charge == "served" and lim.retry_credit_s > 0:
             # kept in the same key as the TAT (docs/state.md)
             cost += f", retry credit for {lim.retry_credit_s:g} s after a refund"
