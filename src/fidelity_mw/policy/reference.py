@@ -176,7 +176,10 @@ DESCRIPTIONS: dict[str, str] = {
     "N of `rate`.",
     "rate_limit.cost": (
         "Tokens one request takes. Must not exceed the burst. Per request (a batch costs "
-        "its length): `Depends(fidelity.limit(..., cost=fn))` (docs/fastapi.md)."
+        "its length): in Python, `RateLimit(cost=fn)`, `fn(request)` plain or async "
+        "([In Python](#in-python)); next to the route, "
+        "`Depends(fidelity.limit(..., cost=fn))` (docs/fastapi.md). A file cannot name a "
+        "function."
     ),
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
     "IP when absent; sent more than once, its first line, the value the app reads), `route`, "
@@ -196,7 +199,9 @@ DESCRIPTIONS: dict[str, str] = {
     "rate_limit.charge": "`served`: units of a request answered 5xx because of an upstream "
     "failure or a control decision (breaker, retry budget, deadline) are given back, so a "
     "fault the client did not cause does not throttle it, and of the router's own "
-    "trailing-slash redirect (the request it leads to pays); `always`: every admitted "
+    "trailing-slash redirect (the request it leads to pays) and its own 405 (a method no "
+    "route of the path serves, as FastAPI answers a HEAD on a GET route); `always`: every "
+    "admitted "
     "request pays (for limits that guard the work itself, such as login attempts).",
     "rate_limit.retry_credit_s": 'With `charge = "served"`: each refunded request also '
     "credits the client with its cost, for its retry: the credit (at most one burst) admits "
@@ -379,6 +384,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_key_prefix": "non-empty string without `{` or `}`",
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
+        "_cost": "1 .. 1_000_000",
     }
     if name in fixed:
         return fixed[name]
@@ -398,6 +404,7 @@ _TYPES = {
     "tuple[int, ...]": "array of integers / strings",
     "frozenset[int] | tuple[int, ...]": "array of integers / strings",
     "str | KeyFunc": "string",
+    "int | CostFunc": "integer",
     "bool | BreakerConfig": "boolean or table",
     "BreakerConfig | None": "table or `false`",
     "RetryConfig": "table",
