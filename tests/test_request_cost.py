@@ -660,3 +660,17 @@ async def test_a_middleware_cost_is_the_same_on_every_store(redis_url: str) -> N
     assert await costed_run(redis_url) == memory
     tiered = await costed_run("tiered+" + redis_url)
     assert [status for status, _ in tiered] == [status for status, _ in memory]
+
+
+def test_the_map_says_a_middleware_limit_costs_what_its_function_says() -> None:
+    from fidelity_mw.tools.statemap import layers_for
+
+    policy = Policy(
+        rate_limits=[
+            RateLimit(name="items", rate="10/min", cost=body_items),
+            RateLimit(name="pairs", rate="10/min", cost=2),
+        ]
+    )
+    data = [layer.data for layer in layers_for(policy) if layer.layer == "ratelimit"]
+    assert "cost per request from a function (body_items)" in data[0]
+    assert "cost 2 per request" in data[1]

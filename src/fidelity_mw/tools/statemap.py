@@ -408,7 +408,7 @@ def layers_for(policy: Policy) -> list[Layer]:
         verb = "records would-reject, never rejects (shadow)" if lim.shadow else "429"
         fn = lim.cost_fn
         cost = (
-            f", cost per request from {getattr(fn, '__qualname__', None) or repr(fn)}()"
+            f", cost per request from a function ({getattr(fn, '__qualname__', None) or fn})"
             if fn is not None
             else f", cost {lim.cost} per request"
             if lim.cost != 1
