@@ -674,3 +674,21 @@ def test_the_map_says_a_middleware_limit_costs_what_its_function_says() -> None:
     data = [layer.data for layer in layers_for(policy) if layer.layer == "ratelimit"]
     assert "cost per request from a function (body_items)" in data[0]
     assert "cost 2 per request" in data[1]
+
+
+async def test_a_middleware_cost_read_from_the_body_reaches_the_app_when_the_store_fails(
+    clock: FakeClock,
+) -> None:
+    class Failing(MemoryStore):
+        async def admit(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("redis away")
+
+    store = Failing(rng=seeded_random(1))
+    store.admit_now = None  # type: ignore[assignment]
+    app, recorder = starlette_app(batch_policy(), clock, store)
+    async with client(app) as c:
+        answer = await c.post("/batch", json=[1, 2, 3])
+    assert answer.status_code == 200
+    assert answer.json() == {"stored": 3}  # the body the function read, again
+    reasons = [d.reason for d in recorder.contexts[0].decisions if d.layer == "ratelimit"]
+    assert reasons == ["state_error:ConnectionError"]

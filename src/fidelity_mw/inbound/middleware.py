@@ -392,24 +392,32 @@ class FidelityMiddleware:
         costs, replay = await request_costs(plan, scope, receive)
         if replay is not None:
             receive = replay.replay
+        records = ctx.decisions
+        start = len(records)
         asked, refused = asked_costs(ctx, plan, costs, now)
         if refused is not None:
-            admission_decisions(ctx, plan, None, now)  # (the deadline's record)
+            own = records[start:]
+            del records[start:]
+            admission_decisions(ctx, plan, None, now)  # (the deadline's record first)
+            records.extend(own)
             return plan, receive, None, (), refused
         plan = costed_plan(plan, asked)
         keys: Sequence[str] = ()
         if not plan.admits:  # no breaker, and no limit asked (each cost 0)
             ctx._pending = (costed_decisions, plan, None, now)
             return plan, receive, None, keys, None
-        if plan.specs:
-            keys = self._limit_keys(scope, plan, found, ctx)
         result = None
-        if self._admit_now is not None:
-            result = self._admit_now(plan.breaker_key, plan.breaker, keys, plan.specs, now)
-        if result is None:
-            result = await self.engine.store.admit(
-                plan.breaker_key, plan.breaker, keys, plan.specs, now
-            )
+        try:
+            if plan.specs:
+                keys = self._limit_keys(scope, plan, found, ctx)
+            if self._admit_now is not None:
+                result = self._admit_now(plan.breaker_key, plan.breaker, keys, plan.specs, now)
+            if result is None:
+                result = await self.engine.store.admit(
+                    plan.breaker_key, plan.breaker, keys, plan.specs, now
+                )
+        except Exception as exc:  # here: the app gets the body the cost function read
+            return plan, receive, None, keys, self._admission.state_failure(ctx, plan, exc, now)
         start = len(ctx.decisions)
         rejection = self._verdict(ctx, plan, result, now)
         pending = ctx._pending
