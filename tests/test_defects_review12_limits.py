@@ -9,6 +9,9 @@
   that 405, which never reached an endpoint, spent quota. The router's 405 now gives
   "served" limits their units back, as its trailing-slash redirect does; "always"
   limits keep the charge, and an endpoint's own 405 is charged as any answer.
+- `RateLimit(key=async_fn)` was accepted, and the middleware (which calls a key
+  function without awaiting) keyed each request by its coroutine's text: a fresh
+  counter per request. It is refused at load now, saying why.
 """
 
 from __future__ import annotations
@@ -147,3 +150,20 @@ async def test_starlette_serves_head_with_the_get_handler_and_charges_it(clock: 
     async with client(app) as c:
         heads = [(await c.head("/items")).status_code for _ in range(3)]
     assert heads == [200, 200, 429]
+
+
+# ---------------------------------------------------------------- an async key function
+
+
+def test_an_async_key_function_for_the_middleware_is_refused_at_load() -> None:
+    """The middleware calls `key(scope)` without awaiting: an async one keyed every
+    request by its coroutine's text, a fresh counter each time (no limit at all)."""
+    from fidelity_mw import PolicyError
+
+    async def tenant(scope: Any) -> str:
+        return "t1"
+
+    with pytest.raises(PolicyError) as caught:
+        RateLimit(rate="5/min", key=tenant)
+    assert "coroutine function" in str(caught.value)
+    assert RateLimit(rate="5/min", key=lambda scope: "t1").key is not None

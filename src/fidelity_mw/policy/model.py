@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import ipaddress
 import json
 import re
@@ -372,6 +373,14 @@ def _rate(value: Any) -> str | None:
 
 def _key(value: Any) -> str | None:
     if callable(value):
+        if inspect.iscoroutinefunction(value):
+            # the middleware calls it as it reads the request: its coroutine, as text,
+            # was a new key per request (no limit at all)
+            return (
+                f"{getattr(value, '__qualname__', value)} is a coroutine function: the "
+                "middleware's key function is called without awaiting (a cost function "
+                "may be async; for an async key, Depends(fidelity.limit(..., key=fn)))"
+            )
         return None
     if not isinstance(value, str):
         return f"expected a key kind, got {_tname(value)}"

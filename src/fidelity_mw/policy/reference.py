@@ -183,7 +183,8 @@ DESCRIPTIONS: dict[str, str] = {
     ),
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
     "IP when absent; sent more than once, its first line, the value the app reads), `route`, "
-    "`global`; a callable in Python.",
+    "`global`; a callable in Python (plain, not async: the middleware calls it as it reads "
+    "the request).",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
     "`?` one character. Matched against the request path, so a route template such as "
     "`/items/{item_id}` is an error: write `/items/*`.",
