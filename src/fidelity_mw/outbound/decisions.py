@@ -74,6 +74,23 @@ logger = logging.getLogger("fidelity_mw")
 # answer from the state.)
 _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", default=None)
 
+# The give-up on a response the transport hands back: its
+# `response.extensions[GIVE_UP_EXTENSION]` holds the give-up's `Decision` when the call gave up retrying that response and so
+# exhausted the upstream (the middleware maps `raise_for_status()` on it by this marker,
+# not by the request's records, which two calls at once to one upstream share). Noted
+# by `give_up` for the loop of this task (each task, thread and hedge has its own).
+GIVE_UP_EXTENSION: Final = "fidelity_give_up"
+_GAVE_UP: Final[ContextVar[Decision | None]] = ContextVar("fidelity_mw_gave_up", default=None)
+
+
+def gave_up() -> Decision | None:
+    """The exhausting give-up `give_up` recorded last in this task (`forget_give_up`)."""
+    return _GAVE_UP.get()
+
+
+def forget_give_up() -> None:
+    _GAVE_UP.set(None)
+
 
 def fell(why: object) -> None:
     """A gate answer decided without the shared state (or the store's exception) arrived:
@@ -171,24 +188,24 @@ def give_up(
         spread = retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
         if spread > 0.0:
             details["retry_hint_spread_s"] = round(spread, 3)
-    ctx.decisions.append(
-        Decision(
-            layer,
-            up.key,
-            GIVE_UP if attempts_made > 0 else REJECT,
-            reason,
-            source,
-            age_s,
-            now,
-            with_why(source, {"attempts": attempts_made, **details}),
-        )
+    decision = Decision(
+        layer,
+        up.key,
+        GIVE_UP if attempts_made > 0 else REJECT,
+        reason,
+        source,
+        age_s,
+        now,
+        with_why(source, {"attempts": attempts_made, **details}),
     )
+    ctx.decisions.append(decision)
     if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
         ctx.shed_by = layer  # refused before anything was sent
     # "attempts" with retries configured off is not exhaustion: we did
     # not retry, so the caller is the nearest owner and may.
     if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
         ctx.upstream_exhausted = True
+        _GAVE_UP.set(decision)
 
 
 def gate_answer(

@@ -76,8 +76,11 @@ from .decisions import (
     classify,
     closed_on_store_error,
     deadline_passed,
+    GIVE_UP_EXTENSION,
     fell,
+    forget_give_up,
     gate_answer,
+    gave_up,
     give_up,
     is_slow,
     lb_decision,
@@ -515,6 +518,7 @@ def attempts(
                 if (retryable or downstream) and not hedge:
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
+                    forget_give_up()  # (an earlier call's: this one notes its own)
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
@@ -588,6 +592,12 @@ def attempts(
             if response is None:
                 assert error is not None
                 raise error
+            if (retryable or downstream) and not hedge:
+                # given up on (retries, budget, breaker, deadline, an exhausted callee):
+                # said on the response itself, exactly (`raise_for_status()` on it)
+                exhausted = gave_up()
+                if exhausted is not None:
+                    response.extensions[GIVE_UP_EXTENSION] = exhausted
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response
