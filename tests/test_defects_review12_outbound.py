@@ -15,8 +15,18 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
-from fidelity_mw.policy import BreakerConfig, DeadlineConfig, RetryConfig, UpstreamConfig
-from fidelity_mw.testing import FakeClock
+from fidelity_mw.context import SOURCE_FALLBACK
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import (
+    BreakerConfig,
+    DeadlineConfig,
+    RetryConfig,
+    StateConfig,
+    UpstreamConfig,
+)
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import FakeClock, seeded_random
+from redis_server import PATIENT, QUIET, RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -95,3 +105,40 @@ async def test_raise_for_status_on_an_unretried_500_beside_a_give_up_stays_the_a
         got = await client.get("/")
     assert got.status_code == 500
     assert got.text == "Internal Server Error"
+
+
+# ------------------------------------- 2. the tiered store's first-attempt fallback says why
+
+
+@pytest.mark.redis
+async def test_a_tiered_first_attempt_without_redis_says_why(own_redis: RedisServer) -> None:
+    """Before: the first attempt's gate came from the exact store's fallback (the cache's
+    `admit`) as a plain answer: the decision said `fallback` and not why, where the
+    Redis store's says `fallback_why` (a retry's budget answer said it already)."""
+    clock = FakeClock()
+    policy = Policy(
+        state=StateConfig(url="tiered+" + own_redis.url, **PATIENT, **QUIET),
+        upstreams=(
+            UpstreamConfig(
+                host="*",
+                retry=RetryConfig(attempts=3, base_ms=1, max_ms=2),
+                breaker=BreakerConfig(consecutive_failures=3, open_s=5.0, open_jitter=0.0),
+            ),
+        ),
+    )
+    store = TieredStore(config=policy.state, rng=seeded_random(3), clock=clock)
+    engine = Engine(policy, clock=clock, store=store)
+    t = FidelityTransport(
+        httpx.MockTransport(lambda r: httpx.Response(200)), engine=engine, telemetry=False
+    )
+    own_redis.stop()
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            for _ in range(2):  # the call that finds Redis down, and one while it is
+                response = await client.get("http://svc.internal/x")
+                decisions = response.extensions["fidelity_context"].decisions
+                first = [d for d in decisions if d.layer == "retry"]
+                assert [d.state_source for d in first] == [SOURCE_FALLBACK]
+                assert first[0].details["fallback_why"] == "unreachable"  # type: ignore[index]
+    finally:
+        await store.aclose()

@@ -595,7 +595,9 @@ def attempts(
             if (retryable or downstream) and not hedge:
                 # given up on (retries, budget, breaker, deadline, an exhausted callee):
                 # said on the response itself, exactly (`raise_for_status()` on it)
-                exhausted = gave_up()
+                # (Any: compiled, a named tuple's declared type would be unboxed and
+                # boxed again as a plain tuple)
+                exhausted: Any = gave_up()
                 if exhausted is not None:
                     response.extensions[GIVE_UP_EXTENSION] = exhausted
             if own:
