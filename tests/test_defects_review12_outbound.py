@@ -24,11 +24,14 @@ from fidelity_mw.policy import (
     StateConfig,
     UpstreamConfig,
 )
+from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from redis_server import PATIENT, QUIET, RedisServer
 
 pytestmark = pytest.mark.anyio
+
+URL = "http://svc.internal/x"
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -141,4 +144,145 @@ async def test_a_tiered_first_attempt_without_redis_says_why(own_redis: RedisSer
                 assert [d.state_source for d in first] == [SOURCE_FALLBACK]
                 assert first[0].details["fallback_why"] == "unreachable"  # type: ignore[index]
     finally:
+        await store.aclose()
+
+
+# ------------------------------ 3. a raw task.cancel() while a remote gate call is in flight
+
+
+def _awaiting(task: asyncio.Task[Any], name: str) -> bool:
+    """Whether `task` is suspended inside a coroutine called `name` (its await chain)."""
+    step: Any = task.get_coro()
+    while step is not None:
+        code = getattr(step, "cr_code", None) or getattr(step, "gi_code", None)
+        if code is not None and code.co_name == name:
+            return True
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    return False
+
+
+async def _in_flight(task: asyncio.Task[Any]) -> None:
+    """Until the call's script is sent and its reply awaited (the server is paused)."""
+    for _ in range(10_000):
+        if _awaiting(task, "read_response"):
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the gate call never reached its reply")
+
+
+async def _resume_once_cancelled(task: asyncio.Task[Any], server: RedisServer) -> None:
+    """Resume the paused server once the cancellation has reached the call: the call is
+    over, or reads its reply after all (the fix, `state/redis.py`)."""
+    for _ in range(10_000):
+        if task.done() or _awaiting(task, "_late_reply"):
+            break
+        await asyncio.sleep(0)
+    server.resume()
+
+
+PROBING = BreakerConfig(
+    consecutive_failures=1, open_s=0.01, open_jitter=0.0, half_open_probes=1, probe_lease_s=30.0
+)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+async def test_a_raw_cancel_while_the_probe_gate_is_in_flight_frees_the_slot(
+    own_redis: RedisServer, how: str
+) -> None:
+    """Before: the anyio shield around the gate call does not hold against a raw
+    `task.cancel()` (what `asyncio.timeout` and `wait_for` do): the reply was lost with the
+    probe slot the script took, and the half-open breaker refused every call until the
+    probe lease (30 s) ran out. Now the reply is read all the same and the slot given
+    back; the cancellation still ends the call."""
+    policy = Policy(
+        state=StateConfig(url=own_redis.url, **PATIENT, **QUIET),
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=1), breaker=PROBING),),
+    )
+    store = RedisStore(config=policy.state, rng=seeded_random(1))
+    engine = Engine(policy, clock=FakeClock(), store=store)
+    answers = iter([503, 200])
+    t = FidelityTransport(
+        httpx.MockTransport(lambda r: httpx.Response(next(answers))),
+        engine=engine,
+        telemetry=False,
+    )
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            assert (await client.get(URL)).status_code == 503  # opens the breaker
+            await asyncio.sleep(0.02)  # (the server's clock: half-open after 10 ms)
+            own_redis.pause()
+            if how == "task.cancel":
+                task = asyncio.create_task(client.get(URL))
+                await _in_flight(task)
+                task.cancel()
+                await _resume_once_cancelled(task, own_redis)
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+
+                async def bounded() -> None:
+                    async with asyncio.timeout(None) as timeout:
+                        call = asyncio.create_task(client.get(URL))
+                        await _in_flight(call)
+                        timeout.reschedule(asyncio.get_running_loop().time())
+                        resumer = asyncio.create_task(_resume_once_cancelled(call, own_redis))
+                        try:
+                            await call
+                        finally:
+                            await resumer
+
+                # (the timeout cancels this task, which awaits the call: the call's task
+                # is cancelled through the await, a raw cancel as well)
+                with pytest.raises(TimeoutError):
+                    await bounded()
+            response = await client.get(URL)  # the slot is free: this call is the probe
+            assert response.status_code == 200
+            decisions = response.extensions["fidelity_context"].decisions
+            assert ("breaker", "probe") in {(d.layer, d.verdict) for d in decisions}
+    finally:
+        own_redis.resume()
+        await store.aclose()
+
+
+@pytest.mark.redis
+async def test_a_raw_cancel_while_a_retrys_gate_is_in_flight_gives_the_retry_back(
+    own_redis: RedisServer,
+) -> None:
+    """The retry's gate spends a retry of the budget: lost with the reply before, so with
+    a budget of one retry per window the next call's retry was refused."""
+    retry = RetryConfig(
+        attempts=2, base_ms=1, max_ms=1, budget_ratio=0.0, budget_min_per_s=0.1
+    )  # one retry per 10 s window
+    policy = Policy(
+        state=StateConfig(url=own_redis.url, **PATIENT, **QUIET),
+        # (no breaker: the failure's outcome would be a script call of its own first)
+        upstreams=(UpstreamConfig(host="*", retry=retry, breaker=None),),
+    )
+    store = RedisStore(config=policy.state, rng=seeded_random(1))
+    engine = Engine(policy, clock=FakeClock(), store=store)
+    paused = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/held" and not paused.is_set():
+            own_redis.pause()  # the retry's gate, next, stays in flight
+            paused.set()
+        return httpx.Response(503 if request.headers["x-fidelity-attempt"] == "1" else 200)
+
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            task = asyncio.create_task(client.get("http://svc.internal/held"))
+            await paused.wait()
+            await _in_flight(task)
+            task.cancel()
+            await _resume_once_cancelled(task, own_redis)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            response = await client.get("http://svc.internal/next")
+            assert response.status_code == 200  # its retry had the budget's one retry
+            verdicts = [d.verdict for d in response.extensions["fidelity_context"].decisions]
+            assert "retry" in verdicts
+    finally:
+        own_redis.resume()
         await store.aclose()

@@ -68,7 +68,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from .base import GateAnswer, InboundResult, LimitSpec, StateStore
+from .base import LATE_ANSWER, GateAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
@@ -250,7 +250,20 @@ class LaneClient(Redis):
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     await conn.disconnect()
             await conn.send_packed_command(conn.pack_command(*args))
-            return await conn.read_response()
+            try:
+                # (redis-py would disconnect on a cancellation too: below, every other
+                # failure to read disconnects as it would have)
+                return await conn.read_response(disconnect_on_error=False)
+            except ResponseError:
+                raise  # an error reply (NOSCRIPT, READONLY ...): read whole, a sound connection
+            except asyncio.CancelledError as cancel:
+                reply = await _late_reply(conn)
+                if reply is not _LOST:
+                    setattr(cancel, _LATE_REPLY, reply)
+                raise
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
         finally:
             free.append(conn)  # (failed: redis-py disconnected it; it reconnects when used)
 
@@ -267,6 +280,32 @@ class LaneClient(Redis):
                     await conn.disconnect()
         finally:
             await super().aclose(close_connection_pool)
+
+
+# A raw cancellation (`task.cancel()`: `asyncio.timeout`, `wait_for`) of a script call whose
+# command went out whole: Redis runs the script whatever happens here, and what it took
+# (a probe slot, a retry of a budget) is named only in its reply. The reply is read all the
+# same (bounded by the socket timeout), and rides on the `CancelledError` under this name
+# (the same exception: `asyncio.timeout` knows its own by type), so the caller can give back
+# what the script took (`RedisStore.outbound_gate`: `LATE_ANSWER`). An anyio cancel scope
+# cancels again at once: then, as a second raw cancel or a failed read, the reply is lost
+# and the connection dropped, as before.
+_LATE_REPLY: Final = "fidelity_mw_late_reply"
+_LOST: Final = object()
+
+
+async def _late_reply(conn: AbstractConnection) -> Any:
+    """The reply of a command sent whole on `conn`, read after its caller was cancelled;
+    `_LOST` (the connection dropped) when it cannot be read. An error reply is None: the
+    script did not run, nothing to give back."""
+    try:
+        return await conn.read_response(disconnect_on_error=False)
+    except ResponseError:
+        return None
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await conn.disconnect(nowait=True)
+        return _LOST
 
 
 # ---------------------------------------------------------------- health
@@ -1165,7 +1204,18 @@ class RedisStore(StateStore):
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
-        got = await self.call(OUTBOUND, keys, args)
+        try:
+            got = await self.call(OUTBOUND, keys, args)
+        except asyncio.CancelledError as cancel:
+            # A raw cancellation while the reply was on its way, read all the same: what
+            # the script took rides on the cancellation, for the caller to give back.
+            reply = getattr(cancel, _LATE_REPLY, None)
+            if reply is not None:
+                late = self._outbound_answer(
+                    (reply, 0.0), breaker_key, breaker, budget_key, cfg, retry, taken, now
+                )
+                setattr(cancel, LATE_ANSWER, late)
+            raise
         return self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
         )
