@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,10 +27,11 @@ from fidelity_mw.policy import (
     StateConfig,
     UpstreamConfig,
 )
+from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
-from redis_server import PATIENT, QUIET, RedisServer
+from redis_server import PATIENT, QUIET, RedisServer, ReplicaServer, require_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -285,4 +289,78 @@ async def test_a_raw_cancel_while_a_retrys_gate_is_in_flight_gives_the_retry_bac
             assert "retry" in verdicts
     finally:
         own_redis.resume()
+        await store.aclose()
+
+
+# ------------------------------------- 4. a writable replica (`replica-read-only no`)
+
+
+class WritableReplica(ReplicaServer):
+    """A replica that takes writes (`replica-read-only no`): they stay on it until it
+    resyncs with its primary, and its primary's clients never see them."""
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--replica-read-only", "no"]
+
+
+@pytest.fixture
+def writable_replica(tmp_path: Path) -> Iterator[WritableReplica]:
+    require_redis()
+    primary = RedisServer(tmp_path / "primary").start()
+    server = WritableReplica(tmp_path / "replica", primary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        primary.stop()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never")
+
+
+@pytest.mark.redis
+async def test_a_writable_replica_found_by_the_probe_is_not_taken_back(
+    writable_replica: WritableReplica, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kept (docs/operations.md): a replica is never the store's home, writable or not:
+    its writes are lost when it resyncs, and the processes that reach the primary never
+    see them (a limit counted on two servers admits twice). The probe that ends an outage
+    asks ROLE; a replica keeps the store in `on_error` (`fallback_why = "read_only"`)
+    until it is promoted. While it answers every script (no outage, no probe) it is used:
+    the store does not ask ROLE per call. The line logged says what the probe found."""
+    caplog.set_level(logging.WARNING, "fidelity_mw")
+    clock = FakeClock()
+    store = RedisStore(
+        config=StateConfig(
+            url=writable_replica.url, timeout_ms=200, connect_timeout_ms=2_000, **QUIET
+        ),
+        rng=seeded_random(2),
+        clock=clock,
+    )
+    limit = LimitSpec("l", 0.001, 1.0, 1, False)
+    try:
+        assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "redis"
+        writable_replica.pause()  # an outage: the next call times out
+        try:
+            assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "fallback"
+        finally:
+            writable_replica.resume()
+        await _until(lambda: store.fallback_why == "read_only")  # the probe asked ROLE
+        result = await store.admit(None, None, ["l|a"], [limit], 0.0)
+        assert (result.source, result.why) == ("fallback", "read_only")
+        lines = [r.getMessage() for r in caplog.records if "found by the probe" in r.getMessage()]
+        assert len(lines) == 1
+        assert "is a replica (ROLE" in lines[0]
+        assert not store.up
+        with writable_replica.client() as admin:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+        await _until(lambda: store.up)
+        assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "redis"
+    finally:
         await store.aclose()

@@ -74,6 +74,7 @@ from .local import LocalState
 from .redis_batch import Coalescer
 from .redis_sync import CALL_ERRORS as _CALL_ERRORS
 from .redis_sync import (
+    FOUND_BY_PROBE,
     PROBE_BASE_S,
     PROBE_CAP_S,
     PROBE_RESET_S,
@@ -746,7 +747,7 @@ class RedisStore(StateStore):
             if not writable:
                 if health.why != WHY_READ_ONLY:  # (down for another reason before)
                     health.why = WHY_READ_ONLY
-                    self._read_only_warning("found by the probe")
+                    self._read_only_warning(FOUND_BY_PROBE)
                 continue
             now = self._clock.monotonic()
             health.up = True
