@@ -27,7 +27,9 @@ from fidelity_mw.policy import (
     StateConfig,
     UpstreamConfig,
 )
+from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
@@ -364,3 +366,54 @@ async def test_a_writable_replica_found_by_the_probe_is_not_taken_back(
         assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "redis"
     finally:
         await store.aclose()
+
+
+# ---------------------------------------------------------------- 5. the balancer
+
+INSTANCES = ("http://10.0.0.1:8001", "http://10.0.0.2:8002", "http://10.0.0.3:8003")
+KEYS = ("10.0.0.1:8001", "10.0.0.2:8002", "10.0.0.3:8003")
+STEADY = BreakerConfig(open_s=30.0, failure_ratio=1.0, min_calls=1_000)  # opens only by hand
+
+
+def _service(store: MemoryStore, **upstream: Any) -> Engine:
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+    cfg = UpstreamConfig(host="payments", instances=INSTANCES, retry=retry, **upstream)
+    return Engine(Policy(upstreams=(cfg,)), clock=FakeClock(), rng=seeded_random(7), store=store)
+
+
+async def test_a_retry_goes_back_to_a_tried_instance_rather_than_give_up_as_breaker_open() -> None:
+    """Two of three breakers open, the bound keeps one of them in rotation; the third
+    instance is healthy and answers one transient 503. Before: the retry avoided it
+    (tried), found only the open instance kept in, and gave up as `breaker_open`
+    (telling callers not to retry either) while the healthy instance was there. Envoy's
+    previous-hosts predicate gives way when no other host is left: the retry goes back
+    to the instance whose breaker admits it."""
+    ejected_one, kept_in, healthy = KEYS
+    seen: list[str] = []
+    transient = [True]
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        key = f"{request.url.host}:{request.url.port}"
+        seen.append(key)
+        if key == healthy:
+            transient[0] = not transient[0]
+            return httpx.Response(200 if transient[0] else 503)
+        return httpx.Response(503)
+
+    store = MemoryStore(rng=seeded_random(3))
+    engine = _service(store, breaker=STEADY, max_ejected_ratio=0.34, panic_threshold=0.0)
+    for key, until in zip(KEYS[:2], (2_000.0, 1_500.0), strict=True):
+        store.breaker_state("upstream:" + key, STEADY).force(OPEN, until, seeded_random(0))
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    back: list[list[str]] = []
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(30):
+            seen.clear()
+            response = await client.get("http://payments/pay")
+            assert response.status_code == 200, seen
+            if seen[:1] == [healthy]:
+                back.append(list(seen))
+            assert ejected_one not in seen
+            ctx = response.extensions["fidelity_context"]
+            assert not ctx.upstream_exhausted
+    assert [healthy, healthy] in back  # a transient 503 of the healthy one, retried there

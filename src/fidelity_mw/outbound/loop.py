@@ -61,7 +61,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.balance import EWMA_TAU_S, choose, ewma
+from ..decide.balance import EWMA_TAU_S, Pick, choose, ewma
 from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
@@ -671,6 +671,8 @@ def _gate_next(
                 panic_threshold=up.cfg.panic_threshold,
                 max_ejected_ratio=up.cfg.max_ejected_ratio,
             )
+            if retry and pick.bypass and not instances[pick.chosen].answered:
+                pick = _closed_again(instances, pick, now, engine)
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
@@ -724,6 +726,23 @@ def _gate_next(
     return _Gated(
         target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None
     )
+
+
+def _closed_again(instances: list[Instance], pick: Pick, now: float, engine: Engine) -> Pick:
+    """A retry's pick fell on an instance whose breaker is known open (kept in rotation by
+    the ejection bound, or panic), every instance not tried yet being one: it rather
+    goes back to an instance the call tried whose breaker is not known open (and that no
+    429 paused), as Envoy's previous-hosts predicate gives way when no other host is
+    left, than give up as `breaker_open` (which tells callers not to retry either) while
+    that instance is there. `pick` when there is none."""
+    again = [
+        n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now
+    ]
+    if not again:
+        return pick
+    views = [instances[n].view(now) for n in again]
+    best = choose(views, (), now, engine.rng)
+    return Pick(again[best.chosen], best.reason, pick.panic, False, pick.admissible)
 
 
 def _gate_hedge(
