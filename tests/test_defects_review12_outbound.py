@@ -23,6 +23,7 @@ from fidelity_mw.engine import Engine
 from fidelity_mw.policy import (
     BreakerConfig,
     DeadlineConfig,
+    HedgeConfig,
     RetryConfig,
     StateConfig,
     UpstreamConfig,
@@ -417,3 +418,48 @@ async def test_a_retry_goes_back_to_a_tried_instance_rather_than_give_up_as_brea
             ctx = response.extensions["fidelity_context"]
             assert not ctx.upstream_exhausted
     assert [healthy, healthy] in back  # a transient 503 of the healthy one, retried there
+
+
+async def test_a_hedged_calls_retry_avoids_the_instance_its_hedge_waits_on() -> None:
+    """The call's attempt is slow, a hedge goes to another instance and waits there, then
+    the attempt fails: its retry went to whichever instance the balancer liked, the
+    hedge's included (the loop avoided only its own attempts' instances), so with the
+    hedge's instance the fastest known the call had two attempts waiting on one instance
+    and none on the third. Now a retry avoids every instance the call has sent to."""
+    clock = FakeClock()
+    hedge_waits = asyncio.Event()
+    sent: list[str] = []
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        key = f"{request.url.host}:{request.url.port}"
+        sent.append(key)
+        if len(sent) == 1:  # the call's attempt: slow, then a 503
+            await hedge_waits.wait()
+            return httpx.Response(503)
+        if len(sent) == 2:  # the hedge: no answer while the call goes on
+            hedge_waits.set()
+            await asyncio.Event().wait()
+        return httpx.Response(200)
+
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+    cfg = UpstreamConfig(
+        host="payments",
+        instances=INSTANCES,
+        retry=retry,
+        breaker=STEADY,
+        hedge=HedgeConfig(after_ms=50),
+    )
+    engine = Engine(
+        Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=MemoryStore()
+    )
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    up = t.upstream(engine, httpx.URL("http://payments/pay"))
+    assert up.instances is not None
+    # two fast instances (the attempt and its hedge go there) and a slow one
+    for instance, latency in zip(up.instances, (0.001, 0.002, 1.0), strict=True):
+        instance.latency_s, instance.latency_at = latency, clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    assert len(sent) == 3
+    assert len(set(sent)) == 3, sent  # the retry went to the third instance

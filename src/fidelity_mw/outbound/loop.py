@@ -528,6 +528,8 @@ def attempts(
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
+                            if race is not None:  # and its hedges' instances, too
+                                tried.extend(i for i in race.targets if i not in tried)
                         spent_at: float | None = None
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
@@ -636,6 +638,7 @@ def _gate_next(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
+    hedge: bool = False,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -671,7 +674,8 @@ def _gate_next(
                 panic_threshold=up.cfg.panic_threshold,
                 max_ejected_ratio=up.cfg.max_ejected_ratio,
             )
-            if retry and pick.bypass and not instances[pick.chosen].answered:
+            if retry and pick.bypass and not instances[pick.chosen].answered and not hedge:
+                # (a hedge goes to another instance than those the call waits on, or not)
                 pick = _closed_again(instances, pick, now, engine)
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
@@ -768,7 +772,7 @@ def _gate_hedge(
         layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
         try:
-            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None, True)
         except Exception:  # a store failing closed: the call's other attempts still stand
             pass
         else:
