@@ -463,3 +463,48 @@ async def test_a_hedged_calls_retry_avoids_the_instance_its_hedge_waits_on() -> 
     assert response.status_code == 200
     assert len(sent) == 3
     assert len(set(sent)) == 3, sent  # the retry went to the third instance
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(503, "120"), (429, "60"), (503, "31")])
+async def test_one_instances_retry_after_beyond_the_wait_sends_the_retry_elsewhere(
+    status: int, retry_after: str
+) -> None:
+    """One instance of three answers with a `Retry-After` the call cannot wait (beyond
+    `retry_after_max_s`, 30 s, whose wait also reaches the call's 30 s deadline).
+    Before: the call gave up (`retry_after_too_long` / `deadline`, marked exhausted) while
+    two instances stood by; that instance's word is about itself (its retries are paused,
+    as a 429's are). Now the retry goes to another instance after its backoff, and
+    the instance is paused for what it said (at most `retry_after_max_s`)."""
+    busy = KEYS[0]
+    seen: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        key = f"{request.url.host}:{request.url.port}"
+        seen.append(key)
+        if key == busy:
+            return httpx.Response(status, headers={"retry-after": retry_after})
+        return httpx.Response(200)
+
+    store = MemoryStore(rng=seeded_random(3))
+    engine = _service(store, breaker=None)
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    clock = engine.clock
+    firsts = 0
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(20):
+            seen.clear()
+            response = await client.get("http://payments/pay")
+            assert response.status_code == 200, seen
+            if seen[0] == busy:
+                firsts += 1
+                assert len(seen) == 2
+                ctx = response.extensions["fidelity_context"]
+                (retried,) = [d for d in ctx.decisions if d.verdict == "retry"]
+                assert retried.details["delay_ms"] <= 100.0  # the backoff, not the wait  # type: ignore[index]
+                up = t.upstream(engine, httpx.URL("http://payments/pay"))
+                assert up.instances is not None
+                wait = min(float(retry_after), 30.0)
+                assert up.instances[0].paused_until == pytest.approx(
+                    clock.monotonic() - retried.details["delay_ms"] / 1000.0 + wait  # type: ignore[index, operator]
+                )
+    assert firsts > 0

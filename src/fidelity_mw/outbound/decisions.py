@@ -42,6 +42,7 @@ from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
+    GIVE_UP_RETRY_AFTER,
     IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
@@ -381,6 +382,31 @@ def plan_call(
             previous_delay_s=previous_delay,
             paused_s=max(0.0, up.paused_until - now),
         )
+        if (
+            not plan.retry
+            and plan.reason in (GIVE_UP_RETRY_AFTER, GIVE_UP_DEADLINE)
+            and retry_after is not None
+            and target is not None
+            and any(i is not target and i.paused_until <= now for i in up.instances or ())
+        ):
+            # One instance's Retry-After, beyond what the call can wait, is about that
+            # instance (as its 429's pause is): it is paused for what it said (at most
+            # `retry_after_max_s`), and the retry goes to another one after its backoff
+            # rather than the call give up while the others stand by.
+            up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
+            plan = plan_retry(
+                cfg=up.retry,
+                attempt=attempt,
+                idempotent=True,
+                replayable=True,
+                downstream_exhausted=False,
+                retry_after_s=0.0 if status == 429 else None,  # (a 429's is usable)
+                status=status,
+                remaining_s=None if deadline_at is None else deadline_at - now,
+                rng=engine.rng,
+                previous_delay_s=previous_delay,
+                paused_s=max(0.0, up.paused_until - now),
+            )
     if not plan.retry:
         reason = plan.reason
         layer = (
