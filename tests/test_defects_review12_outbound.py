@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.context import SOURCE_FALLBACK
+from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import (
     BreakerConfig,
@@ -28,7 +29,6 @@ from fidelity_mw.policy import (
     StateConfig,
     UpstreamConfig,
 )
-from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
@@ -389,7 +389,7 @@ async def test_a_retry_goes_back_to_a_tried_instance_rather_than_give_up_as_brea
     (telling callers not to retry either) while the healthy instance was there. Envoy's
     previous-hosts predicate gives way when no other host is left: the retry goes back
     to the instance whose breaker admits it."""
-    ejected_one, kept_in, healthy = KEYS
+    ejected_one, _kept_in, healthy = KEYS
     seen: list[str] = []
     transient = [True]
 

@@ -76,10 +76,11 @@ logger = logging.getLogger("fidelity_mw")
 _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", default=None)
 
 # The give-up on a response the transport hands back: its
-# `response.extensions[GIVE_UP_EXTENSION]` holds the give-up's `Decision` when the call gave up retrying that response and so
-# exhausted the upstream (the middleware maps `raise_for_status()` on it by this marker,
-# not by the request's records, which two calls at once to one upstream share). Noted
-# by `give_up` for the loop of this task (each task, thread and hedge has its own).
+# `response.extensions[GIVE_UP_EXTENSION]` holds the give-up's `Decision` when the call
+# gave up retrying that response and so exhausted the upstream (the middleware maps
+# `raise_for_status()` on it by this marker, not by the request's records, which two
+# calls at once to one upstream share). Noted by `give_up` for the loop of this task
+# (each task, thread and hedge has its own).
 GIVE_UP_EXTENSION: Final = "fidelity_give_up"
 _GAVE_UP: Final[ContextVar[Decision | None]] = ContextVar("fidelity_mw_gave_up", default=None)
 

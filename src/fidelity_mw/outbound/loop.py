@@ -71,12 +71,12 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
 from .decisions import (
+    GIVE_UP_EXTENSION,
     call_end,
     cause_of,
     classify,
     closed_on_store_error,
     deadline_passed,
-    GIVE_UP_EXTENSION,
     fell,
     forget_give_up,
     gate_answer,
@@ -739,9 +739,7 @@ def _closed_again(instances: list[Instance], pick: Pick, now: float, engine: Eng
     429 paused), as Envoy's previous-hosts predicate gives way when no other host is
     left, than give up as `breaker_open` (which tells callers not to retry either) while
     that instance is there. `pick` when there is none."""
-    again = [
-        n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now
-    ]
+    again = [n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now]
     if not again:
         return pick
     views = [instances[n].view(now) for n in again]
