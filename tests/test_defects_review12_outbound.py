@@ -508,3 +508,46 @@ async def test_one_instances_retry_after_beyond_the_wait_sends_the_retry_elsewhe
                     clock.monotonic() - retried.details["delay_ms"] / 1000.0 + wait  # type: ignore[index, operator]
                 )
     assert firsts > 0
+
+
+async def test_a_retry_takes_a_closed_instance_over_a_cheaper_open_one_kept_in() -> None:
+    """Four instances: one ejected, one open and kept in rotation by the bound (and the
+    cheapest), two closed. Before: a retry's power of two choices weighed cost alone and
+    drew the open one kept in over the closed one not tried yet, then gave up as
+    `breaker_open` (a retry never goes around an open breaker without evidence)."""
+    instances = (*INSTANCES, "http://10.0.0.4:8004")
+    ejected_one, kept_in, failing, spare = (*KEYS, "10.0.0.4:8004")
+    seen: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        key = f"{request.url.host}:{request.url.port}"
+        seen.append(key)
+        return httpx.Response(200 if key == spare else 503)
+
+    store = MemoryStore(rng=seeded_random(3))
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+    cfg = UpstreamConfig(
+        host="payments",
+        instances=instances,
+        retry=retry,
+        breaker=STEADY,
+        max_ejected_ratio=0.25,
+        panic_threshold=0.0,
+    )
+    clock = FakeClock()
+    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=store)
+    for key, until in ((ejected_one, 2_000.0), (kept_in, 1_500.0)):
+        store.breaker_state("upstream:" + key, STEADY).force(OPEN, until, seeded_random(0))
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    up = t.upstream(engine, httpx.URL("http://payments/pay"))
+    assert up.instances is not None
+    for instance, latency in zip(up.instances, (0.001, 0.001, 0.001, 1.0), strict=True):
+        instance.latency_s, instance.latency_at = latency, clock.monotonic()
+    firsts = 0
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(30):
+            seen.clear()
+            response = await client.get("http://payments/pay")
+            assert response.status_code == 200, seen
+            firsts += seen[0] == failing
+    assert firsts > 0

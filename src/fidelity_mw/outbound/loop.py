@@ -676,7 +676,7 @@ def _gate_next(
             )
             if retry and pick.bypass and not instances[pick.chosen].answered and not hedge:
                 # (a hedge goes to another instance than those the call waits on, or not)
-                pick = _closed_again(instances, pick, now, engine)
+                pick = _closed_instead(instances, tried, pick, now, engine)
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
@@ -732,18 +732,22 @@ def _gate_next(
     )
 
 
-def _closed_again(instances: list[Instance], pick: Pick, now: float, engine: Engine) -> Pick:
+def _closed_instead(
+    instances: list[Instance], tried: list[Instance], pick: Pick, now: float, engine: Engine
+) -> Pick:
     """A retry's pick fell on an instance whose breaker is known open (kept in rotation by
-    the ejection bound, or panic), every instance not tried yet being one: it rather
-    goes back to an instance the call tried whose breaker is not known open (and that no
-    429 paused), as Envoy's previous-hosts predicate gives way when no other host is
-    left, than give up as `breaker_open` (which tells callers not to retry either) while
+    the ejection bound, or panic): it rather goes to an instance whose breaker is not
+    known open and that no 429 paused, one not tried yet first (the power of two choices
+    weighs cost alone, and the bound's open instance may cost less), else back to one
+    the call tried (as Envoy's previous-hosts predicate gives way when no other host is
+    left), than give up as `breaker_open` (which tells callers not to retry either) while
     that instance is there. `pick` when there is none."""
     again = [n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now]
     if not again:
         return pick
     views = [instances[n].view(now) for n in again]
-    best = choose(views, (), now, engine.rng)
+    used = [k for k, n in enumerate(again) if instances[n] in tried]
+    best = choose(views, used, now, engine.rng)
     return Pick(again[best.chosen], best.reason, pick.panic, False, pick.admissible)
 
 
