@@ -231,8 +231,10 @@ class LaneClient(Redis):
         self.lane_free: list[AbstractConnection] = []  # idle lane connections
         self.lane_opened: list[AbstractConnection] = []  # every one made (closed with us)
 
-    async def run(self, *args: Any) -> Any:
-        """One command on a lane connection: its reply, or redis-py's exception."""
+    async def run(self, *args: Any, keep_reply: bool = False) -> Any:
+        """One command on a lane connection: its reply, or redis-py's exception.
+        `keep_reply`: a raw cancellation while the reply is on its way reads it all the
+        same (`_late_reply`), for a caller that gives back what the script took."""
         free = self.lane_free
         if free:
             conn = free.pop()
@@ -251,6 +253,8 @@ class LaneClient(Redis):
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     await conn.disconnect()
             await conn.send_packed_command(conn.pack_command(*args))
+            if not keep_reply:
+                return await conn.read_response()
             try:
                 # (redis-py would disconnect on a cancellation too: below, every other
                 # failure to read disconnects as it would have)
@@ -288,7 +292,8 @@ class LaneClient(Redis):
 # (a probe slot, a retry of a budget) is named only in its reply. The reply is read all the
 # same (bounded by the socket timeout), and rides on the `CancelledError` under this name
 # (the same exception: `asyncio.timeout` knows its own by type), so the caller can give back
-# what the script took (`RedisStore.outbound_gate`: `LATE_ANSWER`). An anyio cancel scope
+# what the script took (`RedisStore.outbound_gate`: `LATE_ANSWER`; only its calls wait for
+# their reply: any other is let go at once, a deadline's 504 not held up). An anyio scope
 # cancels again at once: then, as a second raw cancel or a failed read, the reply is lost
 # and the connection dropped, as before.
 _LATE_REPLY: Final = "fidelity_mw_late_reply"
@@ -303,8 +308,8 @@ async def _late_reply(conn: AbstractConnection) -> Any:
         return await conn.read_response(disconnect_on_error=False)
     except ResponseError:
         return None
-    except BaseException:
-        with contextlib.suppress(BaseException):
+    except (Exception, asyncio.CancelledError):  # (a second cancellation included)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await conn.disconnect(nowait=True)
         return _LOST
 
@@ -585,7 +590,22 @@ class RedisStore(StateStore):
     async def _evalsha(
         self, client: RedisClient, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
-        run = client.run if isinstance(client, LaneClient) else client.execute_command
+        if isinstance(client, LaneClient):
+            # A gate's reply names what it took (a probe slot, a retry), which a call
+            # cancelled by a raw `task.cancel()` meanwhile gives back (`_late_reply`);
+            # any other call is let go at once, as redis-py lets it.
+            keep = script is OUTBOUND
+            try:
+                return await client.run(
+                    "EVALSHA", script.sha, len(keys), *keys, *args, keep_reply=keep
+                )
+            except NoScriptError:
+                self.stats.script_loads += 1
+                self.stats.round_trips += 1
+                return await client.run(
+                    "EVAL", script.source, len(keys), *keys, *args, keep_reply=keep
+                )
+        run = client.execute_command
         try:
             return await run("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
