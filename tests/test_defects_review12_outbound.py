@@ -551,3 +551,27 @@ async def test_a_retry_takes_a_closed_instance_over_a_cheaper_open_one_kept_in()
             assert response.status_code == 200, seen
             firsts += seen[0] == failing
     assert firsts > 0
+
+
+async def test_an_instances_retry_after_is_never_cut_short_when_no_other_may_take_it() -> None:
+    """The other instance of two is known open: the retry could only go back to the one
+    that said `Retry-After: 120`, so the call gives up as before rather than ask it again
+    after the backoff."""
+    seen: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}:{request.url.port}")
+        return httpx.Response(503, headers={"retry-after": "120"})
+
+    store = MemoryStore(rng=seeded_random(3))
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+    cfg = UpstreamConfig(host="payments", instances=INSTANCES[:2], retry=retry, breaker=STEADY)
+    engine = Engine(Policy(upstreams=(cfg,)), clock=FakeClock(), rng=seeded_random(7), store=store)
+    store.breaker_state("upstream:" + KEYS[1], STEADY).force(OPEN, 2_000.0, seeded_random(0))
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 503
+    assert seen == [KEYS[0]]
+    ctx = response.extensions["fidelity_context"]
+    assert [d.reason for d in ctx.decisions if d.verdict == "give_up"] == ["deadline"]

@@ -8,7 +8,7 @@ Plain functions over the call's context and upstream plan; none of them does I/O
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -353,8 +353,10 @@ def plan_call(
     replayable: bool,
     now: float,
     target: Instance | None = None,
+    used: Sequence[Instance] = (),
 ) -> RetryPlan:
-    """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
+    """Retry this retryable failure? Records the give-up (but not a budget one) if not.
+    `used`: the instances of the service the call sent to before (its hedges' too)."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
@@ -388,12 +390,14 @@ def plan_call(
             and plan.reason in (GIVE_UP_RETRY_AFTER, GIVE_UP_DEADLINE)
             and retry_after is not None
             and target is not None
-            and any(i is not target and i.paused_until <= now for i in up.instances or ())
+            and _another(up, target, used, now)
         ):
             # One instance's Retry-After, beyond what the call can wait, is about that
             # instance (as its 429's pause is): it is paused for what it said (at most
             # `retry_after_max_s`), and the retry goes to another one after its backoff
-            # rather than the call give up while the others stand by.
+            # (one the call has not tried, not paused, not known open: the retry's pick
+            # goes there, never back to the paused one) rather than the call give up while
+            # the others stand by.
             up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
             plan = plan_retry(
                 cfg=up.retry,
@@ -431,6 +435,15 @@ def plan_call(
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def _another(up: Upstream, target: Instance, used: Sequence[Instance], now: float) -> bool:
+    """Is there an instance of the service besides `target` that a retry may go to now:
+    not tried by the call, not paused by a 429, not known open?"""
+    return any(
+        i is not target and i not in used and i.paused_until <= now and i.open_until <= now
+        for i in up.instances or ()
+    )
 
 
 def is_slow(breaker: BreakerConfig, started: float, ended: float) -> bool:

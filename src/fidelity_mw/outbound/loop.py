@@ -522,7 +522,7 @@ def attempts(
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
-                        target,
+                        target, tried if race is None else (*tried, *race.targets),
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
