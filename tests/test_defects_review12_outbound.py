@@ -157,34 +157,44 @@ async def test_a_tiered_first_attempt_without_redis_says_why(own_redis: RedisSer
 # ------------------------------ 3. a raw task.cancel() while a remote gate call is in flight
 
 
-def _awaiting(task: asyncio.Task[Any], name: str) -> bool:
-    """Whether `task` is suspended inside a coroutine called `name` (its await chain)."""
-    step: Any = task.get_coro()
-    while step is not None:
-        code = getattr(step, "cr_code", None) or getattr(step, "gi_code", None)
-        if code is not None and code.co_name == name:
-            return True
-        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
-    return False
+class _Reads:
+    """Counts the replies awaited on redis-py's connections (`read_response`, patched):
+    a call's script is sent and its reply awaited (the server is paused) once one more
+    is waited for. (The task's await chain cannot be walked: compiled, our coroutines
+    do not show it.)"""
 
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.asyncio.connection import AbstractConnection
 
-async def _in_flight(task: asyncio.Task[Any]) -> None:
-    """Until the call's script is sent and its reply awaited (the server is paused)."""
-    for _ in range(10_000):
-        if _awaiting(task, "read_response"):
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the gate call never reached its reply")
+        self.waiting = 0
+        real = AbstractConnection.read_response
+        reads = self
 
+        async def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            reads.waiting += 1
+            return await real(conn, *args, **kwargs)
 
-async def _resume_once_cancelled(task: asyncio.Task[Any], server: RedisServer) -> None:
-    """Resume the paused server once the cancellation has reached the call: the call is
-    over, or reads its reply after all (the fix, `state/redis.py`)."""
-    for _ in range(10_000):
-        if task.done() or _awaiting(task, "_late_reply"):
-            break
-        await asyncio.sleep(0)
-    server.resume()
+        monkeypatch.setattr(AbstractConnection, "read_response", read_response)
+
+    async def in_flight(self, task: asyncio.Task[Any], since: int) -> None:
+        """Until the call's script is sent and its reply awaited (`since`: the count of
+        replies awaited before the server was paused)."""
+        for _ in range(10_000):
+            if self.waiting > since:
+                return
+            assert not task.done()
+            await asyncio.sleep(0)
+        raise AssertionError("the gate call never reached its reply")
+
+    async def resume_once_cancelled(self, task: asyncio.Task[Any], server: RedisServer) -> None:
+        """Resume the paused server once the cancellation has reached the call: the call
+        is over, or awaits its reply again (the fix: `state/redis.py`, `_late_reply`)."""
+        before = self.waiting
+        for _ in range(10_000):
+            if task.done() or self.waiting > before:
+                break
+            await asyncio.sleep(0)
+        server.resume()
 
 
 PROBING = BreakerConfig(
@@ -195,7 +205,7 @@ PROBING = BreakerConfig(
 @pytest.mark.redis
 @pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
 async def test_a_raw_cancel_while_the_probe_gate_is_in_flight_frees_the_slot(
-    own_redis: RedisServer, how: str
+    own_redis: RedisServer, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: the anyio shield around the gate call does not hold against a raw
     `task.cancel()` (what `asyncio.timeout` and `wait_for` do): the reply was lost with the
@@ -218,12 +228,14 @@ async def test_a_raw_cancel_while_the_probe_gate_is_in_flight_frees_the_slot(
         async with httpx.AsyncClient(transport=t) as client:
             assert (await client.get(URL)).status_code == 503  # opens the breaker
             await asyncio.sleep(0.02)  # (the server's clock: half-open after 10 ms)
+            reads = _Reads(monkeypatch)
             own_redis.pause()
+            since = reads.waiting
             if how == "task.cancel":
                 task = asyncio.create_task(client.get(URL))
-                await _in_flight(task)
+                await reads.in_flight(task, since)
                 task.cancel()
-                await _resume_once_cancelled(task, own_redis)
+                await reads.resume_once_cancelled(task, own_redis)
                 with pytest.raises(asyncio.CancelledError):
                     await task
             else:
@@ -231,9 +243,9 @@ async def test_a_raw_cancel_while_the_probe_gate_is_in_flight_frees_the_slot(
                 async def bounded() -> None:
                     async with asyncio.timeout(None) as timeout:
                         call = asyncio.create_task(client.get(URL))
-                        await _in_flight(call)
+                        await reads.in_flight(call, since)
                         timeout.reschedule(asyncio.get_running_loop().time())
-                        resumer = asyncio.create_task(_resume_once_cancelled(call, own_redis))
+                        resumer = asyncio.create_task(reads.resume_once_cancelled(call, own_redis))
                         try:
                             await call
                         finally:
@@ -254,7 +266,7 @@ async def test_a_raw_cancel_while_the_probe_gate_is_in_flight_frees_the_slot(
 
 @pytest.mark.redis
 async def test_a_raw_cancel_while_a_retrys_gate_is_in_flight_gives_the_retry_back(
-    own_redis: RedisServer,
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The retry's gate spends a retry of the budget: lost with the reply before, so with
     a budget of one retry per window the next call's retry was refused."""
@@ -269,21 +281,24 @@ async def test_a_raw_cancel_while_a_retrys_gate_is_in_flight_gives_the_retry_bac
     store = RedisStore(config=policy.state, rng=seeded_random(1))
     engine = Engine(policy, clock=FakeClock(), store=store)
     paused = asyncio.Event()
+    since: list[int] = []
 
     async def upstream(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/held" and not paused.is_set():
             own_redis.pause()  # the retry's gate, next, stays in flight
+            since.append(reads.waiting)
             paused.set()
         return httpx.Response(503 if request.headers["x-fidelity-attempt"] == "1" else 200)
 
     t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
     try:
         async with httpx.AsyncClient(transport=t) as client:
+            reads = _Reads(monkeypatch)
             task = asyncio.create_task(client.get("http://svc.internal/held"))
             await paused.wait()
-            await _in_flight(task)
+            await reads.in_flight(task, since[0])
             task.cancel()
-            await _resume_once_cancelled(task, own_redis)
+            await reads.resume_once_cancelled(task, own_redis)
             with pytest.raises(asyncio.CancelledError):
                 await task
             response = await client.get("http://svc.internal/next")
