@@ -32,6 +32,7 @@ from ..decide.gcra import retry_after_header
 from ..decide.retry import EXHAUSTING_REASONS
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
+from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
 
 ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
@@ -147,25 +148,17 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
 
     The transport hands the last response back when it gives up retrying it (attempts
     or retry budget spent, the breaker opened, no time left, a callee's
-    `x-fidelity-retry: exhausted`): such a response is one the transport retries (5xx,
-    429), and the last decision recorded for its upstream in this request is that
-    give-up; a later call to the same upstream records its own attempt first."""
+    `x-fidelity-retry: exhausted`), and marks it with that give-up
+    (`response.extensions["fidelity_give_up"]`): exact for two calls to one upstream at
+    once (`asyncio.gather`), which share the request's records."""
     if not ctx.upstream_exhausted:
         return None
-    status = exc.response.status_code
-    if status < 500 and status != 429:
+    marker = exc.response.extensions.get(GIVE_UP_EXTENSION)
+    if not isinstance(marker, Decision) or marker.verdict != GIVE_UP:
         return None
-    try:
-        url = exc.request.url
-    except RuntimeError:  # raised without its request
+    if marker.reason not in EXHAUSTING_REASONS:
         return None
-    key = url.host if url.port is None else f"{url.host}:{url.port}"
-    for decision in reversed(ctx.decisions):
-        if decision.subject == key:
-            if decision.verdict == GIVE_UP and decision.reason in EXHAUSTING_REASONS:
-                return decision
-            return None
-    return None
+    return marker
 
 
 def _host(exc: httpx.TransportError) -> str | None:

@@ -8,7 +8,7 @@ Plain functions over the call's context and upstream plan; none of them does I/O
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -42,6 +42,7 @@ from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
+    GIVE_UP_RETRY_AFTER,
     IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
@@ -73,6 +74,24 @@ logger = logging.getLogger("fidelity_mw")
 # for a decision whose source is `fallback`, so an older value is never read for a newer
 # answer from the state.)
 _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", default=None)
+
+# The give-up on a response the transport hands back: its
+# `response.extensions[GIVE_UP_EXTENSION]` holds the give-up's `Decision` when the call
+# gave up retrying that response and so exhausted the upstream (the middleware maps
+# `raise_for_status()` on it by this marker, not by the request's records, which two
+# calls at once to one upstream share). Noted by `give_up` for the loop of this task
+# (each task, thread and hedge has its own).
+GIVE_UP_EXTENSION: Final = "fidelity_give_up"
+_GAVE_UP: Final[ContextVar[Decision | None]] = ContextVar("fidelity_mw_gave_up", default=None)
+
+
+def gave_up() -> Decision | None:
+    """The exhausting give-up `give_up` recorded last in this task (`forget_give_up`)."""
+    return _GAVE_UP.get()
+
+
+def forget_give_up() -> None:
+    _GAVE_UP.set(None)
 
 
 def fell(why: object) -> None:
@@ -171,24 +190,24 @@ def give_up(
         spread = retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
         if spread > 0.0:
             details["retry_hint_spread_s"] = round(spread, 3)
-    ctx.decisions.append(
-        Decision(
-            layer,
-            up.key,
-            GIVE_UP if attempts_made > 0 else REJECT,
-            reason,
-            source,
-            age_s,
-            now,
-            with_why(source, {"attempts": attempts_made, **details}),
-        )
+    decision = Decision(
+        layer,
+        up.key,
+        GIVE_UP if attempts_made > 0 else REJECT,
+        reason,
+        source,
+        age_s,
+        now,
+        with_why(source, {"attempts": attempts_made, **details}),
     )
+    ctx.decisions.append(decision)
     if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
         ctx.shed_by = layer  # refused before anything was sent
     # "attempts" with retries configured off is not exhaustion: we did
     # not retry, so the caller is the nearest owner and may.
     if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
         ctx.upstream_exhausted = True
+        _GAVE_UP.set(decision)
 
 
 def gate_answer(
@@ -334,8 +353,10 @@ def plan_call(
     replayable: bool,
     now: float,
     target: Instance | None = None,
+    used: Sequence[Instance] = (),
 ) -> RetryPlan:
-    """Retry this retryable failure? Records the give-up (but not a budget one) if not."""
+    """Retry this retryable failure? Records the give-up (but not a budget one) if not.
+    `used`: the instances of the service the call sent to before (its hedges' too)."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
@@ -364,6 +385,33 @@ def plan_call(
             previous_delay_s=previous_delay,
             paused_s=max(0.0, up.paused_until - now),
         )
+        if (
+            not plan.retry
+            and plan.reason in (GIVE_UP_RETRY_AFTER, GIVE_UP_DEADLINE)
+            and retry_after is not None
+            and target is not None
+            and _another(up, target, used, now)
+        ):
+            # One instance's Retry-After, beyond what the call can wait, is about that
+            # instance (as its 429's pause is): it is paused for what it said (at most
+            # `retry_after_max_s`), and the retry goes to another one after its backoff
+            # (one the call has not tried, not paused, not known open: the retry's pick
+            # goes there, never back to the paused one) rather than the call give up while
+            # the others stand by.
+            up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
+            plan = plan_retry(
+                cfg=up.retry,
+                attempt=attempt,
+                idempotent=True,
+                replayable=True,
+                downstream_exhausted=False,
+                retry_after_s=0.0 if status == 429 else None,  # (a 429's is usable)
+                status=status,
+                remaining_s=None if deadline_at is None else deadline_at - now,
+                rng=engine.rng,
+                previous_delay_s=previous_delay,
+                paused_s=max(0.0, up.paused_until - now),
+            )
     if not plan.retry:
         reason = plan.reason
         layer = (
@@ -387,6 +435,15 @@ def plan_call(
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def _another(up: Upstream, target: Instance, used: Sequence[Instance], now: float) -> bool:
+    """Is there an instance of the service besides `target` that a retry may go to now:
+    not tried by the call, not paused by a 429, not known open?"""
+    return any(
+        i is not target and i not in used and i.paused_until <= now and i.open_until <= now
+        for i in up.instances or ()
+    )
 
 
 def is_slow(breaker: BreakerConfig, started: float, ended: float) -> bool:

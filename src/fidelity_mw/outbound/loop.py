@@ -61,7 +61,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
-from ..decide.balance import EWMA_TAU_S, choose, ewma
+from ..decide.balance import EWMA_TAU_S, Pick, choose, ewma
 from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
@@ -71,13 +71,16 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
 from .decisions import (
+    GIVE_UP_EXTENSION,
     call_end,
     cause_of,
     classify,
     closed_on_store_error,
     deadline_passed,
     fell,
+    forget_give_up,
     gate_answer,
+    gave_up,
     give_up,
     is_slow,
     lb_decision,
@@ -515,15 +518,18 @@ def attempts(
                 if (retryable or downstream) and not hedge:
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
+                    forget_give_up()  # (an earlier call's: this one notes its own)
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
-                        target,
+                        target, tried if race is None else (*tried, *race.targets),
                     )  # fmt: skip
                     if plan.retry:
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
+                            if race is not None:  # and its hedges' instances, too
+                                tried.extend(i for i in race.targets if i not in tried)
                         spent_at: float | None = None
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
@@ -588,6 +594,14 @@ def attempts(
             if response is None:
                 assert error is not None
                 raise error
+            if (retryable or downstream) and not hedge:
+                # given up on (retries, budget, breaker, deadline, an exhausted callee):
+                # said on the response itself, exactly (`raise_for_status()` on it)
+                # (Any: compiled, a named tuple's declared type would be unboxed and
+                # boxed again as a plain tuple)
+                exhausted: Any = gave_up()
+                if exhausted is not None:
+                    response.extensions[GIVE_UP_EXTENSION] = exhausted
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response
@@ -624,6 +638,7 @@ def _gate_next(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
+    hedge: bool = False,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -659,6 +674,9 @@ def _gate_next(
                 panic_threshold=up.cfg.panic_threshold,
                 max_ejected_ratio=up.cfg.max_ejected_ratio,
             )
+            if retry and pick.bypass and not instances[pick.chosen].answered and not hedge:
+                # (a hedge goes to another instance than those the call waits on, or not)
+                pick = _closed_instead(instances, tried, pick, now, engine)
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
@@ -714,6 +732,25 @@ def _gate_next(
     )
 
 
+def _closed_instead(
+    instances: list[Instance], tried: list[Instance], pick: Pick, now: float, engine: Engine
+) -> Pick:
+    """A retry's pick fell on an instance whose breaker is known open (kept in rotation by
+    the ejection bound, or panic): it rather goes to an instance whose breaker is not
+    known open and that no 429 paused, one not tried yet first (the power of two choices
+    weighs cost alone, and the bound's open instance may cost less), else back to one
+    the call tried (as Envoy's previous-hosts predicate gives way when no other host is
+    left), than give up as `breaker_open` (which tells callers not to retry either) while
+    that instance is there. `pick` when there is none."""
+    again = [n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now]
+    if not again:
+        return pick
+    views = [instances[n].view(now) for n in again]
+    used = [k for k, n in enumerate(again) if instances[n] in tried]
+    best = choose(views, used, now, engine.rng)
+    return Pick(again[best.chosen], best.reason, pick.panic, False, pick.admissible)
+
+
 def _gate_hedge(
     ctx: DecisionContext,
     engine: Engine,
@@ -737,7 +774,7 @@ def _gate_hedge(
         layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
         try:
-            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None)
+            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None, True)
         except Exception:  # a store failing closed: the call's other attempts still stand
             pass
         else:

@@ -55,7 +55,7 @@ from ..decide.breaker import FAILURE, IGNORED, SUCCESS
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
-from ..state.base import StateStore
+from ..state.base import LATE_ANSWER, StateStore
 from .decisions import call_end, observe_end, observe_start
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
@@ -579,9 +579,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     # Its answer is read whatever happens to the caller meanwhile (the
                     # store's timeout bounds the wait): a call cancelled while the gate
                     # was in flight gives back what the gate took, which the loop, never
-                    # seeing the answer, cannot (a retry spent, a probe slot).
+                    # seeing the answer, cannot (a retry spent, a probe slot). A raw
+                    # `task.cancel()` goes through the shield: the store reads the reply
+                    # then, and hands it over on the cancellation (`LATE_ANSWER`).
+                    late: Any = None
                     with anyio.CancelScope(shield=True):
-                        value = await gate_op(*effect[1:])
+                        try:
+                            value = await gate_op(*effect[1:])
+                        except BaseException as exc:
+                            if getattr(exc, LATE_ANSWER, None) is None:
+                                raise
+                            late = exc
+                    if late is not None:  # (given back outside the handler, as below)
+                        with anyio.CancelScope(shield=True):
+                            await _give_back(store, effect, getattr(late, LATE_ANSWER))
+                        raise late
                     gone: BaseException | None = None
                     try:
                         await anyio.lowlevel.checkpoint_if_cancelled()

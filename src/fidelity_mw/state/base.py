@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from ..decide.breaker import Gate
 from ..decide.fleet import FleetShare
@@ -51,6 +51,12 @@ class GateAnswer(tuple[Gate | None, bool, str, float]):
         self.spent_at = spent_at
         return self
 
+
+# The `outbound_gate` answer of a call cancelled by a raw `task.cancel()` while its reply was
+# on its way, read all the same by a remote store and set on the `CancelledError` under this
+# name: the caller gives back what the gate took (a probe slot, a retry), as it does for a
+# call an anyio scope cancelled (whose reply it reads under a shield).
+LATE_ANSWER: Final = "fidelity_mw_late_answer"
 
 # None: this request needs the store's I/O after all; await `admit` / `record`.
 AdmitNow = Callable[

@@ -68,12 +68,13 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
-from .base import GateAnswer, InboundResult, LimitSpec, StateStore
+from .base import LATE_ANSWER, GateAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
 from .redis_batch import Coalescer
 from .redis_sync import CALL_ERRORS as _CALL_ERRORS
 from .redis_sync import (
+    FOUND_BY_PROBE,
     PROBE_BASE_S,
     PROBE_CAP_S,
     PROBE_RESET_S,
@@ -230,8 +231,10 @@ class LaneClient(Redis):
         self.lane_free: list[AbstractConnection] = []  # idle lane connections
         self.lane_opened: list[AbstractConnection] = []  # every one made (closed with us)
 
-    async def run(self, *args: Any) -> Any:
-        """One command on a lane connection: its reply, or redis-py's exception."""
+    async def run(self, *args: Any, keep_reply: bool = False) -> Any:
+        """One command on a lane connection: its reply, or redis-py's exception.
+        `keep_reply`: a raw cancellation while the reply is on its way reads it all the
+        same (`_late_reply`), for a caller that gives back what the script took."""
         free = self.lane_free
         if free:
             conn = free.pop()
@@ -250,7 +253,22 @@ class LaneClient(Redis):
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     await conn.disconnect()
             await conn.send_packed_command(conn.pack_command(*args))
-            return await conn.read_response()
+            if not keep_reply:
+                return await conn.read_response()
+            try:
+                # (redis-py would disconnect on a cancellation too: below, every other
+                # failure to read disconnects as it would have)
+                return await conn.read_response(disconnect_on_error=False)
+            except ResponseError:
+                raise  # an error reply (NOSCRIPT, READONLY ...): read whole, a sound connection
+            except asyncio.CancelledError as cancel:
+                reply = await _late_reply(conn)
+                if reply is not _LOST:
+                    setattr(cancel, _LATE_REPLY, reply)
+                raise
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
         finally:
             free.append(conn)  # (failed: redis-py disconnected it; it reconnects when used)
 
@@ -267,6 +285,33 @@ class LaneClient(Redis):
                     await conn.disconnect()
         finally:
             await super().aclose(close_connection_pool)
+
+
+# A raw cancellation (`task.cancel()`: `asyncio.timeout`, `wait_for`) of a script call whose
+# command went out whole: Redis runs the script whatever happens here, and what it took
+# (a probe slot, a retry of a budget) is named only in its reply. The reply is read all the
+# same (bounded by the socket timeout), and rides on the `CancelledError` under this name
+# (the same exception: `asyncio.timeout` knows its own by type), so the caller can give back
+# what the script took (`RedisStore.outbound_gate`: `LATE_ANSWER`; only its calls wait for
+# their reply: any other is let go at once, a deadline's 504 not held up). An anyio scope
+# cancels again at once: then, as a second raw cancel or a failed read, the reply is lost
+# and the connection dropped, as before.
+_LATE_REPLY: Final = "fidelity_mw_late_reply"
+_LOST: Final = object()
+
+
+async def _late_reply(conn: AbstractConnection) -> Any:
+    """The reply of a command sent whole on `conn`, read after its caller was cancelled;
+    `_LOST` (the connection dropped) when it cannot be read. An error reply is None: the
+    script did not run, nothing to give back."""
+    try:
+        return await conn.read_response(disconnect_on_error=False)
+    except ResponseError:
+        return None
+    except (Exception, asyncio.CancelledError):  # (a second cancellation included)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await conn.disconnect(nowait=True)
+        return _LOST
 
 
 # ---------------------------------------------------------------- health
@@ -545,7 +590,22 @@ class RedisStore(StateStore):
     async def _evalsha(
         self, client: RedisClient, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
-        run = client.run if isinstance(client, LaneClient) else client.execute_command
+        if isinstance(client, LaneClient):
+            # A gate's reply names what it took (a probe slot, a retry), which a call
+            # cancelled by a raw `task.cancel()` meanwhile gives back (`_late_reply`);
+            # any other call is let go at once, as redis-py lets it.
+            keep = script is OUTBOUND
+            try:
+                return await client.run(
+                    "EVALSHA", script.sha, len(keys), *keys, *args, keep_reply=keep
+                )
+            except NoScriptError:
+                self.stats.script_loads += 1
+                self.stats.round_trips += 1
+                return await client.run(
+                    "EVAL", script.source, len(keys), *keys, *args, keep_reply=keep
+                )
+        run = client.execute_command
         try:
             return await run("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -707,7 +767,7 @@ class RedisStore(StateStore):
             if not writable:
                 if health.why != WHY_READ_ONLY:  # (down for another reason before)
                     health.why = WHY_READ_ONLY
-                    self._read_only_warning("found by the probe")
+                    self._read_only_warning(FOUND_BY_PROBE)
                 continue
             now = self._clock.monotonic()
             health.up = True
@@ -1165,7 +1225,18 @@ class RedisStore(StateStore):
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
-        got = await self.call(OUTBOUND, keys, args)
+        try:
+            got = await self.call(OUTBOUND, keys, args)
+        except asyncio.CancelledError as cancel:
+            # A raw cancellation while the reply was on its way, read all the same: what
+            # the script took rides on the cancellation, for the caller to give back.
+            reply = getattr(cancel, _LATE_REPLY, None)
+            if reply is not None:
+                late = self._outbound_answer(
+                    (reply, 0.0), breaker_key, breaker, budget_key, cfg, retry, taken, now
+                )
+                setattr(cancel, LATE_ANSWER, late)
+            raise
         return self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
         )

@@ -124,15 +124,23 @@ class _Stats(Protocol):
     recovered_at: list[float]
 
 
+# What the probe that ends an outage found: `ROLE` says replica. Read-only or not: a
+# writable one (`replica-read-only no`) is not taken back either, its writes being lost
+# when it resyncs and never seen by the processes on the primary (docs/operations.md).
+FOUND_BY_PROBE: Final = "found by the probe; a writable replica is not used either"
+
+
 def read_only_warning(server: str, what: str, on_error: str) -> None:
-    """The (throttled) line for a read-only replica: the same for both clients, so a
-    process that uses both logs it once per interval."""
+    """The (throttled) line for a replica: the same for both clients, so a process that
+    uses both logs it once per interval. A write refused (`READONLY`) says a read-only
+    replica; the probe's `ROLE` says a replica (`FOUND_BY_PROBE`)."""
     warn(
         logger,
         WHY_READ_ONLY,
-        "fidelity_mw: redis at %s is a read-only replica (%s); on_error=%s until it is "
+        "fidelity_mw: redis at %s is %s (%s); on_error=%s until it is "
         "a writable primary (point state.url at an address that follows the primary)",
         server,
+        "a replica (ROLE)" if what == FOUND_BY_PROBE else "a read-only replica",
         what,
         on_error,
     )
@@ -307,7 +315,7 @@ class SyncLink:
             if not writable:
                 if writable is False and self.why != WHY_READ_ONLY:
                     self.why = WHY_READ_ONLY  # (down for another reason before)
-                    read_only_warning(self._server, "found by the probe", self.config.on_error)
+                    read_only_warning(self._server, FOUND_BY_PROBE, self.config.on_error)
                 with self._state:
                     self._pause(now)
                 return False

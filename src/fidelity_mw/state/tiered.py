@@ -727,12 +727,16 @@ class TieredStore(StateStore):
             else:
                 await self.exact.budget_request(budget_key, cfg, now)
         gate = None
+        why: str | None = None
         if allowed and breaker_key is not None and breaker is not None:
-            gate, gate_source, gate_age = await self.breaker_gate(breaker_key, breaker, now)
-            if not retry or gate_source != SOURCE_CACHE:
-                source, age = gate_source, gate_age
+            result = await self.admit(breaker_key, breaker, (), (), now)
+            gate = result.gate
+            if not retry or result.source != SOURCE_CACHE:
+                source, age, why = result.source, result.age_s, result.why
         if isinstance(spent, GateAnswer) and source == spent[2]:
-            return GateAnswer((gate, allowed, source, age), spent.why, spent.spent_at)
+            return GateAnswer((gate, allowed, source, age), spent.why or why, spent.spent_at)
+        if why is not None:  # the breaker's gate decided without Redis: why, as Redis says
+            return GateAnswer((gate, allowed, source, age), why)
         return gate, allowed, source, age
 
     def outbound_gate_sync(
