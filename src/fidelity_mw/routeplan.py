@@ -55,6 +55,7 @@ class RoutePlan:
         "slash_redirect",
         "specs",
         "specs_without_credit",
+        "template",
         "timed",
     )
 
@@ -66,8 +67,17 @@ class RoutePlan:
         deadline_default_s: float | None,
         deadline_cap_s: float | None,
         enforce: bool = True,
+        template: str | None = None,
     ) -> None:
+        # The route identity: its breaker, its bulkhead, `fidelity.route`, the default
+        # counters. A `[[route]]` name or glob, else the framework route's name, which
+        # under a `Host` leads with the host pattern (`api.example.com/items/{id}`).
         self.route = route
+        # The framework's path template alone, for `http.route` (OpenTelemetry's HTTP
+        # conventions: low cardinality, the framework's format, no host): the same under
+        # every host and whatever `[[route]]` names the route; None when the framework
+        # gives none (the span then has no `http.route`).
+        self.template = template
         # the deadline is enforced while the app runs (504 and cancel, before a response)
         self.enforce = enforce
         self.breaker = breaker
