@@ -232,6 +232,15 @@ _SCOPE_GETTER: Final = _ScopeGetter()
 _SERVER: Final = SpanKind.SERVER
 
 
+def _template(ctx: DecisionContext, scope: Scope) -> str | None:
+    """The path template of the request's route (`http.route`): its plan's, cached with
+    the plan (looked up again here rather than carried on every request's context)."""
+    try:
+        return ctx.engine.plan_for(scope).template
+    except Exception:  # a hand-built scope without a path: no template
+        return None
+
+
 def _is_server_span(span: Span) -> bool:
     kind = getattr(span, "kind", None)
     if kind is None:  # not the SDK's span class: cannot tell, trust the caller's setup
@@ -364,12 +373,16 @@ def _detach_quietly(token: Any) -> None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("exported", "owned", "span", "summary", "token")
+    __slots__ = ("exported", "owned", "route", "span", "summary", "token")
 
-    def __init__(self, span: Span, token: object | None, owned: bool) -> None:
+    def __init__(
+        self, span: Span, token: object | None, owned: bool, route: str | None = None
+    ) -> None:
         self.span = span
         self.token = token  # the attached OpenTelemetry context (our own span only)
         self.owned = owned
+        # `http.route` to add to an instrumentation's span that has none (None: add none)
+        self.route = route
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
         self.summary: Summary | None = None  # of those decisions
 
@@ -558,8 +571,16 @@ class Telemetry:
         current = trace_api.get_current_span()
         if current.is_recording():
             if getattr(current, "kind", None) is _SERVER or _is_server_span(current):
-                # The instrumentation's span: annotate it, start none of our own.
-                return _Inbound(current, None, False)
+                # The instrumentation's span: annotate it, start none of our own. Its
+                # `http.route` is its own (its span name and its duration metric say the
+                # same): ours goes only on a span that has none (the plain ASGI
+                # middleware's), and only where we can see that it has none.
+                route = None
+                if ctx.route != _UNMATCHED_ROUTE:
+                    attributes = getattr(current, "attributes", None)
+                    if attributes is not None and s.HTTP_ROUTE not in attributes:
+                        route = _template(ctx, scope)
+                return _Inbound(current, None, False, route)
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
             if _instrumentation_declined(scope):
@@ -572,12 +593,14 @@ class Telemetry:
         else:
             return None  # a span exists but is not sampled: add nothing
         method, original = _method(ctx.method)
-        route = ctx.route
+        # `http.route` and the span name take the framework's path template alone (the
+        # HTTP conventions), not the route's name (`fidelity.route`): no `[[route]]` name,
+        # no host pattern; none when the framework gives none
+        route = _template(ctx, scope) if ctx.route != _UNMATCHED_ROUTE else None
         attrs: dict[str, Any] = {s.HTTP_REQUEST_METHOD: method}
         if original is not None:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
-        named = route and route != _UNMATCHED_ROUTE
-        if named:
+        if route is not None:
             attrs[s.HTTP_ROUTE] = route
         path = scope.get("path")
         if path:
@@ -590,7 +613,7 @@ class Telemetry:
             attrs[s.NETWORK_PROTOCOL_VERSION] = version
         name = method if method != "_OTHER" else "HTTP"
         span = tracer.start_span(
-            f"{name} {route}" if named else name,
+            f"{name} {route}" if route is not None else name,
             context=parent,
             kind=SpanKind.SERVER,
             attributes=attrs,
@@ -611,9 +634,10 @@ class Telemetry:
         if not span.is_recording():
             return
         summary = summary_of(ctx)
-        self._annotate(ctx, span, False, summary, 0, provisional=True)
+        self._annotate(ctx, span, False, summary, 0, provisional=True, route=token.route)
         token.exported = summary.count
         token.summary = summary
+        token.route = None  # on the span now
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         summary: Summary | None = None
@@ -628,7 +652,7 @@ class Telemetry:
                         _detach_quietly(token.token)
             elif token.span.is_recording():  # not ended with the last body message
                 summary = summary_of(ctx)
-                self._annotate(ctx, token.span, False, summary, token.exported)
+                self._annotate(ctx, token.span, False, summary, token.exported, route=token.route)
             elif token.exported < 0:
                 summary = summary_of(ctx)
                 self._late_span(ctx, token, summary)
@@ -689,6 +713,7 @@ class Telemetry:
         summary: Summary,
         exported: int,
         provisional: bool = False,
+        route: str | None = None,
     ) -> None:
         """Everything on the span in one `set_attributes`; span events for the decisions
         after the first `exported` that are not `allow` (all, with `decision_events="all"`)."""
@@ -722,6 +747,8 @@ class Telemetry:
             attrs[s.UPSTREAM_EXHAUSTED] = True
         if ctx.inbound_attempt > 1:
             attrs[s.INBOUND_ATTEMPT] = ctx.inbound_attempt
+        if route is not None:  # an instrumentation's span without `http.route`
+            attrs[s.HTTP_ROUTE] = route
         if owned:
             if status is not None:
                 attrs[s.HTTP_RESPONSE_STATUS_CODE] = status
