@@ -157,6 +157,24 @@ async def test_an_instrumentations_own_http_route_is_kept() -> None:
     assert (server.attributes or {})["fidelity.route"] == "/api/items/{id}"
 
 
+async def test_an_asgi_span_given_its_own_http_route_keeps_it() -> None:
+    """The plain ASGI middleware with `default_span_details` of the app's own that sets
+    `http.route`: that value stays."""
+    pipe = pipeline()
+    app = Starlette(routes=[Route("/items/{id}", _ok)])
+    app.add_middleware(FidelityMiddleware, policy=Policy(), observer=pipe.telemetry)
+
+    def details(scope: Any) -> tuple[str, dict[str, Any]]:
+        return "GET items", {"http.route": "/items/:id"}
+
+    outer = OpenTelemetryMiddleware(
+        app, default_span_details=details, tracer_provider=pipe.tracer_provider
+    )
+    assert (await _get(outer, "/items/1")).status_code == 200
+    (server,) = [s for s in pipe.finished() if s.attributes and "fidelity.route" in s.attributes]
+    assert (server.attributes or {})["http.route"] == "/items/:id"
+
+
 def test_the_template_is_cached_with_the_plan() -> None:
     app = Starlette(
         routes=[

@@ -114,6 +114,10 @@ _SERVER_INSTRUMENTATIONS: Final = frozenset(
         "opentelemetry.instrumentation.starlette",
     }
 )
+# Of those, the ones that set `http.route` on their span wherever a route matches.
+_ROUTING_INSTRUMENTATIONS: Final = frozenset(
+    {"opentelemetry.instrumentation.fastapi", "opentelemetry.instrumentation.starlette"}
+)
 _KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
 )
@@ -574,12 +578,19 @@ class Telemetry:
                 # The instrumentation's span: annotate it, start none of our own. Its
                 # `http.route` is its own (its span name and its duration metric say the
                 # same): ours goes only on a span that has none (the plain ASGI
-                # middleware's), and only where we can see that it has none.
+                # middleware's), and only where we can see that it has none. (The
+                # Starlette and FastAPI instrumentations set one wherever a route
+                # matches: not looked at.)
                 route = None
-                if ctx.route != _UNMATCHED_ROUTE:
-                    attributes = getattr(current, "attributes", None)
-                    if attributes is not None and s.HTTP_ROUTE not in attributes:
-                        route = _template(ctx, scope)
+                if ctx.route != _UNMATCHED_ROUTE and (
+                    getattr(getattr(current, "instrumentation_scope", None), "name", None)
+                    not in _ROUTING_INSTRUMENTATIONS
+                ):
+                    route = _template(ctx, scope)
+                    if route is not None:
+                        attributes = getattr(current, "attributes", None)
+                        if attributes is None or s.HTTP_ROUTE in attributes:
+                            route = None
                 return _Inbound(current, None, False, route)
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
