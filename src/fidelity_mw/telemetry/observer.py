@@ -8,9 +8,10 @@ Inbound (`start` / `end`, called by FidelityMiddleware):
   That instrumentation ends its span with the last response body message, so
   the annotation happens in `before_response_end`, which the middleware calls
   just before sending it; without that call the decisions go on a child span;
-* otherwise the observer starts its own SERVER span ("METHOD route"), parented
-  on the trace context (and baggage) of the request headers, so the library
-  is useful without any other instrumentation.
+* otherwise the observer starts its own SERVER span ("METHOD template", the
+  template being the route's `http.route`), parented on the trace context (and
+  baggage) of the request headers, so the library is useful without any other
+  instrumentation.
 
 Outbound (`attempt_start` / `attempt_end`, called by FidelityTransport): one
 CLIENT span per attempt with the stable HTTP semantic conventions and
