@@ -227,6 +227,20 @@ def test_a_host_inside_a_mount_is_named_host_first() -> None:
     assert routes.framework_template(miss) == "api.example.com/api/*"
 
 
+def test_a_host_header_in_capitals_is_the_same_host() -> None:
+    """Starlette matches the lowercased host (`API.Example.com` is `api.example.com`).
+    Before: ours did not, and named the request `!unmatched`: another breaker."""
+    app = Starlette(
+        routes=[Host("api.example.com", app=Router(routes=[Route("/items/{id}", _ok)]))]
+    )
+    for host in ("API.Example.com", "api.example.com:8443"):
+        scope = {**_scope("/items/1", host), "app": app}
+        assert routes.framework_template(scope) == "api.example.com/items/{id}"
+    ipv6 = Starlette(routes=[Host("[::1]", app=Router(routes=[Route("/items/{id}", _ok)]))])
+    scope = {**_scope("/items/1", "[::1]:8000"), "app": ipv6}
+    assert routes.framework_template(scope) == "[::1]/items/{id}"
+
+
 # ------------------------------------------- 3. a mount's own trailing-slash redirect
 
 

@@ -113,10 +113,15 @@ def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tupl
 
 
 def _host(scope: Mapping[str, Any]) -> str:
-    """The request's host without its port, as Starlette's `Host` route matches it."""
+    """The request's host without its port, as Starlette's `Host` route matches it:
+    lowercased (host names are case-insensitive, and Starlette matches the lowercased
+    host), an IP literal with its brackets (`[::1]`)."""
     for name, value in scope.get("headers") or ():
         if name == b"host":
-            host: str = value.decode("latin-1")
+            host: str = value.decode("latin-1").lower()
+            if host.startswith("["):
+                end = host.find("]")
+                return host[: end + 1] if end > 0 else host
             return host.split(":")[0]
     return ""
 
