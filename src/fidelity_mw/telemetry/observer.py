@@ -115,10 +115,6 @@ _SERVER_INSTRUMENTATIONS: Final = frozenset(
         "opentelemetry.instrumentation.starlette",
     }
 )
-# Of those, the ones that set `http.route` on their span wherever a route matches.
-_ROUTING_INSTRUMENTATIONS: Final = frozenset(
-    {"opentelemetry.instrumentation.fastapi", "opentelemetry.instrumentation.starlette"}
-)
 _KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
 )
@@ -378,16 +374,12 @@ def _detach_quietly(token: Any) -> None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("exported", "owned", "route", "span", "summary", "token")
+    __slots__ = ("exported", "owned", "span", "summary", "token")
 
-    def __init__(
-        self, span: Span, token: object | None, owned: bool, route: str | None = None
-    ) -> None:
+    def __init__(self, span: Span, token: object | None, owned: bool) -> None:
         self.span = span
         self.token = token  # the attached OpenTelemetry context (our own span only)
         self.owned = owned
-        # `http.route` to add to an instrumentation's span that has none (None: add none)
-        self.route = route
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
         self.summary: Summary | None = None  # of those decisions
 
@@ -577,22 +569,9 @@ class Telemetry:
         if current.is_recording():
             if getattr(current, "kind", None) is _SERVER or _is_server_span(current):
                 # The instrumentation's span: annotate it, start none of our own. Its
-                # `http.route` is its own (its span name and its duration metric say the
-                # same): ours goes only on a span that has none (the plain ASGI
-                # middleware's), and only where we can see that it has none. (The
-                # Starlette and FastAPI instrumentations set one wherever a route
-                # matches: not looked at.)
-                route = None
-                if ctx.route != _UNMATCHED_ROUTE and (
-                    getattr(getattr(current, "instrumentation_scope", None), "name", None)
-                    not in _ROUTING_INSTRUMENTATIONS
-                ):
-                    route = _template(ctx, scope)
-                    if route is not None:
-                        attributes = getattr(current, "attributes", None)
-                        if attributes is None or s.HTTP_ROUTE in attributes:
-                            route = None
-                return _Inbound(current, None, False, route)
+                # `http.route` (or its lack of one) is its own, as its span name and its
+                # duration metric are: left alone (docs/telemetry.md, `http.route`).
+                return _Inbound(current, None, False)
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
             if _instrumentation_declined(scope):
@@ -646,10 +625,9 @@ class Telemetry:
         if not span.is_recording():
             return
         summary = summary_of(ctx)
-        self._annotate(ctx, span, False, summary, 0, provisional=True, route=token.route)
+        self._annotate(ctx, span, False, summary, 0, provisional=True)
         token.exported = summary.count
         token.summary = summary
-        token.route = None  # on the span now
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         summary: Summary | None = None
@@ -664,7 +642,7 @@ class Telemetry:
                         _detach_quietly(token.token)
             elif token.span.is_recording():  # not ended with the last body message
                 summary = summary_of(ctx)
-                self._annotate(ctx, token.span, False, summary, token.exported, route=token.route)
+                self._annotate(ctx, token.span, False, summary, token.exported)
             elif token.exported < 0:
                 summary = summary_of(ctx)
                 self._late_span(ctx, token, summary)
@@ -725,7 +703,6 @@ class Telemetry:
         summary: Summary,
         exported: int,
         provisional: bool = False,
-        route: str | None = None,
     ) -> None:
         """Everything on the span in one `set_attributes`; span events for the decisions
         after the first `exported` that are not `allow` (all, with `decision_events="all"`)."""
@@ -759,8 +736,6 @@ class Telemetry:
             attrs[s.UPSTREAM_EXHAUSTED] = True
         if ctx.inbound_attempt > 1:
             attrs[s.INBOUND_ATTEMPT] = ctx.inbound_attempt
-        if route is not None:  # an instrumentation's span without `http.route`
-            attrs[s.HTTP_ROUTE] = route
         if owned:
             if status is not None:
                 attrs[s.HTTP_RESPONSE_STATUS_CODE] = status
