@@ -29,7 +29,7 @@ from .policy import (
 from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, flat_routes, framework_template, serving_route, slash_redirect
+from .routes import UNMATCHED, flat_routes, framework_route, serving_route, slash_redirect
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -142,13 +142,16 @@ class Engine:
         route_cfg = self._route_config(method, path)
         # breaker / deadline declared on the endpoint in code (overrides.py)
         route_cfg = endpoint_overrides(scope, self.route_app, route_cfg)
+        # the framework's route: the route's name unless the policy names it, and its
+        # path template (`http.route`) whatever names it
+        try:
+            served = framework_route(scope, self.route_app)
+        except Exception:  # naming must never cost the request its limits
+            served = None
         if route_cfg is not None:
             route = route_cfg.name or route_cfg.match
         else:
-            try:
-                route = framework_template(scope, self.route_app) or UNMATCHED
-            except Exception:  # naming must never cost the request its limits
-                route = UNMATCHED
+            route = UNMATCHED if served is None else served.name
         breaker = policy.breaker
         deadline_ms = policy.deadline.default_ms
         cap_ms = policy.deadline.cap_ms
@@ -174,6 +177,7 @@ class Engine:
             deadline_ms / 1000.0 if deadline_ms is not None else None,
             cap_ms / 1000.0 if cap_ms is not None else None,
             route_cfg.enforce if route_cfg is not None else True,
+            template=None if served is None else served.template,
         )
         if any(plan.served) and slash_redirect(scope, self.route_app):
             # the router's redirect is not the resource: charged only by "always" limits

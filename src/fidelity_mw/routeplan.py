@@ -58,6 +58,7 @@ class RoutePlan:
         "slash_redirect",
         "specs",
         "specs_without_credit",
+        "template",
         "timed",
     )
 
@@ -70,8 +71,17 @@ class RoutePlan:
         deadline_cap_s: float | None,
         enforce: bool = True,
         costs: tuple[int, ...] | None = None,
+        template: str | None = None,
     ) -> None:
+        # The route identity: its breaker, its bulkhead, `fidelity.route`, the default
+        # counters. A `[[route]]` name or glob, else the framework route's name, which
+        # under a `Host` leads with the host pattern (`api.example.com/items/{id}`).
         self.route = route
+        # The framework's path template alone, for `http.route` (OpenTelemetry's HTTP
+        # conventions: low cardinality, the framework's format, no host): the same under
+        # every host and whatever `[[route]]` names the route; None when the framework
+        # gives none (the span then has no `http.route`).
+        self.template = template
         # the deadline is enforced while the app runs (504 and cancel, before a response)
         self.enforce = enforce
         self.breaker = breaker
@@ -182,6 +192,7 @@ def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
         plan.deadline_cap_s,
         plan.enforce,
         tuple(costs[i] for i in kept),
+        template=plan.template,
     )
     sub.slash_redirect = plan.slash_redirect
     sub.not_allowed = plan.not_allowed

@@ -15,13 +15,36 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 UNMATCHED = "!unmatched"
 # `_serving`'s route for a request a `Host` matches but none of its app's routes serve
 # (`<host>/*`): no route (`serving_route` gives None), but the host app's own router may
 # still redirect it to the path with or without its final slash (`slash_redirect`).
 _HOST_MISS = ("host miss",)
+
+
+class Served(NamedTuple):
+    """What serves a request, as `_serving` finds it."""
+
+    # The `Host` pattern(s) the request went through ("" without one): part of the
+    # route's name (two hosts keep two breakers), never of its path template.
+    host: str
+    # The route's path as its name has it, mount prefixes included (`/api/items/{id}`;
+    # `/api/*` for a mount none of whose routes serves the request).
+    path: str
+    # The path template for `http.route` (OpenTelemetry's HTTP conventions: the
+    # framework's template, the path alone), or None where there is none (a `Host`
+    # none of whose routes serves the request).
+    template: str | None
+    # The route object; None when no route serves the method (405) or the request goes
+    # to a mounted app of its own; `_HOST_MISS` under a `Host` none of whose routes does.
+    route: Any
+
+    @property
+    def name(self) -> str:
+        """The route identity: the host pattern, then the path (`api.example.com/items/{id}`)."""
+        return self.host + self.path
 
 
 def flat_routes(routes: Iterable[Any]) -> list[Any]:
@@ -55,40 +78,58 @@ _MAX_MOUNT_DEPTH = 8
 
 
 def framework_template(scope: Mapping[str, Any], fallback_app: object = None) -> str | None:
-    """The path template of the Starlette/FastAPI route that will serve `scope`.
+    """The name of the Starlette/FastAPI route that will serve `scope`.
 
     A request under a `Mount` is named by the mounted route that serves it, its template
     prefixed by the mount's (`/api` + `/items/{id}`), so each route of a mounted router or
     sub-app keeps a breaker of its own; a mount whose app lists no routes (or none that
     match) is `<mount>/*`. A request a `Host` route matches is named by the host pattern
-    and the route of the host's app that serves it (`api.example.com/items/{id}`), or
-    `<host>/*` when none of them does (Starlette goes no further than the host)."""
-    found = serving_route(scope, fallback_app)
-    return None if found is None else found[0]
+    and then the path of the route of the host's app that serves it
+    (`api.example.com/items/{id}`; under a mount too: `api.example.com/api/items/{id}`),
+    or `<host>/*` when none of them does (Starlette goes no further than the host)."""
+    found = framework_route(scope, fallback_app)
+    return None if found is None else found.name
 
 
-def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tuple[str, Any] | None:
-    """(the template `framework_template` names, the route object that serves `scope`, or
-    None when no route serves its method or the request goes to a mounted app of its own)."""
+def framework_route(scope: Mapping[str, Any], fallback_app: object = None) -> Served | None:
+    """The route that serves `scope` (`Served`: its name's parts, its `http.route` template,
+    the route object), or None when no route of the app's matches its path."""
     routes = getattr(scope.get("app") or fallback_app, "routes", None)
     if not routes:
         return None
     try:
-        found = _serving(routes, _route_path(scope), scope.get("method"), 0, scope)
+        return _serving(routes, _route_path(scope), scope.get("method"), 0, scope)
     except Exception:  # a third-party route object with odd attributes
         return None
-    if found is not None and found[1] is _HOST_MISS:
-        return found[0], None
-    return found
+
+
+def serving_route(scope: Mapping[str, Any], fallback_app: object = None) -> tuple[str, Any] | None:
+    """(the name `framework_template` gives, the route object that serves `scope`, or
+    None when no route serves its method or the request goes to a mounted app of its own)."""
+    found = framework_route(scope, fallback_app)
+    if found is None:
+        return None
+    return found.name, None if found.route is _HOST_MISS else found.route
 
 
 def _host(scope: Mapping[str, Any]) -> str:
-    """The request's host without its port, as Starlette's `Host` route matches it."""
+    """The request's host without its port, as Starlette's `Host` route matches it:
+    lowercased (host names are case-insensitive, and Starlette matches the lowercased
+    host), an IP literal with its brackets (`[::1]`)."""
     for name, value in scope.get("headers") or ():
         if name == b"host":
-            host: str = value.decode("latin-1")
+            host: str = value.decode("latin-1").lower()
+            if host.startswith("["):
+                end = host.find("]")
+                return host[: end + 1] if end > 0 else host
             return host.split(":")[0]
     return ""
+
+
+def _is_mount(route: Any) -> bool:
+    # (FastAPI lists every route, a Mount too, as a RouteContext whose `endpoint` is
+    # None for a mount: "no attribute" alone took a mount for a route named "/api")
+    return getattr(route, "endpoint", None) is None and hasattr(route, "routes")
 
 
 def _serving(
@@ -97,7 +138,7 @@ def _serving(
     method: object,
     depth: int,
     scope: Mapping[str, Any],
-) -> tuple[str, Any] | None:
+) -> Served | None:
     partial: str | None = None
     for route in flat_routes(routes):  # FastAPI's included routers opened up
         host_regex = getattr(route, "host_regex", None)
@@ -112,18 +153,16 @@ def _serving(
             sub = getattr(route, "routes", None)
             inner = _serving(sub, route_path, method, depth + 1, scope) if sub else None
             if inner is not None:
-                return pattern + inner[0], inner[1]
+                return inner._replace(host=pattern + inner.host)
             # Starlette routes it to this host's app whatever the path (a Host match is
             # full): later routes never see it; its 404 (or the app of its own) is the
-            # host's, as a mount's is `<mount>/*`
-            return f"{pattern}/*", _HOST_MISS
+            # host's, as a mount's is `<mount>/*`. No path template: no `http.route`.
+            return Served(pattern, "/*", None, _HOST_MISS)
         regex = getattr(route, "path_regex", None)
         path = getattr(route, "path", None) or getattr(route, "path_format", None)
         if regex is None or path is None:
             continue  # a route type of its own: no path template to use
-        # (FastAPI lists every route, a Mount too, as a RouteContext whose `endpoint` is
-        # None for a mount: "no attribute" alone took a mount for a route named "/api")
-        is_mount = getattr(route, "endpoint", None) is None and hasattr(route, "routes")
+        is_mount = _is_mount(route)
         if not is_mount and not hasattr(route, "methods"):
             continue  # a websocket route never serves an http request
         found = regex.match(route_path)
@@ -137,38 +176,96 @@ def _serving(
                 sub = getattr(route, "routes", None)
                 if sub:
                     inner = _serving(sub, "/" + rest, method, depth + 1, scope)
+            prefix = str(getattr(route, "path", "") or "")
             if inner is not None:
-                return str(getattr(route, "path", "") or "") + inner[0], inner[1]
-            return f"{path}/*", None  # an app of its own (or no route of it matches)
+                # (a Host inside the mount: its pattern still leads the name)
+                template = None if inner.template is None else prefix + inner.template
+                return Served(inner.host, prefix + inner.path, template, inner.route)
+            # an app of its own (or no route of it matches): named `<mount>/*`; its path
+            # template is the one the Mount itself routes by (`/api/{path:path}`)
+            return Served("", f"{path}/*", f"{path}/{{path:path}}", None)
         methods = route.methods
         if methods and method not in methods:
             if partial is None:
                 partial = str(path)  # method not allowed: same route, other verb
             continue
-        return str(path), route
-    return None if partial is None else (partial, None)
+        return Served("", str(path), str(path), route)
+    return None if partial is None else Served("", partial, partial, None)
+
+
+def _router_of(app: object) -> Any:
+    """The router of a Starlette/FastAPI app (the app itself for a bare `Router`)."""
+    return getattr(app, "router", app)
+
+
+def _mounted_router(route: Any) -> Any:
+    """The router of the app a `Mount` or `Host` passes requests to, or None. A mount's
+    `app` is its router wrapped in the mount's middleware when it has some; Starlette keeps
+    the router itself as `_base_app` then."""
+    for app in (getattr(route, "app", None), getattr(route, "_base_app", None)):
+        router = _router_of(app)
+        if router is not None and hasattr(router, "redirect_slashes"):
+            return router
+    return None
 
 
 def slash_redirect(scope: Mapping[str, Any], fallback_app: object = None) -> bool:
-    """Will the app's router answer `scope` with its own trailing-slash redirect?
-    (Starlette's `redirect_slashes`, on by default: no route serves the path, and one
-    serves it with the final slash added or taken off, whatever its method.)"""
-    app = scope.get("app") or fallback_app
-    router = getattr(app, "router", app)
-    if getattr(router, "redirect_slashes", False) is not True:
-        return False
-    routes = getattr(router, "routes", None)
-    path = _route_path(scope)
-    if not routes or not path or path == "/":
-        return False
-    other = path.rstrip("/") if path.endswith("/") else path + "/"
-    method = scope.get("method")
+    """Will one of the app's routers answer `scope` with its own trailing-slash redirect?
+    (Starlette's `redirect_slashes`, on by default: no route of the router that gets the
+    request serves the path, and one serves it with the final slash added or taken off,
+    whatever its method.) That router is the app's own, or the one of the mounted app or
+    router, or of the `Host`, that the request goes on to: a mount's own redirect
+    (`/api/items/` to `/api/items` under `Mount("/api")`) is one as much as the top's."""
     try:
-        here = _serving(routes, path, method, 0, scope)
-        there = _serving(routes, other, method, 0, scope)
-        # (under a `Host`: its app's router redirects what none of its routes serve)
-        return (here is None or here[1] is _HOST_MISS) and not (
-            there is None or there[1] is _HOST_MISS
-        )
+        return _redirects(_router_of(scope.get("app") or fallback_app), _route_path(scope), scope)
     except Exception:  # a third-party route object with odd attributes
         return False
+
+
+def _redirects(router: Any, route_path: str, scope: Mapping[str, Any], depth: int = 0) -> bool:
+    """Does `router`, seeing `route_path` (the rest of the path, under a mount), redirect?"""
+    routes = getattr(router, "routes", None)
+    if not routes or route_path == "/":
+        return False
+    method = scope.get("method")
+    # Which of this router's routes takes the request, as Starlette's router picks it:
+    # the first that matches in full (a mount or a host: whatever the method), else the
+    # first that matches the path alone (a 405, not a redirect).
+    partial = False
+    for route in flat_routes(routes):
+        host_regex = getattr(route, "host_regex", None)
+        if host_regex is not None and getattr(route, "path_regex", None) is None:
+            if depth >= _MAX_MOUNT_DEPTH or host_regex.match(_host(scope)) is None:
+                continue
+            inner = _mounted_router(route)  # the host's app sees the whole path
+            return inner is not None and _redirects(inner, route_path, scope, depth + 1)
+        regex = getattr(route, "path_regex", None)
+        if regex is None:
+            continue
+        is_mount = _is_mount(route)
+        if not is_mount and not hasattr(route, "methods"):
+            continue
+        found = regex.match(route_path)
+        if found is None:
+            continue
+        if is_mount:
+            rest = found.groupdict().get("path")
+            inner = _mounted_router(route)
+            return (
+                rest is not None
+                and inner is not None
+                and depth < _MAX_MOUNT_DEPTH
+                and _redirects(inner, "/" + rest, scope, depth + 1)
+            )
+        methods = route.methods
+        if methods and method not in methods:
+            partial = True  # a 405, unless a later route (a mount) takes it in full
+            continue
+        return False  # a route of this router's serves it
+    # No route takes it: this router redirects when it is on and the other form is routed.
+    if partial or getattr(router, "redirect_slashes", False) is not True:
+        return False
+    other = route_path.rstrip("/") if route_path.endswith("/") else route_path + "/"
+    there = _serving(routes, other, method, depth, scope)
+    # (under a `Host`: its app's router redirects what none of its routes serve)
+    return there is not None and there.route is not _HOST_MISS

@@ -31,6 +31,7 @@ from ..engine import Engine, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
+from ..inbound.responses import state_unavailable_detail
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -451,10 +452,8 @@ def _without_state(ctx: DecisionContext, exc: Exception) -> dict[str, DetailValu
 
 def state_unavailable(ctx: DecisionContext) -> Rejected:
     """The 503 of a policy that fails closed while the store is unreachable."""
-    problem = problem_document(
-        503,
-        "Service Unavailable",
-        "the control state is unreachable and the policy says to fail closed",
-        "state-unavailable",
-    )
-    return Rejected(503, problem, {"Retry-After": "1"}, ctx, ctx.decisions[-1])
+    decision = ctx.decisions[-1]  # decide_without_state's, `fallback_why` among its details
+    why = decision.details.get("fallback_why") if decision.details else None
+    detail = state_unavailable_detail(why)  # as the middleware's own says it
+    problem = problem_document(503, "Service Unavailable", detail, "state-unavailable")
+    return Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)

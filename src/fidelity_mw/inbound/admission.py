@@ -33,7 +33,13 @@ from ..errors import StateUnavailable
 from ..policy import Policy
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, LimitSpec, state_age_s, state_why
-from .responses import OUTCOME_REJECTED, OUTCOME_SHED, Rejection, problem_body
+from .responses import (
+    OUTCOME_REJECTED,
+    OUTCOME_SHED,
+    Rejection,
+    problem_body,
+    state_unavailable_body,
+)
 
 logger: Final = logging.getLogger("fidelity_mw")
 
@@ -148,13 +154,8 @@ class Admission:
             return None
         ctx.decided_by = layer
         ctx.outcome = OUTCOME_SHED
-        body = problem_body(
-            503,
-            "Service Unavailable",
-            "the control state is unreachable and the policy says to fail closed",
-            "state-unavailable",
-        )
-        return 503, [(b"retry-after", b"1")], body
+        # (the detail says why, as `fallback_why` does: responses.state_unavailable_body)
+        return 503, [(b"retry-after", b"1")], state_unavailable_body(why)
 
 
 # what `admission_decisions` reads of each limit's verdict to choose its verdict and

@@ -35,6 +35,14 @@ from ..outbound.advice import spread_wait
 from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
 
+# How a refusal's detail says why the control state could not decide (`fallback_why`),
+# as responses.STATE_UNAVAILABLE_DETAILS does: nothing internal (no address, no exception)
+_STATE_WHAT: dict[str | None, str] = {
+    "unreachable": "is unreachable",
+    "read_only": "is read-only for now",
+    "error": "failed to answer",
+    None: "is unavailable",
+}
 ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
 RETRY_AFTER = b"retry-after"
 
@@ -43,15 +51,19 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
     """Our answer to an exception the app let out, if a control layer caused it."""
     if isinstance(exc, CircuitOpen):
         wait = retry_after_header(exc.retry_after_s)
-        return _answer(
-            ctx,
-            503,
-            LAYER_BREAKER,
-            exc.host,
-            f"the circuit breaker for upstream {exc.host!r} is open; retry in {wait} s",
-            "upstream-circuit-open",
-            wait,
-        )
+        cause = exc.__cause__
+        if cause is None:
+            detail = f"the circuit breaker for upstream {exc.host!r} is open; retry in {wait} s"
+        else:
+            # raised from the store's failure (`on_error = "closed"`): the breaker is not
+            # open, its state could not be read; said as the inbound 503 says it (the
+            # problem's type stays the layer's: what a client may rely on)
+            detail = (
+                f"the circuit breaker state for upstream {exc.host!r} "
+                f"{_STATE_WHAT.get(getattr(cause, 'why', None), _STATE_WHAT[None])} "
+                f"and the policy says to fail closed; retry in {wait} s"
+            )
+        return _answer(ctx, 503, LAYER_BREAKER, exc.host, detail, "upstream-circuit-open", wait)
     if isinstance(exc, DeadlineExceeded):
         return _answer(
             ctx,

@@ -59,6 +59,41 @@ def problem_body(status: int, title: str, detail: str, kind: str, **extra: Any) 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+# What a client is told when the policy fails closed because the control state cannot
+# decide, by why the store is without it (`fallback_why`). The problem's `type`
+# (`state-unavailable`) and `title` stay the same whatever the reason: they are what a
+# client may rely on; the `detail` is for a person, and accurate without naming anything
+# internal (no host, no address, no exception text).
+STATE_UNAVAILABLE_DETAILS: Final = {
+    "unreachable": "the control state is unreachable and the policy says to fail closed",
+    "read_only": "the control state is read-only for now and the policy says to fail closed",
+    "error": "the control state failed to answer this request and the policy says to fail closed",
+}
+STATE_UNAVAILABLE_DETAIL: Final = (
+    "the control state is unavailable and the policy says to fail closed"  # no reason known
+)
+_STATE_UNAVAILABLE_BODIES: dict[str | None, bytes] = {}
+
+
+def state_unavailable_detail(why: object) -> str:
+    """The problem `detail` of a fail-closed 503 for `fallback_why` `why` (a reason it does
+    not know, or none: the general text; never the value itself)."""
+    detail = STATE_UNAVAILABLE_DETAILS.get(why) if isinstance(why, str) else None
+    return STATE_UNAVAILABLE_DETAIL if detail is None else detail
+
+
+def state_unavailable_body(why: object) -> bytes:
+    """The problem document of a fail-closed 503 (`state-unavailable`) for `why`, built
+    once per reason."""
+    key = why if isinstance(why, str) and why in STATE_UNAVAILABLE_DETAILS else None
+    body = _STATE_UNAVAILABLE_BODIES.get(key)
+    if body is None:
+        body = _STATE_UNAVAILABLE_BODIES[key] = problem_body(
+            503, "Service Unavailable", state_unavailable_detail(key), "state-unavailable"
+        )
+    return body
+
+
 async def respond(send: Send, rejection: Rejection, decided_by: str | None) -> None:
     status, headers, body = rejection
     head = [

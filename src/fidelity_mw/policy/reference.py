@@ -70,7 +70,11 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "request: `api.example.com/items/{id}`, so one template under two hosts keeps two "
         "breakers and two default `Depends(fidelity.limit)` counters; a request a `Host` "
         "matches but none of its app's routes serve is `<host>/*`, as Starlette goes no "
-        "further than the host. Apps without a `Host` route are named as before).",
+        "further than the host; a `Host` inside a `Mount` keeps its pattern first: "
+        "`api.example.com/api/items/{id}`. Apps without a `Host` route are named as "
+        "before). A route's name is its identity, not its `http.route`: spans carry the "
+        "framework's path template there, without a `[[route]]` name or a host pattern "
+        "([telemetry.md](telemetry.md#httproute-and-fidelityroute)).",
     ),
     (
         "`[concurrency]`",

@@ -8,9 +8,10 @@ Inbound (`start` / `end`, called by FidelityMiddleware):
   That instrumentation ends its span with the last response body message, so
   the annotation happens in `before_response_end`, which the middleware calls
   just before sending it; without that call the decisions go on a child span;
-* otherwise the observer starts its own SERVER span ("METHOD route"), parented
-  on the trace context (and baggage) of the request headers, so the library
-  is useful without any other instrumentation.
+* otherwise the observer starts its own SERVER span ("METHOD template", the
+  template being the route's `http.route`), parented on the trace context (and
+  baggage) of the request headers, so the library is useful without any other
+  instrumentation.
 
 Outbound (`attempt_start` / `attempt_end`, called by FidelityTransport): one
 CLIENT span per attempt with the stable HTTP semantic conventions and
@@ -230,6 +231,15 @@ class _ScopeGetter(Getter[Any]):
 
 _SCOPE_GETTER: Final = _ScopeGetter()
 _SERVER: Final = SpanKind.SERVER
+
+
+def _template(ctx: DecisionContext, scope: Scope) -> str | None:
+    """The path template of the request's route (`http.route`): its plan's, cached with
+    the plan (looked up again here rather than carried on every request's context)."""
+    try:
+        return ctx.engine.plan_for(scope).template
+    except Exception:  # a hand-built scope without a path: no template
+        return None
 
 
 def _is_server_span(span: Span) -> bool:
@@ -558,7 +568,9 @@ class Telemetry:
         current = trace_api.get_current_span()
         if current.is_recording():
             if getattr(current, "kind", None) is _SERVER or _is_server_span(current):
-                # The instrumentation's span: annotate it, start none of our own.
+                # The instrumentation's span: annotate it, start none of our own. Its
+                # `http.route` (or its lack of one) is its own, as its span name and its
+                # duration metric are: left alone (docs/telemetry.md, `http.route`).
                 return _Inbound(current, None, False)
             parent = otel_context.get_current()  # e.g. a caller's CLIENT span, in-process
         elif current is INVALID_SPAN:
@@ -572,12 +584,14 @@ class Telemetry:
         else:
             return None  # a span exists but is not sampled: add nothing
         method, original = _method(ctx.method)
-        route = ctx.route
+        # `http.route` and the span name take the framework's path template alone (the
+        # HTTP conventions), not the route's name (`fidelity.route`): no `[[route]]` name,
+        # no host pattern; none when the framework gives none
+        route = _template(ctx, scope) if ctx.route != _UNMATCHED_ROUTE else None
         attrs: dict[str, Any] = {s.HTTP_REQUEST_METHOD: method}
         if original is not None:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
-        named = route and route != _UNMATCHED_ROUTE
-        if named:
+        if route is not None:
             attrs[s.HTTP_ROUTE] = route
         path = scope.get("path")
         if path:
@@ -590,7 +604,7 @@ class Telemetry:
             attrs[s.NETWORK_PROTOCOL_VERSION] = version
         name = method if method != "_OTHER" else "HTTP"
         span = tracer.start_span(
-            f"{name} {route}" if named else name,
+            f"{name} {route}" if route is not None else name,
             context=parent,
             kind=SpanKind.SERVER,
             attributes=attrs,
