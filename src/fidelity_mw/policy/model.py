@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..errors import PolicyError, PolicyIssue
+from .lines import locate_keys
 
 Check = Callable[[Any], str | None]
 KeyFunc = Callable[[Mapping[str, Any]], str | None]
@@ -873,7 +874,8 @@ class Policy(_Validated):
                 raw = fh.read()
             # "utf-8-sig": a byte order mark (Windows editors write one) is no TOML
             # statement for tomllib, but no reason to refuse the file either
-            data = tomllib.loads(raw.decode("utf-8-sig"))
+            text = raw.decode("utf-8-sig")
+            data = tomllib.loads(text)
         except OSError as exc:
             where = ""
             if isinstance(exc, FileNotFoundError) and not Path(path).is_absolute():
@@ -892,7 +894,12 @@ class Policy(_Validated):
         try:
             return cls.from_dict(data)
         except PolicyError as exc:
-            raise PolicyError(exc.issues, source) from None
+            try:
+                found = locate_keys(text)
+                lines = {i.path: found.line_for(i.path) for i in exc.issues if i.path}
+            except RecursionError:  # nesting tomllib just managed: no lines, same issues
+                lines = {}
+            raise PolicyError(exc.issues, source, lines) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:

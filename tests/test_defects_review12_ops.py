@@ -1,0 +1,200 @@
+"""Review 12: a Starlette service under `uvicorn --workers 4` with Redis state, and its
+on-call operator: the CLI, the state page, the policy file's errors at startup.
+
+Each test names what was wrong before its fix.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from fidelity_mw import Engine, FidelityMiddleware, Policy, PolicyError
+from fidelity_mw.admin import AdminApp
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.tools import cli
+from fidelity_mw.tools.check import check_file
+from fidelity_mw.tools.cli import main
+from redis_server import PATIENT
+
+# ---------------------------------------------------------------- the policy at startup
+
+TYPO = """\
+version = 1
+
+[[rate_limit]]
+name = "per-client"
+match = "/api/*"
+rate = "20/s"
+brust = 40
+"""
+
+
+def test_a_policy_file_that_fails_at_startup_names_the_line_of_each_problem(
+    tmp_path: Path,
+) -> None:
+    """Before: `Policy.from_toml` raised `rate_limit[0].brust: unknown key` with the file
+    but no line; `fidelity-mw check` had the line, the traceback a crash-looping worker
+    prints (the only thing an operator sees after a bad rollout) did not."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(TYPO)
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_toml(path)
+    text = str(caught.value)
+    assert f"{path}: invalid policy (1 problem(s)):" in text
+    assert "  - line 7: rate_limit[0].brust: unknown key; did you mean 'burst'?" in text
+    # the issues themselves are as before (tools compare them)
+    [issue] = caught.value.issues
+    assert issue.path == "rate_limit[0].brust"
+    # several problems: each on its line, a cross-check on its table's key
+    path.write_text(TYPO.replace("brust = 40", "burst = 4\ncost = 5").replace("20/s", "20/sec"))
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_toml(path)
+    assert "  - line 8: rate_limit[0].cost: cost 5 exceeds burst 4" in str(caught.value)
+    # from_dict has no file, so no lines
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"rate_limit": [{"brust": 1}]})
+    assert "  - rate_limit[0].brust: unknown key" in str(caught.value)
+
+
+# ---------------------------------------------------------------- check
+
+
+ROUTE_BREAKER = """\
+version = 1
+
+[breaker]
+window_s = 10
+min_calls = 10
+open_s = 5
+
+[concurrency]
+limit = 50
+max_queue = 10
+
+[[route]]
+match = "/api/search*"
+breaker = { failure_ratio = 0.3 }
+concurrency = { limit = 4 }
+
+[[route]]
+match = "/api/export*"
+breaker = { failure_ratio = 0.3, window_s = 10, min_calls = 10, open_s = 5 }
+concurrency = { limit = 4, max_queue = 10 }
+
+[[route]]
+match = "/healthz"
+breaker = false
+"""
+
+
+def test_check_warns_that_a_route_table_replaces_the_policy_table_it_does_not_extend(
+    tmp_path: Path,
+) -> None:
+    """Before: a `[[route]]` with `breaker = { failure_ratio = 0.3 }` under a `[breaker]`
+    with `window_s = 10` got a 30 s window (the built-in default), silently: the route's
+    table replaces `[breaker]`, it does not extend it, and nothing said so (`map` showed
+    the 30 s only to whoever compared)."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(ROUTE_BREAKER)
+    result = check_file(path)
+    assert result.ok
+    found = {(w.path, w.line): w.message for w in result.warnings}
+    assert set(found) == {("route[0].breaker", 14), ("route[0].concurrency", 15)}
+    breaker = found["route[0].breaker", 14]
+    # open_s = 5 is the built-in default too: nothing lost there
+    assert breaker.startswith("min_calls, window_s left out take the built-in defaults")
+    assert "built-in defaults (20, 30), not [breaker]'s (10, 10)" in breaker
+    assert "replaces [breaker]" in breaker
+    assert "max_queue" in found["route[0].concurrency", 15]
+    # a policy whose [breaker] sets nothing: nothing to lose, nothing to say
+    path.write_text(ROUTE_BREAKER.replace("[breaker]\nwindow_s = 10\nmin_calls = 10\n", ""))
+    assert not [w for w in check_file(path).warnings if w.path.endswith(".breaker")]
+
+
+# ---------------------------------------------------------------- the state page
+
+
+async def _ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def _state(engine: Engine) -> dict[str, Any]:
+    app = Starlette(routes=[Route("/", _ok), Mount("/_fidelity", app=AdminApp(engine))])
+    app.add_middleware(FidelityMiddleware, engine=engine, telemetry=False)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await client.get("/")
+        response = await client.get("/_fidelity/state.json")
+        page = await client.get("/_fidelity/")
+    assert response.status_code == 200
+    assert 'id="process"' in page.text  # the page shows it, next to the policy version
+    state: dict[str, Any] = response.json()
+    return state
+
+
+@pytest.mark.anyio
+async def test_the_state_page_says_which_process_answered() -> None:
+    """Before: under `uvicorn --workers 4` each refresh of the page (and each curl of
+    state.json) reached whichever worker accepted the connection; the store counters
+    jumped between four histories (round trips 20, 735, 2186, 750 in four reads) and
+    nothing said that these were four processes, not one."""
+    engine = Engine(Policy())
+    state = await _state(engine)
+    process = state["process"]
+    assert process["pid"] == os.getpid()
+    assert process["host"] == socket.gethostname()
+    assert process["fleet_id"] is None  # memory state: no fleet
+
+
+@pytest.mark.anyio
+async def test_the_state_page_gives_the_fleet_id_of_a_redis_process(redis_url: str) -> None:
+    """The id this process announces in `{prefix}:fleet`: the page's process is then
+    the member Redis counts in the fleet size behind each limit's share."""
+    prefix = f"rev12admin{os.getpid()}"
+    engine = Engine(Policy(state=StateConfig(url=redis_url, key_prefix=prefix, **PATIENT)))
+    try:
+        state = await _state(engine)
+    finally:
+        await engine.store.aclose()
+    fleet = getattr(engine.store, "fleet", None)
+    assert fleet is not None
+    assert state["process"]["fleet_id"] == fleet.id
+    assert state["process"]["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------- the CLI in a pipe
+
+
+class _ClosedPipe(io.StringIO):
+    """stdout of `fidelity-mw map x | head -1` once head has exited."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_the_cli_piped_into_head_ends_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `fidelity-mw check --json x.toml | head` ended in a BrokenPipeError
+    traceback from the print, as every CLI command whose reader stops early did."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(TYPO)
+    monkeypatch.setattr(cli.sys, "stdout", _ClosedPipe())
+    monkeypatch.setattr(cli.os, "dup2", lambda fd, fd2: None)  # not the test's own stdout
+    assert main(["check", "--json", str(path)]) == cli.EXIT_PIPE
+    assert main(["map", str(path)]) == cli.EXIT_PIPE
+    assert "Traceback" not in capsys.readouterr().err
