@@ -6,6 +6,7 @@ Each test names what was wrong before its fix.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -198,3 +199,68 @@ def test_the_cli_piped_into_head_ends_quietly(
     assert main(["check", "--json", str(path)]) == cli.EXIT_PIPE
     assert main(["map", str(path)]) == cli.EXIT_PIPE
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the state URL's query
+
+
+def _url_problems(url: str) -> list[str]:
+    try:
+        Policy.from_dict({"state": {"url": url}})
+    except PolicyError as exc:
+        return [f"{i.path}: {i.message}" for i in exc.issues]
+    return []
+
+
+def test_a_state_url_parameter_the_client_cannot_take_is_a_policy_error() -> None:
+    """Before: every query parameter of the state URL went to redis-py as a connection
+    argument, and `check` passed them all. One the store sets itself
+    (`?socket_timeout=5`, `?max_connections=`) or one no connection takes (`?foo=`,
+    a typo such as `?clustr=true`, `?ssl_cert_reqs=` on plain redis://) made building
+    or connecting the client fail at run time: the middleware then decided without
+    state, enforcing no limit at all, with one warning line."""
+    [timeout] = _url_problems("redis://redis.internal:6379/0?socket_timeout=5")
+    assert timeout.startswith('state.url: "redis://redis.internal:6379/0?socket_timeout=5": ')
+    assert "socket_timeout is set by [state] timeout_ms" in timeout
+    [pool] = _url_problems("tiered+redis://r:6379/0?max_connections=8")
+    assert "max_connections is set by [state] pool_size" in pool
+    [retry] = _url_problems("redis://r:6379/0?retry_on_timeout=true")
+    assert "retry_on_timeout" in retry
+    assert "never retries" in retry
+    [typo] = _url_problems("redis://r:6379/0?clustr=true")
+    assert "unknown parameter 'clustr'; did you mean 'cluster'?" in typo
+    [junk] = _url_problems("redis://r:6379/0?foo=bar")
+    assert "unknown parameter 'foo'" in junk
+    [ssl] = _url_problems("redis://r:6379/0?ssl_cert_reqs=none")
+    assert "ssl_cert_reqs needs rediss://" in ssl
+    [flag] = _url_problems("redis://r:6379/0?cluster=maybe")
+    assert "cluster=maybe: write cluster=true or cluster=false" in flag
+    [number] = _url_problems("rediss://r:6380/0?health_check_interval=30s")
+    assert "health_check_interval=30s: write a whole number" in number
+    [unix] = _url_problems("unix:///run/redis.sock?cluster=true")
+    assert "Redis Cluster over a unix socket" in unix
+    # what the client takes, as before
+    for fine in (
+        "redis://r:6379/0?cluster=true",
+        "redis://r:6379/0?cluster=false&client_name=shop&health_check_interval=30",
+        "rediss://user:pw@r:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem",
+        "unix:///run/redis.sock?db=2&password=pw",
+        "redis://r:6379/0?db=1&socket_keepalive=true",
+    ):
+        assert _url_problems(fine) == [], fine
+
+
+def test_a_password_in_the_state_urls_query_is_never_shown(tmp_path: Path) -> None:
+    """`unix:///run/redis.sock?password=...` (redis-py's way to give a socket a password)
+    was shown whole in policy errors and in `fidelity-mw map`: only `user:pw@` was
+    masked."""
+    [problem] = _url_problems("unix:///run/redis.sock?password=hunter2&foo=1")
+    assert "hunter2" not in problem
+    assert "password=***" in problem
+    path = tmp_path / "fidelity.toml"
+    path.write_text('[state]\nurl = "unix:///run/redis.sock?db=0&password=hunter2"\n')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["map", str(path)]) == 0
+    assert "hunter2" not in out.getvalue()
+    assert "password=***" in out.getvalue()

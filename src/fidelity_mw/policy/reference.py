@@ -145,7 +145,11 @@ DESCRIPTIONS: dict[str, str] = {
     # [state]
     "state.url": "`memory://` (process memory), `redis://`, `rediss://`, `unix://` "
     "(one Redis, exact fleet-wide), `tiered+redis://` / `tiered+rediss://` "
-    "(local-first, reconciled with Redis). Add `?cluster=true` for Redis Cluster.",
+    "(local-first, reconciled with Redis). Add `?cluster=true` for Redis Cluster. Query "
+    "parameters go to the Redis connection: `db`, `username`, `password`, `client_name`, "
+    "`health_check_interval`, `socket_keepalive`, and `ssl_*` with `rediss://`; the "
+    "timeouts and the pool size are the keys below, not URL parameters (any other "
+    "parameter is an error).",
     "state.on_error": "When Redis errors or times out: `local` decides on process-local "
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
     "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
