@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from fidelity_mw import Engine, FidelityMiddleware, Policy, PolicyError
+from fidelity_mw import Engine, FidelityMiddleware, Policy, PolicyError, _logs
 from fidelity_mw.admin import AdminApp
 from fidelity_mw.policy import StateConfig
+from fidelity_mw.testing import FakeClock
 from fidelity_mw.tools import cli
 from fidelity_mw.tools.check import check_file
 from fidelity_mw.tools.cli import main
@@ -264,3 +267,55 @@ def test_a_password_in_the_state_urls_query_is_never_shown(tmp_path: Path) -> No
         assert main(["map", str(path)]) == 0
     assert "hunter2" not in out.getvalue()
     assert "password=***" in out.getvalue()
+
+
+# ---------------------------------------------------------------- the log, after a fault
+
+
+def test_lines_left_out_are_told_when_the_fault_stops(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a throttled warning told what it had left out only with its next line,
+    so when the fault stopped (Redis given memory again) the last interval's count
+    was never logged: in the walkthrough the last line said `862 more like it in the
+    last 10 s`, the ~400 errors of the 5 s after it were never told, and nothing said
+    when they had stopped."""
+    clock = FakeClock()
+    later: list[tuple[float, Callable[[], None]]] = []
+
+    def schedule(delay: float, callback: Callable[[], None]) -> bool:
+        later.append((clock.monotonic() + delay, callback))
+        return True
+
+    monkeypatch.setattr(_logs, "clock", clock.monotonic)
+    monkeypatch.setattr(_logs, "schedule", schedule)
+    _logs.reset()
+    log = logging.getLogger("fidelity_mw.test_review12")
+
+    def run_due() -> None:
+        due = [item for item in later if item[0] <= clock.monotonic()]
+        for item in due:
+            later.remove(item)
+            item[1]()
+
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        assert _logs.warn(log, "OOM", "redis said %s", "OOM")
+        for _ in range(5):
+            clock.advance(1.0)
+            assert not _logs.warn(log, "OOM", "redis said %s", "OOM")
+        assert len(later) == 1  # one line scheduled for the interval, not one per call
+        clock.advance(5.0)  # the fault stopped at t=5; the interval ends at t=10
+        run_due()
+        clock.advance(2.0)  # it comes back once at t=12
+        assert not _logs.warn(log, "OOM", "redis said %s", "OOM")
+        clock.advance(8.0)
+        run_due()
+        clock.advance(30.0)
+        run_due()  # nothing left out: nothing more to say
+    said = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert said == [
+        "redis said OOM (repeats: at most one line per 10 s, with a count)",
+        "redis said OOM (5 more like it in the last 10 s, not logged; the last 5.0 s ago)",
+        "redis said OOM (1 more like it in the last 10 s, not logged; the last 8.0 s ago)",
+    ]
+    assert later == []
