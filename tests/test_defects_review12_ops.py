@@ -319,3 +319,23 @@ def test_lines_left_out_are_told_when_the_fault_stops(
         "redis said OOM (1 more like it in the last 10 s, not logged; the last 8.0 s ago)",
     ]
     assert later == []
+
+
+def test_the_map_names_the_counter_key_of_a_global_and_a_route_limit(tmp_path: Path) -> None:
+    """Before: every limit's Redis key was shown as `H(name|{client})`, a global limit's
+    too, which has one counter (`name|*`), and a per-route one (`name|route:<route>`):
+    an operator looking for the key to inspect or reset went looking for a client."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(
+        '[state]\nurl = "redis://r:6379/0"\n'
+        '[[rate_limit]]\nname = "exports"\nkey = "global"\nrate = "5/min"\n'
+        '[[rate_limit]]\nname = "per-route"\nkey = "route"\nrate = "50/s"\n'
+        '[[rate_limit]]\nname = "per-client"\nrate = "5/s"\n'
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["map", str(path)]) == 0
+    text = out.getvalue()
+    assert "{fmw}:rl:H(exports|*)" in text
+    assert "{fmw}:rl:H(per-route|route:{route})" in text
+    assert "{fmw}:rl:H(per-client|{client})" in text
