@@ -439,6 +439,8 @@ def test_page_renders_live_state_in_headless_chromium(tmp_path: Path) -> None:
             assert by_subject["/ok"][4] == "4"  # calls in the window
             assert by_subject["/broken"][10] == "memory"  # source
             assert driver.find_element(By.ID, "store-kind").text == "memory"
+            # which process answered (one of several workers, in production)
+            assert driver.find_element(By.ID, "process").text.startswith(f"pid {os.getpid()} on ")
             [key_row] = _rows(driver, "limiter-keys")
             assert key_row[0] == "per-client"
             assert "127.0.0.1" not in driver.page_source

@@ -10,10 +10,16 @@ kind) at once, then at most one line per `INTERVAL_S` that says how many were le
 out since. The metrics and decision records still count every one. The same holds
 for code of the app's that fails on every request (a `key=` function, a telemetry
 observer): one traceback per interval, not one per request.
+
+When the fault stops, the lines left out since the last one are not lost: inside an
+event loop, the first one left out schedules a line for the end of its interval,
+which says how many there were and how long ago the last of them happened (when
+the fault stopped, if it did).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -23,10 +29,41 @@ from typing import Final
 INTERVAL_S: Final = 10.0
 _MAX_KINDS: Final = 256  # distinct (logger, message, kind) entries kept
 
+
+class _Entry:
+    """One (logger, message, kind): when its last line was logged, how many were left
+    out since, the latest of them (its arguments, when) and whether a line for them
+    is scheduled."""
+
+    __slots__ = ("args", "at", "last", "left_out", "level", "scheduled")
+
+    def __init__(self, at: float, level: int) -> None:
+        self.at = at
+        self.left_out = 0
+        self.args: tuple[object, ...] = ()
+        self.last = at
+        self.level = level
+        self.scheduled = False
+
+
 _lock = threading.Lock()
-# (logger name, message, kind) -> [monotonic time of the last line logged, left out since]
-_seen: dict[tuple[str, str, str], list[float]] = {}
+# (logger name, message, kind) -> its entry
+_seen: dict[tuple[str, str, str], _Entry] = {}
 clock: Callable[[], float] = time.monotonic  # tests swap it for a fake clock
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> bool:
+    """Run `callback` in `delay` seconds on the running event loop; False without one
+    (a thread of the blocking transport: its left-out lines wait for its next one)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    loop.call_later(delay, callback)
+    return True
+
+
+schedule: Callable[[float, Callable[[], None]], bool] = _call_later  # tests swap it
 
 
 def warn(
@@ -44,12 +81,20 @@ def warn(
     now = clock()
     with _lock:
         entry = _seen.get(key)
-        if entry is not None and now - entry[0] < INTERVAL_S:
-            entry[1] += 1
+        if entry is not None and now - entry.at < INTERVAL_S:
+            entry.left_out += 1
+            entry.args, entry.last = args, now
+            if not entry.scheduled:
+                delay = INTERVAL_S - (now - entry.at)
+                entry.scheduled = schedule(delay, lambda: _flush(logger, key, msg))
             return False
         if entry is None and len(_seen) >= _MAX_KINDS:
             _seen.clear()
-        _seen[key] = [now, 0.0]
+        left_out = entry.left_out if entry is not None else 0
+        since = now - entry.at if entry is not None else 0.0
+        fresh = _Entry(now, level)
+        fresh.scheduled = entry is not None and entry.scheduled  # its flush finds nothing
+        _seen[key] = fresh
     if entry is None:
         logger.log(
             level,
@@ -58,18 +103,47 @@ def warn(
             INTERVAL_S,
             exc_info=exc_info,
         )
-    elif entry[1]:
+    elif left_out:
         logger.log(
             level,
             msg + " (%d more like it in the last %.0f s, not logged)",
             *args,
-            int(entry[1]),
-            now - entry[0],
+            left_out,
+            since,
             exc_info=exc_info,
         )
     else:
         logger.log(level, msg, *args, exc_info=exc_info)
     return True
+
+
+def _flush(logger: logging.Logger, key: tuple[str, str, str], msg: str) -> None:
+    """The end of an interval with lines left out and none logged since: say how many,
+    and how long ago the last one was (a fault that stopped says so here)."""
+    now = clock()
+    with _lock:
+        entry = _seen.get(key)
+        if entry is None or not entry.scheduled:
+            return
+        entry.scheduled = False
+        if not entry.left_out:
+            return  # a line logged since counted them
+        if now - entry.at < INTERVAL_S:  # early (a clock of its own): try again then
+            entry.scheduled = schedule(
+                INTERVAL_S - (now - entry.at), lambda: _flush(logger, key, msg)
+            )
+            return
+        left_out, args, since, ago = entry.left_out, entry.args, now - entry.at, now - entry.last
+        entry.at, entry.left_out = now, 0
+        level = entry.level
+    logger.log(
+        level,
+        msg + " (%d more like it in the last %.0f s, not logged; the last %.1f s ago)",
+        *args,
+        left_out,
+        since,
+        ago,
+    )
 
 
 def exception(logger: logging.Logger, kind: str, msg: str, *args: object) -> bool:

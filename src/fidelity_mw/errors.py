@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -25,12 +26,24 @@ class PolicyIssue:
 class PolicyError(FidelityError, ValueError):
     """A policy is invalid. `issues` lists every problem found, each with its key path."""
 
-    def __init__(self, issues: list[PolicyIssue], source: str | None = None) -> None:
+    def __init__(
+        self,
+        issues: list[PolicyIssue],
+        source: str | None = None,
+        lines: Mapping[str, int | None] | None = None,
+    ) -> None:
         self.issues = issues
         self.source = source
+        # key path -> line in the file (`Policy.from_toml`), so the message a failing
+        # startup prints points at the line, as `fidelity-mw check` does
+        self.lines: Mapping[str, int | None] = lines or {}
         where = f"{source}: " if source else ""
-        lines = "\n".join(f"  - {issue}" for issue in issues)
-        super().__init__(f"{where}invalid policy ({len(issues)} problem(s)):\n{lines}")
+        text = "\n".join(f"  - {self._line(issue)}{issue}" for issue in issues)
+        super().__init__(f"{where}invalid policy ({len(issues)} problem(s)):\n{text}")
+
+    def _line(self, issue: PolicyIssue) -> str:
+        line = self.lines.get(issue.path) if issue.path else None
+        return f"line {line}: " if line is not None else ""
 
     @classmethod
     def at(cls, path: str, message: str) -> PolicyError:
@@ -41,7 +54,7 @@ class PolicyError(FidelityError, ValueError):
         joined = [
             PolicyIssue(f"{prefix}.{i.path}" if i.path else prefix, i.message) for i in self.issues
         ]
-        return PolicyError(joined, self.source)
+        return PolicyError(joined, self.source)  # new paths: the lines no longer apply
 
 
 class StateUnavailable(FidelityError):

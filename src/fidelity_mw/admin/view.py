@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -81,12 +82,31 @@ class Since:
         return now - first, "observed"
 
 
+def process_info(engine: Engine) -> dict[str, Any]:
+    """Which process answered: under `uvicorn --workers N` (or gunicorn) each request for
+    the page reaches whichever worker accepted its connection, and each worker has its
+    own counters, fallback state and bulkheads. `fleet_id` is the id the process
+    announces in Redis (`{prefix}:fleet`), None without fleet membership."""
+    store: Any = engine.store
+    fleet = getattr(store, "fleet", None)
+    if fleet is None:
+        fleet = getattr(getattr(store, "exact", None), "fleet", None)  # a tiered store's
+    fleet_id = getattr(fleet, "id", None) if getattr(fleet, "enabled", False) else None
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "fleet_id": fleet_id if isinstance(fleet_id, str) else None,
+    }
+
+
 def render(
     engine: Engine,
     snap: StoreSnapshot,
     now: float,
     since: Since,
     hash_key: Callable[[str], str],
+    *,
+    layer: bool = False,
 ) -> dict[str, Any]:
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
     configs = snapshot_configs(engine)
@@ -169,10 +189,15 @@ def render(
         for inst in snap.instances
     ]
     balanced, hedging = balancers(engine, now)
-    return {
+    head: dict[str, Any] = {
         "generated_at": engine.clock.wall(),
         "policy_version": engine.policy.version,
         "build": build_name(),
+    }
+    if not layer:
+        head["process"] = process_info(engine)
+    return {
+        **head,
         "store": {
             "kind": snap.kind,
             "source": snap.source,
@@ -187,7 +212,9 @@ def render(
         "instances": instances,
         "balancer": balanced,
         "hedging": hedging,
-        "layers": [render(engine, layer, now, since, hash_key) for layer in snap.layers],
+        "layers": [
+            render(engine, under, now, since, hash_key, layer=True) for under in snap.layers
+        ],
     }
 
 

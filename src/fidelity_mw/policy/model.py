@@ -19,12 +19,13 @@ import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
 from ..errors import PolicyError, PolicyIssue
+from .lines import locate_keys
 
 Check = Callable[[Any], str | None]
 KeyFunc = Callable[[Mapping[str, Any]], str | None]
@@ -84,7 +85,9 @@ def redact_url(url: str) -> str:
     server, never its password."""
     # Up to the last "@": a password typed raw may hold "/" or "@" itself. A URL with
     # an "@" further on and no password is over-masked, never leaked.
-    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url, count=1)
+    url = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url, count=1)
+    # redis-py also takes `?password=` (the way to give a unix socket one)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _toml(value: object) -> str:
@@ -518,7 +521,96 @@ class StateConfig(_Validated):
             problem = _tcp_redis_url_problem(self.url)
             if problem:
                 return [PolicyIssue("url", f"{_toml(redact_url(self.url))}: {problem}")]
+        if isinstance(self.url, str) and not self.url.startswith("memory://"):
+            shown = _toml(redact_url(self.url))
+            return [PolicyIssue("url", f"{shown}: {p}") for p in _url_query_problems(self.url)]
         return []
+
+
+# The query of a Redis state URL: redis-py hands every parameter to the connection.
+# The store sets these itself (a second value was a TypeError building the client):
+_URL_SET_BY_US: Final = {
+    "socket_timeout": "is set by [state] timeout_ms",
+    "socket_connect_timeout": "is set by [state] connect_timeout_ms",
+    "max_connections": "is set by [state] pool_size",
+    "timeout": "is set by [state] timeout_ms (a call waits at most that long for a connection)",
+    "retry_on_timeout": "cannot be set: fidelity_mw's client never retries (a script "
+    "sent twice may charge twice), it decides per on_error instead",
+    "retry_on_error": "cannot be set: fidelity_mw's client never retries (a script "
+    "sent twice may charge twice), it decides per on_error instead",
+}
+# ...these change how replies are decoded, which the store's scripts read as they are:
+_URL_REPLY_FORMAT: Final = (
+    "protocol",
+    "decode_responses",
+    "encoding",
+    "encoding_errors",
+    "legacy_responses",
+)
+# ...and these a connection takes (redis-py 5 to 8), with `cluster`, our own flag.
+_URL_PLAIN: Final = (
+    "cluster",
+    "db",
+    "username",
+    "password",
+    "client_name",
+    "lib_name",
+    "lib_version",
+    "health_check_interval",
+    "socket_keepalive",
+    "socket_read_size",
+)
+_URL_SSL: Final = (
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_include_verify_flags",
+    "ssl_exclude_verify_flags",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_ca_path",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+    "ssl_password",
+)
+_FLAG_VALUES: Final = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def _url_query_problems(url: str) -> list[str]:
+    """The parameters of a Redis state URL no client of the store can take. Before this
+    check such a URL passed, and the client failed to build or to connect at run time:
+    the middleware then decided without any state, enforcing no limit."""
+    query = url.partition("?")[2].partition("#")[0]
+    if not query:
+        return []
+    tls = url.startswith(("rediss://", "tiered+rediss://"))
+    unix = url.startswith("unix://")
+    problems: list[str] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _URL_SET_BY_US:
+            problems.append(f"{name} {_URL_SET_BY_US[name]}; leave it out of the URL")
+        elif name in _URL_REPLY_FORMAT:
+            problems.append(
+                f"{name} changes how Redis replies are decoded, and fidelity_mw's scripts "
+                "read them as Redis sends them: leave it out of the URL"
+            )
+        elif name in _URL_SSL and not tls:
+            problems.append(f"{name} needs rediss:// (TLS): this URL connects without it")
+        elif name == "cluster":
+            if value.strip().lower() not in _FLAG_VALUES:
+                problems.append(f"cluster={value}: write cluster=true or cluster=false")
+            elif unix and value.strip().lower() in _FLAG_VALUES[:4]:
+                problems.append("Redis Cluster over a unix socket is not supported: use redis://")
+        elif name in ("db", "health_check_interval", "socket_read_size", "ssl_min_version"):
+            if not value.strip().isdigit():  # redis-py's int(): junk failed the client
+                problems.append(f"{name}={value}: write a whole number")
+        elif name not in _URL_PLAIN and name not in _URL_SSL:
+            known = [*_URL_PLAIN, *(_URL_SSL if tls else ())]
+            close = difflib.get_close_matches(name, [*known, *_URL_SET_BY_US], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint} (the URL takes: {', '.join(known)})")
+    return problems
 
 
 def _tcp_redis_url_problem(url: str) -> str | None:
@@ -918,7 +1010,8 @@ class Policy(_Validated):
                 raw = fh.read()
             # "utf-8-sig": a byte order mark (Windows editors write one) is no TOML
             # statement for tomllib, but no reason to refuse the file either
-            data = tomllib.loads(raw.decode("utf-8-sig"))
+            text = raw.decode("utf-8-sig")
+            data = tomllib.loads(text)
         except OSError as exc:
             where = ""
             if isinstance(exc, FileNotFoundError) and not Path(path).is_absolute():
@@ -937,7 +1030,12 @@ class Policy(_Validated):
         try:
             return cls.from_dict(data)
         except PolicyError as exc:
-            raise PolicyError(exc.issues, source) from None
+            try:
+                found = locate_keys(text)
+                lines = {i.path: found.line_for(i.path) for i in exc.issues if i.path}
+            except RecursionError:  # nesting tomllib just managed: no lines, same issues
+                lines = {}
+            raise PolicyError(exc.issues, source, lines) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:

@@ -149,7 +149,11 @@ DESCRIPTIONS: dict[str, str] = {
     # [state]
     "state.url": "`memory://` (process memory), `redis://`, `rediss://`, `unix://` "
     "(one Redis, exact fleet-wide), `tiered+redis://` / `tiered+rediss://` "
-    "(local-first, reconciled with Redis). Add `?cluster=true` for Redis Cluster.",
+    "(local-first, reconciled with Redis). Add `?cluster=true` for Redis Cluster. Query "
+    "parameters go to the Redis connection: `db`, `username`, `password`, `client_name`, "
+    "`health_check_interval`, `socket_keepalive`, and `ssl_*` with `rediss://`; the "
+    "timeouts and the pool size are the keys below, not URL parameters (any other "
+    "parameter is an error).",
     "state.on_error": "When Redis errors or times out: `local` decides on process-local "
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
     "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
@@ -243,11 +247,13 @@ DESCRIPTIONS: dict[str, str] = {
     "to `match`.",
     "route.deadline_ms": "Deadline (and cap) for this route, instead of `[deadline]`.",
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
-    "route's own breaker.",
+    "route's own breaker, which replaces `[breaker]`: keys it leaves out take the built-in "
+    "defaults, not `[breaker]`'s values (`fidelity-mw check` warns where that differs).",
     "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
     "started, answer 504 and cancel the app's work. A started response is never cut.",
-    "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys); left out: "
-    "the policy's `[concurrency]`, if any.",
+    "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys; those it "
+    "leaves out take the built-in defaults, not `[concurrency]`'s); left out: the policy's "
+    "`[concurrency]`, if any.",
     "route.priority": "Priority class of the route's requests when the bulkhead is under "
     "pressure: `sheddable` is shed first, then `default`; `critical` may fill the limit. "
     "A trusted `priority_header` overrides it.",

@@ -190,8 +190,8 @@ class Metrics:
             s.METRIC_POLICY_INFO,
             callbacks=[observe_policies],
             unit="1",
-            description="1 for the version (content hash) of each policy in force; "
-            "a reload replaces the series.",
+            description="1 for the version (content hash) of each policy in force in "
+            "the process; a restart with another policy (a rolling deploy) replaces the series.",
         )
         meter.create_observable_gauge(
             s.METRIC_STATE_FALLBACK,
@@ -290,7 +290,7 @@ def _engines(watch: object) -> list[Any]:
 
 def policy_observations(watch: object) -> list[Observation]:
     """`fidelity.policy.info`: 1 per policy version in force, read at collection, so a
-    reload shows at the next one."""
+    process started with another policy shows it at its first one."""
     versions = set()
     for engine in _engines(watch):
         version = getattr(getattr(engine, "policy", None), "version", None)

@@ -3,7 +3,8 @@
 Errors come from `Policy.from_toml` (the same validation the middleware runs),
 placed on a line by `policy.lines`. Warnings are things that validate but
 cannot be what the author meant: a `[[route]]` or `[[upstream]]` that an
-earlier, broader entry always matches first (first match wins).
+earlier, broader entry always matches first (first match wins), a route's own
+breaker or bulkhead table that drops values the policy's table set.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     hosts: list[str | None] = [u.host for u in policy.upstreams]
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
     result.warnings.extend(_idle_excludes(name, lines, policy))
+    result.warnings.extend(_replaced_tables(name, lines, data, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -129,6 +131,58 @@ def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
                 continue
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out
+
+
+def _replaced_tables(
+    name: str, lines: KeyLines, data: dict[str, Any], policy: Policy
+) -> list[Finding]:
+    """A `[[route]]`'s own `breaker` / `concurrency` table replaces the policy's
+    `[breaker]` / `[concurrency]`: the keys it leaves out take the built-in defaults,
+    not the policy table's values. Said where that loses a value the policy table set."""
+    out: list[Finding] = []
+    raw_routes = data.get("route", [])
+    if not isinstance(raw_routes, list):
+        return out
+    for section in ("breaker", "concurrency"):
+        top_raw = data.get(section)
+        top = getattr(policy, section, None)
+        if not isinstance(top_raw, dict) or top is None:
+            continue
+        for i, (raw, route) in enumerate(zip(raw_routes, policy.routes, strict=False)):
+            own_raw = raw.get(section) if isinstance(raw, dict) else None
+            own = getattr(route, section, None)
+            if not isinstance(own_raw, dict) or own is None or isinstance(own, bool):
+                continue
+            lost = [
+                key
+                for key in sorted(top_raw)
+                if key not in own_raw
+                and hasattr(own, key)
+                and getattr(own, key) != getattr(top, key)
+            ]
+            if not lost:
+                continue
+            path = f"route[{i}].{section}"
+            defaults = ", ".join(_shown(getattr(own, key)) for key in lost)
+            wanted = ", ".join(_shown(getattr(top, key)) for key in lost)
+            takes = "takes the built-in default" if len(lost) == 1 else "take the built-in defaults"
+            message = (
+                f"{', '.join(lost)} left out {takes} ({defaults}), not [{section}]'s "
+                f"({wanted}): a route's {section} table replaces [{section}], it does not "
+                "extend it; repeat the keys you meant to keep"
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return json.dumps(list(value), default=str)
+    return str(value)
 
 
 # A route as shadowing sees it: its glob and its methods (None: every method).

@@ -2,13 +2,16 @@
 
 Exit codes: 0 clean, 1 findings (policy errors; audit findings of a
 `--fail-on` kind), 2 usage errors (bad arguments, unreadable files, an app
-that cannot be imported).
+that cannot be imported), 141 when the reader of the output went away
+(`fidelity-mw map app | head`), as for a process a shell's SIGPIPE ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 128 + 13  # SIGPIPE: `| head` stopped reading
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -229,7 +233,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or EXIT_OK
         return EXIT_USAGE
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (`| head`, `| grep -q`) is gone: stop quietly, as other tools do,
+        # not with a traceback. Python's own flush at exit would raise again: point
+        # stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # stdout is no file (replaced in-process): nothing flushes it at exit
+        finally:
+            os.close(devnull)
+        return EXIT_PIPE
     return code
 
 

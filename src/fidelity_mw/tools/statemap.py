@@ -167,6 +167,16 @@ def _homes(policy: Policy) -> dict[str, _Home]:
     }
 
 
+def _client_part(key: object) -> str:
+    """The client part of a limit's counter key, as the middleware writes it
+    (inbound/request.py): one counter for `global`, one per route for `route`."""
+    if key == "global":
+        return "*"
+    if key == "route":
+        return "route:{route}"
+    return "{client}"
+
+
 def _key(home: _Home, logical: str, *kinds: str) -> str:
     """The memory key, or the Redis keys: `{prefix}:<kind>:H(<logical key>)`.
 
@@ -433,7 +443,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                     else str(lim.key if isinstance(lim.key, str) else "callable")
                 ),
                 limiter_state,
-                _key(limit_home, f"{lim.name}|{{client}}", "rl"),
+                _key(limit_home, f"{lim.name}|{_client_part(lim.key)}", "rl"),
                 "FidelityMiddleware at admission, only when every limit admits "
                 "(a shed or rejected request consumes no quota)",
                 limit_home.staleness,
