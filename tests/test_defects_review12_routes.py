@@ -447,3 +447,26 @@ async def test_an_upstream_breaker_that_could_not_be_read_is_not_said_open() -> 
         "and the policy says to fail closed; retry in 1 s"
     )
     assert "10.0.0.7" not in response.text
+
+
+async def test_a_route_with_a_cost_function_keeps_its_template() -> None:
+    """A request whose limit's cost comes from a function is admitted by a plan of its own
+    costs (routeplan.costed_plan); that plan keeps the route's template, so the span is
+    named and `http.route` set as for any other request of the route."""
+    pipe = pipeline()
+    inner = Starlette(routes=[Route("/batch/{id}", _ok)])
+    policy = Policy(
+        rate_limits=(RateLimit(name="units", rate="100/s", burst=100, cost=lambda r: 3),)
+    )
+    app = FidelityMiddleware(inner, policy=policy, clock=FakeClock(), observer=pipe.telemetry)
+    response = await _get(app, "/batch/7")
+    assert response.status_code == 200
+    assert "r=97" in response.headers["ratelimit"]
+    (span,) = pipe.finished()
+    assert span.name == "GET /batch/{id}"
+    assert (span.attributes or {})["http.route"] == "/batch/{id}"
+    plan = app.engine.plan_for(
+        {"type": "http", "method": "GET", "path": "/batch/7", "headers": [], "root_path": ""}
+    )
+    assert all(sub.template == "/batch/{id}" for sub in plan.costed.values())
+    assert plan.costed, "the costed plan was not cached on the route's plan"
