@@ -539,15 +539,9 @@ _URL_SET_BY_US: Final = {
     "retry_on_error": "cannot be set: fidelity_mw's client never retries (a script "
     "sent twice may charge twice), it decides per on_error instead",
 }
-# ...these change how replies are decoded, which the store's scripts read as they are:
-_URL_REPLY_FORMAT: Final = (
-    "protocol",
-    "decode_responses",
-    "encoding",
-    "encoding_errors",
-    "legacy_responses",
-)
-# ...and these a connection takes (redis-py 5 to 8), with `cluster`, our own flag.
+# ...and these a connection takes (redis-py 5 to 8), with `cluster`, our own flag. (The
+# reply format too: RESP3 is redis-py 8's default, and the store reads replies decoded
+# to str as it reads bytes: `protocol`, `decode_responses` worked before this check.)
 _URL_PLAIN: Final = (
     "cluster",
     "db",
@@ -559,6 +553,11 @@ _URL_PLAIN: Final = (
     "health_check_interval",
     "socket_keepalive",
     "socket_read_size",
+    "protocol",
+    "decode_responses",
+    "encoding",
+    "encoding_errors",
+    "legacy_responses",
 )
 _URL_SSL: Final = (
     "ssl_keyfile",
@@ -588,13 +587,10 @@ def _url_query_problems(url: str) -> list[str]:
     unix = url.startswith("unix://")
     problems: list[str] = []
     for name, value in parse_qsl(query, keep_blank_values=True):
+        if not value and name != "cluster":
+            continue  # redis-py leaves a blank value out (`?db=`: an empty template variable)
         if name in _URL_SET_BY_US:
             problems.append(f"{name} {_URL_SET_BY_US[name]}; leave it out of the URL")
-        elif name in _URL_REPLY_FORMAT:
-            problems.append(
-                f"{name} changes how Redis replies are decoded, and fidelity_mw's scripts "
-                "read them as Redis sends them: leave it out of the URL"
-            )
         elif name in _URL_SSL and not tls:
             problems.append(f"{name} needs rediss:// (TLS): this URL connects without it")
         elif name == "cluster":
@@ -602,6 +598,10 @@ def _url_query_problems(url: str) -> list[str]:
                 problems.append(f"cluster={value}: write cluster=true or cluster=false")
             elif unix and value.strip().lower() in _FLAG_VALUES[:4]:
                 problems.append("Redis Cluster over a unix socket is not supported: use redis://")
+        elif name == "protocol" and value.strip() not in ("2", "3"):
+            problems.append(f"protocol={value}: write 2 or 3")
+        elif name == "socket_keepalive" and unix:  # (a TypeError at the first connection)
+            problems.append("socket_keepalive is for TCP: a unix:// socket connection takes none")
         elif name in ("db", "health_check_interval", "socket_read_size", "ssl_min_version"):
             if not value.strip().isdigit():  # redis-py's int(): junk failed the client
                 problems.append(f"{name}={value}: write a whole number")
