@@ -182,8 +182,9 @@ def _serving(
                 template = None if inner.template is None else prefix + inner.template
                 return Served(inner.host, prefix + inner.path, template, inner.route)
             # an app of its own (or no route of it matches): named `<mount>/*`; its path
-            # template is the one the Mount itself routes by (`/api/{path:path}`)
-            return Served("", f"{path}/*", f"{path}/{{path:path}}", None)
+            # template is the one the Mount itself routes by (`/api/{path:path}`; a root
+            # mount's, whose `path` is "", `/{path:path}`)
+            return Served("", f"{path}/*", f"{prefix}/{{path:path}}", None)
         methods = route.methods
         if methods and method not in methods:
             if partial is None:
