@@ -30,6 +30,7 @@ from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
 from .routes import UNMATCHED, flat_routes, framework_route, serving_route, slash_redirect
+from .routes import _host as routes_host
 from .state.base import StateStore
 from .state.factory import store_from_policy
 
@@ -272,7 +273,6 @@ def _routes_by_host(app: object, depth: int = 0) -> bool:
 
 
 def _host_of(scope: Mapping[str, Any]) -> str:
-    for name, value in scope.get("headers") or ():
-        if name == b"host":
-            return bytes(value).decode("latin-1").split(":")[0]
-    return ""
+    # the host as the routes match it: lowercased, an IPv6 literal whole (cut at its
+    # first colon, every one was "[" and `[::2]` got the plan of `[::1]`)
+    return routes_host(scope)
