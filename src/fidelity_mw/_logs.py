@@ -86,15 +86,16 @@ def warn(
             entry.args, entry.last = args, now
             if not entry.scheduled:
                 delay = INTERVAL_S - (now - entry.at)
-                entry.scheduled = schedule(delay, lambda: _flush(logger, key, msg))
+                entry.scheduled = schedule(delay, _flusher(logger, key, msg, entry))
             return False
         if entry is None and len(_seen) >= _MAX_KINDS:
             _seen.clear()
         left_out = entry.left_out if entry is not None else 0
         since = now - entry.at if entry is not None else 0.0
-        fresh = _Entry(now, level)
-        fresh.scheduled = entry is not None and entry.scheduled  # its flush finds nothing
-        _seen[key] = fresh
+        # (a flush still scheduled for `entry` finds `fresh` in its place and does nothing;
+        # carrying its flag over kept one that never ran, its loop closed with it
+        # (`asyncio.run` per job, a forked worker), from ever scheduling another)
+        _seen[key] = _Entry(now, level)
     if entry is None:
         logger.log(
             level,
@@ -117,20 +118,27 @@ def warn(
     return True
 
 
-def _flush(logger: logging.Logger, key: tuple[str, str, str], msg: str) -> None:
+def _flusher(
+    logger: logging.Logger, key: tuple[str, str, str], msg: str, entry: _Entry
+) -> Callable[[], None]:
+    return lambda: _flush(logger, key, msg, entry)
+
+
+def _flush(logger: logging.Logger, key: tuple[str, str, str], msg: str, mine: _Entry) -> None:
     """The end of an interval with lines left out and none logged since: say how many,
-    and how long ago the last one was (a fault that stopped says so here)."""
+    and how long ago the last one was (a fault that stopped says so here). Only for the
+    entry it was scheduled for: a line logged since has told the count."""
     now = clock()
     with _lock:
         entry = _seen.get(key)
-        if entry is None or not entry.scheduled:
+        if entry is not mine or not entry.scheduled:
             return
         entry.scheduled = False
         if not entry.left_out:
             return  # a line logged since counted them
         if now - entry.at < INTERVAL_S:  # early (a clock of its own): try again then
             entry.scheduled = schedule(
-                INTERVAL_S - (now - entry.at), lambda: _flush(logger, key, msg)
+                INTERVAL_S - (now - entry.at), _flusher(logger, key, msg, entry)
             )
             return
         left_out, args, since, ago = entry.left_out, entry.args, now - entry.at, now - entry.last
