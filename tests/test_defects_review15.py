@@ -4,7 +4,8 @@ test failed before its fix.
 1. The state URL check refused parameters that worked: `?protocol=3` (redis-py 8's own
    default) or `?protocol=2`, `?decode_responses=true` (the store reads str replies as
    it reads bytes), and a blank value (`?db=` from an empty template variable), which
-   redis-py leaves out. A policy that ran before the upgrade no longer started.
+   redis-py leaves out. A policy that ran before the upgrade no longer started. And a
+   TLS key's `?ssl_password=` was shown in policy errors and `fidelity-mw map`.
 2. A `Mount("/")` (FastAPI's `app.mount("/", StaticFiles(...))`) gave the `http.route`
    template `/{path}/{path:path}`.
 3. The plan cache keyed a `Host` app's plans by the Host header cut at its first colon:
@@ -93,6 +94,14 @@ async def test_the_store_counts_in_redis_with_those_parameters(redis_url: str, q
         assert store.health.up
     finally:
         await store.aclose()
+
+
+def test_a_tls_key_passphrase_in_the_state_url_is_never_shown() -> None:
+    """`?ssl_password=` (the key file's passphrase) was shown whole in policy errors and
+    `fidelity-mw map`: only `?password=` was masked."""
+    [problem] = _url_problems("redis://r:6379/0?ssl_password=hunter2")
+    assert "hunter2" not in problem
+    assert "ssl_password=***" in problem
 
 
 # ------------------------------------------- 2. a root mount's template

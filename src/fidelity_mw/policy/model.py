@@ -86,8 +86,9 @@ def redact_url(url: str) -> str:
     # Up to the last "@": a password typed raw may hold "/" or "@" itself. A URL with
     # an "@" further on and no password is over-masked, never leaked.
     url = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url, count=1)
-    # redis-py also takes `?password=` (the way to give a unix socket one)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+    # redis-py also takes `?password=` (the way to give a unix socket one), and
+    # `?ssl_password=` (the TLS key file's passphrase)
+    return re.sub(r"([?&](?:ssl_)?password=)[^&#]*", r"\1***", url)
 
 
 def _toml(value: object) -> str:
