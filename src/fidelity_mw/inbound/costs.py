@@ -12,7 +12,9 @@ never admits it); 0 takes nothing (that limit is not asked); a function that fai
 does, and is logged (throttled).
 
 A function that reads the body (`await request.json()` for a batch's length) reads it
-here; the app then receives the same messages again.
+here; the app then receives the same messages again. The route's deadline bounds the
+functions (a slow body, a slow lookup: 504), and a client that leaves while they read
+is charged nothing: the app does not run for it (outcome `disconnected`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Final
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .._logs import exception as log_exception
 from .._logs import warn
@@ -74,6 +76,8 @@ async def cost_of(fn: CostFunc, request: Request, lim: RateLimit) -> int:
         cost: object = fn(request)
         if inspect.isawaitable(cost):
             cost = await cost
+    except ClientDisconnect:
+        raise  # the client left mid-body: not the function's failure (no cost, no log)
     except Exception:
         log_exception(
             logger, lim.name, "fidelity_mw: the cost function of %r failed; the request "
