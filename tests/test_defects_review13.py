@@ -21,6 +21,11 @@ each with the test that failed before its fix.
   `Mount("/", app=legacy)` after the route (a migration's usual shape) is the app that
   serves the request, and its own 405 was refunded. The 405 is the router's only when
   the route that matched the path without the method is the one that serves another.
+- `check_limits(request)` in an endpoint, for the request itself, applied a limit's cost
+  function to a body-less copy of it: a function that reads the body failed (an ERROR
+  with a traceback) and the check answered for the burst, "no", where the admission
+  right after admits the request. It is applied to `request` itself now (whose body
+  the app read is kept on it).
 """
 
 from __future__ import annotations
@@ -288,3 +293,45 @@ async def test_the_routers_405_under_a_mount_still_gives_the_units_back(clock: F
         gets = [(await c.get("/api/items")).status_code for _ in range(3)]
     assert posts == [405, 405, 405]  # the mount's router: no route serves POST
     assert gets == [200, 200, 429]
+
+
+# ---------------------------------------------------------------- check_limits
+
+
+async def test_check_limits_on_the_request_itself_applies_its_cost_function_to_its_body(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint asks whether the same request again would be admitted: the cost
+    function read a body-less copy of it (RuntimeError: no receive channel), logged an
+    ERROR with a traceback, and the check said the burst, "no", where the admission
+    right after admits it."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from fidelity_mw import check_limits
+
+    async def batch(request: Any) -> JSONResponse:
+        items = await request.json()
+        again = await check_limits(request)  # this same batch, once more?
+        (status,) = again.limits
+        return JSONResponse({"stored": len(items), "again": [again.allowed, status.cost]})
+
+    app = Starlette(routes=[Route("/batch", batch, methods=["POST"])])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(
+            breaker=None,
+            rate_limits=[RateLimit(name="items", rate="10/min", burst=10, cost=body_items)],
+        ),
+        clock=clock,
+        store=MemoryStore(rng=seeded_random(1)),
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        with caplog.at_level(logging.WARNING, logger="fidelity_mw"):
+            first = (await c.post("/batch", json=[1, 2, 3])).json()
+        second = await c.post("/batch", json=[1, 2, 3])
+    assert first == {"stored": 3, "again": [True, 3]}
+    assert second.status_code == 200  # as the check said
+    assert "cost function" not in caplog.text
