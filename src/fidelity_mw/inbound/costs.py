@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -56,7 +57,8 @@ class BodyReplay:
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
-        self.read: list[Message] = []
+        # (a deque: a large body comes in many messages, handed back one by one)
+        self.read: deque[Message] = deque()
 
     async def record(self) -> Message:
         message = await self.receive()
@@ -65,7 +67,7 @@ class BodyReplay:
 
     async def replay(self) -> Message:
         if self.read:
-            return self.read.pop(0)
+            return self.read.popleft()
         return await self.receive()
 
 
