@@ -26,6 +26,10 @@ each with the test that failed before its fix.
   with a traceback) and the check answered for the burst, "no", where the admission
   right after admits the request. It is applied to `request` itself now (whose body
   the app read is kept on it).
+- The load-time refusal of an async key function for the middleware missed an object
+  whose `__call__` is async (accepted: each request keyed by its coroutine's text, no
+  limit at all), and cannot see a plain function that returns a coroutine. The first is
+  refused at load now; the second counts the request by its address, and says so.
 """
 
 from __future__ import annotations
@@ -335,3 +339,64 @@ async def test_check_limits_on_the_request_itself_applies_its_cost_function_to_i
     assert first == {"stored": 3, "again": [True, 3]}
     assert second.status_code == 200  # as the check said
     assert "cost function" not in caplog.text
+
+
+# ---------------------------------------------------------------- an async key function
+
+
+class TenantLookup:
+    """A key as an object whose `__call__` is async (a client of an auth service)."""
+
+    async def __call__(self, scope: Any) -> str:
+        return "t1"
+
+
+def test_an_async_callable_object_as_a_middleware_key_is_refused_at_load() -> None:
+    """`inspect.iscoroutinefunction` says no of an object with an async `__call__`: it
+    was accepted, and each request keyed by its coroutine's text (no limit at all)."""
+    from fidelity_mw import PolicyError
+
+    with pytest.raises(PolicyError) as caught:
+        RateLimit(rate="2/min", key=TenantLookup())
+    assert "coroutine function" in str(caught.value)
+
+
+async def test_a_key_function_that_returns_a_coroutine_counts_by_the_client_ip(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain function that returns a coroutine (a lambda around an async lookup) cannot
+    be told at load: its coroutine, as text, was a fresh key per request."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def lookup(scope: Any) -> str:
+        return "t1"
+
+    held = []  # each coroutine kept alive: a freed one's address (its text) is reused
+
+    def key(scope: Any) -> Any:
+        coroutine = lookup(scope)
+        held.append(coroutine)
+        return coroutine
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ok)])
+    store = MemoryStore(rng=seeded_random(1))
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(breaker=None, rate_limits=[RateLimit(name="t", rate="2/min", key=key)]),
+        clock=clock,
+        store=store,
+        telemetry=False,
+    )
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("10.0.0.7", 1)), base_url="http://t"
+        ) as c:
+            statuses = [(await c.get("/x")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # one counter: the client's address
+    assert set(store.limits.tats) == {"t|10.0.0.7"}
+    assert "returned an awaitable" in caplog.text
