@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from starlette.requests import ClientDisconnect, Request
@@ -71,12 +71,17 @@ class BodyReplay:
         return await self.receive()
 
 
-async def cost_of(fn: CostFunc, request: Request, lim: RateLimit) -> int:
+async def cost_of(
+    fn: CostFunc, request: Request, lim: RateLimit, waits: Callable[[], None] | None = None
+) -> int:
     """The units `request` takes of `lim`: `fn`'s whole number >= 0, or the burst when
-    `fn` fails or answers anything else (what it cannot read passes no limit)."""
+    `fn` fails or answers anything else (what it cannot read passes no limit). `waits`
+    is called before an async function's answer is awaited (the deadline's arming)."""
     try:
         cost: object = fn(request)
         if inspect.isawaitable(cost):
+            if waits is not None:
+                waits()
             cost = await cost
     except ClientDisconnect:
         raise  # the client left mid-body: not the function's failure (no cost, no log)
@@ -97,10 +102,10 @@ async def cost_of(fn: CostFunc, request: Request, lim: RateLimit) -> int:
 
 
 async def request_costs(
-    plan: RoutePlan, scope: Scope, receive: Receive
+    plan: RoutePlan, scope: Scope, receive: Receive, waits: Callable[[], None] | None = None
 ) -> tuple[tuple[int, ...], BodyReplay | None]:
     """Each limit's cost for this request (a function's, else the constant), and what
-    the functions read of the body (None: nothing)."""
+    the functions read of the body (None: nothing). `waits`: see `cost_of`."""
     fns = plan.cost_fns
     assert fns is not None
     replay: BodyReplay | None = None
@@ -113,7 +118,7 @@ async def request_costs(
         if request is None:
             replay = BodyReplay(receive)
             request = Request(scope, replay.record)
-        costs.append(await cost_of(fn, request, lim))
+        costs.append(await cost_of(fn, request, lim, waits))
     return tuple(costs), replay if replay is not None and replay.read else None
 
 

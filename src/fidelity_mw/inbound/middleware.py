@@ -67,6 +67,22 @@ _set_current: Final = _CURRENT.set
 _reset_current: Final = _CURRENT.reset
 
 
+class CostDeadline:
+    """Arms the request's deadline when a cost function is awaited (inbound/costs.py)."""
+
+    watcher: ResponseWatcher | None = None
+    watch: DeadlineWatch
+    ctx: DecisionContext
+    now: float = 0.0
+
+    def __call__(self) -> None:
+        deadline_at = self.ctx.deadline_at
+        if self.watcher is None and deadline_at is not None:
+            watcher = self.watcher = ResponseWatcher()
+            watcher.ctx = self.ctx
+            watcher.arm(self.watch, deadline_at, self.now)
+
+
 class FidelityMiddleware:
     """Deadline, route circuit breaker and rate limiting for one ASGI app.
 
@@ -401,15 +417,18 @@ class FidelityMiddleware:
         common admission with a plan of those costs (which the refunds, fields and
         records of this request then use), and the `receive` the app gets (what the
         cost function read of the body, again)."""
-        watcher: ResponseWatcher | None = None
+        # the deadline bounds the cost functions too (a slow body, a slow lookup): armed
+        # when one is awaited (a plain function never waits)
+        deadline: CostDeadline | None = None
         if ctx.deadline_at is not None and plan.enforce:
-            # the deadline bounds the cost functions too (a slow body, a slow lookup)
-            watcher = ResponseWatcher()
-            watcher.ctx = ctx
-            watcher.arm(self._deadlines, ctx.deadline_at, now)
+            deadline = CostDeadline()
+            deadline.watch = self._deadlines
+            deadline.ctx = ctx
+            deadline.now = now
         try:
-            costs, replay = await request_costs(plan, scope, receive)
+            costs, replay = await request_costs(plan, scope, receive, deadline)
         except asyncio.CancelledError:
+            watcher = deadline.watcher if deadline is not None else None
             expired = None if watcher is None else self._costs_expired(ctx, plan, watcher, now)
             if expired is None:
                 raise
@@ -423,8 +442,9 @@ class FidelityMiddleware:
             ctx.client_disconnected = True
             raise
         finally:
-            if watcher is not None:
-                watcher.disarm()
+            if deadline is not None and deadline.watcher is not None:
+                deadline.watcher.disarm()
+        watcher = deadline.watcher if deadline is not None else None
         if watcher is not None and watcher.expired:  # a function swallowed the cancel
             expired = self._costs_expired(ctx, plan, watcher, now)
             if expired is None:
