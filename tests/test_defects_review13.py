@@ -30,6 +30,9 @@ each with the test that failed before its fix.
   whose `__call__` is async (accepted: each request keyed by its coroutine's text, no
   limit at all), and cannot see a plain function that returns a coroutine. The first is
   refused at load now; the second counts the request by its address, and says so.
+- Compiled, a key function's answer was checked as its declared `str | None`: a user id
+  returned as an int was a TypeError, logged as the function's failure, and the request
+  counted by its address, where the interpreted build keys by its text. Both key by it.
 """
 
 from __future__ import annotations
@@ -400,3 +403,33 @@ async def test_a_key_function_that_returns_a_coroutine_counts_by_the_client_ip(
     assert statuses == [200, 200, 429]  # one counter: the client's address
     assert set(store.limits.tats) == {"t|10.0.0.7"}
     assert "returned an awaitable" in caplog.text
+
+
+async def test_a_key_function_that_returns_a_number_keys_by_its_text_in_both_builds(
+    clock: FakeClock,
+) -> None:
+    """Compiled, the key's declared `str | None` was checked: a user id as an int was a
+    TypeError, logged as the function's failure, and counted by the client's address;
+    interpreted, its text was the key."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    def user_id(scope: Any) -> Any:
+        return 42
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/x", ok)])
+    store = MemoryStore(rng=seeded_random(1))
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(breaker=None, rate_limits=[RateLimit(name="u", rate="2/min", key=user_id)]),
+        clock=clock,
+        store=store,
+        telemetry=False,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/x")).status_code == 200
+    assert set(store.limits.tats) == {"u|k:42"}

@@ -238,7 +238,9 @@ class RequestReader:
                     value = ip_
             else:
                 try:
-                    custom = kind(scope)
+                    # (object: compiled, a declared `str | None` was checked: a coroutine
+                    # or an int was a TypeError, "failed", where interpreted its text keys)
+                    custom: object = kind(scope)
                 except Exception:
                     log_exception(
                         logger, lim.name, "fidelity_mw: key function of %r failed", lim.name
