@@ -238,9 +238,11 @@ class RequestReader:
                     value = ip_
             else:
                 try:
-                    # (object: compiled, a declared `str | None` was checked: a coroutine
-                    # or an int was a TypeError, "failed", where interpreted its text keys)
-                    custom: object = kind(scope)
+                    # called through an Any reference (compiled, the declared `str | None`
+                    # was checked: a coroutine or an int was a TypeError, "failed", where
+                    # the interpreter keys by its text)
+                    call: Any = kind
+                    custom: object = call(scope)
                 except Exception:
                     log_exception(
                         logger, lim.name, "fidelity_mw: key function of %r failed", lim.name
