@@ -3,13 +3,26 @@ Redis gate, balancer): each test failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from fidelity_mw import FidelityTransport, Policy
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.decide.breaker import HALF_OPEN
 from fidelity_mw.engine import Engine
-from fidelity_mw.policy import BreakerConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.policy import (
+    BreakerConfig,
+    DeadlineConfig,
+    HedgeConfig,
+    RetryConfig,
+    UpstreamConfig,
+)
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -54,3 +67,66 @@ async def test_a_rerouted_retry_never_goes_back_to_the_instance_that_said_retry_
         response = await client.get("http://payments/pay")
     assert response.status_code == 503
     assert seen == [busy]
+
+
+# ------------------------------------- 2. the marker, with a hedged call at once
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+def _hedged_beside_app() -> Starlette:
+    """Two calls at once (`asyncio.gather`): one to `payments` answers 503 every time
+    (retried, then given up), one to the hedged `catalog` is slow and its hedge answers
+    200 once the first call has given up."""
+    gave_up = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "payments.internal":
+            if request.headers["x-fidelity-attempt"] == "3":
+                gave_up.set()
+            return httpx.Response(503)
+        if request.headers["x-fidelity-attempt"] == "1":
+            await asyncio.Event().wait()  # the slow attempt: its hedge wins
+        await gave_up.wait()
+        await asyncio.sleep(0)
+        return httpx.Response(200)
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+
+    async def handler(request: Request) -> Response:
+        first, _second = await asyncio.gather(
+            outbound.get("http://payments.internal/pay"),
+            outbound.get("http://catalog.internal/items"),
+        )
+        first.raise_for_status()
+        return PlainTextResponse("not reached")
+
+    app = Starlette(routes=[Route("/", handler)])
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=1)
+    steady = BreakerConfig(consecutive_failures=100)
+    policy = Policy(
+        deadline=DeadlineConfig(default_ms=5000),
+        breaker=steady,
+        upstreams=(
+            UpstreamConfig(host="payments.internal", retry=retry, breaker=steady),
+            UpstreamConfig(
+                host="catalog.internal", retry=retry, breaker=steady, hedge=HedgeConfig(after_ms=5)
+            ),
+        ),
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_raise_for_status_on_a_give_up_beside_a_hedged_call_that_won() -> None:
+    """Before: the hedged call, ended by its hedge's good answer, set the request's
+    `upstream_exhausted` back to what it was when that call began (False), the other
+    call's give-up meanwhile included; the mapping asked that flag before the response's
+    own marker, and the given-up 503's `raise_for_status()` was a bare 500."""
+    async with _client(_hedged_beside_app()) as client:
+        got = await client.get("/")
+    assert got.status_code == 502
+    assert got.headers["x-fidelity-retry"] == "exhausted"
