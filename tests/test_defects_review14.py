@@ -21,12 +21,17 @@ from fidelity_mw.policy import (
     DeadlineConfig,
     HedgeConfig,
     RetryConfig,
+    StateConfig,
     UpstreamConfig,
 )
 from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from redis_server import PATIENT, QUIET, RedisServer
 
 pytestmark = pytest.mark.anyio
+
+URL = "http://svc.internal/x"
 
 INSTANCES = ("http://10.0.0.1:8001", "http://10.0.0.2:8002")
 KEYS = ("10.0.0.1:8001", "10.0.0.2:8002")
@@ -130,3 +135,55 @@ async def test_raise_for_status_on_a_give_up_beside_a_hedged_call_that_won() -> 
         got = await client.get("/")
     assert got.status_code == 502
     assert got.headers["x-fidelity-retry"] == "exhausted"
+
+
+# ------------------------------------- 3. a probe's outcome under a raw task.cancel()
+
+PROBING = BreakerConfig(
+    consecutive_failures=1, open_s=0.01, open_min_s=0.01, open_jitter=0.0,
+    half_open_probes=1, probe_lease_s=30.0,
+)  # fmt: skip
+
+
+@pytest.mark.redis
+async def test_a_raw_cancel_as_the_probes_answer_arrives_still_records_it(
+    own_redis: RedisServer,
+) -> None:
+    """The probe's 503 arrives and the caller is cancelled by a raw `task.cancel()`
+    (`asyncio.timeout`, `wait_for`) while its outcome is on its way to Redis. The anyio
+    shield around that record does not hold against a raw cancel: the record was dropped
+    (a coalesced one, the default, is not sent once its caller is gone), the probe slot
+    stayed leased and the half-open breaker refused every call, in every process, for
+    the probe lease (30 s). Now the record goes on in a task of its own."""
+    policy = Policy(
+        state=StateConfig(url=own_redis.url, **PATIENT, **QUIET),
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=1), breaker=PROBING),),
+    )
+    store = RedisStore(config=policy.state, rng=seeded_random(1))
+    engine = Engine(policy, clock=FakeClock(), store=store)
+    answers = iter([503, 503, 200])
+    cancel: list[asyncio.Task[Any]] = []
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        if cancel:  # the probe: its caller is cancelled as the answer comes back
+            asyncio.get_running_loop().call_soon(cancel[0].cancel)
+        return httpx.Response(status)
+
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    try:
+        async with httpx.AsyncClient(transport=t) as client:
+            assert (await client.get(URL)).status_code == 503  # opens the breaker
+            await asyncio.sleep(0.02)  # (the server's clock: half-open after 10 ms)
+            task = asyncio.create_task(client.get(URL))
+            cancel.append(task)
+            (ended,) = await asyncio.gather(task, return_exceptions=True)
+            assert isinstance(ended, asyncio.CancelledError)
+            cancel.clear()
+            await asyncio.sleep(0.05)  # the probe's failure reopened it for 10 ms
+            response = await client.get(URL)  # the slot is free: this call is the probe
+            assert response.status_code == 200
+            decisions = response.extensions["fidelity_context"].decisions
+            assert ("breaker", "probe") in {(d.layer, d.verdict) for d in decisions}
+    finally:
+        await store.aclose()
