@@ -537,9 +537,12 @@ def attempts(
                                 ctx, up, local, True, attempt, now, error
                             )
                         else:
+                            # (sent then: a microsecond's slack, a wait to a pause's end
+                            # ends at its end, whatever the floats' rounding)
+                            sent_at = now + plan.delay_s + 1e-6
                             g = yield from _gate_next(
                                 ctx, engine, up, local, tried, True, attempt, now, error,
-                                False, now + plan.delay_s,
+                                False, sent_at,
                             )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
