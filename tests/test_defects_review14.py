@@ -187,3 +187,76 @@ async def test_a_raw_cancel_as_the_probes_answer_arrives_still_records_it(
             assert ("breaker", "probe") in {(d.layer, d.verdict) for d in decisions}
     finally:
         await store.aclose()
+
+
+# ------------------------------------- 4. the marker on a response the app builds anew
+
+
+def _rewrapping_app(status: int, attempts: int) -> Starlette:
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status)
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+
+    async def handler(request: Request) -> Response:
+        got = await outbound.get("http://payments.internal/pay")
+        # a response of its own (detached from the stream, headers filtered ...)
+        again = httpx.Response(
+            got.status_code, headers=got.headers, content=got.content, request=got.request
+        )
+        again.raise_for_status()
+        return PlainTextResponse("not reached")
+
+    app = Starlette(routes=[Route("/", handler)])
+    steady = BreakerConfig(consecutive_failures=100)
+    retry = RetryConfig(attempts=attempts, base_ms=1, max_ms=1)
+    policy = Policy(
+        deadline=DeadlineConfig(default_ms=5000),
+        breaker=steady,
+        upstreams=(UpstreamConfig(host="payments.internal", retry=retry, breaker=steady),),
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_raise_for_status_on_a_rewrapped_given_up_response() -> None:
+    """Before out12 the give-up was found by the request's URL, so a response the app
+    built anew from the one given up on (`httpx.Response(..., request=got.request)`)
+    mapped as well; the marker lives on the response object, which the new one does not
+    carry: a bare 500. The request carries it too (with the status it was for)."""
+    async with _client(_rewrapping_app(503, 3)) as client:
+        got = await client.get("/")
+    assert got.status_code == 502
+    assert got.headers["x-fidelity-retry"] == "exhausted"
+
+
+async def test_a_request_sent_again_does_not_keep_an_earlier_give_up() -> None:
+    """The request's marker is the last call's: a request sent once more, whose 503 is
+    not retried (one attempt: not exhaustion), is the app's own error."""
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(host="a.internal", retry=RetryConfig(attempts=3, base_ms=1, max_ms=1)),
+        ),
+    )
+    engine = Engine(policy, clock=FakeClock())
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        request = client.build_request("GET", "http://a.internal/x")
+        first = await client.send(request)
+        assert first.extensions.get("fidelity_give_up") is not None
+        t2 = FidelityTransport(
+            httpx.MockTransport(upstream),
+            engine=Engine(
+                Policy(upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=1)),)),
+                clock=FakeClock(),
+            ),
+            telemetry=False,
+        )
+        async with httpx.AsyncClient(transport=t2) as other:
+            second = await other.send(request)
+        assert second.extensions.get("fidelity_give_up") is None
+        assert request.extensions.get("fidelity_give_up") is None

@@ -152,6 +152,13 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
     the request's `upstream_exhausted`: a hedged call at once, ended by its hedge's good
     answer, sets that flag back to what it was when it began (marked again here)."""
     marker = exc.response.extensions.get(GIVE_UP_EXTENSION)
+    if marker is None:  # a response built anew from it: its request says it
+        try:
+            on = exc.request.extensions.get(GIVE_UP_EXTENSION)
+        except RuntimeError:  # raised without its request
+            on = None
+        if isinstance(on, tuple) and on[1] == exc.response.status_code:
+            marker = on[0]
     if not isinstance(marker, Decision) or marker.verdict != GIVE_UP:
         return None
     if marker.reason not in EXHAUSTING_REASONS:

@@ -520,6 +520,7 @@ def attempts(
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
+                    request.extensions.pop(GIVE_UP_EXTENSION, None)  # (a request sent again)
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
@@ -607,6 +608,9 @@ def attempts(
                 exhausted: Any = gave_up()
                 if exhausted is not None:
                     response.extensions[GIVE_UP_EXTENSION] = exhausted
+                    # and on the request, for a response built anew from this one (its
+                    # request this one's): with the status it was for
+                    request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response
