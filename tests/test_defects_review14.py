@@ -260,3 +260,43 @@ async def test_a_request_sent_again_does_not_keep_an_earlier_give_up() -> None:
             second = await other.send(request)
         assert second.extensions.get("fidelity_give_up") is None
         assert request.extensions.get("fidelity_give_up") is None
+
+
+# ------------------------------------- 5. an interrupt while a late reply is read
+
+
+@pytest.mark.redis
+async def test_an_interrupt_while_the_late_reply_is_read_drops_the_connection(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gate's call is cancelled while its reply is on its way, and the read of that
+    reply after the cancellation (`_late_reply`) is interrupted by a KeyboardInterrupt
+    or SystemExit. Before: those went through without dropping the connection, which
+    went back to the lane with the reply unread: the next command on it, sent before
+    that reply arrived, would read it as its own. Now it is dropped, as for any other
+    failed read (and the interrupt still goes on)."""
+    from redis.asyncio.connection import AbstractConnection
+
+    from fidelity_mw.policy import StateConfig as Config
+    from fidelity_mw.state.redis import LaneClient, build_client
+
+    config = Config(url=own_redis.url, **PATIENT, **QUIET)
+    client = build_client(own_redis.url, config)
+    assert isinstance(client, LaneClient)
+    try:
+        assert await client.run("PING") == b"PONG"
+        (conn,) = client.lane_free
+        faults: list[BaseException] = [asyncio.CancelledError(), KeyboardInterrupt()]
+
+        async def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise faults.pop(0)  # (the reply stays unread on the connection)
+
+        monkeypatch.setattr(AbstractConnection, "read_response", read_response)
+        with pytest.raises(KeyboardInterrupt):
+            await client.run("PING", keep_reply=True)
+        monkeypatch.undo()
+        assert client.lane_free == [conn]
+        assert not conn.is_connected
+        assert await client.run("ECHO", "mine") == b"mine"
+    finally:
+        await client.aclose()
