@@ -945,11 +945,15 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
                 peeked = await store.peek([key], [spec], now)
                 assert {k: (sl.tokens, sl.ready_at) for k, sl in store.slices.items()} == held
                 assert client.get(store.exact.key("rl", key)) == stored
+                sl = store.slices.get(key)
+                blocked = sl is not None and sl.blocked_until > now
                 result = await store.admit(None, None, [key], [spec], now)
                 # A refusal is sure: the slice and the bucket together hold too little.
-                # (An admission may still refuse what they hold together: the slice's
-                # units and the bucket's are not pooled for one request, docs/state.md.)
                 assert peeked.admitted or not result.admitted, (peeked, result)
+                # And what they hold together serves the request (the lease takes what
+                # the slice lacks, whatever cost the key saw before), unless the key's
+                # refusal is cached (a saturated key, blocked: docs/state.md)
+                assert result.admitted or not peeked.admitted or blocked, (peeked, result)
                 if result.admitted:
                     net[key] = net.get(key, 0) + spec.cost
                     admitted.append((key, result.source, result.limits[0].tat, spec))
@@ -1002,6 +1006,17 @@ def test_units_leased_ahead_past_the_first_conform_one_interval_apart(
         ("admit", 0, 1), ("refund", 19), ("admit", 0, 2), ("advance", 0.05), ("sync",),
         ("sync",), ("sync",), ("admit", 0, 2), ("advance", 0.3),
     ]  # fmt: skip
+    asyncio.run(_run_tiered(redis_url, ops))
+
+
+def test_a_slice_and_the_bucket_together_serve_a_costlier_request(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """Found by Hypothesis (review 17): a request of 1, then one of 4 (leases of 2 and
+    4: the slice holds 1, the bucket 2), then a peek of 3 says yes and the request of 3
+    was refused: its lease asked for the largest cost seen (4) all or nothing, where 2
+    more units served it."""
+    ops: list[tuple[Any, ...]] = [("admit", 1, 1), ("admit", 1, 4), ("peek", 1, 3)]
     asyncio.run(_run_tiered(redis_url, ops))
 
 

@@ -27,7 +27,10 @@ they are admitted, so over any run that starts from a fresh bucket the fleet
 admits at most what one exact GCRA would (rate x t + burst). Over an
 arbitrary window the bound loosens by the units held in slices when the
 window starts: at most N x max_slice (N instances, max_slice = burst / 4, or
-the burst for a saturated key).
+the burst for a saturated key, or the largest cost a lease was taken for).
+Costs vary per request: a lease takes at least what the waiting request lacks
+beyond the units its slice holds, so within one instance slice and bucket
+together serve it as one bucket would.
 The price is under-admission: units in one instance's slice are not
 available to the others until given back (at most one sync interval later).
 """
@@ -74,8 +77,11 @@ class Slice:
     __slots__ = (
         "blocked_until",
         "burst_units",
+        "cost",
         "demand",
         "failed",
+        "free_at",
+        "need",
         "pending",
         "rate",
         "ready_at",
@@ -101,6 +107,15 @@ class Slice:
         self.synced_at = now
         self.blocked_until = 0.0  # bucket known empty until then
         self.retry_at = 0.0
+        # When the bucket's next unit beyond those leased conforms (local clock), as of
+        # the last sync: a refusal's retry-after is counted from it.
+        self.free_at = 0.0
+        # Costs vary per request (`cost=fn`): the cost of the latest request that asked
+        # for a lease (sizes the leases and top-ups), and the largest cost of the requests
+        # waiting for the next lease (0: none). A lease is all-or-nothing below what such
+        # a request lacks beyond the units held (the spec's cost would be one request's).
+        self.cost = spec.cost
+        self.need = 0
         # The fleet asks for more than the bucket refills: leases are spaced out
         # and may be as large as the burst.
         self.saturated = False
@@ -158,13 +173,14 @@ class Slice:
             self.ready_at = max(self.ready_at, ready_at - self.tokens * self.spec.interval_s)
         self.tokens += units
 
-    def max_slice(self) -> int:
+    def max_slice(self, cost: int) -> int:
+        """The most units a slice holds for requests of `cost`: at least that cost."""
         if self.saturated:
             # Demand exceeds supply: each lease takes what refilled since the
             # last one (at most the burst), so a slice of burst / 4 would make
             # a lease per burst / 4 units.
-            return max(self.spec.cost, self.burst_units)
-        return max(self.spec.cost, self.burst_units // 4)
+            return max(cost, self.burst_units)
+        return max(cost, self.burst_units // 4)
 
 
 class CachedBreaker:
@@ -424,22 +440,21 @@ class TieredStore(StateStore):
             # grow it (idle slices leave at the next syncs and make room).
             self.stats.delegated += 1
             return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
-        wanted: list[str] = []
+        wanted: list[tuple[str, int]] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
             if sl is None or not _same_bucket(sl.spec, spec):
                 sl = slices[key] = Slice(spec, now)
-            elif spec.cost > sl.spec.cost:
-                # One bucket, requests of several costs (a limit name shared by routes
-                # with a cost each): the slice leases at least the largest at a time.
-                sl.spec = spec
+            # One bucket, requests of several costs (a cost per request, or a limit name
+            # shared by routes with a cost each): leases are sized for this one's.
+            sl.cost = spec.cost
             # count the demand (inline: this loop is the per-request cost of tiered mode)
             if now - sl.window_start >= sync_s:
                 sl.roll(now, sync_s)
             sl.demand += spec.cost
             sl.used_at = now
             if sl.tokens < spec.cost and sl.blocked_until <= now:
-                wanted.append(key)
+                wanted.append((key, spec.cost))
         waited = 0.0
         if refresh is not None or wanted:
             waited = await self._fetch(refresh, wanted, now)
@@ -517,9 +532,13 @@ class TieredStore(StateStore):
             if allowed:
                 verdicts.append(LimitVerdict(True, 0.0, remaining, reset, 0.0))
             else:
-                wait = max(sl.retry_at, sl.blocked_until) - now
-                if sl.tokens >= spec.cost:  # leased ahead: held, not yet conforming
-                    wait = sl.ready_at + (spec.cost - 1) * spec.interval_s - now
+                # When this request's cost conforms: the units held first, then the
+                # bucket's from `free_at` on (a cached refusal is lifted by the periodic
+                # sync's lease once the bucket can serve it, not only after
+                # `blocked_until`). Counted for this request's cost, not another's.
+                wait = sl.free_at + (spec.cost - sl.tokens - 1) * spec.interval_s - now
+                if sl.tokens > 0:  # leased ahead: held, not yet conforming
+                    wait = max(wait, sl.ready_at + (spec.cost - 1) * spec.interval_s - now)
                 verdicts.append(
                     LimitVerdict(False, 0.0, remaining, reset, max(wait, spec.interval_s))
                 )
@@ -783,10 +802,14 @@ class TieredStore(StateStore):
         """How many units this instance should hold: its demand over one interval, x2."""
         sl.roll(now, self.sync_s)
         want = math.ceil(sl.demand_rate(self.sync_s) * self.sync_s * 2.0)
-        return min(max(want, sl.spec.cost), sl.max_slice())
+        cost = sl.need if sl.need > sl.cost else sl.cost
+        return min(max(want, cost), sl.max_slice(cost))
 
-    async def _fetch(self, breaker_key: str | None, keys: Sequence[str], asked_at: float) -> float:
-        """Refresh one breaker and lease for `keys` (waiting on leases in flight).
+    async def _fetch(
+        self, breaker_key: str | None, keys: Sequence[tuple[str, int]], asked_at: float
+    ) -> float:
+        """Refresh one breaker and lease for `keys` ((key, the request's cost) pairs),
+        waiting on leases in flight.
 
         Returns the age estimate of what it fetched (> 0), 0.0 if nothing
         needed fetching after all, or -1.0 if Redis failed.
@@ -796,14 +819,14 @@ class TieredStore(StateStore):
             now = self._clock.monotonic()
             slices = self.slices
             need = [
-                k
-                for k in keys
-                if slices[k].tokens < slices[k].spec.cost
+                (k, cost)
+                for k, cost in keys
+                if slices[k].tokens < cost
                 and slices[k].blocked_until <= now
                 and not (attempt and slices[k].failed)  # its lease failed: no second try
             ]
-            waits = [slices[k].pending for k in need if slices[k].pending is not None]
-            fetch = [k for k in need if slices[k].pending is None]
+            waits = [slices[k].pending for k, _ in need if slices[k].pending is not None]
+            fetch = [(k, cost) for k, cost in need if slices[k].pending is None]
             if not fetch and breaker_key is None:
                 if not waits:
                     return age
@@ -816,7 +839,9 @@ class TieredStore(StateStore):
             breaker_key = None
         return age
 
-    async def _lease(self, breaker_key: str | None, keys: Sequence[str], asked_at: float) -> float:
+    async def _lease(
+        self, breaker_key: str | None, keys: Sequence[tuple[str, int]], asked_at: float
+    ) -> float:
         """Join this tick's lease call: the breaker refreshes and leases every request of
         one event-loop tick asks for go out as one sync.lua call in the next tick, sized
         by the demand of all of them (a batch of simultaneous arrivals shares one lease)."""
@@ -830,11 +855,13 @@ class TieredStore(StateStore):
         batch.now = max(batch.now, asked_at)
         if breaker_key is not None:
             batch.breakers[breaker_key] = None
-        for key in keys:
+        for key, cost in keys:
             sl = self.slices.get(key)
             if sl is not None and sl.pending is None:
                 batch.keys[key] = None
                 sl.pending = batch.done
+            if sl is not None and cost > sl.need:
+                sl.need = cost  # the lease takes at least what this request lacks
         # wait without cancelling the shared future when this request is cancelled
         await asyncio.wait((batch.done,))
         return float(batch.done.result())
@@ -934,7 +961,15 @@ class TieredStore(StateStore):
             # A saturated key leases ahead: units that conform within one sync
             # interval (see Slice.add), so the bucket never sits full unleased.
             ahead = self.sync_s if want > 0 and sl is not None and sl.saturated else 0
-            args.extend((spec.interval_s, spec.tolerance_s, give, want, spec.cost, ahead))
+            # All or nothing below what the waiting requests lack beyond the units
+            # held (the latest request's cost for a top-up): a lease must serve one,
+            # never strand fewer units than it needs, nor ask more than it needs.
+            min_take = 1
+            if sl is not None and want > 0:
+                need = sl.need if sl.need > 0 else sl.cost
+                sl.need = 0
+                min_take = min(want, max(1, need - sl.tokens))
+            args.extend((spec.interval_s, spec.tolerance_s, give, want, min_take, ahead))
             if want > 0 and sl is not None and sl.pending is None:
                 sl.pending = loop.create_future()
                 futures.append(sl.pending)
@@ -1014,6 +1049,8 @@ class TieredStore(StateStore):
             sl.add(granted, -math.inf if granted <= conforming else now + first)
             sl.remaining = remaining
             sl.synced_at = now
+            # the bucket's next unit beyond the granted ones (its first conforms at `first`)
+            sl.free_at = now + first + granted * spec.interval_s
             if want <= 0:
                 continue
             if remaining > 0 or (granted >= want and not sl.saturated):
