@@ -1,0 +1,145 @@
+"""Review 16: what the operator sees (vis16); each test failed before its fix.
+
+1. With `on_error = "closed"`, a refusal for want of the control state (Redis away)
+   said `x-fidelity-decided-by: breaker` and was counted under `decided_by="breaker"`
+   though no breaker was open. It now says `state`: in the header, the span, the
+   metric, the FastAPI `fidelity.limit` answer and an outbound refusal the app let out;
+   the record names the layer whose state failed and why (`state_error:<exception>`,
+   `fallback_why`).
+2. On state it cannot read (Redis), the breaker gauge listed an upstream breaker only
+   once this process had seen it open; memory state lists every breaker it holds.
+3. Nothing was logged at startup about the policy in use.
+4. A `[[route]]` could not opt out of a policy-wide `[concurrency]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import Engine, FidelityMiddleware, Policy
+from fidelity_mw.context import DecisionContext
+from fidelity_mw.errors import CircuitOpen, StateUnavailable
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.telemetry import schema
+from fidelity_mw.testing import FakeClock
+from test_telemetry_helpers import Pipeline, metric_points, pipeline
+
+# ------------------------------------------------- 1. decided by the state's absence
+
+
+class _Away(MemoryStore):
+    """Every admission fails, as a Redis store's does while Redis is away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admit_now = None  # type: ignore[assignment]  # a shared store: awaited
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        raise StateUnavailable("redis is unreachable", why="unreachable")
+
+
+async def _ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def _closed_app(otel: Pipeline, breaker: bool) -> Starlette:
+    policy = Policy.from_dict(
+        {
+            "state": {"on_error": "closed"},
+            "rate_limit": [{"name": "per-client", "rate": "5/s"}],
+            **({} if breaker else {"breaker": False}),
+        }
+    )
+    app = Starlette(routes=[Route("/ok", _ok)])
+    app.add_middleware(
+        FidelityMiddleware, policy=policy, store=_Away(), clock=FakeClock(), observer=otel.telemetry
+    )
+    return app
+
+
+async def _get(app: Any, path: str = "/ok") -> httpx.Response:
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.get(path)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("breaker", [True, False])
+async def test_a_closed_refusal_for_want_of_state_says_state_decided(breaker: bool) -> None:
+    otel = pipeline()
+    try:
+        response = await _get(_closed_app(otel, breaker))
+        assert response.status_code == 503
+        assert response.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
+        assert response.headers["x-fidelity-decided-by"] == "state"
+        [span] = otel.finished()
+        attrs = dict(span.attributes or {})
+        assert attrs[schema.DECIDED_BY] == "state"
+        assert attrs[schema.OUTCOME] == "shed"
+        # the record: the layer whose state failed, why, and on what
+        layer = "breaker" if breaker else "ratelimit:per-client"
+        assert f"{layer}/reject/state_error:StateUnavailable@fallback" in str(
+            attrs[schema.DECISIONS]
+        )
+        requests = {
+            a[schema.DECIDED_BY]: p.value
+            for a, p in metric_points(otel.metrics, "fidelity.requests")
+        }
+        assert requests == {"state": 1}
+    finally:
+        otel.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_limit_dependency_refused_for_want_of_state_says_state_decided() -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("5/min"))])
+    async def x() -> dict[str, int]:
+        return {"ok": 1}
+
+    otel = pipeline()
+    policy = Policy(breaker=None, state=StateConfig(on_error="closed"))
+    app.add_middleware(
+        FidelityMiddleware, policy=policy, store=_Away(), clock=FakeClock(), observer=otel.telemetry
+    )
+    fidelity.install(app)
+    try:
+        response = await _get(app, "/x")
+        assert response.status_code == 503
+        assert response.headers["x-fidelity-decided-by"] == "state"
+        [span] = otel.finished()
+        attrs = dict(span.attributes or {})
+        assert (attrs[schema.DECIDED_BY], attrs[schema.OUTCOME]) == ("state", "shed")
+        assert "ratelimit:" in str(attrs[schema.DECISIONS])  # whose state it was
+    finally:
+        otel.shutdown()
+
+
+def test_an_upstream_breaker_refusal_for_want_of_state_says_state_decided() -> None:
+    from fidelity_mw.inbound.refusals import control_refusal
+
+    ctx = DecisionContext(engine=Engine(), route="/x", method="GET", started_at=0.0)
+    unread = CircuitOpen("no state", host="api", retry_after_s=1.0)
+    unread.__cause__ = StateUnavailable("redis is unreachable", why="unreachable")
+    refusal = control_refusal(ctx, unread, 0.0)
+    assert refusal is not None
+    assert refusal[0] == 503
+    assert ctx.decided_by == "state"
+    # an open breaker is still the breaker's
+    ctx = DecisionContext(engine=Engine(), route="/x", method="GET", started_at=0.0)
+    assert control_refusal(ctx, CircuitOpen("open", host="api", retry_after_s=1.0), 0.0) is not None
+    assert ctx.decided_by == "breaker"
