@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import Engine, FidelityMiddleware, Policy
-from fidelity_mw.context import DecisionContext
+from fidelity_mw import Engine, FidelityMiddleware, FidelityTransport, Policy
+from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.errors import CircuitOpen, StateUnavailable
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -143,3 +143,75 @@ def test_an_upstream_breaker_refusal_for_want_of_state_says_state_decided() -> N
     ctx = DecisionContext(engine=Engine(), route="/x", method="GET", started_at=0.0)
     assert control_refusal(ctx, CircuitOpen("open", host="api", retry_after_s=1.0), 0.0) is not None
     assert ctx.decided_by == "breaker"
+
+
+# ------------------------------------- 2. the breaker gauge on state it cannot read
+
+
+def _gauge(reader: Any) -> dict[tuple[str, str, str | None], int]:
+    return {
+        (a[schema.SUBJECT], a[schema.BREAKER_STATE], a.get(schema.BREAKER_SCOPE)): p.value
+        for a, p in metric_points(reader, "fidelity.breaker.state")
+    }
+
+
+def test_the_gauge_lists_an_upstream_breaker_closed_from_its_first_call() -> None:
+    p = pipeline()
+    policy = Policy.from_dict(
+        {"upstream": [{"host": "plain.internal", "breaker": False}, {"host": "*"}]}
+    )
+    engine = Engine(policy)
+    engine.store = object()  # type: ignore[assignment]  # a store it cannot read (Redis)
+
+    def call(subject: str) -> None:
+        ctx = DecisionContext(engine=engine, route="/x", method="GET", started_at=0.0)
+        ctx.add(Decision("retry", subject, "allow", "attempt", "redis", 0.001, 1.0))
+        p.telemetry.call_end(ctx)
+
+    try:
+        call("api:443")
+        call("plain.internal:443")  # no breaker: not on the gauge
+        call("api.example")
+        gauge = _gauge(p.metrics)
+        assert {k for k, v in gauge.items() if v == 1} == {
+            ("api:443", "closed", "upstream"),
+            ("api.example", "closed", "upstream"),
+        }
+        assert gauge[("api:443", "open", "upstream")] == 0
+        assert not [k for k in gauge if k[0].startswith("plain")]
+    finally:
+        p.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_on_redis_the_gauge_lists_a_breaker_never_open_as_memory_does(
+    redis_url: str,
+) -> None:
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200)
+
+    listed = []
+    for url in (None, redis_url):
+        policy = Policy.from_dict(
+            {
+                **({"state": {"url": url}} if url else {}),
+                "upstream": [{"host": "nobreaker", "breaker": False}, {"host": "api"}],
+            }
+        )
+        engine = Engine(policy, clock=FakeClock())
+        p = pipeline()
+        transport = FidelityTransport(
+            httpx.MockTransport(upstream), engine=engine, observer=p.telemetry
+        )
+        try:
+            async with httpx.AsyncClient(transport=transport) as client:
+                assert (await client.get("http://api/x")).status_code == 200
+                assert (await client.get("http://nobreaker/x")).status_code == 200
+            listed.append({k for k, v in _gauge(p.metrics).items() if v == 1})
+        finally:
+            await engine.aclose()
+            p.shutdown()
+    memory, redis = listed
+    assert memory == {("api", "closed", "upstream")}
+    assert redis == memory
