@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
@@ -215,3 +216,36 @@ async def test_on_redis_the_gauge_lists_a_breaker_never_open_as_memory_does(
     memory, redis = listed
     assert memory == {("api", "closed", "upstream")}
     assert redis == memory
+
+
+# ------------------------------------------------------ 3. the policy at startup
+
+
+def test_building_the_middleware_logs_the_policy_in_force_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = Policy.from_dict(
+        {
+            "state": {
+                "url": "rediss://app:s3cret@redis.internal:6379/0?ssl_password=k3y",
+                "on_error": "closed",
+            },
+            "rate_limit": [{"name": "a", "rate": "5/s"}, {"name": "b", "rate": "50/min"}],
+            "route": [{"match": "/x", "breaker": {"consecutive_failures": 3}}, {"match": "/y"}],
+            "upstream": [{"host": "api", "breaker": False}, {"host": "db"}],
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="fidelity_mw"):
+        for _ in range(2):  # a stack built again (Starlette does) says nothing new
+            FidelityMiddleware(_ok, policy=policy, store=MemoryStore(), telemetry=False)
+    said = [r for r in caplog.records if "in force" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].levelno == logging.INFO
+    assert said[0].name == "fidelity_mw"
+    line = said[0].getMessage()
+    assert policy.version in line
+    assert "rediss://app:***@redis.internal:6379/0?ssl_password=***" in line
+    assert "s3cret" not in line
+    assert "k3y" not in line
+    assert "on_error=closed" in line
+    assert "2 rate limits, 2 routes, 3 breaker tables" in line
