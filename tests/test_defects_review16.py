@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import Engine, FidelityMiddleware, FidelityTransport, Policy
+from fidelity_mw import Engine, FidelityMiddleware, FidelityTransport, Policy, PolicyError
 from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.errors import CircuitOpen, StateUnavailable
 from fidelity_mw.policy import StateConfig
@@ -249,3 +250,48 @@ def test_building_the_middleware_logs_the_policy_in_force_once(
     assert "k3y" not in line
     assert "on_error=closed" in line
     assert "2 rate limits, 2 routes, 3 breaker tables" in line
+
+
+# ------------------------------------- 4. a route opting out of [concurrency]
+
+
+def _route_concurrency(value: object) -> Policy:
+    return Policy.from_dict(
+        {
+            "breaker": False,
+            "concurrency": {"limit": 1},
+            "route": [{"match": "/w", "concurrency": value}],
+        }
+    )
+
+
+@pytest.mark.anyio
+async def test_a_route_with_concurrency_false_has_no_bulkhead() -> None:
+    from test_bulkhead import Service
+
+    policy = _route_concurrency(False)
+    assert policy.routes[0].concurrency is False
+    assert Policy.from_dict(policy.to_dict()) == policy  # round trip
+    svc = Service(policy, FakeClock())
+    held = [asyncio.create_task(svc.client.get("/w?hold=1")) for _ in range(3)]
+    await svc.in_flight(3)  # the policy's limit of 1 does not apply here
+    svc.gate.set()
+    assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+    assert not [d for c in svc.contexts for d in c.decisions if d.layer == "concurrency"]
+    assert "/w" not in svc.mw.engine.bulkheads
+    await svc.client.aclose()
+
+
+def test_a_route_with_concurrency_true_takes_the_policys() -> None:
+    assert _route_concurrency(True) == _route_concurrency(None)  # true: as left out
+    assert _route_concurrency(True).routes[0].concurrency is None
+
+
+@pytest.mark.parametrize("value", ["off", 0, [1]])
+def test_a_wrong_route_concurrency_says_what_it_may_be(value: object) -> None:
+    with pytest.raises(PolicyError) as err:
+        _route_concurrency(value)
+    [issue] = err.value.issues
+    assert issue.path == "route[0].concurrency"
+    assert "true (the policy's [concurrency])" in issue.message
+    assert "false (no bulkhead on this route)" in issue.message
