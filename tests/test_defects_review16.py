@@ -295,3 +295,63 @@ def test_a_wrong_route_concurrency_says_what_it_may_be(value: object) -> None:
     assert issue.path == "route[0].concurrency"
     assert "true (the policy's [concurrency])" in issue.message
     assert "false (no bulkhead on this route)" in issue.message
+
+
+class _NoBreakerState(MemoryStore):
+    """The upstream breaker's state cannot be read (Redis away)."""
+
+    def outbound_begin_now(self, *args: Any, **kw: Any) -> Any:
+        raise StateUnavailable("redis is unreachable", why="unreachable")
+
+    outbound_gate_now = outbound_begin_now
+
+
+@pytest.mark.anyio
+async def test_an_upstream_refused_for_want_of_state_is_not_recorded_or_gauged_open() -> None:
+    """The app catches the refusal and answers its own 503: decided by the state's
+    absence; the record says `state_error`, not `breaker_open`, so the breaker gauge on
+    state it cannot read does not show the breaker open."""
+    from fidelity_mw.errors import CircuitOpen as Refused
+
+    seen: list[DecisionContext] = []
+
+    async def calls(request: Request) -> Response:
+        import fidelity_mw
+
+        seen.append(fidelity_mw.current())
+        transport = FidelityTransport(httpx.MockTransport(lambda r: httpx.Response(200)))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://pay") as c:
+                await c.get("/")
+        except Refused:
+            return PlainTextResponse("later", status_code=503)
+        return PlainTextResponse("never")
+
+    otel = pipeline()
+    app = Starlette(routes=[Route("/x", calls)])
+    policy = Policy(state=StateConfig(on_error="closed"), breaker=None)
+    app.add_middleware(
+        FidelityMiddleware, policy=policy, store=_NoBreakerState(), clock=FakeClock(),
+        observer=otel.telemetry,
+    )  # fmt: skip
+    try:
+        response = await _get(app, "/x")
+        assert response.status_code == 503
+        [span] = otel.finished()
+        attrs = dict(span.attributes or {})
+        assert (attrs[schema.DECIDED_BY], attrs[schema.OUTCOME]) == ("state", "shed")
+        assert "breaker/reject/state_error:StateUnavailable@fallback" in str(
+            attrs[schema.DECISIONS]
+        )
+        assert response.headers.get("x-fidelity-retry") == "exhausted"  # as before
+        # the gauge on state it cannot read (Redis) reports what decisions revealed
+        p = pipeline()
+        shared = DecisionContext(engine=Engine(), route="/x", method="GET", started_at=0.0)
+        shared.engine.store = object()  # type: ignore[assignment]
+        for d in seen[0].decisions:
+            shared.add(d)
+        p.telemetry.call_end(shared)
+        assert not [k for k, v in _gauge(p.metrics).items() if v == 1 and k[1] == "open"]
+        p.shutdown()
+    finally:
+        otel.shutdown()
