@@ -254,7 +254,9 @@ def method_not_allowed(scope: Mapping[str, Any], fallback_app: object = None) ->
     for other in _METHODS:
         if other != method:
             served = serving_route({**scope, "method": other}, fallback_app)
-            if served is not None and served[1] is not None:
+            # the route that matched without the method serves another: not an app
+            # mounted under it (`Mount("/", app=legacy)`), which serves this request
+            if served is not None and served[1] is not None and served[0] == found[0]:
                 return True
     return False
 

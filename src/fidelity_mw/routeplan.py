@@ -174,12 +174,18 @@ class RoutePlan:
 
 
 _MAX_COSTED: int = 256
+# ... and over every route: plans are cached per (method, path), up to 10 000 (a route
+# with a path parameter has one per path), each with its costs' plans (about 1 KB each)
+_MAX_COSTED_ALL: int = 4096
+# the plans that cached one, once per plan cached (their count bounds the plans held)
+_COSTED_BY: list[RoutePlan] = []
 
 
 def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
     """The plan of one request of `plan`'s route whose limits cost `costs` (one per limit,
     each between 1 and its burst; a limit the request does not ask is left out: 0, or a
-    shadow limit's cost above its burst, is given as 0). Cached per route: costs repeat."""
+    shadow limit's cost above its burst, is given as 0). Cached per route (costs repeat),
+    a bounded number in all."""
     found = plan.costed.get(costs)
     if found is not None:
         return found
@@ -202,5 +208,10 @@ def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
     sub.priority = plan.priority
     if len(plan.costed) >= _MAX_COSTED:
         plan.costed.clear()
+    if len(_COSTED_BY) >= _MAX_COSTED_ALL:
+        for holder in _COSTED_BY:
+            holder.costed.clear()
+        _COSTED_BY.clear()
+    _COSTED_BY.append(plan)
     plan.costed[costs] = sub
     return sub

@@ -107,11 +107,13 @@ async def check_limits(
     if cost is not None:
         specs = tuple(spec._replace(cost=cost) for spec in specs)
     elif plan.cost_fns is not None:
-        # a limit's cost is a function: of this request (without its body, which is the
-        # app's by now: a function that reads it counts the burst; pass `cost`)
-        request = Request(target)
+        # a limit's cost is a function: of `request` itself when it is the request to
+        # check (the body the app read is kept on it); of another route's, a request
+        # without a body (a function that reads one counts the burst: pass `cost`)
+        same = path is None and (method is None or method.upper() == scope.get("method"))
+        asked = request if same and isinstance(request, Request) else Request(target)
         costs = [
-            lim.fixed_cost if fn is None else await cost_of(fn, request, lim)
+            lim.fixed_cost if fn is None else await cost_of(fn, asked, lim)
             for lim, fn in zip(plan.limits, plan.cost_fns, strict=True)
         ]
         specs = tuple(spec._replace(cost=c) for spec, c in zip(specs, costs, strict=True))

@@ -12,17 +12,20 @@ never admits it); 0 takes nothing (that limit is not asked); a function that fai
 does, and is logged (throttled).
 
 A function that reads the body (`await request.json()` for a batch's length) reads it
-here; the app then receives the same messages again.
+here; the app then receives the same messages again. The route's deadline bounds the
+functions (a slow body, a slow lookup: 504), and a client that leaves while they read
+is charged nothing: the app does not run for it (outcome `disconnected`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .._logs import exception as log_exception
 from .._logs import warn
@@ -54,7 +57,8 @@ class BodyReplay:
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
-        self.read: list[Message] = []
+        # (a deque: a large body comes in many messages, handed back one by one)
+        self.read: deque[Message] = deque()
 
     async def record(self) -> Message:
         message = await self.receive()
@@ -63,17 +67,24 @@ class BodyReplay:
 
     async def replay(self) -> Message:
         if self.read:
-            return self.read.pop(0)
+            return self.read.popleft()
         return await self.receive()
 
 
-async def cost_of(fn: CostFunc, request: Request, lim: RateLimit) -> int:
+async def cost_of(
+    fn: CostFunc, request: Request, lim: RateLimit, waits: Callable[[], None] | None = None
+) -> int:
     """The units `request` takes of `lim`: `fn`'s whole number >= 0, or the burst when
-    `fn` fails or answers anything else (what it cannot read passes no limit)."""
+    `fn` fails or answers anything else (what it cannot read passes no limit). `waits`
+    is called before an async function's answer is awaited (the deadline's arming)."""
     try:
         cost: object = fn(request)
         if inspect.isawaitable(cost):
+            if waits is not None:
+                waits()
             cost = await cost
+    except ClientDisconnect:
+        raise  # the client left mid-body: not the function's failure (no cost, no log)
     except Exception:
         log_exception(
             logger, lim.name, "fidelity_mw: the cost function of %r failed; the request "
@@ -91,10 +102,10 @@ async def cost_of(fn: CostFunc, request: Request, lim: RateLimit) -> int:
 
 
 async def request_costs(
-    plan: RoutePlan, scope: Scope, receive: Receive
+    plan: RoutePlan, scope: Scope, receive: Receive, waits: Callable[[], None] | None = None
 ) -> tuple[tuple[int, ...], BodyReplay | None]:
     """Each limit's cost for this request (a function's, else the constant), and what
-    the functions read of the body (None: nothing)."""
+    the functions read of the body (None: nothing). `waits`: see `cost_of`."""
     fns = plan.cost_fns
     assert fns is not None
     replay: BodyReplay | None = None
@@ -107,7 +118,7 @@ async def request_costs(
         if request is None:
             replay = BodyReplay(receive)
             request = Request(scope, replay.record)
-        costs.append(await cost_of(fn, request, lim))
+        costs.append(await cost_of(fn, request, lim, waits))
     return tuple(costs), replay if replay is not None and replay.read else None
 
 

@@ -17,10 +17,13 @@ when somebody reads `ctx.decisions`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
+
+from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
@@ -40,7 +43,14 @@ from .bulkhead import Bulkheads
 from .costs import asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
-from .responses import DECIDED_BY_APP, DECIDED_BY_HEADER, OUTCOME_SERVED, Rejection, respond
+from .responses import (
+    DECIDED_BY_APP,
+    DECIDED_BY_HEADER,
+    OUTCOME_DISCONNECTED,
+    OUTCOME_SERVED,
+    Rejection,
+    respond,
+)
 from .watch import (
     CallLater,
     DeadlineWatch,
@@ -89,6 +99,22 @@ def log_policy_in_force(engine: Engine) -> None:
 # method lookup by name)
 _set_current: Final = _CURRENT.set
 _reset_current: Final = _CURRENT.reset
+
+
+class CostDeadline:
+    """Arms the request's deadline when a cost function is awaited (inbound/costs.py)."""
+
+    watcher: ResponseWatcher | None = None
+    watch: DeadlineWatch
+    ctx: DecisionContext
+    now: float = 0.0
+
+    def __call__(self) -> None:
+        deadline_at = self.ctx.deadline_at
+        if self.watcher is None and deadline_at is not None:
+            watcher = self.watcher = ResponseWatcher()
+            watcher.ctx = self.ctx
+            watcher.arm(self.watch, deadline_at, self.now)
 
 
 class FidelityMiddleware:
@@ -284,6 +310,8 @@ class FidelityMiddleware:
                         plan, receive, result, keys, rejection = await self._admit_costed(
                             ctx, plan, scope, receive, found, now
                         )
+            except ClientDisconnect:  # gone while a cost function read its body
+                return
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -424,7 +452,39 @@ class FidelityMiddleware:
         common admission with a plan of those costs (which the refunds, fields and
         records of this request then use), and the `receive` the app gets (what the
         cost function read of the body, again)."""
-        costs, replay = await request_costs(plan, scope, receive)
+        # the deadline bounds the cost functions too (a slow body, a slow lookup): armed
+        # when one is awaited (a plain function never waits)
+        deadline: CostDeadline | None = None
+        if ctx.deadline_at is not None and plan.enforce:
+            deadline = CostDeadline()
+            deadline.watch = self._deadlines
+            deadline.ctx = ctx
+            deadline.now = now
+        try:
+            costs, replay = await request_costs(plan, scope, receive, deadline)
+        except asyncio.CancelledError:
+            watcher = deadline.watcher if deadline is not None else None
+            expired = None if watcher is None else self._costs_expired(ctx, plan, watcher, now)
+            if expired is None:
+                raise
+            return plan, receive, None, (), expired
+        except ClientDisconnect:
+            # the client left while a function read its body: no cost is known and
+            # nobody waits for the answer; charged nothing, and the app does not run
+            admission_decisions(ctx, plan, None, now)  # (the deadline's record)
+            ctx.decided_by = DECIDED_BY_APP
+            ctx.outcome = OUTCOME_DISCONNECTED
+            ctx.client_disconnected = True
+            raise
+        finally:
+            if deadline is not None and deadline.watcher is not None:
+                deadline.watcher.disarm()
+        watcher = deadline.watcher if deadline is not None else None
+        if watcher is not None and watcher.expired:  # a function swallowed the cancel
+            expired = self._costs_expired(ctx, plan, watcher, now)
+            if expired is None:
+                raise asyncio.CancelledError
+            return plan, receive, None, (), expired
         if replay is not None:
             receive = replay.replay
         records = ctx.decisions
@@ -461,6 +521,19 @@ class FidelityMiddleware:
         else:
             with_costs(ctx, plan, start)
         return plan, receive, result, keys, rejection
+
+    def _costs_expired(
+        self, ctx: DecisionContext, plan: RoutePlan, watcher: ResponseWatcher, now: float
+    ) -> Rejection | None:
+        """The deadline passed while the cost functions ran: 504, nothing charged. None:
+        not the deadline's cancellation, or someone else's too, which stands."""
+        if not watcher.expired:
+            return None
+        task = watcher.task
+        if task is not None and task.uncancel() > 0:
+            return None
+        admission_decisions(ctx, plan, None, now)  # (the deadline's record first)
+        return deadline_refusal(ctx, self._monotonic())
 
     def _refusal(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException | None

@@ -135,15 +135,13 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
     (`given_up_response`): 502."""
-    if not ctx.upstream_exhausted:
-        return None
     if isinstance(exc, httpx.HTTPStatusError):
         gave_up = given_up_response(ctx, exc)
         if gave_up is None:
             return None
         upstream: str | None = gave_up.subject
         why = f"answered {exc.response.status_code}"
-    elif isinstance(exc, httpx.TransportError):
+    elif isinstance(exc, httpx.TransportError) and ctx.upstream_exhausted:
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
         gave_up = _outbound_give_up(ctx, layers)
         upstream = gave_up.subject if gave_up is not None else _host(exc)
@@ -165,14 +163,22 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
     or retry budget spent, the breaker opened, no time left, a callee's
     `x-fidelity-retry: exhausted`), and marks it with that give-up
     (`response.extensions["fidelity_give_up"]`): exact for two calls to one upstream at
-    once (`asyncio.gather`), which share the request's records."""
-    if not ctx.upstream_exhausted:
-        return None
+    once (`asyncio.gather`), which share the request's records. The marker says it, not
+    the request's `upstream_exhausted`: a hedged call at once, ended by its hedge's good
+    answer, sets that flag back to what it was when it began (marked again here)."""
     marker = exc.response.extensions.get(GIVE_UP_EXTENSION)
+    if marker is None:  # a response built anew from it: its request says it
+        try:
+            on = exc.request.extensions.get(GIVE_UP_EXTENSION)
+        except RuntimeError:  # raised without its request
+            on = None
+        if isinstance(on, tuple) and on[1] == exc.response.status_code:
+            marker = on[0]
     if not isinstance(marker, Decision) or marker.verdict != GIVE_UP:
         return None
     if marker.reason not in EXHAUSTING_REASONS:
         return None
+    ctx.upstream_exhausted = True
     return marker
 
 

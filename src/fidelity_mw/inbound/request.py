@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from inspect import isawaitable
+from typing import Any, Final
 
 from .._logs import exception as log_exception
+from .._logs import warn
 from .._types import Scope
 from ..context import (
     ALLOW,
@@ -236,11 +238,20 @@ class RequestReader:
                     value = ip_
             else:
                 try:
-                    custom = kind(scope)
+                    # called through an Any reference (compiled, the declared `str | None`
+                    # was checked: a coroutine or an int was a TypeError, "failed", where
+                    # the interpreter keys by its text)
+                    call: Any = kind
+                    custom: object = call(scope)
                 except Exception:
                     log_exception(
                         logger, lim.name, "fidelity_mw: key function of %r failed", lim.name
                     )
+                    custom = None
+                if custom is not None and not isinstance(custom, str) and isawaitable(custom):
+                    # (a plain function around an async lookup): its text is a new key
+                    # per request, no limit at all; the client's address counts instead
+                    awaitable_key(lim.name, custom)
                     custom = None
                 if custom is None:
                     if ip_ is None:
@@ -271,3 +282,16 @@ class RequestReader:
             self.engine.trusted_proxies,
             self.forwarded_header,
         )
+
+
+def awaitable_key(name: str, value: Any) -> None:
+    """A key function returned an awaitable: closed unawaited, and said (throttled)."""
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()  # (a coroutine: no "never awaited" warning)
+    warn(
+        logger, name, "fidelity_mw: the key function of %r returned an awaitable; a "
+        "middleware key function is plain (for an async key, "
+        "Depends(fidelity.limit(..., key=fn))): this request is counted by its address",
+        name, level=logging.ERROR,
+    )  # fmt: skip

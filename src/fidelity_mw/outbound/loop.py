@@ -66,6 +66,7 @@ from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, o
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
+    GIVE_UP_RETRY_AFTER,
 )
 from ..engine import Engine
 from ..hooks import AttemptObserver
@@ -519,6 +520,7 @@ def attempts(
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
+                    request.extensions.pop(GIVE_UP_EXTENSION, None)  # (a request sent again)
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
@@ -536,9 +538,13 @@ def attempts(
                                 ctx, up, local, True, attempt, now, error
                             )
                         else:
+                            # (sent then: a microsecond's slack, a wait to a pause's end
+                            # ends at its end, whatever the floats' rounding)
+                            sent_at = now + plan.delay_s + 1e-6
                             g = yield from _gate_next(
-                                ctx, engine, up, local, tried, True, attempt, now, error
-                            )
+                                ctx, engine, up, local, tried, True, attempt, now, error,
+                                False, sent_at,
+                            )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
                         if allowed and gate is not None and gate.verdict == "reject":
@@ -602,6 +608,9 @@ def attempts(
                 exhausted: Any = gave_up()
                 if exhausted is not None:
                     response.extensions[GIVE_UP_EXTENSION] = exhausted
+                    # and on the request, for a response built anew from this one (its
+                    # request this one's): with the status it was for
+                    request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response
@@ -639,10 +648,13 @@ def _gate_next(
     now: float,
     last_error: BaseException | None,
     hedge: bool = False,
+    sent_at: float = math.inf,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
-    (the balancer learns it and picks another; a rejected gate spent no retry)."""
+    (the balancer learns it and picks another; a rejected gate spent no retry). A retry
+    (sent at `sent_at`, after its backoff) never goes to an instance a Retry-After
+    paused beyond then."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -674,9 +686,22 @@ def _gate_next(
                 panic_threshold=up.cfg.panic_threshold,
                 max_ejected_ratio=up.cfg.max_ejected_ratio,
             )
-            if retry and pick.bypass and not instances[pick.chosen].answered and not hedge:
+            chosen = instances[pick.chosen]
+            if (
+                retry
+                and not hedge
+                and ((pick.bypass and not chosen.answered) or chosen.paused_until > sent_at)
+            ):
                 # (a hedge goes to another instance than those the call waits on, or not)
-                pick = _closed_instead(instances, tried, pick, now, engine)
+                pick = _closed_instead(instances, tried, pick, now, sent_at, engine)
+                if instances[pick.chosen].paused_until > sent_at:
+                    # Only instances paused beyond the retry's backoff are left (the one
+                    # whose Retry-After the call could not wait, and whose pause sent the
+                    # retry elsewhere, among them): no retry, rather than one they refused.
+                    give_up(ctx, up, LAYER_RETRY, GIVE_UP_RETRY_AFTER, attempts_made, now,
+                            SOURCE_MEMORY, 0.0)  # fmt: skip
+                    paused = instances[pick.chosen]
+                    return _Gated(paused, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             target = instances[pick.chosen]
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
@@ -733,7 +758,12 @@ def _gate_next(
 
 
 def _closed_instead(
-    instances: list[Instance], tried: list[Instance], pick: Pick, now: float, engine: Engine
+    instances: list[Instance],
+    tried: list[Instance],
+    pick: Pick,
+    now: float,
+    sent_at: float,
+    engine: Engine,
 ) -> Pick:
     """A retry's pick fell on an instance whose breaker is known open (kept in rotation by
     the ejection bound, or panic): it rather goes to an instance whose breaker is not
@@ -741,8 +771,11 @@ def _closed_instead(
     weighs cost alone, and the bound's open instance may cost less), else back to one
     the call tried (as Envoy's previous-hosts predicate gives way when no other host is
     left), than give up as `breaker_open` (which tells callers not to retry either) while
-    that instance is there. `pick` when there is none."""
-    again = [n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= now]
+    that instance is there. `pick` when there is none. So too when the pick fell on an
+    instance paused beyond the retry's backoff (`sent_at`)."""
+    again = [
+        n for n, i in enumerate(instances) if i.open_until <= now and i.paused_until <= sent_at
+    ]
     if not again:
         return pick
     views = [instances[n].view(now) for n in again]

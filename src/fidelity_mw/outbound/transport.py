@@ -27,11 +27,12 @@ response. docs/outbound.md has the rules.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
 import anyio
@@ -607,9 +608,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     if effect[4] == IGNORED or effect[3].probe_id:
                         # A gate given back (cancelled, mostly), or a probe's outcome (it
                         # closes or reopens the breaker, and frees its slot): recorded
-                        # under a cancelled scope too (a hedge's loser, a caller gone).
+                        # under a cancelled scope too (a hedge's loser, a caller gone),
+                        # and through a raw `task.cancel()` (`_whole`).
                         with anyio.CancelScope(shield=True):
-                            value = await store.record(*effect[1:])
+                            value = await _whole(store.record(*effect[1:]))
                     else:
                         value = await store.record(*effect[1:])
                 elif kind == SLEEP:
@@ -626,12 +628,39 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == REFUND:  # a retry not sent (cancelled, mostly): shielded too
                     value = None
                     with anyio.CancelScope(shield=True):
-                        await store.budget_refund(*effect[1:])
+                        await _whole(store.budget_refund(*effect[1:]))
             except BaseException as exc:
                 thrown = exc
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+# Store calls a raw `task.cancel()` left running (`_whole`): held until they end.
+_LEFT: Final[set[asyncio.Task[Any]]] = set()
+
+
+def _left_done(task: asyncio.Task[Any]) -> None:
+    _LEFT.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("fidelity_mw: a cancelled call's record failed: %s", task.exception())
+
+
+async def _whole(call: Coroutine[Any, Any, Any]) -> Any:
+    """Await a store call that must reach the store whole (a probe's outcome, a gate or
+    a retry given back) even when the caller is cancelled by a raw `task.cancel()`
+    (`asyncio.timeout`, `wait_for`), which goes through an anyio shield: run as a task
+    of its own, which the cancellation leaves running (a coalesced record is not sent
+    at all once its caller is gone: the probe slot stayed leased, the half-open breaker
+    refused every call for the probe lease)."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            _LEFT.add(task)
+            task.add_done_callback(_left_done)
+        raise
 
 
 async def _give_back(store: StateStore, effect: tuple[Any, ...], answer: Any) -> None:

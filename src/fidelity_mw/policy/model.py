@@ -377,7 +377,12 @@ def _rate(value: Any) -> str | None:
 
 def _key(value: Any) -> str | None:
     if callable(value):
-        if inspect.iscoroutinefunction(value):
+        # (an object with an async `__call__` is not a coroutine function itself)
+        if inspect.iscoroutinefunction(value) or (
+            not inspect.isroutine(value)
+            and not isinstance(value, type)
+            and inspect.iscoroutinefunction(type(value).__call__)
+        ):
             # the middleware calls it as it reads the request: its coroutine, as text,
             # was a new key per request (no limit at all)
             return (

@@ -312,6 +312,11 @@ async def _late_reply(conn: AbstractConnection) -> Any:
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await conn.disconnect(nowait=True)
         return _LOST
+    except BaseException:  # KeyboardInterrupt, SystemExit: not swallowed; the reply
+        # unread, the connection is dropped (the next command would read it as its own)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await conn.disconnect(nowait=True)
+        raise
 
 
 # ---------------------------------------------------------------- health
