@@ -242,7 +242,7 @@ async def test_a_limit_dependency_whose_store_is_away_fails_closed_with_the_poli
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
     assert response.headers["retry-after"] == "1"
-    assert response.headers["x-fidelity-decided-by"] == "ratelimit"
+    assert response.headers["x-fidelity-decided-by"] == "state"  # (review 16)
 
 
 @pytest.mark.anyio
@@ -361,7 +361,7 @@ async def test_the_route_class_alone_decides_a_store_failure_per_on_error(
     assert got.status_code == status
     if status == 503:
         assert got.json()["type"] == "urn:fidelity-mw:problem:state-unavailable"
-        assert got.headers["x-fidelity-decided-by"] == "breaker"
+        assert got.headers["x-fidelity-decided-by"] == "state"  # (review 16)
 
 
 # ----------- 9. the limit dependency read the client's own X-Forwarded-For line alone

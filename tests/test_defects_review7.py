@@ -344,8 +344,9 @@ async def test_a_dependencys_closed_on_error_503_is_shed_like_the_middlewares() 
         "urn:fidelity-mw:problem:state-unavailable"
     ] * 2
     dependency, middleware = (rec.contexts[0] for rec in recorders)
-    assert (middleware.decided_by, middleware.outcome) == ("ratelimit", "shed")
-    assert (dependency.decided_by, dependency.outcome) == ("ratelimit", "shed")
+    # decided by the state's absence, not by a limit (review 16)
+    assert (middleware.decided_by, middleware.outcome) == ("state", "shed")
+    assert (dependency.decided_by, dependency.outcome) == ("state", "shed")
 
 
 # ------------------------------- part 2: one bad operation in a coalesced tick

@@ -21,6 +21,9 @@ LAYER_RETRY: Final = "retry"
 LAYER_BUDGET: Final = "budget"
 LAYER_LB: Final = "lb"  # which instance of a service an attempt goes to
 LAYER_CONCURRENCY: Final = "concurrency"
+# what decided a refusal for want of the control state (a layer's state could not be
+# read and `state.on_error = "closed"`): no breaker was open, no limit exhausted
+LAYER_STATE: Final = "state"
 
 ALLOW: Final = "allow"
 REJECT: Final = "reject"

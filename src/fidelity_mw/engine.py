@@ -193,8 +193,11 @@ class Engine:
         concurrency = policy.concurrency
         if route_cfg is not None:
             plan.priority = route_cfg.priority
-            if route_cfg.concurrency is not None:
-                concurrency = route_cfg.concurrency
+            own = route_cfg.concurrency
+            if isinstance(own, ConcurrencyConfig):
+                concurrency = own
+            elif own is False:  # this route opts out of [concurrency]
+                concurrency = None
         if concurrency is not None:
             plan.concurrency = concurrency
             plan.bulkhead = self.bulkhead_for(route, concurrency)

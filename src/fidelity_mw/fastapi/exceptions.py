@@ -30,10 +30,13 @@ class Rejected(FidelityError, HTTPException):
         headers: dict[str, str],
         ctx: DecisionContext,
         decision: Decision,
+        decided_by: str | None = None,
     ) -> None:
         # The marker a caller's breaker and retries read (as on the middleware's own
         # answers): this 429/503/504 is a control decision, not the service failing.
-        marked = {**headers, "x-fidelity-decided-by": ctx.decided_by or decision.layer}
+        # (`decided_by`: what decided when it is not the decision's layer, e.g. `state`)
+        by = decided_by or ctx.decided_by or decision.layer
+        marked = {**headers, "x-fidelity-decided-by": by}
         HTTPException.__init__(self, status_code, str(problem["detail"]), marked)
         self.problem = problem
         self.ctx = ctx

@@ -19,6 +19,7 @@ from .._logs import exception as log_exception
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
+    LAYER_STATE,
     REJECT,
     SOURCE_FALLBACK,
     SOURCE_REQUEST,
@@ -359,7 +360,9 @@ class LimitDependency:
         if decide_without_state(
             ctx, LAYER_RATELIMIT, name, exc, now, refuse=on_error == "closed" and not self.shadow
         ):
-            ctx.shed_by = LAYER_RATELIMIT  # not the route breaker's evidence, nor its quota
+            # not the route breaker's evidence, nor its quota; decided by the state's
+            # absence (the limit is not exhausted), as the middleware's own refusal says
+            ctx.shed_by = LAYER_STATE
             raise state_unavailable(ctx)
 
     async def _key_value(
@@ -456,4 +459,5 @@ def state_unavailable(ctx: DecisionContext) -> Rejected:
     why = decision.details.get("fallback_why") if decision.details else None
     detail = state_unavailable_detail(why)  # as the middleware's own says it
     problem = problem_document(503, "Service Unavailable", detail, "state-unavailable")
-    return Rejected(503, problem, {"Retry-After": "1"}, ctx, decision)
+    # decided by the state's absence, not by the layer whose state it was (the record's)
+    return Rejected(503, problem, {"Retry-After": "1"}, ctx, decision, LAYER_STATE)

@@ -17,6 +17,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_DEADLINE,
     LAYER_RATELIMIT,
+    LAYER_STATE,
     PROBE,
     REJECT,
     SHED,
@@ -130,6 +131,11 @@ class Admission:
         warn_without_state(exc)
         closed = self.on_error == "closed"
         layer = LAYER_BREAKER if plan.breaker_key is not None else LAYER_RATELIMIT
+        # A rate limit's records are named by the limit (the summary says
+        # `ratelimit:<name>`): the first enforced limit's, not the route's name
+        subject = plan.route
+        if layer == LAYER_RATELIMIT and plan.specs:
+            subject = next((x.name for x in plan.specs if not x.shadow), plan.specs[0].name)
         ctx._pending = None
         admission_decisions(ctx, plan, None, now)
         details: dict[str, DetailValue] = {"on_error": self.on_error}
@@ -141,7 +147,7 @@ class Admission:
         ctx.decisions.append(
             Decision(
                 layer,
-                plan.route,
+                subject,
                 REJECT if closed else ALLOW,
                 f"state_error:{type(exc).__name__}",
                 SOURCE_FALLBACK,
@@ -152,7 +158,9 @@ class Admission:
         )
         if not closed:
             return None
-        ctx.decided_by = layer
+        # no breaker is open, no limit exhausted: the state could not be read (the
+        # record says whose, and why: `state_error:<exception>`, `fallback_why`)
+        ctx.decided_by = LAYER_STATE
         ctx.outcome = OUTCOME_SHED
         # (the detail says why, as `fallback_why` does: responses.state_unavailable_body)
         return 503, [(b"retry-after", b"1")], state_unavailable_body(why)

@@ -33,7 +33,8 @@ from ..decide.breaker import SUCCESS
 from ..engine import Engine
 from ..headers import is_cors_preflight
 from ..hooks import RequestObserver
-from ..policy import Policy
+from ..policy import BreakerConfig, Policy
+from ..policy.model import redact_url
 from ..rejections import OnReject, custom_rejection, send_custom
 from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
@@ -61,6 +62,39 @@ from .watch import (
 from .xratelimit import fields_for
 
 logger: Final = logging.getLogger("fidelity_mw")
+
+# (policy version, state) pairs whose startup line this process has logged
+_SAID_IN_FORCE: Final[set[tuple[str, str]]] = set()
+
+
+def log_policy_in_force(engine: Engine) -> None:
+    """One INFO line per process and policy when a middleware is built: which policy
+    (its version), which state (the URL without its password, or the store), what
+    `on_error` does, and how many limits, routes and breakers it holds."""
+    policy = engine.policy
+    url = policy.state.url
+    state = redact_url(url) if url else type(engine.store).__name__
+    key = (policy.version, state)
+    if key in _SAID_IN_FORCE:
+        return
+    _SAID_IN_FORCE.add(key)
+    breakers = (
+        (policy.breaker is not None)
+        + sum(isinstance(r.breaker, BreakerConfig) for r in policy.routes)
+        + sum(u.breaker is not None for u in policy.upstreams)
+    )
+    logger.info(
+        "fidelity_mw: policy %s in force: state %s, on_error=%s, %d rate limits, "
+        "%d routes, %d breaker tables",
+        policy.version,
+        state,
+        policy.state.on_error,
+        len(policy.rate_limits),
+        len(policy.routes),
+        breakers,
+    )
+
+
 # The context variable's methods, bound once: a plain call per request (compiled, no
 # method lookup by name)
 _set_current: Final = _CURRENT.set
@@ -114,6 +148,7 @@ class FidelityMiddleware:
         self._on_reject = on_reject
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = self.engine.policy
+        log_policy_in_force(self.engine)
         if observer is None and telemetry:
             if self.engine.request_observer is None:
                 from ..telemetry import default_request_observer

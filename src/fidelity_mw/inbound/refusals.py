@@ -23,6 +23,7 @@ from ..context import (
     LAYER_BUDGET,
     LAYER_DEADLINE,
     LAYER_RETRY,
+    LAYER_STATE,
     REJECT,
     SOURCE_REQUEST,
     Decision,
@@ -63,7 +64,9 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
                 f"{_STATE_WHAT.get(getattr(cause, 'why', None), _STATE_WHAT[None])} "
                 f"and the policy says to fail closed; retry in {wait} s"
             )
-        return _answer(ctx, 503, LAYER_BREAKER, exc.host, detail, "upstream-circuit-open", wait)
+        # decided by the breaker, or (its state unread) by the state's absence
+        by = LAYER_BREAKER if cause is None else LAYER_STATE
+        return _answer(ctx, 503, LAYER_BREAKER, exc.host, detail, "upstream-circuit-open", wait, by)
     if isinstance(exc, DeadlineExceeded):
         return _answer(
             ctx,
@@ -296,8 +299,9 @@ def _answer(
     detail: str,
     kind: str,
     retry_after: str | None = None,
+    decided_by: str | None = None,
 ) -> Rejection:
-    ctx.decided_by = layer
+    ctx.decided_by = decided_by or layer
     ctx.outcome = OUTCOME_EXPIRED if status == 504 else OUTCOME_SHED
     headers: Headers = []
     if retry_after is not None:

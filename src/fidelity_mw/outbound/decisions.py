@@ -22,6 +22,7 @@ from ..context import (
     LAYER_DEADLINE,
     LAYER_LB,
     LAYER_RETRY,
+    LAYER_STATE,
     PROBE,
     REJECT,
     SOURCE_FALLBACK,
@@ -285,7 +286,14 @@ def closed_on_store_error(
 ) -> None:
     """The breaker could not be asked: go ahead (fallback), or refuse when failing closed."""
     if store_failed(ctx, up, "breaker gate", exc):
-        give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, SOURCE_FALLBACK)
+        # No breaker is open: its state could not be read. The record says so (not
+        # `breaker_open`, which the breaker gauge would read as open), and an answer
+        # the app makes of the refusal is decided by the state's absence.
+        if attempts_made == 0 and ctx.shed_by is None:
+            ctx.shed_by = LAYER_STATE
+        reason = f"state_error:{type(exc).__name__}"
+        give_up(ctx, up, LAYER_BREAKER, reason, attempts_made, now, SOURCE_FALLBACK)
+        ctx.upstream_exhausted = True  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
         what = "on a read-only replica" if why == "read_only" else "unreachable"
         raise CircuitOpen(

@@ -429,6 +429,16 @@ def _instance(cls: type) -> Check:
     return check
 
 
+def _route_concurrency(value: Any) -> str | None:
+    """A route's `concurrency`: a table, `true` (the policy's) or `false` (none)."""
+    if value is None or isinstance(value, bool | ConcurrencyConfig):
+        return None
+    return (
+        "expected a table of concurrency keys, true (the policy's [concurrency]) or "
+        f"false (no bulkhead on this route), got {_tname(value)} {_toml(value)}"
+    )
+
+
 def _a(noun: str) -> str:
     return ("an " if noun[:1] in "AEIOU" else "a ") + noun
 
@@ -859,14 +869,17 @@ class RouteConfig(_Validated):
     # True: the policy's [breaker]; False: no breaker; a BreakerConfig: this one.
     breaker: bool | BreakerConfig = _spec(True, None)
     enforce: bool = _spec(True, boolean)
-    # None: the policy's [concurrency] (if any); a table: this route's own bulkhead.
-    concurrency: ConcurrencyConfig | None = _spec(None, optional(_instance(ConcurrencyConfig)))
+    # None (or True): the policy's [concurrency] (if any); False: no bulkhead, whatever
+    # [concurrency] says; a table: this route's own bulkhead.
+    concurrency: ConcurrencyConfig | bool | None = _spec(None, _route_concurrency)
     priority: Literal["critical", "default", "sheddable"] = _spec("default", one_of(PRIORITIES))
 
     def __post_init__(self) -> None:
         _validate(self)
         if self.methods is not None:
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+        if self.concurrency is True:  # the policy's, as left out: one spelling, one version
+            object.__setattr__(self, "concurrency", None)
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues: list[PolicyIssue] = []
@@ -1320,6 +1333,11 @@ def _read_nested(
         )
     if sub_cls in (ConcurrencyConfig, HedgeConfig) and value is None:
         return None  # JSON null (what `to_dict` writes when there is none)
+    if sub_cls is ConcurrencyConfig and parent is RouteConfig and isinstance(value, bool):
+        return None if value else False  # true: the policy's; false: no bulkhead
+    if sub_cls is ConcurrencyConfig and parent is RouteConfig and not isinstance(value, Mapping):
+        issues.append(PolicyIssue(where, _route_concurrency(value) or "expected a table"))
+        return None
     if sub_cls is BreakerConfig and value is None and parent is not RouteConfig:
         return None  # JSON null (what `to_dict` writes for a disabled breaker): no breaker
     if sub_cls is BreakerConfig and isinstance(value, bool):

@@ -252,7 +252,8 @@ DESCRIPTIONS: dict[str, str] = {
     "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
     "started, answer 504 and cancel the app's work. A started response is never cut.",
     "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys; those it "
-    "leaves out take the built-in defaults, not `[concurrency]`'s); left out: the policy's "
+    "leaves out take the built-in defaults, not `[concurrency]`'s); `false`: no bulkhead "
+    "on this route, whatever `[concurrency]` says; `true` or left out: the policy's "
     "`[concurrency]`, if any.",
     "route.priority": "Priority class of the route's requests when the bulkhead is under "
     "pressure: `sheddable` is shed first, then `default`; `critical` may fill the limit. "
@@ -396,6 +397,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
         "_cost": "1 .. 1_000_000",
+        "_route_concurrency": "table, `true` or `false`",
     }
     if name in fixed:
         return fixed[name]
@@ -420,6 +422,7 @@ _TYPES = {
     "BreakerConfig | None": "table or `false`",
     "RetryConfig": "table",
     "ConcurrencyConfig | None": "table",
+    "ConcurrencyConfig | bool | None": "table or boolean",
     "HedgeConfig | None": "table",
 }
 

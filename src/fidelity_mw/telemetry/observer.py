@@ -419,6 +419,30 @@ class BreakerWatch:
         # breaker states seen in decisions, for stores we cannot read directly:
         # (subject, scope) -> state, scope "route" or "upstream"
         self.seen: dict[tuple[str, str], str] = {}
+        # upstream subject -> (the policy asked, whether it gives that upstream a breaker)
+        self._breakered: dict[str, tuple[object, bool]] = {}
+
+    def has_breaker(self, engine: Engine, subject: str) -> bool:
+        """Does `engine`'s policy give upstream `subject` (`host` or `host:port`, as the
+        transport's decisions name it) a breaker? Asked once per subject and policy."""
+        policy = engine.policy
+        known = self._breakered.get(subject)
+        if known is not None and known[0] is policy:
+            return known[1]
+        # the host, as the transport asks the policy: `host:port` less its port (an IPv6
+        # address, colons of its own, is asked whole first, then less a port)
+        host, sep, port = subject.rpartition(":")
+        if sep and host and port.isdigit() and ":" not in host:
+            cfg = policy.upstream_for(host)
+        else:
+            cfg = policy.upstream_for(subject)
+            if sep and host and port.isdigit() and not cfg.host.strip("*"):
+                cfg = policy.upstream_for(host)
+        if len(self._breakered) >= _MAX_SUBJECTS:
+            self._breakered.clear()
+        has = cfg.breaker is not None
+        self._breakered[subject] = (policy, has)
+        return has
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
@@ -673,7 +697,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(ctx, decisions, summary)
         if not readable:
-            self._note_breakers(decisions, ctx.route)
+            self._note_breakers(decisions, ctx.route, ctx.engine)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, summary: Summary) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -920,7 +944,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(None, decisions, summarize(decisions))
         if not readable:
-            self._note_breakers(decisions, None)
+            self._note_breakers(decisions, None, ctx.engine)
 
     # ------------------------------------------------------------ privacy
 
@@ -949,7 +973,9 @@ class Telemetry:
             self._last_readable = isinstance(getattr(engine.store, "breakers", None), Mapping)
         return self._last_readable
 
-    def _note_breakers(self, decisions: Sequence[Decision], route: str | None) -> None:
+    def _note_breakers(
+        self, decisions: Sequence[Decision], route: str | None, engine: Engine
+    ) -> None:
         """Remember the breaker states decisions reveal (for stores we cannot read).
 
         `route`: the request's route (its route breaker's decisions have it as their
@@ -958,19 +984,23 @@ class Telemetry:
         a probe or a refusal does), so an attempt sent to an upstream whose breaker
         was last seen open or half-open, without a probe of its own, reveals that it
         closed: without this the gauge stayed on `open` after the upstream recovered,
-        and the breaker-open alert with it."""
-        seen = self._breakers.seen
+        and the breaker-open alert with it. Its first attempt lists its breaker (when
+        the policy gives it one) as closed: a memory store's gauge lists every breaker
+        it holds, not only those once seen open."""
+        watch = self._breakers
+        seen = watch.seen
         probed = ""
         for d in decisions:
             layer = d.layer
             if layer == LAYER_RETRY:
                 key = (d.subject, "upstream")
-                if (
-                    d.verdict in (ALLOW, RETRY)
-                    and d.subject != probed
-                    and seen.get(key, "closed") != "closed"
-                ):
-                    seen[key] = "closed"
+                if d.verdict in (ALLOW, RETRY) and d.subject != probed:
+                    last = seen.get(key)
+                    if last is None:
+                        if len(seen) < _MAX_SUBJECTS and watch.has_breaker(engine, d.subject):
+                            seen[key] = "closed"
+                    elif last != "closed":
+                        seen[key] = "closed"
                 probed = ""
                 continue
             if layer != LAYER_BREAKER:

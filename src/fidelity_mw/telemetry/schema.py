@@ -10,7 +10,8 @@ from typing import Final
 
 # ------------------------------------------------------------ span attributes (fidelity.*)
 
-DECIDED_BY: Final = "fidelity.decided_by"  # app | deadline | breaker | ratelimit
+# app | deadline | concurrency | breaker | ratelimit | budget | state
+DECIDED_BY: Final = "fidelity.decided_by"
 OUTCOME: Final = "fidelity.outcome"  # served | failed | rejected | shed | expired | disconnected
 POLICY_VERSION: Final = "fidelity.policy.version"
 STALE_DECISIONS: Final = "fidelity.stale_decisions"

@@ -32,6 +32,7 @@ from typing import Any
 from ..decide.balance import EWMA_TAU_S
 from ..policy import (
     BreakerConfig,
+    ConcurrencyConfig,
     HedgeConfig,
     Policy,
     RateLimit,
@@ -312,7 +313,7 @@ def layers_for(policy: Policy) -> list[Layer]:
     bulkheads = [
         (f"route[{i}].concurrency", f"route {r.name or r.match}", r.concurrency)
         for i, r in enumerate(policy.routes)
-        if r.concurrency is not None
+        if isinstance(r.concurrency, ConcurrencyConfig)
     ]
     if policy.concurrency is not None:
         bulkheads.append(("concurrency", "every other route", policy.concurrency))
