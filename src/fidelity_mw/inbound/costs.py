@@ -12,7 +12,10 @@ never admits it); 0 takes nothing (that limit is not asked); a function that fai
 does, and is logged (throttled).
 
 A function that reads the body (`await request.json()` for a batch's length) reads it
-here; the app then receives the same messages again. The route's deadline bounds the
+here; the app then receives the same messages again. It runs before any limit is
+asked, those of a constant cost on the route too (one store call for them all, after
+the costs: checking those first would cost a second round trip on Redis for every
+request of the route), so a client over one of them has its body read before its 429. The route's deadline bounds the
 functions (a slow body, a slow lookup: 504), and a client that leaves while they read
 is charged nothing: the app does not run for it (outcome `disconnected`).
 
