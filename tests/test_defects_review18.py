@@ -3,7 +3,8 @@
 1. A cost function raising Starlette's `HTTPException` (a 413 for a body too large) was
    logged as a failure, charged the burst, and the app still ran. Now the middleware
    answers it itself (status, detail, headers, as Starlette's default handler), charges
-   nothing, does not run the app, and records it.
+   nothing, does not run the app, and records it. (One raised where the deadline's
+   cancellation was swallowed is the deadline's 504, no cancellation left pending.)
 2. `check_limits(request, path=<another route>)` with a cost function that reads the
    body priced the check at the burst and logged an ERROR: now a ValueError naming the
    limit and saying to pass `cost=`.
@@ -210,3 +211,85 @@ async def test_check_limits_for_another_route_with_a_header_cost_still_works(
     async with client(app) as c:
         answer = await c.get("/quota", headers={"x-units": "3"})
     assert answer.json() == {"allowed": True, "cost": 3}
+
+
+# ---- 1b. a cost function that swallows the deadline's cancel and raises HTTPException
+
+
+async def test_a_cost_function_answering_after_the_deadline_is_the_deadlines_504(
+    clock: FakeClock,
+) -> None:
+    import asyncio
+
+    from fidelity_mw.policy import DeadlineConfig
+
+    never = asyncio.Event()
+
+    async def stubborn(request: Any) -> int:
+        try:
+            await never.wait()  # a lookup that never answers
+        except asyncio.CancelledError:  # swallowed: the function answers anyway
+            raise HTTPException(400, "no price") from None
+        return 1
+
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append("app")
+
+    recorder = Recorder()
+    middleware = FidelityMiddleware(
+        app,
+        policy=Policy(
+            breaker=None,
+            deadline=DeadlineConfig(default_ms=1000),
+            rate_limits=[RateLimit(name="items", rate="10/min", burst=10, cost=stubborn)],
+        ),
+        clock=clock,
+        observer=recorder,
+        telemetry=False,
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/batch",
+        "raw_path": b"/batch",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"t")],
+        "client": ("10.0.0.1", 5000),
+        "server": ("t", 80),
+    }
+
+    async def request() -> int:
+        await middleware(scope, receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()  # no cancellation of ours left pending on the task
+
+    task = asyncio.create_task(request())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+    clock.advance(1.5)
+    for _ in range(5):
+        await asyncio.sleep(0)
+        if task.done():
+            break
+    assert task.done(), "the request outlived its deadline"
+    assert await task == 0
+    assert sent[0]["status"] == 504  # the deadline's answer, as for a swallowed cancel
+    assert ran == []
+    (ctx,) = recorder.contexts
+    assert (ctx.decided_by, ctx.outcome) == ("deadline", "expired")

@@ -15,14 +15,16 @@ A function that reads the body (`await request.json()` for a batch's length) rea
 here; the app then receives the same messages again. It runs before any limit is
 asked, those of a constant cost on the route too (one store call for them all, after
 the costs: checking those first would cost a second round trip on Redis for every
-request of the route), so a client over one of them has its body read before its 429. The route's deadline bounds the
-functions (a slow body, a slow lookup: 504), and a client that leaves while they read
-is charged nothing: the app does not run for it (outcome `disconnected`).
+request of the route), so a client over one of them has its body read before its 429.
+The route's deadline bounds the functions (a slow body, a slow lookup: 504), and a
+client that leaves while they read is charged nothing: the app does not run for it
+(outcome `disconnected`).
 
 A function that raises Starlette's `HTTPException` (a 413 for a body too large, a 400
 for a malformed batch) answers the request itself, as the FastAPI form lets it: the
 middleware sends that status, detail and headers as Starlette's default handler does
-(plain text), charges nothing, and the app does not run (`CostAnswer`).
+(plain text), charges nothing, and the app does not run (`CostAnswer`); raised for
+the deadline's cancellation, swallowed, it is the deadline's 504.
 """
 
 from __future__ import annotations

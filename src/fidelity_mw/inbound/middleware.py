@@ -455,6 +455,12 @@ class FidelityMiddleware:
             ctx.client_disconnected = True
             raise
         except CostAnswer as answer:
+            watcher = deadline.watcher if deadline is not None else None
+            if watcher is not None and watcher.expired:  # raised for the swallowed cancel
+                expired = self._costs_expired(ctx, plan, watcher, now)
+                if expired is None:
+                    raise asyncio.CancelledError from None
+                return plan, receive, None, (), expired
             # the app's own answer (a 413, a 400), as if its endpoint had raised it:
             # charged nothing (no limit was asked), and the breaker counts nothing
             admission_decisions(ctx, plan, None, now)  # (the deadline's record)
