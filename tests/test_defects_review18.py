@@ -293,3 +293,18 @@ async def test_a_cost_function_answering_after_the_deadline_is_the_deadlines_504
     assert ran == []
     (ctx,) = recorder.contexts
     assert (ctx.decided_by, ctx.outcome) == ("deadline", "expired")
+
+
+async def test_check_limits_lets_a_cost_functions_http_exception_through(
+    clock: FakeClock,
+) -> None:
+    """As the FastAPI form's `check()`: the app's own answer, not a failure priced at
+    the burst."""
+
+    def too_many(request: Any) -> int:
+        raise HTTPException(413, "at most 10 items")
+
+    app, _, _, _ = app_with(clock, too_many)
+    async with client(app) as c:
+        answer = await c.get("/quota")  # the app's handler of the HTTPException answers
+    assert (answer.status_code, answer.text) == (413, "at most 10 items")
