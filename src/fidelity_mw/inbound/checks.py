@@ -21,7 +21,7 @@ from ..decide.gcra import LimitVerdict
 from ..engine import Engine
 from ..state.base import LimitSpec
 from .admission import warn_without_state
-from .costs import cost_of
+from .costs import cost_of, no_body
 from .request import RequestReader, scan_headers
 
 
@@ -68,7 +68,9 @@ async def check_limits(
     through `FidelityMiddleware`; its client (IP, headers) is the one checked.
     `path` and `method`: the request to check, when it is another than this one (a
     `GET /quota` asking about `POST /api/export`). `cost`: the units it would take
-    instead of each limit's `cost` (a limit's cost function is applied to `request`).
+    instead of each limit's `cost` (a limit's cost function is applied to `request`;
+    for another route, a function that reads the body has none to read: ValueError,
+    pass `cost`; a function that raises an `HTTPException` raises it here too).
     Only the rate limits are asked: the breaker, the
     bulkhead and the deadline decide when the request comes. Nothing is counted.
     """
@@ -109,9 +111,9 @@ async def check_limits(
     elif plan.cost_fns is not None:
         # a limit's cost is a function: of `request` itself when it is the request to
         # check (the body the app read is kept on it); of another route's, a request
-        # without a body (a function that reads one counts the burst: pass `cost`)
+        # without a body (a function that reads one: ValueError, pass `cost`)
         same = path is None and (method is None or method.upper() == scope.get("method"))
-        asked = request if same and isinstance(request, Request) else Request(target)
+        asked = request if same and isinstance(request, Request) else Request(target, no_body)
         costs = [
             lim.fixed_cost if fn is None else await cost_of(fn, asked, lim)
             for lim, fn in zip(plan.limits, plan.cost_fns, strict=True)

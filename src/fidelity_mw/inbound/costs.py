@@ -12,9 +12,19 @@ never admits it); 0 takes nothing (that limit is not asked); a function that fai
 does, and is logged (throttled).
 
 A function that reads the body (`await request.json()` for a batch's length) reads it
-here; the app then receives the same messages again. The route's deadline bounds the
-functions (a slow body, a slow lookup: 504), and a client that leaves while they read
-is charged nothing: the app does not run for it (outcome `disconnected`).
+here; the app then receives the same messages again. It runs before any limit is
+asked, those of a constant cost on the route too (one store call for them all, after
+the costs: checking those first would cost a second round trip on Redis for every
+request of the route), so a client over one of them has its body read before its 429.
+The route's deadline bounds the functions (a slow body, a slow lookup: 504), and a
+client that leaves while they read is charged nothing: the app does not run for it
+(outcome `disconnected`).
+
+A function that raises Starlette's `HTTPException` (a 413 for a body too large, a 400
+for a malformed batch) answers the request itself, as the FastAPI form lets it: the
+middleware sends that status, detail and headers as Starlette's default handler does
+(plain text), charges nothing, and the app does not run (`CostAnswer`); raised for
+the deadline's cancellation, swallowed, it is the deadline's 504.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
 
 from .._logs import exception as log_exception
 from .._logs import warn
@@ -47,6 +59,32 @@ from .admission import admission_decisions
 from .responses import OUTCOME_REJECTED, Rejection, problem_body
 
 logger: Final = logging.getLogger("fidelity_mw")
+
+
+class CostAnswer(Exception):
+    """A cost function raised Starlette's `HTTPException`: the app's own answer to the
+    request (the limit `name`'s function), sent instead of running the app."""
+
+    def __init__(self, name: str, answer: HTTPException) -> None:
+        super().__init__(name, answer)
+        self.name = name
+        self.answer = answer
+
+    def response(self) -> Response:
+        """The answer as Starlette's default `HTTPException` handler gives it."""
+        exc = self.answer
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+
+
+class NoBody(Exception):
+    """A cost function read the body of a request that has none to give (a check of
+    another route: `check_limits(request, path=...)`)."""
+
+
+async def no_body() -> Message:
+    raise NoBody
 
 
 class BodyReplay:
@@ -83,8 +121,15 @@ async def cost_of(
             if waits is not None:
                 waits()
             cost = await cost
-    except ClientDisconnect:
-        raise  # the client left mid-body: not the function's failure (no cost, no log)
+    except (ClientDisconnect, HTTPException):
+        # the client left mid-body: not the function's failure (no cost, no log); an
+        # HTTPException is the app's own answer (request_costs: CostAnswer)
+        raise
+    except NoBody:
+        raise ValueError(
+            f"check_limits: the cost function of rate limit {lim.name!r} reads the body, "
+            "and a check of another route has no body to give it: pass cost="
+        ) from None
     except Exception:
         log_exception(
             logger, lim.name, "fidelity_mw: the cost function of %r failed; the request "
@@ -118,7 +163,10 @@ async def request_costs(
         if request is None:
             replay = BodyReplay(receive)
             request = Request(scope, replay.record)
-        costs.append(await cost_of(fn, request, lim, waits))
+        try:
+            costs.append(await cost_of(fn, request, lim, waits))
+        except HTTPException as exc:
+            raise CostAnswer(lim.name, exc) from None
     return tuple(costs), replay if replay is not None and replay.read else None
 
 

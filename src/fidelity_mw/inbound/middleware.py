@@ -28,7 +28,16 @@ from starlette.requests import ClientDisconnect
 from .._logs import exception as log_exception
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
-from ..context import _CURRENT, INTERPRETED, DecisionContext, new_request_context
+from ..context import (
+    _CURRENT,
+    INTERPRETED,
+    LAYER_RATELIMIT,
+    REJECT,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+    new_request_context,
+)
 from ..decide.breaker import SUCCESS
 from ..engine import Engine
 from ..headers import is_cors_preflight
@@ -40,13 +49,14 @@ from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
-from .costs import asked_costs, costed_decisions, request_costs, with_costs
+from .costs import CostAnswer, asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
 from .responses import (
     DECIDED_BY_APP,
     DECIDED_BY_HEADER,
     OUTCOME_DISCONNECTED,
+    OUTCOME_FAILED,
     OUTCOME_SERVED,
     Rejection,
     respond,
@@ -312,6 +322,9 @@ class FidelityMiddleware:
                         )
             except ClientDisconnect:  # gone while a cost function read its body
                 return
+            except CostAnswer as answer:  # a cost function raised an HTTPException
+                await self._send_answer(ctx, scope, receive, send, answer, before_end, obs_token)
+                return
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
@@ -476,6 +489,26 @@ class FidelityMiddleware:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             raise
+        except CostAnswer as answer:
+            watcher = deadline.watcher if deadline is not None else None
+            if watcher is not None and watcher.expired:  # raised for the swallowed cancel
+                expired = self._costs_expired(ctx, plan, watcher, now)
+                if expired is None:
+                    raise asyncio.CancelledError from None
+                return plan, receive, None, (), expired
+            # the app's own answer (a 413, a 400), as if its endpoint had raised it:
+            # charged nothing (no limit was asked), and the breaker counts nothing
+            admission_decisions(ctx, plan, None, now)  # (the deadline's record)
+            status = answer.answer.status_code
+            ctx.decisions.append(
+                Decision(
+                    LAYER_RATELIMIT, answer.name, REJECT, "cost_http_exception",
+                    SOURCE_REQUEST, 0.0, now, {"status": status},
+                )
+            )  # fmt: skip
+            ctx.decided_by = DECIDED_BY_APP
+            ctx.outcome = OUTCOME_SERVED if status < plan.served_below else OUTCOME_FAILED
+            raise
         finally:
             if deadline is not None and deadline.watcher is not None:
                 deadline.watcher.disarm()
@@ -521,6 +554,27 @@ class FidelityMiddleware:
         else:
             with_costs(ctx, plan, start)
         return plan, receive, result, keys, rejection
+
+    async def _send_answer(
+        self,
+        ctx: DecisionContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        answer: CostAnswer,
+        before_end: ResponseEndHook | None,
+        obs_token: Any,
+    ) -> None:
+        """Send the HTTPException a cost function raised (the app's answer, not a
+        refusal of ours: no `on_reject`, no decided-by marker)."""
+        response = answer.response()
+        ctx.status = response.status_code
+        if before_end is not None:
+            response_ends(before_end, ctx, scope, obs_token)
+        try:
+            await response(scope, receive, send)
+        finally:
+            ctx.response_complete = True
 
     def _costs_expired(
         self, ctx: DecisionContext, plan: RoutePlan, watcher: ResponseWatcher, now: float
