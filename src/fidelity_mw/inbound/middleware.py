@@ -31,10 +31,6 @@ from ..clock import SystemClock
 from ..context import (
     _CURRENT,
     INTERPRETED,
-    LAYER_RATELIMIT,
-    REJECT,
-    SOURCE_REQUEST,
-    Decision,
     DecisionContext,
     new_request_context,
 )
@@ -497,15 +493,11 @@ class FidelityMiddleware:
                     raise asyncio.CancelledError from None
                 return plan, receive, None, (), expired
             # the app's own answer (a 413, a 400), as if its endpoint had raised it:
-            # charged nothing (no limit was asked), and the breaker counts nothing
+            # charged nothing and no limit asked, so no limit decision is recorded (a
+            # ratelimit "reject" would count in every dashboard of limit refusals);
+            # the breaker counts nothing
             admission_decisions(ctx, plan, None, now)  # (the deadline's record)
             status = answer.answer.status_code
-            ctx.decisions.append(
-                Decision(
-                    LAYER_RATELIMIT, answer.name, REJECT, "cost_http_exception",
-                    SOURCE_REQUEST, 0.0, now, {"status": status},
-                )
-            )  # fmt: skip
             ctx.decided_by = DECIDED_BY_APP
             ctx.outcome = OUTCOME_SERVED if status < plan.served_below else OUTCOME_FAILED
             raise
