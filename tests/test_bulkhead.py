@@ -550,3 +550,24 @@ async def test_the_loop_heartbeat_runs_only_while_a_stale_shedding_route_is_paci
     assert limiter.pacing
     assert svc.mw._bulkheads.loop_clock()._handle is not None
     svc.mw._bulkheads.loop_clock()._handle.cancel()
+
+
+def test_the_map_names_the_routes_that_opted_out_of_the_policys_bulkhead() -> None:
+    """`concurrency = false` on a route takes it out of `[concurrency]`: the map's row for
+    the policy-wide bulkhead says so rather than claim every other route."""
+    from fidelity_mw.tools.statemap import from_policy
+
+    policy = Policy.from_dict(
+        {
+            "concurrency": {"limit": 10},
+            "route": [
+                {"match": "/health", "name": "health", "concurrency": False},
+                {"match": "/x*", "name": "x", "concurrency": {"limit": 3}},
+            ],
+        }
+    )
+    rows = [row for row in from_policy(policy, "t").layers if row.layer == "concurrency"]
+    assert [(row.subject, row.config) for row in rows] == [
+        ("route x", "route[1].concurrency"),
+        ("every other route except route health", "concurrency"),
+    ]

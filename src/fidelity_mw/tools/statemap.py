@@ -316,7 +316,10 @@ def layers_for(policy: Policy) -> list[Layer]:
         if isinstance(r.concurrency, ConcurrencyConfig)
     ]
     if policy.concurrency is not None:
-        bulkheads.append(("concurrency", "every other route", policy.concurrency))
+        # a route may opt out (`concurrency = false`): the row names those it skips
+        opted_out = [f"route {r.name or r.match}" for r in policy.routes if r.concurrency is False]
+        others = "every other route" + (f" except {', '.join(opted_out)}" if opted_out else "")
+        bulkheads.append(("concurrency", others, policy.concurrency))
     for config_key, subject, conc in bulkheads:
         kind = (
             f"adaptive limit from {conc.min_limit} to {conc.max_limit} (starts at {conc.limit}; "
