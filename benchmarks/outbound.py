@@ -11,6 +11,14 @@ drown the difference:
   httpx_retries  httpx-retries' RetryTransport around it
   tenacity       a tenacity-decorated async function calling the plain client
   stamina        a stamina-decorated async function calling the plain client
+  nopanic        nopanic 0.3 as its README recommends for an HTTP dependency: a composed
+                 stack (deadline -> retry -> circuit breaker -> timeout) around an async
+                 function that calls the plain client and `raise_for_status()`s
+  pyresilience   pyresilience 0.4 as its README recommends for an HTTP client: `@resilient`
+                 with retry (`retry_on_status`, `retry_after_delay`), a per-attempt
+                 timeout, a circuit breaker and a retry budget around the plain call
+  pybreaker      a pybreaker breaker around the plain call (`with breaker.calling():`,
+                 the only form that sees an async call's failure; no retry, no timeout)
   plain_headers  a pass-through transport that only sets the two headers fidelity
                  sends (x-fidelity-attempt, x-request-timeout-ms) with httpx's public
                  API and leaves them on the request: the floor for any layer that
@@ -21,7 +29,12 @@ drown the difference:
                  takes them off before it returns, so it pays neither
 
 All retry layers are configured for 3 attempts; on the success path none of
-them waits. Rounds run the variants in a shuffled order; we report each
+them waits. The all-in-one toolkits are configured like fidelity's default
+outbound policy as far as they can be (`competitors()` says where they cannot):
+3 attempts, full-jitter backoff from 100 ms capped at 2 s on transport errors and
+429/502/503/504, a failure-ratio breaker (0.5 over at least 20 calls, 5 s open), a
+10 s attempt timeout, a retry budget (20 % of calls plus 3/s over 10 s) and, for
+nopanic, a 30 s deadline per call. Rounds run the variants in a shuffled order; we report each
 variant's median time per call and the medians of the per-round paired
 differences and ratios against `plain`, which cancels most drift on a
 shared machine. Time is process CPU time (`time.process_time`), so being
@@ -65,9 +78,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+import nopanic
+import pybreaker
 import stamina
 import tenacity
 from httpx_retries import Retry, RetryTransport
+from pyresilience import (
+    CircuitBreakerConfig,
+    RetryBudgetConfig,
+    RetryConfig,
+    TimeoutConfig,
+    resilient,
+)
+from pyresilience.contrib.http import retry_after_delay, retry_on_status
 
 from benchmarks._results import stamp, write_section
 from fidelity_mw import FidelityTransport
@@ -147,6 +170,119 @@ class Floor(httpx.AsyncBaseTransport):
         return response
 
 
+TOOLKITS = ("nopanic", "pyresilience", "pybreaker")
+RETRIED = (429, 502, 503, 504)  # fidelity's default on_status, and a 429 (with Retry-After)
+
+
+def _retriable(exc: BaseException) -> bool:
+    """nopanic's HTTP recipe, narrowed to what fidelity retries by default."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in RETRIED
+
+
+def _upstream_failure(exc: BaseException) -> bool:
+    """What fidelity's host breaker counts: transport errors and 5xx."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
+
+
+Send = Callable[..., Awaitable[httpx.Response]]
+
+
+def competitors(send: Callable[[str], Send]) -> dict[str, Send]:
+    """The all-in-one toolkits (and pybreaker) around `send(name)(*args)`, one plain call
+    each: the client's `get` (no args), or for the layers table an inner transport's
+    `handle_async_request(request)`.
+
+    Each is configured like fidelity's default outbound policy as far as it can be:
+
+    - nopanic: its recommended order (fallback -> retry -> breaker -> limit -> timeout,
+      without the fallback and limit), its HTTP recipe's `raise_for_status()` so 5xx
+      reach the retry and the breaker as exceptions, its ratio `RetryBudget` (the same
+      numbers as fidelity's budget) and a `deadline` per call (the 30 s default deadline).
+    - pyresilience: its HTTP helpers (`retry_on_status` retries a returned 5xx,
+      `retry_after_delay` honours Retry-After), a count window of the last 20 calls for
+      the breaker (it has no time window), a per-attempt timeout (its default), and its
+      retry budget, which is a token bucket (20 retries, 3 refilled per second), not a
+      share of the calls. No deadline per call: one `TimeoutConfig` is either per attempt
+      or for the whole call.
+    - pybreaker: a breaker only. `@breaker` on an `async def` records success when the
+      coroutine is created and never sees its failure (its async support is Tornado's
+      `gen.coroutine`), so the call runs inside `with breaker.calling():`, the form that
+      does see it; 5 consecutive failures (pybreaker has no ratio), 5 s reset.
+    """
+    nopanic_send = send("nopanic")
+    budget = nopanic.RetryBudget(ratio=0.2, min_retries_per_sec=3.0, window=10.0)
+    breaker = nopanic.circuit_breaker(
+        failure_threshold=0.5,
+        min_calls=20,
+        window=30.0,
+        reset_timeout=5.0,
+        on=_upstream_failure,
+        name="upstream.internal",
+    )
+
+    @nopanic.compose(
+        nopanic.deadline(30.0),
+        nopanic.retry(
+            attempts=3,
+            on=_retriable,
+            backoff=nopanic.backoff.full_jitter(base=0.1, cap=2.0),
+            budget=budget,
+        ),
+        breaker,
+        nopanic.timeout(10.0),
+    )
+    async def with_nopanic(*args: Any) -> httpx.Response:
+        response = await nopanic_send(*args)
+        response.raise_for_status()
+        return response
+
+    pyresilience_send = send("pyresilience")
+
+    @resilient(
+        retry=RetryConfig(
+            max_attempts=3,
+            delay=0.1,
+            backoff_factor=2.0,
+            max_delay=2.0,
+            jitter=True,
+            retry_on=(httpx.TransportError,),
+            retry_on_result=retry_on_status(*RETRIED),
+            delay_func=retry_after_delay(max_wait=30.0),
+        ),
+        timeout=TimeoutConfig(seconds=10.0),
+        circuit_breaker=CircuitBreakerConfig(
+            sliding_window_size=20,
+            minimum_calls=20,
+            failure_rate_threshold=0.5,
+            recovery_timeout=5.0,
+            error_types=(httpx.TransportError,),
+        ),
+        retry_budget=RetryBudgetConfig(max_retries=20, refill_rate=3.0),
+    )
+    async def with_pyresilience(*args: Any) -> httpx.Response:
+        return await pyresilience_send(*args)
+
+    pybreaker_send = send("pybreaker")
+    host_breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=5)
+
+    async def with_pybreaker(*args: Any) -> httpx.Response:
+        with host_breaker.calling():
+            response = await pybreaker_send(*args)
+            if response.status_code >= 500:
+                response.raise_for_status()
+            return response
+
+    return {
+        "nopanic": with_nopanic,
+        "pyresilience": with_pyresilience,
+        "pybreaker": with_pybreaker,
+    }
+
+
 class InContext:
     """A client call made inside one inbound request's context of `package` (fidelity_mw
     or a baseline copy), bound once per batch as FidelityMiddleware binds it once per
@@ -202,6 +338,12 @@ def build(
     async def with_stamina() -> httpx.Response:
         return await stamina_client.get(URL)
 
+    toolkit_clients = {name: httpx.AsyncClient(transport=mock()) for name in TOOLKITS}
+
+    def toolkit_send(name: str) -> Send:
+        client = toolkit_clients[name]
+        return lambda: client.get(URL)
+
     token = _CURRENT.set(None)
     import fidelity_mw
 
@@ -213,8 +355,10 @@ def build(
         "tenacity": with_tenacity,
         "stamina": with_stamina,
         "plain_headers": lambda: headers_only.get(URL),
+        **competitors(toolkit_send),
     }
     clients = [
+        *toolkit_clients.values(),
         plain,
         fidelity,
         fidelity_req,
@@ -283,6 +427,13 @@ def build_layers(old: Any = None, rev: str = "") -> dict[str, Layer | InRequest]
         ).handle_async_request,
         "floor": Floor(Null()).handle_async_request,
     }
+
+    def toolkit_inner(name: str) -> Send:
+        inner = Null()
+        inner.response.request = httpx.Request("GET", URL)  # for raise_for_status()
+        return inner.handle_async_request
+
+    layers.update(competitors(toolkit_inner))
     if old is not None:
         layers[f"fidelity@{rev}"] = old.FidelityTransport(
             Null(), telemetry=False
