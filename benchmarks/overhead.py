@@ -6,6 +6,20 @@ Variants (each a Starlette app with one route, called directly as ASGI, no serve
   handwritten   + a minimal hand-written key + token bucket + breaker middleware (the floor)
   fidelity      + FidelityMiddleware: permissive limit, breaker, deadline on; memory, tracing off
   slowapi       + slowapi's pure-ASGI middleware (memory storage, permissive default limit)
+  pyresilience  + pyresilience's ResilientMiddleware (`pyresilience.contrib.fastapi`, pure
+                ASGI) with its rate limiter (permissive; one bucket for all clients: it has
+                no per-client key), a breaker and a timeout: the counterparts of
+                fidelity's limit, route breaker and deadline
+  fastapi       the same route on FastAPI, bare: throttled-py's integration runs on
+                FastAPI only, so its variants are paired with this one as well as with
+                `bare`
+  fastapi+fidelity  + FidelityMiddleware on that FastAPI app
+  throttled     throttled-py's FastAPI integration as documented: `@limiter.limit()` on
+                the route (memory store, token bucket, permissive per-client limit keyed
+                by `get_remote_address`), its RateLimitMiddleware for the `RateLimit-*`
+                headers and its 429 exception handler
+  throttled:no-headers  the same without RateLimitMiddleware (a BaseHTTPMiddleware): still
+                limits and answers 429, but allowed responses carry no `RateLimit-*` fields
 
 Rounds run the variants in a shuffled order each time; we report the median
 per-request time of each and the median of per-round paired differences and
@@ -44,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request  # FastAPI resolves the route annotations here
 from starlette.routing import Route
 
 from benchmarks._asgi import hello, run_batch
@@ -125,7 +140,9 @@ def baseline_package(rev: str) -> Any:
     return importlib.import_module("fidelity_mw_baseline")
 
 
-def build_apps(breakdown: bool = False, baseline: str | None = None) -> dict[str, Any]:
+def build_apps(
+    breakdown: bool = False, baseline: str | None = None, toolkits: bool = False
+) -> dict[str, Any]:
     routes = [Route("/hello", hello)]
     apps: dict[str, Any] = {
         "bare": Starlette(routes=routes),
@@ -148,6 +165,8 @@ def build_apps(breakdown: bool = False, baseline: str | None = None) -> dict[str
         apps["slowapi"] = app
     except ImportError:  # pragma: no cover - slowapi is a dev dependency
         print("slowapi not installed: skipping that variant", file=sys.stderr)
+    if toolkits:
+        apps.update(toolkit_apps())
     if baseline is not None:
         old = baseline_package(baseline)  # its own Policy classes, for its isinstance checks
         policy = old.Policy(rate_limits=[old.RateLimit(name="per-client", rate="1000000000/s")])
@@ -164,6 +183,75 @@ def build_apps(breakdown: bool = False, baseline: str | None = None) -> dict[str
     return apps
 
 
+def toolkit_apps() -> dict[str, Any]:
+    """pyresilience's ASGI middleware, and throttled-py's FastAPI integration beside a bare
+    FastAPI app and FidelityMiddleware on it (a FastAPI route costs more than Starlette's)."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+    from pyresilience import (
+        CircuitBreakerConfig,
+        RateLimiterConfig,
+        ResilienceConfig,
+        TimeoutConfig,
+    )
+    from pyresilience.contrib.fastapi import ResilientMiddleware
+    from throttled.asyncio.contrib.fastapi import (
+        Limiter,
+        RateLimitExceededError,
+        RateLimitMiddleware,
+        get_remote_address,
+        rate_limit_exceeded_handler,
+    )
+
+    resilience = ResilienceConfig(
+        rate_limiter=RateLimiterConfig(max_calls=1_000_000_000, period=1.0),
+        circuit_breaker=CircuitBreakerConfig(
+            sliding_window_size=20,
+            minimum_calls=20,
+            failure_rate_threshold=0.5,
+            recovery_timeout=5.0,
+        ),
+        timeout=TimeoutConfig(seconds=30.0),
+    )
+    apps: dict[str, Any] = {
+        "pyresilience": Starlette(
+            routes=[Route("/hello", hello)],
+            middleware=[Middleware(ResilientMiddleware, config=resilience)],
+        )
+    }
+
+    def fastapi_app(
+        throttled: bool = False, fidelity: bool = False, headers: bool = True
+    ) -> FastAPI:
+        app = FastAPI()
+        if throttled:
+            limiter = Limiter("1000000000/s", key_func=get_remote_address)
+
+            @app.get("/hello", response_class=PlainTextResponse)
+            @limiter.limit()
+            async def limited(request: Request) -> PlainTextResponse:
+                return PlainTextResponse("ok")
+
+            if headers:
+                app.add_middleware(RateLimitMiddleware)
+            app.add_exception_handler(RateLimitExceededError, rate_limit_exceeded_handler)
+        else:
+
+            @app.get("/hello", response_class=PlainTextResponse)
+            async def plain(request: Request) -> PlainTextResponse:
+                return PlainTextResponse("ok")
+
+        if fidelity:
+            app.add_middleware(FidelityMiddleware, policy=fidelity_policy(), telemetry=False)
+        return app
+
+    apps["fastapi"] = fastapi_app()
+    apps["fastapi+fidelity"] = fastapi_app(fidelity=True)
+    apps["throttled"] = fastapi_app(throttled=True)
+    apps["throttled:no-headers"] = fastapi_app(throttled=True, headers=False)
+    return apps
+
+
 async def measure(
     rounds: int,
     batch: int,
@@ -172,7 +260,7 @@ async def measure(
     baseline: str | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    apps = build_apps(breakdown, baseline)
+    apps = build_apps(breakdown, baseline, toolkits=True)
     for app in apps.values():  # warm up: build middleware stacks, fill caches
         await run_batch(app, 500)
     samples: dict[str, list[float]] = {name: [] for name in apps}
@@ -235,6 +323,22 @@ def report(
                 f"\nfidelity vs {name}: {statistics.median(diffs) * 1e6:+.2f} µs per request, "
                 f"{statistics.median(ratios):.3f} x (medians of per-round paired differences "
                 "and ratios)."
+            )
+    if "fastapi" in samples:
+        base = samples["fastapi"]
+        lines += [
+            "",
+            "On FastAPI (throttled-py's integration needs it), against the bare FastAPI route "
+            f"({us(statistics.median(base))} µs), medians of per-round paired differences and "
+            "ratios:",
+            "",
+        ]
+        for name in ("fastapi+fidelity", "throttled", "throttled:no-headers"):
+            diffs = [v - b for v, b in zip(samples[name], base, strict=True)]
+            ratios = [v / b for v, b in zip(samples[name], base, strict=True)]
+            lines.append(
+                f"- {name}: {statistics.median(diffs) * 1e6:+.2f} µs, "
+                f"{statistics.median(ratios):.3f} x"
             )
     steps = [
         ("fid:frame", "bare", "the frame: context + ContextVar, one header scan, send wrapper"),

@@ -278,3 +278,63 @@ def test_server_report_pairs_ratios_per_round_and_flags_failures() -> None:
     assert "- fidelity-memory / bare: 0.95 in req/s, 0.80 from CPU per request" in text
     assert "(goal ≥ 0.9: met)" in text
     assert "over the run: 3 (must be 0" in text
+
+
+def test_toolkit_inbound_variants_serve_the_route_with_their_fields() -> None:
+    from benchmarks._asgi import make_scope, receive
+
+    apps = build_apps(toolkits=True)
+    assert {"pyresilience", "fastapi", "fastapi+fidelity", "throttled"} <= set(apps)
+    assert "throttled" not in build_apps()  # callcount and compiled keep their variants
+
+    async def one(app: object) -> tuple[int, dict[bytes, bytes]]:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await app(make_scope(), receive, send)  # type: ignore[operator]
+        start = sent[0]
+        return start["status"], dict(start["headers"])  # type: ignore[arg-type, return-value]
+
+    for name in ("pyresilience", "fastapi", "fastapi+fidelity", "throttled"):
+        status, headers = asyncio.run(one(apps[name]))
+        assert status == 200, name
+        if name == "throttled":  # its RateLimitMiddleware ran: a limit was checked
+            assert b"ratelimit-limit" in headers
+        if name == "fastapi+fidelity":
+            assert b"ratelimit" in headers
+
+
+def test_toolkit_outbound_variants_retry_and_break_like_the_default_policy() -> None:
+    import httpx
+    import nopanic.testing
+    from benchmarks.outbound import competitors
+
+    attempts: dict[str, int] = {}
+
+    def send(name: str):  # type: ignore[no-untyped-def]
+        attempts[name] = 0
+
+        def upstream(request: httpx.Request) -> httpx.Response:
+            attempts[name] += 1
+            return httpx.Response(503)
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+        return lambda: client.get("http://upstream.internal/items/1")
+
+    calls = competitors(send)
+    assert set(calls) == {"nopanic", "pyresilience", "pybreaker"}
+
+    async def outcome(name: str) -> object:
+        try:
+            return (await calls[name]()).status_code
+        except httpx.HTTPStatusError as exc:
+            return type(exc).__name__
+
+    with nopanic.testing.instant():
+        assert asyncio.run(outcome("nopanic")) == "HTTPStatusError"
+    assert asyncio.run(outcome("pybreaker")) == "HTTPStatusError"
+    # nopanic: 3 attempts (its waits skipped by its own test helper); pybreaker does not
+    # retry. pyresilience is not called: it offers no way to skip its backoff's sleeps.
+    assert attempts == {"nopanic": 3, "pyresilience": 0, "pybreaker": 1}
