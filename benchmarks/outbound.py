@@ -589,6 +589,21 @@ def report(
             f"{_ratio(samples, 'fidelity', f'fidelity@{rev}'):.3f} outside one "
             f"({_delta(samples, 'fidelity', f'fidelity@{rev}'):+.2f} µs)."
         )
+    toolkits = ""
+    if all(name in samples for name in TOOLKITS):
+        toolkits = (
+            " Against the all-in-one toolkits, paired per round with `fidelity_req` "
+            "(theirs / fidelity's, median): through the client "
+            + ", ".join(
+                f"{name} {_ratio(samples, name, 'fidelity_req'):.3f} "
+                f"({_delta(samples, name, 'fidelity_req'):+.2f} µs)"
+                for name in TOOLKITS
+            )
+            + "; the layers alone "
+            + ", ".join(f"{name} +{layer[name]:.2f} µs" for name in TOOLKITS)
+            + f" to fidelity's +{layer['fidelity_req']:.2f} µs (nopanic and pyresilience "
+            "with retry, breaker, timeout and budget; pybreaker a breaker only)."
+        )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     return "\n".join(
         [
@@ -605,7 +620,8 @@ def report(
             "inside one request's context, bound once per batch as FidelityMiddleware binds "
             "it once per request (binding it per call, the ContextVar set and reset and a "
             "wrapper coroutine, is the middleware's cost, not the transport's). Memory state, "
-            f"telemetry off, process CPU time. Issue 17 item 3: {verdicts}.{before}",
+            f"telemetry off, process CPU time. Issue 17 item 3: {verdicts}.{before}"
+            f"{toolkits}",
             "",
             *table(samples, "plain"),
             "",
