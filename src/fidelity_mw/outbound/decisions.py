@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, Final
 
 import httpx
@@ -84,6 +84,53 @@ _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", d
 # (each task, thread and hedge has its own).
 GIVE_UP_EXTENSION: Final = "fidelity_give_up"
 _GAVE_UP: Final[ContextVar[Decision | None]] = ContextVar("fidelity_mw_gave_up", default=None)
+
+
+class HeldFlags:
+    """The marks a hedged call's give-ups would set on the request's context
+    (`upstream_exhausted`, `shed_by`), held until the race is over (`hold_flags`): its
+    good answer drops them, any other outcome sets them then (`release_flags`). The race
+    awaits (its loops' sends, a remote store's gates), and another call of the request
+    (`asyncio.gather`) may give up meanwhile: setting the context's flags back to what
+    they were when the race began, as before, took that call's marks too."""
+
+    __slots__ = ("ctx", "shed_by", "upstream_exhausted")
+
+    def __init__(self, ctx: DecisionContext) -> None:
+        self.ctx = ctx
+        self.upstream_exhausted = False
+        self.shed_by: str | None = None
+
+
+# The flags of the hedged call this task runs a loop of (the race's tasks inherit it).
+_HELD: Final[ContextVar[HeldFlags | None]] = ContextVar("fidelity_mw_held_flags", default=None)
+
+
+def hold_flags(ctx: DecisionContext) -> tuple[HeldFlags, Token[HeldFlags | None]]:
+    """Hold the flags a hedged call's give-ups set on `ctx`, in this task and the race's."""
+    held = HeldFlags(ctx)
+    return held, _HELD.set(held)
+
+
+def release_flags(held: HeldFlags, token: Token[HeldFlags | None], keep: bool) -> None:
+    """The race is over: its held flags go to the context (`keep`), or are dropped."""
+    _HELD.reset(token)
+    if keep:
+        mark(held.ctx, held.upstream_exhausted, held.shed_by)
+
+
+def mark(ctx: DecisionContext, exhausted: bool, shed_by: str | None) -> None:
+    """Set `ctx`'s flags (or those a race holds for it): never clears one."""
+    flags = _flags(ctx)
+    if exhausted:
+        flags.upstream_exhausted = True
+    if shed_by is not None and flags.shed_by is None:
+        flags.shed_by = shed_by
+
+
+def _flags(ctx: DecisionContext) -> DecisionContext | HeldFlags:
+    held = _HELD.get()
+    return held if held is not None and held.ctx is ctx else ctx
 
 
 def gave_up() -> Decision | None:
@@ -202,12 +249,13 @@ def give_up(
         with_why(source, {"attempts": attempts_made, **details}),
     )
     ctx.decisions.append(decision)
-    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
-        ctx.shed_by = layer  # refused before anything was sent
+    flags = _flags(ctx)
+    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and flags.shed_by is None:
+        flags.shed_by = layer  # refused before anything was sent
     # "attempts" with retries configured off is not exhaustion: we did
     # not retry, so the caller is the nearest owner and may.
     if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
-        ctx.upstream_exhausted = True
+        flags.upstream_exhausted = True
         _GAVE_UP.set(decision)
 
 
@@ -289,11 +337,10 @@ def closed_on_store_error(
         # No breaker is open: its state could not be read. The record says so (not
         # `breaker_open`, which the breaker gauge would read as open), and an answer
         # the app makes of the refusal is decided by the state's absence.
-        if attempts_made == 0 and ctx.shed_by is None:
-            ctx.shed_by = LAYER_STATE
+        mark(ctx, False, LAYER_STATE if attempts_made == 0 else None)
         reason = f"state_error:{type(exc).__name__}"
         give_up(ctx, up, LAYER_BREAKER, reason, attempts_made, now, SOURCE_FALLBACK)
-        ctx.upstream_exhausted = True  # as a breaker's refusal: not to be retried at once
+        mark(ctx, True, None)  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
         what = "on a read-only replica" if why == "read_only" else "unreachable"
         raise CircuitOpen(

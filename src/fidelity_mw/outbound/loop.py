@@ -85,6 +85,7 @@ from .decisions import (
     give_up,
     is_slow,
     lb_decision,
+    mark,
     observe_end,
     observe_start,
     plan_call,
@@ -794,11 +795,14 @@ def _gate_hedge(
     now: float,
 ) -> Generator[Effect, Any, _Gated]:
     """A hedge's gate: the retry budget and the breaker, as for a retry. A refusal is no
-    give-up of the call (its other attempts go on): what the gate recorded is replaced by
-    one `no_hedge` decision, and `NoHedge` ends this loop."""
-    decisions = ctx.decisions
-    mark = len(decisions)
-    exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
+    give-up of the call (its other attempts go on): what the gate would record is replaced
+    by one `no_hedge` decision, and `NoHedge` ends this loop. The gate decides on a
+    context of its own (its records and flags go to the request's only when it admits
+    the hedge): a remote store's gate is awaited, and another call of the request may
+    record meanwhile, which taking the gate's records back out of the request's list, as
+    before, took with them."""
+    own = DecisionContext(engine, ctx.route, ctx.method, ctx.started_at, ctx.deadline_at)
+    said: list[Decision] = own._decisions
     sent = race.sent
     layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
     if up.paused_until > now:
@@ -807,24 +811,23 @@ def _gate_hedge(
         layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
         try:
-            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None, True)
+            g = yield from _gate_next(own, engine, up, local, tried, True, sent, now, None, True)
         except Exception:  # a store failing closed: the call's other attempts still stand
             pass
         else:
             gate, source, age = g.gate, g.source, g.age_s
             if g.allowed and (gate is None or gate.verdict != "reject"):
+                ctx.decisions.extend(said)  # (the instance picked)
+                mark(ctx, own.upstream_exhausted, own.shed_by)
                 return g
-            said = decisions[mark:]
             if gate is not None and gate.verdict == "reject":
                 layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
             elif said:
                 layer, why = said[-1].layer, said[-1].reason
             else:
                 why = GIVE_UP_BUDGET
-    del decisions[mark:]
-    ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
     details = with_why(source, {"attempts": sent, "why": why})
-    decisions.append(Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, details))
+    ctx.decisions.append(Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, details))
     raise NoHedge(why)
 
 

@@ -57,7 +57,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
-from .decisions import call_end, observe_end, observe_start
+from .decisions import call_end, hold_flags, observe_end, observe_start, release_flags
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
@@ -532,7 +532,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if hedged is None:
             return await self._drive(steps, engine)
         race, hedge, spawn, up, ctx, ends = hedged
-        exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
+        # The flags its loops' give-ups set are held until the race is over: a good answer
+        # (a hedge's, mostly) ends the call, and a give-up of the first attempt's loop
+        # before it says nothing about this call any more (its record stays), so the
+        # caller's own 5xx is not marked exhausted for it. (Held, not set back to what they
+        # were: another call of the request may mark them meanwhile.)
+        held, token = hold_flags(ctx)
+        good = False
         try:
             response = await run_race(
                 race,
@@ -543,15 +549,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 lambda: self._drive(steps, engine),
                 lambda: self._drive(spawn(), engine),
             )
+            status = response.status_code
+            good = status < 500 and status not in up.retry_statuses
         finally:
+            release_flags(held, token, not good)
             if ends is not None:
                 call_end(ends, ctx)
-        status = response.status_code
-        if status < 500 and status not in up.retry_statuses:
-            # A good answer (a hedge's, mostly) ends the call: a give-up of the first
-            # attempt's loop before it says nothing about this call any more (its record
-            # stays), so the caller's own 5xx is not marked exhausted for it.
-            ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
         if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
