@@ -16,14 +16,20 @@ from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, current
 from fidelity_mw.context import DecisionContext
+from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.engine import Engine
 from fidelity_mw.policy import (
+    BreakerConfig,
     DeadlineConfig,
     HedgeConfig,
     RetryConfig,
+    StateConfig,
     UpstreamConfig,
 )
+from fidelity_mw.state.base import LATE_ANSWER
 from fidelity_mw.state.memory import MemoryStore
-from fidelity_mw.testing import FakeClock
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
 
@@ -151,3 +157,167 @@ async def test_a_hedged_calls_good_answer_keeps_another_calls_exhausted_flag() -
     ctx = seen[0]
     assert any(d.verdict == "hedge" for d in ctx.decisions)  # raced, and answered well
     _the_other_calls_give_up_stands(response, ctx)
+
+
+# ------------------------------------- 2. a give-back through a second raw cancel
+
+
+PROBING = BreakerConfig(
+    consecutive_failures=1, open_s=0.01, open_jitter=0.0, half_open_probes=1, probe_lease_s=30.0
+)
+
+
+class LateGate(Remote):
+    """A remote store whose next gate is answered only after its caller was cancelled
+    (the answer rides on the cancellation, `LATE_ANSWER`, as the Redis store's does), and
+    whose give-back (`ignored`) is held until `release_record` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = False
+        self.in_gate = asyncio.Event()
+        self.in_record = asyncio.Event()
+        self.release_record = asyncio.Event()
+        self.given_back: list[str] = []
+
+    async def outbound_gate(self, *args: Any) -> Any:
+        answer = await self.inner.outbound_gate(*args)  # the script ran
+        if self.late:
+            self.late = False
+            self.in_gate.set()
+            try:
+                await asyncio.Event().wait()  # the reply is on its way
+            except asyncio.CancelledError as cancel:
+                setattr(cancel, LATE_ANSWER, answer)
+                raise
+        return answer
+
+    async def record(self, *args: Any) -> Any:
+        if args[3] == IGNORED:
+            self.in_record.set()
+            await self.release_record.wait()
+        state = await self.inner.record(*args)
+        if args[3] == IGNORED:
+            self.given_back.append(args[0])
+        return state
+
+
+async def test_a_give_back_survives_a_second_raw_cancel() -> None:
+    """Before: the probe slot a cancelled call's late gate answer took was given back by
+    awaiting the store directly, which an anyio shield does not hold against a raw
+    `task.cancel()`: a second one (a caller's `wait_for` and then its own timeout, a task
+    group cancelled twice) dropped the give-back, and the half-open breaker refused
+    every call for the probe lease (30 s)."""
+    clock = FakeClock()
+    store = LateGate()
+    policy = Policy(
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=1), breaker=PROBING),)
+    )
+    engine = Engine(policy, clock=clock, store=store)  # type: ignore[arg-type]
+    answers = iter([503, 200])
+    t = FidelityTransport(
+        httpx.MockTransport(lambda r: httpx.Response(next(answers))), engine=engine, telemetry=False
+    )
+    async with httpx.AsyncClient(transport=t) as client:
+        assert (await client.get("http://svc/x")).status_code == 503  # opens the breaker
+        clock.advance(0.02)  # half-open: one probe slot
+        store.late = True
+        task = asyncio.create_task(client.get("http://svc/x"))
+        await store.in_gate.wait()
+        task.cancel()  # the gate's answer (the probe slot) comes on the cancellation
+        await store.in_record.wait()
+        task.cancel()  # again, while the slot is being given back
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.release_record.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert store.given_back == ["upstream:svc"]
+        response = await client.get("http://svc/x")  # the slot is free: this is the probe
+    assert response.status_code == 200
+    assert ("breaker", "probe") in {(d.layer, d.verdict) for d in context(response).decisions}
+
+
+def context(response: httpx.Response) -> DecisionContext:
+    ctx = response.extensions["fidelity_context"]
+    assert isinstance(ctx, DecisionContext)
+    return ctx
+
+
+class _Never:
+    """A store call that never answers (its caller is cancelled)."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def __call__(self, *args: Any) -> Any:
+        self.called.set()
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:  # (as the store's coalescer)
+        return None
+
+    def __getattr__(self, name: str) -> Any:  # (as the store's coalescer: `call`)
+        if name == "call":
+            return self
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_a_cancelled_record_counts_what_it_dropped(
+    coalesce: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a record whose caller was cancelled dropped its outcome and the deferred
+    successes it took along, and `dropped_records` did not count them (a lost reply's
+    are)."""
+    store = RedisStore(
+        config=StateConfig(url="redis://127.0.0.1:1/0"), rng=seeded_random(1), clock=FakeClock()
+    )
+    store.coalesce = coalesce
+    never = _Never()
+    monkeypatch.setattr(store, "call", never)
+    monkeypatch.setattr(store, "coalescer", never)
+    breaker = BreakerConfig()
+    try:
+        for _ in range(3):  # plain successes: deferred, they ride on the next call
+            store.record_now("upstream:svc", breaker, Gate("allow", "closed", 1, 0.0), SUCCESS,
+                             False, 0.0)  # fmt: skip
+        failure = asyncio.create_task(
+            store.record(
+                "upstream:svc", breaker, Gate("allow", "closed", 1, 0.0), FAILURE, False, 0.0
+            )
+        )
+        await never.called.wait()
+        failure.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await failure
+        assert store.stats.dropped_records == 1 + 3
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_gate_without_its_reply_counts_the_successes_it_took(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for a gate cancelled before its reply was read (a reply read late says
+    the script ran: nothing dropped)."""
+    store = RedisStore(
+        config=StateConfig(url="redis://127.0.0.1:1/0"), rng=seeded_random(1), clock=FakeClock()
+    )
+    never = _Never()
+    monkeypatch.setattr(store, "call", never)
+    breaker = BreakerConfig()
+    try:
+        for _ in range(2):
+            store.record_now("upstream:svc", breaker, Gate("allow", "closed", 1, 0.0), SUCCESS,
+                             False, 0.0)  # fmt: skip
+        gate = asyncio.create_task(
+            store.outbound_gate("upstream:svc", breaker, "budget:svc", RetryConfig(), False, 0.0)
+        )
+        await never.called.wait()
+        gate.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gate
+        assert store.stats.dropped_records == 2
+    finally:
+        await store.aclose()

@@ -595,8 +595,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                                 raise
                             late = exc
                     if late is not None:  # (given back outside the handler, as below)
+                        # (a task of its own, `_whole`: a second raw cancel leaves it running)
                         with anyio.CancelScope(shield=True):
-                            await _give_back(store, effect, getattr(late, LATE_ANSWER))
+                            await _whole(_give_back(store, effect, getattr(late, LATE_ANSWER)))
                         raise late
                     gone: BaseException | None = None
                     try:
@@ -605,7 +606,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                         gone = exc
                     if gone is not None:
                         with anyio.CancelScope(shield=True):
-                            await _give_back(store, effect, value)
+                            await _whole(_give_back(store, effect, value))
                         raise gone
                 elif kind == RECORD:
                     if effect[4] == IGNORED or effect[3].probe_id:
@@ -671,7 +672,8 @@ async def _give_back(store: StateStore, effect: tuple[Any, ...], answer: Any) ->
     as the loop gives back a gate whose attempt is not made (an `ignored` outcome frees a
     probe slot) and a retry the budget counted (`budget_refund`, at the store's own time
     of the spend when its answer says it). Best effort: the probe lease and the budget
-    window bound what is not given back."""
+    window bound what is not given back. Run through `_whole`, so a second raw
+    `task.cancel()` while it awaits the store does not stop it half-way."""
     _, breaker_key, breaker, budget_key, cfg, retry, now = effect
     try:
         gate, allowed, source, _age = answer
