@@ -14,10 +14,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, current
+from fidelity_mw import (
+    FidelityMiddleware,
+    FidelitySyncTransport,
+    FidelityTransport,
+    Policy,
+    current,
+)
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.engine import Engine
+from fidelity_mw.outbound.decisions import GIVE_UP_EXTENSION
 from fidelity_mw.policy import (
     BreakerConfig,
     DeadlineConfig,
@@ -321,3 +328,64 @@ async def test_a_cancelled_gate_without_its_reply_counts_the_successes_it_took(
         assert store.stats.dropped_records == 2
     finally:
         await store.aclose()
+
+
+# ------------------------------------- 3. a request sent again: no old give-up mark
+
+
+def _resend_app(seen: list[int]) -> Starlette:
+    """The handler sends one request twice: given up on (503 three times), then answered
+    200; then it raises for a 503 of its own, built with that request."""
+    answers = iter([503, 503, 503, 200])
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers))
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+
+    async def handler(request: Request) -> Response:
+        call = outbound.build_request("GET", "http://payments.internal/x")
+        seen.append((await outbound.send(call)).status_code)
+        seen.append((await outbound.send(call)).status_code)  # the shortcut's call
+        httpx.Response(503, request=call).raise_for_status()  # the app's own 503
+        return PlainTextResponse("not reached")
+
+    app = Starlette(routes=[Route("/", handler)])
+    policy = Policy(
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=3, base_ms=1, max_ms=1)),)
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def test_a_request_sent_again_drops_its_old_give_up_mark() -> None:
+    """Before: the give-up mark a request carried from its first send stayed through a
+    second send that the shortcut answered 200, so the app's own 503 built with that
+    request was answered as the outbound give-up (502, `x-fidelity-retry: exhausted`)."""
+    seen: list[int] = []
+    response = await _answer(_resend_app(seen))
+    assert seen == [503, 200]
+    assert response.status_code == 500  # the app's failure, not an upstream give-up
+    assert "x-fidelity-retry" not in response.headers
+
+
+@pytest.mark.parametrize("second", [200, 500])
+def test_a_sync_request_sent_again_drops_its_old_give_up_mark(second: int) -> None:
+    """The same for the sync transport's first attempt (`first_attempt`), and for a call
+    that goes on in the loop (a 500 it does not retry)."""
+    answers = iter([503, 503, 503, second])
+    policy = Policy(
+        upstreams=(UpstreamConfig(host="*", retry=RetryConfig(attempts=3, base_ms=1, max_ms=1)),)
+    )
+    engine = Engine(policy, clock=FakeClock(), store=MemoryStore())
+    t = FidelitySyncTransport(
+        httpx.MockTransport(lambda r: httpx.Response(next(answers))), engine=engine, telemetry=False
+    )
+    with httpx.Client(transport=t) as client:
+        call = client.build_request("GET", "http://payments.internal/x")
+        assert client.send(call).status_code == 503
+        assert GIVE_UP_EXTENSION in call.extensions
+        again = client.send(call)
+    assert again.status_code == second
+    assert GIVE_UP_EXTENSION not in call.extensions
+    assert GIVE_UP_EXTENSION not in again.extensions

@@ -248,7 +248,10 @@ def first_attempt(
     `taken` is what `local.begin` answered (its gate, or what it raised) when the
     async transport's shortcut asked already: only what it does not handle comes here.
     """
-    timeouts = request.extensions.get("timeout")
+    extensions = request.extensions
+    timeouts = extensions.get("timeout")
+    if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
+        del extensions[GIVE_UP_EXTENSION]
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     prior = take_ours(request.headers)
@@ -333,7 +336,10 @@ def attempts(
     instances = up.instances
     original_url = request.url
     if first is None:
-        original_timeout = request.extensions.get("timeout")
+        extensions = request.extensions
+        original_timeout = extensions.get("timeout")
+        if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
+            del extensions[GIVE_UP_EXTENSION]
         # Judged before the first attempt, which consumes a streaming body (and may
         # buffer it: a transport that reads it leaves bytes behind).
         stream = request.stream
@@ -521,7 +527,6 @@ def attempts(
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
-                    request.extensions.pop(GIVE_UP_EXTENSION, None)  # (a request sent again)
                     plan = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,

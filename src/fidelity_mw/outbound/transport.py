@@ -57,7 +57,14 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
-from .decisions import call_end, hold_flags, observe_end, observe_start, release_flags
+from .decisions import (
+    GIVE_UP_EXTENSION,
+    call_end,
+    hold_flags,
+    observe_end,
+    observe_start,
+    release_flags,
+)
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
@@ -97,6 +104,7 @@ _observe_end: Final = observe_end
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
+_GIVE_UP: Final = GIVE_UP_EXTENSION
 
 
 class _Armed:
@@ -413,7 +421,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if up.default_deadline_s is not None:
                 ctx.deadline_at = now + up.default_deadline_s
         remaining = ctx.deadline_at
-        timeouts = request.extensions.get("timeout")
+        extensions = request.extensions
+        timeouts = extensions.get("timeout")
+        if _GIVE_UP in extensions:  # a request sent again: its last call's give-up
+            del extensions[_GIVE_UP]
         seen = up.timeouts
         raw = request.headers._list if FAST_HEADERS else None
         tight = False  # the deadline caps the attempt timeout
