@@ -22,6 +22,7 @@ from fidelity_mw import (
     current,
 )
 from fidelity_mw.context import DecisionContext
+from fidelity_mw.decide.balance import InstanceView, choose
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from fidelity_mw.engine import Engine
 from fidelity_mw.outbound.decisions import GIVE_UP_EXTENSION
@@ -389,3 +390,71 @@ def test_a_sync_request_sent_again_drops_its_old_give_up_mark(second: int) -> No
     assert again.status_code == second
     assert GIVE_UP_EXTENSION not in call.extensions
     assert GIVE_UP_EXTENSION not in again.extensions
+
+
+# ------------------------------------- 5. every instance to be avoided: not a paused one
+
+TWO = ("http://10.0.0.1:8001", "http://10.0.0.2:8002")
+
+
+def test_the_fallback_pick_prefers_an_unpaused_instance_then_the_pause_that_ends_first() -> None:
+    """Before: with every instance to be avoided (tried, or paused by a 429), the pick fell
+    back on all of them by cost alone, and the cheaper paused one won."""
+    now = 100.0
+    tried_busy = InstanceView(2, 0.01, 0.0, 0.0)  # tried, and costlier
+    paused_idle = InstanceView(0, 0.01, 0.0, 0.0, paused_until=now + 5.0)
+    for seed in range(20):
+        pick = choose([tried_busy, paused_idle], [0, 1], now, seeded_random(seed))
+        assert pick.chosen == 0
+    # a pause that ends before the retry goes out is no pause for it
+    pick = choose([tried_busy, paused_idle], [0, 1], now, seeded_random(0), paused_at=now + 6.0)
+    assert pick.chosen == 1
+    # all paused: the pause that ends first
+    views = [
+        InstanceView(0, 0.01, 0.0, 0.0, paused_until=now + 9.0),
+        InstanceView(3, 0.01, 0.0, 0.0, paused_until=now + 2.0),
+        InstanceView(0, 0.01, 0.0, 0.0, paused_until=now + 4.0),
+    ]
+    for seed in range(20):
+        assert choose(views, [0, 1, 2], now, seeded_random(seed)).chosen == 1
+
+
+async def test_a_hedge_does_not_go_to_an_instance_a_429_paused() -> None:
+    """A service of two; a 429 with `Retry-After: 10` paused the second for retries and
+    hedges. A call's first attempt goes to the first (and hangs): its hedge must avoid
+    both, and went to the paused one (idle, so cheaper). Now it goes to the first again,
+    whose pause is none."""
+    clock = FakeClock()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}:{request.url.port}")
+        if len(seen) == 1:  # the first attempt: answers once the hedge has
+            await release.wait()
+        else:
+            release.set()
+        return httpx.Response(200)
+
+    cfg = UpstreamConfig(
+        host="payments",
+        instances=TWO,
+        retry=RetryConfig(attempts=2, base_ms=1, max_ms=1),
+        hedge=HedgeConfig(after_ms=50),
+    )
+    engine = Engine(
+        Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(3), store=MemoryStore()
+    )
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    up = t.upstream(engine, httpx.URL("http://payments/"))
+    first, second = up.instances or ()
+    up.pause(second, clock.monotonic() + 10.0)  # (what a 429's planned retry does)
+    # The first attempt goes to the first instance (cheaper while idle), and the hedge's
+    # fallback finds the paused one cheaper (the first one is busy with that attempt).
+    first.latency_s, second.latency_s = 0.01, 0.015
+    first.latency_at = second.latency_at = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/b")
+    assert response.status_code == 200
+    assert seen == ["10.0.0.1:8001", "10.0.0.1:8001"]  # the hedge, to the first again
+    assert any(d.verdict == "hedge" for d in context(response).decisions)
