@@ -23,7 +23,7 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.decide.balance import InstanceView, choose
-from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate
 from fidelity_mw.engine import Engine
 from fidelity_mw.outbound.decisions import GIVE_UP_EXTENSION
 from fidelity_mw.policy import (
@@ -458,3 +458,133 @@ async def test_a_hedge_does_not_go_to_an_instance_a_429_paused() -> None:
     assert response.status_code == 200
     assert seen == ["10.0.0.1:8001", "10.0.0.1:8001"]  # the hedge, to the first again
     assert any(d.verdict == "hedge" for d in context(response).decisions)
+
+
+# ------------------------------------- 4. Retry-After scoped to the instance that sent it
+
+STEADY = BreakerConfig(
+    consecutive_failures=100, half_open_probes=1, open_jitter=0.0, probe_lease_s=30.0
+)
+BUSY, OTHER = "10.0.0.1:8001", "10.0.0.2:8002"
+
+
+def _two(
+    status: int, retry_after: str, breaker: BreakerConfig | None = None
+) -> tuple[FidelityTransport, MemoryStore, FakeClock, list[str]]:
+    """A service of two; the first (faster) instance answers `status` with `retry_after`
+    the first time, the rest answer 200."""
+    seen: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}:{request.url.port}")
+        if len(seen) == 1:
+            return httpx.Response(status, headers={"retry-after": retry_after})
+        return httpx.Response(200)
+
+    clock = FakeClock()
+    store = MemoryStore(rng=seeded_random(3))
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+    cfg = UpstreamConfig(host="payments", instances=TWO, retry=retry, breaker=breaker)
+    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=store)
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    instances = t.upstream(engine, httpx.URL("http://payments/")).instances or ()
+    for instance, latency in zip(instances, (0.001, 0.002), strict=True):
+        instance.latency_s, instance.latency_at = latency, clock.monotonic()
+    return t, store, clock, seen
+
+
+def _retried(response: httpx.Response) -> Any:
+    (retried,) = [d for d in context(response).decisions if d.verdict == "retry"]
+    return retried
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_an_instances_retry_after_pauses_it_and_the_retry_goes_elsewhere_at_once(
+    status: int,
+) -> None:
+    """Before: a `Retry-After` the call could wait (5 s) was waited before the retry went
+    to the other instance, which had said nothing. Now (as Envoy does) it pauses only
+    the instance that sent it, and the retry goes to the other after the plain backoff;
+    the retry's record says so."""
+    t, _, clock, seen = _two(status, "5")
+    start = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    assert seen == [BUSY, OTHER]
+    retried = _retried(response)
+    assert retried.details["delay_ms"] <= 2.0  # the backoff (max_ms), not the 5 s
+    assert retried.details["retry_after_s"] == 5.0
+    assert retried.details["retry_after_scope"] == "instance"
+    assert clock.monotonic() - start < 1.0
+    busy, _ = t.upstream(t.engine, httpx.URL("http://payments/")).instances or ()
+    assert busy.paused_until == pytest.approx(start + 5.0)  # that instance only
+    assert t.upstream(t.engine, httpx.URL("http://payments/")).paused_until == 0.0
+
+
+async def test_a_single_hosts_retry_after_is_waited_and_the_record_says_so() -> None:
+    seen: list[float] = []
+    clock = FakeClock()
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(clock.monotonic())
+        if len(seen) == 1:
+            return httpx.Response(429, headers={"retry-after": "2"})
+        return httpx.Response(200)
+
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2)
+    engine = Engine(
+        Policy(upstreams=(UpstreamConfig(host="*", retry=retry),)),
+        clock=clock,
+        store=MemoryStore(),
+    )
+    t = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments.internal/pay")
+    assert response.status_code == 200
+    assert seen[1] - seen[0] >= 2.0
+    retried = _retried(response)
+    assert (retried.details["retry_after_s"], retried.details["retry_after_scope"]) == (
+        2.0,
+        "call",
+    )
+
+
+async def test_with_the_other_instance_known_open_the_retry_after_is_waited() -> None:
+    """No other instance may take the retry (the other's breaker is known open): the
+    call waits the Retry-After and goes back to the instance that sent it."""
+    t, store, clock, seen = _two(503, "5", STEADY)
+    store.breaker_state("upstream:" + OTHER, STEADY).force(
+        OPEN, clock.monotonic(), seeded_random(0)
+    )
+    start = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    assert seen == [BUSY, BUSY]
+    retried = _retried(response)
+    assert retried.details["delay_ms"] >= 5000.0
+    assert retried.details["retry_after_scope"] == "call"
+    assert clock.monotonic() - start >= 5.0
+
+
+async def test_when_the_other_instance_refuses_the_retry_it_waits_for_the_paused_one() -> None:
+    """The other instance looked free (its breaker half-open, not known open) but its
+    gate refuses the retry (its one probe is out): the retry goes back to the instance
+    that said `Retry-After: 5`, after those 5 s (the call could wait them), rather than
+    give up as `retry_after_too_long` (that instance's pause would refuse it) or not
+    wait at all."""
+    t, store, clock, seen = _two(503, "5", STEADY)
+    other = "upstream:" + OTHER
+    store.breaker_state(other, STEADY).force(HALF_OPEN, clock.monotonic(), seeded_random(0))
+    store.outbound_gate_now(other, STEADY, None, None, False, clock.monotonic())  # the probe
+    start = clock.monotonic()
+    async with httpx.AsyncClient(transport=t) as client:
+        response = await client.get("http://payments/pay")
+    assert response.status_code == 200
+    assert seen == [BUSY, BUSY]
+    retried = _retried(response)
+    assert retried.details["delay_ms"] >= 5000.0
+    assert retried.details["retry_after_scope"] == "call"
+    assert clock.monotonic() - start >= 5.0
+    assert not context(response).upstream_exhausted

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import httpx
 
@@ -43,7 +43,6 @@ from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
-    GIVE_UP_RETRY_AFTER,
     IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
@@ -395,6 +394,23 @@ def trusted_peer(
     return trusted
 
 
+# What a planned retry did with the failed response's `Retry-After` (`RetryAfter.scope`,
+# the retry decision's `retry_after_scope`).
+SCOPE_CALL: Final = "call"  # waited before the retry: it goes to the same host or instance
+SCOPE_INSTANCE: Final = "instance"  # paused only the instance that sent it: the retry goes
+# to another instance after the plain backoff
+
+
+class RetryAfter(NamedTuple):
+    """The failed response's `Retry-After` and what the retry planned on it does."""
+
+    retry_after_s: float
+    scope: str  # SCOPE_CALL or SCOPE_INSTANCE
+    # SCOPE_INSTANCE: until when the call could still wait it, should the retry find no
+    # other instance after all (another's gate refuses it); None when it could not.
+    wait_until: float | None = None
+
+
 def plan_call(
     engine: Engine,
     ctx: DecisionContext,
@@ -409,12 +425,20 @@ def plan_call(
     now: float,
     target: Instance | None = None,
     used: Sequence[Instance] = (),
-) -> RetryPlan:
+) -> tuple[RetryPlan, RetryAfter | None]:
     """Retry this retryable failure? Records the give-up (but not a budget one) if not.
-    `used`: the instances of the service the call sent to before (its hedges' too)."""
+    `used`: the instances of the service the call sent to before (its hedges' too).
+
+    A `Retry-After` on the response is one instance's word about itself (as Envoy and
+    Finagle take it) when the service has another instance the retry may go to: that
+    instance is paused for it (at most `retry_after_max_s`) and the retry goes to
+    another one after its plain backoff (`SCOPE_INSTANCE`). Otherwise (a plain host, or
+    no other instance) the call waits it before the retry (`SCOPE_CALL`), or gives up
+    when it cannot."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
+    scoped: RetryAfter | None = None
     if response is not None:
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("retry-after"), engine.clock.wall())
@@ -426,6 +450,23 @@ def plan_call(
             breaker_wait = open_time(up.breaker, 0)
     else:
         deadline_at = ctx.deadline_at
+        remaining = None if deadline_at is None else deadline_at - now
+        wait = retry_after
+        if retry_after is not None and target is not None and _another(up, target, used, now):
+            # One instance's Retry-After is about that instance (as its 429's pause is):
+            # it is paused for what it said, and the retry goes to another one after its
+            # backoff (one the call has not tried, not paused, not known open: the
+            # retry's pick goes there, never back to the paused one while another is
+            # there), whether the call could have waited it or not.
+            waitable = retry_after <= up.retry.retry_after_max_s and (
+                remaining is None or retry_after < remaining
+            )
+            scoped = RetryAfter(
+                retry_after, SCOPE_INSTANCE, now + retry_after + 1e-6 if waitable else None
+            )
+            wait = 0.0 if status == 429 else None  # (a 429's is usable: not `missing`)
+        elif retry_after is not None:
+            scoped = RetryAfter(retry_after, SCOPE_CALL)
         plan = plan_retry(
             cfg=up.retry,
             attempt=attempt,
@@ -433,40 +474,13 @@ def plan_call(
             or has_header(request.headers, IDEMPOTENCY_KEY),
             replayable=replayable,
             downstream_exhausted=False,
-            retry_after_s=retry_after,
+            retry_after_s=wait,
             status=status,
-            remaining_s=None if deadline_at is None else deadline_at - now,
+            remaining_s=remaining,
             rng=engine.rng,
             previous_delay_s=previous_delay,
             paused_s=max(0.0, up.paused_until - now),
         )
-        if (
-            not plan.retry
-            and plan.reason in (GIVE_UP_RETRY_AFTER, GIVE_UP_DEADLINE)
-            and retry_after is not None
-            and target is not None
-            and _another(up, target, used, now)
-        ):
-            # One instance's Retry-After, beyond what the call can wait, is about that
-            # instance (as its 429's pause is): it is paused for what it said (at most
-            # `retry_after_max_s`), and the retry goes to another one after its backoff
-            # (one the call has not tried, not paused, not known open: the retry's pick
-            # goes there, never back to the paused one) rather than the call give up while
-            # the others stand by.
-            up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
-            plan = plan_retry(
-                cfg=up.retry,
-                attempt=attempt,
-                idempotent=True,
-                replayable=True,
-                downstream_exhausted=False,
-                retry_after_s=0.0 if status == 429 else None,  # (a 429's is usable)
-                status=status,
-                remaining_s=None if deadline_at is None else deadline_at - now,
-                rng=engine.rng,
-                previous_delay_s=previous_delay,
-                paused_s=max(0.0, up.paused_until - now),
-            )
     if not plan.retry:
         reason = plan.reason
         layer = (
@@ -480,13 +494,16 @@ def plan_call(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
         )  # fmt: skip
-    elif status == 429 and retry_after is not None:
-        # A planned retry after a 429 pauses other calls' retries to this host (to
-        # this instance of a service) too, never longer than the cap (a refused
-        # Retry-After pauses nothing).
+        return plan, None
+    if retry_after is not None and (
+        status == 429 or (scoped is not None and scoped.scope == SCOPE_INSTANCE)
+    ):
+        # A planned retry after a 429 pauses other calls' retries to this host (to this
+        # instance of a service) too, and so does one an instance's Retry-After sent
+        # elsewhere; never longer than the cap (a refused Retry-After pauses nothing).
         pause = min(retry_after, up.retry.retry_after_max_s)
         up.pause(target, now + pause)
-    return plan
+    return plan, scoped
 
 
 # ---------------------------------------------------------------- small helpers

@@ -60,6 +60,7 @@ from ..context import (
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
+    DetailValue,
 )
 from ..decide.balance import EWMA_TAU_S, Pick, choose, ewma
 from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
@@ -73,6 +74,7 @@ from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
 from .decisions import (
     GIVE_UP_EXTENSION,
+    SCOPE_CALL,
     call_end,
     cause_of,
     classify,
@@ -527,18 +529,20 @@ def attempts(
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
-                    plan = plan_call(
+                    plan, scoped = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
                         target, tried if race is None else (*tried, *race.targets),
                     )  # fmt: skip
                     if plan.retry:
+                        delay = plan.delay_s
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
                             if race is not None:  # and its hedges' instances, too
                                 tried.extend(i for i in race.targets if i not in tried)
                         spent_at: float | None = None
+                        scope = "" if scoped is None else scoped.scope
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
@@ -546,13 +550,20 @@ def attempts(
                         else:
                             # (sent then: a microsecond's slack, a wait to a pause's end
                             # ends at its end, whatever the floats' rounding)
-                            sent_at = now + plan.delay_s + 1e-6
+                            sent_at = now + delay + 1e-6
                             g = yield from _gate_next(
                                 ctx, engine, up, local, tried, True, attempt, now, error,
                                 False, sent_at,
+                                -math.inf if scoped is None or scoped.wait_until is None
+                                else scoped.wait_until,
                             )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
+                            if g.resend_at is not None:
+                                # no other instance took it after all: the retry goes back
+                                # to the one paused, once the Retry-After it sent is over
+                                delay = max(delay, g.resend_at - now)
+                                scope = SCOPE_CALL
                         if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
@@ -563,11 +574,16 @@ def attempts(
                             # again (the gate is held through the wait)
                             cause = cause_of(response, error)
                             last_error = error
-                            delay = previous_delay = plan.delay_s
+                            previous_delay = delay
                             if gate is not None and gate.probe_id:
                                 gate_answer(ctx, up, gate, source, age, attempt, now, error)
                             number = attempt + 1 if race is None else race.next()
-                            details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
+                            details: dict[str, DetailValue] = {
+                                "attempt": number, "delay_ms": round(delay * 1000.0, 3)
+                            }  # fmt: skip
+                            if scoped is not None:  # what the response's Retry-After did
+                                details["retry_after_s"] = round(scoped.retry_after_s, 3)
+                                details["retry_after_scope"] = scope
                             ctx.decisions.append(
                                 Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
                                          with_why(source, details))
@@ -641,6 +657,7 @@ class _Gated(NamedTuple):
     allowed: bool  # the retry budget's answer (always True for a first attempt)
     spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
     spent_at: float | None = None  # ... at this time of the store's clock, when it said
+    resend_at: float | None = None  # the retry waits for its instance's pause to end
 
 
 def _gate_next(
@@ -655,12 +672,15 @@ def _gate_next(
     last_error: BaseException | None,
     hedge: bool = False,
     sent_at: float = math.inf,
+    wait_until: float = -math.inf,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
     (the balancer learns it and picks another; a rejected gate spent no retry). A retry
     (sent at `sent_at`, after its backoff) never goes to an instance a Retry-After
-    paused beyond then."""
+    paused beyond then, but to one whose pause ends by `wait_until` (the call could wait
+    the Retry-After that paused it) when no other is left: then after that pause
+    (`_Gated.resend_at`)."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -677,7 +697,10 @@ def _gate_next(
                 instance.open_until = open_until
                 instance.seen_at = now
     failed = False
+    planned_at = sent_at
+    resend_at: float | None = None
     for _ in range(len(instances) + 1 if instances else 1):
+        sent_at, resend_at = planned_at, None
         if instances is not None:
             pick = choose(
                 [i.view(now) for i in instances],
@@ -702,7 +725,13 @@ def _gate_next(
             ):
                 # (a hedge goes to another instance than those the call waits on, or not)
                 pick = _closed_instead(instances, tried, pick, now, sent_at, engine)
-                if instances[pick.chosen].paused_until > sent_at:
+                until = instances[pick.chosen].paused_until
+                if sent_at < until <= wait_until:
+                    # Only the instance whose Retry-After the call can wait is left (the
+                    # others refused the retry, or were paused meanwhile): the retry goes
+                    # there once it is over, as to a single host.
+                    sent_at = resend_at = until + 1e-6
+                elif until > sent_at:
                     # Only instances paused beyond the retry's backoff are left (the one
                     # whose Retry-After the call could not wait, and whose pause sent the
                     # retry elsewhere, among them): no retry, rather than one they refused.
@@ -761,8 +790,9 @@ def _gate_next(
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
     return _Gated(
-        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None
-    )
+        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
+        resend_at,
+    )  # fmt: skip
 
 
 def _closed_instead(
