@@ -511,13 +511,12 @@ async def test_one_instances_429_pauses_that_instance_not_the_service() -> None:
     busy = seen[0][1]
     retried = [(at - start, where) for at, where, n in seen[2:] if n == "2"]
     # the second call's retry goes out after its own backoff (at most 100 ms), not after
-    # the first instance's 5 s, and not to the paused instance
-    (second_retry,) = [r for r in retried if r[0] < 5.0]
-    assert second_retry[0] <= 0.01 + 0.1 + 1e-9
-    assert second_retry[1] != busy
-    # the first call waits the Retry-After it was given, and goes elsewhere
-    (first_retry,) = [r for r in retried if r[0] >= 5.0]
-    assert first_retry[1] != busy
+    # the first instance's 5 s, and not to the paused instance; so does the first call's
+    # (out19: the Retry-After it was given pauses that instance, the call goes elsewhere)
+    assert len(retried) == 2
+    for at, where in retried:
+        assert at <= 0.01 + 0.1 + 1e-9
+        assert where != busy
     plan = t.upstream(engine, httpx.URL("http://payments/"))
     assert plan.paused_until == 0.0  # the service is not paused: one instance is
 

@@ -3,10 +3,11 @@
 Power of two choices over the admissible instances, each scored by its
 outstanding requests weighted by its latency EWMA (cost = latency x
 (outstanding + 1)); a retry avoids instances the call already tried while
-another is admissible; an instance whose breaker is known open is ejected,
-but never more than `max_ejected_ratio` of them at once (at least one may
-be); when fewer than `panic_threshold` of the instances are admissible, the
-pick spreads over all of them instead of refusing (panic mode).
+another is admissible (and, all avoided, prefers one no 429 paused); an
+instance whose breaker is known open is ejected, but never more than
+`max_ejected_ratio` of them at once (at least one may be); when fewer than
+`panic_threshold` of the instances are admissible, the pick spreads over
+all of them instead of refusing (panic mode).
 
 Time (`now`) and randomness (`rng`, uniform floats in [0, 1)) are arguments;
 nothing here does I/O.
@@ -35,6 +36,7 @@ class InstanceView(NamedTuple):
     latency_s: float  # EWMA of attempt latency; 0.0 when not measured yet
     open_until: float  # its breaker is known open until then (0.0: not known open)
     seen_at: float  # when that breaker state was learned (its age is now - seen_at)
+    paused_until: float = 0.0  # a 429's Retry-After paused retries to it until then
 
 
 class Pick(NamedTuple):
@@ -98,8 +100,14 @@ def choose(
     *,
     panic_threshold: float = 0.5,
     max_ejected_ratio: float = 0.5,
+    paused_at: float | None = None,
 ) -> Pick:
-    """Pick the instance for the next attempt. Never refuses: `views` must not be empty."""
+    """Pick the instance for the next attempt. Never refuses: `views` must not be empty.
+
+    `tried`: the instances to avoid (those the call tried, those a retry must not go to).
+    When every candidate is to be avoided, the pick falls back on them all, preferring
+    the ones not paused at `paused_at` (when the attempt goes out; default `now`), then,
+    all paused, the one whose pause ends first: a paused instance asked for the wait."""
     n = len(views)
     out = ejected(views, now, max_ejected_ratio)
     admissible = [i for i in range(n) if i not in out]
@@ -108,6 +116,14 @@ def choose(
     fresh = [i for i in candidates if i not in tried]
     if fresh:
         candidates = fresh
+    elif len(candidates) > 1:
+        at = now if paused_at is None else paused_at
+        free = [i for i in candidates if views[i].paused_until <= at]
+        if free:
+            candidates = free
+        else:
+            first = min(views[i].paused_until for i in candidates)
+            candidates = [i for i in candidates if views[i].paused_until == first]
     measured = [views[i].latency_s for i in candidates if views[i].latency_s > 0.0]
     # An unmeasured instance is assumed as fast as the fastest measured one: it gets tried.
     default_latency = min(measured) if measured else 1.0

@@ -44,6 +44,7 @@ _STATE_WHAT: dict[str | None, str] = {
     "error": "failed to answer",
     None: "is unavailable",
 }
+_NO_HEDGE = "no_hedge"  # (outbound.hedge.NO_HEDGE, without importing the race's module)
 ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
 RETRY_AFTER = b"retry-after"
 
@@ -209,12 +210,14 @@ def deadline_refusal(ctx: DecisionContext, now: float) -> Rejection:
 def _outbound_give_up(
     ctx: DecisionContext, layers: tuple[str, ...] = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
 ) -> Decision | None:
-    """The outbound layer's last refusal or give-up recorded on this context."""
+    """The outbound layer's last refusal or give-up recorded on this context. (A refused
+    hedge, `no_hedge`, is neither: its call went on, and may have answered well.)"""
     for decision in reversed(ctx.decisions):
         if (
             decision.verdict in (GIVE_UP, REJECT)
             and decision.subject != ctx.route
             and decision.layer in layers
+            and decision.reason != _NO_HEDGE
         ):
             return decision
     return None

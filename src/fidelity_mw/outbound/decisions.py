@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
-from typing import Any, Final
+from contextvars import ContextVar, Token
+from typing import Any, Final, NamedTuple
 
 import httpx
 
@@ -43,7 +43,6 @@ from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
-    GIVE_UP_RETRY_AFTER,
     IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
@@ -84,6 +83,53 @@ _FELL: Final[ContextVar[str | None]] = ContextVar("fidelity_mw_outbound_fell", d
 # (each task, thread and hedge has its own).
 GIVE_UP_EXTENSION: Final = "fidelity_give_up"
 _GAVE_UP: Final[ContextVar[Decision | None]] = ContextVar("fidelity_mw_gave_up", default=None)
+
+
+class HeldFlags:
+    """The marks a hedged call's give-ups would set on the request's context
+    (`upstream_exhausted`, `shed_by`), held until the race is over (`hold_flags`): its
+    good answer drops them, any other outcome sets them then (`release_flags`). The race
+    awaits (its loops' sends, a remote store's gates), and another call of the request
+    (`asyncio.gather`) may give up meanwhile: setting the context's flags back to what
+    they were when the race began, as before, took that call's marks too."""
+
+    __slots__ = ("ctx", "shed_by", "upstream_exhausted")
+
+    def __init__(self, ctx: DecisionContext) -> None:
+        self.ctx = ctx
+        self.upstream_exhausted = False
+        self.shed_by: str | None = None
+
+
+# The flags of the hedged call this task runs a loop of (the race's tasks inherit it).
+_HELD: Final[ContextVar[HeldFlags | None]] = ContextVar("fidelity_mw_held_flags", default=None)
+
+
+def hold_flags(ctx: DecisionContext) -> tuple[HeldFlags, Token[HeldFlags | None]]:
+    """Hold the flags a hedged call's give-ups set on `ctx`, in this task and the race's."""
+    held = HeldFlags(ctx)
+    return held, _HELD.set(held)
+
+
+def release_flags(held: HeldFlags, token: Token[HeldFlags | None], keep: bool) -> None:
+    """The race is over: its held flags go to the context (`keep`), or are dropped."""
+    _HELD.reset(token)
+    if keep:
+        mark(held.ctx, held.upstream_exhausted, held.shed_by)
+
+
+def mark(ctx: DecisionContext, exhausted: bool, shed_by: str | None) -> None:
+    """Set `ctx`'s flags (or those a race holds for it): never clears one."""
+    flags = _flags(ctx)
+    if exhausted:
+        flags.upstream_exhausted = True
+    if shed_by is not None and flags.shed_by is None:
+        flags.shed_by = shed_by
+
+
+def _flags(ctx: DecisionContext) -> DecisionContext | HeldFlags:
+    held = _HELD.get()
+    return held if held is not None and held.ctx is ctx else ctx
 
 
 def gave_up() -> Decision | None:
@@ -202,12 +248,13 @@ def give_up(
         with_why(source, {"attempts": attempts_made, **details}),
     )
     ctx.decisions.append(decision)
-    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and ctx.shed_by is None:
-        ctx.shed_by = layer  # refused before anything was sent
+    flags = _flags(ctx)
+    if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and flags.shed_by is None:
+        flags.shed_by = layer  # refused before anything was sent
     # "attempts" with retries configured off is not exhaustion: we did
     # not retry, so the caller is the nearest owner and may.
     if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
-        ctx.upstream_exhausted = True
+        flags.upstream_exhausted = True
         _GAVE_UP.set(decision)
 
 
@@ -289,11 +336,10 @@ def closed_on_store_error(
         # No breaker is open: its state could not be read. The record says so (not
         # `breaker_open`, which the breaker gauge would read as open), and an answer
         # the app makes of the refusal is decided by the state's absence.
-        if attempts_made == 0 and ctx.shed_by is None:
-            ctx.shed_by = LAYER_STATE
+        mark(ctx, False, LAYER_STATE if attempts_made == 0 else None)
         reason = f"state_error:{type(exc).__name__}"
         give_up(ctx, up, LAYER_BREAKER, reason, attempts_made, now, SOURCE_FALLBACK)
-        ctx.upstream_exhausted = True  # as a breaker's refusal: not to be retried at once
+        mark(ctx, True, None)  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
         what = "on a read-only replica" if why == "read_only" else "unreachable"
         raise CircuitOpen(
@@ -348,6 +394,23 @@ def trusted_peer(
     return trusted
 
 
+# What a planned retry did with the failed response's `Retry-After` (`RetryAfter.scope`,
+# the retry decision's `retry_after_scope`).
+SCOPE_CALL: Final = "call"  # waited before the retry: it goes to the same host or instance
+SCOPE_INSTANCE: Final = "instance"  # paused only the instance that sent it: the retry goes
+# to another instance after the plain backoff
+
+
+class RetryAfter(NamedTuple):
+    """The failed response's `Retry-After` and what the retry planned on it does."""
+
+    retry_after_s: float
+    scope: str  # SCOPE_CALL or SCOPE_INSTANCE
+    # SCOPE_INSTANCE: until when the call could still wait it, should the retry find no
+    # other instance after all (another's gate refuses it); None when it could not.
+    wait_until: float | None = None
+
+
 def plan_call(
     engine: Engine,
     ctx: DecisionContext,
@@ -362,12 +425,20 @@ def plan_call(
     now: float,
     target: Instance | None = None,
     used: Sequence[Instance] = (),
-) -> RetryPlan:
+) -> tuple[RetryPlan, RetryAfter | None]:
     """Retry this retryable failure? Records the give-up (but not a budget one) if not.
-    `used`: the instances of the service the call sent to before (its hedges' too)."""
+    `used`: the instances of the service the call sent to before (its hedges' too).
+
+    A `Retry-After` on the response is one instance's word about itself (as Envoy and
+    Finagle take it) when the service has another instance the retry may go to: that
+    instance is paused for it (at most `retry_after_max_s`) and the retry goes to
+    another one after its plain backoff (`SCOPE_INSTANCE`). Otherwise (a plain host, or
+    no other instance) the call waits it before the retry (`SCOPE_CALL`), or gives up
+    when it cannot."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
+    scoped: RetryAfter | None = None
     if response is not None:
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("retry-after"), engine.clock.wall())
@@ -379,6 +450,23 @@ def plan_call(
             breaker_wait = open_time(up.breaker, 0)
     else:
         deadline_at = ctx.deadline_at
+        remaining = None if deadline_at is None else deadline_at - now
+        wait = retry_after
+        if retry_after is not None and target is not None and _another(up, target, used, now):
+            # One instance's Retry-After is about that instance (as its 429's pause is):
+            # it is paused for what it said, and the retry goes to another one after its
+            # backoff (one the call has not tried, not paused, not known open: the
+            # retry's pick goes there, never back to the paused one while another is
+            # there), whether the call could have waited it or not.
+            waitable = retry_after <= up.retry.retry_after_max_s and (
+                remaining is None or retry_after < remaining
+            )
+            scoped = RetryAfter(
+                retry_after, SCOPE_INSTANCE, now + retry_after + 1e-6 if waitable else None
+            )
+            wait = 0.0 if status == 429 else None  # (a 429's is usable: not `missing`)
+        elif retry_after is not None:
+            scoped = RetryAfter(retry_after, SCOPE_CALL)
         plan = plan_retry(
             cfg=up.retry,
             attempt=attempt,
@@ -386,40 +474,13 @@ def plan_call(
             or has_header(request.headers, IDEMPOTENCY_KEY),
             replayable=replayable,
             downstream_exhausted=False,
-            retry_after_s=retry_after,
+            retry_after_s=wait,
             status=status,
-            remaining_s=None if deadline_at is None else deadline_at - now,
+            remaining_s=remaining,
             rng=engine.rng,
             previous_delay_s=previous_delay,
             paused_s=max(0.0, up.paused_until - now),
         )
-        if (
-            not plan.retry
-            and plan.reason in (GIVE_UP_RETRY_AFTER, GIVE_UP_DEADLINE)
-            and retry_after is not None
-            and target is not None
-            and _another(up, target, used, now)
-        ):
-            # One instance's Retry-After, beyond what the call can wait, is about that
-            # instance (as its 429's pause is): it is paused for what it said (at most
-            # `retry_after_max_s`), and the retry goes to another one after its backoff
-            # (one the call has not tried, not paused, not known open: the retry's pick
-            # goes there, never back to the paused one) rather than the call give up while
-            # the others stand by.
-            up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
-            plan = plan_retry(
-                cfg=up.retry,
-                attempt=attempt,
-                idempotent=True,
-                replayable=True,
-                downstream_exhausted=False,
-                retry_after_s=0.0 if status == 429 else None,  # (a 429's is usable)
-                status=status,
-                remaining_s=None if deadline_at is None else deadline_at - now,
-                rng=engine.rng,
-                previous_delay_s=previous_delay,
-                paused_s=max(0.0, up.paused_until - now),
-            )
     if not plan.retry:
         reason = plan.reason
         layer = (
@@ -433,13 +494,16 @@ def plan_call(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
         )  # fmt: skip
-    elif status == 429 and retry_after is not None:
-        # A planned retry after a 429 pauses other calls' retries to this host (to
-        # this instance of a service) too, never longer than the cap (a refused
-        # Retry-After pauses nothing).
+        return plan, None
+    if retry_after is not None and (
+        status == 429 or (scoped is not None and scoped.scope == SCOPE_INSTANCE)
+    ):
+        # A planned retry after a 429 pauses other calls' retries to this host (to this
+        # instance of a service) too, and so does one an instance's Retry-After sent
+        # elsewhere; never longer than the cap (a refused Retry-After pauses nothing).
         pause = min(retry_after, up.retry.retry_after_max_s)
         up.pause(target, now + pause)
-    return plan
+    return plan, scoped
 
 
 # ---------------------------------------------------------------- small helpers

@@ -60,6 +60,7 @@ from ..context import (
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
+    DetailValue,
 )
 from ..decide.balance import EWMA_TAU_S, Pick, choose, ewma
 from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
@@ -73,6 +74,7 @@ from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
 from .decisions import (
     GIVE_UP_EXTENSION,
+    SCOPE_CALL,
     call_end,
     cause_of,
     classify,
@@ -85,6 +87,7 @@ from .decisions import (
     give_up,
     is_slow,
     lb_decision,
+    mark,
     observe_end,
     observe_start,
     plan_call,
@@ -247,7 +250,10 @@ def first_attempt(
     `taken` is what `local.begin` answered (its gate, or what it raised) when the
     async transport's shortcut asked already: only what it does not handle comes here.
     """
-    timeouts = request.extensions.get("timeout")
+    extensions = request.extensions
+    timeouts = extensions.get("timeout")
+    if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
+        del extensions[GIVE_UP_EXTENSION]
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     prior = take_ours(request.headers)
@@ -332,7 +338,10 @@ def attempts(
     instances = up.instances
     original_url = request.url
     if first is None:
-        original_timeout = request.extensions.get("timeout")
+        extensions = request.extensions
+        original_timeout = extensions.get("timeout")
+        if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
+            del extensions[GIVE_UP_EXTENSION]
         # Judged before the first attempt, which consumes a streaming body (and may
         # buffer it: a transport that reads it leaves bytes behind).
         stream = request.stream
@@ -520,19 +529,20 @@ def attempts(
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
-                    request.extensions.pop(GIVE_UP_EXTENSION, None)  # (a request sent again)
-                    plan = plan_call(
+                    plan, scoped = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
                         target, tried if race is None else (*tried, *race.targets),
                     )  # fmt: skip
                     if plan.retry:
+                        delay = plan.delay_s
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
                             if race is not None:  # and its hedges' instances, too
                                 tried.extend(i for i in race.targets if i not in tried)
                         spent_at: float | None = None
+                        scope = "" if scoped is None else scoped.scope
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error
@@ -540,13 +550,20 @@ def attempts(
                         else:
                             # (sent then: a microsecond's slack, a wait to a pause's end
                             # ends at its end, whatever the floats' rounding)
-                            sent_at = now + plan.delay_s + 1e-6
+                            sent_at = now + delay + 1e-6
                             g = yield from _gate_next(
                                 ctx, engine, up, local, tried, True, attempt, now, error,
                                 False, sent_at,
+                                -math.inf if scoped is None or scoped.wait_until is None
+                                else scoped.wait_until,
                             )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
+                            if g.resend_at is not None:
+                                # no other instance took it after all: the retry goes back
+                                # to the one paused, once the Retry-After it sent is over
+                                delay = max(delay, g.resend_at - now)
+                                scope = SCOPE_CALL
                         if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
@@ -557,11 +574,16 @@ def attempts(
                             # again (the gate is held through the wait)
                             cause = cause_of(response, error)
                             last_error = error
-                            delay = previous_delay = plan.delay_s
+                            previous_delay = delay
                             if gate is not None and gate.probe_id:
                                 gate_answer(ctx, up, gate, source, age, attempt, now, error)
                             number = attempt + 1 if race is None else race.next()
-                            details = {"attempt": number, "delay_ms": round(delay * 1000.0, 3)}
+                            details: dict[str, DetailValue] = {
+                                "attempt": number, "delay_ms": round(delay * 1000.0, 3)
+                            }  # fmt: skip
+                            if scoped is not None:  # what the response's Retry-After did
+                                details["retry_after_s"] = round(scoped.retry_after_s, 3)
+                                details["retry_after_scope"] = scope
                             ctx.decisions.append(
                                 Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
                                          with_why(source, details))
@@ -635,6 +657,7 @@ class _Gated(NamedTuple):
     allowed: bool  # the retry budget's answer (always True for a first attempt)
     spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
     spent_at: float | None = None  # ... at this time of the store's clock, when it said
+    resend_at: float | None = None  # the retry waits for its instance's pause to end
 
 
 def _gate_next(
@@ -649,12 +672,15 @@ def _gate_next(
     last_error: BaseException | None,
     hedge: bool = False,
     sent_at: float = math.inf,
+    wait_until: float = -math.inf,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
     (the balancer learns it and picks another; a rejected gate spent no retry). A retry
     (sent at `sent_at`, after its backoff) never goes to an instance a Retry-After
-    paused beyond then."""
+    paused beyond then, but to one whose pause ends by `wait_until` (the call could wait
+    the Retry-After that paused it) when no other is left: then after that pause
+    (`_Gated.resend_at`)."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -671,7 +697,10 @@ def _gate_next(
                 instance.open_until = open_until
                 instance.seen_at = now
     failed = False
+    planned_at = sent_at
+    resend_at: float | None = None
     for _ in range(len(instances) + 1 if instances else 1):
+        sent_at, resend_at = planned_at, None
         if instances is not None:
             pick = choose(
                 [i.view(now) for i in instances],
@@ -685,6 +714,8 @@ def _gate_next(
                 engine.rng,
                 panic_threshold=up.cfg.panic_threshold,
                 max_ejected_ratio=up.cfg.max_ejected_ratio,
+                # (all avoided: not one paused when the attempt goes out, if any)
+                paused_at=now if sent_at == math.inf else sent_at,
             )
             chosen = instances[pick.chosen]
             if (
@@ -694,7 +725,13 @@ def _gate_next(
             ):
                 # (a hedge goes to another instance than those the call waits on, or not)
                 pick = _closed_instead(instances, tried, pick, now, sent_at, engine)
-                if instances[pick.chosen].paused_until > sent_at:
+                until = instances[pick.chosen].paused_until
+                if sent_at < until <= wait_until:
+                    # Only the instance whose Retry-After the call can wait is left (the
+                    # others refused the retry, or were paused meanwhile): the retry goes
+                    # there once it is over, as to a single host.
+                    sent_at = resend_at = until + 1e-6
+                elif until > sent_at:
                     # Only instances paused beyond the retry's backoff are left (the one
                     # whose Retry-After the call could not wait, and whose pause sent the
                     # retry elsewhere, among them): no retry, rather than one they refused.
@@ -753,8 +790,9 @@ def _gate_next(
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
     return _Gated(
-        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None
-    )
+        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
+        resend_at,
+    )  # fmt: skip
 
 
 def _closed_instead(
@@ -794,11 +832,14 @@ def _gate_hedge(
     now: float,
 ) -> Generator[Effect, Any, _Gated]:
     """A hedge's gate: the retry budget and the breaker, as for a retry. A refusal is no
-    give-up of the call (its other attempts go on): what the gate recorded is replaced by
-    one `no_hedge` decision, and `NoHedge` ends this loop."""
-    decisions = ctx.decisions
-    mark = len(decisions)
-    exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
+    give-up of the call (its other attempts go on): what the gate would record is replaced
+    by one `no_hedge` decision, and `NoHedge` ends this loop. The gate decides on a
+    context of its own (its records and flags go to the request's only when it admits
+    the hedge): a remote store's gate is awaited, and another call of the request may
+    record meanwhile, which taking the gate's records back out of the request's list, as
+    before, took with them."""
+    own = DecisionContext(engine, ctx.route, ctx.method, ctx.started_at, ctx.deadline_at)
+    said: list[Decision] = own._decisions
     sent = race.sent
     layer, why, source, age = LAYER_BUDGET, "store_error", SOURCE_FALLBACK, 0.0
     if up.paused_until > now:
@@ -807,24 +848,23 @@ def _gate_hedge(
         layer, why, source = LAYER_RETRY, HEDGE_PAUSED, SOURCE_MEMORY
     else:
         try:
-            g = yield from _gate_next(ctx, engine, up, local, tried, True, sent, now, None, True)
+            g = yield from _gate_next(own, engine, up, local, tried, True, sent, now, None, True)
         except Exception:  # a store failing closed: the call's other attempts still stand
             pass
         else:
             gate, source, age = g.gate, g.source, g.age_s
             if g.allowed and (gate is None or gate.verdict != "reject"):
+                ctx.decisions.extend(said)  # (the instance picked)
+                mark(ctx, own.upstream_exhausted, own.shed_by)
                 return g
-            said = decisions[mark:]
             if gate is not None and gate.verdict == "reject":
                 layer, why = LAYER_BREAKER, GIVE_UP_BREAKER
             elif said:
                 layer, why = said[-1].layer, said[-1].reason
             else:
                 why = GIVE_UP_BUDGET
-    del decisions[mark:]
-    ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
     details = with_why(source, {"attempts": sent, "why": why})
-    decisions.append(Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, details))
+    ctx.decisions.append(Decision(layer, up.key, REJECT, NO_HEDGE, source, age, now, details))
     raise NoHedge(why)
 
 

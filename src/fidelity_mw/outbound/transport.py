@@ -57,7 +57,14 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
-from .decisions import call_end, observe_end, observe_start
+from .decisions import (
+    GIVE_UP_EXTENSION,
+    call_end,
+    hold_flags,
+    observe_end,
+    observe_start,
+    release_flags,
+)
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
     CLOSE,
@@ -97,6 +104,7 @@ _observe_end: Final = observe_end
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
+_GIVE_UP: Final = GIVE_UP_EXTENSION
 
 
 class _Armed:
@@ -413,7 +421,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if up.default_deadline_s is not None:
                 ctx.deadline_at = now + up.default_deadline_s
         remaining = ctx.deadline_at
-        timeouts = request.extensions.get("timeout")
+        extensions = request.extensions
+        timeouts = extensions.get("timeout")
+        if _GIVE_UP in extensions:  # a request sent again: its last call's give-up
+            del extensions[_GIVE_UP]
         seen = up.timeouts
         raw = request.headers._list if FAST_HEADERS else None
         tight = False  # the deadline caps the attempt timeout
@@ -532,7 +543,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if hedged is None:
             return await self._drive(steps, engine)
         race, hedge, spawn, up, ctx, ends = hedged
-        exhausted, shed_by = ctx.upstream_exhausted, ctx.shed_by
+        # The flags its loops' give-ups set are held until the race is over: a good answer
+        # (a hedge's, mostly) ends the call, and a give-up of the first attempt's loop
+        # before it says nothing about this call any more (its record stays), so the
+        # caller's own 5xx is not marked exhausted for it. (Held, not set back to what they
+        # were: another call of the request may mark them meanwhile.)
+        held, token = hold_flags(ctx)
+        good = False
         try:
             response = await run_race(
                 race,
@@ -543,15 +560,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 lambda: self._drive(steps, engine),
                 lambda: self._drive(spawn(), engine),
             )
+            status = response.status_code
+            good = status < 500 and status not in up.retry_statuses
         finally:
+            release_flags(held, token, not good)
             if ends is not None:
                 call_end(ends, ctx)
-        status = response.status_code
-        if status < 500 and status not in up.retry_statuses:
-            # A good answer (a hedge's, mostly) ends the call: a give-up of the first
-            # attempt's loop before it says nothing about this call any more (its record
-            # stays), so the caller's own 5xx is not marked exhausted for it.
-            ctx.upstream_exhausted, ctx.shed_by = exhausted, shed_by
         if ctx is not _CURRENT.get():  # a call of its own (outside a request, or after it)
             response.extensions[CONTEXT_EXTENSION] = ctx
         return response
@@ -592,8 +606,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                                 raise
                             late = exc
                     if late is not None:  # (given back outside the handler, as below)
+                        # (a task of its own, `_whole`: a second raw cancel leaves it running)
                         with anyio.CancelScope(shield=True):
-                            await _give_back(store, effect, getattr(late, LATE_ANSWER))
+                            await _whole(_give_back(store, effect, getattr(late, LATE_ANSWER)))
                         raise late
                     gone: BaseException | None = None
                     try:
@@ -602,7 +617,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                         gone = exc
                     if gone is not None:
                         with anyio.CancelScope(shield=True):
-                            await _give_back(store, effect, value)
+                            await _whole(_give_back(store, effect, value))
                         raise gone
                 elif kind == RECORD:
                     if effect[4] == IGNORED or effect[3].probe_id:
@@ -668,7 +683,8 @@ async def _give_back(store: StateStore, effect: tuple[Any, ...], answer: Any) ->
     as the loop gives back a gate whose attempt is not made (an `ignored` outcome frees a
     probe slot) and a retry the budget counted (`budget_refund`, at the store's own time
     of the spend when its answer says it). Best effort: the probe lease and the budget
-    window bound what is not given back."""
+    window bound what is not given back. Run through `_whole`, so a second raw
+    `task.cancel()` while it awaits the store does not stop it half-way."""
     _, breaker_key, breaker, budget_key, cfg, retry, now = effect
     try:
         gate, allowed, source, _age = answer

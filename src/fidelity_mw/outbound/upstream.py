@@ -87,7 +87,9 @@ class Instance:
         latency = self.latency_s
         if now is not None:
             latency = decayed(latency, self.latency_at, now, EWMA_TAU_S)
-        return InstanceView(self.outstanding, latency, self.open_until, self.seen_at)
+        return InstanceView(
+            self.outstanding, latency, self.open_until, self.seen_at, self.paused_until
+        )
 
 
 class Upstream:

@@ -1062,7 +1062,16 @@ class RedisStore(StateStore):
         if isinstance(planned, str):
             return planned
         call = self.coalescer.call if self.coalesce else self.call
-        return self._record_answer(await call(RECORD, *planned), gate, planned[1][_CARRIED])
+        carried = planned[1][_CARRIED]
+        try:
+            got = await call(RECORD, *planned)
+        except asyncio.CancelledError:
+            # Its caller cancelled (a coalesced record is not sent once its caller is gone,
+            # a reply is not read): counted as a reply lost is, with the deferred successes
+            # it took along.
+            self.stats.dropped_records += 1 + carried
+            raise
+        return self._record_answer(got, gate, carried)
 
     def record_sync(
         self,
@@ -1241,6 +1250,8 @@ class RedisStore(StateStore):
                     (reply, 0.0), breaker_key, breaker, budget_key, cfg, retry, taken, now
                 )
                 setattr(cancel, LATE_ANSWER, late)
+            else:  # the reply lost (or never sent): so are the deferred successes it took
+                self.stats.dropped_records += carried
             raise
         return self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
