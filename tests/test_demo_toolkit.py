@@ -284,6 +284,10 @@ def test_toolkit_decisions_account_for_every_attempt(toolkit_run: dict[str, Any]
     assert picks == breaker.get("allow", 0) + breaker.get("probe", 0) + breaker.get("reject", 0)
     # Every front request met the limiter once.
     assert sum(by_layer["ratelimit"].values()) == toolkit["front_requests"]
+    # The breaker transitions in the JSON are the ones the decisions show.
+    openings = [e for e in toolkit["breaker_events"] if e["event"].endswith("-> open")]
+    assert len(openings) == breaker.get("open", 0)
+    assert {e["instance"] for e in openings} <= {"up-a", "up-b", "up-c"}
     # nopanic's state is in this process, read live: no decision on stale data.
     assert toolkit["stale_decisions"] == 0
     assert set(toolkit["control_failures_while_healthy_by_layer"]) <= {

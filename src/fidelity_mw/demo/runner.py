@@ -137,6 +137,7 @@ async def run_variant(
             extra["breaker_events"] = breaker.events
         elif name == TOOLKIT:
             extra["nopanic_events"] = toolkit.log.events
+            extra["breaker_events"] = toolkit.log.transitions
     finally:
         for close in closers:
             with contextlib.suppress(Exception):

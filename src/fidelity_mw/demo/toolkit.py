@@ -161,6 +161,7 @@ class DecisionLog:
     def __init__(self, clock: RunClock) -> None:
         self.clock = clock
         self.events = 0
+        self.transitions: list[dict[str, float | str]] = []  # breaker state changes, for the report
         self._cancel: Callable[[], None] | None = events.subscribe(self.on_event)
 
     def on_event(self, event: Event) -> None:
@@ -198,6 +199,13 @@ class DecisionLog:
                 source=MEMORY,
             )
         elif kind == "breaker.state_change":
+            self.transitions.append(
+                {
+                    "at_s": round(self.clock.now(), 3),
+                    "instance": subject,
+                    "event": f"{data.get('old')} -> {data.get('new')}",
+                }
+            )
             verdict = _TRANSITIONS.get(str(data.get("new")))
             if verdict is not None:
                 log_decision(
