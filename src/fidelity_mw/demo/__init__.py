@@ -1,5 +1,6 @@
 """`fidelity-mw demo`: the load-balancer-chaos scenario, scattered control layers against
-fidelity_mw's one decision context, side by side (docs/demo.md).
+fidelity_mw's one decision context, side by side (docs/demo.md); with `--variants`, also
+the same front on one all-in-one toolkit (nopanic, `toolkit.py`).
 
 Real servers on loopback (uvicorn, in this process's event loop): three
 upstream instances with scripted faults, a front service in two variants,
