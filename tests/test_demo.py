@@ -141,7 +141,8 @@ def test_json_is_complete(short_run: dict[str, Any]) -> None:
     assert doc["fidelity_policy"]["rate_limit"][0]["rate"] == "5/s"
     assert doc["fidelity_policy_version"]
     assert set(doc["metric_definitions"]) == set(METRIC_DEFINITIONS)
-    assert set(doc["variants"]) == {"scattered", "fidelity"}
+    assert set(doc["variants"]) == {"scattered", "fidelity"}  # the default `--variants`
+    assert "toolkit_layers" not in doc
     for name, variant in doc["variants"].items():
         missing = VARIANT_METRICS - set(variant)
         assert not missing, f"{name} lacks {sorted(missing)}"

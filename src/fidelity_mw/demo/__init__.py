@@ -1,5 +1,6 @@
 """`fidelity-mw demo`: the load-balancer-chaos scenario, scattered control layers against
-fidelity_mw's one decision context, side by side (docs/demo.md).
+fidelity_mw's one decision context, side by side (docs/demo.md); with `--variants`, also
+the same front on one all-in-one toolkit (nopanic, `toolkit.py`).
 
 Real servers on loopback (uvicorn, in this process's event loop): three
 upstream instances with scripted faults, a front service in two variants,
@@ -26,6 +27,22 @@ _NEEDED = {
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+_VARIANT_NAMES = ("scattered", "toolkit", "fidelity")  # runner.VARIANTS, without its imports
+_VARIANT_MODULES = {"toolkit": {"nopanic": "nopanic"}}  # what a variant needs beyond the demo extra
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    """`--variants`: a comma-separated subset of scattered, toolkit, fidelity (any order;
+    they run and show in that order), or a usage error (exit 2)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _VARIANT_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a comma-separated list of " + ", ".join(_VARIANT_NAMES)
+        )
+    return tuple(n for n in _VARIANT_NAMES if n in names)
 
 
 def _positive_float(text: str) -> float:
@@ -109,7 +126,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "The load-balancer-chaos scenario: an upstream fleet with scripted faults, a front "
         "service with scattered control layers (tenacity, httpx-retries, a breaker on a "
         "delayed metrics snapshot, a fixed-window limiter) and the same service on "
-        "fidelity_mw, driven by the same clients; the numbers side by side."
+        "fidelity_mw, driven by the same clients; the numbers side by side. "
+        "--variants toolkit adds the same front built on one all-in-one toolkit (nopanic)."
     )
     parser.add_argument("--seed", type=int, default=1, help="seed for every random choice")
     parser.add_argument(
@@ -143,11 +161,23 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "URL is a usage error (exit 2); a Redis that does not answer a PING stops the demo "
         "before the run (exit 1)",
     )
+    parser.add_argument(
+        "--variants",
+        type=_variants,
+        default=("scattered", "fidelity"),
+        metavar="LIST",
+        help="which fronts to run, comma-separated: scattered, toolkit (the same front on "
+        "nopanic, an all-in-one toolkit: pip install nopanic), fidelity (default "
+        "scattered,fidelity)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
-def _missing_modules() -> list[str]:
-    return [pkg for mod, pkg in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+def _missing_modules(variants: tuple[str, ...] = ()) -> list[str]:
+    needed = dict(_NEEDED)
+    for variant in variants:
+        needed.update(_VARIANT_MODULES.get(variant, {}))
+    return [pkg for mod, pkg in needed.items() if importlib.util.find_spec(mod) is None]
 
 
 def _error(message: str) -> int:
@@ -185,7 +215,13 @@ async def _redis_unreachable(state: Any) -> str | None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    missing = _missing_modules()
+    variants: tuple[str, ...] = tuple(getattr(args, "variants", ("scattered", "fidelity")))
+    missing = _missing_modules(variants)
+    if "nopanic" in missing:
+        return _error(
+            "--variants toolkit runs the front on nopanic, which is not installed: "
+            "pip install nopanic"
+        )
     if missing:
         return _error(
             "the demo needs " + ", ".join(missing) + " (install the demo extra: "
@@ -244,7 +280,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(render_scenario(cfg))
         print()
     try:
-        results = asyncio.run(run_scenario(cfg, progress, observer))
+        results = asyncio.run(run_scenario(cfg, progress, observer, variants))
     except PolicyError as exc:
         print(f"fidelity-mw demo: {exc}", file=sys.stderr)
         return EXIT_FAILED

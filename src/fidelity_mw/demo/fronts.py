@@ -1,4 +1,5 @@
-"""The front service, in two variants that share one business endpoint.
+"""The front service, in two variants that share one business endpoint (a third, on
+nopanic, is in `toolkit.py`).
 
 `GET /work` calls the upstream fleet once per request through client-side
 round-robin load balancing, and answers 200 with the upstream's answer, or

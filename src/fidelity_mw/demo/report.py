@@ -9,7 +9,7 @@ from typing import Any
 from .. import __version__
 from .metrics import VariantResult
 from .records import DemoDecision, FrontRecord
-from .runner import FIDELITY, SCATTERED
+from .runner import FIDELITY, SCATTERED, TOOLKIT
 from .scenario import ScenarioConfig
 
 METRIC_DEFINITIONS = {
@@ -49,11 +49,14 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f} %"
 
 
-def _rows(results: Mapping[str, VariantResult]) -> list[tuple[str, str, str]]:
-    s, f = results[SCATTERED], results[FIDELITY]
+Row = tuple[str, ...]  # the row's name, then one cell per variant
 
-    def both(fn: Any) -> tuple[str, str]:
-        return str(fn(s)), str(fn(f))
+
+def _rows(results: Mapping[str, VariantResult]) -> list[Row]:
+    variants = list(results.values())
+
+    def each(fn: Any) -> tuple[str, ...]:
+        return tuple(str(fn(v)) for v in variants)
 
     def control(v: VariantResult) -> str:
         c = v.control_failures_while_healthy()
@@ -73,22 +76,22 @@ def _rows(results: Mapping[str, VariantResult]) -> list[tuple[str, str, str]]:
         med = f", median {median:.2f} s old" if median is not None else ""
         return f"{_pct(share)} ({n} of {total}{med})"
 
-    rows = [
-        ("fidelity (healthy path -> success)", *both(lambda v: _fmt_fidelity(v))),
-        ("client requests succeeded", *both(lambda v: f"{v.succeeded} / {v.requests}")),
-        ("failed by a control layer, upstream healthy", *both(control)),
-        ("throttled for rejections not caused", *both(throttled)),
-        ("retry amplification (upstream calls/request)", *both(amp)),
+    rows: list[Row] = [
+        ("fidelity (healthy path -> success)", *each(lambda v: _fmt_fidelity(v))),
+        ("client requests succeeded", *each(lambda v: f"{v.succeeded} / {v.requests}")),
+        ("failed by a control layer, upstream healthy", *each(control)),
+        ("throttled for rejections not caused", *each(throttled)),
+        ("retry amplification (upstream calls/request)", *each(amp)),
         (
             "latency p50 / p99, all requests",
-            *both(lambda v: f"{v.latency_ms(0.5):.0f} / {v.latency_ms(0.99):.0f} ms"),
+            *each(lambda v: f"{v.latency_ms(0.5):.0f} / {v.latency_ms(0.99):.0f} ms"),
         ),
         (
             "latency p50 / p99, succeeded requests",
-            *both(lambda v: f"{v.latency_ms(0.5, True):.0f} / {v.latency_ms(0.99, True):.0f} ms"),
+            *each(lambda v: f"{v.latency_ms(0.5, True):.0f} / {v.latency_ms(0.99, True):.0f} ms"),
         ),
-        ("decisions on stale data", *both(stale)),
-        ("front requests (client retries included)", *both(lambda v: v.front_requests)),
+        ("decisions on stale data", *each(stale)),
+        ("front requests (client retries included)", *each(lambda v: v.front_requests)),
     ]
     return rows
 
@@ -106,26 +109,26 @@ def _layer_cell(by_layer: Mapping[str, Mapping[str, int]], layer: str) -> str:
     return f"{total}" + (f" ({other})" if other else "")
 
 
-def _layer_rows(results: Mapping[str, VariantResult]) -> list[tuple[str, str, str]]:
-    s, f = results[SCATTERED].decisions_by_layer(), results[FIDELITY].decisions_by_layer()
-    return [
-        (f"  {layer}", _layer_cell(s, layer), _layer_cell(f, layer))
-        for layer in sorted(set(s) | set(f))
-    ]
+def _layer_rows(results: Mapping[str, VariantResult]) -> list[Row]:
+    by_layer = [v.decisions_by_layer() for v in results.values()]
+    layers = sorted(set().union(*by_layer))
+    return [(f"  {layer}", *(_layer_cell(b, layer) for b in by_layer)) for layer in layers]
 
 
 def render_table(results: Mapping[str, VariantResult], cfg: ScenarioConfig) -> str:
+    """One column per variant that ran, in the order they ran."""
     rows = _rows(results)
-    rows.append(("decisions by layer (total, non-allow)", "", ""))
+    rows.append(("decisions by layer (total, non-allow)", *("" for _ in results)))
     rows.extend(_layer_rows(results))
-    head = ("", results[SCATTERED].label, results[FIDELITY].label)
-    w0 = max(len(r[0]) for r in [*rows, head])
-    w1 = max(len(r[1]) for r in [*rows, head])
-    w2 = max(len(r[2]) for r in [*rows, head])
-    line = f"+-{'-' * w0}-+-{'-' * w1}-+-{'-' * w2}-+"
-    out = [line, f"| {head[0]:<{w0}} | {head[1]:<{w1}} | {head[2]:<{w2}} |", line]
-    for r in rows:
-        out.append(f"| {r[0]:<{w0}} | {r[1]:<{w1}} | {r[2]:<{w2}} |")
+    head: Row = ("", *(v.label for v in results.values()))
+    widths = [max(len(r[i]) for r in [*rows, head]) for i in range(len(head))]
+
+    def row(cells: Row) -> str:
+        return "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"
+
+    line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
+    out = [line, row(head), line]
+    out.extend(row(r) for r in rows)
     out.append(line)
     return "\n".join(out)
 
@@ -198,10 +201,17 @@ def json_document(
         "fidelity_policy": policy.to_dict(),
         "fidelity_policy_version": policy.version,
         "scattered_layers": SCATTERED_LAYERS,
+        **({"toolkit_layers": _toolkit_layers()} if TOOLKIT in results else {}),
         "metric_definitions": METRIC_DEFINITIONS,
         "variants": {name: r.to_json() for name, r in results.items()},
         **extra,
     }
+
+
+def _toolkit_layers() -> dict[str, str]:
+    from .toolkit import TOOLKIT_LAYERS
+
+    return TOOLKIT_LAYERS
 
 
 def plot(results: Mapping[str, VariantResult], cfg: ScenarioConfig, path: str) -> None:
@@ -213,7 +223,7 @@ def plot(results: Mapping[str, VariantResult], cfg: ScenarioConfig, path: str) -
     plt: Any = importlib.import_module("matplotlib.pyplot")
 
     fig, (ax_calls, ax_ok) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
-    colours = {SCATTERED: "tab:red", FIDELITY: "tab:blue"}
+    colours = {SCATTERED: "tab:red", TOOLKIT: "tab:orange", FIDELITY: "tab:blue"}
     bin_s = max(0.2, round(cfg.load_s / 40, 1))
     for name, result in results.items():
         series = result.time_series(bin_s)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from ..hooks import RequestObserver
@@ -18,8 +18,11 @@ from .scenario import FaultScript, ScenarioConfig
 from .servers import Fleet, RunningServer
 
 SCATTERED = "scattered"
+TOOLKIT = "toolkit"
 FIDELITY = "fidelity"
-LABELS = {SCATTERED: "scattered layers", FIDELITY: "fidelity_mw"}
+LABELS = {SCATTERED: "scattered layers", TOOLKIT: "toolkit (nopanic)", FIDELITY: "fidelity_mw"}
+VARIANTS = (SCATTERED, TOOLKIT, FIDELITY)  # every variant, in the order they run and show
+DEFAULT_VARIANTS = (SCATTERED, FIDELITY)
 _PROGRESS_EVERY_S = 0.25
 
 
@@ -97,6 +100,11 @@ async def run_variant(
             )
             closers.append(scattered.aclose)
             breaker = scattered.breaker
+        elif name == TOOLKIT:
+            from .toolkit import toolkit_front  # nopanic: needed only when this variant runs
+
+            recorder, toolkit = toolkit_front(cfg, fleet.urls, names, clock, script.healthy_path)
+            closers.append(toolkit.aclose)
         else:
             recorder, fidelity, engine = fidelity_front(
                 cfg, fleet.urls, names, clock, script.healthy_path, telemetry_observer
@@ -127,6 +135,9 @@ async def run_variant(
         if name == SCATTERED:
             extra["breaker_openings"] = breaker.openings
             extra["breaker_events"] = breaker.events
+        elif name == TOOLKIT:
+            extra["nopanic_events"] = toolkit.log.events
+            extra["breaker_events"] = toolkit.log.transitions
     finally:
         for close in closers:
             with contextlib.suppress(Exception):
@@ -168,10 +179,12 @@ async def run_scenario(
     cfg: ScenarioConfig,
     progress: Progress | None = None,
     telemetry_observer: RequestObserver | None = None,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
 ) -> dict[str, VariantResult]:
-    """Both variants, scattered first, each on its own fresh fleet."""
+    """The selected variants (by default scattered, then fidelity), each on its own fresh
+    fleet, in the order of `VARIANTS`."""
     progress = progress or Progress(None, enabled=False)
     results: dict[str, VariantResult] = {}
-    for name in (SCATTERED, FIDELITY):
+    for name in (v for v in VARIANTS if v in variants):
         results[name] = await run_variant(name, cfg, progress, telemetry_observer)
     return results
