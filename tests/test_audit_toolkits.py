@@ -499,3 +499,30 @@ def test_summary_and_fail_on_name_the_new_kinds_only_when_found(
     assert main(["audit", str(tmp_path), "--fail-on", "retry,breaker,limiter"]) == 0
     assert main(["audit", str(tmp_path), "--fail-on", "hedge"]) == 1
     assert main(["audit", str(tmp_path), "--fail-on", "any"]) == 1
+
+
+def test_a_retry_around_the_request_handler_has_no_counterpart(tmp_path: Path):
+    """ResilientMiddleware with a retry runs the app again: nothing here does that, so
+    no `retry = {...}` is offered; its bulkhead is the policy's [concurrency]."""
+    found = audit(
+        tmp_path,
+        "from fastapi import FastAPI\n"
+        "from pyresilience import BulkheadConfig, ResilienceConfig, RetryConfig\n"
+        "from pyresilience.contrib.fastapi import ResilientMiddleware\n"
+        "app = FastAPI()\n"
+        "app.add_middleware(ResilientMiddleware, config=ResilienceConfig(\n"
+        "    retry=RetryConfig(max_attempts=3), bulkhead=BulkheadConfig(max_concurrent=50)))\n",
+    )
+    assert [(f.kind, f.replace_with) for f in found] == [
+        (
+            BULKHEAD,
+            "FidelityMiddleware: route[].concurrency or [concurrency] (limit); "
+            "e.g. [concurrency] limit = 50",
+        ),
+        (
+            RETRY,
+            "around a request handler: no counterpart in fidelity_mw (it never runs a "
+            "request twice; clients retry on its Retry-After)",
+        ),
+    ]
+    assert policy_of(hint(found[0])).concurrency is not None

@@ -738,7 +738,11 @@ class _Scanner(ast.NodeVisitor):
         if rule.api == "Limiter":  # throttled-py's FastAPI limiter: on routes
             ctx = replace(ctx, inbound="route")
         api = toolkits.Api(rule.kind, rule.library, rule.api)
-        if hinted and isinstance(node, ast.expr):
+        if (
+            hinted
+            and isinstance(node, ast.expr)
+            and (ctx.inbound is None or kind_has_inbound(rule))
+        ):
             extra = toolkits.hint(api, node, ctx)
         if ctx.keep:
             keep = (
@@ -774,7 +778,7 @@ class _Scanner(ast.NodeVisitor):
                 "(# fidelity-mw: ignore marks it out of scope)"
             )
         if ctx.inbound is not None:
-            base = "FidelityMiddleware: " + toolkits.INBOUND_FIELD[kind]
+            base = toolkits.INBOUND_FIELD.get(kind, toolkits.INBOUND_NONE)
         else:
             client = self.client_library(ctx.region)
             whole = name == "deadline" or (name == "timeout" and ctx.whole_call)
@@ -1219,6 +1223,10 @@ def _is_route_decorator(deco: ast.expr) -> bool:
         and isinstance(deco.func, ast.Attribute)
         and deco.func.attr in ROUTE_DECORATORS
     )
+
+
+def kind_has_inbound(rule: Rule) -> bool:
+    return rule.kind in toolkits.INBOUND_FIELD
 
 
 def last_name_of(node: ast.AST) -> str:

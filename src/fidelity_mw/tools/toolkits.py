@@ -43,14 +43,16 @@ DEADLINE_FIELD = (
     "the call's deadline ([deadline] default_ms outside a request, the request's inside one)"
 )
 INBOUND_FIELD = {
-    RETRY: "no counterpart inbound: FidelityMiddleware never runs a request twice "
-    "(clients retry on its Retry-After)",
-    BREAKER: "breaker / route[].breaker (inbound)",
-    LIMITER: "rate_limit[] (rate, burst, key, match)",
-    TIMEOUT: "route[].deadline_ms or [deadline] default_ms",
-    BULKHEAD: "route[].concurrency or [concurrency] (limit)",
-    HEDGE: "no counterpart inbound",
+    BREAKER: "FidelityMiddleware: breaker / route[].breaker (inbound)",
+    LIMITER: "FidelityMiddleware: rate_limit[] (rate, burst, key, match)",
+    TIMEOUT: "FidelityMiddleware: route[].deadline_ms or [deadline] default_ms",
+    BULKHEAD: "FidelityMiddleware: route[].concurrency or [concurrency] (limit)",
 }
+# Around a request handler, these have no counterpart: the server never runs one twice.
+INBOUND_NONE = (
+    "around a request handler: no counterpart in fidelity_mw (it never runs a request "
+    "twice; clients retry on its Retry-After)"
+)
 
 
 @dataclass(frozen=True, slots=True)
