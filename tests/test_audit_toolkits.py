@@ -526,3 +526,32 @@ def test_a_retry_around_the_request_handler_has_no_counterpart(tmp_path: Path):
         ),
     ]
     assert policy_of(hint(found[0])).concurrency is not None
+
+
+def test_a_limit_inside_an_asgi_middleware_is_inbound(tmp_path: Path):
+    """A keyed nopanic rate limit in a class that serves requests (`__call__(scope,
+    receive, send)`) limits clients, not calls this process makes."""
+    found = audit(
+        tmp_path,
+        "from nopanic import bulkhead, keyed, rate_limit\n"
+        "class PerClientLimit:\n"
+        "    def __init__(self, app):\n"
+        "        self.app = app\n"
+        "        self.limits = keyed(lambda c: rate_limit(5, per=1.0), key=lambda c: c)\n"
+        "        self.pool = bulkhead(10)\n"
+        "    async def __call__(self, scope, receive, send):\n"
+        "        await self.app(scope, receive, send)\n"
+        "class Client:\n"
+        "    def __init__(self):\n"
+        "        self.limits = keyed(lambda h: rate_limit(5, per=1.0), key=lambda h: h)\n",
+    )
+    assert [(f.line, f.kind) for f in found] == [(5, LIMITER), (6, BULKHEAD), (11, LIMITER)]
+    limit, pool, outbound = found
+    assert limit.replace_with == (
+        "FidelityMiddleware: rate_limit[] (rate, burst, key, match); keyed: a rate_limit[] "
+        'counts per key already (key); e.g. { name = "application", match = "*", '
+        'rate = "5/s" } (per client: key = client_ip, or header:NAME for the key yours reads)'
+    )
+    assert policy_of(hint(limit)).rate_limits[0].key == "client_ip"
+    assert hint(pool) == "[concurrency] limit = 10"
+    assert outbound.replace_with.startswith("a client-side rate limit")

@@ -419,6 +419,7 @@ class _Scanner(ast.NodeVisitor):
         self.findings: list[AuditFinding] = []
         self.handled: set[int] = set()
         self.function: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+        self.classes: list[ast.ClassDef] = []
         # the toolkits: where each concern applies, by id of the call that makes it
         self.ctx: dict[int, toolkits.Ctx] = {}
         self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
@@ -578,6 +579,24 @@ class _Scanner(ast.NodeVisitor):
             return None
         return toolkits.APIS.get(self.resolve(target) or "")
 
+    def _in_asgi_class(self) -> bool:
+        """Inside an ASGI middleware (`async def __call__(self, scope, receive, send)`)
+        or a Starlette `dispatch(self, request, call_next)`: its limits are inbound."""
+        for cls in self.classes:
+            for stmt in cls.body:
+                if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                    names = [a.arg for a in stmt.args.args]
+                    if (stmt.name == "__call__" and names[1:4] == ["scope", "receive", "send"]) or (
+                        stmt.name == "dispatch" and "call_next" in names
+                    ):
+                        return True
+        return False
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.classes.append(node)
+        self.generic_visit(node)
+        self.classes.pop()
+
     def _default_ctx(self, region: ast.AST | None) -> toolkits.Ctx:
         if region is None and self.function:
             region = self.function[-1]
@@ -631,7 +650,7 @@ class _Scanner(ast.NodeVisitor):
             self._preset(call, api, ctx)
             return
         members: list[tuple[ast.expr, str]] = []
-        note = ""
+        keyed = False
         if api.name == "compose":
             members = [(a, _short(a)) for a in call.args]
         elif api.name in ("resilient", "ResilienceConfig"):
@@ -645,7 +664,7 @@ class _Scanner(ast.NodeVisitor):
             factory = factory or next((k.value for k in call.keywords if k.arg == "factory"), None)
             if isinstance(factory, ast.Lambda):
                 members = [(factory.body, _short(factory.body))]
-            note = "keyed: fidelity_mw keeps one breaker and one budget per host already"
+            keyed = True
         keep = tuple(label for member, label in members if self._no_counterpart(member, label, ctx))
         stack = f"@{api.name}" if ctx.where.startswith(" in @") else f"{api.name}(...)"
         for i, (member, label) in enumerate(members):
@@ -659,7 +678,7 @@ class _Scanner(ast.NodeVisitor):
                 whole_call=ctx.whole_call or inner_retry,
                 stack=stack,
                 keep=() if label in keep else keep,
-                note=note or ctx.note,
+                keyed=keyed or ctx.keyed,
             )
             target = member
             if isinstance(member, ast.Name) and member.id in self.assigned:
@@ -737,6 +756,8 @@ class _Scanner(ast.NodeVisitor):
                 ctx = replace(ctx, inbound=None)
         if rule.api == "Limiter":  # throttled-py's FastAPI limiter: on routes
             ctx = replace(ctx, inbound="route")
+        if ctx.inbound is None and rule.kind in (LIMITER, BULKHEAD) and self._in_asgi_class():
+            ctx = replace(ctx, inbound="middleware")  # guards the requests it serves
         api = toolkits.Api(rule.kind, rule.library, rule.api)
         if (
             hinted
@@ -802,8 +823,10 @@ class _Scanner(ast.NodeVisitor):
                     "keep it (a database, an SDK on another client) and mark it out of scope "
                     "(# fidelity-mw: ignore)"
                 )
-        if ctx.note:
-            base += f"; {ctx.note}"
+        if ctx.keyed and ctx.inbound is None:
+            base += "; keyed: fidelity_mw keeps one breaker and one budget per host already"
+        elif ctx.keyed:
+            base += "; keyed: a rate_limit[] counts per key already (key)"
         return base
 
     def _throttled_limit_hint(

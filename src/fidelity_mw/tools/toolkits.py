@@ -207,7 +207,7 @@ class Ctx:
     whole_call: bool = False  # a retry runs inside it: a timeout bounds every attempt
     stack: str = ""  # "@compose", "@resilient": kept for `keep`
     keep: tuple[str, ...] = ()  # what else the stack holds that has no counterpart
-    note: str = ""
+    keyed: bool = False  # made per key by nopanic's keyed(...)
 
 
 # ---------------------------------------------------------------- literals
@@ -501,7 +501,7 @@ def hint(api: Api, call: ast.expr, ctx: Ctx) -> str:
             burst = None
         if count is None or period is None:
             return ""
-        return limit_hint(ctx, [(count, period, burst)], "global")
+        return limit_hint(ctx, [(count, period, burst)], None if ctx.keyed else "global")
     return ""
 
 
@@ -523,6 +523,8 @@ def limit_hint(
     text = "e.g. " + ", ".join(tables)
     if key == "global":
         text += " (one bucket for all clients, as theirs; without key, one per client)"
+    elif ctx.keyed:
+        text += " (per client: key = client_ip, or header:NAME for the key yours reads)"
     return text
 
 
