@@ -371,6 +371,8 @@ def test_pyresilience_presets_expand_to_their_concerns(tmp_path: Path):
         "on_status = [500, 502, 503, 504], on_429 = true, retry_after_max_s = 60 }"
     )
     assert by[8, LIMITER].replace_with.startswith("a client-side rate limit")
+    for kept in (by[8, LIMITER], by[10, BULKHEAD]):  # what stays is not told to go
+        assert "without this" not in kept.replace_with
     assert by[8, RETRY].replace_with.endswith(
         "keep the @resilient(**llm_policy(...)) for its rate limiter "
         "(no counterpart in fidelity_mw), without this"

@@ -731,7 +731,8 @@ class _Scanner(ast.NodeVisitor):
             else (f"{api.name}(...)")
         )
         for kind, label, extra in toolkits.preset_hints(api.name, call, ctx):
-            own = replace(ctx, stack=stack, keep=tuple(k for k in keep if label not in k))
+            kept_itself = ctx.inbound is None and kind in (LIMITER, BULKHEAD)
+            own = replace(ctx, stack=stack, keep=() if kept_itself else keep)
             rule = Rule(kind, api.library, api.name)
             what = f"{api.library} {_short(call)} (its {label}){ctx.where}"
             self.toolkit_report(call, rule, own, what, extra=extra, hinted=False)
