@@ -336,7 +336,7 @@ def test_pyresilience_presets_expand_to_their_concerns(tmp_path: Path):
         "def b(): ...\n"
         "@resilient(**llm_policy())\n"
         "def c(): ...\n"
-        "@resilient(**db_policy(max_attempts=N))\n"
+        "@resilient(**db_policy(max_attempts=N, fallback=fallback_config))\n"
         "def d(): ...\n",
     )
     by = {(f.line, f.kind): f for f in found}
