@@ -557,3 +557,29 @@ def test_a_limit_inside_an_asgi_middleware_is_inbound(tmp_path: Path):
     assert policy_of(hint(limit)).rate_limits[0].key == "client_ip"
     assert hint(pool) == "[concurrency] limit = 10"
     assert outbound.replace_with.startswith("a client-side rate limit")
+
+
+def test_uses_of_a_toolkit_policy_object_are_reported(tmp_path: Path):
+    """`policy.acall(fn)`, `with policy.guard():` apply the policy where they are
+    written (other libraries' objects keep their own method lists)."""
+    found = audit(
+        tmp_path,
+        "import httpx, tenacity\n"
+        "from nopanic import circuit_breaker, timeout\n"
+        "breaker = circuit_breaker()\n"
+        "per_attempt = timeout(2.0)\n"
+        "retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(3))\n"
+        "async def get(client: httpx.AsyncClient):\n"
+        "    async with breaker.guard():\n"
+        "        return await per_attempt.acall(client.get, '/x')\n"
+        "def legacy(fn):\n"
+        "    return retrying.call(fn)\n",
+    )
+    assert [(f.line, f.kind, f.library) for f in found] == [
+        (3, BREAKER, "nopanic"),
+        (4, TIMEOUT, "nopanic"),
+        (5, RETRY, "tenacity"),
+        (7, BREAKER, "nopanic"),
+        (8, TIMEOUT, "nopanic"),
+    ]
+    assert found[4].replace_with == "upstream[].attempt_timeout_ms via FidelityTransport"

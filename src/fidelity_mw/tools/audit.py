@@ -210,13 +210,16 @@ SDK_RETRIES = {
 }
 # Methods of library objects that apply them (decorators or calls).
 INSTANCE_METHODS = {
-    LIMITER: {"limit", "shared_limit", "hit", "test", "exempt", "call", "acall", "guard"},
-    BREAKER: {"call", "call_async", "calling", "get_breaker", "acall", "guard"},
-    RETRY: {"wraps", "__call__", "call", "acall"},
-    TIMEOUT: {"call", "acall", "guard"},
-    BULKHEAD: {"call", "acall", "guard"},
-    HEDGE: {"call", "acall"},
+    LIMITER: {"limit", "shared_limit", "hit", "test", "exempt"},
+    BREAKER: {"call", "call_async", "calling", "get_breaker"},
+    RETRY: {"wraps", "__call__"},
+    TIMEOUT: set(),
+    BULKHEAD: set(),
+    HEDGE: set(),
 }
+# ... and the toolkits' policies: `policy.call(fn)`, `await policy.acall(fn)`, a block
+# under `with policy.guard():`, throttled-py's `throttle.limit(key)`
+TOOLKIT_METHODS = {"call", "acall", "guard", "limit"}
 ROUTE_DECORATORS = {
     "get",
     "post",
@@ -960,7 +963,10 @@ class _Scanner(ast.NodeVisitor):
             rule = self.instances.get(base) if base else None
             if rule is None and isinstance(target.value, ast.Name):
                 rule = self.shared_object(self.resolve(target.value))
-            if rule is not None and (decorator or target.attr in INSTANCE_METHODS[rule.kind]):
+            methods = INSTANCE_METHODS[rule.kind] if rule is not None else set()
+            if rule is not None and rule.library in toolkits.LIBRARIES:
+                methods = TOOLKIT_METHODS
+            if rule is not None and (decorator or target.attr in methods):
                 return rule, text
         return None
 
