@@ -15,8 +15,11 @@ import pytest
 from fidelity_mw import Policy
 from fidelity_mw.tools.audit import (
     BREAKER,
+    BULKHEAD,
+    HEDGE,
     LIMITER,
     RETRY,
+    TIMEOUT,
     audit_paths,
     audit_source,
     iter_python_files,
@@ -77,6 +80,9 @@ def test_each_library_is_recognised():
         "fastapi-limiter",
         "openai",
         "anthropic",
+        "nopanic",
+        "pyresilience",
+        "throttled-py",
         "hand-written",
     }
 
@@ -244,7 +250,8 @@ def test_excluded_directories(tmp_path: Path):
 def test_parse_fail_on():
     assert parse_fail_on("retry") == {RETRY}
     assert parse_fail_on("retry, Breaker") == {RETRY, BREAKER}
-    assert parse_fail_on("any") == {RETRY, BREAKER, LIMITER}
+    assert parse_fail_on("any") == {RETRY, BREAKER, LIMITER, TIMEOUT, BULKHEAD, HEDGE}
+    assert parse_fail_on("timeout,hedge") == {TIMEOUT, HEDGE}
     with pytest.raises(ValueError, match="'retries' is not a kind"):
         parse_fail_on("retries")
     with pytest.raises(ValueError, match="no kinds"):

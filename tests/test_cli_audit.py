@@ -54,9 +54,16 @@ def test_clean_tree_passes_any(capsys: pytest.CaptureFixture[str]):
 def test_json(capsys: pytest.CaptureFixture[str]):
     assert main(["audit", "--json", "--fail-on", "breaker", f"{FIXTURES}/service"]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["counts"] == {"retry": 15, "breaker": 10, "limiter": 8}
+    assert doc["counts"] == {
+        "retry": 19,
+        "breaker": 13,
+        "limiter": 13,
+        "timeout": 4,
+        "bulkhead": 1,
+        "hedge": 1,
+    }
     assert doc["fail_on"] == ["breaker"]
-    assert doc["scanned"] == 5
+    assert doc["scanned"] == 6
     first = doc["findings"][0]
     assert set(first) == {
         "file",

@@ -8,6 +8,10 @@ run) and reports, with file and line:
   backoff, stamina, urllib3 `Retry`, requests `HTTPAdapter(max_retries=N)`,
   httpx transports with `retries=N` (N != 0), httpx-retries, pybreaker,
   aiobreaker, circuitbreaker, purgatory, slowapi, limits, fastapi-limiter;
+- the all-in-one toolkits nopanic, pyresilience and throttled-py (see
+  `toolkits`): one finding per concern of a stack (`@compose(...)`,
+  `@resilient(...)`, a preset), timeouts, deadlines, bulkheads and hedges
+  included, and what stays with them (a fallback, a cache, a client-side limit);
 - uses of the objects those create (`@limiter.limit("5/minute")`,
   `@breaker`, `breaker.call(f)`), with the route path when one is declared,
   also in other scanned modules that import them;
@@ -32,9 +36,10 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import toolkits
 from .retryloops import (
     HIGH,
     LOW,
@@ -45,10 +50,14 @@ from .retryloops import (
     sleeping_functions,
 )
 
-RETRY = "retry"
-BREAKER = "breaker"
-LIMITER = "limiter"
-KINDS = (RETRY, BREAKER, LIMITER)
+RETRY = toolkits.RETRY
+BREAKER = toolkits.BREAKER
+LIMITER = toolkits.LIMITER
+TIMEOUT = toolkits.TIMEOUT
+BULKHEAD = toolkits.BULKHEAD
+HEDGE = toolkits.HEDGE
+KINDS = (RETRY, BREAKER, LIMITER, TIMEOUT, BULKHEAD, HEDGE)
+CORE_KINDS = (RETRY, BREAKER, LIMITER)  # always counted in the text summary
 
 CONFIDENCES = (HIGH, MEDIUM, LOW)
 FIDELITY_RETRY = "upstream[].retry (attempts, base_ms, max_ms, jitter) via FidelityTransport"
@@ -56,6 +65,10 @@ REPLACE = {
     RETRY: FIDELITY_RETRY,
     BREAKER: "upstream[].breaker (outbound) or breaker / route[].breaker (inbound)",
     LIMITER: "rate_limit[] (rate, burst, key, match)",
+    TIMEOUT: "upstream[].attempt_timeout_ms (one attempt) or [deadline] default_ms / "
+    "route[].deadline_ms (the whole call)",
+    BULKHEAD: "route[].concurrency or [concurrency] (inbound)",
+    HEDGE: "upstream[].hedge (after_ms, max_hedges) via FidelityTransport",
 }
 HTTP_LIBRARIES = ("httpx", "requests", "urllib3", "aiohttp")
 # What to do with a retry, by the client library its calls go through.
@@ -99,6 +112,7 @@ IGNORE_PRAGMA = "fidelity-mw: ignore"
 class Rule:
     kind: str
     library: str
+    api: str = ""  # the toolkits' API name (`toolkits.APIS`); "" for the others
 
 
 def _rules() -> dict[str, Rule]:
@@ -172,6 +186,9 @@ def _rules() -> dict[str, Rule]:
         "fastapi_limiter.depends.RateLimiter",
         "fastapi_limiter.depends.WebSocketRateLimiter",
     )
+    for name, api in toolkits.APIS.items():
+        if api.kind is not None:
+            table[name] = Rule(api.kind, api.library, api.name)
     return table
 
 
@@ -196,7 +213,13 @@ INSTANCE_METHODS = {
     LIMITER: {"limit", "shared_limit", "hit", "test", "exempt"},
     BREAKER: {"call", "call_async", "calling", "get_breaker"},
     RETRY: {"wraps", "__call__"},
+    TIMEOUT: set(),
+    BULKHEAD: set(),
+    HEDGE: set(),
 }
+# ... and the toolkits' policies: `policy.call(fn)`, `await policy.acall(fn)`, a block
+# under `with policy.guard():`, throttled-py's `throttle.limit(key)`
+TOOLKIT_METHODS = {"call", "acall", "guard", "limit"}
 ROUTE_DECORATORS = {
     "get",
     "post",
@@ -245,6 +268,11 @@ class AuditReport:
     def counts(self) -> dict[str, int]:
         counter = Counter(f.kind for f in self.findings)
         return {k: counter.get(k, 0) for k in KINDS}
+
+    def summary_counts(self) -> dict[str, int]:
+        """The counts the text summary shows: retry, breaker and limiter always, the
+        toolkits' other kinds (timeout, bulkhead, hedge) when there are any."""
+        return {k: n for k, n in self.counts().items() if k in CORE_KINDS or n}
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -338,6 +366,7 @@ def audit_tree(
         scanner.collect_imports(tree)
     else:
         scanner.aliases = dict(aliases)
+    scanner.prepare(tree)
     scanner.visit(tree)
     lines = source.splitlines()
     kept = [
@@ -393,6 +422,11 @@ class _Scanner(ast.NodeVisitor):
         self.findings: list[AuditFinding] = []
         self.handled: set[int] = set()
         self.function: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+        self.classes: list[ast.ClassDef] = []
+        # the toolkits: where each concern applies, by id of the call that makes it
+        self.ctx: dict[int, toolkits.Ctx] = {}
+        self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
+        self.created: dict[str, ast.Call] = {}  # library objects: name -> the call
 
     # ------------------------------------------------------------ imports
 
@@ -501,6 +535,8 @@ class _Scanner(ast.NodeVisitor):
         )
 
     def remedy(self, rule: Rule, region: ast.AST | None) -> str:
+        if rule.library in toolkits.LIBRARIES:
+            return self.toolkit_remedy(rule, self._default_ctx(region))
         if rule.kind != RETRY:
             return REPLACE[rule.kind]
         if rule.library in ("requests", "urllib3"):
@@ -537,6 +573,297 @@ class _Scanner(ast.NodeVisitor):
         for sub in ast.walk(node):
             self.handled.add(id(sub))
 
+    # ------------------------------------------------------------ the toolkits
+
+    def toolkit_api(self, node: ast.AST) -> toolkits.Api | None:
+        """The toolkit API a call (or a bare decorator) makes, by its qualified name."""
+        target = node.func if isinstance(node, ast.Call) else node
+        if not isinstance(target, ast.Name | ast.Attribute):
+            return None
+        return toolkits.APIS.get(self.resolve(target) or "")
+
+    def _in_asgi_class(self) -> bool:
+        """Inside an ASGI middleware (`async def __call__(self, scope, receive, send)`)
+        or a Starlette `dispatch(self, request, call_next)`: its limits are inbound."""
+        for cls in self.classes:
+            for stmt in cls.body:
+                if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                    names = [a.arg for a in stmt.args.args]
+                    if (stmt.name == "__call__" and names[1:4] == ["scope", "receive", "send"]) or (
+                        stmt.name == "dispatch" and "call_next" in names
+                    ):
+                        return True
+        return False
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.classes.append(node)
+        self.generic_visit(node)
+        self.classes.pop()
+
+    def _default_ctx(self, region: ast.AST | None) -> toolkits.Ctx:
+        if region is None and self.function:
+            region = self.function[-1]
+        return toolkits.Ctx(region=region)
+
+    def prepare(self, tree: ast.Module) -> None:
+        """Before the visit: module-level `name = call(...)`, and the configs handed to
+        pyresilience's ResilientMiddleware, whose concerns are inbound."""
+        for stmt in tree.body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and isinstance(stmt.value, ast.Call)
+            ):
+                self.assigned[stmt.targets[0].id] = stmt.value
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            ref: ast.expr | None = None
+            config = next((k.value for k in node.keywords if k.arg == "config"), None)
+            api = self.toolkit_api(node)
+            if api is not None and api.name == "ResilientMiddleware":
+                ref = node
+                if config is None and len(node.args) > 1:
+                    config = node.args[1]
+            elif node.args:
+                first = self.toolkit_api(node.args[0])
+                if first is not None and first.name == "ResilientMiddleware":
+                    ref = node.args[0]  # app.add_middleware(ResilientMiddleware, config=...)
+            if ref is None:
+                continue
+            if isinstance(config, ast.Name):
+                config = self.assigned.get(config.id, config)
+            stack = self.toolkit_api(config) if config is not None else None
+            if config is None or (stack is not None and stack.name == "ResilienceConfig"):
+                self._mark(ref)  # reported by its config's concerns; without one it does nothing
+                self.handled.add(id(ref))
+                if isinstance(config, ast.Call) and stack is not None:
+                    where = " in ResilientMiddleware's config"
+                    ctx = toolkits.Ctx(where=where, inbound="middleware")
+                    self.ctx[id(config)] = ctx
+                    self._stack(config, stack, ctx)
+
+    def _stack(self, call: ast.expr, api: toolkits.Api, ctx: toolkits.Ctx) -> None:
+        """compose(...), resilient(...), ResilienceConfig(...), keyed(...), a preset:
+        each concern in it is reported where it is written, with this context."""
+        if not isinstance(call, ast.Call):
+            return
+        if api.name in toolkits.PRESETS:
+            self._preset(call, api, ctx)
+            return
+        members: list[tuple[ast.expr, str]] = []
+        keyed = False
+        if api.name == "compose":
+            members = [(a, _short(a)) for a in call.args]
+        elif api.name in ("resilient", "ResilienceConfig"):
+            members = [
+                (k.value, f"{k.arg}=" if k.arg else _short(k.value))
+                for k in call.keywords
+                if k.arg is None or k.arg in toolkits.COMPONENTS
+            ]
+        elif api.name == "keyed":
+            factory = call.args[0] if call.args else None
+            factory = factory or next((k.value for k in call.keywords if k.arg == "factory"), None)
+            if isinstance(factory, ast.Lambda):
+                members = [(factory.body, _short(factory.body))]
+            keyed = True
+        keep = tuple(label for member, label in members if self._no_counterpart(member, label, ctx))
+        stack = f"@{api.name}" if ctx.where.startswith(" in @") else f"{api.name}(...)"
+        for i, (member, label) in enumerate(members):
+            inner_retry = any(self._applies_retry(m) for m, _ in members[i + 1 :])
+            own = toolkits.Ctx(
+                where=ctx.where,
+                region=ctx.region,
+                route=ctx.route,
+                fn=ctx.fn,
+                inbound=ctx.inbound,
+                whole_call=ctx.whole_call or inner_retry,
+                stack=stack,
+                keep=() if label in keep else keep,
+                keyed=keyed or ctx.keyed,
+            )
+            target = member
+            if isinstance(member, ast.Name) and member.id in self.assigned:
+                target = self.assigned[member.id]  # resilient(retry=RETRY), made above
+            self.ctx.setdefault(id(target), own)
+            if not isinstance(member, ast.Name | ast.Attribute):
+                continue
+            text = dotted_name(member)
+            rule = self.instances.get(text or "") or self.shared_object(self.resolve(member))
+            if rule is not None and rule.library in toolkits.LIBRARIES:
+                what = f"{rule.library} {_short(member)}{ctx.where}"
+                self.toolkit_report(member, rule, own, what, hinted=False)
+                self._mark(member)
+
+    def _no_counterpart(self, member: ast.expr, label: str, ctx: toolkits.Ctx) -> bool:
+        if label.rstrip("=") in toolkits.NO_COUNTERPART:
+            return True
+        api = self.toolkit_api(member)
+        if api is not None and api.name in toolkits.NO_COUNTERPART:
+            return True
+        text = dotted_name(member)
+        rule = self.instances.get(text or "") if text else None
+        kind = api.kind if api is not None else (rule.kind if rule is not None else None)
+        if api is not None and api.name == "adaptive_rate_limit":
+            return True
+        return ctx.inbound is None and kind in (LIMITER, BULKHEAD)
+
+    def _applies_retry(self, node: ast.expr) -> bool:
+        """Does this decorator (or stack member) retry what it wraps?"""
+        api = self.toolkit_api(node)
+        if api is not None and api.kind == RETRY and api.name not in ("RetryBudget",):
+            return not (isinstance(node, ast.Call) and self.configured_off(node))
+        if api is not None and isinstance(node, ast.Call):
+            if api.name == "compose":
+                return any(self._applies_retry(a) for a in node.args)
+            if api.name in ("resilient", "ResilienceConfig"):
+                return any(k.arg == "retry" for k in node.keywords)
+        text = dotted_name(node)
+        rule = self.instances.get(text or "") if text else None
+        if rule is None:
+            found = self.rule_for(self.resolve(node.func if isinstance(node, ast.Call) else node))
+            rule = found[1] if found else None
+        return rule is not None and rule.kind == RETRY and rule.api != "RetryBudget"
+
+    def _preset(self, call: ast.Call, api: toolkits.Api, ctx: toolkits.Ctx) -> None:
+        keep = toolkits.preset_keeps(api.name, call)
+        stack = (
+            f"@resilient(**{api.name}(...))"
+            if ctx.where.startswith(" in @")
+            else (f"{api.name}(...)")
+        )
+        for kind, label, extra in toolkits.preset_hints(api.name, call, ctx):
+            kept_itself = ctx.inbound is None and kind in (LIMITER, BULKHEAD)
+            own = replace(ctx, stack=stack, keep=() if kept_itself else keep)
+            rule = Rule(kind, api.library, api.name)
+            what = f"{api.library} {_short(call)} (its {label}){ctx.where}"
+            self.toolkit_report(call, rule, own, what, extra=extra, hinted=False)
+        for k in call.keywords:  # rate_limit=RateLimiterConfig(...): client-side, kept
+            if k.arg in ("rate_limit", "fallback", "cache"):
+                self.ctx.setdefault(id(k.value), replace(ctx, stack=stack, keep=()))
+
+    def toolkit_report(
+        self,
+        node: ast.AST,
+        rule: Rule,
+        ctx: toolkits.Ctx,
+        what: str,
+        *,
+        extra: str = "",
+        hinted: bool = True,
+    ) -> None:
+        if rule.api == "Throttled" and isinstance(node, ast.Call):
+            wait = toolkits.number(node, 1, "timeout", None)
+            if wait is not None and wait > 0:  # waits for its turn: a client-side throttle
+                rule = replace(rule, api="rate_limit")
+                ctx = replace(ctx, inbound=None)
+        if rule.api == "Limiter":  # throttled-py's FastAPI limiter: on routes
+            ctx = replace(ctx, inbound="route")
+        if ctx.inbound is None and rule.kind in (LIMITER, BULKHEAD) and self._in_asgi_class():
+            ctx = replace(ctx, inbound="middleware")  # guards the requests it serves
+        api = toolkits.Api(rule.kind, rule.library, rule.api)
+        if (
+            hinted
+            and isinstance(node, ast.expr)
+            and (ctx.inbound is None or kind_has_inbound(rule))
+        ):
+            extra = toolkits.hint(api, node, ctx)
+        if ctx.keep:
+            keep = (
+                f"keep the {ctx.stack} for {', '.join(ctx.keep)} (no counterpart in "
+                "fidelity_mw), without this"
+            )
+            extra = f"{extra}; {keep}" if extra else keep
+        self.report(node, rule, what, extra, remedy=self.toolkit_remedy(rule, ctx))
+
+    def toolkit_remedy(self, rule: Rule, ctx: toolkits.Ctx) -> str:
+        kind, name = rule.kind, rule.api
+        if name == "ResilientMiddleware":
+            return (
+                "FidelityMiddleware: rate_limit[] (per client), the route breaker, [deadline] "
+                "(its config is not literal here: see where it is made)"
+            )
+        if name == "RateLimitMiddleware":
+            return "FidelityMiddleware sends the RateLimit fields itself (rate_limit_headers)"
+        if name == "Throttled" and ctx.inbound is None:
+            return (
+                "on requests (a key per client): rate_limit[] (rate, burst, key, match); "
+                "on calls this process makes (client-side): no counterpart in fidelity_mw, "
+                "keep it (# fidelity-mw: ignore marks it out of scope)"
+            )
+        if name == "adaptive_rate_limit" or (ctx.inbound is None and kind in (LIMITER, BULKHEAD)):
+            what = {
+                "adaptive_rate_limit": "an adaptive (AIMD) client-side rate limit",
+                LIMITER: "a client-side rate limit (on calls this process makes)",
+                BULKHEAD: "a client-side bulkhead (on calls this process makes)",
+            }
+            return (
+                f"{what.get(name) or what[kind]}: no counterpart in fidelity_mw, keep it "
+                "(# fidelity-mw: ignore marks it out of scope)"
+            )
+        if ctx.inbound is not None:
+            base = toolkits.INBOUND_FIELD.get(kind, toolkits.INBOUND_NONE)
+        else:
+            client = self.client_library(ctx.region)
+            whole = name == "deadline" or (name == "timeout" and ctx.whole_call)
+            if name == "TimeoutConfig":
+                whole = False  # per_attempt=False is in the hint; the field name is generic
+            field_ = toolkits.DEADLINE_FIELD if whole else toolkits.OUTBOUND_FIELD.get(kind, "")
+            if kind == RETRY:
+                base = RETRY_REMEDY[client]
+            elif client == "httpx":
+                base = f"{field_} via FidelityTransport"
+            elif client is not None:
+                base = (
+                    f"{client} cannot go through FidelityTransport (httpx only): move the call "
+                    f"to httpx with FidelityTransport and {field_}, or keep it and mark it out "
+                    "of scope (# fidelity-mw: ignore)"
+                )
+            else:
+                base = (
+                    "no httpx call seen: FidelityTransport only owns httpx calls; if this is "
+                    f"HTTP, move it to httpx with FidelityTransport and {field_}, otherwise "
+                    "keep it (a database, an SDK on another client) and mark it out of scope "
+                    "(# fidelity-mw: ignore)"
+                )
+        if ctx.keyed and ctx.inbound is None:
+            base += "; keyed: fidelity_mw keeps one breaker and one budget per host already"
+        elif ctx.keyed:
+            base += "; keyed: a rate_limit[] counts per key already (key)"
+        return base
+
+    def _throttled_limit_hint(
+        self, deco: ast.expr, ctx: toolkits.Ctx, creation: ast.Call | None
+    ) -> str:
+        """`@limiter.limit("5/m")` (or `()`, the Limiter's quota) on a route: the same
+        [[rate_limit]], per client with `key_func=get_remote_address`, else global."""
+        node = None
+        if isinstance(deco, ast.Call):
+            node = deco.args[0] if deco.args else None
+            node = node or next((k.value for k in deco.keywords if k.arg == "quota"), None)
+        key_func = None
+        if isinstance(deco, ast.Call):
+            key_func = next((k.value for k in deco.keywords if k.arg == "key_func"), None)
+        if creation is not None:
+            if node is None:
+                node = creation.args[0] if creation.args else None
+                node = node or next((k.value for k in creation.keywords if k.arg == "quota"), None)
+            if key_func is None:
+                key_func = next((k.value for k in creation.keywords if k.arg == "key_func"), None)
+        found = toolkits.quotas(node)
+        if not found:
+            return ""
+        if key_func is None or (isinstance(key_func, ast.Constant) and key_func.value is None):
+            key: str | None = "global"  # its default: one bucket per route for all callers
+        elif last_name_of(key_func) == "get_remote_address":
+            key = None  # client_ip, the default
+        elif (header := _header_key(key_func)) is not None:
+            key = f"header:{header}"
+        else:
+            return ""
+        return toolkits.limit_hint(ctx, [(c, p, b) for c, p, b in found], key)
+
     # ------------------------------------------------------------ visitors
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
@@ -547,7 +874,23 @@ class _Scanner(ast.NodeVisitor):
 
     def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         route = _route_path(node)
-        for deco in node.decorator_list:
+        decorators = node.decorator_list
+        on_route = any(_is_route_decorator(d) for d in decorators)
+        for i, deco in enumerate(decorators):
+            # the toolkits' decorators, outermost first: a timeout above a retry
+            # bounds the whole call, below it each attempt
+            self.ctx.setdefault(
+                id(deco),
+                toolkits.Ctx(
+                    where=f" on {node.name}()",
+                    region=node,
+                    route=route,
+                    fn=node.name,
+                    inbound="route" if on_route else None,
+                    whole_call=any(self._applies_retry(d) for d in decorators[i + 1 :]),
+                ),
+            )
+        for deco in decorators:
             self._decorator(deco, node, route)
         self.function.append(node)
         for stmt in node.body:
@@ -563,7 +906,20 @@ class _Scanner(ast.NodeVisitor):
         target = deco.func if isinstance(deco, ast.Call) else deco
         on = f" on {fn.name}()"
         found = self.rule_for(self.resolve(target))
-        if found is not None:
+        api = self.toolkit_api(deco)
+        if api is not None and api.kind is None:  # a stack: its concerns are reported
+            self.handled.add(id(deco))
+            self._mark(target)
+            base = self.ctx[id(deco)]
+            self._stack(deco, api, replace(base, where=f" in @{_short(target)}{on}"))
+        elif found is not None and found[1].library in toolkits.LIBRARIES:
+            rule = found[1]
+            if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
+                what = f"{rule.library} @{_short(deco)}{on}"
+                self.toolkit_report(deco, rule, self.ctx[id(deco)], what)
+            self._mark(target)
+            self.handled.add(id(deco))
+        elif found is not None:
             _, rule = found
             if not (isinstance(deco, ast.Call) and self.configured_off(deco)):
                 extra = _hint(deco, rule)
@@ -572,7 +928,19 @@ class _Scanner(ast.NodeVisitor):
             self.handled.add(id(deco))
         else:
             inst = self._instance_use(target, decorator=True)
-            if inst is not None:
+            if inst is not None and inst[0].library in toolkits.LIBRARIES:
+                rule, _text = inst
+                ctx = self.ctx[id(deco)]
+                extra = ""
+                if rule.api == "Limiter":  # throttled-py's `@limiter.limit("5/m")`
+                    owner = dotted_name(target.value) if isinstance(target, ast.Attribute) else None
+                    ctx = replace(ctx, inbound="route")
+                    extra = self._throttled_limit_hint(deco, ctx, self.created.get(owner or ""))
+                what = f"{rule.library} @{_short(deco)}{on}"
+                self.toolkit_report(deco, rule, ctx, what, extra=extra, hinted=False)
+                self._mark(target)
+                self.handled.add(id(deco))
+            elif inst is not None:
                 rule, _text = inst
                 extra = _limit_hint(deco, route, fn.name) if rule.kind == LIMITER else ""
                 self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra)
@@ -595,7 +963,10 @@ class _Scanner(ast.NodeVisitor):
             rule = self.instances.get(base) if base else None
             if rule is None and isinstance(target.value, ast.Name):
                 rule = self.shared_object(self.resolve(target.value))
-            if rule is not None and (decorator or target.attr in INSTANCE_METHODS[rule.kind]):
+            methods = INSTANCE_METHODS[rule.kind] if rule is not None else set()
+            if rule is not None and rule.library in toolkits.LIBRARIES:
+                methods = TOOLKIT_METHODS
+            if rule is not None and (decorator or target.attr in methods):
                 return rule, text
         return None
 
@@ -619,11 +990,25 @@ class _Scanner(ast.NodeVisitor):
             text = dotted_name(target)
             if text:
                 self.instances[text] = found[1]
+                self.created[text] = value
 
     def visit_Call(self, node: ast.Call) -> None:
         if isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass"):
             for arg in node.args[1:]:
                 self._mark(arg)  # a type check sets up nothing
+        api = self.toolkit_api(node) if id(node) not in self.handled else None
+        if api is not None and api.kind is None:
+            self._mark(node.func)
+            self.handled.add(id(node))
+            ctx = self.ctx.get(id(node)) or self._default_ctx(None)
+            self._stack(node, api, replace(ctx, where=ctx.where or f" in {_short(node.func)}(...)"))
+        elif api is not None:
+            self._mark(node.func)
+            self.handled.add(id(node))
+            rule = Rule(api.kind or RETRY, api.library, api.name)
+            if not self.configured_off(node):
+                ctx = self.ctx.get(id(node)) or self._default_ctx(None)
+                self.toolkit_report(node, rule, ctx, f"{rule.library} {_short(node)}{ctx.where}")
         if id(node) not in self.handled:
             name = self.resolve(node.func)
             found = self.rule_for(name)
@@ -646,7 +1031,16 @@ class _Scanner(ast.NodeVisitor):
                 self._sdk_retries(node, name)
             else:
                 inst = self._instance_use(node.func, decorator=False)
-                if inst is not None:
+                if inst is not None and inst[0].library in toolkits.LIBRARIES:
+                    rule, _ = inst
+                    ctx = self._default_ctx(None)
+                    fn = self.function[-1] if self.function else None
+                    if fn is not None and any(_is_route_decorator(d) for d in fn.decorator_list):
+                        ctx = replace(ctx, inbound="route", fn=fn.name, route=_route_path(fn))
+                    what = f"{rule.library} {_short(node)}"
+                    self.toolkit_report(node, rule, ctx, what, hinted=False)
+                    self._mark(node.func)
+                elif inst is not None:
                     rule, _ = inst
                     self.report(node, rule, f"{rule.library} {_short(node)}")
                     self._mark(node.func)
@@ -719,6 +1113,10 @@ class _Scanner(ast.NodeVisitor):
             return value.get("max_tries") in (0, 1)
         if library == "stamina":
             return value.get("attempts") in (0, 1)
+        if library == toolkits.NOPANIC and found[1].api == "retry":
+            return _literal(call.args[0] if call.args else kw.get("attempts")) == 1
+        if library == toolkits.PYRESILIENCE and found[1].api == "RetryConfig":
+            return _literal(call.args[0] if call.args else kw.get("max_attempts")) == 1
         if library == "httpx-retries":
             retry = kw.get("retry")
             return isinstance(retry, ast.Call) and any(
@@ -846,6 +1244,23 @@ _OWN_SCOPES = (
 
 def _own_nodes(body: Sequence[ast.stmt], *types: type) -> Iterator[ast.AST]:
     return (n for n in _walk_own(body) if isinstance(n, types))
+
+
+def _is_route_decorator(deco: ast.expr) -> bool:
+    """`@app.get(...)`, `@router.post(...)`, `@app.route(...)`."""
+    return (
+        isinstance(deco, ast.Call)
+        and isinstance(deco.func, ast.Attribute)
+        and deco.func.attr in ROUTE_DECORATORS
+    )
+
+
+def kind_has_inbound(rule: Rule) -> bool:
+    return rule.kind in toolkits.INBOUND_FIELD
+
+
+def last_name_of(node: ast.AST) -> str:
+    return toolkits.last_name(node)
 
 
 def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
@@ -1096,9 +1511,9 @@ def render_text(report: AuditReport) -> str:
     out = [str(f) for f in report.findings]
     for file, error in report.skipped:
         out.append(f"{file}: skipped, cannot parse ({error})")
-    counts = report.counts()
+    counts = report.summary_counts()
     files = len({f.file for f in report.findings})
-    summary = ", ".join(f"{counts[k]} {k}" for k in KINDS)
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     out.append(
         f"{len(report.findings)} finding(s) ({summary}) in {files} file(s); "
         f"{report.scanned} file(s) scanned"

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="find scattered retry/breaker/limiter logic",
         description="Static scan (nothing is imported) for retry, circuit-breaker and "
-        "rate-limiter logic outside fidelity_mw, with the policy key that replaces each.",
+        "rate-limiter logic outside fidelity_mw (and the timeouts, bulkheads and hedges of "
+        "the all-in-one toolkits), with the policy key that replaces each.",
     )
     audit.add_argument("paths", nargs="+", metavar="PATH")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=frozenset(),
         metavar="KINDS",
         help="exit 1 when findings of these kinds exist: comma-separated retry, breaker, "
-        "limiter, or any (default: always exit 0)",
+        "limiter, timeout, bulkhead, hedge, or any (default: always exit 0)",
     )
     audit.add_argument(
         "--exclude",
