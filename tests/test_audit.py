@@ -146,7 +146,39 @@ def test_slowapi_hint_is_a_policy_that_validates(tmp_path):
         ("keyed", "/keyed", "header:X-Api-Key"),
     ]
     (exempt,) = [f for f in report.findings if "exempt" in f.what]
-    assert "leave this route out of every [[rate_limit]] match" in exempt.replace_with
+    assert 'exclude = ["/healthz"] on each [[rate_limit]] whose match covers it' in (
+        exempt.replace_with
+    )
+
+
+def test_slowapi_limit_on_a_post_route_names_its_method(tmp_path: Path):
+    # slowapi counts the decorated endpoint only: a GET of the same path is not in it
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "app = FastAPI()\n"
+        "@app.post('/orders')\n"
+        "@limiter.limit('3/minute')\n"
+        "async def create_order(request: Request): ...\n"
+        "@app.get('/orders/{order_id}')\n"
+        "@limiter.exempt\n"
+        "async def order(request: Request, order_id: str): ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    (hint,) = [
+        f.replace_with.split("e.g. ", 1)[1] for f in report.findings if "e.g. " in f.replace_with
+    ]
+    assert (
+        hint
+        == '{ name = "create_order", match = "/orders", rate = "3/minute", methods = ["POST"] }'
+    )
+    table = hint.strip("{} ").replace(", ", "\n")
+    policy = Policy.from_dict(tomllib.loads(f"[[rate_limit]]\n{table}\n"))
+    assert policy.rate_limits[0].methods == ("POST",)
+    (exempt,) = [f for f in report.findings if "exempt" in f.what]
+    assert 'exclude = ["/orders/*"]' in exempt.replace_with
 
 
 def test_objects_made_in_another_module():

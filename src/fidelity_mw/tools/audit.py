@@ -942,7 +942,11 @@ class _Scanner(ast.NodeVisitor):
                 self.handled.add(id(deco))
             elif inst is not None:
                 rule, _text = inst
-                extra = _limit_hint(deco, route, fn.name) if rule.kind == LIMITER else ""
+                extra = (
+                    _limit_hint(deco, route, fn.name, _route_method(fn))
+                    if rule.kind == LIMITER
+                    else ""
+                )
                 self.report(deco, rule, f"{rule.library} @{_short(deco)}{on}", extra)
                 self._mark(target)
                 self.handled.add(id(deco))
@@ -1263,6 +1267,21 @@ def last_name_of(node: ast.AST) -> str:
     return toolkits.last_name(node)
 
 
+def _route_method(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The method of `@app.post("/x")` (upper case); None for `@app.route` and the like."""
+    for deco in fn.decorator_list:
+        if (
+            isinstance(deco, ast.Call)
+            and isinstance(deco.func, ast.Attribute)
+            and deco.func.attr in _METHOD_DECORATORS
+        ):
+            return deco.func.attr.upper()
+    return None
+
+
+_METHOD_DECORATORS = {"get", "post", "put", "patch", "delete", "head", "options"}
+
+
 def _route_path(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     """The path of `@app.get("/x")` / `@router.post("/x")` / `@app.route("/x")`."""
     for deco in fn.decorator_list:
@@ -1465,15 +1484,20 @@ def _header_key(func: ast.expr | None) -> str | None:
     return value if is_headers and isinstance(value, str) and value else None
 
 
-def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
+def _limit_hint(deco: ast.expr, route: str | None, name: str, method: str | None = None) -> str:
     """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
 
     One table per rate ("5/minute;100/hour" is two limits), each named after the
     function (names must be unique), matching the route's path: its template's
-    parameters ("/items/{item_id}") become "*", since `match` globs the request path."""
+    parameters ("/items/{item_id}") become "*", since `match` globs the request path.
+    slowapi counts the decorated endpoint only: on a route of another method than GET
+    the table says `methods`, so a GET of the same path is not counted with it."""
     if isinstance(deco, ast.Attribute) and deco.attr == "exempt":
+        path = _ROUTE_PARAM.sub("*", route) if route else None
+        exclude = f'exclude = ["{path}"]' if path else "exclude = [its path]"
         return (
-            "no exemption key: leave this route out of every [[rate_limit]] match "
+            f"{exclude} on each [[rate_limit]] whose match covers it, and keep it off "
+            "the router that carries default_limits' Depends(fidelity.limit(...)) "
             '(docs/migration.md, "From slowapi")'
         )
     if not isinstance(deco, ast.Call) or not deco.args:
@@ -1485,6 +1509,8 @@ def _limit_hint(deco: ast.expr, route: str | None, name: str) -> str:
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
     header = _header_key(next((k.value for k in deco.keywords if k.arg == "key_func"), None))
     key = f', key = "header:{header}"' if header else ""
+    if method is not None and method != "GET":
+        key += f', methods = ["{method}"]'
     tables = [
         f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}"{key} }}'
         for i, rate in enumerate(rates)
