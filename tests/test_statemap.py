@@ -459,6 +459,15 @@ def test_retry_waits_match_the_backoff_each_mode_draws(jitter: str, attempts: in
     assert "20..100" not in data
 
 
+def test_retry_statuses_given_as_a_class_read_as_a_range():
+    retry = {"attempts": 2, "on_status": ["5xx", 429]}
+    smap = from_policy(Policy.from_dict({"upstream": [{"host": "x", "retry": retry}]}), "p.toml")
+    data = layer(smap, "outbound", "retry", "upstream x").data
+    assert "on status 429, 500-599, connect errors" in data
+    smap = from_policy(Policy.from_dict({"upstream": [{"host": "x"}]}), "p.toml")
+    assert "on status 502, 503, 504, " in layer(smap, "outbound", "retry", "upstream x").data
+
+
 def test_a_service_shows_its_balancer_and_hedging_state():
     data = {
         "state": {"url": "memory://"},

@@ -250,9 +250,27 @@ def _waits(r: RetryConfig) -> str:
     return f"{label}: retries wait {', '.join(ranges)} ms"
 
 
+def _status_runs(statuses: list[int]) -> str:
+    """Status codes with runs of more than three as a range: `on_status = ["5xx"]`
+    reads "500-599", while 502, 503, 504 stay as written."""
+    runs: list[list[int]] = []
+    for code in statuses:
+        if runs and code == runs[-1][-1] + 1:
+            runs[-1].append(code)
+        else:
+            runs.append([code])
+    out: list[str] = []
+    for run in runs:
+        if len(run) > 3:
+            out.append(f"{run[0]}-{run[-1]}")
+        else:
+            out.extend(map(str, run))
+    return ", ".join(out)
+
+
 def _retry_data(r: RetryConfig) -> str:
     statuses = sorted(r.on_status)
-    on = [f"status {', '.join(map(str, statuses))}"] if statuses else []
+    on = [f"status {_status_runs(statuses)}"] if statuses else []
     if r.on_connect_error:
         on.append("connect errors")
     if r.on_read_timeout:
