@@ -345,11 +345,16 @@ def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
     hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
     probe = ", half_open_probes = 1 }"
     assert hints == [
-        "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20" + probe,
-        "breaker = { consecutive_failures = 4, open_s = 120, open_min_s = 120" + probe,
-        "breaker = { consecutive_failures = 7, open_s = 30, open_min_s = 30" + probe,
-        "breaker = { consecutive_failures = 5, open_s = 60, open_min_s = 60" + probe,
-        "breaker = { consecutive_failures = 2, open_s = 0.5, open_min_s = 0.5" + probe,
+        "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20, open_jitter = 0"
+        + probe,
+        "breaker = { consecutive_failures = 4, open_s = 120, open_min_s = 120, open_jitter = 0"
+        + probe,
+        "breaker = { consecutive_failures = 7, open_s = 30, open_min_s = 30, open_jitter = 0"
+        + probe,
+        "breaker = { consecutive_failures = 5, open_s = 60, open_min_s = 60, open_jitter = 0"
+        + probe,
+        "breaker = { consecutive_failures = 2, open_s = 0.5, open_min_s = 0.5, open_jitter = 0"
+        + probe,
     ]
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')
@@ -369,7 +374,8 @@ def test_slowapi_limiter_defaults_are_per_route_and_application_limits_are_one_b
     (finding,) = audit_paths([str(tmp_path)]).findings
     assert finding.replace_with.endswith(
         'default_limits count per route: Depends(fidelity.limit("100/minute")), '
-        'Depends(fidelity.limit("1000/hour")) on the router or the app '
+        'Depends(fidelity.limit("1000/hour")) on the router of the routes without a limit '
+        "of their own (slowapi applies a route's own limits instead) "
         '(docs/migration.md, "From slowapi"); application_limits: e.g. '
         '{ name = "application", match = "*", rate = "5000/hour" }'
     )

@@ -1418,7 +1418,8 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
     if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 1:
         parts.append(f"consecutive_failures = {fails}")
     if open_s is not None and open_s >= 0.001:
-        parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}")
+        # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
+        parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
     if not parts:
         return ""
     return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}"
@@ -1437,8 +1438,9 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
         deps = ", ".join(f'Depends(fidelity.limit("{r}"))' for r in rates)
         if deps:
             hints.append(
-                f"default_limits count per route: {deps} on the router or the app "
-                '(docs/migration.md, "From slowapi")'
+                f"default_limits count per route: {deps} on the router of the routes "
+                "without a limit of their own (slowapi applies a route's own limits "
+                'instead) (docs/migration.md, "From slowapi")'
             )
     apps = kw.get("application_limits")
     if isinstance(apps, list | tuple) and all(isinstance(a, str) for a in apps):
