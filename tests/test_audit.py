@@ -379,3 +379,58 @@ def test_slowapi_limiter_defaults_are_per_route_and_application_limits_are_one_b
         '(docs/migration.md, "From slowapi"); application_limits: e.g. '
         '{ name = "application", match = "*", rate = "5000/hour" }'
     )
+
+
+def test_a_hand_written_httpx_loop_gets_the_retry_table_of_its_count_and_waits(tmp_path: Path):
+    # attempts from a literal range(); waits only from a literal sleep after the try,
+    # constant or doubling with the loop's counter (a wait before the try is skipped on
+    # the first turn, so it is not the same schedule)
+    (tmp_path / "loops.py").write_text(
+        "import asyncio, httpx\n"
+        "async def doubling(c):\n"
+        "    for attempt in range(4):\n"
+        "        try:\n"
+        "            return await c.get('/x')\n"
+        "        except httpx.TransportError:\n"
+        "            pass\n"
+        "        await asyncio.sleep(0.25 * 2 ** attempt)\n"
+        "async def from_one(c):\n"
+        "    for n in range(1, 4):\n"
+        "        try:\n"
+        "            return await c.get('/x')\n"
+        "        except httpx.TransportError:\n"
+        "            await asyncio.sleep(2 ** n * 0.1)\n"
+        "async def constant(c):\n"
+        "    for _ in range(3):\n"
+        "        try:\n"
+        "            return await c.get('/x')\n"
+        "        except httpx.TransportError:\n"
+        "            await asyncio.sleep(0.5)\n"
+        "async def before_the_try(c):\n"
+        "    for attempt in range(4):\n"
+        "        if attempt:\n"
+        "            await asyncio.sleep(0.1 * 2 ** attempt)\n"
+        "        try:\n"
+        "            return await c.get('/x')\n"
+        "        except httpx.TransportError:\n"
+        "            pass\n"
+        "async def unbounded(c):\n"
+        "    while True:\n"
+        "        try:\n"
+        "            return await c.get('/x')\n"
+        "        except httpx.TransportError:\n"
+        "            await asyncio.sleep(1)\n"
+    )
+    found = audit_paths([str(tmp_path)]).findings
+    hints = {f.line: f.replace_with.split("e.g. ", 1)[-1] for f in found}
+    assert hints == {
+        3: 'retry = { attempts = 4, base_ms = 250, max_ms = 1000, jitter = "none" }',
+        10: 'retry = { attempts = 3, base_ms = 200, max_ms = 400, jitter = "none" }',
+        16: 'retry = { attempts = 3, base_ms = 500, max_ms = 500, jitter = "none" }',
+        22: "retry = { attempts = 4 }",
+        30: "remove the loop; upstream[].retry (attempts, base_ms, max_ms, jitter) via "
+        "FidelityTransport",
+    }
+    for line in (3, 10, 16, 22):
+        table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hints[line]}\n')
+        assert Policy.from_dict(table).upstreams[0].retry.attempts in (3, 4)

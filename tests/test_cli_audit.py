@@ -19,7 +19,8 @@ def test_report_lines_name_file_line_kind_and_replacement(capsys: pytest.Capture
         "tests/fixtures/audit/service/loops.py:11: retry (high): for loop in fetch() retries a "
         "call after catching its failure (line 13); waits with time.sleep(0.1 * 2 ** attempt) "
         "(line 15) -> remove the loop; upstream[].retry (attempts, base_ms, max_ms, jitter) "
-        "via FidelityTransport"
+        "via FidelityTransport; e.g. retry = { attempts = 5, base_ms = 100, max_ms = 800, "
+        'jitter = "none" }'
     ) in lines
     assert (
         "tests/fixtures/audit/service/breakers.py:11: breaker (high): pybreaker "

@@ -1191,7 +1191,10 @@ class _Scanner(ast.NodeVisitor):
         library = self.client_library(node)
         base = RETRY_REMEDY[library]
         if verdict.configurable is None:
-            return base if library != "httpx" else "remove the loop; " + base
+            if library != "httpx":
+                return base
+            hint = _loop_retry_hint(node, verdict.sleep, _first_call(verdict.attempt))
+            return "remove the loop; " + base + (f"; e.g. {hint}" if hint else "")
         knob = verdict.configurable
         if library in ("httpx", None):
             return (
@@ -1215,6 +1218,67 @@ class _Scanner(ast.NodeVisitor):
             self.rule_for(self.resolve(node.func)) is not None
             or self._instance_use(node.func, decorator=False) is not None
         )
+
+
+def _loop_retry_hint(node: ast.AST, sleep: ast.Call | None, attempt: ast.AST) -> str:
+    """`for attempt in range(4)` sleeping `0.25 * 2 ** attempt` (or a constant) after
+    each try -> `retry = { attempts = 4, base_ms = 250, max_ms = 1000, jitter = "none" }`:
+    the same attempts and the same waits between them. Literal counts and waits only;
+    a wait before the try (its first turn waits, or skips the wait) gives no waits."""
+    if not isinstance(node, ast.For | ast.AsyncFor) or not isinstance(node.iter, ast.Call):
+        return ""
+    call = node.iter
+    if last_name_of(call.func) != "range" or call.keywords:
+        return ""
+    bounds = [_literal(a) for a in call.args]
+    if not bounds or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds):
+        return ""
+    ints = [int(b) for b in bounds if isinstance(b, int)]
+    start = 0
+    if len(ints) == 1:
+        attempts = ints[0]
+    elif len(ints) == 2 or (len(ints) == 3 and ints[2] == 1):
+        start, attempts = ints[0], ints[1] - ints[0]
+    else:
+        return ""
+    if not 1 < attempts <= 10:  # one attempt retries nothing; ten is the policy's cap
+        return ""
+    parts = [f"attempts = {attempts}"]
+    after_the_try = sleep is not None and sleep.lineno > getattr(attempt, "lineno", 0)
+    waits = _loop_waits(node.target, sleep) if after_the_try else None
+    if waits is not None:
+        scale, doubling = waits
+        first = scale * 2**start if doubling else scale
+        last = first * 2 ** (attempts - 2) if doubling else first
+        if first == int(first) and last == int(last) and last <= 600_000:
+            parts.append(f'base_ms = {int(first)}, max_ms = {int(last)}, jitter = "none"')
+    return f"retry = {{ {', '.join(parts)} }}"
+
+
+def _loop_waits(target: ast.expr, sleep: ast.Call | None) -> tuple[float, bool] | None:
+    """The wait in ms at a counter of 0 and whether it doubles per turn: `sleep(0.5)`,
+    `sleep(0.1 * 2 ** n)` (or `2 ** n * 0.1`) with `n` the loop's counter."""
+    if sleep is None or len(sleep.args) != 1 or not isinstance(target, ast.Name):
+        return None
+    wait = sleep.args[0]
+    value = _literal(wait)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return value * 1000, False
+    if isinstance(wait, ast.BinOp) and isinstance(wait.op, ast.Mult):
+        for factor, power in ((wait.left, wait.right), (wait.right, wait.left)):
+            scale = _literal(factor)
+            if (
+                isinstance(scale, int | float)
+                and not isinstance(scale, bool)
+                and scale > 0
+                and isinstance(power, ast.BinOp)
+                and isinstance(power.op, ast.Pow)
+                and _literal(power.left) == 2
+                and isinstance(power.right, ast.Name)
+                and power.right.id == target.id
+            ):
+                return scale * 1000, True
+    return None
 
 
 def _first_call(node: ast.AST) -> ast.AST:
