@@ -5,13 +5,17 @@ once. Each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from fidelity_mw import FidelityTransport, Policy, PolicyError
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, PolicyError, current
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.decide.breaker import HALF_OPEN
 from fidelity_mw.engine import Engine
@@ -279,3 +283,79 @@ def test_retry_after_scope_is_read_from_toml_and_checked(tmp_path: Any) -> None:
     assert UpstreamConfig().retry_after_scope == "instance"
     with pytest.raises(PolicyError, match="retry_after_scope"):
         UpstreamConfig(retry_after_scope="global")  # type: ignore[arg-type]
+
+
+# ------------------------------------- 4. two calls at once, their errors let out
+
+
+def _gather_app(escapes: str, seen: list[Any]) -> Starlette:
+    """One request makes two calls at once (`asyncio.gather`), each failing to connect:
+    `spent`'s retry budget is empty (it gives up as `budget` at its first failure),
+    `down` gives up after three attempts; `post` is a POST (not retried, no give-up).
+    The app lets out the error of the call named `escapes`."""
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    outbound = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(upstream)))
+    calls: dict[str, Callable[[], Any]] = {
+        "spent": lambda: outbound.get("http://spent/x"),
+        "down": lambda: outbound.get("http://down/x"),
+        "post": lambda: outbound.post("http://down/x", content=b"x"),
+    }
+
+    async def handler(request: Request) -> Response:
+        seen.append(current())
+        # the other call first: its give-up is recorded last (`down` backs off)
+        names = [n for n in ("down", "spent") if n != escapes] + [escapes]
+        if escapes == "post":
+            names = ["post", "spent"]
+        results = await asyncio.gather(*(calls[n]() for n in names), return_exceptions=True)
+        raise results[names.index(escapes)]
+
+    app = Starlette(routes=[Route("/", handler)])
+    no_budget = RetryConfig(attempts=3, base_ms=1, max_ms=1, budget_ratio=0.0, budget_min_per_s=0.0)
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(host="spent", retry=no_budget),
+            UpstreamConfig(host="down", retry=RetryConfig(attempts=3, base_ms=1, max_ms=1)),
+        ),
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    return app
+
+
+async def _answer(app: Starlette) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.get("/")
+
+
+@pytest.mark.parametrize("escapes", ["spent", "down"])
+async def test_each_calls_error_is_answered_with_its_own_give_up(escapes: str) -> None:
+    """Before: the error was answered with the request's last outbound give-up, the
+    other call's: `down`'s connect error as `spent`'s spent budget (503, naming `spent`),
+    `spent`'s as `down`'s retries (or the other way round, by which gave up last)."""
+    seen: list[Any] = []
+    response = await _answer(_gather_app(escapes, seen))
+    give_ups = {d.subject: d.reason for d in seen[0].decisions if d.verdict == "give_up"}
+    assert give_ups == {"spent": "budget", "down": "attempts"}
+    body = response.json()
+    assert body["upstream"] == escapes
+    if escapes == "spent":
+        assert response.status_code == 503
+        assert body["layer"] == "budget"
+    else:
+        assert response.status_code == 502
+        assert "layer" not in body
+    assert response.headers["x-fidelity-retry"] == "exhausted"
+
+
+async def test_an_error_without_a_give_up_is_not_answered_with_another_calls() -> None:
+    """A POST's connect error (sent once: no retry, no give-up of ours) next to a call
+    whose budget was spent: it was answered as that call's spent budget (503)."""
+    seen: list[Any] = []
+    response = await _answer(_gather_app("post", seen))
+    give_ups = {d.subject: d.reason for d in seen[0].decisions if d.verdict == "give_up"}
+    assert give_ups == {"down": "not_idempotent", "spent": "budget"}
+    assert response.status_code == 500  # the app's failure: no control layer decided it

@@ -627,13 +627,18 @@ def attempts(
                 raise
             if response is None:
                 assert error is not None
+                # said on the error itself, as on a response given up on: the give-up
+                # that exhausted this call, or none (not another call's of the request)
+                # (Any: compiled, a named tuple's declared type would be unboxed and
+                # boxed again as a plain tuple)
+                exhausted: Any = gave_up() if (retryable or downstream) and not hedge else None
+                with contextlib.suppress(Exception):  # (an error that takes no attribute)
+                    setattr(error, GIVE_UP_EXTENSION, exhausted)
                 raise error
             if (retryable or downstream) and not hedge:
                 # given up on (retries, budget, breaker, deadline, an exhausted callee):
                 # said on the response itself, exactly (`raise_for_status()` on it)
-                # (Any: compiled, a named tuple's declared type would be unboxed and
-                # boxed again as a plain tuple)
-                exhausted: Any = gave_up()
+                exhausted = gave_up()
                 if exhausted is not None:
                     response.extensions[GIVE_UP_EXTENSION] = exhausted
                     # and on the request, for a response built anew from this one (its
