@@ -91,11 +91,11 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
             f"upstream {gave_up.subject!r} answered {exc.response.status_code} "
             "and its retry budget is spent",
             "retry-budget-exhausted",
-            retry_advice(ctx, now),
+            retry_advice(ctx, now, gave_up),
         )
     if not isinstance(exc, httpx.TransportError):
         return None
-    gave_up = _outbound_give_up(ctx)
+    gave_up = given_up_error(ctx, exc, _REFUSING_LAYERS)
     if isinstance(exc, httpx.TimeoutException) and (
         (gave_up is not None and gave_up.layer == LAYER_DEADLINE)
         or (ctx.deadline_at is not None and now >= ctx.deadline_at)
@@ -122,7 +122,7 @@ def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rej
             upstream,
             f"upstream {upstream!r} failed and its retry budget is spent",
             "retry-budget-exhausted",
-            retry_advice(ctx, now),
+            retry_advice(ctx, now, gave_up),
         )
     return None
 
@@ -142,10 +142,20 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
             return None
         upstream: str | None = gave_up.subject
         why = f"answered {exc.response.status_code}"
-    elif isinstance(exc, httpx.TransportError) and ctx.upstream_exhausted:
+    elif isinstance(exc, httpx.TransportError):
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
-        gave_up = _outbound_give_up(ctx, layers)
-        upstream = gave_up.subject if gave_up is not None else _host(exc)
+        if getattr(exc, GIVE_UP_EXTENSION, _UNMARKED) is _UNMARKED:
+            # not raised by the transport: the request's flag and last give-up, as before
+            if not ctx.upstream_exhausted:
+                return None
+            gave_up = _outbound_give_up(ctx, layers)
+            upstream = gave_up.subject if gave_up is not None else _host(exc)
+        else:
+            gave_up = given_up_error(ctx, exc, layers)
+            if gave_up is None:
+                return None
+            ctx.upstream_exhausted = True  # (as `given_up_response`: the call's own)
+            upstream = gave_up.subject
         why = f"failed ({type(exc).__name__})"
     else:
         return None
@@ -181,6 +191,34 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
         return None
     ctx.upstream_exhausted = True
     return marker
+
+
+def given_up_error(
+    ctx: DecisionContext, exc: BaseException, layers: tuple[str, ...]
+) -> Decision | None:
+    """The outbound give-up (of one of `layers`) that ended the call `exc` was raised
+    from, or None.
+
+    The transport marks every error it raises (`exc.fidelity_give_up`, as it marks a
+    response given up on): the give-up that exhausted that call, or None when it gave
+    none. The mark says it, not the request's records: two calls at once
+    (`asyncio.gather`) record on one context, and the last give-up there may be the
+    other call's. An error without the mark (not raised by the transport: made by the
+    app) is read as before, by the request's last give-up."""
+    marker = getattr(exc, GIVE_UP_EXTENSION, _UNMARKED)
+    if marker is _UNMARKED:
+        return _outbound_give_up(ctx, layers)
+    if (
+        not isinstance(marker, Decision)
+        or marker.verdict not in (GIVE_UP, REJECT)
+        or marker.reason not in EXHAUSTING_REASONS
+        or marker.layer not in layers
+    ):
+        return None
+    return marker
+
+
+_UNMARKED: Any = object()
 
 
 def _host(exc: httpx.TransportError) -> str | None:
@@ -223,13 +261,16 @@ def _outbound_give_up(
     return None
 
 
-def retry_advice(ctx: DecisionContext, now: float) -> str | None:
+def retry_advice(ctx: DecisionContext, now: float, give_up: Decision | None = None) -> str | None:
     """`Retry-After` for a 5xx that follows an outbound give-up, from what the outbound
     layer knew when it gave up (outbound/advice.py), less the time since, plus a draw
     from the engine's random source over the give-up's spread window; None when it
     knew of nothing that blocks a retry, or that time has passed. Recorded as an
-    `advise` decision of the give-up's layer, the reason naming what it came from."""
-    give_up = _outbound_give_up(ctx, _ADVISING_LAYERS)
+    `advise` decision of the give-up's layer, the reason naming what it came from.
+    `give_up`: the one the answer is for (the mark on what the app let out), else the
+    request's last."""
+    if give_up is None:
+        give_up = _outbound_give_up(ctx, _ADVISING_LAYERS)
     details = give_up.details if give_up is not None else None
     if not details:
         return None
@@ -261,6 +302,7 @@ def retry_advice(ctx: DecisionContext, now: float) -> str | None:
 
 
 _ADVISING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER, LAYER_RETRY)
+_REFUSING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
 
 
 def after_give_up(

@@ -43,6 +43,7 @@ from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
+    GIVE_UP_RETRY_AFTER,
     IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
@@ -399,6 +400,7 @@ def trusted_peer(
 SCOPE_CALL: Final = "call"  # waited before the retry: it goes to the same host or instance
 SCOPE_INSTANCE: Final = "instance"  # paused only the instance that sent it: the retry goes
 # to another instance after the plain backoff
+SCOPE_SERVICE: Final = "service"  # (`retry_after_scope`: a service's speaks for them all)
 
 
 class RetryAfter(NamedTuple):
@@ -409,6 +411,33 @@ class RetryAfter(NamedTuple):
     # SCOPE_INSTANCE: until when the call could still wait it, should the retry find no
     # other instance after all (another's gate refuses it); None when it could not.
     wait_until: float | None = None
+    # ... and then why the call gives up: the wait reaches the deadline, or is too long
+    refused: str = GIVE_UP_RETRY_AFTER
+
+
+def own_word(up: Upstream, target: Instance | None) -> bool:
+    """Does a `Retry-After` from `target` speak for that instance alone: one of a service
+    of several whose `retry_after_scope` is `instance`? (A service of one answers as a
+    plain host; one scoped `service` too, with all of its instances.)"""
+    instances = up.instances
+    return (
+        target is not None
+        and instances is not None
+        and len(instances) > 1
+        and up.cfg.retry_after_scope != SCOPE_SERVICE
+    )
+
+
+def heed_retry_after(
+    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response, now: float
+) -> None:
+    """An instance's retryable answer that no retry is planned on (a hedge's): its
+    `Retry-After` pauses it all the same, as `plan_call` pauses the instance a call's
+    answer came from."""
+    if own_word(up, target):
+        retry_after = parse_retry_after(response.headers.get("retry-after"), engine.clock.wall())
+        if retry_after is not None:
+            up.pause(target, now + min(retry_after, up.retry.retry_after_max_s))
 
 
 def plan_call(
@@ -430,15 +459,18 @@ def plan_call(
     `used`: the instances of the service the call sent to before (its hedges' too).
 
     A `Retry-After` on the response is one instance's word about itself (as Envoy and
-    Finagle take it) when the service has another instance the retry may go to: that
-    instance is paused for it (at most `retry_after_max_s`) and the retry goes to
-    another one after its plain backoff (`SCOPE_INSTANCE`). Otherwise (a plain host, or
-    no other instance) the call waits it before the retry (`SCOPE_CALL`), or gives up
-    when it cannot."""
+    Finagle take it) for a service of several (`own_word`): that instance is paused for
+    it (at most `retry_after_max_s`) whatever the call does next, and when the service
+    has another instance the retry may go to, the retry goes there after its plain
+    backoff (`SCOPE_INSTANCE`). Otherwise (a plain host, no other instance, or a
+    service whose `retry_after_scope` is `service`) the call waits it before the retry
+    (`SCOPE_CALL`), or gives up when it cannot; a planned retry after a 429 then pauses
+    the host (the service) for it."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
     scoped: RetryAfter | None = None
+    own = own_word(up, target)
     if response is not None:
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("retry-after"), engine.clock.wall())
@@ -452,17 +484,19 @@ def plan_call(
         deadline_at = ctx.deadline_at
         remaining = None if deadline_at is None else deadline_at - now
         wait = retry_after
-        if retry_after is not None and target is not None and _another(up, target, used, now):
+        if retry_after is not None and own and _another(up, target, used, now):
             # One instance's Retry-After is about that instance (as its 429's pause is):
-            # it is paused for what it said, and the retry goes to another one after its
-            # backoff (one the call has not tried, not paused, not known open: the
-            # retry's pick goes there, never back to the paused one while another is
+            # it is paused for what it said (below), and the retry goes to another one
+            # after its backoff (one the call has not tried, not paused, not known open:
+            # the retry's pick goes there, never back to the paused one while another is
             # there), whether the call could have waited it or not.
-            waitable = retry_after <= up.retry.retry_after_max_s and (
-                remaining is None or retry_after < remaining
-            )
+            late = remaining is not None and retry_after >= remaining
+            waitable = retry_after <= up.retry.retry_after_max_s and not late
             scoped = RetryAfter(
-                retry_after, SCOPE_INSTANCE, now + retry_after + 1e-6 if waitable else None
+                retry_after,
+                SCOPE_INSTANCE,
+                now + retry_after + 1e-6 if waitable else None,
+                GIVE_UP_DEADLINE if late else GIVE_UP_RETRY_AFTER,
             )
             wait = 0.0 if status == 429 else None  # (a 429's is usable: not `missing`)
         elif retry_after is not None:
@@ -494,22 +528,25 @@ def plan_call(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
         )  # fmt: skip
-        return plan, None
-    if retry_after is not None and (
-        status == 429 or (scoped is not None and scoped.scope == SCOPE_INSTANCE)
-    ):
-        # A planned retry after a 429 pauses other calls' retries to this host (to this
-        # instance of a service) too, and so does one an instance's Retry-After sent
-        # elsewhere; never longer than the cap (a refused Retry-After pauses nothing).
-        pause = min(retry_after, up.retry.retry_after_max_s)
-        up.pause(target, now + pause)
+        scoped = None
+    if retry_after is not None:
+        pause = now + min(retry_after, up.retry.retry_after_max_s)  # never beyond the cap
+        if own:
+            # An instance's word about itself stands whatever the call does with it (goes
+            # elsewhere, waits it, gives up): other calls' retries and hedges keep away.
+            up.pause(target, pause)
+        elif status == 429 and plan.retry:
+            # A planned retry after a 429 pauses other calls' retries to this host (to
+            # this instance of a service of one, to every instance of one scoped
+            # `service`) too (a refused Retry-After pauses nothing).
+            up.pause(None if up.cfg.retry_after_scope == SCOPE_SERVICE else target, pause)
     return plan, scoped
 
 
 # ---------------------------------------------------------------- small helpers
 
 
-def _another(up: Upstream, target: Instance, used: Sequence[Instance], now: float) -> bool:
+def _another(up: Upstream, target: Instance | None, used: Sequence[Instance], now: float) -> bool:
     """Is there an instance of the service besides `target` that a retry may go to now:
     not tried by the call, not paused by a 429, not known open?"""
     return any(

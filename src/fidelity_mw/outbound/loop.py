@@ -52,6 +52,7 @@ from ..context import (
     ALLOW,
     LAYER_BREAKER,
     LAYER_BUDGET,
+    LAYER_DEADLINE,
     LAYER_RETRY,
     REJECT,
     RETRY,
@@ -85,6 +86,7 @@ from .decisions import (
     gate_answer,
     gave_up,
     give_up,
+    heed_retry_after,
     is_slow,
     lb_decision,
     mark,
@@ -525,7 +527,10 @@ def attempts(
                 gate = None
                 if observer is not None:
                     observe_end(observer, token, response, error)
-                if (retryable or downstream) and not hedge:
+                if hedge:
+                    if retryable and response is not None:  # (no retry of its own)
+                        heed_retry_after(engine, up, target, response, clock.monotonic())
+                elif retryable or downstream:
                     # --- a retryable failure: retry, or give up with a reason
                     now = clock.monotonic()
                     forget_give_up()  # (an earlier call's: this one notes its own)
@@ -556,6 +561,7 @@ def attempts(
                                 False, sent_at,
                                 -math.inf if scoped is None or scoped.wait_until is None
                                 else scoped.wait_until,
+                                GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
                             )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
@@ -621,13 +627,18 @@ def attempts(
                 raise
             if response is None:
                 assert error is not None
+                # said on the error itself, as on a response given up on: the give-up
+                # that exhausted this call, or none (not another call's of the request)
+                # (Any: compiled, a named tuple's declared type would be unboxed and
+                # boxed again as a plain tuple)
+                exhausted: Any = gave_up() if (retryable or downstream) and not hedge else None
+                with contextlib.suppress(Exception):  # (an error that takes no attribute)
+                    setattr(error, GIVE_UP_EXTENSION, exhausted)
                 raise error
             if (retryable or downstream) and not hedge:
                 # given up on (retries, budget, breaker, deadline, an exhausted callee):
                 # said on the response itself, exactly (`raise_for_status()` on it)
-                # (Any: compiled, a named tuple's declared type would be unboxed and
-                # boxed again as a plain tuple)
-                exhausted: Any = gave_up()
+                exhausted = gave_up()
                 if exhausted is not None:
                     response.extensions[GIVE_UP_EXTENSION] = exhausted
                     # and on the request, for a response built anew from this one (its
@@ -673,6 +684,7 @@ def _gate_next(
     hedge: bool = False,
     sent_at: float = math.inf,
     wait_until: float = -math.inf,
+    refused: str = GIVE_UP_RETRY_AFTER,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -680,7 +692,8 @@ def _gate_next(
     (sent at `sent_at`, after its backoff) never goes to an instance a Retry-After
     paused beyond then, but to one whose pause ends by `wait_until` (the call could wait
     the Retry-After that paused it) when no other is left: then after that pause
-    (`_Gated.resend_at`)."""
+    (`_Gated.resend_at`); else it gives up, as `refused` (the call's own Retry-After
+    reached the deadline: `deadline`)."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -735,8 +748,8 @@ def _gate_next(
                     # Only instances paused beyond the retry's backoff are left (the one
                     # whose Retry-After the call could not wait, and whose pause sent the
                     # retry elsewhere, among them): no retry, rather than one they refused.
-                    give_up(ctx, up, LAYER_RETRY, GIVE_UP_RETRY_AFTER, attempts_made, now,
-                            SOURCE_MEMORY, 0.0)  # fmt: skip
+                    layer = LAYER_RETRY if refused == GIVE_UP_RETRY_AFTER else LAYER_DEADLINE
+                    give_up(ctx, up, layer, refused, attempts_made, now, SOURCE_MEMORY, 0.0)
                     paused = instances[pick.chosen]
                     return _Gated(paused, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             target = instances[pick.chosen]

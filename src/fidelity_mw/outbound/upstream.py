@@ -122,6 +122,7 @@ class Upstream:
         "resolved",
         "retry",
         "retry_statuses",
+        "service_paused_until",
         "timeout_header",
         "timeouts",
         "trusted",
@@ -161,6 +162,9 @@ class Upstream:
             retry_statuses.add(429)
         self.retry_statuses: frozenset[int] = frozenset(retry_statuses)
         self.paused_until = 0.0
+        # A service's own pause (`retry_after_scope = "service"`): every instance's, those
+        # named later too (`paused_until` is never below it)
+        self.service_paused_until = 0.0
         # Attempt latencies, kept only when a hedge delay is the upstream's p95.
         hedge = cfg.hedge
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
@@ -186,16 +190,21 @@ class Upstream:
         # A service's budget is one for all its instances: the logical host's (the default).
 
     def pause(self, target: Instance | None, until: float) -> None:
-        """A 429's Retry-After pauses retries until `until`: to this host, or, for a
-        service, to the instance that answered it (the service is paused only while all
-        of its instances are)."""
-        if target is None or self.instances is None:
+        """A Retry-After pauses retries until `until`: to this host, or, for a service,
+        to the instance that answered it (the service is paused only while all of its
+        instances are), or (no `target`) to the whole service."""
+        if self.instances is None:
             self.paused_until = max(self.paused_until, until)
             return
-        target.paused_until = max(target.paused_until, until)
+        if target is None:
+            self.service_paused_until = max(self.service_paused_until, until)
+        else:
+            target.paused_until = max(target.paused_until, until)
         self._service_pause()
 
     def _service_pause(self) -> None:
         instances = self.instances
         if instances is not None:
-            self.paused_until = min(i.paused_until for i in instances)
+            self.paused_until = max(
+                self.service_paused_until, min(i.paused_until for i in instances)
+            )

@@ -942,6 +942,7 @@ class RetryConfig(_Validated):
 
 
 HEDGE_DELAYS = ("fixed", "p95")
+RETRY_AFTER_SCOPES = ("instance", "service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -966,6 +967,9 @@ class UpstreamConfig(_Validated):
     instances: tuple[str, ...] = _spec((), _base_urls)
     panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
     max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
+    retry_after_scope: Literal["instance", "service"] = _spec(
+        "instance", one_of(RETRY_AFTER_SCOPES)
+    )
     hedge: HedgeConfig | None = _spec(None, optional(_instance(HedgeConfig)))
 
 

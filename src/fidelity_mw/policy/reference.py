@@ -292,6 +292,11 @@ DESCRIPTIONS: dict[str, str] = {
     "instances are admissible, spread over all of them instead of refusing.",
     "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
     "(skipped for an open breaker) at once; at least one may always be.",
+    "upstream.retry_after_scope": "Whom a service's `Retry-After` (429 or 503) speaks for: "
+    "`instance`, the instance that answered (it is paused, the retry goes to another one "
+    "after its backoff); `service`, every instance (a quota shared behind a gateway or "
+    "on shared state: waited before the retry, and a 429's pauses the whole service, as "
+    "for a plain host).",
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
     "observed attempt latency p95 (a window of recent attempts in this process), "
