@@ -1,0 +1,421 @@
+"""The fleet share weighted by each member's load (decide/fleet.py, state/lua/fleet.lua).
+
+While Redis is away each member enforces a weight of each limit: `even_ratio` / N
+plus (1 - `even_ratio`) x its fraction of the fleet's load, read with the fleet size.
+The arithmetic and the load table on explicit times; the table against fleet.lua on a
+real redis-server (pinned clock); the stores on a FakeClock against a real Redis that
+the tests kill. The 4-process runs are in tests/test_redis_fleet_share.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import redis
+
+from fidelity_mw.decide.fleet import (
+    LOAD_STALE,
+    LOAD_UNREPORTED,
+    WEIGHT_STEPS,
+    FleetShare,
+    FleetTable,
+    MemberLoad,
+    fleet_share,
+    load_weight,
+    quantize_weight,
+    share_spec,
+    weight_tag,
+    weighted_spec,
+)
+from fidelity_mw.errors import PolicyError
+from fidelity_mw.inbound.admission import fleet_details
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.fleet import ANNOUNCE_S, FLEET, MEMBER_TTL_S, Fleet
+from fidelity_mw.state.local import LocalState
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import FakeClock, seeded_random
+from redis_clock import RedisClock, clocked
+from redis_server import PATIENT, RedisServer
+
+RATE = 100.0
+BURST = 20
+SPEC = LimitSpec("l", 1.0 / RATE, BURST / RATE, 1, False)
+SLOW = LimitSpec("s", 60.0, 60.0 * BURST, 1, False)  # no refill within a test
+STEP = 2.0 ** (1.0 / WEIGHT_STEPS)  # one step of the weight grid
+
+
+# ---------------------------------------------------------------- the weight
+
+
+def test_weights_of_all_members_sum_to_one() -> None:
+    rng = random.Random(19)
+    for _ in range(200):
+        n = rng.randint(2, 12)
+        raw = [rng.expovariate(1.0) * (rng.random() < 0.8) for _ in range(n)]
+        raw[0] += 0.01  # some load somewhere
+        fractions = [r / sum(raw) for r in raw]
+        even = rng.choice([0.01, 0.2, 0.5, 1.0])
+        weights = [load_weight(n, f, even) for f in fractions]
+        assert sum(weights) == pytest.approx(1.0)
+        # quantized, each is within one step of its weight: the sum within one step of 1
+        quantized = [quantize_weight(w) for w in weights]
+        assert 1.0 / STEP <= sum(quantized) <= STEP
+        assert all(0.0 < q <= 1.0 for q in quantized)
+
+
+def test_an_idle_member_keeps_its_floor() -> None:
+    assert load_weight(4, 0.0, 0.2) == pytest.approx(0.05)
+    assert load_weight(4, 1.0, 0.2) == pytest.approx(0.85)
+    assert load_weight(4, 0.25, 0.2) == pytest.approx(0.25)  # an even load: the even share
+    assert load_weight(1, 0.0, 0.2) == 1.0  # alone: the whole limit
+    assert load_weight(3, 0.7, 1.0) == pytest.approx(1.0 / 3)  # 1: the even share
+    # the floor's share of a limit still admits requests
+    floor = weighted_spec(SPEC, quantize_weight(load_weight(4, 0.0, 0.2)))
+    table = LocalState()
+    admitted = sum(table.admit_now(None, None, ["k"], [floor], 0.0).admitted for _ in range(5))
+    assert admitted == 1  # burst 20 x 0.05
+
+
+def test_weighted_spec_scales_rate_and_burst() -> None:
+    w = quantize_weight(0.5)
+    half = weighted_spec(SPEC, w)
+    assert half.interval_s == pytest.approx(2.0 / RATE)
+    assert half.tolerance_s / half.interval_s == pytest.approx(BURST / 2)
+    assert weighted_spec(SPEC, 1.0) == SPEC
+    # never a burst below one request's cost
+    tiny = weighted_spec(LimitSpec("t", 0.1, 0.2, 2, False), 0.1)
+    assert tiny.tolerance_s / tiny.interval_s == pytest.approx(2.0)
+    # at a weight of 1/N it is the even share
+    even = share_spec(SPEC, 4)
+    quarter = weighted_spec(SPEC, 0.25)
+    assert quarter.interval_s == pytest.approx(even.interval_s)
+    assert quarter.tolerance_s == pytest.approx(even.tolerance_s)
+
+
+def test_quantized_weights_hold_while_the_load_wavers() -> None:
+    assert quantize_weight(0.25) == 0.25  # a point of the grid
+    assert quantize_weight(1.3) == 1.0
+    held = quantize_weight(0.8)
+    assert abs(math.log2(held / 0.8)) * WEIGHT_STEPS <= 0.5
+    # within a step of the held weight it stays, so its local buckets stay
+    assert quantize_weight(held * STEP**0.9, held) == held
+    assert quantize_weight(held / STEP**0.9, held) == held
+    assert quantize_weight(held * STEP**1.6, held) == pytest.approx(held * STEP**2)
+    assert quantize_weight(held / STEP**1.4, held) == pytest.approx(held / STEP)
+    # each grid point names buckets of its own
+    grid = {quantize_weight(2.0 ** (-k / WEIGHT_STEPS)) for k in range(0, 200)}
+    assert len({weight_tag(w) for w in grid}) == len(grid) == 200
+
+
+def test_stale_or_unknown_load_gives_the_even_share() -> None:
+    known = fleet_share(
+        4, 100.0, 110.0, 60.0, weighted=True, weight=0.8, load=0.9, load_max_age_s=30.0
+    )
+    assert known == FleetShare(4, 10.0, "", 0.8, 0.9)
+    stale = fleet_share(
+        4, 100.0, 130.5, 60.0, weighted=True, weight=0.8, load=0.9, load_max_age_s=30.0
+    )
+    assert stale == FleetShare(4, 30.5, "", None, None, LOAD_STALE)
+    unknown = fleet_share(4, 100.0, 110.0, 60.0, weighted=True, load_max_age_s=30.0)
+    assert unknown == FleetShare(4, 10.0, "", None, None, LOAD_UNREPORTED)
+    never = fleet_share(
+        4, 100.0, 100.0, 60.0, weighted=True, weight=0.8, load=0.9, load_max_age_s=0
+    )
+    assert never.load_why == LOAD_STALE
+    # the size's own bound still comes first: the whole limit
+    assert fleet_share(4, 100.0, 161.0, 60.0, weighted=True, weight=0.8, load=0.9).size is None
+    # weighting off: today's even share, nothing more to say
+    assert fleet_share(4, 100.0, 110.0, 60.0, weight=0.8, load=0.9) == FleetShare(4, 10.0)
+
+
+def test_decision_records_name_the_weight() -> None:
+    assert fleet_details(FleetShare(4, 1.23456, "", 0.8409, 0.93712)) == {
+        "fleet_size": 4,
+        "fleet_size_age_s": 1.235,
+        "fleet_weight": 0.8409,
+        "fleet_load_fraction": 0.937,
+    }
+    assert fleet_details(FleetShare(4, 40.0, "", None, None, LOAD_STALE)) == {
+        "fleet_size": 4,
+        "fleet_size_age_s": 40.0,
+        "fleet_weight": 0.25,
+        "fleet_load": "unknown",
+        "fleet_load_why": "stale",
+    }
+
+
+def test_policy_fields_are_validated() -> None:
+    assert StateConfig().fleet_share_even_ratio == 0.2
+    assert StateConfig().fleet_share_load_max_age_s == 30.0
+    for ratio in (0.0, 1.5, float("nan")):
+        with pytest.raises(PolicyError):
+            StateConfig(fleet_share_even_ratio=ratio)
+    with pytest.raises(PolicyError):
+        StateConfig(fleet_share_load_max_age_s=-1.0)
+
+
+def test_a_busy_member_refuses_far_less_with_the_weighted_share() -> None:
+    """Three members, one given 97 % of 2x the limit (a keep-alive skew) for 10 s of fake
+    time: with the even share it enforces a third of the limit and refuses most of its
+    traffic the fleet limit would admit; weighted by load it enforces most of the limit.
+    Both admit at most about one limit together."""
+    weights = [quantize_weight(load_weight(3, f, 0.2)) for f in (0.97, 0.01, 0.02)]
+
+    def run(specs: list[LimitSpec]) -> tuple[list[int], list[int]]:
+        members = [LocalState() for _ in range(3)]
+        admitted, refused = [0, 0, 0], [0, 0, 0]
+        for i in range(int(2 * RATE * 10)):
+            now = i / (2 * RATE)
+            m = 0 if i % 100 < 97 else 1 + i % 2
+            if members[m].admit_now(None, None, ["k"], [specs[m]], now).admitted:
+                admitted[m] += 1
+            else:
+                refused[m] += 1
+        return admitted, refused
+
+    even_admitted, even_refused = run([share_spec(SPEC, 3)] * 3)
+    load_admitted, load_refused = run([weighted_spec(SPEC, w) for w in weights])
+    whole = LocalState()  # one bucket the whole fleet shares: what Redis would admit
+    exact = sum(
+        whole.admit_now(None, None, ["k"], [SPEC], i / (2 * RATE)).admitted
+        for i in range(int(2 * RATE * 10))
+    )
+    bound = RATE * 10 + BURST
+    assert exact <= bound
+    assert sum(load_admitted) <= 1.05 * bound
+    # about its limit: the busy member's weight is 0.2 / 3 + 0.8 x 0.97 = 0.84 of it
+    assert sum(load_admitted) > 0.85 * RATE * 10
+    assert sum(even_admitted) < 0.5 * RATE * 10  # the even share: about a third of it
+    # requests refused that the fleet-wide limit would have admitted: 4x fewer
+    assert exact - sum(load_admitted) < 0.25 * (exact - sum(even_admitted))
+    assert load_admitted[0] > 2 * even_admitted[0]
+    assert load_refused[0] < even_refused[0]
+
+
+# ---------------------------------------------------------------- the load table
+
+
+def test_table_fractions_from_rates_of_live_members() -> None:
+    table = FleetTable()
+    assert table.announce("a", 3, 0.0, 5.0) == (1, 1.0)  # its first: 3 / ttl
+    assert table.loads["a"] == MemberLoad(0.0, 3 / 5.0)
+    size, fraction = table.announce("b", 2, 0.5, 5.0)  # 0.4/s against 0.6/s
+    assert (size, fraction) == (2, pytest.approx(0.4))
+    size, fraction = table.announce("a", 90, 1.0, 5.0)  # 90 over 1 s: 90/s against 0.4/s
+    assert (size, fraction) == (2, pytest.approx(90 / 90.4))
+    size, fraction = table.announce("b", 0, 2.0, 5.0)  # idle: 0
+    assert (size, fraction) == (2, 0.0)
+    # a member silent for a ttl is gone, its load no longer counted...
+    assert table.announce("b", 1, 6.5, 5.0) == (1, 1.0)
+    # ... but kept for a while: back after a quiet spell, its rate is over that spell
+    size, fraction = table.announce("a", 9, 10.0, 5.0)
+    assert size == 2
+    assert table.loads["a"].rate == pytest.approx(1.0)  # 9 over the 9 s since t = 1
+    assert fraction == pytest.approx(1.0 / (1.0 + 1 / 4.5))  # b: 1 over the 4.5 s since t = 2
+    # ten ttls later it is dropped from the table
+    table.announce("b", 1, 61.0, 5.0)
+    assert "a" not in table.loads
+
+
+def test_table_fraction_unknown_when_a_live_member_reports_none() -> None:
+    table = FleetTable()
+    table.announce("a", 10, 0.0, 5.0)
+    assert table.announce("b", -1, 0.5, 5.0) == (2, None)  # b reports none (weighting off)
+    assert table.announce("a", 10, 1.0, 5.0) == (2, None)  # so nobody's fraction is known
+    assert table.announce("a", 10, 6.0, 5.0) == (1, 1.0)  # b gone: known again
+    fresh = FleetTable()
+    assert fresh.announce("a", 0, 0.0, 5.0) == (1, None)  # no load anywhere
+
+
+@pytest.mark.redis
+def test_fleet_lua_mirrors_the_table(redis_url: str, redis_clock: RedisClock) -> None:
+    """Random announcements of five members, some reporting no load, at random times on
+    the pinned clock: fleet.lua answers what FleetTable answers, and holds the same loads."""
+    script = clocked(FLEET)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    keys = ("{d}:fleet", "{d}:fleet:load")
+    rng = random.Random(1919)
+    try:
+        for run in range(8):
+            client.delete(*keys)
+            table = FleetTable()
+            now = 1_000.0 + 1_000.0 * run
+            for _ in range(120):
+                now += rng.choice(
+                    [0.0, 0.05, 0.3, 1.0, 1.0, 2.5, 6.0, 60.0 * (rng.random() < 0.05)]
+                )
+                redis_clock.set(now)
+                member = rng.choice("abcde")
+                count = rng.choice([-1, 0, 1, 3, 40, 250]) if run % 2 else rng.randint(0, 50)
+                size, fraction = table.announce(member, count, now, MEMBER_TTL_S)
+                reply = client.eval(script.source, 2, *keys, member, MEMBER_TTL_S, count)
+                assert int(reply[0]) == size
+                got = float(reply[1])
+                if fraction is None:
+                    assert got == -1.0
+                else:
+                    assert got == pytest.approx(fraction, rel=1e-12)
+                stored = {
+                    k.decode(): tuple(float(x) for x in v.split())
+                    for k, v in client.hgetall(keys[1]).items()
+                }
+                assert stored.keys() == table.loads.keys()
+                for m, (at, rate) in stored.items():
+                    assert at == table.loads[m].seen_at
+                    assert rate == pytest.approx(table.loads[m].rate, rel=1e-12)
+                live = {m.decode() for m in client.zrange(keys[0], 0, -1)}
+                assert live == set(table.members)
+            assert client.pttl(keys[0]) > 0
+            assert client.pttl(keys[1]) > 0
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- the stores, on a real Redis
+
+
+def member(url: str, clock: FakeClock, **state: object) -> RedisStore:
+    config = StateConfig(url=url, key_prefix="fw", **{**PATIENT, **state})  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(3), clock=clock)
+    store.coalesce = False  # a call while Redis is down returns at once: no await, no probe
+    return store
+
+
+async def serve(store: RedisStore, requests: int) -> None:
+    """`requests` requests through the store (Redis up), and the announcement the first
+    of them started if one was due (it counts what was decided before it ran)."""
+    for i in range(requests):
+        await store.admit(None, None, [f"w|{i % 7}"], [SPEC], store._clock.monotonic())
+    task = store.fleet.task
+    if task is not None:
+        await task
+
+
+async def settle(stores: list[RedisStore], clock: FakeClock, loads: list[int]) -> None:
+    """Two announcement rounds: each store serves `loads[i]` requests between them (so
+    it reports `loads[i]` + 1 over the ANNOUNCE_S between its announcements)."""
+    for store in stores:
+        await serve(store, 1)
+    for store, n in zip(stores, loads, strict=True):
+        await serve(store, n)  # (none due yet)
+    clock.advance(ANNOUNCE_S)
+    for store in stores:
+        await serve(store, 1)
+
+
+async def burst(store: RedisStore, key: str) -> tuple[int, list[FleetShare | None]]:
+    admitted, shares = 0, []
+    for _ in range(2 * BURST):
+        result = await store.admit(None, None, [key], [SLOW], store._clock.monotonic())
+        assert result.source == "fallback"
+        admitted += result.admitted
+        shares.append(result.fleet)
+    return admitted, shares
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_the_busy_member_gets_the_larger_share_in_an_outage(
+    own_redis: RedisServer,
+) -> None:
+    clock = FakeClock()
+    stores = [member(own_redis.url, clock) for _ in range(2)]
+    try:
+        await settle(stores, clock, [60, 1])
+        busy, idle = stores
+        assert busy.fleet.size == idle.fleet.size == 2
+        assert busy.fleet.fraction is not None
+        assert busy.fleet.fraction > 0.9
+        assert idle.fleet.fraction is not None
+        assert idle.fleet.fraction < 0.1
+        with own_redis.client() as client:
+            assert client.hlen("{fw}:fleet:load") == 2
+            assert client.pttl("{fw}:fleet:load") > 0
+        own_redis.kill()
+        clock.advance(2.0)
+        got_busy, busy_shares = await burst(busy, "s|c")
+        got_idle, idle_shares = await burst(idle, "s|c")
+        assert got_busy > 3 * got_idle
+        assert got_idle >= 1  # the idle member keeps its floor
+        assert got_busy + got_idle <= BURST + 1  # together: about one burst
+        for shares, store in ((busy_shares, busy), (idle_shares, idle)):
+            assert {s.weight for s in shares if s is not None} == {store.fleet.weight}
+        assert busy.fleet.weight is not None
+        assert idle.fleet.weight is not None
+        assert busy.fleet.weight + idle.fleet.weight == pytest.approx(1.0, abs=STEP - 1.0)
+        assert busy.stats.fleet_unknown == idle.stats.fleet_unknown == 0
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_stale_load_falls_back_to_the_even_share(own_redis: RedisServer) -> None:
+    clock = FakeClock()
+    stores = [member(own_redis.url, clock, fleet_share_load_max_age_s=10.0) for _ in range(2)]
+    try:
+        await settle(stores, clock, [60, 1])
+        own_redis.kill()
+        clock.advance(11.0)  # the load is 11 s old, the size trusted for 60 s
+        admitted, shares = await burst(stores[0], "s|c")
+        assert admitted == BURST // 2
+        assert {(s.size, s.weight, s.load_why) for s in shares if s is not None} == {
+            (2, None, LOAD_STALE)
+        }
+        assert stores[0].stats.fleet_unknown == 0
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_member_that_reports_no_load_makes_the_share_even(
+    own_redis: RedisServer,
+) -> None:
+    """A member with weighting off (or an older version) is in the fleet but reports no
+    load: nobody's fraction is known, and every member enforces 1/N, recorded."""
+    clock = FakeClock()
+    stores = [
+        member(own_redis.url, clock),
+        member(own_redis.url, clock, fleet_share_even_ratio=1.0),
+    ]
+    try:
+        await settle(stores, clock, [60, 1])
+        await serve(stores[0], 1)  # (announced after the other's report, or not)
+        clock.advance(ANNOUNCE_S)
+        await serve(stores[0], 1)
+        assert stores[0].fleet.size == 2
+        assert stores[0].fleet.fraction is None
+        own_redis.kill()
+        admitted, shares = await burst(stores[0], "s|c")
+        assert admitted == BURST // 2
+        assert {s.load_why for s in shares if s is not None} == {LOAD_UNREPORTED}
+        details = fleet_details(shares[0])  # type: ignore[arg-type]
+        assert details["fleet_load_why"] == "unreported"
+        assert details["fleet_weight"] == 0.5
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+def test_weighted_prefix_keeps_keys_apart() -> None:
+    fleet = Fleet("fmw", 60.0, 0.2, 30.0)
+    [even], _ = fleet.scaled(["l|k"], [SPEC], 4)
+    [weighted], [spec] = fleet.scaled(["l|k"], [SPEC], 0.25)
+    [other], _ = fleet.scaled(["l|k"], [SPEC], quantize_weight(0.3))
+    assert len({even, weighted, other, "l|k"}) == 4
+    assert weighted.endswith("\x00l|k")
+    assert weighted.startswith("share 0.25")
+    assert spec.interval_s == pytest.approx(4.0 / RATE)
+    share = FleetShare(4, 1.0, "", 0.25, 0.25)
+    assert fleet.for_share(["l|k"], [SPEC], share)[0] == [weighted]
+    assert fleet.for_share(["l|k"], [SPEC], FleetShare(4, 1.0))[0] == [even]
+    assert fleet.for_share(["l|k"], [SPEC], FleetShare(None, None, "never_seen")) == (
+        ["l|k"],
+        [SPEC],
+    )
