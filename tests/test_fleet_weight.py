@@ -419,3 +419,49 @@ def test_weighted_prefix_keeps_keys_apart() -> None:
         ["l|k"],
         [SPEC],
     )
+
+
+def test_the_state_page_reads_a_weighted_share() -> None:
+    from fidelity_mw.admin.view import Since, render
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.policy import Policy, RateLimit
+    from fidelity_mw.state.snapshot import LimiterKeyView, StoreSnapshot
+
+    clock = FakeClock()
+    limit = RateLimit(name="per-client", rate="60/min", burst=8)  # 1 unit per s, 8 at once
+    engine = Engine(Policy(rate_limits=(limit,), breaker=None), clock=clock)
+    spec = engine.plan_for({"type": "http", "path": "/", "method": "GET"}).specs[0]
+    [key], _ = Fleet("fmw", 60.0, 0.2, 30.0).scaled(["per-client|203.0.113.9"], [spec], 0.25)
+    snap = StoreSnapshot(
+        "redis", "fallback", 1.0, limiter_keys=(LimiterKeyView(key, 8.0, "fallback", 1.0),)
+    )
+    [row] = render(engine, snap, clock.monotonic(), Since(), lambda k: "h")["limiter_keys"]
+    assert row["limit"] == "per-client"
+    assert row["fleet_share"] == "0.25"
+    # the share's bucket: 1 unit per 4 s, 2 at once; 8 s of backlog is two units in use
+    assert (row["used"], row["burst"]) == (2.0, 2.0)
+
+
+def test_map_says_how_the_share_is_weighted() -> None:
+    from fidelity_mw.policy import Policy, RateLimit
+    from fidelity_mw.tools.statemap import from_policy
+
+    limits = (RateLimit(name="l", rate="10/s"),)
+
+    def limit_row_and_notes(**state: object) -> tuple[str, list[str]]:
+        smap = from_policy(
+            Policy(state=StateConfig(url="redis://r:6379/0", **state), rate_limits=limits),  # type: ignore[arg-type]
+            "t",
+        )
+        row = next(layer for layer in smap.layers if layer.layer == "ratelimit")
+        return row.on_failure, smap.notes
+
+    weighted, notes = limit_row_and_notes()
+    assert "0.2 / N + 0.8 x its fraction of the fleet's requests" in weighted
+    assert "{fmw}:fleet:load" in weighted
+    assert "if at most 30 s old" in weighted
+    assert any(note.startswith("Fleet load: {fmw}:fleet:load") for note in notes)
+    even, notes = limit_row_and_notes(fleet_share_even_ratio=1.0)
+    assert "rate / N, burst / N" in even
+    assert "fleet:load" not in even
+    assert not any("fleet:load" in note for note in notes)
