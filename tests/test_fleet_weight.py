@@ -465,3 +465,52 @@ def test_map_says_how_the_share_is_weighted() -> None:
     assert "rate / N, burst / N" in even
     assert "fleet:load" not in even
     assert not any("fleet:load" in note for note in notes)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_tiered_members_report_the_requests_they_decide_locally(
+    own_redis: RedisServer,
+) -> None:
+    """A tiered store decides most requests on its slices, without a call to Redis: its
+    reported load is its own count of requests, not the exact store's calls."""
+    from fidelity_mw.state.tiered import TieredStore
+
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + own_redis.url, key_prefix="tw", **PATIENT)  # type: ignore[arg-type]
+    fleet = [TieredStore(config=config, rng=seeded_random(5), clock=clock) for _ in range(2)]
+    for store in fleet:
+        store.exact.coalesce = False
+
+    async def announced(store: TieredStore, key: str) -> None:
+        await store.admit(None, None, [key], [SPEC], clock.monotonic())  # a lease: a call
+        task = store.exact.fleet.task
+        assert task is not None
+        await task
+
+    try:
+        for i, store in enumerate(fleet):
+            await announced(store, f"w|first{i}")
+        busy, idle = fleet
+        for _ in range(60):
+            await busy.admit(None, None, ["w|first0"], [SPEC], clock.monotonic())
+        assert busy.stats.local >= 10  # decided on its slice
+        clock.advance(ANNOUNCE_S)
+        for i, store in enumerate(fleet):
+            await announced(store, f"w|second{i}")
+        assert busy.exact.fleet.fraction is not None
+        assert busy.exact.fleet.fraction > 0.9
+        own_redis.kill()
+        got = []
+        for store in fleet:
+            admitted = 0
+            for _ in range(2 * BURST):
+                result = await store.admit(None, None, ["s|t"], [SLOW], clock.monotonic())
+                assert result.source == "fallback"
+                admitted += result.admitted
+            got.append(admitted)
+        assert got[0] > 3 * got[1]
+        assert got[0] + got[1] <= BURST + 1
+    finally:
+        for store in fleet:
+            await store.aclose()
