@@ -201,23 +201,52 @@ def test_a_busy_member_refuses_far_less_with_the_weighted_share() -> None:
 def test_table_fractions_from_rates_of_live_members() -> None:
     table = FleetTable()
     assert table.announce("a", 3, 0.0, 5.0) == (1, 1.0)  # its first: 3 / ttl
-    assert table.loads["a"] == MemberLoad(0.0, 3 / 5.0)
+    assert table.loads["a"] == MemberLoad(0.0, 3 / 5.0, 3 / 5.0)
     size, fraction = table.announce("b", 2, 0.5, 5.0)  # 0.4/s against 0.6/s
     assert (size, fraction) == (2, pytest.approx(0.4))
-    size, fraction = table.announce("a", 90, 1.0, 5.0)  # 90 over 1 s: 90/s against 0.4/s
+    # a's load rises to 90/s: read at first as the lower of its last two rates...
+    size, fraction = table.announce("a", 90, 1.0, 5.0)
+    assert (size, fraction) == (2, pytest.approx(0.6 / (0.6 + 0.4)))
+    # ... and as it is once it held for two announcements
+    size, fraction = table.announce("a", 90, 2.0, 5.0)
     assert (size, fraction) == (2, pytest.approx(90 / 90.4))
-    size, fraction = table.announce("b", 0, 2.0, 5.0)  # idle: 0
+    size, fraction = table.announce("b", 0, 2.5, 5.0)  # idle: 0
     assert (size, fraction) == (2, 0.0)
+    # a falls to 1/s: its fraction follows at once, against b's higher 0.4
+    size, fraction = table.announce("a", 1, 3.0, 5.0)
+    assert (size, fraction) == (2, pytest.approx(1 / 1.4))
     # a member silent for a ttl is gone, its load no longer counted...
-    assert table.announce("b", 1, 6.5, 5.0) == (1, 1.0)
+    assert table.announce("a", 5, 8.0, 5.0) == (1, 1.0)
     # ... but kept for a while: back after a quiet spell, its rate is over that spell
-    size, fraction = table.announce("a", 9, 10.0, 5.0)
-    assert size == 2
-    assert table.loads["a"].rate == pytest.approx(1.0)  # 9 over the 9 s since t = 1
-    assert fraction == pytest.approx(1.0 / (1.0 + 1 / 4.5))  # b: 1 over the 4.5 s since t = 2
+    size, fraction = table.announce("b", 1, 9.5, 5.0)
+    assert table.loads["b"].rate == pytest.approx(1 / 7.0)  # 1 over the 7 s since t = 2.5
+    assert (size, fraction) == (2, 0.0)  # (the lower of that and its 0 before)
     # ten ttls later it is dropped from the table
-    table.announce("b", 1, 61.0, 5.0)
-    assert "a" not in table.loads
+    table.announce("a", 1, 61.0, 5.0)
+    assert "b" not in table.loads
+
+
+def test_fractions_read_while_the_load_changes_sum_to_at_most_one() -> None:
+    """Four members go from 20 to 100 requests/s (and back) at once, each announcing
+    once a second at its own phase: whenever each last read its fraction, the fractions
+    sum to at most 1 (a member's new rate against the others' old ones would sum to
+    more: 0.57 + 0.4 + 0.31 + 0.25 for the rise)."""
+    rng = random.Random(7)
+    for _ in range(50):
+        table = FleetTable()
+        phases = sorted(rng.random() for _ in range(4))
+        levels = [rng.choice([5.0, 20.0, 100.0, 400.0]) for _ in range(8)]
+        latest: dict[int, float] = {}
+        for second, level in enumerate(levels):
+            for m, phase in enumerate(phases):
+                at = 1_000.0 + second + phase
+                count = level * (1.0 + rng.uniform(-0.02, 0.02))
+                size, fraction = table.announce(str(m), count, at, 5.0)
+                assert size == 4 or second == 0
+                if fraction is not None and second > 0:
+                    latest[m] = fraction
+                if len(latest) == 4:
+                    assert sum(latest.values()) <= 1.0 + 1e-9
 
 
 def test_table_fraction_unknown_when_a_live_member_reports_none() -> None:
@@ -263,9 +292,10 @@ def test_fleet_lua_mirrors_the_table(redis_url: str, redis_clock: RedisClock) ->
                     for k, v in client.hgetall(keys[1]).items()
                 }
                 assert stored.keys() == table.loads.keys()
-                for m, (at, rate) in stored.items():
+                for m, (at, rate, prev_rate) in stored.items():
                     assert at == table.loads[m].seen_at
                     assert rate == pytest.approx(table.loads[m].rate, rel=1e-12)
+                    assert prev_rate == pytest.approx(table.loads[m].prev_rate, rel=1e-12)
                 live = {m.decode() for m in client.zrange(keys[0], 0, -1)}
                 assert live == set(table.members)
             assert client.pttl(keys[0]) > 0
@@ -295,15 +325,17 @@ async def serve(store: RedisStore, requests: int) -> None:
 
 
 async def settle(stores: list[RedisStore], clock: FakeClock, loads: list[int]) -> None:
-    """Two announcement rounds: each store serves `loads[i]` requests between them (so
-    it reports `loads[i]` + 1 over the ANNOUNCE_S between its announcements)."""
+    """Three announcement rounds: each store serves `loads[i]` requests between two (so
+    it reports `loads[i]` + 1 over each ANNOUNCE_S between its announcements, twice:
+    a load is read as it is once it held for two announcements)."""
     for store in stores:
         await serve(store, 1)
-    for store, n in zip(stores, loads, strict=True):
-        await serve(store, n)  # (none due yet)
-    clock.advance(ANNOUNCE_S)
-    for store in stores:
-        await serve(store, 1)
+    for _ in range(2):
+        for store, n in zip(stores, loads, strict=True):
+            await serve(store, n)  # (none due yet)
+        clock.advance(ANNOUNCE_S)
+        for store in stores:
+            await serve(store, 1)
 
 
 async def burst(store: RedisStore, key: str) -> tuple[int, list[FleetShare | None]]:
@@ -491,13 +523,14 @@ async def test_tiered_members_report_the_requests_they_decide_locally(
     try:
         for i, store in enumerate(fleet):
             await announced(store, f"w|first{i}")
-        busy, idle = fleet
-        for _ in range(60):
-            await busy.admit(None, None, ["w|first0"], [SPEC], clock.monotonic())
+        busy = fleet[0]
+        for n in range(2):
+            for _ in range(60):
+                await busy.admit(None, None, ["w|first0"], [SPEC], clock.monotonic())
+            clock.advance(ANNOUNCE_S)
+            for i, store in enumerate(fleet):
+                await announced(store, f"w|round{n}-{i}")
         assert busy.stats.local >= 10  # decided on its slice
-        clock.advance(ANNOUNCE_S)
-        for i, store in enumerate(fleet):
-            await announced(store, f"w|second{i}")
         assert busy.exact.fleet.fraction is not None
         assert busy.exact.fleet.fraction > 0.9
         own_redis.kill()

@@ -149,6 +149,7 @@ class MemberLoad(NamedTuple):
 
     seen_at: float  # the shared clock's time of its last announcement
     rate: float  # requests it decided per second, over the interval before that
+    prev_rate: float  # the same over the interval before that one
 
 
 class FleetTable:
@@ -156,7 +157,15 @@ class FleetTable:
     (the reference the script is tested against).
 
     `members`: live members (announced within `ttl`) by id and when; `loads`: the
-    reported loads, kept `LOAD_RETAIN_TTLS` ttls after a member's last announcement."""
+    reported loads, kept `LOAD_RETAIN_TTLS` ttls after a member's last announcement.
+
+    Members read their fractions at different times, each against the others' rates
+    as last reported, so while the load changes a fraction can be read against rates
+    that have not caught up (an early reader of a rising load would see its new rate
+    against the others' old ones, and the fractions would sum to more than 1). So a
+    fraction takes the lower of the reader's last two rates against the higher of
+    each other member's: a change makes the fractions err low, never high, and a load
+    that holds for two announcements is read as it is."""
 
     def __init__(self) -> None:
         self.members: dict[str, float] = {}
@@ -171,26 +180,34 @@ class FleetTable:
         or none of them has any.
 
         Its rate is the count over the time since its last announcement (at least
-        LOAD_MIN_INTERVAL_S), or over `ttl` when there is none."""
+        LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (its previous rate then
+        the same)."""
         self.members[member] = now
         self.members = {m: t for m, t in self.members.items() if t > now - ttl}
         size = len(self.members)
         prev = self.loads.get(member)
         if count < 0:
             self.loads.pop(member, None)
+        elif prev is None:
+            rate = count / ttl
+            self.loads[member] = MemberLoad(now, rate, rate)
         else:
-            span = ttl if prev is None else max(now - prev.seen_at, LOAD_MIN_INTERVAL_S)
-            self.loads[member] = MemberLoad(now, count / span)
+            rate = count / max(now - prev.seen_at, LOAD_MIN_INTERVAL_S)
+            self.loads[member] = MemberLoad(now, rate, prev.rate)
         total = 0.0
         live = 0
+        mine: float | None = None
         retain = now - ttl * LOAD_RETAIN_TTLS
         for m, entry in list(self.loads.items()):
             if entry.seen_at < retain:
                 del self.loads[m]
             elif entry.seen_at > now - ttl:
                 live += 1
-                total += entry.rate
-        mine = self.loads.get(member)
+                if m == member:
+                    mine = min(entry.rate, entry.prev_rate)
+                    total += mine
+                else:
+                    total += max(entry.rate, entry.prev_rate)
         if mine is None or live != size or total <= 0.0:
             return size, None
-        return size, mine.rate / total
+        return size, mine / total

@@ -5,7 +5,8 @@
 -- KEYS[1]: the fleet's sorted set ({prefix}:fleet): member = instance id, score =
 --          the server time of its last announcement.
 -- KEYS[2]: the fleet's loads ({prefix}:fleet:load, same hash slot): instance id ->
---          "<time of its last announcement> <requests per second before it>".
+--          "<time of its last announcement> <requests per second before it> <the
+--          same over the interval before that>".
 -- ARGV: instance id, member ttl (s): members silent for longer are dropped,
 --       requests it decided since its last announcement (negative: it reports none).
 -- Returns: {the number of live members, this one included; this member's fraction
@@ -13,7 +14,7 @@
 --          none has any)}.
 --
 -- A member's rate is its count over the time since its last announcement (at least
--- 0.1 s), or over the ttl at its first. Its load is kept 10 ttls after its last
+-- 0.1 s), or over the ttl at its first (its previous rate then the same). Its load is kept 10 ttls after its last
 -- announcement, so a member back from a quiet spell has its rate over that spell.
 -- Both keys expire when no instance has announced for 10 member ttls, so a fleet
 -- that is gone leaves nothing behind.
@@ -31,18 +32,23 @@ local prev = redis.call('HGET', KEYS[2], id)
 if count < 0 then
   redis.call('HDEL', KEYS[2], id)
 else
-  local span = ttl
+  local rate = count / ttl
+  local prev_rate = rate
   if prev then
-    local at = tonumber(string.match(prev, '^(%S+)'))
-    span = now - at
+    local at, last = string.match(prev, '^(%S+) (%S+)')
+    local span = now - tonumber(at)
     if span < 0.1 then
       span = 0.1
     end
+    rate = count / span
+    prev_rate = tonumber(last)
   end
-  redis.call('HSET', KEYS[2], id, fmt(now) .. ' ' .. fmt(count / span))
+  redis.call('HSET', KEYS[2], id, fmt(now) .. ' ' .. fmt(rate) .. ' ' .. fmt(prev_rate))
 end
 redis.call('PEXPIRE', KEYS[2], ttl_ms(ttl * 10))
 
+-- this member's fraction: the lower of its last two rates against the higher of
+-- each other live member's (while the load changes, fractions err low, never high)
 local entries = redis.call('HGETALL', KEYS[2])
 local live_after = now - ttl
 local retain = now - ttl * 10
@@ -50,16 +56,19 @@ local total = 0
 local live = 0
 local mine = nil
 for i = 1, #entries, 2 do
-  local at, rate = string.match(entries[i + 1], '^(%S+) (%S+)$')
+  local at, rate, prev_rate = string.match(entries[i + 1], '^(%S+) (%S+) (%S+)$')
   at = tonumber(at)
   rate = tonumber(rate)
+  prev_rate = tonumber(prev_rate)
   if at < retain then
     redis.call('HDEL', KEYS[2], entries[i])
   elseif at > live_after then
     live = live + 1
-    total = total + rate
     if entries[i] == id then
-      mine = rate
+      mine = math.min(rate, prev_rate)
+      total = total + mine
+    else
+      total = total + math.max(rate, prev_rate)
     end
   end
 end
