@@ -489,9 +489,9 @@ def test_map_says_how_the_share_is_weighted() -> None:
         return row.on_failure, smap.notes
 
     weighted, notes = limit_row_and_notes()
-    assert "0.2 / N + 0.8 x its fraction of the fleet's requests" in weighted
+    assert "x 0.2 / N + 0.8 x its fraction of the fleet's requests" in weighted
     assert "{fmw}:fleet:load" in weighted
-    assert "if at most 30 s old" in weighted
+    assert "unknown or over 30 s old: rate / N" in weighted
     assert any(note.startswith("Fleet load: {fmw}:fleet:load") for note in notes)
     even, notes = limit_row_and_notes(fleet_share_even_ratio=1.0)
     assert "rate / N, burst / N" in even

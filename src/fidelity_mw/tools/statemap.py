@@ -135,11 +135,11 @@ def _homes(policy: Policy) -> dict[str, _Home]:
         if st.fleet_share_even_ratio < 1.0:
             load_age = min(st.fleet_share_load_max_age_s, st.fleet_share_max_age_s)
             how = (
-                "a weight of the limit (rate and burst x weight, recorded as fleet_weight): "
-                f"{st.fleet_share_even_ratio:g} / N + {1.0 - st.fleet_share_even_ratio:g} x "
-                f"its fraction of the fleet's requests, read from {{{st.key_prefix}}}:fleet:load "
-                f"with N, if at most {load_age:g} s old (else rate / N, burst / N, recorded "
-                "as fleet_load_why)"
+                f"by load: rate and burst x {st.fleet_share_even_ratio:g} / N + "
+                f"{1.0 - st.fleet_share_even_ratio:g} x its fraction of the fleet's requests, "
+                f"read from {{{st.key_prefix}}}:fleet:load with N, recorded as fleet_weight; "
+                f"evenly when that fraction is unknown or over {load_age:g} s old: rate / N, "
+                "burst / N, recorded as fleet_load_why"
             )
         else:
             how = "rate / N, burst / N"
