@@ -379,6 +379,10 @@ async def test_the_busy_member_gets_the_larger_share_in_an_outage(
         assert idle.fleet.weight is not None
         assert busy.fleet.weight + idle.fleet.weight == pytest.approx(1.0, abs=STEP - 1.0)
         assert busy.stats.fleet_unknown == idle.stats.fleet_unknown == 0
+        # the store's snapshot (the state page) says the weight and the fraction
+        detail = (await busy.snapshot(clock.monotonic())).detail
+        assert detail["fleet_share"] == weight_tag(busy.fleet.weight)
+        assert detail["fleet_load_fraction"] == round(busy.fleet.fraction, 4)
     finally:
         for store in stores:
             await store.aclose()
