@@ -304,6 +304,26 @@ def test_fleet_lua_mirrors_the_table(redis_url: str, redis_clock: RedisClock) ->
         client.close()
 
 
+@pytest.mark.redis
+def test_fleet_lua_drops_a_load_entry_that_is_not_ours(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """A malformed entry (written by something else) would fail every announcement and
+    leave the fleet size unread for good: it is dropped instead."""
+    script = clocked(FLEET)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    keys = ("{g}:fleet", "{g}:fleet:load")
+    try:
+        client.hset(keys[1], mapping={"a": "garbage", "x": "1 two 3"})
+        reply = client.eval(script.source, 2, *keys, "a", MEMBER_TTL_S, 10)
+        assert (int(reply[0]), float(reply[1])) == (1, 1.0)
+        assert set(client.hkeys(keys[1])) == {b"a"}
+        at, rate, prev_rate = (float(x) for x in client.hget(keys[1], "a").split())
+        assert (at, rate, prev_rate) == (1_000.0, 10 / MEMBER_TTL_S, 10 / MEMBER_TTL_S)
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------- the stores, on a real Redis
 
 

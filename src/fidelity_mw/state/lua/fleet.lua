@@ -34,14 +34,18 @@ if count < 0 then
 else
   local rate = count / ttl
   local prev_rate = rate
+  local at, last = nil, nil
   if prev then
-    local at, last = string.match(prev, '^(%S+) (%S+)')
-    local span = now - tonumber(at)
+    at, last = string.match(prev, '^(%S+) (%S+)')
+    at, last = tonumber(at), tonumber(last)
+  end
+  if at and last then -- (an entry that is not ours: as if there were none)
+    local span = now - at
     if span < 0.1 then
       span = 0.1
     end
     rate = count / span
-    prev_rate = tonumber(last)
+    prev_rate = last
   end
   redis.call('HSET', KEYS[2], id, fmt(now) .. ' ' .. fmt(rate) .. ' ' .. fmt(prev_rate))
 end
@@ -60,7 +64,7 @@ for i = 1, #entries, 2 do
   at = tonumber(at)
   rate = tonumber(rate)
   prev_rate = tonumber(prev_rate)
-  if at < retain then
+  if not (at and rate and prev_rate) or at < retain then -- (or not ours)
     redis.call('HDEL', KEYS[2], entries[i])
   elseif at > live_after then
     live = live + 1
