@@ -145,11 +145,14 @@ def weight_tag(weight: float) -> str:
 
 
 class MemberLoad(NamedTuple):
-    """One member's entry in the fleet's load table."""
+    """One member's entry in the fleet's load table: its rates over its last two
+    intervals between announcements, [prev_since, since] and [since, seen_at]."""
 
     seen_at: float  # the shared clock's time of its last announcement
-    rate: float  # requests it decided per second, over the interval before that
-    prev_rate: float  # the same over the interval before that one
+    since: float  # ... of the one before (the start of the interval `rate` covers)
+    rate: float  # requests it decided per second in [since, seen_at]
+    prev_since: float
+    prev_rate: float  # ... in [prev_since, since]
 
 
 class FleetTable:
@@ -160,12 +163,14 @@ class FleetTable:
     reported loads, kept `LOAD_RETAIN_TTLS` ttls after a member's last announcement.
 
     Members read their fractions at different times, each against the others' rates
-    as last reported, so while the load changes a fraction can be read against rates
-    that have not caught up (an early reader of a rising load would see its new rate
-    against the others' old ones, and the fractions would sum to more than 1). So a
-    fraction takes the lower of the reader's last two rates against the higher of
-    each other member's: a change makes the fractions err low, never high, and a load
-    that holds for two announcements is read as it is."""
+    as last reported, so while the load changes a fraction would be read against
+    rates that have not caught up (an early reader of a rising load would see its new
+    rate against the others' old ones, and the fractions would sum to more than 1).
+    So a fraction is the lower of two readings: this member's latest rate against the
+    others' latest (what it sees now), and its previous rate against the others' rates
+    over the intervals nearest that one (a consistent reading, one interval old, in
+    which the others' change has been reported). A rise is believed one interval
+    late, a fall at once: while the load changes the fractions err low."""
 
     def __init__(self) -> None:
         self.members: dict[str, float] = {}
@@ -177,11 +182,11 @@ class FleetTable:
         """`member` announces itself at `now` with `count` requests decided since its last
         announcement (negative: it reports no load). Returns the number of live members
         and this member's fraction of their load: None when a live member reports none,
-        or none of them has any.
+        or they have none.
 
         Its rate is the count over the time since its last announcement (at least
-        LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (its previous rate then
-        the same)."""
+        LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (and its previous rate,
+        over the `ttl` before, the same)."""
         self.members[member] = now
         self.members = {m: t for m, t in self.members.items() if t > now - ttl}
         size = len(self.members)
@@ -190,24 +195,34 @@ class FleetTable:
             self.loads.pop(member, None)
         elif prev is None:
             rate = count / ttl
-            self.loads[member] = MemberLoad(now, rate, rate)
+            self.loads[member] = MemberLoad(now, now - ttl, rate, now - 2 * ttl, rate)
         else:
             rate = count / max(now - prev.seen_at, LOAD_MIN_INTERVAL_S)
-            self.loads[member] = MemberLoad(now, rate, prev.rate)
-        total = 0.0
-        live = 0
-        mine: float | None = None
+            self.loads[member] = MemberLoad(now, prev.seen_at, rate, prev.since, prev.rate)
+        mine = self.loads.get(member)
+        live: list[tuple[str, MemberLoad]] = []
         retain = now - ttl * LOAD_RETAIN_TTLS
         for m, entry in list(self.loads.items()):
             if entry.seen_at < retain:
                 del self.loads[m]
             elif entry.seen_at > now - ttl:
-                live += 1
-                if m == member:
-                    mine = min(entry.rate, entry.prev_rate)
-                    total += mine
-                else:
-                    total += max(entry.rate, entry.prev_rate)
-        if mine is None or live != size or total <= 0.0:
+                live.append((m, entry))
+        if mine is None or len(live) != size:
             return size, None
-        return size, mine / total
+        # now: the latest rates; then: mine before, the others' nearest that interval
+        then_mid = (mine.prev_since + mine.since) / 2.0
+        total_now = 0.0
+        total_then = 0.0
+        for m, entry in live:
+            total_now += entry.rate
+            if m == member:
+                total_then += entry.prev_rate
+            elif abs((entry.since + entry.seen_at) / 2.0 - then_mid) <= abs(
+                (entry.prev_since + entry.since) / 2.0 - then_mid
+            ):
+                total_then += entry.rate
+            else:
+                total_then += entry.prev_rate
+        if total_now <= 0.0 or total_then <= 0.0:
+            return size, None
+        return size, min(mine.rate / total_now, mine.prev_rate / total_then)
