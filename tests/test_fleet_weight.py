@@ -233,7 +233,7 @@ def test_fractions_read_while_the_load_changes_sum_to_at_most_one() -> None:
     3 s, counts +-2 %), each announcing once a second at its own phase: whenever each
     last read its fraction, the fractions sum to at most 1 (+ the counts' noise), and
     to about 1 again once a level held. Read against each other's latest rates alone
-    they summed to up to 2 after a rise (0.97 + 0.5 + 0.34 + 0.25)."""
+    they summed to up to 1.6 here after a rise."""
     rng = random.Random(7)
     for _ in range(50):
         table = FleetTable()

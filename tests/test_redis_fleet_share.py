@@ -8,8 +8,8 @@ outage + burst), where the outage is the span from the first to the last fallbac
 decision (the members notice the pause and come back at slightly different moments;
 their own windows lie inside that span). Here the load rises 5x (from the warm-up's)
 a second before the pause, so the members' last readings of their load fractions are
-taken while it changes, and err low: the fleet admits less than one limit. With the
-share off, each process enforces the whole limit, and a quarter of 2x the load never
+taken while it changes (a rise is believed one announcement late). With the share
+off, each process enforces the whole limit, and a quarter of 2x the load never
 reaches it: every request of the outage is admitted (about 2x the limit here; up to
 4x under more load). Both are printed side by side with their numbers. A third run
 gives one member 95 % of the requests (the skew of keep-alive connections under

@@ -631,11 +631,12 @@ def notes_for(policy: Policy) -> list[str]:
         if st.fleet_share_even_ratio < 1.0:
             notes.append(
                 f"Fleet load: {{{st.key_prefix}}}:fleet:load, a hash of process id -> its "
-                "requests per second between its last two announcements (and when). Writer: "
-                "each process, in the same fleet.lua call; kept 50 s after a process's last "
-                "announcement. Read by the same call: the process's fraction of the live "
-                "processes' load, behind the weight of its share while Redis is unreachable "
-                "(unknown when a live process reports none: then the even share)."
+                "requests per second over its last two intervals between announcements (and "
+                "when). Writer: each process, in the same fleet.lua call; kept 50 s after a "
+                "process's last announcement. Read by the same call: the process's fraction "
+                "of the live processes' load (a rise believed one announcement late), behind "
+                "the weight of its share while Redis is unreachable (unknown when a live "
+                "process reports none: then the even share)."
             )
     return notes
 
