@@ -16,6 +16,8 @@ import pytest
 import redis
 
 from fidelity_mw.decide.fleet import (
+    LOAD_LARGE_FLEET,
+    LOAD_MAX_MEMBERS,
     LOAD_STALE,
     LOAD_UNREPORTED,
     WEIGHT_STEPS,
@@ -304,6 +306,31 @@ def test_fleet_lua_mirrors_the_table(redis_url: str, redis_clock: RedisClock) ->
             assert client.pttl(keys[1]) > 0
     finally:
         client.close()
+
+
+@pytest.mark.redis
+def test_fleet_lua_keeps_no_load_for_a_large_fleet(redis_url: str, redis_clock: RedisClock) -> None:
+    """Above LOAD_MAX_MEMBERS live members the table would cost each announcement a
+    read of every entry: the script and the model keep no load, the share is even."""
+    script = clocked(FLEET)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    keys = ("{l}:fleet", "{l}:fleet:load")
+    table = FleetTable()
+    try:
+        for i in range(LOAD_MAX_MEMBERS + 3):
+            now = 1_000.0 + 0.01 * i
+            redis_clock.set(now)
+            want = table.announce(f"m{i}", 5, now, MEMBER_TTL_S)
+            reply = client.eval(script.source, 2, *keys, f"m{i}", MEMBER_TTL_S, 5)
+            got = (int(reply[0]), None if float(reply[1]) == -1.0 else float(reply[1]))
+            assert got == (want[0], None if want[1] is None else pytest.approx(want[1]))
+            assert client.hlen(keys[1]) == len(table.loads)
+        assert want == (LOAD_MAX_MEMBERS + 3, None)
+        assert len(table.loads) == LOAD_MAX_MEMBERS  # the last three kept none
+    finally:
+        client.close()
+    share = fleet_share(LOAD_MAX_MEMBERS + 3, 0.0, 1.0, 60.0, weighted=True, load_max_age_s=30.0)
+    assert (share.weight, share.load_why) == (None, LOAD_LARGE_FLEET)
 
 
 @pytest.mark.redis

@@ -32,11 +32,16 @@ UNKNOWN_STALE = "stale"
 # Why a known fleet size is shared evenly although load weighting is on.
 LOAD_UNREPORTED = "unreported"  # a live member reports no load, or none has any
 LOAD_STALE = "stale"  # the fraction was read more than `load_max_age_s` ago
+LOAD_LARGE_FLEET = "large_fleet"  # more than LOAD_MAX_MEMBERS live members
 
 # The grid of weights: 16 steps per doubling (each 4.4 % above the one below).
 WEIGHT_STEPS = 16
 # A held weight is kept while the new weight is within this many steps of it.
 WEIGHT_HOLD_STEPS = 1.0
+# The load table is read whole at every announcement (each member's once a second), so
+# its cost in Redis grows with the square of the fleet's size: above this many live
+# members no load is kept or read, and the share is even.
+LOAD_MAX_MEMBERS = 64
 # A member's rate is its count over at least this long (two announcements in a row).
 LOAD_MIN_INTERVAL_S = 0.1
 # A member's load is kept this many member ttls after its last announcement, so a
@@ -85,7 +90,8 @@ def fleet_share(
     if not weighted:
         return FleetShare(seen_size, age)
     if weight is None or load is None:
-        return FleetShare(seen_size, age, "", None, None, LOAD_UNREPORTED)
+        why = LOAD_LARGE_FLEET if seen_size > LOAD_MAX_MEMBERS else LOAD_UNREPORTED
+        return FleetShare(seen_size, age, "", None, None, why)
     if age > load_max_age_s or load_max_age_s <= 0.0:
         return FleetShare(seen_size, age, "", None, None, LOAD_STALE)
     return FleetShare(seen_size, age, "", weight, load)
@@ -182,7 +188,7 @@ class FleetTable:
         """`member` announces itself at `now` with `count` requests decided since its last
         announcement (negative: it reports no load). Returns the number of live members
         and this member's fraction of their load: None when a live member reports none,
-        or they have none.
+        they have none, or they are more than LOAD_MAX_MEMBERS.
 
         Its rate is the count over the time since its last announcement (at least
         LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (and its previous rate,
@@ -190,6 +196,9 @@ class FleetTable:
         self.members[member] = now
         self.members = {m: t for m, t in self.members.items() if t > now - ttl}
         size = len(self.members)
+        if size > LOAD_MAX_MEMBERS:  # too large to read whole: no load (the table expires)
+            self.loads.pop(member, None)
+            return size, None
         prev = self.loads.get(member)
         if count < 0:
             self.loads.pop(member, None)

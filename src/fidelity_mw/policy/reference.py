@@ -173,7 +173,7 @@ DESCRIPTIONS: dict[str, str] = {
     "evenly (ratio / N per process) while Redis is unreachable; the rest is split by each "
     "process's fraction of the fleet's requests, read with the fleet size, so the shares "
     "still sum to one limit and a process idle when Redis went away keeps ratio / N. 1: "
-    "the even share 1/N (no load reported).",
+    "the even share 1/N (no load reported); so is a fleet of more than 64 processes.",
     "state.fleet_share_load_max_age_s": "How long a process trusts its fraction of the "
     "fleet's load for its share while Redis is unreachable; past it (or when a member "
     "reports no load) the share is even, 1/N, recorded as `fleet_load_why`. 0: never.",

@@ -31,6 +31,13 @@ redis.call('ZADD', KEYS[1], fmt(now), id)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl))
 redis.call('PEXPIRE', KEYS[1], ttl_ms(ttl * 10))
 local size = redis.call('ZCARD', KEYS[1])
+if size > 64 then
+  -- decide.fleet.LOAD_MAX_MEMBERS: the table is read whole at every announcement, a
+  -- cost that grows with the square of the fleet's size; above it no load is kept
+  -- (the key expires) and the share is even
+  redis.call('HDEL', KEYS[2], id)
+  return {size, '-1'}
+end
 
 local prev = redis.call('HGET', KEYS[2], id)
 if count < 0 then
