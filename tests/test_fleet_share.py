@@ -131,7 +131,7 @@ async def test_members_announce_and_each_enforces_its_share_when_redis_dies(
     own_redis: RedisServer,
 ) -> None:
     clock = FakeClock()
-    fleet = [member(own_redis.url, clock) for _ in range(4)]
+    fleet = [member(own_redis.url, clock, fleet_share_even_ratio=1.0) for _ in range(4)]
     try:
         for store in fleet:
             await announce(store)
@@ -227,7 +227,7 @@ async def test_share_off_announces_nothing_and_enforces_the_whole_limit(
 @pytest.mark.anyio
 async def test_refund_in_fallback_returns_units_to_the_share(own_redis: RedisServer) -> None:
     clock = FakeClock()
-    fleet = [member(own_redis.url, clock) for _ in range(4)]
+    fleet = [member(own_redis.url, clock, fleet_share_even_ratio=1.0) for _ in range(4)]
     try:
         for store in fleet:
             await announce(store)
@@ -254,7 +254,12 @@ async def test_refund_in_fallback_returns_units_to_the_share(own_redis: RedisSer
 @pytest.mark.anyio
 async def test_tiered_store_falls_back_to_its_share(own_redis: RedisServer) -> None:
     clock = FakeClock()
-    config = StateConfig(url="tiered+" + own_redis.url, key_prefix="tf", **PATIENT)  # type: ignore[arg-type]
+    config = StateConfig(
+        url="tiered+" + own_redis.url,
+        key_prefix="tf",
+        fleet_share_even_ratio=1.0,
+        **PATIENT,  # type: ignore[arg-type]
+    )
     fleet = [TieredStore(config=config, rng=seeded_random(5), clock=clock) for _ in range(2)]
     for store in fleet:
         store.exact.coalesce = False
@@ -287,14 +292,19 @@ async def test_tiered_store_falls_back_to_its_share(own_redis: RedisServer) -> N
 async def test_fallback_decisions_carry_the_fleet_size(own_redis: RedisServer) -> None:
     """Through the middleware: a limiter decision taken in fallback says which share it used."""
     clock = FakeClock()
-    stores = [member(own_redis.url, clock) for _ in range(2)]
+    stores = [member(own_redis.url, clock, fleet_share_even_ratio=1.0) for _ in range(2)]
     for store in stores:
         await announce(store)
     clock.advance(ANNOUNCE_S)
     await announce(stores[0])
     assert stores[0].fleet.size == 2
     policy = Policy(
-        state=StateConfig(url=own_redis.url, key_prefix="fl", **PATIENT),  # type: ignore[arg-type]
+        state=StateConfig(
+            url=own_redis.url,
+            key_prefix="fl",
+            fleet_share_even_ratio=1.0,
+            **PATIENT,  # type: ignore[arg-type]
+        ),
         rate_limits=(RateLimit(name="l", rate="1/min", burst=4, key="global"),),
         rate_limit_headers="never",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -135,25 +136,42 @@ def render(
     keys = []
     for item in snap.limiter_keys:
         name, _, client = item.key.partition("|")
-        members = 1
-        if "\x00" in name:  # a fleet share's key (state/fleet.py): "share 1/N\0<name>"
+        members, weight = 1, 1.0  # the share 1/N, or a weight (by load)
+        share: str | None = None
+        if "\x00" in name:
+            # a fleet share's key (state/fleet.py): "share 1/N\0<name>", or by load
+            # "share <weight>\0<name>"
             tag, _, name = name.partition("\x00")
-            count = tag.rpartition("/")[2]
-            members = int(count) if count.isdigit() and int(count) > 1 else 1
+            share = tag.removeprefix("share ")
+            if "/" in share:
+                count = share.rpartition("/")[2]
+                members = int(count) if count.isdigit() and int(count) > 1 else 1
+            else:
+                with contextlib.suppress(ValueError):
+                    weight = float(share)
+                if not 0.0 < weight < 1.0:  # (nan, or not a share)
+                    weight = 1.0
+            if members == 1 and weight == 1.0:
+                share = None
         lim = limits.get(name)
         used = None
         burst: float | None = None
         if lim is not None:
-            # a share's bucket: rate / N and burst / N, never below one request's cost
-            burst = (
-                lim.burst_size if members == 1 else max(lim.fixed_cost, lim.burst_size / members)
-            )
-            interval = lim.emission_interval_s * members
+            # a share's bucket: rate / N and burst / N (or x its weight), never below one
+            # request's cost
+            burst = lim.burst_size
+            interval = lim.emission_interval_s
+            if members > 1:
+                burst = max(lim.fixed_cost, lim.burst_size / members)
+                interval = lim.emission_interval_s * members
+            elif weight < 1.0:
+                burst = max(lim.fixed_cost, lim.burst_size * weight)
+                interval = lim.emission_interval_s / weight
             used = min(burst, round(item.backlog_s / interval, 2))
         keys.append(
             {
                 "limit": name,
-                "fleet_share": f"1/{members}" if members > 1 else None,
+                "fleet_share": share,
                 "key_hash": hash_key(client),
                 "backlog_s": _round(item.backlog_s),
                 "used": used,

@@ -277,6 +277,14 @@ def fleet_details(share: FleetShare) -> dict[str, DetailValue]:
         details = {"fleet_size": share.size}
     if share.age_s is not None:
         details["fleet_size_age_s"] = round(share.age_s, 3)
+    if share.weight is not None:  # a share by load: the part of the limit it used
+        details["fleet_weight"] = round(share.weight, 4)
+        if share.load is not None:
+            details["fleet_load_fraction"] = round(share.load, 3)
+    elif share.load_why and share.size is not None:  # by load, but the load was unknown
+        details["fleet_weight"] = round(1.0 / share.size, 4)
+        details["fleet_load"] = "unknown"
+        details["fleet_load_why"] = share.load_why
     return details
 
 

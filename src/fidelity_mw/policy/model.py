@@ -515,6 +515,8 @@ class StateConfig(_Validated):
     sync_interval_ms: int = _spec(100, int_in(1, 60_000))
     key_prefix: str = _spec("fmw", _key_prefix)
     fleet_share_max_age_s: float = _spec(60.0, number_in(0.0, 86_400.0))
+    fleet_share_even_ratio: float = _spec(0.2, number_in(0.01, 1.0))
+    fleet_share_load_max_age_s: float = _spec(30.0, number_in(0.0, 86_400.0))
 
     def _cross_checks(self) -> list[PolicyIssue]:
         schemes = (

@@ -167,7 +167,16 @@ DESCRIPTIONS: dict[str, str] = {
     "state.fleet_share_max_age_s": 'While Redis is unreachable (`on_error = "local"`), each '
     "process enforces its share of every limit (rate / N, burst / N), N being the fleet size "
     "it last read from Redis, if that was at most this many seconds ago; otherwise the whole "
-    "limit. 0 turns the share off (every process enforces the whole limit).",
+    "limit. 0 turns the share off (every process enforces the whole limit). The share is "
+    "weighted by each process's load (see `fleet_share_even_ratio`).",
+    "state.fleet_share_even_ratio": "The ratio of each limit that the fleet share splits "
+    "evenly (ratio / N per process) while Redis is unreachable; the rest is split by each "
+    "process's fraction of the fleet's requests, read with the fleet size, so the shares "
+    "still sum to one limit and a process idle when Redis went away keeps ratio / N. 1: "
+    "the even share 1/N (no load reported); so is a fleet of more than 64 processes.",
+    "state.fleet_share_load_max_age_s": "How long a process trusts its fraction of the "
+    "fleet's load for its share while Redis is unreachable; past it (or when a member "
+    "reports no load) the share is even, 1/N, recorded as `fleet_load_why`. 0: never.",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
     "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",

@@ -7,12 +7,20 @@ set ``{prefix}:fleet`` scored by the server's `TIME`, drops members silent
 for more than `MEMBER_TTL_S`, and returns how many are left. The instance
 keeps that count and the local time it was read.
 
+The same call reports how many requests the instance decided since its
+last announcement, into the hash ``{prefix}:fleet:load`` (same hash slot), and
+reads back its fraction of the live members' load.
+
 While Redis is unreachable and `on_error = "local"`, each limit is enforced
-as this instance's share of it (`decide.fleet.share_spec`: rate / N,
-burst / N), on local keys of their own, so the fleet admits about one limit
-instead of N. When the count is unknown (never read, or older than
-`state.fleet_share_max_age_s`), the instance enforces the whole limit, as
-without this feature, and the decision says so.
+as this instance's share of it, on local keys of their own, so the fleet
+admits about one limit instead of N: by load
+(`decide.fleet.load_weight`: `state.fleet_share_even_ratio` of the limit split
+evenly, the rest by each member's fraction of the load, quantized), or evenly
+(`decide.fleet.share_spec`: rate / N, burst / N) when the load is unknown,
+older than `state.fleet_share_load_max_age_s`, or weighting is off
+(`fleet_share_even_ratio = 1`). When the count is unknown (never read, or
+older than `state.fleet_share_max_age_s`), the instance enforces the whole
+limit, as without this feature, and the decision says so.
 """
 
 from __future__ import annotations
@@ -24,7 +32,15 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
-from ..decide.fleet import FleetShare, fleet_share, share_spec
+from ..decide.fleet import (
+    FleetShare,
+    fleet_share,
+    load_weight,
+    quantize_weight,
+    share_spec,
+    weight_tag,
+    weighted_spec,
+)
 from ..decide.specs import LimitSpec
 from .scripts import Script, load_script
 
@@ -42,21 +58,38 @@ RunScript = Callable[[Script, Sequence[str], Sequence[Any]], Awaitable[Any]]
 
 
 class Fleet:
-    """This instance's membership: its id, the fleet size last read and when."""
+    """This instance's membership: its id, the fleet size and its load fraction last
+    read and when, and the requests it decided (`demand`, counted by the store)."""
 
-    def __init__(self, prefix: str, max_age_s: float) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        max_age_s: float,
+        even_ratio: float = 1.0,
+        load_max_age_s: float = math.inf,
+    ) -> None:
         self.id = secrets.token_hex(8)
         self.key = f"{{{prefix}}}:fleet"
+        self.load_key = f"{{{prefix}}}:fleet:load"
         self.max_age_s = max_age_s
         self.enabled = max_age_s > 0.0
+        self.even_ratio = even_ratio
+        self.load_max_age_s = load_max_age_s
+        self.weighted = even_ratio < 1.0  # off: no load reported, the even share
         self.size: int | None = None
         self.seen_at: float | None = None  # the store clock's monotonic time of that read
+        self.fraction: float | None = None  # this member's fraction of the load, then
+        self.weight: float | None = None  # its quantized weight (None: unknown)
+        self.demand = 0  # requests decided (the store counts them)
+        # what the announcements count: `demand`, or a store's own count (tiered)
+        self.demand_of: Callable[[], int] = lambda: self.demand
+        self.reported = 0  # the count the last successful announcement covered
         self.due = -math.inf if self.enabled else math.inf  # next announcement
         self.announces = 0
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
-        self._specs: dict[tuple[LimitSpec, int], LimitSpec] = {}
-        self._prefixes: dict[int, str] = {}
+        self._specs: dict[tuple[LimitSpec, int | float], LimitSpec] = {}
+        self._prefixes: dict[int | float, str] = {}
 
     def tick(self, now: float, run: RunScript, clock: Callable[[], float]) -> None:
         """Announce in the background if one is due (called after a successful call)."""
@@ -66,29 +99,65 @@ class Fleet:
             self.task = asyncio.get_running_loop().create_task(self._announce(run, clock))
 
     async def _announce(self, run: RunScript, clock: Callable[[], float]) -> None:
+        counted = self.demand_of()
+        count = counted - self.reported if self.weighted else -1
         try:
-            reply = await run(FLEET, (self.key,), (self.id, MEMBER_TTL_S))
-            size = int(reply)
+            reply = await run(FLEET, (self.key, self.load_key), (self.id, MEMBER_TTL_S, count))
+            size = int(reply[0])
+            fraction: float | None = float(reply[1])
         except Exception as exc:  # dropped: the requests' own calls detect an outage
             self.failed += 1
             logger.debug("fidelity_mw: fleet announcement failed (%s)", type(exc).__name__)
             return
         self.announces += 1
+        self.reported = counted
         if size >= 1:
-            self.size, self.seen_at = size, clock()
+            if fraction is None or not 0.0 <= fraction <= 1.0:
+                fraction = None  # (-1: unknown)
+            self.size, self.seen_at, self.fraction = size, clock(), fraction
+            self.weight = (
+                None
+                if fraction is None
+                else quantize_weight(load_weight(size, fraction, self.even_ratio), self.weight)
+            )
 
     def share(self, now: float) -> FleetShare:
-        return fleet_share(self.size, self.seen_at, now, self.max_age_s)
+        return fleet_share(
+            self.size,
+            self.seen_at,
+            now,
+            self.max_age_s,
+            weighted=self.weighted,
+            weight=self.weight,
+            load=self.fraction,
+            load_max_age_s=self.load_max_age_s,
+        )
+
+    def for_share(
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], share: FleetShare | None
+    ) -> tuple[Sequence[str], Sequence[LimitSpec]]:
+        """The limits as `share` of them (unchanged when it is unknown or the whole)."""
+        if share is None or share.size is None:
+            return limit_keys, limits
+        if share.weight is not None:
+            if share.weight >= 1.0:
+                return limit_keys, limits
+            return self.scaled(limit_keys, limits, share.weight)
+        if share.size > 1:
+            return self.scaled(limit_keys, limits, share.size)
+        return limit_keys, limits
 
     def scaled(
-        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], members: int
+        self, limit_keys: Sequence[str], limits: Sequence[LimitSpec], members: int | float
     ) -> tuple[list[str], list[LimitSpec]]:
-        """The limits as this instance's share of `members`, on local keys of their own
-        (a key's state under the whole limit or another share never mixes with these; the
-        NUL ends the prefix where a real key has its limit name, which never holds one)."""
+        """The limits as this instance's share: 1/`members` (an int), or a weight (a float,
+        of the quantized grid), on local keys of their own (a key's state under the whole
+        limit or another share never mixes with these; the NUL ends the prefix where a
+        real key has its limit name, which never holds one)."""
         prefix = self._prefixes.get(members)
         if prefix is None:
-            prefix = self._prefixes[members] = f"share 1/{members}\x00"
+            tag = f"1/{members}" if isinstance(members, int) else weight_tag(members)
+            prefix = self._prefixes[members] = f"share {tag}\x00"
         specs = self._specs
         out = []
         for spec in limits:
@@ -96,6 +165,10 @@ class Fleet:
             if scaled is None:
                 if len(specs) >= _SPEC_CACHE_MAX:
                     specs.clear()
-                scaled = specs[(spec, members)] = share_spec(spec, members)
+                scaled = specs[(spec, members)] = (
+                    share_spec(spec, members)
+                    if isinstance(members, int)
+                    else weighted_spec(spec, members)
+                )
             out.append(scaled)
         return [prefix + key for key in limit_keys], out

@@ -64,7 +64,7 @@ from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
 from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
-from ..decide.fleet import FleetShare
+from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
@@ -505,7 +505,12 @@ class RedisStore(StateStore):
         self.coalescer = Coalescer(self.call, BATCH, self._failed)
         self._sync_link: SyncLink | None = None  # a blocking client, for sync callers only
         # Membership for the fleet-aware fallback (state/fleet.py).
-        self.fleet = Fleet(self.prefix, config.fleet_share_max_age_s)
+        self.fleet = Fleet(
+            self.prefix,
+            config.fleet_share_max_age_s,
+            config.fleet_share_even_ratio,
+            config.fleet_share_load_max_age_s,
+        )
         self._fleet_warned = -1
 
     # ------------------------------------------------------------ plumbing
@@ -841,6 +846,8 @@ class RedisStore(StateStore):
         n = len(limits)
         if len(limit_keys) != n:
             raise ValueError(f"{len(limit_keys)} limit keys for {n} limits")
+        if n:  # this instance's load, for its share of the limits in an outage
+            self.fleet.demand += 1
         u = self._rng()
         keys = list(breaker_keys)
         key_cache = self._keys
@@ -930,8 +937,7 @@ class RedisStore(StateStore):
             share = fleet
             if share is None:  # (a caller that did not say: the share as it is now)
                 share = self.fleet.share(self._clock.monotonic()) if self.fleet.enabled else None
-            if share is not None and share.size is not None and share.size > 1:
-                limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
+            limit_keys, limits = self.fleet.for_share(limit_keys, limits, share)
             self.local.refund_now(limit_keys, limits, now, admitted_tats)
             return
         keys = [self.key("rl", key) for key in limit_keys]
@@ -984,8 +990,7 @@ class RedisStore(StateStore):
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(None, verdicts, True, SOURCE_FALLBACK, age)
         share = self._fleet_share() if limits and self.fleet.enabled else None
-        if share is not None and share.size is not None and share.size > 1:
-            limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
+        limit_keys, limits = self.fleet.for_share(limit_keys, limits, share)
         result = self.local.peek_now(limit_keys, limits, now)
         return InboundResult(None, result.limits, result.admitted, SOURCE_FALLBACK, age, share)
 
@@ -1012,8 +1017,7 @@ class RedisStore(StateStore):
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age, None, self._why())
         share = self._fleet_share() if limits and self.fleet.enabled else None
-        if share is not None and share.size is not None and share.size > 1:
-            limit_keys, limits = self.fleet.scaled(limit_keys, limits, share.size)
+        limit_keys, limits = self.fleet.for_share(limit_keys, limits, share)
         result = self.local.admit_now(breaker_key, breaker, limit_keys, limits, now)
         local_gate = result.gate
         if local_gate is not None:
@@ -1547,7 +1551,17 @@ class RedisStore(StateStore):
             share = fleet.share(self._clock.monotonic())
             detail["fleet_size"] = fleet.size
             detail["fleet_size_age_s"] = None if share.age_s is None else round(share.age_s, 3)
-            detail["fleet_share"] = "unknown" if share.size is None else f"1/{share.size}"
+            detail["fleet_share"] = (
+                "unknown"
+                if share.size is None
+                else f"1/{share.size}"
+                if share.weight is None
+                else weight_tag(share.weight)
+            )
+            if fleet.weighted:
+                detail["fleet_load_fraction"] = (
+                    None if fleet.fraction is None else round(fleet.fraction, 4)
+                )
         breaker_keys = sorted(set(self._breaker_keys) | {k for (c, k) in self._keys if c == "br"})
         budget_keys = sorted({k for (c, k) in self._keys if c == "bu"} | set(self._pending))
         limit_keys = [k for (c, k) in list(self._keys) if c == "rl"][-_SNAPSHOT_MAX_KEYS:]

@@ -290,6 +290,8 @@ class TieredStore(StateStore):
         self.max_slices = self.config.max_keys
         self.breakers: dict[str, CachedBreaker] = {}
         self.stats = TieredStats()
+        # the fleet's load share counts this store's requests (most never reach `exact`)
+        self.exact.fleet.demand_of = lambda: self.stats.requests
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = -math.inf
         self._lease_batch: _LeaseBatch | None = None

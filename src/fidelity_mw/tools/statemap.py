@@ -132,9 +132,20 @@ def _homes(policy: Policy) -> dict[str, _Home]:
     )
     limit_failure = on_failure
     if st.on_error == "local" and st.fleet_share_max_age_s > 0:
+        if st.fleet_share_even_ratio < 1.0:
+            load_age = min(st.fleet_share_load_max_age_s, st.fleet_share_max_age_s)
+            how = (
+                f"by load: rate and burst x {st.fleet_share_even_ratio:g} / N + "
+                f"{1.0 - st.fleet_share_even_ratio:g} x its fraction of the fleet's requests, "
+                f"read from {{{st.key_prefix}}}:fleet:load with N, recorded as fleet_weight; "
+                f"evenly when that fraction is unknown or over {load_age:g} s old: rate / N, "
+                "burst / N, recorded as fleet_load_why"
+            )
+        else:
+            how = "rate / N, burst / N"
         limit_failure = (
             f"Redis slow/unreachable (timeout {st.timeout_ms} ms): decide on process-local "
-            "counters, each process enforcing its share of the limit (rate / N, burst / N), "
+            f"counters, each process enforcing its share of the limit ({how}), "
             "N = the fleet size it last read from "
             f"{{{st.key_prefix}}}:fleet if at most {st.fleet_share_max_age_s:g} s old (else the "
             "whole limit, recorded as fleet_share=unknown); marked `fallback` with age = time "
@@ -635,6 +646,16 @@ def notes_for(policy: Policy) -> list[str]:
             "fleet size N behind each limit's share while Redis is unreachable; its age "
             f"grows during the outage and past {st.fleet_share_max_age_s:g} s it is not used."
         )
+        if st.fleet_share_even_ratio < 1.0:
+            notes.append(
+                f"Fleet load: {{{st.key_prefix}}}:fleet:load, a hash of process id -> its "
+                "requests per second over its last two intervals between announcements (and "
+                "when). Writer: each process, in the same fleet.lua call; kept 50 s after a "
+                "process's last announcement. Read by the same call: the process's fraction "
+                "of the live processes' load (a rise believed one announcement late), behind "
+                "the weight of its share while Redis is unreachable (unknown when a live "
+                "process reports none: then the even share)."
+            )
     return notes
 
 
