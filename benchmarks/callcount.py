@@ -23,8 +23,11 @@ Then, for one variant (default `fidelity`), the functions it calls per request b
 `bare`'s, most frequent first, and the bytecodes each function runs per request beyond
 `bare`'s: the lists to shorten.
 
+`--fastapi` adds the same route on FastAPI, bare and with FidelityMiddleware, and compares
+what the middleware adds there with what it adds on Starlette.
+
     .venv/bin/python benchmarks/callcount.py [--requests 500] [--top 25]
-        [--variant fidelity] [--no-write]
+        [--variant fidelity] [--fastapi] [--no-write]
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._asgi import make_scope, receive
 from benchmarks._results import stamp, write_section
-from benchmarks.overhead import build_apps
+from benchmarks.overhead import build_apps, fastapi_app, fidelity_policy
+from fidelity_mw import FidelityMiddleware
 
 GENERATOR_FLAGS = (
     0x20 | 0x80 | 0x200  # CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR (inspect.CO_*)
@@ -190,8 +194,13 @@ async def _peaks(app: Any, n: int) -> list[int]:
     return peaks
 
 
-async def measure(n: int) -> dict[str, dict[str, Any]]:
+async def measure(n: int, fastapi: bool = False) -> dict[str, dict[str, Any]]:
     apps = build_apps(breakdown=True)
+    if fastapi:
+        apps["fastapi"] = fastapi_app()
+        apps["fastapi+fidelity"] = fastapi_app(
+            middleware=FidelityMiddleware, policy=fidelity_policy(), telemetry=False
+        )
     results: dict[str, dict[str, Any]] = {}
     for name, app in apps.items():
         await _requests(app, 500)  # warm up: stacks built, caches and key tables filled
@@ -246,6 +255,20 @@ def report(results: dict[str, dict[str, Any]], n: int, variant: str, top: int) -
         "(median); retained is blocks still allocated after the requests. Counts, not "
         "times: they do not depend on the machine's load.",
     ]
+    if {"bare", "fidelity", "fastapi", "fastapi+fidelity"} <= set(results):
+        lines += [
+            "",
+            "What FidelityMiddleware adds per request on each framework (`--fastapi`):",
+            "",
+        ]
+        for app, bare in (("fidelity", "bare"), ("fastapi+fidelity", "fastapi")):
+            mine, base = results[app], results[bare]
+            lines.append(
+                f"- {app} minus {bare}: {mine['calls'] - base['calls']:+.1f} Python calls, "
+                f"{mine['c_calls'] - base['c_calls']:+.1f} C calls, "
+                f"{mine['bytecodes'] - base['bytecodes']:+.0f} bytecodes, "
+                f"{mine['blocks'] - base['blocks']:+.1f} blocks"
+            )
     if variant in results and "bare" in results:
         mine = results[variant]["by_function"]
         base = results["bare"]["by_function"]
@@ -283,9 +306,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--variant", default="fidelity", help="whose calls to list by function")
+    parser.add_argument(
+        "--fastapi", action="store_true", help="add the route on FastAPI, bare and with ours"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    results = asyncio.run(measure(args.requests))
+    results = asyncio.run(measure(args.requests, args.fastapi))
     table = report(results, args.requests, args.variant, args.top)
     print(table)
     if not args.no_write:

@@ -21,12 +21,17 @@ Variants (each a Starlette app with one route, called directly as ASGI, no serve
   throttled:no-headers  the same without RateLimitMiddleware (a BaseHTTPMiddleware): still
                 limits and answers 429, but allowed responses carry no `RateLimit-*` fields
 
+`--frameworks` adds each other middleware on that FastAPI app too (`fastapi+noop`,
+`fastapi+handwritten`, `fastapi+slowapi`, `fastapi+pyresilience`) and reports what each costs
+on FastAPI against what it costs on Starlette (paired per round, each against its own
+framework's bare route): the control for FidelityMiddleware's higher cost on FastAPI.
+
 Rounds run the variants in a shuffled order each time; we report the median
 per-request time of each and the median of per-round paired differences and
 ratios against `bare`, which cancels most drift on a shared machine.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 30] [--batch 2000] [--no-write]
-        [--breakdown] [--baseline REV] [--cpu-time]
+        [--breakdown] [--baseline REV] [--cpu-time] [--frameworks]
 
 `--baseline REV` adds `fidelity@REV`: the same middleware from git revision REV
 (extracted under another package name), so a change is measured against what it
@@ -52,7 +57,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -140,8 +145,18 @@ def baseline_package(rev: str) -> Any:
     return importlib.import_module("fidelity_mw_baseline")
 
 
+def slowapi_limiter() -> Any:
+    from slowapi import Limiter
+    from slowapi.util import get_remote_address
+
+    return Limiter(key_func=get_remote_address, default_limits=["1000000000/second"])
+
+
 def build_apps(
-    breakdown: bool = False, baseline: str | None = None, toolkits: bool = False
+    breakdown: bool = False,
+    baseline: str | None = None,
+    toolkits: bool = False,
+    frameworks: bool = False,
 ) -> dict[str, Any]:
     routes = [Route("/hello", hello)]
     apps: dict[str, Any] = {
@@ -154,19 +169,17 @@ def build_apps(
         ),
     }
     try:
-        from slowapi import Limiter
         from slowapi.middleware import SlowAPIASGIMiddleware
-        from slowapi.util import get_remote_address
 
         app = Starlette(routes=routes, middleware=[Middleware(SlowAPIASGIMiddleware)])
-        app.state.limiter = Limiter(
-            key_func=get_remote_address, default_limits=["1000000000/second"]
-        )
+        app.state.limiter = slowapi_limiter()
         apps["slowapi"] = app
     except ImportError:  # pragma: no cover - slowapi is a dev dependency
         print("slowapi not installed: skipping that variant", file=sys.stderr)
-    if toolkits:
+    if toolkits or frameworks:
         apps.update(toolkit_apps())
+    if frameworks:
+        apps.update(framework_controls())
     if baseline is not None:
         old = baseline_package(baseline)  # its own Policy classes, for its isinstance checks
         policy = old.Policy(rate_limits=[old.RateLimit(name="per-client", rate="1000000000/s")])
@@ -183,27 +196,16 @@ def build_apps(
     return apps
 
 
-def toolkit_apps() -> dict[str, Any]:
-    """pyresilience's ASGI middleware, and throttled-py's FastAPI integration beside a bare
-    FastAPI app and FidelityMiddleware on it (a FastAPI route costs more than Starlette's)."""
-    from fastapi import FastAPI
-    from fastapi.responses import PlainTextResponse
+def resilience_config() -> Any:
+    """pyresilience's counterparts of fidelity's limit (permissive), breaker and deadline."""
     from pyresilience import (
         CircuitBreakerConfig,
         RateLimiterConfig,
         ResilienceConfig,
         TimeoutConfig,
     )
-    from pyresilience.contrib.fastapi import ResilientMiddleware
-    from throttled.asyncio.contrib.fastapi import (
-        Limiter,
-        RateLimitExceededError,
-        RateLimitMiddleware,
-        get_remote_address,
-        rate_limit_exceeded_handler,
-    )
 
-    resilience = ResilienceConfig(
+    return ResilienceConfig(
         rate_limiter=RateLimiterConfig(max_calls=1_000_000_000, period=1.0),
         circuit_breaker=CircuitBreakerConfig(
             sliding_window_size=20,
@@ -213,43 +215,94 @@ def toolkit_apps() -> dict[str, Any]:
         ),
         timeout=TimeoutConfig(seconds=30.0),
     )
-    apps: dict[str, Any] = {
+
+
+def fastapi_app(
+    throttled: bool = False,
+    headers: bool = True,
+    middleware: type | None = None,
+    **options: Any,
+) -> Any:
+    """The `/hello` route on FastAPI, with throttled-py's integration or one middleware
+    (`app.add_middleware(middleware, **options)`, as its users write it)."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI()
+    if throttled:
+        from throttled.asyncio.contrib.fastapi import (
+            Limiter,
+            RateLimitExceededError,
+            RateLimitMiddleware,
+            get_remote_address,
+            rate_limit_exceeded_handler,
+        )
+
+        limiter = Limiter("1000000000/s", key_func=get_remote_address)
+
+        @app.get("/hello", response_class=PlainTextResponse)
+        @limiter.limit()
+        async def limited(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        if headers:
+            app.add_middleware(RateLimitMiddleware)
+        app.add_exception_handler(RateLimitExceededError, rate_limit_exceeded_handler)
+    else:
+
+        @app.get("/hello", response_class=PlainTextResponse)
+        async def plain(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+    if middleware is not None:
+        app.add_middleware(middleware, **options)
+    return app
+
+
+def toolkit_apps() -> dict[str, Any]:
+    """pyresilience's ASGI middleware, and throttled-py's FastAPI integration beside a bare
+    FastAPI app and FidelityMiddleware on it (a FastAPI route costs more than Starlette's)."""
+    from pyresilience.contrib.fastapi import ResilientMiddleware
+
+    return {
         "pyresilience": Starlette(
             routes=[Route("/hello", hello)],
-            middleware=[Middleware(ResilientMiddleware, config=resilience)],
-        )
+            middleware=[Middleware(ResilientMiddleware, config=resilience_config())],
+        ),
+        "fastapi": fastapi_app(),
+        "fastapi+fidelity": fastapi_app(
+            middleware=FidelityMiddleware, policy=fidelity_policy(), telemetry=False
+        ),
+        "throttled": fastapi_app(throttled=True),
+        "throttled:no-headers": fastapi_app(throttled=True, headers=False),
     }
 
-    def fastapi_app(
-        throttled: bool = False, fidelity: bool = False, headers: bool = True
-    ) -> FastAPI:
-        app = FastAPI()
-        if throttled:
-            limiter = Limiter("1000000000/s", key_func=get_remote_address)
 
-            @app.get("/hello", response_class=PlainTextResponse)
-            @limiter.limit()
-            async def limited(request: Request) -> PlainTextResponse:
-                return PlainTextResponse("ok")
+# (the Starlette variant, its FastAPI counterpart) for `--frameworks`
+FRAMEWORK_PAIRS: Final = (
+    ("noop", "fastapi+noop"),
+    ("handwritten", "fastapi+handwritten"),
+    ("fidelity", "fastapi+fidelity"),
+    ("slowapi", "fastapi+slowapi"),
+    ("pyresilience", "fastapi+pyresilience"),
+)
 
-            if headers:
-                app.add_middleware(RateLimitMiddleware)
-            app.add_exception_handler(RateLimitExceededError, rate_limit_exceeded_handler)
-        else:
 
-            @app.get("/hello", response_class=PlainTextResponse)
-            async def plain(request: Request) -> PlainTextResponse:
-                return PlainTextResponse("ok")
+def framework_controls() -> dict[str, Any]:
+    """The other middlewares on the FastAPI app too: does any middleware cost more there?"""
+    from pyresilience.contrib.fastapi import ResilientMiddleware
+    from slowapi.middleware import SlowAPIASGIMiddleware
 
-        if fidelity:
-            app.add_middleware(FidelityMiddleware, policy=fidelity_policy(), telemetry=False)
-        return app
-
-    apps["fastapi"] = fastapi_app()
-    apps["fastapi+fidelity"] = fastapi_app(fidelity=True)
-    apps["throttled"] = fastapi_app(throttled=True)
-    apps["throttled:no-headers"] = fastapi_app(throttled=True, headers=False)
-    return apps
+    slowapi = fastapi_app(middleware=SlowAPIASGIMiddleware)
+    slowapi.state.limiter = slowapi_limiter()
+    return {
+        "fastapi+noop": fastapi_app(middleware=NoopMiddleware),
+        "fastapi+handwritten": fastapi_app(middleware=HandwrittenMiddleware),
+        "fastapi+slowapi": slowapi,
+        "fastapi+pyresilience": fastapi_app(
+            middleware=ResilientMiddleware, config=resilience_config()
+        ),
+    }
 
 
 async def measure(
@@ -259,8 +312,9 @@ async def measure(
     breakdown: bool = False,
     baseline: str | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    frameworks: bool = False,
 ) -> dict[str, list[float]]:
-    apps = build_apps(breakdown, baseline, toolkits=True)
+    apps = build_apps(breakdown, baseline, toolkits=True, frameworks=frameworks)
     for app in apps.values():  # warm up: build middleware stacks, fill caches
         await run_batch(app, 500)
     samples: dict[str, list[float]] = {name: [] for name in apps}
@@ -334,11 +388,33 @@ def report(
             "",
         ]
         for name in ("fastapi+fidelity", "throttled", "throttled:no-headers"):
+            if name not in samples:
+                continue
             diffs = [v - b for v, b in zip(samples[name], base, strict=True)]
             ratios = [v / b for v, b in zip(samples[name], base, strict=True)]
             lines.append(
                 f"- {name}: {statistics.median(diffs) * 1e6:+.2f} µs, "
                 f"{statistics.median(ratios):.3f} x"
+            )
+    pairs = [(s, f) for s, f in FRAMEWORK_PAIRS if s in samples and f in samples]
+    if "fastapi" in samples and len(pairs) > 1:
+        base = samples["fastapi"]
+        lines += [
+            "",
+            "Each middleware on Starlette and on FastAPI (`--frameworks`): its overhead over "
+            "its own framework's bare route, and FastAPI's over Starlette's (medians of "
+            "per-round paired differences and ratios):",
+            "",
+            "| middleware | on Starlette | on FastAPI | FastAPI / Starlette |",
+            "|---|---:|---:|---:|",
+        ]
+        for on_starlette, on_fastapi in pairs:
+            star = [v - b for v, b in zip(samples[on_starlette], bare, strict=True)]
+            fast = [v - b for v, b in zip(samples[on_fastapi], base, strict=True)]
+            ratio = [f / s if s > 0 else float("inf") for s, f in zip(star, fast, strict=True)]
+            lines.append(
+                f"| {on_starlette} | {statistics.median(star) * 1e6:+.2f} µs "
+                f"| {statistics.median(fast) * 1e6:+.2f} µs | {statistics.median(ratio):.2f} |"
             )
     steps = [
         ("fid:frame", "bare", "the frame: context + ContextVar, one header scan, send wrapper"),
@@ -381,10 +457,23 @@ def main() -> None:
     parser.add_argument(
         "--cpu-time", action="store_true", help="time in process CPU time, not wall time"
     )
+    parser.add_argument(
+        "--frameworks",
+        action="store_true",
+        help="add each middleware on FastAPI too: its cost there against on Starlette",
+    )
     args = parser.parse_args()
     timer = time.process_time if args.cpu_time else time.perf_counter
     samples = asyncio.run(
-        measure(args.rounds, args.batch, args.seed, args.breakdown, args.baseline, timer)
+        measure(
+            args.rounds,
+            args.batch,
+            args.seed,
+            args.breakdown,
+            args.baseline,
+            timer,
+            args.frameworks,
+        )
     )
     clock = "process CPU time" if args.cpu_time else "wall time"
     table = report(samples, args.rounds, args.batch, clock)

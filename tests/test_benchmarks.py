@@ -306,6 +306,47 @@ def test_toolkit_inbound_variants_serve_the_route_with_their_fields() -> None:
             assert b"ratelimit" in headers
 
 
+def test_framework_controls_serve_the_route_and_report_fastapi_against_starlette() -> None:
+    from benchmarks import overhead
+    from benchmarks._asgi import run_batch
+
+    apps = build_apps(frameworks=True)
+    controls = [f for _, f in overhead.FRAMEWORK_PAIRS]
+    assert set(controls) <= set(apps)
+    assert "fastapi+noop" not in build_apps(toolkits=True)  # only with --frameworks
+    for name in controls:
+        asyncio.run(run_batch(apps[name], 3))  # every one a 200 (else it raises)
+
+    # two rounds, the second at half speed: per-round pairs on each framework's own bare
+    samples = {
+        "bare": [10e-6, 20e-6],
+        "fastapi": [30e-6, 60e-6],
+        "fidelity": [12e-6, 24e-6],  # +2 µs, +4 µs
+        "fastapi+fidelity": [33e-6, 66e-6],  # +3 µs, +6 µs: 1.5 x each round
+        "noop": [10.5e-6, 21e-6],
+        "fastapi+noop": [30.5e-6, 61e-6],
+    }
+    text = overhead.report(samples, 2, 10)
+    assert "| fidelity | +3.00 µs | +4.50 µs | 1.50 |" in text
+    assert "| noop | +0.75 µs | +0.75 µs | 1.00 |" in text
+    assert "| slowapi |" not in text  # (not measured)
+    # without the controls (one pair), no table
+    assert "FastAPI / Starlette" not in overhead.report(
+        {k: samples[k] for k in ("bare", "fastapi", "fidelity", "fastapi+fidelity")}, 2, 10
+    )
+
+
+def test_callcount_compares_the_middleware_on_both_frameworks() -> None:
+    row: dict[str, object] = {"calls": 1.0, "c_calls": 1.0, "bytecodes": 10.0, "blocks": 1.0}
+    row |= {"resumes": 0.0, "peak_kib": 1.0, "retained": 0.0}
+    row |= {"by_function": {}, "bytecodes_by_function": {}}
+    more = {**row, "calls": 3.0, "bytecodes": 30.0}
+    results = {"bare": row, "fidelity": more, "fastapi": row, "fastapi+fidelity": more}
+    text = callcount.report(results, 10, "fidelity", 5)
+    assert "- fidelity minus bare: +2.0 Python calls, +0.0 C calls, +20 bytecodes" in text
+    assert "- fastapi+fidelity minus fastapi: +2.0 Python calls" in text
+
+
 def test_toolkit_outbound_variants_retry_and_break_like_the_default_policy() -> None:
     import httpx
     import nopanic.testing

@@ -17,6 +17,7 @@ import pytest
 
 from fidelity_mw import Policy, PolicyError, RateLimit, RouteConfig, StateConfig, UpstreamConfig
 from fidelity_mw.decide.gcra import policy_field
+from fidelity_mw.routeplan import sf_string_content
 from fidelity_mw.tools.cli import main
 
 
@@ -79,6 +80,33 @@ def test_every_accepted_name_encodes_as_an_sf_string(name: str) -> None:
     field = policy_field(policy.rate_limits[0].name, 10, 1.0)
     field.encode("ascii")
     assert field.startswith(json.dumps(name))
+
+
+def _sf_string_content_by_character(text: str) -> str:
+    """The rule, one character at a time (what the fast path must agree with)."""
+    return "".join("\\" + ch if ch in '"\\' else ch if " " <= ch <= "~" else "?" for ch in text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "/api/items/{item_id}:10/s",
+        "~!#$%&'()*+-./:<=>?@[]^_`{}| ",
+        *UNSAFE,
+        "del\x7f",
+        "nul\x00",
+        "nbsp\xa0",
+        "\u2028",
+        'ünï"cödé\\',
+        "".join(map(chr, range(256))),
+    ],
+)
+def test_sf_string_content_keeps_safe_text_and_escapes_or_replaces_the_rest(text: str) -> None:
+    # (a FastAPI limit's default name is made safe per request: the safe case is returned
+    # as it is, every other one goes through the rule character by character)
+    assert sf_string_content(text) == _sf_string_content_by_character(text)
+    sf_string_content(text).encode("ascii")
 
 
 def test_check_reports_an_unsafe_limit_name_on_its_line(
