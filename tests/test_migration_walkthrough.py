@@ -13,7 +13,9 @@ timeout)`, a hand-written retry loop, a BaseHTTPMiddleware timing requests);
 - the tools: `audit --fail-on any` finds nothing left in after/, `check` passes on its
   policy, `map` warns about nothing.
 
-Time: a FakeClock in the after-service's middleware (its transport sleeps on it);
+Time: `fidelity_mw.testing.fake_time(clock, app=app)` around the after-service's
+requests (its middleware, added at import time, is built on the clock; its transport
+sleeps on it);
 in the before-service, nopanic's `testing.instant()` and a recording `asyncio.sleep`
 for tenacity and the hand-written loop. Nothing waits out a backoff.
 """
@@ -34,8 +36,8 @@ import httpx
 import pytest
 from nopanic import testing as nopanic_testing
 
-from fidelity_mw import FidelityMiddleware, FidelityTransport
-from fidelity_mw.testing import FakeClock
+from fidelity_mw import FidelityTransport
+from fidelity_mw.testing import FakeClock, fake_time
 from fidelity_mw.tools.cli import main
 
 HERE = Path(__file__).parent / "fixtures" / "migration"
@@ -84,10 +86,6 @@ class Service:
             # the module's client is httpx.AsyncClient(transport=FidelityTransport()):
             # the same, around the scripted upstreams instead of the network
             self.module.http = httpx.AsyncClient(transport=FidelityTransport(mock), timeout=5.0)
-            for middleware in self.module.app.user_middleware:
-                if middleware.cls is FidelityMiddleware:
-                    middleware.kwargs["clock"] = self.clock  # before the stack is built
-                    middleware.kwargs["telemetry"] = False
         else:
             self.module.http = httpx.AsyncClient(transport=mock, timeout=5.0)
         self.sleeps: list[float] = []
@@ -95,7 +93,10 @@ class Service:
     @contextmanager
     def _time(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if self.variant == "after":
-            yield
+            # the app's code untouched: its middleware, added at import time, is built
+            # in the block (app=: its stack rebuilt there), on this clock
+            with fake_time(self.clock, app=self.module.app):
+                yield
             return
         real_sleep = asyncio.sleep
 
