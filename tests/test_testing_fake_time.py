@@ -20,6 +20,10 @@ from fidelity_mw.testing import FakeClock, FakeTimeWarning, fake_time
 
 UPSTREAM = "http://stock.internal"
 
+# Blocks here without app= warn about the stacks other tests of the session built and
+# keep (their module-level apps): expected; the warning itself is tested below.
+pytestmark = pytest.mark.filterwarnings("ignore::fidelity_mw.testing.FakeTimeWarning")
+
 
 def flaky() -> Callable[[httpx.Request], httpx.Response]:
     """Fails every odd call with 503, answers every even one."""
@@ -159,3 +163,17 @@ def test_engines_outside_a_block_take_the_system_clock_and_blocks_nest() -> None
 def test_app_takes_a_starlette_app() -> None:
     with pytest.raises(TypeError, match="Starlette or FastAPI app"), fake_time(app=object()):
         pass
+
+
+def test_a_test_client_with_its_lifespan_inside_the_block() -> None:
+    with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    app, _ = build_app(flaky())
+    with fake_time(app=app) as clock, TestClient(app) as client:
+        statuses = [client.get("/stock").status_code for _ in range(3)]
+        clock.advance(1.0)
+        statuses.append(client.get("/stock").status_code)
+    assert statuses == [200, 200, 429, 200]
+    assert len(clock.sleeps) == 3  # one backoff per served request
