@@ -177,3 +177,28 @@ def test_a_test_client_with_its_lifespan_inside_the_block() -> None:
         statuses.append(client.get("/stock").status_code)
     assert statuses == [200, 200, 429, 200]
     assert len(clock.sleeps) == 3  # one backoff per served request
+
+
+def test_the_fastapi_forms_own_engine_built_before_the_block_is_on_it() -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity()  # no middleware: the forms decide on an engine of their own
+    app = FastAPI()
+
+    @app.get("/report", dependencies=[Depends(fidelity.limit("1/s"))])
+    async def report() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    fidelity.install(app)
+    own = fidelity.engine  # built before the block
+    asyncio.run(get(app, path="/report"))  # and used: its state is on the system clock
+    with fake_time(app=app) as clock:
+        first = asyncio.run(get(app, 2, "/report"))
+        clock.advance(1.0)
+        later = asyncio.run(get(app, path="/report"))
+        assert own.clock is clock
+    assert [r.status_code for r in first] == [200, 429]
+    assert later[0].status_code == 200
+    assert own.clock is SYSTEM_CLOCK

@@ -150,9 +150,10 @@ def fake_time(
       in the block, with fresh limits and breakers, and again after it: the form for
       an app imported once and used by many tests;
     - a `FidelityTransport()` built at import time: inside a request it uses the
-      middleware's engine (above); outside one, its own engine, which is put on the
-      clock for the block with a fresh in-memory state, and given back its clock
-      and state when the block ends.
+      middleware's engine (above); outside one, its own engine. That engine, and any
+      other built before the block that no middleware holds (a `Fidelity()` forms'
+      own, one of yours), is put on the clock for the block with a fresh in-memory
+      state, and given back its clock and state when the block ends.
 
     A middleware already built before the block (its stack not rebuilt with `app=`)
     keeps the clock it was built with, the system clock or an earlier block's:
@@ -198,9 +199,11 @@ _Saved = tuple[Clock, RandomSource, Any]
 
 
 def _take_over(clock: FakeClock, rng: RandomSource, warn: bool) -> list[tuple[Any, _Saved]]:
-    """Put the transports' own engines built before the block on `clock` (their state
-    swapped for a fresh one); warn (`warn`: no app= named) about middleware engines
-    that cannot be."""
+    """Put the engines built before the block that no middleware holds (a transport's
+    own, the forms') on `clock`, their state swapped for a fresh one: they read the
+    clock and the store through the engine at every call. Warn (`warn`: no app=
+    named) about middleware engines, which cannot be: a middleware keeps what it
+    read of its engine when it was built."""
     from .state.factory import store_from_policy
 
     swapped: list[tuple[Any, _Saved]] = []
@@ -209,7 +212,7 @@ def _take_over(clock: FakeClock, rng: RandomSource, warn: bool) -> list[tuple[An
         gc.collect()  # stacks of apps gone (a test's own app) are not worth a warning
         stale = _stale_middleware(clock)
     for engine in list(TESTING.defaulted):
-        if engine.clock is clock or engine.route_app is not None or not engine.transports:
+        if engine.clock is clock or engine.route_app is not None:
             continue
         if not engine.policy.state.url.startswith("memory://"):
             continue
