@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         StateConfig,
         UpstreamConfig,
     )
+    from .rejections import upstream_failure_response
 
 # Public names load on first use, so importing one part of the package (the
 # pure `fidelity_mw.decide`, say) does not import every adapter and its
@@ -50,6 +51,7 @@ _LAZY = {
     "compiled": ".buildinfo",
     "check_limits": ".inbound.checks",
     "current": ".context",
+    "upstream_failure_response": ".rejections",
 }
 
 
@@ -90,5 +92,6 @@ __all__ = [
     "check_limits",
     "compiled",
     "current",
+    "upstream_failure_response",
 ]
 __version__ = "0.1.0"

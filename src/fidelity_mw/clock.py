@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
+from typing import Any, Final
 
-from ._types import Clock
+from ._types import Clock, RandomSource
 
 
 class SystemClock:
@@ -27,3 +29,17 @@ class SystemClock:
 
 
 SYSTEM_CLOCK: Clock = SystemClock()
+
+
+class TestingDefaults:
+    """What an engine built without `clock=` / `rng=` takes while a test's
+    `fidelity_mw.testing.fake_time()` block is open (`current`; None: the system clock
+    and a fresh random source), and the engines that took their clock by default
+    (`defaulted`, weakly), so a block can find those built before it. Read once per
+    engine built, never per request."""
+
+    current: tuple[Clock, RandomSource] | None = None
+    defaulted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+TESTING: Final = TestingDefaults()

@@ -14,7 +14,7 @@ from pathlib import PurePath
 from typing import Any
 
 from ._types import Clock, RandomSource
-from .clock import SYSTEM_CLOCK
+from .clock import SYSTEM_CLOCK, TESTING
 from .decide.concurrency import ConcurrencyLimiter, ConcurrencySpec
 from .headers import networks
 from .hooks import AttemptObserver, RequestObserver
@@ -72,6 +72,11 @@ class Engine:
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(_not_a_policy(policy))
         self.policy = policy if policy is not None else Policy()
+        defaulted = clock is None
+        testing = TESTING.current  # a test's fake_time() block (fidelity_mw.testing)
+        if testing is not None:
+            clock = clock or testing[0]
+            rng = rng or testing[1]
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.rng: RandomSource = rng or random.Random().random
         self.store: StateStore = store or store_from_policy(self.policy, self.rng, self.clock)
@@ -96,6 +101,8 @@ class Engine:
         # The transports built on this engine (weakly: a closed client's goes away), so
         # the admin page can show their balancers' per-instance state (admin/view.py).
         self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
+        if defaulted:  # a later fake_time() block finds it (fidelity_mw.testing)
+            TESTING.defaulted.add(self)
 
     # ------------------------------------------------------------ plans
 

@@ -11,6 +11,10 @@ response unless it sets them itself: clients need them whatever the body.
 A hook that raises, returns something that is not a response, or whose
 response fails before it starts, falls back to the default: a rejection never
 becomes a 500.
+
+`upstream_failure_response(exc)` is the same shape for the app's own answer to
+an upstream call that failed and that the middleware leaves to the app (a call
+sent once: a POST without an `Idempotency-Key`, an upstream with one attempt).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
+import httpx
 from starlette.responses import Response
 
 from ._types import Message, Receive, Scope, Send
 from .context import GIVE_UP, REJECT, SHED, Decision, DecisionContext
+from .errors import CircuitOpen, DeadlineExceeded
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -144,3 +150,46 @@ async def send_custom(
 
 def problem_json(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def upstream_failure_response(exc: httpx.HTTPError, detail: str | None = None) -> Response:
+    """The app's answer to an upstream call that failed, in the middleware's shape.
+
+    The middleware answers a retried call given up on by itself (502 `upstream-failed`,
+    504 for a timeout) when the app lets the error out; a call sent once (a POST without
+    an `Idempotency-Key`, `retry = { attempts = 1 }`) is the app's to answer:
+
+        except httpx.HTTPError as exc:
+            return upstream_failure_response(exc)
+
+    gives the same RFC 9457 document (`type` `urn:fidelity-mw:problem:upstream-failed`,
+    `upstream`, `detail`, or yours), status 502 (504 for a timeout),
+    `application/problem+json`, `cache-control: no-store`. The middleware adds its
+    `Retry-After` advice and `x-fidelity-retry` to it as to any 5xx of the app's. A
+    control refusal (`CircuitOpen`, `DeadlineExceeded`) is raised again, not answered:
+    let out, the middleware answers it 503/504 with `Retry-After`, which is why the
+    clause above needs no `except CircuitOpen: raise` before it.
+    """
+    if isinstance(exc, CircuitOpen | DeadlineExceeded):
+        raise exc
+    try:
+        upstream: str | None = exc.request.url.host or None
+    except RuntimeError:  # an error built without its request
+        upstream = None
+    timeout = isinstance(exc, httpx.TimeoutException)
+    status = 504 if timeout else 502
+    if detail is None:
+        if isinstance(exc, httpx.HTTPStatusError):
+            why = f"answered {exc.response.status_code}"
+        else:
+            why = f"failed ({type(exc).__name__})"
+        detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
+    extra = {} if upstream is None else {"upstream": upstream}
+    title = "Gateway Timeout" if timeout else "Bad Gateway"
+    document = problem_document(status, title, detail, "upstream-failed", **extra)
+    return Response(
+        problem_json(document),
+        status_code=status,
+        headers={"cache-control": "no-store"},
+        media_type=PROBLEM_MEDIA_TYPE,
+    )

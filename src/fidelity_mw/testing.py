@@ -1,15 +1,21 @@
-"""Helpers for tests, this project's and its users': a clock you drive by hand."""
+"""Helpers for tests, this project's and its users': a clock you drive by hand, and
+`fake_time()`, which puts every engine of an app on one for the length of a block."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
 import random
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from ._types import RandomSource
+from ._types import Clock, RandomSource
+from .clock import TESTING
 
 
 class FakeClock:
@@ -118,4 +124,120 @@ def seeded_random(seed: int = 0) -> RandomSource:
     return random.Random(seed).random
 
 
-__all__ = ["FakeClock", "seeded_random"]
+class FakeTimeWarning(UserWarning):
+    """A middleware built before a `fake_time()` block keeps the clock it was built with."""
+
+
+@contextmanager
+def fake_time(
+    clock: FakeClock | None = None,
+    *,
+    seed: int = 0,
+    rng: RandomSource | None = None,
+    app: Any = None,
+) -> Iterator[FakeClock]:
+    """Run an app's fidelity_mw on a fake clock without touching the app's code.
+
+    Inside the block every engine built without its own `clock=` / `rng=` takes
+    `clock` (default: a new FakeClock, yielded) and one seeded random source
+    (`seeded_random(seed)`, or `rng`): backoffs, `Retry-After` waits and breaker
+    open times are recorded in `clock.sleeps` and skipped, never slept, and limit
+    windows move only with `clock.advance(...)`. That covers
+
+    - a `FidelityMiddleware` added at import time: Starlette builds the stack at the
+      first request or lifespan startup, so a stack first built in the block is on
+      the clock. Pass `app=` (a Starlette or FastAPI app) to have its stack rebuilt
+      in the block, with fresh limits and breakers, and again after it: the form for
+      an app imported once and used by many tests;
+    - a `FidelityTransport()` built at import time: inside a request it uses the
+      middleware's engine (above); outside one, its own engine. That engine, and any
+      other built before the block that no middleware holds (a `Fidelity()` forms'
+      own, one of yours), is put on the clock for the block with a fresh in-memory
+      state, and given back its clock and state when the block ends.
+
+    A middleware already built before the block (its stack not rebuilt with `app=`)
+    keeps the clock it was built with, the system clock or an earlier block's:
+    entering a block without `app=` while such a middleware is alive warns
+    (`FakeTimeWarning`) once, with the count. With `app=` the other apps' stacks
+    are yours to rebuild (or leave: they are not warned about). Engines given
+    `clock=` or `engine=` explicitly are left as they are. A Redis-backed state
+    decides on the Redis server's clock: keep tests on `memory://`.
+    """
+    clock = clock if clock is not None else FakeClock()
+    source = rng if rng is not None else seeded_random(seed)
+    reset = _stack_resetter(app)
+    reset()
+    previous = TESTING.current
+    TESTING.current = (clock, source)
+    swapped = _take_over(clock, source, warn=app is None)
+    try:
+        yield clock
+    finally:
+        for engine, (old_clock, old_rng, old_store) in swapped:
+            engine.clock, engine.rng, engine.store = old_clock, old_rng, old_store
+        TESTING.current = previous
+        reset()
+
+
+def _stack_resetter(app: Any) -> Callable[[], None]:
+    """Drops a Starlette app's built middleware stack: the next request or lifespan
+    builds it again from `app.user_middleware` (what Starlette does on the first)."""
+    if app is None:
+        return lambda: None
+    if not hasattr(app, "middleware_stack") or not hasattr(app, "user_middleware"):
+        raise TypeError(
+            f"fake_time(app=...) takes a Starlette or FastAPI app, got {type(app).__name__}"
+        )
+
+    def reset() -> None:
+        app.middleware_stack = None
+
+    return reset
+
+
+_Saved = tuple[Clock, RandomSource, Any]
+
+
+def _take_over(clock: FakeClock, rng: RandomSource, warn: bool) -> list[tuple[Any, _Saved]]:
+    """Put the engines built before the block that no middleware holds (a transport's
+    own, the forms') on `clock`, their state swapped for a fresh one: they read the
+    clock and the store through the engine at every call. Warn (`warn`: no app=
+    named) about middleware engines, which cannot be: a middleware keeps what it
+    read of its engine when it was built."""
+    from .state.factory import store_from_policy
+
+    swapped: list[tuple[Any, _Saved]] = []
+    stale = _stale_middleware(clock) if warn else 0
+    if stale:
+        gc.collect()  # stacks of apps gone (a test's own app) are not worth a warning
+        stale = _stale_middleware(clock)
+    for engine in list(TESTING.defaulted):
+        if engine.clock is clock or engine.route_app is not None:
+            continue
+        if not engine.policy.state.url.startswith("memory://"):
+            continue
+        saved: _Saved = (engine.clock, engine.rng, engine.store)
+        engine.clock, engine.rng = clock, rng
+        engine.store = store_from_policy(engine.policy, rng, clock)
+        swapped.append((engine, saved))
+    if stale:
+        warnings.warn(
+            f"fake_time(): {stale} FidelityMiddleware built before this block keep their "
+            "clock (the system clock or an earlier block's); a request through one is not "
+            "on this block's clock. Pass fake_time(app=app) to rebuild the app's stack "
+            "in the block, or build the app inside it.",
+            FakeTimeWarning,
+            stacklevel=4,  # the `with` line: this, fake_time, contextlib's __enter__
+        )
+    return swapped
+
+
+def _stale_middleware(clock: FakeClock) -> int:
+    return sum(
+        1
+        for engine in list(TESTING.defaulted)
+        if engine.route_app is not None and engine.clock is not clock
+    )
+
+
+__all__ = ["FakeClock", "FakeTimeWarning", "fake_time", "seeded_random"]
