@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from ..decide.fleet import (
+    LOAD_UNANNOUNCED,
     FleetShare,
     fleet_share,
     load_weight,
@@ -85,6 +86,7 @@ class Fleet:
         self.demand_of: Callable[[], int] = lambda: self.demand
         self.reported = 0  # the count the last successful announcement covered
         self.due = -math.inf if self.enabled else math.inf  # next announcement
+        self.tried_at = -math.inf  # the last announcement tried (Redis answered then)
         self.announces = 0
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
@@ -94,6 +96,7 @@ class Fleet:
     def tick(self, now: float, run: RunScript, clock: Callable[[], float]) -> None:
         """Announce in the background if one is due (called after a successful call)."""
         self.due = now + ANNOUNCE_S
+        self.tried_at = now
         task = self.task
         if task is None or task.done():
             self.task = asyncio.get_running_loop().create_task(self._announce(run, clock))
@@ -122,6 +125,23 @@ class Fleet:
             )
 
     def share(self, now: float) -> FleetShare:
+        share = self._share(now)
+        if (
+            self.weighted
+            and share.size is not None
+            and share.size > 1
+            and self.seen_at is not None
+            and self.tried_at - self.seen_at > MEMBER_TTL_S - ANNOUNCE_S
+        ):
+            # Redis answered it more than a member ttl after its last announcement that
+            # counted (they failed, or were skipped on a busy pool): the others may have
+            # dropped it and split the whole limit among themselves. It keeps the floor
+            # of an idle member, not a weight they no longer leave it.
+            floor = quantize_weight(load_weight(share.size, 0.0, self.even_ratio))
+            return share._replace(weight=floor, load=None, load_why=LOAD_UNANNOUNCED)
+        return share
+
+    def _share(self, now: float) -> FleetShare:
         return fleet_share(
             self.size,
             self.seen_at,
