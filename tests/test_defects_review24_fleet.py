@@ -9,11 +9,20 @@ from typing import Any
 
 import pytest
 
-from fidelity_mw.decide.fleet import LOAD_UNANNOUNCED, FleetShare, FleetTable
+from fidelity_mw.decide.fleet import (
+    LOAD_UNANNOUNCED,
+    FleetShare,
+    FleetTable,
+    load_weight,
+    quantize_weight,
+)
 from fidelity_mw.inbound.admission import fleet_details
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.fleet import ANNOUNCE_S, MEMBER_TTL_S, Fleet
+from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.scripts import Script
-from fidelity_mw.testing import FakeClock
+from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +120,47 @@ async def test_announcements_that_fail_within_the_ttl_keep_the_weight() -> None:
     assert share.weight == fleets[0].weight
     assert share.load is not None
     assert share.load > 0.8
+
+
+SLOW = LimitSpec("s", 60.0, 60.0 * 20, 1, False)  # burst 20, no refill within a test
+
+
+def set_weight(store: RedisStore, fraction: float) -> None:
+    """What an announcement that succeeds (Redis answers the store's other calls) leaves."""
+    fleet = store.fleet
+    fleet.size, fleet.seen_at, fleet.fraction = 2, store._clock.monotonic(), fraction
+    fleet.weight = quantize_weight(load_weight(2, fraction, fleet.even_ratio), fleet.weight)
+    fleet.tried_at = fleet.seen_at
+
+
+async def test_a_weight_change_between_fallback_decisions_grants_no_fresh_burst() -> None:
+    """3. Requests whose calls fail while Redis answers others (a full pool, a lost or bad
+    reply) decide on the local share, and the announcements go on: the weight can change
+    between two such decisions. Each weight had buckets of its own (`share <weight>`), so
+    a client that had spent its share's burst got the new weight's whole burst at once:
+    one burst more per change. The units spent carry over to the new weight's bucket."""
+    clock = FakeClock()
+    config = StateConfig(url="redis://127.0.0.1:1/0", key_prefix="rv")
+    store = RedisStore(config=config, rng=seeded_random(3), clock=clock)
+    try:
+        set_weight(store, 0.5)
+        first = store.fleet.weight
+        assert first is not None
+        spent = 0
+        for _ in range(40):
+            spent += store.fallback_admit(None, None, ["c|1"], [SLOW], clock.monotonic()).admitted
+        assert spent == round(20 * first)
+        set_weight(store, 0.6)  # a load that rose: the next reading
+        second = store.fleet.weight
+        assert second is not None
+        assert second > first
+        more = 0
+        for _ in range(40):
+            result = store.fallback_admit(None, None, ["c|1"], [SLOW], clock.monotonic())
+            assert result.fleet is not None
+            assert result.fleet.weight == second
+            more += result.admitted
+        # the new weight's burst, less what this client spent under the old one
+        assert spent + more == round(20 * second)
+    finally:
+        await store.aclose()
