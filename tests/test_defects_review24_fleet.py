@@ -157,6 +157,9 @@ async def test_a_weight_change_between_fallback_decisions_grants_no_fresh_burst(
         second = store.fleet.weight
         assert second is not None
         assert second > first
+        # a peek under the new weight sees the units spent under the old one
+        peeked = store.fallback_peek(["c|1"], [SLOW], clock.monotonic())
+        assert peeked.limits[0].remaining == round(20 * second) - spent
         more = 0
         for _ in range(40):
             result = store.fallback_admit(None, None, ["c|1"], [SLOW], clock.monotonic())
