@@ -33,6 +33,10 @@ UNKNOWN_STALE = "stale"
 LOAD_UNREPORTED = "unreported"  # a live member reports no load, or none has any
 LOAD_STALE = "stale"  # the fraction was read more than `load_max_age_s` ago
 LOAD_LARGE_FLEET = "large_fleet"  # more than LOAD_MAX_MEMBERS live members
+# Why a member enforces only the floor, even_ratio / N: its announcements failed for so
+# long while Redis answered it that the others may have dropped it from the fleet (they
+# split the whole limit among themselves).
+LOAD_UNANNOUNCED = "unannounced"
 
 # The grid of weights: 16 steps per doubling (each 4.4 % above the one below).
 WEIGHT_STEPS = 16

@@ -281,6 +281,8 @@ def fleet_details(share: FleetShare) -> dict[str, DetailValue]:
         details["fleet_weight"] = round(share.weight, 4)
         if share.load is not None:
             details["fleet_load_fraction"] = round(share.load, 3)
+        elif share.load_why:  # the floor: the others may no longer count this member
+            details["fleet_load_why"] = share.load_why
     elif share.load_why and share.size is not None:  # by load, but the load was unknown
         details["fleet_weight"] = round(1.0 / share.size, 4)
         details["fleet_load"] = "unknown"

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from ..decide.fleet import (
+    LOAD_UNANNOUNCED,
     FleetShare,
     fleet_share,
     load_weight,
@@ -42,6 +43,7 @@ from ..decide.fleet import (
     weighted_spec,
 )
 from ..decide.specs import LimitSpec
+from .local import GcraTable
 from .scripts import Script, load_script
 
 logger = logging.getLogger("fidelity_mw.redis")
@@ -52,6 +54,8 @@ ANNOUNCE_S: Final = 1.0
 MEMBER_TTL_S: Final = 5.0
 
 _SPEC_CACHE_MAX: Final = 10_000
+# How many earlier shares a key's first decision under a new one looks in for its units.
+_SHARES_KEPT: Final = 8
 
 # Runs one script on Redis and returns its reply; raises on failure.
 RunScript = Callable[[Script, Sequence[str], Sequence[Any]], Awaitable[Any]]
@@ -85,15 +89,19 @@ class Fleet:
         self.demand_of: Callable[[], int] = lambda: self.demand
         self.reported = 0  # the count the last successful announcement covered
         self.due = -math.inf if self.enabled else math.inf  # next announcement
+        self.tried_at = -math.inf  # the last announcement tried (Redis answered then)
         self.announces = 0
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
         self._specs: dict[tuple[LimitSpec, int | float], LimitSpec] = {}
         self._prefixes: dict[int | float, str] = {}
+        # the shares used on local keys (1/N or a weight -> key prefix), the latest last
+        self._used: dict[int | float, str] = {}
 
     def tick(self, now: float, run: RunScript, clock: Callable[[], float]) -> None:
         """Announce in the background if one is due (called after a successful call)."""
         self.due = now + ANNOUNCE_S
+        self.tried_at = now
         task = self.task
         if task is None or task.done():
             self.task = asyncio.get_running_loop().create_task(self._announce(run, clock))
@@ -122,6 +130,23 @@ class Fleet:
             )
 
     def share(self, now: float) -> FleetShare:
+        share = self._share(now)
+        if (
+            self.weighted
+            and share.size is not None
+            and share.size > 1
+            and self.seen_at is not None
+            and self.tried_at - self.seen_at > MEMBER_TTL_S - ANNOUNCE_S
+        ):
+            # Redis answered it more than a member ttl after its last announcement that
+            # counted (they failed, or were skipped on a busy pool): the others may have
+            # dropped it and split the whole limit among themselves. It keeps the floor
+            # of an idle member, not a weight they no longer leave it.
+            floor = quantize_weight(load_weight(share.size, 0.0, self.even_ratio))
+            return share._replace(weight=floor, load=None, load_why=LOAD_UNANNOUNCED)
+        return share
+
+    def _share(self, now: float) -> FleetShare:
         return fleet_share(
             self.size,
             self.seen_at,
@@ -158,6 +183,12 @@ class Fleet:
         if prefix is None:
             tag = f"1/{members}" if isinstance(members, int) else weight_tag(members)
             prefix = self._prefixes[members] = f"share {tag}\x00"
+        used = self._used
+        if next(reversed(used), None) != members:  # another share than the last one
+            used.pop(members, None)
+            used[members] = prefix
+            if len(used) > _SHARES_KEPT:
+                del used[next(iter(used))]
         specs = self._specs
         out = []
         for spec in limits:
@@ -172,3 +203,36 @@ class Fleet:
                 )
             out.append(scaled)
         return [prefix + key for key in limit_keys], out
+
+    def carry(
+        self,
+        table: GcraTable,
+        limit_keys: Sequence[str],
+        shared_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> None:
+        """A key's first decision under this share (`shared_keys`, `limits`: from `scaled`)
+        starts from the units it spent under the share used before it (the latest that holds
+        the key): a share that changes while the process decides alone (a weight read anew
+        while Redis answers other calls, a fleet size) grants no fresh burst. Only units not
+        yet refilled carry over, as a debt to the new share's bucket."""
+        used = self._used
+        if len(used) < 2:
+            return
+        tats = table.tats
+        intervals = table.intervals
+        earlier = list(used.values())[-2::-1]  # the shares before this one, latest first
+        for key, shared, spec in zip(limit_keys, shared_keys, limits, strict=True):
+            if shared in tats:
+                continue
+            for prefix in earlier:
+                old = prefix + key
+                tat = tats.get(old)
+                if tat is None:
+                    continue
+                units = (tat - now) / intervals.get(old, spec.interval_s)
+                if units > 0.0:
+                    tats[shared] = now + units * spec.interval_s
+                    intervals[shared] = spec.interval_s
+                break

@@ -990,8 +990,10 @@ class RedisStore(StateStore):
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(None, verdicts, True, SOURCE_FALLBACK, age)
         share = self._fleet_share() if limits and self.fleet.enabled else None
-        limit_keys, limits = self.fleet.for_share(limit_keys, limits, share)
-        result = self.local.peek_now(limit_keys, limits, now)
+        shared_keys, limits = self.fleet.for_share(limit_keys, limits, share)
+        if shared_keys is not limit_keys:  # as `fallback_admit` would see it
+            self.fleet.carry(self.local.limits, limit_keys, shared_keys, limits, now)
+        result = self.local.peek_now(shared_keys, limits, now)
         return InboundResult(None, result.limits, result.admitted, SOURCE_FALLBACK, age, share)
 
     def fallback_admit(
@@ -1017,8 +1019,10 @@ class RedisStore(StateStore):
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
             return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age, None, self._why())
         share = self._fleet_share() if limits and self.fleet.enabled else None
-        limit_keys, limits = self.fleet.for_share(limit_keys, limits, share)
-        result = self.local.admit_now(breaker_key, breaker, limit_keys, limits, now)
+        shared_keys, limits = self.fleet.for_share(limit_keys, limits, share)
+        if shared_keys is not limit_keys:  # a share: units spent under another one carry
+            self.fleet.carry(self.local.limits, limit_keys, shared_keys, limits, now)
+        result = self.local.admit_now(breaker_key, breaker, shared_keys, limits, now)
         local_gate = result.gate
         if local_gate is not None:
             local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
