@@ -108,7 +108,7 @@ def test_a_retry_goes_to_the_next_instance_in_the_rotation(clock: FakeClock) -> 
     assert not any(d.stale for d in record.decisions)
 
 
-def test_round_robin_meets_an_open_breaker_and_the_budget_runs_out(clock: FakeClock) -> None:
+def test_the_rotation_skips_an_instance_whose_breaker_is_open(clock: FakeClock) -> None:
     # up-a fails every call, up-b and up-c are healthy. Knobs of a 12 s run: min 5 calls,
     # window 1 s, open 1 s, so the budget allows 3 retries/s + 20 % of requests.
     cfg = ScenarioConfig(duration_s=12.0)
@@ -119,7 +119,9 @@ def test_round_robin_meets_an_open_breaker_and_the_budget_runs_out(clock: FakeCl
         outcomes = []
         try:
             with nopanic_testing.instant():
-                for _ in range(14):
+                for i in range(15):
+                    if i == 14:
+                        clock.advance(cfg.breaker_open_s)  # up-a's open time is over
                     before = len(fleet.calls)
                     result, record = await _call(caller)
                     outcomes.append((result, record, fleet.calls[before:]))
@@ -137,32 +139,64 @@ def test_round_robin_meets_an_open_breaker_and_the_budget_runs_out(clock: FakeCl
         (False, "upstream", ["up-a"]),
         (True, None, ["up-b"]),
         (True, None, ["up-c"]),
-        # the rotation still picks up-a: its breaker refuses, the retry goes on to up-b
+        # the rotation's next pick is up-a, whose breaker is open: the front skips it
+        # for up-b, and no retry (no budget) is spent on a refusal
+        (True, None, ["up-b"]),
         (True, None, ["up-b"]),
         (True, None, ["up-c"]),
-        # ... until the retries have spent the budget: a 503 by the breaker, no call
-        # made, while two healthy instances stand by
-        (False, "breaker", []),
+        # up-a's open time is over: half-open, it is picked again for its probe, which
+        # fails and re-opens it; the retry goes on to up-b
+        (True, None, ["up-a", "up-b"]),
     ]
     assert _verdicts(outcomes[8][1])[2:] == [
         ("breaker", "up-a", "open"),
         ("budget", "upstream", "give_up"),
     ]
-    assert _verdicts(outcomes[11][1])[:3] == [
+    skipped = outcomes[11][1]
+    assert _verdicts(skipped) == [("lb", "up-b", "allow"), ("breaker", "up-b", "allow")]
+    assert skipped.decisions[0].reason == "round_robin, skipped open up-a"
+    # once up-a is open, no request meets its breaker's refusal or spends the budget
+    assert not [
+        v for _, r, _ in outcomes[9:] for v in _verdicts(r) if v[2] == "reject" or v[0] == "budget"
+    ]
+    probe = outcomes[14][1]
+    assert _verdicts(probe) == [
         ("lb", "up-a", "allow"),
-        ("breaker", "up-a", "reject"),
+        ("breaker", "up-a", "probe"),
+        ("breaker", "up-a", "open"),
         ("retry", "upstream", "retry"),
+        ("lb", "up-b", "allow"),
+        ("breaker", "up-b", "allow"),
     ]
-    last, record, _ = outcomes[-1]
-    assert _verdicts(record) == [
-        ("lb", "up-a", "allow"),
-        ("breaker", "up-a", "reject"),
-        ("budget", "upstream", "give_up"),
-    ]
-    # the 503 passes on nopanic's retry_after: what is left of up-a's open time
-    assert last.status == 503
-    assert last.retry_after_s == pytest.approx(cfg.breaker_open_s - 0.005)
     assert not any(d.stale for _, r, _ in outcomes for d in r.decisions)
+
+
+def test_every_breaker_open_the_rotation_picks_as_before_and_the_breaker_refuses(
+    clock: FakeClock,
+) -> None:
+    # The whole fleet fails: every breaker opens, so there is nothing to skip to.
+    cfg = ScenarioConfig(duration_s=12.0)
+    fleet = Fleet(lambda name: 503)
+
+    async def scenario() -> tuple[Any, FrontRecord, list[str]]:
+        caller = _caller(fleet, clock, cfg)
+        try:
+            with nopanic_testing.instant():
+                for _ in range(30):
+                    await _call(caller)
+                    clock.advance(0.001)
+                assert {caller.breakers.get(name).state for name in NAMES} == {"open"}
+                before = len(fleet.calls)
+                result, record = await _call(caller)
+                return result, record, fleet.calls[before:]
+        finally:
+            await caller.aclose()
+
+    result, record, calls = asyncio.run(scenario())
+    assert (result.ok, result.failed_by, result.status, calls) == (False, "breaker", 503, [])
+    lb, breaker = record.decisions[0], record.decisions[1]
+    assert (lb.layer, lb.verdict, lb.reason) == ("lb", "allow", "round_robin")
+    assert (breaker.layer, breaker.subject, breaker.verdict) == ("breaker", lb.subject, "reject")
 
 
 def test_the_per_client_limit_is_a_token_bucket_that_keeps_no_refused_request(
@@ -277,8 +311,8 @@ def test_toolkit_decisions_account_for_every_attempt(toolkit_run: dict[str, Any]
     assert {"ratelimit", "lb", "breaker", "retry"} <= set(by_layer)
     # One retry layer of 3 attempts, whatever the machine's load.
     assert toolkit["upstream_calls"] <= 3 * toolkit["front_requests"]
-    # Every round-robin pick met its instance's breaker: admitted (allow, probe) or
-    # refused (reject), with nothing in between.
+    # Every round-robin pick (open instances skipped) met its instance's breaker:
+    # admitted (allow, probe) or refused (reject), with nothing in between.
     breaker = by_layer["breaker"]
     picks = sum(by_layer["lb"].values())
     assert picks == breaker.get("allow", 0) + breaker.get("probe", 0) + breaker.get("reject", 0)

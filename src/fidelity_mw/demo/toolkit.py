@@ -17,8 +17,9 @@ map (docs/demo.md, "(c) toolkit"):
                  RetryBudget(ratio=0.2, min_retries_per_sec=3, window=5 s))`
                  (the README's "retrying HTTP the right way" recipe, with
                  `raise_for_status()`)
-    LB           round-robin over the instances, one pick per attempt (nopanic
-                 has no balancer)
+    LB           round-robin over the instances, one pick per attempt, skipping
+                 an instance whose breaker is open (nopanic has no balancer, but
+                 documents the breaker `state` a front reads to skip)
     breaker      `keyed(circuit_breaker(...))`, one per instance (the README's
                  "one breaker per host"): ratio 0.5, min 20 calls, window 5 s,
                  open 5 s
@@ -96,7 +97,8 @@ TOOLKIT_LAYERS = {
     "retry": "nopanic retry(attempts=3, full jitter base 100 ms cap 2 s, "
     "budget=RetryBudget(ratio=0.2, min_retries_per_sec=3, window=5 s)) on transport errors, "
     "timeouts, 429, 5xx and CircuitOpen, honor_retry_after=False",
-    "load_balancer": "round-robin, one pick per attempt (nopanic has no balancer)",
+    "load_balancer": "round-robin, one pick per attempt, skipping instances whose breaker "
+    "state is open (nopanic has no balancer; its breaker state is documented)",
     "breaker": "nopanic keyed(circuit_breaker(failure_threshold=0.5, min_calls=20, window=5 s, "
     "reset_timeout=5 s)) per instance; the final CircuitOpen -> 503 with its retry_after",
     "timeout": "nopanic timeout(2 s) per attempt, clamped by the deadline",
@@ -246,7 +248,8 @@ def _by_instance(name: str, url: str) -> Hashable:
 
 
 class ToolkitCaller(Caller):
-    """deadline -> retry (budget) -> round-robin pick -> instance breaker -> timeout -> httpx."""
+    """deadline -> retry (budget) -> round-robin pick (open skipped) -> instance breaker ->
+    timeout -> httpx."""
 
     def __init__(
         self,
@@ -302,10 +305,30 @@ class ToolkitCaller(Caller):
         self._next = itertools.count()
         self.log = DecisionLog(clock)
 
+    def _pick(self) -> tuple[str, str, list[str]]:
+        """The next instance in the rotation whose breaker is not open, and those skipped.
+
+        nopanic documents the breaker state (`keyed(...).get(name).state`), so a
+        front skips an open instance in a few lines: from the rotation's next
+        index, the first instance not open; all open, the rotation's pick (its
+        breaker refuses, and the retry decides).
+        """
+        count = len(self.targets)
+        start = next(self._next)
+        skipped: list[str] = []
+        for step in range(count):
+            name, url = self.targets[(start + step) % count]
+            if self.breakers.get(name).state != "open":
+                return name, url, skipped
+            skipped.append(name)
+        name, url = self.targets[start % count]
+        return name, url, []
+
     async def _attempt(self) -> httpx.Response:
-        """One attempt: the next instance in the rotation, through its breaker."""
-        name, url = self.targets[next(self._next) % len(self.targets)]
-        log_decision(self.clock, "lb", name, "allow", "round_robin", source=LOCAL)
+        """One attempt: the next instance in the rotation not open, through its breaker."""
+        name, url, skipped = self._pick()
+        reason = f"round_robin, skipped open {','.join(skipped)}" if skipped else "round_robin"
+        log_decision(self.clock, "lb", name, "allow", reason, source=LOCAL)
         response: httpx.Response = await self.breakers.acall(self._guarded_get, name, url)
         return response
 
