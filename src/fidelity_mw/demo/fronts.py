@@ -76,12 +76,12 @@ from ..policy import (
     UpstreamConfig,
 )
 from .records import (
-    CLIENT_HEADER,
     CURRENT_RECORD,
     UPSTREAM,
     DemoDecision,
     Recorder,
     RunClock,
+    client_of,
     log_decision,
     send_json,
 )
@@ -522,11 +522,7 @@ class FixedWindowLimiter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        key = "?"
-        for name, value in scope["headers"]:
-            if name == CLIENT_HEADER:
-                key = value.decode("latin-1")
-                break
+        key = client_of(scope)
         allowed = self.strategy.hit(self.item, key)
         if allowed:
             log_decision(self.clock, "ratelimit", key, "allow", "under_limit (fixed window)")

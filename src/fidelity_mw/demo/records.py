@@ -18,6 +18,16 @@ from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..clock import SYSTEM_CLOCK
 
 CLIENT_HEADER = b"x-client-id"
+
+
+def client_of(scope: Scope) -> str:
+    """The demo client a request comes from (its `x-client-id`), "?" without one."""
+    for name, value in scope["headers"]:
+        if name == CLIENT_HEADER:
+            return str(value.decode("latin-1"))
+    return "?"
+
+
 ATTEMPT_HEADER = b"x-client-attempt"  # informational: which try of the client this is
 
 # failed_by values: None (served), "upstream" (the upstream's own error was the answer),

@@ -75,11 +75,11 @@ from .fronts import (
     front_app,
 )
 from .records import (
-    CLIENT_HEADER,
     CURRENT_RECORD,
     UPSTREAM,
     Recorder,
     RunClock,
+    client_of,
     log_decision,
     send_json,
 )
@@ -403,11 +403,7 @@ class ToolkitLimiter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        key = "?"
-        for name, value in scope["headers"]:
-            if name == CLIENT_HEADER:
-                key = value.decode("latin-1")
-                break
+        key = client_of(scope)
         try:
             await self.per_client.acall(self._admitted, key, scope, receive, send)
         except RateLimited as exc:
