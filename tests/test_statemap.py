@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -517,3 +518,19 @@ def test_a_service_on_redis_learns_instance_breakers_from_answers():
         == "{fmw}:br:H(upstream:{instance host:port}) + {fmw}:bp:H(upstream:{instance host:port})"
     )
     assert "last learned" in lb.staleness
+
+
+def test_counts_of_one_read_as_english():
+    """`map` said "1 attempts total" and "1 half-open probes" for a call sent once and a
+    breaker that lets one probe through."""
+    data = {
+        "breaker": {"half_open_probes": 1},
+        "upstream": [{"host": "pay", "retry": {"attempts": 1}}, {"host": "inv"}],
+    }
+    layers = from_policy(Policy.from_dict(data), "p").layers
+    text = json.dumps([dataclasses.asdict(layer) for layer in layers])
+    assert "1 attempt total" in text
+    assert "1 half-open probe" in text
+    assert "1 attempts" not in text
+    assert "1 half-open probes" not in text
+    assert "3 attempts total" in text  # `inv`: the default, plural as before

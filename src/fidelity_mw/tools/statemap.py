@@ -221,8 +221,14 @@ def _breaker_data(b: BreakerConfig) -> str:
         if shortest >= b.open_s
         else f"open {shortest:g} s doubling per failed probe round to {b.open_s:g} s"
     )
-    parts.append(f"{opened} ±{b.open_jitter * 100:.0f} %, {b.half_open_probes} half-open probes")
+    probes = _count(b.half_open_probes, "half-open probe")
+    parts.append(f"{opened} ±{b.open_jitter * 100:.0f} %, {probes}")
     return "; ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 attempt", "3 attempts": a count with its noun as English says it."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _route_methods(route: RouteConfig, head_named: bool) -> str:
@@ -289,7 +295,7 @@ def _retry_data(r: RetryConfig) -> str:
     if r.on_429:
         on.append("429 (after its Retry-After)")
     return (
-        f"{r.attempts} attempts total, {_waits(r)}, "
+        f"{_count(r.attempts, 'attempt')} total, {_waits(r)}, "
         f"idempotent methods or requests with an Idempotency-Key only, on {', '.join(on)}; "
         f"Retry-After honoured up to "
         f"{r.retry_after_max_s:g} s, never past the deadline"
