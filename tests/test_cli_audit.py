@@ -74,6 +74,7 @@ def test_json(capsys: pytest.CaptureFixture[str]):
         "what",
         "replace_with",
         "confidence",
+        "host",
     }
     assert first["confidence"] == "high"
     assert first["file"] == "tests/fixtures/audit/service/breakers.py"

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import toolkits
 from .retryloops import (
@@ -246,11 +247,15 @@ class AuditFinding:
     what: str
     replace_with: str
     confidence: str = HIGH  # high | medium | low: how sure the scan is that this is one
+    # the host an outbound concern guards, from the URLs written in its code (or the
+    # module's one host): the `[[upstream]]` table its values go in; None when unknown
+    host: str | None = None
 
     def __str__(self) -> str:
+        where = f'; in [[upstream]] host = "{self.host}"' if self.host else ""
         return (
             f"{self.file}:{self.line}: {self.kind} ({self.confidence}): {self.what} -> "
-            f"{self.replace_with}"
+            f"{self.replace_with}{where}"
         )
 
 
@@ -398,6 +403,45 @@ def _literal(node: ast.expr | None) -> object:
 _NOT_LITERAL = object()
 
 
+# the kinds that guard calls to an upstream, whose values go in its `[[upstream]]` table
+_HOSTED_KINDS = (RETRY, BREAKER, TIMEOUT, HEDGE)
+
+
+def _url_hosts(region: ast.AST) -> set[str]:
+    """The hosts of the absolute http(s) URLs written in `region`: string literals and
+    the literal start of f-strings (`f"https://payments.internal/{id}"`)."""
+    hosts = set()
+    # an f-string's literal parts are walked on their own too: read them as its parts
+    parts = {
+        id(part)
+        for node in ast.walk(region)
+        if isinstance(node, ast.JoinedStr)
+        for part in node.values
+    }
+    for node in ast.walk(region):
+        text = None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) in parts:
+                continue
+            text = node.value
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                # a placeholder in the authority leaves its literal part cut short:
+                # only a host the text holds whole counts
+                rest = node.values[1:]
+                text = first.value if not rest or "/" in first.value[8:] else None
+        if text is None or not text.startswith(("http://", "https://")):
+            continue
+        try:
+            host = urlsplit(text).hostname
+        except ValueError:  # a malformed literal (an unclosed IPv6 bracket)
+            continue
+        if host:
+            hosts.add(host)
+    return hosts
+
+
 def _short(node: ast.AST) -> str:
     text = ast.unparse(node)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -427,6 +471,7 @@ class _Scanner(ast.NodeVisitor):
         self.ctx: dict[int, toolkits.Ctx] = {}
         self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
         self.created: dict[str, ast.Call] = {}  # library objects: name -> the call
+        self.module_hosts: set[str] = set()  # every host a literal URL of the module names
 
     # ------------------------------------------------------------ imports
 
@@ -518,10 +563,16 @@ class _Scanner(ast.NodeVisitor):
         region: ast.AST | None = None,
         confidence: str = HIGH,
         remedy: str | None = None,
+        outbound: bool = True,
     ) -> None:
         if remedy is None:
             remedy = self.remedy(rule, region)
         replace = remedy + (f"; {extra}" if extra else "")
+        host = None
+        # only where the finding's values go in an `[[upstream]]` table (a deadline
+        # goes in `[deadline]`)
+        if outbound and rule.kind in _HOSTED_KINDS and "upstream[]" in replace:
+            host = self.host_of(region if region is not None else self._around(node))
         self.findings.append(
             AuditFinding(
                 self.filename,
@@ -531,8 +582,22 @@ class _Scanner(ast.NodeVisitor):
                 what,
                 replace,
                 confidence,
+                host,
             )
         )
+
+    def _around(self, node: ast.AST) -> ast.AST:
+        """Where a concern reported without a region applies: its function, or itself."""
+        return self.function[-1] if self.function else node
+
+    def host_of(self, region: ast.AST) -> str | None:
+        """The one host the URLs written in `region` name; else the module's one host
+        (a client's `base_url`, the calls' paths relative to it); None when there are
+        none or several."""
+        hosts = _url_hosts(region)
+        if not hosts:
+            hosts = self.module_hosts
+        return next(iter(hosts)) if len(hosts) == 1 else None
 
     def remedy(self, rule: Rule, region: ast.AST | None) -> str:
         if rule.library in toolkits.LIBRARIES:
@@ -608,6 +673,7 @@ class _Scanner(ast.NodeVisitor):
     def prepare(self, tree: ast.Module) -> None:
         """Before the visit: module-level `name = call(...)`, and the configs handed to
         pyresilience's ResilientMiddleware, whose concerns are inbound."""
+        self.module_hosts = _url_hosts(tree)
         for stmt in tree.body:
             if (
                 isinstance(stmt, ast.Assign)
@@ -775,7 +841,15 @@ class _Scanner(ast.NodeVisitor):
                 "fidelity_mw), without this"
             )
             extra = f"{extra}; {keep}" if extra else keep
-        self.report(node, rule, what, extra, remedy=self.toolkit_remedy(rule, ctx))
+        self.report(
+            node,
+            rule,
+            what,
+            extra,
+            region=ctx.region,
+            remedy=self.toolkit_remedy(rule, ctx),
+            outbound=ctx.inbound is None,
+        )
 
     def toolkit_remedy(self, rule: Rule, ctx: toolkits.Ctx) -> str:
         kind, name = rule.kind, rule.api
@@ -1082,6 +1156,7 @@ class _Scanner(ast.NodeVisitor):
             Rule(RETRY, library),
             f"{library} client{told} {_short(node)}",
             confidence=HIGH if given is not None else MEDIUM,
+            outbound=False,  # to the SDK's own host, not one the module names
             remedy=f"{library}'s own retry setting: set {keyword}=0 and pass "
             "http_client=httpx.Client(transport=FidelitySyncTransport()) (or an AsyncClient "
             "with FidelityTransport) so upstream[].retry decides; never both",
