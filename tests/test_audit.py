@@ -342,7 +342,13 @@ def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
         "e = pybreaker.CircuitBreaker(2, 0.5)\n"
     )
     report = audit_paths([str(tmp_path)])
-    hints = [f.replace_with.split("e.g. ", 1)[1] for f in report.findings]
+    hints = [f.replace_with.split("e.g. ", 1)[1].split("; ")[0] for f in report.findings]
+    # none of them retried: the migration must not add retries silently
+    for finding in report.findings:
+        assert finding.replace_with.endswith(
+            f"; outbound, {finding.library} never retried the call: retry = {{ attempts = 1 }} "
+            "keeps it so (FidelityTransport retries idempotent calls by default)"
+        )
     probe = ", half_open_probes = 1 }"
     assert hints == [
         "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20, open_jitter = 0"

@@ -1559,9 +1559,15 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
     if open_s is not None and open_s >= 0.001:
         # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
         parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
+    # a breaker library never retried: the transport does by default, so the user who
+    # wants the old behaviour must say so, or the migration adds retries silently
+    no_retry = (
+        f"outbound, {library} never retried the call: retry = {{ attempts = 1 }} keeps it "
+        "so (FidelityTransport retries idempotent calls by default)"
+    )
     if not parts:
-        return ""
-    return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}"
+        return no_retry
+    return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}; {no_retry}"
 
 
 def _slowapi_limiter_hint(call: ast.expr) -> str:
