@@ -613,9 +613,8 @@ def test_uvicorn_wsproto_the_n_plus_first_handshake_in_the_window_gets_429() -> 
 
 
 def test_the_handshake_span_says_what_an_http_requests_says() -> None:
-    from test_telemetry_helpers import pipeline
-
     from fidelity_mw.telemetry import schema
+    from test_telemetry_helpers import pipeline
 
     otel = pipeline()
     try:
@@ -637,3 +636,27 @@ def test_the_handshake_span_says_what_an_http_requests_says() -> None:
     assert refused[schema.DECIDED_BY] == "ratelimit"
     assert refused["http.response.status_code"] == 429
     assert refused[schema.ROUTE] == admitted[schema.ROUTE]
+
+
+# ------------------------------------------------------------ fidelity-mw map
+
+
+def test_the_map_says_which_limits_count_websocket_handshakes() -> None:
+    from fidelity_mw.tools.statemap import from_policy
+
+    policy = Policy(
+        rate_limits=(
+            PER_CLIENT,
+            RateLimit(name="reads", rate="5/s", methods=("GET",)),
+            RateLimit(name="writes", rate="5/s", methods=("POST",)),
+        )
+    )
+    decides = {
+        row.subject.split("'")[1]: row.decides
+        for row in from_policy(policy, "test").layers
+        if row.layer == "ratelimit"
+    }
+    handshakes = "websocket handshakes too (refused: 429, or a close 1013)"
+    assert handshakes in decides["sockets"]
+    assert handshakes in decides["reads"]
+    assert "websocket" not in decides["writes"]
