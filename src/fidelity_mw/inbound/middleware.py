@@ -226,7 +226,8 @@ class FidelityMiddleware:
             if scope["type"] == "lifespan":
                 await self.app(scope, receive, self._closing_on_shutdown(send))
             elif self._websockets is not None and scope["type"] == "websocket":
-                await self._websockets(scope, receive, send)  # a handshake: websocket.py
+                # the app, or the handshake's admission by the route's limits (websocket.py)
+                await self._websockets.app_for(scope)(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Final, Protocol
 
 from .._logs import exception as log_exception
@@ -120,12 +121,16 @@ class WebsocketGate:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.engine = host.engine
+        # the engine's plans by (method, path), as the middleware reads them first
+        self._cached = host.engine._plans.get
         # a route's handshake plan, by the (GET) plan it is made from
         self._plans: dict[RoutePlan, RoutePlan] = {}
 
     def plan_for(self, scope: Scope) -> RoutePlan | None:
         """The handshake's plan; None when no limit of its path covers a GET."""
-        base = self.engine.plan_for({**scope, "method": "GET"})
+        base = self._cached(("GET", scope["path"])) or self.engine.plan_for(
+            {**scope, "method": "GET"}
+        )
         if not base.limits:
             return None
         plan = self._plans.get(base)
@@ -135,19 +140,24 @@ class WebsocketGate:
             plan = self._plans[base] = websocket_plan(base)
         return plan
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = self.host
-        ctx: DecisionContext | None = None
+    def app_for(self, scope: Scope) -> ASGIApp:
+        """What serves this websocket: the app itself when no limit of its path covers
+        a GET (the middleware then awaits it as it did every websocket: no frame or
+        wrapper of ours in between), else the handshake's admission."""
         try:
-            now = host._monotonic()
             plan = self.plan_for(scope)
-            if plan is not None:
-                ctx = DecisionContext(self.engine, plan.route, "GET", now)
         except Exception:  # never a failure of ours: the socket goes on undecided
             logger.exception("fidelity_mw: could not set up a websocket; passing it through")
-        if ctx is None or plan is None:  # no limit on this path: as if we were not there
-            await host.app(scope, receive, send)
-            return
+            return self.host.app
+        if plan is None:
+            return self.host.app
+        return partial(self.admit, plan)
+
+    async def admit(self, plan: RoutePlan, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admit a handshake by its route's limits, then run the app or refuse it."""
+        host = self.host
+        now = host._monotonic()
+        ctx = DecisionContext(self.engine, plan.route, "GET", now)
         state = scope.get("state")
         if state is None:
             scope["state"] = {"fidelity": ctx}
