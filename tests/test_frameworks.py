@@ -352,7 +352,9 @@ def test_head_through_testclient(clock: FakeClock) -> None:
 
 def test_websocket_passes_through_starlette(clock: FakeClock) -> None:
     log = Log()
-    app = with_middleware(starlette_app(log), clock, LIMITED)  # limits do not apply to sockets
+    # a path no limit covers passes through (a limited one: tests/test_websocket_limits.py)
+    unlimited = Policy(rate_limits=(RateLimit(name="l", rate="1/h", burst=1, exclude=("/ws",)),))
+    app = with_middleware(starlette_app(log), clock, unlimited)
     with TestClient(app) as client:
         for _ in range(3):
             with client.websocket_connect("/ws") as ws:

@@ -2,8 +2,9 @@
 
 Order and coordination: a request the deadline or the breaker turns away never
 reaches the limiter, so it costs the client no quota; a limiter rejection or a
-client disconnect is never counted as a breaker failure. Websocket and
-lifespan scopes pass straight through; bodies stream untouched in both
+client disconnect is never counted as a breaker failure. A websocket handshake
+on a route with rate limits is admitted by them alone (`websocket`); other
+websockets and lifespan scopes pass straight through; bodies stream untouched in both
 directions (only the response start message gets headers added), and
 `receive` is handed to the app as it is.
 
@@ -65,6 +66,7 @@ from .watch import (
     ResponseWatcher,
     response_ends,
 )
+from .websocket import WebsocketGate
 from .xratelimit import fields_for
 
 logger: Final = logging.getLogger("fidelity_mw")
@@ -207,6 +209,9 @@ class FidelityMiddleware:
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
+        # A websocket handshake on a route with rate limits is admitted by them (None:
+        # the policy has none, and every websocket passes through)
+        self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
 
     def _say_nested(self) -> None:
         self._nested_said = True
@@ -220,6 +225,9 @@ class FidelityMiddleware:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await self.app(scope, receive, self._closing_on_shutdown(send))
+            elif self._websockets is not None and scope["type"] == "websocket":
+                # the app, or the handshake's admission by the route's limits (websocket.py)
+                await self._websockets.app_for(scope)(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return

@@ -472,7 +472,14 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "ratelimit",
                 _limit_subject(lim, names_head(policy.rate_limits)),
                 f"rate_limit[{i}]",
-                f"{verb} + Retry-After + RateLimit fields when the bucket is empty",
+                f"{verb} + Retry-After + RateLimit fields when the bucket is empty"
+                # a handshake is a GET: the limit counts those of the paths it covers
+                # (inbound/websocket.py; deadline, breaker and bulkhead do not apply)
+                + (
+                    "; websocket handshakes too (refused: 429, or a close 1013)"
+                    if lim.methods is None or "GET" in lim.methods
+                    else ""
+                ),
                 f"GCRA {lim.rate}, burst {lim.burst_size}{cost}; client key "
                 + (
                     "from X-Forwarded-For/Forwarded only via trusted_proxies"
