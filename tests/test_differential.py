@@ -1066,3 +1066,104 @@ def test_a_refund_after_another_refund(harness: Harness) -> None:
         ("admit", True, 2, 0, 2, False),
     ]
     harness.run((0, 0.5, ops))
+
+
+# ---------------------------------------------------------------- tiered breakers, replayed
+
+
+tiered_breaker_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.01, 0.05, 0.1, 0.3, 0.7])),
+    # calls admitted on the cached breaker and ended: (failed, slow) each, in order
+    st.tuples(
+        st.just("calls"),
+        st.lists(
+            st.tuples(st.sampled_from([False, False, True]), st.sampled_from([False, True])),
+            min_size=1,
+            max_size=12,
+        ),
+    ),
+    st.tuples(st.just("sync")),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    index=st.sampled_from(range(len(BREAKERS))),
+    ops=st.lists(tiered_breaker_op, min_size=3, max_size=30),
+)
+@example(index=0, ops=[("calls", [(True, False), (True, False), *[(False, False)] * 3]), ("sync",)])
+def test_tiered_breaker_outcomes_open_it_as_the_model_does(
+    redis_url: str, redis_clock: RedisClock, index: int, ops: list[tuple[Any, ...]]
+) -> None:
+    """A tiered instance counts a closed breaker's outcomes locally and sends them with
+    its next sync: sync.lua replays them in order, so the breaker in Redis ends as the
+    model's does when the same outcomes are recorded one by one at the sync's instant
+    (state, epoch, open-until, and the window while closed). Until it opens: from
+    there half-open probes are exact (RedisStore.admit, held to the model above)."""
+    asyncio.run(_run_tiered_breaker(redis_url, BREAKERS[index], ops))
+
+
+async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[Any]) -> None:
+    client = redis_sync.Redis.from_url(url, socket_timeout=2.0)
+    client.flushdb()
+    clock = FakeClock(start=T0)
+    client.set(CLOCK_KEY, repr(T0))
+    # a copy that stays fresh between the syncs the sequence makes
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=60_000)
+    store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
+    store._last_sync = math.inf
+    memory = MemoryStore(rng=lambda: 0.5)
+    pending: list[tuple[Gate, str, bool]] = []  # the memory store's, recorded at the sync
+    counted_at = -math.inf
+    try:
+        for step in ops:
+            now = clock.monotonic()
+            if step[0] == "advance":
+                clock.advance(step[1])
+                client.set(CLOCK_KEY, repr(clock.monotonic()))
+            elif step[0] == "calls":
+                for failed, slow in step[1]:
+                    result = await store.admit(ROUTE, breaker, (), (), now)
+                    assert result.gate is not None
+                    assert result.gate.verdict == "allow", result
+                    mine = await memory.admit(ROUTE, breaker, (), (), now)
+                    assert mine.gate is not None
+                    assert mine.gate.verdict == "allow"
+                    outcome = FAILURE if failed else SUCCESS
+                    await store.record(ROUTE, breaker, result.gate, outcome, slow, now)
+                    pending.append((mine.gate, outcome, slow))
+                    counted_at = now
+            elif step[0] == "sync":
+                if pending and now - counted_at > breaker.window_s:
+                    pending.clear()  # dropped by both: too old to count as new
+                for gate, outcome, slow in pending:
+                    await memory.record(ROUTE, breaker, gate, outcome, slow, now)
+                pending.clear()
+                await store._sync_all(now)
+                state = memory.breakers.get(ROUTE, None)
+                hkey, _ = store.exact.breaker_keys(ROUTE)
+                st_, ep, ou, w, be = client.hmget(hkey, "st", "ep", "ou", "w", "be")
+                theirs = ((st_ or b"closed").decode(), int(ep or 0))
+                mine_state = (state.state, state.epoch) if state else ("closed", 0)
+                assert theirs == mine_state, (theirs, mine_state)
+                if state is None:
+                    continue
+                if state.state != "closed":
+                    assert _close(float(ou), state.open_until), (ou, state.open_until)
+                    cached = store.breakers[ROUTE]
+                    assert (cached.state, cached.epoch) == mine_state
+                    return  # from here on, probes are decided exactly
+                # Redis's window as the model reads it at `now` (turned only when counted)
+                ring = breaker_module.BreakerState(breaker)
+                counts = [int(n) for n in w.split(b",")] if w else [0] * 30
+                ring.buckets = [counts[j : j + 3] for j in range(0, 30, 3)]
+                ring._totals = [sum(counts[0::3]), sum(counts[1::3]), sum(counts[2::3])]
+                ring._bucket_end = float(be or 0.0)
+                assert ring.totals(now) == state.totals(now), (ring.totals(now), state.totals(now))
+    finally:
+        await store.aclose()
+        client.close()
