@@ -306,6 +306,12 @@ class Sequence_:
     inflight: list[tuple[str, Gate, Gate]] = field(default_factory=list)
     charged: list[Charged] = field(default_factory=list)
     retries: list[float] = field(default_factory=list)  # when each retry was counted
+    # top-level requests counted by `budget_request`: Redis sends them with the next
+    # outbound call, so the memory store counts them then (the same instant)
+    requests: int = 0
+    # the Redis gates taken over the blocking client (FidelitySyncTransport's path):
+    # their outcomes go back the same way (`record_sync`)
+    sync_gates: set[int] = field(default_factory=set)
 
     def ledger(self, key: str) -> RefLedger:
         ledger = self.ledgers.get(key)
@@ -445,7 +451,11 @@ async def _run(
             key, mg, rg = seq.inflight.pop(index % len(seq.inflight))
             slow = slow and breaker.slow_call_ratio is not None
             await memory.record(key, breaker, mg, outcome, slow, now)
-            await red.record(key, breaker, rg, outcome, slow, now)
+            if id(rg) in seq.sync_gates:
+                seq.sync_gates.discard(id(rg))
+                red.record_sync(key, breaker, rg, outcome, slow, now)
+            else:
+                await red.record(key, breaker, rg, outcome, slow, now)
             await red._flush_deferred_now()
         if kind == "refund" and seq.charged:
             entry = seq.charged.pop(step[1] % len(seq.charged))
@@ -456,12 +466,33 @@ async def _run(
             for key, spec in zip(entry.keys, entry.specs, strict=True):
                 seq.credit(key).earn(now, Fraction(spec.cost * spec.interval_s))
             seq.refunded_keys.update(entry.keys)
-        elif kind == "outbound":
-            retry = step[1]
-            mg, ma, _, _ = await memory.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
-            rg, ra, source, _ = await red.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
+        elif kind in ("outbound", "outbound_sync", "host_gate", "try_retry"):
+            # every outbound call takes the budget requests counted so far along
+            for _ in range(seq.requests):
+                await memory.budget_request(BUDGET, RETRY, now)
+            seq.requests = 0
+            retry = step[1] if kind in ("outbound", "outbound_sync") else kind == "try_retry"
+            blocking = kind == "outbound_sync" or (kind != "outbound" and step[1])
+            bkey, bcfg = (None, None) if kind == "try_retry" else (HOST, breaker)
+            ukey, ucfg = (None, None) if kind == "host_gate" else (BUDGET, RETRY)
+            if blocking:  # FidelitySyncTransport's path: one call over the blocking client
+                mg, ma, _, _ = await memory.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
+                rg, ra, source, _ = red.outbound_gate_sync(bkey, bcfg, ukey, ucfg, retry, now)
+            elif kind == "host_gate":  # the host breaker alone
+                mg, _, _ = await memory.breaker_gate(HOST, breaker, now)
+                rg, source, _ = await red.breaker_gate(HOST, breaker, now)
+                ma = ra = True
+            elif kind == "try_retry":  # the budget alone
+                ma, _, _ = await memory.budget_try_retry(BUDGET, RETRY, now)
+                ra, source, _ = await red.budget_try_retry(BUDGET, RETRY, now)
+                mg = rg = None
+            else:
+                mg, ma, _, _ = await memory.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
+                rg, ra, source, _ = await red.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
             if source != "redis":
                 raise RedisUnavailable(source)
+            if blocking and rg is not None:
+                seq.sync_gates.add(id(rg))
             assert ma == ra, ("budget", retry, ma, ra)
             _same_gate(mg, rg, "outbound gate")
             if mg is not None and rg is not None and mg.verdict != "reject":
@@ -474,7 +505,13 @@ async def _run(
             # odd: the store's time of the spend (`GateAnswer.spent_at`) names the bucket
             said = spent if step[1] % 2 else None
             await memory.budget_refund(BUDGET, RETRY, "memory", now - spent, now, said)
-            await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now, said)
+            if len(step) > 2 and step[2]:  # over the blocking client
+                red.budget_refund_sync(BUDGET, RETRY, "redis", now - spent, now, said)
+            else:
+                await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now, said)
+        elif kind == "request":
+            seq.requests += 1
+            await red.budget_request(BUDGET, RETRY, now)
             _same_budget(memory, red, client, now)
         if not red.up:
             raise RedisUnavailable("redis failed during the test")
@@ -621,6 +658,46 @@ budget_op = st.one_of(
 )
 def test_budget_refunds_decide_alike(harness: Harness, ops: list[tuple[Any, ...]]) -> None:
     harness.run((0, 0.5, ops))
+
+
+# Every outbound operation a store offers, each way it is called: the fused gate (async and
+# over the blocking client), the host breaker's gate alone, the budget alone (a retry),
+# top-level requests counted without a call (they ride on the next one), outcomes recorded
+# either way, retries given back either way.
+outbound_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.05, 0.1, 0.25, 0.5, 0.75, 1.5])),
+    st.tuples(st.just("outbound"), st.booleans()),
+    st.tuples(st.just("outbound_sync"), st.booleans()),
+    st.tuples(st.just("host_gate"), st.booleans()),  # True: over the blocking client
+    st.tuples(st.just("try_retry"), st.booleans()),
+    st.tuples(st.just("request")),
+    st.tuples(st.just("budget_refund"), st.integers(0, 20), st.booleans()),
+    st.tuples(
+        st.just("record"),
+        st.integers(0, 20),
+        st.sampled_from([SUCCESS, FAILURE, FAILURE, IGNORED]),
+        st.booleans(),
+    ),
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    index=st.sampled_from(range(len(BREAKERS))),
+    u=st.sampled_from([0.5, 0.1, 0.93]),
+    ops=st.lists(outbound_op, min_size=5, max_size=40),
+)
+def test_every_outbound_operation_decides_alike(
+    harness: Harness, index: int, u: float, ops: list[tuple[Any, ...]]
+) -> None:
+    """budget_request, budget_try_retry, breaker_gate and the blocking client's
+    outbound_gate_sync / record_sync / budget_refund_sync, beside outbound_gate: the memory
+    store and Redis answer alike and hold the same host breaker and budget window."""
+    harness.run((index, u, ops))
 
 
 @settings(
