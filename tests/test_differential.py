@@ -1244,3 +1244,207 @@ async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[An
     finally:
         await store.aclose()
         client.close()
+
+
+# ---------------------------------------------------------------- edge values
+
+
+# Keys live one hour longer in this test (the copy of the scripts only): they expire on
+# Redis's own milliseconds, and a pinned clock that stands still or runs backwards would
+# see a bucket's key gone that its own time still needs. Each limit key's write logs the
+# TTL production would have set (`fidelity-test:ttl`), which the test holds to the
+# key's need: the TAT, plus the refunded seconds, or the credit's expiry if later.
+TTL_LOG = "fidelity-test:ttl"
+LONG_TTL = (
+    (
+        "local function store_tat(",
+        "local function ttl_logged(key, seconds)\n"
+        "  local ms = ttl_ms(seconds)\n"
+        f"  redis.call('HSET', '{TTL_LOG}', key, ms)\n"
+        "  return ms + 3600000\n"
+        "end\n\n"
+        "local function store_tat(",
+    ),
+    ("'PX', ttl_ms(", "'PX', ttl_logged(key, "),
+)
+
+edge_op = st.one_of(
+    # time steps in emission intervals; negative: the clock went back (Redis TIME after a
+    # failover to a replica whose clock is behind; the memory store gets the same now)
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.3, 1.0, 2.5, 1e3, -0.5, -3.0])),
+    st.tuples(st.just("advance_burst"), st.sampled_from([0.5, 1.0, -1.0])),
+    st.tuples(
+        st.just("admit"),
+        st.sampled_from([0, 1, 1, 2, -1, -2]),  # cost; -1: the burst, -2: one above it
+        st.integers(0, 1),  # which client
+        st.integers(1, 3),  # how many at this instant
+        st.booleans(),  # in one coalesced batch.lua call
+    ),
+    st.tuples(st.just("refund"), st.integers(0, 20)),
+    st.tuples(st.just("peek"), st.sampled_from([0, 1, 2, -1, -2]), st.integers(0, 1)),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    interval=st.sampled_from([1e-6, 1e-3, 0.01, 0.5, 60.0, 86_400.0]),
+    burst=st.sampled_from([1, 2, 7, 1000]),
+    start=st.sampled_from([T0, 1.8e9, 1_764_900_000.123456]),
+    credit=st.sampled_from([0.0, 0.0, 2.0]),  # retry credit, in bursts' worth of time
+    ops=st.lists(edge_op, min_size=3, max_size=30),
+)
+def test_edge_values_decide_alike(
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    interval: float,
+    burst: int,
+    start: float,
+    credit: float,
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """Rates from 1e6/s to 1/day, bursts of 1 to 1000, costs of 0 and above the burst,
+    the clock near 0 and at today's Unix time (TIME's doubles), the clock going back,
+    keys with braces and non-ASCII: memory and Redis (admit.lua, batch.lua, refund.lua,
+    peek.lua) answer alike, and every key Redis holds lives as long as its state is
+    needed (TAT + refunded seconds, credit's expiry)."""
+    patch_scripts(monkeypatch, LONG_TTL)
+    spec = LimitSpec("e", interval, burst * interval, 1, False, credit * burst * interval)
+    harness.loop.run_until_complete(_run_edges(harness, spec, start, ops))
+
+
+async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[Any]) -> None:
+    """Memory and Redis step by step while the clock runs forward. Once it goes back
+    (Redis's TIME after a failover; the memory store runs on a monotonic clock and
+    forgets a full bucket's key, which only a clock going back could tell from a fresh
+    one) Redis goes on alone, held to the bound: from the start, at most rate x t + burst
+    units net of refunds, t the span of the instants it saw (the clock it decides on)."""
+    client, red = h.client, h.red
+    client.flushdb()
+    red._deferred.clear()
+    red._pending.clear()
+    red.coalescer._batch = redis_module.BATCH
+    memory: MemoryStore | None = MemoryStore(rng=lambda: 0.5)
+    burst = _burst(spec)
+    keys = ("e|c0", "e|{c1}é")
+    now = start
+    client.set(CLOCK_KEY, repr(now))
+    admitted: list[tuple[str, LimitSpec, float, float, bool]] = []
+    net = dict.fromkeys(keys, 0)  # units admitted from the bucket, net of refunds
+    decisions = dict.fromkeys(keys, 0)
+    latest = earliest = now
+
+    def cost_of(code: int) -> int:
+        return burst if code == -1 else burst + 1 if code == -2 else code
+
+    for step in ops:
+        kind = step[0]
+        if kind in ("advance", "advance_burst"):
+            now += step[1] * (spec.interval_s if kind == "advance" else spec.tolerance_s)
+            client.set(CLOCK_KEY, repr(now))
+            if now < latest:
+                memory = None  # Redis alone from here
+        elif kind == "admit":
+            _, code, who, repeat, together = step
+            one = spec._replace(cost=cost_of(code))
+            key = keys[who]
+            if together:
+                reds = await asyncio.gather(
+                    *(red.admit(None, None, [key], [one], now) for _ in range(repeat))
+                )
+            else:
+                reds = [await red.admit(None, None, [key], [one], now) for _ in range(repeat)]
+            for r in reds:
+                rv = _from_redis(r).limits[0]
+                mtat = rv.tat
+                if memory is not None:
+                    m = await memory.admit(None, None, [key], [one], now)
+                    _same_admit(m, r)
+                    mtat = m.limits[0].tat
+                decisions[key] += 1
+                if r.admitted:
+                    admitted.append((key, one, mtat, rv.tat, rv.credit))
+                    net[key] += 0 if rv.credit else one.cost
+        elif kind == "refund" and admitted:
+            key, one, mtat, rtat, credit = admitted.pop(step[1] % len(admitted))
+            if memory is not None:
+                await memory.refund([key], [one], "memory", now, [mtat])
+            await red.refund([key], [one], "redis", now, [rtat])
+            net[key] -= 0 if credit else one.cost
+        elif kind == "peek":
+            one = spec._replace(cost=cost_of(step[1]))
+            key = keys[step[2]]
+            r = _from_redis(await red.peek([key], [one], now))
+            if memory is not None:
+                m = await memory.peek([key], [one], now)
+                assert m.admitted == r.admitted, (m, r)
+                for mv, rv in zip(m.limits, r.limits, strict=True):
+                    assert (mv.allowed, mv.credit, mv.remaining) == (
+                        rv.allowed,
+                        rv.credit,
+                        rv.remaining,
+                    )
+                    assert _close(mv.reset_s, rv.reset_s), (mv, rv)
+                    assert _close(mv.retry_after_s, rv.retry_after_s), (mv, rv)
+        if not red.up:
+            raise RedisUnavailable("redis failed during the test")
+        latest = max(latest, now)
+        earliest = min(earliest, now)
+        logged = client.hgetall(TTL_LOG)
+        client.delete(TTL_LOG)
+        for key in keys:
+            # Each admission stores its TAT rounded to a double of the clock's size: near
+            # today's Unix time (an ulp is 2.4e-7 s) that is a whole unit at 1e6/s, and the
+            # roundings add up (docs/state.md, "Precision"); on a clock near 0, nothing.
+            rounding = decisions[key] * math.ulp(latest) / spec.interval_s + 1.0
+            bound = (latest - earliest) / spec.interval_s + burst + rounding
+            assert net[key] <= bound, (key, net[key], bound)
+            ttl_ms = logged.get(red.key("rl", key).encode())
+            _same_key(memory, red, client, key, now, ttl_ms)
+
+
+def _same_key(
+    memory: MemoryStore | None,
+    red: RedisStore,
+    client: redis_sync.Redis,
+    key: str,
+    now: float,
+    ttl_ms: bytes | None,
+) -> None:
+    """One limit key, held alike: TAT (as a fill level at `now`), refunded seconds and
+    retry credit; and Redis keeps the key as long as any of them is needed."""
+    rkey = red.key("rl", key)
+    raw = client.get(rkey)
+    if raw is None:
+        theirs = (None, 0.0, (0.0, 0.0))
+    else:
+        f = [float(x) for x in raw.split()]
+        credit = (f[2], f[3]) if len(f) > 2 and f[3] > now else (0.0, 0.0)
+        theirs = (f[0], f[1] if len(f) > 1 else 0.0, credit)
+        need = max(f[0] + (f[1] if len(f) > 1 else 0.0), f[3] if len(f) > 2 else -math.inf)
+        if ttl_ms is not None:  # written in this step, at `now`: what production set
+            assert int(ttl_ms) >= (need - now) * 1000.0 - 1e-6, (key, raw, ttl_ms, need - now)
+            assert int(ttl_ms) <= max(1.0, (need - now) * 1000.0 + 1.0), (key, raw, ttl_ms)
+    if memory is None:
+        return
+    table = memory.limits
+    mine_tat = table.tats.get(key)
+    mine_refunded = table.refunded.get(key, 0.0) if mine_tat is not None else 0.0
+    mine_credit = table.credits.get(key, (0.0, 0.0))
+    if mine_credit[1] <= now:
+        mine_credit = (0.0, 0.0)
+
+    # a key's fill level at `now` (a TAT at or before now is a full bucket)
+    def level(tat: float | None) -> float:
+        return 0.0 if tat is None else max(0.0, tat - now)
+
+    assert _close(level(mine_tat), level(theirs[0])), (key, mine_tat, theirs, now)
+    # (Redis may keep a key's refunded seconds past TAT + R until the key expires, on its
+    # own milliseconds; the memory store forgets them then. Harmless: a refund reads
+    # marker - R, and both grew by the same R.)
+    if mine_refunded > 0.0:
+        assert _close(mine_refunded, theirs[1]), (key, mine_refunded, theirs)
+    assert _close(mine_credit[0], theirs[2][0]), (key, mine_credit, theirs)
