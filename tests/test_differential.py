@@ -1051,6 +1051,94 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
         client.close()
 
 
+# Two instances on one Redis, requests arriving in batches (one event-loop tick each:
+# they share one lease call, and those a shared lease left short are decided exactly,
+# on the bucket alone), of several costs, with refunds and syncs in between.
+fleet_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.3, 1.0])),
+    st.tuples(
+        st.just("batch"),
+        st.integers(0, 1),  # which instance
+        st.integers(0, 1),  # which client
+        st.lists(st.integers(1, 8), min_size=1, max_size=12),  # the costs, arriving at once
+    ),
+    st.tuples(st.just("refund"), st.integers(0, 40)),
+    st.tuples(st.just("sync"), st.integers(0, 1)),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(fleet_op, min_size=5, max_size=30))
+def test_tiered_fleet_with_batched_arrivals_stays_within_its_bound(
+    redis_url: str,
+    redis_clock: RedisClock,
+    monkeypatch: pytest.MonkeyPatch,
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """From a fresh bucket, two tiered instances together admit at most rate x t + burst
+    units (net of refunds) per key, whatever batches arrive where: a request a shared
+    lease left short goes to Redis on the bucket alone, which under-admits (the units its
+    slice holds wait for the next request) and never over-admits (a slice's units were
+    taken from the bucket when leased)."""
+    patch_scripts(monkeypatch, LONG_TTL)  # keys expire by the pinned clock's need only
+    asyncio.run(_run_tiered_fleet(redis_url, ops))
+
+
+async def _run_tiered_fleet(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
+    client = redis_sync.Redis.from_url(url, socket_timeout=2.0)
+    client.flushdb()
+    clock = FakeClock(start=T0)
+    client.set(CLOCK_KEY, repr(T0))
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    stores = [TieredStore(config=config, rng=lambda: 0.5, clock=clock) for _ in range(2)]
+    for store in stores:
+        store._last_sync = math.inf  # syncs only when the sequence says so
+    net: dict[str, int] = {}
+    admitted: list[tuple[int, str, str, float, LimitSpec]] = []
+    rate = Fraction(1) / Fraction(TIERED_LIMIT.interval_s)
+    burst = Fraction(TIERED_LIMIT.tolerance_s) / Fraction(TIERED_LIMIT.interval_s)
+    try:
+        for step in ops:
+            now = clock.monotonic()
+            if step[0] == "advance":
+                clock.advance(step[1])
+                client.set(CLOCK_KEY, repr(clock.monotonic()))
+            elif step[0] == "batch":
+                _, which, who, costs = step
+                key = f"t|c{who}"
+                specs = [TIERED_LIMIT._replace(cost=cost) for cost in costs]
+                store = stores[which]
+                results = await asyncio.gather(
+                    *(store.admit(None, None, [key], [spec], now) for spec in specs)
+                )
+                for spec, result in zip(specs, results, strict=True):
+                    if result.admitted:
+                        net[key] = net.get(key, 0) + spec.cost
+                        tat = result.limits[0].tat
+                        admitted.append((which, key, result.source, tat, spec))
+            elif step[0] == "refund" and admitted:
+                which, key, source, tat, spec = admitted.pop(step[1] % len(admitted))
+                store = stores[which]
+                back_to_slice = source == "redis" and tat == 0.0 and key in store.slices
+                await store.refund([key], [spec], source, now, [tat])
+                # a slice verdict (also one that waited for its lease) goes back to the slice
+                if source == "cache" or tat > 0.0 or back_to_slice:
+                    net[key] -= spec.cost
+            elif step[0] == "sync":
+                await stores[step[1]]._sync_all(now)
+            elapsed = Fraction(clock.monotonic() - T0)
+            for key, units in net.items():
+                assert units <= rate * elapsed + burst + TOKEN_TOL, (key, units, float(elapsed))
+    finally:
+        for store in stores:
+            await store.aclose()
+        client.close()
+
+
 def test_a_unit_leased_ahead_conforms_one_interval_after_the_bucket_base(
     redis_url: str, redis_clock: RedisClock
 ) -> None:
