@@ -27,7 +27,10 @@ from typing import Final, NamedTuple
 # so no whole unit can come of it. A burst decided at one instant of more than
 # about interval / 2.4e-7 s units (some 4,000 at 1000/s, 40 at 100,000/s) may
 # be off by one unit either way: its float error passes half an interval, and
-# Unix time in a double cannot tell its units apart.
+# Unix time in a double cannot tell its units apart. The slack does not cover
+# the rounding of the stored TAT itself, half an ulp of now per admission,
+# which adds up at rates of a few ulps per interval: +4.9 % at 1e6/s on Unix
+# time (docs/state.md, "Precision"); nothing measurable on a clock near 0.
 _SLACK: Final = 1e-6
 _HALF_ULP: Final = 2.0**-53  # relative
 
