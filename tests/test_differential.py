@@ -1379,7 +1379,7 @@ edge_op = st.one_of(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    interval=st.sampled_from([1e-6, 1e-3, 0.01, 0.5, 60.0, 86_400.0]),
+    interval=st.sampled_from([1e-7, 1e-6, 1e-3, 0.01, 0.5, 60.0, 86_400.0]),
     burst=st.sampled_from([1, 2, 7, 1000]),
     start=st.sampled_from([T0, 1.8e9, 1_764_900_000.123456]),
     credit=st.sampled_from([0.0, 0.0, 2.0]),  # retry credit, in bursts' worth of time
@@ -1394,7 +1394,7 @@ def test_edge_values_decide_alike(
     credit: float,
     ops: list[tuple[Any, ...]],
 ) -> None:
-    """Rates from 1e6/s to 1/day, bursts of 1 to 1000, costs of 0 and above the burst,
+    """Rates from 1e7/s to 1/day, bursts of 1 to 1000, costs of 0 and above the burst,
     the clock near 0 and at today's Unix time (TIME's doubles), the clock going back,
     keys with braces and non-ASCII: memory and Redis (admit.lua, batch.lua, refund.lua,
     peek.lua) answer alike, and every key Redis holds lives as long as its state is

@@ -73,6 +73,11 @@ def gcra(
     """
     base = tat if tat > now else now
     new_tat = base + cost * interval_s
+    if new_tat <= base and cost > 0:
+        # The charge is under half an ulp of the clock (an interval under 1.2e-7 s on
+        # today's Unix time: past 8.4e6/s) and the sum rounded back to `base`: nothing
+        # would ever be charged. One ulp instead (lib.lua's `gcra` does the same).
+        new_tat = math.nextafter(base, math.inf)
     allow_at = new_tat - tolerance_s
     # slack_s, inline: this runs for every limit of every request
     slack = _SLACK * interval_s + (now if now >= 0.0 else -now) * _HALF_ULP * (

@@ -164,7 +164,7 @@ for j = 0, nl - 1 do
       end
       if take >= min_take then
         granted = take
-        tat = base + take * interval
+        tat = charged(base, take * interval)
         changed = true
       else
         retry = base + min_take * interval - tol - ahead - now
