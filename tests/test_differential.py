@@ -1252,7 +1252,7 @@ tiered_breaker_op = st.one_of(
 
 
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -1261,6 +1261,8 @@ tiered_breaker_op = st.one_of(
     ops=st.lists(tiered_breaker_op, min_size=3, max_size=30),
 )
 @example(index=0, ops=[("calls", [(True, False), (True, False), *[(False, False)] * 3]), ("sync",)])
+# min_calls 3, ratio 0.6: F, F, then a run of successes whose first reaches min_calls (2 of 3)
+@example(index=1, ops=[("calls", [(True, False), (True, False), *[(False, False)] * 4]), ("sync",)])
 def test_tiered_breaker_outcomes_open_it_as_the_model_does(
     redis_url: str, redis_clock: RedisClock, index: int, ops: list[tuple[Any, ...]]
 ) -> None:
