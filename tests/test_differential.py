@@ -306,6 +306,12 @@ class Sequence_:
     inflight: list[tuple[str, Gate, Gate]] = field(default_factory=list)
     charged: list[Charged] = field(default_factory=list)
     retries: list[float] = field(default_factory=list)  # when each retry was counted
+    # top-level requests counted by `budget_request`: Redis sends them with the next
+    # outbound call, so the memory store counts them then (the same instant)
+    requests: int = 0
+    # the Redis gates taken over the blocking client (FidelitySyncTransport's path):
+    # their outcomes go back the same way (`record_sync`)
+    sync_gates: set[int] = field(default_factory=set)
 
     def ledger(self, key: str) -> RefLedger:
         ledger = self.ledgers.get(key)
@@ -445,7 +451,11 @@ async def _run(
             key, mg, rg = seq.inflight.pop(index % len(seq.inflight))
             slow = slow and breaker.slow_call_ratio is not None
             await memory.record(key, breaker, mg, outcome, slow, now)
-            await red.record(key, breaker, rg, outcome, slow, now)
+            if id(rg) in seq.sync_gates:
+                seq.sync_gates.discard(id(rg))
+                red.record_sync(key, breaker, rg, outcome, slow, now)
+            else:
+                await red.record(key, breaker, rg, outcome, slow, now)
             await red._flush_deferred_now()
         if kind == "refund" and seq.charged:
             entry = seq.charged.pop(step[1] % len(seq.charged))
@@ -456,12 +466,33 @@ async def _run(
             for key, spec in zip(entry.keys, entry.specs, strict=True):
                 seq.credit(key).earn(now, Fraction(spec.cost * spec.interval_s))
             seq.refunded_keys.update(entry.keys)
-        elif kind == "outbound":
-            retry = step[1]
-            mg, ma, _, _ = await memory.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
-            rg, ra, source, _ = await red.outbound_gate(HOST, breaker, BUDGET, RETRY, retry, now)
+        elif kind in ("outbound", "outbound_sync", "host_gate", "try_retry"):
+            # every outbound call takes the budget requests counted so far along
+            for _ in range(seq.requests):
+                await memory.budget_request(BUDGET, RETRY, now)
+            seq.requests = 0
+            retry = step[1] if kind in ("outbound", "outbound_sync") else kind == "try_retry"
+            blocking = kind == "outbound_sync" or (kind != "outbound" and step[1])
+            bkey, bcfg = (None, None) if kind == "try_retry" else (HOST, breaker)
+            ukey, ucfg = (None, None) if kind == "host_gate" else (BUDGET, RETRY)
+            if blocking:  # FidelitySyncTransport's path: one call over the blocking client
+                mg, ma, _, _ = await memory.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
+                rg, ra, source, _ = red.outbound_gate_sync(bkey, bcfg, ukey, ucfg, retry, now)
+            elif kind == "host_gate":  # the host breaker alone
+                mg, _, _ = await memory.breaker_gate(HOST, breaker, now)
+                rg, source, _ = await red.breaker_gate(HOST, breaker, now)
+                ma = ra = True
+            elif kind == "try_retry":  # the budget alone
+                ma, _, _ = await memory.budget_try_retry(BUDGET, RETRY, now)
+                ra, source, _ = await red.budget_try_retry(BUDGET, RETRY, now)
+                mg = rg = None
+            else:
+                mg, ma, _, _ = await memory.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
+                rg, ra, source, _ = await red.outbound_gate(bkey, bcfg, ukey, ucfg, retry, now)
             if source != "redis":
                 raise RedisUnavailable(source)
+            if blocking and rg is not None:
+                seq.sync_gates.add(id(rg))
             assert ma == ra, ("budget", retry, ma, ra)
             _same_gate(mg, rg, "outbound gate")
             if mg is not None and rg is not None and mg.verdict != "reject":
@@ -474,7 +505,13 @@ async def _run(
             # odd: the store's time of the spend (`GateAnswer.spent_at`) names the bucket
             said = spent if step[1] % 2 else None
             await memory.budget_refund(BUDGET, RETRY, "memory", now - spent, now, said)
-            await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now, said)
+            if len(step) > 2 and step[2]:  # over the blocking client
+                red.budget_refund_sync(BUDGET, RETRY, "redis", now - spent, now, said)
+            else:
+                await red.budget_refund(BUDGET, RETRY, "redis", now - spent, now, said)
+        elif kind == "request":
+            seq.requests += 1
+            await red.budget_request(BUDGET, RETRY, now)
             _same_budget(memory, red, client, now)
         if not red.up:
             raise RedisUnavailable("redis failed during the test")
@@ -621,6 +658,46 @@ budget_op = st.one_of(
 )
 def test_budget_refunds_decide_alike(harness: Harness, ops: list[tuple[Any, ...]]) -> None:
     harness.run((0, 0.5, ops))
+
+
+# Every outbound operation a store offers, each way it is called: the fused gate (async and
+# over the blocking client), the host breaker's gate alone, the budget alone (a retry),
+# top-level requests counted without a call (they ride on the next one), outcomes recorded
+# either way, retries given back either way.
+outbound_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.05, 0.1, 0.25, 0.5, 0.75, 1.5])),
+    st.tuples(st.just("outbound"), st.booleans()),
+    st.tuples(st.just("outbound_sync"), st.booleans()),
+    st.tuples(st.just("host_gate"), st.booleans()),  # True: over the blocking client
+    st.tuples(st.just("try_retry"), st.booleans()),
+    st.tuples(st.just("request")),
+    st.tuples(st.just("budget_refund"), st.integers(0, 20), st.booleans()),
+    st.tuples(
+        st.just("record"),
+        st.integers(0, 20),
+        st.sampled_from([SUCCESS, FAILURE, FAILURE, IGNORED]),
+        st.booleans(),
+    ),
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    index=st.sampled_from(range(len(BREAKERS))),
+    u=st.sampled_from([0.5, 0.1, 0.93]),
+    ops=st.lists(outbound_op, min_size=5, max_size=40),
+)
+def test_every_outbound_operation_decides_alike(
+    harness: Harness, index: int, u: float, ops: list[tuple[Any, ...]]
+) -> None:
+    """budget_request, budget_try_retry, breaker_gate and the blocking client's
+    outbound_gate_sync / record_sync / budget_refund_sync, beside outbound_gate: the memory
+    store and Redis answer alike and hold the same host breaker and budget window."""
+    harness.run((index, u, ops))
 
 
 @settings(
@@ -974,6 +1051,94 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
         client.close()
 
 
+# Two instances on one Redis, requests arriving in batches (one event-loop tick each:
+# they share one lease call, and those a shared lease left short are decided exactly,
+# on the bucket alone), of several costs, with refunds and syncs in between.
+fleet_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.3, 1.0])),
+    st.tuples(
+        st.just("batch"),
+        st.integers(0, 1),  # which instance
+        st.integers(0, 1),  # which client
+        st.lists(st.integers(0, 10), min_size=1, max_size=12),  # costs (burst 8), at once
+    ),
+    st.tuples(st.just("refund"), st.integers(0, 40)),
+    st.tuples(st.just("sync"), st.integers(0, 1)),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(fleet_op, min_size=5, max_size=30))
+def test_tiered_fleet_with_batched_arrivals_stays_within_its_bound(
+    redis_url: str,
+    redis_clock: RedisClock,
+    monkeypatch: pytest.MonkeyPatch,
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """From a fresh bucket, two tiered instances together admit at most rate x t + burst
+    units (net of refunds) per key, whatever batches arrive where: a request a shared
+    lease left short goes to Redis on the bucket alone, which under-admits (the units its
+    slice holds wait for the next request) and never over-admits (a slice's units were
+    taken from the bucket when leased)."""
+    patch_scripts(monkeypatch, LONG_TTL)  # keys expire by the pinned clock's need only
+    asyncio.run(_run_tiered_fleet(redis_url, ops))
+
+
+async def _run_tiered_fleet(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
+    client = redis_sync.Redis.from_url(url, socket_timeout=2.0)
+    client.flushdb()
+    clock = FakeClock(start=T0)
+    client.set(CLOCK_KEY, repr(T0))
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    stores = [TieredStore(config=config, rng=lambda: 0.5, clock=clock) for _ in range(2)]
+    for store in stores:
+        store._last_sync = math.inf  # syncs only when the sequence says so
+    net: dict[str, int] = {}
+    admitted: list[tuple[int, str, str, float, LimitSpec]] = []
+    rate = Fraction(1) / Fraction(TIERED_LIMIT.interval_s)
+    burst = Fraction(TIERED_LIMIT.tolerance_s) / Fraction(TIERED_LIMIT.interval_s)
+    try:
+        for step in ops:
+            now = clock.monotonic()
+            if step[0] == "advance":
+                clock.advance(step[1])
+                client.set(CLOCK_KEY, repr(clock.monotonic()))
+            elif step[0] == "batch":
+                _, which, who, costs = step
+                key = f"t|c{who}"
+                specs = [TIERED_LIMIT._replace(cost=cost) for cost in costs]
+                store = stores[which]
+                results = await asyncio.gather(
+                    *(store.admit(None, None, [key], [spec], now) for spec in specs)
+                )
+                for spec, result in zip(specs, results, strict=True):
+                    if result.admitted:
+                        net[key] = net.get(key, 0) + spec.cost
+                        tat = result.limits[0].tat
+                        admitted.append((which, key, result.source, tat, spec))
+            elif step[0] == "refund" and admitted:
+                which, key, source, tat, spec = admitted.pop(step[1] % len(admitted))
+                store = stores[which]
+                back_to_slice = source == "redis" and tat == 0.0 and key in store.slices
+                await store.refund([key], [spec], source, now, [tat])
+                # a slice verdict (also one that waited for its lease) goes back to the slice
+                if source == "cache" or tat > 0.0 or back_to_slice:
+                    net[key] -= spec.cost
+            elif step[0] == "sync":
+                await stores[step[1]]._sync_all(now)
+            elapsed = Fraction(clock.monotonic() - T0)
+            for key, units in net.items():
+                assert units <= rate * elapsed + burst + TOKEN_TOL, (key, units, float(elapsed))
+    finally:
+        for store in stores:
+            await store.aclose()
+        client.close()
+
+
 def test_a_unit_leased_ahead_conforms_one_interval_after_the_bucket_base(
     redis_url: str, redis_clock: RedisClock
 ) -> None:
@@ -1066,3 +1231,310 @@ def test_a_refund_after_another_refund(harness: Harness) -> None:
         ("admit", True, 2, 0, 2, False),
     ]
     harness.run((0, 0.5, ops))
+
+
+# ---------------------------------------------------------------- tiered breakers, replayed
+
+
+tiered_breaker_op = st.one_of(
+    st.tuples(st.just("advance"), st.sampled_from([0.01, 0.05, 0.1, 0.3, 0.7])),
+    # calls admitted on the cached breaker and ended: (failed, slow) each, in order
+    st.tuples(
+        st.just("calls"),
+        st.lists(
+            st.tuples(st.sampled_from([False, False, True]), st.sampled_from([False, True])),
+            min_size=1,
+            max_size=12,
+        ),
+    ),
+    st.tuples(st.just("sync")),
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    index=st.sampled_from(range(len(BREAKERS))),
+    ops=st.lists(tiered_breaker_op, min_size=3, max_size=30),
+)
+@example(index=0, ops=[("calls", [(True, False), (True, False), *[(False, False)] * 3]), ("sync",)])
+# min_calls 3, ratio 0.6: F, F, then a run of successes whose first reaches min_calls (2 of 3)
+@example(index=1, ops=[("calls", [(True, False), (True, False), *[(False, False)] * 4]), ("sync",)])
+def test_tiered_breaker_outcomes_open_it_as_the_model_does(
+    redis_url: str, redis_clock: RedisClock, index: int, ops: list[tuple[Any, ...]]
+) -> None:
+    """A tiered instance counts a closed breaker's outcomes locally and sends them with
+    its next sync: sync.lua replays them in order, so the breaker in Redis ends as the
+    model's does when the same outcomes are recorded one by one at the sync's instant
+    (state, epoch, open-until, and the window while closed). Until it opens: from
+    there half-open probes are exact (RedisStore.admit, held to the model above)."""
+    asyncio.run(_run_tiered_breaker(redis_url, BREAKERS[index], ops))
+
+
+async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[Any]) -> None:
+    client = redis_sync.Redis.from_url(url, socket_timeout=2.0)
+    client.flushdb()
+    clock = FakeClock(start=T0)
+    client.set(CLOCK_KEY, repr(T0))
+    # a copy that stays fresh between the syncs the sequence makes
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=60_000)
+    store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
+    store._last_sync = math.inf
+    memory = MemoryStore(rng=lambda: 0.5)
+    pending: list[tuple[Gate, str, bool]] = []  # the memory store's, recorded at the sync
+    counted_at = -math.inf
+    try:
+        for step in ops:
+            now = clock.monotonic()
+            if step[0] == "advance":
+                clock.advance(step[1])
+                client.set(CLOCK_KEY, repr(clock.monotonic()))
+            elif step[0] == "calls":
+                for failed, slow in step[1]:
+                    result = await store.admit(ROUTE, breaker, (), (), now)
+                    assert result.gate is not None
+                    assert result.gate.verdict == "allow", result
+                    mine = await memory.admit(ROUTE, breaker, (), (), now)
+                    assert mine.gate is not None
+                    assert mine.gate.verdict == "allow"
+                    outcome = FAILURE if failed else SUCCESS
+                    await store.record(ROUTE, breaker, result.gate, outcome, slow, now)
+                    pending.append((mine.gate, outcome, slow))
+                    counted_at = now
+            elif step[0] == "sync":
+                if pending and now - counted_at > breaker.window_s:
+                    pending.clear()  # dropped by both: too old to count as new
+                for gate, outcome, slow in pending:
+                    await memory.record(ROUTE, breaker, gate, outcome, slow, now)
+                pending.clear()
+                await store._sync_all(now)
+                state = memory.breakers.get(ROUTE, None)
+                hkey, _ = store.exact.breaker_keys(ROUTE)
+                st_, ep, ou, w, be = client.hmget(hkey, "st", "ep", "ou", "w", "be")
+                theirs = ((st_ or b"closed").decode(), int(ep or 0))
+                mine_state = (state.state, state.epoch) if state else ("closed", 0)
+                assert theirs == mine_state, (theirs, mine_state)
+                if state is None:
+                    continue
+                if state.state != "closed":
+                    assert _close(float(ou), state.open_until), (ou, state.open_until)
+                    cached = store.breakers[ROUTE]
+                    assert (cached.state, cached.epoch) == mine_state
+                    return  # from here on, probes are decided exactly
+                # Redis's window as the model reads it at `now` (turned only when counted)
+                ring = breaker_module.BreakerState(breaker)
+                counts = [int(n) for n in w.split(b",")] if w else [0] * 30
+                ring.buckets = [counts[j : j + 3] for j in range(0, 30, 3)]
+                ring._totals = [sum(counts[0::3]), sum(counts[1::3]), sum(counts[2::3])]
+                ring._bucket_end = float(be or 0.0)
+                assert ring.totals(now) == state.totals(now), (ring.totals(now), state.totals(now))
+    finally:
+        await store.aclose()
+        client.close()
+
+
+# ---------------------------------------------------------------- edge values
+
+
+# Keys live one hour longer in this test (the copy of the scripts only): they expire on
+# Redis's own milliseconds, and a pinned clock that stands still or runs backwards would
+# see a bucket's key gone that its own time still needs. Each limit key's write logs the
+# TTL production would have set (`fidelity-test:ttl`), which the test holds to the
+# key's need: the TAT, plus the refunded seconds, or the credit's expiry if later.
+TTL_LOG = "fidelity-test:ttl"
+LONG_TTL = (
+    (
+        "local function store_tat(",
+        "local function ttl_logged(key, seconds)\n"
+        "  local ms = ttl_ms(seconds)\n"
+        f"  redis.call('HSET', '{TTL_LOG}', key, ms)\n"
+        "  return ms + 3600000\n"
+        "end\n\n"
+        "local function store_tat(",
+    ),
+    ("'PX', ttl_ms(", "'PX', ttl_logged(key, "),
+)
+
+edge_op = st.one_of(
+    # time steps in emission intervals; negative: the clock went back (Redis TIME after a
+    # failover to a replica whose clock is behind; the memory store gets the same now)
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.3, 1.0, 2.5, 1e3, -0.5, -3.0])),
+    st.tuples(st.just("advance_burst"), st.sampled_from([0.5, 1.0, -1.0])),
+    st.tuples(
+        st.just("admit"),
+        st.sampled_from([0, 1, 1, 2, -1, -2]),  # cost; -1: the burst, -2: one above it
+        st.integers(0, 1),  # which client
+        st.integers(1, 3),  # how many at this instant
+        st.booleans(),  # in one coalesced batch.lua call
+    ),
+    st.tuples(st.just("refund"), st.integers(0, 20)),
+    st.tuples(st.just("peek"), st.sampled_from([0, 1, 2, -1, -2]), st.integers(0, 1)),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    interval=st.sampled_from([1e-7, 1e-6, 1e-3, 0.01, 0.5, 60.0, 86_400.0]),
+    burst=st.sampled_from([1, 2, 7, 1000]),
+    start=st.sampled_from([T0, 1.8e9, 1_764_900_000.123456]),
+    credit=st.sampled_from([0.0, 0.0, 2.0]),  # retry credit, in bursts' worth of time
+    ops=st.lists(edge_op, min_size=3, max_size=30),
+)
+def test_edge_values_decide_alike(
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    interval: float,
+    burst: int,
+    start: float,
+    credit: float,
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """Rates from 1e7/s to 1/day, bursts of 1 to 1000, costs of 0 and above the burst,
+    the clock near 0 and at today's Unix time (TIME's doubles), the clock going back,
+    keys with braces and non-ASCII: memory and Redis (admit.lua, batch.lua, refund.lua,
+    peek.lua) answer alike, and every key Redis holds lives as long as its state is
+    needed (TAT + refunded seconds, credit's expiry)."""
+    patch_scripts(monkeypatch, LONG_TTL)
+    spec = LimitSpec("e", interval, burst * interval, 1, False, credit * burst * interval)
+    harness.loop.run_until_complete(_run_edges(harness, spec, start, ops))
+
+
+async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[Any]) -> None:
+    """Memory and Redis step by step while the clock runs forward. Once it goes back
+    (Redis's TIME after a failover; the memory store runs on a monotonic clock and
+    forgets a full bucket's key, which only a clock going back could tell from a fresh
+    one) Redis goes on alone, held to the bound: from the start, at most rate x t + burst
+    units net of refunds, t the span of the instants it saw (the clock it decides on)."""
+    client, red = h.client, h.red
+    client.flushdb()
+    red._deferred.clear()
+    red._pending.clear()
+    red.coalescer._batch = redis_module.BATCH
+    memory: MemoryStore | None = MemoryStore(rng=lambda: 0.5)
+    burst = _burst(spec)
+    keys = ("e|c0", "e|{c1}é")
+    now = start
+    client.set(CLOCK_KEY, repr(now))
+    admitted: list[tuple[str, LimitSpec, float, float, bool]] = []
+    net = dict.fromkeys(keys, 0)  # units admitted from the bucket, net of refunds
+    decisions = dict.fromkeys(keys, 0)
+    latest = earliest = now
+
+    def cost_of(code: int) -> int:
+        return burst if code == -1 else burst + 1 if code == -2 else code
+
+    for step in ops:
+        kind = step[0]
+        if kind in ("advance", "advance_burst"):
+            now += step[1] * (spec.interval_s if kind == "advance" else spec.tolerance_s)
+            client.set(CLOCK_KEY, repr(now))
+            if now < latest:
+                memory = None  # Redis alone from here
+        elif kind == "admit":
+            _, code, who, repeat, together = step
+            one = spec._replace(cost=cost_of(code))
+            key = keys[who]
+            if together:
+                reds = await asyncio.gather(
+                    *(red.admit(None, None, [key], [one], now) for _ in range(repeat))
+                )
+            else:
+                reds = [await red.admit(None, None, [key], [one], now) for _ in range(repeat)]
+            for r in reds:
+                rv = _from_redis(r).limits[0]
+                mtat = rv.tat
+                if memory is not None:
+                    m = await memory.admit(None, None, [key], [one], now)
+                    _same_admit(m, r)
+                    mtat = m.limits[0].tat
+                decisions[key] += 1
+                if r.admitted:
+                    admitted.append((key, one, mtat, rv.tat, rv.credit))
+                    net[key] += 0 if rv.credit else one.cost
+        elif kind == "refund" and admitted:
+            key, one, mtat, rtat, credit = admitted.pop(step[1] % len(admitted))
+            if memory is not None:
+                await memory.refund([key], [one], "memory", now, [mtat])
+            await red.refund([key], [one], "redis", now, [rtat])
+            net[key] -= 0 if credit else one.cost
+        elif kind == "peek":
+            one = spec._replace(cost=cost_of(step[1]))
+            key = keys[step[2]]
+            r = _from_redis(await red.peek([key], [one], now))
+            if memory is not None:
+                m = await memory.peek([key], [one], now)
+                assert m.admitted == r.admitted, (m, r)
+                for mv, rv in zip(m.limits, r.limits, strict=True):
+                    assert (mv.allowed, mv.credit, mv.remaining) == (
+                        rv.allowed,
+                        rv.credit,
+                        rv.remaining,
+                    )
+                    assert _close(mv.reset_s, rv.reset_s), (mv, rv)
+                    assert _close(mv.retry_after_s, rv.retry_after_s), (mv, rv)
+        if not red.up:
+            raise RedisUnavailable("redis failed during the test")
+        latest = max(latest, now)
+        earliest = min(earliest, now)
+        logged = client.hgetall(TTL_LOG)
+        client.delete(TTL_LOG)
+        for key in keys:
+            # Each admission stores its TAT rounded to a double of the clock's size: near
+            # today's Unix time (an ulp is 2.4e-7 s) that is a whole unit at 1e6/s, and the
+            # roundings add up (docs/state.md, "Precision"); on a clock near 0, nothing.
+            rounding = decisions[key] * math.ulp(latest) / spec.interval_s + 1.0
+            bound = (latest - earliest) / spec.interval_s + burst + rounding
+            assert net[key] <= bound, (key, net[key], bound)
+            ttl_ms = logged.get(red.key("rl", key).encode())
+            _same_key(memory, red, client, key, now, ttl_ms)
+
+
+def _same_key(
+    memory: MemoryStore | None,
+    red: RedisStore,
+    client: redis_sync.Redis,
+    key: str,
+    now: float,
+    ttl_ms: bytes | None,
+) -> None:
+    """One limit key, held alike: TAT (as a fill level at `now`), refunded seconds and
+    retry credit; and Redis keeps the key as long as any of them is needed."""
+    rkey = red.key("rl", key)
+    raw = client.get(rkey)
+    if raw is None:
+        theirs = (None, 0.0, (0.0, 0.0))
+    else:
+        f = [float(x) for x in raw.split()]
+        credit = (f[2], f[3]) if len(f) > 2 and f[3] > now else (0.0, 0.0)
+        theirs = (f[0], f[1] if len(f) > 1 else 0.0, credit)
+        need = max(f[0] + (f[1] if len(f) > 1 else 0.0), f[3] if len(f) > 2 else -math.inf)
+        if ttl_ms is not None:  # written in this step, at `now`: what production set
+            assert int(ttl_ms) >= (need - now) * 1000.0 - 1e-6, (key, raw, ttl_ms, need - now)
+            assert int(ttl_ms) <= max(1.0, (need - now) * 1000.0 + 1.0), (key, raw, ttl_ms)
+    if memory is None:
+        return
+    table = memory.limits
+    mine_tat = table.tats.get(key)
+    mine_refunded = table.refunded.get(key, 0.0) if mine_tat is not None else 0.0
+    mine_credit = table.credits.get(key, (0.0, 0.0))
+    if mine_credit[1] <= now:
+        mine_credit = (0.0, 0.0)
+
+    # a key's fill level at `now` (a TAT at or before now is a full bucket)
+    def level(tat: float | None) -> float:
+        return 0.0 if tat is None else max(0.0, tat - now)
+
+    assert _close(level(mine_tat), level(theirs[0])), (key, mine_tat, theirs, now)
+    # (Redis may keep a key's refunded seconds past TAT + R until the key expires, on its
+    # own milliseconds; the memory store forgets them then. Harmless: a refund reads
+    # marker - R, and both grew by the same R.)
+    if mine_refunded > 0.0:
+        assert _close(mine_refunded, theirs[1]), (key, mine_refunded, theirs)
+    assert _close(mine_credit[0], theirs[2][0]), (key, mine_credit, theirs)

@@ -309,6 +309,41 @@ def test_fleet_lua_mirrors_the_table(redis_url: str, redis_clock: RedisClock) ->
 
 
 @pytest.mark.redis
+def test_fleet_lua_mirrors_the_table_when_the_clock_goes_back(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """As above, with Redis's TIME going back now and then (a failover to a replica whose
+    clock is behind): fleet.lua and FleetTable still answer alike (a member seen "later"
+    than now stays live; a rate over a negative interval is taken over the minimum)."""
+    script = clocked(FLEET)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    keys = ("{b}:fleet", "{b}:fleet:load")
+    rng = random.Random(2727)
+    try:
+        for run in range(6):
+            client.delete(*keys)
+            table = FleetTable()
+            now = 1_000.0 + 1_000.0 * run
+            for _ in range(120):
+                now += rng.choice([0.0, 0.05, 0.3, 1.0, 2.5, 6.0, -0.2, -1.5, -7.0])
+                redis_clock.set(now)
+                member = rng.choice("abcde")
+                count = rng.choice([-1, 0, 1, 3, 40]) if run % 2 else rng.randint(0, 50)
+                size, fraction = table.announce(member, count, now, MEMBER_TTL_S)
+                reply = client.eval(script.source, 2, *keys, member, MEMBER_TTL_S, count)
+                assert int(reply[0]) == size
+                if fraction is None:
+                    assert float(reply[1]) == -1.0
+                else:
+                    assert float(reply[1]) == pytest.approx(fraction, rel=1e-12)
+                live = {m.decode() for m in client.zrange(keys[0], 0, -1)}
+                assert live == set(table.members)
+                assert {k.decode() for k in client.hkeys(keys[1])} == set(table.loads)
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
 def test_fleet_lua_keeps_no_load_for_a_large_fleet(redis_url: str, redis_clock: RedisClock) -> None:
     """Above LOAD_MAX_MEMBERS live members the table would cost each announcement a
     read of every entry: the script and the model keep no load, the share is even."""

@@ -193,14 +193,13 @@ class CachedBreaker:
         "counted_at",
         "epoch",
         "failures",
-        "had_success",
-        "lead",
-        "maxrun",
         "open_until",
+        "run_kind",
+        "run_n",
+        "runs",
         "slow",
         "state",
         "synced_at",
-        "trail",
         "used_at",
     )
 
@@ -225,23 +224,35 @@ class CachedBreaker:
 
     def reset_counts(self) -> None:
         self.calls = self.failures = self.slow = 0
-        self.lead = self.maxrun = self.trail = 0
-        self.had_success = False
+        # The outcomes in order, as runs of one kind ("f" failure, "s" success; upper
+        # case: slow): sync.lua replays them as the model records them one by one (the
+        # ratios are checked after every outcome, so F,F,S,S,S opens at the second F
+        # where the sum, 2 of 5, would not). Finished runs, then the open one.
+        self.runs: list[str] = []
+        self.run_kind = ""
+        self.run_n = 0
 
     def count(self, outcome: str, slow: bool) -> None:
         self.calls += 1
-        if slow:
-            self.slow += 1
         if outcome == FAILURE:
             self.failures += 1
-            self.trail += 1
-            if not self.had_success:
-                self.lead += 1
+            kind = "F" if slow else "f"
         else:
-            if self.had_success and self.trail > self.maxrun:
-                self.maxrun = self.trail
-            self.trail = 0
-            self.had_success = True
+            kind = "S" if slow else "s"
+        if slow:
+            self.slow += 1
+        if kind == self.run_kind:
+            self.run_n += 1
+        else:
+            if self.run_n:
+                self.runs.append(f"{self.run_kind}{self.run_n}")
+            self.run_kind = kind
+            self.run_n = 1
+
+    def outcomes(self) -> str:
+        """The outcomes not yet sent, as sync.lua reads them: runs like "s40f2s7"."""
+        last = f"{self.run_kind}{self.run_n}" if self.run_n else ""
+        return "".join(self.runs) + last if self.runs else last
 
 
 class _LeaseBatch:
@@ -940,18 +951,7 @@ class TieredStore(StateStore):
             keys.append(exact.key("br", bkey))
             keys.append(exact.key("bp", bkey))
             args.extend(exact.breaker_config_args(cb.config))
-            args.extend(
-                (
-                    cb.epoch,
-                    cb.calls,
-                    cb.failures,
-                    cb.slow,
-                    cb.lead,
-                    cb.maxrun,
-                    cb.trail,
-                    1 if cb.had_success else 0,
-                )
-            )
+            args.extend((cb.epoch, cb.outcomes()))
             flushed_calls.append(cb.calls)
             cb.reset_counts()
             flushed.append(cb)

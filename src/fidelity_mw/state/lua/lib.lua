@@ -42,13 +42,25 @@ local function slack_of(now, interval, tol)
   return half
 end
 
+-- base + seconds, but never base itself for a charge (seconds > 0): a charge under half
+-- an ulp of the clock (an interval under 1.2e-7 s on Unix time: past 8.4e6/s) rounds
+-- back to base, and nothing would ever be charged; one ulp instead (gcra.py: nextafter)
+local function charged(base, seconds)
+  local t = base + seconds
+  if t <= base and seconds > 0 and base > 0 then
+    local _, e = math.frexp(base)
+    t = base + 2 ^ (e - 53)
+  end
+  return t
+end
+
 -- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
 local function gcra(tat, now, interval, tol, cost)
   local base = tat
   if now > base then
     base = now
   end
-  local new_tat = base + cost * interval
+  local new_tat = charged(base, cost * interval)
   local allow_at = new_tat - tol
   local slack = slack_of(now, interval, tol)
   if allow_at - now > slack then

@@ -12,8 +12,9 @@
 --
 -- KEYS: [breaker hash, breaker probes] x nb, then one TAT key per limit.
 -- ARGV: jitter u, nb, nl,
---       per breaker: [10 config values], epoch, calls, failures, slow,
---                    lead, maxrun, trail, had_success (0/1)
+--       per breaker: [10 config values], epoch, outcomes: the instance's outcomes in
+--                    order, as runs of one kind ('f' failure, 's' success, upper case
+--                    when slow, then the count: "s40f2S1s7"; '' for none)
 --       per limit: interval_s, tolerance_s, give_back, want, min_take, ahead_s
 -- Returns: now, then per breaker: state, epoch, wait_s (time until a probe
 --          may be admitted; 0 when closed or when a probe slot is free),
@@ -40,36 +41,50 @@ for j = 0, nb - 1 do
   local cfg
   cfg, i = read_config(ARGV, i)
   local epoch = tonumber(ARGV[i])
-  local calls = tonumber(ARGV[i + 1])
-  local failures = tonumber(ARGV[i + 2])
-  local slow = tonumber(ARGV[i + 3])
-  local lead = tonumber(ARGV[i + 4])
-  local maxrun = tonumber(ARGV[i + 5])
-  local trail = tonumber(ARGV[i + 6])
-  local had_success = ARGV[i + 7] == '1'
-  i = i + 8
+  local runs = ARGV[i + 1]
+  i = i + 2
   local mark = #out
   local ok, failed = pcall(function()
     local b = br_load(KEYS[2 * j + 1], KEYS[2 * j + 2], cfg)
-    if calls > 0 and epoch == b.ep and b.st == 'closed' then
+    if runs ~= '' and epoch == b.ep and b.st == 'closed' then
+      -- Replayed as fidelity_mw.decide.breaker.BreakerState.record counts them, one by
+      -- one, checked after every outcome (a success too), until one opens the breaker
+      -- (the rest were admitted in the epoch that ended: not counted). Within a run of
+      -- one kind each ratio moves in one direction, so the outcome that brings the
+      -- window to min_calls and the run's last are the ones to check; the failure
+      -- streak only grows within a run of failures: its last.
       br_rotate(b, now)
-      local last = 3 * (BUCKETS - 1)
-      b.w[last + 1] = b.w[last + 1] + calls
-      b.w[last + 2] = b.w[last + 2] + failures
-      b.w[last + 3] = b.w[last + 3] + slow
-      local peak
-      if had_success then
-        peak = math.max(b.co + lead, maxrun, trail)
-        b.co = trail
-      else
-        b.co = b.co + trail
-        peak = b.co
-      end
       b.dirty = true
-      -- every batch of outcomes, successes too (the ratio is checked on each)
-      local by_run = cfg.consecutive > 0 and peak >= cfg.consecutive
-      if by_run or br_should_open(b, now) then
-        br_transition(b, 'open', now, u)
+      local calls, fails, slows = br_totals(b)
+      local last = 3 * (BUCKETS - 1)
+      for kind, count in string.gmatch(runs, '(%a)(%d+)') do
+        local n = tonumber(count)
+        local df = (kind == 'f' or kind == 'F') and 1 or 0
+        local ds = (kind == 'F' or kind == 'S') and 1 or 0
+        b.w[last + 1] = b.w[last + 1] + n
+        b.w[last + 2] = b.w[last + 2] + n * df
+        b.w[last + 3] = b.w[last + 3] + n * ds
+        if df == 1 then
+          b.co = b.co + n
+        else
+          b.co = 0
+        end
+        local trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive
+        local first = cfg.min_calls - calls
+        if first < 1 then
+          first = 1
+        end
+        if not trips and first <= n then
+          trips = br_ratio_trips(cfg, calls + first, fails + first * df, slows + first * ds)
+        end
+        calls, fails, slows = calls + n, fails + n * df, slows + n * ds
+        if not trips then
+          trips = br_ratio_trips(cfg, calls, fails, slows)
+        end
+        if trips then
+          br_transition(b, 'open', now, u)
+          break
+        end
       end
     end
     local wait = 0
@@ -149,7 +164,7 @@ for j = 0, nl - 1 do
       end
       if take >= min_take then
         granted = take
-        tat = base + take * interval
+        tat = charged(base, take * interval)
         changed = true
       else
         retry = base + min_take * interval - tol - ahead - now
