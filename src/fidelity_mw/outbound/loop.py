@@ -100,8 +100,10 @@ from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
+    Stamps,
     advertised_ms,
     bounded_timeouts,
+    first_stamps,
     replayable,
     stamp,
     stamp_first,
@@ -282,8 +284,8 @@ def first_attempt(
         if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
             # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
-            request.extensions["timeout"] = attempt_timeouts(up, timeouts)
-            request.headers._list += up.first_stamps
+            request.extensions["timeout"], stamps = attempt_timeouts(up, timeouts)
+            request.headers._list += stamps
             counts = ctx._attempts
             if counts is None:
                 ctx._attempts = {up.key: 1}
@@ -1040,14 +1042,15 @@ def prepare(
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
     if remaining is not None and remaining < up.attempt_timeout_s:
-        request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
-        stamp(request.headers, attempt, advertised_ms(round(remaining * 1000.0)))
+        bounded = bounded_timeouts(original_timeout, remaining)
+        request.extensions["timeout"] = bounded
+        stamp(request.headers, attempt, advertised_ms(round(_waits(bounded, remaining) * 1000.0)))
     else:
-        request.extensions["timeout"] = attempt_timeouts(up, original_timeout)
+        request.extensions["timeout"], stamps = attempt_timeouts(up, original_timeout)
         if attempt == 1:
-            stamp_first(request.headers, up.first_stamps)
+            stamp_first(request.headers, stamps)
         else:
-            stamp(request.headers, attempt, up.timeout_header)
+            stamp(request.headers, attempt, stamps[1][2])
     counts = ctx._attempts  # (the `attempts` property, without its call)
     if counts is None:
         ctx._attempts = {up.key: 1}
@@ -1055,23 +1058,43 @@ def prepare(
         counts[up.key] = counts.get(up.key, 0) + 1
 
 
+def _waits(bounded: Mapping[str, float | None], bound_s: float) -> float:
+    """How long an attempt with these (capped) timeouts waits for its answer: its read
+    timeout (each read, the one for the response's head included), at most `bound_s`.
+    The next hop is told that (less a tenth): told the attempt timeout while httpx's read
+    timeout is shorter (its default is 5 s, the attempt's 10 s), it worked on, and retried
+    its own upstreams, long after this side had timed out and sent its retry."""
+    read = bounded.get("read")
+    return bound_s if read is None or read > bound_s else read
+
+
 def attempt_timeouts(
     up: Upstream, timeouts: Mapping[str, float | None] | None
-) -> Mapping[str, float | None]:
+) -> tuple[Mapping[str, float | None], Stamps]:
     """An attempt's timeouts when the whole attempt timeout fits in the deadline: the
-    request's own capped at it (the request's own mapping when it caps none of them).
-    Remembered with the timeouts they came from: a client sends equal ones with every
-    request, and comparing is cheaper than capping."""
+    request's own capped at it (the request's own mapping when it caps none of them), and
+    a first attempt's headers for them (`x-request-timeout-ms`: the attempt's time, or
+    the read timeout when that is shorter, see `_waits`). Remembered with the timeouts
+    they came from: a client sends equal ones with every request, and comparing is
+    cheaper than capping."""
     seen = up.timeouts
     if seen is not None and timeouts == seen[0]:
         capped = seen[1]
         if capped is None:
             assert timeouts is not None  # (a missing mapping is always capped)
-            return timeouts
-        return dict(capped)  # each request its own mapping, as `bounded_timeouts` gives
+            return timeouts, seen[2]
+        # each request its own mapping, as `bounded_timeouts` gives
+        return dict(capped), seen[2]
     bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
+    waits = _waits(bounded, up.attempt_timeout_s)
+    stamps = (
+        up.first_stamps
+        if waits >= up.attempt_timeout_s
+        else first_stamps(advertised_ms(round(waits * 1000.0)))
+    )
     up.timeouts = (
         None if timeouts is None else dict(timeouts),
         None if bounded is timeouts else dict(bounded),
+        stamps,
     )
-    return bounded
+    return bounded, stamps

@@ -450,7 +450,6 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
-        stamps = up.first_stamps
         try:
             if tight:
                 prepare(ctx, up, request, 1, timeouts, remaining)
@@ -459,7 +458,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 capped = seen[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                raw += stamps
+                raw += seen[2]  # (the first attempt's headers for those timeouts)
                 counts = ctx._attempts  # (the `attempts` property, without its call)
                 if counts is None:
                     ctx._attempts = {up.key: 1}

@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import advertised_ms, first_stamps, literal_peer_trusted
+from .wire import Stamps, advertised_ms, first_stamps, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -34,8 +34,9 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
 
 _MAX_INSTANCES: Final = 256
 # The last request timeouts seen (None: the request had none) and what an attempt's are
-# then, when the whole attempt timeout fits in the deadline (None: the request's own).
-TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None]
+# then, when the whole attempt timeout fits in the deadline (None: the request's own),
+# with a first attempt's headers for them (`loop.attempt_timeouts`).
+TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None, Stamps]
 
 
 class Instance:

@@ -1,0 +1,93 @@
+"""Review of the outbound transport as a whole (rev27o): what a user of httpx-retries,
+stamina or Envoy would try. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
+from fidelity_mw.policy import DeadlineConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+
+
+class Told:
+    """An upstream that notes the `x-request-timeout-ms` and read timeout of every
+    attempt, and answers the statuses scripted (the last one again when they run out)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses) or [200]
+        self.seen: list[tuple[str | None, float | None]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout") or {}
+        self.seen.append((request.headers.get("x-request-timeout-ms"), timeouts.get("read")))
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return httpx.Response(status)
+
+
+def _policy(default_ms: int = 30_000) -> Policy:
+    return Policy(
+        deadline=DeadlineConfig(default_ms=default_ms),
+        upstreams=(UpstreamConfig(host="up.internal", retry=RETRY, breaker=None),),
+    )
+
+
+# ---------------------------------------------------------------- the next hop's deadline
+
+
+@pytest.mark.parametrize(
+    ("client_timeout", "default_ms", "told"),
+    [
+        # httpx's default client: every timeout 5 s, the attempt's 10 s. The next hop was
+        # told 9750 ms: it worked on (and retried its own upstreams) for almost 5 s after
+        # this side's read timeout had fired and this side had retried it.
+        (httpx.Timeout(5.0), 30_000, "4750"),
+        (httpx.Timeout(5.0, read=1.0), 30_000, "900"),
+        (None, 30_000, "9750"),  # no read timeout of the client's: the attempt's
+        (httpx.Timeout(30.0), 30_000, "9750"),  # a longer one: the attempt's
+        # the deadline leaves less than the attempt timeout: the shorter of it and the read
+        # (the retry goes out a backoff later: it may be told a millisecond less)
+        (httpx.Timeout(5.0, read=1.0), 3_000, "900"),
+        (httpx.Timeout(5.0), 3_000, "2750"),
+    ],
+)
+async def test_the_next_hop_is_told_no_more_than_the_clients_read_timeout(
+    client_timeout: httpx.Timeout | None, default_ms: int, told: str
+) -> None:
+    upstream = Told(503, 200)
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=_policy(default_ms), clock=FakeClock(),
+        telemetry=False,
+    )  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, timeout=client_timeout) as client:
+        for _ in range(3):  # the first call, its retry, then the shortcut's calls
+            assert (await client.get("http://up.internal/x")).status_code == 200
+            upstream.statuses = [200]
+    assert len(upstream.seen) == 4
+    for header, read in upstream.seen:
+        assert header is not None
+        assert read is not None
+        assert int(told) - 1 <= int(header) <= int(told)
+        assert int(header) < read * 1000.0
+    assert [header for header, _ in upstream.seen[2:]] == [told, told]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "told"), [(httpx.Timeout(5.0), "4750"), (httpx.Timeout(5.0, read=1.0), "900")]
+)
+def test_the_sync_transport_tells_the_next_hop_no_more_than_its_read_timeout(
+    timeout: httpx.Timeout, told: str
+) -> None:
+    upstream = Told(503, 200)
+    transport = FidelitySyncTransport(
+        httpx.MockTransport(upstream), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    with httpx.Client(transport=transport, timeout=timeout) as client:
+        assert client.get("http://up.internal/x").status_code == 200
+        assert client.get("http://up.internal/x").status_code == 200
+    assert [header for header, _ in upstream.seen] == [told] * 3
