@@ -91,3 +91,85 @@ def test_the_sync_transport_tells_the_next_hop_no_more_than_its_read_timeout(
         assert client.get("http://up.internal/x").status_code == 200
         assert client.get("http://up.internal/x").status_code == 200
     assert [header for header, _ in upstream.seen] == [told] * 3
+
+
+# ---------------------------------------------------------------- the client's settings
+
+
+class Seen(FidelityTransport):
+    """Notes every request the client hands to the transport."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.urls: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(str(request.url))
+        return await super().handle_async_request(request)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nobody listens on it: a connection is refused at once
+
+
+async def test_a_proxy_on_the_client_goes_around_the_transport() -> None:
+    """docs/outbound.md said proxies "stay where they were": a `proxy=` on the client is
+    mounted by httpx for every URL, ahead of `transport=`. The docs now say to put it on
+    the inner transport (next test); this holds the reason."""
+    transport = Seen(
+        httpx.MockTransport(lambda request: httpx.Response(200)), policy=_policy(),
+        clock=FakeClock(), telemetry=False,
+    )  # fmt: skip
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    async with httpx.AsyncClient(transport=transport, proxy=proxy) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("http://up.internal/x")
+    assert transport.urls == []  # never seen: no retry, no breaker, no deadline
+
+
+async def test_a_proxy_on_the_inner_transport_is_retried_through() -> None:
+    clock = FakeClock()
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    transport = Seen(
+        httpx.AsyncHTTPTransport(proxy=proxy), policy=_policy(), clock=clock, telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("http://up.internal/x")
+    assert transport.urls == ["http://up.internal/x"]
+    assert len(clock.sleeps) == 2  # the proxy refused three attempts: two backoffs
+
+
+async def test_each_redirect_hop_is_a_call_of_its_own() -> None:
+    """httpx follows redirects above the transport: every hop is a first attempt of a
+    call of its own (its own attempt count and retries), and the headers of ours that the
+    hop before carried do not travel on with the redirect."""
+    seen: list[tuple[str, str | None, list[str]]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        attempts = request.headers.get_list("x-fidelity-attempt")
+        seen.append((request.url.path, request.headers.get("x-request-timeout-ms"), attempts))
+        if request.url.path == "/old":
+            return httpx.Response(302, headers={"location": "/new"})
+        if len([s for s in seen if s[0] == "/new"]) == 1:
+            return httpx.Response(503)
+        return httpx.Response(200)
+
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(
+        transport=transport, follow_redirects=True, timeout=None
+    ) as client:
+        response = await client.get("http://up.internal/old")
+    assert response.status_code == 200
+    assert [(path, attempts) for path, _, attempts in seen] == [
+        ("/old", ["1"]), ("/new", ["1"]), ("/new", ["2"]),
+    ]  # fmt: skip
+    assert {told for _, told, _ in seen} == {"9750"}
+    assert "x-fidelity-attempt" not in response.request.headers
