@@ -3,10 +3,14 @@ stamina or Envoy would try. Each test failed before its fix."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
+from _loopback import LoopbackServer
 from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
+from fidelity_mw.outbound.wire import SPEND_MAX_S
 from fidelity_mw.policy import DeadlineConfig, RetryConfig, UpstreamConfig
 from fidelity_mw.testing import FakeClock
 
@@ -173,3 +177,136 @@ async def test_each_redirect_hop_is_a_call_of_its_own() -> None:
     ]  # fmt: skip
     assert {told for _, told, _ in seen} == {"9750"}
     assert "x-fidelity-attempt" not in response.request.headers
+
+
+# ---------------------------------------------------------------- failed answers' connections
+
+
+class Failing:
+    """An ASGI upstream that answers `failures` 503s (with a body of `size` bytes) before
+    each 200, and notes the client port every request came from."""
+
+    def __init__(self, failures: int, size: int, chunked: bool = False) -> None:
+        self.failures = failures
+        self.size = size
+        self.chunked = chunked
+        self.ports: list[int] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.ports.append(scope["client"][1])
+        failed = len(self.ports) % (self.failures + 1) != 0
+        body = b"x" * self.size if failed else b"ok"
+        headers = [] if self.chunked else [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 503 if failed else 200,
+                    "headers": headers})  # fmt: skip
+        half = len(body) // 2
+        await send({"type": "http.response.body", "body": body[:half], "more_body": True})
+        await send({"type": "http.response.body", "body": body[half:]})
+
+
+@pytest.mark.parametrize(("size", "chunked"), [(0, False), (600, False), (600, True)])
+async def test_a_failed_attempts_connection_goes_back_to_the_pool(size: int, chunked: bool) -> None:
+    """docs/outbound.md: "Failed attempts' responses are closed before the backoff sleep, so
+    their connections go back to the pool". Closed with their body unread, they were
+    dropped: every retry opened a new connection (a TLS handshake, on HTTPS) to an
+    upstream that was failing already. A short body is read to its end first."""
+    upstream = Failing(failures=2, size=size, chunked=chunked)
+    policy = Policy(upstreams=(UpstreamConfig(host="127.0.0.1", retry=RETRY, breaker=None),))
+    transport = FidelityTransport(policy=policy, clock=FakeClock(), telemetry=False)
+    with LoopbackServer(upstream) as server:
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(3):
+                assert (await client.get(server.url + "/")).status_code == 200
+    assert len(upstream.ports) == 9
+    assert len(set(upstream.ports)) == 1  # one connection for every attempt
+
+
+@pytest.mark.parametrize(("size", "chunked"), [(600, False), (600, True)])
+def test_the_sync_transport_gives_a_failed_attempts_connection_back_too(
+    size: int, chunked: bool
+) -> None:
+    upstream = Failing(failures=2, size=size, chunked=chunked)
+    policy = Policy(upstreams=(UpstreamConfig(host="127.0.0.1", retry=RETRY, breaker=None),))
+    transport = FidelitySyncTransport(policy=policy, clock=FakeClock(), telemetry=False)
+    with LoopbackServer(upstream) as server, httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            assert client.get(server.url + "/").status_code == 200
+    assert len(upstream.ports) == 9
+    assert len(set(upstream.ports)) == 1
+
+
+async def test_a_long_failed_answer_is_not_read_before_the_retry() -> None:
+    """Reading is for a short body (an error page): a long one is dropped with its
+    connection, as before, rather than downloaded to keep a connection."""
+    upstream = Failing(failures=1, size=1 << 20)
+    policy = Policy(upstreams=(UpstreamConfig(host="127.0.0.1", retry=RETRY, breaker=None),))
+    transport = FidelityTransport(policy=policy, clock=FakeClock(), telemetry=False)
+    with LoopbackServer(upstream) as server:
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(server.url + "/")).status_code == 200
+    assert len(upstream.ports) == 2
+    assert len(set(upstream.ports)) == 2
+
+
+class Noted(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """A body that notes the read timeout its request carries while it is read (httpcore
+    reads it then), and whether it was closed."""
+
+    def __init__(self, request: httpx.Request, notes: list[object]) -> None:
+        self.request = request
+        self.notes = notes
+
+    def _note(self) -> None:
+        self.notes.append(self.request.extensions["timeout"]["read"])
+
+    async def __aiter__(self) -> Any:
+        self._note()
+        yield b"busy"
+
+    def __iter__(self) -> Any:
+        self._note()
+        yield b"busy"
+
+    async def aclose(self) -> None:
+        self.notes.append("closed")
+
+    def close(self) -> None:
+        self.notes.append("closed")
+
+
+def _stalling(notes: list[object]) -> httpx.MockTransport:
+    """Two 503s whose bodies note how they are read, then a 200."""
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        if notes.count("closed") == 2:
+            return httpx.Response(200)
+        return httpx.Response(503, headers={"content-length": "4"}, stream=Noted(request, notes))
+
+    return httpx.MockTransport(upstream)
+
+
+async def test_a_failed_answer_is_read_in_short_reads_and_closed() -> None:
+    """A body that stalls after its head costs the retry at most a short read, not the
+    attempt's read timeout (30 s here)."""
+    notes: list[object] = []
+    transport = FidelityTransport(
+        _stalling(notes), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport, timeout=30.0) as client:
+        response = await client.get("http://up.internal/x")
+    assert response.status_code == 200
+    assert notes == [SPEND_MAX_S, "closed"] * 2
+    assert response.request.extensions["timeout"]["read"] == 10.0  # the attempt's again
+
+
+def test_the_sync_transport_reads_a_failed_answer_in_short_reads_too() -> None:
+    notes: list[object] = []
+    transport = FidelitySyncTransport(
+        _stalling(notes), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    with httpx.Client(transport=transport, timeout=30.0) as client:
+        response = client.get("http://up.internal/x")
+    assert response.status_code == 200
+    assert notes == [SPEND_MAX_S, "closed"] * 2

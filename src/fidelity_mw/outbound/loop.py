@@ -3,7 +3,8 @@
 `attempts(...)` yields effects and takes their results back:
 
 - `(SEND, request)` -> the response (or the inner transport's exception, thrown in);
-- `(SLEEP, seconds, response)` -> None: close `response` (a failed attempt's), then wait;
+- `(SLEEP, seconds, response)` -> None: read what is left of `response` (a failed
+  attempt's) when it is short (`wire.worth_reading`), close it, then wait;
 - `(GATE, breaker_key, breaker, budget_key, cfg, retry, now)` -> the store's
   `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
@@ -105,6 +106,7 @@ from .wire import (
     bounded_timeouts,
     first_stamps,
     replayable,
+    spend_timeouts,
     stamp,
     stamp_first,
     take_ours,
@@ -599,6 +601,8 @@ def attempts(
                             if spent_budget:
                                 unsent = (now, source, spent_at)
                             spent, response = response, None
+                            if spent is not None:  # (its rest is read: each read short)
+                                spend_timeouts(request)
                             interrupted: BaseException | None = None
                             try:
                                 yield (SLEEP, delay, spent)

@@ -86,7 +86,15 @@ from .loop import (
     prepare,
 )
 from .upstream import Resolver, Upstream, resolved_problem
-from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
+from .wire import (
+    FAST_HEADERS,
+    OURS_SET,
+    SPEND_MAX_BYTES,
+    SPEND_MAX_S,
+    replayable,
+    unstamp,
+    worth_reading,
+)
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -631,9 +639,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
-                        # (a broken connection is closed enough: the retry goes on)
-                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                            await effect[2].aclose()
+                        await _spend(effect[2])
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
                     value = None
@@ -648,6 +654,26 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def _spend(response: httpx.Response) -> None:
+    """Close a failed attempt's answer before the backoff, read to its end first when it
+    is short (`wire.worth_reading`: its connection then goes back to the pool), within
+    `SPEND_MAX_S`. A cancellation stops the reading, not the closing."""
+    try:
+        stream = response.stream
+        if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
+            start = _monotonic()
+            read = 0
+            async for chunk in stream:
+                read += len(chunk)
+                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                    break
+    except Exception:  # (a broken connection is closed enough: the retry goes on)
+        pass
+    finally:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await response.aclose()
 
 
 # Store calls a raw `task.cancel()` left running (`_whole`): held until they end.
@@ -741,14 +767,31 @@ def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
     return bridged
 
 
+def _spend_sync(response: httpx.Response) -> None:
+    """`_spend` for the sync transport."""
+    try:
+        stream = response.stream
+        if worth_reading(response) and isinstance(stream, httpx.SyncByteStream):
+            start = _monotonic()
+            read = 0
+            for chunk in stream:
+                read += len(chunk)
+                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                    break
+    except Exception:  # (a broken connection is closed enough: the retry goes on)
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            response.close()
+
+
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
 
     def wait(seconds: float, spent: httpx.Response | None) -> None:
         if spent is not None:
-            with contextlib.suppress(Exception):  # a broken connection is closed enough
-                spent.close()
+            _spend_sync(spent)
         sleep(seconds)
 
     return wait
