@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -298,7 +299,36 @@ async def test_a_failed_answer_is_read_in_short_reads_and_closed() -> None:
         response = await client.get("http://up.internal/x")
     assert response.status_code == 200
     assert notes == [SPEND_MAX_S, "closed"] * 2
-    assert response.request.extensions["timeout"]["read"] == 10.0  # the attempt's again
+    assert response.request.extensions["timeout"] == httpx.Timeout(30.0).as_dict()  # its own
+
+
+class Stuck(FakeClock):
+    """A backoff that waits until the call is cancelled (`entered` once it waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = anyio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.entered.set()
+        await anyio.sleep_forever()
+
+
+async def test_a_call_cancelled_in_its_backoff_leaves_the_request_as_built() -> None:
+    """The short reads of the failed answer were left on the request: sent again (an
+    outer loop's `client.send(request)`), it timed out each read after 0.1 s."""
+    notes: list[object] = []
+    transport = FidelityTransport(
+        _stalling(notes), policy=_policy(), clock=(clock := Stuck()), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport, timeout=30.0) as client:
+        request = client.build_request("GET", "http://up.internal/x")
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.send, request)
+            await clock.entered.wait()  # in the backoff: cancelled there
+            group.cancel_scope.cancel()
+    assert notes == [SPEND_MAX_S, "closed"]
+    assert request.extensions["timeout"] == httpx.Timeout(30.0).as_dict()
 
 
 def test_the_sync_transport_reads_a_failed_answer_in_short_reads_too() -> None:

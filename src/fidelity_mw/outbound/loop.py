@@ -657,6 +657,12 @@ def attempts(
         if target is not None:
             request.url = original_url
         unstamp(request.headers, prior)
+        # the request's own timeouts again (not the last attempt's, nor the short reads of
+        # a failed answer's: a request sent again would carry them)
+        if original_timeout is None:
+            request.extensions.pop("timeout", None)
+        else:
+            request.extensions["timeout"] = original_timeout
         if own and observer is not None:
             call_end(observer, ctx)
 
