@@ -340,3 +340,28 @@ def test_the_sync_transport_reads_a_failed_answer_in_short_reads_too() -> None:
         response = client.get("http://up.internal/x")
     assert response.status_code == 200
     assert notes == [SPEND_MAX_S, "closed"] * 2
+
+
+# ---------------------------------------------------------------- an inner transport's own retries
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_an_inner_transport_that_retries_connects_itself_is_warned_about(
+    sync: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`httpx.AsyncHTTPTransport(retries=3)` makes up to 4 connects inside every attempt of
+    ours, with httpcore's own sleeps (0.5 s, 1 s) between them that no timeout bounds: 12
+    connects per call with the default 3 attempts, and an attempt that outlives the
+    deadline. Nothing said so (the audit finds it in code it reads; this is where it runs)."""
+    caplog.set_level("WARNING", logger="fidelity_mw")
+    if sync:
+        FidelitySyncTransport(httpx.HTTPTransport(retries=3), telemetry=False)
+        FidelitySyncTransport(httpx.HTTPTransport(), telemetry=False)
+    else:
+        FidelityTransport(httpx.AsyncHTTPTransport(retries=3), telemetry=False)
+        FidelityTransport(httpx.AsyncHTTPTransport(), telemetry=False)
+        FidelityTransport(telemetry=False)
+    warned = [r.getMessage() for r in caplog.records if "retries" in r.getMessage()]
+    assert len(warned) == 1
+    assert "retries=3" in warned[0]
+    assert "retries=0" in warned[0]

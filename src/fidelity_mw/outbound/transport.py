@@ -162,6 +162,16 @@ class _Base:
 
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
+        retries = _own_retries(self.inner)
+        if retries:
+            logger.warning(
+                "fidelity_mw: the inner transport retries failed connects itself "
+                "(retries=%d): up to %d connects in every attempt of fidelity_mw's, with "
+                "httpcore's own sleeps between them that no timeout or deadline bounds; "
+                "build it with retries=0 (httpx's default) and let [upstream.retry] decide",
+                retries,
+                retries + 1,
+            )
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         # A policy given here that a request's middleware overrides: said once (below).
         self._own_policy = self.engine.policy if policy is not None or engine else None
@@ -311,6 +321,13 @@ class _Base:
             steps = attempts(ctx, engine, up, request, False, observer, now, local, race)
             return steps, engine, (race, hedge, spawn, up, ctx, observer if own else None)
         return attempts(ctx, engine, up, request, own, observer, now, local), engine, None
+
+
+def _own_retries(inner: object) -> int:
+    """The connect retries an httpx transport makes itself (`HTTPTransport(retries=N)`:
+    its httpcore pool's), 0 when it makes none or does not say."""
+    retries = getattr(getattr(inner, "_pool", None), "_retries", 0)
+    return retries if type(retries) is int and retries > 0 else 0
 
 
 def _spawner(
