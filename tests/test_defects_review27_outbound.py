@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
 from _loopback import LoopbackServer
 from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
 from fidelity_mw.outbound.wire import SPEND_MAX_S
-from fidelity_mw.policy import DeadlineConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.policy import DeadlineConfig, HedgeConfig, RetryConfig, UpstreamConfig
 from fidelity_mw.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -365,3 +366,70 @@ def test_an_inner_transport_that_retries_connects_itself_is_warned_about(
     assert len(warned) == 1
     assert "retries=3" in warned[0]
     assert "retries=0" in warned[0]
+
+
+# ---------------------------------------------------------------- hedging a keyed POST
+
+
+class KeyedServer:
+    """An upstream that keeps the IETF Idempotency-Key draft: a request whose key's first
+    request is still in progress is answered 409. The first request waits for `release`."""
+
+    def __init__(self) -> None:
+        self.in_progress: set[str] = set()
+        self.release = anyio.Event()
+        self.performed = 0
+        self.seen: list[str] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        key = request.headers.get("idempotency-key", "")
+        self.seen.append(request.method)
+        if key in self.in_progress:
+            return httpx.Response(409, json={"error": "idempotency_key_in_use"})
+        self.in_progress.add(key)
+        try:
+            await self.release.wait()
+            self.performed += 1
+            return httpx.Response(200, json={"charged": True})
+        finally:
+            self.in_progress.discard(key)
+
+
+async def test_a_post_with_an_idempotency_key_is_not_hedged() -> None:
+    """A hedge is a second request while the first is in progress, which is exactly what the
+    draft has the server refuse (409) for a keyed request; that 409 was a good answer and
+    won the race: the caller saw 409 for a charge the first request made."""
+    server = KeyedServer()
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(host="payments.internal", retry=RETRY, hedge=HedgeConfig(after_ms=50)),
+        )
+    )
+    clock = FakeClock()
+    transport = FidelityTransport(
+        httpx.MockTransport(server), policy=policy, clock=clock, telemetry=False
+    )
+
+    async def answer_later() -> None:
+        for _ in range(50):  # (the hedge delay runs on the fake clock: it passes at once)
+            await anyio.lowlevel.checkpoint()
+        server.release.set()
+
+    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+        tg.start_soon(answer_later)
+        response = await client.post(
+            "http://payments.internal/charge", json={"cents": 100},
+            headers={"Idempotency-Key": "k-1"},
+        )  # fmt: skip
+    assert response.status_code == 200
+    assert server.seen == ["POST"]
+    assert server.performed == 1
+    # a GET (idempotent by its method) is hedged as before
+    server = KeyedServer()
+    transport = FidelityTransport(
+        httpx.MockTransport(server), policy=policy, clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+        tg.start_soon(answer_later)
+        response = await client.get("http://payments.internal/charge/1")
+    assert server.seen == ["GET", "GET"]
