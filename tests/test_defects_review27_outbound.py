@@ -102,16 +102,18 @@ def test_the_sync_transport_tells_the_next_hop_no_more_than_its_read_timeout(
 # ---------------------------------------------------------------- the client's settings
 
 
-class Seen(FidelityTransport):
-    """Notes every request the client hands to the transport."""
+class Seen:
+    """An attempt observer that notes the URL of every attempt the transport makes (a
+    subclass of the transport would not do: compiled, it is a native class)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self) -> None:
         self.urls: list[str] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def attempt_start(self, ctx: object, request: httpx.Request, attempt: int) -> None:
         self.urls.append(str(request.url))
-        return await super().handle_async_request(request)
+
+    def attempt_end(self, token: object, response: object, error: object) -> None:
+        return None
 
 
 def _closed_port() -> int:
@@ -127,27 +129,29 @@ async def test_a_proxy_on_the_client_goes_around_the_transport() -> None:
     """docs/outbound.md said proxies "stay where they were": a `proxy=` on the client is
     mounted by httpx for every URL, ahead of `transport=`. The docs now say to put it on
     the inner transport (next test); this holds the reason."""
-    transport = Seen(
+    seen = Seen()
+    transport = FidelityTransport(
         httpx.MockTransport(lambda request: httpx.Response(200)), policy=_policy(),
-        clock=FakeClock(), telemetry=False,
+        clock=FakeClock(), observer=seen,
     )  # fmt: skip
     proxy = f"http://127.0.0.1:{_closed_port()}"
     async with httpx.AsyncClient(transport=transport, proxy=proxy) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get("http://up.internal/x")
-    assert transport.urls == []  # never seen: no retry, no breaker, no deadline
+    assert seen.urls == []  # never seen: no retry, no breaker, no deadline
 
 
 async def test_a_proxy_on_the_inner_transport_is_retried_through() -> None:
     clock = FakeClock()
     proxy = f"http://127.0.0.1:{_closed_port()}"
-    transport = Seen(
-        httpx.AsyncHTTPTransport(proxy=proxy), policy=_policy(), clock=clock, telemetry=False
+    seen = Seen()
+    transport = FidelityTransport(
+        httpx.AsyncHTTPTransport(proxy=proxy), policy=_policy(), clock=clock, observer=seen
     )
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get("http://up.internal/x")
-    assert transport.urls == ["http://up.internal/x"]
+    assert seen.urls == ["http://up.internal/x"] * 3  # three attempts through the proxy
     assert len(clock.sleeps) == 2  # the proxy refused three attempts: two backoffs
 
 
