@@ -437,3 +437,36 @@ async def test_a_post_with_an_idempotency_key_is_not_hedged() -> None:
         tg.start_soon(answer_later)
         response = await client.get("http://payments.internal/charge/1")
     assert server.seen == ["GET", "GET"]
+
+
+def _error_then_503_then_200() -> httpx.MockTransport:
+    answers: list[Any] = [httpx.ConnectError("refused"), 503, 200]
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return httpx.Response(answer, content=b"busy" if answer == 503 else b"ok")
+
+    return httpx.MockTransport(upstream)
+
+
+async def test_a_failed_answer_read_after_a_connect_error_does_not_raise_that_error() -> None:
+    """Compiled, the reading's `finally` ran while the transport handled the first
+    attempt's connect error, and raised that error again: the call failed with it."""
+    transport = FidelityTransport(
+        _error_then_503_then_200(), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://up.internal/x")
+    assert response.status_code == 200
+    assert response.text == "ok"
+
+
+def test_the_sync_transport_reads_a_failed_answer_after_a_connect_error_too() -> None:
+    transport = FidelitySyncTransport(
+        _error_then_503_then_200(), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    with httpx.Client(transport=transport) as client:
+        response = client.get("http://up.internal/x")
+    assert response.status_code == 200

@@ -676,7 +676,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 async def _spend(response: httpx.Response) -> None:
     """Close a failed attempt's answer before the backoff, read to its end first when it
     is short (`wire.worth_reading`: its connection then goes back to the pool), within
-    `SPEND_MAX_S`. A cancellation stops the reading, not the closing."""
+    `SPEND_MAX_S`. A cancellation stops the reading, not the closing. (No `finally`:
+    compiled, one run while the caller handles an exception, the first attempt's, raised
+    that exception again once it was done.)"""
+    gone: BaseException | None = None
     try:
         stream = response.stream
         if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
@@ -688,9 +691,12 @@ async def _spend(response: httpx.Response) -> None:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass
-    finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await response.aclose()
+    except BaseException as exc:  # cancelled: closed all the same, then it goes on
+        gone = exc
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await response.aclose()
+    if gone is not None:
+        raise gone
 
 
 # Store calls a raw `task.cancel()` left running (`_whole`): held until they end.
@@ -786,6 +792,7 @@ def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _spend_sync(response: httpx.Response) -> None:
     """`_spend` for the sync transport."""
+    gone: BaseException | None = None
     try:
         stream = response.stream
         if worth_reading(response) and isinstance(stream, httpx.SyncByteStream):
@@ -797,9 +804,12 @@ def _spend_sync(response: httpx.Response) -> None:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass
-    finally:
-        with contextlib.suppress(Exception):
-            response.close()
+    except BaseException as exc:  # interrupted: closed all the same, then it goes on
+        gone = exc
+    with contextlib.suppress(Exception):
+        response.close()
+    if gone is not None:
+        raise gone
 
 
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
