@@ -470,3 +470,39 @@ def test_the_sync_transport_reads_a_failed_answer_after_a_connect_error_too() ->
     with httpx.Client(transport=transport) as client:
         response = client.get("http://up.internal/x")
     assert response.status_code == 200
+
+
+# ---------------------------------------------------------------- trust through a proxy
+
+
+class ExhaustedBehindProxy:
+    """A forward proxy on loopback whose upstream (any host) answers 503 marked as a
+    fidelity_mw callee's give-up: what a third party could send."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.targets.append(scope["path"])
+        headers = [(b"x-fidelity-retry", b"exhausted"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_an_upstream_reached_through_a_proxy_is_not_trusted_by_the_proxys_address() -> None:
+    """A DNS-named upstream is trusted by the address its connection reached: through a
+    proxy, that is the proxy's (loopback or private, so trusted by default), and any
+    upstream behind it, a third party's too, was believed when it said "exhausted" (no
+    retry) or "decided by" (no failure for our breaker)."""
+    proxy = ExhaustedBehindProxy()
+    with LoopbackServer(proxy) as server:
+        inner = httpx.AsyncHTTPTransport(proxy=server.url)
+        transport = FidelityTransport(inner, policy=_policy(), clock=FakeClock(), telemetry=False)
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get("http://api.partner.example/x")
+    assert response.status_code == 503
+    assert len(proxy.targets) == 3  # retried as any 503: the marker is not believed
+    reasons = [d.reason for d in response.extensions["fidelity_context"].decisions]
+    assert "downstream_exhausted" not in reasons

@@ -162,6 +162,7 @@ class _Base:
 
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
+        self._proxied = _through_proxy(self.inner)
         retries = _own_retries(self.inner)
         if retries:
             logger.warning(
@@ -200,6 +201,7 @@ class _Base:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._evict(engine.clock.monotonic())
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
+            up.proxied = self._proxied
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
                 self._own_policy = None  # once per transport
@@ -328,6 +330,16 @@ def _own_retries(inner: object) -> int:
     its httpcore pool's), 0 when it makes none or does not say."""
     retries = getattr(getattr(inner, "_pool", None), "_retries", 0)
     return retries if type(retries) is int and retries > 0 else 0
+
+
+# httpcore's proxy pools (what `httpx.HTTPTransport(proxy=...)` holds), by name: the SOCKS
+# ones load only with the socks extra.
+_PROXY_POOLS: Final = frozenset({"AsyncHTTPProxy", "HTTPProxy", "AsyncSOCKSProxy", "SOCKSProxy"})
+
+
+def _through_proxy(inner: object) -> bool:
+    """Does this httpx transport reach its upstreams through a proxy?"""
+    return type(getattr(inner, "_pool", None)).__name__ in _PROXY_POOLS
 
 
 def _spawner(

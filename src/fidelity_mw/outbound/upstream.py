@@ -120,6 +120,7 @@ class Upstream:
         "paused_until",
         "plain",
         "policy",
+        "proxied",
         "resolved",
         "retry",
         "retry_statuses",
@@ -152,6 +153,9 @@ class Upstream:
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
+        # Reached through a proxy (set by the transport): the address a connection reached
+        # is the proxy's, which says nothing of the upstream's (`decisions.trusted_peer`).
+        self.proxied = False
         # A 429 is never a breaker failure: it says "slow down", not "down".
         self.fail_statuses: frozenset[int] = (
             frozenset(cfg.breaker.failure_statuses) - {429}
