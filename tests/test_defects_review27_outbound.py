@@ -1,5 +1,6 @@
 """Review of the outbound transport as a whole (rev27o): what a user of httpx-retries,
-stamina or Envoy would try. Each test failed before its fix."""
+stamina or Envoy would try. Each test of a defect failed before its fix; a few (a proxy
+on the client, redirects, the sync twins) hold what docs/outbound.md now says."""
 
 from __future__ import annotations
 
