@@ -388,10 +388,11 @@ def classify(
 def trusted_peer(
     engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
 ) -> bool:
-    """Is the peer that answered inside `trusted_peers` (its signals are believed)?"""
+    """Is the peer that answered inside `trusted_peers` (its signals are believed)? A DNS
+    name is judged by the address its connection reached, unless that is a proxy's."""
     trusted = up.trusted if target is None else target.trusted
     if trusted is None:
-        trusted = connected_peer_trusted(response, engine.trusted_peers)
+        trusted = not up.proxied and connected_peer_trusted(response, engine.trusted_peers)
     return trusted
 
 

@@ -27,7 +27,7 @@ import httpx
 
 from .._types import Clock
 from ..decide.retry import IDEMPOTENT_METHODS
-from .wire import IDEMPOTENCY_KEY, has_header, replayable
+from .wire import replayable
 
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
@@ -124,13 +124,16 @@ def hedge_delay(after: str, after_ms: int, min_samples: int, window: LatencyWind
 
 
 def hedgeable(request: httpx.Request) -> bool:
-    """The retry rule (an idempotent method or an idempotency key), and a body two attempts
-    can send at once: bytes in memory. A multipart file object is not one, replayable as it
-    is for a retry: httpx rewinds it and reads it in chunks as it sends, so a hedge reading
-    it while the first attempt still sends would leave each attempt part of the file."""
-    if request.method not in IDEMPOTENT_METHODS and not has_header(
-        request.headers, IDEMPOTENCY_KEY
-    ):
+    """An idempotent method, and a body two attempts can send at once: bytes in memory.
+
+    An `Idempotency-Key` makes a request retryable, not hedgeable: a hedge is a second
+    request while the first is still in progress, which is what the IETF draft has the
+    server answer 409 for (a key in use), and that answer, no failure, won the race over
+    the first request that went on to do the work. A multipart file object is no body to
+    hedge either, replayable as it is for a retry: httpx rewinds it and reads it in chunks
+    as it sends, so a hedge reading it while the first attempt still sends would leave
+    each attempt part of the file."""
+    if request.method not in IDEMPOTENT_METHODS:
         return False
     stream = request.stream
     if type(stream) is httpx.ByteStream:

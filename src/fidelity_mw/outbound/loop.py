@@ -3,7 +3,8 @@
 `attempts(...)` yields effects and takes their results back:
 
 - `(SEND, request)` -> the response (or the inner transport's exception, thrown in);
-- `(SLEEP, seconds, response)` -> None: close `response` (a failed attempt's), then wait;
+- `(SLEEP, seconds, response)` -> None: read what is left of `response` (a failed
+  attempt's) when it is short (`wire.worth_reading`), close it, then wait;
 - `(GATE, breaker_key, breaker, budget_key, cfg, retry, now)` -> the store's
   `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
@@ -100,9 +101,12 @@ from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
+    Stamps,
     advertised_ms,
     bounded_timeouts,
+    first_stamps,
     replayable,
+    spend_timeouts,
     stamp,
     stamp_first,
     take_ours,
@@ -282,8 +286,8 @@ def first_attempt(
         if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
             # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
-            request.extensions["timeout"] = attempt_timeouts(up, timeouts)
-            request.headers._list += up.first_stamps
+            request.extensions["timeout"], stamps = attempt_timeouts(up, timeouts)
+            request.headers._list += stamps
             counts = ctx._attempts
             if counts is None:
                 ctx._attempts = {up.key: 1}
@@ -597,6 +601,8 @@ def attempts(
                             if spent_budget:
                                 unsent = (now, source, spent_at)
                             spent, response = response, None
+                            if spent is not None:  # (its rest is read: each read short)
+                                spend_timeouts(request)
                             interrupted: BaseException | None = None
                             try:
                                 yield (SLEEP, delay, spent)
@@ -651,6 +657,12 @@ def attempts(
         if target is not None:
             request.url = original_url
         unstamp(request.headers, prior)
+        # the request's own timeouts again (not the last attempt's, nor the short reads of
+        # a failed answer's: a request sent again would carry them)
+        if original_timeout is None:
+            request.extensions.pop("timeout", None)
+        else:
+            request.extensions["timeout"] = original_timeout
         if own and observer is not None:
             call_end(observer, ctx)
 
@@ -1040,14 +1052,15 @@ def prepare(
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
     if remaining is not None and remaining < up.attempt_timeout_s:
-        request.extensions["timeout"] = bounded_timeouts(original_timeout, remaining)
-        stamp(request.headers, attempt, advertised_ms(round(remaining * 1000.0)))
+        bounded = bounded_timeouts(original_timeout, remaining)
+        request.extensions["timeout"] = bounded
+        stamp(request.headers, attempt, advertised_ms(round(_waits(bounded, remaining) * 1000.0)))
     else:
-        request.extensions["timeout"] = attempt_timeouts(up, original_timeout)
+        request.extensions["timeout"], stamps = attempt_timeouts(up, original_timeout)
         if attempt == 1:
-            stamp_first(request.headers, up.first_stamps)
+            stamp_first(request.headers, stamps)
         else:
-            stamp(request.headers, attempt, up.timeout_header)
+            stamp(request.headers, attempt, stamps[1][2])
     counts = ctx._attempts  # (the `attempts` property, without its call)
     if counts is None:
         ctx._attempts = {up.key: 1}
@@ -1055,23 +1068,43 @@ def prepare(
         counts[up.key] = counts.get(up.key, 0) + 1
 
 
+def _waits(bounded: Mapping[str, float | None], bound_s: float) -> float:
+    """How long an attempt with these (capped) timeouts waits for its answer: its read
+    timeout (each read, the one for the response's head included), at most `bound_s`.
+    The next hop is told that (less a tenth): told the attempt timeout while httpx's read
+    timeout is shorter (its default is 5 s, the attempt's 10 s), it worked on, and retried
+    its own upstreams, long after this side had timed out and sent its retry."""
+    read = bounded.get("read")
+    return bound_s if read is None or read > bound_s else read
+
+
 def attempt_timeouts(
     up: Upstream, timeouts: Mapping[str, float | None] | None
-) -> Mapping[str, float | None]:
+) -> tuple[Mapping[str, float | None], Stamps]:
     """An attempt's timeouts when the whole attempt timeout fits in the deadline: the
-    request's own capped at it (the request's own mapping when it caps none of them).
-    Remembered with the timeouts they came from: a client sends equal ones with every
-    request, and comparing is cheaper than capping."""
+    request's own capped at it (the request's own mapping when it caps none of them), and
+    a first attempt's headers for them (`x-request-timeout-ms`: the attempt's time, or
+    the read timeout when that is shorter, see `_waits`). Remembered with the timeouts
+    they came from: a client sends equal ones with every request, and comparing is
+    cheaper than capping."""
     seen = up.timeouts
     if seen is not None and timeouts == seen[0]:
         capped = seen[1]
         if capped is None:
             assert timeouts is not None  # (a missing mapping is always capped)
-            return timeouts
-        return dict(capped)  # each request its own mapping, as `bounded_timeouts` gives
+            return timeouts, seen[2]
+        # each request its own mapping, as `bounded_timeouts` gives
+        return dict(capped), seen[2]
     bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
+    waits = _waits(bounded, up.attempt_timeout_s)
+    stamps = (
+        up.first_stamps
+        if waits >= up.attempt_timeout_s
+        else first_stamps(advertised_ms(round(waits * 1000.0)))
+    )
     up.timeouts = (
         None if timeouts is None else dict(timeouts),
         None if bounded is timeouts else dict(bounded),
+        stamps,
     )
-    return bounded
+    return bounded, stamps

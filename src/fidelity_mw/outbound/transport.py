@@ -86,7 +86,15 @@ from .loop import (
     prepare,
 )
 from .upstream import Resolver, Upstream, resolved_problem
-from .wire import FAST_HEADERS, OURS_SET, replayable, unstamp
+from .wire import (
+    FAST_HEADERS,
+    OURS_SET,
+    SPEND_MAX_BYTES,
+    SPEND_MAX_S,
+    replayable,
+    unstamp,
+    worth_reading,
+)
 
 logger = logging.getLogger("fidelity_mw")
 
@@ -154,6 +162,17 @@ class _Base:
 
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
+        self._proxied = _through_proxy(self.inner)
+        retries = _own_retries(self.inner)
+        if retries:
+            logger.warning(
+                "fidelity_mw: the inner transport retries failed connects itself "
+                "(retries=%d): up to %d connects in every attempt of fidelity_mw's, with "
+                "httpcore's own sleeps between them that no timeout or deadline bounds; "
+                "build it with retries=0 (httpx's default) and let [upstream.retry] decide",
+                retries,
+                retries + 1,
+            )
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         # A policy given here that a request's middleware overrides: said once (below).
         self._own_policy = self.engine.policy if policy is not None or engine else None
@@ -182,6 +201,7 @@ class _Base:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._evict(engine.clock.monotonic())
             up = self._upstreams[key] = Upstream(engine, url.host, url.port)
+            up.proxied = self._proxied
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
                 self._own_policy = None  # once per transport
@@ -303,6 +323,23 @@ class _Base:
             steps = attempts(ctx, engine, up, request, False, observer, now, local, race)
             return steps, engine, (race, hedge, spawn, up, ctx, observer if own else None)
         return attempts(ctx, engine, up, request, own, observer, now, local), engine, None
+
+
+def _own_retries(inner: object) -> int:
+    """The connect retries an httpx transport makes itself (`HTTPTransport(retries=N)`:
+    its httpcore pool's), 0 when it makes none or does not say."""
+    retries = getattr(getattr(inner, "_pool", None), "_retries", 0)
+    return retries if type(retries) is int and retries > 0 else 0
+
+
+# httpcore's proxy pools (what `httpx.HTTPTransport(proxy=...)` holds), by name: the SOCKS
+# ones load only with the socks extra.
+_PROXY_POOLS: Final = frozenset({"AsyncHTTPProxy", "HTTPProxy", "AsyncSOCKSProxy", "SOCKSProxy"})
+
+
+def _through_proxy(inner: object) -> bool:
+    """Does this httpx transport reach its upstreams through a proxy?"""
+    return type(getattr(inner, "_pool", None)).__name__ in _PROXY_POOLS
 
 
 def _spawner(
@@ -450,7 +487,6 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
-        stamps = up.first_stamps
         try:
             if tight:
                 prepare(ctx, up, request, 1, timeouts, remaining)
@@ -459,7 +495,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 capped = seen[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                raw += stamps
+                raw += seen[2]  # (the first attempt's headers for those timeouts)
                 counts = ctx._attempts  # (the `attempts` property, without its call)
                 if counts is None:
                     ctx._attempts = {up.key: 1}
@@ -632,9 +668,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == SLEEP:
                     value = None
                     if effect[2] is not None:
-                        # (a broken connection is closed enough: the retry goes on)
-                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                            await effect[2].aclose()
+                        await _spend(effect[2])
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
                     value = None
@@ -649,6 +683,32 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def _spend(response: httpx.Response) -> None:
+    """Close a failed attempt's answer before the backoff, read to its end first when it
+    is short (`wire.worth_reading`: its connection then goes back to the pool), within
+    `SPEND_MAX_S`. A cancellation stops the reading, not the closing. (No `finally`:
+    compiled, one run while the caller handles an exception, the first attempt's, raised
+    that exception again once it was done.)"""
+    gone: BaseException | None = None
+    try:
+        stream = response.stream
+        if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
+            start = _monotonic()
+            read = 0
+            async for chunk in stream:
+                read += len(chunk)
+                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                    break
+    except Exception:  # (a broken connection is closed enough: the retry goes on)
+        pass
+    except BaseException as exc:  # cancelled: closed all the same, then it goes on
+        gone = exc
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await response.aclose()
+    if gone is not None:
+        raise gone
 
 
 # Store calls a raw `task.cancel()` left running (`_whole`): held until they end.
@@ -742,14 +802,35 @@ def _bridge(method: Callable[..., Any]) -> Callable[..., Any]:
     return bridged
 
 
+def _spend_sync(response: httpx.Response) -> None:
+    """`_spend` for the sync transport."""
+    gone: BaseException | None = None
+    try:
+        stream = response.stream
+        if worth_reading(response) and isinstance(stream, httpx.SyncByteStream):
+            start = _monotonic()
+            read = 0
+            for chunk in stream:
+                read += len(chunk)
+                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                    break
+    except Exception:  # (a broken connection is closed enough: the retry goes on)
+        pass
+    except BaseException as exc:  # interrupted: closed all the same, then it goes on
+        gone = exc
+    with contextlib.suppress(Exception):
+        response.close()
+    if gone is not None:
+        raise gone
+
+
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
 
     def wait(seconds: float, spent: httpx.Response | None) -> None:
         if spent is not None:
-            with contextlib.suppress(Exception):  # a broken connection is closed enough
-                spent.close()
+            _spend_sync(spent)
         sleep(seconds)
 
     return wait

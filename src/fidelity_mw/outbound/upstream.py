@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import advertised_ms, first_stamps, literal_peer_trusted
+from .wire import Stamps, advertised_ms, first_stamps, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -34,8 +34,9 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
 
 _MAX_INSTANCES: Final = 256
 # The last request timeouts seen (None: the request had none) and what an attempt's are
-# then, when the whole attempt timeout fits in the deadline (None: the request's own).
-TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None]
+# then, when the whole attempt timeout fits in the deadline (None: the request's own),
+# with a first attempt's headers for them (`loop.attempt_timeouts`).
+TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None, Stamps]
 
 
 class Instance:
@@ -119,6 +120,7 @@ class Upstream:
         "paused_until",
         "plain",
         "policy",
+        "proxied",
         "resolved",
         "retry",
         "retry_statuses",
@@ -151,6 +153,9 @@ class Upstream:
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
+        # Reached through a proxy (set by the transport): the address a connection reached
+        # is the proxy's, which says nothing of the upstream's (`decisions.trusted_peer`).
+        self.proxied = False
         # A 429 is never a breaker failure: it says "slow down", not "down".
         self.fail_statuses: frozenset[int] = (
             frozenset(cfg.breaker.failure_statuses) - {429}

@@ -158,6 +158,42 @@ def replayable(stream: object) -> bool:
     return True
 
 
+# A failed attempt's answer is read to its end before it is closed when it is this short
+# (an error page), within this long (real time: it is I/O), each read at most as long.
+SPEND_MAX_BYTES: Final = 64 * 1024
+SPEND_MAX_S: Final = 0.1
+
+
+def worth_reading(response: httpx.Response) -> bool:
+    """Is a failed attempt's answer short enough to read to its end before it is closed?
+
+    An HTTP/1.1 connection whose answer was read to its end goes back to the pool; one
+    closed with its body unread (even an empty one: its end was not read either) is
+    dropped, and the retry pays a new connection (a TLS handshake, on HTTPS) to an
+    upstream that is failing already. urllib3's `Retry` drains the same way. A long or
+    open-ended body (no length, not chunked) is dropped with its connection, as before;
+    on HTTP/2 closing drops the stream only, and reading a short body costs nothing."""
+    headers = response.headers
+    length = headers.get("content-length")
+    if length is not None:
+        length = length.strip()
+        return length.isdigit() and int(length) <= SPEND_MAX_BYTES
+    return "chunked" in headers.get("transfer-encoding", "").lower()
+
+
+def spend_timeouts(request: httpx.Request) -> None:
+    """Bound each read of a failed attempt's answer at `SPEND_MAX_S` while it is read to
+    its end (httpcore reads the request's timeouts as it reads the body); the next
+    attempt's are set again before it is sent."""
+    extensions = request.extensions
+    timeouts = extensions.get("timeout")
+    read = None if timeouts is None else timeouts.get("read")
+    extensions["timeout"] = {
+        **(timeouts or {}),
+        "read": SPEND_MAX_S if read is None or read > SPEND_MAX_S else read,
+    }
+
+
 def has_header(headers: httpx.Headers, key: bytes) -> bool:
     if not FAST_HEADERS:
         return key.decode("latin-1") in headers
