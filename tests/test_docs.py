@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import io
 import linecache
+import logging
 import os
 import re
 import shlex
@@ -151,8 +152,14 @@ def run_cli(args: list[str]) -> tuple[int, str]:
     from fidelity_mw.tools.cli import main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(args)
+    # the library's once-per-process log warnings (the imported app's transports) are
+    # not the command's output: whether they show depends on what ran before
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = main(args)
+    finally:
+        logging.disable(logging.NOTSET)
     return code, out.getvalue()
 
 
