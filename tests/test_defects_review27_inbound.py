@@ -1,0 +1,169 @@
+"""Defects a twenty-seventh review (inbound, policy, headers) found.
+
+1. A rate's count and period had no upper bound: `rate = "99999999999999999999999/s"` or
+   `"1/99999999999999999999s"` loaded, and the responses carried `RateLimit-Policy` /
+   `RateLimit` members no Structured Field parser accepts (sf-integers have at most 15
+   digits, RFC 9651), a float-garbled `r`, a bucket (the default burst, the rate's
+   count) past the 1_000_000_000 an explicit `burst` is held to, and a `t` on the
+   allowed path past the year the 429's `Retry-After` is capped at. The count is now
+   held to 1 .. 1_000_000_000 (as `burst`) and the period to at most 365 days, and the
+   error names the field.
+2. The middleware's own 503 answers passed a wait of 0 through as `Retry-After: 0`: a
+   `CircuitOpen` the app let out with `retry_after_s=0` (an exception of the public
+   API), or a store's rejecting breaker gate whose wait was 0 (the Redis script clamps
+   a half-open wait to 0). `Retry-After: 0` tells every caller to come back at once, to
+   a breaker that is refusing; our refusals now say at least 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
+from fidelity_mw.decide.breaker import Gate
+from fidelity_mw.errors import CircuitOpen
+from fidelity_mw.policy import BreakerConfig
+from fidelity_mw.state.base import InboundResult, LimitSpec
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock
+
+Message = dict[str, Any]
+
+
+def _scope(path: str = "/api/x", headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": ("203.0.113.7", 4711),
+        "server": ("t", 80),
+    }
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _call(mw: Any, scope: dict[str, Any] | None = None) -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(mw(scope or _scope(), receive, send))
+    return sent
+
+
+def _headers(start: Message) -> dict[bytes, bytes]:
+    return dict(start["headers"])
+
+
+# RFC 9651 sf-integer: at most 15 digits
+_SF_INT = re.compile(rb"-?[0-9]{1,15}")
+
+
+def _sf_params(field: bytes) -> dict[bytes, bytes]:
+    params = {}
+    for member in field.split(b","):
+        for part in member.strip().split(b";")[1:]:
+            key, _, value = part.partition(b"=")
+            params[key] = value
+    return params
+
+
+# ------------------------------------------- 1. a rate's count and period unbounded
+
+
+@pytest.mark.parametrize(
+    ("rate", "problem"),
+    [
+        ("99999999999999999999999/s", "1000000000"),
+        ("1000000001/s", "1000000000"),
+        ("1/99999999999999999999s", "365 d"),
+        ("1/366d", "365 d"),
+        ("1/8785h", "365 d"),
+    ],
+)
+def test_a_rate_past_what_the_fields_can_say_is_an_error_naming_it(rate: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"rate_limit": [{"name": "a", "rate": rate}]})
+    issues = {issue.path: issue.message for issue in caught.value.issues}
+    assert list(issues) == ["rate_limit[0].rate"]
+    assert problem in issues["rate_limit[0].rate"]
+
+
+@pytest.mark.parametrize("rate", ["1000000000/s", "1/365d", "5/10min", "1/8760h"])
+def test_the_largest_rates_still_load_and_advertise_sf_integers(rate: str) -> None:
+    policy = Policy(rate_limits=[RateLimit(name="a", rate=rate)])
+    mw = FidelityMiddleware(_ok, policy=policy, clock=FakeClock(), telemetry=False)
+    for _ in range(2):
+        headers = _headers(_call(mw)[0])
+        for name in (b"ratelimit-policy", b"ratelimit"):
+            for value in _sf_params(headers[name]).values():
+                assert _SF_INT.fullmatch(value), (name, headers[name])
+
+
+# ------------------------------------------- 2. Retry-After: 0 on our own 503s
+
+
+def _problem(sent: list[Message]) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
+    start, body = sent[0], sent[1]
+    return start["status"], _headers(start), json.loads(body["body"])
+
+
+@pytest.mark.parametrize("wait", [0.0, -1.0, float("nan")])
+def test_a_circuit_open_let_out_with_no_wait_is_answered_retry_after_at_least_1(
+    wait: float,
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise CircuitOpen("open", host="payments.internal", retry_after_s=wait)
+
+    mw = FidelityMiddleware(app, policy=Policy(), clock=FakeClock(), telemetry=False)
+    status, headers, body = _problem(_call(mw))
+    assert status == 503
+    assert headers[b"retry-after"] == b"1"
+    assert body["type"] == "urn:fidelity-mw:problem:upstream-circuit-open"
+    assert "retry in 1 s" in body["detail"]
+
+
+class _HalfOpenStore(MemoryStore):
+    """A store whose breaker refuses with the wait the Redis script may give: 0."""
+
+    admit_now = None  # type: ignore[assignment]
+
+    async def admit(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        return InboundResult(Gate("reject", "half_open", 3, 0.0), (), False, "redis", 0.0)
+
+
+def test_a_breaker_gate_refusing_with_no_wait_is_answered_retry_after_at_least_1() -> None:
+    policy = Policy(breaker=BreakerConfig())
+    mw = FidelityMiddleware(_ok, policy=policy, store=_HalfOpenStore(), telemetry=False)
+    status, headers, body = _problem(_call(mw))
+    assert status == 503
+    assert headers[b"retry-after"] == b"1"
+    assert body["type"] == "urn:fidelity-mw:problem:circuit-open"
+    assert body["detail"].endswith("retry in 1 s")
