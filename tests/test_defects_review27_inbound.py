@@ -13,6 +13,12 @@
    API), or a store's rejecting breaker gate whose wait was 0 (the Redis script clamps
    a half-open wait to 0). `Retry-After: 0` tells every caller to come back at once, to
    a breaker that is refusing; our refusals now say at least 1.
+3. Our fields were added to the app's own start message: an app that sends one start
+   message it keeps (a raw ASGI app's module constant, a cached dict) had the
+   `RateLimit` fields of every request it served appended to it, so each response
+   carried those of all the requests before it (stale `r` values first, a header block
+   growing without bound until the server or the client refuses it). The app's message
+   is no longer changed: ours is a copy with the fields added.
 """
 
 from __future__ import annotations
@@ -167,3 +173,28 @@ def test_a_breaker_gate_refusing_with_no_wait_is_answered_retry_after_at_least_1
     assert headers[b"retry-after"] == b"1"
     assert body["type"] == "urn:fidelity-mw:problem:circuit-open"
     assert body["detail"].endswith("retry in 1 s")
+
+
+# ------------------------------------------- 3. the app's start message left as it was
+
+
+def test_a_start_message_the_app_keeps_is_not_changed_and_fields_do_not_pile_up() -> None:
+    app_headers = [(b"content-type", b"text/plain")]
+    start = {"type": "http.response.start", "status": 200, "headers": app_headers}
+    body = {"type": "http.response.body", "body": b"ok"}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)  # the same dict for every request
+        await send(body)
+
+    policy = Policy(rate_limits=[RateLimit(name="a", rate="100/s")])
+    mw = FidelityMiddleware(app, policy=policy, clock=FakeClock(), telemetry=False)
+    for remaining in (99, 98, 97):
+        sent = _call(mw)[0]["headers"]
+        assert sent == [
+            (b"content-type", b"text/plain"),
+            (b"ratelimit-policy", b'"a";q=100;w=1'),
+            (b"ratelimit", b'"a";r=%d;t=1' % remaining),
+        ]
+    assert start == {"type": "http.response.start", "status": 200, "headers": app_headers}
+    assert app_headers == [(b"content-type", b"text/plain")]
