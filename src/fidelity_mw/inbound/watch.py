@@ -166,8 +166,10 @@ class ResponseWatcher:
                 if status >= 500:
                     headers = after_give_up(ctx, headers, message)
             if headers:
-                # a new list: the app's may be shared (a reused Response object)
-                message["headers"] = [*message.get("headers", ()), *headers]
+                # A new message with a new list: the app's may be shared (a reused
+                # Response object, a start message it keeps and sends again), and ours
+                # would pile up in it, request after request.
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
         elif (
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
