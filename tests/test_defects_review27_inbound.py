@@ -19,6 +19,13 @@
    carried those of all the requests before it (stale `r` values first, a header block
    growing without bound until the server or the client refuses it). The app's message
    is no longer changed: ours is a copy with the fields added.
+4. The same with an `on_reject` hook that returns a response it keeps (a module-level
+   `JSONResponse` for every refusal): our `Retry-After`, `RateLimit` fields and
+   `x-fidelity-decided-by` were appended to that response the first time, and being
+   there, never set again: every later refusal said the first one's `Retry-After` (a
+   client told to wait 7 s where 1 s was left) and the first one's deciding layer (a
+   breaker's 503 marked `ratelimit`). Likewise `Fidelity(on_reject=...)` for the
+   FastAPI forms. The hook's response is left as it was; a copy carries our fields.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import pytest
+from starlette.responses import JSONResponse, Response
 
 from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
 from fidelity_mw.decide.breaker import Gate
@@ -198,3 +207,65 @@ def test_a_start_message_the_app_keeps_is_not_changed_and_fields_do_not_pile_up(
         ]
     assert start == {"type": "http.response.start", "status": 200, "headers": app_headers}
     assert app_headers == [(b"content-type", b"text/plain")]
+
+
+# ------------------------------------------- 4. an on_reject response the hook keeps
+
+
+def test_an_on_reject_response_the_hook_keeps_gets_each_refusals_own_fields() -> None:
+    kept = JSONResponse({"error": "slow down"}, status_code=429)
+    kept_headers = list(kept.raw_headers)
+
+    def on_reject(ctx: Any, decision: Any) -> Response:
+        return kept  # the same object for every refusal
+
+    clock = FakeClock()
+    policy = Policy(rate_limits=[RateLimit(name="a", rate="1/10s")])
+    mw = FidelityMiddleware(_ok, policy=policy, clock=clock, telemetry=False, on_reject=on_reject)
+    assert _call(mw)[0]["status"] == 200
+    waits = []
+    for _ in range(3):
+        clock.advance(3.0)
+        start = _call(mw)[0]
+        assert start["status"] == 429
+        headers = start["headers"]
+        assert [name for name, _ in headers].count(b"retry-after") == 1
+        waits.append((_headers(start)[b"retry-after"], _headers(start)[b"ratelimit"]))
+    assert waits == [
+        (b"7", b'"a";r=0;t=7'),
+        (b"4", b'"a";r=0;t=4'),
+        (b"1", b'"a";r=0;t=1'),
+    ]
+    assert kept.raw_headers == kept_headers
+
+
+@pytest.mark.anyio
+async def test_a_kept_on_reject_response_of_the_fastapi_forms_gets_each_refusals_fields() -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    kept = JSONResponse({"error": "slow down"}, status_code=429)
+    kept_headers = list(kept.raw_headers)
+    clock = FakeClock()
+    fidelity = Fidelity(
+        policy=Policy(breaker=None), clock=clock, on_reject=lambda ctx, decision: kept
+    )
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("1/10s", name="x"))])
+    async def x() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        assert (await c.get("/x")).status_code == 200
+        waits = []
+        for _ in range(2):
+            clock.advance(3.0)
+            rejected = await c.get("/x")
+            assert rejected.status_code == 429
+            waits.append(rejected.headers.get_list("retry-after"))
+    assert waits == [["7"], ["4"]]
+    assert kept.raw_headers == kept_headers
