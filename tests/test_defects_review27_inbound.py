@@ -38,12 +38,14 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.responses import JSONResponse, Response
 
 from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
 from fidelity_mw.decide.breaker import Gate
 from fidelity_mw.errors import CircuitOpen
-from fidelity_mw.policy import BreakerConfig
+from fidelity_mw.policy import BreakerConfig, ConcurrencyConfig
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
@@ -269,3 +271,98 @@ async def test_a_kept_on_reject_response_of_the_fastapi_forms_gets_each_refusals
             waits.append(rejected.headers.get_list("retry-after"))
     assert waits == [["7"], ["4"]]
     assert kept.raw_headers == kept_headers
+
+
+# ------------------------------------------- the bulkhead's count under cancellations
+# (no defect found: the invariants, held through the middleware under random arrivals,
+# completions and cancellations of running and queued requests, deterministically)
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("arrive"), st.sampled_from(["critical", "default", "sheddable"])),
+        st.tuples(st.just("finish"), st.integers(0, 15)),
+        st.tuples(st.just("cancel"), st.integers(0, 15)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, adaptive=st.booleans())
+def test_the_bulkhead_count_holds_under_random_cancellations(
+    ops: list[tuple[str, Any]], adaptive: bool
+) -> None:
+    asyncio.run(_bulkhead_run(ops, adaptive))
+
+
+async def _bulkhead_run(ops: list[tuple[str, Any]], adaptive: bool) -> None:
+    gates: dict[int, asyncio.Event] = {}
+    running: set[int] = set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        i = int(scope["path"][1:])
+        running.add(i)
+        try:
+            await gates.setdefault(i, asyncio.Event()).wait()
+        finally:
+            running.discard(i)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    policy = Policy(
+        concurrency=ConcurrencyConfig(
+            limit=3, adaptive=adaptive, max_queue=2, queue_timeout_ms=60_000
+        ),
+        priority_header="x-priority",
+        trusted_peers=["203.0.113.0/24"],
+    )
+    # a fake clock that never moves: no deadline, queue timeout or window passes
+    mw = FidelityMiddleware(app, policy=policy, clock=FakeClock(), telemetry=False)
+    tasks: list[asyncio.Task[list[Message]]] = []
+    answers: dict[int, list[int]] = {}
+
+    async def request(i: int, priority: str) -> list[Message]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.start":
+                answers.setdefault(i, []).append(message["status"])
+
+        scope = _scope(f"/{i}", [(b"x-priority", priority.encode())])
+        await mw(scope, receive, send)
+        return sent
+
+    async def settle() -> None:
+        for _ in range(30):
+            await asyncio.sleep(0)
+
+    def check() -> None:
+        limiter = next(iter(mw.engine.bulkheads.values()), None)
+        if limiter is None:
+            return
+        assert limiter.in_flight == len(running)
+        assert adaptive or limiter.in_flight <= 3
+        queued = sum(1 for i, t in enumerate(tasks) if not t.done() and i not in running)
+        assert limiter.waiting == queued <= 2
+
+    for op, arg in ops:
+        if op == "arrive":
+            tasks.append(asyncio.create_task(request(len(tasks), arg)))
+        elif op == "finish" and arg < len(tasks):
+            gates.setdefault(arg, asyncio.Event()).set()
+        elif op == "cancel" and arg < len(tasks):
+            tasks[arg].cancel()
+        await settle()
+        check()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await settle()
+    check()
+    assert not running
+    for statuses in answers.values():
+        assert statuses in ([200], [503])  # one answer each, never a 500
