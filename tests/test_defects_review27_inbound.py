@@ -26,6 +26,11 @@
    client told to wait 7 s where 1 s was left) and the first one's deciding layer (a
    breaker's 503 marked `ratelimit`). Likewise `Fidelity(on_reject=...)` for the
    FastAPI forms. The hook's response is left as it was; a copy carries our fields.
+5. A server on a unix socket (uvicorn `--uds`, gunicorn `--bind unix:`, the usual setup
+   behind nginx) gives requests no client address (`scope["client"]` is None): every
+   `client_ip` limit then counted all clients as one, `"unknown"`, so one client's
+   quota throttled the whole service, without a word. The middleware now says so once
+   (a warning naming the way out: key by a header the proxy sets), and the docs too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import asyncio
 import json
 import re
 from collections.abc import Sequence
+import logging
 from typing import Any
 
 import httpx
@@ -53,7 +59,11 @@ from fidelity_mw.testing import FakeClock
 Message = dict[str, Any]
 
 
-def _scope(path: str = "/api/x", headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+def _scope(
+    path: str = "/api/x",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    client: tuple[str, int] | None = ("203.0.113.7", 4711),
+) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -65,7 +75,7 @@ def _scope(path: str = "/api/x", headers: Sequence[tuple[bytes, bytes]] = ()) ->
         "query_string": b"",
         "root_path": "",
         "headers": list(headers),
-        "client": ("203.0.113.7", 4711),
+        "client": client,
         "server": ("t", 80),
     }
 
@@ -366,3 +376,39 @@ async def _bulkhead_run(ops: list[tuple[str, Any]], adaptive: bool) -> None:
     assert not running
     for statuses in answers.values():
         assert statuses in ([200], [503])  # one answer each, never a 500
+
+
+# ------------------------------------------- 5. no client address (a unix socket)
+
+
+@pytest.mark.parametrize("trusted_proxies", [[], ["10.0.0.0/8"]])
+def test_requests_without_a_client_address_are_said_once_to_share_one_key(
+    caplog: pytest.LogCaptureFixture, trusted_proxies: list[str]
+) -> None:
+    policy = Policy(
+        rate_limits=[RateLimit(name="per-client", rate="100/s")], trusted_proxies=trusted_proxies
+    )
+    mw = FidelityMiddleware(_ok, policy=policy, clock=FakeClock(), telemetry=False)
+    caplog.set_level(logging.WARNING, logger="fidelity_mw")
+    _call(mw, _scope(client=("203.0.113.7", 4711)))
+    assert not [r for r in caplog.records if "client address" in r.getMessage()]
+    for _ in range(3):
+        start = _call(mw, _scope(client=None))[0]
+        assert start["status"] == 200
+    said = [r for r in caplog.records if "client address" in r.getMessage()]
+    assert len(said) == 1
+    message = said[0].getMessage()
+    assert "per-client" in message and "unix socket" in message
+    assert "header:" in message  # the way out
+    # the fields say it: one bucket for all of them
+    assert _headers(start)[b"ratelimit"] == b'"per-client";r=97;t=1'
+
+
+def test_a_route_without_client_ip_limits_says_nothing_of_the_client_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = Policy(rate_limits=[RateLimit(name="all", rate="100/s", key="global")])
+    mw = FidelityMiddleware(_ok, policy=policy, clock=FakeClock(), telemetry=False)
+    caplog.set_level(logging.WARNING, logger="fidelity_mw")
+    _call(mw, _scope(client=None))
+    assert not [r for r in caplog.records if "client address" in r.getMessage()]
