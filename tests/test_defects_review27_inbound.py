@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Sequence
-import logging
 from typing import Any
 
 import httpx
@@ -398,7 +398,8 @@ def test_requests_without_a_client_address_are_said_once_to_share_one_key(
     said = [r for r in caplog.records if "client address" in r.getMessage()]
     assert len(said) == 1
     message = said[0].getMessage()
-    assert "per-client" in message and "unix socket" in message
+    assert "per-client" in message
+    assert "unix socket" in message
     assert "header:" in message  # the way out
     # the fields say it: one bucket for all of them
     assert _headers(start)[b"ratelimit"] == b'"per-client";r=97;t=1'

@@ -284,7 +284,7 @@ class FidelityMiddleware:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
                             client = scope.get("client")
-                            ip = client[0] if client else "unknown"
+                            ip = client[0] if client else self._reader.no_peer(plan.limits[0].name)
                             ctx.client_key = ip
                             keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:
