@@ -31,6 +31,11 @@
    `client_ip` limit then counted all clients as one, `"unknown"`, so one client's
    quota throttled the whole service, without a word. The middleware now says so once
    (a warning naming the way out: key by a header the proxy sets), and the docs too.
+6. Bulkhead settings that can never act loaded without a word from `fidelity-mw check`:
+   a route's `concurrency = true` ("the policy's [concurrency]") with no `[concurrency]`
+   table (the route has no bulkhead), a route's `priority` on a route without a
+   bulkhead, `priority_header` with no bulkhead anywhere or with `trusted_peers = []`
+   (the header is believed from trusted peers only). Each is now a warning naming it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from fidelity_mw.policy import BreakerConfig, ConcurrencyConfig
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
+from fidelity_mw.tools.check import check_file
 
 Message = dict[str, Any]
 
@@ -413,3 +419,60 @@ def test_a_route_without_client_ip_limits_says_nothing_of_the_client_address(
     caplog.set_level(logging.WARNING, logger="fidelity_mw")
     _call(mw, _scope(client=None))
     assert not [r for r in caplog.records if "client address" in r.getMessage()]
+
+
+# ------------------------------------------- 6. bulkhead settings that never act
+
+
+def _warnings(tmp_path: Any, text: str) -> dict[str, str]:
+    path = tmp_path / "fidelity.toml"
+    path.write_text("version = 1\n" + text)
+    result = check_file(path)
+    assert not result.errors
+    return {f.path: f"{f.line}: {f.message}" for f in result.warnings}
+
+
+def test_a_routes_concurrency_true_without_a_concurrency_table_is_a_warning(
+    tmp_path: Any,
+) -> None:
+    said = _warnings(tmp_path, '[[route]]\nmatch = "/a"\nconcurrency = true\n')
+    assert list(said) == ["route[0].concurrency"]
+    assert said["route[0].concurrency"].startswith("4: ")
+    assert "no [concurrency]" in said["route[0].concurrency"]
+
+
+def test_a_routes_priority_without_a_bulkhead_is_a_warning(tmp_path: Any) -> None:
+    said = _warnings(tmp_path, '[[route]]\nmatch = "/a"\npriority = "sheddable"\n')
+    assert list(said) == ["route[0].priority"]
+    assert "no bulkhead" in said["route[0].priority"]
+    said = _warnings(
+        tmp_path,
+        '[concurrency]\nlimit = 8\n[[route]]\nmatch = "/a"\npriority = "sheddable"\n'
+        "concurrency = false\n",
+    )
+    assert list(said) == ["route[0].priority"]
+
+
+def test_a_priority_header_that_can_never_be_believed_is_a_warning(tmp_path: Any) -> None:
+    said = _warnings(tmp_path, 'priority_header = "x-priority"\n')
+    assert list(said) == ["priority_header"]
+    assert "no bulkhead" in said["priority_header"]
+    said = _warnings(
+        tmp_path, 'priority_header = "x-priority"\ntrusted_peers = []\n[concurrency]\n'
+    )
+    assert list(said) == ["priority_header"]
+    assert "trusted_peers" in said["priority_header"]
+
+
+def test_bulkhead_settings_that_act_are_no_warning(tmp_path: Any) -> None:
+    assert not _warnings(
+        tmp_path,
+        'priority_header = "x-priority"\n[concurrency]\nlimit = 8\n'
+        '[[route]]\nmatch = "/a"\npriority = "sheddable"\nconcurrency = true\n'
+        '[[route]]\nmatch = "/b"\npriority = "critical"\n[route.concurrency]\nlimit = 2\n',
+    )
+    assert not _warnings(
+        tmp_path,
+        'priority_header = "x-priority"\n'
+        '[[route]]\nmatch = "/b"\npriority = "critical"\n[route.concurrency]\nlimit = 2\n',
+    )
