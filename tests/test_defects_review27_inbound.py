@@ -36,6 +36,11 @@
    table (the route has no bulkhead), a route's `priority` on a route without a
    bulkhead, `priority_header` with no bulkhead anywhere or with `trusted_peers = []`
    (the header is believed from trusted peers only). Each is now a warning naming it.
+7. A key or cost function that cannot be called with one argument (`def key(scope,
+   request)`, a method of the wrong arity) loaded; every request then failed in it:
+   a key function's failure counted the request by its address (a traceback logged per
+   interval), a cost function's charged the burst (one request took the whole bucket).
+   It is now a policy error naming the field and the signature.
 """
 
 from __future__ import annotations
@@ -476,3 +481,48 @@ def test_bulkhead_settings_that_act_are_no_warning(tmp_path: Any) -> None:
         'priority_header = "x-priority"\n'
         '[[route]]\nmatch = "/b"\npriority = "critical"\n[route.concurrency]\nlimit = 2\n',
     )
+
+
+# ------------------------------------------- 7. key and cost functions of the wrong arity
+
+
+def _two(a: Any, b: Any) -> str:
+    return "x"
+
+
+class _Method:
+    def key(self, scope: Any, extra: Any) -> str:
+        return "x"
+
+
+@pytest.mark.parametrize("field", ["key", "cost"])
+@pytest.mark.parametrize("fn", [_two, _Method().key, lambda: 1])
+def test_a_function_that_takes_no_single_argument_is_a_policy_error(field: str, fn: Any) -> None:
+    with pytest.raises(PolicyError) as caught:
+        RateLimit(name="a", rate="5/s", **{field: fn})
+    issues = {issue.path: issue.message for issue in caught.value.issues}
+    assert list(issues) == [field]
+    assert "one argument" in issues[field]
+
+
+def _one(scope: Any) -> int:
+    return 1
+
+
+def _optional(scope: Any, extra: int = 1) -> int:
+    return extra
+
+
+def _any(*args: Any) -> int:
+    return 1
+
+
+class _Callable:
+    def __call__(self, scope: Any) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("field", ["key", "cost"])
+@pytest.mark.parametrize("fn", [_one, _optional, _any, _Callable(), len, lambda r: 1])
+def test_functions_of_one_argument_still_load(field: str, fn: Any) -> None:
+    RateLimit(name="a", rate="5/s", **{field: fn})
