@@ -390,6 +390,21 @@ def _rate(value: Any) -> str | None:
     return None
 
 
+def _one_argument(fn: Any, what: str) -> str | None:
+    """None when `fn` can be called with one positional argument (or says nothing of
+    its signature: a builtin), else the problem, naming the signature."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        return f"{name}{signature} cannot be called with one argument: {what}"
+    return None
+
+
 def _key(value: Any) -> str | None:
     if callable(value):
         # (an object with an async `__call__` is not a coroutine function itself)
@@ -405,7 +420,7 @@ def _key(value: Any) -> str | None:
                 "middleware's key function is called without awaiting (a cost function "
                 "may be async; for an async key, Depends(fidelity.limit(..., key=fn)))"
             )
-        return None
+        return _one_argument(value, "the middleware calls a key function with the ASGI scope")
     if not isinstance(value, str):
         return f"expected a key kind, got {_tname(value)}"
     if value in ("client_ip", "route", "global"):
@@ -424,7 +439,7 @@ _COST_RANGE = int_in(1, 1_000_000)
 def _cost(value: Any) -> str | None:
     """A whole number of units, or (in Python) a function of the request."""
     if callable(value) and not isinstance(value, type):
-        return None
+        return _one_argument(value, "the middleware calls a cost function with the request")
     if isinstance(value, str):
         # a file names no function: `key` strings are kinds, not import paths, either
         return (
