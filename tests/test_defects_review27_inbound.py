@@ -41,6 +41,11 @@
    a key function's failure counted the request by its address (a traceback logged per
    interval), a cost function's charged the burst (one request took the whole bucket).
    It is now a policy error naming the field and the signature.
+8. Under an event loop that is not asyncio's (Starlette and FastAPI run on trio, e.g.
+   hypercorn's trio worker) every request failed with "no running event loop" (a 500
+   of ours, from the deadline's timer), and the server started as if all were well.
+   The middleware needs asyncio: the lifespan startup now fails saying so, and a
+   request that gets that far fails naming the cause.
 """
 
 from __future__ import annotations
@@ -526,3 +531,77 @@ class _Callable:
 @pytest.mark.parametrize("fn", [_one, _optional, _any, _Callable(), len, lambda r: 1])
 def test_functions_of_one_argument_still_load(field: str, fn: Any) -> None:
     RateLimit(name="a", rate="5/s", **{field: fn})
+
+
+# ------------------------------------------- 8. an event loop that is not asyncio's
+
+
+def _trio() -> Any:
+    return pytest.importorskip("trio")
+
+
+def test_under_trio_the_lifespan_startup_fails_saying_asyncio_is_needed() -> None:
+    trio = _trio()
+    sent: list[Message] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    mw = FidelityMiddleware(app, policy=Policy(), telemetry=False)
+
+    async def main() -> None:
+        messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive() -> Message:
+            return messages.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    trio.run(main)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "asyncio" in sent[0]["message"]
+
+
+def test_under_trio_a_request_fails_naming_the_cause() -> None:
+    trio = _trio()
+    mw = FidelityMiddleware(_ok, policy=Policy(), telemetry=False)
+
+    async def main() -> None:
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await mw(_scope(), receive, send)
+
+    with pytest.raises(RuntimeError, match="asyncio"):
+        trio.run(main)
+
+
+def test_under_asyncio_the_lifespan_starts_as_before() -> None:
+    sent: list[Message] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+
+    mw = FidelityMiddleware(app, policy=Policy(), telemetry=False)
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert sent == [{"type": "lifespan.startup.complete"}]
