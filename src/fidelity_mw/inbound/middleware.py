@@ -58,12 +58,14 @@ from .responses import (
     respond,
 )
 from .watch import (
+    NOT_ASYNCIO,
     CallLater,
     DeadlineWatch,
     OutcomeRecorder,
     ResponseEndHook,
     ResponseWatcher,
     response_ends,
+    running_loop,
 )
 from .xratelimit import fields_for
 
@@ -691,7 +693,11 @@ class FidelityMiddleware:
         """Lifespan passes through; on shutdown the store's connections are closed first."""
 
         async def lifespan_send(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            if message["type"] == "lifespan.startup.complete" and running_loop() is None:
+                # (trio): every request would fail; the server says why and stops
+                logger.error("fidelity_mw: %s", NOT_ASYNCIO)
+                message = {"type": "lifespan.startup.failed", "message": NOT_ASYNCIO}
+            elif message["type"] == "lifespan.shutdown.complete":
                 try:
                     await self.engine.aclose()
                 except Exception:
