@@ -46,6 +46,8 @@
    of ours, from the deadline's timer), and the server started as if all were well.
    The middleware needs asyncio: the lifespan startup now fails saying so, and a
    request that gets that far fails naming the cause.
+9. (2. for the FastAPI forms) `fidelity.route_class`'s breaker answered a rejecting gate
+   with no wait `Retry-After: 0`, as the middleware did.
 """
 
 from __future__ import annotations
@@ -605,3 +607,31 @@ def test_under_asyncio_the_lifespan_starts_as_before() -> None:
 
     asyncio.run(mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
     assert sent == [{"type": "lifespan.startup.complete"}]
+
+
+# ------------------------------------------- 9. the FastAPI route class's breaker 503
+
+
+@pytest.mark.anyio
+async def test_the_route_class_breaker_refusing_with_no_wait_says_retry_after_1() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity(policy=Policy(), store=_HalfOpenStore())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/pay")
+    @fidelity.breaker(failure_ratio=0.5, min_calls=5)
+    async def pay() -> dict[str, str]:
+        return {"paid": "yes"}
+
+    app = FastAPI()
+    app.include_router(router)
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        response = await c.get("/pay")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["detail"].endswith("retry in 1 s")
