@@ -635,3 +635,33 @@ async def test_the_route_class_breaker_refusing_with_no_wait_says_retry_after_1(
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.json()["detail"].endswith("retry in 1 s")
+
+
+# ------------------------------------------- the header scan against a model
+# (no defect found: `scan_headers` had no test of its own)
+
+_NAMES = st.sampled_from([b"x-request-timeout-ms", b"grpc-timeout", b"x-api-key", b"other", b""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(_NAMES, st.binary(max_size=12)), max_size=12),
+    wanted=st.frozensets(_NAMES),
+)
+def test_the_header_scan_keeps_the_wanted_lines_joined_in_order(
+    headers: list[tuple[bytes, bytes]], wanted: frozenset[bytes]
+) -> None:
+    from fidelity_mw.inbound.request import first_header, scan_headers
+
+    found = scan_headers(headers, wanted)
+    model: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in wanted:
+            model.setdefault(name, []).append(value)
+    if not model:
+        assert found is None
+        return
+    assert found == {name: b",".join(values) for name, values in model.items()}
+    scope = {"headers": headers}
+    for name, values in model.items():
+        assert first_header(scope, name) == values[0]
