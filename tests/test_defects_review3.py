@@ -472,7 +472,8 @@ async def test_redis_deferred_successes_lost_with_a_failed_call_are_counted(
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("wait", "header"),
-    [(math.inf, "31536000"), (1e300, "31536000"), (math.nan, "0"), (-5.0, "0"), (2.5, "3")],
+    # no wait at all is still "1": a refusal never says "come back at once" (review 27)
+    [(math.inf, "31536000"), (1e300, "31536000"), (math.nan, "1"), (-5.0, "1"), (2.5, "3")],
 )
 async def test_our_retry_after_is_whole_seconds_for_any_wait(wait: float, header: str) -> None:
     """An infinite wait made our answer a 500 (OverflowError while formatting it), and

@@ -19,6 +19,7 @@ sent once: a POST without an `Idempotency-Key`, an upstream with one attempt).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -103,12 +104,18 @@ async def call_on_reject(
     return answer
 
 
-def keep_headers(response: Response, headers: Sequence[tuple[bytes, bytes]]) -> None:
-    """Add the rejection's Retry-After / RateLimit fields the response does not set."""
+def keep_headers(response: Response, headers: Sequence[tuple[bytes, bytes]]) -> Response:
+    """The response with the rejection's Retry-After / RateLimit fields it does not set:
+    a copy when any are added. The hook's own response is never changed: a hook may
+    return one it keeps for every refusal, and the fields of this refusal, added to it,
+    would be those of every later one (being there, never set again)."""
     have = {name.lower() for name, _value in response.raw_headers}
-    for name, value in headers:
-        if name in _KEPT_HEADERS and name not in have:
-            response.raw_headers.append((name, value))
+    added = [(n, v) for n, v in headers if n in _KEPT_HEADERS and n not in have]
+    if not added:
+        return response
+    kept = copy.copy(response)
+    kept.raw_headers = [*response.raw_headers, *added]
+    return kept
 
 
 async def custom_rejection(
@@ -120,7 +127,7 @@ async def custom_rejection(
     """The hook's response to a middleware rejection, with our headers kept; or None."""
     response = await call_on_reject(on_reject, ctx, rejecting_decision(ctx))
     if response is not None:
-        keep_headers(response, [*rejection[1], *extra])
+        response = keep_headers(response, [*rejection[1], *extra])
     return response
 
 

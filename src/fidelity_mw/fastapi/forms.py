@@ -191,14 +191,13 @@ class Fidelity:
         if self.on_reject is not None:
             custom = await call_on_reject(self.on_reject, exc.ctx, exc.decision)
             if custom is not None:
-                keep_headers(
+                return keep_headers(
                     custom,
                     [
                         (k.lower().encode("latin-1"), v.encode("latin-1"))
                         for k, v in headers.items()
                     ],
                 )
-                return custom
         headers.setdefault("Cache-Control", "no-store")
         return JSONResponse(
             exc.problem, exc.status_code, headers=headers, media_type=PROBLEM_MEDIA_TYPE

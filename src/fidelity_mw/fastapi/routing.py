@@ -25,9 +25,9 @@ from ..context import (
     context_from_scope,
 )
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
-from ..decide.gcra import retry_after_header
 from ..engine import Engine, RoutePlan
 from ..headers import deadline_parser
+from ..inbound.responses import refusal_retry_after
 from ..rejections import (
     problem_document,
 )
@@ -116,7 +116,7 @@ async def _standalone(
                 at=now,
                 details={"retry_after_s": round(gate.retry_after_s, 3)},
             )
-            wait = retry_after_header(gate.retry_after_s)
+            wait = refusal_retry_after(gate.retry_after_s)
             problem = problem_document(
                 503,
                 "Service Unavailable",

@@ -29,7 +29,7 @@ from ..context import (
     DetailValue,
 )
 from ..decide.fleet import FleetShare
-from ..decide.gcra import LimitVerdict, retry_after_header
+from ..decide.gcra import LimitVerdict
 from ..errors import StateUnavailable
 from ..policy import Policy
 from ..routeplan import RoutePlan
@@ -39,6 +39,7 @@ from .responses import (
     OUTCOME_SHED,
     Rejection,
     problem_body,
+    refusal_retry_after,
     state_unavailable_body,
 )
 
@@ -86,7 +87,7 @@ class Admission:
             admission_decisions(ctx, plan, result, now)
             ctx.decided_by = LAYER_BREAKER
             ctx.outcome = OUTCOME_SHED
-            wait = retry_after_header(gate.retry_after_s)
+            wait = refusal_retry_after(gate.retry_after_s)
             body = problem_body(
                 503,
                 "Service Unavailable",
@@ -111,7 +112,7 @@ class Admission:
         ctx.decided_by = LAYER_RATELIMIT
         ctx.outcome = OUTCOME_REJECTED
         name = plan.specs[worst].name
-        wait = retry_after_header(worst_wait)
+        wait = refusal_retry_after(worst_wait)
         headers = [(b"retry-after", wait.encode())]
         if self.headers_mode != "never" and plan.policy_header is not None:
             headers.extend(self.fields(plan, result, int(wait)))

@@ -59,12 +59,14 @@ from .responses import (
     respond,
 )
 from .watch import (
+    NOT_ASYNCIO,
     CallLater,
     DeadlineWatch,
     OutcomeRecorder,
     ResponseEndHook,
     ResponseWatcher,
     response_ends,
+    running_loop,
 )
 from .websocket import WebsocketGate
 from .xratelimit import fields_for
@@ -292,7 +294,7 @@ class FidelityMiddleware:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
                             client = scope.get("client")
-                            ip = client[0] if client else "unknown"
+                            ip = client[0] if client else self._reader.no_peer(plan.limits[0].name)
                             ctx.client_key = ip
                             keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:
@@ -699,7 +701,11 @@ class FidelityMiddleware:
         """Lifespan passes through; on shutdown the store's connections are closed first."""
 
         async def lifespan_send(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            if message["type"] == "lifespan.startup.complete" and running_loop() is None:
+                # (trio): every request would fail; the server says why and stops
+                logger.error("fidelity_mw: %s", NOT_ASYNCIO)
+                message = {"type": "lifespan.startup.failed", "message": NOT_ASYNCIO}
+            elif message["type"] == "lifespan.shutdown.complete":
                 try:
                     await self.engine.aclose()
                 except Exception:

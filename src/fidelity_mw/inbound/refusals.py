@@ -34,7 +34,15 @@ from ..decide.retry import EXHAUSTING_REASONS
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from ..outbound.decisions import GIVE_UP_EXTENSION
-from .responses import EXHAUSTED, OUTCOME_EXPIRED, OUTCOME_SHED, Headers, Rejection, problem_body
+from .responses import (
+    EXHAUSTED,
+    OUTCOME_EXPIRED,
+    OUTCOME_SHED,
+    Headers,
+    Rejection,
+    problem_body,
+    refusal_retry_after,
+)
 
 # How a refusal's detail says why the control state could not decide (`fallback_why`),
 # as responses.STATE_UNAVAILABLE_DETAILS does: nothing internal (no address, no exception)
@@ -52,7 +60,7 @@ RETRY_AFTER = b"retry-after"
 def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
     """Our answer to an exception the app let out, if a control layer caused it."""
     if isinstance(exc, CircuitOpen):
-        wait = retry_after_header(exc.retry_after_s)
+        wait = refusal_retry_after(exc.retry_after_s)
         cause = exc.__cause__
         if cause is None:
             detail = f"the circuit breaker for upstream {exc.host!r} is open; retry in {wait} s"

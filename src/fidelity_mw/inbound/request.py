@@ -34,6 +34,8 @@ ATTEMPT_HEADER: Final = b"x-fidelity-attempt"
 _MAX_PEERS: Final = 4096
 _MAX_PARSED: Final = 1024  # deadline header values kept parsed, per header
 _MAX_KEPT_CHARS: Final = 64
+# The client key of a request without a client address (a server on a unix socket)
+NO_PEER: Final = "unknown"
 
 
 def header_key(name: str) -> bytes:
@@ -107,6 +109,7 @@ class RequestReader:
             wanted.add(header_key(pol.priority_header))
         self.wanted = frozenset(wanted)
         self._peer_trust: dict[str, bool] = {}
+        self._no_peer_said = False
 
     # ------------------------------------------------------------ deadline, peers
 
@@ -203,7 +206,7 @@ class RequestReader:
         if plan.ip_key_prefix is not None and not self.uses_forwarding:
             # one limit keyed by the peer address: the common case
             client = scope.get("client")
-            ip = client[0] if client else "unknown"
+            ip = client[0] if client else self.no_peer(plan.limits[0].name)
             ctx.client_key = ip
             return (plan.ip_key_prefix + ip,)
         ip_: str | None = None
@@ -213,7 +216,7 @@ class RequestReader:
             kind = lim.key
             if kind == "client_ip":
                 if ip_ is None:
-                    ip_ = self.client_ip(scope, found)
+                    ip_ = self.client_ip(scope, found, lim.name)
                 value = ip_
             elif kind == "route":
                 value = "route:" + plan.route
@@ -234,7 +237,7 @@ class RequestReader:
                         other = value
                 else:
                     if ip_ is None:
-                        ip_ = self.client_ip(scope, found)
+                        ip_ = self.client_ip(scope, found, lim.name)
                     value = ip_
             else:
                 try:
@@ -255,7 +258,7 @@ class RequestReader:
                     custom = None
                 if custom is None:
                     if ip_ is None:
-                        ip_ = self.client_ip(scope, found)
+                        ip_ = self.client_ip(scope, found, lim.name)
                     value = ip_
                 else:
                     value = "k:" + compact_key(str(custom))
@@ -271,17 +274,37 @@ class RequestReader:
             ctx.client_key = other
         return keys
 
-    def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None) -> str:
+    def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None, limit: str = "") -> str:
         client = scope.get("client")
         peer: str | None = client[0] if client else None
+        if peer is None:
+            return self.no_peer(limit)
         if found is None or not self.engine.trusted_proxies:
-            return peer if peer is not None else "unknown"
+            return peer
         return client_address(
             peer,
             found.get(self.forwarded_raw),
             self.engine.trusted_proxies,
             self.forwarded_header,
         )
+
+    def no_peer(self, limit: str) -> str:
+        """The client key of a request without a client address (`scope["client"]` is
+        None: a server on a unix socket), said once: every such request is one client."""
+        if not self._no_peer_said:
+            self._no_peer_said = True
+            logger.warning(
+                'fidelity_mw: a request came without a client address (scope["client"] '
+                "is None: a server on a unix socket); rate limit %r counts every such "
+                "request as one client, %r, and neither X-Forwarded-For nor Forwarded "
+                "can be believed without a peer address. Behind a proxy on a unix socket, "
+                "key the limit by a header the proxy sets itself (key = "
+                '"header:x-real-ip" with nginx\'s proxy_set_header X-Real-IP '
+                "$remote_addr), or serve on TCP",
+                limit,
+                NO_PEER,
+            )
+        return NO_PEER
 
 
 def awaitable_key(name: str, value: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Final
 
 from .._types import Send
 from ..context import LAYER_RATELIMIT, DecisionContext
+from ..decide.gcra import retry_after_header
 
 # Final: the compiled build inlines them (no module lookup per request)
 OUTCOME_SERVED: Final = "served"
@@ -45,6 +46,14 @@ Headers = list[tuple[bytes, bytes]]
 # status, extra headers, body; the content headers and the decided-by marker are added
 # when it is sent.
 Rejection = tuple[int, Headers, bytes]
+
+
+def refusal_retry_after(seconds: float) -> str:
+    """`Retry-After` of a refusal: whole seconds, rounded up, at most a year, and at
+    least 1 whatever the layer's wait (0, negative or NaN from a store or an exception
+    of the app's): a refusal never tells its callers to come back at once."""
+    value = retry_after_header(seconds)
+    return "1" if value == "0" else value
 
 
 def problem_body(status: int, title: str, detail: str, kind: str, **extra: Any) -> bytes:

@@ -55,6 +55,12 @@ _asyncgen_hooks: Final = get_asyncgen_hooks  # compiled: a constant, not a looku
 
 ResponseEndHook = Callable[[DecisionContext, Scope, Any], None]
 
+# Said when no asyncio event loop runs the request (trio: hypercorn's trio worker)
+NOT_ASYNCIO: Final = (
+    "fidelity_mw needs an asyncio event loop (asyncio's own or uvloop) and none is "
+    "running: serve the app with an asyncio worker (not trio)"
+)
+
 
 class TimerHandle(Protocol):
     def cancel(self) -> None: ...
@@ -166,8 +172,10 @@ class ResponseWatcher:
                 if status >= 500:
                     headers = after_give_up(ctx, headers, message)
             if headers:
-                # a new list: the app's may be shared (a reused Response object)
-                message["headers"] = [*message.get("headers", ()), *headers]
+                # A new message with a new list: the app's may be shared (a reused
+                # Response object, a start message it keeps and sends again), and ours
+                # would pile up in it, request after request.
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
         elif (
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
@@ -194,7 +202,7 @@ def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, tok
         log_exception(logger, "before_response_end", "fidelity_mw: telemetry observer failed")
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -250,7 +258,10 @@ class DeadlineWatch:
         thread, where its current task is not this request's.) Any other hook: this
         lookup, which checks.
         """
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (trio): say why, not "no running event loop"
+            raise RuntimeError(NOT_ASYNCIO) from None
         firstiter = get_asyncgen_hooks()[0]
         # a hook that is not this loop's (another library's) proves nothing: no home
         self.home = (firstiter, loop) if getattr(firstiter, "__self__", None) is loop else None
@@ -292,7 +303,7 @@ class DeadlineWatch:
 
     def _fire_in_loop(self) -> None:
         loop = self._loop
-        if loop is None or loop.is_closed() or _running_loop() is loop:
+        if loop is None or loop.is_closed() or running_loop() is loop:
             self._fire()
         else:
             loop.call_soon_threadsafe(self._fire)
@@ -309,7 +320,7 @@ class DeadlineWatch:
                 expired.append(watcher)
             elif at < earliest:
                 earliest = at
-        running = _running_loop()
+        running = running_loop()
         for watcher in expired:
             task = watcher.task
             loop = task.get_loop() if task is not None else None

@@ -54,6 +54,9 @@ _PERIODS = {
     "d": 86400.0,
     "day": 86400.0,
 }
+# the largest count of a rate (and its default burst) and its longest period
+MAX_RATE_COUNT = 1_000_000_000
+MAX_RATE_PERIOD_S = 365 * 86400.0
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
 _PER_RE = re.compile(r"(?<=\d)\s+per\s+")  # the limits library's "5 per minute"
 # \Z, not $: "$" also matches before a final newline ("x-api-key\n" is no header name)
@@ -362,7 +365,19 @@ def parse_rate(text: str) -> tuple[int, float]:
     periods = int(multiple) if multiple else 1
     if periods < 1:
         raise ValueError(f"{_toml(text)} has an empty period: the period must be at least 1 {unit}")
-    return count, _PERIODS[unit] * periods
+    # Bounded so that what the responses say of the limit stays true and readable: the
+    # count is the default burst (held to what an explicit `burst` is), and the
+    # RateLimit fields are Structured Field integers (at most 15 digits), their `t`
+    # no later than the year `Retry-After` is capped at.
+    if count > MAX_RATE_COUNT:
+        raise ValueError(
+            f"{_toml(text)} counts more than {MAX_RATE_COUNT} per period: "
+            "write it per a shorter period"
+        )
+    period_s = _PERIODS[unit] * periods
+    if period_s > MAX_RATE_PERIOD_S:
+        raise ValueError(f"{_toml(text)} has a period longer than 365 d: the longest is 365 d")
+    return count, period_s
 
 
 def _rate(value: Any) -> str | None:
@@ -372,6 +387,21 @@ def _rate(value: Any) -> str | None:
         parse_rate(value)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def _one_argument(fn: Any, what: str) -> str | None:
+    """None when `fn` can be called with one positional argument (or says nothing of
+    its signature: a builtin), else the problem, naming the signature."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        return f"{name}{signature} cannot be called with one argument: {what}"
     return None
 
 
@@ -390,7 +420,7 @@ def _key(value: Any) -> str | None:
                 "middleware's key function is called without awaiting (a cost function "
                 "may be async; for an async key, Depends(fidelity.limit(..., key=fn)))"
             )
-        return None
+        return _one_argument(value, "the middleware calls a key function with the ASGI scope")
     if not isinstance(value, str):
         return f"expected a key kind, got {_tname(value)}"
     if value in ("client_ip", "route", "global"):
@@ -409,7 +439,7 @@ _COST_RANGE = int_in(1, 1_000_000)
 def _cost(value: Any) -> str | None:
     """A whole number of units, or (in Python) a function of the request."""
     if callable(value) and not isinstance(value, type):
-        return None
+        return _one_argument(value, "the middleware calls a cost function with the request")
     if isinstance(value, str):
         # a file names no function: `key` strings are kinds, not import paths, either
         return (
@@ -740,7 +770,7 @@ class RateLimit(_Validated):
 
     name: str = _spec("default", _limit_name)
     rate: str = _spec("100/s", _rate)
-    burst: int | None = _spec(None, optional(int_in(1, 1_000_000_000)))
+    burst: int | None = _spec(None, optional(int_in(1, MAX_RATE_COUNT)))
     # an int, or (in Python) a function of the request: its cost (inbound/costs.py)
     cost: int | CostFunc = _spec(1, _cost)
     key: str | KeyFunc = _spec("client_ip", _key)

@@ -408,7 +408,9 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
         "_limit_name": 'non-empty printable ASCII, without `"`, `\\` or `|`',
         "_key_prefix": "non-empty string without `{` or `}`",
-        "_rate": '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N >= 1',
+        "_rate": (
+            '`"N/s"`, `"N/min"`, `"N/h"`, `"N/d"`, N 1 .. 1_000_000_000, a period of at most 365 d'
+        ),
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
         "_cost": "1 .. 1_000_000",
         "_route_concurrency": "table, `true` or `false`",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyError
-from ..policy import Policy
+from ..policy import ConcurrencyConfig, Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 from ..policy.model import TOO_DEEP, glob_matches
 from ..state.factory import memory_workers_warning, web_concurrency
@@ -100,6 +100,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     hosts: list[str | None] = [u.host for u in policy.upstreams]
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
     result.warnings.extend(_idle_excludes(name, lines, policy))
+    result.warnings.extend(_idle_bulkhead_settings(name, lines, data, policy))
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     if workers is None:
         workers = web_concurrency()
@@ -130,6 +131,56 @@ def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
             else:
                 continue
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _idle_bulkhead_settings(
+    name: str, lines: KeyLines, data: dict[str, Any], policy: Policy
+) -> list[Finding]:
+    """Bulkhead settings that can never act: a route's `concurrency = true` without a
+    `[concurrency]` table, a route's `priority` on a route without a bulkhead, and a
+    `priority_header` with no bulkhead anywhere or no trusted peer to believe it from."""
+    out: list[Finding] = []
+
+    def say(path: str, message: str) -> None:
+        out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+
+    raw_routes = data.get("route", [])
+    if not isinstance(raw_routes, list):
+        raw_routes = []
+    top = policy.concurrency
+    any_bulkhead = top is not None
+    for i, (raw, route) in enumerate(zip(raw_routes, policy.routes, strict=False)):
+        own = route.concurrency
+        has = own is not False and (top is not None or isinstance(own, ConcurrencyConfig))
+        any_bulkhead = any_bulkhead or has
+        raw_own = raw.get("concurrency") if isinstance(raw, dict) else None
+        if raw_own is True and top is None:
+            say(
+                f"route[{i}].concurrency",
+                "true asks for the policy's [concurrency], and there is no [concurrency] "
+                "table: this route has no bulkhead (add [concurrency], or give the route "
+                "its own table)",
+            )
+        elif not has and isinstance(raw, dict) and "priority" in raw:
+            say(
+                f"route[{i}].priority",
+                "a priority class acts only in a bulkhead, and this route has no bulkhead "
+                "(concurrency = false, or no [concurrency] table)",
+            )
+    if policy.priority_header:
+        if not any_bulkhead:
+            say(
+                "priority_header",
+                "a priority class acts only in a bulkhead, and there is no bulkhead: no "
+                "route has one (add [concurrency])",
+            )
+        elif not policy.trusted_peers:
+            say(
+                "priority_header",
+                "the header is believed from trusted_peers only, and trusted_peers is "
+                "empty: no request's class ever comes from it",
+            )
     return out
 
 
