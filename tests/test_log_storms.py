@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit, _logs
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, RateLimit, _logs
 from fidelity_mw.errors import StateUnavailable
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state.base import LimitSpec
@@ -159,3 +159,71 @@ def test_a_failing_key_function_and_observer_log_one_traceback_not_one_per_reque
     assert len(keyed) == 1
     assert keyed[0].exc_info is not None  # the traceback, once
     assert len(lines(caplog, "telemetry observer failed")) == 1
+
+
+# the middleware's set-up fallback and the outbound attempt observer (rev27i's review)
+
+
+def errors(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage()]
+
+
+def test_a_request_that_cannot_be_set_up_is_served_and_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = FidelityMiddleware(app, policy=Policy(), telemetry=False)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        for _ in range(5):  # a hand-built scope without "method": set-up fails every time
+            scope = {"type": "http", "path": "/x", "headers": [], "query_string": b""}
+            await middleware(scope, receive, send)
+
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        asyncio.run(run())
+    assert served == ["/x"] * 5  # never a 500 of ours: each request passed through
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200] * 5
+    logged = errors(caplog, "could not set up the request")
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None  # the first one with its traceback
+
+
+class BrokenObserver:
+    def attempt_start(self, ctx: Any, request: httpx.Request, attempt: int) -> Any:
+        raise RuntimeError("observer bug")
+
+    def attempt_end(self, token: Any, response: Any, error: Any) -> None:
+        raise RuntimeError("observer bug")
+
+
+def test_a_failing_attempt_observer_is_logged_once_per_interval_and_calls_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = Policy.from_dict({"upstream": [{"host": "a.internal"}]})
+    transport = FidelityTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)),
+        policy=policy,
+        clock=FakeClock(),
+        observer=BrokenObserver(),
+    )
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return [(await client.get("http://a.internal/x")).status_code for _ in range(6)]
+
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        assert asyncio.run(run()) == [200] * 6
+    assert len(errors(caplog, "attempt observer failed")) == 1

@@ -250,7 +250,10 @@ class FidelityMiddleware:
             else:
                 ctx = DecisionContext(self.engine, plan.route, method, now)
         except Exception:  # never a 500 of our own making: serve the request undecided
-            logger.exception("fidelity_mw: could not set up the request; passing it through")
+            # one traceback per interval: a fault here hits every request while it lasts
+            log_exception(
+                logger, "setup", "fidelity_mw: could not set up the request; passing it through"
+            )
             await self.app(scope, receive, send)
             return
         token = _set_current(ctx)
@@ -418,8 +421,11 @@ class FidelityMiddleware:
                                 plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
                             )
                     except Exception:
-                        logger.exception(
-                            "fidelity_mw: could not record the outcome of %s", ctx.route
+                        log_exception(
+                            logger,
+                            "record",
+                            "fidelity_mw: could not record the outcome of %s",
+                            ctx.route,
                         )
                 return
             pending = self._outcomes.after_app(ctx, plan, result, keys, watcher.complete)
@@ -427,7 +433,12 @@ class FidelityMiddleware:
                 try:
                     await pending
                 except Exception:
-                    logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+                    log_exception(
+                        logger,
+                        "record",
+                        "fidelity_mw: could not record the outcome of %s",
+                        ctx.route,
+                    )
         finally:
             if in_bulkhead:
                 self._bulkheads.leave(ctx, plan, app_ran)
@@ -695,7 +706,9 @@ class FidelityMiddleware:
             try:
                 await pending
             except Exception:
-                logger.exception("fidelity_mw: could not record the outcome of %s", ctx.route)
+                log_exception(
+                    logger, "record", "fidelity_mw: could not record the outcome of %s", ctx.route
+                )
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         """Lifespan passes through; on shutdown the store's connections are closed first."""

@@ -515,7 +515,7 @@ class OutcomeRecorder:
         try:
             refund_now(charged_keys, charged_specs, now, charged_tats)
         except Exception:
-            logger.exception("fidelity_mw: could not refund quota of %s", plan.route)
+            log_exception(logger, "refund", "fidelity_mw: could not refund quota of %s", plan.route)
         return None
 
     def finish(
@@ -552,7 +552,9 @@ class OutcomeRecorder:
                 if record_now(breaker_key, breaker, gate, outcome, slow, at) is not None:
                     return None
             except Exception:
-                logger.exception("fidelity_mw: could not record the outcome of %s", route)
+                log_exception(
+                    logger, "record", "fidelity_mw: could not record the outcome of %s", route
+                )
                 return None
         return self.store.record(breaker_key, breaker, gate, outcome, slow, at)
 

@@ -14,6 +14,7 @@ from typing import Any, Final, NamedTuple
 
 import httpx
 
+from .._logs import exception as log_exception
 from .._logs import warn
 from ..context import (
     ALLOW,
@@ -581,7 +582,8 @@ def observe_start(
     try:
         return observer.attempt_start(ctx, request, attempt)
     except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
+        # the app's code, failing on every call while it is broken: one traceback per interval
+        log_exception(logger, "observer", "fidelity_mw: attempt observer failed")
         return None
 
 
@@ -596,7 +598,8 @@ def observe_end(
     try:
         observer.attempt_end(token, response, error)
     except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
+        # the app's code, failing on every call while it is broken: one traceback per interval
+        log_exception(logger, "observer", "fidelity_mw: attempt observer failed")
 
 
 def call_end(observer: AttemptObserver, ctx: DecisionContext) -> None:
@@ -607,4 +610,5 @@ def call_end(observer: AttemptObserver, ctx: DecisionContext) -> None:
     try:
         call_end(ctx)
     except Exception:
-        logger.exception("fidelity_mw: attempt observer failed")
+        # the app's code, failing on every call while it is broken: one traceback per interval
+        log_exception(logger, "observer", "fidelity_mw: attempt observer failed")
