@@ -407,3 +407,30 @@ def test_shadowing_is_reported_alongside_errors(tmp_path: Path, capsys: pytest.C
     assert f"{path}:6: route[1].deadline_ms: " in out
     assert f"{path}:5: warning: route[1].match: never used: route[0]" in out
     assert f"{path}:12: warning: upstream[1].host: never used: upstream[0]" in out
+
+
+def test_an_open_min_above_open_s_is_a_warning_naming_the_cap(tmp_path: Path):
+    from fidelity_mw.tools.check import check_file
+
+    path = tmp_path / "fidelity.toml"
+    path.write_text(
+        "version = 1\n"
+        "[breaker]\n"
+        "open_min_s = 60\n"  # open_s left at its 5 s: the breaker opens 5 s, not 60
+        "[[upstream]]\n"
+        'host = "payments.internal"\n'
+        "breaker = { open_s = 30, open_min_s = 30 }\n"  # a fixed open time: fine
+        "[[upstream]]\n"
+        'host = "inventory.internal"\n'
+        "breaker = { open_s = 2, open_min_s = 10 }\n"
+    )
+    result = check_file(path)
+    assert not result.errors
+    said = {f.path: (f.line, f.message) for f in result.warnings}
+    assert list(said) == ["breaker.open_min_s", "upstream[1].breaker.open_min_s"]
+    assert said["breaker.open_min_s"] == (
+        3,
+        "60 s is above open_s (5 s): the breaker stays open 5 s, the cap (set open_s too, "
+        "for a fixed open time the same value)",
+    )
+    assert said["upstream[1].breaker.open_min_s"][0] == 9

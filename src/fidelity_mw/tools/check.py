@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyError
-from ..policy import ConcurrencyConfig, Policy
+from ..policy import BreakerConfig, ConcurrencyConfig, Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 from ..policy.model import TOO_DEEP, glob_matches
 from ..state.factory import memory_workers_warning, web_concurrency
@@ -102,6 +102,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_idle_excludes(name, lines, policy))
     result.warnings.extend(_idle_bulkhead_settings(name, lines, data, policy))
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
+    result.warnings.extend(_capped_open_times(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -130,6 +131,30 @@ def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
                 )
             else:
                 continue
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _capped_open_times(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """A breaker whose `open_min_s` is above its `open_s`: the open time starts at the
+    first and doubles up to the second, so it is `open_s` every time, shorter than the
+    `open_min_s` the file asks for (most likely `open_min_s` set alone, `open_s` left at
+    its default of 5 s)."""
+    breakers: list[tuple[str, BreakerConfig | None]] = [("breaker", policy.breaker)]
+    breakers += [
+        (f"route[{i}].breaker", r.breaker if isinstance(r.breaker, BreakerConfig) else None)
+        for i, r in enumerate(policy.routes)
+    ]
+    breakers += [(f"upstream[{i}].breaker", u.breaker) for i, u in enumerate(policy.upstreams)]
+    out: list[Finding] = []
+    for prefix, cfg in breakers:
+        if cfg is not None and cfg.open_min_s > cfg.open_s:
+            path = f"{prefix}.open_min_s"
+            message = (
+                f"{cfg.open_min_s:g} s is above open_s ({cfg.open_s:g} s): the breaker stays "
+                f"open {cfg.open_s:g} s, the cap (set open_s too, for a fixed open time the "
+                "same value)"
+            )
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out
 
