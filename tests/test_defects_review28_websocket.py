@@ -246,7 +246,10 @@ def test_the_apps_own_denial_response_is_passed_whole_and_records_its_status() -
 
     limited = FidelityMiddleware(
         app,
-        policy=Policy(rate_limits=(RateLimit(name="one", rate="9/h", burst=9),)),
+        policy=Policy(
+            rate_limits=(RateLimit(name="one", rate="9/h", burst=9),),
+            rate_limit_headers="on_reject",
+        ),
         clock=FakeClock(),
         observer=recorder,
     )
@@ -444,4 +447,93 @@ def test_fastapi_websocket_routes_top_level_and_included() -> None:
         "/r/inner/{room}",
         UNMATCHED,
         UNMATCHED,
+    ]
+
+
+def test_the_apps_own_denial_carries_the_ratelimit_fields_as_its_accept_would() -> None:
+    """`rate_limit_headers = "always"`: an HTTP response of the app's carries the
+    RateLimit fields (HTTP: every limited response), so its own answer to a handshake
+    does too, as its accept does."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 401, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"nope"})
+
+    limited = FidelityMiddleware(
+        app,
+        policy=Policy(rate_limits=(RateLimit(name="one", rate="9/h", burst=9),)),
+        clock=FakeClock(),
+        telemetry=False,
+    )
+    start = Conversation(CONNECT).run(limited, ws_scope(extensions=EXTENSION))[0]
+    headers = dict(start["headers"])
+    assert headers[b"ratelimit"] == b'"one";r=8;t=400'
+    assert b"ratelimit-policy" in headers
+
+
+def test_a_fastapi_limits_denial_carries_the_middlewares_fields_as_refunded() -> None:
+    """The dependency's 429 gives the middleware's units back; its fields say so (as
+    for HTTP: `refunded_fields`), not one unit low."""
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    clock = FakeClock()
+    fidelity = Fidelity(clock=clock)
+    app = FastAPI()
+
+    @app.websocket("/ws", dependencies=[Depends(fidelity.limit("1/h", key="header:x-k"))])
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    @app.get("/ws-http", dependencies=[Depends(fidelity.limit("1/h", key="header:x-k"))])
+    async def http() -> str:
+        return "ok"
+
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(rate_limits=(RateLimit(name="sockets", rate="5/h", burst=5),)),
+        clock=clock,
+        telemetry=False,
+    )
+    fidelity.install(app)
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect(
+            "/ws", headers={"x-k": "a"}
+        ) as socket_:
+            socket_.receive_text()
+        refused = client.websocket_connect
+        with pytest.raises(WebSocketDenialResponse) as info, refused("/ws", headers={"x-k": "a"}):
+            pass
+        assert client.get("/ws-http", headers={"x-k": "b"}).status_code == 200
+        http_refused = client.get("/ws-http", headers={"x-k": "b"})
+    denial = info.value
+    assert denial.status_code == http_refused.status_code == 429
+    ours = [v for v in denial.headers.get_list("ratelimit") if v.startswith('"sockets"')]
+    http_ours = [v for v in http_refused.headers.get_list("ratelimit") if '"sockets"' in v]
+    assert ours == ['"sockets";r=4;t=720']  # one handshake charged, the refused one not
+    assert http_ours[0].startswith('"sockets";r=3;')  # HTTP, the same rule: ws + 1 GET charged
+
+
+def test_websocket_routes_under_two_hosts_keep_two_names() -> None:
+    from starlette.routing import Host, Router
+
+    recorder = Recorder()
+    app = _starlette(
+        Host("a.example.com", app=Router([WebSocketRoute("/ws", echo)])),
+        Host("b.example.com", app=Router([WebSocketRoute("/ws", echo)])),
+        observer=recorder,
+        policy=by_route(),
+    )
+    with TestClient(app) as client:
+        for host in ("a.example.com", "b.example.com", "a.example.com"):
+            with client.websocket_connect("/ws", headers={"host": host}) as socket_:
+                socket_.send_text("x")
+                assert socket_.receive_text() == "X"
+    assert [ctx.route for ctx in recorder.ended] == [
+        "a.example.com/ws",
+        "b.example.com/ws",
+        "a.example.com/ws",
     ]

@@ -47,6 +47,7 @@ from .responses import (
     Rejection,
 )
 from .watch import OutcomeRecorder, ResponseEndHook
+from .xratelimit import refunded_fields
 
 logger: Final = logging.getLogger("fidelity_mw")
 
@@ -306,6 +307,11 @@ class Handshake:
             status = CLOSED_BEFORE_ACCEPT
         elif kind == "websocket.http.response.start":
             status = message.get("status")
+            extra = self.ctx.response_headers
+            if extra:  # as on an HTTP response of the app's (watch.py)
+                if self.ctx.shed_by is not None and status is not None and status >= 400:
+                    extra = refunded_fields(self.ctx, extra)  # its units come back
+                message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
         else:
             status = None
         if status is None:
