@@ -149,7 +149,8 @@ def test_the_accept_with_ratelimit_fields_keeps_the_apps_subprotocol_and_headers
     sent = Conversation(CONNECT).run(limited, ws_scope())
     assert sent[0]["subprotocol"] == "chat.v2"
     names = [name for name, _ in sent[0]["headers"]]
-    assert names[0] == b"x-a" and b"ratelimit" in names
+    assert names[0] == b"x-a"
+    assert b"ratelimit" in names
     assert accept["headers"] == [(b"x-a", b"1")]  # the app's message is not changed
 
 
@@ -282,7 +283,8 @@ def test_many_sockets_leave_no_context_task_or_plan_behind() -> None:
     async def main() -> int:
         async def one(i: int) -> None:
             talk = Conversation(CONNECT, {"type": "websocket.disconnect", "code": 1000})
-            await limited(ws_scope(client=(f"10.0.{i // 250}.{i % 250}", 1)), talk.receive, talk.send)
+            scope = ws_scope(client=(f"10.0.{i // 250}.{i % 250}", 1))
+            await limited(scope, talk.receive, talk.send)
 
         await asyncio.gather(*(one(i) for i in range(300)))
         return len(asyncio.all_tasks())
@@ -296,7 +298,8 @@ def test_many_sockets_leave_no_context_task_or_plan_behind() -> None:
     live = sum(1 for obj in gc.get_objects() if isinstance(obj, DecisionContext))
     assert live == 0
     gate = limited._websockets
-    assert gate is not None and len(gate._plans) == 1
+    assert gate is not None
+    assert len(gate._plans) == 1
 
 
 def test_the_handshake_span_is_not_current_once_the_socket_is_open() -> None:
@@ -321,9 +324,12 @@ def test_the_handshake_span_is_not_current_once_the_socket_is_open() -> None:
         app.add_middleware(
             FidelityMiddleware, policy=policy, clock=FakeClock(), observer=otel.telemetry
         )
-        with TestClient(app) as client:
-            with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws") as s:
-                s.receive_text()
+        with (
+            TestClient(app) as client,
+            pytest.raises(WebSocketDisconnect),
+            client.websocket_connect("/ws") as s,
+        ):
+            s.receive_text()
         (span,) = otel.finished()
     finally:
         otel.shutdown()
@@ -401,14 +407,15 @@ def test_a_mounted_websocket_route_and_root_path() -> None:
         observer=recorder,
         policy=by_route(),
     )
-    with TestClient(app) as client:
-        with client.websocket_connect("/api/ws/a") as socket_:
-            socket_.send_text("x")
-            assert socket_.receive_text() == "X"
-    with TestClient(app, root_path="/edge") as client:
-        with client.websocket_connect("/edge/api/ws/a") as socket_:
-            socket_.send_text("x")
-            assert socket_.receive_text() == "X"
+    with TestClient(app) as client, client.websocket_connect("/api/ws/a") as socket_:
+        socket_.send_text("x")
+        assert socket_.receive_text() == "X"
+    with (
+        TestClient(app, root_path="/edge") as client,
+        client.websocket_connect("/edge/api/ws/a") as socket_,
+    ):
+        socket_.send_text("x")
+        assert socket_.receive_text() == "X"
     assert [ctx.route for ctx in recorder.ended] == ["/api/ws/{room}"] * 2
 
 
@@ -500,9 +507,10 @@ def test_a_fastapi_limits_denial_carries_the_middlewares_fields_as_refunded() ->
     )
     fidelity.install(app)
     with TestClient(app) as client:
-        with pytest.raises(WebSocketDisconnect), client.websocket_connect(
-            "/ws", headers={"x-k": "a"}
-        ) as socket_:
+        with (
+            pytest.raises(WebSocketDisconnect),
+            client.websocket_connect("/ws", headers={"x-k": "a"}) as socket_,
+        ):
             socket_.receive_text()
         refused = client.websocket_connect
         with pytest.raises(WebSocketDenialResponse) as info, refused("/ws", headers={"x-k": "a"}):
