@@ -548,3 +548,13 @@ def test_websocket_routes_under_two_hosts_keep_two_names() -> None:
         "b.example.com/ws",
         "a.example.com/ws",
     ]
+
+
+def test_a_websocket_route_of_a_mounted_starlette_app() -> None:
+    recorder = Recorder()
+    sub = Starlette(routes=[WebSocketRoute("/ws/{room}", echo)])
+    app = _starlette(Mount("/sub", app=sub), observer=recorder, policy=by_route())
+    with TestClient(app) as client, client.websocket_connect("/sub/ws/a") as socket_:
+        socket_.send_text("x")
+        assert socket_.receive_text() == "X"
+    assert [ctx.route for ctx in recorder.ended] == ["/sub/ws/{room}"]
