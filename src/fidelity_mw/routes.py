@@ -126,6 +126,14 @@ def _host(scope: Mapping[str, Any]) -> str:
     return ""
 
 
+def _is_websocket_route(route: Any) -> bool:
+    """A websocket route (Starlette's `WebSocketRoute`, FastAPI's `APIWebSocketRoute`):
+    one with no `methods`. FastAPI's `RouteContext` (an included router's route, opened
+    up) has a `methods` property of its own, None for a websocket route: its
+    `original_route` is the route itself."""
+    return not hasattr(getattr(route, "original_route", route), "methods")
+
+
 def _is_mount(route: Any) -> bool:
     # (FastAPI lists every route, a Mount too, as a RouteContext whose `endpoint` is
     # None for a mount: "no attribute" alone took a mount for a route named "/api")
@@ -140,6 +148,9 @@ def _serving(
     scope: Mapping[str, Any],
 ) -> Served | None:
     partial: str | None = None
+    # Starlette's routers give a websocket to websocket routes (and mounts) alone, an
+    # HTTP request to the others: a websocket route has no methods to match
+    websocket = scope.get("type") == "websocket"
     for route in flat_routes(routes):  # FastAPI's included routers opened up
         host_regex = getattr(route, "host_regex", None)
         if host_regex is not None and getattr(route, "path_regex", None) is None:
@@ -163,8 +174,8 @@ def _serving(
         if regex is None or path is None:
             continue  # a route type of its own: no path template to use
         is_mount = _is_mount(route)
-        if not is_mount and not hasattr(route, "methods"):
-            continue  # a websocket route never serves an http request
+        if not is_mount and _is_websocket_route(route) is not websocket:
+            continue  # a websocket route never serves an http request, nor an http one a socket
         found = regex.match(route_path)
         if found is None:
             continue
@@ -185,7 +196,7 @@ def _serving(
             # template is the one the Mount itself routes by (`/api/{path:path}`; a root
             # mount's, whose `path` is "", `/{path:path}`)
             return Served("", f"{path}/*", f"{prefix}/{{path:path}}", None)
-        methods = route.methods
+        methods = None if websocket else route.methods
         if methods and method not in methods:
             if partial is None:
                 partial = str(path)  # method not allowed: same route, other verb
@@ -217,6 +228,8 @@ def slash_redirect(scope: Mapping[str, Any], fallback_app: object = None) -> boo
     whatever its method.) That router is the app's own, or the one of the mounted app or
     router, or of the `Host`, that the request goes on to: a mount's own redirect
     (`/api/items/` to `/api/items` under `Mount("/api")`) is one as much as the top's."""
+    if scope.get("type") == "websocket":
+        return False  # Starlette redirects HTTP requests alone
     try:
         return _redirects(_router_of(scope.get("app") or fallback_app), _route_path(scope), scope)
     except Exception:  # a third-party route object with odd attributes
@@ -244,7 +257,7 @@ def _redirects(router: Any, route_path: str, scope: Mapping[str, Any], depth: in
         if regex is None:
             continue
         is_mount = _is_mount(route)
-        if not is_mount and not hasattr(route, "methods"):
+        if not is_mount and _is_websocket_route(route):
             continue
         found = regex.match(route_path)
         if found is None:

@@ -32,8 +32,10 @@ from .._logs import exception as log_exception
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..context import LAYER_RATELIMIT, DecisionContext
 from ..engine import Engine
+from ..engine import _routes_by_host as routes_by_host
 from ..hooks import RequestObserver
 from ..routeplan import RoutePlan
+from ..routes import _host as routes_host
 from ..state.base import InboundResult
 from .admission import Admission
 from .request import RequestReader, scan_headers
@@ -45,6 +47,7 @@ from .responses import (
     Rejection,
 )
 from .watch import OutcomeRecorder, ResponseEndHook
+from .xratelimit import refunded_fields
 
 logger: Final = logging.getLogger("fidelity_mw")
 
@@ -121,24 +124,26 @@ class WebsocketGate:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.engine = host.engine
-        # the engine's plans by (method, path), as the middleware reads them first
-        self._cached = host.engine._plans.get
-        # a route's handshake plan, by the (GET) plan it is made from
-        self._plans: dict[RoutePlan, RoutePlan] = {}
+        # a handshake's plan by path (and host, for an app that routes by Host), or the
+        # plan of a path no limit of which covers a GET (its `limits` empty). Not the
+        # engine's (GET, path) plans: a websocket is named by the websocket route that
+        # serves it, a GET by its HTTP route (or `!unmatched`, the router's 404).
+        self._plans: dict[tuple[str, str], RoutePlan] = {}
 
     def plan_for(self, scope: Scope) -> RoutePlan | None:
         """The handshake's plan; None when no limit of its path covers a GET."""
-        base = self._cached(("GET", scope["path"])) or self.engine.plan_for(
-            {**scope, "method": "GET"}
-        )
-        if not base.limits:
-            return None
-        plan = self._plans.get(base)
+        engine = self.engine
+        by_host = engine._by_host
+        if by_host is None:
+            by_host = engine._by_host = routes_by_host(scope.get("app") or engine.route_app)
+        key = (scope["path"], routes_host(scope) if by_host else "")
+        plan = self._plans.get(key)
         if plan is None:
+            base = engine._build_plan({**scope, "method": "GET"}, "GET", key[0])
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[base] = websocket_plan(base)
-        return plan
+            plan = self._plans[key] = websocket_plan(base) if base.limits else base
+        return plan if plan.limits else None
 
     def app_for(self, scope: Scope) -> ASGIApp:
         """What serves this websocket: the app itself when no limit of its path covers
@@ -302,6 +307,11 @@ class Handshake:
             status = CLOSED_BEFORE_ACCEPT
         elif kind == "websocket.http.response.start":
             status = message.get("status")
+            extra = self.ctx.response_headers
+            if extra:  # as on an HTTP response of the app's (watch.py)
+                if self.ctx.shed_by is not None and status is not None and status >= 400:
+                    extra = refunded_fields(self.ctx, extra)  # its units come back
+                message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
         else:
             status = None
         if status is None:
