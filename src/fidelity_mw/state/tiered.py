@@ -224,8 +224,13 @@ class CachedBreaker:
 
     def learn_epoch(self, epoch: int) -> None:
         """The breaker's epoch as Redis reports it; a new one gets its closed gate here,
-        not on the request path."""
+        not on the request path, and drops the outcomes of the one that ended."""
         if epoch != self.epoch:
+            if self.calls:
+                # Outcomes not yet sent (left for a later sync, or counted meanwhile) were
+                # admitted in the epoch that ended: not counted, as the model does not
+                # count them (sent later, under the new epoch, they would be).
+                self.reset_counts()
             self.epoch = epoch
             self.closed_gate = Gate("allow", CLOSED, epoch, 0.0)
 
@@ -1062,12 +1067,7 @@ class TieredStore(StateStore):
                 i += 3
                 continue
             cb.state = _text(reply[i])
-            epoch = int(reply[i + 1])
-            if epoch != cb.epoch and cb.calls:
-                # Outcomes left for a later sync (or counted meanwhile) were admitted in
-                # the epoch that ended: not counted, as the model does not count them.
-                cb.reset_counts()
-            cb.learn_epoch(epoch)
+            cb.learn_epoch(int(reply[i + 1]))
             cb.open_until = now - age + float(reply[i + 2])
             cb.synced_at = now
             i += 3
