@@ -21,9 +21,9 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
   slowapi-redis     + slowapi's ASGI middleware, Redis storage (limits' blocking client)
   VARIANT+compiled  VARIANT served by .venv-compiled (the mypyc build: scripts/compiled.sh)
 
-`fidelity-memory@REV` (or `fidelity-redis@REV`) serves FidelityMiddleware as of git
-revision REV (extracted under another package name, as benchmarks/overhead.py `--baseline`
-does): a change measured before and after in the same rounds.
+`fidelity-memory@REV` (or `fidelity-redis@REV`, `fidelity-tiered@REV`) serves
+FidelityMiddleware as of git revision REV (extracted under another package name, as
+benchmarks/overhead.py `--baseline` does): a change measured before and after in the same rounds.
 
 Every middleware has one permissive per-client limit (every response must be a
 200); FidelityMiddleware also has its default route breaker and a deadline from
@@ -157,8 +157,8 @@ class Passthrough:
 
 
 def baseline_app(variant: str, redis_url: str) -> Any:
-    """`fidelity-memory@REV` / `fidelity-redis@REV`: FidelityMiddleware as of git revision
-    REV, same app and policy."""
+    """`fidelity-memory@REV` / `fidelity-redis@REV` / `fidelity-tiered@REV`:
+    FidelityMiddleware as of git revision REV, same app and policy."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -166,11 +166,13 @@ def baseline_app(variant: str, redis_url: str) -> Any:
     from benchmarks.overhead import baseline_package
 
     kind, rev = variant.split("@", 1)
-    if kind not in ("fidelity-memory", "fidelity-redis"):
-        raise SystemExit(f"only fidelity-memory@REV or fidelity-redis@REV, not {variant!r}")
+    if kind not in ("fidelity-memory", "fidelity-redis", "fidelity-tiered"):
+        raise SystemExit(f"only fidelity-memory, -redis or -tiered @REV, not {variant!r}")
     old = baseline_package(rev)
     own_scripts(old.__name__)
-    url = redis_url if kind == "fidelity-redis" else "memory://"
+    url = {"fidelity-redis": redis_url, "fidelity-tiered": "tiered+" + redis_url}.get(
+        kind, "memory://"
+    )
     policy = old.Policy(
         state=old.StateConfig(url=url, key_prefix=PREFIX),
         rate_limits=(old.RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),

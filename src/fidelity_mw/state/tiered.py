@@ -13,7 +13,8 @@
 - **Breakers.** Gates on a cached copy of each route breaker, refreshed on
   every sync and never used when older than one sync interval (then the
   request refreshes it first). Outcomes are counted locally and applied to
-  the shared window at the next sync. Half-open probes are leased from Redis
+  the shared window at the next sync, in order (at most `MAX_SYNC_RUNS` runs
+  of them a sync; the rest with a sync made at once). Half-open probes are leased from Redis
   exactly (the request goes through `RedisStore.admit`), so the fleet still
   sends at most `half_open_probes` probes.
 
@@ -64,6 +65,12 @@ logger = logging.getLogger("fidelity_mw.tiered")
 MAX_SYNC_KEYS: Final = 256
 # A cached breaker nobody used for this many sync intervals is dropped.
 IDLE_INTERVALS: Final = 10
+# How many runs of breaker outcomes one sync call carries at most, all its breakers
+# together: sync.lua replays them one run at a time (some 0.5 us of Redis each: 4096
+# runs ~2 ms; the argument is a few bytes a run). Outcomes that alternate make one run
+# each: 20,000 of them between two syncs were a 40 kB argument and ~10 ms of Redis
+# blocked for everyone. The rest wait, in order, for the next sync, which comes at once.
+MAX_SYNC_RUNS: Final = 4096
 # A slice's ready_at while every unit it holds conforms already (a roomy key).
 _ALL_CONFORM: Final = -math.inf
 # NamedTuples without their constructor's Python frame (the per-request path): every
@@ -217,8 +224,13 @@ class CachedBreaker:
 
     def learn_epoch(self, epoch: int) -> None:
         """The breaker's epoch as Redis reports it; a new one gets its closed gate here,
-        not on the request path."""
+        not on the request path, and drops the outcomes of the one that ended."""
         if epoch != self.epoch:
+            if self.calls:
+                # Outcomes not yet sent (left for a later sync, or counted meanwhile) were
+                # admitted in the epoch that ended: not counted, as the model does not
+                # count them (sent later, under the new epoch, they would be).
+                self.reset_counts()
             self.epoch = epoch
             self.closed_gate = Gate("allow", CLOSED, epoch, 0.0)
 
@@ -253,6 +265,30 @@ class CachedBreaker:
         """The outcomes not yet sent, as sync.lua reads them: runs like "s40f2s7"."""
         last = f"{self.run_kind}{self.run_n}" if self.run_n else ""
         return "".join(self.runs) + last if self.runs else last
+
+    def take(self, most: int) -> tuple[str, int, int]:
+        """Up to `most` runs of the outcomes not yet sent, the oldest first, as sync.lua
+        reads them: (text, calls, runs). The rest stay, in order, for the next sync."""
+        runs = self.runs
+        if len(runs) < most:  # all of them, the open run too
+            text, calls = self.outcomes(), self.calls
+            n = len(runs) + (1 if self.run_n else 0)
+            self.reset_counts()
+            return text, calls, n
+        sent = runs[:most]
+        del runs[:most]
+        calls = failures = slow = 0
+        for run in sent:
+            n = int(run[1:])
+            calls += n
+            if run[0] in "fF":
+                failures += n
+            if run[0] in "FS":
+                slow += n
+        self.calls -= calls
+        self.failures -= failures
+        self.slow -= slow
+        return "".join(sent), calls, len(sent)
 
 
 class _LeaseBatch:
@@ -305,6 +341,8 @@ class TieredStore(StateStore):
         self.exact.fleet.demand_of = lambda: self.stats.requests
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = -math.inf
+        # a breaker holds more outcome runs than one sync carries: sync again at once
+        self._backlog = False
         self._lease_batch: _LeaseBatch | None = None
         self._lease_tasks: set[asyncio.Task[None]] = set()
 
@@ -671,6 +709,8 @@ class TieredStore(StateStore):
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
         cb.count(outcome, slow)
+        if len(cb.runs) >= MAX_SYNC_RUNS:
+            self._backlog = True
         if now > cb.counted_at:  # (a success is recorded at its request's start)
             cb.counted_at = now
         return cb.state
@@ -943,6 +983,7 @@ class TieredStore(StateStore):
         args: list[Any] = [self._rng(), len(breaker_keys), len(limits)]
         flushed: list[CachedBreaker] = []
         flushed_calls: list[int] = []
+        budget = MAX_SYNC_RUNS
         for bkey in breaker_keys:
             cb = self.breakers[bkey]
             if cb.calls and now - cb.counted_at > cb.config.window_s:
@@ -951,9 +992,12 @@ class TieredStore(StateStore):
             keys.append(exact.key("br", bkey))
             keys.append(exact.key("bp", bkey))
             args.extend(exact.breaker_config_args(cb.config))
-            args.extend((cb.epoch, cb.outcomes()))
-            flushed_calls.append(cb.calls)
-            cb.reset_counts()
+            runs, calls, n = cb.take(budget)
+            budget -= n
+            if cb.calls:
+                self._backlog = True  # the rest go with the next sync, made at once
+            args.extend((cb.epoch, runs))
+            flushed_calls.append(calls)
             flushed.append(cb)
         futures: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
@@ -1085,12 +1129,13 @@ class TieredStore(StateStore):
         return size if size is not None and size >= 1 else 1
 
     def _maybe_sync(self, now: float) -> None:
-        if now - self._last_sync < 0.8 * self.sync_s:
+        if now - self._last_sync < 0.8 * self.sync_s and not self._backlog:
             return
         task = self._sync_task
         if task is not None and not task.done():
             return
         self._last_sync = now
+        self._backlog = False
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_logged(now))
 
     async def _sync_logged(self, now: float) -> None:
