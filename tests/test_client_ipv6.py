@@ -302,3 +302,43 @@ async def test_forms_say_once_that_a_request_had_no_client_address(
     assert len(said) == 1
     assert "unix socket" in said[0].getMessage()
     assert "header:" in said[0].getMessage()
+
+
+# ---------------------------------------------------------------- a Redis store
+
+
+@pytest.mark.redis
+def test_a_redis_store_counts_a_64_in_one_key(redis_url: str) -> None:
+    import redis
+
+    from fidelity_mw import StateConfig
+    from redis_server import QUIET
+
+    state = StateConfig(url=redis_url, timeout_ms=1000, connect_timeout_ms=1000, **QUIET)
+    policy = Policy(state=state, rate_limits=[RateLimit(name="per-client", rate="1/h", burst=1)])
+    mw = FidelityMiddleware(_ok, policy=policy, telemetry=False)
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+
+    async def run() -> list[int]:
+        statuses = []
+        try:
+            for peer in ("2001:db8:9:9::1", "2001:db8:9:9::2", "2001:db8:9:a::1"):
+                sent: list[Message] = []
+
+                async def receive() -> Message:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+
+                async def send(message: Message, sent: list[Message] = sent) -> None:
+                    sent.append(message)
+
+                await mw(_scope((peer, 4711)), receive, send)
+                statuses.append(sent[0]["status"])
+        finally:
+            await mw.engine.aclose()
+        return statuses
+
+    assert asyncio.run(run()) == [200, 429, 200]
+    with redis.Redis.from_url(redis_url) as client:
+        limit_keys = [k for k in client.scan_iter() if k.startswith(b"{fmw}:rl:")]
+    assert len(limit_keys) == 2  # one per /64
