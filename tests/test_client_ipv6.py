@@ -342,3 +342,40 @@ def test_a_redis_store_counts_a_64_in_one_key(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as client:
         limit_keys = [k for k in client.scan_iter() if k.startswith(b"{fmw}:rl:")]
     assert len(limit_keys) == 2  # one per /64
+
+
+# ---------------------------------------------------------------- a websocket handshake
+
+
+def test_websocket_handshakes_from_one_64_share_a_bucket() -> None:
+    import warnings
+
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    async def accept(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", accept)])
+    limit = RateLimit(name="sockets", rate="1/h", burst=1, match="/ws")
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(rate_limits=[limit]), clock=FakeClock(), telemetry=False
+    )
+
+    def opens(peer: str) -> bool:
+        client = TestClient(app, client=(peer, 4711))
+        try:
+            with client.websocket_connect("/ws"):
+                return True
+        except WebSocketDenialResponse:
+            return False
+
+    assert opens("2001:db8:4:4::1")
+    assert not opens("2001:db8:4:4::99")  # the same /64
+    assert opens("2001:db8:4:5::1")
