@@ -41,6 +41,7 @@ from fidelity_mw import (
 )
 from fidelity_mw.context import context_from_scope
 from fidelity_mw.decide.breaker import OPEN
+from fidelity_mw.headers import client_key
 from fidelity_mw.telemetry import Telemetry
 from fidelity_mw.testing import FakeClock, seeded_random
 
@@ -208,7 +209,8 @@ def check_client_key(rig: Rig, scope: dict[str, Any]) -> None:
     client = scope["client"]
     peer = client[0] if client else None
     if rig.name != "trusted" or peer is None:
-        assert ctx.client_key == (peer if peer is not None else "unknown")
+        # an IPv6 peer counts by its /64 (client_ipv6_prefix), an IPv4-mapped one as IPv4
+        assert ctx.client_key == (client_key(peer) if peer is not None else "unknown")
         return
     try:
         peer_ip = ipaddress.ip_address(peer)
@@ -216,9 +218,9 @@ def check_client_key(rig: Rig, scope: dict[str, Any]) -> None:
         assert ctx.client_key == peer  # junk peer: never trusted
         return
     if not any(peer_ip in net for net in TRUSTED_NETS):
-        assert ctx.client_key == peer  # untrusted peer: forwarding headers ignored
-    else:
-        assert ctx.client_key == peer or ipaddress.ip_address(ctx.client_key)
+        assert ctx.client_key == client_key(peer)  # untrusted peer: forwarding headers ignored
+    else:  # an address, or an IPv6 client's /64
+        assert ctx.client_key == client_key(peer) or ipaddress.ip_network(ctx.client_key)
 
 
 # ---------------------------------------------------------------- strategies

@@ -16,7 +16,7 @@ from typing import Any
 from ._types import Clock, RandomSource
 from .clock import SYSTEM_CLOCK, TESTING
 from .decide.concurrency import ConcurrencyLimiter, ConcurrencySpec
-from .headers import networks
+from .headers import ClientKeys, networks
 from .hooks import AttemptObserver, RequestObserver
 from .overrides import endpoint_overrides
 from .policy import (
@@ -82,6 +82,8 @@ class Engine:
         self.store: StateStore = store or store_from_policy(self.policy, self.rng, self.clock)
         self.trusted_proxies = networks(self.policy.trusted_proxies)
         self.trusted_peers = networks(self.policy.trusted_peers)
+        # The client key of an address (`client_ipv6_prefix`), shared by every form
+        self.client_keys = ClientKeys(self.policy.client_ipv6_prefix)
         self._plans: dict[tuple[str, str], RoutePlan] = {}
         # An app with Host routes: its plans by (method, path, host) (`_cached_plan`)
         self._by_host: bool | None = None

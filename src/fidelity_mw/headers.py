@@ -101,8 +101,64 @@ def is_cors_preflight(headers: Iterable[object]) -> bool:
     return origin and asked
 
 
+_V4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+# IPv6 addresses whose client keys are kept (cleared when full: clients that rotate
+# addresses inside their prefix would otherwise grow it without bound)
+_MAX_CLIENT_KEYS: Final = 8192
+
+
+def _network(cidr: str) -> Network:
+    """One network; an IPv4-mapped one (`::ffff:10.0.0.0/104`) as the IPv4 network it
+    covers: `in_networks` matches a mapped address as its IPv4 address, so the mapped
+    form of a network matched nothing."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
 def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+    return tuple(_network(c) for c in cidrs)
+
+
+def client_key(address: str, prefix: int = 64) -> str:
+    """The client key of an address: IPv4 as it is, IPv4-mapped IPv6 (`::ffff:1.2.3.4`,
+    what a dual-stack socket reports) as its IPv4 address, other IPv6 as its /`prefix`
+    network (`2001:db8:1:2::/64`: a client given a /64 rotates addresses inside it at
+    will), the address itself at 128. Junk comes back unchanged."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    mapped = ip.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    if prefix >= 128:
+        return address
+    bits = 128 - prefix
+    return ipaddress.IPv6Network(((int(ip) >> bits) << bits, prefix)).compressed
+
+
+class ClientKeys:
+    """`client_key` with one `client_ipv6_prefix`, kept per IPv6 address (ipaddress
+    takes microseconds); IPv4 addresses pass through untouched."""
+
+    def __init__(self, prefix: int = 64) -> None:
+        self.prefix = prefix
+        self._keys: dict[str, str] = {}
+
+    def key(self, address: str) -> str:
+        if ":" not in address:
+            return address
+        found = self._keys.get(address)
+        if found is None:
+            found = client_key(address, self.prefix)
+            if len(self._keys) >= _MAX_CLIENT_KEYS:
+                self._keys.clear()
+            self._keys[address] = found
+        return found
 
 
 def in_networks(address: str, nets: tuple[Network, ...]) -> bool:

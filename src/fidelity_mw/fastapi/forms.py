@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from ..context import (
 from ..engine import Engine
 from ..errors import PolicyError
 from ..headers import client_address
+from ..inbound.request import NO_PEER
 from ..overrides import mark
 from ..policy import BreakerConfig, Policy
 from ..rejections import (
@@ -34,6 +36,8 @@ from .openapi import document, problem_responses
 from .routing import route_class_for
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+logger = logging.getLogger("fidelity_mw")
 
 
 # ---------------------------------------------------------------- Fidelity
@@ -61,6 +65,7 @@ class Fidelity:
         )
         self._store = store
         self.on_reject = on_reject
+        self._no_peer_said = False
         self.route_class: type[APIRoute] = route_class_for(self)
         if app is not None:
             self.install(app)
@@ -91,22 +96,43 @@ class Fidelity:
         state["fidelity"] = ctx
         return ctx
 
-    @staticmethod
-    def client_ip(request: HTTPConnection, engine: Engine) -> str:
+    def client_ip(self, request: HTTPConnection, engine: Engine) -> str:
+        """The client key of `key = "client_ip"`: the peer (or the address the trusted
+        proxies forwarded), an IPv6 one as its `client_ipv6_prefix` network, as the
+        middleware keys it."""
         client = request.client
         peer = client.host if client else None
-        if not engine.trusted_proxies:
-            return peer or "unknown"
-        header = engine.policy.forwarded_header
-        # Every line, joined as the middleware joins them: a proxy that adds a line of
-        # its own leaves the client's line first, and `get` read that one alone.
-        lines = request.headers.getlist(header)
-        return client_address(
-            peer,
-            ",".join(lines).encode("latin-1") if lines else None,
-            engine.trusted_proxies,
-            header,
-        )
+        if peer is None:
+            return self._no_peer()
+        if engine.trusted_proxies:
+            header = engine.policy.forwarded_header
+            # Every line, joined as the middleware joins them: a proxy that adds a line of
+            # its own leaves the client's line first, and `get` read that one alone.
+            lines = request.headers.getlist(header)
+            peer = client_address(
+                peer,
+                ",".join(lines).encode("latin-1") if lines else None,
+                engine.trusted_proxies,
+                header,
+            )
+        return engine.client_keys.key(peer)
+
+    def _no_peer(self) -> str:
+        """The client key of a request without a client address, said once (as the
+        middleware says it): every such request is one client."""
+        if not self._no_peer_said:
+            self._no_peer_said = True
+            logger.warning(
+                "fidelity_mw: a request came without a client address (request.client is "
+                'None: a server on a unix socket); fidelity.limit(key="client_ip") counts '
+                "every such request as one client, %r, and neither X-Forwarded-For nor "
+                "Forwarded can be believed without a peer address. Behind a proxy on a unix "
+                "socket, key the limit by a header the proxy sets itself "
+                '(key="header:x-real-ip" with nginx\'s proxy_set_header X-Real-IP '
+                "$remote_addr), or serve on TCP",
+                NO_PEER,
+            )
+        return NO_PEER
 
     # ------------------------------------------------------------ the forms
 

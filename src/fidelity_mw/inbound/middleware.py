@@ -298,6 +298,8 @@ class FidelityMiddleware:
                             # one limit keyed by the peer address: the common case, inline
                             client = scope.get("client")
                             ip = client[0] if client else self._reader.no_peer(plan.limits[0].name)
+                            if ":" in ip:  # IPv6: its prefix (IPv4 pays this test alone)
+                                ip = self._reader.client_key(ip)
                             ctx.client_key = ip
                             keys = (plan.ip_key_prefix + ip,)
                         elif plan.specs:

@@ -109,6 +109,8 @@ class RequestReader:
             wanted.add(header_key(pol.priority_header))
         self.wanted = frozenset(wanted)
         self._peer_trust: dict[str, bool] = {}
+        # An address's client key (`client_ipv6_prefix`): called for IPv6 addresses only
+        self.client_key = engine.client_keys.key
         self._no_peer_said = False
 
     # ------------------------------------------------------------ deadline, peers
@@ -207,6 +209,8 @@ class RequestReader:
             # one limit keyed by the peer address: the common case
             client = scope.get("client")
             ip = client[0] if client else self.no_peer(plan.limits[0].name)
+            if ":" in ip:  # IPv6: its prefix (IPv4 pays this test alone)
+                ip = self.client_key(ip)
             ctx.client_key = ip
             return (plan.ip_key_prefix + ip,)
         ip_: str | None = None
@@ -279,14 +283,14 @@ class RequestReader:
         peer: str | None = client[0] if client else None
         if peer is None:
             return self.no_peer(limit)
-        if found is None or not self.engine.trusted_proxies:
-            return peer
-        return client_address(
-            peer,
-            found.get(self.forwarded_raw),
-            self.engine.trusted_proxies,
-            self.forwarded_header,
-        )
+        if found is not None and self.engine.trusted_proxies:
+            peer = client_address(
+                peer,
+                found.get(self.forwarded_raw),
+                self.engine.trusted_proxies,
+                self.forwarded_header,
+            )
+        return self.client_key(peer) if ":" in peer else peer
 
     def no_peer(self, limit: str) -> str:
         """The client key of a request without a client address (`scope["client"]` is

@@ -1032,6 +1032,7 @@ class Policy(_Validated):
     forwarded_header: Literal["x-forwarded-for", "forwarded"] = _spec(
         "x-forwarded-for", one_of(FORWARDED_HEADERS)
     )
+    client_ipv6_prefix: int = _spec(64, int_in(32, 128))
     rate_limit_headers: Literal["always", "on_reject", "never"] = _spec(
         "always", one_of(HEADER_MODES)
     )

@@ -136,6 +136,13 @@ DESCRIPTIONS: dict[str, str] = {
     "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
     "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
     "is recorded. Private and loopback networks by default.",
+    "client_ipv6_prefix": "The IPv6 prefix length a `client_ip` key counts by: an IPv6 "
+    "client is given a whole /64 (or a /56, /48) and picks addresses inside it at will, so "
+    "64 (the default) counts the /64 as one client, as Cloudflare's rate limiting does; "
+    "clients sharing a /64 share its budget. 128: every address its own client. IPv4 "
+    "addresses, and IPv4-mapped IPv6 ones (`::ffff:1.2.3.4`, what a dual-stack socket "
+    "reports), count by the IPv4 address. Telemetry's `fidelity.client.key_hash` and the "
+    "store key hold the prefix form (`2001:db8:1:2::/64`).",
     "forwarded_header": "The one forwarding header `trusted_proxies` set: "
     "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
     "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
