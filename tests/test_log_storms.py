@@ -227,3 +227,40 @@ def test_a_failing_attempt_observer_is_logged_once_per_interval_and_calls_go_on(
     with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
         assert asyncio.run(run()) == [200] * 6
     assert len(errors(caplog, "attempt observer failed")) == 1
+
+
+def test_a_websocket_that_cannot_be_set_up_passes_through_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    opened: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        opened.append(scope["path"])
+        await receive()
+        await send({"type": "websocket.close", "code": 1000})
+
+    policy = Policy(rate_limits=[RateLimit(name="per-client", rate="100/s")])
+    middleware = FidelityMiddleware(app, policy=policy, telemetry=False)
+    gate = middleware._websockets
+    assert gate is not None
+
+    def broken(scope: Any) -> Any:
+        raise RuntimeError("plan bug")
+
+    gate.plan_for = broken  # type: ignore[method-assign]
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def run() -> None:
+        for _ in range(4):
+            scope = {"type": "websocket", "path": "/ws", "headers": [], "client": ("1.2.3.4", 1)}
+            await middleware(scope, receive, send)
+
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        asyncio.run(run())
+    assert opened == ["/ws"] * 4
+    assert len(errors(caplog, "could not set up a websocket")) == 1

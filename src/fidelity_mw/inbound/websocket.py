@@ -152,7 +152,9 @@ class WebsocketGate:
         try:
             plan = self.plan_for(scope)
         except Exception:  # never a failure of ours: the socket goes on undecided
-            logger.exception("fidelity_mw: could not set up a websocket; passing it through")
+            log_exception(
+                logger, "setup", "fidelity_mw: could not set up a websocket; passing it through"
+            )
             return self.host.app
         if plan is None:
             return self.host.app
@@ -338,7 +340,9 @@ class Handshake:
                 if pending is not None:
                     await pending
             except Exception:
-                logger.exception("fidelity_mw: could not refund quota of %s", ctx.route)
+                log_exception(
+                    logger, "refund", "fidelity_mw: could not refund quota of %s", ctx.route
+                )
 
     def end(self) -> None:
         """The handshake's context is complete: the observer's end (once)."""
