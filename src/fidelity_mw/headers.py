@@ -105,6 +105,8 @@ _V4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
 # IPv6 addresses whose client keys are kept (cleared when full: clients that rotate
 # addresses inside their prefix would otherwise grow it without bound)
 _MAX_CLIENT_KEYS: Final = 8192
+# 64:ff9b::/96 shifted right by 32 bits: NAT64's well-known prefix (RFC 6052)
+_NAT64_TOP: Final = 0x0064FF9B << 64
 
 
 def _network(cidr: str) -> Network:
@@ -123,27 +125,42 @@ def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
 
 def client_key(address: str, prefix: int = 64) -> str:
     """The client key of an address: IPv4 as it is, IPv4-mapped IPv6 (`::ffff:1.2.3.4`,
-    what a dual-stack socket reports) as its IPv4 address, other IPv6 as its /`prefix`
-    network (`2001:db8:1:2::/64`: a client given a /64 rotates addresses inside it at
-    will), the address itself at 128. Junk comes back unchanged."""
+    what a dual-stack socket reports) and NAT64's well-known prefix (`64:ff9b::1.2.3.4`,
+    an IPv4 client behind a stateless NAT46) as the IPv4 address, other IPv6 as its
+    /`prefix` network (`2001:db8:1:2::/64`: a client given a /64 rotates addresses inside
+    it at will), the address itself at 128 (normalised, without a zone). Junk comes back
+    unchanged."""
     if ":" not in address:
         return address
+    key = _ipv6_key(address, prefix)
+    return address if key is None else key
+
+
+def _ipv6_key(address: str, prefix: int) -> str | None:
+    """`client_key` of a text with a ":"; None when it is no IPv6 address."""
     try:
         ip = ipaddress.IPv6Address(address)
     except ValueError:
-        return address
+        return None
     mapped = ip.ipv4_mapped
     if mapped is not None:
         return str(mapped)
+    number = int(ip)
+    if number >> 32 == _NAT64_TOP:  # 64:ff9b::/96 (RFC 6052): an IPv4 host, embedded
+        return str(ipaddress.IPv4Address(number & 0xFFFFFFFF))
     if prefix >= 128:
-        return address
+        return ipaddress.IPv6Address(number).compressed  # one text per address
     bits = 128 - prefix
-    return ipaddress.IPv6Network(((int(ip) >> bits) << bits, prefix)).compressed
+    return ipaddress.IPv6Network(((number >> bits) << bits, prefix)).compressed
 
 
 class ClientKeys:
     """`client_key` with one `client_ipv6_prefix`, kept per IPv6 address (ipaddress
-    takes microseconds); IPv4 addresses pass through untouched."""
+    takes microseconds); IPv4 addresses pass through untouched, junk is not kept.
+
+    Shared by threads (sync routes, the blocking transport): each dict operation is
+    atomic, a race between the size test and `clear` at worst clears twice or keeps a
+    few entries over the bound; a key is a pure function of its address."""
 
     def __init__(self, prefix: int = 64) -> None:
         self.prefix = prefix
@@ -154,7 +171,9 @@ class ClientKeys:
             return address
         found = self._keys.get(address)
         if found is None:
-            found = client_key(address, self.prefix)
+            found = _ipv6_key(address, self.prefix)
+            if found is None:
+                return address  # junk (a header's value): not kept, it could be anything
             if len(self._keys) >= _MAX_CLIENT_KEYS:
                 self._keys.clear()
             self._keys[address] = found
