@@ -389,6 +389,8 @@ class LimitDependency:
             # is no fresh counter
             raw = request.headers.get(key[7:], "")
             if raw:
+                if ":" in raw:  # an IPv6 address (`header:x-real-ip`): its prefix
+                    raw = ctx.engine.client_keys.key(raw)
                 return "h:" + _compact(raw)
         ip = self.owner.client_ip(request, ctx.engine)
         ctx.client_key = ip

@@ -236,7 +236,10 @@ class RequestReader:
                     # each time had a fresh counter per request, its app seeing the key.
                     raw = first_header(scope, name)
                 if raw:
-                    value = "h:" + compact_key(raw.decode("latin-1"))
+                    text = raw.decode("latin-1")
+                    if ":" in text:  # an IPv6 address (`header:x-real-ip`): its prefix
+                        text = self.client_key(text)
+                    value = "h:" + compact_key(text)
                     if other is None:
                         other = value
                 else:
