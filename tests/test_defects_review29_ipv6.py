@@ -105,3 +105,20 @@ def test_a_trusted_proxy_in_the_clients_64_is_checked_by_its_full_address() -> N
     assert h.status("2001:db8:1:2::11", [(xff, b"2001:db8:9:9::2")]) == 200
     assert h.key == "2001:db8:1:2::/64"
     assert h.status("2001:db8:1:2::12", [(xff, b"2001:db8:7:7::1")]) == 429
+
+
+# ---------------------------------------------------------------- the map says it
+
+
+def test_the_map_says_a_client_ip_limit_counts_an_ipv6_client_by_its_prefix() -> None:
+    from fidelity_mw.tools.statemap import from_policy
+
+    def data(**policy: Any) -> str:
+        limits = [RateLimit(name="per-client", rate="1/s")]
+        smap = from_policy(Policy(rate_limits=limits, **policy), "p.toml")
+        (row,) = [r for r in smap.layers if r.layer == "ratelimit"]
+        return row.data
+
+    assert "an IPv6 client by its /64" in data()
+    assert "an IPv6 client by its /56" in data(client_ipv6_prefix=56)
+    assert "IPv6" not in data(client_ipv6_prefix=128)

@@ -140,8 +140,9 @@ DESCRIPTIONS: dict[str, str] = {
     "client is given a whole /64 (or a /56, /48) and picks addresses inside it at will, so "
     "64 (the default) counts the /64 as one client, as Cloudflare's rate limiting does; "
     "clients sharing a /64 share its budget. 128: every address its own client. IPv4 "
-    "addresses, and IPv4-mapped IPv6 ones (`::ffff:1.2.3.4`, what a dual-stack socket "
-    "reports), count by the IPv4 address. Telemetry's `fidelity.client.key_hash` and the "
+    "addresses, IPv4-mapped IPv6 ones (`::ffff:1.2.3.4`, what a dual-stack socket "
+    "reports) and NAT64's well-known prefix (`64:ff9b::1.2.3.4`, an IPv4 client behind a "
+    "stateless NAT46), count by the IPv4 address. Telemetry's `fidelity.client.key_hash` and the "
     "store key hold the prefix form (`2001:db8:1:2::/64`).",
     "forwarded_header": "The one forwarding header `trusted_proxies` set: "
     "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
@@ -206,7 +207,9 @@ DESCRIPTIONS: dict[str, str] = {
         "function."
     ),
     "rate_limit.key": "Whom the limit counts: `client_ip`, `header:NAME` (falls back to the "
-    "IP when absent; sent more than once, its first line, the value the app reads), `route`, "
+    "IP when absent; sent more than once, its first line, the value the app reads; a value "
+    "that is an IPv6 address, as `header:x-real-ip` holds, counts by its "
+    "`client_ipv6_prefix` network), `route`, "
     "`global`; a callable in Python (plain, not async: the middleware calls it as it reads "
     "the request).",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "

@@ -483,6 +483,11 @@ def layers_for(policy: Policy) -> list[Layer]:
                 f"GCRA {lim.rate}, burst {lim.burst_size}{cost}; client key "
                 + (
                     "from X-Forwarded-For/Forwarded only via trusted_proxies"
+                    + (
+                        f"; an IPv6 client by its /{policy.client_ipv6_prefix}"
+                        if policy.client_ipv6_prefix < 128
+                        else ""
+                    )
                     if lim.key == "client_ip"
                     else f"{lim.key} (the client IP when absent)"
                     if isinstance(lim.key, str) and lim.key.startswith("header:")
