@@ -57,6 +57,16 @@ def test_junk_is_not_kept_in_the_client_key_cache() -> None:
     assert keys._keys == {"2001:db8::1": "2001:db8::/64"}
 
 
+def test_a_long_zone_is_keyed_but_not_kept() -> None:
+    # `fe80::1%<8000 chars>` is a valid address: a header key holding such values kept
+    # 8192 of them (tens of MB); the key itself holds no zone
+    keys = ClientKeys(64)
+    for i in range(100):
+        assert keys.key(f"fe80::{i:x}%" + "z" * 8000) == "fe80::/64"
+    assert keys._keys == {}
+    assert ClientKeys(128).key("fe80::1%" + "z" * 8000) == "fe80::1"
+
+
 # ---------------------------------------------------------------- header:x-real-ip
 
 
