@@ -156,7 +156,8 @@ def _ipv6_key(address: str, prefix: int) -> str | None:
 
 class ClientKeys:
     """`client_key` with one `client_ipv6_prefix`, kept per IPv6 address (ipaddress
-    takes microseconds); IPv4 addresses pass through untouched, junk is not kept.
+    takes microseconds); IPv4 addresses pass through untouched, junk and addresses
+    over 64 characters (a zone can be any length) are not kept.
 
     Shared by threads (sync routes, the blocking transport): each dict operation is
     atomic, a race between the size test and `clear` at worst clears twice or keeps a
@@ -174,6 +175,8 @@ class ClientKeys:
             found = _ipv6_key(address, self.prefix)
             if found is None:
                 return address  # junk (a header's value): not kept, it could be anything
+            if len(address) > _MAX_HEADER_CHARS:
+                return found  # (a long zone, `fe80::1%...`: keyed, not kept)
             if len(self._keys) >= _MAX_CLIENT_KEYS:
                 self._keys.clear()
             self._keys[address] = found
