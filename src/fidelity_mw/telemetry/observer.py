@@ -468,6 +468,13 @@ class BreakerWatch:
         for (subject, kind), state in list(self.seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
+        if len(states) > _MAX_SUBJECTS:
+            # A memory store holds up to its max_breakers, one per upstream host its calls
+            # named (URLs the service's clients supply, for a webhook sender): bounded as
+            # the decisions' breakers are, route breakers and those not closed (what the
+            # alerts select) first, the rest in the store's order.
+            ranked = sorted(states.items(), key=_gauge_rank)
+            states = dict(ranked[:_MAX_SUBJECTS])
         out = []
         for (subject, kind), state in states.items():
             for candidate in _BREAKER_STATES:
@@ -476,6 +483,13 @@ class BreakerWatch:
                     attrs[s.BREAKER_SCOPE] = kind
                 out.append(Observation(1 if candidate == state else 0, attrs))
         return out
+
+
+def _gauge_rank(item: tuple[tuple[str, str], str]) -> tuple[bool, bool]:
+    """The order in which breakers keep their place in a bounded gauge: route breakers,
+    then those not closed, first."""
+    (_subject, kind), state = item
+    return kind != "route", state == "closed"
 
 
 # ---------------------------------------------------------------- the observer
