@@ -669,26 +669,37 @@ class Telemetry:
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         summary: Summary | None = None
-        if token is not None:
-            if token.owned:
-                try:
+        try:
+            if token is not None:
+                if token.owned:
+                    try:
+                        summary = summary_of(ctx)
+                        self._annotate(ctx, token.span, True, summary, token.exported)
+                    finally:
+                        try:
+                            # runs the span processors: the SDK lets their exceptions
+                            # through, and our context must not stay attached for them
+                            token.span.end()
+                        finally:
+                            if token.token is not None:
+                                _detach_quietly(token.token)
+                elif token.span.is_recording():  # not ended with the last body message
                     summary = summary_of(ctx)
-                    self._annotate(ctx, token.span, True, summary, token.exported)
-                finally:
-                    token.span.end()
-                    if token.token is not None:
-                        _detach_quietly(token.token)
-            elif token.span.is_recording():  # not ended with the last body message
-                summary = summary_of(ctx)
-                self._annotate(ctx, token.span, False, summary, token.exported)
-            elif token.exported < 0:
-                summary = summary_of(ctx)
-                self._late_span(ctx, token, summary)
-            elif ctx._pending is not None or token.exported == len(ctx._decisions):
-                # Annotated, and nothing was decided since: the records were still the
-                # admission's facts when summarised (nothing reads or adds one without
-                # building them first), or are as many as then.
-                summary = token.summary
+                    self._annotate(ctx, token.span, False, summary, token.exported)
+                elif token.exported < 0:
+                    summary = summary_of(ctx)
+                    self._late_span(ctx, token, summary)
+                elif ctx._pending is not None or token.exported == len(ctx._decisions):
+                    # Annotated, and nothing was decided since: the records were still the
+                    # admission's facts when summarised (nothing reads or adds one without
+                    # building them first), or are as many as then.
+                    summary = token.summary
+        finally:
+            # counted whatever happened to the span (a raising span processor)
+            self._count(ctx, summary)
+
+    def _count(self, ctx: DecisionContext, summary: Summary | None) -> None:
+        """The request's counters (and the breaker states its decisions revealed)."""
         metrics = self._metrics
         if metrics is None:
             if _no_global_yet(
@@ -931,22 +942,27 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
             elif cancelled:
                 attrs[s.ATTEMPT_CANCELLED] = True
-            if attrs:
-                span.set_attributes(attrs)
-            span.end()
-            metrics = self._metrics or self._get_metrics()
-            if metrics is not None and token.attrs is not None:
-                base = token.attrs
-                mattrs: dict[str, Any] = {
-                    s.HTTP_REQUEST_METHOD: base[s.HTTP_REQUEST_METHOD],
-                    s.SERVER_ADDRESS: base[s.SERVER_ADDRESS],
-                    s.SERVER_PORT: base[s.SERVER_PORT],
-                }
-                if status is not None:
-                    mattrs[s.HTTP_RESPONSE_STATUS_CODE] = status
-                if error_type is not None:
-                    mattrs[s.ERROR_TYPE] = error_type
-                metrics.client_duration.record(time.perf_counter() - token.started, mattrs)
+            try:
+                if attrs:
+                    span.set_attributes(attrs)
+                span.end()  # runs the span processors, whose exceptions the SDK lets through
+            finally:
+                self._record_duration(token, status, error_type)
+
+    def _record_duration(self, token: _Attempt, status: int | None, error_type: str | None) -> None:
+        metrics = self._metrics or self._get_metrics()
+        if metrics is not None and token.attrs is not None:
+            base = token.attrs
+            mattrs: dict[str, Any] = {
+                s.HTTP_REQUEST_METHOD: base[s.HTTP_REQUEST_METHOD],
+                s.SERVER_ADDRESS: base[s.SERVER_ADDRESS],
+                s.SERVER_PORT: base[s.SERVER_PORT],
+            }
+            if status is not None:
+                mattrs[s.HTTP_RESPONSE_STATUS_CODE] = status
+            if error_type is not None:
+                mattrs[s.ERROR_TYPE] = error_type
+            metrics.client_duration.record(time.perf_counter() - token.started, mattrs)
 
     def call_end(self, ctx: DecisionContext) -> None:
         """An outbound call made outside any request finished (its context is the
