@@ -128,6 +128,9 @@ _REJECTION_STATUS: Final = {"rejected": 429, "shed": 503, "expired": 504}
 _MAX_CACHED: Final = 4096
 _MAX_SUBJECTS: Final = 1024
 _ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
+# Details that are durations (`retry_after_s`, `delay_ms`): always exported as doubles, so
+# a backend that types a field by its first value sees one type.
+_DURATION_SUFFIXES: Final = ("_s", "_ms")
 # While no global provider is set, the API is asked again at most this often (its
 # getters read the environment on every call, ~0.7 us).
 _RECHECK_S: Final = 1.0
@@ -733,8 +736,9 @@ class Telemetry:
             return
         parent = trace_api.set_span_in_context(token.span)
         start_time = getattr(token.span, "start_time", None)
+        method = _method(ctx.method)[0]  # a client's own method names no span
         span = tracer.start_span(
-            f"fidelity {ctx.method} {ctx.route}",
+            f"fidelity {method if method != '_OTHER' else 'HTTP'} {ctx.route}",
             context=parent,
             kind=SpanKind.INTERNAL,
             start_time=start_time if isinstance(start_time, int) else None,
@@ -844,7 +848,11 @@ class Telemetry:
                 attrs[_STATE_STALE] = True
             if details:
                 for key, value in details.items():
-                    if type(value) not in _ATTRIBUTE_TYPES:
+                    kind = type(value)
+                    if kind is int:
+                        if key.endswith(_DURATION_SUFFIXES):
+                            value = float(value)  # a duration is a double, whoever passed it
+                    elif kind not in _ATTRIBUTE_TYPES:
                         value = str(value)
                     attrs[_DETAIL_PREFIX + key] = value
             timestamp = offset_ns + int(at * 1e9) if at else now_ns
