@@ -17,6 +17,8 @@ from ..rejections import PROBLEM_MEDIA_TYPE, problem_document, problem_json
 from .view import Since, key_hasher, render, snapshot_configs
 
 logger = logging.getLogger("fidelity_mw.admin")
+# what a JSON string written into the page's script must not hold as it is (`</script>`)
+_SCRIPT_ESCAPES: Final = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 class AdminApp:
@@ -72,7 +74,15 @@ class AdminApp:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _send(send, refusal[0], problem_json(refusal[1]), PROBLEM_MEDIA_TYPE)
+            # a 401 names the scheme it wants (RFC 9110 15.5.2)
+            challenge = [(b"www-authenticate", b'Bearer realm="fidelity_mw"')]
+            await _send(
+                send,
+                refusal[0],
+                problem_json(refusal[1]),
+                PROBLEM_MEDIA_TYPE,
+                challenge if refusal[0] == 401 else None,
+            )
             return
         if scope["method"] not in ("GET", "HEAD"):
             doc = problem_document(405, "Method Not Allowed", "read-only page", "admin-method")
@@ -155,7 +165,11 @@ class AdminApp:
         return [b""]
 
     async def _html(self, send: Send, root: str) -> None:
-        page = self._page.replace("{{STATE_URL}}", json.dumps(root + "/state.json")).replace(
+        # The root path is the client's under a mount with a path parameter: in a script,
+        # `</script>` (or `<!--`) in a JSON string would end it, so `<`, `>`, `&` are
+        # written as JavaScript escapes (the string is the same to the script).
+        url = json.dumps(root + "/state.json").translate(_SCRIPT_ESCAPES)
+        page = self._page.replace("{{STATE_URL}}", url).replace(
             "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
         )
         await _send(send, 200, page.encode(), "text/html; charset=utf-8")
