@@ -246,3 +246,38 @@ async def test_a_token_refusal_says_how_to_authenticate() -> None:
     refused = await _page(app, "/state.json")
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.anyio
+async def test_the_page_lists_a_bounded_number_of_breakers_the_open_ones_first() -> None:
+    """A webhook sender's memory store holds a breaker per host its clients named (up to
+    10,000): the page listed every one, 3.8 MB of JSON rebuilt every two seconds on the
+    event loop for each open page. It lists `top_breakers` (200), those not closed
+    first, and says how many there are."""
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="down.example",
+                breaker=BreakerConfig(consecutive_failures=1, open_s=30.0, open_min_s=30.0),
+            ),
+        )
+    )
+    engine = Engine(policy, clock=FakeClock())
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503 if request.url.host == "down.example" else 200)
+
+    transport = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for i in range(600):
+            await client.get(f"http://h{i}.hooks.example/event")
+        await client.get("http://down.example/x")
+    state = await _page(Starlette(routes=[Mount("/a", app=AdminApp(engine))]), "/a/state.json")
+    body = state.json()
+    assert body["store"]["breaker_count"] == 601
+    assert len(body["breakers"]) == 200
+    assert body["breakers"][0]["key"] == "upstream:down.example"
+    assert body["breakers"][0]["state"] == "open"
+    few = await AdminApp(engine, top_breakers=1000).state(engine)
+    assert len(few["breakers"]) == 601  # under the bound: all, in the store's order
+    assert few["breakers"][0]["key"] == "upstream:h0.hooks.example"
