@@ -30,7 +30,8 @@ class AdminApp:
 
     `engine`: the engine whose store to show. Without one, the engine of the
     `FidelityMiddleware` the request passed through (mount the page inside the
-    wrapped app). `top`: how many limiter keys to list. `refresh_s`: how often
+    wrapped app). `top`: how many limiter keys to list. `top_breakers`: how many
+    breakers (those not closed first when there are more). `refresh_s`: how often
     the page fetches the JSON again.
     """
 
@@ -41,12 +42,14 @@ class AdminApp:
         token: str | None = None,
         top: int = 20,
         refresh_s: float = 2.0,
+        top_breakers: int = 200,
     ) -> None:
         if token is not None and len(token) < 16:
             raise ValueError("an admin token needs at least 16 characters")
         self.engine = engine
         self._token = token.encode() if token is not None else None
         self.top = top
+        self.top_breakers = top_breakers
         self.refresh_s = refresh_s
         self._since = Since()
         self._hashers: dict[int, Any] = {}
@@ -122,7 +125,7 @@ class AdminApp:
         hasher = self._hashers.get(id(engine))
         if hasher is None:
             hasher = self._hashers[id(engine)] = key_hasher(engine)
-        return render(engine, snap, now, self._since, hasher)
+        return render(engine, snap, now, self._since, hasher, top_breakers=self.top_breakers)
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
         if self._token is not None:

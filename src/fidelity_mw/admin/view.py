@@ -108,11 +108,17 @@ def render(
     hash_key: Callable[[str], str],
     *,
     layer: bool = False,
+    top_breakers: int = 200,
 ) -> dict[str, Any]:
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
     configs = snapshot_configs(engine)
     breakers = []
-    for view in snap.breakers:
+    views = snap.breakers
+    if len(views) > top_breakers:
+        # A memory store holds a breaker per upstream host its calls named (up to its
+        # max_breakers): those not closed first, then route breakers, in the store's order.
+        views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
+    for view in views:
         since_s, basis = since.of(view, now)
         kind, _, subject = view.key.partition(":")
         breakers.append(
@@ -221,6 +227,7 @@ def render(
             "source": snap.source,
             "age_s": _round(snap.age_s),
             "limiter_key_count": snap.limiter_key_count,
+            "breaker_count": len(snap.breakers),
             "detail": dict(snap.detail),
             "notes": list(snap.notes),
         },
@@ -231,7 +238,8 @@ def render(
         "balancer": balanced,
         "hedging": hedging,
         "layers": [
-            render(engine, under, now, since, hash_key, layer=True) for under in snap.layers
+            render(engine, under, now, since, hash_key, layer=True, top_breakers=top_breakers)
+            for under in snap.layers
         ],
     }
 
@@ -282,6 +290,10 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
                     }
                 )
     return instances, hedging
+
+
+def _breaker_rank(view: BreakerView) -> tuple[bool, bool]:
+    return view.state == "closed", not view.key.startswith("route:")
 
 
 def _round(value: float | None) -> float | None:
