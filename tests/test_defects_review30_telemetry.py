@@ -281,3 +281,25 @@ async def test_the_page_lists_a_bounded_number_of_breakers_the_open_ones_first()
     few = await AdminApp(engine, top_breakers=1000).state(engine)
     assert len(few["breakers"]) == 601  # under the bound: all, in the store's order
     assert few["breakers"][0]["key"] == "upstream:h0.hooks.example"
+
+
+@pytest.mark.anyio
+async def test_the_page_lists_a_bounded_number_of_retry_budgets_the_busiest_first() -> None:
+    """The same service has a retry budget per host too: 10,000 hosts made 1.1 MB of
+    budgets in every refresh. It lists `top_budgets` (200), those with the most retries
+    first, and says how many there are."""
+    engine = Engine(Policy(), clock=FakeClock())
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503 if request.url.host == "flaky.example" else 200)
+
+    transport = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for i in range(300):
+            await client.get(f"http://h{i}.hooks.example/event")
+        await client.get("http://flaky.example/x")
+    body = await AdminApp(engine).state(engine)
+    assert body["store"]["budget_count"] == 301
+    assert len(body["budgets"]) == 200
+    assert body["budgets"][0]["key"].endswith("flaky.example")
+    assert body["budgets"][0]["retries"] == 2
