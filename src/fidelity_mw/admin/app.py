@@ -31,8 +31,9 @@ class AdminApp:
     `engine`: the engine whose store to show. Without one, the engine of the
     `FidelityMiddleware` the request passed through (mount the page inside the
     wrapped app). `top`: how many limiter keys to list. `top_breakers`: how many
-    breakers (those not closed first when there are more). `refresh_s`: how often
-    the page fetches the JSON again.
+    breakers (those not closed first when there are more), `top_budgets` how many
+    retry budgets (the busiest first). `refresh_s`: how often the page fetches the
+    JSON again.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class AdminApp:
         top: int = 20,
         refresh_s: float = 2.0,
         top_breakers: int = 200,
+        top_budgets: int = 200,
     ) -> None:
         if token is not None and len(token) < 16:
             raise ValueError("an admin token needs at least 16 characters")
@@ -50,6 +52,7 @@ class AdminApp:
         self._token = token.encode() if token is not None else None
         self.top = top
         self.top_breakers = top_breakers
+        self.top_budgets = top_budgets
         self.refresh_s = refresh_s
         self._since = Since()
         self._hashers: dict[int, Any] = {}
@@ -125,7 +128,15 @@ class AdminApp:
         hasher = self._hashers.get(id(engine))
         if hasher is None:
             hasher = self._hashers[id(engine)] = key_hasher(engine)
-        return render(engine, snap, now, self._since, hasher, top_breakers=self.top_breakers)
+        return render(
+            engine,
+            snap,
+            now,
+            self._since,
+            hasher,
+            top_breakers=self.top_breakers,
+            top_budgets=self.top_budgets,
+        )
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
         if self._token is not None:

@@ -16,7 +16,7 @@ from ..engine import Engine
 from ..outbound.hedge import hedge_delay
 from ..outbound.upstream import Upstream
 from ..policy import BreakerConfig, RetryConfig
-from ..state.snapshot import BreakerView, SnapshotConfigs, StoreSnapshot
+from ..state.snapshot import BreakerView, BudgetView, SnapshotConfigs, StoreSnapshot
 
 _MAX_SEEN = 10_000
 
@@ -109,6 +109,7 @@ def render(
     *,
     layer: bool = False,
     top_breakers: int = 200,
+    top_budgets: int = 200,
 ) -> dict[str, Any]:
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
     configs = snapshot_configs(engine)
@@ -188,7 +189,10 @@ def render(
             }
         )
     budgets = []
-    for budget in snap.budgets:
+    budget_views = snap.budgets
+    if len(budget_views) > top_budgets:  # one per upstream host: the busiest first
+        budget_views = sorted(budget_views, key=_budget_rank)[: max(0, top_budgets)]
+    for budget in budget_views:
         cfg = configs.retry(budget.key)
         allowance = budget_allowance(budget.requests, cfg) if cfg is not None else None
         budgets.append(
@@ -228,6 +232,7 @@ def render(
             "age_s": _round(snap.age_s),
             "limiter_key_count": snap.limiter_key_count,
             "breaker_count": len(snap.breakers),
+            "budget_count": len(snap.budgets),
             "detail": dict(snap.detail),
             "notes": list(snap.notes),
         },
@@ -238,7 +243,16 @@ def render(
         "balancer": balanced,
         "hedging": hedging,
         "layers": [
-            render(engine, under, now, since, hash_key, layer=True, top_breakers=top_breakers)
+            render(
+                engine,
+                under,
+                now,
+                since,
+                hash_key,
+                layer=True,
+                top_breakers=top_breakers,
+                top_budgets=top_budgets,
+            )
             for under in snap.layers
         ],
     }
@@ -294,6 +308,10 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
 
 def _breaker_rank(view: BreakerView) -> tuple[bool, bool]:
     return view.state == "closed", not view.key.startswith("route:")
+
+
+def _budget_rank(view: BudgetView) -> tuple[int, int]:
+    return -view.retries, -view.requests
 
 
 def _round(value: float | None) -> float | None:
