@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..buildinfo import build_name
@@ -114,7 +114,7 @@ def render(
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
     configs = snapshot_configs(engine)
     breakers = []
-    views = snap.breakers
+    views: Sequence[BreakerView] = snap.breakers
     if len(views) > top_breakers:
         # A memory store holds a breaker per upstream host its calls named (up to its
         # max_breakers): those not closed first, then route breakers, in the store's order.
@@ -189,7 +189,7 @@ def render(
             }
         )
     budgets = []
-    budget_views = snap.budgets
+    budget_views: Sequence[BudgetView] = snap.budgets
     if len(budget_views) > top_budgets:  # one per upstream host: the busiest first
         budget_views = sorted(budget_views, key=_budget_rank)[: max(0, top_budgets)]
     for budget in budget_views:
