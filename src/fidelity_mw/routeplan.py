@@ -58,6 +58,7 @@ class RoutePlan:
         "policy_header",
         "priority",
         "remaining_prefixes",
+        "root_path",
         "route",
         "served",
         "served_below",
@@ -83,6 +84,9 @@ class RoutePlan:
         # counters. A `[[route]]` name or glob, else the framework route's name, which
         # under a `Host` leads with the host pattern (`api.example.com/items/{id}`).
         self.route = route
+        # The `root_path` of the requests it was built for (set by the engine): the
+        # middleware's cache by (method, path) serves it to those alone (engine.py).
+        self.root_path: object = ""
         # The framework's path template alone, for `http.route` (OpenTelemetry's HTTP
         # conventions: low cardinality, the framework's format, no host): the same under
         # every host and whatever `[[route]]` names the route; None when the framework
@@ -207,6 +211,7 @@ def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
         template=plan.template,
     )
     sub.slash_redirect = plan.slash_redirect
+    sub.root_path = plan.root_path
     sub.not_allowed = plan.not_allowed
     sub.served_below = plan.served_below
     sub.concurrency = plan.concurrency

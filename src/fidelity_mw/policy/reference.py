@@ -213,7 +213,9 @@ DESCRIPTIONS: dict[str, str] = {
     "`global`; a callable in Python (plain, not async: the middleware calls it as it reads "
     "the request).",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
-    "`?` one character. Matched against the request path, so a route template such as "
+    "`?` one character. Matched against the request path as the app's routes see it: "
+    "without the `root_path` the app is served under (`uvicorn --root-path /svc`, a "
+    "`Mount`), so `/api/*` covers `/svc/api/items/7` there. A route template such as "
     "`/items/{item_id}` is an error: write `/items/*`.",
     "rate_limit.exclude": "Paths the limit leaves out although `match` covers them, as "
     'globs: `match = "*"` with `exclude = ["/healthz", "/metrics"]` limits every route but '
