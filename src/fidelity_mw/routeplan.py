@@ -141,9 +141,14 @@ class RoutePlan:
         self.admits = (self.breaker_key is not None or bool(limits)) and self.cost_fns is None
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
-        # Set when the route has exactly one limit, keyed by client IP.
+        # Set when the route has exactly one limit, keyed by client IP at the policy's
+        # IPv6 prefix (a limit with its own asks `RequestReader.limit_keys`).
         self.ip_key_prefix: str | None = (
-            self.key_prefixes[0] if len(limits) == 1 and limits[0].key == "client_ip" else None
+            self.key_prefixes[0]
+            if len(limits) == 1
+            and limits[0].key == "client_ip"
+            and limits[0].client_ipv6_prefix is None
+            else None
         )
         # RateLimit item prefixes; None for shadow limits, which are not advertised.
         self.remaining_prefixes: tuple[bytes | None, ...] = tuple(

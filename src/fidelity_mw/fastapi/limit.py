@@ -52,7 +52,9 @@ class FormsOwner(Protocol):
 
     def context(self, request: HTTPConnection) -> DecisionContext: ...
 
-    def client_ip(self, request: HTTPConnection, engine: Engine) -> str: ...
+    def client_ip(
+        self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
+    ) -> str: ...
 
 
 _MAX_KEY_CHARS: Final = 64
@@ -94,6 +96,7 @@ class LimitDependency:
         cost: int | CostFunc,
         name: str | None,
         shadow: bool,
+        client_ipv6_prefix: int | None = None,
     ) -> None:
         # `key=Depends(current_user)`: FastAPI resolves it (once per request, shared
         # with the endpoint's own `Depends(current_user)`), whatever the order of the
@@ -115,6 +118,7 @@ class LimitDependency:
                 cost=1 if callable(cost) else cost,
                 key="client_ip" if callable(plain) else plain,
                 shadow=shadow,
+                client_ipv6_prefix=client_ipv6_prefix,
             )
         except PolicyError as exc:  # named as written, not as a policy's unnamed entry
             raise exc.prefixed(f"fidelity.limit({rate!r})") from None
@@ -123,6 +127,8 @@ class LimitDependency:
         self.key = plain
         self.name = name
         self.shadow = shadow
+        # this limit's own IPv6 prefix for client keys (None: the policy's)
+        self.ipv6_prefix = client_ipv6_prefix
         self.burst_size = checked.burst_size
         interval = checked.emission_interval_s
         self.interval_s = interval
@@ -390,9 +396,9 @@ class LimitDependency:
             raw = request.headers.get(key[7:], "")
             if raw:
                 if ":" in raw:  # an IPv6 address (`header:x-real-ip`): its prefix
-                    raw = ctx.engine.client_keys.key(raw)
+                    raw = ctx.engine.client_keys.at(self.ipv6_prefix).key(raw)
                 return "h:" + _compact(raw)
-        ip = self.owner.client_ip(request, ctx.engine)
+        ip = self.owner.client_ip(request, ctx.engine, self.ipv6_prefix)
         ctx.client_key = ip
         return ip
 

@@ -780,6 +780,10 @@ class RateLimit(_Validated):
     shadow: bool = _spec(False, boolean)
     charge: Literal["served", "always"] = _spec("served", one_of(CHARGE_MODES))
     retry_credit_s: float = _spec(10.0, number_in(0.0, 3600.0))
+    # this limit's own IPv6 prefix for client keys (None: the policy's client_ipv6_prefix)
+    # (left out of `to_dict` while unset: a policy's version is the same as before it
+    # existed, so an upgrade alone does not change the version processes report)
+    client_ipv6_prefix: int | None = _spec(None, optional(int_in(32, 128)), unset_unversioned=True)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -793,27 +797,38 @@ class RateLimit(_Validated):
         )
 
     def _cross_checks(self) -> list[PolicyIssue]:
+        issues: list[PolicyIssue] = []
+        if self.client_ipv6_prefix is not None and self.key in ("route", "global"):
+            # a key that counts no client: the setting would do nothing
+            issues.append(
+                PolicyIssue(
+                    "client_ipv6_prefix",
+                    f"key {_toml(self.key)} counts no client address: client_ipv6_prefix "
+                    'applies to key = "client_ip", "header:NAME" or a key function (their '
+                    "address); leave it out",
+                )
+            )
         cost = self.cost
         if not isinstance(cost, int):  # a function's cost is checked per request
-            return []
+            return issues
         if self._valid("burst", "cost") and self.burst is not None and self.burst < cost:
-            return [
+            issues.append(
                 PolicyIssue(
                     "cost",
                     f"cost {self.cost} exceeds burst {self.burst}: "
                     "no request could ever be admitted",
                 )
-            ]
-        if self.burst is None and _rate(self.rate) is None and _is_int(cost):
+            )
+        elif self.burst is None and _rate(self.rate) is None and _is_int(cost):
             count, _ = parse_rate(self.rate)
             if count < cost:
-                return [
+                issues.append(
                     PolicyIssue(
                         "cost",
                         f"cost {self.cost} exceeds the default burst {count}: set burst >= cost",
                     )
-                ]
-        return []
+                )
+        return issues
 
     @property
     def limit(self) -> int:
@@ -1200,6 +1215,8 @@ def _plain(obj: Any) -> Any:
             if not f.init:
                 continue
             value = getattr(obj, f.name)
+            if value is None and f.metadata.get("unset_unversioned"):
+                continue
             out[f.metadata.get("toml", f.name)] = _plain(value)
         return out
     if isinstance(obj, frozenset):

@@ -238,6 +238,12 @@ DESCRIPTIONS: dict[str, str] = {
     "requests the bucket alone would refuse, until this many seconds after the last refund "
     "that earned some. The default outlasts clients' usual retry waits (`Retry-After`, "
     'backoffs of a few seconds); 0 turns it off. No effect with `charge = "always"`.',
+    "rate_limit.client_ipv6_prefix": "This limit's own IPv6 prefix for its client keys "
+    "(32 .. 128), in place of the policy's `client_ipv6_prefix`: for its `client_ip` key, "
+    "and for a `header:NAME` value that is an IPv6 address. Service-to-service limits in "
+    "Kubernetes, where a node's pods share one /64, want 128 (each pod its own client) "
+    "while the public limits keep 64. Below 48 a key is a whole site or provider "
+    "(`fidelity-mw check` warns). Unset: the policy's.",
     # [breaker]
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",
