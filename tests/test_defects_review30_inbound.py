@@ -10,6 +10,17 @@
    without the root path), for HTTP requests and websocket handshakes alike; a plan
    cached for a path under one root path is not served to the same path under another;
    a glob that matches only with the root path is named in a warning.
+3. `[deadline] header` accepted a name twice, also in two spellings (`X-Timeout` and
+   `x-timeout`: one header, names are case-insensitive): now a policy error naming
+   the field and each repeat.
+4. A list of statuses (`failure_statuses`, `retry.on_status`) reported its first bad
+   value alone: a fix per run of `fidelity-mw check`. Every bad value is now in the
+   one error (and every bad name of `[deadline] header`).
+5. `Depends(fidelity.limit(...))`'s 429 said `Retry-After` as the plain GCRA wait: a
+   store's rejecting verdict with no wait (a Redis script's clamp, a custom store)
+   went out as `Retry-After: 0`, and the problem detail "retry in 0 s". It now says
+   it as every other refusal does (responses.refusal_retry_after: at least 1, whole
+   seconds rounded up), and the `RateLimit` field's `t` no later.
 """
 
 from __future__ import annotations
@@ -31,9 +42,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
 from fidelity_mw.context import DecisionContext
-from fidelity_mw.policy import RouteConfig
+from fidelity_mw.decide.gcra import LimitVerdict
+from fidelity_mw.policy import BreakerConfig, DeadlineConfig, RouteConfig
+from fidelity_mw.state.base import InboundResult, LimitSpec
+from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
 
 with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
@@ -273,3 +287,132 @@ def test_a_glob_written_with_the_root_path_is_named_once(
     assert len(said) == 1
     assert "rate_limit[0] glob '/svc/api/*'" in said[0]
     assert "'/api/items/1'" in said[0]
+
+
+# ------------------------------------------------------------ 3, 4. policy lists
+
+
+@pytest.mark.parametrize(
+    ("headers", "said"),
+    [
+        (
+            ["x-request-timeout-ms", "x-request-timeout-ms"],
+            '"x-request-timeout-ms" is listed twice',
+        ),
+        (
+            ["X-Request-Timeout-Ms", "x-request-timeout-ms"],
+            '"x-request-timeout-ms" repeats "X-Request-Timeout-Ms"',
+        ),
+        (["grpc-timeout", "x-a", "GRPC-Timeout"], '"GRPC-Timeout" repeats "grpc-timeout"'),
+    ],
+)
+def test_a_deadline_header_named_twice_is_an_error_naming_the_field(
+    headers: list[str], said: str
+) -> None:
+    with pytest.raises(PolicyError) as raised:
+        Policy.from_dict({"deadline": {"header": headers}})
+    [issue] = raised.value.issues
+    assert issue.path == "deadline.header"
+    assert said in issue.message
+    assert "case-insensitive" in issue.message
+    with pytest.raises(PolicyError, match="listed twice"):
+        DeadlineConfig(header=("x-a", "x-a"))
+
+
+def test_every_bad_deadline_header_name_is_reported_at_once() -> None:
+    with pytest.raises(PolicyError) as raised:
+        Policy.from_dict({"deadline": {"header": ["bad name", "x-ok", "a:b", "X-OK"]}})
+    [issue] = raised.value.issues
+    assert '"bad name", "a:b" are not valid header names' in issue.message
+    assert '"X-OK" repeats "x-ok"' in issue.message
+
+
+def test_every_bad_failure_status_is_reported_in_one_error() -> None:
+    with pytest.raises(PolicyError) as raised:
+        Policy.from_dict({"breaker": {"failure_statuses": [600, 503, 99, "6xx", "5xx", 1000]}})
+    [issue] = raised.value.issues
+    assert issue.path == "breaker.failure_statuses"
+    assert issue.message.startswith('600, 99, "6xx", 1000 are not HTTP status codes')
+    with pytest.raises(PolicyError, match=r"(?s)^.*: 600 is not an HTTP status code"):
+        BreakerConfig(failure_statuses=(600, 503))
+
+
+def test_every_bad_retry_status_is_reported_in_one_error() -> None:
+    with pytest.raises(PolicyError) as raised:
+        Policy.from_dict({"upstream": [{"host": "a", "retry": {"on_status": [1, 503, 2]}}]})
+    [issue] = raised.value.issues
+    assert issue.path == "upstream[0].retry.on_status"
+    assert issue.message.startswith("1, 2 are not HTTP status codes")
+
+
+# ------------------------------------------------------------ 5. Depends(limit)'s 429
+
+
+class _NoWaitStore(MemoryStore):
+    """A store whose limit refuses with no wait (a Redis script's clamp; a custom store)."""
+
+    admit_now = None  # type: ignore[assignment]
+
+    async def admit(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+    ) -> InboundResult:
+        verdict = LimitVerdict(False, now, 0, 0.0, 0.0)
+        return InboundResult(None, (verdict,) * len(limits), False, "redis", 0.0)
+
+
+@pytest.mark.parametrize("wait", [0.0, -1.0, float("nan")])
+def test_a_depends_limits_429_says_retry_after_at_least_1(wait: float) -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    class Store(_NoWaitStore):
+        async def admit(self, *args: Any) -> InboundResult:
+            result = await super().admit(*args)
+            return result._replace(limits=(result.limits[0]._replace(retry_after_s=wait),))
+
+    fidelity = Fidelity(policy=Policy(breaker=None), store=Store(), clock=FakeClock())
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("5/s"))])
+    async def x() -> dict[str, str]:
+        return {}
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/x")
+
+    response = asyncio.run(get())
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["detail"].endswith("retry in 1 s")
+    assert response.headers["ratelimit"].endswith(";r=0;t=0")  # (no t below 0, nor NaN)
+
+
+def test_a_depends_limits_429_rounds_a_fraction_up_as_the_middleware_does() -> None:
+    from fastapi import Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    clock = FakeClock()
+    fidelity = Fidelity(policy=Policy(breaker=None), clock=clock)
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(fidelity.limit("2/s", burst=1))])
+    async def x() -> dict[str, str]:
+        return {}
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [await client.get("/x") for _ in range(2)]
+
+    first, refused = asyncio.run(run())
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.headers["retry-after"] == "1"  # 0.5 s, rounded up

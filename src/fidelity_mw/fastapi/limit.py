@@ -27,12 +27,12 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.gcra import policy_field, retry_after_header
+from ..decide.gcra import policy_field
 from ..engine import Engine, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
-from ..inbound.responses import state_unavailable_detail
+from ..inbound.responses import refusal_retry_after, state_unavailable_detail
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -188,8 +188,11 @@ class LimitDependency:
         # `t` as the middleware's fields say it: seconds until more quota (until the
         # request would be admitted, on a 429), so never past the Retry-After
         wait_s = quota_wait_s(verdict, spec)
+        # a refusal's Retry-After as every refusal of ours says it (at least 1, whole
+        # seconds rounded up: responses.refusal_retry_after), the fields' `t` no later
+        after = refusal_retry_after(verdict.retry_after_s)
         if not verdict.allowed:
-            wait_s = min(wait_s, int(retry_after_header(verdict.retry_after_s)))
+            wait_s = min(wait_s, int(after))
         t = math.ceil(wait_s - 1e-9)
         # the policy's `rate_limit_headers` (when) and `rate_limit_header_names` (which),
         # as for the middleware's own limits
@@ -247,7 +250,6 @@ class LimitDependency:
         # limits give back what they charged (one layer's rejection costs no quota of
         # another).
         ctx.shed_by = LAYER_RATELIMIT
-        after = retry_after_header(verdict.retry_after_s)
         problem = problem_document(
             429,
             "Too Many Requests",

@@ -297,7 +297,9 @@ def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
     calls it the effective window). Refused: until the request would be admitted.
     Admitted: until the bucket holds one more whole unit than `r`."""
     if not verdict.allowed:
-        return verdict.retry_after_s
+        # (a store's wait of 0, negative or NaN: no `t` below 0, nor a NaN to round)
+        refused = verdict.retry_after_s
+        return refused if refused > 0.0 else 0.0
     wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
     return wait if wait > 0.0 else 0.0
 

@@ -245,12 +245,34 @@ def _base_urls(value: Any) -> str | None:
 
 
 def _header_names(value: Any) -> str | None:
+    """A list of request header names (`[deadline] header`): every invalid name and
+    every repeat (names are case-insensitive: `X-Timeout` and `x-timeout` are one
+    header, read once) in one message."""
     if not isinstance(value, tuple | list) or not value:
         return "expected a non-empty list of header names"
+    bad = [item for item in value if not isinstance(item, str) or not _HEADER_NAME_RE.match(item)]
+    problems = []
+    if len(bad) == 1:
+        problems.append(f"{_toml(bad[0])} is not a valid header name")
+    elif bad:
+        problems.append(f"{', '.join(_toml(item) for item in bad)} are not valid header names")
+    seen: dict[str, str] = {}
+    repeats: list[str] = []
     for item in value:
         if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
-            return f"{_toml(item)} is not a valid header name"
-    return None
+            continue
+        first = seen.get(item.lower())
+        if first is None:
+            seen[item.lower()] = item
+        elif first == item:
+            repeats.append(f"{_toml(item)} is listed twice")
+        else:
+            repeats.append(f"{_toml(item)} repeats {_toml(first)}")
+    if repeats:
+        problems.append(
+            "; ".join(repeats) + " (header names are case-insensitive): list each header once"
+        )
+    return "; ".join(problems) or None
 
 
 def _header_name(value: Any) -> str | None:
@@ -274,12 +296,19 @@ def _methods(value: Any) -> str | None:
 
 
 def _statuses(value: Any) -> str | None:
+    """A list of HTTP statuses (and "5xx" classes, expanded before): every bad value in
+    one message, not the first alone (a fix per run)."""
     if not isinstance(value, tuple | list | frozenset):
         return "expected a list of HTTP status codes (e.g. [502, 503]) or classes ('5xx')"
-    for item in value:
-        if not _is_int(item) or not 100 <= item <= 599:
-            return f"{_toml(item)} is not an HTTP status code between 100 and 599"
-    return None
+    bad = [item for item in value if not _is_int(item) or not 100 <= item <= 599]
+    if not bad:
+        return None
+    if len(bad) == 1:
+        return f"{_toml(bad[0])} is not an HTTP status code between 100 and 599"
+    return (
+        f"{', '.join(_toml(item) for item in bad)} are not HTTP status codes between 100 "
+        "and 599 (or classes such as '5xx')"
+    )
 
 
 def _any_glob(value: Any) -> str | None:

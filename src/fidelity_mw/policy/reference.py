@@ -187,7 +187,9 @@ DESCRIPTIONS: dict[str, str] = {
     "reports no load) the share is even, 1/N, recorded as `fleet_load_why`. 0: never.",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
-    "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
+    "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`). Each "
+    "once: names are case-insensitive, and a repeat (`X-Timeout` after `x-timeout`) is an "
+    "error.",
     "deadline.default_ms": "Deadline of a request that sends none; `false` for no "
     "default deadline (left out, it is 30 s).",
     "deadline.max_ms": "Longest deadline a caller may ask for; defaults to `default_ms`. "
