@@ -21,6 +21,13 @@
    went out as `Retry-After: 0`, and the problem detail "retry in 0 s". It now says
    it as every other refusal does (responses.refusal_retry_after: at least 1, whole
    seconds rounded up), and the `RateLimit` field's `t` no later.
+6. `[[route]] enforce = false` ("the deadline is recorded, never acted on") still
+   answered 504 for a deadline already past on arrival. Such a route now serves it:
+   a `deadline` `would_reject` `expired_on_arrival` decision (details `enforce:
+   false`) records what enforcement would have done, the app runs with the past
+   deadline on its context (`remaining_s()` 0; outbound calls see it, as they do a
+   deadline that passes while it runs). The FastAPI route class (without the
+   middleware) does the same.
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ async def _echo(websocket: WebSocket) -> None:
         except WebSocketDisconnect:
             return
         await websocket.send_text(text.upper())
+
+
+async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def _app(policy: Policy, observer: Any = None) -> Starlette:
@@ -416,3 +428,116 @@ def test_a_depends_limits_429_rounds_a_fraction_up_as_the_middleware_does() -> N
     first, refused = asyncio.run(run())
     assert (first.status_code, refused.status_code) == (200, 429)
     assert refused.headers["retry-after"] == "1"  # 0.5 s, rounded up
+
+
+# ------------------------------------------------------------ 6. enforce = false
+
+
+def _deadline_app(recorder: Recorder | None = None, telemetry: bool = False) -> Any:
+    seen: list[float | None] = []
+
+    async def endpoint(request: Request) -> Response:
+        ctx = request.state.fidelity
+        seen.append(ctx.remaining_s())
+        return PlainTextResponse("served")
+
+    app = Starlette(routes=[Route("/free", endpoint), Route("/strict", endpoint)])
+    policy = Policy(routes=(RouteConfig(match="/free", enforce=False),))
+    app.add_middleware(
+        FidelityMiddleware, policy=policy, clock=FakeClock(), observer=recorder, telemetry=False
+    )
+    app.state.seen = seen
+    return app
+
+
+def _get(app: Any, path: str, timeout_ms: str) -> httpx.Response:
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get(path, headers={"x-request-timeout-ms": timeout_ms})
+
+    return asyncio.run(run())
+
+
+def test_a_route_that_does_not_enforce_deadlines_serves_one_past_on_arrival() -> None:
+    recorder = Recorder()
+    app = _deadline_app(recorder)
+    response = _get(app, "/free", "0")
+    assert response.status_code == 200
+    assert response.text == "served"
+    assert "x-fidelity-decided-by" not in response.headers
+    assert app.state.seen == [0.0]  # the app sees the deadline: passed
+    ctx = recorder.ended[-1]
+    [deadline] = [d for d in ctx.decisions if d.layer == "deadline"]
+    assert (deadline.verdict, deadline.reason) == ("would_reject", "expired_on_arrival")
+    assert deadline.details == {"remaining_ms": 0.0, "enforce": False}
+    assert ctx.outcome == "served"
+    # a route that enforces it answers 504, as before
+    assert _get(app, "/strict", "0").status_code == 504
+
+
+def test_the_summary_of_a_would_reject_is_not_an_allowed_requests() -> None:
+    """The telemetry summary is cached by the facts of the admission: a deadline past on
+    arrival is a fact of its own (else its span said `deadline/allow/caller_deadline`)."""
+    from fidelity_mw.context import context_from_scope
+    from fidelity_mw.telemetry.summary import summary_of
+
+    mw = FidelityMiddleware(
+        _ok_app,
+        policy=Policy(routes=(RouteConfig(match="/free", enforce=False),)),
+        clock=FakeClock(),
+        telemetry=False,
+    )
+    packed = []
+    for timeout in (b"5000", b"0"):
+        scope = _scope("/free")
+        scope["headers"] = [(b"x-request-timeout-ms", timeout)]
+        assert _status(mw, scope) == 200
+        ctx = context_from_scope(scope)
+        assert ctx is not None
+        packed.append(summary_of(ctx).packed)
+    assert packed[0].startswith("deadline/allow/caller_deadline@request")
+    assert packed[1].startswith("deadline/would_reject/expired_on_arrival@request")
+
+
+def test_the_fastapi_route_class_without_the_middleware_does_the_same() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    fidelity = Fidelity(
+        policy=Policy(routes=(RouteConfig(match="/free", enforce=False),)), clock=FakeClock()
+    )
+    router = APIRouter(route_class=fidelity.route_class)
+    seen: list[Any] = []
+
+    @router.get("/free")
+    async def free(request: Request) -> dict[str, str]:
+        seen.append(request.state.fidelity.decisions[0])
+        return {"ok": "yes"}
+
+    @router.get("/strict")
+    async def strict() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app = FastAPI()
+    app.include_router(router)
+    fidelity.install(app)
+    assert _get(app, "/free", "0").status_code == 200
+    assert (seen[0].verdict, seen[0].reason) == ("would_reject", "expired_on_arrival")
+    assert _get(app, "/strict", "0").status_code == 504
+
+
+def test_map_says_a_route_records_deadlines_only() -> None:
+    from fidelity_mw.tools.statemap import from_policy, render
+
+    policy = Policy(
+        routes=(
+            RouteConfig(match="/free", name="free", enforce=False, deadline_ms=500),
+            RouteConfig(match="/strict", deadline_ms=500),
+        )
+    )
+    text = render(from_policy(policy, "p.toml"), "text")
+    assert "recorded only (would_reject), never refused, on free (enforce = false)" in text
+    assert "expired on arrival: recorded (would_reject), never refused" in text
+    assert "504 on arrival when expired" in text  # /strict, as before

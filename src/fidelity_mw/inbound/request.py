@@ -158,7 +158,9 @@ class RequestReader:
             cap = plan.deadline_cap_s
             remaining = caller if cap is None or caller < cap else cap
             ctx.deadline_from_caller = True
-            if remaining <= 0.0:
+            if remaining <= 0.0 and plan.enforce:
+                # (a route with `enforce = false` records it, and serves the request:
+                # admission.admission_decisions' `would_reject`)
                 return remaining, self._expired(ctx, now + remaining, now)
         attempt = found.get(ATTEMPT_HEADER)
         if attempt is not None:

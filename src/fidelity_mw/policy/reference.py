@@ -278,8 +278,12 @@ DESCRIPTIONS: dict[str, str] = {
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
     "route's own breaker, which replaces `[breaker]`: keys it leaves out take the built-in "
     "defaults, not `[breaker]`'s values (`fidelity-mw check` warns where that differs).",
-    "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
-    "started, answer 504 and cancel the app's work. A started response is never cut.",
+    "route.enforce": "Enforce the deadline: answer 504 for one already past on arrival "
+    "(without running the app), and while the app runs, past it with no response "
+    "started, answer 504 and cancel the app's work (a started response is never cut). "
+    "`false`: the deadline is recorded, never acted on: one past on arrival is a "
+    "`would_reject` `expired_on_arrival` decision and the app runs (the deadline, passed, "
+    "still on its context and sent downstream).",
     "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys; those it "
     "leaves out take the built-in defaults, not `[concurrency]`'s); `false`: no bulkhead "
     "on this route, whatever `[concurrency]` says; `true` or left out: the policy's "

@@ -324,13 +324,21 @@ def layers_for(policy: Policy) -> list[Layer]:
     budget_home = homes["budget"]
     rows: list[Layer] = []
     dl = policy.deadline
+    # routes that record deadlines and never act on them (`enforce = false`)
+    unenforced = [r.name or r.match for r in policy.routes if not r.enforce]
     rows.append(
         Layer(
             "inbound",
             "deadline",
             "every HTTP request",
             "deadline",
-            "504 before the app runs when the caller's remaining time is already spent",
+            "504 before the app runs when the caller's remaining time is already spent"
+            + (
+                f"; recorded only (would_reject), never refused, on {', '.join(unenforced)} "
+                "(enforce = false)"
+                if unenforced
+                else ""
+            ),
             f"request headers {', '.join(dl.header)}; default {_ms(dl.default_ms)}, "
             f"cap {_ms(dl.cap_ms)}",
             "none: read from each request, kept on the decision context",
@@ -348,7 +356,12 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "deadline",
                     f"route {route.name or route.match}",
                     f"route[{i}].deadline_ms",
-                    "504 on arrival when expired; caps the caller's deadline",
+                    (
+                        "504 on arrival when expired; caps the caller's deadline"
+                        if route.enforce
+                        else "caps the caller's deadline; expired on arrival: recorded "
+                        "(would_reject), never refused (enforce = false)"
+                    ),
                     f"{route.deadline_ms} ms for "
                     + _route_methods(route, names_head(policy.routes))
                     + f"requests matching {route.match}",
