@@ -143,7 +143,8 @@ DESCRIPTIONS: dict[str, str] = {
     "addresses, IPv4-mapped IPv6 ones (`::ffff:1.2.3.4`, what a dual-stack socket "
     "reports) and NAT64's well-known prefix (`64:ff9b::1.2.3.4`, an IPv4 client behind a "
     "stateless NAT46), count by the IPv4 address. Telemetry's `fidelity.client.key_hash` and the "
-    "store key hold the prefix form (`2001:db8:1:2::/64`).",
+    "store key hold the prefix form (`2001:db8:1:2::/64`). A `[[rate_limit]]` may set its "
+    "own (`rate_limit.client_ipv6_prefix`); below 48 `fidelity-mw check` warns.",
     "forwarded_header": "The one forwarding header `trusted_proxies` set: "
     "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
     "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
