@@ -1,0 +1,104 @@
+"""Review 30: the bulkhead, the adaptive concurrency limit, priorities and the fleet-aware
+fallback, as a demanding user of Envoy's adaptive concurrency, Netflix concurrency-limits
+and Polly/Resilience4j bulkheads would use them. Fake clock throughout, except where a real
+server is the point."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
+from fidelity_mw.policy import ConcurrencyConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+class Slow:
+    """One route that takes `work_s` of the fake clock and then yields to the loop (where a
+    deadline that passed meanwhile cuts it); the loop keeps up."""
+
+    def __init__(self, policy: Policy, clock: FakeClock, work_s: float) -> None:
+        self.contexts: list[Any] = []
+
+        async def work(request: Request) -> Response:
+            await asyncio.sleep(0)  # (the loop is idle: the lag probe runs on time)
+            clock.advance(work_s)
+            await asyncio.sleep(0)
+            return PlainTextResponse("ok")
+
+        app = Starlette(routes=[Route("/w", work)])
+        self.mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+
+        async def capture(scope: Any, receive: Any, send: Any) -> None:
+            await self.mw(scope, receive, send)
+            if scope["type"] == "http":
+                self.contexts.append(scope["state"]["fidelity"])
+
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=capture, client=("127.0.0.1", 5000)),
+            base_url="http://svc",
+        )
+
+
+async def test_a_callers_impossible_deadline_does_not_shrink_the_adaptive_limit(
+    clock: FakeClock,
+) -> None:
+    """Any client may send `x-request-timeout-ms: 1`. A request cut by a deadline shorter
+    than the route's tolerated latency says the caller asked for the impossible, not that the
+    route is overloaded: it must not shrink the limit every other client shares."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=20, adaptive=True, max_limit=100)
+    )
+    svc = Slow(policy, clock, work_s=0.01)
+    for _ in range(20):  # the floor: 10 ms
+        assert (await svc.client.get("/w")).status_code == 200
+    limiter = svc.mw.engine.bulkheads["/w"]
+    assert limiter.limit == 20
+    for _ in range(30):
+        cut = await svc.client.get("/w", headers={"x-request-timeout-ms": "1"})
+        assert cut.status_code == 504
+    assert limiter.limit == 20
+    assert limiter.in_flight == 0
+
+
+def test_a_drop_counts_only_when_the_request_had_more_than_the_tolerated_latency() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=20, adaptive=True, max_limit=100))
+    for _ in range(20):  # the floor: 10 ms
+        assert lim.try_acquire(CRITICAL).admitted
+        lim.release(0.01)
+    assert lim.limit == 20
+    for _ in range(10):  # cut at 5 ms (the caller's deadline): nothing to learn
+        lim.try_acquire(CRITICAL)
+        lim.release(0.005, dropped=True)
+    assert lim.limit == 20
+    for _ in range(10):  # cut at 100 ms, ten times the floor: overload
+        lim.try_acquire(CRITICAL)
+        lim.release(0.1, dropped=True)
+    assert lim.limit == round(20 * 0.9**10)
+    for _ in range(5):  # how long it ran not known: a drop, as before
+        lim.try_acquire(CRITICAL)
+        lim.release(dropped=True)
+    assert lim.limit == max(1, round(20 * 0.9**15))
+
+
+def test_while_the_floor_is_measured_a_drop_sooner_than_the_samples_so_far_is_no_evidence() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=100, adaptive=True))
+    lim.try_acquire(CRITICAL)
+    lim.release(0.01)
+    for _ in range(10):
+        lim.try_acquire(CRITICAL)
+        lim.release(0.002, dropped=True)
+    for _ in range(19):
+        lim.try_acquire(CRITICAL)
+        lim.release(0.01)
+    assert lim.limit == 100
