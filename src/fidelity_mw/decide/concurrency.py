@@ -165,8 +165,19 @@ class GradientEstimate:
     def sample(
         self, latency_s: float, in_flight: int, dropped: bool = False, binding: bool = True
     ) -> float:
-        """Fold one finished request in (`in_flight` counts it); returns the limit to use."""
+        """Fold one finished request in (`in_flight` counts it); returns the limit to use.
+
+        `dropped`: it failed from overload (its deadline passed), after `latency_s` (0:
+        not known). One cut sooner than the route's tolerated latency (`tolerance` x its
+        floor) is no evidence: the caller asked for less time than the route needs when
+        it keeps up (any client may send a 1 ms deadline), and it is not a sample."""
         spec = self.spec
+        if dropped and latency_s > 0.0:
+            floor = self.baseline_s
+            if floor <= 0.0 and self._measured:
+                floor = min(self._measured)
+            if latency_s <= spec.tolerance * floor:
+                return self.current()
         if self._measuring:
             if dropped:
                 # An overload failure (timeout, shed downstream) is the clearest signal
@@ -400,7 +411,8 @@ class ConcurrencyLimiter:
         """One admitted request finished. Returns the waiters that now hold a slot.
 
         `latency_s` (None: not a sample, e.g. the client went away) feeds the
-        adaptive limit; `dropped` says the request failed from overload. `lag_s`
+        adaptive limit; `dropped` says the request failed from overload (its deadline
+        passed after `latency_s`, when given: see `GradientEstimate.sample`). `lag_s`
         is how long work that is ready waits to run (the event loop's lag): a
         request arriving now waits that long before anything can admit it, a
         queue the route's own latency does not show, so it counts in the sample.

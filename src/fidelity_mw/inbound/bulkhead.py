@@ -145,15 +145,17 @@ class Bulkheads:
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
         """Free the slot. A request the app served is a latency sample for the adaptive
-        limit; one that ran out of deadline says the route is overloaded."""
+        limit; one that ran out of deadline says the route is overloaded, unless its
+        deadline was shorter than the route's tolerated latency (the caller's choice)."""
         limiter = plan.bulkhead
         assert limiter is not None
         latency: float | None = None
         dropped = False
         if admitted_app and not ctx.client_disconnected:
-            if ctx.outcome == OUTCOME_EXPIRED:
-                dropped = True
-            elif ctx.status is not None:
+            # (a request cut by its deadline: how long it had, which says whether the
+            # deadline was one the route could have met at all)
+            dropped = ctx.outcome == OUTCOME_EXPIRED
+            if dropped or ctx.status is not None:
                 ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
                 latency = ended - ctx.started_at
         lag = 0.0
