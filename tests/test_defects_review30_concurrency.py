@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
+from fidelity_mw.context import LAYER_CONCURRENCY
 from fidelity_mw.policy import ConcurrencyConfig
 from fidelity_mw.testing import FakeClock
 
@@ -102,3 +103,44 @@ def test_while_the_floor_is_measured_a_drop_sooner_than_the_samples_so_far_is_no
         lim.try_acquire(CRITICAL)
         lim.release(0.01)
     assert lim.limit == 100
+
+
+async def _priority_seen(mw: FidelityMiddleware, peer: str, headers: dict[str, str]) -> str:
+    seen: list[Any] = []
+
+    async def capture(scope: Any, receive: Any, send: Any) -> None:
+        await mw(scope, receive, send)
+        seen.append(scope["state"]["fidelity"])
+
+    transport = httpx.ASGITransport(app=capture, client=(peer, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        assert (await client.get("/w", headers=headers)).status_code == 200
+    (decision,) = [d for d in seen[-1].decisions if d.layer == LAYER_CONCURRENCY]
+    return str(decision.details["priority"])
+
+
+async def test_a_priority_header_forwarded_by_a_trusted_proxy_is_judged_by_its_client(
+    clock: FakeClock,
+) -> None:
+    """Behind an ingress on a private address (a trusted peer by default), every external
+    client's `x-priority: critical` reached the bulkhead from a trusted peer: a client could
+    promote itself past `sheddable` and `default`. Where `trusted_proxies` says the peer is a
+    proxy, the header is believed only when the client it forwards for is a trusted peer."""
+    policy = Policy(
+        breaker=None,
+        priority_header="x-priority",
+        trusted_proxies=("10.0.0.0/24",),
+        concurrency=ConcurrencyConfig(limit=4),
+    )
+    mw = Slow(policy, clock, work_s=0.0).mw
+    critical = {"x-priority": "critical"}
+    external = {**critical, "x-forwarded-for": "203.0.113.7"}
+    internal = {**critical, "x-forwarded-for": "10.1.2.3"}
+    assert await _priority_seen(mw, "10.0.0.5", external) == "default"
+    assert await _priority_seen(mw, "10.0.0.5", internal) == "critical"
+    # a trusted peer that is no proxy, or a proxy's own request: believed as before
+    assert await _priority_seen(mw, "10.9.9.9", external) == "critical"
+    assert await _priority_seen(mw, "10.0.0.5", critical) == "critical"
+    # an external client that names a trusted address itself is not believed for it
+    spoofed = {**critical, "x-forwarded-for": "10.1.2.3, 203.0.113.7"}
+    assert await _priority_seen(mw, "10.0.0.5", spoofed) == "default"
