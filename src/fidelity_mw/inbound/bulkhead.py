@@ -33,6 +33,7 @@ from ..context import (
 )
 from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
+from ..headers import client_address
 from .request import header_key
 from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
 
@@ -48,6 +49,11 @@ class Bulkheads:
         header = engine.policy.priority_header
         self.priority_raw: bytes | None = header_key(header) if header else None
         self.trusted_peer = trusted_peer
+        # A trusted proxy passes its clients' headers through: the header is judged by the
+        # client it forwards for (as `client_ip` keys find it), not by the proxy.
+        self.proxies = engine.trusted_proxies
+        self.forwarded_header = engine.policy.forwarded_header
+        self.forwarded_raw = header_key(engine.policy.forwarded_header)
         self.monotonic = engine.clock.monotonic
         # A bulkhead under overload refuses most requests, on the same event loop
         # that serves the rest: each (route, class) answer is built once, not per 503.
@@ -70,15 +76,26 @@ class Bulkheads:
         return clock if clock is not None else loop_clock(self.monotonic)
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
-        """The route's class, unless a trusted peer names another one."""
+        """The route's class, unless a trusted peer names another one. Through a trusted
+        proxy (`trusted_proxies`, with its forwarding header) the peer that counts is the
+        client it forwards for: an ingress on a private address is a trusted peer, and
+        passes every external client's header through."""
         raw = self.priority_raw
         if raw is not None and found is not None:
             value = found.get(raw)
             if value is not None:
                 client = scope.get("client")
                 named = value.decode("latin-1").strip().lower()
-                if named in PRIORITIES and client and self.trusted_peer(client[0]):
-                    return named
+                if named in PRIORITIES and client:
+                    peer = client[0]
+                    if self.proxies:
+                        forwarded = found.get(self.forwarded_raw)
+                        if forwarded is not None:
+                            peer = client_address(
+                                peer, forwarded, self.proxies, self.forwarded_header
+                            )
+                    if self.trusted_peer(peer):
+                        return named
         return plan.priority
 
     def enter_now(
