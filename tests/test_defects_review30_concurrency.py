@@ -6,6 +6,9 @@ server is the point."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -15,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from _loopback import LoopbackServer
 from fidelity_mw import FidelityMiddleware, Policy
-from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
 from fidelity_mw.context import LAYER_CONCURRENCY
+from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
 from fidelity_mw.policy import ConcurrencyConfig
 from fidelity_mw.testing import FakeClock
 
@@ -144,3 +148,64 @@ async def test_a_priority_header_forwarded_by_a_trusted_proxy_is_judged_by_its_c
     # an external client that names a trusted address itself is not believed for it
     spoofed = {**critical, "x-forwarded-for": "10.1.2.3, 203.0.113.7"}
     assert await _priority_seen(mw, "10.0.0.5", spoofed) == "default"
+
+
+def _wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
+    """Poll (bounded, with slack for a busy machine) until `condition()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return bool(condition())
+
+
+def test_a_queued_request_whose_client_left_leaves_the_queue_and_never_runs() -> None:
+    """Under uvicorn a client that closes its connection does not cancel its request: a
+    request queued for a slot kept its place, then took a slot and ran the app for nobody
+    (at overload, when clients give up, the queue fills with such requests). Its place is
+    given up when the client leaves; a queued request whose client stays is served, its
+    body intact."""
+    gate = threading.Event()
+    ran: list[str] = []
+
+    async def work(request: Request) -> Response:
+        ran.append(request.query_params["n"])
+        if request.query_params.get("hold"):
+            await asyncio.to_thread(gate.wait, 10.0)
+        return PlainTextResponse(f"{request.query_params['n']}:{(await request.body()).decode()}")
+
+    app = Starlette(routes=[Route("/w", work, methods=["GET", "POST"])])
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=30_000),
+    )
+    mw = FidelityMiddleware(app, policy=policy, telemetry=False)
+    with LoopbackServer(mw) as server:
+        limiter = None
+
+        def connect(request: bytes) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(request)
+            return sock
+
+        held = connect(b"GET /w?hold=1&n=held HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _wait_until(lambda: ran == ["held"])
+        limiter = mw.engine.bulkheads["/w"]
+        gone = connect(b"GET /w?n=gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        stays = connect(b"POST /w?n=stays HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
+        assert _wait_until(lambda: limiter.waiting == 2)
+        gone.close()
+        assert _wait_until(lambda: limiter.waiting == 1)
+        gate.set()
+        assert held.recv(1000).startswith(b"HTTP/1.1 200")
+        reply = b""
+        while b"stays:body" not in reply:
+            chunk = stays.recv(1000)
+            assert chunk
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+        held.close()
+        stays.close()
+        assert _wait_until(lambda: limiter.in_flight == 0)
+        assert ran == ["held", "stays"]
