@@ -209,3 +209,76 @@ def test_a_queued_request_whose_client_left_leaves_the_queue_and_never_runs() ->
         stays.close()
         assert _wait_until(lambda: limiter.in_flight == 0)
         assert ran == ["held", "stays"]
+
+
+async def test_a_client_that_leaves_while_queued_is_recorded_and_its_place_freed(
+    clock: FakeClock,
+) -> None:
+    """The same on a hand-driven ASGI call: the record says why, nothing is answered."""
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["query_string"].decode())
+        if scope["query_string"] == b"hold":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=2, queue_timeout_ms=60_000)
+    )
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+
+    def call(query: bytes, left: asyncio.Event) -> tuple[Any, list[Any], dict[str, Any]]:
+        sent: list[Any] = []
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/w",
+            "raw_path": b"/w",
+            "query_string": query,
+            "headers": [],
+            "client": ("127.0.0.1", 5000),
+            "server": ("svc", 80),
+        }
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        return mw(scope, receive, send), sent, scope
+
+    stay = asyncio.Event()
+    held, _, _ = call(b"hold", stay)
+    held_task = asyncio.ensure_future(held)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    leaves = asyncio.Event()
+    queued, queued_sent, queued_scope = call(b"gone", leaves)
+    queued_task = asyncio.ensure_future(queued)
+    [limiter] = mw.engine.bulkheads.values()
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert limiter.waiting == 1
+    leaves.set()
+    await queued_task
+    assert limiter.waiting == 0
+    assert queued_sent == []
+    ctx = queued_scope["state"]["fidelity"]
+    (decision,) = [d for d in ctx.decisions if d.layer == LAYER_CONCURRENCY]
+    assert (decision.verdict, decision.reason) == ("shed", "client_gone")
+    assert (ctx.outcome, ctx.client_disconnected) == ("disconnected", True)
+    release.set()
+    await held_task
+    assert ran == ["hold"]
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
