@@ -15,9 +15,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-from .._types import Scope
+from starlette.requests import ClientDisconnect
+
+from .._types import Message, Receive, Scope
 from ..context import (
     ALLOW,
     LAYER_CONCURRENCY,
@@ -35,9 +40,16 @@ from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
 from ..headers import client_address
 from .request import header_key
-from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
+from .responses import (
+    OUTCOME_DISCONNECTED,
+    OUTCOME_EXPIRED,
+    OUTCOME_SHED,
+    Rejection,
+    problem_body,
+)
 
 QUEUE_TIMEOUT = "queue_timeout"
+CLIENT_GONE = "client_gone"  # the client left while its request waited for a slot
 EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_on_arrival
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -122,11 +134,22 @@ class Bulkheads:
         return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
-        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float, refused: str
-    ) -> Rejection | None:
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        priority: str,
+        now: float,
+        refused: str,
+        receive: Receive,
+    ) -> tuple[Rejection | None, Receive]:
         """Wait for a slot, best priority first, at most `queue_timeout_ms`; where the route
         enforces deadlines, never past the request's (a slot then would only run an app
-        that is cut at once), and that refusal is the deadline's 504."""
+        that is cut at once), and that refusal is the deadline's 504.
+
+        Meanwhile it listens for the client leaving (a server does not cancel a request
+        whose client left: it would take a slot and run the app for nobody): gone, it
+        gives up its place and raises ClientDisconnect. What it read of the request is
+        handed to the app first: the `receive` returned."""
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
@@ -137,28 +160,53 @@ class Bulkheads:
         if until_deadline:
             assert deadline_at is not None
             timeout_s = max(deadline_at - now, 0.0)
-        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        slot: asyncio.Future[None] = loop.create_future()
         if limiter.enqueue(priority, slot, paced=refused == PACED):
             # freed since the refusal, by a request on another thread's loop
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
-            return None
+            return None, receive
+        listener = ClientListener(receive)
+        listening = loop.create_task(listener.listen())
         try:
-            await asyncio.wait_for(asyncio.shield(slot), timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+            waiting: set[asyncio.Future[Any]] = {slot, listening}
+            until = loop.time() + timeout_s
+            while True:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(0.0, until - loop.time()), return_when=FIRST_COMPLETED
+                )
+                if slot in done:
+                    break
+                if listening in done:
+                    waiting.discard(listening)
+                    if listener.gone:
+                        raise ClientDisconnect
+                    continue  # (it read what it may keep: the slot alone, from here)
+                raise TimeoutError
+        except (TimeoutError, asyncio.CancelledError, ClientDisconnect) as exc:
             if not limiter.abandon(slot):
                 # A release handed us the slot just as we gave up: give it back.
                 self._wake(limiter, limiter.give_back())
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, ClientDisconnect):
+                self._gone(ctx, plan, priority, limiter, self.monotonic())
+                raise
             if until_deadline:
-                return self._expired(ctx, self.monotonic())
-            return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic())
+                return self._expired(ctx, self.monotonic()), receive
+            refused_now = self._refuse(
+                ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic()
+            )
+            return refused_now, receive
+        finally:
+            if not listening.done():
+                listening.cancel()
         now = self.monotonic()
         if deadline_at is not None and now >= deadline_at:  # handed over too late
             self._wake(limiter, limiter.give_back())
-            return self._expired(ctx, now)
+            return self._expired(ctx, now), receive
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
-        return None
+        return None, (listener.replay if listener.read or listener.failed else receive)
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
         """Free the slot. A request the app served is a latency sample for the adaptive
@@ -211,6 +259,21 @@ class Bulkheads:
                     pass
             # Its loop is gone, and its request with it: the slot goes to the next waiter.
             slots.extend(limiter.give_back())
+
+    def _gone(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        priority: str,
+        limiter: ConcurrencyLimiter,
+        now: float,
+    ) -> None:
+        """The client left while its request waited for a slot: nobody to answer, and the
+        app does not run (a `shed` `client_gone` decision, outcome `disconnected`)."""
+        self._record(ctx, plan, SHED, CLIENT_GONE, priority, limiter, now)
+        ctx.decided_by = LAYER_CONCURRENCY
+        ctx.outcome = OUTCOME_DISCONNECTED
+        ctx.client_disconnected = True
 
     def _expired(self, ctx: DecisionContext, now: float) -> Rejection:
         """The deadline passed while the request waited for a slot: the deadline's refusal,
@@ -279,6 +342,49 @@ class Bulkheads:
                 priority=priority,
             )
         return 503, list(_RETRY_AFTER), body
+
+
+class ClientListener:
+    """Reads the request while it waits in the queue, to hear its client leave.
+
+    After the last body message a server's `receive` answers only when the client
+    disconnects. So it reads on to there, keeping what it read for the app (`replay`);
+    a body in several messages is not read past its first (the app reads the rest, and
+    memory holds one message per queued request at most)."""
+
+    __slots__ = ("failed", "gone", "read", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.read: deque[Message] = deque()
+        self.gone = False
+        self.failed: Exception | None = None
+
+    async def listen(self) -> None:
+        # (two reads at most: a `receive` that answers at once again after the body, as
+        # some hand-written ones do, is not read in a loop)
+        for _ in range(2):
+            try:
+                message = await self.receive()
+            except Exception as exc:  # the app's first read after these raises it
+                self.failed = exc
+                return
+            self.read.append(message)
+            kind = message["type"]
+            if kind == "http.disconnect":
+                self.gone = True
+                return
+            if kind != "http.request" or message.get("more_body", False):
+                return
+
+    async def replay(self) -> Message:
+        if self.read:
+            return self.read.popleft()
+        failed = self.failed
+        if failed is not None:
+            self.failed = None
+            raise failed
+        return await self.receive()
 
 
 def _hand(slot: asyncio.Future[None]) -> None:
