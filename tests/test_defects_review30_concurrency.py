@@ -6,20 +6,28 @@ server is the point."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+import warnings
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from _loopback import LoopbackServer
-from fidelity_mw import FidelityMiddleware, Policy
+
+with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import LAYER_CONCURRENCY
 from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
 from fidelity_mw.policy import ConcurrencyConfig
@@ -282,3 +290,109 @@ async def test_a_client_that_leaves_while_queued_is_recorded_and_its_place_freed
     await held_task
     assert ran == ["hold"]
     assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_every_path_out_of_the_app_gives_its_slot_back_once(clock: FakeClock) -> None:
+    """An exception, a 204, a HEAD, a stream that fails after it started, a stream that
+    ends, a websocket (which takes no slot): after them all nothing is in flight, and a
+    streamed response holds its slot until its last body message."""
+    more = asyncio.Event()
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    async def empty(request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def text(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    async def broken(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"a"
+            raise RuntimeError("mid-body")
+
+        return StreamingResponse(chunks())
+
+    async def stream(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"a"
+            await more.wait()
+            yield b"b"
+
+        return StreamingResponse(chunks())
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    app = Starlette(
+        routes=[
+            Route("/boom", boom),
+            Route("/empty", empty),
+            Route("/text", text, methods=["GET", "HEAD"]),
+            Route("/broken", broken),
+            Route("/stream", stream),
+            WebSocketRoute("/ws", ws),
+        ]
+    )
+    policy = Policy(
+        breaker=None,
+        rate_limits=[RateLimit(name="all", rate="1000/s")],
+        concurrency=ConcurrencyConfig(limit=1),
+    )
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+    transport = httpx.ASGITransport(app=mw, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        for _ in range(3):
+            assert (await client.get("/boom")).status_code == 500
+            assert (await client.get("/empty")).status_code == 204
+            assert (await client.head("/text")).status_code == 200
+            with contextlib.suppress(httpx.HTTPError):  # (the body is cut short)
+                await client.get("/broken")
+            more.set()
+            assert (await client.get("/stream")).content == b"ab"
+            more.clear()
+    assert {route: lim.in_flight for route, lim in mw.engine.bulkheads.items()} == dict.fromkeys(
+        ["/boom", "/empty", "/text", "/broken", "/stream"], 0
+    )
+
+    # A stream holds its slot until its last body message
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 5000),
+        "server": ("svc", 80),
+    }
+    streaming = asyncio.ensure_future(mw(scope, receive, send))
+    for _ in range(200):
+        if any(m.get("body") == b"a" for m in sent):
+            break
+        await asyncio.sleep(0)
+    limiter = mw.engine.bulkheads["/stream"]
+    assert limiter.in_flight == 1
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        assert (await client.get("/stream")).status_code == 503
+        more.set()
+        await streaming
+        assert limiter.in_flight == 0
+
+    # a websocket on a route with limits is admitted by them, and holds no slot
+    with TestClient(mw) as test_client, test_client.websocket_connect("/ws"):
+        assert all(lim.in_flight == 0 for lim in mw.engine.bulkheads.values())
