@@ -396,3 +396,60 @@ async def test_every_path_out_of_the_app_gives_its_slot_back_once(clock: FakeClo
     # a websocket on a route with limits is admitted by them, and holds no slot
     with TestClient(mw) as test_client, test_client.websocket_connect("/ws"):
         assert all(lim.in_flight == 0 for lim in mw.engine.bulkheads.values())
+
+
+async def test_a_queued_request_that_expects_100_continue_is_not_read(clock: FakeClock) -> None:
+    """Reading it would make the server answer `100 Continue` and the client send a body
+    the queue may yet refuse: such a request is not listened to while it waits."""
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["query_string"] == b"hold":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=2, queue_timeout_ms=60_000)
+    )
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+    reads: list[str] = []
+
+    def scope(query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/w",
+            "raw_path": b"/w",
+            "query_string": query,
+            "headers": headers,
+            "client": ("127.0.0.1", 5000),
+            "server": ("svc", 80),
+        }
+
+    def receive_for(name: str) -> Any:
+        async def receive() -> dict[str, Any]:
+            reads.append(name)
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        return receive
+
+    async def send(message: Any) -> None:
+        pass
+
+    held = asyncio.ensure_future(mw(scope(b"hold", []), receive_for("held"), send))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    expect = [(b"content-length", b"4"), (b"Expect", b"100-Continue")]
+    queued = asyncio.ensure_future(mw(scope(b"", expect), receive_for("queued"), send))
+    [limiter] = mw.engine.bulkheads.values()
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert limiter.waiting == 1
+    assert reads == []
+    release.set()
+    await asyncio.gather(held, queued)
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
