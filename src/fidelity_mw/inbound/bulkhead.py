@@ -141,6 +141,7 @@ class Bulkheads:
         now: float,
         refused: str,
         receive: Receive,
+        scope: Scope | None = None,
     ) -> tuple[Rejection | None, Receive]:
         """Wait for a slot, best priority first, at most `queue_timeout_ms`; where the route
         enforces deadlines, never past the request's (a slot then would only run an app
@@ -149,7 +150,8 @@ class Bulkheads:
         Meanwhile it listens for the client leaving (a server does not cancel a request
         whose client left: it would take a slot and run the app for nobody): gone, it
         gives up its place and raises ClientDisconnect. What it read of the request is
-        handed to the app first: the `receive` returned."""
+        handed to the app first: the `receive` returned. (Not a request that expects
+        `100 Continue`: reading would ask its client for a body that may be refused.)"""
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
@@ -167,7 +169,7 @@ class Bulkheads:
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
             return None, receive
         listener = ClientListener(receive)
-        listening = loop.create_task(listener.listen())
+        listening = loop.create_task(listener.listen(scope is not None and _expects(scope)))
         try:
             waiting: set[asyncio.Future[Any]] = {slot, listening}
             until = loop.time() + timeout_s
@@ -360,7 +362,9 @@ class ClientListener:
         self.gone = False
         self.failed: Exception | None = None
 
-    async def listen(self) -> None:
+    async def listen(self, expects_continue: bool = False) -> None:
+        if expects_continue:
+            return
         # (two reads at most: a `receive` that answers at once again after the body, as
         # some hand-written ones do, is not read in a loop)
         for _ in range(2):
@@ -385,6 +389,14 @@ class ClientListener:
             self.failed = None
             raise failed
         return await self.receive()
+
+
+def _expects(scope: Scope) -> bool:
+    """The request asks for `100 Continue` before it sends its body."""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+            return True
+    return False
 
 
 def _hand(slot: asyncio.Future[None]) -> None:

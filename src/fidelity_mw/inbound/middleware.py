@@ -473,7 +473,7 @@ class FidelityMiddleware:
         priority = bulkheads.priority(plan, scope, found)
         entered = bulkheads.enter_now(ctx, plan, priority, now)
         if isinstance(entered, str):  # refused for now: wait in the queue
-            return await bulkheads.wait(ctx, plan, priority, now, entered, receive)
+            return await bulkheads.wait(ctx, plan, priority, now, entered, receive, scope)
         return entered, receive
 
     async def _admit_costed(
