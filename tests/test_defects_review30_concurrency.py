@@ -23,13 +23,20 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from _loopback import LoopbackServer
+from test_bulkhead import Service, concurrency_decisions
 
 with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import LAYER_CONCURRENCY
-from fidelity_mw.decide.concurrency import CRITICAL, ConcurrencyLimiter, ConcurrencySpec
+from fidelity_mw.decide.concurrency import (
+    CRITICAL,
+    DEFAULT,
+    SHEDDABLE,
+    ConcurrencyLimiter,
+    ConcurrencySpec,
+)
 from fidelity_mw.policy import ConcurrencyConfig
 from fidelity_mw.testing import FakeClock
 
@@ -453,3 +460,63 @@ async def test_a_queued_request_that_expects_100_continue_is_not_read(clock: Fak
     release.set()
     await asyncio.gather(held, queued)
     assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_a_queue_full_of_lower_classes_does_not_turn_a_critical_request_away(
+    clock: FakeClock,
+) -> None:
+    """Two critical requests fill a limit of 2; two sheddable ones fill the queue (they
+    may use only half the limit, so no slot freed now would go to them). A critical
+    request then found the queue full and was shed, and the slot freed next stayed idle.
+    A better class takes the place of the worst waiter, which is refused (`displaced`)."""
+    policy = Policy(
+        breaker=None,
+        priority_header="x-priority",
+        concurrency=ConcurrencyConfig(
+            limit=2, sheddable_share=0.5, max_queue=2, queue_timeout_ms=60_000
+        ),
+    )
+    svc = Service(policy, clock)
+    critical = {"x-priority": "critical"}
+    sheddable = {"x-priority": "sheddable"}
+    held = [asyncio.create_task(svc.client.get("/w?hold=1", headers=critical)) for _ in range(2)]
+    await svc.in_flight(2)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    waiting = [asyncio.create_task(svc.client.get("/w", headers=sheddable)) for _ in range(2)]
+    for _ in range(500):
+        if limiter.waiting == 2:
+            break
+        await asyncio.sleep(0)
+    assert limiter.waiting == 2
+    late = asyncio.create_task(svc.client.get("/w", headers=critical))
+    # the later sheddable waiter gives its place up, and is told so at once
+    displaced = await asyncio.wait_for(asyncio.shield(waiting[1]), 5)
+    assert displaced.status_code == 503
+    assert displaced.headers["retry-after"] == "1"
+    ctx = next(c for c in svc.contexts if c.status == 503)
+    (decision,) = concurrency_decisions(ctx)
+    assert (decision.verdict, decision.reason) == ("shed", "displaced")
+    assert decision.details["priority"] == "sheddable"
+    assert limiter.waiting == 2
+    assert not late.done()
+    svc.gate.set()
+    assert [r.status_code for r in await asyncio.gather(*held, late, waiting[0])] == [200] * 4
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+def test_a_newcomer_displaces_only_a_waiter_of_a_lower_class() -> None:
+    lim = ConcurrencyLimiter(ConcurrencySpec(limit=1, max_queue=2))
+    assert lim.try_acquire(CRITICAL).admitted
+    first, second, third = object(), object(), object()
+    assert not lim.enqueue(DEFAULT, first)
+    assert not lim.enqueue(SHEDDABLE, second)
+    assert not lim.can_queue()
+    assert lim.displace(SHEDDABLE) is None  # the same class: no
+    assert lim.displace(DEFAULT) is second  # the worst waiter, the latest of its class
+    assert lim.can_queue()
+    assert not lim.enqueue(DEFAULT, third)
+    assert lim.displace(DEFAULT) is None
+    assert lim.abandon(first)  # still waiting: it leaves
+    assert lim.abandon(second)  # displaced: it holds no slot either, nothing to give back
+    assert not lim.abandon(second)
+    assert lim.release() == [third]
