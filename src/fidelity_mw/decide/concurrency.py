@@ -223,6 +223,7 @@ class ConcurrencyLimiter:
 
     __slots__ = (
         "_admitted_at",
+        "_displaced",
         "_lag_peak",
         "_lock",
         "_seq",
@@ -247,6 +248,9 @@ class ConcurrencyLimiter:
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
         self._seq = itertools.count()
+        # waiters that gave their place to a better class (`displace`) and have not yet
+        # said they saw it (`abandon`): they hold no slot
+        self._displaced: set[object] = set()
         # One route's bulkhead may serve event loops in several threads (one middleware,
         # several loops): the count and the queue change together, under this lock.
         self._lock = threading.Lock()
@@ -375,6 +379,25 @@ class ConcurrencyLimiter:
     def can_queue(self) -> bool:
         return len(self._waiters) < self.spec.max_queue
 
+    def displace(self, priority: str) -> object | None:
+        """The queue is full: its worst waiter (lowest class, latest arrival) leaves it to
+        make room for a request of a better class than its own. Returns its token (the
+        caller tells it it was refused), or None: the queue has room, or nobody in it is
+        of a lower class. Without this, a queue full of `sheddable` waiters, which may
+        not take a slot while better classes fill the limit, turned `critical` away."""
+        rank = PRIORITIES.index(priority)
+        with self._lock:
+            waiters = self._waiters
+            if not waiters or len(waiters) < self.spec.max_queue:
+                return None
+            worst = max(waiters, key=lambda entry: (entry[0], entry[1]))
+            if worst[0] <= rank:
+                return None
+            waiters.remove(worst)
+            heapq.heapify(waiters)
+            self._displaced.add(worst[2])
+            return worst[2]
+
     def enqueue(self, priority: str, token: object, paced: bool = False) -> bool:
         """Wait for a slot; `release` hands slots to waiters, best priority first.
 
@@ -396,13 +419,18 @@ class ConcurrencyLimiter:
             return False
 
     def abandon(self, token: object) -> bool:
-        """A waiter gave up (timeout, disconnect). True if it was still waiting."""
+        """A waiter gave up (timeout, disconnect), or saw it was displaced. True if it
+        holds no slot (it was still waiting, or displaced); False: a release handed it
+        one."""
         with self._lock:
             for i, entry in enumerate(self._waiters):
                 if entry[2] is token:
                     self._waiters.pop(i)
                     heapq.heapify(self._waiters)
                     return True
+            if token in self._displaced:
+                self._displaced.discard(token)
+                return True
             return False
 
     def release(

@@ -50,6 +50,7 @@ from .responses import (
 
 QUEUE_TIMEOUT = "queue_timeout"
 CLIENT_GONE = "client_gone"  # the client left while its request waited for a slot
+DISPLACED = "displaced"  # a request of a better class took its place in the full queue
 EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_on_arrival
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -129,8 +130,13 @@ class Bulkheads:
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
-        if admission.reason != STALE and limiter.can_queue():
-            return admission.reason  # (a stale request only grows staler in the queue)
+        if admission.reason != STALE:  # (a stale request only grows staler in the queue)
+            if limiter.can_queue():
+                return admission.reason
+            displaced = limiter.displace(priority)
+            if displaced is not None:  # a waiter of a lower class gave it its place
+                self._tell(limiter, displaced, False)
+                return admission.reason
         return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
@@ -163,7 +169,8 @@ class Bulkheads:
             assert deadline_at is not None
             timeout_s = max(deadline_at - now, 0.0)
         loop = asyncio.get_running_loop()
-        slot: asyncio.Future[None] = loop.create_future()
+        # True: a release handed it a slot; False: a better class took its place
+        slot: asyncio.Future[bool] = loop.create_future()
         if limiter.enqueue(priority, slot, paced=refused == PACED):
             # freed since the refusal, by a request on another thread's loop
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
@@ -204,6 +211,9 @@ class Bulkheads:
             if not listening.done():
                 listening.cancel()
         now = self.monotonic()
+        if not slot.result():
+            limiter.abandon(slot)  # (seen: it is forgotten)
+            return self._refuse(ctx, plan, DISPLACED, priority, limiter, now), receive
         if deadline_at is not None and now >= deadline_at:  # handed over too late
             self._wake(limiter, limiter.give_back())
             return self._expired(ctx, now), receive
@@ -240,27 +250,36 @@ class Bulkheads:
     def _wake(limiter: ConcurrencyLimiter, slots: list[object]) -> None:
         """Hand the slots a release gave to waiters over to their requests. Never raises:
         it runs as a request unwinds, before the observer's end and the context reset."""
-        # (None when a request is unwound outside its loop, e.g. finalised after it closed)
-        running = asyncio.events._get_running_loop()
         i = 0
         while i < len(slots):
             slot = slots[i]
             i += 1
-            assert isinstance(slot, asyncio.Future)
-            loop = slot.get_loop()
-            if loop is running:
-                _hand(slot)
-                continue
-            if not loop.is_closed():
-                # queued on a loop in another thread: handed over there (from here that
-                # loop is not even woken up; the request sat out its queue timeout)
-                try:
-                    loop.call_soon_threadsafe(_hand, slot)
-                    continue
-                except RuntimeError:  # closed since the check
-                    pass
-            # Its loop is gone, and its request with it: the slot goes to the next waiter.
-            slots.extend(limiter.give_back())
+            if not Bulkheads._tell(limiter, slot, True):
+                # Its loop is gone, and its request with it: the slot goes to the next waiter.
+                slots.extend(limiter.give_back())
+
+    @staticmethod
+    def _tell(limiter: ConcurrencyLimiter, slot: object, handed: bool) -> bool:
+        """Tell a waiter it was handed a slot (True) or displaced (False), on its own
+        event loop. False: its loop is gone (a displaced waiter is then forgotten)."""
+        assert isinstance(slot, asyncio.Future)
+        loop = slot.get_loop()
+        # (the running loop is None when a request is unwound outside its loop, e.g.
+        # finalised after it closed)
+        if loop is asyncio.events._get_running_loop():
+            _hand(slot, handed)
+            return True
+        if not loop.is_closed():
+            # queued on a loop in another thread: handed over there (from here that
+            # loop is not even woken up; the request sat out its queue timeout)
+            try:
+                loop.call_soon_threadsafe(_hand, slot, handed)
+                return True
+            except RuntimeError:  # closed since the check
+                pass
+        if not handed:
+            limiter.abandon(slot)
+        return False
 
     def _gone(
         self,
@@ -399,9 +418,9 @@ def _expects(scope: Scope) -> bool:
     return False
 
 
-def _hand(slot: asyncio.Future[None]) -> None:
+def _hand(slot: asyncio.Future[bool], handed: bool) -> None:
     if not slot.done():
-        slot.set_result(None)
+        slot.set_result(handed)
 
 
 class LagProbe:
