@@ -202,23 +202,25 @@ class Bulkheads:
                 self._gone(ctx, plan, priority, limiter, self.monotonic())
                 raise
             if until_deadline:
-                return self._expired(ctx, self.monotonic()), receive
+                return self._expired(ctx, self.monotonic()), listener.receive_now()
             refused_now = self._refuse(
                 ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic()
             )
-            return refused_now, receive
+            return refused_now, listener.receive_now()
         finally:
             if not listening.done():
                 listening.cancel()
         now = self.monotonic()
         if not slot.result():
             limiter.abandon(slot)  # (seen: it is forgotten)
-            return self._refuse(ctx, plan, DISPLACED, priority, limiter, now), receive
+            return self._refuse(
+                ctx, plan, DISPLACED, priority, limiter, now
+            ), listener.receive_now()
         if deadline_at is not None and now >= deadline_at:  # handed over too late
             self._wake(limiter, limiter.give_back())
-            return self._expired(ctx, now), receive
+            return self._expired(ctx, now), listener.receive_now()
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
-        return None, (listener.replay if listener.read or listener.failed else receive)
+        return None, listener.receive_now()
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
         """Free the slot. A request the app served is a latency sample for the adaptive
@@ -399,6 +401,11 @@ class ClientListener:
                 return
             if kind != "http.request" or message.get("more_body", False):
                 return
+
+    def receive_now(self) -> Receive:
+        """The `receive` for what comes next (the app, a rejection hook that reads the
+        body): what it read first, then the server's."""
+        return self.replay if self.read or self.failed is not None else self.receive
 
     async def replay(self) -> Message:
         if self.read:
