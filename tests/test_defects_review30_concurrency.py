@@ -520,3 +520,34 @@ def test_a_newcomer_displaces_only_a_waiter_of_a_lower_class() -> None:
     assert lim.abandon(second)  # displaced: it holds no slot either, nothing to give back
     assert not lim.abandon(second)
     assert lim.release() == [third]
+
+
+async def test_a_queued_requests_wait_runs_on_the_injected_clock(clock: FakeClock) -> None:
+    """The queue timeout and a deadline in the queue went by the event loop's real time
+    while everything else (the deadline as the app runs, the limits) follows the clock
+    the middleware was given: on a FakeClock a test had to sleep out the wait, and one
+    that advanced the clock past it still saw the request queued."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=2, queue_timeout_ms=60_000)
+    )
+    svc = Service(policy, clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    limiter = svc.mw.engine.bulkheads["/w"]
+    timed_out = asyncio.create_task(svc.client.get("/w"))
+    expires = asyncio.create_task(svc.client.get("/w", headers={"x-request-timeout-ms": "5000"}))
+    for _ in range(500):
+        if limiter.waiting == 2:
+            break
+        await asyncio.sleep(0)
+    assert limiter.waiting == 2
+    clock.advance(5.0)  # the deadline of one
+    assert (await asyncio.wait_for(expires, 5)).status_code == 504
+    assert not timed_out.done()
+    clock.advance(55.0)  # the queue timeout of the other
+    refused = await asyncio.wait_for(timed_out, 5)
+    assert refused.status_code == 503
+    assert concurrency_decisions(svc.contexts[-1])[0].reason == "queue_timeout"
+    svc.gate.set()
+    assert (await held).status_code == 200
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
