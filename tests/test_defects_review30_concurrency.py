@@ -528,7 +528,7 @@ async def test_a_queued_requests_wait_runs_on_the_injected_clock(clock: FakeCloc
     the middleware was given: on a FakeClock a test had to sleep out the wait, and one
     that advanced the clock past it still saw the request queued."""
     policy = Policy(
-        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=2, queue_timeout_ms=60_000)
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=2, queue_timeout_ms=20_000)
     )
     svc = Service(policy, clock)
     held = asyncio.create_task(svc.client.get("/w?hold=1"))
@@ -544,7 +544,7 @@ async def test_a_queued_requests_wait_runs_on_the_injected_clock(clock: FakeCloc
     clock.advance(5.0)  # the deadline of one
     assert (await asyncio.wait_for(expires, 5)).status_code == 504
     assert not timed_out.done()
-    clock.advance(55.0)  # the queue timeout of the other
+    clock.advance(15.0)  # the queue timeout of the other (before its 30 s default deadline)
     refused = await asyncio.wait_for(timed_out, 5)
     assert refused.status_code == 503
     assert concurrency_decisions(svc.contexts[-1])[0].reason == "queue_timeout"

@@ -47,6 +47,7 @@ from .responses import (
     Rejection,
     problem_body,
 )
+from .watch import CallLater, TimerHandle
 
 QUEUE_TIMEOUT = "queue_timeout"
 CLIENT_GONE = "client_gone"  # the client left while its request waited for a slot
@@ -68,6 +69,10 @@ class Bulkheads:
         self.forwarded_header = engine.policy.forwarded_header
         self.forwarded_raw = header_key(engine.policy.forwarded_header)
         self.monotonic = engine.clock.monotonic
+        # A clock may schedule its own timers (FakeClock does): a queued request's wait
+        # then ends on it too, as the deadline does while the app runs (advanced past
+        # it, a test sees the wait end), or in the loop's time, whichever comes first.
+        self.call_later: CallLater | None = getattr(engine.clock, "call_later", None)
         # A bulkhead under overload refuses most requests, on the same event loop
         # that serves the rest: each (route, class) answer is built once, not per 503.
         self._bodies: dict[tuple[str, str], bytes] = {}
@@ -177,12 +182,19 @@ class Bulkheads:
             return None, receive
         listener = ClientListener(receive)
         listening = loop.create_task(listener.listen(scope is not None and _expects(scope)))
+        waiting: set[asyncio.Future[Any]] = {slot, listening}
+        timer: TimerHandle | None = None
+        if self.call_later is not None:
+            ends: asyncio.Future[bool] = loop.create_future()
+            waiting.add(ends)
+            timer = self.call_later(timeout_s, lambda: _hand(ends, True))
         try:
-            waiting: set[asyncio.Future[Any]] = {slot, listening}
             until = loop.time() + timeout_s
             while True:
                 done, _ = await asyncio.wait(
-                    waiting, timeout=max(0.0, until - loop.time()), return_when=FIRST_COMPLETED
+                    waiting,
+                    timeout=max(0.0, until - loop.time()),
+                    return_when=FIRST_COMPLETED,
                 )
                 if slot in done:
                     break
@@ -210,6 +222,8 @@ class Bulkheads:
         finally:
             if not listening.done():
                 listening.cancel()
+            if timer is not None:
+                timer.cancel()
         now = self.monotonic()
         if not slot.result():
             limiter.abandon(slot)  # (seen: it is forgotten)
