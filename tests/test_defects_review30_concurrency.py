@@ -28,7 +28,7 @@ from test_bulkhead import Service, concurrency_decisions
 with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
-from fidelity_mw import FidelityMiddleware, Policy, RateLimit
+from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import LAYER_CONCURRENCY
 from fidelity_mw.decide.concurrency import (
     CRITICAL,
@@ -551,3 +551,41 @@ async def test_a_queued_requests_wait_runs_on_the_injected_clock(clock: FakeCloc
     svc.gate.set()
     assert (await held).status_code == 200
     assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+async def test_queue_sheds_cost_no_quota_and_are_no_breaker_outcome(clock: FakeClock) -> None:
+    """A request refused from the queue (its wait ran out, or a better class took its
+    place) spent no rate-limit units and left the breaker alone, as a shed at once does."""
+    policy = Policy(
+        breaker=BreakerConfig(consecutive_failures=1, min_calls=1),
+        priority_header="x-priority",
+        rate_limits=[RateLimit(name="per-client", rate="1/min", burst=3)],
+        concurrency=ConcurrencyConfig(limit=1, max_queue=1, queue_timeout_ms=20_000),
+    )
+    svc = Service(policy, clock)
+    held = asyncio.create_task(svc.client.get("/w?hold=1"))  # unit 1 of 3
+    await svc.in_flight(1)
+    limiter = svc.mw.engine.bulkheads["/w"]
+
+    async def queued(headers: dict[str, str]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(svc.client.get("/w", headers=headers))
+        for _ in range(500):
+            if limiter.waiting == 1:
+                break
+            await asyncio.sleep(0)
+        assert limiter.waiting == 1
+        return task
+
+    first = await queued({"x-priority": "sheddable"})
+    second = await queued({"x-priority": "default"})  # takes the sheddable one's place
+    assert (await asyncio.wait_for(first, 5)).status_code == 503
+    clock.advance(20.0)  # and its own wait runs out
+    assert (await asyncio.wait_for(second, 5)).status_code == 503
+    assert [concurrency_decisions(c)[0].reason for c in svc.contexts] == [
+        "displaced",
+        "queue_timeout",
+    ]
+    svc.gate.set()
+    assert (await held).status_code == 200
+    # units 2 and 3 are still there, and no breaker opened
+    assert [(await svc.client.get("/w")).status_code for _ in range(3)] == [200, 200, 429]
