@@ -165,8 +165,19 @@ class GradientEstimate:
     def sample(
         self, latency_s: float, in_flight: int, dropped: bool = False, binding: bool = True
     ) -> float:
-        """Fold one finished request in (`in_flight` counts it); returns the limit to use."""
+        """Fold one finished request in (`in_flight` counts it); returns the limit to use.
+
+        `dropped`: it failed from overload (its deadline passed), after `latency_s` (0:
+        not known). One cut sooner than the route's tolerated latency (`tolerance` x its
+        floor) is no evidence: the caller asked for less time than the route needs when
+        it keeps up (any client may send a 1 ms deadline), and it is not a sample."""
         spec = self.spec
+        if dropped and latency_s > 0.0:
+            floor = self.baseline_s
+            if floor <= 0.0 and self._measured:
+                floor = min(self._measured)
+            if latency_s <= spec.tolerance * floor:
+                return self.current()
         if self._measuring:
             if dropped:
                 # An overload failure (timeout, shed downstream) is the clearest signal
@@ -212,6 +223,7 @@ class ConcurrencyLimiter:
 
     __slots__ = (
         "_admitted_at",
+        "_displaced",
         "_lag_peak",
         "_lock",
         "_seq",
@@ -236,6 +248,9 @@ class ConcurrencyLimiter:
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
         self._seq = itertools.count()
+        # waiters that gave their place to a better class (`displace`) and have not yet
+        # said they saw it (`abandon`): they hold no slot
+        self._displaced: set[object] = set()
         # One route's bulkhead may serve event loops in several threads (one middleware,
         # several loops): the count and the queue change together, under this lock.
         self._lock = threading.Lock()
@@ -364,6 +379,25 @@ class ConcurrencyLimiter:
     def can_queue(self) -> bool:
         return len(self._waiters) < self.spec.max_queue
 
+    def displace(self, priority: str) -> object | None:
+        """The queue is full: its worst waiter (lowest class, latest arrival) leaves it to
+        make room for a request of a better class than its own. Returns its token (the
+        caller tells it it was refused), or None: the queue has room, or nobody in it is
+        of a lower class. Without this, a queue full of `sheddable` waiters, which may
+        not take a slot while better classes fill the limit, turned `critical` away."""
+        rank = PRIORITIES.index(priority)
+        with self._lock:
+            waiters = self._waiters
+            if not waiters or len(waiters) < self.spec.max_queue:
+                return None
+            worst = max(waiters, key=lambda entry: (entry[0], entry[1]))
+            if worst[0] <= rank:
+                return None
+            waiters.remove(worst)
+            heapq.heapify(waiters)
+            self._displaced.add(worst[2])
+            return worst[2]
+
     def enqueue(self, priority: str, token: object, paced: bool = False) -> bool:
         """Wait for a slot; `release` hands slots to waiters, best priority first.
 
@@ -385,13 +419,18 @@ class ConcurrencyLimiter:
             return False
 
     def abandon(self, token: object) -> bool:
-        """A waiter gave up (timeout, disconnect). True if it was still waiting."""
+        """A waiter gave up (timeout, disconnect), or saw it was displaced. True if it
+        holds no slot (it was still waiting, or displaced); False: a release handed it
+        one."""
         with self._lock:
             for i, entry in enumerate(self._waiters):
                 if entry[2] is token:
                     self._waiters.pop(i)
                     heapq.heapify(self._waiters)
                     return True
+            if token in self._displaced:
+                self._displaced.discard(token)
+                return True
             return False
 
     def release(
@@ -400,7 +439,8 @@ class ConcurrencyLimiter:
         """One admitted request finished. Returns the waiters that now hold a slot.
 
         `latency_s` (None: not a sample, e.g. the client went away) feeds the
-        adaptive limit; `dropped` says the request failed from overload. `lag_s`
+        adaptive limit; `dropped` says the request failed from overload (its deadline
+        passed after `latency_s`, when given: see `GradientEstimate.sample`). `lag_s`
         is how long work that is ready waits to run (the event loop's lag): a
         request arriving now waits that long before anything can admit it, a
         queue the route's own latency does not show, so it counts in the sample.

@@ -15,9 +15,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from asyncio import FIRST_COMPLETED
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-from .._types import Scope
+from starlette.requests import ClientDisconnect
+
+from .._types import Message, Receive, Scope
 from ..context import (
     ALLOW,
     LAYER_CONCURRENCY,
@@ -33,10 +38,20 @@ from ..context import (
 )
 from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
 from ..engine import Engine, RoutePlan
+from ..headers import client_address
 from .request import header_key
-from .responses import OUTCOME_EXPIRED, OUTCOME_SHED, Rejection, problem_body
+from .responses import (
+    OUTCOME_DISCONNECTED,
+    OUTCOME_EXPIRED,
+    OUTCOME_SHED,
+    Rejection,
+    problem_body,
+)
+from .watch import CallLater, TimerHandle
 
 QUEUE_TIMEOUT = "queue_timeout"
+CLIENT_GONE = "client_gone"  # the client left while its request waited for a slot
+DISPLACED = "displaced"  # a request of a better class took its place in the full queue
 EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_on_arrival
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -48,7 +63,16 @@ class Bulkheads:
         header = engine.policy.priority_header
         self.priority_raw: bytes | None = header_key(header) if header else None
         self.trusted_peer = trusted_peer
+        # A trusted proxy passes its clients' headers through: the header is judged by the
+        # client it forwards for (as `client_ip` keys find it), not by the proxy.
+        self.proxies = engine.trusted_proxies
+        self.forwarded_header = engine.policy.forwarded_header
+        self.forwarded_raw = header_key(engine.policy.forwarded_header)
         self.monotonic = engine.clock.monotonic
+        # A clock may schedule its own timers (FakeClock does): a queued request's wait
+        # then ends on it too, as the deadline does while the app runs (advanced past
+        # it, a test sees the wait end), or in the loop's time, whichever comes first.
+        self.call_later: CallLater | None = getattr(engine.clock, "call_later", None)
         # A bulkhead under overload refuses most requests, on the same event loop
         # that serves the rest: each (route, class) answer is built once, not per 503.
         self._bodies: dict[tuple[str, str], bytes] = {}
@@ -70,15 +94,26 @@ class Bulkheads:
         return clock if clock is not None else loop_clock(self.monotonic)
 
     def priority(self, plan: RoutePlan, scope: Scope, found: dict[bytes, bytes] | None) -> str:
-        """The route's class, unless a trusted peer names another one."""
+        """The route's class, unless a trusted peer names another one. Through a trusted
+        proxy (`trusted_proxies`, with its forwarding header) the peer that counts is the
+        client it forwards for: an ingress on a private address is a trusted peer, and
+        passes every external client's header through."""
         raw = self.priority_raw
         if raw is not None and found is not None:
             value = found.get(raw)
             if value is not None:
                 client = scope.get("client")
                 named = value.decode("latin-1").strip().lower()
-                if named in PRIORITIES and client and self.trusted_peer(client[0]):
-                    return named
+                if named in PRIORITIES and client:
+                    peer = client[0]
+                    if self.proxies:
+                        forwarded = found.get(self.forwarded_raw)
+                        if forwarded is not None:
+                            peer = client_address(
+                                peer, forwarded, self.proxies, self.forwarded_header
+                            )
+                    if self.trusted_peer(peer):
+                        return named
         return plan.priority
 
     def enter_now(
@@ -100,16 +135,34 @@ class Bulkheads:
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
-        if admission.reason != STALE and limiter.can_queue():
-            return admission.reason  # (a stale request only grows staler in the queue)
+        if admission.reason != STALE:  # (a stale request only grows staler in the queue)
+            if limiter.can_queue():
+                return admission.reason
+            displaced = limiter.displace(priority)
+            if displaced is not None:  # a waiter of a lower class gave it its place
+                self._tell(limiter, displaced, False)
+                return admission.reason
         return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
 
     async def wait(
-        self, ctx: DecisionContext, plan: RoutePlan, priority: str, now: float, refused: str
-    ) -> Rejection | None:
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        priority: str,
+        now: float,
+        refused: str,
+        receive: Receive,
+        scope: Scope | None = None,
+    ) -> tuple[Rejection | None, Receive]:
         """Wait for a slot, best priority first, at most `queue_timeout_ms`; where the route
         enforces deadlines, never past the request's (a slot then would only run an app
-        that is cut at once), and that refusal is the deadline's 504."""
+        that is cut at once), and that refusal is the deadline's 504.
+
+        Meanwhile it listens for the client leaving (a server does not cancel a request
+        whose client left: it would take a slot and run the app for nobody): gone, it
+        gives up its place and raises ClientDisconnect. What it read of the request is
+        handed to the app first: the `receive` returned. (Not a request that expects
+        `100 Continue`: reading would ask its client for a body that may be refused.)"""
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
@@ -120,40 +173,82 @@ class Bulkheads:
         if until_deadline:
             assert deadline_at is not None
             timeout_s = max(deadline_at - now, 0.0)
-        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # True: a release handed it a slot; False: a better class took its place
+        slot: asyncio.Future[bool] = loop.create_future()
         if limiter.enqueue(priority, slot, paced=refused == PACED):
             # freed since the refusal, by a request on another thread's loop
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
-            return None
+            return None, receive
+        listener = ClientListener(receive)
+        listening = loop.create_task(listener.listen(scope is not None and _expects(scope)))
+        waiting: set[asyncio.Future[Any]] = {slot, listening}
+        timer: TimerHandle | None = None
+        if self.call_later is not None:
+            ends: asyncio.Future[bool] = loop.create_future()
+            waiting.add(ends)
+            timer = self.call_later(timeout_s, lambda: _hand(ends, True))
         try:
-            await asyncio.wait_for(asyncio.shield(slot), timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+            until = loop.time() + timeout_s
+            while True:
+                done, _ = await asyncio.wait(
+                    waiting,
+                    timeout=max(0.0, until - loop.time()),
+                    return_when=FIRST_COMPLETED,
+                )
+                if slot in done:
+                    break
+                if listening in done:
+                    waiting.discard(listening)
+                    if listener.gone:
+                        raise ClientDisconnect
+                    continue  # (it read what it may keep: the slot alone, from here)
+                raise TimeoutError
+        except (TimeoutError, asyncio.CancelledError, ClientDisconnect) as exc:
             if not limiter.abandon(slot):
                 # A release handed us the slot just as we gave up: give it back.
                 self._wake(limiter, limiter.give_back())
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, ClientDisconnect):
+                self._gone(ctx, plan, priority, limiter, self.monotonic())
+                raise
             if until_deadline:
-                return self._expired(ctx, self.monotonic())
-            return self._refuse(ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic())
+                return self._expired(ctx, self.monotonic()), listener.receive_now()
+            refused_now = self._refuse(
+                ctx, plan, QUEUE_TIMEOUT, priority, limiter, self.monotonic()
+            )
+            return refused_now, listener.receive_now()
+        finally:
+            if not listening.done():
+                listening.cancel()
+            if timer is not None:
+                timer.cancel()
         now = self.monotonic()
+        if not slot.result():
+            limiter.abandon(slot)  # (seen: it is forgotten)
+            return self._refuse(
+                ctx, plan, DISPLACED, priority, limiter, now
+            ), listener.receive_now()
         if deadline_at is not None and now >= deadline_at:  # handed over too late
             self._wake(limiter, limiter.give_back())
-            return self._expired(ctx, now)
+            return self._expired(ctx, now), listener.receive_now()
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
-        return None
+        return None, listener.receive_now()
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
         """Free the slot. A request the app served is a latency sample for the adaptive
-        limit; one that ran out of deadline says the route is overloaded."""
+        limit; one that ran out of deadline says the route is overloaded, unless its
+        deadline was shorter than the route's tolerated latency (the caller's choice)."""
         limiter = plan.bulkhead
         assert limiter is not None
         latency: float | None = None
         dropped = False
         if admitted_app and not ctx.client_disconnected:
-            if ctx.outcome == OUTCOME_EXPIRED:
-                dropped = True
-            elif ctx.status is not None:
+            # (a request cut by its deadline: how long it had, which says whether the
+            # deadline was one the route could have met at all)
+            dropped = ctx.outcome == OUTCOME_EXPIRED
+            if dropped or ctx.status is not None:
                 ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
                 latency = ended - ctx.started_at
         lag = 0.0
@@ -171,27 +266,51 @@ class Bulkheads:
     def _wake(limiter: ConcurrencyLimiter, slots: list[object]) -> None:
         """Hand the slots a release gave to waiters over to their requests. Never raises:
         it runs as a request unwinds, before the observer's end and the context reset."""
-        # (None when a request is unwound outside its loop, e.g. finalised after it closed)
-        running = asyncio.events._get_running_loop()
         i = 0
         while i < len(slots):
             slot = slots[i]
             i += 1
-            assert isinstance(slot, asyncio.Future)
-            loop = slot.get_loop()
-            if loop is running:
-                _hand(slot)
-                continue
-            if not loop.is_closed():
-                # queued on a loop in another thread: handed over there (from here that
-                # loop is not even woken up; the request sat out its queue timeout)
-                try:
-                    loop.call_soon_threadsafe(_hand, slot)
-                    continue
-                except RuntimeError:  # closed since the check
-                    pass
-            # Its loop is gone, and its request with it: the slot goes to the next waiter.
-            slots.extend(limiter.give_back())
+            if not Bulkheads._tell(limiter, slot, True):
+                # Its loop is gone, and its request with it: the slot goes to the next waiter.
+                slots.extend(limiter.give_back())
+
+    @staticmethod
+    def _tell(limiter: ConcurrencyLimiter, slot: object, handed: bool) -> bool:
+        """Tell a waiter it was handed a slot (True) or displaced (False), on its own
+        event loop. False: its loop is gone (a displaced waiter is then forgotten)."""
+        assert isinstance(slot, asyncio.Future)
+        loop = slot.get_loop()
+        # (the running loop is None when a request is unwound outside its loop, e.g.
+        # finalised after it closed)
+        if loop is asyncio.events._get_running_loop():
+            _hand(slot, handed)
+            return True
+        if not loop.is_closed():
+            # queued on a loop in another thread: handed over there (from here that
+            # loop is not even woken up; the request sat out its queue timeout)
+            try:
+                loop.call_soon_threadsafe(_hand, slot, handed)
+                return True
+            except RuntimeError:  # closed since the check
+                pass
+        if not handed:
+            limiter.abandon(slot)
+        return False
+
+    def _gone(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        priority: str,
+        limiter: ConcurrencyLimiter,
+        now: float,
+    ) -> None:
+        """The client left while its request waited for a slot: nobody to answer, and the
+        app does not run (a `shed` `client_gone` decision, outcome `disconnected`)."""
+        self._record(ctx, plan, SHED, CLIENT_GONE, priority, limiter, now)
+        ctx.decided_by = LAYER_CONCURRENCY
+        ctx.outcome = OUTCOME_DISCONNECTED
+        ctx.client_disconnected = True
 
     def _expired(self, ctx: DecisionContext, now: float) -> Rejection:
         """The deadline passed while the request waited for a slot: the deadline's refusal,
@@ -262,9 +381,67 @@ class Bulkheads:
         return 503, list(_RETRY_AFTER), body
 
 
-def _hand(slot: asyncio.Future[None]) -> None:
+class ClientListener:
+    """Reads the request while it waits in the queue, to hear its client leave.
+
+    After the last body message a server's `receive` answers only when the client
+    disconnects. So it reads on to there, keeping what it read for the app (`replay`);
+    a body in several messages is not read past its first (the app reads the rest, and
+    memory holds one message per queued request at most)."""
+
+    __slots__ = ("failed", "gone", "read", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.read: deque[Message] = deque()
+        self.gone = False
+        self.failed: Exception | None = None
+
+    async def listen(self, expects_continue: bool = False) -> None:
+        if expects_continue:
+            return
+        # (two reads at most: a `receive` that answers at once again after the body, as
+        # some hand-written ones do, is not read in a loop)
+        for _ in range(2):
+            try:
+                message = await self.receive()
+            except Exception as exc:  # the app's first read after these raises it
+                self.failed = exc
+                return
+            self.read.append(message)
+            kind = message["type"]
+            if kind == "http.disconnect":
+                self.gone = True
+                return
+            if kind != "http.request" or message.get("more_body", False):
+                return
+
+    def receive_now(self) -> Receive:
+        """The `receive` for what comes next (the app, a rejection hook that reads the
+        body): what it read first, then the server's."""
+        return self.replay if self.read or self.failed is not None else self.receive
+
+    async def replay(self) -> Message:
+        if self.read:
+            return self.read.popleft()
+        failed = self.failed
+        if failed is not None:
+            self.failed = None
+            raise failed
+        return await self.receive()
+
+
+def _expects(scope: Scope) -> bool:
+    """The request asks for `100 Continue` before it sends its body."""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+            return True
+    return False
+
+
+def _hand(slot: asyncio.Future[bool], handed: bool) -> None:
     if not slot.done():
-        slot.set_result(None)
+        slot.set_result(handed)
 
 
 class LagProbe:

@@ -294,7 +294,10 @@ class FidelityMiddleware:
                 if rejection is None and plan.bulkhead is not None:
                     # Before breaker and limiter: a capacity shed costs no quota and
                     # is no breaker outcome.
-                    rejection = await self._enter_bulkhead(ctx, plan, scope, found, now)
+                    # (a request that queued may have had its body read: `receive` replays it)
+                    rejection, receive = await self._enter_bulkhead(
+                        ctx, plan, scope, found, now, receive
+                    )
                     in_bulkhead = rejection is None
                 if rejection is None:
                     if plan.admits:
@@ -335,7 +338,7 @@ class FidelityMiddleware:
                         plan, receive, result, keys, rejection = await self._admit_costed(
                             ctx, plan, scope, receive, found, now
                         )
-            except ClientDisconnect:  # gone while a cost function read its body
+            except ClientDisconnect:  # gone while queued, or while a cost function read its body
                 return
             except CostAnswer as answer:  # a cost function raised an HTTPException
                 await self._send_answer(ctx, scope, receive, send, answer, before_end, obs_token)
@@ -465,15 +468,17 @@ class FidelityMiddleware:
         scope: Scope,
         found: dict[bytes, bytes] | None,
         now: float,
-    ) -> Rejection | None:
+        receive: Receive,
+    ) -> tuple[Rejection | None, Receive]:
         """A slot of the route's bulkhead (None), or its refusal; waits in the queue when
-        the bulkhead says so. (Its own method: the request's coroutine stays small.)"""
+        the bulkhead says so (ClientDisconnect: the client left meanwhile), and then the
+        `receive` for the app. (Its own method: the request's coroutine stays small.)"""
         bulkheads = self._bulkheads
         priority = bulkheads.priority(plan, scope, found)
         entered = bulkheads.enter_now(ctx, plan, priority, now)
         if isinstance(entered, str):  # refused for now: wait in the queue
-            return await bulkheads.wait(ctx, plan, priority, now, entered)
-        return entered
+            return await bulkheads.wait(ctx, plan, priority, now, entered, receive, scope)
+        return entered, receive
 
     async def _admit_costed(
         self,

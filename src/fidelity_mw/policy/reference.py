@@ -127,7 +127,8 @@ DESCRIPTIONS: dict[str, str] = {
     # top level
     "version": "Schema version of the file. Only 1 exists.",
     "priority_header": "Request header carrying a priority class (`critical`, `default`, "
-    "`sheddable`), believed only from `trusted_peers`; unset: the route's `priority` alone.",
+    "`sheddable`), believed only from `trusted_peers` (through a proxy in `trusted_proxies`: "
+    "only when the client it forwards for is one); unset: the route's `priority` alone.",
     "trusted_proxies": "Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed "
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
     'is the client. The peer is `scope["client"]`, which the server may already have '
