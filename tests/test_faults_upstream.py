@@ -96,6 +96,14 @@ class Rig:
         store = self.front.asgi.engine.store
         return store.breakers.get(f"upstream:127.0.0.1:{self.upstream.port}")  # type: ignore[attr-defined]
 
+    def breaker_states(self) -> dict[str, tuple[str, float, int]]:
+        """Every breaker's state, open-until and probes held (for failure messages)."""
+        store = self.front.asgi.engine.store
+        return {
+            key: (b.state, b.open_until, len(b.probes))
+            for key, b in store.breakers.items()  # type: ignore[attr-defined]
+        }
+
     def recover(self) -> dict[str, Any]:
         """Upstream healthy again: move the fake clock past open_s and past the
         breakers' windows, and count the requests (and real time) until one is
@@ -114,16 +122,19 @@ class Rig:
         self.clock.advance(max(max(b.open_s, b.window_s) for b in breakers if b) + 1.0)
         tries = 0
         statuses = []
+        deciders: list[str | None] = []
         with httpx.Client(base_url=self.server.url, timeout=10.0) as client:
             for tries in range(1, 21):
                 r = client.get("/proxy/item", headers={"x-req-id": f"recover-{tries}"})
                 statuses.append(r.status_code)
+                # (who refused, for the failure message: a rare run has ended in 503s)
+                deciders.append(r.headers.get("x-fidelity-decided-by"))
                 if r.status_code == 200:
                     break
             took = time.monotonic() - started
             after = [client.get("/proxy/item").status_code for _ in range(5)]
         breaker = self.upstream_breaker()
-        assert statuses[-1] == 200, statuses
+        assert statuses[-1] == 200, (statuses, deciders, self.breaker_states())
         assert after == [200] * 5
         assert breaker is None or breaker.state == CLOSED
         return {"requests_to_recover": tries, "recovery_real_s": round(took, 3)}
