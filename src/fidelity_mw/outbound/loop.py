@@ -262,7 +262,7 @@ def first_attempt(
         del extensions[GIVE_UP_EXTENSION]
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
-    prior = take_ours(request.headers)
+    prior = take_ours(request.headers) if up.speaks else None
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
@@ -352,7 +352,7 @@ def attempts(
         # buffer it: a transport that reads it leaves bytes behind).
         stream = request.stream
         can_replay = type(stream) is httpx.ByteStream or replayable(stream)
-        prior = take_ours(request.headers)
+        prior = take_ours(request.headers) if up.speaks else None
     else:
         original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
     # The instances this call sent to (not their positions: another call may rename the
@@ -1054,12 +1054,14 @@ def prepare(
     if remaining is not None and remaining < up.attempt_timeout_s:
         bounded = bounded_timeouts(original_timeout, remaining)
         request.extensions["timeout"] = bounded
-        stamp(request.headers, attempt, advertised_ms(round(_waits(bounded, remaining) * 1000.0)))
+        if up.speaks:
+            told = advertised_ms(round(_waits(bounded, remaining) * 1000.0))
+            stamp(request.headers, attempt, told)
     else:
         request.extensions["timeout"], stamps = attempt_timeouts(up, original_timeout)
         if attempt == 1:
             stamp_first(request.headers, stamps)
-        else:
+        elif stamps:
             stamp(request.headers, attempt, stamps[1][2])
     counts = ctx._attempts  # (the `attempts` property, without its call)
     if counts is None:
@@ -1099,7 +1101,7 @@ def attempt_timeouts(
     waits = _waits(bounded, up.attempt_timeout_s)
     stamps = (
         up.first_stamps
-        if waits >= up.attempt_timeout_s
+        if waits >= up.attempt_timeout_s or not up.speaks
         else first_stamps(advertised_ms(round(waits * 1000.0)))
     )
     up.timeouts = (

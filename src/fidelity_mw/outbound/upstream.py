@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import Stamps, advertised_ms, first_stamps, literal_peer_trusted
+from .wire import Stamps, advertised_ms, first_stamps, in_system, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -125,6 +125,7 @@ class Upstream:
         "retry",
         "retry_statuses",
         "service_paused_until",
+        "speaks",
         "timeout_header",
         "timeouts",
         "trusted",
@@ -148,8 +149,9 @@ class Upstream:
         # Per-call work done once: a first attempt's headers (when the deadline leaves
         # the whole attempt timeout), and the attempt's timeouts for the last request
         # timeouts seen (a client sends equal ones with every request).
-        self.first_stamps = first_stamps(self.timeout_header)
         self.timeouts: TimeoutsSeen | None = None
+        self.speaks = False  # are our protocol headers sent to it (`_speak`)
+        self.first_stamps: Stamps = ()
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
@@ -179,8 +181,29 @@ class Upstream:
         self.last_answer: tuple[object, ...] = ()
         self.instances: list[Instance] | None = None
         self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
+        self._speak(engine)
         if cfg.instances:
             self.set_instances(engine, cfg.instances)
+
+    def _speak(self, engine: Engine) -> None:
+        """Decide, once per upstream (and per naming of a service's instances), whether
+        attempts carry our protocol headers (`x-fidelity-attempt`, `x-request-timeout-ms`):
+        they are our cross-service protocol, spoken with hosts that are part of the
+        system only (`protocol_headers`: `auto` judges by the address or name, see
+        `wire.in_system`; a service, by all of its instances), never with a third party."""
+        mode = self.cfg.protocol_headers
+        if mode == "auto":
+            nets = engine.trusted_peers
+            if self.instances is None:
+                speaks = in_system(self.host, nets)
+            else:
+                speaks = all(in_system(i.host, nets) for i in self.instances)
+        else:
+            speaks = mode == "always"
+        if speaks != self.speaks or not self.first_stamps and speaks:
+            self.speaks = speaks
+            self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
+            self.timeouts = None  # (its cached first-attempt headers were for the other)
 
     def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:
         """(Re)name the service's instances; instances that stay keep what was seen of them."""
@@ -191,6 +214,7 @@ class Upstream:
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
+        self._speak(engine)
         self._service_pause()
         # A service's budget is one for all its instances: the logical host's (the default).
 

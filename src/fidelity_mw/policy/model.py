@@ -975,6 +975,7 @@ class RetryConfig(_Validated):
 
 HEDGE_DELAYS = ("fixed", "p95")
 RETRY_AFTER_SCOPES = ("instance", "service")
+PROTOCOL_HEADER_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1003,6 +1004,11 @@ class UpstreamConfig(_Validated):
         "instance", one_of(RETRY_AFTER_SCOPES)
     )
     hedge: HedgeConfig | None = _spec(None, optional(_instance(HedgeConfig)))
+    # Our cross-service headers (x-fidelity-attempt, x-request-timeout-ms): "auto" sends
+    # them to hosts that are part of the system (docs/outbound.md), the others force it.
+    protocol_headers: Literal["auto", "always", "never"] = _spec(
+        "auto", one_of(PROTOCOL_HEADER_MODES)
+    )
 
 
 DEFAULT_TRUSTED_PEERS = (

@@ -316,6 +316,11 @@ DESCRIPTIONS: dict[str, str] = {
     "after its backoff); `service`, every instance (a quota shared behind a gateway or "
     "on shared state: waited before the retry, and a 429's pauses the whole service, as "
     "for a plain host).",
+    "upstream.protocol_headers": "Whether attempts carry fidelity_mw's own headers "
+    "(`x-fidelity-attempt`, `x-request-timeout-ms`): `auto`, to hosts that are part of the "
+    "system (an address in `trusted_peers`, a name that cannot be on the public internet: "
+    "one label, `.internal`, `.local`, `.svc` ..., a service whose instances all are); "
+    "`always` (an internal service under a public-looking name); `never`.",
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
     "observed attempt latency p95 (a window of recent attempts in this process), "
