@@ -3,13 +3,15 @@ stamina or Envoy would expect. Each test of a behaviour change failed before it.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 
-from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
-from fidelity_mw import PolicyError
+from _loopback import LoopbackServer
+from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy, PolicyError
 from fidelity_mw.policy import RetryConfig, UpstreamConfig
 from fidelity_mw.testing import FakeClock
 
@@ -117,9 +119,10 @@ async def test_a_service_speaks_our_protocol_when_all_its_instances_are_ours() -
         upstreams=(
             UpstreamConfig(host="payments", instances=("http://10.0.0.7:8080",), breaker=None),
             UpstreamConfig(
-                host="partner", instances=("https://a.partner.com", "https://b.partner.com"),
+                host="partner",
+                instances=("https://a.partner.com", "https://b.partner.com"),
                 breaker=None,
-            ),  # fmt: skip
+            ),
         )
     )
     transport = FidelityTransport(
@@ -146,5 +149,101 @@ async def test_a_callers_own_timeout_header_to_a_third_party_goes_as_set() -> No
     assert upstream.headers[1]["x-request-timeout-ms"] != "77"
 
 
-def _unused(*args: Any) -> None:  # (keeps Any imported for later sections)
-    return None
+# ---------------------------------------------------------------- TLS to an instance's address
+
+
+class Hosts:
+    """An ASGI upstream that answers 200 and notes every request's Host header."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.hosts.append(dict(scope["headers"]).get(b"host", b"").decode())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def tls(tmp_path: Any) -> tuple[str, ssl.SSLContext]:
+    """A certificate for `payments.internal` alone (no IP address in it), issued by a test
+    CA, and a client context that trusts that CA."""
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("payments.internal").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(pem), context
+
+
+def _service(port: int) -> Policy:
+    return Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="payments.internal", instances=(f"https://127.0.0.1:{port}",),
+                retry=RetryConfig(attempts=1), breaker=None,
+            ),
+        )
+    )  # fmt: skip
+
+
+async def test_https_to_an_instance_address_verifies_the_services_name(
+    tls: tuple[str, ssl.SSLContext],
+) -> None:
+    """The balancer sent `https://payments.internal/` to `https://10.0.0.5:443` and
+    httpcore checked the certificate against the address (SNI none, verification against
+    the IP): a certificate for the service's name failed every call. Envoy's `auto_sni`
+    takes the name from the Host header."""
+    pem, context = tls
+    upstream = Hosts()
+    with LoopbackServer(upstream, ssl_certfile=pem) as server:
+        transport = FidelityTransport(
+            httpx.AsyncHTTPTransport(verify=context), policy=_service(server.port),
+            clock=FakeClock(), telemetry=False,
+        )  # fmt: skip
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get("https://payments.internal/x")
+            again = await client.get("https://payments.internal/x")
+    assert response.status_code == again.status_code == 200
+    assert upstream.hosts == ["payments.internal", "payments.internal"]  # Host kept
+    # the request as built again: no extension of ours left on it
+    assert "sni_hostname" not in response.request.extensions
+
+
+def test_the_sync_transport_verifies_the_services_name_too(
+    tls: tuple[str, ssl.SSLContext],
+) -> None:
+    pem, context = tls
+    upstream = Hosts()
+    with LoopbackServer(upstream, ssl_certfile=pem) as server:
+        transport = FidelitySyncTransport(
+            httpx.HTTPTransport(verify=context), policy=_service(server.port),
+            clock=FakeClock(), telemetry=False,
+        )  # fmt: skip
+        with httpx.Client(transport=transport) as client:
+            assert client.get("https://payments.internal/x").status_code == 200
+    assert upstream.hosts == ["payments.internal"]
+
+
+async def test_a_wrong_certificate_still_fails(tls: tuple[str, ssl.SSLContext]) -> None:
+    """Verification is kept, against the service's name: a service named otherwise than
+    its certificate still fails."""
+    pem, context = tls
+    with LoopbackServer(Hosts(), ssl_certfile=pem) as server:
+        policy = Policy(
+            upstreams=(
+                UpstreamConfig(
+                    host="billing.internal", instances=(f"https://127.0.0.1:{server.port}",),
+                    retry=RetryConfig(attempts=1), breaker=None,
+                ),
+            )
+        )  # fmt: skip
+        transport = FidelityTransport(
+            httpx.AsyncHTTPTransport(verify=context), policy=policy, clock=FakeClock(),
+            telemetry=False,
+        )  # fmt: skip
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                await client.get("https://billing.internal/x")

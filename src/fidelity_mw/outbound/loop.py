@@ -123,6 +123,7 @@ CLOSE: Final = 4
 REFUND: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
+SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
@@ -343,6 +344,8 @@ def attempts(
     breaker = up.breaker
     instances = up.instances
     original_url = request.url
+    # the caller's own TLS name, if any (`sni_hostname`), which an instance's never replaces
+    own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
     if first is None:
         extensions = request.extensions
         original_timeout = extensions.get("timeout")
@@ -421,6 +424,13 @@ def attempts(
                     request.url = original_url.copy_with(
                         scheme=target.scheme, host=target.host, port=target.port
                     )
+                    if own_sni is None:
+                        # HTTPS to an address: TLS speaks the service's name (SNI, and the
+                        # certificate is verified against it), as the Host header does
+                        if target.sni:
+                            request.extensions[SNI_EXTENSION] = original_url.host
+                        else:
+                            request.extensions.pop(SNI_EXTENSION, None)
                 if race is not None and hedge:
                     ctx.decisions.append(
                         Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
@@ -656,6 +666,8 @@ def attempts(
     finally:
         if target is not None:
             request.url = original_url
+            if own_sni is None:
+                request.extensions.pop(SNI_EXTENSION, None)
         unstamp(request.headers, prior)
         # the request's own timeouts again (not the last attempt's, nor the short reads of
         # a failed answer's: a request sent again would carry them)

@@ -75,6 +75,7 @@ from .loop import (
     REFUND,
     SEND,
     SLEEP,
+    SNI_EXTENSION,
     UNTAKEN,
     First,
     Local,
@@ -354,11 +355,15 @@ def _spawner(
     """A maker of hedge loops for one call (module level: mypyc compiles no closure in
     a method of a class it leaves interpreted-style)."""
     url = request.url
+    own_sni = request.extensions.get(SNI_EXTENSION)  # the caller's, before the first loop's
 
     def spawn() -> Steps:
         # Copied when needed (most calls never hedge), from what the first loop
-        # leaves intact: its own stamps are taken off again by the hedge's loop.
+        # leaves intact: its own stamps are taken off again by the hedge's loop, and the
+        # TLS name it set for its instance is the hedge loop's to set for its own.
         again = copy_request(request, url)
+        if own_sni is None:
+            again.extensions.pop(SNI_EXTENSION, None)
         start = engine.clock.monotonic()
         return attempts(call, engine, up, again, False, observer, start, local, race, True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -32,6 +33,14 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
     return problem
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 _MAX_INSTANCES: Final = 256
 # The last request timeouts seen (None: the request had none) and what an attempt's are
 # then, when the whole attempt timeout fits in the deadline (None: the request's own),
@@ -59,6 +68,7 @@ class Instance:
         "port",
         "scheme",
         "seen_at",
+        "sni",
         "trusted",
         "url",
     )
@@ -72,6 +82,9 @@ class Instance:
         self.key = self.host if self.port is None else f"{self.host}:{self.port}"
         self.breaker_key = "upstream:" + self.key
         self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
+        # HTTPS to an address: TLS names the service (SNI, and the certificate is verified
+        # against its name), not the address (`loop.attempts` sets `sni_hostname`).
+        self.sni = self.scheme == "https" and _is_address(self.host)
         self.outstanding = 0
         self.latency_s = 0.0
         self.latency_at = 0.0
@@ -200,7 +213,7 @@ class Upstream:
                 speaks = all(in_system(i.host, nets) for i in self.instances)
         else:
             speaks = mode == "always"
-        if speaks != self.speaks or not self.first_stamps and speaks:
+        if speaks != self.speaks or (speaks and not self.first_stamps):
             self.speaks = speaks
             self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
             self.timeouts = None  # (its cached first-attempt headers were for the other)
