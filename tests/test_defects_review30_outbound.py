@@ -247,3 +247,64 @@ async def test_a_wrong_certificate_still_fails(tls: tuple[str, ssl.SSLContext]) 
         async with httpx.AsyncClient(transport=transport) as client:
             with pytest.raises(httpx.ConnectError, match="certificate"):
                 await client.get("https://billing.internal/x")
+
+
+# ---------------------------------------------------------------- trace context on the request
+
+
+def _traced() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return TracerProvider()
+
+
+@pytest.mark.parametrize("statuses", [(200,), (503, 200)])
+async def test_the_trace_context_of_our_span_is_not_left_on_the_request(
+    statuses: tuple[int, ...],
+) -> None:
+    """The attempt's CLIENT span is injected as `traceparent` into the request; it stayed
+    on it after the call: the request the caller holds carried our ended span, and sent
+    again its first attempt went out under the old span's context (httpx replaced it only
+    because the observer injected again; another observer, or none, kept it)."""
+    upstream = Seen(*statuses)
+    policy = Policy(upstreams=(UpstreamConfig(retry=RETRY, breaker=None),))
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=policy, clock=FakeClock(),
+        tracer_provider=_traced(),
+    )  # fmt: skip
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(2):  # the loop's call, then the shortcut's
+            request = client.build_request("GET", "http://up.internal/x", headers={"a": "1"})
+            built = request.headers.multi_items()
+            response = await client.send(request)
+            assert response.status_code == 200
+            assert request.headers.multi_items() == built
+    assert all("traceparent" in h for h in upstream.headers)  # sent, per attempt
+
+
+async def test_a_callers_own_traceparent_is_given_back() -> None:
+    upstream = Seen(503, 200)
+    policy = Policy(upstreams=(UpstreamConfig(retry=RETRY, breaker=None),))
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=policy, clock=FakeClock(),
+        tracer_provider=_traced(),
+    )  # fmt: skip
+    theirs = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get("http://up.internal/x", headers={"traceparent": theirs})
+    assert response.request.headers.get_list("traceparent") == [theirs]
+    # the attempts carried our spans' context (the current trace's), not the header's
+    assert all(h.get_list("traceparent") != [theirs] for h in upstream.headers)
+
+
+def test_the_sync_transport_leaves_no_trace_context_on_the_request() -> None:
+    upstream = Seen(503, 200)
+    policy = Policy(upstreams=(UpstreamConfig(retry=RETRY, breaker=None),))
+    transport = FidelitySyncTransport(
+        httpx.MockTransport(upstream), policy=policy, clock=FakeClock(),
+        tracer_provider=_traced(),
+    )  # fmt: skip
+    with httpx.Client(transport=transport) as client:
+        response = client.get("http://up.internal/x")
+    assert "traceparent" not in response.request.headers
+    assert all("traceparent" in h for h in upstream.headers)

@@ -106,11 +106,12 @@ from .wire import (
     bounded_timeouts,
     first_stamps,
     replayable,
+    restore,
+    snapshot,
     spend_timeouts,
     stamp,
     stamp_first,
     take_ours,
-    unstamp,
 )
 
 logger = logging.getLogger("fidelity_mw")
@@ -208,11 +209,12 @@ class First(NamedTuple):
     token: Any
     original_timeout: Mapping[str, float | None] | None
     can_replay: bool
+    saved: list[tuple[bytes, bytes, bytes]] | None  # (`wire.restore`)
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _ = self
+        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
@@ -226,7 +228,7 @@ class First(NamedTuple):
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
-        unstamp(request.headers, prior)
+        restore(request.headers, prior, saved)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -264,6 +266,7 @@ def first_attempt(
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     prior = take_ours(request.headers) if up.speaks else None
+    saved = snapshot(request.headers) if observer is not None else None
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
@@ -305,14 +308,14 @@ def first_attempt(
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
-        unstamp(request.headers, prior)
+        restore(request.headers, prior, saved)
         if own and observer is not None:
             call_end(observer, ctx)
         raise
     return _new_tuple(
         First,
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
-         can_replay),
+         can_replay, saved),
     )  # fmt: skip
 
 
@@ -356,8 +359,10 @@ def attempts(
         stream = request.stream
         can_replay = type(stream) is httpx.ByteStream or replayable(stream)
         prior = take_ours(request.headers) if up.speaks else None
+        saved = snapshot(request.headers) if observer is not None else None
     else:
         original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
+        saved = first.saved
     # The instances this call sent to (not their positions: another call may rename the
     # service's instances while this one backs off, and the list is then a new one).
     tried: list[Instance] = []
@@ -668,7 +673,7 @@ def attempts(
             request.url = original_url
             if own_sni is None:
                 request.extensions.pop(SNI_EXTENSION, None)
-        unstamp(request.headers, prior)
+        restore(request.headers, prior, saved)
         # the request's own timeouts again (not the last attempt's, nor the short reads of
         # a failed answer's: a request sent again would carry them)
         if original_timeout is None:

@@ -93,6 +93,8 @@ from .wire import (
     SPEND_MAX_BYTES,
     SPEND_MAX_S,
     replayable,
+    restore,
+    snapshot,
     unstamp,
     worth_reading,
 )
@@ -492,6 +494,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
+        saved = None if observer is None else snapshot(request.headers)
         try:
             if tight:
                 prepare(ctx, up, request, 1, timeouts, remaining)
@@ -515,7 +518,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 ctx.decisions.append(decision)
             token = None if observer is None else _observe_start(observer, ctx, request, 1)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
-            unstamp(request.headers, None)
+            restore(request.headers, None, saved)
             if own and observer is not None:
                 _call_end(observer, ctx)
             raise
@@ -525,7 +528,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay),
+                 can_replay, saved),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
         status = response.status_code
@@ -533,7 +536,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay),
+                 can_replay, saved),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
@@ -543,7 +546,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             _observe_end(observer, token, response, None)
-        unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
+            restore(request.headers, None, saved)  # (and what the observer injected)
+        else:
+            unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:

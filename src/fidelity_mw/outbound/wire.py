@@ -131,6 +131,29 @@ def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | No
         raw.extend(prior)
 
 
+def snapshot(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The caller's headers as they are before an attempt observer runs (it may inject
+    trace context: `traceparent`, `tracestate`, `baggage`), for `restore`."""
+    return list(headers._list) if FAST_HEADERS else None
+
+
+def restore(
+    headers: httpx.Headers,
+    prior: list[tuple[bytes, bytes, bytes]] | None,
+    saved: list[tuple[bytes, bytes, bytes]] | None,
+) -> None:
+    """The call is over: the request's headers as the caller built them. `unstamp`, or,
+    when an observer ran (`saved`), the headers as they were before it: a trace context
+    it injected for our attempt's span is not left on the request (sent again, it would
+    carry a span that has ended; the caller would read our span in its own request)."""
+    if saved is None:
+        unstamp(headers, prior)
+        return
+    headers._list[:] = saved
+    if prior:
+        headers._list.extend(prior)
+
+
 try:  # httpx's multipart body: private, so looked for rather than relied on
     from httpx._multipart import MultipartStream as _Multipart
 except ImportError:  # pragma: no cover - another httpx layout
