@@ -3,6 +3,7 @@ stamina or Envoy would expect. Each test of a behaviour change failed before it.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -11,9 +12,17 @@ import pytest
 import trustme
 
 from _loopback import LoopbackServer
-from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy, PolicyError
-from fidelity_mw.policy import RetryConfig, UpstreamConfig
-from fidelity_mw.testing import FakeClock
+from fidelity_mw import (
+    BreakerConfig,
+    CircuitOpen,
+    FidelitySyncTransport,
+    FidelityTransport,
+    Policy,
+    PolicyError,
+)
+from fidelity_mw.policy import HedgeConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
 
 pytestmark = pytest.mark.anyio
 
@@ -308,3 +317,115 @@ def test_the_sync_transport_leaves_no_trace_context_on_the_request() -> None:
         response = client.get("http://up.internal/x")
     assert "traceparent" not in response.request.headers
     assert all("traceparent" in h for h in upstream.headers)
+
+
+# ---------------------------------------------------------------- answers closed unread
+
+
+class SlowFirst:
+    """An ASGI upstream whose first request waits until the second one (the hedge) was
+    answered a failure with a short body; then the first answers 200. Notes client ports."""
+
+    def __init__(self, status: int = 503) -> None:
+        self.status = status
+        self.ports: list[int] = []
+        self.answered: asyncio.Event | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if self.answered is None:
+            self.answered = asyncio.Event()
+        self.ports.append(scope["client"][1])
+        if len(self.ports) == 1:
+            await self.answered.wait()
+            status, body = 200, b"ok"
+        else:
+            status, body = self.status, b"x" * 600
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        if len(self.ports) > 1:
+            self.answered.set()
+
+
+async def _drained() -> None:
+    """Wait for the losers' answers being read in tasks of their own."""
+    from fidelity_mw.outbound import hedge
+
+    await asyncio.gather(*list(getattr(hedge, "_DRAINING", ())))
+
+
+async def test_a_failed_hedges_answer_gives_its_connection_back() -> None:
+    """rev27o read a failed attempt's short answer before its retry so its connection went
+    back to the pool; a failed hedge's answer (a 503 that came in whole) was still closed
+    unread: its connection dropped, the next call paid a new one."""
+    upstream = SlowFirst()
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="127.0.0.1", retry=RetryConfig(attempts=1), breaker=None,
+                hedge=HedgeConfig(after_ms=1),
+            ),
+        )
+    )  # fmt: skip
+    inner = httpx.AsyncHTTPTransport()
+    transport = FidelityTransport(inner, policy=policy, clock=FakeClock(), telemetry=False)
+    with LoopbackServer(upstream) as server:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get(server.url + "/")
+            assert response.status_code == 200
+            assert len(upstream.ports) == 2  # the call's attempt and its hedge
+            await _drained()
+            pool = inner._pool.connections
+            assert len(pool) == 2  # both connections kept, idle
+            assert all(c.is_idle() for c in pool)
+
+
+class Opened(MemoryStore):
+    """A memory store whose breaker another process opens right after each outcome is
+    recorded (as on Redis, between an attempt's record and its retry's gate)."""
+
+    opening = True
+
+    def record_now(self, key: str, breaker: Any, gate: Any, outcome: str, *rest: Any) -> str:
+        state: str = super().record_now(key, breaker, gate, outcome, *rest)
+        if self.opening:
+            self.breaker_state(key, breaker).force("open", rest[-1], seeded_random(0))
+        return state
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_an_answer_closed_when_the_breaker_refuses_the_retry_gives_its_connection_back(
+    sync: bool,
+) -> None:
+    """The breaker refusing the retry (`CircuitOpen`) closed the failed answer unread: its
+    connection was dropped. Read short first, as before a backoff."""
+    from test_defects_review27_outbound import Failing
+
+    upstream = Failing(failures=1, size=600)
+    store = Opened()
+    breaker = BreakerConfig(open_s=30.0)
+    policy = Policy(upstreams=(UpstreamConfig(host="127.0.0.1", retry=RETRY, breaker=breaker),))
+    clock = FakeClock()
+    cls = FidelitySyncTransport if sync else FidelityTransport
+    transport = cls(policy=policy, clock=clock, store=store, telemetry=False)
+    with LoopbackServer(upstream) as server:
+        client: Any = (httpx.Client if sync else httpx.AsyncClient)(transport=transport)
+        with pytest.raises(CircuitOpen):
+            await _maybe(client.get(server.url + "/"))
+        store.opening = False
+        store.breaker_state("upstream:127.0.0.1:%d" % server.port, breaker).force(
+            "closed", clock.monotonic(), seeded_random(0)
+        )
+        assert (await _maybe(client.get(server.url + "/"))).status_code == 200
+        if sync:
+            client.close()
+        else:
+            await client.aclose()
+    assert len(upstream.ports) == 2
+    assert len(set(upstream.ports)) == 1  # one connection for both calls
+
+
+async def _maybe(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value

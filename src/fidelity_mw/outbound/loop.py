@@ -9,7 +9,8 @@
   `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
-- `(CLOSE, response)` -> None: close a response we will not hand back;
+- `(CLOSE, response, spend)` -> None: close a response we will not hand back (with
+  `spend`, read what is left of it first when it is short, as for SLEEP);
 - `(REFUND, budget_key, cfg, source, age_s, now[, spent_at])` -> None: the store's
   `budget_refund` (`spent_at` when its gate answer said it: `GateAnswer.spent_at`; a
   retry the budget counted whose attempt is not sent; best effort, errors ignored);
@@ -641,10 +642,16 @@ def attempts(
                             continue
             except GeneratorExit:
                 raise
-            except BaseException:  # cancelled while deciding: do not leak the connection
+            except BaseException as exc:  # refused, or cancelled, while deciding
                 if response is not None:
+                    # Refused (the breaker refuses the retry: `CircuitOpen`): the failed
+                    # answer is read to its end when short, as before a backoff, so its
+                    # connection goes back to the pool. Cancelled: dropped with it.
+                    spend = isinstance(exc, Exception)
+                    if spend:
+                        spend_timeouts(request)
                     with contextlib.suppress(BaseException):
-                        yield (CLOSE, response)
+                        yield (CLOSE, response, spend)
                 raise
             if response is None:
                 assert error is not None

@@ -682,8 +682,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
                     value = None
-                    with anyio.CancelScope(shield=True):  # a cancelled loser closes too
-                        await effect[1].aclose()
+                    if len(effect) > 2 and effect[2]:  # (refused: read short, then closed)
+                        await _spend(effect[1])
+                    else:
+                        with anyio.CancelScope(shield=True):  # a cancelled loser closes too
+                            await effect[1].aclose()
                 elif kind == REFUND:  # a retry not sent (cancelled, mostly): shielded too
                     value = None
                     with anyio.CancelScope(shield=True):
@@ -834,6 +837,14 @@ def _spend_sync(response: httpx.Response) -> None:
         raise gone
 
 
+def _close_sync(response: httpx.Response, spend: bool = False) -> None:
+    """The CLOSE effect: a response we will not hand back (read short first with `spend`)."""
+    if spend:
+        _spend_sync(response)
+    else:
+        response.close()
+
+
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
@@ -881,7 +892,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             GATE: gate_op,
             RECORD: record_op,
             SLEEP: wait,
-            CLOSE: httpx.Response.close,
+            CLOSE: _close_sync,
             REFUND: refund_op,
         }
         while (effect := step.next()) is not None:
