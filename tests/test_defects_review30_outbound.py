@@ -415,7 +415,7 @@ async def test_an_answer_closed_when_the_breaker_refuses_the_retry_gives_its_con
         with pytest.raises(CircuitOpen):
             await _maybe(client.get(server.url + "/"))
         store.opening = False
-        store.breaker_state("upstream:127.0.0.1:%d" % server.port, breaker).force(
+        store.breaker_state(f"upstream:127.0.0.1:{server.port}", breaker).force(
             "closed", clock.monotonic(), seeded_random(0)
         )
         assert (await _maybe(client.get(server.url + "/"))).status_code == 200
