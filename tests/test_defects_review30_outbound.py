@@ -429,3 +429,123 @@ async def test_an_answer_closed_when_the_breaker_refuses_the_retry_gives_its_con
 
 async def _maybe(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) else value
+
+
+# ---------------------------------------------------------------- retrying POST, per upstream
+
+
+def _retrying(methods: tuple[str, ...] | None, **more: Any) -> Policy:
+    retry = RETRY if methods is None else RetryConfig(
+        attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0, methods=methods
+    )  # fmt: skip
+    return Policy(
+        upstreams=(UpstreamConfig(host="up.internal", retry=retry, breaker=None, **more),)
+    )
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_an_upstream_can_retry_post(sync: bool) -> None:
+    """httpx-retries and urllib3 take `allowed_methods`; only an `Idempotency-Key` made a
+    POST retried here, for every upstream alike: one whose handler deduplicates (a
+    payment id in the body) could not have its POSTs retried at all."""
+    for methods, sent in [(None, 1), (("GET", "POST"), 2)]:
+        upstream = Seen(503, 200)
+        cls = FidelitySyncTransport if sync else FidelityTransport
+        transport = cls(
+            httpx.MockTransport(upstream), policy=_retrying(methods), clock=FakeClock(),
+            telemetry=False,
+        )  # fmt: skip
+        client: Any = (httpx.Client if sync else httpx.AsyncClient)(transport=transport)
+        response = await _maybe(client.post("http://up.internal/charge", json={"id": "p-1"}))
+        assert len(upstream.headers) == sent
+        assert response.status_code == (503 if sent == 1 else 200)
+
+
+async def test_a_method_left_out_is_not_retried_but_a_keyed_request_is() -> None:
+    for headers, sent in [({}, 1), ({"Idempotency-Key": "k"}, 2)]:
+        upstream = Seen(503, 200)
+        transport = FidelityTransport(
+            httpx.MockTransport(upstream), policy=_retrying(()), clock=FakeClock(),
+            telemetry=False,
+        )  # fmt: skip
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get("http://up.internal/x", headers=headers)
+        assert len(upstream.headers) == sent
+        if sent == 1:
+            ctx = response.extensions["fidelity_context"]
+            assert ctx.decisions[-1].reason == "not_idempotent"
+
+
+def test_retry_methods_are_validated_and_read_from_toml(tmp_path: Any) -> None:
+    with pytest.raises(PolicyError, match="methods"):
+        RetryConfig(methods=("FETCH",))
+    with pytest.raises(PolicyError, match="methods"):
+        RetryConfig(methods="POST")  # type: ignore[arg-type]
+    path = tmp_path / "policy.toml"
+    path.write_text('[[upstream]]\nhost = "ledger"\nretry = { methods = ["get", "post", "GET"] }\n')
+    policy = Policy.from_toml(path)
+    assert policy.upstreams[0].retry.methods == ("GET", "POST")
+
+
+@pytest.mark.parametrize(
+    ("methods", "method", "hedged"),
+    [
+        (("GET", "POST"), "POST", False),  # retried, never hedged: not idempotent
+        (("PUT",), "GET", False),  # not retried: not hedged either
+        (("PUT",), "PUT", True),
+        (None, "GET", True),
+    ],
+)
+async def test_hedging_stays_off_for_what_is_not_idempotent_or_not_retried(
+    methods: tuple[str, ...] | None, method: str, hedged: bool
+) -> None:
+    import anyio
+    import anyio.lowlevel
+
+    class Held:
+        """Every request waits for `release`, then answers 200."""
+
+        def __init__(self) -> None:
+            self.release = anyio.Event()
+            self.seen: list[str] = []
+
+        async def __call__(self, request: httpx.Request) -> httpx.Response:
+            self.seen.append(request.method)
+            await self.release.wait()
+            return httpx.Response(200)
+
+    server = Held()
+    policy = _retrying(methods, hedge=HedgeConfig(after_ms=50))
+    transport = FidelityTransport(
+        httpx.MockTransport(server), policy=policy, clock=FakeClock(), telemetry=False
+    )
+
+    async def answer_later() -> None:
+        for _ in range(50):  # (the hedge delay runs on the fake clock: it passes at once)
+            await anyio.lowlevel.checkpoint()
+        server.release.set()
+
+    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+        tg.start_soon(answer_later)
+        response = await client.request(method, "http://up.internal/x")
+    assert response.status_code == 200
+    assert len(server.seen) == (2 if hedged else 1)
+
+
+def test_check_warns_of_post_retried_after_it_may_have_acted(tmp_path: Any) -> None:
+    from fidelity_mw.tools.check import check_file
+
+    risky = tmp_path / "risky.toml"
+    risky.write_text('[[upstream]]\nhost = "ledger"\nretry = { methods = ["GET", "POST"] }\n')
+    result = check_file(risky)
+    assert not result.errors
+    [warning] = [w for w in result.warnings if w.path == "upstream[0].retry.methods"]
+    assert "POST" in warning.message
+    assert warning.line == 3
+    # only failures before anything was sent: nothing to warn of
+    safe = tmp_path / "safe.toml"
+    safe.write_text(
+        '[[upstream]]\nhost = "ledger"\n'
+        'retry = { methods = ["GET", "POST"], on_read_timeout = false, on_status = [] }\n'
+    )
+    assert not [w for w in check_file(safe).warnings if "methods" in w.path]

@@ -124,8 +124,13 @@ def hedge_delay(after: str, after_ms: int, min_samples: int, window: LatencyWind
     return after_ms / 1000.0
 
 
-def hedgeable(request: httpx.Request) -> bool:
-    """An idempotent method, and a body two attempts can send at once: bytes in memory.
+def hedgeable(request: httpx.Request, retried: frozenset[str] = IDEMPOTENT_METHODS) -> bool:
+    """An idempotent method that the upstream's policy retries (`retried`), and a body two
+    attempts can send at once: bytes in memory.
+
+    A method that is not idempotent is never hedged, not even when `[upstream.retry]
+    methods` retries it: a retry follows an attempt that failed, a hedge runs while the
+    first attempt may still be doing the work, and both would do it at once.
 
     An `Idempotency-Key` makes a request retryable, not hedgeable: a hedge is a second
     request while the first is still in progress, which is what the IETF draft has the
@@ -134,7 +139,8 @@ def hedgeable(request: httpx.Request) -> bool:
     hedge either, replayable as it is for a retry: httpx rewinds it and reads it in chunks
     as it sends, so a hedge reading it while the first attempt still sends would leave
     each attempt part of the file."""
-    if request.method not in IDEMPOTENT_METHODS:
+    method = request.method
+    if method not in IDEMPOTENT_METHODS or method not in retried:
         return False
     stream = request.stream
     if type(stream) is httpx.ByteStream:

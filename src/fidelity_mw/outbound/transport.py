@@ -312,7 +312,7 @@ class _Base:
             cached = armed.local = (store, local_ops(store))
         local = cached[1]
         hedge = up.cfg.hedge
-        hedged = hedging and hedge is not None and hedgeable(request)
+        hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain:
                 armed.engine = engine  # the async transport's shortcut may skip all of this

@@ -136,6 +136,7 @@ class Upstream:
         "proxied",
         "resolved",
         "retry",
+        "retry_methods",
         "retry_statuses",
         "service_paused_until",
         "speaks",
@@ -181,6 +182,8 @@ class Upstream:
         if cfg.retry.on_429:
             retry_statuses.add(429)
         self.retry_statuses: frozenset[int] = frozenset(retry_statuses)
+        # The methods retried without an Idempotency-Key (`[upstream.retry] methods`).
+        self.retry_methods: frozenset[str] = frozenset(cfg.retry.methods)
         self.paused_until = 0.0
         # A service's own pause (`retry_after_scope = "service"`): every instance's, those
         # named later too (`paused_until` is never below it)

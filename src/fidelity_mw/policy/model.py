@@ -934,6 +934,19 @@ class RouteConfig(_Validated):
 
 
 _RETRY_MAX_MS_DEFAULT = 2_000
+# RFC 9110's idempotent methods: retried by default (`[upstream.retry] methods`).
+RETRY_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+
+
+def _retry_methods(value: Any) -> str | None:
+    """`[upstream.retry] methods`: HTTP methods, or an empty list (then only requests
+    with an `Idempotency-Key` are retried)."""
+    if not isinstance(value, tuple | list):
+        return 'expected a list of HTTP methods, e.g. ["GET", "PUT", "POST"]'
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in HTTP_METHODS:
+            return f"{_toml(item)} is not an HTTP method: allowed {', '.join(HTTP_METHODS)}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -955,9 +968,14 @@ class RetryConfig(_Validated):
     on_connect_error: bool = _spec(True, boolean)
     on_read_timeout: bool = _spec(True, boolean)
     on_429: bool = _spec(True, boolean)
+    # The methods retried (a request with an Idempotency-Key is, whatever its method).
+    methods: tuple[str, ...] = _spec(RETRY_METHODS, _retry_methods)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_status", _statuses_from(self.on_status))
+        if _retry_methods(self.methods) is None:
+            unique = dict.fromkeys(m.upper() for m in self.methods)
+            object.__setattr__(self, "methods", tuple(unique))
         _validate(self)
 
     def _cross_checks(self) -> list[PolicyIssue]:

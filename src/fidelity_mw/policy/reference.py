@@ -330,6 +330,11 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.hedge.min_samples": "`p95`: latency samples needed before the p95 is used.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
+    "upstream.retry.methods": "The methods retried: RFC 9110's idempotent ones by default. "
+    "A request with an `Idempotency-Key` is retried whatever its method. Add `POST` (or "
+    "`PATCH`) only for an upstream that acts once per request however often it is sent "
+    "(`fidelity-mw check` warns otherwise); a method not idempotent is never hedged. "
+    "`[]`: only requests with an `Idempotency-Key`.",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
     "min(max_ms, base_ms * 2^n).",
     "upstream.retry.max_ms": "Backoff cap. Not below `base_ms`.",
@@ -415,6 +420,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_header_names": "non-empty list of header names",
         "_header_name": "a header name",
         "_methods": "HTTP methods (GET, POST, ...)",
+        "_retry_methods": "HTTP methods (GET, POST, ...), or `[]`",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_globs": "path globs, each as for `match`",
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
