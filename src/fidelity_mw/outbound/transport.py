@@ -494,7 +494,6 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             source = SOURCE_MEMORY
         else:
             return await self._first(ctx, up, request, own, observer, now, local, gate)
-        saved = None if observer is None else snapshot(request.headers)
         try:
             if tight:
                 prepare(ctx, up, request, 1, timeouts, remaining)
@@ -516,9 +515,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 ctx._decisions.append(decision)
             else:
                 ctx.decisions.append(decision)
-            token = None if observer is None else _observe_start(observer, ctx, request, 1)
+            if observer is None:
+                token = saved = None
+            else:  # (the headers before it injects trace context: `restore`)
+                saved = snapshot(request.headers)
+                token = _observe_start(observer, ctx, request, 1)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
-            restore(request.headers, None, saved)
+            unstamp(request.headers, None)  # (nothing injected: it is the try's last step)
             if own and observer is not None:
                 _call_end(observer, ctx)
             raise

@@ -132,8 +132,9 @@ def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | No
 
 
 def snapshot(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
-    """The caller's headers as they are before an attempt observer runs (it may inject
-    trace context: `traceparent`, `tracestate`, `baggage`), for `restore`."""
+    """The request's headers as they are before an attempt observer runs (it may inject
+    trace context: `traceparent`, `tracestate`, `baggage`), for `restore`; ours may be
+    on them already (`restore` takes them off)."""
     return list(headers._list) if FAST_HEADERS else None
 
 
@@ -146,12 +147,9 @@ def restore(
     when an observer ran (`saved`), the headers as they were before it: a trace context
     it injected for our attempt's span is not left on the request (sent again, it would
     carry a span that has ended; the caller would read our span in its own request)."""
-    if saved is None:
-        unstamp(headers, prior)
-        return
-    headers._list[:] = saved
-    if prior:
-        headers._list.extend(prior)
+    if saved is not None:
+        headers._list[:] = saved  # (taken before our headers, or after: taken off below)
+    unstamp(headers, prior)
 
 
 try:  # httpx's multipart body: private, so looked for rather than relied on
