@@ -117,6 +117,19 @@ async def test_protocol_headers_can_be_forced_per_upstream(mode: str, url: str, 
     assert [_told(h) for h in upstream.headers] == [told, told]
 
 
+def test_check_warns_of_protocol_headers_always_for_every_host(tmp_path: Any) -> None:
+    from fidelity_mw.tools.check import check_file
+
+    everywhere = tmp_path / "everywhere.toml"
+    everywhere.write_text('[[upstream]]\nhost = "*"\nprotocol_headers = "always"\n')
+    [warning] = [w for w in check_file(everywhere).warnings if "protocol_headers" in w.path]
+    assert "third parties" in warning.message
+    assert warning.line == 3
+    ours = tmp_path / "ours.toml"
+    ours.write_text('[[upstream]]\nhost = "*.prod.acme.net"\nprotocol_headers = "always"\n')
+    assert not [w for w in check_file(ours).warnings if "protocol_headers" in w.path]
+
+
 def test_protocol_headers_is_validated() -> None:
     with pytest.raises(PolicyError, match="protocol_headers"):
         UpstreamConfig(protocol_headers="sometimes")  # type: ignore[arg-type]

@@ -105,6 +105,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     result.warnings.extend(_capped_open_times(name, lines, policy))
     result.warnings.extend(_retried_not_idempotent(name, lines, policy))
+    result.warnings.extend(_protocol_everywhere(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -186,6 +187,22 @@ def _retried_not_idempotent(name: str, lines: KeyLines, policy: Policy) -> list[
             "keep on_read_timeout = false and on_status = [] for these calls)"
         )
         out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _protocol_everywhere(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """`protocol_headers = "always"` on the default entry (`host = "*"`): our headers go
+    to every host then, third parties included, which is what `auto` keeps them from."""
+    out: list[Finding] = []
+    for i, up in enumerate(policy.upstreams):
+        if up.host == "*" and up.protocol_headers == "always":
+            path = f"upstream[{i}].protocol_headers"
+            message = (
+                "x-fidelity-attempt and x-request-timeout-ms go to every host, third parties "
+                "included: set it on the entries of your own services instead (a host glob "
+                'such as "*.prod.example.net")'
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out
 
 
