@@ -395,6 +395,59 @@ async def test_a_failed_hedges_answer_gives_its_connection_back() -> None:
             assert all(c.is_idle() for c in pool)
 
 
+class FailsThenHedgeWins:
+    """The call's attempt answers 503 (a short body) once its hedge has arrived; the hedge
+    answers 200 once that 503 was sent. Notes client ports."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self.hedged: asyncio.Event | None = None
+        self.failed: asyncio.Event | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if self.hedged is None or self.failed is None:
+            self.hedged, self.failed = asyncio.Event(), asyncio.Event()
+        self.ports.append(scope["client"][1])
+        first = len(self.ports) == 1
+        if first:
+            await self.hedged.wait()
+            status, body = 503, b"x" * 600
+        else:
+            self.hedged.set()
+            await self.failed.wait()
+            status, body = 200, b"ok"
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        if first:
+            self.failed.set()
+
+
+async def test_the_calls_answer_given_up_on_when_a_hedge_wins_gives_its_connection_back() -> None:
+    upstream = FailsThenHedgeWins()
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="127.0.0.1", retry=RetryConfig(attempts=1), breaker=None,
+                hedge=HedgeConfig(after_ms=1),
+            ),
+        )
+    )  # fmt: skip
+    inner = httpx.AsyncHTTPTransport()
+    transport = FidelityTransport(inner, policy=policy, clock=FakeClock(), telemetry=False)
+    with LoopbackServer(upstream) as server:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get(server.url + "/")
+            assert response.status_code == 200
+            assert len(upstream.ports) == 2
+            await _drained()
+            pool = inner._pool.connections
+            assert len(pool) == 2
+            assert all(c.is_idle() for c in pool)
+
+
 class Opened(MemoryStore):
     """A memory store whose breaker another process opens right after each outcome is
     recorded (as on Redis, between an attempt's record and its retry's gate)."""
