@@ -88,7 +88,8 @@ def test_every_error_names_file_line_and_key_path(
         f'{path}:9: rate_limit[0].rate: unknown period unit "fortnight" in '
         '"100/fortnight": use s, min, h or d',
         f"{path}:14: rate_limit[1].brust: unknown key; did you mean 'burst'? "
-        "(allowed: burst, charge, cost, exclude, key, match, methods, name, rate, "
+        "(allowed: burst, charge, client_ipv6_prefix, cost, exclude, key, match, methods, "
+        "name, rate, "
         "retry_credit_s, shadow)",
         f"{path}:18: upstream[0].retry.attempts: 30 is out of range: allowed between 1 and 10",
         f"{path}:24: upstream[1].breaker.failure_ratio: 2.0 is out of range: allowed > 0.0 "

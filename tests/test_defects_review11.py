@@ -129,7 +129,9 @@ async def test_check_limits_in_a_mounted_app_with_its_own_middleware(clock: Fake
         check = await check_limits(request, path="/v2/export", method="POST")
         return {"allowed": check.allowed, "limits": [s.name for s in check.limits]}
 
-    policy = Policy(rate_limits=(RateLimit(name="exports", match="/v2/export", rate="2/min"),))
+    # (the globs of a middleware on the mounted app match its own route paths, as its
+    # router sees them: `/export`, not `/v2/export`; review 30)
+    policy = Policy(rate_limits=(RateLimit(name="exports", match="/export", rate="2/min"),))
     v2.add_middleware(
         FidelityMiddleware, policy=policy, clock=clock, rng=seeded_random(1), telemetry=False
     )

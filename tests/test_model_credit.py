@@ -18,7 +18,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fidelity_mw import Policy, RateLimit
@@ -260,6 +260,23 @@ ops = st.lists(
     limit=st.sampled_from([(5, 1.0, 5), (1, 1.0, 2), (2, 1.0, 3), (1, 0.1, 8)]),
     window=st.sampled_from([10.0, 1.0, 0.3]),
     steps=ops,
+)
+# A refund at 1000.0 + 0.05 + 0.25, the float that 1000.0 + 0.3 (the credit's expiry)
+# also rounds to: the store finds the credit gone, the exact model alive. Rejected.
+@example(
+    limit=(5, 1.0, 5),
+    window=0.3,
+    steps=[
+        ("admit", 1, 1),
+        ("admit", 1, 4),
+        ("refund", 0),
+        ("refund", 0),
+        ("advance", 0.05),
+        ("advance", 0.25),
+        ("refund", 0),
+        ("admit", 1, 1),
+        ("admit", 1, 4),
+    ],
 )
 def test_credit_admits_exactly_what_the_reference_allows(
     limit: tuple[int, float, int], window: float, steps: list[tuple[int | str, ...]]

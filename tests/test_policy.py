@@ -554,7 +554,8 @@ def test_unknown_key_without_close_match_lists_allowed_keys() -> None:
     message = issues_of(exc)["rate_limit[0].zzzzzz"]
     assert "did you mean" not in message
     assert (
-        "allowed: burst, charge, cost, exclude, key, match, methods, name, rate, "
+        "allowed: burst, charge, client_ipv6_prefix, cost, exclude, key, match, methods, "
+        "name, rate, "
         "retry_credit_s, shadow" in message
     )
 

@@ -7,6 +7,7 @@ and arithmetic.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import weakref
 from collections.abc import Mapping
@@ -23,16 +24,26 @@ from .policy import (
     BreakerConfig,
     ConcurrencyConfig,
     Policy,
+    RateLimit,
     RouteConfig,
     glob_matches,
 )
 from .policy.model import covers_method, names_head
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
-from .routes import UNMATCHED, flat_routes, framework_route, serving_route, slash_redirect
+from .routes import (
+    UNMATCHED,
+    flat_routes,
+    framework_route,
+    route_path,
+    serving_route,
+    slash_redirect,
+)
 from .routes import _host as routes_host
 from .state.base import StateStore
 from .state.factory import store_from_policy
+
+logger = logging.getLogger("fidelity_mw")
 
 _MAX_PLANS = 10_000
 # The plan cache's method for CORS preflights (no HTTP method has a space).
@@ -87,10 +98,12 @@ class Engine:
         self._plans: dict[tuple[str, str], RoutePlan] = {}
         # An app with Host routes: its plans by (method, path, host) (`_cached_plan`)
         self._by_host: bool | None = None
-        self._host_plans: dict[tuple[str, str, str], RoutePlan] = {}
+        self._host_plans: dict[tuple[str, str, str, object], RoutePlan] = {}
         # GET covers HEAD unless a limit (a route entry) names HEAD itself (covers_method)
         self._head_limits = names_head(self.policy.rate_limits)
         self._head_routes = names_head(self.policy.routes)
+        # globs said to match only with the root path (`_say_root_path_globs`)
+        self._root_globs_said: set[str] = set()
         # The app the middleware wraps: its routes name route identities when
         # `scope["app"]` is missing (the middleware wrapped the app directly).
         self.route_app: object | None = None
@@ -121,34 +134,47 @@ class Engine:
 
     def _cached_plan(self, scope: Mapping[str, Any], method: str, preflight: bool) -> RoutePlan:
         path: str = scope["path"]
+        # (as the middleware reads it: a plan is for the path under one root path)
+        root: object = scope.get("root_path", "")
         key = (_PREFLIGHT if preflight else method, path)
         plan = self._plans.get(key)
-        if plan is None:
-            by_host = self._by_host
-            if by_host is None:
-                by_host = self._by_host = _routes_by_host(scope.get("app") or self.route_app)
-            if by_host:
-                # The app routes by Host: one path may be two hosts' endpoints (their
-                # overrides, their names), so these plans are cached by host too, and
-                # never where the middleware looks up plans by (method, path) alone.
-                host_key = (*key, _host_of(scope))
-                plan = self._host_plans.get(host_key)
-                if plan is None:
-                    plan = self._build_plan(scope, method, path, preflight)
-                    if len(self._host_plans) >= _MAX_PLANS:
-                        self._host_plans.clear()
-                    self._host_plans[host_key] = plan
-                return plan
-            plan = self._build_plan(scope, method, path, preflight)
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+        if plan is not None and plan.root_path == root:
+            return plan
+        by_host = self._by_host
+        if by_host is None:
+            by_host = self._by_host = _routes_by_host(scope.get("app") or self.route_app)
+        if by_host or plan is not None:
+            # The app routes by Host: one path may be two hosts' endpoints (their
+            # overrides, their names); or this path came before under another root path
+            # (a server or proxy that sets it per request), where it is another route
+            # path. These plans are cached by host and root path too, and never where
+            # the middleware looks up plans by (method, path) alone.
+            host_key = (*key, _host_of(scope) if by_host else "", root)
+            plan = self._host_plans.get(host_key)
+            if plan is None:
+                plan = self._build_plan(scope, method, path, preflight)
+                if len(self._host_plans) >= _MAX_PLANS:
+                    self._host_plans.clear()
+                self._host_plans[host_key] = plan
+            return plan
+        plan = self._build_plan(scope, method, path, preflight)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
         return plan
 
     def _build_plan(
         self, scope: Mapping[str, Any], method: str, path: str, preflight: bool = False
     ) -> RoutePlan:
+        """The plan of `path` (the scope's) for `method`. The policy's globs match the
+        path the app's routes see: without the `root_path` the app is served under
+        (`uvicorn --root-path /svc`, a proxy's prefix, a Starlette `Mount`), whichever
+        convention the server follows for `path` (`routes.route_path`)."""
         policy = self.policy
+        full_path = path
+        path = route_path(scope) or "/"  # (the root path itself: the app's root)
+        if path != full_path:
+            self._say_root_path_globs(full_path, path, scope.get("root_path"))
         route_cfg = self._route_config(method, path)
         # breaker / deadline declared on the endpoint in code (overrides.py)
         route_cfg = endpoint_overrides(scope, self.route_app, route_cfg)
@@ -189,6 +215,7 @@ class Engine:
             route_cfg.enforce if route_cfg is not None else True,
             template=None if served is None else served.template,
         )
+        plan.root_path = scope.get("root_path", "")
         if any(plan.served) and slash_redirect(scope, self.route_app):
             # the router's redirect is not the resource: charged only by "always" limits
             # (inbound/watch.py); every 3xx is then looked at, on this path alone
@@ -236,6 +263,37 @@ class Engine:
                 ),
             )
         return limiter
+
+    def _say_root_path_globs(self, full_path: str, path: str, root: object) -> None:
+        """A glob that matches the path with its root path and not without it was
+        written for the path the server gives (`/svc/api/*`): it matches the app's
+        route paths now (`/api/*`). Said once per glob, when a plan is built."""
+        said = self._root_globs_said
+        tables: tuple[tuple[str, tuple[RateLimit | RouteConfig, ...]], ...] = (
+            ("rate_limit", self.policy.rate_limits),
+            ("route", self.policy.routes),
+        )
+        for kind, entries in tables:
+            for i, entry in enumerate(entries):
+                for glob in (entry.match, *getattr(entry, "exclude", ())):
+                    if (
+                        glob not in said
+                        and glob_matches(glob, full_path)
+                        and not glob_matches(glob, path)
+                    ):
+                        said.add(glob)
+                        logger.warning(
+                            "fidelity_mw: %s[%d] glob %r matches %r only with the "
+                            "root_path %r the app is served under: globs match the path "
+                            "the app's routes see (%r); write the glob without the root "
+                            "path",
+                            kind,
+                            i,
+                            glob,
+                            full_path,
+                            root,
+                            path,
+                        )
 
     def _route_config(self, method: str, path: str) -> RouteConfig | None:
         for cfg in self.policy.routes:

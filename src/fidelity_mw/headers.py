@@ -155,7 +155,7 @@ def _ipv6_key(address: str, prefix: int) -> str | None:
 
 
 class ClientKeys:
-    """`client_key` with one `client_ipv6_prefix`, kept per IPv6 address (ipaddress
+    """`client_key` with one `client_ipv6_prefix` (`at`: another), kept per IPv6 address (ipaddress
     takes microseconds); IPv4 addresses pass through untouched, junk and addresses
     over 64 characters (a zone can be any length) are not kept.
 
@@ -166,6 +166,18 @@ class ClientKeys:
     def __init__(self, prefix: int = 64) -> None:
         self.prefix = prefix
         self._keys: dict[str, str] = {}
+        # the keys at other prefixes (a `[[rate_limit]]`'s own): one cache per prefix
+        self._others: dict[int, ClientKeys] = {}
+
+    def at(self, prefix: int | None) -> ClientKeys:
+        """The client keys at `prefix` (None: this one's), one cache per prefix, shared
+        by every limit that counts by it (and bounded as this one is)."""
+        if prefix is None or prefix == self.prefix:
+            return self
+        other = self._others.get(prefix)
+        if other is None:
+            other = self._others.setdefault(prefix, ClientKeys(prefix))
+        return other
 
     def key(self, address: str) -> str:
         if ":" not in address:

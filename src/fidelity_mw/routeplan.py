@@ -58,6 +58,7 @@ class RoutePlan:
         "policy_header",
         "priority",
         "remaining_prefixes",
+        "root_path",
         "route",
         "served",
         "served_below",
@@ -83,6 +84,9 @@ class RoutePlan:
         # counters. A `[[route]]` name or glob, else the framework route's name, which
         # under a `Host` leads with the host pattern (`api.example.com/items/{id}`).
         self.route = route
+        # The `root_path` of the requests it was built for (set by the engine): the
+        # middleware's cache by (method, path) serves it to those alone (engine.py).
+        self.root_path: object = ""
         # The framework's path template alone, for `http.route` (OpenTelemetry's HTTP
         # conventions: low cardinality, the framework's format, no host): the same under
         # every host and whatever `[[route]]` names the route; None when the framework
@@ -137,9 +141,14 @@ class RoutePlan:
         self.admits = (self.breaker_key is not None or bool(limits)) and self.cost_fns is None
         # Precomputed pieces of per-request strings (storage keys, RateLimit items).
         self.key_prefixes = tuple(lim.name + "|" for lim in limits)
-        # Set when the route has exactly one limit, keyed by client IP.
+        # Set when the route has exactly one limit, keyed by client IP at the policy's
+        # IPv6 prefix (a limit with its own asks `RequestReader.limit_keys`).
         self.ip_key_prefix: str | None = (
-            self.key_prefixes[0] if len(limits) == 1 and limits[0].key == "client_ip" else None
+            self.key_prefixes[0]
+            if len(limits) == 1
+            and limits[0].key == "client_ip"
+            and limits[0].client_ipv6_prefix is None
+            else None
         )
         # RateLimit item prefixes; None for shadow limits, which are not advertised.
         self.remaining_prefixes: tuple[bytes | None, ...] = tuple(
@@ -207,6 +216,7 @@ def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
         template=plan.template,
     )
     sub.slash_redirect = plan.slash_redirect
+    sub.root_path = plan.root_path
     sub.not_allowed = plan.not_allowed
     sub.served_below = plan.served_below
     sub.concurrency = plan.concurrency

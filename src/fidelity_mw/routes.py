@@ -63,8 +63,11 @@ def flat_routes(routes: Iterable[Any]) -> list[Any]:
     return list(iter_contexts(list(routes)))
 
 
-def _route_path(scope: Mapping[str, Any]) -> str:
-    """The path the router matches against: `path` without the `root_path` mount prefix."""
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path the router matches against: `path` without the `root_path` mount prefix
+    (Starlette's `get_route_path`). Servers differ on whether `path` holds the root path
+    (the ASGI spec says it does; uvicorn before 0.26 left it out): a path that does not
+    start with it is the route path already, so both conventions give the same answer."""
     path: str = scope["path"]
     root = scope.get("root_path") or ""
     if not root or not path.startswith(root):
@@ -98,7 +101,7 @@ def framework_route(scope: Mapping[str, Any], fallback_app: object = None) -> Se
     if not routes:
         return None
     try:
-        return _serving(routes, _route_path(scope), scope.get("method"), 0, scope)
+        return _serving(routes, route_path(scope), scope.get("method"), 0, scope)
     except Exception:  # a third-party route object with odd attributes
         return None
 
@@ -231,7 +234,7 @@ def slash_redirect(scope: Mapping[str, Any], fallback_app: object = None) -> boo
     if scope.get("type") == "websocket":
         return False  # Starlette redirects HTTP requests alone
     try:
-        return _redirects(_router_of(scope.get("app") or fallback_app), _route_path(scope), scope)
+        return _redirects(_router_of(scope.get("app") or fallback_app), route_path(scope), scope)
     except Exception:  # a third-party route object with odd attributes
         return False
 

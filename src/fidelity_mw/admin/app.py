@@ -17,6 +17,8 @@ from ..rejections import PROBLEM_MEDIA_TYPE, problem_document, problem_json
 from .view import Since, key_hasher, render, snapshot_configs
 
 logger = logging.getLogger("fidelity_mw.admin")
+# what a JSON string written into the page's script must not hold as it is (`</script>`)
+_SCRIPT_ESCAPES: Final = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 class AdminApp:
@@ -28,8 +30,10 @@ class AdminApp:
 
     `engine`: the engine whose store to show. Without one, the engine of the
     `FidelityMiddleware` the request passed through (mount the page inside the
-    wrapped app). `top`: how many limiter keys to list. `refresh_s`: how often
-    the page fetches the JSON again.
+    wrapped app). `top`: how many limiter keys to list. `top_breakers`: how many
+    breakers (those not closed first when there are more), `top_budgets` how many
+    retry budgets (the busiest first). `refresh_s`: how often the page fetches the
+    JSON again.
     """
 
     def __init__(
@@ -39,12 +43,16 @@ class AdminApp:
         token: str | None = None,
         top: int = 20,
         refresh_s: float = 2.0,
+        top_breakers: int = 200,
+        top_budgets: int = 200,
     ) -> None:
         if token is not None and len(token) < 16:
             raise ValueError("an admin token needs at least 16 characters")
         self.engine = engine
         self._token = token.encode() if token is not None else None
         self.top = top
+        self.top_breakers = top_breakers
+        self.top_budgets = top_budgets
         self.refresh_s = refresh_s
         self._since = Since()
         self._hashers: dict[int, Any] = {}
@@ -72,7 +80,15 @@ class AdminApp:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _send(send, refusal[0], problem_json(refusal[1]), PROBLEM_MEDIA_TYPE)
+            # a 401 names the scheme it wants (RFC 9110 15.5.2)
+            challenge = [(b"www-authenticate", b'Bearer realm="fidelity_mw"')]
+            await _send(
+                send,
+                refusal[0],
+                problem_json(refusal[1]),
+                PROBLEM_MEDIA_TYPE,
+                challenge if refusal[0] == 401 else None,
+            )
             return
         if scope["method"] not in ("GET", "HEAD"):
             doc = problem_document(405, "Method Not Allowed", "read-only page", "admin-method")
@@ -112,7 +128,15 @@ class AdminApp:
         hasher = self._hashers.get(id(engine))
         if hasher is None:
             hasher = self._hashers[id(engine)] = key_hasher(engine)
-        return render(engine, snap, now, self._since, hasher)
+        return render(
+            engine,
+            snap,
+            now,
+            self._since,
+            hasher,
+            top_breakers=self.top_breakers,
+            top_budgets=self.top_budgets,
+        )
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
         if self._token is not None:
@@ -155,7 +179,11 @@ class AdminApp:
         return [b""]
 
     async def _html(self, send: Send, root: str) -> None:
-        page = self._page.replace("{{STATE_URL}}", json.dumps(root + "/state.json")).replace(
+        # The root path is the client's under a mount with a path parameter: in a script,
+        # `</script>` (or `<!--`) in a JSON string would end it, so `<`, `>`, `&` are
+        # written as JavaScript escapes (the string is the same to the script).
+        url = json.dumps(root + "/state.json").translate(_SCRIPT_ESCAPES)
+        page = self._page.replace("{{STATE_URL}}", url).replace(
             "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
         )
         await _send(send, 200, page.encode(), "text/html; charset=utf-8")

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..buildinfo import build_name
@@ -16,7 +16,7 @@ from ..engine import Engine
 from ..outbound.hedge import hedge_delay
 from ..outbound.upstream import Upstream
 from ..policy import BreakerConfig, RetryConfig
-from ..state.snapshot import BreakerView, SnapshotConfigs, StoreSnapshot
+from ..state.snapshot import BreakerView, BudgetView, SnapshotConfigs, StoreSnapshot
 
 _MAX_SEEN = 10_000
 
@@ -108,11 +108,18 @@ def render(
     hash_key: Callable[[str], str],
     *,
     layer: bool = False,
+    top_breakers: int = 200,
+    top_budgets: int = 200,
 ) -> dict[str, Any]:
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
     configs = snapshot_configs(engine)
     breakers = []
-    for view in snap.breakers:
+    views: Sequence[BreakerView] = snap.breakers
+    if len(views) > top_breakers:
+        # A memory store holds a breaker per upstream host its calls named (up to its
+        # max_breakers): those not closed first, then route breakers, in the store's order.
+        views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
+    for view in views:
         since_s, basis = since.of(view, now)
         kind, _, subject = view.key.partition(":")
         breakers.append(
@@ -182,7 +189,10 @@ def render(
             }
         )
     budgets = []
-    for budget in snap.budgets:
+    budget_views: Sequence[BudgetView] = snap.budgets
+    if len(budget_views) > top_budgets:  # one per upstream host: the busiest first
+        budget_views = sorted(budget_views, key=_budget_rank)[: max(0, top_budgets)]
+    for budget in budget_views:
         cfg = configs.retry(budget.key)
         allowance = budget_allowance(budget.requests, cfg) if cfg is not None else None
         budgets.append(
@@ -221,6 +231,8 @@ def render(
             "source": snap.source,
             "age_s": _round(snap.age_s),
             "limiter_key_count": snap.limiter_key_count,
+            "breaker_count": len(snap.breakers),
+            "budget_count": len(snap.budgets),
             "detail": dict(snap.detail),
             "notes": list(snap.notes),
         },
@@ -231,7 +243,17 @@ def render(
         "balancer": balanced,
         "hedging": hedging,
         "layers": [
-            render(engine, under, now, since, hash_key, layer=True) for under in snap.layers
+            render(
+                engine,
+                under,
+                now,
+                since,
+                hash_key,
+                layer=True,
+                top_breakers=top_breakers,
+                top_budgets=top_budgets,
+            )
+            for under in snap.layers
         ],
     }
 
@@ -282,6 +304,14 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
                     }
                 )
     return instances, hedging
+
+
+def _breaker_rank(view: BreakerView) -> tuple[bool, bool]:
+    return view.state == "closed", not view.key.startswith("route:")
+
+
+def _budget_rank(view: BudgetView) -> tuple[int, int]:
+    return -view.retries, -view.requests
 
 
 def _round(value: float | None) -> float | None:

@@ -96,10 +96,12 @@ class Fidelity:
         state["fidelity"] = ctx
         return ctx
 
-    def client_ip(self, request: HTTPConnection, engine: Engine) -> str:
+    def client_ip(
+        self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
+    ) -> str:
         """The client key of `key = "client_ip"`: the peer (or the address the trusted
-        proxies forwarded), an IPv6 one as its `client_ipv6_prefix` network, as the
-        middleware keys it."""
+        proxies forwarded), an IPv6 one as its `client_ipv6_prefix` network (the limit's
+        own `ipv6_prefix`, else the policy's), as the middleware keys it."""
         client = request.client
         peer = client.host if client else None
         if peer is None:
@@ -115,7 +117,7 @@ class Fidelity:
                 engine.trusted_proxies,
                 header,
             )
-        return engine.client_keys.key(peer)
+        return engine.client_keys.at(ipv6_prefix).key(peer)
 
     def _no_peer(self) -> str:
         """The client key of a request without a client address, said once (as the
@@ -145,6 +147,7 @@ class Fidelity:
         cost: int | CostFunc = 1,
         name: str | None = None,
         shadow: bool = False,
+        client_ipv6_prefix: int | None = None,
     ) -> LimitDependency:
         """A rate limit for `Depends(...)`: `rate` like `"10/s"`, keyed by `key`.
 
@@ -155,8 +158,10 @@ class Fidelity:
         `cost`: the units each request takes, or a function (or coroutine
         function) of the request returning them (a batch: its length): a whole
         number >= 0; 0 takes nothing, more than the burst is refused at once.
+        `client_ipv6_prefix`: this limit's own IPv6 prefix for its client keys (32 ..
+        128; None: the policy's), as a `[[rate_limit]]`'s.
         """
-        return LimitDependency(self, rate, key, burst, cost, name, shadow)
+        return LimitDependency(self, rate, key, burst, cost, name, shadow, client_ipv6_prefix)
 
     def breaker(
         self, config: BreakerConfig | bool | None = None, **fields: Any

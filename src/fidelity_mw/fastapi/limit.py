@@ -27,12 +27,12 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.gcra import policy_field, retry_after_header
+from ..decide.gcra import policy_field
 from ..engine import Engine, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
-from ..inbound.responses import state_unavailable_detail
+from ..inbound.responses import refusal_retry_after, state_unavailable_detail
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
 from ..rejections import (
@@ -52,7 +52,9 @@ class FormsOwner(Protocol):
 
     def context(self, request: HTTPConnection) -> DecisionContext: ...
 
-    def client_ip(self, request: HTTPConnection, engine: Engine) -> str: ...
+    def client_ip(
+        self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
+    ) -> str: ...
 
 
 _MAX_KEY_CHARS: Final = 64
@@ -94,6 +96,7 @@ class LimitDependency:
         cost: int | CostFunc,
         name: str | None,
         shadow: bool,
+        client_ipv6_prefix: int | None = None,
     ) -> None:
         # `key=Depends(current_user)`: FastAPI resolves it (once per request, shared
         # with the endpoint's own `Depends(current_user)`), whatever the order of the
@@ -115,6 +118,7 @@ class LimitDependency:
                 cost=1 if callable(cost) else cost,
                 key="client_ip" if callable(plain) else plain,
                 shadow=shadow,
+                client_ipv6_prefix=client_ipv6_prefix,
             )
         except PolicyError as exc:  # named as written, not as a policy's unnamed entry
             raise exc.prefixed(f"fidelity.limit({rate!r})") from None
@@ -123,6 +127,8 @@ class LimitDependency:
         self.key = plain
         self.name = name
         self.shadow = shadow
+        # this limit's own IPv6 prefix for client keys (None: the policy's)
+        self.ipv6_prefix = client_ipv6_prefix
         self.burst_size = checked.burst_size
         interval = checked.emission_interval_s
         self.interval_s = interval
@@ -182,8 +188,11 @@ class LimitDependency:
         # `t` as the middleware's fields say it: seconds until more quota (until the
         # request would be admitted, on a 429), so never past the Retry-After
         wait_s = quota_wait_s(verdict, spec)
+        # a refusal's Retry-After as every refusal of ours says it (at least 1, whole
+        # seconds rounded up: responses.refusal_retry_after), the fields' `t` no later
+        after = refusal_retry_after(verdict.retry_after_s)
         if not verdict.allowed:
-            wait_s = min(wait_s, int(retry_after_header(verdict.retry_after_s)))
+            wait_s = min(wait_s, int(after))
         t = math.ceil(wait_s - 1e-9)
         # the policy's `rate_limit_headers` (when) and `rate_limit_header_names` (which),
         # as for the middleware's own limits
@@ -241,7 +250,6 @@ class LimitDependency:
         # limits give back what they charged (one layer's rejection costs no quota of
         # another).
         ctx.shed_by = LAYER_RATELIMIT
-        after = retry_after_header(verdict.retry_after_s)
         problem = problem_document(
             429,
             "Too Many Requests",
@@ -390,9 +398,9 @@ class LimitDependency:
             raw = request.headers.get(key[7:], "")
             if raw:
                 if ":" in raw:  # an IPv6 address (`header:x-real-ip`): its prefix
-                    raw = ctx.engine.client_keys.key(raw)
+                    raw = ctx.engine.client_keys.at(self.ipv6_prefix).key(raw)
                 return "h:" + _compact(raw)
-        ip = self.owner.client_ip(request, ctx.engine)
+        ip = self.owner.client_ip(request, ctx.engine, self.ipv6_prefix)
         ctx.client_key = ip
         return ip
 

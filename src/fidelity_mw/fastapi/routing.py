@@ -20,6 +20,7 @@ from ..context import (
     REJECT,
     SHED,
     SOURCE_REQUEST,
+    WOULD_REJECT,
     Decision,
     DecisionContext,
     context_from_scope,
@@ -79,7 +80,19 @@ async def _standalone(
     remaining = _deadline(engine, plan, request, ctx)
     if remaining is not None:
         ctx.deadline_at = now + remaining
-        if remaining <= 0.0:
+        if remaining <= 0.0 and not plan.enforce:
+            # a route that does not enforce deadlines (`enforce = false`): recorded, the
+            # request served (as the middleware does)
+            ctx.decide(
+                LAYER_DEADLINE,
+                ctx.route,
+                WOULD_REJECT,
+                "expired_on_arrival",
+                source=SOURCE_REQUEST,
+                at=now,
+                details={"remaining_ms": round(remaining * 1000.0, 3), "enforce": False},
+            )
+        elif remaining <= 0.0:
             decision = ctx.decide(
                 LAYER_DEADLINE,
                 ctx.route,
@@ -89,15 +102,16 @@ async def _standalone(
                 at=now,
             )
             raise _expired(ctx, decision, "the caller's deadline had passed on arrival")
-        ctx.decide(
-            LAYER_DEADLINE,
-            ctx.route,
-            ALLOW,
-            "caller_deadline" if ctx.deadline_from_caller else "route_default",
-            source=SOURCE_REQUEST,
-            at=now,
-            details={"remaining_ms": round(remaining * 1000.0, 3)},
-        )
+        else:
+            ctx.decide(
+                LAYER_DEADLINE,
+                ctx.route,
+                ALLOW,
+                "caller_deadline" if ctx.deadline_from_caller else "route_default",
+                source=SOURCE_REQUEST,
+                at=now,
+                details={"remaining_ms": round(remaining * 1000.0, 3)},
+            )
     gate: Gate | None = None
     result: InboundResult | None = None
     if plan.breaker is not None and plan.breaker_key is not None:

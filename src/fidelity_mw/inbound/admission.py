@@ -179,7 +179,10 @@ def admission_shape(
     the same layers, verdicts, reasons, sources and state ages (all a summary reads),
     without building them; None when the state had an age (it varies per request).
     Kept beside `admission_decisions`: it reads the facts that function branches on."""
-    deadline = None if ctx.deadline_at is None else ctx.deadline_from_caller
+    deadline: object = None
+    if ctx.deadline_at is not None:
+        # (past on arrival: `would_reject`, whoever set it)
+        deadline = ctx.deadline_from_caller if ctx.deadline_at > ctx.started_at else "expired"
     if result is None:
         return (plan, deadline)
     if result.age_s:
@@ -203,10 +206,27 @@ def admission_decisions(
     append = ctx._decisions.append
     if ctx.deadline_at is not None:
         remaining = ctx.deadline_at - now
-        reason = "caller_deadline" if ctx.deadline_from_caller else "route_default"
         details: dict[str, DetailValue] = {"remaining_ms": round(remaining * 1000.0, 3)}
-        deadline = (LAYER_DEADLINE, ctx.route, ALLOW, reason, SOURCE_REQUEST, 0.0, now, details)
-        append(_record(Decision, deadline))
+        if remaining > 0.0:
+            reason = "caller_deadline" if ctx.deadline_from_caller else "route_default"
+            deadline = (LAYER_DEADLINE, ctx.route, ALLOW, reason, SOURCE_REQUEST, 0.0, now, details)
+            append(_record(Decision, deadline))
+        else:
+            # past on arrival, on a route that does not enforce deadlines (`enforce =
+            # false`; one that does answers 504 first): recorded, never refused
+            details["enforce"] = False
+            append(
+                Decision(
+                    LAYER_DEADLINE,
+                    ctx.route,
+                    WOULD_REJECT,
+                    "expired_on_arrival",
+                    SOURCE_REQUEST,
+                    0.0,
+                    now,
+                    details,
+                )
+            )
     if result is None:
         return
     source, age = result.source, result.age_s
@@ -297,7 +317,9 @@ def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
     calls it the effective window). Refused: until the request would be admitted.
     Admitted: until the bucket holds one more whole unit than `r`."""
     if not verdict.allowed:
-        return verdict.retry_after_s
+        # (a store's wait of 0, negative or NaN: no `t` below 0, nor a NaN to round)
+        refused = verdict.retry_after_s
+        return refused if refused > 0.0 else 0.0
     wait = verdict.reset_s - spec.tolerance_s + (verdict.remaining + 1) * spec.interval_s
     return wait if wait > 0.0 else 0.0
 

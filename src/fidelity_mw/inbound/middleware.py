@@ -236,7 +236,11 @@ class FidelityMiddleware:
         now = self._monotonic()
         try:
             method = scope["method"]
-            plan = self._plans.get((method, scope["path"])) or self._plan_for(scope)
+            plan = self._plans.get((method, scope["path"]))
+            # a plan is for its path under one root path (the policy's globs match the
+            # path without it: engine.py); any other, and none cached, asks the engine
+            if plan is None or plan.root_path != scope.get("root_path", ""):
+                plan = self._plan_for(scope)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
             if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):

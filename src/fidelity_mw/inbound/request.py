@@ -158,7 +158,9 @@ class RequestReader:
             cap = plan.deadline_cap_s
             remaining = caller if cap is None or caller < cap else cap
             ctx.deadline_from_caller = True
-            if remaining <= 0.0:
+            if remaining <= 0.0 and plan.enforce:
+                # (a route with `enforce = false` records it, and serves the request:
+                # admission.admission_decisions' `would_reject`)
                 return remaining, self._expired(ctx, now + remaining, now)
         attempt = found.get(ATTEMPT_HEADER)
         if attempt is not None:
@@ -213,20 +215,23 @@ class RequestReader:
                 ip = self.client_key(ip)
             ctx.client_key = ip
             return (plan.ip_key_prefix + ip,)
-        ip_: str | None = None
+        ip_: str | None = None  # the address, keyed at the policy's IPv6 prefix
+        own_ip: str | None = None  # the first keyed at a limit's own prefix
         other: str | None = None  # the first header or custom key, as stored
         keys = []
         for lim, prefix in zip(plan.limits, plan.key_prefixes, strict=True):
             kind = lim.key
-            if kind == "client_ip":
-                if ip_ is None:
-                    ip_ = self.client_ip(scope, found, lim.name)
-                value = ip_
-            elif kind == "route":
-                value = "route:" + plan.route
-            elif kind == "global":
-                value = "*"
-            elif isinstance(kind, str):  # header:NAME; a missing header falls back to the IP
+            if kind == "route":
+                keys.append(prefix + "route:" + plan.route)
+                continue
+            if kind == "global":
+                keys.append(prefix + "*")
+                continue
+            # the limit's own IPv6 prefix (`client_ipv6_prefix`; None: the policy's)
+            own = lim.client_ipv6_prefix
+            value: str | None = None
+            if isinstance(kind, str) and kind.startswith("header:"):
+                # header:NAME; a missing header falls back to the IP
                 name = header_key(kind[7:])
                 raw = found.get(name) if found else None
                 if raw and b"," in raw:
@@ -238,15 +243,15 @@ class RequestReader:
                 if raw:
                     text = raw.decode("latin-1")
                     if ":" in text:  # an IPv6 address (`header:x-real-ip`): its prefix
-                        text = self.client_key(text)
+                        text = (
+                            self.client_key(text)
+                            if own is None
+                            else self.engine.client_keys.at(own).key(text)
+                        )
                     value = "h:" + compact_key(text)
                     if other is None:
                         other = value
-                else:
-                    if ip_ is None:
-                        ip_ = self.client_ip(scope, found, lim.name)
-                    value = ip_
-            else:
+            elif kind != "client_ip":
                 try:
                     # called through an Any reference (compiled, the declared `str | None`
                     # was checked: a coroutine or an int was a TypeError, "failed", where
@@ -263,25 +268,43 @@ class RequestReader:
                     # per request, no limit at all; the client's address counts instead
                     awaitable_key(lim.name, custom)
                     custom = None
-                if custom is None:
+                if custom is not None:
+                    value = "k:" + compact_key(str(custom))
+                    if other is None:
+                        other = value
+            if value is None:  # client_ip, or the address in place of a missing key
+                if own is None:
                     if ip_ is None:
                         ip_ = self.client_ip(scope, found, lim.name)
                     value = ip_
                 else:
-                    value = "k:" + compact_key(str(custom))
-                    if other is None:
-                        other = value
+                    value = self.client_ip(
+                        scope, found, lim.name, self.engine.client_keys.at(own).key
+                    )
+                    if own_ip is None:
+                        own_ip = value
             keys.append(prefix + value)
         # The client key telemetry hashes (`fidelity.client.key_hash`): the address when a
-        # limit counted by it, else the API key (or custom key) a limit counted by, as the
-        # store keys it, so the admin page's row of that key matches the request's traces.
+        # limit counted by it (at the policy's prefix, else the first limit's own), else
+        # the API key (or custom key) a limit counted by, as the store keys it, so the
+        # admin page's row of that key matches the request's traces.
         if ip_ is not None:
             ctx.client_key = ip_
+        elif own_ip is not None:
+            ctx.client_key = own_ip
         elif other is not None:
             ctx.client_key = other
         return keys
 
-    def client_ip(self, scope: Scope, found: dict[bytes, bytes] | None, limit: str = "") -> str:
+    def client_ip(
+        self,
+        scope: Scope,
+        found: dict[bytes, bytes] | None,
+        limit: str = "",
+        keys: Callable[[str], str] | None = None,
+    ) -> str:
+        """The client's address as a limit's key: an IPv6 one by `keys` (a limit's own
+        `client_ipv6_prefix`), else by the policy's."""
         client = scope.get("client")
         peer: str | None = client[0] if client else None
         if peer is None:
@@ -293,7 +316,9 @@ class RequestReader:
                 self.engine.trusted_proxies,
                 self.forwarded_header,
             )
-        return self.client_key(peer) if ":" in peer else peer
+        if ":" not in peer:
+            return peer
+        return self.client_key(peer) if keys is None else keys(peer)
 
     def no_peer(self, limit: str) -> str:
         """The client key of a request without a client address (`scope["client"]` is

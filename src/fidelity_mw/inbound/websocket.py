@@ -124,11 +124,12 @@ class WebsocketGate:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.engine = host.engine
-        # a handshake's plan by path (and host, for an app that routes by Host), or the
-        # plan of a path no limit of which covers a GET (its `limits` empty). Not the
+        # a handshake's plan by path and root path (and host, for an app that routes by
+        # Host), or the plan of a path no limit of which covers a GET (its `limits`
+        # empty). Not the
         # engine's (GET, path) plans: a websocket is named by the websocket route that
         # serves it, a GET by its HTTP route (or `!unmatched`, the router's 404).
-        self._plans: dict[tuple[str, str], RoutePlan] = {}
+        self._plans: dict[tuple[str, str, object], RoutePlan] = {}
 
     def plan_for(self, scope: Scope) -> RoutePlan | None:
         """The handshake's plan; None when no limit of its path covers a GET."""
@@ -136,7 +137,8 @@ class WebsocketGate:
         by_host = engine._by_host
         if by_host is None:
             by_host = engine._by_host = routes_by_host(scope.get("app") or engine.route_app)
-        key = (scope["path"], routes_host(scope) if by_host else "")
+        # (the root path too: the policy's globs match the path without it)
+        key = (scope["path"], routes_host(scope) if by_host else "", scope.get("root_path", ""))
         plan = self._plans.get(key)
         if plan is None:
             base = engine._build_plan({**scope, "method": "GET"}, "GET", key[0])

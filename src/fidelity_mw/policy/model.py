@@ -245,12 +245,34 @@ def _base_urls(value: Any) -> str | None:
 
 
 def _header_names(value: Any) -> str | None:
+    """A list of request header names (`[deadline] header`): every invalid name and
+    every repeat (names are case-insensitive: `X-Timeout` and `x-timeout` are one
+    header, read once) in one message."""
     if not isinstance(value, tuple | list) or not value:
         return "expected a non-empty list of header names"
+    bad = [item for item in value if not isinstance(item, str) or not _HEADER_NAME_RE.match(item)]
+    problems = []
+    if len(bad) == 1:
+        problems.append(f"{_toml(bad[0])} is not a valid header name")
+    elif bad:
+        problems.append(f"{', '.join(_toml(item) for item in bad)} are not valid header names")
+    seen: dict[str, str] = {}
+    repeats: list[str] = []
     for item in value:
         if not isinstance(item, str) or not _HEADER_NAME_RE.match(item):
-            return f"{_toml(item)} is not a valid header name"
-    return None
+            continue
+        first = seen.get(item.lower())
+        if first is None:
+            seen[item.lower()] = item
+        elif first == item:
+            repeats.append(f"{_toml(item)} is listed twice")
+        else:
+            repeats.append(f"{_toml(item)} repeats {_toml(first)}")
+    if repeats:
+        problems.append(
+            "; ".join(repeats) + " (header names are case-insensitive): list each header once"
+        )
+    return "; ".join(problems) or None
 
 
 def _header_name(value: Any) -> str | None:
@@ -274,12 +296,19 @@ def _methods(value: Any) -> str | None:
 
 
 def _statuses(value: Any) -> str | None:
+    """A list of HTTP statuses (and "5xx" classes, expanded before): every bad value in
+    one message, not the first alone (a fix per run)."""
     if not isinstance(value, tuple | list | frozenset):
         return "expected a list of HTTP status codes (e.g. [502, 503]) or classes ('5xx')"
-    for item in value:
-        if not _is_int(item) or not 100 <= item <= 599:
-            return f"{_toml(item)} is not an HTTP status code between 100 and 599"
-    return None
+    bad = [item for item in value if not _is_int(item) or not 100 <= item <= 599]
+    if not bad:
+        return None
+    if len(bad) == 1:
+        return f"{_toml(bad[0])} is not an HTTP status code between 100 and 599"
+    return (
+        f"{', '.join(_toml(item) for item in bad)} are not HTTP status codes between 100 "
+        "and 599 (or classes such as '5xx')"
+    )
 
 
 def _any_glob(value: Any) -> str | None:
@@ -780,6 +809,10 @@ class RateLimit(_Validated):
     shadow: bool = _spec(False, boolean)
     charge: Literal["served", "always"] = _spec("served", one_of(CHARGE_MODES))
     retry_credit_s: float = _spec(10.0, number_in(0.0, 3600.0))
+    # this limit's own IPv6 prefix for client keys (None: the policy's client_ipv6_prefix)
+    # (left out of `to_dict` while unset: a policy's version is the same as before it
+    # existed, so an upgrade alone does not change the version processes report)
+    client_ipv6_prefix: int | None = _spec(None, optional(int_in(32, 128)), unset_unversioned=True)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -793,27 +826,38 @@ class RateLimit(_Validated):
         )
 
     def _cross_checks(self) -> list[PolicyIssue]:
+        issues: list[PolicyIssue] = []
+        if self.client_ipv6_prefix is not None and self.key in ("route", "global"):
+            # a key that counts no client: the setting would do nothing
+            issues.append(
+                PolicyIssue(
+                    "client_ipv6_prefix",
+                    f"key {_toml(self.key)} counts no client address: client_ipv6_prefix "
+                    'applies to key = "client_ip", "header:NAME" or a key function (their '
+                    "address); leave it out",
+                )
+            )
         cost = self.cost
         if not isinstance(cost, int):  # a function's cost is checked per request
-            return []
+            return issues
         if self._valid("burst", "cost") and self.burst is not None and self.burst < cost:
-            return [
+            issues.append(
                 PolicyIssue(
                     "cost",
                     f"cost {self.cost} exceeds burst {self.burst}: "
                     "no request could ever be admitted",
                 )
-            ]
-        if self.burst is None and _rate(self.rate) is None and _is_int(cost):
+            )
+        elif self.burst is None and _rate(self.rate) is None and _is_int(cost):
             count, _ = parse_rate(self.rate)
             if count < cost:
-                return [
+                issues.append(
                     PolicyIssue(
                         "cost",
                         f"cost {self.cost} exceeds the default burst {count}: set burst >= cost",
                     )
-                ]
-        return []
+                )
+        return issues
 
     @property
     def limit(self) -> int:
@@ -1224,6 +1268,8 @@ def _plain(obj: Any) -> Any:
             if not f.init:
                 continue
             value = getattr(obj, f.name)
+            if value is None and f.metadata.get("unset_unversioned"):
+                continue
             out[f.metadata.get("toml", f.name)] = _plain(value)
         return out
     if isinstance(obj, frozenset):

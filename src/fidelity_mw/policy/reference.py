@@ -143,7 +143,8 @@ DESCRIPTIONS: dict[str, str] = {
     "addresses, IPv4-mapped IPv6 ones (`::ffff:1.2.3.4`, what a dual-stack socket "
     "reports) and NAT64's well-known prefix (`64:ff9b::1.2.3.4`, an IPv4 client behind a "
     "stateless NAT46), count by the IPv4 address. Telemetry's `fidelity.client.key_hash` and the "
-    "store key hold the prefix form (`2001:db8:1:2::/64`).",
+    "store key hold the prefix form (`2001:db8:1:2::/64`). A `[[rate_limit]]` may set its "
+    "own (`rate_limit.client_ipv6_prefix`); below 48 `fidelity-mw check` warns.",
     "forwarded_header": "The one forwarding header `trusted_proxies` set: "
     "`x-forwarded-for` (what uvicorn, nginx and most load balancers append to) or "
     "`forwarded` (RFC 7239). The other header is never read: a proxy that appends to "
@@ -187,7 +188,9 @@ DESCRIPTIONS: dict[str, str] = {
     "reports no load) the share is even, 1/N, recorded as `fleet_load_why`. 0: never.",
     # [deadline]
     "deadline.header": "Request headers read, in order, for the caller's remaining time "
-    "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`).",
+    "(`x-request-timeout-ms` in ms, `grpc-timeout` in gRPC syntax such as `250m`). Each "
+    "once: names are case-insensitive, and a repeat (`X-Timeout` after `x-timeout`) is an "
+    "error.",
     "deadline.default_ms": "Deadline of a request that sends none; `false` for no "
     "default deadline (left out, it is 30 s).",
     "deadline.max_ms": "Longest deadline a caller may ask for; defaults to `default_ms`. "
@@ -213,7 +216,9 @@ DESCRIPTIONS: dict[str, str] = {
     "`global`; a callable in Python (plain, not async: the middleware calls it as it reads "
     "the request).",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
-    "`?` one character. Matched against the request path, so a route template such as "
+    "`?` one character. Matched against the request path as the app's routes see it: "
+    "without the `root_path` the app is served under (`uvicorn --root-path /svc`, a "
+    "`Mount`), so `/api/*` covers `/svc/api/items/7` there. A route template such as "
     "`/items/{item_id}` is an error: write `/items/*`.",
     "rate_limit.exclude": "Paths the limit leaves out although `match` covers them, as "
     'globs: `match = "*"` with `exclude = ["/healthz", "/metrics"]` limits every route but '
@@ -236,6 +241,12 @@ DESCRIPTIONS: dict[str, str] = {
     "requests the bucket alone would refuse, until this many seconds after the last refund "
     "that earned some. The default outlasts clients' usual retry waits (`Retry-After`, "
     'backoffs of a few seconds); 0 turns it off. No effect with `charge = "always"`.',
+    "rate_limit.client_ipv6_prefix": "This limit's own IPv6 prefix for its client keys "
+    "(32 .. 128), in place of the policy's `client_ipv6_prefix`: for its `client_ip` key, "
+    "and for a `header:NAME` value that is an IPv6 address. Service-to-service limits in "
+    "Kubernetes, where a node's pods share one /64, want 128 (each pod its own client) "
+    "while the public limits keep 64. Below 48 a key is a whole site or provider "
+    "(`fidelity-mw check` warns). Unset: the policy's.",
     # [breaker]
     "breaker.failure_ratio": "Opens when failures / calls in the window reach this ratio.",
     "breaker.min_calls": "Calls the window must hold before the ratio counts.",
@@ -268,8 +279,12 @@ DESCRIPTIONS: dict[str, str] = {
     "route.breaker": "`true`: the policy's `[breaker]`; `false`: none; a table: this "
     "route's own breaker, which replaces `[breaker]`: keys it leaves out take the built-in "
     "defaults, not `[breaker]`'s values (`fidelity-mw check` warns where that differs).",
-    "route.enforce": "Enforce the deadline while the app runs: past it, with no response "
-    "started, answer 504 and cancel the app's work. A started response is never cut.",
+    "route.enforce": "Enforce the deadline: answer 504 for one already past on arrival "
+    "(without running the app), and while the app runs, past it with no response "
+    "started, answer 504 and cancel the app's work (a started response is never cut). "
+    "`false`: the deadline is recorded, never acted on: one past on arrival is a "
+    "`would_reject` `expired_on_arrival` decision and the app runs (the deadline, passed, "
+    "still on its context and sent downstream).",
     "route.concurrency": "This route's own bulkhead (the `[concurrency]` keys; those it "
     "leaves out take the built-in defaults, not `[concurrency]`'s); `false`: no bulkhead "
     "on this route, whatever `[concurrency]` says; `true` or left out: the policy's "

@@ -241,8 +241,10 @@ class LocalState:
         self, key: str, config: BreakerParams, now: float | None = None
     ) -> BreakerState:
         state = self.breakers.get(key)
-        if state is None or state.config is not config:
-            # A new config (policy reload) starts a fresh breaker.
+        if state is None or (state.config is not config and state.config != config):
+            # A different config starts a fresh breaker. An equal one (another engine or
+            # transport on this store that loaded the same policy) keeps it: compared by
+            # identity alone, two such callers reset each other's counts on every call.
             if state is None and now is not None and len(self.breakers) >= self.max_breakers:
                 self.breakers_evicted_active += self._sweep(self.breakers, _breaker_idle, now)
             state = self.breakers[key] = BreakerState(config)
@@ -454,8 +456,8 @@ class LocalState:
 
     def budget_window(self, key: str, cfg: BudgetParams, now: float | None = None) -> BudgetWindow:
         window = self.budgets.get(key)
-        if window is None or window.config is not cfg:
-            # A new config (policy reload) starts a fresh window.
+        if window is None or (window.config is not cfg and window.config != cfg):
+            # A different config starts a fresh window; an equal one keeps it (as above).
             if window is None and now is not None and len(self.budgets) >= self.max_breakers:
                 self.budgets_evicted_active += self._sweep(self.budgets, _budget_idle, now)
             window = self.budgets[key] = BudgetWindow(cfg)

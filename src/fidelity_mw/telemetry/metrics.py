@@ -60,6 +60,7 @@ _MAX_PENDING: Final = 1024
 # sets no limit of its own.
 MAX_CLIENT_HOSTS: Final = 256
 _OTHER: Final = "_OTHER"
+_OTHER_SUBJECT: Final = "_other"  # the folded value of a tally's attribute
 
 
 class BreakerSource(Protocol):
@@ -262,9 +263,9 @@ class Metrics:
             layer = d.layer
             if layer == LAYER_RETRY:
                 if d.verdict == RETRY:
-                    _bump(self.budget, (d.subject, "drawn"))
+                    _bump_subject(self.budget, d.subject, "drawn")
             elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
-                _bump(self.budget, (d.subject, "exhausted"))
+                _bump_subject(self.budget, d.subject, "exhausted")
             age_s = d.state_age_s
             if d.state_source in LOCAL_SOURCES and not age_s > 0.0:
                 continue
@@ -318,9 +319,16 @@ def fallback_observations(watch: object) -> list[Observation]:
     return [Observation(1 if why in now else 0, {s.FALLBACK_WHY: why}) for why in s.FALLBACK_WHYS]
 
 
-def _bump(tally: Tally, key: tuple[str, ...]) -> None:
+def _bump_subject(tally: Tally, subject: str, result: str) -> None:
+    """Count one (subject, result) of the retry budget tally. Past the series bound the
+    *subject* (an upstream host, which a service calling its clients' URLs has without
+    end) folds into `_other`, never the result: the alert selects on the result."""
     with tally.lock:
-        _bump_locked(tally.counts, key)
+        counts = tally.counts
+        key = (subject, result)
+        if key not in counts and len(counts) >= _MAX_SERIES:
+            key = (_OTHER_SUBJECT, result)
+        counts[key] = counts.get(key, 0) + 1
 
 
 def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...], n: int = 1) -> None:

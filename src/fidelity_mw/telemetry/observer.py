@@ -128,6 +128,9 @@ _REJECTION_STATUS: Final = {"rejected": 429, "shed": 503, "expired": 504}
 _MAX_CACHED: Final = 4096
 _MAX_SUBJECTS: Final = 1024
 _ATTRIBUTE_TYPES: Final = frozenset({str, int, float, bool})
+# Details that are durations (`retry_after_s`, `delay_ms`): always exported as doubles, so
+# a backend that types a field by its first value sees one type.
+_DURATION_SUFFIXES: Final = ("_s", "_ms")
 # While no global provider is set, the API is asked again at most this often (its
 # getters read the environment on every call, ~0.7 us).
 _RECHECK_S: Final = 1.0
@@ -468,6 +471,13 @@ class BreakerWatch:
         for (subject, kind), state in list(self.seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
+        if len(states) > _MAX_SUBJECTS:
+            # A memory store holds up to its max_breakers, one per upstream host its calls
+            # named (URLs the service's clients supply, for a webhook sender): bounded as
+            # the decisions' breakers are, route breakers and those not closed (what the
+            # alerts select) first, the rest in the store's order.
+            ranked = sorted(states.items(), key=_gauge_rank)
+            states = dict(ranked[:_MAX_SUBJECTS])
         out = []
         for (subject, kind), state in states.items():
             for candidate in _BREAKER_STATES:
@@ -476,6 +486,13 @@ class BreakerWatch:
                     attrs[s.BREAKER_SCOPE] = kind
                 out.append(Observation(1 if candidate == state else 0, attrs))
         return out
+
+
+def _gauge_rank(item: tuple[tuple[str, str], str]) -> tuple[bool, bool]:
+    """The order in which breakers keep their place in a bounded gauge: route breakers,
+    then those not closed, first."""
+    (_subject, kind), state = item
+    return kind != "route", state == "closed"
 
 
 # ---------------------------------------------------------------- the observer
@@ -655,26 +672,37 @@ class Telemetry:
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         summary: Summary | None = None
-        if token is not None:
-            if token.owned:
-                try:
+        try:
+            if token is not None:
+                if token.owned:
+                    try:
+                        summary = summary_of(ctx)
+                        self._annotate(ctx, token.span, True, summary, token.exported)
+                    finally:
+                        try:
+                            # runs the span processors: the SDK lets their exceptions
+                            # through, and our context must not stay attached for them
+                            token.span.end()
+                        finally:
+                            if token.token is not None:
+                                _detach_quietly(token.token)
+                elif token.span.is_recording():  # not ended with the last body message
                     summary = summary_of(ctx)
-                    self._annotate(ctx, token.span, True, summary, token.exported)
-                finally:
-                    token.span.end()
-                    if token.token is not None:
-                        _detach_quietly(token.token)
-            elif token.span.is_recording():  # not ended with the last body message
-                summary = summary_of(ctx)
-                self._annotate(ctx, token.span, False, summary, token.exported)
-            elif token.exported < 0:
-                summary = summary_of(ctx)
-                self._late_span(ctx, token, summary)
-            elif ctx._pending is not None or token.exported == len(ctx._decisions):
-                # Annotated, and nothing was decided since: the records were still the
-                # admission's facts when summarised (nothing reads or adds one without
-                # building them first), or are as many as then.
-                summary = token.summary
+                    self._annotate(ctx, token.span, False, summary, token.exported)
+                elif token.exported < 0:
+                    summary = summary_of(ctx)
+                    self._late_span(ctx, token, summary)
+                elif ctx._pending is not None or token.exported == len(ctx._decisions):
+                    # Annotated, and nothing was decided since: the records were still the
+                    # admission's facts when summarised (nothing reads or adds one without
+                    # building them first), or are as many as then.
+                    summary = token.summary
+        finally:
+            # counted whatever happened to the span (a raising span processor)
+            self._count(ctx, summary)
+
+    def _count(self, ctx: DecisionContext, summary: Summary | None) -> None:
+        """The request's counters (and the breaker states its decisions revealed)."""
         metrics = self._metrics
         if metrics is None:
             if _no_global_yet(
@@ -708,8 +736,9 @@ class Telemetry:
             return
         parent = trace_api.set_span_in_context(token.span)
         start_time = getattr(token.span, "start_time", None)
+        method = _method(ctx.method)[0]  # a client's own method names no span
         span = tracer.start_span(
-            f"fidelity {ctx.method} {ctx.route}",
+            f"fidelity {method if method != '_OTHER' else 'HTTP'} {ctx.route}",
             context=parent,
             kind=SpanKind.INTERNAL,
             start_time=start_time if isinstance(start_time, int) else None,
@@ -819,7 +848,11 @@ class Telemetry:
                 attrs[_STATE_STALE] = True
             if details:
                 for key, value in details.items():
-                    if type(value) not in _ATTRIBUTE_TYPES:
+                    kind = type(value)
+                    if kind is int:
+                        if key.endswith(_DURATION_SUFFIXES):
+                            value = float(value)  # a duration is a double, whoever passed it
+                    elif kind not in _ATTRIBUTE_TYPES:
                         value = str(value)
                     attrs[_DETAIL_PREFIX + key] = value
             timestamp = offset_ns + int(at * 1e9) if at else now_ns
@@ -917,22 +950,27 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
             elif cancelled:
                 attrs[s.ATTEMPT_CANCELLED] = True
-            if attrs:
-                span.set_attributes(attrs)
-            span.end()
-            metrics = self._metrics or self._get_metrics()
-            if metrics is not None and token.attrs is not None:
-                base = token.attrs
-                mattrs: dict[str, Any] = {
-                    s.HTTP_REQUEST_METHOD: base[s.HTTP_REQUEST_METHOD],
-                    s.SERVER_ADDRESS: base[s.SERVER_ADDRESS],
-                    s.SERVER_PORT: base[s.SERVER_PORT],
-                }
-                if status is not None:
-                    mattrs[s.HTTP_RESPONSE_STATUS_CODE] = status
-                if error_type is not None:
-                    mattrs[s.ERROR_TYPE] = error_type
-                metrics.client_duration.record(time.perf_counter() - token.started, mattrs)
+            try:
+                if attrs:
+                    span.set_attributes(attrs)
+                span.end()  # runs the span processors, whose exceptions the SDK lets through
+            finally:
+                self._record_duration(token, status, error_type)
+
+    def _record_duration(self, token: _Attempt, status: int | None, error_type: str | None) -> None:
+        metrics = self._metrics or self._get_metrics()
+        if metrics is not None and token.attrs is not None:
+            base = token.attrs
+            mattrs: dict[str, Any] = {
+                s.HTTP_REQUEST_METHOD: base[s.HTTP_REQUEST_METHOD],
+                s.SERVER_ADDRESS: base[s.SERVER_ADDRESS],
+                s.SERVER_PORT: base[s.SERVER_PORT],
+            }
+            if status is not None:
+                mattrs[s.HTTP_RESPONSE_STATUS_CODE] = status
+            if error_type is not None:
+                mattrs[s.ERROR_TYPE] = error_type
+            metrics.client_duration.record(time.perf_counter() - token.started, mattrs)
 
     def call_end(self, ctx: DecisionContext) -> None:
         """An outbound call made outside any request finished (its context is the

@@ -104,6 +104,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_idle_bulkhead_settings(name, lines, data, policy))
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     result.warnings.extend(_capped_open_times(name, lines, policy))
+    result.warnings.extend(_wide_ipv6_prefixes(name, lines, policy))
     result.warnings.extend(_retried_not_idempotent(name, lines, policy))
     result.warnings.extend(_protocol_everywhere(name, lines, policy))
     if workers is None:
@@ -134,6 +135,32 @@ def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
                 )
             else:
                 continue
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+# Below this an IPv6 client key is a whole site or provider, not a subscriber: a /48 is
+# the usual site assignment (RFC 6177), a /32 a provider's whole allocation.
+WIDE_IPV6_PREFIX = 48
+
+
+def _wide_ipv6_prefixes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """An IPv6 prefix below /48 (`client_ipv6_prefix`, the policy's or a limit's own):
+    each key then holds a whole provider's or site's clients, one budget for them all."""
+    found: list[tuple[str, int]] = [("client_ipv6_prefix", policy.client_ipv6_prefix)]
+    found += [
+        (f"rate_limit[{i}].client_ipv6_prefix", lim.client_ipv6_prefix)
+        for i, lim in enumerate(policy.rate_limits)
+        if lim.client_ipv6_prefix is not None
+    ]
+    out: list[Finding] = []
+    for path, prefix in found:
+        if prefix < WIDE_IPV6_PREFIX:
+            message = (
+                f"/{prefix} counts every IPv6 client in a network that wide as one: a /32 "
+                "is a whole provider's, a /48 one site's; one budget for all of them (64 "
+                "counts a subscriber, the default; 48 a site)"
+            )
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out
 

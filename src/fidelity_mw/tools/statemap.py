@@ -238,6 +238,20 @@ def _route_methods(route: RouteConfig, head_named: bool) -> str:
     return ",".join(shown_methods(route.methods, head_named)) + " "
 
 
+def _ipv6_prefix_said(policy: Policy, lim: RateLimit, what: str = "") -> str:
+    """What a limit's client keys do with an IPv6 address: by its /N network, the
+    policy's `client_ipv6_prefix` or the limit's own. `what` (a header or key function's
+    limit): said only for a limit with its own prefix."""
+    own = lim.client_ipv6_prefix
+    if own is None:
+        prefix = policy.client_ipv6_prefix
+        return f"; an IPv6 client by its /{prefix}" if prefix < 128 and not what else ""
+    whose = " (this limit's own client_ipv6_prefix)"
+    if own >= 128:
+        return f"; {what or 'an IPv6 client'} by its whole address{whose}"
+    return f"; {what or 'an IPv6 client'} by its /{own}{whose}"
+
+
 def _limit_subject(lim: RateLimit, head_named: bool = False) -> str:
     # with the HEAD that GET implies unless a limit names HEAD (policy.model.covers_method)
     methods = f" {','.join(shown_methods(lim.methods, head_named))}" if lim.methods else ""
@@ -317,13 +331,21 @@ def layers_for(policy: Policy) -> list[Layer]:
     budget_home = homes["budget"]
     rows: list[Layer] = []
     dl = policy.deadline
+    # routes that record deadlines and never act on them (`enforce = false`)
+    unenforced = [r.name or r.match for r in policy.routes if not r.enforce]
     rows.append(
         Layer(
             "inbound",
             "deadline",
             "every HTTP request",
             "deadline",
-            "504 before the app runs when the caller's remaining time is already spent",
+            "504 before the app runs when the caller's remaining time is already spent"
+            + (
+                f"; recorded only (would_reject), never refused, on {', '.join(unenforced)} "
+                "(enforce = false)"
+                if unenforced
+                else ""
+            ),
             f"request headers {', '.join(dl.header)}; default {_ms(dl.default_ms)}, "
             f"cap {_ms(dl.cap_ms)}",
             "none: read from each request, kept on the decision context",
@@ -341,7 +363,12 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "deadline",
                     f"route {route.name or route.match}",
                     f"route[{i}].deadline_ms",
-                    "504 on arrival when expired; caps the caller's deadline",
+                    (
+                        "504 on arrival when expired; caps the caller's deadline"
+                        if route.enforce
+                        else "caps the caller's deadline; expired on arrival: recorded "
+                        "(would_reject), never refused (enforce = false)"
+                    ),
                     f"{route.deadline_ms} ms for "
                     + _route_methods(route, names_head(policy.routes))
                     + f"requests matching {route.match}",
@@ -490,15 +517,13 @@ def layers_for(policy: Policy) -> list[Layer]:
                 f"GCRA {lim.rate}, burst {lim.burst_size}{cost}; client key "
                 + (
                     "from X-Forwarded-For/Forwarded only via trusted_proxies"
-                    + (
-                        f"; an IPv6 client by its /{policy.client_ipv6_prefix}"
-                        if policy.client_ipv6_prefix < 128
-                        else ""
-                    )
+                    + _ipv6_prefix_said(policy, lim)
                     if lim.key == "client_ip"
                     else f"{lim.key} (the client IP when absent)"
+                    + _ipv6_prefix_said(policy, lim, "an IPv6 value or client")
                     if isinstance(lim.key, str) and lim.key.startswith("header:")
                     else str(lim.key if isinstance(lim.key, str) else "callable")
+                    + _ipv6_prefix_said(policy, lim, "an IPv6 client in its place")
                 ),
                 limiter_state,
                 _key(limit_home, f"{lim.name}|{_client_part(lim.key)}", "rl"),
