@@ -20,7 +20,7 @@ _START_TIMEOUT_S = 10.0
 
 
 class LoopbackServer:
-    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", **options: Any) -> None:
         self.app = app
         self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -33,7 +33,9 @@ class LoopbackServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=1,
+            **options,  # (ssl_certfile=... for HTTPS)
         )
+        self.scheme = "https" if options.get("ssl_certfile") else "http"
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -41,7 +43,7 @@ class LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def __enter__(self) -> LoopbackServer:
         self.thread.start()

@@ -45,7 +45,6 @@ from ..decide.retry import (
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
     GIVE_UP_RETRY_AFTER,
-    IDEMPOTENT_METHODS,
     RetryPlan,
     parse_retry_after,
     plan_retry,
@@ -506,7 +505,7 @@ def plan_call(
         plan = plan_retry(
             cfg=up.retry,
             attempt=attempt,
-            idempotent=request.method in IDEMPOTENT_METHODS
+            idempotent=request.method in up.retry_methods
             or has_header(request.headers, IDEMPOTENCY_KEY),
             replayable=replayable,
             downstream_exhausted=False,

@@ -18,6 +18,7 @@ The sync transport does not hedge: a blocking call has no second thread to race 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -27,7 +28,7 @@ import httpx
 
 from .._types import Clock
 from ..decide.retry import IDEMPOTENT_METHODS
-from .wire import replayable
+from .wire import SPEND_MAX_BYTES, SPEND_MAX_S, replayable, worth_reading
 
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
@@ -123,8 +124,13 @@ def hedge_delay(after: str, after_ms: int, min_samples: int, window: LatencyWind
     return after_ms / 1000.0
 
 
-def hedgeable(request: httpx.Request) -> bool:
-    """An idempotent method, and a body two attempts can send at once: bytes in memory.
+def hedgeable(request: httpx.Request, retried: frozenset[str] = IDEMPOTENT_METHODS) -> bool:
+    """An idempotent method that the upstream's policy retries (`retried`), and a body two
+    attempts can send at once: bytes in memory.
+
+    A method that is not idempotent is never hedged, not even when `[upstream.retry]
+    methods` retries it: a retry follows an attempt that failed, a hedge runs while the
+    first attempt may still be doing the work, and both would do it at once.
 
     An `Idempotency-Key` makes a request retryable, not hedgeable: a hedge is a second
     request while the first is still in progress, which is what the IETF draft has the
@@ -133,7 +139,8 @@ def hedgeable(request: httpx.Request) -> bool:
     hedge either, replayable as it is for a retry: httpx rewinds it and reads it in chunks
     as it sends, so a hedge reading it while the first attempt still sends would leave
     each attempt part of the file."""
-    if request.method not in IDEMPOTENT_METHODS:
+    method = request.method
+    if method not in IDEMPOTENT_METHODS or method not in retried:
         return False
     stream = request.stream
     if type(stream) is httpx.ByteStream:
@@ -170,6 +177,46 @@ async def _close(response: httpx.Response | None) -> None:
     with anyio.CancelScope(shield=True):
         with contextlib.suppress(Exception):  # a broken connection is closed enough
             await response.aclose()
+
+
+async def _drain(response: httpx.Response | None) -> None:
+    """Close an answer that came in whole but lost the race (a failed hedge's 503, the
+    call's own answer given up on when a hedge won), read to its end first when it is
+    short (`wire.worth_reading`), as a failed attempt's before its retry: closed unread,
+    its HTTP/1.1 connection was dropped. At most `SPEND_MAX_S` (real time: it is I/O; the
+    request's own read timeout is back on it by now). A loser still running is cancelled,
+    not drained (`_close`)."""
+    if response is None:
+        return
+    stream = response.stream
+    if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
+        with anyio.move_on_after(SPEND_MAX_S), contextlib.suppress(Exception):
+            read = 0
+            async for chunk in stream:
+                read += len(chunk)
+                if read > SPEND_MAX_BYTES:
+                    break
+    await _close(response)
+
+
+_DRAINING: Final[set[asyncio.Task[None]]] = set()  # (held until they end)
+
+
+async def _drain_later(response: httpx.Response | None) -> None:
+    """`_drain` in a task of its own: the race (and the winner's answer) is not held back
+    while a loser's body is read."""
+    if response is None:
+        return
+    if not worth_reading(response):
+        await _close(response)
+        return
+    try:
+        task = asyncio.get_running_loop().create_task(_drain(response))
+    except RuntimeError:  # (not on asyncio: closed at once, dropped with its connection)
+        await _close(response)
+        return
+    _DRAINING.add(task)
+    task.add_done_callback(_DRAINING.discard)
 
 
 Outcome = tuple[int, httpx.Response | None, Exception | None]
@@ -252,17 +299,22 @@ async def run_race(
                 if error is None and _good(response, retry_statuses):
                     winner = (response, None)
                     if primary is not None:
-                        await _close(primary[0])
+                        await _drain_later(primary[0])
                 elif index == 0:
                     primary = (response, error)
                     hedging = False  # the call has given up or been refused: no new attempts
                 else:
-                    await _close(response)
+                    await _drain_later(response)
                     if isinstance(error, NoHedge):
                         hedging = False
                 if winner is None and pending == 0 and primary is not None:
                     winner = primary
             group.cancel_scope.cancel()
+        # Answers that came in whole after the winner: losers, read short and closed.
+        while outcomes:
+            _, response, _ = outcomes.pop(0)
+            if winner is None or response is not winner[0]:
+                await _drain_later(response)
     except BaseException:
         # Cancelled (or failed) once the winner was chosen, while the losers wound down:
         # its response is handed back to no one, so it is closed like theirs.

@@ -9,7 +9,8 @@
   `outbound_gate` answer `(gate, allowed, source, age_s)` (or its exception);
 - `(RECORD, breaker_key, breaker, gate, outcome, slow, now)` -> the store's `record`
   answer (the breaker state afterwards, or its exception);
-- `(CLOSE, response)` -> None: close a response we will not hand back;
+- `(CLOSE, response, spend)` -> None: close a response we will not hand back (with
+  `spend`, read what is left of it first when it is short, as for SLEEP);
 - `(REFUND, budget_key, cfg, source, age_s, now[, spent_at])` -> None: the store's
   `budget_refund` (`spent_at` when its gate answer said it: `GateAnswer.spent_at`; a
   retry the budget counted whose attempt is not sent; best effort, errors ignored);
@@ -106,11 +107,12 @@ from .wire import (
     bounded_timeouts,
     first_stamps,
     replayable,
+    restore,
+    snapshot,
     spend_timeouts,
     stamp,
     stamp_first,
     take_ours,
-    unstamp,
 )
 
 logger = logging.getLogger("fidelity_mw")
@@ -123,6 +125,7 @@ CLOSE: Final = 4
 REFUND: Final = 5
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
+SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
@@ -207,11 +210,12 @@ class First(NamedTuple):
     token: Any
     original_timeout: Mapping[str, float | None] | None
     can_replay: bool
+    saved: list[tuple[bytes, bytes, bytes]] | None  # (`wire.restore`)
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _ = self
+        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
@@ -225,7 +229,7 @@ class First(NamedTuple):
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             observe_end(observer, token, response, None)
-        unstamp(request.headers, prior)
+        restore(request.headers, prior, saved)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -262,7 +266,8 @@ def first_attempt(
         del extensions[GIVE_UP_EXTENSION]
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
-    prior = take_ours(request.headers)
+    prior = take_ours(request.headers) if up.speaks else None
+    saved = snapshot(request.headers) if observer is not None else None
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
@@ -304,14 +309,14 @@ def first_attempt(
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
-        unstamp(request.headers, prior)
+        restore(request.headers, prior, saved)
         if own and observer is not None:
             call_end(observer, ctx)
         raise
     return _new_tuple(
         First,
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
-         can_replay),
+         can_replay, saved),
     )  # fmt: skip
 
 
@@ -343,6 +348,8 @@ def attempts(
     breaker = up.breaker
     instances = up.instances
     original_url = request.url
+    # the caller's own TLS name, if any (`sni_hostname`), which an instance's never replaces
+    own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
     if first is None:
         extensions = request.extensions
         original_timeout = extensions.get("timeout")
@@ -352,9 +359,11 @@ def attempts(
         # buffer it: a transport that reads it leaves bytes behind).
         stream = request.stream
         can_replay = type(stream) is httpx.ByteStream or replayable(stream)
-        prior = take_ours(request.headers)
+        prior = take_ours(request.headers) if up.speaks else None
+        saved = snapshot(request.headers) if observer is not None else None
     else:
         original_timeout, can_replay, prior = first.original_timeout, first.can_replay, first.prior
+        saved = first.saved
     # The instances this call sent to (not their positions: another call may rename the
     # service's instances while this one backs off, and the list is then a new one).
     tried: list[Instance] = []
@@ -421,6 +430,13 @@ def attempts(
                     request.url = original_url.copy_with(
                         scheme=target.scheme, host=target.host, port=target.port
                     )
+                    if own_sni is None:
+                        # HTTPS to an address: TLS speaks the service's name (SNI, and the
+                        # certificate is verified against it), as the Host header does
+                        if target.sni:
+                            request.extensions[SNI_EXTENSION] = original_url.host
+                        else:
+                            request.extensions.pop(SNI_EXTENSION, None)
                 if race is not None and hedge:
                     ctx.decisions.append(
                         Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
@@ -626,10 +642,16 @@ def attempts(
                             continue
             except GeneratorExit:
                 raise
-            except BaseException:  # cancelled while deciding: do not leak the connection
+            except BaseException as exc:  # refused, or cancelled, while deciding
                 if response is not None:
+                    # Refused (the breaker refuses the retry: `CircuitOpen`): the failed
+                    # answer is read to its end when short, as before a backoff, so its
+                    # connection goes back to the pool. Cancelled: dropped with it.
+                    spend = isinstance(exc, Exception)
+                    if spend:
+                        spend_timeouts(request)
                     with contextlib.suppress(BaseException):
-                        yield (CLOSE, response)
+                        yield (CLOSE, response, spend)
                 raise
             if response is None:
                 assert error is not None
@@ -656,7 +678,9 @@ def attempts(
     finally:
         if target is not None:
             request.url = original_url
-        unstamp(request.headers, prior)
+            if own_sni is None:
+                request.extensions.pop(SNI_EXTENSION, None)
+        restore(request.headers, prior, saved)
         # the request's own timeouts again (not the last attempt's, nor the short reads of
         # a failed answer's: a request sent again would carry them)
         if original_timeout is None:
@@ -1054,12 +1078,14 @@ def prepare(
     if remaining is not None and remaining < up.attempt_timeout_s:
         bounded = bounded_timeouts(original_timeout, remaining)
         request.extensions["timeout"] = bounded
-        stamp(request.headers, attempt, advertised_ms(round(_waits(bounded, remaining) * 1000.0)))
+        if up.speaks:
+            told = advertised_ms(round(_waits(bounded, remaining) * 1000.0))
+            stamp(request.headers, attempt, told)
     else:
         request.extensions["timeout"], stamps = attempt_timeouts(up, original_timeout)
         if attempt == 1:
             stamp_first(request.headers, stamps)
-        else:
+        elif stamps:
             stamp(request.headers, attempt, stamps[1][2])
     counts = ctx._attempts  # (the `attempts` property, without its call)
     if counts is None:
@@ -1099,7 +1125,7 @@ def attempt_timeouts(
     waits = _waits(bounded, up.attempt_timeout_s)
     stamps = (
         up.first_stamps
-        if waits >= up.attempt_timeout_s
+        if waits >= up.attempt_timeout_s or not up.speaks
         else first_stamps(advertised_ms(round(waits * 1000.0)))
     )
     up.timeouts = (

@@ -75,6 +75,7 @@ from .loop import (
     REFUND,
     SEND,
     SLEEP,
+    SNI_EXTENSION,
     UNTAKEN,
     First,
     Local,
@@ -92,6 +93,8 @@ from .wire import (
     SPEND_MAX_BYTES,
     SPEND_MAX_S,
     replayable,
+    restore,
+    snapshot,
     unstamp,
     worth_reading,
 )
@@ -309,7 +312,7 @@ class _Base:
             cached = armed.local = (store, local_ops(store))
         local = cached[1]
         hedge = up.cfg.hedge
-        hedged = hedging and hedge is not None and hedgeable(request)
+        hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain:
                 armed.engine = engine  # the async transport's shortcut may skip all of this
@@ -354,11 +357,15 @@ def _spawner(
     """A maker of hedge loops for one call (module level: mypyc compiles no closure in
     a method of a class it leaves interpreted-style)."""
     url = request.url
+    own_sni = request.extensions.get(SNI_EXTENSION)  # the caller's, before the first loop's
 
     def spawn() -> Steps:
         # Copied when needed (most calls never hedge), from what the first loop
-        # leaves intact: its own stamps are taken off again by the hedge's loop.
+        # leaves intact: its own stamps are taken off again by the hedge's loop, and the
+        # TLS name it set for its instance is the hedge loop's to set for its own.
         again = copy_request(request, url)
+        if own_sni is None:
+            again.extensions.pop(SNI_EXTENSION, None)
         start = engine.clock.monotonic()
         return attempts(call, engine, up, again, False, observer, start, local, race, True)
 
@@ -508,9 +515,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 ctx._decisions.append(decision)
             else:
                 ctx.decisions.append(decision)
-            token = None if observer is None else _observe_start(observer, ctx, request, 1)
+            if observer is None:
+                token = saved = None
+            else:  # (the headers before it injects trace context: `restore`)
+                saved = snapshot(request.headers)
+                token = _observe_start(observer, ctx, request, 1)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
-            unstamp(request.headers, None)
+            unstamp(request.headers, None)  # (nothing injected: it is the try's last step)
             if own and observer is not None:
                 _call_end(observer, ctx)
             raise
@@ -520,7 +531,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay),
+                 can_replay, saved),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
         status = response.status_code
@@ -528,7 +539,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay),
+                 can_replay, saved),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
@@ -538,7 +549,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
         if observer is not None:
             _observe_end(observer, token, response, None)
-        unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
+            restore(request.headers, None, saved)  # (and what the observer injected)
+        else:
+            unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -672,8 +685,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     await engine.clock.sleep(effect[1])
                 elif kind == CLOSE:
                     value = None
-                    with anyio.CancelScope(shield=True):  # a cancelled loser closes too
-                        await effect[1].aclose()
+                    if len(effect) > 2 and effect[2]:  # (refused: read short, then closed)
+                        await _spend(effect[1])
+                    else:
+                        with anyio.CancelScope(shield=True):  # a cancelled loser closes too
+                            await effect[1].aclose()
                 elif kind == REFUND:  # a retry not sent (cancelled, mostly): shielded too
                     value = None
                     with anyio.CancelScope(shield=True):
@@ -824,6 +840,14 @@ def _spend_sync(response: httpx.Response) -> None:
         raise gone
 
 
+def _close_sync(response: httpx.Response, spend: bool = False) -> None:
+    """The CLOSE effect: a response we will not hand back (read short first with `spend`)."""
+    if spend:
+        _spend_sync(response)
+    else:
+        response.close()
+
+
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
@@ -871,7 +895,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             GATE: gate_op,
             RECORD: record_op,
             SLEEP: wait,
-            CLOSE: httpx.Response.close,
+            CLOSE: _close_sync,
             REFUND: refund_op,
         }
         while (effect := step.next()) is not None:

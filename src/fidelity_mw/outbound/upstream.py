@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -12,7 +13,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import Stamps, advertised_ms, first_stamps, literal_peer_trusted
+from .wire import Stamps, advertised_ms, first_stamps, in_system, literal_peer_trusted
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -30,6 +31,14 @@ def resolved_problem(urls: Sequence[str]) -> str | None:
     except TypeError as exc:  # unhashable items
         return f"expected a list of base URLs ({exc})"
     return problem
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 _MAX_INSTANCES: Final = 256
@@ -59,6 +68,7 @@ class Instance:
         "port",
         "scheme",
         "seen_at",
+        "sni",
         "trusted",
         "url",
     )
@@ -72,6 +82,9 @@ class Instance:
         self.key = self.host if self.port is None else f"{self.host}:{self.port}"
         self.breaker_key = "upstream:" + self.key
         self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
+        # HTTPS to an address: TLS names the service (SNI, and the certificate is verified
+        # against its name), not the address (`loop.attempts` sets `sni_hostname`).
+        self.sni = self.scheme == "https" and _is_address(self.host)
         self.outstanding = 0
         self.latency_s = 0.0
         self.latency_at = 0.0
@@ -123,8 +136,10 @@ class Upstream:
         "proxied",
         "resolved",
         "retry",
+        "retry_methods",
         "retry_statuses",
         "service_paused_until",
+        "speaks",
         "timeout_header",
         "timeouts",
         "trusted",
@@ -148,8 +163,9 @@ class Upstream:
         # Per-call work done once: a first attempt's headers (when the deadline leaves
         # the whole attempt timeout), and the attempt's timeouts for the last request
         # timeouts seen (a client sends equal ones with every request).
-        self.first_stamps = first_stamps(self.timeout_header)
         self.timeouts: TimeoutsSeen | None = None
+        self.speaks = False  # are our protocol headers sent to it (`_speak`)
+        self.first_stamps: Stamps = ()
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
         self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
@@ -166,6 +182,8 @@ class Upstream:
         if cfg.retry.on_429:
             retry_statuses.add(429)
         self.retry_statuses: frozenset[int] = frozenset(retry_statuses)
+        # The methods retried without an Idempotency-Key (`[upstream.retry] methods`).
+        self.retry_methods: frozenset[str] = frozenset(cfg.retry.methods)
         self.paused_until = 0.0
         # A service's own pause (`retry_after_scope = "service"`): every instance's, those
         # named later too (`paused_until` is never below it)
@@ -179,8 +197,29 @@ class Upstream:
         self.last_answer: tuple[object, ...] = ()
         self.instances: list[Instance] | None = None
         self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
+        self._speak(engine)
         if cfg.instances:
             self.set_instances(engine, cfg.instances)
+
+    def _speak(self, engine: Engine) -> None:
+        """Decide, once per upstream (and per naming of a service's instances), whether
+        attempts carry our protocol headers (`x-fidelity-attempt`, `x-request-timeout-ms`):
+        they are our cross-service protocol, spoken with hosts that are part of the
+        system only (`protocol_headers`: `auto` judges by the address or name, see
+        `wire.in_system`; a service, by all of its instances), never with a third party."""
+        mode = self.cfg.protocol_headers
+        if mode == "auto":
+            nets = engine.trusted_peers
+            if self.instances is None:
+                speaks = in_system(self.host, nets)
+            else:
+                speaks = all(in_system(i.host, nets) for i in self.instances)
+        else:
+            speaks = mode == "always"
+        if speaks != self.speaks or (speaks and not self.first_stamps):
+            self.speaks = speaks
+            self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
+            self.timeouts = None  # (its cached first-attempt headers were for the other)
 
     def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:
         """(Re)name the service's instances; instances that stay keep what was seen of them."""
@@ -191,6 +230,7 @@ class Upstream:
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
+        self._speak(engine)
         self._service_pause()
         # A service's budget is one for all its instances: the logical host's (the default).
 

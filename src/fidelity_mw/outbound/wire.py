@@ -98,7 +98,8 @@ def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     raw.append((TIMEOUT_HEADER, TIMEOUT_HEADER, timeout_ms))
 
 
-Stamps = tuple[tuple[bytes, bytes, bytes], tuple[bytes, bytes, bytes]]
+# A first attempt's two headers; empty for an upstream that is not told them (`Upstream.speaks`).
+Stamps = tuple[tuple[bytes, bytes, bytes], ...]
 
 
 def first_stamps(timeout_ms: bytes) -> Stamps:
@@ -113,7 +114,7 @@ def stamp_first(headers: httpx.Headers, stamps: Stamps) -> None:
     """`stamp(headers, 1, ...)` with the upstream's prebuilt headers (`first_stamps`)."""
     if FAST_HEADERS:
         headers._list += stamps
-    else:
+    elif stamps:
         stamp(headers, 1, stamps[1][2])
 
 
@@ -128,6 +129,27 @@ def unstamp(headers: httpx.Headers, prior: list[tuple[bytes, bytes, bytes]] | No
         raw[:] = [it for it in raw if it[1] is not ATTEMPT_HEADER and it[1] is not TIMEOUT_HEADER]
     if prior:
         raw.extend(prior)
+
+
+def snapshot(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The request's headers as they are before an attempt observer runs (it may inject
+    trace context: `traceparent`, `tracestate`, `baggage`), for `restore`; ours may be
+    on them already (`restore` takes them off)."""
+    return list(headers._list) if FAST_HEADERS else None
+
+
+def restore(
+    headers: httpx.Headers,
+    prior: list[tuple[bytes, bytes, bytes]] | None,
+    saved: list[tuple[bytes, bytes, bytes]] | None,
+) -> None:
+    """The call is over: the request's headers as the caller built them. `unstamp`, or,
+    when an observer ran (`saved`), the headers as they were before it: a trace context
+    it injected for our attempt's span is not left on the request (sent again, it would
+    carry a span that has ended; the caller would read our span in its own request)."""
+    if saved is not None:
+        headers._list[:] = saved  # (taken before our headers, or after: taken off below)
+    unstamp(headers, prior)
 
 
 try:  # httpx's multipart body: private, so looked for rather than relied on
@@ -244,6 +266,27 @@ def literal_peer_trusted(host: str, nets: tuple[Network, ...]) -> bool | None:
     except ValueError:
         return None
     return in_networks(host, nets)
+
+
+# Names that cannot be on the public internet: special-use and private-use names (RFC
+# 6761 `.localhost`, RFC 6762 `.local` and its Appendix G list, RFC 8375 `.home.arpa`,
+# ICANN's `.internal`) and Kubernetes' `.svc`. A single label (`payments`) is one too.
+_PRIVATE_SUFFIXES: Final = (
+    ".internal", ".local", ".localhost", ".home.arpa", ".svc", ".lan", ".home", ".corp",
+    ".intranet", ".private",
+)  # fmt: skip
+
+
+def in_system(host: str, nets: tuple[Network, ...]) -> bool:
+    """Is `host` part of the system, as far as its name says before any connection (who
+    hears our protocol headers, `protocol_headers = "auto"`)? An IP literal or `localhost`
+    inside `trusted_peers` (as for believing its reply); a DNS name with one label or under
+    a name that cannot be on the public internet (`_PRIVATE_SUFFIXES`)."""
+    literal = literal_peer_trusted(host, nets)
+    if literal is not None:
+        return literal
+    name = host.lower().rstrip(".")
+    return bool(name) and ("." not in name or name.endswith(_PRIVATE_SUFFIXES))
 
 
 def connected_peer_trusted(response: httpx.Response, nets: tuple[Network, ...]) -> bool:

@@ -978,6 +978,19 @@ class RouteConfig(_Validated):
 
 
 _RETRY_MAX_MS_DEFAULT = 2_000
+# RFC 9110's idempotent methods: retried by default (`[upstream.retry] methods`).
+RETRY_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+
+
+def _retry_methods(value: Any) -> str | None:
+    """`[upstream.retry] methods`: HTTP methods, or an empty list (then only requests
+    with an `Idempotency-Key` are retried)."""
+    if not isinstance(value, tuple | list):
+        return 'expected a list of HTTP methods, e.g. ["GET", "PUT", "POST"]'
+    for item in value:
+        if not isinstance(item, str) or item.upper() not in HTTP_METHODS:
+            return f"{_toml(item)} is not an HTTP method: allowed {', '.join(HTTP_METHODS)}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -999,9 +1012,14 @@ class RetryConfig(_Validated):
     on_connect_error: bool = _spec(True, boolean)
     on_read_timeout: bool = _spec(True, boolean)
     on_429: bool = _spec(True, boolean)
+    # The methods retried (a request with an Idempotency-Key is, whatever its method).
+    methods: tuple[str, ...] = _spec(RETRY_METHODS, _retry_methods)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_status", _statuses_from(self.on_status))
+        if _retry_methods(self.methods) is None:
+            unique = dict.fromkeys(m.upper() for m in self.methods)
+            object.__setattr__(self, "methods", tuple(unique))
         _validate(self)
 
     def _cross_checks(self) -> list[PolicyIssue]:
@@ -1019,6 +1037,7 @@ class RetryConfig(_Validated):
 
 HEDGE_DELAYS = ("fixed", "p95")
 RETRY_AFTER_SCOPES = ("instance", "service")
+PROTOCOL_HEADER_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1047,6 +1066,11 @@ class UpstreamConfig(_Validated):
         "instance", one_of(RETRY_AFTER_SCOPES)
     )
     hedge: HedgeConfig | None = _spec(None, optional(_instance(HedgeConfig)))
+    # Our cross-service headers (x-fidelity-attempt, x-request-timeout-ms): "auto" sends
+    # them to hosts that are part of the system (docs/outbound.md), the others force it.
+    protocol_headers: Literal["auto", "always", "never"] = _spec(
+        "auto", one_of(PROTOCOL_HEADER_MODES)
+    )
 
 
 DEFAULT_TRUSTED_PEERS = (

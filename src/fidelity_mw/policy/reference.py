@@ -332,6 +332,11 @@ DESCRIPTIONS: dict[str, str] = {
     "after its backoff); `service`, every instance (a quota shared behind a gateway or "
     "on shared state: waited before the retry, and a 429's pauses the whole service, as "
     "for a plain host).",
+    "upstream.protocol_headers": "Whether attempts carry fidelity_mw's own headers "
+    "(`x-fidelity-attempt`, `x-request-timeout-ms`): `auto`, to hosts that are part of the "
+    "system (an address in `trusted_peers`, a name that cannot be on the public internet: "
+    "one label, `.internal`, `.local`, `.svc` ..., a service whose instances all are); "
+    "`always` (an internal service under a public-looking name); `never`.",
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
     "observed attempt latency p95 (a window of recent attempts in this process), "
@@ -341,6 +346,11 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.hedge.min_samples": "`p95`: latency samples needed before the p95 is used.",
     # [upstream.retry]
     "upstream.retry.attempts": "Attempts in total, the first included (hard cap 10).",
+    "upstream.retry.methods": "The methods retried: RFC 9110's idempotent ones by default. "
+    "A request with an `Idempotency-Key` is retried whatever its method. Add `POST` (or "
+    "`PATCH`) only for an upstream that acts once per request however often it is sent "
+    "(`fidelity-mw check` warns otherwise); a method not idempotent is never hedged. "
+    "`[]`: only requests with an `Idempotency-Key`.",
     "upstream.retry.base_ms": "Backoff base: the envelope of retry n is "
     "min(max_ms, base_ms * 2^n).",
     "upstream.retry.max_ms": "Backoff cap. Not below `base_ms`.",
@@ -426,6 +436,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_header_names": "non-empty list of header names",
         "_header_name": "a header name",
         "_methods": "HTTP methods (GET, POST, ...)",
+        "_retry_methods": "HTTP methods (GET, POST, ...), or `[]`",
         "_statuses": 'status codes 100 .. 599 or classes such as `"5xx"`',
         "_globs": "path globs, each as for `match`",
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..decide.retry import IDEMPOTENT_METHODS
 from ..errors import PolicyError
 from ..policy import BreakerConfig, ConcurrencyConfig, Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
@@ -104,6 +105,8 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     result.warnings.extend(_capped_open_times(name, lines, policy))
     result.warnings.extend(_wide_ipv6_prefixes(name, lines, policy))
+    result.warnings.extend(_retried_not_idempotent(name, lines, policy))
+    result.warnings.extend(_protocol_everywhere(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -181,6 +184,50 @@ def _capped_open_times(name: str, lines: KeyLines, policy: Policy) -> list[Findi
                 f"{cfg.open_min_s:g} s is above open_s ({cfg.open_s:g} s): the breaker stays "
                 f"open {cfg.open_s:g} s, the cap (set open_s too, for a fixed open time the "
                 "same value)"
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _retried_not_idempotent(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """`[upstream.retry] methods` naming a method that is not idempotent (POST, PATCH,
+    CONNECT): such a request is then retried without an Idempotency-Key, after a read
+    timeout or a 5xx too, when the upstream may have acted already. Fine for an upstream
+    that acts once per request however often it is sent; said so it is a choice. Not said
+    when only failures before anything was sent are retried (connect errors, a 429)."""
+    out: list[Finding] = []
+    for i, up in enumerate(policy.upstreams):
+        retry = up.retry
+        risky = [m for m in retry.methods if m not in IDEMPOTENT_METHODS]
+        if not risky or not (retry.on_read_timeout or retry.on_status):
+            continue
+        after = (["read timeouts"] if retry.on_read_timeout else []) + (
+            [f"status {', '.join(str(c) for c in sorted(retry.on_status))}"]
+            if retry.on_status
+            else []
+        )
+        path = f"upstream[{i}].retry.methods"
+        message = (
+            f"{', '.join(risky)} retried without an Idempotency-Key on {up.host} after "
+            f"{' and '.join(after)}, when the upstream may have acted already: a retry acts "
+            "again unless the upstream deduplicates (send an Idempotency-Key instead, or "
+            "keep on_read_timeout = false and on_status = [] for these calls)"
+        )
+        out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _protocol_everywhere(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """`protocol_headers = "always"` on the default entry (`host = "*"`): our headers go
+    to every host then, third parties included, which is what `auto` keeps them from."""
+    out: list[Finding] = []
+    for i, up in enumerate(policy.upstreams):
+        if up.host == "*" and up.protocol_headers == "always":
+            path = f"upstream[{i}].protocol_headers"
+            message = (
+                "x-fidelity-attempt and x-request-timeout-ms go to every host, third parties "
+                "included: set it on the entries of your own services instead (a host glob "
+                'such as "*.prod.example.net")'
             )
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out

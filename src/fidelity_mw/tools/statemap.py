@@ -40,7 +40,7 @@ from ..policy import (
     RouteConfig,
     UpstreamConfig,
 )
-from ..policy.model import glob_matches, names_head, redact_url, shown_methods
+from ..policy.model import RETRY_METHODS, glob_matches, names_head, redact_url, shown_methods
 
 # ---------------------------------------------------------------- the model
 
@@ -310,10 +310,17 @@ def _retry_data(r: RetryConfig) -> str:
         on.append("429 (after its Retry-After)")
     return (
         f"{_count(r.attempts, 'attempt')} total, {_waits(r)}, "
-        f"idempotent methods or requests with an Idempotency-Key only, on {', '.join(on)}; "
+        f"{_retried_methods(r.methods)} or requests with an Idempotency-Key only, "
+        f"on {', '.join(on)}; "
         f"Retry-After honoured up to "
         f"{r.retry_after_max_s:g} s, never past the deadline"
     )
+
+
+def _retried_methods(methods: tuple[str, ...]) -> str:
+    if set(methods) == set(RETRY_METHODS):
+        return "idempotent methods"
+    return f"{', '.join(methods)} requests" if methods else "no method:"
 
 
 def layers_for(policy: Policy) -> list[Layer]:
