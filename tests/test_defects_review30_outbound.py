@@ -117,6 +117,73 @@ async def test_protocol_headers_can_be_forced_per_upstream(mode: str, url: str, 
     assert [_told(h) for h in upstream.headers] == [told, told]
 
 
+class Noted:
+    """An ASGI upstream that notes every request's headers; 503 first, then 200."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[bytes, bytes]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.headers.append(dict(scope["headers"]))
+        status = 503 if len(self.headers) == 1 else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture
+def acme_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`payments.prod.acme.net` resolves to 127.0.0.1 (an internal service under a
+    public-looking name, as a company's own DNS names it)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # (anyio asks with the name IDNA-encoded, as bytes)
+        ours = host in ("payments.prod.acme.net", b"payments.prod.acme.net")
+        return real("127.0.0.1" if ours else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_a_public_looking_name_of_ours_is_told_once_its_first_answer_came_from_our_network(
+    acme_is_loopback: None, trusted: bool
+) -> None:
+    """`auto` judged a DNS name by its name alone, so an internal service under a company
+    name (`payments.prod.acme.net`) never heard our deadline again after upgrading. Its
+    first answer's address, inside `trusted_peers`, now makes it one of ours: that call's
+    retry and every later call carry our headers. Outside them it stays a stranger."""
+    upstream = Noted()
+    peers = ("127.0.0.0/8",) if trusted else ()
+    policy = Policy(upstreams=(UpstreamConfig(retry=RETRY, breaker=None),), trusted_peers=peers)
+    with LoopbackServer(upstream) as server:
+        transport = FidelityTransport(policy=policy, telemetry=False)
+        url = f"http://payments.prod.acme.net:{server.port}/"
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(url)).status_code == 200  # 503, retried
+            assert (await client.get(url)).status_code == 200
+    told = [b"x-fidelity-attempt" in h for h in upstream.headers]
+    assert told == ([False, True, True] if trusted else [False, False, False])
+    if trusted:
+        assert upstream.headers[1][b"x-fidelity-attempt"] == b"2"
+        assert upstream.headers[2][b"x-fidelity-attempt"] == b"1"
+
+
+def test_the_sync_transport_learns_a_name_of_ours_too(acme_is_loopback: None) -> None:
+    upstream = Noted()
+    policy = Policy(upstreams=(UpstreamConfig(retry=RETRY, breaker=None),))
+    with LoopbackServer(upstream) as server:
+        transport = FidelitySyncTransport(policy=policy, telemetry=False)
+        with httpx.Client(transport=transport) as client:
+            url = f"http://payments.prod.acme.net:{server.port}/"
+            for _ in range(2):
+                assert client.get(url).status_code == 200
+    assert [b"x-fidelity-attempt" in h for h in upstream.headers] == [False, True, True]
+
+
 def test_check_warns_of_protocol_headers_always_for_every_host(tmp_path: Any) -> None:
     from fidelity_mw.tools.check import check_file
 

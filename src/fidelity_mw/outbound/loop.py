@@ -216,6 +216,8 @@ class First(NamedTuple):
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
         ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self
+        if up.listening:  # (a name the rule could not place: its first answer's address)
+            up.heard(response, ctx.engine)
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             return None
@@ -497,6 +499,9 @@ def attempts(
                     observe_end(observer, token, None, thrown)
                     raise thrown
                 error = thrown
+            elif up.listening:
+                assert response is not None
+                up.heard(response, engine)
             ended = clock.monotonic()
             if up.window is not None:
                 up.window.add(ended - now)

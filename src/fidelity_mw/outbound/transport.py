@@ -534,6 +534,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                  can_replay, saved),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
+        if up.listening:  # (a name the rule could not place: its first answer's address)
+            up.heard(response, engine)
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
             first = _new_tuple(

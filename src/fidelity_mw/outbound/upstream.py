@@ -13,7 +13,14 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
-from .wire import Stamps, advertised_ms, first_stamps, in_system, literal_peer_trusted
+from .wire import (
+    Stamps,
+    advertised_ms,
+    connected_peer_trusted,
+    first_stamps,
+    in_system,
+    literal_peer_trusted,
+)
 
 # A resolver names the instance base URLs of a logical host, or None when the
 # host is not a service it knows (then the policy's `instances`, if any, apply).
@@ -130,6 +137,7 @@ class Upstream:
         "instances",
         "key",
         "last_answer",
+        "listening",
         "paused_until",
         "plain",
         "policy",
@@ -165,6 +173,8 @@ class Upstream:
         # timeouts seen (a client sends equal ones with every request).
         self.timeouts: TimeoutsSeen | None = None
         self.speaks = False  # are our protocol headers sent to it (`_speak`)
+        # Judging it by the address its first answer came from (`heard`)?
+        self.listening = False
         self.first_stamps: Stamps = ()
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
@@ -216,10 +226,27 @@ class Upstream:
                 speaks = all(in_system(i.host, nets) for i in self.instances)
         else:
             speaks = mode == "always"
+        # A DNS name the rule cannot place (`payments.prod.acme.net`) may still resolve to
+        # one of ours: its first answer's address decides (`heard`).
+        self.listening = not speaks and mode == "auto" and self.instances is None
+        self._set_speaks(speaks)
+
+    def _set_speaks(self, speaks: bool) -> None:
         if speaks != self.speaks or (speaks and not self.first_stamps):
             self.speaks = speaks
             self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
             self.timeouts = None  # (its cached first-attempt headers were for the other)
+
+    def heard(self, response: httpx.Response, engine: Engine) -> None:
+        """A host under a name that may be a third party's, first answered: judged once by
+        the address the connection reached, the test that believes its replies
+        (`connected_peer_trusted`). Inside `trusted_peers`, it is one of ours after all,
+        and its next attempts carry our headers (a call's own retry included); not
+        through a proxy, whose address says nothing of the host's. A transport that
+        shows no address (a mock) leaves it a stranger."""
+        self.listening = False
+        if not self.proxied and connected_peer_trusted(response, engine.trusted_peers):
+            self._set_speaks(True)
 
     def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:
         """(Re)name the service's instances; instances that stay keep what was seen of them."""

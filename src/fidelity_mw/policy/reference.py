@@ -335,8 +335,9 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.protocol_headers": "Whether attempts carry fidelity_mw's own headers "
     "(`x-fidelity-attempt`, `x-request-timeout-ms`): `auto`, to hosts that are part of the "
     "system (an address in `trusted_peers`, a name that cannot be on the public internet: "
-    "one label, `.internal`, `.local`, `.svc` ..., a service whose instances all are); "
-    "`always` (an internal service under a public-looking name); `never`.",
+    "one label, `.internal`, `.local`, `.svc` ..., a service whose instances all are; any "
+    "other name once its first answer came from an address in `trusted_peers`); `always` "
+    "(from the first attempt on, through a proxy too); `never`.",
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
     "observed attempt latency p95 (a window of recent attempts in this process), "
