@@ -163,6 +163,10 @@ class Fleet:
         argv = [sys.executable, "-m", "uvicorn", "fleet_app:app", "--app-dir", str(self.workdir)]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         argv += ["--no-access-log", "--lifespan", "off"]
+        # The test's keep-alive connections may idle for seconds while a starved member
+        # answers on a busy machine: past uvicorn's 5 s default the member closed one and
+        # the next request on it read EOF (a compiled run beside two helpers, once).
+        argv += ["--timeout-keep-alive", "60"]
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stats(self) -> list[dict]:  # type: ignore[type-arg]
