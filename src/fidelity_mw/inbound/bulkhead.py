@@ -209,6 +209,7 @@ class Bulkheads:
                 # A release handed us the slot just as we gave up: give it back.
                 self._wake(limiter, limiter.give_back())
             if isinstance(exc, asyncio.CancelledError):
+                listener.stopped = True  # (the request is cancelled: its read with it)
                 raise
             if isinstance(exc, ClientDisconnect):
                 self._gone(ctx, plan, priority, limiter, self.monotonic())
@@ -221,7 +222,7 @@ class Bulkheads:
             return refused_now, listener.receive_now()
         finally:
             if not listening.done():
-                listening.cancel()
+                listener.hand_over(listening)
             if timer is not None:
                 timer.cancel()
         now = self.monotonic()
@@ -389,13 +390,17 @@ class ClientListener:
     a body in several messages is not read past its first (the app reads the rest, and
     memory holds one message per queued request at most)."""
 
-    __slots__ = ("failed", "gone", "read", "receive")
+    __slots__ = ("failed", "gone", "pending", "read", "receive", "stopped")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.read: deque[Message] = deque()
         self.gone = False
         self.failed: Exception | None = None
+        # the wait ended: no read after the one under way (`hand_over`)
+        self.stopped = False
+        # a read under way when the wait ended: the app's next `receive` awaits it
+        self.pending: asyncio.Future[None] | None = None
 
     async def listen(self, expects_continue: bool = False) -> None:
         if expects_continue:
@@ -413,15 +418,33 @@ class ClientListener:
             if kind == "http.disconnect":
                 self.gone = True
                 return
-            if kind != "http.request" or message.get("more_body", False):
+            if kind != "http.request" or message.get("more_body", False) or self.stopped:
                 return
+
+    def hand_over(self, listening: asyncio.Future[None]) -> None:
+        """The wait ended while `listening` reads. After the whole body it only waits for
+        the client to leave: cancelled, nothing is lost (a server says so again). A read
+        of the body is not cancelled: a server's `receive` need not survive a cancel
+        (httpx's ASGITransport reads a streaming upload from a generator a cancel leaves
+        broken); the app's next `receive` awaits it (`replay`)."""
+        if self.read or self.stopped:
+            listening.cancel()
+        else:
+            self.stopped = True
+            self.pending = listening
 
     def receive_now(self) -> Receive:
         """The `receive` for what comes next (the app, a rejection hook that reads the
         body): what it read first, then the server's."""
-        return self.replay if self.read or self.failed is not None else self.receive
+        if self.read or self.failed is not None or self.pending is not None:
+            return self.replay
+        return self.receive
 
     async def replay(self) -> Message:
+        pending = self.pending
+        if pending is not None and not self.read:
+            self.pending = None
+            await pending  # (the read under way when the wait ended; it never raises)
         if self.read:
             return self.read.popleft()
         failed = self.failed

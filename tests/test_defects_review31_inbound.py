@@ -1,0 +1,90 @@
+"""Review 31: the inbound work of inb30 and rev30c, as a demanding user would drive it.
+
+1. A queued request is listened to while it waits (rev30c): the listener's read of the
+   request was cancelled when the wait ended. A server's `receive` need not survive a
+   cancel (ASGI promises nothing of the kind): httpx's ASGITransport reads a streaming
+   upload from an async generator, and a read cancelled mid-way left that generator
+   "already running", so the app's own read of the body failed (a 500). A read under way
+   when the wait ends is handed to the app instead (its next `receive` awaits it); only
+   the read for the client leaving, after the whole body, is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.policy import ConcurrencyConfig
+
+pytestmark = pytest.mark.anyio
+
+
+def _queued_service(queue_timeout_ms: int = 30_000) -> tuple[Any, asyncio.Event, list[bytes]]:
+    gate = asyncio.Event()
+    bodies: list[bytes] = []
+
+    async def work(request: Request) -> Response:
+        if request.query_params.get("hold"):
+            await gate.wait()
+        body = await request.body()
+        bodies.append(body)
+        return PlainTextResponse(f"{len(body)}:{body.decode()}")
+
+    app = Starlette(routes=[Route("/w", work, methods=["GET", "POST"])])
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=queue_timeout_ms),
+    )
+    return FidelityMiddleware(app, policy=policy, telemetry=False), gate, bodies
+
+
+async def test_a_streaming_upload_read_while_queued_reaches_the_app_whole() -> None:
+    """The slot comes while the listener waits for the upload's first chunk: the app
+    still reads the whole body (the read under way is handed over, not cancelled)."""
+    mw, gate, bodies = _queued_service()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=mw), base_url="http://svc"
+    ) as client:
+        held = asyncio.create_task(client.get("/w?hold=1"))
+        limiter = None
+        for _ in range(100):
+            await asyncio.sleep(0)
+            limiter = mw.engine.bulkheads.get("/w")
+            if limiter is not None and limiter.in_flight == 1:
+                break
+        assert limiter is not None
+        sent = asyncio.Event()
+        first = asyncio.Event()
+
+        async def upload() -> AsyncIterator[bytes]:
+            sent.set()
+            await first.wait()  # the first chunk comes after the slot is free
+            yield b"hello "
+            yield b"world"
+
+        posted = asyncio.create_task(client.post("/w", content=upload()))
+        await sent.wait()
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if limiter.waiting == 1:
+                break
+        assert limiter.waiting == 1
+        gate.set()  # the held request ends; the queued one takes its slot
+        assert (await held).status_code == 200
+        for _ in range(20):
+            await asyncio.sleep(0)
+        first.set()
+        answer = await posted
+        assert answer.status_code == 200, answer.text
+        assert answer.text == "11:hello world"
+        assert bodies == [b"", b"hello world"]
+        assert limiter.in_flight == 0
