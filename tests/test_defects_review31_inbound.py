@@ -6,7 +6,8 @@
    upload from an async generator, and a read cancelled mid-way left that generator
    "already running", so the app's own read of the body failed (a 500). A read under way
    when the wait ends is handed to the app instead (its next `receive` awaits it); only
-   the read for the client leaving, after the whole body, is cancelled.
+   the read for the client leaving, after the whole body, is cancelled. An app read that
+   gives up (Starlette's `is_disconnected`) leaves that read under way, shielded.
 """
 
 from __future__ import annotations
@@ -87,4 +88,55 @@ async def test_a_streaming_upload_read_while_queued_reaches_the_app_whole() -> N
         assert answer.status_code == 200, answer.text
         assert answer.text == "11:hello world"
         assert bodies == [b"", b"hello world"]
+        assert limiter.in_flight == 0
+
+
+async def test_an_app_that_asks_whether_its_client_left_still_reads_the_whole_upload() -> None:
+    """Starlette's `Request.is_disconnected` reads and gives up at once when nothing is
+    there. The read it gave up was the one under way when the queue wait ended: it is
+    left under way (shielded), and the app's body read gets it."""
+    gate = asyncio.Event()
+
+    async def work(request: Request) -> Response:
+        if request.query_params.get("hold"):
+            await gate.wait()
+            return PlainTextResponse("held")
+        assert not await request.is_disconnected()
+        body = await request.body()
+        return PlainTextResponse(body.decode())
+
+    app = Starlette(routes=[Route("/w", work, methods=["GET", "POST"])])
+    policy = Policy(
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=1, max_queue=4, queue_timeout_ms=30_000),
+    )
+    mw = FidelityMiddleware(app, policy=policy, telemetry=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=mw), base_url="http://svc"
+    ) as client:
+        held = asyncio.create_task(client.get("/w?hold=1"))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if "/w" in mw.engine.bulkheads and mw.engine.bulkheads["/w"].in_flight == 1:
+                break
+        limiter = mw.engine.bulkheads["/w"]
+        first = asyncio.Event()
+
+        async def upload() -> AsyncIterator[bytes]:
+            await first.wait()
+            yield b"late body"
+
+        posted = asyncio.create_task(client.post("/w", content=upload()))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if limiter.waiting == 1:
+                break
+        assert limiter.waiting == 1
+        gate.set()
+        assert (await held).text == "held"
+        for _ in range(20):
+            await asyncio.sleep(0)
+        first.set()
+        answer = await posted
+        assert (answer.status_code, answer.text) == (200, "late body")
         assert limiter.in_flight == 0

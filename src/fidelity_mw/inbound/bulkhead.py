@@ -443,8 +443,11 @@ class ClientListener:
     async def replay(self) -> Message:
         pending = self.pending
         if pending is not None and not self.read:
+            # The read under way when the wait ended (it never raises). Shielded: an app
+            # that gives up its read (Starlette's `is_disconnected` does at once) leaves
+            # it under way, for its next read, as the server's own would be.
+            await asyncio.shield(pending)
             self.pending = None
-            await pending  # (the read under way when the wait ended; it never raises)
         if self.read:
             return self.read.popleft()
         failed = self.failed
