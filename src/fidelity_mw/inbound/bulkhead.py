@@ -181,7 +181,9 @@ class Bulkheads:
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
             return None, receive
         listener = ClientListener(receive)
-        listening = loop.create_task(listener.listen(scope is not None and _expects(scope)))
+        listening = listener.task = loop.create_task(
+            listener.listen(scope is not None and _expects(scope))
+        )
         waiting: set[asyncio.Future[Any]] = {slot, listening}
         timer: TimerHandle | None = None
         if self.call_later is not None:
@@ -221,8 +223,7 @@ class Bulkheads:
             )
             return refused_now, listener.receive_now()
         finally:
-            if not listening.done():
-                listener.hand_over(listening)
+            listener.hand_over()  # (done already where a refusal took `receive_now`)
             if timer is not None:
                 timer.cancel()
         now = self.monotonic()
@@ -390,7 +391,7 @@ class ClientListener:
     a body in several messages is not read past its first (the app reads the rest, and
     memory holds one message per queued request at most)."""
 
-    __slots__ = ("failed", "gone", "pending", "read", "receive", "stopped")
+    __slots__ = ("failed", "gone", "pending", "read", "receive", "stopped", "task")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
@@ -401,6 +402,7 @@ class ClientListener:
         self.stopped = False
         # a read under way when the wait ended: the app's next `receive` awaits it
         self.pending: asyncio.Future[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # the one that listens (`listen`)
 
     async def listen(self, expects_continue: bool = False) -> None:
         if expects_continue:
@@ -421,12 +423,15 @@ class ClientListener:
             if kind != "http.request" or message.get("more_body", False) or self.stopped:
                 return
 
-    def hand_over(self, listening: asyncio.Future[None]) -> None:
-        """The wait ended while `listening` reads. After the whole body it only waits for
-        the client to leave: cancelled, nothing is lost (a server says so again). A read
-        of the body is not cancelled: a server's `receive` need not survive a cancel
-        (httpx's ASGITransport reads a streaming upload from a generator a cancel leaves
-        broken); the app's next `receive` awaits it (`replay`)."""
+    def hand_over(self) -> None:
+        """The wait ended; the listener may still read. After the whole body it only
+        waits for the client to leave: cancelled, nothing is lost (a server says so
+        again). A read of the body is not cancelled: a server's `receive` need not
+        survive a cancel (httpx's ASGITransport reads a streaming upload from a
+        generator a cancel leaves broken); the next `receive` awaits it (`replay`)."""
+        listening = self.task
+        if listening is None or listening.done() or listening is self.pending:
+            return
         if self.read or self.stopped:
             listening.cancel()
         else:
@@ -435,7 +440,9 @@ class ClientListener:
 
     def receive_now(self) -> Receive:
         """The `receive` for what comes next (the app, a rejection hook that reads the
-        body): what it read first, then the server's."""
+        body): what it read first, then the server's. (The wait is over: never both the
+        listener's read and the server's at once.)"""
+        self.hand_over()
         if self.read or self.failed is not None or self.pending is not None:
             return self.replay
         return self.receive
