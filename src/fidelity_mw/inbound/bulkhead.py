@@ -181,7 +181,9 @@ class Bulkheads:
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
             return None, receive
         listener = ClientListener(receive)
-        listening = loop.create_task(listener.listen(scope is not None and _expects(scope)))
+        listening = listener.task = loop.create_task(
+            listener.listen(scope is not None and _expects(scope))
+        )
         waiting: set[asyncio.Future[Any]] = {slot, listening}
         timer: TimerHandle | None = None
         if self.call_later is not None:
@@ -209,6 +211,7 @@ class Bulkheads:
                 # A release handed us the slot just as we gave up: give it back.
                 self._wake(limiter, limiter.give_back())
             if isinstance(exc, asyncio.CancelledError):
+                listener.stopped = True  # (the request is cancelled: its read with it)
                 raise
             if isinstance(exc, ClientDisconnect):
                 self._gone(ctx, plan, priority, limiter, self.monotonic())
@@ -220,8 +223,7 @@ class Bulkheads:
             )
             return refused_now, listener.receive_now()
         finally:
-            if not listening.done():
-                listening.cancel()
+            listener.hand_over()  # (done already where a refusal took `receive_now`)
             if timer is not None:
                 timer.cancel()
         now = self.monotonic()
@@ -389,13 +391,18 @@ class ClientListener:
     a body in several messages is not read past its first (the app reads the rest, and
     memory holds one message per queued request at most)."""
 
-    __slots__ = ("failed", "gone", "read", "receive")
+    __slots__ = ("failed", "gone", "pending", "read", "receive", "stopped", "task")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.read: deque[Message] = deque()
         self.gone = False
         self.failed: Exception | None = None
+        # the wait ended: no read after the one under way (`hand_over`)
+        self.stopped = False
+        # a read under way when the wait ended: the app's next `receive` awaits it
+        self.pending: asyncio.Future[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # the one that listens (`listen`)
 
     async def listen(self, expects_continue: bool = False) -> None:
         if expects_continue:
@@ -413,15 +420,41 @@ class ClientListener:
             if kind == "http.disconnect":
                 self.gone = True
                 return
-            if kind != "http.request" or message.get("more_body", False):
+            if kind != "http.request" or message.get("more_body", False) or self.stopped:
                 return
+
+    def hand_over(self) -> None:
+        """The wait ended; the listener may still read. After the whole body it only
+        waits for the client to leave: cancelled, nothing is lost (a server says so
+        again). A read of the body is not cancelled: a server's `receive` need not
+        survive a cancel (httpx's ASGITransport reads a streaming upload from a
+        generator a cancel leaves broken); the next `receive` awaits it (`replay`)."""
+        listening = self.task
+        if listening is None or listening.done() or listening is self.pending:
+            return
+        if self.read or self.stopped:
+            listening.cancel()
+        else:
+            self.stopped = True
+            self.pending = listening
 
     def receive_now(self) -> Receive:
         """The `receive` for what comes next (the app, a rejection hook that reads the
-        body): what it read first, then the server's."""
-        return self.replay if self.read or self.failed is not None else self.receive
+        body): what it read first, then the server's. (The wait is over: never both the
+        listener's read and the server's at once.)"""
+        self.hand_over()
+        if self.read or self.failed is not None or self.pending is not None:
+            return self.replay
+        return self.receive
 
     async def replay(self) -> Message:
+        pending = self.pending
+        if pending is not None and not self.read:
+            # The read under way when the wait ended (it never raises). Shielded: an app
+            # that gives up its read (Starlette's `is_disconnected` does at once) leaves
+            # it under way, for its next read, as the server's own would be.
+            await asyncio.shield(pending)
+            self.pending = None
         if self.read:
             return self.read.popleft()
         failed = self.failed
