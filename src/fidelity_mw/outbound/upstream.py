@@ -233,8 +233,10 @@ class Upstream:
 
     def _set_speaks(self, speaks: bool) -> None:
         if speaks != self.speaks or (speaks and not self.first_stamps):
-            self.speaks = speaks
+            # In this order: a call building its first attempt in another thread meanwhile
+            # (`loop.attempt_timeouts`) sees the new stamps, or its cache entry is cleared.
             self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
+            self.speaks = speaks
             self.timeouts = None  # (its cached first-attempt headers were for the other)
 
     def heard(self, response: httpx.Response, engine: Engine) -> None:

@@ -1,0 +1,150 @@
+"""The outbound transport after out30 and the lead's follow-up (`Upstream.heard`): what a
+demanding user would hit. Each test of a behaviour change failed before it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
+from fidelity_mw.engine import Engine
+from fidelity_mw.outbound.loop import attempt_timeouts
+from fidelity_mw.outbound.upstream import Upstream
+from fidelity_mw.policy import RetryConfig, UpstreamConfig
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2, budget_min_per_s=100.0)
+URL = "https://payments.prod.acme.net/"  # a name the rule cannot place
+
+
+class _Stream:
+    """A connection as httpx's own transports show it: the address it reached."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def get_extra_info(self, info: str) -> Any:
+        return (self.address, 443) if info == "server_addr" else None
+
+
+class Internal:
+    """An internal service under a public-looking name (its address in trusted_peers):
+    notes every attempt's raw headers, answers the statuses scripted."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.raw: list[list[tuple[bytes, bytes]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.raw.append(list(request.headers.raw))
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return httpx.Response(status, extensions={"network_stream": _Stream("10.0.0.7")})
+
+
+def _policy() -> Policy:
+    return Policy(
+        upstreams=(UpstreamConfig(retry=RETRY, breaker=None),), trusted_peers=("10.0.0.0/8",)
+    )
+
+
+def _named(raw: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in raw if key.lower() == name]
+
+
+# ---------------------------------------------------------------- a mid-call flip of `speaks`
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_a_callers_own_timeout_header_is_not_sent_twice_after_the_first_answer(
+    traced: bool,
+) -> None:
+    """The caller sets its own `x-request-timeout-ms`; the call's first answer (a 503)
+    comes from an address in trusted_peers, so the retry carries ours: the caller's was
+    not set aside (the call began speaking to a stranger), and the retry sent both, two
+    different deadlines for the next hop to choose from."""
+    upstream = Internal(503, 200)
+    if traced:  # (an observer: the headers are saved before it injects trace context)
+        from opentelemetry.sdk.trace import TracerProvider
+
+        more: dict[str, Any] = {"tracer_provider": TracerProvider()}
+    else:
+        more = {"telemetry": False}
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=_policy(), clock=FakeClock(), **more
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        request = client.build_request("GET", URL, headers={"x-request-timeout-ms": "777"})
+        assert (await client.send(request)).status_code == 200
+        # the request the caller gets back is the one it built
+        assert _named(list(request.headers.raw), b"x-request-timeout-ms") == [b"777"]
+        assert _named(list(request.headers.raw), b"x-fidelity-attempt") == []
+    first, retry = upstream.raw
+    assert _named(first, b"x-request-timeout-ms") == [b"777"]  # a stranger: the caller's
+    assert len(_named(retry, b"x-request-timeout-ms")) == 1  # ours now: only ours
+    assert _named(retry, b"x-fidelity-attempt") == [b"2"]
+
+
+def test_the_sync_transport_sends_a_callers_own_timeout_header_once_too() -> None:
+    upstream = Internal(503, 200)
+    transport = FidelitySyncTransport(
+        httpx.MockTransport(upstream), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    with httpx.Client(transport=transport) as client:
+        request = client.build_request("GET", URL, headers={"x-request-timeout-ms": "777"})
+        assert client.send(request).status_code == 200
+        assert _named(list(request.headers.raw), b"x-request-timeout-ms") == [b"777"]
+    assert len(_named(upstream.raw[1], b"x-request-timeout-ms")) == 1
+
+
+# ---------------------------------------------------------------- `heard` from another thread
+
+
+class _Interleaved(Mapping[str, float | None]):
+    """A request's timeouts whose reading runs `meanwhile` once: what another thread does
+    between two bytecodes of this one (the sync transport under a thread pool)."""
+
+    def __init__(self, meanwhile: Any) -> None:
+        self.data: dict[str, float | None] = {
+            "connect": 5.0,
+            "read": 5.0,
+            "write": 5.0,
+            "pool": 5.0,
+        }
+        self.meanwhile = meanwhile
+
+    def __getitem__(self, key: str) -> float | None:
+        return self.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def keys(self) -> Any:  # (read when the cache keeps a copy of them)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return self.data.keys()
+
+
+def test_an_answer_heard_while_another_thread_builds_its_first_attempt_is_not_forgotten() -> None:
+    """Thread B builds a first attempt's headers (and caches them for its timeouts) while
+    thread A hears the host's first answer from a trusted address: B's headers, built for
+    a stranger, were cached after A had cleared the cache, and every later call to the
+    host went without our headers (until its timeouts changed)."""
+    engine = Engine(_policy(), clock=FakeClock())
+    up = Upstream(engine, "payments.prod.acme.net", None)
+    assert up.listening
+    assert not up.speaks
+    answer = httpx.Response(200, extensions={"network_stream": _Stream("10.0.0.7")})
+    timeouts = _Interleaved(lambda: up.heard(answer, engine))
+    _, stamps = attempt_timeouts(up, timeouts)  # B: built while A heard
+    assert up.speaks
+    _, stamps = attempt_timeouts(up, timeouts)  # B's next call
+    assert [key for key, _, _ in stamps] == [b"x-fidelity-attempt", b"x-request-timeout-ms"]
