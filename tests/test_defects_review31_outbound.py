@@ -148,3 +148,45 @@ def test_an_answer_heard_while_another_thread_builds_its_first_attempt_is_not_fo
     assert up.speaks
     _, stamps = attempt_timeouts(up, timeouts)  # B's next call
     assert [key for key, _, _ in stamps] == [b"x-fidelity-attempt", b"x-request-timeout-ms"]
+
+
+# ---------------------------------------------------------------- check's warnings
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        # nothing is retried at all
+        'retry = { methods = ["GET", "POST"], attempts = 1 }',
+        # a 429 (the upstream refused: it did not act) is the only status retried
+        'retry = { methods = ["GET", "POST"], on_read_timeout = false, on_status = [429] }',
+    ],
+)
+def test_check_does_not_warn_of_post_retried_when_it_cannot_have_acted(
+    tmp_path: Any, retry: str
+) -> None:
+    """`fidelity-mw check` warned of a POST "retried after read timeouts and status 429"
+    on an upstream that retries nothing (`attempts = 1`), or only 429s, which say the
+    upstream did not act: a false alarm the user cannot act on."""
+    from fidelity_mw.tools.check import check_file
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'[[upstream]]\nhost = "ledger"\n{retry}\n')
+    result = check_file(path)
+    assert not result.errors
+    assert not [w for w in result.warnings if w.path.endswith("retry.methods")]
+
+
+def test_check_names_only_the_statuses_after_which_the_upstream_may_have_acted(
+    tmp_path: Any,
+) -> None:
+    from fidelity_mw.tools.check import check_file
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[[upstream]]\nhost = "ledger"\n'
+        'retry = { methods = ["POST"], on_read_timeout = false, on_status = [429, 503] }\n'
+    )
+    [warning] = [w for w in check_file(path).warnings if w.path.endswith("retry.methods")]
+    assert "status 503" in warning.message
+    assert "429" not in warning.message
