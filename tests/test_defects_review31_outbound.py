@@ -190,3 +190,47 @@ def test_check_names_only_the_statuses_after_which_the_upstream_may_have_acted(
     [warning] = [w for w in check_file(path).warnings if w.path.endswith("retry.methods")]
     assert "status 503" in warning.message
     assert "429" not in warning.message
+
+
+# ---------------------------------------------------------------- renamed mid-call
+
+
+@pytest.mark.parametrize("own", [True, False])
+async def test_a_retry_to_a_service_no_longer_all_ours_carries_none_of_our_headers(
+    own: bool,
+) -> None:
+    """A service's instances are renamed while a call waits to retry (another call's
+    resolver answer): no longer all inside trusted_peers, the service is not told our
+    headers any more, yet the retry carried the first attempt's (`x-fidelity-attempt: 1`,
+    its deadline) to the public instance. The caller's own header of that name goes
+    instead, as to any host not told ours."""
+    transport: FidelityTransport | None = None
+    raw: list[list[tuple[bytes, bytes]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raw.append(list(request.headers.raw))
+        if len(raw) == 1:
+            assert transport is not None
+            [up] = [u for u in transport._upstreams.values() if u.host == "pay.internal"]
+            up.set_instances(transport.engine, ["http://203.0.113.9"])
+            assert not up.speaks
+            return httpx.Response(503)
+        return httpx.Response(200)
+
+    entry = UpstreamConfig(
+        host="pay.internal", retry=RETRY, breaker=None, instances=("http://10.0.0.2",)
+    )
+    transport = FidelityTransport(
+        httpx.MockTransport(handler), policy=Policy(upstreams=(entry,)), clock=FakeClock(),
+        telemetry=False,
+    )  # fmt: skip
+    async with httpx.AsyncClient(transport=transport) as client:
+        headers = {"x-request-timeout-ms": "777"} if own else {}
+        request = client.build_request("GET", "http://pay.internal/", headers=headers)
+        assert (await client.send(request)).status_code == 200
+        theirs = [b"777"] if own else []
+        assert _named(list(request.headers.raw), b"x-request-timeout-ms") == theirs
+    first, retry = raw
+    assert _named(first, b"x-fidelity-attempt") == [b"1"]
+    assert _named(retry, b"x-fidelity-attempt") == []
+    assert _named(retry, b"x-request-timeout-ms") == theirs

@@ -106,6 +106,7 @@ from .wire import (
     advertised_ms,
     bounded_timeouts,
     first_stamps,
+    give_ours_back,
     replayable,
     restore,
     snapshot,
@@ -428,10 +429,13 @@ def attempts(
                 elif race is not None:
                     race.resume()  # the call's retry goes out: the hedge delay starts again
                 unsent = None
-                if prior is None and attempt > 1 and up.speaks:
-                    # (the call began with a stranger, which its first answer showed to be
-                    # one of ours: the caller's own headers of our names go aside now)
-                    prior, saved = take_ours_late(request.headers, saved)
+                if attempt > 1:  # (a retry: `heard`, or a renaming, may have changed it)
+                    if not up.speaks:  # (a service renamed meanwhile, no longer all ours)
+                        saved, prior = give_ours_back(request.headers, prior, saved), None
+                    elif prior is None:
+                        # (the call began with a stranger, which its first answer showed to
+                        # be one of ours: the caller's own headers of our names go aside now)
+                        prior, saved = take_ours_late(request.headers, saved)
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(

@@ -80,6 +80,20 @@ def take_ours_late(
     return prior, saved
 
 
+def give_ours_back(
+    headers: httpx.Headers,
+    prior: list[tuple[bytes, bytes, bytes]] | None,
+    saved: list[tuple[bytes, bytes, bytes]] | None,
+) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The other way (a service renamed mid-call, no longer all ours: `Upstream._speak`):
+    our headers off the request before the retry, the caller's own of those names back
+    on it (and on the headers saved for `restore`, which now has none to give back)."""
+    unstamp(headers, prior)
+    if prior and saved is not None:
+        saved = [*saved, *prior]
+    return saved
+
+
 def _foreign(key: bytes) -> bool:
     return key is not ATTEMPT_HEADER and key is not TIMEOUT_HEADER
 
