@@ -234,3 +234,29 @@ async def test_a_retry_to_a_service_no_longer_all_ours_carries_none_of_our_heade
     assert _named(first, b"x-fidelity-attempt") == [b"1"]
     assert _named(retry, b"x-fidelity-attempt") == []
     assert _named(retry, b"x-request-timeout-ms") == theirs
+
+
+# ---------------------------------------------------------------- a plan built anew
+
+
+async def test_a_plan_built_anew_for_another_engine_keeps_what_the_first_answer_said() -> None:
+    """A transport used inside requests (the middleware's engine) and outside them (its
+    own) builds the host's plan anew at each switch: a public-looking name heard to be one
+    of ours became a stranger again, and its next first attempt went without our deadline
+    (at every switch: never, for calls that alternate)."""
+    upstream = Internal(200)
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=_policy(), clock=FakeClock(), telemetry=False
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get(URL)).status_code == 200  # heard: one of ours
+        other = Engine(_policy(), clock=FakeClock())  # equal trusted_peers
+        up = transport.upstream(other, httpx.URL(URL))
+        assert up.policy is other.policy
+        assert up.speaks
+        assert not up.listening
+        # another trusted_peers: judged again
+        third = Engine(Policy(trusted_peers=("192.168.0.0/16",)), clock=FakeClock())
+        up = transport.upstream(third, httpx.URL(URL))
+        assert up.listening
+        assert not up.speaks
