@@ -106,6 +106,7 @@ from .wire import (
     advertised_ms,
     bounded_timeouts,
     first_stamps,
+    give_ours_back,
     replayable,
     restore,
     snapshot,
@@ -113,6 +114,7 @@ from .wire import (
     stamp,
     stamp_first,
     take_ours,
+    take_ours_late,
 )
 
 logger = logging.getLogger("fidelity_mw")
@@ -427,6 +429,13 @@ def attempts(
                 elif race is not None:
                     race.resume()  # the call's retry goes out: the hedge delay starts again
                 unsent = None
+                if attempt > 1:  # (a retry: `heard`, or a renaming, may have changed it)
+                    if not up.speaks:  # (a service renamed meanwhile, no longer all ours)
+                        saved, prior = give_ours_back(request.headers, prior, saved), None
+                    elif prior is None:
+                        # (the call began with a stranger, which its first answer showed to
+                        # be one of ours: the caller's own headers of our names go aside now)
+                        prior, saved = take_ours_late(request.headers, saved)
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
                     request.url = original_url.copy_with(
@@ -1126,11 +1135,12 @@ def attempt_timeouts(
             return timeouts, seen[2]
         # each request its own mapping, as `bounded_timeouts` gives
         return dict(capped), seen[2]
+    spoken = up.first_stamps  # (empty: not told; read once, `heard` may change it)
     bounded = bounded_timeouts(timeouts, up.attempt_timeout_s)
     waits = _waits(bounded, up.attempt_timeout_s)
     stamps = (
-        up.first_stamps
-        if waits >= up.attempt_timeout_s or not up.speaks
+        spoken
+        if waits >= up.attempt_timeout_s or not spoken
         else first_stamps(advertised_ms(round(waits * 1000.0)))
     )
     up.timeouts = (
@@ -1138,4 +1148,9 @@ def attempt_timeouts(
         None if bounded is timeouts else dict(bounded),
         stamps,
     )
+    if up.first_stamps is not spoken:
+        # Another thread's call heard the host meanwhile (`Upstream.heard`) and cleared
+        # the cache before this wrote it: headers for what the host was are not kept
+        # (`_set_speaks` sets `first_stamps` before it clears the cache).
+        up.timeouts = None
     return bounded, stamps

@@ -203,8 +203,11 @@ class _Base:
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._evict(engine.clock.monotonic())
-            up = self._upstreams[key] = Upstream(engine, url.host, url.port)
+            old, up = up, Upstream(engine, url.host, url.port)
+            self._upstreams[key] = up
             up.proxied = self._proxied
+            if old is not None:
+                up.inherit(old)  # (what its first answer said of the host)
             own = self._own_policy
             if own is not None and engine is not self.engine and engine.policy != own:
                 self._own_policy = None  # once per transport

@@ -133,6 +133,7 @@ class Upstream:
         "default_deadline_s",
         "fail_statuses",
         "first_stamps",
+        "heard_ours",
         "host",
         "instances",
         "key",
@@ -173,8 +174,9 @@ class Upstream:
         # timeouts seen (a client sends equal ones with every request).
         self.timeouts: TimeoutsSeen | None = None
         self.speaks = False  # are our protocol headers sent to it (`_speak`)
-        # Judging it by the address its first answer came from (`heard`)?
+        # Judging it by the address its first answer came from (`heard`)? Found ours so?
         self.listening = False
+        self.heard_ours = False
         self.first_stamps: Stamps = ()
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
@@ -233,8 +235,10 @@ class Upstream:
 
     def _set_speaks(self, speaks: bool) -> None:
         if speaks != self.speaks or (speaks and not self.first_stamps):
-            self.speaks = speaks
+            # In this order: a call building its first attempt in another thread meanwhile
+            # (`loop.attempt_timeouts`) sees the new stamps, or its cache entry is cleared.
             self.first_stamps = first_stamps(self.timeout_header) if speaks else ()
+            self.speaks = speaks
             self.timeouts = None  # (its cached first-attempt headers were for the other)
 
     def heard(self, response: httpx.Response, engine: Engine) -> None:
@@ -246,6 +250,21 @@ class Upstream:
         shows no address (a mock) leaves it a stranger."""
         self.listening = False
         if not self.proxied and connected_peer_trusted(response, engine.trusted_peers):
+            self.heard_ours = True
+            self._set_speaks(True)
+
+    def inherit(self, old: Upstream) -> None:
+        """A plan built anew for the host (another engine's policy: a transport used inside
+        and outside requests) keeps what the old one heard: one of ours, judged by the
+        same `trusted_peers`, is not a stranger again for its next first attempt."""
+        if (
+            old.heard_ours
+            and self.listening
+            and self.proxied == old.proxied
+            and self.policy.trusted_peers == old.policy.trusted_peers
+        ):
+            self.listening = False
+            self.heard_ours = True
             self._set_speaks(True)
 
     def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:

@@ -60,6 +60,44 @@ def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None
     return None
 
 
+def take_ours_late(
+    headers: httpx.Headers, saved: list[tuple[bytes, bytes, bytes]] | None
+) -> tuple[list[tuple[bytes, bytes, bytes]] | None, list[tuple[bytes, bytes, bytes]] | None]:
+    """`take_ours` for a call that began with a host not told our headers and tells it
+    now (its first answer came from a trusted address: `Upstream.heard`): the caller's
+    own headers of those names are set aside before our retry's, not sent beside them
+    (ours, stamped already, are ours: told by identity, as `stamp` does). Also off the
+    headers saved for `restore` (which gives the set-aside ones back itself)."""
+    if not FAST_HEADERS:
+        return None, saved
+    raw: list[tuple[bytes, bytes, bytes]] = headers._list
+    if not any(it[1] in OURS_SET and _foreign(it[1]) for it in raw):
+        return None, saved
+    prior = [it for it in raw if it[1] in OURS_SET and _foreign(it[1])]
+    raw[:] = [it for it in raw if it[1] not in OURS_SET or not _foreign(it[1])]
+    if saved is not None:
+        saved = [it for it in saved if it[1] not in OURS_SET or not _foreign(it[1])]
+    return prior, saved
+
+
+def give_ours_back(
+    headers: httpx.Headers,
+    prior: list[tuple[bytes, bytes, bytes]] | None,
+    saved: list[tuple[bytes, bytes, bytes]] | None,
+) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The other way (a service renamed mid-call, no longer all ours: `Upstream._speak`):
+    our headers off the request before the retry, the caller's own of those names back
+    on it (and on the headers saved for `restore`, which now has none to give back)."""
+    unstamp(headers, prior)
+    if prior and saved is not None:
+        saved = [*saved, *prior]
+    return saved
+
+
+def _foreign(key: bytes) -> bool:
+    return key is not ATTEMPT_HEADER and key is not TIMEOUT_HEADER
+
+
 def advertised_ms(ms: int) -> bytes:
     """The `x-request-timeout-ms` sent for an attempt of `ms`: a tenth less (at least
     2 ms, at most 250 ms), at least 1. The next hop gives up at the time it is told and

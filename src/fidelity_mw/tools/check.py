@@ -194,17 +194,17 @@ def _retried_not_idempotent(name: str, lines: KeyLines, policy: Policy) -> list[
     CONNECT): such a request is then retried without an Idempotency-Key, after a read
     timeout or a 5xx too, when the upstream may have acted already. Fine for an upstream
     that acts once per request however often it is sent; said so it is a choice. Not said
-    when only failures before anything was sent are retried (connect errors, a 429)."""
+    when only failures before anything was sent are retried (connect errors, a 429: the
+    upstream refused), nor when nothing is retried (`attempts = 1`)."""
     out: list[Finding] = []
     for i, up in enumerate(policy.upstreams):
         retry = up.retry
         risky = [m for m in retry.methods if m not in IDEMPOTENT_METHODS]
-        if not risky or not (retry.on_read_timeout or retry.on_status):
+        statuses = sorted(set(retry.on_status) - {429})
+        if not risky or retry.attempts <= 1 or not (retry.on_read_timeout or statuses):
             continue
         after = (["read timeouts"] if retry.on_read_timeout else []) + (
-            [f"status {', '.join(str(c) for c in sorted(retry.on_status))}"]
-            if retry.on_status
-            else []
+            [f"status {', '.join(str(c) for c in statuses)}"] if statuses else []
         )
         path = f"upstream[{i}].retry.methods"
         message = (
