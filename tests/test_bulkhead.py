@@ -197,6 +197,29 @@ async def test_a_queued_request_takes_the_freed_slot(clock: FakeClock) -> None:
     assert svc.mw.engine.bulkheads["/w"].in_flight == 0
 
 
+async def test_a_queued_request_says_how_long_it_waited_for_its_slot(clock: FakeClock) -> None:
+    """The `queued` decision carries the time spent in the queue (`queued_ms`): without it
+    a trace showed that a request queued, not for how long."""
+    policy = Policy(
+        breaker=None, concurrency=ConcurrencyConfig(limit=1, max_queue=1, queue_timeout_ms=60_000)
+    )
+    svc = Service(policy, clock)
+    first = asyncio.create_task(svc.client.get("/w?hold=1"))
+    await svc.in_flight(1)
+    queued = asyncio.create_task(svc.client.get("/w"))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not queued.done()
+    clock.advance(2.5)
+    svc.gate.set()
+    assert (await first).status_code == 200
+    assert (await queued).status_code == 200
+    decisions = [concurrency_decisions(c)[0] for c in svc.contexts]
+    waited = [d.details.get("queued_ms") for d in decisions if d.verdict == QUEUED]
+    assert waited == [2500.0]
+    assert all("queued_ms" not in d.details for d in decisions if d.verdict != QUEUED)
+
+
 async def test_a_queued_request_whose_deadline_passed_is_refused_not_run(
     clock: FakeClock,
 ) -> None:

@@ -166,6 +166,7 @@ class Bulkheads:
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
+        arrived = now
         timeout_s = plan.concurrency.queue_timeout_ms / 1000
         # (a route with `enforce = false` only records deadlines: its queue timeout stands)
         deadline_at = ctx.deadline_at if plan.enforce else None
@@ -235,7 +236,7 @@ class Bulkheads:
         if deadline_at is not None and now >= deadline_at:  # handed over too late
             self._wake(limiter, limiter.give_back())
             return self._expired(ctx, now), listener.receive_now()
-        self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
+        self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now, queued=now - arrived)
         return None, listener.receive_now()
 
     def leave(self, ctx: DecisionContext, plan: RoutePlan, admitted_app: bool) -> None:
@@ -334,14 +335,18 @@ class Bulkheads:
         limiter: ConcurrencyLimiter,
         now: float,
         waited: float | None = None,
+        *,
+        queued: float | None = None,
     ) -> None:
         details: dict[str, DetailValue] = {
             "limit": limiter.limit,
             "in_flight": limiter.in_flight,
             "priority": priority,
         }
-        if waited is not None:
+        if waited is not None:  # (to be read: `shed_stale`)
             details["waited_ms"] = round(waited * 1000.0, 3)
+        if queued is not None:  # (in the queue, for a slot)
+            details["queued_ms"] = float(round(queued * 1000.0, 3))
         ctx.decisions.append(
             Decision(
                 LAYER_CONCURRENCY,
