@@ -203,7 +203,16 @@ class _Base:
         if up is None or up.policy is not engine.policy:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._evict(engine.clock.monotonic())
-            old, up = up, Upstream(engine, url.host, url.port)
+            old, up = up, None
+            if old is not None:
+                parked, old.parked = old.parked, None  # at most one parked plan per host
+                if parked is not None and parked.policy is engine.policy:
+                    # Back to the policy used before: its plan, with what its balancer
+                    # learned (latencies, calls in flight, 429 pauses), not a new one.
+                    up = parked
+            if up is None:
+                up = Upstream(engine, url.host, url.port)
+            up.parked = old
             self._upstreams[key] = up
             up.proxied = self._proxied
             if old is not None:

@@ -139,6 +139,7 @@ class Upstream:
         "key",
         "last_answer",
         "listening",
+        "parked",
         "paused_until",
         "plain",
         "policy",
@@ -162,6 +163,9 @@ class Upstream:
         self.cfg: UpstreamConfig = cfg
         self.host = host
         self.key = host if port is None else f"{host}:{port}"
+        # The host's plan under the policy used before this one (`_Base.upstream`): a
+        # transport used inside requests and outside them switches back and forth.
+        self.parked: Upstream | None = None
         self.retry: RetryConfig = cfg.retry
         self.breaker: BreakerConfig | None = cfg.breaker
         self.breaker_key = "upstream:" + self.key
