@@ -1,0 +1,109 @@
+"""Review 32, the user's side: what an engineer adopting fidelity_mw on a FastAPI service
+meets in the FastAPI forms, the CLI and the policy reference."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.fastapi import Fidelity
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+
+def _get(app: Any, paths: list[str], headers: dict[str, str] | None = None) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return [await client.get(path, headers=headers) for path in paths]
+
+    return asyncio.run(run())
+
+
+# ------------------------------------------------ a form limit's 429 costs no other form quota
+
+
+def _account_app(*, middleware: bool, search_cost: int = 1) -> FastAPI:
+    """An app-wide limit shared by name ("account", 5/min) on every route, and a tight
+    one of /search's own (1/min; each request costing `search_cost`, from a function)."""
+    clock = FakeClock()
+    fidelity = Fidelity(clock=clock, rng=seeded_random(0))
+    app = FastAPI(dependencies=[Depends(fidelity.limit("5/min", name="account"))])
+
+    @app.get(
+        "/search",
+        dependencies=[Depends(fidelity.limit("1/min", name="search", cost=lambda r: search_cost))],
+    )
+    async def search() -> dict[str, str]:
+        return {}
+
+    @app.get("/profile")
+    async def profile() -> dict[str, str]:
+        return {}
+
+    if middleware:
+        app.add_middleware(FidelityMiddleware, policy=Policy(), clock=clock, telemetry=False)
+    fidelity.install(app)
+    return app
+
+
+@pytest.mark.parametrize("middleware", [True, False], ids=["middleware", "forms-alone"])
+def test_a_form_limits_429_gives_back_what_the_routes_other_form_limits_charged(
+    middleware: bool,
+) -> None:
+    """A client retrying against /search's own 1/min limit was refused four times, and each
+    refusal spent a unit of its app-wide "account" limit, which the earlier dependency had
+    charged: the client, served once, was then refused on /profile too. The middleware's
+    own limits get their units back when a dependency refuses; the forms' did not."""
+    app = _account_app(middleware=middleware)
+    statuses = [r.status_code for r in _get(app, ["/search"] * 5)]
+    assert statuses == [200, 429, 429, 429, 429]
+    profile = _get(app, ["/profile"])[0]
+    assert profile.status_code == 200
+    # served twice (one /search, this /profile): 5 - 2 units left
+    assert '"account";r=3;' in profile.headers["ratelimit"]
+
+
+def test_a_cost_over_the_burst_gives_back_the_other_form_limits_units_too() -> None:
+    app = _account_app(middleware=True, search_cost=2)  # never admitted by a burst of 1
+    statuses = [r.status_code for r in _get(app, ["/search"] * 3)]
+    assert statuses == [429, 429, 429]
+    profile = _get(app, ["/profile"])[0]
+    assert '"account";r=4;' in profile.headers["ratelimit"]
+
+
+def test_a_state_refusal_of_a_form_limit_gives_back_the_other_form_limits_units() -> None:
+    """`on_error = "closed"`: a form limit whose store call fails answers 503; the units an
+    earlier form limit charged for the request come back."""
+
+    class FailsFor(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__(rng=seeded_random(0))
+            self.failing = "search|"
+
+        async def admit(self, breaker_key, breaker, limit_keys, limits, now, *args, **kw):  # type: ignore[no-untyped-def, override]
+            if any(key.startswith(self.failing) for key in limit_keys):
+                raise ConnectionError("redis away")
+            return await super().admit(breaker_key, breaker, limit_keys, limits, now, *args, **kw)
+
+    clock = FakeClock()
+    policy = Policy.from_dict({"state": {"on_error": "closed"}})
+    fidelity = Fidelity(policy=policy, clock=clock, store=FailsFor())
+    app = FastAPI(dependencies=[Depends(fidelity.limit("5/min", name="account"))])
+
+    @app.get("/search", dependencies=[Depends(fidelity.limit("1/min", name="search"))])
+    async def search() -> dict[str, str]:
+        return {}
+
+    @app.get("/profile")
+    async def profile() -> dict[str, str]:
+        return {}
+
+    fidelity.install(app)
+    assert [r.status_code for r in _get(app, ["/search"] * 3)] == [503, 503, 503]
+    assert '"account";r=4;' in _get(app, ["/profile"])[0].headers["ratelimit"]
