@@ -107,3 +107,64 @@ def test_a_state_refusal_of_a_form_limit_gives_back_the_other_form_limits_units(
     fidelity.install(app)
     assert [r.status_code for r in _get(app, ["/search"] * 3)] == [503, 503, 503]
     assert '"account";r=4;' in _get(app, ["/profile"])[0].headers["ratelimit"]
+
+
+# ------------------------------------------------ install(app) reaches the apps mounted on it
+
+
+@pytest.mark.parametrize("mounted_after_install", [False, True], ids=["before", "after"])
+def test_install_answers_and_documents_the_forms_of_a_mounted_app(
+    mounted_after_install: bool,
+) -> None:
+    """`fidelity.install(app)` left the FastAPI apps mounted on it as they were: a mounted
+    app answers its own exceptions and serves its own schema, so the 429 of a form there
+    came in FastAPI's `{"detail": ...}` shape and its `/v2/openapi.json` listed no 429."""
+    clock = FakeClock()
+    fidelity = Fidelity(clock=clock)
+    v2 = FastAPI()
+
+    @v2.get("/things", dependencies=[Depends(fidelity.limit("1/min"))])
+    async def things() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    if mounted_after_install:
+        fidelity.install(app)  # as `Fidelity(app)` does, when the app is created
+        app.mount("/v2", v2)
+    else:
+        app.mount("/v2", v2)
+        fidelity.install(app)
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=clock, telemetry=False)
+    first, refused, schema = _get(app, ["/v2/things", "/v2/things", "/v2/openapi.json"])
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"] == "urn:fidelity-mw:problem:rate-limited"
+    assert refused.headers["retry-after"] == "60"
+    responses = schema.json()["paths"]["/things"]["get"]["responses"]
+    assert "429" in responses
+
+
+def test_install_keeps_a_mounted_apps_own_handler_and_documents_once() -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from fidelity_mw.fastapi import RateLimited
+
+    fidelity = Fidelity(clock=FakeClock())
+    v2 = FastAPI()
+
+    @v2.exception_handler(RateLimited)
+    async def own(request: Request, exc: RateLimited) -> JSONResponse:
+        return JSONResponse({"slow": "down"}, status_code=429)
+
+    @v2.get("/things", dependencies=[Depends(fidelity.limit("1/min"))])
+    async def things() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.mount("/v2", v2)
+    fidelity.install(app)
+    fidelity.install(app)  # twice: one handler, one schema wrapper
+    _, refused = _get(app, ["/v2/things", "/v2/things"])
+    assert refused.json() == {"slow": "down"}
+    assert "429" in v2.openapi()["paths"]["/things"]["get"]["responses"]

@@ -43,6 +43,21 @@ logger = logging.getLogger("fidelity_mw")
 # ---------------------------------------------------------------- Fidelity
 
 
+def _mounted_apps(routes: Any, depth: int = 0) -> list[FastAPI]:
+    """The FastAPI apps mounted among `routes` (`Mount`, `Host`), at any depth."""
+    found: list[FastAPI] = []
+    if depth > 16:
+        return found
+    for route in routes or ():
+        sub = getattr(route, "app", None)
+        if not hasattr(route, "routes") or sub is None:
+            continue  # not a Mount or a Host
+        if isinstance(sub, FastAPI):
+            found.append(sub)
+        found += _mounted_apps(getattr(sub, "routes", None), depth + 1)
+    return found
+
+
 class Fidelity:
     """The FastAPI forms of one application. Create one, share it between routers."""
 
@@ -202,9 +217,29 @@ class Fidelity:
 
     def install(self, app: FastAPI) -> None:
         """RFC 9457 responses for `Rejected` (unless the app has its own handler for it),
-        and 429/503/504 in the OpenAPI of every route that uses a form."""
+        and 429/503/504 in the OpenAPI of every route that uses a form; the same for the
+        FastAPI apps mounted on it (`app.mount("/v2", v2)`), those mounted later too."""
+        self._install_one(app)
+        for sub in _mounted_apps(app.routes):
+            self._install_one(sub)
+        # A mounted app answers its own exceptions and serves its own schema: without its
+        # handler, a form's 429 there came in FastAPI's `{"detail": ...}` shape. Mounts
+        # made after this call (`Fidelity(app)` runs it when the app is created) are
+        # installed when the app builds its stack, before its first request.
+        build = app.build_middleware_stack
+
+        def build_middleware_stack() -> Any:
+            for sub in _mounted_apps(app.routes):
+                self._install_one(sub)
+            return build()
+
+        app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+    def _install_one(self, app: FastAPI) -> None:
         if Rejected not in app.exception_handlers:
             app.add_exception_handler(Rejected, self.handle_rejected)  # type: ignore[arg-type]
+        if getattr(app.openapi, "_fidelity_documents", False):
+            return  # installed already (by this Fidelity or another)
         generate = app.openapi
 
         def openapi() -> dict[str, Any]:
@@ -214,6 +249,7 @@ class Fidelity:
                         document(route)
             return generate()
 
+        openapi._fidelity_documents = True  # type: ignore[attr-defined]
         app.openapi = openapi  # type: ignore[method-assign]
 
     async def handle_rejected(self, request: Request, exc: Rejected) -> Response:
