@@ -4,6 +4,8 @@ meets in the FastAPI forms, the CLI and the policy reference."""
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.tools.cli import main
 
 
 def _get(app: Any, paths: list[str], headers: dict[str, str] | None = None) -> list[httpx.Response]:
@@ -168,3 +171,25 @@ def test_install_keeps_a_mounted_apps_own_handler_and_documents_once() -> None:
     _, refused = _get(app, ["/v2/things", "/v2/things"])
     assert refused.json() == {"slow": "down"}
     assert "429" in v2.openapi()["paths"]["/things"]["get"]["responses"]
+
+
+# ------------------------------------------------ check: a Redis URL without the Redis client
+
+
+def test_check_warns_when_the_redis_client_a_state_url_needs_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pip install fidelity-mw` (no extra) and `url = "redis://..."`: check said "ok",
+    then the app failed at startup with a PolicyError naming the extra."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text('version = 1\n\n[state]\nurl = "redis://:s3cret@cache.internal:6379/0"\n')
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` fails, as without it
+    assert main(["check", str(path)]) == 0  # the file is valid: a warning
+    out = capsys.readouterr().out
+    assert f"{path}:4: warning: state.url: redis:// needs the Redis client" in out
+    assert "pip install 'fidelity-mw[redis]'" in out
+    assert "s3cret" not in out
+    assert main(["check", "--strict", str(path)]) == 1
+    capsys.readouterr()
+    monkeypatch.delitem(sys.modules, "redis")
+    assert main(["check", "--strict", str(path)]) == 0  # installed: nothing to say

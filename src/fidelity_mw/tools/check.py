@@ -20,7 +20,7 @@ from ..errors import PolicyError
 from ..policy import BreakerConfig, ConcurrencyConfig, Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 from ..policy.model import TOO_DEEP, glob_matches
-from ..state.factory import memory_workers_warning, web_concurrency
+from ..state.factory import REDIS_EXTRA_HINT, memory_workers_warning, web_concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +107,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_wide_ipv6_prefixes(name, lines, policy))
     result.warnings.extend(_retried_not_idempotent(name, lines, policy))
     result.warnings.extend(_protocol_everywhere(name, lines, policy))
+    result.warnings.extend(_redis_client_missing(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -114,6 +115,26 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
         message = memory_workers_warning(workers)
         result.warnings.append(Finding(name, _line(lines, path), path, message, "warning"))
     return result
+
+
+def _redis_client_missing(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """A Redis state URL where the Redis client is not installed: the file is valid, but
+    the middleware refuses to start with it here (a `PolicyError` naming the extra), and
+    `check` said "ok"."""
+    url = policy.state.url
+    if url.startswith("memory://"):
+        return []
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        path = "state.url"
+        scheme = url.partition("://")[0]  # the scheme only: a URL may carry a password
+        message = (
+            f"{scheme}:// needs the Redis client, which is not installed here: "
+            f"{REDIS_EXTRA_HINT} (the middleware refuses to start without it)"
+        )
+        return [Finding(name, _line(lines, path), path, message, "warning")]
+    return []
 
 
 def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
