@@ -193,3 +193,41 @@ def test_check_warns_when_the_redis_client_a_state_url_needs_is_missing(
     capsys.readouterr()
     monkeypatch.delitem(sys.modules, "redis")
     assert main(["check", "--strict", str(path)]) == 0  # installed: nothing to say
+
+
+# ------------------------------------------------ map: a mounted app's forms by their path
+
+
+def test_map_names_a_mounted_apps_form_routes_by_the_path_they_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`app.mount("/v2", v2)`: the map listed v2's `Depends(fidelity.limit)` as "route GET
+    /things", a path the app does not serve (and that a route of the app itself may
+    hold); the limit counts, and its default counter is named, `/v2/things`."""
+    from fidelity_mw.tools.statemap import from_app
+
+    (tmp_path / "mapped_mounts32.py").write_text(
+        "from fastapi import Depends, FastAPI\n"
+        "from fidelity_mw import FidelityMiddleware, Policy\n"
+        "from fidelity_mw.fastapi import Fidelity\n"
+        "fidelity = Fidelity()\n"
+        "v2 = FastAPI()\n"
+        "@v2.get('/things', dependencies=[Depends(fidelity.limit('1/min'))])\n"
+        "@fidelity.deadline(500)\n"
+        "async def things():\n"
+        "    return {}\n"
+        "app = FastAPI()\n"
+        "@app.get('/things', dependencies=[Depends(fidelity.limit('5/min'))])\n"
+        "async def old_things():\n"
+        "    return {}\n"
+        "app.mount('/v2', v2)\n"
+        "app.add_middleware(FidelityMiddleware, policy=Policy())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    smap = from_app("mapped_mounts32:app")
+    forms = sorted((r.layer, r.subject) for r in smap.layers if r.config.startswith("fidelity."))
+    assert forms == [
+        ("deadline", "route GET /v2/things: @fidelity.deadline"),
+        ("ratelimit", "route GET /things: Depends(fidelity.limit('5/min')), per client_ip"),
+        ("ratelimit", "route GET /v2/things: Depends(fidelity.limit('1/min')), per client_ip"),
+    ]
