@@ -4,6 +4,7 @@ meets in the FastAPI forms, the CLI and the policy reference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,258 @@ def test_map_names_a_mounted_apps_form_routes_by_the_path_they_serve(
         ("ratelimit", "route GET /things: Depends(fidelity.limit('5/min')), per client_ip"),
         ("ratelimit", "route GET /v2/things: Depends(fidelity.limit('1/min')), per client_ip"),
     ]
+
+
+# ------------------------------------------------ the policy reference against the loader
+
+
+def _placed(table: str, key: str, value: object) -> dict[str, Any]:
+    """A policy holding `value` at `table.key` (one entry for an array of tables)."""
+    entry = {key: value}
+    if table == "":
+        return entry
+    if table in ("rate_limit", "route", "upstream"):
+        return {table: [entry]}
+    if table.startswith("upstream."):
+        return {"upstream": [{table.removeprefix("upstream."): entry}]}
+    return {table: entry}
+
+
+# what a key's bound needs of its neighbours to be reachable (the cross-checks the
+# reference states in words: "not below base_ms", "must not exceed the burst", ...)
+_COMPANIONS: dict[str, dict[str, object]] = {
+    "deadline.max_ms": {"default_ms": 1},
+    "rate_limit.cost": {"burst": 1_000_000},
+    "breaker.slow_call_ms": {"slow_call_ratio": 0.5},
+    "breaker.slow_call_ratio": {"slow_call_ms": 100},
+    "concurrency.min_limit": {"max_limit": 1_000_000},
+    "concurrency.sheddable_share": {"default_share": 1},
+    "upstream.retry.base_ms": {"max_ms": 600_000},
+    "upstream.retry.max_ms": {"base_ms": 0},
+}
+
+
+def _range_cases(allowed: str) -> list[tuple[float, bool]]:
+    """(value, accepted) at and just past each bound of a documented numeric range."""
+    import re
+
+    def num(text: str) -> float:
+        return float(text.replace("_", ""))
+
+    ints = re.match(r"^([\d_]+) \.\. ([\d_]+)(;|$)", allowed)
+    if ints:
+        lo, hi = int(num(ints[1])), int(num(ints[2]))
+        return [(lo, True), (hi, True), (lo - 1, False), (hi + 1, False)]
+    numbers = re.match(r"^(>=|>) ([\d_.]+), <= ([\d_.]+)(;|$)", allowed)
+    if numbers:
+        lo, hi = num(numbers[2]), num(numbers[3])
+        return [(lo, numbers[1] == ">="), (hi, True), (lo - 0.001, False), (hi + 0.001, False)]
+    return []
+
+
+def test_every_documented_numeric_range_is_the_loaders_and_every_default_the_built_value() -> None:
+    """docs/policy.md's key table is generated from the dataclasses; this walks it the
+    other way, through `Policy.from_dict` as a file is loaded: each documented bound is
+    accepted, one step past it refused naming the key, and each documented default is
+    what a section built from an empty table holds."""
+    import dataclasses
+
+    from fidelity_mw import PolicyError
+    from fidelity_mw.policy.reference import key_docs, toml_value
+
+    walked = 0
+    for doc in key_docs():
+        for value, accepted in _range_cases(doc.allowed):
+            data = _placed(doc.table, doc.key, value)
+            section = data if doc.table == "" else data[doc.table.split(".")[0]]
+            target = section[0] if isinstance(section, list) else section
+            if doc.table.startswith("upstream."):
+                target = target[doc.table.removeprefix("upstream.")]
+            target.update(_COMPANIONS.get(doc.path, {}))
+            refused: list[str] | None = None
+            try:
+                Policy.from_dict(data)
+            except PolicyError as exc:
+                refused = [
+                    f"{issue.path.replace('[0]', '')}: {issue.message}" for issue in exc.issues
+                ]
+            where = f"{doc.path} = {value} (documented {doc.allowed!r}): {refused}"
+            if accepted:
+                assert refused is None, where
+            else:
+                assert refused is not None, where
+                assert [problem.split(":")[0] for problem in refused] == [doc.path], where
+            walked += 1
+    assert walked >= 150  # every numeric key of every table, not a silently empty walk
+
+    built = Policy.from_dict(
+        {"rate_limit": [{}], "route": [{}], "upstream": [{"hedge": {}}], "concurrency": {}}
+    )
+    sections: dict[str, Any] = {
+        "": built,
+        "state": built.state,
+        "deadline": built.deadline,
+        "rate_limit": built.rate_limits[0],
+        "breaker": built.breaker,
+        "route": built.routes[0],
+        "concurrency": built.concurrency,
+        "upstream": built.upstreams[0],
+        "upstream.retry": built.upstreams[0].retry,
+        "upstream.hedge": built.upstreams[0].hedge,
+    }
+    for doc in key_docs():
+        obj = sections[doc.table]
+        attrs = {f.metadata.get("toml", f.name): f.name for f in dataclasses.fields(obj)}
+        assert toml_value(getattr(obj, attrs[doc.key])) == doc.default, doc.path
+
+
+# ------------------------------------------------ migration.md's translations, side by side
+
+
+def _tenacity_run(answers: list[int]) -> tuple[int, int, list[float]]:
+    """(last status, calls, waits) of a tenacity-decorated call against `answers`."""
+    import tenacity
+
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    @tenacity.retry(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=0.3),
+        retry=tenacity.retry_if_result(lambda status: status == 503),
+        retry_error_callback=lambda state: state.outcome.result(),  # the last answer
+        sleep=sleeps.append,
+    )
+    def call() -> int:
+        calls.append(1)
+        return answers[len(calls) - 1]
+
+    return call(), len(calls), sleeps
+
+
+def _fidelity_run(answers: list[int]) -> tuple[int, int, list[float]]:
+    """The same through FidelityTransport with migration.md's `retry` table."""
+    from fidelity_mw import FidelityTransport
+
+    retry = {"attempts": 4, "jitter": "none", "base_ms": 100, "max_ms": 300, "on_status": [503]}
+    policy = Policy.from_dict({"upstream": [{"host": "users.internal", "retry": retry}]})
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(answers[len(calls) - 1])
+
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=policy, clock=clock, rng=seeded_random(0)
+    )
+
+    async def fetch() -> int:
+        async with httpx.AsyncClient(transport=transport, base_url="http://users.internal") as c:
+            return (await c.get("/users/1")).status_code
+
+    status = asyncio.run(fetch())
+    return status, len(calls), clock.sleeps
+
+
+@pytest.mark.parametrize("failures", range(6))
+def test_tenacity_translation_makes_the_same_calls_and_waits(failures: int) -> None:
+    """migration.md: `stop_after_attempt(n)` is `attempts = n`, `wait_exponential(
+    multiplier=m, max=M)` is `jitter = "none"` with `base_ms = m x 1000`, `max_ms = M x
+    1000`, `retry_if_result(lambda r: r.status_code == 503)` is `on_status = [503]`: an
+    upstream failing k times is called as often, with the same waits, either way."""
+    answers = [503] * failures + [200]
+    status, calls, sleeps = _fidelity_run(answers)
+    expected_status, expected_calls, expected_sleeps = _tenacity_run(answers)
+    assert (status, calls) == (expected_status, expected_calls)
+    assert sleeps == pytest.approx(expected_sleeps)
+
+
+def test_pybreaker_translation_opens_probes_and_closes_on_the_same_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """migration.md: `fail_max=n, reset_timeout=s` is `consecutive_failures = n`, `open_s
+    = open_min_s = s`, `open_jitter = 0`, `half_open_probes = 1`. The same script of
+    outcomes and times reaches the upstream on the same calls under both."""
+    import datetime as dt
+
+    import pybreaker
+
+    from fidelity_mw import CircuitOpen, FidelityTransport
+
+    now = [0.0]
+    epoch = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    class FrozenDatetime(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+            return epoch + dt.timedelta(seconds=now[0])
+
+    monkeypatch.setattr(pybreaker, "datetime", FrozenDatetime)
+    breaker = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=10)
+
+    policy = Policy.from_dict(
+        {
+            "upstream": [
+                {
+                    "host": "payments.internal",
+                    "retry": {"attempts": 1},
+                    "breaker": {
+                        "consecutive_failures": 3,
+                        "open_s": 10,
+                        "open_min_s": 10,
+                        "open_jitter": 0,
+                        "half_open_probes": 1,
+                    },
+                }
+            ]
+        }
+    )
+    clock = FakeClock()
+    outcome = ["ok"]
+    reached: list[str] = []
+
+    def payments(request: httpx.Request) -> httpx.Response:
+        reached.append(outcome[0])
+        return httpx.Response(200 if outcome[0] == "ok" else 500)
+
+    transport = FidelityTransport(
+        httpx.MockTransport(payments), policy=policy, clock=clock, rng=seeded_random(0)
+    )
+    client = httpx.AsyncClient(transport=transport, base_url="http://payments.internal")
+
+    def theirs() -> bool:
+        """Whether pybreaker let the call reach the upstream."""
+        before = len(reached)
+
+        def charge() -> None:
+            reached.append(outcome[0])
+            if outcome[0] != "ok":
+                raise RuntimeError("500")
+
+        with contextlib.suppress(RuntimeError, pybreaker.CircuitBreakerError):
+            breaker.call(charge)
+        return len(reached) > before
+
+    def mine() -> bool:
+        before = len(reached)
+        with contextlib.suppress(CircuitOpen):
+            asyncio.run(client.post("/charge"))
+        return len(reached) > before
+
+    # (seconds later, the upstream's answer if called)
+    script = [(0, "fail")] * 3 + [(1, "ok"), (10, "fail"), (5, "ok"), (6, "ok"), (0, "ok")]
+    script += [(0, "fail"), (0, "fail"), (0, "ok"), (0, "fail"), (0, "fail"), (0, "fail")]
+    script += [(0, "ok"), (9.5, "ok"), (0.5, "ok")]
+    pybreaker_reached: list[bool] = []
+    fidelity_reached: list[bool] = []
+    for later, answer in script:
+        now[0] += later
+        outcome[0] = answer
+        pybreaker_reached.append(theirs())
+    for later, answer in script:
+        clock.advance(later)
+        outcome[0] = answer
+        fidelity_reached.append(mine())
+    assert fidelity_reached == pybreaker_reached
+    assert pybreaker_reached.count(False) >= 4  # the script does reach the open breaker
