@@ -487,3 +487,38 @@ def test_pybreaker_translation_opens_probes_and_closes_on_the_same_calls(
         fidelity_reached.append(mine())
     assert fidelity_reached == pybreaker_reached
     assert pybreaker_reached.count(False) >= 4  # the script does reach the open breaker
+
+
+# ------------------------------------------------ messages: a table switched with a boolean
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fix"),
+    [
+        ({"upstream": [{"host": "h", "retry": False}]}, "upstream[0].retry", "attempts = 1"),
+        ({"upstream": [{"host": "h", "hedge": True}]}, "upstream[0].hedge", "hedge = {}"),
+        ({"concurrency": False}, "concurrency", "leave [concurrency] out"),
+        ({"deadline": False}, "deadline", "default_ms = false"),
+    ],
+)
+def test_a_boolean_where_a_table_goes_names_the_way_to_say_it(
+    data: dict[str, Any], path: str, fix: str
+) -> None:
+    """`retry = false` (no retries for this host, as `breaker = false` is no breaker) said
+    only "expected a table, got boolean false"."""
+    from fidelity_mw import PolicyError
+
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict(data)
+    (issue,) = caught.value.issues
+    assert issue.path == path
+    assert issue.message.startswith("expected a table, got boolean ")
+    assert fix in issue.message
+
+
+def test_a_json_null_is_said_once() -> None:
+    from fidelity_mw import PolicyError
+
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"route": [{"match": "/a", "breaker": None}]})
+    assert caught.value.issues[0].message.endswith("got nothing")
