@@ -522,3 +522,29 @@ def test_a_json_null_is_said_once() -> None:
     with pytest.raises(PolicyError) as caught:
         Policy.from_dict({"route": [{"match": "/a", "breaker": None}]})
     assert caught.value.issues[0].message.endswith("got nothing")
+
+
+# ------------------------------------------------ Fidelity(policy=...) behind another policy
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-policy", "other-policy"])
+def test_a_forms_policy_the_middleware_overrides_is_said_once(
+    same: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Fidelity(policy=Policy.from_toml(...))` next to a middleware built with another
+    policy (`Policy()`): the forms counted on the middleware's memory store, silently,
+    where the user had given them Redis. FidelityTransport says so; the forms did not."""
+    forms_policy = Policy.from_dict({"rate_limit_headers": "on_reject"})
+    fidelity = Fidelity(policy=forms_policy, clock=FakeClock())
+    app = FastAPI()
+
+    @app.get("/a", dependencies=[Depends(fidelity.limit("5/min"))])
+    async def a() -> dict[str, str]:
+        return {}
+
+    middleware_policy = Policy.from_dict({"rate_limit_headers": "on_reject"}) if same else Policy()
+    app.add_middleware(FidelityMiddleware, policy=middleware_policy, telemetry=False)
+    with caplog.at_level("WARNING", logger="fidelity_mw"):
+        assert [r.status_code for r in _get(app, ["/a", "/a"])] == [200, 200]
+    said = [r.getMessage() for r in caplog.records if "Fidelity(policy=...)" in r.getMessage()]
+    assert len(said) == (0 if same else 1)

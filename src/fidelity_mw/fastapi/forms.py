@@ -79,6 +79,9 @@ class Fidelity:
             rng,
         )
         self._store = store
+        # A policy (or engine) given here that the middleware's overrides: said once, at
+        # the first request the middleware decided (as FidelityTransport says it)
+        self._own_policy: Policy | None = engine.policy if engine is not None else policy
         self.on_reject = on_reject
         self._no_peer_said = False
         self.route_class: type[APIRoute] = route_class_for(self)
@@ -101,6 +104,8 @@ class Fidelity:
         a GET)."""
         ctx = context_from_scope(request.scope)
         if ctx is not None:
+            if self._own_policy is not None:
+                self._overridden(ctx.engine)
             return ctx
         engine = self.engine
         scope = request.scope
@@ -110,6 +115,21 @@ class Fidelity:
         state = request.scope.setdefault("state", {})
         state["fidelity"] = ctx
         return ctx
+
+    def _overridden(self, engine: Engine) -> None:
+        """The forms run behind the middleware, on its engine: a policy given here with
+        other settings (its state URL, its rate-limit fields) applies nowhere."""
+        own = self._own_policy
+        self._own_policy = None  # asked once
+        if own is None or engine is self._engine or engine.policy.version == own.version:
+            return
+        logger.warning(
+            "fidelity_mw: Fidelity(policy=...) is used behind FidelityMiddleware, whose "
+            "policy differs (version %s, not %s): the forms count on the middleware's engine, "
+            "with its policy and state; give the middleware this policy (docs/fastapi.md)",
+            engine.policy.version,
+            own.version,
+        )
 
     def client_ip(
         self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
