@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.fastapi import Fidelity
@@ -548,3 +548,53 @@ def test_a_forms_policy_the_middleware_overrides_is_said_once(
         assert [r.status_code for r in _get(app, ["/a", "/a"])] == [200, 200]
     said = [r.getMessage() for r in caplog.records if "Fidelity(policy=...)" in r.getMessage()]
     assert len(said) == (0 if same else 1)
+
+
+# ------------------------------------------------ a background task and the answered request
+
+
+def test_a_background_task_sees_the_answered_context_and_calls_on_its_own() -> None:
+    """quickstart.md: a `BackgroundTasks` task still sees the request's context, marked
+    `response_complete`, and its outbound calls are calls of their own, not bound by the
+    answered request's deadline (which has passed here)."""
+    from fidelity_mw import FidelityTransport, current
+
+    clock = FakeClock()
+    seen: list[object] = []
+    sent: list[str | None] = []
+
+    def mail_service(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("x-request-timeout-ms"))
+        return httpx.Response(200)
+
+    mail = httpx.AsyncClient(
+        base_url="http://mail.internal",
+        transport=FidelityTransport(httpx.MockTransport(mail_service), clock=clock),
+    )
+
+    async def send_mail() -> None:
+        clock.advance(5)  # past the request's 1 s deadline
+        ctx = current()
+        assert ctx is not None
+        seen.extend([ctx.response_complete, (ctx.remaining_s() or 0) < 0])
+        response = await mail.post("/send")
+        seen.append(response.extensions["fidelity_context"] is not ctx)
+
+    app = FastAPI()
+
+    @app.post("/signup")
+    async def signup(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(send_mail)
+        return {}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=clock, telemetry=False)
+
+    async def run() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            headers = {"x-request-timeout-ms": "1000"}
+            return (await client.post("/signup", headers=headers)).status_code
+
+    assert asyncio.run(run()) == 200
+    assert seen == [True, True, True]
+    assert len(sent) == 1  # sent, not refused on the passed deadline
