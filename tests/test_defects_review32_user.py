@@ -598,3 +598,28 @@ def test_a_background_task_sees_the_answered_context_and_calls_on_its_own() -> N
     assert asyncio.run(run()) == 200
     assert seen == [True, True, True]
     assert len(sent) == 1  # sent, not refused on the passed deadline
+
+
+# ------------------------------------------------ the route class alone: a 422 is no failure
+
+
+def test_the_route_class_alone_does_not_count_a_validation_error_as_a_failure() -> None:
+    """Without the middleware, the route class reported FastAPI's RequestValidationError
+    (the client's malformed request, answered 422) as a failure of the route: three
+    requests with a bad path parameter opened the breaker, and a valid request was shed
+    with 503. Behind the middleware a 422 never counted."""
+    from fastapi import APIRouter
+
+    policy = Policy.from_dict({"breaker": {"min_calls": 3, "failure_ratio": 0.5}})
+    fidelity = Fidelity(policy=policy, clock=FakeClock())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/items/{n}")
+    async def item(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    app = FastAPI()
+    app.include_router(router)
+    fidelity.install(app)
+    answers = _get(app, ["/items/abc"] * 4 + ["/items/1"])
+    assert [r.status_code for r in answers] == [422, 422, 422, 422, 200]
