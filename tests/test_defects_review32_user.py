@@ -623,3 +623,69 @@ def test_the_route_class_alone_does_not_count_a_validation_error_as_a_failure() 
     fidelity.install(app)
     answers = _get(app, ["/items/abc"] * 4 + ["/items/1"])
     assert [r.status_code for r in answers] == [422, 422, 422, 422, 200]
+
+
+# ------------------------------------------------ one on_reject hook for every rejection
+
+
+@pytest.mark.parametrize("middleware_first", [True, False], ids=["before", "after"])
+def test_the_middlewares_on_reject_shapes_the_forms_rejections_too(middleware_first: bool) -> None:
+    """fastapi.md, "`on_reject`: one hook for every rejection": given to the middleware
+    alone, it shaped the middleware's 429s while a form's 429 on the same app came as RFC
+    9457, two bodies for one kind of refusal. A `Fidelity` without a hook of its own now
+    takes the middleware's."""
+    from fastapi.responses import JSONResponse
+
+    def on_reject(ctx: Any, decision: Any) -> JSONResponse:
+        return JSONResponse({"error": "quota", "limit": decision.subject}, status_code=429)
+
+    clock = FakeClock()
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/a", dependencies=[Depends(fidelity.limit("1/min", name="form"))])
+    async def a() -> dict[str, str]:
+        return {}
+
+    policy = Policy.from_dict({"rate_limit": [{"name": "policy", "match": "/b", "rate": "1/min"}]})
+
+    @app.get("/b")
+    async def b() -> dict[str, str]:
+        return {}
+
+    def add() -> None:
+        app.add_middleware(
+            FidelityMiddleware, policy=policy, on_reject=on_reject, clock=clock, telemetry=False
+        )
+
+    if middleware_first:
+        add()
+        fidelity.install(app)
+    else:
+        fidelity.install(app)
+        add()
+    answers = _get(app, ["/a", "/a", "/b", "/b"])
+    assert [r.status_code for r in answers] == [200, 429, 200, 429]
+    assert answers[1].json() == {"error": "quota", "limit": "form"}
+    assert answers[3].json() == {"error": "quota", "limit": "policy"}
+    assert answers[1].headers["retry-after"] == "60"  # kept around the hook's response
+
+
+def test_a_forms_own_on_reject_is_kept() -> None:
+    from fastapi.responses import PlainTextResponse
+
+    fidelity = Fidelity(on_reject=lambda ctx, decision: PlainTextResponse("own", 429))
+    app = FastAPI()
+
+    @app.get("/a", dependencies=[Depends(fidelity.limit("1/min"))])
+    async def a() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(),
+        on_reject=lambda ctx, decision: PlainTextResponse("middleware's", 429),
+        telemetry=False,
+    )
+    fidelity.install(app)
+    assert _get(app, ["/a", "/a"])[1].text == "own"

@@ -242,6 +242,7 @@ class Fidelity:
         self._install_one(app)
         for sub in _mounted_apps(app.routes):
             self._install_one(sub)
+        self._adopt_on_reject(app)
         # A mounted app answers its own exceptions and serves its own schema: without its
         # handler, a form's 429 there came in FastAPI's `{"detail": ...}` shape. Mounts
         # made after this call (`Fidelity(app)` runs it when the app is created) are
@@ -251,9 +252,27 @@ class Fidelity:
         def build_middleware_stack() -> Any:
             for sub in _mounted_apps(app.routes):
                 self._install_one(sub)
+            self._adopt_on_reject(app)  # a middleware added after this call
             return build()
 
         app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+    def _adopt_on_reject(self, app: FastAPI) -> None:
+        """Without a hook of its own, take the `on_reject` of the app's FidelityMiddleware:
+        one hook for every rejection, as docs/fastapi.md says, also where the app gave it
+        to the middleware alone (the forms' 429s came as RFC 9457 next to the hook's
+        bodies for the middleware's own)."""
+        if self.on_reject is not None:
+            return
+        from ..inbound import FidelityMiddleware
+
+        for entry in getattr(app, "user_middleware", ()):
+            cls = getattr(entry, "cls", None)
+            if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+                hook = dict(getattr(entry, "kwargs", {})).get("on_reject")
+                if hook is not None:
+                    self.on_reject = hook
+                    return
 
     def _install_one(self, app: FastAPI) -> None:
         if Rejected not in app.exception_handlers:
