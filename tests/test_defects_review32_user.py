@@ -689,3 +689,14 @@ def test_a_forms_own_on_reject_is_kept() -> None:
     )
     fidelity.install(app)
     assert _get(app, ["/a", "/a"])[1].text == "own"
+
+
+@pytest.mark.parametrize("command", ["check", "map", "audit"])
+def test_every_commands_help_says_its_exit_codes(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check --help` said them; `map` and `audit` (CI gates too) did not."""
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit " in text
+    assert "2 on usage errors" in text
