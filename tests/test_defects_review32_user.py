@@ -700,3 +700,28 @@ def test_every_commands_help_says_its_exit_codes(
     text = " ".join(capsys.readouterr().out.split())
     assert "Exit " in text
     assert "2 on usage errors" in text
+
+
+def test_a_forms_policy_with_rate_limits_and_no_middleware_says_they_do_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Fidelity(policy=Policy.from_toml("fidelity.toml"))` and no middleware: the file's
+    [[rate_limit]] tables limited nothing, silently (docs/fastapi.md: they are the
+    middleware's job)."""
+    from fastapi import APIRouter
+
+    policy = Policy.from_dict({"rate_limit": [{"name": "tight", "rate": "1/min"}]})
+    fidelity = Fidelity(policy=policy, clock=FakeClock())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/a")
+    async def a() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    with caplog.at_level("WARNING", logger="fidelity_mw"):
+        assert [r.status_code for r in _get(app, ["/a", "/a", "/a"])] == [200, 200, 200]
+    said = [r.getMessage() for r in caplog.records if "[[rate_limit]]" in r.getMessage()]
+    assert len(said) == 1
+    assert "apply only behind the middleware" in said[0]

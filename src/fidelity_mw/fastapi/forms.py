@@ -84,6 +84,7 @@ class Fidelity:
         self._own_policy: Policy | None = engine.policy if engine is not None else policy
         self.on_reject = on_reject
         self._no_peer_said = False
+        self._alone_said = False  # a policy's [[rate_limit]] entries without the middleware
         self.route_class: type[APIRoute] = route_class_for(self)
         if app is not None:
             self.install(app)
@@ -108,6 +109,17 @@ class Fidelity:
                 self._overridden(ctx.engine)
             return ctx
         engine = self.engine
+        if not self._alone_said:
+            self._alone_said = True
+            if engine.policy.rate_limits:
+                logger.warning(
+                    "fidelity_mw: Fidelity(policy=...) serves a request without "
+                    "FidelityMiddleware: the policy's %d [[rate_limit]] entries apply only "
+                    "behind the middleware (app.add_middleware(FidelityMiddleware, "
+                    "policy=...)); without it, declare limits with fidelity.limit "
+                    "(docs/fastapi.md)",
+                    len(engine.policy.rate_limits),
+                )
         scope = request.scope
         method = scope.get("method") or "GET"
         plan = engine.plan_for(scope if "method" in scope else {**scope, "method": method})
