@@ -725,3 +725,21 @@ def test_a_forms_policy_with_rate_limits_and_no_middleware_says_they_do_nothing(
     said = [r.getMessage() for r in caplog.records if "[[rate_limit]]" in r.getMessage()]
     assert len(said) == 1
     assert "apply only behind the middleware" in said[0]
+
+
+def test_check_warns_about_a_retry_credit_on_a_limit_that_refunds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """policy.md: `retry_credit_s` has "no effect with charge = "always"" - which validated
+    without a word, a setting that cannot be meant."""
+    path = tmp_path / "fidelity.toml"
+    path.write_text(
+        '[[rate_limit]]\nname = "login"\nrate = "5/min"\ncharge = "always"\nretry_credit_s = 30\n'
+        '\n[[rate_limit]]\nname = "off"\nrate = "5/min"\ncharge = "always"\nretry_credit_s = 0\n'
+        '\n[[rate_limit]]\nname = "api"\nrate = "5/min"\nretry_credit_s = 30\n'
+    )
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:5: warning: rate_limit[0].retry_credit_s: has no effect" in out
+    assert "rate_limit[1]" not in out
+    assert "rate_limit[2]" not in out

@@ -102,6 +102,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
     result.warnings.extend(_idle_excludes(name, lines, policy))
     result.warnings.extend(_idle_bulkhead_settings(name, lines, data, policy))
+    result.warnings.extend(_idle_retry_credit(name, lines, data, policy))
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     result.warnings.extend(_capped_open_times(name, lines, policy))
     result.warnings.extend(_wide_ipv6_prefixes(name, lines, policy))
@@ -249,6 +250,29 @@ def _protocol_everywhere(name: str, lines: KeyLines, policy: Policy) -> list[Fin
                 "x-fidelity-attempt and x-request-timeout-ms go to every host, third parties "
                 "included: set it on the entries of your own services instead (a host glob "
                 'such as "*.prod.example.net")'
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _idle_retry_credit(
+    name: str, lines: KeyLines, data: dict[str, Any], policy: Policy
+) -> list[Finding]:
+    """A `retry_credit_s` written on a limit with `charge = "always"`: the credit is earned
+    by refunds, and such a limit refunds nothing, so the key does nothing."""
+    raw_limits = data.get("rate_limit", [])
+    if isinstance(raw_limits, dict):
+        raw_limits = [raw_limits]  # a single [rate_limit] table, read as one entry
+    if not isinstance(raw_limits, list):
+        return []
+    out: list[Finding] = []
+    for i, (raw, lim) in enumerate(zip(raw_limits, policy.rate_limits, strict=False)):
+        written = raw.get("retry_credit_s") if isinstance(raw, dict) else None
+        if lim.charge == "always" and written:  # (0 says "none", which it is)
+            path = f"rate_limit[{i}].retry_credit_s"
+            message = (
+                "has no effect: the retry credit is earned by refunds, and a limit with "
+                'charge = "always" refunds nothing (remove it, or use charge = "served")'
             )
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out
