@@ -743,3 +743,64 @@ def test_check_warns_about_a_retry_credit_on_a_limit_that_refunds_nothing(
     assert f"{path}:5: warning: rate_limit[0].retry_credit_s: has no effect" in out
     assert "rate_limit[1]" not in out
     assert "rate_limit[2]" not in out
+
+
+# ------------------------------------------------ one name, one counter, one rate
+
+
+def test_a_form_limit_named_like_a_policy_limit_of_another_rate_counts_on_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """migration.md has a policy `[[rate_limit]] name = "default"` (100/min) and suggests
+    `Depends(fidelity.limit("3/min", name="default"))`: both counted on the key
+    "default|<client>" with two rates, and the client's very first request was refused
+    (GCRA's state written at 100/min is already past a 3/min limit's burst of 3)."""
+    clock = FakeClock()
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/orders", dependencies=[Depends(fidelity.limit("3/min", name="default"))])
+    async def orders() -> dict[str, str]:
+        return {}
+
+    policy = Policy.from_dict({"rate_limit": [{"name": "default", "rate": "100/min"}]})
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=clock, telemetry=False)
+    fidelity.install(app)
+    with caplog.at_level("ERROR", logger="fidelity_mw"):
+        answers = _get(app, ["/orders"] * 4)
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert '"default";r=97;' in answers[2].headers["ratelimit"]  # the policy's, untouched
+    said = [r.getMessage() for r in caplog.records if "count at different rates" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_a_form_limit_named_like_a_policy_limit_of_the_same_rate_shares_its_counter() -> None:
+    clock = FakeClock()
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/elsewhere", dependencies=[Depends(fidelity.limit("2/min", name="shared"))])
+    async def elsewhere() -> dict[str, str]:
+        return {}
+
+    @app.get("/api/x")
+    async def api() -> dict[str, str]:
+        return {}
+
+    policy = Policy.from_dict(
+        {"rate_limit": [{"name": "shared", "match": "/api/*", "rate": "2/min"}]}
+    )
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=clock, telemetry=False)
+    fidelity.install(app)
+    answers = _get(app, ["/api/x", "/elsewhere", "/api/x"])
+    assert [r.status_code for r in answers] == [200, 200, 429]  # one quota of 2
+
+
+def test_two_rates_on_one_form_limit_name_fail_where_they_are_defined() -> None:
+    from fidelity_mw import PolicyError
+
+    fidelity = Fidelity()
+    fidelity.limit("10/min", name="reports")
+    fidelity.limit("10/min", name="reports", cost=2)  # the same counter: fine
+    with pytest.raises(PolicyError, match=r"already the counter of fidelity\.limit"):
+        fidelity.limit("20/min", name="reports")

@@ -84,6 +84,7 @@ class Fidelity:
         self._own_policy: Policy | None = engine.policy if engine is not None else policy
         self.on_reject = on_reject
         self._no_peer_said = False
+        self._named: dict[str, LimitDependency] = {}  # fidelity.limit(name=...) by name
         self._alone_said = False  # a policy's [[rate_limit]] entries without the middleware
         self.route_class: type[APIRoute] = route_class_for(self)
         if app is not None:
@@ -208,7 +209,22 @@ class Fidelity:
         `client_ipv6_prefix`: this limit's own IPv6 prefix for its client keys (32 ..
         128; None: the policy's), as a `[[rate_limit]]`'s.
         """
-        return LimitDependency(self, rate, key, burst, cost, name, shadow, client_ipv6_prefix)
+        limit = LimitDependency(self, rate, key, burst, cost, name, shadow, client_ipv6_prefix)
+        if name is not None:
+            # One name is one counter (routes share it by name): two rates on it would
+            # fight over its state, and the slower refuse the faster's requests.
+            other = self._named.setdefault(name, limit)
+            if other is not limit and (other.burst_size, other.interval_s) != (
+                limit.burst_size,
+                limit.interval_s,
+            ):
+                raise PolicyError.at(
+                    f"fidelity.limit({rate!r}).name",
+                    f"{name!r} is already the counter of fidelity.limit({other.rate!r}, burst "
+                    f"{other.burst_size}): limits that share a name share one counter, so "
+                    "they need the same rate and burst; give this one another name",
+                )
+        return limit
 
     def breaker(
         self, config: BreakerConfig | bool | None = None, **fields: Any

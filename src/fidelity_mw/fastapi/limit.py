@@ -138,6 +138,11 @@ class LimitDependency:
         self.tolerance_s = checked.burst_size * interval
         self.cost_fn: CostFunc | None = cost if callable(cost) else None
         self.cost = 1 if callable(cost) else cost
+        # The engine whose policy `counter` was last checked against, and what this limit
+        # counts on there: its name, or (a policy [[rate_limit]] of that name counting at
+        # another rate) a counter of its own (`_counter_for`).
+        self._checked: Engine | None = None
+        self._counter = name or ""
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -152,6 +157,7 @@ class LimitDependency:
         engine = ctx.engine
         now = engine.clock.monotonic()
         name = self.name or default_name(ctx.route, self.rate)
+        counter = name if self.name is None else self._counter_for(engine)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
         costed: dict[str, DetailValue] = {}
@@ -178,7 +184,7 @@ class LimitDependency:
             # traces; an address the middleware's limits counted by stays (its rule)
             ctx.client_key = value
         try:
-            result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
+            result = await engine.store.admit(None, None, (f"{counter}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
             refused = self._state_failure(ctx, name, exc, now)
             if refused is not None:
@@ -230,7 +236,7 @@ class LimitDependency:
             charged = request.scope.get(_CHARGED)
             if charged is None:
                 charged = request.scope[_CHARGED] = []
-            charged.append((f"{name}|{value}", spec, result, verdict.tat))
+            charged.append((f"{counter}|{value}", spec, result, verdict.tat))
             if not self.shadow:
                 for field, text in fields.items():
                     response.headers.append(field, text)
@@ -298,12 +304,49 @@ class LimitDependency:
             )
         ctx = self.owner.context(request)
         name = self.name or default_name(route or ctx.route, self.rate)
+        counter = name if self.name is None else self._counter_for(ctx.engine)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
         value = await self._key_value(request, ctx, identity)
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         now = ctx.engine.clock.monotonic()
-        return await peek_limits(ctx.engine, (f"{name}|{value}",), (spec,), (self.burst_size,), now)
+        keys = (f"{counter}|{value}",)
+        return await peek_limits(ctx.engine, keys, (spec,), (self.burst_size,), now)
+
+    def _counter_for(self, engine: Engine) -> str:
+        """The counter this named limit keeps on `engine`: its name, which a policy
+        [[rate_limit]] of the same name shares when it counts at the same rate and burst.
+        At another rate the two specs fought over one state key (GCRA's theoretical
+        arrival time: with a policy "default" of 100/min, a form "default" of 3/min
+        refused a client's first request); the form then counts on a counter of its own,
+        said once."""
+        if engine is self._checked:
+            return self._counter
+        name = self.name
+        assert name is not None
+        counter = name
+        for lim in engine.policy.rate_limits:
+            if lim.name != name:
+                continue
+            same = lim.burst_size == self.burst_size and math.isclose(
+                lim.emission_interval_s, self.interval_s
+            )
+            if not same:
+                counter = f"{name}@form"
+                logger.error(
+                    "fidelity_mw: fidelity.limit(%r, name=%r) and the policy's [[rate_limit]] "
+                    "%r count at different rates (%s, burst %d): one counter cannot hold "
+                    "both, so the dependency counts on one of its own; give it another name, "
+                    "or the same rate and burst to share the policy's",
+                    self.rate,
+                    name,
+                    name,
+                    lim.rate,
+                    lim.burst_size,
+                )
+            break
+        self._checked, self._counter = engine, counter
+        return counter
 
     async def _cost_of(self, request: HTTPConnection, name: str) -> int:
         """The units this request takes, from the cost function: a whole number >= 0."""
