@@ -804,3 +804,31 @@ def test_two_rates_on_one_form_limit_name_fail_where_they_are_defined() -> None:
     fidelity.limit("10/min", name="reports", cost=2)  # the same counter: fine
     with pytest.raises(PolicyError, match=r"already the counter of fidelity\.limit"):
         fidelity.limit("20/min", name="reports")
+
+
+# ------------------------------------------------ fake_time(app=...) and a mounted app's stack
+
+
+def test_fake_time_rebuilds_the_stack_of_a_mounted_app_with_its_own_middleware() -> None:
+    """`fake_time(app=app)` dropped the app's built stack, not a mounted app's: a
+    FidelityMiddleware on `v2` (mounted at /v2) kept the system clock and the state of
+    the requests before the block, so the block's first request was refused and
+    `clock.advance` refilled nothing."""
+    from fidelity_mw.testing import fake_time
+
+    v2 = FastAPI()
+
+    @v2.get("/x")
+    async def x() -> dict[str, str]:
+        return {}
+
+    policy = Policy.from_dict({"rate_limit": [{"name": "a", "rate": "1/min"}]})
+    v2.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
+    app = FastAPI()
+    app.mount("/v2", v2)
+    assert _get(app, ["/v2/x"])[0].status_code == 200  # builds v2's stack, spends the unit
+    with fake_time(app=app) as clock:
+        first, refused = _get(app, ["/v2/x", "/v2/x"])
+        clock.advance(60)
+        refilled = _get(app, ["/v2/x"])[0]
+    assert [first.status_code, refused.status_code, refilled.status_code] == [200, 429, 200]
