@@ -832,3 +832,35 @@ def test_fake_time_rebuilds_the_stack_of_a_mounted_app_with_its_own_middleware()
         clock.advance(60)
         refilled = _get(app, ["/v2/x"])[0]
     assert [first.status_code, refused.status_code, refilled.status_code] == [200, 429, 200]
+
+
+def test_map_says_where_a_form_limit_named_like_a_policy_limit_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fidelity_mw.tools.statemap import from_app
+
+    (tmp_path / "mapped_namesakes32.py").write_text(
+        "from fastapi import Depends, FastAPI\n"
+        "from fidelity_mw import FidelityMiddleware, Policy\n"
+        "from fidelity_mw.fastapi import Fidelity\n"
+        "fidelity = Fidelity()\n"
+        "app = FastAPI()\n"
+        "@app.get('/a', dependencies=[Depends(fidelity.limit('3/min', name='default'))])\n"
+        "async def a():\n"
+        "    return {}\n"
+        "@app.get('/b', dependencies=[Depends(fidelity.limit('100/minute', name='api'))])\n"
+        "async def b():\n"
+        "    return {}\n"
+        "policy = Policy.from_dict({'rate_limit': [\n"
+        "    {'name': 'default', 'rate': '100/min'}, {'name': 'api', 'rate': '100/min'}]})\n"
+        "app.add_middleware(FidelityMiddleware, policy=policy)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    smap = from_app("mapped_namesakes32:app")
+    forms = {r.subject.split(":")[0]: r for r in smap.layers if r.config.startswith("fidelity.")}
+    own = forms["route GET /a"]
+    assert own.key == "default@form|{client}"
+    assert "counts at 100/min, so this one keeps its own" in own.data
+    shared = forms["route GET /b"]
+    assert shared.key == "api|{client}"  # 100/minute is 100/min: one counter
+    assert "shared with the policy's [[rate_limit]]" in shared.data

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -993,6 +994,20 @@ def _form_layers(
                 )
                 counter = call.name or f"<route>:{call.rate}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
+                limits = policy.rate_limits if policy is not None else ()
+                namesake = next((lim for lim in limits if lim.name == call.name), None)
+                if namesake is not None and (
+                    namesake.burst_size != call.burst_size
+                    or not math.isclose(namesake.emission_interval_s, call.interval_s)
+                ):
+                    # (fastapi/limit.py `_counter_for`: what the dependency counts on then)
+                    counter = f"{call.name}@form"
+                    shared = (
+                        f" (counter {counter!r}: the policy's [[rate_limit]] {call.name!r} "
+                        f"counts at {namesake.rate}, so this one keeps its own)"
+                    )
+                elif namesake is not None:
+                    shared = f" (counter {call.name!r}, shared with the policy's [[rate_limit]])"
                 rows.append(
                     Layer(
                         "inbound",
