@@ -864,3 +864,45 @@ def test_map_says_where_a_form_limit_named_like_a_policy_limit_counts(
     shared = forms["route GET /b"]
     assert shared.key == "api|{client}"  # 100/minute is 100/min: one counter
     assert "shared with the policy's [[rate_limit]]" in shared.data
+
+
+# ------------------------------------------------ check: BOM and CRLF files, empty files
+
+
+@pytest.mark.parametrize(
+    ("bom", "newline"),
+    [(False, "\r\n"), (True, "\r\n"), (True, "\n")],
+    ids=["crlf", "bom-crlf", "bom"],
+)
+def test_check_names_file_line_and_key_in_a_file_saved_on_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bom: bool, newline: str
+) -> None:
+    lines = [
+        "version = 1",
+        "",
+        "[[rate_limit]]",
+        'name = "per-client"',
+        'rate = "5/s"',
+        "burts = 3",
+        "",
+        "[[upstream]]",
+        'host = "payments.internal"',
+        "retry = { attempts = 30 }",
+    ]
+    path = tmp_path / "fidelity.toml"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + newline.join(lines).encode())
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:6: rate_limit[0].burts: unknown key; did you mean 'burst'?" in out
+    assert f"{path}:10: upstream[0].retry.attempts: 30 is out of range" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing here yet\n", "\ufeff"])
+def test_check_takes_an_empty_policy_as_every_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    path = tmp_path / "fidelity.toml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["check", str(path)]) == 0
+    assert f"ok, policy version {Policy().version}" in capsys.readouterr().out
