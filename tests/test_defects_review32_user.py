@@ -906,3 +906,61 @@ def test_check_takes_an_empty_policy_as_every_default(
     path.write_text(text, encoding="utf-8")
     assert main(["check", str(path)]) == 0
     assert f"ok, policy version {Policy().version}" in capsys.readouterr().out
+
+
+# ------------------------------------------------ OpenAPI: the policy's limits document 429
+
+
+def test_install_documents_the_429_of_the_middlewares_own_limits() -> None:
+    """fastapi.md recommends a `[[rate_limit]]` matching the route over the dependency
+    (cheaper), yet only the dependency's 429 reached the OpenAPI schema: a client
+    generated from it knew nothing of the policy's refusals."""
+    policy = Policy.from_dict(
+        {
+            "rate_limit": [
+                {"name": "writes", "match": "/api/*", "methods": ["POST"], "rate": "5/s"},
+                {"name": "v2", "match": "/v2/*", "exclude": ["/v2/open"], "rate": "5/s"},
+                {"name": "trial", "match": "/health", "rate": "5/s", "shadow": True},
+            ]
+        }
+    )
+    fidelity = Fidelity()
+    v2 = FastAPI()
+
+    @v2.get("/things/{thing_id}")
+    async def thing(thing_id: str) -> dict[str, str]:
+        return {}
+
+    @v2.get("/open")
+    async def open_() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+
+    @app.post("/api/items/{item_id}")
+    async def write(item_id: str) -> dict[str, str]:
+        return {}
+
+    @app.get("/api/items/{item_id}")
+    async def read(item_id: str) -> dict[str, str]:
+        return {}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    app.mount("/v2", v2)
+    fidelity.install(app)
+    app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)  # after install
+    schema, v2_schema = (r.json() for r in _get(app, ["/openapi.json", "/v2/openapi.json"]))
+
+    def statuses(doc: dict[str, Any], path: str, method: str) -> set[str]:
+        return set(doc["paths"][path][method]["responses"]) - {"200", "422"}
+
+    assert statuses(schema, "/api/items/{item_id}", "post") == {"429"}
+    assert statuses(schema, "/api/items/{item_id}", "get") == set()  # POST only
+    assert statuses(schema, "/health", "get") == set()  # a shadow limit never refuses
+    assert statuses(v2_schema, "/things/{thing_id}", "get") == {"429"}  # /v2/things/x
+    assert statuses(v2_schema, "/open", "get") == set()  # excluded
+    entry = schema["paths"]["/api/items/{item_id}"]["post"]["responses"]["429"]
+    assert "Retry-After" in entry["headers"]

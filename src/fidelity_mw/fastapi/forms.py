@@ -43,18 +43,35 @@ logger = logging.getLogger("fidelity_mw")
 # ---------------------------------------------------------------- Fidelity
 
 
-def _mounted_apps(routes: Any, depth: int = 0) -> list[FastAPI]:
-    """The FastAPI apps mounted among `routes` (`Mount`, `Host`), at any depth."""
-    found: list[FastAPI] = []
+def _mounted_apps(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[FastAPI, str]]:
+    """The FastAPI apps mounted among `routes` (`Mount`, `Host`), at any depth, each with
+    the path it is mounted at."""
+    found: list[tuple[FastAPI, str]] = []
     if depth > 16:
         return found
     for route in routes or ():
         sub = getattr(route, "app", None)
         if not hasattr(route, "routes") or sub is None:
             continue  # not a Mount or a Host
+        at = prefix + str(getattr(route, "path", "") or "")
         if isinstance(sub, FastAPI):
-            found.append(sub)
-        found += _mounted_apps(getattr(sub, "routes", None), depth + 1)
+            found.append((sub, at))
+        found += _mounted_apps(getattr(sub, "routes", None), at, depth + 1)
+    return found
+
+
+def _middleware_policies(app: Any) -> list[Policy]:
+    """The policies of the FidelityMiddleware entries added to `app` (`add_middleware`)."""
+    from ..inbound import FidelityMiddleware
+
+    found: list[Policy] = []
+    for entry in getattr(app, "user_middleware", ()):
+        cls = getattr(entry, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+            kwargs = dict(getattr(entry, "kwargs", {}))
+            policy = kwargs.get("policy") or getattr(kwargs.get("engine"), "policy", None)
+            if isinstance(policy, Policy):
+                found.append(policy)
     return found
 
 
@@ -268,8 +285,8 @@ class Fidelity:
         and 429/503/504 in the OpenAPI of every route that uses a form; the same for the
         FastAPI apps mounted on it (`app.mount("/v2", v2)`), those mounted later too."""
         self._install_one(app)
-        for sub in _mounted_apps(app.routes):
-            self._install_one(sub)
+        for sub, at in _mounted_apps(app.routes):
+            self._install_one(sub, app, at)
         self._adopt_on_reject(app)
         # A mounted app answers its own exceptions and serves its own schema: without its
         # handler, a form's 429 there came in FastAPI's `{"detail": ...}` shape. Mounts
@@ -278,8 +295,8 @@ class Fidelity:
         build = app.build_middleware_stack
 
         def build_middleware_stack() -> Any:
-            for sub in _mounted_apps(app.routes):
-                self._install_one(sub)
+            for sub, at in _mounted_apps(app.routes):
+                self._install_one(sub, app, at)
             self._adopt_on_reject(app)  # a middleware added after this call
             return build()
 
@@ -302,7 +319,9 @@ class Fidelity:
                     self.on_reject = hook
                     return
 
-    def _install_one(self, app: FastAPI) -> None:
+    def _install_one(self, app: FastAPI, parent: FastAPI | None = None, at: str = "") -> None:
+        """Install on `app`, mounted at `at` on `parent` (whose middleware's limits see
+        the mounted routes' paths with `at` before them)."""
         if Rejected not in app.exception_handlers:
             app.add_exception_handler(Rejected, self.handle_rejected)  # type: ignore[arg-type]
         if getattr(app.openapi, "_fidelity_documents", False):
@@ -311,9 +330,13 @@ class Fidelity:
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
+                # the [[rate_limit]] tables of the middleware on this app, and on the app
+                # it is mounted on: read when the schema is made, after add_middleware
+                limits = [(policy, "") for policy in _middleware_policies(app)]
+                limits += [(policy, at) for policy in _middleware_policies(parent)]
                 for route in flat_routes(app.routes):
                     if isinstance(getattr(route, "original_route", route), APIRoute):
-                        document(route)
+                        document(route, policies=limits)
             return generate()
 
         openapi._fidelity_documents = True  # type: ignore[attr-defined]
