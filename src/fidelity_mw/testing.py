@@ -191,8 +191,28 @@ def _stack_resetter(app: Any) -> Callable[[], None]:
 
     def reset() -> None:
         app.middleware_stack = None
+        # A mounted app builds a stack of its own at its first request: a middleware on
+        # it (`v2.add_middleware(FidelityMiddleware, ...)`) kept the clock and the state
+        # of the stack built before the block, silently (no FakeTimeWarning with app=).
+        for sub in _mounted_apps(app):
+            sub.middleware_stack = None
 
     return reset
+
+
+def _mounted_apps(app: Any, depth: int = 0) -> list[Any]:
+    """The Starlette apps mounted under `app` (`Mount`, `Host`), at any depth."""
+    found: list[Any] = []
+    if depth > 16:
+        return found
+    for route in getattr(app, "routes", None) or ():
+        if not hasattr(route, "routes"):
+            continue  # not a Mount or a Host
+        sub = getattr(route, "app", None)
+        if hasattr(sub, "middleware_stack") and hasattr(sub, "user_middleware"):
+            found.append(sub)
+        found += _mounted_apps(sub, depth + 1)
+    return found
 
 
 _Saved = tuple[Clock, RandomSource, Any]

@@ -43,6 +43,38 @@ logger = logging.getLogger("fidelity_mw")
 # ---------------------------------------------------------------- Fidelity
 
 
+def _mounted_apps(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[FastAPI, str]]:
+    """The FastAPI apps mounted among `routes` (`Mount`, `Host`), at any depth, each with
+    the path it is mounted at."""
+    found: list[tuple[FastAPI, str]] = []
+    if depth > 16:
+        return found
+    for route in routes or ():
+        sub = getattr(route, "app", None)
+        if not hasattr(route, "routes") or sub is None:
+            continue  # not a Mount or a Host
+        at = prefix + str(getattr(route, "path", "") or "")
+        if isinstance(sub, FastAPI):
+            found.append((sub, at))
+        found += _mounted_apps(getattr(sub, "routes", None), at, depth + 1)
+    return found
+
+
+def _middleware_policies(app: Any) -> list[Policy]:
+    """The policies of the FidelityMiddleware entries added to `app` (`add_middleware`)."""
+    from ..inbound import FidelityMiddleware
+
+    found: list[Policy] = []
+    for entry in getattr(app, "user_middleware", ()):
+        cls = getattr(entry, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+            kwargs = dict(getattr(entry, "kwargs", {}))
+            policy = kwargs.get("policy") or getattr(kwargs.get("engine"), "policy", None)
+            if isinstance(policy, Policy):
+                found.append(policy)
+    return found
+
+
 class Fidelity:
     """The FastAPI forms of one application. Create one, share it between routers."""
 
@@ -64,8 +96,13 @@ class Fidelity:
             rng,
         )
         self._store = store
+        # A policy (or engine) given here that the middleware's overrides: said once, at
+        # the first request the middleware decided (as FidelityTransport says it)
+        self._own_policy: Policy | None = engine.policy if engine is not None else policy
         self.on_reject = on_reject
         self._no_peer_said = False
+        self._named: dict[str, LimitDependency] = {}  # fidelity.limit(name=...) by name
+        self._alone_said = False  # a policy's [[rate_limit]] entries without the middleware
         self.route_class: type[APIRoute] = route_class_for(self)
         if app is not None:
             self.install(app)
@@ -86,8 +123,21 @@ class Fidelity:
         a GET)."""
         ctx = context_from_scope(request.scope)
         if ctx is not None:
+            if self._own_policy is not None:
+                self._overridden(ctx.engine)
             return ctx
         engine = self.engine
+        if not self._alone_said:
+            self._alone_said = True
+            if engine.policy.rate_limits:
+                logger.warning(
+                    "fidelity_mw: Fidelity(policy=...) serves a request without "
+                    "FidelityMiddleware: the policy's %d [[rate_limit]] entries apply only "
+                    "behind the middleware (app.add_middleware(FidelityMiddleware, "
+                    "policy=...)); without it, declare limits with fidelity.limit "
+                    "(docs/fastapi.md)",
+                    len(engine.policy.rate_limits),
+                )
         scope = request.scope
         method = scope.get("method") or "GET"
         plan = engine.plan_for(scope if "method" in scope else {**scope, "method": method})
@@ -95,6 +145,21 @@ class Fidelity:
         state = request.scope.setdefault("state", {})
         state["fidelity"] = ctx
         return ctx
+
+    def _overridden(self, engine: Engine) -> None:
+        """The forms run behind the middleware, on its engine: a policy given here with
+        other settings (its state URL, its rate-limit fields) applies nowhere."""
+        own = self._own_policy
+        self._own_policy = None  # asked once
+        if own is None or engine is self._engine or engine.policy.version == own.version:
+            return
+        logger.warning(
+            "fidelity_mw: Fidelity(policy=...) is used behind FidelityMiddleware, whose "
+            "policy differs (version %s, not %s): the forms count on the middleware's engine, "
+            "with its policy and state; give the middleware this policy (docs/fastapi.md)",
+            engine.policy.version,
+            own.version,
+        )
 
     def client_ip(
         self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
@@ -161,7 +226,22 @@ class Fidelity:
         `client_ipv6_prefix`: this limit's own IPv6 prefix for its client keys (32 ..
         128; None: the policy's), as a `[[rate_limit]]`'s.
         """
-        return LimitDependency(self, rate, key, burst, cost, name, shadow, client_ipv6_prefix)
+        limit = LimitDependency(self, rate, key, burst, cost, name, shadow, client_ipv6_prefix)
+        if name is not None:
+            # One name is one counter (routes share it by name): two rates on it would
+            # fight over its state, and the slower refuse the faster's requests.
+            other = self._named.setdefault(name, limit)
+            if other is not limit and (other.burst_size, other.interval_s) != (
+                limit.burst_size,
+                limit.interval_s,
+            ):
+                raise PolicyError.at(
+                    f"fidelity.limit({rate!r}).name",
+                    f"{name!r} is already the counter of fidelity.limit({other.rate!r}, burst "
+                    f"{other.burst_size}): limits that share a name share one counter, so "
+                    "they need the same rate and burst; give this one another name",
+                )
+        return limit
 
     def breaker(
         self, config: BreakerConfig | bool | None = None, **fields: Any
@@ -202,18 +282,64 @@ class Fidelity:
 
     def install(self, app: FastAPI) -> None:
         """RFC 9457 responses for `Rejected` (unless the app has its own handler for it),
-        and 429/503/504 in the OpenAPI of every route that uses a form."""
+        and 429/503/504 in the OpenAPI of every route that uses a form; the same for the
+        FastAPI apps mounted on it (`app.mount("/v2", v2)`), those mounted later too."""
+        self._install_one(app)
+        for sub, at in _mounted_apps(app.routes):
+            self._install_one(sub, app, at)
+        self._adopt_on_reject(app)
+        # A mounted app answers its own exceptions and serves its own schema: without its
+        # handler, a form's 429 there came in FastAPI's `{"detail": ...}` shape. Mounts
+        # made after this call (`Fidelity(app)` runs it when the app is created) are
+        # installed when the app builds its stack, before its first request.
+        build = app.build_middleware_stack
+
+        def build_middleware_stack() -> Any:
+            for sub, at in _mounted_apps(app.routes):
+                self._install_one(sub, app, at)
+            self._adopt_on_reject(app)  # a middleware added after this call
+            return build()
+
+        app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+    def _adopt_on_reject(self, app: FastAPI) -> None:
+        """Without a hook of its own, take the `on_reject` of the app's FidelityMiddleware:
+        one hook for every rejection, as docs/fastapi.md says, also where the app gave it
+        to the middleware alone (the forms' 429s came as RFC 9457 next to the hook's
+        bodies for the middleware's own)."""
+        if self.on_reject is not None:
+            return
+        from ..inbound import FidelityMiddleware
+
+        for entry in getattr(app, "user_middleware", ()):
+            cls = getattr(entry, "cls", None)
+            if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+                hook = dict(getattr(entry, "kwargs", {})).get("on_reject")
+                if hook is not None:
+                    self.on_reject = hook
+                    return
+
+    def _install_one(self, app: FastAPI, parent: FastAPI | None = None, at: str = "") -> None:
+        """Install on `app`, mounted at `at` on `parent` (whose middleware's limits see
+        the mounted routes' paths with `at` before them)."""
         if Rejected not in app.exception_handlers:
             app.add_exception_handler(Rejected, self.handle_rejected)  # type: ignore[arg-type]
+        if getattr(app.openapi, "_fidelity_documents", False):
+            return  # installed already (by this Fidelity or another)
         generate = app.openapi
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
+                # the [[rate_limit]] tables of the middleware on this app, and on the app
+                # it is mounted on: read when the schema is made, after add_middleware
+                limits = [(policy, "") for policy in _middleware_policies(app)]
+                limits += [(policy, at) for policy in _middleware_policies(parent)]
                 for route in flat_routes(app.routes):
                     if isinstance(getattr(route, "original_route", route), APIRoute):
-                        document(route)
+                        document(route, policies=limits)
             return generate()
 
+        openapi._fidelity_documents = True  # type: ignore[attr-defined]
         app.openapi = openapi  # type: ignore[method-assign]
 
     async def handle_rejected(self, request: Request, exc: Rejected) -> Response:

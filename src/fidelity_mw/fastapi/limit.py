@@ -58,6 +58,9 @@ class FormsOwner(Protocol):
 
 
 _MAX_KEY_CHARS: Final = 64
+# Where a request's admitted form limits note what they charged (in its ASGI scope, one
+# list per request): a later form limit that refuses the request gives those units back
+_CHARGED: Final = "fidelity_mw.forms.charged"
 # What a cost function may raise that is no failure of it: the app's answer to the
 # request, or the client gone while it read the body (the middleware's to record)
 _APP_ANSWERS: Final = (
@@ -135,6 +138,11 @@ class LimitDependency:
         self.tolerance_s = checked.burst_size * interval
         self.cost_fn: CostFunc | None = cost if callable(cost) else None
         self.cost = 1 if callable(cost) else cost
+        # The engine whose policy `counter` was last checked against, and what this limit
+        # counts on there: its name, or (a policy [[rate_limit]] of that name counting at
+        # another rate) a counter of its own (`_counter_for`).
+        self._checked: Engine | None = None
+        self._counter = name or ""
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -149,6 +157,7 @@ class LimitDependency:
         engine = ctx.engine
         now = engine.clock.monotonic()
         name = self.name or default_name(ctx.route, self.rate)
+        counter = name if self.name is None else self._counter_for(engine)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
         costed: dict[str, DetailValue] = {}
@@ -163,7 +172,9 @@ class LimitDependency:
             )  # fmt: skip
             return
         if cost > self.burst_size:
-            self._over_burst(ctx, name, cost, costed, now)
+            if self._over_burst(ctx, name, cost, costed, now):
+                await give_back(request, engine)
+                raise self._over_burst_rejection(ctx, name, cost)
             return
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         value = await self._key_value(request, ctx, identity)
@@ -173,9 +184,12 @@ class LimitDependency:
             # traces; an address the middleware's limits counted by stays (its rule)
             ctx.client_key = value
         try:
-            result = await engine.store.admit(None, None, (f"{name}|{value}",), (spec,), now)
+            result = await engine.store.admit(None, None, (f"{counter}|{value}",), (spec,), now)
         except Exception as exc:  # the middleware's rule for its own limits: `on_error`
-            self._state_failure(ctx, name, exc, now)
+            refused = self._state_failure(ctx, name, exc, now)
+            if refused is not None:
+                await give_back(request, engine)
+                raise refused from None
             return
         verdict = result.limits[0]
         source, age = result.source, result.age_s
@@ -219,6 +233,10 @@ class LimitDependency:
                 at=now,
                 details={"remaining": verdict.remaining, **costed},
             )
+            charged = request.scope.get(_CHARGED)
+            if charged is None:
+                charged = request.scope[_CHARGED] = []
+            charged.append((f"{counter}|{value}", spec, result, verdict.tat))
             if not self.shadow:
                 for field, text in fields.items():
                     response.headers.append(field, text)
@@ -248,8 +266,9 @@ class LimitDependency:
         )
         # The 429 is this limit's decision: the middleware reports it so, and its own
         # limits give back what they charged (one layer's rejection costs no quota of
-        # another).
+        # another), as do the route's other form limits that admitted it before this one.
         ctx.shed_by = LAYER_RATELIMIT
+        await give_back(request, engine)
         problem = problem_document(
             429,
             "Too Many Requests",
@@ -285,12 +304,49 @@ class LimitDependency:
             )
         ctx = self.owner.context(request)
         name = self.name or default_name(route or ctx.route, self.rate)
+        counter = name if self.name is None else self._counter_for(ctx.engine)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
         value = await self._key_value(request, ctx, identity)
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         now = ctx.engine.clock.monotonic()
-        return await peek_limits(ctx.engine, (f"{name}|{value}",), (spec,), (self.burst_size,), now)
+        keys = (f"{counter}|{value}",)
+        return await peek_limits(ctx.engine, keys, (spec,), (self.burst_size,), now)
+
+    def _counter_for(self, engine: Engine) -> str:
+        """The counter this named limit keeps on `engine`: its name, which a policy
+        [[rate_limit]] of the same name shares when it counts at the same rate and burst.
+        At another rate the two specs fought over one state key (GCRA's theoretical
+        arrival time: with a policy "default" of 100/min, a form "default" of 3/min
+        refused a client's first request); the form then counts on a counter of its own,
+        said once."""
+        if engine is self._checked:
+            return self._counter
+        name = self.name
+        assert name is not None
+        counter = name
+        for lim in engine.policy.rate_limits:
+            if lim.name != name:
+                continue
+            same = lim.burst_size == self.burst_size and math.isclose(
+                lim.emission_interval_s, self.interval_s
+            )
+            if not same:
+                counter = f"{name}@form"
+                logger.error(
+                    "fidelity_mw: fidelity.limit(%r, name=%r) and the policy's [[rate_limit]] "
+                    "%r count at different rates (%s, burst %d): one counter cannot hold "
+                    "both, so the dependency counts on one of its own; give it another name, "
+                    "or the same rate and burst to share the policy's",
+                    self.rate,
+                    name,
+                    name,
+                    lim.rate,
+                    lim.burst_size,
+                )
+            break
+        self._checked, self._counter = engine, counter
+        return counter
 
     async def _cost_of(self, request: HTTPConnection, name: str) -> int:
         """The units this request takes, from the cost function: a whole number >= 0."""
@@ -327,22 +383,29 @@ class LimitDependency:
         cost: int,
         costed: dict[str, DetailValue],
         now: float,
-    ) -> None:
+    ) -> bool:
         """A request costing more than the burst: no wait would ever admit it, so it is
         refused at once, without asking the store (and with no Retry-After: retrying the
-        same request cannot help)."""
+        same request cannot help). Records the decision; True when it refuses (the caller
+        gives back the units of the route's other form limits, then raises
+        `_over_burst_rejection`), False for a shadow limit."""
         details: dict[str, DetailValue] = {**costed, "burst": self.burst_size}
         if self.shadow:
             ctx.decide(
                 LAYER_RATELIMIT, name, WOULD_REJECT, "cost_over_burst_shadow",
                 source=SOURCE_REQUEST, at=now, details={**details, "shadow": True},
             )  # fmt: skip
-            return
-        decision = ctx.decide(
+            return False
+        ctx.decide(
             LAYER_RATELIMIT, name, REJECT, "cost_over_burst", source=SOURCE_REQUEST, at=now,
             details=details,
         )  # fmt: skip
         ctx.shed_by = LAYER_RATELIMIT
+        return True
+
+    def _over_burst_rejection(self, ctx: DecisionContext, name: str, cost: int) -> RateLimited:
+        """The 429 `cost-over-burst` of the decision `_over_burst` recorded."""
+        decision = ctx.decisions[-1]
         problem = problem_document(
             429,
             "Too Many Requests",
@@ -358,12 +421,15 @@ class LimitDependency:
         policy = ctx.engine.policy
         if policy.rate_limit_headers != "never" and policy.rate_limit_header_names != "x-ratelimit":
             fields["RateLimit-Policy"] = policy_field(advertised, self.burst_size, self.tolerance_s)
-        raise RateLimited(429, problem, fields, ctx, decision)
+        return RateLimited(429, problem, fields, ctx, decision)
 
-    def _state_failure(self, ctx: DecisionContext, name: str, exc: Exception, now: float) -> None:
+    def _state_failure(
+        self, ctx: DecisionContext, name: str, exc: Exception, now: float
+    ) -> Rejected | None:
         """The store failed (Redis away under `on_error = "closed"`, say): decide as the
         middleware does for its own limits, not with the app's 500. "closed" answers 503
-        `state-unavailable`; otherwise the request goes on, and the record says why."""
+        `state-unavailable` (returned, for the caller to raise); otherwise the request
+        goes on, and the record says why."""
         on_error = ctx.engine.policy.state.on_error
         if decide_without_state(
             ctx, LAYER_RATELIMIT, name, exc, now, refuse=on_error == "closed" and not self.shadow
@@ -371,7 +437,8 @@ class LimitDependency:
             # not the route breaker's evidence, nor its quota; decided by the state's
             # absence (the limit is not exhausted), as the middleware's own refusal says
             ctx.shed_by = LAYER_STATE
-            raise state_unavailable(ctx)
+            return state_unavailable(ctx)
+        return None
 
     async def _key_value(
         self, request: HTTPConnection, ctx: DecisionContext, identity: object = None
@@ -403,6 +470,30 @@ class LimitDependency:
         ip = self.owner.client_ip(request, ctx.engine, self.ipv6_prefix)
         ctx.client_key = ip
         return ip
+
+
+async def give_back(request: HTTPConnection, engine: Engine) -> None:
+    """A form limit refuses the request: give back the units the route's form limits that
+    admitted it before charged (`_CHARGED`), as the middleware's own limits get theirs
+    back. A refusal costs no quota: without this, a client retrying against a route's
+    tight limit spent its app-wide `Depends(fidelity.limit(..., name=...))` quota on
+    requests that were never served, and was then refused everywhere. Best effort, as
+    every refund: one that cannot reach the store is logged and dropped."""
+    charged = request.scope.pop(_CHARGED, None)
+    if not charged:
+        return
+    store = engine.store
+    now = engine.clock.monotonic()
+    for key, spec, result, tat in charged:
+        try:
+            if result.fleet is not None:  # said only when set: a store of the user's
+                await store.refund((key,), (spec,), result.source, now, (tat,), fleet=result.fleet)
+            else:
+                await store.refund((key,), (spec,), result.source, now, (tat,))
+        except Exception:
+            log_exception(
+                logger, "form_refund", "fidelity_mw: could not give back the units of %s", key
+            )
 
 
 def default_name(route: str, rate: str) -> str:

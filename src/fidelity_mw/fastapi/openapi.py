@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from fastapi.dependencies.models import Dependant
 
 from ..overrides import override_of
+from ..policy import Policy
+from ..policy.model import covers_method, glob_matches, names_head
 from ..rejections import (
     PROBLEM_MEDIA_TYPE,
 )
@@ -63,13 +66,42 @@ def _calls(dependant: Dependant) -> Iterator[Any]:
         yield from _calls(sub)
 
 
-def document(route: Any, enforced: bool = False) -> None:
+_PARAM: Final = re.compile(r"\{[^}]*\}")
+
+
+def _policy_limits(route: Any, policies: Sequence[tuple[Policy, str]]) -> bool:
+    """Whether a `[[rate_limit]]` of the middleware's policies can refuse the route: its
+    `match` (and no `exclude`) covers the route's path (each parameter a sample value,
+    after the path the app is mounted at) and its `methods` one of the route's methods.
+    Shadow limits never refuse."""
+    path = _PARAM.sub("x", str(getattr(route, "path", "") or ""))
+    methods = getattr(route, "methods", None) or {"GET"}
+    for policy, at in policies:
+        full = at + path
+        head_named = names_head(policy.rate_limits)
+        for lim in policy.rate_limits:
+            if lim.shadow or not glob_matches(lim.match, full):
+                continue
+            if any(glob_matches(glob, full) for glob in lim.exclude):
+                continue
+            if any(covers_method(lim.methods, method, head_named) for method in methods):
+                return True
+    return False
+
+
+def document(
+    route: Any, enforced: bool = False, policies: Sequence[tuple[Policy, str]] = ()
+) -> None:
     """Add 429 / 503 / 504 problem responses the route can give to its OpenAPI entry.
 
     `route`: an APIRoute, or FastAPI's view of one inside an included router
-    (its `responses` is the dict the OpenAPI generator reads)."""
+    (its `responses` is the dict the OpenAPI generator reads). `policies`: the policies
+    of the middleware in front of the route, each with the path the route's app is
+    mounted at: a `[[rate_limit]]` covering the route documents its 429 too."""
     statuses: list[int] = []
-    if any(isinstance(call, LimitDependency) for call in _calls(route.dependant)):
+    if any(isinstance(call, LimitDependency) for call in _calls(route.dependant)) or (
+        policies and _policy_limits(route, policies)
+    ):
         statuses.append(429)
     override = override_of(route.endpoint)
     if enforced or (override is not None and override.breaker not in (None, False)):

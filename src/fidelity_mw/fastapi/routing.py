@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
@@ -160,6 +161,13 @@ async def _standalone(
         except HTTPException as exc:
             outcome = _judge(plan, exc.status_code)
             ctx.status = exc.status_code
+            raise
+        except RequestValidationError:
+            # The client's malformed request (FastAPI answers it 422), not the route
+            # failing: counted as a failure, a client sending junk opened the breaker and
+            # had every valid request shed. The middleware judges the 422 it sees the same.
+            outcome = _judge(plan, 422)
+            ctx.status = 422
             raise
         except Exception:
             outcome = FAILURE

@@ -94,6 +94,12 @@ def redact_url(url: str) -> str:
     return re.sub(r"([?&](?:ssl_)?password=)[^&#]*", r"\1***", url)
 
 
+def _got(value: object) -> str:
+    """What a message says it got: the type and the value (`string "x"`), or `nothing`
+    (JSON's null, which has no value to spell)."""
+    return "nothing" if value is None else f"{_tname(value)} {_toml(value)}"
+
+
 def _toml(value: object) -> str:
     """A value spelled as in a TOML file (`true`, `"text"`, `[1, 2]`), for messages."""
     if isinstance(value, bool):
@@ -120,7 +126,7 @@ def _is_number(value: object) -> bool:
 def int_in(lo: int, hi: int | None = None) -> Check:
     def check(value: Any) -> str | None:
         if not _is_int(value):
-            return f"expected an integer, got {_tname(value)} {_toml(value)}"
+            return f"expected an integer, got {_got(value)}"
         if value < lo or (hi is not None and value > hi):
             if hi is None:
                 return f"{value} is out of range: allowed {lo} or more"
@@ -133,7 +139,7 @@ def int_in(lo: int, hi: int | None = None) -> Check:
 def number_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Check:
     def check(value: Any) -> str | None:
         if not _is_number(value):
-            return f"expected a number, got {_tname(value)} {_toml(value)}"
+            return f"expected a number, got {_got(value)}"
         if (
             value != value
             or (lo_open and value <= lo)
@@ -411,7 +417,7 @@ def parse_rate(text: str) -> tuple[int, float]:
 
 def _rate(value: Any) -> str | None:
     if not isinstance(value, str):
-        return f'expected a string like "100/s", got {_tname(value)} {_toml(value)}'
+        return f'expected a string like "100/s", got {_got(value)}'
     try:
         parse_rate(value)
     except ValueError as exc:
@@ -494,7 +500,7 @@ def _route_concurrency(value: Any) -> str | None:
         return None
     return (
         "expected a table of concurrency keys, true (the policy's [concurrency]) or "
-        f"false (no bulkhead on this route), got {_tname(value)} {_toml(value)}"
+        f"false (no bulkhead on this route), got {_got(value)}"
     )
 
 
@@ -1468,8 +1474,7 @@ def _read_nested(
         issues.append(
             PolicyIssue(
                 where,
-                f"expected a table of breaker keys, true or false (no breaker), "
-                f"got {_tname(value)} {_toml(value)}",
+                f"expected a table of breaker keys, true or false (no breaker), got {_got(value)}",
             )
         )
         return None
@@ -1519,9 +1524,24 @@ def _field_checks(
             issues.append(PolicyIssue(f"{where}.{key}" if where else key, problem))
 
 
+# What `retry = false` and the like mean to say, for tables that cannot be switched off
+# with a boolean (a breaker can: `breaker = false`)
+_NO_TABLE: Final[dict[type, str]] = {
+    RetryConfig: "the default retry needs no table (leave retry out); for no retries: "
+    "retry = { attempts = 1 } (the first attempt alone)",
+    HedgeConfig: "the default hedge is hedge = {} (after 50 ms); for none, leave hedge out",
+    ConcurrencyConfig: "for no bulkhead leave [concurrency] out (a route's own: "
+    "concurrency = false); the default one is [concurrency] with no keys",
+    StateConfig: "leave [state] out for memory://",
+    DeadlineConfig: "for no default deadline: [deadline] default_ms = false",
+}
+
+
 def _build(cls: type, value: Any, where: str, issues: list[PolicyIssue], nested: _Nested) -> Any:
     if not isinstance(value, Mapping):
-        issues.append(PolicyIssue(where, f"expected a table, got {_tname(value)} {_toml(value)}"))
+        hint = _NO_TABLE.get(cls) if isinstance(value, bool) else None
+        said = f"expected a table, got {_got(value)}" + (f"; {hint}" if hint else "")
+        issues.append(PolicyIssue(where, said))
         return None
     before = len(issues)
     kwargs = _read_table(cls, value, where, issues, nested)

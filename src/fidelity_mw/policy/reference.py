@@ -241,7 +241,8 @@ DESCRIPTIONS: dict[str, str] = {
     "credits the client with its cost, for its retry: the credit (at most one burst) admits "
     "requests the bucket alone would refuse, until this many seconds after the last refund "
     "that earned some. The default outlasts clients' usual retry waits (`Retry-After`, "
-    'backoffs of a few seconds); 0 turns it off. No effect with `charge = "always"`.',
+    'backoffs of a few seconds); 0 turns it off. No effect with `charge = "always"` '
+    "(`fidelity-mw check` warns).",
     "rate_limit.client_ipv6_prefix": "This limit's own IPv6 prefix for its client keys "
     "(32 .. 128), in place of the policy's `client_ipv6_prefix`: for its `client_ip` key, "
     "and for a `header:NAME` value that is an IPv6 address. Service-to-service limits in "

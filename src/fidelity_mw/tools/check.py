@@ -20,7 +20,7 @@ from ..errors import PolicyError
 from ..policy import BreakerConfig, ConcurrencyConfig, Policy
 from ..policy.lines import KeyLines, locate_keys, toml_error_position
 from ..policy.model import TOO_DEEP, glob_matches
-from ..state.factory import memory_workers_warning, web_concurrency
+from ..state.factory import REDIS_EXTRA_HINT, memory_workers_warning, web_concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +102,13 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_shadowed(name, lines, routes, hosts))
     result.warnings.extend(_idle_excludes(name, lines, policy))
     result.warnings.extend(_idle_bulkhead_settings(name, lines, data, policy))
+    result.warnings.extend(_idle_retry_credit(name, lines, data, policy))
     result.warnings.extend(_replaced_tables(name, lines, data, policy))
     result.warnings.extend(_capped_open_times(name, lines, policy))
     result.warnings.extend(_wide_ipv6_prefixes(name, lines, policy))
     result.warnings.extend(_retried_not_idempotent(name, lines, policy))
     result.warnings.extend(_protocol_everywhere(name, lines, policy))
+    result.warnings.extend(_redis_client_missing(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -114,6 +116,26 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
         message = memory_workers_warning(workers)
         result.warnings.append(Finding(name, _line(lines, path), path, message, "warning"))
     return result
+
+
+def _redis_client_missing(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """A Redis state URL where the Redis client is not installed: the file is valid, but
+    the middleware refuses to start with it here (a `PolicyError` naming the extra), and
+    `check` said "ok"."""
+    url = policy.state.url
+    if url.startswith("memory://"):
+        return []
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        path = "state.url"
+        scheme = url.partition("://")[0]  # the scheme only: a URL may carry a password
+        message = (
+            f"{scheme}:// needs the Redis client, which is not installed here: "
+            f"{REDIS_EXTRA_HINT} (the middleware refuses to start without it)"
+        )
+        return [Finding(name, _line(lines, path), path, message, "warning")]
+    return []
 
 
 def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
@@ -228,6 +250,29 @@ def _protocol_everywhere(name: str, lines: KeyLines, policy: Policy) -> list[Fin
                 "x-fidelity-attempt and x-request-timeout-ms go to every host, third parties "
                 "included: set it on the entries of your own services instead (a host glob "
                 'such as "*.prod.example.net")'
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _idle_retry_credit(
+    name: str, lines: KeyLines, data: dict[str, Any], policy: Policy
+) -> list[Finding]:
+    """A `retry_credit_s` written on a limit with `charge = "always"`: the credit is earned
+    by refunds, and such a limit refunds nothing, so the key does nothing."""
+    raw_limits = data.get("rate_limit", [])
+    if isinstance(raw_limits, dict):
+        raw_limits = [raw_limits]  # a single [rate_limit] table, read as one entry
+    if not isinstance(raw_limits, list):
+        return []
+    out: list[Finding] = []
+    for i, (raw, lim) in enumerate(zip(raw_limits, policy.rate_limits, strict=False)):
+        written = raw.get("retry_credit_s") if isinstance(raw, dict) else None
+        if lim.charge == "always" and written:  # (0 says "none", which it is)
+            path = f"rate_limit[{i}].retry_credit_s"
+            message = (
+                "has no effect: the retry credit is earned by refunds, and a limit with "
+                'charge = "always" refunds nothing (remove it, or use charge = "served")'
             )
             out.append(Finding(name, lines.line_for(path), path, message, "warning"))
     return out

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every control layer, what it decides, on which data, where that state "
         "lives, who writes it, how stale it may be and what happens when it is unreachable. "
         "Given module:app, also walk the app's middleware stack and httpx/redis clients and "
-        "warn about overlapping control layers.",
+        "warn about overlapping control layers. Exit 0 with the map, 1 when the policy is "
+        "invalid, 2 on usage errors (no such file, an app that cannot be imported).",
     )
     map_.add_argument("target", metavar="POLICY.toml|module:app")
     map_.add_argument("--format", choices=("text", "markdown", "json"), default="text")
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="find scattered retry/breaker/limiter logic",
         description="Static scan (nothing is imported) for retry, circuit-breaker and "
         "rate-limiter logic outside fidelity_mw (and the timeouts, bulkheads and hedges of "
-        "the all-in-one toolkits), with the policy key that replaces each.",
+        "the all-in-one toolkits), with the policy key that replaces each. Exit 0, or 1 "
+        "when findings of the --fail-on kinds exist; 2 on usage errors.",
     )
     audit.add_argument("paths", nargs="+", metavar="PATH")
     audit.add_argument("--json", action="store_true", help="machine-readable output")

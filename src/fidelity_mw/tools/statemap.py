@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -830,6 +831,8 @@ class _Walk:
     warnings: list[MapWarning] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     apps: list[Any] = field(default_factory=list)
+    # the path each app in `apps` is mounted at (`app.mount("/v2", v2)`: "/v2"), by id
+    mounted_at: dict[int, str] = field(default_factory=dict)
 
     def add(self, cls: type, where: str, policy: Policy | None = None) -> None:
         if cls.__qualname__ in _INTERNAL:
@@ -850,8 +853,9 @@ def _middleware_policy(kwargs: dict[str, Any]) -> Policy | None:
     return engine_policy if isinstance(engine_policy, Policy) else None
 
 
-def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
-    """Walk an ASGI app: Starlette/FastAPI middleware lists, then `.app` chains."""
+def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0, mounted_at: str = "") -> None:
+    """Walk an ASGI app: Starlette/FastAPI middleware lists, then `.app` chains.
+    `mounted_at`: the path the app serves under (its mounts' paths)."""
     if app is None or id(app) in walk.seen or depth > 64:
         return
     walk.seen.add(id(app))
@@ -859,8 +863,9 @@ def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
     built = getattr(app, "middleware_stack", None)
     if isinstance(user_middleware, list) and hasattr(app, "router"):
         walk.apps.append(app)
+        walk.mounted_at[id(app)] = mounted_at
         if built is not None:
-            _walk_chain(built, walk, where, depth + 1)
+            _walk_chain(built, walk, where, depth + 1, mounted_at)
         else:
             for m in user_middleware:
                 cls = getattr(m, "cls", None)
@@ -870,12 +875,12 @@ def _walk_app(app: Any, walk: _Walk, where: str, depth: int = 0) -> None:
             sub = getattr(route, "app", None)
             path = getattr(route, "path", "")
             if sub is not None and hasattr(route, "routes"):
-                _walk_app(sub, walk, f"{where} mount {path}", depth + 1)
+                _walk_app(sub, walk, f"{where} mount {path}", depth + 1, mounted_at + path)
         return
-    _walk_chain(app, walk, where, depth)
+    _walk_chain(app, walk, where, depth, mounted_at)
 
 
-def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
+def _walk_chain(app: Any, walk: _Walk, where: str, depth: int, mounted_at: str = "") -> None:
     """Follow `.app` from middleware to middleware (the pure-ASGI convention)."""
     from ..inbound import FidelityMiddleware
 
@@ -885,7 +890,7 @@ def _walk_chain(app: Any, walk: _Walk, where: str, depth: int) -> None:
             if id(node) in walk.seen:
                 return
             if hasattr(node, "user_middleware") and hasattr(node, "router"):
-                _walk_app(node, walk, where, depth + 1)  # a nested Starlette/FastAPI app
+                _walk_app(node, walk, where, depth + 1, mounted_at)  # a nested app
                 return
             walk.seen.add(id(node))
         if hasattr(node, "routes") or inspect.isroutine(node):
@@ -954,9 +959,12 @@ def _route_dependencies(route: Any) -> Iterator[Any]:
         stack.extend(reversed(getattr(dep, "dependencies", [])))
 
 
-def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
+def _form_layers(
+    apps: list[Any], policy: Policy | None, mounted_at: dict[int, str] | None = None
+) -> list[Layer]:
     """The `fidelity_mw.fastapi` forms on the app's routes (docs/fastapi.md): each
-    `Depends(fidelity.limit(...))` and each `@fidelity.breaker` / `@fidelity.deadline`."""
+    `Depends(fidelity.limit(...))` and each `@fidelity.breaker` / `@fidelity.deadline`,
+    a mounted app's named by the path it serves (`mounted_at`: each app's mount path)."""
     from ..overrides import override_of
     from ..routes import flat_routes
 
@@ -967,8 +975,9 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
     homes = _homes(policy if policy is not None else Policy())
     rows: list[Layer] = []
     for app in apps:
+        prefix = (mounted_at or {}).get(id(app), "")
         for route in flat_routes(getattr(app, "routes", [])):
-            path = str(getattr(route, "path", "?"))
+            path = prefix + str(getattr(route, "path", "?"))
             methods = ",".join(sorted(getattr(route, "methods", None) or ()))
             where = f"{methods} {path}" if methods else path
             for found in _route_dependencies(route):
@@ -985,6 +994,20 @@ def _form_layers(apps: list[Any], policy: Policy | None) -> list[Layer]:
                 )
                 counter = call.name or f"<route>:{call.rate}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
+                limits = policy.rate_limits if policy is not None else ()
+                namesake = next((lim for lim in limits if lim.name == call.name), None)
+                if namesake is not None and (
+                    namesake.burst_size != call.burst_size
+                    or not math.isclose(namesake.emission_interval_s, call.interval_s)
+                ):
+                    # (fastapi/limit.py `_counter_for`: what the dependency counts on then)
+                    counter = f"{call.name}@form"
+                    shared = (
+                        f" (counter {counter!r}: the policy's [[rate_limit]] {call.name!r} "
+                        f"counts at {namesake.rate}, so this one keeps its own)"
+                    )
+                elif namesake is not None:
+                    shared = f" (counter {call.name!r}, shared with the policy's [[rate_limit]])"
                 rows.append(
                     Layer(
                         "inbound",
@@ -1304,7 +1327,7 @@ def from_app(target: str) -> StateMap:
     clients = _inspect_clients(namespace, walk, bool(policy and policy.upstreams))
     layers = layers_for(policy) if policy else []
     inbound = sum(1 for layer in layers if layer.direction == "inbound")
-    layers[inbound:inbound] = _form_layers(walk.apps, policy)
+    layers[inbound:inbound] = _form_layers(walk.apps, policy, walk.mounted_at)
     smap = StateMap(
         target,
         policy.version if policy else None,
