@@ -22,6 +22,7 @@ from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
+from redis_server import PATIENT
 
 T0 = 1_000.0
 CFG = BreakerConfig(
@@ -115,7 +116,7 @@ async def test_memory_store_open_time_growth_and_reset() -> None:
 async def test_redis_store_open_time_growth_and_reset(
     redis_url: str, redis_clock: RedisClock
 ) -> None:
-    store = RedisStore(config=StateConfig(url=redis_url), rng=mid)
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT), rng=mid)
     try:
         periods = await _periods(store, redis_clock.set, 5)
     finally:

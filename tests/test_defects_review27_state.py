@@ -20,6 +20,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock, patch_scripts
+from redis_server import PATIENT
 
 pytestmark = [pytest.mark.redis]
 
@@ -27,7 +28,7 @@ T0 = 1_000.0
 
 
 def _tiered(url: str, clock: FakeClock) -> TieredStore:
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT)
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf  # syncs only when the test says so
     return store

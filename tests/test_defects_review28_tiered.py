@@ -28,6 +28,7 @@ from fidelity_mw.state.scripts import load_script
 from fidelity_mw.state.tiered import MAX_SYNC_RUNS, TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import _PINNED, _REAL, RedisClock
+from redis_server import PATIENT
 
 # Keys expire on Redis's real milliseconds; on the pinned clock, which stands still, a
 # TAT a few microseconds ahead would be gone a millisecond later: an hour more.
@@ -53,7 +54,7 @@ ROUTE = "route:/r"
 
 
 def _tiered(url: str, clock: FakeClock) -> TieredStore:
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT)
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf  # syncs only when the test says so
     return store

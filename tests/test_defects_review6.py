@@ -40,6 +40,7 @@ from fidelity_mw.errors import PolicyError, StateUnavailable
 from fidelity_mw.policy import ConcurrencyConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
+from redis_server import PATIENT
 from test_bulkhead import Service, concurrency_decisions
 
 # ------------------------------------- 1. a slot freed between the refusal and the queue
@@ -447,7 +448,7 @@ async def test_a_limiter_value_the_snapshot_cannot_read_is_left_out_not_a_500(
     from fidelity_mw.state.base import LimitSpec
     from fidelity_mw.state.redis import RedisStore
 
-    store = RedisStore(config=StateConfig(url=redis_url, key_prefix="odd-value"))
+    store = RedisStore(config=StateConfig(url=redis_url, key_prefix="odd-value", **PATIENT))
     spec = LimitSpec("per-client", 1.0, 5.0, 1, False)
     raw = redis_sync.Redis.from_url(redis_url)
     try:

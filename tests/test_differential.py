@@ -62,6 +62,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import CLOCK_KEY, RedisClock, patch_scripts
+from redis_server import PATIENT
 from reference_model import TOKEN_TOL, RefCredit, RefLedger
 
 pytestmark = pytest.mark.redis
@@ -993,7 +994,7 @@ async def _run_tiered(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
     client.flushdb()
     clock = FakeClock(start=T0)
     client.set(CLOCK_KEY, repr(T0))
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT)
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf  # syncs only when the sequence says so
     net: dict[str, int] = {}
@@ -1093,7 +1094,7 @@ async def _run_tiered_fleet(url: str, ops: Sequence[tuple[Any, ...]]) -> None:
     client.flushdb()
     clock = FakeClock(start=T0)
     client.set(CLOCK_KEY, repr(T0))
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=100)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=100, **PATIENT)
     stores = [TieredStore(config=config, rng=lambda: 0.5, clock=clock) for _ in range(2)]
     for store in stores:
         store._last_sync = math.inf  # syncs only when the sequence says so
@@ -1310,7 +1311,7 @@ async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[An
     clock = FakeClock(start=T0)
     client.set(CLOCK_KEY, repr(T0))
     # a copy that stays fresh between the syncs the sequence makes
-    config = StateConfig(url="tiered+" + url, sync_interval_ms=60_000)
+    config = StateConfig(url="tiered+" + url, sync_interval_ms=60_000, **PATIENT)
     store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
     store._last_sync = math.inf
     memory = MemoryStore(rng=lambda: 0.5)
