@@ -109,11 +109,24 @@ class BreakerState:
             return self.closed_gate
         if state == OPEN:
             if now < self.open_until:
-                return Gate("reject", OPEN, self.epoch, self.open_until - now)
+                left = self.open_until - now
+                cfg = self.config
+                most = open_time(cfg, self.reopens) * (1.0 + cfg.open_jitter)
+                if left > most:
+                    # Opened before the clock went back (Redis TIME after a failover to a
+                    # replica whose clock is behind): open for at most its open time from
+                    # now, not for as long as the clock was wrong.
+                    self.open_until = now + most
+                    left = most
+                return Gate("reject", OPEN, self.epoch, left)
             self._transition(HALF_OPEN, now, rng)
         # half-open: free slots of probes that never reported
         lease = self.config.probe_lease_s
         probes = self.probes
+        if probes and max(probes.values()) > now:
+            # started after `now`: the clock went back since; their leases run from now
+            for probe_id in [p for p, t in probes.items() if t > now]:
+                probes[probe_id] = now
         if probes and min(probes.values()) + lease <= now:
             for probe_id in [p for p, t in probes.items() if t + lease <= now]:
                 del probes[probe_id]

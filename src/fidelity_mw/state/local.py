@@ -333,6 +333,8 @@ class LocalState:
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
                     return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None, None))
+                if tat is not None and verdict.tat != tat:
+                    tats[key] = verdict.tat  # repaired: stored before the clock went back
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
@@ -347,6 +349,10 @@ class LocalState:
                     gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
                     for key, spec in zip(limit_keys, limits, strict=True)
                 )
+                for key, v in zip(limit_keys, verdicts, strict=True):
+                    if not v.allowed and tats.get(key, v.tat) != v.tat:
+                        # repaired: stored before the clock went back (`decide.gcra.gcra`)
+                        tats[key] = v.tat
                 spends: dict[int, tuple[LimitVerdict, float, float]] | None = None
                 if table.credits:  # (no dict per request while no key has credit)
                     spends = {}

@@ -54,11 +54,25 @@ local function charged(base, seconds)
   return t
 end
 
+-- fidelity_mw.decide.gcra.CLOCK_STEP_S: a stored TAT further than this past a full burst
+-- ahead of now was stored before TIME went back (a failover to a replica whose clock is
+-- behind, an NTP step): it reads as an empty bucket, so the key refuses for at most one
+-- burst's refill time rather than for as long as the clock was wrong
+local CLOCK_STEP_S = 60.0
+
+local function unstep(tat, now, tol)
+  if tat - now > tol + CLOCK_STEP_S then
+    return now + tol
+  end
+  return tat
+end
+
 -- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
 local function gcra(tat, now, interval, tol, cost)
-  local base = tat
-  if now > base then
-    base = now
+  local base = now
+  if tat > now then
+    tat = unstep(tat, now, tol)
+    base = tat
   end
   local new_tat = charged(base, cost * interval)
   local allow_at = new_tat - tol
@@ -363,17 +377,34 @@ local function br_should_open(b, now)
 end
 
 -- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
+-- Port of the clock-step guard of decide.breaker.BreakerState.gate: an open breaker whose
+-- open-until lies further ahead than its open time (with jitter) was opened before TIME
+-- went back; it stays open for at most that long from now. Returns the time left.
+local function br_open_left(b, now)
+  local most = br_open_time(b.cfg, b.ro) * (1.0 + b.cfg.open_jitter)
+  if b.ou - now > most then
+    b.ou = now + most
+    b.full = true
+  end
+  return b.ou - now
+end
+
 local function br_gate(b, now, u)
   if b.st == 'closed' then
     return 'allow', 'closed', b.ep, 0, 0
   end
   if b.st == 'open' then
     if now < b.ou then
-      return 'reject', 'open', b.ep, b.ou - now, 0
+      return 'reject', 'open', b.ep, br_open_left(b, now), 0
     end
     br_transition(b, 'half_open', now, u)
   end
   local lease = b.cfg.lease
+  -- probe leases started after now (TIME went back since): they run from now
+  local later = redis.call('ZRANGEBYSCORE', b.pkey, '(' .. fmt(now), '+inf')
+  for _, id in ipairs(later) do
+    redis.call('ZADD', b.pkey, fmt(now), id)
+  end
   redis.call('ZREMRANGEBYSCORE', b.pkey, '-inf', fmt(now - lease))
   local inflight = redis.call('ZCARD', b.pkey)
   if inflight < b.cfg.probes then
@@ -501,6 +532,11 @@ local function admit_at(ARGV, a, keys, now)
     i = i + 4
     local stored, refunded, credit, expires = tat_of(key, now)
     local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
+    if not allowed and tat ~= stored then
+      -- repaired (stored before TIME went back: see unstep), whatever the others decide
+      stored = tat
+      store_tat(key, tat, now, refunded, credit, expires)
+    end
     local code = 1
     if not allowed and credit > 0 then
       local left = spend_credit(credit, expires, now, interval, cost)

@@ -1,0 +1,168 @@
+"""Review 32 of the state layer, by fault injection against a real redis-server.
+
+1. Redis `TIME` going back (a failover to a replica whose clock is behind, an NTP step):
+   every TAT, open-until and probe lease stored before the step lay that much further in
+   the future. A 10/s limit then refused for as long as the clock was wrong (600 s behind:
+   `Retry-After: 600`), a breaker with `open_s = 5` stayed open for 600 s, and a half-open
+   probe's lease held its slot for 600 s more. Now the harm is bounded by the limit's and
+   the breaker's own times (decide/gcra.py `CLOCK_STEP_S`, decide/breaker.py `gate`, and
+   lib.lua's `unstep`, `br_open_left`, `br_gate`), memory and Redis alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fidelity_mw.decide.breaker import FAILURE, Gate
+from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.state.base import InboundResult, LimitSpec
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
+from fidelity_mw.testing import FakeClock
+from redis_clock import RedisClock
+from redis_server import PATIENT, QUIET
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+SPEC = LimitSpec("c", 1.0, 5.0, 1, False)  # 1/s, burst 5
+BREAKER = BreakerConfig(
+    min_calls=2,
+    failure_ratio=0.5,
+    open_min_s=2.0,
+    open_s=8.0,
+    open_jitter=0.25,
+    half_open_probes=1,
+    probe_lease_s=10.0,
+)
+MOST_OPEN = 2.0 * 1.25  # open_min_s x (1 + jitter): the first open period at its longest
+T1 = 1_000_000.0
+BACK = 600.0  # the new primary's clock is ten minutes behind
+
+
+def _redis(url: str) -> RedisStore:
+    config = StateConfig(url=url, **PATIENT, **QUIET)
+    return RedisStore(config=config, rng=lambda: 0.5)
+
+
+class Both:
+    """The memory store and the Redis store, asked the same at the same `now`."""
+
+    def __init__(self, red: RedisStore, clock: RedisClock) -> None:
+        self.memory = MemoryStore(rng=lambda: 0.5)
+        self.red = red
+        self.clock = clock
+
+    async def admit(self, now: float, breaker: bool = False) -> tuple[InboundResult, InboundResult]:
+        self.clock.set(now)
+        args = ("route:/r", BREAKER, [], []) if breaker else (None, None, ["c|k"], [SPEC])
+        m = await self.memory.admit(*args, now)  # type: ignore[arg-type]
+        r = await self.red.admit(*args, now)  # type: ignore[arg-type]
+        assert r.source == "redis"
+        assert m.admitted == r.admitted
+        if breaker:
+            mg, rg = _gate(m), _gate(r)
+            assert (mg.verdict, mg.state) == (rg.verdict, rg.state)
+            assert mg.retry_after_s == pytest.approx(rg.retry_after_s, abs=1e-6)
+        else:
+            assert m.limits[0].allowed == r.limits[0].allowed
+            assert m.limits[0].retry_after_s == pytest.approx(r.limits[0].retry_after_s, abs=1e-6)
+        return m, r
+
+    async def fail(self, now: float, gates: tuple[Gate, Gate]) -> None:
+        self.clock.set(now)
+        await self.memory.record("route:/r", BREAKER, gates[0], FAILURE, False, now)
+        await self.red.record("route:/r", BREAKER, gates[1], FAILURE, False, now)
+
+
+def _gate(result: InboundResult) -> Gate:
+    assert result.gate is not None
+    return result.gate
+
+
+def _gates(pair: tuple[InboundResult, InboundResult]) -> tuple[Gate, Gate]:
+    return _gate(pair[0]), _gate(pair[1])
+
+
+async def test_a_clock_that_went_back_costs_a_limit_one_refill_not_the_step(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    both = Both(_redis(redis_url), redis_clock)
+    try:
+        got = [await both.admit(T1) for _ in range(6)]
+        assert [m.admitted for m, _ in got] == [True] * 5 + [False]
+        back = T1 - BACK
+        _m, r = await both.admit(back)
+        # Before: refused for 601 s (the TAT stood 605 s ahead of the new now)
+        assert not r.admitted
+        assert r.limits[0].retry_after_s == pytest.approx(SPEC.interval_s)  # an empty bucket
+        assert r.limits[0].reset_s == pytest.approx(SPEC.tolerance_s)
+        _m, r = await both.admit(back + SPEC.interval_s)
+        assert r.admitted  # one unit refilled since the step, and no more
+        _m, r = await both.admit(back + SPEC.interval_s)
+        assert not r.admitted
+    finally:
+        await both.red.aclose()
+
+
+async def test_a_clock_that_went_back_keeps_a_breaker_open_for_its_open_time_only(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    both = Both(_redis(redis_url), redis_clock)
+    try:
+        for _ in range(2):
+            await both.fail(T1, _gates(await both.admit(T1, breaker=True)))
+        _m, r = await both.admit(T1, breaker=True)
+        assert _gate(r).state == "open"
+        back = T1 - BACK
+        _m, r = await both.admit(back, breaker=True)
+        # Before: open for 602 s more (Retry-After: 602) where open_s is 8
+        assert _gate(r).verdict == "reject"
+        assert 0.0 < _gate(r).retry_after_s <= MOST_OPEN
+        _m, r = await both.admit(back + MOST_OPEN, breaker=True)
+        assert _gate(r).verdict == "probe"
+        # the probe is out; the clock goes back again before it reports
+        again = back - BACK
+        _m, r = await both.admit(again, breaker=True)
+        # Before: its lease held the only slot for 610 s (the wait said open_s, 8 s)
+        assert _gate(r).verdict == "reject"
+        assert _gate(r).retry_after_s <= BREAKER.probe_lease_s
+        _m, r = await both.admit(again + BREAKER.probe_lease_s, breaker=True)
+        assert _gate(r).verdict == "probe"  # its lease ran out
+    finally:
+        await both.red.aclose()
+
+
+async def test_a_tiered_copy_of_a_breaker_opened_before_the_step_is_bounded_too(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """sync.lua reports the time left open to tiered instances: bounded the same way."""
+    red = _redis(redis_url)
+    clock = FakeClock(start=50.0)
+    config = StateConfig(url="tiered+" + redis_url, **PATIENT, **QUIET)
+    tiered = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
+    try:
+        redis_clock.set(T1)
+        for _ in range(2):
+            gate = (await red.admit("route:/r", BREAKER, [], [], T1)).gate
+            assert gate is not None
+            await red.record("route:/r", BREAKER, gate, FAILURE, False, T1)
+        redis_clock.set(T1 - BACK)
+        got = await tiered.admit("route:/r", BREAKER, [], [], clock.monotonic())
+        assert _gate(got).verdict == "reject"
+        assert 0.0 < _gate(got).retry_after_s <= MOST_OPEN  # before: 602 s
+        # and a limit drained before the step: its lease finds an empty bucket, whose next
+        # unit conforms one interval later (before: 605 s later)
+        redis_clock.set(T1)
+        for _ in range(5):
+            await red.admit(None, None, ["c|t"], [SPEC], T1)
+        redis_clock.set(T1 - BACK)
+        lease = await tiered.admit(None, None, ["c|t"], [SPEC], clock.monotonic())
+        assert not lease.admitted
+        assert lease.limits[0].retry_after_s == pytest.approx(SPEC.interval_s)
+        redis_clock.set(T1 - BACK + SPEC.interval_s)
+        exact = await red.admit(None, None, ["c|t"], [SPEC], 0.0)
+        assert exact.admitted  # the repair was stored: one unit refilled since
+    finally:
+        await tiered.aclose()
+        await red.aclose()
