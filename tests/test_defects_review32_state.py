@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fidelity_mw.decide.breaker import FAILURE, Gate
@@ -165,4 +167,54 @@ async def test_a_tiered_copy_of_a_breaker_opened_before_the_step_is_bounded_too(
         assert exact.admitted  # the repair was stored: one unit refilled since
     finally:
         await tiered.aclose()
+        await red.aclose()
+
+
+# ------------------------------------------- 2. a key of another type mid-admission
+
+
+async def test_a_limit_key_of_another_type_fails_its_admission_without_taking_a_probe(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """A limit key holding a value that is not ours (`WRONGTYPE`: a key-prefix collision)
+    fails its admission, which then decides per `on_error`. Scripts are not rolled back on
+    an error: admit_at took the half-open probe slot (ZADD) before it read the limit key,
+    and the failure left the lease behind without its probe id saved. Every request of the
+    colliding client, once per lease, took the route's only probe slot that way: the other
+    clients were refused `half_open` for the lease (30 s), and never probed while it kept
+    coming. Now the limit keys are read before the gate writes anything."""
+    red = _redis(redis_url)
+    client = redis_clock.client
+    breaker = BreakerConfig(
+        min_calls=1,
+        consecutive_failures=1,
+        open_min_s=1.0,
+        open_s=1.0,
+        open_jitter=0.0,
+        half_open_probes=1,
+        probe_lease_s=30.0,
+    )
+    try:
+        redis_clock.set(T1)
+        gate = _gate(await red.admit("route:/w", breaker, [], [], T1))
+        await red.record("route:/w", breaker, gate, FAILURE, False, T1)
+        client.hset(red.key("rl", "c|odd"), "not", "ours")
+        redis_clock.set(T1 + 2.0)  # open time over: the next request probes
+        for together in (False, True):  # admit.lua alone, and inside a batch.lua call
+            if together:
+                odd, _ = await asyncio.gather(
+                    red.admit("route:/w", breaker, ["c|odd"], [SPEC], 0.0),
+                    red.admit("route:/other", breaker, ["c|x"], [SPEC], 0.0),
+                )
+            else:
+                odd = await red.admit("route:/w", breaker, ["c|odd"], [SPEC], 0.0)
+            assert odd.source == "fallback"
+            assert odd.why == "error"
+            probes = client.zcard(red.breaker_keys("route:/w")[1])
+            assert probes == 0  # before: 1, a lease nobody holds
+        assert red.coalescer.batches == 1
+        good = await red.admit("route:/w", breaker, ["c|fine"], [SPEC], 0.0)
+        assert good.source == "redis"
+        assert _gate(good).verdict == "probe"  # before: reject, half_open, for 30 s
+    finally:
         await red.aclose()

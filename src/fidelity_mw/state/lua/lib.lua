@@ -505,6 +505,7 @@ local function admit_at(ARGV, a, keys, now)
   local i = a + 3
   local b = nil
   local verdict, state, epoch, wait, probe_id = 'allow', '', 0, 0, 0
+  local held = nil -- the limit keys' values, read before the gate may write (below)
   if has_breaker then
     local cfg
     cfg, i = read_config(ARGV, i)
@@ -512,6 +513,15 @@ local function admit_at(ARGV, a, keys, now)
     br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
     i = i + 2
     k = k + 2
+    if b.st ~= 'closed' then
+      -- The gate of a breaker that is not closed writes (a probe's lease), and a script
+      -- is not rolled back on an error: a limit key of another type (WRONGTYPE), read
+      -- after it, failed the admission with a lease nobody holds. Read them first.
+      held = {}
+      for j = 0, n - 1 do
+        held[j + 1] = { tat_of(keys[k + j], now) }
+      end
+    end
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
     if verdict == 'reject' then
       br_save(b)
@@ -530,7 +540,12 @@ local function admit_at(ARGV, a, keys, now)
     local cost = tonumber(ARGV[i + 2])
     local shadow = ARGV[i + 3] == '1'
     i = i + 4
-    local stored, refunded, credit, expires = tat_of(key, now)
+    local stored, refunded, credit, expires
+    if held then
+      stored, refunded, credit, expires = unpack(held[j + 1])
+    else
+      stored, refunded, credit, expires = tat_of(key, now)
+    end
     local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
     if not allowed and tat ~= stored then
       -- repaired (stored before TIME went back: see unstep), whatever the others decide
