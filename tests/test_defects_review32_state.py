@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis as redis_sync
 
 from fidelity_mw.decide.breaker import FAILURE, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
@@ -218,3 +219,33 @@ async def test_a_limit_key_of_another_type_fails_its_admission_without_taking_a_
         assert _gate(good).verdict == "probe"  # before: reject, half_open, for 30 s
     finally:
         await red.aclose()
+
+
+# ---------------------------------- 3. the fleet key holding another app's value
+
+
+async def test_a_fleet_key_of_another_type_is_logged_not_only_counted(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`{prefix}:fleet` is named by the prefix alone: two apps that share a `key_prefix`
+    share it. Holding another app's value, every announcement failed with WRONGTYPE while
+    every request was decided on Redis, and only a debug line said so: the fleet size was
+    never read, and the first outage enforced the whole of each limit on every process
+    with nothing to tell why beforehand. Now the refusal is a warning naming the key."""
+    client = redis_sync.Redis.from_url(redis_url)
+    store = RedisStore(config=StateConfig(url=redis_url, **PATIENT), rng=lambda: 0.5)
+    try:
+        client.set(store.fleet.key, "another app's value")
+        got = await store.admit(None, None, ["c|k"], [SPEC], 0.0)
+        assert got.source == "redis"
+        task = store.fleet.task
+        assert task is not None
+        await task
+        assert store.fleet.failed == 1
+        assert store.fleet.size is None
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("WRONGTYPE" in m and store.fleet.key in m for m in warned), warned
+    finally:
+        client.delete(store.fleet.key)
+        client.close()
+        await store.aclose()
