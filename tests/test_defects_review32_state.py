@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 
 import pytest
 import redis as redis_sync
@@ -24,7 +26,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
-from redis_server import PATIENT, QUIET
+from redis_server import PATIENT, QUIET, RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -249,3 +251,62 @@ async def test_a_fleet_key_of_another_type_is_logged_not_only_counted(
         client.delete(store.fleet.key)
         client.close()
         await store.aclose()
+
+
+# ------------------------------------------- 4. a primary whose writes are paused
+
+
+async def _until(condition: Callable[[], bool], budget_s: float = 10.0) -> None:
+    """Let the event loop run (real round trips) until `condition` holds."""
+    for _ in range(int(budget_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_a_primary_with_writes_paused_is_one_outage_not_a_flap(
+    own_redis: RedisServer,
+) -> None:
+    """`CLIENT PAUSE <ms> WRITE` (what `FAILOVER` and a manual failover do while the
+    replica catches up) holds every script and answers ROLE at once. The probe asked ROLE
+    only, found a primary, and brought the store back for one call that timed out: 6
+    outages in a 2 s pause under load, each holding a tick's requests for `timeout_ms`
+    (measured: 60 requests over 80 ms against 10 for one outage). Now the probe writes
+    too (the probe script the ACL case uses), as the store's scripts do; so does the
+    blocking client's."""
+    clock = FakeClock()
+    config = StateConfig(url=own_redis.url, timeout_ms=100, connect_timeout_ms=1000, **QUIET)
+    store = RedisStore(config=config, rng=lambda: 0.5, clock=clock)
+    breaker = BreakerConfig()
+    with own_redis.client() as admin:
+        try:
+            assert (await store.admit(None, None, ["c|k"], [SPEC], 0.0)).source == "redis"
+            link = store.sync_link()
+            assert store.outbound_gate_sync("upstream:a", breaker, None, None, False, 0.0)[2] == (
+                "redis"
+            )
+            admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+            got = await store.admit(None, None, ["c|k"], [SPEC], 0.0)  # times out
+            assert (got.source, got.why) == ("fallback", "unreachable")
+            # the probe's backoff sleeps on the fake clock: it probes again at once
+            await _until(lambda: store.health.attempt >= 4 or store.health.up)
+            assert not store.health.up  # before: back after its first probe
+            for _ in range(3):
+                got = await store.admit(None, None, ["c|k"], [SPEC], 0.0)
+                assert got.source == "fallback"
+            assert store.stats.outages == 1  # before: one more per probe
+            # the blocking client: its first call times out, each later one probes first
+            for _ in range(3):
+                answer = store.outbound_gate_sync("upstream:a", breaker, None, None, False, 0.0)
+                assert answer[2] == "fallback"
+                clock.advance(1.0)  # past its backoff pause: the next call probes
+            assert not link.up
+            # its own outage, counted in the same stats: one (before: one per probe)
+            assert store.stats.outages == 2
+            admin.execute_command("CLIENT", "UNPAUSE")
+            await _until(lambda: store.health.up)
+            assert (await store.admit(None, None, ["c|k"], [SPEC], 0.0)).source == "redis"
+        finally:
+            with contextlib.suppress(Exception):
+                admin.execute_command("CLIENT", "UNPAUSE")
+            await store.aclose()

@@ -794,7 +794,11 @@ class RedisStore(StateStore):
     async def _writable(self, client: RedisClient) -> bool:
         """Does Redis answer as a primary that takes writes? False for a replica (it
         answers PING and refuses every script); raises what a failed call raises.
-        `ROLE` first; where it is not allowed, a script that writes a key of ours."""
+        `ROLE` first (where it is not allowed, the write alone says it), then a script
+        that writes a key of ours: a primary whose writes are paused (`CLIENT PAUSE
+        WRITE`, which `FAILOVER` and a manual failover do) answers ROLE at once and holds
+        every script, so ROLE alone brought the store back for one call that timed out,
+        again and again while the pause lasted."""
         health = self.health
         if not health.role_denied and not isinstance(client, RedisCluster):
             try:
@@ -804,7 +808,8 @@ class RedisStore(StateStore):
                     raise
                 health.role_denied = True  # NOPERM, or a proxy without ROLE
             else:
-                return _text(role[0]) == "master"
+                if _text(role[0]) != "master":
+                    return False
         try:
             await client.execute_command("EVAL", _WRITE_PROBE, 1, f"{{{self.prefix}}}:probe")
         except ReadOnlyError:
