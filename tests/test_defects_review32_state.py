@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 import redis as redis_sync
 
-from fidelity_mw.decide.breaker import FAILURE, Gate
-from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
+from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
@@ -310,3 +310,67 @@ async def test_a_primary_with_writes_paused_is_one_outage_not_a_flap(
             with contextlib.suppress(Exception):
                 admin.execute_command("CLIENT", "UNPAUSE")
             await store.aclose()
+
+
+# ---------------------------------------- 5. windows after the clock went back
+
+
+async def test_a_breaker_window_rotates_again_after_the_clock_went_back(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """A breaker's window does not rotate until the clock passes the bucket end it stored:
+    600 s behind, the successes counted before the step stayed in the window for 600 s, and
+    a failing route was not opened on its ratio (100 successes, then 20 failures: 0.17).
+    Now a bucket end more than two buckets ahead rotates again from one bucket ahead, in
+    decide/breaker.py and lib.lua alike."""
+    both = Both(_redis(redis_url), redis_clock)
+    cfg = BreakerConfig(min_calls=5, failure_ratio=0.5, window_s=10.0)
+    try:
+        for store in (both.memory, both.red):
+            redis_clock.set(T1)
+            for _ in range(100):
+                gate = _gate(await store.admit("route:/w", cfg, [], [], T1))
+                await store.record("route:/w", cfg, gate, SUCCESS, False, T1)
+            back = T1 - BACK
+            redis_clock.set(back)
+            gate = _gate(await store.admit("route:/w", cfg, [], [], back))
+            await store.record("route:/w", cfg, gate, FAILURE, False, back)  # the step, seen
+            later = back + cfg.window_s + 2.0
+            redis_clock.set(later)
+            states = []
+            for _ in range(20):
+                gate = _gate(await store.admit("route:/w", cfg, [], [], later))
+                if gate.verdict == "reject":
+                    break
+                states.append(await store.record("route:/w", cfg, gate, FAILURE, False, later))
+            assert states[-1] == "open", type(store)  # before: closed, all 20
+            assert len(states) == cfg.min_calls  # the old successes are out of the window
+    finally:
+        await both.red.aclose()
+
+
+async def test_a_retry_budget_window_rotates_again_after_the_clock_went_back(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """The same for a retry budget (decide/budget.py, outbound.lua): the requests counted
+    before the step kept earning retries for as long as the clock was wrong (100 requests
+    at ratio 0.5: 50 retries a window later, where the floor alone allows one)."""
+    both = Both(_redis(redis_url), redis_clock)
+    cfg = RetryConfig(budget_ratio=0.5, budget_min_per_s=0.1, budget_window_s=10.0)
+    try:
+        for store in (both.memory, both.red):
+            redis_clock.set(T1)
+            for _ in range(100):
+                await store.budget_request("budget:api", cfg, T1)
+            await store.outbound_gate(None, None, "budget:api", cfg, False, T1)  # sends them
+            back = T1 - BACK
+            redis_clock.set(back)
+            await store.outbound_gate(None, None, "budget:api", cfg, False, back)
+            later = back + cfg.budget_window_s + 2.0
+            redis_clock.set(later)
+            allowed = 0
+            for _ in range(60):
+                allowed += (await store.budget_try_retry("budget:api", cfg, later))[0]
+            assert allowed == 1, type(store)  # the floor, 0.1/s x 10 s; before: 51
+    finally:
+        await both.red.aclose()

@@ -153,6 +153,7 @@ class BreakerState:
             and not probe_id
             and not slow
             and now < self._bucket_end
+            and self._bucket_end - now <= 2.0 * self._bucket_s  # (else `_rotate`)
             and epoch == self.epoch
             and self.state == CLOSED
         ):
@@ -177,8 +178,7 @@ class BreakerState:
             return self.state
         if self.state != CLOSED:
             return self.state
-        if now >= self._bucket_end:
-            self._rotate(now)
+        self._rotate(now)
         bucket = self.buckets[-1]
         totals = self._totals
         bucket[0] += 1
@@ -243,6 +243,11 @@ class BreakerState:
 
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
+            if self._bucket_end - now > 2.0 * self._bucket_s:
+                # A bucket end more than two buckets ahead was set before the clock went
+                # back (Redis TIME after a failover): the window rotates again from one
+                # bucket ahead, rather than counting for as long as the clock was wrong.
+                self._bucket_end = now + self._bucket_s
             return
         bucket_s = self._bucket_s
         steps = buckets_passed(now, self._bucket_end, bucket_s)

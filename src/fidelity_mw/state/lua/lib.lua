@@ -278,6 +278,12 @@ end
 
 local function br_rotate(b, now)
   if now < b.be then
+    if b.be - now > 2 * b.cfg.bucket_s then
+      -- set before TIME went back (decide.breaker.BreakerState._rotate): the window
+      -- rotates again from one bucket ahead
+      b.be = now + b.cfg.bucket_s
+      b.dirty = true
+    end
     return
   end
   local bs = b.cfg.bucket_s
