@@ -374,3 +374,30 @@ async def test_a_retry_budget_window_rotates_again_after_the_clock_went_back(
             assert allowed == 1, type(store)  # the floor, 0.1/s x 10 s; before: 51
     finally:
         await both.red.aclose()
+
+
+# ------------------------------------------ 6. an eviction policy that forgets state
+
+
+@pytest.mark.parametrize(("policy", "warned"), [("allkeys-lru", True), ("noeviction", False)])
+async def test_an_eviction_policy_that_can_drop_live_state_is_logged_once(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture, policy: str, warned: bool
+) -> None:
+    """Under `allkeys-*` / `volatile-*` Redis evicts our keys (all have a TTL) under memory
+    pressure: measured, an open breaker closed and a drained bucket refilled, with nothing
+    said anywhere. The store now reads the policy once and says so."""
+    with own_redis.client() as admin:
+        admin.config_set("maxmemory", "64mb")
+        admin.config_set("maxmemory-policy", policy)
+    store = _redis(own_redis.url)
+    try:
+        for _ in range(3):
+            assert (await store.admit(None, None, ["c|k"], [SPEC], 0.0)).source == "redis"
+        task = store._eviction_task
+        assert task is not None
+        await task
+        assert store.eviction_policy == policy
+        lines = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+        assert len(lines) == (1 if warned else 0), lines
+    finally:
+        await store.aclose()

@@ -512,6 +512,10 @@ class RedisStore(StateStore):
             config.fleet_share_load_max_age_s,
         )
         self._fleet_warned = -1
+        # Redis's eviction policy, read once after the first call that answers
+        # (`_check_eviction`): None until then
+        self.eviction_policy: str | None = None
+        self._eviction_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -679,7 +683,37 @@ class RedisStore(StateStore):
         self.stats.round_trips += 1
         if done >= self.fleet.due:
             self.fleet.tick(done, self._fleet_run, clock.monotonic)
+        if self._eviction_task is None:
+            self._eviction_task = asyncio.get_running_loop().create_task(
+                self._check_eviction(client)
+            )
         return reply, (done - started) / 2.0
+
+    async def _check_eviction(self, client: RedisClient) -> None:
+        """Warn once when Redis may evict our keys: every key of ours has a TTL, so any
+        policy but `noeviction` may drop live state under memory pressure, silently (an
+        evicted bucket is a full one; an evicted breaker, open for a minute, is closed).
+        `noeviction` turns the same pressure into errors, which decide per `on_error`
+        and are logged. A Redis that does not tell (INFO refused, a cluster) is not
+        asked again."""
+        if isinstance(client, RedisCluster):
+            return
+        try:
+            info = await client.info("memory")
+            policy = str(info.get("maxmemory_policy", ""))
+            limit = int(info.get("maxmemory", 0) or 0)
+        except Exception:  # (best effort, in the background: a proxy, an ACL, odd replies)
+            return
+        self.eviction_policy = policy
+        if policy and policy != "noeviction" and limit > 0:
+            logger.warning(
+                "fidelity_mw: redis at %s has maxmemory-policy %s: under memory pressure "
+                "it may evict live limit buckets (then full again) and breakers (an open "
+                "one closes), silently; noeviction makes it errors, decided per on_error "
+                "(docs/operations.md, Redis memory)",
+                _server_of(self.url),
+                policy,
+            )
 
     async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One fleet announcement: skipped when every connection is busy, and kept out of
@@ -1521,6 +1555,7 @@ class RedisStore(StateStore):
             self._flush_task,
             self._deferred_task,
             self.fleet.task,
+            self._eviction_task,
         ):
             if task is not None and not task.done():
                 task.cancel()
