@@ -401,3 +401,15 @@ async def test_an_eviction_policy_that_can_drop_live_state_is_logged_once(
         assert len(lines) == (1 if warned else 0), lines
     finally:
         await store.aclose()
+
+
+def test_a_tat_a_longest_lease_ahead_is_not_taken_for_a_clock_step() -> None:
+    """The margin is past anything a clock that never goes back leaves: a tiered lease
+    ahead on a saturated key, at the longest sync interval the policy accepts (60 s),
+    plus the slack, stays as it is; a TAT further ahead is read as an empty bucket."""
+    from fidelity_mw.decide.gcra import gcra, slack_s
+
+    now, interval, tol = 1.8e9, 0.1, 1.0
+    leased = now + tol + 60.0 + slack_s(now, interval, tol)
+    assert gcra(leased, now, interval, tol).tat == leased
+    assert gcra(now + tol + 600.0, now, interval, tol).tat == now + tol

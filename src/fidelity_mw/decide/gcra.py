@@ -36,11 +36,12 @@ _HALF_ULP: Final = 2.0**-53  # relative
 # How far past a full burst a stored TAT can lie ahead of `now` on a clock that never
 # goes back: an admission leaves it at most `tolerance_s` ahead; a tiered lease of units
 # that conform later (sync.lua's `ahead`) at most one sync interval more, and the policy
-# caps that at 60 s. A TAT further ahead was stored before the clock went back (Redis
-# `TIME` after a failover to a replica whose clock is behind, an NTP step): it is read
-# as an empty bucket, `now + tolerance_s`, so the key refuses for at most one burst's
-# refill time, not for as long as the clock was wrong (lib.lua's `unstep` mirrors it).
-CLOCK_STEP_S: Final = 60.0
+# caps that at 60 s: twice that is a margin no lease reaches. A TAT further ahead was
+# stored before the clock went back (Redis `TIME` after a failover to a replica whose
+# clock is behind, an NTP step): it is read as an empty bucket, `now + tolerance_s`, so
+# the key refuses for at most one burst's refill time (plus this margin), not for as
+# long as the clock was wrong (lib.lua's `unstep` mirrors it).
+CLOCK_STEP_S: Final = 120.0
 
 
 def slack_s(now: float, interval_s: float, tolerance_s: float) -> float:

@@ -58,7 +58,7 @@ end
 -- ahead of now was stored before TIME went back (a failover to a replica whose clock is
 -- behind, an NTP step): it reads as an empty bucket, so the key refuses for at most one
 -- burst's refill time rather than for as long as the clock was wrong
-local CLOCK_STEP_S = 60.0
+local CLOCK_STEP_S = 120.0
 
 local function unstep(tat, now, tol)
   if tat - now > tol + CLOCK_STEP_S then
