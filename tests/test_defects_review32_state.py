@@ -413,3 +413,34 @@ def test_a_tat_a_longest_lease_ahead_is_not_taken_for_a_clock_step() -> None:
     leased = now + tol + 60.0 + slack_s(now, interval, tol)
     assert gcra(leased, now, interval, tol).tat == leased
     assert gcra(now + tol + 600.0, now, interval, tol).tat == now + tol
+
+
+# ------------------------------------------- 7. the state page and one odd key
+
+
+async def test_the_state_page_leaves_out_a_key_of_another_type_not_all_of_redis(
+    redis_url: str,
+) -> None:
+    """`snapshot` reads every key this instance used in one pipeline. One of them holding
+    another app's value (WRONGTYPE) raised for the whole pipeline: the state page showed
+    the local fallback state ("redis read failed") while Redis answered everything else.
+    Now that key is left out, and a note says so."""
+    client = redis_sync.Redis.from_url(redis_url)
+    red = _redis(redis_url)
+    cfg = BreakerConfig(min_calls=1, consecutive_failures=1, open_min_s=60.0, open_s=60.0)
+    try:
+        for route in ("route:/a", "route:/b"):
+            gate = _gate(await red.admit(route, cfg, [f"c|{route}"], [SPEC], 0.0))
+            await red.record(route, cfg, gate, FAILURE, False, 0.0)
+        hash_key = red.breaker_keys("route:/a")[0]
+        client.delete(hash_key)
+        client.set(hash_key, "another app's value")
+        snap = await red.snapshot(0.0)
+        assert snap.source == "redis"  # before: "fallback", the local view
+        assert [b.key for b in snap.breakers] == ["route:/b"]
+        assert snap.breakers[0].state == "open"
+        assert snap.limiter_key_count == 2
+        assert any("not ours" in note for note in snap.notes)
+    finally:
+        client.close()
+        await red.aclose()

@@ -1626,16 +1626,24 @@ class RedisStore(StateStore):
             for key in limit_keys:
                 pipe.execute_command("GET", self.key("rl", key))
             async with asyncio.timeout(self._timeout_s * 4):
-                replies = list(await pipe.execute())
+                # Each reply as it comes, an error reply too: one key holding another
+                # app's value (WRONGTYPE) must not turn the whole page into the local view
+                replies = list(await pipe.execute(raise_on_error=False))
+            if isinstance(replies[0], Exception):
+                raise replies[0]
         except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
             return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
         age = (self._clock.monotonic() - started) / 2.0
         server = float(replies[0][0]) + float(replies[0][1]) / 1e6
         i = 1
+        odd = 0  # keys whose reply was an error (a value of another type): skipped
         breakers = []
         for key in breaker_keys:
             fields, probes = replies[i], replies[i + 1]
             i += 2
+            if isinstance(fields, Exception) or isinstance(probes, Exception):
+                odd += 1
+                continue
             if all(f is None for f in fields):
                 continue  # expired or never written (no `st` yet is a closed breaker)
             try:
@@ -1646,6 +1654,9 @@ class RedisStore(StateStore):
         for key in budget_keys:
             fields = replies[i]
             i += 1
+            if isinstance(fields, Exception):
+                odd += 1
+                continue
             if fields[0] is not None:
                 try:
                     budgets.append(_redis_budget_view(key, fields, server, configs, age))
@@ -1654,6 +1665,9 @@ class RedisStore(StateStore):
         tats = {}
         for key, reply in zip(limit_keys, replies[i:], strict=True):
             if reply is None:
+                continue
+            if isinstance(reply, Exception):
+                odd += 1
                 continue
             try:  # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
                 tats[key] = float(_text(reply).split(" ", 1)[0])
@@ -1668,7 +1682,9 @@ class RedisStore(StateStore):
             limiter_key_count=len(tats),
             budgets=tuple(budgets),
             detail=detail,
-            notes=(note,),
+            notes=(note,)
+            if not odd
+            else (note, f"{odd} keys held values that are not ours (an error reply): left out"),
         )
 
     def _fallback_snapshot(
