@@ -1470,7 +1470,8 @@ async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[An
     (Redis's TIME after a failover; the memory store runs on a monotonic clock and
     forgets a full bucket's key, which only a clock going back could tell from a fresh
     one) Redis goes on alone, held to the bound: from the start, at most rate x t + burst
-    units net of refunds, t the span of the instants it saw (the clock it decides on)."""
+    units net of refunds, t the time the clock ran forward (a step back takes no time: a
+    TAT it left far ahead is read as an empty bucket, `decide.gcra.CLOCK_STEP_S`)."""
     client, red = h.client, h.red
     client.flushdb()
     red._deferred.clear()
@@ -1484,7 +1485,8 @@ async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[An
     admitted: list[tuple[str, LimitSpec, float, float, bool]] = []
     net = dict.fromkeys(keys, 0)  # units admitted from the bucket, net of refunds
     decisions = dict.fromkeys(keys, 0)
-    latest = earliest = now
+    latest = now
+    forward = 0.0  # the time the clock ran forward: real time, which a step back takes none of
 
     def cost_of(code: int) -> int:
         return burst if code == -1 else burst + 1 if code == -2 else code
@@ -1492,7 +1494,9 @@ async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[An
     for step in ops:
         kind = step[0]
         if kind in ("advance", "advance_burst"):
-            now += step[1] * (spec.interval_s if kind == "advance" else spec.tolerance_s)
+            step_s = step[1] * (spec.interval_s if kind == "advance" else spec.tolerance_s)
+            now += step_s
+            forward += max(0.0, step_s)
             client.set(CLOCK_KEY, repr(now))
             if now < latest:
                 memory = None  # Redis alone from here
@@ -1541,7 +1545,6 @@ async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[An
         if not red.up:
             raise RedisUnavailable("redis failed during the test")
         latest = max(latest, now)
-        earliest = min(earliest, now)
         logged = client.hgetall(TTL_LOG)
         client.delete(TTL_LOG)
         for key in keys:
@@ -1549,7 +1552,7 @@ async def _run_edges(h: Harness, spec: LimitSpec, start: float, ops: Sequence[An
             # today's Unix time (an ulp is 2.4e-7 s) that is a whole unit at 1e6/s, and the
             # roundings add up (docs/state.md, "Precision"); on a clock near 0, nothing.
             rounding = decisions[key] * math.ulp(latest) / spec.interval_s + 1.0
-            bound = (latest - earliest) / spec.interval_s + burst + rounding
+            bound = forward / spec.interval_s + burst + rounding
             assert net[key] <= bound, (key, net[key], bound)
             ttl_ms = logged.get(red.key("rl", key).encode())
             _same_key(memory, red, client, key, now, ttl_ms)

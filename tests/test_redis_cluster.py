@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.crc import key_slot
 
@@ -95,3 +97,86 @@ async def test_tiered_sync_runs_on_the_cluster(redis_cluster) -> None:  # type: 
     assert all(r.admitted for r in results)
     assert results[0].source == "redis"
     assert "cache" in {r.source for r in results}
+
+
+async def test_every_script_call_names_keys_of_one_slot(  # type: ignore[no-untyped-def]
+    redis_cluster, monkeypatch
+) -> None:
+    """Every script the stores run (admit, batch, record, refund, peek, outbound,
+    budget_refund, sync, fleet, the write probe; the blocking client's outbound too), each
+    way it is called, on the real cluster: each call's KEYS hash to one slot, the one of
+    `{prefix}` (the server's own `CLUSTER KEYSLOT` says so), and none fell back (a key of
+    another slot fails the call: CROSSSLOT, or redis-py refuses it)."""
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+    from redis.cluster import RedisCluster as SyncCluster
+
+    from fidelity_mw.policy import RetryConfig
+
+    calls: list[tuple[str, ...]] = []
+
+    def recorder(original):  # type: ignore[no-untyped-def]
+        def record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if args and args[0] in ("EVALSHA", "EVAL"):
+                calls.append(tuple(str(a) for a in args[3 : 3 + int(args[2])]))
+            return original(self, *args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(AsyncCluster, "execute_command", recorder(AsyncCluster.execute_command))
+    monkeypatch.setattr(SyncCluster, "execute_command", recorder(SyncCluster.execute_command))
+    prefix = "clu4"
+    config = StateConfig(url=redis_cluster.url, key_prefix=prefix, **PATIENT)
+    store = RedisStore(config=config, rng=seeded_random(4))
+    tiered_url = redis_cluster.url.replace("redis://", "tiered+redis://")
+    tiered = TieredStore(
+        config=StateConfig(url=tiered_url, key_prefix=prefix, **PATIENT, **QUIET),
+        rng=seeded_random(5),
+    )
+    breaker = BreakerConfig(min_calls=1, consecutive_failures=1)
+    retry = RetryConfig(budget_ratio=0.5, budget_min_per_s=1.0, budget_window_s=10.0)
+    limits = [SLOW._replace(name="a"), WIDE._replace(name="g")]
+    keys = ["a|client", "g|*"]
+    results = []
+    try:
+        one = await store.admit("route:/a", breaker, keys, limits, 0.0)  # admit.lua
+        results.append(one)
+        results += await asyncio.gather(  # batch.lua
+            *(store.admit(f"route:/{i}", breaker, keys, limits, 0.0) for i in range(3))
+        )
+        assert store.coalescer.batches == 1
+        assert one.gate is not None
+        await store.record("route:/a", breaker, one.gate, FAILURE, False, 0.0)  # record.lua
+        await store.refund(keys, limits, "redis", 0.0, [v.tat for v in one.limits])
+        results.append(await store.peek(keys, limits, 0.0))  # peek.lua
+        await store.budget_request("budget:other", retry, 0.0)  # rides along below
+        gate = await store.outbound_gate(  # outbound.lua: breaker, budget, pending budget
+            "upstream:api", breaker, "budget:api", retry, False, 0.0
+        )
+        spent = await store.outbound_gate(None, None, "budget:api", retry, True, 0.0)
+        await store.budget_refund(  # budget_refund.lua
+            "budget:api", retry, spent[2], spent[3], 0.0, getattr(spent, "spent_at", None)
+        )
+        blocking = store.outbound_gate_sync(  # the blocking client's outbound.lua
+            "upstream:api", breaker, "budget:api", retry, False, 0.0
+        )
+        if store.fleet.task is not None:  # fleet.lua, started by the calls above
+            await store.fleet.task
+        assert await store._writable(store.client())  # the write probe (no ROLE on a cluster)
+        results += [  # sync.lua: leases, breaker copies
+            await tiered.admit("route:/t", breaker, ["w|t"], [WIDE], 0.0) for _ in range(3)
+        ]
+    finally:
+        await tiered.aclose()
+        await store.aclose()
+    assert {r.source for r in results} <= {"redis", "cache"}
+    assert (gate[2], spent[2], blocking[2]) == ("redis", "redis", "redis")
+    assert store.fleet.announces >= 1
+    assert store.stats.errors == 0
+    assert store.stats.fallbacks == 0
+    slot = key_slot(("{" + prefix + "}").encode())
+    with redis_cluster.node_for_slot(slot).client() as client:
+        for named in calls:
+            assert named, "a script call without keys cannot be routed to the slot"
+            slots = {int(client.execute_command("CLUSTER KEYSLOT", key)) for key in named}
+            assert slots == {slot}, named
+    assert len(calls) >= 12, calls

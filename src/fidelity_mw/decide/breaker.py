@@ -109,11 +109,24 @@ class BreakerState:
             return self.closed_gate
         if state == OPEN:
             if now < self.open_until:
-                return Gate("reject", OPEN, self.epoch, self.open_until - now)
+                left = self.open_until - now
+                cfg = self.config
+                most = open_time(cfg, self.reopens) * (1.0 + cfg.open_jitter)
+                if left > most:
+                    # Opened before the clock went back (Redis TIME after a failover to a
+                    # replica whose clock is behind): open for at most its open time from
+                    # now, not for as long as the clock was wrong.
+                    self.open_until = now + most
+                    left = most
+                return Gate("reject", OPEN, self.epoch, left)
             self._transition(HALF_OPEN, now, rng)
         # half-open: free slots of probes that never reported
         lease = self.config.probe_lease_s
         probes = self.probes
+        if probes and max(probes.values()) > now:
+            # started after `now`: the clock went back since; their leases run from now
+            for probe_id in [p for p, t in probes.items() if t > now]:
+                probes[probe_id] = now
         if probes and min(probes.values()) + lease <= now:
             for probe_id in [p for p, t in probes.items() if t + lease <= now]:
                 del probes[probe_id]
@@ -140,6 +153,7 @@ class BreakerState:
             and not probe_id
             and not slow
             and now < self._bucket_end
+            and self._bucket_end - now <= 2.0 * self._bucket_s  # (else `_rotate`)
             and epoch == self.epoch
             and self.state == CLOSED
         ):
@@ -164,8 +178,7 @@ class BreakerState:
             return self.state
         if self.state != CLOSED:
             return self.state
-        if now >= self._bucket_end:
-            self._rotate(now)
+        self._rotate(now)
         bucket = self.buckets[-1]
         totals = self._totals
         bucket[0] += 1
@@ -230,6 +243,11 @@ class BreakerState:
 
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
+            if self._bucket_end - now > 2.0 * self._bucket_s:
+                # A bucket end more than two buckets ahead was set before the clock went
+                # back (Redis TIME after a failover): the window rotates again from one
+                # bucket ahead, rather than counting for as long as the clock was wrong.
+                self._bucket_end = now + self._bucket_s
             return
         bucket_s = self._bucket_s
         steps = buckets_passed(now, self._bucket_end, bucket_s)

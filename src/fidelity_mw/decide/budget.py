@@ -69,7 +69,8 @@ class BudgetWindow:
 
     def request(self, now: float) -> None:
         """Count one top-level request."""
-        if now >= self._bucket_end:
+        end = self._bucket_end
+        if now >= end or end - now > 2.0 * self._bucket_s:
             self._rotate(now)
         self.requests[self._index] += 1
 
@@ -80,7 +81,8 @@ class BudgetWindow:
 
     def spend(self, now: float) -> None:
         """Count one retry (after `allows` said yes)."""
-        if now >= self._bucket_end:
+        end = self._bucket_end
+        if now >= end or end - now > 2.0 * self._bucket_s:
             self._rotate(now)
         self.retries[self._index] += 1
 
@@ -121,6 +123,10 @@ class BudgetWindow:
 
     def _rotate(self, now: float) -> None:
         if now < self._bucket_end:
+            if self._bucket_end - now > 2.0 * self._bucket_s:
+                # set before the clock went back (`BreakerState._rotate`): the window
+                # rotates again from one bucket ahead
+                self._bucket_end = now + self._bucket_s
             return
         if self._bucket_end == 0.0:
             self._bucket_end = now + self._bucket_s

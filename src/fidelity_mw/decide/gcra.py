@@ -33,6 +33,15 @@ from typing import Final, NamedTuple
 # time (docs/state.md, "Precision"); nothing measurable on a clock near 0.
 _SLACK: Final = 1e-6
 _HALF_ULP: Final = 2.0**-53  # relative
+# How far past a full burst a stored TAT can lie ahead of `now` on a clock that never
+# goes back: an admission leaves it at most `tolerance_s` ahead; a tiered lease of units
+# that conform later (sync.lua's `ahead`) at most one sync interval more, and the policy
+# caps that at 60 s: twice that is a margin no lease reaches. A TAT further ahead was
+# stored before the clock went back (Redis `TIME` after a failover to a replica whose
+# clock is behind, an NTP step): it is read as an empty bucket, `now + tolerance_s`, so
+# the key refuses for at most one burst's refill time (plus this margin), not for as
+# long as the clock was wrong (lib.lua's `unstep` mirrors it).
+CLOCK_STEP_S: Final = 120.0
 
 
 def slack_s(now: float, interval_s: float, tolerance_s: float) -> float:
@@ -71,7 +80,12 @@ def gcra(
     `interval_s` is the emission interval (period / count) and `tolerance_s`
     is burst * interval_s. A fresh key has tat <= now.
     """
-    base = tat if tat > now else now
+    if tat > now:
+        if tat - now > tolerance_s + CLOCK_STEP_S:
+            tat = now + tolerance_s  # stored before the clock went back: an empty bucket
+        base = tat
+    else:
+        base = now
     new_tat = base + cost * interval_s
     if new_tat <= base and cost > 0:
         # The charge is under half an ulp of the clock (an interval under 1.2e-7 s on

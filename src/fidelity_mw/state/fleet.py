@@ -32,6 +32,9 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
+from redis.exceptions import ResponseError
+
+from .._logs import error_kind, warn
 from ..decide.fleet import (
     LOAD_UNANNOUNCED,
     FleetShare,
@@ -44,6 +47,7 @@ from ..decide.fleet import (
 )
 from ..decide.specs import LimitSpec
 from .local import GcraTable
+from .redis_sync import UNREACHABLE
 from .scripts import Script, load_script
 
 logger = logging.getLogger("fidelity_mw.redis")
@@ -115,7 +119,22 @@ class Fleet:
             fraction: float | None = float(reply[1])
         except Exception as exc:  # dropped: the requests' own calls detect an outage
             self.failed += 1
-            logger.debug("fidelity_mw: fleet announcement failed (%s)", type(exc).__name__)
+            if isinstance(exc, ResponseError) and not isinstance(exc, UNREACHABLE):
+                # Redis answered, and refused this call alone: a key of ours holding a
+                # value of another app (WRONGTYPE: a `key_prefix` two apps share) fails
+                # every announcement while every request is decided, so the fleet share
+                # of the limits in an outage is unknown for good. Said, not only counted.
+                warn(
+                    logger,
+                    error_kind(exc),
+                    "fidelity_mw: redis refused the fleet announcement on %s (%s): the fleet "
+                    "size goes unread, and in an outage each process enforces the whole "
+                    "of each limit",
+                    self.key,
+                    exc,
+                )
+            else:
+                logger.debug("fidelity_mw: fleet announcement failed (%s)", type(exc).__name__)
             return
         self.announces += 1
         self.reported = counted

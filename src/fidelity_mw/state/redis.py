@@ -512,6 +512,10 @@ class RedisStore(StateStore):
             config.fleet_share_load_max_age_s,
         )
         self._fleet_warned = -1
+        # Redis's eviction policy, read once after the first call that answers
+        # (`_check_eviction`): None until then
+        self.eviction_policy: str | None = None
+        self._eviction_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -679,7 +683,37 @@ class RedisStore(StateStore):
         self.stats.round_trips += 1
         if done >= self.fleet.due:
             self.fleet.tick(done, self._fleet_run, clock.monotonic)
+        if self._eviction_task is None:
+            self._eviction_task = asyncio.get_running_loop().create_task(
+                self._check_eviction(client)
+            )
         return reply, (done - started) / 2.0
+
+    async def _check_eviction(self, client: RedisClient) -> None:
+        """Warn once when Redis may evict our keys: every key of ours has a TTL, so any
+        policy but `noeviction` may drop live state under memory pressure, silently (an
+        evicted bucket is a full one; an evicted breaker, open for a minute, is closed).
+        `noeviction` turns the same pressure into errors, which decide per `on_error`
+        and are logged. A Redis that does not tell (INFO refused, a cluster) is not
+        asked again."""
+        if isinstance(client, RedisCluster):
+            return
+        try:
+            info = await client.info("memory")
+            policy = str(info.get("maxmemory_policy", ""))
+            limit = int(info.get("maxmemory", 0) or 0)
+        except Exception:  # (best effort, in the background: a proxy, an ACL, odd replies)
+            return
+        self.eviction_policy = policy
+        if policy and policy != "noeviction" and limit > 0:
+            logger.warning(
+                "fidelity_mw: redis at %s has maxmemory-policy %s: under memory pressure "
+                "it may evict live limit buckets (then full again) and breakers (an open "
+                "one closes), silently; noeviction makes it errors, decided per on_error "
+                "(docs/operations.md, Redis memory)",
+                _server_of(self.url),
+                policy,
+            )
 
     async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One fleet announcement: skipped when every connection is busy, and kept out of
@@ -794,7 +828,11 @@ class RedisStore(StateStore):
     async def _writable(self, client: RedisClient) -> bool:
         """Does Redis answer as a primary that takes writes? False for a replica (it
         answers PING and refuses every script); raises what a failed call raises.
-        `ROLE` first; where it is not allowed, a script that writes a key of ours."""
+        `ROLE` first (where it is not allowed, the write alone says it), then a script
+        that writes a key of ours: a primary whose writes are paused (`CLIENT PAUSE
+        WRITE`, which `FAILOVER` and a manual failover do) answers ROLE at once and holds
+        every script, so ROLE alone brought the store back for one call that timed out,
+        again and again while the pause lasted."""
         health = self.health
         if not health.role_denied and not isinstance(client, RedisCluster):
             try:
@@ -804,7 +842,8 @@ class RedisStore(StateStore):
                     raise
                 health.role_denied = True  # NOPERM, or a proxy without ROLE
             else:
-                return _text(role[0]) == "master"
+                if _text(role[0]) != "master":
+                    return False
         try:
             await client.execute_command("EVAL", _WRITE_PROBE, 1, f"{{{self.prefix}}}:probe")
         except ReadOnlyError:
@@ -1516,6 +1555,7 @@ class RedisStore(StateStore):
             self._flush_task,
             self._deferred_task,
             self.fleet.task,
+            self._eviction_task,
         ):
             if task is not None and not task.done():
                 task.cancel()
@@ -1586,16 +1626,24 @@ class RedisStore(StateStore):
             for key in limit_keys:
                 pipe.execute_command("GET", self.key("rl", key))
             async with asyncio.timeout(self._timeout_s * 4):
-                replies = list(await pipe.execute())
+                # Each reply as it comes, an error reply too: one key holding another
+                # app's value (WRONGTYPE) must not turn the whole page into the local view
+                replies = list(await pipe.execute(raise_on_error=False))
+            if isinstance(replies[0], Exception):
+                raise replies[0]
         except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
             return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
         age = (self._clock.monotonic() - started) / 2.0
         server = float(replies[0][0]) + float(replies[0][1]) / 1e6
         i = 1
+        odd = 0  # keys whose reply was an error (a value of another type): skipped
         breakers = []
         for key in breaker_keys:
             fields, probes = replies[i], replies[i + 1]
             i += 2
+            if isinstance(fields, Exception) or isinstance(probes, Exception):
+                odd += 1
+                continue
             if all(f is None for f in fields):
                 continue  # expired or never written (no `st` yet is a closed breaker)
             try:
@@ -1606,6 +1654,9 @@ class RedisStore(StateStore):
         for key in budget_keys:
             fields = replies[i]
             i += 1
+            if isinstance(fields, Exception):
+                odd += 1
+                continue
             if fields[0] is not None:
                 try:
                     budgets.append(_redis_budget_view(key, fields, server, configs, age))
@@ -1614,6 +1665,9 @@ class RedisStore(StateStore):
         tats = {}
         for key, reply in zip(limit_keys, replies[i:], strict=True):
             if reply is None:
+                continue
+            if isinstance(reply, Exception):
+                odd += 1
                 continue
             try:  # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
                 tats[key] = float(_text(reply).split(" ", 1)[0])
@@ -1628,7 +1682,9 @@ class RedisStore(StateStore):
             limiter_key_count=len(tats),
             budgets=tuple(budgets),
             detail=detail,
-            notes=(note,),
+            notes=(note,)
+            if not odd
+            else (note, f"{odd} keys held values that are not ours (an error reply): left out"),
         )
 
     def _fallback_snapshot(

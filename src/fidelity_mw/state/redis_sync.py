@@ -337,7 +337,8 @@ class SyncLink:
             self._probing.release()
 
     def _writable(self, client: Any) -> bool:
-        """Does Redis answer as a primary that takes writes (`RedisStore._writable`)?"""
+        """Does Redis answer as a primary that takes writes (`RedisStore._writable`: ROLE,
+        then a write, which a primary whose writes are paused holds)?"""
         if not self.role_denied and not self.cluster:
             try:
                 role = client.execute_command("ROLE")
@@ -346,7 +347,8 @@ class SyncLink:
                     raise
                 self.role_denied = True  # NOPERM, or a proxy without ROLE
             else:
-                return role_text(role[0]) == "master"
+                if role_text(role[0]) != "master":
+                    return False
         prefix = self.config.key_prefix
         try:
             client.execute_command("EVAL", WRITE_PROBE, 1, f"{{{prefix}}}:probe")

@@ -54,11 +54,25 @@ local function charged(base, seconds)
   return t
 end
 
+-- fidelity_mw.decide.gcra.CLOCK_STEP_S: a stored TAT further than this past a full burst
+-- ahead of now was stored before TIME went back (a failover to a replica whose clock is
+-- behind, an NTP step): it reads as an empty bucket, so the key refuses for at most one
+-- burst's refill time rather than for as long as the clock was wrong
+local CLOCK_STEP_S = 120.0
+
+local function unstep(tat, now, tol)
+  if tat - now > tol + CLOCK_STEP_S then
+    return now + tol
+  end
+  return tat
+end
+
 -- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
 local function gcra(tat, now, interval, tol, cost)
-  local base = tat
-  if now > base then
-    base = now
+  local base = now
+  if tat > now then
+    tat = unstep(tat, now, tol)
+    base = tat
   end
   local new_tat = charged(base, cost * interval)
   local allow_at = new_tat - tol
@@ -264,6 +278,12 @@ end
 
 local function br_rotate(b, now)
   if now < b.be then
+    if b.be - now > 2 * b.cfg.bucket_s then
+      -- set before TIME went back (decide.breaker.BreakerState._rotate): the window
+      -- rotates again from one bucket ahead
+      b.be = now + b.cfg.bucket_s
+      b.dirty = true
+    end
     return
   end
   local bs = b.cfg.bucket_s
@@ -363,17 +383,34 @@ local function br_should_open(b, now)
 end
 
 -- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
+-- Port of the clock-step guard of decide.breaker.BreakerState.gate: an open breaker whose
+-- open-until lies further ahead than its open time (with jitter) was opened before TIME
+-- went back; it stays open for at most that long from now. Returns the time left.
+local function br_open_left(b, now)
+  local most = br_open_time(b.cfg, b.ro) * (1.0 + b.cfg.open_jitter)
+  if b.ou - now > most then
+    b.ou = now + most
+    b.full = true
+  end
+  return b.ou - now
+end
+
 local function br_gate(b, now, u)
   if b.st == 'closed' then
     return 'allow', 'closed', b.ep, 0, 0
   end
   if b.st == 'open' then
     if now < b.ou then
-      return 'reject', 'open', b.ep, b.ou - now, 0
+      return 'reject', 'open', b.ep, br_open_left(b, now), 0
     end
     br_transition(b, 'half_open', now, u)
   end
   local lease = b.cfg.lease
+  -- probe leases started after now (TIME went back since): they run from now
+  local later = redis.call('ZRANGEBYSCORE', b.pkey, '(' .. fmt(now), '+inf')
+  for _, id in ipairs(later) do
+    redis.call('ZADD', b.pkey, fmt(now), id)
+  end
   redis.call('ZREMRANGEBYSCORE', b.pkey, '-inf', fmt(now - lease))
   local inflight = redis.call('ZCARD', b.pkey)
   if inflight < b.cfg.probes then
@@ -474,6 +511,7 @@ local function admit_at(ARGV, a, keys, now)
   local i = a + 3
   local b = nil
   local verdict, state, epoch, wait, probe_id = 'allow', '', 0, 0, 0
+  local held = nil -- the limit keys' values, read before the gate may write (below)
   if has_breaker then
     local cfg
     cfg, i = read_config(ARGV, i)
@@ -481,6 +519,15 @@ local function admit_at(ARGV, a, keys, now)
     br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
     i = i + 2
     k = k + 2
+    if b.st ~= 'closed' then
+      -- The gate of a breaker that is not closed writes (a probe's lease), and a script
+      -- is not rolled back on an error: a limit key of another type (WRONGTYPE), read
+      -- after it, failed the admission with a lease nobody holds. Read them first.
+      held = {}
+      for j = 0, n - 1 do
+        held[j + 1] = { tat_of(keys[k + j], now) }
+      end
+    end
     verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
     if verdict == 'reject' then
       br_save(b)
@@ -499,8 +546,18 @@ local function admit_at(ARGV, a, keys, now)
     local cost = tonumber(ARGV[i + 2])
     local shadow = ARGV[i + 3] == '1'
     i = i + 4
-    local stored, refunded, credit, expires = tat_of(key, now)
+    local stored, refunded, credit, expires
+    if held then
+      stored, refunded, credit, expires = unpack(held[j + 1])
+    else
+      stored, refunded, credit, expires = tat_of(key, now)
+    end
     local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
+    if not allowed and tat ~= stored then
+      -- repaired (stored before TIME went back: see unstep), whatever the others decide
+      stored = tat
+      store_tat(key, tat, now, refunded, credit, expires)
+    end
     local code = 1
     if not allowed and credit > 0 then
       local left = spend_credit(credit, expires, now, interval, cost)

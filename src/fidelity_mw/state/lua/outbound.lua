@@ -40,6 +40,11 @@ end
 
 local function bu_rotate(w, now)
   if now < w.be then
+    if w.be - now > 2 * w.bs then
+      -- set before TIME went back (decide.budget.BudgetWindow._rotate)
+      w.be = now + w.bs
+      w.dirty = true
+    end
     return
   end
   if w.be == 0 then

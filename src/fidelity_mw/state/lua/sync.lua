@@ -89,7 +89,7 @@ for j = 0, nb - 1 do
     end
     local wait = 0
     if b.st == 'open' then
-      wait = b.ou - now
+      wait = br_open_left(b, now) -- (at most its open time: TIME may have gone back)
       if wait < 0 then
         wait = 0
       end
@@ -134,6 +134,10 @@ for j = 0, nl - 1 do
   local ok, failed = pcall(function()
     local tat, refunded, credit, expires = tat_of(key, now)
     local changed = false
+    local repaired = unstep(tat, now, tol)
+    if repaired ~= tat then -- (stored before TIME went back: see lib.lua)
+      tat, changed = repaired, true
+    end
     if give > 0 then
       -- a refund (fidelity_mw.decide.gcra.refund): counted in the key's refunded seconds
       tat = tat - give * interval
