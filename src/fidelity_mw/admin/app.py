@@ -124,7 +124,10 @@ class AdminApp:
     async def state(self, engine: Engine) -> dict[str, Any]:
         """The JSON document the page shows."""
         now = engine.clock.monotonic()
-        snap = await engine.store.snapshot(now, top=self.top, configs=snapshot_configs(engine))
+        configs = snapshot_configs(
+            engine, top_breakers=self.top_breakers, top_budgets=self.top_budgets
+        )
+        snap = await engine.store.snapshot(now, top=self.top, configs=configs)
         hasher = self._hashers.get(id(engine))
         if hasher is None:
             hasher = self._hashers[id(engine)] = key_hasher(engine)
@@ -136,6 +139,7 @@ class AdminApp:
             hasher,
             top_breakers=self.top_breakers,
             top_budgets=self.top_budgets,
+            configs=configs,
         )
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:

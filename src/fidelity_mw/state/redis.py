@@ -1572,7 +1572,7 @@ class RedisStore(StateStore):
         note = "keys this instance has used; Redis stores them by hash only"
         if not self.health.up:
             what = _CLOSED_WHAT.get(self.fallback_why or "", "redis is unreachable")
-            return self._fallback_snapshot(now, top, detail, what)
+            return self._fallback_snapshot(now, top, detail, what, configs)
         started = self._clock.monotonic()
         try:
             pipe = self.client().pipeline(transaction=False)
@@ -1588,7 +1588,7 @@ class RedisStore(StateStore):
             async with asyncio.timeout(self._timeout_s * 4):
                 replies = list(await pipe.execute())
         except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
-            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
+            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}", configs)
         age = (self._clock.monotonic() - started) / 2.0
         server = float(replies[0][0]) + float(replies[0][1]) / 1e6
         i = 1
@@ -1632,9 +1632,14 @@ class RedisStore(StateStore):
         )
 
     def _fallback_snapshot(
-        self, now: float, top: int, detail: dict[str, Any], why: str
+        self,
+        now: float,
+        top: int,
+        detail: dict[str, Any],
+        why: str,
+        configs: SnapshotConfigs | None = None,
     ) -> StoreSnapshot:
-        local = local_snapshot(self.local, "redis", now, top)
+        local = local_snapshot(self.local, "redis", now, top, configs)
         age = self.fallback_age()
         return StoreSnapshot(
             kind="redis",
@@ -1651,6 +1656,8 @@ class RedisStore(StateStore):
             budgets=tuple(
                 dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.budgets
             ),
+            breaker_count=local.breaker_count,
+            budget_count=local.budget_count,
             detail=detail,
             notes=(
                 f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
