@@ -124,12 +124,13 @@ def first_breakers(
     keys: Sequence[str], breakers: Sequence[Any], limit: int, *, routes_first: bool = False
 ) -> list[int]:
     """Where the first `limit` breakers are in `keys` / `breakers` (a table's keys and
-    values, in its order) ranked: those not closed, then route breakers (`route:...`),
-    then the rest, each group in the table's order. With `routes_first`: route
-    breakers, then those not closed, then the rest. The same as a stable sort by that
-    rank, cut at `limit`, without the sort or a key per breaker: a few comprehensions
-    over the table, then work per breaker chosen. (A memory store holds a breaker per
-    upstream host its calls named, up to 10,000 by default.)
+    values, in its order), ranked by (closed, not a route breaker): those not closed,
+    route breakers (`route:...`) first among them, then closed route breakers, then the
+    rest. With `routes_first`, by (not a route breaker, closed). Each rank in the
+    table's order: the same as a stable sort by rank cut at `limit`, without the sort
+    or a key per breaker: two comprehensions over the table, then work per breaker
+    chosen. (A memory store holds a breaker per upstream host its calls named, up to
+    10,000 by default; few of them are routes' or not closed.)
 
     A breaker is anything with a `state` (a `BreakerState`, a tiered store's cached
     one). Indexes, not (key, breaker) pairs: a pair per breaker, kept alive through the
@@ -138,18 +139,17 @@ def first_breakers(
     limit = max(0, limit)
     # (a key is a route breaker's when "route:" <= key < "route;": no call per key)
     routes = [i for i, key in enumerate(keys) if _ROUTE <= key < _ROUTE_END]
+    not_closed = [i for i, breaker in enumerate(breakers) if breaker.state != CLOSED]
+    open_routes = [i for i in routes if breakers[i].state != CLOSED]
+    closed_routes = [i for i in routes if breakers[i].state == CLOSED]
+    open_others = [i for i in not_closed if not _ROUTE <= keys[i] < _ROUTE_END]
     if routes_first:
-        first = routes
-        second = [
-            i
-            for i, breaker in enumerate(breakers)
-            if breaker.state != CLOSED and not _ROUTE <= keys[i] < _ROUTE_END
-        ]
+        ranked = (open_routes, closed_routes, open_others)
     else:
-        first = [i for i, breaker in enumerate(breakers) if breaker.state != CLOSED]
-        second = [i for i in routes if breakers[i].state == CLOSED]
-    chosen = first[:limit]
-    chosen += second[: limit - len(chosen)]
+        ranked = (open_routes, open_others, closed_routes)
+    chosen: list[int] = []
+    for group in ranked:
+        chosen += group[: limit - len(chosen)]
     if len(chosen) < limit:  # the rest (closed, not a route's): only as many as needed
         rest = (
             i

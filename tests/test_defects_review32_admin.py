@@ -1,0 +1,200 @@
+"""Review 32, the admin page and the breaker gauge at scale, and their open edges.
+
+A memory store holds a breaker and a retry budget per upstream host its calls named
+(up to 10,000 each by default) and up to 100,000 limiter keys. Each refresh of an open
+admin page aged every breaker and budget under the store's lock and sorted every key,
+on the event loop: 40 ms at 10,000 breakers, 550 ms at 100,000, every request on the
+service waiting meanwhile (benchmarks/admin_snapshot.py). The page lists 200 of each.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fidelity_mw import BreakerConfig, Engine, Policy, RetryConfig
+from fidelity_mw.admin import AdminApp
+from fidelity_mw.decide.breaker import CLOSED, FAILURE, SUCCESS
+from fidelity_mw.decide.budget import BudgetWindow
+from fidelity_mw.state import memory as memory_module
+from fidelity_mw.state.base import LimitSpec
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.state.snapshot import first_breakers, top_budgets, top_limiter_keys
+from fidelity_mw.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000.0
+BREAKER = BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0, open_min_s=30.0, window_s=10.0)
+RETRY = RetryConfig(budget_ratio=1.0, budget_window_s=10.0)
+
+
+def _breaker_rank(item: tuple[str, Any]) -> tuple[bool, bool]:
+    return item[1].state == CLOSED, not item[0].startswith("route:")
+
+
+def _filled(n: int) -> MemoryStore:
+    """n upstream breakers and budgets at T0 (every 97th breaker open), two route
+    breakers among them, and budgets with 1 to 6 retries, and a few stale ones that
+    held many requests 100 s ago."""
+    store = MemoryStore(max_breakers=10_000)
+    for i in range(n):
+        if i == n // 3:
+            for route in ("route:/a", "route:/b"):
+                store.record_now(
+                    route, BREAKER, store.gate_now(route, BREAKER, T0), SUCCESS, False, T0
+                )
+        key = f"upstream:h{i}.example"
+        gate = store.gate_now(key, BREAKER, T0)
+        store.record_now(key, BREAKER, gate, SUCCESS, False, T0)
+        if i % 97 == 5:
+            for _ in range(2):
+                store.record_now(key, BREAKER, gate, FAILURE, False, T0)
+        budget = f"budget:h{i}.example"
+        if i % 151 == 3:  # stale: busy long ago, nothing in the window now
+            for _ in range(50):
+                store.budget_request_now(budget, RETRY, T0 - 100.0)
+        store.budget_request_now(budget, RETRY, T0)
+        if i % 101 == 7:
+            for _ in range(9):
+                store.budget_request_now(budget, RETRY, T0)
+            for _ in range(1 + (i // 101) % 6):
+                assert store.budget_try_retry_now(budget, RETRY, T0)[0]
+    return store
+
+
+async def test_the_page_lists_the_first_breakers_and_budgets_and_ages_only_those() -> None:
+    store = _filled(3_000)
+    breaker_ends = {key: state._bucket_end for key, state in store.breakers.items()}
+    now = T0 + 1.5  # past the current bucket's end (1 s buckets): aging rotates them
+    engine = Engine(Policy(), store=store, clock=FakeClock(now))
+    doc = await AdminApp(engine, top_breakers=40, top_budgets=5).state(engine)
+
+    # what is listed: the open ones, then the route breakers, then closed ones in the
+    # store's order, as a stable sort of them all would give; the count is all of them
+    listed = [b["key"] for b in doc["breakers"]]
+    expected = [key for key, _ in sorted(store.breakers.items(), key=_breaker_rank)[:40]]
+    assert listed == expected
+    assert [b["state"] for b in doc["breakers"]][:31] == ["open"] * 31
+    assert listed[31:33] == ["route:/a", "route:/b"]
+    assert doc["store"]["breaker_count"] == 3_002
+    # only the breakers listed were aged (under the store's lock): not all 3,002
+    aged = {key for key, state in store.breakers.items() if state._bucket_end != breaker_ends[key]}
+    assert aged == set(listed)
+    for row in doc["breakers"]:
+        calls, failures, slow = store.breakers[row["key"]].totals(now)
+        assert (row["calls"], row["failures"], row["slow"]) == (calls, failures, slow)
+
+    # budgets: the most retries first, then the most requests; the stale ones (50
+    # requests 100 s ago) hold nothing now and are not among them
+    totals = {key: window.totals(now) for key, window in store.budgets.items()}
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1][1], -kv[1][0]))[:5]
+    assert [(b["key"], b["requests"], b["retries"]) for b in doc["budgets"]] == [
+        (key, requests, retries) for key, (requests, retries) in ranked
+    ]
+    assert [b["retries"] for b in doc["budgets"]] == [6, 6, 6, 6, 6]
+    assert doc["store"]["budget_count"] == 3_000
+
+
+async def test_budgets_are_aged_only_while_they_can_still_make_the_list() -> None:
+    store = _filled(3_000)
+    ends = {key: window._bucket_end for key, window in store.budgets.items()}
+    engine = Engine(Policy(), store=store, clock=FakeClock(T0 + 1.5))
+    doc = await AdminApp(engine, top_budgets=5).state(engine)
+    aged = {key for key, window in store.budgets.items() if window._bucket_end != ends[key]}
+    assert {b["key"] for b in doc["budgets"]} <= aged
+    assert len(aged) <= 10, len(aged)  # not 3,000
+
+
+async def test_the_snapshot_is_taken_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Choosing what to list is still one pass over every breaker, budget and key: in a
+    worker thread the loop keeps its turns meanwhile."""
+    threads: list[int] = []
+    taken = memory_module.local_snapshot
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return taken(*args, **kwargs)
+
+    monkeypatch.setattr(memory_module, "local_snapshot", spy)
+    store = _filled(50)
+    engine = Engine(Policy(), store=store, clock=FakeClock(T0 + 1.5))
+    doc = await AdminApp(engine).state(engine)
+    assert doc["store"]["breaker_count"] == 52
+    assert threads
+    assert threads[0] != threading.get_ident()
+
+
+def test_first_breakers_is_a_stable_sort_by_rank_cut_at_the_limit() -> None:
+    rng = random.Random(32)
+    states = ("closed", "open", "half_open")
+    for _ in range(300):
+        n = rng.randrange(0, 60)
+        keys = [
+            f"{rng.choice(('route:', 'upstream:', 'route', 'routf:'))}{rng.randrange(20)}"
+            for _ in range(n)
+        ]
+        breakers = [SimpleNamespace(state=rng.choice(states)) for _ in range(n)]
+        limit = rng.randrange(0, n + 3)
+        for routes_first in (False, True):
+
+            def rank(
+                i: int, routes_first: bool = routes_first, keys: list[str] = keys, b: Any = breakers
+            ) -> tuple[bool, bool]:
+                closed = b[i].state == CLOSED
+                other = not keys[i].startswith("route:")
+                return (other, closed) if routes_first else (closed, other)
+
+            got = first_breakers(keys, breakers, limit, routes_first=routes_first)
+            assert got == sorted(range(n), key=rank)[:limit]
+
+
+def test_top_budgets_matches_aging_and_sorting_them_all() -> None:
+    rng = random.Random(3232)
+    configs = [RetryConfig(budget_window_s=w) for w in (1.0, 10.0, 60.0)]
+    for _ in range(200):
+        n = rng.randrange(0, 40)
+        windows = [BudgetWindow(rng.choice(configs)) for _ in range(n)]
+        for window in windows:
+            for _ in range(rng.randrange(0, 6)):
+                at = rng.uniform(0.0, 100.0)
+                at = max(at, window._bucket_end - window._bucket_s)  # time moves forward
+                window.request(at)
+                if rng.random() < 0.4:
+                    window.spend(at)
+        now = rng.uniform(50.0, 200.0)
+        limit = rng.randrange(0, n + 3)
+        got = top_budgets(windows, now, limit)
+        totals = [w.totals(now) for w in windows]
+        expected = sorted(range(n), key=lambda i: (-totals[i][1], -totals[i][0]))[:limit]
+        assert got == [(i, *totals[i]) for i in expected]
+
+
+def test_top_limiter_keys_are_the_busiest_as_a_full_sort_lists_them() -> None:
+    rng = random.Random(7)
+    for _ in range(100):
+        tats = {f"k{i}": rng.choice((rng.uniform(0.0, 20.0), 10.0)) for i in range(50)}
+        now, top = 10.0, rng.randrange(0, 60)
+        got = top_limiter_keys(tats, now, top, "memory", 0.0)
+        expected = sorted(((tat - now, k) for k, tat in tats.items() if tat > now), reverse=True)
+        assert [(v.backlog_s, v.key) for v in got] == expected[:top]
+
+
+async def test_limiter_keys_listed_by_a_memory_store() -> None:
+    store = MemoryStore()
+    spec = LimitSpec("per-client", 1.0, 10.0, 1, False)
+    for i in range(30):
+        for _ in range(i % 7):
+            store.admit_now(None, None, [f"per-client|c{i}"], [spec], T0)
+    snap = await store.snapshot(T0, top=4)
+    assert snap.limiter_key_count == 30 - 5  # (i % 7 == 0: never admitted, no key)
+    assert [(v.key, v.backlog_s) for v in snap.limiter_keys] == [
+        ("per-client|c6", 6.0),
+        ("per-client|c27", 6.0),
+        ("per-client|c20", 6.0),
+        ("per-client|c13", 6.0),
+    ]
