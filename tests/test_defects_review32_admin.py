@@ -14,6 +14,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
 from fidelity_mw import BreakerConfig, Engine, Policy, RetryConfig
@@ -198,3 +199,63 @@ async def test_limiter_keys_listed_by_a_memory_store() -> None:
         ("per-client|c20", 6.0),
         ("per-client|c13", 6.0),
     ]
+
+
+# ---------------------------------------------------------------- the page's headers
+
+
+async def _admin_get(app: Any, path: str, client_ip: str = "127.0.0.1") -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(client_ip, 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return await c.get(path)
+
+
+async def test_the_page_sends_a_strict_content_security_policy() -> None:
+    """The page serves a script (and rev30t fixed an XSS through the root path): only
+    its own script and style may run, by a nonce fresh per page; it fetches its JSON
+    from its own origin, and no page may frame it."""
+    engine = Engine(Policy(), clock=FakeClock())
+    admin = AdminApp(engine)
+    first, second = await _admin_get(admin, "/"), await _admin_get(admin, "/")
+    nonces = []
+    for page in (first, second):
+        assert page.status_code == 200
+        policy = dict(
+            part.strip().split(" ", 1)
+            for part in page.headers["content-security-policy"].split(";")
+        )
+        nonce = policy["script-src"].removeprefix("'nonce-").removesuffix("'")
+        assert policy == {
+            "default-src": "'none'",
+            "script-src": f"'nonce-{nonce}'",
+            "style-src": f"'nonce-{nonce}'",
+            "connect-src": "'self'",
+            "base-uri": "'none'",
+            "form-action": "'none'",
+            "frame-ancestors": "'none'",
+        }
+        assert page.text.count(f'<script nonce="{nonce}">') == 1
+        assert page.text.count(f'<style nonce="{nonce}">') == 1
+        assert page.text.count("<script") == page.text.count("<style") == 1
+        assert len(nonce) >= 22
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert page.headers["x-frame-options"] == "DENY"
+        nonces.append(nonce)
+    assert nonces[0] != nonces[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "client_ip", "status"),
+    [("/state.json", "127.0.0.1", 200), ("/nope", "127.0.0.1", 404), ("/", "203.0.113.9", 403)],
+)
+async def test_every_other_answer_is_locked_down(path: str, client_ip: str, status: int) -> None:
+    engine = Engine(Policy(), clock=FakeClock())
+    response = await _admin_get(AdminApp(engine), path, client_ip)
+    assert response.status_code == status
+    assert (
+        response.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    )
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert len(response.headers.get_list("content-security-policy")) == 1

@@ -7,6 +7,7 @@ import importlib.resources
 import ipaddress
 import json
 import logging
+import secrets
 from typing import Any, Final
 from urllib.parse import unquote, unquote_plus
 
@@ -187,10 +188,25 @@ class AdminApp:
         # `</script>` (or `<!--`) in a JSON string would end it, so `<`, `>`, `&` are
         # written as JavaScript escapes (the string is the same to the script).
         url = json.dumps(root + "/state.json").translate(_SCRIPT_ESCAPES)
-        page = self._page.replace("{{STATE_URL}}", url).replace(
-            "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
+        # A fresh nonce per page: its own script and style run, nothing else would (an
+        # injected script, as the root-path XSS was, is refused by the browser too).
+        nonce = secrets.token_urlsafe(18)
+        page = (
+            self._page.replace("{{STATE_URL}}", url)
+            .replace("{{REFRESH_MS}}", str(int(self.refresh_s * 1000)))
+            .replace("{{NONCE}}", nonce)
         )
-        await _send(send, 200, page.encode(), "text/html; charset=utf-8")
+        policy = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        await _send(
+            send,
+            200,
+            page.encode(),
+            "text/html; charset=utf-8",
+            [(b"content-security-policy", policy.encode())],
+        )
 
 
 # Headers a proxy adds. The server may already have turned one into scope["client"]
@@ -215,6 +231,11 @@ def _loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+# Every answer: nothing in it runs or loads anything, no page may frame it (the HTML
+# page sends its own policy), and no URL of it (`?token=`) leaves as a Referer.
+_LOCKED_DOWN: Final = b"default-src 'none'; frame-ancestors 'none'"
+
+
 async def _send(
     send: Send,
     status: int,
@@ -222,17 +243,16 @@ async def _send(
     content_type: str,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-                *(extra or ()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+        *(extra or ()),
+    ]
+    if not any(name == b"content-security-policy" for name, _ in headers):
+        headers.append((b"content-security-policy", _LOCKED_DOWN))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
