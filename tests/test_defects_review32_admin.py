@@ -16,11 +16,17 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Host, Route, Router
 
-from fidelity_mw import BreakerConfig, Engine, Policy, RetryConfig
+from fidelity_mw import BreakerConfig, Engine, FidelityMiddleware, Policy, RetryConfig
 from fidelity_mw.admin import AdminApp
+from fidelity_mw.admin.view import snapshot_configs
 from fidelity_mw.decide.breaker import CLOSED, FAILURE, SUCCESS
 from fidelity_mw.decide.budget import BudgetWindow
+from fidelity_mw.overrides import mark
 from fidelity_mw.state import memory as memory_module
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
@@ -259,3 +265,38 @@ async def test_every_other_answer_is_locked_down(path: str, client_ip: str, stat
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
     assert len(response.headers.get_list("content-security-policy")) == 1
+
+
+# ---------------------------------------------------------------- the plans' breakers
+
+
+async def _ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def test_a_breaker_declared_on_a_host_routed_endpoint_is_found_for_the_page() -> None:
+    """The page ages a Redis breaker's window with the breaker's config, looked up in
+    the engine's plans. Only the plans by (method, path) were searched: an app with Host
+    routes (or a path seen under two root paths) has its plans in `_host_plans`, so a
+    breaker declared on its endpoint in code was aged with the policy's window (30 s,
+    not the endpoint's 2 s)."""
+    own = BreakerConfig(window_s=2.0, min_calls=3)
+    endpoint = mark(_ok, breaker=own)
+    app = Starlette(
+        routes=[Host("api.example.com", app=Router(routes=[Route("/items/{id}", endpoint)]))]
+    )
+    engine = FidelityMiddleware(app, policy=Policy(), telemetry=False).engine
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/items/1",
+        "headers": [(b"host", b"api.example.com")],
+    }
+    plan = engine.plan_for(scope)
+    assert plan.breaker == own
+    assert plan.breaker_key == "route:api.example.com/items/{id}"
+    assert not engine._plans  # (host-routed: cached by host)
+    assert snapshot_configs(engine).breaker(plan.breaker_key) == own
+    # another root path: a plan of its own, beside the first one's
+    under = engine.plan_for({**scope, "root_path": "/v2", "path": "/v2/items/1"})
+    assert snapshot_configs(engine).breaker(under.breaker_key or "") == own
