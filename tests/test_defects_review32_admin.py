@@ -156,7 +156,8 @@ def test_first_breakers_is_a_stable_sort_by_rank_cut_at_the_limit() -> None:
                 other = not keys[i].startswith("route:")
                 return (other, closed) if routes_first else (closed, other)
 
-            got = first_breakers(keys, breakers, limit, routes_first=routes_first)
+            held = [b.state for b in breakers]
+            got = first_breakers(keys, held, limit, routes_first=routes_first)
             assert got == sorted(range(n), key=rank)[:limit]
 
 

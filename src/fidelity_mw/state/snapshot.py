@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from operator import attrgetter
 from typing import Any, Final, Protocol, TypeVar
 
 from ..decide.breaker import CLOSED, OPEN, BreakerState
@@ -121,27 +122,26 @@ def _top_tats(
 
 
 def first_breakers(
-    keys: Sequence[str], breakers: Sequence[Any], limit: int, *, routes_first: bool = False
+    keys: Sequence[str], states: Sequence[object], limit: int, *, routes_first: bool = False
 ) -> list[int]:
-    """Where the first `limit` breakers are in `keys` / `breakers` (a table's keys and
-    values, in its order), ranked by (closed, not a route breaker): those not closed,
-    route breakers (`route:...`) first among them, then closed route breakers, then the
-    rest. With `routes_first`, by (not a route breaker, closed). Each rank in the
-    table's order: the same as a stable sort by rank cut at `limit`, without the sort
-    or a key per breaker: two comprehensions over the table, then work per breaker
+    """Where the first `limit` breakers are in `keys` / `states` (a table's keys and its
+    breakers' states, in its order), ranked by (closed, not a route breaker): those not
+    closed, route breakers (`route:...`) first among them, then closed route breakers,
+    then the rest. With `routes_first`, by (not a route breaker, closed). Each rank in
+    the table's order: the same as a stable sort by rank cut at `limit`, without the
+    sort or a key per breaker: two comprehensions over the table, then work per breaker
     chosen. (A memory store holds a breaker per upstream host its calls named, up to
     10,000 by default; few of them are routes' or not closed.)
 
-    A breaker is anything with a `state` (a `BreakerState`, a tiered store's cached
-    one). Indexes, not (key, breaker) pairs: a pair per breaker, kept alive through the
+    Indexes, not (key, breaker) pairs: a pair per breaker, kept alive through the
     selection, is an allocation the garbage collector counts, and enough of them start
     a full collection of the heap (150 ms at 100,000 breakers)."""
     limit = max(0, limit)
     # (a key is a route breaker's when "route:" <= key < "route;": no call per key)
     routes = [i for i, key in enumerate(keys) if _ROUTE <= key < _ROUTE_END]
-    not_closed = [i for i, breaker in enumerate(breakers) if breaker.state != CLOSED]
-    open_routes = [i for i in routes if breakers[i].state != CLOSED]
-    closed_routes = [i for i in routes if breakers[i].state == CLOSED]
+    not_closed = [i for i, state in enumerate(states) if state != CLOSED]
+    open_routes = [i for i in routes if states[i] != CLOSED]
+    closed_routes = [i for i in routes if states[i] == CLOSED]
     open_others = [i for i in not_closed if not _ROUTE <= keys[i] < _ROUTE_END]
     if routes_first:
         ranked = (open_routes, closed_routes, open_others)
@@ -153,13 +153,14 @@ def first_breakers(
     if len(chosen) < limit:  # the rest (closed, not a route's): only as many as needed
         rest = (
             i
-            for i, breaker in enumerate(breakers)
-            if breaker.state == CLOSED and not _ROUTE <= keys[i] < _ROUTE_END
+            for i, state in enumerate(states)
+            if state == CLOSED and not _ROUTE <= keys[i] < _ROUTE_END
         )
         chosen += islice(rest, limit - len(chosen))
     return chosen
 
 
+_STATE: Final = attrgetter("state")
 _ROUTE: Final = "route:"
 _ROUTE_END: Final = "route;"  # the first string after every "route:..." one
 
@@ -257,7 +258,7 @@ def local_snapshot(
     if want_breakers is not None and len(breaker_keys) > want_breakers:
         # (states read without the lock: a breaker that changes state meanwhile is
         # ranked as it was a moment before, and shown as it is)
-        chosen = first_breakers(breaker_keys, breaker_states, want_breakers)
+        chosen = first_breakers(breaker_keys, list(map(_STATE, breaker_states)), want_breakers)
     counted: list[tuple[int, int, int]] | None = None
     if want_budgets is not None and len(windows) > want_budgets:
         counted = top_budgets(windows, now, want_budgets, lock)

@@ -469,11 +469,10 @@ class BreakerWatch:
                 # are looked at (a scrape on the event loop, prometheus_client's ASGI
                 # app, walked them all, 90 ms at 100,000). The rank is the one below.
                 keys = [item[0] for item in items]
+                held = [getattr(item[1], "state", None) for item in items]
                 try:
-                    chosen = first_breakers(
-                        keys, [item[1] for item in items], _MAX_SUBJECTS, routes_first=True
-                    )
-                except (AttributeError, TypeError):  # another store's keys or breakers
+                    chosen = first_breakers(keys, held, _MAX_SUBJECTS, routes_first=True)
+                except TypeError:  # another store's keys (not strings)
                     chosen = list(range(len(items)))
                 items = [items[i] for i in chosen]
             for key, breaker in items:
