@@ -21,7 +21,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Host, Route, Router
 
-from fidelity_mw import BreakerConfig, Engine, FidelityMiddleware, Policy, RetryConfig
+from fidelity_mw import (
+    BreakerConfig,
+    Engine,
+    FidelityMiddleware,
+    Policy,
+    RetryConfig,
+    StateConfig,
+)
 from fidelity_mw.admin import AdminApp
 from fidelity_mw.admin.view import snapshot_configs
 from fidelity_mw.decide.breaker import CLOSED, FAILURE, SUCCESS
@@ -301,3 +308,78 @@ def test_a_breaker_declared_on_a_host_routed_endpoint_is_found_for_the_page() ->
     # another root path: a plan of its own, beside the first one's
     under = engine.plan_for({**scope, "root_path": "/v2", "path": "/v2/items/1"})
     assert snapshot_configs(engine).breaker(under.breaker_key or "") == own
+
+
+# ---------------------------------------------------------------- a Redis store's listing
+
+
+@pytest.mark.redis
+async def test_a_redis_snapshot_reads_in_chunks_and_probes_only_what_it_lists(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis names keys by hash, so the page reads every key this instance used, at
+    10,000 breakers one pipeline of 30,000 commands: redis-py packed and parsed them on
+    the event loop for 100 ms, every request waiting. Now in chunks of 200 commands (the
+    loop runs between them), and the probe count (ZCARD) only for the breakers listed."""
+    import redis as redis_sync
+
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.snapshot import SnapshotConfigs
+
+    store = RedisStore(
+        config=StateConfig(url=redis_url, key_prefix="adm32", fleet_share_max_age_s=0.0)
+    )
+    direct = redis_sync.Redis.from_url(redis_url)
+    try:
+        server_now = float(direct.time()[0])
+        writes = direct.pipeline(transaction=False)
+        keys = [f"upstream:h{i:04d}.example" for i in range(1_200)]
+        for i, key in enumerate(keys):
+            opened = i % 300 == 17
+            fields = {"st": "open", "ep": 1, "ou": server_now + 30, "oa": server_now}
+            writes.hset(store.breaker_keys(key)[0], mapping=fields if opened else {"co": 0})
+        for i in range(300):
+            retries = ",".join(["0"] * 9 + [str(i % 7)])
+            writes.hset(
+                store.key("bu", f"budget:h{i:04d}.example"),
+                mapping={
+                    "be": server_now + 1,
+                    "ix": 9,
+                    "rq": ",".join(["0"] * 9 + ["9"]),
+                    "rt": retries,
+                },
+            )
+        writes.execute()
+        client = store.client()
+        sent: list[list[str]] = []
+        pipeline = client.pipeline
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            pipe = pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            async def counted(*a: Any, **kw: Any) -> Any:
+                sent.append([str(command[0][0]) for command in pipe.command_stack])
+                return await execute(*a, **kw)
+
+            pipe.execute = counted
+            return pipe
+
+        monkeypatch.setattr(client, "pipeline", spy)
+        configs = SnapshotConfigs(
+            breaker=lambda key: BREAKER, retry=lambda key: RETRY, top_breakers=10, top_budgets=5
+        )
+        snap = await store.snapshot(0.0, configs=configs)
+    finally:
+        direct.close()
+        await store.aclose()
+    assert max(len(commands) for commands in sent) <= 200
+    assert sum(len(commands) for commands in sent) == 1 + 1_200 + 300 + 10
+    assert [c for commands in sent for c in commands].count("ZCARD") == 10
+    assert snap.breaker_count == 1_200
+    assert [v.key for v in snap.breakers] == [keys[i] for i in (17, 317, 617, 917)] + keys[:6]
+    assert [v.state for v in snap.breakers] == ["open"] * 4 + ["closed"] * 6
+    assert snap.budget_count == 300
+    assert [(v.key, v.retries) for v in snap.budgets] == [
+        (f"budget:h{i:04d}.example", 6) for i in (6, 13, 20, 27, 34)
+    ]
