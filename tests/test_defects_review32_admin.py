@@ -383,3 +383,29 @@ async def test_a_redis_snapshot_reads_in_chunks_and_probes_only_what_it_lists(
     assert [(v.key, v.retries) for v in snap.budgets] == [
         (f"budget:h{i:04d}.example", 6) for i in (6, 13, 20, 27, 34)
     ]
+
+
+@pytest.mark.redis
+async def test_a_tiered_snapshot_lists_the_first_cached_breakers_and_counts_them_all(
+    redis_url: str,
+) -> None:
+    from fidelity_mw.clock import SYSTEM_CLOCK
+    from fidelity_mw.state.snapshot import SnapshotConfigs
+    from fidelity_mw.state.tiered import TieredStore
+
+    config = StateConfig(url="tiered+" + redis_url, key_prefix="adm32t")
+    store = TieredStore(config=config)
+    spec = LimitSpec("per-client", 0.1, 4.0, 1, False)
+    now = SYSTEM_CLOCK.monotonic  # the store's own clock: it drops what looks idle on it
+    try:
+        for i in range(5):
+            for client in range(i + 1):
+                await store.admit(f"route:/r{i}", BREAKER, [f"per-client|c{client}"], [spec], now())
+        configs = SnapshotConfigs(top_breakers=2)
+        snap = await store.snapshot(now(), top=2, configs=configs)
+    finally:
+        await store.aclose()
+    assert snap.breaker_count == 5
+    assert [v.key for v in snap.breakers] == ["route:/r0", "route:/r1"]
+    assert snap.limiter_key_count == 5
+    assert len(snap.limiter_keys) == 2
