@@ -409,3 +409,16 @@ async def test_a_tiered_snapshot_lists_the_first_cached_breakers_and_counts_them
     assert [v.key for v in snap.breakers] == ["route:/r0", "route:/r1"]
     assert snap.limiter_key_count == 5
     assert len(snap.limiter_keys) == 2
+
+
+async def test_a_405_names_every_method_the_page_answers() -> None:
+    """The page answers GET and HEAD; its 405 said `Allow: GET` (RFC 9110 10.2.1: the
+    methods the resource supports), where Starlette's own routes say `GET, HEAD`."""
+    engine = Engine(Policy(), clock=FakeClock())
+    transport = httpx.ASGITransport(app=AdminApp(engine), client=("127.0.0.1", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        refused = await c.post("/state.json")
+        head = await c.head("/state.json")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, HEAD"
+    assert head.status_code == 200

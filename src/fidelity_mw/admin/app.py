@@ -93,7 +93,8 @@ class AdminApp:
             return
         if scope["method"] not in ("GET", "HEAD"):
             doc = problem_document(405, "Method Not Allowed", "read-only page", "admin-method")
-            await _send(send, 405, problem_json(doc), PROBLEM_MEDIA_TYPE, [(b"allow", b"GET")])
+            allow = [(b"allow", b"GET, HEAD")]
+            await _send(send, 405, problem_json(doc), PROBLEM_MEDIA_TYPE, allow)
             return
         root = scope.get("root_path", "")
         path: str = scope["path"]
