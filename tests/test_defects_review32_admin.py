@@ -422,3 +422,34 @@ async def test_a_405_names_every_method_the_page_answers() -> None:
     assert refused.status_code == 405
     assert refused.headers["allow"] == "GET, HEAD"
     assert head.status_code == 200
+
+
+# ---------------------------------------------------------------- the breaker gauge
+
+
+def test_the_breaker_gauge_keeps_routes_then_those_not_closed_at_scale() -> None:
+    """The gauge (scraped on the event loop by prometheus_client's ASGI app) looked at
+    every breaker of a memory store and sorted them to keep 1,024: now it looks only at
+    those that can keep a place. What it reports is the same: route breakers, then
+    those not closed, then closed ones in the store's order."""
+    from fidelity_mw.telemetry.observer import BreakerWatch
+
+    store = _filled(3_000)
+    engine = Engine(Policy(), store=store, clock=FakeClock(T0 + 1.5))
+    watch = BreakerWatch()
+    watch.engines.add(engine)
+    observed = watch.breaker_observations()
+    current = [
+        (o.attributes["fidelity.subject"], o.attributes["fidelity.breaker.state"])
+        for o in observed
+        if o.value == 1
+    ]
+    assert len(current) == 1_024
+    assert len(observed) == 3 * 1_024
+    ranked = sorted(
+        store.breakers.items(),
+        key=lambda kv: (not kv[0].startswith("route:"), kv[1].state == CLOSED),
+    )[:1_024]
+    assert current == [(key.partition(":")[2], state.state) for key, state in ranked]
+    assert current[:2] == [("/a", "closed"), ("/b", "closed")]
+    assert [state for _, state in current[2:33]] == ["open"] * 31
