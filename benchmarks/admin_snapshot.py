@@ -2,16 +2,21 @@
 
 A memory store holds N upstream breakers (a webhook sender's hosts: almost all closed,
 1% open), N retry budgets and N rate-limit keys. Measured, each the median of a few
-runs on the calling thread (all of it synchronous: the event loop runs nothing else
-meanwhile):
+runs:
 
-  state.json   the whole `AdminApp.state` (the store's snapshot and the page's JSON)
-  lock held    the longest the store's lock was held at once during it (threads that
-               decide on the store wait that long)
-  gauge        one collection of the breaker gauge (`fidelity.breaker.state`), as a
-               Prometheus scrape runs it
+  state.json     CPU time the event loop's thread spent in one `AdminApp.state` (the
+                 store's snapshot and the page's JSON)
+  loop stalled   the longest the event loop ran nothing else meanwhile (a task that
+                 wakes every millisecond sees the gap; on a busy machine it includes
+                 time the process was not scheduled)
+  lock held      the longest the store's lock was held at once (threads that decide on
+                 the store wait that long)
+  gauge          CPU time of one collection of the breaker gauge
+                 (`fidelity.breaker.state`), as a Prometheus scrape runs it
 
     .venv/bin/python benchmarks/admin_snapshot.py [--sizes 1000,10000,100000] [--no-write]
+
+To measure another revision, run it with that revision's `src` first on PYTHONPATH.
 """
 
 from __future__ import annotations
