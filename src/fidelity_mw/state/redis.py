@@ -1852,8 +1852,8 @@ def _marked(
 # ---------------------------------------------------------------- snapshot views
 
 _SNAPSHOT_MAX_KEYS: Final = 5_000
-# commands per pipeline of a snapshot: redis-py packs and parses about 10 µs of Python
-# per command on the event loop, so a chunk keeps the loop about 5 ms
+# commands per pipeline of a snapshot: redis-py packs and parses 10-15 µs of Python per
+# command on the event loop, so a chunk keeps the loop 2-3 ms
 _SNAPSHOT_CHUNK: Final = 200
 
 

@@ -19,13 +19,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 from ..decide.breaker import CLOSED, OPEN, BreakerState
 from ..decide.budget import BudgetWindow
 from ..policy import BreakerConfig, RetryConfig
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +114,7 @@ def _top_tats(
     tats: Iterable[float], keys: Iterable[str], now: float, top: int, source: str, age_s: float
 ) -> tuple[LimiterKeyView, ...]:
     # A selection, not a sort: a memory store holds up to 100,000 keys, and sorting
-    # them all (under the store's lock, on the event loop) took 20 ms per refresh.
+    # them all took 20 ms per refresh (under the store's lock, on the event loop).
     busy = heapq.nlargest(max(0, top), zip(tats, keys, strict=True))
     return tuple(LimiterKeyView(key, tat - now, source, age_s) for tat, key in busy if tat > now)
 
@@ -238,10 +236,11 @@ def local_snapshot(
     """What a process-local state holds, aged to `now`: every breaker and budget, or the
     `configs.top_breakers` / `top_budgets` first of them, and the `top` busiest keys.
 
-    It runs on the event loop, and its lock is the one every decision on this state
-    takes: under the lock, the tables are copied (in C) and only the items listed are
-    aged; choosing them reads the copies without it. Aging every breaker under the
-    lock held it (and stalled the loop) 40 ms per page refresh at 10,000 breakers."""
+    Its lock is the one every decision on this state takes: under it the tables are
+    copied (in C) and only the items listed are aged; choosing them reads the copies
+    without it. (Aging every breaker under the lock held it 40 ms per page refresh at
+    10,000 breakers, on the event loop: the memory store now calls this in a worker
+    thread, a Redis store's fallback on the loop.)"""
     want_breakers = configs.top_breakers if configs is not None else None
     want_budgets = configs.top_budgets if configs is not None else None
     lock = local._lock
