@@ -9,8 +9,10 @@ service waiting meanwhile (benchmarks/admin_snapshot.py). The page lists 200 of 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -453,3 +455,69 @@ def test_the_breaker_gauge_keeps_routes_then_those_not_closed_at_scale() -> None
     assert current == [(key.partition(":")[2], state.state) for key, state in ranked]
     assert current[:2] == [("/a", "closed"), ("/b", "closed")]
     assert [state for _, state in current[2:33]] == ["open"] * 31
+
+
+# ---------------------------------------------------------------- the page in Chromium
+
+
+class _SlowStore(MemoryStore):
+    """A store slow to read (thousands of Redis keys): counts the snapshots in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.most = 0
+        self.done = 0
+
+    async def snapshot(self, now: float, **kwargs: Any) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.4)  # the slow read itself: eight of the page's intervals
+            return await super().snapshot(now, **kwargs)
+        finally:
+            self.in_flight -= 1
+            self.done += 1
+
+
+@pytest.mark.slow
+def test_an_open_page_asks_again_only_once_answered(tmp_path: Path) -> None:
+    """The page asked for its JSON every `refresh_s` whether or not the last answer had
+    come: on a store slower to read than that, one open page kept several snapshots
+    running on the server at once, each a full read of the store."""
+    from test_admin import _chromium
+
+    found = _chromium()
+    if found is None:
+        pytest.fail(
+            "chromium and chromedriver are needed: apt-get install chromium chromium-driver"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from _loopback import LoopbackServer
+
+    store = _SlowStore()
+    engine = Engine(Policy(), store=store)
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    with LoopbackServer(AdminApp(engine, refresh_s=0.05)) as server:
+        driver = webdriver.Chrome(options=options, service=Service(found[1]))
+        try:
+            driver.set_page_load_timeout(30)
+            driver.get(server.url + "/")
+            WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda _d: store.done >= 3)
+        finally:
+            driver.quit()
+    assert store.most == 1

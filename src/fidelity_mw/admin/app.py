@@ -33,8 +33,8 @@ class AdminApp:
     `FidelityMiddleware` the request passed through (mount the page inside the
     wrapped app). `top`: how many limiter keys to list. `top_breakers`: how many
     breakers (those not closed first when there are more), `top_budgets` how many
-    retry budgets (the busiest first). `refresh_s`: how often the page fetches the
-    JSON again.
+    retry budgets (the busiest first). `refresh_s`: how long the page waits after an
+    answer before it fetches the JSON again.
     """
 
     def __init__(
