@@ -55,8 +55,8 @@ def _breaker_rank(item: tuple[str, Any]) -> tuple[bool, bool]:
 
 def _filled(n: int) -> MemoryStore:
     """n upstream breakers and budgets at T0 (every 97th breaker open), two route
-    breakers among them, and budgets with 1 to 6 retries, and a few stale ones that
-    held many requests 100 s ago."""
+    breakers among them, budgets with 1 to 6 retries, and a few stale ones that held
+    many requests and retries 100 s ago."""
     store = MemoryStore(max_breakers=10_000)
     for i in range(n):
         if i == n // 3:
@@ -71,9 +71,12 @@ def _filled(n: int) -> MemoryStore:
             for _ in range(2):
                 store.record_now(key, BREAKER, gate, FAILURE, False, T0)
         budget = f"budget:h{i}.example"
-        if i % 151 == 3:  # stale: busy long ago, nothing in the window now
+        if i % 151 == 3:  # stale: busy (and retrying) long ago, nothing in the window now
+            old = f"budget:old{i}.example"
             for _ in range(50):
-                store.budget_request_now(budget, RETRY, T0 - 100.0)
+                store.budget_request_now(old, RETRY, T0 - 100.0)
+            for _ in range(10):
+                assert store.budget_try_retry_now(old, RETRY, T0 - 100.0)[0]
         store.budget_request_now(budget, RETRY, T0)
         if i % 101 == 7:
             for _ in range(9):
@@ -113,7 +116,7 @@ async def test_the_page_lists_the_first_breakers_and_budgets_and_ages_only_those
         (key, requests, retries) for key, (requests, retries) in ranked
     ]
     assert [b["retries"] for b in doc["budgets"]] == [6, 6, 6, 6, 6]
-    assert doc["store"]["budget_count"] == 3_000
+    assert doc["store"]["budget_count"] == 3_000 + 20  # (20 stale)
 
 
 async def test_budgets_are_aged_only_while_they_can_still_make_the_list() -> None:
