@@ -295,7 +295,10 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
     for transport in list(engine.transports):
         # the transport's per-host plans (outbound/upstream.py): read, never changed
         upstreams: dict[Any, Upstream] = getattr(transport, "_upstreams", None) or {}
-        for up in list(upstreams.values()):
+        for current in list(upstreams.values()):
+            up = _plan_for(current, engine)
+            if up is None:
+                continue
             cfg = up.cfg
             members = list(up.instances or ())
             out = ejected([i.view() for i in members], now, cfg.max_ejected_ratio)
@@ -340,6 +343,16 @@ def _breaker_rank(view: BreakerView) -> tuple[bool, bool]:
 
 def _budget_rank(view: BudgetView) -> tuple[int, int]:
     return -view.retries, -view.requests
+
+
+def _plan_for(current: Upstream, engine: Engine) -> Upstream | None:
+    """A transport used under several engines (inside requests, outside them) holds a
+    plan per host for each policy: the current one, and the one used before it, parked
+    (`FidelityTransport.upstream`). This engine's, if either is."""
+    if current.policy is engine.policy:
+        return current
+    parked: Upstream | None = getattr(current, "parked", None)
+    return parked if parked is not None and parked.policy is engine.policy else None
 
 
 def _round(value: float | None) -> float | None:

@@ -212,6 +212,9 @@ class _Base:
                     up = parked
             if up is None:
                 up = Upstream(engine, url.host, url.port)
+                # the admin page of the engine the plan is for lists this transport's
+                # balancers (a transport built without one is used under a middleware's)
+                engine.transports.add(self)
             up.parked = old
             self._upstreams[key] = up
             up.proxied = self._proxied
