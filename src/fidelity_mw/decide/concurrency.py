@@ -157,6 +157,12 @@ class GradientEstimate:
         spec = self.spec
         return float(min(max(spec.measure_limit, spec.min_limit), self._resume))
 
+    def _probe_slots(self) -> int:
+        # What the limiter admits while measuring: the probe limit rounded as the limit
+        # is. Compared with the float, a limit resumed at 3.6 admitted 4, and a route
+        # kept full never finished a sample at 3.6 or fewer: the measurement never ended.
+        return max(self.spec.min_limit, int(self._probe_limit() + 0.5))
+
     def current(self) -> float:
         if self._measuring:
             return self._probe_limit()
@@ -183,7 +189,7 @@ class GradientEstimate:
                 # An overload failure (timeout, shed downstream) is the clearest signal
                 # there is, also while measuring: the limit returns lower.
                 self._resume = max(float(spec.min_limit), self._resume * 0.9)
-            elif latency_s > 0.0 and in_flight <= self._probe_limit():
+            elif latency_s > 0.0 and in_flight <= self._probe_slots():
                 self._measured.append(latency_s)
                 if len(self._measured) >= spec.measure_samples:
                     self.baseline_s = min(self._measured)
