@@ -2,11 +2,12 @@
 
 A route that durably got slower without being overloaded (a deploy, a slower dependency)
 saw every sample past `tolerance` x its old floor: the limit shrank to `min_limit` and
-stayed there until the next re-measurement, 2,000 samples later (a minute at 40 ms, ten at
-400 ms), shedding with 503s load the route could serve. The floor is now replaced early on
-that evidence, but not when latency rises because of load: latency that grows with what
-is in flight, or with the event loop's lag. Simulated on a fake clock: an open-loop load
-driving the pure limiter, and the middleware with the testing clock."""
+stayed there until the next re-measurement, 2,000 samples later (48 s at 40 ms, 10 min at
+400 ms, on the load below), shedding with 503s load the route could serve. The floor is
+now replaced early on that evidence, but not when latency rises because of load: latency
+that grows with what is in flight, or with the event loop's lag. Simulated on a fake
+clock: an open-loop load driving the pure limiter, and the middleware with the testing
+clock."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def test_a_durable_latency_rise_becomes_the_floor_within_a_bounded_number_of_sam
 ) -> None:
     """10 ms -> 40 ms at 1,000 req/s (40 in flight after), 10 ms -> 400 ms at 100 req/s
     (40 in flight after): load the slower route can serve. Before, the limit sat at 1 until
-    the re-measurement 2,000 samples on (measured: 46,464 and 61,135 503s, 48 s and 632 s)."""
+    the re-measurement 2,000 samples on: to this point 1,319 and 1,617 samples, 46,465 and
+    61,134 503s, 48 s and 628 s (now 87 and 83 samples, 527 and 584 503s, 0.6 s and 7 s)."""
     load = _settled_at(0.01, rate)
     lim, est = load.lim, load.lim.estimate
     assert est is not None
@@ -145,7 +147,9 @@ def test_cpu_bound_overload_keeps_the_limit_low_and_the_floor_where_it_was(
     multiple: float, shed_stale: bool
 ) -> None:
     """Latency high because of the loop (CPU-bound, lagging): the floor must not be
-    re-taken from it, and measurements come as often as before, no more."""
+    re-taken from it, and measurements come as often as before, no more. (The floor is
+    measured one at a time here, as a route one request saturates needs; that the lag
+    alone vetoes a new floor: `test_a_lagging_event_loop_vetoes_the_early_floor`.)"""
     spec = ConcurrencySpec(
         limit=10, adaptive=True, max_limit=1000, measure_limit=1, shed_stale=shed_stale
     )
@@ -212,8 +216,9 @@ def test_early_floors_are_bounded_between_measurements_on_a_wide_latency_spread(
     # (as many as before: every remeasure_every samples after one ends)
     every = spec.remeasure_every + spec.measure_samples
     assert measurements == (steps - spec.measure_samples) // every
-    # (2000 / 20 = 100: 20 + 40 + 80 + 160 + 320 + 640 samples, six at most)
-    assert rises <= (measurements + 1) * 6
+    # Per interval: six early floors at most (20 + 40 + 80 + 160 + 320 + 640 samples of the
+    # 2000), and the measurement's own move. (Without the doubling: 350 in all.)
+    assert rises <= (measurements + 1) * 7
 
 
 def test_a_lagging_event_loop_vetoes_the_early_floor() -> None:
