@@ -42,6 +42,8 @@ class BreakingUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # (wakes the accept: a close alone does not)
         self.sock.close()
         for conn in list(self._conns):
             with contextlib.suppress(OSError):

@@ -674,3 +674,52 @@ def test_tiered_sends_broken_bodies_in_order(
 def _no_reports_left() -> Iterator[None]:
     yield
     body_module._RECORDS.clear()
+
+
+def test_inside_a_request_the_decision_is_the_requests_and_on_its_span() -> None:
+    """An app reading an upstream's body that breaks: the decision lands in the request's
+    record, so its server span's summary says what happened (and its event is there)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from fidelity_mw import FidelityMiddleware, current
+    from fidelity_mw.telemetry import Telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(tracer_provider=provider)
+    with BreakingUpstream() as up:
+        outbound = httpx.AsyncClient(transport=FidelityTransport(telemetry=False))
+
+        async def relay(request: Request) -> PlainTextResponse:
+            try:
+                await outbound.get(up.url + "/break")
+            except httpx.RemoteProtocolError:
+                ctx = current()
+                assert ctx is not None
+                return PlainTextResponse(" ".join(d.reason for d in ctx.decisions), status_code=502)
+            return PlainTextResponse("whole")
+
+        app = Starlette(routes=[Route("/relay", relay)])
+        app.add_middleware(FidelityMiddleware, policy=_policy(BREAKER), observer=telemetry)
+
+        async def run() -> httpx.Response:
+            transport = httpx.ASGITransport(app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                response = await client.get("/relay")
+            await outbound.aclose()
+            return response
+
+        response = asyncio.run(run())
+    assert response.status_code == 502
+    assert response.text.split()[-1] == "failed_in_body"
+    [span] = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    assert "breaker/fail/failed_in_body@memory" in str(span.attributes["fidelity.decisions"])
+    events = [e.attributes for e in span.events if e.name == "fidelity.decision"]
+    assert {"fidelity.reason": "failed_in_body"}.items() <= dict(events[-1] or {}).items()
