@@ -22,7 +22,7 @@ the caller:
 The caller closing the response early, a cancellation, or a decoding error above the
 stream report nothing: they say nothing about the upstream. A report that fails (the
 store down) is logged, throttled, and never reaches the caller's read. Bodies already in
-memory (`httpx.ByteStream`: a `MockTransport`'s, an ASGI app's) are not wrapped.
+memory (`httpx.ByteStream`: a `MockTransport` handler's `content=`) are not wrapped.
 """
 
 from __future__ import annotations
