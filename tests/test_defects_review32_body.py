@@ -67,16 +67,18 @@ def _broken_decisions(ctx: Any) -> list[Any]:
 # ---------------------------------------------------------------- the model
 
 
-def _calls(cfg: BreakerConfig, kinds: str, late: bool) -> list[tuple[Any, ...]]:
+def _calls(
+    cfg: BreakerConfig, kinds: str, late: bool, steps: list[float] | None = None
+) -> list[tuple[Any, ...]]:
     """Calls one after the other ("s" success, "f" failure, "b" a body that breaks),
     each recorded when it ends; `late`: a broken body as it happens (a success, then
     `BROKEN`), else as the failure it is. After each call: state, window, open
     period (a call whose head opened the breaker ends the same: its body's report is
-    then of an earlier epoch)."""
+    then of an earlier epoch). `steps`: the time between calls (0.7 s each)."""
     state = BreakerState(cfg)
     now = T0
     out = []
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         gate = state.gate(now, _rng)
         if gate.verdict != "reject":
             if kind == "b" and late:
@@ -90,7 +92,7 @@ def _calls(cfg: BreakerConfig, kinds: str, late: bool) -> list[tuple[Any, ...]]:
         # transitions where its outright failure made one)
         window = tuple(state.totals(now)) if state.state == CLOSED else ()
         out.append((state.state, window, state.open_until))
-        now += 0.7
+        now += 0.7 if steps is None else steps[i]
     return out
 
 
@@ -113,7 +115,8 @@ def test_broken_bodies_open_the_breaker_as_the_same_failures_would(cfg: BreakerC
     draw = random.Random(7)
     for _ in range(300):
         kinds = "".join(draw.choice("ssfbb") for _ in range(draw.randint(1, 25)))
-        assert _calls(cfg, kinds, True) == _calls(cfg, kinds, False), kinds
+        steps = [draw.choice([0.0, 0.01, 0.2, 0.7, 1.5, 4.0, 31.0]) for _ in kinds]
+        assert _calls(cfg, kinds, True, steps) == _calls(cfg, kinds, False, steps), kinds
 
 
 def test_a_new_failure_instead_would_count_the_call_twice() -> None:
