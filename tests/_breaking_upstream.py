@@ -6,7 +6,8 @@
 Paths: `/whole` (a 1000-byte body, sent whole), `/break` (the head, 100 bytes of the
 1000 announced, then a plain close: httpx raises RemoteProtocolError), `/reset` (the
 same, then a TCP reset: ReadError), `/slow` (100 bytes, then nothing until the client
-goes: a caller that closes early, or a read timeout). `always=` answers every path as
+goes: a caller that closes early, or a read timeout), `/garbled` (a whole body that
+says it is gzip and is not: httpx's decoder fails above the stream). `always=` answers every path as
 that one (the instances of a service all get the same path). A thread per connection,
 keep-alive.
 """
@@ -73,6 +74,12 @@ class BreakingUpstream:
                 self.requests.append(path)
                 path = self.always or path
                 start = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BODY
+                if path.startswith("/garbled"):
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+                        b"Content-Length: %d\r\n\r\n" % PART + b"x" * PART
+                    )
+                    continue
                 if path.startswith("/whole"):
                     conn.sendall(start + b"x" * BODY)
                     continue

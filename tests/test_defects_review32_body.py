@@ -342,6 +342,17 @@ def test_a_caller_that_closes_early_or_is_cancelled_records_nothing() -> None:
         assert not [d for ctx in contexts for d in _broken_decisions(ctx)]
 
 
+def test_a_body_that_fails_to_decode_records_nothing() -> None:
+    """A body that arrives whole but does not decode (`DecodingError`, raised above the
+    stream, by httpx's decoder): the upstream's connection did not break, the breaker
+    keeps its successes."""
+    with BreakingUpstream() as up:
+        transport = FidelityTransport(policy=_policy(BREAKER), telemetry=False)
+        assert _client_calls(transport, up.url + "/garbled", 5) == ["DecodingError"] * 5
+        state = transport.engine.store.breakers[f"upstream:127.0.0.1:{up.port}"]
+        assert state.totals(state._bucket_end - 1e-9) == (5, 0, 0)
+
+
 def test_a_failing_record_never_reaches_the_caller(caplog: pytest.LogCaptureFixture) -> None:
     """The store fails while the report is made: the caller sees the upstream's own
     error, nothing else, and the failure is logged."""
