@@ -488,6 +488,44 @@ def test_on_redis_bodies_that_break_open_the_shared_breaker(redis_url: str, bloc
         client.close()
 
 
+@pytest.mark.redis
+def test_on_tiered_state_broken_bodies_reach_the_shared_breaker_with_the_sync(
+    redis_url: str,
+) -> None:
+    """A tiered instance counts the broken bodies with its other outcomes, in order, and
+    sends them with its next sync: the shared breaker opens, and the next call is refused."""
+    with BreakingUpstream() as up:
+        policy = _redis_policy("tiered+" + redis_url, BREAKER)
+        transport = FidelityTransport(policy=policy, telemetry=False)
+        store = transport.engine.store
+        assert isinstance(store, TieredStore)
+        got: list[str] = []
+
+        async def call(client: httpx.AsyncClient) -> None:
+            try:
+                await client.get(up.url + "/break")
+            except httpx.HTTPError as exc:
+                got.append(type(exc).__name__)
+            while body_module._RECORDS:  # (the reports, sent meanwhile)
+                await asyncio.gather(*body_module._RECORDS)
+
+        async def run() -> None:
+            async with httpx.AsyncClient(transport=transport) as client:
+                for _ in range(4):
+                    await call(client)
+                await store._sync_all(transport.engine.clock.monotonic())
+                await call(client)
+            await store.aclose()
+
+        asyncio.run(run())
+        assert got == ["RemoteProtocolError"] * 4 + ["CircuitOpen"]
+        assert len(up.requests) == 4
+        client = redis_sync.Redis.from_url(redis_url)
+        hkey, _ = store.exact.breaker_keys(f"upstream:127.0.0.1:{up.port}")
+        assert client.hget(hkey, "st") == b"open"
+        client.close()
+
+
 def _redis_breaker(client: redis_sync.Redis, store: RedisStore, key: str) -> tuple[Any, ...]:
     hkey, pkey = store.breaker_keys(key)
     st_, ep, ou, ro, co, er, w = client.hmget(hkey, "st", "ep", "ou", "ro", "co", "er", "w")
