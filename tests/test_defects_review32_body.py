@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from _breaking_upstream import PART, BreakingUpstream
 from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
@@ -645,25 +647,29 @@ def test_memory_and_redis_turn_broken_bodies_alike(
     asyncio.run(_differential(redis_url, DIFF_BREAKERS[index], DIFF_CASES[case], 0.5))
 
 
+diff_op = st.one_of(
+    st.tuples(st.just("call"), st.sampled_from(["s", "f", "stream", "stream"])),
+    st.tuples(st.just("break"), st.integers(0, 5)),
+    st.tuples(st.just("end"), st.integers(0, 5)),
+    st.tuples(st.just("advance"), st.sampled_from([0.05, 0.2, 0.3, 0.6, 1.1, 2.5])),
+)
+
+
 @pytest.mark.redis
-def test_memory_and_redis_turn_broken_bodies_alike_at_random(
-    redis_url: str, redis_clock: RedisClock
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    index=st.sampled_from(range(len(DIFF_BREAKERS))),
+    u=st.sampled_from([0.1, 0.5, 0.9]),
+    ops=st.lists(diff_op, min_size=5, max_size=30),
+)
+def test_memory_and_redis_turn_broken_bodies_alike_for_any_calls(
+    redis_url: str, redis_clock: RedisClock, index: int, u: float, ops: list[tuple[Any, ...]]
 ) -> None:
-    draw = random.Random(32)
-    for _ in range(60):
-        ops: list[tuple[Any, ...]] = []
-        for _ in range(draw.randint(5, 30)):
-            roll = draw.random()
-            if roll < 0.45:
-                ops.append(("call", draw.choice(["s", "f", "stream", "stream"])))
-            elif roll < 0.7:
-                ops.append(("break", draw.randint(0, 5)))
-            elif roll < 0.8:
-                ops.append(("end", draw.randint(0, 5)))
-            else:
-                ops.append(("advance", draw.choice([0.05, 0.2, 0.3, 0.6, 1.1, 2.5])))
-        breaker = DIFF_BREAKERS[draw.randrange(len(DIFF_BREAKERS))]
-        asyncio.run(_differential(redis_url, breaker, ops, draw.choice([0.1, 0.5, 0.9])))
+    asyncio.run(_differential(redis_url, DIFF_BREAKERS[index], ops, u))
 
 
 async def _tiered(url: str, breaker: BreakerConfig, kinds: str) -> None:
