@@ -119,7 +119,7 @@ async def _micro(chunks: int, size: int, rounds: int, n: int) -> tuple[float, fl
     from fidelity_mw.context import DecisionContext
     from fidelity_mw.decide.breaker import Gate
     from fidelity_mw.engine import Engine
-    from fidelity_mw.outbound.body import Watch, WatchedStream
+    from fidelity_mw.outbound.body import Watch, WatchedAsyncStream
     from fidelity_mw.policy import BreakerConfig
 
     part = b"x" * (size // chunks)
@@ -144,7 +144,7 @@ async def _micro(chunks: int, size: int, rounds: int, n: int) -> tuple[float, fl
         start = time.process_time()
         for _ in range(n):
             watch = Watch(ctx, "h", None, None, "upstream:h", breaker, gate, "memory", None)
-            async for _chunk in WatchedStream(Body(), watch):
+            async for _chunk in WatchedAsyncStream(Body(), watch):
                 pass
         return time.process_time() - start
 

@@ -262,26 +262,46 @@ def test_bodies_that_break_open_the_breaker_sync() -> None:
         assert len(up.requests) == 4
 
 
-def test_a_whole_body_records_nothing_more_and_is_not_in_memory_wrapped() -> None:
+def test_a_whole_body_records_nothing_more() -> None:
     with BreakingUpstream() as up:
         transport = FidelityTransport(policy=_policy(BREAKER), telemetry=False)
         assert _client_calls(transport, up.url + "/whole", 5) == ["200:1000"] * 5
         state = transport.engine.store.breakers[f"upstream:127.0.0.1:{up.port}"]
         assert state.totals(state._bucket_end - 1e-9) == (5, 0, 0)
 
+
+def test_only_a_body_still_to_read_is_watched_as_the_stream_it_is() -> None:
+    """An in-memory body (a MockTransport handler's `content=`) is handed back as it is;
+    a network one is wrapped as the kind of stream it is, so a sync read of an async
+    body still fails as httpx says it does."""
+
     def mocked(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"ok")
 
-    inner = httpx.MockTransport(mocked)
-    transport = FidelityTransport(inner, policy=_policy(BREAKER), telemetry=False)
+    with BreakingUpstream() as up:
+        in_memory = FidelityTransport(
+            httpx.MockTransport(mocked), policy=_policy(BREAKER), telemetry=False
+        )
+        streamed = FidelityTransport(policy=_policy(BREAKER), telemetry=False)
+        blocking = FidelitySyncTransport(policy=_policy(BREAKER), telemetry=False)
 
-    async def one() -> httpx.Response:
-        async with httpx.AsyncClient(transport=transport) as client:
-            return await client.get("http://h.internal/")
+        async def run() -> None:
+            mock = await in_memory.handle_async_request(httpx.Request("GET", "http://h/"))
+            assert type(mock.stream) is httpx.ByteStream
+            real = await streamed.handle_async_request(httpx.Request("GET", up.url + "/whole"))
+            assert type(real.stream) is body_module.WatchedAsyncStream
+            with pytest.raises(RuntimeError, match="sync iterator on an async stream"):
+                real.read()
+            assert len(await real.aread()) == 1000
+            await real.aclose()
+            await streamed.aclose()
 
-    response = asyncio.run(one())
-    assert type(response.stream).__name__ != "WatchedStream"  # (in memory: nothing to watch)
-    assert not _broken_decisions(response.extensions["fidelity_context"])
+        asyncio.run(run())
+        sync = blocking.handle_request(httpx.Request("GET", up.url + "/whole"))
+        assert type(sync.stream) is body_module.WatchedSyncStream
+        assert len(sync.read()) == 1000
+        sync.close()
+        blocking.close()
 
 
 def test_the_decision_says_what_broke() -> None:

@@ -168,10 +168,8 @@ def _background() -> concurrent.futures.ThreadPoolExecutor:
         return _executor
 
 
-class WatchedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+class _Watched:
     """A response body passed through, its break reported once (`Watch.broke`)."""
-
-    __slots__ = ("_inner", "_watch")
 
     def __init__(self, inner: Any, watch: Watch) -> None:
         self._inner = inner
@@ -181,6 +179,10 @@ class WatchedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.broke(exc, read, blocking)
+
+
+class WatchedAsyncStream(_Watched, httpx.AsyncByteStream):
+    """An async body (httpx.AsyncHTTPTransport's), watched."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         read = 0
@@ -192,6 +194,13 @@ class WatchedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             self._broke(exc, read, False)
             raise
 
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class WatchedSyncStream(_Watched, httpx.SyncByteStream):
+    """A blocking body (httpx.HTTPTransport's), watched."""
+
     def __iter__(self) -> Iterator[bytes]:
         read = 0
         try:
@@ -202,13 +211,22 @@ class WatchedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             self._broke(exc, read, True)
             raise
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
     def close(self) -> None:
         self._inner.close()
 
 
+class WatchedStream(WatchedAsyncStream, WatchedSyncStream):
+    """A body that is both (an inner transport's own stream class), watched both ways."""
+
+
 def watch_body(response: httpx.Response, watch: Watch) -> None:
-    """Wrap the body of a response recorded as a success (its stream not in memory)."""
-    response.stream = WatchedStream(response.stream, watch)
+    """Wrap the body of a response recorded as a success (its stream not in memory), as
+    the kind of stream it is: a sync read of an async body still fails as httpx says."""
+    stream = response.stream
+    if isinstance(stream, httpx.AsyncByteStream):
+        if isinstance(stream, httpx.SyncByteStream):
+            response.stream = WatchedStream(stream, watch)
+        else:
+            response.stream = WatchedAsyncStream(stream, watch)
+    elif isinstance(stream, httpx.SyncByteStream):
+        response.stream = WatchedSyncStream(stream, watch)
