@@ -57,6 +57,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
+from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
     call_end,
@@ -116,6 +117,7 @@ _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 _GIVE_UP: Final = GIVE_UP_EXTENSION
+_Watch: Final = Watch
 
 
 class _Armed:
@@ -564,6 +566,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
+                # (its body still to be read: a break there fails the call after all)
+                watch = _Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate, source,
+                               None)  # fmt: skip
+                watch_body(response, watch)
         if observer is not None:
             _observe_end(observer, token, response, None)
             restore(request.headers, None, saved)  # (and what the observer injected)

@@ -64,7 +64,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
-from ..decide.breaker import CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.breaker import BROKEN, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
@@ -105,7 +105,7 @@ SOURCE_FALLBACK: Final = "fallback"
 
 _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 
-_OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
+_OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i", BROKEN: "b"}
 
 _KEY_CACHE_MAX = 10_000
 

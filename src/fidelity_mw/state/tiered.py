@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._types import Clock, RandomSource
-from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
+from ..decide.breaker import BROKEN, CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
@@ -244,7 +244,9 @@ class CachedBreaker:
     def reset_counts(self) -> None:
         self.calls = self.failures = self.slow = 0
         # The outcomes in order, as runs of one kind ("f" failure, "s" success; upper
-        # case: slow): sync.lua replays them as the model records them one by one (the
+        # case: slow; "b" a success whose body then broke, which turns a success into a
+        # failure: counted here as one more outcome and failure, to be sent): sync.lua
+        # replays them as the model records them one by one (the
         # ratios are checked after every outcome, so F,F,S,S,S opens at the second F
         # where the sum, 2 of 5, would not). Finished runs, then the open one.
         self.runs: list[str] = []
@@ -256,6 +258,10 @@ class CachedBreaker:
         if outcome == FAILURE:
             self.failures += 1
             kind = "F" if slow else "f"
+        elif outcome == BROKEN:
+            self.failures += 1
+            kind = "b"
+            slow = False
         else:
             kind = "S" if slow else "s"
         if slow:
@@ -288,7 +294,7 @@ class CachedBreaker:
         for run in sent:
             n = int(run[1:])
             calls += n
-            if run[0] in "fF":
+            if run[0] in "fFb":
                 failures += n
             if run[0] in "FS":
                 slow += n
