@@ -57,6 +57,7 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
+from . import wire as _wire
 from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
@@ -92,7 +93,6 @@ from .wire import (
     FAST_HEADERS,
     OURS_SET,
     SPEND_MAX_BYTES,
-    SPEND_MAX_S,
     replayable,
     restore,
     snapshot,
@@ -739,7 +739,7 @@ async def _spend(response: httpx.Response) -> None:
             read = 0
             async for chunk in stream:
                 read += len(chunk)
-                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                if read > SPEND_MAX_BYTES or _monotonic() - start > _wire.SPEND_MAX_S:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass
@@ -852,7 +852,7 @@ def _spend_sync(response: httpx.Response) -> None:
             read = 0
             for chunk in stream:
                 read += len(chunk)
-                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                if read > SPEND_MAX_BYTES or _monotonic() - start > _wire.SPEND_MAX_S:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass
