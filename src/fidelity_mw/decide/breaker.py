@@ -243,8 +243,10 @@ class BreakerState:
             return self.state
         if epoch != self.epoch or self.state != CLOSED:
             return self.state
-        if now >= self._bucket_end:
-            self._rotate(now)
+        # (also a bucket end far ahead, set before the clock went back: lib.lua's
+        # br_broken rotates first too, and a streak that opens the breaker below checks
+        # no window that would rotate it)
+        self._rotate(now)
         buckets = self.buckets
         totals = self._totals
         for bucket in reversed(buckets):
