@@ -557,7 +557,7 @@ def _redis_breaker(client: redis_sync.Redis, store: RedisStore, key: str) -> tup
         float(ou or 0.0),
         int(ro or 0),
         int(co or 0),
-        int(er or 0),
+        int(er.split()[0]) if er else 0,  # ("streak calls be": lib.lua)
         [int(n) for n in w.split(b",")] if w else [0] * 30,
         int(client.zcard(pkey)),
     )

@@ -53,7 +53,7 @@ def _redis_breaker(client: redis_sync.Redis, store: RedisStore, key: str) -> tup
         float(be or 0.0),
         int(ro or 0),
         int(co or 0),
-        int(er or 0),
+        int(er.split()[0]) if er else 0,  # ("streak calls be": lib.lua)
         [int(n) for n in w.split(b",")] if w else [0] * 30,
         int(client.zcard(pkey)),
     )
@@ -171,3 +171,64 @@ def test_memory_and_redis_agree_on_these_sequences(
     redis_url: str, redis_clock: RedisClock, case: int
 ) -> None:
     asyncio.run(_differential(redis_url, BREAKERS[2], CASES[case], 0.5))
+
+
+def _old_record(client: redis_sync.Redis, hkey: str, failed: bool) -> None:
+    """What a process of the version before `er` writes when it records a plain outcome
+    in the current bucket (its br_save: `co`, `be`, `w`; it knows no `er`)."""
+    co, w = client.hmget(hkey, "co", "w")
+    window = [int(n) for n in w.split(b",")]
+    window[27] += 1
+    window[28] += 1 if failed else 0
+    client.hset(
+        hkey,
+        mapping={"co": int(co) + 1 if failed else 0, "w": ",".join(map(str, window))},
+    )
+
+
+@pytest.mark.redis
+def test_a_streak_an_old_process_ended_is_not_carried_on_by_a_broken_body(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """Upgrade mid-fleet: a process of the version before broken bodies records a failure
+    and then a success on the same breaker hash. Its success ends the streak; the `er` a
+    new process wrote before (3 failures) must not come back when a body breaks: 3 + 1
+    would reach consecutive_failures = 4 where the calls were F,F,F,S,F,S then a break
+    (the memory store: a streak of 2, closed)."""
+    breaker = BreakerConfig(min_calls=100, window_s=10.0, open_s=1.0, consecutive_failures=4)
+
+    async def run() -> tuple[str, str]:
+        client = redis_sync.Redis.from_url(redis_url)
+        client.flushdb()
+        client.set(CLOCK_KEY, repr(T0))
+        memory = MemoryStore(rng=lambda: 0.5)
+        red = RedisStore(
+            config=StateConfig(url=redis_url, timeout_ms=5_000),
+            rng=lambda: 0.5,
+            clock=FakeClock(),
+        )
+        hkey, _ = red.breaker_keys(ROUTE)
+        try:
+            for store in (memory, red):
+                for outcome in (FAILURE, FAILURE, FAILURE, SUCCESS):
+                    gate = (await store.admit(ROUTE, breaker, (), (), T0)).gate
+                    assert gate is not None
+                    await store.record(ROUTE, breaker, gate, outcome, False, T0)
+                    streaming = gate
+                await red._flush_deferred_now()
+                if store is red:
+                    _old_record(client, hkey, failed=True)
+                    _old_record(client, hkey, failed=False)
+                else:
+                    for outcome in (FAILURE, SUCCESS):
+                        gate = (await store.admit(ROUTE, breaker, (), (), T0)).gate
+                        assert gate is not None
+                        await store.record(ROUTE, breaker, gate, outcome, False, T0)
+                await store.record(ROUTE, breaker, streaming, BROKEN, False, T0)
+            await red._flush_deferred_now()
+            return memory.breakers[ROUTE].state, (client.hget(hkey, "st") or b"closed").decode()
+        finally:
+            await red.aclose()
+            client.close()
+
+    assert asyncio.run(run()) == ("closed", "closed")

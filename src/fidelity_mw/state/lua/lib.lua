@@ -205,8 +205,38 @@ local function read_config(argv, i)
   return c, i + 10
 end
 
--- er: the failure streak the last success ended (BreakerState.erased)
+-- er: the failure streak the last success ended (BreakerState.erased), written as
+-- "streak calls be": the window's calls and bucket end it was saved with. A process of
+-- the version before `er` (an upgrade mid-fleet) writes co, be and w and leaves er as it
+-- was; any outcome it records changes the window's calls or its bucket end, so an `er`
+-- that no longer matches them is a streak that process's success ended already: 0.
 local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er' }
+
+local function br_calls(w)
+  local calls = 0
+  for j = 1, 3 * BUCKETS, 3 do
+    calls = calls + w[j]
+  end
+  return calls
+end
+
+local function br_erased(text, be, w)
+  if not text then
+    return 0
+  end
+  local n, calls, at = string.match(text, '^(%d+) (%d+) (%S+)$')
+  if n == nil or at ~= be or tonumber(calls) ~= br_calls(w) then
+    return 0
+  end
+  return tonumber(n)
+end
+
+local function br_erased_text(b)
+  if b.er == 0 then
+    return '0'
+  end
+  return b.er .. ' ' .. br_calls(b.w) .. ' ' .. fmt(b.be)
+end
 
 local function br_load(hkey, pkey, cfg)
   local v = redis.call('HMGET', hkey, unpack(FIELDS))
@@ -222,7 +252,6 @@ local function br_load(hkey, pkey, cfg)
     be = tonumber(v[6]) or 0,
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
-    er = tonumber(v[10]) or 0,
     w = {},
     dirty = false,
     full = false,
@@ -238,6 +267,7 @@ local function br_load(hkey, pkey, cfg)
       b.w[j] = 0
     end
   end
+  b.er = br_erased(v[10], v[6] or fmt(0), b.w)
   return b
 end
 
@@ -250,12 +280,13 @@ local function br_save(b)
   if b.full then
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
-      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er', b.er)
+      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er',
+      br_erased_text(b))
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
   else
-    redis.call('HSET', b.hkey, 'co', b.co, 'er', b.er, 'be', fmt(b.be), 'w',
+    redis.call('HSET', b.hkey, 'co', b.co, 'er', br_erased_text(b), 'be', fmt(b.be), 'w',
       table.concat(b.w, ','))
   end
   redis.call('PEXPIRE', b.hkey, b.cfg.keep_ms)
