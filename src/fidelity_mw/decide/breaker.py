@@ -69,6 +69,7 @@ class BreakerState:
         "_bucket_s",
         "_totals",
         "buckets",
+        "closed_by",
         "closed_gate",
         "config",
         "consecutive",
@@ -96,6 +97,9 @@ class BreakerState:
         # opening from closed starts it over), so a probe whose body broke after its
         # success closed the breaker re-opens it as its failure would have.
         self.reopens = 0
+        # The probe whose success closed the breaker (0: none, or forced): only its body
+        # breaking overturns that verdict (`_broken`).
+        self.closed_by = 0
         # Sliding window as a ring of [calls, failures, slow] buckets; the
         # current bucket is the last one.
         self._bucket_s = config.window_s / _BUCKETS
@@ -195,6 +199,8 @@ class BreakerState:
             if probe_id:
                 bad = outcome == FAILURE or slow
                 self._transition(OPEN if bad else CLOSED, now, rng)
+                if not bad:
+                    self.closed_by = probe_id
             return self.state
         if self.state != CLOSED:
             return self.state
@@ -237,7 +243,9 @@ class BreakerState:
           an earlier epoch: nothing, as for any outcome.
         """
         if probe_id:
-            if self.state == CLOSED and self.epoch == epoch + 1:
+            # (another probe of its round that reports a late success is not counted:
+            # its broken body weighs as its failure would, nothing)
+            if self.state == CLOSED and self.epoch == epoch + 1 and self.closed_by == probe_id:
                 self.state = HALF_OPEN  # (the round it ended: a failed probe's re-opening)
                 self._transition(OPEN, now, rng)
             return self.state
@@ -288,6 +296,7 @@ class BreakerState:
         self.epoch += 1
         if state == CLOSED:
             self.probes = {}
+            self.closed_by = 0
         # Otherwise probes of an earlier half-open round keep their slots until
         # they report (their outcome is stale and not counted) or their lease
         # runs out: they are still real calls on a recovering route.

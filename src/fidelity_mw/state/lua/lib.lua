@@ -210,7 +210,8 @@ end
 -- the version before `er` (an upgrade mid-fleet) writes co, be and w and leaves er as it
 -- was; any outcome it records changes the window's calls or its bucket end, so an `er`
 -- that no longer matches them is a streak that process's success ended already: 0.
-local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er' }
+-- pc: the probe whose success closed the breaker (BreakerState.closed_by)
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er', 'pc' }
 
 local function br_calls(w)
   local calls = 0
@@ -252,6 +253,7 @@ local function br_load(hkey, pkey, cfg)
     be = tonumber(v[6]) or 0,
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
+    pc = tonumber(v[11]) or 0,
     w = {},
     dirty = false,
     full = false,
@@ -281,7 +283,7 @@ local function br_save(b)
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
       'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er',
-      br_erased_text(b))
+      br_erased_text(b), 'pc', b.pc)
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
@@ -386,6 +388,7 @@ local function br_transition(b, state, now, u)
     -- b.ro is kept (see decide.breaker: a probe whose body broke re-opens as its failure)
     b.co = 0
     b.er = 0
+    b.pc = 0
     br_clear_window(b)
   end
   b.full = true
@@ -474,7 +477,8 @@ end
 -- Port of BreakerState._broken: a call recorded as a success whose body then broke.
 local function br_broken(b, epoch, probe_id, now, u)
   if probe_id ~= 0 then
-    if b.st == 'closed' and b.ep == epoch + 1 then
+    -- (only the probe whose success closed it: another's weighs as its failure, nothing)
+    if b.st == 'closed' and b.ep == epoch + 1 and b.pc == probe_id then
       b.st = 'half_open' -- (the round it ended: a failed probe's re-opening)
       br_transition(b, 'open', now, u)
     end
@@ -524,6 +528,7 @@ local function br_record(b, epoch, probe_id, outcome, slow, now, u)
         br_transition(b, 'open', now, u)
       else
         br_transition(b, 'closed', now, u)
+        b.pc = probe_id
       end
     end
     return b.st
