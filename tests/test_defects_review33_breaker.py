@@ -294,3 +294,112 @@ def test_a_probe_whose_success_did_not_close_the_breaker_does_not_reopen_it(
 
     # closed in the epoch A's success began (open 1, half-open 2, closed 3)
     assert asyncio.run(both()) == [("closed", 3), ("closed", 3)]
+
+
+# ---------------------------------------------------------------- the body watcher
+
+
+def _pol() -> Any:
+    from fidelity_mw import Policy
+    from fidelity_mw.policy import RetryConfig, UpstreamConfig
+
+    breaker = BreakerConfig(min_calls=1, failure_ratio=0.5)
+    return Policy(
+        upstreams=(UpstreamConfig(breaker=breaker, retry=RetryConfig(attempts=1)),),
+        breaker=None,
+    )
+
+
+def test_a_body_cut_by_closing_the_client_is_not_the_upstreams_break() -> None:
+    """The caller closes its client (an app shutting down) while a body is still being
+    read: the connection pool drops the connection and the read fails with ReadError.
+    That is our doing, not the upstream's: no BROKEN report (it opened the breaker at
+    min_calls 1, and on Redis every instance shutting down mid-stream would have counted
+    failures on the fleet's shared breakers), no failed_in_body decision."""
+    import httpx
+
+    from fidelity_mw import FidelityTransport
+
+    async def run() -> tuple[str, tuple[int, int, int], str, list[str]]:
+        hold = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+            await writer.drain()
+            await hold.wait()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = FidelityTransport(policy=_pol(), telemetry=False)
+        client = httpx.AsyncClient(transport=transport)
+        error = ""
+        try:
+            async with client.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                chunks = response.aiter_raw()
+                await chunks.__anext__()
+                await client.aclose()
+                try:
+                    async for _ in chunks:
+                        pass
+                except httpx.HTTPError as exc:
+                    error = type(exc).__name__
+            ctx = response.extensions["fidelity_context"]
+        finally:
+            hold.set()
+            server.close()
+        state = transport.engine.store.breakers[f"upstream:127.0.0.1:{port}"]
+        reasons = [d.reason for d in ctx.decisions]
+        return state.state, state.totals(transport.engine.clock.monotonic()), error, reasons
+
+    state, totals, error, reasons = asyncio.run(run())
+    assert error == "ReadError"  # (what the caller sees is unchanged)
+    assert (state, totals) == ("closed", (1, 0, 0))
+    assert "failed_in_body" not in reasons
+
+
+def test_a_body_cut_by_closing_the_client_is_not_the_upstreams_break_sync() -> None:
+    """The same with the blocking transport: httpx.Client closed while a body is read."""
+    import socket
+    import threading
+
+    import httpx
+
+    from fidelity_mw import FidelitySyncTransport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+            done.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    transport = FidelitySyncTransport(policy=_pol(), telemetry=False)
+    client = httpx.Client(transport=transport)
+    error = ""
+    try:
+        with client.stream("GET", f"http://127.0.0.1:{port}/") as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            client.close()
+            try:
+                for _ in chunks:
+                    pass
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+    state = transport.engine.store.breakers[f"upstream:127.0.0.1:{port}"]
+    assert error == "ReadError"
+    assert (state.state, state.totals(transport.engine.clock.monotonic())) == ("closed", (1, 0, 0))

@@ -19,7 +19,8 @@ the caller:
   `failed_in_body`, details `error` (the exception's class) and `bytes` (read before
   the break), and `instance` for a service.
 
-The caller closing the response early, a cancellation, or a decoding error above the
+The caller closing the response early or its client (the transport closed: the pool
+drops the connection, a `ReadError` of ours), a cancellation, or a decoding error above the
 stream report nothing: they say nothing about the upstream. A report that fails (the
 store down) is logged, throttled, and never reaches the caller's read. Bodies already in
 memory (`httpx.ByteStream`: a `MockTransport` handler's `content=`) are not wrapped.
@@ -63,7 +64,7 @@ class Watch:
     was counted on (`gate` None: no breaker counted it, the balancer went around an open
     one; only the instance's evidence and the decision then)."""
 
-    __slots__ = ("breaker", "breaker_key", "ctx", "gate", "local", "source", "store",
+    __slots__ = ("breaker", "breaker_key", "ctx", "gate", "local", "shut", "source", "store",
                  "subject", "target")  # fmt: skip
 
     def __init__(
@@ -77,6 +78,7 @@ class Watch:
         gate: Gate | None,
         source: str,
         target: Instance | None,
+        shut: list[bool] | None = None,
     ) -> None:
         self.ctx = ctx
         self.subject = subject
@@ -87,9 +89,15 @@ class Watch:
         self.gate = gate
         self.source = source
         self.target = target
+        # [True] once the transport that handed out the body is closed: the caller's
+        # close cut it (the pool drops the connection: a ReadError), not the upstream
+        self.shut = shut
 
     def broke(self, exc: BaseException, read: int, blocking: bool) -> None:
         """Report the broken body: the breaker, the instance, the decision. Never raises."""
+        shut = self.shut
+        if shut is not None and shut[0]:
+            return
         try:
             self._decide(exc, read)
             if self.target is not None and self.gate is None:

@@ -236,7 +236,7 @@ class First(NamedTuple):
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
-                              self.source, None)  # fmt: skip
+                              self.source, None, up.shut)  # fmt: skip
                 watch_body(response, watch)
         if observer is not None:
             observe_end(observer, token, response, None)
@@ -705,7 +705,7 @@ def attempts(
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,
-                              source, target)  # fmt: skip
+                              source, target, up.shut)  # fmt: skip
                 watch_body(response, watch)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx

@@ -167,6 +167,7 @@ class _Base:
 
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
+        self._shut: list[bool] = [False]  # closed: every plan of this transport shares it
         self._proxied = _through_proxy(self.inner)
         retries = _own_retries(self.inner)
         if retries:
@@ -194,6 +195,19 @@ class _Base:
     def _default_inner() -> Any:
         raise NotImplementedError
 
+    def _shut_bodies(self) -> None:
+        """Closing: a body handed out so far and cut by the close is not reported as the
+        upstream's break (outbound/body.py). A transport used again after its close (the
+        inner pool opens new connections) reports the bodies of its new calls: a new flag
+        for its plans."""
+        self._shut[0] = True
+        self._shut = [False]
+        for plan in list(self._upstreams.values()):
+            up: Upstream | None = plan
+            while up is not None:
+                up.shut = self._shut
+                up = up.parked
+
     def upstream(self, engine: Engine, url: httpx.URL) -> Upstream:
         """The (cached) upstream plan for `url` under `engine`'s policy."""
         try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
@@ -220,6 +234,7 @@ class _Base:
             up.parked = old
             self._upstreams[key] = up
             up.proxied = self._proxied
+            up.shut = self._shut
             if old is not None:
                 up.inherit(old)  # (what its first answer said of the host)
             own = self._own_policy
@@ -569,7 +584,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = _Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate, source,
-                               None)  # fmt: skip
+                               None, up.shut)  # fmt: skip
                 watch_body(response, watch)
         if observer is not None:
             _observe_end(observer, token, response, None)
@@ -722,6 +737,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 thrown = exc
 
     async def aclose(self) -> None:
+        self._shut_bodies()  # (first: the bodies the pool's close cuts say nothing)
         await self.inner.aclose()
 
 
@@ -930,4 +946,5 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         return step.result
 
     def close(self) -> None:
+        self._shut_bodies()
         self.inner.close()

@@ -149,6 +149,7 @@ class Upstream:
         "retry_methods",
         "retry_statuses",
         "service_paused_until",
+        "shut",
         "speaks",
         "timeout_header",
         "timeouts",
@@ -166,6 +167,9 @@ class Upstream:
         # The host's plan under the policy used before this one (`_Base.upstream`): a
         # transport used inside requests and outside them switches back and forth.
         self.parked: Upstream | None = None
+        # [True] once the transport that owns this plan is closed (`_Base.upstream`): a
+        # body read after that breaks by our doing, not the upstream's (outbound/body.py).
+        self.shut: list[bool] = [False]
         self.retry: RetryConfig = cfg.retry
         self.breaker: BreakerConfig | None = cfg.breaker
         self.breaker_key = "upstream:" + self.key
