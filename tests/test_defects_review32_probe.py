@@ -25,6 +25,7 @@ from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import InboundResult
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock, patch_scripts
 from redis_server import PATIENT, QUIET, RedisServer, require_redis
@@ -144,6 +145,31 @@ class Fleet:
         assert (got.source, got.why) == ("fallback", "unreachable")
         return got
 
+    async def timed_out_outbound(self) -> Gate:
+        """An outbound gate Redis holds past `timeout_ms`, then runs."""
+        with stalled(self.server, 0.5):
+            gate, allowed, source, _age = await self.slow.outbound_gate(
+                ROUTE, BREAKER, None, None, False, 0.0
+            )
+        assert (allowed, source) == (True, "fallback")
+        assert gate is not None
+        return gate
+
+    def timed_out_outbound_sync(self) -> Gate:
+        """The same over the blocking client (`FidelitySyncTransport`)."""
+        with stalled(self.server, 0.5):
+            gate, allowed, source, _age = self.slow.outbound_gate_sync(
+                ROUTE, BREAKER, None, None, False, 0.0
+            )
+        assert (allowed, source) == (True, "fallback")
+        assert gate is not None
+        return gate
+
+    def sent(self) -> bool:
+        """Nothing left to send late."""
+        task = self.slow._late_task
+        return not self.slow._late and (task is None or task.done())
+
     def probes(self) -> int:
         return int(self.pinned.client.zcard(self.probes_key))
 
@@ -155,7 +181,6 @@ class Fleet:
 
 @pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
 @pytest.mark.parametrize("coalesce", [True, False])
-@pytest.mark.xfail(strict=True, reason="a timed-out probe slot is held by nobody")
 async def test_a_timed_out_probe_reports_its_outcome_once_redis_answers(
     own_redis: RedisServer, pinned: RedisClock, outcome: str, coalesce: bool
 ) -> None:
@@ -173,12 +198,116 @@ async def test_a_timed_out_probe_reports_its_outcome_once_redis_answers(
         await slow.record(ROUTE, BREAKER, _gate(got), outcome, False, 0.0)
         assert await _until(lambda: slow.health.up)
         # once Redis answers again, the probe's outcome reaches it (in the background)
-        await _until(lambda: fleet.probes() == 0, 3.0)
-        gate = _gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0))
-        if outcome == SUCCESS:
-            assert (gate.verdict, gate.state) == ("allow", "closed")
-        else:
-            assert (gate.verdict, gate.state) == ("reject", "open")
-            assert gate.retry_after_s == pytest.approx(1.0)  # open_s
+        await _until(lambda: fleet.probes() == 0 and fleet.sent(), 3.0)
+        _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
+        await fleet.aclose()
+
+
+def _as_the_probe_said(gate: Gate, outcome: str) -> None:
+    if outcome == SUCCESS:  # the probe closed the breaker
+        assert (gate.verdict, gate.state) == ("allow", "closed")
+    else:  # it opened it again (before: reject, half_open, for probe_lease_s)
+        assert (gate.verdict, gate.state) == ("reject", "open")
+        assert gate.retry_after_s == pytest.approx(1.0)  # open_s
+
+
+@pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
+@pytest.mark.parametrize("blocking", [False, True])
+async def test_a_timed_out_outbound_probe_reports_its_outcome_once_redis_answers(
+    own_redis: RedisServer, pinned: RedisClock, outcome: str, blocking: bool
+) -> None:
+    """The same for an upstream's breaker: `outbound_gate` (outbound.lua) and its blocking
+    twin (`outbound_gate_sync`, whose own client's outage ends at its next call)."""
+    fleet = Fleet(own_redis, pinned, True)
+    slow = fleet.slow
+    try:
+        await fleet.open_breaker()
+        # its connection up and outbound.lua cached (else NOSCRIPT, after the stall: unrun)
+        if blocking:
+            warm = slow.outbound_gate_sync("upstream:warm", BREAKER, None, None, False, 0.0)
+            assert warm[2] == "redis"
+            gate = fleet.timed_out_outbound_sync()
+        else:
+            warm = await slow.outbound_gate("upstream:warm", BREAKER, None, None, False, 0.0)
+            assert warm[2] == "redis"
+            gate = await fleet.timed_out_outbound()
+        assert await _until(lambda: fleet.probes() == 1)
+        if blocking:
+            link = slow.sync_link()
+            assert not link.up
+            assert isinstance(slow._clock, FakeClock)
+            slow._clock.advance(10.0)  # past its reconnect pause: its next call asks Redis
+            assert slow.outbound_gate_sync("upstream:b", BREAKER, None, None, False, 0.0)[2] == (
+                "redis"
+            )
+            slow.record_sync(ROUTE, BREAKER, gate, outcome, False, 0.0)
+        else:
+            await slow.record(ROUTE, BREAKER, gate, outcome, False, 0.0)
+            assert await _until(lambda: slow.health.up)
+        await _until(lambda: fleet.probes() == 0 and fleet.sent(), 3.0)
+        _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
+    finally:
+        await fleet.aclose()
+
+
+async def test_a_timed_out_call_that_was_no_probe_changes_nothing(
+    own_redis: RedisServer, pinned: RedisClock
+) -> None:
+    """A closed breaker: the timed-out admission was allowed, no probe. Its failure,
+    reported under the probe id it sent, finds no such slot and counts nowhere in Redis
+    (a failure counted would open this breaker: one is enough)."""
+    fleet = Fleet(own_redis, pinned, True)
+    slow = fleet.slow
+    try:
+        pinned.set(T1)
+        assert (await slow.admit(None, None, [], [], 0.0)).source == "redis"
+        got = await fleet.timed_out_admission()
+        trips = slow.stats.round_trips
+        await slow.record(ROUTE, BREAKER, _gate(got), FAILURE, False, 0.0)
+        assert await _until(lambda: slow.health.up)
+        assert await _until(lambda: fleet.sent())
+        assert slow.stats.round_trips > trips  # it was sent
+        assert slow.stats.dropped_records == 0
+        gate = _gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0))
+        assert (gate.verdict, gate.state) == ("allow", "closed")
+        assert fleet.probes() == 0
+    finally:
+        await fleet.aclose()
+
+
+@pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
+async def test_a_timed_out_tiered_probe_reports_its_outcome_once_redis_answers(
+    own_redis: RedisServer, pinned: RedisClock, outcome: str
+) -> None:
+    """Tiered mode leases half-open probes exactly (its `exact` store's admission): the
+    same lost answer, the same late report."""
+    fleet = Fleet(own_redis, pinned, True)
+    config = StateConfig(
+        url="tiered+" + own_redis.url,
+        timeout_ms=100,
+        connect_timeout_ms=1000,
+        sync_interval_ms=60_000,
+        **QUIET,
+    )
+    clock = FakeClock()  # (its cached breaker's open-until is on its own clock)
+    store = TieredStore(config=config, rng=lambda: 0.5, clock=clock)
+    try:
+        await fleet.open_breaker()
+        pinned.set(T1 + 0.5)
+        first = _gate(await store.admit(ROUTE, BREAKER, [], [], clock.monotonic()))
+        assert (first.verdict, first.state) == ("reject", "open")  # synced: open
+        pinned.set(T1 + 2.0)
+        clock.advance(2.0)
+        with stalled(own_redis, 0.5):  # a probe is due: decided exactly
+            got = await store.admit(ROUTE, BREAKER, [], [], clock.monotonic())
+        assert (got.source, got.why) == ("fallback", "unreachable")
+        assert await _until(lambda: fleet.probes() == 1)
+        await store.record(ROUTE, BREAKER, _gate(got), outcome, False, clock.monotonic())
+        exact = store.exact
+        assert await _until(lambda: exact.health.up)
+        await _until(lambda: fleet.probes() == 0 and not exact._late, 3.0)
+        _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
+    finally:
+        await store.aclose()
         await fleet.aclose()
