@@ -167,8 +167,8 @@ class Fleet:
 
     def sent(self) -> bool:
         """Nothing left to send late."""
-        task = self.slow._late_task
-        return not self.slow._late and (task is None or task.done())
+        task = getattr(self.slow, "_late_task", None)
+        return not getattr(self.slow, "_late", None) and (task is None or task.done())
 
     def probes(self) -> int:
         return int(self.pinned.client.zcard(self.probes_key))
@@ -310,4 +310,33 @@ async def test_a_timed_out_tiered_probe_reports_its_outcome_once_redis_answers(
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
         await store.aclose()
+        await fleet.aclose()
+
+
+async def test_a_cancelled_outbound_gate_whose_reply_is_lost_gives_its_slot_back(
+    own_redis: RedisServer, pinned: RedisClock
+) -> None:
+    """A raw cancellation while an outbound gate's reply is on its way: the store reads
+    the reply all the same and the transport gives back what it took; a second
+    cancellation during that read loses it. The probe slot the script took is then
+    given back by the id the gate sent (`ignored`: no call was made), once Redis
+    answers; the next call probes. Before: refused `half_open` for the lease."""
+    fleet = Fleet(own_redis, pinned, True)
+    slow = fleet.slow
+    try:
+        await fleet.open_breaker()
+        warm = await slow.outbound_gate("upstream:warm", BREAKER, None, None, False, 0.0)
+        assert warm[2] == "redis"
+        with stalled(own_redis, 0.5):
+            task = asyncio.ensure_future(slow.outbound_gate(ROUTE, BREAKER, None, None, False, 0.0))
+            await asyncio.sleep(0.05)  # sent, its reply awaited
+            task.cancel()
+            await asyncio.sleep(0.01)  # reading the reply after the cancellation
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert await _until(lambda: fleet.sent() and fleet.probes() == 0, 3.0)
+        gate = _gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0))
+        assert (gate.verdict, gate.state) == ("probe", "half_open")
+    finally:
         await fleet.aclose()
