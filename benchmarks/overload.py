@@ -70,6 +70,8 @@ SETTINGS = {
     "res_ms": "decide.concurrency.STALE_RESOLUTION_S, the finest stale bound (2 ms)",
     "fade": "decide.concurrency.LAG_FADE, the lag peak's fade per release (0.99)",
     "tick_ms": "inbound.bulkhead.LoopClock.TICK_S, the heartbeat (1 ms)",
+    "doubt": "decide.concurrency.DOUBT_SAMPLES, the fewest slow samples in a row that replace"
+    " a stale floor early (10; a huge number turns that off, to measure it paired)",
 }
 
 APP_SOURCE = """
@@ -126,6 +128,8 @@ if variant.partition("@")[0] != "none":
                 decide.LAG_FADE = float(value)
             elif key == "tick_ms":
                 LoopClock.TICK_S = float(value) / 1000.0
+            elif key == "doubt":
+                decide.DOUBT_SAMPLES = int(value)
             else:
                 raise SystemExit(f"overload: unknown variant setting {key!r}")
     if base.startswith("fixed"):

@@ -420,6 +420,9 @@ def test_page_renders_live_state_in_headless_chromium(tmp_path: Path) -> None:
         f"--user-data-dir={tmp_path / 'profile'}",
     ):
         options.add_argument(flag)
+    # the console's messages: a script or style the page's Content-Security-Policy
+    # refused is reported there
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     with LoopbackServer(app) as server:
         with httpx.Client(base_url=server.url) as c:
             for _ in range(4):
@@ -449,6 +452,14 @@ def test_page_renders_live_state_in_headless_chromium(tmp_path: Path) -> None:
                 for _ in range(2):
                     c.get("/ok")
             wait.until(lambda d: {r[1]: r for r in _rows(d, "breakers")}["/ok"][4] == "6")
+            # it ran under its policy (script and style by nonce), and nothing was refused
+            assert driver.execute_script("return document.styleSheets.length") == 1
+            refused = [
+                entry["message"]
+                for entry in driver.get_log("browser")
+                if "Content Security Policy" in entry["message"]
+            ]
+            assert refused == []
             shot = os.environ.get("FIDELITY_MW_ADMIN_SCREENSHOT")
             if shot:
                 driver.save_screenshot(shot)

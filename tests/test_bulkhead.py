@@ -28,6 +28,7 @@ class Service:
 
     def __init__(self, policy: Policy, clock: FakeClock, work_s: float = 0.0) -> None:
         self.clock = clock
+        self.work_s = work_s  # (a test may change it between requests)
         self.gate = asyncio.Event()
         self.entered = 0
         self.contexts: list[Any] = []
@@ -39,7 +40,7 @@ class Service:
             self.entered += 1
             if request.query_params.get("hold"):
                 await self.gate.wait()
-            clock.advance(work_s)
+            clock.advance(self.work_s)
             return PlainTextResponse("ok")
 
         app = Starlette(routes=[Route("/w", work)])

@@ -13,6 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, FidelityTransport
+from fidelity_mw.admin.view import balancers
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import Policy, RetryConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -40,7 +41,9 @@ async def test_switching_engines_keeps_each_engines_balancer_knowledge() -> None
     def fleet(request: httpx.Request) -> httpx.Response:
         key = f"{request.url.host}:{request.url.port}"
         seen.append((inside[0], key))
-        clock.advance(2.0 if key == SLOW else 0.01)
+        # (the fast instances answer calls from outside requests a little slower: the
+        # two engines' plans learn different latencies)
+        clock.advance(2.0 if key == SLOW else 0.01 if inside[0] else 0.02)
         return httpx.Response(200)
 
     transport = FidelityTransport(
@@ -76,6 +79,18 @@ async def test_switching_engines_keeps_each_engines_balancer_knowledge() -> None
     slow = Counter(where for where, key in seen if key == SLOW)
     assert slow[True] <= 3
     assert slow[False] <= 3
+    # the middleware's admin view shows its own plan's instances (parked: the last call
+    # was outside a request), not the transport's own engine's
+    (plan,) = transport._upstreams.values()
+    assert plan.policy is transport.engine.policy
+    assert plan.parked is not None
+    assert plan.parked.policy is app.engine.policy
+    rows, _ = balancers(app.engine, clock.monotonic())
+    inside = {i.key: i.latency_s for i in plan.parked.instances or ()}
+    assert {r["instance"]: r["latency_ms"] for r in rows} == {
+        key: round(latency * 1000.0, 3) for key, latency in inside.items()
+    }
+    assert inside != {i.key: i.latency_s for i in plan.instances or ()}
 
 
 async def test_a_host_keeps_at_most_one_parked_plan() -> None:

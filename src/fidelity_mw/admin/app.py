@@ -7,6 +7,7 @@ import importlib.resources
 import ipaddress
 import json
 import logging
+import secrets
 from typing import Any, Final
 from urllib.parse import unquote, unquote_plus
 
@@ -32,8 +33,8 @@ class AdminApp:
     `FidelityMiddleware` the request passed through (mount the page inside the
     wrapped app). `top`: how many limiter keys to list. `top_breakers`: how many
     breakers (those not closed first when there are more), `top_budgets` how many
-    retry budgets (the busiest first). `refresh_s`: how often the page fetches the
-    JSON again.
+    retry budgets (the busiest first). `refresh_s`: how long the page waits after an
+    answer before it fetches the JSON again.
     """
 
     def __init__(
@@ -92,7 +93,8 @@ class AdminApp:
             return
         if scope["method"] not in ("GET", "HEAD"):
             doc = problem_document(405, "Method Not Allowed", "read-only page", "admin-method")
-            await _send(send, 405, problem_json(doc), PROBLEM_MEDIA_TYPE, [(b"allow", b"GET")])
+            allow = [(b"allow", b"GET, HEAD")]
+            await _send(send, 405, problem_json(doc), PROBLEM_MEDIA_TYPE, allow)
             return
         root = scope.get("root_path", "")
         path: str = scope["path"]
@@ -124,7 +126,10 @@ class AdminApp:
     async def state(self, engine: Engine) -> dict[str, Any]:
         """The JSON document the page shows."""
         now = engine.clock.monotonic()
-        snap = await engine.store.snapshot(now, top=self.top, configs=snapshot_configs(engine))
+        configs = snapshot_configs(
+            engine, top_breakers=self.top_breakers, top_budgets=self.top_budgets
+        )
+        snap = await engine.store.snapshot(now, top=self.top, configs=configs)
         hasher = self._hashers.get(id(engine))
         if hasher is None:
             hasher = self._hashers[id(engine)] = key_hasher(engine)
@@ -136,6 +141,7 @@ class AdminApp:
             hasher,
             top_breakers=self.top_breakers,
             top_budgets=self.top_budgets,
+            configs=configs,
         )
 
     def _refusal(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
@@ -183,10 +189,25 @@ class AdminApp:
         # `</script>` (or `<!--`) in a JSON string would end it, so `<`, `>`, `&` are
         # written as JavaScript escapes (the string is the same to the script).
         url = json.dumps(root + "/state.json").translate(_SCRIPT_ESCAPES)
-        page = self._page.replace("{{STATE_URL}}", url).replace(
-            "{{REFRESH_MS}}", str(int(self.refresh_s * 1000))
+        # A fresh nonce per page: its own script and style run, nothing else would (an
+        # injected script, as the root-path XSS was, is refused by the browser too).
+        nonce = secrets.token_urlsafe(18)
+        page = (
+            self._page.replace("{{STATE_URL}}", url)
+            .replace("{{REFRESH_MS}}", str(int(self.refresh_s * 1000)))
+            .replace("{{NONCE}}", nonce)
         )
-        await _send(send, 200, page.encode(), "text/html; charset=utf-8")
+        policy = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        await _send(
+            send,
+            200,
+            page.encode(),
+            "text/html; charset=utf-8",
+            [(b"content-security-policy", policy.encode())],
+        )
 
 
 # Headers a proxy adds. The server may already have turned one into scope["client"]
@@ -211,6 +232,11 @@ def _loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+# Every answer: nothing in it runs or loads anything, no page may frame it (the HTML
+# page sends its own policy), and no URL of it (`?token=`) leaves as a Referer.
+_LOCKED_DOWN: Final = b"default-src 'none'; frame-ancestors 'none'"
+
+
 async def _send(
     send: Send,
     status: int,
@@ -218,17 +244,16 @@ async def _send(
     content_type: str,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-                *(extra or ()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+        *(extra or ()),
+    ]
+    if not any(name == b"content-security-policy" for name, _ in headers):
+        headers.append((b"content-security-policy", _LOCKED_DOWN))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -33,17 +33,37 @@ def key_hasher(engine: Engine) -> Callable[[str], str]:
     ).hexdigest()
 
 
-def snapshot_configs(engine: Engine) -> SnapshotConfigs:
-    """Breaker and retry configs by state key, from the engine's plans and policy."""
+def snapshot_configs(
+    engine: Engine, *, top_breakers: int | None = None, top_budgets: int | None = None
+) -> SnapshotConfigs:
+    """Breaker and retry configs by state key, from the engine's plans and policy, and
+    how many breakers and budgets the page lists (`top_breakers`, `top_budgets`)."""
     policy = engine.policy
+    planned: dict[str, BreakerConfig] | None = None
+
+    def route_breakers() -> dict[str, BreakerConfig]:
+        # Every cached plan's breaker, by its key, read once per snapshot: the plans
+        # by (method, path), and those cached by host and root path (an app with Host
+        # routes has only those). A breaker declared on the endpoint in code is
+        # known only to its plan; looked up in `_plans` alone, a host-routed app's
+        # Redis breakers were aged with the policy's window instead.
+        nonlocal planned
+        if planned is None:
+            planned = {}
+            for name in ("_plans", "_host_plans"):
+                for plan in list(getattr(engine, name, {}).values()):
+                    key = getattr(plan, "breaker_key", None)
+                    cfg = getattr(plan, "breaker", None)
+                    if isinstance(key, str) and isinstance(cfg, BreakerConfig):
+                        planned.setdefault(key, cfg)
+        return planned
 
     def breaker(key: str) -> BreakerConfig | None:
         kind, _, subject = key.partition(":")
         if kind == "route":
-            for plan in list(getattr(engine, "_plans", {}).values()):
-                if getattr(plan, "breaker_key", None) == key:
-                    found: BreakerConfig | None = plan.breaker
-                    return found
+            found = route_breakers().get(key)
+            if found is not None:
+                return found
             for route in policy.routes:
                 if subject in (route.name, route.match) and isinstance(
                     route.breaker, BreakerConfig
@@ -61,7 +81,9 @@ def snapshot_configs(engine: Engine) -> SnapshotConfigs:
                 return upstream.retry
         return policy.upstream_for(subject.rsplit(":", 1)[0]).retry
 
-    return SnapshotConfigs(breaker=breaker, retry=retry)
+    return SnapshotConfigs(
+        breaker=breaker, retry=retry, top_breakers=top_breakers, top_budgets=top_budgets
+    )
 
 
 class Since:
@@ -110,14 +132,17 @@ def render(
     layer: bool = False,
     top_breakers: int = 200,
     top_budgets: int = 200,
+    configs: SnapshotConfigs | None = None,
 ) -> dict[str, Any]:
     limits = {lim.name: lim for lim in engine.policy.rate_limits}
-    configs = snapshot_configs(engine)
+    if configs is None:
+        configs = snapshot_configs(engine)
     breakers = []
     views: Sequence[BreakerView] = snap.breakers
     if len(views) > top_breakers:
         # A memory store holds a breaker per upstream host its calls named (up to its
-        # max_breakers): those not closed first, then route breakers, in the store's order.
+        # max_breakers): those not closed first, then route breakers, in the store's
+        # order. (The stores here list only those already; another store may not.)
         views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
     for view in views:
         since_s, basis = since.of(view, now)
@@ -231,8 +256,10 @@ def render(
             "source": snap.source,
             "age_s": _round(snap.age_s),
             "limiter_key_count": snap.limiter_key_count,
-            "breaker_count": len(snap.breakers),
-            "budget_count": len(snap.budgets),
+            # (a store asked for the first `top_breakers` lists only those, and says
+            # how many it holds)
+            "breaker_count": max(snap.breaker_count or 0, len(snap.breakers)),
+            "budget_count": max(snap.budget_count or 0, len(snap.budgets)),
             "detail": dict(snap.detail),
             "notes": list(snap.notes),
         },
@@ -252,6 +279,7 @@ def render(
                 layer=True,
                 top_breakers=top_breakers,
                 top_budgets=top_budgets,
+                configs=configs,
             )
             for under in snap.layers
         ],
@@ -267,7 +295,10 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
     for transport in list(engine.transports):
         # the transport's per-host plans (outbound/upstream.py): read, never changed
         upstreams: dict[Any, Upstream] = getattr(transport, "_upstreams", None) or {}
-        for up in list(upstreams.values()):
+        for current in list(upstreams.values()):
+            up = _plan_for(current, engine)
+            if up is None:
+                continue
             cfg = up.cfg
             members = list(up.instances or ())
             out = ejected([i.view() for i in members], now, cfg.max_ejected_ratio)
@@ -312,6 +343,16 @@ def _breaker_rank(view: BreakerView) -> tuple[bool, bool]:
 
 def _budget_rank(view: BudgetView) -> tuple[int, int]:
     return -view.retries, -view.requests
+
+
+def _plan_for(current: Upstream, engine: Engine) -> Upstream | None:
+    """A transport used under several engines (inside requests, outside them) holds a
+    plan per host for each policy: the current one, and the one used before it, parked
+    (`FidelityTransport.upstream`). This engine's, if either is."""
+    if current.policy is engine.policy:
+        return current
+    parked: Upstream | None = getattr(current, "parked", None)
+    return parked if parked is not None and parked.policy is engine.policy else None
 
 
 def _round(value: float | None) -> float | None:

@@ -8,7 +8,8 @@ reports frees its slot after `probe_lease_s`.
 
 Recovery follows evidence: the open time starts at `open_min_s` and doubles
 with every half-open round whose probe failed, up to `open_s`; a successful
-probe closes the breaker and starts over. A short outage costs a short open
+probe closes the breaker and starts over (the next opening from closed starts
+at `open_min_s` again). A short outage costs a short open
 period; a long one is probed ever more rarely (`open_time`).
 
 Every transition bumps `epoch`. A call carries the epoch it was admitted in;
@@ -20,6 +21,13 @@ chose the probe id (`gate(..., probe_id=)`) and lost the answer (a shared
 store's reply timed out) reports its outcome by that id alone (`ANY_EPOCH`):
 it counts if the state did admit it as a probe of this round, and changes
 nothing otherwise.
+
+A call is recorded when its answer's head arrives; its body may break later (the
+upstream drops the connection mid-stream). That late report, `BROKEN`, turns the
+call's success into a failure, so N calls whose bodies break weigh exactly as N
+calls that failed outright (`record`). It is a correction, not one more call: counted
+as a new failure, every broken body would also leave its success in the window, and
+an upstream breaking every body would sit at a failure ratio of 0.5.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ HALF_OPEN: Final = "half_open"
 SUCCESS: Final = "success"
 FAILURE: Final = "failure"
 IGNORED: Final = "ignored"  # neither: limiter rejection, client disconnect, cancellation
+# A call recorded as a success whose body then broke: its success becomes a failure
+BROKEN: Final = "broken"
 
 _BUCKETS: Final = 10
 
@@ -76,6 +86,7 @@ class BreakerState:
         "config",
         "consecutive",
         "epoch",
+        "erased",
         "next_probe_id",
         "open_until",
         "opened_at",
@@ -91,7 +102,13 @@ class BreakerState:
         self.open_until = 0.0
         self.opened_at = 0.0
         self.consecutive = 0
-        self.reopens = 0  # half-open rounds in a row whose probe failed
+        # The failure streak the last success ended (0 once a failure came after it): a
+        # body that breaks after that success puts it back (`_broken`).
+        self.erased = 0
+        # Half-open rounds in a row whose probe failed. Kept through a close (only an
+        # opening from closed starts it over), so a probe whose body broke after its
+        # success closed the breaker re-opens it as its failure would have.
+        self.reopens = 0
         # Sliding window as a ring of [calls, failures, slow] buckets; the
         # current bucket is the last one.
         self._bucket_s = config.window_s / _BUCKETS
@@ -181,8 +198,11 @@ class BreakerState:
             if not (totals[1] or totals[2]):
                 self.buckets[-1][0] += 1
                 totals[0] += 1
+                self.erased = self.consecutive
                 self.consecutive = 0
                 return CLOSED
+        if outcome == BROKEN:
+            return self._broken(epoch, probe_id, now, rng)
         # A probe whose lease ran out no longer holds a slot; its late report
         # must not free someone else's.
         if probe_id:
@@ -210,7 +230,9 @@ class BreakerState:
             bucket[1] += 1
             totals[1] += 1
             self.consecutive += 1
+            self.erased = 0
         else:
+            self.erased = self.consecutive
             self.consecutive = 0
         if slow:
             bucket[2] += 1
@@ -218,6 +240,49 @@ class BreakerState:
         # Every outcome, a success too: F,F,F,S reaches min_calls on the success.
         # (A window without failures or slow calls cannot open: the common case.)
         if (totals[1] or totals[2]) and self._should_open(now):
+            self._transition(OPEN, now, rng)
+        return self.state
+
+    def _broken(self, epoch: int, probe_id: int, now: float, rng: RandomSource) -> str:
+        """A call recorded as a success (gate `epoch`, `probe_id`) whose body then broke.
+
+        - A probe: its success closed the breaker (its round's verdict). While the breaker
+          is still closed in the epoch that verdict began, it re-opens as the probe's
+          failure would have (for the next, longer open time). Later (the breaker moved
+          on), or if its success did not close it, nothing.
+        - Any other call, admitted in the current epoch of a closed breaker: the newest
+          success still in the window becomes a failure (the call's own, or one counted
+          after it: the counts are the same); none left there (the call outlived its
+          bucket), a failed call is counted now. The failure streak the last success
+          ended goes on with this failure unless a failure came in between (exact when
+          calls follow one another; with bodies broken concurrently, a streak two
+          successes ago is not restored: the ratio still counts every failure). From
+          an earlier epoch: nothing, as for any outcome.
+        """
+        if probe_id:
+            if self.state == CLOSED and self.epoch == epoch + 1:
+                self.state = HALF_OPEN  # (the round it ended: a failed probe's re-opening)
+                self._transition(OPEN, now, rng)
+            return self.state
+        if epoch != self.epoch or self.state != CLOSED:
+            return self.state
+        if now >= self._bucket_end:
+            self._rotate(now)
+        buckets = self.buckets
+        totals = self._totals
+        for bucket in reversed(buckets):
+            if bucket[0] > bucket[1]:  # a success to turn
+                bucket[1] += 1
+                break
+        else:
+            bucket = buckets[-1]
+            bucket[0] += 1
+            bucket[1] += 1
+            totals[0] += 1
+        totals[1] += 1
+        self.consecutive += self.erased + 1
+        self.erased = 0
+        if self._should_open(now):
             self._transition(OPEN, now, rng)
         return self.state
 
@@ -259,10 +324,12 @@ class BreakerState:
             spread = cfg.open_jitter * (2.0 * rng() - 1.0)
             self.opened_at = now
             self.open_until = now + open_time(cfg, self.reopens) * (1.0 + spread)
+        elif state == HALF_OPEN:
+            if previous == CLOSED:  # (forced)
+                self.reopens = 0
         elif state == CLOSED:
-            self.reopens = 0
             self.closed_gate = Gate("allow", CLOSED, self.epoch, 0.0)
-            self.consecutive = 0
+            self.consecutive = self.erased = 0
             for bucket in self.buckets:
                 bucket[0] = bucket[1] = bucket[2] = 0
             self._totals = [0, 0, 0]

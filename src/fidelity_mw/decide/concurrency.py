@@ -9,7 +9,8 @@ latency rises above that, the limit shrinks in proportion. Unlike Gradient2,
 the sqrt(limit) headroom is added only while latency is within tolerance:
 added always, it props the limit up at 4 however slow requests get (at the
 gradient's floor of 0.5, 4 * 0.5 + sqrt(4) == 4), and a CPU-bound route on
-one event loop is saturated by 1 or 2.
+one event loop is saturated by 1 or 2. The baseline is measured, and replaced
+early when the route durably got slower rather than loaded (GradientEstimate).
 
 Priorities: a class may fill only its share of the limit, so under pressure
 `sheddable` requests are shed first, then `default`, and `critical` ones may
@@ -87,6 +88,8 @@ STALE_RESOLUTION_S: Final = 0.002  # two ticks of the inbound loop clock's heart
 # paces for some hundred requests after it (lag comes and goes while the loop
 # is busy: a probe that lands between two CPU bursts sees none).
 LAG_FADE: Final = 0.99
+# The fewest slow samples in a row that replace a stale floor early (GradientEstimate).
+DOUBT_SAMPLES: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +138,39 @@ class GradientEstimate:
     measurement a service started under overload would take its first,
     queued, latencies for the floor and never shrink; without the later ones a
     baseline taken on a quieter day would hold the limit down forever.
+
+    A route that durably got slower (a deploy, a slower dependency) does not
+    wait for the next measurement: every sample is past tolerance, the limit
+    shrinks until no more than `measure_limit` are in flight, and then
+    `measure_samples` (at least DOUBT_SAMPLES) samples in a row past tolerance,
+    each with no more than that many in flight, are the measurement: their
+    lowest latency becomes the floor, and the limit goes back to where it was
+    before latency left tolerance. What tells this from overload: at that few
+    in flight there is no queue of ours, and the event loop keeps up (its
+    recent lag, as the limiter reports it, stays under a quarter of the floor,
+    the measure pacing uses, and explains under a quarter of the excess).
+    Latency that grows with what is in flight comes back within tolerance as
+    the limit shrinks, which starts the count again, and a lagging loop (the
+    CPU-bound overload the pacing serves) stops it. A latency spread so wide
+    that the floor is one fast outlier can look like a step: each early
+    replacement wants twice the samples of the one before, until the next
+    measurement, so between two measurements there are at most
+    log2(remeasure_every / measure_samples) of them.
     """
 
-    __slots__ = ("_measured", "_measuring", "_resume", "_since", "baseline_s", "spec", "value")
+    __slots__ = (
+        "_doubt",
+        "_doubt_min",
+        "_doubt_needed",
+        "_measured",
+        "_measuring",
+        "_resume",
+        "_settled",
+        "_since",
+        "baseline_s",
+        "spec",
+        "value",
+    )
 
     def __init__(self, spec: ConcurrencySpec) -> None:
         self.spec = spec
@@ -148,6 +181,12 @@ class GradientEstimate:
         self._measuring = spec.measure_samples > 0
         self._measured: list[float] = []
         self._resume = self.value
+        # Slow samples in a row that doubt the floor (`_doubt_floor`), their lowest
+        # latency, and the limit before they began to shrink it.
+        self._doubt = 0
+        self._doubt_min = math.inf
+        self._settled = self.value
+        self._doubt_needed = max(spec.measure_samples, DOUBT_SAMPLES)
 
     @property
     def measuring(self) -> bool:
@@ -157,20 +196,33 @@ class GradientEstimate:
         spec = self.spec
         return float(min(max(spec.measure_limit, spec.min_limit), self._resume))
 
+    def _probe_slots(self) -> int:
+        # What the limiter admits while measuring: the probe limit rounded as the limit
+        # is. Compared with the float, a limit resumed at 3.6 admitted 4, and a route
+        # kept full never finished a sample at 3.6 or fewer: the measurement never ended.
+        return max(self.spec.min_limit, int(self._probe_limit() + 0.5))
+
     def current(self) -> float:
         if self._measuring:
             return self._probe_limit()
         return self.value
 
     def sample(
-        self, latency_s: float, in_flight: int, dropped: bool = False, binding: bool = True
+        self,
+        latency_s: float,
+        in_flight: int,
+        dropped: bool = False,
+        binding: bool = True,
+        lag_s: float = 0.0,
     ) -> float:
         """Fold one finished request in (`in_flight` counts it); returns the limit to use.
 
         `dropped`: it failed from overload (its deadline passed), after `latency_s` (0:
         not known). One cut sooner than the route's tolerated latency (`tolerance` x its
         floor) is no evidence: the caller asked for less time than the route needs when
-        it keeps up (any client may send a 1 ms deadline), and it is not a sample."""
+        it keeps up (any client may send a 1 ms deadline), and it is not a sample.
+        `lag_s`: the event loop's recent lag (the limiter's fading peak); while it is
+        large, slow samples are the loop's, never evidence of a stale floor."""
         spec = self.spec
         if dropped and latency_s > 0.0:
             floor = self.baseline_s
@@ -183,13 +235,15 @@ class GradientEstimate:
                 # An overload failure (timeout, shed downstream) is the clearest signal
                 # there is, also while measuring: the limit returns lower.
                 self._resume = max(float(spec.min_limit), self._resume * 0.9)
-            elif latency_s > 0.0 and in_flight <= self._probe_limit():
+            elif latency_s > 0.0 and in_flight <= self._probe_slots():
                 self._measured.append(latency_s)
                 if len(self._measured) >= spec.measure_samples:
                     self.baseline_s = min(self._measured)
                     self._measuring = False
                     self.value = self._resume
                     self._since = 0
+                    self._trust_floor()
+                    self._doubt_needed = max(spec.measure_samples, DOUBT_SAMPLES)
             return self.current()
         if dropped:
             self.value = max(float(spec.min_limit), self.value * 0.9)
@@ -200,9 +254,11 @@ class GradientEstimate:
         if self.baseline_s == 0.0 or latency_s < self.baseline_s:
             self.baseline_s = latency_s
         gradient = max(0.5, min(1.0, spec.tolerance * self.baseline_s / latency_s))
+        stale = False
         if gradient < 1.0:
             # Latency is past tolerance: shrink, with no headroom (see the module doc).
             target = self.value * gradient
+            stale = self._doubt_floor(latency_s, in_flight, lag_s)
         elif in_flight >= self.value / 2.0 and binding:
             target = self.value + math.sqrt(self.value)
         else:
@@ -211,11 +267,47 @@ class GradientEstimate:
             target = self.value
         value = (1.0 - spec.smoothing) * self.value + spec.smoothing * target
         self.value = max(float(spec.min_limit), min(float(spec.max_limit), value))
+        if gradient >= 1.0:
+            self._settled = self.value
+            if self._doubt:  # (the common case without the stores)
+                self._trust_floor()
+        elif stale:
+            # The floor moved, not the load: the slow samples, each taken as a measurement
+            # would take it, are the new floor, and the limit the old one shrank returns.
+            self.baseline_s = self._doubt_min
+            self.value = max(self.value, self._settled)
+            self._trust_floor()
+            # Noise can look like a step (a floor that is the one fast outlier of a route
+            # whose latencies spread wide): each early replacement wants twice the evidence
+            # of the last, until the next measurement.
+            self._doubt_needed *= 2
         if spec.remeasure_every and self._since >= spec.remeasure_every:
             self._measuring = True
             self._measured = []
             self._resume = self.value
         return self.current()
+
+    def _doubt_floor(self, latency_s: float, in_flight: int, lag_s: float) -> bool:
+        """One sample past tolerance: is it evidence the floor is stale? True once
+        `_doubt_needed` in a row were (see the class doc)."""
+        spec = self.spec
+        excess = latency_s - spec.tolerance * self.baseline_s
+        if 4.0 * lag_s >= min(self.baseline_s, excess):
+            # The loop lags (by the measure pacing uses) or its lag explains the excess:
+            # the loop, not the route, is slow; that is load, whatever is in flight.
+            self._doubt = 0
+            self._doubt_min = math.inf
+            return False
+        if in_flight > max(spec.measure_limit, spec.min_limit):
+            return False  # (queued behind our own requests: says nothing of the floor)
+        self._doubt += 1
+        self._doubt_min = min(self._doubt_min, latency_s)
+        return self._doubt >= self._doubt_needed
+
+    def _trust_floor(self) -> None:
+        self._doubt = 0
+        self._doubt_min = math.inf
+        self._settled = self.value
 
 
 class ConcurrencyLimiter:
@@ -455,7 +547,7 @@ class ConcurrencyLimiter:
                     # Shedding stale requests keeps fewer in flight than the limit allows:
                     # half the limit in use no longer shows it is what holds requests back.
                     binding = self.binding or not self.spec.shed_stale
-                    self.estimate.sample(sample, self.in_flight, dropped, binding)
+                    self.estimate.sample(sample, self.in_flight, dropped, binding, self._lag_peak)
                     self.binding = False
             if not self._waiters:  # the common case, without a call
                 self.in_flight = max(0, self.in_flight - 1)

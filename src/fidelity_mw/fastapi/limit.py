@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import ClientDisconnect, HTTPConnection
 
 from .._logs import exception as log_exception
+from .._logs import warn
 from ..context import (
     ALLOW,
     LAYER_RATELIMIT,
@@ -370,10 +371,14 @@ class LimitDependency:
             )  # fmt: skip
             return self.burst_size
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-            raise ValueError(
-                f"fidelity.limit {name!r}: the cost function returned {cost!r}; "
-                "a cost is a whole number of units >= 0"
-            )
+            # the app's bug, said loudly (and throttled) but not a 500 of ours for the
+            # route breaker to count: the burst, as the middleware's own limits charge
+            warn(
+                logger, name, "fidelity_mw: the cost function of %r returned %r, not a whole "
+                "number of units >= 0; the request costs the burst (%d)", name, cost,
+                self.burst_size, level=logging.ERROR,
+            )  # fmt: skip
+            return self.burst_size
         return cost
 
     def _over_burst(

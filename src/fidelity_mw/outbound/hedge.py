@@ -28,7 +28,8 @@ import httpx
 
 from .._types import Clock
 from ..decide.retry import IDEMPOTENT_METHODS
-from .wire import SPEND_MAX_BYTES, SPEND_MAX_S, replayable, worth_reading
+from . import wire as _wire
+from .wire import SPEND_MAX_BYTES, replayable, worth_reading
 
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
@@ -190,7 +191,7 @@ async def _drain(response: httpx.Response | None) -> None:
         return
     stream = response.stream
     if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
-        with anyio.move_on_after(SPEND_MAX_S), contextlib.suppress(Exception):
+        with anyio.move_on_after(_wire.SPEND_MAX_S), contextlib.suppress(Exception):
             read = 0
             async for chunk in stream:
                 read += len(chunk)

@@ -75,6 +75,7 @@ from ..decide.retry import (
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
+from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
     SCOPE_CALL,
@@ -137,6 +138,7 @@ _new_tuple: Final = (
     tuple.__new__
 )  # Decision(...) without the keyword-default wrapper: hot path only
 _monotonic: Final = time.monotonic
+_BYTE_STREAM: Final = httpx.ByteStream  # a body in memory: it cannot break any more
 _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 REFUND_VERDICT: Final = "refund"  # a retry the budget counted, given back: it was not sent
@@ -231,6 +233,11 @@ class First(NamedTuple):
         if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
+                # (its body still to be read: a break there fails the call after all)
+                watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
+                              self.source, None)  # fmt: skip
+                watch_body(response, watch)
         if observer is not None:
             observe_end(observer, token, response, None)
         restore(request.headers, prior, saved)
@@ -387,6 +394,8 @@ def attempts(
     # a retry counted and not sent yet: (when, the gate's source, the store's `spent_at`)
     unsent: tuple[float, str, float | None] | None = None
     number = 0  # the attempt's number (a retry's is taken when it is decided)
+    # the last attempt's success as counted (its gate), or its target's, for a broken body
+    counted: Gate | None = None
     response: httpx.Response | None
     thrown: BaseException | None
     try:
@@ -544,8 +553,11 @@ def attempts(
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
                 state = ""
+                counted = None
                 if gate is not None and gated:
                     assert breaker is not None
+                    if outcome == SUCCESS:
+                        counted = gate
                     if local is not None:
                         state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
                     else:
@@ -686,6 +698,15 @@ def attempts(
                     # and on the request, for a response built anew from this one (its
                     # request this one's): with the status it was for
                     request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
+            if (
+                breaker is not None
+                and outcome == SUCCESS
+                and (counted is not None or (target is not None and not gated))
+                and response.stream.__class__ is not _BYTE_STREAM
+            ):  # its body still to be read: a break there fails the call after all
+                watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,
+                              source, target)  # fmt: skip
+                watch_body(response, watch)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
             return response

@@ -57,6 +57,8 @@ from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
+from . import wire as _wire
+from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
     call_end,
@@ -91,7 +93,6 @@ from .wire import (
     FAST_HEADERS,
     OURS_SET,
     SPEND_MAX_BYTES,
-    SPEND_MAX_S,
     replayable,
     restore,
     snapshot,
@@ -116,6 +117,7 @@ _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 _GIVE_UP: Final = GIVE_UP_EXTENSION
+_Watch: Final = Watch
 
 
 class _Armed:
@@ -212,6 +214,9 @@ class _Base:
                     up = parked
             if up is None:
                 up = Upstream(engine, url.host, url.port)
+                # the admin page of the engine the plan is for lists this transport's
+                # balancers (a transport built without one is used under a middleware's)
+                engine.transports.add(self)
             up.parked = old
             self._upstreams[key] = up
             up.proxied = self._proxied
@@ -561,6 +566,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
+                # (its body still to be read: a break there fails the call after all)
+                watch = _Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate, source,
+                               None)  # fmt: skip
+                watch_body(response, watch)
         if observer is not None:
             _observe_end(observer, token, response, None)
             restore(request.headers, None, saved)  # (and what the observer injected)
@@ -729,7 +739,7 @@ async def _spend(response: httpx.Response) -> None:
             read = 0
             async for chunk in stream:
                 read += len(chunk)
-                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                if read > SPEND_MAX_BYTES or _monotonic() - start > _wire.SPEND_MAX_S:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass
@@ -842,7 +852,7 @@ def _spend_sync(response: httpx.Response) -> None:
             read = 0
             for chunk in stream:
                 read += len(chunk)
-                if read > SPEND_MAX_BYTES or _monotonic() - start > SPEND_MAX_S:
+                if read > SPEND_MAX_BYTES or _monotonic() - start > _wire.SPEND_MAX_S:
                     break
     except Exception:  # (a broken connection is closed enough: the retry goes on)
         pass

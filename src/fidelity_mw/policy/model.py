@@ -1466,9 +1466,12 @@ def _read_nested(
                 PolicyIssue(f"{where}.enabled", f"expected true or false, got {_toml(enabled)}")
             )
             return None
-        if not enabled:
-            return False if parent is RouteConfig else None
         value = {k: v for k, v in value.items() if k != "enabled"}
+        if not enabled:
+            # its other keys are still checked: a typo kept in a table switched off for a
+            # while would otherwise surface only on the day it is switched back on
+            _build(sub_cls, value, where, issues, sub_nested)
+            return False if parent is RouteConfig else None
     if sub_cls is BreakerConfig and not isinstance(value, Mapping):
         # `breaker = "off"`: say what a breaker may be, not only that a table was expected
         issues.append(

@@ -56,7 +56,8 @@ SECTIONS: tuple[tuple[str, str, type, str], ...] = (
         "breaker",
         BreakerConfig,
         "The inbound circuit breaker, one per route. `breaker = false` (or `enabled = "
-        "false` in the table) turns it off. The same keys configure `[route.breaker]` "
+        "false` in the table, whose other keys are still checked) turns it off. The same "
+        "keys configure `[route.breaker]` "
         "and `[upstream.breaker]`.",
     ),
     (
@@ -133,10 +134,13 @@ DESCRIPTIONS: dict[str, str] = {
     'when finding the client address for `key = "client_ip"`. Empty: the direct peer '
     'is the client. The peer is `scope["client"]`, which the server may already have '
     "rewritten from `X-Forwarded-For` (uvicorn's `--forwarded-allow-ips`): with `'*'` "
-    "there, clients choose it (docs/operations.md, recommended settings).",
+    "there, clients choose it (docs/operations.md, recommended settings). A network "
+    "written with host bits (`10.0.0.1/8`) is the whole network (`10.0.0.0/8`); "
+    "`fidelity-mw check` warns.",
     "trusted_peers": "Peers whose `x-fidelity-*` signals are believed: upstreams whose "
     "`x-fidelity-retry: exhausted` stops our retries, and callers whose `x-fidelity-attempt` "
-    "is recorded. Private and loopback networks by default.",
+    "is recorded. Private and loopback networks by default. A network written with host "
+    "bits is the whole network, as for `trusted_proxies` (`fidelity-mw check` warns).",
     "client_ipv6_prefix": "The IPv6 prefix length a `client_ip` key counts by: an IPv6 "
     "client is given a whole /64 (or a /56, /48) and picks addresses inside it at will, so "
     "64 (the default) counts the /64 as one client, as Cloudflare's rate limiting does; "
@@ -375,7 +379,8 @@ DESCRIPTIONS: dict[str, str] = {
     "upstream.retry.advice_max_s": "Longest wait advised to our caller after giving up, "
     "before the spread: an upstream asking for a day (`Retry-After: 86400`, or a date "
     "far ahead) must not send every client of ours away for that long.",
-    "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed).',
+    "upstream.retry.on_status": 'Statuses that are retried (`"5xx"` classes allowed). '
+    "A status below 400 is an answer that succeeded: `fidelity-mw check` warns.",
     "upstream.retry.on_connect_error": "Retry when the connection could not be made.",
     "upstream.retry.on_read_timeout": "Retry on read timeouts and network errors after "
     "connecting (the request may have been processed: idempotent methods or requests with "

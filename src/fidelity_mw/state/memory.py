@@ -8,6 +8,7 @@ of awaiting the coroutines.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from ..decide.breaker import OPEN, Gate
@@ -125,5 +126,11 @@ class MemoryStore(LocalState, StateStore):
     async def snapshot(
         self, now: float, *, top: int = 20, configs: SnapshotConfigs | None = None
     ) -> StoreSnapshot:
-        """Everything this store holds, aged to `now` (the live page's view; decides nothing)."""
-        return local_snapshot(self, "memory", now, top)
+        """Everything this store holds, aged to `now` (the live page's view; decides nothing).
+
+        Taken in a worker thread: choosing what to list reads every breaker, budget and
+        key once (in C where it can, still O(n)), and on the event loop that stalled
+        every request for as long; in a thread the loop keeps its turns (the GIL
+        changes hands every few milliseconds). The store's lock makes that safe: sync
+        routes decide on it from threads already."""
+        return await asyncio.to_thread(local_snapshot, self, "memory", now, top, configs)

@@ -42,11 +42,12 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import heapq
 import logging
 import random
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -63,7 +64,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
-from ..decide.breaker import ANY_EPOCH, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.breaker import ANY_EPOCH, BROKEN, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
@@ -92,6 +93,7 @@ from .snapshot import (
     BudgetView,
     SnapshotConfigs,
     StoreSnapshot,
+    first_breakers,
     local_snapshot,
     top_limiter_keys,
 )
@@ -103,7 +105,7 @@ SOURCE_FALLBACK: Final = "fallback"
 
 _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 
-_OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i"}
+_OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i", BROKEN: "b"}
 
 _KEY_CACHE_MAX = 10_000
 
@@ -1770,67 +1772,84 @@ class RedisStore(StateStore):
         note = "keys this instance has used; Redis stores them by hash only"
         if not self.health.up:
             what = _CLOSED_WHAT.get(self.fallback_why or "", "redis is unreachable")
-            return self._fallback_snapshot(now, top, detail, what)
+            return self._fallback_snapshot(now, top, detail, what, configs)
         started = self._clock.monotonic()
+        # Read in chunks of pipelined commands, each chunk's replies parsed before the
+        # next is sent: at 10,000 breakers one pipeline of 30,000 commands kept the event
+        # loop for 100 ms packing them and parsing the replies (redis-py's work per
+        # command), every request on the service waiting. Between chunks the loop runs.
+        commands: list[tuple[Any, ...]] = [("TIME",)]
+        commands += [
+            ("HMGET", self.breaker_keys(key)[0], "st", "ep", "ou", "oa", "co", "be", "w")
+            for key in breaker_keys
+        ]
+        commands += [("HMGET", self.key("bu", key), "be", "ix", "rq", "rt") for key in budget_keys]
+        commands += [("GET", self.key("rl", key)) for key in limit_keys]
+        first_budget = 1 + len(breaker_keys)
+        first_limit = first_budget + len(budget_keys)
+        server = 0.0
+        fields: list[Any] = []  # each breaker's hash fields, parsed only for those listed
+        budgets: list[BudgetView] = []
+        tats: dict[str, float] = {}
+        odd = 0  # keys whose reply was an error (a value of another type): left out
         try:
-            pipe = self.client().pipeline(transaction=False)
-            pipe.execute_command("TIME")
-            for key in breaker_keys:
-                hkey, pkey = self.breaker_keys(key)
-                pipe.execute_command("HMGET", hkey, "st", "ep", "ou", "oa", "co", "be", "w")
-                pipe.execute_command("ZCARD", pkey)
-            for key in budget_keys:
-                pipe.execute_command("HMGET", self.key("bu", key), "be", "ix", "rq", "rt")
-            for key in limit_keys:
-                pipe.execute_command("GET", self.key("rl", key))
-            async with asyncio.timeout(self._timeout_s * 4):
-                # Each reply as it comes, an error reply too: one key holding another
-                # app's value (WRONGTYPE) must not turn the whole page into the local view
-                replies = list(await pipe.execute(raise_on_error=False))
-            if isinstance(replies[0], Exception):
-                raise replies[0]
+            async for at, replies in self._chunked(commands):
+                for j, reply in enumerate(replies, at):
+                    if j == 0:
+                        if isinstance(reply, Exception):
+                            raise reply
+                        server = float(reply[0]) + float(reply[1]) / 1e6
+                    elif isinstance(reply, Exception):
+                        # one key holding another app's value (WRONGTYPE) must not turn
+                        # the whole page into the local view: that key is left out
+                        odd += 1
+                        if j < first_budget:
+                            fields.append(None)  # (the breakers' indexes stay aligned)
+                    elif j < first_budget:
+                        fields.append(reply)
+                    elif j < first_limit:
+                        if reply[0] is not None:
+                            try:
+                                key = budget_keys[j - first_budget]
+                                budgets.append(_redis_budget_view(key, reply, server, configs, 0.0))
+                            except _ODD_VALUE:
+                                continue  # a page about the state must not fail on one odd value
+                    elif reply is not None:
+                        # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
+                        try:
+                            tats[limit_keys[j - first_limit]] = float(_text(reply).split(" ", 1)[0])
+                        except _ODD_VALUE:
+                            continue
+            # expired or never written (no `st` yet is a closed breaker): not listed
+            held = [
+                j for j, f in enumerate(fields) if f is not None and any(v is not None for v in f)
+            ]
+            keys = [breaker_keys[j] for j in held]
+            chosen: Sequence[int] = range(len(held))
+            if configs.top_breakers is not None and len(held) > configs.top_breakers:
+                states = [_state_of(fields[j][0]) for j in held]
+                chosen = first_breakers(keys, states, configs.top_breakers)
+            probes: list[Any] = []
+            probing = [("ZCARD", self.breaker_keys(keys[i])[1]) for i in chosen]
+            async for _, replies in self._chunked(probing):
+                probes += replies
         except (*_CALL_ERRORS, *_REPLY_ERRORS) as exc:
-            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}")
+            return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}", configs)
         age = (self._clock.monotonic() - started) / 2.0
-        server = float(replies[0][0]) + float(replies[0][1]) / 1e6
-        i = 1
-        odd = 0  # keys whose reply was an error (a value of another type): skipped
         breakers = []
-        for key in breaker_keys:
-            fields, probes = replies[i], replies[i + 1]
-            i += 2
-            if isinstance(fields, Exception) or isinstance(probes, Exception):
+        for i, count in zip(chosen, probes, strict=True):
+            if isinstance(count, Exception):
                 odd += 1
                 continue
-            if all(f is None for f in fields):
-                continue  # expired or never written (no `st` yet is a closed breaker)
             try:
-                breakers.append(_redis_breaker_view(key, fields, probes, server, configs, age))
+                breakers.append(
+                    _redis_breaker_view(keys[i], fields[held[i]], count, server, configs, age)
+                )
             except _ODD_VALUE:
                 continue  # a page about the state must not fail on one odd value
-        budgets = []
-        for key in budget_keys:
-            fields = replies[i]
-            i += 1
-            if isinstance(fields, Exception):
-                odd += 1
-                continue
-            if fields[0] is not None:
-                try:
-                    budgets.append(_redis_budget_view(key, fields, server, configs, age))
-                except _ODD_VALUE:
-                    continue
-        tats = {}
-        for key, reply in zip(limit_keys, replies[i:], strict=True):
-            if reply is None:
-                continue
-            if isinstance(reply, Exception):
-                odd += 1
-                continue
-            try:  # "tat" or "tat refunded" (lib.lua); anything else is not ours to show
-                tats[key] = float(_text(reply).split(" ", 1)[0])
-            except _ODD_VALUE:
-                continue  # a page about the state must not fail on one odd value
+        budget_count = len(budgets)
+        if configs.top_budgets is not None and budget_count > configs.top_budgets:
+            budgets = heapq.nsmallest(configs.top_budgets, budgets, key=_busiest_budget)
         return StoreSnapshot(
             kind="redis",
             source=SOURCE_REDIS,
@@ -1838,17 +1857,39 @@ class RedisStore(StateStore):
             breakers=tuple(breakers),
             limiter_keys=top_limiter_keys(tats, server, top, SOURCE_REDIS, age),
             limiter_key_count=len(tats),
-            budgets=tuple(budgets),
+            budgets=tuple(dataclasses.replace(b, age_s=age) for b in budgets),
             detail=detail,
             notes=(note,)
             if not odd
             else (note, f"{odd} keys held values that are not ours (an error reply): left out"),
+            breaker_count=len(held),
+            budget_count=budget_count,
         )
 
+    async def _chunked(
+        self, commands: Sequence[tuple[Any, ...]]
+    ) -> AsyncIterator[tuple[int, list[Any]]]:
+        """The replies to `commands`, pipelined `_SNAPSHOT_CHUNK` at a time: (the index of
+        the chunk's first command, its replies)."""
+        client = self.client()
+        for at in range(0, len(commands), _SNAPSHOT_CHUNK):
+            pipe = client.pipeline(transaction=False)
+            for command in commands[at : at + _SNAPSHOT_CHUNK]:
+                pipe.execute_command(*command)
+            async with asyncio.timeout(self._timeout_s * 4):
+                # each reply as it comes, an error reply too (the caller leaves that key out)
+                replies = list(await pipe.execute(raise_on_error=False))
+            yield at, replies
+
     def _fallback_snapshot(
-        self, now: float, top: int, detail: dict[str, Any], why: str
+        self,
+        now: float,
+        top: int,
+        detail: dict[str, Any],
+        why: str,
+        configs: SnapshotConfigs | None = None,
     ) -> StoreSnapshot:
-        local = local_snapshot(self.local, "redis", now, top)
+        local = local_snapshot(self.local, "redis", now, top, configs)
         age = self.fallback_age()
         return StoreSnapshot(
             kind="redis",
@@ -1865,6 +1906,8 @@ class RedisStore(StateStore):
             budgets=tuple(
                 dataclasses.replace(b, source=SOURCE_FALLBACK, age_s=age) for b in local.budgets
             ),
+            breaker_count=local.breaker_count,
+            budget_count=local.budget_count,
             detail=detail,
             notes=(
                 f"{why}: showing this instance's local fallback state (on_error={self.on_error})",
@@ -2033,6 +2076,22 @@ def _marked(
 # ---------------------------------------------------------------- snapshot views
 
 _SNAPSHOT_MAX_KEYS: Final = 5_000
+# commands per pipeline of a snapshot: redis-py packs and parses 10-15 µs of Python per
+# command on the event loop, so a chunk keeps the loop 2-3 ms
+_SNAPSHOT_CHUNK: Final = 200
+
+
+def _busiest_budget(view: BudgetView) -> tuple[int, int]:
+    return -view.retries, -view.requests
+
+
+def _state_of(value: Any) -> str:
+    """A breaker hash's `st` as the scripts read it (none yet: closed), never raising."""
+    if value is None:
+        return CLOSED
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 _BUCKETS: Final = 10
 
 

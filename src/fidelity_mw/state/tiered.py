@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import math
 from collections.abc import Collection, Sequence
@@ -48,14 +49,20 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._types import Clock, RandomSource
-from ..decide.breaker import CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
+from ..decide.breaker import BROKEN, CLOSED, FAILURE, HALF_OPEN, IGNORED, OPEN, Gate
 from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import GateAnswer, InboundResult, LimitSpec, StateStore
 from .redis import SOURCE_REDIS, SYNC, RedisStore
 from .redis_sync import reply_error
-from .snapshot import BreakerView, LimiterKeyView, SnapshotConfigs, StoreSnapshot
+from .snapshot import (
+    BreakerView,
+    LimiterKeyView,
+    SnapshotConfigs,
+    StoreSnapshot,
+    first_breakers,
+)
 
 SOURCE_CACHE: Final = "cache"
 
@@ -237,7 +244,9 @@ class CachedBreaker:
     def reset_counts(self) -> None:
         self.calls = self.failures = self.slow = 0
         # The outcomes in order, as runs of one kind ("f" failure, "s" success; upper
-        # case: slow): sync.lua replays them as the model records them one by one (the
+        # case: slow; "b" a success whose body then broke, which turns a success into a
+        # failure: counted here as one more outcome and failure, to be sent): sync.lua
+        # replays them as the model records them one by one (the
         # ratios are checked after every outcome, so F,F,S,S,S opens at the second F
         # where the sum, 2 of 5, would not). Finished runs, then the open one.
         self.runs: list[str] = []
@@ -249,6 +258,10 @@ class CachedBreaker:
         if outcome == FAILURE:
             self.failures += 1
             kind = "F" if slow else "f"
+        elif outcome == BROKEN:
+            self.failures += 1
+            kind = "b"
+            slow = False
         else:
             kind = "S" if slow else "s"
         if slow:
@@ -281,7 +294,7 @@ class CachedBreaker:
         for run in sent:
             n = int(run[1:])
             calls += n
-            if run[0] in "fF":
+            if run[0] in "fFb":
                 failures += n
             if run[0] in "FS":
                 slow += n
@@ -1232,6 +1245,12 @@ class TieredStore(StateStore):
         for key in list(self.slices):
             self.exact.key("rl", key)
         exact = await self.exact.snapshot(now, top=top, configs=configs)
+        cached = [(key, cb) for key, cb in list(self.breakers.items()) if cb.synced_at > -math.inf]
+        breaker_count = len(cached)  # (never synced: nothing to show yet)
+        want = configs.top_breakers if configs is not None else None
+        if want is not None and breaker_count > want:  # as the memory store lists them
+            keys = [key for key, _ in cached]
+            cached = [cached[i] for i in first_breakers(keys, [cb.state for _, cb in cached], want)]
         breakers = tuple(
             BreakerView(
                 key,
@@ -1247,8 +1266,7 @@ class TieredStore(StateStore):
                 SOURCE_CACHE,
                 max(0.0, now - cb.synced_at),
             )
-            for key, cb in list(self.breakers.items())
-            if cb.synced_at > -math.inf  # never synced: nothing to show yet
+            for key, cb in cached
         )
         slices = []
         for key, sl in list(self.slices.items()):
@@ -1262,7 +1280,9 @@ class TieredStore(StateStore):
                     held=sl.tokens,
                 )
             )
-        slices.sort(key=lambda view: view.backlog_s, reverse=True)
+        slice_count = len(slices)
+        # the busiest `top` (a selection: up to max_keys slices), ties in the table's order
+        slices = heapq.nlargest(max(0, top), slices, key=_backlog)
         ages = [b.age_s for b in breakers] + [v.age_s for v in slices]
         stats = self.stats
         return StoreSnapshot(
@@ -1270,9 +1290,11 @@ class TieredStore(StateStore):
             source=SOURCE_CACHE,
             age_s=max(ages, default=0.0),
             breakers=breakers,
-            limiter_keys=tuple(slices[:top]),
-            limiter_key_count=len(slices),
+            limiter_keys=tuple(slices),
+            limiter_key_count=slice_count,
             budgets=exact.budgets,
+            breaker_count=breaker_count,
+            budget_count=exact.budget_count,
             detail={
                 "sync_interval_ms": self.config.sync_interval_ms,
                 "requests": stats.requests,
@@ -1284,6 +1306,10 @@ class TieredStore(StateStore):
             notes=("breakers and slices as this instance last synced them",),
             layers=(exact,),
         )
+
+
+def _backlog(view: LimiterKeyView) -> float:
+    return view.backlog_s
 
 
 def _same_bucket(held: LimitSpec, spec: LimitSpec) -> bool:

@@ -9,6 +9,7 @@ breaker or bulkhead table that drops values the policy's table set.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,8 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_retried_not_idempotent(name, lines, policy))
     result.warnings.extend(_protocol_everywhere(name, lines, policy))
     result.warnings.extend(_redis_client_missing(name, lines, policy))
+    result.warnings.extend(_networks_with_host_bits(name, lines, policy))
+    result.warnings.extend(_retried_successes(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -136,6 +139,47 @@ def _redis_client_missing(name: str, lines: KeyLines, policy: Policy) -> list[Fi
         )
         return [Finding(name, _line(lines, path), path, message, "warning")]
     return []
+
+
+def _networks_with_host_bits(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """A network written with host bits (`10.0.0.1/8`): it is read as the whole network
+    (`10.0.0.0/8`, as Python's `ip_network(strict=False)` and most proxies read it), which
+    trusts every address in it; more likely one address (`/32`) was meant."""
+    out: list[Finding] = []
+    for field_name in ("trusted_proxies", "trusted_peers"):
+        for k, text in enumerate(getattr(policy, field_name)):
+            try:
+                ipaddress.ip_network(text)
+            except ValueError:
+                net = ipaddress.ip_network(text, strict=False)  # (the loader checked it)
+                one = net.max_prefixlen
+                address = text.partition("/")[0]
+                message = (
+                    f"item {k} ({json.dumps(text)}) has host bits set: it is read as "
+                    f"{net} ({net.num_addresses:,} addresses); write {json.dumps(str(net))} "
+                    f"for the network, or {json.dumps(f'{address}/{one}')} for the one address"
+                )
+                out.append(
+                    Finding(name, lines.line_for(field_name), field_name, message, "warning")
+                )
+    return out
+
+
+def _retried_successes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    """An `on_status` below 400: the call is sent again after an answer that succeeded
+    (or redirected), at every attempt, and the last such answer is returned anyway."""
+    out: list[Finding] = []
+    for i, upstream in enumerate(policy.upstreams):
+        low = sorted(status for status in upstream.retry.on_status if status < 400)
+        if low and upstream.retry.attempts > 1:
+            path = f"upstream[{i}].retry.on_status"
+            message = (
+                f"retries after {', '.join(map(str, low))}: an answer that is no failure "
+                "is sent again at every attempt (on_status lists the failures worth another "
+                "attempt: 429, 502, 503, 504, ...)"
+            )
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
 
 
 def _idle_excludes(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:

@@ -205,7 +205,8 @@ local function read_config(argv, i)
   return c, i + 10
 end
 
-local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro' }
+-- er: the failure streak the last success ended (BreakerState.erased)
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er' }
 
 local function br_load(hkey, pkey, cfg)
   local v = redis.call('HMGET', hkey, unpack(FIELDS))
@@ -221,6 +222,7 @@ local function br_load(hkey, pkey, cfg)
     be = tonumber(v[6]) or 0,
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
+    er = tonumber(v[10]) or 0,
     w = {},
     dirty = false,
     full = false,
@@ -248,12 +250,13 @@ local function br_save(b)
   if b.full then
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
-      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro)
+      'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er', b.er)
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
   else
-    redis.call('HSET', b.hkey, 'co', b.co, 'be', fmt(b.be), 'w', table.concat(b.w, ','))
+    redis.call('HSET', b.hkey, 'co', b.co, 'er', b.er, 'be', fmt(b.be), 'w',
+      table.concat(b.w, ','))
   end
   redis.call('PEXPIRE', b.hkey, b.cfg.keep_ms)
   b.dirty = false
@@ -355,9 +358,14 @@ local function br_transition(b, state, now, u)
     local spread = b.cfg.open_jitter * (2.0 * u - 1.0)
     b.oa = now
     b.ou = now + br_open_time(b.cfg, b.ro) * (1.0 + spread)
+  elseif state == 'half_open' then
+    if previous == 'closed' then -- (forced)
+      b.ro = 0
+    end
   elseif state == 'closed' then
-    b.ro = 0
+    -- b.ro is kept (see decide.breaker: a probe whose body broke re-opens as its failure)
     b.co = 0
+    b.er = 0
     br_clear_window(b)
   end
   b.full = true
@@ -448,12 +456,56 @@ local function br_gate(b, now, u, pid)
   return 'reject', 'half_open', b.ep, wait, 0
 end
 
--- outcome: 's' success, 'f' failure, 'i' ignored. Returns the state afterwards.
+-- A probe id: a string from a caller's ARGV, 0 (a number) or '0' when there is none.
+local function is_probe(probe_id)
+  return probe_id ~= 0 and probe_id ~= '0'
+end
+
+-- Port of BreakerState._broken: a call recorded as a success whose body then broke.
+local function br_broken(b, epoch, probe_id, now, u)
+  if is_probe(probe_id) then
+    if b.st == 'closed' and b.ep == epoch + 1 then
+      b.st = 'half_open' -- (the round it ended: a failed probe's re-opening)
+      br_transition(b, 'open', now, u)
+    end
+    return b.st
+  end
+  if epoch ~= b.ep or b.st ~= 'closed' then
+    return b.st
+  end
+  br_rotate(b, now)
+  local turned = false
+  for j = 3 * (BUCKETS - 1) + 1, 1, -3 do
+    if b.w[j] > b.w[j + 1] then -- a success to turn
+      b.w[j + 1] = b.w[j + 1] + 1
+      turned = true
+      break
+    end
+  end
+  if not turned then
+    local last = 3 * (BUCKETS - 1)
+    b.w[last + 1] = b.w[last + 1] + 1
+    b.w[last + 2] = b.w[last + 2] + 1
+  end
+  b.co = b.co + b.er + 1
+  b.er = 0
+  b.dirty = true
+  if br_should_open(b, now) then
+    br_transition(b, 'open', now, u)
+  end
+  return b.st
+end
+
+-- outcome: 's' success, 'f' failure, 'i' ignored, 'b' a success whose body broke.
+-- Returns the state afterwards.
 -- probe_id: a string ('0': none). A probe's outcome counts if its slot is held
 -- unmarked (admitted in this epoch, whatever `epoch` says: a caller that lost
 -- the gate's reply sends -1); marked stale or not held, it frees the slot only.
 local function br_record(b, epoch, probe_id, outcome, slow, now, u)
-  if probe_id ~= '0' then
+  if outcome == 'b' then
+    return br_broken(b, epoch, probe_id, now, u)
+  end
+  if is_probe(probe_id) then
     if redis.call('ZREM', b.pkey, probe_id) == 0 then
       redis.call('ZREM', b.pkey, '-' .. probe_id)
       return b.st
@@ -465,7 +517,7 @@ local function br_record(b, epoch, probe_id, outcome, slow, now, u)
     return b.st
   end
   if b.st == 'half_open' then
-    if probe_id ~= 0 then
+    if is_probe(probe_id) then
       if outcome == 'f' or slow then
         br_transition(b, 'open', now, u)
       else
@@ -484,7 +536,9 @@ local function br_record(b, epoch, probe_id, outcome, slow, now, u)
   if failed then
     b.w[last + 2] = b.w[last + 2] + 1
     b.co = b.co + 1
+    b.er = 0
   else
+    b.er = b.co
     b.co = 0
   end
   if slow then
@@ -511,6 +565,11 @@ local function br_successes(b, epoch, n, now, u)
   local calls, failures, slow = br_totals(b)
   local last = 3 * (BUCKETS - 1)
   b.w[last + 1] = b.w[last + 1] + n
+  if n == 1 then -- each success ends the streak before it: after two, none is left
+    b.er = b.co
+  else
+    b.er = 0
+  end
   b.co = 0
   b.dirty = true
   local first = b.cfg.min_calls - calls

@@ -14,7 +14,8 @@
 -- ARGV: jitter u, nb, nl,
 --       per breaker: [10 config values], epoch, outcomes: the instance's outcomes in
 --                    order, as runs of one kind ('f' failure, 's' success, upper case
---                    when slow, then the count: "s40f2S1s7"; '' for none)
+--                    when slow, 'b' a success whose body then broke, then the count:
+--                    "s40f2S1s7b1"; '' for none)
 --       per limit: interval_s, tolerance_s, give_back, want, min_take, ahead_s
 -- Returns: now, then per breaker: state, epoch, wait_s (time until a probe
 --          may be admitted; 0 when closed or when a probe slot is free),
@@ -59,27 +60,49 @@ for j = 0, nb - 1 do
       local last = 3 * (BUCKETS - 1)
       for kind, count in string.gmatch(runs, '(%a)(%d+)') do
         local n = tonumber(count)
-        local df = (kind == 'f' or kind == 'F') and 1 or 0
-        local ds = (kind == 'F' or kind == 'S') and 1 or 0
-        b.w[last + 1] = b.w[last + 1] + n
-        b.w[last + 2] = b.w[last + 2] + n * df
-        b.w[last + 3] = b.w[last + 3] + n * ds
-        if df == 1 then
-          b.co = b.co + n
+        local trips = false
+        if kind == 'b' then
+          -- each turns a success into a failure (br_broken, which opens the breaker
+          -- when the window trips), replayed one by one
+          for _ = 1, n do
+            br_broken(b, epoch, 0, now, u)
+            if b.st ~= 'closed' then
+              break
+            end
+          end
+          if b.st ~= 'closed' then
+            break
+          end
+          calls, fails, slows = br_totals(b)
         else
-          b.co = 0
-        end
-        local trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive
-        local first = cfg.min_calls - calls
-        if first < 1 then
-          first = 1
-        end
-        if not trips and first <= n then
-          trips = br_ratio_trips(cfg, calls + first, fails + first * df, slows + first * ds)
-        end
-        calls, fails, slows = calls + n, fails + n * df, slows + n * ds
-        if not trips then
-          trips = br_ratio_trips(cfg, calls, fails, slows)
+          local df = (kind == 'f' or kind == 'F') and 1 or 0
+          local ds = (kind == 'F' or kind == 'S') and 1 or 0
+          b.w[last + 1] = b.w[last + 1] + n
+          b.w[last + 2] = b.w[last + 2] + n * df
+          b.w[last + 3] = b.w[last + 3] + n * ds
+          if df == 1 then
+            b.co = b.co + n
+            b.er = 0
+          else
+            if n == 1 then -- the streak the last success ended (after two: none)
+              b.er = b.co
+            else
+              b.er = 0
+            end
+            b.co = 0
+          end
+          trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive
+          local first = cfg.min_calls - calls
+          if first < 1 then
+            first = 1
+          end
+          if not trips and first <= n then
+            trips = br_ratio_trips(cfg, calls + first, fails + first * df, slows + first * ds)
+          end
+          calls, fails, slows = calls + n, fails + n * df, slows + n * ds
+          if not trips then
+            trips = br_ratio_trips(cfg, calls, fails, slows)
+          end
         end
         if trips then
           br_transition(b, 'open', now, u)

@@ -1,0 +1,232 @@
+"""A body that breaks after its head: the call counts as failed after all.
+
+The transport records an attempt's outcome when the response's head arrives and hands
+the response back; its body is read later, by the caller (`client.stream(...)`, an SSE
+or LLM token stream, a download). An upstream that answers 200 and then drops the
+connection mid-body would look healthy to its breaker, and a service instance doing it
+would keep its share of calls. So the final answer of a call recorded as a success, its
+body still to be read, gets its stream wrapped (`watch_body`): chunks pass through, and
+when the upstream breaks the body (an `httpx` network error, timeout or remote protocol
+error while reading) the failure is reported once, then the same exception goes on to
+the caller:
+
+- to the breaker the call was counted on (the host's, or the service instance's) as
+  `BROKEN`, which turns the call's success into a failure (decide/breaker.py), through
+  the store like any outcome: in-process state at once; a remote store in a task of its
+  own (held in `_RECORDS`), never awaited by the caller's read; the blocking transport's
+  remote store on a background thread;
+- as a `Decision` on the call's context: layer `breaker`, verdict `fail`, reason
+  `failed_in_body`, details `error` (the exception's class) and `bytes` (read before
+  the break), and `instance` for a service.
+
+The caller closing the response early, a cancellation, or a decoding error above the
+stream report nothing: they say nothing about the upstream. A report that fails (the
+store down) is logged, throttled, and never reaches the caller's read. Bodies already in
+memory (`httpx.ByteStream`: a `MockTransport` handler's `content=`) are not wrapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import httpx
+
+from .._logs import warn
+from ..context import LAYER_BREAKER, Decision, DecisionContext
+from ..decide.breaker import BROKEN, OPEN, Gate, open_time
+from ..policy import BreakerConfig
+from .upstream import Instance
+
+logger = logging.getLogger("fidelity_mw")
+
+FAIL: Final = "fail"  # the verdict: the breaker counted the call as failed
+FAILED_IN_BODY: Final = "failed_in_body"
+# What breaking a body is: the upstream's doing. (Not a `LocalProtocolError`, our own
+# misuse, nor a `DecodingError`, raised above the stream.)
+UPSTREAM_FAULTS: Final = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
+_NOT_RECORDED: Final = "fidelity_mw: could not record a broken body of %s: %s"
+
+# Reports to a remote store, sent without the caller waiting: held until they end.
+_RECORDS: Final[set[asyncio.Task[Any]]] = set()
+# The blocking transport's reports to a remote store: one thread, made on first use.
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock: Final = threading.Lock()
+
+
+class Watch:
+    """What a broken body is reported to: the call's context and the breaker its success
+    was counted on (`gate` None: no breaker counted it, the balancer went around an open
+    one; only the instance's evidence and the decision then)."""
+
+    __slots__ = ("breaker", "breaker_key", "ctx", "gate", "local", "source", "store",
+                 "subject", "target")  # fmt: skip
+
+    def __init__(
+        self,
+        ctx: DecisionContext,
+        subject: str,
+        store: Any,
+        local: Any,
+        breaker_key: str,
+        breaker: BreakerConfig,
+        gate: Gate | None,
+        source: str,
+        target: Instance | None,
+    ) -> None:
+        self.ctx = ctx
+        self.subject = subject
+        self.store = store
+        self.local = local
+        self.breaker_key = breaker_key
+        self.breaker = breaker
+        self.gate = gate
+        self.source = source
+        self.target = target
+
+    def broke(self, exc: BaseException, read: int, blocking: bool) -> None:
+        """Report the broken body: the breaker, the instance, the decision. Never raises."""
+        try:
+            self._decide(exc, read)
+            if self.target is not None and self.gate is None:
+                self.target.answered = False  # the attempt around its open breaker failed
+            if self.gate is not None:
+                self._record(blocking)
+        except Exception as failure:  # never into the caller's read
+            warn(logger, "body", _NOT_RECORDED, self.subject, failure)
+
+    def _decide(self, exc: BaseException, read: int) -> None:
+        ctx = self.ctx
+        clock = ctx.engine.clock
+        details: dict[str, str | int] = {"error": type(exc).__name__, "bytes": read}
+        if self.target is not None:
+            details["instance"] = self.target.key
+        ctx.decisions.append(
+            Decision(LAYER_BREAKER, self.subject, FAIL, FAILED_IN_BODY, self.source, 0.0,
+                     clock.monotonic(), details)
+        )  # fmt: skip
+
+    def _record(self, blocking: bool) -> None:
+        gate = self.gate
+        assert gate is not None
+        now = self.ctx.engine.clock.monotonic()
+        args = (self.breaker_key, self.breaker, gate, BROKEN, False, now)
+        local = self.local
+        if local is not None:  # in process: at once
+            self.learned(local.record(*args), now)
+            return
+        store = self.store
+        if blocking:
+            sync = getattr(store, "record_sync", None)
+            if sync is not None:
+                _background().submit(self._sync, sync, args)
+                return
+            # (a store of its own without a blocking client: on the worker thread's loop)
+            import anyio.from_thread
+
+            self.learned(anyio.from_thread.run(store.record, *args), now)
+            return
+        task = asyncio.get_running_loop().create_task(store.record(*args))
+        _RECORDS.add(task)
+        task.add_done_callback(self._recorded)
+
+    def _sync(self, record: Any, args: tuple[Any, ...]) -> None:
+        try:
+            self.learned(record(*args), args[-1])
+        except Exception as failure:
+            warn(logger, "body", _NOT_RECORDED, self.subject, failure)
+
+    def _recorded(self, task: asyncio.Task[Any]) -> None:
+        _RECORDS.discard(task)
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is not None:
+            warn(logger, "body", _NOT_RECORDED, self.subject, failure)
+            return
+        self.learned(task.result(), self.ctx.engine.clock.monotonic())
+
+    def learned(self, state: Any, now: float) -> None:
+        """A service instance's breaker state after the report (the balancer ejects an
+        instance whose breaker it opened, as after any attempt that opens it)."""
+        target = self.target
+        if target is None or not isinstance(state, str) or not state:
+            return
+        target.seen_at = now
+        target.open_until = now + open_time(self.breaker, 0) if state == OPEN else 0.0
+
+
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fidelity-body")
+        return _executor
+
+
+class _Watched:
+    """A response body passed through, its break reported once (`Watch.broke`)."""
+
+    def __init__(self, inner: Any, watch: Watch) -> None:
+        self._inner = inner
+        self._watch: Watch | None = watch
+
+    def _broke(self, exc: BaseException, read: int, blocking: bool) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.broke(exc, read, blocking)
+
+
+class WatchedAsyncStream(_Watched, httpx.AsyncByteStream):
+    """An async body (httpx.AsyncHTTPTransport's), watched."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        try:
+            async for chunk in self._inner:
+                read += len(chunk)
+                yield chunk
+        except UPSTREAM_FAULTS as exc:
+            self._broke(exc, read, False)
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class WatchedSyncStream(_Watched, httpx.SyncByteStream):
+    """A blocking body (httpx.HTTPTransport's), watched."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = 0
+        try:
+            for chunk in self._inner:
+                read += len(chunk)
+                yield chunk
+        except UPSTREAM_FAULTS as exc:
+            self._broke(exc, read, True)
+            raise
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class WatchedStream(WatchedAsyncStream, WatchedSyncStream):
+    """A body that is both (an inner transport's own stream class), watched both ways."""
+
+
+def watch_body(response: httpx.Response, watch: Watch) -> None:
+    """Wrap the body of a response recorded as a success (its stream not in memory), as
+    the kind of stream it is: a sync read of an async body still fails as httpx says."""
+    stream = response.stream
+    if isinstance(stream, httpx.AsyncByteStream):
+        if isinstance(stream, httpx.SyncByteStream):
+            response.stream = WatchedStream(stream, watch)
+        else:
+            response.stream = WatchedAsyncStream(stream, watch)
+    elif isinstance(stream, httpx.SyncByteStream):
+        response.stream = WatchedSyncStream(stream, watch)
