@@ -259,6 +259,20 @@ class Charged:
     ledger: list[tuple[RefLedger, int]]
 
 
+class StillClock(FakeClock):
+    """The Redis store's clock in the harness: it never moves, and a background sleep never
+    ends. The sequences flush what they mean to themselves (`_flush_deferred_now`; budget
+    counts ride on the next outbound call, as the memory side counts them). On a
+    `FakeClock`, whose sleep advances it, the deferred-success flush ran whenever the loop
+    let it: it moved the store's clock, so budget counts waiting to be sent looked a sync
+    interval old and went out in the background before the memory side counted them (a
+    failure that depended on the sequences run before on the same harness)."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.get_running_loop().create_future()  # (cancelled with its task)
+
+
 class Harness:
     """One event loop, one Redis store and one inspection client for many sequences
     (a fresh connection per sequence would cost more than the sequence)."""
@@ -273,7 +287,7 @@ class Harness:
         # counts waiting to be sent) is a fake one: on the wall clock, whether a flush
         # ran before or after a step depended on how fast the machine was, so a
         # failing sequence could pass on replay.
-        self.red = RedisStore(config=config, rng=lambda: self.u, clock=FakeClock())
+        self.red = RedisStore(config=config, rng=lambda: self.u, clock=StillClock())
 
     def run(self, case: tuple[int, float, list[tuple[Any, ...]]]) -> Sequence_:
         return self.loop.run_until_complete(_run(self, *case))
