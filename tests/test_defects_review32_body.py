@@ -614,10 +614,11 @@ async def _differential(
                 r = await red.admit(ROUTE, breaker, (), (), now)
                 assert m.gate is not None
                 assert r.gate is not None
-                assert (m.gate.verdict, m.gate.epoch, m.gate.probe_id) == (
+                # (probe ids are the caller's own on Redis: whether each is a probe)
+                assert (m.gate.verdict, m.gate.epoch, bool(m.gate.probe_id)) == (
                     r.gate.verdict,
                     r.gate.epoch,
-                    r.gate.probe_id,
+                    bool(r.gate.probe_id),
                 )
                 if m.gate.verdict != "reject":
                     outcome = FAILURE if step[1] == "f" else SUCCESS

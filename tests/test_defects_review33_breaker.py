@@ -90,6 +90,9 @@ async def _differential(
         config=StateConfig(url=url, timeout_ms=5_000), rng=lambda: u, clock=FakeClock()
     )
     streaming: list[tuple[Any, Any]] = []  # calls recorded as successes, bodies unread
+    # Redis's probe ids are the caller's own (a random number per gate), memory's its
+    # counter: each Redis id by the memory id of the same gate, to compare `pc`
+    same_probe: dict[int, int] = {0: 0}
     try:
         for step in ops:
             kind = step[0]
@@ -103,11 +106,12 @@ async def _differential(
                     r = await red.admit(ROUTE, breaker, (), (), now)
                     assert m.gate is not None
                     assert r.gate is not None
-                    assert (m.gate.verdict, m.gate.epoch, m.gate.probe_id) == (
+                    assert (m.gate.verdict, m.gate.epoch, bool(m.gate.probe_id)) == (
                         r.gate.verdict,
                         r.gate.epoch,
-                        r.gate.probe_id,
+                        bool(r.gate.probe_id),
                     ), step
+                    same_probe[int(r.gate.probe_id)] = m.gate.probe_id
                     gates.append((m.gate, r.gate))
                 for how, (mg, rg) in zip(step[1:], gates, strict=True):
                     if mg.verdict != "reject":
@@ -124,6 +128,7 @@ async def _differential(
             await red._flush_deferred_now()
             mine = _memory_breaker(memory, ROUTE)
             theirs = _redis_breaker(client, red, ROUTE)
+            theirs = (*theirs[:9], same_probe.get(theirs[9], -1))
             assert mine[:2] == theirs[:2], (step, mine, theirs)
             assert math.isclose(mine[2], theirs[2], abs_tol=1e-6), (step, mine, theirs)
             assert math.isclose(mine[3], theirs[3], abs_tol=1e-6), (step, mine, theirs)
@@ -403,3 +408,44 @@ def test_a_body_cut_by_closing_the_client_is_not_the_upstreams_break_sync() -> N
     state = transport.engine.store.breakers[f"upstream:127.0.0.1:{port}"]
     assert error == "ReadError"
     assert (state.state, state.totals(transport.engine.clock.monotonic())) == ("closed", (1, 0, 0))
+
+
+@pytest.mark.redis
+def test_the_probe_that_closed_the_breaker_reopens_it_on_both_stores(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """The closing probe's body breaking re-opens the breaker on Redis too: Redis keeps
+    `pc` as the caller's own probe id, a string (read back as a number it never equalled
+    the id a record sends, and Redis stayed closed where memory re-opened)."""
+    breaker = BREAKERS[0]
+
+    async def run(store: Any, client: redis_sync.Redis | None) -> str:
+        now = T0
+        for _ in range(3):
+            gate = (await store.admit(ROUTE, breaker, (), (), now)).gate
+            await store.record(ROUTE, breaker, gate, FAILURE, False, now)
+        now += 1.0
+        if client is not None:
+            client.set(CLOCK_KEY, repr(now))
+        a = (await store.admit(ROUTE, breaker, (), (), now)).gate
+        assert a.verdict == "probe"
+        assert await store.record(ROUTE, breaker, a, SUCCESS, False, now) == "closed"
+        state: str = await store.record(ROUTE, breaker, a, BROKEN, False, now)
+        return state
+
+    async def both() -> list[str]:
+        client = redis_sync.Redis.from_url(redis_url)
+        client.flushdb()
+        client.set(CLOCK_KEY, repr(T0))
+        red = RedisStore(
+            config=StateConfig(url=redis_url, timeout_ms=5_000),
+            rng=lambda: 0.5,
+            clock=FakeClock(),
+        )
+        try:
+            return [await run(MemoryStore(rng=lambda: 0.5), None), await run(red, client)]
+        finally:
+            await red.aclose()
+            client.close()
+
+    assert asyncio.run(both()) == ["open", "open"]

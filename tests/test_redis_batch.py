@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 
 import anyio
@@ -511,6 +512,9 @@ async def test_cached_argument_text_is_what_the_values_would_send(redis_url: str
     coalesced = store(redis_url, sync_interval_ms=60_000)
     plain = store(redis_url, sync_interval_ms=60_000)  # the same seed: the same jitter
     plain.coalesce = False
+    # the same probe ids too (drawn per admission with a breaker)
+    coalesced._probe_ids = random.Random(7)
+    plain._probe_ids = random.Random(7)
     texts: list[str | None] = []
     arguments: list[list[object]] = []
     call = coalesced.coalescer.call

@@ -14,7 +14,13 @@ period; a long one is probed ever more rarely (`open_time`).
 
 Every transition bumps `epoch`. A call carries the epoch it was admitted in;
 outcomes from an older epoch are not counted (a call admitted before the
-breaker opened must not close it, nor re-open it).
+breaker opened must not close it, nor re-open it). A probe's slot says the
+same: a transition marks the probes in flight stale (they keep their slots),
+so a probe found unmarked was admitted in the current epoch. A caller that
+chose the probe id (`gate(..., probe_id=)`) and lost the answer (a shared
+store's reply timed out) reports its outcome by that id alone (`ANY_EPOCH`):
+it counts if the state did admit it as a probe of this round, and changes
+nothing otherwise.
 
 A call is recorded when its answer's head arrives; its body may break later (the
 upstream drops the connection mid-stream). That late report, `BROKEN`, turns the
@@ -43,6 +49,9 @@ BROKEN: Final = "broken"
 
 _BUCKETS: Final = 10
 
+# The epoch of a probe outcome whose caller never learnt its gate's (see `record`).
+ANY_EPOCH: Final = -1
+
 
 def open_time(cfg: BreakerParams, reopens: int) -> float:
     """The open period (before jitter) after `reopens` failed half-open rounds in a row:
@@ -59,6 +68,10 @@ class Gate(NamedTuple):
     epoch: int
     retry_after_s: float  # when rejected: time until a probe may be admitted
     probe_id: int = 0  # non-zero for a probe: hand it back to `record`
+    # A shared store's fallback gate whose admission was sent with this probe id and
+    # its answer lost (a timeout): the shared state may have made the call a probe,
+    # so its outcome goes there too, by that id alone (`ANY_EPOCH`), once it answers.
+    sent_probe_id: int = 0
 
 
 class BreakerState:
@@ -123,8 +136,9 @@ class BreakerState:
 
     # ------------------------------------------------------------ transitions
 
-    def gate(self, now: float, rng: RandomSource) -> Gate:
-        """May a call go ahead? Admitting a probe takes a slot until `record`."""
+    def gate(self, now: float, rng: RandomSource, probe_id: int = 0) -> Gate:
+        """May a call go ahead? Admitting a probe takes a slot until `record`, under
+        `probe_id` when the caller chose one (> 0), else under the next of its own."""
         state = self.state
         if state == CLOSED:
             return self.closed_gate
@@ -146,14 +160,15 @@ class BreakerState:
         probes = self.probes
         if probes and max(probes.values()) > now:
             # started after `now`: the clock went back since; their leases run from now
-            for probe_id in [p for p, t in probes.items() if t > now]:
-                probes[probe_id] = now
+            for held in [p for p, t in probes.items() if t > now]:
+                probes[held] = now
         if probes and min(probes.values()) + lease <= now:
-            for probe_id in [p for p, t in probes.items() if t + lease <= now]:
-                del probes[probe_id]
+            for held in [p for p, t in probes.items() if t + lease <= now]:
+                del probes[held]
         if len(probes) < self.config.half_open_probes:
-            probe_id = self.next_probe_id
-            self.next_probe_id += 1
+            if probe_id <= 0:
+                probe_id = self.next_probe_id
+                self.next_probe_id += 1
             probes[probe_id] = now
             return Gate("probe", HALF_OPEN, self.epoch, 0.0, probe_id)
         wait = min(probes.values()) + lease - now
@@ -168,7 +183,10 @@ class BreakerState:
         rng: RandomSource,
         slow: bool = False,
     ) -> str:
-        """Count one finished call (probe_id from its Gate). Returns the state afterwards."""
+        """Count one finished call (probe_id from its Gate). Returns the state afterwards.
+        A probe's outcome counts if its slot is held unmarked (then it was admitted in
+        this epoch, whatever `epoch` says: `ANY_EPOCH`); one marked stale, or not held,
+        frees its slot and changes nothing else."""
         if (
             outcome == SUCCESS
             and not probe_id
@@ -191,9 +209,14 @@ class BreakerState:
             return self._broken(epoch, probe_id, now, rng)
         # A probe whose lease ran out no longer holds a slot; its late report
         # must not free someone else's.
-        if probe_id and self.probes.pop(probe_id, None) is None:
+        if probe_id:
+            if self.probes.pop(probe_id, None) is None:
+                # (marked stale by a transition since: freed, not counted)
+                self.probes.pop(-probe_id, None)
+                return self.state
+        elif epoch != self.epoch:
             return self.state
-        if outcome == IGNORED or epoch != self.epoch:
+        if outcome == IGNORED:
             return self.state
         if self.state == HALF_OPEN:
             if probe_id:
@@ -297,9 +320,12 @@ class BreakerState:
         if state == CLOSED:
             self.probes = {}
             self.closed_by = 0
-        # Otherwise probes of an earlier half-open round keep their slots until
-        # they report (their outcome is stale and not counted) or their lease
-        # runs out: they are still real calls on a recovering route.
+        elif self.probes:
+            # Otherwise probes of an earlier half-open round keep their slots until
+            # they report (their outcome is stale and not counted) or their lease
+            # runs out: they are still real calls on a recovering route. Marked
+            # stale (the id negated), a slot says its probe's epoch is gone.
+            self.probes = {-abs(p): t for p, t in self.probes.items()}
         if state == OPEN:
             if previous == HALF_OPEN:
                 self.reopens += 1

@@ -64,7 +64,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
-from ..decide.breaker import BROKEN, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
+from ..decide.breaker import ANY_EPOCH, BROKEN, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
@@ -440,6 +440,8 @@ def _local_epoch(epoch: int) -> int:
 
 
 _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
+# Outcomes of probes whose gate's reply was lost, waiting for Redis (`_report_late`).
+_LATE_MAX: Final = 1024
 # Where record.lua's arguments carry the deferred successes' count.
 _CARRIED: Final = 6
 
@@ -502,6 +504,13 @@ class RedisStore(StateStore):
         # breaker key -> [config, epoch, plain successes not yet sent]
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
+        # Probe ids the gates send (`_probe_id`): the caller chooses them, so a call whose
+        # reply is lost still knows the probe slot Redis may have given it.
+        self._probe_ids = random.Random()
+        # probe id -> (breaker key, config, outcome code, slow, monotonic time): outcomes
+        # of probes whose gate's reply was lost, sent once Redis answers (`_report_late`)
+        self._late: dict[int, tuple[str, BreakerConfig, str, bool, float]] = {}
+        self._late_task: asyncio.Task[None] | None = None
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
         self.coalescer = Coalescer(self.call, BATCH, self._failed)
@@ -826,6 +835,7 @@ class RedisStore(StateStore):
             logger.warning(
                 "fidelity_mw: redis reachable again after %.3f s", now - health.down_since
             )
+            self._send_late_soon()
 
     async def _writable(self, client: RedisClient) -> bool:
         """Does Redis answer as a primary that takes writes? False for a replica (it
@@ -895,36 +905,55 @@ class RedisStore(StateStore):
         for key in limit_keys:
             hashed = key_cache.get(("rl", key))
             keys.append(hashed if hashed is not None else self.key("rl", key))
-        d_epoch = d_count = 0
-        if has_breaker and self._deferred and breaker_key is not None:
-            entry = self._deferred.pop(breaker_key, None)
-            if entry is not None:
-                d_epoch, d_count = entry[1], entry[2]
+        d_epoch = d_count = pid = 0
+        if has_breaker:
+            pid = self._probe_id()
+            if self._deferred and breaker_key is not None:
+                entry = self._deferred.pop(breaker_key, None)
+                if entry is not None:
+                    d_epoch, d_count = entry[1], entry[2]
+        sent = self.health.up  # (else nothing is sent: no probe can have been taken)
         if self.coalesce:
             # The text a batch sends (batch.lua): the same values as the arguments
             # below, joined by ','; an admission alone sends it split again.
             if has_breaker:
-                text = f"1,{u!r},{n},{breaker_text},{d_epoch},{d_count}{limit_text}"
+                text = f"1,{u!r},{n},{breaker_text},{d_epoch},{d_count},{pid}{limit_text}"
             else:
                 text = f"0,{u!r},{n}{limit_text}"
             got = await self.coalescer.call(ADMIT, keys, None, text)
         else:
             args: list[Any] = (
-                ["1", u, n, *breaker_values, d_epoch, d_count, *limit_values]
+                ["1", u, n, *breaker_values, d_epoch, d_count, pid, *limit_values]
                 if has_breaker
                 else ["0", u, n, *limit_values]
             )
             got = await self.call(ADMIT, keys, args)
-        if got is None:
-            self.stats.dropped_records += d_count  # the successes it carried
+        if got is not None:
+            reply, age = got
+            try:
+                return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
+            except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
+                self._bad_reply(exc)
+        self.stats.dropped_records += d_count  # the successes it carried
+        if not (pid and sent) or breaker_key is None or breaker is None:
             return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
-        reply, age = got
+        # Sent, and its answer lost (a timeout, a dropped connection): Redis may have run
+        # it all the same, and made this call the breaker's probe under `pid`. Nobody
+        # else can report that probe: this call's outcome goes there too (`_report_late`).
         try:
-            return parse_admit(reply, has_breaker, len(limits), SOURCE_REDIS, age)
-        except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
-            self._bad_reply(exc)
-            self.stats.dropped_records += d_count
-            return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+            result = self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+        except StateUnavailable:
+            self._report_late(breaker_key, breaker, pid, IGNORED, False)  # refused: no call
+            raise
+        gate = result.gate
+        if gate is None or not result.admitted or gate.verdict == "reject":
+            self._report_late(breaker_key, breaker, pid, IGNORED, False)
+            return result
+        return result._replace(gate=gate._replace(sent_probe_id=pid))
+
+    def _probe_id(self) -> int:
+        """A probe id for a gate to send: random, so that the fleet's ids do not meet."""
+        return self._probe_ids.getrandbits(52) + 1
 
     def _route(
         self, breaker_key: str | None, breaker: BreakerConfig | None, limits: Sequence[LimitSpec]
@@ -1133,6 +1162,8 @@ class RedisStore(StateStore):
     ) -> str:
         """`record` for sync callers in any thread, over a blocking client (`SyncLink`)."""
         planned = self._record_call(breaker_key, breaker, gate, outcome, slow, now)
+        if self._late:
+            self._send_late_sync()
         if isinstance(planned, str):
             return planned
         got = self.sync_link().call(RECORD, *planned)
@@ -1152,6 +1183,8 @@ class RedisStore(StateStore):
         success (deferred: it rides on a later call), an ignored outcome, an outcome of a
         fallback gate. None, having changed nothing, for one Redis must see (a failure, a
         slow call, a probe's outcome): await `record`."""
+        if gate.sent_probe_id:
+            self._report_late(breaker_key, breaker, gate.sent_probe_id, outcome, slow)
         if gate.epoch < 0:
             # The gate came from the failure mode: record where it was decided.
             if gate.epoch == _OPEN_EPOCH or self.on_error != "local":
@@ -1202,6 +1235,96 @@ class RedisStore(StateStore):
             self._bad_reply(exc)
             self.stats.dropped_records += 1 + carried
             return gate.state
+
+    # A gate whose reply was lost (the call timed out, its connection dropped after
+    # sending it) may have been made a probe in Redis: a slot held by nobody, which
+    # refused the route `half_open` fleet-wide for `probe_lease_s`. Its id was chosen
+    # here (`_probe_id`), so the call's outcome is reported under it once Redis answers
+    # (`ANY_EPOCH`: the probe's own): if Redis made it the probe, that outcome is the
+    # probe's; if not, the record finds no such slot and changes nothing.
+
+    def _report_late(
+        self, breaker_key: str, breaker: BreakerConfig, probe_id: int, outcome: str, slow: bool
+    ) -> None:
+        late = self._late
+        if probe_id not in late and len(late) >= _LATE_MAX:
+            with contextlib.suppress(StopIteration, KeyError):  # the oldest: its lease ends first
+                del late[next(iter(late))]
+            self.stats.dropped_records += 1
+        code = _OUTCOME_CODES.get(outcome, "i")
+        late[probe_id] = (breaker_key, breaker, code, slow, self._clock.monotonic())
+        self._send_late_soon()
+
+    def _send_late_soon(self) -> None:
+        """Send the late probe outcomes in the background, if Redis answers now (else
+        when it answers again: `_probe`)."""
+        if not self._late or not self.health.up:
+            return
+        task = self._late_task
+        if task is not None and not task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a sync caller: `record_sync` sends them
+            return
+        self._late_task = loop.create_task(self._send_late())
+
+    def _late_call(
+        self,
+    ) -> tuple[int, tuple[Any, ...], tuple[str, str], tuple[Any, ...]] | None:
+        """The next late probe outcome (its id, its entry, its record call), if any still
+        can matter."""
+        while True:
+            try:
+                probe_id, entry = self._late.popitem()
+            except KeyError:
+                return None
+            breaker_key, breaker, code, slow, at = entry
+            if self._clock.monotonic() - at < breaker.probe_lease_s:  # (else: no slot left)
+                args = (
+                    self._rng(),
+                    ANY_EPOCH,
+                    probe_id,
+                    code,
+                    1 if slow else 0,
+                    0,
+                    0,
+                    *self.breaker_config_args(breaker),
+                )
+                return probe_id, entry, self.breaker_keys(breaker_key), args
+
+    def _late_failed(self, probe_id: int, entry: tuple[Any, ...], down: bool) -> None:
+        """A late probe outcome not sent: kept for when Redis answers again (`down`),
+        else (Redis refused it) dropped."""
+        if down and len(self._late) < _LATE_MAX:
+            self._late.setdefault(probe_id, entry)
+        else:
+            self.stats.dropped_records += 1
+
+    async def _send_late(self) -> None:
+        try:
+            while self.health.up:
+                planned = self._late_call()
+                if planned is None:
+                    return
+                probe_id, entry, keys, args = planned
+                if await self.call(RECORD, keys, args) is None:
+                    self._late_failed(probe_id, entry, not self.health.up)
+        except Exception:  # a background task: nobody else would see it
+            logger.exception("fidelity_mw: could not send late probe outcomes")
+
+    def _send_late_sync(self) -> None:
+        """`_send_late` for sync callers, over the blocking client, at most a few."""
+        link = self.sync_link()
+        for _ in range(8):
+            if not link.up:
+                return
+            planned = self._late_call()
+            if planned is None:
+                return
+            probe_id, entry, keys, args = planned
+            if link.call(RECORD, keys, args) is None:
+                self._late_failed(probe_id, entry, not link.up)
 
     # Plain successes (not a probe, not slow) cannot open or close a breaker:
     # they only add to the window's call count. Instead of one call each, they
@@ -1288,6 +1411,7 @@ class RedisStore(StateStore):
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
+        sent = self.health.up
         try:
             got = await self.call(OUTBOUND, keys, args)
         except asyncio.CancelledError as cancel:
@@ -1301,10 +1425,37 @@ class RedisStore(StateStore):
                 setattr(cancel, LATE_ANSWER, late)
             else:  # the reply lost (or never sent): so are the deferred successes it took
                 self.stats.dropped_records += carried
+                if sent and breaker_key is not None and breaker is not None:
+                    # and a probe slot it may have taken is given back once Redis answers
+                    self._report_late(breaker_key, breaker, _sent_probe(args), IGNORED, False)
             raise
-        return self._outbound_answer(
+        answer = self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
         )
+        if got is None and sent:
+            return self._lost_probe(answer, breaker_key, breaker, args)
+        return answer
+
+    def _lost_probe(
+        self,
+        answer: tuple[Gate | None, bool, str, float],
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        args: Sequence[Any],
+    ) -> tuple[Gate | None, bool, str, float]:
+        """The fallback answer of an outbound gate sent whose reply was lost: Redis may
+        have made it the breaker's probe under the id it sent (see `_report_late`)."""
+        if breaker_key is None or breaker is None:
+            return answer
+        pid = _sent_probe(args)
+        gate = answer[0]
+        if gate is None or not answer[1] or gate.verdict == "reject":
+            self._report_late(breaker_key, breaker, pid, IGNORED, False)  # no call made
+            return answer
+        values = (gate._replace(sent_probe_id=pid), *answer[1:])
+        if isinstance(answer, GateAnswer):
+            return GateAnswer(values, answer.why, answer.spent_at)
+        return values
 
     def outbound_gate_sync(
         self,
@@ -1321,10 +1472,15 @@ class RedisStore(StateStore):
         keys, args, taken = self._outbound_call(breaker_key, breaker, budget_key, cfg, retry)
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
-        got = self.sync_link().call(OUTBOUND, keys, args)
-        return self._outbound_answer(
+        link = self.sync_link()
+        sent = link.up
+        got = link.call(OUTBOUND, keys, args)
+        answer = self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, True
         )
+        if got is None and sent:
+            return self._lost_probe(answer, breaker_key, breaker, args)
+        return answer
 
     def sync_link(self) -> SyncLink:
         link = self._sync_link
@@ -1360,6 +1516,7 @@ class RedisStore(StateStore):
             keys.append(self.key("bp", breaker_key))
             args.extend(self.breaker_config_args(breaker))
             args.extend(self._take_deferred(breaker_key))
+            args.append(self._probe_id())  # (at _PROBE_ARG: `_sent_probe`)
         taken: list[tuple[str, RetryConfig, int]] = []
         if budget_key is not None and cfg is not None:
             pending = self._pending.pop(budget_key, None)
@@ -1556,6 +1713,7 @@ class RedisStore(StateStore):
             self.health.probe_task,
             self._flush_task,
             self._deferred_task,
+            self._late_task,
             self.fleet.task,
             self._eviction_task,
         ):
@@ -1761,6 +1919,15 @@ _CLOSED_WHAT: Final = {
     WHY_READ_ONLY: "redis is a read-only replica",
     WHY_ERROR: "redis failed this call",
 }
+
+
+# Where outbound.lua's arguments carry the probe id (after has_breaker, u, n_budgets,
+# 10 config values and the deferred successes' epoch and count).
+_PROBE_ARG: Final = 15
+
+
+def _sent_probe(args: Sequence[Any]) -> int:
+    return int(args[_PROBE_ARG])
 
 
 def _closed(why: str) -> StateUnavailable:

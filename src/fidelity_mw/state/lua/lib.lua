@@ -253,7 +253,7 @@ local function br_load(hkey, pkey, cfg)
     be = tonumber(v[6]) or 0,
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
-    pc = tonumber(v[11]) or 0,
+    pc = v[11] or '0', -- (a probe id: a string, as the callers send it)
     w = {},
     dirty = false,
     full = false,
@@ -368,9 +368,20 @@ local function br_transition(b, state, now, u)
   b.ep = b.ep + 1
   if state == 'closed' then
     redis.call('DEL', b.pkey)
+  else
+    -- Otherwise probes of an earlier half-open round keep their slots until they
+    -- report (their outcome is stale and not counted) or their lease runs out;
+    -- marked stale ('-' before the id), a slot says its probe's epoch is gone
+    -- (decide.breaker.BreakerState._transition).
+    local held = redis.call('ZRANGE', b.pkey, 0, -1, 'WITHSCORES')
+    for j = 1, #held, 2 do
+      local id = held[j]
+      if string.sub(id, 1, 1) ~= '-' then
+        redis.call('ZREM', b.pkey, id)
+        redis.call('ZADD', b.pkey, held[j + 1], '-' .. id)
+      end
+    end
   end
-  -- Otherwise probes of an earlier half-open round keep their slots until they
-  -- report (their outcome is stale and not counted) or their lease runs out.
   if state == 'open' then
     if previous == 'half_open' then
       b.ro = b.ro + 1
@@ -388,7 +399,7 @@ local function br_transition(b, state, now, u)
     -- b.ro is kept (see decide.breaker: a probe whose body broke re-opens as its failure)
     b.co = 0
     b.er = 0
-    b.pc = 0
+    b.pc = '0'
     br_clear_window(b)
   end
   b.full = true
@@ -437,7 +448,9 @@ local function br_open_left(b, now)
   return b.ou - now
 end
 
-local function br_gate(b, now, u)
+-- `pid`: the probe id the caller chose (a string: ids go beyond a Lua number's
+-- integers); '0' or nil: the breaker's own counter
+local function br_gate(b, now, u, pid)
   if b.st == 'closed' then
     return 'allow', 'closed', b.ep, 0, 0
   end
@@ -456,9 +469,12 @@ local function br_gate(b, now, u)
   redis.call('ZREMRANGEBYSCORE', b.pkey, '-inf', fmt(now - lease))
   local inflight = redis.call('ZCARD', b.pkey)
   if inflight < b.cfg.probes then
-    local id = b.np
-    b.np = b.np + 1
-    b.full = true
+    local id = pid
+    if id == nil or id == '0' then
+      id = tostring(b.np)
+      b.np = b.np + 1
+      b.full = true
+    end
     redis.call('ZADD', b.pkey, fmt(now), id)
     redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     return 'probe', 'half_open', b.ep, 0, id
@@ -474,9 +490,14 @@ local function br_gate(b, now, u)
   return 'reject', 'half_open', b.ep, wait, 0
 end
 
+-- A probe id: a string from a caller's ARGV, 0 (a number) or '0' when there is none.
+local function is_probe(probe_id)
+  return probe_id ~= 0 and probe_id ~= '0'
+end
+
 -- Port of BreakerState._broken: a call recorded as a success whose body then broke.
 local function br_broken(b, epoch, probe_id, now, u)
-  if probe_id ~= 0 then
+  if is_probe(probe_id) then
     -- (only the probe whose success closed it: another's weighs as its failure, nothing)
     if b.st == 'closed' and b.ep == epoch + 1 and b.pc == probe_id then
       b.st = 'half_open' -- (the round it ended: a failed probe's re-opening)
@@ -512,18 +533,26 @@ end
 
 -- outcome: 's' success, 'f' failure, 'i' ignored, 'b' a success whose body broke.
 -- Returns the state afterwards.
+-- probe_id: a string ('0': none). A probe's outcome counts if its slot is held
+-- unmarked (admitted in this epoch, whatever `epoch` says: a caller that lost
+-- the gate's reply sends -1); marked stale or not held, it frees the slot only.
 local function br_record(b, epoch, probe_id, outcome, slow, now, u)
   if outcome == 'b' then
     return br_broken(b, epoch, probe_id, now, u)
   end
-  if probe_id ~= 0 and redis.call('ZREM', b.pkey, probe_id) == 0 then
+  if is_probe(probe_id) then
+    if redis.call('ZREM', b.pkey, probe_id) == 0 then
+      redis.call('ZREM', b.pkey, '-' .. probe_id)
+      return b.st
+    end
+  elseif epoch ~= b.ep then
     return b.st
   end
-  if outcome == 'i' or epoch ~= b.ep then
+  if outcome == 'i' then
     return b.st
   end
   if b.st == 'half_open' then
-    if probe_id ~= 0 then
+    if is_probe(probe_id) then
       if outcome == 'f' or slow then
         br_transition(b, 'open', now, u)
       else
@@ -607,7 +636,8 @@ local function admit_at(ARGV, a, keys, now)
     cfg, i = read_config(ARGV, i)
     b = br_load(keys[k], keys[k + 1], cfg)
     br_successes(b, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), now, u)
-    i = i + 2
+    local pid = ARGV[i + 2]
+    i = i + 3
     k = k + 2
     if b.st ~= 'closed' then
       -- The gate of a breaker that is not closed writes (a probe's lease), and a script
@@ -618,7 +648,7 @@ local function admit_at(ARGV, a, keys, now)
         held[j + 1] = { tat_of(keys[k + j], now) }
       end
     end
-    verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
+    verdict, state, epoch, wait, probe_id = br_gate(b, now, u, pid)
     if verdict == 'reject' then
       br_save(b)
       return { fmt(now), verdict, state, epoch, fmt(wait), 0, 0 }
@@ -691,7 +721,7 @@ local function admit_at(ARGV, a, keys, now)
       out[lim[1]] = remaining
       out[lim[1] + 1] = fmt(reset)
     end
-    if b ~= nil and probe_id ~= 0 then
+    if b ~= nil and probe_id ~= 0 then -- (a string when one was taken)
       br_record(b, epoch, probe_id, 'i', false, now, u)
     end
   end
@@ -706,7 +736,7 @@ end
 local function record_at(ARGV, a, keys, now)
   local u = tonumber(ARGV[a])
   local epoch = tonumber(ARGV[a + 1])
-  local probe_id = tonumber(ARGV[a + 2])
+  local probe_id = ARGV[a + 2]
   local outcome = ARGV[a + 3]
   local slow = ARGV[a + 4] == '1'
   local cfg = read_config(ARGV, a + 7)

@@ -7,7 +7,8 @@
 --
 -- KEYS: [breaker hash, breaker probes] if ARGV[1] == '1', then one key per budget.
 -- ARGV: has_breaker, jitter u, n_budgets,
---       [10 breaker config values, deferred_epoch, deferred_successes],
+--       [10 breaker config values, deferred_epoch, deferred_successes, probe_id
+--       (chosen by the caller, 0: the breaker's counter; see admit.lua)],
 --       then per budget: window_s, ratio, min_per_s, add_requests, want_retry (0/1).
 -- Order: requests are counted first (they are facts); a wanted retry the
 -- budget denies takes no breaker gate (no probe slot); a breaker rejection
@@ -91,10 +92,12 @@ local i = 4
 local k = 1
 local cfg = nil
 local deferred_epoch, deferred = 0, 0
+local pid = '0'
 if has_breaker then
   cfg, i = read_config(ARGV, i)
   deferred_epoch, deferred = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  i = i + 2
+  pid = ARGV[i + 2]
+  i = i + 3
   k = 3
 end
 local budgets = {}
@@ -126,7 +129,7 @@ if has_breaker then
   local b = br_load(KEYS[1], KEYS[2], cfg)
   br_successes(b, deferred_epoch, deferred, now, u)
   if not denied then
-    verdict, state, epoch, wait, probe_id = br_gate(b, now, u)
+    verdict, state, epoch, wait, probe_id = br_gate(b, now, u, pid)
   end
   br_save(b)
 end
