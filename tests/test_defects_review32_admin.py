@@ -41,6 +41,7 @@ from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.snapshot import first_breakers, top_budgets, top_limiter_keys
 from fidelity_mw.testing import FakeClock
+from redis_server import PATIENT
 
 pytestmark = pytest.mark.anyio
 
@@ -332,7 +333,7 @@ async def test_a_redis_snapshot_reads_in_chunks_and_probes_only_what_it_lists(
     from fidelity_mw.state.snapshot import SnapshotConfigs
 
     store = RedisStore(
-        config=StateConfig(url=redis_url, key_prefix="adm32", fleet_share_max_age_s=0.0)
+        config=StateConfig(url=redis_url, key_prefix="adm32", fleet_share_max_age_s=0.0, **PATIENT)
     )
     direct = redis_sync.Redis.from_url(redis_url)
     try:
@@ -398,7 +399,7 @@ async def test_a_tiered_snapshot_lists_the_first_cached_breakers_and_counts_them
     from fidelity_mw.state.snapshot import SnapshotConfigs
     from fidelity_mw.state.tiered import TieredStore
 
-    config = StateConfig(url="tiered+" + redis_url, key_prefix="adm32t")
+    config = StateConfig(url="tiered+" + redis_url, key_prefix="adm32t", **PATIENT)
     store = TieredStore(config=config)
     spec = LimitSpec("per-client", 0.1, 4.0, 1, False)
     now = SYSTEM_CLOCK.monotonic  # the store's own clock: it drops what looks idle on it

@@ -44,6 +44,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import CLOCK_KEY, RedisClock
+from redis_server import PATIENT
 
 T0 = 1_000.0
 NO_RETRY = RetryConfig(attempts=1)
@@ -463,7 +464,7 @@ def test_an_instance_whose_bodies_break_loses_its_share() -> None:
 
 def _redis_policy(url: str, breaker: BreakerConfig) -> Policy:
     return Policy(
-        state=StateConfig(url=url),
+        state=StateConfig(url=url, **PATIENT),
         upstreams=(UpstreamConfig(breaker=breaker, retry=NO_RETRY),),
         breaker=None,
     )
@@ -702,7 +703,7 @@ async def _tiered(url: str, breaker: BreakerConfig, kinds: str) -> None:
     clock = FakeClock(start=T0)
     client.set(CLOCK_KEY, repr(T0))
     store = TieredStore(
-        config=StateConfig(url="tiered+" + url, sync_interval_ms=60_000),
+        config=StateConfig(url="tiered+" + url, sync_interval_ms=60_000, **PATIENT),
         rng=_rng,
         clock=clock,
     )
