@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 import redis as redis_sync
@@ -28,6 +29,7 @@ from redis_clock import CLOCK_KEY, RedisClock
 
 T0 = 1_000.0
 ROUTE = "route:/r"
+T = TypeVar("T")
 OUTCOMES = {"s": SUCCESS, "f": FAILURE, "i": IGNORED, "stream": SUCCESS}
 
 BREAKERS = (
@@ -138,6 +140,24 @@ async def _differential(
                 # window where the model ignored those after the one that opened it.)
                 mine, theirs = mine[:6] + mine[8:], theirs[:6] + theirs[8:]
             assert mine[4:] == theirs[4:], (step, mine, theirs)
+    finally:
+        await red.aclose()
+        client.close()
+
+
+async def _on_both_stores(
+    redis_url: str, run: Callable[[Any, redis_sync.Redis | None], Awaitable[T]]
+) -> list[T]:
+    """`run` on a memory store, then on a Redis store (with its inspection client), each
+    starting at T0."""
+    client = redis_sync.Redis.from_url(redis_url)
+    client.flushdb()
+    client.set(CLOCK_KEY, repr(T0))
+    red = RedisStore(
+        config=StateConfig(url=redis_url, timeout_ms=5_000), rng=lambda: 0.5, clock=FakeClock()
+    )
+    try:
+        return [await run(MemoryStore(rng=lambda: 0.5), None), await run(red, client)]
     finally:
         await red.aclose()
         client.close()
@@ -282,23 +302,8 @@ def test_a_probe_whose_success_did_not_close_the_breaker_does_not_reopen_it(
         gate = (await store.admit(ROUTE, breaker, (), (), now)).gate
         return state, gate.epoch
 
-    async def both() -> list[tuple[str, int]]:
-        client = redis_sync.Redis.from_url(redis_url)
-        client.flushdb()
-        client.set(CLOCK_KEY, repr(T0))
-        red = RedisStore(
-            config=StateConfig(url=redis_url, timeout_ms=5_000),
-            rng=lambda: 0.5,
-            clock=FakeClock(),
-        )
-        try:
-            return [await run(MemoryStore(rng=lambda: 0.5), None), await run(red, client)]
-        finally:
-            await red.aclose()
-            client.close()
-
     # closed in the epoch A's success began (open 1, half-open 2, closed 3)
-    assert asyncio.run(both()) == [("closed", 3), ("closed", 3)]
+    assert asyncio.run(_on_both_stores(redis_url, run)) == [("closed", 3), ("closed", 3)]
 
 
 # ---------------------------------------------------------------- the body watcher
@@ -433,19 +438,4 @@ def test_the_probe_that_closed_the_breaker_reopens_it_on_both_stores(
         state: str = await store.record(ROUTE, breaker, a, BROKEN, False, now)
         return state
 
-    async def both() -> list[str]:
-        client = redis_sync.Redis.from_url(redis_url)
-        client.flushdb()
-        client.set(CLOCK_KEY, repr(T0))
-        red = RedisStore(
-            config=StateConfig(url=redis_url, timeout_ms=5_000),
-            rng=lambda: 0.5,
-            clock=FakeClock(),
-        )
-        try:
-            return [await run(MemoryStore(rng=lambda: 0.5), None), await run(red, client)]
-        finally:
-            await red.aclose()
-            client.close()
-
-    assert asyncio.run(both()) == ["open", "open"]
+    assert asyncio.run(_on_both_stores(redis_url, run)) == ["open", "open"]
