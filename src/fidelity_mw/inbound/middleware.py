@@ -46,6 +46,7 @@ from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads
+from .cors import cors_headers, inner_cors, with_headers
 from .costs import CostAnswer, asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
@@ -214,6 +215,9 @@ class FidelityMiddleware:
         # A websocket handshake on a route with rate limits is admitted by them (None:
         # the policy has none, and every websocket passes through)
         self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
+        # The app's CORSMiddleware below us (inbound/cors.py): our own answers carry its
+        # headers, or a browser reads a 429 of ours as a CORS failure
+        self._cors = inner_cors(app)
 
     def _say_nested(self) -> None:
         self._nested_said = True
@@ -380,7 +384,7 @@ class FidelityMiddleware:
                         raise
                     # answered as the app's own 5xx after the give-up, and recorded so below
                     try:
-                        await respond(watcher, failed, None)
+                        await respond(await self._cors_send(scope, watcher), failed, None)
                     except BaseException:  # the client went away: the app's error stands
                         pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
                         if pending is not None:
@@ -596,7 +600,7 @@ class FidelityMiddleware:
         if before_end is not None:
             response_ends(before_end, ctx, scope, obs_token)
         try:
-            await response(scope, receive, send)
+            await response(scope, receive, await self._cors_send(scope, send))
         finally:
             ctx.response_complete = True
 
@@ -659,6 +663,8 @@ class FidelityMiddleware:
         obs_token: Any,
     ) -> None:
         """Send a refusal of ours, shaped by `on_reject` when the app gave one."""
+        if self._cors is not None:
+            send = await self._cors_send(scope, send)
         custom = None
         if self._on_reject is not None:
             marker = (ctx.decided_by or "").encode("latin-1", "replace")
@@ -720,6 +726,23 @@ class FidelityMiddleware:
                 log_exception(
                     logger, "record", "fidelity_mw: could not record the outcome of %s", ctx.route
                 )
+
+    async def _cors_send(self, scope: Scope, send: Send) -> Send:
+        """`send` adding the headers the app's CORS layer below us would have added to
+        this answer of ours (`send` itself: no such layer, not HTTP, a preflight, no
+        `Origin`, or the layer failed)."""
+        cors = self._cors
+        if cors is None or scope.get("type") != "http":
+            return send
+        raw = scope.get("headers") or ()
+        if scope.get("method") == "OPTIONS" and is_cors_preflight(raw):
+            return send  # CORS answers preflights itself; a refused one fails anyway
+        try:
+            extra = await cors_headers(cors, scope)
+        except Exception:
+            log_exception(logger, "cors", "fidelity_mw: the app's CORS layer failed on our answer")
+            return send
+        return with_headers(send, extra) if extra else send
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         """Lifespan passes through; on shutdown the store's connections are closed first."""

@@ -141,6 +141,18 @@ class _Armed:
         self.last: tuple[str, int | None, Upstream] | None = None
 
 
+_ASYNC_IN_SYNC_CLIENT: Final = (
+    "FidelityTransport is an async transport, for httpx.AsyncClient; "
+    "httpx.Client needs FidelitySyncTransport: "
+    "httpx.Client(transport=FidelitySyncTransport())"
+)
+_SYNC_IN_ASYNC_CLIENT: Final = (
+    "FidelitySyncTransport is a sync transport, for httpx.Client; "
+    "httpx.AsyncClient needs FidelityTransport: "
+    "httpx.AsyncClient(transport=FidelityTransport())"
+)
+
+
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
 class _Base:
     """The transports' shared setup: engine, upstream plans, observer, store operations."""
@@ -167,6 +179,9 @@ class _Base:
 
             observer = telemetry_for(tracer_provider, meter_provider)
         self.inner = inner if inner is not None else self._default_inner()
+        wrong = self._wrong_inner(self.inner)
+        if wrong is not None:
+            raise TypeError(wrong)
         self._shut: list[bool] = [False]  # closed: every plan of this transport shares it
         self._proxied = _through_proxy(self.inner)
         retries = _own_retries(self.inner)
@@ -194,6 +209,11 @@ class _Base:
     @staticmethod
     def _default_inner() -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def _wrong_inner(inner: Any) -> str | None:
+        """Why `inner` cannot do this transport's I/O (None: it can)."""
+        return None
 
     def _shut_bodies(self) -> None:
         """Closing: a body handed out so far and cut by the close is not reported as the
@@ -449,6 +469,24 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     @staticmethod
     def _default_inner() -> httpx.AsyncBaseTransport:
         return httpx.AsyncHTTPTransport()
+
+    @staticmethod
+    def _wrong_inner(inner: Any) -> str | None:
+        if hasattr(inner, "handle_async_request"):
+            return None
+        return (
+            f"FidelityTransport's inner transport must be async (an httpx.AsyncBaseTransport "
+            f"such as httpx.AsyncHTTPTransport()); got {type(inner).__name__}. For "
+            f"httpx.Client and a sync inner transport use FidelitySyncTransport"
+        )
+
+    # httpx.Client calls these on its transport: without them a sync client given this
+    # async transport failed with an AttributeError that named neither class.
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        raise TypeError(_ASYNC_IN_SYNC_CLIENT)
+
+    def __enter__(self) -> FidelityTransport:
+        raise TypeError(_ASYNC_IN_SYNC_CLIENT)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         # The common call, inlined (it is most calls, and every Python call and tuple
@@ -911,6 +949,23 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
     @staticmethod
     def _default_inner() -> httpx.BaseTransport:
         return httpx.HTTPTransport()
+
+    @staticmethod
+    def _wrong_inner(inner: Any) -> str | None:
+        if hasattr(inner, "handle_request"):
+            return None
+        return (
+            f"FidelitySyncTransport's inner transport must be sync (an httpx.BaseTransport "
+            f"such as httpx.HTTPTransport()); got {type(inner).__name__}. For "
+            f"httpx.AsyncClient and an async inner transport use FidelityTransport"
+        )
+
+    # httpx.AsyncClient calls these on its transport (see FidelityTransport's pair)
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise TypeError(_SYNC_IN_ASYNC_CLIENT)
+
+    async def __aenter__(self) -> FidelitySyncTransport:
+        raise TypeError(_SYNC_IN_ASYNC_CLIENT)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = self._start(request)

@@ -1,0 +1,112 @@
+"""Our own answers through the app's CORS layer, when that layer sits inside us.
+
+`app.add_middleware(FidelityMiddleware, ...)` added after the app's
+`app.add_middleware(CORSMiddleware, ...)` (the README's two lines, appended to an
+existing app) puts FidelityMiddleware outside CORS: a 429 or 503 of ours never passes
+through it, and a browser, finding no `Access-Control-Allow-Origin`, reports a CORS
+failure instead of the refusal, its `Retry-After` unreadable to the page. So the
+middleware finds a Starlette `CORSMiddleware` below it once, when it is built, and
+gives each of its own answers to a cross-origin request the headers that layer
+would have added: computed by that layer itself (a copy of it around an app that only
+starts a response), so its origins, credentials and exposed headers are the app's,
+whatever the Starlette version. Preflights are left alone: CORS answers them itself,
+and a refused preflight fails in the browser whatever headers it carries.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+from .._types import Message, Receive, Scope, Send
+
+# How far down the chain of `.app` attributes a CORS layer is looked for: the user's
+# middleware stack, not the routes below it.
+_MAX_DEPTH: Final = 32
+
+
+def _cors_class() -> type | None:
+    try:
+        from starlette.middleware.cors import CORSMiddleware
+    except ImportError:  # pragma: no cover - Starlette is a dependency
+        return None
+    return CORSMiddleware
+
+
+def inner_cors(app: Any) -> Any | None:
+    """The Starlette `CORSMiddleware` (or a subclass) among the middleware below `app`,
+    nearest first; None when there is none. A Starlette app not built yet is read from
+    its `user_middleware` (built as the app will build it)."""
+    cls = _cors_class()
+    if cls is None:
+        return None
+    seen: set[int] = set()
+    node = app
+    for _ in range(_MAX_DEPTH):
+        if node is None or id(node) in seen:
+            return None
+        seen.add(id(node))
+        if isinstance(node, cls):
+            return node
+        stack = getattr(node, "user_middleware", None)
+        if isinstance(stack, list) and getattr(node, "middleware_stack", None) is None:
+            for entry in stack:  # outermost first, as Starlette builds them
+                kind = getattr(entry, "cls", None)
+                if isinstance(kind, type) and issubclass(kind, cls):
+                    build: Any = kind
+                    try:
+                        return build(_never_called, *entry.args, **entry.kwargs)
+                    except Exception:  # not ours to fail: the app will say so itself
+                        return None
+            return None
+        node = getattr(node, "middleware_stack", None) or getattr(node, "app", None)
+    return None
+
+
+async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("fidelity_mw: a CORS copy's app is never called")
+
+
+def _origin_of(scope: Scope) -> bool:
+    for item in scope.get("headers") or ():
+        if isinstance(item, list | tuple) and len(item) == 2 and item[0] == b"origin":
+            return True
+    return False
+
+
+async def _no_body() -> Message:  # pragma: no cover - the start-only app reads nothing
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def cors_headers(cors: Any, scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The headers `cors` adds to a response to this request (none without `Origin`)."""
+    if not _origin_of(scope):
+        return []
+    added: list[tuple[bytes, bytes]] = []
+
+    async def start_only(scope_: Scope, receive_: Receive, send_: Send) -> None:
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def capture(message: Message) -> None:
+        if message.get("type") == "http.response.start":
+            added.extend((bytes(k), bytes(v)) for k, v in message.get("headers") or ())
+
+    layer = copy.copy(cors)
+    layer.app = start_only
+    await layer(scope, _no_body, capture)
+    return added
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, adding `extra` to the response start (a header the response sets itself,
+    an `on_reject` hook's say, is kept)."""
+
+    async def sending(message: Message) -> None:
+        if message.get("type") == "http.response.start":
+            headers = list(message.get("headers") or ())
+            have = {bytes(k).lower() for k, _ in headers}
+            headers += [(k, v) for k, v in extra if k.lower() not in have]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending

@@ -1,0 +1,228 @@
+"""Review 34, adoption: the README's two lines added to apps as they are found, with the
+middleware, exception handlers and clients they already have."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from fidelity_mw import (
+    FidelityMiddleware,
+    FidelitySyncTransport,
+    FidelityTransport,
+    Policy,
+    RateLimit,
+)
+from fidelity_mw.testing import FakeClock
+
+UI = "https://ui.example"
+
+
+def _send(app: Any, requests: list[tuple[str, str, dict[str, str]]]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return [
+                await client.request(method, path, headers=headers)
+                for method, path, headers in requests
+            ]
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------- our answers through the app's CORS layer
+
+_CORS = {
+    "allow_origins": [UI],
+    "allow_credentials": True,
+    "allow_methods": ["GET", "POST"],
+    "expose_headers": ["Retry-After", "RateLimit", "RateLimit-Policy"],
+}
+
+
+def _cors_app(*, fidelity_outside: bool, upstream: httpx.MockTransport | None = None) -> FastAPI:
+    """An app with CORS for its browser UI, the middleware added as the README says:
+    after the app's own `add_middleware` calls (outside them), or before (inside)."""
+    clock = FakeClock()
+    policy = Policy.from_dict(
+        {
+            "rate_limit": [{"name": "per-client", "match": "/api/*", "rate": "1/min"}],
+            "upstream": [{"host": "inventory.internal", "retry": {"attempts": 2}}],
+        }
+    )
+    client = httpx.AsyncClient(
+        base_url="http://inventory.internal",
+        transport=FidelityTransport(upstream or httpx.MockTransport(lambda r: httpx.Response(200))),
+    )
+    app = FastAPI()
+
+    @app.get("/api/items")
+    async def items() -> dict[str, int]:
+        return {"n": 1}
+
+    @app.get("/stock")
+    async def stock() -> dict[str, int]:
+        (await client.get("/stock")).raise_for_status()
+        return {"n": 1}
+
+    mw: dict[str, Any] = {"policy": policy, "clock": clock, "telemetry": False}
+    if fidelity_outside:
+        app.add_middleware(CORSMiddleware, **_CORS)
+        app.add_middleware(FidelityMiddleware, **mw)
+    else:
+        app.add_middleware(FidelityMiddleware, **mw)
+        app.add_middleware(CORSMiddleware, **_CORS)
+    return app
+
+
+@pytest.mark.parametrize("fidelity_outside", [True, False], ids=["readme-order", "cors-outside"])
+def test_a_429_of_ours_carries_the_apps_cors_headers(fidelity_outside: bool) -> None:
+    """Added after the app's CORSMiddleware (the README's order for an existing app), the
+    middleware's 429 went out without `Access-Control-Allow-Origin`: the browser reported
+    a CORS failure, and the page could read neither the status nor `Retry-After`."""
+    app = _cors_app(fidelity_outside=fidelity_outside)
+    browser = {"origin": UI, "cookie": "session=1"}
+    preflight = {"origin": UI, "access-control-request-method": "GET"}
+    responses = _send(
+        app,
+        [
+            ("OPTIONS", "/api/items", preflight),
+            ("GET", "/api/items", browser),
+            ("GET", "/api/items", browser),
+            ("GET", "/api/items", {"origin": "https://evil.example"}),
+            ("GET", "/api/items", {}),
+        ],
+    )
+    pre, served, refused, foreign, plain = responses
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == UI
+    assert served.status_code == 200  # the preflight cost nothing
+    assert refused.status_code == 429
+    assert refused.headers["access-control-allow-origin"] == UI
+    assert refused.headers["access-control-allow-credentials"] == "true"
+    exposed = refused.headers["access-control-expose-headers"].lower()
+    assert "retry-after" in exposed
+    assert "ratelimit" in exposed
+    assert refused.headers["retry-after"] == "60"
+    assert refused.headers["x-fidelity-decided-by"] == "ratelimit"
+    # an origin the app does not allow is told nothing more than the app would tell it
+    assert foreign.status_code == 429
+    assert "access-control-allow-origin" not in foreign.headers
+    assert plain.status_code == 429
+    assert "access-control-allow-origin" not in plain.headers
+
+
+def test_an_upstream_give_up_answered_by_us_carries_the_apps_cors_headers() -> None:
+    """The 502 the middleware answers for an upstream given up on (the app let the error
+    out) is ours too: with CORS inside, a browser got it without the CORS headers."""
+    app = _cors_app(
+        fidelity_outside=True, upstream=httpx.MockTransport(lambda r: httpx.Response(503))
+    )
+    (failed,) = _send(app, [("GET", "/stock", {"origin": UI})])
+    assert failed.status_code == 502
+    assert failed.headers["x-fidelity-retry"] == "exhausted"
+    assert failed.headers["access-control-allow-origin"] == UI
+
+
+def test_a_whole_starlette_app_with_cors_wrapped_by_the_middleware() -> None:
+    """`FidelityMiddleware(app)` around a Starlette app whose CORS layer is declared in
+    `middleware=` (its stack not built yet): our answers carry that layer's headers."""
+
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    inner = Starlette(
+        routes=[Route("/", hello)],
+        middleware=[Middleware(CORSMiddleware, allow_origins=["*"])],
+    )
+    app = FidelityMiddleware(
+        inner,
+        policy=Policy(rate_limits=(RateLimit(name="one", rate="1/min"),)),
+        clock=FakeClock(),
+        telemetry=False,
+    )
+    served, refused = _send(app, [("GET", "/", {"origin": UI}), ("GET", "/", {"origin": UI})])
+    assert served.headers["access-control-allow-origin"] == "*"
+    assert refused.status_code == 429
+    assert refused.headers["access-control-allow-origin"] == "*"
+
+
+def test_an_on_reject_hooks_own_cors_header_is_kept() -> None:
+    app = FastAPI()
+
+    @app.get("/")
+    async def root() -> dict[str, int]:
+        return {}
+
+    def hook(ctx: Any, decision: Any) -> JSONResponse:
+        return JSONResponse(
+            {"quota": True}, status_code=429, headers={"access-control-allow-origin": "x"}
+        )
+
+    app.add_middleware(CORSMiddleware, allow_origins=["*"])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(rate_limits=(RateLimit(name="one", rate="1/min"),)),
+        clock=FakeClock(),
+        telemetry=False,
+        on_reject=hook,
+    )
+    _, refused = _send(app, [("GET", "/", {"origin": UI}), ("GET", "/", {"origin": UI})])
+    assert refused.json() == {"quota": True}
+    assert refused.headers.get_list("access-control-allow-origin") == ["x"]
+
+
+# ------------------------------------------- a transport given to the wrong kind of client
+
+
+def test_the_async_transport_in_a_sync_client_says_which_to_use() -> None:
+    """`httpx.Client(transport=FidelityTransport())` failed with an AttributeError
+    (`__enter__`, `handle_request`) that named neither class."""
+    with pytest.raises(TypeError, match="FidelitySyncTransport"):
+        httpx.Client(transport=FidelityTransport(telemetry=False)).get("http://a.internal/")
+    with (
+        pytest.raises(TypeError, match="FidelitySyncTransport"),
+        httpx.Client(transport=FidelityTransport(telemetry=False)),
+    ):
+        pass
+
+
+def test_the_sync_transport_in_an_async_client_says_which_to_use() -> None:
+    async def call() -> None:
+        client = httpx.AsyncClient(transport=FidelitySyncTransport(telemetry=False))
+        await client.get("http://a.internal/")
+
+    with pytest.raises(TypeError, match="FidelityTransport"):
+        asyncio.run(call())
+
+    async def enter() -> None:
+        async with httpx.AsyncClient(transport=FidelitySyncTransport(telemetry=False)):
+            pass
+
+    with pytest.raises(TypeError, match="FidelityTransport"):
+        asyncio.run(enter())
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "says"),
+    [
+        (FidelityTransport, httpx.HTTPTransport, "FidelitySyncTransport"),
+        (FidelitySyncTransport, httpx.AsyncHTTPTransport, "FidelityTransport"),
+    ],
+)
+def test_an_inner_transport_of_the_wrong_kind_fails_when_built(
+    outer: Any, inner: Any, says: str
+) -> None:
+    """It failed at the first call, with an AttributeError of the inner transport's."""
+    with pytest.raises(TypeError, match=f"got {inner.__name__}.*{says}"):
+        outer(inner(), telemetry=False)
