@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -226,3 +226,86 @@ def test_an_inner_transport_of_the_wrong_kind_fails_when_built(
     """It failed at the first call, with an AttributeError of the inner transport's."""
     with pytest.raises(TypeError, match=f"got {inner.__name__}.*{says}"):
         outer(inner(), telemetry=False)
+
+
+# ------------------------------------------ a background task holds no bulkhead slot
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"app")],
+        "client": ("10.0.0.1", 5000),
+        "server": ("app", 80),
+    }
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_a_background_task_after_the_response_holds_no_bulkhead_slot() -> None:
+    """A `BackgroundTasks` task runs inside the app's call, after the response went out.
+    The slot was given back only when that call returned: with a limit of 1, every
+    request that came while a signup's e-mail was still being sent was shed 503, the
+    client having had its answer and nothing of the request in flight."""
+
+    async def run() -> list[int]:
+        mail_sent = asyncio.Event()
+        blocking = asyncio.Event()
+        app = FastAPI()
+
+        mails: list[int] = []
+
+        async def send_mail() -> None:
+            mails.append(1)
+            if len(mails) == 1:  # the first one is slow to send
+                await mail_sent.wait()
+
+        slow_running = asyncio.Event()
+
+        @app.post("/signup")
+        async def signup(request: Request, background: BackgroundTasks) -> dict[str, int]:
+            if "x-hold" in request.headers:  # a signup still being handled
+                slow_running.set()
+                await blocking.wait()
+            background.add_task(send_mail)
+            return {}
+
+        policy = Policy.from_dict({"concurrency": {"limit": 1, "max_queue": 0}})
+        app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+        statuses: list[int] = []
+        answered = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            elif not message.get("more_body", False):
+                answered.set()
+
+        first = asyncio.create_task(app(_scope("/signup"), _receive, send))
+        await answered.wait()  # answered; its e-mail still being sent
+        assert not first.done()
+        await app(_scope("/signup"), _receive, send)
+        await app(_scope("/signup"), _receive, send)
+        mail_sent.set()
+        await first
+        # given back once: one request in flight still fills the limit of 1
+        held = _scope("/signup")
+        held["headers"] = [*held["headers"], (b"x-hold", b"1")]
+        slow = asyncio.create_task(app(held, _receive, send))
+        await slow_running.wait()
+        await app(_scope("/signup"), _receive, send)
+        blocking.set()
+        await slow
+        return statuses
+
+    assert asyncio.run(run()) == [200, 200, 200, 503, 200]  # the last: the held one's

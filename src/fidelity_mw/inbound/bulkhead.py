@@ -56,6 +56,27 @@ EXPIRED_IN_QUEUE = "expired_in_queue"  # the deadline's reason, beside expired_o
 _RETRY_AFTER = [(b"retry-after", b"1")]
 
 
+class HeldSlot:
+    """A request's slot of its route's bulkhead, given back once: at its response's last
+    message (the watcher's), or when the request unwinds without one. A background task
+    (Starlette's `BackgroundTasks`) runs inside the app's call after the response went
+    out; held to the end of that call, the slot shed new requests while the client had
+    its answer and nothing of the request was in flight."""
+
+    __slots__ = ("bulkheads", "ctx", "held", "plan")
+
+    def __init__(self, bulkheads: Bulkheads, ctx: DecisionContext, plan: RoutePlan) -> None:
+        self.bulkheads = bulkheads
+        self.ctx = ctx
+        self.plan = plan
+        self.held = True
+
+    def leave(self, admitted_app: bool) -> None:
+        if self.held:
+            self.held = False
+            self.bulkheads.leave(self.ctx, self.plan, admitted_app)
+
+
 class Bulkheads:
     """Admission to and release from the route bulkheads of one middleware."""
 

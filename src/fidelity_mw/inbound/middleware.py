@@ -45,7 +45,7 @@ from ..rejections import OnReject, custom_rejection, send_custom
 from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
-from .bulkhead import Bulkheads
+from .bulkhead import Bulkheads, HeldSlot
 from .cors import cors_headers, inner_cors, with_headers
 from .costs import CostAnswer, asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
@@ -281,7 +281,7 @@ class FidelityMiddleware:
                 log_exception(logger, "start", "fidelity_mw: telemetry observer failed")
                 observer = None
         before_end = self._before_response_end if observer is not None else None
-        in_bulkhead = False  # holds a slot of the route's bulkhead
+        slot: HeldSlot | None = None  # a slot of the route's bulkhead, while held
         app_ran = False
         try:
             # ---- decide: deadline, bulkhead, then breaker + limits in one store call
@@ -302,7 +302,8 @@ class FidelityMiddleware:
                     rejection, receive = await self._enter_bulkhead(
                         ctx, plan, scope, found, now, receive
                     )
-                    in_bulkhead = rejection is None
+                    if rejection is None:
+                        slot = HeldSlot(self._bulkheads, ctx, plan)
                 if rejection is None:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
@@ -363,6 +364,9 @@ class FidelityMiddleware:
             watcher.ctx = ctx
             if before_end is not None:
                 watcher.end = (before_end, scope, obs_token)
+            if slot is not None:  # given back at the response's last message
+                slot.plan = plan  # (a cost function's plan: the same bulkhead)
+                watcher.slot = slot
             if plan.timed:  # the end time is read only where the route counts slow calls
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
@@ -453,8 +457,8 @@ class FidelityMiddleware:
                         ctx.route,
                     )
         finally:
-            if in_bulkhead:
-                self._bulkheads.leave(ctx, plan, app_ran)
+            if slot is not None:
+                slot.leave(app_ran)
             if observer is not None:
                 try:
                     observer.end(ctx, scope, obs_token)

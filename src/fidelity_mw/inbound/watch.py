@@ -75,6 +75,12 @@ _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 
 
+class HeldSlot(Protocol):
+    """A request's slot of its route's bulkhead (bulkhead.HeldSlot), given back once."""
+
+    def leave(self, admitted_app: bool) -> None: ...
+
+
 class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got.
 
@@ -94,6 +100,9 @@ class ResponseWatcher:
     end: tuple[ResponseEndHook, Scope, Any] | None = None
     watch: DeadlineWatch | None = None  # set while armed
     task: asyncio.Task[Any] | None = None
+    # the route's bulkhead slot, given back at the response's last message: a background
+    # task the app runs after it (BackgroundTasks) is no request in flight
+    slot: HeldSlot | None = None
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -186,6 +195,9 @@ class ResponseWatcher:
             end = self.end
             if end is not None:
                 response_ends(end[0], self.ctx, end[1], end[2])
+            slot = self.slot
+            if slot is not None:
+                slot.leave(True)
         try:
             await self.send(message)
         except OSError:
