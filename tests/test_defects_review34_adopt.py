@@ -309,3 +309,55 @@ def test_a_background_task_after_the_response_holds_no_bulkhead_slot() -> None:
         return statuses
 
     assert asyncio.run(run()) == [200, 200, 200, 503, 200]  # the last: the held one's
+
+
+# ------------------------------------- memory state under `uvicorn --workers N`, said
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["/srv/.venv/bin/uvicorn", "app:app", "--workers", "4"], ("uvicorn", 4)),
+        (
+            ["/usr/lib/python3/site-packages/uvicorn/__main__.py", "app:app", "--workers=3"],
+            ("uvicorn", 3),
+        ),
+        (["gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "8", "app:app"], ("gunicorn", 8)),
+        (["gunicorn", "-w2", "app:app"], ("gunicorn", 2)),
+        (["hypercorn", "--workers", "2", "app:app"], ("hypercorn", 2)),
+        (["uvicorn", "app:app"], None),  # the server's default: WEB_CONCURRENCY, or 1
+        (["uvicorn", "app:app", "-w", "4"], None),  # uvicorn has no -w
+        (["pytest", "-w", "4"], None),  # another program's flag
+        ([], None),
+    ],
+)
+def test_the_worker_count_on_the_servers_command_line(
+    argv: list[str], said: tuple[str, int] | None
+) -> None:
+    from fidelity_mw.state.factory import server_workers
+
+    assert server_workers(argv) == said
+
+
+def test_memory_state_under_uvicorn_workers_is_said_at_startup(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """operations.md said the startup warning could not see a `--workers` given on the
+    command line, only `WEB_CONCURRENCY`: `uvicorn app:app --workers 4` on the default
+    memory:// state admitted 4 x every limit without a word. Its workers keep the
+    supervisor's command line, and the count is read from it."""
+    import logging
+
+    from fidelity_mw.state import factory
+
+    monkeypatch.setattr(factory, "_warned_workers", False)
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    caplog.set_level(logging.WARNING, "fidelity_mw.state")
+    monkeypatch.setattr("sys.argv", ["/srv/bin/uvicorn", "app:app", "--workers", "1"])
+    FidelityMiddleware(FastAPI(), policy=Policy(), telemetry=False)
+    assert not caplog.records
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")  # the command line overrides it
+    monkeypatch.setattr("sys.argv", ["/srv/bin/uvicorn", "app:app", "--workers", "4"])
+    FidelityMiddleware(FastAPI(), policy=Policy(), telemetry=False)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("fidelity_mw: uvicorn --workers 4: memory:// state under 4 worker")

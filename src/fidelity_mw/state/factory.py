@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 
 from .._types import Clock, RandomSource
 from ..errors import PolicyError
@@ -37,6 +39,40 @@ def web_concurrency(environ: Mapping[str, str] | None = None) -> int | None:
         return None
 
 
+# Servers whose workers keep the command line they were started with (uvicorn spawns
+# them with its argv, gunicorn and hypercorn fork), and whose worker-count flags are known
+_SERVERS = ("uvicorn", "gunicorn", "hypercorn")
+
+
+def server_workers(argv: Sequence[str] | None = None) -> tuple[str, int] | None:
+    """The server and worker count on the command line this process was started with
+    (`uvicorn --workers 4`, `gunicorn -w 4`, `python -m uvicorn ... --workers=4`), which
+    its worker processes keep. None: not one of those servers, or no count given (their
+    default: `WEB_CONCURRENCY`, or 1)."""
+    args = list(sys.argv if argv is None else argv)
+    if not args:
+        return None
+    path = PurePath(args[0])
+    name = path.parent.name if path.name == "__main__.py" else path.name
+    server = next((s for s in _SERVERS if name == s or name.startswith(s + "-")), None)
+    if server is None:
+        return None
+    short = server != "uvicorn"  # uvicorn has no -w
+    count: int | None = None
+    rest = args[1:]
+    for i, arg in enumerate(rest):
+        value: str | None = None
+        if arg == "--workers" or (short and arg == "-w"):
+            value = rest[i + 1] if i + 1 < len(rest) else None
+        elif arg.startswith("--workers="):
+            value = arg.partition("=")[2]
+        elif short and arg.startswith("-w") and arg[2:].isdigit():
+            value = arg[2:]
+        if value is not None and value.strip().isdigit():
+            count = int(value)  # the last one given wins, as in the servers' parsers
+    return None if count is None else (server, count)
+
+
 def memory_workers_warning(workers: int) -> str:
     """What `memory://` state means under `workers` worker processes."""
     return (
@@ -49,11 +85,21 @@ def memory_workers_warning(workers: int) -> str:
 
 def _warn_memory_workers() -> None:
     global _warned_workers
-    workers = web_concurrency()
-    if workers is None or workers <= 1 or _warned_workers:
+    if _warned_workers:
+        return
+    # the command line first: it overrides WEB_CONCURRENCY in both servers
+    given = server_workers()
+    if given is not None:
+        said, workers = f"{given[0]} --workers {given[1]}", given[1]
+    else:
+        env = web_concurrency()
+        if env is None:
+            return
+        said, workers = f"WEB_CONCURRENCY={env}", env
+    if workers <= 1:
         return
     _warned_workers = True
-    logger.warning("fidelity_mw: WEB_CONCURRENCY=%d: %s", workers, memory_workers_warning(workers))
+    logger.warning("fidelity_mw: %s: %s", said, memory_workers_warning(workers))
 
 
 def _require_redis_client(url: str) -> None:
