@@ -182,6 +182,33 @@ def test_an_on_reject_hooks_own_cors_header_is_kept() -> None:
     assert refused.headers.get_list("access-control-allow-origin") == ["x"]
 
 
+def test_a_cors_layer_that_decides_per_request_is_asked_for_each_answer() -> None:
+    """Starlette's own class answers alike for an origin, and is asked once per origin; a
+    subclass (origins from a database, say) may change its mind, and is asked each time."""
+    allowed: set[str] = {UI}
+
+    class TenantCors(CORSMiddleware):
+        def is_allowed_origin(self, origin: str) -> bool:
+            return origin in allowed
+
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    app = FidelityMiddleware(
+        TenantCors(Starlette(routes=[Route("/", hello)]), allow_origins=["https://x.example"]),
+        policy=Policy(rate_limits=(RateLimit(name="one", rate="1/min"),)),
+        clock=FakeClock(),
+        telemetry=False,
+    )
+    browser = ("GET", "/", {"origin": UI})
+    _, first = _send(app, [browser, browser])
+    allowed.clear()
+    (second,) = _send(app, [browser])
+    assert first.status_code == second.status_code == 429
+    assert first.headers["access-control-allow-origin"] == UI
+    assert "access-control-allow-origin" not in second.headers
+
+
 # ------------------------------------------- a transport given to the wrong kind of client
 
 

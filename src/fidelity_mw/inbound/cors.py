@@ -67,21 +67,57 @@ async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:  # 
     raise RuntimeError("fidelity_mw: a CORS copy's app is never called")
 
 
-def _origin_of(scope: Scope) -> bool:
-    for item in scope.get("headers") or ():
-        if isinstance(item, list | tuple) and len(item) == 2 and item[0] == b"origin":
-            return True
-    return False
-
-
 async def _no_body() -> Message:  # pragma: no cover - the start-only app reads nothing
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+# Origins whose headers are kept: a flood of refusals to one page asks the layer once;
+# a client sending ever new origins only clears the table.
+_KNOWN_MAX: Final = 256
+
+
+class CorsAnswers:
+    """The headers the app's CORS layer adds to a response, per request `Origin` (and
+    whether it sent cookies, which older Starlette versions answer differently): asked of
+    the layer once each, for Starlette's own class (a subclass may decide per request,
+    and is asked every time)."""
+
+    __slots__ = ("_cacheable", "_known", "layer")
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        cls = _cors_class()
+        self._cacheable = cls is not None and type(layer) is cls
+        self._known: dict[tuple[bytes, bool], list[tuple[bytes, bytes]]] = {}
+
+    async def headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """What the layer adds to a response to this request (none without `Origin`)."""
+        origin: bytes | None = None
+        cookie = False
+        for item in scope.get("headers") or ():
+            if isinstance(item, list | tuple) and len(item) == 2:
+                name = item[0]
+                if name == b"origin":
+                    origin = bytes(item[1])
+                elif name == b"cookie":
+                    cookie = True
+        if origin is None:
+            return []
+        if not self._cacheable:
+            return await cors_headers(self.layer, scope)
+        key = (origin, cookie)
+        known = self._known.get(key)
+        if known is None:
+            known = await cors_headers(self.layer, scope)
+            if len(self._known) >= _KNOWN_MAX:
+                self._known.clear()
+            self._known[key] = known
+        return known
+
+
 async def cors_headers(cors: Any, scope: Scope) -> list[tuple[bytes, bytes]]:
-    """The headers `cors` adds to a response to this request (none without `Origin`)."""
-    if not _origin_of(scope):
-        return []
+    """The headers `cors` adds to a response to this request, asked of the layer itself:
+    a copy of it around an app that only starts a response."""
     added: list[tuple[bytes, bytes]] = []
 
     async def start_only(scope_: Scope, receive_: Receive, send_: Send) -> None:

@@ -46,7 +46,7 @@ from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads, HeldSlot
-from .cors import cors_headers, inner_cors, with_headers
+from .cors import CorsAnswers, inner_cors, with_headers
 from .costs import CostAnswer, asked_costs, costed_decisions, request_costs, with_costs
 from .refusals import control_refusal, deadline_refusal, upstream_failure
 from .request import RequestReader, scan_headers
@@ -217,7 +217,8 @@ class FidelityMiddleware:
         self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
         # The app's CORSMiddleware below us (inbound/cors.py): our own answers carry its
         # headers, or a browser reads a 429 of ours as a CORS failure
-        self._cors = inner_cors(app)
+        cors = inner_cors(app)
+        self._cors = CorsAnswers(cors) if cors is not None else None
 
     def _say_nested(self) -> None:
         self._nested_said = True
@@ -742,7 +743,7 @@ class FidelityMiddleware:
         if scope.get("method") == "OPTIONS" and is_cors_preflight(raw):
             return send  # CORS answers preflights itself; a refused one fails anyway
         try:
-            extra = await cors_headers(cors, scope)
+            extra = await cors.headers(scope)
         except Exception:
             log_exception(logger, "cors", "fidelity_mw: the app's CORS layer failed on our answer")
             return send
