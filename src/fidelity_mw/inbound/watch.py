@@ -100,9 +100,11 @@ class ResponseWatcher:
     end: tuple[ResponseEndHook, Scope, Any] | None = None
     watch: DeadlineWatch | None = None  # set while armed
     task: asyncio.Task[Any] | None = None
-    # the route's bulkhead slot, given back at the response's last message: a background
-    # task the app runs after it (BackgroundTasks) is no request in flight
-    slot: HeldSlot | None = None
+    # the route's bulkhead slot (a HeldSlot), given back at the response's last message: a
+    # background task the app runs after it (BackgroundTasks) is no request in flight.
+    # (Any: compiled, a class-level default of a Protocol type is never set, and reading
+    # the attribute raised AttributeError)
+    slot: Any = None
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -195,7 +197,7 @@ class ResponseWatcher:
             end = self.end
             if end is not None:
                 response_ends(end[0], self.ctx, end[1], end[2])
-            slot = self.slot
+            slot: HeldSlot | None = self.slot
             if slot is not None:
                 slot.leave(True)
         try:
