@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import io
 import os
 import re
+import tokenize
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -114,6 +116,9 @@ class Rule:
     kind: str
     library: str
     api: str = ""  # the toolkits' API name (`toolkits.APIS`); "" for the others
+    # a slowapi Limiter's own key_func, as a rate_limit[] key ("" for the client's IP,
+    # "header:NAME", or "fn:NAME" for a function with no policy form): its routes' key
+    key: str = ""
 
 
 def _rules() -> dict[str, Rule]:
@@ -334,9 +339,9 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
         root = Path(raw)
         for path in iter_python_files([raw], excludes):
             try:
-                source = path.read_text(encoding="utf-8")
+                source = read_source(path)
                 tree = ast.parse(source, filename=str(path))
-            except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            except _UNREADABLE as exc:
                 report.skipped.append((path.as_posix(), f"{type(exc).__name__}: {exc}"))
                 continue
             parsed.append((path, source, tree, module_name(path, root)))
@@ -348,9 +353,28 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
         scanner.collect_module_objects(tree)
         imports.append(scanner.aliases)
     for (path, source, tree, module), aliases in zip(parsed, imports, strict=True):
+        try:
+            found = audit_tree(tree, source, path.as_posix(), module, shared, aliases)
+        except RecursionError as exc:  # `a + b + ...` of hundreds of terms: the visit nests
+            report.skipped.append((path.as_posix(), f"too deeply nested to scan ({exc})"))
+            continue
         report.scanned += 1
-        report.findings.extend(audit_tree(tree, source, path.as_posix(), module, shared, aliases))
+        report.findings.extend(found)
     return report
+
+
+# A file the scan cannot read is reported as skipped, never the end of the whole audit:
+# a dangling symlink or an unreadable file (OSError), bytes that are not its encoding, a
+# syntax error, or an expression nested too deep for the parser.
+_UNREADABLE = (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError, MemoryError)
+
+
+def read_source(path: Path) -> str:
+    """The text of a Python file, decoded as Python decodes it: a UTF-8 byte-order mark
+    or a PEP 263 coding line (`# -*- coding: latin-1 -*-`) says how; UTF-8 otherwise."""
+    data = path.read_bytes()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    return data.decode(encoding)
 
 
 def audit_source(source: str, filename: str = "<string>") -> list[AuditFinding]:
@@ -521,7 +545,7 @@ class _Scanner(ast.NodeVisitor):
                 continue
             for target in targets:
                 if isinstance(target, ast.Name):
-                    self.shared[f"{self.module}.{target.id}"] = found[1]
+                    self.shared[f"{self.module}.{target.id}"] = _with_key(found[1], value)
 
     def shared_object(self, name: str | None) -> Rule | None:
         """A library object another scanned module made, imported here under `name`."""
@@ -568,6 +592,8 @@ class _Scanner(ast.NodeVisitor):
         if remedy is None:
             remedy = self.remedy(rule, region)
         replace = remedy + (f"; {extra}" if extra else "")
+        if rule.kind == RETRY and outbound and "upstream[].retry" in replace:
+            replace += _unsafe_method_note(region if region is not None else self._around(node))
         host = None
         # only where the finding's values go in an `[[upstream]]` table (a deadline
         # goes in `[deadline]`)
@@ -585,6 +611,25 @@ class _Scanner(ast.NodeVisitor):
                 host,
             )
         )
+
+    def route_path(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+        """The path a route serves: `@router.get("/{id}")` on `router = APIRouter(prefix=
+        "/items")` serves "/items/{id}", the path a `match` must cover."""
+        path = _route_path(fn)
+        if path is None:
+            return None
+        for deco in fn.decorator_list:
+            if not (_is_route_decorator(deco) and isinstance(deco, ast.Call)):
+                continue
+            assert isinstance(deco.func, ast.Attribute)
+            owner = deco.func.value
+            made = self.assigned.get(owner.id) if isinstance(owner, ast.Name) else None
+            if made is None or not last_name_of(made.func).endswith("Router"):
+                continue
+            prefix = _literal(next((k.value for k in made.keywords if k.arg == "prefix"), None))
+            if isinstance(prefix, str) and prefix:
+                return prefix + path  # as FastAPI joins them: "/items" + "/" is "/items/"
+        return path
 
     def _around(self, node: ast.AST) -> ast.AST:
         """Where a concern reported without a region applies: its function, or itself."""
@@ -947,7 +992,7 @@ class _Scanner(ast.NodeVisitor):
         self._function(node)
 
     def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-        route = _route_path(node)
+        route = self.route_path(node)
         decorators = node.decorator_list
         on_route = any(_is_route_decorator(d) for d in decorators)
         for i, deco in enumerate(decorators):
@@ -1017,7 +1062,7 @@ class _Scanner(ast.NodeVisitor):
             elif inst is not None:
                 rule, _text = inst
                 extra = (
-                    _limit_hint(deco, route, fn.name, _route_method(fn))
+                    _limit_hint(deco, route, fn.name, _route_method(fn), rule.key)
                     if rule.kind == LIMITER
                     else ""
                 )
@@ -1031,15 +1076,15 @@ class _Scanner(ast.NodeVisitor):
         text = dotted_name(target)
         if text is None:
             return None
-        own = self.instances.get(text) or (
-            self.shared_object(self.resolve(target)) if isinstance(target, ast.Name) else None
-        )
+        # `limiter`, or `limits.limiter` after `import app.limits as limits`: an object
+        # another scanned module made
+        own = self.instances.get(text) or self.shared_object(self.resolve(target))
         if own is not None:
             return (own, text) if decorator else None
         if isinstance(target, ast.Attribute):
             base = dotted_name(target.value)
             rule = self.instances.get(base) if base else None
-            if rule is None and isinstance(target.value, ast.Name):
+            if rule is None:
                 rule = self.shared_object(self.resolve(target.value))
             methods = INSTANCE_METHODS[rule.kind] if rule is not None else set()
             if rule is not None and rule.library in toolkits.LIBRARIES:
@@ -1067,7 +1112,7 @@ class _Scanner(ast.NodeVisitor):
         for target in targets:
             text = dotted_name(target)
             if text:
-                self.instances[text] = found[1]
+                self.instances[text] = _with_key(found[1], value)
                 self.created[text] = value
 
     def visit_Call(self, node: ast.Call) -> None:
@@ -1096,9 +1141,13 @@ class _Scanner(ast.NodeVisitor):
                 _, rule = found
                 if not self.configured_off(node):
                     region = self.function[-1] if self.function else None
-                    # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
-                    tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
-                    hinted = tenacity_loop or rule.kind in (BREAKER, LIMITER)
+                    # `Retrying(...)`, `AsyncRetrying(...)`, `stamina.retry_context(...)` and
+                    # a decorator made apart (`api_retry = retry(...)`, the usual way to share
+                    # one) take the decorator's arguments
+                    configures = rule.library in ("tenacity", "stamina") and (name or "").endswith(
+                        ("Retrying", ".retry", ".retry_context")
+                    )
+                    hinted = configures or rule.kind in (BREAKER, LIMITER)
                     extra = _hint(node, rule) if hinted else ""
                     what = f"{rule.library} {_short(node)}"
                     self.report(node, rule, what, extra, region=region)
@@ -1114,7 +1163,7 @@ class _Scanner(ast.NodeVisitor):
                     ctx = self._default_ctx(None)
                     fn = self.function[-1] if self.function else None
                     if fn is not None and any(_is_route_decorator(d) for d in fn.decorator_list):
-                        ctx = replace(ctx, inbound="route", fn=fn.name, route=_route_path(fn))
+                        ctx = replace(ctx, inbound="route", fn=fn.name, route=self.route_path(fn))
                     what = f"{rule.library} {_short(node)}"
                     self.toolkit_report(node, rule, ctx, what, hinted=False)
                     self._mark(node.func)
@@ -1339,6 +1388,8 @@ def _loop_waits(target: ast.expr, sleep: ast.Call | None) -> tuple[float, bool] 
     value = _literal(wait)
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return value * 1000, False
+    if _doubles_with(wait, target.id):  # `sleep(2 ** attempt)`: a second, doubling
+        return 1000.0, True
     if isinstance(wait, ast.BinOp) and isinstance(wait.op, ast.Mult):
         for factor, power in ((wait.left, wait.right), (wait.right, wait.left)):
             scale = _literal(factor)
@@ -1346,14 +1397,44 @@ def _loop_waits(target: ast.expr, sleep: ast.Call | None) -> tuple[float, bool] 
                 isinstance(scale, int | float)
                 and not isinstance(scale, bool)
                 and scale > 0
-                and isinstance(power, ast.BinOp)
-                and isinstance(power.op, ast.Pow)
-                and _literal(power.left) == 2
-                and isinstance(power.right, ast.Name)
-                and power.right.id == target.id
+                and _doubles_with(power, target.id)
             ):
                 return scale * 1000, True
     return None
+
+
+def _doubles_with(node: ast.expr, counter: str) -> bool:
+    """`2 ** counter`."""
+    return (
+        isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Pow)
+        and _literal(node.left) == 2
+        and isinstance(node.right, ast.Name)
+        and node.right.id == counter
+    )
+
+
+_UNSAFE_METHODS = ("post", "patch")
+
+
+def _unsafe_method_note(region: ast.AST) -> str:
+    """The old code retried a POST (or PATCH) it sends: FidelityTransport does not, unless
+    told, so deleting the retry without this would drop those retries silently."""
+    for node in ast.walk(region):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        method = node.func.attr.lower()
+        if method == "request" and node.args:
+            first = _literal(node.args[0])
+            method = first.lower() if isinstance(first, str) else ""
+        if method in _UNSAFE_METHODS:
+            verb = method.upper()
+            return (
+                f"; it retried a {verb} (line {node.lineno}): FidelityTransport retries one "
+                f'only with an Idempotency-Key header, or with methods = [..., "{verb}"] in '
+                "[upstream.retry] for an upstream that deduplicates them"
+            )
+    return ""
 
 
 def _first_call(node: ast.AST) -> ast.AST:
@@ -1463,6 +1544,9 @@ def _ms_value(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+_MAX_WAIT_MS = 600_000  # the policy's bound on base_ms and max_ms
+
+
 def _retry_hint(deco: ast.expr, library: str) -> str:
     """`@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2))`
     or `@stamina.retry(attempts=3, wait_initial=0.1, wait_max=2)` -> the same
@@ -1486,11 +1570,14 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             call, first = (expo, "multiplier") if expo is not None else (jittered, "initial")
             assert call is not None
             base, cap = _number(call, 0, first, 1.0), _number(call, 1, "max", None)
-            if base is not None:
-                keys["base_ms"] = _ms_value(base)
+            plain = expo is not None and "random" not in ast.unparse(expo.func)
+            floor = _number(call, 3, "min", 0.0) if plain else 0.0
+            if base is not None and floor is not None:
+                # wait_exponential waits max(min, multiplier x 2^n): starting at the
+                # larger one, no wait is shorter than tenacity's
+                keys["base_ms"] = _ms_value(max(base, floor))
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
-            plain = expo is not None and "random" not in ast.unparse(expo.func)
             keys["jitter"] = "none" if plain else "full"
     elif library == "stamina":
         attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
@@ -1508,8 +1595,18 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
     attempts_n, base_ms, max_ms = keys.get("attempts"), keys.get("base_ms"), keys.get("max_ms")
     if isinstance(attempts_n, int):
         keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
+    if isinstance(base_ms, int):
+        base_ms = keys["base_ms"] = min(base_ms, _MAX_WAIT_MS)
+        if max_ms is None:
+            # no cap: the waits grow to the last retry's (the policy's default max_ms,
+            # 2 s, would cut them short, or refuse a base above it)
+            count = keys.get("attempts", 3)
+            retries = count - 2 if isinstance(count, int) else 1
+            max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
-        keys["max_ms"] = max(base_ms, max_ms)  # max_ms may not be below base_ms
+        keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
+    order = ("attempts", "base_ms", "max_ms", "jitter")
+    keys = {k: keys[k] for k in order if k in keys}
     body = ", ".join(
         f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
     )
@@ -1631,7 +1728,21 @@ def _header_key(func: ast.expr | None) -> str | None:
     return value if is_headers and isinstance(value, str) and value else None
 
 
-def _limit_hint(deco: ast.expr, route: str | None, name: str, method: str | None = None) -> str:
+def _with_key(rule: Rule, call: ast.Call) -> Rule:
+    """A slowapi Limiter's rule, with the key its key_func counts by."""
+    if rule.library != "slowapi" or last_name_of(call.func) != "Limiter":
+        return rule
+    func = next((k.value for k in call.keywords if k.arg == "key_func"), None)
+    if func is None or last_name_of(func) in ("get_remote_address", "get_ipaddr"):
+        return rule
+    header = _header_key(func)
+    name = dotted_name(func) if isinstance(func, ast.Name | ast.Attribute) else None
+    return replace(rule, key=f"header:{header}" if header else f"fn:{name or 'a function'}")
+
+
+def _limit_hint(
+    deco: ast.expr, route: str | None, name: str, method: str | None = None, key_of: str = ""
+) -> str:
     """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
 
     One table per rate ("5/minute;100/hour" is two limits), each named after the
@@ -1654,15 +1765,32 @@ def _limit_hint(deco: ast.expr, route: str | None, name: str, method: str | None
         return ""
     rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
-    header = _header_key(next((k.value for k in deco.keywords if k.arg == "key_func"), None))
+    own_key = next((k.value for k in deco.keywords if k.arg == "key_func"), None)
+    header = _header_key(own_key)
+    notes = []
+    if own_key is None and key_of.startswith("header:"):
+        header = key_of.removeprefix("header:")  # the Limiter's key_func
+    elif own_key is None and key_of.startswith("fn:"):
+        notes.append(
+            f"the Limiter's key_func {key_of.removeprefix('fn:')} has no policy form: "
+            'key = "header:NAME" if it reads one header, else RateLimit(key=fn) in Python'
+        )
     key = f', key = "header:{header}"' if header else ""
     if method is not None and method != "GET":
         key += f', methods = ["{method}"]'
+    cost = next((k.value for k in deco.keywords if k.arg == "cost"), None)
+    units = _literal(cost)
+    if isinstance(units, int) and not isinstance(units, bool):
+        key += f", cost = {units}"  # each request counts as many, as slowapi charged it
+    elif cost is not None:
+        notes.append("its cost function: RateLimit(cost=fn) in Python, or fidelity.limit(cost=fn)")
     tables = [
         f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}"{key} }}'
         for i, rate in enumerate(rates)
     ]
-    return "e.g. " + ", ".join(tables) if tables else ""
+    if not tables:
+        return ""
+    return "; ".join(["e.g. " + ", ".join(tables), *notes])
 
 
 def parse_fail_on(text: str) -> frozenset[str]:

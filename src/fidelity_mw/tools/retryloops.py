@@ -286,17 +286,16 @@ class LoopReader:
         if not any(isinstance(n, ast.Return | ast.Break) for n in _walk_own(body)):
             return None
         for node in _walk_own(body):
-            if not isinstance(node, ast.If):
-                continue
-            name = _status_subject(node.test, set(results))
-            if name is None or not self._same_call_each_turn(loop, [results[name]]):
-                continue
-            polarity = _polarity(node.test)
-            # a bad status that goes round again, or a good one that leaves
-            if (polarity == "bad" and not _always_exits(node.body)) or (
-                polarity == "good" and _always_exits(node.body, leave_only=True)
-            ):
-                return "checked", results[name], True
+            for test, branch in _branches(node):
+                name = _status_subject(test, set(results))
+                if name is None or not self._same_call_each_turn(loop, [results[name]]):
+                    continue
+                polarity = _polarity(test)
+                # a bad status that goes round again, or a good one that leaves
+                if (polarity == "bad" and not _always_exits(branch)) or (
+                    polarity == "good" and _always_exits(branch, leave_only=True)
+                ):
+                    return "checked", results[name], True
         return None
 
     # ------------------------------------------------------------ signals
@@ -427,6 +426,33 @@ def _caught_names(handler: ast.ExceptHandler) -> set[str]:
         name = _last_name(item.func if isinstance(item, ast.Call) else item)
         out.add(name or "?")
     return out
+
+
+def _branches(node: ast.AST) -> Iterator[tuple[ast.expr, list[ast.stmt]]]:
+    """The tests a statement branches on, each with the body it runs: an `if`, and each
+    `case 502 | 503:` of a `match response.status_code:`, read as `status in (502, 503)`."""
+    if isinstance(node, ast.If):
+        yield node.test, node.body
+    elif isinstance(node, ast.Match):
+        for case in node.cases:
+            values = _case_values(case.pattern)
+            if values:
+                test = ast.Compare(
+                    left=node.subject,
+                    ops=[ast.In()],
+                    comparators=[ast.Tuple(elts=list(values), ctx=ast.Load())],
+                )
+                yield test, case.body
+
+
+def _case_values(pattern: ast.pattern) -> list[ast.expr]:
+    """The literal values a case pattern matches (`200`, `502 | 503`); [] for others."""
+    if isinstance(pattern, ast.MatchValue):
+        return [pattern.value]
+    if isinstance(pattern, ast.MatchOr):
+        values = [_case_values(p) for p in pattern.patterns]
+        return [v for vs in values for v in vs] if all(values) else []
+    return []
 
 
 def _status_subject(test: ast.expr, names: set[str]) -> str | None:

@@ -1,0 +1,462 @@
+"""Review 34: `fidelity-mw audit` and docs/migration.md against code shaped like real
+projects' slowapi, tenacity, stamina, backoff, pybreaker, httpx-retries and hand-written
+retry loops.
+
+Each test is a defect found by running the audit on such code (or the old library next
+to the guide's translation), and fails without its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityMiddleware, Policy
+from fidelity_mw.decide.retry import backoff_delay
+from fidelity_mw.tools.audit import RETRY, audit_paths
+
+
+def _hints(path: Path) -> list[str]:
+    """The `retry = { ... }` tables the audit prints, in line order."""
+    report = audit_paths([str(path)])
+    return [
+        m.group(0)
+        for f in report.findings
+        for m in [re.search(r"retry = \{[^}]*\}", f.replace_with)]
+        if m
+    ]
+
+
+def _loads(table: str) -> Policy:
+    return Policy.from_dict(tomllib.loads(f'[[upstream]]\nhost = "x.internal"\n{table}\n'))
+
+
+# ------------------------------------------------------------ files the scan could not read
+
+
+def test_a_dangling_symlink_is_skipped_not_the_end_of_the_audit(tmp_path: Path) -> None:
+    """A symlink to a file that is gone (a removed generated module, a checkout of a
+    repository with links into an absent directory) raised FileNotFoundError out of
+    `audit`: no report at all, for the one file it could not open."""
+    (tmp_path / "client.py").write_text(
+        "import httpx\nfrom tenacity import retry\n@retry\ndef get(): httpx.get('http://a/')\n"
+    )
+    os.symlink(tmp_path / "gone.py", tmp_path / "link.py")
+    report = audit_paths([str(tmp_path)])
+    assert [(f.line, f.kind) for f in report.findings] == [(3, RETRY)]
+    assert [Path(file).name for file, _ in report.skipped] == ["link.py"]
+    assert "FileNotFoundError" in report.skipped[0][1]
+
+
+def test_a_long_concatenation_is_skipped_not_the_end_of_the_audit(tmp_path: Path) -> None:
+    """`x = "a" + "b" + ...` of some hundreds of terms (a generated query, a long message)
+    nests one BinOp per term: the recursive visit raised RecursionError out of `audit`,
+    and a few thousand terms made ast.parse raise it."""
+    for name, terms in (("medium.py", 600), ("huge.py", 5000)):
+        chain = " + ".join(f'"part{i}"' for i in range(terms))
+        (tmp_path / name).write_text(f"import httpx\nQUERY = ({chain})\n")
+    (tmp_path / "client.py").write_text(
+        "import httpx\nfrom tenacity import retry\n@retry\ndef get(): httpx.get('http://a/')\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    assert [Path(f.file).name for f in report.findings] == ["client.py"]
+    assert sorted(Path(file).name for file, _ in report.skipped) == ["huge.py", "medium.py"]
+
+
+def test_a_coding_line_or_a_byte_order_mark_is_read_as_python_reads_them(tmp_path: Path) -> None:
+    """Valid Python the audit skipped as unparsable: a module declaring its encoding
+    (`# -*- coding: latin-1 -*-`, PEP 263) with a non-UTF-8 byte in a comment, and a UTF-8
+    file saved with a byte-order mark (Windows editors write one)."""
+    body = "import httpx\nfrom tenacity import retry\n@retry\ndef get(): httpx.get('http://a/')\n"
+    (tmp_path / "latin.py").write_bytes(
+        b"# -*- coding: latin-1 -*-\n# Gr\xfc\xdfe aus M\xfcnchen\n" + body.encode()
+    )
+    (tmp_path / "bom.py").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    report = audit_paths([str(tmp_path)])
+    assert report.skipped == []
+    assert sorted((Path(f.file).name, f.line) for f in report.findings) == [
+        ("bom.py", 3),
+        ("latin.py", 5),
+    ]
+
+
+# ------------------------------------------------------------ loops it missed
+
+
+def test_a_loop_that_matches_on_the_status_is_a_retry_loop(tmp_path: Path) -> None:
+    """`match response.status_code:` with `case 200: return ...` and `case 502 | 503:`
+    sleeping and going round again is the `if` loop written with a match statement; the
+    audit read only `if` tests, so it found nothing."""
+    (tmp_path / "client.py").write_text(
+        "import asyncio\n"
+        "import httpx\n"
+        "async def fetch(client: httpx.AsyncClient, url: str) -> dict:\n"
+        "    for attempt in range(4):\n"
+        "        response = await client.get(url)\n"
+        "        match response.status_code:\n"
+        "            case 200:\n"
+        "                return response.json()\n"
+        "            case 502 | 503 | 504:\n"
+        "                await asyncio.sleep(0.5 * 2 ** attempt)\n"
+        "            case _:\n"
+        "                response.raise_for_status()\n"
+        "    return {}\n"
+        "def route(event: dict) -> str:\n"
+        "    for handler in ('a', 'b'):\n"
+        "        match event.get('kind'):\n"
+        "            case 'retry':\n"
+        "                return handler\n"
+        "    return ''\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    assert [(f.line, f.kind, f.library) for f in report.findings] == [(4, RETRY, "hand-written")]
+    assert 'retry = { attempts = 4, base_ms = 500, max_ms = 2000, jitter = "none" }' in (
+        report.findings[0].replace_with
+    )
+
+
+def test_a_loop_sleeping_two_to_the_attempt_gets_those_waits(tmp_path: Path) -> None:
+    """`time.sleep(2 ** attempt)` (the commonest hand-written backoff) was not read, so
+    the loop's table said only `attempts = 4`: the policy's default waits (0.1 s up to
+    2 s, random) in place of the loop's 1, 2 and 4 seconds."""
+    (tmp_path / "client.py").write_text(
+        "import time\n"
+        "import httpx\n"
+        "def get(client: httpx.Client) -> httpx.Response:\n"
+        "    for attempt in range(4):\n"
+        "        response = client.get('https://quotes.internal/q')\n"
+        "        if response.status_code < 500:\n"
+        "            return response\n"
+        "        time.sleep(2 ** attempt)\n"
+        "    return response\n"
+    )
+    (hint,) = _hints(tmp_path)
+    assert hint == 'retry = { attempts = 4, base_ms = 1000, max_ms = 4000, jitter = "none" }'
+    cfg = _loads(hint).upstreams[0].retry
+    waits = [
+        backoff_delay(n, cfg.base_ms / 1000, cfg.max_ms / 1000, "none", lambda: 0.5)
+        for n in range(3)
+    ]
+    assert waits == [2**attempt for attempt in range(3)]  # the loop's sleeps before retries
+
+
+# ------------------------------------------------------------ retry tables
+
+
+def test_every_retry_table_the_audit_prints_loads(tmp_path: Path) -> None:
+    """`wait_exponential(multiplier=5)` (no `max`) printed `base_ms = 5000` and no
+    `max_ms`: the default max_ms, 2000, is below it and the policy refused the table.
+    A wait of more than ten minutes printed values the policy's range refuses."""
+    (tmp_path / "calls.py").write_text(
+        "import httpx, stamina\n"
+        "from tenacity import retry, stop_after_attempt, wait_exponential, wait_fixed\n"
+        "from tenacity import wait_random_exponential\n"
+        "@retry(stop=stop_after_attempt(5), wait=wait_exponential(multiplier=5))\n"
+        "def a(): ...\n"
+        "@retry(wait=wait_random_exponential(multiplier=3))\n"
+        "def b(): ...\n"
+        "@retry(stop=stop_after_attempt(2), wait=wait_fixed(900))\n"
+        "def c(): ...\n"
+        "@stamina.retry(on=httpx.HTTPError, wait_initial=1200, wait_max=1500)\n"
+        "def d(): ...\n"
+    )
+    hints = _hints(tmp_path)
+    assert hints == [
+        # tenacity's waits with no cap: 5, 10, 20 and 40 s before its four retries
+        'retry = { attempts = 5, base_ms = 5000, max_ms = 40000, jitter = "none" }',
+        'retry = { base_ms = 3000, max_ms = 6000, jitter = "full" }',
+        'retry = { attempts = 2, base_ms = 600000, max_ms = 600000, jitter = "none" }',
+        'retry = { attempts = 10, base_ms = 600000, max_ms = 600000, jitter = "full" }',
+    ]
+    for hint in hints:
+        _loads(hint)
+
+
+def test_a_retry_decorator_made_apart_gets_its_retry_table(tmp_path: Path) -> None:
+    """The usual way to share a tenacity policy is to make the decorator once
+    (`api_retry = retry(...)`, then `@api_retry`), or to wrap a function with it; and
+    stamina's `retry_context` takes the decorator's arguments. The guide says the audit
+    prints the `retry = { ... }` next to each decorator it finds: these got none."""
+    (tmp_path / "retrying.py").write_text(
+        "import httpx, stamina\n"
+        "from tenacity import retry, stop_after_attempt, wait_exponential, wait_fixed\n"
+        "api_retry = retry(stop=stop_after_attempt(3), wait=wait_exponential(1, 10))\n"
+        "def raw(client): return client.get('https://a.internal/x')\n"
+        "fetch = retry(stop=stop_after_attempt(4), wait=wait_fixed(0.5))(raw)\n"
+        "def g(client):\n"
+        "    for attempt in stamina.retry_context(on=httpx.HTTPError, attempts=4):\n"
+        "        with attempt:\n"
+        "            client.get('https://a.internal/y')\n"
+    )
+    assert _hints(tmp_path) == [
+        'retry = { attempts = 3, base_ms = 1000, max_ms = 10000, jitter = "none" }',
+        'retry = { attempts = 4, base_ms = 500, max_ms = 500, jitter = "none" }',
+        'retry = { attempts = 4, base_ms = 100, max_ms = 5000, jitter = "full" }',
+    ]
+
+
+def _tenacity_waits(wait: object, attempts: int) -> list[float]:
+    import tenacity
+
+    sleeps: list[float] = []
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(attempts), wait=wait, sleep=sleeps.append)
+    def call() -> None:
+        raise RuntimeError("down")
+
+    with pytest.raises(tenacity.RetryError):
+        call()
+    return sleeps
+
+
+def test_wait_exponential_min_is_the_first_wait_and_no_wait_is_shorter(tmp_path: Path) -> None:
+    """`wait_exponential(multiplier=1, min=4, max=10)`, tenacity's README example and the
+    commonest shape in real projects: the table said `base_ms = 1000`, first retry after
+    1 s where tenacity waited 4 s (then 2 s where it waited 4). Starting from the larger
+    of the two, the first wait is tenacity's and none is shorter."""
+    import tenacity
+
+    (tmp_path / "r.py").write_text(
+        "from tenacity import retry, stop_after_attempt, wait_exponential\n"
+        "@retry(stop=stop_after_attempt(5), wait=wait_exponential(multiplier=1, min=4, max=10))\n"
+        "def a(): ...\n"
+    )
+    (hint,) = _hints(tmp_path)
+    assert hint == 'retry = { attempts = 5, base_ms = 4000, max_ms = 10000, jitter = "none" }'
+    cfg = _loads(hint).upstreams[0].retry
+    ours = [
+        backoff_delay(n, cfg.base_ms / 1000, cfg.max_ms / 1000, "none", lambda: 0.5)
+        for n in range(4)
+    ]
+    theirs = _tenacity_waits(tenacity.wait_exponential(multiplier=1, min=4, max=10), 5)
+    assert theirs == [4, 4, 4, 8]
+    assert ours[0] == theirs[0]
+    assert all(o >= t for o, t in zip(ours, theirs, strict=True))
+
+
+# ------------------------------------------------------------ slowapi
+
+
+def _rate_limits(hint_text: str) -> Policy:
+    tables = re.findall(r"\{ (name = [^{}]*) \}", hint_text)
+    toml = "".join(f"[[rate_limit]]\n{t.replace(', ', chr(10))}\n" for t in tables)
+    return Policy.from_dict(tomllib.loads(toml))
+
+
+def test_a_route_on_a_prefixed_router_is_matched_with_its_prefix(tmp_path: Path) -> None:
+    """`router = APIRouter(prefix="/items")` with `@router.get("/search")` and
+    `@limiter.limit("2/minute")` serves /items/search; the table said `match =
+    "/search"`, which no request matches: pasted as printed, the route had no limit.
+    Run here: the printed table on the router's app refuses the third request."""
+    (tmp_path / "items.py").write_text(
+        "from fastapi import APIRouter, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "router = APIRouter(prefix='/items', tags=['items'])\n"
+        "@router.get('/search')\n"
+        "@limiter.limit('2/minute')\n"
+        "async def search(request: Request): ...\n"
+        "@router.get('/healthz')\n"
+        "@limiter.exempt\n"
+        "async def healthz(request: Request): ...\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    limit, exempt = [f for f in report.findings if "@limiter" in f.what]
+    assert 'match = "/items/search"' in limit.replace_with
+    assert 'exclude = ["/items/healthz"]' in exempt.replace_with
+
+    from fastapi import APIRouter, FastAPI
+
+    router = APIRouter(prefix="/items")
+
+    @router.get("/search")
+    async def search() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    app.add_middleware(FidelityMiddleware, policy=_rate_limits(limit.replace_with))
+
+    async def three() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            return [(await client.get("/items/search")).status_code for _ in range(3)]
+
+    assert asyncio.run(three()) == [200, 200, 429]
+
+
+def test_a_slowapi_cost_is_in_the_table(tmp_path: Path) -> None:
+    """`@limiter.limit("20/minute", cost=5)` charged 5 a request (the guide: `cost=` a
+    number is `cost = n`); the table left it out, so 4 requests a minute became 20."""
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "app = FastAPI()\n"
+        "@app.get('/export')\n"
+        "@limiter.limit('20/minute', cost=5)\n"
+        "async def export(request: Request): ...\n"
+        "@app.get('/batch')\n"
+        "@limiter.limit('100/minute', cost=lambda request: int(request.headers['n']))\n"
+        "async def batch(request: Request): ...\n"
+    )
+    export, batch = [f for f in audit_paths([str(tmp_path)]).findings if "@limiter" in f.what]
+    (rule,) = _rate_limits(export.replace_with).rate_limits
+    assert (rule.match, rule.cost) == ("/export", 5)
+    assert "its cost function: RateLimit(cost=fn)" in batch.replace_with
+
+
+def test_a_limiter_reached_through_its_module_is_found(tmp_path: Path) -> None:
+    """`import app.limits as limits` then `@limits.limiter.limit("5/minute")` (or a
+    breaker used as `@breakers.payments`): the audit knew another module's objects only
+    when imported by name, so these decorators went unreported."""
+    pkg = tmp_path / "app"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "limits.py").write_text(
+        "import pybreaker\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+        "payments = pybreaker.CircuitBreaker(fail_max=3)\n"
+    )
+    (pkg / "routes.py").write_text(
+        "import app.limits as limits\n"
+        "from app import limits as same\n"
+        "from fastapi import FastAPI, Request\n"
+        "api = FastAPI()\n"
+        "@api.get('/export')\n"
+        "@limits.limiter.limit('5/minute')\n"
+        "async def export(request: Request): ...\n"
+        "@same.payments\n"
+        "def charge(): ...\n"
+        "reports = same.limiter.shared_limit('10/minute', scope='reports')\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    uses = [(f.line, f.kind) for f in report.findings if f.file.endswith("routes.py")]
+    assert uses == [(6, "limiter"), (8, "breaker"), (10, "limiter")]
+    (export,) = [f for f in report.findings if "export()" in f.what]
+    assert 'match = "/export", rate = "5/minute"' in export.replace_with
+
+
+def test_the_limiters_key_func_is_the_routes_key(tmp_path: Path) -> None:
+    """`Limiter(key_func=lambda r: r.headers["x-api-key"])` counts every route's limit
+    per API key; the tables for its `@limiter.limit(...)` routes left `key` out, which
+    is the client's IP: a different limit, without a word. A key function with no policy
+    form is now named (the guide: `RateLimit(key=callable)`)."""
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "def user_of(request: Request) -> str: return request.state.user\n"
+        "keyed = Limiter(key_func=lambda request: request.headers['x-api-key'])\n"
+        "by_user = Limiter(key_func=user_of)\n"
+        "app = FastAPI()\n"
+        "@app.get('/a')\n"
+        "@keyed.limit('5/minute')\n"
+        "async def a(request: Request): ...\n"
+        "@app.get('/b')\n"
+        "@by_user.limit('5/minute')\n"
+        "async def b(request: Request): ...\n"
+    )
+    found = {f.line: f.replace_with for f in audit_paths([str(tmp_path)]).findings}
+    (rule,) = _rate_limits(found[8]).rate_limits
+    assert rule.key == "header:x-api-key"
+    assert "the Limiter's key_func user_of has no policy form" in found[11]
+
+
+# ------------------------------------------------------------ what deleting a retry drops
+
+
+def test_a_retried_post_is_named_where_the_retry_is_deleted(tmp_path: Path) -> None:
+    """A loop (or decorator) that retried a POST was told "remove the loop; upstream[].retry
+    via FidelityTransport", which sends a POST once: deleting it as told dropped those
+    retries silently. The finding now says what keeps them."""
+    (tmp_path / "events.py").write_text(
+        "import asyncio, httpx, stamina\n"
+        "async def post_event(client: httpx.AsyncClient, event: dict) -> None:\n"
+        "    for attempt in range(5):\n"
+        "        response = await client.post('https://events.internal/ingest', json=event)\n"
+        "        if response.status_code != 503:\n"
+        "            return\n"
+        "        await asyncio.sleep(1)\n"
+        "@stamina.retry(on=httpx.HTTPError, attempts=3)\n"
+        "def send(client: httpx.Client) -> None:\n"
+        "    client.request('PATCH', 'https://events.internal/e/1').raise_for_status()\n"
+        "@stamina.retry(on=httpx.HTTPError, attempts=3)\n"
+        "def read(client: httpx.Client) -> None:\n"
+        "    client.get('https://events.internal/e/1').raise_for_status()\n"
+    )
+    notes = [
+        re.findall(r"it retried a (\w+) \(line (\d+)\)", f.replace_with)
+        for f in audit_paths([str(tmp_path)]).findings
+    ]
+    assert notes == [[("POST", "4")], [("PATCH", "10")], []]
+
+
+# ------------------------------------------------------------ the guide against the libraries
+
+
+def test_stamina_waits_are_a_floor_the_full_jitter_table_draws_under(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """migration.md maps `wait_initial=a, wait_max=M` to `base_ms = a x 1000`, `max_ms = M
+    x 1000`, `jitter = "full"`, and called it the table "that does the same". Run,
+    stamina waits `a x 2^n` plus a random 0 to 1 s (`wait_jitter`): its waits start where
+    ours end. The guide now says so; here, stamina's least waits are our greatest."""
+    import random
+
+    import stamina
+    from stamina.instrumentation import set_on_retry_hooks
+
+    waits: list[float] = []
+    set_on_retry_hooks([lambda details: waits.append(details.wait_for)])
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)  # stamina's least jitter
+    try:
+
+        @stamina.retry(on=RuntimeError, attempts=4, wait_initial=0.2, wait_max=2)
+        def call() -> None:
+            raise RuntimeError("down")
+
+        with pytest.raises(RuntimeError):
+            call()
+    finally:
+        set_on_retry_hooks(None)
+    cfg = (
+        _loads('retry = { attempts = 4, base_ms = 200, max_ms = 2000, jitter = "full" }')
+        .upstreams[0]
+        .retry
+    )
+    ours_most = [backoff_delay(n, 0.2, 2.0, cfg.jitter, lambda: 1.0) for n in range(3)]
+    assert waits == pytest.approx([0.2, 0.4, 0.8])
+    assert ours_most == pytest.approx(waits)
+    guide = Path("docs/migration.md").read_text()
+    assert "stamina waits `wait_initial x 2^n` plus" in guide
+
+
+def test_urllib3_retries_once_at_once_then_waits_as_the_guide_maps() -> None:
+    """migration.md: urllib3's `backoff_factor=f` is `base_ms = f x 1000`. urllib3 sleeps
+    0 before its first retry, then 2f, 4f, ...: the mapping matches from the second
+    retry, and the guide now says the first retry waits f here."""
+    from urllib3.util.retry import RequestHistory, Retry
+
+    retry = Retry(total=4, backoff_factor=0.5, status_forcelist=[503])
+    theirs = []
+    for _ in range(4):  # one more 503 in its history before each retry's sleep
+        retry = retry.new(history=(*retry.history, RequestHistory("GET", "/", None, 503, None)))
+        theirs.append(retry.get_backoff_time())
+    ours = [backoff_delay(n, 0.5, 120.0, "none", lambda: 0.5) for n in range(4)]
+    assert theirs == [0, 1.0, 2.0, 4.0]
+    assert ours[1:] == theirs[1:]
+    assert ours[0] == 0.5
+    guide = Path("docs/migration.md").read_text()
+    assert "urllib3 retries the first time at once" in guide
