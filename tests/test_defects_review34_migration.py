@@ -460,3 +460,85 @@ def test_urllib3_retries_once_at_once_then_waits_as_the_guide_maps() -> None:
     assert ours[0] == 0.5
     guide = Path("docs/migration.md").read_text()
     assert "urllib3 retries the first time at once" in guide
+
+
+# ------------------------------------------------------------ more shapes of real code
+
+
+def test_a_function_that_retries_by_calling_itself_is_found(tmp_path: Path) -> None:
+    """`except httpx.HTTPError: if retries: time.sleep(1); return fetch(url, retries - 1)`,
+    or `return await self.get_token(attempt=attempt + 1)` after a 503: a retry written as
+    recursion, common in small clients, was not reported (the audit read loops only).
+    Recursion over data (a tree, the next page, a parse fallback) passes something else
+    than a count moved on, and is not a retry."""
+    (tmp_path / "client.py").write_text(
+        "import asyncio, time\n"
+        "import httpx\n"
+        "def fetch(url: str, retries: int = 3) -> httpx.Response:\n"
+        "    try:\n"
+        "        response = httpx.get(url)\n"
+        "        response.raise_for_status()\n"
+        "        return response\n"
+        "    except httpx.HTTPError:\n"
+        "        if retries > 0:\n"
+        "            time.sleep(1)\n"
+        "            return fetch(url, retries - 1)\n"
+        "        raise\n"
+        "class Tokens:\n"
+        "    async def get_token(self, client: httpx.AsyncClient, attempt: int = 0):\n"
+        "        response = await client.get('https://auth.internal/token')\n"
+        "        if response.status_code == 503 and attempt < 3:\n"
+        "            await asyncio.sleep(2 ** attempt)\n"
+        "            return await self.get_token(client, attempt=attempt + 1)\n"
+        "        return response\n"
+        "def walk(node: dict, depth: int = 0) -> list:\n"
+        "    return [node] + [w for c in node['children'] for w in walk(c, depth + 1)]\n"
+        "def pages(client: httpx.Client, page: int = 1) -> list:\n"
+        "    data = client.get('https://a.internal/x', params={'page': page}).json()\n"
+        "    return data['items'] + (pages(client, page + 1) if data['next'] else [])\n"
+        "def parse(text: str, depth: int = 0) -> int:\n"
+        "    try:\n"
+        "        return int(text)\n"
+        "    except ValueError:\n"
+        "        return parse(text.strip(), depth + 1)\n"
+    )
+    found = [(f.line, f.kind, f.library) for f in audit_paths([str(tmp_path)]).findings]
+    assert found == [(3, RETRY, "hand-written"), (14, RETRY, "hand-written")]
+
+
+def test_a_client_built_for_any_url_is_not_given_another_clients_host(tmp_path: Path) -> None:
+    """A module with one client on `base_url="https://inventory.internal"` and others
+    built without one (a factory returning a retrying client, a requests session, a
+    function fetching whatever URL it is given): every retry in it was put in
+    `[[upstream]] host = "inventory.internal"`, a table for another client's host."""
+    (tmp_path / "clients.py").write_text(
+        "import time\n"
+        "import httpx, requests\n"
+        "from httpx_retries import Retry, RetryTransport\n"
+        "from requests.adapters import HTTPAdapter\n"
+        "from tenacity import retry\n"
+        "inventory = httpx.Client(\n"
+        "    base_url='https://inventory.internal',\n"
+        "    transport=RetryTransport(retry=Retry(total=3)),\n"
+        ")\n"
+        "def factory() -> httpx.AsyncClient:\n"
+        "    return httpx.AsyncClient(transport=RetryTransport(retry=Retry(total=5)))\n"
+        "def session() -> requests.Session:\n"
+        "    s = requests.Session()\n"
+        "    s.mount('https://', HTTPAdapter(max_retries=3))\n"
+        "    return s\n"
+        "@retry\n"
+        "def anything(url: str) -> bytes:\n"
+        "    return httpx.get(url).content\n"
+        "@retry\n"
+        "def stock() -> dict:\n"
+        "    return inventory.get('/stock').json()\n"
+    )
+    hosts = {f.line: f.host for f in audit_paths([str(tmp_path)]).findings}
+    assert hosts == {
+        8: "inventory.internal",
+        11: None,
+        14: None,
+        16: None,
+        19: "inventory.internal",
+    }

@@ -50,6 +50,7 @@ from .retryloops import (
     LoopReader,
     LoopVerdict,
     dotted_name,
+    recursive_retry,
     sleeping_functions,
 )
 
@@ -253,7 +254,8 @@ class AuditFinding:
     replace_with: str
     confidence: str = HIGH  # high | medium | low: how sure the scan is that this is one
     # the host an outbound concern guards, from the URLs written in its code (or the
-    # module's one host): the `[[upstream]]` table its values go in; None when unknown
+    # base_url of its client or the module's): the `[[upstream]]` table its values go in;
+    # None when unknown
     host: str | None = None
 
     def __str__(self) -> str:
@@ -466,6 +468,27 @@ def _url_hosts(region: ast.AST) -> set[str]:
     return hosts
 
 
+_CLIENTS = {
+    "httpx.Client",
+    "httpx.AsyncClient",
+    "requests.Session",
+    "requests.session",
+    "aiohttp.ClientSession",
+}
+
+
+def _base_url_hosts(call: ast.Call) -> set[str]:
+    """The host of a client's literal `base_url` (aiohttp's is its first argument)."""
+    given = next((k.value for k in call.keywords if k.arg == "base_url"), None)
+    if given is None and call.args and isinstance(call.args[0], ast.Constant | ast.JoinedStr):
+        given = call.args[0]
+    return _url_hosts(given) if given is not None else set()
+
+
+def _one(hosts: set[str]) -> str | None:
+    return next(iter(hosts)) if len(hosts) == 1 else None
+
+
 def _short(node: ast.AST) -> str:
     text = ast.unparse(node)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -495,7 +518,11 @@ class _Scanner(ast.NodeVisitor):
         self.ctx: dict[int, toolkits.Ctx] = {}
         self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
         self.created: dict[str, ast.Call] = {}  # library objects: name -> the call
-        self.module_hosts: set[str] = set()  # every host a literal URL of the module names
+        # the hosts of the `base_url` of the clients the module binds to a name
+        # (`client = httpx.AsyncClient(base_url=...)`, `self.api = ...`), by that name
+        self.client_hosts: dict[str, set[str]] = {}
+        # the client construction (`httpx.AsyncClient(...)`) each node is part of
+        self.client_of: dict[int, ast.Call] = {}
 
     # ------------------------------------------------------------ imports
 
@@ -598,7 +625,7 @@ class _Scanner(ast.NodeVisitor):
         # only where the finding's values go in an `[[upstream]]` table (a deadline
         # goes in `[deadline]`)
         if outbound and rule.kind in _HOSTED_KINDS and "upstream[]" in replace:
-            host = self.host_of(region if region is not None else self._around(node))
+            host = self.host_of(region if region is not None else self._around(node), node)
         self.findings.append(
             AuditFinding(
                 self.filename,
@@ -635,14 +662,32 @@ class _Scanner(ast.NodeVisitor):
         """Where a concern reported without a region applies: its function, or itself."""
         return self.function[-1] if self.function else node
 
-    def host_of(self, region: ast.AST) -> str | None:
-        """The one host the URLs written in `region` name; else the module's one host
-        (a client's `base_url`, the calls' paths relative to it); None when there are
-        none or several."""
+    def host_of(self, region: ast.AST, node: ast.AST | None = None) -> str | None:
+        """The one host the URLs written in `region` name; else the one host of the
+        `base_url` of the clients it builds, or failing those of the module's clients it
+        calls through (the calls' paths relative to it); None when there are none or
+        several.
+
+        A retry that is part of building a client (`httpx.AsyncClient(transport=
+        RetryTransport(...))`) guards that client's host only: its `base_url`, or none.
+        Another client's `base_url`, or a URL another function calls, says nothing
+        about a client built for any URL (a factory, a session mounted for "https://")."""
+        if node is not None and id(node) in self.client_of:
+            return _one(_base_url_hosts(self.client_of[id(node)]))
         hosts = _url_hosts(region)
         if not hosts:
-            hosts = self.module_hosts
-        return next(iter(hosts)) if len(hosts) == 1 else None
+            built = [
+                call
+                for call in ast.walk(region)
+                if isinstance(call, ast.Call) and self.resolve(call.func) in _CLIENTS
+            ]
+            if built:
+                return _one({h for call in built for h in _base_url_hosts(call)})
+            # the clients it calls through, by name: their base_url
+            for ref in ast.walk(region):
+                if isinstance(ref, ast.Name | ast.Attribute):
+                    hosts |= self.client_hosts.get(dotted_name(ref) or "", set())
+        return _one(hosts)
 
     def remedy(self, rule: Rule, region: ast.AST | None) -> str:
         if rule.library in toolkits.LIBRARIES:
@@ -718,7 +763,18 @@ class _Scanner(ast.NodeVisitor):
     def prepare(self, tree: ast.Module) -> None:
         """Before the visit: module-level `name = call(...)`, and the configs handed to
         pyresilience's ResilientMiddleware, whose concerns are inbound."""
-        self.module_hosts = _url_hosts(tree)
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and self.resolve(call.func) in _CLIENTS:
+                for sub in ast.walk(call):
+                    self.client_of.setdefault(id(sub), call)
+        for bind in ast.walk(tree):
+            if isinstance(bind, ast.Assign | ast.AnnAssign) and isinstance(bind.value, ast.Call):
+                made = bind.value
+                if self.resolve(made.func) in _CLIENTS and (hosts := _base_url_hosts(made)):
+                    targets = bind.targets if isinstance(bind, ast.Assign) else [bind.target]
+                    for target in targets:
+                        if name := dotted_name(target):
+                            self.client_hosts.setdefault(name, set()).update(hosts)
         for stmt in tree.body:
             if (
                 isinstance(stmt, ast.Assign)
@@ -1011,6 +1067,17 @@ class _Scanner(ast.NodeVisitor):
             )
         for deco in decorators:
             self._decorator(deco, node, route)
+        again = recursive_retry(node)
+        if again is not None:
+            self.report(
+                node,
+                Rule(RETRY, "hand-written"),
+                f"{node.name}() retries by calling itself again (line {again.lineno}) "
+                "with its attempt count moved on",
+                confidence=MEDIUM,
+                remedy=RETRY_REMEDY[self.client_library(node)],
+                region=node,
+            )
         self.function.append(node)
         for stmt in node.body:
             self.visit(stmt)
