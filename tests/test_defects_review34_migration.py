@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import Request  # at module level: the routes' annotations are strings
 
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.decide.retry import backoff_delay
@@ -542,3 +543,165 @@ def test_a_client_built_for_any_url_is_not_given_another_clients_host(tmp_path: 
         16: None,
         19: "inventory.internal",
     }
+
+
+# ------------------------------------------------------------ slowapi, run next to its translation
+
+
+def _slowapi_shop(monkeypatch: pytest.MonkeyPatch, now: list[float]) -> object:
+    """slowapi as the guide's "before": default_limits, a route's own limit, a POST
+    limit on a path whose GET has none of its own, an exempt route; its clock is `now`."""
+    import types
+
+    import limits.storage.memory
+    from fastapi import FastAPI
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+
+    monkeypatch.setattr(limits.storage.memory, "time", types.SimpleNamespace(time=lambda: now[0]))
+    limiter = Limiter(key_func=get_remote_address, default_limits=["3/minute"])
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    app.add_middleware(SlowAPIMiddleware)
+
+    @app.get("/search")
+    @limiter.limit("5/minute")
+    async def search(request: Request) -> dict[str, str]:
+        return {}
+
+    @app.get("/orders")
+    async def orders(request: Request) -> list[str]:
+        return []
+
+    @app.get("/invoices")
+    async def invoices(request: Request) -> list[str]:
+        return []
+
+    @app.post("/carts")
+    @limiter.limit("2/minute")
+    async def new_cart(request: Request) -> dict[str, str]:
+        return {}
+
+    @app.get("/carts")
+    async def carts(request: Request) -> list[str]:
+        return []
+
+    @app.get("/healthz")
+    @limiter.exempt
+    async def healthz(request: Request) -> str:
+        return "ok"
+
+    return app
+
+
+def _translated_shop() -> object:
+    """The same service after docs/migration.md's slowapi table: the route limits in the
+    policy (`methods = ["POST"]` for the POST's), the per-route default as a dependency
+    on the router of the routes without their own limit, the exempt route off it."""
+    from fastapi import APIRouter, Depends, FastAPI
+
+    from fidelity_mw.fastapi import Fidelity
+
+    policy = Policy.from_dict(
+        {
+            "rate_limit": [
+                {"name": "search", "match": "/search", "rate": "5/minute"},
+                {"name": "new-cart", "match": "/carts", "rate": "2/minute", "methods": ["POST"]},
+            ]
+        }
+    )
+    fidelity = Fidelity()
+    defaults = APIRouter(dependencies=[Depends(fidelity.limit("3/minute"))])
+
+    @defaults.get("/orders")
+    async def orders() -> list[str]:
+        return []
+
+    @defaults.get("/invoices")
+    async def invoices() -> list[str]:
+        return []
+
+    @defaults.get("/carts")
+    async def carts() -> list[str]:
+        return []
+
+    app = FastAPI()
+    app.add_middleware(FidelityMiddleware, policy=policy)
+    app.include_router(defaults)
+    fidelity.install(app)
+
+    @app.get("/search")
+    async def search() -> dict[str, str]:
+        return {}
+
+    @app.post("/carts")
+    async def new_cart() -> dict[str, str]:
+        return {}
+
+    @app.get("/healthz")
+    async def healthz() -> str:
+        return "ok"
+
+    return app
+
+
+def _statuses(app: object, script: list[tuple[str, str]]) -> list[int]:
+    async def run() -> list[int]:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            return [(await client.request(m, p)).status_code for m, p in script]
+
+    return asyncio.run(run())
+
+
+def test_the_slowapi_table_admits_what_slowapi_admitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide's claims about slowapi, run: a route's own limit replaces the defaults
+    (6 of /search's 7 would be 3 under the default), the defaults count per route, a
+    POST limit leaves the path's GET to the defaults, an exempt route is never counted.
+    Its translation admits the same requests, in the same order."""
+    from fidelity_mw.testing import fake_time
+
+    script = [("GET", "/search")] * 7 + [("GET", "/orders")] * 4 + [("GET", "/invoices")] * 4
+    script += [("POST", "/carts")] * 3 + [("GET", "/carts")] * 4 + [("GET", "/healthz")] * 6
+    theirs = _statuses(_slowapi_shop(monkeypatch, [1000.0]), script)
+    ours_app = _translated_shop()
+    with fake_time(app=ours_app):
+        ours = _statuses(ours_app, script)
+    assert (
+        theirs
+        == [200] * 5
+        + [429] * 2
+        + ([200] * 3 + [429]) * 2
+        + [200, 200, 429]
+        + ([200] * 3 + [429])
+        + [200] * 6
+    )
+    assert ours == theirs
+
+
+def test_slowapi_windows_admit_twice_the_rate_across_an_edge_the_table_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guide: "slowapi's default fixed window admits 5 at the end of one minute and 5
+    more at the start of the next; GCRA admits at most burst + rate x t in any interval
+    t". Run: one search at 0 s opens slowapi's window, four at 59 s, five at 60.5 s, and
+    slowapi admits nine in 1.5 s; `rate = "5/minute"` admits five (4 + 1)."""
+    from fidelity_mw.testing import fake_time
+
+    now = [1000.0]
+    slowapi_app = _slowapi_shop(monkeypatch, now)
+    ours_app = _translated_shop()
+    theirs: list[int] = []
+    ours: list[int] = []
+    with fake_time(app=ours_app) as clock:
+        for at, n in ((0.0, 1), (59.0, 4), (60.5, 5)):
+            clock.advance(1000.0 + at - now[0])
+            now[0] = 1000.0 + at
+            theirs += _statuses(slowapi_app, [("GET", "/search")] * n)
+            ours += _statuses(ours_app, [("GET", "/search")] * n)
+    assert theirs == [200] * 10
+    assert ours == [200] * 6 + [429] * 4
+    assert ours[1:].count(200) <= 5 + 5 * 1.5 / 60  # burst + rate x t over the 1.5 s
