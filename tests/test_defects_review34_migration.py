@@ -705,3 +705,44 @@ def test_slowapi_windows_admit_twice_the_rate_across_an_edge_the_table_does_not(
     assert theirs == [200] * 10
     assert ours == [200] * 6 + [429] * 4
     assert ours[1:].count(200) <= 5 + 5 * 1.5 / 60  # burst + rate x t over the 1.5 s
+
+
+def test_retrying_retry_and_aiohttp_retry_are_found(tmp_path: Path) -> None:
+    """retrying's `@retry(stop_max_attempt_number=3, wait_fixed=2000)`, retry's
+    `@retry(tries=4, delay=1, backoff=2)` / `retry_call(...)` and aiohttp-retry's
+    `RetryClient` are common in real services and scripts; the audit knew none of them,
+    so `--fail-on retry` passed a codebase full of them. One attempt is no retry."""
+    (tmp_path / "old.py").write_text(
+        "import requests\n"
+        "from aiohttp_retry import ExponentialRetry, RetryClient\n"
+        "from retry import retry as plain_retry\n"
+        "from retry.api import retry_call\n"
+        "from retrying import retry\n"
+        "@retry(stop_max_attempt_number=3, wait_fixed=2000)\n"
+        "def a(): return requests.get('https://a.internal/x')\n"
+        "@retry(stop_max_attempt_number=5, wait_exponential_multiplier=500,"
+        " wait_exponential_max=8000)\n"
+        "def b(): return requests.get('https://a.internal/x')\n"
+        "@retry(stop_max_attempt_number=1)\n"
+        "def c(): return requests.get('https://a.internal/x')\n"
+        "@plain_retry(requests.RequestException, tries=4, delay=1, backoff=2, max_delay=10)\n"
+        "def d(): return requests.get('https://a.internal/x')\n"
+        "def e(): return retry_call(requests.get, fargs=['https://a.internal/x'], tries=3)\n"
+        "async def f(urls):\n"
+        "    async with RetryClient(retry_options=ExponentialRetry(attempts=4)) as client:\n"
+        "        return [await client.get(u) for u in urls]\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    assert [(f.line, f.library) for f in report.findings] == [
+        (6, "retrying"),
+        (8, "retrying"),
+        (12, "retry"),
+        (14, "retry"),
+        (16, "aiohttp-retry"),
+    ]
+    assert _hints(tmp_path) == [
+        'retry = { attempts = 3, base_ms = 2000, max_ms = 2000, jitter = "none" }',
+        'retry = { attempts = 5, base_ms = 1000, max_ms = 8000, jitter = "none" }',
+        'retry = { attempts = 4, base_ms = 1000, max_ms = 10000, jitter = "none" }',
+    ]
+    assert report.findings[-1].replace_with.startswith("aiohttp cannot go through")

@@ -5,7 +5,8 @@ run) and reports, with file and line:
 
 - library entry points, resolved through the file's imports, so a local
   function that happens to be called `retry` is not flagged: tenacity,
-  backoff, stamina, urllib3 `Retry`, requests `HTTPAdapter(max_retries=N)`,
+  backoff, stamina, retrying, retry, aiohttp-retry, urllib3 `Retry`,
+  requests `HTTPAdapter(max_retries=N)`,
   httpx transports with `retries=N` (N != 0), httpx-retries, pybreaker,
   aiobreaker, circuitbreaker, purgatory, slowapi, limits, fastapi-limiter;
 - the all-in-one toolkits nopanic, pyresilience and throttled-py (see
@@ -138,6 +139,14 @@ def _rules() -> dict[str, Rule]:
         "tenacity.asyncio.AsyncRetrying",
     )
     add(RETRY, "backoff", "backoff.on_exception", "backoff.on_predicate")
+    # the older decorators still common in scripts and services: retrying
+    # (`@retry(stop_max_attempt_number=3, wait_fixed=2000)`), retry (`@retry(tries=3,
+    # delay=1, backoff=2)`, `retry_call(f, ...)`), and aiohttp-retry's client
+    add(RETRY, "retrying", "retrying.retry", "retrying.Retrying")
+    add(
+        RETRY, "retry", "retry.retry", "retry.api.retry", "retry.retry_call", "retry.api.retry_call"
+    )
+    add(RETRY, "aiohttp-retry", "aiohttp_retry.RetryClient")
     add(
         RETRY,
         "stamina",
@@ -702,6 +711,8 @@ class _Scanner(ast.NodeVisitor):
             )
         if rule.library == "httpx-retries":
             return FIDELITY_RETRY + " in place of RetryTransport"
+        if rule.library == "aiohttp-retry":
+            return RETRY_REMEDY["aiohttp"]
         return RETRY_REMEDY[self.client_library(region)]
 
     def client_library(self, region: ast.AST | None) -> str | None:
@@ -1211,7 +1222,7 @@ class _Scanner(ast.NodeVisitor):
                     # `Retrying(...)`, `AsyncRetrying(...)`, `stamina.retry_context(...)` and
                     # a decorator made apart (`api_retry = retry(...)`, the usual way to share
                     # one) take the decorator's arguments
-                    configures = rule.library in ("tenacity", "stamina") and (name or "").endswith(
+                    configures = rule.library in _HINTED_RETRIES and (name or "").endswith(
                         ("Retrying", ".retry", ".retry_context")
                     )
                     hinted = configures or rule.kind in (BREAKER, LIMITER)
@@ -1306,6 +1317,15 @@ class _Scanner(ast.NodeVisitor):
             return retry is not None and (self.resolve(retry) or "").endswith("retry_never")
         if library == "backoff":
             return value.get("max_tries") in (0, 1)
+        if library == "retrying":
+            return value.get("stop_max_attempt_number") in (0, 1)
+        if library == "retry":
+            return value.get("tries") in (0, 1)
+        if library == "aiohttp-retry":
+            options = kw.get("retry_options")
+            return isinstance(options, ast.Call) and any(
+                k.arg == "attempts" and _literal(k.value) in (0, 1) for k in options.keywords
+            )
         if library == "stamina":
             return value.get("attempts") in (0, 1)
         if library == toolkits.NOPANIC and found[1].api == "retry":
@@ -1607,6 +1627,9 @@ def _number(call: ast.Call, position: int, keyword: str, default: float | None) 
     return float(value) if ok else None  # type: ignore[arg-type]
 
 
+_BY_NAME = 1_000  # a position no call fills: `_number` reads the keyword only
+
+
 def _ms_value(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -1646,6 +1669,36 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
             keys["jitter"] = "none" if plain else "full"
+    elif library == "retrying":  # its waits are in milliseconds
+        tries = _number(deco, _BY_NAME, "stop_max_attempt_number", None)
+        if tries is not None:
+            keys["attempts"] = int(tries)
+        fixed_ms = _number(deco, _BY_NAME, "wait_fixed", None)
+        multiplier = _number(deco, _BY_NAME, "wait_exponential_multiplier", None)
+        if fixed_ms is not None:
+            keys.update(base_ms=round(fixed_ms), max_ms=round(fixed_ms), jitter="none")
+        elif multiplier is not None:
+            # it waits multiplier x 2^attempt, from attempt 1: the first wait is twice it
+            keys["base_ms"] = round(2 * multiplier)
+            cap_ms = _number(deco, _BY_NAME, "wait_exponential_max", None)
+            if cap_ms is not None:
+                keys["max_ms"] = round(cap_ms)
+            keys["jitter"] = "none"
+    elif library == "retry":
+        tries = _number(deco, 1, "tries", None)
+        if tries is not None and tries > 0:
+            keys["attempts"] = int(tries)
+        delay, factor = _number(deco, 2, "delay", None), _number(deco, 4, "backoff", 1.0)
+        ceiling = _number(deco, 3, "max_delay", None)
+        spread = any(k.arg == "jitter" for k in deco.keywords) or len(deco.args) > 5
+        if delay is not None and factor in (1.0, 2.0) and not spread:
+            # delay, then delay x backoff each time: fixed at 1, doubling at 2
+            keys["base_ms"] = _ms_value(delay)
+            if factor == 1.0:
+                keys["max_ms"] = _ms_value(delay)
+            elif ceiling is not None:
+                keys["max_ms"] = _ms_value(ceiling)
+            keys["jitter"] = "none"
     elif library == "stamina":
         attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
         count = _literal(attempts) if attempts is not None else 10  # stamina's default
@@ -1761,6 +1814,9 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
         if tables:
             hints.append("application_limits: e.g. " + ", ".join(tables))
     return "; ".join(hints)
+
+
+_HINTED_RETRIES = ("tenacity", "stamina", "retrying", "retry")
 
 
 def _hint(node: ast.expr, rule: Rule) -> str:
