@@ -746,3 +746,32 @@ def test_retrying_retry_and_aiohttp_retry_are_found(tmp_path: Path) -> None:
         'retry = { attempts = 4, base_ms = 1000, max_ms = 10000, jitter = "none" }',
     ]
     assert report.findings[-1].replace_with.startswith("aiohttp cannot go through")
+
+
+def test_a_hand_written_breaker_is_found(tmp_path: Path) -> None:
+    """A breaker class of the project's own (failures counted, open until a time) is as
+    common in real services as pybreaker, and there was nothing for it: the audit read
+    loops only. Its exception, its state enum and a listener count nothing, and a
+    library's breaker subclassed is reported as that library."""
+    (tmp_path / "breakers.py").write_text(
+        "import time\n"
+        "from enum import Enum\n"
+        "import pybreaker\n"
+        "class CircuitBreakerOpen(RuntimeError): ...\n"
+        "class BreakerState(Enum):\n"
+        "    OPEN = 'open'\n"
+        "class PaymentsBreaker:\n"
+        "    def __init__(self, fail_max: int = 5, reset_s: float = 30) -> None:\n"
+        "        self.failures, self.fail_max, self.reset_s = 0, fail_max, reset_s\n"
+        "    def allow(self) -> bool:\n"
+        "        return time.monotonic() >= getattr(self, 'until', 0.0)\n"
+        "    def failed(self) -> None:\n"
+        "        self.failures += 1\n"
+        "        if self.failures >= self.fail_max:\n"
+        "            self.until = time.monotonic() + self.reset_s\n"
+        "class BreakerListener(pybreaker.CircuitBreakerListener):\n"
+        "    def failure(self, cb, exc): print(cb.fail_counter, time.time())\n"
+        "class AuditedBreaker(pybreaker.CircuitBreaker): ...\n"
+    )
+    found = [(f.line, f.kind, f.library) for f in audit_paths([str(tmp_path)]).findings]
+    assert found == [(7, "breaker", "hand-written"), (18, "breaker", "pybreaker")]

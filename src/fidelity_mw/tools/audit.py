@@ -18,7 +18,9 @@ run) and reports, with file and line:
   also in other scanned modules that import them;
 - hand-written retry loops, by what they do (see `retryloops`): a loop that
   makes the same call again after catching its failure or checking its
-  status, and leaves on success, with or without a sleep.
+  status, and leaves on success, with or without a sleep; a function that calls
+  itself again with its attempt count moved on; and hand-written breakers (a
+  class named for one that counts failures and reads a clock).
 
 Retries configured off (`Retry(total=0)`, `stop_after_attempt(1)`,
 `max_retries=0`...) are not reported. Each finding carries a confidence and a
@@ -762,9 +764,37 @@ class _Scanner(ast.NodeVisitor):
         return False
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        if self._hand_written_breaker(node):
+            self.report(
+                node,
+                Rule(BREAKER, "hand-written"),
+                f"class {node.name}: a circuit breaker of its own (counts failures, "
+                "opens for a time)",
+                confidence=MEDIUM,
+                region=node,
+            )
         self.classes.append(node)
         self.generic_visit(node)
         self.classes.pop()
+
+    def _hand_written_breaker(self, node: ast.ClassDef) -> bool:
+        """A class named for a breaker that counts failures and keeps time: a breaker
+        written by hand, as often as one from a library. Its exceptions, states and
+        listeners count nothing; a library's breaker subclassed is reported as that."""
+        if not _BREAKER_NAME.search(node.name):
+            return False
+        if any(self.rule_for(self.resolve(base)) for base in node.bases):
+            return False
+        counts = any(  # `self._failures += 1`
+            isinstance(n, ast.AugAssign)
+            and isinstance(n.op, ast.Add)
+            and _FAILURE_COUNT.search(dotted_name(n.target) or "")
+            for n in ast.walk(node)
+        )
+        keeps_time = any(
+            isinstance(n, ast.Call) and last_name_of(n.func) in _CLOCKS for n in ast.walk(node)
+        )
+        return counts and keeps_time
 
     def _default_ctx(self, region: ast.AST | None) -> toolkits.Ctx:
         if region is None and self.function:
@@ -1555,6 +1585,11 @@ _OWN_SCOPES = (
 
 def _own_nodes(body: Sequence[ast.stmt], *types: type) -> Iterator[ast.AST]:
     return (n for n in _walk_own(body) if isinstance(n, types))
+
+
+_BREAKER_NAME = re.compile(r"breaker", re.IGNORECASE)
+_FAILURE_COUNT = re.compile(r"fail|error", re.IGNORECASE)
+_CLOCKS = {"time", "monotonic", "perf_counter", "now", "utcnow", "time_ns", "monotonic_ns"}
 
 
 def _is_route_decorator(deco: ast.expr) -> bool:
