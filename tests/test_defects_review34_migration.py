@@ -775,3 +775,62 @@ def test_a_hand_written_breaker_is_found(tmp_path: Path) -> None:
     )
     found = [(f.line, f.kind, f.library) for f in audit_paths([str(tmp_path)]).findings]
     assert found == [(7, "breaker", "hand-written"), (18, "breaker", "pybreaker")]
+
+
+def test_a_route_included_with_a_prefix_elsewhere_is_matched_with_it(tmp_path: Path) -> None:
+    """The usual FastAPI layout puts the version in `app.include_router(api, prefix="/v1")`
+    in main.py, routers in their own modules, routers included into routers: a table
+    matched the route's own path only ("/items/search"), which no request has. The match
+    is now the path FastAPI serves, every prefix in the chain included."""
+    from fastapi import APIRouter, FastAPI
+
+    pkg = tmp_path / "svc"
+    (pkg / "routes").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "routes" / "__init__.py").write_text("")
+    (pkg / "limits.py").write_text(
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address)\n"
+    )
+    (pkg / "routes" / "items.py").write_text(
+        "from fastapi import APIRouter, Request\n"
+        "from ..limits import limiter\n"
+        "router = APIRouter(prefix='/items')\n"
+        "@router.get('/search')\n"
+        "@limiter.limit('2/minute')\n"
+        "async def search(request: Request): ...\n"
+    )
+    (pkg / "routes" / "orders.py").write_text(
+        "from fastapi import APIRouter, Request\n"
+        "from svc.limits import limiter\n"
+        "router = APIRouter()\n"
+        "@router.post('/orders')\n"
+        "@limiter.limit('1/minute')\n"
+        "async def order(request: Request): ...\n"
+    )
+    (pkg / "main.py").write_text(
+        "from fastapi import APIRouter, FastAPI\n"
+        "from .routes import items\n"
+        "from .routes.orders import router as orders_router\n"
+        "api = APIRouter(prefix='/api')\n"
+        "api.include_router(items.router)\n"
+        "app = FastAPI()\n"
+        "app.include_router(api, prefix='/v1')\n"
+        "app.include_router(orders_router, prefix='/shop')\n"
+    )
+    report = audit_paths([str(tmp_path)])
+    matches = sorted(
+        m for f in report.findings for m in re.findall(r'match = "([^"]*)"', f.replace_with)
+    )
+
+    # the same app, put together by FastAPI: the paths it serves
+    items, orders, api = APIRouter(prefix="/items"), APIRouter(), APIRouter(prefix="/api")
+    items.add_api_route("/search", lambda: None)
+    orders.add_api_route("/orders", lambda: None, methods=["POST"])
+    api.include_router(items)
+    app = FastAPI()
+    app.include_router(api, prefix="/v1")
+    app.include_router(orders, prefix="/shop")
+    served = sorted(app.openapi()["paths"])
+    assert matches == served == ["/shop/orders", "/v1/api/items/search"]

@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from . import toolkits
@@ -56,6 +57,9 @@ from .retryloops import (
     recursive_retry,
     sleeping_functions,
 )
+
+_T = TypeVar("_T")
+_D = TypeVar("_D")
 
 RETRY = toolkits.RETRY
 BREAKER = toolkits.BREAKER
@@ -359,15 +363,17 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
                 continue
             parsed.append((path, source, tree, module_name(path, root)))
     shared: dict[str, Rule] = {}
+    routers = Routers()
     imports: list[dict[str, str]] = []
     for path, _, tree, module in parsed:
         scanner = _Scanner(path.as_posix(), module, shared)
         scanner.collect_imports(tree)
         scanner.collect_module_objects(tree)
+        scanner.collect_routers(tree, routers)
         imports.append(scanner.aliases)
     for (path, source, tree, module), aliases in zip(parsed, imports, strict=True):
         try:
-            found = audit_tree(tree, source, path.as_posix(), module, shared, aliases)
+            found = audit_tree(tree, source, path.as_posix(), module, shared, aliases, routers)
         except RecursionError as exc:  # `a + b + ...` of hundreds of terms: the visit nests
             report.skipped.append((path.as_posix(), f"too deeply nested to scan ({exc})"))
             continue
@@ -401,13 +407,19 @@ def audit_tree(
     module: str = "",
     shared: dict[str, Rule] | None = None,
     aliases: dict[str, str] | None = None,
+    routers: Routers | None = None,
 ) -> list[AuditFinding]:
-    """`aliases`: the module's imports, when the caller collected them already."""
+    """`aliases`: the module's imports, when the caller collected them already;
+    `routers`: the FastAPI routers of all the modules scanned, and their prefixes."""
     scanner = _Scanner(filename, module, shared, sleeping_functions(tree))
     if aliases is None:
         scanner.collect_imports(tree)
     else:
         scanner.aliases = dict(aliases)
+    if routers is None:
+        routers = Routers()
+        scanner.collect_routers(tree, routers)
+    scanner.routers = routers
     scanner.prepare(tree)
     scanner.visit(tree)
     lines = source.splitlines()
@@ -426,6 +438,40 @@ def audit_tree(
 
 
 # ---------------------------------------------------------------- the scanner
+
+
+@dataclass
+class Routers:
+    """FastAPI routers across the scanned modules, by qualified name (`app.items.router`):
+    the `prefix` each is made with, and where each is included (`app.include_router(
+    items.router, prefix="/api/v1")`): a route's path is all of them, outermost first."""
+
+    own: dict[str, str] = field(default_factory=dict)
+    included: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (into, prefix)
+
+    def prefix(self, key: str) -> str:
+        """Everything before a route's own path on router `key`."""
+        out, seen = "", set()
+        while key and key not in seen:
+            seen.add(key)
+            out = _lookup(self.own, key, "") + out
+            into = _lookup(self.included, key, None)
+            if into is None:
+                break
+            key, at = into
+            out = at + out
+        return out
+
+
+def _lookup(table: dict[str, _T], key: str, default: _D) -> _T | _D:
+    """`table[key]`, or the entry one of the two names ends with: a module named from
+    another root (`service.app.items.router` for `app.items.router`)."""
+    if key in table:
+        return table[key]
+    for name, value in table.items():
+        if name.endswith("." + key) or key.endswith("." + name):
+            return value
+    return default
 
 
 def _literal(node: ast.expr | None) -> object:
@@ -529,6 +575,7 @@ class _Scanner(ast.NodeVisitor):
         self.ctx: dict[int, toolkits.Ctx] = {}
         self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
         self.created: dict[str, ast.Call] = {}  # library objects: name -> the call
+        self.routers = Routers()
         # the hosts of the `base_url` of the clients the module binds to a name
         # (`client = httpx.AsyncClient(base_url=...)`, `self.api = ...`), by that name
         self.client_hosts: dict[str, set[str]] = {}
@@ -584,6 +631,45 @@ class _Scanner(ast.NodeVisitor):
             for target in targets:
                 if isinstance(target, ast.Name):
                     self.shared[f"{self.module}.{target.id}"] = _with_key(found[1], value)
+
+    def collect_routers(self, tree: ast.Module, routers: Routers) -> None:
+        """This module's `router = APIRouter(prefix=...)` and `x.include_router(router,
+        prefix=...)`, into `routers` (module level: where apps and routers are put
+        together)."""
+        for stmt in tree.body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and isinstance(stmt.value, ast.Call)
+                and last_name_of(stmt.value.func) in ("APIRouter", "FastAPI")
+            ):
+                given = next((k.value for k in stmt.value.keywords if k.arg == "prefix"), None)
+                prefix = _literal(given) if given is not None else ""
+                for target in stmt.targets:
+                    if isinstance(target, ast.Name) and isinstance(prefix, str):
+                        routers.own[self.qualified(target.id)] = prefix
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "include_router"
+                and node.args
+            ):
+                continue
+            child, into = self.object_key(node.args[0]), self.object_key(node.func.value)
+            given = next((k.value for k in node.keywords if k.arg == "prefix"), None)
+            prefix = _literal(given) if given is not None else ""
+            if child and into and isinstance(prefix, str):
+                routers.included[child] = (into, prefix)
+
+    def qualified(self, name: str) -> str:
+        return f"{self.module}.{name}" if self.module else name
+
+    def object_key(self, node: ast.expr) -> str | None:
+        """The qualified name of a module-level object: `router` made here, `items.router`
+        or `router` imported from another module."""
+        if isinstance(node, ast.Name) and node.id not in self.aliases:
+            return self.qualified(node.id)
+        return self.resolve(node)
 
     def shared_object(self, name: str | None) -> Rule | None:
         """A library object another scanned module made, imported here under `name`."""
@@ -660,13 +746,9 @@ class _Scanner(ast.NodeVisitor):
             if not (_is_route_decorator(deco) and isinstance(deco, ast.Call)):
                 continue
             assert isinstance(deco.func, ast.Attribute)
-            owner = deco.func.value
-            made = self.assigned.get(owner.id) if isinstance(owner, ast.Name) else None
-            if made is None or not last_name_of(made.func).endswith("Router"):
-                continue
-            prefix = _literal(next((k.value for k in made.keywords if k.arg == "prefix"), None))
-            if isinstance(prefix, str) and prefix:
-                return prefix + path  # as FastAPI joins them: "/items" + "/" is "/items/"
+            key = self.object_key(deco.func.value)
+            if key:  # as FastAPI joins them: "/items" + "/" is "/items/"
+                return self.routers.prefix(key) + path
         return path
 
     def _around(self, node: ast.AST) -> ast.AST:
