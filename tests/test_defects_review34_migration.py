@@ -167,6 +167,8 @@ def test_every_retry_table_the_audit_prints_loads(tmp_path: Path) -> None:
         "def c(): ...\n"
         "@stamina.retry(on=httpx.HTTPError, wait_initial=1200, wait_max=1500)\n"
         "def d(): ...\n"
+        "@stamina.retry(on=httpx.TransportError, attempts=5, wait_initial=10)\n"
+        "def e(): ...\n"
     )
     hints = _hints(tmp_path)
     assert hints == [
@@ -175,6 +177,8 @@ def test_every_retry_table_the_audit_prints_loads(tmp_path: Path) -> None:
         'retry = { base_ms = 3000, max_ms = 6000, jitter = "full" }',
         'retry = { attempts = 2, base_ms = 600000, max_ms = 600000, jitter = "none" }',
         'retry = { attempts = 10, base_ms = 600000, max_ms = 600000, jitter = "full" }',
+        # stamina caps its first wait at wait_max too: 5 s, not wait_initial's 10 s
+        'retry = { attempts = 5, base_ms = 5000, max_ms = 5000, jitter = "full" }',
     ]
     for hint in hints:
         _loads(hint)

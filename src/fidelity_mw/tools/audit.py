@@ -1826,6 +1826,9 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             value = default if node is None else _literal(node)  # stamina's defaults
             if isinstance(value, int | float) and not isinstance(value, bool):
                 keys[key] = _ms_value(float(value))
+        first, cap = keys.get("base_ms"), keys.get("max_ms")
+        if isinstance(first, int) and isinstance(cap, int) and first > cap:
+            keys["base_ms"] = cap  # stamina caps every wait at wait_max, the first too
         keys["jitter"] = "full"
     if not keys:
         return ""
