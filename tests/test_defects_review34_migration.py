@@ -838,3 +838,71 @@ def test_a_route_included_with_a_prefix_elsewhere_is_matched_with_it(tmp_path: P
     app.include_router(orders, prefix="/shop")
     served = sorted(app.openapi()["paths"])
     assert matches == served == ["/shop/orders", "/v1/api/items/search"]
+
+
+def _httpx_retries_run(
+    retry_after: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, int, list[float]]:
+    import httpx_retries.retry
+    from httpx_retries import Retry, RetryTransport
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(httpx_retries.retry.time, "sleep", sleeps.append)
+    answers = iter([httpx.Response(503, headers={"retry-after": retry_after}), httpx.Response(200)])
+    calls: list[int] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return next(answers)
+
+    retry = Retry(total=3, backoff_factor=0.5)
+    transport = RetryTransport(transport=httpx.MockTransport(upstream), retry=retry)
+    with httpx.Client(transport=transport) as client:
+        status = client.get("http://inventory.internal/items").status_code
+    return status, len(calls), sleeps
+
+
+def _ours_run(retry_after: str, policy: dict[str, object]) -> tuple[int, int, list[float]]:
+    from fidelity_mw import FidelityTransport
+    from fidelity_mw.testing import FakeClock
+
+    answers = iter([httpx.Response(503, headers={"retry-after": retry_after}), httpx.Response(200)])
+    calls: list[int] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return next(answers)
+
+    clock = FakeClock()
+    transport = FidelityTransport(
+        httpx.MockTransport(upstream), policy=Policy.from_dict(policy), clock=clock
+    )
+
+    async def get() -> int:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get("http://inventory.internal/items")).status_code
+
+    return asyncio.run(get()), len(calls), clock.sleeps
+
+
+def test_a_retry_after_httpx_retries_waited_out_ends_the_call_here_as_the_guide_now_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guide's httpx-retries row said `respect_retry_after_header=True` is "always,
+    up to retry_after_max_s": run, httpx-retries waits a `Retry-After: 60` out (up to its
+    max_backoff_wait, 120 s) and the call succeeds; with the row's translation the call
+    ends with the 503. The row now says so, and what keeps the old behaviour."""
+    retry = {"attempts": 4, "base_ms": 1000, "max_ms": 120000}
+    upstream = {"host": "inventory.internal", "retry": retry}
+    assert _httpx_retries_run("5", monkeypatch) == (200, 2, [5.0])
+    assert _ours_run("5", {"upstream": [upstream]}) == (200, 2, [5.0])
+
+    assert _httpx_retries_run("60", monkeypatch) == (200, 2, [60.0])
+    assert _ours_run("60", {"upstream": [upstream]}) == (503, 1, [])
+    longer = {**upstream, "retry": {**retry, "retry_after_max_s": 120}}
+    assert _ours_run("60", {"upstream": [longer]}) == (503, 1, [])  # past the 30 s deadline
+    room = {"upstream": [longer], "deadline": {"default_ms": 300_000}}
+    assert _ours_run("60", room) == (200, 2, [60.0])
+
+    guide = Path("docs/migration.md").read_text()
+    assert "A `Retry-After: 60` that httpx-retries waited out is answered 503 here" in guide
