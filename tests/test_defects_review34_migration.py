@@ -906,3 +906,21 @@ def test_a_retry_after_httpx_retries_waited_out_ends_the_call_here_as_the_guide_
 
     guide = Path("docs/migration.md").read_text()
     assert "A `Retry-After: 60` that httpx-retries waited out is answered 503 here" in guide
+
+
+def test_a_star_import_of_a_library_is_resolved(tmp_path: Path) -> None:
+    """`from pybreaker import *` / `from tenacity import *` (scripts, tests, old modules)
+    bound nothing the audit knew: the breaker and the retry under them went unreported.
+    A retry configured off stays unreported under a star import too."""
+    (tmp_path / "star.py").write_text(
+        "import httpx\n"
+        "from pybreaker import *\n"
+        "from tenacity import *\n"
+        "breaker = CircuitBreaker(fail_max=3)\n"
+        "@retry(stop=stop_after_attempt(3))\n"
+        "def get(): return httpx.get('https://a.internal/x')\n"
+        "@retry(stop=stop_after_attempt(1))\n"
+        "def once(): return httpx.get('https://a.internal/x')\n"
+    )
+    found = [(f.line, f.kind, f.library) for f in audit_paths([str(tmp_path)]).findings]
+    assert found == [(4, "breaker", "pybreaker"), (5, RETRY, "tenacity")]

@@ -215,6 +215,12 @@ def _rules() -> dict[str, Rule]:
 
 
 RULES = _rules()
+# `from tenacity import *` binds what the module exports: the names of RULES under it
+_STAR_NAMES: dict[str, set[str]] = {}
+for _name in RULES:
+    _module, _, _attr = _name.rpartition(".")
+    _STAR_NAMES.setdefault(_module, set()).add(_attr)
+_STAR_NAMES["tenacity"] |= {"stop_after_attempt", "retry_never"}  # what turns one off
 # Calls whose retries depend on a keyword: (qualified name, keyword, library).
 KEYWORD_RETRIES = {
     "httpx.HTTPTransport": ("retries", "httpx"),
@@ -598,6 +604,9 @@ class _Scanner(ast.NodeVisitor):
                 for alias in node.names:
                     if base and alias.name != "*":
                         self.aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+                    elif base:  # `from pybreaker import *`: the library's names we know
+                        for name in _STAR_NAMES.get(base, ()):
+                            self.aliases.setdefault(name, f"{base}.{name}")
 
     def _from_base(self, node: ast.ImportFrom) -> str | None:
         """The module a `from X import` names; relative imports resolved against ours."""
@@ -1826,9 +1835,9 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             value = default if node is None else _literal(node)  # stamina's defaults
             if isinstance(value, int | float) and not isinstance(value, bool):
                 keys[key] = _ms_value(float(value))
-        first, cap = keys.get("base_ms"), keys.get("max_ms")
-        if isinstance(first, int) and isinstance(cap, int) and first > cap:
-            keys["base_ms"] = cap  # stamina caps every wait at wait_max, the first too
+        initial, most = keys.get("base_ms"), keys.get("max_ms")
+        if isinstance(initial, int) and isinstance(most, int) and initial > most:
+            keys["base_ms"] = most  # stamina caps every wait at wait_max, the first too
         keys["jitter"] = "full"
     if not keys:
         return ""
