@@ -434,8 +434,10 @@ def recursive_retry(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.Call | No
     from an `except` around its call, or under an `if` that finds the status bad. The
     count moved on tells it from recursion over data (a tree, the next page): those
     pass something else."""
-    params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
     names = {fn.name}
+    if not any(isinstance(n, ast.Call) and _callee(n.func, names) for n in ast.walk(fn)):
+        return None  # most functions never call themselves: one walk to know it
+    params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
     results = {
         t.id
         for n in _walk_own(fn.body)
