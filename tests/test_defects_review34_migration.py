@@ -399,12 +399,18 @@ def test_a_retried_post_is_named_where_the_retry_is_deleted(tmp_path: Path) -> N
         "@stamina.retry(on=httpx.HTTPError, attempts=3)\n"
         "def read(client: httpx.Client) -> None:\n"
         "    client.get('https://events.internal/e/1').raise_for_status()\n"
+        "def read_then_send(client: httpx.Client) -> None:\n"
+        "    for attempt in range(3):\n"
+        "        response = client.get('https://events.internal/e/2')\n"
+        "        if response.status_code != 503:\n"
+        "            break\n"
+        "    client.post('https://events.internal/e', json=response.json())\n"
     )
     notes = [
         re.findall(r"it retried a (\w+) \(line (\d+)\)", f.replace_with)
         for f in audit_paths([str(tmp_path)]).findings
     ]
-    assert notes == [[("POST", "4")], [("PATCH", "10")], []]
+    assert notes == [[("POST", "4")], [("PATCH", "10")], [], []]  # the loop sends a GET
 
 
 # ------------------------------------------------------------ the guide against the libraries

@@ -726,7 +726,9 @@ class _Scanner(ast.NodeVisitor):
             remedy = self.remedy(rule, region)
         replace = remedy + (f"; {extra}" if extra else "")
         if rule.kind == RETRY and outbound and "upstream[].retry" in replace:
-            replace += _unsafe_method_note(region if region is not None else self._around(node))
+            # a loop retries its own body only, not what its function sends after it
+            retried = node if isinstance(node, ast.For | ast.AsyncFor | ast.While) else region
+            replace += _unsafe_method_note(retried if retried is not None else self._around(node))
         host = None
         # only where the finding's values go in an `[[upstream]]` table (a deadline
         # goes in `[deadline]`)
