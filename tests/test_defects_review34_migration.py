@@ -930,3 +930,58 @@ def test_a_star_import_of_a_library_is_resolved(tmp_path: Path) -> None:
     )
     found = [(f.line, f.kind, f.library) for f in audit_paths([str(tmp_path)]).findings]
     assert found == [(4, "breaker", "pybreaker"), (5, RETRY, "tenacity")]
+
+
+def test_pybreaker_counted_the_404s_it_was_raised_the_breaker_table_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guide's pybreaker table said what counts here ("exceptions and 5xx") but not
+    that pybreaker counted every exception: a function that calls `raise_for_status()`
+    opened a `fail_max=3` breaker on three 404s, and the translation never opens on
+    them (a returned 500 it never saw, this one counts). The row now says both."""
+    import pybreaker
+
+    from fidelity_mw import CircuitOpen, FidelityTransport
+    from fidelity_mw.testing import FakeClock
+
+    breaker = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=60)
+    status = [404]
+
+    @breaker
+    def theirs() -> None:
+        request = httpx.Request("GET", "http://catalog.internal/items/1")
+        httpx.Response(status[0], request=request).raise_for_status()
+
+    def call_theirs() -> str:
+        try:
+            theirs()
+        except pybreaker.CircuitBreakerError:
+            return "open"
+        except httpx.HTTPStatusError:
+            return "failed"
+        return "ok"
+
+    table = {"consecutive_failures": 3, "open_s": 60, "open_min_s": 60, "open_jitter": 0}
+    policy = Policy.from_dict(
+        {"upstream": [{"host": "catalog.internal", "retry": {"attempts": 1}, "breaker": table}]}
+    )
+    transport = FidelityTransport(
+        httpx.MockTransport(lambda request: httpx.Response(status[0])),
+        policy=policy,
+        clock=FakeClock(),
+    )
+    client = httpx.AsyncClient(transport=transport)
+
+    def call_ours() -> str:
+        try:
+            asyncio.run(client.get("http://catalog.internal/items/1"))
+        except CircuitOpen:
+            return "open"
+        return "reached"
+
+    assert [call_theirs() for _ in range(4)] == ["failed", "failed", "open", "open"]
+    assert [call_ours() for _ in range(4)] == ["reached"] * 4
+    status[0] = 500
+    assert [call_ours() for _ in range(4)] == ["reached", "reached", "reached", "open"]
+    guide = Path("docs/migration.md").read_text()
+    assert "a run of 404s opened it unless `exclude` left them out" in guide
