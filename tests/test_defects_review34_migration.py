@@ -376,6 +376,16 @@ def test_the_limiters_key_func_is_the_routes_key(tmp_path: Path) -> None:
     (rule,) = _rate_limits(found[8]).rate_limits
     assert rule.key == "header:x-api-key"
     assert "the Limiter's key_func user_of has no policy form" in found[11]
+    # and its default_limits, counted by the same key
+    (tmp_path / "defaults.py").write_text(
+        "from slowapi import Limiter\n"
+        "keyed = Limiter(key_func=lambda r: r.headers['x-api-key'], default_limits=['9/minute'])\n"
+        "def user_of(request) -> str: return request.state.user\n"
+        "by_user = Limiter(key_func=user_of, application_limits=['99/minute'])\n"
+    )
+    made = [f.replace_with for f in audit_paths([str(tmp_path / "defaults.py")]).findings]
+    assert 'its key_func reads x-api-key: key = "header:x-api-key"' in made[0]
+    assert "its key_func user_of: fidelity.limit(..., key=fn)" in made[1]
 
 
 # ------------------------------------------------------------ what deleting a retry drops

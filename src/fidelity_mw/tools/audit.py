@@ -1944,6 +1944,18 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
         ]
         if tables:
             hints.append("application_limits: e.g. " + ", ".join(tables))
+    key = _with_key(Rule(LIMITER, "slowapi"), call).key
+    if hints and key.startswith("header:"):
+        header = key.removeprefix("header:")
+        hints.append(
+            f'its key_func reads {header}: key = "{key}" on these tables, '
+            f'fidelity.limit(..., key=lambda request: request.headers.get("{header}"))'
+        )
+    elif hints and key.startswith("fn:"):
+        hints.append(
+            f"its key_func {key.removeprefix('fn:')}: fidelity.limit(..., key=fn) or "
+            "RateLimit(key=fn) in Python; the tables above count per client IP"
+        )
     return "; ".join(hints)
 
 
