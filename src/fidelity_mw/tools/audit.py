@@ -1954,7 +1954,7 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
     elif hints and key.startswith("fn:"):
         hints.append(
             f"its key_func {key.removeprefix('fn:')}: fidelity.limit(..., key=fn) or "
-            "RateLimit(key=fn) in Python; the tables above count per client IP"
+            "RateLimit(key=fn) in Python, or these limits count per client IP"
         )
     return "; ".join(hints)
 
