@@ -61,6 +61,7 @@ from .responses import (
 from .watch import (
     NOT_ASYNCIO,
     CallLater,
+    ClientReceive,
     DeadlineWatch,
     OutcomeRecorder,
     ResponseEndHook,
@@ -278,6 +279,7 @@ class FidelityMiddleware:
                 observer = None
         before_end = self._before_response_end if observer is not None else None
         in_bulkhead = False  # holds a slot of the route's bulkhead
+        clocked = False  # the route measures latency: the client's waits are counted
         app_ran = False
         try:
             # ---- decide: deadline, bulkhead, then breaker + limits in one store call
@@ -299,6 +301,14 @@ class FidelityMiddleware:
                         ctx, plan, scope, found, now, receive
                     )
                     in_bulkhead = rejection is None
+                bulkhead = plan.bulkhead
+                if rejection is None and (
+                    plan.timed or (bulkhead is not None and bulkhead.estimate is not None)
+                ):
+                    # A route that measures its latency: the time the app waits for the
+                    # client's body is the client's, not the route's (watch.ClientReceive)
+                    receive = ClientReceive(receive, ctx, self._monotonic)
+                    clocked = True
                 if rejection is None:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
@@ -359,7 +369,7 @@ class FidelityMiddleware:
             watcher.ctx = ctx
             if before_end is not None:
                 watcher.end = (before_end, scope, obs_token)
-            if plan.timed:  # the end time is read only where the route counts slow calls
+            if clocked:  # the end time is read only where the route measures latency
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
