@@ -11,9 +11,10 @@ the floor itself), so that the same few connections then held every slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
@@ -21,6 +22,7 @@ from fastapi.responses import PlainTextResponse
 from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy
 from fidelity_mw.decide.breaker import CLOSED
 from fidelity_mw.fastapi import Fidelity
+from fidelity_mw.outbound.transport import _MAX_UPSTREAMS, FidelityTransport
 from fidelity_mw.policy import ConcurrencyConfig, DeadlineConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock
@@ -202,6 +204,32 @@ async def test_a_slow_body_cut_by_its_deadline_is_no_overload(clock: FakeClock) 
         await mw(_scope("POST"), receive, _into(sent))
         assert sent[0]["status"] == 504
     assert limiter.limit == 10
+
+
+# ---------------------------------------------------------------- hosts the transport learns
+
+
+class _Inner(httpx.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, request=request)
+
+
+async def test_a_failing_resolver_keeps_no_entry_per_host_it_was_asked_for() -> None:
+    """A resolver that raises for hosts it does not know (a KeyError from a lookup
+    table), under a client that calls ever-new hosts (webhook URLs, an upstream that
+    redirects to a new host each time): the failures said per host were kept per host,
+    for good, past the bound of the upstream plans themselves."""
+
+    def resolver(host: str) -> Sequence[str] | None:
+        raise KeyError(host)
+
+    transport = FidelityTransport(_Inner(), policy=Policy(), resolver=resolver, telemetry=False)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for i in range(3 * _MAX_UPSTREAMS):
+            response = await client.get(f"http://h{i}.example.test/")
+            assert response.status_code == 200
+    assert len(transport._upstreams) <= _MAX_UPSTREAMS
+    assert len(transport._bad_answers) <= _MAX_UPSTREAMS
 
 
 async def test_a_slow_body_makes_no_slow_call_under_the_fastapi_route_class(
