@@ -259,3 +259,64 @@ async def test_a_slow_body_makes_no_slow_call_under_the_fastapi_route_class(
     store = fidelity.engine.store
     assert isinstance(store, MemoryStore)
     assert store.breakers["route:/w"].state == CLOSED
+
+
+# ---------------------------------------------------------------- deadlines any client sends
+
+
+async def test_a_deadline_the_caller_chose_just_past_the_tolerance_is_no_overload_drop(
+    clock: FakeClock,
+) -> None:
+    """Any client may send `x-request-timeout-ms`. One just past what the route tolerates
+    (1.5 x its floor), on a route whose latencies spread past that now and then, had each
+    of its cut requests count as an overload drop (10 % off the limit), where the same
+    latency without the header is a gradient sample (under 5 % here): a client shrank the
+    limit for every other at twice the rate (more, the closer its deadline to the
+    tolerance: 1.51 x the floor, and a request that took 1.52 x cost 10 %, not 0.3 %).
+    Now such a request is the latency sample of the time it had, as any other."""
+
+    def mw_for() -> FidelityMiddleware:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            clock.advance(1.7 * WORK_S)  # past the tolerance (1.5 x the floor), as a tail is
+            await asyncio.sleep(0)  # (the deadline's cancel lands here, if it passed)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        async def measured(scope: Any, receive: Any, send: Any) -> None:
+            await (app if scope["path"] == "/slow" else _app(clock))(scope, receive, send)
+
+        policy = Policy(
+            breaker=None,
+            deadline=DeadlineConfig(default_ms=60_000),
+            concurrency=ConcurrencyConfig(limit=10, adaptive=True, max_limit=100),
+        )
+        return FidelityMiddleware(measured, policy=policy, clock=clock, telemetry=False)
+
+    async def get(mw: FidelityMiddleware, path: str, deadline_ms: str | None) -> int:
+        scope = _scope("GET", path)
+        if deadline_ms is not None:
+            scope["headers"] = [(b"x-request-timeout-ms", deadline_ms.encode())]
+        sent: list[Mapping[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await mw(scope, receive, _into(sent))
+        await asyncio.sleep(0)  # a server yields to its loop between requests (the lag probe)
+        return int(sent[0]["status"])
+
+    limits = []
+    for deadline_ms in ("16", None):
+        mw = mw_for()
+        for _ in range(20):  # the floor: WORK_S
+            assert await get(mw, "/w", None) == 200
+        limiter = mw.engine.bulkheads["!unmatched"]
+        assert limiter.estimate is not None
+        assert limiter.estimate.baseline_s == pytest.approx(WORK_S)
+        for _ in range(5):
+            status = await get(mw, "/slow", deadline_ms)
+            assert status == (504 if deadline_ms else 200)
+        limits.append(limiter.estimate.value)
+    cut, served = limits
+    assert cut == pytest.approx(served)
