@@ -279,7 +279,6 @@ class FidelityMiddleware:
                 observer = None
         before_end = self._before_response_end if observer is not None else None
         in_bulkhead = False  # holds a slot of the route's bulkhead
-        clocked = False  # the route measures latency: the client's waits are counted
         app_ran = False
         try:
             # ---- decide: deadline, bulkhead, then breaker + limits in one store call
@@ -301,14 +300,14 @@ class FidelityMiddleware:
                         ctx, plan, scope, found, now, receive
                     )
                     in_bulkhead = rejection is None
-                bulkhead = plan.bulkhead
-                if rejection is None and (
-                    plan.timed or (bulkhead is not None and bulkhead.estimate is not None)
+                if (
+                    rejection is None
+                    and (plan.timed or plan.bulkhead is not None)
+                    and _measures_latency(plan)
                 ):
                     # A route that measures its latency: the time the app waits for the
                     # client's body is the client's, not the route's (watch.ClientReceive)
                     receive = ClientReceive(receive, ctx, self._monotonic)
-                    clocked = True
                 if rejection is None:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
@@ -369,7 +368,7 @@ class FidelityMiddleware:
             watcher.ctx = ctx
             if before_end is not None:
                 watcher.end = (before_end, scope, obs_token)
-            if clocked:  # the end time is read only where the route measures latency
+            if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
@@ -747,3 +746,11 @@ class FidelityMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+def _measures_latency(plan: RoutePlan) -> bool:
+    """Does the route measure its requests' latency (slow calls, an adaptive limit)?"""
+    if plan.timed:
+        return True
+    bulkhead = plan.bulkhead
+    return bulkhead is not None and bulkhead.estimate is not None
