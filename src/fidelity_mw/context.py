@@ -103,6 +103,12 @@ class DecisionContext:
     # When the last response message was sent (monotonic): the end of the call for
     # slow-call accounting, before any background task runs. None until then.
     ended_at: float | None = None
+    # How long the app waited on its client (its body to come in before the response
+    # started, a body message of the response to be taken): the client's time, not the
+    # route's, so not in a slow call or an adaptive limit's latency sample (a few slow
+    # connections would open the breaker or shrink the limit for every client). Counted
+    # on routes that measure latency only (inbound/watch.ClientReceive).
+    client_wait_s = 0.0
     # Headers the middleware adds to the app's response (RateLimit fields).
     response_headers: list[tuple[bytes, bytes]] | None = None
     # Decisions known as facts but not yet built into records (see `decisions`).

@@ -254,6 +254,27 @@ class Bulkheads:
             if dropped or ctx.status is not None:
                 ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
                 latency = ended - ctx.started_at
+                if dropped and ctx.deadline_from_caller and ctx.deadline_at is not None:
+                    cap = plan.deadline_cap_s
+                    if cap is None or ctx.deadline_at - ctx.started_at < cap:
+                        # The caller chose this deadline, shorter than the route's own
+                        # (any client may send one): the time it had is a latency sample,
+                        # not an overload drop. A client that sent one just past the
+                        # route's tolerance took 10 % off the limit with each request the
+                        # route's latency spread cut, where that latency took under 1 %.
+                        dropped = False
+                waited = ctx.client_wait_s
+                if waited > 0.0:
+                    # The client's own time (a body that trickled in, a response read
+                    # slowly) is not the route's: a few slow connections would shrink the
+                    # limit for every client, or, taken for the floor, stop it shrinking
+                    # under a real overload. A deadline that passed while mostly the
+                    # client was waited on is the client's doing, not an overload.
+                    if dropped and waited * 2.0 >= latency:
+                        dropped = False
+                    latency -= waited
+                    if latency <= 0.0 and not dropped:
+                        latency = None
         lag = 0.0
         if limiter.estimate is not None:
             probe = self._lag.get(plan.route)

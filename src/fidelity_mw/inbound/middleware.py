@@ -61,6 +61,7 @@ from .responses import (
 from .watch import (
     NOT_ASYNCIO,
     CallLater,
+    ClientReceive,
     DeadlineWatch,
     OutcomeRecorder,
     ResponseEndHook,
@@ -299,6 +300,14 @@ class FidelityMiddleware:
                         ctx, plan, scope, found, now, receive
                     )
                     in_bulkhead = rejection is None
+                if (
+                    rejection is None
+                    and (plan.timed or plan.bulkhead is not None)
+                    and _measures_latency(plan)
+                ):
+                    # A route that measures its latency: the time the app waits for the
+                    # client's body is the client's, not the route's (watch.ClientReceive)
+                    receive = ClientReceive(receive, ctx, self._monotonic)
                 if rejection is None:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
@@ -359,7 +368,7 @@ class FidelityMiddleware:
             watcher.ctx = ctx
             if before_end is not None:
                 watcher.end = (before_end, scope, obs_token)
-            if plan.timed:  # the end time is read only where the route counts slow calls
+            if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
@@ -737,3 +746,11 @@ class FidelityMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+def _measures_latency(plan: RoutePlan) -> bool:
+    """Does the route measure its requests' latency (slow calls, an adaptive limit)?"""
+    if plan.timed:
+        return True
+    bulkhead = plan.bulkhead
+    return bulkhead is not None and bulkhead.estimate is not None

@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
-from .._types import Message, Scope, Send
+from .._types import Message, Receive, Scope, Send
 from ..context import DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..policy import BreakerConfig
@@ -186,6 +186,18 @@ class ResponseWatcher:
             end = self.end
             if end is not None:
                 response_ends(end[0], self.ctx, end[1], end[2])
+        elif kind == _BODY and self.monotonic is not None:
+            # A body message before the last: a server's `send` waits while its client
+            # has not taken what it was sent (uvicorn, past its write buffer's mark). That
+            # wait is the client's (`DecisionContext.client_wait_s`).
+            monotonic = self.monotonic
+            begun = monotonic()
+            await self._send(message)
+            self.ctx.client_wait_s += monotonic() - begun
+            return
+        await self._send(message)
+
+    async def _send(self, message: Message) -> None:
         try:
             await self.send(message)
         except OSError:
@@ -193,6 +205,40 @@ class ResponseWatcher:
             # route's failure (an OSError from the app's own backends is).
             self.ctx.client_disconnected = True
             raise
+
+
+class ClientReceive:
+    """The `receive` the app gets on a route that measures its latency (slow calls, an
+    adaptive limit): it counts how long the app waited for its request's body to come in
+    before the response started (`DecisionContext.client_wait_s`), a read that ends in a
+    cancel too (the deadline's, while the body still trickles in). Once the body is in, a
+    read waits for the client to leave (Starlette's, beside a streamed response; an app's
+    own, raced against its work): that waits alongside the app's work, and is not counted."""
+
+    __slots__ = ("ctx", "done", "monotonic", "receive")
+
+    def __init__(
+        self, receive: Receive, ctx: DecisionContext, monotonic: Callable[[], float]
+    ) -> None:
+        self.receive = receive
+        self.ctx = ctx
+        self.monotonic = monotonic
+        self.done = False  # the body's last message came
+
+    async def __call__(self) -> Message:
+        if self.done or self.ctx.status is not None:
+            return await self.receive()
+        monotonic = self.monotonic
+        begun = monotonic()
+        try:
+            message: Message = await self.receive()
+        finally:
+            ctx = self.ctx
+            if ctx.status is None:
+                ctx.client_wait_s += monotonic() - begun
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.done = True
+        return message
 
 
 def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, token: Any) -> None:
@@ -529,7 +575,7 @@ class OutcomeRecorder:
         now = self.monotonic()
         ended = ctx.ended_at if ctx.ended_at is not None else now
         slow = breaker.slow_call_ms is not None and (
-            (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+            (ended - ctx.started_at - ctx.client_wait_s) * 1000.0 >= breaker.slow_call_ms
         )
         return self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
 
