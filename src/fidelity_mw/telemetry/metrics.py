@@ -51,6 +51,9 @@ DURATION_BUCKETS: Final = (
     10.0,
 )
 _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
+# The retry layer's verdicts that drew on the retry budget: a retry, and a hedge (it asks
+# the budget like a retry: docs/outbound.md, "Hedged requests"; outbound.hedge.HEDGE)
+_DRAWN: Final = frozenset({RETRY, "hedge"})
 _MAX_CACHED: Final = 4096
 _MAX_SERIES: Final = 2048
 _MAX_PENDING: Final = 1024
@@ -262,7 +265,7 @@ class Metrics:
         for d in decisions:
             layer = d.layer
             if layer == LAYER_RETRY:
-                if d.verdict == RETRY:
+                if d.verdict in _DRAWN:
                     _bump_subject(self.budget, d.subject, "drawn")
             elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
                 _bump_subject(self.budget, d.subject, "exhausted")

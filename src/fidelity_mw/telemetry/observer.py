@@ -242,6 +242,13 @@ def _template(ctx: DecisionContext, scope: Scope) -> str | None:
     the plan (looked up again here rather than carried on every request's context)."""
     try:
         return ctx.engine.plan_for(scope).template
+    except KeyError:
+        # A websocket handshake's scope has no method: its route is the GET's (as the
+        # middleware plans it), so its span is named and routed like any other.
+        try:
+            return ctx.engine.plan_for({**scope, "method": ctx.method}).template
+        except Exception:
+            return None
     except Exception:  # a hand-built scope without a path: no template
         return None
 
@@ -455,10 +462,18 @@ class BreakerWatch:
         other stores the state last revealed by a decision is reported.
         """
         states: dict[tuple[str, str], str] = {}
+        seen = self.seen
         for engine in list(self.engines):
-            breakers = getattr(engine.store, "breakers", None)
+            store = engine.store
+            breakers = getattr(store, "breakers", None)
             if not isinstance(breakers, Mapping):
                 continue
+            # A shared store's local copy (tiered: the breakers it cached, as last synced)
+            # drops a breaker a second after its last request: remembered here, so the
+            # gauge keeps its last reading, as for Redis, rather than losing the series
+            # of an open breaker on a quiet route between two requests (and the alert
+            # that selects it with it).
+            shared = hasattr(store, "fallback_why")
             try:
                 items = list(breakers.items())
             except RuntimeError:  # resized while copied by another thread
@@ -479,9 +494,12 @@ class BreakerWatch:
                 kind, _, subject = str(key).partition(":")
                 state = getattr(breaker, "state", None)
                 if isinstance(state, str) and subject:
-                    states[(subject, "route" if kind == "route" else "upstream")] = state
+                    found = (subject, "route" if kind == "route" else "upstream")
+                    states[found] = state
+                    if shared and (found in seen or len(seen) < _MAX_SUBJECTS):
+                        seen[found] = state
         known = {subject for subject, _ in states}
-        for (subject, kind), state in list(self.seen.items()):
+        for (subject, kind), state in list(seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
         if len(states) > _MAX_SUBJECTS:
@@ -813,6 +831,10 @@ class Telemetry:
                 error_type = type(exc).__qualname__ if exc is not None else "_OTHER"
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type))
+                if exc is not None:
+                    # the `exception` event (type, message, stack trace) the ASGI
+                    # instrumentation's span has: the trace says where the app broke
+                    span.record_exception(exc)
         span.set_attributes(attrs)
         if summary.flagged or self.all_events:
             decisions = ctx.decisions

@@ -1,0 +1,217 @@
+"""Review 34, telemetry as an operator meets it in Jaeger and Prometheus.
+
+Spans go through the real SDK and OTLP/HTTP exporter to the in-test OTLP receiver
+(test_telemetry_otlp.Receiver, which decodes the protobuf), as a collector in front of
+Jaeger gets them; metrics through the SDK's readers, the tiered store on a real
+redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
+from fidelity_mw.policy import StateConfig
+from fidelity_mw.testing import FakeClock
+from redis_server import PATIENT
+from test_telemetry_helpers import call, counter_values, metric_points, pipeline, starlette_app
+from test_telemetry_otlp import Receiver, attrs, otlp_http_providers
+
+with warnings.catch_warnings():  # Starlette 1.x asks for httpx2; httpx works
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+# ---------------------------------------------------------------- websocket spans
+
+
+def test_a_websocket_handshake_span_is_named_and_routed_by_its_template(
+    receiver: Receiver,
+) -> None:
+    """Our SERVER span for a websocket handshake was named `GET` with no `http.route`:
+    the template was looked up through the HTTP plan cache, which reads the scope's
+    `method`, and a websocket scope has none. Every handshake of every websocket route
+    was one `GET` span in Jaeger, accepted or refused alike, while `fidelity.route`
+    named the route."""
+
+    async def room(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    setup = otlp_http_providers(receiver.endpoint, "chat")
+    try:
+        app = Starlette(routes=[WebSocketRoute("/ws/{room}", room)])
+        policy = Policy(rate_limits=(RateLimit(name="per-client", rate="1/m", burst=1),))
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=policy,
+            clock=FakeClock(),
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+        )
+        client = TestClient(app)
+        with client.websocket_connect("/ws/a") as ws:
+            assert ws.receive_text() == "hi"
+        with pytest.raises(WebSocketDenialResponse), client.websocket_connect("/ws/b"):
+            pass
+        setup.force_flush()
+    finally:
+        setup.shutdown()
+
+    spans = sorted(receiver.spans(), key=lambda s: s.start_time_unix_nano)
+    server = spans[0].SPAN_KIND_SERVER
+    assert [(s.name, s.kind) for s in spans] == [("GET /ws/{room}", server)] * 2
+    accepted, refused = (attrs(s.attributes) for s in spans)
+    assert accepted["http.route"] == refused["http.route"] == "/ws/{room}"
+    assert accepted["url.path"] == "/ws/a"  # the raw path stays in url.path alone
+    assert (accepted["http.response.status_code"], accepted["fidelity.outcome"]) == (
+        101,
+        "served",
+    )
+    assert (refused["http.response.status_code"], refused["fidelity.outcome"]) == (
+        429,
+        "rejected",
+    )
+
+
+# ---------------------------------------------------------------- exception events
+
+
+async def test_an_app_exception_is_an_exception_event_on_our_server_span(
+    receiver: Receiver,
+) -> None:
+    """Our own SERVER span said `error.type = RuntimeError` and status ERROR, but had no
+    `exception` event: the message and stack trace that the ASGI instrumentation's span
+    carries (its `record_exception`) were missing from Jaeger's view of the request."""
+    setup = otlp_http_providers(receiver.endpoint, "orders")
+    try:
+        app = starlette_app()
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=Policy(),
+            clock=FakeClock(),
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+        )
+        assert (await call(app, "/boom")).status_code == 500
+        assert (await call(app, "/fail")).status_code == 500
+        setup.force_flush()
+    finally:
+        setup.shutdown()
+
+    by_name = {s.name: s for s in receiver.spans()}
+    boom = by_name["GET /boom"]
+    assert boom.status.code == boom.status.STATUS_CODE_ERROR
+    assert attrs(boom.attributes)["error.type"] == "RuntimeError"
+    (event,) = [e for e in boom.events if e.name == "exception"]
+    exc = attrs(event.attributes)
+    assert exc["exception.type"] == "RuntimeError"
+    assert exc["exception.message"] == "the app broke"
+    assert "_boom" in exc["exception.stacktrace"]  # where the app broke
+    # a 5xx the app answered is an error without an exception
+    fail = by_name["GET /fail"]
+    assert attrs(fail.attributes)["error.type"] == "500"
+    assert [e.name for e in fail.events if e.name == "exception"] == []
+
+
+# ---------------------------------------------------------------- retry budget counter
+
+
+async def test_a_hedge_counts_as_drawn_from_the_retry_budget() -> None:
+    """A hedge asks the retry budget like a retry (docs/outbound.md, "Hedged requests")
+    and the budget counted it, but `fidelity.retry_budget.usage{result="drawn"}` counted
+    only `retry` verdicts: on a hedged upstream the series said no budget was used while
+    the budget itself was spent, and the exhausted series then rose with nothing drawn."""
+    from test_hedging import Upstream, transport
+
+    otel = pipeline()
+    try:
+        upstream = Upstream()
+        t, clock = transport(upstream, instances=())
+        t._observer = otel.telemetry
+        async with httpx.AsyncClient(transport=t) as client:
+            response = await client.get("http://payments/pay")
+        assert response.status_code == 200
+        ctx = response.extensions["fidelity_context"]
+        assert [d.verdict for d in ctx.decisions if d.layer == "retry"] == ["allow", "hedge"]
+        (window,) = t.engine.store.budgets.values()
+        _requests, retries = window.totals(clock.monotonic())
+        drawn = counter_values(
+            otel.metrics,
+            "fidelity.retry_budget.usage",
+            "fidelity.subject",
+            "fidelity.retry_budget.result",
+        )
+        assert retries == 1
+        assert drawn == {("payments", "drawn"): retries}
+    finally:
+        otel.shutdown()
+
+
+# ---------------------------------------------------------------- breaker gauge, tiered
+
+
+@pytest.mark.redis
+async def test_a_tiered_breaker_the_cache_dropped_keeps_its_last_reading(redis_url: str) -> None:
+    """On tiered state the gauge reads the store's cache of the shared breakers, and the
+    cache drops a breaker one second (10 sync intervals) after its last request: the
+    series of an open route breaker vanished between two requests of a quiet route, so
+    `FidelityBreakerOpen` (`for: 1m`) never fired. Redis state keeps the last reading
+    (docs/telemetry.md); the tiered store now does too."""
+    from fidelity_mw.state.tiered import TieredStore
+
+    p = pipeline(decision_events="non_allow")
+    config = StateConfig(url="tiered+" + redis_url, key_prefix=f"tel34g{time.time_ns()}", **PATIENT)
+    store = TieredStore(config=config)
+    app = starlette_app()
+    policy = Policy(breaker=BreakerConfig(consecutive_failures=2, open_s=60.0))
+    app.add_middleware(FidelityMiddleware, policy=policy, store=store, observer=p.telemetry)
+
+    def gauge() -> dict[str, str]:
+        return {
+            a["fidelity.subject"]: a["fidelity.breaker.state"]
+            for a, point in metric_points(p.metrics, "fidelity.breaker.state")
+            if point.value == 1 and a.get("fidelity.breaker.scope") == "route"
+        }
+
+    try:
+        # the failures reach Redis with the store's next sync, which opens the breaker
+        # fleet-wide and brings its state back: bounded, until a request is shed
+        statuses = []
+        for _ in range(100):
+            statuses.append((await call(app, "/fail")).status_code)
+            if statuses[-1] == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert statuses[:2] == [500, 500]
+        assert statuses[-1] == 503
+        assert "route:/fail" in store.breakers
+        assert gauge()["/fail"] == "open"
+        # the periodic sync, well after the last request, drops the idle breaker
+        store._plan_sync(time.monotonic() + 60.0, ())
+        assert "route:/fail" not in store.breakers
+        assert gauge()["/fail"] == "open"
+    finally:
+        await store.aclose()
+        p.shutdown()
