@@ -215,3 +215,52 @@ async def test_a_tiered_breaker_the_cache_dropped_keeps_its_last_reading(redis_u
     finally:
         await store.aclose()
         p.shutdown()
+
+
+# ---------------------------------------------------------------- metrics without tracing
+
+
+async def test_outbound_attempts_are_timed_with_metrics_and_no_tracing() -> None:
+    """`http_client_request_duration_seconds` is one of the Prometheus series
+    docs/operations.md lists ("each outbound attempt through FidelityTransport"), but it
+    was recorded only under a CLIENT span of ours: a metrics-only setup (the Prometheus
+    recipe: a meter provider, no tracer) never had it."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fidelity_mw import FidelityTransport, UpstreamConfig
+    from fidelity_mw.engine import Engine
+    from fidelity_mw.policy import RetryConfig
+
+    registry = CollectorRegistry()
+    meter_provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    answers = iter([503, 200])
+    inner = httpx.MockTransport(lambda request: httpx.Response(next(answers)))
+    engine = Engine(
+        Policy(upstreams=(UpstreamConfig(host="*", retry=RetryConfig(base_ms=0, max_ms=0)),)),
+        clock=FakeClock(),
+    )
+    transport = FidelityTransport(inner, engine=engine, meter_provider=meter_provider)
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get("http://api.example/items")).status_code == 200
+        text = generate_latest(registry).decode()
+    finally:
+        meter_provider.shutdown()
+    counts = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+    }
+    by_status = {
+        next(p for p in labels.split(",") if p.startswith("http_response_status_code=")): n
+        for labels, n in counts.items()
+    }
+    # one point per attempt: the 503 and the retry's 200
+    assert by_status == {
+        'http_response_status_code="503"': 1.0,
+        'http_response_status_code="200"': 1.0,
+    }
+    assert all('server_address="api.example"' in labels for labels in counts)
+    assert all('error_type="503"' in labels for labels in counts if "503" in labels)

@@ -905,7 +905,11 @@ class Telemetry:
                 # No tracing here, but a propagated trace passes through untouched.
                 if trace_api.get_current_span().get_span_context().is_valid:
                     propagate.inject(request.headers)
-                return None
+                if self._metrics is None and _no_global_yet(
+                    self._meter_provider, GLOBAL_PROVIDERS.meter, GLOBAL_PROVIDERS.next_meter
+                ):
+                    return None  # no SDK at all: the common fast way out
+                return self._timed_attempt(request)
         current = trace_api.get_current_span()
         outer_client = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
         if outer_client or not self.client_spans:
@@ -943,6 +947,21 @@ class Telemetry:
         self._add_events(span, ctx, decisions)
         self._observe_engine(ctx)
         return _Attempt(span, token, True, time.perf_counter(), attrs, suppress)
+
+    def _timed_attempt(self, request: httpx.Request) -> _Attempt | None:
+        """Metrics without tracing (a Prometheus-only setup): no span, but the attempt is
+        timed for `http.client.request.duration` all the same (and, as under our CLIENT
+        span, the httpx instrumentation's own metric for it is held off)."""
+        if self._get_metrics() is None:
+            return None
+        url = request.url
+        attrs: dict[str, Any] = {
+            s.HTTP_REQUEST_METHOD: _method(request.method)[0],
+            s.SERVER_ADDRESS: url.host,
+            s.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+        }
+        suppress = _suppress_httpx_spans()
+        return _Attempt(INVALID_SPAN, None, True, time.perf_counter(), attrs, suppress)
 
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None
