@@ -12,6 +12,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -264,3 +265,50 @@ async def test_outbound_attempts_are_timed_with_metrics_and_no_tracing() -> None
     }
     assert all('server_address="api.example"' in labels for labels in counts)
     assert all('error_type="503"' in labels for labels in counts if "503" in labels)
+
+
+# ---------------------------------------------------------------- the summary's state age
+
+
+async def test_a_long_outage_s_state_age_stays_one_plus_in_the_summary(receiver: Receiver) -> None:
+    """`fidelity.decisions` appends `+<age>ms` to a decision on aged state, formatted
+    with `:g`: from 1,000,000 ms on (a 17-minute Redis outage, when the fallback
+    decisions' age is what an operator reads) it became `+1.2e+06ms`, whose own `+`
+    split the entry a second time, and six digits were all that was left of the age."""
+    from test_telemetry_otlp import StaleStore
+
+    class LongOutage(StaleStore):
+        def admit_now(self, *args: Any, **kw: Any) -> Any:
+            return super().admit_now(*args, **kw)._replace(source="fallback", age_s=1234.5678)
+
+    setup = otlp_http_providers(receiver.endpoint, "orders")
+    try:
+        app = starlette_app()
+        policy = Policy(rate_limits=(RateLimit(name="per-client", rate="10/s", burst=10),))
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=policy,
+            clock=FakeClock(),
+            store=LongOutage(),
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+        )
+        assert (await call(app, "/ok")).status_code == 200
+        setup.force_flush()
+    finally:
+        setup.shutdown()
+
+    (span,) = receiver.spans()
+    packed = attrs(span.attributes)["fidelity.decisions"]
+    aged = {}
+    for entry in packed.split(" "):  # as docs/telemetry.md says to read it
+        layer, _verdict, rest = entry.split("/")
+        source, *age = rest.split("@")[1].split("+")
+        if age:
+            (text,) = age  # one `+` per entry
+            assert text.endswith("ms")
+            aged[layer] = (source, float(text[:-2]))
+    assert aged == {
+        "breaker": ("fallback", pytest.approx(1_234_567.8)),
+        "ratelimit:per-client": ("fallback", pytest.approx(1_234_567.8)),
+    }
