@@ -312,3 +312,152 @@ async def test_a_long_outage_s_state_age_stays_one_plus_in_the_summary(receiver:
         "breaker": ("fallback", pytest.approx(1_234_567.8)),
         "ratelimit:per-client": ("fallback", pytest.approx(1_234_567.8)),
     }
+
+
+# ---------------------------------------------------------------- a three-service chain (held up)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+ROOT_SPAN = "00f067aa0ba902b7"
+
+
+def _chain(receiver: Receiver, instrumented: bool, flags: str) -> tuple[list[Any], Any]:
+    """front -> middle -> back on three real uvicorn servers, each with its own OTLP
+    providers (service.name front/middle/back); back answers its first call 503, which
+    middle's FidelityTransport retries. Returns the received spans (with their service)
+    and front's JSON answer."""
+    from opentelemetry import baggage
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from fidelity_mw import FidelityTransport, UpstreamConfig
+    from fidelity_mw.policy import RetryConfig
+    from test_telemetry_helpers import servers
+
+    names = ("front", "middle", "back")
+    setups = [otlp_http_providers(receiver.endpoint, name) for name in names]
+    urls: list[str] = []
+    failed = [False]
+
+    def service(i: int) -> Any:
+        setup = setups[i]
+
+        async def handle(request: Request) -> JSONResponse:
+            if i == 2:
+                if not failed[0]:
+                    failed[0] = True
+                    return JSONResponse({}, status_code=503)
+                return JSONResponse(
+                    {
+                        "traceparent": request.headers.get("traceparent"),
+                        "baggage": dict(baggage.get_all() or {}),
+                    }
+                )
+            client = httpx.AsyncClient(
+                transport=FidelityTransport(tracer_provider=setup.tracer_provider)
+            )
+            if instrumented:
+                HTTPXClientInstrumentor.instrument_client(
+                    client, tracer_provider=setup.tracer_provider
+                )
+            async with client:
+                answer = await client.get(f"{urls[i + 1]}/s/{i + 1}")
+            return JSONResponse(answer.json(), status_code=answer.status_code)
+
+        app: Any = Starlette(routes=[Route("/s/{n}", handle)])
+        retry = RetryConfig(base_ms=1, max_ms=2)
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=Policy(upstreams=(UpstreamConfig(host="*", retry=retry),)),
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+        )
+        if instrumented:
+            app = OpenTelemetryMiddleware(app, tracer_provider=setup.tracer_provider)
+        return app
+
+    try:
+        with servers(*(service(i) for i in range(3))) as running:
+            urls.extend(s.url for s in running)
+            answer = httpx.get(
+                f"{urls[0]}/s/0",
+                headers={
+                    "traceparent": f"00-{TRACE_ID}-{ROOT_SPAN}-{flags}",
+                    "tracestate": "vendor=abc",
+                    "baggage": "tenant=t1",
+                },
+                timeout=30.0,
+            )
+        assert answer.status_code == 200
+        for setup in setups:
+            setup.force_flush()
+    finally:
+        for setup in setups:
+            setup.shutdown()
+    spans = [
+        (attrs(rs.resource.attributes)["service.name"], span)
+        for request in receiver.traces
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
+    return spans, answer.json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instrumented", [False, True], ids=["alone", "asgi+httpx-instrumented"])
+def test_a_three_service_chain_is_one_trace_with_each_hop_under_its_attempt(
+    receiver: Receiver, instrumented: bool
+) -> None:
+    spans, answer = _chain(receiver, instrumented, "01")
+    assert {span.trace_id.hex() for _, span in spans} == {TRACE_ID}
+    assert {span.trace_state for _, span in spans} == {"vendor=abc"}
+    assert answer["baggage"] == {"tenant": "t1"}  # two hops on
+    by_id = {span.span_id.hex(): (svc, span) for svc, span in spans}
+
+    def parent(span: Any) -> tuple[str, Any]:
+        return by_id[span.parent_span_id.hex()]
+
+    def kinds(svc: str, kind: int) -> list[Any]:
+        return [s for name, s in spans if name == svc and s.kind == kind]
+
+    server_kind, client_kind = spans[0][1].SPAN_KIND_SERVER, spans[0][1].SPAN_KIND_CLIENT
+    (front,) = kinds("front", server_kind)  # one SERVER span per hop, never two
+    assert front.parent_span_id.hex() == ROOT_SPAN
+    (middle,) = kinds("middle", server_kind)
+    backs = sorted(kinds("back", server_kind), key=lambda s: s.start_time_unix_nano)
+    assert len(backs) == 2  # the 503, and the retry
+    (front_call,) = kinds("front", client_kind)
+    assert parent(front_call)[1] is front
+    assert parent(middle)[1] is front_call
+    middle_calls = kinds("middle", client_kind)
+    for call_span in middle_calls:
+        assert parent(call_span)[1] is middle
+    resend = [attrs(s.attributes).get("http.request.resend_count") for s in middle_calls]
+    if instrumented:
+        # the httpx instrumentation's CLIENT span wraps the call: annotated, not nested
+        (call_span,) = middle_calls
+        assert resend == [1]
+        assert [e.name for e in call_span.events].count("fidelity.attempt") == 2
+        assert {parent(b)[1].span_id for b in backs} == {call_span.span_id}
+        # our decisions are on the instrumentation's SERVER spans
+        assert "fidelity.decisions" in attrs(middle.attributes)
+    else:
+        assert sorted(resend, key=lambda r: r or 0) == [None, 1]  # one CLIENT span per attempt
+        assert sorted(parent(b)[1].span_id for b in backs) == sorted(
+            s.span_id for s in middle_calls
+        )
+        assert [attrs(b.attributes)["http.response.status_code"] for b in backs] == [503, 200]
+    # one trace: every span but the front's SERVER has its parent among the spans
+    assert all(s is front or s.parent_span_id.hex() in by_id for _, s in spans)
+
+
+@pytest.mark.slow
+def test_a_sampled_out_chain_exports_nothing_and_passes_the_trace_on(receiver: Receiver) -> None:
+    spans, answer = _chain(receiver, False, "00")
+    assert spans == []  # no span of any hop, no orphan root
+    assert answer["traceparent"].split("-")[1] == TRACE_ID  # the trace id went on
+    assert answer["traceparent"].endswith("-00")  # still sampled out
+    assert answer["baggage"] == {"tenant": "t1"}
