@@ -314,6 +314,51 @@ async def test_a_long_outage_s_state_age_stays_one_plus_in_the_summary(receiver:
     }
 
 
+# ---------------------------------------------------------------- the span's end
+
+
+async def test_our_server_span_ends_with_the_response_not_the_background_task(
+    receiver: Receiver,
+) -> None:
+    """Our SERVER span ended when the middleware returned: after the route's background
+    task, which Starlette runs once the response is out. A request answered at once
+    with a slow task behind it showed the task's duration as its latency in Jaeger (and
+    in span-derived latency metrics), where the ASGI instrumentation's span ends with
+    the last body message."""
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    marks: dict[str, int] = {}
+
+    async def task() -> None:
+        marks["task_started"] = time.time_ns()
+        await asyncio.sleep(0)
+
+    async def answer(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(task))
+
+    setup = otlp_http_providers(receiver.endpoint, "orders")
+    try:
+        app = Starlette(routes=[Route("/orders", answer)])
+        app.add_middleware(
+            FidelityMiddleware,
+            policy=Policy(),
+            clock=FakeClock(),
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+        )
+        assert (await call(app, "/orders")).status_code == 200
+        setup.force_flush()
+    finally:
+        setup.shutdown()
+
+    (span,) = receiver.spans()
+    assert span.name == "GET /orders"
+    assert span.start_time_unix_nano <= span.end_time_unix_nano <= marks["task_started"]
+    assert attrs(span.attributes)["fidelity.outcome"] == "served"
+
+
 # ---------------------------------------------------------------- a three-service chain (held up)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

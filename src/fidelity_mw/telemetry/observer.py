@@ -385,7 +385,7 @@ def _detach_quietly(token: Any) -> None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("exported", "owned", "span", "summary", "token")
+    __slots__ = ("end_ns", "exported", "owned", "span", "summary", "token")
 
     def __init__(self, span: Span, token: object | None, owned: bool) -> None:
         self.span = span
@@ -393,6 +393,8 @@ class _Inbound:
         self.owned = owned
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
         self.summary: Summary | None = None  # of those decisions
+        # our own span's end: when the last body message went out (None: at `end`)
+        self.end_ns: int | None = None
 
 
 class _Attempt:
@@ -691,7 +693,14 @@ class Telemetry:
         as that message is through, before the middleware returns: annotate
         its span now. (Our own span waits for `end`.)
         """
-        if token is None or token.owned:
+        if token is None:
+            return
+        if token.owned:
+            # The response ends here for the client, as the ASGI instrumentation's span
+            # does: our span ends at this time, not after what the app runs once the
+            # response is out (a background task), which is no part of its latency.
+            # (The clock read the SDK's `end` would make, moved here.)
+            token.end_ns = time.time_ns()
             return
         span = token.span
         if not span.is_recording():
@@ -713,7 +722,7 @@ class Telemetry:
                         try:
                             # runs the span processors: the SDK lets their exceptions
                             # through, and our context must not stay attached for them
-                            token.span.end()
+                            token.span.end(token.end_ns)
                         finally:
                             if token.token is not None:
                                 _detach_quietly(token.token)
