@@ -506,3 +506,49 @@ def test_a_sampled_out_chain_exports_nothing_and_passes_the_trace_on(receiver: R
     assert answer["traceparent"].split("-")[1] == TRACE_ID  # the trace id went on
     assert answer["traceparent"].endswith("-00")  # still sampled out
     assert answer["baggage"] == {"tenant": "t1"}
+
+
+# ---------------------------------------------------------------- logs
+
+
+@pytest.mark.redis
+async def test_replies_lost_on_every_call_are_one_warning_not_one_per_request(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply lost after its call was sent in full is never resent, and Redis is not
+    marked down for it: the request falls back and the next call tries again on a fresh
+    connection. Behind a middlebox that resets every connection after the command went
+    through, every call loses its reply, and each one logged its own WARNING: a line per
+    request for as long as it lasted, where every other lasting Redis fault logs once
+    per interval (fidelity_mw._logs)."""
+    import logging
+
+    from fidelity_mw.state.base import LimitSpec
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import QUIET
+    from test_defects_review3 import _LossyProxy
+
+    bucket = LimitSpec("l", 1_000.0, 10_000.0, 1, False)
+    async with _LossyProxy(redis_url) as proxy:
+        config = StateConfig(url=proxy.url, **PATIENT, **QUIET)  # type: ignore[arg-type]
+        store = RedisStore(config=config, rng=seeded_random(7))
+        key = f"tel34:lost:{time.monotonic_ns()}"
+        try:
+            warm = await store.admit(None, None, [key], [bucket], 0.0)
+            assert warm.source == "redis"
+            if store._eviction_task is not None:  # its one background read, done first
+                await store._eviction_task
+            caplog.set_level(logging.WARNING, logger="fidelity_mw.redis")
+            sources = []
+            for _ in range(10):
+                proxy.armed = True  # this call's reply is lost too
+                sources.append((await store.admit(None, None, [key], [bucket], 0.0)).source)
+        finally:
+            await store.aclose()
+    assert proxy.dropped == 10
+    assert sources == ["fallback"] * 10
+    assert store.stats.lost_replies == 10  # every one still counted
+    lost = [r for r in caplog.records if "reply lost" in r.getMessage()]
+    assert len(lost) == 1
+    assert lost[0].levelno == logging.WARNING
