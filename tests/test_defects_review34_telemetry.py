@@ -552,3 +552,55 @@ async def test_replies_lost_on_every_call_are_one_warning_not_one_per_request(
     lost = [r for r in caplog.records if "reply lost" in r.getMessage()]
     assert len(lost) == 1
     assert lost[0].levelno == logging.WARNING
+
+
+# ---------------------------------------------------------------- one meter provider, two observers
+
+
+async def test_the_middleware_and_a_transport_on_one_meter_provider_both_count() -> None:
+    """docs/telemetry.md has the middleware and the transports each take the app's
+    providers (`meter_provider=`). Each made its own `Telemetry`, whose instruments have
+    the same names on the same meter, and the SDK keeps the first registration of a name
+    and drops the later one's callbacks without a word: the transport's decisions
+    (calls outside a request) and its upstream breakers never reached Prometheus."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fidelity_mw import FidelityTransport
+
+    registry = CollectorRegistry()
+    meter_provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    app = starlette_app()
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(), clock=FakeClock(), meter_provider=meter_provider
+    )
+    inner = httpx.MockTransport(lambda request: httpx.Response(200))
+    transport = FidelityTransport(inner, meter_provider=meter_provider)
+    try:
+        for _ in range(3):
+            assert (await call(app, "/ok")).status_code == 200
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(2):
+                assert (await client.get("http://api.example/items")).status_code == 200
+        text = generate_latest(registry).decode()
+    finally:
+        meter_provider.shutdown()
+
+    def series(name: str, *labels: str) -> dict[tuple[str, ...], float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                found = tuple(
+                    part for part in line.split("{", 1)[1].split("}")[0].split(",") if part
+                )
+                key = tuple(p for p in found if p.split("=")[0] in labels)
+                out[key] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    decisions = series("fidelity_decisions_total", "fidelity_layer", "fidelity_verdict")
+    assert decisions[('fidelity_layer="deadline"', 'fidelity_verdict="allow"')] == 3.0
+    assert decisions[('fidelity_layer="retry"', 'fidelity_verdict="allow"')] == 2.0
+    breakers = series("fidelity_breaker_state", "fidelity_subject", "fidelity_breaker_state")
+    assert breakers[('fidelity_breaker_state="closed"', 'fidelity_subject="/ok"')] == 1.0
+    assert breakers[('fidelity_breaker_state="closed"', 'fidelity_subject="api.example"')] == 1.0

@@ -76,7 +76,7 @@ from ..context import (
 from ..inbound.responses import shed_outcome
 from ..state.snapshot import first_breakers
 from . import schema as s
-from .metrics import Metrics
+from .metrics import Metrics, metrics_for
 from .schema import CLIENT_KEY_HASH as _CLIENT_KEY_HASH
 from .schema import DECIDED_BY as _DECIDED_BY
 from .schema import DECISION_EVENT as _DECISION_EVENT
@@ -620,7 +620,9 @@ class Telemetry:
         with self._lock:
             if self._metrics is None:
                 meter = provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
-                self._metrics = Metrics(meter, self._breakers)
+                # shared with every Telemetry on this meter: the SDK keeps the first
+                # instruments of a name, and would drop a second Telemetry's counts
+                self._metrics = metrics_for(meter, self._breakers)
         return self._metrics
 
     # ------------------------------------------------------------ inbound
