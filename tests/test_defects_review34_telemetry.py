@@ -554,6 +554,42 @@ async def test_replies_lost_on_every_call_are_one_warning_not_one_per_request(
     assert lost[0].levelno == logging.WARNING
 
 
+async def test_an_upstream_outage_let_out_of_every_request_is_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An app that lets out the error of an upstream the outbound layer gave up on is
+    answered 502, and the middleware said so in a WARNING: one line per request, so an
+    upstream outage was a log storm at the request rate, exactly when the log is read."""
+    import logging
+
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    from fidelity_mw import FidelityTransport, UpstreamConfig
+    from fidelity_mw.policy import RetryConfig
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    client = httpx.AsyncClient(transport=FidelityTransport(httpx.MockTransport(down)))
+
+    async def orders(request: Request) -> Any:
+        return await client.get("http://inventory.internal/items")  # not caught
+
+    app = Starlette(routes=[Route("/orders", orders)])
+    upstreams = (UpstreamConfig(host="*", retry=RetryConfig(base_ms=0, max_ms=0), breaker=None),)
+    app.add_middleware(
+        FidelityMiddleware, policy=Policy(upstreams=upstreams), clock=FakeClock(), telemetry=False
+    )
+    caplog.set_level(logging.WARNING, logger="fidelity_mw")
+    statuses = [(await call(app, "/orders")).status_code for _ in range(10)]
+    await client.aclose()
+    assert statuses == [502] * 10
+    said = [r for r in caplog.records if "let out ConnectError" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].levelno == logging.WARNING
+
+
 # ---------------------------------------------------------------- one meter provider, two observers
 
 
