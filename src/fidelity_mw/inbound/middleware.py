@@ -27,6 +27,7 @@ from typing import Any, Final
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
+from .._logs import warn as log_warning
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
 from ..context import (
@@ -648,7 +649,11 @@ class FidelityMiddleware:
             return None
         failed = upstream_failure(ctx, exc)
         if failed is not None:
-            logger.warning(
+            # once per interval and kind: an upstream outage lets one out of every request
+            # (each is counted, and recorded on its request: `fidelity.upstream_exhausted`)
+            log_warning(
+                logger,
+                f"let_out:{type(exc).__name__}",
                 "fidelity_mw: %s: the app let out %s from an upstream it gave up on after "
                 "retrying; answered %d",
                 ctx.route,
