@@ -1,0 +1,145 @@
+"""Defects the seeded chaos harness (tests/test_chaos_chain.py) found, each shrunk to
+the smallest schedule that shows it, as a plain test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.testing import FakeClock, seeded_random
+
+B_URL = "http://10.0.2.1:8080"  # an address inside trusted_peers: one of ours
+C_URL = "http://10.0.3.1:8080"
+
+
+def _policy() -> Policy:
+    retry = RetryConfig(attempts=3, base_ms=10, max_ms=100)
+    return Policy(upstreams=(UpstreamConfig(host="*", retry=retry),))
+
+
+def _hop(
+    name: str, client: httpx.AsyncClient, url: str, clock: FakeClock, seed: int, catch: bool
+) -> Any:
+    async def handler(request: Request) -> Response:
+        try:
+            upstream = await client.get(url)
+        except httpx.HTTPError:
+            if not catch:
+                raise  # the middleware answers it
+            return Response(name.encode(), 502)
+        return Response(name.encode(), 502 if upstream.status_code >= 500 else 200)
+
+    app = Starlette(routes=[Route("/", handler)])
+    app.add_middleware(
+        FidelityMiddleware, policy=_policy(), clock=clock, rng=seeded_random(seed),
+        telemetry=False,
+    )  # fmt: skip
+    return app
+
+
+class _BrokenBody(httpx.AsyncByteStream):
+    """A 200's body that the connection drops after its first chunk."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"p"
+        raise httpx.ReadError("connection reset by peer")
+
+
+def _chain(c_answers: list[int | str], catch: bool = True) -> tuple[Any, list[int]]:
+    """A -> B -> C in process on one FakeClock; C answers `c_answers` in turn, again
+    and again (a status, or "broken": a 200 whose body breaks). Returns A's app and the
+    list C's calls land in (their attempt headers)."""
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def leaf(request: httpx.Request) -> httpx.Response:
+        calls.append(int(request.headers.get("x-fidelity-attempt", "0")))
+        answer = c_answers[(len(calls) - 1) % len(c_answers)]
+        if answer == "broken":
+            return httpx.Response(200, stream=_BrokenBody())
+        assert isinstance(answer, int)
+        return httpx.Response(answer)
+
+    to_c = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(leaf), clock=clock, telemetry=False)
+    )
+    b = _hop("B", to_c, C_URL + "/", clock, 2, catch)
+    to_b = httpx.AsyncClient(
+        transport=FidelityTransport(
+            # (an error B lets out is answered 500, as a server would)
+            httpx.ASGITransport(app=b, raise_app_exceptions=False),
+            clock=clock,
+            telemetry=False,
+        )
+    )
+    return _hop("A", to_b, B_URL + "/", clock, 1, True), calls
+
+
+def _get(app: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            return await client.get("/")
+
+    return asyncio.run(go())
+
+
+def test_a_hop_that_retried_then_met_a_status_it_does_not_retry_is_exhausted() -> None:
+    # Seed 148 of the harness, shrunk: B's call to C got a 503 (retried), then a 500 (a
+    # status B does not retry), and B answered 502 unmarked. A retried B (502 is in its
+    # on_status), and every one of A's attempts had B retry C again: 6 calls at C for one
+    # request, 3 x 2, the multiplication across hops that "retries happen at one hop"
+    # rules out. B retried, so B owned the call's retries: its 5xx says exhausted.
+    app, calls = _chain([503, 500])
+    response = _get(app)
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-retry") == "exhausted"
+    assert calls == [1, 2]  # B's two attempts; A did not send B's round again
+
+
+def test_a_first_attempt_a_hop_does_not_retry_is_still_the_callers_to_retry() -> None:
+    # The other side of the rule: B did not retry (a 500 on its first attempt), so A is
+    # the nearest owner that can, and does (C gets one call per attempt of A's).
+    app, calls = _chain([500])
+    response = _get(app)
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-retry") == "exhausted"  # by A, which retried
+    assert calls == [1, 1, 1]
+
+
+def test_a_hop_that_retried_then_had_its_answer_break_mid_body_is_exhausted() -> None:
+    # Seed 285, shrunk: B's call to C got a 503 (retried), then a 200 whose body broke
+    # while B read it (the transport counts that on C's breaker as a failure). B answered
+    # 502 unmarked, and A sent B's round again twice: C saw 6 calls for one request.
+    app, calls = _chain([503, "broken"])
+    response = _get(app)
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-retry") == "exhausted"
+    assert calls == [1, 2]
+
+
+def test_the_broken_body_the_app_lets_out_after_a_retry_is_answered_502_marked() -> None:
+    # The same with B's handler letting the ReadError out: the middleware answers it as
+    # an upstream given up on after retrying (502, marked), not as B's own bug (a bare
+    # 500, which A's breaker counted against B).
+    app, calls = _chain([503, "broken"], catch=False)
+    response = _get(app)
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-retry") == "exhausted"
+    assert calls == [1, 2]
+
+
+def test_a_body_that_breaks_on_the_first_attempt_leaves_the_retry_to_the_caller() -> None:
+    # B did not retry: A is the nearest owner that can, and does.
+    app, calls = _chain(["broken"])
+    response = _get(app)
+    assert response.status_code == 502
+    assert calls == [1, 1, 1]
