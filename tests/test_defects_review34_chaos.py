@@ -13,22 +13,37 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw import (
+    BreakerConfig,
+    FidelityMiddleware,
+    FidelityTransport,
+    Policy,
+    RetryConfig,
+    UpstreamConfig,
+)
 from fidelity_mw.testing import FakeClock, seeded_random
 
 B_URL = "http://10.0.2.1:8080"  # an address inside trusted_peers: one of ours
 C_URL = "http://10.0.3.1:8080"
 
 
-def _policy() -> Policy:
+def _policy(breaker: BreakerConfig) -> Policy:
     retry = RetryConfig(attempts=3, base_ms=10, max_ms=100)
-    return Policy(upstreams=(UpstreamConfig(host="*", retry=retry),))
+    return Policy(upstreams=(UpstreamConfig(host="*", retry=retry, breaker=breaker),))
 
 
 def _hop(
-    name: str, client: httpx.AsyncClient, url: str, clock: FakeClock, seed: int, catch: bool
+    name: str,
+    client: httpx.AsyncClient,
+    url: str,
+    clock: FakeClock,
+    seed: int,
+    catch: bool,
+    breaker: BreakerConfig,
+    served: list[str],
 ) -> Any:
     async def handler(request: Request) -> Response:
+        served.append(name)
         try:
             upstream = await client.get(url)
         except httpx.HTTPError:
@@ -39,7 +54,7 @@ def _hop(
 
     app = Starlette(routes=[Route("/", handler)])
     app.add_middleware(
-        FidelityMiddleware, policy=_policy(), clock=clock, rng=seeded_random(seed),
+        FidelityMiddleware, policy=_policy(breaker), clock=clock, rng=seeded_random(seed),
         telemetry=False,
     )  # fmt: skip
     return app
@@ -53,12 +68,19 @@ class _BrokenBody(httpx.AsyncByteStream):
         raise httpx.ReadError("connection reset by peer")
 
 
-def _chain(c_answers: list[int | str], catch: bool = True) -> tuple[Any, list[int]]:
+def _chain(
+    c_answers: list[int | str],
+    catch: bool = True,
+    breaker: BreakerConfig = BreakerConfig(),  # noqa: B008 - frozen
+    served: list[str] | None = None,
+) -> tuple[Any, list[int]]:
     """A -> B -> C in process on one FakeClock; C answers `c_answers` in turn, again
     and again (a status, or "broken": a 200 whose body breaks). Returns A's app and the
-    list C's calls land in (their attempt headers)."""
+    list C's calls land in (their attempt headers); `served` gets the hop of each
+    request a hop's handler ran for."""
     clock = FakeClock()
     calls: list[int] = []
+    served = [] if served is None else served
 
     def leaf(request: httpx.Request) -> httpx.Response:
         calls.append(int(request.headers.get("x-fidelity-attempt", "0")))
@@ -71,7 +93,7 @@ def _chain(c_answers: list[int | str], catch: bool = True) -> tuple[Any, list[in
     to_c = httpx.AsyncClient(
         transport=FidelityTransport(httpx.MockTransport(leaf), clock=clock, telemetry=False)
     )
-    b = _hop("B", to_c, C_URL + "/", clock, 2, catch)
+    b = _hop("B", to_c, C_URL + "/", clock, 2, catch, breaker, served)
     to_b = httpx.AsyncClient(
         transport=FidelityTransport(
             # (an error B lets out is answered 500, as a server would)
@@ -80,7 +102,7 @@ def _chain(c_answers: list[int | str], catch: bool = True) -> tuple[Any, list[in
             telemetry=False,
         )
     )
-    return _hop("A", to_b, B_URL + "/", clock, 1, True), calls
+    return _hop("A", to_b, B_URL + "/", clock, 1, True, breaker, served), calls
 
 
 def _get(app: Any) -> httpx.Response:
@@ -143,3 +165,63 @@ def test_a_body_that_breaks_on_the_first_attempt_leaves_the_retry_to_the_caller(
     response = _get(app)
     assert response.status_code == 502
     assert calls == [1, 1, 1]
+
+
+def _get_all(app: Any, n: int) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            return [await client.get("/") for _ in range(n)]
+
+    return asyncio.run(go())
+
+
+# breakers that open on the second failure in a row and stay open: what opened shows
+_QUICK = BreakerConfig(consecutive_failures=2, open_s=30.0, open_min_s=30.0, open_jitter=0.0)
+
+
+def test_a_fault_bs_breaker_owns_does_not_open_as_breaker_for_b() -> None:
+    # The real-server chaos scenario, shrunk: one instance of C reset its connections
+    # mid-body; B (which does not retry an answer whose body broke: its head was handed
+    # back) answered 502, and A's breaker for B counted each one. It opened, and A shed
+    # 46 of 60 requests while two of C's three instances were healthy. The same with a
+    # 500 B does not retry. B's breaker for C counted the fault: the breaker next to it
+    # owns it. B's 502 says so (`x-fidelity-fault: upstream`), and A leaves it alone.
+    for answer in ("broken", 500):
+        served: list[str] = []
+        app, calls = _chain([answer], breaker=_QUICK, served=served)
+        first, second = _get_all(app, 2)
+        # 1st: A tried B three times; B's breaker for C opened on the 2nd C failure and
+        # refused the 3rd (exhausted). A's breaker for B stayed closed, so the 2nd request
+        # reached B (and B's open breaker for C answered it, exhausted, at once)
+        assert calls == [1, 1], answer
+        assert served.count("B") == 4, (answer, served)
+        assert first.status_code == second.status_code == 502
+        assert second.headers.get("x-fidelity-retry") == "exhausted"
+
+
+def test_bs_answer_after_a_failure_of_its_own_upstream_is_marked() -> None:
+    # B answers its caller directly: the marker is on B's 502, and only there
+    clock = FakeClock()
+    to_c = httpx.AsyncClient(
+        transport=FidelityTransport(
+            httpx.MockTransport(lambda request: httpx.Response(500)), clock=clock,
+            telemetry=False,
+        )
+    )  # fmt: skip
+    served: list[str] = []
+    b = _hop("B", to_c, C_URL + "/", clock, 2, True, BreakerConfig(), served)
+    (failed,) = _get_all(b, 1)
+    assert failed.status_code == 502
+    assert failed.headers.get("x-fidelity-fault") == "upstream"
+    assert "x-fidelity-retry" not in failed.headers  # B did not retry: A may
+    to_ok = httpx.AsyncClient(
+        transport=FidelityTransport(
+            httpx.MockTransport(lambda request: httpx.Response(200)), clock=clock,
+            telemetry=False,
+        )
+    )  # fmt: skip
+    b = _hop("B", to_ok, C_URL + "/", clock, 2, True, BreakerConfig(), served)
+    (ok,) = _get_all(b, 1)
+    assert ok.status_code == 200
+    assert "x-fidelity-fault" not in ok.headers

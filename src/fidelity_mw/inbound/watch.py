@@ -166,7 +166,9 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 400 and (ctx.shed_by is not None or ctx.upstream_exhausted):
+            if status >= 400 and (
+                ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
+            ):
                 if headers and ctx.shed_by is not None:  # its units come back
                     headers = refunded_fields(ctx, headers)
                 if status >= 500:

@@ -105,6 +105,7 @@ class Watch:
             return
         try:
             self._decide(exc, read)
+            mark(self.ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
             if self.attempts > 1:
                 self._exhausted(exc)
             if self.target is not None and self.gate is None:

@@ -689,7 +689,14 @@ def attempts(
                 exhausted: Any = gave_up() if (retryable or downstream) and not hedge else None
                 with contextlib.suppress(Exception):  # (an error that takes no attribute)
                     setattr(error, GIVE_UP_EXTENSION, exhausted)
+                if outcome == FAILURE and breaker is not None and not hedge:
+                    mark(ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
                 raise error
+            if outcome == FAILURE and breaker is not None and not hedge:
+                # the call ends on a failure our breaker for the upstream counted: our 5xx
+                # for it says so (`x-fidelity-fault: upstream`), and our callers' breakers
+                # leave it to ours instead of opening on us for it
+                mark(ctx, False, None, True)
             if (
                 attempt > 1
                 and not hedge
