@@ -18,6 +18,7 @@ from fidelity_mw import (
     FidelityMiddleware,
     FidelityTransport,
     Policy,
+    RateLimit,
     RetryConfig,
     UpstreamConfig,
 )
@@ -225,3 +226,55 @@ def test_bs_answer_after_a_failure_of_its_own_upstream_is_marked() -> None:
     (ok,) = _get_all(b, 1)
     assert ok.status_code == 200
     assert "x-fidelity-fault" not in ok.headers
+
+
+def test_a_callers_retry_after_an_upstream_fault_spends_no_quota() -> None:
+    # Seed 1 of the harness (a tight limit at B), shrunk: C answered B's first call 500
+    # (not retried by B), B answered 502, and A retried it (B did not). B had charged
+    # both attempts: the retry took the token the client's next request needed, which B
+    # then refused (429). "Retries never spend the client's rate-limit quota": B's 502
+    # for its upstream's fault gives the units back, and A's retry is paid from the
+    # retry credit that earns. (As it always was for a 502 after B gave up retrying.)
+    clock = FakeClock()
+    answers = iter([500])
+
+    def leaf(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers, 200))
+
+    to_c = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(leaf), clock=clock, telemetry=False)
+    )
+    served: list[str] = []
+    b_answers: list[tuple[int | None, int]] = []
+    b = _hop("B", to_c, C_URL + "/", clock, 2, True, BreakerConfig(), served)
+    limit = RateLimit(name="per-client", rate="2/s", burst=2)
+    b.user_middleware.clear()
+    b.add_middleware(
+        FidelityMiddleware,
+        policy=Policy(rate_limits=(limit,), upstreams=_policy(BreakerConfig()).upstreams),
+        clock=clock, rng=seeded_random(2), telemetry=False, observer=_Statuses(b_answers),
+    )  # fmt: skip
+    to_b = httpx.AsyncClient(
+        transport=FidelityTransport(
+            httpx.ASGITransport(app=b, raise_app_exceptions=False), clock=clock, telemetry=False
+        )
+    )
+    a = _hop("A", to_b, B_URL + "/", clock, 1, True, BreakerConfig(), served)
+    first, second = _get_all(a, 2)  # two requests at one instant: B's limit holds two
+    assert first.status_code == second.status_code == 200
+    # (status, x-fidelity-attempt) of B's answers: the first request's 502 and A's retry
+    # of it, then the second request, admitted (not a 429 and A's retry after it)
+    assert b_answers == [(502, 1), (200, 2), (200, 1)]
+
+
+class _Statuses:
+    """A request observer keeping (status, inbound attempt) of each answer."""
+
+    def __init__(self, into: list[tuple[int | None, int]]) -> None:
+        self.into = into
+
+    def start(self, ctx: Any, scope: Any) -> None:
+        return None
+
+    def end(self, ctx: Any, scope: Any, token: Any) -> None:
+        self.into.append((ctx.status, ctx.inbound_attempt))
