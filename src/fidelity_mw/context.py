@@ -87,6 +87,11 @@ class DecisionContext:
     # Set by the transport when it gave up retrying an upstream; the
     # middleware then tells our own callers not to retry us.
     upstream_exhausted = False
+    # Set by the transport when a call of this request ended on a failure its upstream's
+    # breaker counted (a 5xx, an error, a body that broke): the middleware marks our own
+    # 5xx `x-fidelity-fault: upstream`, so our callers' breakers leave that fault to the
+    # breaker next to it (ours for that upstream) and do not open on us for it.
+    upstream_failed = False
     # Set by the transport when a control layer (host breaker, deadline) refused an
     # outbound call before anything was sent, or by a per-route form that turned the
     # request away inside the app (FastAPI `Depends(limit)`): an error response then

@@ -166,7 +166,9 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 400 and (ctx.shed_by is not None or ctx.upstream_exhausted):
+            if status >= 400 and (
+                ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
+            ):
                 if headers and ctx.shed_by is not None:  # its units come back
                     headers = refunded_fields(ctx, headers)
                 if status >= 500:
@@ -425,7 +427,8 @@ class OutcomeRecorder:
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
             pending = self.finish(ctx, plan, result, FAILURE)
-            if ctx.upstream_exhausted:  # the upstream's fault: not the client's quota
+            if ctx.upstream_exhausted or ctx.upstream_failed:
+                # the upstream's fault: not the client's quota
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return pending
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
@@ -474,8 +477,10 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_SERVED
             pending = self.finish(ctx, plan, result, SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, True, False))
-        elif ctx.upstream_exhausted and (status is None or status >= 500):
-            # the outbound layer gave up on an upstream: not the client's quota
+        elif (ctx.upstream_exhausted or ctx.upstream_failed) and (status is None or status >= 500):
+            # the outbound layer gave up on an upstream, or the upstream failed a call our
+            # breaker for it counted: not the client's quota (its retry, which we did not
+            # make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
