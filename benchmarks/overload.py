@@ -61,12 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import stamp, write_section
 
-VARIANTS = ("none", "fixed", "adaptive", "stale")
+VARIANTS = ("none", "fixed", "adaptive", "stale", "newest")
 # A variant's own settings (`--variants stale@tol=2/pace_ms=0.5`): `tol` is the policy's
 # tolerance; the others set the library's constants in the server process, to sweep them.
 SETTINGS = {
     "tol": "[concurrency] tolerance (default: --tolerance)",
     "min": "[concurrency] min_limit (default 1)",
+    "max": "[concurrency] max_limit (default 500; min=2/max=2 pins the adaptive limit at 2)",
     "pace_ms": "decide.concurrency.PACE_S, the shortest pacing turn (1 ms)",
     "res_ms": "decide.concurrency.STALE_RESOLUTION_S, the finest stale bound (2 ms)",
     "fade": "decide.concurrency.LAG_FADE, the lag peak's fade per release (0.99)",
@@ -116,6 +117,7 @@ if variant.partition("@")[0] != "none":
     settings = dict(item.split("=", 1) for item in extra.split("/") if item)
     tolerance = float(settings.pop("tol", os.environ["OVERLOAD_TOLERANCE"]))
     min_limit = int(settings.pop("min", "1"))
+    max_limit = int(settings.pop("max", "500"))
     if settings:
         import fidelity_mw.decide.concurrency as decide
         from fidelity_mw.inbound.bulkhead import LoopClock
@@ -136,15 +138,17 @@ if variant.partition("@")[0] != "none":
     if base.startswith("fixed"):
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_FIXED_LIMIT"]))
     else:
-        conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_ADAPTIVE_START"]),
-                                 adaptive=True, max_limit=500, min_limit=min_limit,
+        start = min(max(int(os.environ["OVERLOAD_ADAPTIVE_START"]), min_limit), max_limit)
+        conc = ConcurrencyConfig(limit=start,
+                                 adaptive=True, max_limit=max_limit, min_limit=min_limit,
                                  tolerance=tolerance,
-                                 shed_stale=base == "stale")
+                                 shed_stale=base == "stale",
+                                 newest_first=base == "newest")
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
     trace_path = os.environ.get("OVERLOAD_TRACE")
-    if trace_path and base in ("adaptive", "stale"):
+    if trace_path and base in ("adaptive", "stale", "newest"):
         # --timeline: every latency sample and the limit after it, written at exit
         from fidelity_mw.decide.concurrency import GradientEstimate
 
@@ -755,7 +759,8 @@ def _run(
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
         f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
-        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; `fixed=N` rows "
+        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; newest: the same with "
+        f"`newest_first = true`; `fixed=N` rows "
         f"(highest multiple only): static limits swept, "
         f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "
