@@ -375,7 +375,11 @@ class FidelityMiddleware:
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
             app_ran = True
             try:
-                await self.app(scope, receive, watcher)
+                if in_bulkhead and plan.bulkhead is not None and plan.bulkhead.spec.newest_first:
+                    # (while it holds arrivals, the app defers to their turn's decision)
+                    await self._bulkheads.deferred(plan, self.app(scope, receive, watcher))
+                else:
+                    await self.app(scope, receive, watcher)
             except BaseException as exc:
                 watcher.disarm()
                 rejection = self._refusal(ctx, watcher, exc)
