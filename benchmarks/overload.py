@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -60,12 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import stamp, write_section
 
-VARIANTS = ("none", "fixed", "adaptive", "stale")
+VARIANTS = ("none", "fixed", "adaptive", "stale", "newest")
 # A variant's own settings (`--variants stale@tol=2/pace_ms=0.5`): `tol` is the policy's
 # tolerance; the others set the library's constants in the server process, to sweep them.
 SETTINGS = {
     "tol": "[concurrency] tolerance (default: --tolerance)",
     "min": "[concurrency] min_limit (default 1)",
+    "max": "[concurrency] max_limit (default 500; min=2/max=2 pins the adaptive limit at 2)",
     "pace_ms": "decide.concurrency.PACE_S, the shortest pacing turn (1 ms)",
     "res_ms": "decide.concurrency.STALE_RESOLUTION_S, the finest stale bound (2 ms)",
     "fade": "decide.concurrency.LAG_FADE, the lag peak's fade per release (0.99)",
@@ -115,6 +117,7 @@ if variant.partition("@")[0] != "none":
     settings = dict(item.split("=", 1) for item in extra.split("/") if item)
     tolerance = float(settings.pop("tol", os.environ["OVERLOAD_TOLERANCE"]))
     min_limit = int(settings.pop("min", "1"))
+    max_limit = int(settings.pop("max", "500"))
     if settings:
         import fidelity_mw.decide.concurrency as decide
         from fidelity_mw.inbound.bulkhead import LoopClock
@@ -135,15 +138,17 @@ if variant.partition("@")[0] != "none":
     if base.startswith("fixed"):
         conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_FIXED_LIMIT"]))
     else:
-        conc = ConcurrencyConfig(limit=int(os.environ["OVERLOAD_ADAPTIVE_START"]),
-                                 adaptive=True, max_limit=500, min_limit=min_limit,
+        start = min(max(int(os.environ["OVERLOAD_ADAPTIVE_START"]), min_limit), max_limit)
+        conc = ConcurrencyConfig(limit=start,
+                                 adaptive=True, max_limit=max_limit, min_limit=min_limit,
                                  tolerance=tolerance,
-                                 shed_stale=base == "stale")
+                                 shed_stale=base == "stale",
+                                 newest_first=base == "newest")
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
     trace_path = os.environ.get("OVERLOAD_TRACE")
-    if trace_path and base in ("adaptive", "stale"):
+    if trace_path and base in ("adaptive", "stale", "newest"):
         # --timeline: every latency sample and the limit after it, written at exit
         from fidelity_mw.decide.concurrency import GradientEstimate
 
@@ -618,8 +623,8 @@ def main() -> None:
     parser.add_argument(
         "--rt",
         action="store_true",
-        help="run server and generator SCHED_RR (root; the kernel's RT throttling still "
-        "leaves other work 5 %% of each core)",
+        help="run server and generator SCHED_RR (root), with the kernel's RT throttling off "
+        "for the run (restored after)",
     )
     parser.add_argument("--attempts", type=int, default=3, help="per run, on a busy machine")
     parser.add_argument(
@@ -651,9 +656,62 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     load_before = uptime()
     nice = os.nice(0)
-    if args.rt:
-        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+    with _rt_unthrottled(args.rt) as throttling:
+        if args.rt:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+        _run(args, multiples, variants, oracle, app_dir, load_before, nice, throttling)
 
+
+RT_RUNTIME = Path("/proc/sys/kernel/sched_rt_runtime_us")
+
+
+@contextlib.contextmanager
+def _rt_unthrottled(rt: bool) -> Iterator[str]:
+    """Under `--rt`, the kernel's RT throttling off while the benchmark runs (root only).
+
+    With `sched_rt_runtime_us` at its default 950000, a SCHED_RR server busy for more
+    than 95 % of a second is stopped for the rest of it: at overload that is a ~50 ms
+    stall every second, which alone puts the p99 of a 10 ms service at 65 ms. The old
+    value comes back in the `finally`, also on Ctrl-C or SIGTERM. Yields the report's
+    note on it."""
+    if not rt:
+        yield ""
+        return
+    try:
+        old = RT_RUNTIME.read_text().strip()
+    except OSError:
+        yield "; RT throttling unknown (no sched_rt_runtime_us)"
+        return
+    if old == "-1":
+        yield "; RT throttling was already off (sched_rt_runtime_us -1)"
+        return
+    try:
+        RT_RUNTIME.write_text("-1")
+    except OSError:  # not root: as the kernel has it
+        yield f"; RT throttling on (sched_rt_runtime_us {old}: not root, left alone)"
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield f"; RT throttling off for the run (sched_rt_runtime_us -1, restored to {old})"
+    finally:
+        RT_RUNTIME.write_text(old)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # (unwinds through the `finally` that restores)
+
+
+def _run(
+    args: argparse.Namespace,
+    multiples: list[float],
+    variants: tuple[str, ...],
+    oracle: tuple[str, ...],
+    app_dir: Path,
+    load_before: str,
+    nice: int,
+    throttling: str,
+) -> None:
     cals: list[Calibration] = []
     results: list[tuple[Result, Calibration]] = []
     for rnd in range(args.rounds):
@@ -687,7 +745,8 @@ def main() -> None:
     lines = [
         stamp(),
         "",
-        f"`nice -n {nice}`{', SCHED_RR' if args.rt else ''}; load average (1, 5, 15 min) "
+        f"`nice -n {nice}`{', SCHED_RR' if args.rt else ''}{throttling}; load average "
+        f"(1, 5, 15 min) "
         f"{load_before} before, {load_after} after. Service: one uvicorn worker pinned to "
         f"core 0; each request awaits "
         f"{args.io_ms:g} ms then burns {args.cpu_ms:g} ms of CPU. Open-loop load (raw "
@@ -700,7 +759,8 @@ def main() -> None:
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
         f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
-        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; `fixed=N` rows "
+        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; newest: the same with "
+        f"`newest_first = true`; `fixed=N` rows "
         f"(highest multiple only): static limits swept, "
         f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "

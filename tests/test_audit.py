@@ -83,6 +83,9 @@ def test_each_library_is_recognised():
         "nopanic",
         "pyresilience",
         "throttled-py",
+        "retrying",
+        "retry",
+        "aiohttp-retry",
         "hand-written",
     }
 

@@ -56,7 +56,11 @@ def test_precision_and_recall_on_the_labelled_corpus(capsys: pytest.CaptureFixtu
     expected, near_misses = labels()
     report = audit_paths([str(CORPUS)])
     got = {(f.file, f.line, f.kind) for f in report.findings}
-    loops = {(f.file, f.line, f.kind) for f in report.findings if f.library == "hand-written"}
+    loops = {  # a function that calls itself again, or a breaker class, is no loop
+        (f.file, f.line, f.kind)
+        for f in report.findings
+        if f.library == "hand-written" and " loop " in f.what
+    }
     by_library = {(f.file, f.line, f.kind) for f in report.findings} - loops
     loop_lines = _loop_lines(expected) - by_library  # `for a in Retrying(...)` is tenacity's
     rows = [

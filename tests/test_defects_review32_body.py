@@ -600,9 +600,7 @@ async def _differential(
     now = T0
     client.set(CLOCK_KEY, repr(now))
     memory = MemoryStore(rng=lambda: u)
-    red = RedisStore(
-        config=StateConfig(url=url, timeout_ms=5_000), rng=lambda: u, clock=FakeClock()
-    )
+    red = RedisStore(config=StateConfig(url=url, **PATIENT), rng=lambda: u, clock=FakeClock())
     streaming: list[tuple[Any, Any]] = []  # calls recorded as successes, bodies unread
     try:
         for step in ops:

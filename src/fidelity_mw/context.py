@@ -87,6 +87,11 @@ class DecisionContext:
     # Set by the transport when it gave up retrying an upstream; the
     # middleware then tells our own callers not to retry us.
     upstream_exhausted = False
+    # Set by the transport when a call of this request ended on a failure its upstream's
+    # breaker counted (a 5xx, an error, a body that broke): the middleware marks our own
+    # 5xx `x-fidelity-fault: upstream`, so our callers' breakers leave that fault to the
+    # breaker next to it (ours for that upstream) and do not open on us for it.
+    upstream_failed = False
     # Set by the transport when a control layer (host breaker, deadline) refused an
     # outbound call before anything was sent, or by a per-route form that turned the
     # request away inside the app (FastAPI `Depends(limit)`): an error response then
@@ -103,6 +108,12 @@ class DecisionContext:
     # When the last response message was sent (monotonic): the end of the call for
     # slow-call accounting, before any background task runs. None until then.
     ended_at: float | None = None
+    # How long the app waited on its client (its body to come in before the response
+    # started, a body message of the response to be taken): the client's time, not the
+    # route's, so not in a slow call or an adaptive limit's latency sample (a few slow
+    # connections would open the breaker or shrink the limit for every client). Counted
+    # on routes that measure latency only (inbound/watch.ClientReceive).
+    client_wait_s = 0.0
     # Headers the middleware adds to the app's response (RateLimit fields).
     response_headers: list[tuple[bytes, bytes]] | None = None
     # Decisions known as facts but not yet built into records (see `decisions`).

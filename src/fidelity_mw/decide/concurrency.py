@@ -56,6 +56,19 @@ This trades goodput for latency: the core idles through the await of a
 request let in alone whenever no fresh one arrives meanwhile
 (docs/inbound.md has the measured trade).
 
+Newest of the turn (adaptive, opt-in `newest_first`): while pacing, the
+caller holds a turn's non-critical arrivals and hands them over together
+(`admit_turn`, in arrival order) once the loop has run what was ready. Of
+them the newest of the best class that has room is admitted, at most one per
+turn; the others are refused (`older_in_turn`, or `paced` for a lower class
+than the one admitted; `at_limit` / `priority_share` where no slot was left).
+Why the newest: on one event loop a request read after another's CPU step
+may have arrived at any time during it, in an order ASGI does not give; the
+loop reads its sockets in the order data arrived, and the server starts the
+requests in that order, so the last of a turn is the one that waited least.
+The caller's half (inbound/bulkhead.py) also lets the admitted request start
+its await before anybody's next CPU step; that is what keeps the core busy.
+
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
 """
@@ -66,6 +79,7 @@ import heapq
 import itertools
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -81,6 +95,8 @@ PRIORITY_SHARE: Final = "priority_share"
 QUEUED: Final = "queued"
 PACED: Final = "paced"
 STALE: Final = "stale"
+NEWEST_IN_TURN: Final = "newest_in_turn"  # admitted: the newest of its turn's arrivals
+OLDER_IN_TURN: Final = "older_in_turn"  # refused: a newer arrival of its turn was admitted
 
 PACE_S: Final = 0.001  # the shortest pacing turn (see the module doc)
 STALE_RESOLUTION_S: Final = 0.002  # two ticks of the inbound loop clock's heartbeat
@@ -111,6 +127,7 @@ class ConcurrencySpec:
     measure_limit: int = 4  # the limit while the baseline is measured
     measure_samples: int = 20  # requests that finish at that limit make the baseline (0: none)
     shed_stale: bool = False  # shed requests that waited too long to be seen (module doc)
+    newest_first: bool = False  # while pacing, admit the newest of a turn's arrivals
 
     def share(self, priority: str) -> float:
         if priority == SHEDDABLE:
@@ -372,6 +389,51 @@ class ConcurrencyLimiter:
             and estimate.baseline_s > 0.0
             and 4.0 * self._lag_peak >= estimate.baseline_s
         )
+
+    @property
+    def holding(self) -> bool:
+        """True while the caller should hold a turn's arrivals for `admit_turn`."""
+        return self.spec.newest_first and self.pacing
+
+    def admit_turn(self, priorities: Sequence[str], now: float | None = None) -> list[Admission]:
+        """Decide one turn's held arrivals together (`priorities` in arrival order; the
+        answers in the same order): the newest of the best class that has room is
+        admitted, at most one per turn (module doc); the others take no slot.
+
+        Critical requests are not held (the caller decides them at once with
+        `try_acquire`), so none waits here behind a lower class."""
+        answers: list[Admission | None] = [None] * len(priorities)
+        with self._lock:
+            limit = self.limit
+            chosen = -1
+            best = len(PRIORITIES)
+            for i in range(len(priorities) - 1, -1, -1):  # newest first
+                priority = priorities[i]
+                rank = PRIORITIES.index(priority)
+                if (
+                    rank < best
+                    and self.in_flight < self._room(priority)
+                    and not self._waiters_ahead(priority)
+                ):
+                    chosen, best = i, rank
+            if chosen >= 0:
+                self.in_flight += 1
+                self.admitted_in_turn += 1
+                if now is not None:
+                    self._admitted_at = now
+                answers[chosen] = Admission(True, NEWEST_IN_TURN, self.in_flight, limit)
+            for i, priority in enumerate(priorities):
+                if answers[i] is not None:
+                    continue
+                if chosen >= 0:
+                    reason = OLDER_IN_TURN if i < chosen else PACED
+                elif self.in_flight >= self._room(priority):
+                    reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
+                    self.binding = True
+                else:  # room, but requests of its class or better wait ahead of it
+                    reason = PACED
+                answers[i] = Admission(False, reason, self.in_flight, limit)
+        return [answer for answer in answers if answer is not None]
 
     def new_turn(self) -> None:
         """The caller's event loop went round once since an admission."""

@@ -35,11 +35,21 @@ GIVE_UP_BODY: Final = "body_not_replayable"
 GIVE_UP_DOWNSTREAM: Final = "downstream_exhausted"
 GIVE_UP_RETRY_AFTER: Final = "retry_after_too_long"  # Retry-After beyond retry_after_max_s
 GIVE_UP_NO_RETRY_AFTER: Final = "retry_after_missing"  # a 429 without a usable Retry-After
+# a call that retried, then failed in a way it does not retry (a 500, a body that broke):
+# it owned the call's retries all the same
+GIVE_UP_FAILED_AFTER_RETRY: Final = "failed_after_retry"
 
 # Give-ups after which our own callers are told not to retry us
 # (`x-fidelity-retry: exhausted`): we retried, or a retry could not have helped.
 EXHAUSTING_REASONS: Final = frozenset(
-    {GIVE_UP_ATTEMPTS, GIVE_UP_BUDGET, GIVE_UP_BREAKER, GIVE_UP_DEADLINE, GIVE_UP_DOWNSTREAM}
+    {
+        GIVE_UP_ATTEMPTS,
+        GIVE_UP_BUDGET,
+        GIVE_UP_BREAKER,
+        GIVE_UP_DEADLINE,
+        GIVE_UP_DOWNSTREAM,
+        GIVE_UP_FAILED_AFTER_RETRY,
+    }
 )
 
 _MAX_EXPONENT = 62  # 2**62 * base is far past any cap; keeps the float finite

@@ -30,6 +30,7 @@ from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..engine import Engine, RoutePlan
 from ..headers import deadline_parser
 from ..inbound.responses import refusal_retry_after
+from ..inbound.watch import ClientReceive
 from ..rejections import (
     problem_document,
 )
@@ -151,6 +152,11 @@ async def _standalone(
             age_s=result.age_s,
             at=now,
         )
+    if plan.timed:
+        # The handler reads the body: a body that trickles in is the client's time, not
+        # a slow call of the route's (inbound/watch.ClientReceive; Starlette's Request
+        # reads through `_receive`).
+        request._receive = ClientReceive(request._receive, ctx, engine.clock.monotonic)
     token = _CURRENT.set(ctx)
     outcome = IGNORED
     try:
@@ -218,7 +224,7 @@ async def _record(
     assert plan.breaker_key is not None
     now = engine.clock.monotonic()
     slow = plan.breaker.slow_call_ms is not None and (
-        (now - ctx.started_at) * 1000.0 >= plan.breaker.slow_call_ms
+        (now - ctx.started_at - ctx.client_wait_s) * 1000.0 >= plan.breaker.slow_call_ms
     )
     try:
         await engine.store.record(plan.breaker_key, plan.breaker, gate, outcome, slow, now)

@@ -17,7 +17,7 @@ import threading
 import weakref
 from asyncio import FIRST_COMPLETED
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -36,7 +36,15 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.concurrency import PACED, PRIORITIES, STALE, ConcurrencyLimiter
+from ..decide.concurrency import (
+    CRITICAL,
+    OLDER_IN_TURN,
+    PACED,
+    PRIORITIES,
+    STALE,
+    Admission,
+    ConcurrencyLimiter,
+)
 from ..engine import Engine, RoutePlan
 from ..headers import client_address
 from .request import header_key
@@ -49,6 +57,7 @@ from .responses import (
 )
 from .watch import CallLater, TimerHandle
 
+HELD = "held"  # `enter_now`: held for its turn's decision (`wait` holds it)
 QUEUE_TIMEOUT = "queue_timeout"
 CLIENT_GONE = "client_gone"  # the client left while its request waited for a slot
 DISPLACED = "displaced"  # a request of a better class took its place in the full queue
@@ -98,6 +107,7 @@ class Bulkheads:
         # that serves the rest: each (route, class) answer is built once, not per 503.
         self._bodies: dict[tuple[str, str], bytes] = {}
         self._lag: dict[str, LagProbe] = {}  # per adaptive route
+        self._turns: dict[str, Turn] = {}  # per `newest_first` route, while it holds
         # None: the running loop's own (`loop_clock`), shared with every other
         # middleware on that loop (tests put a hand-driven one here)
         self._clock: LoopClock | None = None
@@ -144,6 +154,8 @@ class Bulkheads:
         it was refused now (a str, for `wait`)."""
         limiter = plan.bulkhead
         assert limiter is not None
+        if limiter.holding and priority != CRITICAL and self._turn(plan.route, limiter):
+            return HELD  # decided with its turn's other arrivals (`wait` holds it)
         waited = None
         if limiter.spec.shed_stale and limiter.pacing:
             # Only while the loop is the bottleneck: the heartbeat costs a timer a ms.
@@ -156,14 +168,86 @@ class Bulkheads:
                 asyncio.get_running_loop().call_soon(limiter.new_turn)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now, waited)
             return None
-        if admission.reason != STALE:  # (a stale request only grows staler in the queue)
+        return self._refused_now(ctx, plan, admission.reason, priority, limiter, now, waited)
+
+    def _refused_now(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        reason: str,
+        priority: str,
+        limiter: ConcurrencyLimiter,
+        now: float,
+        waited: float | None = None,
+    ) -> Rejection | str:
+        """Refused a slot now: queue where the route has room in its queue (the reason,
+        for `wait`), else refuse."""
+        if reason != STALE:  # (a stale request only grows staler in the queue)
             if limiter.can_queue():
-                return admission.reason
+                return reason
             displaced = limiter.displace(priority)
             if displaced is not None:  # a waiter of a lower class gave it its place
                 self._tell(limiter, displaced, False)
-                return admission.reason
-        return self._refuse(ctx, plan, admission.reason, priority, limiter, now, waited)
+                return reason
+        return self._refuse(ctx, plan, reason, priority, limiter, now, waited)
+
+    def _turn(self, route: str, limiter: ConcurrencyLimiter) -> Turn | None:
+        """The route's turn on the running event loop, to hold an arrival in; None where
+        none can be held (not on asyncio, or the route's arrivals are held on another
+        thread's loop: then it is decided at once, as pacing does without `newest_first`)."""
+        loop = asyncio.events._get_running_loop()
+        if loop is None:  # (trio: no loop turn to wait out, no callback to end it)
+            return None
+        turn = self._turns.get(route)
+        if turn is not None and turn.loop is loop and turn.limiter is limiter:
+            return turn
+        if turn is not None and turn.held and not turn.loop.is_closed():
+            return None
+        turn = self._turns[route] = Turn(loop, limiter, self.monotonic)
+        return turn
+
+    async def held(
+        self, ctx: DecisionContext, plan: RoutePlan, priority: str
+    ) -> Rejection | str | None:
+        """Hold the request until its turn's arrivals are decided together (`Turn`): a
+        slot (None), a refusal, or the reason to wait in the queue, as `enter_now`."""
+        limiter = plan.bulkhead
+        assert limiter is not None
+        turn = self._turns[plan.route]
+        loop = turn.loop
+        answer: asyncio.Future[Admission] = loop.create_future()
+        turn.hold(answer, priority)
+        try:
+            admission = await answer
+        except asyncio.CancelledError:
+            # Cancelled after its turn gave it a slot (before it ran again): it frees the
+            # slot it took; cancelled before, it took none (the turn skips it).
+            if answer.done() and not answer.cancelled() and answer.result().admitted:
+                self._wake(limiter, limiter.give_back())
+            raise
+        now = self.monotonic()
+        if admission.admitted:
+            if limiter.admitted_in_turn == 1:
+                loop.call_soon(limiter.new_turn)
+            self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
+            return None
+        return self._refused_now(ctx, plan, admission.reason, priority, limiter, now)
+
+    def deferred(self, plan: RoutePlan, app: Awaitable[None]) -> Awaitable[None]:
+        """The app's awaitable for an admitted request of a `newest_first` route: while
+        the route holds arrivals (pacing, on asyncio), one that defers to its turn's
+        decision (`Deferring`); else the app's own, unwrapped."""
+        limiter = plan.bulkhead
+        turn = self._turns.get(plan.route)
+        if (
+            turn is None
+            or limiter is None
+            or turn.limiter is not limiter
+            or not limiter.holding
+            or turn.loop is not asyncio.events._get_running_loop()
+        ):
+            return app
+        return Deferring(app, turn)
 
     async def wait(
         self,
@@ -187,6 +271,11 @@ class Bulkheads:
         limiter = plan.bulkhead
         assert limiter is not None
         assert plan.concurrency is not None
+        if refused == HELD:
+            entered = await self.held(ctx, plan, priority)
+            if not isinstance(entered, str):
+                return entered, receive
+            refused = entered
         arrived = now
         timeout_s = plan.concurrency.queue_timeout_ms / 1000
         # (a route with `enforce = false` only records deadlines: its queue timeout stands)
@@ -198,7 +287,7 @@ class Bulkheads:
         loop = asyncio.get_running_loop()
         # True: a release handed it a slot; False: a better class took its place
         slot: asyncio.Future[bool] = loop.create_future()
-        if limiter.enqueue(priority, slot, paced=refused == PACED):
+        if limiter.enqueue(priority, slot, paced=refused in (PACED, OLDER_IN_TURN)):
             # freed since the refusal, by a request on another thread's loop
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
             return None, receive
@@ -275,6 +364,27 @@ class Bulkheads:
             if dropped or ctx.status is not None:
                 ended = ctx.ended_at if ctx.ended_at is not None else self.monotonic()
                 latency = ended - ctx.started_at
+                if dropped and ctx.deadline_from_caller and ctx.deadline_at is not None:
+                    cap = plan.deadline_cap_s
+                    if cap is None or ctx.deadline_at - ctx.started_at < cap:
+                        # The caller chose this deadline, shorter than the route's own
+                        # (any client may send one): the time it had is a latency sample,
+                        # not an overload drop. A client that sent one just past the
+                        # route's tolerance took 10 % off the limit with each request the
+                        # route's latency spread cut, where that latency took under 1 %.
+                        dropped = False
+                waited = ctx.client_wait_s
+                if waited > 0.0:
+                    # The client's own time (a body that trickled in, a response read
+                    # slowly) is not the route's: a few slow connections would shrink the
+                    # limit for every client, or, taken for the floor, stop it shrinking
+                    # under a real overload. A deadline that passed while mostly the
+                    # client was waited on is the client's doing, not an overload.
+                    if dropped and waited * 2.0 >= latency:
+                        dropped = False
+                    latency -= waited
+                    if latency <= 0.0 and not dropped:
+                        latency = None
         lag = 0.0
         if limiter.estimate is not None:
             probe = self._lag.get(plan.route)
@@ -632,3 +742,94 @@ def loop_clock(monotonic: Callable[[], float]) -> LoopClock:
     if clock is None:
         clock = clocks[monotonic] = LoopClock(monotonic)
     return clock
+
+
+class Turn:
+    """One loop turn's held arrivals of a `newest_first` route (decide/concurrency.py).
+
+    An arrival is held (a future each) until the turn ends: a callback queued at the
+    first arrival, which runs once the loop has run what was ready with it (the
+    requests read in the same I/O phase among it), or earlier, when a request the
+    route admitted resumes first (`Deferring`). Then the limiter decides them all
+    together, the newest first, and each held request goes on with its answer."""
+
+    __slots__ = ("held", "limiter", "loop", "monotonic", "pending")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        limiter: ConcurrencyLimiter,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.loop = loop
+        self.limiter = limiter
+        self.monotonic = monotonic
+        self.held: list[tuple[asyncio.Future[Admission], str]] = []
+        self.pending = False  # the turn's end is queued
+
+    def hold(self, answer: asyncio.Future[Admission], priority: str) -> None:
+        self.held.append((answer, priority))
+        if not self.pending:
+            self.pending = True
+            self.loop.call_soon(self.end)
+
+    def end(self) -> None:
+        self.pending = False
+        self.decide()
+
+    def decide(self) -> None:
+        """Answer the held arrivals (those still waiting: a cancelled one took nothing)."""
+        held = [(answer, priority) for answer, priority in self.held if not answer.done()]
+        self.held = []
+        if not held:
+            return
+        answers = self.limiter.admit_turn([priority for _, priority in held], self.monotonic())
+        # The newest first, as they were decided: the one admitted starts its await
+        # before the others' refusals are sent.
+        for (answer, _), admission in zip(reversed(held), reversed(answers), strict=True):
+            answer.set_result(admission)
+
+
+class Deferring:
+    """Runs an admitted request's app so that its turn's decision comes first.
+
+    The app's awaitable is driven here step by step: what it yields is yielded on,
+    what it is sent or thrown (a cancellation among it) goes to it, and its result
+    or exception is this one's, unchanged. When it resumes while arrivals of its
+    route are held, the turn is decided now, and it yields once more (one pass of
+    the loop) before it goes on: the request admitted then starts its await before
+    this one's next CPU step, so that the await overlaps it. Decided only at the
+    turn's end, the newcomer's first step ran after that CPU step, its await
+    overlapped nothing, and the core idled through it."""
+
+    __slots__ = ("app", "turn")
+
+    def __init__(self, app: Awaitable[None], turn: Turn) -> None:
+        self.app = app
+        self.turn = turn
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        steps = self.app.__await__()
+        turn = self.turn
+        sent: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is not None:
+                    thrown, error = error, None
+                    yielded = steps.throw(thrown)
+                else:
+                    yielded = steps.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # (GeneratorExit and cancellation among them)
+                error = exc
+                continue
+            if turn.held:
+                turn.decide()
+                try:
+                    yield None  # (a bare yield: the task runs again in the next pass)
+                except BaseException as exc:
+                    error = exc

@@ -27,6 +27,7 @@ from typing import Any, Final
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
+from .._logs import warn as log_warning
 from .._types import ASGIApp, Clock, Message, RandomSource, Receive, Scope, Send
 from ..clock import SystemClock
 from ..context import (
@@ -62,6 +63,7 @@ from .responses import (
 from .watch import (
     NOT_ASYNCIO,
     CallLater,
+    ClientReceive,
     DeadlineWatch,
     OutcomeRecorder,
     ResponseEndHook,
@@ -305,6 +307,14 @@ class FidelityMiddleware:
                     )
                     if rejection is None:
                         slot = HeldSlot(self._bulkheads, ctx, plan)
+                if (
+                    rejection is None
+                    and (plan.timed or plan.bulkhead is not None)
+                    and _measures_latency(plan)
+                ):
+                    # A route that measures its latency: the time the app waits for the
+                    # client's body is the client's, not the route's (watch.ClientReceive)
+                    receive = ClientReceive(receive, ctx, self._monotonic)
                 if rejection is None:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
@@ -368,13 +378,21 @@ class FidelityMiddleware:
             if slot is not None:  # given back at the response's last message
                 slot.plan = plan  # (a cost function's plan: the same bulkhead)
                 watcher.slot = slot
-            if plan.timed:  # the end time is read only where the route counts slow calls
+            if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
             app_ran = True
             try:
-                await self.app(scope, receive, watcher)
+                if (
+                    slot is not None
+                    and plan.bulkhead is not None
+                    and plan.bulkhead.spec.newest_first
+                ):
+                    # (while it holds arrivals, the app defers to their turn's decision)
+                    await self._bulkheads.deferred(plan, self.app(scope, receive, watcher))
+                else:
+                    await self.app(scope, receive, watcher)
             except BaseException as exc:
                 watcher.disarm()
                 rejection = self._refusal(ctx, watcher, exc)
@@ -648,7 +666,11 @@ class FidelityMiddleware:
             return None
         failed = upstream_failure(ctx, exc)
         if failed is not None:
-            logger.warning(
+            # once per interval and kind: an upstream outage lets one out of every request
+            # (each is counted, and recorded on its request: `fidelity.upstream_exhausted`)
+            log_warning(
+                logger,
+                f"let_out:{type(exc).__name__}",
                 "fidelity_mw: %s: the app let out %s from an upstream it gave up on after "
                 "retrying; answered %d",
                 ctx.route,
@@ -765,3 +787,11 @@ class FidelityMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+def _measures_latency(plan: RoutePlan) -> bool:
+    """Does the route measure its requests' latency (slow calls, an adaptive limit)?"""
+    if plan.timed:
+        return True
+    bulkhead = plan.bulkhead
+    return bulkhead is not None and bulkhead.estimate is not None

@@ -38,6 +38,7 @@ from .responses import (
     EXHAUSTED,
     OUTCOME_EXPIRED,
     OUTCOME_SHED,
+    UPSTREAM_FAULT,
     Headers,
     Rejection,
     problem_body,
@@ -323,6 +324,8 @@ def after_give_up(
     extra: Headers = list(headers or ())
     if ctx.upstream_exhausted:
         extra.append(EXHAUSTED)
+    if ctx.upstream_failed:
+        extra.append(UPSTREAM_FAULT)
     try:
         app_headers = start.get("headers") or ()
         if not isinstance(app_headers, list | tuple):  # any iterable: read it only once

@@ -41,6 +41,9 @@ PROBLEM_JSON = b"application/problem+json"
 # service failing, and the layer's name says which decision it was.
 DECIDED_BY_HEADER: Final = b"x-fidelity-decided-by"
 EXHAUSTED = (b"x-fidelity-retry", b"exhausted")
+# On our 5xx after a call whose failure the upstream's breaker counted: the breaker next
+# to the fault owns it, not our callers' breakers for us (context.upstream_failed).
+UPSTREAM_FAULT = (b"x-fidelity-fault", b"upstream")
 
 Headers = list[tuple[bytes, bytes]]
 # status, extra headers, body; the content headers and the decided-by marker are added

@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
-from .._types import Message, Scope, Send
+from .._types import Message, Receive, Scope, Send
 from ..context import DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..policy import BreakerConfig
@@ -177,7 +177,9 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 400 and (ctx.shed_by is not None or ctx.upstream_exhausted):
+            if status >= 400 and (
+                ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
+            ):
                 if headers and ctx.shed_by is not None:  # its units come back
                     headers = refunded_fields(ctx, headers)
                 if status >= 500:
@@ -200,6 +202,18 @@ class ResponseWatcher:
             slot: HeldSlot | None = self.slot
             if slot is not None:
                 slot.leave(True)
+        elif kind == _BODY and self.monotonic is not None:
+            # A body message before the last: a server's `send` waits while its client
+            # has not taken what it was sent (uvicorn, past its write buffer's mark). That
+            # wait is the client's (`DecisionContext.client_wait_s`).
+            monotonic = self.monotonic
+            begun = monotonic()
+            await self._send(message)
+            self.ctx.client_wait_s += monotonic() - begun
+            return
+        await self._send(message)
+
+    async def _send(self, message: Message) -> None:
         try:
             await self.send(message)
         except OSError:
@@ -207,6 +221,40 @@ class ResponseWatcher:
             # route's failure (an OSError from the app's own backends is).
             self.ctx.client_disconnected = True
             raise
+
+
+class ClientReceive:
+    """The `receive` the app gets on a route that measures its latency (slow calls, an
+    adaptive limit): it counts how long the app waited for its request's body to come in
+    before the response started (`DecisionContext.client_wait_s`), a read that ends in a
+    cancel too (the deadline's, while the body still trickles in). Once the body is in, a
+    read waits for the client to leave (Starlette's, beside a streamed response; an app's
+    own, raced against its work): that waits alongside the app's work, and is not counted."""
+
+    __slots__ = ("ctx", "done", "monotonic", "receive")
+
+    def __init__(
+        self, receive: Receive, ctx: DecisionContext, monotonic: Callable[[], float]
+    ) -> None:
+        self.receive = receive
+        self.ctx = ctx
+        self.monotonic = monotonic
+        self.done = False  # the body's last message came
+
+    async def __call__(self) -> Message:
+        if self.done or self.ctx.status is not None:
+            return await self.receive()
+        monotonic = self.monotonic
+        begun = monotonic()
+        try:
+            message: Message = await self.receive()
+        finally:
+            ctx = self.ctx
+            if ctx.status is None:
+                ctx.client_wait_s += monotonic() - begun
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.done = True
+        return message
 
 
 def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, token: Any) -> None:
@@ -393,7 +441,8 @@ class OutcomeRecorder:
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
             pending = self.finish(ctx, plan, result, FAILURE)
-            if ctx.upstream_exhausted:  # the upstream's fault: not the client's quota
+            if ctx.upstream_exhausted or ctx.upstream_failed:
+                # the upstream's fault: not the client's quota
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return pending
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
@@ -442,8 +491,10 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_SERVED
             pending = self.finish(ctx, plan, result, SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, True, False))
-        elif ctx.upstream_exhausted and (status is None or status >= 500):
-            # the outbound layer gave up on an upstream: not the client's quota
+        elif (ctx.upstream_exhausted or ctx.upstream_failed) and (status is None or status >= 500):
+            # the outbound layer gave up on an upstream, or the upstream failed a call our
+            # breaker for it counted: not the client's quota (its retry, which we did not
+            # make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
@@ -543,7 +594,7 @@ class OutcomeRecorder:
         now = self.monotonic()
         ended = ctx.ended_at if ctx.ended_at is not None else now
         slow = breaker.slow_call_ms is not None and (
-            (ended - ctx.started_at) * 1000.0 >= breaker.slow_call_ms
+            (ended - ctx.started_at - ctx.client_wait_s) * 1000.0 >= breaker.slow_call_ms
         )
         return self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -38,9 +39,11 @@ from typing import Any, Final
 import httpx
 
 from .._logs import warn
-from ..context import LAYER_BREAKER, Decision, DecisionContext
+from ..context import GIVE_UP, LAYER_BREAKER, LAYER_RETRY, Decision, DecisionContext
 from ..decide.breaker import BROKEN, OPEN, Gate, open_time
+from ..decide.retry import GIVE_UP_FAILED_AFTER_RETRY
 from ..policy import BreakerConfig
+from .decisions import GIVE_UP_EXTENSION, mark
 from .upstream import Instance
 
 logger = logging.getLogger("fidelity_mw")
@@ -64,8 +67,8 @@ class Watch:
     was counted on (`gate` None: no breaker counted it, the balancer went around an open
     one; only the instance's evidence and the decision then)."""
 
-    __slots__ = ("breaker", "breaker_key", "ctx", "gate", "local", "shut", "source", "store",
-                 "subject", "target")  # fmt: skip
+    __slots__ = ("attempts", "breaker", "breaker_key", "ctx", "gate", "local", "shut", "source",
+                 "store", "subject", "target")  # fmt: skip
 
     def __init__(
         self,
@@ -79,6 +82,7 @@ class Watch:
         source: str,
         target: Instance | None,
         shut: list[bool] | None = None,
+        attempts: int = 1,
     ) -> None:
         self.ctx = ctx
         self.subject = subject
@@ -92,6 +96,7 @@ class Watch:
         # [True] once the transport that handed out the body is closed: the caller's
         # close cut it (the pool drops the connection: a ReadError), not the upstream
         self.shut = shut
+        self.attempts = attempts  # the call's attempts, this answer's included
 
     def broke(self, exc: BaseException, read: int, blocking: bool) -> None:
         """Report the broken body: the breaker, the instance, the decision. Never raises."""
@@ -100,6 +105,9 @@ class Watch:
             return
         try:
             self._decide(exc, read)
+            mark(self.ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
+            if self.attempts > 1:
+                self._exhausted(exc)
             if self.target is not None and self.gate is None:
                 self.target.answered = False  # the attempt around its open breaker failed
             if self.gate is not None:
@@ -117,6 +125,21 @@ class Watch:
             Decision(LAYER_BREAKER, self.subject, FAIL, FAILED_IN_BODY, self.source, 0.0,
                      clock.monotonic(), details)
         )  # fmt: skip
+
+    def _exhausted(self, exc: BaseException) -> None:
+        """The call retried, and its last answer broke: this hop owned the call's retries,
+        so it is exhausted as after a last attempt that failed (`failed_after_retry`),
+        and our callers are told not to send the whole round again. Said on the error
+        too, for the middleware's answer to it when the app lets it out (a 502)."""
+        ctx = self.ctx
+        decision = Decision(
+            LAYER_RETRY, self.subject, GIVE_UP, GIVE_UP_FAILED_AFTER_RETRY, self.source, 0.0,
+            ctx.engine.clock.monotonic(), {"attempts": self.attempts, "error": type(exc).__name__},
+        )  # fmt: skip
+        ctx.decisions.append(decision)
+        mark(ctx, True, None)
+        with contextlib.suppress(Exception):  # (an error that takes no attribute)
+            setattr(exc, GIVE_UP_EXTENSION, decision)
 
     def _record(self, blocking: bool) -> None:
         gate = self.gate

@@ -59,6 +59,8 @@ from .upstream import Instance, Upstream
 from .wire import (
     DECIDED_BY,
     EXHAUSTED,
+    FAULT_HEADER,
+    FAULT_UPSTREAM,
     IDEMPOTENCY_KEY,
     RETRY_SIGNAL_HEADER,
     connected_peer_trusted,
@@ -94,11 +96,12 @@ class HeldFlags:
     (`asyncio.gather`) may give up meanwhile: setting the context's flags back to what
     they were when the race began, as before, took that call's marks too."""
 
-    __slots__ = ("ctx", "shed_by", "upstream_exhausted")
+    __slots__ = ("ctx", "shed_by", "upstream_exhausted", "upstream_failed")
 
     def __init__(self, ctx: DecisionContext) -> None:
         self.ctx = ctx
         self.upstream_exhausted = False
+        self.upstream_failed = False
         self.shed_by: str | None = None
 
 
@@ -116,14 +119,16 @@ def release_flags(held: HeldFlags, token: Token[HeldFlags | None], keep: bool) -
     """The race is over: its held flags go to the context (`keep`), or are dropped."""
     _HELD.reset(token)
     if keep:
-        mark(held.ctx, held.upstream_exhausted, held.shed_by)
+        mark(held.ctx, held.upstream_exhausted, held.shed_by, held.upstream_failed)
 
 
-def mark(ctx: DecisionContext, exhausted: bool, shed_by: str | None) -> None:
+def mark(ctx: DecisionContext, exhausted: bool, shed_by: str | None, failed: bool = False) -> None:
     """Set `ctx`'s flags (or those a race holds for it): never clears one."""
     flags = _flags(ctx)
     if exhausted:
         flags.upstream_exhausted = True
+    if failed:
+        flags.upstream_failed = True
     if shed_by is not None and flags.shed_by is None:
         flags.shed_by = shed_by
 
@@ -365,12 +370,17 @@ def classify(
             headers = response.headers
             signal = headers.get(RETRY_SIGNAL_HEADER)
             exhausted = signal is not None and signal.strip().lower() == EXHAUSTED
-            if (exhausted or DECIDED_BY in headers) and trusted_peer(engine, up, target, response):
+            fault = headers.get(FAULT_HEADER)
+            if (
+                exhausted
+                or DECIDED_BY in headers
+                or (fault is not None and fault.strip().lower() == FAULT_UPSTREAM)
+            ) and trusted_peer(engine, up, target, response):
                 # The callee's own control layer answered (it gave up after retrying,
-                # a breaker of it refused): no evidence against the callee, so no
-                # failure for our breaker; the breaker next to the fault owns it. An
-                # exhausted callee is not retried; another refusal is, after its
-                # Retry-After.
+                # a breaker of it refused), or the fault is an upstream's of the callee,
+                # counted by the callee's breaker for it: no evidence against the callee,
+                # so no failure for our breaker; the breaker next to the fault owns it.
+                # An exhausted callee is not retried; another is, after its Retry-After.
                 return IGNORED, not exhausted and status in up.retry_statuses, exhausted
         return (
             FAILURE if status in up.fail_statuses else SUCCESS,

@@ -70,6 +70,7 @@ from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, o
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
+    GIVE_UP_FAILED_AFTER_RETRY,
     GIVE_UP_RETRY_AFTER,
 )
 from ..engine import Engine
@@ -688,7 +689,28 @@ def attempts(
                 exhausted: Any = gave_up() if (retryable or downstream) and not hedge else None
                 with contextlib.suppress(Exception):  # (an error that takes no attribute)
                     setattr(error, GIVE_UP_EXTENSION, exhausted)
+                if outcome == FAILURE and breaker is not None and not hedge:
+                    mark(ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
                 raise error
+            if outcome == FAILURE and breaker is not None and not hedge:
+                # the call ends on a failure our breaker for the upstream counted: our 5xx
+                # for it says so (`x-fidelity-fault: upstream`), and our callers' breakers
+                # leave it to ours instead of opening on us for it
+                mark(ctx, False, None, True)
+            if (
+                attempt > 1
+                and not hedge
+                and not (retryable or downstream)
+                and response.status_code >= 500
+            ):
+                # Retried, then answered a 5xx this call does not retry (a 500): this hop
+                # owned the call's retries, so it is exhausted as after its last attempt.
+                # Unmarked, a caller that retries the status we answer sent the whole
+                # round again, once per attempt of its own: attempts^hops.
+                forget_give_up()
+                give_up(ctx, up, LAYER_RETRY, GIVE_UP_FAILED_AFTER_RETRY, attempt,
+                        clock.monotonic(), status=response.status_code)  # fmt: skip
+                retryable = True  # (said on the response below, as any give-up)
             if (retryable or downstream) and not hedge:
                 # given up on (retries, budget, breaker, deadline, an exhausted callee):
                 # said on the response itself, exactly (`raise_for_status()` on it)
@@ -705,7 +727,7 @@ def attempts(
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,
-                              source, target, up.shut)  # fmt: skip
+                              source, target, up.shut, attempt)  # fmt: skip
                 watch_body(response, watch)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx

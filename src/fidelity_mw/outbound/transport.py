@@ -293,6 +293,14 @@ class _Base:
         table.clear()
         table.update(keep)
         self._armed.last = None  # a plan no longer in the table: not the shortcut's
+        # What the resolver said of the hosts whose plans went, with them: a resolver that
+        # fails for every host it does not know, under calls to ever-new hosts (webhook
+        # URLs, an upstream that redirects to a new host each time), kept one per host.
+        hosts = {up.host for _key, up in keep}
+        bad = self._bad_answers
+        for host in list(bad):  # (a copy: the sync transport's threads may add one)
+            if host not in hosts:
+                bad.pop(host, None)
 
     def _resolved(self, engine: Engine, up: Upstream, urls: Sequence[str]) -> None:
         """Take a resolver's answer. One the same as the last (good or bad) is not

@@ -23,6 +23,10 @@ RETRY_SIGNAL_HEADER: Final = "x-fidelity-retry"
 EXHAUSTED: Final = "exhausted"
 # On a response a callee's own control layer produced (its middleware's refusals).
 DECIDED_BY: Final = "x-fidelity-decided-by"
+# On a callee's 5xx: the failure was an upstream's of the callee, which the callee's
+# breaker for that upstream counted (inbound/responses.py UPSTREAM_FAULT).
+FAULT_HEADER: Final = "x-fidelity-fault"
+FAULT_UPSTREAM: Final = "upstream"
 IDEMPOTENCY_KEY: Final = b"idempotency-key"
 
 # Every attempt number a call can reach: its attempts and its hedges (`max_hedges` <= 3).

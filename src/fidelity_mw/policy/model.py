@@ -913,9 +913,15 @@ class ConcurrencyConfig(_Validated):
     sheddable_share: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
     tolerance: float = _spec(1.5, number_in(1.0, 100.0))
     shed_stale: bool = _spec(False, boolean)
+    newest_first: bool = _spec(False, boolean)
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues = []
+        if self.newest_first and not self.adaptive:
+            issues.append(PolicyIssue("newest_first", "needs adaptive = true"))
+        if self.newest_first and self.shed_stale:
+            # (two answers to the same unknown: how long a request read late waited)
+            issues.append(PolicyIssue("newest_first", "excludes shed_stale: choose one"))
         if self.shed_stale and not self.adaptive:
             issues.append(PolicyIssue("shed_stale", "needs adaptive = true"))
         if self.shed_stale and self._valid("tolerance") and self.tolerance <= 1.0:

@@ -672,7 +672,11 @@ class RedisStore(StateStore):
                     # fresh connection, and finds out whether Redis is still there.
                     self.stats.errors += 1
                     self.stats.lost_replies += 1
-                    logger.warning("fidelity_mw: redis reply lost (%s); not resent", exc)
+                    # (once per interval: a middlebox that resets every connection
+                    # loses every reply, and Redis is never marked down for it)
+                    warn(
+                        logger, "reply_lost", "fidelity_mw: redis reply lost (%s); not resent", exc
+                    )
                     await _drop_idle_connections(client)
                     return None
                 # After a restart every pooled connection to the old server fails

@@ -51,6 +51,9 @@ DURATION_BUCKETS: Final = (
     10.0,
 )
 _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
+# The retry layer's verdicts that drew on the retry budget: a retry, and a hedge (it asks
+# the budget like a retry: docs/outbound.md, "Hedged requests"; outbound.hedge.HEDGE)
+_DRAWN: Final = frozenset({RETRY, "hedge"})
 _MAX_CACHED: Final = 4096
 _MAX_SERIES: Final = 2048
 _MAX_PENDING: Final = 1024
@@ -201,6 +204,8 @@ class Metrics:
             description="1 while a shared store (Redis, tiered) decides without its shared "
             "state, by why (unreachable, read_only: a replica refused the writes); 0 otherwise.",
         )
+        # the watches of the Telemetry objects sharing these instruments (metrics_for)
+        self.owners: SharedOwners | None = None
         self._age_attrs: dict[tuple[str, str], dict[str, str]] = {}
         # Requests not yet folded into the tallies, counted by (summary, outcome,
         # decided_by, route): one increment per request; the decisions, requests and
@@ -262,7 +267,7 @@ class Metrics:
         for d in decisions:
             layer = d.layer
             if layer == LAYER_RETRY:
-                if d.verdict == RETRY:
+                if d.verdict in _DRAWN:
                     _bump_subject(self.budget, d.subject, "drawn")
             elif layer == LAYER_BUDGET and d.verdict in (GIVE_UP, "reject"):
                 _bump_subject(self.budget, d.subject, "exhausted")
@@ -276,6 +281,60 @@ class Metrics:
                 if len(self._age_attrs) < _MAX_CACHED:
                     self._age_attrs[age_key] = attrs
             self.state_age.record(age_s if age_s > 0.0 else 0.0, attrs)
+
+
+class SharedOwners:
+    """The breaker watches of every `Telemetry` that reports through one meter.
+
+    The SDK registers an instrument name once per meter: a second observable counter of
+    that name comes back as the first, its callbacks dropped. Two `Telemetry` on one
+    meter provider (the middleware's and a transport's, each given `meter_provider=`)
+    therefore share one `Metrics`, whose gauges ask every watch (held weakly: a
+    `Telemetry` that is gone stops being asked)."""
+
+    def __init__(self) -> None:
+        self.watches: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @property
+    def engines(self) -> list[Any]:
+        found: dict[int, Any] = {}
+        for watch in list(self.watches):
+            for engine in _engines(watch):
+                found[id(engine)] = engine
+        return list(found.values())
+
+    def breaker_observations(self) -> list[Observation]:
+        watches = list(self.watches)
+        if len(watches) == 1:
+            return watches[0].breaker_observations()  # type: ignore[no-any-return]
+        # two watches that saw one engine report its breakers alike: one series each
+        merged: dict[tuple[tuple[str, Any], ...], Observation] = {}
+        for watch in watches:
+            for observation in watch.breaker_observations():
+                merged[tuple(sorted((observation.attributes or {}).items()))] = observation
+        return list(merged.values())
+
+
+# one `Metrics` per meter (see SharedOwners)
+_BY_METER: weakref.WeakKeyDictionary[Any, Metrics] = weakref.WeakKeyDictionary()
+_BY_METER_LOCK: Final = threading.Lock()
+
+
+def metrics_for(meter: Meter, watch: BreakerSource) -> Metrics:
+    """The `Metrics` of `meter`, made once, reporting `watch`'s breakers too."""
+    with _BY_METER_LOCK:
+        try:
+            metrics = _BY_METER.get(meter)
+        except TypeError:  # a meter that cannot be weakly referenced: its own, as before
+            return Metrics(meter, watch)
+        if metrics is None:
+            owners = SharedOwners()
+            metrics = Metrics(meter, owners)
+            metrics.owners = owners  # held here: the callbacks hold it weakly
+            _BY_METER[meter] = metrics
+        if metrics.owners is not None:
+            metrics.owners.watches.add(watch)
+        return metrics
 
 
 def _engines(watch: object) -> list[Any]:

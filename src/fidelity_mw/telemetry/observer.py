@@ -76,7 +76,7 @@ from ..context import (
 from ..inbound.responses import shed_outcome
 from ..state.snapshot import first_breakers
 from . import schema as s
-from .metrics import Metrics
+from .metrics import Metrics, metrics_for
 from .schema import CLIENT_KEY_HASH as _CLIENT_KEY_HASH
 from .schema import DECIDED_BY as _DECIDED_BY
 from .schema import DECISION_EVENT as _DECISION_EVENT
@@ -242,6 +242,13 @@ def _template(ctx: DecisionContext, scope: Scope) -> str | None:
     the plan (looked up again here rather than carried on every request's context)."""
     try:
         return ctx.engine.plan_for(scope).template
+    except KeyError:
+        # A websocket handshake's scope has no method: its route is the GET's (as the
+        # middleware plans it), so its span is named and routed like any other.
+        try:
+            return ctx.engine.plan_for({**scope, "method": ctx.method}).template
+        except Exception:
+            return None
     except Exception:  # a hand-built scope without a path: no template
         return None
 
@@ -378,7 +385,7 @@ def _detach_quietly(token: Any) -> None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("exported", "owned", "span", "summary", "token")
+    __slots__ = ("end_ns", "exported", "owned", "span", "summary", "token")
 
     def __init__(self, span: Span, token: object | None, owned: bool) -> None:
         self.span = span
@@ -386,6 +393,8 @@ class _Inbound:
         self.owned = owned
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
         self.summary: Summary | None = None  # of those decisions
+        # our own span's end: when the last body message went out (None: at `end`)
+        self.end_ns: int | None = None
 
 
 class _Attempt:
@@ -455,10 +464,18 @@ class BreakerWatch:
         other stores the state last revealed by a decision is reported.
         """
         states: dict[tuple[str, str], str] = {}
+        seen = self.seen
         for engine in list(self.engines):
-            breakers = getattr(engine.store, "breakers", None)
+            store = engine.store
+            breakers = getattr(store, "breakers", None)
             if not isinstance(breakers, Mapping):
                 continue
+            # A shared store's local copy (tiered: the breakers it cached, as last synced)
+            # drops a breaker a second after its last request: remembered here, so the
+            # gauge keeps its last reading, as for Redis, rather than losing the series
+            # of an open breaker on a quiet route between two requests (and the alert
+            # that selects it with it).
+            shared = hasattr(store, "fallback_why")
             try:
                 items = list(breakers.items())
             except RuntimeError:  # resized while copied by another thread
@@ -479,9 +496,12 @@ class BreakerWatch:
                 kind, _, subject = str(key).partition(":")
                 state = getattr(breaker, "state", None)
                 if isinstance(state, str) and subject:
-                    states[(subject, "route" if kind == "route" else "upstream")] = state
+                    found = (subject, "route" if kind == "route" else "upstream")
+                    states[found] = state
+                    if shared and (found in seen or len(seen) < _MAX_SUBJECTS):
+                        seen[found] = state
         known = {subject for subject, _ in states}
-        for (subject, kind), state in list(self.seen.items()):
+        for (subject, kind), state in list(seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
         if len(states) > _MAX_SUBJECTS:
@@ -600,7 +620,9 @@ class Telemetry:
         with self._lock:
             if self._metrics is None:
                 meter = provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
-                self._metrics = Metrics(meter, self._breakers)
+                # shared with every Telemetry on this meter: the SDK keeps the first
+                # instruments of a name, and would drop a second Telemetry's counts
+                self._metrics = metrics_for(meter, self._breakers)
         return self._metrics
 
     # ------------------------------------------------------------ inbound
@@ -673,7 +695,14 @@ class Telemetry:
         as that message is through, before the middleware returns: annotate
         its span now. (Our own span waits for `end`.)
         """
-        if token is None or token.owned:
+        if token is None:
+            return
+        if token.owned:
+            # The response ends here for the client, as the ASGI instrumentation's span
+            # does: our span ends at this time, not after what the app runs once the
+            # response is out (a background task), which is no part of its latency.
+            # (The clock read the SDK's `end` would make, moved here.)
+            token.end_ns = time.time_ns()
             return
         span = token.span
         if not span.is_recording():
@@ -695,7 +724,7 @@ class Telemetry:
                         try:
                             # runs the span processors: the SDK lets their exceptions
                             # through, and our context must not stay attached for them
-                            token.span.end()
+                            token.span.end(token.end_ns)
                         finally:
                             if token.token is not None:
                                 _detach_quietly(token.token)
@@ -813,6 +842,10 @@ class Telemetry:
                 error_type = type(exc).__qualname__ if exc is not None else "_OTHER"
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type))
+                if exc is not None:
+                    # the `exception` event (type, message, stack trace) the ASGI
+                    # instrumentation's span has: the trace says where the app broke
+                    span.record_exception(exc)
         span.set_attributes(attrs)
         if summary.flagged or self.all_events:
             decisions = ctx.decisions
@@ -883,7 +916,11 @@ class Telemetry:
                 # No tracing here, but a propagated trace passes through untouched.
                 if trace_api.get_current_span().get_span_context().is_valid:
                     propagate.inject(request.headers)
-                return None
+                if self._metrics is None and _no_global_yet(
+                    self._meter_provider, GLOBAL_PROVIDERS.meter, GLOBAL_PROVIDERS.next_meter
+                ):
+                    return None  # no SDK at all: the common fast way out
+                return self._timed_attempt(request)
         current = trace_api.get_current_span()
         outer_client = current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT
         if outer_client or not self.client_spans:
@@ -921,6 +958,21 @@ class Telemetry:
         self._add_events(span, ctx, decisions)
         self._observe_engine(ctx)
         return _Attempt(span, token, True, time.perf_counter(), attrs, suppress)
+
+    def _timed_attempt(self, request: httpx.Request) -> _Attempt | None:
+        """Metrics without tracing (a Prometheus-only setup): no span, but the attempt is
+        timed for `http.client.request.duration` all the same (and, as under our CLIENT
+        span, the httpx instrumentation's own metric for it is held off)."""
+        if self._get_metrics() is None:
+            return None
+        url = request.url
+        attrs: dict[str, Any] = {
+            s.HTTP_REQUEST_METHOD: _method(request.method)[0],
+            s.SERVER_ADDRESS: url.host,
+            s.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+        }
+        suppress = _suppress_httpx_spans()
+        return _Attempt(INVALID_SPAN, None, True, time.perf_counter(), attrs, suppress)
 
     def attempt_end(
         self, token: Any, response: httpx.Response | None, error: BaseException | None

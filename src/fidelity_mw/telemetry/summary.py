@@ -76,7 +76,10 @@ class Summary:
             entry = entry_layer(layer, subject)
             if age_s:
                 aged = True
-                parts.append(f"{entry}/{verdict}/{reason}@{source}+{age_s * 1000.0:g}ms")
+                age = f"{age_s * 1000.0:g}"
+                if "e" in age:  # 1e+06 ms (a 17-minute outage's fallback age): no exponent,
+                    age = f"{age_s * 1000.0:.3f}"  # whose `+` would split the entry again
+                parts.append(f"{entry}/{verdict}/{reason}@{source}+{age}ms")
             else:
                 parts.append(f"{entry}/{verdict}/{reason}@{source}")
             if source in _STALE_SOURCES or age_s > 1.0:

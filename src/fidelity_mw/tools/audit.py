@@ -5,7 +5,8 @@ run) and reports, with file and line:
 
 - library entry points, resolved through the file's imports, so a local
   function that happens to be called `retry` is not flagged: tenacity,
-  backoff, stamina, urllib3 `Retry`, requests `HTTPAdapter(max_retries=N)`,
+  backoff, stamina, retrying, retry, aiohttp-retry, urllib3 `Retry`,
+  requests `HTTPAdapter(max_retries=N)`,
   httpx transports with `retries=N` (N != 0), httpx-retries, pybreaker,
   aiobreaker, circuitbreaker, purgatory, slowapi, limits, fastapi-limiter;
 - the all-in-one toolkits nopanic, pyresilience and throttled-py (see
@@ -17,7 +18,9 @@ run) and reports, with file and line:
   also in other scanned modules that import them;
 - hand-written retry loops, by what they do (see `retryloops`): a loop that
   makes the same call again after catching its failure or checking its
-  status, and leaves on success, with or without a sleep.
+  status, and leaves on success, with or without a sleep; a function that calls
+  itself again with its attempt count moved on; and hand-written breakers (a
+  class named for one that counts failures and reads a clock).
 
 Retries configured off (`Retry(total=0)`, `stop_after_attempt(1)`,
 `max_retries=0`...) are not reported. Each finding carries a confidence and a
@@ -32,12 +35,15 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import io
 import os
 import re
+import tokenize
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from . import toolkits
@@ -48,8 +54,12 @@ from .retryloops import (
     LoopReader,
     LoopVerdict,
     dotted_name,
+    recursive_retry,
     sleeping_functions,
 )
+
+_T = TypeVar("_T")
+_D = TypeVar("_D")
 
 RETRY = toolkits.RETRY
 BREAKER = toolkits.BREAKER
@@ -114,6 +124,9 @@ class Rule:
     kind: str
     library: str
     api: str = ""  # the toolkits' API name (`toolkits.APIS`); "" for the others
+    # a slowapi Limiter's own key_func, as a rate_limit[] key ("" for the client's IP,
+    # "header:NAME", or "fn:NAME" for a function with no policy form): its routes' key
+    key: str = ""
 
 
 def _rules() -> dict[str, Rule]:
@@ -132,6 +145,14 @@ def _rules() -> dict[str, Rule]:
         "tenacity.asyncio.AsyncRetrying",
     )
     add(RETRY, "backoff", "backoff.on_exception", "backoff.on_predicate")
+    # the older decorators still common in scripts and services: retrying
+    # (`@retry(stop_max_attempt_number=3, wait_fixed=2000)`), retry (`@retry(tries=3,
+    # delay=1, backoff=2)`, `retry_call(f, ...)`), and aiohttp-retry's client
+    add(RETRY, "retrying", "retrying.retry", "retrying.Retrying")
+    add(
+        RETRY, "retry", "retry.retry", "retry.api.retry", "retry.retry_call", "retry.api.retry_call"
+    )
+    add(RETRY, "aiohttp-retry", "aiohttp_retry.RetryClient")
     add(
         RETRY,
         "stamina",
@@ -194,6 +215,12 @@ def _rules() -> dict[str, Rule]:
 
 
 RULES = _rules()
+# `from tenacity import *` binds what the module exports: the names of RULES under it
+_STAR_NAMES: dict[str, set[str]] = {}
+for _name in RULES:
+    _module, _, _attr = _name.rpartition(".")
+    _STAR_NAMES.setdefault(_module, set()).add(_attr)
+_STAR_NAMES["tenacity"] |= {"stop_after_attempt", "retry_never"}  # what turns one off
 # Calls whose retries depend on a keyword: (qualified name, keyword, library).
 KEYWORD_RETRIES = {
     "httpx.HTTPTransport": ("retries", "httpx"),
@@ -248,7 +275,8 @@ class AuditFinding:
     replace_with: str
     confidence: str = HIGH  # high | medium | low: how sure the scan is that this is one
     # the host an outbound concern guards, from the URLs written in its code (or the
-    # module's one host): the `[[upstream]]` table its values go in; None when unknown
+    # base_url of its client or the module's): the `[[upstream]]` table its values go in;
+    # None when unknown
     host: str | None = None
 
     def __str__(self) -> str:
@@ -334,23 +362,44 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
         root = Path(raw)
         for path in iter_python_files([raw], excludes):
             try:
-                source = path.read_text(encoding="utf-8")
+                source = read_source(path)
                 tree = ast.parse(source, filename=str(path))
-            except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            except _UNREADABLE as exc:
                 report.skipped.append((path.as_posix(), f"{type(exc).__name__}: {exc}"))
                 continue
             parsed.append((path, source, tree, module_name(path, root)))
     shared: dict[str, Rule] = {}
+    routers = Routers()
     imports: list[dict[str, str]] = []
     for path, _, tree, module in parsed:
         scanner = _Scanner(path.as_posix(), module, shared)
         scanner.collect_imports(tree)
         scanner.collect_module_objects(tree)
+        scanner.collect_routers(tree, routers)
         imports.append(scanner.aliases)
     for (path, source, tree, module), aliases in zip(parsed, imports, strict=True):
+        try:
+            found = audit_tree(tree, source, path.as_posix(), module, shared, aliases, routers)
+        except RecursionError as exc:  # `a + b + ...` of hundreds of terms: the visit nests
+            report.skipped.append((path.as_posix(), f"too deeply nested to scan ({exc})"))
+            continue
         report.scanned += 1
-        report.findings.extend(audit_tree(tree, source, path.as_posix(), module, shared, aliases))
+        report.findings.extend(found)
     return report
+
+
+# A file the scan cannot read is reported as skipped, never the end of the whole audit:
+# a dangling symlink or an unreadable file (OSError), bytes that are not its encoding, a
+# syntax error, or an expression nested too deep for the parser.
+_UNREADABLE = (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError, MemoryError)
+
+
+def read_source(path: Path) -> str:
+    """The text of a Python file, decoded as Python decodes it: a UTF-8 byte-order mark
+    or a PEP 263 coding line (`# -*- coding: latin-1 -*-`) says how; UTF-8 otherwise."""
+    data = path.read_bytes()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    return data.decode(encoding)
 
 
 def audit_source(source: str, filename: str = "<string>") -> list[AuditFinding]:
@@ -364,13 +413,19 @@ def audit_tree(
     module: str = "",
     shared: dict[str, Rule] | None = None,
     aliases: dict[str, str] | None = None,
+    routers: Routers | None = None,
 ) -> list[AuditFinding]:
-    """`aliases`: the module's imports, when the caller collected them already."""
+    """`aliases`: the module's imports, when the caller collected them already;
+    `routers`: the FastAPI routers of all the modules scanned, and their prefixes."""
     scanner = _Scanner(filename, module, shared, sleeping_functions(tree))
     if aliases is None:
         scanner.collect_imports(tree)
     else:
         scanner.aliases = dict(aliases)
+    if routers is None:
+        routers = Routers()
+        scanner.collect_routers(tree, routers)
+    scanner.routers = routers
     scanner.prepare(tree)
     scanner.visit(tree)
     lines = source.splitlines()
@@ -389,6 +444,40 @@ def audit_tree(
 
 
 # ---------------------------------------------------------------- the scanner
+
+
+@dataclass
+class Routers:
+    """FastAPI routers across the scanned modules, by qualified name (`app.items.router`):
+    the `prefix` each is made with, and where each is included (`app.include_router(
+    items.router, prefix="/api/v1")`): a route's path is all of them, outermost first."""
+
+    own: dict[str, str] = field(default_factory=dict)
+    included: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (into, prefix)
+
+    def prefix(self, key: str) -> str:
+        """Everything before a route's own path on router `key`."""
+        out, seen = "", set()
+        while key and key not in seen:
+            seen.add(key)
+            out = _lookup(self.own, key, "") + out
+            into = _lookup(self.included, key, None)
+            if into is None:
+                break
+            key, at = into
+            out = at + out
+        return out
+
+
+def _lookup(table: dict[str, _T], key: str, default: _D) -> _T | _D:
+    """`table[key]`, or the entry one of the two names ends with: a module named from
+    another root (`service.app.items.router` for `app.items.router`)."""
+    if key in table:
+        return table[key]
+    for name, value in table.items():
+        if name.endswith("." + key) or key.endswith("." + name):
+            return value
+    return default
 
 
 def _literal(node: ast.expr | None) -> object:
@@ -442,6 +531,27 @@ def _url_hosts(region: ast.AST) -> set[str]:
     return hosts
 
 
+_CLIENTS = {
+    "httpx.Client",
+    "httpx.AsyncClient",
+    "requests.Session",
+    "requests.session",
+    "aiohttp.ClientSession",
+}
+
+
+def _base_url_hosts(call: ast.Call) -> set[str]:
+    """The host of a client's literal `base_url` (aiohttp's is its first argument)."""
+    given = next((k.value for k in call.keywords if k.arg == "base_url"), None)
+    if given is None and call.args and isinstance(call.args[0], ast.Constant | ast.JoinedStr):
+        given = call.args[0]
+    return _url_hosts(given) if given is not None else set()
+
+
+def _one(hosts: set[str]) -> str | None:
+    return next(iter(hosts)) if len(hosts) == 1 else None
+
+
 def _short(node: ast.AST) -> str:
     text = ast.unparse(node)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -471,7 +581,12 @@ class _Scanner(ast.NodeVisitor):
         self.ctx: dict[int, toolkits.Ctx] = {}
         self.assigned: dict[str, ast.Call] = {}  # module level: name = call(...)
         self.created: dict[str, ast.Call] = {}  # library objects: name -> the call
-        self.module_hosts: set[str] = set()  # every host a literal URL of the module names
+        self.routers = Routers()
+        # the hosts of the `base_url` of the clients the module binds to a name
+        # (`client = httpx.AsyncClient(base_url=...)`, `self.api = ...`), by that name
+        self.client_hosts: dict[str, set[str]] = {}
+        # the client construction (`httpx.AsyncClient(...)`) each node is part of
+        self.client_of: dict[int, ast.Call] = {}
 
     # ------------------------------------------------------------ imports
 
@@ -489,6 +604,9 @@ class _Scanner(ast.NodeVisitor):
                 for alias in node.names:
                     if base and alias.name != "*":
                         self.aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+                    elif base:  # `from pybreaker import *`: the library's names we know
+                        for name in _STAR_NAMES.get(base, ()):
+                            self.aliases.setdefault(name, f"{base}.{name}")
 
     def _from_base(self, node: ast.ImportFrom) -> str | None:
         """The module a `from X import` names; relative imports resolved against ours."""
@@ -521,7 +639,46 @@ class _Scanner(ast.NodeVisitor):
                 continue
             for target in targets:
                 if isinstance(target, ast.Name):
-                    self.shared[f"{self.module}.{target.id}"] = found[1]
+                    self.shared[f"{self.module}.{target.id}"] = _with_key(found[1], value)
+
+    def collect_routers(self, tree: ast.Module, routers: Routers) -> None:
+        """This module's `router = APIRouter(prefix=...)` and `x.include_router(router,
+        prefix=...)`, into `routers` (module level: where apps and routers are put
+        together)."""
+        for stmt in tree.body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and isinstance(stmt.value, ast.Call)
+                and last_name_of(stmt.value.func) in ("APIRouter", "FastAPI")
+            ):
+                given = next((k.value for k in stmt.value.keywords if k.arg == "prefix"), None)
+                prefix = _literal(given) if given is not None else ""
+                for target in stmt.targets:
+                    if isinstance(target, ast.Name) and isinstance(prefix, str):
+                        routers.own[self.qualified(target.id)] = prefix
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "include_router"
+                and node.args
+            ):
+                continue
+            child, into = self.object_key(node.args[0]), self.object_key(node.func.value)
+            given = next((k.value for k in node.keywords if k.arg == "prefix"), None)
+            prefix = _literal(given) if given is not None else ""
+            if child and into and isinstance(prefix, str):
+                routers.included[child] = (into, prefix)
+
+    def qualified(self, name: str) -> str:
+        return f"{self.module}.{name}" if self.module else name
+
+    def object_key(self, node: ast.expr) -> str | None:
+        """The qualified name of a module-level object: `router` made here, `items.router`
+        or `router` imported from another module."""
+        if isinstance(node, ast.Name) and node.id not in self.aliases:
+            return self.qualified(node.id)
+        return self.resolve(node)
 
     def shared_object(self, name: str | None) -> Rule | None:
         """A library object another scanned module made, imported here under `name`."""
@@ -568,11 +725,15 @@ class _Scanner(ast.NodeVisitor):
         if remedy is None:
             remedy = self.remedy(rule, region)
         replace = remedy + (f"; {extra}" if extra else "")
+        if rule.kind == RETRY and outbound and "upstream[].retry" in replace:
+            # a loop retries its own body only, not what its function sends after it
+            retried = node if isinstance(node, ast.For | ast.AsyncFor | ast.While) else region
+            replace += _unsafe_method_note(retried if retried is not None else self._around(node))
         host = None
         # only where the finding's values go in an `[[upstream]]` table (a deadline
         # goes in `[deadline]`)
         if outbound and rule.kind in _HOSTED_KINDS and "upstream[]" in replace:
-            host = self.host_of(region if region is not None else self._around(node))
+            host = self.host_of(region if region is not None else self._around(node), node)
         self.findings.append(
             AuditFinding(
                 self.filename,
@@ -586,18 +747,51 @@ class _Scanner(ast.NodeVisitor):
             )
         )
 
+    def route_path(self, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+        """The path a route serves: `@router.get("/{id}")` on `router = APIRouter(prefix=
+        "/items")` serves "/items/{id}", the path a `match` must cover."""
+        path = _route_path(fn)
+        if path is None:
+            return None
+        for deco in fn.decorator_list:
+            if not (_is_route_decorator(deco) and isinstance(deco, ast.Call)):
+                continue
+            assert isinstance(deco.func, ast.Attribute)
+            key = self.object_key(deco.func.value)
+            if key:  # as FastAPI joins them: "/items" + "/" is "/items/"
+                return self.routers.prefix(key) + path
+        return path
+
     def _around(self, node: ast.AST) -> ast.AST:
         """Where a concern reported without a region applies: its function, or itself."""
         return self.function[-1] if self.function else node
 
-    def host_of(self, region: ast.AST) -> str | None:
-        """The one host the URLs written in `region` name; else the module's one host
-        (a client's `base_url`, the calls' paths relative to it); None when there are
-        none or several."""
+    def host_of(self, region: ast.AST, node: ast.AST | None = None) -> str | None:
+        """The one host the URLs written in `region` name; else the one host of the
+        `base_url` of the clients it builds, or failing those of the module's clients it
+        calls through (the calls' paths relative to it); None when there are none or
+        several.
+
+        A retry that is part of building a client (`httpx.AsyncClient(transport=
+        RetryTransport(...))`) guards that client's host only: its `base_url`, or none.
+        Another client's `base_url`, or a URL another function calls, says nothing
+        about a client built for any URL (a factory, a session mounted for "https://")."""
+        if node is not None and id(node) in self.client_of:
+            return _one(_base_url_hosts(self.client_of[id(node)]))
         hosts = _url_hosts(region)
         if not hosts:
-            hosts = self.module_hosts
-        return next(iter(hosts)) if len(hosts) == 1 else None
+            built = [
+                call
+                for call in ast.walk(region)
+                if isinstance(call, ast.Call) and self.resolve(call.func) in _CLIENTS
+            ]
+            if built:
+                return _one({h for call in built for h in _base_url_hosts(call)})
+            # the clients it calls through, by name: their base_url
+            for ref in ast.walk(region):
+                if isinstance(ref, ast.Name | ast.Attribute):
+                    hosts |= self.client_hosts.get(dotted_name(ref) or "", set())
+        return _one(hosts)
 
     def remedy(self, rule: Rule, region: ast.AST | None) -> str:
         if rule.library in toolkits.LIBRARIES:
@@ -612,6 +806,8 @@ class _Scanner(ast.NodeVisitor):
             )
         if rule.library == "httpx-retries":
             return FIDELITY_RETRY + " in place of RetryTransport"
+        if rule.library == "aiohttp-retry":
+            return RETRY_REMEDY["aiohttp"]
         return RETRY_REMEDY[self.client_library(region)]
 
     def client_library(self, region: ast.AST | None) -> str | None:
@@ -661,9 +857,37 @@ class _Scanner(ast.NodeVisitor):
         return False
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        if self._hand_written_breaker(node):
+            self.report(
+                node,
+                Rule(BREAKER, "hand-written"),
+                f"class {node.name}: a circuit breaker of its own (counts failures, "
+                "opens for a time)",
+                confidence=MEDIUM,
+                region=node,
+            )
         self.classes.append(node)
         self.generic_visit(node)
         self.classes.pop()
+
+    def _hand_written_breaker(self, node: ast.ClassDef) -> bool:
+        """A class named for a breaker that counts failures and keeps time: a breaker
+        written by hand, as often as one from a library. Its exceptions, states and
+        listeners count nothing; a library's breaker subclassed is reported as that."""
+        if not _BREAKER_NAME.search(node.name):
+            return False
+        if any(self.rule_for(self.resolve(base)) for base in node.bases):
+            return False
+        counts = any(  # `self._failures += 1`
+            isinstance(n, ast.AugAssign)
+            and isinstance(n.op, ast.Add)
+            and _FAILURE_COUNT.search(dotted_name(n.target) or "")
+            for n in ast.walk(node)
+        )
+        keeps_time = any(
+            isinstance(n, ast.Call) and last_name_of(n.func) in _CLOCKS for n in ast.walk(node)
+        )
+        return counts and keeps_time
 
     def _default_ctx(self, region: ast.AST | None) -> toolkits.Ctx:
         if region is None and self.function:
@@ -673,7 +897,18 @@ class _Scanner(ast.NodeVisitor):
     def prepare(self, tree: ast.Module) -> None:
         """Before the visit: module-level `name = call(...)`, and the configs handed to
         pyresilience's ResilientMiddleware, whose concerns are inbound."""
-        self.module_hosts = _url_hosts(tree)
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and self.resolve(call.func) in _CLIENTS:
+                for sub in ast.walk(call):
+                    self.client_of.setdefault(id(sub), call)
+        for bind in ast.walk(tree):
+            if isinstance(bind, ast.Assign | ast.AnnAssign) and isinstance(bind.value, ast.Call):
+                made = bind.value
+                if self.resolve(made.func) in _CLIENTS and (hosts := _base_url_hosts(made)):
+                    targets = bind.targets if isinstance(bind, ast.Assign) else [bind.target]
+                    for target in targets:
+                        if name := dotted_name(target):
+                            self.client_hosts.setdefault(name, set()).update(hosts)
         for stmt in tree.body:
             if (
                 isinstance(stmt, ast.Assign)
@@ -947,7 +1182,7 @@ class _Scanner(ast.NodeVisitor):
         self._function(node)
 
     def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-        route = _route_path(node)
+        route = self.route_path(node)
         decorators = node.decorator_list
         on_route = any(_is_route_decorator(d) for d in decorators)
         for i, deco in enumerate(decorators):
@@ -966,6 +1201,17 @@ class _Scanner(ast.NodeVisitor):
             )
         for deco in decorators:
             self._decorator(deco, node, route)
+        again = recursive_retry(node)
+        if again is not None:
+            self.report(
+                node,
+                Rule(RETRY, "hand-written"),
+                f"{node.name}() retries by calling itself again (line {again.lineno}) "
+                "with its attempt count moved on",
+                confidence=MEDIUM,
+                remedy=RETRY_REMEDY[self.client_library(node)],
+                region=node,
+            )
         self.function.append(node)
         for stmt in node.body:
             self.visit(stmt)
@@ -1017,7 +1263,7 @@ class _Scanner(ast.NodeVisitor):
             elif inst is not None:
                 rule, _text = inst
                 extra = (
-                    _limit_hint(deco, route, fn.name, _route_method(fn))
+                    _limit_hint(deco, route, fn.name, _route_method(fn), rule.key)
                     if rule.kind == LIMITER
                     else ""
                 )
@@ -1031,15 +1277,15 @@ class _Scanner(ast.NodeVisitor):
         text = dotted_name(target)
         if text is None:
             return None
-        own = self.instances.get(text) or (
-            self.shared_object(self.resolve(target)) if isinstance(target, ast.Name) else None
-        )
+        # `limiter`, or `limits.limiter` after `import app.limits as limits`: an object
+        # another scanned module made
+        own = self.instances.get(text) or self.shared_object(self.resolve(target))
         if own is not None:
             return (own, text) if decorator else None
         if isinstance(target, ast.Attribute):
             base = dotted_name(target.value)
             rule = self.instances.get(base) if base else None
-            if rule is None and isinstance(target.value, ast.Name):
+            if rule is None:
                 rule = self.shared_object(self.resolve(target.value))
             methods = INSTANCE_METHODS[rule.kind] if rule is not None else set()
             if rule is not None and rule.library in toolkits.LIBRARIES:
@@ -1067,7 +1313,7 @@ class _Scanner(ast.NodeVisitor):
         for target in targets:
             text = dotted_name(target)
             if text:
-                self.instances[text] = found[1]
+                self.instances[text] = _with_key(found[1], value)
                 self.created[text] = value
 
     def visit_Call(self, node: ast.Call) -> None:
@@ -1096,9 +1342,13 @@ class _Scanner(ast.NodeVisitor):
                 _, rule = found
                 if not self.configured_off(node):
                     region = self.function[-1] if self.function else None
-                    # `Retrying(...)` / `AsyncRetrying(...)` take the decorator's arguments
-                    tenacity_loop = rule.library == "tenacity" and (name or "").endswith("Retrying")
-                    hinted = tenacity_loop or rule.kind in (BREAKER, LIMITER)
+                    # `Retrying(...)`, `AsyncRetrying(...)`, `stamina.retry_context(...)` and
+                    # a decorator made apart (`api_retry = retry(...)`, the usual way to share
+                    # one) take the decorator's arguments
+                    configures = rule.library in _HINTED_RETRIES and (name or "").endswith(
+                        ("Retrying", ".retry", ".retry_context")
+                    )
+                    hinted = configures or rule.kind in (BREAKER, LIMITER)
                     extra = _hint(node, rule) if hinted else ""
                     what = f"{rule.library} {_short(node)}"
                     self.report(node, rule, what, extra, region=region)
@@ -1114,7 +1364,7 @@ class _Scanner(ast.NodeVisitor):
                     ctx = self._default_ctx(None)
                     fn = self.function[-1] if self.function else None
                     if fn is not None and any(_is_route_decorator(d) for d in fn.decorator_list):
-                        ctx = replace(ctx, inbound="route", fn=fn.name, route=_route_path(fn))
+                        ctx = replace(ctx, inbound="route", fn=fn.name, route=self.route_path(fn))
                     what = f"{rule.library} {_short(node)}"
                     self.toolkit_report(node, rule, ctx, what, hinted=False)
                     self._mark(node.func)
@@ -1190,6 +1440,15 @@ class _Scanner(ast.NodeVisitor):
             return retry is not None and (self.resolve(retry) or "").endswith("retry_never")
         if library == "backoff":
             return value.get("max_tries") in (0, 1)
+        if library == "retrying":
+            return value.get("stop_max_attempt_number") in (0, 1)
+        if library == "retry":
+            return value.get("tries") in (0, 1)
+        if library == "aiohttp-retry":
+            options = kw.get("retry_options")
+            return isinstance(options, ast.Call) and any(
+                k.arg == "attempts" and _literal(k.value) in (0, 1) for k in options.keywords
+            )
         if library == "stamina":
             return value.get("attempts") in (0, 1)
         if library == toolkits.NOPANIC and found[1].api == "retry":
@@ -1339,6 +1598,8 @@ def _loop_waits(target: ast.expr, sleep: ast.Call | None) -> tuple[float, bool] 
     value = _literal(wait)
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return value * 1000, False
+    if _doubles_with(wait, target.id):  # `sleep(2 ** attempt)`: a second, doubling
+        return 1000.0, True
     if isinstance(wait, ast.BinOp) and isinstance(wait.op, ast.Mult):
         for factor, power in ((wait.left, wait.right), (wait.right, wait.left)):
             scale = _literal(factor)
@@ -1346,14 +1607,44 @@ def _loop_waits(target: ast.expr, sleep: ast.Call | None) -> tuple[float, bool] 
                 isinstance(scale, int | float)
                 and not isinstance(scale, bool)
                 and scale > 0
-                and isinstance(power, ast.BinOp)
-                and isinstance(power.op, ast.Pow)
-                and _literal(power.left) == 2
-                and isinstance(power.right, ast.Name)
-                and power.right.id == target.id
+                and _doubles_with(power, target.id)
             ):
                 return scale * 1000, True
     return None
+
+
+def _doubles_with(node: ast.expr, counter: str) -> bool:
+    """`2 ** counter`."""
+    return (
+        isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Pow)
+        and _literal(node.left) == 2
+        and isinstance(node.right, ast.Name)
+        and node.right.id == counter
+    )
+
+
+_UNSAFE_METHODS = ("post", "patch")
+
+
+def _unsafe_method_note(region: ast.AST) -> str:
+    """The old code retried a POST (or PATCH) it sends: FidelityTransport does not, unless
+    told, so deleting the retry without this would drop those retries silently."""
+    for node in ast.walk(region):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        method = node.func.attr.lower()
+        if method == "request" and node.args:
+            first = _literal(node.args[0])
+            method = first.lower() if isinstance(first, str) else ""
+        if method in _UNSAFE_METHODS:
+            verb = method.upper()
+            return (
+                f"; it retried a {verb} (line {node.lineno}): FidelityTransport retries one "
+                f'only with an Idempotency-Key header, or with methods = [..., "{verb}"] in '
+                "[upstream.retry] for an upstream that deduplicates them"
+            )
+    return ""
 
 
 def _first_call(node: ast.AST) -> ast.AST:
@@ -1387,6 +1678,11 @@ _OWN_SCOPES = (
 
 def _own_nodes(body: Sequence[ast.stmt], *types: type) -> Iterator[ast.AST]:
     return (n for n in _walk_own(body) if isinstance(n, types))
+
+
+_BREAKER_NAME = re.compile(r"breaker", re.IGNORECASE)
+_FAILURE_COUNT = re.compile(r"fail|error", re.IGNORECASE)
+_CLOCKS = {"time", "monotonic", "perf_counter", "now", "utcnow", "time_ns", "monotonic_ns"}
 
 
 def _is_route_decorator(deco: ast.expr) -> bool:
@@ -1459,8 +1755,14 @@ def _number(call: ast.Call, position: int, keyword: str, default: float | None) 
     return float(value) if ok else None  # type: ignore[arg-type]
 
 
+_BY_NAME = 1_000  # a position no call fills: `_number` reads the keyword only
+
+
 def _ms_value(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+_MAX_WAIT_MS = 600_000  # the policy's bound on base_ms and max_ms
 
 
 def _retry_hint(deco: ast.expr, library: str) -> str:
@@ -1486,12 +1788,45 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             call, first = (expo, "multiplier") if expo is not None else (jittered, "initial")
             assert call is not None
             base, cap = _number(call, 0, first, 1.0), _number(call, 1, "max", None)
-            if base is not None:
-                keys["base_ms"] = _ms_value(base)
+            plain = expo is not None and "random" not in ast.unparse(expo.func)
+            floor = _number(call, 3, "min", 0.0) if plain else 0.0
+            if base is not None and floor is not None:
+                # wait_exponential waits max(min, multiplier x 2^n): starting at the
+                # larger one, no wait is shorter than tenacity's
+                keys["base_ms"] = _ms_value(max(base, floor))
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
-            plain = expo is not None and "random" not in ast.unparse(expo.func)
             keys["jitter"] = "none" if plain else "full"
+    elif library == "retrying":  # its waits are in milliseconds
+        tries = _number(deco, _BY_NAME, "stop_max_attempt_number", None)
+        if tries is not None:
+            keys["attempts"] = int(tries)
+        fixed_ms = _number(deco, _BY_NAME, "wait_fixed", None)
+        multiplier = _number(deco, _BY_NAME, "wait_exponential_multiplier", None)
+        if fixed_ms is not None:
+            keys.update(base_ms=round(fixed_ms), max_ms=round(fixed_ms), jitter="none")
+        elif multiplier is not None:
+            # it waits multiplier x 2^attempt, from attempt 1: the first wait is twice it
+            keys["base_ms"] = round(2 * multiplier)
+            cap_ms = _number(deco, _BY_NAME, "wait_exponential_max", None)
+            if cap_ms is not None:
+                keys["max_ms"] = round(cap_ms)
+            keys["jitter"] = "none"
+    elif library == "retry":
+        tries = _number(deco, 1, "tries", None)
+        if tries is not None and tries > 0:
+            keys["attempts"] = int(tries)
+        delay, factor = _number(deco, 2, "delay", None), _number(deco, 4, "backoff", 1.0)
+        ceiling = _number(deco, 3, "max_delay", None)
+        spread = any(k.arg == "jitter" for k in deco.keywords) or len(deco.args) > 5
+        if delay is not None and factor in (1.0, 2.0) and not spread:
+            # delay, then delay x backoff each time: fixed at 1, doubling at 2
+            keys["base_ms"] = _ms_value(delay)
+            if factor == 1.0:
+                keys["max_ms"] = _ms_value(delay)
+            elif ceiling is not None:
+                keys["max_ms"] = _ms_value(ceiling)
+            keys["jitter"] = "none"
     elif library == "stamina":
         attempts = next((k.value for k in deco.keywords if k.arg == "attempts"), None)
         count = _literal(attempts) if attempts is not None else 10  # stamina's default
@@ -1502,14 +1837,27 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             value = default if node is None else _literal(node)  # stamina's defaults
             if isinstance(value, int | float) and not isinstance(value, bool):
                 keys[key] = _ms_value(float(value))
+        initial, most = keys.get("base_ms"), keys.get("max_ms")
+        if isinstance(initial, int) and isinstance(most, int) and initial > most:
+            keys["base_ms"] = most  # stamina caps every wait at wait_max, the first too
         keys["jitter"] = "full"
     if not keys:
         return ""
     attempts_n, base_ms, max_ms = keys.get("attempts"), keys.get("base_ms"), keys.get("max_ms")
     if isinstance(attempts_n, int):
         keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
+    if isinstance(base_ms, int):
+        base_ms = keys["base_ms"] = min(base_ms, _MAX_WAIT_MS)
+        if max_ms is None:
+            # no cap: the waits grow to the last retry's (the policy's default max_ms,
+            # 2 s, would cut them short, or refuse a base above it)
+            count = keys.get("attempts", 3)
+            retries = count - 2 if isinstance(count, int) else 1
+            max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
-        keys["max_ms"] = max(base_ms, max_ms)  # max_ms may not be below base_ms
+        keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
+    order = ("attempts", "base_ms", "max_ms", "jitter")
+    keys = {k: keys[k] for k in order if k in keys}
     body = ", ".join(
         f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
     )
@@ -1596,7 +1944,22 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
         ]
         if tables:
             hints.append("application_limits: e.g. " + ", ".join(tables))
+    key = _with_key(Rule(LIMITER, "slowapi"), call).key
+    if hints and key.startswith("header:"):
+        header = key.removeprefix("header:")
+        hints.append(
+            f'its key_func reads {header}: key = "{key}" on these tables, '
+            f'fidelity.limit(..., key=lambda request: request.headers.get("{header}"))'
+        )
+    elif hints and key.startswith("fn:"):
+        hints.append(
+            f"its key_func {key.removeprefix('fn:')}: fidelity.limit(..., key=fn) or "
+            "RateLimit(key=fn) in Python, or these limits count per client IP"
+        )
     return "; ".join(hints)
+
+
+_HINTED_RETRIES = ("tenacity", "stamina", "retrying", "retry")
 
 
 def _hint(node: ast.expr, rule: Rule) -> str:
@@ -1631,7 +1994,21 @@ def _header_key(func: ast.expr | None) -> str | None:
     return value if is_headers and isinstance(value, str) and value else None
 
 
-def _limit_hint(deco: ast.expr, route: str | None, name: str, method: str | None = None) -> str:
+def _with_key(rule: Rule, call: ast.Call) -> Rule:
+    """A slowapi Limiter's rule, with the key its key_func counts by."""
+    if rule.library != "slowapi" or last_name_of(call.func) != "Limiter":
+        return rule
+    func = next((k.value for k in call.keywords if k.arg == "key_func"), None)
+    if func is None or last_name_of(func) in ("get_remote_address", "get_ipaddr"):
+        return rule
+    header = _header_key(func)
+    name = dotted_name(func) if isinstance(func, ast.Name | ast.Attribute) else None
+    return replace(rule, key=f"header:{header}" if header else f"fn:{name or 'a function'}")
+
+
+def _limit_hint(
+    deco: ast.expr, route: str | None, name: str, method: str | None = None, key_of: str = ""
+) -> str:
     """`@limiter.limit("5/minute")` on `@app.get("/search")` -> a ready [[rate_limit]].
 
     One table per rate ("5/minute;100/hour" is two limits), each named after the
@@ -1654,15 +2031,32 @@ def _limit_hint(deco: ast.expr, route: str | None, name: str, method: str | None
         return ""
     rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
-    header = _header_key(next((k.value for k in deco.keywords if k.arg == "key_func"), None))
+    own_key = next((k.value for k in deco.keywords if k.arg == "key_func"), None)
+    header = _header_key(own_key)
+    notes = []
+    if own_key is None and key_of.startswith("header:"):
+        header = key_of.removeprefix("header:")  # the Limiter's key_func
+    elif own_key is None and key_of.startswith("fn:"):
+        notes.append(
+            f"the Limiter's key_func {key_of.removeprefix('fn:')} has no policy form: "
+            'key = "header:NAME" if it reads one header, else RateLimit(key=fn) in Python'
+        )
     key = f', key = "header:{header}"' if header else ""
     if method is not None and method != "GET":
         key += f', methods = ["{method}"]'
+    cost = next((k.value for k in deco.keywords if k.arg == "cost"), None)
+    units = _literal(cost)
+    if isinstance(units, int) and not isinstance(units, bool):
+        key += f", cost = {units}"  # each request counts as many, as slowapi charged it
+    elif cost is not None:
+        notes.append("its cost function: RateLimit(cost=fn) in Python, or fidelity.limit(cost=fn)")
     tables = [
         f'{{ name = "{name if i == 0 else f"{name}-{i + 1}"}", {match}rate = "{rate}"{key} }}'
         for i, rate in enumerate(rates)
     ]
-    return "e.g. " + ", ".join(tables) if tables else ""
+    if not tables:
+        return ""
+    return "; ".join(["e.g. " + ", ".join(tables), *notes])
 
 
 def parse_fail_on(text: str) -> frozenset[str]:

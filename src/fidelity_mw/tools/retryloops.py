@@ -286,17 +286,16 @@ class LoopReader:
         if not any(isinstance(n, ast.Return | ast.Break) for n in _walk_own(body)):
             return None
         for node in _walk_own(body):
-            if not isinstance(node, ast.If):
-                continue
-            name = _status_subject(node.test, set(results))
-            if name is None or not self._same_call_each_turn(loop, [results[name]]):
-                continue
-            polarity = _polarity(node.test)
-            # a bad status that goes round again, or a good one that leaves
-            if (polarity == "bad" and not _always_exits(node.body)) or (
-                polarity == "good" and _always_exits(node.body, leave_only=True)
-            ):
-                return "checked", results[name], True
+            for test, branch in _branches(node):
+                name = _status_subject(test, set(results))
+                if name is None or not self._same_call_each_turn(loop, [results[name]]):
+                    continue
+                polarity = _polarity(test)
+                # a bad status that goes round again, or a good one that leaves
+                if (polarity == "bad" and not _always_exits(branch)) or (
+                    polarity == "good" and _always_exits(branch, leave_only=True)
+                ):
+                    return "checked", results[name], True
         return None
 
     # ------------------------------------------------------------ signals
@@ -427,6 +426,102 @@ def _caught_names(handler: ast.ExceptHandler) -> set[str]:
         name = _last_name(item.func if isinstance(item, ast.Call) else item)
         out.add(name or "?")
     return out
+
+
+def recursive_retry(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.Call | None:
+    """A retry written as recursion: the function calls itself again with its attempt
+    count moved on (`return fetch(url, retries - 1)`, `self.get(..., attempt=attempt + 1)`)
+    from an `except` around its call, or under an `if` that finds the status bad. The
+    count moved on tells it from recursion over data (a tree, the next page): those
+    pass something else."""
+    names = {fn.name}
+    if not any(isinstance(n, ast.Call) and _callee(n.func, names) for n in ast.walk(fn)):
+        return None  # most functions never call themselves: one walk to know it
+    params = {a.arg for a in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
+    results = {
+        t.id
+        for n in _walk_own(fn.body)
+        if isinstance(n, ast.Assign) and isinstance(_unawait(n.value), ast.Call)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+    for node in _walk_own(fn.body):
+        bodies: list[list[ast.stmt]] = []
+        if isinstance(node, ast.Try | ast.TryStar):
+            bodies = [h.body for h in node.handlers if not _data_error_handler(h)]
+        else:
+            for test, branch in _branches(node):
+                if _status_subject(test, results) is not None and _polarity(test) == "bad":
+                    bodies.append(branch)
+        for body in bodies:
+            for sub in _walk_own(body):
+                call = _unawait(sub) if isinstance(sub, ast.expr) else None
+                if (
+                    isinstance(call, ast.Call)
+                    and _callee(call.func, names)
+                    and _moves_a_count(call, params)
+                ):
+                    return call
+    return None
+
+
+def _data_error_handler(handler: ast.ExceptHandler) -> bool:
+    caught = _caught_names(handler)
+    return bool(caught) and all(_data_error(name) for name in caught)
+
+
+def _callee(func: ast.expr, names: set[str]) -> bool:
+    """`fetch(...)` or `self.fetch(...)` / `cls.fetch(...)`."""
+    if isinstance(func, ast.Name):
+        return func.id in names
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr in names
+        and isinstance(func.value, ast.Name)
+        and func.value.id in ("self", "cls")
+    )
+
+
+def _moves_a_count(call: ast.Call, params: set[str]) -> bool:
+    """An argument `n - 1` / `n + 1` of a parameter `n`."""
+    for arg in [*call.args, *(k.value for k in call.keywords)]:
+        if (
+            isinstance(arg, ast.BinOp)
+            and isinstance(arg.op, ast.Add | ast.Sub)
+            and isinstance(arg.left, ast.Name)
+            and arg.left.id in params
+            and isinstance(arg.right, ast.Constant)
+            and arg.right.value == 1
+        ):
+            return True
+    return False
+
+
+def _branches(node: ast.AST) -> Iterator[tuple[ast.expr, list[ast.stmt]]]:
+    """The tests a statement branches on, each with the body it runs: an `if`, and each
+    `case 502 | 503:` of a `match response.status_code:`, read as `status in (502, 503)`."""
+    if isinstance(node, ast.If):
+        yield node.test, node.body
+    elif isinstance(node, ast.Match):
+        for case in node.cases:
+            values = _case_values(case.pattern)
+            if values:
+                test = ast.Compare(
+                    left=node.subject,
+                    ops=[ast.In()],
+                    comparators=[ast.Tuple(elts=list(values), ctx=ast.Load())],
+                )
+                yield test, case.body
+
+
+def _case_values(pattern: ast.pattern) -> list[ast.expr]:
+    """The literal values a case pattern matches (`200`, `502 | 503`); [] for others."""
+    if isinstance(pattern, ast.MatchValue):
+        return [pattern.value]
+    if isinstance(pattern, ast.MatchOr):
+        values = [_case_values(p) for p in pattern.patterns]
+        return [v for vs in values for v in vs] if all(values) else []
+    return []
 
 
 def _status_subject(test: ast.expr, names: set[str]) -> str | None:

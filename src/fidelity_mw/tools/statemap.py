@@ -407,6 +407,11 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "; while the event loop is the bottleneck, sheds requests that waited over "
                 f"{conc.tolerance - 1:g}x the floor to be read (tick-sampled loop clock)"
             )
+        if conc.newest_first:
+            queue += (
+                "; while the event loop is the bottleneck, admits the newest of each loop "
+                "turn's arrivals, one per turn"
+            )
         rows.append(
             Layer(
                 "inbound",
