@@ -211,15 +211,20 @@ class ResponseWatcher:
             await self._send(message)
             self.ctx.client_wait_s += monotonic() - begun
             return
-        await self._send(message)
-
-    async def _send(self, message: Message) -> None:
+        # (inline, not `_send`: one coroutine frame less on every message of every request)
         try:
             await self.send(message)
         except OSError:
             # The server could not write to the client: a disconnect, not the
             # route's failure (an OSError from the app's own backends is).
             self.ctx.client_disconnected = True
+            raise
+
+    async def _send(self, message: Message) -> None:
+        try:
+            await self.send(message)
+        except OSError:
+            self.ctx.client_disconnected = True  # (as in __call__)
             raise
 
 
