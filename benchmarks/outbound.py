@@ -49,14 +49,20 @@ with a shared breaker and budget could cost here).
 `--baseline REV` adds `fidelity@REV` (and `fidelity_req@REV`): the same transport as
 of git revision REV, in the same rounds, so a change is measured against its
 parent side by side. `--count` prints, instead of times, the Python calls, C calls,
-generator/coroutine resumptions and allocated blocks per call of each layer (the
-counters of benchmarks/callcount.py), and the functions fidelity calls per call:
-counts do not move with the machine's load.
+generator/coroutine resumptions, bytecodes and allocated blocks per call of each layer
+(the counters of benchmarks/callcount.py), and the functions fidelity calls and the
+bytecodes each runs per call: counts do not move with the machine's load.
+`--instructions` counts machine instructions per call of the layers alone under
+`valgrind --tool=callgrind` (as benchmarks/server_inprocess.py does for inbound): a run
+with `--calls` calls less one that builds the same requests and calls nothing; a layer
+named `NAME+compiled` runs in .venv-compiled (the mypyc build).
 
     .venv/bin/python benchmarks/outbound.py [--rounds 40] [--batch 500] [--no-write]
         [--baseline REV] [--layers-only]
     .venv/bin/python benchmarks/outbound.py --profile   # cProfile of the fidelity layer
     .venv/bin/python benchmarks/outbound.py --count [--baseline REV]
+    .venv/bin/python benchmarks/outbound.py --instructions [--calls 20000] [--baseline REV]
+        [--layers pass_through,fidelity,fidelity_req,httpx_retries,floor,fidelity+compiled]
 """
 
 from __future__ import annotations
@@ -681,10 +687,12 @@ async def profile(n: int) -> str:
 
 
 async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
-    """Python calls, C calls, resumptions and allocated blocks per call of each layer."""
-    from benchmarks.callcount import Profile
+    """Python calls, C calls, resumptions, bytecodes and allocated blocks per call of
+    each layer."""
+    from benchmarks.callcount import Instructions, Profile
 
     results: dict[str, Profile] = {}
+    bytecodes: dict[str, Instructions] = {}
     for name, layer in build_layers(old, rev).items():
         await run_layer(layer, _requests(500))  # warm up
         requests = _requests(n)
@@ -695,14 +703,22 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
         finally:
             sys.setprofile(None)
         results[name] = profile
+        requests = _requests(n)
+        counter = Instructions()
+        sys.settrace(counter)
+        try:
+            await run_layer(layer, requests)
+        finally:
+            sys.settrace(None)
+        bytecodes[name] = counter
     lines = [
-        "| layer | Python calls | resumes | C calls | blocks allocated (≥) |",
-        "|---|---:|---:|---:|---:|",
+        "| layer | Python calls | resumes | C calls | bytecodes | blocks allocated (≥) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, p in results.items():
         lines.append(
             f"| {name} | {p.calls / n:.1f} | {p.resumes / n:.1f} | {p.c_calls / n:.1f} "
-            f"| {p.blocks / n:.1f} |"
+            f"| {bytecodes[name].count / n:.0f} | {p.blocks / n:.1f} |"
         )
     for name in ("fidelity", "fidelity_req"):
         base = results["pass_through"].by_function
@@ -712,6 +728,96 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
         lines += ["", f"`{name}`: calls per call beyond `pass_through`'s:", "", "```"]
         lines += [f"{v:6.1f}  {k}" for v, k in rows]
         lines.append("```")
+        ops = bytecodes[name].by_function(n)
+        base_ops = bytecodes["pass_through"].by_function(n)
+        diff = {k: v - base_ops.get(k, 0.0) for k, v in ops.items()}
+        rows = sorted(((v, k) for k, v in diff.items() if abs(v) >= 0.5), reverse=True)[:top]
+        total = bytecodes[name].count / n - bytecodes["pass_through"].count / n
+        lines += ["", f"`{name}`: bytecodes per call beyond `pass_through`'s ({total:+.0f}):"]
+        lines += ["", "```"]
+        lines += [f"{v:6.0f}  {k}" for v, k in rows]
+        lines.append("```")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- instructions
+
+INSTRUCTION_LAYERS = ("pass_through", "fidelity", "fidelity_req", "httpx_retries", "floor")
+COMPILED_SUFFIX = "+compiled"
+COMPILED_PYTHON = Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
+
+
+def run_one(name: str, calls: int, rev: str) -> None:
+    """One callgrind run: every layer built and warmed up as in `count`, `calls` requests
+    built, and `name`'s layer called on them (none when `calls` is 0: the requests are
+    built all the same, so the difference of two runs is the calls alone)."""
+    old = baseline(rev or None)
+    layers = build_layers(old, rev)
+    layer = layers[name]
+
+    async def go() -> None:
+        await run_layer(layer, _requests(500))
+        requests = _requests(abs(calls))
+        if calls > 0:
+            await run_layer(layer, requests)
+
+    asyncio.run(go())
+
+
+def count_instructions(name: str, calls: int, rev: str) -> float:
+    """Machine instructions per call of one layer (user space, callgrind): a run with
+    `calls` calls less one without, divided by `calls`."""
+    import os
+    import tempfile
+
+    from benchmarks.server_inprocess import callgrind_total
+
+    plain = name.removesuffix(COMPILED_SUFFIX)
+    python = sys.executable if plain == name else str(COMPILED_PYTHON)
+    totals = []
+    for n in (-calls, calls):  # (negative: the requests built, no call made)
+        with tempfile.TemporaryDirectory(prefix="outbound-cg-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
+            argv += [str(Path(__file__).resolve()), "--one", plain, "--calls", str(n)]
+            if rev:
+                argv += ["--baseline", rev]
+            subprocess.run(
+                argv,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            totals.append(callgrind_total(out.read_text()))
+    return (totals[1] - totals[0]) / calls
+
+
+def instructions(names: list[str], calls: int, rev: str) -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counted = pool.map(lambda v: count_instructions(v, calls, rev), names)
+        found = dict(zip(names, counted, strict=True))
+    lines = [
+        "| layer | instructions/call | over pass_through | over httpx-retries' layer |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, value in found.items():
+        # (a compiled layer against the compiled venv's own pass-through, when counted)
+        suffix = COMPILED_SUFFIX if name.endswith(COMPILED_SUFFIX) else ""
+        base = found.get("pass_through" + suffix, found.get("pass_through", 0.0))
+        retries = found.get("httpx_retries" + suffix, found.get("httpx_retries", 0.0)) - base
+        over = value - base
+        mine = name.startswith(("fidelity", "floor"))
+        ratio = f"{over / retries:.2f}x" if retries > 0 and mine else "—"
+        lines.append(f"| {name} | {value:,.0f} | {over:+,.0f} | {ratio} |")
+    lines += [
+        "",
+        f"callgrind, user space: each layer called directly {calls} times (inner transport "
+        f"a prebuilt response) less a run that builds the same requests and calls nothing, "
+        f"after a 500-call warm-up (PYTHONHASHSEED=0).",
+    ]
     return "\n".join(lines)
 
 
@@ -726,9 +832,30 @@ def main() -> None:
     parser.add_argument(
         "--baseline", metavar="REV", help="add the transport as of git revision REV"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="callgrind instructions per call of the layers alone (print only)",
+    )
+    parser.add_argument("--calls", type=int, default=20_000, help="with --instructions")
+    parser.add_argument(
+        "--layers",
+        default=",".join(INSTRUCTION_LAYERS),
+        help="with --instructions: layers to count (NAME+compiled runs .venv-compiled)",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one layer
     args = parser.parse_args()
-    old = baseline(args.baseline)
     rev = args.baseline or ""
+    if args.one:
+        run_one(args.one, args.calls, rev)
+        return
+    if args.instructions:
+        names = [n.strip() for n in args.layers.split(",") if n.strip()]
+        if rev:
+            names += [f"fidelity@{rev}", f"fidelity_req@{rev}"]
+        print(instructions(names, args.calls, rev))
+        return
+    old = baseline(args.baseline)
     if args.profile:
         print(asyncio.run(profile(20_000)))
         return
