@@ -69,6 +69,7 @@ from .decisions import (
 )
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
 from .loop import (
+    _NOT_RECORDED,
     CLOSE,
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
@@ -90,9 +91,11 @@ from .loop import (
 )
 from .upstream import Resolver, Upstream, resolved_problem
 from .wire import (
+    ATTEMPT_HEADER,
     FAST_HEADERS,
     OURS_SET,
     SPEND_MAX_BYTES,
+    TIMEOUT_HEADER,
     replayable,
     restore,
     snapshot,
@@ -118,6 +121,8 @@ _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 _GIVE_UP: Final = GIVE_UP_EXTENSION
 _Watch: Final = Watch
+_ATTEMPT_HEADER: Final = ATTEMPT_HEADER
+_TIMEOUT_HEADER: Final = TIMEOUT_HEADER
 
 
 class _Armed:
@@ -574,13 +579,15 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._first(ctx, up, request, own, observer, now, local, gate)
         try:
             if tight:
+                stamped = up.first_stamps  # (empty: not told our headers, `prepare` stamps none)
                 prepare(ctx, up, request, 1, timeouts, remaining)
             else:
                 assert seen is not None
                 capped = seen[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                raw += seen[2]  # (the first attempt's headers for those timeouts)
+                stamped = seen[2]  # (the first attempt's headers for those timeouts)
+                raw += stamped
                 counts = ctx._attempts  # (the `attempts` property, without its call)
                 if counts is None:
                     ctx._attempts = {up.key: 1}
@@ -626,7 +633,13 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if gate is not None and breaker is not None:
             ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            if breaker.slow_call_ms is None:  # `_record_now` without its call: never slow
+                try:
+                    local.record(up.breaker_key, breaker, gate, outcome, False, ended)
+                except Exception as exc:  # a lost outcome is logged, not raised
+                    logger.warning(_NOT_RECORDED, up.key, exc)
+            else:
+                _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = _Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate, source,
@@ -635,8 +648,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if observer is not None:
             _observe_end(observer, token, response, None)
             restore(request.headers, None, saved)  # (and what the observer injected)
-        else:
-            unstamp(request.headers, None)  # (the request's list now: the inner may replace it)
+        else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
+            raw = request.headers._list
+            if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
+                del raw[-2:]
+            elif stamped:  # (moved by the inner transport: taken off wherever they are)
+                unstamp(request.headers, None)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:

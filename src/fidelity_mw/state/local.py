@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from .._mypyc import mypyc_attr
-from ..decide.breaker import CLOSED, IGNORED, BreakerState, Gate
+from ..decide.breaker import CLOSED, IGNORED, SUCCESS, BreakerState, Gate
 from ..decide.budget import BudgetWindow
 from ..decide.gcra import (
     LimitVerdict,
@@ -456,6 +456,26 @@ class LocalState:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
                 state = self.breaker_state(breaker_key, breaker, now)
+            # `BreakerState.record`'s first answer, without its call (most outcomes: a
+            # success under the closed gate of this epoch, in the current bucket, with no
+            # failure or slow call in the window). The gate by identity: `closed_gate` is
+            # built once per closed epoch and carries no probe.
+            end = state._bucket_end
+            totals = state._totals
+            if (
+                gate is state.closed_gate
+                and outcome == SUCCESS
+                and not slow
+                and state.state == CLOSED
+                and now < end
+                and end - now <= 2.0 * state._bucket_s
+                and not (totals[1] or totals[2])
+            ):
+                state.buckets[-1][0] += 1
+                totals[0] += 1
+                state.erased = state.consecutive
+                state.consecutive = 0
+                return CLOSED
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
         finally:
             self._release()
