@@ -77,7 +77,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -401,12 +401,45 @@ async def timed(call: Call | InContext, n: int) -> float:
 Layer = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
+class OneChunk(httpx.AsyncByteStream):
+    """A body still to be read, as a real connection's is (not `httpx.ByteStream`)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"ok"
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Streamed(httpx.AsyncBaseTransport):
+    """An inner transport whose answer's body is still to be read (fidelity watches it)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=OneChunk())
+
+
+def reading(layer: Layer) -> Layer:
+    """The layer's call, its answer's body then read to its end and closed."""
+
+    async def call(request: httpx.Request) -> httpx.Response:
+        response = await layer(request)
+        stream: Any = response.stream
+        async for _ in stream:
+            pass
+        await stream.aclose()
+        return response
+
+    return call
+
+
 class InRequest:
     """A layer run inside one inbound request's context, bound once per batch (as
     FidelityMiddleware binds it once per request), so no harness call is timed."""
 
-    def __init__(self, package: Any, transport: Any) -> None:
+    def __init__(self, package: Any, transport: Any, read: bool = False) -> None:
         self.layer: Layer = transport.handle_async_request
+        if read:
+            self.layer = reading(self.layer)
         self.engine = transport.engine
         self.ctx = package.DecisionContext(
             engine=self.engine, route="/bench", method="GET", started_at=0.0
@@ -420,8 +453,11 @@ class InRequest:
         return lambda: self.current.reset(token)
 
 
-def build_layers(old: Any = None, rev: str = "") -> dict[str, Layer | InRequest]:
-    """Each layer's `handle_async_request` around a do-nothing inner transport."""
+def build_layers(
+    old: Any = None, rev: str = "", streamed: bool = False
+) -> dict[str, Layer | InRequest]:
+    """Each layer's `handle_async_request` around a do-nothing inner transport (and with
+    `streamed`, `*_stream` layers: the inner's answer a body to read, read to its end)."""
     import fidelity_mw
 
     layers: dict[str, Layer | InRequest] = {
@@ -440,6 +476,13 @@ def build_layers(old: Any = None, rev: str = "") -> dict[str, Layer | InRequest]
         return inner.handle_async_request
 
     layers.update(competitors(toolkit_inner))
+    if streamed:
+        layers["pass_through_stream"] = reading(PassThrough(Streamed()).handle_async_request)
+        layers["fidelity_req_stream"] = InRequest(
+            fidelity_mw, FidelityTransport(Streamed(), telemetry=False), read=True
+        )
+        retrying = RetryTransport(Streamed(), retry=Retry(total=3, backoff_factor=0.1))
+        layers["httpx_retries_stream"] = reading(retrying.handle_async_request)
     if old is not None:
         layers[f"fidelity@{rev}"] = old.FidelityTransport(
             Null(), telemetry=False
@@ -447,6 +490,10 @@ def build_layers(old: Any = None, rev: str = "") -> dict[str, Layer | InRequest]
         layers[f"fidelity_req@{rev}"] = InRequest(
             old, old.FidelityTransport(Null(), telemetry=False)
         )
+        if streamed:
+            layers[f"fidelity_req_stream@{rev}"] = InRequest(
+                old, old.FidelityTransport(Streamed(), telemetry=False), read=True
+            )
     return layers
 
 
@@ -686,6 +733,14 @@ async def profile(n: int) -> str:
     return out.getvalue()
 
 
+# (layer, the layer it is counted against) in --count's per-function lists
+STREAMED_PAIRS = (
+    ("fidelity", "pass_through"),
+    ("fidelity_req", "pass_through"),
+    ("fidelity_req_stream", "pass_through_stream"),
+)
+
+
 async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
     """Python calls, C calls, resumptions, bytecodes and allocated blocks per call of
     each layer."""
@@ -693,7 +748,7 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
 
     results: dict[str, Profile] = {}
     bytecodes: dict[str, Instructions] = {}
-    for name, layer in build_layers(old, rev).items():
+    for name, layer in build_layers(old, rev, streamed=True).items():
         await run_layer(layer, _requests(500))  # warm up
         requests = _requests(n)
         profile = Profile()
@@ -720,20 +775,20 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
             f"| {name} | {p.calls / n:.1f} | {p.resumes / n:.1f} | {p.c_calls / n:.1f} "
             f"| {bytecodes[name].count / n:.0f} | {p.blocks / n:.1f} |"
         )
-    for name in ("fidelity", "fidelity_req"):
-        base = results["pass_through"].by_function
+    for name, against in STREAMED_PAIRS:
+        base = results[against].by_function
         mine = results[name].by_function
         extra = {k: (v - base.get(k, 0)) / n for k, v in mine.items()}
         rows = sorted(((v, k) for k, v in extra.items() if v >= 0.5), reverse=True)[:top]
-        lines += ["", f"`{name}`: calls per call beyond `pass_through`'s:", "", "```"]
+        lines += ["", f"`{name}`: calls per call beyond `{against}`'s:", "", "```"]
         lines += [f"{v:6.1f}  {k}" for v, k in rows]
         lines.append("```")
         ops = bytecodes[name].by_function(n)
-        base_ops = bytecodes["pass_through"].by_function(n)
+        base_ops = bytecodes[against].by_function(n)
         diff = {k: v - base_ops.get(k, 0.0) for k, v in ops.items()}
         rows = sorted(((v, k) for k, v in diff.items() if abs(v) >= 0.5), reverse=True)[:top]
-        total = bytecodes[name].count / n - bytecodes["pass_through"].count / n
-        lines += ["", f"`{name}`: bytecodes per call beyond `pass_through`'s ({total:+.0f}):"]
+        total = bytecodes[name].count / n - bytecodes[against].count / n
+        lines += ["", f"`{name}`: bytecodes per call beyond `{against}`'s ({total:+.0f}):"]
         lines += ["", "```"]
         lines += [f"{v:6.0f}  {k}" for v, k in rows]
         lines.append("```")
@@ -752,7 +807,7 @@ def run_one(name: str, calls: int, rev: str) -> None:
     built, and `name`'s layer called on them (none when `calls` is 0: the requests are
     built all the same, so the difference of two runs is the calls alone)."""
     old = baseline(rev or None)
-    layers = build_layers(old, rev)
+    layers = build_layers(old, rev, streamed=True)
     layer = layers[name]
 
     async def go() -> None:
@@ -804,10 +859,13 @@ def instructions(names: list[str], calls: int, rev: str) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, value in found.items():
-        # (a compiled layer against the compiled venv's own pass-through, when counted)
-        suffix = COMPILED_SUFFIX if name.endswith(COMPILED_SUFFIX) else ""
-        base = found.get("pass_through" + suffix, found.get("pass_through", 0.0))
-        retries = found.get("httpx_retries" + suffix, found.get("httpx_retries", 0.0)) - base
+        # (a compiled layer against the compiled venv's own pass-through, when counted; a
+        # streamed one against the streamed pass-through and httpx-retries)
+        kind = "_stream" if "_stream" in name else ""
+        suffix = kind + (COMPILED_SUFFIX if name.endswith(COMPILED_SUFFIX) else "")
+        base = found.get("pass_through" + suffix, found.get("pass_through" + kind, 0.0))
+        retries = found.get("httpx_retries" + suffix, found.get("httpx_retries" + kind, 0.0))
+        retries -= base
         over = value - base
         mine = name.startswith(("fidelity", "floor"))
         ratio = f"{over / retries:.2f}x" if retries > 0 and mine else "—"
