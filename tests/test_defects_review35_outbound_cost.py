@@ -9,6 +9,8 @@ calling `BreakerState.record`, and must leave the breaker exactly as that call w
 from __future__ import annotations
 
 import asyncio
+import dis
+import inspect
 import logging
 import random
 import sys
@@ -33,11 +35,17 @@ SRC = str(Path(fidelity_mw.__file__).resolve().parent)
 
 
 def _ours(frame: FrameType) -> str | None:
-    """`file:function` of a frame of fidelity_mw's own code (None for anyone else's)."""
-    path = frame.f_code.co_filename
+    """`file:function` of a new frame of fidelity_mw's own code (None for anyone else's,
+    and for a coroutine resumed: its frame is past its first RESUME)."""
+    code = frame.f_code
+    path = code.co_filename
     if not path.startswith(SRC):
         return None
-    return f"{Path(path).relative_to(SRC)}:{frame.f_code.co_name}"
+    if code.co_flags & (inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+        first = next(i.offset for i in dis.get_instructions(code) if i.opname == "RESUME")
+        if frame.f_lasti > first:
+            return None
+    return f"{Path(path).relative_to(SRC)}:{code.co_name}"
 
 
 class Null(httpx.AsyncBaseTransport):
@@ -64,12 +72,10 @@ def test_a_successful_shortcut_call_makes_two_store_calls_and_nothing_else(url: 
     async def call() -> tuple[list[str], httpx.Request]:
         request = httpx.Request("GET", url, extensions={"timeout": dict(timeouts)})
         called: list[str] = []
-        started: set[int] = set()
 
         def profile(frame: FrameType, event: str, arg: Any) -> None:
             name = _ours(frame) if event == "call" else None
-            if name is not None and id(frame) not in started:
-                started.add(id(frame))
+            if name is not None:
                 called.append(name)
 
         before = list(request.headers.raw)
@@ -240,3 +246,138 @@ def test_a_record_that_fails_on_the_shortcut_is_logged_not_raised(
     assert [r.getMessage() for r in caplog.records] == [
         "fidelity_mw: could not record an outcome for svc.internal: state gone"
     ]
+
+
+# ---------------------------------------------------------------- the body watcher
+
+
+class OneChunk(httpx.AsyncByteStream):
+    """A body still to be read (not `httpx.ByteStream`): one chunk, or a break after it."""
+
+    def __init__(self, breaks: bool = False) -> None:
+        self.breaks = breaks
+
+    async def __aiter__(self) -> Any:
+        yield b"ok"
+        if self.breaks:
+            raise httpx.ReadError("connection reset")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Streamed(httpx.AsyncBaseTransport):
+    def __init__(self) -> None:
+        self.breaks = False
+        self.kind: type[OneChunk] = OneChunk
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=self.kind(self.breaks))
+
+
+def test_a_streamed_body_is_watched_with_one_call_and_read_without_an_async_generator() -> None:
+    """The shortcut wraps a body of a class it has seen with the watcher's constructor
+    alone (no `Watch` frame, no `watch_body`), and reading it makes no async generator
+    of ours (each costs the loop's first-iteration hook and a weak reference)."""
+    transport = FidelityTransport(Streamed(), telemetry=False)
+    url = "http://svc.internal/x"
+
+    async def call() -> tuple[list[str], list[str], int]:
+        request = httpx.Request("GET", url)
+        called: list[str] = []
+
+        def profile(frame: FrameType, event: str, arg: Any) -> None:
+            name = _ours(frame) if event == "call" else None
+            if name is not None:
+                called.append(name)
+
+        sys.setprofile(profile)
+        try:
+            response = await transport.handle_async_request(request)
+        finally:
+            sys.setprofile(None)
+        sent = called
+        called = []
+        generators = len(asyncio.get_running_loop()._asyncgens)  # type: ignore[attr-defined]
+        sys.setprofile(profile)
+        try:
+            body = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+            made = len(asyncio.get_running_loop()._asyncgens) - generators  # type: ignore[attr-defined]
+            await response.aclose()
+        finally:
+            sys.setprofile(None)
+        assert body == b"ok"
+        return sent, called, made
+
+    async def calls() -> list[tuple[list[str], list[str], int]]:
+        return [await call() for _ in range(3)]
+
+    found = asyncio.run(calls())
+    sent, read, made = found[2]
+    assert sent == [
+        "outbound/transport.py:handle_async_request",
+        "context.py:__init__",  # (a call of its own: outside a request)
+        "state/local.py:outbound_begin_now",
+        "state/local.py:record_now",
+        "outbound/body.py:__init__",  # the watcher's, the body's class known
+    ]
+    assert [name for name in read if name.startswith("outbound/")] == [
+        "outbound/body.py:__aiter__",
+        "outbound/body.py:__anext__",
+        "outbound/body.py:__anext__",  # (its end)
+        "outbound/body.py:aclose",
+    ]
+    assert made == 1  # the inner body's own generator, none of ours
+
+
+def test_a_body_that_breaks_on_the_shortcut_fails_the_call_with_its_bytes() -> None:
+    """Read through the watcher's own iterator: the break is reported once, with the bytes
+    read before it, and the caller's read raises the upstream's error."""
+    inner = Streamed()
+    transport = FidelityTransport(inner, telemetry=False)
+    key = "upstream:svc.internal"
+
+    async def calls() -> DecisionContext:
+        for _ in range(2):  # the first arms the shortcut and teaches it the body's class
+            response = await transport.handle_async_request(
+                httpx.Request("GET", "http://svc.internal/")
+            )
+            await response.aread()
+        inner.breaks = True
+        response = await transport.handle_async_request(
+            httpx.Request("GET", "http://svc.internal/")
+        )
+        with pytest.raises(httpx.ReadError):
+            await response.aread()
+        ctx: DecisionContext = response.extensions["fidelity_context"]
+        return ctx
+
+    ctx = asyncio.run(calls())
+    broke = [d for d in ctx.decisions if d.reason == "failed_in_body"]
+    assert len(broke) == 1
+    assert broke[0].details == {"error": "ReadError", "bytes": 2}
+    store: Any = transport.engine.store
+    assert store.breakers[key].totals(transport.engine.clock.monotonic()) == (3, 1, 0)
+
+
+def test_the_watchers_learned_are_bounded() -> None:
+    """A body class made per call (at run time) is watched every time, and the table of
+    the classes learned stays bounded."""
+    from fidelity_mw.outbound import body as body_module
+
+    inner = Streamed()
+    transport = FidelityTransport(inner, telemetry=False)
+
+    async def calls() -> int:
+        watched = 0
+        for i in range(100):
+            inner.kind = type(f"Chunk{i}", (OneChunk,), {})
+            response = await transport.handle_async_request(
+                httpx.Request("GET", "http://svc.internal/")
+            )
+            watched += type(response.stream) is body_module.WatchedAsyncStream
+            await response.aread()
+        return watched
+
+    assert asyncio.run(calls()) == 100
+    assert len(body_module.WATCHERS) <= 64

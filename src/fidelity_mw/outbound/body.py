@@ -33,8 +33,8 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, Final
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple
 
 import httpx
 
@@ -54,6 +54,7 @@ FAILED_IN_BODY: Final = "failed_in_body"
 # misuse, nor a `DecodingError`, raised above the stream.)
 UPSTREAM_FAULTS: Final = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 _NOT_RECORDED: Final = "fidelity_mw: could not record a broken body of %s: %s"
+_MAX_WATCHERS: Final = 64
 
 # Reports to a remote store, sent without the caller waiting: held until they end.
 _RECORDS: Final[set[asyncio.Task[Any]]] = set()
@@ -62,41 +63,25 @@ _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock: Final = threading.Lock()
 
 
-class Watch:
+class Watch(NamedTuple):
     """What a broken body is reported to: the call's context and the breaker its success
     was counted on (`gate` None: no breaker counted it, the balancer went around an open
-    one; only the instance's evidence and the decision then)."""
+    one; only the instance's evidence and the decision then). A tuple: the transport's
+    shortcut builds it in one C call (`tuple.__new__`, every field given), no frame."""
 
-    __slots__ = ("attempts", "breaker", "breaker_key", "ctx", "gate", "local", "shut", "source",
-                 "store", "subject", "target")  # fmt: skip
-
-    def __init__(
-        self,
-        ctx: DecisionContext,
-        subject: str,
-        store: Any,
-        local: Any,
-        breaker_key: str,
-        breaker: BreakerConfig,
-        gate: Gate | None,
-        source: str,
-        target: Instance | None,
-        shut: list[bool] | None = None,
-        attempts: int = 1,
-    ) -> None:
-        self.ctx = ctx
-        self.subject = subject
-        self.store = store
-        self.local = local
-        self.breaker_key = breaker_key
-        self.breaker = breaker
-        self.gate = gate
-        self.source = source
-        self.target = target
-        # [True] once the transport that handed out the body is closed: the caller's
-        # close cut it (the pool drops the connection: a ReadError), not the upstream
-        self.shut = shut
-        self.attempts = attempts  # the call's attempts, this answer's included
+    ctx: DecisionContext
+    subject: str
+    store: Any
+    local: Any
+    breaker_key: str
+    breaker: BreakerConfig
+    gate: Gate | None
+    source: str
+    target: Instance | None
+    # [True] once the transport that handed out the body is closed: the caller's close
+    # cut it (the pool drops the connection: a ReadError), not the upstream
+    shut: list[bool] | None = None
+    attempts: int = 1  # the call's attempts, this answer's included
 
     def broke(self, exc: BaseException, read: int, blocking: bool) -> None:
         """Report the broken body: the breaker, the instance, the decision. Never raises."""
@@ -213,17 +198,27 @@ class _Watched:
 
 
 class WatchedAsyncStream(_Watched, httpx.AsyncByteStream):
-    """An async body (httpx.AsyncHTTPTransport's), watched."""
+    """An async body (httpx.AsyncHTTPTransport's), watched. Its own iterator, not an async
+    generator: each of those costs the event loop's first-iteration hook and a weak
+    reference in its set of generators, more than the watching itself (most bodies are
+    one or two chunks)."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = 0
+    _it: Any
+    _read = 0
+
+    def __aiter__(self) -> WatchedAsyncStream:
+        self._it = self._inner.__aiter__()
+        self._read = 0
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in self._inner:
-                read += len(chunk)
-                yield chunk
+            chunk: bytes = await self._it.__anext__()
         except UPSTREAM_FAULTS as exc:
-            self._broke(exc, read, False)
+            self._broke(exc, self._read, False)
             raise
+        self._read += len(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -250,14 +245,27 @@ class WatchedStream(WatchedAsyncStream, WatchedSyncStream):
     """A body that is both (an inner transport's own stream class), watched both ways."""
 
 
+# A body's stream class -> the class that watches it (`watch_body` learns them): the
+# transport's shortcut wraps a body of a class seen before without the function's call.
+WATCHERS: Final[dict[type, Any]] = {}
+
+
 def watch_body(response: httpx.Response, watch: Watch) -> None:
     """Wrap the body of a response recorded as a success (its stream not in memory), as
     the kind of stream it is: a sync read of an async body still fails as httpx says."""
     stream = response.stream
-    if isinstance(stream, httpx.AsyncByteStream):
-        if isinstance(stream, httpx.SyncByteStream):
-            response.stream = WatchedStream(stream, watch)
+    kind = type(stream)
+    watcher = WATCHERS.get(kind)
+    if watcher is None:
+        if isinstance(stream, httpx.AsyncByteStream):
+            if isinstance(stream, httpx.SyncByteStream):
+                watcher = WatchedStream
+            else:
+                watcher = WatchedAsyncStream
+        elif isinstance(stream, httpx.SyncByteStream):
+            watcher = WatchedSyncStream
         else:
-            response.stream = WatchedAsyncStream(stream, watch)
-    elif isinstance(stream, httpx.SyncByteStream):
-        response.stream = WatchedSyncStream(stream, watch)
+            return
+        if len(WATCHERS) < _MAX_WATCHERS:  # (classes made at run time: bounded)
+            WATCHERS[kind] = watcher
+    response.stream = watcher(stream, watch)

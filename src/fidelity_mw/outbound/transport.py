@@ -58,7 +58,7 @@ from ..hooks import AttemptObserver
 from ..policy import Policy
 from ..state.base import LATE_ANSWER, StateStore
 from . import wire as _wire
-from .body import Watch, watch_body
+from .body import WATCHERS, Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
     call_end,
@@ -121,6 +121,7 @@ _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 _GIVE_UP: Final = GIVE_UP_EXTENSION
 _Watch: Final = Watch
+_WATCHERS: Final = WATCHERS
 _ATTEMPT_HEADER: Final = ATTEMPT_HEADER
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER
 
@@ -642,9 +643,17 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
-                watch = _Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate, source,
-                               None, up.shut)  # fmt: skip
-                watch_body(response, watch)
+                body = response.stream
+                watch = _new_tuple(
+                    _Watch,
+                    (ctx, up.key, None, local, up.breaker_key, breaker, gate, source, None,
+                     up.shut, 1),
+                )  # fmt: skip
+                watcher = _WATCHERS.get(body.__class__)
+                if watcher is None:  # (a class of body not seen yet: `watch_body` learns it)
+                    watch_body(response, watch)
+                else:
+                    response.stream = watcher(body, watch)
         if observer is not None:
             _observe_end(observer, token, response, None)
             restore(request.headers, None, saved)  # (and what the observer injected)
