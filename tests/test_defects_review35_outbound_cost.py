@@ -381,3 +381,54 @@ def test_the_watchers_learned_are_bounded() -> None:
 
     assert asyncio.run(calls()) == 100
     assert len(body_module.WATCHERS) <= 64
+
+
+# ---------------------------------------------------------------- httpx's private layouts
+
+
+def test_the_shortcut_reads_httpx_layouts_it_checked() -> None:
+    """The shortcut reads a URL's host and port by position and the headers' raw list;
+    with this httpx both are what it expects (else it is never armed, and every call
+    goes through `_start` and `First`, which read them the public way)."""
+    from fidelity_mw.outbound import transport as module
+
+    assert module._uri_fields_fit()
+    assert module._SHORTCUT_FITS
+    url = httpx.URL("http://svc.internal:8080/x")
+    assert url._uri_reference[2:4] == (url.host, url.port)
+
+
+@pytest.mark.skipif(
+    not fidelity_mw.outbound.transport.__file__.endswith(".py"),  # type: ignore[attr-defined]
+    reason="a compiled module's Final cannot be patched",
+)
+def test_where_the_layouts_differ_calls_go_the_long_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fidelity_mw.outbound import transport as module
+
+    monkeypatch.setattr(module, "_SHORTCUT_FITS", False)
+    transport = FidelityTransport(Null(), telemetry=False)
+
+    async def calls() -> list[str]:
+        out = []
+        for _ in range(3):
+            request = httpx.Request("GET", "http://svc.internal/x")
+            before = list(request.headers.raw)
+            called: list[str] = []
+
+            def profile(frame: FrameType, event: str, arg: Any, called: list[str] = called) -> None:
+                name = _ours(frame) if event == "call" else None
+                if name is not None:
+                    called.append(name)
+
+            sys.setprofile(profile)
+            try:
+                response = await transport.handle_async_request(request)
+            finally:
+                sys.setprofile(None)
+            assert response.status_code == 200
+            assert list(request.headers.raw) == before
+            out.append(called[1])
+        return out
+
+    assert asyncio.run(calls()) == ["outbound/transport.py:_handle"] * 3
+    assert transport._armed.engine is None

@@ -126,6 +126,19 @@ _ATTEMPT_HEADER: Final = ATTEMPT_HEADER
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER
 
 
+def _uri_fields_fit() -> bool:
+    """Does httpx keep a URL's parsed form as a tuple with the host and port third and
+    fourth (`httpx._urlparse.ParseResult`)? The shortcut reads them by position."""
+    ref = getattr(httpx.URL("http://h:1/"), "_uri_reference", None)
+    fields = tuple(getattr(type(ref), "_fields", ()))
+    return isinstance(ref, tuple) and fields[2:4] == ("host", "port") and ref[2:4] == ("h", 1)
+
+
+# The async transport's shortcut reads httpx's private layouts (the raw header list, the
+# parsed URL's fields): armed only where they are what it expects.
+_SHORTCUT_FITS: Final = FAST_HEADERS and _uri_fields_fit()
+
+
 class _Armed:
     """What the async transport's shortcut reads per call, in one object: compiled, a
     native class (field reads) beside the transport, which stays an interpreted-style
@@ -380,7 +393,7 @@ class _Base:
         hedge = up.cfg.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
-            if self._resolver is None and up.plain:
+            if self._resolver is None and up.plain and _SHORTCUT_FITS:
                 armed.engine = engine  # the async transport's shortcut may skip all of this
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -516,11 +529,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             ctx = None  # after the response (a background task): a call of its own
         armed = self._armed
         cached = armed.local
-        try:  # the parsed URL's raw fields: 4x cheaper than the decoding properties
+        try:  # the parsed URL's raw fields, by position (`_SHORTCUT_FITS` checked them)
             ref = request.url._uri_reference
-            host: str = ref.host
-            port: int | None = ref.port
-        except AttributeError:  # pragma: no cover - another httpx layout
+            host: str = ref[2]
+            port: int | None = ref[3]
+        except (AttributeError, LookupError, TypeError):  # pragma: no cover - another layout
             return await self._handle(request)
         last = armed.last
         if last is not None and last[0] == host and last[1] == port:
@@ -554,7 +567,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if _GIVE_UP in extensions:  # a request sent again: its last call's give-up
             del extensions[_GIVE_UP]
         seen = up.timeouts
-        raw = request.headers._list if FAST_HEADERS else None
+        raw = request.headers._list  # (armed only with FAST_HEADERS: `_start`)
         tight = False  # the deadline caps the attempt timeout
         if remaining is not None:
             remaining -= now
@@ -562,12 +575,14 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 if remaining <= 0.0:  # passed already: `first_attempt` says so
                     return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
                 tight = True
-        if raw is None or (not tight and (seen is None or timeouts != seen[0])):
+        if not tight and (seen is None or timeouts != seen[0]):
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
-        stream = request.stream  # judged before the attempt consumes it
-        can_replay = type(stream) is _BYTE_STREAM or replayable(stream)
+        # Taken before the attempt (which may consume it, or buffer it and replace it with
+        # the bytes read); judged only when a failure needs it: whether a body can be sent
+        # again is its class's and its files' (`replayable`), not what reading it did.
+        stream = request.stream
         try:
             gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
         except Exception as exc:
@@ -614,6 +629,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException as exc:
+            can_replay = type(stream) is _BYTE_STREAM or replayable(stream)
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
@@ -624,6 +640,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             up.heard(response, engine)
         status = response.status_code
         if status >= 500 or status in up.retry_statuses:
+            can_replay = type(stream) is _BYTE_STREAM or replayable(stream)
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
