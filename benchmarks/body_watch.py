@@ -2,7 +2,7 @@
 
 The final answer of a call counted as a success gets its body stream wrapped
 (`fidelity_mw.outbound.body`), so that a break mid-body fails the call after all. On
-the success path that is two small objects per call and one generator step per chunk.
+the success path that is two small objects per call and one step of its iterator per chunk.
 This measures it where it happens: `httpx.AsyncClient(transport=FidelityTransport())`
 calling a real uvicorn upstream on loopback (its own process), each body read whole,
 against the same client built from the source of `--baseline` (a git revision, default

@@ -203,17 +203,17 @@ class WatchedAsyncStream(_Watched, httpx.AsyncByteStream):
     reference in its set of generators, more than the watching itself (most bodies are
     one or two chunks)."""
 
-    _it: Any
+    _next: Any  # the inner body's iterator's __anext__
     _read = 0
 
     def __aiter__(self) -> WatchedAsyncStream:
-        self._it = self._inner.__aiter__()
+        self._next = self._inner.__aiter__().__anext__
         self._read = 0
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            chunk: bytes = await self._it.__anext__()
+            chunk: bytes = await self._next()
         except UPSTREAM_FAULTS as exc:
             self._broke(exc, self._read, False)
             raise
