@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import fidelity_mw
+import fidelity_mw.outbound.transport
 from fidelity_mw import FidelityTransport
 from fidelity_mw.context import _CURRENT, DecisionContext
 from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, BreakerState
@@ -32,6 +33,11 @@ from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.testing import FakeClock, seeded_random
 
 SRC = str(Path(fidelity_mw.__file__).resolve().parent)
+# The counts of Python calls: only where the transport and the store run as Python.
+_INTERPRETED = fidelity_mw.outbound.transport.__file__.endswith(".py")  # type: ignore[attr-defined]
+interpreted_only = pytest.mark.skipif(
+    not _INTERPRETED, reason="compiled: the transport and the store make no Python frames"
+)
 
 
 def _ours(frame: FrameType) -> str | None:
@@ -56,6 +62,7 @@ class Null(httpx.AsyncBaseTransport):
         return httpx.Response(self.status, content=b"ok")
 
 
+@interpreted_only
 @pytest.mark.parametrize(
     "url",
     [
@@ -110,9 +117,22 @@ def test_a_successful_shortcut_call_makes_two_store_calls_and_nothing_else(url: 
 # ---------------------------------------------------------------- record_now's first answer
 
 
+# BreakerState's fields (its `__slots__`, which the compiled class does not expose)
+_FIELDS = (
+    "_bucket_end", "_bucket_s", "_totals", "buckets", "closed_by", "closed_gate", "config",
+    "consecutive", "epoch", "erased", "next_probe_id", "open_until", "opened_at", "probes",
+    "reopens", "state",
+)  # fmt: skip
+
+
+def test_the_fields_compared_are_the_breakers() -> None:
+    if _INTERPRETED:
+        assert set(_FIELDS) == set(BreakerState.__slots__)
+
+
 def _slots(state: BreakerState) -> dict[str, Any]:
     out = {}
-    for name in BreakerState.__slots__:
+    for name in _FIELDS:
         value = getattr(state, name)
         out[name] = [list(b) for b in value] if name == "buckets" else value
         if name in ("_totals", "probes"):
@@ -275,6 +295,7 @@ class Streamed(httpx.AsyncBaseTransport):
         return httpx.Response(200, stream=self.kind(self.breaks))
 
 
+@interpreted_only
 def test_a_streamed_body_is_watched_with_one_call_and_read_without_an_async_generator() -> None:
     """The shortcut wraps a body of a class it has seen with the watcher's constructor
     alone (no `Watch` frame, no `watch_body`), and reading it makes no async generator
@@ -398,10 +419,7 @@ def test_the_shortcut_reads_httpx_layouts_it_checked() -> None:
     assert url._uri_reference[2:4] == (url.host, url.port)
 
 
-@pytest.mark.skipif(
-    not fidelity_mw.outbound.transport.__file__.endswith(".py"),  # type: ignore[attr-defined]
-    reason="a compiled module's Final cannot be patched",
-)
+@interpreted_only  # (and a compiled module's Final cannot be patched)
 def test_where_the_layouts_differ_calls_go_the_long_way(monkeypatch: pytest.MonkeyPatch) -> None:
     from fidelity_mw.outbound import transport as module
 
