@@ -143,6 +143,8 @@ class DecisionContext:
         if client_key is not None:
             self.client_key = client_key
         self._decisions: list[Decision] = []
+        self.shed_by = None  # (read on every request: see new_request_context)
+        self.response_headers = None
 
     @property
     def decisions(self) -> list[Decision]:
@@ -242,6 +244,11 @@ def new_request_context(
     ctx.method = method
     ctx.started_at = started_at
     ctx._decisions = []
+    # Read on every request (the response start, the outcome): given a value here, for
+    # a read that falls through to the class default is not specialized interpreted
+    # (about 200 instructions against 15 for this store).
+    ctx.shed_by = None
+    ctx.response_headers = None
     return ctx
 
 
