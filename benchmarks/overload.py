@@ -74,6 +74,10 @@ SETTINGS = {
     "tick_ms": "inbound.bulkhead.LoopClock.TICK_S, the heartbeat (1 ms)",
     "doubt": "decide.concurrency.DOUBT_SAMPLES, the fewest slow samples in a row that replace"
     " a stale floor early (10; a huge number turns that off, to measure it paired)",
+    "passes": "inbound.bulkhead.Turn.READ_PASSES, the passes a turn waits for arrivals read"
+    " with its first (1)",
+    "busy": "decide.concurrency.BUSY_SHARE, the loop share newest_first's busy floor keeps"
+    " busy (0.9; 0 turns the floor off)",
 }
 
 APP_SOURCE = """
@@ -133,6 +137,12 @@ if variant.partition("@")[0] != "none":
                 LoopClock.TICK_S = float(value) / 1000.0
             elif key == "doubt":
                 decide.DOUBT_SAMPLES = int(value)
+            elif key == "passes":
+                from fidelity_mw.inbound.bulkhead import Turn
+
+                Turn.READ_PASSES = int(value)
+            elif key == "busy":
+                decide.BUSY_SHARE = float(value)
             else:
                 raise SystemExit(f"overload: unknown variant setting {key!r}")
     if base.startswith("fixed"):

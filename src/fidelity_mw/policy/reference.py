@@ -315,9 +315,10 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.tolerance": "Adaptive: latency / floor ratio accepted before the limit shrinks.",
     "concurrency.shed_stale": "Adaptive: while the event loop is the bottleneck, shed requests "
     "that waited too long to be read (`stale`): latency first, some goodput traded for it.",
-    "concurrency.newest_first": "Adaptive: while the event loop is the bottleneck, hold the "
-    "requests read in one loop turn and admit the newest of them (one per turn); the others "
-    "are refused (`older_in_turn`) or queued.",
+    "concurrency.newest_first": "Adaptive: hold the requests read in one loop turn and admit "
+    "the newest of them (one per turn while the event loop is the bottleneck); the others are "
+    "refused (`older_in_turn`) or queued. The limit keeps at least the requests that keep the "
+    "loop 90 % busy (the busy floor).",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",

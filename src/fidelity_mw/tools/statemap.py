@@ -409,8 +409,9 @@ def layers_for(policy: Policy) -> list[Layer]:
             )
         if conc.newest_first:
             queue += (
-                "; while the event loop is the bottleneck, admits the newest of each loop "
-                "turn's arrivals, one per turn"
+                "; admits the newest of each loop turn's arrivals (one per turn while the "
+                "event loop is the bottleneck), never fewer in flight than keep the loop "
+                "90 % busy"
             )
         rows.append(
             Layer(
