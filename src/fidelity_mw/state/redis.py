@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import logging
 import random
 import threading
@@ -108,6 +109,17 @@ _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i", BROKEN: "b"}
 
 _KEY_CACHE_MAX = 10_000
+# How many of the oldest entries a full key cache lets go at once: bounded steps, so the
+# admin page (which lists the keys this instance has used from these caches) keeps the
+# most recent 15/16 instead of starting over from none; in batches, because dropping a
+# dict's first entry one at a time rescans the deleted ones before it.
+_KEY_CACHE_EVICT = _KEY_CACHE_MAX // 16
+
+
+def _evict_oldest(cache: dict[Any, Any]) -> None:
+    """Drop the `_KEY_CACHE_EVICT` entries inserted first (dicts keep insertion order)."""
+    for old in list(itertools.islice(cache, _KEY_CACHE_EVICT)):
+        del cache[old]
 
 
 # ---------------------------------------------------------------- scripts
@@ -535,7 +547,7 @@ class RedisStore(StateStore):
         cached = self._keys.get((kind, key))
         if cached is None:
             if len(self._keys) >= _KEY_CACHE_MAX:
-                self._keys.clear()
+                _evict_oldest(self._keys)
             cached = self._keys[(kind, key)] = hashed_key(self.prefix, kind, key)
         return cached
 
@@ -564,7 +576,7 @@ class RedisStore(StateStore):
         pair = self._breaker_keys.get(breaker_key)
         if pair is None:
             if len(self._breaker_keys) >= _KEY_CACHE_MAX:
-                self._breaker_keys.clear()
+                _evict_oldest(self._breaker_keys)
             pair = self._breaker_keys[breaker_key] = (
                 hashed_key(self.prefix, "br", breaker_key),
                 hashed_key(self.prefix, "bp", breaker_key),
