@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fidelity_mw.policy import BreakerConfig, StateConfig
+from fidelity_mw.policy import BreakerConfig, ConcurrencyConfig, Policy, RouteConfig, StateConfig
+from fidelity_mw.testing import FakeClock
 from fidelity_mw.tools.cli import main
 
 BREAKER = BreakerConfig(min_calls=2, open_jitter=0.0, open_s=30.0, open_min_s=30.0, window_s=10.0)
@@ -127,7 +129,6 @@ async def test_the_admin_page_keys_its_hashers_by_engine_not_by_id(
     from fidelity_mw import Engine
     from fidelity_mw.admin import AdminApp
     from fidelity_mw.admin import app as app_module
-    from fidelity_mw.testing import FakeClock
 
     made: list[tuple[Engine, object]] = []
     used: list[object] = []
@@ -159,3 +160,88 @@ async def test_the_admin_page_keys_its_hashers_by_engine_not_by_id(
     del first, second, made[:]
     gc.collect()
     assert len(admin._hashers) == 0  # nothing kept for engines that are gone
+
+
+# ---------------------------------------------- FastAPI: the middleware's own 503/504 in OpenAPI
+
+
+def _fastapi_app(document: bool) -> tuple[Any, Policy]:
+    from fastapi import FastAPI
+
+    from fidelity_mw import FidelityMiddleware
+    from fidelity_mw.fastapi import Fidelity
+
+    policy = Policy(
+        routes=[
+            RouteConfig(match="/cheap", breaker=False),
+            RouteConfig(match="/recorded", breaker=False, enforce=False),
+            RouteConfig(match="/pooled/*", breaker=False, concurrency=ConcurrencyConfig(limit=4)),
+        ]
+    )
+    app = FastAPI()
+
+    @app.get("/plain")
+    async def plain() -> dict[str, str]:
+        return {}
+
+    @app.get("/cheap")
+    async def cheap() -> dict[str, str]:
+        return {}
+
+    @app.get("/recorded")
+    async def recorded() -> dict[str, str]:
+        return {}
+
+    @app.post("/pooled/{item}")
+    async def pooled(item: str) -> dict[str, str]:
+        return {}
+
+    Fidelity(app, document_middleware=document)
+    app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
+    return app, policy
+
+
+def _refusals(schema: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {
+        (path, method): set(entry["responses"]) & {"503", "504"}
+        for path, item in schema["paths"].items()
+        for method, entry in item.items()
+    }
+
+
+def test_fastapi_schema_lists_the_middlewares_503_and_504_when_asked() -> None:
+    """A route under FidelityMiddleware can be answered 503 (its breaker, its bulkhead) and
+    504 (its deadline), and the schema said nothing of them on routes without a form.
+    `Fidelity(document_middleware=True)` lists them as the route's policy gives them."""
+    from fidelity_mw import Engine
+
+    app, policy = _fastapi_app(document=True)
+    documented = _refusals(app.openapi())
+    assert documented == {
+        ("/plain", "get"): {"503", "504"},
+        ("/cheap", "get"): {"504"},
+        ("/recorded", "get"): set(),
+        ("/pooled/{item}", "post"): {"503", "504"},
+    }
+    # ... and what the middleware's own plans for those paths hold
+    engine = Engine(policy, clock=FakeClock())
+    for (path, method), statuses in documented.items():
+        scope = {
+            "type": "http",
+            "method": method.upper(),
+            "path": path.replace("{item}", "x"),
+            "root_path": "",
+            "app": app,
+            "headers": [],
+        }
+        plan = engine.plan_for(scope)
+        sheds = plan.breaker is not None or plan.concurrency is not None
+        assert ("503" in statuses) == sheds, path
+        assert ("504" in statuses) == plan.enforce, path
+    entry = app.openapi()["paths"]["/plain"]["get"]["responses"]["503"]
+    assert "Retry-After" in entry["headers"]
+
+
+def test_fastapi_schema_is_unchanged_without_the_opt_in() -> None:
+    app, _ = _fastapi_app(document=False)
+    assert all(not statuses for statuses in _refusals(app.openapi()).values())
