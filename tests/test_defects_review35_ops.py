@@ -245,3 +245,62 @@ def test_fastapi_schema_lists_the_middlewares_503_and_504_when_asked() -> None:
 def test_fastapi_schema_is_unchanged_without_the_opt_in() -> None:
     app, _ = _fastapi_app(document=False)
     assert all(not statuses for statuses in _refusals(app.openapi()).values())
+
+
+# ---------------------------------------------- fleet: a dead member after a clock step back
+
+
+@pytest.mark.redis
+def test_a_dead_member_leaves_the_fleet_one_ttl_after_a_clock_step_back(
+    redis_url: str, redis_clock: Any
+) -> None:
+    """Redis's clock goes back 100 s (a failover to a replica whose clock is behind)
+    just after member b's last announcement, and b is dead. Its score, 100 s "ahead",
+    kept it live for the member ttl plus the step: a counted as one of two for 105 s,
+    enforcing half of each limit in an outage. Now it is taken as seen at the step and
+    leaves one ttl later, in the model (FleetTable) and in fleet.lua alike."""
+    import redis as redis_sync
+
+    from fidelity_mw.decide.fleet import FleetTable
+    from fidelity_mw.state.fleet import FLEET, MEMBER_TTL_S
+    from redis_clock import clocked
+
+    script = clocked(FLEET)
+    client = redis_sync.Redis.from_url(redis_url, socket_timeout=2.0)
+    keys = ("{ops35}:fleet", "{ops35}:fleet:load")
+    table = FleetTable()
+    model: list[tuple[int, float | None]] = []
+    lua: list[tuple[int, float | None]] = []
+    times = [1_000.0, 1_000.5, 1_001.0, 1_001.5]  # a, b, a, b: then b is gone
+    times += [900.0 + t for t in range(12)]  # the step back; a announces each second
+    members = ["a", "b", "a", "b"] + ["a"] * 12
+    try:
+        client.delete(*keys)
+        for now, member in zip(times, members, strict=True):
+            redis_clock.set(now)
+            model.append(table.announce(member, 10, now, MEMBER_TTL_S))
+            reply = client.eval(script.source, 2, *keys, member, MEMBER_TTL_S, 10)
+            lua.append((int(reply[0]), None if float(reply[1]) == -1.0 else float(reply[1])))
+            live = {m.decode() for m in client.zrange(keys[0], 0, -1)}
+            assert live == set(table.members)
+            stored = {
+                k.decode(): tuple(float(x) for x in v.split())
+                for k, v in client.hgetall(keys[1]).items()
+            }
+            assert stored.keys() == table.loads.keys()
+            for m, values in stored.items():
+                assert values == pytest.approx(tuple(table.loads[m]), rel=1e-12)
+            # nobody is seen after now
+            assert max(float(s) for _, s in client.zrange(keys[0], 0, -1, withscores=True)) <= now
+    finally:
+        client.delete(*keys)
+        client.close()
+    assert [size for size, _ in lua] == [size for size, _ in model]
+    for (_, got), (_, want) in zip(lua, model, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got == pytest.approx(want, rel=1e-12)
+    after_step = [size for size, _ in model[4:]]
+    # b, taken as seen at 900, is live while 900 > now - 5: until 905, then gone
+    assert after_step == [2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    assert model[-1] == (1, 1.0)  # a alone: its whole load, its fraction known again
