@@ -304,3 +304,88 @@ def test_a_dead_member_leaves_the_fleet_one_ttl_after_a_clock_step_back(
     # b, taken as seen at 900, is live while 900 > now - 5: until 905, then gone
     assert after_step == [2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
     assert model[-1] == (1, 1.0)  # a alone: its whole load, its fraction known again
+
+
+# ---------------------------------------------- redis: what is queued for Redis at shutdown
+
+
+def _window_total(url: str, hash_key: str) -> int:
+    import redis as redis_sync
+
+    direct = redis_sync.Redis.from_url(url)
+    try:
+        raw = direct.hget(hash_key, "w")
+    finally:
+        direct.close()
+    return 0 if raw is None else sum(int(float(x)) for x in raw.decode().replace(",", " ").split())
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_aclose_sends_what_is_queued_when_redis_answers(own_redis: Any) -> None:
+    """Plain successes wait for the next call about their breaker, or one sync interval.
+    A process closing in between (a deploy's shutdown: lifespan -> aclose) cancelled the
+    flush and Redis never counted them. Now aclose sends them first, for at most 1 s."""
+    from fidelity_mw.decide.breaker import SUCCESS
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import PATIENT, QUIET
+
+    config = StateConfig(url=own_redis.url, sync_interval_ms=60_000, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(5))
+    key = "route:r"
+    try:
+        result = await store.admit(key, BREAKER, [], [], 0.0)
+        assert result.gate is not None
+        for _ in range(3):
+            await store.record(key, BREAKER, result.gate, SUCCESS, False, 0.0)
+        assert _window_total(own_redis.url, store.key("br", key)) == 0  # still queued here
+    finally:
+        await store.aclose()
+    assert _window_total(own_redis.url, store.key("br", key)) == 3
+    assert store.stats.dropped_records == 0
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_aclose_says_how_many_outcomes_it_could_not_send(
+    own_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down at shutdown: the queued outcomes (here 3 plain successes and one
+    probe outcome of a gate whose reply was lost) went without a word. Now counted and
+    logged."""
+    import logging
+
+    from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import PATIENT, QUIET
+
+    config = StateConfig(url=own_redis.url, sync_interval_ms=60_000, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = RedisStore(config=config, rng=seeded_random(5))
+    key = "route:r"
+    try:
+        result = await store.admit(key, BREAKER, [], [], 0.0)
+        assert result.gate is not None
+        for _ in range(3):
+            await store.record(key, BREAKER, result.gate, SUCCESS, False, 0.0)
+        own_redis.stop()
+        for _ in range(3):  # (the first may find only the reply lost)
+            other = await store.admit("route:other", BREAKER, [], [], 0.0)
+            if not store.health.up:
+                break
+        assert other.source == "fallback"
+        assert not store.health.up
+        lost = Gate("allow", "closed", -1, 0.0, sent_probe_id=77)  # its admit's reply lost
+        await store.record(key, BREAKER, lost, FAILURE, False, 0.0)
+        dropped = store.stats.dropped_records
+    finally:
+        with caplog.at_level(logging.WARNING, logger="fidelity_mw.redis"):
+            await store.aclose()
+    said = [r.getMessage() for r in caplog.records if "closing the Redis store" in r.getMessage()]
+    assert said == [
+        "fidelity_mw: closing the Redis store with 4 breaker outcome(s) (probe outcomes "
+        "reported late, plain successes) and 0 retry-budget request count(s) not sent: "
+        "Redis is unreachable"
+    ]
+    assert store.stats.dropped_records == dropped + 4

@@ -454,6 +454,9 @@ def _local_epoch(epoch: int) -> int:
 _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 # Outcomes of probes whose gate's reply was lost, waiting for Redis (`_report_late`).
 _LATE_MAX: Final = 1024
+# How long `aclose` waits for Redis to take what is still queued for it (late probe
+# outcomes, deferred successes, budget counts): a shutdown must not hang on it.
+_CLOSE_FLUSH_S: Final = 1.0
 # Where record.lua's arguments carry the deferred successes' count.
 _CARRIED: Final = 6
 
@@ -1720,7 +1723,63 @@ class RedisStore(StateStore):
         if mine is not None:
             await _close_client(mine[0])
 
+    def _unsent(self) -> tuple[int, int, int]:
+        """What this process holds for Redis and has not sent: late probe outcomes,
+        deferred plain successes, retry-budget request counts."""
+        now = self._clock.monotonic()
+        # (a late outcome whose probe lease has ended has no slot left to free)
+        late = sum(1 for e in self._late.values() if now - e[4] < e[1].probe_lease_s)
+        deferred = sum(int(entry[2]) for entry in self._deferred.values())
+        pending = sum(int(entry[1]) for entry in self._pending.values())
+        return late, deferred, pending
+
+    async def _send_unsent(self) -> None:
+        await self._send_late()
+        while self._deferred and self.health.up:
+            await self._flush_deferred_now()
+        while self._pending and self.health.up:
+            await self.outbound_gate(None, None, None, None, False, self._clock.monotonic())
+
+    async def _flush_at_close(self) -> None:
+        """Send what is queued for Redis before the connections close, for at most
+        `_CLOSE_FLUSH_S`, if Redis answers; say what is left. A process that exits (a
+        deploy's shutdown) otherwise lost them without a word: a late probe outcome's
+        slot then held fleet-wide until its lease ended."""
+        if not any(self._unsent()):
+            return
+        dropped = self.stats.dropped_records
+        if self.health.up:
+            try:
+                await asyncio.wait_for(self._send_unsent(), _CLOSE_FLUSH_S)
+            except (TimeoutError, StateUnavailable):  # (closed mode's fallback raises)
+                pass
+            except Exception:  # closing must go on
+                logger.debug("fidelity_mw: queued outcomes not sent at close", exc_info=True)
+        late, deferred, pending = self._unsent()
+        # what the flush dropped itself (a call Redis refused) is counted there too
+        lost_late_or_deferred = late + deferred + (self.stats.dropped_records - dropped)
+        if not (lost_late_or_deferred or pending):
+            return
+        self.stats.dropped_records += late + deferred
+        self._late.clear()
+        self._deferred.clear()
+        self._pending.clear()
+        why = (
+            "Redis is unreachable"
+            if not self.health.up
+            else f"Redis refused them or did not take them within {_CLOSE_FLUSH_S:g} s"
+        )
+        logger.warning(
+            "fidelity_mw: closing the Redis store with %d breaker outcome(s) (probe "
+            "outcomes reported late, plain successes) and %d retry-budget request "
+            "count(s) not sent: %s",
+            lost_late_or_deferred,
+            pending,
+            why,
+        )
+
     async def aclose(self) -> None:
+        await self._flush_at_close()
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
