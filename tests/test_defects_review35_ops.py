@@ -389,3 +389,75 @@ async def test_aclose_says_how_many_outcomes_it_could_not_send(
         "Redis is unreachable"
     ]
     assert store.stats.dropped_records == dropped + 4
+
+
+# ---------------------------------------------- redis: a store used again after aclose
+
+
+def _our_connections(url: str) -> int:
+    import redis as redis_sync
+
+    direct = redis_sync.Redis.from_url(url)
+    try:
+        return len(direct.client_list()) - 1  # (not this one)
+    finally:
+        direct.close()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_store_used_after_aclose_reopens_and_says_so(
+    own_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store is used after `aclose` when an app's lifespan runs twice (`with
+    TestClient(app)` in two tests, a server that restarts the app in process). It
+    quietly opened a new client: fine there, and a bug to find where the close was
+    meant to be the end (an engine shared with an app that closed it). The reopen is
+    kept (an error would turn the second lifespan's requests into fallback decisions)
+    and said once per reopen; the reopened client is closed by the next aclose, and a
+    store closed while Redis was down finds it again."""
+    import asyncio
+    import logging
+
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import PATIENT, QUIET
+
+    config = StateConfig(url=own_redis.url, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = RedisStore(config=config, clock=FakeClock(), rng=seeded_random(5))
+
+    def reopened() -> int:
+        return sum("used again after aclose()" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level(logging.INFO, logger="fidelity_mw.redis")
+    try:
+        assert (await store.admit("route:r", BREAKER, [], [], 0.0)).source == "redis"
+        assert reopened() == 0
+        await store.aclose()
+        assert _our_connections(own_redis.url) == 0
+        assert (await store.admit("route:r", BREAKER, [], [], 0.0)).source == "redis"
+        assert reopened() == 1
+        assert (await store.admit("route:r", BREAKER, [], [], 0.0)).source == "redis"
+        assert reopened() == 1  # once per reopen
+        await store.aclose()
+        assert _our_connections(own_redis.url) == 0  # the new client closed too
+        # closed while Redis is down: the next use probes, and finds it back
+        assert (await store.admit("route:r", BREAKER, [], [], 0.0)).source == "redis"
+        own_redis.stop()
+        for _ in range(3):
+            await store.admit("route:r", BREAKER, [], [], 0.0)
+            if not store.health.up:
+                break
+        assert not store.health.up
+        await store.aclose()
+        own_redis.start()
+        sources = []
+        for _ in range(200):  # real round trips; the fake clock drives the backoff
+            sources.append((await store.admit("route:r", BREAKER, [], [], 0.0)).source)
+            if sources[-1] == "redis":
+                break
+            await asyncio.sleep(0.005)
+        assert sources[-1] == "redis"
+        assert reopened() == 3
+    finally:
+        await store.aclose()

@@ -502,6 +502,7 @@ class RedisStore(StateStore):
             asyncio.AbstractEventLoop, tuple[RedisClient, Slots]
         ] = weakref.WeakKeyDictionary()
         self._bind_lock = threading.Lock()
+        self._closed = False  # aclose() ran and no client was made since (`_bind`)
         self._timeout_s = config.timeout_ms / 1000.0
         self._breaker_keys: dict[str, tuple[str, str]] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -566,6 +567,7 @@ class RedisStore(StateStore):
         with self._bind_lock:
             known = self._clients.get(loop)
             if known is None:
+                self._reopening()
                 known = self._clients[loop] = (
                     build_client(self.url, self.config),
                     Slots(self.config.pool_size),
@@ -1501,12 +1503,26 @@ class RedisStore(StateStore):
             return self._lost_probe(answer, breaker_key, breaker, args)
         return answer
 
+    def _reopening(self) -> None:
+        """A client is made (under `_bind_lock`). Used again after `aclose` (an app whose
+        lifespan runs twice, as two `with TestClient(app)` blocks do), the store reopens
+        as a new one would start; said, in case the close was meant to be the end (an
+        engine shared with an app that closed it)."""
+        if self._closed:
+            self._closed = False
+            logger.info(
+                "fidelity_mw: the Redis store (%s) is used again after aclose(): "
+                "opening a new client",
+                _server_of(self.url),
+            )
+
     def sync_link(self) -> SyncLink:
         link = self._sync_link
         if link is None:
             with self._bind_lock:
                 link = self._sync_link
                 if link is None:
+                    self._reopening()
                     plain, cluster = redis_url(self.url)
                     link = self._sync_link = SyncLink(
                         plain,
@@ -1803,6 +1819,7 @@ class RedisStore(StateStore):
             mine = self._clients.pop(loop, None)
             self._clients.clear()
             self._bound = (None, None, Slots(self.config.pool_size))
+            self._closed = True
         if mine is not None:
             await _close_client(mine[0])
 
