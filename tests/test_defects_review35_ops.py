@@ -461,3 +461,95 @@ async def test_a_store_used_after_aclose_reopens_and_says_so(
         assert reopened() == 3
     finally:
         await store.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_tiered_store_syncs_what_it_holds_before_it_closes(redis_url: str) -> None:
+    """A tiered process counts breaker outcomes and spends leased units locally, sent at
+    its next sync. Closed in between (a deploy's shutdown), the failures never reached
+    the fleet's breaker and the units it held stayed out of the fleet's bucket until
+    they refilled. Now aclose syncs them first (at most 1 s, if Redis answers)."""
+    import time
+
+    from fidelity_mw.decide.breaker import FAILURE
+    from fidelity_mw.state.base import LimitSpec
+    from fidelity_mw.state.redis import RedisStore
+    from fidelity_mw.state.tiered import TieredStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import PATIENT, QUIET
+
+    burst20 = LimitSpec("l", 60.0, 1200.0, 1, False)  # 1/min, burst 20: no refill here
+    prefix = f"ops35t{time.monotonic_ns()}"
+    config = StateConfig(
+        url="tiered+" + redis_url,
+        key_prefix=prefix,
+        sync_interval_ms=60_000,  # no periodic sync during the test
+        **PATIENT,
+        **QUIET,
+    )  # type: ignore[arg-type]
+    store = TieredStore(config=config, rng=seeded_random(5))
+    breaker = BreakerConfig(min_calls=100, window_s=600.0)
+    try:
+        for _ in range(3):
+            got = await store.admit("route:r", breaker, ["l|k"], [burst20], time.monotonic())
+            assert got.admitted
+        assert got.gate is not None
+        await store.record("route:r", breaker, got.gate, FAILURE, False, time.monotonic())
+        held = store.slices["l|k"].tokens
+        assert held > 0
+        assert store.breakers["route:r"].calls == 1
+    finally:
+        await store.aclose()
+    exact = RedisStore(config=StateConfig(url=redis_url, key_prefix=prefix, **PATIENT, **QUIET))  # type: ignore[arg-type]
+    try:
+        peek = await exact.peek(["l|k"], [burst20], time.monotonic())
+    finally:
+        await exact.aclose()
+    assert peek.limits[0].remaining == 20 - 3  # only what was admitted is spent
+    assert (
+        _window_total(redis_url, exact.key("br", "route:r")) >= 2
+    )  # the failure: 1 call, 1 failure
+    assert store.exact.stats.dropped_records == 0
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_tiered_store_closed_while_redis_is_down_says_what_it_held(
+    own_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from fidelity_mw.decide.breaker import FAILURE
+    from fidelity_mw.state.base import LimitSpec
+    from fidelity_mw.state.tiered import TieredStore
+    from fidelity_mw.testing import seeded_random
+    from redis_server import PATIENT, QUIET
+
+    burst20 = LimitSpec("l", 60.0, 1200.0, 1, False)
+    config = StateConfig(url="tiered+" + own_redis.url, sync_interval_ms=60_000, **PATIENT, **QUIET)  # type: ignore[arg-type]
+    store = TieredStore(config=config, rng=seeded_random(5))
+    breaker = BreakerConfig(min_calls=100, window_s=600.0)
+    try:
+        got = await store.admit("route:r", breaker, ["l|k"], [burst20], time.monotonic())
+        assert got.gate is not None
+        await store.record("route:r", breaker, got.gate, FAILURE, False, time.monotonic())
+        held = store.slices["l|k"].tokens
+        own_redis.stop()
+        for _ in range(3):  # (the first may find only the reply lost)
+            await store.exact.admit("route:other", breaker, [], [], time.monotonic())
+            if not store.exact.health.up:
+                break
+        assert not store.exact.health.up
+        dropped = store.exact.stats.dropped_records
+    finally:
+        with caplog.at_level(logging.WARNING, logger="fidelity_mw.tiered"):
+            await store.aclose()
+    said = [r.getMessage() for r in caplog.records if "closing the tiered store" in r.getMessage()]
+    assert said == [
+        f"fidelity_mw: closing the tiered store with 1 breaker outcome(s) not sent and "
+        f"{held} leased unit(s) not given back (their buckets refill on their own): "
+        "Redis is unreachable"
+    ]
+    assert store.exact.stats.dropped_records == dropped + 1

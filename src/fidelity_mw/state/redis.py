@@ -456,7 +456,7 @@ _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 _LATE_MAX: Final = 1024
 # How long `aclose` waits for Redis to take what is still queued for it (late probe
 # outcomes, deferred successes, budget counts): a shutdown must not hang on it.
-_CLOSE_FLUSH_S: Final = 1.0
+CLOSE_FLUSH_S: Final = 1.0
 # Where record.lua's arguments carry the deferred successes' count.
 _CARRIED: Final = 6
 
@@ -1758,7 +1758,7 @@ class RedisStore(StateStore):
 
     async def _flush_at_close(self) -> None:
         """Send what is queued for Redis before the connections close, for at most
-        `_CLOSE_FLUSH_S`, if Redis answers; say what is left. A process that exits (a
+        `CLOSE_FLUSH_S`, if Redis answers; say what is left. A process that exits (a
         deploy's shutdown) otherwise lost them without a word: a late probe outcome's
         slot then held fleet-wide until its lease ended."""
         if not any(self._unsent()):
@@ -1766,7 +1766,7 @@ class RedisStore(StateStore):
         dropped = self.stats.dropped_records
         if self.health.up:
             try:
-                await asyncio.wait_for(self._send_unsent(), _CLOSE_FLUSH_S)
+                await asyncio.wait_for(self._send_unsent(), CLOSE_FLUSH_S)
             except (TimeoutError, StateUnavailable):  # (closed mode's fallback raises)
                 pass
             except Exception:  # closing must go on
@@ -1783,7 +1783,7 @@ class RedisStore(StateStore):
         why = (
             "Redis is unreachable"
             if not self.health.up
-            else f"Redis refused them or did not take them within {_CLOSE_FLUSH_S:g} s"
+            else f"Redis refused them or did not take them within {CLOSE_FLUSH_S:g} s"
         )
         logger.warning(
             "fidelity_mw: closing the Redis store with %d breaker outcome(s) (probe "
