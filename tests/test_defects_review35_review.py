@@ -151,3 +151,65 @@ def test_a_fault_b_does_not_own_is_still_counted_against_b() -> None:
     first, second = _get_all(_caller(b, clock), 2)
     assert first.status_code == second.status_code == 502
     assert served == ["B", "B"]  # A's breaker opened on the 2nd: no 3rd attempt, no 2nd request
+
+
+# -------------------------------- a third party's signals passed on by an app of ours
+
+
+def test_a_third_partys_signals_an_app_passes_on_are_not_ours() -> None:
+    # B is a gateway: it answers with its upstream's response as it came, headers and
+    # all. That upstream is a third party, outside trusted_peers: B's transport does not
+    # believe its `x-fidelity-retry: exhausted` or `x-fidelity-fault: upstream`. But B's
+    # answer carried them on, from a trusted peer (B): A believed them, did not retry,
+    # and its breaker for B ignored B's failures. Any API on the internet could switch
+    # off A's retries and A's breaker for B by sending two headers. The middleware writes
+    # these two markers itself, from what its request's own calls found; an app's own
+    # (passed on) are dropped from its 5xx.
+    clock = FakeClock()
+    forged = {"x-fidelity-retry": "exhausted", "x-fidelity-fault": "upstream"}
+    served: list[str] = []
+    # (a POST: B does not retry it, and had nothing to say of it itself)
+    b = _gateway(
+        _mock(503, forged, clock), THIRD_PARTY_URL + "/", clock, served, method="POST",
+        forward=True, breaker=None,
+    )  # fmt: skip
+    (answer,) = _get_all(b, 1)
+    assert answer.status_code == 503
+    assert "x-fidelity-fault" not in answer.headers
+    assert "x-fidelity-retry" not in answer.headers
+
+    served.clear()
+    answers = _get_all(_caller(b, clock), 3)
+    assert [a.status_code for a in answers] == [502, 502, 502]
+    # A's first request: two attempts, its breaker for B opening on the second failure;
+    # the other two are refused by it. (Believed, the forged markers had A try B once per
+    # request and never open its breaker: three at B.)
+    assert served == ["B", "B"]
+
+
+def test_a_marker_of_ours_on_a_passed_on_answer_is_said_once() -> None:
+    # B's breaker for the third party counted its 500: B's answer is marked, by B, once
+    # (the upstream's own copy of the header, passed on, is not a second one).
+    clock = FakeClock()
+    served: list[str] = []
+    b = _gateway(
+        _mock(500, {"x-fidelity-fault": "upstream"}, clock), THIRD_PARTY_URL + "/", clock,
+        served, forward=True,
+    )  # fmt: skip
+    (answer,) = _get_all(b, 1)
+    assert answer.status_code == 500
+    assert answer.headers.get_list("x-fidelity-fault") == ["upstream"]
+
+
+def test_an_apps_own_headers_below_500_pass_untouched() -> None:
+    # Only a 5xx is read for the markers: anything else the app says goes out as it is
+    clock = FakeClock()
+    served: list[str] = []
+    headers = {"x-fidelity-fault": "upstream", "x-fidelity-retry": "exhausted"}
+    b = _gateway(
+        _mock(404, headers, clock), THIRD_PARTY_URL + "/", clock, served, forward=True
+    )  # fmt: skip
+    (answer,) = _get_all(b, 1)
+    assert answer.status_code == 404
+    assert answer.headers.get("x-fidelity-fault") == "upstream"
+    assert answer.headers.get("x-fidelity-retry") == "exhausted"

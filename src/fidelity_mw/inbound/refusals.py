@@ -339,6 +339,33 @@ def after_give_up(
     return extra or None
 
 
+# The markers a 5xx of ours carries that only this middleware writes, from what its
+# request's own calls found (`after_give_up`). (`x-fidelity-decided-by` is not among
+# them: a per-route form inside the app writes it on its own refusals.)
+_OWN_MARKERS = (EXHAUSTED[0], UPSTREAM_FAULT[0])
+
+
+def without_passed_on_markers(start: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The app's 5xx start message without an `x-fidelity-retry` or `x-fidelity-fault` of
+    its own: one there was passed on from an upstream's answer (a gateway answering with
+    its upstream's response, headers and all). Our callers trust us, not the third party
+    behind us that our transport does not trust; passed on, its two headers switched off
+    their retries and their breaker for us. Ours are added after this, as our own calls
+    found them. A new message when one goes (the app's may be shared); never raises."""
+    try:
+        headers = start.get("headers")
+        if not headers:
+            return start
+        if not isinstance(headers, list | tuple):  # any iterable: read it only once
+            start["headers"] = headers = list(headers)
+        kept = [item for item in headers if bytes(item[0]).lower() not in _OWN_MARKERS]
+        if len(kept) == len(headers):
+            return start
+        return {**start, "headers": kept}
+    except Exception:  # malformed app headers: the server will say so, not us
+        return start
+
+
 def _has_retry_after(headers: Iterable[Any]) -> bool:
     for item in headers:
         name = item[0]

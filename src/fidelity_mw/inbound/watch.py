@@ -26,7 +26,7 @@ from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from .refusals import after_give_up
+from .refusals import after_give_up, without_passed_on_markers
 from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
@@ -177,6 +177,8 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
+            if status >= 500:  # (its markers are ours to write: see the function)
+                message = without_passed_on_markers(message)
             if status >= 400 and (
                 ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
             ):
