@@ -156,17 +156,23 @@ def test_a_fault_b_does_not_own_is_still_counted_against_b() -> None:
 # -------------------------------- a third party's signals passed on by an app of ours
 
 
-def test_a_third_partys_signals_an_app_passes_on_are_not_ours() -> None:
+_FORGED = [
+    {"x-fidelity-retry": "exhausted", "x-fidelity-fault": "upstream"},
+    {"x-fidelity-decided-by": "breaker", "retry-after": "1"},
+]
+
+
+@pytest.mark.parametrize("forged", _FORGED)
+def test_a_third_partys_signals_an_app_passes_on_are_not_ours(forged: dict[str, str]) -> None:
     # B is a gateway: it answers with its upstream's response as it came, headers and
     # all. That upstream is a third party, outside trusted_peers: B's transport does not
-    # believe its `x-fidelity-retry: exhausted` or `x-fidelity-fault: upstream`. But B's
-    # answer carried them on, from a trusted peer (B): A believed them, did not retry,
-    # and its breaker for B ignored B's failures. Any API on the internet could switch
-    # off A's retries and A's breaker for B by sending two headers. The middleware writes
-    # these two markers itself, from what its request's own calls found; an app's own
-    # (passed on) are dropped from its 5xx.
+    # believe its `x-fidelity-retry: exhausted`, `x-fidelity-fault: upstream` or
+    # `x-fidelity-decided-by`. But B's answer carried them on, from a trusted peer (B): A
+    # believed them, and its breaker for B ignored B's failures (and, for "exhausted", A
+    # did not retry). Any API on the internet could switch off A's breaker for B with a
+    # header. The middleware writes these markers itself, from what its request's own
+    # calls found; an app's own (passed on) are dropped from its 5xx.
     clock = FakeClock()
-    forged = {"x-fidelity-retry": "exhausted", "x-fidelity-fault": "upstream"}
     served: list[str] = []
     # (a POST: B does not retry it, and had nothing to say of it itself)
     b = _gateway(
@@ -175,16 +181,38 @@ def test_a_third_partys_signals_an_app_passes_on_are_not_ours() -> None:
     )  # fmt: skip
     (answer,) = _get_all(b, 1)
     assert answer.status_code == 503
-    assert "x-fidelity-fault" not in answer.headers
-    assert "x-fidelity-retry" not in answer.headers
+    for marker in ("x-fidelity-fault", "x-fidelity-retry", "x-fidelity-decided-by"):
+        assert marker not in answer.headers
 
     served.clear()
     answers = _get_all(_caller(b, clock), 3)
     assert [a.status_code for a in answers] == [502, 502, 502]
     # A's first request: two attempts, its breaker for B opening on the second failure;
-    # the other two are refused by it. (Believed, the forged markers had A try B once per
-    # request and never open its breaker: three at B.)
+    # the other two are refused by it. (Believed, the forged markers had A's breaker
+    # never open: three requests at B, or nine, each retried.)
     assert served == ["B", "B"]
+
+
+def test_a_trusted_callees_refusal_an_app_passes_on_is_still_disowned() -> None:
+    # The same gateway in front of one of ours: C's own breaker refused B's POST (503,
+    # decided-by). B's answer does not pass C's marker on as its own; it says what B's
+    # call found, in B's words: the fault is not B's (`x-fidelity-fault: upstream`), and
+    # A's breaker for B leaves it alone.
+    clock = FakeClock()
+    served: list[str] = []
+    refused = {"x-fidelity-decided-by": "breaker", "retry-after": "1"}
+    b = _gateway(
+        _mock(503, refused, clock), C_URL + "/", clock, served, method="POST", forward=True
+    )  # fmt: skip
+    (answer,) = _get_all(b, 1)
+    assert answer.status_code == 503
+    assert "x-fidelity-decided-by" not in answer.headers
+    assert answer.headers.get_list("x-fidelity-fault") == ["upstream"]
+
+    served.clear()
+    first, second = _get_all(_caller(b, clock), 2)
+    assert first.status_code == second.status_code == 502
+    assert served == ["B"] * 6  # A retried each 503 and never opened its breaker for B
 
 
 def test_a_marker_of_ours_on_a_passed_on_answer_is_said_once() -> None:

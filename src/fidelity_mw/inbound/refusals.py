@@ -35,6 +35,7 @@ from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import (
+    DECIDED_BY_HEADER,
     EXHAUSTED,
     OUTCOME_EXPIRED,
     OUTCOME_SHED,
@@ -340,25 +341,31 @@ def after_give_up(
 
 
 # The markers a 5xx of ours carries that only this middleware writes, from what its
-# request's own calls found (`after_give_up`). (`x-fidelity-decided-by` is not among
-# them: a per-route form inside the app writes it on its own refusals.)
+# request's own calls found (`after_give_up`); and the refusal marker, which a per-route
+# form inside the app writes too, on its own refusals (those set `shed_by`).
 _OWN_MARKERS = (EXHAUSTED[0], UPSTREAM_FAULT[0])
+_MARKERS = (*_OWN_MARKERS, DECIDED_BY_HEADER)
 
 
-def without_passed_on_markers(start: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """The app's 5xx start message without an `x-fidelity-retry` or `x-fidelity-fault` of
-    its own: one there was passed on from an upstream's answer (a gateway answering with
-    its upstream's response, headers and all). Our callers trust us, not the third party
-    behind us that our transport does not trust; passed on, its two headers switched off
+def without_passed_on_markers(
+    start: MutableMapping[str, Any], decided: bool
+) -> MutableMapping[str, Any]:
+    """The app's 5xx start message without the `x-fidelity-retry`, `x-fidelity-fault` or
+    (unless a layer of ours `decided` it: `shed_by`) `x-fidelity-decided-by` it carries:
+    one there was passed on from an upstream's answer (a gateway answering with its
+    upstream's response, headers and all). Our callers trust us, not the third party
+    behind us that our transport does not believe; passed on, its headers switched off
     their retries and their breaker for us. Ours are added after this, as our own calls
-    found them. A new message when one goes (the app's may be shared); never raises."""
+    found them (a trusted callee's markers among them). A new message when one goes (the
+    app's may be shared); never raises."""
     try:
         headers = start.get("headers")
         if not headers:
             return start
         if not isinstance(headers, list | tuple):  # any iterable: read it only once
             start["headers"] = headers = list(headers)
-        kept = [item for item in headers if bytes(item[0]).lower() not in _OWN_MARKERS]
+        drop = _OWN_MARKERS if decided else _MARKERS
+        kept = [item for item in headers if bytes(item[0]).lower() not in drop]
         if len(kept) == len(headers):
             return start
         return {**start, "headers": kept}

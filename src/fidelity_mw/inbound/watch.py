@@ -178,7 +178,7 @@ class ResponseWatcher:
                 del watch.inflight[self]
             headers = ctx.response_headers
             if status >= 500:  # (its markers are ours to write: see the function)
-                message = without_passed_on_markers(message)
+                message = without_passed_on_markers(message, ctx.shed_by is not None)
             if status >= 400 and (
                 ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
             ):
