@@ -26,7 +26,7 @@ from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from .refusals import after_give_up
+from .refusals import after_give_up, without_passed_on_markers
 from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
@@ -177,13 +177,14 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 400 and (
-                ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
-            ):
-                if headers and ctx.shed_by is not None:  # its units come back
-                    headers = refunded_fields(ctx, headers)
-                if status >= 500:
-                    headers = after_give_up(ctx, headers, message)
+            if status >= 400:  # (one test on the common path, as before)
+                if status >= 500:  # its markers are ours to write: see the function
+                    message = without_passed_on_markers(message, ctx.shed_by is not None)
+                if ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed:
+                    if headers and ctx.shed_by is not None:  # its units come back
+                        headers = refunded_fields(ctx, headers)
+                    if status >= 500:
+                        headers = after_give_up(ctx, headers, message)
             if headers:
                 # A new message with a new list: the app's may be shared (a reused
                 # Response object, a start message it keeps and sends again), and ours

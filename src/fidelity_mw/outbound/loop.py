@@ -692,10 +692,16 @@ def attempts(
                 if outcome == FAILURE and breaker is not None and not hedge:
                     mark(ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
                 raise error
-            if outcome == FAILURE and breaker is not None and not hedge:
-                # the call ends on a failure our breaker for the upstream counted: our 5xx
-                # for it says so (`x-fidelity-fault: upstream`), and our callers' breakers
-                # leave it to ours instead of opening on us for it
+            if not hedge and (
+                (outcome == FAILURE and breaker is not None)
+                or (outcome == IGNORED and response.status_code >= 500)
+            ):
+                # the call ends on a failure our breaker for the upstream counted, or on a
+                # trusted callee's 5xx that says the fault is not its own (a breaker past
+                # it counted it, or its control layer refused): our 5xx for it says so
+                # (`x-fidelity-fault: upstream`), and our callers' breakers leave it to the
+                # breaker that owns it instead of opening on us for it. (Unmarked, A's
+                # breaker for B opened on a fault C's breaker for D had counted.)
                 mark(ctx, False, None, True)
             if (
                 attempt > 1
