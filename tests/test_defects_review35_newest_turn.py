@@ -246,3 +246,31 @@ def test_slow_samples_the_others_cpu_explains_do_not_replace_the_floor() -> None
     assert lim.estimate is not None
     assert lim.estimate.baseline_s == 0.010
     assert lim.limit == 2
+
+
+# ------------------------------------------------------------ the default
+
+
+def test_an_adaptive_limit_admits_the_newest_by_default() -> None:
+    """Unset, `newest_first` is on for an adaptive limit that does not shed stale requests
+    (the measured better answer at 1x and 4x, for a CPU-bound and an await-bound route);
+    `false` keeps first come, first served; a fixed limit or `shed_stale` never holds."""
+    from fidelity_mw.tools.statemap import from_policy
+
+    def limiter(**conc: Any) -> ConcurrencyLimiter:
+        policy = Policy.from_dict({"concurrency": conc})
+        mw = FidelityMiddleware(Starlette(), policy=policy, telemetry=False)
+        plan = mw.engine.plan_for({"type": "http", "path": "/w", "method": "GET"})
+        assert plan.bulkhead is not None
+        return plan.bulkhead
+
+    assert limiter(limit=4, adaptive=True).holding
+    assert limiter(limit=4, adaptive=True, newest_first=True).holding
+    assert not limiter(limit=4, adaptive=True, newest_first=False).holding
+    assert not limiter(limit=4, adaptive=True, shed_stale=True).holding
+    assert not limiter(limit=4).holding
+    assert ConcurrencyConfig(limit=4, adaptive=True).admits_newest
+    assert not ConcurrencyConfig(limit=4).admits_newest
+    policy = Policy.from_dict({"concurrency": {"limit": 4, "adaptive": True}})
+    (row,) = [row for row in from_policy(policy, "t").layers if row.layer == "concurrency"]
+    assert "admits the newest of each loop turn's arrivals" in row.data

@@ -913,7 +913,16 @@ class ConcurrencyConfig(_Validated):
     sheddable_share: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
     tolerance: float = _spec(1.5, number_in(1.0, 100.0))
     shed_stale: bool = _spec(False, boolean)
-    newest_first: bool = _spec(False, boolean)
+    # None: on for an adaptive limit without `shed_stale` (docs/inbound.md, "newest of the turn")
+    newest_first: bool | None = _spec(None, optional(boolean))
+
+    @property
+    def admits_newest(self) -> bool:
+        """`newest_first` as it applies: set, or by default on for an adaptive limit
+        that does not shed stale requests."""
+        if self.newest_first is not None:
+            return self.newest_first
+        return self.adaptive and not self.shed_stale
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues = []

@@ -318,7 +318,8 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.newest_first": "Adaptive: hold the requests read in one loop turn and admit "
     "the newest of them (one per turn while the event loop is the bottleneck); the others are "
     "refused (`older_in_turn`) or queued. The limit keeps at least the requests that keep the "
-    "loop 90 % busy (the busy floor).",
+    "loop 90 % busy (the busy floor). Unset: on for `adaptive = true` without `shed_stale`; "
+    "`false` for first come, first served.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
@@ -473,6 +474,7 @@ _TYPES = {
     "int": "integer",
     "float": "number",
     "bool": "boolean",
+    "bool | None": "boolean",
     "int | None": "integer",
     "float | None": "number",
     "str | None": "string",

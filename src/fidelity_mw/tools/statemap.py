@@ -407,7 +407,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "; while the event loop is the bottleneck, sheds requests that waited over "
                 f"{conc.tolerance - 1:g}x the floor to be read (tick-sampled loop clock)"
             )
-        if conc.newest_first:
+        if conc.admits_newest:
             queue += (
                 "; admits the newest of each loop turn's arrivals (one per turn while the "
                 "event loop is the bottleneck), never fewer in flight than keep the loop "
