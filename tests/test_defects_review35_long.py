@@ -7,6 +7,9 @@ and no slot held forever.
    `MAX_DECISIONS` (context.py), keeping the request's own records, the latest, and the
    first `MAX_FLAGGED` other than `allow`, and counting the rest: the span's summary and
    the counters stay exact (`fidelity.decisions.dropped`, `...dropped_counts`).
+2. A client that stops reading a streamed response held its bulkhead slot as long as it
+   kept its connection: `[concurrency] send_stall_timeout_s` bounds one send's stall
+   (below).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -215,3 +219,243 @@ def test_records_exported_by_index_stay_where_they_are() -> None:
     assert [d.at for d in after[-KEEP_TAIL:]] == list(range(1_300 - KEEP_TAIL, 1_300))
     assert len(records) + ctx.dropped_total == 1_300
     assert ctx.dropped_counts == {("retry", "up", "allow", "attempt", "memory"): ctx.dropped_total}
+
+
+# ---------------------------------------------------------------- a client that stops reading
+#
+# 2. A client that never reads a streamed response held its bulkhead slot (and its adaptive
+#    limit's) for as long as it kept the connection: a deadline never cuts a started
+#    response, and uvicorn has no write timeout. Now one body message that waits longer
+#    than `[concurrency] send_stall_timeout_s` gives the slot back, records a `shed`
+#    `send_stalled` decision and ends the response (`SendStalled`, an OSError, from the
+#    app's `send`, on which Starlette's StreamingResponse ends as on a disconnect).
+
+
+def _stream_app(seen: dict[str, Any], chunk: bytes, chunks: int) -> Starlette:
+    """`/stream`: a long streamed body; `/ok`: a plain answer. One route for the bulkhead."""
+
+    async def stream(request: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        seen["ctx"] = current()
+
+        async def body() -> Any:
+            for _ in range(chunks):
+                yield chunk
+                seen["sent"] = seen.get("sent", 0) + 1
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/stream", stream), Route("/ok", ok)])
+
+
+def _stall_policy(stall_s: float, **concurrency: Any) -> Policy:
+    from fidelity_mw import RouteConfig
+    from fidelity_mw.policy import ConcurrencyConfig
+
+    return Policy(
+        breaker=None,
+        routes=(
+            RouteConfig(
+                match="/*",
+                name="all",
+                concurrency=ConcurrencyConfig(send_stall_timeout_s=stall_s, **concurrency),
+            ),
+        ),
+    )
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("10.0.0.1", 5000),
+        "server": ("test", 80),
+    }
+
+
+async def _asgi_get(app: Any, path: str) -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # (never: the client stays)
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(_scope(path), receive, send)
+    status: int = sent[0]["status"]
+    return status
+
+
+@pytest.mark.anyio
+async def test_a_client_that_stops_reading_gives_the_slot_back_after_the_stall_bound() -> None:
+    """In process, on a fake clock: the server's `send` blocks from the third body message
+    on (a client that took nothing more); advanced past the bound, the slot is free for
+    the next request while that connection is still open, and the stream has ended."""
+    clock = FakeClock()
+    seen: dict[str, Any] = {}
+    app = _stream_app(seen, b"x" * 1024, 1_000)
+    mw = FidelityMiddleware(app, policy=_stall_policy(5.0, limit=1), clock=clock, telemetry=False)
+    blocked = asyncio.Event()
+    forever = asyncio.Event()
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await forever.wait()
+        return {"type": "http.disconnect"}
+
+    async def stalled_send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if len(messages) >= 3:  # start and a chunk taken; the next one the client never takes
+            blocked.set()
+            await forever.wait()
+
+    streaming = asyncio.ensure_future(mw(_scope("/stream"), receive, stalled_send))
+    await asyncio.wait_for(blocked.wait(), 10)
+    limiter = mw.engine.bulkheads["all"]
+    assert limiter.in_flight == 1
+    assert await _asgi_get(mw, "/ok") == 503  # the slot is held by the stalled stream
+    clock.advance(4.9)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert limiter.in_flight == 1  # not yet: the bound is 5 s
+    clock.advance(0.2)
+    await asyncio.wait_for(streaming, 10)  # the response was ended: the app returned
+    assert not forever.is_set()  # ... while the connection stays
+    assert limiter.in_flight == 0
+    assert await _asgi_get(mw, "/ok") == 200
+    ctx = seen["ctx"]
+    stalls = [d for d in ctx.decisions if d.reason == "send_stalled"]
+    assert [(d.layer, d.verdict, d.subject) for d in stalls] == [("concurrency", "shed", "all")]
+    assert stalls[0].details == {"stalled_ms": 5000.0}
+    assert (ctx.decided_by, ctx.outcome) == ("concurrency", "disconnected")
+    assert seen["sent"] == 1
+    assert len(messages) == 3  # start, a chunk, the stalled one: nothing after it
+
+
+@pytest.mark.anyio
+async def test_a_stream_read_slowly_but_steadily_is_never_cut() -> None:
+    """The bound is on one send: a client that takes each chunk within it, however many
+    chunks and however long the whole stream, keeps its response (and its slot to the
+    last message, as before)."""
+    clock = FakeClock()
+    seen: dict[str, Any] = {}
+    mw = FidelityMiddleware(
+        _stream_app(seen, b"x" * 100, 50),
+        policy=_stall_policy(5.0, limit=1),
+        clock=clock,
+        telemetry=False,
+    )
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def slow_send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        clock.advance(4.0)  # each chunk taken after 4 s: 200 s in all
+        await asyncio.sleep(0)
+
+    await mw(_scope("/stream"), receive, slow_send)
+    assert messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert len(messages) == 52
+    ctx = seen["ctx"]
+    assert not [d for d in ctx.decisions if d.reason == "send_stalled"]
+    assert (ctx.decided_by, ctx.outcome) == ("app", "served")
+    assert mw.engine.bulkheads["all"].in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_the_stall_bound_switched_off_holds_the_slot_as_before() -> None:
+    clock = FakeClock()
+    seen: dict[str, Any] = {}
+    mw = FidelityMiddleware(
+        _stream_app(seen, b"x" * 1024, 1_000),
+        policy=_stall_policy(0, limit=1),
+        clock=clock,
+        telemetry=False,
+    )
+    blocked = asyncio.Event()
+    forever = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await forever.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def stalled_send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if len(sent) >= 3:
+            blocked.set()
+            await forever.wait()
+
+    streaming = asyncio.ensure_future(mw(_scope("/stream"), receive, stalled_send))
+    await asyncio.wait_for(blocked.wait(), 10)
+    clock.advance(3_600.0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert mw.engine.bulkheads["all"].in_flight == 1
+    assert not streaming.done()
+    forever.set()  # the client leaves: then the slot comes back
+    await asyncio.wait_for(streaming, 10)
+    assert mw.engine.bulkheads["all"].in_flight == 0
+
+
+@pytest.mark.slow
+def test_under_uvicorn_a_client_that_stops_reading_frees_the_slot_for_the_next() -> None:
+    """A real uvicorn server and a raw socket client that sends its request, reads the
+    head of the response and then reads nothing more, keeping its connection. Small
+    socket buffers on both ends and a stream far larger than them and uvicorn's write
+    buffer: the app's `send` soon waits on the client. Before, `/ok` (the same route's
+    bulkhead, limit 1) was refused 503 for as long as that client stayed; now it is
+    served once the stall bound (1 s) passed, while the client still holds its socket."""
+    import socket
+    import time
+
+    from _loopback import LoopbackServer
+
+    seen: dict[str, Any] = {}
+    app = FidelityMiddleware(
+        _stream_app(seen, b"y" * 65_536, 100_000),  # 6.5 GB: never sent whole
+        policy=_stall_policy(1.0, limit=1),
+        telemetry=False,
+    )
+    server = LoopbackServer(app)
+    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8_192)  # (accepted: inherited)
+    with server, socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4_096)
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.sendall(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
+        assert stalled.recv(64).startswith(b"HTTP/1.1 200")  # the stream started; no more read
+        statuses = []
+        cap = time.monotonic() + 30.0  # generous: the bound is 1 s
+        with httpx.Client(base_url=server.url, timeout=10.0) as client:
+            while time.monotonic() < cap:
+                status = client.get("/ok").status_code
+                statuses.append(status)
+                if status == 200:
+                    break
+                time.sleep(0.02)  # (polling for the change, not waiting out the bound)
+        assert statuses[-1] == 200, statuses[-10:]
+        assert statuses[0] == 503  # held by the stalled stream at first
+        ctx = seen["ctx"]
+        stalls = [d for d in ctx.decisions if d.reason == "send_stalled"]
+        assert [(d.layer, d.verdict) for d in stalls] == [("concurrency", "shed")]
+        assert (ctx.decided_by, ctx.outcome) == ("concurrency", "disconnected")
+        assert seen["sent"] < 1_000  # the stream ended long before its end
+        assert app.engine.bulkheads["all"].in_flight == 0

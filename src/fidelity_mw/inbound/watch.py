@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -21,8 +22,9 @@ from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
 from .._types import Message, Receive, Scope, Send
-from ..context import DecisionContext
+from ..context import LAYER_CONCURRENCY, SHED, SOURCE_REQUEST, Decision, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
@@ -73,6 +75,9 @@ _START: Final = "http.response.start"
 _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
+# the reason of the bulkhead's `shed` when a body message waited past the route's
+# `send_stall_timeout_s` for its client (ResponseWatcher.stall)
+SEND_STALLED: Final = "send_stalled"
 
 
 class HeldSlot(Protocol):
@@ -105,6 +110,11 @@ class ResponseWatcher:
     # (Any: compiled, a class-level default of a Protocol type is never set, and reading
     # the attribute raised AttributeError)
     slot: Any = None
+    # `[concurrency] send_stall_timeout_s` on a route with a slot (0: no bound): a body
+    # message before the last that its client has not taken in this long ends the
+    # response (`stall`), and `stalled` says so
+    stall_s = 0.0
+    stalled = False
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -202,15 +212,19 @@ class ResponseWatcher:
             slot: HeldSlot | None = self.slot
             if slot is not None:
                 slot.leave(True)
-        elif kind == _BODY and self.monotonic is not None:
+        elif kind == _BODY and (self.monotonic is not None or self.stall_s):
             # A body message before the last: a server's `send` waits while its client
             # has not taken what it was sent (uvicorn, past its write buffer's mark). That
             # wait is the client's (`DecisionContext.client_wait_s`).
+            if self.stall_s:
+                await self._bounded(message)  # (and timed, where the route measures)
+                return
             monotonic = self.monotonic
-            begun = monotonic()
-            await self._send(message)
-            self.ctx.client_wait_s += monotonic() - begun
-            return
+            if monotonic is not None:
+                begun = monotonic()
+                await self._send(message)
+                self.ctx.client_wait_s += monotonic() - begun
+                return
         # (inline, not `_send`: one coroutine frame less on every message of every request)
         try:
             await self.send(message)
@@ -226,6 +240,83 @@ class ResponseWatcher:
         except OSError:
             self.ctx.client_disconnected = True  # (as in __call__)
             raise
+
+    async def _bounded(self, message: Message) -> None:
+        """Send a body message before the last, for at most `stall_s`: a client that
+        stopped reading (and keeps its connection) would hold the request's bulkhead
+        slot for as long as it likes, since a deadline never cuts a started response
+        and the server has no write timeout. Past the bound `stall` gives the slot back
+        and ends the response: this send raises `SendStalled`, an `OSError`, as a
+        server's send does for a connection that is gone."""
+        ctx = self.ctx
+        task = asyncio.current_task()
+        monotonic = self.monotonic
+        begun = monotonic() if monotonic is not None else 0.0
+        handle: TimerHandle | None = None
+        if task is not None:
+            call_later: CallLater | None = getattr(ctx.engine.clock, "call_later", None)
+            if call_later is None:
+                call_later = task.get_loop().call_later
+            handle = call_later(self.stall_s, functools.partial(self.stall, task))
+        try:
+            await self.send(message)
+        except asyncio.CancelledError:
+            # ours (`stall`), and nobody else's cancel with it: the send ends here
+            if self.stalled and task is not None and task.uncancel() == 0:
+                raise self._stalled_error() from None
+            raise
+        except OSError:
+            ctx.client_disconnected = True  # (as in __call__)
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+            if monotonic is not None:
+                ctx.client_wait_s += monotonic() - begun
+
+    def stall(self, task: asyncio.Task[Any]) -> None:
+        """A body message waited `stall_s` for its client: give the slot back, record
+        the bulkhead's `shed` `send_stalled` decision and end the response (cancel the
+        send; `_bounded` raises `SendStalled` in its place, and any later send does)."""
+        if self.stalled or task.done():
+            return
+        loop = task.get_loop()
+        if running_loop() is not loop:
+            # (a clock's timer, advanced in another thread: the task is the loop's)
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self.stall, task)
+            return
+        self.stalled = True
+        ctx = self.ctx
+        # the client is as good as gone: no latency sample, no breaker outcome
+        ctx.client_disconnected = True
+        details = {"stalled_ms": float(round(self.stall_s * 1000.0, 3))}
+        now = ctx.engine.clock.monotonic()
+        ctx.decisions.append(
+            Decision(
+                LAYER_CONCURRENCY, ctx.route, SHED, SEND_STALLED, SOURCE_REQUEST, 0.0, now, details
+            )
+        )
+        slot: HeldSlot | None = self.slot
+        if slot is not None:
+            slot.leave(False)
+        self.send = self._closed
+        task.cancel()
+
+    def _stalled_error(self) -> SendStalled:
+        return SendStalled(
+            f"fidelity_mw: the client took no part of the response of {self.ctx.route!r} "
+            f"for {self.stall_s:g} s ([concurrency] send_stall_timeout_s): response ended",
+            route=self.ctx.route,
+            stalled_s=self.stall_s,
+        )
+
+    async def _closed(self, message: Message) -> None:
+        """`send` once the response was ended for a stalled client: nothing more goes out
+        (not even a last message the app sends after catching `SendStalled`)."""
+        self.complete = False
+        self.ctx.response_complete = False
+        raise self._stalled_error()
 
 
 class ClientReceive:
