@@ -380,6 +380,43 @@ async def test_a_stream_read_slowly_but_steadily_is_never_cut() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_stall_bound_costs_one_timer_per_bound_not_one_per_message() -> None:
+    """The bound is kept by one timer per middleware (watch.StallWatch): a stream of
+    1,000 messages taken at once sets it once (a timer handle per message cost about
+    three times the message's own work in the middleware)."""
+    clock = FakeClock()
+    timers: list[float] = []
+    call_later = clock.call_later
+
+    def counting(delay: float, callback: Any) -> Any:
+        timers.append(delay)
+        return call_later(delay, callback)
+
+    clock.call_later = counting  # type: ignore[method-assign]
+    seen: dict[str, Any] = {}
+    mw = FidelityMiddleware(
+        _stream_app(seen, b"x" * 100, 1_000),
+        policy=_stall_policy(5.0, limit=1),
+        clock=clock,
+        telemetry=False,
+    )
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    before = len(timers)
+    await mw(_scope("/stream"), receive, send)
+    assert len(messages) == 1_002
+    assert timers[before:].count(5.0) == 1  # (and the deadline's own, 30 s)
+    assert seen["ctx"].outcome == "served"
+
+
+@pytest.mark.anyio
 async def test_the_stall_bound_switched_off_holds_the_slot_as_before() -> None:
     clock = FakeClock()
     seen: dict[str, Any] = {}

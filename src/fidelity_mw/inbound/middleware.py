@@ -69,6 +69,7 @@ from .watch import (
     OutcomeRecorder,
     ResponseEndHook,
     ResponseWatcher,
+    StallWatch,
     response_ends,
     running_loop,
 )
@@ -215,6 +216,7 @@ class FidelityMiddleware:
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
+        self._stalls = StallWatch(self._monotonic, call_later)  # send_stall_timeout_s
         # A websocket handshake on a route with rate limits is admitted by them (None:
         # the policy has none, and every websocket passes through)
         self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
@@ -383,6 +385,7 @@ class FidelityMiddleware:
                 if concurrency is not None and concurrency.send_stall_timeout_s:
                     # or sooner, with the response, when a client stops taking it
                     watcher.stall_s = concurrency.send_stall_timeout_s
+                    watcher.stalls = self._stalls
             if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
                 watcher.monotonic = self._monotonic
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import sys
@@ -114,6 +113,8 @@ class ResponseWatcher:
     # message before the last that its client has not taken in this long ends the
     # response (`stall`), and `stalled` says so
     stall_s = 0.0
+    stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
+    stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
     stalled = False
     send: Send  # the server's
     ctx: DecisionContext
@@ -249,15 +250,18 @@ class ResponseWatcher:
         and ends the response: this send raises `SendStalled`, an `OSError`, as a
         server's send does for a connection that is gone."""
         ctx = self.ctx
-        task = asyncio.current_task()
-        monotonic = self.monotonic
-        begun = monotonic() if monotonic is not None else 0.0
-        handle: TimerHandle | None = None
-        if task is not None:
-            call_later: CallLater | None = getattr(ctx.engine.clock, "call_later", None)
-            if call_later is None:
-                call_later = task.get_loop().call_later
-            handle = call_later(self.stall_s, functools.partial(self.stall, task))
+        stalls = self.stalls
+        assert stalls is not None
+        task = self.stall_task
+        if task is None:  # (the task that sends: Starlette's streaming runs in a child)
+            task = self.stall_task = asyncio.current_task()
+        begun = stalls.monotonic()
+        at = begun + self.stall_s
+        stalls.waiting[self] = at
+        # no timer set earlier; or one a second overdue, whose loop may be gone (or only
+        # busy: then the new one does its work)
+        if at < stalls._timer_at or begun > stalls._timer_at + 1.0:
+            stalls._schedule(at)
         try:
             await self.send(message)
         except asyncio.CancelledError:
@@ -269,22 +273,24 @@ class ResponseWatcher:
             ctx.client_disconnected = True  # (as in __call__)
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
-            if monotonic is not None:
-                ctx.client_wait_s += monotonic() - begun
+            stalls.waiting.pop(self, None)
+            if self.monotonic is not None:
+                ctx.client_wait_s += self.monotonic() - begun
 
-    def stall(self, task: asyncio.Task[Any]) -> None:
-        """A body message waited `stall_s` for its client: give the slot back, record
-        the bulkhead's `shed` `send_stalled` decision and end the response (cancel the
-        send; `_bounded` raises `SendStalled` in its place, and any later send does)."""
-        if self.stalled or task.done():
-            return
-        loop = task.get_loop()
-        if running_loop() is not loop:
-            # (a clock's timer, advanced in another thread: the task is the loop's)
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(self.stall, task)
+    def stall(self) -> None:
+        """A body message waited `stall_s` for its client (StallWatch): give the slot
+        back, record the bulkhead's `shed` `send_stalled` decision and end the response
+        (cancel the send; `_bounded` raises `SendStalled` in its place, as any later
+        send does)."""
+        task = self.stall_task
+        if task is not None:
+            loop = task.get_loop()
+            if running_loop() is not loop and not loop.is_closed():
+                # (a clock's timer, advanced in another thread: the task is the loop's)
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(self.stall)
+                return
+        if self.stalled or self.complete:
             return
         self.stalled = True
         ctx = self.ctx
@@ -301,7 +307,8 @@ class ResponseWatcher:
         if slot is not None:
             slot.leave(False)
         self.send = self._closed
-        task.cancel()
+        if task is not None and not task.done():
+            task.cancel()
 
     def _stalled_error(self) -> SendStalled:
         return SendStalled(
@@ -489,6 +496,51 @@ class DeadlineWatch:
                 # that loop is not even woken up, and the request hangs)
                 with contextlib.suppress(RuntimeError):  # closed meanwhile
                     loop.call_soon_threadsafe(watcher.expire)
+        if earliest < math.inf:
+            self._schedule(earliest)
+
+
+class StallWatch:
+    """One timer for the body messages being sent on routes that bound a send's stall
+    (`send_stall_timeout_s`), not one per message: per message a clock read, a dict
+    insert and a delete (a timer handle each cost several times the message's own
+    work). The timer is set for the earliest bound it knows; when it fires it stalls the
+    sends past their bound and sets itself for the next. As sends end long before their
+    bound, most firings find nothing to do: one per bound's length at most."""
+
+    __slots__ = ("_call_later", "_timer", "_timer_at", "monotonic", "waiting")
+
+    def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
+        self.monotonic = monotonic
+        self._call_later = call_later  # None: the running event loop's
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.inf
+        self.waiting: dict[ResponseWatcher, float] = {}
+
+    def _schedule(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        call_later = self._call_later
+        if call_later is None:
+            call_later = asyncio.get_running_loop().call_later
+        self._timer_at = at
+        delay = at - self.monotonic()
+        self._timer = call_later(delay if delay > 0.0 else 0.0, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self.monotonic()
+        earliest = math.inf
+        stalled = []
+        for watcher, at in list(self.waiting.items()):  # (a copy: other loops' threads)
+            if at <= now:
+                stalled.append(watcher)
+            elif at < earliest:
+                earliest = at
+        for watcher in stalled:
+            self.waiting.pop(watcher, None)
+            watcher.stall()
         if earliest < math.inf:
             self._schedule(earliest)
 
