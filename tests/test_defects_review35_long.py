@@ -496,3 +496,25 @@ def test_under_uvicorn_a_client_that_stops_reading_frees_the_slot_for_the_next()
         assert (ctx.decided_by, ctx.outcome) == ("concurrency", "disconnected")
         assert seen["sent"] < 1_000  # the stream ended long before its end
         assert app.engine.bulkheads["all"].in_flight == 0
+
+
+def test_the_stall_bound_in_toml_is_checked_and_named(tmp_path: Any) -> None:
+    from fidelity_mw.errors import PolicyError
+
+    def load(text: str) -> Policy:
+        path = tmp_path / "fidelity.toml"
+        path.write_text("version = 1\n[concurrency]\nlimit = 4\n" + text)
+        return Policy.from_toml(path)
+
+    concurrency = load("send_stall_timeout_s = 2.5\n").concurrency
+    assert concurrency is not None
+    assert concurrency.send_stall_timeout_s == 2.5
+    default = load("").concurrency
+    assert default is not None
+    assert default.send_stall_timeout_s == 60.0
+    off = load("send_stall_timeout_s = 0\n").concurrency
+    assert off is not None
+    assert off.send_stall_timeout_s == 0
+    for bad in ("-1", '"10s"', "nan"):
+        with pytest.raises(PolicyError, match="send_stall_timeout_s"):
+            load(f"send_stall_timeout_s = {bad}\n")
