@@ -254,7 +254,12 @@ class ResponseWatcher:
         assert stalls is not None
         task = self.stall_task
         if task is None:  # (the task that sends: Starlette's streaming runs in a child)
-            task = self.stall_task = asyncio.current_task()
+            try:
+                task = self.stall_task = asyncio.current_task()
+            except RuntimeError:  # no asyncio loop (trio): nothing to keep the bound on
+                self.stall_s = 0.0
+                await self._send(message)
+                return
         begun = stalls.monotonic()
         at = begun + self.stall_s
         stalls.waiting[self] = at
