@@ -914,6 +914,9 @@ class ConcurrencyConfig(_Validated):
     tolerance: float = _spec(1.5, number_in(1.0, 100.0))
     shed_stale: bool = _spec(False, boolean)
     newest_first: bool = _spec(False, boolean)
+    # One body message of a streamed response not taken by its client in this long: the
+    # slot is given back and the response ended (0: never). nginx's `send_timeout`.
+    send_stall_timeout_s: float = _spec(60.0, number_in(0.0, 86_400.0))
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues = []
