@@ -315,9 +315,9 @@ def first_attempt(
         decision = _new_tuple(
             Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
-        if ctx._pending is None:
+        if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
             ctx._decisions.append(decision)
-        else:
+        else:  # the admission's records built first, or room made (a long request)
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:

@@ -915,6 +915,9 @@ class ConcurrencyConfig(_Validated):
     shed_stale: bool = _spec(False, boolean)
     # None: on for an adaptive limit without `shed_stale` (docs/inbound.md, "newest of the turn")
     newest_first: bool | None = _spec(None, optional(boolean))
+    # One body message of a streamed response not taken by its client in this long: the
+    # slot is given back and the response ended (0: never). nginx's `send_timeout`.
+    send_stall_timeout_s: float = _spec(60.0, number_in(0.0, 86_400.0))
 
     @property
     def admits_newest(self) -> bool:

@@ -320,6 +320,13 @@ DESCRIPTIONS: dict[str, str] = {
     "refused (`older_in_turn`) or queued. The limit keeps at least the requests that keep the "
     "loop 90 % busy (the busy floor). Unset: on for `adaptive = true` without `shed_stale`; "
     "`false` for first come, first served.",
+    "concurrency.send_stall_timeout_s": "Seconds one body message of a streamed response "
+    "may wait for its client to take it (a client that stopped reading): past it the "
+    "request's slot is given back, a `shed` `send_stalled` decision recorded and the "
+    "response ended (the app's `send` raises, as for a client gone). `0`: never (a slot "
+    "is then held for as long as such a client keeps its connection). The default is "
+    "nginx's `send_timeout`. Only messages before the last: the slot is given back at "
+    "the last one anyway.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
