@@ -28,7 +28,7 @@ from fidelity_mw.testing import FakeClock
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="compiled: native classes, no vars")
 
 # what ResponseWatcher.__call__ and the middleware after the app read of the watcher
-WATCHER_READS = {"send", "ctx", "end", "slot", "monotonic", "expired", "watch"}
+WATCHER_READS = {"send", "ctx", "end", "slot", "monotonic", "expired", "watch", "stall_s"}
 # what the middleware and the watcher read of the context on every request
 CONTEXT_READS = {"shed_by", "response_headers"}
 
