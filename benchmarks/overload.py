@@ -14,7 +14,10 @@ due, not from when the generator got round to it.
 Variants, measured in alternating order at each offered rate:
   none       no limiter: every request is admitted
   fixed      FidelityMiddleware with a fixed bulkhead ([concurrency] limit = --fixed-limit)
-  adaptive   FidelityMiddleware with the adaptive limit ([concurrency] adaptive = true)
+  adaptive   FidelityMiddleware with the adaptive limit ([concurrency] adaptive = true;
+             its default admits the newest of each loop turn: newest_first unset)
+  fifo       the adaptive limit first come, first served (newest_first = false)
+  newest     the adaptive limit with newest_first = true set (the default's behaviour)
   stale      the adaptive limit that also sheds requests that waited too long to be read
              (shed_stale = true): latency first
   fixed=N    (highest rate only, --oracle) fixed limits swept: the frontier of what any
@@ -61,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import stamp, write_section
 
-VARIANTS = ("none", "fixed", "adaptive", "stale", "newest")
+VARIANTS = ("none", "fixed", "adaptive", "fifo", "stale", "newest")
 # A variant's own settings (`--variants stale@tol=2/pace_ms=0.5`): `tol` is the policy's
 # tolerance; the others set the library's constants in the server process, to sweep them.
 SETTINGS = {
@@ -74,6 +77,10 @@ SETTINGS = {
     "tick_ms": "inbound.bulkhead.LoopClock.TICK_S, the heartbeat (1 ms)",
     "doubt": "decide.concurrency.DOUBT_SAMPLES, the fewest slow samples in a row that replace"
     " a stale floor early (10; a huge number turns that off, to measure it paired)",
+    "passes": "inbound.bulkhead.Turn.READ_PASSES, the passes a turn waits for arrivals read"
+    " with its first (1)",
+    "busy": "decide.concurrency.BUSY_SHARE, the loop share newest_first's busy floor keeps"
+    " busy (0.9; 0 turns the floor off)",
 }
 
 APP_SOURCE = """
@@ -133,6 +140,12 @@ if variant.partition("@")[0] != "none":
                 LoopClock.TICK_S = float(value) / 1000.0
             elif key == "doubt":
                 decide.DOUBT_SAMPLES = int(value)
+            elif key == "passes":
+                from fidelity_mw.inbound.bulkhead import Turn
+
+                Turn.READ_PASSES = int(value)
+            elif key == "busy":
+                decide.BUSY_SHARE = float(value)
             else:
                 raise SystemExit(f"overload: unknown variant setting {key!r}")
     if base.startswith("fixed"):
@@ -143,12 +156,14 @@ if variant.partition("@")[0] != "none":
                                  adaptive=True, max_limit=max_limit, min_limit=min_limit,
                                  tolerance=tolerance,
                                  shed_stale=base == "stale",
-                                 newest_first=base == "newest")
+                                 # adaptive: the library's default (newest first);
+                                 # fifo: first come, first served
+                                 newest_first={"newest": True, "fifo": False}.get(base))
     policy = Policy(concurrency=conc, breaker=None, rate_limits=())
     app.add_middleware(FidelityMiddleware, policy=policy, telemetry=False)
 
     trace_path = os.environ.get("OVERLOAD_TRACE")
-    if trace_path and base in ("adaptive", "stale", "newest"):
+    if trace_path and base in ("adaptive", "fifo", "stale", "newest"):
         # --timeline: every latency sample and the limit after it, written at exit
         from fidelity_mw.decide.concurrency import GradientEstimate
 
@@ -759,8 +774,8 @@ def _run(
         f"**{unloaded_p99 * 1000:.1f} ms** (rounds: "
         f"{', '.join(f'{c.unloaded_p99 * 1000:.1f}' for c in cals)}). Fixed bulkhead: limit "
         f"{args.fixed_limit}; adaptive: starts at {args.adaptive_start}, tolerance "
-        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; newest: the same with "
-        f"`newest_first = true`; `fixed=N` rows "
+        f"{args.tolerance:g}; stale: the same with `shed_stale = true`; fifo: "
+        f"`newest_first = false`; newest: `newest_first = true`; `fixed=N` rows "
         f"(highest multiple only): static limits swept, "
         f"the best a limit that knew the answer could do. Each p99 is divided "
         f"by its own round's unloaded p99. Steady p99: requests due after the first "

@@ -402,9 +402,11 @@ async def test_a_lagging_loop_lets_one_more_request_in_per_turn(
 ) -> None:
     """Requests arriving in one turn of a loop that lags (its CPU is the bottleneck):
     one is admitted beside the one in flight, the rest are shed (`paced`); the next
-    turn admits one more. A loop that keeps up admits them all, up to the limit."""
+    turn admits one more. A loop that keeps up admits them all, up to the limit.
+    (First come, first served: `newest_first = false`; the default holds the turn.)"""
     policy = Policy(
-        breaker=None, concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100)
+        breaker=None,
+        concurrency=ConcurrencyConfig(limit=4, adaptive=True, max_limit=100, newest_first=False),
     )
     svc = Service(policy, clock, work_s=0.01)
     svc.busy_after_s = busy_s

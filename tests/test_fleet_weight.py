@@ -314,7 +314,8 @@ def test_fleet_lua_mirrors_the_table_when_the_clock_goes_back(
 ) -> None:
     """As above, with Redis's TIME going back now and then (a failover to a replica whose
     clock is behind): fleet.lua and FleetTable still answer alike (a member seen "later"
-    than now stays live; a rate over a negative interval is taken over the minimum)."""
+    than now is taken as seen now, its load entry moved with it; a rate over a negative
+    interval is taken over the minimum)."""
     script = clocked(FLEET)
     client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
     keys = ("{b}:fleet", "{b}:fleet:load")

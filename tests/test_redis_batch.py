@@ -414,9 +414,10 @@ async def test_middleware_requests_of_one_tick_share_a_call_each_with_its_decisi
         client.config_resetstat()
     try:
         got = await _requests(app, 5)
+        # (before aclose, which sends the served requests' deferred successes)
+        calls = script_calls(redis_server)
     finally:
         await app.engine.aclose()
-    calls = script_calls(redis_server)
     assert [status for status, _ in got] == [200, 200, 200, 429, 429]
     assert all(sources and set(sources) == {"redis"} for _, sources in got)
     assert calls.get("evalsha") == 1

@@ -61,6 +61,34 @@ class Decision(NamedTuple):
         return self.state_source in (SOURCE_CACHE, SOURCE_FALLBACK) or self.state_age_s > 1.0
 
 
+# Bounds on the records one context holds. A request keeps its records until its response
+# completes, and each outbound call made inside it adds one (more when it retries): a
+# stream that polls an upstream, or a job of 2,000 calls, held 2,000 records (321 KB) and
+# more without end. Past `MAX_DECISIONS` records the context makes room (`_make_room`):
+# it keeps the first `KEEP_HEAD` (the request's own decisions come first: deadline,
+# bulkhead, breaker, limits), the latest `KEEP_TAIL` (the call under way reads its run of
+# records, and code reads `decisions[-1]`), and between them the first `MAX_FLAGGED`
+# decisions other than `allow` (the failures an operator looks for); the rest are
+# counted by layer, verdict, reason and source (`dropped_counts`), so the request's
+# summary and counters stay exact. 256 records are about 40 KB; a request of a few
+# dozen calls never gets there (docs/telemetry.md, "Long requests").
+MAX_DECISIONS: Final = 256
+KEEP_HEAD: Final = 16
+KEEP_TAIL: Final = 16
+MAX_FLAGGED: Final = 128
+# distinct (layer, subject, verdict, reason, source) counted among the dropped: past it a
+# subject (an upstream host, a limit's name) folds into `_other`
+_MAX_DROPPED_KINDS: Final = 256
+_OTHER: Final = "_other"
+_STALE_SOURCES: Final = (SOURCE_CACHE, SOURCE_FALLBACK)
+# layers whose dropped records keep their subject: a rate limit's name is part of the
+# summary's entry, and the retry budget's counters are per upstream
+_SUBJECT_LAYERS: Final = frozenset({LAYER_RATELIMIT, LAYER_RETRY, LAYER_BUDGET})
+
+# (layer, subject: "" but for _SUBJECT_LAYERS, verdict, reason, source)
+DroppedKey = tuple[str, str, str, str, str]
+
+
 _PID: Final = os.getpid()
 _SEQUENCE: Final = itertools.count(1)
 _next_seq: Final = _SEQUENCE.__next__  # one C call per request (compiled: no `next` lookup)
@@ -123,6 +151,14 @@ class DecisionContext:
     # (its units come back: inbound/xratelimit.refunded_fields).
     _built: tuple[Any, ...] | None = None
     _attempts: dict[str, int] | None = None
+    # Records dropped to keep the context bounded (`_make_room`): how many, and per kind
+    # [count, of which stale]. None / 0 until a request gets that long.
+    _dropped: dict[DroppedKey, list[int]] | None = None
+    dropped_total = 0
+    # Records before this index are never dropped: telemetry exported them by index
+    # (`before_response_end`), and its later events start there.
+    _sealed = 0
+    _room_at = MAX_DECISIONS  # the length at which room is made
 
     def __init__(
         self,
@@ -143,6 +179,8 @@ class DecisionContext:
         if client_key is not None:
             self.client_key = client_key
         self._decisions: list[Decision] = []
+        self.shed_by = None  # (read on every request: see new_request_context)
+        self.response_headers = None
 
     @property
     def decisions(self) -> list[Decision]:
@@ -157,7 +195,62 @@ class DecisionContext:
             self._pending = None
             self._built = pending
             pending[0](self, *pending[1:])
-        return self._decisions
+        records = self._decisions
+        if len(records) >= self._room_at:
+            self._make_room(records)
+        return records
+
+    def _make_room(self, records: list[Decision]) -> None:
+        """Drop records between the kept head and tail (see `MAX_DECISIONS`), in place:
+        every `allow` one, and the decisions other than `allow` past the first
+        `MAX_FLAGGED`; count each dropped one by its kind."""
+        lo = KEEP_HEAD if self._sealed < KEEP_HEAD else self._sealed
+        hi = len(records) - KEEP_TAIL
+        if hi <= lo:
+            return  # (sealed near the end: nothing may go yet)
+        flagged = 0
+        for d in records[KEEP_HEAD:lo]:
+            if d[2] != ALLOW:
+                flagged += 1
+        kept: list[Decision] = []
+        dropped = self._dropped
+        if dropped is None:
+            dropped = self._dropped = {}
+        n = 0
+        for d in records[lo:hi]:
+            verdict = d[2]
+            if verdict != ALLOW and flagged < MAX_FLAGGED:
+                flagged += 1
+                kept.append(d)
+                continue
+            layer = d[0]
+            key = (layer, d[1] if layer in _SUBJECT_LAYERS else "", verdict, d[3], d[4])
+            counts = dropped.get(key)
+            if counts is None:
+                if len(dropped) >= _MAX_DROPPED_KINDS:
+                    key = (layer, _OTHER, verdict, d[3], d[4])
+                    counts = dropped.get(key)
+                if counts is None:
+                    counts = dropped[key] = [0, 0]
+            counts[0] += 1
+            if d[4] in _STALE_SOURCES or d[5] > 1.0:  # (Decision.is_stale, without a call)
+                counts[1] += 1
+            n += 1
+        records[lo:hi] = kept  # in place: a caller may hold the list (or its append)
+        self.dropped_total += n
+
+    def seal(self, exported: int) -> None:
+        """Telemetry exported the first `exported` records (by index): they stay where
+        they are, and room is made after them."""
+        self._sealed = exported
+        self._room_at = exported + MAX_DECISIONS
+
+    @property
+    def dropped_counts(self) -> dict[DroppedKey, int]:
+        """The records dropped to keep this context bounded, counted by (layer, subject,
+        verdict, reason, source); subject is "" but for rate limits, retries and budgets."""
+        dropped = self._dropped
+        return {} if dropped is None else {key: n for key, (n, _) in dropped.items()}
 
     @property
     def attempts(self) -> dict[str, int]:
@@ -208,7 +301,10 @@ class DecisionContext:
 
     @property
     def stale_decisions(self) -> int:
-        return sum(1 for d in self.decisions if d.is_stale)
+        stale = sum(1 for d in self.decisions if d.is_stale)
+        if self._dropped is not None:
+            stale += sum(counts[1] for counts in self._dropped.values())
+        return stale
 
     def last(self, layer: str) -> Decision | None:
         for decision in reversed(self.decisions):
@@ -242,6 +338,11 @@ def new_request_context(
     ctx.method = method
     ctx.started_at = started_at
     ctx._decisions = []
+    # Read on every request (the response start, the outcome): given a value here, for
+    # a read that falls through to the class default is not specialized interpreted
+    # (about 200 instructions against 15 for this store).
+    ctx.shed_by = None
+    ctx.response_headers = None
     return ctx
 
 

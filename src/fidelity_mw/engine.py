@@ -259,7 +259,7 @@ class Engine:
                         max_queue=cfg.max_queue,
                         tolerance=cfg.tolerance,
                         shed_stale=cfg.shed_stale,
-                        newest_first=cfg.newest_first,
+                        newest_first=cfg.admits_newest,
                     )
                 ),
             )

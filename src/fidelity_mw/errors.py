@@ -95,3 +95,16 @@ class DeadlineExceeded(FidelityError, httpx.TimeoutException):
     def __init__(self, message: str, *, host: str) -> None:
         super().__init__(message)
         self.host = host
+
+
+class SendStalled(FidelityError, ConnectionError):
+    """A body message of a streamed response was not taken by the client within the
+    route's `[concurrency] send_stall_timeout_s`: the middleware gave the request's
+    bulkhead slot back and ended the response. Raised into the app from `send`, as a
+    server raises for a connection that is gone (ASGI 2.4: an `OSError`): Starlette's
+    streaming responses end on it as on a client disconnect."""
+
+    def __init__(self, message: str, *, route: str, stalled_s: float) -> None:
+        super().__init__(message)
+        self.route = route
+        self.stalled_s = stalled_s

@@ -8,6 +8,8 @@ import ipaddress
 import json
 import logging
 import secrets
+import weakref
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import unquote, unquote_plus
 
@@ -56,7 +58,11 @@ class AdminApp:
         self.top_budgets = top_budgets
         self.refresh_s = refresh_s
         self._since = Since()
-        self._hashers: dict[int, Any] = {}
+        # Weak: keyed by id(), a hasher outlived its engine and passed to a new engine
+        # given the same id (the page's key hashes then disagreed with its telemetry's).
+        self._hashers: weakref.WeakKeyDictionary[Engine, Callable[[str], str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._page = (
             importlib.resources.files("fidelity_mw.admin")
             .joinpath("page.html")
@@ -130,9 +136,9 @@ class AdminApp:
             engine, top_breakers=self.top_breakers, top_budgets=self.top_budgets
         )
         snap = await engine.store.snapshot(now, top=self.top, configs=configs)
-        hasher = self._hashers.get(id(engine))
+        hasher = self._hashers.get(engine)
         if hasher is None:
-            hasher = self._hashers[id(engine)] = key_hasher(engine)
+            hasher = self._hashers[engine] = key_hasher(engine)
         return render(
             engine,
             snap,

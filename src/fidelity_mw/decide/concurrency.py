@@ -56,18 +56,36 @@ This trades goodput for latency: the core idles through the await of a
 request let in alone whenever no fresh one arrives meanwhile
 (docs/inbound.md has the measured trade).
 
-Newest of the turn (adaptive, opt-in `newest_first`): while pacing, the
-caller holds a turn's non-critical arrivals and hands them over together
-(`admit_turn`, in arrival order) once the loop has run what was ready. Of
-them the newest of the best class that has room is admitted, at most one per
-turn; the others are refused (`older_in_turn`, or `paced` for a lower class
-than the one admitted; `at_limit` / `priority_share` where no slot was left).
+Newest of the turn (adaptive, opt-in `newest_first`): the caller holds a
+turn's non-critical arrivals and hands them over together (`admit_turn`, in
+arrival order) once the loop has run what was ready. Of
+them the newest of the best class that has room is admitted, while pacing at
+most one per turn (the others are refused: `older_in_turn`, or `paced` for a
+lower class than the one admitted); while the loop keeps up, as many as have
+room, newest first (the rest: `at_limit` / `priority_share`).
 Why the newest: on one event loop a request read after another's CPU step
 may have arrived at any time during it, in an order ASGI does not give; the
 loop reads its sockets in the order data arrived, and the server starts the
 requests in that order, so the last of a turn is the one that waited least.
 The caller's half (inbound/bulkhead.py) also lets the admitted request start
 its await before anybody's next CPU step; that is what keeps the core busy.
+Held always, not only while pacing: the caller's deferral lets the loop run
+between a request's await and its CPU step, which is where the lag probe
+measures, so a route held only while pacing stopped holding by its own doing
+(and the newest was not taken exactly when it mattered).
+
+The busy floor (`newest_first` only): the caller reports how long each
+admitted request ran on the event loop (`busy_sample`: its app's steps, the
+awaits not counted). On one loop the latency gradient cannot find a
+CPU-bound route's limit: two in flight take about 1.6x the floor latency
+(one's await overlaps the other's CPU step, then its own runs), past the
+default tolerance, so the gradient pulls the limit to 1, where the core idles
+through every await. With r = floor latency / time on the loop, n requests
+staggered keep the loop busy for min(1, n / r) of the time; the limit never
+goes below the fewest that keep it `BUSY_SHARE` busy, ceil(BUSY_SHARE x r),
+capped at `measure_limit` (a route that mostly awaits is the gradient's to
+size: its floor would be large, and the gradient sees its latency stay flat).
+More than that only queues on the loop.
 
 The caller measures latency with its injected clock and reports it to
 `release`; nothing here reads time.
@@ -106,6 +124,8 @@ STALE_RESOLUTION_S: Final = 0.002  # two ticks of the inbound loop clock's heart
 LAG_FADE: Final = 0.99
 # The fewest slow samples in a row that replace a stale floor early (GradientEstimate).
 DOUBT_SAMPLES: Final = 10
+# The busy floor keeps at least this share of the event loop busy (module doc).
+BUSY_SHARE: Final = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +251,7 @@ class GradientEstimate:
         dropped: bool = False,
         binding: bool = True,
         lag_s: float = 0.0,
+        others_busy_s: float = 0.0,
     ) -> float:
         """Fold one finished request in (`in_flight` counts it); returns the limit to use.
 
@@ -239,7 +260,10 @@ class GradientEstimate:
         floor) is no evidence: the caller asked for less time than the route needs when
         it keeps up (any client may send a 1 ms deadline), and it is not a sample.
         `lag_s`: the event loop's recent lag (the limiter's fading peak); while it is
-        large, slow samples are the loop's, never evidence of a stale floor."""
+        large, slow samples are the loop's, never evidence of a stale floor.
+        `others_busy_s`: the time the route's other requests in flight take on the
+        same event loop (the busy floor's measure; 0: not known): an excess they
+        explain is load too."""
         spec = self.spec
         if dropped and latency_s > 0.0:
             floor = self.baseline_s
@@ -275,7 +299,7 @@ class GradientEstimate:
         if gradient < 1.0:
             # Latency is past tolerance: shrink, with no headroom (see the module doc).
             target = self.value * gradient
-            stale = self._doubt_floor(latency_s, in_flight, lag_s)
+            stale = self._doubt_floor(latency_s, in_flight, lag_s, others_busy_s)
         elif in_flight >= self.value / 2.0 and binding:
             target = self.value + math.sqrt(self.value)
         else:
@@ -304,12 +328,17 @@ class GradientEstimate:
             self._resume = self.value
         return self.current()
 
-    def _doubt_floor(self, latency_s: float, in_flight: int, lag_s: float) -> bool:
+    def _doubt_floor(
+        self, latency_s: float, in_flight: int, lag_s: float, others_busy_s: float = 0.0
+    ) -> bool:
         """One sample past tolerance: is it evidence the floor is stale? True once
         `_doubt_needed` in a row were (see the class doc)."""
         spec = self.spec
         excess = latency_s - spec.tolerance * self.baseline_s
-        if 4.0 * lag_s >= min(self.baseline_s, excess):
+        # (The CPU steps of the route's other requests on this loop, which a request
+        # waits out: with `newest_first` the deferral lets the lag probe run before
+        # them, so the lag alone no longer shows that load.)
+        if 4.0 * lag_s >= min(self.baseline_s, excess) or others_busy_s >= excess:
             # The loop lags (by the measure pacing uses) or its lag explains the excess:
             # the loop, not the route, is slow; that is load, whatever is in flight.
             self._doubt = 0
@@ -332,6 +361,8 @@ class ConcurrencyLimiter:
 
     __slots__ = (
         "_admitted_at",
+        "_busy_floor",
+        "_busy_s",
         "_displaced",
         "_lag_peak",
         "_lock",
@@ -340,6 +371,7 @@ class ConcurrencyLimiter:
         "admitted_in_turn",
         "binding",
         "estimate",
+        "holding",
         "in_flight",
         "spec",
     )
@@ -349,11 +381,17 @@ class ConcurrencyLimiter:
         self.in_flight = 0
         self.estimate = GradientEstimate(spec) if spec.adaptive else None
         self.admitted_in_turn = 0  # since the caller last called `new_turn`
+        # The caller holds a turn's arrivals for `admit_turn` (module doc).
+        self.holding = spec.newest_first and spec.adaptive
         self.binding = False  # the limit refused a request since the last sample
         self._admitted_at = -math.inf  # the `now` of the last admission
         # The event loop's recent lag: the latest report, or an earlier, larger one
         # fading by LAG_FADE per report.
         self._lag_peak = 0.0
+        # `newest_first`: the smoothed time an admitted request runs on the event loop
+        # (0: none reported yet), and the least limit it asks for (0: none; module doc).
+        self._busy_s = 0.0
+        self._busy_floor = 0
         # (priority rank, arrival seq, token) - the token is the caller's waiter handle
         self._waiters: list[tuple[int, int, object]] = []
         self._seq = itertools.count()
@@ -370,7 +408,8 @@ class ConcurrencyLimiter:
             return self.spec.limit
         # Rounded, not truncated: truncating biases the limit down by half a request on
         # average, which at the small limits of a CPU-bound route (1.9 -> 1) halves it.
-        return max(self.spec.min_limit, int(self.estimate.current() + 0.5))
+        limit = max(self.spec.min_limit, int(self.estimate.current() + 0.5))
+        return limit if limit >= self._busy_floor else self._busy_floor
 
     def _room(self, priority: str) -> int:
         limit = self.limit
@@ -390,42 +429,71 @@ class ConcurrencyLimiter:
             and 4.0 * self._lag_peak >= estimate.baseline_s
         )
 
+    def busy_sample(self, busy_s: float) -> None:
+        """An admitted request of a `newest_first` route ran `busy_s` on the event loop
+        (its awaits not counted): the busy floor follows (module doc)."""
+        if busy_s <= 0.0 or not self.spec.newest_first:
+            return
+        with self._lock:
+            smoothing = self.spec.smoothing
+            if self._busy_s == 0.0:
+                self._busy_s = busy_s
+            else:
+                self._busy_s = (1.0 - smoothing) * self._busy_s + smoothing * busy_s
+            estimate = self.estimate
+            if estimate is None or estimate.baseline_s <= 0.0:
+                return
+            spec = self.spec
+            ratio = estimate.baseline_s / self._busy_s
+            want = math.ceil(BUSY_SHARE * ratio - 1e-9)
+            self._busy_floor = min(
+                max(want, spec.min_limit), max(spec.measure_limit, spec.min_limit), spec.max_limit
+            )
+
     @property
-    def holding(self) -> bool:
-        """True while the caller should hold a turn's arrivals for `admit_turn`."""
-        return self.spec.newest_first and self.pacing
+    def busy_floor(self) -> int:
+        """The least limit the busy floor asks for (0: none; module doc)."""
+        return self._busy_floor
 
     def admit_turn(self, priorities: Sequence[str], now: float | None = None) -> list[Admission]:
         """Decide one turn's held arrivals together (`priorities` in arrival order; the
         answers in the same order): the newest of the best class that has room is
-        admitted, at most one per turn (module doc); the others take no slot.
+        admitted; while pacing at most one per turn (module doc), else as many as have
+        room, the best class first and the newest of each first. The others take no
+        slot.
 
         Critical requests are not held (the caller decides them at once with
         `try_acquire`), so none waits here behind a lower class."""
-        answers: list[Admission | None] = [None] * len(priorities)
+        count = len(priorities)
+        answers: list[Admission | None] = [None] * count
         with self._lock:
             limit = self.limit
-            chosen = -1
-            best = len(PRIORITIES)
-            for i in range(len(priorities) - 1, -1, -1):  # newest first
-                priority = priorities[i]
-                rank = PRIORITIES.index(priority)
-                if (
-                    rank < best
-                    and self.in_flight < self._room(priority)
-                    and not self._waiters_ahead(priority)
-                ):
-                    chosen, best = i, rank
-            if chosen >= 0:
-                self.in_flight += 1
-                self.admitted_in_turn += 1
-                if now is not None:
-                    self._admitted_at = now
-                answers[chosen] = Admission(True, NEWEST_IN_TURN, self.in_flight, limit)
+            pacing = self.pacing
+            quota = 1 if pacing else count
+            ranks = [PRIORITIES.index(priority) for priority in priorities]
+            chosen = -1  # while pacing: the one admitted
+            for rank in sorted(set(ranks)):
+                priority = PRIORITIES[rank]
+                for i in range(count - 1, -1, -1):  # newest first
+                    if ranks[i] != rank:
+                        continue
+                    if (
+                        not quota
+                        or self.in_flight >= self._room(priority)
+                        or self._waiters_ahead(priority)
+                    ):
+                        break
+                    quota -= 1
+                    chosen = i
+                    self.in_flight += 1
+                    self.admitted_in_turn += 1
+                    if now is not None:
+                        self._admitted_at = now
+                    answers[i] = Admission(True, NEWEST_IN_TURN, self.in_flight, limit)
             for i, priority in enumerate(priorities):
                 if answers[i] is not None:
                     continue
-                if chosen >= 0:
+                if pacing and chosen >= 0:
                     reason = OLDER_IN_TURN if i < chosen else PACED
                 elif self.in_flight >= self._room(priority):
                     reason = AT_LIMIT if self.in_flight >= limit else PRIORITY_SHARE
@@ -609,7 +677,11 @@ class ConcurrencyLimiter:
                     # Shedding stale requests keeps fewer in flight than the limit allows:
                     # half the limit in use no longer shows it is what holds requests back.
                     binding = self.binding or not self.spec.shed_stale
-                    self.estimate.sample(sample, self.in_flight, dropped, binding, self._lag_peak)
+                    # (newest_first: the others in flight each take `_busy_s` on the loop)
+                    others = (self.in_flight - 1) * self._busy_s
+                    self.estimate.sample(
+                        sample, self.in_flight, dropped, binding, self._lag_peak, others
+                    )
                     self.binding = False
             if not self._waiters:  # the common case, without a call
                 self.in_flight = max(0, self.in_flight - 1)

@@ -198,7 +198,10 @@ class FleetTable:
         LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (and its previous rate,
         over the `ttl` before, the same)."""
         self.members[member] = now
-        self.members = {m: t for m, t in self.members.items() if t > now - ttl}
+        # A member seen after `now` was seen before the shared clock went back (a step,
+        # a failover to a server whose clock is behind): taken as seen now, or a dead
+        # one would stay live for its ttl plus the step, and shrink every share.
+        self.members = {m: min(t, now) for m, t in self.members.items() if t > now - ttl}
         size = len(self.members)
         if size > LOAD_MAX_MEMBERS:  # too large to read whole: no load (the table expires)
             self.loads.pop(member, None)
@@ -216,6 +219,11 @@ class FleetTable:
         live: list[tuple[str, MemberLoad]] = []
         retain = now - ttl * LOAD_RETAIN_TTLS
         for m, entry in list(self.loads.items()):
+            if entry.seen_at > now:  # the clock went back: moved to now, as its member
+                shift = now - entry.seen_at
+                entry = self.loads[m] = MemberLoad(
+                    now, entry.since + shift, entry.rate, entry.prev_since + shift, entry.prev_rate
+                )
             if entry.seen_at < retain:
                 del self.loads[m]
             elif entry.seen_at > now - ttl:

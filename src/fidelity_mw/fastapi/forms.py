@@ -76,7 +76,11 @@ def _middleware_policies(app: Any) -> list[Policy]:
 
 
 class Fidelity:
-    """The FastAPI forms of one application. Create one, share it between routers."""
+    """The FastAPI forms of one application. Create one, share it between routers.
+
+    `document_middleware=True`: the OpenAPI schema also lists the 503 (route breaker,
+    bulkhead) and 504 (deadline) the app's FidelityMiddleware can answer on each route,
+    as its policy says (off by default: see docs/fastapi.md, "OpenAPI")."""
 
     def __init__(
         self,
@@ -88,8 +92,13 @@ class Fidelity:
         rng: RandomSource | None = None,
         store: StateStore | None = None,
         on_reject: OnReject | None = None,
+        document_middleware: bool = False,
     ) -> None:
         self._engine = engine
+        # Off by default: turning it on adds 503/504 to nearly every route's schema (the
+        # default policy has a route breaker and a deadline), which changes the OpenAPI
+        # documents, generated clients and schema tests of apps that work today.
+        self.document_middleware = document_middleware
         self._engine_args: tuple[Policy | None, Clock | None, RandomSource | None] = (
             policy,
             clock,
@@ -336,7 +345,7 @@ class Fidelity:
                 limits += [(policy, at) for policy in _middleware_policies(parent)]
                 for route in flat_routes(app.routes):
                     if isinstance(getattr(route, "original_route", route), APIRoute):
-                        document(route, policies=limits)
+                        document(route, policies=limits, refusals=self.document_middleware)
             return generate()
 
         openapi._fidelity_documents = True  # type: ignore[attr-defined]

@@ -234,9 +234,9 @@ class Bulkheads:
         return self._refused_now(ctx, plan, admission.reason, priority, limiter, now)
 
     def deferred(self, plan: RoutePlan, app: Awaitable[None]) -> Awaitable[None]:
-        """The app's awaitable for an admitted request of a `newest_first` route: while
-        the route holds arrivals (pacing, on asyncio), one that defers to its turn's
-        decision (`Deferring`); else the app's own, unwrapped."""
+        """The app's awaitable for an admitted request of a `newest_first` route (on
+        asyncio): one that defers to its turn's decision and times the app's steps for
+        the busy floor (`Deferring`); else the app's own, unwrapped."""
         limiter = plan.bulkhead
         turn = self._turns.get(plan.route)
         if (
@@ -751,9 +751,20 @@ class Turn:
     first arrival, which runs once the loop has run what was ready with it (the
     requests read in the same I/O phase among it), or earlier, when a request the
     route admitted resumes first (`Deferring`). Then the limiter decides them all
-    together, the newest first, and each held request goes on with its answer."""
+    together, the newest first, and each held request goes on with its answer.
 
-    __slots__ = ("held", "limiter", "loop", "monotonic", "pending")
+    The turn ends `READ_PASSES` loop passes later than that callback first runs: a
+    request read in the pass just before another's CPU step starts its task only
+    after that step, and is held alone, while the requests that arrived during the
+    step are read in that same pass and reach the gate in the next. Decided at once,
+    the turn took the one read early (a whole CPU step old) and refused the fresh
+    ones; a pass later they are all held together and the newest is taken. (At 4x
+    this was most of the p99 of served requests; a second pass also takes those whose
+    bytes came in just after the step, measured in benchmarks/RESULTS.md.)"""
+
+    __slots__ = ("held", "limiter", "loop", "monotonic", "passes", "pending")
+
+    READ_PASSES = 2  # the passes a turn's end waits for the arrivals read with its first
 
     def __init__(
         self,
@@ -766,6 +777,7 @@ class Turn:
         self.monotonic = monotonic
         self.held: list[tuple[asyncio.Future[Admission], str]] = []
         self.pending = False  # the turn's end is queued
+        self.passes = 0  # passes the queued end has waited
 
     def hold(self, answer: asyncio.Future[Admission], priority: str) -> None:
         self.held.append((answer, priority))
@@ -774,7 +786,12 @@ class Turn:
             self.loop.call_soon(self.end)
 
     def end(self) -> None:
+        if self.passes < self.READ_PASSES:
+            self.passes += 1
+            self.loop.call_soon(self.end)
+            return
         self.pending = False
+        self.passes = 0
         self.decide()
 
     def decide(self) -> None:
@@ -811,9 +828,12 @@ class Deferring:
     def __await__(self) -> Generator[Any, Any, None]:
         steps = self.app.__await__()
         turn = self.turn
+        clock = turn.monotonic
+        busy = 0.0  # the app's time on the loop, its awaits not counted (the busy floor)
         sent: Any = None
         error: BaseException | None = None
         while True:
+            began = clock()
             try:
                 if error is not None:
                     thrown, error = error, None
@@ -821,15 +841,25 @@ class Deferring:
                 else:
                     yielded = steps.send(sent)
             except StopIteration as stop:
+                turn.limiter.busy_sample(busy + clock() - began)
                 return stop.value  # type: ignore[no-any-return]
+            except BaseException:
+                turn.limiter.busy_sample(busy + clock() - began)
+                raise
+            busy += clock() - began
             try:
                 sent = yield yielded
             except BaseException as exc:  # (GeneratorExit and cancellation among them)
                 error = exc
                 continue
             if turn.held:
-                turn.decide()
                 try:
-                    yield None  # (a bare yield: the task runs again in the next pass)
+                    # First the passes in which the arrivals read with the held ones reach
+                    # the gate (Turn's doc), then the decision, then one pass for the
+                    # newcomer. (Bare yields: the task runs again in the next pass.)
+                    for _ in range(turn.READ_PASSES):
+                        yield None
+                    turn.decide()
+                    yield None
                 except BaseException as exc:
                     error = exc

@@ -33,6 +33,7 @@ from ..clock import SystemClock
 from ..context import (
     _CURRENT,
     INTERPRETED,
+    LAYER_CONCURRENCY,
     DecisionContext,
     new_request_context,
 )
@@ -68,6 +69,7 @@ from .watch import (
     OutcomeRecorder,
     ResponseEndHook,
     ResponseWatcher,
+    StallWatch,
     response_ends,
     running_loop,
 )
@@ -214,6 +216,7 @@ class FidelityMiddleware:
         # A clock may schedule its own timers (FakeClock does); else the event loop's.
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
+        self._stalls = StallWatch(self._monotonic, call_later)  # send_stall_timeout_s
         # A websocket handshake on a route with rate limits is admitted by them (None:
         # the policy has none, and every websocket passes through)
         self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
@@ -369,19 +372,41 @@ class FidelityMiddleware:
                 return
 
             # ---- the app, watching only the response start and its end
-            # (field by field: a class call with an __init__ costs a call of its own)
+            # (field by field: a class call with an __init__ costs a call of its own).
+            # Every field its messages read gets a value here, None or False too:
+            # interpreted (3.11), a read that falls through to the class default is
+            # never specialized, about 200 instructions against 15 for a store.
             watcher = ResponseWatcher()
             watcher.send = send
             watcher.ctx = ctx
-            if before_end is not None:
-                watcher.end = (before_end, scope, obs_token)
+            watcher.end = (before_end, scope, obs_token) if before_end is not None else None
             if slot is not None:  # given back at the response's last message
                 slot.plan = plan  # (a cost function's plan: the same bulkhead)
-                watcher.slot = slot
-            if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
-                watcher.monotonic = self._monotonic
+                # (no local for the config: one more and the coroutine outgrows the
+                # small-object allocator, tests/test_frame.py)
+                if plan.concurrency is not None and plan.concurrency.send_stall_timeout_s:
+                    # or sooner, with the response, when a client stops taking it
+                    watcher.stall_s = plan.concurrency.send_stall_timeout_s
+                    watcher.stalls = self._stalls
+                else:
+                    watcher.stall_s = 0.0
+            else:
+                watcher.stall_s = 0.0
+            watcher.slot = slot
+            watcher.monotonic = (
+                self._monotonic
+                if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan)
+                else None
+            )
+            watcher.expired = False
             if ctx.deadline_at is not None and plan.enforce:  # armed: see DeadlineWatch
                 watcher.arm(self._deadlines, ctx.deadline_at, now)
+            else:
+                watcher.watch = None
+            # (a local: interpreted, calling an instance attribute is never specialized,
+            # about 115 instructions more per call; one local more than this and the
+            # coroutine outgrows the small-object allocator: tests/test_frame.py)
+            app = self.app
             app_ran = True
             try:
                 if (
@@ -390,11 +415,17 @@ class FidelityMiddleware:
                     and plan.bulkhead.spec.newest_first
                 ):
                     # (while it holds arrivals, the app defers to their turn's decision)
-                    await self._bulkheads.deferred(plan, self.app(scope, receive, watcher))
+                    await self._bulkheads.deferred(plan, app(scope, receive, watcher))
                 else:
-                    await self.app(scope, receive, watcher)
+                    await app(scope, receive, watcher)
             except BaseException as exc:
                 watcher.disarm()
+                if watcher.stalled and isinstance(exc, OSError | ClientDisconnect):
+                    # We ended the response (the client took nothing for the route's
+                    # send_stall_timeout_s) and the app unwound on it: no error of the
+                    # app's to let out, nor for the server to log with a traceback.
+                    self._after_stall(ctx, plan, result, keys, exc)
+                    return
                 rejection = self._refusal(ctx, watcher, exc)
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
@@ -465,6 +496,8 @@ class FidelityMiddleware:
                         )
                 return
             pending = self._outcomes.after_app(ctx, plan, result, keys, watcher.complete)
+            if watcher.stalled:  # (the app caught SendStalled and returned)
+                ctx.decided_by = LAYER_CONCURRENCY
             if pending is not None:  # a remote store: record after the response went out
                 try:
                     await pending
@@ -487,6 +520,22 @@ class FidelityMiddleware:
                 _reset_current(token)
             except ValueError:  # finalised in another context (a dropped coroutine):
                 pass  # the variable there was never ours to restore
+
+    def _after_stall(
+        self,
+        ctx: DecisionContext,
+        plan: RoutePlan,
+        result: InboundResult | None,
+        keys: Sequence[str],
+        exc: BaseException,
+    ) -> None:
+        """The response was ended for a stalled client (watch.ResponseWatcher.stall): a
+        disconnect for the breaker and the limits (no outcome, no refund), decided by
+        the bulkhead."""
+        pending = self._outcomes.after_error(ctx, plan, result, keys, exc)
+        if pending is not None:
+            self._outcomes.spawn(pending)
+        ctx.decided_by = LAYER_CONCURRENCY
 
     async def _enter_bulkhead(
         self,

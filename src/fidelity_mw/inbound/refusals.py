@@ -35,6 +35,7 @@ from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import (
+    DECIDED_BY_HEADER,
     EXHAUSTED,
     OUTCOME_EXPIRED,
     OUTCOME_SHED,
@@ -337,6 +338,39 @@ def after_give_up(
     except Exception:  # malformed app headers, an odd clock: no advice, the response stands
         pass
     return extra or None
+
+
+# The markers a 5xx of ours carries that only this middleware writes, from what its
+# request's own calls found (`after_give_up`); and the refusal marker, which a per-route
+# form inside the app writes too, on its own refusals (those set `shed_by`).
+_OWN_MARKERS = (EXHAUSTED[0], UPSTREAM_FAULT[0])
+_MARKERS = (*_OWN_MARKERS, DECIDED_BY_HEADER)
+
+
+def without_passed_on_markers(
+    start: MutableMapping[str, Any], decided: bool
+) -> MutableMapping[str, Any]:
+    """The app's 5xx start message without the `x-fidelity-retry`, `x-fidelity-fault` or
+    (unless a layer of ours `decided` it: `shed_by`) `x-fidelity-decided-by` it carries:
+    one there was passed on from an upstream's answer (a gateway answering with its
+    upstream's response, headers and all). Our callers trust us, not the third party
+    behind us that our transport does not believe; passed on, its headers switched off
+    their retries and their breaker for us. Ours are added after this, as our own calls
+    found them (a trusted callee's markers among them). A new message when one goes (the
+    app's may be shared); never raises."""
+    try:
+        headers = start.get("headers")
+        if not headers:
+            return start
+        if not isinstance(headers, list | tuple):  # any iterable: read it only once
+            start["headers"] = headers = list(headers)
+        drop = _OWN_MARKERS if decided else _MARKERS
+        kept = [item for item in headers if bytes(item[0]).lower() not in drop]
+        if len(kept) == len(headers):
+            return start
+        return {**start, "headers": kept}
+    except Exception:  # malformed app headers: the server will say so, not us
+        return start
 
 
 def _has_retry_after(headers: Iterable[Any]) -> bool:

@@ -21,12 +21,13 @@ from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
 from .._types import Message, Receive, Scope, Send
-from ..context import DecisionContext
+from ..context import LAYER_CONCURRENCY, SHED, SOURCE_REQUEST, Decision, DecisionContext
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from .refusals import after_give_up
+from .refusals import after_give_up, without_passed_on_markers
 from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
@@ -73,6 +74,9 @@ _START: Final = "http.response.start"
 _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
+# the reason of the bulkhead's `shed` when a body message waited past the route's
+# `send_stall_timeout_s` for its client (ResponseWatcher.stall)
+SEND_STALLED: Final = "send_stalled"
 
 
 class HeldSlot(Protocol):
@@ -105,6 +109,13 @@ class ResponseWatcher:
     # (Any: compiled, a class-level default of a Protocol type is never set, and reading
     # the attribute raised AttributeError)
     slot: Any = None
+    # `[concurrency] send_stall_timeout_s` on a route with a slot (0: no bound): a body
+    # message before the last that its client has not taken in this long ends the
+    # response (`stall`), and `stalled` says so
+    stall_s = 0.0
+    stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
+    stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
+    stalled = False
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -177,13 +188,14 @@ class ResponseWatcher:
                 self.watch = None
                 del watch.inflight[self]
             headers = ctx.response_headers
-            if status >= 400 and (
-                ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed
-            ):
-                if headers and ctx.shed_by is not None:  # its units come back
-                    headers = refunded_fields(ctx, headers)
-                if status >= 500:
-                    headers = after_give_up(ctx, headers, message)
+            if status >= 400:  # (one test on the common path, as before)
+                if status >= 500:  # its markers are ours to write: see the function
+                    message = without_passed_on_markers(message, ctx.shed_by is not None)
+                if ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed:
+                    if headers and ctx.shed_by is not None:  # its units come back
+                        headers = refunded_fields(ctx, headers)
+                    if status >= 500:
+                        headers = after_give_up(ctx, headers, message)
             if headers:
                 # A new message with a new list: the app's may be shared (a reused
                 # Response object, a start message it keeps and sends again), and ours
@@ -202,18 +214,24 @@ class ResponseWatcher:
             slot: HeldSlot | None = self.slot
             if slot is not None:
                 slot.leave(True)
-        elif kind == _BODY and self.monotonic is not None:
+        elif kind == _BODY and (self.monotonic is not None or self.stall_s):
             # A body message before the last: a server's `send` waits while its client
             # has not taken what it was sent (uvicorn, past its write buffer's mark). That
             # wait is the client's (`DecisionContext.client_wait_s`).
+            if self.stall_s:
+                await self._bounded(message)  # (and timed, where the route measures)
+                return
             monotonic = self.monotonic
-            begun = monotonic()
-            await self._send(message)
-            self.ctx.client_wait_s += monotonic() - begun
-            return
-        # (inline, not `_send`: one coroutine frame less on every message of every request)
+            if monotonic is not None:
+                begun = monotonic()
+                await self._send(message)
+                self.ctx.client_wait_s += monotonic() - begun
+                return
+        # (inline, not `_send`: one coroutine frame less on every message of every request;
+        # a local: interpreted, calling an instance attribute is never specialized)
+        send = self.send
         try:
-            await self.send(message)
+            await send(message)
         except OSError:
             # The server could not write to the client: a disconnect, not the
             # route's failure (an OSError from the app's own backends is).
@@ -226,6 +244,94 @@ class ResponseWatcher:
         except OSError:
             self.ctx.client_disconnected = True  # (as in __call__)
             raise
+
+    async def _bounded(self, message: Message) -> None:
+        """Send a body message before the last, for at most `stall_s`: a client that
+        stopped reading (and keeps its connection) would hold the request's bulkhead
+        slot for as long as it likes, since a deadline never cuts a started response
+        and the server has no write timeout. Past the bound `stall` gives the slot back
+        and ends the response: this send raises `SendStalled`, an `OSError`, as a
+        server's send does for a connection that is gone."""
+        ctx = self.ctx
+        stalls = self.stalls
+        assert stalls is not None
+        task = self.stall_task
+        if task is None:  # (the task that sends: Starlette's streaming runs in a child)
+            try:
+                task = self.stall_task = asyncio.current_task()
+            except RuntimeError:  # no asyncio loop (trio): nothing to keep the bound on
+                self.stall_s = 0.0
+                await self._send(message)
+                return
+        begun = stalls.monotonic()
+        at = begun + self.stall_s
+        stalls.waiting[self] = at
+        # no timer set earlier; or one a second overdue, whose loop may be gone (or only
+        # busy: then the new one does its work)
+        if at < stalls._timer_at or begun > stalls._timer_at + 1.0:
+            stalls._schedule(at)
+        try:
+            await self.send(message)
+        except asyncio.CancelledError:
+            # ours (`stall`), and nobody else's cancel with it: the send ends here
+            if self.stalled and task is not None and task.uncancel() == 0:
+                raise self._stalled_error() from None
+            raise
+        except OSError:
+            ctx.client_disconnected = True  # (as in __call__)
+            raise
+        finally:
+            stalls.waiting.pop(self, None)
+            if self.monotonic is not None:
+                ctx.client_wait_s += self.monotonic() - begun
+
+    def stall(self) -> None:
+        """A body message waited `stall_s` for its client (StallWatch): give the slot
+        back, record the bulkhead's `shed` `send_stalled` decision and end the response
+        (cancel the send; `_bounded` raises `SendStalled` in its place, as any later
+        send does)."""
+        task = self.stall_task
+        if task is not None:
+            loop = task.get_loop()
+            if running_loop() is not loop and not loop.is_closed():
+                # (a clock's timer, advanced in another thread: the task is the loop's)
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(self.stall)
+                return
+        if self.stalled or self.complete:
+            return
+        self.stalled = True
+        ctx = self.ctx
+        # the client is as good as gone: no latency sample, no breaker outcome
+        ctx.client_disconnected = True
+        details = {"stalled_ms": float(round(self.stall_s * 1000.0, 3))}
+        now = ctx.engine.clock.monotonic()
+        ctx.decisions.append(
+            Decision(
+                LAYER_CONCURRENCY, ctx.route, SHED, SEND_STALLED, SOURCE_REQUEST, 0.0, now, details
+            )
+        )
+        slot: HeldSlot | None = self.slot
+        if slot is not None:
+            slot.leave(False)
+        self.send = self._closed
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _stalled_error(self) -> SendStalled:
+        return SendStalled(
+            f"fidelity_mw: the client took no part of the response of {self.ctx.route!r} "
+            f"for {self.stall_s:g} s ([concurrency] send_stall_timeout_s): response ended",
+            route=self.ctx.route,
+            stalled_s=self.stall_s,
+        )
+
+    async def _closed(self, message: Message) -> None:
+        """`send` once the response was ended for a stalled client: nothing more goes out
+        (not even a last message the app sends after catching `SendStalled`)."""
+        self.complete = False
+        self.ctx.response_complete = False
+        raise self._stalled_error()
 
 
 class ClientReceive:
@@ -398,6 +504,51 @@ class DeadlineWatch:
                 # that loop is not even woken up, and the request hangs)
                 with contextlib.suppress(RuntimeError):  # closed meanwhile
                     loop.call_soon_threadsafe(watcher.expire)
+        if earliest < math.inf:
+            self._schedule(earliest)
+
+
+class StallWatch:
+    """One timer for the body messages being sent on routes that bound a send's stall
+    (`send_stall_timeout_s`), not one per message: per message a clock read, a dict
+    insert and a delete (a timer handle each cost several times the message's own
+    work). The timer is set for the earliest bound it knows; when it fires it stalls the
+    sends past their bound and sets itself for the next. As sends end long before their
+    bound, most firings find nothing to do: one per bound's length at most."""
+
+    __slots__ = ("_call_later", "_timer", "_timer_at", "monotonic", "waiting")
+
+    def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
+        self.monotonic = monotonic
+        self._call_later = call_later  # None: the running event loop's
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.inf
+        self.waiting: dict[ResponseWatcher, float] = {}
+
+    def _schedule(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        call_later = self._call_later
+        if call_later is None:
+            call_later = asyncio.get_running_loop().call_later
+        self._timer_at = at
+        delay = at - self.monotonic()
+        self._timer = call_later(delay if delay > 0.0 else 0.0, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self.monotonic()
+        earliest = math.inf
+        stalled = []
+        for watcher, at in list(self.waiting.items()):  # (a copy: other loops' threads)
+            if at <= now:
+                stalled.append(watcher)
+            elif at < earliest:
+                earliest = at
+        for watcher in stalled:
+            self.waiting.pop(watcher, None)
+            watcher.stall()
         if earliest < math.inf:
             self._schedule(earliest)
 

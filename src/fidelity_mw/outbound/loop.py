@@ -315,9 +315,9 @@ def first_attempt(
         decision = _new_tuple(
             Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
         )
-        if ctx._pending is None:
+        if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
             ctx._decisions.append(decision)
-        else:
+        else:  # the admission's records built first, or room made (a long request)
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
@@ -692,10 +692,16 @@ def attempts(
                 if outcome == FAILURE and breaker is not None and not hedge:
                     mark(ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
                 raise error
-            if outcome == FAILURE and breaker is not None and not hedge:
-                # the call ends on a failure our breaker for the upstream counted: our 5xx
-                # for it says so (`x-fidelity-fault: upstream`), and our callers' breakers
-                # leave it to ours instead of opening on us for it
+            if not hedge and (
+                (outcome == FAILURE and breaker is not None)
+                or (outcome == IGNORED and response.status_code >= 500)
+            ):
+                # the call ends on a failure our breaker for the upstream counted, or on a
+                # trusted callee's 5xx that says the fault is not its own (a breaker past
+                # it counted it, or its control layer refused): our 5xx for it says so
+                # (`x-fidelity-fault: upstream`), and our callers' breakers leave it to the
+                # breaker that owns it instead of opening on us for it. (Unmarked, A's
+                # breaker for B opened on a fault C's breaker for D had counted.)
                 mark(ctx, False, None, True)
             if (
                 attempt > 1

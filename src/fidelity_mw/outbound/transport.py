@@ -612,9 +612,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             decision = _new_tuple(
                 _DECISION, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
             )
-            if ctx._pending is None:
+            if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
                 ctx._decisions.append(decision)
-            else:
+            else:  # the admission's records built first, or room made (a long request)
                 ctx.decisions.append(decision)
             if observer is None:
                 token = saved = None

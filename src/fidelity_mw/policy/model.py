@@ -913,7 +913,19 @@ class ConcurrencyConfig(_Validated):
     sheddable_share: float = _spec(0.5, number_in(0.0, 1.0, lo_open=True))
     tolerance: float = _spec(1.5, number_in(1.0, 100.0))
     shed_stale: bool = _spec(False, boolean)
-    newest_first: bool = _spec(False, boolean)
+    # None: on for an adaptive limit without `shed_stale` (docs/inbound.md, "newest of the turn")
+    newest_first: bool | None = _spec(None, optional(boolean))
+    # One body message of a streamed response not taken by its client in this long: the
+    # slot is given back and the response ended (0: never). nginx's `send_timeout`.
+    send_stall_timeout_s: float = _spec(60.0, number_in(0.0, 86_400.0))
+
+    @property
+    def admits_newest(self) -> bool:
+        """`newest_first` as it applies: set, or by default on for an adaptive limit
+        that does not shed stale requests."""
+        if self.newest_first is not None:
+            return self.newest_first
+        return self.adaptive and not self.shed_stale
 
     def _cross_checks(self) -> list[PolicyIssue]:
         issues = []

@@ -315,9 +315,18 @@ DESCRIPTIONS: dict[str, str] = {
     "concurrency.tolerance": "Adaptive: latency / floor ratio accepted before the limit shrinks.",
     "concurrency.shed_stale": "Adaptive: while the event loop is the bottleneck, shed requests "
     "that waited too long to be read (`stale`): latency first, some goodput traded for it.",
-    "concurrency.newest_first": "Adaptive: while the event loop is the bottleneck, hold the "
-    "requests read in one loop turn and admit the newest of them (one per turn); the others "
-    "are refused (`older_in_turn`) or queued.",
+    "concurrency.newest_first": "Adaptive: hold the requests read in one loop turn and admit "
+    "the newest of them (one per turn while the event loop is the bottleneck); the others are "
+    "refused (`older_in_turn`) or queued. The limit keeps at least the requests that keep the "
+    "loop 90 % busy (the busy floor). Unset: on for `adaptive = true` without `shed_stale`; "
+    "`false` for first come, first served.",
+    "concurrency.send_stall_timeout_s": "Seconds one body message of a streamed response "
+    "may wait for its client to take it (a client that stopped reading): past it the "
+    "request's slot is given back, a `shed` `send_stalled` decision recorded and the "
+    "response ended (the app's `send` raises, as for a client gone). `0`: never (a slot "
+    "is then held for as long as such a client keeps its connection). The default is "
+    "nginx's `send_timeout`. Only messages before the last: the slot is given back at "
+    "the last one anyway.",
     # [[upstream]]
     "upstream.host": "Host glob (`*.internal`, `payments.internal`); `*` for the default.",
     "upstream.breaker": "Host breaker: a table with the `[breaker]` keys, or `false` for none.",
@@ -472,6 +481,7 @@ _TYPES = {
     "int": "integer",
     "float": "number",
     "bool": "boolean",
+    "bool | None": "boolean",
     "int | None": "integer",
     "float | None": "number",
     "str | None": "string",

@@ -306,7 +306,11 @@ class LocalState:
         now: float,
     ) -> InboundResult:
         """Decide the route breaker and every limit of one request (see `StateStore.admit`)."""
-        self._acquire()  # cheaper than `with` on the per-request path
+        # Cheaper than `with` on the per-request path. Called from locals: interpreted,
+        # calling a callable kept in an instance attribute is never specialized (about
+        # 115 instructions more per call); compiled, the same plain calls as before.
+        acquire, release = self._acquire, self._release
+        acquire()
         try:
             gate: Gate | None = None
             state: BreakerState | None = None
@@ -407,7 +411,7 @@ class LocalState:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
             return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None, None))
         finally:
-            self._release()
+            release()
 
     def refund_now(
         self,
@@ -451,7 +455,8 @@ class LocalState:
         slow: bool,
         now: float,
     ) -> str:
-        self._acquire()  # cheaper than `with` on the per-request path
+        acquire, release = self._acquire, self._release  # (as in admit_now)
+        acquire()
         try:
             state = self.breakers.get(breaker_key)
             if state is None or state.config is not breaker:
@@ -478,7 +483,7 @@ class LocalState:
                 return CLOSED
             return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
         finally:
-            self._release()
+            release()
 
     def gate_now(self, breaker_key: str, breaker: BreakerParams, now: float) -> Gate:
         with self._lock:

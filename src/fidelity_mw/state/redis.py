@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import logging
 import random
 import threading
@@ -108,6 +109,17 @@ _REPLY_ERRORS = (IndexError, TypeError, ValueError, AttributeError)
 _OUTCOME_CODES = {SUCCESS: "s", FAILURE: "f", IGNORED: "i", BROKEN: "b"}
 
 _KEY_CACHE_MAX = 10_000
+# How many of the oldest entries a full key cache lets go at once: bounded steps, so the
+# admin page (which lists the keys this instance has used from these caches) keeps the
+# most recent 15/16 instead of starting over from none; in batches, because dropping a
+# dict's first entry one at a time rescans the deleted ones before it.
+_KEY_CACHE_EVICT = _KEY_CACHE_MAX // 16
+
+
+def _evict_oldest(cache: dict[Any, Any]) -> None:
+    """Drop the `_KEY_CACHE_EVICT` entries inserted first (dicts keep insertion order)."""
+    for old in list(itertools.islice(cache, _KEY_CACHE_EVICT)):
+        del cache[old]
 
 
 # ---------------------------------------------------------------- scripts
@@ -442,6 +454,9 @@ def _local_epoch(epoch: int) -> int:
 _OPEN_EPOCH: Final = -(2**62)  # a gate invented by on_error = "open"
 # Outcomes of probes whose gate's reply was lost, waiting for Redis (`_report_late`).
 _LATE_MAX: Final = 1024
+# How long `aclose` waits for Redis to take what is still queued for it (late probe
+# outcomes, deferred successes, budget counts): a shutdown must not hang on it.
+CLOSE_FLUSH_S: Final = 1.0
 # Where record.lua's arguments carry the deferred successes' count.
 _CARRIED: Final = 6
 
@@ -487,6 +502,7 @@ class RedisStore(StateStore):
             asyncio.AbstractEventLoop, tuple[RedisClient, Slots]
         ] = weakref.WeakKeyDictionary()
         self._bind_lock = threading.Lock()
+        self._closed = False  # aclose() ran and no client was made since (`_bind`)
         self._timeout_s = config.timeout_ms / 1000.0
         self._breaker_keys: dict[str, tuple[str, str]] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -535,7 +551,7 @@ class RedisStore(StateStore):
         cached = self._keys.get((kind, key))
         if cached is None:
             if len(self._keys) >= _KEY_CACHE_MAX:
-                self._keys.clear()
+                _evict_oldest(self._keys)
             cached = self._keys[(kind, key)] = hashed_key(self.prefix, kind, key)
         return cached
 
@@ -551,6 +567,7 @@ class RedisStore(StateStore):
         with self._bind_lock:
             known = self._clients.get(loop)
             if known is None:
+                self._reopening()
                 known = self._clients[loop] = (
                     build_client(self.url, self.config),
                     Slots(self.config.pool_size),
@@ -564,7 +581,7 @@ class RedisStore(StateStore):
         pair = self._breaker_keys.get(breaker_key)
         if pair is None:
             if len(self._breaker_keys) >= _KEY_CACHE_MAX:
-                self._breaker_keys.clear()
+                _evict_oldest(self._breaker_keys)
             pair = self._breaker_keys[breaker_key] = (
                 hashed_key(self.prefix, "br", breaker_key),
                 hashed_key(self.prefix, "bp", breaker_key),
@@ -1486,12 +1503,26 @@ class RedisStore(StateStore):
             return self._lost_probe(answer, breaker_key, breaker, args)
         return answer
 
+    def _reopening(self) -> None:
+        """A client is made (under `_bind_lock`). Used again after `aclose` (an app whose
+        lifespan runs twice, as two `with TestClient(app)` blocks do), the store reopens
+        as a new one would start; said, in case the close was meant to be the end (an
+        engine shared with an app that closed it)."""
+        if self._closed:
+            self._closed = False
+            logger.info(
+                "fidelity_mw: the Redis store (%s) is used again after aclose(): "
+                "opening a new client",
+                _server_of(self.url),
+            )
+
     def sync_link(self) -> SyncLink:
         link = self._sync_link
         if link is None:
             with self._bind_lock:
                 link = self._sync_link
                 if link is None:
+                    self._reopening()
                     plain, cluster = redis_url(self.url)
                     link = self._sync_link = SyncLink(
                         plain,
@@ -1708,7 +1739,63 @@ class RedisStore(StateStore):
         if mine is not None:
             await _close_client(mine[0])
 
+    def _unsent(self) -> tuple[int, int, int]:
+        """What this process holds for Redis and has not sent: late probe outcomes,
+        deferred plain successes, retry-budget request counts."""
+        now = self._clock.monotonic()
+        # (a late outcome whose probe lease has ended has no slot left to free)
+        late = sum(1 for e in self._late.values() if now - e[4] < e[1].probe_lease_s)
+        deferred = sum(int(entry[2]) for entry in self._deferred.values())
+        pending = sum(int(entry[1]) for entry in self._pending.values())
+        return late, deferred, pending
+
+    async def _send_unsent(self) -> None:
+        await self._send_late()
+        while self._deferred and self.health.up:
+            await self._flush_deferred_now()
+        while self._pending and self.health.up:
+            await self.outbound_gate(None, None, None, None, False, self._clock.monotonic())
+
+    async def _flush_at_close(self) -> None:
+        """Send what is queued for Redis before the connections close, for at most
+        `CLOSE_FLUSH_S`, if Redis answers; say what is left. A process that exits (a
+        deploy's shutdown) otherwise lost them without a word: a late probe outcome's
+        slot then held fleet-wide until its lease ended."""
+        if not any(self._unsent()):
+            return
+        dropped = self.stats.dropped_records
+        if self.health.up:
+            try:
+                await asyncio.wait_for(self._send_unsent(), CLOSE_FLUSH_S)
+            except (TimeoutError, StateUnavailable):  # (closed mode's fallback raises)
+                pass
+            except Exception:  # closing must go on
+                logger.debug("fidelity_mw: queued outcomes not sent at close", exc_info=True)
+        late, deferred, pending = self._unsent()
+        # what the flush dropped itself (a call Redis refused) is counted there too
+        lost_late_or_deferred = late + deferred + (self.stats.dropped_records - dropped)
+        if not (lost_late_or_deferred or pending):
+            return
+        self.stats.dropped_records += late + deferred
+        self._late.clear()
+        self._deferred.clear()
+        self._pending.clear()
+        why = (
+            "Redis is unreachable"
+            if not self.health.up
+            else f"Redis refused them or did not take them within {CLOSE_FLUSH_S:g} s"
+        )
+        logger.warning(
+            "fidelity_mw: closing the Redis store with %d breaker outcome(s) (probe "
+            "outcomes reported late, plain successes) and %d retry-budget request "
+            "count(s) not sent: %s",
+            lost_late_or_deferred,
+            pending,
+            why,
+        )
+
     async def aclose(self) -> None:
+        await self._flush_at_close()
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
@@ -1732,6 +1819,7 @@ class RedisStore(StateStore):
             mine = self._clients.pop(loop, None)
             self._clients.clear()
             self._bound = (None, None, Slots(self.config.pool_size))
+            self._closed = True
         if mine is not None:
             await _close_client(mine[0])
 

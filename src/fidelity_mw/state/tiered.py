@@ -54,7 +54,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import GateAnswer, InboundResult, LimitSpec, StateStore
-from .redis import SOURCE_REDIS, SYNC, RedisStore
+from .redis import CLOSE_FLUSH_S, SOURCE_REDIS, SYNC, RedisStore
 from .redis_sync import reply_error
 from .snapshot import (
     BreakerView,
@@ -1222,7 +1222,69 @@ class TieredStore(StateStore):
 
     # ------------------------------------------------------------ lifecycle
 
+    def _held(self) -> tuple[int, int]:
+        """Outcomes counted here and not yet sent, units leased and not spent."""
+        calls = sum(cb.calls for cb in self.breakers.values())
+        units = sum(sl.tokens for sl in self.slices.values() if sl.pending is None)
+        return calls, units
+
+    async def _sync_closing(self) -> None:
+        """The last syncs: every outcome counted here, every unit held given back."""
+        now = self._clock.monotonic()
+        for _ in range(64):  # (a bound besides the time: each round empties some)
+            breaker_keys = [k for k, cb in self.breakers.items() if cb.calls]
+            breaker_keys = breaker_keys[: MAX_SYNC_KEYS // 2]
+            limits = [
+                (key, sl.spec, sl.tokens, 0)
+                for key, sl in self.slices.items()
+                if sl.tokens > 0 and sl.pending is None
+            ][: MAX_SYNC_KEYS - len(breaker_keys)]
+            if not breaker_keys and not limits:
+                return
+            for key, _spec, _give, _want in limits:
+                del self.slices[key]  # (given back whole: `_apply_sync` finds none)
+            if await self._sync_call(breaker_keys, limits, now) < 0.0:
+                return
+
+    async def _flush_at_close(self) -> None:
+        """As `RedisStore._flush_at_close`: a process that exits (a deploy's shutdown)
+        lost the outcomes it counted since its last sync (its failures never reached
+        the fleet's breakers) and kept the units it had leased from the fleet's buckets
+        until they refilled. Sent for at most `CLOSE_FLUSH_S` if Redis answers; what is
+        left is counted and said once."""
+        if not any(self._held()):
+            return
+        exact = self.exact
+        dropped = exact.stats.dropped_records
+        if exact.health.up:
+            try:
+                await asyncio.wait_for(self._sync_closing(), CLOSE_FLUSH_S)
+            except TimeoutError:
+                pass
+            except Exception:  # closing must go on
+                logger.debug("fidelity_mw: tiered state not sent at close", exc_info=True)
+        calls, units = self._held()
+        lost = calls + (exact.stats.dropped_records - dropped)
+        if not (lost or units):
+            return
+        exact.stats.dropped_records += calls
+        self.breakers.clear()
+        self.slices.clear()
+        why = (
+            "Redis is unreachable"
+            if not exact.health.up
+            else f"Redis refused them or did not take them within {CLOSE_FLUSH_S:g} s"
+        )
+        logger.warning(
+            "fidelity_mw: closing the tiered store with %d breaker outcome(s) not sent "
+            "and %d leased unit(s) not given back (their buckets refill on their own): %s",
+            lost,
+            units,
+            why,
+        )
+
     async def aclose(self) -> None:
+        await self._flush_at_close()
         for lease in list(self._lease_tasks):
             lease.cancel()
         await asyncio.gather(*self._lease_tasks, return_exceptions=True)

@@ -231,6 +231,9 @@ class Metrics:
             counts = self.decisions.counts
             for key in summary.counter_keys:
                 counts[key] = counts.get(key, 0) + 1
+            for layer, _, verdict, _, source, n in summary.dropped_entries:
+                key = (layer, verdict, source)
+                counts[key] = counts.get(key, 0) + n
             if ctx is not None:
                 outcome = ctx.outcome or "unknown"
                 decided_by = ctx.decided_by or "none"
@@ -241,6 +244,12 @@ class Metrics:
                     _bump_locked(self.failures.counts, (s.CAUSE_APP, decided_by, ctx.route))
         if not summary.plain:
             self._record_subjects(decisions)
+            for layer, subject, verdict, _, _, n in summary.dropped_entries:
+                # a long request's records counted, not kept (context.py, MAX_DECISIONS)
+                if layer == LAYER_RETRY and verdict in _DRAWN:
+                    _bump_subject(self.budget, subject, "drawn", n)
+                elif layer == LAYER_BUDGET and verdict in (GIVE_UP, "reject"):
+                    _bump_subject(self.budget, subject, "exhausted", n)
 
     def _flush_locked(self) -> None:
         """Fold the pending request counts into the tallies (the lock is held)."""
@@ -378,7 +387,7 @@ def fallback_observations(watch: object) -> list[Observation]:
     return [Observation(1 if why in now else 0, {s.FALLBACK_WHY: why}) for why in s.FALLBACK_WHYS]
 
 
-def _bump_subject(tally: Tally, subject: str, result: str) -> None:
+def _bump_subject(tally: Tally, subject: str, result: str, n: int = 1) -> None:
     """Count one (subject, result) of the retry budget tally. Past the series bound the
     *subject* (an upstream host, which a service calling its clients' URLs has without
     end) folds into `_other`, never the result: the alert selects on the result."""
@@ -387,7 +396,7 @@ def _bump_subject(tally: Tally, subject: str, result: str) -> None:
         key = (subject, result)
         if key not in counts and len(counts) >= _MAX_SERIES:
             key = (_OTHER_SUBJECT, result)
-        counts[key] = counts.get(key, 0) + 1
+        counts[key] = counts.get(key, 0) + n
 
 
 def _bump_locked(counts: dict[tuple[str, ...], int], key: tuple[str, ...], n: int = 1) -> None:

@@ -385,13 +385,14 @@ def _detach_quietly(token: Any) -> None:
 class _Inbound:
     """The token `start` hands to `before_response_end` and `end`."""
 
-    __slots__ = ("end_ns", "exported", "owned", "span", "summary", "token")
+    __slots__ = ("dropped", "end_ns", "exported", "owned", "span", "summary", "token")
 
     def __init__(self, span: Span, token: object | None, owned: bool) -> None:
         self.span = span
         self.token = token  # the attached OpenTelemetry context (our own span only)
         self.owned = owned
         self.exported = -1  # decisions already sent as events; -1: not annotated yet
+        self.dropped = 0  # the context's dropped records then (a long request's)
         self.summary: Summary | None = None  # of those decisions
         # our own span's end: when the last body message went out (None: at `end`)
         self.end_ns: int | None = None
@@ -710,7 +711,11 @@ class Telemetry:
         summary = summary_of(ctx)
         self._annotate(ctx, span, False, summary, 0, provisional=True)
         token.exported = summary.count
+        token.dropped = ctx.dropped_total
         token.summary = summary
+        # the events at `end` start at this index: a long request's later records are
+        # dropped after it, never before (context.py, `_make_room`)
+        ctx.seal(summary.count)
 
     def end(self, ctx: DecisionContext, scope: Scope, token: Any) -> None:
         summary: Summary | None = None
@@ -734,7 +739,9 @@ class Telemetry:
                 elif token.exported < 0:
                     summary = summary_of(ctx)
                     self._late_span(ctx, token, summary)
-                elif ctx._pending is not None or token.exported == len(ctx._decisions):
+                elif ctx._pending is not None or (
+                    token.exported == len(ctx._decisions) and token.dropped == ctx.dropped_total
+                ):
                     # Annotated, and nothing was decided since: the records were still the
                     # admission's facts when summarised (nothing reads or adds one without
                     # building them first), or are as many as then.
@@ -860,6 +867,9 @@ class Telemetry:
         }
         if summary.stale:  # absent means 0, as OpenTelemetry does with resend_count
             attrs[_STALE_DECISIONS] = summary.stale
+        if summary.dropped:  # a long request's records, counted instead of kept
+            attrs[s.DECISIONS_DROPPED] = summary.dropped
+            attrs[s.DECISIONS_DROPPED_COUNTS] = summary.dropped_packed
         if decided_by is not None:
             attrs[_DECIDED_BY] = decided_by
         if outcome is not None:
@@ -1044,8 +1054,9 @@ class Telemetry:
         if metrics is None:
             return
         readable = self._observe_engine(ctx)
+        summary = summary_of(ctx)
         decisions = ctx.decisions
-        metrics.record(None, decisions, summarize(decisions))
+        metrics.record(None, decisions, summary)
         if not readable:
             self._note_breakers(decisions, None, ctx.engine)
 

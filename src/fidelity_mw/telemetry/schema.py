@@ -21,6 +21,12 @@ UPSTREAM_EXHAUSTED: Final = "fidelity.upstream_exhausted"
 INBOUND_ATTEMPT: Final = "fidelity.inbound_attempt"
 # the per-request summary: every decision packed, "layer/verdict/reason@source[+Nms]" ...
 DECISIONS: Final = "fidelity.decisions"
+# A long request's context dropped records to stay bounded (context.MAX_DECISIONS): how
+# many (absent: none), and how many of each "layer/verdict/reason@source", packed as
+# "layer/verdict/reason@source=N" separated by spaces; with `fidelity.decisions` (the
+# records kept) they count every decision the request took.
+DECISIONS_DROPPED: Final = "fidelity.decisions.dropped"
+DECISIONS_DROPPED_COUNTS: Final = "fidelity.decisions.dropped_counts"
 
 # ------------------------------------------------------------ the decision event
 

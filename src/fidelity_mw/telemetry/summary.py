@@ -30,6 +30,7 @@ from ..context import (
     SOURCE_REQUEST,
     Decision,
     DecisionContext,
+    DroppedKey,
 )
 from ..inbound.admission import admission_decisions, admission_shape
 
@@ -64,9 +65,22 @@ def entry_layer(layer: str, subject: str) -> str:
 class Summary:
     """What the span and the counters need of a request's decisions."""
 
-    __slots__ = ("aged", "count", "counter_keys", "flagged", "packed", "plain", "stale")
+    __slots__ = (
+        "aged",
+        "count",
+        "counter_keys",
+        "dropped",
+        "dropped_entries",
+        "dropped_packed",
+        "flagged",
+        "packed",
+        "plain",
+        "stale",
+    )
 
-    def __init__(self, decisions: Sequence[Decision]) -> None:
+    def __init__(
+        self, decisions: Sequence[Decision], dropped: dict[DroppedKey, list[int]] | None = None
+    ) -> None:
         parts = []
         stale = 0
         flagged = False
@@ -103,6 +117,26 @@ class Summary:
         self.plain = plain
         # some decision had a state age (in the packed text): a shape of its own
         self.aged = aged
+        # Records the context dropped to stay bounded (a long request: context.py,
+        # MAX_DECISIONS): how many, `fidelity.decisions.dropped_counts`'s text, and
+        # (layer, subject, verdict, reason, source, count) for the counters.
+        self.dropped = 0
+        self.dropped_packed = ""
+        self.dropped_entries: tuple[tuple[str, str, str, str, str, int], ...] = ()
+        if dropped:
+            entries = []
+            counted = []
+            for (layer, subject, verdict, reason, source), (n, n_stale) in dropped.items():
+                self.dropped += n
+                self.stale += n_stale
+                if verdict != ALLOW:
+                    self.flagged = True
+                entries.append(f"{entry_layer(layer, subject)}/{verdict}/{reason}@{source}={n}")
+                counted.append((layer, subject, verdict, reason, source, n))
+            self.dropped_packed = " ".join(entries)
+            self.dropped_entries = tuple(counted)
+            self.plain = False
+            self.aged = True  # one request's own: never cached as a shape
 
 
 _SHAPES: dict[tuple[tuple[object, ...], ...], Summary] = {}
@@ -137,7 +171,10 @@ def summary_of(ctx: DecisionContext) -> Summary:
     and the counters need only the summary, so most requests build no records."""
     pending = ctx._pending
     if pending is None or pending[0] is not admission_decisions or ctx._decisions:
-        return summarize(ctx.decisions)
+        decisions = ctx.decisions  # (first: it may make room, and count what it drops)
+        if ctx.dropped_total:
+            return Summary(decisions, ctx._dropped)
+        return summarize(decisions)
     key = admission_shape(ctx, pending[1], pending[2])
     if key is None:
         return summarize(ctx.decisions)

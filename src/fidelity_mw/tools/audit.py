@@ -2077,12 +2077,17 @@ def parse_fail_on(text: str) -> frozenset[str]:
 def render_text(report: AuditReport) -> str:
     out = [str(f) for f in report.findings]
     for file, error in report.skipped:
-        out.append(f"{file}: skipped, cannot parse ({error})")
+        out.append(f"{file}: skipped, not scanned ({error})")
     counts = report.summary_counts()
     files = len({f.file for f in report.findings})
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    out.append(
+    line = (
         f"{len(report.findings)} finding(s) ({summary}) in {files} file(s); "
         f"{report.scanned} file(s) scanned"
     )
+    if report.skipped:
+        # In the summary too: a reader (or a CI log) that sees only the last line must not
+        # take a partial scan for a whole one.
+        line += f", {len(report.skipped)} skipped (not read)"
+    out.append(line)
     return "\n".join(out) + "\n"

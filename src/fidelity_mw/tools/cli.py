@@ -2,8 +2,9 @@
 
 Exit codes: 0 clean, 1 findings (policy errors; audit findings of a
 `--fail-on` kind), 2 usage errors (bad arguments, unreadable files, an app
-that cannot be imported), 141 when the reader of the output went away
-(`fidelity-mw map app | head`), as for a process a shell's SIGPIPE ended.
+that cannot be imported), 3 an audit under `--fail-on` that could not read
+every file (unless `--allow-skipped`), 141 when the reader of the output went
+away (`fidelity-mw map app | head`), as for a process a shell's SIGPIPE ended.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3  # audit --fail-on: some files were not read, so the gate cannot vouch for them
 EXIT_PIPE = 128 + 13  # SIGPIPE: `| head` stopped reading
 
 
@@ -129,9 +131,21 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.json:
         doc = report.to_json()
         doc["fail_on"] = sorted(args.fail_on)
+        doc["allow_skipped"] = args.allow_skipped
         print(json.dumps(doc, indent=2))
     else:
         sys.stdout.write(render_text(report))
+    if not args.fail_on:
+        return EXIT_OK  # a report, not a gate
+    if report.skipped and not args.allow_skipped:
+        # A gate that passed over files it never read would vouch for code it has not seen.
+        # This outranks findings: fixing every finding listed still leaves the unread files.
+        print(
+            f"fidelity-mw audit: {len(report.skipped)} file(s) could not be read and were "
+            "not scanned; failing the gate (--allow-skipped to pass over them)",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
     if any(f.kind in args.fail_on for f in report.findings):
         return EXIT_FINDINGS
     return EXIT_OK
@@ -194,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Static scan (nothing is imported) for retry, circuit-breaker and "
         "rate-limiter logic outside fidelity_mw (and the timeouts, bulkheads and hedges of "
         "the all-in-one toolkits), with the policy key that replaces each. Exit 0, or 1 "
-        "when findings of the --fail-on kinds exist; 2 on usage errors.",
+        "when findings of the --fail-on kinds exist, or 3 under --fail-on when some files "
+        "could not be read (syntax errors, unreadable files); 2 on usage errors.",
     )
     audit.add_argument("paths", nargs="+", metavar="PATH")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
@@ -205,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KINDS",
         help="exit 1 when findings of these kinds exist: comma-separated retry, breaker, "
         "limiter, timeout, bulkhead, hedge, or any (default: always exit 0)",
+    )
+    audit.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="under --fail-on, do not fail (exit 3) when some files could not be read; "
+        "they are still listed as skipped",
     )
     audit.add_argument(
         "--exclude",

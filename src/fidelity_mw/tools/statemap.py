@@ -407,10 +407,17 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "; while the event loop is the bottleneck, sheds requests that waited over "
                 f"{conc.tolerance - 1:g}x the floor to be read (tick-sampled loop clock)"
             )
-        if conc.newest_first:
+        stall = (
+            f", or once one body message waited {conc.send_stall_timeout_s:g} s for its "
+            "client (send_stall_timeout_s: the response is ended)"
+            if conc.send_stall_timeout_s
+            else ""
+        )
+        if conc.admits_newest:
             queue += (
-                "; while the event loop is the bottleneck, admits the newest of each loop "
-                "turn's arrivals, one per turn"
+                "; admits the newest of each loop turn's arrivals (one per turn while the "
+                "event loop is the bottleneck), never fewer in flight than keep the loop "
+                "90 % busy"
             )
         rows.append(
             Layer(
@@ -425,7 +432,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "process memory (per process by design: it guards this process's capacity)",
                 "-",
                 "FidelityMiddleware: a slot taken on admission, given back when the response "
-                "ends; the adaptive limit learns each served request's latency",
+                f"ends{stall}; the adaptive limit learns each served request's latency",
                 "none",
                 "cannot fail",
             )

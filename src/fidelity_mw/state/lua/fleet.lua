@@ -28,6 +28,13 @@ local ttl = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
 local id = ARGV[1]
 redis.call('ZADD', KEYS[1], fmt(now), id)
+-- A member seen after now was seen before the server's clock went back (a step, a
+-- failover to a replica whose clock is behind): taken as seen now, or a dead one would
+-- stay live for the ttl plus the step (FleetTable does the same).
+local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. fmt(now), '+inf')
+for _, m in ipairs(ahead) do
+  redis.call('ZADD', KEYS[1], fmt(now), m)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl))
 redis.call('PEXPIRE', KEYS[1], ttl_ms(ttl * 10))
 local size = redis.call('ZCARD', KEYS[1])
@@ -72,6 +79,12 @@ for i = 1, #entries, 2 do
   local f = {string.match(entries[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+)$')}
   for k = 1, 5 do
     f[k] = tonumber(f[k])
+  end
+  if f[1] and f[2] and f[3] and f[4] and f[5] and f[1] > now then
+    -- the clock went back: the entry moves to now, as its member does
+    local shift = now - f[1]
+    f[1], f[2], f[4] = now, f[2] + shift, f[4] + shift
+    redis.call('HSET', KEYS[2], entries[i], table.concat({fmt(f[1]), fmt(f[2]), fmt(f[3]), fmt(f[4]), fmt(f[5])}, ' '))
   end
   if not (f[1] and f[2] and f[3] and f[4] and f[5]) or f[1] < retain then -- (or not ours)
     redis.call('HDEL', KEYS[2], entries[i])
