@@ -219,13 +219,14 @@ async def test_outage_admits_each_whole_limit_without_the_share(share_redis, tmp
     """Today's behaviour, for comparison: a quarter of 2x the load stays under a whole
     limit, so (nearly) every request decided in fallback is admitted. Nearly: a member
     starved for a moment by the busy machine meets its queued requests at once, and
-    more than a burst of them at one instant is refused (2.5 % in one measured run; a
-    helper's run beside six others' test suites, load 10, refused more than 10 %: hence
-    three quarters, which still shows the contrast with the share's test above)."""
+    more than a burst of them at one instant is refused (2.5 % in one measured run; runs
+    beside other test suites, load 7-10, refused 10-25 %). What it shows against the
+    share's test above: the fleet admits more than one fleet limit (the share's test
+    holds it to 1.2 x that; this one admits about 2 x)."""
     got = await outage_run(share_redis, tmp_path, share=False)
     said = got["summary"]
     assert got["shares"] == Counter({"-": got["fallback"]}), said  # type: ignore[comparison-overlap]
-    assert got["admitted"] >= 0.75 * got["fallback"], said
+    assert got["admitted"] > got["bound"], said
 
 
 # ---------------------------------------------------------------- one member takes ~all
