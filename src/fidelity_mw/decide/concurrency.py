@@ -56,7 +56,8 @@ This trades goodput for latency: the core idles through the await of a
 request let in alone whenever no fresh one arrives meanwhile
 (docs/inbound.md has the measured trade).
 
-Newest of the turn (adaptive, opt-in `newest_first`): the caller holds a
+Newest of the turn (adaptive, `newest_first`: the policy's default for an
+adaptive limit without `shed_stale`, policy/model.py): the caller holds a
 turn's non-critical arrivals and hands them over together (`admit_turn`, in
 arrival order) once the loop has run what was ready. Of
 them the newest of the best class that has room is admitted, while pacing at
