@@ -45,6 +45,16 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets() -> dict[int, str]:
+    """Open file descriptors of this process and what each is (`socket:[inode]`, a path),
+    for a failure message that names what was left open."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return targets
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """Poll a condition for a bounded time (for shutdowns, never to wait out a window)."""
     deadline = time.monotonic() + timeout_s
