@@ -95,8 +95,8 @@ def test_probe_slot_is_released_when_a_limit_rejects() -> None:
 
 
 def test_fast_path_results_carry_every_field() -> None:
-    """The hot path builds its NamedTuples without their constructors: every return
-    path must still produce all the fields, defaults included (a field added to
+    """The hot path builds its records without their constructors (interpreted): every
+    return path must still set all the fields, defaults included (a field added to
     InboundResult or LimitVerdict must be added there too)."""
     store = MemoryStore(rng=mid)
     one, two = limit(burst=1), limit("m", burst=1)
@@ -111,11 +111,11 @@ def test_fast_path_results_carry_every_field() -> None:
     results.append(store.admit_now("route:/x", BREAKER, ["l|e"], [one], T0 + 0.5))  # shed
     assert [r.admitted for r in results] == [True, True, True, False, True, False]
     for result in results:
-        assert len(result) == len(InboundResult._fields)
+        assert all(hasattr(result, name) for name in InboundResult._fields)
         assert result.fleet is None  # a memory decision is never a fleet share
         for verdict in result.limits:
             assert isinstance(verdict, LimitVerdict)
-            assert len(verdict) == len(LimitVerdict._fields)
+            assert all(hasattr(verdict, name) for name in LimitVerdict._fields)
 
 
 def test_limit_rejection_is_not_a_breaker_outcome() -> None:

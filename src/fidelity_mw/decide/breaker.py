@@ -32,7 +32,7 @@ an upstream breaking every body would sit at a failure ratio of 0.5.
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Any, ClassVar, Final
 
 from .specs import BreakerParams, RandomSource
 from .window import buckets_passed
@@ -60,18 +60,76 @@ def open_time(cfg: BreakerParams, reopens: int) -> float:
     return min(cfg.open_s, first * 2.0 ** min(reopens, 62))
 
 
-class Gate(NamedTuple):
-    """The breaker's answer before a call."""
+class Gate:
+    """The breaker's answer before a call. A slotted record, not a tuple (as
+    `decide.gcra.LimitVerdict`): fields by name; `_replace`, `_fields`, equality and
+    hashing as a NamedTuple's. Treat it as immutable."""
 
-    verdict: str  # "allow" | "probe" | "reject"
-    state: str
-    epoch: int
-    retry_after_s: float  # when rejected: time until a probe may be admitted
-    probe_id: int = 0  # non-zero for a probe: hand it back to `record`
-    # A shared store's fallback gate whose admission was sent with this probe id and
-    # its answer lost (a timeout): the shared state may have made the call a probe,
-    # so its outcome goes there too, by that id alone (`ANY_EPOCH`), once it answers.
-    sent_probe_id: int = 0
+    __slots__ = ("epoch", "probe_id", "retry_after_s", "sent_probe_id", "state", "verdict")
+
+    _fields: ClassVar[tuple[str, ...]] = (
+        "verdict",
+        "state",
+        "epoch",
+        "retry_after_s",
+        "probe_id",
+        "sent_probe_id",
+    )
+
+    def __init__(
+        self,
+        verdict: str,  # "allow" | "probe" | "reject"
+        state: str,
+        epoch: int,
+        retry_after_s: float,  # when rejected: time until a probe may be admitted
+        probe_id: int = 0,  # non-zero for a probe: hand it back to `record`
+        # A shared store's fallback gate whose admission was sent with this probe id and
+        # its answer lost (a timeout): the shared state may have made the call a probe,
+        # so its outcome goes there too, by that id alone (`ANY_EPOCH`), once it answers.
+        sent_probe_id: int = 0,
+    ) -> None:
+        self.verdict = verdict
+        self.state = state
+        self.epoch = epoch
+        self.retry_after_s = retry_after_s
+        self.probe_id = probe_id
+        self.sent_probe_id = sent_probe_id
+
+    def _replace(self, **changes: Any) -> Gate:
+        """A copy with these fields changed (NamedTuple's `_replace`)."""
+        new = Gate(
+            changes.pop("verdict", self.verdict),
+            changes.pop("state", self.state),
+            changes.pop("epoch", self.epoch),
+            changes.pop("retry_after_s", self.retry_after_s),
+            changes.pop("probe_id", self.probe_id),
+            changes.pop("sent_probe_id", self.sent_probe_id),
+        )
+        if changes:
+            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
+        return new
+
+    def _key(self) -> tuple[str, str, int, float, int, int]:
+        return (
+            self.verdict,
+            self.state,
+            self.epoch,
+            self.retry_after_s,
+            self.probe_id,
+            self.sent_probe_id,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Gate):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
+        return f"{type(self).__name__}({shown})"
 
 
 class BreakerState:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+from .gcra import LimitSpec as LimitSpec  # (compiled with gcra: a native class)
 
 # A source of uniform floats in [0, 1). `random.Random(seed).random` fits.
 RandomSource = Callable[[], float]
@@ -111,16 +113,3 @@ class RetrySpec:
     budget_ratio: float = 0.2
     budget_min_per_s: float = 3.0
     budget_window_s: float = 10.0
-
-
-class LimitSpec(NamedTuple):
-    """One rate limit as the decision code sees it: arithmetic only."""
-
-    name: str
-    interval_s: float  # emission interval: period / count
-    tolerance_s: float  # burst x interval_s
-    cost: int
-    shadow: bool
-    # Retry credit: how long a refund's credit stays spendable (seconds; 0: off;
-    # `decide.gcra.earn_credit`). The policy's `retry_credit_s` under `charge = "served"`.
-    credit_s: float = 0.0

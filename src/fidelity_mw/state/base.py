@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
 from ..decide.breaker import Gate
 from ..decide.fleet import FleetShare
-from ..decide.gcra import LimitVerdict
 from ..decide.specs import LimitSpec as LimitSpec
 from ..policy import BreakerConfig, RetryConfig
+from .local import InboundResult as InboundResult  # (compiled there: a native class)
 from .snapshot import SnapshotConfigs, StoreSnapshot
-
-
-class InboundResult(NamedTuple):
-    """The answer to `admit`: the breaker gate, each limit's verdict, and provenance."""
-
-    gate: Gate | None  # None when the route has no breaker
-    limits: tuple[LimitVerdict, ...]  # same order as the specs; () when the breaker shed
-    admitted: bool
-    source: str  # memory | redis | cache | fallback
-    age_s: float  # how old the state behind this decision was
-    # A local fallback decision of a shared store: the fleet share its limits used.
-    fleet: FleetShare | None = None
-    # A fallback decision of a shared store: why it decided without the shared state,
-    # "unreachable", "read_only" (a replica refused the writes) or "error" (it is up,
-    # this call failed); None otherwise.
-    why: str | None = None
 
 
 class GateAnswer(tuple[Gate | None, bool, str, float]):

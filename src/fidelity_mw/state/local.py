@@ -28,12 +28,15 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final, TypeVar
+from types import FunctionType
+from typing import Any, ClassVar, Final, TypeVar
 
 from .._mypyc import mypyc_attr
 from ..decide.breaker import CLOSED, IGNORED, SUCCESS, BreakerState, Gate
 from ..decide.budget import BudgetWindow
+from ..decide.fleet import FleetShare
 from ..decide.gcra import (
+    LimitSpec,
     LimitVerdict,
     credit_verdict,
     earn_credit,
@@ -45,13 +48,121 @@ from ..decide.gcra import (
     spend_credit,
 )
 from ..decide.specs import BreakerParams, BudgetParams, RandomSource
-from .base import InboundResult, LimitSpec
 
 _T = TypeVar("_T")
-# InboundResult without its NamedTuple constructor's Python frame (the hot path): every
-# field given, defaults too (tests/test_memory_store.py checks the arity)
-_new: Final = tuple.__new__
-_RESULT: Final = InboundResult  # compiled: a constant, not a lookup by name per request
+
+
+class InboundResult:
+    """The answer to `StateStore.admit`: the breaker gate, each limit's verdict, and
+    provenance. (Defined here, where the in-process store builds one per request, so the
+    compiled build makes it a native class; `state.base` exports it.) A slotted record,
+    not a tuple (as `decide.gcra.LimitVerdict`): `_replace`, `_fields`, equality and
+    hashing as a NamedTuple's. Treat it as immutable."""
+
+    __slots__ = ("admitted", "age_s", "fleet", "gate", "limits", "source", "why")
+
+    _fields: ClassVar[tuple[str, ...]] = (
+        "gate",
+        "limits",
+        "admitted",
+        "source",
+        "age_s",
+        "fleet",
+        "why",
+    )
+
+    def __init__(
+        self,
+        gate: Gate | None,  # None when the route has no breaker
+        limits: tuple[LimitVerdict, ...],  # same order as the specs; () when the breaker shed
+        admitted: bool,
+        source: str,  # memory | redis | cache | fallback
+        age_s: float,  # how old the state behind this decision was
+        # A local fallback decision of a shared store: the fleet share its limits used.
+        fleet: FleetShare | None = None,
+        # A fallback decision of a shared store: why it decided without the shared state,
+        # "unreachable", "read_only" (a replica refused the writes) or "error" (it is up,
+        # this call failed); None otherwise.
+        why: str | None = None,
+    ) -> None:
+        self.gate = gate
+        self.limits = limits
+        self.admitted = admitted
+        self.source = source
+        self.age_s = age_s
+        self.fleet = fleet
+        self.why = why
+
+    def _replace(self, **changes: Any) -> InboundResult:
+        """A copy with these fields changed (NamedTuple's `_replace`)."""
+        new = InboundResult(
+            changes.pop("gate", self.gate),
+            changes.pop("limits", self.limits),
+            changes.pop("admitted", self.admitted),
+            changes.pop("source", self.source),
+            changes.pop("age_s", self.age_s),
+            changes.pop("fleet", self.fleet),
+            changes.pop("why", self.why),
+        )
+        if changes:
+            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
+        return new
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.gate,
+            self.limits,
+            self.admitted,
+            self.source,
+            self.age_s,
+            self.fleet,
+            self.why,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InboundResult):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
+        return f"{type(self).__name__}({shown})"
+
+
+_object_new: Final = object.__new__
+
+
+def new_result(
+    gate: Gate | None, limits: tuple[LimitVerdict, ...], admitted: bool, source: str, age_s: float
+) -> InboundResult:
+    """`InboundResult(gate, limits, admitted, source, age_s)` (no fleet share, no fallback
+    reason), the in-process stores' answer per request. Interpreted, without the class call
+    (a class whose `__init__` is Python code costs an interpreter call of its own);
+    compiled, the native constructor (`object.__new__` would skip its setup)."""
+    if _INTERPRETED:
+        result: InboundResult = _object_new(InboundResult)
+        result.gate = gate
+        result.limits = limits
+        result.admitted = admitted
+        result.source = source
+        result.age_s = age_s
+        result.fleet = None
+        result.why = None
+        return result
+    return InboundResult(gate, limits, admitted, source, age_s)
+
+
+def _probe() -> None:
+    return None
+
+
+# This module runs as Python source (not compiled by mypyc)
+_INTERPRETED: Final = type(_probe) is FunctionType
+
+
 # A TAT this close to `now` (in emission intervals) is a full bucket: float sums
 # leave ulps behind (gcra uses the same slack when admitting).
 _FULL_SLACK: Final = 1e-6
@@ -321,9 +432,19 @@ class LocalState:
                 # closed: the gate `gate()` would return, without the call
                 gate = state.closed_gate if state.state == CLOSED else state.gate(now, self._rng)
                 if gate.verdict == "reject":
-                    return _new(_RESULT, (gate, (), False, "memory", 0.0, None, None))
-            if not limits:
-                return _new(_RESULT, (gate, (), True, "memory", 0.0, None, None))
+                    return InboundResult(gate, (), False, "memory", 0.0)
+            if not limits:  # (a route with a breaker alone: new_result, inline)
+                if _INTERPRETED:
+                    result: InboundResult = _object_new(InboundResult)
+                    result.gate = gate
+                    result.limits = ()
+                    result.admitted = True
+                    result.source = "memory"
+                    result.age_s = 0.0
+                    result.fleet = None
+                    result.why = None
+                    return result
+                return InboundResult(gate, (), True, "memory", 0.0)
             table = self.limits
             tats = table.tats
             n = len(limits)
@@ -342,16 +463,24 @@ class LocalState:
                     tats[key] = verdict.tat
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
-                    return _new(_RESULT, (gate, (verdict,), True, "memory", 0.0, None, None))
+                    if _INTERPRETED:  # new_result, inline: the common answer, one frame less
+                        result = _object_new(InboundResult)
+                        result.gate = gate
+                        result.limits = (verdict,)
+                        result.admitted = True
+                        result.source = "memory"
+                        result.age_s = 0.0
+                        result.fleet = None
+                        result.why = None
+                        return result
+                    return InboundResult(gate, (verdict,), True, "memory", 0.0)
                 if tat is not None and verdict.tat != tat:
                     tats[key] = verdict.tat  # repaired: stored before the clock went back
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
                         _keep_credit(table.credits, key, credited[1], credited[2])
-                        return _new(
-                            _RESULT, (gate, (credited[0],), True, "memory", 0.0, None, None)
-                        )
+                        return InboundResult(gate, (credited[0],), True, "memory", 0.0)
                 verdicts: tuple[LimitVerdict, ...] = (verdict,)
                 admitted = spec.shadow
             else:
@@ -409,7 +538,7 @@ class LocalState:
                         )
             if not admitted and state is not None and gate is not None and gate.probe_id:
                 state.record(gate.epoch, gate.probe_id, IGNORED, now, self._rng)
-            return _new(_RESULT, (gate, verdicts, admitted, "memory", 0.0, None, None))
+            return new_result(gate, verdicts, admitted, "memory", 0.0)
         finally:
             release()
 

@@ -54,6 +54,7 @@ from ..decide.fleet import FleetShare
 from ..decide.gcra import LimitVerdict
 from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import GateAnswer, InboundResult, LimitSpec, StateStore
+from .local import new_result
 from .redis import CLOSE_FLUSH_S, SOURCE_REDIS, SYNC, RedisStore
 from .redis_sync import reply_error
 from .snapshot import (
@@ -80,9 +81,6 @@ IDLE_INTERVALS: Final = 10
 MAX_SYNC_RUNS: Final = 4096
 # A slice's ready_at while every unit it holds conforms already (a roomy key).
 _ALL_CONFORM: Final = -math.inf
-# NamedTuples without their constructor's Python frame (the per-request path): every
-# field given, defaults too
-_new = tuple.__new__
 
 
 class Slice:
@@ -459,17 +457,14 @@ class TieredStore(StateStore):
         if remaining > burst:
             remaining = burst
         reset = (burst - remaining) * spec.interval_s
-        verdict = _new(LimitVerdict, (True, 0.0, remaining, reset, 0.0, False))
+        verdict = LimitVerdict(True, 0.0, remaining, reset, 0.0)
         synced = now - sl.synced_at
         if synced > age:
             age = synced
         stats.local += 1
         if now - self._last_sync >= 0.8 * sync_s:
             self._maybe_sync(now)
-        return _new(
-            InboundResult,
-            (gate, (verdict,), True, SOURCE_CACHE, age if age > 0.0 else 0.0, None, None),
-        )
+        return new_result(gate, (verdict,), True, SOURCE_CACHE, age if age > 0.0 else 0.0)
 
     async def admit(
         self,
