@@ -110,6 +110,11 @@ def log_policy_in_force(engine: Engine) -> None:
     )
 
 
+# no plan kept for a method (never written to)
+_NO_PLANS: Final[dict[str, RoutePlan]] = {}
+# plans kept by method and path, at most (as the engine keeps by (method, path))
+_MAX_PLANS: Final = 10_000
+
 # The context variable's methods, bound once: a plain call per request (compiled, no
 # method lookup by name)
 _set_current: Final = _CURRENT.set
@@ -186,6 +191,11 @@ class FidelityMiddleware:
         self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._plan_for = self.engine.plan_for
         self._plans = self.engine._plans
+        # The engine's plans by (method, path), looked up by method, then path: no tuple
+        # built, hashed and compared per request. Filled from the engine's cache alone (a
+        # host-routed app's plans are never there), bounded as it is (`_plan_of`).
+        self._by_method: dict[str, dict[str, RoutePlan]] = {}
+        self._by_method_size = 0
         store_ = self.engine.store
         # An in-process store decides without an await (None: await `admit`).
         self._admit_now = store_.admit_now
@@ -225,6 +235,28 @@ class FidelityMiddleware:
         cors = inner_cors(app)
         self._cors = CorsAnswers(cors) if cors is not None else None
 
+    def _plan_of(self, scope: Scope, method: str) -> RoutePlan:
+        """The engine's plan for this request, kept by method and path when the engine
+        keeps it by (method, path) for this root path (`__call__` looks there first)."""
+        path: str = scope["path"]
+        plans = self._plans
+        plan = plans.get((method, path))
+        if plan is None or plan.root_path != scope.get("root_path", ""):
+            plan = self._plan_for(scope)
+            if plans.get((method, path)) is not plan:
+                return plan  # routed by host, or under another root path: the engine's
+        by_method = self._by_method
+        if self._by_method_size >= _MAX_PLANS:
+            by_method.clear()
+            self._by_method_size = 0
+        paths = by_method.get(method)
+        if paths is None:
+            paths = by_method[method] = {}
+        if path not in paths:
+            self._by_method_size += 1
+        paths[path] = plan
+        return plan
+
     def _say_nested(self) -> None:
         self._nested_said = True
         logger.warning(
@@ -246,11 +278,11 @@ class FidelityMiddleware:
         now = self._monotonic()
         try:
             method = scope["method"]
-            plan = self._plans.get((method, scope["path"]))
+            plan = self._by_method.get(method, _NO_PLANS).get(scope["path"])
             # a plan is for its path under one root path (the policy's globs match the
             # path without it: engine.py); any other, and none cached, asks the engine
             if plan is None or plan.root_path != scope.get("root_path", ""):
-                plan = self._plan_for(scope)
+                plan = self._plan_of(scope, method)
             # A hand-built scope may leave out `headers` (the spec allows none): no headers.
             raw_headers = scope.get("headers") or ()
             if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
