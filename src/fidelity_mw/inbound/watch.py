@@ -27,7 +27,12 @@ from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from .refusals import after_give_up, without_passed_on_markers
+from .refusals import (
+    after_give_up,
+    raised_by_upstream,
+    reports_upstream,
+    without_passed_on_markers,
+)
 from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
@@ -597,7 +602,7 @@ class OutcomeRecorder:
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
             pending = self.finish(ctx, plan, result, FAILURE)
-            if ctx.upstream_exhausted or ctx.upstream_failed:
+            if (ctx.upstream_exhausted or ctx.upstream_failed) and raised_by_upstream(exc):
                 # the upstream's fault: not the client's quota
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return pending
@@ -647,10 +652,10 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_SERVED
             pending = self.finish(ctx, plan, result, SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, True, False))
-        elif (ctx.upstream_exhausted or ctx.upstream_failed) and (status is None or status >= 500):
+        elif reports_upstream(ctx, status):
             # the outbound layer gave up on an upstream, or the upstream failed a call our
-            # breaker for it counted: not the client's quota (its retry, which we did not
-            # make, is paid from the credit the refund earns)
+            # breaker for it counted, and the answer says so: not the client's quota (its
+            # retry, which we did not make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
