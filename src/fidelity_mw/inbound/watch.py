@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from sys import get_asyncgen_hooks
 from typing import Any, Final, Protocol
 
+import httpx
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
@@ -90,6 +91,13 @@ class HeldSlot(Protocol):
     def leave(self, admitted_app: bool) -> None: ...
 
 
+# The errors whose 500 a handler inside us sends is held (`ResponseWatcher.held`): those
+# the middleware may answer (refusals.control_refusal, upstream_failure); and how many
+# messages of it at most (an error page is one or two).
+_MAY_ANSWER: Final = (httpx.HTTPError,)
+_MOST_HELD: Final = 8
+
+
 class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got.
 
@@ -121,6 +129,15 @@ class ResponseWatcher:
     stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
     stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
     stalled = False
+    # A 500 sent while an error the middleware may answer itself (an outbound refusal or
+    # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
+    # handler between the app and us sends before it re-raises (Starlette's
+    # ServerErrorMiddleware, inside us when we wrap a Starlette or FastAPI app from
+    # outside). Held, unsent, until the error reaches the middleware: it answers the
+    # error instead (503 for a CircuitOpen), or lets these out after all
+    # (`release_held`). Sent at once, the 500 made our answer impossible.
+    held: list[Message] | None = None
+    held_exc: BaseException | None = None
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -184,8 +201,14 @@ class ResponseWatcher:
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == _START:
-            ctx = self.ctx
             status = message["status"]
+            if status == 500 and not self.started and self.held is None:
+                handled = sys.exception()
+                if handled is not None and isinstance(handled, _MAY_ANSWER):
+                    self.held = [message]
+                    self.held_exc = handled
+                    return
+            ctx = self.ctx
             ctx.status = status
             self.started = True
             watch = self.watch
@@ -206,6 +229,12 @@ class ResponseWatcher:
                 # Response object, a start message it keeps and sends again), and ours
                 # would pile up in it, request after request.
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        elif self.held is not None:  # the rest of a held 500
+            held = self.held
+            held.append(message)
+            if len(held) > _MOST_HELD:  # not a short error page: it goes out as it is
+                await self.release_held()
+            return
         elif (
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
@@ -242,6 +271,16 @@ class ResponseWatcher:
             # route's failure (an OSError from the app's own backends is).
             self.ctx.client_disconnected = True
             raise
+
+    async def release_held(self) -> None:
+        """Send the held 500 after all (the middleware does not answer its error)."""
+        held = self.held
+        if held is None:
+            return
+        self.held = None
+        self.held_exc = None
+        for message in held:
+            await self(message)
 
     async def _send(self, message: Message) -> None:
         try:
