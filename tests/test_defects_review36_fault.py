@@ -5,6 +5,7 @@ response reports, not any failure an earlier, optional call of the request met."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from starlette.routing import Route
 
 from fidelity_mw import (
     BreakerConfig,
+    CircuitOpen,
     FidelityMiddleware,
     FidelityTransport,
     Policy,
@@ -32,6 +34,7 @@ def _service(
     answers: list[int],
     handler: Callable[[httpx.AsyncClient], Any],
     attempts: int = 1,
+    breaker: BreakerConfig = BreakerConfig(),  # noqa: B008 - frozen
 ) -> Any:
     """A service whose one route calls an upstream answering `answers` in turn (then
     200), under a limit of one request a minute (`charge = "served"`)."""
@@ -53,7 +56,7 @@ def _service(
     retry = RetryConfig(attempts=attempts, base_ms=10, max_ms=10)
     policy = Policy(
         rate_limits=(RateLimit(name="per-client", rate="1/min", burst=1),),
-        upstreams=(UpstreamConfig(host="*", retry=retry, breaker=BreakerConfig()),),
+        upstreams=(UpstreamConfig(host="*", retry=retry, breaker=breaker),),
     )
     app.add_middleware(
         FidelityMiddleware, policy=policy, clock=clock, rng=seeded_random(3), telemetry=False
@@ -179,3 +182,49 @@ def test_a_gateway_answer_after_a_give_up_stays_exhausted() -> None:
     assert first.status_code == 503
     assert first.headers["x-fidelity-retry"] == "exhausted"
     assert second.status_code == 200
+
+
+# ---------------------------------------- the same for a refusal inside the app (shed_by)
+
+ONE_STRIKE = BreakerConfig(consecutive_failures=1, open_min_s=60.0, open_s=60.0)
+
+
+async def _optional_refused_then(client: httpx.AsyncClient, own: str) -> Response:
+    # the optional call fails (its breaker opens), the next is refused by that breaker
+    # before it is sent (CircuitOpen, caught: the page goes on without it)
+    await client.get(UP_URL)
+    with contextlib.suppress(CircuitOpen):
+        await client.get(UP_URL)
+    if own == "raise":
+        raise RuntimeError("our own bug")
+    if own == "503":
+        return Response(b"recommendations unavailable", 503)  # the refusal, reported
+    return Response(b"our own bug", 500)
+
+
+def test_an_apps_own_500_after_an_optional_refusal_is_its_own() -> None:
+    first, second = _twice(
+        _service([500], lambda c: _optional_refused_then(c, "500"), breaker=ONE_STRIKE)
+    )
+    assert first.status_code == 500
+    assert "x-fidelity-retry" not in first.headers  # (the refusal's give-up: not this 500's)
+    assert second.status_code == 429  # charged: not shed by the upstream's breaker
+
+
+def test_an_apps_own_error_after_an_optional_refusal_is_charged() -> None:
+    first, second = _twice(
+        _service([500], lambda c: _optional_refused_then(c, "raise"), breaker=ONE_STRIKE)
+    )
+    assert first.status_code == 500
+    assert second.status_code == 429
+
+
+def test_a_503_for_the_refusal_is_still_the_refusals() -> None:
+    first, second = _twice(
+        _service([500], lambda c: _optional_refused_then(c, "503"), breaker=ONE_STRIKE)
+    )
+    assert first.status_code == 503
+    assert first.headers["x-fidelity-retry"] == "exhausted"
+    # its unit came back: the next request is admitted, and meets the open breaker
+    assert second.status_code == 503
+    assert second.headers["x-fidelity-decided-by"] == "breaker"

@@ -16,6 +16,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any, Final
 
 import httpx
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..context import (
     GIVE_UP,
@@ -331,6 +332,42 @@ def reports_upstream(ctx: DecisionContext, status: int | None) -> bool:
     return (ctx.upstream_failed or ctx.upstream_exhausted) and status in GATEWAY_STATUSES
 
 
+# What an answer says when a layer refused the request inside the app (`shed_by`): a
+# form's 429 (`Depends(limit)`), or an outbound refusal answered as one of the gateway
+# statuses (or let out: the middleware answers it).
+REFUSED_STATUSES: Final = (429, *GATEWAY_STATUSES)
+
+
+def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
+    """Whether the app's answer `status` reports the refusal a layer inside it made
+    (`shed_by`), not a failure of its own after one: a page whose optional call its
+    upstream's breaker refused (it went on without it) and that then failed on its own
+    is the route's failure (its breaker counts it; the client's units stay spent)."""
+    return ctx.shed_by is not None and status in REFUSED_STATUSES
+
+
+def raised_by_refusal(exc: BaseException) -> bool:
+    """Whether the error the app let out is a layer's refusal (an outbound `CircuitOpen`,
+    `DeadlineExceeded`, any transport error; a form's HTTPException), itself or raised
+    `from` one: not an error of the app's own after a refusal it handled."""
+    return _in_chain(exc, (httpx.TransportError, StarletteHTTPException))
+
+
+def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    todo: list[BaseException] = [exc]
+    seen = 0
+    while todo and seen < 32:  # (bounded: a cycle, a huge group)
+        seen += 1
+        err = todo.pop()
+        if isinstance(err, kinds):
+            return True
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        if err.__cause__ is not None:
+            todo.append(err.__cause__)
+    return False
+
+
 def raised_by_upstream(exc: BaseException) -> bool:
     """Whether the error the app let out is an upstream's failure: an httpx transport
     error or `raise_for_status()` on a 5xx, itself or raised `from` one (or in a group
@@ -365,11 +402,13 @@ def after_give_up(
     reports it: `reports_upstream`), and `Retry-After` from `retry_advice` unless the
     app set one (the app's wins). Never raises: a response is never failed for its
     advice."""
-    reported = reports_upstream(ctx, start.get("status"))
-    if not reported and ctx.shed_by is None:
+    status = start.get("status")
+    reported = reports_upstream(ctx, status)
+    shed = reports_refusal(ctx, status)
+    if not reported and not shed:
         return headers  # the app's own failure: nothing of an upstream's to say
     extra: Headers = list(headers or ())
-    if ctx.upstream_exhausted and (reported or ctx.shed_by is not None):
+    if ctx.upstream_exhausted:
         extra.append(EXHAUSTED)
     if reported and ctx.upstream_failed:
         extra.append(UPSTREAM_FAULT)

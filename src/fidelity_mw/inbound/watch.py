@@ -30,7 +30,9 @@ from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .refusals import (
     after_give_up,
+    raised_by_refusal,
     raised_by_upstream,
+    reports_refusal,
     reports_upstream,
     without_passed_on_markers,
 )
@@ -218,9 +220,9 @@ class ResponseWatcher:
             headers = ctx.response_headers
             if status >= 400:  # (one test on the common path, as before)
                 if status >= 500:  # its markers are ours to write: see the function
-                    message = without_passed_on_markers(message, ctx.shed_by is not None)
+                    message = without_passed_on_markers(message, reports_refusal(ctx, status))
                 if ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed:
-                    if headers and ctx.shed_by is not None:  # its units come back
+                    if headers and reports_refusal(ctx, status):  # its units come back
                         headers = refunded_fields(ctx, headers)
                     if status >= 500:
                         headers = after_give_up(ctx, headers, message)
@@ -635,8 +637,9 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and isinstance(exc, Exception):
-            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision
+        elif ctx.shed_by is not None and isinstance(exc, Exception) and raised_by_refusal(exc):
+            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision (not
+            # an error of the app's own after a refusal it handled: `raised_by_refusal`)
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
@@ -679,7 +682,7 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and (status is None or status >= 400):
+        elif reports_refusal(ctx, status):
             return self.shed_downstream(ctx, plan, result, keys)
         elif (plan.slash_redirect and (status == 307 or status == 308)) or (
             plan.not_allowed and status == 405
