@@ -332,18 +332,15 @@ def reports_upstream(ctx: DecisionContext, status: int | None) -> bool:
     return (ctx.upstream_failed or ctx.upstream_exhausted) and status in GATEWAY_STATUSES
 
 
-# What an answer says when a layer refused the request inside the app (`shed_by`): a
-# form's 429 (`Depends(limit)`), or an outbound refusal answered as one of the gateway
-# statuses (or let out: the middleware answers it).
-REFUSED_STATUSES: Final = (429, *GATEWAY_STATUSES)
-
-
 def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
     """Whether the app's answer `status` reports the refusal a layer inside it made
-    (`shed_by`), not a failure of its own after one: a page whose optional call its
+    (`shed_by`): a 4xx (a form's 429, or what its `on_reject` hook made of it) or a
+    gateway status, not a 500 of its own after one: a page whose optional call its
     upstream's breaker refused (it went on without it) and that then failed on its own
     is the route's failure (its breaker counts it; the client's units stay spent)."""
-    return ctx.shed_by is not None and status in REFUSED_STATUSES
+    if ctx.shed_by is None or status is None:
+        return False
+    return 400 <= status < 500 or status in GATEWAY_STATUSES
 
 
 def raised_by_refusal(exc: BaseException) -> bool:
