@@ -33,6 +33,14 @@ request than outside one. `--count` adds the bytecode instructions each variant 
 per request (`sys.settrace` opcode events): a count, so the machine's load does
 not move it, and the paired times follow it.
 
+`--by-function` splits the telemetry's bytecodes (`instr+fidelity` - `instr+fidelity-off`)
+by the function that ran them, with the Python calls each made: what the telemetry is,
+call by call. `--instructions` counts machine instructions per request instead of timing
+(`valgrind --tool=callgrind`, user space, each variant run with and without `--requests`
+more requests after the same warm-up, the difference per request): a count the machine's
+load does not move, which includes what bytecodes do not show (C calls, the allocator,
+the garbage collector).
+
 `--hooks` times the observer alone instead: its `start`, `before_response_end`
 and `end` on one captured allowed request, around a real SDK server span started
 and ended as the ASGI instrumentation does, against the same loop without the
@@ -51,7 +59,7 @@ there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
-        [--hooks] [--no-write]
+        [--by-function] [--instructions [--requests N]] [--hooks] [--no-write]
 """
 
 from __future__ import annotations
@@ -61,9 +69,13 @@ import asyncio
 import collections
 import gc
 import importlib
+import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -285,6 +297,135 @@ async def bytecodes_per_request(app: Any, n: int) -> float:
     finally:
         sys.settrace(None)
     return executed / n
+
+
+def _where(code: Any) -> str:
+    """A function as `package/module.py:qualname`, site-packages and src/ left off."""
+    path = code.co_filename.split("site-packages/")[-1].split("/src/")[-1]
+    return f"{path}:{code.co_qualname}"
+
+
+async def bytecodes_by_function(app: Any, n: int) -> tuple[collections.Counter[str], ...]:
+    """(bytecodes, calls) per function over n requests."""
+    executed: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            executed[_where(frame.f_code)] += 1
+        return local
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        calls[_where(frame.f_code)] += 1
+        return local
+
+    sys.settrace(trace)
+    try:
+        await run_batch(app, n)
+    finally:
+        sys.settrace(None)
+    return executed, calls
+
+
+async def by_function(n: int = 200) -> str:
+    """The telemetry itself (`instr+fidelity` - `instr+fidelity-off`), function by function."""
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+    mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    apps = build(tp, mp)
+    on, off = apps["instr+fidelity"], apps["instr+fidelity-off"]
+    for app in (on, off):
+        await run_batch(app, 300)
+    (ran, called), (ran_off, called_off) = [await bytecodes_by_function(a, n) for a in (on, off)]
+    rows = []
+    for where in set(ran) | set(ran_off) | set(called) | set(called_off):
+        more = (ran[where] - ran_off[where]) / n
+        calls = (called[where] - called_off[where]) / n
+        if abs(more) >= 0.5 or abs(calls) >= 0.05:
+            rows.append((more, calls, where))
+    rows.sort(key=lambda row: (-row[0], row[2]))
+    total = (sum(ran.values()) - sum(ran_off.values())) / n
+    sdk = sum(more for more, _, where in rows if where.startswith(("opentelemetry/", "<frozen")))
+    lines = [
+        "| bytecodes/request | Python calls/request | function |",
+        "|---:|---:|---|",
+        *(f"| {more:+.0f} | {calls:+.2f} | `{where}` |" for more, calls, where in rows),
+        "",
+        f"The telemetry itself: {total:+.0f} bytecodes per request, of which OpenTelemetry's "
+        f"(API and SDK) {sdk:+.0f}; {n} requests of each variant after a warm-up, "
+        "`sys.settrace` opcode events by the function that ran them.",
+    ]
+    tp.shutdown()
+    mp.shutdown()
+    return "\n".join(lines)
+
+
+INSTRUCTION_VARIANTS = ("instr", "instr+fidelity", "instr+fidelity-off", "fidelity-off", "bare")
+
+
+def run_one(variant: str, n: int) -> None:
+    """One variant, warmed up, then n requests (a callgrind run of `--instructions`)."""
+
+    async def go() -> None:
+        tp = TracerProvider()
+        tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+        mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        app = build(tp, mp, working_set=True)[variant]
+        await run_batch(app, 500)
+        # A full collection walks every object of the process (the imports, the warm-up):
+        # one more or one fewer in one of the two runs moved the difference by ~10k
+        # instructions per request. Frozen, a collection walks only the requests' objects.
+        gc.collect()
+        gc.freeze()
+        if n:
+            await run_batch(app, n)
+
+    asyncio.run(go())
+
+
+def count_instructions(variant: str, requests: int) -> float:
+    """Instructions per request: a callgrind run with `requests` more than one without."""
+    totals = []
+    for n in (0, requests):
+        with tempfile.TemporaryDirectory(prefix="telemetry-cg-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            argv += [sys.executable, str(Path(__file__).resolve()), "--one", variant]
+            subprocess.run(
+                [*argv, "--requests", str(n)],
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for line in out.read_text().splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    totals.append(int(line.split()[1]))
+                    break
+    return (totals[1] - totals[0]) / requests
+
+
+def instructions_report(counts: dict[str, float], requests: int) -> str:
+    over = (
+        ("instr+fidelity", "instr", "tracing on, in the instrumented request"),
+        ("instr+fidelity", "instr+fidelity-off", "the telemetry itself"),
+        ("instr+fidelity-off", "instr", "the middleware, tracing off, inside it"),
+        ("fidelity-off", "bare", "the middleware, tracing off, on a bare route"),
+    )
+    lines = ["| variant | instructions/request |", "|---|---:|"]
+    lines += [f"| {name} | {value:,.0f} |" for name, value in counts.items()]
+    lines.append("")
+    for name, base, what in over:
+        more = counts[name] - counts[base]
+        lines.append(f"- {what}: {more:+,.0f} ({counts[name] / counts[base]:.3f}x {base})")
+    lines += [
+        "",
+        f"callgrind, user space: each variant with and without {requests} requests after the "
+        "same 500-request warm-up (PYTHONHASHSEED=0; the warm-up's objects then frozen, "
+        "`gc.freeze()`), the difference per request.",
+    ]
+    return "\n".join(lines)
 
 
 async def measure(
@@ -627,8 +768,35 @@ def main() -> None:
     parser.add_argument(
         "--hooks", action="store_true", help="time the observer's hooks alone (see above)"
     )
+    parser.add_argument(
+        "--by-function",
+        action="store_true",
+        help="the telemetry's bytecodes and calls per request, function by function (print only)",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count machine instructions per request with callgrind instead (print only)",
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="with --instructions")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    if args.one:
+        run_one(args.one, args.requests)
+        return
+    if args.by_function:
+        print(asyncio.run(by_function()))
+        return
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind not found (Debian package valgrind)")
+        counts = {}
+        for name in INSTRUCTION_VARIANTS:
+            counts[name] = count_instructions(name, args.requests)
+            print(f"{name}: {counts[name]:,.0f}", file=sys.stderr, flush=True)
+        print(instructions_report(counts, args.requests))
+        return
     if args.hooks:
         repeats, n = max(args.rounds // 2, 5), 5000
         best = asyncio.run(hooks_profile(args.baseline, repeats, n))

@@ -216,16 +216,17 @@ def test_a_trusted_callees_refusal_an_app_passes_on_is_still_disowned() -> None:
 
 
 def test_a_marker_of_ours_on_a_passed_on_answer_is_said_once() -> None:
-    # B's breaker for the third party counted its 500: B's answer is marked, by B, once
-    # (the upstream's own copy of the header, passed on, is not a second one).
+    # B's breaker for the third party counted its 502: B's answer is marked, by B, once
+    # (the upstream's own copy of the header, passed on, is not a second one). (A 500
+    # passed on is B's own since review 36: tests/test_defects_review36_fault.py.)
     clock = FakeClock()
     served: list[str] = []
     b = _gateway(
-        _mock(500, {"x-fidelity-fault": "upstream"}, clock), THIRD_PARTY_URL + "/", clock,
-        served, forward=True,
+        _mock(502, {"x-fidelity-fault": "upstream"}, clock), THIRD_PARTY_URL + "/", clock,
+        served, forward=True, method="POST",
     )  # fmt: skip
     (answer,) = _get_all(b, 1)
-    assert answer.status_code == 500
+    assert answer.status_code == 502
     assert answer.headers.get_list("x-fidelity-fault") == ["upstream"]
 
 

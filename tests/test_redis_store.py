@@ -7,7 +7,6 @@ import asyncio
 import re
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from fidelity_mw.state.redis import (
 )
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import seeded_random
+from redis_clock import RedisClock
 from redis_server import PATIENT, QUIET
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -126,74 +126,62 @@ async def test_one_round_trip_per_request(redis_url: str, redis_server) -> None:
     assert "cmdstat_eval" not in calls
 
 
-async def test_breaker_transitions_like_memory_store(redis_url: str) -> None:
-    """closed -> open -> half_open (probes limited) -> closed, step by step."""
-    # Redis decides on its own clock (TIME), which no fake clock moves: the open
-    # window is kept short and waited out for real.
+async def test_breaker_transitions_like_memory_store(
+    redis_url: str, redis_clock: RedisClock
+) -> None:
+    """closed -> open -> half_open (probes limited) -> closed, step by step, both stores
+    on one pinned clock (the scripts read it for TIME): no real wait, and no machine's
+    stall can move one store's clock past open_s and not the other's."""
     cfg = BreakerConfig(min_calls=4, failure_ratio=0.5, open_s=0.1, open_jitter=0.0,
                         half_open_probes=2)  # fmt: skip
     redis_store = store(redis_url)
-    try:
-        # A run in which the machine stalled past open_s right after the breaker opened
-        # cannot see it reject; it is run again on a fresh key (a bounded few times).
-        for attempt in range(3):
-            if await _transitions(redis_store, cfg, f"route:/b{attempt}"):
-                break
-        else:
-            pytest.fail("every run stalled for longer than open_s after the breaker opened")
-    finally:
-        await redis_store.aclose()
-
-
-async def _transitions(redis_store: RedisStore, cfg: BreakerConfig, key: str) -> bool:
-    """The step-by-step run; False when it stalled before the check for `reject`."""
     memory = MemoryStore(rng=seeded_random(7))
+    key = "route:/b"
+    clock = redis_clock
+
+    def tick(step_s: float = 0.001) -> float:
+        clock.set(clock.now + step_s)
+        return clock.now
 
     async def both_gate():  # type: ignore[no-untyped-def]
-        now = time.monotonic()
+        now = tick()
         got = await redis_store.admit(key, cfg, (), (), now)
         want = memory.admit_now(key, cfg, (), (), now)
         assert flat(got) == flat(want)
         return got.gate, want.gate
 
     async def both_record(gates, outcome):  # type: ignore[no-untyped-def]
-        now = time.monotonic()
+        now = tick()
         state = await redis_store.record(key, cfg, gates[0], outcome, False, now)
         assert state == memory.record_now(key, cfg, gates[1], outcome, False, now)
         return state
 
-    for outcome in (SUCCESS, SUCCESS, FAILURE, FAILURE):
-        gates = await both_gate()
-        assert gates[0].verdict == "allow"
-        recorded_from = time.monotonic()
-        state = await both_record(gates, outcome)
-    assert state == "open"
-    now = time.monotonic()
-    got = await redis_store.admit(key, cfg, (), (), now)
-    # Both clocks opened the breaker after `recorded_from` and gated before this moment:
-    # less than open_s apart, both must still reject.
-    if time.monotonic() - recorded_from >= cfg.open_s:
-        return False
-    want = memory.admit_now(key, cfg, (), (), now)
-    assert flat(got) == flat(want)
-    assert got.gate is not None
-    assert got.gate.verdict == "reject"
-    assert 0.0 < got.gate.retry_after_s <= 0.1
-    await anyio.sleep(0.15)
-    probe1 = await both_gate()
-    probe2 = await both_gate()
-    third = await both_gate()
-    assert [probe1[0].verdict, probe2[0].verdict, third[0].verdict] == [
-        "probe",
-        "probe",
-        "reject",
-    ]
-    assert third[0].state == "half_open"
-    assert await both_record(probe1, SUCCESS) == "closed"
-    # the other probe reports late: its slot died with the epoch, nothing changes
-    assert await both_record(probe2, FAILURE) == "closed"
-    assert (await both_gate())[0].verdict == "allow"
-    return True
+    try:
+        for outcome in (SUCCESS, SUCCESS, FAILURE, FAILURE):
+            gates = await both_gate()
+            assert gates[0].verdict == "allow"
+            state = await both_record(gates, outcome)
+        assert state == "open"
+        rejected = await both_gate()
+        assert rejected[0] is not None
+        assert rejected[0].verdict == "reject"
+        assert 0.0 < rejected[0].retry_after_s <= 0.1
+        tick(0.15)  # past open_s
+        probe1 = await both_gate()
+        probe2 = await both_gate()
+        third = await both_gate()
+        assert [probe1[0].verdict, probe2[0].verdict, third[0].verdict] == [
+            "probe",
+            "probe",
+            "reject",
+        ]
+        assert third[0].state == "half_open"
+        assert await both_record(probe1, SUCCESS) == "closed"
+        # the other probe reports late: its slot died with the epoch, nothing changes
+        assert await both_record(probe2, FAILURE) == "closed"
+        assert (await both_gate())[0].verdict == "allow"
+    finally:
+        await redis_store.aclose()
 
 
 async def test_probe_slot_given_back_when_a_limit_rejects(redis_url: str) -> None:

@@ -132,25 +132,30 @@ async def test_half_open_probes_are_leased_fleet_wide(redis_url: str) -> None:
         assert gate is not None
         await fleet[0].record("route:/h", cfg, gate, FAILURE, False, time.monotonic())
         await fleet[0].admit("route:/h", cfg, (), (), time.monotonic())
+        early = []  # a probe this wait took itself: on a busy machine a sleep of 10 ms
+        # can outlast open_s, and the check below then finds the breaker half open
         for _ in range(50):  # bounded: wait for the flushed failure to open it
             await anyio.sleep(0.01)
             probe = await fleet[0].admit("route:/h", cfg, (), (), time.monotonic())
             if probe.gate is not None and probe.gate.state != "closed":
+                if probe.gate.verdict == "probe":
+                    early.append(probe)
                 break
         await anyio.sleep(0.06)  # past open_s
         results = await asyncio.gather(
             *(m.admit("route:/h", cfg, (), (), time.monotonic()) for m in fleet for _ in range(10))
         )
         verdicts = [r.gate.verdict for r in results if r.gate is not None]
-        assert verdicts.count("probe") == 2
         probes = [r for r in results if r.gate is not None and r.gate.verdict == "probe"]
-        assert all(r.source == "redis" for r in probes)
+        # half_open_probes across the fleet, not per member (3 members would take 6)
+        assert len(probes) + len(early) == 2, (verdicts, early)
+        assert all(r.source == "redis" for r in probes + early)
         # a probe success, reported by whoever holds it, closes the breaker for everyone
-        holder = fleet[results.index(probes[0]) // 10]
+        holder = fleet[results.index(probes[0]) // 10] if probes else fleet[0]
         state = await holder.record(
             "route:/h",
             cfg,
-            probes[0].gate,
+            (probes + early)[0].gate,
             SUCCESS,
             False,
             time.monotonic(),  # type: ignore[arg-type]

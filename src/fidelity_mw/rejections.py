@@ -172,7 +172,7 @@ def upstream_failure_response(exc: httpx.HTTPError, detail: str | None = None) -
     gives the same RFC 9457 document (`type` `urn:fidelity-mw:problem:upstream-failed`,
     `upstream`, `detail`, or yours), status 502 (504 for a timeout),
     `application/problem+json`, `cache-control: no-store`. The middleware adds its
-    `Retry-After` advice and `x-fidelity-retry` to it as to any 5xx of the app's. A
+    `Retry-After` advice and `x-fidelity-retry` to it as to any 502-504 of the app's. A
     control refusal (`CircuitOpen`, `DeadlineExceeded`) is raised again, not answered:
     let out, the middleware answers it 503/504 with `Retry-After`, which is why the
     clause above needs no `except CircuitOpen: raise` before it.

@@ -227,8 +227,7 @@ class Bulkheads:
             raise
         now = self.monotonic()
         if admission.admitted:
-            if limiter.admitted_in_turn == 1:
-                loop.call_soon(limiter.new_turn)
+            # (the turn's count is reset by the turn: `Turn.decide`)
             self._record(ctx, plan, ALLOW, admission.reason, priority, limiter, now)
             return None
         return self._refused_now(ctx, plan, admission.reason, priority, limiter, now)
@@ -800,11 +799,22 @@ class Turn:
         self.held = []
         if not held:
             return
-        answers = self.limiter.admit_turn([priority for _, priority in held], self.monotonic())
+        limiter = self.limiter
+        answers = limiter.admit_turn([priority for _, priority in held], self.monotonic())
         # The newest first, as they were decided: the one admitted starts its await
         # before the others' refusals are sent.
+        admitted = False
         for (answer, _), admission in zip(reversed(held), reversed(answers), strict=True):
             answer.set_result(admission)
+            admitted = admitted or admission.admitted
+        if admitted:
+            # The loop goes round once after the turn: its admissions are counted until
+            # then (`new_turn`), here and not by each admitted request as it resumes. One
+            # cancelled before it ran again, or a turn that admitted several (none of them
+            # saw the count at 1), left it counting for good, and every request decided
+            # at once (`try_acquire`: critical aside) was refused `paced` while one was
+            # in flight.
+            self.loop.call_soon(limiter.new_turn)
 
 
 class Deferring:

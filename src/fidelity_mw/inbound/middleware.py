@@ -462,6 +462,8 @@ class FidelityMiddleware:
                 if rejection is None:
                     failed = self._upstream_failure(ctx, watcher, exc)
                     if failed is None:
+                        if watcher.held is not None:  # not ours to answer: the 500 goes out
+                            await watcher.release_held()
                         pending = self._outcomes.after_error(
                             ctx, plan, result, keys, exc, watcher.complete
                         )
@@ -469,6 +471,8 @@ class FidelityMiddleware:
                             self._outcomes.spawn(pending)  # cannot await while unwinding
                         raise
                     # answered as the app's own 5xx after the give-up, and recorded so below
+                    # (through the watcher: a 500 held for the error never goes out)
+                    watcher.held = None
                     try:
                         await respond(await self._cors_send(scope, watcher), failed, None)
                     except BaseException:  # the client went away: the app's error stands
@@ -481,6 +485,11 @@ class FidelityMiddleware:
                     watcher.disarm()
                 if watcher.expired:  # the app swallowed our cancellation
                     rejection = self._refusal(ctx, watcher, None)
+                elif watcher.held is not None:
+                    # a handler inside answered the refusal 500 and did not re-raise it
+                    rejection = self._refusal(ctx, watcher, watcher.held_exc)
+                    if rejection is None:
+                        await watcher.release_held()
             if rejection is not None:
                 await self._answer(
                     ctx, scope, receive, send, rejection, before_end, obs_token, plan, result, keys

@@ -13,9 +13,10 @@ same answer serves a deadline that passes while the app still runs.
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import httpx
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..context import (
     GIVE_UP,
@@ -315,17 +316,98 @@ _ADVISING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER, LAYER_RETRY)
 _REFUSING_LAYERS = (LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
 
 
+# What an answer says when a server it relies on failed it (RFC 9110 15.6: Bad Gateway,
+# Service Unavailable, Gateway Timeout). A 500 is the server's own "unexpected condition".
+GATEWAY_STATUSES: Final = (502, 503, 504)
+
+
+def reports_upstream(ctx: DecisionContext, status: int | None) -> bool:
+    """Whether the app's answer `status` reports the upstream failure a call of the
+    request met (`upstream_failed`, `upstream_exhausted`): a gateway status. Not any 5xx
+    after one: a page whose optional call failed (and that went on without it) and which
+    then fails on its own answers its own 500, and marked, it switched off its callers'
+    breakers and retries for its own fault and gave the client its units back. (A 500
+    cannot tell the two apart, so it is the app's: a gateway answers 502 for its
+    upstream's 500, as `upstream_failure_response` does.)"""
+    return (ctx.upstream_failed or ctx.upstream_exhausted) and status in GATEWAY_STATUSES
+
+
+def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
+    """Whether the app's answer `status` reports the refusal a layer inside it made
+    (`shed_by`): a 4xx (a form's 429, or what its `on_reject` hook made of it) or a
+    gateway status, not a 500 of its own after one: a page whose optional call its
+    upstream's breaker refused (it went on without it) and that then failed on its own
+    is the route's failure (its breaker counts it; the client's units stay spent)."""
+    if ctx.shed_by is None or status is None:
+        return False
+    return 400 <= status < 500 or status in GATEWAY_STATUSES
+
+
+def raised_by_refusal(exc: BaseException) -> bool:
+    """Whether the error the app let out is a layer's refusal (an outbound `CircuitOpen`,
+    `DeadlineExceeded`, any transport error; a form's HTTPException), itself or raised
+    `from` one: not an error of the app's own after a refusal it handled."""
+    return _in_chain(exc, (httpx.TransportError, StarletteHTTPException))
+
+
+def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    todo: list[BaseException] = [exc]
+    seen = 0
+    while todo and seen < 32:  # (bounded: a cycle, a huge group)
+        seen += 1
+        err = todo.pop()
+        if isinstance(err, kinds):
+            return True
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        if err.__cause__ is not None:
+            todo.append(err.__cause__)
+    return False
+
+
+def raised_by_upstream(exc: BaseException) -> bool:
+    """Whether the error the app let out is an upstream's failure: an httpx transport
+    error or `raise_for_status()` on a 5xx, itself or raised `from` one (or in a group
+    with one). An error of the app's own making that comes after an upstream failure it
+    handled is not (nor one raised while handling it: `__context__` is no cause)."""
+    todo: list[BaseException] = [exc]
+    seen = 0
+    while todo and seen < 32:  # (bounded: a cycle, a huge group)
+        seen += 1
+        err = todo.pop()
+        if isinstance(err, httpx.TransportError):
+            return True
+        if isinstance(err, httpx.HTTPStatusError):
+            try:
+                if err.response.status_code >= 500:
+                    return True
+            except Exception:  # raised without a response: not ours to read
+                pass
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        if err.__cause__ is not None:
+            todo.append(err.__cause__)
+    return False
+
+
 def after_give_up(
     ctx: DecisionContext, headers: Headers | None, start: MutableMapping[str, Any]
 ) -> Headers | None:
     """The headers we add to the app's own 5xx after an outbound give-up or refusal:
-    `x-fidelity-retry: exhausted` when we gave up after retrying, and `Retry-After`
-    from `retry_advice` unless the app set one (the app's wins). Never raises: a
-    response is never failed for its advice."""
+    `x-fidelity-retry: exhausted` when we gave up after retrying, `x-fidelity-fault:
+    upstream` after a failure the upstream's breaker counted (both only on a 5xx that
+    reports it: `reports_upstream`), and `Retry-After` from `retry_advice` unless the
+    app set one (the app's wins). Never raises: a response is never failed for its
+    advice."""
+    status = start.get("status")
+    reported = reports_upstream(ctx, status)
+    shed = reports_refusal(ctx, status)
+    if not reported and not shed:
+        return headers  # the app's own failure: nothing of an upstream's to say
     extra: Headers = list(headers or ())
     if ctx.upstream_exhausted:
         extra.append(EXHAUSTED)
-    if ctx.upstream_failed:
+    if reported and ctx.upstream_failed:
         extra.append(UPSTREAM_FAULT)
     try:
         app_headers = start.get("headers") or ()

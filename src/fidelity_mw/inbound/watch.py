@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from sys import get_asyncgen_hooks
 from typing import Any, Final, Protocol
 
+import httpx
 from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
@@ -27,7 +28,14 @@ from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
-from .refusals import after_give_up, without_passed_on_markers
+from .refusals import (
+    after_give_up,
+    raised_by_refusal,
+    raised_by_upstream,
+    reports_refusal,
+    reports_upstream,
+    without_passed_on_markers,
+)
 from .responses import (
     DECIDED_BY_APP,
     OUTCOME_DISCONNECTED,
@@ -85,6 +93,13 @@ class HeldSlot(Protocol):
     def leave(self, admitted_app: bool) -> None: ...
 
 
+# The errors whose 500 a handler inside us sends is held (`ResponseWatcher.held`): those
+# the middleware may answer (refusals.control_refusal, upstream_failure); and how many
+# messages of it at most (an error page is one or two).
+_MAY_ANSWER: Final = (httpx.HTTPError,)
+_MOST_HELD: Final = 8
+
+
 class ResponseWatcher:
     """The `send` the app gets. `started` / `complete` say how far its response got.
 
@@ -116,6 +131,15 @@ class ResponseWatcher:
     stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
     stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
     stalled = False
+    # A 500 sent while an error the middleware may answer itself (an outbound refusal or
+    # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
+    # handler between the app and us sends before it re-raises (Starlette's
+    # ServerErrorMiddleware, inside us when we wrap a Starlette or FastAPI app from
+    # outside). Held, unsent, until the error reaches the middleware: it answers the
+    # error instead (503 for a CircuitOpen), or lets these out after all
+    # (`release_held`). Sent at once, the 500 made our answer impossible.
+    held: list[Message] | None = None
+    held_exc: BaseException | None = None
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -179,8 +203,14 @@ class ResponseWatcher:
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == _START:
-            ctx = self.ctx
             status = message["status"]
+            if status == 500 and not self.started and self.held is None:
+                handled = sys.exception()
+                if handled is not None and isinstance(handled, _MAY_ANSWER):
+                    self.held = [message]
+                    self.held_exc = handled
+                    return
+            ctx = self.ctx
             ctx.status = status
             self.started = True
             watch = self.watch
@@ -190,9 +220,9 @@ class ResponseWatcher:
             headers = ctx.response_headers
             if status >= 400:  # (one test on the common path, as before)
                 if status >= 500:  # its markers are ours to write: see the function
-                    message = without_passed_on_markers(message, ctx.shed_by is not None)
+                    message = without_passed_on_markers(message, reports_refusal(ctx, status))
                 if ctx.shed_by is not None or ctx.upstream_exhausted or ctx.upstream_failed:
-                    if headers and ctx.shed_by is not None:  # its units come back
+                    if headers and reports_refusal(ctx, status):  # its units come back
                         headers = refunded_fields(ctx, headers)
                     if status >= 500:
                         headers = after_give_up(ctx, headers, message)
@@ -201,6 +231,12 @@ class ResponseWatcher:
                 # Response object, a start message it keeps and sends again), and ours
                 # would pile up in it, request after request.
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        elif self.held is not None:  # the rest of a held 500
+            held = self.held
+            held.append(message)
+            if len(held) > _MOST_HELD:  # not a short error page: it goes out as it is
+                await self.release_held()
+            return
         elif (
             kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
         ) or kind == _PATHSEND:
@@ -237,6 +273,16 @@ class ResponseWatcher:
             # route's failure (an OSError from the app's own backends is).
             self.ctx.client_disconnected = True
             raise
+
+    async def release_held(self) -> None:
+        """Send the held 500 after all (the middleware does not answer its error)."""
+        held = self.held
+        if held is None:
+            return
+        self.held = None
+        self.held_exc = None
+        for message in held:
+            await self(message)
 
     async def _send(self, message: Message) -> None:
         try:
@@ -591,13 +637,14 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and isinstance(exc, Exception):
-            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision
+        elif ctx.shed_by is not None and isinstance(exc, Exception) and raised_by_refusal(exc):
+            # e.g. CircuitOpen left uncaught: the 500 is the outbound layer's decision (not
+            # an error of the app's own after a refusal it handled: `raised_by_refusal`)
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
             pending = self.finish(ctx, plan, result, FAILURE)
-            if ctx.upstream_exhausted or ctx.upstream_failed:
+            if (ctx.upstream_exhausted or ctx.upstream_failed) and raised_by_upstream(exc):
                 # the upstream's fault: not the client's quota
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return pending
@@ -635,7 +682,7 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
-        elif ctx.shed_by is not None and (status is None or status >= 400):
+        elif reports_refusal(ctx, status):
             return self.shed_downstream(ctx, plan, result, keys)
         elif (plan.slash_redirect and (status == 307 or status == 308)) or (
             plan.not_allowed and status == 405
@@ -647,10 +694,10 @@ class OutcomeRecorder:
             ctx.outcome = OUTCOME_SERVED
             pending = self.finish(ctx, plan, result, SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, True, False))
-        elif (ctx.upstream_exhausted or ctx.upstream_failed) and (status is None or status >= 500):
+        elif reports_upstream(ctx, status):
             # the outbound layer gave up on an upstream, or the upstream failed a call our
-            # breaker for it counted: not the client's quota (its retry, which we did not
-            # make, is paid from the credit the refund earns)
+            # breaker for it counted, and the answer says so: not the client's quota (its
+            # retry, which we did not make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)

@@ -14,7 +14,8 @@ the caller:
   `BROKEN`, which turns the call's success into a failure (decide/breaker.py), through
   the store like any outcome: in-process state at once; a remote store in a task of its
   own (held in `_RECORDS`), never awaited by the caller's read; the blocking transport's
-  remote store on a background thread;
+  remote store on a background thread; at most `MAX_PENDING_REPORTS` of those pending,
+  the rest dropped and counted (`dropped()`);
 - as a `Decision` on the call's context: layer `breaker`, verdict `fail`, reason
   `failed_in_body`, details `error` (the exception's class) and `bytes` (read before
   the break), and `instance` for a service.
@@ -61,6 +62,40 @@ _RECORDS: Final[set[asyncio.Task[Any]]] = set()
 # The blocking transport's reports to a remote store: one thread, made on first use.
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock: Final = threading.Lock()
+# At most this many reports to a remote store pending at once (tasks and the blocking
+# transport's queue together); past it a report is dropped and counted (`dropped()`,
+# and the store's `stats.dropped_records` where it keeps one). A slow store (each call
+# up to its `timeout_ms`) behind an upstream that breaks many bodies at once held a task
+# per break, and the one worker thread's queue grew for as long as the breaks came
+# faster than it could send them. The breaker has long had its evidence by then.
+MAX_PENDING_REPORTS: Final = 256
+_pending = [0, 0]  # [reports pending, reports dropped] (under _executor_lock)
+_DROPPED: Final = "fidelity_mw: %d reports of broken bodies to a slow state store dropped"
+
+
+def dropped() -> int:
+    """How many broken-body reports to a remote store were dropped (pending at the bound)."""
+    return _pending[1]
+
+
+def _take(store: Any) -> bool:
+    """Room for one more pending report (True), or it is dropped and counted."""
+    with _executor_lock:
+        if _pending[0] < MAX_PENDING_REPORTS:
+            _pending[0] += 1
+            return True
+        _pending[1] += 1
+        total = _pending[1]
+    stats = getattr(store, "stats", None)
+    if stats is not None and isinstance(getattr(stats, "dropped_records", None), int):
+        stats.dropped_records += 1
+    warn(logger, "body_dropped", _DROPPED, total)
+    return False
+
+
+def _done() -> None:
+    with _executor_lock:
+        _pending[0] -= 1
 
 
 class Watch(NamedTuple):
@@ -139,14 +174,25 @@ class Watch(NamedTuple):
         if blocking:
             sync = getattr(store, "record_sync", None)
             if sync is not None:
-                _background().submit(self._sync, sync, args)
+                if _take(store):
+                    try:
+                        _background().submit(self._sync, sync, args)
+                    except BaseException:  # (shut down at exit)
+                        _done()
+                        raise
                 return
             # (a store of its own without a blocking client: on the worker thread's loop)
             import anyio.from_thread
 
             self.learned(anyio.from_thread.run(store.record, *args), now)
             return
-        task = asyncio.get_running_loop().create_task(store.record(*args))
+        if not _take(store):
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(store.record(*args))
+        except BaseException:
+            _done()
+            raise
         _RECORDS.add(task)
         task.add_done_callback(self._recorded)
 
@@ -155,9 +201,12 @@ class Watch(NamedTuple):
             self.learned(record(*args), args[-1])
         except Exception as failure:
             warn(logger, "body", _NOT_RECORDED, self.subject, failure)
+        finally:
+            _done()
 
     def _recorded(self, task: asyncio.Task[Any]) -> None:
         _RECORDS.discard(task)
+        _done()
         if task.cancelled():
             return
         failure = task.exception()

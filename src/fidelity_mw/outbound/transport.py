@@ -40,6 +40,7 @@ import anyio.lowlevel
 import httpx
 import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
+from .._logs import warn
 from .._mypyc import mypyc_attr
 from .._types import Clock, RandomSource
 from ..clock import SystemClock
@@ -104,6 +105,9 @@ from .wire import (
 )
 
 logger = logging.getLogger("fidelity_mw")
+_RESOLVER_FAILED: Final = (
+    "fidelity_mw: the resolver failed for %s (a host it never named instances of)"
+)
 
 _MAX_UPSTREAMS: Final = 1024
 _monotonic: Final = time.monotonic
@@ -292,7 +296,18 @@ class _Base:
                 failure = f"raised {exc!r}"
                 if self._bad_answers.get(up.host) != failure:  # once per failure, not per call
                     self._bad_answers[up.host] = failure
-                    logger.exception("fidelity_mw: the resolver failed for %s", up.host)
+                    if up.last_answer:  # a host it answered for: its discovery is down
+                        logger.exception("fidelity_mw: the resolver failed for %s", up.host)
+                    else:
+                        # A host it never answered for: a resolver that raises for every
+                        # host it does not know (an SRV lookup, a registry's KeyError)
+                        # logged an ERROR with its traceback for each new host the
+                        # transport calls (webhooks: thousands). Once per interval and
+                        # kind of failure, with a count of those left out.
+                        warn(
+                            logger, f"resolver:{type(exc).__name__}", _RESOLVER_FAILED,
+                            up.host, level=logging.ERROR, exc_info=True,
+                        )  # fmt: skip
             else:
                 if urls:
                     self._resolved(engine, up, urls)

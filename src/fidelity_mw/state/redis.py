@@ -1929,16 +1929,20 @@ class RedisStore(StateStore):
             return self._fallback_snapshot(now, top, detail, f"redis read failed: {exc}", configs)
         age = (self._clock.monotonic() - started) / 2.0
         breakers = []
+        skipped = 0  # listed, then left out: not breakers of ours the page can count
         for i, count in zip(chosen, probes, strict=True):
             if isinstance(count, Exception):
                 odd += 1
+                skipped += 1
                 continue
             try:
                 breakers.append(
                     _redis_breaker_view(keys[i], fields[held[i]], count, server, configs, age)
                 )
             except _ODD_VALUE:
-                continue  # a page about the state must not fail on one odd value
+                # a page about the state must not fail on one odd value
+                odd += 1
+                skipped += 1
         budget_count = len(budgets)
         if configs.top_budgets is not None and budget_count > configs.top_budgets:
             budgets = heapq.nsmallest(configs.top_budgets, budgets, key=_busiest_budget)
@@ -1954,7 +1958,7 @@ class RedisStore(StateStore):
             notes=(note,)
             if not odd
             else (note, f"{odd} keys held values that are not ours (an error reply): left out"),
-            breaker_count=len(held),
+            breaker_count=len(held) - skipped,
             budget_count=budget_count,
         )
 

@@ -56,7 +56,9 @@ _CONTROL_OUTCOMES: Final = frozenset({"rejected", "shed", "expired"})
 _DRAWN: Final = frozenset({RETRY, "hedge"})
 _MAX_CACHED: Final = 4096
 _MAX_SERIES: Final = 2048
-_MAX_PENDING: Final = 1024
+# request shapes pending before they are folded into the tallies (observer.Telemetry._count
+# counts the plain ones itself)
+MAX_PENDING: Final = 1024
 # Distinct (server.address, server.port) in http.client.request.duration; later hosts
 # are recorded as `_OTHER` (no port). A service that calls URLs its clients supply
 # (webhooks) would otherwise grow a histogram series set per host without end: the SDK
@@ -212,7 +214,7 @@ class Metrics:
         # failures tallies get them when read (or when there are too many kinds).
         self.pending: dict[tuple[Summary, str | None, str | None, str], int] = {}
         for tally in (self.decisions, self.requests, self.failures):
-            tally.flush = self._flush_locked
+            tally.flush = self.flush_locked
 
     def record(
         self, ctx: DecisionContext | None, decisions: Sequence[Decision], summary: Summary
@@ -224,8 +226,8 @@ class Metrics:
             with self.lock:
                 pending = self.pending  # replaced by a flush: read under the lock
                 pending[shape] = pending.get(shape, 0) + 1
-                if len(pending) > _MAX_PENDING:
-                    self._flush_locked()
+                if len(pending) > MAX_PENDING:
+                    self.flush_locked()
             return
         with self.lock:
             counts = self.decisions.counts
@@ -251,7 +253,7 @@ class Metrics:
                 elif layer == LAYER_BUDGET and verdict in (GIVE_UP, "reject"):
                     _bump_subject(self.budget, subject, "exhausted", n)
 
-    def _flush_locked(self) -> None:
+    def flush_locked(self) -> None:
         """Fold the pending request counts into the tallies (the lock is held)."""
         pending = self.pending
         if not pending:
