@@ -89,7 +89,9 @@ async def _differential(
     client.set(CLOCK_KEY, repr(now))
     memory = MemoryStore(rng=lambda: u)
     red = RedisStore(
-        config=StateConfig(url=url, timeout_ms=5_000), rng=lambda: u, clock=FakeClock()
+        config=StateConfig(url=url, timeout_ms=5_000, connect_timeout_ms=5_000),
+        rng=lambda: u,
+        clock=FakeClock(),
     )
     streaming: list[tuple[Any, Any]] = []  # calls recorded as successes, bodies unread
     # Redis's probe ids are the caller's own (a random number per gate), memory's its
@@ -154,7 +156,9 @@ async def _on_both_stores(
     client.flushdb()
     client.set(CLOCK_KEY, repr(T0))
     red = RedisStore(
-        config=StateConfig(url=redis_url, timeout_ms=5_000), rng=lambda: 0.5, clock=FakeClock()
+        config=StateConfig(url=redis_url, timeout_ms=5_000, connect_timeout_ms=5_000),
+        rng=lambda: 0.5,
+        clock=FakeClock(),
     )
     try:
         return [await run(MemoryStore(rng=lambda: 0.5), None), await run(red, client)]
@@ -241,7 +245,7 @@ def test_a_streak_an_old_process_ended_is_not_carried_on_by_a_broken_body(
         client.set(CLOCK_KEY, repr(T0))
         memory = MemoryStore(rng=lambda: 0.5)
         red = RedisStore(
-            config=StateConfig(url=redis_url, timeout_ms=5_000),
+            config=StateConfig(url=redis_url, timeout_ms=5_000, connect_timeout_ms=5_000),
             rng=lambda: 0.5,
             clock=FakeClock(),
         )
