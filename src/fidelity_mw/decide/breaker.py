@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Final
 
+from .fields import replaced, shown
 from .specs import BreakerParams, RandomSource
 from .window import buckets_passed
 
@@ -97,17 +98,7 @@ class Gate:
 
     def _replace(self, **changes: Any) -> Gate:
         """A copy with these fields changed (NamedTuple's `_replace`)."""
-        new = Gate(
-            changes.pop("verdict", self.verdict),
-            changes.pop("state", self.state),
-            changes.pop("epoch", self.epoch),
-            changes.pop("retry_after_s", self.retry_after_s),
-            changes.pop("probe_id", self.probe_id),
-            changes.pop("sent_probe_id", self.sent_probe_id),
-        )
-        if changes:
-            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
-        return new
+        return replaced(self, changes)
 
     def _key(self) -> tuple[str, str, int, float, int, int]:
         return (
@@ -128,8 +119,7 @@ class Gate:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
-        return f"{type(self).__name__}({shown})"
+        return shown(self)
 
 
 class BreakerState:

@@ -16,6 +16,8 @@ import math
 from types import FunctionType
 from typing import Any, ClassVar, Final
 
+from .fields import replaced, shown
+
 # Float sums of the emission interval drift by ulps; without slack the last
 # unit of a full burst would be refused. One millionth of an interval covers
 # that on a clock near 0 (a process's monotonic clock). Near the present Unix
@@ -96,17 +98,7 @@ class LimitSpec:
 
     def _replace(self, **changes: Any) -> LimitSpec:
         """A copy with these fields changed (NamedTuple's `_replace`)."""
-        new = LimitSpec(
-            changes.pop("name", self.name),
-            changes.pop("interval_s", self.interval_s),
-            changes.pop("tolerance_s", self.tolerance_s),
-            changes.pop("cost", self.cost),
-            changes.pop("shadow", self.shadow),
-            changes.pop("credit_s", self.credit_s),
-        )
-        if changes:
-            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
-        return new
+        return replaced(self, changes)
 
     def _key(self) -> tuple[str, float, float, int, bool, float]:
         return (self.name, self.interval_s, self.tolerance_s, self.cost, self.shadow, self.credit_s)
@@ -120,8 +112,7 @@ class LimitSpec:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
-        return f"{type(self).__name__}({shown})"
+        return shown(self)
 
 
 class LimitVerdict:
@@ -159,17 +150,7 @@ class LimitVerdict:
 
     def _replace(self, **changes: Any) -> LimitVerdict:
         """A copy with these fields changed (NamedTuple's `_replace`)."""
-        new = LimitVerdict(
-            changes.pop("allowed", self.allowed),
-            changes.pop("tat", self.tat),
-            changes.pop("remaining", self.remaining),
-            changes.pop("reset_s", self.reset_s),
-            changes.pop("retry_after_s", self.retry_after_s),
-            changes.pop("credit", self.credit),
-        )
-        if changes:
-            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
-        return new
+        return replaced(self, changes)
 
     def _key(self) -> tuple[bool, float, int, float, float, bool]:
         return (
@@ -190,8 +171,7 @@ class LimitVerdict:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
-        return f"{type(self).__name__}({shown})"
+        return shown(self)
 
 
 # This module runs as Python source (not compiled by mypyc): `gcra` then builds its verdict

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Final, TypeVar
 from .._mypyc import mypyc_attr
 from ..decide.breaker import CLOSED, IGNORED, SUCCESS, BreakerState, Gate
 from ..decide.budget import BudgetWindow
+from ..decide.fields import replaced, shown
 from ..decide.fleet import FleetShare
 from ..decide.gcra import (
     LimitSpec,
@@ -95,18 +96,7 @@ class InboundResult:
 
     def _replace(self, **changes: Any) -> InboundResult:
         """A copy with these fields changed (NamedTuple's `_replace`)."""
-        new = InboundResult(
-            changes.pop("gate", self.gate),
-            changes.pop("limits", self.limits),
-            changes.pop("admitted", self.admitted),
-            changes.pop("source", self.source),
-            changes.pop("age_s", self.age_s),
-            changes.pop("fleet", self.fleet),
-            changes.pop("why", self.why),
-        )
-        if changes:
-            raise ValueError(f"Got unexpected field names: {sorted(changes)!r}")
-        return new
+        return replaced(self, changes)
 
     def _key(self) -> tuple[object, ...]:
         return (
@@ -128,8 +118,7 @@ class InboundResult:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._key(), strict=True))
-        return f"{type(self).__name__}({shown})"
+        return shown(self)
 
 
 _object_new: Final = object.__new__
