@@ -105,3 +105,15 @@ def test_min_confidence_keeps_only_surer_findings(capsys: pytest.CaptureFixture[
     assert {f["confidence"] for f in every} > {"high"}
     assert high == [f for f in every if f["confidence"] == "high"]
     assert main(["audit", loops, "--min-confidence", "sure"]) == 2
+
+
+def test_a_gate_over_no_files_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # An --exclude matching everything, or a directory without Python files: the gate has
+    # vouched for nothing, so it must not pass.
+    assert main(["audit", FIXTURES, "--exclude", "*", "--fail-on", "any"]) == 3
+    assert "no Python files were scanned" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("retry forever\n")
+    assert main(["audit", str(tmp_path), "--fail-on", "any"]) == 3
+    # Without --fail-on it is a report, and reports never fail.
+    assert main(["audit", str(tmp_path)]) == 0
+    assert "0 file(s) scanned" in capsys.readouterr().out

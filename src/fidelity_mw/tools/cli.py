@@ -3,8 +3,9 @@
 Exit codes: 0 clean, 1 findings (policy errors; audit findings of a
 `--fail-on` kind), 2 usage errors (bad arguments, unreadable files, an app
 that cannot be imported), 3 an audit under `--fail-on` that could not read
-every file (unless `--allow-skipped`), 141 when the reader of the output went
-away (`fidelity-mw map app | head`), as for a process a shell's SIGPIPE ended.
+every file (unless `--allow-skipped`) or found no Python file to scan, 141
+when the reader of the output went away (`fidelity-mw map app | head`), as for
+a process a shell's SIGPIPE ended.
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ def run_audit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INCOMPLETE
+    if report.scanned == 0 and not report.skipped:
+        # A gate over no files passes everything: a mistyped path or an --exclude that
+        # matches the whole tree would turn CI's check off without anyone noticing.
+        print(
+            "fidelity-mw audit: no Python files were scanned (check the paths and "
+            "--exclude); failing the gate",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
     if any(f.kind in args.fail_on for f in report.findings):
         return EXIT_FINDINGS
     return EXIT_OK
@@ -209,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rate-limiter logic outside fidelity_mw (and the timeouts, bulkheads and hedges of "
         "the all-in-one toolkits), with the policy key that replaces each. Exit 0, or 1 "
         "when findings of the --fail-on kinds exist, or 3 under --fail-on when some files "
-        "could not be read (syntax errors, unreadable files); 2 on usage errors.",
+        "could not be read (syntax errors, unreadable files) or no Python file was scanned; "
+        "2 on usage errors.",
     )
     audit.add_argument("paths", nargs="+", metavar="PATH")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
