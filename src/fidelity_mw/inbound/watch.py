@@ -140,6 +140,10 @@ class ResponseWatcher:
     # (`release_held`). Sent at once, the 500 made our answer impossible.
     held: list[Message] | None = None
     held_exc: BaseException | None = None
+    # Set once a held 500 is let out: sent from inside the handler's `except` (the
+    # middleware's own, or the app's while it streams), it would be held again, and a
+    # long one would recurse through `release_held` without end.
+    released = False
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -204,7 +208,7 @@ class ResponseWatcher:
         kind = message["type"]
         if kind == _START:
             status = message["status"]
-            if status == 500 and not self.started and self.held is None:
+            if status == 500 and not self.started and self.held is None and not self.released:
                 handled = sys.exception()
                 if handled is not None and isinstance(handled, _MAY_ANSWER):
                     self.held = [message]
@@ -281,6 +285,7 @@ class ResponseWatcher:
             return
         self.held = None
         self.held_exc = None
+        self.released = True
         for message in held:
             await self(message)
 
