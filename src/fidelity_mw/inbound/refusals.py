@@ -343,6 +343,34 @@ def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
     return 400 <= status < 500 or status in GATEWAY_STATUSES
 
 
+def charged_for_upstream(ctx: DecisionContext) -> bool:
+    """Whether the request called an upstream its client chose (an `[[upstream]]` entry
+    with `client_chosen`: webhook targets, callback URLs), and so keeps paying its units
+    whatever ends it: an upstream's failure or a give-up, a refusal of ours for that host
+    (its breaker, the deadline), our deadline's 504. The client picks the host; refunded,
+    a client pointing its requests at a host of its own that fails (or hangs) made every
+    request free, and earned retry credit besides. Nor does such an end count on the
+    route's breaker: one client's dead host would shed every client's requests.
+
+    Read off the request's attempts per upstream (`ctx.attempts`), only on the paths that
+    would give units back: nothing on the way of a request that succeeds."""
+    if ctx.refused_client_chosen:
+        return True
+    counts = ctx._attempts
+    if not counts:
+        return False
+    policy = ctx.engine.policy
+    if not any(up.client_chosen for up in policy.upstreams):
+        return False
+    for key in counts:  # "host" or "host:port" (the entries match on the host alone)
+        if policy.upstream_for(key).client_chosen:
+            return True
+        host, _, port = key.rpartition(":")
+        if host and port.isdigit() and policy.upstream_for(host).client_chosen:
+            return True
+    return False
+
+
 def raised_by_refusal(exc: BaseException) -> bool:
     """Whether the error the app let out is a layer's refusal (an outbound `CircuitOpen`,
     `DeadlineExceeded`, any transport error; a form's HTTPException), itself or raised

@@ -30,6 +30,7 @@ from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .refusals import (
     after_give_up,
+    charged_for_upstream,
     raised_by_refusal,
     raised_by_upstream,
     reports_refusal,
@@ -648,11 +649,13 @@ class OutcomeRecorder:
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
-            pending = self.finish(ctx, plan, result, FAILURE)
             if (ctx.upstream_exhausted or ctx.upstream_failed) and raised_by_upstream(exc):
+                if charged_for_upstream(ctx):  # a host the client chose: its own doing
+                    return self.finish(ctx, plan, result, IGNORED)
                 # the upstream's fault: not the client's quota
+                pending = self.finish(ctx, plan, result, FAILURE)
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
-            return pending
+            return self.finish(ctx, plan, result, FAILURE)
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
             outcome = IGNORED
         return self.finish(ctx, plan, result, outcome)
@@ -668,6 +671,8 @@ class OutcomeRecorder:
         that escaped it, or the deadline): not the route's failure, and the limits that
         charge only served requests get their units back."""
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        if charged_for_upstream(ctx):  # (a host the client chose failed, hung or was refused)
+            return pending
         return _in_order(pending, self.refund(plan, result, keys, served_only=True))
 
     def after_app(
@@ -704,6 +709,8 @@ class OutcomeRecorder:
             # breaker for it counted, and the answer says so: not the client's quota (its
             # retry, which we did not make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
+            if charged_for_upstream(ctx):  # a host the client chose: charged, not the route's
+                return self.finish(ctx, plan, result, IGNORED)
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, served_only=True))
@@ -741,6 +748,8 @@ class OutcomeRecorder:
         outcome = ctx.outcome = shed_outcome(ctx, shed_by)
         limited = outcome == OUTCOME_REJECTED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        if not limited and charged_for_upstream(ctx):
+            return pending  # our refusal of a host the client chose: still its request
         # another limit's 429 is the client's own doing: its units come back, no retry credit
         return _in_order(pending, self.refund(plan, result, keys, credit=not limited))
 
