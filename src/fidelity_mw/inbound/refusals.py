@@ -23,6 +23,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_BUDGET,
     LAYER_DEADLINE,
+    LAYER_RATELIMIT,
     LAYER_RETRY,
     LAYER_STATE,
     REJECT,
@@ -334,13 +335,36 @@ def reports_upstream(ctx: DecisionContext, status: int | None) -> bool:
 
 def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
     """Whether the app's answer `status` reports the refusal a layer inside it made
-    (`shed_by`): a 4xx (a form's 429, or what its `on_reject` hook made of it) or a
-    gateway status, not a 500 of its own after one: a page whose optional call its
-    upstream's breaker refused (it went on without it) and that then failed on its own
-    is the route's failure (its breaker counts it; the client's units stay spent)."""
-    if ctx.shed_by is None or status is None:
+    (`shed_by`): a gateway status or a 429 for any of them, and any other 4xx for a
+    per-route form's own refusal (what its `on_reject` hook made of its 429 or 503).
+
+    Not a 500 of its own after one: a page whose optional call its upstream's breaker
+    refused (it went on without it) and that then failed on its own is the route's
+    failure (its breaker counts it; the client's units stay spent). Nor a 4xx of its own
+    after an outbound refusal: a login's 401, a 404 for an item that is not there, a
+    422 for a bad body, each after an optional call (a risk score, recommendations) that
+    the upstream's breaker refused, are the client's own answers. Taken for the refusal,
+    they gave the units back under `charge = "always"` too: a login route's limit held
+    no password guess while its risk service's breaker was open."""
+    shed_by = ctx.shed_by
+    if shed_by is None or status is None:
         return False
-    return 400 <= status < 500 or status in GATEWAY_STATUSES
+    if status in GATEWAY_STATUSES or status == 429:
+        return True
+    return 400 <= status < 500 and _refused_by_form(ctx, shed_by)
+
+
+def _refused_by_form(ctx: DecisionContext, shed_by: str) -> bool:
+    """Whether `shed_by` is a per-route form's refusal (`Depends(fidelity.limit)`): its
+    over-limit 429 (`ratelimit`), or its 503 when its state could not be read (`state`,
+    recorded as a limit's `reject`; the transport's own `state` refusal is the breaker's
+    record)."""
+    if shed_by == LAYER_RATELIMIT:
+        return True
+    if shed_by != LAYER_STATE:
+        return False
+    decision = ctx.last(LAYER_RATELIMIT)
+    return decision is not None and decision.verdict == REJECT
 
 
 def charged_for_upstream(ctx: DecisionContext) -> bool:
