@@ -61,8 +61,35 @@ ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is 
 RETRY_AFTER = b"retry-after"
 
 
+def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
+    """The errors of the exception group `exc` (nested groups flattened) when every one
+    is an httpx error, else None: a task group's (`asyncio.TaskGroup`, anyio's) calls
+    that failed, which we answer as the first of them we would answer let out alone. An
+    error of the app's own among them keeps the group the app's (its 500)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        err = todo.pop(0)
+        if isinstance(err, BaseExceptionGroup):
+            todo[:0] = err.exceptions
+        elif isinstance(err, httpx.HTTPError) and len(leaves) < 32:
+            leaves.append(err)
+        else:
+            return None  # (or more than 32: not read through)
+    return leaves or None
+
+
 def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
-    """Our answer to an exception the app let out, if a control layer caused it."""
+    """Our answer to an exception the app let out, if a control layer caused it (for a
+    group of httpx errors, the first of them that one caused)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for leaf in httpx_leaves(exc) or ():
+            answer = control_refusal(ctx, leaf, now)
+            if answer is not None:
+                return answer
+        return None
     if isinstance(exc, CircuitOpen):
         wait = refusal_retry_after(exc.retry_after_s)
         cause = exc.__cause__
@@ -148,6 +175,12 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
     (`given_up_response`): 502."""
+    if isinstance(exc, BaseExceptionGroup):  # a task group's calls: the first we answer
+        for leaf in httpx_leaves(exc) or ():
+            answer = upstream_failure(ctx, leaf)
+            if answer is not None:
+                return answer
+        return None
     if isinstance(exc, httpx.HTTPStatusError):
         gave_up = given_up_response(ctx, exc)
         if gave_up is None:

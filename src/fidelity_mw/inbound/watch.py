@@ -31,6 +31,7 @@ from ..state.base import InboundResult, StateStore
 from .refusals import (
     after_give_up,
     charged_for_upstream,
+    httpx_leaves,
     raised_by_refusal,
     raised_by_upstream,
     reports_refusal,
@@ -211,7 +212,9 @@ class ResponseWatcher:
             status = message["status"]
             if status == 500 and not self.started and self.held is None and not self.released:
                 handled = sys.exception()
-                if handled is not None and isinstance(handled, _MAY_ANSWER):
+                if handled is not None and (
+                    isinstance(handled, _MAY_ANSWER) or httpx_leaves(handled) is not None
+                ):
                     self.held = [message]
                     self.held_exc = handled
                     return
