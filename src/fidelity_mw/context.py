@@ -126,6 +126,10 @@ class DecisionContext:
     # is that layer's decision, not the route's failure, and costs the client no
     # quota of the middleware's own limits.
     shed_by: str | None = None
+    # Set by the transport when it refused a call to an upstream the client chose (an
+    # `[[upstream]]` entry with `client_chosen`) before sending it: with the attempts
+    # (`attempts`), what says the request called one (inbound/refusals.charged_for_upstream).
+    refused_client_chosen = False
     # The response's last message went out: the caller has its answer, and work after
     # it (a background task) runs for nobody who waits, so outbound calls then are
     # calls of their own, not bound by this request's deadline.

@@ -121,6 +121,11 @@ class Gate:
     def __repr__(self) -> str:
         return shown(self)
 
+    def __reduce__(self) -> tuple[type[Gate], tuple[Any, ...]]:
+        # Pickled and copied by the constructor, as a NamedTuple: compiled, a native
+        # class cannot be made without its __init__'s arguments (pickle's default did).
+        return Gate, self._key()
+
 
 class BreakerState:
     """One breaker's state. Mutated only through `gate` and `record`."""

@@ -114,6 +114,11 @@ class LimitSpec:
     def __repr__(self) -> str:
         return shown(self)
 
+    def __reduce__(self) -> tuple[type[LimitSpec], tuple[Any, ...]]:
+        # Pickled and copied by the constructor, as a NamedTuple: compiled, a native
+        # class cannot be made without its __init__'s arguments (pickle's default did).
+        return LimitSpec, self._key()
+
 
 class LimitVerdict:
     """One limit's answer to one request."""
@@ -172,6 +177,11 @@ class LimitVerdict:
 
     def __repr__(self) -> str:
         return shown(self)
+
+    def __reduce__(self) -> tuple[type[LimitVerdict], tuple[Any, ...]]:
+        # Pickled and copied by the constructor, as a NamedTuple: compiled, a native
+        # class cannot be made without its __init__'s arguments (pickle's default did).
+        return LimitVerdict, self._key()
 
 
 # This module runs as Python source (not compiled by mypyc): `gcra` then builds its verdict

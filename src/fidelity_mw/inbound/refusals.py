@@ -23,6 +23,7 @@ from ..context import (
     LAYER_BREAKER,
     LAYER_BUDGET,
     LAYER_DEADLINE,
+    LAYER_RATELIMIT,
     LAYER_RETRY,
     LAYER_STATE,
     REJECT,
@@ -60,8 +61,35 @@ ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is 
 RETRY_AFTER = b"retry-after"
 
 
+def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
+    """The errors of the exception group `exc` (nested groups flattened) when every one
+    is an httpx error, else None: a task group's (`asyncio.TaskGroup`, anyio's) calls
+    that failed, which we answer as the first of them we would answer let out alone. An
+    error of the app's own among them keeps the group the app's (its 500)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        err = todo.pop(0)
+        if isinstance(err, BaseExceptionGroup):
+            todo[:0] = err.exceptions
+        elif isinstance(err, httpx.HTTPError) and len(leaves) < 32:
+            leaves.append(err)
+        else:
+            return None  # (or more than 32: not read through)
+    return leaves or None
+
+
 def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
-    """Our answer to an exception the app let out, if a control layer caused it."""
+    """Our answer to an exception the app let out, if a control layer caused it (for a
+    group of httpx errors, the first of them that one caused)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for leaf in httpx_leaves(exc) or ():
+            answer = control_refusal(ctx, leaf, now)
+            if answer is not None:
+                return answer
+        return None
     if isinstance(exc, CircuitOpen):
         wait = refusal_retry_after(exc.retry_after_s)
         cause = exc.__cause__
@@ -147,6 +175,12 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
     (`given_up_response`): 502."""
+    if isinstance(exc, BaseExceptionGroup):  # a task group's calls: the first we answer
+        for leaf in httpx_leaves(exc) or ():
+            answer = upstream_failure(ctx, leaf)
+            if answer is not None:
+                return answer
+        return None
     if isinstance(exc, httpx.HTTPStatusError):
         gave_up = given_up_response(ctx, exc)
         if gave_up is None:
@@ -334,13 +368,64 @@ def reports_upstream(ctx: DecisionContext, status: int | None) -> bool:
 
 def reports_refusal(ctx: DecisionContext, status: int | None) -> bool:
     """Whether the app's answer `status` reports the refusal a layer inside it made
-    (`shed_by`): a 4xx (a form's 429, or what its `on_reject` hook made of it) or a
-    gateway status, not a 500 of its own after one: a page whose optional call its
-    upstream's breaker refused (it went on without it) and that then failed on its own
-    is the route's failure (its breaker counts it; the client's units stay spent)."""
-    if ctx.shed_by is None or status is None:
+    (`shed_by`): a gateway status or a 429 for any of them, and any other 4xx for a
+    per-route form's own refusal (what its `on_reject` hook made of its 429 or 503).
+
+    Not a 500 of its own after one: a page whose optional call its upstream's breaker
+    refused (it went on without it) and that then failed on its own is the route's
+    failure (its breaker counts it; the client's units stay spent). Nor a 4xx of its own
+    after an outbound refusal: a login's 401, a 404 for an item that is not there, a
+    422 for a bad body, each after an optional call (a risk score, recommendations) that
+    the upstream's breaker refused, are the client's own answers. Taken for the refusal,
+    they gave the units back under `charge = "always"` too: a login route's limit held
+    no password guess while its risk service's breaker was open."""
+    shed_by = ctx.shed_by
+    if shed_by is None or status is None:
         return False
-    return 400 <= status < 500 or status in GATEWAY_STATUSES
+    if status in GATEWAY_STATUSES or status == 429:
+        return True
+    return 400 <= status < 500 and _refused_by_form(ctx, shed_by)
+
+
+def _refused_by_form(ctx: DecisionContext, shed_by: str) -> bool:
+    """Whether `shed_by` is a per-route form's refusal (`Depends(fidelity.limit)`): its
+    over-limit 429 (`ratelimit`), or its 503 when its state could not be read (`state`,
+    recorded as a limit's `reject`; the transport's own `state` refusal is the breaker's
+    record)."""
+    if shed_by == LAYER_RATELIMIT:
+        return True
+    if shed_by != LAYER_STATE:
+        return False
+    decision = ctx.last(LAYER_RATELIMIT)
+    return decision is not None and decision.verdict == REJECT
+
+
+def charged_for_upstream(ctx: DecisionContext) -> bool:
+    """Whether the request called an upstream its client chose (an `[[upstream]]` entry
+    with `client_chosen`: webhook targets, callback URLs), and so keeps paying its units
+    whatever ends it: an upstream's failure or a give-up, a refusal of ours for that host
+    (its breaker, the deadline), our deadline's 504. The client picks the host; refunded,
+    a client pointing its requests at a host of its own that fails (or hangs) made every
+    request free, and earned retry credit besides. Nor does such an end count on the
+    route's breaker: one client's dead host would shed every client's requests.
+
+    Read off the request's attempts per upstream (`ctx.attempts`), only on the paths that
+    would give units back: nothing on the way of a request that succeeds."""
+    if ctx.refused_client_chosen:
+        return True
+    counts = ctx._attempts
+    if not counts:
+        return False
+    policy = ctx.engine.policy
+    if not any(up.client_chosen for up in policy.upstreams):
+        return False
+    for key in counts:  # "host" or "host:port" (the entries match on the host alone)
+        if policy.upstream_for(key).client_chosen:
+            return True
+        host, _, port = key.rpartition(":")
+        if host and port.isdigit() and policy.upstream_for(host).client_chosen:
+            return True
+    return False
 
 
 def raised_by_refusal(exc: BaseException) -> bool:

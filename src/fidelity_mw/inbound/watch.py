@@ -30,6 +30,8 @@ from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
 from .refusals import (
     after_give_up,
+    charged_for_upstream,
+    httpx_leaves,
     raised_by_refusal,
     raised_by_upstream,
     reports_refusal,
@@ -140,6 +142,10 @@ class ResponseWatcher:
     # (`release_held`). Sent at once, the 500 made our answer impossible.
     held: list[Message] | None = None
     held_exc: BaseException | None = None
+    # Set once a held 500 is let out: sent from inside the handler's `except` (the
+    # middleware's own, or the app's while it streams), it would be held again, and a
+    # long one would recurse through `release_held` without end.
+    released = False
     send: Send  # the server's
     ctx: DecisionContext
 
@@ -204,9 +210,11 @@ class ResponseWatcher:
         kind = message["type"]
         if kind == _START:
             status = message["status"]
-            if status == 500 and not self.started and self.held is None:
+            if status == 500 and not self.started and self.held is None and not self.released:
                 handled = sys.exception()
-                if handled is not None and isinstance(handled, _MAY_ANSWER):
+                if handled is not None and (
+                    isinstance(handled, _MAY_ANSWER) or httpx_leaves(handled) is not None
+                ):
                     self.held = [message]
                     self.held_exc = handled
                     return
@@ -281,6 +289,7 @@ class ResponseWatcher:
             return
         self.held = None
         self.held_exc = None
+        self.released = True
         for message in held:
             await self(message)
 
@@ -643,11 +652,13 @@ class OutcomeRecorder:
             return self.shed_downstream(ctx, plan, result, keys)
         elif isinstance(exc, Exception):
             ctx.outcome = OUTCOME_FAILED
-            pending = self.finish(ctx, plan, result, FAILURE)
             if (ctx.upstream_exhausted or ctx.upstream_failed) and raised_by_upstream(exc):
+                if charged_for_upstream(ctx):  # a host the client chose: its own doing
+                    return self.finish(ctx, plan, result, IGNORED)
                 # the upstream's fault: not the client's quota
+                pending = self.finish(ctx, plan, result, FAILURE)
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
-            return pending
+            return self.finish(ctx, plan, result, FAILURE)
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
             outcome = IGNORED
         return self.finish(ctx, plan, result, outcome)
@@ -663,6 +674,8 @@ class OutcomeRecorder:
         that escaped it, or the deadline): not the route's failure, and the limits that
         charge only served requests get their units back."""
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        if charged_for_upstream(ctx):  # (a host the client chose failed, hung or was refused)
+            return pending
         return _in_order(pending, self.refund(plan, result, keys, served_only=True))
 
     def after_app(
@@ -699,6 +712,8 @@ class OutcomeRecorder:
             # breaker for it counted, and the answer says so: not the client's quota (its
             # retry, which we did not make, is paid from the credit the refund earns)
             ctx.outcome = OUTCOME_FAILED
+            if charged_for_upstream(ctx):  # a host the client chose: charged, not the route's
+                return self.finish(ctx, plan, result, IGNORED)
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
             pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
             return _in_order(pending, self.refund(plan, result, keys, served_only=True))
@@ -736,6 +751,8 @@ class OutcomeRecorder:
         outcome = ctx.outcome = shed_outcome(ctx, shed_by)
         limited = outcome == OUTCOME_REJECTED
         pending = self.finish(ctx, plan, result, IGNORED)  # frees a probe slot, if any
+        if not limited and charged_for_upstream(ctx):
+            return pending  # our refusal of a host the client chose: still its request
         # another limit's 429 is the client's own doing: its units come back, no retry credit
         return _in_order(pending, self.refund(plan, result, keys, credit=not limited))
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ..context import DecisionContext
+from ..context import LAYER_RATELIMIT, DecisionContext
 from ..decide.specs import LimitSpec
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult
 from .admission import FieldsFn, admission_decisions, quota_wait_s, ratelimit_headers
 from .costs import costed_decisions
+from .refusals import charged_for_upstream
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -84,6 +85,8 @@ def refunded_fields(ctx: DecisionContext, headers: Fields) -> Fields:
     error): as its limits stand once they get their units back (watch.py's
     `shed_downstream`), not as the admission charged them, which read one request low.
     `headers` as they are when the admission's facts are gone (a builder of its own)."""
+    if ctx.shed_by != LAYER_RATELIMIT and charged_for_upstream(ctx):
+        return headers  # its units stay spent: the refusal was of a host the client chose
     facts = ctx._pending if ctx._pending is not None else ctx._built
     # (a request of a route with a cost function: inbound/costs.py)
     if facts is None or (facts[0] is not admission_decisions and facts[0] is not costed_decisions):

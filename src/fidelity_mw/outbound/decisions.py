@@ -257,6 +257,8 @@ def give_up(
     flags = _flags(ctx)
     if attempts_made == 0 and layer in (LAYER_BREAKER, LAYER_DEADLINE) and flags.shed_by is None:
         flags.shed_by = layer  # refused before anything was sent
+    if attempts_made == 0 and up.cfg.client_chosen:
+        ctx.refused_client_chosen = True  # (no attempt counted it: the client pays)
     # "attempts" with retries configured off is not exhaustion: we did
     # not retry, so the caller is the nearest owner and may.
     if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):

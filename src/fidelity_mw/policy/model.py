@@ -1095,6 +1095,10 @@ class UpstreamConfig(_Validated):
     protocol_headers: Literal["auto", "always", "never"] = _spec(
         "auto", one_of(PROTOCOL_HEADER_MODES)
     )
+    # The clients name these hosts (webhook targets, callback URLs): a request that called
+    # one pays its units however it ends (inbound/refusals.charged_for_upstream). Left
+    # out of `to_dict` while false, as `RateLimit.client_ipv6_prefix` while unset.
+    client_chosen: bool = _spec(False, boolean, unset_unversioned=True)
 
 
 DEFAULT_TRUSTED_PEERS = (
@@ -1292,7 +1296,7 @@ def _plain(obj: Any) -> Any:
             if not f.init:
                 continue
             value = getattr(obj, f.name)
-            if value is None and f.metadata.get("unset_unversioned"):
+            if (value is None or value is False) and f.metadata.get("unset_unversioned"):
                 continue
             out[f.metadata.get("toml", f.name)] = _plain(value)
         return out

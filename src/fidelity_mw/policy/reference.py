@@ -355,6 +355,12 @@ DESCRIPTIONS: dict[str, str] = {
     "one label, `.internal`, `.local`, `.svc` ..., a service whose instances all are; any "
     "other name once its first answer came from an address in `trusted_peers`); `always` "
     "(from the first attempt on, through a proxy too); `never`.",
+    "upstream.client_chosen": "The clients name these hosts (webhook targets, callback "
+    "URLs): a request that called one pays its rate-limit units however it ends. Its "
+    "upstream failures, breaker refusals and deadline get no refund and no retry credit "
+    "(else a client's own failing host made its requests free) and are no failure of the "
+    "route's breaker (one client's dead host shed every client's requests). Usually on "
+    '`host = "*"`, after the entries for your own upstreams (docs/inbound.md, `charge`).',
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
     "observed attempt latency p95 (a window of recent attempts in this process), "

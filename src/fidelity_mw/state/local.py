@@ -120,6 +120,11 @@ class InboundResult:
     def __repr__(self) -> str:
         return shown(self)
 
+    def __reduce__(self) -> tuple[type[InboundResult], tuple[Any, ...]]:
+        # Pickled and copied by the constructor, as a NamedTuple: compiled, a native
+        # class cannot be made without its __init__'s arguments (pickle's default did).
+        return InboundResult, self._key()
+
 
 _object_new: Final = object.__new__
 
