@@ -188,7 +188,11 @@ class Upstream:
         self.first_stamps: Stamps = ()
         default_ms = policy.deadline.default_ms
         self.default_deadline_s = default_ms / 1000.0 if default_ms is not None else None
-        self.trusted: bool | None = literal_peer_trusted(host, engine.trusted_peers)
+        # A host the client names (`client_chosen`) is a stranger wherever it resolves: an
+        # address inside `trusted_peers` there is the request forgery's target, not ours.
+        self.trusted: bool | None = (
+            False if cfg.client_chosen else literal_peer_trusted(host, engine.trusted_peers)
+        )
         # Reached through a proxy (set by the transport): the address a connection reached
         # is the proxy's, which says nothing of the upstream's (`decisions.trusted_peer`).
         self.proxied = False
@@ -228,6 +232,10 @@ class Upstream:
         system only (`protocol_headers`: `auto` judges by the address or name, see
         `wire.in_system`; a service, by all of its instances), never with a third party."""
         mode = self.cfg.protocol_headers
+        if mode == "auto" and self.cfg.client_chosen:
+            self.listening = False  # (its address is no evidence: see `trusted`)
+            self._set_speaks(False)
+            return
         if mode == "auto":
             nets = engine.trusted_peers
             if self.instances is None:
@@ -282,6 +290,9 @@ class Upstream:
             return
         known = {i.url: i for i in self.instances or ()}
         self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        if self.cfg.client_chosen:
+            for instance in self.instances or ():
+                instance.trusted = False
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
         self._speak(engine)

@@ -359,7 +359,10 @@ DESCRIPTIONS: dict[str, str] = {
     "URLs): a request that called one pays its rate-limit units however it ends. Its "
     "upstream failures, breaker refusals and deadline get no refund and no retry credit "
     "(else a client's own failing host made its requests free) and are no failure of the "
-    "route's breaker (one client's dead host shed every client's requests). Usually on "
+    "route's breaker (one client's dead host shed every client's requests). They are "
+    'strangers wherever they resolve: under `protocol_headers = "auto"` no attempt carries '
+    "our headers and no reply's markers are believed, an address in `trusted_peers` "
+    "included. Usually on "
     '`host = "*"`, after the entries for your own upstreams (docs/inbound.md, `charge`).',
     # [upstream.hedge]
     "upstream.hedge.after": "`fixed`: hedge after `after_ms`; `p95`: after the upstream's "
