@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +113,7 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_redis_client_missing(name, lines, policy))
     result.warnings.extend(_networks_with_host_bits(name, lines, policy))
     result.warnings.extend(_retried_successes(name, lines, policy))
+    result.warnings.extend(_foreign_glob_syntax(name, lines, policy))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -119,6 +121,34 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
         message = memory_workers_warning(workers)
         result.warnings.append(Finding(name, _line(lines, path), path, message, "warning"))
     return result
+
+
+# What other glob dialects mean and ours does not: fnmatch's and the shell's character
+# class `[12]`, the shell's alternatives `{a,b}`. Ours has only `*` and `?`, so these are
+# matched as themselves, and a request path holds `[` or `{` only percent-decoded from
+# `%5B` / `%7B`: such an entry quietly never matches what it was written for.
+_FOREIGN_GLOB = re.compile(r"\[[^\]]+\]|\{[^{}]*,[^{}]*\}")
+
+
+def _foreign_glob_syntax(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    out: list[Finding] = []
+    globs: list[tuple[str, str]] = []
+    for i, limit in enumerate(policy.rate_limits):
+        globs.append((f"rate_limit[{i}].match", limit.match))
+        globs += [(f"rate_limit[{i}].exclude", g) for g in limit.exclude]
+    globs += [(f"route[{i}].match", r.match) for i, r in enumerate(policy.routes)]
+    globs += [(f"upstream[{i}].host", u.host) for i, u in enumerate(policy.upstreams)]
+    for path, glob in globs:
+        found = _FOREIGN_GLOB.search(glob)
+        if found is None:
+            continue
+        message = (
+            f"{json.dumps(glob)} matches {json.dumps(found.group())} literally: these globs "
+            "know only * (any run of characters) and ? (one), not character classes or "
+            "{a,b} alternatives; write one entry per alternative, or a * in its place"
+        )
+        out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
 
 
 def _redis_client_missing(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
