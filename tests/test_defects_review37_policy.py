@@ -2,22 +2,24 @@
 and the problem, with the line under `fidelity-mw check`, and nothing escapes the
 library as a traceback.
 
-The defects fixed here: a state URL with an unclosed IPv6 bracket crashed
-`fidelity-mw check`, `map` and `Policy.from_toml` with urllib's ValueError; URLs that
-validate but on which no Redis connection ever opens (a unix:// URL without a socket
-path, a `client_name` Redis refuses, an `ssl_cert_reqs` redis-py refuses, a database
-"number" of non-ASCII digits) passed, so the middleware decided without its state from
-the first request on; a key that is not a string (plain data from JSON or YAML loaders)
-was a TypeError; TOML dates were shown as Python's repr and a pasted 5,000-character
-value was repeated whole in its message; a key under a table only a deeper header
-defines (`[breaker.extra.deep]`) had no line; `check --workers 0` was taken (and the
-memory:// warning skipped); globs of another dialect (`[12]`, `{a,b}`) passed silently
-although they match only themselves.
+The defects fixed here: a state URL with an unclosed IPv6 bracket crashed `fidelity-mw
+check`, `map` and `Policy.from_toml` with urllib's ValueError; URLs that validate but on
+which no Redis connection ever opens (a unix:// URL without a socket path, a
+`client_name` Redis refuses, an `ssl_cert_reqs` redis-py refuses, a database "number" of
+non-ASCII digits) passed, so the middleware decided without its state from the first
+request on; `Policy.from_toml(fd)` with an int opened that file descriptor, read it and
+closed it behind its owner; a key that is not a string (plain data from JSON or YAML
+loaders) was a TypeError; TOML dates were shown as Python's repr and a pasted
+5,000-character value was repeated whole in its message; a key under a table only a
+deeper header defines (`[breaker.extra.deep]`) had no line; `check --workers 0` was
+taken (and the memory:// warning skipped); globs of another dialect (`[12]`, `{a,b}`)
+passed silently although they match only themselves.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -129,6 +131,21 @@ def test_keys_that_are_not_strings_are_unknown_keys() -> None:
     assert problems["1"].startswith("unknown key")
     assert problems["breaker.None"].startswith("unknown key")
     assert problems["rate_limit[0].2.5"].startswith("unknown key")
+
+
+def test_a_file_descriptor_is_no_policy_path() -> None:
+    # open() takes an int as a descriptor: from_toml(fd) read it (blocking on a pipe or a
+    # socket with nothing to read) and closed it behind its owner's back
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"version = 1\n")
+    os.close(write_end)  # (so that a read ends: the test must not hang without the fix)
+    try:
+        with pytest.raises(PolicyError, match="expected the policy file's path"):
+            Policy.from_toml(read_end)  # type: ignore[arg-type]
+        os.fstat(read_end)  # still open: raises OSError once closed
+        assert os.read(read_end, 100) == b"version = 1\n"  # and unread
+    finally:
+        os.close(read_end)
 
 
 # ---------------------------------------------------------------- what messages show

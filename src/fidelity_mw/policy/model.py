@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -1202,6 +1203,11 @@ class Policy(_Validated):
     def from_toml(cls, path: str | Path) -> Policy:
         """Load and validate a TOML policy file. Errors name the file and each key path."""
         source = str(path)
+        if not isinstance(path, str | bytes | os.PathLike):
+            # open() takes an int as a file descriptor: `from_toml(5)` read whatever fd 5
+            # was (a socket of the server's, blocking) and closed it behind its owner
+            message = f"expected the policy file's path (a str or a Path), got {_tname(path)}"
+            raise PolicyError([PolicyIssue("", message)], source)
         try:
             with open(path, "rb") as fh:
                 raw = fh.read()
