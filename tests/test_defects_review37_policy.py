@@ -13,7 +13,8 @@ loaders) was a TypeError; TOML dates were shown as Python's repr and a pasted
 5,000-character value was repeated whole in its message; a key under a table only a
 deeper header defines (`[breaker.extra.deep]`) had no line; `check --workers 0` was
 taken (and the memory:// warning skipped); globs of another dialect (`[12]`, `{a,b}`)
-passed silently although they match only themselves.
+passed silently although they match only themselves; a rate per capital M (`100/M`,
+a month as often as a minute) was taken as per minute.
 """
 
 from __future__ import annotations
@@ -120,6 +121,21 @@ def test_digits_int_cannot_read_are_no_number(url: str) -> None:
     # "²".isdigit() is true and int("²") a ValueError inside redis-py
     problems = issues_of({"state": {"url": url}})
     assert "number" in problems["state.url"]
+
+
+# ---------------------------------------------------------------- rates
+
+
+@pytest.mark.parametrize("rate", ["100/M", "100/1M", "5 per M", "5/10M "])
+def test_a_capital_m_is_no_minute(rate: str) -> None:
+    # lower-cased, "100/M" was 100 per minute: a monthly quota 43,200 times over
+    problems = issues_of({"rate_limit": [{"name": "a", "rate": rate}]})
+    assert "M may be a minute or a month" in problems["rate_limit[0].rate"]
+
+
+@pytest.mark.parametrize("rate", ["100/m", "100/min", "100/MIN", "100/Min", "100 per minute"])
+def test_minutes_spelled_out_or_lower_case_pass(rate: str) -> None:
+    assert Policy.from_dict({"rate_limit": [{"name": "a", "rate": rate}]}).rate_limits
 
 
 # ---------------------------------------------------------------- plain data

@@ -402,6 +402,13 @@ def parse_rate(text: str) -> tuple[int, float]:
             f"{_toml(text)} holds several rates: write one [[rate_limit]] per rate, "
             "each with its own name"
         )
+    if re.search(r"[0-9/\s]M\s*$", text):
+        # a capital M is a month as often as a minute (100/M), and `lower()` below made it
+        # a minute: a monthly quota enforced 43,200 times over
+        raise ValueError(
+            f"{_toml(text)}: M may be a minute or a month: write min for a minute "
+            "(a month is 30d)"
+        )
     m = _RATE_RE.match(_PER_RE.sub("/", text.lower()))
     if not m:
         raise ValueError(
