@@ -106,7 +106,7 @@ def _got(value: object) -> str:
 
 # How much of a value a message repeats: a 5,000-character string pasted into a key
 # made a 5,000-character error line (per key, and `check` prints every one).
-_SHOWN_CHARS: Final = 80
+_SHOWN_CHARS: Final = 200
 
 
 def _toml(value: object) -> str:
