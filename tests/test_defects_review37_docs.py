@@ -5,6 +5,10 @@
   a varied run (limits, shadow, per-request cost, breaker, deadline, bulkhead, retries,
   a service's balancer, a give-up) emits; a new attribute or reason fails here until
   it is documented.
+- docs/inbound.md lists every kind of problem document the middleware and the FastAPI
+  forms answer with (`urn:fidelity-mw:problem:<kind>`, what a client may rely on) and
+  its extension members; `circuit-open` and `deadline-exceeded` were named nowhere, and
+  the members `route`, `priority`, `cost` and `burst` not among those documented.
 - docs/policy.md says "in Python, the same keys are the dataclass fields": every
   section's class imports from `fidelity_mw` (ConcurrencyConfig and HedgeConfig did
   not: `from fidelity_mw import ConcurrencyConfig` was an ImportError).
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 from pathlib import Path
@@ -233,3 +238,50 @@ def test_what_a_varied_run_emits_is_documented() -> None:
     assert metric_points(reader, schema.METRIC_DECISIONS)
     missing = sorted(name for name in metrics | metric_attributes if not documented(name))
     assert not missing, f"metrics or metric attributes not in docs/telemetry.md: {missing}"
+
+
+# ---------------------------------------------------------------- problem documents
+
+PROBLEM_BUILDERS = {"problem_body": 3, "problem_document": 3, "_answer": 5}
+
+
+def problem_kinds_in_source() -> dict[str, set[str]]:
+    """kind -> extension members, from every call that builds a problem document."""
+    kinds: dict[str, set[str]] = {}
+    for path in (ROOT / "src" / "fidelity_mw").rglob("*.py"):
+        if path.parent.name == "admin":
+            continue  # the admin page's own answers (docs/admin.md), not the service's
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            index = PROBLEM_BUILDERS.get(str(name))
+            if index is None or len(node.args) <= index:
+                continue
+            kind = node.args[index]
+            if not isinstance(kind, ast.Constant) or not isinstance(kind.value, str):
+                continue  # a helper passing its own `kind` through: its callers are seen
+            members = kinds.setdefault(kind.value, set())
+            members |= {k.arg for k in node.keywords if k.arg}
+            if name == "_answer":  # (ctx, status, layer, upstream, ...): members of its own
+                members.add("layer")
+                upstream = node.args[3]
+                if not (isinstance(upstream, ast.Constant) and upstream.value is None):
+                    members.add("upstream")
+    return kinds
+
+
+def test_every_problem_kind_is_in_the_inbound_table() -> None:
+    inbound = (ROOT / "docs" / "inbound.md").read_text(encoding="utf-8")
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `([a-z-]+)` \| [^|]+ \| [^|]+ \|([^|]*)\|$", inbound, re.M)
+    }
+    kinds = problem_kinds_in_source()
+    assert {"rate-limited", "circuit-open", "deadline-exceeded"} <= set(kinds)  # it found them
+    assert not set(kinds) - set(rows), (
+        f"problem kinds not in docs/inbound.md: {set(kinds) - set(rows)}"
+    )
+    for kind, members in kinds.items():
+        missing = sorted(m for m in members if f"`{m}`" not in rows[kind])
+        assert not missing, f"{kind}: members {missing} not in its docs/inbound.md row"
