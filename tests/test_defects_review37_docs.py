@@ -285,3 +285,23 @@ def test_every_problem_kind_is_in_the_inbound_table() -> None:
     for kind, members in kinds.items():
         missing = sorted(m for m in members if f"`{m}`" not in rows[kind])
         assert not missing, f"{kind}: members {missing} not in its docs/inbound.md row"
+
+
+# ---------------------------------------------------------------- units in the reference
+
+
+def test_every_duration_key_names_its_unit() -> None:
+    """A duration's unit is in its name (`_ms` a whole number of milliseconds, `_s` a
+    number of seconds), so `open_s = 5` cannot be read as milliseconds; the keys without
+    a suffix are counts, shares and ratios."""
+    from fidelity_mw.policy.reference import key_docs
+
+    for doc in key_docs():
+        if doc.key.endswith("_ms"):
+            assert doc.type == "integer", doc.path
+        elif doc.key.endswith("_s"):
+            assert doc.type == "number", doc.path
+        elif doc.type in ("integer", "number"):
+            said = doc.description.lower()
+            # (a share whose description mentions a second in passing is no duration)
+            assert not re.search(r"\bmilliseconds?\b|\bin seconds\b|\bms\b", said), doc.path
