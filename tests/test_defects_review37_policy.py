@@ -14,7 +14,8 @@ loaders) was a TypeError; TOML dates were shown as Python's repr and a pasted
 deeper header defines (`[breaker.extra.deep]`) had no line; `check --workers 0` was
 taken (and the memory:// warning skipped); globs of another dialect (`[12]`, `{a,b}`)
 passed silently although they match only themselves; a rate per capital M (`100/M`,
-a month as often as a minute) was taken as per minute.
+a month as often as a minute) was taken as per minute; a duration in the other unit
+(`open_s = 5000`, `default_ms = 30`) passed `check` without a word.
 """
 
 from __future__ import annotations
@@ -234,6 +235,37 @@ def test_check_warns_of_globs_of_another_dialect(tmp_path: Path) -> None:
     ]
     code, _ = run(["check", "--strict", str(policy)])
     assert code == 1
+
+
+def test_check_warns_of_a_duration_in_the_other_unit(tmp_path: Path) -> None:
+    policy = tmp_path / "units.toml"
+    policy.write_text(
+        "[deadline]\n"
+        "default_ms = 30\n"  # 30 s meant
+        "\n[breaker]\n"
+        "open_s = 5000\n"  # 5 s meant
+        "window_s = 30\n"
+        "\n[[route]]\n"
+        'match = "/fast"\n'
+        "deadline_ms = 50\n"  # a fast route: fine
+        "\n[[upstream]]\n"
+        'host = "a"\n'
+        "attempt_timeout_ms = 3\n"  # 3 s meant
+        "retry = { base_ms = 1, max_ms = 5, retry_after_max_s = 3000 }\n"  # backoff: fine
+    )
+    code, out = run(["check", str(policy)])
+    assert code == 0
+    warned = re.findall(r":(\d+): warning: (\S+): (.*)", out)
+    assert [(line, path) for line, path, _ in warned] == [
+        ("2", "deadline.default_ms"),
+        ("5", "breaker.open_s"),
+        ("14", "upstream[0].attempt_timeout_ms"),
+        ("15", "upstream[0].retry.retry_after_max_s"),
+    ]
+    said = {path: message for _, path, message in warned}
+    assert "30 s is default_ms = 30000" in said["deadline.default_ms"]
+    assert "5000 ms is open_s = 5" in said["breaker.open_s"]
+    assert "50 min" in said["upstream[0].retry.retry_after_max_s"]
 
 
 # ---------------------------------------------------------------- every key, bad values

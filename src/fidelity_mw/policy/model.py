@@ -406,8 +406,7 @@ def parse_rate(text: str) -> tuple[int, float]:
         # a capital M is a month as often as a minute (100/M), and `lower()` below made it
         # a minute: a monthly quota enforced 43,200 times over
         raise ValueError(
-            f"{_toml(text)}: M may be a minute or a month: write min for a minute "
-            "(a month is 30d)"
+            f"{_toml(text)}: M may be a minute or a month: write min for a minute (a month is 30d)"
         )
     m = _RATE_RE.match(_PER_RE.sub("/", text.lower()))
     if not m:
