@@ -15,7 +15,8 @@ deeper header defines (`[breaker.extra.deep]`) had no line; `check --workers 0` 
 taken (and the memory:// warning skipped); globs of another dialect (`[12]`, `{a,b}`)
 passed silently although they match only themselves; a rate per capital M (`100/M`,
 a month as often as a minute) was taken as per minute; a duration in the other unit
-(`open_s = 5000`, `default_ms = 30`) passed `check` without a word.
+(`open_s = 5000`, `default_ms = 30`) passed `check` without a word; a typo of a
+breaker's documented `enabled` key had no hint, and the list of allowed keys left it out.
 """
 
 from __future__ import annotations
@@ -163,6 +164,25 @@ def test_a_file_descriptor_is_no_policy_path() -> None:
         assert os.read(read_end, 100) == b"version = 1\n"  # and unread
     finally:
         os.close(read_end)
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"breaker": {"enabeld": False}}, "breaker.enabeld"),
+        ({"route": [{"match": "/x", "breaker": {"enable": False}}]}, "route[0].breaker.enable"),
+        (
+            {"upstream": [{"host": "a", "breaker": {"enabeld": False}}]},
+            "upstream[0].breaker.enabeld",
+        ),
+    ],
+)
+def test_a_typo_of_a_breakers_enabled_is_pointed_at_it(data: dict[str, object], path: str) -> None:
+    # `enabled = false` is a documented breaker key, read before the table's others: its
+    # typo had no hint, and the allowed list left it out
+    message = issues_of(data)[path]
+    assert "did you mean 'enabled'?" in message
+    assert "enabled, failure_ratio" in message
 
 
 # ---------------------------------------------------------------- what messages show

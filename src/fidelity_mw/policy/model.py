@@ -1487,12 +1487,13 @@ def _read_table(
             key = repr(key)
         where = f"{path}.{key}" if path else key
         if key not in by_toml:
-            hint = difflib.get_close_matches(key, list(by_toml), n=1)
+            # a breaker table's `enabled` is read (and taken out) before it gets here:
+            # still one of its keys, for the hint (`enabeld`) and the list
+            known = [*by_toml, "enabled"] if cls is BreakerConfig else list(by_toml)
+            hint = difflib.get_close_matches(key, known, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             issues.append(
-                PolicyIssue(
-                    where, f"unknown key{suggestion} (allowed: {', '.join(sorted(by_toml))})"
-                )
+                PolicyIssue(where, f"unknown key{suggestion} (allowed: {', '.join(sorted(known))})")
             )
             continue
         attr = by_toml[key]
