@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from .outbound import FidelitySyncTransport, FidelityTransport
     from .policy import (
         BreakerConfig,
+        ConcurrencyConfig,
         DeadlineConfig,
+        HedgeConfig,
         Policy,
         RateLimit,
         RetryConfig,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "BreakerConfig": ".policy",
     "CircuitOpen": ".errors",
+    "ConcurrencyConfig": ".policy",
     "DeadlineConfig": ".policy",
     "Decision": ".context",
     "DecisionContext": ".context",
@@ -38,6 +41,7 @@ _LAZY = {
     "FidelityMiddleware": ".inbound",
     "FidelitySyncTransport": ".outbound",
     "FidelityTransport": ".outbound",
+    "HedgeConfig": ".policy",
     "LimitCheck": ".inbound.checks",
     "LimitStatus": ".inbound.checks",
     "Policy": ".policy",
@@ -71,6 +75,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BreakerConfig",
     "CircuitOpen",
+    "ConcurrencyConfig",
     "DeadlineConfig",
     "Decision",
     "DecisionContext",
@@ -79,6 +84,7 @@ __all__ = [
     "FidelityMiddleware",
     "FidelitySyncTransport",
     "FidelityTransport",
+    "HedgeConfig",
     "LimitCheck",
     "LimitStatus",
     "Policy",

@@ -170,6 +170,10 @@ class _Scanner:
         return path
 
     def table_header(self, keys: list[str], start: int) -> None:
+        # `[breaker.extra.deep]` also defines `breaker.extra`, the key an unknown-key
+        # error names: its line is this header's, unless it appeared earlier
+        for depth in range(1, len(keys)):
+            self.record(self.resolve(keys[:depth]), start, first_only=True)
         self.prefix = self.resolve(keys)
         self.record(self.prefix, start, first_only=True)
 

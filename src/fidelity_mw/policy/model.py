@@ -9,11 +9,13 @@ disable a limit. `Policy.version` is a short hash of the normalized content.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import inspect
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -80,6 +82,8 @@ _TOML_TYPES = {
 
 def _tname(value: object) -> str:
     """The value's type as TOML names it (most policies are TOML files)."""
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return "date-time" if isinstance(value, datetime.datetime) else type(value).__name__
     return _TOML_TYPES.get(type(value), type(value).__name__)
 
 
@@ -100,6 +104,11 @@ def _got(value: object) -> str:
     return "nothing" if value is None else f"{_tname(value)} {_toml(value)}"
 
 
+# How much of a value a message repeats: a 5,000-character string pasted into a key
+# made a 5,000-character error line (per key, and `check` prints every one).
+_SHOWN_CHARS: Final = 200
+
+
 def _toml(value: object) -> str:
     """A value spelled as in a TOML file (`true`, `"text"`, `[1, 2]`), for messages."""
     if isinstance(value, bool):
@@ -107,11 +116,19 @@ def _toml(value: object) -> str:
     if value is None:
         return "nothing"
     if isinstance(value, str):
+        if len(value) > _SHOWN_CHARS:
+            head = json.dumps(value[: _SHOWN_CHARS - 20], ensure_ascii=False)
+            return f'{head[:-1]}..." ({len(value):,} characters)'
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple | set | frozenset):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        text = "[" + ", ".join(_toml(v) for v in value) + "]"
+        return text if len(text) <= 2 * _SHOWN_CHARS else f"{text[: 2 * _SHOWN_CHARS]}...]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        text = "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        return text if len(text) <= 2 * _SHOWN_CHARS else f"{text[: 2 * _SHOWN_CHARS]}... }}"
+    if isinstance(value, datetime.date | datetime.time):
+        # TOML's dates and times (`open_s = 07:32:00`): as written, not datetime's repr
+        return value.isoformat()
     return repr(value)
 
 
@@ -240,11 +257,11 @@ def _base_urls(value: Any) -> str | None:
         scheme, _, rest = text.partition("://")
         host = rest.rstrip("/")
         if scheme not in ("http", "https") or not host or "/" in host or "?" in host:
-            return f"item {i}: {item!r} is not a base URL (for example 'http://10.0.0.7:8080')"
+            return f'item {i}: {_toml(item)} is not a base URL (for example "http://10.0.0.7:8080")'
         try:  # what httpx cannot parse (a port that is not a number) fails every call
             httpx.URL(text)
         except httpx.InvalidURL as exc:
-            return f"item {i}: {item!r} is not a URL ({exc})"
+            return f"item {i}: {_toml(item)} is not a URL ({exc})"
     if len(set(value)) != len(value):
         return "instance URLs must be distinct"
     return None
@@ -384,6 +401,12 @@ def parse_rate(text: str) -> tuple[int, float]:
         raise ValueError(
             f"{_toml(text)} holds several rates: write one [[rate_limit]] per rate, "
             "each with its own name"
+        )
+    if re.search(r"[0-9/\s]M\s*$", text):
+        # a capital M is a month as often as a minute (100/M), and `lower()` below made it
+        # a minute: a monthly quota enforced 43,200 times over
+        raise ValueError(
+            f"{_toml(text)}: M may be a minute or a month: write min for a minute (a month is 30d)"
         )
     m = _RATE_RE.match(_PER_RE.sub("/", text.lower()))
     if not m:
@@ -600,6 +623,10 @@ class StateConfig(_Validated):
                     + ", ".join(schemes),
                 )
             ]
+        if isinstance(self.url, str) and self.url.startswith("unix://"):
+            problem = _unix_url_problem(self.url)
+            if problem:
+                return [PolicyIssue("url", f"{_toml(redact_url(self.url))}: {problem}")]
         if isinstance(self.url, str) and self.url.startswith(("redis", "tiered+redis")):
             problem = _tcp_redis_url_problem(self.url)
             if problem:
@@ -657,6 +684,7 @@ _URL_SSL: Final = (
     "ssl_password",
 )
 _FLAG_VALUES: Final = ("1", "true", "yes", "on", "0", "false", "no", "off")
+_CERT_REQS: Final = ("none", "optional", "required")  # redis-py's names of ssl.CERT_*
 
 
 def _url_query_problems(url: str) -> list[str]:
@@ -686,8 +714,19 @@ def _url_query_problems(url: str) -> list[str]:
         elif name == "socket_keepalive" and unix:  # (a TypeError at the first connection)
             problems.append("socket_keepalive is for TCP: a unix:// socket connection takes none")
         elif name in ("db", "health_check_interval", "socket_read_size", "ssl_min_version"):
-            if not value.strip().isdigit():  # redis-py's int(): junk failed the client
+            number = value.strip()
+            # redis-py's int(): junk failed the client ("²" is a digit to isdigit(), not int())
+            if not (number.isascii() and number.isdigit()):
                 problems.append(f"{name}={value}: write a whole number")
+        elif name == "client_name" and not all("!" <= ch <= "~" for ch in value):
+            # Redis refuses CLIENT SETNAME with a space or anything outside printable
+            # ASCII, and redis-py sends it on every connect: no connection would ever open
+            problems.append(
+                f"client_name={value}: Redis takes a client name of printable ASCII without spaces"
+            )
+        elif name == "ssl_cert_reqs" and value not in _CERT_REQS:  # (exact: redis-py's dict)
+            # redis-py raises building the first connection: the store never connects
+            problems.append(f"ssl_cert_reqs={value}: write one of {', '.join(_CERT_REQS)}")
         elif name not in _URL_PLAIN and name not in _URL_SSL:
             known = [*_URL_PLAIN, *(_URL_SSL if tls else ())]
             close = difflib.get_close_matches(name, [*known, *_URL_SET_BY_US], n=1)
@@ -696,17 +735,34 @@ def _url_query_problems(url: str) -> list[str]:
     return problems
 
 
+def _unix_url_problem(url: str) -> str | None:
+    """A unix:// URL without a socket path: redis-py reads the path from the URL's path
+    and, given none, connects to "" and fails every time, so the middleware decided
+    without its state from the first request on."""
+    try:
+        path = urlsplit(url).path
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if not path.strip("/"):
+        return "a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)"
+    return None
+
+
 def _tcp_redis_url_problem(url: str) -> str | None:
     """What makes a redis:// URL one no client can be built from (the middleware then
     ran without state, one warning in the log): a port that is no number, a database
     that is no number."""
-    parts = urlsplit(url.removeprefix("tiered+"))
+    try:
+        # urlsplit itself raises for a bracket left open (`redis://[::1/0`)
+        parts = urlsplit(url.removeprefix("tiered+"))
+    except ValueError as exc:
+        return f"not a URL ({exc}; an IPv6 address is written redis://[::1]:6379/0)"
     try:
         parts.port  # noqa: B018 - the property parses the port, and raises
     except ValueError:
         return "the port is not a number between 0 and 65535"
     db = parts.path.strip("/")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):  # "²".isdigit(), and int() refuses it
         return f"the database {_toml(db)} is not a number (write redis://HOST:PORT/0)"
     return None
 
@@ -1157,6 +1213,11 @@ class Policy(_Validated):
     def from_toml(cls, path: str | Path) -> Policy:
         """Load and validate a TOML policy file. Errors name the file and each key path."""
         source = str(path)
+        if not isinstance(path, str | bytes | os.PathLike):
+            # open() takes an int as a file descriptor: `from_toml(5)` read whatever fd 5
+            # was (a socket of the server's, blocking) and closed it behind its owner
+            message = f"expected the policy file's path (a str or a Path), got {_tname(path)}"
+            raise PolicyError([PolicyIssue("", message)], source)
         try:
             with open(path, "rb") as fh:
                 raw = fh.read()
@@ -1424,14 +1485,19 @@ def _read_table(
     by_toml = {f.metadata.get("toml", f.name): f.name for f in fields.values()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            # only plain data can hold one (TOML keys are strings): YAML's `1:`, a dict
+            # built in code. Named as written, an unknown key like any other.
+            key = repr(key)
         where = f"{path}.{key}" if path else key
         if key not in by_toml:
-            hint = difflib.get_close_matches(key, list(by_toml), n=1)
+            # a breaker table's `enabled` is read (and taken out) before it gets here:
+            # still one of its keys, for the hint (`enabeld`) and the list
+            known = [*by_toml, "enabled"] if cls is BreakerConfig else list(by_toml)
+            hint = difflib.get_close_matches(key, known, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             issues.append(
-                PolicyIssue(
-                    where, f"unknown key{suggestion} (allowed: {', '.join(sorted(by_toml))})"
-                )
+                PolicyIssue(where, f"unknown key{suggestion} (allowed: {', '.join(sorted(known))})")
             )
             continue
         attr = by_toml[key]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..decide.retry import IDEMPOTENT_METHODS
 from ..errors import PolicyError
@@ -112,6 +113,8 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
     result.warnings.extend(_redis_client_missing(name, lines, policy))
     result.warnings.extend(_networks_with_host_bits(name, lines, policy))
     result.warnings.extend(_retried_successes(name, lines, policy))
+    result.warnings.extend(_foreign_glob_syntax(name, lines, policy))
+    result.warnings.extend(_unit_slips(name, lines, data))
     if workers is None:
         workers = web_concurrency()
     if workers is not None and workers > 1 and policy.state.url.startswith("memory://"):
@@ -119,6 +122,101 @@ def check_file(path: str | Path, *, workers: int | None = None) -> CheckResult:
         message = memory_workers_warning(workers)
         result.warnings.append(Finding(name, _line(lines, path), path, message, "warning"))
     return result
+
+
+# What other glob dialects mean and ours does not: fnmatch's and the shell's character
+# class `[12]`, the shell's alternatives `{a,b}`. Ours has only `*` and `?`, so these are
+# matched as themselves, and a request path holds `[` or `{` only percent-decoded from
+# `%5B` / `%7B`: such an entry quietly never matches what it was written for.
+_FOREIGN_GLOB = re.compile(r"\[[^\]]+\]|\{[^{}]*,[^{}]*\}")
+
+
+def _foreign_glob_syntax(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:
+    out: list[Finding] = []
+    globs: list[tuple[str, str]] = []
+    for i, limit in enumerate(policy.rate_limits):
+        globs.append((f"rate_limit[{i}].match", limit.match))
+        globs += [(f"rate_limit[{i}].exclude", g) for g in limit.exclude]
+    globs += [(f"route[{i}].match", r.match) for i, r in enumerate(policy.routes)]
+    globs += [(f"upstream[{i}].host", u.host) for i, u in enumerate(policy.upstreams)]
+    for path, glob in globs:
+        found = _FOREIGN_GLOB.search(glob)
+        if found is None:
+            continue
+        message = (
+            f"{json.dumps(glob)} matches {json.dumps(found.group())} literally: these globs "
+            "know only * (any run of characters) and ? (one), not character classes or "
+            "{a,b} alternatives; write one entry per alternative, or a * in its place"
+        )
+        out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+# Deadlines that are surely seconds written into a milliseconds key: a default deadline
+# of 30 ms for every route (`default_ms = 30`), an attempt of 5 ms. Fast routes may have
+# a route deadline of tens of ms; under 10 ms no HTTP round trip fits.
+_MS_FLOORS: Final = {
+    "deadline.default_ms": 60,
+    "deadline.max_ms": 60,
+    "route.deadline_ms": 10,
+    "upstream.attempt_timeout_ms": 10,
+}
+
+
+def _unit_slips(name: str, lines: KeyLines, data: dict[str, Any]) -> list[Finding]:
+    """A duration in the other unit: milliseconds in a `_s` key (`open_s = 5000`, a
+    breaker open 83 minutes), seconds in a deadline's `_ms` key (`default_ms = 30`).
+    Both validate; neither can be meant. Read from the file's own keys, not defaults."""
+    from ..policy.reference import key_docs
+
+    defaults: dict[str, float] = {}
+    for doc in key_docs():
+        try:
+            defaults[f"{doc.table}.{doc.key}" if doc.table else doc.key] = float(
+                doc.default.strip("`").replace("_", "")
+            )
+        except ValueError:
+            continue
+    out: list[Finding] = []
+    for path, value in _leaves(data, ""):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        generic = re.sub(r"\[\d+\]", "", path)
+        key = generic.rpartition(".")[2]
+        default = (
+            defaults.get(generic)
+            or defaults.get(f"breaker.{key}")
+            or defaults.get(f"concurrency.{key}")
+        )
+        message = None
+        if key.endswith("_s") and default and value >= 1000 and value >= 100 * default:
+            long = f"{value / 3600:.1f} h" if value >= 3600 else f"{value / 60:.0f} min"
+            message = (
+                f"{value:g} s is {long}: {key} counts seconds "
+                f"({value:g} ms is {key} = {value / 1000:g})"
+            )
+        elif generic in _MS_FLOORS and 0 < value < _MS_FLOORS[generic]:
+            message = (
+                f"{value:g} ms is too short for an HTTP request: {key} counts "
+                f"milliseconds ({value:g} s is {key} = {value * 1000:g})"
+            )
+        if message is not None:
+            out.append(Finding(name, lines.line_for(path), path, message, "warning"))
+    return out
+
+
+def _leaves(data: Any, prefix: str) -> list[tuple[str, Any]]:
+    """(key path, value) of every scalar in plain policy data, paths as errors write them."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, v in enumerate(data):
+            out += _leaves(v, f"{prefix}[{i}]")
+    else:
+        out.append((prefix, data))
+    return out
 
 
 def _redis_client_missing(name: str, lines: KeyLines, policy: Policy) -> list[Finding]:

@@ -121,6 +121,18 @@ def _fail_on(text: str) -> frozenset[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _worker_count(text: str) -> int:
+    # 0 or -3 workers was taken and the memory:// check quietly skipped: no server runs
+    # an app on fewer than one process, so such a count is a typo to name
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} is not a worker count: give 1 or more")
+    return count
+
+
 def run_audit(args: argparse.Namespace) -> int:
     from .audit import audit_paths, render_text
 
@@ -192,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
     check.add_argument(
         "--workers",
-        type=int,
+        type=_worker_count,
         metavar="N",
         help="worker processes that will serve the app (uvicorn --workers, gunicorn -w; "
         "default: $WEB_CONCURRENCY): more than one with memory:// state is a warning",
