@@ -60,7 +60,12 @@ def _policy(breaker: BreakerConfig, **upstream: Any) -> Policy:
     )
 
 
-BREAKER = BreakerConfig(min_calls=4, failure_ratio=0.5, open_jitter=0.0, window_s=30.0)
+# Open for a minute once open: the tests that then expect `CircuitOpen` call on the real
+# clock, and a busy machine let the default first open period (0.5 s) pass between the
+# opening and the next call, which then probed (a RemoteProtocolError in its place).
+BREAKER = BreakerConfig(
+    min_calls=4, failure_ratio=0.5, open_jitter=0.0, window_s=30.0, open_min_s=60.0, open_s=60.0
+)
 
 
 def _broken_decisions(ctx: Any) -> list[Any]:
