@@ -111,9 +111,8 @@ def test_the_deadline_watch_cancels_another_loops_timer_in_that_loops_thread(
     a, b = two_loops
     watch = DeadlineWatch(time.monotonic, None)
     now = time.monotonic()
-    first, second = object(), object()
-    a.call(lambda: watch.add(first, now + 100.0, now))  # type: ignore[arg-type]
-    b.call(lambda: watch.add(second, now + 50.0, now))  # type: ignore[arg-type]
+    a.call(lambda: watch._schedule(now + 100.0))  # a request's deadline on loop A
+    b.call(lambda: watch._schedule(now + 50.0))  # an earlier one, on loop B
     a.settle()
     assert a.loop.cancelled_from == [a.ident]  # before: B's thread
     assert _pending(a.loop) == []
