@@ -60,7 +60,12 @@ def _policy(breaker: BreakerConfig, **upstream: Any) -> Policy:
     )
 
 
-BREAKER = BreakerConfig(min_calls=4, failure_ratio=0.5, open_jitter=0.0, window_s=30.0)
+# Open for a minute once open: the tests that then expect `CircuitOpen` call on the real
+# clock, and a busy machine let the default first open period (0.5 s) pass between the
+# opening and the next call, which then probed (a RemoteProtocolError in its place).
+BREAKER = BreakerConfig(
+    min_calls=4, failure_ratio=0.5, open_jitter=0.0, window_s=30.0, open_min_s=60.0, open_s=60.0
+)
 
 
 def _broken_decisions(ctx: Any) -> list[Any]:
@@ -421,7 +426,10 @@ def test_an_instance_whose_bodies_break_loses_its_share() -> None:
     """A service of two instances, one breaking every body, four calls at a time (so the
     balancer spreads them): its breaker opens on the broken bodies and the balancer sends
     every later call to the other; every call's in-flight count is given back. Before,
-    it kept its share to the end."""
+    it kept its share to the end. The transport's clock is a FakeClock: no attempt takes
+    any time on it, so the balancer picks by calls in flight alone (on the real clock a
+    starved thread of the broken upstream answered its first two calls 100 ms late, and
+    its latency kept every later call from it: two calls, short of `min_calls`)."""
     with BreakingUpstream(always="/break") as bad, BreakingUpstream(always="/whole") as good:
         policy = _policy(
             BreakerConfig(min_calls=3, failure_ratio=0.5, open_jitter=0.0, open_min_s=60.0),
@@ -429,7 +437,9 @@ def test_an_instance_whose_bodies_break_loses_its_share() -> None:
             instances=(bad.url, good.url),
             max_ejected_ratio=0.5,
         )
-        transport = FidelityTransport(policy=policy, rng=random.Random(1).random, telemetry=False)
+        transport = FidelityTransport(
+            policy=policy, rng=random.Random(1).random, telemetry=False, clock=FakeClock()
+        )
         seen = []
 
         async def run() -> list[str]:

@@ -16,11 +16,14 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from _redis_patience import answered_by_redis, answered_by_redis_sync
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import InboundResult
@@ -63,7 +66,17 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _asleep(server: RedisServer) -> bool:
-    """Is the server blocked (a PING unanswered for 50 ms)?"""
+    """Is the server blocked in `DEBUG SLEEP`? Where the kernel says what its main thread
+    waits in: in a nanosleep (an idle server waits in epoll). Else: a PING unanswered for
+    50 ms (which a starved server on a busy machine can also be: the stall then began
+    after the call it was for, which Redis answered in time)."""
+    proc = server.proc
+    if proc is not None:
+        try:
+            with open(f"/proc/{proc.pid}/wchan") as wchan:
+                return "nanosleep" in wchan.read()
+        except OSError:
+            pass
     with socket.create_connection(("127.0.0.1", server.port), timeout=1.0) as sock:
         sock.sendall(b"PING\r\n")
         sock.settimeout(0.05)
@@ -82,7 +95,7 @@ def stalled(server: RedisServer, seconds: float) -> Iterator[None]:
     thread.start()
     try:
         while not _asleep(server):
-            pass
+            time.sleep(0.001)  # (polling for the sleep to begin)
         yield
     finally:
         thread.join()
@@ -104,7 +117,7 @@ def _gate(result: InboundResult) -> Gate:
     return result.gate
 
 
-async def _until(condition: Callable[[], bool], budget_s: float = 5.0) -> bool:
+async def _until(condition: Callable[[], bool], budget_s: float = 30.0) -> bool:
     """Let the event loop run (real round trips, the store's background work) until
     `condition` holds; whether it did."""
     for _ in range(int(budget_s / 0.005)):
@@ -135,7 +148,34 @@ class Fleet:
         self.pinned.set(T1 + 2.0)  # open time over: the next admission probes
         # the slow instance's connection is up (a connection made while Redis sleeps
         # times out in its handshake: nothing sent)
-        assert (await self.slow.admit(None, None, [], [], 0.0)).source == "redis"
+        assert (await self.warm()).source == "redis"
+
+    async def warm(self) -> InboundResult:
+        """A call of the slow instance's that changes nothing, answered by Redis."""
+        slow = self.slow
+        return await answered_by_redis(
+            lambda: slow.admit(None, None, [], [], 0.0), lambda got: got.source, slow
+        )
+
+    async def warm_outbound(self) -> tuple[Any, ...]:
+        """Its connection up and outbound.lua cached (else NOSCRIPT after the stall: the
+        script unrun): a gate of an upstream of its own, answered by Redis."""
+        slow = self.slow
+        return await answered_by_redis(
+            lambda: slow.outbound_gate("upstream:warm", BREAKER, None, None, False, 0.0),
+            lambda got: got[2],
+            slow,
+        )
+
+    def warm_sync(self, upstream: str = "upstream:warm") -> tuple[Any, ...]:
+        """The same over its blocking client."""
+        slow = self.slow
+        assert isinstance(slow._clock, FakeClock)
+        return answered_by_redis_sync(
+            lambda: slow.outbound_gate_sync(upstream, BREAKER, None, None, False, 0.0),
+            lambda got: got[2],
+            slow._clock,
+        )
 
     async def timed_out_admission(self) -> InboundResult:
         """An admission Redis holds past `timeout_ms`, then runs."""
@@ -198,7 +238,7 @@ async def test_a_timed_out_probe_reports_its_outcome_once_redis_answers(
         await slow.record(ROUTE, BREAKER, _gate(got), outcome, False, 0.0)
         assert await _until(lambda: slow.health.up)
         # once Redis answers again, the probe's outcome reaches it (in the background)
-        await _until(lambda: fleet.probes() == 0 and fleet.sent(), 3.0)
+        await _until(lambda: fleet.probes() == 0 and fleet.sent())
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
         await fleet.aclose()
@@ -225,12 +265,10 @@ async def test_a_timed_out_outbound_probe_reports_its_outcome_once_redis_answers
         await fleet.open_breaker()
         # its connection up and outbound.lua cached (else NOSCRIPT, after the stall: unrun)
         if blocking:
-            warm = slow.outbound_gate_sync("upstream:warm", BREAKER, None, None, False, 0.0)
-            assert warm[2] == "redis"
+            assert fleet.warm_sync()[2] == "redis"
             gate = fleet.timed_out_outbound_sync()
         else:
-            warm = await slow.outbound_gate("upstream:warm", BREAKER, None, None, False, 0.0)
-            assert warm[2] == "redis"
+            assert (await fleet.warm_outbound())[2] == "redis"
             gate = await fleet.timed_out_outbound()
         assert await _until(lambda: fleet.probes() == 1)
         if blocking:
@@ -238,14 +276,12 @@ async def test_a_timed_out_outbound_probe_reports_its_outcome_once_redis_answers
             assert not link.up
             assert isinstance(slow._clock, FakeClock)
             slow._clock.advance(10.0)  # past its reconnect pause: its next call asks Redis
-            assert slow.outbound_gate_sync("upstream:b", BREAKER, None, None, False, 0.0)[2] == (
-                "redis"
-            )
+            assert fleet.warm_sync("upstream:b")[2] == "redis"
             slow.record_sync(ROUTE, BREAKER, gate, outcome, False, 0.0)
         else:
             await slow.record(ROUTE, BREAKER, gate, outcome, False, 0.0)
             assert await _until(lambda: slow.health.up)
-        await _until(lambda: fleet.probes() == 0 and fleet.sent(), 3.0)
+        await _until(lambda: fleet.probes() == 0 and fleet.sent())
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
         await fleet.aclose()
@@ -261,7 +297,7 @@ async def test_a_timed_out_call_that_was_no_probe_changes_nothing(
     slow = fleet.slow
     try:
         pinned.set(T1)
-        assert (await slow.admit(None, None, [], [], 0.0)).source == "redis"
+        assert (await fleet.warm()).source == "redis"
         got = await fleet.timed_out_admission()
         trips = slow.stats.round_trips
         await slow.record(ROUTE, BREAKER, _gate(got), FAILURE, False, 0.0)
@@ -306,7 +342,7 @@ async def test_a_timed_out_tiered_probe_reports_its_outcome_once_redis_answers(
         await store.record(ROUTE, BREAKER, _gate(got), outcome, False, clock.monotonic())
         exact = store.exact
         assert await _until(lambda: exact.health.up)
-        await _until(lambda: fleet.probes() == 0 and not exact._late, 3.0)
+        await _until(lambda: fleet.probes() == 0 and not exact._late)
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
         await store.aclose()
@@ -325,8 +361,7 @@ async def test_a_cancelled_outbound_gate_whose_reply_is_lost_gives_its_slot_back
     slow = fleet.slow
     try:
         await fleet.open_breaker()
-        warm = await slow.outbound_gate("upstream:warm", BREAKER, None, None, False, 0.0)
-        assert warm[2] == "redis"
+        assert (await fleet.warm_outbound())[2] == "redis"
         with stalled(own_redis, 0.5):
             task = asyncio.ensure_future(slow.outbound_gate(ROUTE, BREAKER, None, None, False, 0.0))
             await asyncio.sleep(0.05)  # sent, its reply awaited
@@ -335,7 +370,7 @@ async def test_a_cancelled_outbound_gate_whose_reply_is_lost_gives_its_slot_back
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert await _until(lambda: fleet.sent() and fleet.probes() == 0, 3.0)
+        assert await _until(lambda: fleet.sent() and fleet.probes() == 0)
         gate = _gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0))
         assert (gate.verdict, gate.state) == ("probe", "half_open")
     finally:

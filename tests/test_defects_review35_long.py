@@ -460,17 +460,21 @@ def test_under_uvicorn_a_client_that_stops_reading_frees_the_slot_for_the_next()
     socket buffers on both ends and a stream far larger than them and uvicorn's write
     buffer: the app's `send` soon waits on the client. Before, `/ok` (the same route's
     bulkhead, limit 1) was refused 503 for as long as that client stayed; now it is
-    served once the stall bound (1 s) passed, while the client still holds its socket."""
+    served once the stall bound (1 s) passed, while the client still holds its socket.
+    The bound runs on a FakeClock, moved by the test: on the real clock a busy machine
+    let it pass before the first `/ok` arrived, which was then served at once."""
     import socket
     import time
 
     from _loopback import LoopbackServer
 
     seen: dict[str, Any] = {}
+    clock = FakeClock()
     app = FidelityMiddleware(
         _stream_app(seen, b"y" * 65_536, 100_000),  # 6.5 GB: never sent whole
         policy=_stall_policy(1.0, limit=1),
         telemetry=False,
+        clock=clock,
     )
     server = LoopbackServer(app)
     server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8_192)  # (accepted: inherited)
@@ -479,15 +483,15 @@ def test_under_uvicorn_a_client_that_stops_reading_frees_the_slot_for_the_next()
         stalled.connect(("127.0.0.1", server.port))
         stalled.sendall(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
         assert stalled.recv(64).startswith(b"HTTP/1.1 200")  # the stream started; no more read
-        statuses = []
-        cap = time.monotonic() + 30.0  # generous: the bound is 1 s
+        cap = time.monotonic() + 30.0  # generous: bounded in real time too
         with httpx.Client(base_url=server.url, timeout=10.0) as client:
-            while time.monotonic() < cap:
-                status = client.get("/ok").status_code
-                statuses.append(status)
-                if status == 200:
-                    break
-                time.sleep(0.02)  # (polling for the change, not waiting out the bound)
+            statuses = [client.get("/ok").status_code]  # the bound has not passed
+            while statuses[-1] != 200 and time.monotonic() < cap:
+                # the bound passes for the send waiting now (a send that began after the
+                # last move waits its own bound: moved again, until one is cut)
+                clock.advance(1.0)
+                time.sleep(0.02)  # (the stall is handed to the server's loop thread)
+                statuses.append(client.get("/ok").status_code)
         assert statuses[-1] == 200, statuses[-10:]
         assert statuses[0] == 503  # held by the stalled stream at first
         ctx = seen["ctx"]

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, RetryConfig, UpstreamConfig
 from fidelity_mw.telemetry import Telemetry, schema
+from fidelity_mw.testing import FakeClock
 from test_telemetry_helpers import Pipeline, UvicornThread, decision_events, pipeline
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -31,6 +32,10 @@ def backend(tel: Telemetry) -> Starlette:
         FidelityMiddleware,
         policy=Policy(rate_limits=(RateLimit(name="backend-limit", rate="1/s", burst=1),)),
         observer=tel,
+        # the limit refills on this clock only: the second request is refused however
+        # long a busy machine takes between the two (on the real clock, a second apart
+        # the second was served)
+        clock=FakeClock(),
     )
     return app
 

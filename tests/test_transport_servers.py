@@ -108,6 +108,43 @@ def fresh(upstream: tuple[Upstream, str]) -> tuple[Upstream, str]:
     return app, url
 
 
+class Sent(httpx.AsyncHTTPTransport):
+    """The inner transport, keeping what the client sent: one request per attempt, with
+    its headers as sent (the transport takes an attempt's own headers off the request
+    when the call ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path, dict(request.headers)))
+        return await super().handle_async_request(request)
+
+    def headers(self, method: str, path: str, name: str) -> list[str]:
+        """`name`'s value on each attempt sent of `method` `path`, in the order sent."""
+        return [h.get(name, "") for m, p, h in self.requests if (m, p) == (method, path)]
+
+
+async def received(app: Upstream, method: str, path: str, n: int) -> int:
+    """The server's receipts of `method` `path`, once it has `n` (or after 30 s). Behind an
+    80 ms attempt timeout a starved server thread may read a request after the client
+    gave up on it; the client's count is the test's, this says the server saw as many."""
+    for _ in range(3_000):
+        if app.count(method, path) >= n:
+            break
+        await asyncio.sleep(0.01)
+    return app.count(method, path)
+
+
+async def two_idle_connections(client: httpx.AsyncClient, url: str) -> None:
+    """Two keep-alive connections in the client's pool, so that neither of two attempts
+    connects inside its 80 ms (a starved client may not finish even a loopback connect
+    in that time: a ConnectTimeout, no request sent)."""
+    for response in await asyncio.gather(client.get(url + "/ok"), client.get(url + "/ok")):
+        assert response.status_code == 200
+
+
 def policy(**retry: Any) -> Policy:
     timeout_ms = retry.pop("attempt_timeout_ms", 2_000)
     trusted = retry.pop("trusted_peers", None)
@@ -157,14 +194,21 @@ async def test_connection_refused_is_retried_then_raised() -> None:
 
 async def test_a_hanging_server_hits_the_attempt_timeout(fresh: tuple[Upstream, str]) -> None:
     app, url = fresh
-    t = FidelityTransport(policy=policy(attempts=2, attempt_timeout_ms=80), telemetry=False)
+    sent = Sent()
+    t = FidelityTransport(sent, policy=policy(attempts=2, attempt_timeout_ms=80), telemetry=False)
     async with httpx.AsyncClient(transport=t) as client:
+        await two_idle_connections(client, url)
         with Bound(t.engine) as ctx, pytest.raises(httpx.ReadTimeout):
             await client.get(url + "/hang")
-    assert app.count("GET", "/hang") == 2
+        assert await received(app, "GET", "/hang", 2) == 2
     assert reasons(ctx) == ["attempt", "timeout_error", "attempts"]
-    assert [h["x-request-timeout-ms"] for h in app.headers["/hang"]] == ["72", "72"]
-    assert [h["x-fidelity-attempt"] for h in app.headers["/hang"]] == ["1", "2"]
+    assert sent.headers("GET", "/hang", "x-request-timeout-ms") == ["72", "72"]
+    assert sent.headers("GET", "/hang", "x-fidelity-attempt") == ["1", "2"]
+    # as the server read them (in its own order: two connections)
+    server = sorted(
+        (h["x-fidelity-attempt"], h["x-request-timeout-ms"]) for h in app.headers["/hang"]
+    )
+    assert server == [("1", "72"), ("2", "72")]
 
 
 async def test_503_with_retry_after_is_honoured(fresh: tuple[Upstream, str]) -> None:
@@ -190,14 +234,17 @@ async def test_a_flapping_upstream_is_smoothed_over(fresh: tuple[Upstream, str])
 
 async def test_a_post_is_never_sent_twice(fresh: tuple[Upstream, str]) -> None:
     app, url = fresh
-    t = FidelityTransport(policy=policy(attempts=5, attempt_timeout_ms=80), telemetry=False)
+    sent = Sent()
+    t = FidelityTransport(sent, policy=policy(attempts=5, attempt_timeout_ms=80), telemetry=False)
     async with httpx.AsyncClient(transport=t) as client:
         for _ in range(3):
             assert (await client.post(url + "/fail", content=b"pay 10")).status_code == 503
-        with pytest.raises(httpx.ReadTimeout):
+        with pytest.raises(httpx.ReadTimeout):  # (on the connection the 503s left open)
             await client.post(url + "/hang", content=b"pay 10")
+        assert len(sent.headers("POST", "/hang", "x-fidelity-attempt")) == 1  # never retried
+        assert await received(app, "POST", "/hang", 1) == 1
+    assert len(sent.headers("POST", "/fail", "x-fidelity-attempt")) == 3
     assert app.count("POST", "/fail") == 3  # one per call, never a retry
-    assert app.count("POST", "/hang") == 1
     print(f"\nPOST: 3 calls -> {app.count('POST', '/fail')} received; timed out -> 1 received")
 
 

@@ -437,6 +437,22 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def cancel_timer(
+    timer: TimerHandle, owner: asyncio.AbstractEventLoop | None, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Cancel `timer`, set on `owner`'s loop, from `loop`'s thread. One middleware may
+    serve event loops in several threads, and a watch's one timer belongs to the loop
+    that set it: a handle's `cancel` is not thread-safe (asyncio's updates its loop's
+    timer bookkeeping unlocked; uvloop's stops a libuv timer, which only the loop's own
+    thread may do). Another loop's handle is cancelled in its own thread, or left alone
+    when that loop is closed (it never fires then)."""
+    if owner is None or owner is loop:
+        timer.cancel()
+    elif not owner.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            owner.call_soon_threadsafe(timer.cancel)
+
+
 class DeadlineWatch:
     """One timer for every in-flight request of a middleware, not one per request.
 
@@ -508,14 +524,18 @@ class DeadlineWatch:
                 self._recheck_at = now + 1.0
 
     def _schedule(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
         call_later = self._call_later
         fire = self._fire
         if call_later is None:
-            self._loop = loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
+            if timer is not None:  # (the loop it was set on: `_loop`)
+                cancel_timer(timer, self._loop, loop)
+            self._loop = loop
             call_later = loop.call_later
         else:
+            if timer is not None:  # a clock's timer: no loop's
+                timer.cancel()
             # A clock's timer fires in whichever thread advances the clock, but the
             # expiry cancels this loop's tasks: only the loop's own thread may do that
             # (from another, the loop is not even woken up).
@@ -571,21 +591,27 @@ class StallWatch:
     sends past their bound and sets itself for the next. As sends end long before their
     bound, most firings find nothing to do: one per bound's length at most."""
 
-    __slots__ = ("_call_later", "_timer", "_timer_at", "monotonic", "waiting")
+    __slots__ = ("_call_later", "_loop", "_timer", "_timer_at", "monotonic", "waiting")
 
     def __init__(self, monotonic: Callable[[], float], call_later: CallLater | None) -> None:
         self.monotonic = monotonic
         self._call_later = call_later  # None: the running event loop's
         self._timer: TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one `_timer` was set on
         self._timer_at = math.inf
         self.waiting: dict[ResponseWatcher, float] = {}
 
     def _schedule(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
         call_later = self._call_later
         if call_later is None:
-            call_later = asyncio.get_running_loop().call_later
+            loop = asyncio.get_running_loop()
+            if timer is not None:
+                cancel_timer(timer, self._loop, loop)
+            self._loop = loop
+            call_later = loop.call_later
+        elif timer is not None:  # a clock's timer: no loop's
+            timer.cancel()
         self._timer_at = at
         delay = at - self.monotonic()
         self._timer = call_later(delay if delay > 0.0 else 0.0, self._fire)

@@ -702,7 +702,10 @@ class LocalState:
             window = self.budgets.get(budget_key)
             if window is None or window.config is not cfg:
                 window = self.budget_window(budget_key, cfg, now)
-            if now >= window._bucket_end:  # `window.request(now)`, without its call
+            # `window.request(now)`, without its call: a bucket end far ahead was set
+            # before the clock went back, and rotates too (as there and in outbound.lua)
+            end = window._bucket_end
+            if now >= end or end - now > 2.0 * window._bucket_s:
                 window._rotate(now)
             window.requests[window._index] += 1
             if breaker is None:
