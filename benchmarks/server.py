@@ -274,10 +274,14 @@ def build_app(variant: str, redis_url: str) -> Any:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
-def serve(variant: str, port: int, redis_url: str, gc_freeze: bool = False) -> None:
+def serve(
+    variant: str, port: int, redis_url: str, gc_freeze: bool = False, gc_stats: str = ""
+) -> None:
     import uvicorn
 
     app = build_app(variant, redis_url)
+    if gc_stats:
+        count_collections(Path(gc_stats))
     if gc_freeze:
         # Everything imported and built so far moves to the permanent generation:
         # full collections then scan only what requests allocate (a deployment
@@ -295,6 +299,52 @@ def serve(variant: str, port: int, redis_url: str, gc_freeze: bool = False) -> N
         access_log=False,
         lifespan="off",
     )
+
+
+def count_collections(path: Path) -> None:
+    """Count this process's garbage collections per generation and the time they took;
+    on SIGUSR1, write the totals so far to `path` as JSON (`gc_totals` reads them)."""
+    import signal
+
+    totals = [[0, 0.0], [0, 0.0], [0, 0.0]]  # per generation: collections, seconds
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            total = totals[info["generation"]]
+            total[0] += 1
+            total[1] += time.perf_counter() - began[0]
+
+    def write(signum: int, frame: object) -> None:
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps({"at": time.monotonic_ns(), "gc": totals}))
+        staged.replace(path)
+
+    gc.callbacks.append(on_gc)
+    signal.signal(signal.SIGUSR1, write)
+
+
+def gc_stats_path(logdir: Path, variant: str) -> Path:
+    return logdir / f"{variant}.gc.json"
+
+
+def gc_totals(pid: int, path: Path) -> list[list[float]]:
+    """The collections a server process made so far (`count_collections`): asks it with
+    SIGUSR1 and waits for its answer (written between two of its bytecodes)."""
+    import signal
+
+    before = path.read_text() if path.exists() else ""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            if text and text != before:
+                return [list(g) for g in json.loads(text)["gc"]]
+        time.sleep(0.002)
+    raise RuntimeError(f"server {pid} did not report its collections")
 
 
 # ---------------------------------------------------------------- processes
@@ -423,7 +473,7 @@ def redis_server(cpu: int | None, rt: bool = False) -> Iterator[tuple[str, int, 
 @contextlib.contextmanager
 def servers(
     variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path, gc_freeze: bool = False,
-    rt: bool = False,
+    rt: bool = False, gc_stats: bool = False,
 ) -> Iterator[dict[str, tuple[int, int]]]:  # fmt: skip
     """One uvicorn process per variant, all pinned to `cpu`: variant -> (port, pid)."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -437,6 +487,8 @@ def servers(
             argv += ["--port", str(port), "--redis-url", redis_url]
             if gc_freeze:
                 argv.append("--gc-freeze")
+            if gc_stats:
+                argv += ["--gc-stats-file", str(gc_stats_path(logdir, variant))]
             with (logdir / f"{variant}.log").open("wb") as log:
                 procs[variant] = subprocess.Popen(
                     realtime(rt, pinned(cpu, argv)), stdout=log, stderr=subprocess.STDOUT
@@ -482,6 +534,18 @@ class Sample:
     # the connections with none by 5 s past the warm-up (none measured before they all had one)
     ramp_ms: float | None = None
     unserved: int = 0
+    # --gc-stats: the server's collections over the measurement, per generation
+    # [collections, seconds] (after the snapshot's own: none of ours are counted)
+    collections: list[list[float]] | None = None
+
+    def gc_note(self) -> str:
+        """Collections per 1,000 requests by generation, and their time per request."""
+        if self.collections is None:
+            return ""
+        per = 1000 / max(1, self.requests)
+        counts = "/".join(f"{n * per:.1f}" for n, _ in self.collections)
+        spent = sum(t for _, t in self.collections) * 1e6 / max(1, self.requests)
+        return f"gc {counts} per 1k req (gen0/1/2), {spent:.1f} µs/req"
 
     @property
     def redis_per_req(self) -> float:
@@ -585,6 +649,8 @@ def measure_one(
         before["cpu"] = cpu_times(pid)
         before["redis_cpu"] = cpu_seconds(redis_pid)
         before["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        if args.gc_stats:
+            before["gc"] = gc_totals(pid, gc_stats_path(args.logdir, variant))
 
     if getattr(args, "generator", "wrk") == "wrk":
         if args.warmup > 0:
@@ -603,6 +669,11 @@ def measure_one(
     before_redis_cpu = before["redis_cpu"]
     loadavg = before["loadavg"]
     after_user, after_system = cpu_times(pid)
+    collections = None
+    if args.gc_stats:
+        after_gc = gc_totals(pid, gc_stats_path(args.logdir, variant))
+        pairs = zip(after_gc, before["gc"], strict=True)
+        collections = [[a[0] - b[0], a[1] - b[1]] for a, b in pairs]
     user = after_user - before_user
     cpu = user + after_system - before_system
     redis_cpu = cpu_seconds(redis_pid) - before_redis_cpu
@@ -633,6 +704,7 @@ def measure_one(
         loadavg=loadavg,
         ramp_ms=float(result["ramp_us"]) / 1000.0 if "ramp_us" in result else None,
         unserved=int(result.get("unserved", 0)),
+        collections=collections,
     )
 
 
@@ -642,6 +714,7 @@ def measure(args: argparse.Namespace) -> list[Sample]:
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        args.logdir = tmp
         generator = build_loadgen(tmp) if args.generator in ("auto", "loadgen") else None
         if generator is None:
             if args.generator == "loadgen":
@@ -655,7 +728,9 @@ def measure(args: argparse.Namespace) -> list[Sample]:
         url, redis_pid, redis_port = stack.enter_context(redis_server(args.redis_cpu, args.rt))
         client = stack.enter_context(redis.Redis.from_url(url))
         running = stack.enter_context(
-            servers(args.variants, url, args.server_cpu, tmp, args.gc_freeze, args.rt)
+            servers(
+                args.variants, url, args.server_cpu, tmp, args.gc_freeze, args.rt, args.gc_stats
+            )
         )
         order = list(args.variants)
         total = args.rounds * len(order) * len(args.connections)
@@ -680,6 +755,7 @@ def measure(args: argparse.Namespace) -> list[Sample]:
                             if sample.ramp_ms is not None
                             else ""
                         )
+                        + (f"{sample.gc_note()}, " if sample.collections is not None else "")
                         + f"load {sample.loadavg}",
                         file=sys.stderr,
                         flush=True,
@@ -944,14 +1020,20 @@ def main() -> None:
         action="store_true",
         help="gc.freeze() in every server after start-up (shorter full collections)",
     )
+    parser.add_argument(
+        "--gc-stats",
+        action="store_true",
+        help="count each server's garbage collections per generation over each measurement",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     # internal: one server process
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-stats-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.redis_url, args.gc_freeze)
+        serve(args.serve, args.port, args.redis_url, args.gc_freeze, args.gc_stats_file)
         return
     try:
         import httptools  # noqa: F401
