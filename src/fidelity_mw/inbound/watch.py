@@ -138,6 +138,9 @@ class ResponseWatcher:
     stall_s = 0.0
     stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
     stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
+    # What `current()` was before the middleware made it this request's context (None:
+    # nothing): it is again while the server takes the response's last message (`__call__`).
+    outer: DecisionContext | None = None
     stalled = False
     # A 500 sent while an error the middleware may answer itself (an outbound refusal or
     # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
@@ -148,9 +151,6 @@ class ResponseWatcher:
     # (`release_held`). Sent at once, the 500 made our answer impossible.
     held: list[Message] | None = None
     held_exc: BaseException | None = None
-    # What `current()` was before the middleware made it this request's context (None:
-    # nothing): it is again while the server takes the response's last message (`__call__`).
-    outer: DecisionContext | None = None
     send: Send  # the server's
     ctx: DecisionContext
 
