@@ -1,4 +1,4 @@
-"""Throughput under a real server: uvicorn (1 worker, uvloop + httptools) driven by wrk.
+"""Throughput under a real server: uvicorn (1 worker, uvloop + httptools) under a load generator.
 
 Variants (each its own uvicorn process serving one Starlette route, GET /hello -> "ok"):
   bare              the route alone
@@ -30,21 +30,30 @@ Every middleware has one permissive per-client limit (every response must be a
 `x-request-timeout-ms`, which wrk sends; telemetry off. All requests come from
 127.0.0.1, so the limit has one hot key.
 
-The servers run pinned to one core, wrk (`-t1`) and redis-server to the other
+The servers run pinned to one core, the load generator and redis-server to the other
 (taskset). Each round measures every variant once at each connection count,
-in an order that reverses from one round to the next, after a short warm-up
-run on fresh connections. Per measurement: req/s and p99 from wrk, non-2xx
+in an order that reverses from one round to the next, after a short warm-up.
+The generator is benchmarks/loadgen.c (built with `cc` on first use; `--generator
+loadgen`), which warms up on the connections it measures and waits until every one of
+them has had an answer: uvloop accepts one connection per loop turn, so N connections
+opened at once into a busy server wait up to N turns (seconds at 256), and wrk (`--generator
+wrk`, the fallback without a C compiler), whose warm-up and measurement each open fresh
+connections, counts that ramp, multiplied by its correction for coordinated omission, in
+its p99. Per measurement: req/s and p99 from the generator, non-2xx
 responses and socket errors (both must be 0), the server's CPU time per request
 (utime + stime of its process from /proc), and Redis commands per request
 (`INFO commandstats` deltas, our own INFO calls excluded). Ratios to bare are
 paired per round; the table shows their medians. Load only on loopback, each
-measurement bounded by wrk's duration.
+measurement bounded by the generator's duration.
 
     .venv/bin/python benchmarks/server.py [--rounds 3] [--duration 5] [--warmup 1]
-        [--connections 32,256] [--variants bare,fidelity-memory,...] [--no-write]
+        [--connections 32,256] [--variants bare,fidelity-memory,...] [--rt] [--no-write]
 
-Needs `wrk` (Debian package `wrk`: installed with apt-get when missing and run
-as root) and `redis-server` (started on a free loopback port and stopped).
+Needs a C compiler (`cc`) for the generator, or else `wrk` (Debian package `wrk`: installed
+with apt-get when missing and run as root), and `redis-server` (started on a free loopback
+port and stopped). `--rt` (root) runs servers and generator SCHED_RR with the kernel's RT
+throttling off for the run, as `overload.py --rt` does: on a busy machine the server's core
+is then its own.
 """
 
 from __future__ import annotations
@@ -64,12 +73,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.overload import _rt_unthrottled
 
 VARIANTS = (
     "bare",
@@ -263,10 +274,14 @@ def build_app(variant: str, redis_url: str) -> Any:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
-def serve(variant: str, port: int, redis_url: str, gc_freeze: bool = False) -> None:
+def serve(
+    variant: str, port: int, redis_url: str, gc_freeze: bool = False, gc_stats: str = ""
+) -> None:
     import uvicorn
 
     app = build_app(variant, redis_url)
+    if gc_stats:
+        count_collections(Path(gc_stats))
     if gc_freeze:
         # Everything imported and built so far moves to the permanent generation:
         # full collections then scan only what requests allocate (a deployment
@@ -284,6 +299,52 @@ def serve(variant: str, port: int, redis_url: str, gc_freeze: bool = False) -> N
         access_log=False,
         lifespan="off",
     )
+
+
+def count_collections(path: Path) -> None:
+    """Count this process's garbage collections per generation and the time they took;
+    on SIGUSR1, write the totals so far to `path` as JSON (`gc_totals` reads them)."""
+    import signal
+
+    totals = [[0, 0.0], [0, 0.0], [0, 0.0]]  # per generation: collections, seconds
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            total = totals[info["generation"]]
+            total[0] += 1
+            total[1] += time.perf_counter() - began[0]
+
+    def write(signum: int, frame: object) -> None:
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps({"at": time.monotonic_ns(), "gc": totals}))
+        staged.replace(path)
+
+    gc.callbacks.append(on_gc)
+    signal.signal(signal.SIGUSR1, write)
+
+
+def gc_stats_path(logdir: Path, variant: str) -> Path:
+    return logdir / f"{variant}.gc.json"
+
+
+def gc_totals(pid: int, path: Path) -> list[list[float]]:
+    """The collections a server process made so far (`count_collections`): asks it with
+    SIGUSR1 and waits for its answer (written between two of its bytecodes)."""
+    import signal
+
+    before = path.read_text() if path.exists() else ""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            if text and text != before:
+                return [list(g) for g in json.loads(text)["gc"]]
+        time.sleep(0.002)
+    raise RuntimeError(f"server {pid} did not report its collections")
 
 
 # ---------------------------------------------------------------- processes
@@ -379,7 +440,7 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0
 
 
 @contextlib.contextmanager
-def redis_server(cpu: int | None) -> Iterator[tuple[str, int, int]]:
+def redis_server(cpu: int | None, rt: bool = False) -> Iterator[tuple[str, int, int]]:
     """A throwaway redis-server on a free loopback port: (url, pid, port)."""
     import redis
 
@@ -391,7 +452,7 @@ def redis_server(cpu: int | None) -> Iterator[tuple[str, int, int]]:
         argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
         argv += ["--dir", workdir]
         proc = subprocess.Popen(
-            pinned(cpu, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            realtime(rt, pinned(cpu, argv)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         url = f"redis://{HOST}:{port}/0"
         try:
@@ -411,8 +472,9 @@ def redis_server(cpu: int | None) -> Iterator[tuple[str, int, int]]:
 
 @contextlib.contextmanager
 def servers(
-    variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path, gc_freeze: bool = False
-) -> Iterator[dict[str, tuple[int, int]]]:
+    variants: Sequence[str], redis_url: str, cpu: int | None, logdir: Path, gc_freeze: bool = False,
+    rt: bool = False, gc_stats: bool = False,
+) -> Iterator[dict[str, tuple[int, int]]]:  # fmt: skip
     """One uvicorn process per variant, all pinned to `cpu`: variant -> (port, pid)."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
     ports: dict[str, int] = {}
@@ -425,9 +487,11 @@ def servers(
             argv += ["--port", str(port), "--redis-url", redis_url]
             if gc_freeze:
                 argv.append("--gc-freeze")
+            if gc_stats:
+                argv += ["--gc-stats-file", str(gc_stats_path(logdir, variant))]
             with (logdir / f"{variant}.log").open("wb") as log:
                 procs[variant] = subprocess.Popen(
-                    pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT
+                    realtime(rt, pinned(cpu, argv)), stdout=log, stderr=subprocess.STDOUT
                 )
             ports[variant] = port
         for variant, proc in procs.items():
@@ -466,6 +530,22 @@ class Sample:
     loadavg: str = ""
     # the user-space share of cpu_us_per_req (the rest is the kernel's)
     user_us_per_req: float | None = None
+    # loadgen: when the last connection had its first answer (from the first connect), and
+    # the connections with none by 5 s past the warm-up (none measured before they all had one)
+    ramp_ms: float | None = None
+    unserved: int = 0
+    # --gc-stats: the server's collections over the measurement, per generation
+    # [collections, seconds] (after the snapshot's own: none of ours are counted)
+    collections: list[list[float]] | None = None
+
+    def gc_note(self) -> str:
+        """Collections per 1,000 requests by generation, and their time per request."""
+        if self.collections is None:
+            return ""
+        per = 1000 / max(1, self.requests)
+        counts = "/".join(f"{n * per:.1f}" for n, _ in self.collections)
+        spent = sum(t for _, t in self.collections) * 1e6 / max(1, self.requests)
+        return f"gc {counts} per 1k req (gen0/1/2), {spent:.1f} µs/req"
 
     @property
     def redis_per_req(self) -> float:
@@ -482,22 +562,76 @@ def commandstats(client: Any) -> dict[str, int]:
 
 
 def run_wrk(
-    wrk: str, script: Path, port: int, connections: int, seconds: int, cpu: int | None
-) -> dict[str, Any]:
+    wrk: str, script: Path, port: int, connections: int, seconds: int, cpu: int | None,
+    rt: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
     argv += ["-s", str(script), "-H", DEADLINE_HEADER, f"http://{HOST}:{port}/hello"]
     out = subprocess.run(
-        pinned(cpu, argv), check=True, capture_output=True, text=True, timeout=seconds + 60
-    ).stdout
+        realtime(rt, pinned(cpu, argv)), check=True, capture_output=True, text=True,
+        timeout=seconds + 60,
+    ).stdout  # fmt: skip
     for line in out.splitlines():
         if line.startswith("WRKJSON "):
             return dict(json.loads(line.removeprefix("WRKJSON ")))
     raise RuntimeError(f"no summary from wrk:\n{out}")
 
 
+LOADGEN_SOURCE = Path(__file__).resolve().with_name("loadgen.c")
+
+
+def build_loadgen(into: Path) -> str | None:
+    """benchmarks/loadgen.c compiled into `into` with the system's C compiler (None without
+    one: the caller falls back to wrk)."""
+    cc = next((found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))), None)
+    if cc is None:
+        return None
+    binary = into / "loadgen"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(LOADGEN_SOURCE)], check=True)
+    return str(binary)
+
+
+def run_loadgen(
+    loadgen: str, port: int, connections: int, warmup: float, seconds: float, cpu: int | None,
+    rt: bool, at_window: Callable[[], None], timeout_s: float = 5.0,
+) -> dict[str, Any]:  # fmt: skip
+    """One measurement on one set of connections: the warm-up, then until every connection
+    has had an answer, then `seconds` measured; `at_window()` runs when the measured window
+    opens (the summary's keys are wrk's, plus ramp_us, when the last connection had its first
+    answer, and unserved, connections never answered within `timeout_s` past the warm-up;
+    timeout counts the requests unanswered for longer than that at the end)."""
+    argv = [loadgen, str(port), str(connections), f"{warmup:g}", f"{seconds:g}", f"{timeout_s:g}"]
+    argv.append(DEADLINE_HEADER)
+    with subprocess.Popen(
+        realtime(rt, pinned(cpu, argv)), stdout=subprocess.PIPE, text=True
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            if line.startswith("WINDOW"):
+                at_window()
+            lines.append(line)
+        if proc.wait(timeout=warmup + timeout_s + seconds + 60) != 0:
+            raise RuntimeError(f"loadgen exited with {proc.returncode}")
+    for line in lines:
+        if line.startswith("LOADGEN "):
+            return dict(json.loads(line.removeprefix("LOADGEN ")))
+    raise RuntimeError("no summary from loadgen:\n" + "".join(lines))
+
+
+def realtime(rt: bool, argv: list[str]) -> list[str]:
+    """Under `--rt`, `argv` run SCHED_RR (priority 1)."""
+    if not rt:
+        return argv
+    chrt = shutil.which("chrt")
+    if chrt is None:
+        raise SystemExit("chrt not found (Debian package util-linux); or run without --rt")
+    return [chrt, "-r", "1", *argv]
+
+
 def measure_one(
     args: argparse.Namespace,
-    wrk: str,
+    generator: str,
     script: Path,
     variant: str,
     port: int,
@@ -508,14 +642,38 @@ def measure_one(
     redis_pid: int,
     redis_port: int,
 ) -> Sample:
-    if args.warmup > 0:
-        run_wrk(wrk, script, port, connections, args.warmup, args.load_cpu)
-    before_stats = commandstats(redis_client)
-    before_user, before_system = cpu_times(pid)
-    before_redis_cpu = cpu_seconds(redis_pid)
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    result = run_wrk(wrk, script, port, connections, args.duration, args.load_cpu)
+    before: dict[str, Any] = {}
+
+    def snapshot() -> None:  # when the measured window opens
+        before["stats"] = commandstats(redis_client)
+        before["cpu"] = cpu_times(pid)
+        before["redis_cpu"] = cpu_seconds(redis_pid)
+        before["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        if args.gc_stats:
+            before["gc"] = gc_totals(pid, gc_stats_path(args.logdir, variant))
+
+    if getattr(args, "generator", "wrk") == "wrk":
+        if args.warmup > 0:
+            run_wrk(generator, script, port, connections, args.warmup, args.load_cpu, args.rt)
+        snapshot()
+        result = run_wrk(
+            generator, script, port, connections, args.duration, args.load_cpu, args.rt
+        )
+    else:
+        result = run_loadgen(
+            generator, port, connections, args.warmup, args.duration, args.load_cpu, args.rt,
+            snapshot,
+        )  # fmt: skip
+    before_stats = before["stats"]
+    before_user, before_system = before["cpu"]
+    before_redis_cpu = before["redis_cpu"]
+    loadavg = before["loadavg"]
     after_user, after_system = cpu_times(pid)
+    collections = None
+    if args.gc_stats:
+        after_gc = gc_totals(pid, gc_stats_path(args.logdir, variant))
+        pairs = zip(after_gc, before["gc"], strict=True)
+        collections = [[a[0] - b[0], a[1] - b[1]] for a, b in pairs]
     user = after_user - before_user
     cpu = user + after_system - before_system
     redis_cpu = cpu_seconds(redis_pid) - before_redis_cpu
@@ -544,22 +702,35 @@ def measure_one(
         redis_cmds=deltas,
         redis_clients=clients,
         loadavg=loadavg,
+        ramp_ms=float(result["ramp_us"]) / 1000.0 if "ramp_us" in result else None,
+        unserved=int(result.get("unserved", 0)),
+        collections=collections,
     )
 
 
 def measure(args: argparse.Namespace) -> list[Sample]:
     import redis
 
-    wrk = ensure_wrk()
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        args.logdir = tmp
+        generator = build_loadgen(tmp) if args.generator in ("auto", "loadgen") else None
+        if generator is None:
+            if args.generator == "loadgen":
+                raise SystemExit("--generator loadgen needs a C compiler (cc, gcc or clang)")
+            args.generator, generator = "wrk", ensure_wrk()
+        else:
+            args.generator = "loadgen"
         script = tmp / "summary.lua"
         script.write_text(WRK_SCRIPT)
-        url, redis_pid, redis_port = stack.enter_context(redis_server(args.redis_cpu))
+        args.rt_note = stack.enter_context(_rt_unthrottled(args.rt))
+        url, redis_pid, redis_port = stack.enter_context(redis_server(args.redis_cpu, args.rt))
         client = stack.enter_context(redis.Redis.from_url(url))
         running = stack.enter_context(
-            servers(args.variants, url, args.server_cpu, tmp, args.gc_freeze)
+            servers(
+                args.variants, url, args.server_cpu, tmp, args.gc_freeze, args.rt, args.gc_stats
+            )
         )
         order = list(args.variants)
         total = args.rounds * len(order) * len(args.connections)
@@ -568,7 +739,7 @@ def measure(args: argparse.Namespace) -> list[Sample]:
                 for variant in order:
                     port, pid = running[variant]
                     sample = measure_one(
-                        args, wrk, script, variant, port, pid, connections, round_no,
+                        args, generator, script, variant, port, pid, connections, round_no,
                         client, redis_pid, redis_port,
                     )  # fmt: skip
                     samples.append(sample)
@@ -578,7 +749,14 @@ def measure(args: argparse.Namespace) -> list[Sample]:
                         f"cpu {sample.cpu_us_per_req:.0f} µs/req, "
                         f"redis {sample.redis_per_req:.2f} cmd/req, "
                         f"non-2xx {sample.non2xx}, errors {sample.socket_errors}, "
-                        f"load {sample.loadavg}",
+                        + (
+                            f"all {connections} answered after {sample.ramp_ms:.0f} ms"
+                            f"{f' ({sample.unserved} never)' if sample.unserved else ''}, "
+                            if sample.ramp_ms is not None
+                            else ""
+                        )
+                        + (f"{sample.gc_note()}, " if sample.collections is not None else "")
+                        + f"load {sample.loadavg}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -665,7 +843,7 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
         at = [s for s in samples if s.connections == connections]
         bare = {s.round: s for s in at if s.variant == "bare"}
         lines += [
-            f"**{connections} connections** (`wrk -t1 -c{connections} -d{args.duration:g}s`)",
+            f"**{connections} connections** ({generator_line(args, connections)})",
             "",
             "| variant | req/s (median) | ratio to bare: median (per round) | p99 ms "
             "| non-2xx / socket errors | server CPU µs/req (ratio to bare), of it user space "
@@ -717,14 +895,15 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
     lines += [
         f"{args.rounds} round{'s' if args.rounds != 1 else ''}; in each, every variant once "
         "per connection count, the order "
-        f"reversed from one round to the next; {args.warmup:g} s warm-up on fresh connections "
-        f"before each {args.duration:g} s measurement. uvicorn {uvicorn_version()} "
-        f"(1 worker, uvloop, httptools) pinned to CPU {args.server_cpu}; wrk {wrk_version()} "
-        f"(`-t1`, 5 s timeout) and redis-server {getattr(args, 'redis_version', '?')} pinned "
-        f"to CPU {args.load_cpu}. One permissive per-client limit (one hot key: every request "
-        "comes from 127.0.0.1); FidelityMiddleware also runs its default route breaker and a "
-        "deadline header, telemetry off. Server CPU is utime + stime of the uvicorn process "
-        "over the measurement, divided by the requests served (ratio to bare paired per round); "
+        f"reversed from one round to the next; {warmup_note(args, samples)}. "
+        f"uvicorn {uvicorn_version()} "
+        f"(1 worker, uvloop, httptools) pinned to CPU {args.server_cpu}; {generator_name(args)} "
+        f"and redis-server {getattr(args, 'redis_version', '?')} pinned "
+        f"to CPU {args.load_cpu}{getattr(args, 'rt_note', '')}. One permissive per-client "
+        "limit (one hot key: every request comes from 127.0.0.1); FidelityMiddleware also "
+        "runs its default route breaker and a deadline header, telemetry off. Server CPU is "
+        "utime + stime of the uvicorn process over the measurement, divided by the requests "
+        "served (ratio to bare paired per round); "
         "on a busy machine it moves much less than req/s, which depends on the CPU time the "
         "server's core has to spare; the goals' \"from CPU per request\" ratio (the reference's "
         "CPU per request over the variant's) is the req/s ratio a server with its core to "
@@ -740,6 +919,38 @@ def report(samples: Sequence[Sample], args: argparse.Namespace) -> str:
         + (" (must be 0: see the table)." if failures else "."),
     ]
     return "\n".join(lines)
+
+
+def generator_line(args: argparse.Namespace, connections: int) -> str:
+    if getattr(args, "generator", "wrk") == "wrk":
+        return f"`wrk -t1 -c{connections} -d{args.duration:g}s`"
+    return f"`loadgen {connections} connections, {args.duration:g} s`"
+
+
+def generator_name(args: argparse.Namespace) -> str:
+    if getattr(args, "generator", "wrk") == "wrk":
+        return f"wrk {wrk_version()} (`-t1`, 5 s timeout)"
+    return "benchmarks/loadgen.c (one request in flight per connection)"
+
+
+def warmup_note(args: argparse.Namespace, samples: Sequence[Sample]) -> str:
+    if getattr(args, "generator", "wrk") == "wrk":
+        return (
+            f"{args.warmup:g} s warm-up on fresh connections before each {args.duration:g} s "
+            "measurement (its p99 includes the ramp while uvloop accepts the measurement's "
+            "connections one per loop turn, weighted by wrk's correction for coordinated "
+            "omission)"
+        )
+    ramps = [s.ramp_ms for s in samples if s.ramp_ms is not None and s.ramp_ms >= 0]
+    unserved = sum(s.unserved for s in samples)
+    return (
+        f"each measurement opens its connections, warms up on them for {args.warmup:g} s and "
+        "until every connection has had an answer, then measures "
+        f"{args.duration:g} s on the same connections (the last connection's first answer came "
+        f"{min(ramps, default=0):,.0f} to {max(ramps, default=0):,.0f} ms after the first connect"
+        + (f"; {unserved} connections never answered" if unserved else "")
+        + ")"
+    )
 
 
 def uvicorn_version() -> str:
@@ -786,7 +997,22 @@ def main() -> None:
         "--variants", default=",".join(DEFAULT_VARIANTS), help="any of: " + ", ".join(VARIANTS)
     )
     parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1, help="wrk's and redis-server's CPU")
+    parser.add_argument(
+        "--load-cpu", type=int, default=1, help="the generator's and redis-server's CPU"
+    )
+    parser.add_argument(
+        "--generator",
+        choices=("auto", "loadgen", "wrk"),
+        default="auto",
+        help="auto: benchmarks/loadgen.c when a C compiler is found (warm-up and measurement "
+        "on the same connections, exact latencies), else wrk",
+    )
+    parser.add_argument(
+        "--rt",
+        action="store_true",
+        help="run servers, generator and redis-server SCHED_RR (root), with the kernel's RT "
+        "throttling off for the run (restored after)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     parser.add_argument(
@@ -794,14 +1020,20 @@ def main() -> None:
         action="store_true",
         help="gc.freeze() in every server after start-up (shorter full collections)",
     )
+    parser.add_argument(
+        "--gc-stats",
+        action="store_true",
+        help="count each server's garbage collections per generation over each measurement",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     # internal: one server process
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-stats-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.redis_url, args.gc_freeze)
+        serve(args.serve, args.port, args.redis_url, args.gc_freeze, args.gc_stats_file)
         return
     try:
         import httptools  # noqa: F401
@@ -829,10 +1061,11 @@ def main() -> None:
         args.json.write_text(json.dumps([s.__dict__ for s in samples], indent=1))
     body = (
         f"Run {started} on {machine()}.\n\n"
-        "`.venv/bin/python benchmarks/server.py` (needs `wrk` and `redis-server`; "
+        "`.venv/bin/python benchmarks/server.py` (needs `cc` or `wrk`, and `redis-server`; "
         f"options: `--help`). This run: `--rounds {args.rounds} --duration {args.duration:g} "
         f"--connections {','.join(map(str, args.connections))}"
-        f"{' --gc-freeze' if args.gc_freeze else ''}`.\n\n" + report(samples, args)
+        f"{' --gc-freeze' if args.gc_freeze else ''}{' --rt' if args.rt else ''} "
+        f"--generator {args.generator}`.\n\n" + report(samples, args)
     )
     print(body)
     if not args.no_write:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextvars import Token
 from typing import Any, Final
 
 from starlette.requests import ClientDisconnect
@@ -118,6 +119,7 @@ _MAX_PLANS: Final = 10_000
 # The context variable's methods, bound once: a plain call per request (compiled, no
 # method lookup by name)
 _set_current: Final = _CURRENT.set
+_MISSING: Final = Token.MISSING
 _reset_current: Final = _CURRENT.reset
 
 
@@ -411,6 +413,8 @@ class FidelityMiddleware:
             watcher = ResponseWatcher()
             watcher.send = send
             watcher.ctx = ctx
+            if token.old_value is not _MISSING:  # another's context was current (nested)
+                watcher.outer = token.old_value
             watcher.end = (before_end, scope, obs_token) if before_end is not None else None
             if slot is not None:  # given back at the response's last message
                 slot.plan = plan  # (a cost function's plan: the same bulkhead)

@@ -22,7 +22,14 @@ from starlette.requests import ClientDisconnect
 
 from .._logs import exception as log_exception
 from .._types import Message, Receive, Scope, Send
-from ..context import LAYER_CONCURRENCY, SHED, SOURCE_REQUEST, Decision, DecisionContext
+from ..context import (
+    _CURRENT,
+    LAYER_CONCURRENCY,
+    SHED,
+    SOURCE_REQUEST,
+    Decision,
+    DecisionContext,
+)
 from ..decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
 from ..errors import SendStalled
 from ..policy import BreakerConfig
@@ -100,6 +107,7 @@ class HeldSlot(Protocol):
 # messages of it at most (an error page is one or two).
 _MAY_ANSWER: Final = (httpx.HTTPError,)
 _MOST_HELD: Final = 8
+_set_current: Final = _CURRENT.set
 
 
 class ResponseWatcher:
@@ -132,6 +140,9 @@ class ResponseWatcher:
     stall_s = 0.0
     stalls: StallWatch | None = None  # the middleware's timer for them, with stall_s
     stall_task: asyncio.Task[Any] | None = None  # the task that sends the body
+    # What `current()` was before the middleware made it this request's context (None:
+    # nothing): it is again while the server takes the response's last message (`__call__`).
+    outer: DecisionContext | None = None
     stalled = False
     # A 500 sent while an error the middleware may answer itself (an outbound refusal or
     # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
@@ -258,6 +269,22 @@ class ResponseWatcher:
             slot: HeldSlot | None = self.slot
             if slot is not None:
                 slot.leave(True)
+            # The server takes the last message with this request's context out of the
+            # current one. uvicorn arms its keep-alive timer inside this send, and
+            # `call_later` copies the current context: with ours in it, the context and
+            # everything it holds lived on in that copy until the connection's next request
+            # (or the timeout), and at 256 connections the collector ran twice as often as
+            # bare's (benchmarks/RESULTS.md). Ours again right after, for the rest of the app
+            # (a background task after the response still sees `current()`).
+            _set_current(self.outer)
+            try:
+                await self.send(message)
+            except OSError:
+                self.ctx.client_disconnected = True  # (as below)
+                raise
+            finally:
+                _set_current(self.ctx)
+            return
         elif kind == _BODY and (self.monotonic is not None or self.stall_s):
             # A body message before the last: a server's `send` waits while its client
             # has not taken what it was sent (uvicorn, past its write buffer's mark). That
