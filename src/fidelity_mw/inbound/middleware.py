@@ -451,7 +451,8 @@ class FidelityMiddleware:
                 else:
                     # (its bound method: interpreted, calling the object goes through
                     # slot_tp_call and an argument tuple per message, ~450 instructions
-                    # each; the method is one allocation per request)
+                    # each; the method is one allocation per request. A branch here to
+                    # pass the object when compiled cost the interpreted frame 0.6k.)
                     await app(scope, receive, watcher.__call__)
             except BaseException as exc:
                 watcher.disarm()
