@@ -45,7 +45,8 @@ class TaskCheckingApp:
         self.armed = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        ok = isinstance(send, ResponseWatcher) and send.task is asyncio.current_task()
+        watcher = getattr(send, "__self__", send)  # (the watcher's bound method)
+        ok = isinstance(watcher, ResponseWatcher) and watcher.task is asyncio.current_task()
         self.armed += ok
         await send({"type": "http.response.start", "status": 200 if ok else 500, "headers": []})
         await send({"type": "http.response.body", "body": b""})

@@ -82,7 +82,8 @@ def test_the_watcher_holds_every_field_its_response_reads(
     policy: Policy, headers: dict[str, str]
 ) -> None:
     spy = _serve(policy, headers)
-    (watcher,) = spy.sends
+    (send,) = spy.sends
+    watcher = send.__self__  # (the app gets the watcher's bound method)
     assert type(watcher) is ResponseWatcher
     assert watcher.complete  # (the response went through it)
     missing = WATCHER_READS - set(vars(watcher))

@@ -1,9 +1,11 @@
 """Response watching: what the app answered, when its answer ended, and what that
 outcome means for the route breaker and the limits' quota.
 
-The app's `send` is wrapped by one small object per request (no closure): it
-adds our response headers to the start message and notes the status, the last
-message and a failing write to the client. Everything else passes untouched.
+The app's `send` is wrapped by one small object per request (no closure), and the
+app gets its bound `__call__` (interpreted, a call through the method costs less than
+a call of the object). It adds our response headers to the start message and
+notes the status, the last message and a failing write to the client. Everything
+else passes untouched.
 """
 
 from __future__ import annotations
