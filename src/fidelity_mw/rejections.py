@@ -38,6 +38,20 @@ logger = logging.getLogger("fidelity_mw")
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 
 OnReject = Callable[[DecisionContext, Decision], Response | Awaitable[Response | None] | None]
+
+
+def checked_on_reject(on_reject: object, owner: str) -> OnReject | None:
+    """`on_reject` as given, refused at construction when it cannot be called: found only
+    at the first refusal, each refusal logged a TypeError and fell back to the default
+    answer, and the app's own shaping was silently never used."""
+    if on_reject is not None and not callable(on_reject):
+        raise TypeError(
+            f"{owner}(on_reject=...) takes a callable (ctx, decision) -> Response | None, "
+            f"not {type(on_reject).__name__}"
+        )
+    return on_reject
+
+
 """`on_reject(ctx, decision) -> Response | None` (may be a coroutine function)."""
 
 # (status, headers, body): a rejection as the middleware builds it

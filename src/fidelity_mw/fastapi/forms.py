@@ -26,6 +26,7 @@ from ..rejections import (
     PROBLEM_MEDIA_TYPE,
     OnReject,
     call_on_reject,
+    checked_on_reject,
     keep_headers,
 )
 from ..routes import flat_routes
@@ -108,7 +109,7 @@ class Fidelity:
         # A policy (or engine) given here that the middleware's overrides: said once, at
         # the first request the middleware decided (as FidelityTransport says it)
         self._own_policy: Policy | None = engine.policy if engine is not None else policy
-        self.on_reject = on_reject
+        self.on_reject = checked_on_reject(on_reject, "Fidelity")
         self._no_peer_said = False
         self._named: dict[str, LimitDependency] = {}  # fidelity.limit(name=...) by name
         self._alone_said = False  # a policy's [[rate_limit]] entries without the middleware

@@ -44,7 +44,7 @@ from ..headers import is_cors_preflight
 from ..hooks import RequestObserver
 from ..policy import BreakerConfig, Policy
 from ..policy.model import redact_url
-from ..rejections import OnReject, custom_rejection, send_custom
+from ..rejections import OnReject, checked_on_reject, custom_rejection, send_custom
 from ..routeplan import RoutePlan, costed_plan
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
@@ -167,7 +167,7 @@ class FidelityMiddleware:
             observer = telemetry_for(tracer_provider, meter_provider)
         self.app = app
         # on_reject(ctx, decision) -> Response | None: shapes rejections (rejections.py)
-        self._on_reject = on_reject
+        self._on_reject = checked_on_reject(on_reject, "FidelityMiddleware")
         self.engine = engine or Engine(policy, clock=clock, rng=rng, store=store)
         self.policy = self.engine.policy
         log_policy_in_force(self.engine)
