@@ -44,10 +44,12 @@ class Progress:
         self._width = 0
         self._parts: dict[str, str] = {}
 
-    def part(self, key: str, text: str) -> None:
-        """One variant's part of the status line (variants run at once: one line for all)."""
+    def part(self, key: str, head: str, text: str, tail: str) -> None:
+        """One variant's part of the status line (variants run at once: one line for all,
+        the shared clock's time and faults said once)."""
         self._parts[key] = text
-        self.update("  ".join(self._parts.values()))
+        order = sorted(self._parts, key=lambda k: VARIANTS.index(k) if k in VARIANTS else 99)
+        self.update(f"{head} {' | '.join(self._parts[k] for k in order)} | {tail}")
 
     def update(self, text: str) -> None:
         if not self.enabled or not self.tty:
@@ -86,9 +88,9 @@ async def _ticker(
         r5xx = sum(1 for r in front if r.status >= 500)
         progress.part(
             name,
-            f"[{name} {min(t, cfg.load_s):4.1f}/{cfg.load_s:.0f} s] "
-            f"req {len(population.requests):4d} ok {ok:4d} 429 {r429:3d} "
-            f"5xx {r5xx:3d} calls {fleet.calls:5d} | {script.label(t)}",
+            f"[{min(t, cfg.load_s):4.1f}/{cfg.load_s:.0f} s] req {len(population.requests):4d}",
+            f"{name}: ok {ok:4d} 429 {r429:3d} 5xx {r5xx:3d} calls {fleet.calls:5d}",
+            script.label(t),
         )
 
 
