@@ -142,6 +142,9 @@ async def work(request: Request) -> Response:
 def front_app(caller: Caller, middleware: Sequence[Middleware] = ()) -> Starlette:
     app = Starlette(routes=[Route("/work", work)], middleware=list(middleware))
     app.state.caller = caller
+    # Built now, in the setup, not by the first request of the load (Starlette's default):
+    # the middleware's construction is setup, whatever it costs on a starved machine.
+    app.middleware_stack = app.build_middleware_stack()
     return app
 
 
@@ -712,4 +715,8 @@ def fidelity_front(
     by_host = {httpx.URL(u).netloc.decode(): n for u, n in zip(urls, names, strict=True)}
     observer = DecisionCopier(clock, by_host, telemetry_observer)
     app = front_app(caller, [Middleware(FidelityMiddleware, engine=engine, observer=observer)])
+    # The transport looks its observer up on its first call, importing the telemetry
+    # (about 0.3 s on an idle core): done here, it is setup. Left to the first call, it
+    # fell into this variant's load alone, seconds of stall on a starved machine.
+    caller.transport.observer_for(engine)
     return Recorder(app, clock, healthy), caller, engine

@@ -116,9 +116,16 @@ class RunClock:
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
+        self.started = False
 
     def start(self) -> None:
         self.t0 = time.monotonic()
+        self.started = True
+
+    def start_once(self) -> None:
+        """Start the load phase, unless a variant sharing this clock started it already."""
+        if not self.started:
+            self.start()
 
     def now(self) -> float:
         return time.monotonic() - self.t0

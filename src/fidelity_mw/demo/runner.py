@@ -1,4 +1,12 @@
-"""Run the scenario: one variant after the other, each on a fresh fleet, same seed."""
+"""Run the scenario: every variant at once, each on a fresh fleet, same seed, one clock.
+
+The variants run side by side in one event loop and start their load at the same
+instant, so whatever else the machine does (a CPU burner, another test suite) falls
+on every variant at the same offsets into the load. Run one after the other, a load
+that began while the second ran (seed 1 beside three CPU burners: scattered 0.817,
+fidelity 0.000, with one control failure among fidelity's healthy requests) failed
+the second variant's clients before any layer of either was asked.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +42,14 @@ class Progress:
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._width = 0
+        self._parts: dict[str, str] = {}
+
+    def part(self, key: str, head: str, text: str, tail: str) -> None:
+        """One variant's part of the status line (variants run at once: one line for all,
+        the shared clock's time and faults said once)."""
+        self._parts[key] = text
+        order = sorted(self._parts, key=lambda k: VARIANTS.index(k) if k in VARIANTS else 99)
+        self.update(f"{head} {' | '.join(self._parts[k] for k in order)} | {tail}")
 
     def update(self, text: str) -> None:
         if not self.enabled or not self.tty:
@@ -70,10 +86,11 @@ async def _ticker(
         ok = sum(1 for r in front if r.status == 200)
         r429 = sum(1 for r in front if r.status == 429)
         r5xx = sum(1 for r in front if r.status >= 500)
-        progress.update(
-            f"[{name:<9} {min(t, cfg.load_s):5.1f}/{cfg.load_s:.0f} s] "
-            f"requests {len(population.requests):4d}  front ok {ok:4d} 429 {r429:3d} "
-            f"5xx {r5xx:3d}  upstream calls {fleet.calls:5d}  | {script.label(t)}"
+        progress.part(
+            name,
+            f"[{min(t, cfg.load_s):4.1f}/{cfg.load_s:.0f} s] req {len(population.requests):4d}",
+            f"{name}: ok {ok:4d} 429 {r429:3d} 5xx {r5xx:3d} calls {fleet.calls:5d}",
+            script.label(t),
         )
 
 
@@ -82,17 +99,30 @@ async def run_variant(
     cfg: ScenarioConfig,
     progress: Progress,
     telemetry_observer: RequestObserver | None = None,
+    clock: RunClock | None = None,
+    ready: asyncio.Barrier | None = None,
+    origin: float | None = None,
 ) -> VariantResult:
-    """Start a fresh fleet and front, drive the client population, tear everything down."""
-    clock = RunClock()
+    """Start a fresh fleet and front, drive the client population, tear everything down.
+
+    With `ready` (the other variants' too), the load starts once every variant is set up,
+    on `clock`, which the first of them through the barrier starts for all."""
+    clock = clock if clock is not None else RunClock()
     script = cfg.fault_script()
     fleet = Fleet(script, clock, cfg.seed)
-    await fleet.start()
+    try:
+        await fleet.start()
+    except BaseException:
+        if ready is not None:
+            await ready.abort()  # the others would wait for this one for ever
+        raise
     names = [i.name for i in fleet.instances]
     closers: list[Callable[[], Any]] = []
     front_server: RunningServer | None = None
     extra: dict[str, Any] = {}
     started = time.monotonic()
+    origin = started if origin is None else origin
+    passed = False
     try:
         if name == SCATTERED:
             recorder, scattered = scattered_front(
@@ -120,7 +150,10 @@ async def run_variant(
             f"{LABELS[name]}: fleet {', '.join(fleet.urls)}; front {front_server.url}; "
             f"{len(population.arrivals)} client requests over {cfg.load_s:.1f} s"
         )
-        clock.start()
+        if ready is not None:
+            await ready.wait()
+        passed = True
+        clock.start_once()
         if name == SCATTERED:
             breaker.start()
         ticker = asyncio.create_task(
@@ -129,6 +162,11 @@ async def run_variant(
         try:
             await population.run()
         finally:
+            # when this variant's load ran, in seconds since the scenario began
+            extra["load_window_s"] = [
+                round(clock.t0 - origin, 3),
+                round(time.monotonic() - origin, 3),
+            ]
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
@@ -139,6 +177,8 @@ async def run_variant(
             extra["nopanic_events"] = toolkit.log.events
             extra["breaker_events"] = toolkit.log.transitions
     finally:
+        if ready is not None and not passed:
+            await ready.abort()
         for close in closers:
             with contextlib.suppress(Exception):
                 await close()
@@ -181,10 +221,25 @@ async def run_scenario(
     telemetry_observer: RequestObserver | None = None,
     variants: Sequence[str] = DEFAULT_VARIANTS,
 ) -> dict[str, VariantResult]:
-    """The selected variants (by default scattered, then fidelity), each on its own fresh
-    fleet, in the order of `VARIANTS`."""
+    """The selected variants (by default scattered and fidelity), each on its own fresh
+    fleet, all at once on one clock; the results in the order of `VARIANTS`."""
     progress = progress or Progress(None, enabled=False)
+    names = [v for v in VARIANTS if v in variants]
+    origin = time.monotonic()
+    clock = RunClock()
+    ready = asyncio.Barrier(len(names))
+    runs = [
+        run_variant(name, cfg, progress, telemetry_observer, clock, ready, origin) for name in names
+    ]
+    done = await asyncio.gather(*runs, return_exceptions=True)
+    for outcome in done:  # the first failure, not the barrier it broke for the others
+        if isinstance(outcome, BaseException) and not isinstance(
+            outcome, asyncio.BrokenBarrierError
+        ):
+            raise outcome
     results: dict[str, VariantResult] = {}
-    for name in (v for v in VARIANTS if v in variants):
-        results[name] = await run_variant(name, cfg, progress, telemetry_observer)
+    for name, outcome in zip(names, done, strict=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results[name] = outcome
     return results

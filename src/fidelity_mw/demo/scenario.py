@@ -108,7 +108,7 @@ class ScenarioConfig:
     """Every knob of the run. Derived values (scaled durations) are properties."""
 
     seed: int = 1
-    duration_s: float = 60.0  # the whole run; each variant gets about 45 % of it as load
+    duration_s: float = 60.0  # each variant gets 45 % of it as load, all variants at once
     clients: int = 20
     client_rate_min: float = 1.0  # each client's base rate is drawn from [min, max] req/s
     client_rate_max: float = 2.0
