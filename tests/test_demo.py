@@ -179,11 +179,13 @@ def test_fidelity_tells_clients_when_to_come_back(short_run: dict[str, Any]) -> 
     fidelity = short_run["variants"]["fidelity"]
     # During the error burst every instance fails: their breakers open within 5 calls
     # each, and the 503s after a give-up carry the time until the first admits a probe
-    # (an `advise` decision each). A count, whatever the machine's load: the burst
-    # always sees more than 5 calls per instance.
+    # (an `advise` decision each). On a starved machine the burst may see too few calls
+    # for every breaker to open (no breaker give-up, nothing to advise; seen beside CPU
+    # burners): the advice is owed once a breaker refused a call.
     by_layer = fidelity["decisions_by_layer"]
     advised = sum(verdicts.get("advise", 0) for verdicts in by_layer.values())
-    assert advised > 0
+    refused_by_breaker = by_layer.get("breaker", {}).get("give_up", 0)
+    assert refused_by_breaker == 0 or advised > 0, by_layer
     assert advised <= fidelity["front_statuses"].get("503", 0)
 
 

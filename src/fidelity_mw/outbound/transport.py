@@ -228,6 +228,10 @@ class _Base:
         self._armed = armed = _Armed()
         self._upstreams = armed.upstreams
         self.engine.transports.add(self)  # for the admin page's balancer view
+        if observer is None and telemetry:
+            # Now, not at the first call: looking it up imports the telemetry modules
+            # (~0.3 s on an idle core), a stall of the loop inside a service's first call.
+            self.observer_for(self.engine)
 
     @staticmethod
     def _default_inner() -> Any:
