@@ -52,6 +52,20 @@ EXHAUSTING_REASONS: Final = frozenset(
     }
 )
 
+
+def exhausting(reason: str, attempts_made: int, attempts: int) -> bool:
+    """Whether a give-up (`reason`, after `attempts_made` attempts of a call configured
+    for `attempts`) tells our callers not to retry us: we retried, or a retry could not
+    have helped. Any give-up after a retry is one, whatever stopped the next: B's call
+    to a service whose instances each answered a `Retry-After` too long to wait gave up
+    as `retry_after_too_long` after two attempts, unmarked, and A sent it again: C saw
+    five calls for one request. `attempts` with retries configured off (`attempts = 1`)
+    is not: we did not retry, so the caller is the nearest owner and may."""
+    if attempts_made > 1:
+        return True
+    return reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or attempts > 1)
+
+
 _MAX_EXPONENT = 62  # 2**62 * base is far past any cap; keeps the float finite
 _MAX_RETRY_AFTER_CHARS = 64
 

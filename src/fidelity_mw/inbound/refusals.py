@@ -232,7 +232,7 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
             marker = on[0]
     if not isinstance(marker, Decision) or marker.verdict != GIVE_UP:
         return None
-    if marker.reason not in EXHAUSTING_REASONS:
+    if not _exhausting(marker):
         return None
     ctx.upstream_exhausted = True
     return marker
@@ -256,7 +256,7 @@ def given_up_error(
     if (
         not isinstance(marker, Decision)
         or marker.verdict not in (GIVE_UP, REJECT)
-        or marker.reason not in EXHAUSTING_REASONS
+        or not _exhausting(marker)
         or marker.layer not in layers
     ):
         return None
@@ -264,6 +264,13 @@ def given_up_error(
 
 
 _UNMARKED: Any = object()
+
+
+def _exhausting(marker: Decision) -> bool:
+    """A give-up the transport marks a response or error with exhausted the call
+    (`decide.retry.exhausting`): an exhausting reason, or any after a retry."""
+    made = (marker.details or {}).get("attempts")
+    return marker.reason in EXHAUSTING_REASONS or (isinstance(made, int) and made > 1)
 
 
 def _host(exc: httpx.TransportError) -> str | None:

@@ -39,13 +39,12 @@ from ..decide.retry import (
     ERROR_CONNECT,
     ERROR_NETWORK,
     ERROR_TIMEOUT,
-    EXHAUSTING_REASONS,
-    GIVE_UP_ATTEMPTS,
     GIVE_UP_BREAKER,
     GIVE_UP_DEADLINE,
     GIVE_UP_DOWNSTREAM,
     GIVE_UP_RETRY_AFTER,
     RetryPlan,
+    exhausting,
     parse_retry_after,
     plan_retry,
     retryable_error,
@@ -259,9 +258,7 @@ def give_up(
         flags.shed_by = layer  # refused before anything was sent
     if attempts_made == 0 and up.cfg.client_chosen:
         ctx.refused_client_chosen = True  # (no attempt counted it: the client pays)
-    # "attempts" with retries configured off is not exhaustion: we did
-    # not retry, so the caller is the nearest owner and may.
-    if reason in EXHAUSTING_REASONS and (reason != GIVE_UP_ATTEMPTS or up.retry.attempts > 1):
+    if exhausting(reason, attempts_made, up.retry.attempts):
         flags.upstream_exhausted = True
         _GAVE_UP.set(decision)
 
