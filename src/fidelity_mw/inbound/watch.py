@@ -710,8 +710,9 @@ class OutcomeRecorder:
             if (ctx.upstream_exhausted or ctx.upstream_failed) and raised_by_upstream(exc):
                 if charged_for_upstream(ctx):  # a host the client chose: its own doing
                     return self.finish(ctx, plan, result, IGNORED)
-                # the upstream's fault: not the client's quota
-                pending = self.finish(ctx, plan, result, FAILURE)
+                # the upstream's fault: not the client's quota; and when a breaker for the
+                # upstream counted it, not the route breaker's either (`owned_upstream`)
+                pending = self.finish(ctx, plan, result, owned_upstream(ctx))
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return self.finish(ctx, plan, result, FAILURE)
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
@@ -770,7 +771,8 @@ class OutcomeRecorder:
             if charged_for_upstream(ctx):  # a host the client chose: charged, not the route's
                 return self.finish(ctx, plan, result, IGNORED)
             failed = status is None or (breaker is not None and status in breaker.failure_statuses)
-            pending = self.finish(ctx, plan, result, FAILURE if failed else SUCCESS)
+            owned = owned_upstream(ctx) if failed else SUCCESS
+            pending = self.finish(ctx, plan, result, owned)
             return _in_order(pending, self.refund(plan, result, keys, served_only=True))
         elif status is None or (breaker is not None and status in breaker.failure_statuses):
             ctx.outcome = OUTCOME_FAILED
@@ -915,3 +917,15 @@ async def _run_in_order(steps: Sequence[Coroutine[Any, Any, Any] | None]) -> Non
     for step in steps:
         if step is not None:
             await step
+
+
+def owned_upstream(ctx: DecisionContext) -> str:
+    """The route breaker's outcome for an answer that reports an upstream's failure: none
+    when a breaker for that upstream counted it (`upstream_failed`: ours, or one past a
+    trusted callee that said so), which owns the fault. Counted here too, one upstream's
+    outage opened the route breaker of every hop above it (A's for a fault of C's that
+    B's breaker for C owned), which then shed the requests of the route's healthy
+    upstreams and, after the fault, held them a whole open period more than the breaker
+    next to it did. With `breaker = false` on the upstream nobody else counts it: the
+    route breaker does, as before."""
+    return IGNORED if ctx.upstream_failed else FAILURE
