@@ -183,10 +183,23 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
         return None
     if isinstance(exc, httpx.HTTPStatusError):
         gave_up = given_up_response(ctx, exc)
+        status = exc.response.status_code
         if gave_up is None:
-            return None
-        upstream: str | None = gave_up.subject
-        why = f"answered {exc.response.status_code}"
+            if not (ctx.upstream_failed and status in GATEWAY_STATUSES):
+                return None
+            # Not retried (its Retry-After longer than we wait, every instance paused), but
+            # a failure a breaker owns: ours for the upstream counted it, or a trusted
+            # callee said it was not its own (its breaker's 503). The app's 500 for it
+            # carried no marker: our callers' breakers counted us for it, and a callee's
+            # refusal reached the client as a 500. A 502 marked `x-fidelity-fault:
+            # upstream` (not `exhausted`: we did not retry, our caller may).
+            upstream: str | None = _status_host(exc)
+            why = f"answered {status}"
+            detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
+            extra = {} if upstream is None else {"upstream": upstream}
+            return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
+        upstream = gave_up.subject
+        why = f"answered {status}"
     elif isinstance(exc, httpx.TransportError):
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
         if getattr(exc, GIVE_UP_EXTENSION, _UNMARKED) is _UNMARKED:
@@ -271,6 +284,13 @@ def _exhausting(marker: Decision) -> bool:
     (`decide.retry.exhausting`): an exhausting reason, or any after a retry."""
     made = (marker.details or {}).get("attempts")
     return marker.reason in EXHAUSTING_REASONS or (isinstance(made, int) and made > 1)
+
+
+def _status_host(exc: httpx.HTTPStatusError) -> str | None:
+    try:
+        return exc.request.url.host or None
+    except RuntimeError:  # raised without its request
+        return None
 
 
 def _host(exc: httpx.TransportError) -> str | None:
