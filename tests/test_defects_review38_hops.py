@@ -388,11 +388,8 @@ def _not_retried(decided_by: str | None) -> Starlette:
     return app
 
 
-@pytest.mark.parametrize("decided_by", [None, "breaker"])
-def test_an_upstream_failure_not_retried_and_let_out_is_a_marked_502(
-    decided_by: str | None,
-) -> None:
-    app = _not_retried(decided_by)
+def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
+    app = _not_retried("breaker")
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -407,3 +404,16 @@ def test_an_upstream_failure_not_retried_and_let_out_is_a_marked_502(
     assert "x-fidelity-retry" not in response.headers  # B did not retry: its caller may
     assert "x-fidelity-decided-by" not in response.headers
     assert response.headers.get("retry-after", "").isdigit()
+
+
+def test_an_upstream_503_not_retried_and_let_out_stays_the_apps_500() -> None:
+    # not a callee's refusal: the app let out an upstream's failure it did not retry
+    # (docs/inbound.md: the app's own 500, as before)
+    app = _not_retried(None)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            return await client.get("/")
+
+    assert asyncio.run(go()).status_code == 500

@@ -185,14 +185,20 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
         gave_up = given_up_response(ctx, exc)
         status = exc.response.status_code
         if gave_up is None:
-            if not (ctx.upstream_failed and status in GATEWAY_STATUSES):
+            if not (
+                ctx.upstream_failed
+                and status in GATEWAY_STATUSES
+                and DECIDED_BY_HEADER_STR in exc.response.headers
+            ):
                 return None
-            # Not retried (its Retry-After longer than we wait, every instance paused), but
-            # a failure a breaker owns: ours for the upstream counted it, or a trusted
-            # callee said it was not its own (its breaker's 503). The app's 500 for it
-            # carried no marker: our callers' breakers counted us for it, and a callee's
-            # refusal reached the client as a 500. A 502 marked `x-fidelity-fault:
-            # upstream` (not `exhausted`: we did not retry, our caller may).
+            # A callee's control layer refused (its breaker's 503, its deadline's 504),
+            # and the transport did not retry it (its Retry-After longer than we wait,
+            # every instance paused) but believed it (`upstream_failed`: a trusted peer).
+            # The app's 500 for it carried no marker: our callers' breakers counted us
+            # for it, and the callee's refusal reached the client as a 500. A 502 marked
+            # `x-fidelity-fault: upstream` (not `exhausted`: we did not retry, our caller
+            # may). (The callee's own header on the response it raised for: not a 503
+            # the app built, nor another call's.)
             upstream: str | None = _status_host(exc)
             why = f"answered {status}"
             detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
@@ -284,6 +290,9 @@ def _exhausting(marker: Decision) -> bool:
     (`decide.retry.exhausting`): an exhausting reason, or any after a retry."""
     made = (marker.details or {}).get("attempts")
     return marker.reason in EXHAUSTING_REASONS or (isinstance(made, int) and made > 1)
+
+
+DECIDED_BY_HEADER_STR: Final = "x-fidelity-decided-by"
 
 
 def _status_host(exc: httpx.HTTPStatusError) -> str | None:
