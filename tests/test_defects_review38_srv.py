@@ -145,7 +145,8 @@ def test_a_deadline_on_arrival_and_an_open_breaker_send_their_last_message_witho
     assert refused.statuses == [503]  # the CircuitOpen the app let out
     assert shed.statuses == [503]
     assert [s.current_at_last() for s in (expired, refused, shed)] == [None, None, None]
-    assert len(app.seen) == 2 and all(isinstance(c, DecisionContext) for c in app.seen)
+    assert len(app.seen) == 2
+    assert all(isinstance(c, DecisionContext) for c in app.seen)
 
 
 def test_an_on_reject_response_and_a_cost_functions_answer_too() -> None:
@@ -158,10 +159,11 @@ def test_an_on_reject_response_and_a_cost_functions_answer_too() -> None:
     mw = FidelityMiddleware(
         App(), policy=_policy(), clock=FakeClock(), telemetry=False, on_reject=on_reject
     )
-    first, refused = _run(mw, [scope(), scope()])
+    _first, refused = _run(mw, [scope(), scope()])
     assert refused.statuses == [429]
     assert refused.current_at_last() is None
-    assert len(hooked) == 1 and isinstance(hooked[0], DecisionContext)
+    assert len(hooked) == 1
+    assert isinstance(hooked[0], DecisionContext)
 
     costly = FidelityMiddleware(
         App(), policy=_policy(cost=_costly), clock=FakeClock(), telemetry=False
