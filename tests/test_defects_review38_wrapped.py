@@ -16,6 +16,7 @@ wrapping the app from outside (Starlette's ServerErrorMiddleware inside it answe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +84,19 @@ def _app(clock: FakeClock) -> Starlette:
 
         return endpoint
 
+    async def grouped(request: Request) -> Response:
+        # two calls in a task group, each error turned into the app's own
+        async def one() -> None:
+            try:
+                await client.get(DOWN)
+            except httpx.HTTPError as exc:
+                raise PaymentsDown("payments are unavailable") from exc
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(one())
+            group.create_task(one())
+        return PlainTextResponse("paid")
+
     async def own(request: Request) -> Response:
         raise PaymentsDown("the app's own bug")
 
@@ -94,6 +108,7 @@ def _app(clock: FakeClock) -> Starlette:
             Route("/down-during", calling(DOWN, "during")),
             Route("/flaky", calling(FLAKY, "")),
             Route("/flaky-from", calling(FLAKY, "from")),
+            Route("/grouped", grouped),
             Route("/own", own),
         ]
     )
@@ -116,8 +131,6 @@ def _served(app: Any, where: str) -> Iterator[Callable[[str], httpx.Response]]:
         with LoopbackServer(app) as server, httpx.Client(base_url=server.url, limits=no_reuse) as c:
             yield c.get
         return
-    import asyncio
-
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
 
     def get(path: str) -> httpx.Response:
@@ -173,3 +186,13 @@ def test_an_error_raised_from_a_give_up_is_answered_502_exhausted(wrapped: str, 
         own = get("/own")
         assert own.status_code == 500
         assert "x-fidelity-retry" not in own.headers
+
+
+@pytest.mark.parametrize("wrapped", ["outside", "add_middleware"])
+def test_a_task_groups_errors_raised_from_refusals_are_answered_as_them(wrapped: str) -> None:
+    with _served(_built(wrapped), "in_process") as get:
+        get("/open")  # the upstream's breaker opens
+        answer = get("/grouped")  # ExceptionGroup[PaymentsDown from CircuitOpen, ...]
+        assert answer.status_code == 503  # (was the server's bare 500)
+        assert answer.headers["x-fidelity-decided-by"] == "breaker"
+        assert int(answer.headers["retry-after"]) >= 1

@@ -65,7 +65,8 @@ def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
     """The errors of the exception group `exc` (nested groups flattened) when every one
     is an httpx error, else None: a task group's (`asyncio.TaskGroup`, anyio's) calls
     that failed, which we answer as the first of them we would answer let out alone. An
-    error of the app's own among them keeps the group the app's (its 500)."""
+    error of the app's own among them keeps the group the app's (its 500); one raised
+    `from` an httpx error (`causes`) stands for that error."""
     if not isinstance(exc, BaseExceptionGroup):
         return None
     leaves: list[BaseException] = []
@@ -74,10 +75,13 @@ def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
         err = todo.pop(0)
         if isinstance(err, BaseExceptionGroup):
             todo[:0] = err.exceptions
-        elif isinstance(err, httpx.HTTPError) and len(leaves) < 32:
-            leaves.append(err)
-        else:
-            return None  # (or more than 32: not read through)
+            continue
+        if len(leaves) >= 32:
+            return None  # (not read through)
+        cause = next((c for c in causes(err) if isinstance(c, httpx.HTTPError)), None)
+        if cause is None:
+            return None
+        leaves.append(cause)
     return leaves or None
 
 
