@@ -36,7 +36,7 @@ import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
 import httpx
@@ -82,14 +82,18 @@ def dropped() -> int:
     return _pending[1]
 
 
-def _take(store: Any, blocking: bool = False) -> bool:
-    """Room for one more pending report (True), or it is dropped and counted."""
+def _take(store: Any, start: Callable[[], asyncio.Task[Any]] | None = None) -> bool:
+    """Room for one more pending report (True), or it is dropped and counted. `start`
+    makes the report's task, held in `_RECORDS` (its room, under the lock: loops in
+    other threads take room too); without it, a place in the blocking queue."""
     with _executor_lock:
         if len(_RECORDS) + _pending[0] >= MAX_PENDING_REPORTS:
             _forget_closed_loops()
         if len(_RECORDS) + _pending[0] < MAX_PENDING_REPORTS:
-            if blocking:
+            if start is None:
                 _pending[0] += 1
+            else:
+                _RECORDS.add(start())
             return True
         _pending[1] += 1
         total = _pending[1]
@@ -204,7 +208,7 @@ class Watch(NamedTuple):
         if blocking:
             sync = getattr(store, "record_sync", None)
             if sync is not None:
-                if _take(store, blocking=True):
+                if _take(store):
                     try:
                         _background().submit(self._sync, sync, args)
                     except BaseException:  # (shut down at exit)
@@ -216,11 +220,14 @@ class Watch(NamedTuple):
 
             self.learned(anyio.from_thread.run(store.record, *args), now)
             return
-        if not _take(store):
-            return
-        task = asyncio.get_running_loop().create_task(store.record(*args))
-        _RECORDS.add(task)  # (its room: the set's size, given back as it leaves the set)
-        task.add_done_callback(self._recorded)
+        loop = asyncio.get_running_loop()
+
+        def start() -> asyncio.Task[Any]:
+            task = loop.create_task(store.record(*args))
+            task.add_done_callback(self._recorded)  # (gives its room back: leaves the set)
+            return task
+
+        _take(store, start)
 
     def _sync(self, record: Any, args: tuple[Any, ...]) -> None:
         try:
