@@ -115,7 +115,19 @@ async def respond(send: Send, rejection: Rejection, decided_by: str | None) -> N
     ]
     if decided_by is not None:
         head.append((DECIDED_BY_HEADER, decided_by.encode("latin-1", "replace")))
-    await send({"type": "http.response.start", "status": status, "headers": head + headers})
+    start = {"type": "http.response.start", "status": status, "headers": head + headers}
+    if type(send) is EndsOutside:
+        # its two messages, known: to the server's `send` directly, the context swapped
+        # around the last (a coroutine less per message than through the wrapper)
+        await send.send(start)
+        current = _CURRENT.get()
+        _CURRENT.set(send.outer)
+        try:
+            await send.send({"type": "http.response.body", "body": body})
+        finally:
+            _CURRENT.set(current)
+        return
+    await send(start)
     await send({"type": "http.response.body", "body": body})
 
 
