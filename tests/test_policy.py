@@ -479,8 +479,8 @@ def test_file_errors_carry_source_and_key_path(tmp_path: Path) -> None:
         (
             {"version": 2},
             "version",
-            "2 is out of range",
-            "between 1 and 1",
+            "2 is not a policy version this fidelity_mw reads",
+            "supported versions: 1",
         ),
         (
             {"rate_limit": 5},

@@ -127,7 +127,7 @@ class LimitDependency:
         except PolicyError as exc:  # named as written, not as a policy's unnamed entry
             raise exc.prefixed(f"fidelity.limit({rate!r})") from None
         self.owner = owner
-        self.rate = rate
+        self.rate = checked.rate  # (tidied: " 5/s" counts on the counter "5/s" names)
         self.key = plain
         self.name = name
         self.shadow = shadow

@@ -59,6 +59,7 @@ from .responses import (
     OUTCOME_DISCONNECTED,
     OUTCOME_FAILED,
     OUTCOME_SERVED,
+    EndsOutside,
     Rejection,
     respond,
 )
@@ -394,14 +395,30 @@ class FidelityMiddleware:
             except ClientDisconnect:  # gone while queued, or while a cost function read its body
                 return
             except CostAnswer as answer:  # a cost function raised an HTTPException
-                await self._send_answer(ctx, scope, receive, send, answer, before_end, obs_token)
+                await self._send_answer(
+                    ctx,
+                    scope,
+                    receive,
+                    send,
+                    answer,
+                    before_end,
+                    obs_token,
+                    None if token.old_value is _MISSING else token.old_value,
+                )
                 return
             except Exception as exc:
                 rejection = self._admission.state_failure(ctx, plan, exc, now)
                 result = None
             if rejection is not None:
                 await self._send_rejection(
-                    ctx, scope, receive, send, rejection, before_end, obs_token
+                    ctx,
+                    scope,
+                    receive,
+                    send,
+                    rejection,
+                    before_end,
+                    obs_token,
+                    None if token.old_value is _MISSING else token.old_value,
                 )
                 return
 
@@ -500,7 +517,16 @@ class FidelityMiddleware:
                         await watcher.release_held()
             if rejection is not None:
                 await self._answer(
-                    ctx, scope, receive, send, rejection, before_end, obs_token, plan, result, keys
+                    ctx,
+                    scope,
+                    receive,
+                    watcher,
+                    rejection,
+                    before_end,
+                    obs_token,
+                    plan,
+                    result,
+                    keys,
                 )
                 return
             status = ctx.status
@@ -713,15 +739,17 @@ class FidelityMiddleware:
         answer: CostAnswer,
         before_end: ResponseEndHook | None,
         obs_token: Any,
+        outer: DecisionContext | None,
     ) -> None:
         """Send the HTTPException a cost function raised (the app's answer, not a
-        refusal of ours: no `on_reject`, no decided-by marker)."""
+        refusal of ours: no `on_reject`, no decided-by marker); its last message with
+        `outer` current (responses.EndsOutside)."""
         response = answer.response()
         ctx.status = response.status_code
         if before_end is not None:
             response_ends(before_end, ctx, scope, obs_token)
         try:
-            await response(scope, receive, await self._cors_send(scope, send))
+            await response(scope, receive, EndsOutside(await self._cors_send(scope, send), outer))
         finally:
             ctx.response_complete = True
 
@@ -786,8 +814,11 @@ class FidelityMiddleware:
         rejection: Rejection,
         before_end: ResponseEndHook | None,
         obs_token: Any,
+        outer: DecisionContext | None = None,
     ) -> None:
-        """Send a refusal of ours, shaped by `on_reject` when the app gave one."""
+        """Send a refusal of ours, shaped by `on_reject` when the app gave one; its last
+        message with `outer` current (responses.EndsOutside: what was current before
+        the middleware made `ctx` so; the hook still sees `ctx`)."""
         if self._cors is not None:
             send = await self._cors_send(scope, send)
         custom = None
@@ -796,6 +827,7 @@ class FidelityMiddleware:
             custom = await custom_rejection(
                 self._on_reject, ctx, rejection, ((DECIDED_BY_HEADER, marker),)
             )
+        send = EndsOutside(send, outer)
         ctx.status = rejection[0] if custom is None else custom.status_code
         if before_end is not None:
             response_ends(before_end, ctx, scope, obs_token)
@@ -820,7 +852,7 @@ class FidelityMiddleware:
         ctx: DecisionContext,
         scope: Scope,
         receive: Receive,
-        send: Send,
+        watcher: ResponseWatcher,
         rejection: Rejection,
         before_end: ResponseEndHook | None,
         obs_token: Any,
@@ -828,7 +860,9 @@ class FidelityMiddleware:
         result: InboundResult | None,
         keys: Sequence[str],
     ) -> None:
-        """Send our answer to a control decision the app did not answer itself."""
+        """Send our answer to a control decision the app did not answer itself (to the
+        server's `send`, past the app's `watcher`; the last message with what was
+        current before the middleware, as the watcher sends the app's)."""
         logger.debug(
             "fidelity_mw: %s answered %d for %s (%s)",
             ctx.decided_by,
@@ -839,7 +873,9 @@ class FidelityMiddleware:
         ctx.status = rejection[0]
         pending = self._outcomes.refused(ctx, plan, result, keys)
         try:
-            await self._send_rejection(ctx, scope, receive, send, rejection, before_end, obs_token)
+            await self._send_rejection(
+                ctx, scope, receive, watcher.send, rejection, before_end, obs_token, watcher.outer
+            )
         except BaseException:
             if pending is not None:
                 self._outcomes.spawn(pending)

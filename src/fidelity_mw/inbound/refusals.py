@@ -65,7 +65,8 @@ def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
     """The errors of the exception group `exc` (nested groups flattened) when every one
     is an httpx error, else None: a task group's (`asyncio.TaskGroup`, anyio's) calls
     that failed, which we answer as the first of them we would answer let out alone. An
-    error of the app's own among them keeps the group the app's (its 500)."""
+    error of the app's own among them keeps the group the app's (its 500); one raised
+    `from` an httpx error (`causes`) stands for that error."""
     if not isinstance(exc, BaseExceptionGroup):
         return None
     leaves: list[BaseException] = []
@@ -74,19 +75,56 @@ def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
         err = todo.pop(0)
         if isinstance(err, BaseExceptionGroup):
             todo[:0] = err.exceptions
-        elif isinstance(err, httpx.HTTPError) and len(leaves) < 32:
-            leaves.append(err)
-        else:
-            return None  # (or more than 32: not read through)
+            continue
+        if len(leaves) >= 32:
+            return None  # (not read through)
+        cause = next((c for c in causes(err) if isinstance(c, httpx.HTTPError)), None)
+        if cause is None:
+            return None
+        leaves.append(cause)
     return leaves or None
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the errors it was raised `from`, outermost first (bounded: a cycle). An
+    app that turns the transport's error into one of its own (`raise PaymentsDown(...)
+    from exc`) lets out that error still: answered as it, not with the server's bare
+    500. Only an explicit cause: an error raised while handling one (`__context__`, a
+    fallback's own bug) is the app's."""
+    chain = [exc]
+    cause = exc.__cause__
+    while cause is not None and len(chain) < 32 and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__
+    return chain
+
+
+def may_answer(exc: BaseException) -> bool:
+    """Whether `exc` is an error the middleware may answer itself (`control_refusal`,
+    `upstream_failure`): an httpx error, a group of them, or an error raised from one."""
+    for err in causes(exc):
+        if isinstance(err, httpx.HTTPError) or httpx_leaves(err) is not None:
+            return True
+    return False
 
 
 def control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
     """Our answer to an exception the app let out, if a control layer caused it (for a
-    group of httpx errors, the first of them that one caused)."""
+    group of httpx errors, the first of them that one caused; for an error raised from
+    one, as that one: `causes`)."""
+    if exc.__cause__ is not None:
+        for err in causes(exc):
+            answer = _control_refusal(ctx, err, now)
+            if answer is not None:
+                return answer
+        return None
+    return _control_refusal(ctx, exc, now)
+
+
+def _control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Rejection | None:
     if isinstance(exc, BaseExceptionGroup):
         for leaf in httpx_leaves(exc) or ():
-            answer = control_refusal(ctx, leaf, now)
+            answer = _control_refusal(ctx, leaf, now)
             if answer is not None:
                 return answer
         return None
@@ -174,10 +212,20 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     the server's bare 500 carried neither, and a caller could retry a request we already
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
-    (`given_up_response`): 502."""
+    (`given_up_response`): 502. An error raised from one (`causes`) as that one."""
+    if exc.__cause__ is not None:
+        for err in causes(exc):
+            answer = _upstream_failure(ctx, err)
+            if answer is not None:
+                return answer
+        return None
+    return _upstream_failure(ctx, exc)
+
+
+def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | None:
     if isinstance(exc, BaseExceptionGroup):  # a task group's calls: the first we answer
         for leaf in httpx_leaves(exc) or ():
-            answer = upstream_failure(ctx, leaf)
+            answer = _upstream_failure(ctx, leaf)
             if answer is not None:
                 return answer
         return None

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from .._types import Send
-from ..context import LAYER_RATELIMIT, DecisionContext
+from .._types import Message, Send
+from ..context import _CURRENT, LAYER_RATELIMIT, DecisionContext
 from ..decide.gcra import retry_after_header
 
 # Final: the compiled build inlines them (no module lookup per request)
@@ -115,5 +115,51 @@ async def respond(send: Send, rejection: Rejection, decided_by: str | None) -> N
     ]
     if decided_by is not None:
         head.append((DECIDED_BY_HEADER, decided_by.encode("latin-1", "replace")))
-    await send({"type": "http.response.start", "status": status, "headers": head + headers})
+    start = {"type": "http.response.start", "status": status, "headers": head + headers}
+    if type(send) is EndsOutside:
+        # its two messages, known: to the server's `send` directly, the context swapped
+        # around the last (a coroutine less per message than through the wrapper)
+        await send.send(start)
+        current = _CURRENT.get()
+        _CURRENT.set(send.outer)
+        try:
+            await send.send({"type": "http.response.body", "body": body})
+        finally:
+            _CURRENT.set(current)
+        return
+    await send(start)
     await send({"type": "http.response.body", "body": body})
+
+
+class EndsOutside:
+    """The `send` of an answer the middleware sends itself (its refusals, an `on_reject`
+    response, a cost function's HTTPException): the answer's last message goes to the
+    server with `outer` current (what was current before the middleware made the
+    request's context so: None, or an outer context), as the app's last message does
+    (watch.ResponseWatcher). uvicorn arms its keep-alive timer inside that `send`, and
+    `call_later` copies the current context: with the request's in it, every refused
+    request's context lived on until its connection's next request (or the timeout).
+    What was current comes back right after."""
+
+    __slots__ = ("outer", "send")
+
+    def __init__(self, send: Send, outer: DecisionContext | None) -> None:
+        self.send = send
+        self.outer = outer
+
+    async def __call__(self, message: Message) -> None:
+        kind: str = message["type"]
+        if message.get("more_body", False) or not kind.endswith(_LAST_KINDS):
+            await self.send(message)
+            return
+        # (`websocket.http.response.body` too: a handshake's denial)
+        current = _CURRENT.get()
+        _CURRENT.set(self.outer)
+        try:
+            await self.send(message)
+        finally:
+            _CURRENT.set(current)
+
+
+# a response's last message: a body without `more_body`, or a whole file (ASGI extensions)
+_LAST_KINDS: Final = ("response.body", "response.pathsend", "response.zerocopysend")

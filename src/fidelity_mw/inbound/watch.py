@@ -40,7 +40,7 @@ from ..state.base import InboundResult, StateStore
 from .refusals import (
     after_give_up,
     charged_for_upstream,
-    httpx_leaves,
+    may_answer,
     raised_by_refusal,
     raised_by_upstream,
     reports_refusal,
@@ -105,7 +105,8 @@ class HeldSlot(Protocol):
 
 
 # The errors whose 500 a handler inside us sends is held (`ResponseWatcher.held`): those
-# the middleware may answer (refusals.control_refusal, upstream_failure); and how many
+# the middleware may answer (refusals.control_refusal, upstream_failure; an error raised
+# from one of them too: refusals.may_answer); and how many
 # messages of it at most (an error page is one or two).
 _MAY_ANSWER: Final = (httpx.HTTPError,)
 _MOST_HELD: Final = 8
@@ -226,7 +227,7 @@ class ResponseWatcher:
             if status == 500 and not self.started and self.held is None and not self.released:
                 handled = sys.exception()
                 if handled is not None and (
-                    isinstance(handled, _MAY_ANSWER) or httpx_leaves(handled) is not None
+                    isinstance(handled, _MAY_ANSWER) or may_answer(handled)
                 ):
                     self.held = [message]
                     self.held_exc = handled

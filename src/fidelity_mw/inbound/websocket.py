@@ -38,6 +38,7 @@ from ..routeplan import RoutePlan
 from ..routes import _host as routes_host
 from ..state.base import InboundResult
 from .admission import Admission
+from .refusals import reports_refusal
 from .request import RequestReader, scan_headers
 from .responses import (
     DECIDED_BY_APP,
@@ -313,7 +314,7 @@ class Handshake:
             status = message.get("status")
             extra = self.ctx.response_headers
             if extra:  # as on an HTTP response of the app's (watch.py)
-                if self.ctx.shed_by is not None and status is not None and status >= 400:
+                if reports_refusal(self.ctx, status):
                     extra = refunded_fields(self.ctx, extra)  # its units come back
                 message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
         else:
@@ -327,15 +328,17 @@ class Handshake:
 
     async def settle(self, status: int) -> None:
         """The app answered the handshake with `status`: its outcome, as for an HTTP
-        response; a refusal by a layer inside the app (`Depends(fidelity.limit)`'s
-        429) gives the middleware's limits their units back, as for HTTP."""
+        response; an answer that reports a refusal by a layer inside the app
+        (`Depends(fidelity.limit)`'s 429, or its close) gives the middleware's limits
+        their units back, as for HTTP (`reports_refusal`): not a close of the app's own
+        after an optional call an upstream's breaker refused (a bad token's 403)."""
         self.answered = True
         ctx = self.ctx
         ctx.status = status
         ctx.response_complete = True
         ctx.decided_by = DECIDED_BY_APP
         ctx.outcome = OUTCOME_SERVED if status < 500 else OUTCOME_FAILED
-        if ctx.shed_by is not None and status >= 400 and self.outcomes is not None:
+        if self.outcomes is not None and reports_refusal(ctx, status):
             recorder, plan, result, keys = self.outcomes
             try:
                 pending = recorder.shed_downstream(ctx, plan, result, keys)

@@ -15,7 +15,8 @@ the caller:
   the store like any outcome: in-process state at once; a remote store in a task of its
   own (held in `_RECORDS`), never awaited by the caller's read; the blocking transport's
   remote store on a background thread; at most `MAX_PENDING_REPORTS` of those pending,
-  the rest dropped and counted (`dropped()`);
+  the rest dropped and counted (`dropped()`); a report left pending by an event loop
+  closed before it ended gives its room back when the bound is reached;
 - as a `Decision` on the call's context: layer `breaker`, verdict `fail`, reason
   `failed_in_body`, details `error` (the exception's class) and `bytes` (read before
   the break), and `instance` for a service.
@@ -32,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
 import httpx
@@ -69,7 +71,9 @@ _executor_lock: Final = threading.Lock()
 # per break, and the one worker thread's queue grew for as long as the breaks came
 # faster than it could send them. The breaker has long had its evidence by then.
 MAX_PENDING_REPORTS: Final = 256
-_pending = [0, 0]  # [reports pending, reports dropped] (under _executor_lock)
+# [the blocking transport's reports queued, reports dropped] (under _executor_lock); the
+# tasks pending are those in `_RECORDS`
+_pending = [0, 0]
 _DROPPED: Final = "fidelity_mw: %d reports of broken bodies to a slow state store dropped"
 
 
@@ -78,11 +82,18 @@ def dropped() -> int:
     return _pending[1]
 
 
-def _take(store: Any) -> bool:
-    """Room for one more pending report (True), or it is dropped and counted."""
+def _take(store: Any, start: Callable[[], asyncio.Task[Any]] | None = None) -> bool:
+    """Room for one more pending report (True), or it is dropped and counted. `start`
+    makes the report's task, held in `_RECORDS` (its room, under the lock: loops in
+    other threads take room too); without it, a place in the blocking queue."""
     with _executor_lock:
-        if _pending[0] < MAX_PENDING_REPORTS:
-            _pending[0] += 1
+        if len(_RECORDS) + _pending[0] >= MAX_PENDING_REPORTS:
+            _forget_closed_loops()
+        if len(_RECORDS) + _pending[0] < MAX_PENDING_REPORTS:
+            if start is None:
+                _pending[0] += 1
+            else:
+                _RECORDS.add(start())
             return True
         _pending[1] += 1
         total = _pending[1]
@@ -96,6 +107,29 @@ def _take(store: Any) -> bool:
 def _done() -> None:
     with _executor_lock:
         _pending[0] -= 1
+
+
+def _forget_closed_loops() -> None:
+    """(Under the lock, at the bound.) Let go of the report tasks whose event loop is
+    closed: a loop closed without running its pending tasks to their end (its own
+    `run_until_complete`, then `close`) never ends them, nor runs the callback that gives
+    their room back (a task done, its callback not yet run, too). Held, each kept its
+    room, and enough such loops dropped every later report, in every loop."""
+    for task in list(_RECORDS):
+        try:
+            closed = task.get_loop().is_closed()
+        except Exception:  # (a task of another make: left as it is)
+            continue
+        if not closed:
+            continue
+        _RECORDS.discard(task)
+        # it will never run: no "destroyed but pending" line when it is collected, nor
+        # "never awaited" for a report that had not begun
+        with contextlib.suppress(Exception):
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
+        coro = task.get_coro()
+        if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            coro.close()
 
 
 class Watch(NamedTuple):
@@ -186,15 +220,14 @@ class Watch(NamedTuple):
 
             self.learned(anyio.from_thread.run(store.record, *args), now)
             return
-        if not _take(store):
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(store.record(*args))
-        except BaseException:
-            _done()
-            raise
-        _RECORDS.add(task)
-        task.add_done_callback(self._recorded)
+        loop = asyncio.get_running_loop()
+
+        def start() -> asyncio.Task[Any]:
+            task = loop.create_task(store.record(*args))
+            task.add_done_callback(self._recorded)  # (gives its room back: leaves the set)
+            return task
+
+        _take(store, start)
 
     def _sync(self, record: Any, args: tuple[Any, ...]) -> None:
         try:
@@ -206,7 +239,6 @@ class Watch(NamedTuple):
 
     def _recorded(self, task: asyncio.Task[Any]) -> None:
         _RECORDS.discard(task)
-        _done()
         if task.cancelled():
             return
         failure = task.exception()

@@ -189,6 +189,23 @@ def one_of(choices: Iterable[str]) -> Check:
     return check
 
 
+# The policy file versions this release reads (`version = N`).
+SUPPORTED_VERSIONS: Final = (1,)
+
+
+def _schema_version(value: Any) -> str | None:
+    if not _is_int(value):
+        return f"expected an integer, got {_got(value)}"
+    if value not in SUPPORTED_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_VERSIONS))
+        # (not "allowed between 1 and 1": say what a file may hold, and why this one fails)
+        return (
+            f"{value} is not a policy version this fidelity_mw reads: "
+            f"supported versions: {supported} (write version = {SUPPORTED_VERSIONS[-1]})"
+        )
+    return None
+
+
 def boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else f"expected true or false, got {_toml(value)}"
 
@@ -438,6 +455,33 @@ def parse_rate(text: str) -> tuple[int, float]:
     return count, period_s
 
 
+def tidy_rate(text: str) -> str:
+    """`text` without the spaces that say nothing: around it and around its `/`, runs of
+    them as one (" 5 / s" -> "5/s", "5  per minute" -> "5 per minute"). What a limit's
+    `rate` holds, and what a form's default counter name is built from."""
+    return re.sub(r"\s*/\s*", "/", " ".join(text.split()))
+
+
+_UNITS: Final = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
+def canonical_rate(text: str) -> str:
+    """One spelling per rate, from what it means: "5/minute", "5 per minute", "5/60s"
+    and "5/min" are all "5/min"; "5/10min" stays, "5/600s" is "5/10min". The policy's
+    version hashes this: equal limits, equal versions, however their rate is written.
+    (A rate that does not parse: as written, tidied.)"""
+    try:
+        count, period_s = parse_rate(text)
+    except ValueError:
+        return tidy_rate(text)
+    seconds = round(period_s)
+    for unit, size in _UNITS:
+        if seconds % size == 0:
+            times = seconds // size
+            return f"{count}/{unit}" if times == 1 else f"{count}/{times}{unit}"
+    return tidy_rate(text)  # (a period is always whole seconds)
+
+
 def _rate(value: Any) -> str | None:
     if not isinstance(value, str):
         return f'expected a string like "100/s", got {_got(value)}'
@@ -684,6 +728,13 @@ _URL_SSL: Final = (
     "ssl_password",
 )
 _FLAG_VALUES: Final = ("1", "true", "yes", "on", "0", "false", "no", "off")
+# the parameters we pass on that redis-py reads as a boolean
+_URL_FLAGS: Final = (
+    "socket_keepalive",
+    "ssl_check_hostname",
+    "legacy_responses",
+    "decode_responses",
+)
 _CERT_REQS: Final = ("none", "optional", "required")  # redis-py's names of ssl.CERT_*
 
 
@@ -709,6 +760,10 @@ def _url_query_problems(url: str) -> list[str]:
                 problems.append(f"cluster={value}: write cluster=true or cluster=false")
             elif unix and value.strip().lower() in _FLAG_VALUES[:4]:
                 problems.append("Redis Cluster over a unix socket is not supported: use redis://")
+        elif name in _URL_FLAGS and value.strip().lower() not in _FLAG_VALUES:
+            # redis-py reads any value but 0/f/false/n/no/off as true (`maybe`: keepalive
+            # on), and `decode_responses` takes the text as it is ("false" is true)
+            problems.append(f"{name}={value}: write {name}=true or {name}=false")
         elif name == "protocol" and value.strip() not in ("2", "3"):
             problems.append(f"protocol={value}: write 2 or 3")
         elif name == "socket_keepalive" and unix:  # (a TypeError at the first connection)
@@ -880,6 +935,7 @@ class RateLimit(_Validated):
         _validate(self)
         if self.methods is not None:
             object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+        object.__setattr__(self, "rate", tidy_rate(self.rate))
 
     def applies_to(self, path: str) -> bool:
         """Whether `path` is this limit's: its `match` covers it and no `exclude` does."""
@@ -1191,13 +1247,13 @@ class Policy(_Validated):
     rate_limit_header_names: Literal["ietf", "x-ratelimit", "both"] = _spec(
         "ietf", one_of(HEADER_NAMES)
     )
-    schema_version: int = _spec(1, int_in(1, 1), toml="version")
+    schema_version: int = _spec(1, _schema_version, toml="version")
 
     _version: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _validate(self)
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(_versioned(self.to_dict()), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "_version", hashlib.sha256(blob.encode()).hexdigest()[:12])
 
     def _cross_checks(self) -> list[PolicyIssue]:
@@ -1275,7 +1331,8 @@ class Policy(_Validated):
     # ------------------------------------------------------------ identity
 
     def to_dict(self) -> dict[str, Any]:
-        """Normalized plain data; the input of `version`."""
+        """Normalized plain data; the input of `version` (there with each rate in its
+        one spelling: `canonical_rate`)."""
         plain: dict[str, Any] = _plain(self)
         return plain
 
@@ -1348,6 +1405,16 @@ def _raw_names(data: Mapping[str, Any]) -> tuple[list[str | None], list[str | No
         for item in entries("route")
     ]
     return limits, routes
+
+
+def _versioned(plain: dict[str, Any]) -> dict[str, Any]:
+    """`Policy.to_dict()` as `version` hashes it: each limit's rate in its one spelling
+    (" 5/s" and "5/s", "5/minute" and "5/min" were different versions of one policy)."""
+    limits = plain.get("rate_limit")
+    if not limits:
+        return plain
+    rates = [{**lim, "rate": canonical_rate(lim["rate"])} for lim in limits]
+    return {**plain, "rate_limit": rates}
 
 
 def _plain(obj: Any) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .model import (
+    SUPPORTED_VERSIONS,
     BreakerConfig,
     ConcurrencyConfig,
     DeadlineConfig,
@@ -167,7 +168,9 @@ DESCRIPTIONS: dict[str, str] = {
     "parameters go to the Redis connection: `db`, `username`, `password`, `client_name`, "
     "`health_check_interval`, `socket_keepalive`, and `ssl_*` with `rediss://`; the "
     "timeouts and the pool size are the keys below, not URL parameters (any other "
-    "parameter is an error).",
+    "parameter is an error). A flag (`socket_keepalive`, `ssl_check_hostname`) takes "
+    "`true` / `false` (or `1` / `0`, `yes` / `no`, `on` / `off`): redis-py reads any "
+    "other value as true.",
     "state.on_error": "When Redis errors or times out: `local` decides on process-local "
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
     "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
@@ -479,6 +482,7 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_key": '`"client_ip"`, `"header:NAME"`, `"route"`, `"global"`',
         "_cost": "1 .. 1_000_000",
         "_route_concurrency": "table, `true` or `false`",
+        "_schema_version": ", ".join(map(str, SUPPORTED_VERSIONS)),
     }
     if name in fixed:
         return fixed[name]

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from . import toolkits
@@ -292,6 +292,9 @@ class AuditReport:
     findings: list[AuditFinding] = field(default_factory=list)
     scanned: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # files named on the command line that are not Python (`audit config.yaml`, a shell
+    # glob's `*`): not scanned, and not "could not be read" either (`is_python_file`)
+    not_python: list[str] = field(default_factory=list)
 
     def keep_at_least(self, confidence: str) -> None:
         """Drop findings less sure than `confidence` (high > medium > low)."""
@@ -313,6 +316,7 @@ class AuditReport:
             "counts": self.counts(),
             "findings": [asdict(f) for f in self.findings],
             "skipped": [{"file": f, "error": e} for f, e in self.skipped],
+            "not_python": list(self.not_python),
         }
 
 
@@ -343,6 +347,26 @@ def iter_python_files(paths: Sequence[str], excludes: Iterable[str] = ()) -> Ite
                     yield path
 
 
+PYTHON_SUFFIXES: Final = (".py", ".pyw", ".pyi")
+
+
+def is_python_file(path: Path) -> bool:
+    """Whether a file named by the user is Python: a `.py` (`.pyw`, `.pyi`) file, or one
+    without a suffix whose first line runs Python (`#!/usr/bin/env python3`). Another
+    (a YAML file, a shell script) was parsed as Python: reported as a SyntaxError, or
+    "scanned" when its text happened to parse (`key: value` is an annotation)."""
+    if path.suffix.lower() in PYTHON_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(200)
+    except OSError:
+        return True  # (read as Python: its read fails and says why, as before)
+    return first.startswith(b"#!") and b"python" in first
+
+
 def module_name(path: Path, root: Path) -> str:
     """`root/service/routes.py` -> `service.routes`; `pkg/__init__.py` -> `pkg`."""
     rel = path.relative_to(root) if root.is_dir() else Path(path.name)
@@ -361,6 +385,9 @@ def audit_paths(paths: Sequence[str], excludes: Iterable[str] = ()) -> AuditRepo
     for raw in paths:
         root = Path(raw)
         for path in iter_python_files([raw], excludes):
+            if path == root and not is_python_file(path):
+                report.not_python.append(path.as_posix())
+                continue
             try:
                 source = read_source(path)
                 tree = ast.parse(source, filename=str(path))
@@ -2078,6 +2105,8 @@ def render_text(report: AuditReport) -> str:
     out = [str(f) for f in report.findings]
     for file, error in report.skipped:
         out.append(f"{file}: skipped, not scanned ({error})")
+    for file in report.not_python:
+        out.append(f"{file}: not a Python file, not scanned")
     counts = report.summary_counts()
     files = len({f.file for f in report.findings})
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
@@ -2089,5 +2118,7 @@ def render_text(report: AuditReport) -> str:
         # In the summary too: a reader (or a CI log) that sees only the last line must not
         # take a partial scan for a whole one.
         line += f", {len(report.skipped)} skipped (not read)"
+    if report.not_python:
+        line += f", {len(report.not_python)} not Python"
     out.append(line)
     return "\n".join(out) + "\n"

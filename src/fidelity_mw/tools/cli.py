@@ -96,6 +96,13 @@ def run_map(args: argparse.Namespace) -> int:
         return _usage_error(
             "map", f"{target!r} is neither a policy file nor an app import path (module:app)"
         )
+    if not is_policy and not target.partition(":")[0].strip():
+        # (importlib said "Empty module name", after "importing  raised ValueError")
+        return _usage_error(
+            "map",
+            f"{target!r} names no module before its ':': write the app's import path as "
+            "module:attr (e.g. myservice.main:app, or path/to/app.py:app)",
+        )
     try:
         smap = build(target)
     except PolicyError as exc:

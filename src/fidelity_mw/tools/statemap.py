@@ -742,6 +742,8 @@ def load_target(target: str) -> tuple[ModuleType, Any]:
     (`examples/app.py` -> `examples.app`), so class names read as in the code.
     """
     module_part, _, attr = target.partition(":")
+    if not module_part.strip():
+        raise ImportError(f"{target!r} names no module before its ':' (module:attr)")
     attr = attr or "app"
     cwd = Path.cwd()
     if str(cwd) not in sys.path:
