@@ -15,12 +15,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from fidelity_mw.decide.breaker import FAILURE, SUCCESS
+from fidelity_mw.decide.breaker import CLOSED, FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
 from redis_server import PATIENT, QUIET
 
@@ -127,3 +130,61 @@ async def test_the_refund_under_an_equal_config_decides_as_redis_does(
     finally:
         await red.aclose()
     assert got == {"memory": [True, False, True, False], "redis": [True, False, True, False]}
+
+
+# ---------------------------------------------------------------- deferred successes
+
+
+class _GatedClock(FakeClock):
+    """A fake clock whose `sleep` ends when the test says one interval has passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[asyncio.Future[None]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        await future
+
+    def interval_passes(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+@pytest.mark.redis
+async def test_deferred_successes_of_many_new_hosts_do_not_pile_up(redis_url: str) -> None:
+    """Plain successes wait for the next call about their breaker, or a flush one sync
+    interval later. A flush sent 64 breakers' worth, one round trip each: a service
+    calling 200 new upstream hosts (once each) per interval kept 136 more every
+    interval, for good (2,720 after 20 intervals). Now a flush sends them all, coalesced,
+    and every one reaches Redis."""
+    clock = _GatedClock()
+    red = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET), clock=clock)
+    try:
+        closed = Gate("allow", CLOSED, 0, 0.0)
+        sizes = []
+        for interval in range(20):
+            for i in range(200):
+                red.record_now(f"upstream:h{interval}-{i}", BREAKER, closed, SUCCESS, False, T0)
+            for _ in range(50):  # the flush task starts its wait
+                if clock.waiting:
+                    break
+                await asyncio.sleep(0.01)
+            clock.interval_passes()
+            for _ in range(50):  # the flush's round trips
+                await asyncio.sleep(0.01)
+                if not red._deferred:
+                    break
+            sizes.append(len(red._deferred))
+        assert max(sizes) == 0, sizes  # before: 136, 272, ... 2720
+        assert red.stats.dropped_records == 0
+        assert red.stats.fallbacks == 0
+        # every success was counted in its breaker's window
+        snapshot = await red.snapshot(T0, top=5000)
+        assert sum(view.calls for view in snapshot.breakers) == 20 * 200
+    finally:
+        await red.aclose()
