@@ -23,6 +23,7 @@ from fidelity_mw.decide.breaker import CLOSED, FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
+from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
 from redis_clock import RedisClock
 from redis_server import PATIENT, QUIET
@@ -188,3 +189,42 @@ async def test_deferred_successes_of_many_new_hosts_do_not_pile_up(redis_url: st
         assert sum(view.calls for view in snapshot.breakers) == 20 * 200
     finally:
         await red.aclose()
+
+
+# ---------------------------------------------------------------- budget counts waiting
+
+
+@pytest.mark.redis
+async def test_budget_counts_of_hosts_called_once_reach_redis(redis_url: str) -> None:
+    """A tiered store counts a first attempt's budget request in the exact store's table
+    of counts waiting for the next outbound call (`budget_request`). Only a key counted
+    again a sync interval after its first count started their flush: keys of hosts
+    called once (a new upstream host per call) waited for good, and the table grew by
+    one per call (1,000 after 1,000 calls over 10 s at `sync_interval_ms = 100`, none
+    of them in Redis). Now the oldest count waiting starts the flush, which sends them
+    all."""
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + redis_url, **PATIENT, **QUIET)
+    store = TieredStore(config=config, clock=clock)
+    cfg = RetryConfig()
+    try:
+        for i in range(1_000):
+            await store.outbound_gate(None, None, f"budget:h{i}", cfg, False, clock.monotonic())
+            clock.advance(0.01)
+            if i % 10 == 9:
+                await asyncio.sleep(0.005)  # the background flush's round trips
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(store.exact._pending) <= 10:
+                break
+        waiting = sum(entry[1] for entry in store.exact._pending.values())
+        assert waiting <= 10  # before: 1,000
+        assert store.exact.stats.fallbacks == 0
+        client = store.exact.client()
+        counted = 0
+        for i in range(1_000):
+            rq = await client.hget(store.exact.key("bu", f"budget:h{i}"), "rq")
+            counted += sum(int(n) for n in rq.split(b",")) if rq else 0
+        assert counted + waiting == 1_000  # each request counted once, in Redis or waiting
+    finally:
+        await store.aclose()

@@ -1674,23 +1674,30 @@ class RedisStore(StateStore):
             if self.on_error == "local":
                 self.local.budget_request_now(budget_key, cfg, now)
             return
-        entry = self._pending.get(budget_key)
+        pending = self._pending
+        entry = pending.get(budget_key)
         if entry is None:
-            self._pending[budget_key] = [cfg, 1, self._clock.monotonic()]
+            pending[budget_key] = entry = [cfg, 1, self._clock.monotonic()]
+            # The oldest count waiting (the first entry: a key sent is popped) says when
+            # to flush: a key counted once (a new upstream host per call, URLs clients
+            # supply) never came again to say it, and the table grew for good.
+            entry = pending[next(iter(pending))]
         else:
             entry[0] = cfg
             entry[1] += 1
-            if self._clock.monotonic() - entry[2] >= self.sync_s:
-                task = self._flush_task
-                if task is None or task.done():
-                    self._flush_task = asyncio.get_running_loop().create_task(
-                        self._flush_pending(now)
-                    )
+        if self._clock.monotonic() - entry[2] >= self.sync_s:
+            task = self._flush_task
+            if task is None or task.done():
+                self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
 
     async def _flush_pending(self, now: float) -> None:
-        """Send waiting budget request counts (a background task)."""
+        """Send the budget request counts waiting (a background task): every key waiting
+        when it starts, `_MAX_PENDING_PER_CALL` a call."""
         try:
-            await self.outbound_gate(None, None, None, None, False, now)
+            for _ in range(-(-len(self._pending) // _MAX_PENDING_PER_CALL)):
+                if not self._pending or not self.health.up:
+                    break
+                await self.outbound_gate(None, None, None, None, False, now)
         except Exception:  # closed mode raises; nobody else would see it
             logger.debug("fidelity_mw: budget counts not sent", exc_info=True)
 
