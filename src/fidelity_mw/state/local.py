@@ -326,8 +326,9 @@ def _breaker_worth(key: str, state: BreakerState, now: float) -> int:
         worth += 2
     if state.consecutive or state.probes:
         return worth + 1
-    _, failures, slow = state.totals(now)
-    return worth + 1 if failures or slow else worth
+    # (the window as the idle check just rotated it, at the same `now`)
+    totals = state._totals
+    return worth + 1 if totals[1] or totals[2] else worth
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # MemoryStore, test stores
@@ -405,8 +406,21 @@ class LocalState:
         if worth is None:
             doomed = list(table)[:overflow]
         else:
-            ranks = {k: worth(k, v, now) for k, v in table.items()}
-            doomed = sorted(ranks, key=ranks.__getitem__)[:overflow]  # (stable: oldest first)
+            # (a few small ranks: one pass into a list per rank, each in table order,
+            # the oldest first, rather than a sort)
+            ranks: dict[int, list[str]] = {}
+            for k, v in table.items():
+                rank = worth(k, v, now)
+                held = ranks.get(rank)
+                if held is None:
+                    ranks[rank] = [k]
+                else:
+                    held.append(k)
+            doomed = []
+            for rank in sorted(ranks):
+                doomed.extend(ranks[rank][: overflow - len(doomed)])
+                if len(doomed) >= overflow:
+                    break
         for key in doomed:
             del table[key]
         return overflow
