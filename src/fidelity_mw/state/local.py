@@ -19,8 +19,11 @@ previews), so they are bounded too: at most `max_breakers` of each (default
 10,000, about 2 KB per host). An idle one (a closed breaker with nothing in
 its window, no probe and no failure streak; a budget window with nothing in
 it) is the same as a fresh one and is swept away first; only if that is not
-enough are the oldest-inserted dropped (counted in `breakers_evicted_active`
-/ `budgets_evicted_active`), which again only makes them more lenient.
+enough are active ones dropped (counted in `breakers_evicted_active` /
+`budgets_evicted_active`), which again only makes them more lenient: budgets
+the oldest-inserted first, breakers those whose loss costs least first (closed
+host breakers with nothing but successes; open and half-open ones, and route
+breakers, last).
 """
 
 from __future__ import annotations
@@ -310,6 +313,24 @@ def _budget_idle(window: BudgetWindow, now: float) -> bool:
     return window.totals(now) == (0, 0)
 
 
+def _breaker_worth(key: str, state: BreakerState, now: float) -> int:
+    """What losing an active breaker costs, for the order in which `_sweep` drops them
+    (lowest first). Oldest-inserted alone dropped the route breakers first (made at the
+    first requests): a flood of new upstream hosts (URLs clients supply) closed an open
+    route breaker. Kept longest: a breaker that is not closed (dropped, it admits
+    everything to a failing target at once), then route breakers (every request on the
+    route passes one, as the shared buckets `GcraTable.make_room` keeps), then any with
+    failures, slow calls or a failure streak to lose."""
+    worth = 4 if state.state != CLOSED else 0
+    if key.startswith("route:"):
+        worth += 2
+    if state.consecutive or state.probes:
+        return worth + 1
+    # (the window as the idle check just rotated it, at the same `now`)
+    totals = state._totals
+    return worth + 1 if totals[1] or totals[2] else worth
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # MemoryStore, test stores
 class LocalState:
     """Breakers, limits and budgets of this process. Thread-safe (sync routes run in a
@@ -357,22 +378,50 @@ class LocalState:
             # transport on this store that loaded the same policy) keeps it: compared by
             # identity alone, two such callers reset each other's counts on every call.
             if state is None and now is not None and len(self.breakers) >= self.max_breakers:
-                self.breakers_evicted_active += self._sweep(self.breakers, _breaker_idle, now)
+                self.breakers_evicted_active += self._sweep(
+                    self.breakers, _breaker_idle, now, _breaker_worth
+                )
             state = self.breakers[key] = BreakerState(config)
         return state
 
-    def _sweep(self, table: dict[str, _T], idle: Callable[[_T, float], bool], now: float) -> int:
-        """Make room in a breaker or budget table: idle entries first, then the oldest.
+    def _sweep(
+        self,
+        table: dict[str, _T],
+        idle: Callable[[_T, float], bool],
+        now: float,
+        worth: Callable[[str, _T, float], int] | None = None,
+    ) -> int:
+        """Make room in a breaker or budget table: idle entries first, then the least
+        `worth` losing (`_breaker_worth`), the oldest first among equals.
 
-        Leaves at most 3/4 of `max_breakers` (the O(n) scan is paid once per
-        n/4 new hosts). Returns how many non-idle entries had to go.
+        Leaves at most 3/4 of `max_breakers` (the O(n) scan, and a sort when active
+        entries must go, is paid once per n/4 new hosts). Returns how many non-idle
+        entries had to go.
         """
         for key in [k for k, v in table.items() if idle(v, now)]:
             del table[key]
         overflow = len(table) - (self.max_breakers * 3) // 4
         if overflow <= 0:
             return 0
-        for key in list(table)[:overflow]:
+        if worth is None:
+            doomed = list(table)[:overflow]
+        else:
+            # (a few small ranks: one pass into a list per rank, each in table order,
+            # the oldest first, rather than a sort)
+            ranks: dict[int, list[str]] = {}
+            for k, v in table.items():
+                rank = worth(k, v, now)
+                held = ranks.get(rank)
+                if held is None:
+                    ranks[rank] = [k]
+                else:
+                    held.append(k)
+            doomed = []
+            for rank in sorted(ranks):
+                doomed.extend(ranks[rank][: overflow - len(doomed)])
+                if len(doomed) >= overflow:
+                    break
+        for key in doomed:
             del table[key]
         return overflow
 
@@ -682,8 +731,11 @@ class LocalState:
         `StateStore.budget_refund`). True if one was given back."""
         with self._lock:
             window = self.budgets.get(budget_key)
-            if window is None or window.config is not cfg:
-                return False  # a fresh window (a new config) never counted it
+            if window is None or (window.config is not cfg and window.config != cfg):
+                # A fresh window (a new config) never counted it. An equal config is the
+                # same window (`budget_window`: another transport on this store that
+                # loaded the same policy spent the retry there), so it comes back.
+                return False
             return window.refund(now, age_s, spent_at)
 
     def outbound_begin_now(

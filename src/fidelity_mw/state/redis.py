@@ -457,6 +457,9 @@ _LATE_MAX: Final = 1024
 # How long `aclose` waits for Redis to take what is still queued for it (late probe
 # outcomes, deferred successes, budget counts): a shutdown must not hang on it.
 CLOSE_FLUSH_S: Final = 1.0
+# Breakers whose deferred successes one flush sends (`_flush_deferred_now`): four
+# coalesced batch.lua calls.
+_DEFERRED_PER_PASS: Final = 256
 # Where record.lua's arguments carry the deferred successes' count.
 _CARRIED: Final = 6
 
@@ -1381,22 +1384,41 @@ class RedisStore(StateStore):
     async def _flush_deferred(self) -> None:
         await self._clock.sleep(self.sync_s)
         try:
+            # Until fewer than a pass's worth are left: one pass an interval drained 64
+            # breakers, one round trip each, and a service calling more new upstream
+            # hosts than that per interval (URLs clients supply) grew the table for good.
             await self._flush_deferred_now()
+            while len(self._deferred) > _DEFERRED_PER_PASS and self.health.up:
+                await self._flush_deferred_now()
         except Exception:  # a background task: nobody else would see it
             logger.exception("fidelity_mw: could not flush deferred breaker outcomes")
         if self._deferred:
             self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
     async def _flush_deferred_now(self) -> None:
-        for breaker_key in list(self._deferred)[:64]:
+        """Send the deferred successes of up to `_DEFERRED_PER_PASS` breakers, at once (the
+        coalescer makes them one batch.lua call per `MAX_BATCH`)."""
+        sends = []
+        counts = []
+        call = self.coalescer.call if self.coalesce else self.call
+        for breaker_key in list(self._deferred)[:_DEFERRED_PER_PASS]:
             entry = self._deferred.get(breaker_key)
             if entry is None:
                 continue
             args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
             keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
-            got = await self.call(RECORD, keys, (*args, *self.breaker_config_args(entry[0])))
+            sends.append(call(RECORD, keys, (*args, *self.breaker_config_args(entry[0]))))
+            counts.append(entry[2])
+        if not sends:
+            return
+        try:
+            replies = await asyncio.gather(*sends)
+        except asyncio.CancelledError:  # (aclose's bounded wait): counted as replies lost are
+            self.stats.dropped_records += sum(counts)
+            raise
+        for got, count in zip(replies, counts, strict=True):
             if got is None:
-                self.stats.dropped_records += entry[2]
+                self.stats.dropped_records += count
 
     async def breaker_gate(
         self, breaker_key: str, breaker: BreakerConfig, now: float
@@ -1652,23 +1674,30 @@ class RedisStore(StateStore):
             if self.on_error == "local":
                 self.local.budget_request_now(budget_key, cfg, now)
             return
-        entry = self._pending.get(budget_key)
+        pending = self._pending
+        entry = pending.get(budget_key)
         if entry is None:
-            self._pending[budget_key] = [cfg, 1, self._clock.monotonic()]
+            pending[budget_key] = entry = [cfg, 1, self._clock.monotonic()]
+            # The oldest count waiting (the first entry: a key sent is popped) says when
+            # to flush: a key counted once (a new upstream host per call, URLs clients
+            # supply) never came again to say it, and the table grew for good.
+            entry = pending[next(iter(pending))]
         else:
             entry[0] = cfg
             entry[1] += 1
-            if self._clock.monotonic() - entry[2] >= self.sync_s:
-                task = self._flush_task
-                if task is None or task.done():
-                    self._flush_task = asyncio.get_running_loop().create_task(
-                        self._flush_pending(now)
-                    )
+        if self._clock.monotonic() - entry[2] >= self.sync_s:
+            task = self._flush_task
+            if task is None or task.done():
+                self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
 
     async def _flush_pending(self, now: float) -> None:
-        """Send waiting budget request counts (a background task)."""
+        """Send the budget request counts waiting (a background task): every key waiting
+        when it starts, `_MAX_PENDING_PER_CALL` a call."""
         try:
-            await self.outbound_gate(None, None, None, None, False, now)
+            for _ in range(-(-len(self._pending) // _MAX_PENDING_PER_CALL)):
+                if not self._pending or not self.health.up:
+                    break
+                await self.outbound_gate(None, None, None, None, False, now)
         except Exception:  # closed mode raises; nobody else would see it
             logger.debug("fidelity_mw: budget counts not sent", exc_info=True)
 
