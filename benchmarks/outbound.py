@@ -55,7 +55,13 @@ bytecodes each runs per call: counts do not move with the machine's load.
 `--instructions` counts machine instructions per call of the layers alone under
 `valgrind --tool=callgrind` (as benchmarks/server_inprocess.py does for inbound): a run
 with `--calls` calls less one that builds the same requests and calls nothing; a layer
-named `NAME+compiled` runs in .venv-compiled (the mypyc build).
+named `NAME+compiled` runs in .venv-compiled (the mypyc build). With `--functions` it prints
+instead each layer's instructions per call by function (each function's own, from the
+same two callgrind runs): the C functions of the interpreter for a pure layer, the
+compiled functions themselves for a `+compiled` one.
+`--pieces` counts, as `--count` does, the layer with one piece taken away or added (no
+breaker, no protocol headers, telemetry on with tracing off, a service's attempt loop and
+balancer, a body to watch): what each piece costs.
 
     .venv/bin/python benchmarks/outbound.py [--rounds 40] [--batch 500] [--no-write]
         [--baseline REV] [--layers-only]
@@ -63,6 +69,8 @@ named `NAME+compiled` runs in .venv-compiled (the mypyc build).
     .venv/bin/python benchmarks/outbound.py --count [--baseline REV]
     .venv/bin/python benchmarks/outbound.py --instructions [--calls 20000] [--baseline REV]
         [--layers pass_through,fidelity,fidelity_req,httpx_retries,floor,fidelity+compiled]
+        [--functions]
+    .venv/bin/python benchmarks/outbound.py --pieces
 """
 
 from __future__ import annotations
@@ -103,6 +111,10 @@ from fidelity_mw import FidelityTransport
 from fidelity_mw.context import _CURRENT
 
 URL = "http://upstream.internal/items/1"
+# The request deadline a batch runs under: long enough that it never passes (`--count` traces
+# every bytecode; on a busy machine 2,000 traced calls outlasted a 30 s one), and like any
+# deadline past the 10 s attempt timeout it does not cap it (the same path as 30 s).
+BATCH_DEADLINE_S = 3600.0
 Call = Callable[[], Awaitable[httpx.Response]]
 
 
@@ -303,7 +315,7 @@ class InContext:
         self.current = package.context._CURRENT
 
     def enter(self) -> Callable[[], None]:
-        self.ctx.deadline_at = self.engine.clock.monotonic() + 30.0
+        self.ctx.deadline_at = self.engine.clock.monotonic() + BATCH_DEADLINE_S
         self.ctx.decisions.clear()
         token = self.current.set(self.ctx)
         return lambda: self.current.reset(token)
@@ -447,7 +459,7 @@ class InRequest:
         self.current = package.context._CURRENT
 
     def enter(self) -> Callable[[], None]:
-        self.ctx.deadline_at = self.engine.clock.monotonic() + 30.0
+        self.ctx.deadline_at = self.engine.clock.monotonic() + BATCH_DEADLINE_S
         self.ctx.decisions.clear()
         token = self.current.set(self.ctx)
         return lambda: self.current.reset(token)
@@ -795,6 +807,102 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
     return "\n".join(lines)
 
 
+# What each piece of the layer costs: the same call with one piece taken away (or added),
+# counted as `--count` counts. (name, what it shows, the variant it is read against)
+PIECES = (
+    ("fidelity_req", "the shortcut as benchmarked (breaker, budget, headers, deadline)", ""),
+    ("no_breaker", "breaker = none: its gate and record", "fidelity_req"),
+    ("no_headers", 'protocol_headers = "never": the two headers on and off', "fidelity_req"),
+    ("bare_shortcut", "neither: the budget, deadline, decision and glue left", "pass_through"),
+    ("telemetry_on", "telemetry=True, no OpenTelemetry SDK (tracing off)", "fidelity_req"),
+    (
+        "first_path",
+        "a resolver (naming nothing): `First`, not the inlined shortcut",
+        "fidelity_req",
+    ),
+    (
+        "loop_1_instance",
+        "a service of 1 instance: the attempt loop and the balancer",
+        "fidelity_req",
+    ),
+    ("loop_2_instances", "2 instances: the balancer's pick of two", "loop_1_instance"),
+    ("fidelity_req_stream", "a body to read: the body watcher (+ reading it)", "fidelity_req"),
+    ("pass_through_stream", "(a pass-through reading the same body)", "pass_through"),
+)
+
+
+def build_pieces() -> dict[str, Layer | InRequest]:
+    import fidelity_mw
+    from fidelity_mw import Policy
+    from fidelity_mw.policy import UpstreamConfig
+
+    def transport(inner: Any = None, telemetry: bool = False, **upstream: Any) -> Any:
+        policy = Policy(upstreams=(UpstreamConfig(host="*", **upstream),)) if upstream else None
+        return FidelityTransport(inner or Null(), telemetry=telemetry, policy=policy)
+
+    def in_request(transport: Any, read: bool = False) -> InRequest:
+        return InRequest(fidelity_mw, transport, read=read)
+
+    one = ("http://10.0.0.1:8080",)
+    return {
+        "pass_through": PassThrough(Null()).handle_async_request,
+        "fidelity_req": in_request(transport()),
+        "no_breaker": in_request(transport(breaker=None)),
+        "no_headers": in_request(transport(protocol_headers="never")),
+        "bare_shortcut": in_request(transport(breaker=None, protocol_headers="never")),
+        "telemetry_on": in_request(transport(telemetry=True)),
+        "first_path": in_request(
+            FidelityTransport(Null(), telemetry=False, resolver=lambda host: None)
+        ),
+        "loop_1_instance": in_request(transport(instances=one)),
+        "loop_2_instances": in_request(transport(instances=(*one, "http://10.0.0.2:8080"))),
+        "fidelity_req_stream": in_request(transport(Streamed()), read=True),
+        "pass_through_stream": reading(PassThrough(Streamed()).handle_async_request),
+    }
+
+
+async def pieces(n: int) -> str:
+    """Python calls, C calls, bytecodes and allocated blocks per call of each variant of
+    `PIECES`, and what it adds to (or takes from) the variant it is read against."""
+    from benchmarks.callcount import Instructions, Profile
+
+    found: dict[str, tuple[float, float, float, float]] = {}
+    for name, layer in build_pieces().items():
+        await run_layer(layer, _requests(500))  # warm up
+        profile = Profile()
+        requests = _requests(n)
+        sys.setprofile(profile)
+        try:
+            await run_layer(layer, requests)
+        finally:
+            sys.setprofile(None)
+        counter = Instructions()
+        requests = _requests(n)
+        sys.settrace(counter)
+        try:
+            await run_layer(layer, requests)
+        finally:
+            sys.settrace(None)
+        found[name] = (
+            profile.calls / n,
+            profile.c_calls / n,
+            counter.count / n,
+            profile.blocks / n,
+        )
+    lines = [
+        "| variant | what | Python calls | C calls | bytecodes | blocks | against | Δ bytecodes |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, what, against in PIECES:
+        calls, c_calls, ops, blocks = found[name]
+        delta = f"{ops - found[against][2]:+.0f}" if against else "—"
+        lines.append(
+            f"| {name} | {what} | {calls:.1f} | {c_calls:.1f} | {ops:.0f} | {blocks:.1f} "
+            f"| {against or '—'} | {delta} |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- instructions
 
 INSTRUCTION_LAYERS = ("pass_through", "fidelity", "fidelity_req", "httpx_retries", "floor")
@@ -819,17 +927,15 @@ def run_one(name: str, calls: int, rev: str) -> None:
     asyncio.run(go())
 
 
-def count_instructions(name: str, calls: int, rev: str) -> float:
-    """Machine instructions per call of one layer (user space, callgrind): a run with
-    `calls` calls less one without, divided by `calls`."""
+def callgrind_runs(name: str, calls: int, rev: str) -> tuple[str, str]:
+    """The callgrind outputs of two runs of one layer: with `calls` calls, and one that
+    builds the same requests and calls nothing (user space)."""
     import os
     import tempfile
 
-    from benchmarks.server_inprocess import callgrind_total
-
     plain = name.removesuffix(COMPILED_SUFFIX)
     python = sys.executable if plain == name else str(COMPILED_PYTHON)
-    totals = []
+    texts = []
     for n in (-calls, calls):  # (negative: the requests built, no call made)
         with tempfile.TemporaryDirectory(prefix="outbound-cg-") as tmp:
             out = Path(tmp) / "callgrind.out"
@@ -844,8 +950,78 @@ def count_instructions(name: str, calls: int, rev: str) -> float:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            totals.append(callgrind_total(out.read_text()))
-    return (totals[1] - totals[0]) / calls
+            texts.append(out.read_text())
+    return texts[0], texts[1]
+
+
+def count_instructions(name: str, calls: int, rev: str) -> float:
+    """Machine instructions per call of one layer (user space, callgrind): a run with
+    `calls` calls less one without, divided by `calls`."""
+    from benchmarks.server_inprocess import callgrind_total
+
+    without, with_calls = callgrind_runs(name, calls, rev)
+    return (callgrind_total(with_calls) - callgrind_total(without)) / calls
+
+
+def callgrind_self(text: str) -> dict[str, int]:
+    """Each function's own instructions (not its callees') in a callgrind output file.
+
+    The format: `fn=` opens a function's costs (names compressed to `(id)` after their
+    first use, by `fn=` and `cfn=` alike), a cost line is `position cost`, and the cost
+    line after a `calls=` line is that call's inclusive cost, which is the callee's."""
+    names: dict[str, str] = {}
+
+    def name_of(spec: str) -> str:
+        spec = spec.strip()
+        if spec.startswith("("):
+            ident, _, rest = spec.partition(")")
+            rest = rest.strip()
+            if rest:
+                names[ident] = rest
+            return names.get(ident, spec)
+        return spec
+
+    own: dict[str, int] = {}
+    fn = ""
+    inclusive = False
+    for line in text.splitlines():
+        if not line:
+            continue
+        head = line[0]
+        if head.isdigit() or head in "+-*":
+            if inclusive:
+                inclusive = False
+                continue
+            parts = line.split()
+            if fn and len(parts) >= 2:
+                own[fn] = own.get(fn, 0) + int(parts[1])
+        elif line.startswith("fn="):
+            fn = name_of(line[3:])
+        elif line.startswith("cfn="):
+            name_of(line[4:])
+        elif line.startswith("calls="):
+            inclusive = True
+    return own
+
+
+def functions(names: list[str], calls: int, rev: str, top: int = 25) -> str:
+    """Each layer's machine instructions per call by function (its own, callgrind), beyond
+    the same run without the calls: where the instructions of one call go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(
+            zip(names, pool.map(lambda v: callgrind_runs(v, calls, rev), names), strict=True)
+        )
+    lines = []
+    for name, (without, with_calls) in runs.items():
+        before, after = callgrind_self(without), callgrind_self(with_calls)
+        per_call = {fn: (after.get(fn, 0) - before.get(fn, 0)) / calls for fn in {*before, *after}}
+        total = sum(per_call.values())
+        rows = sorted(per_call.items(), key=lambda kv: -abs(kv[1]))[:top]
+        lines += ["", f"`{name}`: {total:,.0f} instructions per call, by function (own):", ""]
+        lines += ["```"] + [f"{v:8,.0f}  {fn}" for fn, v in rows] + ["```"]
+    return "\n".join(lines)
 
 
 def instructions(names: list[str], calls: int, rev: str) -> str:
@@ -901,6 +1077,14 @@ def main() -> None:
         default=",".join(INSTRUCTION_LAYERS),
         help="with --instructions: layers to count (NAME+compiled runs .venv-compiled)",
     )
+    parser.add_argument(
+        "--functions",
+        action="store_true",
+        help="with --instructions: also each layer's instructions per call by function",
+    )
+    parser.add_argument(
+        "--pieces", action="store_true", help="count each piece of the layer (ablations)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one layer
     args = parser.parse_args()
     rev = args.baseline or ""
@@ -911,7 +1095,10 @@ def main() -> None:
         names = [n.strip() for n in args.layers.split(",") if n.strip()]
         if rev:
             names += [f"fidelity@{rev}", f"fidelity_req@{rev}"]
-        print(instructions(names, args.calls, rev))
+        if args.functions:
+            print(functions(names, args.calls, rev))
+        else:
+            print(instructions(names, args.calls, rev))
         return
     old = baseline(args.baseline)
     if args.profile:
@@ -919,6 +1106,9 @@ def main() -> None:
         return
     if args.count:
         print(asyncio.run(count(2000, old, rev)))
+        return
+    if args.pieces:
+        print(asyncio.run(pieces(2000)))
         return
     if args.layers_only:
         layers = asyncio.run(layer_costs(args.rounds, args.batch, old, rev))
