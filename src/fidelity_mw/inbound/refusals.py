@@ -649,6 +649,12 @@ def _answer(
         headers.append((b"retry-after", retry_after.encode()))
     if ctx.upstream_exhausted:
         headers.append(EXHAUSTED)
+    if status == 504 and (ctx.upstream_failed or ctx._attempts):
+        # Out of time after calling an upstream: the time may have gone there, and the
+        # breaker for it counts that (a callee of ours that ran out of its own time told
+        # us so with a bare 504). Unmarked, our callers' breakers count this 504 against
+        # us, as they count their own timeouts: the time ran out here.
+        headers.append(UPSTREAM_FAULT)
     title = "Gateway Timeout" if status == 504 else "Service Unavailable"
     extra = {"layer": layer} if upstream is None else {"layer": layer, "upstream": upstream}
     return status, headers, problem_body(status, title, detail, kind, **extra)

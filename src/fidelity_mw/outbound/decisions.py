@@ -370,11 +370,25 @@ def classify(
             signal = headers.get(RETRY_SIGNAL_HEADER)
             exhausted = signal is not None and signal.strip().lower() == EXHAUSTED
             fault = headers.get(FAULT_HEADER)
+            fault_upstream = fault is not None and fault.strip().lower() == FAULT_UPSTREAM
+            decided_by = headers.get(DECIDED_BY)
             if (
-                exhausted
-                or DECIDED_BY in headers
-                or (fault is not None and fault.strip().lower() == FAULT_UPSTREAM)
-            ) and trusted_peer(engine, up, target, response):
+                decided_by is not None
+                and status == 504
+                and not exhausted
+                and not fault_upstream
+                and decided_by.strip().lower() == LAYER_DEADLINE
+            ):
+                # The callee's deadline ran out in the callee itself (its app, its queue,
+                # its arrival), with no call of its own to blame: the time we gave it
+                # passed, as if our attempt had timed out (a tenth later). Evidence against
+                # the callee, counted here as our own timeout is; ignored, a callee that
+                # hangs opened no breaker on any hop. (Out of time at an upstream of its
+                # own, the callee says so: `x-fidelity-fault: upstream`, below.)
+                decided_by = None
+            if (exhausted or decided_by is not None or fault_upstream) and trusted_peer(
+                engine, up, target, response
+            ):
                 # The callee's own control layer answered (it gave up after retrying,
                 # a breaker of it refused), or the fault is an upstream's of the callee,
                 # counted by the callee's breaker for it: no evidence against the callee,
