@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from _asgi import http_scope
 from fidelity_mw import (
     BreakerConfig,
     DeadlineConfig,
@@ -58,20 +59,14 @@ def touchy_policy(**extra: Any) -> Policy:
 
 
 def scope_for(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers or [],
-        "client": ("127.0.0.1", 5555),
-        "server": ("127.0.0.1", 8000),
-    }
+    return http_scope(
+        path,
+        method,
+        spec_version="2.3",
+        headers=headers or [],
+        client=("127.0.0.1", 5555),
+        server=("127.0.0.1", 8000),
+    )
 
 
 def route_breaker(mw: FidelityMiddleware, route: str) -> Any:
