@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from _asgi import http_scope
 from fidelity_mw import (
     BreakerConfig,
     FidelityMiddleware,
@@ -446,20 +447,12 @@ async def _send_disconnecting(app: Any, rid: str, seen: Seen) -> int | None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/a",
-        "raw_path": b"/a",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"a"), (b"x-chaos-id", rid.encode())],
-        "client": ("192.0.2.7", 5000),
-        "server": ("a", 80),
-    }
+    scope = http_scope(
+        "/a",
+        headers=[(b"host", b"a"), (b"x-chaos-id", rid.encode())],
+        client=("192.0.2.7", 5000),
+        server=("a", 80),
+    )
     try:
         await app(scope, receive, send)
     except Exception as exc:

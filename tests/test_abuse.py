@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _asgi import http_scope
 from _loopback import LoopbackServer
 from fidelity_mw import (
     FidelityMiddleware,
@@ -183,20 +184,9 @@ async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def _scope(path: str, client: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers or [],
-        "client": (client, 40_000),
-        "server": ("127.0.0.1", 8000),
-    }
+    return http_scope(
+        path, headers=headers or [], client=(client, 40_000), server=("127.0.0.1", 8000)
+    )
 
 
 async def _call(mw: FidelityMiddleware, scope: dict[str, Any]) -> int:

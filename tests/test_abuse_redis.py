@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from _asgi import http_scope
 from fidelity_mw import (
     FidelityMiddleware,
     FidelityTransport,
@@ -56,20 +57,7 @@ async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def _scope(path: str, peer: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogateescape"),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": (peer, 1234),
-        "server": ("127.0.0.1", 8000),
-    }
+    return http_scope(path, headers=headers, client=(peer, 1234), server=("127.0.0.1", 8000))
 
 
 def _custom_key(scope: Any) -> str:

@@ -15,6 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import fidelity_mw
+from _asgi import http_scope
 from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit, RouteConfig
 from fidelity_mw.context import LAYER_CONCURRENCY, QUEUED, SHED
 from fidelity_mw.policy import ConcurrencyConfig
@@ -379,19 +380,12 @@ async def _raw_get(
             statuses.append(message["status"])
 
     path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "headers": [(b"host", b"svc"), *(headers or {}).items()],
-        "client": ("127.0.0.1", 5000),
-        "server": ("svc", 80),
-    }
+    scope = http_scope(
+        path,
+        query_string=query.encode(),
+        headers=[(b"host", b"svc"), *(headers or {}).items()],
+        server=("svc", 80),
+    )
     await mw(scope, receive, send)
     return statuses[0], scope["state"]["fidelity"]
 

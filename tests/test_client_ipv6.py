@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _asgi import http_scope
 from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import context_from_scope
 from fidelity_mw.errors import PolicyError
@@ -34,20 +35,7 @@ Message = dict[str, Any]
 def _scope(
     client: tuple[str, int] | None, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/x",
-        "raw_path": b"/api/x",
-        "query_string": b"",
-        "root_path": "",
-        "headers": list(headers),
-        "client": client,
-        "server": ("127.0.0.1", 8000),
-    }
+    return http_scope("/api/x", headers=list(headers), client=client, server=("127.0.0.1", 8000))
 
 
 async def _ok(scope: Any, receive: Any, send: Any) -> None:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI
 
+from _asgi import http_scope
 from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.context import context_from_scope
 from fidelity_mw.errors import PolicyError
@@ -55,20 +56,9 @@ class Harness:
         async def send(message: Message) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/api/x",
-            "raw_path": b"/api/x",
-            "query_string": b"",
-            "root_path": "",
-            "headers": list(headers),
-            "client": (peer, 4711),
-            "server": ("127.0.0.1", 8000),
-        }
+        scope = http_scope(
+            "/api/x", headers=list(headers), client=(peer, 4711), server=("127.0.0.1", 8000)
+        )
         asyncio.run(self.mw(scope, receive, send))
         ctx = context_from_scope(scope)
         assert ctx is not None

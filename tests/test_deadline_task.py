@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.inbound.watch import ResponseWatcher
 
@@ -22,20 +23,9 @@ Scope = dict[str, Any]
 
 
 def scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/task",
-        "raw_path": b"/task",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"x-request-timeout-ms", b"5000")],
-        "client": ("192.0.2.7", 5000),
-        "server": ("testserver", 80),
-    }
+    return http_scope(
+        "/task", headers=[(b"x-request-timeout-ms", b"5000")], client=("192.0.2.7", 5000)
+    )
 
 
 class TaskCheckingApp:

@@ -14,26 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from _asgi import http_scope
 from fidelity_mw import DeadlineConfig, FidelityMiddleware, Policy
 from fidelity_mw.policy import ConcurrencyConfig
 from fidelity_mw.testing import FakeClock
 
 
 def scope() -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/parked",
-        "raw_path": b"/parked",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("192.0.2.1", 5000),
-        "server": ("testserver", 80),
-    }
+    return http_scope("/parked", client=("192.0.2.1", 5000))
 
 
 async def statuses_of(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> list[int]:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, check_limits, current
 from fidelity_mw.fastapi import Fidelity
 from fidelity_mw.state.memory import MemoryStore
@@ -169,12 +170,9 @@ async def test_a_client_gone_while_the_cost_function_reads_is_not_charged(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/upload", "raw_path": b"/upload", "root_path": "",
-        "query_string": b"", "headers": [(b"host", b"t")], "client": ("10.0.0.1", 1),
-        "server": ("t", 80),
-    }  # fmt: skip
+    scope = http_scope(
+        "/upload", "POST", headers=[(b"host", b"t")], client=("10.0.0.1", 1), server=("t", 80)
+    )
     with contextlib.suppress(Exception):
         await app(scope, receive, send)
     assert not store.limits.tats  # nothing charged

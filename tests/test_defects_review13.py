@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _asgi import http_scope as asgi_scope
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.policy import DeadlineConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -69,20 +70,13 @@ async def body_items(request: Any) -> int:
 
 
 def http_scope(path: str = "/batch", method: str = "POST") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"t"), (b"content-type", b"application/json")],
-        "client": ("10.0.0.1", 5000),
-        "server": ("t", 80),
-    }
+    return asgi_scope(
+        path,
+        method,
+        headers=[(b"host", b"t"), (b"content-type", b"application/json")],
+        client=("10.0.0.1", 5000),
+        server=("t", 80),
+    )
 
 
 class App:

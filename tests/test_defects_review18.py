@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from _asgi import http_scope
 from fidelity_mw import (
     DecisionContext,
     FidelityMiddleware,
@@ -253,20 +254,9 @@ async def test_a_cost_function_answering_after_the_deadline_is_the_deadlines_504
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/batch",
-        "raw_path": b"/batch",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"t")],
-        "client": ("10.0.0.1", 5000),
-        "server": ("t", 80),
-    }
+    scope = http_scope(
+        "/batch", "POST", headers=[(b"host", b"t")], client=("10.0.0.1", 5000), server=("t", 80)
+    )
 
     async def request() -> int:
         await middleware(scope, receive, send)

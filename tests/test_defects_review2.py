@@ -19,6 +19,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS
@@ -455,20 +456,7 @@ async def test_a_fastapi_route_coroutine_closed_in_another_context_ends_quietly(
 
     app = FastAPI()
     app.include_router(router)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/x",
-        "raw_path": b"/x",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("1.2.3.4", 5),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope("/x", client=("1.2.3.4", 5))
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}

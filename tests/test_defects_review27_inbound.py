@@ -65,6 +65,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.responses import JSONResponse, Response
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
 from fidelity_mw.decide.breaker import Gate
 from fidelity_mw.errors import CircuitOpen
@@ -82,20 +83,7 @@ def _scope(
     headers: Sequence[tuple[bytes, bytes]] = (),
     client: tuple[str, int] | None = ("203.0.113.7", 4711),
 ) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": list(headers),
-        "client": client,
-        "server": ("t", 80),
-    }
+    return http_scope(path, headers=list(headers), client=client, server=("t", 80))
 
 
 async def _ok(scope: Any, receive: Any, send: Any) -> None:

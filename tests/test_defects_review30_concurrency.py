@@ -22,6 +22,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from _asgi import http_scope
 from _loopback import LoopbackServer
 from test_bulkhead import Service, concurrency_decisions
 
@@ -247,19 +248,7 @@ async def test_a_client_that_leaves_while_queued_is_recorded_and_its_place_freed
 
     def call(query: bytes, left: asyncio.Event) -> tuple[Any, list[Any], dict[str, Any]]:
         sent: list[Any] = []
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/w",
-            "raw_path": b"/w",
-            "query_string": query,
-            "headers": [],
-            "client": ("127.0.0.1", 5000),
-            "server": ("svc", 80),
-        }
+        scope = http_scope("/w", query_string=query, server=("svc", 80))
         messages = [{"type": "http.request", "body": b"", "more_body": False}]
 
         async def receive() -> dict[str, Any]:
@@ -374,19 +363,7 @@ async def test_every_path_out_of_the_app_gives_its_slot_back_once(clock: FakeClo
     async def send(message: Any) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stream",
-        "raw_path": b"/stream",
-        "query_string": b"",
-        "headers": [],
-        "client": ("127.0.0.1", 5000),
-        "server": ("svc", 80),
-    }
+    scope = http_scope("/stream", server=("svc", 80))
     streaming = asyncio.ensure_future(mw(scope, receive, send))
     for _ in range(200):
         if any(m.get("body") == b"a" for m in sent):
@@ -423,19 +400,7 @@ async def test_a_queued_request_that_expects_100_continue_is_not_read(clock: Fak
     reads: list[str] = []
 
     def scope(query: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/w",
-            "raw_path": b"/w",
-            "query_string": query,
-            "headers": headers,
-            "client": ("127.0.0.1", 5000),
-            "server": ("svc", 80),
-        }
+        return http_scope("/w", "POST", query_string=query, headers=headers, server=("svc", 80))
 
     def receive_for(name: str) -> Any:
         async def receive() -> dict[str, Any]:

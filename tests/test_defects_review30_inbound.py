@@ -49,6 +49,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy, PolicyError, RateLimit
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.decide.gcra import LimitVerdict
@@ -115,20 +116,9 @@ def _app(policy: Policy, observer: Any = None) -> Starlette:
 def _scope(
     path: str, root_path: str = "", client: tuple[str, int] = ("203.0.113.7", 4711)
 ) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": root_path,
-        "headers": [(b"host", b"t")],
-        "client": client,
-        "server": ("t", 80),
-    }
+    return http_scope(
+        path, root_path=root_path, headers=[(b"host", b"t")], client=client, server=("t", 80)
+    )
 
 
 def _status(app: Any, scope: dict[str, Any]) -> int:

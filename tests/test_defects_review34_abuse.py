@@ -19,6 +19,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
+from _asgi import http_scope
 from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy
 from fidelity_mw.decide.breaker import CLOSED
 from fidelity_mw.fastapi import Fidelity
@@ -34,20 +35,12 @@ WORK_S = 0.01  # what the app itself takes
 
 
 def _scope(method: str = "GET", path: str = "/w") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-length", b"4")] if method == "POST" else [],
-        "client": ("192.0.2.1", 5000),
-        "server": ("testserver", 80),
-    }
+    return http_scope(
+        path,
+        method,
+        headers=[(b"content-length", b"4")] if method == "POST" else [],
+        client=("192.0.2.1", 5000),
+    )
 
 
 def _app(clock: FakeClock, chunks: int = 1) -> Any:

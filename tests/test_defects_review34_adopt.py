@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from _asgi import http_scope
 from fidelity_mw import (
     FidelityMiddleware,
     FidelitySyncTransport,
@@ -259,20 +260,9 @@ def test_an_inner_transport_of_the_wrong_kind_fails_when_built(
 
 
 def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"app")],
-        "client": ("10.0.0.1", 5000),
-        "server": ("app", 80),
-    }
+    return http_scope(
+        path, "POST", headers=[(b"host", b"app")], client=("10.0.0.1", 5000), server=("app", 80)
+    )
 
 
 async def _receive() -> dict[str, Any]:

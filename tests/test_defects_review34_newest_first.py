@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from _asgi import http_scope
 from fidelity_mw import Policy
 from fidelity_mw.context import ALLOW, SHED
 from fidelity_mw.decide.concurrency import (
@@ -375,19 +376,7 @@ async def test_a_held_request_whose_client_left_frees_its_slot(clock: FakeClock)
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/w",
-        "raw_path": b"/w",
-        "query_string": b"",
-        "headers": [(b"host", b"svc")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("svc", 80),
-    }
+    scope = http_scope("/w", headers=[(b"host", b"svc")], server=("svc", 80))
     await svc.mw(scope, gone, send)  # held, admitted as its turn's newest, served
     (decision,) = concurrency_decisions(scope["state"]["fidelity"])
     assert decision.reason == NEWEST_IN_TURN

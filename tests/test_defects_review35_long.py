@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, current
 from fidelity_mw.context import MAX_DECISIONS, MAX_FLAGGED, Decision
 from fidelity_mw.errors import CircuitOpen
@@ -269,20 +270,13 @@ def _stall_policy(stall_s: float, **concurrency: Any) -> Policy:
 
 
 def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-        "client": ("10.0.0.1", 5000),
-        "server": ("test", 80),
-    }
+    return http_scope(
+        path,
+        spec_version="2.3",
+        headers=[(b"host", b"test")],
+        client=("10.0.0.1", 5000),
+        server=("test", 80),
+    )
 
 
 async def _asgi_get(app: Any, path: str) -> int:

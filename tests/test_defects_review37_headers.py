@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from _asgi import http_scope
 from fidelity_mw import (
     ConcurrencyConfig,
     FidelityMiddleware,
@@ -172,20 +173,12 @@ def rigs() -> dict[tuple[bool, bool], Rig]:
 
 
 async def drive(rig: Rig, path: str, sent_headers: list[tuple[bytes, bytes]]) -> list[Any]:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(name.lower(), value) for name, value in sent_headers],
-        "client": ("10.1.2.3", 5555),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = http_scope(
+        path,
+        headers=[(name.lower(), value) for name, value in sent_headers],
+        client=("10.1.2.3", 5555),
+        server=("127.0.0.1", 8000),
+    )
     sent: list[Any] = []
     delivered = False
 

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 from typing import Any
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.context import _CURRENT, DecisionContext
 from fidelity_mw.testing import FakeClock
@@ -25,20 +26,9 @@ Scope = dict[str, Any]
 
 
 def scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/items",
-        "raw_path": b"/api/items",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"x-request-timeout-ms", b"5000")],
-        "client": ("192.0.2.7", 5000),
-        "server": ("testserver", 80),
-    }
+    return http_scope(
+        "/api/items", headers=[(b"x-request-timeout-ms", b"5000")], client=("192.0.2.7", 5000)
+    )
 
 
 class App:

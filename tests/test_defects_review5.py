@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
 from fidelity_mw.context import DecisionContext
 from fidelity_mw.engine import Engine
@@ -193,20 +194,7 @@ async def test_a_call_after_our_own_answer_is_a_call_of_its_own() -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("192.0.2.1", 5000),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope(client=("192.0.2.1", 5000))
     request = asyncio.create_task(mw(scope, receive, send))
     await entered.wait()
     clock.advance(2.0)  # the deadline passes: the middleware answers

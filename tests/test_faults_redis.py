@@ -25,7 +25,15 @@ import redis as redis_sync
 from fidelity_mw import Policy, RateLimit, UpstreamConfig
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from redis_server import RedisServer, require_redis
-from test_faults_support import FrontApp, RawUpstream, Recorder, ServerThread, fd_count, wait_until
+from test_faults_support import (
+    PATIENCE_S,
+    FrontApp,
+    RawUpstream,
+    Recorder,
+    ServerThread,
+    fd_count,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -98,7 +106,7 @@ class Load:
         self.thread.join(timeout=10)
 
 
-def first_redis_after(recorder: Recorder, since: float, budget_s: float = 5.0) -> float:
+def first_redis_after(recorder: Recorder, since: float, budget_s: float = PATIENCE_S) -> float:
     """Seconds from `since` to the first request decided on shared state again
     (`redis`, or `cache` - the tiered store's synced copy - with no `fallback`)."""
 
@@ -139,7 +147,7 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
     with ServerThread(mw) as server:
         idle_tasks = server.task_count()
         with Load(server.url) as load:
-            assert wait_until(lambda: len(load.results) >= 50, 5.0)
+            assert wait_until(lambda: len(load.results) >= 50)
             first_redis_after(recorder, 0.0)
 
             # -- SIGKILL, then a restart on the same port (empty, no scripts)
@@ -185,12 +193,12 @@ def test_redis_killed_paused_stalled_and_slowed_under_load(
         results = load.results
         server.call(front.aclose())
         server.call(mw.engine.aclose())
-        assert wait_until(lambda: server.task_count() <= idle_tasks, 5.0), (
+        assert wait_until(lambda: server.task_count() <= idle_tasks), (
             server.task_count(),
             idle_tasks,
         )
     upstream.close()
-    assert wait_until(lambda: fd_count() <= fds_before, 5.0), (fd_count(), fds_before)
+    assert wait_until(lambda: fd_count() <= fds_before), (fd_count(), fds_before)
 
     statuses: dict[str, int] = {}
     for _, status in results:

@@ -145,7 +145,7 @@ class Rig:
     def close(self) -> None:
         self.server.call(self.front.aclose())
         # every connection the load opened is closed: the loop is back to idle
-        assert wait_until(lambda: self.server.task_count() <= self.idle_tasks, 5.0), (
+        assert wait_until(lambda: self.server.task_count() <= self.idle_tasks), (
             self.server.task_count(),
             self.idle_tasks,
         )
@@ -159,7 +159,7 @@ class Rig:
             gc.collect()
             return fd_count() <= self.fds_before
 
-        assert wait_until(closed, 5.0), (
+        assert wait_until(closed), (
             fd_count(),
             self.fds_before,
             {fd: t for fd, t in fd_targets().items() if self.fd_targets_before.get(fd) != t},

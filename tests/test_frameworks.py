@@ -24,6 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import fidelity_mw
+from _asgi import http_scope
 from fidelity_mw import BreakerConfig, FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.testing import FakeClock
 
@@ -235,21 +236,14 @@ async def run_asgi(
         if message["type"] == "http.response.body" and not message.get("more_body"):
             done.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), *(headers or [])],
-        "client": ("192.0.2.10", 4321),
-        "server": ("testserver", 80),
-        "state": {},
-    }
+    scope = http_scope(
+        path,
+        method,
+        spec_version="2.3",
+        headers=[(b"host", b"testserver"), *(headers or [])],
+        client=("192.0.2.10", 4321),
+        state={},
+    )
     error: BaseException | None = None
     try:
         await app(scope, receive, send)

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from _asgi import http_scope
 from fidelity_mw import (
     BreakerConfig,
     DeadlineConfig,
@@ -143,20 +144,9 @@ def rigs() -> dict[str, Rig]:
 def scope_for(
     method: str, path: str, headers: list[tuple[bytes, bytes]], client: Any
 ) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogateescape"),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": client,
-        "server": ("127.0.0.1", 8000),
-    }
+    return http_scope(
+        path, method, spec_version="2.3", headers=headers, client=client, server=("127.0.0.1", 8000)
+    )
 
 
 async def drive(rig: Rig, scope: dict[str, Any], body: bytes = b"") -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 import fidelity_mw
+from _asgi import http_scope
 from fidelity_mw import (
     BreakerConfig,
     DeadlineConfig,
@@ -156,20 +157,14 @@ class Harness:
         """One request. Returns (status, headers, body); status None if the app raised
         before starting a response. With `disconnect`, the client is gone at once."""
         path_only, _, query = path.partition("?")
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path_only,
-            "raw_path": path_only.encode(),
-            "root_path": "",
-            "query_string": query.encode(),
-            "headers": [(b"host", b"testserver"), *(headers or [])],
-            "client": client,
-            "server": ("testserver", 80),
-        }
+        scope: dict[str, Any] = http_scope(
+            path_only,
+            method,
+            spec_version="2.3",
+            query_string=query.encode(),
+            headers=[(b"host", b"testserver"), *(headers or [])],
+            client=client,
+        )
         done = asyncio.Event()
         sent_body = False
         messages: list[Mapping[str, Any]] = []
@@ -1240,20 +1235,7 @@ async def _drive(app: Any, scope: dict[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _scope(path: str = "/", **extra: Any) -> dict[str, Any]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [],
-        "client": ("192.0.2.1", 5000),
-        "server": ("testserver", 80),
-    }
+    scope: dict[str, Any] = http_scope(path, client=("192.0.2.1", 5000))
     scope.update(extra)
     return scope
 

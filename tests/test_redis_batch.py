@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.errors import StateUnavailable
@@ -384,10 +385,9 @@ async def _requests(app: FidelityMiddleware, n: int) -> list[tuple[int, list[str
     """`n` requests in one tick, straight through ASGI: (status, decision sources) each."""
 
     async def one() -> tuple[int, list[str]]:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
-                 "root_path": "", "query_string": b"", "headers": [(b"host", b"t")],
-                 "client": ("10.0.0.1", 1234), "server": ("t", 80), "state": {}}  # fmt: skip
+        scope = http_scope(
+            headers=[(b"host", b"t")], client=("10.0.0.1", 1234), server=("t", 80), state={}
+        )
         statuses: list[int] = []
 
         async def receive() -> dict[str, object]:

@@ -14,6 +14,8 @@ reaches it: every request of the outage is admitted (about 2x the limit here; up
 4x under more load). Both are printed side by side with their numbers. A third run
 gives one member 95 % of the requests (the skew of keep-alive connections under
 `uvicorn --workers`): weighted by load it enforces most of the limit, not a quarter.
+Redis is paused there once the fleet's load reports in Redis hold the skew, not after a
+fixed time (a starved member reports late).
 
 The load is bounded in count and time; the slack covers a busy 2-core machine (a
 starved member decides late, never more often). Nothing asserts a duration.
@@ -233,18 +235,65 @@ async def test_outage_admits_each_whole_limit_without_the_share(share_redis, tmp
 
 
 SKEW = 0.95  # the busy member's part of the requests (a keep-alive connection's skew)
-SKEW_PAUSE_AT_S = 3.0  # the busy member announces its skewed load twice before the outage
-# (a load is read as it is once it held for two announcements, ~1 s apart)
 SKEW_OUTAGE_S = 2.5
-SKEW_LOAD_S = 6.0
+SKEW_AFTER_S = 0.5  # the load goes on this long after Redis is back
+SKEW_SETTLE_BUDGET_S = 90.0  # bounded: the wait for the fleet's load reports
+SKEW_MAX_S = SKEW_SETTLE_BUDGET_S + SKEW_OUTAGE_S + SKEW_AFTER_S + 5.0
+
+
+def load_table(client: redis_sync.Redis, prefix: str) -> dict[str, list[float]]:  # type: ignore[type-arg]
+    """The fleet's load table (state/lua/fleet.lua): member id -> [at, since, rate,
+    prev_since, prev_rate], in the server's time."""
+    raw = client.hgetall(f"{{{prefix}}}:fleet:load")
+    return {
+        (k.decode() if isinstance(k, bytes) else k): [float(f) for f in v.split()]
+        for k, v in raw.items()
+    }
+
+
+def server_time(client: redis_sync.Redis) -> float:  # type: ignore[type-arg]
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
+async def skew_reported(url: str, prefix: str, since: float) -> dict[str, list[float]]:
+    """Wait until the fleet's load reports hold the skewed load that began at `since`
+    (server time): every member has announced twice since, so both rates it reported
+    are of that load, and after that the busiest member announced once more, so the
+    fraction it read (the lower of its latest and its previous rate's, each against the
+    others' rates of the same time) is of that load alone. A member's announcements go
+    out once a second at best (later when it is starved, or its connections busy), so
+    this is waited for in Redis, not for a time: with a fixed 3 s, a starved busy member
+    read 0.38 of the load (its previous interval still the warm-up's even one) and its
+    weight was 0.354. Bounded; returns the table."""
+    client = redis_sync.Redis.from_url(url, socket_timeout=5.0)
+    try:
+        deadline = time.monotonic() + SKEW_SETTLE_BUDGET_S
+        settled_at: float | None = None  # server time when all had announced twice
+        table: dict[str, list[float]] = {}
+        while time.monotonic() < deadline:
+            table = await asyncio.to_thread(load_table, client, prefix)
+            if len(table) == N_PROCESSES:
+                if settled_at is None:
+                    if all(entry[3] >= since for entry in table.values()):
+                        settled_at = await asyncio.to_thread(server_time, client)
+                else:
+                    busiest = max(table.values(), key=lambda entry: entry[2])
+                    if busiest[0] > settled_at:
+                        return table
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the skewed load was not reported in time: {table}")
+    finally:
+        client.close()
 
 
 async def skewed_load(
-    ports: list[int], path: str, rate: float, duration_s: float
+    ports: list[int], path: str, rate: float, stop: asyncio.Event
 ) -> list[list[Reply]]:
-    """`rate` requests/s for `duration_s`: SKEW of them to the first member, the rest
-    spread over the others; the replies per member. Bounded: count and time."""
-    total = int(rate * duration_s)
+    """`rate` requests/s until `stop` is set (SKEW_MAX_S at most): SKEW of them to the
+    first member, the rest spread over the others; the replies per member. Bounded:
+    count and time."""
+    total = int(rate * SKEW_MAX_S)
     replies: list[list[Reply]] = [[] for _ in ports]
     pools: list[asyncio.Queue[Connection]] = []
     for m, port in enumerate(ports):
@@ -254,7 +303,6 @@ async def skewed_load(
     start = time.monotonic()
 
     async def one(i: int) -> None:
-        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         m = 0 if i % 100 < 100 * SKEW else 1 + i % (len(ports) - 1)
         conn = await pools[m].get()
         sent = time.monotonic()
@@ -267,10 +315,17 @@ async def skewed_load(
         finally:
             pools[m].put_nowait(conn)
 
+    async def offer() -> None:
+        sending: list[asyncio.Task[None]] = []
+        for i in range(total):
+            if stop.is_set():
+                break
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            sending.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*sending)
+
     try:
-        await asyncio.wait_for(
-            asyncio.gather(*(one(i) for i in range(total))), timeout=duration_s + 30.0
-        )
+        await asyncio.wait_for(offer(), timeout=SKEW_MAX_S + 30.0)
     finally:
         for pool in pools:
             while not pool.empty():
@@ -283,7 +338,8 @@ async def test_outage_with_one_member_taking_nearly_all_requests(share_redis, tm
     load (the default) it enforces most of the limit while Redis is paused, where the
     even share let it enforce a quarter: it admits more than twice what a quarter could
     (rate / 4 x its fallback span + burst / 4), and the fleet still admits at most 1.2 x
-    the fleet limit. Counted, not timed."""
+    the fleet limit. Redis is paused once the fleet's load reports hold the skew
+    (`skew_reported`). Counted, not timed."""
     fleet = Fleet(
         tmp_path / "skew",
         share_redis.url,
@@ -294,21 +350,27 @@ async def test_outage_with_one_member_taking_nearly_all_requests(share_redis, tm
     )
     with running(fleet):
         await warm(fleet.ports, share_redis.url, "fs-skew")
+        with share_redis.client() as client:
+            since = server_time(client)
         marks: dict[str, float] = {}
+        stop = asyncio.Event()
 
         async def outage() -> None:
-            await asyncio.sleep(SKEW_PAUSE_AT_S)
-            marks["paused"] = time.monotonic()
             try:
-                await asyncio.to_thread(share_redis.pause)
-                await asyncio.sleep(SKEW_OUTAGE_S)
+                await skew_reported(share_redis.url, "fs-skew", since)
+                marks["paused"] = time.monotonic()
+                try:
+                    await asyncio.to_thread(share_redis.pause)
+                    await asyncio.sleep(SKEW_OUTAGE_S)
+                finally:
+                    await asyncio.to_thread(share_redis.resume)
+                    marks["resumed"] = time.monotonic()
+                await asyncio.sleep(SKEW_AFTER_S)
             finally:
-                await asyncio.to_thread(share_redis.resume)
-                marks["resumed"] = time.monotonic()
+                stop.set()
 
         per_member, _ = await asyncio.gather(
-            skewed_load(fleet.ports, "/api/limited", rate=2 * RATE, duration_s=SKEW_LOAD_S),
-            outage(),
+            skewed_load(fleet.ports, "/api/limited", rate=2 * RATE, stop=stop), outage()
         )
     got = report("skew", [r for replies in per_member for r in replies], marks)
     said = got["summary"]

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 
+from _asgi import http_scope
 from fidelity_mw import (
     BreakerConfig,
     CircuitOpen,
@@ -45,20 +46,12 @@ DEADLINE = DeadlineConfig(default_ms=2000)
 
 def scope_for(target: str) -> dict[str, Any]:
     path, _, query = target.partition("?")
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": query.encode(),
-        "headers": [(b"host", b"testserver")],
-        "client": ("192.0.2.1", 5000),
-        "server": ("testserver", 80),
-    }
+    return http_scope(
+        path,
+        query_string=query.encode(),
+        headers=[(b"host", b"testserver")],
+        client=("192.0.2.1", 5000),
+    )
 
 
 class Rig:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from _asgi import http_scope
 from fidelity_mw import FidelityMiddleware, Policy
 from fidelity_mw.decide.breaker import CLOSED, FAILURE, IGNORED, OPEN, SUCCESS, Gate
 from fidelity_mw.decide.gcra import LimitVerdict
@@ -77,20 +78,12 @@ class App:
 
 
 async def get(app: Any) -> int:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/hello",
-        "raw_path": b"/hello",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"api.example")],
-        "client": ("10.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = http_scope(
+        "/hello",
+        headers=[(b"host", b"api.example")],
+        client=("10.0.0.1", 5000),
+        server=("127.0.0.1", 8000),
+    )
     statuses = []
 
     async def receive() -> dict[str, Any]:
