@@ -183,3 +183,45 @@ def test_another_observers_hook_is_called_without_a_token() -> None:
     mw = FidelityMiddleware(App(), policy=policy(), clock=FakeClock(), observer=observer)
     asyncio.run(mw(scope(), receive, Server().send))
     assert observer.calls == ["start", "before_response_end 200", "end"]
+
+
+# ------------------------------------------------------------ the layer table's harness
+
+
+def test_every_layer_step_is_a_served_variant_and_counts_its_requests() -> None:
+    from benchmarks import server, server_inprocess
+
+    names = [name for name, _, _ in server_inprocess.LAYERS]
+    assert set(names) <= set(server.VARIANTS)
+    # each step adds to the row above it, from bare
+    assert [before for _, before, _ in server_inprocess.LAYERS] == ["bare", *names[:-1]]
+    for variant in ("fidelity-telemetry", "fidelity-metrics"):
+        counts = server_inprocess.count_calls(variant, 64)
+        assert counts["calls"] > 0
+        assert counts["bytecodes"] > counts["calls"]
+
+
+def test_the_layer_table_has_a_row_per_step_in_each_build(monkeypatch: Any) -> None:
+    from benchmarks import server_inprocess
+
+    size = {name: i for i, name in enumerate(["bare", *(n for n, _, _ in server_inprocess.LAYERS)])}
+
+    def instructions(variant: str, requests: int) -> float:
+        plain = variant.removesuffix("+compiled")
+        return 1000.0 * (size[plain] + 1) / (2 if plain != variant else 1)
+
+    def calls(variant: str, requests: int) -> dict[str, float]:
+        n = float(size[variant.removesuffix("+compiled")])
+        return {"calls": 10 + n, "c_calls": 20 + n, "bytecodes": 100 + 10 * n}
+
+    monkeypatch.setattr(server_inprocess, "count_instructions", instructions)
+    monkeypatch.setattr(server_inprocess, "count_calls_in", calls)
+    table = server_inprocess.layers(["pure", "compiled"], 64)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + len(server_inprocess.LAYERS)  # the head, bare, a row per step
+    assert rows[1].startswith("| bare route | 1,000 | 10.0 | 20.0 | 100 | 500 |")
+    # every step adds 1,000 instructions pure (500 compiled), one call, ten bytecodes
+    assert all("+1,000 (" in row and "+500 (" in row and "+1.0" in row for row in rows[2:])
+    assert rows[-1].endswith(
+        "| +1,000 (+7,000) | +1.0 | +1.0 | +10 | +500 (+3,500) | +1.0 | +1.0 | +10 |"
+    )
