@@ -14,7 +14,10 @@ Variants (each its own uvicorn process serving one Starlette route, GET /hello -
                     the context, the send wrapper, the plan lookup; then the layers switched
                     on one at a time: fidelity-deadline (+ the caller's deadline, armed),
                     fidelity-breaker (+ the route breaker), fidelity-noheaders (+ the limit),
-                    fidelity-memory (+ its RateLimit fields): where the cost goes
+                    fidelity-memory (+ its RateLimit fields), fidelity-telemetry (+ the
+                    default observer, as the two-line setup has it, no OpenTelemetry SDK
+                    configured), fidelity-metrics (+ an SDK MeterProvider, tracing off: the
+                    request counted): where the cost goes
   fidelity-redis    + FidelityMiddleware, redis:// (exact)
   fidelity-tiered   + FidelityMiddleware, tiered+redis://
   slowapi-memory    + slowapi's ASGI middleware, memory storage
@@ -92,6 +95,8 @@ VARIANTS = (
     "fidelity-frame",
     "fidelity-deadline",
     "fidelity-breaker",
+    "fidelity-telemetry",
+    "fidelity-metrics",
     "fidelity-redis",
     "fidelity-tiered",
     "slowapi-memory",
@@ -258,6 +263,16 @@ def build_app(variant: str, redis_url: str) -> Any:
             rate_limits=(RateLimit(name="per-client", rate=PERMISSIVE, key="client_ip"),),
             rate_limit_headers="on_reject" if kind == "noheaders" else "always",
         )
+        if kind == "telemetry":  # the default observer; no SDK set up in this process
+            return FidelityMiddleware(Starlette(routes=routes), policy=policy)
+        if kind == "metrics":  # counted: an SDK meter (read on demand), no tracer
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
+            return FidelityMiddleware(
+                Starlette(routes=routes), policy=policy, meter_provider=meters
+            )
         return FidelityMiddleware(Starlette(routes=routes), policy=policy, telemetry=False)
     if variant.startswith("slowapi-"):
         from slowapi import Limiter

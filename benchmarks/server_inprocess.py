@@ -37,6 +37,20 @@ tables. A `VARIANT+compiled` there runs in .venv-compiled (the mypyc build).
 
     .venv/bin/python benchmarks/server_inprocess.py --instructions [--requests 6400]
         [--variants bare,headers,fidelity-memory,fidelity-memory+compiled]
+
+`--layers` builds the default stack up one layer at a time (`LAYERS`: the frame, + the
+deadline, + the route breaker, + a rate limit, + its RateLimit fields on the 200, + the
+default telemetry observer without an OpenTelemetry SDK, + an SDK meter counting every
+request with tracing off) and prints, per step, what it adds in instructions (callgrind,
+as `--instructions`) and in Python calls, C calls and bytecodes (`sys.setprofile` /
+`sys.settrace` over the same server, `COUNTED` requests), in the pure build and, with
+`--builds pure,compiled` (.venv-compiled, `scripts/compiled.sh`), in the mypyc build too.
+Counted under a compiled build, "Python calls" are the frames still interpreted
+(uvicorn's, Starlette's, and ours that are not compiled). PYTHONPATH=<an older src/> counts
+that revision in the pure build (the compiled runs ignore it).
+
+    .venv/bin/python benchmarks/server_inprocess.py --layers [--builds pure,compiled]
+        [--requests 3200]
 """
 
 from __future__ import annotations
@@ -296,6 +310,16 @@ def callgrind_total(text: str) -> int:
     raise ValueError("no summary or totals line: not a callgrind output file")
 
 
+def run_env(compiled: bool) -> dict[str, str]:
+    """A counted run's environment: hash randomisation fixed; the compiled build's without
+    PYTHONPATH (set to an older `src/` to count that revision in the pure build, it would
+    shadow the installed wheel)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if compiled:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
 def count_instructions(variant: str, requests: int) -> float:
     """Instructions per request: a callgrind run with `requests` more than one without."""
     plain = variant.removesuffix(served.COMPILED_SUFFIX)
@@ -308,7 +332,7 @@ def count_instructions(variant: str, requests: int) -> float:
             argv += [str(Path(__file__).resolve()), "--one", plain, "--requests", str(n)]
             subprocess.run(
                 argv,
-                env={**os.environ, "PYTHONHASHSEED": "0"},
+                env=run_env(plain != variant),
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -336,6 +360,121 @@ def report_instructions(counts: dict[str, float], requests: int) -> str:
     return "\n".join(lines)
 
 
+# (variant, the variant it adds to, what it adds): the default stack built up one layer
+# at a time (benchmarks/server.py builds each)
+LAYERS = (
+    ("fidelity-frame", "bare", "the frame: context, ContextVar, header scan, send wrapper"),
+    ("fidelity-deadline", "fidelity-frame", "+ deadline: `x-request-timeout-ms` read, armed"),
+    ("fidelity-breaker", "fidelity-deadline", "+ route breaker: gate, success recorded"),
+    ("fidelity-noheaders", "fidelity-breaker", "+ rate limit: client key, GCRA"),
+    ("fidelity-memory", "fidelity-noheaders", "+ RateLimit fields on the 200"),
+    ("fidelity-telemetry", "fidelity-memory", "+ default observer, no OTel SDK set up"),
+    ("fidelity-metrics", "fidelity-telemetry", "+ an SDK meter: counted, tracing off"),
+)
+COUNTED = 640  # requests counted by `--one-count` (after the warm-up)
+
+
+def count_calls(variant: str, requests: int) -> dict[str, float]:
+    """Python calls, C calls and bytecodes per request of one variant under uvicorn's
+    protocol in process (this interpreter: run by the compiled build's for `+compiled`)."""
+    import uvloop
+
+    from benchmarks.callcount import Instructions, Profile
+
+    async def go() -> dict[str, float]:
+        server = Server(variant)
+        await server.run(WARMUP)
+        batches = max(1, requests // CONNECTIONS)
+        n = batches * CONNECTIONS
+        profile = Profile()
+        sys.setprofile(profile)
+        try:
+            await server.run(n)
+        finally:
+            sys.setprofile(None)
+        counter = Instructions()
+        sys.settrace(counter)
+        try:
+            await server.run(n)
+        finally:
+            sys.settrace(None)
+        return {
+            "calls": profile.calls / n,
+            "c_calls": profile.c_calls / n,
+            "bytecodes": counter.count / n,
+        }
+
+    return uvloop.run(go())
+
+
+def count_calls_in(variant: str, requests: int) -> dict[str, float]:
+    """`count_calls` in a process of its own, by the build the variant names."""
+    import json
+
+    plain = variant.removesuffix(served.COMPILED_SUFFIX)
+    python = sys.executable if plain == variant else str(served.COMPILED_PYTHON)
+    argv = [python, str(Path(__file__).resolve()), "--one-count", plain]
+    argv += ["--requests", str(requests)]
+    out = subprocess.run(
+        argv, env=run_env(plain != variant), check=True, capture_output=True
+    ).stdout
+    counts: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return counts
+
+
+def layers(builds: list[str], requests: int) -> str:
+    """The layer table (`--layers`) in each build named ("pure", "compiled")."""
+    names = ["bare", *(name for name, _, _ in LAYERS)]
+    runs = [
+        (name if build == "pure" else name + served.COMPILED_SUFFIX)
+        for build in builds
+        for name in names
+    ]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        found = list(pool.map(lambda v: count_instructions(v, requests), runs))
+        calls = list(pool.map(lambda v: count_calls_in(v, COUNTED), runs))
+    ins = dict(zip(runs, found, strict=True))
+    cnt = dict(zip(runs, calls, strict=True))
+
+    def key(name: str, build: str) -> str:
+        return name if build == "pure" else name + served.COMPILED_SUFFIX
+
+    head = "| step | " + " | ".join(
+        f"instructions {b} (over bare) | Python calls {b} | C calls {b} | bytecodes {b}"
+        for b in builds
+    )
+    lines = [head + " |", "|---|" + "---:|" * (4 * len(builds))]
+    for build_row in [("bare", None, "bare route")] + [(n, b, w) for n, b, w in LAYERS]:
+        name, before, what = build_row
+        cells = []
+        for b in builds:
+            mine, base = ins[key(name, b)], ins[key("bare", b)]
+            c = cnt[key(name, b)]
+            if before is None:
+                cells += [f"{mine:,.0f}", f"{c['calls']:.1f}", f"{c['c_calls']:.1f}",
+                          f"{c['bytecodes']:,.0f}"]  # fmt: skip
+                continue
+            prev, pc = ins[key(before, b)], cnt[key(before, b)]
+            cells += [
+                f"{mine - prev:+,.0f} ({mine - base:+,.0f})",
+                f"{c['calls'] - pc['calls']:+.1f}",
+                f"{c['c_calls'] - pc['c_calls']:+.1f}",
+                f"{c['bytecodes'] - pc['bytecodes']:+,.0f}",
+            ]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each step against the row above it (instructions also against bare, in brackets). "
+        f"Instructions: callgrind, user space, {requests} requests after a {WARMUP}-request "
+        "warm-up less the same run without them, per request (PYTHONHASHSEED=0). Calls and "
+        f"bytecodes: `sys.setprofile` / `sys.settrace` over {COUNTED} requests after the "
+        "warm-up. uvicorn's httptools protocol over a fake transport, "
+        f"{CONNECTIONS} connections, uvloop; one permissive per-client limit, memory state "
+        "(benchmarks/server.py's apps).",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -355,10 +494,32 @@ def main() -> None:
         help="send every response write through a loopback TCP pair and read it back: the "
         "kernel's work per response between the server's Python steps (timed, as CPU time)",
     )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="the default stack one layer at a time, in instructions and calls (print only)",
+    )
+    parser.add_argument(
+        "--builds", default="pure", help="with --layers: pure, compiled or pure,compiled"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
+    parser.add_argument("--one-count", help=argparse.SUPPRESS)  # calls of one variant
     args = parser.parse_args()
     if args.one:
         run_one(args.one, args.requests)
+        return
+    if args.one_count:
+        import json
+
+        print(json.dumps(count_calls(args.one_count, args.requests)))
+        return
+    if args.layers:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind not found (Debian package valgrind)")
+        builds = [b.strip() for b in args.builds.split(",")]
+        if not builds or not set(builds) <= {"pure", "compiled"}:
+            parser.error("--builds: pure, compiled or both")
+        print(layers(builds, args.requests))
         return
     variants = [v.strip() for v in args.variants.split(",")]
     bad = [

@@ -186,6 +186,9 @@ class FidelityMiddleware:
         # Optional (hooks.ResponseEndObserver): an outer instrumentation ends its
         # server span with the last body message, before our `end` runs.
         self._before_response_end = getattr(observer, "before_response_end", None)
+        # ... unless the hook acts only on a token of `start` (telemetry's, for its span):
+        # without one (no OpenTelemetry SDK set up) it is left uncalled
+        self._end_hook_needs_token = bool(getattr(observer, "_end_hook_needs_token", False))
         if self.engine.route_app is None:
             self.engine.route_app = app
         clock = self.engine.clock
@@ -321,9 +324,14 @@ class FidelityMiddleware:
             except Exception:  # telemetry must never fail a request: go on without it
                 log_exception(logger, "start", "fidelity_mw: telemetry observer failed")
                 observer = None
-        before_end = self._before_response_end if observer is not None else None
+        before_end = (
+            self._before_response_end
+            if observer is not None and (obs_token is not None or not self._end_hook_needs_token)
+            else None
+        )
         slot: HeldSlot | None = None  # a slot of the route's bulkhead, while held
         app_ran = False
+        watcher: ResponseWatcher | None = None
         try:
             # ---- decide: deadline, bulkhead, then breaker + limits in one store call
             result: InboundResult | None = None
@@ -430,6 +438,7 @@ class FidelityMiddleware:
             watcher = ResponseWatcher()
             watcher.send = send
             watcher.ctx = ctx
+            watcher.token = token  # (replaced at the last message: reset with it below)
             if token.old_value is not _MISSING:  # another's context was current (nested)
                 watcher.outer = token.old_value
             watcher.end = (before_end, scope, obs_token) if before_end is not None else None
@@ -592,7 +601,8 @@ class FidelityMiddleware:
                 except Exception:
                     log_exception(logger, "end", "fidelity_mw: telemetry observer failed")
             try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
-                _reset_current(token)
+                # (the watcher's, when it reset ours for the last message and set anew)
+                _reset_current(token if watcher is None else watcher.token or token)
             except ValueError:  # finalised in another context (a dropped coroutine):
                 pass  # the variable there was never ours to restore
 

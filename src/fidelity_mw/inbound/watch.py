@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from contextvars import Token
 from sys import get_asyncgen_hooks
 from typing import Any, Final, Protocol
 
@@ -111,6 +112,7 @@ class HeldSlot(Protocol):
 _MAY_ANSWER: Final = (httpx.HTTPError,)
 _MOST_HELD: Final = 8
 _set_current: Final = _CURRENT.set
+_reset_current: Final = _CURRENT.reset
 
 
 class ResponseWatcher:
@@ -146,6 +148,11 @@ class ResponseWatcher:
     # What `current()` was before the middleware made it this request's context (None:
     # nothing): it is again while the server takes the response's last message (`__call__`).
     outer: DecisionContext | None = None
+    # The middleware's token of that change: the last message is sent after a reset with
+    # it (no new mapping of the variable for the server's timer to keep, as `set(None)`
+    # made), and it is replaced by the token of making the request's context current again
+    # right after, which the middleware's `finally` resets with. None: not reset that way.
+    token: Token[DecisionContext | None] | None = None
     stalled = False
     # A 500 sent while an error the middleware may answer itself (an outbound refusal or
     # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
@@ -279,14 +286,27 @@ class ResponseWatcher:
             # (or the timeout), and at 256 connections the collector ran twice as often as
             # bare's (benchmarks/RESULTS.md). Ours again right after, for the rest of the app
             # (a background task after the response still sees `current()`).
-            _set_current(self.outer)
+            # Reset with the middleware's token where it can be: `set(outer)` would leave a
+            # new mapping of the variable (to None) in the timer's copy, two objects more
+            # per idle connection for the collector (benchmarks/RESULTS.md).
+            token = self.token
+            if token is not None:
+                try:
+                    _reset_current(token)
+                except (RuntimeError, ValueError):  # used, or set in another context (a
+                    token = None  # child task sends: Starlette's streaming responses)
+            if token is None:
+                _set_current(self.outer)
             try:
                 await self.send(message)
             except OSError:
                 self.ctx.client_disconnected = True  # (as below)
                 raise
             finally:
-                _set_current(self.ctx)
+                if token is not None:  # the middleware resets with this one
+                    self.token = _set_current(self.ctx)
+                else:
+                    _set_current(self.ctx)
             return
         elif kind == _BODY and (self.monotonic is not None or self.stall_s):
             # A body message before the last: a server's `send` waits while its client
