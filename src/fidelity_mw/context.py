@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
@@ -155,6 +155,11 @@ class DecisionContext:
     # (its units come back: inbound/xratelimit.refunded_fields).
     _built: tuple[Any, ...] | None = None
     _attempts: dict[str, int] | None = None
+    # The token that undoes the middleware's making of this context current: the
+    # response's last message goes out after a reset with it (no mapping of the variable
+    # for the server's keep-alive timer to keep), and the token of setting the context
+    # anew replaces it (inbound/watch.ResponseWatcher); the middleware resets with it.
+    _token: Token[DecisionContext | None] | None = None
     # Records dropped to keep the context bounded (`_make_room`): how many, and per kind
     # [count, of which stale]. None / 0 until a request gets that long.
     _dropped: dict[DroppedKey, list[int]] | None = None

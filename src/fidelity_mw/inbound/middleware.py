@@ -331,7 +331,6 @@ class FidelityMiddleware:
         )
         slot: HeldSlot | None = None  # a slot of the route's bulkhead, while held
         app_ran = False
-        watcher: ResponseWatcher | None = None
         try:
             # ---- decide: deadline, bulkhead, then breaker + limits in one store call
             result: InboundResult | None = None
@@ -438,7 +437,7 @@ class FidelityMiddleware:
             watcher = ResponseWatcher()
             watcher.send = send
             watcher.ctx = ctx
-            watcher.token = token  # (replaced at the last message: reset with it below)
+            ctx._token = token  # (replaced at the last message: reset with it below)
             if token.old_value is not _MISSING:  # another's context was current (nested)
                 watcher.outer = token.old_value
             watcher.end = (before_end, scope, obs_token) if before_end is not None else None
@@ -602,7 +601,7 @@ class FidelityMiddleware:
                     log_exception(logger, "end", "fidelity_mw: telemetry observer failed")
             try:  # noqa: SIM105 - per request: a try costs nothing, suppress() does
                 # (the watcher's, when it reset ours for the last message and set anew)
-                _reset_current(token if watcher is None else watcher.token or token)
+                _reset_current(ctx._token or token)
             except ValueError:  # finalised in another context (a dropped coroutine):
                 pass  # the variable there was never ours to restore
 

@@ -16,7 +16,6 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from contextvars import Token
 from sys import get_asyncgen_hooks
 from typing import Any, Final, Protocol
 
@@ -148,11 +147,6 @@ class ResponseWatcher:
     # What `current()` was before the middleware made it this request's context (None:
     # nothing): it is again while the server takes the response's last message (`__call__`).
     outer: DecisionContext | None = None
-    # The middleware's token of that change: the last message is sent after a reset with
-    # it (no new mapping of the variable for the server's timer to keep, as `set(None)`
-    # made), and it is replaced by the token of making the request's context current again
-    # right after, which the middleware's `finally` resets with. None: not reset that way.
-    token: Token[DecisionContext | None] | None = None
     stalled = False
     # A 500 sent while an error the middleware may answer itself (an outbound refusal or
     # give-up: an httpx error, CircuitOpen among them) is being handled: what an error
@@ -289,7 +283,11 @@ class ResponseWatcher:
             # Reset with the middleware's token where it can be: `set(outer)` would leave a
             # new mapping of the variable (to None) in the timer's copy, two objects more
             # per idle connection for the collector (benchmarks/RESULTS.md).
-            token = self.token
+            # (the middleware's token, `DecisionContext._token`: after the reset, the token of
+            # making the request's context current again replaces it, for the middleware's
+            # `finally` to reset with)
+            ctx = self.ctx
+            token = ctx._token
             if token is not None:
                 try:
                     _reset_current(token)
@@ -304,9 +302,9 @@ class ResponseWatcher:
                 raise
             finally:
                 if token is not None:  # the middleware resets with this one
-                    self.token = _set_current(self.ctx)
+                    ctx._token = _set_current(ctx)
                 else:
-                    _set_current(self.ctx)
+                    _set_current(ctx)
             return
         elif kind == _BODY and (self.monotonic is not None or self.stall_s):
             # A body message before the last: a server's `send` waits while its client
