@@ -18,31 +18,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from _policy_cli import issues_of, run
 from fidelity_mw import Policy, RateLimit
-from fidelity_mw.errors import PolicyError
-from fidelity_mw.tools.cli import main
-
-
-def run(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
-def issues_of(data: dict[str, object]) -> dict[str, str]:
-    with pytest.raises(PolicyError) as caught:
-        Policy.from_dict(data)
-    return {issue.path: issue.message for issue in caught.value.issues}
-
 
 # ------------------------------------------------------------------ version
 
