@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..buildinfo import build_name
-from ..decide.balance import ejected
+from ..decide.balance import ejected, failure_weight
 from ..decide.budget import budget_allowance
 from ..engine import Engine
 from ..outbound.hedge import hedge_delay
@@ -311,6 +311,7 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
                         "outstanding": inst.outstanding,
                         "latency_ms": _round(inst.latency_s * 1000.0) if inst.latency_s else None,
                         "latency_age_s": _round(now - inst.latency_at) if inst.latency_at else None,
+                        "failure_weight": _round(failure_weight(inst.failed_at, now)),
                         "breaker_open": open_for > 0.0,
                         "open_for_s": _round(open_for) if open_for > 0.0 else None,
                         "ejected": index in out,

@@ -2,9 +2,10 @@
 
 Power of two choices over the admissible instances, each scored by its
 outstanding requests weighted by its latency EWMA (cost = latency x
-(outstanding + 1)); a retry avoids instances the call already tried while
-another is admissible (and, all avoided, prefers one no 429 paused); an
-instance whose breaker is known open is ejected, but never more than
+(outstanding + 1)), one that failed lately taken for slower than the slowest
+by a penalty that fades with the failure's age; a retry avoids instances
+the call already tried while another is admissible (and, all avoided,
+prefers one no 429 paused); an instance whose breaker is known open is ejected, but never more than
 `max_ejected_ratio` of them at once (at least one may be); when fewer than
 `panic_threshold` of the instances are admissible, the pick spreads over
 all of them instead of refusing (panic mode).
@@ -27,6 +28,10 @@ PICK_PANIC: Final = "panic"  # too few admissible: spread over all instances
 PICK_BOUND: Final = "ejection_bound"  # chosen although its breaker is open: the bound holds
 
 EWMA_TAU_S: Final = 5.0  # latency estimates lose half their weight in about 3.5 s
+# Right after an instance failed an attempt, it counts as this many times as slow as the
+# slowest instance of the service; the penalty fades to nothing over FAILURE_FADE_S.
+FAILURE_PENALTY: Final = 4.0
+FAILURE_FADE_S: Final = 10.0
 
 
 class InstanceView(NamedTuple):
@@ -37,6 +42,7 @@ class InstanceView(NamedTuple):
     open_until: float  # its breaker is known open until then (0.0: not known open)
     seen_at: float  # when that breaker state was learned (its age is now - seen_at)
     paused_until: float = 0.0  # a 429's Retry-After paused retries to it until then
+    failed_at: float = 0.0  # its last failed attempt ended then, none since succeeded (0.0: none)
 
 
 class Pick(NamedTuple):
@@ -87,8 +93,35 @@ def open_in_rotation(
     return n_open > out or admissible == 0 or admissible < panic_threshold * len(views)
 
 
-def cost(view: InstanceView, default_latency_s: float) -> float:
+def failure_weight(failed_at: float, now: float, fade_s: float = FAILURE_FADE_S) -> float:
+    """How much an instance's last failure (ended at `failed_at`) still weighs in its
+    cost: 1.0 right after it, down to 0.0 `fade_s` later; 0.0 when there is none.
+
+    A failure that comes back fast says nothing of the instance's speed, so it leaves
+    the latency estimate as it was; without a penalty the instance failing fastest
+    would keep its place in the power of two choices, or win it (Finagle and Linkerd
+    weigh failures into the load they balance on, gRPC's weighted round robin its
+    error rate). A retry of the same call avoids it anyway; this is for the other
+    calls, and for a caller's retry that reaches us as a new call. It fades rather
+    than ejects: an instance that failed once is picked again when the others are
+    busier by enough, and on equal terms once the failure is `fade_s` old (an
+    exponential fade would leave an instance as fast as the others behind them for
+    as long as nothing else tells them apart); a success since ends it."""
+    if failed_at <= 0.0:
+        return 0.0
+    age = now - failed_at
+    if age <= 0.0:
+        return 1.0
+    return max(0.0, 1.0 - age / fade_s)
+
+
+def cost(view: InstanceView, default_latency_s: float, now: float, slowest_s: float) -> float:
+    """Latency x (outstanding + 1); right after a failure the latency taken is
+    FAILURE_PENALTY x the slowest instance's (`slowest_s`), fading back to its own."""
     latency = view.latency_s if view.latency_s > 0.0 else default_latency_s
+    if view.failed_at > 0.0:
+        weight = failure_weight(view.failed_at, now)
+        latency += (FAILURE_PENALTY * max(latency, slowest_s) - latency) * weight
     return latency * (view.outstanding + 1)
 
 
@@ -127,13 +160,15 @@ def choose(
     measured = [views[i].latency_s for i in candidates if views[i].latency_s > 0.0]
     # An unmeasured instance is assumed as fast as the fastest measured one: it gets tried.
     default_latency = min(measured) if measured else 1.0
+    slowest = max(measured) if measured else default_latency
     if len(candidates) == 1:
         index, reason = candidates[0], PICK_ONLY
     else:
         a = candidates[min(len(candidates) - 1, int(rng() * len(candidates)))]
         rest = [i for i in candidates if i != a]
         b = rest[min(len(rest) - 1, int(rng() * len(rest)))]
-        ca, cb = cost(views[a], default_latency), cost(views[b], default_latency)
+        ca = cost(views[a], default_latency, now, slowest)
+        cb = cost(views[b], default_latency, now, slowest)
         index = b if cb < ca else a
         reason = PICK_P2C
     bypass = views[index].open_until > now

@@ -33,7 +33,7 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.balance import Pick, open_in_rotation
+from ..decide.balance import Pick, failure_weight, open_in_rotation
 from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     ERROR_CONNECT,
@@ -186,6 +186,8 @@ def lb_decision(
                 "panic": pick.panic,
                 "breaker_known_open": pick.bypass,
                 "answered_around_open": pick.bypass and target.answered,
+                # how much its last failure still weighs in its cost (0.0: none)
+                "failure_weight": round(failure_weight(target.failed_at, now), 3),
             },
         )
     )

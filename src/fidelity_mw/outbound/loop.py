@@ -551,8 +551,18 @@ def attempts(
                 ):  # the success path, inlined
                     outcome = FAILURE if status in up.fail_statuses else SUCCESS
                     retryable = downstream = False
+                    if target is not None:
+                        if outcome != SUCCESS:  # (a status the policy counts as a failure)
+                            target.failed_at = ended
+                        elif target.failed_at and now >= target.failed_at:
+                            target.failed_at = 0.0  # sent after it failed, and answered well
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
+                    if target is not None and (retryable or outcome != IGNORED):
+                        # A 5xx, an answer to retry, a network error: the balancer weighs
+                        # the instance up for a while (`failure_weight`), a breaker or none.
+                        # Not a callee's give-up (its upstream failed) nor our own error.
+                        target.failed_at = ended
                 state = ""
                 counted = None
                 if gate is not None and gated:

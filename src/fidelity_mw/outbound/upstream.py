@@ -65,6 +65,7 @@ class Instance:
     __slots__ = (
         "answered",
         "breaker_key",
+        "failed_at",
         "host",
         "key",
         "latency_at",
@@ -102,6 +103,9 @@ class Instance:
         # The last attempt sent around its known-open breaker (ejection bound, panic)
         # succeeded: evidence it answers again before its breaker has probed.
         self.answered = False
+        # When its last failed attempt ended, none having succeeded since (0.0: none): the
+        # balancer weighs its cost up for a while (`decide.balance.failure_weight`).
+        self.failed_at = 0.0
 
     def view(self, now: float | None = None) -> InstanceView:
         """What the balancer knows; with `now`, the latency estimate as read then (aged)."""
@@ -109,7 +113,12 @@ class Instance:
         if now is not None:
             latency = decayed(latency, self.latency_at, now, EWMA_TAU_S)
         return InstanceView(
-            self.outstanding, latency, self.open_until, self.seen_at, self.paused_until
+            self.outstanding,
+            latency,
+            self.open_until,
+            self.seen_at,
+            self.paused_until,
+            self.failed_at,
         )
 
 

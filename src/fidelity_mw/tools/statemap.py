@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..decide.balance import EWMA_TAU_S
+from ..decide.balance import EWMA_TAU_S, FAILURE_FADE_S, FAILURE_PENALTY
 from ..policy import (
     BreakerConfig,
     ConcurrencyConfig,
@@ -646,11 +646,13 @@ def _balancer_layer(up: UpstreamConfig, subject: str, cfg: str, home: _Home) -> 
         "never an ejected one, a retry to one not tried yet; panic spreads over all",
         f"{len(up.instances)} instance{'' if len(up.instances) == 1 else 's'}; per instance: "
         "requests in flight, latency EWMA "
-        f"(tau {EWMA_TAU_S:g} s), whether its breaker is open; panic below "
+        f"(tau {EWMA_TAU_S:g} s), its last failure (taken for {FAILURE_PENALTY:g}x "
+        f"the slowest, fading over {FAILURE_FADE_S:g} s), "
+        "whether its breaker is open; panic below "
         f"{up.panic_threshold:.0%} admissible, at most {up.max_ejected_ratio:.0%} ejected "
         "(at least one may be)",
-        "in flight and EWMA: the transport's process memory (per transport, this process's "
-        f"calls only); instance breakers: {home.state}",
+        "in flight, EWMA and failure: the transport's process memory (per transport, "
+        f"this process's calls only); instance breakers: {home.state}",
         _key(home, "upstream:{instance host:port}", "br", "bp"),
         "FidelityTransport: in flight around each attempt, EWMA after it; the instance "
         "breakers after each attempt",
