@@ -233,10 +233,9 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         gave_up = given_up_response(ctx, exc)
         status = exc.response.status_code
         if gave_up is None:
-            if not (
-                ctx.upstream_failed
-                and status in GATEWAY_STATUSES
-                and DECIDED_BY_HEADER_STR in exc.response.headers
+            if status not in GATEWAY_STATUSES or not (
+                (ctx.upstream_failed and DECIDED_BY_HEADER_STR in exc.response.headers)
+                or _response_give_up(exc) is not None
             ):
                 return None
             # A callee's control layer refused (its breaker's 503, its deadline's 504),
@@ -246,7 +245,10 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             # for it, and the callee's refusal reached the client as a 500. A 502 marked
             # `x-fidelity-fault: upstream` (not `exhausted`: we did not retry, our caller
             # may). (The callee's own header on the response it raised for: not a 503
-            # the app built, nor another call's.)
+            # the app built, nor another call's.) So too a 5xx the transport did not retry
+            # because the upstream, or every other instance of it, asked for a longer
+            # wait than the call waits (its `retry_after_too_long` marks the response):
+            # our decision, answered as one, never the app's 500.
             upstream: str | None = _status_host(exc)
             why = f"answered {status}"
             detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
@@ -289,6 +291,16 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
     once (`asyncio.gather`), which share the request's records. The marker says it, not
     the request's `upstream_exhausted`: a hedged call at once, ended by its hedge's good
     answer, sets that flag back to what it was when it began (marked again here)."""
+    marker = _response_give_up(exc)
+    if marker is None or not _exhausting(marker):
+        return None
+    ctx.upstream_exhausted = True
+    return marker
+
+
+def _response_give_up(exc: httpx.HTTPStatusError) -> Decision | None:
+    """The give-up the transport marked the response `exc` was raised for with, exhausting
+    or not (`retry_after_too_long` after one attempt), or None."""
     marker = exc.response.extensions.get(GIVE_UP_EXTENSION)
     if marker is None:  # a response built anew from it: its request says it
         try:
@@ -299,9 +311,6 @@ def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decis
             marker = on[0]
     if not isinstance(marker, Decision) or marker.verdict != GIVE_UP:
         return None
-    if not _exhausting(marker):
-        return None
-    ctx.upstream_exhausted = True
     return marker
 
 

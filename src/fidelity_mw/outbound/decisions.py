@@ -138,7 +138,9 @@ def _flags(ctx: DecisionContext) -> DecisionContext | HeldFlags:
 
 
 def gave_up() -> Decision | None:
-    """The exhausting give-up `give_up` recorded last in this task (`forget_give_up`)."""
+    """The give-up `give_up` recorded last in this task (`forget_give_up`) that the call's
+    response or error is marked with: an exhausting one, or `retry_after_too_long` after
+    an attempt (its readers tell them apart: `decide.retry.exhausting`)."""
     return _GAVE_UP.get()
 
 
@@ -262,6 +264,11 @@ def give_up(
         ctx.refused_client_chosen = True  # (no attempt counted it: the client pays)
     if exhausting(reason, attempts_made, up.retry.attempts):
         flags.upstream_exhausted = True
+        _GAVE_UP.set(decision)
+    elif reason == GIVE_UP_RETRY_AFTER and attempts_made > 0:
+        # Not retried because the upstream (or every other instance of it) asked for a
+        # longer wait than this call waits: a control decision of ours, marked on the
+        # response as well, though not exhausting (our callers may retry, after the wait)
         _GAVE_UP.set(decision)
 
 
