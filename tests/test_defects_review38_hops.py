@@ -410,9 +410,12 @@ def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
     assert response.headers.get("retry-after", "").isdigit()
 
 
-def test_an_upstream_503_not_retried_and_let_out_stays_the_apps_500() -> None:
-    # not a callee's refusal: the app let out an upstream's failure it did not retry
-    # (docs/inbound.md: the app's own 500, as before)
+def test_an_upstream_503_not_retried_for_its_wait_and_let_out_is_a_marked_502() -> None:
+    # Not a callee's refusal, but the transport's own decision not to retry (the wait
+    # asked for is longer than it waits; its breaker for the upstream counted the 503):
+    # answered as the callee's refusal is (review 39; it was the app's 500, which our
+    # callers' breakers counted against us). With retries off it stays the app's 500
+    # (tests/test_defects_review39_waited.py).
     app = _not_retried(None)
 
     async def go() -> httpx.Response:
@@ -420,4 +423,8 @@ def test_an_upstream_503_not_retried_and_let_out_stays_the_apps_500() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
             return await client.get("/")
 
-    assert asyncio.run(go()).status_code == 500
+    response = asyncio.run(go())
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-fault") == "upstream"
+    assert "x-fidelity-retry" not in response.headers
+    assert response.headers.get("retry-after", "").isdigit()
