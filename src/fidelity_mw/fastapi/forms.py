@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from .._types import Clock, RandomSource
+from ..clock import TESTING
 from ..context import (
     DecisionContext,
     context_from_scope,
@@ -106,6 +107,8 @@ class Fidelity:
             rng,
         )
         self._store = store
+        # the fake_time() block open when this was made (None: none), for `engine`
+        self._made_in = TESTING.current
         # A policy (or engine) given here that the middleware's overrides: said once, at
         # the first request the middleware decided (as FidelityTransport says it)
         self._own_policy: Policy | None = engine.policy if engine is not None else policy
@@ -124,7 +127,24 @@ class Fidelity:
         """The engine used where no middleware provides one (created on first use)."""
         if self._engine is None:
             policy, clock, rng = self._engine_args
-            self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+            block = TESTING.current
+            if block is None or block is self._made_in:
+                self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+            else:
+                # First used inside a test's fake_time() block, made before it (at
+                # import): built as it would have been when made, then the block takes
+                # it over and gives it back when it ends (fidelity_mw.testing). Built on
+                # the block's clock, it kept that stopped clock and the block's state
+                # after it: a limit that never refilled in the tests that followed.
+                TESTING.current = self._made_in
+                try:
+                    engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+                finally:
+                    TESTING.current = block
+                from ..testing import adopt
+
+                adopt(engine)
+                self._engine = engine
         return self._engine
 
     def context(self, request: HTTPConnection) -> DecisionContext:
@@ -267,6 +287,19 @@ class Fidelity:
                 raise exc.prefixed("fidelity.breaker") from None
         elif fields:
             raise TypeError("pass a BreakerConfig or its fields as keywords, not both")
+        elif not isinstance(config, BreakerConfig | bool):
+            # Refused here, not per request: the route's plan could not be built from it,
+            # and the middleware let every request of the route through undecided (its
+            # limits and deadline too); the route class answered each with a 500.
+            fix = (
+                f"its fields as keywords, fidelity.breaker(**{config!r})"
+                if isinstance(config, Mapping)
+                else "a BreakerConfig, its fields as keywords, or False for none"
+            )
+            raise PolicyError.at(
+                "fidelity.breaker",
+                f"expected a BreakerConfig, true or false, got {type(config).__name__}: pass {fix}",
+            )
 
         def decorate(endpoint: _F) -> _F:
             return mark(endpoint, breaker=config)
@@ -276,7 +309,10 @@ class Fidelity:
     def deadline(self, ms: int) -> Callable[[_F], _F]:
         """This endpoint's deadline in ms: the default, and the most a caller may ask for."""
         if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= 86_400_000:
-            raise ValueError(f"deadline must be 1..86400000 ms, got {ms!r}")
+            # a PolicyError (a ValueError, as before), as the other forms' bad arguments
+            raise PolicyError.at(
+                "fidelity.deadline", f"expected a whole number of ms 1 .. 86400000, got {ms!r}"
+            )
 
         def decorate(endpoint: _F) -> _F:
             return mark(endpoint, deadline_ms=ms)

@@ -62,6 +62,9 @@ _MAX_KEY_CHARS: Final = 64
 # Where a request's admitted form limits note what they charged (in its ASGI scope, one
 # list per request): a later form limit that refuses the request gives those units back
 _CHARGED: Final = "fidelity_mw.forms.charged"
+# The unnamed form limits a request met, by default name (in its ASGI scope): a second
+# one of the same route at the same rate counts apart (`_default_name`)
+_UNNAMED: Final = "fidelity_mw.forms.unnamed"
 # What a cost function may raise that is no failure of it: the app's answer to the
 # request, or the client gone while it read the body (the middleware's to record)
 _APP_ANSWERS: Final = (
@@ -116,7 +119,9 @@ class LimitDependency:
         # A cost function is checked per request (`_cost_of`): the bound is the burst.
         try:
             checked = RateLimit(
-                name=name or "depends",
+                # (name="" checked as given: it counted every route's requests on one
+                # counter, "", whatever their rates)
+                name="depends" if name is None else name,
                 rate=rate,
                 burst=burst,
                 cost=1 if callable(cost) else cost,
@@ -144,6 +149,9 @@ class LimitDependency:
         # another rate) a counter of its own (`_counter_for`).
         self._checked: Engine | None = None
         self._counter = name or ""
+        # default name -> the name this limit counts on there, where another unnamed
+        # limit of the route at the same rate came first (`_default_name`; for `check`)
+        self._apart: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -157,7 +165,7 @@ class LimitDependency:
         ctx = owner.context(request)
         engine = ctx.engine
         now = engine.clock.monotonic()
-        name = self.name or default_name(ctx.route, self.rate)
+        name = self.name or self._default_name(request, ctx.route)
         counter = name if self.name is None else self._counter_for(engine)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
@@ -304,7 +312,11 @@ class LimitDependency:
                 f"{self!r} is keyed by a dependency: pass its value, check(request, identity=...)"
             )
         ctx = self.owner.context(request)
-        name = self.name or default_name(route or ctx.route, self.rate)
+        if self.name is None:
+            name = default_name(route or ctx.route, self.rate)
+            name = self._apart.get(name, name)
+        else:
+            name = self.name
         counter = name if self.name is None else self._counter_for(ctx.engine)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
@@ -313,6 +325,27 @@ class LimitDependency:
         now = ctx.engine.clock.monotonic()
         keys = (f"{counter}|{value}",)
         return await peek_limits(ctx.engine, keys, (spec,), (self.burst_size,), now)
+
+    def _default_name(self, request: HTTPConnection, route: str) -> str:
+        """The name of this unnamed limit on `route`: `<route>:<rate>`, or, where another
+        unnamed limit of the route at the same rate ran before it in this request (an
+        app-wide `FastAPI(dependencies=[...])` one and the route's own), that name with
+        `#2` (`#3` ...) after it, in the order FastAPI runs them. One name held both
+        counts: at another burst the two fought over one GCRA state (every request of
+        the route refused, its first too), at the same burst each request paid twice."""
+        name = default_name(route, self.rate)
+        met = request.scope.get(_UNNAMED)
+        if met is None:
+            request.scope[_UNNAMED] = {name: [self]}
+            return name
+        limits = met.setdefault(name, [])
+        if self not in limits:
+            limits.append(self)
+        place = limits.index(self)
+        if place == 0:
+            return name
+        apart = self._apart[name] = f"{name}#{place + 1}"
+        return apart
 
     def _counter_for(self, engine: Engine) -> str:
         """The counter this named limit keeps on `engine`: its name, which a policy

@@ -994,10 +994,18 @@ def _form_layers(
             path = prefix + str(getattr(route, "path", "?"))
             methods = ",".join(sorted(getattr(route, "methods", None) or ()))
             where = f"{methods} {path}" if methods else path
+            # the route's unnamed limits by rate: a second one counts apart, on "#2"
+            # (fastapi/limit.py `_default_name`); FastAPI runs a repeated one once
+            unnamed: dict[str, list[Any]] = {}
             for found in _route_dependencies(route):
                 if limit_cls is None or not isinstance(found, limit_cls):
                     continue
                 call: Any = found  # a LimitDependency (fastapi/limit.py)
+                if call.name is None:
+                    same_rate = unnamed.setdefault(call.rate, [])
+                    if any(other is call for other in same_rate):
+                        continue
+                    same_rate.append(call)
                 home = homes["limit"]
                 key = (
                     "a dependency's value"
@@ -1007,6 +1015,8 @@ def _form_layers(
                     else "callable"
                 )
                 counter = call.name or f"<route>:{call.rate}"
+                if call.name is None and len(unnamed[call.rate]) > 1:
+                    counter += f"#{len(unnamed[call.rate])}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
                 limits = policy.rate_limits if policy is not None else ()
                 namesake = next((lim for lim in limits if lim.name == call.name), None)

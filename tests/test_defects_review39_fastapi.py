@@ -1,0 +1,151 @@
+"""Review 39, the FastAPI forms as a user adopting them meets them.
+
+- Two unnamed `fidelity.limit` dependencies of one route at the same rate (an app-wide
+  `FastAPI(dependencies=[...])` one and the route's own) had one default name,
+  `<route>:<rate>`, and so one counter: at another burst they fought over one GCRA
+  state and the route refused every request, its first too; at the same burst (a
+  `header:` key falling back to the address) each request paid twice.
+- `@fidelity.breaker(...)` took anything: a dict (`{"failure_ratio": 0.2}`), a string.
+  The route's plan could not be built from it, so the middleware let every request of
+  the route through undecided (its rate limits and its deadline too).
+- `fidelity.deadline(0)` raised a plain ValueError, outside the library's error tree.
+- `fidelity.limit(..., name="")` was taken as a name: the limit counted on a counter
+  named "" while its records said the route's default name.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.requests import Request
+
+from fidelity_mw import FidelityMiddleware, Policy, PolicyError
+from fidelity_mw.fastapi import Fidelity
+from fidelity_mw.testing import FakeClock
+from fidelity_mw.tools.statemap import build
+
+pytestmark = pytest.mark.anyio
+
+
+async def statuses(app: FastAPI, path: str, n: int, **headers: str) -> list[int]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        return [(await client.get(path, headers=headers)).status_code for _ in range(n)]
+
+
+def app_with(fidelity: Fidelity, route_limit: object, clock: FakeClock) -> FastAPI:
+    app = FastAPI(dependencies=[Depends(fidelity.limit("3/min"))])  # app-wide, unnamed
+
+    @app.get("/orders", dependencies=[Depends(route_limit)])
+    async def orders() -> dict[str, str]:
+        return {"orders": "none"}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=clock, telemetry=False)
+    fidelity.install(app)
+    return app
+
+
+async def test_a_route_limit_at_another_burst_does_not_refuse_every_request() -> None:
+    fidelity = Fidelity()
+    app = app_with(fidelity, fidelity.limit("3/min", burst=1), FakeClock())
+    # the route's own: one now, then one per 20 s; the app-wide one: three now
+    assert await statuses(app, "/orders", 3) == [200, 429, 429]
+
+
+async def test_two_unnamed_limits_of_one_rate_each_count_once_per_request() -> None:
+    fidelity = Fidelity()
+    by_key = fidelity.limit("3/min", key="header:x-api-key")  # no key sent: the address
+    app = app_with(fidelity, by_key, FakeClock())
+    assert await statuses(app, "/orders", 4) == [200, 200, 200, 429]
+
+
+async def test_the_second_speaks_under_a_name_of_its_own() -> None:
+    fidelity = Fidelity()
+    app = app_with(fidelity, fidelity.limit("3/min", burst=1), FakeClock())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        first = await client.get("/orders")
+        refused = await client.get("/orders")
+    assert first.status_code == 200
+    # the route's own limit speaks under its own name; the app-wide one under the default
+    assert '"/orders:3/min#2";r=0' in first.headers["ratelimit"]
+    assert '"/orders:3/min";r=2' in first.headers["ratelimit"]
+    assert refused.json()["limit"] == "/orders:3/min#2"
+
+
+async def test_check_of_the_second_limit_reads_the_counter_it_counts_on() -> None:
+    fidelity = Fidelity()
+    own = fidelity.limit("3/min", burst=1)
+    app = app_with(fidelity, own, FakeClock())
+
+    @app.get("/room")
+    async def room(request: Request) -> dict[str, bool]:
+        return {"allowed": (await own.check(request, route="/orders")).allowed}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        assert (await client.get("/orders")).status_code == 200
+        # its one unit is spent (the app-wide limit has two left): not admitted now
+        assert (await client.get("/room")).json() == {"allowed": False}
+
+
+def test_the_map_shows_the_counter_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    fidelity = Fidelity()
+    module = types.ModuleType("review39_forms_app")
+    module.app = app_with(fidelity, fidelity.limit("3/min", burst=1), FakeClock())  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "review39_forms_app", module)
+    smap = build("review39_forms_app:app")
+    keys = [layer.key for layer in smap.layers if layer.config.startswith("fidelity.limit")]
+    assert keys == ["<route>:3/min|{client}", "<route>:3/min#2|{client}"]
+
+
+@pytest.mark.parametrize("bad", [{"failure_ratio": 0.2}, "strict", 5])
+def test_a_breaker_form_that_is_no_breaker_is_refused_where_it_is_written(bad: object) -> None:
+    with pytest.raises(PolicyError, match=r"fidelity\.breaker: expected a BreakerConfig"):
+        Fidelity().breaker(bad)  # type: ignore[arg-type]
+
+
+def test_a_dict_is_pointed_at_the_keywords() -> None:
+    with pytest.raises(PolicyError, match=r"fidelity\.breaker\(\*\*\{'failure_ratio': 0\.2\}\)"):
+        Fidelity().breaker({"failure_ratio": 0.2})  # type: ignore[arg-type]
+
+
+async def test_true_and_false_stay_accepted(caplog: pytest.LogCaptureFixture) -> None:
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/on")
+    @fidelity.breaker(True)
+    async def on() -> dict[str, str]:
+        return {}
+
+    @app.get("/off")
+    @fidelity.breaker(False)
+    async def off() -> dict[str, str]:
+        return {}
+
+    policy = Policy.from_dict({"route": [{"match": "/o*", "deadline_ms": 100}]})
+    app.add_middleware(FidelityMiddleware, policy=policy, clock=FakeClock(), telemetry=False)
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        assert await statuses(app, "/on", 1) == [200]
+        assert await statuses(app, "/off", 1) == [200]
+        # decided, not passed through: the deadline header is read (0 ms: 504)
+        assert await statuses(app, "/on", 1, **{"x-request-timeout-ms": "0"}) == [504]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, 86_400_001])
+def test_a_bad_deadline_is_a_policy_error(bad: object) -> None:
+    with pytest.raises(PolicyError, match=r"fidelity\.deadline: expected a whole number"):
+        Fidelity().deadline(bad)  # type: ignore[arg-type]
+
+
+def test_an_empty_limit_name_is_refused() -> None:
+    with pytest.raises(PolicyError, match=r"fidelity\.limit\('5/s'\)\.name: expected a non-empty"):
+        Fidelity().limit("5/s", name="")
