@@ -149,3 +149,54 @@ def test_a_bad_deadline_is_a_policy_error(bad: object) -> None:
 def test_an_empty_limit_name_is_refused() -> None:
     with pytest.raises(PolicyError, match=r"fidelity\.limit\('5/s'\)\.name: expected a non-empty"):
         Fidelity().limit("5/s", name="")
+
+
+# ---------------------------------------------------------------- without the middleware
+
+
+def versioned(fidelity: Fidelity, failing: bool) -> FastAPI:
+    """A versioned sub-app, as `app.mount("/v1", v1)` serves one: the same templates."""
+    from fastapi import APIRouter, HTTPException
+
+    sub = FastAPI()
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/orders/{order}", dependencies=[Depends(fidelity.limit("2/min"))])
+    @fidelity.breaker(consecutive_failures=2, open_s=30.0, open_min_s=30.0, open_jitter=0.0)
+    async def orders(order: int) -> dict[str, int]:
+        if failing:
+            raise HTTPException(500, "down")
+        return {"order": order}
+
+    sub.include_router(router)
+    return sub
+
+
+def two_versions() -> FastAPI:
+    fidelity = Fidelity(clock=FakeClock())
+    app = FastAPI()
+    app.mount("/v1", versioned(fidelity, failing=True))
+    app.mount("/v2", versioned(fidelity, failing=False))
+    fidelity.install(app)
+    return app
+
+
+async def test_a_mounted_apps_failures_do_not_open_another_mounts_breaker() -> None:
+    app = two_versions()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        v1 = [(await client.get("/v1/orders/1")).status_code for _ in range(3)]
+        v2 = await client.get("/v2/orders/1")
+    assert v1 == [500, 500, 503]  # its own breaker opened
+    assert v2.status_code == 200  # not /v1's: a route of its own
+    # named by the whole path, as the middleware names it
+    assert v2.headers["ratelimit"] == '"/v2/orders/{order}:2/min";r=1;t=30'
+
+
+async def test_the_root_path_of_the_server_is_left_out_as_the_middleware_does() -> None:
+    app = two_versions()
+    transport = httpx.ASGITransport(app=app, root_path="/svc")
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        served = await client.get("/svc/v2/orders/1")
+    assert served.status_code == 200
+    assert served.headers["ratelimit"] == '"/v2/orders/{order}:2/min";r=1;t=30'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
@@ -17,7 +17,7 @@ from ..context import (
     DecisionContext,
     context_from_scope,
 )
-from ..engine import Engine
+from ..engine import Engine, RoutePlan
 from ..errors import PolicyError
 from ..headers import client_address
 from ..inbound.request import NO_PEER
@@ -40,6 +40,9 @@ from .routing import route_class_for
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 logger = logging.getLogger("fidelity_mw")
+# In a request's scope, where it entered the app `install` was given (that app, its root
+# path) when no FidelityMiddleware is on it: `Fidelity.plan` names its routes from there
+_ENTRY: Final = "fidelity_mw.forms.entry"
 
 
 # ---------------------------------------------------------------- Fidelity
@@ -60,6 +63,17 @@ def _mounted_apps(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[F
             found.append((sub, at))
         found += _mounted_apps(getattr(sub, "routes", None), at, depth + 1)
     return found
+
+
+def _has_middleware(app: Any) -> bool:
+    """Whether a FidelityMiddleware was added to `app` (`add_middleware`)."""
+    from ..inbound import FidelityMiddleware
+
+    for entry in getattr(app, "user_middleware", ()):
+        cls = getattr(entry, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+            return True
+    return False
 
 
 def _middleware_policies(app: Any) -> list[Policy]:
@@ -170,11 +184,24 @@ class Fidelity:
                 )
         scope = request.scope
         method = scope.get("method") or "GET"
-        plan = engine.plan_for(scope if "method" in scope else {**scope, "method": method})
+        plan = self.plan(scope)
         ctx = DecisionContext(engine, plan.route, method, engine.clock.monotonic())
         state = request.scope.setdefault("state", {})
         state["fidelity"] = ctx
         return ctx
+
+    def plan(self, scope: Mapping[str, Any]) -> RoutePlan:
+        """The plan of a request no middleware decided, on this engine: as the installed
+        app sees it (`_ENTRY`), so a route of a mounted app is named by its whole path
+        (`/v1/orders`), as the middleware names it. Named from the mounted app alone,
+        `/v1/orders` and `/v2/orders` were one route `/orders`: one breaker (one app's
+        failures shed the other's requests) and one default limit counter."""
+        entry = scope.get(_ENTRY)
+        if entry is not None and entry[0] is not scope.get("app"):
+            scope = {**scope, "app": entry[0], "root_path": entry[1]}
+        if "method" not in scope:  # (a websocket's handshake is a GET)
+            scope = {**scope, "method": "GET"}
+        return self.engine.plan_for(scope)
 
     def _overridden(self, engine: Engine) -> None:
         """The forms run behind the middleware, on its engine: a policy given here with
@@ -344,7 +371,18 @@ class Fidelity:
             for sub, at in _mounted_apps(app.routes):
                 self._install_one(sub, app, at)
             self._adopt_on_reject(app)  # a middleware added after this call
-            return build()
+            stack = build()
+            if _has_middleware(app):
+                return stack  # (it decides every request, and names its routes)
+
+            async def entry(scope: Any, receive: Any, send: Any) -> None:
+                # Where the request entered this app, for `plan` (a mounted app sets
+                # scope["app"] and "root_path" to its own): the outermost installed app
+                if _ENTRY not in scope:
+                    scope[_ENTRY] = (app, scope.get("root_path", ""))
+                await stack(scope, receive, send)
+
+            return entry
 
         app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 

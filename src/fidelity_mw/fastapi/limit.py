@@ -6,8 +6,8 @@ import hashlib
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Final, Protocol, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol, cast
 
 from fastapi import Request, Response
 from fastapi import params as fastapi_params
@@ -29,7 +29,7 @@ from ..context import (
     DetailValue,
 )
 from ..decide.gcra import policy_field
-from ..engine import Engine, sf_string_content
+from ..engine import Engine, RoutePlan, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
@@ -52,6 +52,8 @@ class FormsOwner(Protocol):
     def engine(self) -> Engine: ...
 
     def context(self, request: HTTPConnection) -> DecisionContext: ...
+
+    def plan(self, scope: Mapping[str, Any]) -> RoutePlan: ...
 
     def client_ip(
         self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
