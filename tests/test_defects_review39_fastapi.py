@@ -200,3 +200,46 @@ async def test_the_root_path_of_the_server_is_left_out_as_the_middleware_does() 
         served = await client.get("/svc/v2/orders/1")
     assert served.status_code == 200
     assert served.headers["ratelimit"] == '"/v2/orders/{order}:2/min";r=1;t=30'
+
+
+# ---------------------------------------------------------------- a key function that fails
+
+
+def tenant(request: Request) -> str:
+    return request.headers["x-tenant"]  # a KeyError where the header is missing
+
+
+def deny(request: Request) -> str:
+    from fastapi import HTTPException
+
+    raise HTTPException(401, "who are you?")
+
+
+async def test_a_key_function_that_raises_counts_the_request_by_its_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/work", dependencies=[Depends(fidelity.limit("2/min", key=tenant))])
+    async def work() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        # no 500 of ours for the route breaker to count: the address's counter
+        assert await statuses(app, "/work", 3) == [200, 200, 429]
+        assert await statuses(app, "/work", 3, **{"x-tenant": "acme"}) == [200, 200, 429]
+    assert any("key function" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_http_exception_from_the_key_function_is_the_apps_answer() -> None:
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/work", dependencies=[Depends(fidelity.limit("2/min", key=deny))])
+    async def work() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    assert await statuses(app, "/work", 3) == [401, 401, 401]

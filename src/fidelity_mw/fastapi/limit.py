@@ -492,10 +492,24 @@ class LimitDependency:
         if key == "global":
             return "*"
         if callable(key):
-            # (a websocket's WebSocket has the headers and client a key reads, as a Request)
-            custom = key(cast(Request, request))
-            if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
-                custom = await custom
+            try:
+                # (a websocket's WebSocket has the headers and client a key reads, as a
+                # Request)
+                custom = key(cast(Request, request))
+                if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
+                    custom = await custom
+            except _APP_ANSWERS:
+                raise  # the app's own answer (a 401 its lookup raised), a client gone
+            except Exception:
+                # As the middleware does for its own key functions: the request counts by
+                # its address, not a 500 of ours (a header the function indexed missing
+                # failed every such request, and the route breaker counted each one).
+                label = self.name or f"fidelity.limit({self.rate!r})"
+                log_exception(
+                    logger, label, "fidelity_mw: the key function of %s failed; the request "
+                    "counts by the client's address", label,
+                )  # fmt: skip
+                custom = None
             if custom is not None:
                 return "k:" + _compact(str(custom))
         elif key.startswith("header:"):
