@@ -243,3 +243,27 @@ async def test_an_http_exception_from_the_key_function_is_the_apps_answer() -> N
 
     app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
     assert await statuses(app, "/work", 3) == [401, 401, 401]
+
+
+# ---------------------------------------------------------------- OpenAPI
+
+
+@pytest.mark.parametrize("spelling", [429, "429"])
+async def test_the_apps_own_429_entry_is_kept_under_either_spelling(spelling: object) -> None:
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get(
+        "/a",
+        responses={spelling: {"description": "Our own words"}},  # type: ignore[dict-item]
+        dependencies=[Depends(fidelity.limit("5/s"))],
+    )
+    async def a() -> dict[str, str]:
+        return {}
+
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        schema = (await client.get("/openapi.json")).json()
+    responses = schema["paths"]["/a"]["get"]["responses"]
+    assert responses["429"] == {"description": "Our own words"}
