@@ -267,3 +267,61 @@ async def test_the_apps_own_429_entry_is_kept_under_either_spelling(spelling: ob
         schema = (await client.get("/openapi.json")).json()
     responses = schema["paths"]["/a"]["get"]["responses"]
     assert responses["429"] == {"description": "Our own words"}
+
+
+# ---------------------------------------------------------------- an identity with no text
+
+
+class Row:
+    """A user as an ORM returns it: no `__str__` or `__repr__` of its own."""
+
+    def __init__(self, uid: str) -> None:
+        self.id = uid
+
+
+async def row_of(request: Request) -> Row:
+    return Row(request.headers.get("authorization", "anon"))
+
+
+def row_key(request: Request) -> Row:
+    return Row(request.headers.get("authorization", "anon"))
+
+
+@pytest.mark.parametrize("key", [Depends(row_of), row_key], ids=["dependency", "function"])
+async def test_an_identity_whose_text_is_its_address_still_meets_a_limit(
+    key: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/work", dependencies=[Depends(fidelity.limit("2/min", key=key))])  # type: ignore[arg-type]
+    async def work() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    with caplog.at_level(logging.ERROR, logger="fidelity_mw"):
+        # a new key per request was no limit at all: the address counts instead, said
+        assert await statuses(app, "/work", 3, authorization="Bearer ann") == [200, 200, 429]
+    assert any("return the identity's id" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_identity_with_a_text_of_its_own_keys_the_limit() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class User:
+        id: str
+
+    async def user(request: Request) -> User:
+        return User(request.headers["authorization"])
+
+    fidelity = Fidelity()
+    app = FastAPI()
+
+    @app.get("/work", dependencies=[Depends(fidelity.limit("2/min", key=Depends(user)))])
+    async def work() -> dict[str, str]:
+        return {}
+
+    app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
+    assert await statuses(app, "/work", 3, authorization="ann") == [200, 200, 429]
+    assert await statuses(app, "/work", 1, authorization="bob") == [200]  # a counter of his own

@@ -349,6 +349,23 @@ class LimitDependency:
         apart = self._apart[name] = f"{name}#{place + 1}"
         return apart
 
+    def _key_text(self, value: object) -> str | None:
+        """The text a key function's or a key dependency's value counts by; None, said,
+        for an object whose text is its address in memory (a class with no `__str__` or
+        `__repr__` of its own, as an ORM model is: `current_user` returning the user row):
+        a new key per request, so no limit at all. The address counts instead."""
+        kind = type(value)
+        if kind.__str__ is not object.__str__ or kind.__repr__ is not object.__repr__:
+            return str(value)
+        label = self.name or f"fidelity.limit({self.rate!r})"
+        warn(
+            logger, label, "fidelity_mw: the key of %s is a %s, whose text is its address in "
+            "memory, new for every request: no limit at all, so the request counts by the "
+            "client's address; return the identity's id (or give %s a __str__)", label,
+            kind.__name__, kind.__name__, level=logging.ERROR,
+        )  # fmt: skip
+        return None
+
     def _counter_for(self, engine: Engine) -> str:
         """The counter this named limit keeps on `engine`: its name, which a policy
         [[rate_limit]] of the same name shares when it counts at the same rate and burst.
@@ -486,7 +503,9 @@ class LimitDependency:
         key = self.key
         if self.key_dep is not None:
             if identity is not None:  # the dependency's value: the caller's identity
-                return "k:" + _compact(str(identity))
+                text = self._key_text(identity)
+                if text is not None:
+                    return "k:" + _compact(text)
         elif key == "route":
             return "route:" + ctx.route
         if key == "global":
@@ -511,7 +530,9 @@ class LimitDependency:
                 )  # fmt: skip
                 custom = None
             if custom is not None:
-                return "k:" + _compact(str(custom))
+                text = self._key_text(custom)
+                if text is not None:
+                    return "k:" + _compact(text)
         elif key.startswith("header:"):
             # the first line, as the middleware keys it: the value the app reads
             # (`Header()`, `request.headers[...]`), so a junk line after a valid key
