@@ -1067,8 +1067,15 @@ def _form_layers(
                         "deadline",
                         f"route {where}: @fidelity.deadline",
                         f"fidelity.deadline on {path}",
-                        "504 on arrival when expired, or when the endpoint runs past it; "
-                        "caps the caller's deadline",
+                        (
+                            "504 on arrival when expired, or when the endpoint runs past it; "
+                            "caps the caller's deadline"
+                            if policy is not None
+                            # (fastapi/routing.py `_standalone`: on arrival only)
+                            else "504 on arrival when expired (the route class: without "
+                            "FidelityMiddleware a running endpoint is not cut); caps the "
+                            "caller's deadline"
+                        ),
                         f"{override.deadline_ms} ms",
                         "none: read from each request",
                         "-",
