@@ -325,3 +325,44 @@ async def test_an_identity_with_a_text_of_its_own_keys_the_limit() -> None:
     app.add_middleware(FidelityMiddleware, policy=Policy(), clock=FakeClock(), telemetry=False)
     assert await statuses(app, "/work", 3, authorization="ann") == [200, 200, 429]
     assert await statuses(app, "/work", 1, authorization="bob") == [200]  # a counter of his own
+
+
+async def test_without_install_the_outermost_app_names_them_too() -> None:
+    fidelity = Fidelity(clock=FakeClock())
+    app = FastAPI()
+    app.mount("/v1", versioned(fidelity, failing=True))
+    app.mount("/v2", versioned(fidelity, failing=False))  # (no install: {"detail"} bodies)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        v1 = [(await client.get("/v1/orders/1")).status_code for _ in range(3)]
+        v2 = await client.get("/v2/orders/1")
+    assert v1 == [500, 500, 503]
+    assert v2.status_code == 200
+    assert v2.headers["ratelimit"] == '"/v2/orders/{order}:2/min";r=1;t=30'
+
+
+async def test_a_routers_routes_under_a_plain_mount_are_their_own_routes() -> None:
+    from fastapi import APIRouter
+    from starlette.routing import Mount
+
+    fidelity = Fidelity(clock=FakeClock())
+    router = APIRouter(route_class=fidelity.route_class)
+
+    @router.get("/items", dependencies=[Depends(fidelity.limit("5/min"))])
+    @fidelity.breaker(consecutive_failures=1, open_s=30.0, open_min_s=30.0, open_jitter=0.0)
+    async def items() -> dict[str, str]:
+        return {}
+
+    app = FastAPI(routes=[Mount("/api", routes=router.routes)])
+    fidelity.install(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        served = await client.get("/api/items")
+    # named "!unmatched" before (every such route one breaker, its decorator unread)
+    assert served.headers["ratelimit"] == '"/api/items:5/min";r=4;t=12'
+    assert (
+        fidelity.engine.plan_for(
+            {"type": "http", "method": "GET", "path": "/api/items", "app": app}
+        ).route
+        == "/api/items"
+    )

@@ -197,8 +197,15 @@ class Fidelity:
         `/v1/orders` and `/v2/orders` were one route `/orders`: one breaker (one app's
         failures shed the other's requests) and one default limit counter."""
         entry = scope.get(_ENTRY)
-        if entry is not None and entry[0] is not scope.get("app"):
-            scope = {**scope, "app": entry[0], "root_path": entry[1]}
+        if entry is not None:
+            # under a Mount (of an app, or of a router's routes: `root_path` then holds
+            # the mount's path, and the route path alone matched no route of the app's)
+            if entry[0] is not scope.get("app") or entry[1] != scope.get("root_path", ""):
+                scope = {**scope, "app": entry[0], "root_path": entry[1]}
+        elif "app_root_path" in scope and scope.get("router") is not None:
+            # not installed: the outermost router, and the root path before any Mount
+            # (Starlette's), as `check_limits` routes a mounted request
+            scope = {**scope, "app": scope["router"], "root_path": scope["app_root_path"]}
         if "method" not in scope:  # (a websocket's handshake is a GET)
             scope = {**scope, "method": "GET"}
         return self.engine.plan_for(scope)
