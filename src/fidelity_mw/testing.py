@@ -187,7 +187,7 @@ _Saved = tuple[Clock, RandomSource, Any]
 _BLOCKS: list[tuple[FakeClock, RandomSource, list[tuple[Any, _Saved]]]] = []
 
 
-def adopt(engine: Any) -> None:
+def adopt_engine(engine: Any) -> None:
     """An engine built in a block that stands for one made before it (the engine a
     `Fidelity()` made at import builds at its first request): each open block takes it
     over as if it had been there when the block began, and gives back its clock and

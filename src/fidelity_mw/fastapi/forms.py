@@ -155,9 +155,9 @@ class Fidelity:
                     engine = Engine(policy, clock=clock, rng=rng, store=self._store)
                 finally:
                     TESTING.current = block
-                from ..testing import adopt
+                from ..testing import adopt_engine
 
-                adopt(engine)
+                adopt_engine(engine)
                 self._engine = engine
         return self._engine
 
