@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from fastapi import APIRouter, FastAPI
@@ -48,3 +49,26 @@ def test_without_the_middleware_the_map_does_not_promise_a_cut(
 
 def test_behind_the_middleware_it_still_says_the_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "or when the endpoint runs past it" in mapped(monkeypatch, with_middleware=True)
+
+
+def test_the_audit_gives_purgatorys_factory_its_breaker_table(tmp_path: Path) -> None:
+    """purgatory is in the migration guide's heading and the audit finds it, but its
+    factory got no `breaker = {...}` to paste, where pybreaker's and the others' did."""
+    from fidelity_mw.tools.audit import audit_paths
+
+    source = tmp_path / "breakers.py"
+    source.write_text(
+        "import httpx\n"
+        "from purgatory import AsyncCircuitBreakerFactory\n"
+        "circuitbreaker = AsyncCircuitBreakerFactory(default_threshold=4, default_ttl=20)\n"
+        "defaults = AsyncCircuitBreakerFactory()\n"
+    )
+    report = audit_paths([str(source)], [])
+    hints = sorted(f.replace_with for f in report.findings if f.kind == "breaker")
+    assert any(
+        "consecutive_failures = 4, open_s = 20, open_min_s = 20, open_jitter = 0, "
+        "half_open_probes = 1" in hint
+        for hint in hints
+    ), hints
+    # its defaults, 5 failures and 30 s, as purgatory's own
+    assert any("consecutive_failures = 5, open_s = 30" in hint for hint in hints), hints
