@@ -37,6 +37,7 @@ from fidelity_mw import (
     RetryConfig,
     StateConfig,
     UpstreamConfig,
+    upstream_failure_response,
 )
 from fidelity_mw.telemetry import Telemetry, configure_otel
 
@@ -113,8 +114,13 @@ def create_frontend(
         params: dict[str, Any] = dict(request.query_params)
         try:
             upstream = await client.get(f"/inventory/{sku}", params=params)
-        except httpx.HTTPError as exc:  # CircuitOpen, DeadlineExceeded, connect errors
-            return JSONResponse({"sku": sku, "error": type(exc).__name__}, status_code=503)
+        except httpx.HTTPError as exc:
+            # A connect error the retries could not get past: 502 problem+json. An open
+            # host breaker (CircuitOpen) or the deadline (DeadlineExceeded) is raised
+            # again, for the middleware to answer 503/504 with Retry-After and the layer
+            # that decided (docs/migration.md, "Your error handlers around the calls"):
+            # answered here, as a 503 of the app's, Jaeger showed decided_by=app.
+            return upstream_failure_response(exc)
         body = {"sku": sku, "inventory_status": upstream.status_code}
         return JSONResponse(body, status_code=200 if upstream.status_code < 400 else 502)
 

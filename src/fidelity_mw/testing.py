@@ -170,13 +170,33 @@ def fake_time(
     previous = TESTING.current
     TESTING.current = (clock, source)
     swapped = _take_over(clock, source, warn=app is None)
+    _BLOCKS.append((clock, source, swapped))
     try:
         yield clock
     finally:
+        _BLOCKS.pop()
         for engine, (old_clock, old_rng, old_store) in swapped:
             engine.clock, engine.rng, engine.store = old_clock, old_rng, old_store
         TESTING.current = previous
         reset()
+
+
+_Saved = tuple[Clock, RandomSource, Any]
+# The open fake_time() blocks, outermost first: each one's clock, random source and the
+# engines it put on them (to give back their clock and state when it ends).
+_BLOCKS: list[tuple[FakeClock, RandomSource, list[tuple[Any, _Saved]]]] = []
+
+
+def adopt_engine(engine: Any) -> None:
+    """An engine built in a block that stands for one made before it (the engine a
+    `Fidelity()` made at import builds at its first request): each open block takes it
+    over as if it had been there when the block began, and gives back its clock and
+    state when it ends. Built on the block's clock, it kept that clock, stopped, and the
+    block's state for the rest of the process (a limit that never refilled)."""
+    for clock, source, swapped in _BLOCKS:
+        saved = _swap(engine, clock, source)
+        if saved is not None:
+            swapped.append((engine, saved))
 
 
 def _stack_resetter(app: Any) -> Callable[[], None]:
@@ -215,31 +235,21 @@ def _mounted_apps(app: Any, depth: int = 0) -> list[Any]:
     return found
 
 
-_Saved = tuple[Clock, RandomSource, Any]
-
-
 def _take_over(clock: FakeClock, rng: RandomSource, warn: bool) -> list[tuple[Any, _Saved]]:
     """Put the engines built before the block that no middleware holds (a transport's
     own, the forms') on `clock`, their state swapped for a fresh one: they read the
     clock and the store through the engine at every call. Warn (`warn`: no app=
     named) about middleware engines, which cannot be: a middleware keeps what it
     read of its engine when it was built."""
-    from .state.factory import store_from_policy
-
     swapped: list[tuple[Any, _Saved]] = []
     stale = _stale_middleware(clock) if warn else 0
     if stale:
         gc.collect()  # stacks of apps gone (a test's own app) are not worth a warning
         stale = _stale_middleware(clock)
     for engine in list(TESTING.defaulted):
-        if engine.clock is clock or engine.route_app is not None:
-            continue
-        if not engine.policy.state.url.startswith("memory://"):
-            continue
-        saved: _Saved = (engine.clock, engine.rng, engine.store)
-        engine.clock, engine.rng = clock, rng
-        engine.store = store_from_policy(engine.policy, rng, clock)
-        swapped.append((engine, saved))
+        saved = _swap(engine, clock, rng)
+        if saved is not None:
+            swapped.append((engine, saved))
     if stale:
         warnings.warn(
             f"fake_time(): {stale} FidelityMiddleware built before this block keep their "
@@ -250,6 +260,21 @@ def _take_over(clock: FakeClock, rng: RandomSource, warn: bool) -> list[tuple[An
             stacklevel=4,  # the `with` line: this, fake_time, contextlib's __enter__
         )
     return swapped
+
+
+def _swap(engine: Any, clock: FakeClock, rng: RandomSource) -> _Saved | None:
+    """Put an engine that took its clock by default, and that no middleware holds, on
+    `clock` with a fresh in-memory state; what it had, or None when it is left alone."""
+    from .state.factory import store_from_policy
+
+    if engine not in TESTING.defaulted or engine.clock is clock or engine.route_app is not None:
+        return None
+    if not engine.policy.state.url.startswith("memory://"):
+        return None
+    saved: _Saved = (engine.clock, engine.rng, engine.store)
+    engine.clock, engine.rng = clock, rng
+    engine.store = store_from_policy(engine.policy, rng, clock)
+    return saved
 
 
 def _stale_middleware(clock: FakeClock) -> int:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
@@ -12,11 +12,12 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from .._types import Clock, RandomSource
+from ..clock import TESTING
 from ..context import (
     DecisionContext,
     context_from_scope,
 )
-from ..engine import Engine
+from ..engine import Engine, RoutePlan
 from ..errors import PolicyError
 from ..headers import client_address
 from ..inbound.request import NO_PEER
@@ -39,6 +40,9 @@ from .routing import route_class_for
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 logger = logging.getLogger("fidelity_mw")
+# In a request's scope, where it entered the app `install` was given (that app, its root
+# path) when no FidelityMiddleware is on it: `Fidelity.plan` names its routes from there
+_ENTRY: Final = "fidelity_mw.forms.entry"
 
 
 # ---------------------------------------------------------------- Fidelity
@@ -59,6 +63,17 @@ def _mounted_apps(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[F
             found.append((sub, at))
         found += _mounted_apps(getattr(sub, "routes", None), at, depth + 1)
     return found
+
+
+def _has_middleware(app: Any) -> bool:
+    """Whether a FidelityMiddleware was added to `app` (`add_middleware`)."""
+    from ..inbound import FidelityMiddleware
+
+    for entry in getattr(app, "user_middleware", ()):
+        cls = getattr(entry, "cls", None)
+        if isinstance(cls, type) and issubclass(cls, FidelityMiddleware):
+            return True
+    return False
 
 
 def _middleware_policies(app: Any) -> list[Policy]:
@@ -106,6 +121,8 @@ class Fidelity:
             rng,
         )
         self._store = store
+        # the fake_time() block open when this was made (None: none), for `engine`
+        self._made_in = TESTING.current
         # A policy (or engine) given here that the middleware's overrides: said once, at
         # the first request the middleware decided (as FidelityTransport says it)
         self._own_policy: Policy | None = engine.policy if engine is not None else policy
@@ -124,7 +141,24 @@ class Fidelity:
         """The engine used where no middleware provides one (created on first use)."""
         if self._engine is None:
             policy, clock, rng = self._engine_args
-            self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+            block = TESTING.current
+            if block is None or block is self._made_in:
+                self._engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+            else:
+                # First used inside a test's fake_time() block, made before it (at
+                # import): built as it would have been when made, then the block takes
+                # it over and gives it back when it ends (fidelity_mw.testing). Built on
+                # the block's clock, it kept that stopped clock and the block's state
+                # after it: a limit that never refilled in the tests that followed.
+                TESTING.current = self._made_in
+                try:
+                    engine = Engine(policy, clock=clock, rng=rng, store=self._store)
+                finally:
+                    TESTING.current = block
+                from ..testing import adopt_engine
+
+                adopt_engine(engine)
+                self._engine = engine
         return self._engine
 
     def context(self, request: HTTPConnection) -> DecisionContext:
@@ -150,11 +184,31 @@ class Fidelity:
                 )
         scope = request.scope
         method = scope.get("method") or "GET"
-        plan = engine.plan_for(scope if "method" in scope else {**scope, "method": method})
+        plan = self.plan(scope)
         ctx = DecisionContext(engine, plan.route, method, engine.clock.monotonic())
         state = request.scope.setdefault("state", {})
         state["fidelity"] = ctx
         return ctx
+
+    def plan(self, scope: Mapping[str, Any]) -> RoutePlan:
+        """The plan of a request no middleware decided, on this engine: as the installed
+        app sees it (`_ENTRY`), so a route of a mounted app is named by its whole path
+        (`/v1/orders`), as the middleware names it. Named from the mounted app alone,
+        `/v1/orders` and `/v2/orders` were one route `/orders`: one breaker (one app's
+        failures shed the other's requests) and one default limit counter."""
+        entry = scope.get(_ENTRY)
+        if entry is not None:
+            # under a Mount (of an app, or of a router's routes: `root_path` then holds
+            # the mount's path, and the route path alone matched no route of the app's)
+            if entry[0] is not scope.get("app") or entry[1] != scope.get("root_path", ""):
+                scope = {**scope, "app": entry[0], "root_path": entry[1]}
+        elif "app_root_path" in scope and scope.get("router") is not None:
+            # not installed: the outermost router, and the root path before any Mount
+            # (Starlette's), as `check_limits` routes a mounted request
+            scope = {**scope, "app": scope["router"], "root_path": scope["app_root_path"]}
+        if "method" not in scope:  # (a websocket's handshake is a GET)
+            scope = {**scope, "method": "GET"}
+        return self.engine.plan_for(scope)
 
     def _overridden(self, engine: Engine) -> None:
         """The forms run behind the middleware, on its engine: a policy given here with
@@ -267,6 +321,19 @@ class Fidelity:
                 raise exc.prefixed("fidelity.breaker") from None
         elif fields:
             raise TypeError("pass a BreakerConfig or its fields as keywords, not both")
+        elif not isinstance(config, BreakerConfig | bool):
+            # Refused here, not per request: the route's plan could not be built from it,
+            # and the middleware let every request of the route through undecided (its
+            # limits and deadline too); the route class answered each with a 500.
+            fix = (
+                f"its fields as keywords, fidelity.breaker(**{config!r})"
+                if isinstance(config, Mapping)
+                else "a BreakerConfig, its fields as keywords, or False for none"
+            )
+            raise PolicyError.at(
+                "fidelity.breaker",
+                f"expected a BreakerConfig, true or false, got {type(config).__name__}: pass {fix}",
+            )
 
         def decorate(endpoint: _F) -> _F:
             return mark(endpoint, breaker=config)
@@ -276,7 +343,10 @@ class Fidelity:
     def deadline(self, ms: int) -> Callable[[_F], _F]:
         """This endpoint's deadline in ms: the default, and the most a caller may ask for."""
         if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= 86_400_000:
-            raise ValueError(f"deadline must be 1..86400000 ms, got {ms!r}")
+            # a PolicyError (a ValueError, as before), as the other forms' bad arguments
+            raise PolicyError.at(
+                "fidelity.deadline", f"expected a whole number of ms 1 .. 86400000, got {ms!r}"
+            )
 
         def decorate(endpoint: _F) -> _F:
             return mark(endpoint, deadline_ms=ms)
@@ -308,7 +378,18 @@ class Fidelity:
             for sub, at in _mounted_apps(app.routes):
                 self._install_one(sub, app, at)
             self._adopt_on_reject(app)  # a middleware added after this call
-            return build()
+            stack = build()
+            if _has_middleware(app):
+                return stack  # (it decides every request, and names its routes)
+
+            async def entry(scope: Any, receive: Any, send: Any) -> None:
+                # Where the request entered this app, for `plan` (a mounted app sets
+                # scope["app"] and "root_path" to its own): the outermost installed app
+                if _ENTRY not in scope:
+                    scope[_ENTRY] = (app, scope.get("root_path", ""))
+                await stack(scope, receive, send)
+
+            return entry
 
         app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 

@@ -6,8 +6,8 @@ import hashlib
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Final, Protocol, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol, cast
 
 from fastapi import Request, Response
 from fastapi import params as fastapi_params
@@ -29,7 +29,7 @@ from ..context import (
     DetailValue,
 )
 from ..decide.gcra import policy_field
-from ..engine import Engine, sf_string_content
+from ..engine import Engine, RoutePlan, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
@@ -53,6 +53,8 @@ class FormsOwner(Protocol):
 
     def context(self, request: HTTPConnection) -> DecisionContext: ...
 
+    def plan(self, scope: Mapping[str, Any]) -> RoutePlan: ...
+
     def client_ip(
         self, request: HTTPConnection, engine: Engine, ipv6_prefix: int | None = None
     ) -> str: ...
@@ -62,6 +64,9 @@ _MAX_KEY_CHARS: Final = 64
 # Where a request's admitted form limits note what they charged (in its ASGI scope, one
 # list per request): a later form limit that refuses the request gives those units back
 _CHARGED: Final = "fidelity_mw.forms.charged"
+# The unnamed form limits a request met, by default name (in its ASGI scope): a second
+# one of the same route at the same rate counts apart (`_default_name`)
+_UNNAMED: Final = "fidelity_mw.forms.unnamed"
 # What a cost function may raise that is no failure of it: the app's answer to the
 # request, or the client gone while it read the body (the middleware's to record)
 _APP_ANSWERS: Final = (
@@ -116,7 +121,9 @@ class LimitDependency:
         # A cost function is checked per request (`_cost_of`): the bound is the burst.
         try:
             checked = RateLimit(
-                name=name or "depends",
+                # (name="" checked as given: it counted every route's requests on one
+                # counter, "", whatever their rates)
+                name="depends" if name is None else name,
                 rate=rate,
                 burst=burst,
                 cost=1 if callable(cost) else cost,
@@ -144,6 +151,9 @@ class LimitDependency:
         # another rate) a counter of its own (`_counter_for`).
         self._checked: Engine | None = None
         self._counter = name or ""
+        # default name -> the name this limit counts on there, where another unnamed
+        # limit of the route at the same rate came first (`_default_name`; for `check`)
+        self._apart: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -157,7 +167,7 @@ class LimitDependency:
         ctx = owner.context(request)
         engine = ctx.engine
         now = engine.clock.monotonic()
-        name = self.name or default_name(ctx.route, self.rate)
+        name = self.name or self._default_name(request, ctx.route)
         counter = name if self.name is None else self._counter_for(engine)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
@@ -304,7 +314,11 @@ class LimitDependency:
                 f"{self!r} is keyed by a dependency: pass its value, check(request, identity=...)"
             )
         ctx = self.owner.context(request)
-        name = self.name or default_name(route or ctx.route, self.rate)
+        if self.name is None:
+            name = default_name(route or ctx.route, self.rate)
+            name = self._apart.get(name, name)
+        else:
+            name = self.name
         counter = name if self.name is None else self._counter_for(ctx.engine)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
@@ -313,6 +327,44 @@ class LimitDependency:
         now = ctx.engine.clock.monotonic()
         keys = (f"{counter}|{value}",)
         return await peek_limits(ctx.engine, keys, (spec,), (self.burst_size,), now)
+
+    def _default_name(self, request: HTTPConnection, route: str) -> str:
+        """The name of this unnamed limit on `route`: `<route>:<rate>`, or, where another
+        unnamed limit of the route at the same rate ran before it in this request (an
+        app-wide `FastAPI(dependencies=[...])` one and the route's own), that name with
+        `#2` (`#3` ...) after it, in the order FastAPI runs them. One name held both
+        counts: at another burst the two fought over one GCRA state (every request of
+        the route refused, its first too), at the same burst each request paid twice."""
+        name = default_name(route, self.rate)
+        met = request.scope.get(_UNNAMED)
+        if met is None:
+            request.scope[_UNNAMED] = {name: [self]}
+            return name
+        limits = met.setdefault(name, [])
+        if self not in limits:
+            limits.append(self)
+        place = limits.index(self)
+        if place == 0:
+            return name
+        apart = self._apart[name] = f"{name}#{place + 1}"
+        return apart
+
+    def _key_text(self, value: object) -> str | None:
+        """The text a key function's or a key dependency's value counts by; None, said,
+        for an object whose text is its address in memory (a class with no `__str__` or
+        `__repr__` of its own, as an ORM model is: `current_user` returning the user row):
+        a new key per request, so no limit at all. The address counts instead."""
+        kind = type(value)
+        if kind.__str__ is not object.__str__ or kind.__repr__ is not object.__repr__:
+            return str(value)
+        label = self.name or f"fidelity.limit({self.rate!r})"
+        warn(
+            logger, label, "fidelity_mw: the key of %s is a %s, whose text is its address in "
+            "memory, new for every request: no limit at all, so the request counts by the "
+            "client's address; return the identity's id (or give %s a __str__)", label,
+            kind.__name__, kind.__name__, level=logging.ERROR,
+        )  # fmt: skip
+        return None
 
     def _counter_for(self, engine: Engine) -> str:
         """The counter this named limit keeps on `engine`: its name, which a policy
@@ -451,18 +503,36 @@ class LimitDependency:
         key = self.key
         if self.key_dep is not None:
             if identity is not None:  # the dependency's value: the caller's identity
-                return "k:" + _compact(str(identity))
+                text = self._key_text(identity)
+                if text is not None:
+                    return "k:" + _compact(text)
         elif key == "route":
             return "route:" + ctx.route
         if key == "global":
             return "*"
         if callable(key):
-            # (a websocket's WebSocket has the headers and client a key reads, as a Request)
-            custom = key(cast(Request, request))
-            if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
-                custom = await custom
+            try:
+                # (a websocket's WebSocket has the headers and client a key reads, as a
+                # Request)
+                custom = key(cast(Request, request))
+                if inspect.isawaitable(custom):  # a coroutine function (an auth lookup)
+                    custom = await custom
+            except _APP_ANSWERS:
+                raise  # the app's own answer (a 401 its lookup raised), a client gone
+            except Exception:
+                # As the middleware does for its own key functions: the request counts by
+                # its address, not a 500 of ours (a header the function indexed missing
+                # failed every such request, and the route breaker counted each one).
+                label = self.name or f"fidelity.limit({self.rate!r})"
+                log_exception(
+                    logger, label, "fidelity_mw: the key function of %s failed; the request "
+                    "counts by the client's address", label,
+                )  # fmt: skip
+                custom = None
             if custom is not None:
-                return "k:" + _compact(str(custom))
+                text = self._key_text(custom)
+                if text is not None:
+                    return "k:" + _compact(text)
         elif key.startswith("header:"):
             # the first line, as the middleware keys it: the value the app reads
             # (`Header()`, `request.headers[...]`), so a junk line after a valid key

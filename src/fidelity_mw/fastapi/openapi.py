@@ -164,4 +164,7 @@ def document(
     if enforced or (override is not None and override.deadline_ms is not None) or 504 in middleware:
         statuses.append(504)
     for status, entry in problem_responses(*statuses).items():
-        route.responses.setdefault(status, entry)
+        # the app's own entry stays, under either spelling FastAPI takes (429 or "429"):
+        # ours under the int merged into its "429", its description replaced by ours
+        if status not in route.responses and str(status) not in route.responses:
+            route.responses[status] = entry

@@ -76,7 +76,7 @@ async def _standalone(
 ) -> Response:
     """Deadline and route breaker around the handler, as the middleware would do them."""
     engine = owner.engine
-    plan = engine.plan_for(request.scope)
+    plan = owner.plan(request.scope)
     now = engine.clock.monotonic()
     ctx = owner.context(request)
     remaining = _deadline(engine, plan, request, ctx)

@@ -1896,6 +1896,8 @@ _BREAKER_ARGS = {
     "pybreaker": ("fail_max", "reset_timeout", 5, 60.0),
     "aiobreaker": ("fail_max", "timeout_duration", 5, 60.0),
     "circuitbreaker": ("failure_threshold", "recovery_timeout", 5, 30.0),
+    # its factory's defaults for every circuit it makes (`get_breaker` may set its own)
+    "purgatory": ("default_threshold", "default_ttl", 5, 30.0),
 }
 
 
@@ -1919,12 +1921,13 @@ def _seconds(node: ast.expr | None, default: float) -> float | None:
 
 def _breaker_hint(call: ast.expr, library: str) -> str:
     """`pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)` (or circuitbreaker's,
-    aiobreaker's) -> the `breaker` table that opens and waits the same way."""
+    aiobreaker's, purgatory's factory) -> the `breaker` table that opens and waits the
+    same way."""
     if library not in _BREAKER_ARGS:
         return ""
     fails_arg, open_arg, fails_default, open_default = _BREAKER_ARGS[library]
     kw = {k.arg: k.value for k in call.keywords if k.arg} if isinstance(call, ast.Call) else {}
-    if isinstance(call, ast.Call):  # all three take these two first, in this order
+    if isinstance(call, ast.Call):  # all four take these two first, in this order
         kw.update(zip((fails_arg, open_arg), call.args[:2], strict=False))
     fails = _literal(kw[fails_arg]) if fails_arg in kw else fails_default
     open_s = _seconds(kw.get(open_arg), open_default)

@@ -996,10 +996,18 @@ def _form_layers(
             path = prefix + str(getattr(route, "path", "?"))
             methods = ",".join(sorted(getattr(route, "methods", None) or ()))
             where = f"{methods} {path}" if methods else path
+            # the route's unnamed limits by rate: a second one counts apart, on "#2"
+            # (fastapi/limit.py `_default_name`); FastAPI runs a repeated one once
+            unnamed: dict[str, list[Any]] = {}
             for found in _route_dependencies(route):
                 if limit_cls is None or not isinstance(found, limit_cls):
                     continue
                 call: Any = found  # a LimitDependency (fastapi/limit.py)
+                if call.name is None:
+                    same_rate = unnamed.setdefault(call.rate, [])
+                    if any(other is call for other in same_rate):
+                        continue
+                    same_rate.append(call)
                 home = homes["limit"]
                 key = (
                     "a dependency's value"
@@ -1009,6 +1017,8 @@ def _form_layers(
                     else "callable"
                 )
                 counter = call.name or f"<route>:{call.rate}"
+                if call.name is None and len(unnamed[call.rate]) > 1:
+                    counter += f"#{len(unnamed[call.rate])}"
                 shared = "" if call.name is None else f" (counter {call.name!r}, shared by name)"
                 limits = policy.rate_limits if policy is not None else ()
                 namesake = next((lim for lim in limits if lim.name == call.name), None)
@@ -1059,8 +1069,15 @@ def _form_layers(
                         "deadline",
                         f"route {where}: @fidelity.deadline",
                         f"fidelity.deadline on {path}",
-                        "504 on arrival when expired, or when the endpoint runs past it; "
-                        "caps the caller's deadline",
+                        (
+                            "504 on arrival when expired, or when the endpoint runs past it; "
+                            "caps the caller's deadline"
+                            if policy is not None
+                            # (fastapi/routing.py `_standalone`: on arrival only)
+                            else "504 on arrival when expired (the route class: without "
+                            "FidelityMiddleware a running endpoint is not cut); caps the "
+                            "caller's deadline"
+                        ),
                         f"{override.deadline_ms} ms",
                         "none: read from each request",
                         "-",
