@@ -212,7 +212,8 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     the server's bare 500 carried neither, and a caller could retry a request we already
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
-    (`given_up_response`): 502. An error raised from one (`causes`) as that one."""
+    (`given_up_response`): 502 (504 for a 504). An error raised from one (`causes`) as
+    that one."""
     if exc.__cause__ is not None:
         for err in causes(exc):
             answer = _upstream_failure(ctx, err)
@@ -271,7 +272,13 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         why = f"failed ({type(exc).__name__})"
     else:
         return None
-    timeout = isinstance(exc, httpx.TimeoutException)
+    # An upstream's 504 given up on is a timeout too (its deadline, or its own upstream's,
+    # ran out on the time we told it): answered 502, a hop's timeout reached the client as
+    # a bad gateway, where the same time running out at a callee without fidelity_mw (our
+    # read timeout) is a 504.
+    timeout = isinstance(exc, httpx.TimeoutException) or (
+        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 504
+    )
     status = 504 if timeout else 502
     detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why} after retrying"
     extra = {} if upstream is None else {"upstream": upstream}
