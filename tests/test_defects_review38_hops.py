@@ -417,9 +417,12 @@ def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
     assert response.headers.get("retry-after", "").isdigit()
 
 
-def test_an_upstream_503_not_retried_and_let_out_stays_the_apps_500() -> None:
-    # not a callee's refusal: the app let out an upstream's failure it did not retry
-    # (docs/inbound.md: the app's own 500, as before)
+def test_an_upstream_503_whose_retry_after_was_not_waited_and_let_out_is_a_marked_502() -> None:
+    # Not a callee's refusal, but one of ours: the transport would not wait the
+    # upstream's Retry-After (10 s, it waits 2 s) and gave up on its first attempt
+    # (`retry_after_too_long`). Review 39 (scenario 2: every instance of C paused past what
+    # B waits) found the app's bare 500 for it: no Retry-After for the client, and A's
+    # breaker for B counted it against B. Now the 502 a callee's own refusal gets.
     app = _not_retried(None)
 
     async def go() -> httpx.Response:
@@ -427,4 +430,8 @@ def test_an_upstream_503_not_retried_and_let_out_stays_the_apps_500() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
             return await client.get("/")
 
-    assert asyncio.run(go()).status_code == 500
+    response = asyncio.run(go())
+    assert response.status_code == 502
+    assert response.headers.get("x-fidelity-fault") == "upstream"
+    assert "x-fidelity-retry" not in response.headers  # B did not retry: its caller may
+    assert response.headers.get("retry-after", "").isdigit()

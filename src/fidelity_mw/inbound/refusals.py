@@ -237,7 +237,7 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             if not (
                 ctx.upstream_failed
                 and status in GATEWAY_STATUSES
-                and DECIDED_BY_HEADER_STR in exc.response.headers
+                and (DECIDED_BY_HEADER_STR in exc.response.headers or _wait_refused(ctx, exc))
             ):
                 return None
             # A callee's control layer refused (its breaker's 503, its deadline's 504),
@@ -247,7 +247,10 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             # for it, and the callee's refusal reached the client as a 500. A 502 marked
             # `x-fidelity-fault: upstream` (not `exhausted`: we did not retry, our caller
             # may). (The callee's own header on the response it raised for: not a 503
-            # the app built, nor another call's.)
+            # the app built, nor another call's.) So, too, an upstream's 503 whose
+            # Retry-After the transport would not wait (`_wait_refused`): every instance
+            # of C paused by C's own `Retry-After: 5`, B's bare 500 reached the client
+            # without the wait, and A's breaker for B counted it against B.
             upstream: str | None = _status_host(exc)
             why = f"answered {status}"
             detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
@@ -348,6 +351,25 @@ def _exhausting(marker: Decision) -> bool:
 
 
 DECIDED_BY_HEADER_STR: Final = "x-fidelity-decided-by"
+
+
+_WAIT_REFUSED: Final = frozenset({"retry_after_too_long", "deadline"})
+
+
+def _wait_refused(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
+    """Did the transport give up on this response's `Retry-After` (longer than it waits,
+    or than the deadline: `retry_after_too_long`, recorded as the request's last give-up
+    for that upstream)? A refusal of ours to wait, not the app's failure."""
+    if "retry-after" not in exc.response.headers:
+        return False
+    host = _status_host(exc)
+    last = _outbound_give_up(ctx, (LAYER_RETRY, LAYER_DEADLINE))
+    return (
+        host is not None
+        and last is not None
+        and last.reason in _WAIT_REFUSED
+        and (last.subject == host or last.subject.startswith(host + ":"))
+    )
 
 
 def _status_host(exc: httpx.HTTPStatusError) -> str | None:

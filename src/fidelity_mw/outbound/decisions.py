@@ -53,7 +53,7 @@ from ..engine import Engine
 from ..errors import CircuitOpen, DeadlineExceeded, FidelityError
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
-from .advice import retry_hint, retry_spread_s
+from .advice import FROM_UPSTREAM, retry_hint, retry_spread_s
 from .upstream import Instance, Upstream
 from .wire import (
     DECIDED_BY,
@@ -204,6 +204,7 @@ def give_up(
     *,
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
+    upstream_advised: bool = False,
     **details: DetailValue,
 ) -> None:
     """Record why there is no (further) attempt; mark the context when we are exhausted.
@@ -212,7 +213,8 @@ def give_up(
     outbound layer knows how long no attempt could help (advice.py), the record
     carries it (`retry_hint_s`, `retry_hint_from`) with the window the advice is spread
     over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
-    5xx that follows.
+    5xx that follows. `upstream_advised`: the upstream's `Retry-After` is a callee's
+    advice, spread already (see `advised`): passed on as it is, not spread again.
     """
     instances = up.instances
     opens: list[float] | None = None
@@ -240,7 +242,11 @@ def give_up(
         wait = min(hint.wait_s, up.retry.advice_max_s)
         details["retry_hint_s"] = round(wait, 3)
         details["retry_hint_from"] = hint.source
-        spread = retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        spread = (
+            0.0
+            if upstream_advised and hint.source == FROM_UPSTREAM
+            else retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        )
         if spread > 0.0:
             details["retry_hint_spread_s"] = round(spread, 3)
     decision = Decision(
@@ -467,6 +473,26 @@ def deadline_spent(
     return SPENT_SHORT if left < up.attempt_timeout_s * 0.5 else SPENT
 
 
+def advised(
+    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response | None
+) -> bool:
+    """Is this 5xx's `Retry-After` a trusted callee's advice after its own give-up (its
+    answer says `x-fidelity-retry: exhausted` or `x-fidelity-fault: upstream`, which its
+    middleware writes, with the advice, spread over its window)? Spread again at every
+    hop, C's `Retry-After: 5` reached the client of A -> B -> C as up to 12 s, each hop
+    adding half of what it was told: the client waited for a spread of spreads, long
+    after C was back. The hop next to the give-up spreads it, once."""
+    if response is None or response.status_code < 500:
+        return False
+    headers = response.headers
+    signal = headers.get(RETRY_SIGNAL_HEADER)
+    fault = headers.get(FAULT_HEADER)
+    marked = (signal is not None and signal.strip().lower() == EXHAUSTED) or (
+        fault is not None and fault.strip().lower() == FAULT_UPSTREAM
+    )
+    return marked and trusted_peer(engine, up, target, response)
+
+
 def trusted_peer(
     engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
 ) -> bool:
@@ -612,6 +638,7 @@ def plan_call(
         give_up(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
+            upstream_advised=retry_after is not None and advised(engine, up, target, response),
         )  # fmt: skip
         scoped = None
     if retry_after is not None:
