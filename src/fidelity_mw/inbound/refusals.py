@@ -35,6 +35,7 @@ from ..decide.gcra import retry_after_header
 from ..decide.retry import EXHAUSTING_REASONS
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
+from ..outbound.body import BROKEN_BODY
 from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import (
     DECIDED_BY_HEADER,
@@ -259,6 +260,22 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         upstream = gave_up.subject
         why = f"answered {status}"
     elif isinstance(exc, httpx.TransportError):
+        if ctx.upstream_failed and getattr(exc, BROKEN_BODY, False) and not _exhausting_mark(exc):
+            # The body of an upstream's answer broke while the app read it (after its
+            # head: not retried), and our breaker for it counted that: the upstream's
+            # failure, answered as such (marked `x-fidelity-fault: upstream`, not
+            # `exhausted`: we did not retry, our caller may, and nothing of ours was sent
+            # yet). As the app's bare 500, our callers' breakers counted it against us:
+            # C's instances resetting mid-body opened A's breaker for B.
+            timeout = isinstance(exc, httpx.TimeoutException)
+            status = 504 if timeout else 502
+            upstream = _host(exc)
+            detail = (f"upstream {upstream!r}" if upstream else "an upstream") + (
+                f" broke off its answer ({type(exc).__name__})"
+            )
+            extra = {} if upstream is None else {"upstream": upstream}
+            title = "Gateway Timeout" if timeout else "Bad Gateway"
+            return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
         if getattr(exc, GIVE_UP_EXTENSION, _UNMARKED) is _UNMARKED:
             # not raised by the transport: the request's flag and last give-up, as before
@@ -351,6 +368,12 @@ def _exhausting(marker: Decision) -> bool:
 
 
 DECIDED_BY_HEADER_STR: Final = "x-fidelity-decided-by"
+
+
+def _exhausting_mark(exc: BaseException) -> bool:
+    """Does the transport's mark on `exc` say the call was given up on exhaustingly?"""
+    marker = getattr(exc, GIVE_UP_EXTENSION, None)
+    return isinstance(marker, Decision) and marker.verdict == GIVE_UP
 
 
 _WAIT_REFUSED: Final = frozenset({"retry_after_too_long", "deadline"})
