@@ -410,12 +410,12 @@ def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
     assert response.headers.get("retry-after", "").isdigit()
 
 
-def test_an_upstream_503_not_retried_for_its_wait_and_let_out_is_a_marked_502() -> None:
-    # Not a callee's refusal, but the transport's own decision not to retry (the wait
-    # asked for is longer than it waits; its breaker for the upstream counted the 503):
-    # answered as the callee's refusal is (review 39; it was the app's 500, which our
-    # callers' breakers counted against us). With retries off it stays the app's 500
-    # (tests/test_defects_review39_waited.py).
+def test_an_upstream_503_whose_retry_after_was_not_waited_and_let_out_is_a_marked_502() -> None:
+    # Not a callee's refusal, but one of ours: the transport would not wait the
+    # upstream's Retry-After (10 s, it waits 2 s) and gave up on its first attempt
+    # (`retry_after_too_long`). Review 39 (scenario 2: every instance of C paused past what
+    # B waits) found the app's bare 500 for it: no Retry-After for the client, and A's
+    # breaker for B counted it against B. Now the 502 a callee's own refusal gets.
     app = _not_retried(None)
 
     async def go() -> httpx.Response:
@@ -426,5 +426,5 @@ def test_an_upstream_503_not_retried_for_its_wait_and_let_out_is_a_marked_502() 
     response = asyncio.run(go())
     assert response.status_code == 502
     assert response.headers.get("x-fidelity-fault") == "upstream"
-    assert "x-fidelity-retry" not in response.headers
+    assert "x-fidelity-retry" not in response.headers  # B did not retry: its caller may
     assert response.headers.get("retry-after", "").isdigit()

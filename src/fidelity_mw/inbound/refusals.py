@@ -35,6 +35,7 @@ from ..decide.gcra import retry_after_header
 from ..decide.retry import EXHAUSTING_REASONS
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
+from ..outbound.body import BROKEN_BODY
 from ..outbound.decisions import GIVE_UP_EXTENSION
 from .responses import (
     DECIDED_BY_HEADER,
@@ -212,7 +213,8 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     the server's bare 500 carried neither, and a caller could retry a request we already
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
-    (`given_up_response`): 502. An error raised from one (`causes`) as that one."""
+    (`given_up_response`): 502 (504 for a 504). An error raised from one (`causes`) as
+    that one."""
     if exc.__cause__ is not None:
         for err in causes(exc):
             answer = _upstream_failure(ctx, err)
@@ -248,7 +250,9 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             # the app built, nor another call's.) So too a 5xx the transport did not retry
             # because the upstream, or every other instance of it, asked for a longer
             # wait than the call waits (its `retry_after_too_long` marks the response):
-            # our decision, answered as one, never the app's 500.
+            # our decision, answered as one, never the app's 500 (every instance of C
+            # paused by C's own `Retry-After`: B's bare 500 reached the client without
+            # the wait, and A's breaker for B counted it against B).
             upstream: str | None = _status_host(exc)
             why = f"answered {status}"
             detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
@@ -257,6 +261,22 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         upstream = gave_up.subject
         why = f"answered {status}"
     elif isinstance(exc, httpx.TransportError):
+        if ctx.upstream_failed and getattr(exc, BROKEN_BODY, False) and not _exhausting_mark(exc):
+            # The body of an upstream's answer broke while the app read it (after its
+            # head: not retried), and our breaker for it counted that: the upstream's
+            # failure, answered as such (marked `x-fidelity-fault: upstream`, not
+            # `exhausted`: we did not retry, our caller may, and nothing of ours was sent
+            # yet). As the app's bare 500, our callers' breakers counted it against us:
+            # C's instances resetting mid-body opened A's breaker for B.
+            timeout = isinstance(exc, httpx.TimeoutException)
+            status = 504 if timeout else 502
+            upstream = _host(exc)
+            detail = (f"upstream {upstream!r}" if upstream else "an upstream") + (
+                f" broke off its answer ({type(exc).__name__})"
+            )
+            extra = {} if upstream is None else {"upstream": upstream}
+            title = "Gateway Timeout" if timeout else "Bad Gateway"
+            return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
         if getattr(exc, GIVE_UP_EXTENSION, _UNMARKED) is _UNMARKED:
             # not raised by the transport: the request's flag and last give-up, as before
@@ -273,7 +293,13 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         why = f"failed ({type(exc).__name__})"
     else:
         return None
-    timeout = isinstance(exc, httpx.TimeoutException)
+    # An upstream's 504 given up on is a timeout too (its deadline, or its own upstream's,
+    # ran out on the time we told it): answered 502, a hop's timeout reached the client as
+    # a bad gateway, where the same time running out at a callee without fidelity_mw (our
+    # read timeout) is a 504.
+    timeout = isinstance(exc, httpx.TimeoutException) or (
+        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 504
+    )
     status = 504 if timeout else 502
     detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why} after retrying"
     extra = {} if upstream is None else {"upstream": upstream}
@@ -350,6 +376,12 @@ def _exhausting(marker: Decision) -> bool:
 
 
 DECIDED_BY_HEADER_STR: Final = "x-fidelity-decided-by"
+
+
+def _exhausting_mark(exc: BaseException) -> bool:
+    """Does the transport's mark on `exc` say the call was given up on exhaustingly?"""
+    marker = getattr(exc, GIVE_UP_EXTENSION, None)
+    return isinstance(marker, Decision) and marker.verdict == GIVE_UP and _exhausting(marker)
 
 
 def _status_host(exc: httpx.HTTPStatusError) -> str | None:

@@ -132,6 +132,12 @@ def _forget_closed_loops() -> None:
             coro.close()
 
 
+# Set on the error of a body that broke while read (`Watch.broke`): counted by our
+# breaker for the upstream, so the middleware answers it, let out, as the upstream's
+# failure (a 502 marked `x-fidelity-fault: upstream`), not the app's bare 500.
+BROKEN_BODY: Final = "fidelity_broken_body"
+
+
 class Watch(NamedTuple):
     """What a broken body is reported to: the call's context and the breaker its success
     was counted on (`gate` None: no breaker counted it, the balancer went around an open
@@ -160,6 +166,8 @@ class Watch(NamedTuple):
         try:
             self._decide(exc, read)
             mark(self.ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
+            with contextlib.suppress(Exception):  # (an error that takes no attribute)
+                setattr(exc, BROKEN_BODY, True)  # (the middleware's answer, if let out)
             if self.attempts > 1:
                 self._exhausted(exc)
             if self.target is not None and self.gate is None:

@@ -50,10 +50,10 @@ from ..decide.retry import (
     retryable_error,
 )
 from ..engine import Engine
-from ..errors import CircuitOpen, DeadlineExceeded
+from ..errors import CircuitOpen, DeadlineExceeded, FidelityError
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
-from .advice import retry_hint, retry_spread_s
+from .advice import FROM_UPSTREAM, retry_hint, retry_spread_s
 from .upstream import Instance, Upstream
 from .wire import (
     DECIDED_BY,
@@ -63,6 +63,7 @@ from .wire import (
     IDEMPOTENCY_KEY,
     RETRY_SIGNAL_HEADER,
     connected_peer_trusted,
+    deadline_bound_s,
     error_kind,
     has_header,
 )
@@ -207,6 +208,7 @@ def give_up(
     *,
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
+    upstream_advised: bool = False,
     **details: DetailValue,
 ) -> None:
     """Record why there is no (further) attempt; mark the context when we are exhausted.
@@ -215,7 +217,8 @@ def give_up(
     outbound layer knows how long no attempt could help (advice.py), the record
     carries it (`retry_hint_s`, `retry_hint_from`) with the window the advice is spread
     over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
-    5xx that follows.
+    5xx that follows. `upstream_advised`: the upstream's `Retry-After` is a callee's
+    advice, spread already (see `advised`): passed on as it is, not spread again.
     """
     instances = up.instances
     opens: list[float] | None = None
@@ -243,7 +246,11 @@ def give_up(
         wait = min(hint.wait_s, up.retry.advice_max_s)
         details["retry_hint_s"] = round(wait, 3)
         details["retry_hint_from"] = hint.source
-        spread = retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        spread = (
+            0.0
+            if upstream_advised and hint.source == FROM_UPSTREAM
+            else retry_spread_s(wait, up.retry.advice_spread, up.retry.advice_spread_min_s)
+        )
         if spread > 0.0:
             details["retry_hint_spread_s"] = round(spread, 3)
     decision = Decision(
@@ -417,6 +424,84 @@ def classify(
     return outcome, retryable_error(kind, up.retry), False
 
 
+# `deadline_spent`: how a failed attempt's time ran out
+SPENT: Final = 1  # at the rest of the deadline, which bounded the attempt
+SPENT_SHORT: Final = 2  # ... and that rest was under half the attempt timeout
+
+
+def deadline_spent(
+    ctx: DecisionContext,
+    up: Upstream,
+    request: httpx.Request,
+    response: httpx.Response | None,
+    error: BaseException | None,
+    started: float,
+    ended: float,
+) -> int:
+    """Did this failed attempt (from `started` to `ended`) end because the rest of the
+    deadline ran out? 0 when not: its time was its whole attempt timeout, or a shorter
+    timeout of the caller's client ended it, or it failed otherwise or sooner. `SPENT`
+    when the deadline bounded it (`prepare`) and it timed out at that bound (our
+    timeout, or the callee's deadline 504 for the time we told it): a retry has only the
+    margin left (at most a tenth of what this attempt had), so there is none.
+    `SPENT_SHORT` when that time was also under half the attempt timeout: a caller's
+    deadline that short is its choice, and a callee that could not answer in it is no
+    more failing than one our own attempt timeout would have waited for (the route
+    breaker leaves the deadline's 504 alone for the same reason). Counted, a client that
+    sends short deadlines opened our breakers for a healthy callee, and every other
+    request lost it.
+    """
+    deadline_at = ctx.deadline_at
+    if deadline_at is None:
+        return 0
+    left = deadline_at - started
+    if left >= up.uncut_s:
+        return 0
+    key = "read"
+    if response is not None:
+        if response.status_code != 504:
+            return 0
+        decided = response.headers.get(DECIDED_BY)
+        if decided is None or decided.strip().lower() != LAYER_DEADLINE:
+            return 0
+    elif not isinstance(error, httpx.TimeoutException) or isinstance(
+        error, httpx.PoolTimeout | FidelityError
+    ):
+        return 0
+    elif isinstance(error, httpx.ConnectTimeout):
+        key = "connect"
+    elif isinstance(error, httpx.WriteTimeout):
+        key = "write"
+    given = deadline_bound_s(left)
+    if ended - started < given * 0.5:
+        return 0  # not at the bound: a timeout (or a 504) of another's, sooner
+    timeouts = request.extensions.get("timeout")
+    bound = timeouts.get(key) if isinstance(timeouts, Mapping) else None
+    if bound is not None and bound < given * 0.999999:
+        return 0  # the client's own shorter timeout ended it, not the deadline
+    return SPENT_SHORT if left < up.attempt_timeout_s * 0.5 else SPENT
+
+
+def advised(
+    engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response | None
+) -> bool:
+    """Is this 5xx's `Retry-After` a trusted callee's advice after its own give-up (its
+    answer says `x-fidelity-retry: exhausted` or `x-fidelity-fault: upstream`, which its
+    middleware writes, with the advice, spread over its window)? Spread again at every
+    hop, C's `Retry-After: 5` reached the client of A -> B -> C as up to 12 s, each hop
+    adding half of what it was told: the client waited for a spread of spreads, long
+    after C was back. The hop next to the give-up spreads it, once."""
+    if response is None or response.status_code < 500:
+        return False
+    headers = response.headers
+    signal = headers.get(RETRY_SIGNAL_HEADER)
+    fault = headers.get(FAULT_HEADER)
+    marked = (signal is not None and signal.strip().lower() == EXHAUSTED) or (
+        fault is not None and fault.strip().lower() == FAULT_UPSTREAM
+    )
+    return marked and trusted_peer(engine, up, target, response)
+
+
 def trusted_peer(
     engine: Engine, up: Upstream, target: Instance | None, response: httpx.Response
 ) -> bool:
@@ -487,6 +572,7 @@ def plan_call(
     now: float,
     target: Instance | None = None,
     used: Sequence[Instance] = (),
+    spent: bool = False,
 ) -> tuple[RetryPlan, RetryAfter | None]:
     """Retry this retryable failure? Records the give-up (but not a budget one) if not.
     `used`: the instances of the service the call sent to before (its hedges' too).
@@ -498,7 +584,8 @@ def plan_call(
     backoff (`SCOPE_INSTANCE`). Otherwise (a plain host, no other instance, or a
     service whose `retry_after_scope` is `service`) the call waits it before the retry
     (`SCOPE_CALL`), or gives up when it cannot; a planned retry after a 429 then pauses
-    the host (the service) for it."""
+    the host (the service) for it. `spent`: the attempt timed out at the rest of the
+    deadline (`deadline_spent`): what is left is no time for another."""
     status: int | None = None
     retry_after: float | None = None
     breaker_wait: float | None = None
@@ -515,7 +602,7 @@ def plan_call(
             breaker_wait = open_time(up.breaker, 0)
     else:
         deadline_at = ctx.deadline_at
-        remaining = None if deadline_at is None else deadline_at - now
+        remaining = None if deadline_at is None else 0.0 if spent else deadline_at - now
         wait = retry_after
         if retry_after is not None and own and _another(up, target, used, now):
             # One instance's Retry-After is about that instance (as its 429's pause is):
@@ -560,6 +647,7 @@ def plan_call(
         give_up(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
+            upstream_advised=retry_after is not None and advised(engine, up, target, response),
         )  # fmt: skip
         scoped = None
     if retry_after is not None:

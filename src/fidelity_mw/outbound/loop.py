@@ -80,11 +80,13 @@ from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
     SCOPE_CALL,
+    SPENT_SHORT,
     call_end,
     cause_of,
     classify,
     closed_on_store_error,
     deadline_passed,
+    deadline_spent,
     fell,
     forget_give_up,
     gate_answer,
@@ -107,6 +109,7 @@ from .wire import (
     Stamps,
     advertised_ms,
     bounded_timeouts,
+    deadline_bound_s,
     first_stamps,
     give_ours_back,
     replayable,
@@ -300,7 +303,7 @@ def first_attempt(
             source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
             gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
-        if FAST_HEADERS and (remaining is None or remaining >= up.attempt_timeout_s):
+        if FAST_HEADERS and (remaining is None or remaining >= up.uncut_s):
             # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
             request.extensions["timeout"], stamps = attempt_timeouts(up, timeouts)
@@ -551,6 +554,7 @@ def attempts(
                 ):  # the success path, inlined
                     outcome = FAILURE if status in up.fail_statuses else SUCCESS
                     retryable = downstream = False
+                    ran_out = 0
                     if target is not None:
                         if outcome != SUCCESS:  # (a status the policy counts as a failure)
                             target.failed_at = ended
@@ -558,10 +562,18 @@ def attempts(
                             target.failed_at = 0.0  # sent after it failed, and answered well
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
-                    if target is not None and (retryable or outcome != IGNORED):
+                    ran_out = deadline_spent(ctx, up, request, response, error, now, ended)
+                    if ran_out == SPENT_SHORT and outcome == FAILURE:
+                        outcome = IGNORED  # (the caller's short deadline: no evidence)
+                    if (
+                        target is not None
+                        and ran_out != SPENT_SHORT
+                        and (retryable or outcome != IGNORED)
+                    ):
                         # A 5xx, an answer to retry, a network error: the balancer weighs
                         # the instance up for a while (`failure_weight`), a breaker or none.
-                        # Not a callee's give-up (its upstream failed) nor our own error.
+                        # Not a callee's give-up (its upstream failed), our own error, nor
+                        # a timeout at the caller's short deadline.
                         target.failed_at = ended
                 state = ""
                 counted = None
@@ -594,7 +606,7 @@ def attempts(
                     plan, scoped = plan_call(
                         engine, ctx, up, request, response, attempt, downstream,
                         state if target is None else "", previous_delay, can_replay, now,
-                        target, tried if race is None else (*tried, *race.targets),
+                        target, tried if race is None else (*tried, *race.targets), ran_out > 0,
                     )  # fmt: skip
                     if plan.retry:
                         delay = plan.delay_s
@@ -699,8 +711,12 @@ def attempts(
                 exhausted: Any = gave_up() if (retryable or downstream) and not hedge else None
                 with contextlib.suppress(Exception):  # (an error that takes no attribute)
                     setattr(error, GIVE_UP_EXTENSION, exhausted)
-                if outcome == FAILURE and breaker is not None and not hedge:
-                    mark(ctx, False, None, True)  # (our 5xx for it: the upstream's fault)
+                if (
+                    (outcome == FAILURE and breaker is not None) or ran_out == SPENT_SHORT
+                ) and not hedge:
+                    # (our 5xx for it: the upstream's fault, or the caller's short deadline:
+                    # not ours either way, for our route breaker and our callers')
+                    mark(ctx, False, None, True)
                 raise error
             if not hedge and (
                 (outcome == FAILURE and breaker is not None)
@@ -1148,11 +1164,13 @@ def prepare(
     remaining: float | None,
 ) -> None:
     """Timeouts, headers and the attempt counter of one attempt."""
-    if remaining is not None and remaining < up.attempt_timeout_s:
-        bounded = bounded_timeouts(original_timeout, remaining)
+    if remaining is not None and remaining < up.uncut_s:
+        # (a little inside the deadline: our timeout, not its cancellation, ends a hang)
+        bound = deadline_bound_s(remaining)
+        bounded = bounded_timeouts(original_timeout, bound)
         request.extensions["timeout"] = bounded
         if up.speaks:
-            told = advertised_ms(round(_waits(bounded, remaining) * 1000.0))
+            told = advertised_ms(round(_waits(bounded, bound) * 1000.0))
             stamp(request.headers, attempt, told)
     else:
         request.extensions["timeout"], stamps = attempt_timeouts(up, original_timeout)

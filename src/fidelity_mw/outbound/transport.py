@@ -590,7 +590,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         tight = False  # the deadline caps the attempt timeout
         if remaining is not None:
             remaining -= now
-            if remaining < up.attempt_timeout_s:
+            if remaining < up.uncut_s:
                 if remaining <= 0.0:  # passed already: `first_attempt` says so
                     return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
                 tight = True

@@ -20,6 +20,7 @@ from .wire import (
     first_stamps,
     in_system,
     literal_peer_trusted,
+    uncut_s,
 )
 
 # A resolver names the instance base URLs of a logical host, or None when the
@@ -163,6 +164,7 @@ class Upstream:
         "timeout_header",
         "timeouts",
         "trusted",
+        "uncut_s",
         "window",
     )
 
@@ -185,6 +187,8 @@ class Upstream:
         # One budget per host, or one for every host of the entry (a service's instances).
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
+        # a deadline further away than this leaves the attempt its whole timeout
+        self.uncut_s = uncut_s(self.attempt_timeout_s)
         self.timeout_header = advertised_ms(cfg.attempt_timeout_ms)
         # Per-call work done once: a first attempt's headers (when the deadline leaves
         # the whole attempt timeout), and the attempt's timeouts for the last request

@@ -115,6 +115,25 @@ def advertised_ms(ms: int) -> bytes:
     return b"%d" % (told if told > 0 else 1)
 
 
+def deadline_bound_s(remaining: float) -> float:
+    """An attempt's time when the rest of the deadline bounds it: that rest less a margin
+    (a tenth, at least 2 ms, at most 250 ms, at most half of it), so that the attempt's own
+    timeout fires before the middleware's deadline cancels the request. Cancelled, the
+    attempt was counted by no breaker: a callee that hung past the deadline of every
+    request never opened ours (Envoy offsets `grpc-timeout` for the same race)."""
+    margin = remaining * 0.1
+    margin = 0.002 if margin < 0.002 else 0.25 if margin > 0.25 else margin
+    half = remaining * 0.5
+    return remaining - (margin if margin < half else half)
+
+
+def uncut_s(attempt_timeout_s: float) -> float:
+    """The least rest of the deadline that leaves an attempt its whole timeout
+    (`deadline_bound_s` of it is the attempt timeout)."""
+    margin = attempt_timeout_s / 9.0
+    return attempt_timeout_s + (0.002 if margin < 0.002 else 0.25 if margin > 0.25 else margin)
+
+
 def stamp(headers: httpx.Headers, attempt: int, timeout_ms: bytes) -> None:
     """Set `x-fidelity-attempt` and `x-request-timeout-ms` for one attempt.
 
