@@ -73,6 +73,7 @@ from ..context import (
     Decision,
     DecisionContext,
 )
+from ..inbound.admission import admission_decisions, admission_shape
 from ..inbound.responses import shed_outcome
 from ..state.snapshot import first_breakers
 from . import schema as s
@@ -93,7 +94,7 @@ from .schema import STATE_SOURCE as _STATE_SOURCE
 from .schema import STATE_STALE as _STATE_STALE
 from .schema import SUBJECT as _SUBJECT
 from .schema import VERDICT as _VERDICT
-from .summary import Summary, summarize, summary_of
+from .summary import _BY_FACTS, Summary, summarize, summary_of
 
 if TYPE_CHECKING:
     import httpx
@@ -599,6 +600,9 @@ class Telemetry:
         self._breakers = BreakerWatch()
         self._last_engine: weakref.ref[Engine] | None = None
         self._last_readable = False
+        # the last policy seen and its version (`Policy.version` is a property: an
+        # interpreted call per request in the compiled build)
+        self._policy_version: tuple[object, str] = (None, "")
 
     # ------------------------------------------------------------ providers
 
@@ -723,7 +727,16 @@ class Telemetry:
         span = token.span
         if not span.is_recording():
             return
-        summary = summary_of(ctx)
+        # `summary_of`'s common way, inline (a frame less per request): the records are
+        # still the admission's facts, and a request with the same facts was summarised
+        pending = ctx._pending
+        summary: Summary | None = None
+        if pending is not None and pending[0] is admission_decisions and not ctx._decisions:
+            facts = admission_shape(ctx, pending[1], pending[2])
+            if facts is not None:
+                summary = _BY_FACTS.get(facts)
+        if summary is None:
+            summary = summary_of(ctx)
         self._annotate(ctx, span, False, summary, 0, provisional=True)
         token.exported = summary.count
         token.dropped = ctx.dropped_total
@@ -876,7 +889,14 @@ class Telemetry:
                 decided_by = "app"
                 outcome = "served" if status < 500 else "failed"
         # The attributes every request of this shape, route and outcome shares, built once.
-        key = (summary, ctx.route, decided_by, outcome, ctx.engine.policy.version)
+        policy = ctx.engine.policy
+        seen = self._policy_version
+        if seen[0] is policy:
+            version = seen[1]
+        else:
+            version = policy.version
+            self._policy_version = (policy, version)
+        key = (summary, ctx.route, decided_by, outcome, version)
         shared = self._shared_attrs.get(key)
         if shared is None:
             shared = self._shared_attributes(key)
