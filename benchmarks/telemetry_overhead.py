@@ -65,7 +65,8 @@ there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
-        [--by-function [A,B]] [--instructions [--requests N]] [--hooks] [--no-write]
+        [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...]] [--hooks]
+        [--no-write]
 """
 
 from __future__ import annotations
@@ -487,6 +488,8 @@ def instructions_report(counts: dict[str, float], requests: int) -> str:
     lines += [f"| {name} | {value:,.0f} |" for name, value in counts.items()]
     lines.append("")
     for name, base, what in over:
+        if name not in counts or base not in counts:
+            continue
         more = counts[name] - counts[base]
         lines.append(f"- {what}: {more:+,.0f} ({counts[name] / counts[base]:.3f}x {base})")
     lines += [
@@ -836,6 +839,11 @@ def main() -> None:
         help="count machine instructions per request with callgrind instead (print only)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="with --instructions")
+    parser.add_argument(
+        "--variants",
+        default=",".join(INSTRUCTION_VARIANTS),
+        help="with --instructions: the variants to count (comma-separated)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -849,7 +857,7 @@ def main() -> None:
         if shutil.which("valgrind") is None:
             raise SystemExit("valgrind not found (Debian package valgrind)")
         counts = {}
-        for name in INSTRUCTION_VARIANTS:
+        for name in args.variants.split(","):
             counts[name] = count_instructions(name, args.requests)
             print(f"{name}: {counts[name]:,.0f}", file=sys.stderr, flush=True)
         print(instructions_report(counts, args.requests))
