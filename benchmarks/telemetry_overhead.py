@@ -24,7 +24,10 @@ name), so a change is measured against what it replaced in the same rounds.
 only the observer's `start`; `:+summary`: and the decisions' summary at the
 response end; `:+span`: and the span annotated, metrics off; then
 `instr+fidelity`: and the metrics), so each piece's cost is a paired
-difference within one run. `--gc` also reports garbage collections per request
+difference within one run; and `instr+fid:sdk-floor`, the floor of this schema through
+the public API: an observer that does nothing but find the current span and set on it,
+in one `set_attributes`, the `fidelity.*` attributes ours set (copied from an
+annotated span of the run). `--gc` also reports garbage collections per request
 and the objects left in reference cycles (gc.DEBUG_SAVEALL), per variant, from
 untimed passes. `--working-set` adds the middleware (tracing off) on a bare route
 and inside `SdkWork` (the instrumentation's SDK work done beside the request, never
@@ -35,7 +38,10 @@ not move it, and the paired times follow it.
 
 `--by-function` splits the telemetry's bytecodes (`instr+fidelity` - `instr+fidelity-off`)
 by the function that ran them, with the Python calls each made: what the telemetry is,
-call by call. `--instructions` counts machine instructions per request instead of timing
+call by call. `--by-function A,B` splits `A` - `B` instead (any two variants of
+`--ablation` or `--working-set`: `instr+fidelity-off,instr` is the middleware inside the
+instrumentation, `instr+fidelity,instr+fid:sdk-floor` what ours adds to the SDK's floor).
+`--instructions` counts machine instructions per request instead of timing
 (`valgrind --tool=callgrind`, user space, each variant run with and without `--requests`
 more requests after the same warm-up, the difference per request): a count the machine's
 load does not move, which includes what bytecodes do not show (C calls, the allocator,
@@ -59,7 +65,8 @@ there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
-        [--by-function] [--instructions [--requests N]] [--hooks] [--no-write]
+        [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...]] [--hooks]
+        [--no-write]
 """
 
 from __future__ import annotations
@@ -113,6 +120,13 @@ ABLATION = (
     ("instr+fid:+summary", "instr+fid:start", "the decisions' summary, at the response end"),
     ("instr+fid:+span", "instr+fid:+summary", "the span annotated (one `set_attributes`)"),
     ("instr+fidelity", "instr+fid:+span", "the metrics (tallies, under one lock)"),
+    (
+        "instr+fid:sdk-floor",
+        "instr+fidelity-off",
+        "the SDK's floor: the same attributes, one `get_current_span` and one "
+        "`set_attributes`, nothing of ours",
+    ),
+    ("instr+fidelity", "instr+fid:sdk-floor", "ours above that floor"),
 )
 
 
@@ -122,6 +136,10 @@ class CountingExporter(SpanExporter):
     def __init__(self) -> None:
         self.count = 0
         self.fidelity_spans = 0
+        # while set: the `fidelity.*` attributes of the last span that had them
+        # (`floor_attributes`; off otherwise, not to add to any variant's cost)
+        self.capture = False
+        self.fidelity_attributes: dict[str, Any] = {}
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.count += len(spans)
@@ -129,6 +147,11 @@ class CountingExporter(SpanExporter):
             scope = span.instrumentation_scope
             if scope is not None and scope.name == "fidelity_mw":
                 self.fidelity_spans += 1
+            attributes = span.attributes or {}
+            if self.capture and "fidelity.decisions" in attributes:
+                self.fidelity_attributes = {
+                    k: v for k, v in attributes.items() if k.startswith("fidelity.")
+                }
         return SpanExportResult.SUCCESS
 
 
@@ -191,6 +214,25 @@ class SdkWork:
         self.work()
 
 
+class SetAttributesOnly:
+    """An observer that only sets given attributes on the current span at the response end."""
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+
+    def start(self, ctx: Any, scope: Any) -> Any:
+        return None
+
+    def before_response_end(self, ctx: Any, scope: Any, token: Any) -> None:
+        trace_api.get_current_span().set_attributes(self.attributes)
+
+    def end(self, ctx: Any, scope: Any, token: Any) -> None:
+        return None
+
+
+SDK_FLOOR_OBSERVER = SetAttributesOnly({})
+
+
 def build(
     tp: TracerProvider,
     mp: MeterProvider,
@@ -236,11 +278,25 @@ def build(
         apps["instr+fid:start"] = instrumented(starlette(observer=StartOnly(telemetry)))
         apps["instr+fid:+summary"] = instrumented(starlette(observer=StartAndSummary(telemetry)))
         apps["instr+fid:+span"] = instrumented(starlette(observer=no_metrics))
+        # its attributes: `floor_attributes` once an annotated span was exported
+        apps["instr+fid:sdk-floor"] = instrumented(starlette(observer=SDK_FLOOR_OBSERVER))
     if working_set:
         apps["bare"] = starlette()
         apps["sdk-work"] = SdkWork(starlette())
         apps["sdk-work+fidelity-off"] = SdkWork(starlette(telemetry=False))
     return apps
+
+
+async def floor_attributes(apps: dict[str, Any], exporter: CountingExporter) -> None:
+    """Give `instr+fid:sdk-floor`'s observer the attributes ours set on a request."""
+    if "instr+fid:sdk-floor" not in apps:
+        return
+    exporter.capture = True
+    await run_batch(apps["instr+fidelity"], 1)
+    exporter.capture = False
+    if not exporter.fidelity_attributes:
+        raise SystemExit("no span with fidelity.* attributes was exported")
+    SDK_FLOOR_OBSERVER.attributes.update(exporter.fidelity_attributes)
 
 
 async def spans_per_request(app: Any, exporter: CountingExporter, n: int) -> tuple[float, float]:
@@ -328,13 +384,16 @@ async def bytecodes_by_function(app: Any, n: int) -> tuple[collections.Counter[s
     return executed, calls
 
 
-async def by_function(n: int = 200) -> str:
-    """The telemetry itself (`instr+fidelity` - `instr+fidelity-off`), function by function."""
+async def by_function(pair: str = "instr+fidelity,instr+fidelity-off", n: int = 200) -> str:
+    """`A` - `B` of `pair` ("A,B"; by default the telemetry itself), function by function."""
+    exporter = CountingExporter()
     tp = TracerProvider()
-    tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
     mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    apps = build(tp, mp)
-    on, off = apps["instr+fidelity"], apps["instr+fidelity-off"]
+    apps = build(tp, mp, ablation=True, working_set=True)
+    name_on, _, name_off = pair.partition(",")
+    on, off = apps[name_on], apps[name_off]
+    await floor_attributes(apps, exporter)
     for app in (on, off):
         await run_batch(app, 300)
     (ran, called), (ran_off, called_off) = [await bytecodes_by_function(a, n) for a in (on, off)]
@@ -352,7 +411,7 @@ async def by_function(n: int = 200) -> str:
         "|---:|---:|---|",
         *(f"| {more:+.0f} | {calls:+.2f} | `{where}` |" for more, calls, where in rows),
         "",
-        f"The telemetry itself: {total:+.0f} bytecodes per request, of which OpenTelemetry's "
+        f"`{name_on}` - `{name_off}`: {total:+.0f} bytecodes per request, of which OpenTelemetry's "
         f"(API and SDK) {sdk:+.0f}; {n} requests of each variant after a warm-up, "
         "`sys.settrace` opcode events by the function that ran them.",
     ]
@@ -361,17 +420,27 @@ async def by_function(n: int = 200) -> str:
     return "\n".join(lines)
 
 
-INSTRUCTION_VARIANTS = ("instr", "instr+fidelity", "instr+fidelity-off", "fidelity-off", "bare")
+INSTRUCTION_VARIANTS = (
+    "instr",
+    "instr+fidelity",
+    "instr+fidelity-off",
+    "instr+fid:sdk-floor",
+    "fidelity-off",
+    "bare",
+)
 
 
 def run_one(variant: str, n: int) -> None:
     """One variant, warmed up, then n requests (a callgrind run of `--instructions`)."""
 
     async def go() -> None:
+        exporter = CountingExporter()
         tp = TracerProvider()
-        tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
         mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
-        app = build(tp, mp, working_set=True)[variant]
+        apps = build(tp, mp, ablation=True, working_set=True)
+        await floor_attributes(apps, exporter)
+        app = apps[variant]
         await run_batch(app, 500)
         # A full collection walks every object of the process (the imports, the warm-up):
         # one more or one fewer in one of the two runs moved the difference by ~10k
@@ -411,12 +480,16 @@ def instructions_report(counts: dict[str, float], requests: int) -> str:
         ("instr+fidelity", "instr", "tracing on, in the instrumented request"),
         ("instr+fidelity", "instr+fidelity-off", "the telemetry itself"),
         ("instr+fidelity-off", "instr", "the middleware, tracing off, inside it"),
+        ("instr+fid:sdk-floor", "instr+fidelity-off", "the SDK's floor for these attributes"),
+        ("instr+fidelity", "instr+fid:sdk-floor", "ours above that floor"),
         ("fidelity-off", "bare", "the middleware, tracing off, on a bare route"),
     )
     lines = ["| variant | instructions/request |", "|---|---:|"]
     lines += [f"| {name} | {value:,.0f} |" for name, value in counts.items()]
     lines.append("")
     for name, base, what in over:
+        if name not in counts or base not in counts:
+            continue
         more = counts[name] - counts[base]
         lines.append(f"- {what}: {more:+,.0f} ({counts[name] / counts[base]:.3f}x {base})")
     lines += [
@@ -453,6 +526,7 @@ async def measure(
     apps = build(tp, mp, baseline, ablation, working_set)
     for app in apps.values():  # warm up: middleware stacks, plans, instruments
         await run_batch(app, 300)
+    await floor_attributes(apps, exporter)
     spans = {name: await spans_per_request(app, exporter, 200) for name, app in apps.items()}
     gcs = {}
     if gc_report:
@@ -497,22 +571,6 @@ HOOK_STEPS = ("span only", "start", "+ before_response_end", "+ end")
 
 
 SDK_FLOOR = "SDK set_attributes alone"
-
-
-class SetAttributesOnly:
-    """An observer that only sets given attributes on the current span at the response end."""
-
-    def __init__(self, attributes: dict[str, Any]) -> None:
-        self.attributes = attributes
-
-    def start(self, ctx: Any, scope: Any) -> Any:
-        return None
-
-    def before_response_end(self, ctx: Any, scope: Any, token: Any) -> None:
-        trace_api.get_current_span().set_attributes(self.attributes)
-
-    def end(self, ctx: Any, scope: Any, token: Any) -> None:
-        return None
 
 
 def _hook_loop(tracer: Any, observer: Any, ctx: Any, scope: Any, steps: int, n: int) -> float:
@@ -770,7 +828,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--by-function",
-        action="store_true",
+        nargs="?",
+        const="instr+fidelity,instr+fidelity-off",
+        metavar="A,B",
         help="the telemetry's bytecodes and calls per request, function by function (print only)",
     )
     parser.add_argument(
@@ -779,6 +839,11 @@ def main() -> None:
         help="count machine instructions per request with callgrind instead (print only)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="with --instructions")
+    parser.add_argument(
+        "--variants",
+        default=",".join(INSTRUCTION_VARIANTS),
+        help="with --instructions: the variants to count (comma-separated)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -786,13 +851,13 @@ def main() -> None:
         run_one(args.one, args.requests)
         return
     if args.by_function:
-        print(asyncio.run(by_function()))
+        print(asyncio.run(by_function(args.by_function)))
         return
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("valgrind not found (Debian package valgrind)")
         counts = {}
-        for name in INSTRUCTION_VARIANTS:
+        for name in args.variants.split(","):
             counts[name] = count_instructions(name, args.requests)
             print(f"{name}: {counts[name]:,.0f}", file=sys.stderr, flush=True)
         print(instructions_report(counts, args.requests))
