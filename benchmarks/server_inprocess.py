@@ -38,6 +38,12 @@ tables. A `VARIANT+compiled` there runs in .venv-compiled (the mypyc build).
     .venv/bin/python benchmarks/server_inprocess.py --instructions [--requests 6400]
         [--variants bare,headers,fidelity-memory,fidelity-memory+compiled]
 
+With `--functions` it prints, per variant, its instructions per request beyond bare's (of
+the same build) by function, each function's own (callgrind, not its callees'): the C
+functions of the interpreter for a pure build, the compiled functions themselves (and the
+runtime's generic operations they call) for a `+compiled` one.
+FIDELITY_MW_COMPILED_PYTHON=<another venv's python> counts another revision's mypyc build.
+
 `--layers` builds the default stack up one layer at a time (`LAYERS`: the frame, + the
 deadline, + the route breaker, + a rate limit, + its RateLimit fields on the 200, + the
 default telemetry observer without an OpenTelemetry SDK, + an SDK meter counting every
