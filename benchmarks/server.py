@@ -121,9 +121,13 @@ def is_redis(variant: str) -> bool:
 
 
 # `VARIANT+compiled` (e.g. `fidelity-memory+compiled`): the same server run by the venv of
-# the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md)
+# the mypyc build (`bash scripts/compiled.sh` makes it; docs/compiled.md), or the Python
+# that FIDELITY_MW_COMPILED_PYTHON names (another revision's compiled venv, to compare)
 COMPILED_SUFFIX = "+compiled"
-COMPILED_PYTHON = Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
+COMPILED_PYTHON = Path(
+    os.environ.get("FIDELITY_MW_COMPILED_PYTHON")
+    or Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
+)
 HOST = "127.0.0.1"
 PREFIX = "bench-server"
 PERMISSIVE = "1000000000/second"

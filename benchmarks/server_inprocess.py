@@ -38,6 +38,12 @@ tables. A `VARIANT+compiled` there runs in .venv-compiled (the mypyc build).
     .venv/bin/python benchmarks/server_inprocess.py --instructions [--requests 6400]
         [--variants bare,headers,fidelity-memory,fidelity-memory+compiled]
 
+With `--functions` it prints, per variant, its instructions per request beyond bare's (of
+the same build) by function, each function's own (callgrind, not its callees'): the C
+functions of the interpreter for a pure build, the compiled functions themselves (and the
+runtime's generic operations they call) for a `+compiled` one.
+FIDELITY_MW_COMPILED_PYTHON=<another venv's python> counts another revision's mypyc build.
+
 `--layers` builds the default stack up one layer at a time (`LAYERS`: the frame, + the
 deadline, + the route breaker, + a rate limit, + its RateLimit fields on the 200, + the
 default telemetry observer without an OpenTelemetry SDK, + an SDK meter counting every
@@ -320,6 +326,67 @@ def run_env(compiled: bool) -> dict[str, str]:
     return env
 
 
+def callgrind_runs(variant: str, requests: int) -> tuple[str, str]:
+    """The callgrind outputs of two runs of one variant: the warm-up alone, and the
+    warm-up and `requests` more."""
+    plain = variant.removesuffix(served.COMPILED_SUFFIX)
+    python = sys.executable if plain == variant else str(served.COMPILED_PYTHON)
+    texts = []
+    for n in (0, requests):
+        with tempfile.TemporaryDirectory(prefix="server-inprocess-cg-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python]
+            argv += [str(Path(__file__).resolve()), "--one", plain, "--requests", str(n)]
+            subprocess.run(
+                argv,
+                env=run_env(plain != variant),
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            texts.append(out.read_text())
+    return texts[0], texts[1]
+
+
+def per_function(variant: str, requests: int) -> dict[str, float]:
+    """Each function's own instructions per request (callgrind, not its callees')."""
+    from benchmarks.outbound import callgrind_self
+
+    without, with_requests = callgrind_runs(variant, requests)
+    before, after = callgrind_self(without), callgrind_self(with_requests)
+    n = max(1, requests // CONNECTIONS) * CONNECTIONS
+    return {fn: (after.get(fn, 0) - before.get(fn, 0)) / n for fn in {*before, *after}}
+
+
+def functions(variants: list[str], requests: int, top: int = 40) -> str:
+    """Where each variant's instructions beyond bare's go, by function (its own
+    instructions per request less bare's in the same build; `--functions`)."""
+    runs = list(variants)
+    for v in variants:
+        base = "bare" + (served.COMPILED_SUFFIX if v.endswith(served.COMPILED_SUFFIX) else "")
+        if base not in runs:
+            runs.insert(0, base)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        found = dict(zip(runs, pool.map(lambda v: per_function(v, requests), runs), strict=True))
+    lines: list[str] = []
+    for v in variants:
+        if v.removesuffix(served.COMPILED_SUFFIX) == "bare":
+            continue
+        base = found[
+            "bare" + (served.COMPILED_SUFFIX if v.endswith(served.COMPILED_SUFFIX) else "")
+        ]
+        mine = found[v]
+        diff = {fn: mine.get(fn, 0.0) - base.get(fn, 0.0) for fn in {*mine, *base}}
+        total = sum(diff.values())
+        rows = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]
+        lines += [
+            "",
+            f"`{v}`: {total:+,.0f} instructions per request over bare, by function (own):",
+        ]
+        lines += ["", "```"] + [f"{d:+9,.0f}  {fn}" for fn, d in rows] + ["```"]
+    return "\n".join(lines)
+
+
 def count_instructions(variant: str, requests: int) -> float:
     """Instructions per request: a callgrind run with `requests` more than one without."""
     plain = variant.removesuffix(served.COMPILED_SUFFIX)
@@ -502,6 +569,11 @@ def main() -> None:
     parser.add_argument(
         "--builds", default="pure", help="with --layers: pure, compiled or pure,compiled"
     )
+    parser.add_argument(
+        "--functions",
+        action="store_true",
+        help="with --instructions: each variant's instructions over bare by function (own)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--one-count", help=argparse.SUPPRESS)  # calls of one variant
     args = parser.parse_args()
@@ -534,11 +606,14 @@ def main() -> None:
     ]
     if bad:
         parser.error(f"not an in-process variant: {bad}")
-    if "bare" not in variants:
+    if "bare" not in variants and not args.functions:
         variants.insert(0, "bare")
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("valgrind not found (Debian package valgrind)")
+        if args.functions:
+            print(functions(variants, args.requests))
+            return
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             found = pool.map(lambda v: count_instructions(v, args.requests), variants)
             counts = dict(zip(variants, found, strict=True))

@@ -44,7 +44,7 @@ def header_key(name: str) -> bytes:
 
 
 def scan_headers(
-    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes] | dict[bytes, int]
+    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes]
 ) -> dict[bytes, bytes] | None:
     """The wanted headers, repeated lines joined with "," (None when there are none).
 

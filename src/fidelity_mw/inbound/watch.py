@@ -222,7 +222,9 @@ class ResponseWatcher:
         task.cancel()
 
     async def __call__(self, message: Message) -> None:
-        kind = message["type"]
+        # (a str: compiled, the comparisons below are native string compares, not
+        # PyObject_RichCompare; the ASGI spec makes it one, and every server checks it)
+        kind: str = message["type"]
         if kind == _START:
             status = message["status"]
             if status == 500 and not self.started and self.held is None and not self.released:
