@@ -62,6 +62,7 @@ from .wire import (
     FAULT_UPSTREAM,
     IDEMPOTENCY_KEY,
     RETRY_SIGNAL_HEADER,
+    _new_tuple,
     connected_peer_trusted,
     error_kind,
     has_header,
@@ -168,8 +169,9 @@ def with_why(
 def lb_decision(
     ctx: DecisionContext, up: Upstream, target: Instance, pick: Pick, n: int, now: float
 ) -> None:
-    ctx.decisions.append(
-        Decision(
+    decision = _new_tuple(
+        Decision,
+        (
             LAYER_LB,
             up.key,
             ALLOW,
@@ -187,8 +189,12 @@ def lb_decision(
                 "breaker_known_open": pick.bypass,
                 "answered_around_open": pick.bypass and target.answered,
             },
-        )
+        ),
     )
+    if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
+        ctx._decisions.append(decision)  # (`decisions`, without its call)
+    else:
+        ctx.decisions.append(decision)
 
 
 def give_up(

@@ -151,17 +151,36 @@ class _Armed:
     in-process operations (one tuple: threads of the sync transport may replace it at
     once), `upstreams` the upstream plans."""
 
-    __slots__ = ("engine", "last", "local", "upstreams")
+    __slots__ = ("engine", "last", "local", "seen", "upstreams")
 
     def __init__(self) -> None:
         self.upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine: Engine | None = None
+        # What the shortcut reads of `engine` per call, read once when it was armed (a
+        # compiled read of an interpreted object's attribute is a dictionary lookup):
+        # dropped when the engine changes (`Engine.__setattr__` -> `engine_changed`).
+        self.seen: _Seen | None = None
         self.local: tuple[StateStore | None, Local | None] = (None, None)
         # The host, port and upstream plan of the shortcut's last call: a client calls one
         # host over and over, and comparing a host is cheaper than building and hashing a
         # key (None: look it up in `upstreams`). One tuple, replaced whole: threads may
         # call one transport at once, and three fields could be read half-written.
         self.last: tuple[str, int | None, Upstream] | None = None
+
+
+class _Seen:
+    """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
+    threads that arm one transport at once never see half of one engine's."""
+
+    __slots__ = ("clock", "engine", "observer", "policy", "store", "system")
+
+    def __init__(self, engine: Engine, observer: AttemptObserver | None) -> None:
+        self.engine = engine
+        self.policy = engine.policy
+        self.store = engine.store
+        self.observer = observer
+        self.clock = clock = engine.clock
+        self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
 
 
 _ASYNC_IN_SYNC_CLIENT: Final = (
@@ -364,6 +383,12 @@ class _Base:
                 "fidelity_mw: the resolver's answer for %s is ignored: %s", up.host, problem
             )
 
+    def engine_changed(self, engine: Engine) -> None:
+        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes."""
+        seen = self._armed.seen
+        if seen is not None and seen.engine is engine:
+            self._armed.seen = None
+
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
         """The transport's observer, else the engine's (looked up once from telemetry)."""
         if self._observer is not None:
@@ -413,7 +438,11 @@ class _Base:
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain and _SHORTCUT_FITS:
-                armed.engine = engine  # the async transport's shortcut may skip all of this
+                # The async transport's shortcut may skip all of this. (The engine lists
+                # the transport, so a change of the engine drops what was read here.)
+                engine.transports.add(self)
+                armed.seen = _Seen(engine, engine.attempt_observer)
+                armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -561,20 +590,23 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             up = armed.upstreams.get((host, port))
             if up is not None:
                 armed.last = (host, port, up)
+        known = armed.seen
         if (
             up is None
             or not up.plain
-            or engine is not armed.engine
-            or up.policy is not engine.policy
-            or cached[0] is not engine.store
+            or known is None
+            or known.engine is not engine
+            or up.policy is not known.policy
+            or cached[0] is not known.store
             or (local := cached[1]) is None
         ):
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
-        observer = self._observer or engine.attempt_observer
-        clock = engine.clock
-        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
+        observer = self._observer or known.observer
+        clock = known.clock
+        system = known.system
+        now = _monotonic() if system else clock.monotonic()
         own = ctx is None
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
@@ -668,7 +700,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
+            ended = _monotonic() if system else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             if breaker.slow_call_ms is None:  # `_record_now` without its call: never slow
                 try:
@@ -769,9 +801,6 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     async def _drive(self, steps: Steps, engine: Engine) -> httpx.Response:
         """Run one attempt loop to its end, doing its effects."""
         store = engine.store
-        # (Any: compiled, the declared tuple result would be unboxed and boxed again as a
-        # plain tuple, losing a `GateAnswer`'s why and spent_at)
-        gate_op: Any = store.outbound_gate
         inner = self.inner
         value: Any = None
         thrown: BaseException | None = None
@@ -794,6 +823,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     # `task.cancel()` goes through the shield: the store reads the reply
                     # then, and hands it over on the cancellation (`LATE_ANSWER`).
                     late: Any = None
+                    # (Any: compiled, the declared tuple result would be unboxed and boxed
+                    # again as a plain tuple, losing a `GateAnswer`'s why and spent_at)
+                    gate_op: Any = store.outbound_gate  # (read here: in-process, never)
                     with anyio.CancelScope(shield=True):
                         try:
                             value = await gate_op(*effect[1:])

@@ -14,7 +14,9 @@ from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
 from .wire import (
+    Address,
     Stamps,
+    address_of,
     advertised_ms,
     connected_peer_trusted,
     first_stamps,
@@ -63,6 +65,7 @@ class Instance:
     """
 
     __slots__ = (
+        "address",
         "answered",
         "breaker_key",
         "host",
@@ -86,6 +89,7 @@ class Instance:
         self.scheme = url.scheme
         self.host = url.host
         self.port = url.port
+        self.address: Address | None = address_of(url)  # (parsed, for `wire.at_instance`)
         self.key = self.host if self.port is None else f"{self.host}:{self.port}"
         self.breaker_key = "upstream:" + self.key
         self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
@@ -128,6 +132,7 @@ class Upstream:
         "attempt_timeout_s",
         "breaker",
         "breaker_key",
+        "breaker_keys",
         "budget_key",
         "cfg",
         "default_deadline_s",
@@ -220,6 +225,9 @@ class Upstream:
         # refused): an unchanged answer is not checked again
         self.last_answer: tuple[object, ...] = ()
         self.instances: list[Instance] | None = None
+        # The instances' breaker keys (a balancer's fresh read of them), with the list
+        # they are of: one tuple, replaced whole (the sync transport's threads).
+        self.breaker_keys: tuple[list[Instance] | None, list[str]] = (None, [])
         self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
         self._speak(engine)
         if cfg.instances:
@@ -289,9 +297,11 @@ class Upstream:
         if urls == self.resolved:
             return
         known = {i.url: i for i in self.instances or ()}
-        self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        self.breaker_keys = (instances, [i.breaker_key for i in instances or ()])
+        self.instances = instances
         if self.cfg.client_chosen:
-            for instance in self.instances or ():
+            for instance in instances or ():
                 instance.trusted = False
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls
