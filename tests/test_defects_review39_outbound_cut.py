@@ -233,3 +233,66 @@ def test_a_change_of_the_engine_is_seen_by_the_next_call_of_the_shortcut() -> No
     assert seen[3] == (5, 2)
     assert seen[4:6] == [5000.0, 5000.0]
     assert seen[6] == 2
+
+
+class Injecting:
+    """An attempt observer that injects trace context as OpenTelemetry's propagator does
+    (`headers[key] = value`: the caller's own replaced in place, a new one appended)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def attempt_start(self, ctx: Any, request: httpx.Request, attempt: int) -> Any:
+        request.headers["traceparent"] = f"00-{attempt:032x}-{attempt:016x}-01"
+        request.headers["baggage"] = "k=v"
+        return attempt
+
+    def attempt_end(self, token: Any, response: Any, error: Any) -> None:
+        self.ended += 1
+
+
+@pytest.mark.parametrize("deadline_ms", [None, 500.0])
+def test_what_an_observer_injects_is_sent_and_taken_off_again(deadline_ms: float | None) -> None:
+    """The shortcut gives the request back with the caller's headers as they were (its
+    own trace context too), after an attempt that carried the observer's and ours; so
+    too when the deadline caps the attempt (the headers are stamped another way)."""
+    from fidelity_mw.context import _CURRENT, DecisionContext
+
+    clock = FakeClock()
+    engine = Engine(Policy(), clock=clock)
+    sent: list[list[tuple[str, str]]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(list(request.headers.items()))
+        return httpx.Response(200)
+
+    observer = Injecting()
+    transport = FidelityTransport(
+        httpx.MockTransport(answer), engine=engine, observer=observer, telemetry=False
+    )
+    own = [("x-caller", "1"), ("traceparent", "00-caller-01")]
+
+    async def main() -> list[list[tuple[str, str]]]:
+        after = []
+        for _ in range(3):  # the first call arms the shortcut, the others take it
+            request = httpx.Request("GET", "http://svc.internal/x", headers=own)
+            ctx = DecisionContext(engine, "/r", "GET", clock.monotonic())
+            if deadline_ms is not None:
+                ctx.deadline_at = clock.monotonic() + deadline_ms / 1000.0
+            token = _CURRENT.set(ctx)
+            try:
+                response = await transport.handle_async_request(request)
+            finally:
+                _CURRENT.reset(token)
+            assert response.status_code == 200
+            after.append(list(request.headers.items()))
+        return after
+
+    after = asyncio.run(main())
+    assert after == [[("host", "svc.internal"), *own]] * 3
+    assert observer.ended == 3
+    for headers in sent:
+        names = [name for name, _ in headers]
+        assert names[:3] == ["host", "x-caller", "traceparent"]
+        assert headers[2][1] == "00-00000000000000000000000000000001-0000000000000001-01"
+        assert set(names[3:]) == {"x-fidelity-attempt", "x-request-timeout-ms", "baggage"}

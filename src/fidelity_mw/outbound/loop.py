@@ -831,8 +831,8 @@ def _gate_next(
                 else [],
                 now,
                 engine.rng,
-                panic_threshold=up.cfg.panic_threshold,
-                max_ejected_ratio=up.cfg.max_ejected_ratio,
+                panic_threshold=up.panic_threshold,
+                max_ejected_ratio=up.max_ejected_ratio,
                 # (all avoided: not one paused when the attempt goes out, if any)
                 paused_at=now if sent_at == math.inf else sent_at,
             )

@@ -40,6 +40,7 @@ import anyio.lowlevel
 import httpx
 import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
+from .._logs import exception as log_exception
 from .._logs import warn
 from .._mypyc import mypyc_attr
 from .._types import Clock, RandomSource
@@ -64,8 +65,6 @@ from .decisions import (
     GIVE_UP_EXTENSION,
     call_end,
     hold_flags,
-    observe_end,
-    observe_start,
     release_flags,
 )
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
@@ -99,7 +98,6 @@ from .wire import (
     TIMEOUT_HEADER,
     replayable,
     restore,
-    snapshot,
     unstamp,
     worth_reading,
 )
@@ -118,8 +116,8 @@ Started = First | tuple[Steps, Engine, Any]
 # static, where any other global is a dictionary lookup per use.
 _current: Final = _CURRENT
 _DECISION: Final = Decision
-_observe_start: Final = observe_start
-_observe_end: Final = observe_end
+_OBSERVER_FAILED: Final = "fidelity_mw: attempt observer failed"  # (as `observe_start`'s)
+_log_exception: Final = log_exception
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
@@ -434,7 +432,7 @@ class _Base:
         if cached[0] is not store:
             cached = armed.local = (store, local_ops(store))
         local = cached[1]
-        hedge = up.cfg.hedge
+        hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain and _SHORTCUT_FITS:
@@ -670,8 +668,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if observer is None:
                 token = saved = None
             else:  # (the headers before it injects trace context: `restore`)
-                saved = snapshot(request.headers)
-                token = _observe_start(observer, ctx, request, 1)
+                saved = raw[:]  # (`snapshot`, inlined: `raw` is the request's list still)
+                try:  # `observe_start`, inlined: a failing observer is logged, not raised
+                    token = observer.attempt_start(ctx, request, 1)
+                except Exception:
+                    token = None
+                    _log_exception(logger, "observer", _OBSERVER_FAILED)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
             unstamp(request.headers, None)  # (nothing injected: it is the try's last step)
             if own and observer is not None:
@@ -723,8 +725,15 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 else:
                     response.stream = watcher(body, watch)
         if observer is not None:
-            _observe_end(observer, token, response, None)
-            restore(request.headers, None, saved)  # (and what the observer injected)
+            try:  # `observe_end`, inlined
+                observer.attempt_end(token, response, None)
+            except Exception:
+                _log_exception(logger, "observer", _OBSERVER_FAILED)
+            if tight:
+                restore(request.headers, None, saved)  # (and what the observer injected)
+            else:  # `restore`, inlined: the copy less our headers, its last (`raw += stamped`)
+                assert saved is not None
+                request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
             raw = request.headers._list
             if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:

@@ -139,11 +139,14 @@ class Upstream:
         "fail_statuses",
         "first_stamps",
         "heard_ours",
+        "hedge",
         "host",
         "instances",
         "key",
         "last_answer",
         "listening",
+        "max_ejected_ratio",
+        "panic_threshold",
         "parked",
         "paused_until",
         "plain",
@@ -217,8 +220,11 @@ class Upstream:
         # A service's own pause (`retry_after_scope = "service"`): every instance's, those
         # named later too (`paused_until` is never below it)
         self.service_paused_until = 0.0
+        # What each call reads of the config, read once (a service's balancer, hedging)
+        self.panic_threshold = cfg.panic_threshold
+        self.max_ejected_ratio = cfg.max_ejected_ratio
+        self.hedge = hedge = cfg.hedge
         # Attempt latencies, kept only when a hedge delay is the upstream's p95.
-        hedge = cfg.hedge
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
         # the resolver's last answer as given (duplicates and all, or one that was
