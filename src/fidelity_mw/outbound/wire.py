@@ -58,8 +58,11 @@ _new_tuple: Final = tuple.__new__
 
 
 def _parsed_type() -> Any:  # (httpx._urlparse.ParseResult, or None)
-    ref = getattr(httpx.URL("http://h:1/"), "_uri_reference", None)
-    return type(ref) if isinstance(ref, tuple) and len(ref) == 7 else None
+    ref: Any = getattr(httpx.URL("http://h:1/"), "_uri_reference", None)
+    # (its class read before `isinstance` narrows it: compiled, `type()` of a value
+    # known to be a tuple is `tuple` itself, and every copy then took the slow way)
+    kind: Any = ref.__class__
+    return kind if isinstance(ref, tuple) and len(ref) == 7 else None
 
 
 _PARSED: Final = _parsed_type()
