@@ -119,6 +119,18 @@ class Engine:
         if defaulted:  # a later fake_time() block finds it (fidelity_mw.testing)
             TESTING.defaulted.add(self)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A change of the engine (a policy swapped in, a test's clock and state): the
+        # transports' shortcuts cached what they read of it per call (`_Armed.seen`),
+        # and read it again at their next call. (Sets are rare; reads stay plain.)
+        object.__setattr__(self, name, value)
+        transports = self.__dict__.get("transports")
+        if transports:
+            for transport in list(transports):
+                forget = getattr(transport, "engine_changed", None)
+                if forget is not None:
+                    forget(self)
+
     # ------------------------------------------------------------ plans
 
     def plan_for(self, scope: Mapping[str, Any]) -> RoutePlan:

@@ -62,6 +62,7 @@ from .wire import (
     FAULT_UPSTREAM,
     IDEMPOTENCY_KEY,
     RETRY_SIGNAL_HEADER,
+    _new_tuple,
     connected_peer_trusted,
     deadline_bound_s,
     error_kind,
@@ -171,8 +172,9 @@ def with_why(
 def lb_decision(
     ctx: DecisionContext, up: Upstream, target: Instance, pick: Pick, n: int, now: float
 ) -> None:
-    ctx.decisions.append(
-        Decision(
+    decision = _new_tuple(
+        Decision,
+        (
             LAYER_LB,
             up.key,
             ALLOW,
@@ -192,8 +194,12 @@ def lb_decision(
                 # how much its last failure still weighs in its cost (0.0: none)
                 "failure_weight": round(failure_weight(target.failed_at, now), 3),
             },
-        )
+        ),
     )
+    if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
+        ctx._decisions.append(decision)  # (`decisions`, without its call)
+    else:
+        ctx.decisions.append(decision)
 
 
 def give_up(

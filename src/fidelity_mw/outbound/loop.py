@@ -108,6 +108,7 @@ from .wire import (
     FAST_HEADERS,
     Stamps,
     advertised_ms,
+    at_instance,
     bounded_timeouts,
     deadline_bound_s,
     first_stamps,
@@ -451,8 +452,8 @@ def attempts(
                         prior, saved = take_ours_late(request.headers, saved)
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
-                    request.url = original_url.copy_with(
-                        scheme=target.scheme, host=target.host, port=target.port
+                    request.url = at_instance(
+                        original_url, target.address, target.scheme, target.host, target.port
                     )
                     if own_sni is None:
                         # HTTPS to an address: TLS speaks the service's name (SNI, and the
@@ -468,23 +469,25 @@ def attempts(
                                                    "after_ms": round(race.delay_s * 1000.0, 3)}))
                     )  # fmt: skip
                 elif attempt == 1:
-                    ctx.decisions.append(
-                        _new_tuple(
-                            Decision,
-                            (
-                                LAYER_RETRY,
-                                up.key,
-                                ALLOW,
-                                "attempt",
-                                source,
-                                age,
-                                now,
-                                FIRST_ATTEMPT
-                                if source != SOURCE_FALLBACK
-                                else with_why(source, FIRST_ATTEMPT),
-                            ),
-                        )
+                    decision = _new_tuple(
+                        Decision,
+                        (
+                            LAYER_RETRY,
+                            up.key,
+                            ALLOW,
+                            "attempt",
+                            source,
+                            age,
+                            now,
+                            FIRST_ATTEMPT
+                            if source != SOURCE_FALLBACK
+                            else with_why(source, FIRST_ATTEMPT),
+                        ),
                     )
+                    if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
+                        ctx._decisions.append(decision)  # (`decisions`, without its call)
+                    else:
+                        ctx.decisions.append(decision)
                 token = observe_start(observer, ctx, request, number) if observer else None
                 if target is not None:
                     target.outstanding += 1
@@ -524,7 +527,8 @@ def attempts(
             elif up.listening:
                 assert response is not None
                 up.heard(response, engine)
-            ended = clock.monotonic()
+            # (the system clock's method only calls time.monotonic: read it directly)
+            ended = _monotonic() if type(clock) is SystemClock else clock.monotonic()
             if up.window is not None:
                 up.window.add(ended - now)
             if target is not None:
@@ -829,7 +833,8 @@ def _gate_next(
     source, age, allowed = SOURCE_REQUEST, 0.0, True
     count = True  # a first attempt counts the request once; a retry asks the budget each time
     if instances is not None and local is not None and local.peek is not None:
-        fresh = local.peek([i.breaker_key for i in instances], now)
+        known, keys = up.breaker_keys  # (paired with the list they are of: threads)
+        fresh = local.peek(keys if known is instances else [i.breaker_key for i in instances], now)
         if fresh is not None:
             for instance, open_until in zip(instances, fresh, strict=True):
                 instance.open_until = open_until
@@ -847,11 +852,13 @@ def _gate_next(
                     n
                     for n, i in enumerate(instances)
                     if i in tried or (retry and i.paused_until > now)
-                ],
+                ]
+                if tried or retry
+                else [],
                 now,
                 engine.rng,
-                panic_threshold=up.cfg.panic_threshold,
-                max_ejected_ratio=up.cfg.max_ejected_ratio,
+                panic_threshold=up.panic_threshold,
+                max_ejected_ratio=up.max_ejected_ratio,
                 # (all avoided: not one paused when the attempt goes out, if any)
                 paused_at=now if sent_at == math.inf else sent_at,
             )

@@ -40,6 +40,7 @@ import anyio.lowlevel
 import httpx
 import httpx._transports.base  # (mypyc: the module of the transports' base classes)
 
+from .._logs import exception as log_exception
 from .._logs import warn
 from .._mypyc import mypyc_attr
 from .._types import Clock, RandomSource
@@ -64,8 +65,6 @@ from .decisions import (
     GIVE_UP_EXTENSION,
     call_end,
     hold_flags,
-    observe_end,
-    observe_start,
     release_flags,
 )
 from .hedge import Race, copy_request, hedge_delay, hedgeable, run_race
@@ -99,7 +98,6 @@ from .wire import (
     TIMEOUT_HEADER,
     replayable,
     restore,
-    snapshot,
     unstamp,
     worth_reading,
 )
@@ -118,8 +116,8 @@ Started = First | tuple[Steps, Engine, Any]
 # static, where any other global is a dictionary lookup per use.
 _current: Final = _CURRENT
 _DECISION: Final = Decision
-_observe_start: Final = observe_start
-_observe_end: Final = observe_end
+_OBSERVER_FAILED: Final = "fidelity_mw: attempt observer failed"  # (as `observe_start`'s)
+_log_exception: Final = log_exception
 _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
@@ -151,17 +149,36 @@ class _Armed:
     in-process operations (one tuple: threads of the sync transport may replace it at
     once), `upstreams` the upstream plans."""
 
-    __slots__ = ("engine", "last", "local", "upstreams")
+    __slots__ = ("engine", "last", "local", "seen", "upstreams")
 
     def __init__(self) -> None:
         self.upstreams: dict[tuple[str, int | None], Upstream] = {}
         self.engine: Engine | None = None
+        # What the shortcut reads of `engine` per call, read once when it was armed (a
+        # compiled read of an interpreted object's attribute is a dictionary lookup):
+        # dropped when the engine changes (`Engine.__setattr__` -> `engine_changed`).
+        self.seen: _Seen | None = None
         self.local: tuple[StateStore | None, Local | None] = (None, None)
         # The host, port and upstream plan of the shortcut's last call: a client calls one
         # host over and over, and comparing a host is cheaper than building and hashing a
         # key (None: look it up in `upstreams`). One tuple, replaced whole: threads may
         # call one transport at once, and three fields could be read half-written.
         self.last: tuple[str, int | None, Upstream] | None = None
+
+
+class _Seen:
+    """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
+    threads that arm one transport at once never see half of one engine's."""
+
+    __slots__ = ("clock", "engine", "observer", "policy", "store", "system")
+
+    def __init__(self, engine: Engine, observer: AttemptObserver | None) -> None:
+        self.engine = engine
+        self.policy = engine.policy
+        self.store = engine.store
+        self.observer = observer
+        self.clock = clock = engine.clock
+        self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
 
 
 _ASYNC_IN_SYNC_CLIENT: Final = (
@@ -364,6 +381,12 @@ class _Base:
                 "fidelity_mw: the resolver's answer for %s is ignored: %s", up.host, problem
             )
 
+    def engine_changed(self, engine: Engine) -> None:
+        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes."""
+        seen = self._armed.seen
+        if seen is not None and seen.engine is engine:
+            self._armed.seen = None
+
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
         """The transport's observer, else the engine's (looked up once from telemetry)."""
         if self._observer is not None:
@@ -409,11 +432,15 @@ class _Base:
         if cached[0] is not store:
             cached = armed.local = (store, local_ops(store))
         local = cached[1]
-        hedge = up.cfg.hedge
+        hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
             if self._resolver is None and up.plain and _SHORTCUT_FITS:
-                armed.engine = engine  # the async transport's shortcut may skip all of this
+                # The async transport's shortcut may skip all of this. (The engine lists
+                # the transport, so a change of the engine drops what was read here.)
+                engine.transports.add(self)
+                armed.seen = _Seen(engine, engine.attempt_observer)
+                armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
             assert hedge is not None
@@ -561,20 +588,23 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             up = armed.upstreams.get((host, port))
             if up is not None:
                 armed.last = (host, port, up)
+        known = armed.seen
         if (
             up is None
             or not up.plain
-            or engine is not armed.engine
-            or up.policy is not engine.policy
-            or cached[0] is not engine.store
+            or known is None
+            or known.engine is not engine
+            or up.policy is not known.policy
+            or cached[0] is not known.store
             or (local := cached[1]) is None
         ):
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
-        observer = self._observer or engine.attempt_observer
-        clock = engine.clock
-        now = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
+        observer = self._observer or known.observer
+        clock = known.clock
+        system = known.system
+        now = _monotonic() if system else clock.monotonic()
         own = ctx is None
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
@@ -638,8 +668,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if observer is None:
                 token = saved = None
             else:  # (the headers before it injects trace context: `restore`)
-                saved = snapshot(request.headers)
-                token = _observe_start(observer, ctx, request, 1)
+                saved = raw[:]  # (`snapshot`, inlined: `raw` is the request's list still)
+                try:  # `observe_start`, inlined: a failing observer is logged, not raised
+                    token = observer.attempt_start(ctx, request, 1)
+                except Exception:
+                    token = None
+                    _log_exception(logger, "observer", _OBSERVER_FAILED)
         except BaseException:  # as `first_attempt`: nothing of ours stays on the request
             unstamp(request.headers, None)  # (nothing injected: it is the try's last step)
             if own and observer is not None:
@@ -668,7 +702,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            ended = _monotonic() if type(clock) is _SYSTEM_CLOCK else clock.monotonic()
+            ended = _monotonic() if system else clock.monotonic()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             if breaker.slow_call_ms is None:  # `_record_now` without its call: never slow
                 try:
@@ -691,8 +725,15 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 else:
                     response.stream = watcher(body, watch)
         if observer is not None:
-            _observe_end(observer, token, response, None)
-            restore(request.headers, None, saved)  # (and what the observer injected)
+            try:  # `observe_end`, inlined
+                observer.attempt_end(token, response, None)
+            except Exception:
+                _log_exception(logger, "observer", _OBSERVER_FAILED)
+            if tight:
+                restore(request.headers, None, saved)  # (and what the observer injected)
+            else:  # `restore`, inlined: the copy less our headers, its last (`raw += stamped`)
+                assert saved is not None
+                request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
             raw = request.headers._list
             if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
@@ -769,9 +810,6 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
     async def _drive(self, steps: Steps, engine: Engine) -> httpx.Response:
         """Run one attempt loop to its end, doing its effects."""
         store = engine.store
-        # (Any: compiled, the declared tuple result would be unboxed and boxed again as a
-        # plain tuple, losing a `GateAnswer`'s why and spent_at)
-        gate_op: Any = store.outbound_gate
         inner = self.inner
         value: Any = None
         thrown: BaseException | None = None
@@ -794,6 +832,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     # `task.cancel()` goes through the shield: the store reads the reply
                     # then, and hands it over on the cancellation (`LATE_ANSWER`).
                     late: Any = None
+                    # (Any: compiled, the declared tuple result would be unboxed and boxed
+                    # again as a plain tuple, losing a `GateAnswer`'s why and spent_at)
+                    gate_op: Any = store.outbound_gate  # (read here: in-process, never)
                     with anyio.CancelScope(shield=True):
                         try:
                             value = await gate_op(*effect[1:])

@@ -14,7 +14,9 @@ from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from .hedge import LatencyWindow
 from .wire import (
+    Address,
     Stamps,
+    address_of,
     advertised_ms,
     connected_peer_trusted,
     first_stamps,
@@ -64,6 +66,7 @@ class Instance:
     """
 
     __slots__ = (
+        "address",
         "answered",
         "breaker_key",
         "failed_at",
@@ -88,6 +91,7 @@ class Instance:
         self.scheme = url.scheme
         self.host = url.host
         self.port = url.port
+        self.address: Address | None = address_of(url)  # (parsed, for `wire.at_instance`)
         self.key = self.host if self.port is None else f"{self.host}:{self.port}"
         self.breaker_key = "upstream:" + self.key
         self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
@@ -138,17 +142,21 @@ class Upstream:
         "attempt_timeout_s",
         "breaker",
         "breaker_key",
+        "breaker_keys",
         "budget_key",
         "cfg",
         "default_deadline_s",
         "fail_statuses",
         "first_stamps",
         "heard_ours",
+        "hedge",
         "host",
         "instances",
         "key",
         "last_answer",
         "listening",
+        "max_ejected_ratio",
+        "panic_threshold",
         "parked",
         "paused_until",
         "plain",
@@ -225,14 +233,20 @@ class Upstream:
         # A service's own pause (`retry_after_scope = "service"`): every instance's, those
         # named later too (`paused_until` is never below it)
         self.service_paused_until = 0.0
+        # What each call reads of the config, read once (a service's balancer, hedging)
+        self.panic_threshold = cfg.panic_threshold
+        self.max_ejected_ratio = cfg.max_ejected_ratio
+        self.hedge = hedge = cfg.hedge
         # Attempt latencies, kept only when a hedge delay is the upstream's p95.
-        hedge = cfg.hedge
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None
         self.resolved: tuple[str, ...] = ()
         # the resolver's last answer as given (duplicates and all, or one that was
         # refused): an unchanged answer is not checked again
         self.last_answer: tuple[object, ...] = ()
         self.instances: list[Instance] | None = None
+        # The instances' breaker keys (a balancer's fresh read of them), with the list
+        # they are of: one tuple, replaced whole (the sync transport's threads).
+        self.breaker_keys: tuple[list[Instance] | None, list[str]] = (None, [])
         self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
         self._speak(engine)
         if cfg.instances:
@@ -302,9 +316,11 @@ class Upstream:
         if urls == self.resolved:
             return
         known = {i.url: i for i in self.instances or ()}
-        self.instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        self.breaker_keys = (instances, [i.breaker_key for i in instances or ()])
+        self.instances = instances
         if self.cfg.client_chosen:
-            for instance in self.instances or ():
+            for instance in instances or ():
                 instance.trusted = False
         self.plain = self.instances is None and self.cfg.hedge is None
         self.resolved = urls

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -49,6 +49,79 @@ def _has_fast_headers() -> bool:
 
 
 FAST_HEADERS: Final = _has_fast_headers()
+
+
+# An instance's place in a URL as httpx holds it parsed: (scheme, host, port), canonical.
+Address = tuple[str, str, int | None]
+_URL: Final = httpx.URL
+_new_tuple: Final = tuple.__new__
+
+
+def _parsed_type() -> Any:  # (httpx._urlparse.ParseResult, or None)
+    ref: Any = getattr(httpx.URL("http://h:1/"), "_uri_reference", None)
+    # (its class read before `isinstance` narrows it: compiled, `type()` of a value
+    # known to be a tuple is `tuple` itself, and every copy then took the slow way)
+    kind: Any = ref.__class__
+    return kind if isinstance(ref, tuple) and len(ref) == 7 else None
+
+
+_PARSED: Final = _parsed_type()
+
+
+def address_of(url: httpx.URL) -> Address | None:
+    """A base URL's scheme, host and port as its parsed form holds them (`at_instance`);
+    None where httpx keeps another layout."""
+    if not _URL_COPY_FITS:
+        return None
+    ref = url._uri_reference
+    return (ref[0], ref[2], ref[3])
+
+
+def at_instance(url: httpx.URL, address: Address | None, scheme: str, host: str,
+                port: int | None) -> httpx.URL:  # fmt: skip
+    """`url.copy_with(scheme=scheme, host=host, port=port)`: the request's URL sent to a
+    service's instance. The copy parses the whole URL again (~1,700 bytecodes a call,
+    half an attempt's cost); an absolute URL's parsed fields are canonical already, so
+    the instance's own (`address`, parsed once) replace its three and the rest stays
+    (`_URL_COPY_FITS` checked that this gives what the copy gives)."""
+    if address is not None:
+        ref = url._uri_reference
+        if ref[0] and ref[2]:  # (absolute: scheme and host parsed; its path normalized)
+            fields = (address[0], ref[1], address[1], address[2], ref[4], ref[5], ref[6])
+            new = _URL.__new__(_URL)
+            new._uri_reference = _new_tuple(_PARSED, fields)
+            return new
+    return url.copy_with(scheme=scheme, host=host, port=port)
+
+
+# URLs whose copy to an instance `at_instance` must build as httpx's copy builds it.
+_COPY_PROBES: Final = (
+    ("http://svc/a/b?x=1&y=%20z#frag", "http://10.0.0.1:8080"),
+    ("https://u:p%40w@svc:8443/%7Ea/%zz/ü?q=ü", "https://[::1]:443"),
+    ("http://svc", "https://xn--bcher-kva.example"),
+    ("http://svc:80/p;x?", "http://Bücher.example:81"),
+)
+
+
+def _url_copy_fits() -> bool:
+    if _PARSED is None:
+        return False
+    try:
+        for url, base in _COPY_PROBES:
+            at, where = httpx.URL(url), httpx.URL(base)
+            ref = where._uri_reference
+            address = (ref[0], ref[2], ref[3])
+            fields = at._uri_reference
+            fast = (address[0], fields[1], address[1], address[2], *fields[4:])
+            slow = at.copy_with(scheme=where.scheme, host=where.host, port=where.port)
+            if fast != tuple(slow._uri_reference) or type(slow._uri_reference) is not _PARSED:
+                return False
+    except Exception:  # pragma: no cover - another httpx layout
+        return False
+    return True
+
+
+_URL_COPY_FITS: Final = _url_copy_fits()
 
 
 def take_ours(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]] | None:
