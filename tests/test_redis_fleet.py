@@ -147,17 +147,31 @@ class Fleet:
             with (self.workdir / f"uvicorn-{port}.log").open("wb") as log:
                 self.procs.append(self._spawn(port, env, log))
         deadline = time.monotonic() + START_TIMEOUT_S
-        for port in self.ports:
+        moved = 0
+        for index in range(len(self.ports)):
             while True:
+                port = self.ports[index]
                 try:
                     httpx.get(f"http://127.0.0.1:{port}/stats", timeout=1.0).raise_for_status()
                     break
                 except httpx.HTTPError:
+                    if self.procs[index].poll() is not None and moved < 3 and self._taken(port):
+                        # The free port went to another process between our probe and
+                        # the member's bind (other sessions share this machine): another.
+                        moved += 1
+                        self.ports[index] = port = free_port()
+                        with (self.workdir / f"uvicorn-{port}.log").open("wb") as log:
+                            self.procs[index] = self._spawn(port, env, log)
+                        continue
                     if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                         self.stop()
                         raise RuntimeError(f"fleet member on {port} did not start") from None
                     time.sleep(0.05)
         return self
+
+    def _taken(self, port: int) -> bool:
+        log = (self.workdir / f"uvicorn-{port}.log").read_text(errors="replace")
+        return "address already in use" in log.lower()
 
     def _spawn(self, port: int, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "uvicorn", "fleet_app:app", "--app-dir", str(self.workdir)]
