@@ -392,8 +392,17 @@ def _not_retried(decided_by: str | None) -> Starlette:
     return app
 
 
-def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
-    app = _not_retried("breaker")
+@pytest.mark.parametrize("decided_by", ["breaker", None])
+def test_a_5xx_not_retried_for_its_wait_and_let_out_is_a_marked_502(
+    decided_by: str | None,
+) -> None:
+    """A callee's own refusal ("breaker": its breaker's 503), or an upstream's plain 503
+    (None), whose Retry-After (10 s) the transport would not wait (it waits 2 s): given up
+    on the first attempt (`retry_after_too_long`). Before: the app's bare 500, unmarked,
+    which B's callers' breakers counted against B, without the wait (review 38 for the
+    callee's refusal; review 39, every instance of C paused past what B waits, for the
+    plain 503). Now a 502 marked as the upstream's fault, with the wait."""
+    app = _not_retried(decided_by)
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -401,30 +410,8 @@ def test_a_callees_refusal_not_retried_and_let_out_is_a_marked_502() -> None:
             return await client.get("/")
 
     response = asyncio.run(go())
-    # before the fix: the app's bare 500, unmarked, which B's callers' breakers counted
-    # against B (a callee's refusal reached the client as a 500)
     assert response.status_code == 502
     assert response.headers.get("x-fidelity-fault") == "upstream"
     assert "x-fidelity-retry" not in response.headers  # B did not retry: its caller may
     assert "x-fidelity-decided-by" not in response.headers
-    assert response.headers.get("retry-after", "").isdigit()
-
-
-def test_an_upstream_503_whose_retry_after_was_not_waited_and_let_out_is_a_marked_502() -> None:
-    # Not a callee's refusal, but one of ours: the transport would not wait the
-    # upstream's Retry-After (10 s, it waits 2 s) and gave up on its first attempt
-    # (`retry_after_too_long`). Review 39 (scenario 2: every instance of C paused past what
-    # B waits) found the app's bare 500 for it: no Retry-After for the client, and A's
-    # breaker for B counted it against B. Now the 502 a callee's own refusal gets.
-    app = _not_retried(None)
-
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
-            return await client.get("/")
-
-    response = asyncio.run(go())
-    assert response.status_code == 502
-    assert response.headers.get("x-fidelity-fault") == "upstream"
-    assert "x-fidelity-retry" not in response.headers  # B did not retry: its caller may
     assert response.headers.get("retry-after", "").isdigit()
