@@ -33,6 +33,7 @@ from ..engine import Engine, RoutePlan, sf_string_content
 from ..errors import PolicyError
 from ..inbound.admission import quota_wait_s, warn_without_state
 from ..inbound.checks import LimitCheck, peek_limits
+from ..inbound.request import text_is_address
 from ..inbound.responses import refusal_retry_after, state_unavailable_detail
 from ..inbound.xratelimit import x_ratelimit_fields
 from ..policy import RateLimit
@@ -354,9 +355,9 @@ class LimitDependency:
         for an object whose text is its address in memory (a class with no `__str__` or
         `__repr__` of its own, as an ORM model is: `current_user` returning the user row):
         a new key per request, so no limit at all. The address counts instead."""
-        kind = type(value)
-        if kind.__str__ is not object.__str__ or kind.__repr__ is not object.__repr__:
+        if not text_is_address(value):
             return str(value)
+        kind = type(value)
         label = self.name or f"fidelity.limit({self.rate!r})"
         warn(
             logger, label, "fidelity_mw: the key of %s is a %s, whose text is its address in "

@@ -263,11 +263,15 @@ class RequestReader:
                         logger, lim.name, "fidelity_mw: key function of %r failed", lim.name
                     )
                     custom = None
-                if custom is not None and not isinstance(custom, str) and isawaitable(custom):
-                    # (a plain function around an async lookup): its text is a new key
-                    # per request, no limit at all; the client's address counts instead
-                    awaitable_key(lim.name, custom)
-                    custom = None
+                if custom is not None and not isinstance(custom, str):
+                    if isawaitable(custom):
+                        # (a plain function around an async lookup): its text is a new key
+                        # per request, no limit at all; the client's address counts instead
+                        awaitable_key(lim.name, custom)
+                        custom = None
+                    elif text_is_address(custom):  # (the same: an ORM row, say)
+                        addressed_key(lim.name, custom)
+                        custom = None
                 if custom is not None:
                     value = "k:" + compact_key(str(custom))
                     if other is None:
@@ -337,6 +341,24 @@ class RequestReader:
                 NO_PEER,
             )
         return NO_PEER
+
+
+def text_is_address(value: object) -> bool:
+    """Is `value`'s text its address in memory (a class with no `__str__` or `__repr__` of
+    its own, as an ORM model is)? As a key, a new one per request: no limit at all."""
+    kind = type(value)
+    return kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__
+
+
+def addressed_key(name: str, value: object) -> None:
+    """A key function returned an object whose text is its address: said (throttled)."""
+    kind = type(value).__name__
+    warn(
+        logger, name, "fidelity_mw: the key function of %r returned a %s, whose text is its "
+        "address in memory, new for every request: no limit at all, so the request counts "
+        "by the client's address; return the identity's id (or give %s a __str__)",
+        name, kind, kind, level=logging.ERROR,
+    )  # fmt: skip
 
 
 def awaitable_key(name: str, value: Any) -> None:
