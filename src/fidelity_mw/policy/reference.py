@@ -222,7 +222,10 @@ DESCRIPTIONS: dict[str, str] = {
     "that is an IPv6 address, as `header:x-real-ip` holds, counts by its "
     "`client_ipv6_prefix` network), `route`, "
     "`global`; a callable in Python (plain, not async: the middleware calls it as it reads "
-    "the request).",
+    "the request; it returns the key's text, or a value whose `str()` is it, such as an id; "
+    "an awaitable, or an object whose text is its address in memory such as an ORM row "
+    "without `__str__`, counts the request by its address instead, with an ERROR: as text "
+    "it would be a new key per request).",
     "rate_limit.match": "Path glob: `*` matches any run of characters (slashes included), "
     "`?` one character. Matched against the request path as the app's routes see it: "
     "without the `root_path` the app is served under (`uvicorn --root-path /svc`, a "
