@@ -222,3 +222,48 @@ async def test_an_exhausted_callee_is_no_failure_of_the_instance() -> None:
     assert [r.status_code for r in answers].count(502) >= 5
     assert weights
     assert set(weights) == {0.0}
+
+
+class BrokenBody(httpx.AsyncByteStream):
+    """A body that breaks off after its first chunk."""
+
+    async def __aiter__(self) -> Any:
+        yield b"par"
+        raise httpx.ReadError("connection reset")
+
+
+async def test_a_body_that_broke_weighs_its_instance_up() -> None:
+    """C0 answers 200 and then breaks off its body (after the attempt looked a success):
+    the body's break weighs C0 up as a failed attempt does. Before, the success had ended
+    any weight and C0 kept a third of the calls until its breaker opened."""
+    clock = FakeClock()
+
+    def network(request: httpx.Request) -> httpx.Response:
+        key = f"{request.url.host}:{request.url.port}"
+        seen.append(key)
+        clock.advance(0.010)
+        if key == KEYS[0]:
+            return httpx.Response(200, stream=BrokenBody())
+        return httpx.Response(200, text="ok")
+
+    seen: list[str] = []
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=2)
+    up = UpstreamConfig(
+        host="payments", instances=INSTANCES, retry=retry, breaker=BreakerConfig(open_s=60.0)
+    )
+    engine = Engine(
+        Policy(upstreams=(up,)),
+        clock=clock,
+        rng=seeded_random(7),
+        store=MemoryStore(rng=seeded_random(3)),
+    )
+    t = FidelityTransport(httpx.MockTransport(network), engine=engine, telemetry=False)
+    broke = 0
+    async with httpx.AsyncClient(transport=t) as client:
+        for _ in range(30):
+            try:
+                await client.get("http://payments/pay")
+            except httpx.ReadError:
+                broke += 1
+    assert broke == 1  # C0's first pick; then the others take the calls
+    assert seen.count(KEYS[0]) == 1

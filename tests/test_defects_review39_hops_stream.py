@@ -59,13 +59,11 @@ def test_real_chain_one_instance_of_c_breaking_its_bodies_costs_no_request(style
     print(f"\none of C resetting ({style}): {Counter(a.status for a in fault)}, {broken} broken")
     assert all(a.status == 200 for a in warm)
     # every one served by a healthy instance, each body one whole answer of one instance
-    # (never a broken first chunk passed on, nor one joined to a retry's answer). Save
-    # one, early, as for a 500 in review 38: A's retries reach B as new requests, which
-    # B's balancer places without knowing the instance that broke the last; before C0's
-    # breaker opens, all of A's attempts may land on it: answered 502, never 500.
-    failed = [(i, a.status) for i, a in enumerate(fault) if a.status != 200]
-    assert len(failed) <= 1, failed
-    assert all(i < 4 and st == 502 for i, st in failed), failed
+    # (never a broken first chunk passed on, nor one joined to a retry's answer). A's
+    # retries of B's 502 reach B as new requests: B's balancer weighs the instance whose
+    # body broke up (`failure_weight`), so they go elsewhere (before that weight, all
+    # three of A's attempts once landed on C0, a compiled run beside three burners).
+    assert [a.status for a in fault] == [200] * n
     served = [a.body for a in fault if a.status == 200]
     assert all(body in (b"c1:ok", b"c2:ok") for body in served), served
     bit = seen.c_calls[(0, "ok")] - sum(1 for a in warm if a.body == b"c0:ok")

@@ -170,8 +170,13 @@ class Watch(NamedTuple):
                 setattr(exc, BROKEN_BODY, True)  # (the middleware's answer, if let out)
             if self.attempts > 1:
                 self._exhausted(exc)
-            if self.target is not None and self.gate is None:
-                self.target.answered = False  # the attempt around its open breaker failed
+            target = self.target
+            if target is not None:
+                if self.gate is None:
+                    target.answered = False  # the attempt around its open breaker failed
+                # a failure after all: the balancer weighs the instance up for a while, as
+                # after an attempt that failed (`decide.balance.failure_weight`)
+                target.failed_at = self.ctx.engine.clock.monotonic()
             if self.gate is not None:
                 self._record(blocking)
         except Exception as failure:  # never into the caller's read
