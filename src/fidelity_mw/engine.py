@@ -40,7 +40,7 @@ from .routes import (
     slash_redirect,
 )
 from .routes import _host as routes_host
-from .state.base import StateStore
+from .state.base import StateStore, breaker_home
 from .state.factory import store_from_policy
 
 logger = logging.getLogger("fidelity_mw")
@@ -228,6 +228,8 @@ class Engine:
             template=None if served is None else served.template,
         )
         plan.root_path = scope.get("root_path", "")
+        if plan.breaker_key is not None and breaker is not None and breaker.scope != "fleet":
+            plan.breaker_key = breaker_home(plan.breaker_key, breaker, self.store)
         if any(plan.served) and slash_redirect(scope, self.route_app):
             # the router's redirect is not the resource: charged only by "always" limits
             # (inbound/watch.py); every 3xx is then looked at, on this path alone

@@ -215,6 +215,7 @@ def costed_plan(plan: RoutePlan, costs: tuple[int, ...]) -> RoutePlan:
         tuple(costs[i] for i in kept),
         template=plan.template,
     )
+    sub.breaker_key = plan.breaker_key  # (the process's own, `breaker.scope`)
     sub.slash_redirect = plan.slash_redirect
     sub.root_path = plan.root_path
     sub.not_allowed = plan.not_allowed

@@ -71,7 +71,9 @@ def snapshot_configs(
                     return route.breaker
             return policy.breaker
         if kind == "upstream":
-            return policy.upstream_for(subject.rsplit(":", 1)[0]).breaker
+            # (a process's own breaker, `scope = "process"`, ends in "@" + its id)
+            host = subject.partition("@")[0].rsplit(":", 1)[0]
+            return policy.upstream_for(host).breaker
         return None
 
     def retry(key: str) -> RetryConfig | None:

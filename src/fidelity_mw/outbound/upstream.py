@@ -12,6 +12,7 @@ from ..decide.balance import EWMA_TAU_S, InstanceView, decayed
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
+from ..state.base import breaker_home
 from .hedge import LatencyWindow
 from .wire import (
     Address,
@@ -85,7 +86,7 @@ class Instance:
         "url",
     )
 
-    def __init__(self, base_url: str, engine: Engine) -> None:
+    def __init__(self, base_url: str, engine: Engine, breaker: BreakerConfig | None = None) -> None:
         url = httpx.URL(base_url)
         self.url = base_url
         self.scheme = url.scheme
@@ -93,7 +94,7 @@ class Instance:
         self.port = url.port
         self.address: Address | None = address_of(url)  # (parsed, for `wire.at_instance`)
         self.key = self.host if self.port is None else f"{self.host}:{self.port}"
-        self.breaker_key = "upstream:" + self.key
+        self.breaker_key = breaker_home("upstream:" + self.key, breaker, engine.store)
         self.trusted: bool | None = literal_peer_trusted(self.host, engine.trusted_peers)
         # HTTPS to an address: TLS names the service (SNI, and the certificate is verified
         # against its name), not the address (`loop.attempts` sets `sni_hostname`).
@@ -191,7 +192,7 @@ class Upstream:
         self.shut: list[bool] = [False]
         self.retry: RetryConfig = cfg.retry
         self.breaker: BreakerConfig | None = cfg.breaker
-        self.breaker_key = "upstream:" + self.key
+        self.breaker_key = breaker_home("upstream:" + self.key, cfg.breaker, engine.store)
         # One budget per host, or one for every host of the entry (a service's instances).
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
@@ -316,7 +317,7 @@ class Upstream:
         if urls == self.resolved:
             return
         known = {i.url: i for i in self.instances or ()}
-        instances = [known.get(u) or Instance(u, engine) for u in urls] or None
+        instances = [known.get(u) or Instance(u, engine, self.breaker) for u in urls] or None
         self.breaker_keys = (instances, [i.breaker_key for i in instances or ()])
         self.instances = instances
         if self.cfg.client_chosen:

@@ -41,6 +41,7 @@ HEADER_MODES = ("always", "on_reject", "never")
 HEADER_NAMES = ("ietf", "x-ratelimit", "both")
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 CHARGE_MODES = ("served", "always")
+BREAKER_SCOPES = ("fleet", "process")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 MAX_ATTEMPTS = 10
 
@@ -892,6 +893,11 @@ class BreakerConfig(_Validated):
     # Given as a list or tuple (or "5xx" classes), held as a frozenset: the annotation says
     # both, because the compiled build checks attribute types where it reads them.
     failure_statuses: frozenset[int] | tuple[int, ...] = _spec(tuple(range(500, 600)), _statuses)
+    # Whose outcomes open it on a shared store (Redis, tiered): the fleet's, or this
+    # process's alone (a breaker of its own there). No meaning in memory mode.
+    scope: Literal["fleet", "process"] = _spec(
+        "fleet", one_of(BREAKER_SCOPES), unset_unversioned=True
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "failure_statuses", _statuses_from(self.failure_statuses))
@@ -1424,7 +1430,9 @@ def _plain(obj: Any) -> Any:
             if not f.init:
                 continue
             value = getattr(obj, f.name)
-            if (value is None or value is False) and f.metadata.get("unset_unversioned"):
+            if f.metadata.get("unset_unversioned") and (
+                value is None or value is False or value == f.default
+            ):  # (a key added later, left at its default: the version a policy had stays)
                 continue
             out[f.metadata.get("toml", f.name)] = _plain(value)
         return out

@@ -281,6 +281,12 @@ DESCRIPTIONS: dict[str, str] = {
     "breaker.failure_statuses": 'Response statuses that count as failures (`"5xx"` '
     "classes allowed). Exceptions always do; the limiter's 429s and client disconnects "
     "never do.",
+    "breaker.scope": "Whose outcomes open it on a shared store (Redis, tiered): `fleet`, "
+    "every process's, one breaker for the fleet (an opening sheds on every process); "
+    "`process`, this process's alone: each process keeps a breaker of its own (in Redis, "
+    "under a key with its id), so one process with a bad path to an upstream (its node's "
+    "network, its DNS, its pool) opens no breaker for the others. In memory mode every "
+    "breaker is the process's.",
     # [[route]]
     "route.match": "Path glob, as for `rate_limit.match`. First matching route wins.",
     "route.methods": "Only these HTTP methods; leave it out for all. `GET` covers `HEAD` "

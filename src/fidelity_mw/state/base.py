@@ -13,6 +13,21 @@ from ..policy import BreakerConfig, RetryConfig
 from .local import InboundResult as InboundResult  # (compiled there: a native class)
 from .snapshot import SnapshotConfigs, StoreSnapshot
 
+# Between a breaker's key and the id of the process that owns it (`breaker.scope =
+# "process"`): not a character of a route name, a host or a path template.
+OWN_BREAKER_MARK: Final = "@"
+
+
+def breaker_home(key: str, breaker: BreakerConfig | None, store: object) -> str:
+    """The key a breaker is kept under in `store`: `key`, or with `scope = "process"` on
+    a shared store (one that has a `process_id`), `key` + "@" + that id, so each process
+    counts and opens its own breaker there. Memory stores keep every breaker per process
+    already, under its plain key."""
+    if breaker is None or breaker.scope != "process":
+        return key
+    own = getattr(store, "process_id", None)
+    return key if own is None else f"{key}{OWN_BREAKER_MARK}{own}"
+
 
 class GateAnswer(tuple[Gate | None, bool, str, float]):
     """An `outbound_gate` answer of a shared store that says more than the four values

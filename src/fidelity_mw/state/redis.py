@@ -549,6 +549,12 @@ class RedisStore(StateStore):
 
     # ------------------------------------------------------------ plumbing
 
+    @property
+    def process_id(self) -> str:
+        """This store's (this process's) id: the fleet member id, also the owner of its
+        breakers with `scope = "process"` (`state.base.breaker_home`)."""
+        return self.fleet.id
+
     def key(self, kind: str, key: str) -> str:
         """The Redis key for a logical key (cached; the cache is bounded)."""
         cached = self._keys.get((kind, key))

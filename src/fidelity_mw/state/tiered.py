@@ -358,6 +358,11 @@ class TieredStore(StateStore):
         self._lease_tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def process_id(self) -> str:
+        """The exact store's: the owner of this process's `scope = "process"` breakers."""
+        return self.exact.process_id
+
+    @property
     def round_trips(self) -> int:
         return self.exact.stats.round_trips
 

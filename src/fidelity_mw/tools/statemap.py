@@ -224,6 +224,9 @@ def _breaker_data(b: BreakerConfig) -> str:
     )
     probes = _count(b.half_open_probes, "half-open probe")
     parts.append(f"{opened} ±{b.open_jitter * 100:.0f} %, {probes}")
+    if b.scope == "process":
+        # on a shared store, a key of each process's own: `<key>@<process id>`
+        parts.append("each process's own breaker (scope = process)")
     return "; ".join(parts)
 
 
