@@ -59,9 +59,6 @@ async def test_redis_restarted_empty_over_admits_at_most_the_units_leased_before
     scripts, gone with the server, are loaded again (no process stuck on NOSCRIPT)."""
     a, b = tiered(own_redis.url, 1), tiered(own_redis.url, 2)
     try:
-        for _ in range(3):
-            for store in (a, b):
-                assert (await store.admit(None, None, ["q|k"], [SLOW], time.monotonic())).admitted
         for _ in range(6):  # a's failures open the route's breaker for the fleet
             result = await a.admit("route:/x", OPENS, (), (), time.monotonic())
             assert result.gate is not None
@@ -74,6 +71,11 @@ async def test_redis_restarted_empty_over_admits_at_most_the_units_leased_before
             if seen.gate.verdict == "reject":
                 break
         assert seen.gate.verdict == "reject"
+        # Leases taken just before the restart (a slice idle for a sync interval is given
+        # back: nothing awaits between these and the restart, which blocks the loop)
+        for _ in range(3):
+            for store in (a, b):
+                assert (await store.admit(None, None, ["q|k"], [SLOW], time.monotonic())).admitted
         leased = held(a) + held(b)
         assert leased > 0
 
@@ -81,7 +83,7 @@ async def test_redis_restarted_empty_over_admits_at_most_the_units_leased_before
 
         admitted = 0
         gates: list[tuple[str, str, str]] = []
-        for _ in range(100):  # bounded: every store asks until the key refuses
+        for _ in range(200):  # bounded: every store asks until the key refuses
             for name, store in (("a", a), ("b", b)):
                 got = await store.admit(None, None, ["q|k"], [SLOW], time.monotonic())
                 admitted += got.admitted
@@ -257,7 +259,7 @@ async def test_one_process_cut_off_degrades_alone_and_its_outcomes_count_once(
             counted[name] += 1
 
     try:
-        for phase, n in (("before", 40), ("cut", 40), ("healed", 120)):
+        for phase, n in (("before", 40), ("cut", 40), ("healed", 200)):
             if phase == "cut":
                 proxy.cut()
             elif phase == "healed":
