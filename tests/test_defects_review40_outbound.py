@@ -1,0 +1,103 @@
+"""Review 40, outbound: what a call leaves behind on the request and in the balancer.
+
+1. A call whose first attempt ended it (the async shortcut, `First.finish` in the
+   blocking transport) left that attempt's timeouts on `request.extensions["timeout"]`
+   (they bound the body's reads, which httpcore takes from the request when the caller
+   reads it): capped at the rest of a short deadline, the request sent again later,
+   without any deadline, was sent with that sliver (225 ms of its own 5 s) and told the
+   callee so. The loop restored them; now every call starts from the request's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from fidelity_mw.context import _CURRENT, DecisionContext
+from fidelity_mw.engine import Engine
+from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+URL = "http://svc.internal/x"
+OWN = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+
+
+def _engine() -> tuple[Engine, FakeClock]:
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="*",
+                retry=RetryConfig(attempts=3, base_ms=1, max_ms=1),
+                breaker=BreakerConfig(),
+            ),
+        )
+    )
+    clock = FakeClock()
+    return Engine(policy, clock=clock, store=MemoryStore(rng=seeded_random(3))), clock
+
+
+def _call_async(engine: Engine, handler: Any, request: httpx.Request) -> httpx.Response:
+    transport = FidelityTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    return asyncio.run(transport.handle_async_request(request))
+
+
+def _call_sync(engine: Engine, handler: Any, request: httpx.Request) -> httpx.Response:
+    transport = FidelitySyncTransport(httpx.MockTransport(handler), engine=engine, telemetry=False)
+    return transport.handle_request(request)
+
+
+@pytest.mark.parametrize("call", [_call_async, _call_sync])
+@pytest.mark.parametrize("status", [200, 404])
+def test_a_request_sent_again_is_sent_with_its_own_timeouts(call: Any, status: int) -> None:
+    engine, clock = _engine()
+    sent: list[tuple[str, float]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        sent.append(
+            (request.headers["x-request-timeout-ms"], request.extensions["timeout"]["read"])
+        )
+        clock.advance(0.005)
+        return httpx.Response(status)
+
+    request = httpx.Request("GET", URL, extensions={"timeout": dict(OWN)})
+    ctx = DecisionContext(engine, "/route", "GET", clock.monotonic())
+    ctx.deadline_at = clock.monotonic() + 0.25  # shorter than the attempt timeout
+    token = _CURRENT.set(ctx)
+    try:
+        call(engine, upstream, request)
+    finally:
+        _CURRENT.reset(token)
+    # the attempt's timeouts stay while its body may still be read
+    assert request.extensions["timeout"]["read"] == pytest.approx(0.225)
+    call(engine, upstream, request)  # later, outside any request: no deadline
+    assert sent[0] == ("203", pytest.approx(0.225))  # the deadline's, less its tenth
+    # its own 5 s (the attempt timeout, 10 s, caps none of them), told as such
+    assert sent[1] == ("4750", 5.0)
+    assert request.extensions["timeout"] == OWN
+
+
+@pytest.mark.parametrize("call", [_call_async, _call_sync])
+def test_timeouts_the_caller_set_since_are_the_ones_sent(call: Any) -> None:
+    engine, clock = _engine()
+    reads: list[float] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        reads.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200)
+
+    request = httpx.Request("GET", URL, extensions={"timeout": dict(OWN)})
+    ctx = DecisionContext(engine, "/route", "GET", clock.monotonic())
+    ctx.deadline_at = clock.monotonic() + 0.25
+    token = _CURRENT.set(ctx)
+    try:
+        call(engine, upstream, request)
+    finally:
+        _CURRENT.reset(token)
+    request.extensions["timeout"] = {"connect": 1.0, "read": 2.0, "write": 1.0, "pool": 1.0}
+    call(engine, upstream, request)
+    assert reads == [pytest.approx(0.225), 2.0]
