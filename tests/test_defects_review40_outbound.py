@@ -6,11 +6,18 @@
    reads it): capped at the rest of a short deadline, the request sent again later,
    without any deadline, was sent with that sliver (225 ms of its own 5 s) and told the
    callee so. The loop restored them; now every call starts from the request's own.
+2. A transport's balancer kept the times it read on the system clock when a test's
+   `fake_time()` put its engine on a fake clock (with a fresh state): an instance that
+   had failed before the block was weighed as failing that very instant for the whole
+   block (its failure stamped tens of thousands of seconds "after" the fake now, and
+   only a success sent after it ends it), so it got no call at all, however far the
+   fake clock went.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -21,7 +28,7 @@ from fidelity_mw.context import _CURRENT, DecisionContext
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
-from fidelity_mw.testing import FakeClock, seeded_random
+from fidelity_mw.testing import FakeClock, fake_time, seeded_random
 
 URL = "http://svc.internal/x"
 OWN = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
@@ -101,3 +108,51 @@ def test_timeouts_the_caller_set_since_are_the_ones_sent(call: Any) -> None:
     request.extensions["timeout"] = {"connect": 1.0, "read": 2.0, "write": 1.0, "pool": 1.0}
     call(engine, upstream, request)
     assert reads == [pytest.approx(0.225), 2.0]
+
+
+INSTANCES = ("http://10.0.0.1:80", "http://10.0.0.2:80")
+
+
+def test_fake_time_gives_a_transports_balancer_a_fresh_start() -> None:
+    failing = {"on": True}
+
+    def network(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "10.0.0.1" and failing["on"]:
+            return httpx.Response(503)  # (retried on the other instance)
+        return httpx.Response(200)
+
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="svc",
+                instances=INSTANCES,
+                retry=RetryConfig(attempts=3, base_ms=1, max_ms=1),
+            ),
+        )
+    )
+    # its own engine, on the system clock: the kind `fake_time()` takes over
+    transport = FidelityTransport(httpx.MockTransport(network), policy=policy, telemetry=False)
+
+    async def calls(n: int) -> Counter[str]:
+        picked: Counter[str] = Counter()
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(n):
+                response = await client.get("http://svc/x")
+                assert response.status_code == 200
+                ctx = response.extensions["fidelity_context"]
+                picked.update(str(d.details["instance"]) for d in ctx.decisions if d.layer == "lb")
+        return picked
+
+    async def scenario() -> Counter[str]:
+        while (await calls(1))["10.0.0.1"] == 0:  # until 10.0.0.1 failed once
+            pass
+        failing["on"] = False
+        with fake_time() as clock:
+            clock.advance(60.0)  # far past any failure's fade
+            return await calls(40)
+
+    picked = asyncio.run(scenario())
+    # both instances healthy and fresh: the balancer spreads the calls (it sent none to
+    # 10.0.0.1, weighed as failing at every fake instant)
+    assert picked["10.0.0.1"] > 0
+    assert picked["10.0.0.2"] > 0

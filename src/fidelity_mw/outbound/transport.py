@@ -385,10 +385,20 @@ class _Base:
             )
 
     def engine_changed(self, engine: Engine) -> None:
-        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes."""
+        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes, and
+        a new clock's plans forget the times they read on the old one (`new_clock`)."""
         seen = self._armed.seen
         if seen is not None and seen.engine is engine:
             self._armed.seen = None
+        clock = engine.__dict__.get("clock")
+        if clock is None:
+            return
+        for plan in list(self._upstreams.values()):
+            up: Upstream | None = plan
+            while up is not None:
+                if up.clock is not clock and up.policy is engine.policy:
+                    up.new_clock(clock)
+                up = up.parked
 
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
         """The transport's observer, else the engine's (looked up once from telemetry)."""
