@@ -12,6 +12,11 @@
    block (its failure stamped tens of thousands of seconds "after" the fake now, and
    only a success sent after it ends it), so it got no call at all, however far the
    fake clock went.
+3. A service with `breaker = false`: a body that broke off while read (after a head as
+   quick as the others') did not weigh its instance up, where a failed attempt does,
+   breaker or none (review 39 weighed broken bodies only where a breaker watched them):
+   the instance breaking every body kept a third of the calls. Now the body is watched
+   for the balancer's weight alone (no breaker counts it, nor marks the request).
 """
 
 from __future__ import annotations
@@ -156,3 +161,54 @@ def test_fake_time_gives_a_transports_balancer_a_fresh_start() -> None:
     # 10.0.0.1, weighed as failing at every fake instant)
     assert picked["10.0.0.1"] > 0
     assert picked["10.0.0.2"] > 0
+
+
+class BrokenBody(httpx.AsyncByteStream):
+    """A body that breaks off after its first chunk."""
+
+    async def __aiter__(self) -> Any:
+        yield b"par"
+        raise httpx.ReadError("connection reset")
+
+
+THREE = ("http://10.0.1.1:8080", "http://10.0.1.2:8080", "http://10.0.1.3:8080")
+
+
+@pytest.mark.anyio
+async def test_without_a_breaker_a_broken_body_weighs_its_instance_up() -> None:
+    clock = FakeClock()
+    seen: list[str] = []
+
+    def network(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url.host))
+        clock.advance(0.010)
+        if request.url.host == "10.0.1.1":
+            return httpx.Response(200, stream=BrokenBody())
+        return httpx.Response(200, text="ok")
+
+    up = UpstreamConfig(
+        host="payments",
+        instances=THREE,
+        retry=RetryConfig(attempts=3, base_ms=1, max_ms=2),
+        breaker=None,
+    )
+    engine = Engine(
+        Policy(upstreams=(up,)),
+        clock=clock,
+        rng=seeded_random(7),
+        store=MemoryStore(rng=seeded_random(3)),
+    )
+    transport = FidelityTransport(httpx.MockTransport(network), engine=engine, telemetry=False)
+    broke = 0
+    contexts = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(30):
+            try:
+                response = await client.get("http://payments/pay")
+                contexts.append(response.extensions["fidelity_context"])
+            except httpx.ReadError:
+                broke += 1
+    assert broke == 1  # its first pick; then the others take the calls (it kept 11)
+    assert seen.count("10.0.1.1") == 1
+    # no breaker: no breaker decision, nothing marked on the requests that went well
+    assert not any(d.reason == "failed_in_body" for c in contexts for d in c.decisions)

@@ -763,9 +763,13 @@ def attempts(
                     # request this one's): with the status it was for
                     request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
             if (
-                breaker is not None
-                and outcome == SUCCESS
-                and (counted is not None or (target is not None and not gated))
+                outcome == SUCCESS
+                and (
+                    # (no breaker: the instance's failure weight only, `Watch.broke`)
+                    (breaker is None or counted is not None or not gated)
+                    if target is not None
+                    else breaker is not None and counted is not None
+                )
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,
