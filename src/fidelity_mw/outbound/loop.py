@@ -374,7 +374,9 @@ def attempts(
     own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
     if first is None:
         extensions = request.extensions
-        original_timeout = own_timeouts(extensions)  # (a request sent again: its own)
+        original_timeout = extensions.get("timeout")
+        if OWN_TIMEOUT in extensions:  # a request sent again: its own timeouts
+            original_timeout = own_timeouts(extensions)
         if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
             del extensions[GIVE_UP_EXTENSION]
         # Judged before the first attempt, which consumes a streaming body (and may

@@ -7,7 +7,7 @@ decide nothing themselves.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 
 import httpx
@@ -348,7 +348,7 @@ def worth_reading(response: httpx.Response) -> bool:
 OWN_TIMEOUT: Final = "fidelity_mw.own_timeout"
 
 
-def own_timeouts(extensions: dict[str, Any]) -> Any:
+def own_timeouts(extensions: MutableMapping[str, Any]) -> Any:
     """The request's own timeouts (`OWN_TIMEOUT`), put back on it: a call's first step."""
     timeouts = extensions.get("timeout")
     mark = extensions.pop(OWN_TIMEOUT, None)
@@ -362,7 +362,7 @@ def own_timeouts(extensions: dict[str, Any]) -> Any:
     return own
 
 
-def keep_own_timeouts(extensions: dict[str, Any], own: Any) -> None:
+def keep_own_timeouts(extensions: MutableMapping[str, Any], own: Any) -> None:
     """The call ends with its attempt's timeouts on the request: note the request's own."""
     ours = extensions.get("timeout")
     if ours is not own:
