@@ -5,7 +5,8 @@ Every service runs FidelityMiddleware; A calls B and B calls C through FidelityT
 loopback, inside `trusted_peers`, so the protocol headers go between the hops.
 
 Faults are switched on the shared `Faults` object (the servers run in threads of this
-process): per instance of C a mode (`500`, `503`, `hang`, `slow`, `429`), optionally only
+process): per instance of C a mode (`500`, `503`, `hang`, `slow`, `429`; `_hops39` adds
+`503ra` and `reset`, `Knobs`), optionally only
 on one route. Each hop keeps, per request id (`x-hop-id`, passed down by the handlers),
 who decided its answer, from the decision context (an observer).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from _loopback import LoopbackServer
@@ -142,7 +143,22 @@ def policy(
     )
 
 
-def c_app(index: int, faults: Faults, seen: Seen, limits: tuple[RateLimit, ...]) -> Any:
+@dataclass
+class Knobs:
+    """C's fault modes' settings (`_hops39` sets them per scenario)."""
+
+    slow_s: float = SLOW_S
+    retry_after: int = 5  # `503ra`'s Retry-After
+    decided: str = ""  # `503ra` marked `x-fidelity-decided-by: <decided>`
+    # `hang` until the caller goes away (a C without the middleware, which no deadline
+    # cancels: a hang kept to the server's shutdown makes it wait), else HANG_S
+    hang_until_gone: bool = False
+
+
+def c_handler(index: int, faults: Faults, seen: Seen, knobs: Knobs | None = None) -> Any:
+    """Instance `index` of C: counts the call, then answers as its fault mode says."""
+    knobs = knobs or Knobs()
+
     async def handler(request: Request) -> Response:
         route = request.url.path.rsplit("/", 1)[-1]
         with seen.lock:
@@ -153,14 +169,39 @@ def c_app(index: int, faults: Faults, seen: Seen, limits: tuple[RateLimit, ...])
             return Response(b"broken", 500)
         if mode == "503":
             return Response(b"busy", 503)
+        if mode == "503ra":
+            headers = {"retry-after": str(knobs.retry_after)}
+            if knobs.decided:
+                headers["x-fidelity-decided-by"] = knobs.decided
+            return Response(b"busy", 503, headers=headers)
         if mode == "429":
             return Response(b"slow down", 429, headers={"retry-after": "1"})
+        if mode == "reset":
+
+            async def body() -> AsyncIterator[bytes]:
+                yield b"first chunk;"
+                await asyncio.sleep(0.02)
+                raise RuntimeError("C breaks mid-body")  # uvicorn drops the connection
+
+            return StreamingResponse(body())
         if mode == "hang":
-            await asyncio.sleep(HANG_S)
+            if not knobs.hang_until_gone:
+                await asyncio.sleep(HANG_S)
+            else:
+                for _ in range(int(HANG_S / 0.05)):
+                    if await request.is_disconnected():
+                        break
+                    await asyncio.sleep(0.05)
+                return Response(b"late", 200)
         if mode == "slow":
-            await asyncio.sleep(SLOW_S)
+            await asyncio.sleep(knobs.slow_s)
         return Response(f"c{index}:{route}".encode())
 
+    return handler
+
+
+def c_app(index: int, faults: Faults, seen: Seen, limits: tuple[RateLimit, ...]) -> Any:
+    handler = c_handler(index, faults, seen)
     # one route template per route: each has its own route breaker
     app = Starlette(routes=[Route(f"/c/{route}", handler) for route in ROUTES])
     app.add_middleware(
@@ -184,10 +225,31 @@ def hop_app(
     (raise_for_status, the middleware answers what escapes) or "map" (502 for a 5xx
     or an error, the upstream's 4xx passed on)."""
     client = httpx.AsyncClient(transport=FidelityTransport(telemetry=False), timeout=5.0)
+    handler = hop_handler(name, client, next_url, style)
+    app = Starlette(routes=[Route(f"/x/{route}", handler) for route in ROUTES])
+    app.add_middleware(
+        FidelityMiddleware,
+        policy=policy(instances, limits),
+        observer=Recorder(name, seen),
+        telemetry=False,
+    )
+    return app
+
+
+def hop_handler(name: str, client: httpx.AsyncClient, next_url: str, style: str) -> Any:
+    """A hop's /x/{route}: calls `next_url` + route through `client`. `style`: "raise"
+    (raise_for_status, the middleware answers what escapes), "map" (502 for a 5xx or an
+    error, the upstream's 4xx passed on) or "stream" (the upstream's body read as a
+    stream, through `client.stream`, and passed on whole)."""
 
     async def handler(request: Request) -> Response:
         route = request.url.path.rsplit("/", 1)[-1]
         headers = {"x-hop-id": request.headers.get("x-hop-id", "?")}
+        if style == "stream":
+            async with client.stream("GET", next_url + route, headers=headers) as upstream:
+                upstream.raise_for_status()
+                body = b"".join([chunk async for chunk in upstream.aiter_bytes()])
+            return Response(body)
         if style == "raise":
             upstream = await client.get(next_url + route, headers=headers)
             upstream.raise_for_status()
@@ -200,14 +262,7 @@ def hop_app(
             return Response(b"upstream failed", 502)
         return Response(upstream.content, upstream.status_code)
 
-    app = Starlette(routes=[Route(f"/x/{route}", handler) for route in ROUTES])
-    app.add_middleware(
-        FidelityMiddleware,
-        policy=policy(instances, limits),
-        observer=Recorder(name, seen),
-        telemetry=False,
-    )
-    return app
+    return handler
 
 
 @dataclass

@@ -17,17 +17,14 @@ and summaries are reused.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import _hops38 as hops
@@ -36,53 +33,14 @@ from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.decide.breaker import BreakerState
 from fidelity_mw.state.memory import MemoryStore
 
-HANG_S = 30.0
-
 
 @dataclass
-class Knobs:
-    slow_s: float = 0.15
-    retry_after: int = 5
-    decided: str = ""  # C's 503ra marked `x-fidelity-decided-by: <decided>`
+class Knobs(hops.Knobs):
+    # (a plain C is never cancelled by a deadline: it hangs until B goes away)
+    hang_until_gone: bool = True
 
 
-def c_handler(index: int, faults: hops.Faults, seen: hops.Seen, knobs: Knobs) -> Any:
-    async def handler(request: Request) -> Response:
-        route = request.url.path.rsplit("/", 1)[-1]
-        with seen.lock:
-            seen.c_calls[(index, route)] += 1
-            seen.c_calls_by_rid[request.headers.get("x-hop-id", "?")] += 1
-        mode = faults.on(index, route)
-        if mode == "500":
-            return Response(b"broken", 500)
-        if mode == "503":
-            return Response(b"busy", 503)
-        if mode == "503ra":
-            headers = {"retry-after": str(knobs.retry_after)}
-            if knobs.decided:
-                headers["x-fidelity-decided-by"] = knobs.decided
-            return Response(b"busy", 503, headers=headers)
-        if mode == "reset":
-
-            async def body() -> AsyncIterator[bytes]:
-                yield b"first chunk;"
-                await asyncio.sleep(0.02)
-                raise RuntimeError("C breaks mid-body")  # uvicorn drops the connection
-
-            return StreamingResponse(body())
-        if mode == "hang":
-            # until the caller goes away (a plain C is never cancelled by a deadline;
-            # a hang kept to the server's shutdown makes it wait for it)
-            for _ in range(int(HANG_S / 0.05)):
-                if await request.is_disconnected():
-                    break
-                await asyncio.sleep(0.05)
-            return Response(b"late", 200)
-        if mode == "slow":
-            await asyncio.sleep(knobs.slow_s)
-        return Response(f"c{index}:{route}".encode())
-
-    return handler
+c_handler = hops.c_handler  # (one handler for both rigs)
 
 
 def c_app(index: int, faults: hops.Faults, seen: hops.Seen, knobs: Knobs, plain: bool) -> Any:
@@ -107,27 +65,7 @@ def hop_app(
     every wait. `style` "stream": the upstream's body is read as a stream and passed on
     whole (B's app reads C's body to its end, as "raise" does, through `client.stream`)."""
     client = httpx.AsyncClient(transport=FidelityTransport(telemetry=False), timeout=None)
-
-    async def handler(request: Request) -> Response:
-        route = request.url.path.rsplit("/", 1)[-1]
-        headers = {"x-hop-id": request.headers.get("x-hop-id", "?")}
-        if style == "stream":
-            async with client.stream("GET", next_url + route, headers=headers) as upstream:
-                upstream.raise_for_status()
-                body = b"".join([chunk async for chunk in upstream.aiter_bytes()])
-            return Response(body)
-        if style == "raise":
-            upstream = await client.get(next_url + route, headers=headers)
-            upstream.raise_for_status()
-            return Response(upstream.content)
-        try:
-            upstream = await client.get(next_url + route, headers=headers)
-        except httpx.HTTPError as exc:
-            return Response(f"{name}: {type(exc).__name__}".encode(), 502)
-        if upstream.status_code >= 500:
-            return Response(b"upstream failed", 502)
-        return Response(upstream.content, upstream.status_code)
-
+    handler = hops.hop_handler(name, client, next_url, style)
     app = Starlette(routes=[Route(f"/x/{route}", handler) for route in hops.ROUTES])
     app.add_middleware(
         FidelityMiddleware,

@@ -16,6 +16,7 @@ from urllib.parse import unquote, unquote_plus
 from .._types import Receive, Scope, Send
 from ..context import context_from_scope
 from ..engine import Engine
+from ..errors import PolicyError
 from ..rejections import PROBLEM_MEDIA_TYPE, problem_document, problem_json
 from .view import Since, key_hasher, render, snapshot_configs
 
@@ -49,8 +50,7 @@ class AdminApp:
         top_breakers: int = 200,
         top_budgets: int = 200,
     ) -> None:
-        if token is not None and len(token) < 16:
-            raise ValueError("an admin token needs at least 16 characters")
+        _check_arguments(token, top, refresh_s, top_breakers, top_budgets)
         self.engine = engine
         self._token = token.encode() if token is not None else None
         self.top = top
@@ -241,6 +241,42 @@ def _loopback(host: str) -> bool:
 # Every answer: nothing in it runs or loads anything, no page may frame it (the HTML
 # page sends its own policy), and no URL of it (`?token=`) leaves as a Referer.
 _LOCKED_DOWN: Final = b"default-src 'none'; frame-ancestors 'none'"
+
+
+def _check_arguments(
+    token: object, top: object, refresh_s: object, top_breakers: object, top_budgets: object
+) -> None:
+    """Bad arguments are refused where the page is built, naming the argument, as a policy's
+    are (a PolicyError, a ValueError as before): a count that is not one failed every
+    request for the page, a short token was a plain ValueError, a bytes one an
+    AttributeError."""
+    if token is not None:
+        if not isinstance(token, str):
+            raise PolicyError.at(
+                "AdminApp.token", f"expected a str of at least 16 characters, got {_tname(token)}"
+            )
+        if len(token) < 16:
+            raise PolicyError.at(
+                "AdminApp.token",
+                f"an admin token needs at least 16 characters, got {len(token)}: "
+                'secrets.token_urlsafe(32) makes one (python -c "import secrets; '
+                'print(secrets.token_urlsafe(32))")',
+            )
+    for name, value in (("top", top), ("top_breakers", top_breakers), ("top_budgets", top_budgets)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PolicyError.at(f"AdminApp.{name}", f"expected a count >= 0, got {value!r}")
+    if (
+        isinstance(refresh_s, bool)
+        or not isinstance(refresh_s, int | float)
+        or not 0.0 < refresh_s <= 86_400.0
+    ):
+        raise PolicyError.at(
+            "AdminApp.refresh_s", f"expected seconds > 0 and <= 86400, got {refresh_s!r}"
+        )
+
+
+def _tname(value: object) -> str:
+    return type(value).__name__
 
 
 async def _send(

@@ -253,12 +253,8 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             # our decision, answered as one, never the app's 500 (every instance of C
             # paused by C's own `Retry-After`: B's bare 500 reached the client without
             # the wait, and A's breaker for B counted it against B).
-            upstream: str | None = _status_host(exc)
-            why = f"answered {status}"
-            detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
-            extra = {} if upstream is None else {"upstream": upstream}
-            return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
-        upstream = gave_up.subject
+            return _upstream_answer(exc, _status_host(exc), f"answered {status}")
+        upstream: str | None = gave_up.subject
         why = f"answered {status}"
     elif isinstance(exc, httpx.TransportError):
         if ctx.upstream_failed and getattr(exc, BROKEN_BODY, False) and not _exhausting_mark(exc):
@@ -268,15 +264,7 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             # `exhausted`: we did not retry, our caller may, and nothing of ours was sent
             # yet). As the app's bare 500, our callers' breakers counted it against us:
             # C's instances resetting mid-body opened A's breaker for B.
-            timeout = isinstance(exc, httpx.TimeoutException)
-            status = 504 if timeout else 502
-            upstream = _host(exc)
-            detail = (f"upstream {upstream!r}" if upstream else "an upstream") + (
-                f" broke off its answer ({type(exc).__name__})"
-            )
-            extra = {} if upstream is None else {"upstream": upstream}
-            title = "Gateway Timeout" if timeout else "Bad Gateway"
-            return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
+            return _upstream_answer(exc, _host(exc), f"broke off its answer ({type(exc).__name__})")
         layers = (LAYER_RETRY, LAYER_BUDGET, LAYER_DEADLINE, LAYER_BREAKER)
         if getattr(exc, GIVE_UP_EXTENSION, _UNMARKED) is _UNMARKED:
             # not raised by the transport: the request's flag and last give-up, as before
@@ -293,15 +281,20 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         why = f"failed ({type(exc).__name__})"
     else:
         return None
-    # An upstream's 504 given up on is a timeout too (its deadline, or its own upstream's,
-    # ran out on the time we told it): answered 502, a hop's timeout reached the client as
-    # a bad gateway, where the same time running out at a callee without fidelity_mw (our
-    # read timeout) is a 504.
+    return _upstream_answer(exc, upstream, f"{why} after retrying")
+
+
+def _upstream_answer(exc: BaseException, upstream: str | None, why: str) -> Rejection:
+    """The problem document of an upstream's failure let out of the app: 504 for a
+    timeout, 502 otherwise. An upstream's 504 is a timeout too (its deadline, or its own
+    upstream's, ran out on the time we told it), given up on or not retried: as a 502, a
+    hop's timeout reached the client as a bad gateway, where the same time running out
+    at a callee without fidelity_mw (our read timeout) is a 504."""
     timeout = isinstance(exc, httpx.TimeoutException) or (
         isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 504
     )
     status = 504 if timeout else 502
-    detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why} after retrying"
+    detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
     extra = {} if upstream is None else {"upstream": upstream}
     title = "Gateway Timeout" if timeout else "Bad Gateway"
     return status, [], problem_body(status, title, detail, "upstream-failed", **extra)

@@ -149,7 +149,7 @@ class Watch(NamedTuple):
     store: Any
     local: Any
     breaker_key: str
-    breaker: BreakerConfig
+    breaker: BreakerConfig | None  # (None: `breaker = false`, the balancer's weight only)
     gate: Gate | None
     source: str
     target: Instance | None
@@ -162,6 +162,16 @@ class Watch(NamedTuple):
         """Report the broken body: the breaker, the instance, the decision. Never raises."""
         shut = self.shut
         if shut is not None and shut[0]:
+            return
+        if self.breaker is None:
+            # No breaker for the upstream (`breaker = false`): nobody counts the break (the
+            # route breaker does, if the app lets it out: the app's 500), but the balancer
+            # weighs the instance up as after a failed attempt, which it does breaker or
+            # none. Unweighed, an instance answering heads and breaking every body kept a
+            # third of a service's calls (its head as quick as the others').
+            if self.target is not None:
+                with contextlib.suppress(Exception):
+                    self.target.failed_at = self.ctx.engine.clock.monotonic()
             return
         try:
             self._decide(exc, read)
@@ -264,10 +274,11 @@ class Watch(NamedTuple):
         """A service instance's breaker state after the report (the balancer ejects an
         instance whose breaker it opened, as after any attempt that opens it)."""
         target = self.target
-        if target is None or not isinstance(state, str) or not state:
+        breaker = self.breaker
+        if target is None or breaker is None or not isinstance(state, str) or not state:
             return
         target.seen_at = now
-        target.open_until = now + open_time(self.breaker, 0) if state == OPEN else 0.0
+        target.open_until = now + open_time(breaker, 0) if state == OPEN else 0.0
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:

@@ -106,6 +106,7 @@ from .hedge import HEDGE, HEDGE_PAUSED, NO_HEDGE, SLOW_ATTEMPT, NoHedge, Race
 from .upstream import Instance, Upstream
 from .wire import (
     FAST_HEADERS,
+    OWN_TIMEOUT,
     Stamps,
     advertised_ms,
     at_instance,
@@ -113,6 +114,8 @@ from .wire import (
     deadline_bound_s,
     first_stamps,
     give_ours_back,
+    keep_own_timeouts,
+    own_timeouts,
     replayable,
     restore,
     snapshot,
@@ -246,6 +249,7 @@ class First(NamedTuple):
         if observer is not None:
             observe_end(observer, token, response, None)
         restore(request.headers, prior, saved)
+        keep_own_timeouts(request.extensions, self.original_timeout)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -278,6 +282,8 @@ def first_attempt(
     """
     extensions = request.extensions
     timeouts = extensions.get("timeout")
+    if OWN_TIMEOUT in extensions:  # a request sent again: its own timeouts, not the last's
+        timeouts = own_timeouts(extensions)
     if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
         del extensions[GIVE_UP_EXTENSION]
     stream = request.stream  # judged before the attempt consumes it (see `attempts`)
@@ -369,6 +375,8 @@ def attempts(
     if first is None:
         extensions = request.extensions
         original_timeout = extensions.get("timeout")
+        if OWN_TIMEOUT in extensions:  # a request sent again: its own timeouts
+            original_timeout = own_timeouts(extensions)
         if GIVE_UP_EXTENSION in extensions:  # a request sent again: its last call's give-up
             del extensions[GIVE_UP_EXTENSION]
         # Judged before the first attempt, which consumes a streaming body (and may
@@ -757,9 +765,13 @@ def attempts(
                     # request this one's): with the status it was for
                     request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
             if (
-                breaker is not None
-                and outcome == SUCCESS
-                and (counted is not None or (target is not None and not gated))
+                outcome == SUCCESS
+                and (
+                    # (no breaker: the instance's failure weight only, `Watch.broke`)
+                    (breaker is None or counted is not None or not gated)
+                    if target is not None
+                    else breaker is not None and counted is not None
+                )
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,

@@ -94,8 +94,10 @@ from .wire import (
     ATTEMPT_HEADER,
     FAST_HEADERS,
     OURS_SET,
+    OWN_TIMEOUT,
     SPEND_MAX_BYTES,
     TIMEOUT_HEADER,
+    own_timeouts,
     replayable,
     restore,
     unstamp,
@@ -122,6 +124,7 @@ _call_end: Final = call_end
 _SYSTEM_CLOCK: Final = SystemClock
 _BYTE_STREAM: Final = httpx.ByteStream
 _GIVE_UP: Final = GIVE_UP_EXTENSION
+_OWN_TIMEOUT: Final = OWN_TIMEOUT
 _Watch: Final = Watch
 _WATCHERS: Final = WATCHERS
 _ATTEMPT_HEADER: Final = ATTEMPT_HEADER
@@ -382,10 +385,20 @@ class _Base:
             )
 
     def engine_changed(self, engine: Engine) -> None:
-        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes."""
+        """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes, and
+        a new clock's plans forget the times they read on the old one (`new_clock`)."""
         seen = self._armed.seen
         if seen is not None and seen.engine is engine:
             self._armed.seen = None
+        clock = engine.__dict__.get("clock")
+        if clock is None:
+            return
+        for plan in list(self._upstreams.values()):
+            up: Upstream | None = plan
+            while up is not None:
+                if up.clock is not clock and up.policy is engine.policy:
+                    up.new_clock(clock)
+                up = up.parked
 
     def observer_for(self, engine: Engine) -> AttemptObserver | None:
         """The transport's observer, else the engine's (looked up once from telemetry)."""
@@ -613,6 +626,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         remaining = ctx.deadline_at
         extensions = request.extensions
         timeouts = extensions.get("timeout")
+        if _OWN_TIMEOUT in extensions:  # a request sent again: its own timeouts
+            timeouts = own_timeouts(extensions)
         if _GIVE_UP in extensions:  # a request sent again: its last call's give-up
             del extensions[_GIVE_UP]
         seen = up.timeouts
@@ -646,6 +661,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if tight:
                 stamped = up.first_stamps  # (empty: not told our headers, `prepare` stamps none)
                 prepare(ctx, up, request, 1, timeouts, remaining)
+                capped = None
             else:
                 assert seen is not None
                 capped = seen[1]
@@ -740,6 +756,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 del raw[-2:]
             elif stamped:  # (moved by the inner transport: taken off wherever they are)
                 unstamp(request.headers, None)
+        if tight or capped is not None:  # (the attempt's timeouts stay for its body)
+            extensions[_OWN_TIMEOUT] = (extensions.get("timeout"), timeouts)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:

@@ -8,6 +8,7 @@ from typing import Final
 
 import httpx
 
+from .._types import Clock
 from ..decide.balance import EWMA_TAU_S, InstanceView, decayed
 from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
@@ -146,6 +147,7 @@ class Upstream:
         "breaker_keys",
         "budget_key",
         "cfg",
+        "clock",
         "default_deadline_s",
         "fail_statuses",
         "first_stamps",
@@ -182,6 +184,8 @@ class Upstream:
         cfg = policy.upstream_for(host)
         self.policy: Policy = policy
         self.cfg: UpstreamConfig = cfg
+        # The clock the times below are read on (`new_clock`)
+        self.clock: Clock = engine.clock
         self.host = host
         self.key = host if port is None else f"{host}:{port}"
         # The host's plan under the policy used before this one (`_Base.upstream`): a
@@ -296,6 +300,24 @@ class Upstream:
         if not self.proxied and connected_peer_trusted(response, engine.trusted_peers):
             self.heard_ours = True
             self._set_speaks(True)
+
+    def new_clock(self, clock: Clock) -> None:
+        """The engine's clock was swapped (a test's `fake_time()`, which gives the engine
+        a fresh state too): the times kept here were read on the old clock and mean
+        nothing on the new one. Read on the system clock (tens of thousands of seconds)
+        and compared with a fake one's (1,000 at its start), an instance that failed
+        before the block was weighed as failing that instant for the whole block (its
+        failure younger than every `now`, and only a success sent after it ends it: it
+        got no call at all), and a 429's pause outlasted it. Forgotten, as the state is:
+        the instances' latencies, failures, pauses and breakers as seen (their calls in
+        flight stay: they end on their own)."""
+        self.clock = clock
+        self.paused_until = self.service_paused_until = 0.0
+        for instance in self.instances or ():
+            instance.latency_s = instance.latency_at = 0.0
+            instance.open_until = instance.seen_at = 0.0
+            instance.paused_until = instance.failed_at = 0.0
+            instance.answered = False
 
     def inherit(self, old: Upstream) -> None:
         """A plan built anew for the host (another engine's policy: a transport used inside

@@ -7,7 +7,7 @@ decide nothing themselves.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 
 import httpx
@@ -337,6 +337,36 @@ def worth_reading(response: httpx.Response) -> bool:
         length = length.strip()
         return length.isdigit() and int(length) <= SPEND_MAX_BYTES
     return "chunked" in headers.get("transfer-encoding", "").lower()
+
+
+# A call that ended on its first attempt leaves that attempt's timeouts on the request
+# (capped at the attempt timeout, or at the rest of a deadline): httpcore reads them from
+# the request when the caller reads the body, which is the attempt's still. What the
+# request had itself is kept here beside them, as (ours, its own): a request sent again
+# is sent with its own timeouts (`own_timeouts`), not with a deadline's sliver of an
+# earlier call.
+OWN_TIMEOUT: Final = "fidelity_mw.own_timeout"
+
+
+def own_timeouts(extensions: MutableMapping[str, Any]) -> Any:
+    """The request's own timeouts (`OWN_TIMEOUT`), put back on it: a call's first step."""
+    timeouts = extensions.get("timeout")
+    mark = extensions.pop(OWN_TIMEOUT, None)
+    if mark is None or mark[0] is not timeouts:  # (the caller set its own since)
+        return timeouts
+    own = mark[1]
+    if own is None:
+        extensions.pop("timeout", None)
+    else:
+        extensions["timeout"] = own
+    return own
+
+
+def keep_own_timeouts(extensions: MutableMapping[str, Any], own: Any) -> None:
+    """The call ends with its attempt's timeouts on the request: note the request's own."""
+    ours = extensions.get("timeout")
+    if ours is not own:
+        extensions[OWN_TIMEOUT] = (ours, own)
 
 
 def spend_timeouts(request: httpx.Request) -> None:

@@ -1423,6 +1423,10 @@ def _versioned(plain: dict[str, Any]) -> dict[str, Any]:
     return {**plain, "rate_limit": rates}
 
 
+# The annotations of number fields (`number_in`), which take an int for a float
+_FLOAT_FIELDS: Final = frozenset({"float", "float | None"})
+
+
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
@@ -1434,6 +1438,10 @@ def _plain(obj: Any) -> Any:
                 value is None or value is False or value == f.default
             ):  # (a key added later, left at its default: the version a policy had stays)
                 continue
+            if type(value) is int and f.type in _FLOAT_FIELDS:
+                # `max_ejected_ratio = 1` and `= 1.0` are one policy (they compare equal):
+                # one version, not two a fleet's gauge would show as a policy change
+                value = float(value)
             out[f.metadata.get("toml", f.name)] = _plain(value)
         return out
     if isinstance(obj, frozenset):
