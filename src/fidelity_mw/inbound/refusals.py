@@ -260,6 +260,8 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
         upstream = gave_up.subject
         why = f"answered {status}"
+        if status == 429:  # throttled, retried, given up on: no breaker's failure
+            ctx.upstream_throttled = True
     elif isinstance(exc, httpx.TransportError):
         if ctx.upstream_failed and getattr(exc, BROKEN_BODY, False) and not _exhausting_mark(exc):
             # The body of an upstream's answer broke while the app read it (after its
@@ -577,27 +579,57 @@ def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> boo
 
 def raised_by_upstream(exc: BaseException) -> bool:
     """Whether the error the app let out is an upstream's failure: an httpx transport
-    error or `raise_for_status()` on a 5xx, itself or raised `from` one (or in a group
-    with one). An error of the app's own making that comes after an upstream failure it
-    handled is not (nor one raised while handling it: `__context__` is no cause)."""
+    error or `raise_for_status()` on a 5xx, or on a 429 the outbound layer retried and gave
+    up on (`upstream_throttled`), itself or raised `from` one (or in a group with one). An
+    error of the app's own making that comes after an upstream failure it handled is not
+    (nor one raised while handling it: `__context__` is no cause)."""
+    return _upstream_error(exc) is not None
+
+
+def upstream_throttled(exc: BaseException) -> bool:
+    """Whether the upstream error the app let out is `raise_for_status()` on a 429 that the
+    outbound layer retried (after its `Retry-After`) and gave up on: answered 502 with the
+    give-up's marker and advice (`upstream_failure`), as the upstream's; and no breaker's
+    failure, the route breaker's no more than the upstream's (an upstream's 429 is never
+    one). As the app's own 500, it counted on the route breaker: C throttling B opened B's
+    route breaker, which then shed B's requests for its open period after C's limit had
+    room again (`tests/test_defects_review40_hops_shed.py`)."""
+    err = _upstream_error(exc)
+    return isinstance(err, httpx.HTTPStatusError) and _given_up_throttle(err)
+
+
+def _given_up_throttle(err: httpx.HTTPStatusError) -> bool:
+    try:
+        if err.response.status_code != 429:
+            return False
+    except Exception:  # raised without a response: not ours to read
+        return False
+    marker = _response_give_up(err)
+    return marker is not None and _exhausting(marker)
+
+
+def _upstream_error(exc: BaseException) -> BaseException | None:
+    """The upstream's error among `exc`, its causes and its group (`raised_by_upstream`)."""
     todo: list[BaseException] = [exc]
     seen = 0
     while todo and seen < 32:  # (bounded: a cycle, a huge group)
         seen += 1
         err = todo.pop()
         if isinstance(err, httpx.TransportError):
-            return True
+            return err
         if isinstance(err, httpx.HTTPStatusError):
             try:
                 if err.response.status_code >= 500:
-                    return True
+                    return err
             except Exception:  # raised without a response: not ours to read
                 pass
+            if _given_up_throttle(err):
+                return err
         if isinstance(err, BaseExceptionGroup):
             todo.extend(err.exceptions)
         if err.__cause__ is not None:
             todo.append(err.__cause__)
-    return False
+    return None
 
 
 def after_give_up(
