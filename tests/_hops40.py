@@ -13,7 +13,10 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
 - optional policies per hop (`a_policy`, `b_policy(instances)`, `c_policy`), a bulkhead
   on every hop by default (`concurrency`), so a slot that leaks shows;
 - C's handler is `_hops39.c_handler` (its modes: `500`, `503`, `503ra`, `hang` until
-  the caller goes away, `slow`, `reset`).
+  the caller goes away, `slow`, `reset`);
+- `dynamic=True`: B finds C's instances through a resolver that reads `Chain.c_urls`
+  (a test changes it while traffic flows), and `Chain.start_c(index)` starts another
+  instance of C (a rolling restart: new ports).
 """
 
 from __future__ import annotations
@@ -90,14 +93,30 @@ def hop_app(
     return app
 
 
+def c_app(index: int, faults: _hops38.Faults, seen: _hops38.Seen, knobs: _hops39.Knobs,
+          engine: Engine) -> Any:  # fmt: skip
+    handler = _hops39.c_handler(index, faults, seen, knobs)
+    app = Starlette(routes=[Route(f"/c/{r}", handler) for r in _hops38.ROUTES])
+    app.add_middleware(
+        FidelityMiddleware,
+        engine=engine,
+        observer=_hops38.Recorder(f"C{index}", seen),
+        telemetry=False,
+    )
+    return app
+
+
 @dataclass
 class Chain:
     faults: _hops38.Faults
     seen: _hops38.Seen
     url: str  # A's base: url + "/x/<route>"
     c_hosts: tuple[str, ...]
-    engines: dict[str, Engine]  # "A", "B", "C0".."C2"
+    engines: dict[str, Engine]  # "A", "B", "C0".."C2" (and the instances started later)
     b_transport: FidelityTransport
+    c_urls: list[str]  # what B's resolver names (`dynamic`)
+    c_servers: dict[int, LoopbackServer]
+    start_c: Callable[[int], str]  # start instance `index` of C; its base URL
 
     def store(self, hop: str) -> MemoryStore:
         store = self.engines[hop].store
@@ -141,33 +160,38 @@ def chain(
     b_policy: Callable[[tuple[str, ...]], Policy] | None = None,
     c_policy: Policy | None = None,
     knobs: _hops39.Knobs | None = None,
-    resolver: Callable[[str], Any] | None = None,
+    dynamic: bool = False,
 ) -> Iterator[Chain]:
     faults = _hops38.Faults()
     seen = _hops38.Seen()
     knobs = knobs or _hops39.Knobs()
     engines: dict[str, Engine] = {}
+    servers: dict[int, LoopbackServer] = {}
+    c_urls: list[str] = []
     with ExitStack() as stack:
-        urls = []
-        for i in range(3):
-            engine = engines[f"C{i}"] = Engine(
+
+        def start_c(index: int) -> str:
+            engine = engines[f"C{index}"] = Engine(
                 c_policy or with_bulkhead(_hops38.policy()), store=MemoryStore()
             )
-            handler = _hops39.c_handler(i, faults, seen, knobs)
-            app = Starlette(routes=[Route(f"/c/{r}", handler) for r in _hops38.ROUTES])
-            app.add_middleware(
-                FidelityMiddleware,
-                engine=engine,
-                observer=_hops38.Recorder(f"C{i}", seen),
-                telemetry=False,
-            )
-            urls.append(stack.enter_context(LoopbackServer(app)).url)
+            server = LoopbackServer(c_app(index, faults, seen, knobs, engine))
+            stack.enter_context(server)  # (stopped at the end, if the test did not)
+            servers[index] = server
+            return server.url
+
+        urls = [start_c(i) for i in range(3)]
+        c_urls.extend(urls)
+        if dynamic:
+
+            def resolver(host: str) -> tuple[str, ...] | None:
+                return tuple(c_urls) if host == "c" else None
+
         instances = tuple(urls)
         engines["B"] = Engine(
             (b_policy or (lambda inst: with_bulkhead(_hops38.policy(inst))))(instances),
             store=MemoryStore(),
         )
-        b_transport = FidelityTransport(telemetry=False, resolver=resolver)
+        b_transport = FidelityTransport(telemetry=False, resolver=resolver if dynamic else None)
         b_client = httpx.AsyncClient(transport=b_transport, timeout=None)
         b = stack.enter_context(
             LoopbackServer(hop_app("B", "http://c/c/", seen, engines["B"], b_client, style))
@@ -178,4 +202,4 @@ def chain(
             LoopbackServer(hop_app("A", b.url + "/x/", seen, engines["A"], a_client, style))
         )
         c_hosts = tuple(u.removeprefix("http://") for u in urls)
-        yield Chain(faults, seen, a.url, c_hosts, engines, b_transport)
+        yield Chain(faults, seen, a.url, c_hosts, engines, b_transport, c_urls, servers, start_c)
