@@ -13,7 +13,8 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
 - optional policies per hop (`a_policy`, `b_policy(instances)`, `c_policy`), a bulkhead
   on every hop by default (`concurrency`), so a slot that leaks shows;
 - C's handler is `_hops39.c_handler` (its modes: `500`, `503`, `503ra`, `hang` until
-  the caller goes away, `slow`, `reset`);
+  the caller goes away, `slow`, `reset`), and one more mode: `trickle` (the head at
+  once, then a byte of body every `TRICKLE_S`, for up to `TRICKLE_FOR_S`);
 - `dynamic=True`: B finds C's instances through a resolver that reads `Chain.c_urls`
   (a test changes it while traffic flows), and `Chain.start_c(index)` starts another
   instance of C (a rolling restart: new ports).
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import _hops38
@@ -42,6 +43,8 @@ from fidelity_mw.decide.breaker import BreakerState
 from fidelity_mw.state.memory import MemoryStore
 
 CONCURRENCY = ConcurrencyConfig(limit=64)
+TRICKLE_S = 0.1
+TRICKLE_FOR_S = 20.0
 GONE = 499  # what a `cancel` hop's handler returns once its client left (nobody reads it)
 
 
@@ -95,7 +98,20 @@ def hop_app(
 
 def c_app(index: int, faults: _hops38.Faults, seen: _hops38.Seen, knobs: _hops39.Knobs,
           engine: Engine) -> Any:  # fmt: skip
-    handler = _hops39.c_handler(index, faults, seen, knobs)
+    base = _hops39.c_handler(index, faults, seen, knobs)
+
+    async def handler(request: Request) -> Response:
+        answer = await base(request)  # (counts the call)
+        if faults.on(index, request.url.path.rsplit("/", 1)[-1]) != "trickle":
+            return answer
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(int(TRICKLE_FOR_S / TRICKLE_S)):
+                yield b"."
+                await asyncio.sleep(TRICKLE_S)
+
+        return StreamingResponse(body())  # (Starlette's: it ends when the caller leaves)
+
     app = Starlette(routes=[Route(f"/c/{r}", handler) for r in _hops38.ROUTES])
     app.add_middleware(
         FidelityMiddleware,
