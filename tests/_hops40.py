@@ -14,7 +14,9 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
   on every hop by default (`concurrency`), so a slot that leaks shows;
 - C's handler is `_hops39.c_handler` (its modes: `500`, `503`, `503ra`, `hang` until
   the caller goes away, `slow`, `reset`), and one more mode: `trickle` (the head at
-  once, then a byte of body every `TRICKLE_S`, for up to `TRICKLE_FOR_S`);
+  once, then a byte of body every `TRICKLE_S`, for up to `TRICKLE_FOR_S`); every route
+  takes POST too (each hop passes the body and an `Idempotency-Key` on; C keeps every
+  body it received: `Chain.received`, (request id, body) per call);
 - `dynamic=True`: B finds C's instances through a resolver that reads `Chain.c_urls`
   (a test changes it while traffic flows), and `Chain.start_c(index)` starts another
   instance of C (a rolling restart: new ports).
@@ -75,7 +77,13 @@ def hop_app(
     async def handler(request: Request) -> Response:
         route = request.url.path.rsplit("/", 1)[-1]
         headers = {"x-hop-id": request.headers.get("x-hop-id", "?")}
-        call = asyncio.ensure_future(client.get(next_url + route, headers=headers))
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            headers["idempotency-key"] = key
+        body = await request.body() if request.method == "POST" else None
+        call = asyncio.ensure_future(
+            client.request(request.method, next_url + route, headers=headers, content=body)
+        )
         if style == "cancel":
             gone = asyncio.ensure_future(_client_gone(request))
             await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -89,7 +97,9 @@ def hop_app(
         upstream.raise_for_status()
         return Response(upstream.content, upstream.status_code)
 
-    app = Starlette(routes=[Route(f"/x/{route}", handler) for route in _hops38.ROUTES])
+    app = Starlette(
+        routes=[Route(f"/x/{r}", handler, methods=["GET", "POST"]) for r in _hops38.ROUTES]
+    )
     app.add_middleware(
         FidelityMiddleware, engine=engine, observer=_hops38.Recorder(name, seen), telemetry=False
     )
@@ -97,10 +107,14 @@ def hop_app(
 
 
 def c_app(index: int, faults: _hops38.Faults, seen: _hops38.Seen, knobs: _hops39.Knobs,
-          engine: Engine) -> Any:  # fmt: skip
+          engine: Engine, received: list[tuple[str, bytes]]) -> Any:  # fmt: skip
     base = _hops39.c_handler(index, faults, seen, knobs)
 
     async def handler(request: Request) -> Response:
+        if request.method == "POST":
+            body = await request.body()
+            with seen.lock:
+                received.append((request.headers.get("x-hop-id", "?"), body))
         answer = await base(request)  # (counts the call)
         if faults.on(index, request.url.path.rsplit("/", 1)[-1]) != "trickle":
             return answer
@@ -112,7 +126,9 @@ def c_app(index: int, faults: _hops38.Faults, seen: _hops38.Seen, knobs: _hops39
 
         return StreamingResponse(body())  # (Starlette's: it ends when the caller leaves)
 
-    app = Starlette(routes=[Route(f"/c/{r}", handler) for r in _hops38.ROUTES])
+    app = Starlette(
+        routes=[Route(f"/c/{r}", handler, methods=["GET", "POST"]) for r in _hops38.ROUTES]
+    )
     app.add_middleware(
         FidelityMiddleware,
         engine=engine,
@@ -133,6 +149,7 @@ class Chain:
     c_urls: list[str]  # what B's resolver names (`dynamic`)
     c_servers: dict[int, LoopbackServer]
     start_c: Callable[[int], str]  # start instance `index` of C; its base URL
+    received: list[tuple[str, bytes]]  # (request id, body) of every POST that reached C
 
     def store(self, hop: str) -> MemoryStore:
         store = self.engines[hop].store
@@ -184,13 +201,14 @@ def chain(
     engines: dict[str, Engine] = {}
     servers: dict[int, LoopbackServer] = {}
     c_urls: list[str] = []
+    received: list[tuple[str, bytes]] = []
     with ExitStack() as stack:
 
         def start_c(index: int) -> str:
             engine = engines[f"C{index}"] = Engine(
                 c_policy or with_bulkhead(_hops38.policy()), store=MemoryStore()
             )
-            server = LoopbackServer(c_app(index, faults, seen, knobs, engine))
+            server = LoopbackServer(c_app(index, faults, seen, knobs, engine, received))
             stack.enter_context(server)  # (stopped at the end, if the test did not)
             servers[index] = server
             return server.url
@@ -218,4 +236,6 @@ def chain(
             LoopbackServer(hop_app("A", b.url + "/x/", seen, engines["A"], a_client, style))
         )
         c_hosts = tuple(u.removeprefix("http://") for u in urls)
-        yield Chain(faults, seen, a.url, c_hosts, engines, b_transport, c_urls, servers, start_c)
+        yield Chain(
+            faults, seen, a.url, c_hosts, engines, b_transport, c_urls, servers, start_c, received
+        )

@@ -32,7 +32,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.gcra import retry_after_header
-from ..decide.retry import EXHAUSTING_REASONS
+from ..decide.retry import EXHAUSTING_REASONS, GIVE_UP_BODY, GIVE_UP_NOT_IDEMPOTENT
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from ..outbound.body import BROKEN_BODY
@@ -235,6 +235,14 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         gave_up = given_up_response(ctx, exc)
         status = exc.response.status_code
         if gave_up is None:
+            if status >= 500 and ctx.upstream_failed and _not_resendable(ctx, exc):
+                # A POST's 5xx that our breaker for the upstream counted, not sent again
+                # (not idempotent: B may not retry it, nor may A): the upstream's failure,
+                # answered 502 marked `x-fidelity-fault: upstream` (our route breaker and
+                # the client's units already leave it to that breaker). As the server's
+                # bare 500, A's breaker for B counted it against B: C failing POSTs
+                # opened A's breaker for B, which then refused A's every call to B.
+                return _not_resent(exc, status)
             if status not in GATEWAY_STATUSES or not (
                 (ctx.upstream_failed and DECIDED_BY_HEADER_STR in exc.response.headers)
                 or _response_give_up(exc) is not None
@@ -384,6 +392,31 @@ def _exhausting_mark(exc: BaseException) -> bool:
     """Does the transport's mark on `exc` say the call was given up on exhaustingly?"""
     marker = getattr(exc, GIVE_UP_EXTENSION, None)
     return isinstance(marker, Decision) and marker.verdict == GIVE_UP and _exhausting(marker)
+
+
+def _not_resent(exc: httpx.HTTPStatusError, status: int) -> Rejection:
+    """502 (504 for a 504) for an upstream's 5xx let out that was not sent again."""
+    host = _status_host(exc)
+    detail = (f"upstream {host!r}" if host else "an upstream") + f" answered {status}"
+    extra = {} if host is None else {"upstream": host}
+    if status == 504:
+        return 504, [], problem_body(504, "Gateway Timeout", detail, "upstream-failed", **extra)
+    return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
+
+
+def _not_resendable(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
+    """Did the outbound layer decline to send the request `exc` was raised for again
+    because it may not (`not_idempotent`, `body_not_replayable`), on its first attempt?"""
+    host = _status_host(exc)
+    for decision in reversed(ctx.decisions):
+        if (
+            decision.layer == LAYER_RETRY
+            and decision.verdict == GIVE_UP
+            and decision.reason in (GIVE_UP_NOT_IDEMPOTENT, GIVE_UP_BODY)
+            and (host is None or decision.subject.split(":", 1)[0] == host)
+        ):
+            return True
+    return False
 
 
 def _status_host(exc: httpx.HTTPStatusError) -> str | None:
