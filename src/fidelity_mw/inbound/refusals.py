@@ -32,7 +32,7 @@ from ..context import (
     DecisionContext,
 )
 from ..decide.gcra import retry_after_header
-from ..decide.retry import EXHAUSTING_REASONS
+from ..decide.retry import EXHAUSTING_REASONS, GIVE_UP_BODY, GIVE_UP_NOT_IDEMPOTENT
 from ..errors import CircuitOpen, DeadlineExceeded
 from ..outbound.advice import spread_wait
 from ..outbound.body import BROKEN_BODY
@@ -235,6 +235,14 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
         gave_up = given_up_response(ctx, exc)
         status = exc.response.status_code
         if gave_up is None:
+            if status >= 500 and ctx.upstream_failed and _not_resendable(ctx, exc):
+                # A POST's 5xx that our breaker for the upstream counted, not sent again
+                # (not idempotent: B may not retry it, nor may A): the upstream's failure,
+                # answered 502 marked `x-fidelity-fault: upstream` (our route breaker and
+                # the client's units already leave it to that breaker). As the server's
+                # bare 500, A's breaker for B counted it against B: C failing POSTs
+                # opened A's breaker for B, which then refused A's every call to B.
+                return _not_resent(exc, status)
             if status not in GATEWAY_STATUSES or not (
                 (ctx.upstream_failed and DECIDED_BY_HEADER_STR in exc.response.headers)
                 or _response_give_up(exc) is not None
@@ -256,6 +264,8 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
             return _upstream_answer(exc, _status_host(exc), f"answered {status}")
         upstream: str | None = gave_up.subject
         why = f"answered {status}"
+        if status == 429:  # throttled, retried, given up on: no breaker's failure
+            ctx.upstream_throttled = True
     elif isinstance(exc, httpx.TransportError):
         if ctx.upstream_failed and getattr(exc, BROKEN_BODY, False) and not _exhausting_mark(exc):
             # The body of an upstream's answer broke while the app read it (after its
@@ -375,6 +385,31 @@ def _exhausting_mark(exc: BaseException) -> bool:
     """Does the transport's mark on `exc` say the call was given up on exhaustingly?"""
     marker = getattr(exc, GIVE_UP_EXTENSION, None)
     return isinstance(marker, Decision) and marker.verdict == GIVE_UP and _exhausting(marker)
+
+
+def _not_resent(exc: httpx.HTTPStatusError, status: int) -> Rejection:
+    """502 (504 for a 504) for an upstream's 5xx let out that was not sent again."""
+    host = _status_host(exc)
+    detail = (f"upstream {host!r}" if host else "an upstream") + f" answered {status}"
+    extra = {} if host is None else {"upstream": host}
+    if status == 504:
+        return 504, [], problem_body(504, "Gateway Timeout", detail, "upstream-failed", **extra)
+    return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
+
+
+def _not_resendable(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
+    """Did the outbound layer decline to send the request `exc` was raised for again
+    because it may not (`not_idempotent`, `body_not_replayable`), on its first attempt?"""
+    host = _status_host(exc)
+    for decision in reversed(ctx.decisions):
+        if (
+            decision.layer == LAYER_RETRY
+            and decision.verdict == GIVE_UP
+            and decision.reason in (GIVE_UP_NOT_IDEMPOTENT, GIVE_UP_BODY)
+            and (host is None or decision.subject.split(":", 1)[0] == host)
+        ):
+            return True
+    return False
 
 
 def _status_host(exc: httpx.HTTPStatusError) -> str | None:
@@ -570,27 +605,57 @@ def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> boo
 
 def raised_by_upstream(exc: BaseException) -> bool:
     """Whether the error the app let out is an upstream's failure: an httpx transport
-    error or `raise_for_status()` on a 5xx, itself or raised `from` one (or in a group
-    with one). An error of the app's own making that comes after an upstream failure it
-    handled is not (nor one raised while handling it: `__context__` is no cause)."""
+    error or `raise_for_status()` on a 5xx, or on a 429 the outbound layer retried and gave
+    up on (`upstream_throttled`), itself or raised `from` one (or in a group with one). An
+    error of the app's own making that comes after an upstream failure it handled is not
+    (nor one raised while handling it: `__context__` is no cause)."""
+    return _upstream_error(exc) is not None
+
+
+def upstream_throttled(exc: BaseException) -> bool:
+    """Whether the upstream error the app let out is `raise_for_status()` on a 429 that the
+    outbound layer retried (after its `Retry-After`) and gave up on: answered 502 with the
+    give-up's marker and advice (`upstream_failure`), as the upstream's; and no breaker's
+    failure, the route breaker's no more than the upstream's (an upstream's 429 is never
+    one). As the app's own 500, it counted on the route breaker: C throttling B opened B's
+    route breaker, which then shed B's requests for its open period after C's limit had
+    room again (`tests/test_defects_review40_hops_shed.py`)."""
+    err = _upstream_error(exc)
+    return isinstance(err, httpx.HTTPStatusError) and _given_up_throttle(err)
+
+
+def _given_up_throttle(err: httpx.HTTPStatusError) -> bool:
+    try:
+        if err.response.status_code != 429:
+            return False
+    except Exception:  # raised without a response: not ours to read
+        return False
+    marker = _response_give_up(err)
+    return marker is not None and _exhausting(marker)
+
+
+def _upstream_error(exc: BaseException) -> BaseException | None:
+    """The upstream's error among `exc`, its causes and its group (`raised_by_upstream`)."""
     todo: list[BaseException] = [exc]
     seen = 0
     while todo and seen < 32:  # (bounded: a cycle, a huge group)
         seen += 1
         err = todo.pop()
         if isinstance(err, httpx.TransportError):
-            return True
+            return err
         if isinstance(err, httpx.HTTPStatusError):
             try:
                 if err.response.status_code >= 500:
-                    return True
+                    return err
             except Exception:  # raised without a response: not ours to read
                 pass
+            if _given_up_throttle(err):
+                return err
         if isinstance(err, BaseExceptionGroup):
             todo.extend(err.exceptions)
         if err.__cause__ is not None:
             todo.append(err.__cause__)
-    return False
+    return None
 
 
 def after_give_up(

@@ -45,6 +45,7 @@ from .refusals import (
     raised_by_upstream,
     reports_refusal,
     reports_upstream,
+    upstream_throttled,
     without_passed_on_markers,
 )
 from .responses import (
@@ -733,7 +734,9 @@ class OutcomeRecorder:
                     return self.finish(ctx, plan, result, IGNORED)
                 # the upstream's fault: not the client's quota; and when a breaker for the
                 # upstream counted it, not the route breaker's either (`owned_upstream`)
-                pending = self.finish(ctx, plan, result, owned_upstream(ctx))
+                # (an upstream's 429 given up on: no breaker's failure, ours neither)
+                owned = IGNORED if upstream_throttled(exc) else owned_upstream(ctx)
+                pending = self.finish(ctx, plan, result, owned)
                 return _in_order(pending, self.refund(plan, result, keys, served_only=True))
             return self.finish(ctx, plan, result, FAILURE)
         else:  # KeyboardInterrupt, SystemExit: not the route's fault
@@ -948,5 +951,6 @@ def owned_upstream(ctx: DecisionContext) -> str:
     B's breaker for C owned), which then shed the requests of the route's healthy
     upstreams and, after the fault, held them a whole open period more than the breaker
     next to it did. With `breaker = false` on the upstream nobody else counts it: the
-    route breaker does, as before."""
-    return IGNORED if ctx.upstream_failed else FAILURE
+    route breaker does, as before. An upstream's 429 given up on (`upstream_throttled`)
+    is nobody's failure: counted here, C throttling B opened B's route breaker."""
+    return IGNORED if ctx.upstream_failed or ctx.upstream_throttled else FAILURE

@@ -23,7 +23,14 @@ the caller:
 
 The caller closing the response early or its client (the transport closed: the pool
 drops the connection, a `ReadError` of ours), a cancellation, or a decoding error above the
-stream report nothing: they say nothing about the upstream. A report that fails (the
+stream report nothing: they say nothing about the upstream. Save the cancellation by the
+request's own deadline (the middleware cancels the app at it): an upstream that sends its
+head at once and then trickles its body never lets a read wait the attempt timeout
+(httpx's timeouts are per read), so the deadline is what ends it, as a timeout would an
+upstream that hangs; it counts as a body that broke (a `ReadTimeout`), unless that
+deadline was under half the attempt timeout (`Watch.cut_by_deadline`). Uncounted, an
+instance of a service trickling its bodies kept its share of calls, each waiting out the
+whole deadline, and no breaker ever opened. A report that fails (the
 store down) is logged, throttled, and never reaches the caller's read. Bodies already in
 memory (`httpx.ByteStream`: a `MockTransport` handler's `content=`) are not wrapped.
 """
@@ -58,6 +65,8 @@ FAILED_IN_BODY: Final = "failed_in_body"
 UPSTREAM_FAULTS: Final = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 _NOT_RECORDED: Final = "fidelity_mw: could not record a broken body of %s: %s"
 _MAX_WATCHERS: Final = 64
+# A cancellation this close before the deadline is the deadline's (its timer's rounding)
+_DEADLINE_SLACK_S: Final = 0.005
 
 # Reports to a remote store, sent without the caller waiting: held until they end.
 _RECORDS: Final[set[asyncio.Task[Any]]] = set()
@@ -192,6 +201,22 @@ class Watch(NamedTuple):
         except Exception as failure:  # never into the caller's read
             warn(logger, "body", _NOT_RECORDED, self.subject, failure)
 
+    def cut_by_deadline(self) -> bool:
+        """Was the read just cancelled by the request's deadline (passed now), one at least
+        half the upstream's attempt timeout long? (A caller's shorter deadline is no
+        evidence against the upstream, as for an attempt it cuts: `deadline_spent`.)"""
+        ctx = self.ctx
+        deadline_at = ctx.deadline_at
+        if deadline_at is None:
+            return False
+        now = ctx.engine.clock.monotonic()
+        if now < deadline_at - _DEADLINE_SLACK_S:
+            return False  # someone else's cancellation
+        subject = self.subject
+        host = subject.rsplit(":", 1)[0] if subject.count(":") == 1 else subject
+        timeout_s = ctx.engine.policy.upstream_for(host).attempt_timeout_ms / 1000.0
+        return deadline_at - ctx.started_at >= timeout_s * 0.5
+
     def _decide(self, exc: BaseException, read: int) -> None:
         ctx = self.ctx
         clock = ctx.engine.clock
@@ -321,6 +346,12 @@ class WatchedAsyncStream(_Watched, httpx.AsyncByteStream):
             chunk: bytes = await self._next()
         except UPSTREAM_FAULTS as exc:
             self._broke(exc, self._read, False)
+            raise
+        except asyncio.CancelledError:
+            watch = self._watch
+            if watch is not None and watch.cut_by_deadline():
+                cut = httpx.ReadTimeout("the request's deadline passed while the body was read")
+                self._broke(cut, self._read, False)
             raise
         self._read += len(chunk)
         return chunk

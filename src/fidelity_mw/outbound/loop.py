@@ -631,8 +631,9 @@ def attempts(
                         scope = "" if scoped is None else scoped.scope
                         if instances is None and local is not None:
                             gate, allowed, source, age, spent_budget = _gate_plain(
-                                ctx, up, local, True, attempt, now, error
-                            )
+                                ctx, up, local, True, attempt, now, error,
+                                None if scoped is None else scoped.retry_after_s,
+                            )  # fmt: skip
                         else:
                             # (sent then: a microsecond's slack, a wait to a pause's end
                             # ends at its end, whatever the floats' rounding)
@@ -643,6 +644,7 @@ def attempts(
                                 -math.inf if scoped is None or scoped.wait_until is None
                                 else scoped.wait_until,
                                 GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
+                                None if scoped is None else scoped.retry_after_s,
                             )  # fmt: skip
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
@@ -826,6 +828,7 @@ def _gate_next(
     sent_at: float = math.inf,
     wait_until: float = -math.inf,
     refused: str = GIVE_UP_RETRY_AFTER,
+    retry_after_s: float | None = None,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -935,7 +938,7 @@ def _gate_next(
         if not failed:
             fell(why)  # (before `_settle`: the decisions it records say why)
         gate, allowed, source, age = _settle(
-            ctx, up, answer, retry, gated, attempts_made, now, last_error
+            ctx, up, answer, retry, gated, attempts_made, now, last_error, retry_after_s
         )
         if not allowed:
             break
@@ -1033,6 +1036,7 @@ def _gate_plain(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
+    retry_after_s: float | None = None,
 ) -> tuple[Gate | None, bool, str, float, bool]:
     """`_gate_next` for the common case, without a generator: one upstream, in-process state.
     The last value says whether a retry was counted on the budget (as `_Gated.spent`)."""
@@ -1044,7 +1048,7 @@ def _gate_plain(
     except Exception as exc:
         answer = exc
     gate, allowed, source, age = _settle(
-        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error
+        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error, retry_after_s
     )
     spent = (
         retry
@@ -1064,9 +1068,11 @@ def _settle(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
+    retry_after_s: float | None = None,
 ) -> tuple[Gate | None, bool, str, float]:
     """The store's answer to a gate operation (or its failure) as the loop acts on it; a
-    retry the budget denies is recorded."""
+    retry the budget denies is recorded, with the `Retry-After` of the answer it was to
+    retry (`retry_after_s`: the advice for our own answer, as any give-up's)."""
     if isinstance(answer, Exception):
         fell(getattr(answer, "why", None) or "error")  # (the decisions on it say why)
         if gated or not retry:
@@ -1077,7 +1083,13 @@ def _settle(
     if not retry and gate is None and source == SOURCE_MEMORY:
         source = SOURCE_REQUEST
     if not allowed:
-        give_up(ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age)
+        # (without the upstream's word, the budget's 503 said no wait at all: C's own
+        # bulkhead shed B's retries with `Retry-After: 1`, and neither B's answer nor A's
+        # passed it on)
+        give_up(
+            ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age,
+            upstream_retry_after_s=retry_after_s,
+        )  # fmt: skip
     return gate, allowed, source, age
 
 
