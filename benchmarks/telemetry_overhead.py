@@ -45,7 +45,11 @@ instrumentation, `instr+fidelity,instr+fid:sdk-floor` what ours adds to the SDK'
 (`valgrind --tool=callgrind`, user space, each variant run with and without `--requests`
 more requests after the same warm-up, the difference per request): a count the machine's
 load does not move, which includes what bytecodes do not show (C calls, the allocator,
-the garbage collector).
+the garbage collector). `--instructions --inside` splits the middleware's instructions
+(tracing off) inside the instrumented request (`instr+fidelity-off` - `instr`) against
+on a bare route (`fidelity-off` - `bare`) by function, each function's own: what it does
+more in there, if anything; `--instructions --cache` adds callgrind's simulated cache
+misses per request (first level and last level, reads and writes) to the counts.
 
 `--hooks` times the observer alone instead: its `start`, `before_response_end`
 and `end` on one captured allowed request, around a real SDK server span started
@@ -65,7 +69,8 @@ there, a cost no server pays.
 
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
-        [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...]] [--hooks]
+        [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...] [--inside]
+        [--cache]] [--hooks]
         [--no-write]
 """
 
@@ -453,26 +458,124 @@ def run_one(variant: str, n: int) -> None:
     asyncio.run(go())
 
 
-def count_instructions(variant: str, requests: int) -> float:
-    """Instructions per request: a callgrind run with `requests` more than one without."""
-    totals = []
+def callgrind_texts(variant: str, requests: int, cache: bool = False) -> tuple[str, str]:
+    """The callgrind outputs of one variant: the warm-up alone, and with `requests` more
+    (`cache`: with callgrind's cache simulation, its miss events too)."""
+    script = str(Path(__file__).resolve())
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    # Once outside callgrind first: a module whose cached bytecode is missing or stale (an
+    # edited source) is compiled in whichever counted run imports it first, and once
+    # (~0.6M instructions of the parser in one run of the two, none in the other).
+    subprocess.run(
+        [sys.executable, script, "--one", variant, "--requests", "0"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    texts = []
     for n in (0, requests):
         with tempfile.TemporaryDirectory(prefix="telemetry-cg-") as tmp:
             out = Path(tmp) / "callgrind.out"
             argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-            argv += [sys.executable, str(Path(__file__).resolve()), "--one", variant]
+            if cache:
+                argv.append("--cache-sim=yes")
+            argv += [sys.executable, script, "--one", variant]
             subprocess.run(
                 [*argv, "--requests", str(n)],
-                env={**os.environ, "PYTHONHASHSEED": "0"},
+                env=env,
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            for line in out.read_text().splitlines():
-                if line.startswith(("summary:", "totals:")):
-                    totals.append(int(line.split()[1]))
-                    break
-    return (totals[1] - totals[0]) / requests
+            texts.append(out.read_text())
+    return texts[0], texts[1]
+
+
+def callgrind_events(text: str) -> dict[str, int]:
+    """A callgrind output's totals by event (Ir; with the cache simulation the misses)."""
+    names: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            return dict(zip(names, map(int, line.split()[1:]), strict=False))
+    raise ValueError("no summary or totals line: not a callgrind output file")
+
+
+def count_events(variant: str, requests: int, cache: bool = False) -> dict[str, float]:
+    """Each event per request: a callgrind run with `requests` more than one without."""
+    texts = callgrind_texts(variant, requests, cache)
+    without, with_requests = (callgrind_events(t) for t in texts)
+    return {k: (with_requests[k] - without.get(k, 0)) / requests for k in with_requests}
+
+
+def count_instructions(variant: str, requests: int) -> float:
+    """Instructions per request: a callgrind run with `requests` more than one without."""
+    return count_events(variant, requests)["Ir"]
+
+
+# (the middleware inside the instrumentation, its stack without it), (on a bare route, ...)
+INSIDE = (("instr+fidelity-off", "instr"), ("fidelity-off", "bare"))
+
+
+def inside_by_function(requests: int, top: int = 40) -> str:
+    """The middleware's own instructions inside the instrumented request against on a bare
+    route, function by function (each function's own, callgrind): what it does more (or
+    less) in there. `--instructions --inside`."""
+    from benchmarks.outbound import callgrind_self
+
+    own: dict[str, dict[str, float]] = {}
+    for variant in (v for pair in INSIDE for v in pair):
+        without, with_requests = (callgrind_self(t) for t in callgrind_texts(variant, requests))
+        own[variant] = {
+            fn: (with_requests.get(fn, 0) - without.get(fn, 0)) / requests
+            for fn in {*without, *with_requests}
+        }
+        print(f"{variant}: counted", file=sys.stderr, flush=True)
+    (a, b), (c, d) = INSIDE
+
+    def over(x: str, y: str) -> dict[str, float]:
+        return {fn: own[x].get(fn, 0.0) - own[y].get(fn, 0.0) for fn in {*own[x], *own[y]}}
+
+    inside, outside = over(a, b), over(c, d)
+    rows = [
+        (inside.get(fn, 0.0) - outside.get(fn, 0.0), inside.get(fn, 0.0), outside.get(fn, 0.0), fn)
+        for fn in {*inside, *outside}
+    ]
+    rows.sort(key=lambda row: -abs(row[0]))
+    lines = [
+        "| inside - outside | inside (`instr+fidelity-off` - `instr`) | outside "
+        "(`fidelity-off` - `bare`) | function (own instructions) |",
+        "|---:|---:|---:|---|",
+        *(
+            f"| {d:+,.0f} | {i:+,.0f} | {o:+,.0f} | `{fn.split('/')[-1][:90]}` |"
+            for d, i, o, fn in rows[:top]
+        ),
+        "",
+        f"The middleware inside the instrumented request {sum(inside.values()):+,.0f} "
+        f"instructions per request, on a bare route {sum(outside.values()):+,.0f}; callgrind, "
+        f"each variant with and without {requests} requests after the same warm-up.",
+    ]
+    return "\n".join(lines)
+
+
+def misses_report(events: dict[str, dict[str, float]]) -> str:
+    """Cache misses per request by variant (`--cache`: callgrind's simulated caches, first
+    level I1/D1 and last level LL, reads and writes), and the two middleware rows."""
+    names = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+    lines = ["", "| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [
+        f"| {v} | " + " | ".join(f"{e.get(n, 0.0):,.0f}" for n in names) + " |"
+        for v, e in events.items()
+    ]
+    for name, base in INSIDE:
+        if name in events and base in events:
+            more = " ".join(
+                f"{n} {events[name].get(n, 0.0) - events[base].get(n, 0.0):+,.0f}" for n in names
+            )
+            lines.append(f"- `{name}` - `{base}`: {more}")
+    return "\n".join(lines)
 
 
 def instructions_report(counts: dict[str, float], requests: int) -> str:
@@ -844,6 +947,17 @@ def main() -> None:
         default=",".join(INSTRUCTION_VARIANTS),
         help="with --instructions: the variants to count (comma-separated)",
     )
+    parser.add_argument(
+        "--inside",
+        action="store_true",
+        help="with --instructions: the middleware inside the instrumented request against on "
+        "a bare route, by function",
+    )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="with --instructions: callgrind's cache simulation too (misses per request)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -856,11 +970,18 @@ def main() -> None:
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("valgrind not found (Debian package valgrind)")
+        if args.inside:
+            print(inside_by_function(args.requests))
+            return
         counts = {}
+        misses: dict[str, dict[str, float]] = {}
         for name in args.variants.split(","):
-            counts[name] = count_instructions(name, args.requests)
+            misses[name] = count_events(name, args.requests, args.cache)
+            counts[name] = misses[name]["Ir"]
             print(f"{name}: {counts[name]:,.0f}", file=sys.stderr, flush=True)
         print(instructions_report(counts, args.requests))
+        if args.cache:
+            print(misses_report(misses))
         return
     if args.hooks:
         repeats, n = max(args.rounds // 2, 5), 5000
