@@ -179,6 +179,18 @@ def choose(
     return Pick(index, reason, panic, bypass, len(admissible))
 
 
+def choose_only(open_until: float, now: float, panic_threshold: float = 0.5) -> Pick:
+    """`choose` for a service of one instance, from its breaker's known open time alone:
+    with one view there is one candidate whatever the call tried or a 429 paused, no
+    random draw and no cost to weigh, so the views need not be built (a service's
+    attempt paid ~170 bytecodes for them). Known open, the bound ejects it and leaves
+    none admissible: panic, around its breaker."""
+    if open_until > now:
+        return Pick(0, PICK_PANIC, True, True, 0)
+    panic = panic_threshold > 1.0  # (`len(admissible) < panic_threshold * n`, n = 1)
+    return Pick(0, PICK_PANIC if panic else PICK_ONLY, panic, False, 1)
+
+
 def decayed(latency_s: float, at: float, now: float, tau_s: float) -> float:
     """A latency estimate as read at `now`, made at `at`: it loses weight with its age, as
     Finagle's peak EWMA and Linkerd's decay theirs on every read. An instance whose
