@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import httpx
@@ -17,9 +19,122 @@ from hypothesis import strategies as st
 
 from fidelity_mw import FidelityTransport
 from fidelity_mw.context import _CURRENT
-from fidelity_mw.decide.balance import InstanceView, choose, choose_only
+from fidelity_mw.decide.balance import (
+    PICK_BOUND,
+    PICK_ONLY,
+    PICK_P2C,
+    PICK_PANIC,
+    InstanceView,
+    Pick,
+    choose,
+    choose_only,
+    cost,
+    ejected,
+)
 from fidelity_mw.outbound.upstream import Instance
 from fidelity_mw.policy import BreakerConfig, Policy, UpstreamConfig
+
+
+def reference_choose(
+    views: Sequence[InstanceView],
+    tried: Collection[int],
+    now: float,
+    rng: Callable[[], float],
+    *,
+    panic_threshold: float = 0.5,
+    max_ejected_ratio: float = 0.5,
+    paused_at: float | None = None,
+) -> Pick:
+    """`choose` as of 386c0c7 (before its pass for a pick with nothing open or tried)."""
+    n = len(views)
+    out = ejected(views, now, max_ejected_ratio)
+    admissible = [i for i in range(n) if i not in out]
+    panic = len(admissible) < panic_threshold * n or not admissible
+    candidates = list(range(n)) if panic else admissible
+    fresh = [i for i in candidates if i not in tried]
+    if fresh:
+        candidates = fresh
+    elif len(candidates) > 1:
+        at = now if paused_at is None else paused_at
+        free = [i for i in candidates if views[i].paused_until <= at]
+        if free:
+            candidates = free
+        else:
+            first = min(views[i].paused_until for i in candidates)
+            candidates = [i for i in candidates if views[i].paused_until == first]
+    measured = [views[i].latency_s for i in candidates if views[i].latency_s > 0.0]
+    # An unmeasured instance is assumed as fast as the fastest measured one: it gets tried.
+    default_latency = min(measured) if measured else 1.0
+    slowest = max(measured) if measured else default_latency
+    if len(candidates) == 1:
+        index, reason = candidates[0], PICK_ONLY
+    else:
+        a = candidates[min(len(candidates) - 1, int(rng() * len(candidates)))]
+        rest = [i for i in candidates if i != a]
+        b = rest[min(len(rest) - 1, int(rng() * len(rest)))]
+        ca = cost(views[a], default_latency, now, slowest)
+        cb = cost(views[b], default_latency, now, slowest)
+        index = b if cb < ca else a
+        reason = PICK_P2C
+    bypass = views[index].open_until > now
+    if panic:
+        reason = PICK_PANIC
+    elif bypass:
+        reason = PICK_BOUND
+    return Pick(index, reason, panic, bypass, len(admissible))
+
+
+view_st = st.builds(
+    InstanceView,
+    st.integers(0, 4),
+    st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+    st.sampled_from([0.0, 5.0, 10.0, 20.0]),
+    st.just(0.0),
+    st.sampled_from([0.0, 5.0, 10.0, 20.0]),
+    st.sampled_from([0.0, 2.0, 9.5]),
+)
+
+
+def recording(rnd: random.Random) -> tuple[Callable[[], float], list[float]]:
+    draws: list[float] = []
+
+    def rng() -> float:
+        draws.append(rnd.random())
+        return draws[-1]
+
+    return rng, draws
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    views=st.lists(view_st, min_size=1, max_size=5),
+    tried=st.sets(st.integers(0, 4)),
+    threshold=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    ratio=st.sampled_from([0.0, 0.34, 0.5, 1.0]),
+    paused_at=st.none() | st.sampled_from([5.0, 10.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_choose_answers_as_before_with_the_same_draws(
+    views: list[InstanceView],
+    tried: set[int],
+    threshold: float,
+    ratio: float,
+    paused_at: float | None,
+    seed: int,
+) -> None:
+    """`choose` skips the ejection and the tried filter when nothing is open or tried:
+    the same pick, reason and draws as before, for any views (differential)."""
+    now = 10.0
+    answers = []
+    for impl in (reference_choose, choose):
+        rng, draws = recording(random.Random(seed))
+        pick = impl(
+            views, sorted(tried), now, rng,
+            panic_threshold=threshold, max_ejected_ratio=ratio, paused_at=paused_at,
+        )  # fmt: skip
+        answers.append((pick, draws))
+    assert answers[0] == answers[1]
+
 
 times = st.floats(min_value=0.0, max_value=100.0, allow_nan=False)
 

@@ -142,11 +142,16 @@ def choose(
     the ones not paused at `paused_at` (when the attempt goes out; default `now`), then,
     all paused, the one whose pause ends first: a paused instance asked for the wait."""
     n = len(views)
-    out = ejected(views, now, max_ejected_ratio)
-    admissible = [i for i in range(n) if i not in out]
+    for view in views:
+        if view.open_until > now:
+            out = ejected(views, now, max_ejected_ratio)
+            admissible = [i for i in range(n) if i not in out]
+            break
+    else:  # (none known open, most picks: nothing ejected, no set of them to build)
+        admissible = list(range(n))
     panic = len(admissible) < panic_threshold * n or not admissible
     candidates = list(range(n)) if panic else admissible
-    fresh = [i for i in candidates if i not in tried]
+    fresh = [i for i in candidates if i not in tried] if tried else candidates
     if fresh:
         candidates = fresh
     elif len(candidates) > 1:
