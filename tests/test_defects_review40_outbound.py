@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from fidelity_mw import FidelityTransport
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.decide.balance import (
+    EWMA_TAU_S,
     PICK_BOUND,
     PICK_ONLY,
     PICK_P2C,
@@ -29,8 +30,10 @@ from fidelity_mw.decide.balance import (
     choose,
     choose_only,
     cost,
+    decayed,
     ejected,
 )
+from fidelity_mw.engine import Engine
 from fidelity_mw.outbound.upstream import Instance
 from fidelity_mw.policy import BreakerConfig, Policy, UpstreamConfig
 
@@ -219,3 +222,33 @@ def test_a_service_of_one_instance_builds_no_view_for_its_pick(monkeypatch: Any)
     assert built == []
     asyncio.run(calls(("http://10.0.0.1:8080", "http://10.0.0.2:8080"), "p2c"))
     assert len(built) == 3 * 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    latency=st.sampled_from([0.0, 1e-6, 0.01, 0.25, 3.0]) | times,
+    at=times,
+    now=st.none() | times,
+    outstanding=st.integers(0, 9),
+    open_until=times,
+    failed_at=times,
+)
+def test_an_instance_view_is_the_decayed_estimate_as_before(
+    latency: float, at: float, now: float | None, outstanding: int, open_until: float,
+    failed_at: float,
+) -> None:  # fmt: skip
+    """`Instance.view` ages the estimate without `decayed`'s call: the same view, to the
+    bit, as `decayed` and the named tuple gave."""
+    engine = Engine(Policy())
+    instance = Instance("http://10.0.0.1:8080", engine)
+    instance.latency_s, instance.latency_at = latency, at
+    instance.outstanding, instance.open_until, instance.failed_at = (
+        outstanding, open_until, failed_at,
+    )  # fmt: skip
+    instance.seen_at, instance.paused_until = 1.5, 2.5
+    aged = latency if now is None else decayed(latency, at, now, EWMA_TAU_S)
+    expected = InstanceView(outstanding, aged, open_until, 1.5, 2.5, failed_at)
+    view = instance.view(now)
+    assert view == expected
+    assert type(view) is InstanceView
+    assert view.latency_s.hex() == expected.latency_s.hex()
