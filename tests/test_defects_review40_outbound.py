@@ -14,10 +14,11 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fidelity_mw import FidelityTransport
+from fidelity_mw import FidelityTransport, buildinfo
 from fidelity_mw.context import _CURRENT
 from fidelity_mw.decide.balance import (
     EWMA_TAU_S,
@@ -182,6 +183,10 @@ def test_the_pick_of_one_instance_is_chooses_whatever_it_is_given(
     assert draws == []  # (`choose` draws nothing for one: neither may its shortcut)
 
 
+@pytest.mark.skipif(
+    "fidelity_mw.outbound.loop" in buildinfo.compiled_modules(),
+    reason="compiled, the loop calls Instance.view natively: a patched method is not seen",
+)
 def test_a_service_of_one_instance_builds_no_view_for_its_pick(monkeypatch: Any) -> None:
     """The attempt to a one-instance service picks it without the views `choose` needs
     (each an aged latency estimate and a named tuple): none is built; with two the views

@@ -171,23 +171,13 @@ class _Seen:
     """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
     threads that arm one transport at once never see half of one engine's."""
 
-    __slots__ = ("cached", "clock", "engine", "local", "observer", "policy", "store", "system")
+    __slots__ = ("clock", "engine", "observer", "policy", "store", "system")
 
-    def __init__(
-        self,
-        engine: Engine,
-        observer: AttemptObserver | None,
-        cached: tuple[StateStore | None, Local | None],
-        local: Local,
-    ) -> None:
+    def __init__(self, engine: Engine, observer: AttemptObserver | None) -> None:
         self.engine = engine
         self.policy = engine.policy
         self.store = engine.store
         self.observer = observer  # (the transport's own, else the engine's)
-        # `_Armed.local` when this was read, and its operations: the shortcut runs while
-        # that tuple is the armed one (a store looked up again is another engine's)
-        self.cached = cached
-        self.local = local
         self.clock = clock = engine.clock
         self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
 
@@ -450,7 +440,7 @@ class _Base:
                 # The async transport's shortcut may skip all of this. (The engine lists
                 # the transport, so a change of the engine drops what was read here.)
                 engine.transports.add(self)
-                armed.seen = _Seen(engine, self._observer or engine.attempt_observer, cached, local)
+                armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
                 armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -610,10 +600,16 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         else:
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
-        if known.engine is not engine or armed.local is not known.cached:
+        # (the store's operations by their store, not the tuple's identity: compiled, a
+        # tuple field is held unboxed and each read of it builds a new one)
+        cached = armed.local
+        if known.engine is not engine or cached[0] is not known.store:
             armed.last = None
             return await self._handle(request)
-        local = known.local
+        local = cached[1]
+        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
+            armed.last = None
+            return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
         observer = known.observer
         clock = known.clock
