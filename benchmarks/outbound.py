@@ -51,7 +51,9 @@ of git revision REV, in the same rounds, so a change is measured against its
 parent side by side. `--count` prints, instead of times, the Python calls, C calls,
 generator/coroutine resumptions, bytecodes and allocated blocks per call of each layer
 (the counters of benchmarks/callcount.py), and the functions fidelity calls and the
-bytecodes each runs per call: counts do not move with the machine's load.
+bytecodes each runs per call: counts do not move with the machine's load; with
+`--client`, the same for whole `AsyncClient.get` calls (`plain`, `fidelity_req`,
+`httpx_retries`, `plain_headers`), by function beyond `plain`'s.
 `--instructions` counts machine instructions per call of the layers alone under
 `valgrind --tool=callgrind` (as benchmarks/server_inprocess.py does for inbound): a run
 with `--calls` calls less one that builds the same requests and calls nothing; a layer
@@ -66,7 +68,7 @@ balancer, a body to watch): what each piece costs.
     .venv/bin/python benchmarks/outbound.py [--rounds 40] [--batch 500] [--no-write]
         [--baseline REV] [--layers-only]
     .venv/bin/python benchmarks/outbound.py --profile   # cProfile of the fidelity layer
-    .venv/bin/python benchmarks/outbound.py --count [--baseline REV]
+    .venv/bin/python benchmarks/outbound.py --count [--client] [--baseline REV]
     .venv/bin/python benchmarks/outbound.py --instructions [--calls 20000] [--baseline REV]
         [--layers pass_through,fidelity,fidelity_req,httpx_retries,floor,fidelity+compiled]
         [--functions]
@@ -807,6 +809,68 @@ async def count(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
     return "\n".join(lines)
 
 
+# The client variants `--count --client` counts, each read against `plain`.
+CLIENT_VARIANTS = ("plain", "fidelity_req", "httpx_retries", "plain_headers")
+
+
+async def count_client(n: int, old: Any = None, rev: str = "", top: int = 30) -> str:
+    """Python calls, C calls and bytecodes per `AsyncClient.get` of each client variant
+    (`CLIENT_VARIANTS`, and `fidelity_req@REV` with a baseline), and by function beyond
+    `plain`'s: what a layer adds through the client, httpx's own work around it included."""
+    from benchmarks.callcount import Instructions, Profile
+
+    calls, clients, done = build(old, rev)
+    names = [*CLIENT_VARIANTS, *([f"fidelity_req@{rev}"] if old is not None else [])]
+    profiles: dict[str, Profile] = {}
+    bytecodes: dict[str, Instructions] = {}
+
+    async def run(call: Call | InContext, hook: Any, setter: Any) -> None:
+        leave = call.enter() if isinstance(call, InContext) else None
+        fn = call.call if isinstance(call, InContext) else call
+        try:
+            setter(hook)
+            try:
+                for _ in range(n):
+                    await fn()
+            finally:
+                setter(None)
+        finally:
+            if leave is not None:
+                leave()
+
+    try:
+        for name in names:
+            await timed(calls[name], 500)  # warm up
+            profiles[name] = Profile()
+            await run(calls[name], profiles[name], sys.setprofile)
+            bytecodes[name] = Instructions()
+            await run(calls[name], bytecodes[name], sys.settrace)
+    finally:
+        for client in clients:
+            await client.aclose()
+        done()
+    base = bytecodes["plain"].count / n
+    lines = [
+        "| variant | Python calls | C calls | bytecodes | over plain | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        p, ops = profiles[name], bytecodes[name].count / n
+        lines.append(
+            f"| {name} | {p.calls / n:.1f} | {p.c_calls / n:.1f} | {ops:.0f} "
+            f"| {ops - base:+.0f} | {ops / base:.3f} |"
+        )
+    base_ops = bytecodes["plain"].by_function(n)
+    for name in names[1:]:
+        diff = {k: v - base_ops.get(k, 0.0) for k, v in bytecodes[name].by_function(n).items()}
+        diff.update({k: -v for k, v in base_ops.items() if k not in diff})
+        rows = sorted(((v, k) for k, v in diff.items() if abs(v) >= 0.5), reverse=True)[:top]
+        lines += ["", f"`{name}`: bytecodes per call beyond `plain`'s, by function:", "", "```"]
+        lines += [f"{v:6.0f}  {k}" for v, k in rows]
+        lines.append("```")
+    return "\n".join(lines)
+
+
 # What each piece of the layer costs: the same call with one piece taken away (or added),
 # counted as `--count` counts. (name, what it shows, the variant it is read against)
 PIECES = (
@@ -1085,6 +1149,11 @@ def main() -> None:
     parser.add_argument(
         "--pieces", action="store_true", help="count each piece of the layer (ablations)"
     )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="with --count: count the calls through AsyncClient instead of the layers",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one layer
     args = parser.parse_args()
     rev = args.baseline or ""
@@ -1103,6 +1172,9 @@ def main() -> None:
     old = baseline(args.baseline)
     if args.profile:
         print(asyncio.run(profile(20_000)))
+        return
+    if args.count and args.client:
+        print(asyncio.run(count_client(2000, old, rev)))
         return
     if args.count:
         print(asyncio.run(count(2000, old, rev)))

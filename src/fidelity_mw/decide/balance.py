@@ -142,11 +142,16 @@ def choose(
     the ones not paused at `paused_at` (when the attempt goes out; default `now`), then,
     all paused, the one whose pause ends first: a paused instance asked for the wait."""
     n = len(views)
-    out = ejected(views, now, max_ejected_ratio)
-    admissible = [i for i in range(n) if i not in out]
+    for view in views:
+        if view.open_until > now:
+            out = ejected(views, now, max_ejected_ratio)
+            admissible = [i for i in range(n) if i not in out]
+            break
+    else:  # (none known open, most picks: nothing ejected, no set of them to build)
+        admissible = list(range(n))
     panic = len(admissible) < panic_threshold * n or not admissible
     candidates = list(range(n)) if panic else admissible
-    fresh = [i for i in candidates if i not in tried]
+    fresh = [i for i in candidates if i not in tried] if tried else candidates
     if fresh:
         candidates = fresh
     elif len(candidates) > 1:
@@ -177,6 +182,18 @@ def choose(
     elif bypass:
         reason = PICK_BOUND
     return Pick(index, reason, panic, bypass, len(admissible))
+
+
+def choose_only(open_until: float, now: float, panic_threshold: float = 0.5) -> Pick:
+    """`choose` for a service of one instance, from its breaker's known open time alone:
+    with one view there is one candidate whatever the call tried or a 429 paused, no
+    random draw and no cost to weigh, so the views need not be built (a service's
+    attempt paid ~170 bytecodes for them). Known open, the bound ejects it and leaves
+    none admissible: panic, around its breaker."""
+    if open_until > now:
+        return Pick(0, PICK_PANIC, True, True, 0)
+    panic = panic_threshold > 1.0  # (`len(admissible) < panic_threshold * n`, n = 1)
+    return Pick(0, PICK_PANIC if panic else PICK_ONLY, panic, False, 1)
 
 
 def decayed(latency_s: float, at: float, now: float, tau_s: float) -> float:

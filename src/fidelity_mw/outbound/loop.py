@@ -65,7 +65,7 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.balance import EWMA_TAU_S, Pick, choose, ewma
+from ..decide.balance import EWMA_TAU_S, Pick, choose, choose_only, ewma
 from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
@@ -860,23 +860,27 @@ def _gate_next(
     for _ in range(len(instances) + 1 if instances else 1):
         sent_at, resend_at = planned_at, None
         if instances is not None:
-            pick = choose(
-                [i.view(now) for i in instances],
-                # a retry (or hedge) avoids the instances tried, and those a 429 paused
-                [
-                    n
-                    for n, i in enumerate(instances)
-                    if i in tried or (retry and i.paused_until > now)
-                ]
-                if tried or retry
-                else [],
-                now,
-                engine.rng,
-                panic_threshold=up.panic_threshold,
-                max_ejected_ratio=up.max_ejected_ratio,
-                # (all avoided: not one paused when the attempt goes out, if any)
-                paused_at=now if sent_at == math.inf else sent_at,
-            )
+            if len(instances) == 1:
+                # (one instance: `choose`'s answer needs only its breaker's known open time)
+                pick = choose_only(instances[0].open_until, now, up.panic_threshold)
+            else:
+                pick = choose(
+                    [i.view(now) for i in instances],
+                    # a retry (or hedge) avoids the instances tried, and those a 429 paused
+                    [
+                        n
+                        for n, i in enumerate(instances)
+                        if i in tried or (retry and i.paused_until > now)
+                    ]
+                    if tried or retry
+                    else [],
+                    now,
+                    engine.rng,
+                    panic_threshold=up.panic_threshold,
+                    max_ejected_ratio=up.max_ejected_ratio,
+                    # (all avoided: not one paused when the attempt goes out, if any)
+                    paused_at=now if sent_at == math.inf else sent_at,
+                )
             chosen = instances[pick.chosen]
             if (
                 retry

@@ -162,11 +162,12 @@ class _Armed:
         # dropped when the engine changes (`Engine.__setattr__` -> `engine_changed`).
         self.seen: _Seen | None = None
         self.local: tuple[StateStore | None, Local | None] = (None, None)
-        # The host, port and upstream plan of the shortcut's last call: a client calls one
-        # host over and over, and comparing a host is cheaper than building and hashing a
-        # key (None: look it up in `upstreams`). One tuple, replaced whole: threads may
-        # call one transport at once, and three fields could be read half-written.
-        self.last: tuple[str, int | None, Upstream] | None = None
+        # The host, port and upstream plan of the shortcut's last call, with the `seen` it
+        # was checked against (a plain upstream under that engine's policy): a client
+        # calls one host over and over, and comparing a host is cheaper than building and
+        # hashing a key (None: look it up in `upstreams`). One tuple, replaced whole:
+        # threads may call one transport at once, and fields could be read half-written.
+        self.last: tuple[str, int | None, Upstream, _Seen] | None = None
 
 
 class _Seen:
@@ -179,7 +180,7 @@ class _Seen:
         self.engine = engine
         self.policy = engine.policy
         self.store = engine.store
-        self.observer = observer
+        self.observer = observer  # (the transport's own, else the engine's)
         self.clock = clock = engine.clock
         self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
 
@@ -452,7 +453,7 @@ class _Base:
                 # The async transport's shortcut may skip all of this. (The engine lists
                 # the transport, so a change of the engine drops what was read here.)
                 engine.transports.add(self)
-                armed.seen = _Seen(engine, engine.attempt_observer)
+                armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
                 armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -583,38 +584,47 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # same steps as `first_attempt` and `First.finish`, in the same order: anything
         # else is handed to them, from the step it has reached.
         ctx = _current.get()
-        engine = self.engine if ctx is None else ctx.engine
-        if ctx is not None and ctx.response_complete:
-            ctx = None  # after the response (a background task): a call of its own
+        if ctx is None:
+            engine = self.engine
+        else:
+            engine = ctx.engine
+            if ctx.response_complete:
+                ctx = None  # after the response (a background task): a call of its own
         armed = self._armed
-        cached = armed.local
         try:  # the parsed URL's raw fields, by position (`_SHORTCUT_FITS` checked them)
             ref = request.url._uri_reference
             host: str = ref[2]
             port: int | None = ref[3]
         except (AttributeError, LookupError, TypeError):  # pragma: no cover - another layout
             return await self._handle(request)
+        seen = armed.seen
         last = armed.last
-        if last is not None and last[0] == host and last[1] == port:
-            up: Upstream | None = last[2]
-        else:
-            up = armed.upstreams.get((host, port))
-            if up is not None:
-                armed.last = (host, port, up)
-        known = armed.seen
-        if (
-            up is None
-            or not up.plain
-            or known is None
-            or known.engine is not engine
-            or up.policy is not known.policy
-            or cached[0] is not known.store
-            or (local := cached[1]) is None
+        if last is not None and last[0] == host and last[1] == port and last[3] is seen:
+            up = last[2]  # (checked against `seen` when it was noted: plain, its policy)
+            known = last[3]
+        elif (
+            seen is not None
+            and (plan := armed.upstreams.get((host, port))) is not None
+            and plan.plain
+            and plan.policy is seen.policy
         ):
+            up, known = plan, seen
+            armed.last = (host, port, plan, seen)
+        else:
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
+        # (the store's operations by their store, not the tuple's identity: compiled, a
+        # tuple field is held unboxed and each read of it builds a new one)
+        cached = armed.local
+        if known.engine is not engine or cached[0] is not known.store:
+            armed.last = None
+            return await self._handle(request)
+        local = cached[1]
+        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
+            armed.last = None
+            return await self._handle(request)
         # (`_start` looked the engine's observer up before it armed the shortcut)
-        observer = self._observer or known.observer
+        observer = known.observer
         clock = known.clock
         system = known.system
         now = _monotonic() if system else clock.monotonic()
@@ -630,7 +640,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             timeouts = own_timeouts(extensions)
         if _GIVE_UP in extensions:  # a request sent again: its last call's give-up
             del extensions[_GIVE_UP]
-        seen = up.timeouts
+        noted = up.timeouts
         raw = request.headers._list  # (armed only with FAST_HEADERS: `_start`)
         tight = False  # the deadline caps the attempt timeout
         if remaining is not None:
@@ -639,7 +649,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 if remaining <= 0.0:  # passed already: `first_attempt` says so
                     return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
                 tight = True
-        if not tight and (seen is None or timeouts != seen[0]):
+        if not tight and (noted is None or timeouts != noted[0]):
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
         if not OURS_SET.isdisjoint(map(_name, raw)):  # the caller set a header of ours
             return await self._first(ctx, up, request, own, observer, now, local, UNTAKEN)
@@ -663,11 +673,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 prepare(ctx, up, request, 1, timeouts, remaining)
                 capped = None
             else:
-                assert seen is not None
-                capped = seen[1]
+                assert noted is not None
+                capped = noted[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                stamped = seen[2]  # (the first attempt's headers for those timeouts)
+                stamped = noted[2]  # (the first attempt's headers for those timeouts)
                 raw += stamped
                 counts = ctx._attempts  # (the `attempts` property, without its call)
                 if counts is None:
