@@ -242,7 +242,7 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
                 # the client's units already leave it to that breaker). As the server's
                 # bare 500, A's breaker for B counted it against B: C failing POSTs
                 # opened A's breaker for B, which then refused A's every call to B.
-                return _not_resent(exc, status)
+                return _upstream_answer(exc, _status_host(exc), f"answered {status}")
             if status not in GATEWAY_STATUSES or not (
                 (ctx.upstream_failed and DECIDED_BY_HEADER_STR in exc.response.headers)
                 or _response_give_up(exc) is not None
@@ -385,16 +385,6 @@ def _exhausting_mark(exc: BaseException) -> bool:
     """Does the transport's mark on `exc` say the call was given up on exhaustingly?"""
     marker = getattr(exc, GIVE_UP_EXTENSION, None)
     return isinstance(marker, Decision) and marker.verdict == GIVE_UP and _exhausting(marker)
-
-
-def _not_resent(exc: httpx.HTTPStatusError, status: int) -> Rejection:
-    """502 (504 for a 504) for an upstream's 5xx let out that was not sent again."""
-    host = _status_host(exc)
-    detail = (f"upstream {host!r}" if host else "an upstream") + f" answered {status}"
-    extra = {} if host is None else {"upstream": host}
-    if status == 504:
-        return 504, [], problem_body(504, "Gateway Timeout", detail, "upstream-failed", **extra)
-    return 502, [], problem_body(502, "Bad Gateway", detail, "upstream-failed", **extra)
 
 
 def _not_resendable(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
