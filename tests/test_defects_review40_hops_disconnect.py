@@ -15,16 +15,31 @@ at once (no breaker open, no instance ejected or weighed out).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import httpx
 
 import _hops38
 import _hops40 as hops
+from fidelity_mw import Policy
 
 DROPPED = 12
 CLIENT_TIMEOUT_S = 0.5  # the clients give up (drop the connection) after this
 SETTLE_S = 15.0  # an upper bound on the chain winding down on a busy machine
+# B's attempt timeout for C here: the clients' leaving, not B's own timeout, must end the
+# hung calls. At the rig's 1 s, a loaded machine (CI beside CPU burners) passed the
+# cancellation down the chain after B's attempt had timed out and been retried once.
+PATIENT_MS = 8_000
+
+
+def _patient_b(instances: tuple[str, ...]) -> Policy:
+    policy = hops.with_bulkhead(_hops38.policy(instances))
+    upstreams = tuple(
+        dataclasses.replace(u, attempt_timeout_ms=PATIENT_MS) if u.host == "c" else u
+        for u in policy.upstreams
+    )
+    return dataclasses.replace(policy, upstreams=upstreams)
 
 
 async def _drop_all(rig: hops.Chain, prefix: str, n: int) -> list[str]:
@@ -67,7 +82,7 @@ def _outcomes(rig: hops.Chain, hop: str, prefix: str) -> list[str | None]:
 
 
 def test_clients_dropping_mid_chain_leave_no_count_and_no_slot_behind() -> None:
-    with hops.chain("cancel") as rig:
+    with hops.chain("cancel", b_policy=_patient_b) as rig:
         assert _healthy(rig, "warm", 6) == [200] * 6
         for i in range(3):
             rig.faults.set(i, "hang")
@@ -116,7 +131,7 @@ def _all_open(rig: hops.Chain) -> bool:
 
 
 def test_a_half_open_probe_whose_client_left_is_no_failure_and_frees_its_slot() -> None:
-    with hops.chain("cancel") as rig:
+    with hops.chain("cancel", b_policy=_patient_b) as rig:
         assert _healthy(rig, "warm", 6) == [200] * 6
         for i in range(3):
             rig.faults.set(i, "503")
