@@ -61,6 +61,18 @@ def open_time(cfg: BreakerParams, reopens: int) -> float:
     return min(cfg.open_s, first * 2.0 ** min(reopens, 62))
 
 
+def known_open_s(state: str, retry_after_s: float, cfg: BreakerParams) -> float:
+    """How long a balancer takes an instance for open after its breaker refused a call in
+    `state` with `retry_after_s`: that wait, but a half-open refusal (its probe slots
+    taken) for the shortest open time at most, since a probe may close it any moment.
+    One rule for a gate's answer (Redis, tiered) and an in-process store's read of its
+    breaker (memory), so both take an instance out of rotation for as long."""
+    wait = max(retry_after_s, 0.001)
+    if state == HALF_OPEN:
+        wait = min(wait, open_time(cfg, 0))
+    return wait
+
+
 class Gate:
     """The breaker's answer before a call. A slotted record, not a tuple (as
     `decide.gcra.LimitVerdict`): fields by name; `_replace`, `_fields`, equality and
@@ -186,6 +198,26 @@ class BreakerState:
         self._rotate(now)
         calls, failures, slow = self._totals
         return calls, failures, slow
+
+    def refusing(self, now: float) -> tuple[str, float]:
+        """What `gate(now)` would refuse with, without taking a slot or changing anything:
+        (state, retry_after_s) of its rejection, or ("", 0.0) when it would admit the
+        call. A half-open breaker whose probe slots are all held refuses (its probes are
+        in flight), as does an open one due to half-open whose stale probes of an earlier
+        round still hold them."""
+        state = self.state
+        if state == CLOSED:
+            return "", 0.0
+        cfg = self.config
+        if state == OPEN and now < self.open_until:
+            most = open_time(cfg, self.reopens) * (1.0 + cfg.open_jitter)
+            return OPEN, min(self.open_until - now, most)  # (`gate`'s clock-step bound)
+        lease = cfg.probe_lease_s
+        # (a start after `now`: the clock went back, its lease runs from now, as in `gate`)
+        held = [min(t, now) for t in self.probes.values() if min(t, now) + lease > now]
+        if len(held) < cfg.half_open_probes:
+            return "", 0.0
+        return HALF_OPEN, max(0.0, min(min(held) + lease - now, cfg.open_s))
 
     # ------------------------------------------------------------ transitions
 

@@ -66,7 +66,7 @@ from ..context import (
     DetailValue,
 )
 from ..decide.balance import EWMA_TAU_S, Pick, choose, choose_only, ewma
-from ..decide.breaker import FAILURE, HALF_OPEN, IGNORED, OPEN, SUCCESS, Gate, open_time
+from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, known_open_s, open_time
 from ..decide.retry import (
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
@@ -1168,12 +1168,12 @@ def _known_latency(target: Instance, instances: list[Instance] | None) -> float:
 
 
 def _learned_open(target: Instance, gate: Gate, breaker: BreakerConfig | None, now: float) -> None:
-    wait = max(gate.retry_after_s, 0.001)
-    if gate.state == HALF_OPEN and breaker is not None:
-        # Its probes are out (here or in another process): their outcome may close it
-        # any moment, and the gate's wait is the probe lease's (up to `open_s`). Ask
-        # again after the shortest open time at the latest, as a tiered store's cache does.
-        wait = min(wait, open_time(breaker, 0))
+    if breaker is not None:
+        # (a half-open refusal: its probes are out, here or in another process, and may
+        # close it any moment: asked again after the shortest open time at the latest)
+        wait = known_open_s(gate.state, gate.retry_after_s, breaker)
+    else:
+        wait = max(gate.retry_after_s, 0.001)
     target.open_until = now + wait
     target.seen_at = now
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from ..decide.breaker import OPEN, Gate
+from ..decide.breaker import CLOSED, Gate, known_open_s
 from ..decide.fleet import FleetShare
 from ..policy import BreakerConfig, RetryConfig
 from .base import InboundResult, LimitSpec, StateStore
@@ -113,14 +113,21 @@ class MemoryStore(LocalState, StateStore):
         self.budget_refund_now(budget_key, cfg, age_s, now, spent_at)
 
     def breakers_open_until_now(self, breaker_keys: Sequence[str], now: float) -> list[float]:
-        """For each breaker: until when it is open (0.0 when it is not), read without
-        gating: what a balancer needs to skip open instances, fresh from this process."""
+        """For each breaker: until when a balancer takes it for open (0.0 when a gate
+        would admit a call), read without gating, fresh from this process: what the
+        gate's refusal would teach it (`known_open_s`), as a store answering by gates
+        alone (Redis, tiered) does. A half-open breaker whose probes are all in flight
+        refuses: read as closed, it drew picks its gate then refused, and concurrent
+        calls' reads wiped what those refusals had taught (a give-up advised no wait)."""
         with self._lock:
             out = []
             for key in breaker_keys:
                 state = self.breakers.get(key)
-                until = state.open_until if state is not None and state.state == OPEN else 0.0
-                out.append(until if until > now else 0.0)
+                if state is None or state.state == CLOSED:
+                    out.append(0.0)
+                    continue
+                refused, wait = state.refusing(now)
+                out.append(now + known_open_s(refused, wait, state.config) if refused else 0.0)
             return out
 
     async def snapshot(
