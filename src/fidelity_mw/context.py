@@ -120,9 +120,10 @@ class DecisionContext:
     # 5xx `x-fidelity-fault: upstream`, so our callers' breakers leave that fault to the
     # breaker next to it (ours for that upstream) and do not open on us for it.
     upstream_failed = False
-    # Set by the middleware when the app let out `raise_for_status()` on an upstream's 429
-    # that the transport retried and gave up on, answered as the upstream's 502: no
-    # breaker's failure (an upstream's 429 never is), the route breaker's neither.
+    # Set by the transport when it gave up on an upstream's 429 after retrying (and by
+    # the middleware when the app let that 429 out, answered as the upstream's 502): the
+    # app's gateway answer for it is no breaker's failure (an upstream's 429 never is),
+    # the route breaker's neither.
     upstream_throttled = False
     # Set by the transport when a control layer (host breaker, deadline) refused an
     # outbound call before anything was sent, or by a per-route form that turned the

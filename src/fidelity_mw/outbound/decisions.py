@@ -97,12 +97,13 @@ class HeldFlags:
     (`asyncio.gather`) may give up meanwhile: setting the context's flags back to what
     they were when the race began, as before, took that call's marks too."""
 
-    __slots__ = ("ctx", "shed_by", "upstream_exhausted", "upstream_failed")
+    __slots__ = ("ctx", "shed_by", "upstream_exhausted", "upstream_failed", "upstream_throttled")
 
     def __init__(self, ctx: DecisionContext) -> None:
         self.ctx = ctx
         self.upstream_exhausted = False
         self.upstream_failed = False
+        self.upstream_throttled = False
         self.shed_by: str | None = None
 
 
@@ -120,16 +121,27 @@ def release_flags(held: HeldFlags, token: Token[HeldFlags | None], keep: bool) -
     """The race is over: its held flags go to the context (`keep`), or are dropped."""
     _HELD.reset(token)
     if keep:
-        mark(held.ctx, held.upstream_exhausted, held.shed_by, held.upstream_failed)
+        mark(
+            held.ctx, held.upstream_exhausted, held.shed_by, held.upstream_failed,
+            held.upstream_throttled,
+        )  # fmt: skip
 
 
-def mark(ctx: DecisionContext, exhausted: bool, shed_by: str | None, failed: bool = False) -> None:
+def mark(
+    ctx: DecisionContext,
+    exhausted: bool,
+    shed_by: str | None,
+    failed: bool = False,
+    throttled: bool = False,
+) -> None:
     """Set `ctx`'s flags (or those a race holds for it): never clears one."""
     flags = _flags(ctx)
     if exhausted:
         flags.upstream_exhausted = True
     if failed:
         flags.upstream_failed = True
+    if throttled:
+        flags.upstream_throttled = True
     if shed_by is not None and flags.shed_by is None:
         flags.shed_by = shed_by
 

@@ -68,6 +68,7 @@ from ..context import (
 from ..decide.balance import EWMA_TAU_S, Pick, choose, choose_only, ewma
 from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, known_open_s, open_time
 from ..decide.retry import (
+    EXHAUSTING_REASONS,
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
     GIVE_UP_FAILED_AFTER_RETRY,
@@ -766,6 +767,14 @@ def attempts(
                     # and on the request, for a response built anew from this one (its
                     # request this one's): with the status it was for
                     request.extensions[GIVE_UP_EXTENSION] = (exhausted, response.status_code)
+                    if response.status_code == 429 and (
+                        attempt > 1 or exhausted.reason in EXHAUSTING_REASONS
+                    ):
+                        # The upstream throttled us and we gave up on it: no breaker's
+                        # failure (a 429 never is), and the app's gateway answer for it
+                        # (its own 502, not raised) none of the route breaker's either,
+                        # as when the app lets the 429 out (`inbound.watch.owned_upstream`).
+                        mark(ctx, False, None, False, True)
             if (
                 outcome == SUCCESS
                 and (
