@@ -6,7 +6,8 @@ client disconnect is never counted as a breaker failure. A websocket handshake
 on a route with rate limits is admitted by them alone (`websocket`); other
 websockets and lifespan scopes pass straight through; bodies stream untouched in both
 directions (only the response start message gets headers added), and
-`receive` is handed to the app as it is.
+`receive` is handed to the app as it is, but for noting the client leaving
+before the app answered.
 
 This module is the order of things per request; each concern lives next door:
 reading the request (`request`), the store's verdict (`admission`), the
@@ -23,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextvars import Token
+from functools import partial
 from typing import Any, Final
 
 from starlette.requests import ClientDisconnect
@@ -72,6 +74,7 @@ from .watch import (
     ResponseEndHook,
     ResponseWatcher,
     StallWatch,
+    gone_receive,
     response_ends,
     running_loop,
 )
@@ -352,15 +355,15 @@ class FidelityMiddleware:
                     )
                     if rejection is None:
                         slot = HeldSlot(self._bulkheads, ctx, plan)
-                if (
-                    rejection is None
-                    and (plan.timed or plan.bulkhead is not None)
-                    and _measures_latency(plan)
-                ):
-                    # A route that measures its latency: the time the app waits for the
-                    # client's body is the client's, not the route's (watch.ClientReceive)
-                    receive = ClientReceive(receive, ctx, self._monotonic)
                 if rejection is None:
+                    if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
+                        # A route that measures its latency: the time the app waits for the
+                        # client's body is the client's, not the route's (watch.ClientReceive)
+                        receive = ClientReceive(receive, ctx, self._monotonic)
+                    else:
+                        # (the client leaving, read by the app before it answers: its
+                        # answer goes to nobody, recorded `disconnected`: watch.gone_receive)
+                        receive = partial(gone_receive, receive, ctx)
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
@@ -544,6 +547,7 @@ class FidelityMiddleware:
                 and status is not None
                 and status < plan.served_below
                 and ctx.shed_by is None
+                and not ctx.client_disconnected
                 and (self._records_now or result is None or result.gate is None)
             ):
                 # OutcomeRecorder.after_app's common case, inline: served, a success

@@ -460,18 +460,44 @@ class ClientReceive:
 
     async def __call__(self) -> Message:
         if self.done or self.ctx.status is not None:
-            return await self.receive()
+            message: Message = await self.receive()
+            if message["type"] == _GONE and self.ctx.status is None:
+                self.ctx.client_disconnected = True  # (as `gone_receive`)
+            return message
         monotonic = self.monotonic
         begun = monotonic()
         try:
-            message: Message = await self.receive()
+            message = await self.receive()
         finally:
             ctx = self.ctx
             if ctx.status is None:
                 ctx.client_wait_s += monotonic() - begun
-        if message["type"] != "http.request" or not message.get("more_body", False):
+        kind = message["type"]
+        if kind != "http.request" or not message.get("more_body", False):
             self.done = True
+            if kind == _GONE:
+                ctx.client_disconnected = True  # (as `gone_receive`)
         return message
+
+
+_GONE: Final = "http.disconnect"
+
+
+async def gone_receive(receive: Receive, ctx: DecisionContext) -> Message:
+    """The `receive` the app gets on other routes (`partial(gone_receive, receive, ctx)`:
+    built in C, no frame per request): the server's, noting the client leaving when the
+    app reads it before its response started. A handler that races its work against the
+    client (`receive` until `http.disconnect`, Starlette's `is_disconnected()`) and then
+    answers anyway (a 499, its partial result) answers nobody: the request is
+    `disconnected` and no outcome of the route breaker's, as when the app raises on the
+    cancel. Recorded `served` before, and counted a success, or a failure for a 5xx (the
+    real chain: every hop of a chain its client left). After the response started the
+    server's disconnect is no news (uvicorn answers one to every read once the response
+    is complete)."""
+    message: Message = await receive()
+    if message["type"] == _GONE and ctx.status is None:
+        ctx.client_disconnected = True
+    return message
 
 
 def response_ends(hook: ResponseEndHook, ctx: DecisionContext, scope: Scope, token: Any) -> None:
@@ -769,9 +795,10 @@ class OutcomeRecorder:
         ctx.decided_by = DECIDED_BY_APP
         status = ctx.status
         breaker = plan.breaker
-        if status is not None and not complete:
+        if (status is not None and not complete) or ctx.client_disconnected:
             # The app stopped mid-response without an error: the client went away
-            # (Starlette's streaming responses end quietly on http.disconnect).
+            # (Starlette's streaming responses end quietly on http.disconnect). Or it
+            # read the client leaving before it answered (`gone_receive`): nobody took it.
             ctx.outcome = OUTCOME_DISCONNECTED
             ctx.client_disconnected = True
             outcome = IGNORED
