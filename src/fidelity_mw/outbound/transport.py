@@ -89,7 +89,7 @@ from .loop import (
     local_ops,
     prepare,
 )
-from .upstream import Resolver, Upstream, resolved_problem
+from .upstream import Instance, Resolver, Upstream, resolved_problem
 from .wire import (
     ATTEMPT_HEADER,
     FAST_HEADERS,
@@ -195,6 +195,34 @@ _SYNC_IN_ASYNC_CLIENT: Final = (
     "httpx.AsyncClient needs FidelityTransport: "
     "httpx.AsyncClient(transport=FidelityTransport())"
 )
+
+
+def _forget_breakers(engine: Engine, gone: list[Instance], own: object) -> None:
+    """The breakers of instances the resolver no longer names, forgotten where they are
+    this process's alone (the memory store's `forget_breakers`): kept, every address a
+    rolling restart or a rescheduled pod left behind held its breaker (an open one never
+    goes idle) until the store's cap (10,000) swept them. Not one another plan of the
+    engine's transports still calls (an instance of another service, a plain host), nor
+    one with a call in flight (its outcome would make it again). A fleet's breakers on
+    Redis stay: other processes may still call the instance, and their keys expire.
+    An instance named again starts with a closed breaker, as with a fresh balancer view
+    (Envoy forgets a host's outlier state when discovery drops it)."""
+    forget = getattr(engine.store, "forget_breakers", None)
+    if forget is None:
+        return
+    keys = {i.breaker_key for i in gone if i.outstanding == 0}
+    for transport in {own, *engine.transports}:
+        for first in list(getattr(transport, "_upstreams", {}).values()):
+            plan: Upstream | None = first
+            while plan is not None:  # (and the plans it parked: another engine's)
+                if plan.instances is None:
+                    keys.discard(plan.breaker_key)
+                else:
+                    for instance in plan.instances:
+                        keys.discard(instance.breaker_key)
+                plan = plan.parked
+    if keys:
+        forget(sorted(keys))
 
 
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
@@ -376,7 +404,9 @@ class _Base:
         up.last_answer = answer
         problem = resolved_problem(urls)
         if problem is None:
-            up.set_instances(engine, urls)
+            gone = up.set_instances(engine, urls)
+            if gone and up.breaker is not None:
+                _forget_breakers(engine, gone, self)
             self._bad_answers.pop(up.host, None)
         elif self._bad_answers.get(up.host) != problem:
             # like a resolver down: the instances it named last still answer

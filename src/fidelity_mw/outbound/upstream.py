@@ -335,13 +335,16 @@ class Upstream:
             self.heard_ours = True
             self._set_speaks(True)
 
-    def set_instances(self, engine: Engine, urls: Sequence[str]) -> None:
-        """(Re)name the service's instances; instances that stay keep what was seen of them."""
+    def set_instances(self, engine: Engine, urls: Sequence[str]) -> list[Instance]:
+        """(Re)name the service's instances; instances that stay keep what was seen of them.
+        Returns the instances no longer named (what was seen of them goes with them)."""
         urls = tuple(dict.fromkeys(urls))[:_MAX_INSTANCES]
         if urls == self.resolved:
-            return
+            return []
         known = {i.url: i for i in self.instances or ()}
         instances = [known.get(u) or Instance(u, engine, self.breaker) for u in urls] or None
+        named = set(urls)
+        gone = [i for url, i in known.items() if url not in named]
         self.breaker_keys = (instances, [i.breaker_key for i in instances or ()])
         self.instances = instances
         if self.cfg.client_chosen:
@@ -352,6 +355,7 @@ class Upstream:
         self._speak(engine)
         self._service_pause()
         # A service's budget is one for all its instances: the logical host's (the default).
+        return gone
 
     def pause(self, target: Instance | None, until: float) -> None:
         """A Retry-After pauses retries until `until`: to this host, or, for a service,

@@ -660,6 +660,13 @@ class LocalState:
         finally:
             release()
 
+    def forget_breakers(self, breaker_keys: Sequence[str]) -> int:
+        """Drop these breakers (instances a service's resolver no longer names: see
+        `outbound.transport._forget_breakers`). Returns how many there were."""
+        with self._lock:
+            breakers = self.breakers
+            return sum(1 for key in breaker_keys if breakers.pop(key, None) is not None)
+
     def gate_now(self, breaker_key: str, breaker: BreakerParams, now: float) -> Gate:
         with self._lock:
             return self.breaker_state(breaker_key, breaker, now).gate(now, self._rng)
