@@ -19,7 +19,10 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
   body it received: `Chain.received`, (request id, body) per call);
 - `dynamic=True`: B finds C's instances through a resolver that reads `Chain.c_urls`
   (a test changes it while traffic flows), and `Chain.start_c(index)` starts another
-  instance of C (a rolling restart: new ports).
+  instance of C (a rolling restart: new ports);
+- `clock=`: every hop's engine on that clock (a `FakeClock`): a test moves the chain's
+  breakers past their open periods with `clock.advance` instead of sleeping them out,
+  while the network's timeouts (httpx's, the clients') stay real.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from _loopback import LoopbackServer
 from fidelity_mw import ConcurrencyConfig, Engine, FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.decide.breaker import BreakerState
 from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock
 
 CONCURRENCY = ConcurrencyConfig(limit=64)
 TRICKLE_S = 0.1
@@ -194,6 +198,7 @@ def chain(
     c_policy: Policy | None = None,
     knobs: _hops39.Knobs | None = None,
     dynamic: bool = False,
+    clock: FakeClock | None = None,
 ) -> Iterator[Chain]:
     faults = _hops38.Faults()
     seen = _hops38.Seen()
@@ -206,7 +211,7 @@ def chain(
 
         def start_c(index: int) -> str:
             engine = engines[f"C{index}"] = Engine(
-                c_policy or with_bulkhead(_hops38.policy()), store=MemoryStore()
+                c_policy or with_bulkhead(_hops38.policy()), clock=clock, store=MemoryStore()
             )
             server = LoopbackServer(c_app(index, faults, seen, knobs, engine, received))
             stack.enter_context(server)  # (stopped at the end, if the test did not)
@@ -223,6 +228,7 @@ def chain(
         instances = tuple(urls)
         engines["B"] = Engine(
             (b_policy or (lambda inst: with_bulkhead(_hops38.policy(inst))))(instances),
+            clock=clock,
             store=MemoryStore(),
         )
         b_transport = FidelityTransport(telemetry=False, resolver=resolver if dynamic else None)
@@ -230,7 +236,9 @@ def chain(
         b = stack.enter_context(
             LoopbackServer(hop_app("B", "http://c/c/", seen, engines["B"], b_client, style))
         )
-        engines["A"] = Engine(a_policy or with_bulkhead(_hops38.policy()), store=MemoryStore())
+        engines["A"] = Engine(
+            a_policy or with_bulkhead(_hops38.policy()), clock=clock, store=MemoryStore()
+        )
         a_client = httpx.AsyncClient(transport=FidelityTransport(telemetry=False), timeout=None)
         a = stack.enter_context(
             LoopbackServer(hop_app("A", b.url + "/x/", seen, engines["A"], a_client, style))

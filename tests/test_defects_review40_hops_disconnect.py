@@ -23,6 +23,7 @@ import httpx
 import _hops38
 import _hops40 as hops
 from fidelity_mw import Policy
+from fidelity_mw.testing import FakeClock
 
 DROPPED = 12
 CLIENT_TIMEOUT_S = 0.5  # the clients give up (drop the connection) after this
@@ -54,6 +55,8 @@ async def _drop_all(rig: hops.Chain, prefix: str, n: int) -> list[str]:
             assert r.status_code in (200, 502, 503, 504), (r.status_code, r.headers)
             if r.headers.get("x-fidelity-decided-by"):  # a refusal of ours: with the wait
                 assert r.headers.get("retry-after", "").isdigit(), (r.status_code, r.headers)
+            if r.status_code >= 500 and not r.headers.get("retry-after", "").isdigit():
+                return f"{r.status_code} without a wait"
             return str(r.status_code)
 
     return list(await asyncio.gather(*(one(i) for i in range(n))))
@@ -108,11 +111,10 @@ def test_clients_dropping_mid_chain_leave_no_count_and_no_slot_behind() -> None:
     # (a cancelled call is never retried), and each hop saw its client leave
     assert c_calls == DROPPED
     assert b_retries == []
-    # (the app answered its own 499 once its client left: uvicorn drops it quietly)
-    assert len(a_out) == DROPPED
-    assert set(a_out) <= {"served", "disconnected"}, a_out
-    assert len(b_out) == DROPPED
-    assert set(b_out) <= {"served", "disconnected"}, b_out
+    # (the app answered its own 499 once its client left: uvicorn drops it quietly; it
+    # read its client leaving first, so the request is `disconnected`, not `served`)
+    assert a_out == ["disconnected"] * DROPPED, a_out
+    assert b_out == ["disconnected"] * DROPPED, b_out
     # nothing held: bulkhead slots at every hop, B's outstanding calls per instance
     assert left == {}
     # no breaker anywhere counted a cancellation as its callee's failure
@@ -131,7 +133,10 @@ def _all_open(rig: hops.Chain) -> bool:
 
 
 def test_a_half_open_probe_whose_client_left_is_no_failure_and_frees_its_slot() -> None:
-    with hops.chain("cancel", b_policy=_patient_b) as rig:
+    # Every hop's breakers on one fake clock, moved past their open periods by hand (the
+    # clients' and httpx's timeouts stay real): no sleep waits out a window.
+    clock = FakeClock()
+    with hops.chain("cancel", b_policy=_patient_b, clock=clock) as rig:
         assert _healthy(rig, "warm", 6) == [200] * 6
         for i in range(3):
             rig.faults.set(i, "503")
@@ -144,7 +149,7 @@ def test_a_half_open_probe_whose_client_left_is_no_failure_and_frees_its_slot() 
         for i in range(3):
             rig.faults.set(i, "hang")
         # past every open period: the next calls are the half-open probes, and they hang
-        time.sleep(2 * _hops38.OPEN_S)
+        clock.advance(2 * _hops38.OPEN_S)
         got = asyncio.run(_drop_all(rig, "drop", DROPPED))
         left = _settle(rig)
         # the probes' callers left: nothing counted, no breaker opened again for it
@@ -156,20 +161,19 @@ def test_a_half_open_probe_whose_client_left_is_no_failure_and_frees_its_slot() 
         probing = {i: dict(s.probes) for i in range(3) if (s := rig.b_breaker(i)) and s.probes}
         a_failures = {k: v for k, v in rig.failures().items() if k.startswith("A ")}
         rig.faults.clear()
-        start = time.monotonic()
-        late = []
+        # the longest open period, a probe, slack: past any breaker the drops left open
+        clock.advance(RECOVERY_S)
         with httpx.Client(timeout=20.0) as client:
-            i = 0
-            while len(late) < 5:
-                sent = time.monotonic() - start
-                r = client.get(f"{rig.url}/x/ok", headers={"x-hop-id": f"after{i}"})
-                if sent >= RECOVERY_S:
-                    late.append(r.status_code)
-                i += 1
-                time.sleep(0.01)
+            late = [
+                client.get(f"{rig.url}/x/ok", headers={"x-hop-id": f"after{i}"}).status_code
+                for i in range(5)
+            ]
         c_probes = sum(rig.seen.c_calls_by_rid[f"drop{i}"] for i in range(DROPPED))
     print(f"\nprobes dropped: {got}; C calls {c_probes}; reopened {reopened}; left {left}")
     assert "500" not in got
+    # B gave up while its breakers for C were half open with their probes in flight: each
+    # 502 says how long (review 41: on memory state 1 or 2 of 9 went out without a wait)
+    assert not [g for g in got if g.endswith("without a wait")], got
     assert c_probes >= 1  # a probe (at least) went to C and hung there
     assert left == {}
     assert probing == {}  # no probe slot held by a call whose caller left
