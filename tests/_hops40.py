@@ -22,7 +22,10 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
   instance of C (a rolling restart: new ports);
 - `clock=`: every hop's engine on that clock (a `FakeClock`): a test moves the chain's
   breakers past their open periods with `clock.advance` instead of sleeping them out,
-  while the network's timeouts (httpx's, the clients') stay real.
+  while the network's timeouts (httpx's, the clients') stay real. The hops' own waits
+  (backoff, a hedge's delay, a `Retry-After`) advance it too, at once and for every hop:
+  not for scenarios that hedge or wait long (C's deadlines then expire under calls
+  still running).
 """
 
 from __future__ import annotations
