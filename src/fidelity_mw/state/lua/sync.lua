@@ -155,11 +155,11 @@ for j = 0, nl - 1 do
   i = i + 6
   local mark = #out
   local ok, failed = pcall(function()
-    local tat, refunded, credit, expires = tat_of(key, now)
+    local tat, refunded, credit, expires, wrote = tat_of(key, now)
     local changed = false
-    local repaired = unstep(tat, now, tol)
+    local repaired = unstep(tat, now, tol, wrote)
     if repaired ~= tat then -- (stored before TIME went back: see lib.lua)
-      tat, changed = repaired, true
+      tat, changed, wrote = repaired, true, recorded(repaired - now)
     end
     if give > 0 then
       -- a refund (fidelity_mw.decide.gcra.refund): counted in the key's refunded seconds
@@ -193,6 +193,7 @@ for j = 0, nl - 1 do
         granted = take
         tat = charged(base, take * interval)
         changed = true
+        wrote = recorded(tat - now)
       else
         retry = base + min_take * interval - tol - ahead - now
         if retry < 0 then
@@ -206,7 +207,7 @@ for j = 0, nl - 1 do
     end
     if changed then
       if tat + refunded > now or credit > 0 then -- retry credit stays as it was
-        store_tat(key, tat, now, refunded, credit, expires)
+        store_tat(key, tat, now, refunded, credit, expires, wrote)
       else
         redis.call('DEL', key)
       end
