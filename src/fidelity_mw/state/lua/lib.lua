@@ -239,7 +239,9 @@ end
 -- was; any outcome it records changes the window's calls or its bucket end, so an `er`
 -- that no longer matches them is a streak that process's success ended already: 0.
 -- pc: the probe whose success closed the breaker (BreakerState.closed_by)
-local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er', 'pc' }
+-- cr: when a tiered sync brought the streak `co` to consecutive_failures (0: none;
+-- decide.breaker.streak_stands); the versions before it neither read nor write it
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er', 'pc', 'cr' }
 
 local function br_calls(w)
   local calls = 0
@@ -282,6 +284,8 @@ local function br_load(hkey, pkey, cfg)
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
     pc = v[11] or '0', -- (a probe id: a string, as the callers send it)
+    cr = tonumber(v[12]) or 0,
+    defer = false, -- a tiered sync's streak opens through streak_stands, not at once
     w = {},
     dirty = false,
     full = false,
@@ -311,7 +315,7 @@ local function br_save(b)
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
       'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er',
-      br_erased_text(b), 'pc', b.pc)
+      br_erased_text(b), 'pc', b.pc, 'cr', fmt(b.cr))
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
@@ -394,6 +398,7 @@ local function br_transition(b, state, now, u)
   local previous = b.st
   b.st = state
   b.ep = b.ep + 1
+  b.cr = 0
   if state == 'closed' then
     redis.call('DEL', b.pkey)
   else
@@ -455,12 +460,23 @@ end
 
 local function br_should_open(b, now)
   local cfg = b.cfg
-  if cfg.consecutive > 0 and b.co >= cfg.consecutive then
+  if cfg.consecutive > 0 and b.co >= cfg.consecutive and not b.defer then
     return true
   end
   br_rotate(b, now)
   local calls, failures, slow = br_totals(b)
   return br_ratio_trips(cfg, calls, failures, slow)
+end
+
+-- Port of decide.breaker.streak_stands: returns since, opens
+local function streak_stands(consecutive, streak, since, now, wait)
+  if consecutive <= 0 or streak < consecutive then
+    return 0, false
+  end
+  if since <= 0 or since > now then
+    since = now
+  end
+  return since, now - since >= wait
 end
 
 -- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
