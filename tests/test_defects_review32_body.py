@@ -13,6 +13,7 @@ that sends the head and part of the body, then closes or resets the connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -36,9 +37,11 @@ from fidelity_mw.decide.breaker import (
     SUCCESS,
     BreakerState,
     open_time,
+    streak_stands,
 )
 from fidelity_mw.outbound import body as body_module
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig, UpstreamConfig
+from fidelity_mw.state import tiered as tiered_module
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
@@ -705,7 +708,8 @@ def test_memory_and_redis_turn_broken_bodies_alike_for_any_calls(
 async def _tiered(url: str, breaker: BreakerConfig, kinds: str) -> None:
     """Calls counted by a tiered instance between two syncs (a success and its broken
     body counted in order, "b"), sent with the sync: Redis ends as the model does with
-    the same outcomes recorded one by one at the sync's instant."""
+    the same outcomes recorded one by one at the sync's instant, a failure streak they
+    complete opening only once it stood two sync intervals (`streak_stands`, fle41)."""
     client = redis_sync.Redis.from_url(url)
     client.flushdb()
     clock = FakeClock(start=T0)
@@ -717,11 +721,12 @@ async def _tiered(url: str, breaker: BreakerConfig, kinds: str) -> None:
     )
     store._last_sync = math.inf
     memory = MemoryStore(rng=_rng)
+    model = dataclasses.replace(breaker, consecutive_failures=None)
     try:
         pending = []
         for kind in kinds:
             result = await store.admit(ROUTE, breaker, (), (), T0)
-            mine = await memory.admit(ROUTE, breaker, (), (), T0)
+            mine = await memory.admit(ROUTE, model, (), (), T0)
             assert result.gate is not None
             assert mine.gate is not None
             assert result.gate.verdict == mine.gate.verdict == "allow"
@@ -732,8 +737,15 @@ async def _tiered(url: str, breaker: BreakerConfig, kinds: str) -> None:
                 await store.record(ROUTE, breaker, result.gate, BROKEN, False, T0)
                 pending.append((mine.gate, BROKEN))
         for gate, outcome in pending:
-            await memory.record(ROUTE, breaker, gate, outcome, False, T0)
+            await memory.record(ROUTE, model, gate, outcome, False, T0)
         await store._sync_all(T0)
+        state = memory.breakers[ROUTE]
+        wait = tiered_module.STREAK_WAIT_SYNCS * 60.0
+        if state.state == CLOSED:
+            _since, opens = streak_stands(
+                breaker.consecutive_failures, state.consecutive, 0.0, T0, wait
+            )
+            assert not opens  # (it stands from now: opens one wait later)
         mine_b = _memory_breaker(memory, ROUTE)
         theirs = _redis_breaker(client, store.exact, ROUTE)
         assert mine_b[:2] == theirs[:2], (kinds, mine_b, theirs)

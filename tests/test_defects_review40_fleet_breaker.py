@@ -171,19 +171,16 @@ def test_the_scope_names_its_field_and_leaves_the_version_of_a_policy_alone() ->
     assert "scope" not in Policy().to_dict()["breaker"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known (fle40, left alone): a tiered sync sends a process's outcomes as its own "
-    "runs, so a fleet-wide streak (consecutive_failures) counts one process's failures "
-    "as in a row although other processes' successes came between them",
-)
 async def test_tiered_streak_of_one_process_among_successes_does_not_open(
     redis_url: str,
 ) -> None:
     """One process fails 1 call in 4 of the fleet's, interleaved with another's successes:
     never 5 failures in a row in the fleet's order, so the model (and exact mode, below)
     keeps the breaker closed. Tiered mode counts them on each process's copy and sends
-    them at its next sync (here: at close) as a run of its own, "f40" beside "s120"."""
+    them at its next sync (here: at close) as a run of its own, "f40" beside "s120": the
+    streak of 40 opened the fleet's breaker (a strict xfail until fle41). Now a streak a
+    sync completes opens only once it stood two sync intervals with no success synced
+    meanwhile (decide.breaker.streak_stands): B's successes end it."""
     cfg = BreakerConfig(min_calls=1000, consecutive_failures=5, open_s=60.0, open_min_s=60.0)
     # a long interval: no periodic sync in the loop; closing sends what each counted
     config = StateConfig(url="tiered+" + redis_url, sync_interval_ms=60_000, **{**PATIENT, **QUIET})

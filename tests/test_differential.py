@@ -36,6 +36,7 @@ each plant, in Python or in Lua, must make the differential check fail.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,11 +52,12 @@ from hypothesis.errors import FlakyFailure
 import fidelity_mw
 from fidelity_mw.decide import breaker as breaker_module
 from fidelity_mw.decide import budget as budget_module
-from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate
+from fidelity_mw.decide.breaker import FAILURE, IGNORED, SUCCESS, Gate, streak_stands
 from fidelity_mw.decide.budget import BudgetWindow
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state import local as local_module
 from fidelity_mw.state import redis as redis_module
+from fidelity_mw.state import tiered as tiered_module
 from fidelity_mw.state.base import InboundResult, LimitSpec
 from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
@@ -1299,8 +1301,10 @@ def test_tiered_breaker_outcomes_open_it_as_the_model_does(
     """A tiered instance counts a closed breaker's outcomes locally and sends them with
     its next sync: sync.lua replays them in order, so the breaker in Redis ends as the
     model's does when the same outcomes are recorded one by one at the sync's instant
-    (state, epoch, open-until, and the window while closed). Until it opens: from
-    there half-open probes are exact (RedisStore.admit, held to the model above)."""
+    (state, epoch, open-until, and the window while closed), a failure streak they
+    complete opening once it stood two sync intervals (`decide.breaker.streak_stands`,
+    fle41). Until it opens: from there half-open probes are exact (RedisStore.admit,
+    held to the model above)."""
     asyncio.run(_run_tiered_breaker(redis_url, BREAKERS[index], ops))
 
 
@@ -1333,6 +1337,10 @@ async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[An
     memory = MemoryStore(rng=lambda: 0.5)
     pending: list[tuple[Gate, str, bool]] = []  # the memory store's, recorded at the sync
     counted_at = -math.inf
+    # the model's streak opens through streak_stands at each sync, not at once
+    model = dataclasses.replace(breaker, consecutive_failures=None)
+    wait = tiered_module.STREAK_WAIT_SYNCS * config.sync_interval_ms / 1000.0
+    since, epoch = 0.0, 0
     try:
         for step in ops:
             now = clock.monotonic()
@@ -1344,7 +1352,7 @@ async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[An
                     result = await store.admit(ROUTE, breaker, (), (), now)
                     assert result.gate is not None
                     assert result.gate.verdict == "allow", result
-                    mine = await memory.admit(ROUTE, breaker, (), (), now)
+                    mine = await memory.admit(ROUTE, model, (), (), now)
                     assert mine.gate is not None
                     assert mine.gate.verdict == "allow"
                     outcome = FAILURE if failed else SUCCESS
@@ -1355,10 +1363,18 @@ async def _run_tiered_breaker(url: str, breaker: BreakerConfig, ops: Sequence[An
                 if pending and now - counted_at > breaker.window_s:
                     pending.clear()  # dropped by both: too old to count as new
                 for gate, outcome, slow in pending:
-                    await memory.record(ROUTE, breaker, gate, outcome, slow, now)
+                    await memory.record(ROUTE, model, gate, outcome, slow, now)
                 pending.clear()
                 await store._sync_all(now)
                 state = memory.breakers.get(ROUTE, None)
+                if state is not None and state.state == "closed":
+                    if state.epoch != epoch:
+                        since, epoch = 0.0, state.epoch
+                    since, opens = streak_stands(
+                        breaker.consecutive_failures, state.consecutive, since, now, wait
+                    )
+                    if opens:
+                        state.force("open", now, lambda: 0.5)
                 hkey, _ = store.exact.breaker_keys(ROUTE)
                 st_, ep, ou, w, be = client.hmget(hkey, "st", "ep", "ou", "w", "be")
                 theirs = ((st_ or b"closed").decode(), int(ep or 0))

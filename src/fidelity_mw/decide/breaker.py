@@ -73,6 +73,35 @@ def known_open_s(state: str, retry_after_s: float, cfg: BreakerParams) -> float:
     return wait
 
 
+def streak_stands(
+    consecutive_failures: int | None, streak: int, since: float, now: float, wait_s: float
+) -> tuple[float, bool]:
+    """Tiered state: does a fleet-wide failure streak that syncs brought to
+    `consecutive_failures` open the breaker now? (since, opens); `since` is when the
+    streak reached it, to keep (0.0: it has not).
+
+    A sync sends a process's outcomes in its own order, as runs; other processes'
+    calls in the same interval come in their own syncs, before or after it, and no
+    process knows the order across them. One process failing every call among another's
+    successes (never 5 failures in a row in the fleet's order) read as a streak of 40 and
+    opened a `consecutive_failures = 5` breaker for the fleet. So a streak that a sync
+    brings to the threshold opens only once it has stood for `wait_s` (two sync
+    intervals: every process with traffic syncs within one): a success any process
+    syncs meanwhile ends it, as every success does (sync.lua: the streak is the hash's
+    `co`). An upstream down for everyone sends no success: the breaker opens one wait
+    later than the exact store would. `wait_s` 0: at once, as the exact store decides.
+    A `since` after `now` was stored before the clock went back: the wait runs from now.
+    lib.lua's `streak_stands` mirrors it.
+    """
+    if consecutive_failures is None or consecutive_failures <= 0:
+        return 0.0, False
+    if streak < consecutive_failures:
+        return 0.0, False
+    if since <= 0.0 or since > now:
+        since = now
+    return since, now - since >= wait_s
+
+
 class Gate:
     """The breaker's answer before a call. A slotted record, not a tuple (as
     `decide.gcra.LimitVerdict`): fields by name; `_replace`, `_fields`, equality and

@@ -45,6 +45,19 @@ _HALF_ULP: Final = 2.0**-53  # relative
 # the key refuses for at most one burst's refill time (plus this margin), not for as
 # long as the clock was wrong (lib.lua's `unstep` mirrors it).
 CLOCK_STEP_S: Final = 120.0
+# "The reader's burst" above is not the writer's during a rolling restart that changes a
+# limit: an old process's burst of 100 at one unit per 36 s leaves the TAT an hour ahead,
+# and a new process with a burst of 10 read that as a clock step, stored its own empty
+# bucket and forgave the old one's debt (90 units back at every refusal). So a write that
+# leaves the TAT more than CLOCK_STEP_S ahead records how far (`written_s`, kept beside
+# the TAT), and the guard allows the larger of that and the reader's tolerance. A TAT at
+# most CLOCK_STEP_S ahead is within every reader's margin: it records nothing, so keys
+# of per-second limits stay one number.
+
+
+def recorded(ahead_s: float) -> float:
+    """What a key records beside a TAT written `ahead_s` ahead of now (0.0: nothing)."""
+    return ahead_s if ahead_s > CLOCK_STEP_S else 0.0
 
 
 def slack_s(now: float, interval_s: float, tolerance_s: float) -> float:
@@ -199,15 +212,21 @@ _INTERPRETED: Final = type(_probe) is FunctionType
 
 
 def gcra(
-    tat: float, now: float, interval_s: float, tolerance_s: float, cost: int = 1
+    tat: float,
+    now: float,
+    interval_s: float,
+    tolerance_s: float,
+    cost: int = 1,
+    written_s: float = 0.0,
 ) -> LimitVerdict:
     """Decide one request of `cost` units.
 
     `interval_s` is the emission interval (period / count) and `tolerance_s`
-    is burst * interval_s. A fresh key has tat <= now.
+    is burst * interval_s. A fresh key has tat <= now. `written_s`: how far ahead
+    the write of the TAT left it, as the key records it (`recorded`; 0.0: none).
     """
     if tat > now:
-        if tat - now > tolerance_s + CLOCK_STEP_S:
+        if tat - now > (written_s if written_s > tolerance_s else tolerance_s) + CLOCK_STEP_S:
             tat = now + tolerance_s  # stored before the clock went back: an empty bucket
         base = tat
     else:
@@ -382,6 +401,7 @@ def peek(
     credit_s: float = 0.0,
     credit_expires_at: float = 0.0,
     refunded_s: float = 0.0,
+    written_s: float = 0.0,
 ) -> LimitVerdict:
     """Would a request of `cost` units be admitted now? The verdict an admission would
     get (`gcra`, then the key's retry credit, `spend_credit`), of which nothing is
@@ -391,12 +411,12 @@ def peek(
     `remaining` and `reset_s` describe the bucket as it is, not as the request would
     leave it (what an admission that another limit refused reports too), and `tat` is
     the stored TAT, unchanged. `retry_after_s` is 0 when it would be admitted, else
-    when it would be.
+    when it would be. `written_s`: as in `gcra`.
     """
-    verdict = gcra(tat, now, interval_s, tolerance_s, cost)
+    verdict = gcra(tat, now, interval_s, tolerance_s, cost, written_s)
     if verdict.allowed:
         # the bucket as it is: an admission of nothing
-        as_is = gcra(tat, now, interval_s, tolerance_s, 0)
+        as_is = gcra(tat, now, interval_s, tolerance_s, 0, written_s)
         return LimitVerdict(True, tat, as_is.remaining, as_is.reset_s, 0.0)
     if (
         credit_s > 0.0

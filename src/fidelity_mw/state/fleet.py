@@ -254,4 +254,6 @@ class Fleet:
                 if units > 0.0:
                     tats[shared] = now + units * spec.interval_s
                     intervals[shared] = spec.interval_s
+                    # a debt this far ahead is no clock step (`decide.gcra.recorded`)
+                    table.wrote(shared, units * spec.interval_s)
                 break

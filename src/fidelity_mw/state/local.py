@@ -40,6 +40,7 @@ from ..decide.budget import BudgetWindow
 from ..decide.fields import replaced, shown
 from ..decide.fleet import FleetShare
 from ..decide.gcra import (
+    CLOCK_STEP_S,
     LimitSpec,
     LimitVerdict,
     credit_verdict,
@@ -47,6 +48,7 @@ from ..decide.gcra import (
     gcra,
     marker,
     peek,
+    recorded,
     refund_seconds,
     slack_s,
     spend_credit,
@@ -205,6 +207,7 @@ class GcraTable:
         "next_sweep",
         "refunded",
         "tats",
+        "written",
     )
 
     def __init__(self, max_keys: int) -> None:
@@ -222,6 +225,34 @@ class GcraTable:
         # only for keys that have some: only refused admissions look it up. Independent
         # of the TAT's entry (a full bucket may hold credit), swept once expired.
         self.credits: dict[str, tuple[float, float]] = {}
+        # key -> how far ahead the last write left its TAT, only where that was more
+        # than `decide.gcra.CLOCK_STEP_S` (lib.lua's `wrote`): the clock-step guard
+        # allows a TAT that far ahead, a debt another policy's burst ran up.
+        self.written: dict[str, float] = {}
+
+    def wrote(self, key: str, ahead_s: float) -> None:
+        """A write left the key's TAT `ahead_s` ahead of now: record it (or forget an
+        earlier record, as lib.lua's `store_tat` rewrites the key)."""
+        ahead_s = recorded(ahead_s)
+        if ahead_s > 0.0:
+            self.written[key] = ahead_s
+        else:
+            self.written.pop(key, None)
+
+    def unstepped(
+        self, key: str, tat: float, now: float, spec: LimitSpec, refused: LimitVerdict
+    ) -> LimitVerdict:
+        """A refusal that read the key's TAT as stored before the clock went back, decided
+        again with the tolerance the key records (a larger burst's debt is no clock step),
+        and its TAT stored as decided. Only on that rare path: admissions never look the
+        record up."""
+        written = self.written.get(key)
+        if written is not None:
+            refused = gcra(tat, now, spec.interval_s, spec.tolerance_s, spec.cost, written)
+        if refused.tat != tat:  # still read as a clock step: the reader's empty bucket
+            self.tats[key] = refused.tat
+            self.wrote(key, refused.tat - now)
+        return refused
 
     def forgiven(self, key: str, now: float) -> float:
         """Units a client would get back if `key` were dropped now: its debt to the bucket."""
@@ -269,6 +300,8 @@ class GcraTable:
         self.sweep_credits(now)
         if len(intervals) > len(tats):
             self.intervals = {k: intervals[k] for k in tats if k in intervals}
+        if self.written:
+            self.written = {k: t for k, t in self.written.items() if k in tats}
         # Sweep again only after the table has grown by a quarter of its bound:
         # the O(n) scan is paid once per n/4 inserts, O(1) amortized.
         self.next_sweep = min(self.max_keys, len(tats) + max(1, self.max_keys // 4))
@@ -446,6 +479,7 @@ class LocalState:
                         credit,
                         expires,
                         table.refunded.get(key, 0.0),
+                        table.written.get(key, 0.0),
                     )
                 )
         admitted = all(v.allowed or s.shadow for v, s in zip(verdicts, limits, strict=True))
@@ -504,6 +538,8 @@ class LocalState:
                     if tat is None:
                         table.intervals[key] = spec.interval_s
                     tats[key] = verdict.tat
+                    if table.written or verdict.reset_s > CLOCK_STEP_S:
+                        table.wrote(key, verdict.reset_s)
                     if table.refunded:
                         verdict = _marked(table.refunded, key, verdict)
                     if _INTERPRETED:  # new_result, inline: the common answer, one frame less
@@ -518,7 +554,8 @@ class LocalState:
                         return result
                     return InboundResult(gate, (verdict,), True, "memory", 0.0)
                 if tat is not None and verdict.tat != tat:
-                    tats[key] = verdict.tat  # repaired: stored before the clock went back
+                    # read as stored before the clock went back (`decide.gcra.gcra`)
+                    verdict = table.unstepped(key, tat, now, spec, verdict)
                 if table.credits:
                     credited = _from_credit(table, key, spec, verdict, now)
                     if credited is not None:
@@ -531,10 +568,15 @@ class LocalState:
                     gcra(tats.get(key, now), now, spec.interval_s, spec.tolerance_s, spec.cost)
                     for key, spec in zip(limit_keys, limits, strict=True)
                 )
-                for key, v in zip(limit_keys, verdicts, strict=True):
+                stepped: list[LimitVerdict] | None = None
+                for j, (key, v) in enumerate(zip(limit_keys, verdicts, strict=True)):
                     if not v.allowed and tats.get(key, v.tat) != v.tat:
-                        # repaired: stored before the clock went back (`decide.gcra.gcra`)
-                        tats[key] = v.tat
+                        # read as stored before the clock went back (`decide.gcra.gcra`)
+                        if stepped is None:
+                            stepped = list(verdicts)
+                        stepped[j] = table.unstepped(key, tats[key], now, limits[j], v)
+                if stepped is not None:
+                    verdicts = tuple(stepped)
                 spends: dict[int, tuple[LimitVerdict, float, float]] | None = None
                 if table.credits:  # (no dict per request while no key has credit)
                     spends = {}
@@ -570,6 +612,8 @@ class LocalState:
                             if key not in tats:
                                 intervals[key] = spec.interval_s
                             tats[key] = verdict.tat
+                            if table.written or verdict.reset_s > CLOCK_STEP_S:
+                                table.wrote(key, verdict.reset_s)
                     if spends is not None:
                         for j, (_, left, expires) in spends.items():
                             _keep_credit(table.credits, limit_keys[j], left, expires)
@@ -618,6 +662,7 @@ class LocalState:
                     else:  # every marker issued is past: the same as no key
                         del tats[key]
                         refunded.pop(key, None)
+                        table.written.pop(key, None)
                 if spec.credit_s > 0.0:
                     table.earn(key, spec, now)
 

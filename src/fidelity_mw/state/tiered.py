@@ -69,6 +69,10 @@ SOURCE_CACHE: Final = "cache"
 
 logger = logging.getLogger("fidelity_mw.tiered")
 
+# How long a failure streak a sync completes must stand before it opens a breaker, in
+# sync intervals (decide.breaker.streak_stands).
+STREAK_WAIT_SYNCS: Final = 2.0
+
 # How many keys one sync call carries at most (the rest wait for the next).
 MAX_SYNC_KEYS: Final = 256
 # A cached breaker nobody used for this many sync intervals is dropped.
@@ -1032,6 +1036,10 @@ class TieredStore(StateStore):
             if want > 0 and sl is not None and sl.pending is None:
                 sl.pending = loop.create_future()
                 futures.append(sl.pending)
+        # A streak these runs complete opens once it stood two sync intervals with no
+        # success synced meanwhile: every process with traffic syncs within one, and
+        # none knows how its runs interleave with the others' (decide.breaker.streak_stands)
+        args.append(STREAK_WAIT_SYNCS * self.sync_s)
         try:
             got = await exact.call(SYNC, keys, args)
         finally:

@@ -59,19 +59,33 @@ end
 -- behind, an NTP step): it reads as an empty bucket, so the key refuses for at most one
 -- burst's refill time rather than for as long as the clock was wrong
 local CLOCK_STEP_S = 120.0
+-- fidelity_mw.decide.gcra.recorded: a write that leaves the TAT more than CLOCK_STEP_S
+-- ahead records how far (a policy with a larger burst, mid-rollout, left a debt that is
+-- no clock step); at most that, no reader can mistake it
+local function recorded(ahead)
+  if ahead > CLOCK_STEP_S then
+    return ahead
+  end
+  return 0
+end
 
-local function unstep(tat, now, tol)
-  if tat - now > tol + CLOCK_STEP_S then
+-- `wrote`: how far ahead the key's TAT was written, as the key records it (0: none)
+local function unstep(tat, now, tol, wrote)
+  local most = tol
+  if wrote and wrote > tol then
+    most = wrote
+  end
+  if tat - now > most + CLOCK_STEP_S then
     return now + tol
   end
   return tat
 end
 
 -- returns allowed, tat_to_store, remaining, reset_s, retry_after_s
-local function gcra(tat, now, interval, tol, cost)
+local function gcra(tat, now, interval, tol, cost, wrote)
   local base = now
   if tat > now then
-    tat = unstep(tat, now, tol)
+    tat = unstep(tat, now, tol, wrote)
     base = tat
   end
   local new_tat = charged(base, cost * interval)
@@ -94,14 +108,18 @@ end
 -- A TAT key holds "tat", or "tat refunded" once the key had a refund (the
 -- seconds refunded so far, see fidelity_mw.decide.gcra.refund and marker), or
 -- "tat refunded credit expires" while it holds retry credit (seconds, and when
--- they expire: fidelity_mw.decide.gcra.earn_credit).
--- Returns tat, refunded, credit, expires (credit 0 once expired).
+-- they expire: fidelity_mw.decide.gcra.earn_credit), or "tat refunded credit
+-- expires wrote" when the write of the TAT left it more than CLOCK_STEP_S ahead,
+-- `wrote` that far (`recorded`). A key of the version before `wrote` reads as
+-- recording none: the reader's own tolerance, as that version read every key; that
+-- version reads the first four fields of ours and leaves `wrote` out when it writes.
+-- Returns tat, refunded, credit, expires (credit 0 once expired), wrote.
 local function tat_of(key, now)
   local v = redis.call('GET', key)
   if v then
     local tat = tonumber(v)
     if tat then -- never refunded: the common case, one conversion
-      return tat, 0, 0, 0
+      return tat, 0, 0, 0, 0
     end
     local f = {}
     for x in string.gmatch(v, '[^ ]+') do
@@ -111,16 +129,26 @@ local function tat_of(key, now)
     if expires <= now then
       credit, expires = 0, 0
     end
-    return f[1] or now, f[2] or 0, credit, expires
+    return f[1] or now, f[2] or 0, credit, expires, f[5] or 0
   end
-  return now, 0, 0, 0
+  return now, 0, 0, 0, 0
 end
 
 -- A refunded key lives until its virtual TAT (tat + refunded) is past: until
 -- then a refund of any request it admitted needs the refunded seconds. Credit
 -- keeps it until the credit expires too.
-local function store_tat(key, tat, now, refunded, credit, expires)
-  if credit and credit > 0 then
+local function store_tat(key, tat, now, refunded, credit, expires, wrote)
+  if wrote and wrote > 0 then
+    local keep = tat + refunded
+    if credit > 0 and expires > keep then
+      keep = expires
+    end
+    if credit <= 0 then
+      credit, expires = 0, 0
+    end
+    redis.call('SET', key, fmt(tat) .. ' ' .. fmt(refunded) .. ' ' .. fmt(credit) .. ' ' ..
+      fmt(expires) .. ' ' .. fmt(wrote), 'PX', ttl_ms(keep - now))
+  elseif credit and credit > 0 then
     local keep = tat + refunded
     if expires > keep then
       keep = expires
@@ -211,7 +239,9 @@ end
 -- was; any outcome it records changes the window's calls or its bucket end, so an `er`
 -- that no longer matches them is a streak that process's success ended already: 0.
 -- pc: the probe whose success closed the breaker (BreakerState.closed_by)
-local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er', 'pc' }
+-- cr: when a tiered sync brought the streak `co` to consecutive_failures (0: none;
+-- decide.breaker.streak_stands); the versions before it neither read nor write it
+local FIELDS = { 'st', 'ep', 'ou', 'oa', 'co', 'be', 'np', 'w', 'ro', 'er', 'pc', 'cr' }
 
 local function br_calls(w)
   local calls = 0
@@ -254,6 +284,8 @@ local function br_load(hkey, pkey, cfg)
     np = tonumber(v[7]) or 1,
     ro = tonumber(v[9]) or 0,
     pc = v[11] or '0', -- (a probe id: a string, as the callers send it)
+    cr = tonumber(v[12]) or 0,
+    defer = false, -- a tiered sync's streak opens through streak_stands, not at once
     w = {},
     dirty = false,
     full = false,
@@ -283,7 +315,7 @@ local function br_save(b)
     redis.call('HSET', b.hkey,
       'st', b.st, 'ep', b.ep, 'ou', fmt(b.ou), 'oa', fmt(b.oa), 'co', b.co,
       'be', fmt(b.be), 'np', b.np, 'w', table.concat(b.w, ','), 'ro', b.ro, 'er',
-      br_erased_text(b), 'pc', b.pc)
+      br_erased_text(b), 'pc', b.pc, 'cr', fmt(b.cr))
     if redis.call('EXISTS', b.pkey) == 1 then
       redis.call('PEXPIRE', b.pkey, b.cfg.keep_ms)
     end
@@ -366,6 +398,7 @@ local function br_transition(b, state, now, u)
   local previous = b.st
   b.st = state
   b.ep = b.ep + 1
+  b.cr = 0
   if state == 'closed' then
     redis.call('DEL', b.pkey)
   else
@@ -427,12 +460,23 @@ end
 
 local function br_should_open(b, now)
   local cfg = b.cfg
-  if cfg.consecutive > 0 and b.co >= cfg.consecutive then
+  if cfg.consecutive > 0 and b.co >= cfg.consecutive and not b.defer then
     return true
   end
   br_rotate(b, now)
   local calls, failures, slow = br_totals(b)
   return br_ratio_trips(cfg, calls, failures, slow)
+end
+
+-- Port of decide.breaker.streak_stands: returns since, opens
+local function streak_stands(consecutive, streak, since, now, wait)
+  if consecutive <= 0 or streak < consecutive then
+    return 0, false
+  end
+  if since <= 0 or since > now then
+    since = now
+  end
+  return since, now - since >= wait
 end
 
 -- returns verdict ('allow' | 'probe' | 'reject'), state, epoch, retry_after_s, probe_id
@@ -666,17 +710,17 @@ local function admit_at(ARGV, a, keys, now)
     local cost = tonumber(ARGV[i + 2])
     local shadow = ARGV[i + 3] == '1'
     i = i + 4
-    local stored, refunded, credit, expires
+    local stored, refunded, credit, expires, wrote
     if held then
-      stored, refunded, credit, expires = unpack(held[j + 1])
+      stored, refunded, credit, expires, wrote = unpack(held[j + 1])
     else
-      stored, refunded, credit, expires = tat_of(key, now)
+      stored, refunded, credit, expires, wrote = tat_of(key, now)
     end
-    local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
+    local allowed, tat, remaining, reset, retry = gcra(stored, now, interval, tol, cost, wrote)
     if not allowed and tat ~= stored then
       -- repaired (stored before TIME went back: see unstep), whatever the others decide
-      stored = tat
-      store_tat(key, tat, now, refunded, credit, expires)
+      stored, wrote = tat, recorded(tat - now)
+      store_tat(key, tat, now, refunded, credit, expires, wrote)
     end
     local code = 1
     if not allowed and credit > 0 then
@@ -686,10 +730,11 @@ local function admit_at(ARGV, a, keys, now)
       end
     end
     if allowed and code == 1 then
-      uncharged[#uncharged + 1] = { #out + 2, stored, interval, tol }
+      uncharged[#uncharged + 1] = { #out + 2, stored, interval, tol, wrote }
+      wrote = recorded(tat - now) -- (this admission writes the TAT; credit leaves it)
     end
     if allowed then
-      commits[#commits + 1] = { key, tat, refunded, credit, expires }
+      commits[#commits + 1] = { key, tat, refunded, credit, expires, wrote }
       if refunded > 0 then
         marks = marks or {}
         marks[j + 1] = refunded
@@ -704,7 +749,7 @@ local function admit_at(ARGV, a, keys, now)
   end
   if admitted then
     for _, c in ipairs(commits) do
-      store_tat(c[1], c[2], now, c[3], c[4], c[5])
+      store_tat(c[1], c[2], now, c[3], c[4], c[5], c[6])
     end
     if marks ~= nil then
       -- keys that had refunds: each limit's refunded seconds after the limits,
@@ -717,7 +762,7 @@ local function admit_at(ARGV, a, keys, now)
     out[7] = 0
     -- nothing is charged: a limit that would have admitted reports its bucket as it is
     for _, lim in ipairs(uncharged) do
-      local _, _, remaining, reset = gcra(lim[2], now, lim[3], lim[4], 0)
+      local _, _, remaining, reset = gcra(lim[2], now, lim[3], lim[4], 0, lim[5])
       out[lim[1]] = remaining
       out[lim[1] + 1] = fmt(reset)
     end

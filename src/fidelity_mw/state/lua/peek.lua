@@ -15,12 +15,12 @@ for _, key in ipairs(KEYS) do
   local tol = tonumber(ARGV[i + 1])
   local cost = tonumber(ARGV[i + 2])
   i = i + 3
-  local stored, _, credit, expires = tat_of(key, now)
-  local allowed, _, remaining, reset, retry = gcra(stored, now, interval, tol, cost)
+  local stored, _, credit, expires, wrote = tat_of(key, now)
+  local allowed, _, remaining, reset, retry = gcra(stored, now, interval, tol, cost, wrote)
   local code = 0
   if allowed then
     code = 1
-    local _, _, r0, reset0 = gcra(stored, now, interval, tol, 0)
+    local _, _, r0, reset0 = gcra(stored, now, interval, tol, 0, wrote)
     remaining, reset = r0, reset0
   elseif credit > 0 and spend_credit(credit, expires, now, interval, cost) then
     code, retry = 2, 0

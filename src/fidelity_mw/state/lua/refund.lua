@@ -23,7 +23,7 @@ for _, key in ipairs(KEYS) do
   local tol = tonumber(ARGV[i + 3])
   local window = tonumber(ARGV[i + 4])
   i = i + 5
-  local tat, refunded, credit, expires = tat_of(key, now)
+  local tat, refunded, credit, expires, wrote = tat_of(key, now)
   local give = refund_seconds(admitted, now, interval, cost, refunded)
   local changed = false
   if give > 0 then
@@ -40,7 +40,7 @@ for _, key in ipairs(KEYS) do
   end
   if changed then
     if tat + refunded - now > slack_of(now, interval, tol) or credit > 0 then
-      store_tat(key, tat, now, refunded, credit, expires)
+      store_tat(key, tat, now, refunded, credit, expires, wrote)
     else
       redis.call('DEL', key)
     end

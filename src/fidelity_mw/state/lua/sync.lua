@@ -16,7 +16,10 @@
 --                    order, as runs of one kind ('f' failure, 's' success, upper case
 --                    when slow, 'b' a success whose body then broke, then the count:
 --                    "s40f2S1s7b1"; '' for none)
---       per limit: interval_s, tolerance_s, give_back, want, min_take, ahead_s
+--       per limit: interval_s, tolerance_s, give_back, want, min_take, ahead_s,
+--       then (optional) streak_wait_s: a failure streak these runs bring to
+--       consecutive_failures opens the breaker only once it has stood that long with no
+--       success synced meanwhile (decide.breaker.streak_stands; 0 or none: at once)
 -- Returns: now, then per breaker: state, epoch, wait_s (time until a probe
 --          may be admitted; 0 when closed or when a probe slot is free),
 --          then per limit: granted, remaining (units left that conform now),
@@ -32,6 +35,7 @@ local now = server_now()
 local u = tonumber(ARGV[1])
 local nb = tonumber(ARGV[2])
 local nl = tonumber(ARGV[3])
+local streak_wait = tonumber(ARGV[4 + 12 * nb + 6 * nl]) or 0
 local i = 4
 local out = { fmt(now) }
 -- a failed breaker's or limit's reply: '!' and the error's text
@@ -47,6 +51,7 @@ for j = 0, nb - 1 do
   local mark = #out
   local ok, failed = pcall(function()
     local b = br_load(KEYS[2 * j + 1], KEYS[2 * j + 2], cfg)
+    b.defer = streak_wait > 0
     if runs ~= '' and epoch == b.ep and b.st == 'closed' then
       -- Replayed as fidelity_mw.decide.breaker.BreakerState.record counts them, one by
       -- one, checked after every outcome (a success too), until one opens the breaker
@@ -91,7 +96,7 @@ for j = 0, nb - 1 do
             end
             b.co = 0
           end
-          trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive
+          trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive and not b.defer
           local first = cfg.min_calls - calls
           if first < 1 then
             first = 1
@@ -108,6 +113,18 @@ for j = 0, nb - 1 do
           br_transition(b, 'open', now, u)
           break
         end
+      end
+    end
+    if b.defer and b.st == 'closed' then
+      -- (every sync of the breaker looks, with runs or none: a streak that stood its
+      -- wait opens at the next sync of any process)
+      local since, opens = streak_stands(cfg.consecutive, b.co, b.cr, now, streak_wait)
+      if opens then
+        br_transition(b, 'open', now, u)
+      elseif since ~= b.cr then
+        b.cr = since
+        b.dirty = true
+        redis.call('HSET', b.hkey, 'cr', fmt(since))
       end
     end
     local wait = 0
@@ -155,11 +172,11 @@ for j = 0, nl - 1 do
   i = i + 6
   local mark = #out
   local ok, failed = pcall(function()
-    local tat, refunded, credit, expires = tat_of(key, now)
+    local tat, refunded, credit, expires, wrote = tat_of(key, now)
     local changed = false
-    local repaired = unstep(tat, now, tol)
+    local repaired = unstep(tat, now, tol, wrote)
     if repaired ~= tat then -- (stored before TIME went back: see lib.lua)
-      tat, changed = repaired, true
+      tat, changed, wrote = repaired, true, recorded(repaired - now)
     end
     if give > 0 then
       -- a refund (fidelity_mw.decide.gcra.refund): counted in the key's refunded seconds
@@ -193,6 +210,7 @@ for j = 0, nl - 1 do
         granted = take
         tat = charged(base, take * interval)
         changed = true
+        wrote = recorded(tat - now)
       else
         retry = base + min_take * interval - tol - ahead - now
         if retry < 0 then
@@ -206,7 +224,7 @@ for j = 0, nl - 1 do
     end
     if changed then
       if tat + refunded > now or credit > 0 then -- retry credit stays as it was
-        store_tat(key, tat, now, refunded, credit, expires)
+        store_tat(key, tat, now, refunded, credit, expires, wrote)
       else
         redis.call('DEL', key)
       end
