@@ -313,7 +313,11 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
                         "outstanding": inst.outstanding,
                         "latency_ms": _round(inst.latency_s * 1000.0) if inst.latency_s else None,
                         "latency_age_s": _round(now - inst.latency_at) if inst.latency_at else None,
-                        "failure_weight": _round(failure_weight(inst.failed_at, now)),
+                        "failure_weight": _round(
+                            failure_weight(inst.failed_at, now, up.failure_fade_s)
+                        ),
+                        # (the penalty at weight 1: `[[upstream]]` failure_penalty)
+                        "failure_penalty": up.failure_penalty,
                         "breaker_open": open_for > 0.0,
                         "open_for_s": _round(open_for) if open_for > 0.0 else None,
                         "ejected": index in out,

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..decide.balance import EWMA_TAU_S, FAILURE_FADE_S, FAILURE_PENALTY
+from ..decide.balance import EWMA_TAU_S
 from ..policy import (
     BreakerConfig,
     ConcurrencyConfig,
@@ -649,8 +649,9 @@ def _balancer_layer(up: UpstreamConfig, subject: str, cfg: str, home: _Home) -> 
         "never an ejected one, a retry to one not tried yet; panic spreads over all",
         f"{len(up.instances)} instance{'' if len(up.instances) == 1 else 's'}; per instance: "
         "requests in flight, latency EWMA "
-        f"(tau {EWMA_TAU_S:g} s), its last failure (taken for {FAILURE_PENALTY:g}x "
-        f"the slowest, fading over {FAILURE_FADE_S:g} s), "
+        f"(tau {EWMA_TAU_S:g} s), its last failure (taken for {up.failure_penalty:g}x "
+        f"the slowest, fading over {up.failure_fade_s:g} s: failure_penalty, "
+        "failure_fade_s), "
         "whether its breaker is open; panic below "
         f"{up.panic_threshold:.0%} admissible, at most {up.max_ejected_ratio:.0%} ejected "
         "(at least one may be)",
