@@ -394,13 +394,20 @@ def _exhausting_mark(exc: BaseException) -> bool:
 def _not_resendable(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
     """Did the outbound layer decline to send the request `exc` was raised for again
     because it may not (`not_idempotent`, `body_not_replayable`), on its first attempt?"""
-    host = _status_host(exc)
+    # The upstream as the transport's decisions name it (`Upstream.key`: the host, with
+    # its port when the URL has one). Split at a colon instead, every IPv6 address read
+    # as "" (`fd00::5:8080`): its POST's 5xx went out as the app's bare 500.
+    try:
+        url = exc.request.url
+        key: str | None = url.host if url.port is None else f"{url.host}:{url.port}"
+    except RuntimeError:  # raised without its request
+        key = None
     for decision in reversed(ctx.decisions):
         if (
             decision.layer == LAYER_RETRY
             and decision.verdict == GIVE_UP
             and decision.reason in (GIVE_UP_NOT_IDEMPOTENT, GIVE_UP_BODY)
-            and (host is None or decision.subject.split(":", 1)[0] == host)
+            and (not key or decision.subject == key)
         ):
             return True
     return False
