@@ -8,13 +8,17 @@ own route breakers were found through its cached plans, but every other process'
 (`route:orders@<their id>`) missed the `[[route]]` entry and was read with the policy's
 `[breaker]`: another window and open time for the same breaker. A route whose name or
 path holds an "@" (`/@{user}`, a handle) is found with or without a process's id.
+
+`fidelity-mw map` named such a breaker's key without the `@<process id>`: a key no
+process keeps.
 """
 
 from __future__ import annotations
 
 from fidelity_mw.admin.view import snapshot_configs
 from fidelity_mw.engine import Engine
-from fidelity_mw.policy import BreakerConfig, Policy, RouteConfig
+from fidelity_mw.policy import BreakerConfig, Policy, RouteConfig, StateConfig, UpstreamConfig
+from fidelity_mw.tools.statemap import from_policy
 
 OTHER = "7ac44f5f88f0fd2b"  # another process's fleet member id (16 hex digits)
 
@@ -34,3 +38,35 @@ def test_a_route_with_an_at_sign_is_found_with_and_without_an_id() -> None:
     configs = snapshot_configs(Engine(policy))
     assert configs.breaker("route:team@handles") is own
     assert configs.breaker(f"route:team@handles@{OTHER}") is own
+
+
+# ---------------------------------------------------------------- fidelity-mw map
+
+
+def _breaker_keys(policy: Policy) -> list[str]:
+    smap = from_policy(policy, "policy.toml")
+    return [layer.key for layer in smap.layers if layer.layer == "breaker"]
+
+
+def test_the_map_names_a_process_breakers_key_with_its_id() -> None:
+    """The map named `route:{route}` for a process's own breaker on Redis: a key no
+    process keeps (each keeps `route:{route}@<its id>`)."""
+    own = BreakerConfig(scope="process")
+    redis = StateConfig(url="redis://localhost:6379/0")
+    policy = Policy(
+        state=redis,
+        breaker=own,
+        upstreams=(UpstreamConfig(host="payments", breaker=own),),
+    )
+    keys = _breaker_keys(policy)
+    assert "{fmw}:br:H(route:{route}@{process id})" in keys[0]
+    assert "{fmw}:br:H(upstream:{host[:port]}@{process id})" in keys[1]
+    # the default upstream's breaker is the fleet's: its key as before
+    assert keys[2] == "{fmw}:br:H(upstream:{host[:port]}) + {fmw}:bp:H(upstream:{host[:port]})"
+
+
+def test_the_map_keeps_the_plain_keys_in_memory_and_for_the_fleet() -> None:
+    own = BreakerConfig(scope="process")
+    assert not any("@" in key for key in _breaker_keys(Policy(breaker=own)))
+    redis = StateConfig(url="redis://localhost:6379/0")
+    assert not any("@" in key for key in _breaker_keys(Policy(state=redis)))

@@ -201,6 +201,16 @@ def _key(home: _Home, logical: str, *kinds: str) -> str:
     return " + ".join(f"{{{home.prefix}}}:{kind}:H({logical})" for kind in kinds)
 
 
+def _breaker_key(home: _Home, logical: str, breaker: BreakerConfig | None) -> str:
+    """A breaker's keys (`_key`): on a shared store, one of `scope = "process"` is each
+    process's own, its logical key + "@" + the process's fleet member id
+    (`state.base.breaker_home`). Shown without it, the key the map named was no key a
+    process kept."""
+    if home.prefix is not None and breaker is not None and breaker.scope == "process":
+        logical += "@{process id}"
+    return _key(home, logical, "br", "bp")
+
+
 # ---------------------------------------------------------------- policy -> layers
 
 
@@ -477,7 +487,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(b),
                 home.state,
-                _key(home, f"route:{name}", "br", "bp"),
+                _breaker_key(home, f"route:{name}", b),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -494,7 +504,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(policy.breaker),
                 home.state,
-                _key(home, "route:{route}", "br", "bp"),
+                _breaker_key(home, "route:{route}", policy.breaker),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -583,7 +593,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "half-open admits limited probes",
                     _breaker_data(up.breaker),
                     home.state,
-                    _key(home, "upstream:{host[:port]}", "br", "bp"),
+                    _breaker_key(home, "upstream:{host[:port]}", up.breaker),
                     "FidelityTransport, after each attempt (upstream 429s never count)",
                     home.staleness,
                     home.on_failure,
@@ -657,7 +667,7 @@ def _balancer_layer(up: UpstreamConfig, subject: str, cfg: str, home: _Home) -> 
         "(at least one may be)",
         "in flight, EWMA and failure: the transport's process memory (per transport, "
         f"this process's calls only); instance breakers: {home.state}",
-        _key(home, "upstream:{instance host:port}", "br", "bp"),
+        _breaker_key(home, "upstream:{instance host:port}", up.breaker),
         "FidelityTransport: in flight around each attempt, EWMA after it; the instance "
         "breakers after each attempt",
         f"in flight and EWMA: fresh, this process only; breaker state: {breakers}",
@@ -1111,7 +1121,7 @@ def _form_layers(
                         "half-open admits limited probes",
                         _breaker_data(b),
                         home.state,
-                        _key(home, "route:{route}", "br", "bp"),
+                        _breaker_key(home, "route:{route}", b),
                         "FidelityMiddleware (or the route class), when the response ends",
                         home.staleness,
                         home.on_failure,
