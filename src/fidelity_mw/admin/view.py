@@ -16,6 +16,7 @@ from ..engine import Engine
 from ..outbound.hedge import hedge_delay
 from ..outbound.upstream import Upstream
 from ..policy import BreakerConfig, RetryConfig
+from ..state.base import fleet_key
 from ..state.snapshot import BreakerView, BudgetView, SnapshotConfigs, StoreSnapshot
 
 _MAX_SEEN = 10_000
@@ -56,16 +57,24 @@ def snapshot_configs(
                     cfg = getattr(plan, "breaker", None)
                     if isinstance(key, str) and isinstance(cfg, BreakerConfig):
                         planned.setdefault(key, cfg)
+                        # (by the key it stands for too: another process's own breaker
+                        # of the route, `scope = "process"`, ends in its id, not ours)
+                        planned.setdefault(fleet_key(key), cfg)
         return planned
 
     def breaker(key: str) -> BreakerConfig | None:
         kind, _, subject = key.partition(":")
         if kind == "route":
-            found = route_breakers().get(key)
+            planned = route_breakers()
+            # a process's own breaker, `scope = "process"`, ends in "@" + its id: read
+            # without it, another process's missed its `[[route]]` and took `[breaker]`
+            shared = fleet_key(subject)
+            found = planned.get(key) or planned.get("route:" + shared)
             if found is not None:
                 return found
             for route in policy.routes:
-                if subject in (route.name, route.match) and isinstance(
+                names = (route.name, route.match)
+                if (subject in names or shared in names) and isinstance(
                     route.breaker, BreakerConfig
                 ):
                     return route.breaker
@@ -313,7 +322,11 @@ def balancers(engine: Engine, now: float) -> tuple[list[dict[str, Any]], list[di
                         "outstanding": inst.outstanding,
                         "latency_ms": _round(inst.latency_s * 1000.0) if inst.latency_s else None,
                         "latency_age_s": _round(now - inst.latency_at) if inst.latency_at else None,
-                        "failure_weight": _round(failure_weight(inst.failed_at, now)),
+                        "failure_weight": _round(
+                            failure_weight(inst.failed_at, now, up.failure_fade_s)
+                        ),
+                        # (the penalty at weight 1: `[[upstream]]` failure_penalty)
+                        "failure_penalty": up.failure_penalty,
                         "breaker_open": open_for > 0.0,
                         "open_for_s": _round(open_for) if open_for > 0.0 else None,
                         "ejected": index in out,

@@ -29,7 +29,8 @@ PICK_BOUND: Final = "ejection_bound"  # chosen although its breaker is open: the
 
 EWMA_TAU_S: Final = 5.0  # latency estimates lose half their weight in about 3.5 s
 # Right after an instance failed an attempt, it counts as this many times as slow as the
-# slowest instance of the service; the penalty fades to nothing over FAILURE_FADE_S.
+# slowest instance of the service; the penalty fades to nothing over FAILURE_FADE_S. The
+# defaults of `[[upstream]]`'s `failure_penalty` and `failure_fade_s`.
 FAILURE_PENALTY: Final = 4.0
 FAILURE_FADE_S: Final = 10.0
 
@@ -115,13 +116,21 @@ def failure_weight(failed_at: float, now: float, fade_s: float = FAILURE_FADE_S)
     return max(0.0, 1.0 - age / fade_s)
 
 
-def cost(view: InstanceView, default_latency_s: float, now: float, slowest_s: float) -> float:
+def cost(
+    view: InstanceView,
+    default_latency_s: float,
+    now: float,
+    slowest_s: float,
+    penalty: float = FAILURE_PENALTY,
+    fade_s: float = FAILURE_FADE_S,
+) -> float:
     """Latency x (outstanding + 1); right after a failure the latency taken is
-    FAILURE_PENALTY x the slowest instance's (`slowest_s`), fading back to its own."""
+    `penalty` x the slowest instance's (`slowest_s`), fading back to its own over
+    `fade_s`."""
     latency = view.latency_s if view.latency_s > 0.0 else default_latency_s
     if view.failed_at > 0.0:
-        weight = failure_weight(view.failed_at, now)
-        latency += (FAILURE_PENALTY * max(latency, slowest_s) - latency) * weight
+        weight = failure_weight(view.failed_at, now, fade_s)
+        latency += (penalty * max(latency, slowest_s) - latency) * weight
     return latency * (view.outstanding + 1)
 
 
@@ -134,13 +143,16 @@ def choose(
     panic_threshold: float = 0.5,
     max_ejected_ratio: float = 0.5,
     paused_at: float | None = None,
+    failure_penalty: float = FAILURE_PENALTY,
+    failure_fade_s: float = FAILURE_FADE_S,
 ) -> Pick:
     """Pick the instance for the next attempt. Never refuses: `views` must not be empty.
 
     `tried`: the instances to avoid (those the call tried, those a retry must not go to).
     When every candidate is to be avoided, the pick falls back on them all, preferring
     the ones not paused at `paused_at` (when the attempt goes out; default `now`), then,
-    all paused, the one whose pause ends first: a paused instance asked for the wait."""
+    all paused, the one whose pause ends first: a paused instance asked for the wait.
+    `failure_penalty`, `failure_fade_s`: how a recent failure weighs (`cost`)."""
     n = len(views)
     for view in views:
         if view.open_until > now:
@@ -172,8 +184,8 @@ def choose(
         a = candidates[min(len(candidates) - 1, int(rng() * len(candidates)))]
         rest = [i for i in candidates if i != a]
         b = rest[min(len(rest) - 1, int(rng() * len(rest)))]
-        ca = cost(views[a], default_latency, now, slowest)
-        cb = cost(views[b], default_latency, now, slowest)
+        ca = cost(views[a], default_latency, now, slowest, failure_penalty, failure_fade_s)
+        cb = cost(views[b], default_latency, now, slowest, failure_penalty, failure_fade_s)
         index = b if cb < ca else a
         reason = PICK_P2C
     bypass = views[index].open_until > now

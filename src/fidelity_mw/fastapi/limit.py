@@ -40,6 +40,7 @@ from ..policy import RateLimit
 from ..rejections import (
     problem_document,
 )
+from ..routes import flat_routes
 from ..state.base import LimitSpec, state_age_s, state_why
 from .exceptions import RateLimited, Rejected
 
@@ -317,13 +318,15 @@ class LimitDependency:
         ctx = self.owner.context(request)
         if self.name is None:
             name = default_name(route or ctx.route, self.rate)
-            name = self._apart.get(name, name)
+            apart = self._apart.get(name)
+            name = apart if apart is not None else self._placed_name(request, name, route)
         else:
             name = self.name
         counter = name if self.name is None else self._counter_for(ctx.engine)
         if cost is None:
             cost = self.cost if self.cost_fn is None else await self._cost_of(request, name)
-        value = await self._key_value(request, ctx, identity)
+        # (keyed by `route`: the route asked about, not the one asking)
+        value = await self._key_value(request, ctx, identity, route)
         spec = LimitSpec(name, self.interval_s, self.tolerance_s, cost, self.shadow)
         now = ctx.engine.clock.monotonic()
         keys = (f"{counter}|{value}",)
@@ -349,6 +352,31 @@ class LimitDependency:
             return name
         apart = self._apart[name] = f"{name}#{place + 1}"
         return apart
+
+    def _placed_name(self, request: HTTPConnection, name: str, route: str | None) -> str:
+        """`name` (this unnamed limit's default on a route), or `name#2` ... where another
+        unnamed limit at the same rate runs before it on that route, found on the app's
+        routes before any request of the route taught it (`_default_name`): in a process
+        that had served none, `check` read the first limit's counter, which shared state
+        (Redis, a fleet) holds apart from this one's. The routes that run this limit
+        (their dependencies in FastAPI's order) agree on its place, or the one whose path
+        is the route asked about decides; else `name`, as before. Read once per name."""
+        app = request.scope.get("app")
+        places: dict[str, int] = {}
+        for path, route_obj in _app_routes(getattr(app, "routes", None)):
+            place = _place_on(route_obj, self)
+            if place is not None:
+                places.setdefault(path, place)
+        if not places:
+            return name  # not on this app's routes (another app's): nothing to learn
+        found = set(places.values())
+        asked = places.get(route) if route is not None else None
+        if asked is None and len(found) > 1:
+            return name
+        place = asked if asked is not None else found.pop()
+        placed = name if place == 0 else f"{name}#{place + 1}"
+        self._apart.setdefault(name, placed)
+        return self._apart[name]
 
     def _key_text(self, value: object) -> str | None:
         """The text a key function's or a key dependency's value counts by; None, said,
@@ -499,7 +527,11 @@ class LimitDependency:
         return None
 
     async def _key_value(
-        self, request: HTTPConnection, ctx: DecisionContext, identity: object = None
+        self,
+        request: HTTPConnection,
+        ctx: DecisionContext,
+        identity: object = None,
+        route: str | None = None,
     ) -> str:
         key = self.key
         if self.key_dep is not None:
@@ -508,7 +540,7 @@ class LimitDependency:
                 if text is not None:
                     return "k:" + _compact(text)
         elif key == "route":
-            return "route:" + ctx.route
+            return "route:" + (route or ctx.route)
         if key == "global":
             return "*"
         if callable(key):
@@ -578,6 +610,47 @@ def default_name(route: str, rate: str) -> str:
     split at the first "|" (the admin page, the decision summary): a `[[route]]` name
     may hold one, a limit name may not (policy names are refused with one)."""
     return f"{route.replace('|', '%7C')}:{rate}"
+
+
+def _app_routes(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """The routes of an app with their paths, mounted apps' (`Mount`, `Host`) too."""
+    found: list[tuple[str, Any]] = []
+    if depth > 16:
+        return found
+    for route in flat_routes(routes or ()):
+        path = prefix + str(getattr(route, "path", "") or "")
+        if getattr(route, "dependant", None) is not None:
+            found.append((path, route))
+        elif hasattr(route, "routes"):  # a Mount or a Host: the routes of its app
+            found += _app_routes(getattr(route, "routes", None), path, depth + 1)
+    return found
+
+
+def _place_on(route: Any, limit: LimitDependency) -> int | None:
+    """`limit`'s place among the unnamed limits at its rate that `route` runs, in the
+    order FastAPI runs its dependencies (a dependency's own before it; one met again is
+    run once, at its first place); None when the route does not run it."""
+    same_rate: list[LimitDependency] = []
+    stack: list[tuple[Any, bool]] = [(route.dependant, False)]
+    while stack:
+        dependant, done = stack.pop()
+        call = getattr(dependant, "call", None)
+        if done:
+            if (
+                isinstance(call, LimitDependency)
+                and call.name is None
+                and call.rate == limit.rate
+                and all(other is not call for other in same_rate)
+            ):
+                same_rate.append(call)
+            continue
+        stack.append((dependant, True))
+        for sub in reversed(getattr(dependant, "dependencies", None) or ()):
+            stack.append((sub, False))
+    for place, other in enumerate(same_rate):
+        if other is limit:
+            return place
+    return None
 
 
 def _signature(key_dep: object) -> inspect.Signature:

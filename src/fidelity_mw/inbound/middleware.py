@@ -800,23 +800,28 @@ class FidelityMiddleware:
     def _upstream_failure(
         self, ctx: DecisionContext, watcher: ResponseWatcher, exc: BaseException
     ) -> Rejection | None:
-        """Our answer to an upstream's transport error the app let out after the outbound
-        layer gave up retrying (refusals.upstream_failure); None: it propagates."""
+        """Our answer to an upstream's failure the app let out (an error the outbound layer
+        gave up retrying, or one it did not or could not retry: refusals.upstream_failure);
+        None: it propagates."""
         if watcher.started or not self.answer_refusals or not isinstance(exc, Exception):
             return None
-        failed = upstream_failure(ctx, exc)
-        if failed is not None:
-            # once per interval and kind: an upstream outage lets one out of every request
-            # (each is counted, and recorded on its request: `fidelity.upstream_exhausted`)
-            log_warning(
-                logger,
-                f"let_out:{type(exc).__name__}",
-                "fidelity_mw: %s: the app let out %s from an upstream it gave up on after "
-                "retrying; answered %d",
-                ctx.route,
-                type(exc).__name__,
-                failed[0],
-            )
+        answered = upstream_failure(ctx, exc)
+        if answered is None:
+            return None
+        failed, what = answered
+        # once per interval and kind: an upstream outage lets one out of every request
+        # (each is counted, and recorded on its request: `fidelity.upstream_exhausted`).
+        # What happened in the problem's words: not every one was retried (a POST's 5xx
+        # not sent again, a body broken mid-read, a Retry-After longer than the call waits)
+        log_warning(
+            logger,
+            f"let_out:{type(exc).__name__}",
+            "fidelity_mw: %s: the app let out %s: %s; answered %d",
+            ctx.route,
+            type(exc).__name__,
+            what,
+            failed[0],
+        )
         return failed
 
     async def _send_rejection(

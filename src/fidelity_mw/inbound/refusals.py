@@ -60,6 +60,9 @@ _STATE_WHAT: dict[str | None, str] = {
 _NO_HEDGE = "no_hedge"  # (outbound.hedge.NO_HEDGE, without importing the race's module)
 ADVISE = "advise"  # a verdict that changes no outcome, only what the caller is told
 RETRY_AFTER = b"retry-after"
+# An upstream's failure let out of the app, answered: the answer, and what happened (its
+# problem's `detail`, which the middleware's warning says)
+UpstreamAnswer = tuple[Rejection, str]
 
 
 def httpx_leaves(exc: BaseException) -> list[BaseException] | None:
@@ -205,7 +208,7 @@ def _control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Re
     return None
 
 
-def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | None:
+def upstream_failure(ctx: DecisionContext, exc: BaseException) -> UpstreamAnswer | None:
     """Our answer when the app let out the transport error of an upstream the outbound
     layer retried and gave up on: 502 (504 for a timeout) with a problem document naming
     the upstream, sent as if the app had answered it, so the give-up's marker
@@ -214,7 +217,8 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     retried. Not a control decision: the upstream failed, and the outcome is `failed`.
     The same for `raise_for_status()`'s HTTPStatusError on the response given up on
     (`given_up_response`): 502 (504 for a 504). An error raised from one (`causes`) as
-    that one."""
+    that one. With the answer, its problem's `detail`: what happened, for the log (the
+    words "after retrying" only where the outbound layer retried)."""
     if exc.__cause__ is not None:
         for err in causes(exc):
             answer = _upstream_failure(ctx, err)
@@ -224,7 +228,7 @@ def upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | No
     return _upstream_failure(ctx, exc)
 
 
-def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | None:
+def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> UpstreamAnswer | None:
     if isinstance(exc, BaseExceptionGroup):  # a task group's calls: the first we answer
         for leaf in httpx_leaves(exc) or ():
             answer = _upstream_failure(ctx, leaf)
@@ -294,7 +298,7 @@ def _upstream_failure(ctx: DecisionContext, exc: BaseException) -> Rejection | N
     return _upstream_answer(exc, upstream, f"{why} after retrying")
 
 
-def _upstream_answer(exc: BaseException, upstream: str | None, why: str) -> Rejection:
+def _upstream_answer(exc: BaseException, upstream: str | None, why: str) -> UpstreamAnswer:
     """The problem document of an upstream's failure let out of the app: 504 for a
     timeout, 502 otherwise. An upstream's 504 is a timeout too (its deadline, or its own
     upstream's, ran out on the time we told it), given up on or not retried: as a 502, a
@@ -307,7 +311,7 @@ def _upstream_answer(exc: BaseException, upstream: str | None, why: str) -> Reje
     detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
     extra = {} if upstream is None else {"upstream": upstream}
     title = "Gateway Timeout" if timeout else "Bad Gateway"
-    return status, [], problem_body(status, title, detail, "upstream-failed", **extra)
+    return (status, [], problem_body(status, title, detail, "upstream-failed", **extra)), detail
 
 
 def given_up_response(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> Decision | None:
@@ -390,13 +394,20 @@ def _exhausting_mark(exc: BaseException) -> bool:
 def _not_resendable(ctx: DecisionContext, exc: httpx.HTTPStatusError) -> bool:
     """Did the outbound layer decline to send the request `exc` was raised for again
     because it may not (`not_idempotent`, `body_not_replayable`), on its first attempt?"""
-    host = _status_host(exc)
+    # The upstream as the transport's decisions name it (`Upstream.key`: the host, with
+    # its port when the URL has one). Split at a colon instead, every IPv6 address read
+    # as "" (`fd00::5:8080`): its POST's 5xx went out as the app's bare 500.
+    try:
+        url = exc.request.url
+        key: str | None = url.host if url.port is None else f"{url.host}:{url.port}"
+    except RuntimeError:  # raised without its request
+        key = None
     for decision in reversed(ctx.decisions):
         if (
             decision.layer == LAYER_RETRY
             and decision.verdict == GIVE_UP
             and decision.reason in (GIVE_UP_NOT_IDEMPOTENT, GIVE_UP_BODY)
-            and (host is None or decision.subject.split(":", 1)[0] == host)
+            and (not key or decision.subject == key)
         ):
             return True
     return False

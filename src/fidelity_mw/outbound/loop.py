@@ -889,6 +889,8 @@ def _gate_next(
                     max_ejected_ratio=up.max_ejected_ratio,
                     # (all avoided: not one paused when the attempt goes out, if any)
                     paused_at=now if sent_at == math.inf else sent_at,
+                    failure_penalty=up.failure_penalty,
+                    failure_fade_s=up.failure_fade_s,
                 )
             chosen = instances[pick.chosen]
             if (

@@ -447,7 +447,8 @@ class _Base:
         """The call's first attempt when `First` makes it (a plain upstream on in-process
         state, unhedged), else its attempt loop, its engine, and (async, for a hedged call)
         what the race needs: `(race, hedge config, a maker of hedge loops, upstream,
-        context, the observer whose call_end ends the call or None)`."""
+        context, the observer whose call_end ends the call or None)`. `hedging`: the
+        async transport's call (it may hedge, and its shortcut may be armed)."""
         ctx = _current.get()
         engine = self.engine if ctx is None else ctx.engine
         if ctx is not None and ctx.response_complete:
@@ -479,9 +480,11 @@ class _Base:
         hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and up.instances is None and not hedged:
-            if self._resolver is None and up.plain and _SHORTCUT_FITS:
+            if hedging and self._resolver is None and up.plain and _SHORTCUT_FITS:
                 # The async transport's shortcut may skip all of this. (The engine lists
-                # the transport, so a change of the engine drops what was read here.)
+                # the transport, so a change of the engine drops what was read here.) The
+                # sync transport has none: arming it cost each of its calls a `_Seen`
+                # and an add to the engine's weak set, shared by every thread.
                 engine.transports.add(self)
                 armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
                 armed.engine = engine

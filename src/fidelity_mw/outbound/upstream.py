@@ -152,6 +152,8 @@ class Upstream:
         "clock",
         "default_deadline_s",
         "fail_statuses",
+        "failure_fade_s",
+        "failure_penalty",
         "first_stamps",
         "heard_ours",
         "hedge",
@@ -243,6 +245,8 @@ class Upstream:
         # What each call reads of the config, read once (a service's balancer, hedging)
         self.panic_threshold = cfg.panic_threshold
         self.max_ejected_ratio = cfg.max_ejected_ratio
+        self.failure_penalty = float(cfg.failure_penalty)
+        self.failure_fade_s = float(cfg.failure_fade_s)
         self.hedge = hedge = cfg.hedge
         # Attempt latencies, kept only when a hedge delay is the upstream's p95.
         self.window = LatencyWindow() if hedge is not None and hedge.after == "p95" else None

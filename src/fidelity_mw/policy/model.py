@@ -1204,6 +1204,14 @@ class UpstreamConfig(_Validated):
     instances: tuple[str, ...] = _spec((), _base_urls)
     panic_threshold: float = _spec(0.5, number_in(0.0, 1.0))
     max_ejected_ratio: float = _spec(0.5, number_in(0.0, 1.0))
+    # How an instance's failed attempt weighs in the balancer's pick: taken for this many
+    # times as slow as the slowest instance right after it, fading over `failure_fade_s`
+    # (decide/balance.py `cost`). Left out of `to_dict` while at their defaults, so the
+    # versions of the policies written before them stay.
+    failure_penalty: float = _spec(4.0, number_in(1.0, 1000.0), unset_unversioned=True)
+    failure_fade_s: float = _spec(
+        10.0, number_in(0.0, 86_400.0, lo_open=True), unset_unversioned=True
+    )
     retry_after_scope: Literal["instance", "service"] = _spec(
         "instance", one_of(RETRY_AFTER_SCOPES)
     )

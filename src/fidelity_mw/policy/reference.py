@@ -356,6 +356,12 @@ DESCRIPTIONS: dict[str, str] = {
     "instances are admissible, spread over all of them instead of refusing.",
     "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
     "(skipped for an open breaker) at once; at least one may always be.",
+    "upstream.failure_penalty": "How a service's balancer weighs an instance's failed "
+    "attempt: right after it the instance is taken for this many times as slow as the "
+    "slowest instance (1: as slow as the slowest), so other calls go elsewhere while the "
+    "penalty lasts; a success ends it (Envoy's outlier detection ejects instead).",
+    "upstream.failure_fade_s": "Seconds over which that penalty fades (linearly) back to "
+    "the instance's own latency.",
     "upstream.retry_after_scope": "Whom a service's `Retry-After` (429 or 503) speaks for: "
     "`instance`, the instance that answered (it is paused, the retry goes to another one "
     "after its backoff); `service`, every instance (a quota shared behind a gateway or "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -14,7 +15,7 @@ from .local import InboundResult as InboundResult  # (compiled there: a native c
 from .snapshot import SnapshotConfigs, StoreSnapshot
 
 # Between a breaker's key and the id of the process that owns it (`breaker.scope =
-# "process"`): not a character of a route name, a host or a path template.
+# "process"`): no character of a host (a route's name or path may hold one: `fleet_key`).
 OWN_BREAKER_MARK: Final = "@"
 
 
@@ -27,6 +28,18 @@ def breaker_home(key: str, breaker: BreakerConfig | None, store: object) -> str:
         return key
     own = getattr(store, "process_id", None)
     return key if own is None else f"{key}{OWN_BREAKER_MARK}{own}"
+
+
+# A process's own breaker key's end: "@" and its fleet member id (`FleetMember.id`, 16
+# hex digits). Matched whole: a route name or path may hold an "@" of its own (`/@{user}`).
+_OWNED: Final = re.compile(r"(.+)@[0-9a-f]{16}")
+
+
+def fleet_key(key: str) -> str:
+    """The breaker key `key` is a process's own of (`breaker_home`), or `key` itself:
+    what the policy names it by (the admin page finds its config so)."""
+    owned = _OWNED.fullmatch(key)
+    return key if owned is None else owned.group(1)
 
 
 class GateAnswer(tuple[Gate | None, bool, str, float]):

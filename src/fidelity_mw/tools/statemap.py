@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..decide.balance import EWMA_TAU_S, FAILURE_FADE_S, FAILURE_PENALTY
+from ..decide.balance import EWMA_TAU_S
 from ..policy import (
     BreakerConfig,
     ConcurrencyConfig,
@@ -199,6 +199,16 @@ def _key(home: _Home, logical: str, *kinds: str) -> str:
     if home.prefix is None:
         return logical
     return " + ".join(f"{{{home.prefix}}}:{kind}:H({logical})" for kind in kinds)
+
+
+def _breaker_key(home: _Home, logical: str, breaker: BreakerConfig | None) -> str:
+    """A breaker's keys (`_key`): on a shared store, one of `scope = "process"` is each
+    process's own, its logical key + "@" + the process's fleet member id
+    (`state.base.breaker_home`). Shown without it, the key the map named was no key a
+    process kept."""
+    if home.prefix is not None and breaker is not None and breaker.scope == "process":
+        logical += "@{process id}"
+    return _key(home, logical, "br", "bp")
 
 
 # ---------------------------------------------------------------- policy -> layers
@@ -477,7 +487,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(b),
                 home.state,
-                _key(home, f"route:{name}", "br", "bp"),
+                _breaker_key(home, f"route:{name}", b),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -494,7 +504,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "half-open admits limited probes",
                 _breaker_data(policy.breaker),
                 home.state,
-                _key(home, "route:{route}", "br", "bp"),
+                _breaker_key(home, "route:{route}", policy.breaker),
                 breaker_writer,
                 home.staleness,
                 home.on_failure,
@@ -583,7 +593,7 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "half-open admits limited probes",
                     _breaker_data(up.breaker),
                     home.state,
-                    _key(home, "upstream:{host[:port]}", "br", "bp"),
+                    _breaker_key(home, "upstream:{host[:port]}", up.breaker),
                     "FidelityTransport, after each attempt (upstream 429s never count)",
                     home.staleness,
                     home.on_failure,
@@ -649,14 +659,15 @@ def _balancer_layer(up: UpstreamConfig, subject: str, cfg: str, home: _Home) -> 
         "never an ejected one, a retry to one not tried yet; panic spreads over all",
         f"{len(up.instances)} instance{'' if len(up.instances) == 1 else 's'}; per instance: "
         "requests in flight, latency EWMA "
-        f"(tau {EWMA_TAU_S:g} s), its last failure (taken for {FAILURE_PENALTY:g}x "
-        f"the slowest, fading over {FAILURE_FADE_S:g} s), "
+        f"(tau {EWMA_TAU_S:g} s), its last failure (taken for {up.failure_penalty:g}x "
+        f"the slowest, fading over {up.failure_fade_s:g} s: failure_penalty, "
+        "failure_fade_s), "
         "whether its breaker is open; panic below "
         f"{up.panic_threshold:.0%} admissible, at most {up.max_ejected_ratio:.0%} ejected "
         "(at least one may be)",
         "in flight, EWMA and failure: the transport's process memory (per transport, "
         f"this process's calls only); instance breakers: {home.state}",
-        _key(home, "upstream:{instance host:port}", "br", "bp"),
+        _breaker_key(home, "upstream:{instance host:port}", up.breaker),
         "FidelityTransport: in flight around each attempt, EWMA after it; the instance "
         "breakers after each attempt",
         f"in flight and EWMA: fresh, this process only; breaker state: {breakers}",
@@ -1110,7 +1121,7 @@ def _form_layers(
                         "half-open admits limited probes",
                         _breaker_data(b),
                         home.state,
-                        _key(home, "route:{route}", "br", "bp"),
+                        _breaker_key(home, "route:{route}", b),
                         "FidelityMiddleware (or the route class), when the response ends",
                         home.staleness,
                         home.on_failure,
