@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from functools import partial
 from typing import Any, Final
@@ -266,6 +266,15 @@ class FidelityMiddleware:
         paths[path] = plan
         return plan
 
+    def _sparse_scope(
+        self, scope: Scope, method: str, plan: RoutePlan | None
+    ) -> tuple[RoutePlan, Iterable[tuple[bytes, bytes]]]:
+        """The plan and the raw headers of a scope without `root_path` (the spec's
+        default "") or without `headers` (none), as `__call__` reads them."""
+        if plan is None or plan.root_path != scope.get("root_path", ""):
+            plan = self._plan_of(scope, method)
+        return plan, scope.get("headers") or ()
+
     def _say_nested(self) -> None:
         self._nested_said = True
         logger.warning(
@@ -288,12 +297,18 @@ class FidelityMiddleware:
         try:
             method = scope["method"]
             plan = self._by_method.get(method, _NO_PLANS).get(scope["path"])
-            # a plan is for its path under one root path (the policy's globs match the
-            # path without it: engine.py); any other, and none cached, asks the engine
-            if plan is None or plan.root_path != scope.get("root_path", ""):
-                plan = self._plan_of(scope, method)
-            # A hand-built scope may leave out `headers` (the spec allows none): no headers.
-            raw_headers = scope.get("headers") or ()
+            # The scope's keys read by subscript, not `get`: interpreted a specialized
+            # dict read against a method call, compiled a mapping slot call against a
+            # method lookup by name (`Scope` is a MutableMapping, any mapping still
+            # works). Servers set both keys; a hand-built scope may leave either out.
+            try:
+                # a plan is for its path under one root path (the policy's globs match the
+                # path without it: engine.py); any other, and none cached, asks the engine
+                if plan is None or plan.root_path != scope["root_path"]:
+                    plan = self._plan_of(scope, method)
+                raw_headers = scope["headers"] or ()
+            except KeyError:
+                plan, raw_headers = self._sparse_scope(scope, method, plan)
             if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
                 plan = self.engine.preflight_plan_for(scope)  # no quota spent, none refused
             # Only the headers a layer wants, repeats joined (None: none of them). One
@@ -312,7 +327,10 @@ class FidelityMiddleware:
             await self.app(scope, receive, send)
             return
         token = _set_current(ctx)
-        state = scope.get("state")
+        # (`in` and a subscript, not `get`: see above. No `except KeyError` here: a
+        # server without lifespan state, or httpx's ASGITransport, leaves `state` out of
+        # every request, and raising costs more than the method call it saves)
+        state = scope["state"] if "state" in scope else None  # noqa: SIM401
         if state is None:
             scope["state"] = {"fidelity": ctx}
         else:
@@ -367,7 +385,10 @@ class FidelityMiddleware:
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
-                            client = scope.get("client")
+                            try:
+                                client = scope["client"]  # (a subscript: see above)
+                            except KeyError:
+                                client = None
                             ip = client[0] if client else self._reader.no_peer(plan.limits[0].name)
                             if ":" in ip:  # IPv6: its prefix (IPv4 pays this test alone)
                                 ip = self._reader.client_key(ip)

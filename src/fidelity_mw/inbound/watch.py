@@ -256,7 +256,11 @@ class ResponseWatcher:
                 # A new message with a new list: the app's may be shared (a reused
                 # Response object, a start message it keeps and sends again), and ours
                 # would pile up in it, request after request.
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+                # (`in` and a subscript, not `get`: compiled, two mapping slot calls
+                # against a method looked up by name on a MutableMapping; interpreted,
+                # no method call. The same for `more_body` below.)
+                app_headers = message["headers"] if "headers" in message else ()  # noqa: SIM401
+                message = {**message, "headers": [*app_headers, *headers]}
         elif self.held is not None:  # the rest of a held 500
             held = self.held
             held.append(message)
@@ -264,7 +268,7 @@ class ResponseWatcher:
                 await self.release_held()
             return
         elif (
-            kind in (_BODY, _ZEROCOPY) and not message.get("more_body", False)
+            kind in (_BODY, _ZEROCOPY) and not ("more_body" in message and message["more_body"])  # noqa: RUF019
         ) or kind == _PATHSEND:
             self.complete = True
             self.ctx.response_complete = True
