@@ -81,7 +81,12 @@ def test_slow_c_behind_bs_bulkhead_near_as_deadline_costs_no_500_and_no_extra_ca
     assert len(got) == BURST
     assert all(status in (200, 502, 503, 504) for status, _ in got), got
     for status, headers in got:
-        if headers.get("x-fidelity-decided-by"):  # a refusal of ours: with its wait
+        decided_by = headers.get("x-fidelity-decided-by")
+        if decided_by == "deadline":
+            # A's deadline ran out (800 ms) before B answered: a 504 with no wait, as
+            # documented (docs/inbound.md's table); seen when B's queue held them long
+            assert status == 504, (status, headers)
+        elif decided_by:  # any other refusal of ours: with its wait
             assert headers.get("retry-after", "").isdigit(), (status, headers)
     # no hop answered 500: every decision's answer is a 502/503/504
     assert all(500 not in counts for counts in statuses.values()), statuses
