@@ -223,11 +223,20 @@ class First(NamedTuple):
     original_timeout: Mapping[str, float | None] | None
     can_replay: bool
     saved: list[tuple[bytes, bytes, bytes]] | None  # (`wire.restore`)
+    # A service's: the instance picked (None: a plain upstream), the breaker key gated (the
+    # instance's), whether its breaker gated it (False: the pick goes around a known-open
+    # one), the gate answer's age, and the request's own URL and TLS name (`_aim`)
+    target: Instance | None
+    breaker_key: str
+    gated: bool
+    age: float
+    original_url: httpx.URL | None
+    own_sni: Any
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self
+        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self[:14]
         if up.listening:  # (a name the rule could not place: its first answer's address)
             up.heard(response, ctx.engine)
         status = response.status_code
@@ -238,6 +247,8 @@ class First(NamedTuple):
         if up.window is not None:
             up.window.add(ended - now)
         breaker = up.breaker
+        if self.target is not None:
+            return self._served(response, status, ended)
         if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
@@ -254,6 +265,47 @@ class First(NamedTuple):
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
                 call_end(observer, ctx)
+        return response
+
+    def _served(self, response: httpx.Response, status: int, ended: float) -> httpx.Response:
+        """`finish` for a service's instance: the steps the loop takes when its first
+        attempt ends the call, in its order (the instance's latency and failure, the
+        breaker and what it says of the instance, the observer, the body's watch), then
+        the request as it came (`attempts`' `finally`)."""
+        ctx, up, request, own, observer, now, local, gate, source, prior, token = self[:11]
+        saved = self.saved
+        target, breaker_key, gated = self.target, self.breaker_key, self.gated
+        assert target is not None
+        breaker = up.breaker
+        outcome = FAILURE if status in up.fail_statuses else SUCCESS
+        _weigh(target, up, response, now, ended)
+        _answered(target, outcome, now, ended)
+        counted = None
+        if gate is not None and gated:
+            assert breaker is not None
+            if outcome == SUCCESS:
+                counted = gate
+            state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
+            _learned_state(target, breaker, state, ended)
+        elif not gated and breaker is not None:  # around it
+            target.answered = outcome == SUCCESS
+        if observer is not None:
+            observe_end(observer, token, response, None)
+        if (
+            outcome == SUCCESS
+            and (breaker is None or counted is not None or not gated)
+            and response.stream.__class__ is not _BYTE_STREAM
+        ):  # its body still to be read: a break there fails the call after all
+            watch = Watch(ctx, up.key, ctx.engine.store, local, breaker_key, breaker, counted,
+                          source, target, up.shut, 1)  # fmt: skip
+            watch_body(response, watch)
+        if own:
+            response.extensions[CONTEXT_EXTENSION] = ctx
+        _unaim(request, self.original_url, self.own_sni)
+        restore(request.headers, prior, saved)
+        _own_timeouts_back(request, self.original_timeout)
+        if own and observer is not None:
+            call_end(observer, ctx)
         return response
 
     def resume(self, response: httpx.Response | None, thrown: BaseException | None) -> Steps:
@@ -290,26 +342,42 @@ def first_attempt(
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     prior = take_ours(request.headers) if up.speaks else None
     saved = snapshot(request.headers) if observer is not None else None
+    breaker = up.breaker
+    target: Instance | None = None
+    breaker_key = up.breaker_key
+    gated = breaker is not None
+    age = 0.0
+    instances = up.instances
+    if instances is None:
+        original_url = own_sni = None
+    else:  # (as `attempts` takes them)
+        original_url = request.url
+        own_sni = extensions.get(SNI_EXTENSION)
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
             remaining -= now
             if remaining <= 0.0:
                 raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
-        breaker = up.breaker
-        try:
-            if taken is UNTAKEN:
-                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
-            elif isinstance(taken, Exception):
-                raise taken
-            else:
-                gate = taken
-        except Exception as exc:
-            gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
+        if instances is not None:
+            # A service's instance, picked and gated by the loop's own step (an in-process
+            # store: it asks for no I/O), so the picks and their random draws are the loop's
+            g = _gate_now(_gate_next(ctx, ctx.engine, up, local, [], False, 0, now, None))
+            target, breaker_key, gated, gate, source, age = g[:6]
         else:
-            source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
+            try:
+                if taken is UNTAKEN:
+                    gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+                elif isinstance(taken, Exception):
+                    raise taken
+                else:
+                    gate = taken
+            except Exception as exc:
+                gate, _, source, _ = _settle(ctx, up, exc, False, gated, 0, now, None)
+            else:
+                source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
-            gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
+            gate_answer(ctx, up, gate, source, age, 0, now, None)
         if FAST_HEADERS and (remaining is None or remaining >= up.uncut_s):
             # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
@@ -322,8 +390,15 @@ def first_attempt(
                 counts[up.key] = counts.get(up.key, 0) + 1
         else:
             prepare(ctx, up, request, 1, timeouts, remaining)
+        details: Mapping[str, DetailValue] | None = FIRST_ATTEMPT
+        if target is not None:  # (as the loop's first attempt to an instance says it)
+            assert original_url is not None
+            _aim(request, target, original_url, own_sni)
+            details = (
+                FIRST_ATTEMPT if source != SOURCE_FALLBACK else with_why(source, FIRST_ATTEMPT)
+            )
         decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, age, now, details)
         )
         if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
             ctx._decisions.append(decision)
@@ -331,14 +406,18 @@ def first_attempt(
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
+        if target is not None:
+            _unaim(request, original_url, own_sni)
         restore(request.headers, prior, saved)
         if own and observer is not None:
             call_end(observer, ctx)
         raise
+    if target is not None:
+        target.outstanding += 1
     return _new_tuple(
         First,
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
-         can_replay, saved),
+         can_replay, saved, target, breaker_key, gated, age, original_url, own_sni),
     )  # fmt: skip
 
 
@@ -369,9 +448,13 @@ def attempts(
     clock = engine.clock
     breaker = up.breaker
     instances = up.instances
-    original_url = request.url
-    # the caller's own TLS name, if any (`sni_hostname`), which an instance's never replaces
-    own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
+    if first is not None and first.original_url is not None:  # (its first attempt aimed it)
+        original_url, own_sni = first.original_url, first.own_sni
+    else:
+        original_url = request.url
+        # the caller's own TLS name, if any (`sni_hostname`), which an instance's never
+        # replaces
+        own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
     if first is None:
         extensions = request.extensions
         original_timeout = extensions.get("timeout")
@@ -414,6 +497,7 @@ def attempts(
     try:
         if first is not None:
             gate, source, attempt, token = first.gate, first.source, 1, first.token
+            target, breaker_key, gated, age = first[14:18]
         elif ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
@@ -460,16 +544,7 @@ def attempts(
                         prior, saved = take_ours_late(request.headers, saved)
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
-                    request.url = at_instance(
-                        original_url, target.address, target.scheme, target.host, target.port
-                    )
-                    if own_sni is None:
-                        # HTTPS to an address: TLS speaks the service's name (SNI, and the
-                        # certificate is verified against it), as the Host header does
-                        if target.sni:
-                            request.extensions[SNI_EXTENSION] = original_url.host
-                        else:
-                            request.extensions.pop(SNI_EXTENSION, None)
+                    _aim(request, target, original_url, own_sni)
                 if race is not None and hedge:
                     ctx.decisions.append(
                         Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
@@ -540,24 +615,7 @@ def attempts(
             if up.window is not None:
                 up.window.add(ended - now)
             if target is not None:
-                target.outstanding -= 1
-                sample = ended - now
-                if (
-                    response is None
-                    or response.status_code >= 500
-                    or response.status_code in up.retry_statuses
-                ) and sample <= _known_latency(target, up.instances):
-                    # A quick failure is no evidence of speed (a slow one is of slowness):
-                    # taken as one, an instance failing fast would look the fastest and
-                    # draw more calls. Its estimate stands as of now (not aged as if the
-                    # instance had not been asked); an unmeasured one stays unmeasured.
-                    if target.latency_s > 0.0:
-                        target.latency_at = ended
-                else:
-                    target.latency_s = ewma(
-                        target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S
-                    )
-                    target.latency_at = ended
+                _weigh(target, up, response, now, ended)
             try:
                 if (
                     response is not None
@@ -568,10 +626,7 @@ def attempts(
                     retryable = downstream = False
                     ran_out = 0
                     if target is not None:
-                        if outcome != SUCCESS:  # (a status the policy counts as a failure)
-                            target.failed_at = ended
-                        elif target.failed_at and now >= target.failed_at:
-                            target.failed_at = 0.0  # sent after it failed, and answered well
+                        _answered(target, outcome, now, ended)
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
                     ran_out = deadline_spent(ctx, up, request, response, error, now, ended)
@@ -784,18 +839,80 @@ def attempts(
             return response
     finally:
         if target is not None:
-            request.url = original_url
-            if own_sni is None:
-                request.extensions.pop(SNI_EXTENSION, None)
+            _unaim(request, original_url, own_sni)
         restore(request.headers, prior, saved)
-        # the request's own timeouts again (not the last attempt's, nor the short reads of
-        # a failed answer's: a request sent again would carry them)
-        if original_timeout is None:
-            request.extensions.pop("timeout", None)
-        else:
-            request.extensions["timeout"] = original_timeout
+        _own_timeouts_back(request, original_timeout)
         if own and observer is not None:
             call_end(observer, ctx)
+
+
+def _aim(request: httpx.Request, target: Instance, original_url: httpx.URL, own_sni: Any) -> None:
+    """Send the attempt to the service's instance `target`."""
+    request.url = at_instance(original_url, target.address, target.scheme, target.host, target.port)
+    if own_sni is None:
+        # HTTPS to an address: TLS speaks the service's name (SNI, and the certificate is
+        # verified against it), as the Host header does
+        if target.sni:
+            request.extensions[SNI_EXTENSION] = original_url.host
+        else:
+            request.extensions.pop(SNI_EXTENSION, None)
+
+
+def _unaim(request: httpx.Request, original_url: httpx.URL | None, own_sni: Any) -> None:
+    """The request's own URL and TLS name again (`_aim` undone)."""
+    if original_url is not None:
+        request.url = original_url
+    if own_sni is None:
+        request.extensions.pop(SNI_EXTENSION, None)
+
+
+def _own_timeouts_back(request: httpx.Request, original_timeout: Any) -> None:
+    """The request's own timeouts again (not the last attempt's, nor the short reads of a
+    failed answer's: a request sent again would carry them)."""
+    if original_timeout is None:
+        request.extensions.pop("timeout", None)
+    else:
+        request.extensions["timeout"] = original_timeout
+
+
+def _weigh(
+    target: Instance, up: Upstream, response: httpx.Response | None, now: float, ended: float
+) -> None:
+    """An attempt sent to `target` at `now` is over: one call fewer in flight, and its
+    latency estimate with what the attempt took."""
+    target.outstanding -= 1
+    sample = ended - now
+    if (
+        response is None or response.status_code >= 500 or response.status_code in up.retry_statuses
+    ) and sample <= _known_latency(target, up.instances):
+        # A quick failure is no evidence of speed (a slow one is of slowness): taken as
+        # one, an instance failing fast would look the fastest and draw more calls. Its
+        # estimate stands as of now (not aged as if the instance had not been asked); an
+        # unmeasured one stays unmeasured.
+        if target.latency_s > 0.0:
+            target.latency_at = ended
+    else:
+        target.latency_s = ewma(target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S)
+        target.latency_at = ended
+
+
+def _answered(target: Instance, outcome: str, now: float, ended: float) -> None:
+    """The instance's answer ended the attempt (no retry to consider): its failure weight."""
+    if outcome != SUCCESS:  # (a status the policy counts as a failure)
+        target.failed_at = ended
+    elif target.failed_at and now >= target.failed_at:
+        target.failed_at = 0.0  # sent after it failed, and answered well
+
+
+def _gate_now(steps: Generator[Effect, Any, _Gated]) -> _Gated:
+    """`_gate_next`'s answer on an in-process store (it asks for no I/O then)."""
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        gated: _Gated = done.value
+        return gated
+    steps.close()
+    raise RuntimeError("fidelity_mw: an in-process gate asked for I/O")  # pragma: no cover
 
 
 # ---------------------------------------------------------------- steps
@@ -953,9 +1070,11 @@ def _gate_next(
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
-    return _Gated(
-        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
-        resend_at,
+    # (every field given: one C call, not the named tuple's keyword wrapper; every call)
+    return _new_tuple(
+        _Gated,
+        (target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
+         resend_at),
     )  # fmt: skip
 
 
@@ -1186,8 +1305,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     # The real open time is the breaker's (it starts at open_min_s and grows with failed
     # probes): assume the shortest; when it is over the next pick asks the breaker, whose
     # rejection says how long.
-    shortest = open_time(breaker, 0)
-    target.open_until = now + shortest if state == OPEN else 0.0
+    target.open_until = now + open_time(breaker, 0) if state == OPEN else 0.0
 
 
 def prepare(

@@ -448,10 +448,11 @@ class _Base:
         local = cached[1]
         hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
-        if local is not None and up.instances is None and not hedged:
-            if self._resolver is None and up.plain and _SHORTCUT_FITS:
-                # The async transport's shortcut may skip all of this. (The engine lists
-                # the transport, so a change of the engine drops what was read here.)
+        if local is not None and not hedged:  # (a service's too: `first_attempt`)
+            if self._resolver is None and hedge is None and _SHORTCUT_FITS:
+                # The async transport's shortcut may skip all of this (a service's call,
+                # all but `first_attempt`: `_service`). (The engine lists the transport, so
+                # a change of the engine drops what was read here.)
                 engine.transports.add(self)
                 armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
                 armed.engine = engine
@@ -605,9 +606,10 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         elif (
             seen is not None
             and (plan := armed.upstreams.get((host, port))) is not None
-            and plan.plain
             and plan.policy is seen.policy
         ):
+            if not plan.plain:  # a service's (or a hedged upstream's): not the shortcut's
+                return await self._service(request, ctx, engine, plan, seen)
             up, known = plan, seen
             armed.last = (host, port, plan, seen)
         else:
@@ -712,7 +714,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved),
+                 can_replay, saved, None, up.breaker_key, up.breaker is not None, 0.0, None, None),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
         if up.listening:  # (a name the rule could not place: its first answer's address)
@@ -723,7 +725,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved),
+                 can_replay, saved, None, up.breaker_key, up.breaker is not None, 0.0, None, None),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
@@ -773,6 +775,32 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if observer is not None:
                 _call_end(observer, ctx)
         return response
+
+    async def _service(
+        self,
+        request: httpx.Request,
+        ctx: DecisionContext | None,
+        engine: Engine,
+        up: Upstream,
+        known: _Seen,
+    ) -> httpx.Response:
+        """A call to a service (an upstream with instances, unhedged) under the engine the
+        shortcut was armed for: what `_start` would find, read from what it armed
+        (`known`), and its first attempt by `first_attempt`, to the instance the loop's
+        own step picks. Anything else is `_handle`'s."""
+        cached = self._armed.local
+        local = cached[1]
+        if up.hedge is not None or known.engine is not engine or cached[0] is not known.store:
+            return await self._handle(request)
+        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
+            return await self._handle(request)
+        now = _monotonic() if known.system else known.clock.monotonic()
+        own = ctx is None
+        if ctx is None:
+            ctx = DecisionContext(engine, "outbound", request.method, now)
+            if up.default_deadline_s is not None:
+                ctx.deadline_at = now + up.default_deadline_s
+        return await self._first(ctx, up, request, own, known.observer, now, local, UNTAKEN)
 
     async def _first(
         self,
