@@ -91,12 +91,10 @@ from .loop import (
 )
 from .upstream import Resolver, Upstream, resolved_problem
 from .wire import (
-    ATTEMPT_HEADER,
     FAST_HEADERS,
     OURS_SET,
     OWN_TIMEOUT,
     SPEND_MAX_BYTES,
-    TIMEOUT_HEADER,
     own_timeouts,
     replayable,
     restore,
@@ -127,8 +125,6 @@ _GIVE_UP: Final = GIVE_UP_EXTENSION
 _OWN_TIMEOUT: Final = OWN_TIMEOUT
 _Watch: Final = Watch
 _WATCHERS: Final = WATCHERS
-_ATTEMPT_HEADER: Final = ATTEMPT_HEADER
-_TIMEOUT_HEADER: Final = TIMEOUT_HEADER
 
 
 def _uri_fields_fit() -> bool:
@@ -174,12 +170,13 @@ class _Seen:
     """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
     threads that arm one transport at once never see half of one engine's."""
 
-    __slots__ = ("clock", "engine", "observer", "policy", "store", "system")
+    __slots__ = ("clock", "engine", "local", "observer", "policy", "store", "system")
 
-    def __init__(self, engine: Engine, observer: AttemptObserver | None) -> None:
+    def __init__(self, engine: Engine, observer: AttemptObserver | None, local: Local) -> None:
         self.engine = engine
         self.policy = engine.policy
         self.store = engine.store
+        self.local = local  # (the store's in-process operations: a store replaced drops it)
         self.observer = observer  # (the transport's own, else the engine's)
         self.clock = clock = engine.clock
         self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
@@ -454,7 +451,7 @@ class _Base:
                 # all but `first_attempt`: `_service`). (The engine lists the transport, so
                 # a change of the engine drops what was read here.)
                 engine.transports.add(self)
-                armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
+                armed.seen = _Seen(engine, self._observer or engine.attempt_observer, local)
                 armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -615,17 +612,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         else:
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
-        # (the store's operations by their store, not the tuple's identity: compiled, a
-        # tuple field is held unboxed and each read of it builds a new one)
-        cached = armed.local
-        if known.engine is not engine or cached[0] is not known.store:
+        if known.engine is not engine:
             armed.last = None
             return await self._handle(request)
-        local = cached[1]
-        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
-            armed.last = None
-            return await self._handle(request)
-        # (`_start` looked the engine's observer up before it armed the shortcut)
+        # (`_start` looked the engine's observer and the store's operations up before it
+        # armed the shortcut; a change of the engine, its store's included, drops them)
+        local = known.local
         observer = known.observer
         clock = known.clock
         system = known.system
@@ -763,11 +755,12 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 assert saved is not None
                 request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
-            raw = request.headers._list
-            if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
-                del raw[-2:]
-            elif stamped:  # (moved by the inner transport: taken off wherever they are)
-                unstamp(request.headers, None)
+            if stamped:
+                raw = request.headers._list
+                if tuple(raw[-2:]) == stamped:  # (the very items appended: the list's last two)
+                    del raw[-2:]
+                else:  # (moved by the inner transport, or `prepare`'s: taken off by name)
+                    unstamp(request.headers, None)
         if tight or capped is not None:  # (the attempt's timeouts stay for its body)
             extensions[_OWN_TIMEOUT] = (extensions.get("timeout"), timeouts)
         if own:
@@ -788,12 +781,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         shortcut was armed for: what `_start` would find, read from what it armed
         (`known`), and its first attempt by `first_attempt`, to the instance the loop's
         own step picks. Anything else is `_handle`'s."""
-        cached = self._armed.local
-        local = cached[1]
-        if up.hedge is not None or known.engine is not engine or cached[0] is not known.store:
+        if up.hedge is not None or known.engine is not engine:
             return await self._handle(request)
-        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
-            return await self._handle(request)
+        local = known.local
         now = _monotonic() if known.system else known.clock.monotonic()
         own = ctx is None
         if ctx is None:
