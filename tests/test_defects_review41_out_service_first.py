@@ -23,6 +23,7 @@ import pytest
 import fidelity_mw
 from fidelity_mw import FidelityTransport, buildinfo
 from fidelity_mw.engine import Engine
+from fidelity_mw.policy import Policy, UpstreamConfig
 from fidelity_mw.testing import FakeClock
 
 INSTANCES = ("http://10.0.0.1:8080", "http://10.0.0.2:8080", "http://10.0.0.3:8080")
@@ -216,3 +217,53 @@ def test_a_service_call_that_succeeds_runs_no_attempt_loop(n: int) -> None:
     assert "attempts" not in called
     assert "_drive" not in called
     assert "_start" not in called  # (`_service`: what `_start` armed, read again)
+
+
+class Rearranging(httpx.AsyncBaseTransport):
+    """An inner transport that adds a header of its own after ours (`after`), or moves our
+    two to the front (`front`), or sends them as they are (`""`)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.wire: list[list[tuple[bytes, bytes]]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raw = request.headers._list
+        if self.how == "after":
+            raw.append((b"X-Inner", b"x-inner", b"1"))
+        elif self.how == "front":
+            ours = [item for item in raw if item[1].startswith((b"x-fidelity", b"x-request"))]
+            raw[:] = ours + [item for item in raw if item not in ours]
+        self.wire.append([(item[1], item[2]) for item in raw])
+        return httpx.Response(200)
+
+
+@pytest.mark.parametrize("how", ["", "after", "front"])
+def test_the_shortcut_takes_its_two_headers_off_wherever_the_inner_left_them(how: str) -> None:
+    """The shortcut appends `x-fidelity-attempt` and `x-request-timeout-ms` and takes off
+    the list's last two when they are what it appended, else both by name: the request
+    after the call is the caller's (plus what the inner transport itself added)."""
+    inner = Rearranging(how)
+    transport = FidelityTransport(
+        inner,
+        engine=Engine(
+            Policy(upstreams=(UpstreamConfig(host="*", protocol_headers="always"),)),
+            clock=FakeClock(),
+        ),
+        telemetry=False,
+    )
+
+    async def go() -> list[list[tuple[bytes, bytes]]]:
+        after = []
+        for _ in range(4):  # (the first call arms the shortcut)
+            request = httpx.Request("GET", "http://svc.internal/x", headers={"a": "b"})
+            assert (await transport.handle_async_request(request)).status_code == 200
+            after.append([(item[1], item[2]) for item in request.headers._list])
+        return after
+
+    after = asyncio.run(go())
+    extra = [(b"x-inner", b"1")] if how == "after" else []
+    for headers, wire in zip(after, inner.wire, strict=True):
+        assert (b"x-fidelity-attempt", b"1") in wire
+        assert any(name == b"x-request-timeout-ms" for name, _ in wire)
+        assert [item for item in headers if item[0] != b"host"] == [(b"a", b"b"), *extra]

@@ -236,7 +236,8 @@ class First(NamedTuple):
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self[:14]
+        (ctx, up, request, own, observer, now, local, gate, source, prior, token, own_timeout, _,
+         saved, target, breaker_key, gated, _, original_url, own_sni) = self  # fmt: skip
         if up.listening:  # (a name the rule could not place: its first answer's address)
             up.heard(response, ctx.engine)
         status = response.status_code
@@ -247,65 +248,57 @@ class First(NamedTuple):
         if up.window is not None:
             up.window.add(ended - now)
         breaker = up.breaker
-        if self.target is not None:
-            return self._served(response, status, ended)
+        if target is not None:
+            # A service's instance: the steps the loop takes when its first attempt ends
+            # the call, in its order (the instance's latency and failure, the breaker and
+            # what it says of the instance, the observer, the body's watch), then the
+            # request as it came (`attempts`' `finally`).
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            _weigh(target, up, response, now, ended)
+            _answered(target, outcome, now, ended)
+            counted = None
+            if gate is not None and gated:
+                assert breaker is not None
+                if outcome == SUCCESS:
+                    counted = gate
+                state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
+                _learned_state(target, breaker, state, ended)
+            elif not gated and breaker is not None:  # around it
+                target.answered = outcome == SUCCESS
+            if observer is not None:
+                observe_end(observer, token, response, None)
+            if (
+                outcome == SUCCESS
+                and (breaker is None or counted is not None or not gated)
+                and response.stream.__class__ is not _BYTE_STREAM
+            ):  # its body still to be read: a break there fails the call after all
+                watch = Watch(ctx, up.key, ctx.engine.store, local, breaker_key, breaker,
+                              counted, source, target, up.shut, 1)  # fmt: skip
+                watch_body(response, watch)
+            if own:
+                response.extensions[CONTEXT_EXTENSION] = ctx
+            _unaim(request, original_url, own_sni)
+            restore(request.headers, prior, saved)
+            _own_timeouts_back(request, own_timeout)
+            if own and observer is not None:
+                call_end(observer, ctx)
+            return response
         if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
-                              self.source, None, up.shut)  # fmt: skip
+                              source, None, up.shut)  # fmt: skip
                 watch_body(response, watch)
         if observer is not None:
             observe_end(observer, token, response, None)
         restore(request.headers, prior, saved)
-        keep_own_timeouts(request.extensions, self.original_timeout)
+        keep_own_timeouts(request.extensions, own_timeout)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
                 call_end(observer, ctx)
-        return response
-
-    def _served(self, response: httpx.Response, status: int, ended: float) -> httpx.Response:
-        """`finish` for a service's instance: the steps the loop takes when its first
-        attempt ends the call, in its order (the instance's latency and failure, the
-        breaker and what it says of the instance, the observer, the body's watch), then
-        the request as it came (`attempts`' `finally`)."""
-        ctx, up, request, own, observer, now, local, gate, source, prior, token = self[:11]
-        saved = self.saved
-        target, breaker_key, gated = self.target, self.breaker_key, self.gated
-        assert target is not None
-        breaker = up.breaker
-        outcome = FAILURE if status in up.fail_statuses else SUCCESS
-        _weigh(target, up, response, now, ended)
-        _answered(target, outcome, now, ended)
-        counted = None
-        if gate is not None and gated:
-            assert breaker is not None
-            if outcome == SUCCESS:
-                counted = gate
-            state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
-            _learned_state(target, breaker, state, ended)
-        elif not gated and breaker is not None:  # around it
-            target.answered = outcome == SUCCESS
-        if observer is not None:
-            observe_end(observer, token, response, None)
-        if (
-            outcome == SUCCESS
-            and (breaker is None or counted is not None or not gated)
-            and response.stream.__class__ is not _BYTE_STREAM
-        ):  # its body still to be read: a break there fails the call after all
-            watch = Watch(ctx, up.key, ctx.engine.store, local, breaker_key, breaker, counted,
-                          source, target, up.shut, 1)  # fmt: skip
-            watch_body(response, watch)
-        if own:
-            response.extensions[CONTEXT_EXTENSION] = ctx
-        _unaim(request, self.original_url, self.own_sni)
-        restore(request.headers, prior, saved)
-        _own_timeouts_back(request, self.original_timeout)
-        if own and observer is not None:
-            call_end(observer, ctx)
         return response
 
     def resume(self, response: httpx.Response | None, thrown: BaseException | None) -> Steps:
