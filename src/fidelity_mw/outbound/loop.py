@@ -140,6 +140,9 @@ SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a co
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
+# A service's first attempt (`First.aim`): the instance, its breaker key, whether its breaker
+# gated the attempt, and the request's own URL and TLS name (`_aim`)
+Aim = tuple[Instance, str, bool, httpx.URL, Any]
 
 FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple: Final = (
@@ -223,21 +226,16 @@ class First(NamedTuple):
     original_timeout: Mapping[str, float | None] | None
     can_replay: bool
     saved: list[tuple[bytes, bytes, bytes]] | None  # (`wire.restore`)
-    # A service's: the instance picked (None: a plain upstream), the breaker key gated (the
-    # instance's), whether its breaker gated it (False: the pick goes around a known-open
-    # one), the gate answer's age, and the request's own URL and TLS name (`_aim`)
-    target: Instance | None
-    breaker_key: str
-    gated: bool
-    age: float
-    original_url: httpx.URL | None
-    own_sni: Any
+    # A service's first attempt (None: a plain upstream's): the instance picked, the breaker
+    # key gated (the instance's), whether its breaker gated it (False: the pick goes around
+    # a known-open one), and the request's own URL and TLS name (`_aim`)
+    aim: Aim | None
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, own_timeout, _,
-         saved, target, breaker_key, gated, _, original_url, own_sni) = self  # fmt: skip
+         saved, aim) = self  # fmt: skip
         if up.listening:  # (a name the rule could not place: its first answer's address)
             up.heard(response, ctx.engine)
         status = response.status_code
@@ -248,11 +246,12 @@ class First(NamedTuple):
         if up.window is not None:
             up.window.add(ended - now)
         breaker = up.breaker
-        if target is not None:
+        if aim is not None:
             # A service's instance: the steps the loop takes when its first attempt ends
             # the call, in its order (the instance's latency and failure, the breaker and
             # what it says of the instance, the observer, the body's watch), then the
             # request as it came (`attempts`' `finally`).
+            target, breaker_key, gated, original_url, own_sni = aim
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _weigh(target, up, response, now, ended)
             _answered(target, outcome, now, ended)
@@ -336,16 +335,8 @@ def first_attempt(
     prior = take_ours(request.headers) if up.speaks else None
     saved = snapshot(request.headers) if observer is not None else None
     breaker = up.breaker
-    target: Instance | None = None
-    breaker_key = up.breaker_key
-    gated = breaker is not None
-    age = 0.0
     instances = up.instances
-    if instances is None:
-        original_url = own_sni = None
-    else:  # (as `attempts` takes them)
-        original_url = request.url
-        own_sni = extensions.get(SNI_EXTENSION)
+    aim: Aim | None = None
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
@@ -354,9 +345,13 @@ def first_attempt(
                 raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         if instances is not None:
             # A service's instance, picked and gated by the loop's own step (an in-process
-            # store: it asks for no I/O), so the picks and their random draws are the loop's
+            # store: it asks for no I/O, and its answers' age is 0.0), so the picks and their
+            # random draws are the loop's; the request's own URL and TLS name as `attempts`
+            # takes them
             g = _gate_now(_gate_next(ctx, ctx.engine, up, local, [], False, 0, now, None))
-            target, breaker_key, gated, gate, source, age = g[:6]
+            gate, source, target = g.gate, g.source, g.target
+            assert target is not None  # (a service's: always an instance)
+            aim = (target, g.breaker_key, g.gated, request.url, extensions.get(SNI_EXTENSION))
         else:
             try:
                 if taken is UNTAKEN:
@@ -366,11 +361,11 @@ def first_attempt(
                 else:
                     gate = taken
             except Exception as exc:
-                gate, _, source, _ = _settle(ctx, up, exc, False, gated, 0, now, None)
+                gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
             else:
                 source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
-            gate_answer(ctx, up, gate, source, age, 0, now, None)
+            gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
         if FAST_HEADERS and (remaining is None or remaining >= up.uncut_s):
             # `prepare(ctx, up, request, 1, timeouts, remaining)`, inlined for its common
             # case: the whole attempt timeout fits in the deadline.
@@ -384,14 +379,12 @@ def first_attempt(
         else:
             prepare(ctx, up, request, 1, timeouts, remaining)
         details: Mapping[str, DetailValue] | None = FIRST_ATTEMPT
-        if target is not None:  # (as the loop's first attempt to an instance says it)
-            assert original_url is not None
-            _aim(request, target, original_url, own_sni)
-            details = (
-                FIRST_ATTEMPT if source != SOURCE_FALLBACK else with_why(source, FIRST_ATTEMPT)
-            )
+        if aim is not None:
+            _aim(request, aim[0], aim[3], aim[4])
+            if source == SOURCE_FALLBACK:  # (as the loop's first attempt to an instance says)
+                details = with_why(source, FIRST_ATTEMPT)
         decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, age, now, details)
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, details)
         )
         if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
             ctx._decisions.append(decision)
@@ -399,18 +392,18 @@ def first_attempt(
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
-        if target is not None:
-            _unaim(request, original_url, own_sni)
+        if aim is not None:
+            _unaim(request, aim[3], aim[4])
         restore(request.headers, prior, saved)
         if own and observer is not None:
             call_end(observer, ctx)
         raise
-    if target is not None:
-        target.outstanding += 1
+    if aim is not None:
+        aim[0].outstanding += 1
     return _new_tuple(
         First,
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
-         can_replay, saved, target, breaker_key, gated, age, original_url, own_sni),
+         can_replay, saved, aim),
     )  # fmt: skip
 
 
@@ -441,8 +434,9 @@ def attempts(
     clock = engine.clock
     breaker = up.breaker
     instances = up.instances
-    if first is not None and first.original_url is not None:  # (its first attempt aimed it)
-        original_url, own_sni = first.original_url, first.own_sni
+    aimed = None if first is None else first.aim
+    if aimed is not None:  # (its first attempt was sent to an instance: `_aim`)
+        original_url, own_sni = aimed[3], aimed[4]
     else:
         original_url = request.url
         # the caller's own TLS name, if any (`sni_hostname`), which an instance's never
@@ -490,7 +484,8 @@ def attempts(
     try:
         if first is not None:
             gate, source, attempt, token = first.gate, first.source, 1, first.token
-            target, breaker_key, gated, age = first[14:18]
+            if aimed is not None:
+                target, breaker_key, gated = aimed[:3]
         elif ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target

@@ -706,7 +706,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved, None, up.breaker_key, up.breaker is not None, 0.0, None, None),
+                 can_replay, saved, None),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
         if up.listening:  # (a name the rule could not place: its first answer's address)
@@ -717,7 +717,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved, None, up.breaker_key, up.breaker is not None, 0.0, None, None),
+                 can_replay, saved, None),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
