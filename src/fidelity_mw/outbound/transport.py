@@ -91,10 +91,12 @@ from .loop import (
 )
 from .upstream import Resolver, Upstream, resolved_problem
 from .wire import (
+    ATTEMPT_HEADER,
     FAST_HEADERS,
     OURS_SET,
     OWN_TIMEOUT,
     SPEND_MAX_BYTES,
+    TIMEOUT_HEADER,
     own_timeouts,
     replayable,
     restore,
@@ -125,6 +127,8 @@ _GIVE_UP: Final = GIVE_UP_EXTENSION
 _OWN_TIMEOUT: Final = OWN_TIMEOUT
 _Watch: Final = Watch
 _WATCHERS: Final = WATCHERS
+_ATTEMPT_HEADER: Final = ATTEMPT_HEADER
+_TIMEOUT_HEADER: Final = TIMEOUT_HEADER
 
 
 def _uri_fields_fit() -> bool:
@@ -755,12 +759,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 assert saved is not None
                 request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
-            if stamped:
-                raw = request.headers._list
-                if tuple(raw[-2:]) == stamped:  # (the very items appended: the list's last two)
-                    del raw[-2:]
-                else:  # (moved by the inner transport, or `prepare`'s: taken off by name)
-                    unstamp(request.headers, None)
+            raw = request.headers._list
+            if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
+                del raw[-2:]
+            elif stamped:  # (moved by the inner transport: taken off wherever they are)
+                unstamp(request.headers, None)
         if tight or capped is not None:  # (the attempt's timeouts stay for its body)
             extensions[_OWN_TIMEOUT] = (extensions.get("timeout"), timeouts)
         if own:
