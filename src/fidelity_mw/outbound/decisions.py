@@ -204,8 +204,10 @@ def lb_decision(
                 "breaker_known_open": pick.bypass,
                 "answered_around_open": pick.bypass and target.answered,
                 # how much its last failure still weighs in its cost (0.0: none)
-                "failure_weight": round(
-                    failure_weight(target.failed_at, now, up.failure_fade_s), 3
+                "failure_weight": (
+                    round(failure_weight(target.failed_at, now, up.failure_fade_s), 3)
+                    if target.failed_at
+                    else 0.0
                 ),
             },
         ),

@@ -141,6 +141,9 @@ SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a co
 
 Effect = tuple[Any, ...]
 Steps = Generator[Effect, Any, httpx.Response]
+# A service's first attempt (`First.aim`): the instance, its breaker key, whether its breaker
+# gated the attempt, and the request's own URL and TLS name (`_aim`)
+Aim = tuple[Instance, str, bool, httpx.URL, Any]
 
 FIRST_ATTEMPT: Final[Mapping[str, int]] = {"attempt": 1}
 _new_tuple: Final = (
@@ -224,11 +227,16 @@ class First(NamedTuple):
     original_timeout: Mapping[str, float | None] | None
     can_replay: bool
     saved: list[tuple[bytes, bytes, bytes]] | None  # (`wire.restore`)
+    # A service's first attempt (None: a plain upstream's): the instance picked, the breaker
+    # key gated (the instance's), whether its breaker gated it (False: the pick goes around
+    # a known-open one), and the request's own URL and TLS name (`_aim`)
+    aim: Aim | None
 
     def finish(self, response: httpx.Response) -> httpx.Response | None:
         """The response, recorded, when it ends the call (no retry to consider); None
         when the call goes on in the loop (`resume`)."""
-        ctx, up, request, own, observer, now, local, gate, _, prior, token, _, _, saved = self
+        (ctx, up, request, own, observer, now, local, gate, source, prior, token, own_timeout, _,
+         saved, aim) = self  # fmt: skip
         if up.listening:  # (a name the rule could not place: its first answer's address)
             up.heard(response, ctx.engine)
         status = response.status_code
@@ -239,18 +247,54 @@ class First(NamedTuple):
         if up.window is not None:
             up.window.add(ended - now)
         breaker = up.breaker
+        if aim is not None:
+            # A service's instance: the steps the loop takes when its first attempt ends
+            # the call, in its order (the instance's latency and failure, the breaker and
+            # what it says of the instance, the observer, the body's watch), then the
+            # request as it came (`attempts`' `finally`).
+            target, breaker_key, gated, original_url, own_sni = aim
+            outcome = FAILURE if status in up.fail_statuses else SUCCESS
+            _weigh(target, up, response, now, ended)
+            _answered(target, outcome, now, ended)
+            counted = None
+            if gate is not None and gated:
+                assert breaker is not None
+                if outcome == SUCCESS:
+                    counted = gate
+                state = _record_now(local, up, breaker_key, gate, outcome, now, ended)
+                _learned_state(target, breaker, state, ended)
+            elif not gated and breaker is not None:  # around it
+                target.answered = outcome == SUCCESS
+            if observer is not None:
+                observe_end(observer, token, response, None)
+            if (
+                outcome == SUCCESS
+                and (breaker is None or counted is not None or not gated)
+                and response.stream.__class__ is not _BYTE_STREAM
+            ):  # its body still to be read: a break there fails the call after all
+                watch = Watch(ctx, up.key, ctx.engine.store, local, breaker_key, breaker,
+                              counted, source, target, up.shut, 1)  # fmt: skip
+                watch_body(response, watch)
+            if own:
+                response.extensions[CONTEXT_EXTENSION] = ctx
+            _unaim(request, original_url, own_sni)
+            restore(request.headers, prior, saved)
+            _own_timeouts_back(request, own_timeout)
+            if own and observer is not None:
+                call_end(observer, ctx)
+            return response
         if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
-                              self.source, None, up.shut)  # fmt: skip
+                              source, None, up.shut)  # fmt: skip
                 watch_body(response, watch)
         if observer is not None:
             observe_end(observer, token, response, None)
         restore(request.headers, prior, saved)
-        keep_own_timeouts(request.extensions, self.original_timeout)
+        keep_own_timeouts(request.extensions, own_timeout)
         if own:
             response.extensions[CONTEXT_EXTENSION] = ctx
             if observer is not None:
@@ -291,24 +335,36 @@ def first_attempt(
     can_replay = type(stream) is httpx.ByteStream or replayable(stream)
     prior = take_ours(request.headers) if up.speaks else None
     saved = snapshot(request.headers) if observer is not None else None
+    breaker = up.breaker
+    instances = up.instances
+    aim: Aim | None = None
     try:
         remaining = ctx.deadline_at
         if remaining is not None:
             remaining -= now
             if remaining <= 0.0:
                 raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
-        breaker = up.breaker
-        try:
-            if taken is UNTAKEN:
-                gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
-            elif isinstance(taken, Exception):
-                raise taken
-            else:
-                gate = taken
-        except Exception as exc:
-            gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
+        if instances is not None:
+            # A service's instance, picked and gated by the loop's own step (an in-process
+            # store: it asks for no I/O, and its answers' age is 0.0), so the picks and their
+            # random draws are the loop's; the request's own URL and TLS name as `attempts`
+            # takes them
+            g = _gate_now(_gate_next(ctx, ctx.engine, up, local, [], False, 0, now, None))
+            gate, source, target = g.gate, g.source, g.target
+            assert target is not None  # (a service's: always an instance)
+            aim = (target, g.breaker_key, g.gated, request.url, extensions.get(SNI_EXTENSION))
         else:
-            source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
+            try:
+                if taken is UNTAKEN:
+                    gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+                elif isinstance(taken, Exception):
+                    raise taken
+                else:
+                    gate = taken
+            except Exception as exc:
+                gate, _, source, _ = _settle(ctx, up, exc, False, breaker is not None, 0, now, None)
+            else:
+                source = SOURCE_REQUEST if gate is None else SOURCE_MEMORY
         if gate is not None and gate.verdict != "allow":
             gate_answer(ctx, up, gate, source, 0.0, 0, now, None)
         if FAST_HEADERS and (remaining is None or remaining >= up.uncut_s):
@@ -323,8 +379,13 @@ def first_attempt(
                 counts[up.key] = counts.get(up.key, 0) + 1
         else:
             prepare(ctx, up, request, 1, timeouts, remaining)
+        details: Mapping[str, DetailValue] | None = FIRST_ATTEMPT
+        if aim is not None:
+            _aim(request, aim[0], aim[3], aim[4])
+            if source == SOURCE_FALLBACK:  # (as the loop's first attempt to an instance says)
+                details = with_why(source, FIRST_ATTEMPT)
         decision = _new_tuple(
-            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, FIRST_ATTEMPT)
+            Decision, (LAYER_RETRY, up.key, ALLOW, "attempt", source, 0.0, now, details)
         )
         if ctx._pending is None and len(ctx._decisions) < ctx._room_at:
             ctx._decisions.append(decision)
@@ -332,14 +393,18 @@ def first_attempt(
             ctx.decisions.append(decision)
         token = observe_start(observer, ctx, request, 1) if observer else None
     except BaseException:
+        if aim is not None:
+            _unaim(request, aim[3], aim[4])
         restore(request.headers, prior, saved)
         if own and observer is not None:
             call_end(observer, ctx)
         raise
+    if aim is not None:
+        aim[0].outstanding += 1
     return _new_tuple(
         First,
         (ctx, up, request, own, observer, now, local, gate, source, prior, token, timeouts,
-         can_replay, saved),
+         can_replay, saved, aim),
     )  # fmt: skip
 
 
@@ -370,9 +435,14 @@ def attempts(
     clock = engine.clock
     breaker = up.breaker
     instances = up.instances
-    original_url = request.url
-    # the caller's own TLS name, if any (`sni_hostname`), which an instance's never replaces
-    own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
+    aimed = None if first is None else first.aim
+    if aimed is not None:  # (its first attempt was sent to an instance: `_aim`)
+        original_url, own_sni = aimed[3], aimed[4]
+    else:
+        original_url = request.url
+        # the caller's own TLS name, if any (`sni_hostname`), which an instance's never
+        # replaces
+        own_sni = request.extensions.get(SNI_EXTENSION) if instances is not None else None
     if first is None:
         extensions = request.extensions
         original_timeout = extensions.get("timeout")
@@ -415,6 +485,8 @@ def attempts(
     try:
         if first is not None:
             gate, source, attempt, token = first.gate, first.source, 1, first.token
+            if aimed is not None:
+                target, breaker_key, gated = aimed[:3]
         elif ctx.deadline_at is not None and ctx.deadline_at - now <= 0.0:
             raise deadline_passed(ctx, up, 0, now, None)  # nothing taken yet
         # --- first attempt: count the request on the budget and gate the target
@@ -461,16 +533,7 @@ def attempts(
                         prior, saved = take_ours_late(request.headers, saved)
                 prepare(ctx, up, request, number, original_timeout, remaining)
                 if target is not None:
-                    request.url = at_instance(
-                        original_url, target.address, target.scheme, target.host, target.port
-                    )
-                    if own_sni is None:
-                        # HTTPS to an address: TLS speaks the service's name (SNI, and the
-                        # certificate is verified against it), as the Host header does
-                        if target.sni:
-                            request.extensions[SNI_EXTENSION] = original_url.host
-                        else:
-                            request.extensions.pop(SNI_EXTENSION, None)
+                    _aim(request, target, original_url, own_sni)
                 if race is not None and hedge:
                     ctx.decisions.append(
                         Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
@@ -541,24 +604,7 @@ def attempts(
             if up.window is not None:
                 up.window.add(ended - now)
             if target is not None:
-                target.outstanding -= 1
-                sample = ended - now
-                if (
-                    response is None
-                    or response.status_code >= 500
-                    or response.status_code in up.retry_statuses
-                ) and sample <= _known_latency(target, up.instances):
-                    # A quick failure is no evidence of speed (a slow one is of slowness):
-                    # taken as one, an instance failing fast would look the fastest and
-                    # draw more calls. Its estimate stands as of now (not aged as if the
-                    # instance had not been asked); an unmeasured one stays unmeasured.
-                    if target.latency_s > 0.0:
-                        target.latency_at = ended
-                else:
-                    target.latency_s = ewma(
-                        target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S
-                    )
-                    target.latency_at = ended
+                _weigh(target, up, response, now, ended)
             try:
                 if (
                     response is not None
@@ -569,10 +615,7 @@ def attempts(
                     retryable = downstream = False
                     ran_out = 0
                     if target is not None:
-                        if outcome != SUCCESS:  # (a status the policy counts as a failure)
-                            target.failed_at = ended
-                        elif target.failed_at and now >= target.failed_at:
-                            target.failed_at = 0.0  # sent after it failed, and answered well
+                        _answered(target, outcome, now, ended)
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
                     ran_out = deadline_spent(ctx, up, request, response, error, now, ended)
@@ -793,18 +836,80 @@ def attempts(
             return response
     finally:
         if target is not None:
-            request.url = original_url
-            if own_sni is None:
-                request.extensions.pop(SNI_EXTENSION, None)
+            _unaim(request, original_url, own_sni)
         restore(request.headers, prior, saved)
-        # the request's own timeouts again (not the last attempt's, nor the short reads of
-        # a failed answer's: a request sent again would carry them)
-        if original_timeout is None:
-            request.extensions.pop("timeout", None)
-        else:
-            request.extensions["timeout"] = original_timeout
+        _own_timeouts_back(request, original_timeout)
         if own and observer is not None:
             call_end(observer, ctx)
+
+
+def _aim(request: httpx.Request, target: Instance, original_url: httpx.URL, own_sni: Any) -> None:
+    """Send the attempt to the service's instance `target`."""
+    request.url = at_instance(original_url, target.address, target.scheme, target.host, target.port)
+    if own_sni is None:
+        # HTTPS to an address: TLS speaks the service's name (SNI, and the certificate is
+        # verified against it), as the Host header does
+        if target.sni:
+            request.extensions[SNI_EXTENSION] = original_url.host
+        else:
+            request.extensions.pop(SNI_EXTENSION, None)
+
+
+def _unaim(request: httpx.Request, original_url: httpx.URL | None, own_sni: Any) -> None:
+    """The request's own URL and TLS name again (`_aim` undone)."""
+    if original_url is not None:
+        request.url = original_url
+    if own_sni is None:
+        request.extensions.pop(SNI_EXTENSION, None)
+
+
+def _own_timeouts_back(request: httpx.Request, original_timeout: Any) -> None:
+    """The request's own timeouts again (not the last attempt's, nor the short reads of a
+    failed answer's: a request sent again would carry them)."""
+    if original_timeout is None:
+        request.extensions.pop("timeout", None)
+    else:
+        request.extensions["timeout"] = original_timeout
+
+
+def _weigh(
+    target: Instance, up: Upstream, response: httpx.Response | None, now: float, ended: float
+) -> None:
+    """An attempt sent to `target` at `now` is over: one call fewer in flight, and its
+    latency estimate with what the attempt took."""
+    target.outstanding -= 1
+    sample = ended - now
+    if (
+        response is None or response.status_code >= 500 or response.status_code in up.retry_statuses
+    ) and sample <= _known_latency(target, up.instances):
+        # A quick failure is no evidence of speed (a slow one is of slowness): taken as
+        # one, an instance failing fast would look the fastest and draw more calls. Its
+        # estimate stands as of now (not aged as if the instance had not been asked); an
+        # unmeasured one stays unmeasured.
+        if target.latency_s > 0.0:
+            target.latency_at = ended
+    else:
+        target.latency_s = ewma(target.latency_s, target.latency_at, sample, ended, EWMA_TAU_S)
+        target.latency_at = ended
+
+
+def _answered(target: Instance, outcome: str, now: float, ended: float) -> None:
+    """The instance's answer ended the attempt (no retry to consider): its failure weight."""
+    if outcome != SUCCESS:  # (a status the policy counts as a failure)
+        target.failed_at = ended
+    elif target.failed_at and now >= target.failed_at:
+        target.failed_at = 0.0  # sent after it failed, and answered well
+
+
+def _gate_now(steps: Generator[Effect, Any, _Gated]) -> _Gated:
+    """`_gate_next`'s answer on an in-process store (it asks for no I/O then)."""
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        gated: _Gated = done.value
+        return gated
+    steps.close()
+    raise RuntimeError("fidelity_mw: an in-process gate asked for I/O")  # pragma: no cover
 
 
 # ---------------------------------------------------------------- steps
@@ -899,7 +1004,7 @@ def _gate_next(
                 and ((pick.bypass and not chosen.answered) or chosen.paused_until > sent_at)
             ):
                 # (a hedge goes to another instance than those the call waits on, or not)
-                pick = _closed_instead(instances, tried, pick, now, sent_at, engine)
+                pick = _closed_instead(instances, tried, pick, now, sent_at, engine, up)
                 until = instances[pick.chosen].paused_until
                 if sent_at < until <= wait_until:
                     # Only the instance whose Retry-After the call can wait is left (the
@@ -964,9 +1069,11 @@ def _gate_next(
         lb_decision(ctx, up, target, pick, len(instances or ()), now)
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
-    return _Gated(
-        target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
-        resend_at,
+    # (every field given: one C call, not the named tuple's keyword wrapper; every call)
+    return _new_tuple(
+        _Gated,
+        (target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
+         resend_at),
     )  # fmt: skip
 
 
@@ -977,6 +1084,7 @@ def _closed_instead(
     now: float,
     sent_at: float,
     engine: Engine,
+    up: Upstream,
 ) -> Pick:
     """A retry's pick fell on an instance whose breaker is known open (kept in rotation by
     the ejection bound, or panic): it rather goes to an instance whose breaker is not
@@ -993,7 +1101,14 @@ def _closed_instead(
         return pick
     views = [instances[n].view(now) for n in again]
     used = [k for k, n in enumerate(again) if instances[n] in tried]
-    best = choose(views, used, now, engine.rng)
+    best = choose(
+        views,
+        used,
+        now,
+        engine.rng,
+        failure_penalty=up.failure_penalty,
+        failure_fade_s=up.failure_fade_s,
+    )
     return Pick(again[best.chosen], best.reason, pick.panic, False, pick.admissible)
 
 
@@ -1197,8 +1312,7 @@ def _learned_state(target: Instance, breaker: BreakerConfig, state: str, now: fl
     # The real open time is the breaker's (it starts at open_min_s and grows with failed
     # probes): assume the shortest; when it is over the next pick asks the breaker, whose
     # rejection says how long.
-    shortest = open_time(breaker, 0)
-    target.open_until = now + shortest if state == OPEN else 0.0
+    target.open_until = now + open_time(breaker, 0) if state == OPEN else 0.0
 
 
 def prepare(

@@ -174,12 +174,13 @@ class _Seen:
     """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
     threads that arm one transport at once never see half of one engine's."""
 
-    __slots__ = ("clock", "engine", "observer", "policy", "store", "system")
+    __slots__ = ("clock", "engine", "local", "observer", "policy", "store", "system")
 
-    def __init__(self, engine: Engine, observer: AttemptObserver | None) -> None:
+    def __init__(self, engine: Engine, observer: AttemptObserver | None, local: Local) -> None:
         self.engine = engine
         self.policy = engine.policy
         self.store = engine.store
+        self.local = local  # (the store's in-process operations: a store replaced drops it)
         self.observer = observer  # (the transport's own, else the engine's)
         self.clock = clock = engine.clock
         self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
@@ -479,14 +480,15 @@ class _Base:
         local = cached[1]
         hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
-        if local is not None and up.instances is None and not hedged:
-            if hedging and self._resolver is None and up.plain and _SHORTCUT_FITS:
-                # The async transport's shortcut may skip all of this. (The engine lists
-                # the transport, so a change of the engine drops what was read here.) The
-                # sync transport has none: arming it cost each of its calls a `_Seen`
-                # and an add to the engine's weak set, shared by every thread.
+        if local is not None and not hedged:  # (a service's too: `first_attempt`)
+            if hedging and self._resolver is None and hedge is None and _SHORTCUT_FITS:
+                # The async transport's shortcut may skip all of this (a service's call,
+                # all but `first_attempt`: `_service`). (The engine lists the transport, so
+                # a change of the engine drops what was read here.) The sync transport has
+                # none: arming it cost each of its calls a `_Seen` and an add to the
+                # engine's weak set, shared by every thread.
                 engine.transports.add(self)
-                armed.seen = _Seen(engine, self._observer or engine.attempt_observer)
+                armed.seen = _Seen(engine, self._observer or engine.attempt_observer, local)
                 armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -638,25 +640,21 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         elif (
             seen is not None
             and (plan := armed.upstreams.get((host, port))) is not None
-            and plan.plain
             and plan.policy is seen.policy
         ):
+            if not plan.plain:  # a service's (or a hedged upstream's): not the shortcut's
+                return await self._service(request, ctx, engine, plan, seen)
             up, known = plan, seen
             armed.last = (host, port, plan, seen)
         else:
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
-        # (the store's operations by their store, not the tuple's identity: compiled, a
-        # tuple field is held unboxed and each read of it builds a new one)
-        cached = armed.local
-        if known.engine is not engine or cached[0] is not known.store:
+        if known.engine is not engine:
             armed.last = None
             return await self._handle(request)
-        local = cached[1]
-        if local is None:  # (never armed so: `_start` arms the shortcut with operations)
-            armed.last = None
-            return await self._handle(request)
-        # (`_start` looked the engine's observer up before it armed the shortcut)
+        # (`_start` looked the engine's observer and the store's operations up before it
+        # armed the shortcut; a change of the engine, its store's included, drops them)
+        local = known.local
         observer = known.observer
         clock = known.clock
         system = known.system
@@ -745,7 +743,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved),
+                 can_replay, saved, None),
             )  # fmt: skip
             return await self._drive(first.resume(None, exc), engine)
         if up.listening:  # (a name the rule could not place: its first answer's address)
@@ -756,7 +754,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             first = _new_tuple(
                 First,
                 (ctx, up, request, own, observer, now, local, gate, source, None, token, timeouts,
-                 can_replay, saved),
+                 can_replay, saved, None),
             )  # fmt: skip
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
@@ -806,6 +804,29 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             if observer is not None:
                 _call_end(observer, ctx)
         return response
+
+    async def _service(
+        self,
+        request: httpx.Request,
+        ctx: DecisionContext | None,
+        engine: Engine,
+        up: Upstream,
+        known: _Seen,
+    ) -> httpx.Response:
+        """A call to a service (an upstream with instances, unhedged) under the engine the
+        shortcut was armed for: what `_start` would find, read from what it armed
+        (`known`), and its first attempt by `first_attempt`, to the instance the loop's
+        own step picks. Anything else is `_handle`'s."""
+        if up.hedge is not None or known.engine is not engine:
+            return await self._handle(request)
+        local = known.local
+        now = _monotonic() if known.system else known.clock.monotonic()
+        own = ctx is None
+        if ctx is None:
+            ctx = DecisionContext(engine, "outbound", request.method, now)
+            if up.default_deadline_s is not None:
+                ctx.deadline_at = now + up.default_deadline_s
+        return await self._first(ctx, up, request, own, known.observer, now, local, UNTAKEN)
 
     async def _first(
         self,

@@ -258,7 +258,8 @@ class Upstream:
         # The instances' breaker keys (a balancer's fresh read of them), with the list
         # they are of: one tuple, replaced whole (the sync transport's threads).
         self.breaker_keys: tuple[list[Instance] | None, list[str]] = (None, [])
-        self.plain = hedge is None  # no instances, no hedging: `First` makes its first attempt
+        # no instances, no hedging: the async shortcut makes its first attempt
+        self.plain = hedge is None
         self._speak(engine)
         if cfg.instances:
             self.set_instances(engine, cfg.instances)
