@@ -537,7 +537,13 @@ async def test_faults_under_load_kill_restart_stop_continue(fleet_redis, tmp_pat
     assert in_kill["fallback"] > 0
     assert in_stop["fallback"] > 0
     assert after_restart is not None
-    assert after_continue is not None
+    # A request sent after SIGCONT was decided on Redis again. On a loaded machine the
+    # faults' own steps (a restart waits for the new server to answer) can run late
+    # enough that SIGCONT comes after the load's last request (CI beside three burners,
+    # compiled: 171 requests in the 1 s pause, none after it); then the members' own
+    # recovery times after SIGCONT and the requests after the load (`settled`) show it.
+    sent_after_continue = [r for r in replies if r.sent >= marks["continued"]]
+    assert after_continue is not None or not sent_after_continue, len(sent_after_continue)
     assert None not in back_restart  # every member got back to Redis by itself
     assert None not in back_continue
     # Back within the probe backoff cap (0.5 s) plus generous scheduling slack for a
