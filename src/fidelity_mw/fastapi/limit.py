@@ -343,15 +343,26 @@ class LimitDependency:
         met = request.scope.get(_UNNAMED)
         if met is None:
             request.scope[_UNNAMED] = {name: [self]}
+            if self._apart:
+                self._first_here(name)
             return name
         limits = met.setdefault(name, [])
         if self not in limits:
             limits.append(self)
         place = limits.index(self)
         if place == 0:
+            if self._apart:
+                self._first_here(name)
             return name
         apart = self._apart[name] = f"{name}#{place + 1}"
         return apart
+
+    def _first_here(self, name: str) -> None:
+        """A request ran this limit first at its rate on the route: what `check` reads
+        there is `name`, whatever was learned or read off the routes before (an app-wide
+        limit a test's `dependency_overrides` took out since, say)."""
+        if self._apart.get(name, name) != name:
+            self._apart[name] = name
 
     def _placed_name(self, request: HTTPConnection, name: str, route: str | None) -> str:
         """`name` (this unnamed limit's default on a route), or `name#2` ... where another
@@ -359,14 +370,21 @@ class LimitDependency:
         routes before any request of the route taught it (`_default_name`): in a process
         that had served none, `check` read the first limit's counter, which shared state
         (Redis, a fleet) holds apart from this one's. The routes that run this limit
-        (their dependencies in FastAPI's order) agree on its place, or the one whose path
-        is the route asked about decides; else `name`, as before. Read once per name."""
-        app = request.scope.get("app")
+        (their dependencies in FastAPI's order, the app's `dependency_overrides` applied)
+        agree on its place, or the one whose name is the route asked about decides; else
+        `name`, as before. Read once per name."""
+        scope = request.scope
         places: dict[str, int] = {}
-        for path, route_obj in _app_routes(getattr(app, "routes", None)):
-            place = _place_on(route_obj, self)
-            if place is not None:
-                places.setdefault(path, place)
+        # The routes by their names as the middleware gives them: from the outermost
+        # router (`/v1/export` of an app mounted at /v1, which a check inside the mounted
+        # app sees as its own `/export`), then the app that serves the check by its own
+        # paths (a middleware added to the mounted app names its routes so)
+        for routes in (getattr(scope.get("router"), "routes", None), _routes_of(scope)):
+            for path, route_obj in _app_routes(routes):
+                if path not in places:
+                    place = _place_on(route_obj, self)
+                    if place is not None:
+                        places[path] = place
         if not places:
             return name  # not on this app's routes (another app's): nothing to learn
         found = set(places.values())
@@ -612,26 +630,45 @@ def default_name(route: str, rate: str) -> str:
     return f"{route.replace('|', '%7C')}:{rate}"
 
 
-def _app_routes(routes: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
-    """The routes of an app with their paths, mounted apps' (`Mount`, `Host`) too."""
+def _routes_of(scope: Mapping[str, Any]) -> Any:
+    return getattr(scope.get("app"), "routes", None)
+
+
+def _app_routes(
+    routes: Any, prefix: str = "", host: str = "", depth: int = 0
+) -> list[tuple[str, Any]]:
+    """The routes of an app with their names as `routes.Served` gives them (the `Host`
+    patterns, then the path with its mounts' prefixes), mounted apps' too."""
     found: list[tuple[str, Any]] = []
     if depth > 16:
         return found
     for route in flat_routes(routes or ()):
-        path = prefix + str(getattr(route, "path", "") or "")
         if getattr(route, "dependant", None) is not None:
-            found.append((path, route))
-        elif hasattr(route, "routes"):  # a Mount or a Host: the routes of its app
-            found += _app_routes(getattr(route, "routes", None), path, depth + 1)
+            found.append((host + prefix + str(getattr(route, "path", "") or ""), route))
+        elif (
+            getattr(route, "host_regex", None) is not None
+            and getattr(route, "path_regex", None) is None
+        ):
+            # a Host: its pattern leads the name of every route of its app
+            pattern = str(getattr(route, "host", "") or "")
+            found += _app_routes(getattr(route, "routes", None), prefix, host + pattern, depth + 1)
+        elif hasattr(route, "routes"):  # a Mount: the routes of its app, under its path
+            path = prefix + str(getattr(route, "path", "") or "")
+            found += _app_routes(getattr(route, "routes", None), path, host, depth + 1)
     return found
 
 
 def _place_on(route: Any, limit: LimitDependency) -> int | None:
     """`limit`'s place among the unnamed limits at its rate that `route` runs, in the
     order FastAPI runs its dependencies (a dependency's own before it; one met again is
-    run once, at its first place); None when the route does not run it."""
+    run once, at its first place; one the app's `dependency_overrides` replaces, as its
+    replacement); None when the route does not run it."""
+    overrides = getattr(
+        getattr(route, "dependency_overrides_provider", None), "dependency_overrides", None
+    )
     same_rate: list[LimitDependency] = []
     stack: list[tuple[Any, bool]] = [(route.dependant, False)]
+    top = True
     while stack:
         dependant, done = stack.pop()
         call = getattr(dependant, "call", None)
@@ -644,6 +681,13 @@ def _place_on(route: Any, limit: LimitDependency) -> int | None:
             ):
                 same_rate.append(call)
             continue
+        if overrides and not top:
+            replaced = _overridden(dependant, call, overrides)
+            if replaced is not dependant:
+                # (an override in a test, say, of an app-wide limit: a request runs the
+                # replacement, and the route's own limit is the first at its rate)
+                dependant, call = replaced, getattr(replaced, "call", None)
+        top = False
         stack.append((dependant, True))
         for sub in reversed(getattr(dependant, "dependencies", None) or ()):
             stack.append((sub, False))
@@ -651,6 +695,32 @@ def _place_on(route: Any, limit: LimitDependency) -> int | None:
         if other is limit:
             return place
     return None
+
+
+def _overridden(dependant: Any, call: Any, overrides: Mapping[Any, Any]) -> Any:
+    """The dependant FastAPI solves in place of `dependant` (`dependency_overrides`:
+    the replacement's own, its dependencies included), or `dependant` itself."""
+    try:
+        replacement = overrides.get(call, call)
+    except TypeError:  # an unhashable call: FastAPI's own lookup fails the same way
+        return dependant
+    if replacement is call:
+        return dependant
+    try:
+        from fastapi.dependencies.utils import get_dependant
+
+        return get_dependant(path=getattr(dependant, "path", "") or "", call=replacement)
+    except Exception:  # another FastAPI's signature: the replacement alone, no dependencies
+        return _Leaf(replacement)
+
+
+class _Leaf:
+    """A replacement dependency whose own dependencies could not be read."""
+
+    dependencies: tuple[Any, ...] = ()
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
 
 
 def _signature(key_dep: object) -> inspect.Signature:
