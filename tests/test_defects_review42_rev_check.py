@@ -34,9 +34,7 @@ async def get(app: FastAPI, path: str, host: str = "app") -> httpx.Response:
         return await http.get(path)
 
 
-def overridden_app(
-    store: MemoryStore, clock: FakeClock, override: bool
-) -> tuple[FastAPI, object]:
+def overridden_app(store: MemoryStore, clock: FakeClock, override: bool) -> tuple[FastAPI, object]:
     fidelity = Fidelity()
     app_wide = fidelity.limit("2/min")
     own = fidelity.limit("2/min")

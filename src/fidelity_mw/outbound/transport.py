@@ -198,7 +198,7 @@ _SYNC_IN_ASYNC_CLIENT: Final = (
 )
 
 
-def _forget_breakers(engine: Engine, gone: list[Instance], own: object) -> None:
+def _forget_breakers(engine: Engine, gone: list[Instance], own: object) -> list[Instance]:
     """The breakers of instances the resolver no longer names, forgotten where they are
     this process's alone (the memory store's `forget_breakers`): kept, every address a
     rolling restart or a rescheduled pod left behind held its breaker (an open one never
@@ -207,11 +207,12 @@ def _forget_breakers(engine: Engine, gone: list[Instance], own: object) -> None:
     one with a call in flight (its outcome would make it again). A fleet's breakers on
     Redis stay: other processes may still call the instance, and their keys expire.
     An instance named again starts with a closed breaker, as with a fresh balancer view
-    (Envoy forgets a host's outlier state when discovery drops it)."""
+    (Envoy forgets a host's outlier state when discovery drops it). Returns the instances
+    left for their calls in flight, to forget once those end (`_Base._forget_later`)."""
     forget = getattr(engine.store, "forget_breakers", None)
     if forget is None:
-        return
-    keys = {i.breaker_key for i in gone if i.outstanding == 0}
+        return []
+    keys = {i.breaker_key for i in gone if i.outstanding <= 0}
     for transport in {own, *engine.transports}:
         for first in list(getattr(transport, "_upstreams", {}).values()):
             plan: Upstream | None = first
@@ -224,6 +225,7 @@ def _forget_breakers(engine: Engine, gone: list[Instance], own: object) -> None:
                 plan = plan.parked
     if keys:
         forget(sorted(keys))
+    return [i for i in gone if i.outstanding > 0]
 
 
 @mypyc_attr(native_class=False)  # the engine holds transports weakly
@@ -274,6 +276,9 @@ class _Base:
         self._telemetry = telemetry
         self._resolver = resolver
         self._bad_answers: dict[str, str] = {}  # host -> the resolver answer's problem logged
+        # Instances the resolver dropped while a call to them was out, with their engine:
+        # their breakers are forgotten at a resolver answer after those calls end
+        self._gone_busy: list[tuple[Engine, Instance]] = []
         self._observed_engine: Engine | None = None
         self._armed = armed = _Armed()
         self._upstreams = armed.upstreams
@@ -394,6 +399,8 @@ class _Base:
         """Take a resolver's answer. One the same as the last (good or bad) is not
         checked again: a resolver that returns its cached list costs no validation
         per call, and a bad answer is reported once, not per call."""
+        if self._gone_busy:
+            self._forget_later()
         try:
             answer: tuple[object, ...] = (urls,) if isinstance(urls, str | bytes) else tuple(urls)
         except TypeError:  # not a sequence at all: refused below like any bad answer
@@ -407,7 +414,10 @@ class _Base:
         if problem is None:
             gone = up.set_instances(engine, urls)
             if gone and up.breaker is not None:
-                _forget_breakers(engine, gone, self)
+                busy = _forget_breakers(engine, gone, self)
+                if busy:
+                    # (bounded: a call that never ends must not make this grow)
+                    self._gone_busy = [*self._gone_busy, *((engine, i) for i in busy)][-256:]
             self._bad_answers.pop(up.host, None)
         elif self._bad_answers.get(up.host) != problem:
             # like a resolver down: the instances it named last still answer
@@ -415,6 +425,21 @@ class _Base:
             logger.warning(
                 "fidelity_mw: the resolver's answer for %s is ignored: %s", up.host, problem
             )
+
+    def _forget_later(self) -> None:
+        """The breakers of dropped instances whose calls were in flight at the drop
+        (`_forget_breakers` left them: the outcome would have made them again), now that
+        those calls ended. Kept, a service with traffic, whose instances mostly have a call
+        out when a rolling replacement drops them, kept nearly every old address's breaker
+        (an open one for good) as if nothing were forgotten."""
+        waiting = self._gone_busy
+        ended = [(engine, i) for engine, i in waiting if i.outstanding <= 0]
+        if not ended:
+            return
+        # (a new list, not changed in place: the sync transport's threads read it)
+        self._gone_busy = [(engine, i) for engine, i in waiting if i.outstanding > 0]
+        for engine in {id(engine): engine for engine, _ in ended}.values():
+            _forget_breakers(engine, [i for e, i in ended if e is engine], self)
 
     def engine_changed(self, engine: Engine) -> None:
         """`engine` changed (`Engine.__setattr__`): what the shortcut read of it goes, and
