@@ -193,6 +193,10 @@ async def test_syncs_of_three_processes_decide_as_the_model(
         """Process p syncs: its outcomes recorded on the model at this instant; whether
         the breaker is still closed (both alike)."""
         nonlocal since
+        before = memory.breakers.get(ROUTE, None)
+        epoch = 0 if before is None else before.epoch
+        # (review 42: a success counted at this sync ends the streak `since` is of)
+        ended = any(o == SUCCESS and g.epoch == epoch for g, o in pending[p])
         for gate, outcome in pending[p]:
             await memory.record(ROUTE, model, gate, outcome, False, fleet.now)
         pending[p].clear()
@@ -207,7 +211,7 @@ async def test_syncs_of_three_processes_decide_as_the_model(
             return True
         if state.state == CLOSED and carried:
             since, opens = streak_stands(
-                RATIO_TOO.consecutive_failures, state.consecutive, since, fleet.now, WAIT
+                RATIO_TOO.consecutive_failures, state.consecutive, since, fleet.now, WAIT, ended
             )
             if opens:
                 state.force(OPEN, fleet.now, lambda: 0.5)

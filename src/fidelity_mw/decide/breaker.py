@@ -74,7 +74,12 @@ def known_open_s(state: str, retry_after_s: float, cfg: BreakerParams) -> float:
 
 
 def streak_stands(
-    consecutive_failures: int | None, streak: int, since: float, now: float, wait_s: float
+    consecutive_failures: int | None,
+    streak: int,
+    since: float,
+    now: float,
+    wait_s: float,
+    ended: bool = False,
 ) -> tuple[float, bool]:
     """Tiered state: does a fleet-wide failure streak that syncs brought to
     `consecutive_failures` open the breaker now? (since, opens); `since` is when the
@@ -91,13 +96,17 @@ def streak_stands(
     `co`). An upstream down for everyone sends no success: the breaker opens one wait
     later than the exact store would. `wait_s` 0: at once, as the exact store decides.
     A `since` after `now` was stored before the clock went back: the wait runs from now.
-    lib.lua's `streak_stands` mirrors it.
+    `ended`: a success this sync brought ended the streak `since` is of, so `streak` is
+    a new one, failures after it in the same sync, and its wait starts now (kept, the
+    ended streak's time opened the new one at the next sync past the old wait, before
+    the successes other processes had meanwhile were synced). lib.lua's `streak_stands`
+    mirrors it.
     """
     if consecutive_failures is None or consecutive_failures <= 0:
         return 0.0, False
     if streak < consecutive_failures:
         return 0.0, False
-    if since <= 0.0 or since > now:
+    if ended or since <= 0.0 or since > now:
         since = now
     return since, now - since >= wait_s
 

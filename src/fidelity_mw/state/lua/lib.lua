@@ -468,12 +468,13 @@ local function br_should_open(b, now)
   return br_ratio_trips(cfg, calls, failures, slow)
 end
 
--- Port of decide.breaker.streak_stands: returns since, opens
-local function streak_stands(consecutive, streak, since, now, wait)
+-- Port of decide.breaker.streak_stands: returns since, opens. `ended`: a success of
+-- this sync ended the streak `since` is of (the failures after it are a new one)
+local function streak_stands(consecutive, streak, since, now, wait, ended)
   if consecutive <= 0 or streak < consecutive then
     return 0, false
   end
-  if since <= 0 or since > now then
+  if ended or since <= 0 or since > now then
     since = now
   end
   return since, now - since >= wait

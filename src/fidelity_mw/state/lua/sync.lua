@@ -52,6 +52,7 @@ for j = 0, nb - 1 do
   local ok, failed = pcall(function()
     local b = br_load(KEYS[2 * j + 1], KEYS[2 * j + 2], cfg)
     b.defer = streak_wait > 0
+    local ended = false -- a success of these runs ended the streak `cr` is of
     if runs ~= '' and epoch == b.ep and b.st == 'closed' then
       -- Replayed as fidelity_mw.decide.breaker.BreakerState.record counts them, one by
       -- one, checked after every outcome (a success too), until one opens the breaker
@@ -95,6 +96,7 @@ for j = 0, nb - 1 do
               b.er = 0
             end
             b.co = 0
+            ended = true
           end
           trips = df == 1 and cfg.consecutive > 0 and b.co >= cfg.consecutive and not b.defer
           local first = cfg.min_calls - calls
@@ -118,7 +120,7 @@ for j = 0, nb - 1 do
     if b.defer and b.st == 'closed' then
       -- (every sync of the breaker looks, with runs or none: a streak that stood its
       -- wait opens at the next sync of any process)
-      local since, opens = streak_stands(cfg.consecutive, b.co, b.cr, now, streak_wait)
+      local since, opens = streak_stands(cfg.consecutive, b.co, b.cr, now, streak_wait, ended)
       if opens then
         br_transition(b, 'open', now, u)
       elseif since ~= b.cr then
