@@ -63,7 +63,8 @@ async def test_a_new_streak_after_a_synced_success_waits_its_own_time(
     async def calls(p: int, outcomes: list[str]) -> None:
         for outcome in outcomes:
             result = await procs[p].admit(ROUTE, STREAK, (), (), clock.monotonic())
-            assert result.gate is not None and result.gate.verdict == "allow"
+            assert result.gate is not None
+            assert result.gate.verdict == "allow"
             await procs[p].record(ROUTE, STREAK, result.gate, outcome, False, clock.monotonic())
 
     def shared() -> tuple[str, int, float]:
