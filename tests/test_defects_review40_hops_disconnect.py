@@ -27,6 +27,7 @@ from fidelity_mw.testing import FakeClock
 
 DROPPED = 12
 CLIENT_TIMEOUT_S = 0.5  # the clients give up (drop the connection) after this
+AT_C_BY_S = 10.0
 SETTLE_S = 15.0  # an upper bound on the chain winding down on a busy machine
 # B's attempt timeout for C here: the clients' leaving, not B's own timeout, must end the
 # hung calls. At the rig's 1 s, a loaded machine (CI beside CPU burners) passed the
@@ -62,6 +63,29 @@ async def _drop_all(rig: hops.Chain, prefix: str, n: int) -> list[str]:
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+async def _drop_at_c(rig: hops.Chain, prefix: str, n: int) -> list[str]:
+    """`n` clients at once, each on its own connection, each dropping it once its request
+    is at C (by `AT_C_BY_S` at the latest). `_drop_all`'s fixed timeout let a loaded
+    machine drop some clients before their request had reached C (10 of 12 did once)."""
+
+    async def one(i: int) -> str:
+        rid = f"{prefix}{i}"
+        async with httpx.AsyncClient(timeout=2 * AT_C_BY_S) as client:
+            call = asyncio.ensure_future(client.get(f"{rig.url}/x/ok", headers={"x-hop-id": rid}))
+            end = time.monotonic() + AT_C_BY_S
+            while not call.done() and not rig.seen.c_calls_by_rid[rid]:
+                if time.monotonic() > end:
+                    break
+                await asyncio.sleep(0.01)
+            if call.done():
+                return f"answered {call.result().status_code}"
+            call.cancel()  # the client leaves: its connection is closed
+            await asyncio.gather(call, return_exceptions=True)
+            return "dropped"
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
 def _settle(rig: hops.Chain) -> dict[str, int]:
     """Wait (bounded) for every hop to have nothing in flight; what is left."""
     end = time.monotonic() + SETTLE_S
@@ -89,7 +113,7 @@ def test_clients_dropping_mid_chain_leave_no_count_and_no_slot_behind() -> None:
         assert _healthy(rig, "warm", 6) == [200] * 6
         for i in range(3):
             rig.faults.set(i, "hang")
-        got = asyncio.run(_drop_all(rig, "drop", DROPPED))
+        got = asyncio.run(_drop_at_c(rig, "drop", DROPPED))
         left = _settle(rig)
         failures = rig.failures()
         rig.faults.clear()
