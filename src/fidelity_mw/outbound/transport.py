@@ -80,6 +80,7 @@ from .loop import (
     SLEEP,
     SNI_EXTENSION,
     UNTAKEN,
+    WAIT,
     First,
     Local,
     Steps,
@@ -774,7 +775,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 watch = _new_tuple(
                     _Watch,
                     (ctx, up.key, None, local, up.breaker_key, breaker, gate, source, None,
-                     up.shut, 1),
+                     up.shut, 1, up.attempt_timeout_s),
                 )  # fmt: skip
                 watcher = _WATCHERS.get(body.__class__)
                 if watcher is None:  # (a class of body not seen yet: `watch_body` learns it)
@@ -964,6 +965,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     value = None
                     with anyio.CancelScope(shield=True):
                         await _whole(store.budget_refund(*effect[1:]))
+                elif kind == WAIT:  # a hedged call's retry, for its hedge's answer
+                    value = None
+                    await effect[1].settled()
             except BaseException as exc:
                 thrown = exc
 
