@@ -240,12 +240,19 @@ class Connection:
 
 
 async def load(
-    ports: list[int], path: str, rate: float, duration_s: float, batch: int = 1
+    ports: list[int],
+    path: str,
+    rate: float,
+    duration_s: float,
+    batch: int = 1,
+    answer_s: float = 5.0,
 ) -> list[Reply]:
     """`rate` requests/s for `duration_s`, round-robin over the fleet. Bounded: count and time.
 
     `batch` > 1: requests arrive in groups of `batch` at the same instant, each group
-    at one member (the same average rate, in bursts)."""
+    at one member (the same average rate, in bursts). `answer_s`: how long one request
+    may wait for its answer before it counts as unanswered (status -1, the error's name
+    as its source)."""
     total = int(rate * duration_s)
     replies: list[Reply] = []
     pools: dict[int, asyncio.Queue[Connection]] = {}
@@ -262,7 +269,7 @@ async def load(
         conn = await pool.get()
         sent = time.monotonic()
         try:
-            status, source = await asyncio.wait_for(conn.get(path), timeout=5.0)
+            status, source = await asyncio.wait_for(conn.get(path), timeout=answer_s)
             replies.append(Reply(sent, time.monotonic(), status, source))
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             conn.close()
@@ -272,7 +279,8 @@ async def load(
 
     try:
         await asyncio.wait_for(
-            asyncio.gather(*(one(i) for i in range(total))), timeout=duration_s + 30.0
+            asyncio.gather(*(one(i) for i in range(total))),
+            timeout=duration_s + max(30.0, 3.0 * answer_s),
         )
     finally:
         for pool in pools.values():
@@ -429,13 +437,20 @@ async def test_tiered_saturated_key_at_a_longer_sync_interval(  # type: ignore[n
 ) -> None:
     """The accuracy load with `sync_interval_ms = 500`: the periodic floor drops to
     0.025 per request, and the saturated key's leases (ahead, up to a burst) add about
-    as much (0.04 counted on a pinned clock, tests/test_tiered_saturated.py)."""
+    as much (0.04 counted on a pinned clock, tests/test_tiered_saturated.py).
+
+    Each request may wait 30 s for its answer, not the load's default 5 s: under load 10
+    (out41's run) 23 of 1,200 went unanswered within 5 s and passed on a re-run. What a
+    busy machine delays here is the members' CPU, not a decision: 8 requests arrive at
+    once at one member (16 connections each), and a member starved of CPU for a few
+    seconds leaves the last of them waiting. The test proves that every request is
+    answered 200 or 429 and the counts below, never how fast."""
     url = "tiered+" + fleet_redis.url
     fleet = Fleet(tmp_path / f"slow{batch}", url, f"slow{batch}", env={"FMW_SYNC_MS": "500"})
     with running(fleet):
         before = script_calls(fleet_redis)
         replies = await load(
-            fleet.ports, "/api/limited", rate=2 * RATE, duration_s=3.0, batch=batch
+            fleet.ports, "/api/limited", rate=2 * RATE, duration_s=3.0, batch=batch, answer_s=30.0
         )
         calls = script_calls(fleet_redis) - before
     admitted, bound, _span = accuracy_report(f"tiered 500 ms, batch {batch}", replies)
@@ -446,7 +461,8 @@ async def test_tiered_saturated_key_at_a_longer_sync_interval(  # type: ignore[n
         f"for {len(replies)} requests = {per_request:.3f}/request; an exact limiter would "
         f"admit {ideal} of these arrivals"
     )
-    assert {r.status for r in replies} <= {200, 429}
+    unanswered = Counter((r.status, r.source) for r in replies if r.status not in (200, 429))
+    assert not unanswered, unanswered  # (status -1: no answer, with the error's name)
     assert admitted <= bound * 1.01
     assert admitted >= 0.7 * ideal
     assert per_request <= 0.15  # slack for a loaded machine (counted: 0.04)

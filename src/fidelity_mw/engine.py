@@ -10,7 +10,7 @@ import hashlib
 import logging
 import random
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -83,6 +83,13 @@ class Engine:
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(_not_a_policy(policy))
         self.policy = policy if policy is not None else Policy()
+        # What the transports' upstream plans built under this engine and this policy are
+        # marked with (`Upstream.mark`): a plan is this engine's only, never another
+        # engine's that shares the Policy object (its store, its clock, what its balancer
+        # learned there), and none survives a policy swapped in. Replaced on a swap.
+        self.plan_mark: object = object()
+        # Called when a policy is swapped in: what a middleware read of the policy once
+        self.policy_readers: list[Callable[[], None]] = []
         defaulted = clock is None
         testing = TESTING.current  # a test's fake_time() block (fidelity_mw.testing)
         if testing is not None:
@@ -113,6 +120,8 @@ class Engine:
         # One concurrency limiter per route with a bulkhead: process memory, its
         # only writer the middleware (plans come and go; the limiter stays).
         self.bulkheads: dict[str, ConcurrencyLimiter] = {}
+        # Those of the policy before the last swap, taken up again where unchanged
+        self._bulkheads_before: dict[str, ConcurrencyLimiter] = {}
         # The transports built on this engine (weakly: a closed client's goes away), so
         # the admin page can show their balancers' per-instance state (admin/view.py).
         self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -123,13 +132,40 @@ class Engine:
         # A change of the engine (a policy swapped in, a test's clock and state): the
         # transports' shortcuts cached what they read of it per call (`_Armed.seen`),
         # and read it again at their next call. (Sets are rare; reads stay plain.)
+        swapped = name == "policy" and "plan_mark" in self.__dict__
+        if swapped and not isinstance(value, Policy):
+            raise TypeError(_not_a_policy(value))
         object.__setattr__(self, name, value)
+        if swapped:
+            self.policy_swapped()
         transports = self.__dict__.get("transports")
         if transports:
             for transport in list(transports):
                 forget = getattr(transport, "engine_changed", None)
                 if forget is not None:
                     forget(self)
+
+    def policy_swapped(self) -> None:
+        """`engine.policy = X` after construction: everything read of the policy once is
+        read again, so the swap takes effect on the next request and call (route plans,
+        limits, breakers, trusted proxies, upstream plans). The state store stays the one
+        built: `[state]` takes a restart (docs/operations.md, "Changing the policy")."""
+        policy = self.policy
+        put = object.__setattr__  # (no transport told per field: once, by the caller)
+        put(self, "trusted_proxies", networks(policy.trusted_proxies))
+        put(self, "trusted_peers", networks(policy.trusted_peers))
+        put(self, "client_keys", ClientKeys(policy.client_ipv6_prefix))
+        put(self, "_head_limits", names_head(policy.rate_limits))
+        put(self, "_head_routes", names_head(policy.routes))
+        put(self, "plan_mark", object())
+        # (in place: a middleware holds the dict of plans by (method, path))
+        self._plans.clear()
+        self._host_plans.clear()
+        self._root_globs_said.clear()
+        self._bulkheads_before = {**self._bulkheads_before, **self.bulkheads}
+        self.bulkheads.clear()
+        for read in list(self.policy_readers):
+            read()
 
     # ------------------------------------------------------------ plans
 
@@ -260,23 +296,23 @@ class Engine:
         limit is never split across two objects. Once created it is one lookup."""
         limiter = self.bulkheads.get(route)
         if limiter is None:
-            limiter = self.bulkheads.setdefault(
-                route,
-                ConcurrencyLimiter(
-                    ConcurrencySpec(
-                        limit=cfg.limit,
-                        adaptive=cfg.adaptive,
-                        min_limit=cfg.min_limit,
-                        max_limit=cfg.max_limit,
-                        default_share=cfg.default_share,
-                        sheddable_share=cfg.sheddable_share,
-                        max_queue=cfg.max_queue,
-                        tolerance=cfg.tolerance,
-                        shed_stale=cfg.shed_stale,
-                        newest_first=cfg.admits_newest,
-                    )
-                ),
+            spec = ConcurrencySpec(
+                limit=cfg.limit,
+                adaptive=cfg.adaptive,
+                min_limit=cfg.min_limit,
+                max_limit=cfg.max_limit,
+                default_share=cfg.default_share,
+                sheddable_share=cfg.sheddable_share,
+                max_queue=cfg.max_queue,
+                tolerance=cfg.tolerance,
+                shed_stale=cfg.shed_stale,
+                newest_first=cfg.admits_newest,
             )
+            old = self._bulkheads_before.pop(route, None)
+            # (the policy swapped in left the route's bulkhead as it was: the same one,
+            # with the requests it holds; changed, a new one, and those end on the old)
+            fresh = old if old is not None and old.spec == spec else ConcurrencyLimiter(spec)
+            limiter = self.bulkheads.setdefault(route, fresh)
         return limiter
 
     def _say_root_path_globs(self, full_path: str, path: str, root: object) -> None:

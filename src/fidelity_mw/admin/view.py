@@ -365,10 +365,11 @@ def _plan_for(current: Upstream, engine: Engine) -> Upstream | None:
     """A transport used under several engines (inside requests, outside them) holds a
     plan per host for each policy: the current one, and the one used before it, parked
     (`FidelityTransport.upstream`). This engine's, if either is."""
-    if current.policy is engine.policy:
+    mark = getattr(engine, "plan_mark", None)
+    if current.mark is mark:
         return current
     parked: Upstream | None = getattr(current, "parked", None)
-    return parked if parked is not None and parked.policy is engine.policy else None
+    return parked if parked is not None and parked.mark is mark else None
 
 
 def _round(value: float | None) -> float | None:

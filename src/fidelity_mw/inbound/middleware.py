@@ -200,33 +200,19 @@ class FidelityMiddleware:
         self._monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._plan_for = self.engine.plan_for
         self._plans = self.engine._plans
-        # The engine's plans by (method, path), looked up by method, then path: no tuple
-        # built, hashed and compared per request. Filled from the engine's cache alone (a
-        # host-routed app's plans are never there), bounded as it is (`_plan_of`).
-        self._by_method: dict[str, dict[str, RoutePlan]] = {}
-        self._by_method_size = 0
         store_ = self.engine.store
         # An in-process store decides without an await (None: await `admit`).
         self._admit_now = store_.admit_now
-        self._reader = reader = RequestReader(self.engine)
-        self._wanted = reader.wanted
-        self._uses_forwarding = reader.uses_forwarding
-        self._limit_keys = reader.limit_keys
-        self._admission = admission = Admission(
-            self.policy, fields_for(self.policy.rate_limit_header_names, self.engine.clock.wall)
-        )
-        # the IETF fields alone (the default): called directly, a native call compiled
-        self._ietf_fields = self.policy.rate_limit_header_names == "ietf"
-        self._fields = admission.fields
-        self._verdict = admission.verdict
+        self._read_policy()
+        # A policy swapped in (`engine.policy = ...`): what was read of it here is read
+        # again, as the engine drops its plans (`Engine.policy_swapped`).
+        self.engine.policy_readers.append(self._read_policy)
         # the records of an allowed request, built when someone reads them
         # (an attribute: compiled, a field read, not a module lookup by name)
         self._pending_builder: Callable[..., None] = admission_decisions
-        self._always_headers = admission.headers_mode == "always"
         self._outcomes = OutcomeRecorder(store_, self._monotonic)
         self._record_now = store_.record_now
         self._records_now = store_.record_now is not None  # an outcome recorded in process
-        self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
         # Answer control refusals that escape the app (CircuitOpen, DeadlineExceeded, a
         # spent retry budget, a timeout that was the deadline) as 503/504; False: let
         # them through to the server, as any exception.
@@ -236,13 +222,36 @@ class FidelityMiddleware:
         call_later: CallLater | None = getattr(self.engine.clock, "call_later", None)
         self._deadlines = DeadlineWatch(self._monotonic, call_later)
         self._stalls = StallWatch(self._monotonic, call_later)  # send_stall_timeout_s
-        # A websocket handshake on a route with rate limits is admitted by them (None:
-        # the policy has none, and every websocket passes through)
-        self._websockets = WebsocketGate(self) if self.policy.rate_limits else None
         # The app's CORSMiddleware below us (inbound/cors.py): our own answers carry its
         # headers, or a browser reads a 429 of ours as a CORS failure
         cors = inner_cors(app)
         self._cors = CorsAnswers(cors) if cors is not None else None
+
+    def _read_policy(self) -> None:
+        """What the middleware reads of the engine's policy once, not per request (at
+        construction, and again when a policy is swapped in)."""
+        self.policy = policy = self.engine.policy
+        # The engine's plans by (method, path), looked up by method, then path: no tuple
+        # built, hashed and compared per request. Filled from the engine's cache alone (a
+        # host-routed app's plans are never there), bounded as it is (`_plan_of`).
+        self._by_method: dict[str, dict[str, RoutePlan]] = {}
+        self._by_method_size = 0
+        self._reader = reader = RequestReader(self.engine)
+        self._wanted = reader.wanted
+        self._uses_forwarding = reader.uses_forwarding
+        self._limit_keys = reader.limit_keys
+        self._admission = admission = Admission(
+            policy, fields_for(policy.rate_limit_header_names, self.engine.clock.wall)
+        )
+        # the IETF fields alone (the default): called directly, a native call compiled
+        self._ietf_fields = policy.rate_limit_header_names == "ietf"
+        self._fields = admission.fields
+        self._verdict = admission.verdict
+        self._always_headers = admission.headers_mode == "always"
+        self._bulkheads = Bulkheads(self.engine, reader.trusted_peer)
+        # A websocket handshake on a route with rate limits is admitted by them (None:
+        # the policy has none, and every websocket passes through)
+        self._websockets = WebsocketGate(self) if policy.rate_limits else None
 
     def _plan_of(self, scope: Scope, method: str) -> RoutePlan:
         """The engine's plan for this request, kept by method and path when the engine

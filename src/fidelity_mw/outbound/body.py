@@ -166,6 +166,10 @@ class Watch(NamedTuple):
     # cut it (the pool drops the connection: a ReadError), not the upstream
     shut: list[bool] | None = None
     attempts: int = 1  # the call's attempts, this answer's included
+    # The attempt timeout of the upstream's plan (its `[[upstream]]` entry's), carried: the
+    # subject cannot always say its host (`fd00::5:8080`: an IPv6 address and a port?).
+    # None: looked up by the subject (a watch built outside the transport).
+    attempt_timeout_s: float | None = None
 
     def broke(self, exc: BaseException, read: int, blocking: bool) -> None:
         """Report the broken body: the breaker, the instance, the decision. Never raises."""
@@ -212,9 +216,11 @@ class Watch(NamedTuple):
         now = ctx.engine.clock.monotonic()
         if now < deadline_at - _DEADLINE_SLACK_S:
             return False  # someone else's cancellation
-        subject = self.subject
-        host = subject.rsplit(":", 1)[0] if subject.count(":") == 1 else subject
-        timeout_s = ctx.engine.policy.upstream_for(host).attempt_timeout_ms / 1000.0
+        timeout_s = self.attempt_timeout_s
+        if timeout_s is None:
+            subject = self.subject
+            host = subject.rsplit(":", 1)[0] if subject.count(":") == 1 else subject
+            timeout_s = ctx.engine.policy.upstream_for(host).attempt_timeout_ms / 1000.0
         return deadline_at - ctx.started_at >= timeout_s * 0.5
 
     def _decide(self, exc: BaseException, read: int) -> None:

@@ -12,6 +12,9 @@ and counts in the decision record and `x-fidelity-attempt`. The first good
 answer wins; the other loops are cancelled (they release what they hold and
 close any response they got). A failed hedge does not end the call: the
 primary loop's own answer (retries included) stands unless a hedge answers well.
+A retry of the call with no instance left that it did not try waits while a hedge is
+still out (`Race.out`, `Race.settled`) rather than send the request to that instance a
+second time at once.
 
 The sync transport does not hedge: a blocking call has no second thread to race on.
 """
@@ -54,15 +57,20 @@ class Race:
     never on a failure), so the call's loop pauses the timer when its attempt answers
     and starts it again, with the whole delay, when it sends its retry."""
 
-    __slots__ = ("delay_s", "inbox", "paused", "sent", "targets")
+    __slots__ = ("delay_s", "inbox", "out", "paused", "sent", "targets", "waiter")
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.sent = 0
         # The `upstream.Instance`s sent to (not positions: the service's list may be renamed).
         self.targets: list[Any] = []
+        # The instances an attempt of the call is out to now (sent, no answer yet): a retry
+        # that has no instance left it did not try waits for them (`settled`) rather than
+        # send the same request again to one of them.
+        self.out: list[Any] = []
         self.paused = False
         self.inbox: _Inbox | None = None  # the running race's (`run_race`)
+        self.waiter: anyio.Event | None = None  # the call's retry waiting (`settled`)
 
     def next(self) -> int:
         """The number of the attempt about to be sent (1 for the first)."""
@@ -75,6 +83,26 @@ class Race:
         inbox = self.inbox
         if inbox is not None and inbox.timer is not None:
             inbox.timer.cancel()
+
+    async def settled(self) -> None:
+        """Wait until no attempt of the call is out any more (`out` is empty), each
+        attempt's loop having posted its outcome: a good one ends the race, and with it
+        this wait (cancelled); a failure lets the retry be decided again."""
+        while self.out:
+            self.waiter = waiter = anyio.Event()
+            await waiter.wait()
+        inbox = self.inbox
+        if inbox is not None and inbox.won:
+            # (the race has its winner, or is about to pick it: its end cancels this wait,
+            # and a retry decided meanwhile would only be taken and given back)
+            await anyio.sleep_forever()
+
+    def landed(self) -> None:
+        """An attempt loop of the call posted its outcome: a waiting retry looks again."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set()
 
     def resume(self) -> None:
         """The call's loop sends an attempt (its retry): the hedge delay starts again."""
@@ -227,15 +255,19 @@ class _Inbox:
     """Outcomes of the call's attempt loops, and the wait they end (the hedge delay's
     sleep, or a plain wait once no hedge is left to send)."""
 
-    __slots__ = ("outcomes", "timer", "wake")
+    __slots__ = ("outcomes", "retry_statuses", "timer", "wake", "won")
 
-    def __init__(self) -> None:
+    def __init__(self, retry_statuses: frozenset[int] = frozenset()) -> None:
         self.outcomes: list[Outcome] = []
         self.timer: anyio.CancelScope | None = None
         self.wake: anyio.Event | None = None
+        self.retry_statuses = retry_statuses
+        self.won = False  # a good answer was posted: the race ends with it
 
     def post(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+        if outcome[2] is None and _good(outcome[1], self.retry_statuses):
+            self.won = True
         if self.timer is not None:
             self.timer.cancel()
         if self.wake is not None:
@@ -256,7 +288,7 @@ async def run_race(
 
     The loops run as tasks; this task sleeps the hedge delay itself (on the engine's
     clock), and an outcome cuts that sleep short: one task per attempt, nothing more."""
-    inbox = race.inbox = _Inbox()
+    inbox = race.inbox = _Inbox(retry_statuses)
     outcomes = inbox.outcomes
     winner: tuple[httpx.Response | None, Exception | None] | None = None
     primary: tuple[httpx.Response | None, Exception | None] | None = None
@@ -268,6 +300,7 @@ async def run_race(
             inbox.post((index, None, exc))
         else:
             inbox.post((index, response, None))
+        race.landed()
 
     try:
         async with anyio.create_task_group() as group:

@@ -14,6 +14,9 @@
 - `(REFUND, budget_key, cfg, source, age_s, now[, spent_at])` -> None: the store's
   `budget_refund` (`spent_at` when its gate answer said it: `GateAnswer.spent_at`; a
   retry the budget counted whose attempt is not sent; best effort, errors ignored);
+- `(WAIT, race)` -> None: a hedged call's retry waits until none of the call's attempts
+  is out any more (`hedge.Race.settled`; the async transport only: the sync one never
+  hedges);
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
@@ -135,6 +138,7 @@ GATE: Final = 2
 RECORD: Final = 3
 CLOSE: Final = 4
 REFUND: Final = 5
+WAIT: Final = 6
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
@@ -155,6 +159,8 @@ _NOT_RECORDED: Final = "fidelity_mw: could not record an outcome for %s: %s"
 UNTAKEN: Final = object()  # `first_attempt`: the first gate is not taken yet
 REFUND_VERDICT: Final = "refund"  # a retry the budget counted, given back: it was not sent
 RETRY_NOT_SENT: Final = "retry_not_sent"
+WAIT_VERDICT: Final = "wait"  # a hedged call's retry waits for its hedge's answer
+HEDGE_OUT: Final = "hedge_in_flight"
 
 
 class Local:
@@ -273,7 +279,8 @@ class First(NamedTuple):
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, ctx.engine.store, local, breaker_key, breaker,
-                              counted, source, target, up.shut, 1)  # fmt: skip
+                              counted, source, target, up.shut, 1,
+                              up.attempt_timeout_s)  # fmt: skip
                 watch_body(response, watch)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
@@ -289,7 +296,7 @@ class First(NamedTuple):
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
-                              source, None, up.shut)  # fmt: skip
+                              source, None, up.shut, 1, up.attempt_timeout_s)  # fmt: skip
                 watch_body(response, watch)
         if observer is not None:
             observe_end(observer, token, response, None)
@@ -565,14 +572,18 @@ def attempts(
                     target.outstanding += 1
                     if race is not None:
                         race.targets.append(target)
+                        race.out.append(target)
                 try:
                     response, thrown = (yield (SEND, request)), None
                 except GeneratorExit:
                     raise
                 except BaseException as exc:
                     response, thrown = None, exc
-                if race is not None and not hedge:
-                    race.pause()  # answered: a hedge now is for the retry's attempt only
+                if race is not None:
+                    if target is not None:
+                        race.out.remove(target)
+                    if not hedge:
+                        race.pause()  # answered: a hedge now is for the retry's attempt only
             else:  # the first attempt, made by `First`
                 (response, thrown), sent = sent, None
             error: BaseException | None = None
@@ -679,17 +690,38 @@ def attempts(
                                 None if scoped is None else scoped.retry_after_s,
                             )  # fmt: skip
                         else:
-                            # (sent then: a microsecond's slack, a wait to a pause's end
-                            # ends at its end, whatever the floats' rounding)
-                            sent_at = now + delay + 1e-6
-                            g = yield from _gate_next(
-                                ctx, engine, up, local, tried, True, attempt, now, error,
-                                False, sent_at,
-                                -math.inf if scoped is None or scoped.wait_until is None
-                                else scoped.wait_until,
-                                GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
-                                None if scoped is None else scoped.retry_after_s,
-                            )  # fmt: skip
+                            while True:
+                                # (sent then: a microsecond's slack, a wait to a pause's
+                                # end ends at its end, whatever the floats' rounding)
+                                sent_at = now + delay + 1e-6
+                                g = yield from _gate_next(
+                                    ctx, engine, up, local, tried, True, attempt, now, error,
+                                    False, sent_at,
+                                    -math.inf if scoped is None or scoped.wait_until is None
+                                    else scoped.wait_until,
+                                    GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
+                                    None if scoped is None else scoped.retry_after_s,
+                                    None if race is None else race.out,
+                                )  # fmt: skip
+                                if not g.waits:
+                                    break
+                                assert race is not None
+                                # Every instance left was tried, and one of them still has
+                                # the call's hedge out: no second request to it while the
+                                # first is at work. The retry waits for that answer (a good
+                                # one ends the call and this loop; a failure: decided again,
+                                # with its outcome known). The failed answer is kept as it
+                                # is meanwhile: it is the call's answer if no retry follows.
+                                ctx.decisions.append(
+                                    Decision(LAYER_RETRY, up.key, WAIT_VERDICT, HEDGE_OUT,
+                                             SOURCE_MEMORY, 0.0, now,
+                                             {"attempt": attempt, "waiting": len(race.out)})
+                                )  # fmt: skip
+                                waited_from = now
+                                yield (WAIT, race)
+                                now = clock.monotonic()
+                                # (the backoff runs on from the failure, not the wait)
+                                delay = max(0.0, delay - (now - waited_from))
                             target, breaker_key, gated, gate, source, age, allowed = g[:7]
                             spent_budget, spent_at = g.spent, g.spent_at
                             if g.resend_at is not None:
@@ -829,7 +861,8 @@ def attempts(
                 and response.stream.__class__ is not _BYTE_STREAM
             ):  # its body still to be read: a break there fails the call after all
                 watch = Watch(ctx, up.key, engine.store, local, breaker_key, breaker, counted,
-                              source, target, up.shut, attempt)  # fmt: skip
+                              source, target, up.shut, attempt,
+                              up.attempt_timeout_s)  # fmt: skip
                 watch_body(response, watch)
             if own:
                 response.extensions[CONTEXT_EXTENSION] = ctx
@@ -926,6 +959,7 @@ class _Gated(NamedTuple):
     spent: bool = False  # a retry was counted on the budget (the store answered, admitted)
     spent_at: float | None = None  # ... at this time of the store's clock, when it said
     resend_at: float | None = None  # the retry waits for its instance's pause to end
+    waits: bool = False  # no instance left untried, one with the call's attempt out: wait
 
 
 def _gate_next(
@@ -943,6 +977,7 @@ def _gate_next(
     wait_until: float = -math.inf,
     refused: str = GIVE_UP_RETRY_AFTER,
     retry_after_s: float | None = None,
+    out: list[Instance] | None = None,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -951,7 +986,10 @@ def _gate_next(
     paused beyond then, but to one whose pause ends by `wait_until` (the call could wait
     the Retry-After that paused it) when no other is left: then after that pause
     (`_Gated.resend_at`); else it gives up, as `refused` (the call's own Retry-After
-    reached the deadline: `deadline`)."""
+    reached the deadline: `deadline`). A hedged call's retry whose pick falls back on an
+    instance the call tried while one of its attempts is still `out` takes no gate and
+    says `waits` (Envoy's previous-hosts predicate gives way then; we wait for the hedge
+    instead: a second request to the instance at work only doubles its work)."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -1029,6 +1067,9 @@ def _gate_next(
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                          SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
+            if out and target in tried:
+                return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False,
+                              waits=True)  # fmt: skip
         failed = False
         budget = retry or count
         count = False
@@ -1073,7 +1114,7 @@ def _gate_next(
     return _new_tuple(
         _Gated,
         (target, breaker_key, gated, gate, source, age, allowed, spent, said if spent else None,
-         resend_at),
+         resend_at, False),
     )  # fmt: skip
 
 

@@ -80,6 +80,7 @@ from .loop import (
     SLEEP,
     SNI_EXTENSION,
     UNTAKEN,
+    WAIT,
     First,
     Local,
     Steps,
@@ -174,11 +175,12 @@ class _Seen:
     """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
     threads that arm one transport at once never see half of one engine's."""
 
-    __slots__ = ("clock", "engine", "local", "observer", "policy", "store", "system")
+    __slots__ = ("clock", "engine", "local", "mark", "observer", "policy", "store", "system")
 
     def __init__(self, engine: Engine, observer: AttemptObserver | None, local: Local) -> None:
         self.engine = engine
         self.policy = engine.policy
+        self.mark = engine.plan_mark  # (the plans the shortcut may use: `Upstream.mark`)
         self.store = engine.store
         self.local = local  # (the store's in-process operations: a store replaced drops it)
         self.observer = observer  # (the transport's own, else the engine's)
@@ -318,13 +320,13 @@ class _Base:
         except AttributeError:  # pragma: no cover - another httpx layout
             key = (url.host, url.port)
         up = self._upstreams.get(key)
-        if up is None or up.policy is not engine.policy:
+        if up is None or up.mark is not engine.plan_mark:
             if len(self._upstreams) >= _MAX_UPSTREAMS:
                 self._evict(engine.clock.monotonic())
             old, up = up, None
             if old is not None:
                 parked, old.parked = old.parked, None  # at most one parked plan per host
-                if parked is not None and parked.policy is engine.policy:
+                if parked is not None and parked.mark is engine.plan_mark:
                     # Back to the policy used before: its plan, with what its balancer
                     # learned (latencies, calls in flight, 429 pauses), not a new one.
                     up = parked
@@ -453,7 +455,7 @@ class _Base:
         for plan in list(self._upstreams.values()):
             up: Upstream | None = plan
             while up is not None:
-                if up.clock is not clock and up.policy is engine.policy:
+                if up.clock is not clock and up.mark is engine.plan_mark:
                     up.new_clock(clock)
                 up = up.parked
 
@@ -490,7 +492,7 @@ class _Base:
             up = self._upstreams.get((ref.host, ref.port))
         except AttributeError:  # pragma: no cover - another httpx layout
             up = None
-        if up is None or up.policy is not engine.policy or self._resolver is not None:
+        if up is None or up.mark is not engine.plan_mark or self._resolver is not None:
             up = self.upstream(engine, request.url)
         if own and up.default_deadline_s is not None:
             ctx.deadline_at = now + up.default_deadline_s
@@ -665,7 +667,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         elif (
             seen is not None
             and (plan := armed.upstreams.get((host, port))) is not None
-            and plan.policy is seen.policy
+            and plan.mark is seen.mark
         ):
             if not plan.plain:  # a service's (or a hedged upstream's): not the shortcut's
                 return await self._service(request, ctx, engine, plan, seen)
@@ -799,7 +801,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 watch = _new_tuple(
                     _Watch,
                     (ctx, up.key, None, local, up.breaker_key, breaker, gate, source, None,
-                     up.shut, 1),
+                     up.shut, 1, up.attempt_timeout_s),
                 )  # fmt: skip
                 watcher = _WATCHERS.get(body.__class__)
                 if watcher is None:  # (a class of body not seen yet: `watch_body` learns it)
@@ -989,6 +991,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     value = None
                     with anyio.CancelScope(shield=True):
                         await _whole(store.budget_refund(*effect[1:]))
+                elif kind == WAIT:  # a hedged call's retry, for its hedge's answer
+                    value = None
+                    await effect[1].settled()
             except BaseException as exc:
                 thrown = exc
 

@@ -162,6 +162,7 @@ class Upstream:
         "key",
         "last_answer",
         "listening",
+        "mark",
         "max_ejected_ratio",
         "panic_threshold",
         "parked",
@@ -187,6 +188,9 @@ class Upstream:
         policy = engine.policy
         cfg = policy.upstream_for(host)
         self.policy: Policy = policy
+        # The engine's mark for its plans under this policy (`Engine.plan_mark`): the plan
+        # is used under that engine and policy alone
+        self.mark: object = engine.plan_mark
         self.cfg: UpstreamConfig = cfg
         # The clock the times below are read on (`new_clock`)
         self.clock: Clock = engine.clock
