@@ -20,18 +20,22 @@ client -> A -> B -> C x3 on real uvicorn (loopback), as before, and:
 - `dynamic=True`: B finds C's instances through a resolver that reads `Chain.c_urls`
   (a test changes it while traffic flows), and `Chain.start_c(index)` starts another
   instance of C (a rolling restart: new ports);
-- `clock=`: every hop's engine on that clock (a `FakeClock`): a test moves the chain's
-  breakers past their open periods with `clock.advance` instead of sleeping them out,
-  while the network's timeouts (httpx's, the clients') stay real. The hops' own waits
-  (backoff, a hedge's delay, a `Retry-After`) advance it too, at once and for every hop:
-  not for scenarios that hedge or wait long (C's deadlines then expire under calls
-  still running).
+- `clock=`: every hop's engine on that clock: a test moves the chain's breakers past
+  their open periods with `clock.advance` instead of sleeping them out, while the
+  network's timeouts (httpx's, the clients') stay real. A `FakeClock`'s sleeps advance
+  it: the hops' own waits (backoff, a hedge's delay, a `Retry-After`) then move time on
+  at once for every hop and every request in flight: not for scenarios that hedge or
+  wait (C's deadlines expire under calls still running; one request's wait for C's
+  `Retry-After: 1` aged every other request's 0.2 s retry hint at B past its end, and
+  their 502s went out without `Retry-After`). `JumpClock` runs in real time, waits
+  included, and only `advance` moves it on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -55,6 +59,34 @@ CONCURRENCY = ConcurrencyConfig(limit=64)
 TRICKLE_S = 0.1
 TRICKLE_FOR_S = 20.0
 GONE = 499  # what a `cancel` hop's handler returns once its client left (nobody reads it)
+
+
+class JumpClock:
+    """Real time, waits included, that a test moves on between a scenario's phases
+    (`advance`: past the breakers' open periods, with nothing in flight). Unlike a
+    `FakeClock`, one request's wait (a backoff, a `Retry-After`) does not move time on for
+    the requests beside it, nor a deadline's timer: no `call_later` here, so the
+    middleware keeps its deadlines on the event loop's own timers, in real time."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self._offset = start - time.monotonic()
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self._offset
+
+    def wall(self) -> float:
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("time does not run backwards")
+        self._offset += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    def sleep_sync(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
 
 
 def with_bulkhead(policy: Policy) -> Policy:
@@ -201,7 +233,7 @@ def chain(
     c_policy: Policy | None = None,
     knobs: _hops39.Knobs | None = None,
     dynamic: bool = False,
-    clock: FakeClock | None = None,
+    clock: FakeClock | JumpClock | None = None,
 ) -> Iterator[Chain]:
     faults = _hops38.Faults()
     seen = _hops38.Seen()

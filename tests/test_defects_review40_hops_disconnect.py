@@ -23,7 +23,6 @@ import httpx
 import _hops38
 import _hops40 as hops
 from fidelity_mw import Policy
-from fidelity_mw.testing import FakeClock
 
 DROPPED = 12
 CLIENT_TIMEOUT_S = 0.5  # the clients give up (drop the connection) after this
@@ -157,9 +156,10 @@ def _all_open(rig: hops.Chain) -> bool:
 
 
 def test_a_half_open_probe_whose_client_left_is_no_failure_and_frees_its_slot() -> None:
-    # Every hop's breakers on one fake clock, moved past their open periods by hand (the
-    # clients' and httpx's timeouts stay real): no sleep waits out a window.
-    clock = FakeClock()
+    # Every hop's breakers on one clock, moved past their open periods by hand: no sleep
+    # waits out a window. Real time otherwise (a `FakeClock`'s sleeps moved it on for
+    # every request at once: review 42, `test_defects_review42_dis_cancel.py`).
+    clock = hops.JumpClock()
     with hops.chain("cancel", b_policy=_patient_b, clock=clock) as rig:
         assert _healthy(rig, "warm", 6) == [200] * 6
         for i in range(3):
