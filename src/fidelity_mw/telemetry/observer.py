@@ -586,6 +586,8 @@ class Telemetry:
             raise ValueError(f"request_attributes={request_attributes!r}: 'lean' or 'all'")
         self.all_events = decision_events == "all"
         self.all_attributes = request_attributes == "all"
+        # a plain request's span gets the lean attributes and no event
+        self._lean = not (self.all_attributes or self.all_events)
         if isinstance(tracer_provider, ProxyTracerProvider):
             tracer_provider = None  # "the global one, whenever it is set"
         if _is_proxy_meter_provider(meter_provider):
@@ -746,7 +748,25 @@ class Telemetry:
                 summary = _BY_FACTS.get(facts)
         if summary is None:
             summary = summary_of(ctx)
-        self._annotate(ctx, span, False, summary, 0, provisional=True)
+        status = ctx.status
+        if (
+            summary.lean
+            and self._lean
+            and ctx.decided_by is None
+            and status is not None
+            and status < 400
+            and not ctx.upstream_exhausted
+            and ctx.inbound_attempt < 2
+        ):
+            # A plain request the app served (`_annotate`'s way for it, without its
+            # shared attributes, outcome and status steps): its decisions and client alone
+            span.set_attribute(_DECISIONS, summary.packed)
+            client_key = ctx.client_key
+            if client_key is not None:
+                key_hash = self._key_hashes.get(client_key)
+                span.set_attribute(_CLIENT_KEY_HASH, key_hash or self.hash_client_key(client_key))
+        else:
+            self._annotate(ctx, span, False, summary, 0, provisional=True)
         token.exported = summary.count
         token.dropped = ctx.dropped_total
         token.summary = summary
@@ -947,11 +967,7 @@ class Telemetry:
     def _shared_attributes(self, key: tuple[Any, ...]) -> dict[str, Any]:
         summary, route, decided_by, outcome, version = key
         attrs: dict[str, Any]
-        if (
-            outcome == "served"
-            and decided_by == "app"
-            and not (summary.flagged or summary.stale or summary.dropped or self.all_attributes)
-        ):
+        if outcome == "served" and decided_by == "app" and summary.lean and not self.all_attributes:
             # A plain request (every layer allowed, the app served it, nothing stale):
             # its decisions alone. The SDK validates each attribute on every request (~80
             # bytecodes), and the others would say `app`/`served` or repeat the process's
