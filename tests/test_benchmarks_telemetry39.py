@@ -56,7 +56,9 @@ def test_sdk_floor_sets_what_the_observer_sets_and_nothing_of_ours() -> None:
 
     captured, ours, floor = asyncio.run(run())
     assert captured == ours == floor
-    assert {"fidelity.decisions", "fidelity.route", "fidelity.outcome"} <= set(floor)
+    # a plain request's lean attributes (`request_attributes="lean"`)
+    assert {"fidelity.decisions"} <= set(floor)
+    assert "fidelity.route" not in floor
 
 
 def test_by_function_splits_any_two_variants() -> None:

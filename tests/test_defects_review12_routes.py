@@ -74,7 +74,11 @@ async def test_http_route_is_the_template_not_the_policy_route_name_nor_the_host
     `fidelity.route` keeps the name (the identity the breaker and the counters use)."""
     setup = otlp_http_providers(receiver.endpoint, "routes")
     try:
-        tel = Telemetry(tracer_provider=setup.tracer_provider, meter_provider=setup.meter_provider)
+        tel = Telemetry(
+            tracer_provider=setup.tracer_provider,
+            meter_provider=setup.meter_provider,
+            request_attributes="all",  # `fidelity.route` on a plain request too
+        )
         app = Starlette(
             routes=[
                 Host("api.example.com", app=Router(routes=[Route("/items/{id}", _ok)])),
@@ -113,7 +117,7 @@ async def test_a_policy_glob_alone_is_no_http_route() -> None:
     """An app without routes of its own (a bare ASGI app) named by a `[[route]]` glob:
     the glob is our pattern, not the framework's template, so no `http.route` (the
     conventions: none rather than a substitute) and the span is named by the method."""
-    pipe = pipeline()
+    pipe = pipeline(request_attributes="all")  # the route on every span
 
     async def bare(scope: Any, receive: Any, send: Any) -> None:
         await PlainTextResponse("ok")(scope, receive, send)
@@ -132,7 +136,7 @@ async def test_the_plain_asgi_instrumentations_span_is_left_without_http_route()
     routes are opaque to it), nor on its duration metric: ours is not added (the span
     would disagree with its metric, and the SDK's attribute check costs every request);
     `fidelity.route` names the route there."""
-    pipe = pipeline()
+    pipe = pipeline(request_attributes="all")  # the route on every span
     app = Starlette(routes=[Mount("/api", routes=[Route("/items/{id}", _ok)])])
     app.add_middleware(FidelityMiddleware, policy=Policy(), observer=pipe.telemetry)
     outer = OpenTelemetryMiddleware(app, tracer_provider=pipe.tracer_provider)
@@ -147,7 +151,7 @@ async def test_the_plain_asgi_instrumentations_span_is_left_without_http_route()
 async def test_an_instrumentations_own_http_route_is_kept() -> None:
     """The Starlette instrumentation names a mounted route by the mount (`/api`); its span
     name and its duration metric say the same, so ours does not overwrite it."""
-    pipe = pipeline()
+    pipe = pipeline(request_attributes="all")  # the route on every span
     app = Starlette(routes=[Mount("/api", routes=[Route("/items/{id}", _ok)])])
     app.add_middleware(FidelityMiddleware, policy=Policy(), observer=pipe.telemetry)
     StarletteInstrumentor.instrument_app(app, tracer_provider=pipe.tracer_provider)
@@ -163,7 +167,7 @@ async def test_an_instrumentations_own_http_route_is_kept() -> None:
 async def test_an_asgi_span_given_its_own_http_route_keeps_it() -> None:
     """The plain ASGI middleware with `default_span_details` of the app's own that sets
     `http.route`: that value stays."""
-    pipe = pipeline()
+    pipe = pipeline(request_attributes="all")  # the route on every span
     app = Starlette(routes=[Route("/items/{id}", _ok)])
     app.add_middleware(FidelityMiddleware, policy=Policy(), observer=pipe.telemetry)
 

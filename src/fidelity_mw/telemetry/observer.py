@@ -549,6 +549,11 @@ class Telemetry:
     `decision_events`: `"non_allow"` (default) adds a `fidelity.decision` span
     event only for decisions other than `allow` - every decision is in the
     packed `fidelity.decisions` attribute anyway; `"all"` adds one per decision.
+    `request_attributes`: `"lean"` (default) leaves out of the span of a request every
+    layer allowed and the app served the attributes that would only say so or repeat
+    what the process's other spans say (`fidelity.decided_by`, `fidelity.outcome`,
+    `fidelity.route`, `fidelity.policy.version`): each costs the SDK's validation on
+    every request; `"all"` sets them on every request.
     `client_spans`: one CLIENT span per outbound attempt (default True);
     False leaves outbound spans to opentelemetry-instrumentation-httpx and only
     injects trace context. `client_key_salt`: key for hashing client keys into
@@ -573,10 +578,16 @@ class Telemetry:
         client_spans: bool = True,
         client_key_salt: bytes | str | None = None,
         decision_events: str = "non_allow",
+        request_attributes: str = "lean",
     ) -> None:
         if decision_events not in ("non_allow", "all"):
             raise ValueError(f"decision_events={decision_events!r}: 'non_allow' or 'all'")
+        if request_attributes not in ("lean", "all"):
+            raise ValueError(f"request_attributes={request_attributes!r}: 'lean' or 'all'")
         self.all_events = decision_events == "all"
+        self.all_attributes = request_attributes == "all"
+        # a plain request's span gets the lean attributes and no event
+        self._lean = not (self.all_attributes or self.all_events)
         if isinstance(tracer_provider, ProxyTracerProvider):
             tracer_provider = None  # "the global one, whenever it is set"
         if _is_proxy_meter_provider(meter_provider):
@@ -737,7 +748,25 @@ class Telemetry:
                 summary = _BY_FACTS.get(facts)
         if summary is None:
             summary = summary_of(ctx)
-        self._annotate(ctx, span, False, summary, 0, provisional=True)
+        status = ctx.status
+        if (
+            summary.lean
+            and self._lean
+            and ctx.decided_by is None
+            and status is not None
+            and status < 400
+            and not ctx.upstream_exhausted
+            and ctx.inbound_attempt < 2
+        ):
+            # A plain request the app served (`_annotate`'s way for it, without its
+            # shared attributes, outcome and status steps): its decisions and client alone
+            span.set_attribute(_DECISIONS, summary.packed)
+            client_key = ctx.client_key
+            if client_key is not None:
+                key_hash = self._key_hashes.get(client_key)
+                span.set_attribute(_CLIENT_KEY_HASH, key_hash or self.hash_client_key(client_key))
+        else:
+            self._annotate(ctx, span, False, summary, 0, provisional=True)
         token.exported = summary.count
         token.dropped = ctx.dropped_total
         token.summary = summary
@@ -924,27 +953,41 @@ class Telemetry:
                     # the `exception` event (type, message, stack trace) the ASGI
                     # instrumentation's span has: the trace says where the app broke
                     span.record_exception(exc)
-        span.set_attributes(attrs)
+        if len(attrs) > 2:
+            span.set_attributes(attrs)
+        else:
+            # a plain request's one or two: `set_attributes` validates the mapping itself
+            # first (three ABC checks, a copy), more than one `set_attribute` costs
+            for name, value in attrs.items():
+                span.set_attribute(name, value)
         if summary.flagged or self.all_events:
             decisions = ctx.decisions
             self._add_events(span, ctx, decisions[exported:] if exported > 0 else decisions)
 
     def _shared_attributes(self, key: tuple[Any, ...]) -> dict[str, Any]:
         summary, route, decided_by, outcome, version = key
-        attrs: dict[str, Any] = {
-            _POLICY_VERSION: version,
-            _ROUTE: route,
-            _DECISIONS: summary.packed,
-        }
-        if summary.stale:  # absent means 0, as OpenTelemetry does with resend_count
-            attrs[_STALE_DECISIONS] = summary.stale
-        if summary.dropped:  # a long request's records, counted instead of kept
-            attrs[s.DECISIONS_DROPPED] = summary.dropped
-            attrs[s.DECISIONS_DROPPED_COUNTS] = summary.dropped_packed
-        if decided_by is not None:
-            attrs[_DECIDED_BY] = decided_by
-        if outcome is not None:
-            attrs[_OUTCOME] = outcome
+        attrs: dict[str, Any]
+        if outcome == "served" and decided_by == "app" and summary.lean and not self.all_attributes:
+            # A plain request (every layer allowed, the app served it, nothing stale):
+            # its decisions alone. The SDK validates each attribute on every request (~80
+            # bytecodes), and the others would say `app`/`served` or repeat the process's
+            # route identity and policy version, which its counters and refusals carry.
+            attrs = {_DECISIONS: summary.packed}
+        else:
+            attrs = {
+                _POLICY_VERSION: version,
+                _ROUTE: route,
+                _DECISIONS: summary.packed,
+            }
+            if summary.stale:  # absent means 0, as OpenTelemetry does with resend_count
+                attrs[_STALE_DECISIONS] = summary.stale
+            if summary.dropped:  # a long request's records, counted instead of kept
+                attrs[s.DECISIONS_DROPPED] = summary.dropped
+                attrs[s.DECISIONS_DROPPED_COUNTS] = summary.dropped_packed
+            if decided_by is not None:
+                attrs[_DECIDED_BY] = decided_by
+            if outcome is not None:
+                attrs[_OUTCOME] = outcome
         if not summary.aged:  # an aged summary is one request's own
             if len(self._shared_attrs) >= _MAX_CACHED:
                 self._shared_attrs.clear()

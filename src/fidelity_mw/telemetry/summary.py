@@ -73,6 +73,7 @@ class Summary:
         "dropped_entries",
         "dropped_packed",
         "flagged",
+        "lean",
         "packed",
         "plain",
         "stale",
@@ -137,6 +138,9 @@ class Summary:
             self.dropped_entries = tuple(counted)
             self.plain = False
             self.aged = True  # one request's own: never cached as a shape
+        # every decision `allow`, none stale, none dropped: a served request's span gets the
+        # lean attributes (docs/telemetry.md, "A plain request")
+        self.lean = not (self.flagged or self.stale or self.dropped)
 
 
 _SHAPES: dict[tuple[tuple[object, ...], ...], Summary] = {}
