@@ -50,6 +50,7 @@ class RoutePlan:
         "deadline_default_s",
         "enforce",
         "ip_key_prefix",
+        "ip_keys",
         "key_prefixes",
         "limits",
         "not_allowed",
@@ -150,6 +151,12 @@ class RoutePlan:
             and limits[0].client_ipv6_prefix is None
             else None
         )
+        # ... and its keys by client key, made once per client: shared by every plan of
+        # the limit (`ip_keys_of`)
+        # (an empty table of its own without: never written to)
+        self.ip_keys: dict[str, tuple[str, ...]] = (
+            {} if self.ip_key_prefix is None else ip_key_table(self.ip_key_prefix)
+        )
         # RateLimit item prefixes; None for shadow limits, which are not advertised.
         self.remaining_prefixes: tuple[bytes | None, ...] = tuple(
             None if lim.shadow else f'"{sf_string_content(lim.name)}";r='.encode("ascii")
@@ -186,6 +193,42 @@ class RoutePlan:
         )
         # The RateLimit-Policy field as the response carries it: built once, not per response.
         self.policy_field: tuple[bytes, bytes] = (b"ratelimit-policy", self.policy_header or b"")
+
+
+# Per `ip_key_prefix` (a limit's name): client key -> that client's limit keys, one
+# `(prefix + client key,)` per client. A client's requests come with one address string
+# (uvicorn builds it once per connection), so the cached key's hash is computed once: a
+# key concatenated per request was hashed anew by both of the store's dict operations
+# (about 1 k machine instructions a request compiled, with the string and the tuple).
+# (`tuple[str, ...]`, not `tuple[str]`: compiled, a fixed-length tuple is unboxed, and
+# each read of it built a new tuple object)
+_IP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {}
+# Clients kept per limit: past this the table starts again (with more clients than this
+# active at once, each request of a client no longer held costs one insert more than
+# building its key did; about 200 bytes a client, under 1 MB a limit).
+_MAX_IP_KEYS: int = 4096
+
+
+def ip_key_table(prefix: str) -> dict[str, tuple[str, ...]]:
+    """The table of limit keys of the limit whose keys start with `prefix` (shared)."""
+    table = _IP_KEYS.get(prefix)
+    if table is None:
+        table = _IP_KEYS[prefix] = {}
+    return table
+
+
+def ip_keys_of(plan: RoutePlan, client_key: str) -> tuple[str, ...]:
+    """`(plan.ip_key_prefix + client_key,)`, kept for the client's next requests (a plan
+    with an `ip_key_prefix` has its table)."""
+    prefix = plan.ip_key_prefix
+    if prefix is None:  # (not a plan of one limit by client IP: nothing to keep)
+        raise ValueError(f"route {plan.route!r} has no limit keyed by client IP alone")
+    keys: tuple[str, ...] = (prefix + client_key,)  # (boxed once: see _IP_KEYS)
+    table = plan.ip_keys
+    if len(table) >= _MAX_IP_KEYS:
+        table.clear()
+    table[client_key] = keys
+    return keys
 
 
 _MAX_COSTED: int = 256

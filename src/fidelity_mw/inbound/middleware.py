@@ -47,7 +47,7 @@ from ..hooks import RequestObserver
 from ..policy import BreakerConfig, Policy
 from ..policy.model import redact_url
 from ..rejections import OnReject, checked_on_reject, custom_rejection, send_custom
-from ..routeplan import RoutePlan, costed_plan
+from ..routeplan import RoutePlan, costed_plan, ip_keys_of
 from ..state.base import InboundResult, StateStore
 from .admission import Admission, admission_decisions, ratelimit_headers
 from .bulkhead import Bulkheads, HeldSlot
@@ -70,6 +70,7 @@ from .watch import (
     CallLater,
     ClientReceive,
     DeadlineWatch,
+    GoneReceive,
     OutcomeRecorder,
     ResponseEndHook,
     ResponseWatcher,
@@ -390,7 +391,11 @@ class FidelityMiddleware:
                     else:
                         # (the client leaving, read by the app before it answers: its
                         # answer goes to nobody, recorded `disconnected`: watch.gone_receive)
-                        receive = partial(gone_receive, receive, ctx)
+                        receive = (
+                            partial(gone_receive, receive, ctx)
+                            if INTERPRETED
+                            else GoneReceive(receive, ctx)
+                        )
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
@@ -402,7 +407,10 @@ class FidelityMiddleware:
                             if ":" in ip:  # IPv6: its prefix (IPv4 pays this test alone)
                                 ip = self._reader.client_key(ip)
                             ctx.client_key = ip
-                            keys = (plan.ip_key_prefix + ip,)
+                            # (the client's keys as its last request had them: routeplan)
+                            # (`in` and a subscript: interpreted, `get` is a method call,
+                            # more than the concatenation it saves)
+                            keys = plan.ip_keys[ip] if ip in plan.ip_keys else ip_keys_of(plan, ip)
                         elif plan.specs:
                             keys = self._limit_keys(scope, plan, found, ctx)
                         if self._admit_now is not None:

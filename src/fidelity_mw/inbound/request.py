@@ -25,7 +25,7 @@ from ..context import (
 )
 from ..engine import Engine, compact_key
 from ..headers import client_address, deadline_parser, in_networks, parse_attempt
-from ..routeplan import RoutePlan
+from ..routeplan import RoutePlan, ip_keys_of
 from .responses import OUTCOME_EXPIRED, Rejection, problem_body
 
 logger: Final = logging.getLogger("fidelity_mw")
@@ -214,7 +214,7 @@ class RequestReader:
             if ":" in ip:  # IPv6: its prefix (IPv4 pays this test alone)
                 ip = self.client_key(ip)
             ctx.client_key = ip
-            return (plan.ip_key_prefix + ip,)
+            return plan.ip_keys[ip] if ip in plan.ip_keys else ip_keys_of(plan, ip)
         ip_: str | None = None  # the address, keyed at the policy's IPv6 prefix
         own_ip: str | None = None  # the first keyed at a limit's own prefix
         other: str | None = None  # the first header or custom key, as stored
