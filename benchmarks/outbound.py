@@ -881,7 +881,7 @@ PIECES = (
     ("telemetry_on", "telemetry=True, no OpenTelemetry SDK (tracing off)", "fidelity_req"),
     (
         "first_path",
-        "a resolver (naming nothing): `First`, not the inlined shortcut",
+        "a resolver (naming nothing): asked every call, then the shortcut",
         "fidelity_req",
     ),
     (
@@ -890,6 +890,11 @@ PIECES = (
         "fidelity_req",
     ),
     ("loop_2_instances", "2 instances: the balancer's pick of two", "loop_1_instance"),
+    (
+        "resolved_1_instance",
+        "the service of 1 instance named by a resolver (asked every call)",
+        "loop_1_instance",
+    ),
     ("fidelity_req_stream", "a body to read: the body watcher (+ reading it)", "fidelity_req"),
     ("pass_through_stream", "(a pass-through reading the same body)", "pass_through"),
 )
@@ -920,6 +925,9 @@ def build_pieces() -> dict[str, Layer | InRequest]:
         ),
         "loop_1_instance": in_request(transport(instances=one)),
         "loop_2_instances": in_request(transport(instances=(*one, "http://10.0.0.2:8080"))),
+        "resolved_1_instance": in_request(
+            FidelityTransport(Null(), telemetry=False, resolver=lambda host: one)
+        ),
         "fidelity_req_stream": in_request(transport(Streamed()), read=True),
         "pass_through_stream": reading(PassThrough(Streamed()).handle_async_request),
     }

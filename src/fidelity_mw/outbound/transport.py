@@ -175,10 +175,19 @@ class _Seen:
     """The engine's values the shortcut reads per call (`_Armed.seen`): built whole, so
     threads that arm one transport at once never see half of one engine's."""
 
-    __slots__ = ("clock", "engine", "local", "mark", "observer", "policy", "store", "system")
+    __slots__ = (
+        "clock", "engine", "local", "mark", "observer", "policy", "resolver", "store", "system"
+    )  # fmt: skip
 
-    def __init__(self, engine: Engine, observer: AttemptObserver | None, local: Local) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        observer: AttemptObserver | None,
+        local: Local,
+        resolver: Resolver | None = None,
+    ) -> None:
         self.engine = engine
+        self.resolver = resolver  # (the transport's: asked on every call, `_Base._resolve`)
         self.policy = engine.policy
         self.mark = engine.plan_mark  # (the plans the shortcut may use: `Upstream.mark`)
         self.store = engine.store
@@ -349,6 +358,12 @@ class _Base:
                     "inside a request handled by FidelityMiddleware: the middleware's policy "
                     "applies there (put the [[upstream]] tables in the middleware's policy)"
                 )
+        if self._resolver is not None:
+            self._resolve(engine, up)
+        return up
+
+    def _resolve(self, engine: Engine, up: Upstream) -> None:
+        """Ask the resolver for the host's instances, and take its answer (`_resolved`)."""
         resolver = self._resolver
         if resolver is not None:
             try:
@@ -372,7 +387,6 @@ class _Base:
             else:
                 if urls:
                     self._resolved(engine, up, urls)
-        return up
 
     def _evict(self, now: float) -> None:
         """Make room in the table of upstream plans (it is full): the plans of plain hosts
@@ -508,14 +522,16 @@ class _Base:
         hedge = up.hedge
         hedged = hedging and hedge is not None and hedgeable(request, up.retry_methods)
         if local is not None and not hedged:  # (a service's too: `first_attempt`)
-            if hedging and self._resolver is None and hedge is None and _SHORTCUT_FITS:
+            if hedging and hedge is None and _SHORTCUT_FITS:
                 # The async transport's shortcut may skip all of this (a service's call,
                 # all but `first_attempt`: `_service`). (The engine lists the transport, so
                 # a change of the engine drops what was read here.) The sync transport has
                 # none: arming it cost each of its calls a `_Seen` and an add to the
                 # engine's weak set, shared by every thread.
                 engine.transports.add(self)
-                armed.seen = _Seen(engine, self._observer or engine.attempt_observer, local)
+                armed.seen = _Seen(
+                    engine, self._observer or engine.attempt_observer, local, self._resolver
+                )
                 armed.engine = engine
             return first_attempt(ctx, up, request, own, observer, now, local)
         if hedged:
@@ -669,10 +685,20 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             and (plan := armed.upstreams.get((host, port))) is not None
             and plan.mark is seen.mark
         ):
-            if not plan.plain:  # a service's (or a hedged upstream's): not the shortcut's
+            if seen.resolver is not None:
+                # A resolver's host: asked on every call, as `_start` asks it (once, and
+                # only where the call stays here), then as what it named: a service, or
+                # a plain host on this path. (Never `last`: that skips the asking.)
+                if seen.engine is not engine or plan.hedge is not None:
+                    return await self._handle(request)
+                self._resolve(engine, plan)
+                if not plan.plain:
+                    return await self._service(request, ctx, engine, plan, seen)
+            elif not plan.plain:  # a service's (or a hedged upstream's): not the shortcut's
                 return await self._service(request, ctx, engine, plan, seen)
+            else:
+                armed.last = (host, port, plan, seen)
             up, known = plan, seen
-            armed.last = (host, port, plan, seen)
         else:
             armed.last = None  # (`_start` may replace the plan)
             return await self._handle(request)
