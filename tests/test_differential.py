@@ -1619,7 +1619,11 @@ def _same_key(
         f = [float(x) for x in raw.split()]
         credit = (f[2], f[3]) if len(f) > 2 and f[3] > now else (0.0, 0.0)
         theirs = (f[0], f[1] if len(f) > 1 else 0.0, credit)
-        need = max(f[0] + (f[1] if len(f) > 1 else 0.0), f[3] if len(f) > 2 else -math.inf)
+        # a credit's expiry keeps the key only with a credit: the burst record's fifth
+        # field makes a key of "tat refunded 0 0 wrote" (a clock stepped back below 0
+        # would read that expiry 0 as in the future)
+        live = len(f) > 3 and f[2] > 0.0
+        need = max(f[0] + (f[1] if len(f) > 1 else 0.0), f[3] if live else -math.inf)
         if ttl_ms is not None:  # written in this step, at `now`: what production set
             assert int(ttl_ms) >= (need - now) * 1000.0 - 1e-6, (key, raw, ttl_ms, need - now)
             assert int(ttl_ms) <= max(1.0, (need - now) * 1000.0 + 1.0), (key, raw, ttl_ms)
