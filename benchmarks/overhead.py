@@ -140,9 +140,13 @@ def baseline_package(rev: str) -> Any:
     atexit.register(shutil.rmtree, target, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
-    (target / "src" / "fidelity_mw").rename(target / "fidelity_mw_baseline")
+    # one name per revision: under one name a second revision asked for in the same
+    # process got the first one's modules from `sys.modules` (two tests compared against
+    # different revisions, and the second compared against the first's code)
+    name = "fidelity_mw_baseline_" + "".join(c if c.isalnum() else "_" for c in rev)
+    (target / "src" / "fidelity_mw").rename(target / name)
     sys.path.insert(0, str(target))
-    return importlib.import_module("fidelity_mw_baseline")
+    return importlib.import_module(name)
 
 
 def slowapi_limiter() -> Any:
