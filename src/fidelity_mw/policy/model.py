@@ -401,6 +401,14 @@ def _host_glob(value: Any) -> str | None:
             f"{_toml(value)} is not a host glob: hosts are matched in their ASCII form "
             "(write an internationalised name as xn--...), without spaces, quotes or backslashes"
         )
+    elif problem is None and value.startswith("["):
+        # an IPv6 address as a URL writes it: the URL's host is matched without its
+        # brackets (httpx's `url.host`), so this entry was silently never taken
+        address = value[1:].partition("]")[0] or "fd00::5"
+        problem = (
+            f"{_toml(value)} never matches: an IPv6 host is matched without brackets "
+            f"or port (write {_toml(address)})"
+        )
     elif problem is None and ("/" in value or _HOST_WITH_PORT.fullmatch(value)):
         # matched against the URL's host alone: a scheme, port or path never matches
         problem = (

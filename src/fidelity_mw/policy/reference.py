@@ -487,7 +487,10 @@ def describe_check(check: Callable[..., Any] | None) -> str:
         "_globs": "path globs, each as for `match`",
         "_glob": "non-empty glob (`*` any run of characters, `?` one)",
         "_base_urls": 'distinct base URLs such as `"http://10.0.0.7:8080"`',
-        "_host_glob": "non-empty ASCII host glob (`*` any run of characters, `?` one)",
+        "_host_glob": (
+            "non-empty ASCII host glob (`*` any run of characters, `?` one), no port; "
+            "an IPv6 address without brackets (`fd00::5`)"
+        ),
         "_sf_name": 'non-empty printable ASCII, without `"` or `\\`',
         "_limit_name": 'non-empty printable ASCII, without `"`, `\\` or `|`',
         "_key_prefix": "non-empty string without `{` or `}`",
