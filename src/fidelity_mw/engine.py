@@ -28,7 +28,7 @@ from .policy import (
     RouteConfig,
     glob_matches,
 )
-from .policy.model import covers_method, names_head
+from .policy.model import covers_method, names_head, redact_url
 from .routeplan import RoutePlan as RoutePlan
 from .routeplan import sf_string_content as sf_string_content
 from .routes import (
@@ -56,6 +56,27 @@ def compact_key(key: str) -> str:
     if len(key) <= _MAX_KEY_CHARS:
         return key
     return "#" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def _say_swapped(engine: Engine, before: object) -> None:
+    """Log the policy swapped in, as the middleware logs the one it was built with; and
+    when its `[state]` differs, that the store stays the one built: an operator who swapped
+    in a Redis URL or another `on_error` otherwise had no sign the process still decides
+    as before (the store is built once: a changed `[state]` takes a restart)."""
+    policy = engine.policy
+    old = before.version if isinstance(before, Policy) else "?"
+    logger.info("fidelity_mw: policy %s swapped in (was %s)", policy.version, old)
+    if isinstance(before, Policy) and policy.state != before.state:
+        url = policy.state.url
+        logger.warning(
+            "fidelity_mw: the policy swapped in (%s) has another [state] (%s, on_error=%s): "
+            "ignored, the state store stays the one built (%s); a changed [state] takes a "
+            "restart (docs/operations.md, Changing the policy)",
+            policy.version,
+            redact_url(url) if url else "no url",
+            policy.state.on_error,
+            type(engine.store).__name__,
+        )
 
 
 def _not_a_policy(value: object) -> str:
@@ -135,9 +156,11 @@ class Engine:
         swapped = name == "policy" and "plan_mark" in self.__dict__
         if swapped and not isinstance(value, Policy):
             raise TypeError(_not_a_policy(value))
+        before = self.__dict__.get("policy")
         object.__setattr__(self, name, value)
         if swapped:
             self.policy_swapped()
+            _say_swapped(self, before)
         transports = self.__dict__.get("transports")
         if transports:
             for transport in list(transports):
