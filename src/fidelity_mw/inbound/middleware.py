@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from starlette.requests import ClientDisconnect
 
@@ -43,7 +43,7 @@ from ..context import (
 from ..decide.breaker import SUCCESS
 from ..engine import Engine
 from ..headers import is_cors_preflight
-from ..hooks import RequestObserver
+from ..hooks import AttemptObserver, RequestObserver
 from ..policy import BreakerConfig, Policy
 from ..policy.model import redact_url
 from ..rejections import OnReject, checked_on_reject, custom_rejection, send_custom
@@ -183,6 +183,16 @@ class FidelityMiddleware:
                 self.engine.request_observer = default_request_observer(self.engine)
             observer = self.engine.request_observer
         self.observer = observer
+        if (
+            observer is not None
+            and self.engine.attempt_observer is None
+            and getattr(observer, "_end_hook_needs_token", False)
+        ):
+            # A `Telemetry`: a transport inside this app's requests reports to the same
+            # providers. Set here, not at a request's start alone (`Telemetry.start`,
+            # which without a tracer returns first: a metrics-only setup's attempts went
+            # to the global providers, which the transport then set on the engine).
+            self.engine.attempt_observer = cast(AttemptObserver, observer)
         if observer is not None and self.engine.request_observer is None:
             # the engine's, too: the admin page hashes client keys with it, so its rows
             # match the traces of this observer (given, or built for the providers)
