@@ -31,9 +31,10 @@ import asyncio
 import contextlib
 import logging
 import operator
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import anyio.lowlevel
@@ -290,6 +291,9 @@ class _Base:
         # Instances the resolver dropped while a call to them was out, with their engine:
         # their breakers are forgotten at a resolver answer after those calls end
         self._gone_busy: list[tuple[Engine, Instance]] = []
+        # Taking a changed resolver answer (`_resolved`), and `_gone_busy`'s updates: the
+        # sync transport's threads (or event loops in several threads) take them at once
+        self._resolving = threading.Lock()
         self._observed_engine: Engine | None = None
         self._armed = armed = _Armed()
         self._upstreams = armed.upstreams
@@ -425,17 +429,23 @@ class _Base:
             if self._bad_answers.get(up.host, "").startswith("raised "):
                 del self._bad_answers[up.host]  # answering again after a failure
             return
-        up.last_answer = answer
-        problem = resolved_problem(urls)
-        if problem is None:
-            gone = up.set_instances(engine, urls)
-            if gone and up.breaker is not None:
-                busy = _forget_breakers(engine, gone, self)
-                if busy:
-                    # (bounded: a call that never ends must not make this grow)
-                    self._gone_busy = [*self._gone_busy, *((engine, i) for i in busy)][-256:]
-            self._bad_answers.pop(up.host, None)
-        elif self._bad_answers.get(up.host) != problem:
+        problem = resolved_problem(urls)  # (the caller's object read outside the lock)
+        with self._resolving:
+            # The answer noted and its instances named as one step: a thread holding an
+            # older answer that named its instances after another thread's newer answer
+            # was noted left the older instances under the newer note, which every later
+            # call (the same newer answer) took as already taken, for good.
+            up.last_answer = answer
+            if problem is None:
+                gone = up.set_instances(engine, cast(tuple[str, ...], answer))
+                if gone and up.breaker is not None:
+                    busy = _forget_breakers(engine, gone, self)
+                    if busy:
+                        # (bounded: a call that never ends must not make this grow)
+                        self._gone_busy = [*self._gone_busy, *((engine, i) for i in busy)][-256:]
+                self._bad_answers.pop(up.host, None)
+                return
+        if self._bad_answers.get(up.host) != problem:
             # like a resolver down: the instances it named last still answer
             self._bad_answers[up.host] = problem
             logger.warning(
@@ -448,12 +458,13 @@ class _Base:
         those calls ended. Kept, a service with traffic, whose instances mostly have a call
         out when a rolling replacement drops them, kept nearly every old address's breaker
         (an open one for good) as if nothing were forgotten."""
-        waiting = self._gone_busy
-        ended = [(engine, i) for engine, i in waiting if i.outstanding <= 0]
-        if not ended:
+        if not any(i.outstanding <= 0 for _engine, i in self._gone_busy):
             return
-        # (a new list, not changed in place: the sync transport's threads read it)
-        self._gone_busy = [(engine, i) for engine, i in waiting if i.outstanding > 0]
+        with self._resolving:  # (another thread's additions are kept, not overwritten)
+            waiting = self._gone_busy
+            ended = [(engine, i) for engine, i in waiting if i.outstanding <= 0]
+            # (a new list, not changed in place: the sync transport's threads read it)
+            self._gone_busy = [(engine, i) for engine, i in waiting if i.outstanding > 0]
         for engine in {id(engine): engine for engine, _ in ended}.values():
             _forget_breakers(engine, [i for e, i in ended if e is engine], self)
 
