@@ -279,7 +279,7 @@ def _rst_close(sock: socket.socket) -> None:
 
 
 class Service:
-    """A uvicorn front with leak baselines; the upstream hangs (100 ms attempt timeout)."""
+    """A uvicorn front with leak baselines; the upstream hangs (1 s attempt timeout)."""
 
     def __init__(self) -> None:
         self.fds_before = fd_count()
@@ -293,7 +293,11 @@ class Service:
                 UpstreamConfig(
                     retry=RetryConfig(attempts=3, base_ms=1, max_ms=2),
                     breaker=None,
-                    attempt_timeout_ms=100,
+                    # An attempt's timeout bounds its connect too: at 100 ms a starved
+                    # front (load 16-26, nice 19) timed out connecting to the loopback
+                    # upstream, and a POST, never retried, then never reached it (3 of 15
+                    # runs at load 25). A hang still ends each attempt, 1 s later.
+                    attempt_timeout_ms=1000,
                 ),
             ),
         )
