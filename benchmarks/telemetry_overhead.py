@@ -1148,6 +1148,7 @@ def main() -> None:
         best = asyncio.run(hooks_profile(args.baseline, repeats, n))
         print(hooks_report(best, repeats, n))
         return
+    load_before = os.getloadavg()[0]
     samples, spans, gcs, counts = asyncio.run(
         measure(
             args.rounds,
@@ -1162,6 +1163,13 @@ def main() -> None:
         )
     )
     table, ok = report(samples, spans, gcs, counts, args.rounds, args.batch, args.keep_scopes)
+    # The timed ratios follow the machine's load, not only the code: the middleware's own
+    # time inside the instrumented request is its memory read back from the outer caches
+    # (`--own-time`), and other processes evict more of it the busier the machine is.
+    table += (
+        f"\n\nLoad average (1 min) {load_before:.1f} before the rounds, "
+        f"{os.getloadavg()[0]:.1f} after."
+    )
     print(table)
     if not args.no_write:
         write_section("Telemetry overhead", f"{stamp()}\n\n{table}")
