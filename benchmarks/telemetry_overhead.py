@@ -50,7 +50,16 @@ the garbage collector). `--instructions --inside` splits the middleware's instru
 on a bare route (`fidelity-off` - `bare`) by function, each function's own: what it does
 more in there, if anything; `--instructions --cache` adds callgrind's simulated cache
 misses per request (first level and last level, reads and writes) and its branch
-predictor's (conditional `Bcm`, indirect `Bim`) to the counts.
+predictor's (conditional `Bcm`, indirect `Bim`) to the counts; `--last-level BYTES`
+simulates the last level that size instead (callgrind models two levels: with the real
+L2's size its last-level misses are what the L2 would miss, the TLB still not modelled).
+
+`--own-time` times the middleware alone (tracing off) by clocks around it: its time less
+the route's below it and the sends' above it, per request, on a bare route, inside the
+instrumented request, inside `SdkWork`, and on a bare route after each request read 256
+KiB, 1 MiB and 4 MiB of other data. The same code and instructions in every row: where
+the times differ, it is the processor state the middleware finds, not its work, that
+the counts above cannot see.
 
 `--hooks` times the observer alone instead: its `start`, `before_response_end`
 and `end` on one captured allowed request, around a real SDK server span started
@@ -71,7 +80,7 @@ there, a cost no server pays.
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
         [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...] [--inside]
-        [--cache]] [--hooks]
+        [--cache] [--last-level BYTES]] [--hooks] [--own-time]
         [--no-write]
 """
 
