@@ -57,9 +57,9 @@ L2's size its last-level misses are what the L2 would miss, the TLB still not mo
 `--own-time` times the middleware alone (tracing off) by clocks around it: its time less
 the route's below it and the sends' above it, per request, on a bare route, inside the
 instrumented request, inside `SdkWork`, and on a bare route after each request read 256
-KiB, 1 MiB and 4 MiB of other data. The same code and instructions in every row: where
-the times differ, it is the processor state the middleware finds, not its work, that
-the counts above cannot see.
+KiB, 1 MiB and 4 MiB of other data, or one cache line on each of 6,144 pages. The same
+code and instructions in every row: where the times differ, it is the processor state
+the middleware finds, not its work, that the counts above cannot see.
 
 `--hooks` times the observer alone instead: its `start`, `before_response_end`
 and `end` on one captured allowed request, around a real SDK server span started
@@ -718,20 +718,24 @@ def own_times(outer: OwnClock, inner: OwnClock) -> list[int]:
 
 
 class Touch:
-    """Reads `kib` KiB of other data (a cache line in 64 bytes) before each request: a
-    request's surroundings that evict the middleware's memory from the caches, and nothing
-    else (no span, no context, no instrumentation)."""
+    """Reads `kib` KiB of other data, a byte in every `stride` (64: every cache line; 4,160:
+    one line on each page) before each request: surroundings that evict the middleware's
+    memory from the caches (or its pages from the TLB), and nothing else (no span, no
+    context, no instrumentation)."""
 
-    def __init__(self, app: Any, kib: int) -> None:
+    def __init__(self, app: Any, kib: int, stride: int = 64) -> None:
         self.app = app
         self.data = memoryview(bytearray(kib * 1024))
+        self.stride = stride
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        sum(self.data[::64])
+        sum(self.data[:: self.stride])
         await self.app(scope, receive, send)
 
 
 OWN_TOUCH_KIB = (256, 1024, 4096)
+# one cache line on each of this many pages (4,160 bytes apart: a page and a line)
+OWN_TOUCH_PAGES = 6144
 
 
 async def own_time_profile(rounds: int, batch: int) -> dict[str, list[float]]:
@@ -760,6 +764,12 @@ async def own_time_profile(rounds: int, batch: int) -> dict[str, list[float]]:
     for kib in OWN_TOUCH_KIB:
         outer, inner = clocked()
         stacks[f"after reading {kib} KiB of other data"] = (outer, inner, Touch(outer, kib))
+    outer, inner = clocked()
+    stacks[f"after reading one line on each of {OWN_TOUCH_PAGES:,} pages"] = (
+        outer,
+        inner,
+        Touch(outer, OWN_TOUCH_PAGES * 4160 // 1024, 4160),
+    )
     medians: dict[str, list[float]] = {name: [] for name in stacks}
     for r in range(rounds + 1):  # the first round warms up
         for name, (outer, inner, app) in stacks.items():
