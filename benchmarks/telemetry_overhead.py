@@ -533,7 +533,11 @@ def count_events(
     variant: str, requests: int, cache: bool = False, last_level: int | None = None
 ) -> dict[str, float]:
     """Each event per request: a callgrind run with `requests` more than one without."""
-    texts = callgrind_texts(variant, requests, cache or bool(last_level), last_level)
+    texts = (
+        callgrind_texts(variant, requests, True, last_level)
+        if last_level
+        else callgrind_texts(variant, requests, cache)
+    )
     without, with_requests = (callgrind_events(t) for t in texts)
     return {k: (with_requests[k] - without.get(k, 0)) / requests for k in with_requests}
 
