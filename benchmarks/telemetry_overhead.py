@@ -50,7 +50,16 @@ the garbage collector). `--instructions --inside` splits the middleware's instru
 on a bare route (`fidelity-off` - `bare`) by function, each function's own: what it does
 more in there, if anything; `--instructions --cache` adds callgrind's simulated cache
 misses per request (first level and last level, reads and writes) and its branch
-predictor's (conditional `Bcm`, indirect `Bim`) to the counts.
+predictor's (conditional `Bcm`, indirect `Bim`) to the counts; `--last-level BYTES`
+simulates the last level that size instead (callgrind models two levels: with the real
+L2's size its last-level misses are what the L2 would miss, the TLB still not modelled).
+
+`--own-time` times the middleware alone (tracing off) by clocks around it: its time less
+the route's below it and the sends' above it, per request, on a bare route, inside the
+instrumented request, inside `SdkWork`, and on a bare route after each request read 256
+KiB, 1 MiB and 4 MiB of other data, or one cache line on each of 6,144 pages. The same
+code and instructions in every row: where the times differ, it is the processor state
+the middleware finds, not its work, that the counts above cannot see.
 
 `--hooks` times the observer alone instead: its `start`, `before_response_end`
 and `end` on one captured allowed request, around a real SDK server span started
@@ -71,7 +80,7 @@ there, a cost no server pays.
     .venv/bin/python benchmarks/telemetry_overhead.py [--rounds 30] [--batch 1000]
         [--baseline REV] [--ablation] [--working-set] [--gc] [--count] [--keep-scopes]
         [--by-function [A,B]] [--instructions [--requests N] [--variants A,B,...] [--inside]
-        [--cache]] [--hooks]
+        [--cache] [--last-level BYTES]] [--hooks] [--own-time]
         [--no-write]
 """
 
@@ -107,7 +116,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, Router
 
 import fidelity_mw
 from benchmarks import _asgi
@@ -464,9 +473,12 @@ def run_one(variant: str, n: int) -> None:
     asyncio.run(go())
 
 
-def callgrind_texts(variant: str, requests: int, cache: bool = False) -> tuple[str, str]:
+def callgrind_texts(
+    variant: str, requests: int, cache: bool = False, last_level: int | None = None
+) -> tuple[str, str]:
     """The callgrind outputs of one variant: the warm-up alone, and with `requests` more
-    (`cache`: with callgrind's cache simulation, its miss events too)."""
+    (`cache`: with callgrind's cache simulation, its miss events too; `last_level`: its
+    last-level cache of that many bytes, 8-way, instead of the machine's last level)."""
     script = str(Path(__file__).resolve())
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     # Once outside callgrind first: a module whose cached bytecode is missing or stale (an
@@ -488,6 +500,12 @@ def callgrind_texts(variant: str, requests: int, cache: bool = False) -> tuple[s
                 # and its branch predictor's: the interpreter's dispatch is an indirect
                 # branch per bytecode, whose misses a larger working set could add
                 argv += ["--cache-sim=yes", "--branch-sim=yes"]
+            if last_level:
+                # callgrind simulates two levels, L1 and the last; the L2 between them (1
+                # MiB here, against a 32 MiB L3 shared with the host's other guests) is where
+                # a request's working set stops fitting: simulated as the last level, its
+                # misses are what the L3 (or memory) then has to serve
+                argv += [f"--LL={last_level},8,64"]
             argv += [sys.executable, script, "--one", variant]
             subprocess.run(
                 [*argv, "--requests", str(n)],
@@ -511,9 +529,15 @@ def callgrind_events(text: str) -> dict[str, int]:
     raise ValueError("no summary or totals line: not a callgrind output file")
 
 
-def count_events(variant: str, requests: int, cache: bool = False) -> dict[str, float]:
+def count_events(
+    variant: str, requests: int, cache: bool = False, last_level: int | None = None
+) -> dict[str, float]:
     """Each event per request: a callgrind run with `requests` more than one without."""
-    texts = callgrind_texts(variant, requests, cache)
+    texts = (
+        callgrind_texts(variant, requests, True, last_level)
+        if last_level
+        else callgrind_texts(variant, requests, cache)
+    )
     without, with_requests = (callgrind_events(t) for t in texts)
     return {k: (with_requests[k] - without.get(k, 0)) / requests for k in with_requests}
 
@@ -658,6 +682,137 @@ async def measure(
     tp.shutdown()
     mp.shutdown()
     return samples, spans, gcs, counts
+
+
+class OwnClock:
+    """Clocks an ASGI app per request (`perf_counter_ns`), and apart the time spent in the
+    `send` it was given: two of them around the middleware and the route below it leave
+    the middleware's own time (`own_times`)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.total: list[int] = []
+        self.sent: list[int] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        spent = 0
+        clock = time.perf_counter_ns
+
+        async def timed_send(message: Any) -> None:
+            nonlocal spent
+            began = clock()
+            await send(message)
+            spent += clock() - began
+
+        began = clock()
+        await self.app(scope, receive, timed_send)
+        self.total.append(clock() - began)
+        self.sent.append(spent)
+
+
+def own_times(outer: OwnClock, inner: OwnClock) -> list[int]:
+    """The middleware's own ns per request: its whole time less the route's (each without
+    the sends it passed up; the route's sends run the middleware's send wrapper)."""
+    return [
+        total - sent - (route - route_sent)
+        for total, sent, route, route_sent in zip(
+            outer.total, outer.sent, inner.total, inner.sent, strict=True
+        )
+    ]
+
+
+class Touch:
+    """Reads `kib` KiB of other data, a byte in every `stride` (64: every cache line; 4,160:
+    one line on each page) before each request: surroundings that evict the middleware's
+    memory from the caches (or its pages from the TLB), and nothing else (no span, no
+    context, no instrumentation)."""
+
+    def __init__(self, app: Any, kib: int, stride: int = 64) -> None:
+        self.app = app
+        self.data = memoryview(bytearray(kib * 1024))
+        self.stride = stride
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sum(self.data[:: self.stride])
+        await self.app(scope, receive, send)
+
+
+OWN_TOUCH_KIB = (256, 1024, 4096)
+# one cache line on each of this many pages (4,160 bytes apart: a page and a line)
+OWN_TOUCH_PAGES = 6144
+
+
+async def own_time_profile(rounds: int, batch: int) -> dict[str, list[float]]:
+    """`--own-time`: per surrounding, the median over requests of the middleware's own time
+    (tracing off), one value per round."""
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(CountingExporter()))
+    mp = MeterProvider(metric_readers=[InMemoryMetricReader()])
+
+    def clocked() -> tuple[OwnClock, OwnClock]:
+        route = OwnClock(Router(routes=[Route("/hello", hello)]))
+        middleware = FidelityMiddleware(route, policy=fidelity_policy(), telemetry=False)
+        return OwnClock(middleware), route
+
+    stacks: dict[str, tuple[OwnClock, OwnClock, Any]] = {}
+    outer, inner = clocked()
+    stacks["on a bare route"] = (outer, inner, outer)
+    outer, inner = clocked()
+    stacks["inside the instrumented request"] = (
+        outer,
+        inner,
+        OpenTelemetryMiddleware(outer, tracer_provider=tp, meter_provider=mp),
+    )
+    outer, inner = clocked()
+    stacks["inside SdkWork (the SDK's work, unrelated)"] = (outer, inner, SdkWork(outer))
+    for kib in OWN_TOUCH_KIB:
+        outer, inner = clocked()
+        stacks[f"after reading {kib} KiB of other data"] = (outer, inner, Touch(outer, kib))
+    outer, inner = clocked()
+    stacks[f"after reading one line on each of {OWN_TOUCH_PAGES:,} pages"] = (
+        outer,
+        inner,
+        Touch(outer, OWN_TOUCH_PAGES * 4160 // 1024, 4160),
+    )
+    medians: dict[str, list[float]] = {name: [] for name in stacks}
+    for r in range(rounds + 1):  # the first round warms up
+        for name, (outer, inner, app) in stacks.items():
+            await run_batch(app, batch)
+            if r:
+                medians[name].append(statistics.median(own_times(outer, inner)) / 1e3)
+            for clock in (outer, inner):
+                clock.total.clear()
+                clock.sent.clear()
+        print(f"\rround {r}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    tp.shutdown()
+    mp.shutdown()
+    return medians
+
+
+def own_time_report(medians: dict[str, list[float]], rounds: int, batch: int) -> str:
+    build = "compiled (mypyc)" if getattr(fidelity_mw, "compiled", False) else "pure Python"
+    base = medians["on a bare route"]
+    lines = [
+        f"The middleware's own time, tracing off (`--own-time`, {build} build):",
+        "",
+        "| where | own µs per request | x on a bare route (paired) |",
+        "|---|---:|---:|",
+    ]
+    for name, values in medians.items():
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        lines.append(
+            f"| {name} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f} |"
+        )
+    lines += [
+        "",
+        f"{rounds} rounds x {batch} sequential requests per surrounding; per round the median "
+        "over requests of the time between entering the middleware and leaving it, less the "
+        "route's time below it and the sends above it (`perf_counter_ns`, the clocks' own "
+        "cost the same in every row). The same code and the same instructions in every row: "
+        "what differs is how much other memory a request touches between two runs of it.",
+    ]
+    return "\n".join(lines)
 
 
 class Capture:
@@ -967,6 +1122,19 @@ def main() -> None:
         action="store_true",
         help="with --instructions: callgrind's cache simulation too (misses per request)",
     )
+    parser.add_argument(
+        "--last-level",
+        type=int,
+        metavar="BYTES",
+        help="with --instructions: the simulated last-level cache this size (e.g. 1048576, "
+        "this machine's L2) instead of the machine's L3; implies --cache",
+    )
+    parser.add_argument(
+        "--own-time",
+        action="store_true",
+        help="the middleware's own time (tracing off) on a bare route, inside the "
+        "instrumented request and after reading other data (print only)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a callgrind run of one variant
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
@@ -985,18 +1153,25 @@ def main() -> None:
         counts = {}
         misses: dict[str, dict[str, float]] = {}
         for name in args.variants.split(","):
-            misses[name] = count_events(name, args.requests, args.cache)
+            misses[name] = count_events(name, args.requests, args.cache, args.last_level)
             counts[name] = misses[name]["Ir"]
             print(f"{name}: {counts[name]:,.0f}", file=sys.stderr, flush=True)
         print(instructions_report(counts, args.requests))
-        if args.cache:
+        if args.cache or args.last_level:
             print(misses_report(misses))
+        return
+    if args.own_time:
+        rounds = max(args.rounds // 3, 5)
+        print(
+            own_time_report(asyncio.run(own_time_profile(rounds, args.batch)), rounds, args.batch)
+        )
         return
     if args.hooks:
         repeats, n = max(args.rounds // 2, 5), 5000
         best = asyncio.run(hooks_profile(args.baseline, repeats, n))
         print(hooks_report(best, repeats, n))
         return
+    load_before = os.getloadavg()[0]
     samples, spans, gcs, counts = asyncio.run(
         measure(
             args.rounds,
@@ -1011,6 +1186,13 @@ def main() -> None:
         )
     )
     table, ok = report(samples, spans, gcs, counts, args.rounds, args.batch, args.keep_scopes)
+    # The timed ratios follow the machine's load, not only the code: the middleware's own
+    # time inside the instrumented request is its memory read back from the outer caches
+    # (`--own-time`), and other processes evict more of it the busier the machine is.
+    table += (
+        f"\n\nLoad average (1 min) {load_before:.1f} before the rounds, "
+        f"{os.getloadavg()[0]:.1f} after."
+    )
     print(table)
     if not args.no_write:
         write_section("Telemetry overhead", f"{stamp()}\n\n{table}")
