@@ -69,6 +69,17 @@ def _not_a_policy(value: object) -> str:
     return f"policy= takes a fidelity_mw.Policy, got {type(value).__name__}: pass {fix}"
 
 
+class PolicyReader:
+    """What a middleware reads a swapped-in policy with (`Engine.read_policy_with`). Its
+    own object, not the middleware's bound method: compiled, the middleware is a native
+    class, which takes no weak reference. The middleware holds it; the engine weakly."""
+
+    __slots__ = ("__weakref__", "read")
+
+    def __init__(self, read: Callable[[], None]) -> None:
+        self.read = read
+
+
 class Engine:
     """Shared by the middleware and the transports of one application."""
 
@@ -88,8 +99,9 @@ class Engine:
         # engine's that shares the Policy object (its store, its clock, what its balancer
         # learned there), and none survives a policy swapped in. Replaced on a swap.
         self.plan_mark: object = object()
-        # Called when a policy is swapped in: what a middleware read of the policy once
-        self.policy_readers: list[Callable[[], None]] = []
+        # Called when a policy is swapped in: what a middleware read of the policy once.
+        # Weakly (`read_policy_with`): a middleware dropped is not kept alive by the engine.
+        self.policy_readers: list[weakref.ref[PolicyReader]] = []
         defaulted = clock is None
         testing = TESTING.current  # a test's fake_time() block (fidelity_mw.testing)
         if testing is not None:
@@ -164,8 +176,22 @@ class Engine:
         self._root_globs_said.clear()
         self._bulkheads_before = {**self._bulkheads_before, **self.bulkheads}
         self.bulkheads.clear()
-        for read in list(self.policy_readers):
-            read()
+        for reader in self.live_policy_readers():
+            reader.read()
+
+    def read_policy_with(self, read: Callable[[], None]) -> PolicyReader:
+        """Have `read` called when a policy is swapped in, while the caller keeps the
+        answer: the engine holds it weakly, so many middlewares built on one long-lived
+        engine and dropped do not stay alive with it (nor each re-read every swap)."""
+        reader = PolicyReader(read)
+        readers = self.policy_readers
+        # (gone with its reader: a dead reference equals itself alone)
+        readers.append(weakref.ref(reader, readers.remove))
+        return reader
+
+    def live_policy_readers(self) -> list[PolicyReader]:
+        """The readers whose middleware is still alive, in the order they were added."""
+        return [reader for ref in list(self.policy_readers) if (reader := ref()) is not None]
 
     # ------------------------------------------------------------ plans
 
