@@ -1,0 +1,224 @@
+"""Review 43 (fix43): the advice after a retry's `breaker_open` give-up.
+
+dis42 noticed: when an outbound retry gives up because the breakers of the instances
+left are open, the hint (the `Retry-After` our answer carries) was the breakers' earliest
+reopening alone; the `Retry-After` of the answer it was about to retry was dropped (a
+budget give-up kept it). With the instance asking 9 s, the caller was told ~4 s, and came
+back while nothing could serve it.
+
+One rule now for every give-up (outbound.md, "`Retry-After` after a give-up"): the hint
+is the earliest moment a new attempt could succeed. Per instance the later of its
+breaker's reopening and its own `Retry-After` (its pause, or the answer given up on);
+over a service's instances the earliest; for a plain host (a service of one, a service
+scoped `service`) the later of its breaker's and its `Retry-After`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from fidelity_mw import FidelityTransport
+from fidelity_mw.context import Decision, DecisionContext
+from fidelity_mw.decide.breaker import OPEN
+from fidelity_mw.engine import Engine
+from fidelity_mw.outbound.advice import (
+    FROM_INSTANCES,
+    FROM_PAUSE,
+    FROM_UPSTREAM,
+    RetryHint,
+    retry_hint,
+)
+from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
+from fidelity_mw.state.memory import MemoryStore
+from fidelity_mw.testing import FakeClock, seeded_random
+
+pytestmark = pytest.mark.anyio
+
+NOW = 100.0
+BREAKER = BreakerConfig(open_s=30.0, open_min_s=4.0, open_jitter=0.0, min_calls=100)
+RETRY = RetryConfig(attempts=3, base_ms=1, max_ms=2, advice_spread=0.0, advice_spread_min_s=0.0)
+THREE = ("http://10.0.0.1:8001", "http://10.0.0.2:8002", "http://10.0.0.3:8003")
+
+
+class Fleet:
+    """Every instance answers 503, with `Retry-After: 9` (all, or those `asking`); the
+    clock moves 0.25 s a call."""
+
+    def __init__(self, clock: FakeClock, asking: tuple[str, ...] | None = None) -> None:
+        self.clock = clock
+        self.asking = asking
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(f"{request.url.host}:{request.url.port}")
+        self.clock.advance(0.25)
+        if self.asking is None or str(request.url).startswith(self.asking):
+            return httpx.Response(503, headers={"retry-after": "9"})
+        return httpx.Response(503)
+
+
+def engine_for(clock: FakeClock, cfg: UpstreamConfig) -> tuple[Engine, MemoryStore]:
+    store = MemoryStore(rng=seeded_random(3))
+    engine = Engine(Policy(upstreams=(cfg,)), clock=clock, rng=seeded_random(7), store=store)
+    return engine, store
+
+
+def open_breakers(
+    store: MemoryStore, clock: FakeClock, urls: tuple[str, ...], later: tuple[float, ...] = ()
+) -> None:
+    """Open each breaker for 4 s (plus its `later`)."""
+    for n, url in enumerate(urls):
+        key = "upstream:" + url.removeprefix("http://")
+        at = clock.monotonic() + (later[n] if n < len(later) else 0.0)
+        store.breaker_state(key, BREAKER).force(OPEN, at, seeded_random(0))
+
+
+async def call(
+    engine: Engine, fleet: Fleet, host: str, calls: int = 1, between: Callable[[], None] = list
+) -> list[Decision]:
+    """`calls` calls in turn through one transport (its instances' pauses are its own),
+    `between` run after each; each call's last decision."""
+    transport = FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    last: list[Decision] = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(calls):
+            response = await client.get(f"http://{host}/pay")
+            ctx: DecisionContext = response.extensions["fidelity_context"]
+            last.append(ctx.decisions[-1])
+            between()
+    return last
+
+
+# ---------------------------------------------------------------- the pure rule
+
+
+def test_per_instance_the_later_of_breaker_and_pause_over_instances_the_earliest() -> None:
+    opens = [NOW + 4.0, NOW + 5.0, NOW + 6.0]
+    # every instance asked 9 s: no instance answers before that, whatever its breaker
+    hint = retry_hint(
+        NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, NOW + 8.0, NOW + 7.0]
+    )
+    assert hint == RetryHint(7.0, FROM_PAUSE)
+    # one instance's word holds back that instance, not the service: the next one's breaker
+    hint = retry_hint(NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, 0, 0])
+    assert hint == RetryHint(5.0, FROM_INSTANCES)
+    # the answer given up on speaks for the instance that answered it
+    hint = retry_hint(
+        NOW,
+        instances_open_until=opens,
+        instances_paused_until=[0.0, NOW + 9.0, NOW + 9.0],
+        upstream_retry_after_s=8.5,
+        answered=0,
+    )
+    assert hint == RetryHint(8.5, FROM_UPSTREAM)
+    # an instance neither open nor paused: no wait at all, whatever the others said
+    assert (
+        retry_hint(
+            NOW,
+            instances_open_until=[NOW + 4.0, 0.0],
+            instances_paused_until=[NOW + 9.0, 0.0],
+            upstream_retry_after_s=9.0,
+            answered=0,
+        )
+        is None
+    )
+
+
+def test_open_instances_in_rotation_cap_only_their_breakers_wait() -> None:
+    opens = [NOW + 8.0, NOW + 8.0]
+    hint = retry_hint(
+        NOW,
+        instances_open_until=opens,
+        instances_wait_cap_s=0.5,
+        instances_paused_until=[NOW + 3.0, NOW + 2.0],
+    )
+    assert hint == RetryHint(2.0, FROM_PAUSE)
+
+
+# ---------------------------------------------------------------- through the transport
+
+
+async def test_a_service_of_one_passes_on_its_retry_after_on_a_breaker_open_give_up() -> None:
+    # dis42's case: the instance (a service of one answers as a plain host) asks 9 s, its
+    # breaker is open for 4 s: the retry is refused by the breaker; the caller is told 9 s
+    # (before: 3.75 s, the breaker's reopening alone)
+    clock = FakeClock()
+    cfg = UpstreamConfig(host="pay", instances=THREE[:1], retry=RETRY, breaker=BREAKER)
+    engine, store = engine_for(clock, cfg)
+    open_breakers(store, clock, THREE[:1])
+    fleet = Fleet(clock)
+    (give_up,) = await call(engine, fleet, "pay")
+    assert len(fleet.calls) == 1
+    assert give_up.reason == "breaker_open"
+    assert give_up.details is not None
+    assert give_up.details["retry_hint_from"] == FROM_UPSTREAM
+    assert give_up.details["retry_hint_s"] == pytest.approx(9.0)
+
+
+async def test_a_service_whose_instances_all_asked_to_wait_advises_the_earliest_end() -> None:
+    clock = FakeClock()
+    cfg = UpstreamConfig(host="pay", instances=THREE, retry=RETRY, breaker=BREAKER)
+    engine, store = engine_for(clock, cfg)
+    fleet = Fleet(clock)
+    # a first call meets each instance once: each asks 9 s and is paused for it; then
+    # every breaker opens (4 s); the next call's one attempt (around the open breakers)
+    # fails and its retry is refused by the breakers of the instances left
+    first, give_up = await call(
+        engine, fleet, "pay", calls=2, between=lambda: open_breakers(store, clock, THREE)
+    )
+    assert first.reason == "attempts"
+    assert len(fleet.calls) == 4
+    assert give_up.reason == "breaker_open"
+    assert give_up.details is not None
+    # no instance answers before its own pause ends: the first one paused, at +0.25 + 9 s;
+    # now is +1.0 s
+    assert give_up.details["retry_hint_s"] == pytest.approx(8.25, abs=0.01)
+    assert give_up.details["retry_hint_from"] == FROM_PAUSE
+
+
+async def test_the_instance_that_asked_to_wait_is_not_the_first_one_free() -> None:
+    # one instance asked 9 s and its breaker reopens first (in 3.75 s), the two others' in
+    # 5.75 s; the ejection bound keeps open instances in rotation, so each of those answers
+    # new requests after the breakers' shortest open time (4 s) at the latest. The first
+    # instance that could answer is one of them, in 4 s (before: 3.75 s, the reopening of
+    # the one instance that had said it is out for 9 s)
+    clock = FakeClock()
+    cfg = UpstreamConfig(host="pay", instances=THREE, retry=RETRY, breaker=BREAKER)
+    engine, store = engine_for(clock, cfg)
+    fleet = Fleet(clock, asking=THREE[:1])
+    first, give_up = await call(
+        engine,
+        fleet,
+        "pay",
+        calls=2,
+        between=lambda: open_breakers(store, clock, THREE, later=(0.0, 2.0, 2.0)),
+    )
+    assert first.reason == "attempts"
+    assert sorted(fleet.calls[:3]) == ["10.0.0.1:8001", "10.0.0.2:8002", "10.0.0.3:8003"]
+    assert len(fleet.calls) == 4
+    assert give_up.reason == "breaker_open"
+    assert give_up.details is not None
+    assert give_up.details["retry_hint_s"] == pytest.approx(4.0)
+    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
+
+
+async def test_a_budget_give_up_keeps_one_instances_word_to_that_instance() -> None:
+    # the same rule for the budget's give-up: one of three instances asked 9 s, the two
+    # others are free: nothing known blocks the caller's next request, no hint (before:
+    # 9 s for the whole service)
+    clock = FakeClock()
+    retry = RetryConfig(
+        attempts=3, base_ms=1, max_ms=2, budget_ratio=0.0, budget_min_per_s=0.0,
+        advice_spread=0.0, advice_spread_min_s=0.0,
+    )  # fmt: skip
+    cfg = UpstreamConfig(host="pay", instances=THREE, retry=retry, breaker=BREAKER)
+    engine, _ = engine_for(clock, cfg)
+    fleet = Fleet(clock)
+    (give_up,) = await call(engine, fleet, "pay")
+    assert len(fleet.calls) == 1
+    assert give_up.reason == "budget"
+    assert give_up.details is not None
+    assert "retry_hint_s" not in give_up.details
