@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -67,6 +68,27 @@ def _not_a_policy(value: object) -> str:
     else:
         fix = 'Policy(...), Policy.from_toml("fidelity.toml") or Policy.from_dict(...)'
     return f"policy= takes a fidelity_mw.Policy, got {type(value).__name__}: pass {fix}"
+
+
+class TransportSet(weakref.WeakSet[Any]):
+    """The transports built on an engine, weakly. A sync transport's thread adds itself
+    (a new plan built for this engine) while another reads the set (`_forget_breakers`
+    after a resolver's answer, an engine change told to each transport, the admin
+    page): a set changed while iterated raises. Adds and reads take one lock, and a
+    read iterates a copy."""
+
+    def __init__(self, data: Iterable[Any] = ()) -> None:
+        self._lock = threading.Lock()
+        super().__init__(data)  # (its `update` adds through `add`: the lock first)
+
+    def add(self, item: Any) -> None:
+        with self._lock:
+            super().add(item)
+
+    def __iter__(self) -> Iterator[Any]:
+        with self._lock:
+            members = list(super().__iter__())
+        return iter(members)
 
 
 class PolicyReader:
@@ -136,7 +158,7 @@ class Engine:
         self._bulkheads_before: dict[str, ConcurrencyLimiter] = {}
         # The transports built on this engine (weakly: a closed client's goes away), so
         # the admin page can show their balancers' per-instance state (admin/view.py).
-        self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.transports: weakref.WeakSet[Any] = TransportSet()
         if defaulted:  # a later fake_time() block finds it (fidelity_mw.testing)
             TESTING.defaulted.add(self)
 
