@@ -19,8 +19,11 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
 
-from fidelity_mw import FidelityTransport
+from fidelity_mw import FidelityMiddleware, FidelityTransport
 from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.engine import Engine
@@ -222,3 +225,30 @@ async def test_a_budget_give_up_keeps_one_instances_word_to_that_instance() -> N
     assert give_up.reason == "budget"
     assert give_up.details is not None
     assert "retry_hint_s" not in give_up.details
+
+
+async def test_the_callers_retry_after_through_the_middleware() -> None:
+    # what the caller of our app sees: the app answers 503 after the give-up, and the
+    # middleware adds the advice (before: `Retry-After: 4`, now 9)
+    clock = FakeClock()
+    cfg = UpstreamConfig(host="pay", instances=THREE[:1], retry=RETRY, breaker=BREAKER)
+    engine, store = engine_for(clock, cfg)
+    open_breakers(store, clock, THREE[:1])
+    fleet = Fleet(clock)
+    upstream = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(fleet), engine=engine, telemetry=False)
+    )
+
+    async def work(request: Request) -> Response:
+        answer = await upstream.get("http://pay/x")
+        return JSONResponse({"upstream": answer.status_code}, 503)
+
+    app = FidelityMiddleware(Router(routes=[Route("/work", work)]), engine=engine, telemetry=False)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://front"
+    ) as client:
+        response = await client.get("/work")
+    await upstream.aclose()
+    assert response.status_code == 503
+    assert response.headers["x-fidelity-retry"] == "exhausted"
+    assert response.headers["retry-after"] == "9"
