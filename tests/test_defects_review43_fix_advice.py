@@ -7,10 +7,11 @@ budget give-up kept it). With the instance asking 9 s, the caller was told ~4 s,
 back while nothing could serve it.
 
 One rule now for every give-up (outbound.md, "`Retry-After` after a give-up"): the hint
-is the earliest moment a new attempt could succeed. Per instance the later of its
-breaker's reopening and its own `Retry-After` (its pause, or the answer given up on);
-over a service's instances the earliest; for a plain host (a service of one, a service
-scoped `service`) the later of its breaker's and its `Retry-After`.
+is the earliest moment a new attempt could succeed, and never before the `Retry-After`
+of the answer given up on (the one the caller is answered with: the budget's rule,
+review 40). Per instance the later of its breaker's reopening and its own pause (its
+`Retry-After`); over a service's instances the earliest; for a plain host (a service of
+one, a service scoped `service`) the later of its breaker's and its `Retry-After`.
 """
 
 from __future__ import annotations
@@ -100,34 +101,32 @@ async def call(
 
 def test_per_instance_the_later_of_breaker_and_pause_over_instances_the_earliest() -> None:
     opens = [NOW + 4.0, NOW + 5.0, NOW + 6.0]
-    # every instance asked 9 s: no instance answers before that, whatever its breaker
+    # every instance asked: none answers before its own pause ends, whatever its breaker
+    # (before: the breakers' earliest reopening, 4 s, where the pauses' earliest was less)
+    hint = retry_hint(
+        NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, NOW + 8.0, NOW + 2.0]
+    )
+    assert hint == RetryHint(6.0, FROM_INSTANCES)
     hint = retry_hint(
         NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, NOW + 8.0, NOW + 7.0]
     )
     assert hint == RetryHint(7.0, FROM_PAUSE)
-    # one instance's word holds back that instance, not the service: the next one's breaker
+    # one instance's pause holds back that instance, not the service
     hint = retry_hint(NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, 0, 0])
     assert hint == RetryHint(5.0, FROM_INSTANCES)
-    # the answer given up on speaks for the instance that answered it
+    # the answer given up on is never undercut: its Retry-After is what the caller gets
     hint = retry_hint(
         NOW,
         instances_open_until=opens,
         instances_paused_until=[0.0, NOW + 9.0, NOW + 9.0],
         upstream_retry_after_s=8.5,
-        answered=0,
     )
     assert hint == RetryHint(8.5, FROM_UPSTREAM)
-    # an instance neither open nor paused: no wait at all, whatever the others said
-    assert (
-        retry_hint(
-            NOW,
-            instances_open_until=[NOW + 4.0, 0.0],
-            instances_paused_until=[NOW + 9.0, 0.0],
-            upstream_retry_after_s=9.0,
-            answered=0,
-        )
-        is None
+    # an instance neither open nor paused: no wait from the instances
+    free = retry_hint(
+        NOW, instances_open_until=[NOW + 4.0, 0.0], instances_paused_until=[NOW + 9.0, 0.0]
     )
+    assert free is None
 
 
 def test_open_instances_in_rotation_cap_only_their_breakers_wait() -> None:
@@ -161,7 +160,7 @@ async def test_a_service_of_one_passes_on_its_retry_after_on_a_breaker_open_give
     assert give_up.details["retry_hint_s"] == pytest.approx(9.0)
 
 
-async def test_a_service_whose_instances_all_asked_to_wait_advises_the_earliest_end() -> None:
+async def test_a_breaker_refusal_passes_on_the_retry_after_of_the_answer_given_up_on() -> None:
     clock = FakeClock()
     cfg = UpstreamConfig(host="pay", instances=THREE, retry=RETRY, breaker=BREAKER)
     engine, store = engine_for(clock, cfg)
@@ -176,10 +175,10 @@ async def test_a_service_whose_instances_all_asked_to_wait_advises_the_earliest_
     assert len(fleet.calls) == 4
     assert give_up.reason == "breaker_open"
     assert give_up.details is not None
-    # no instance answers before its own pause ends: the first one paused, at +0.25 + 9 s;
-    # now is +1.0 s
-    assert give_up.details["retry_hint_s"] == pytest.approx(8.25, abs=0.01)
-    assert give_up.details["retry_hint_from"] == FROM_PAUSE
+    # the answer given up on asked 9 s, and the caller is answered with it (before: 8.25 s,
+    # the instances' earliest pause, the answer's own word dropped)
+    assert give_up.details["retry_hint_s"] == 9.0
+    assert give_up.details["retry_hint_from"] == FROM_UPSTREAM
 
 
 async def test_the_instance_that_asked_to_wait_is_not_the_first_one_free() -> None:
@@ -202,16 +201,17 @@ async def test_the_instance_that_asked_to_wait_is_not_the_first_one_free() -> No
     assert first.reason == "attempts"
     assert sorted(fleet.calls[:3]) == ["10.0.0.1:8001", "10.0.0.2:8002", "10.0.0.3:8003"]
     assert len(fleet.calls) == 4
+    assert fleet.calls[3] != "10.0.0.1:8001"  # (its answer asked nothing)
     assert give_up.reason == "breaker_open"
     assert give_up.details is not None
     assert give_up.details["retry_hint_s"] == pytest.approx(4.0)
     assert give_up.details["retry_hint_from"] == FROM_INSTANCES
 
 
-async def test_a_budget_give_up_keeps_one_instances_word_to_that_instance() -> None:
-    # the same rule for the budget's give-up: one of three instances asked 9 s, the two
-    # others are free: nothing known blocks the caller's next request, no hint (before:
-    # 9 s for the whole service)
+async def test_a_budget_give_up_passes_on_the_answers_retry_after_as_before() -> None:
+    # the rule the breaker's refusal now follows (unchanged here, review 40): one of three
+    # instances asked 9 s, the budget refuses the retry to another: the caller is answered
+    # with that 503 and told its 9 s (this test passes on the old code too)
     clock = FakeClock()
     retry = RetryConfig(
         attempts=3, base_ms=1, max_ms=2, budget_ratio=0.0, budget_min_per_s=0.0,
@@ -224,7 +224,8 @@ async def test_a_budget_give_up_keeps_one_instances_word_to_that_instance() -> N
     assert len(fleet.calls) == 1
     assert give_up.reason == "budget"
     assert give_up.details is not None
-    assert "retry_hint_s" not in give_up.details
+    assert give_up.details["retry_hint_s"] == 9.0
+    assert give_up.details["retry_hint_from"] == FROM_UPSTREAM
 
 
 async def test_the_callers_retry_after_through_the_middleware() -> None:

@@ -45,7 +45,6 @@ def retry_hint(
     instances_open_until: Sequence[float] | None = None,
     instances_wait_cap_s: float | None = None,
     instances_paused_until: Sequence[float] | None = None,
-    answered: int = -1,
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
     paused_until: float = 0.0,
@@ -60,42 +59,28 @@ def retry_hint(
     the service answers again as soon as one of them does, whatever its
     breaker's open time: the caller passes `instances_wait_cap_s` (the
     breakers' shortest open time) and each instance's breaker wait is at most that.
-
-    When each instance's `Retry-After` speaks for that instance alone (a service of
-    several scoped `instance`), `instances_paused_until` holds each one's pause, and
-    the upstream's `Retry-After` is the word of the instance at `answered`: an
-    instance is blocked until the later of its breaker's and its own word's end, and
-    the service until the first of them is free. Otherwise (or with no `answered`)
-    the upstream's `Retry-After` speaks for the whole upstream. Every wait left (the upstream's
-    word, a pause on the whole upstream) must pass before a new attempt can be
-    admitted or welcome, so the longest one is the answer.
+    Where each instance's `Retry-After` speaks for that instance (a service of several
+    scoped `instance`), `instances_paused_until` holds each one's pause: an instance
+    is free at the later of its breaker's and its pause's end, the service when the
+    first of them is. The upstream's `Retry-After` (of the answer given up on, which
+    the caller is answered with) and a pause on the whole upstream must pass as well:
+    the longest wait is the answer.
     """
     waits: list[tuple[float, str]] = []
     if instances_open_until is not None:
-        if instances_paused_until is not None:
-            earliest: tuple[float, str] | None = None
-            for n, until in enumerate(instances_open_until):
-                blocked = (until - now, FROM_INSTANCES)
-                if instances_wait_cap_s is not None and blocked[0] > instances_wait_cap_s:
-                    blocked = (instances_wait_cap_s, FROM_INSTANCES)
+        earliest: tuple[float, str] | None = None
+        for n, until in enumerate(instances_open_until):
+            blocked = (until - now, FROM_INSTANCES)
+            if instances_wait_cap_s is not None and blocked[0] > instances_wait_cap_s:
+                blocked = (instances_wait_cap_s, FROM_INSTANCES)
+            if instances_paused_until is not None:
                 own = (instances_paused_until[n] - now, FROM_PAUSE)
                 if own[0] > blocked[0]:
                     blocked = own
-                said = upstream_retry_after_s if n == answered else None
-                if said is not None and said > blocked[0]:
-                    blocked = (said, FROM_UPSTREAM)
-                if earliest is None or blocked[0] < earliest[0]:
-                    earliest = blocked
-            if earliest is not None and earliest[0] > 0.0:
-                waits.append(earliest)
-            if answered >= 0:
-                upstream_retry_after_s = None  # (that instance's word: counted as its own)
-        else:
-            first = min((until - now for until in instances_open_until), default=0.0)
-            if instances_wait_cap_s is not None and first > instances_wait_cap_s:
-                first = instances_wait_cap_s
-            if first > 0.0:
-                waits.append((first, FROM_INSTANCES))
+            if earliest is None or blocked[0] < earliest[0]:
+                earliest = blocked
+        if earliest is not None and earliest[0] > 0.0:
+            waits.append(earliest)
     elif breaker_wait_s is not None and breaker_wait_s > 0.0:
         waits.append((breaker_wait_s, FROM_BREAKER))
     if upstream_retry_after_s is not None and upstream_retry_after_s > 0.0:

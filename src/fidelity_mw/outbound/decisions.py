@@ -231,7 +231,6 @@ def give_up(
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
     upstream_advised: bool = False,
-    answered: Instance | None = None,
     **details: DetailValue,
 ) -> None:
     """Record why there is no (further) attempt; mark the context when we are exhausted.
@@ -242,22 +241,20 @@ def give_up(
     over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
     5xx that follows. `upstream_advised`: the upstream's `Retry-After` is a callee's
     advice, spread already (see `advised`): passed on as it is, not spread again.
-    `answered`: the instance whose answer carried `upstream_retry_after_s`; where an
-    instance's word is its own (`own_word`), it holds back that instance, not the
-    service (one rule for every give-up: the earliest moment an attempt could succeed).
+    One rule for every give-up (advice.py): a service's instance is free at the later
+    of its breaker's end and its own pause (where an instance's `Retry-After` is its
+    own: `own_word`), the service when the first of them is; never before the
+    `Retry-After` of the answer given up on (`upstream_retry_after_s`).
     """
     instances = up.instances
     opens: list[float] | None = None
     pauses: list[float] | None = None
-    at = -1
     wait_cap: float | None = None
     if instances is not None:
         views = [i.view() for i in instances]
         opens = [v.open_until for v in views]
         if len(instances) > 1 and up.cfg.retry_after_scope != SCOPE_SERVICE:
             pauses = [v.paused_until for v in views]
-            if answered is not None and answered in instances:
-                at = instances.index(answered)
         if up.breaker is not None and open_in_rotation(
             views,
             now,
@@ -270,7 +267,6 @@ def give_up(
         instances_open_until=opens,
         instances_wait_cap_s=wait_cap,
         instances_paused_until=pauses,
-        answered=at,
         breaker_wait_s=breaker_wait_s,
         upstream_retry_after_s=upstream_retry_after_s,
         paused_until=up.paused_until,
@@ -323,16 +319,15 @@ def gate_answer(
     now: float,
     last_error: BaseException | None,
     upstream_retry_after_s: float | None = None,
-    answered: Instance | None = None,
 ) -> None:
     """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes. A
     retry's refusal passes on the `Retry-After` of the answer it was to retry
-    (`upstream_retry_after_s`, from `answered`), as a budget's refusal does."""
+    (`upstream_retry_after_s`), as a budget's refusal does."""
     if gate.verdict == "reject":
         give_up(
             ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
             breaker_wait_s=gate.retry_after_s, retry_after_s=round(gate.retry_after_s, 3),
-            upstream_retry_after_s=upstream_retry_after_s, answered=answered,
+            upstream_retry_after_s=upstream_retry_after_s,
         )  # fmt: skip
         raise CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
@@ -687,7 +682,6 @@ def plan_call(
             ctx, up, layer, reason, attempt, now,
             breaker_wait_s=breaker_wait, upstream_retry_after_s=retry_after,
             upstream_advised=retry_after is not None and advised(engine, up, target, response),
-            answered=target,
         )  # fmt: skip
         scoped = None
     if retry_after is not None:

@@ -677,7 +677,6 @@ def attempts(
                     )  # fmt: skip
                     if plan.retry:
                         delay = plan.delay_s
-                        answered = target  # (whose Retry-After `scoped` is, if any)
                         # the retry's budget and the next target's gate: one store operation
                         if target is not None:
                             tried.append(target)
@@ -703,7 +702,6 @@ def attempts(
                                     GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
                                     None if scoped is None else scoped.retry_after_s,
                                     None if race is None else race.out,
-                                    answered,
                                 )  # fmt: skip
                                 if not g.waits:
                                     break
@@ -736,7 +734,7 @@ def attempts(
                             last_error = error
                             gate_answer(
                                 ctx, up, gate, source, age, attempt, now, last_error,
-                                None if scoped is None else scoped.retry_after_s, answered,
+                                None if scoped is None else scoped.retry_after_s,
                             )  # fmt: skip
                         if allowed:
                             # --- decided: record it now, on the state it was decided on
@@ -983,7 +981,6 @@ def _gate_next(
     refused: str = GIVE_UP_RETRY_AFTER,
     retry_after_s: float | None = None,
     out: list[Instance] | None = None,
-    answered: Instance | None = None,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -1061,7 +1058,7 @@ def _gate_next(
                     # retry elsewhere, among them): no retry, rather than one they refused.
                     layer = LAYER_RETRY if refused == GIVE_UP_RETRY_AFTER else LAYER_DEADLINE
                     give_up(ctx, up, layer, refused, attempts_made, now, SOURCE_MEMORY, 0.0,
-                            upstream_retry_after_s=retry_after_s, answered=answered)  # fmt: skip
+                            upstream_retry_after_s=retry_after_s)  # fmt: skip
                     paused = instances[pick.chosen]
                     return _Gated(paused, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             target = instances[pick.chosen]
@@ -1071,10 +1068,11 @@ def _gate_next(
                 # Overriding an open breaker keeps a call from being refused; a retry is
                 # optional: it goes to an instance whose breaker admits it, or to one whose
                 # last attempt around its open breaker succeeded, or not at all.
-                # (its advice: as the budget's and the gate's refusals, below)
+                # (passing on the Retry-After of the answer it was to retry, as the
+                # budget's and the gate's refusals do)
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                         SOURCE_MEMORY, now - target.seen_at,
-                        upstream_retry_after_s=retry_after_s, answered=answered)  # fmt: skip
+                        upstream_retry_after_s=retry_after_s)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             if out and target in tried:
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False,
@@ -1108,7 +1106,7 @@ def _gate_next(
         if not failed:
             fell(why)  # (before `_settle`: the decisions it records say why)
         gate, allowed, source, age = _settle(
-            ctx, up, answer, retry, gated, attempts_made, now, last_error, retry_after_s, answered
+            ctx, up, answer, retry, gated, attempts_made, now, last_error, retry_after_s
         )
         if not allowed:
             break
@@ -1249,12 +1247,10 @@ def _settle(
     now: float,
     last_error: BaseException | None,
     retry_after_s: float | None = None,
-    answered: Instance | None = None,
 ) -> tuple[Gate | None, bool, str, float]:
     """The store's answer to a gate operation (or its failure) as the loop acts on it; a
     retry the budget denies is recorded, with the `Retry-After` of the answer it was to
-    retry (`retry_after_s`, from `answered`: the advice for our own answer, as any
-    give-up's)."""
+    retry (`retry_after_s`: the advice for our own answer, as any give-up's)."""
     if isinstance(answer, Exception):
         fell(getattr(answer, "why", None) or "error")  # (the decisions on it say why)
         if gated or not retry:
@@ -1270,7 +1266,7 @@ def _settle(
         # passed it on)
         give_up(
             ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age,
-            upstream_retry_after_s=retry_after_s, answered=answered,
+            upstream_retry_after_s=retry_after_s,
         )  # fmt: skip
     return gate, allowed, source, age
 
