@@ -6,12 +6,9 @@ reopening alone; the `Retry-After` of the answer it was about to retry was dropp
 budget give-up kept it). With the instance asking 9 s, the caller was told ~4 s, and came
 back while nothing could serve it.
 
-One rule now for every give-up (outbound.md, "`Retry-After` after a give-up"): the hint
-is the earliest moment a new attempt could succeed, and never before the `Retry-After`
-of the answer given up on (the one the caller is answered with: the budget's rule,
-review 40). Per instance the later of its breaker's reopening and its own pause (its
-`Retry-After`); over a service's instances the earliest; for a plain host (a service of
-one, a service scoped `service`) the later of its breaker's and its `Retry-After`.
+One rule now for every give-up (outbound.md, "`Retry-After` after a give-up"): never
+before the `Retry-After` of the answer given up on (the one the caller is answered with:
+the budget's rule, review 40), the breakers' and pauses' waits as before.
 """
 
 from __future__ import annotations
@@ -29,11 +26,7 @@ from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.decide.breaker import OPEN
 from fidelity_mw.engine import Engine
 from fidelity_mw.outbound.advice import (
-    FROM_INSTANCES,
-    FROM_PAUSE,
     FROM_UPSTREAM,
-    RetryHint,
-    retry_hint,
 )
 from fidelity_mw.policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -99,50 +92,6 @@ async def call(
 # ---------------------------------------------------------------- the pure rule
 
 
-def test_per_instance_the_later_of_breaker_and_pause_over_instances_the_earliest() -> None:
-    opens = [NOW + 4.0, NOW + 5.0, NOW + 6.0]
-    # every instance asked: none answers before its own pause ends, whatever its breaker
-    # (before: the breakers' earliest reopening, 4 s, where the pauses' earliest was less)
-    hint = retry_hint(
-        NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, NOW + 8.0, NOW + 2.0]
-    )
-    assert hint == RetryHint(6.0, FROM_INSTANCES)
-    hint = retry_hint(
-        NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, NOW + 8.0, NOW + 7.0]
-    )
-    assert hint == RetryHint(7.0, FROM_PAUSE)
-    # one instance's pause holds back that instance, not the service
-    hint = retry_hint(NOW, instances_open_until=opens, instances_paused_until=[NOW + 9.0, 0, 0])
-    assert hint == RetryHint(5.0, FROM_INSTANCES)
-    # the answer given up on is never undercut: its Retry-After is what the caller gets
-    hint = retry_hint(
-        NOW,
-        instances_open_until=opens,
-        instances_paused_until=[0.0, NOW + 9.0, NOW + 9.0],
-        upstream_retry_after_s=8.5,
-    )
-    assert hint == RetryHint(8.5, FROM_UPSTREAM)
-    # an instance neither open nor paused: no wait from the instances
-    free = retry_hint(
-        NOW, instances_open_until=[NOW + 4.0, 0.0], instances_paused_until=[NOW + 9.0, 0.0]
-    )
-    assert free is None
-
-
-def test_open_instances_in_rotation_cap_only_their_breakers_wait() -> None:
-    opens = [NOW + 8.0, NOW + 8.0]
-    hint = retry_hint(
-        NOW,
-        instances_open_until=opens,
-        instances_wait_cap_s=0.5,
-        instances_paused_until=[NOW + 3.0, NOW + 2.0],
-    )
-    assert hint == RetryHint(2.0, FROM_PAUSE)
-
-
-# ---------------------------------------------------------------- through the transport
-
-
 async def test_a_service_of_one_passes_on_its_retry_after_on_a_breaker_open_give_up() -> None:
     # dis42's case: the instance (a service of one answers as a plain host) asks 9 s, its
     # breaker is open for 4 s: the retry is refused by the breaker; the caller is told 9 s
@@ -179,33 +128,6 @@ async def test_a_breaker_refusal_passes_on_the_retry_after_of_the_answer_given_u
     # the instances' earliest pause, the answer's own word dropped)
     assert give_up.details["retry_hint_s"] == 9.0
     assert give_up.details["retry_hint_from"] == FROM_UPSTREAM
-
-
-async def test_the_instance_that_asked_to_wait_is_not_the_first_one_free() -> None:
-    # one instance asked 9 s and its breaker reopens first (in 3.75 s), the two others' in
-    # 5.75 s; the ejection bound keeps open instances in rotation, so each of those answers
-    # new requests after the breakers' shortest open time (4 s) at the latest. The first
-    # instance that could answer is one of them, in 4 s (before: 3.75 s, the reopening of
-    # the one instance that had said it is out for 9 s)
-    clock = FakeClock()
-    cfg = UpstreamConfig(host="pay", instances=THREE, retry=RETRY, breaker=BREAKER)
-    engine, store = engine_for(clock, cfg)
-    fleet = Fleet(clock, asking=THREE[:1])
-    first, give_up = await call(
-        engine,
-        fleet,
-        "pay",
-        calls=2,
-        between=lambda: open_breakers(store, clock, THREE, later=(0.0, 2.0, 2.0)),
-    )
-    assert first.reason == "attempts"
-    assert sorted(fleet.calls[:3]) == ["10.0.0.1:8001", "10.0.0.2:8002", "10.0.0.3:8003"]
-    assert len(fleet.calls) == 4
-    assert fleet.calls[3] != "10.0.0.1:8001"  # (its answer asked nothing)
-    assert give_up.reason == "breaker_open"
-    assert give_up.details is not None
-    assert give_up.details["retry_hint_s"] == pytest.approx(4.0)
-    assert give_up.details["retry_hint_from"] == FROM_INSTANCES
 
 
 async def test_a_budget_give_up_passes_on_the_answers_retry_after_as_before() -> None:

@@ -3,9 +3,8 @@
 A 5xx that follows an outbound give-up (retries spent, a breaker refusing, the
 budget spent) tells the caller only that this request failed. What the outbound
 layer knows says more: no attempt can be admitted before the earliest of the
-upstream's breakers lets a probe through, the upstream (or each instance of a
-service) asked for a wait with its own `Retry-After`, a 429 paused retries to
-it. The earliest moment an attempt could succeed goes to the
+upstream's breakers lets a probe through, the upstream asked for a wait with
+its own `Retry-After`, a 429 paused retries to it. That time goes to the
 caller as `Retry-After`, so a client that honours it does not spend its
 retries while nothing could serve them. Nothing is made up: without such
 knowledge there is no hint.
@@ -21,7 +20,7 @@ Time (`now`, monotonic seconds) is an argument; nothing here does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 from .._types import RandomSource
@@ -42,14 +41,13 @@ class RetryHint(NamedTuple):
 def retry_hint(
     now: float,
     *,
-    instances_open_until: Sequence[float] | None = None,
+    instances_open_until: Iterable[float] | None = None,
     instances_wait_cap_s: float | None = None,
-    instances_paused_until: Sequence[float] | None = None,
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
     paused_until: float = 0.0,
 ) -> RetryHint | None:
-    """The earliest moment a new attempt could succeed, or None when nothing known blocks one.
+    """The longest of the known waits, or None when nothing is known to block a retry.
 
     A service is blocked until the first of its instances' breakers admits a
     probe (any instance not known open means no wait from the breakers);
@@ -58,29 +56,17 @@ def retry_hint(
     keeps some in, or panic spreads over all: `decide.balance.open_in_rotation`),
     the service answers again as soon as one of them does, whatever its
     breaker's open time: the caller passes `instances_wait_cap_s` (the
-    breakers' shortest open time) and each instance's breaker wait is at most that.
-    Where each instance's `Retry-After` speaks for that instance (a service of several
-    scoped `instance`), `instances_paused_until` holds each one's pause: an instance
-    is free at the later of its breaker's and its pause's end, the service when the
-    first of them is. The upstream's `Retry-After` (of the answer given up on, which
-    the caller is answered with) and a pause on the whole upstream must pass as well:
-    the longest wait is the answer.
+    breakers' shortest open time) and the instances' wait is at most that.
+    Every wait is a condition that must pass before a new attempt can be
+    admitted or welcome, so the longest one is the answer.
     """
     waits: list[tuple[float, str]] = []
     if instances_open_until is not None:
-        earliest: tuple[float, str] | None = None
-        for n, until in enumerate(instances_open_until):
-            blocked = (until - now, FROM_INSTANCES)
-            if instances_wait_cap_s is not None and blocked[0] > instances_wait_cap_s:
-                blocked = (instances_wait_cap_s, FROM_INSTANCES)
-            if instances_paused_until is not None:
-                own = (instances_paused_until[n] - now, FROM_PAUSE)
-                if own[0] > blocked[0]:
-                    blocked = own
-            if earliest is None or blocked[0] < earliest[0]:
-                earliest = blocked
-        if earliest is not None and earliest[0] > 0.0:
-            waits.append(earliest)
+        earliest = min((until - now for until in instances_open_until), default=0.0)
+        if instances_wait_cap_s is not None and earliest > instances_wait_cap_s:
+            earliest = instances_wait_cap_s
+        if earliest > 0.0:
+            waits.append((earliest, FROM_INSTANCES))
     elif breaker_wait_s is not None and breaker_wait_s > 0.0:
         waits.append((breaker_wait_s, FROM_BREAKER))
     if upstream_retry_after_s is not None and upstream_retry_after_s > 0.0:

@@ -241,20 +241,15 @@ def give_up(
     over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
     5xx that follows. `upstream_advised`: the upstream's `Retry-After` is a callee's
     advice, spread already (see `advised`): passed on as it is, not spread again.
-    One rule for every give-up (advice.py): a service's instance is free at the later
-    of its breaker's end and its own pause (where an instance's `Retry-After` is its
-    own: `own_word`), the service when the first of them is; never before the
-    `Retry-After` of the answer given up on (`upstream_retry_after_s`).
+    Every give-up (the breaker's refusal of a retry too) passes on the `Retry-After` of
+    the answer given up on (`upstream_retry_after_s`): the hint is never before it.
     """
     instances = up.instances
     opens: list[float] | None = None
-    pauses: list[float] | None = None
     wait_cap: float | None = None
     if instances is not None:
         views = [i.view() for i in instances]
         opens = [v.open_until for v in views]
-        if len(instances) > 1 and up.cfg.retry_after_scope != SCOPE_SERVICE:
-            pauses = [v.paused_until for v in views]
         if up.breaker is not None and open_in_rotation(
             views,
             now,
@@ -266,7 +261,6 @@ def give_up(
         now,
         instances_open_until=opens,
         instances_wait_cap_s=wait_cap,
-        instances_paused_until=pauses,
         breaker_wait_s=breaker_wait_s,
         upstream_retry_after_s=upstream_retry_after_s,
         paused_until=up.paused_until,

@@ -1057,8 +1057,7 @@ def _gate_next(
                     # whose Retry-After the call could not wait, and whose pause sent the
                     # retry elsewhere, among them): no retry, rather than one they refused.
                     layer = LAYER_RETRY if refused == GIVE_UP_RETRY_AFTER else LAYER_DEADLINE
-                    give_up(ctx, up, layer, refused, attempts_made, now, SOURCE_MEMORY, 0.0,
-                            upstream_retry_after_s=retry_after_s)  # fmt: skip
+                    give_up(ctx, up, layer, refused, attempts_made, now, SOURCE_MEMORY, 0.0)
                     paused = instances[pick.chosen]
                     return _Gated(paused, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             target = instances[pick.chosen]
