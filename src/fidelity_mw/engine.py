@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -90,6 +91,38 @@ def _not_a_policy(value: object) -> str:
     return f"policy= takes a fidelity_mw.Policy, got {type(value).__name__}: pass {fix}"
 
 
+class TransportSet(weakref.WeakSet[Any]):
+    """The transports built on an engine, weakly. A sync transport's thread adds itself
+    (a new plan built for this engine) while another reads the set (`_forget_breakers`
+    after a resolver's answer, an engine change told to each transport, the admin
+    page): a set changed while iterated raises. Adds and reads take one lock, and a
+    read iterates a copy."""
+
+    def __init__(self, data: Iterable[Any] = ()) -> None:
+        self._lock = threading.Lock()
+        super().__init__(data)  # (its `update` adds through `add`: the lock first)
+
+    def add(self, item: Any) -> None:
+        with self._lock:
+            super().add(item)
+
+    def __iter__(self) -> Iterator[Any]:
+        with self._lock:
+            members = list(super().__iter__())
+        return iter(members)
+
+
+class PolicyReader:
+    """What a middleware reads a swapped-in policy with (`Engine.read_policy_with`). Its
+    own object, not the middleware's bound method: compiled, the middleware is a native
+    class, which takes no weak reference. The middleware holds it; the engine weakly."""
+
+    __slots__ = ("__weakref__", "read")
+
+    def __init__(self, read: Callable[[], None]) -> None:
+        self.read = read
+
+
 class Engine:
     """Shared by the middleware and the transports of one application."""
 
@@ -109,8 +142,9 @@ class Engine:
         # engine's that shares the Policy object (its store, its clock, what its balancer
         # learned there), and none survives a policy swapped in. Replaced on a swap.
         self.plan_mark: object = object()
-        # Called when a policy is swapped in: what a middleware read of the policy once
-        self.policy_readers: list[Callable[[], None]] = []
+        # Called when a policy is swapped in: what a middleware read of the policy once.
+        # Weakly (`read_policy_with`): a middleware dropped is not kept alive by the engine.
+        self.policy_readers: list[weakref.ref[PolicyReader]] = []
         defaulted = clock is None
         testing = TESTING.current  # a test's fake_time() block (fidelity_mw.testing)
         if testing is not None:
@@ -145,7 +179,7 @@ class Engine:
         self._bulkheads_before: dict[str, ConcurrencyLimiter] = {}
         # The transports built on this engine (weakly: a closed client's goes away), so
         # the admin page can show their balancers' per-instance state (admin/view.py).
-        self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.transports: weakref.WeakSet[Any] = TransportSet()
         if defaulted:  # a later fake_time() block finds it (fidelity_mw.testing)
             TESTING.defaulted.add(self)
 
@@ -187,8 +221,22 @@ class Engine:
         self._root_globs_said.clear()
         self._bulkheads_before = {**self._bulkheads_before, **self.bulkheads}
         self.bulkheads.clear()
-        for read in list(self.policy_readers):
-            read()
+        for reader in self.live_policy_readers():
+            reader.read()
+
+    def read_policy_with(self, read: Callable[[], None]) -> PolicyReader:
+        """Have `read` called when a policy is swapped in, while the caller keeps the
+        answer: the engine holds it weakly, so many middlewares built on one long-lived
+        engine and dropped do not stay alive with it (nor each re-read every swap)."""
+        reader = PolicyReader(read)
+        readers = self.policy_readers
+        # (gone with its reader: a dead reference equals itself alone)
+        readers.append(weakref.ref(reader, readers.remove))
+        return reader
+
+    def live_policy_readers(self) -> list[PolicyReader]:
+        """The readers whose middleware is still alive, in the order they were added."""
+        return [reader for ref in list(self.policy_readers) if (reader := ref()) is not None]
 
     # ------------------------------------------------------------ plans
 

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol, cast
 
@@ -154,8 +155,12 @@ class LimitDependency:
         self._checked: Engine | None = None
         self._counter = name or ""
         # default name -> the name this limit counts on there, where another unnamed
-        # limit of the route at the same rate came first (`_default_name`; for `check`)
-        self._apart: dict[str, str] = {}
+        # limit of the route at the same rate came first (`_default_name`; for `check`),
+        # per engine: each middleware names the routes of the app it wraps, so an outer
+        # app's `/export` and a mounted app's (its own middleware) share a name, not a place
+        self._apart_by: weakref.WeakKeyDictionary[Engine, dict[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"<fidelity limit {self.rate} key={self.key!r} name={self.name!r}>"
@@ -169,7 +174,7 @@ class LimitDependency:
         ctx = owner.context(request)
         engine = ctx.engine
         now = engine.clock.monotonic()
-        name = self.name or self._default_name(request, ctx.route)
+        name = self.name or self._default_name(request, ctx.route, engine)
         counter = name if self.name is None else self._counter_for(engine)
         cost = self.cost
         # the cost, when it is not 1, goes on every record of this limit
@@ -318,8 +323,11 @@ class LimitDependency:
         ctx = self.owner.context(request)
         if self.name is None:
             name = default_name(route or ctx.route, self.rate)
-            apart = self._apart.get(name)
-            name = apart if apart is not None else self._placed_name(request, name, route)
+            apart = self._apart(ctx.engine).get(name)
+            if apart is None:
+                name = self._placed_name(request, name, route, ctx.engine, ctx.route)
+            else:
+                name = apart
         else:
             name = self.name
         counter = name if self.name is None else self._counter_for(ctx.engine)
@@ -332,7 +340,14 @@ class LimitDependency:
         keys = (f"{counter}|{value}",)
         return await peek_limits(ctx.engine, keys, (spec,), (self.burst_size,), now)
 
-    def _default_name(self, request: HTTPConnection, route: str) -> str:
+    def _apart(self, engine: Engine) -> dict[str, str]:
+        """The places this limit learned under `engine`'s middleware (its route names)."""
+        apart = self._apart_by.get(engine)
+        if apart is None:
+            apart = self._apart_by[engine] = {}
+        return apart
+
+    def _default_name(self, request: HTTPConnection, route: str, engine: Engine) -> str:
         """The name of this unnamed limit on `route`: `<route>:<rate>`, or, where another
         unnamed limit of the route at the same rate ran before it in this request (an
         app-wide `FastAPI(dependencies=[...])` one and the route's own), that name with
@@ -343,28 +358,31 @@ class LimitDependency:
         met = request.scope.get(_UNNAMED)
         if met is None:
             request.scope[_UNNAMED] = {name: [self]}
-            if self._apart:
-                self._first_here(name)
+            if self._apart_by:
+                self._first_here(name, engine)
             return name
         limits = met.setdefault(name, [])
         if self not in limits:
             limits.append(self)
         place = limits.index(self)
         if place == 0:
-            if self._apart:
-                self._first_here(name)
+            if self._apart_by:
+                self._first_here(name, engine)
             return name
-        apart = self._apart[name] = f"{name}#{place + 1}"
+        apart = self._apart(engine)[name] = f"{name}#{place + 1}"
         return apart
 
-    def _first_here(self, name: str) -> None:
+    def _first_here(self, name: str, engine: Engine) -> None:
         """A request ran this limit first at its rate on the route: what `check` reads
         there is `name`, whatever was learned or read off the routes before (an app-wide
         limit a test's `dependency_overrides` took out since, say)."""
-        if self._apart.get(name, name) != name:
-            self._apart[name] = name
+        apart = self._apart_by.get(engine)
+        if apart is not None and apart.get(name, name) != name:
+            apart[name] = name
 
-    def _placed_name(self, request: HTTPConnection, name: str, route: str | None) -> str:
+    def _placed_name(
+        self, request: HTTPConnection, name: str, route: str | None, engine: Engine, here: str
+    ) -> str:
         """`name` (this unnamed limit's default on a route), or `name#2` ... where another
         unnamed limit at the same rate runs before it on that route, found on the app's
         routes before any request of the route taught it (`_default_name`): in a process
@@ -372,15 +390,30 @@ class LimitDependency:
         (Redis, a fleet) holds apart from this one's. The routes that run this limit
         (their dependencies in FastAPI's order, the app's `dependency_overrides` applied)
         agree on its place, or the one whose name is the route asked about decides; else
-        `name`, as before. Read once per name."""
+        `name`, as before. Read once per name (and engine: `here` is the check's own
+        route as its middleware names it)."""
         scope = request.scope
         places: dict[str, int] = {}
         # The routes by their names as the middleware gives them: from the outermost
         # router (`/v1/export` of an app mounted at /v1, which a check inside the mounted
         # app sees as its own `/export`), then the app that serves the check by its own
-        # paths (a middleware added to the mounted app names its routes so)
-        for routes in (getattr(scope.get("router"), "routes", None), _routes_of(scope)):
-            for path, route_obj in _app_routes(routes):
+        # paths (a middleware added to the mounted app names its routes so). The mounted
+        # app's first when its own middleware serves the check (it names the check's own
+        # route by the mounted app's path): an outer app's route of the same name is
+        # another route, not the one asked about
+        walks = [
+            _app_routes(getattr(scope.get("router"), "routes", None)),
+            _app_routes(_routes_of(scope)),
+        ]
+        serving = scope.get("route")
+        if (
+            serving is not None
+            and not _names(walks[0], serving, here)
+            and _names(walks[1], serving, here)
+        ):
+            walks.reverse()
+        for walk in walks:
+            for path, route_obj in walk:
                 if path not in places:
                     place = _place_on(route_obj, self)
                     if place is not None:
@@ -393,8 +426,7 @@ class LimitDependency:
             return name
         place = asked if asked is not None else found.pop()
         placed = name if place == 0 else f"{name}#{place + 1}"
-        self._apart.setdefault(name, placed)
-        return self._apart[name]
+        return self._apart(engine).setdefault(name, placed)
 
     def _key_text(self, value: object) -> str | None:
         """The text a key function's or a key dependency's value counts by; None, said,
@@ -656,6 +688,20 @@ def _app_routes(
             path = prefix + str(getattr(route, "path", "") or "")
             found += _app_routes(getattr(route, "routes", None), path, host, depth + 1)
     return found
+
+
+def _names(walk: list[tuple[str, Any]], route: Any, name: str) -> bool:
+    """Does `walk` (`_app_routes`) give `route` the name `name`? (The route serving a
+    request may be a copy of the one the app lists: the same endpoint then.)"""
+    endpoint = getattr(route, "endpoint", None)
+    return any(
+        path == name
+        and (
+            found is route
+            or (endpoint is not None and getattr(found, "endpoint", None) is endpoint)
+        )
+        for path, found in walk
+    )
 
 
 def _place_on(route: Any, limit: LimitDependency) -> int | None:

@@ -217,7 +217,8 @@ class FidelityMiddleware:
         self._read_policy()
         # A policy swapped in (`engine.policy = ...`): what was read of it here is read
         # again, as the engine drops its plans (`Engine.policy_swapped`).
-        self.engine.policy_readers.append(self._read_policy)
+        # (held here: the engine holds it weakly, so a middleware dropped goes)
+        self._policy_reader = self.engine.read_policy_with(self._read_policy)
         # the records of an allowed request, built when someone reads them
         # (an attribute: compiled, a field read, not a module lookup by name)
         self._pending_builder: Callable[..., None] = admission_decisions

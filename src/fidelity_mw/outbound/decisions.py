@@ -241,6 +241,8 @@ def give_up(
     over (`retry_hint_spread_s`): the middleware turns it into the `Retry-After` of a
     5xx that follows. `upstream_advised`: the upstream's `Retry-After` is a callee's
     advice, spread already (see `advised`): passed on as it is, not spread again.
+    Every give-up (the breaker's refusal of a retry too) passes on the `Retry-After` of
+    the answer given up on (`upstream_retry_after_s`): the hint is never before it.
     """
     instances = up.instances
     opens: list[float] | None = None
@@ -310,12 +312,16 @@ def gate_answer(
     attempts_made: int,
     now: float,
     last_error: BaseException | None,
+    upstream_retry_after_s: float | None = None,
 ) -> None:
-    """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes."""
+    """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes. A
+    retry's refusal passes on the `Retry-After` of the answer it was to retry
+    (`upstream_retry_after_s`), as a budget's refusal does."""
     if gate.verdict == "reject":
         give_up(
             ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
             breaker_wait_s=gate.retry_after_s, retry_after_s=round(gate.retry_after_s, 3),
+            upstream_retry_after_s=upstream_retry_after_s,
         )  # fmt: skip
         raise CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "

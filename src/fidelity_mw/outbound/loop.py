@@ -732,7 +732,10 @@ def attempts(
                         if allowed and gate is not None and gate.verdict == "reject":
                             # the breaker refuses the retry: no point in waiting for it
                             last_error = error
-                            gate_answer(ctx, up, gate, source, age, attempt, now, last_error)
+                            gate_answer(
+                                ctx, up, gate, source, age, attempt, now, last_error,
+                                None if scoped is None else scoped.retry_after_s,
+                            )  # fmt: skip
                         if allowed:
                             # --- decided: record it now, on the state it was decided on
                             # (the backoff is the plan, not the state's age); back off, go
@@ -1064,8 +1067,11 @@ def _gate_next(
                 # Overriding an open breaker keeps a call from being refused; a retry is
                 # optional: it goes to an instance whose breaker admits it, or to one whose
                 # last attempt around its open breaker succeeded, or not at all.
+                # (passing on the Retry-After of the answer it was to retry, as the
+                # budget's and the gate's refusals do)
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
-                         SOURCE_MEMORY, now - target.seen_at)  # fmt: skip
+                        SOURCE_MEMORY, now - target.seen_at,
+                        upstream_retry_after_s=retry_after_s)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             if out and target in tried:
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False,
