@@ -60,6 +60,9 @@ def test_an_engine_keeps_its_attributes_inline() -> None:
             await transport.handle_async_request(httpx.Request("GET", "http://svc.internal/"))
 
     asyncio.run(calls())
+    assert engine.transports  # (armed: a change of the engine is told to it)
+    engine.attempt_observer = None  # (`engine_changed` read `engine.__dict__` too)
+    asyncio.run(calls())
     assert not _as_dict(engine, "plan_mark")
 
 

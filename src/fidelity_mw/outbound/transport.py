@@ -464,7 +464,7 @@ class _Base:
         seen = self._armed.seen
         if seen is not None and seen.engine is engine:
             self._armed.seen = None
-        clock = engine.__dict__.get("clock")
+        clock = getattr(engine, "clock", None)  # (not `__dict__`: see `Engine.__setattr__`)
         if clock is None:
             return
         for plan in list(self._upstreams.values()):
