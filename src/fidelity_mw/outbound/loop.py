@@ -231,8 +231,13 @@ def _own(store: LocalState, name: str) -> bool:
     if getattr(type(store), name, None) is not own:
         return False
     bound = getattr(store, name, None)
-    # (compiled, a native method bound to the store has no `__func__`)
-    return getattr(bound, "__self__", None) is store and getattr(bound, "__func__", own) is own
+    # (compiled, a native method bound to the store has no `__func__`: its name tells
+    # another of the store's methods put in its place)
+    return (
+        getattr(bound, "__self__", None) is store
+        and getattr(bound, "__name__", None) == name
+        and getattr(bound, "__func__", own) is own
+    )
 
 
 def cells_of(up: Upstream, local: Local) -> OutboundCells:
