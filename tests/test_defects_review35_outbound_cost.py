@@ -1,9 +1,10 @@
 """The outbound success path's cost (issue 17 item 3), held by counts, not times.
 
 The async transport's shortcut makes a successful first attempt with two store calls
-(`outbound_begin_now` before it, `record_now` after it) and no other Python call of
-ours; the in-process store answers a plain success from the breaker's state without
-calling `BreakerState.record`, and must leave the breaker exactly as that call would.
+(`outbound_begin_cells` before it, `record_cells` after it: `outbound_begin_now` and
+`record_now` on the plan's own cells, out42) and no other Python call of ours; the
+in-process store answers a plain success from the breaker's state without calling
+`BreakerState.record`, and must leave the breaker exactly as that call would.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def test_a_successful_shortcut_call_makes_two_store_calls_and_nothing_else(url: 
         == found[2]
         == [
             "outbound/transport.py:handle_async_request",
-            "state/local.py:outbound_begin_now",
-            "state/local.py:record_now",
+            "state/local.py:outbound_begin_cells",
+            "state/local.py:record_cells",
         ]
     )
 
@@ -338,8 +339,8 @@ def test_a_streamed_body_is_watched_with_one_call_and_read_without_an_async_gene
     assert sent == [
         "outbound/transport.py:handle_async_request",
         "context.py:__init__",  # (a call of its own: outside a request)
-        "state/local.py:outbound_begin_now",
-        "state/local.py:record_now",
+        "state/local.py:outbound_begin_cells",
+        "state/local.py:record_cells",
         "outbound/body.py:__init__",  # the watcher's, the body's class known
     ]
     assert [name for name in read if name.startswith("outbound/")] == [

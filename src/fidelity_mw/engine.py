@@ -186,16 +186,19 @@ class Engine:
     def __setattr__(self, name: str, value: Any) -> None:
         # A change of the engine (a policy swapped in, a test's clock and state): the
         # transports' shortcuts cached what they read of it per call (`_Armed.seen`),
-        # and read it again at their next call. (Sets are rare; reads stay plain.)
-        swapped = name == "policy" and "plan_mark" in self.__dict__
+        # and read it again at their next call. (Sets are rare; reads stay plain: never
+        # `self.__dict__` here, which turns CPython 3.11's inline attribute values into a
+        # dict whose reads its specializer cannot serve, so every `engine.x` of every
+        # request went the generic way.)
+        swapped = name == "policy" and hasattr(self, "plan_mark")
         if swapped and not isinstance(value, Policy):
             raise TypeError(_not_a_policy(value))
-        before = self.__dict__.get("policy")
+        before = getattr(self, "policy", None) if swapped else None
         object.__setattr__(self, name, value)
         if swapped:
             self.policy_swapped()
             _say_swapped(self, before)
-        transports = self.__dict__.get("transports")
+        transports = getattr(self, "transports", None)
         if transports:
             for transport in list(transports):
                 forget = getattr(transport, "engine_changed", None)

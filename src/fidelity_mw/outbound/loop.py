@@ -80,6 +80,7 @@ from ..decide.retry import (
 from ..engine import Engine
 from ..hooks import AttemptObserver
 from ..policy import BreakerConfig
+from ..state.local import LocalState, OutboundCells
 from .body import Watch, watch_body
 from .decisions import (
     GIVE_UP_EXTENSION,
@@ -167,10 +168,12 @@ class Local:
     """An in-process store's synchronous operations: `outbound_gate_now` (answers
     (gate, budget allowed)), `outbound_begin_now` (a first attempt's: the gate or
     None), `record_now`, and the breaker states a balancer reads fresh,
-    `breakers_open_until_now`. (A slotted class: compiled, a native class whose fields
+    `breakers_open_until_now`; and the same first attempt's gate and record on an
+    upstream plan's own cells (`cells_of`): `begin_at`, `record_at`, and `cells`, which
+    makes the plan's handle. (A slotted class: compiled, a native class whose fields
     are struct reads.)"""
 
-    __slots__ = ("begin", "gate", "peek", "record", "refund")
+    __slots__ = ("begin", "begin_at", "cells", "gate", "peek", "record", "record_at", "refund")
 
     def __init__(
         self,
@@ -179,12 +182,24 @@ class Local:
         peek: Callable[..., Any] | None,
         begin: Callable[..., Any],
         refund: Callable[..., Any] | None = None,
+        cells: Callable[..., OutboundCells] = OutboundCells,
+        begin_at: Callable[..., Any] | None = None,
+        record_at: Callable[..., Any] | None = None,
     ) -> None:
         self.gate = gate
         self.record = record
         self.peek = peek
         self.begin = begin
         self.refund = refund
+        self.cells = cells
+        self.begin_at: Callable[..., Any] = begin_at or _begin_by_keys(begin)
+        self.record_at: Callable[..., Any] = record_at or _record_by_keys(record)
+
+
+# A store whose keyed operations are `LocalState`'s own decides a first attempt on the
+# plan's cells; one that overrides any of them (a test's store that fails or counts)
+# gets each call through them, by the handle's keys.
+_CELL_SAFE: Final = ("outbound_begin_now", "outbound_gate_now", "record_now")
 
 
 def local_ops(store: object) -> Local | None:
@@ -196,13 +211,60 @@ def local_ops(store: object) -> Local | None:
     begin = getattr(store, "outbound_begin_now", None)
     if begin is None:
         begin = _begin_with(gate)
-    return Local(
-        gate,
-        record,
-        getattr(store, "breakers_open_until_now", None),
-        begin,
-        getattr(store, "budget_refund_now", None),
+    peek = getattr(store, "breakers_open_until_now", None)
+    refund = getattr(store, "budget_refund_now", None)
+    if isinstance(store, LocalState) and all(_own(store, name) for name in _CELL_SAFE):
+        return Local(
+            gate, record, peek, begin, refund,
+            store.outbound_cells, store.outbound_begin_cells, store.record_cells,
+        )  # fmt: skip
+    return Local(gate, record, peek, begin, refund)
+
+
+def _own(store: LocalState, name: str) -> bool:
+    """Whether `store.<name>` is `LocalState`'s own method, bound to the store (neither a
+    subclass's nor an instance attribute). Not by `store.__dict__`: reading it turns
+    CPython 3.11's inline attribute values into a dict, whose reads its specializer
+    cannot serve (LOAD_ATTR_WITH_HINT misses a split dict's values), so every read of the
+    store's fields went the generic way: +1k machine instructions a call, pure."""
+    own = getattr(LocalState, name)
+    if getattr(type(store), name, None) is not own:
+        return False
+    bound = getattr(store, name, None)
+    # (compiled, a native method bound to the store has no `__func__`: its name tells
+    # another of the store's methods put in its place)
+    return (
+        getattr(bound, "__self__", None) is store
+        and getattr(bound, "__name__", None) == name
+        and getattr(bound, "__func__", own) is own
     )
+
+
+def cells_of(up: Upstream, local: Local) -> OutboundCells:
+    """The plan's handle on its breaker and budget cells for these operations (made
+    anew for another store's: a handle is one store's, fetched and refetched under its
+    lock). Made whole before the plan holds it: threads of the sync transport may read
+    it at once."""
+    cells = up.cells
+    if cells.home is not local:
+        cells = local.cells(up.breaker_key, up.breaker, up.budget_key, up.retry)
+        cells.home = local
+        up.cells = cells
+    return cells
+
+
+def _begin_by_keys(begin: Callable[..., Any]) -> Callable[..., Any]:
+    def begin_at(cells: OutboundCells, now: float) -> Any:
+        return begin(cells.breaker_key, cells.breaker, cells.budget_key, cells.cfg, now)
+
+    return begin_at
+
+
+def _record_by_keys(record: Callable[..., Any]) -> Callable[..., Any]:
+    def record_at(cells: OutboundCells, gate: Gate, outcome: str, slow: bool, now: float) -> Any:
+        return record(cells.breaker_key, cells.breaker, gate, outcome, slow, now)
+
+    return record_at
 
 
 def _begin_with(gate: Callable[..., Any]) -> Callable[..., Any]:
@@ -292,7 +354,11 @@ class First(NamedTuple):
             return response
         if gate is not None and breaker is not None:  # a lost outcome is logged, not raised
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
-            _record_now(local, up, up.breaker_key, gate, outcome, now, ended)
+            slow = breaker.slow_call_ms is not None and is_slow(breaker, now, ended)
+            try:  # (`_record_now`, on the plan's cells)
+                local.record_at(cells_of(up, local), gate, outcome, slow, ended)
+            except Exception as exc:
+                logger.warning(_NOT_RECORDED, up.key, exc)
             if outcome == SUCCESS and response.stream.__class__ is not _BYTE_STREAM:
                 # (its body still to be read: a break there fails the call after all)
                 watch = Watch(ctx, up.key, None, local, up.breaker_key, breaker, gate,
@@ -363,7 +429,7 @@ def first_attempt(
         else:
             try:
                 if taken is UNTAKEN:
-                    gate = local.begin(up.breaker_key, breaker, up.budget_key, up.retry, now)
+                    gate = local.begin_at(cells_of(up, local), now)
                 elif isinstance(taken, Exception):
                     raise taken
                 else:

@@ -87,6 +87,7 @@ from .loop import (
     Steps,
     _record_now,
     attempts,
+    cells_of,
     first_attempt,
     local_ops,
     prepare,
@@ -474,7 +475,7 @@ class _Base:
         seen = self._armed.seen
         if seen is not None and seen.engine is engine:
             self._armed.seen = None
-        clock = engine.__dict__.get("clock")
+        clock = getattr(engine, "clock", None)  # (not `__dict__`: see `Engine.__setattr__`)
         if clock is None:
             return
         for plan in list(self._upstreams.values()):
@@ -752,8 +753,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # the bytes read); judged only when a failure needs it: whether a body can be sent
         # again is its class's and its files' (`replayable`), not what reading it did.
         stream = request.stream
+        cells = up.cells  # (`cells_of`, inlined: the plan's handle on its breaker and budget)
+        if cells.home is not local:
+            cells = cells_of(up, local)
         try:
-            gate = local.begin(up.breaker_key, up.breaker, up.budget_key, up.retry, now)
+            gate = local.begin_at(cells, now)
         except Exception as exc:
             return await self._first(ctx, up, request, own, observer, now, local, exc)
         if gate is None:
@@ -827,7 +831,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             if breaker.slow_call_ms is None:  # `_record_now` without its call: never slow
                 try:
-                    local.record(up.breaker_key, breaker, gate, outcome, False, ended)
+                    local.record_at(cells, gate, outcome, False, ended)
                 except Exception as exc:  # a lost outcome is logged, not raised
                     logger.warning(_NOT_RECORDED, up.key, exc)
             else:

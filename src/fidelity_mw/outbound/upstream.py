@@ -15,6 +15,7 @@ from ..engine import Engine
 from ..policy import BreakerConfig, Policy, RetryConfig, UpstreamConfig
 from ..policy.model import _base_urls
 from ..state.base import breaker_home
+from ..state.local import OutboundCells
 from .hedge import LatencyWindow
 from .wire import (
     Address,
@@ -148,6 +149,7 @@ class Upstream:
         "breaker_key",
         "breaker_keys",
         "budget_key",
+        "cells",
         "cfg",
         "clock",
         "default_deadline_s",
@@ -207,6 +209,9 @@ class Upstream:
         self.breaker_key = breaker_home("upstream:" + self.key, cfg.breaker, engine.store)
         # One budget per host, or one for every host of the entry (a service's instances).
         self.budget_key = "budget:" + (cfg.host if cfg.shared_budget else self.key)
+        # The host's breaker and budget cells on in-process state, fetched by a first
+        # attempt (`loop.cells_of`): none yet (held for no store's operations).
+        self.cells = OutboundCells(self.breaker_key, cfg.breaker, self.budget_key, cfg.retry)
         self.attempt_timeout_s = cfg.attempt_timeout_ms / 1000.0
         # a deadline further away than this leaves the attempt its whole timeout
         self.uncut_s = uncut_s(self.attempt_timeout_s)

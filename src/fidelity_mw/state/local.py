@@ -364,6 +364,46 @@ def _breaker_worth(key: str, state: BreakerState, now: float) -> int:
     return worth + 1 if totals[1] or totals[2] else worth
 
 
+class OutboundCells:
+    """An upstream's breaker and retry-budget cells on one `LocalState`, held by its plan
+    (`outbound.upstream.Upstream.cells`): the store's own `BreakerState` and
+    `BudgetWindow` for these keys and configs, fetched once, so a first attempt's gate
+    and record (`LocalState.outbound_begin_cells`, `record_cells`) build no key and look
+    none up. The same model as `outbound_begin_now` / `record_now`: the store fetches
+    the cells as those do, and fetches them again when a cell may no longer be the
+    table's (`LocalState._cells_dropped` moved: one was dropped or replaced since).
+    The fields after `home` are the store's to read and write, under its lock; `home`
+    is the caller's, set before the handle is shared (the operations it was made for)."""
+
+    __slots__ = (
+        "breaker",
+        "breaker_key",
+        "budget_key",
+        "cfg",
+        "dropped",
+        "home",
+        "state",
+        "window",
+    )
+
+    def __init__(
+        self,
+        breaker_key: str,
+        breaker: BreakerParams | None,
+        budget_key: str,
+        cfg: BudgetParams | None,
+    ) -> None:
+        self.breaker_key = breaker_key
+        self.breaker = breaker
+        self.budget_key = budget_key
+        self.cfg = cfg
+        self.home: object = None
+        # `LocalState._cells_dropped` when the cells were fetched (-1: never)
+        self.dropped = -1
+        self.state: BreakerState | None = None
+        self.window: BudgetWindow | None = None
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # MemoryStore, test stores
 class LocalState:
     """Breakers, limits and budgets of this process. Thread-safe (sync routes run in a
@@ -395,6 +435,10 @@ class LocalState:
         self.max_breakers = max_breakers
         self.breakers_evicted_active = 0
         self.budgets_evicted_active = 0
+        # Breaker and budget cells dropped or replaced so far (swept, forgotten, a new
+        # config): an `OutboundCells` fetched at another count may hold one no longer
+        # in its table, and is fetched again.
+        self._cells_dropped = 0
         self._rng: RandomSource = rng or random.Random().random
         self._lock = threading.Lock()
         # Its methods, bound once: compiled, a call of each is then a plain C call
@@ -414,6 +458,8 @@ class LocalState:
                 self.breakers_evicted_active += self._sweep(
                     self.breakers, _breaker_idle, now, _breaker_worth
                 )
+            if state is not None:
+                self._cells_dropped += 1
             state = self.breakers[key] = BreakerState(config)
         return state
 
@@ -431,6 +477,7 @@ class LocalState:
         entries must go, is paid once per n/4 new hosts). Returns how many non-idle
         entries had to go.
         """
+        self._cells_dropped += 1
         for key in [k for k, v in table.items() if idle(v, now)]:
             del table[key]
         overflow = len(table) - (self.max_breakers * 3) // 4
@@ -710,6 +757,7 @@ class LocalState:
         `outbound.transport._forget_breakers`). Returns how many there were."""
         with self._lock:
             breakers = self.breakers
+            self._cells_dropped += 1
             return sum(1 for key in breaker_keys if breakers.pop(key, None) is not None)
 
     def gate_now(self, breaker_key: str, breaker: BreakerParams, now: float) -> Gate:
@@ -724,6 +772,8 @@ class LocalState:
             # A different config starts a fresh window; an equal one keeps it (as above).
             if window is None and now is not None and len(self.budgets) >= self.max_breakers:
                 self.budgets_evicted_active += self._sweep(self.budgets, _budget_idle, now)
+            if window is not None:
+                self._cells_dropped += 1
             window = self.budgets[key] = BudgetWindow(cfg)
         return window
 
@@ -822,3 +872,96 @@ class LocalState:
             return state.gate(now, self._rng)
         finally:
             lock.release()
+
+    # ------------------------------------------------- an upstream plan's own cells
+
+    def outbound_cells(
+        self,
+        breaker_key: str,
+        breaker: BreakerParams | None,
+        budget_key: str,
+        cfg: BudgetParams,
+    ) -> OutboundCells:
+        """A handle on this upstream's breaker and budget cells (`OutboundCells`), for
+        `outbound_begin_cells` and `record_cells`; fetched at its first use."""
+        return OutboundCells(breaker_key, breaker, budget_key, cfg)
+
+    def _fetch_cells(self, cells: OutboundCells, now: float) -> None:
+        """The cells as `outbound_begin_now` finds them (made if missing, a new config's
+        fresh), under the lock."""
+        cfg = cells.cfg
+        assert cfg is not None
+        window = self.budgets.get(cells.budget_key)
+        if window is None or window.config is not cfg:
+            window = self.budget_window(cells.budget_key, cfg, now)
+        state: BreakerState | None = None
+        breaker = cells.breaker
+        if breaker is not None:
+            state = self.breakers.get(cells.breaker_key)
+            if state is None or state.config is not breaker:
+                state = self.breaker_state(cells.breaker_key, breaker, now)
+        cells.window = window
+        cells.state = state
+        # (read after the fetches: making room for a new cell drops others)
+        cells.dropped = self._cells_dropped
+
+    def outbound_begin_cells(self, cells: OutboundCells, now: float) -> Gate | None:
+        """`outbound_begin_now` on the cells the handle holds: the same count and gate,
+        without a key looked up (they are fetched again once one may have been dropped)."""
+        acquire, release = self._acquire, self._release  # (as in admit_now)
+        acquire()
+        try:
+            if cells.dropped != self._cells_dropped:
+                self._fetch_cells(cells, now)
+            window = cells.window
+            assert window is not None
+            # `window.request(now)`, without its call (as in outbound_begin_now)
+            end = window._bucket_end
+            if now >= end or end - now > 2.0 * window._bucket_s:
+                window._rotate(now)
+            window.requests[window._index] += 1
+            state = cells.state
+            if state is None:
+                return None
+            if state.state == CLOSED:  # `gate`'s own first answer, without its call
+                return state.closed_gate
+            return state.gate(now, self._rng)
+        finally:
+            release()
+
+    def record_cells(
+        self, cells: OutboundCells, gate: Gate, outcome: str, slow: bool, now: float
+    ) -> str:
+        """`record_now` on the breaker cell the handle holds (looked up by its key, as
+        there, once a cell may have been dropped since the handle's fetch)."""
+        acquire, release = self._acquire, self._release  # (as in admit_now)
+        acquire()
+        try:
+            breaker = cells.breaker
+            assert breaker is not None
+            state = cells.state
+            if state is None or cells.dropped != self._cells_dropped:
+                # (the budget cell is left to the next begin, which fetches both)
+                state = self.breakers.get(cells.breaker_key)
+                if state is None or state.config is not breaker:
+                    state = self.breaker_state(cells.breaker_key, breaker, now)
+            # `record_now`'s first answer, without `BreakerState.record`'s call (see there)
+            end = state._bucket_end
+            totals = state._totals
+            if (
+                gate is state.closed_gate
+                and outcome == SUCCESS
+                and not slow
+                and state.state == CLOSED
+                and now < end
+                and end - now <= 2.0 * state._bucket_s
+                and not (totals[1] or totals[2])
+            ):
+                state.buckets[-1][0] += 1
+                totals[0] += 1
+                state.erased = state.consecutive
+                state.consecutive = 0
+                return CLOSED
+            return state.record(gate.epoch, gate.probe_id, outcome, now, self._rng, slow)
+        finally:
+            release()
