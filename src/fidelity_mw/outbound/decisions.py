@@ -313,15 +313,17 @@ def gate_answer(
     now: float,
     last_error: BaseException | None,
     upstream_retry_after_s: float | None = None,
+    upstream_advised: bool = False,
 ) -> None:
     """Act on the breaker's gate: raise CircuitOpen when it rejects, record probes. A
     retry's refusal passes on the `Retry-After` of the answer it was to retry
-    (`upstream_retry_after_s`), as a budget's refusal does."""
+    (`upstream_retry_after_s`; a trusted callee's advice, `upstream_advised`, as it is),
+    as a budget's refusal does."""
     if gate.verdict == "reject":
         give_up(
             ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
             breaker_wait_s=gate.retry_after_s, retry_after_s=round(gate.retry_after_s, 3),
-            upstream_retry_after_s=upstream_retry_after_s,
+            upstream_retry_after_s=upstream_retry_after_s, upstream_advised=upstream_advised,
         )  # fmt: skip
         raise CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
@@ -559,6 +561,8 @@ class RetryAfter(NamedTuple):
     wait_until: float | None = None
     # ... and then why the call gives up: the wait reaches the deadline, or is too long
     refused: str = GIVE_UP_RETRY_AFTER
+    # a trusted callee's advice (`advised`): a refusal of the retry passes it on as it is
+    advised: bool = False
 
 
 def own_word(up: Upstream, target: Instance | None) -> bool:
@@ -645,10 +649,13 @@ def plan_call(
                 SCOPE_INSTANCE,
                 now + retry_after + 1e-6 if waitable else None,
                 GIVE_UP_DEADLINE if late else GIVE_UP_RETRY_AFTER,
+                advised(engine, up, target, response),
             )
             wait = 0.0 if status == 429 else None  # (a 429's is usable: not `missing`)
         elif retry_after is not None:
-            scoped = RetryAfter(retry_after, SCOPE_CALL)
+            scoped = RetryAfter(
+                retry_after, SCOPE_CALL, advised=advised(engine, up, target, response)
+            )
         plan = plan_retry(
             cfg=up.retry,
             attempt=attempt,

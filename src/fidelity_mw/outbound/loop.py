@@ -754,6 +754,7 @@ def attempts(
                             gate, allowed, source, age, spent_budget = _gate_plain(
                                 ctx, up, local, True, attempt, now, error,
                                 None if scoped is None else scoped.retry_after_s,
+                                scoped is not None and scoped.advised,
                             )  # fmt: skip
                         else:
                             while True:
@@ -768,6 +769,7 @@ def attempts(
                                     GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
                                     None if scoped is None else scoped.retry_after_s,
                                     None if race is None else race.out,
+                                    scoped is not None and scoped.advised,
                                 )  # fmt: skip
                                 if not g.waits:
                                     break
@@ -801,6 +803,7 @@ def attempts(
                             gate_answer(
                                 ctx, up, gate, source, age, attempt, now, last_error,
                                 None if scoped is None else scoped.retry_after_s,
+                                scoped is not None and scoped.advised,
                             )  # fmt: skip
                         if allowed:
                             # --- decided: record it now, on the state it was decided on
@@ -1047,6 +1050,7 @@ def _gate_next(
     refused: str = GIVE_UP_RETRY_AFTER,
     retry_after_s: float | None = None,
     out: list[Instance] | None = None,
+    advised: bool = False,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -1137,7 +1141,8 @@ def _gate_next(
                 # budget's and the gate's refusals do)
                 give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now,
                         SOURCE_MEMORY, now - target.seen_at,
-                        upstream_retry_after_s=retry_after_s)  # fmt: skip
+                        upstream_retry_after_s=retry_after_s,
+                        upstream_advised=advised)  # fmt: skip
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False)
             if out and target in tried:
                 return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False,
@@ -1171,7 +1176,7 @@ def _gate_next(
         if not failed:
             fell(why)  # (before `_settle`: the decisions it records say why)
         gate, allowed, source, age = _settle(
-            ctx, up, answer, retry, gated, attempts_made, now, last_error, retry_after_s
+            ctx, up, answer, retry, gated, attempts_made, now, last_error, retry_after_s, advised
         )
         if not allowed:
             break
@@ -1280,6 +1285,7 @@ def _gate_plain(
     now: float,
     last_error: BaseException | None,
     retry_after_s: float | None = None,
+    advised: bool = False,
 ) -> tuple[Gate | None, bool, str, float, bool]:
     """`_gate_next` for the common case, without a generator: one upstream, in-process state.
     The last value says whether a retry was counted on the budget (as `_Gated.spent`)."""
@@ -1291,8 +1297,9 @@ def _gate_plain(
     except Exception as exc:
         answer = exc
     gate, allowed, source, age = _settle(
-        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error, retry_after_s
-    )
+        ctx, up, answer, retry, breaker is not None, attempts_made, now, last_error,
+        retry_after_s, advised,
+    )  # fmt: skip
     spent = (
         retry
         and allowed
@@ -1312,10 +1319,12 @@ def _settle(
     now: float,
     last_error: BaseException | None,
     retry_after_s: float | None = None,
+    advised: bool = False,
 ) -> tuple[Gate | None, bool, str, float]:
     """The store's answer to a gate operation (or its failure) as the loop acts on it; a
     retry the budget denies is recorded, with the `Retry-After` of the answer it was to
-    retry (`retry_after_s`: the advice for our own answer, as any give-up's)."""
+    retry (`retry_after_s`: the advice for our own answer, as any give-up's; `advised`: a
+    trusted callee's advice, spread there already, passed on as it is)."""
     if isinstance(answer, Exception):
         fell(getattr(answer, "why", None) or "error")  # (the decisions on it say why)
         if gated or not retry:
@@ -1331,7 +1340,7 @@ def _settle(
         # passed it on)
         give_up(
             ctx, up, LAYER_BUDGET, GIVE_UP_BUDGET, attempts_made, now, source, age,
-            upstream_retry_after_s=retry_after_s,
+            upstream_retry_after_s=retry_after_s, upstream_advised=advised,
         )  # fmt: skip
     return gate, allowed, source, age
 
