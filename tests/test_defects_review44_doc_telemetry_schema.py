@@ -527,3 +527,34 @@ def test_metrics_are_the_documented_ones_with_their_units_and_attributes(
         word = instrument.split()[0]
         assert kind in INSTRUMENTS[word], f"{name}: a {kind}, documented as a {instrument}"
         assert attributes == doc_attributes, f"{name}: attributes differ from the table"
+
+
+def test_a_retrys_state_age_is_not_its_backoff() -> None:
+    """The `fidelity.state.age_ms` row said a retry's age includes its backoff, so a
+    retry after a `Retry-After` over 1 s counts as stale; a retry is recorded when
+    decided (63d3cd0): after a 5 s `Retry-After` on memory state its age is 0."""
+    pipe = pipeline()
+    answers = iter([httpx.Response(503, headers={"retry-after": "5"}), httpx.Response(200)])
+    clock = FakeClock()
+    transport = FidelityTransport(
+        httpx.MockTransport(lambda request: next(answers)),
+        policy=Policy(),
+        clock=clock,
+        observer=pipe.telemetry,
+    )
+    try:
+        response = asyncio.run(httpx.AsyncClient(transport=transport).get("http://up.internal/"))
+        assert response.status_code == 200
+        assert clock.sleeps == [5.0]
+        events = [
+            dict(e.attributes or {})
+            for span in pipe.finished()
+            for e in span.events
+            if (e.attributes or {}).get(schema.VERDICT) == "retry"
+        ]
+        assert len(events) >= 1
+        for event in events:
+            assert event[schema.STATE_AGE_MS] == 0.0
+            assert schema.STATE_STALE not in event
+    finally:
+        pipe.shutdown()

@@ -226,6 +226,12 @@ def _line_matches(got: str, expected: str) -> bool:
     return re.fullmatch(pattern, got) is not None
 
 
+def exec_block(code: object, namespace: dict[str, object]) -> None:
+    """Runs one python block (a seam: tests/test_defects_review44_doc_prints.py reads
+    what a block prints through it)."""
+    exec(code, namespace)  # type: ignore[call-overload]
+
+
 def run_document(doc: Path, tmp: Path) -> int:
     """Run every runnable block of `doc` in order; returns how many ran."""
     from fidelity_mw import Policy
@@ -247,7 +253,7 @@ def run_document(doc: Path, tmp: Path) -> int:
                 # so that a failing block's traceback shows its source lines
                 lines = block.code.splitlines(keepends=True)
                 linecache.cache[block.where] = (len(block.code), None, lines, block.where)
-                exec(code, namespace)
+                exec_block(code, namespace)
             elif block.lang == "console":
                 check_console(block)
             elif block.lang != "toml":
