@@ -265,3 +265,21 @@ def test_pybreaker_before_and_after_reach_the_upstream_on_the_same_calls(
     assert (got["theirs"][4], got["mine"][4]) == ("opened", "failed")
     with contextlib.suppress(Exception):
         asyncio.run(client.aclose())
+
+
+def test_the_audit_prints_the_pages_after_for_its_before(tmp_path: Path) -> None:
+    """The page: "`fidelity-mw audit` prints, next to each decorator ..., the `retry =
+    { ... }` that does the same". For the page's decorator it printed no `on_status`,
+    i.e. 502/503/504 retried where the decorator retried none."""
+    from fidelity_mw.tools.audit import audit_paths
+
+    (tmp_path / "users.py").write_text(
+        "import httpx\n" + before("From tenacity and stamina"), encoding="utf-8"
+    )
+    (finding,) = [f for f in audit_paths([str(tmp_path)]).findings if f.kind == "retry"]
+    hint = re.search(r"retry = \{ (.*?) \}", finding.replace_with)
+    assert hint is not None, finding.replace_with
+    printed = tomllib.loads(f"retry = {{ {hint.group(1)} }}")["retry"]
+    toml = blocks(section("From tenacity and stamina"), "toml")[0]
+    page = tomllib.loads(toml)["upstream"][0]["retry"]
+    assert printed == page

@@ -1792,6 +1792,37 @@ def _ms_value(seconds: float) -> int:
 _MAX_WAIT_MS = 600_000  # the policy's bound on base_ms and max_ms
 
 
+# httpx's errors raised before an answer came: a tenacity `retry_if_exception_type` of
+# these alone never retries a status (`raise_for_status()` raises HTTPStatusError)
+_HTTPX_TRANSPORT_ERRORS = frozenset(
+    (
+        "TransportError", "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout",
+        "PoolTimeout", "NetworkError", "ConnectError", "ReadError", "WriteError", "CloseError",
+        "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "ProxyError",
+        "UnsupportedProtocol",
+    )
+)  # fmt: skip
+
+
+def _transport_errors_only(node: ast.expr | None) -> bool:
+    """`retry=retry_if_exception_type(httpx.ConnectError)` (or a tuple of such): only
+    httpx's transport errors, no status. Anything combined with it (`|`, `&`, another
+    predicate) may retry a status: not said."""
+    if not isinstance(node, ast.Call) or _call_named(node, "retry_if_exception_type") is not node:
+        return False
+    if len(node.args) != 1 or node.keywords:
+        return False
+    arg = node.args[0]
+    names = arg.elts if isinstance(arg, ast.Tuple) else [arg]
+    return bool(names) and all(
+        isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "httpx"
+        and n.attr in _HTTPX_TRANSPORT_ERRORS
+        for n in names
+    )
+
+
 def _retry_hint(deco: ast.expr, library: str) -> str:
     """`@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2))`
     or `@stamina.retry(attempts=3, wait_initial=0.1, wait_max=2)` -> the same
@@ -1824,6 +1855,10 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
             keys["jitter"] = "none" if plain else "full"
+        if _transport_errors_only(kw.get("retry")):
+            # a 5xx reaches such a decorator as `raise_for_status()`'s HTTPStatusError,
+            # which it does not retry; the transport retries 502/503/504 unless told not to
+            keys["on_status"] = []
     elif library == "retrying":  # its waits are in milliseconds
         tries = _number(deco, _BY_NAME, "stop_max_attempt_number", None)
         if tries is not None:
@@ -1883,7 +1918,7 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
         keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
-    order = ("attempts", "base_ms", "max_ms", "jitter")
+    order = ("attempts", "base_ms", "max_ms", "jitter", "on_status")
     keys = {k: keys[k] for k in order if k in keys}
     body = ", ".join(
         f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
