@@ -204,10 +204,6 @@ def tight_policy(**kw: Any) -> Policy:
 
 def c_app(index: int, faults: Faults, seen: Seen, fidelity: bool, tight: bool = False) -> Any:
     async def handler(request: Request) -> Response:
-        rid = request.headers.get("x-hop-id", "?")
-        with seen.lock:
-            seen.c_calls[rid] += 1
-            seen.c_by_instance[index] += 1
         mode = faults.mode.get(index, "")
         if mode == "503":
             return Response(b"busy", 503)
@@ -225,7 +221,17 @@ def c_app(index: int, faults: Faults, seen: Seen, fidelity: bool, tight: bool = 
             observer=Recorder(f"C{index}", seen),
             telemetry=False,
         )
-    return app
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        # every request that reached the instance, C's own middleware's refusals too
+        if scope["type"] == "http":
+            rid = dict(scope["headers"]).get(b"x-hop-id", b"?").decode()
+            with seen.lock:
+                seen.c_calls[rid] += 1
+                seen.c_by_instance[index] += 1
+        await app(scope, receive, send)
+
+    return counted
 
 
 # ---------------------------------------------------------------- A and B
