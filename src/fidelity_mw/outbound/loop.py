@@ -74,6 +74,7 @@ from ..decide.retry import (
     EXHAUSTING_REASONS,
     GIVE_UP_BREAKER,
     GIVE_UP_BUDGET,
+    GIVE_UP_DEADLINE,
     GIVE_UP_FAILED_AFTER_RETRY,
     GIVE_UP_RETRY_AFTER,
 )
@@ -761,12 +762,21 @@ def attempts(
                                 # (sent then: a microsecond's slack, a wait to a pause's
                                 # end ends at its end, whatever the floats' rounding)
                                 sent_at = now + delay + 1e-6
+                                # An answer without a Retry-After whose retry finds only
+                                # paused instances (the one tried just opened its breaker,
+                                # say, in an outage of the whole service) waits for the
+                                # first pause to end, as a Retry-After the call could wait:
+                                # each is at most `retry_after_max_s`. Given up at once
+                                # (not exhausted: one attempt), the caller sent the request
+                                # again after our advice and C saw a second round
+                                # (tests/test_defects_review44_hop_paused.py).
                                 g = yield from _gate_next(
                                     ctx, engine, up, local, tried, True, attempt, now, error,
                                     False, sent_at,
-                                    -math.inf if scoped is None or scoped.wait_until is None
+                                    _until_deadline(ctx) if scoped is None
+                                    else -math.inf if scoped.wait_until is None
                                     else scoped.wait_until,
-                                    GIVE_UP_RETRY_AFTER if scoped is None else scoped.refused,
+                                    GIVE_UP_DEADLINE if scoped is None else scoped.refused,
                                     None if scoped is None else scoped.retry_after_s,
                                     None if race is None else race.out,
                                     scoped is not None and scoped.advised,
@@ -1032,6 +1042,12 @@ class _Gated(NamedTuple):
     spent_at: float | None = None  # ... at this time of the store's clock, when it said
     resend_at: float | None = None  # the retry waits for its instance's pause to end
     waits: bool = False  # no instance left untried, one with the call's attempt out: wait
+
+
+def _until_deadline(ctx: DecisionContext) -> float:
+    """Until when a retry may wait for an instance's pause: the deadline (none: any)."""
+    deadline_at = ctx.deadline_at
+    return math.inf if deadline_at is None else deadline_at
 
 
 def _gate_next(
