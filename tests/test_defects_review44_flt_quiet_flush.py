@@ -16,11 +16,13 @@ had the same shape and get the same timer.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from fidelity_mw.decide.breaker import FAILURE
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
+from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
@@ -219,3 +221,49 @@ async def test_tiered_breaker_outcomes_of_a_quiet_process_open_the_fleets_breake
     finally:
         await store.aclose()
         await other.aclose()
+
+
+async def test_tiered_slice_given_back_while_its_request_awaited_a_lease(
+    redis_url: str,
+) -> None:
+    """A request on two limits: one slice holds units, the other needs a lease, which it
+    awaits; meanwhile a sync (the quiet timer's here; another request's on a busy server)
+    takes the first slice for idle (its last use is this request's start, more than a
+    sync interval ago on a slow round trip) and gives it back. The request read that
+    slice again after its await: KeyError, a 500. Found by review40's cut-off test under
+    load once the quiet timer existed; now the request is decided exactly."""
+    clock = FakeClock()
+    config = StateConfig(url="tiered+" + redis_url, **PATIENT, **QUIET)
+    store = TieredStore(config=config, clock=clock)
+    one = LimitSpec("a", 1e-5, 10.0, 1, False)
+    two = LimitSpec("b", 1e-5, 10.0, 1, False)
+    call = store.exact.call
+    try:
+        first = await store.admit(None, None, ["a|k"], [one], clock.monotonic())
+        assert first.admitted
+        assert store.slices["a|k"].tokens >= 1
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await release.wait()
+            return await call(*args, **kwargs)
+
+        store.exact.call = held  # type: ignore[method-assign]
+        clock.advance(store.sync_s * 0.1)
+        late = asyncio.ensure_future(
+            store.admit(None, None, ["a|k", "b|k"], [one, two], clock.monotonic())
+        )
+        await asyncio.wait_for(entered.wait(), 60)  # b's lease waits
+        clock.advance(store.sync_s * 2.5)  # the quiet timer's sync plans meanwhile
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert "a|k" not in store.slices  # given back as idle
+        release.set()
+        result = await asyncio.wait_for(late, 60)  # before: KeyError: 'a|k'
+        assert result.admitted
+        assert store.stats.delegated == 1
+    finally:
+        store.exact.call = call  # type: ignore[method-assign]
+        await store.aclose()

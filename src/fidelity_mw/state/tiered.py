@@ -535,6 +535,13 @@ class TieredStore(StateStore):
                 return exact.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
             self.stats.waited += 1
             now = self._clock.monotonic()
+            if any(key not in slices for key in limit_keys):
+                # A sync while this request awaited (another request's, or the quiet
+                # timer's) took a slice for idle (its last use is this request's start,
+                # a round trip ago) and gave its units back: decided exactly, where they
+                # went. Read as before, a KeyError: a 500.
+                self.stats.delegated += 1
+                return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         # --- the breaker, on the cache
         gate: Gate | None = None
         age = 0.0
@@ -893,6 +900,9 @@ class TieredStore(StateStore):
         for attempt in range(3):
             now = self._clock.monotonic()
             slices = self.slices
+            # (a slice given back meanwhile, idle by a sync's measure while this
+            # request waited: nothing to lease for here; `admit` decides it exactly)
+            keys = [(k, cost) for k, cost in keys if k in slices]
             need = [
                 (k, cost)
                 for k, cost in keys
