@@ -252,7 +252,11 @@ async def test_one_process_cut_off_degrades_alone_and_its_outcomes_count_once(
     proxy = Cut(redis_server.port)
     port = await proxy.start()
     via_proxy = f"redis://127.0.0.1:{port}/0"
-    state = {"timeout_ms": 100, "connect_timeout_ms": 100}
+    # A's calls through the proxy, on this test's loaded event loop, answer within
+    # this: at 100 ms a starved machine (load 12-31) timed one out before the cut. The
+    # cut phase goes on until A has decided without Redis (its first call there waits
+    # the timeout), so a longer timeout does not end the phase before its fallback.
+    state = {"timeout_ms": 1_000, "connect_timeout_ms": 1_000}
     if mode == "tiered":
         a: RedisStore | TieredStore = tiered(via_proxy, 1, **state)
         b: RedisStore | TieredStore = tiered(redis_url, 2)
@@ -280,10 +284,14 @@ async def test_one_process_cut_off_degrades_alone_and_its_outcomes_count_once(
                 proxy.cut()
             elif phase == "healed":
                 proxy.heal()
-            for i in range(n):
+            i = 0
+            while i < n or (
+                phase == "cut" and "fallback" not in sources[phase]["a"] and i < 4_000
+            ):  # (bounded: 20 s of 5 ms steps at the least)
                 await request("a", a, phase, i)
                 await request("b", b, phase, i)
                 await asyncio.sleep(0.005)
+                i += 1
         for _ in range(20):  # the last outcomes reach Redis (tiered: with the next sync)
             await a.admit("route:/x", never, (), (), time.monotonic())
             await b.admit("route:/x", never, (), (), time.monotonic())

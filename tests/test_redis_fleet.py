@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
 N_PROCESSES = 4
 RATE = 200  # the fleet-wide limit, per second
+# requests sent in each outage and answered before it ends (the faults test)
+WINDOW_REPLIES = 3
 BURST = 20
 START_TIMEOUT_S = 60.0
 
@@ -246,15 +248,18 @@ async def load(
     duration_s: float,
     batch: int = 1,
     answer_s: float = 5.0,
+    replies: list[Reply] | None = None,
 ) -> list[Reply]:
     """`rate` requests/s for `duration_s`, round-robin over the fleet. Bounded: count and time.
 
     `batch` > 1: requests arrive in groups of `batch` at the same instant, each group
     at one member (the same average rate, in bursts). `answer_s`: how long one request
     may wait for its answer before it counts as unanswered (status -1, the error's name
-    as its source)."""
+    as its source). `replies`: a list to append to as the answers come (a fault driver
+    watches it)."""
     total = int(rate * duration_s)
-    replies: list[Reply] = []
+    if replies is None:
+        replies = []
     pools: dict[int, asyncio.Queue[Connection]] = {}
     for port in ports:
         pools[port] = asyncio.Queue()
@@ -502,10 +507,27 @@ async def decides_on_redis(port: int, tries: int = 100) -> bool:
 
 
 async def test_faults_under_load_kill_restart_stop_continue(fleet_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """200/s for 6 s: Redis killed at 1 s, restarted at 2 s, paused at 3.5 s, resumed at 4.5 s."""
+    """200/s for 6 s: Redis killed at 1 s, restarted at 2 s, paused at 3.5 s, resumed at 4.5 s.
+
+    Each outage lasts until requests sent in it have been answered (`WINDOW_REPLIES`),
+    however late a loaded machine runs the steps: its window counts from the moment the
+    fault took effect (the kill's process reaped, SIGSTOP sent) to the next step's
+    start. Before, it counted from when the kill began: a driver running late (load
+    12-31) killed and restarted back to back, and no request fell inside."""
     fleet = Fleet(tmp_path / "faults", fleet_redis.url, "faults", timeout_ms=50)  # tiny
+    total = int(RATE * 6.0)
     with running(fleet):
         marks: dict[str, float] = {}
+        seen: list[Reply] = []
+
+        async def answered_since(moment: float) -> None:
+            """Until WINDOW_REPLIES requests sent after `moment` are answered (bounded;
+            also once the load has sent its last request)."""
+            deadline = time.monotonic() + 60.0
+            while time.monotonic() < deadline and len(seen) < total:
+                if sum(1 for r in seen if r.sent >= moment) >= WINDOW_REPLIES:
+                    return
+                await asyncio.sleep(0.01)
 
         async def faults() -> None:
             start = time.monotonic()
@@ -514,24 +536,31 @@ async def test_faults_under_load_kill_restart_stop_continue(fleet_redis, tmp_pat
                 await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
                 marks[name] = time.monotonic()  # when the action began
                 await asyncio.to_thread(action)
+                marks[name + " done"] = time.monotonic()  # and from when it holds
 
             try:
                 await at(1.0, "killed", fleet_redis.kill)
+                await answered_since(marks["killed done"])
                 await at(2.0, "restarted", fleet_redis.start)
                 await at(3.5, "stopped", fleet_redis.pause)
+                await answered_since(marks["stopped done"])
                 await at(4.5, "continued", fleet_redis.resume)
             finally:
                 fleet_redis.resume()  # never leave it paused
 
         replies, _ = await asyncio.gather(
-            load(fleet.ports, "/api/open", rate=RATE, duration_s=6.0), faults()
+            load(fleet.ports, "/api/open", rate=RATE, duration_s=6.0, replies=seen), faults()
         )
         settled = [await decides_on_redis(port) for port in fleet.ports]
         stats = fleet.stats()
     statuses = Counter(r.status for r in replies)
     by_source = Counter(r.source for r in replies)
-    in_kill = Counter(r.source for r in replies if marks["killed"] <= r.sent < marks["restarted"])
-    in_stop = Counter(r.source for r in replies if marks["stopped"] <= r.sent < marks["continued"])
+    in_kill = Counter(
+        r.source for r in replies if marks["killed done"] <= r.sent < marks["restarted"]
+    )
+    in_stop = Counter(
+        r.source for r in replies if marks["stopped done"] <= r.sent < marks["continued"]
+    )
     after_restart = first_redis_after(replies, marks["restarted"])
     after_continue = first_redis_after(replies, marks["continued"])
     outages = sum(member["redis"]["outages"] for member in stats)
@@ -539,10 +568,15 @@ async def test_faults_under_load_kill_restart_stop_continue(fleet_redis, tmp_pat
     back_restart = first_recovery(stats, marks["restarted"])
     back_continue = first_recovery(stats, marks["continued"])
     slowest = max(r.done - r.sent for r in replies)
+    replies_start = min(r.sent for r in replies)
     print(
         f"\n[faults] {len(replies)} requests, statuses {dict(statuses)}, "
         f"sources {dict(by_source)}\n"
-        f"  killed..restarted: {dict(in_kill)}; stopped..continued: {dict(in_stop)}\n"
+        f"  killed..restarted: {dict(in_kill)} over "
+        f"{ms(marks['restarted'] - marks['killed done'])} ms (the kill took "
+        f"{ms(marks['killed done'] - marks['killed'])} ms, began "
+        f"{ms(marks['killed'] - replies_start)} ms in); stopped..continued: {dict(in_stop)} "
+        f"over {ms(marks['continued'] - marks['stopped done'])} ms\n"
         f"  first redis decision {ms(after_restart)} ms after the restart began, "
         f"{ms(after_continue)} ms after SIGCONT\n"
         f"  members back on Redis (ms after the restart began): {back_restart}; "

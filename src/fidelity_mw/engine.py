@@ -96,7 +96,11 @@ class TransportSet(weakref.WeakSet[Any]):
     (a new plan built for this engine) while another reads the set (`_forget_breakers`
     after a resolver's answer, an engine change told to each transport, the admin
     page): a set changed while iterated raises. Adds and reads take one lock, and a
-    read iterates a copy."""
+    read iterates a copy of the refs, made in one C call. Not `WeakSet`'s own
+    iteration: a transport collected in another thread runs `WeakSet`'s callback there,
+    without our lock (a lock taken in a weakref callback can deadlock the thread that
+    holds it), and that callback checks whether anyone iterates, then discards: a read
+    that began between the two saw the set change size under it."""
 
     def __init__(self, data: Iterable[Any] = ()) -> None:
         self._lock = threading.Lock()
@@ -108,8 +112,16 @@ class TransportSet(weakref.WeakSet[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         with self._lock:
-            members = list(super().__iter__())
+            # `set.copy` runs no Python code (the refs' hashes are stored): no thread
+            # switch and no callback inside it; the callbacks may discard from `data`
+            # while the copy's refs are called
+            refs: set[weakref.ref[Any]] = self.data.copy()  # type: ignore[attr-defined]
+        members = [item for item in map(_deref, refs) if item is not None]
         return iter(members)
+
+
+def _deref(ref: weakref.ref[Any]) -> Any:
+    return ref()
 
 
 class PolicyReader:

@@ -437,7 +437,9 @@ class LocalState:
         self.budgets_evicted_active = 0
         # Breaker and budget cells dropped or replaced so far (swept, forgotten, a new
         # config): an `OutboundCells` fetched at another count may hold one no longer
-        # in its table, and is fetched again.
+        # in its table, and is fetched again. Only this class's methods count them: an
+        # entry written into `breakers` or `budgets` from outside (a test) is not seen
+        # by a cell held already; `forget_breakers` first (docs/outbound.md).
         self._cells_dropped = 0
         self._rng: RandomSource = rng or random.Random().random
         self._lock = threading.Lock()

@@ -98,6 +98,7 @@ from .snapshot import (
     local_snapshot,
     top_limiter_keys,
 )
+from .timer import LoopTimer
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -520,6 +521,8 @@ class RedisStore(StateStore):
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
         self._flush_task: asyncio.Task[Any] | None = None
+        # due when the oldest count waiting is one sync interval old (`_pending_due`)
+        self._pending_timer = LoopTimer(self._clock, self._pending_due)
         # breaker key -> [config, epoch, plain successes not yet sent]
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
@@ -1688,6 +1691,10 @@ class RedisStore(StateStore):
             # to flush: a key counted once (a new upstream host per call, URLs clients
             # supply) never came again to say it, and the table grew for good.
             entry = pending[next(iter(pending))]
+            # And if no call comes at all (the process goes quiet), the timer sends it:
+            # the fleet's budget counted this process's last requests only when its
+            # next one came, hours later, or never.
+            self._pending_timer.arm(entry[2] + self.sync_s - self._clock.monotonic())
         else:
             entry[0] = cfg
             entry[1] += 1
@@ -1696,25 +1703,44 @@ class RedisStore(StateStore):
             if task is None or task.done():
                 self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
 
+    def _pending_due(self) -> None:
+        """The pending timer: the oldest count waiting is (about) a sync interval old."""
+        if not self._pending:
+            return  # they rode on outbound calls meanwhile
+        task = self._flush_task
+        if task is None or task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(
+                self._flush_pending(self._clock.monotonic())
+            )
+        # (a flush running re-arms the timer when it ends, for what it leaves)
+
     async def _flush_pending(self, now: float) -> None:
         """Send the budget request counts waiting (a background task): every key waiting
         when it starts, `_MAX_PENDING_PER_CALL` a call, then again while the oldest
-        count left is a sync interval old."""
+        count left is a sync interval old; the timer is armed for what is left."""
         try:
             while True:
                 for _ in range(-(-len(self._pending) // _MAX_PENDING_PER_CALL)):
                     if not self._pending or not self.health.up:
-                        return
+                        break
                     await self.outbound_gate(None, None, None, None, False, now)
                 # Counts made while this flush waited for Redis found it running and
                 # started none; with no request after them (the last ones before a
                 # quiet spell), nothing else would send them, however old.
                 oldest = next(iter(self._pending.values()), None)
                 now = self._clock.monotonic()
-                if oldest is None or now - oldest[2] < self.sync_s:
-                    return
+                if oldest is None or now - oldest[2] < self.sync_s or not self.health.up:
+                    break
         except Exception:  # closed mode raises; nobody else would see it
             logger.debug("fidelity_mw: budget counts not sent", exc_info=True)
+        oldest = next(iter(self._pending.values()), None)
+        if oldest is not None and not self._closed:
+            # Younger counts (made while this flush ran), or all of them with Redis
+            # down or failing: looked at again when the oldest is a sync interval old,
+            # or an interval from now if it is already (a timer, and no round trip
+            # while Redis is down).
+            delay = oldest[2] + self.sync_s - self._clock.monotonic()
+            self._pending_timer.arm(delay if delay > 0.0 else self.sync_s)
 
     async def budget_try_retry(
         self, budget_key: str, cfg: RetryConfig, now: float
@@ -1856,6 +1882,7 @@ class RedisStore(StateStore):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        self._pending_timer.cancel()  # (nothing waits: `_flush_at_close` sent or dropped it)
         # Close this loop's client; clients of other loops can only be closed
         # from their loops, so they are dropped (their sockets close with them).
         loop = asyncio.get_running_loop()

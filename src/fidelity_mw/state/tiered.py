@@ -64,6 +64,7 @@ from .snapshot import (
     StoreSnapshot,
     first_breakers,
 )
+from .timer import LoopTimer
 
 SOURCE_CACHE: Final = "cache"
 
@@ -356,6 +357,10 @@ class TieredStore(StateStore):
         self.exact.fleet.demand_of = lambda: self.stats.requests
         self._sync_task: asyncio.Task[None] | None = None
         self._last_sync = -math.inf
+        # A sync a sync interval after the last one while this process holds something
+        # for Redis (`_quiet_due`): syncs start on requests, so the outcomes counted
+        # after the last one waited for the next request, however long it took.
+        self._quiet_timer = LoopTimer(self._clock, self._quiet_due)
         # a breaker holds more outcome runs than one sync carries: sync again at once
         self._backlog = False
         self._lease_batch: _LeaseBatch | None = None
@@ -530,6 +535,13 @@ class TieredStore(StateStore):
                 return exact.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
             self.stats.waited += 1
             now = self._clock.monotonic()
+            if any(key not in slices for key in limit_keys):
+                # A sync while this request awaited (another request's, or the quiet
+                # timer's) took a slice for idle (its last use is this request's start,
+                # a round trip ago) and gave its units back: decided exactly, where they
+                # went. Read as before, a KeyError: a 500.
+                self.stats.delegated += 1
+                return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         # --- the breaker, on the cache
         gate: Gate | None = None
         age = 0.0
@@ -888,6 +900,9 @@ class TieredStore(StateStore):
         for attempt in range(3):
             now = self._clock.monotonic()
             slices = self.slices
+            # (a slice given back meanwhile, idle by a sync's measure while this
+            # request waited: nothing to lease for here; `admit` decides it exactly)
+            keys = [(k, cost) for k, cost in keys if k in slices]
             need = [
                 (k, cost)
                 for k, cost in keys
@@ -967,6 +982,7 @@ class TieredStore(StateStore):
                 # The periodic sync is half due: it rides on this call instead of
                 # costing one of its own a moment later.
                 self._last_sync = now
+                self._quiet_timer.arm(self.sync_s)
                 more_breakers, more_limits = self._plan_sync(now, batch.keys)
                 breakers += [k for k in more_breakers if k not in batch.breakers]
                 breakers = [k for k in breakers if k in self.breakers]  # planning drops idle ones
@@ -1158,6 +1174,25 @@ class TieredStore(StateStore):
         self._last_sync = now
         self._backlog = False
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_logged(now))
+        self._quiet_timer.arm(self.sync_s)
+
+    def _holds(self) -> bool:
+        """Outcomes counted and not sent, or leased units (given back once idle)."""
+        return bool(self.slices) or any(cb.calls for cb in list(self.breakers.values()))
+
+    def _quiet_due(self) -> None:
+        """The quiet timer: a sync interval since the last sync. Once per interval, and
+        only while something is held: a quiet process's last outcomes reach the fleet's
+        breakers within about one interval, its idle slices go back within two, then
+        the timer stops until a request syncs again."""
+        if self.exact._closed or not self._holds():
+            return
+        now = self._clock.monotonic()
+        wait = self._last_sync + self.sync_s - now
+        if wait <= 0.0:
+            self._maybe_sync(now)  # (none if one is running: looked at again below)
+            wait = self.sync_s
+        self._quiet_timer.arm(wait)
 
     async def _sync_logged(self, now: float) -> None:
         try:
@@ -1301,6 +1336,7 @@ class TieredStore(StateStore):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._quiet_timer.cancel()
         await self.exact.aclose()
 
     # ------------------------------------------------------------ read-only view

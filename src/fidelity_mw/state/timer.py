@@ -1,0 +1,89 @@
+"""A one-shot timer that runs its callback in the event loop that armed it.
+
+For work a remote store holds back to batch it (budget counts, cached breaker outcomes)
+and must still send when no further call comes to carry it: a process that goes quiet
+after its last requests would otherwise keep them for as long as it stays quiet.
+
+A timer handle, not a sleeping task: a handle dropped with its loop (a loop closed
+without the store's `aclose`) says nothing and holds nothing, where a pending task is
+reported destroyed; and a `FakeClock` fires it when a test advances the clock past it,
+where a task sleeping on that clock would move the clock itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class LoopTimer:
+    """At most one pending callback, on the clock's `call_later` when it has one (a
+    `FakeClock`), else on the running event loop's; the callback runs in that loop's
+    thread either way (a fake clock fires in whichever thread advances it)."""
+
+    __slots__ = ("_call_later", "_callback", "_handle", "_loop")
+
+    def __init__(self, clock: Any, callback: Callable[[], None]) -> None:
+        self._call_later: Callable[[float, Callable[[], None]], Any] | None = getattr(
+            clock, "call_later", None
+        )
+        self._callback = callback
+        self._handle: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self, delay: float) -> None:
+        """Call back in `delay` seconds unless armed already on the running loop (an
+        earlier arming stands: callers arm for their oldest work first)."""
+        loop = asyncio.get_running_loop()
+        if self._handle is not None:
+            if self._loop is loop:
+                return
+            # armed on a loop that is gone, or runs in another thread: this one's now
+            self._cancel_handle(loop)
+        self._loop = loop
+        call_later = self._call_later
+        delay = delay if delay > 0.0 else 0.0
+        if call_later is None:
+            self._handle = loop.call_later(delay, self._fire)
+        else:
+            self._handle = call_later(delay, self._fire_in_loop)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._cancel_handle(_running_loop())
+
+    def _cancel_handle(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        handle, owner = self._handle, self._loop
+        self._handle = None
+        if self._call_later is not None or owner is None or owner is loop:
+            handle.cancel()
+        elif not owner.is_closed():
+            # a loop's handle is cancelled in that loop's thread (asyncio's bookkeeping
+            # is not thread-safe); a closed loop's never fires
+            with contextlib.suppress(RuntimeError):
+                owner.call_soon_threadsafe(handle.cancel)
+
+    def _fire_in_loop(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._handle = None
+        elif _running_loop() is loop:
+            self._fire()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._fire)
+            except RuntimeError:  # closed meanwhile
+                self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._callback()
