@@ -26,7 +26,8 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fidelity_mw import FidelitySyncTransport, FidelityTransport
+from _asgi import http_scope
+from fidelity_mw import FidelityMiddleware, FidelitySyncTransport, FidelityTransport
 from fidelity_mw.engine import Engine
 from fidelity_mw.policy import HedgeConfig, Policy, RetryConfig, UpstreamConfig
 from fidelity_mw.state.memory import MemoryStore
@@ -257,3 +258,78 @@ def test_the_sync_transport_under_threads_leaves_nothing_behind(
     assert running[0] == 0
     found = t.upstream(engine, httpx.URL("http://svc/")).instances or []
     assert [i.outstanding for i in found] == [0] * (len(INSTANCES) if service else 0)
+
+
+@settings(
+    max_examples=int(os.environ.get("REV44_N", 120)) // 2,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    deadline_ms=st.integers(1, 3_000),
+    before_ms=st.integers(0, 3_000),  # the app's own work before its call
+    script=st.lists(
+        st.tuples(st.integers(0, 1_500), st.sampled_from([200, 503, 504, "connect"])),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_the_deadline_passed_to_the_next_hop_is_never_more_than_what_is_left(
+    deadline_ms: int, before_ms: int, script: list[tuple[int, Any]]
+) -> None:
+    """A request with a caller's deadline, whose app calls an upstream of the system: each
+    attempt tells the next hop at most the time left (and at least 1 ms), none is sent
+    once the deadline passed, and the request gets exactly one answer."""
+    clock = FakeClock()
+    told: list[tuple[int, float]] = []  # (ms told, ms left when sent)
+    deadline_at: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        n = len(told)
+        left_ms = (deadline_at[0] - clock.monotonic()) * 1000.0
+        told.append((int(request.headers["x-request-timeout-ms"]), left_ms))
+        took_ms, answer = script[n % len(script)]
+        clock.advance(took_ms / 1000.0)
+        if answer == "connect":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(answer)
+
+    policy = Policy(
+        upstreams=(
+            UpstreamConfig(
+                host="svc.internal",
+                retry=RetryConfig(attempts=3, base_ms=1, max_ms=2),
+                attempt_timeout_ms=1_000,
+                protocol_headers="always",
+            ),
+        ),
+        breaker=None,
+    )
+    client = httpx.AsyncClient(
+        transport=FidelityTransport(httpx.MockTransport(handler), telemetry=False)
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        deadline_at.append(scope["state"]["fidelity"].deadline_at)
+        clock.advance(before_ms / 1000.0)
+        await asyncio.sleep(0)
+        response = await client.get("http://svc.internal/x")
+        await send({"type": "http.response.start", "status": response.status_code})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = FidelityMiddleware(app, policy=policy, clock=clock, telemetry=False)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/a", headers=[(b"x-request-timeout-ms", str(deadline_ms).encode())])
+    asyncio.run(mw(scope, receive, send))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"], sent
+    for ms, left in told:
+        assert left > 0.0, (told, deadline_ms, before_ms)
+        assert 1 <= ms <= max(1.0, left), (told, deadline_ms, before_ms)

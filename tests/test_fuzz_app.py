@@ -445,3 +445,166 @@ APPS: dict[Any, Any] = {}
 
 async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await APPS[asyncio.current_task()](scope, receive, send)
+
+
+# ---------------------------------------------------------------- websockets and lifespan
+
+WS_STEPS = st.lists(
+    st.sampled_from(["recv", "accept", "close", "text", "deny", "deny_body", "raise", "return"]),
+    max_size=6,
+)
+
+
+def ws_app(steps: list[str], run: Run) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        run.called = True
+        for step in steps:
+            if step == "recv":
+                await receive()
+            elif step == "accept":
+                await send({"type": "websocket.accept"})
+            elif step == "close":
+                await send({"type": "websocket.close", "code": 1000})
+            elif step == "text":
+                await send({"type": "websocket.send", "text": "hi"})
+            elif step == "deny":
+                await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+            elif step == "deny_body":
+                await send({"type": "websocket.http.response.body", "body": b"no"})
+            elif step == "raise":
+                run.app_raised = AppError("ws boom")
+                raise run.app_raised
+            elif step == "return":
+                return
+
+    return app
+
+
+def ws_server(run: Run) -> tuple[Any, Any]:
+    messages = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "x"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "websocket.disconnect", "code": 1001}
+
+    async def send(message: dict[str, Any]) -> None:
+        run.sent.append((message["type"], message.get("status", message.get("code"))))
+
+    return receive, send
+
+
+@pytest.mark.parametrize("name", ["plain", "limits+breaker", "bulkhead+deadline"])
+def test_websocket_scopes_pass_as_they_would_bare(name: str) -> None:
+    """A websocket's app, admitted, sends what it sends and raises what it raises."""
+    clock = FakeClock()
+    observer, _spans = telemetry()
+    mw = FidelityMiddleware(
+        script_app([], clock, Run()),
+        policy=POLICIES[name],
+        clock=clock,
+        rng=seeded_random(3),
+        observer=observer,
+    )
+
+    @settings(max_examples=80, deadline=None, derandomize=True)
+    @given(steps=WS_STEPS)
+    def check(steps: list[str]) -> None:
+        def scope() -> dict[str, Any]:
+            return {
+                "type": "websocket",
+                "asgi": {"version": "3.0"},
+                "path": "/ws",
+                "raw_path": b"/ws",
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"host", b"t")],
+                "client": ("127.0.0.1", 5000),
+                "server": ("t", 80),
+                "subprotocols": [],
+                "extensions": {"websocket.http.response": {}},
+            }
+
+        async def both() -> tuple[Run, Run]:
+            bare, ours = Run(), Run()
+            receive, send = ws_server(bare)
+            try:
+                await ws_app(steps, bare)(scope(), receive, send)
+            except BaseException as exc:
+                bare.raised = exc
+            mw.app = ws_app(steps, ours)
+            receive, send = ws_server(ours)
+            try:
+                await mw(scope(), receive, send)
+            except BaseException as exc:
+                ours.raised = exc
+            assert current() is None
+            return bare, ours
+
+        clock.advance(60.0)
+        bare, ours = asyncio.run(both())
+        bulkheads_empty(mw)
+        if not ours.called:  # refused by the route's limits: one answer of ours
+            assert ours.raised is None
+            return
+        assert ours.raised is ours.app_raised if bare.raised else ours.raised is None
+        assert ours.sent == bare.sent, (steps, bare, ours)
+
+    check()
+
+
+LIFESPAN_STEPS = st.lists(
+    st.sampled_from(["recv", "startup.complete", "startup.failed", "shutdown.complete", "raise"]),
+    max_size=5,
+)
+
+
+@pytest.mark.parametrize("name", ["plain", "limits+breaker"])
+def test_lifespan_messages_and_errors_pass_as_bare(name: str) -> None:
+    clock = FakeClock()
+
+    @settings(max_examples=40, deadline=None, derandomize=True)
+    @given(steps=LIFESPAN_STEPS)
+    def check(steps: list[str]) -> None:
+        def app_for(run: Run) -> Any:
+            async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                for step in steps:
+                    if step == "recv":
+                        await receive()
+                    elif step == "raise":
+                        run.app_raised = AppError("lifespan boom")
+                        raise run.app_raised
+                    else:
+                        await send({"type": f"lifespan.{step}"})
+
+            return app
+
+        async def one(run: Run, wrap: bool) -> None:
+            inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+            async def receive() -> dict[str, Any]:
+                if inbox:
+                    return inbox.pop(0)
+                await asyncio.Event().wait()  # (never: the scripts read at most twice)
+                return {}
+
+            async def send(message: dict[str, Any]) -> None:
+                run.sent.append((message["type"], None))
+
+            app = app_for(run)
+            if wrap:
+                app = FidelityMiddleware(
+                    app, policy=POLICIES[name], clock=clock, rng=seeded_random(3), telemetry=False
+                )
+            try:
+                await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+            except BaseException as exc:
+                run.raised = exc
+
+        bare, ours = Run(), Run()
+        if steps.count("recv") > 2:
+            return
+        asyncio.run(one(bare, False))
+        asyncio.run(one(ours, True))
+        assert ours.sent == bare.sent
+        assert ours.raised is ours.app_raised if bare.raised else ours.raised is None
+
+    check()
