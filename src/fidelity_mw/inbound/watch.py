@@ -215,8 +215,20 @@ class ResponseWatcher:
             # Disarmed (its response started, or the app returned) after the timer of
             # another thread's loop posted this expiry: too late to act on.
             return
-        self.disarm()
         task = self.task
+        if task is not None and not task.done():
+            loop = task.get_loop()
+            if running_loop() is loop and current_task(loop) is task:
+                # Fired from inside the request's own task: a clock that runs its timers
+                # as it is moved on (FakeClock.advance, by the app or an upstream it
+                # mocks). A cancel now would land at the task's next await, whatever the
+                # app did before it: its whole response sent (the task then ended
+                # cancelled, the CancelledError the server's), or a body cut mid-way. From
+                # the loop, as a real timer fires: the response started or the app
+                # returned meanwhile, it disarmed the watcher and this is too late.
+                loop.call_soon(self.expire)
+                return
+        self.disarm()
         if self.started or self.expired or task is None or task.done():
             return  # a started response is never cut; a request is cancelled once
         self.expired = True
