@@ -203,6 +203,12 @@ class DecisionContext:
         self._decisions: list[Decision] = []
         self.shed_by = None  # (read on every request: see new_request_context)
         self.response_headers = None
+        # Read by every outbound call made inside the request (and `_room_at` by every
+        # `decisions` read), so the instance's own: as `new_request_context` says, a read
+        # that falls through to the class default is not specialized interpreted.
+        self.response_complete = False
+        self._pending = None
+        self._room_at = MAX_DECISIONS
 
     @property
     def decisions(self) -> list[Decision]:
@@ -396,6 +402,9 @@ def new_request_context(
     # (about 200 instructions against 15 for this store).
     ctx.shed_by = None
     ctx.response_headers = None
+    ctx.response_complete = False  # (and these read by every outbound call in the request)
+    ctx._pending = None
+    ctx._room_at = MAX_DECISIONS
     return ctx
 
 
