@@ -42,9 +42,12 @@ def test_the_fields_are_the_contexts_own(made_by: str) -> None:
     engine = Engine(Policy(), clock=FakeClock())
     if made_by == "constructor":
         ctx = DecisionContext(engine, "/r", "GET", 1.0)
-    else:
+    elif INTERPRETED:
         ctx = new_request_context(engine, "/r", "GET", 1.0)
-    assert set(READ) <= set(vars(ctx)), sorted(set(READ) - set(vars(ctx)))
+    else:
+        pytest.skip("compiled: the middleware calls the class")
+    if INTERPRETED:  # (compiled, a native class: every field is the instance's, no vars)
+        assert set(READ) <= set(vars(ctx)), sorted(set(READ) - set(vars(ctx)))
     assert _reads(ctx) == (False, None, MAX_DECISIONS)
 
 
