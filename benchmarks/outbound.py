@@ -57,7 +57,8 @@ bytecodes each runs per call: counts do not move with the machine's load; with
 `--instructions` counts machine instructions per call of the layers alone under
 `valgrind --tool=callgrind` (as benchmarks/server_inprocess.py does for inbound): a run
 with `--calls` calls less one that builds the same requests and calls nothing; a layer
-named `NAME+compiled` runs in .venv-compiled (the mypyc build). With `--functions` it prints
+named `NAME+compiled` runs in .venv-compiled (the mypyc build); a name of `--pieces`' variants
+(`loop_1_instance`, `no_breaker`, ...) counts that variant. With `--functions` it prints
 instead each layer's instructions per call by function (each function's own, from the
 same two callgrind runs): the C functions of the interpreter for a pure layer, the
 compiled functions themselves for a `+compiled` one.
@@ -988,7 +989,9 @@ def run_one(name: str, calls: int, rev: str) -> None:
     built all the same, so the difference of two runs is the calls alone)."""
     old = baseline(rev or None)
     layers = build_layers(old, rev, streamed=True)
-    layer = layers[name]
+    # (a piece of `--pieces` by its name too: a service's loop, the layer without its
+    # breaker or headers, counted in instructions as the layers are)
+    layer = layers[name] if name in layers else build_pieces()[name]
 
     async def go() -> None:
         await run_layer(layer, _requests(500))

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.skipif(not INTERPRETED, reason="compiled: native classe
 
 # what ResponseWatcher.__call__ and the middleware after the app read of the watcher
 WATCHER_READS = {"send", "ctx", "end", "slot", "monotonic", "expired", "watch", "stall_s"}
-# what the middleware and the watcher read of the context on every request
-CONTEXT_READS = {"shed_by", "response_headers"}
+# what the middleware and the watcher read of the context on every request (and every
+# outbound call made inside it: out44)
+CONTEXT_READS = {"shed_by", "response_headers", "response_complete", "_pending", "_room_at"}
 
 
 class Spy:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
+from collections import Counter
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from types import FunctionType
@@ -87,6 +89,12 @@ _SUBJECT_LAYERS: Final = frozenset({LAYER_RATELIMIT, LAYER_RETRY, LAYER_BUDGET})
 
 # (layer, subject: "" but for _SUBJECT_LAYERS, verdict, reason, source)
 DroppedKey = tuple[str, str, str, str, str]
+# A record's verdict, and its fields a dropped record is counted by (with its age, which
+# says whether it was stale): read in C over a run of records (`_make_room`). A record is
+# a tuple subclass, whose subscripts CPython 3.11 does not specialise: read one by one
+# in Python they cost ~60 bytecodes a record, ~2k machine instructions.
+_verdict_of: Final = operator.itemgetter(2)
+_kind_of: Final = operator.itemgetter(0, 1, 2, 3, 4, 5)
 
 
 _PID: Final = os.getpid()
@@ -195,6 +203,12 @@ class DecisionContext:
         self._decisions: list[Decision] = []
         self.shed_by = None  # (read on every request: see new_request_context)
         self.response_headers = None
+        # Read by every outbound call made inside the request (and `_room_at` by every
+        # `decisions` read), so the instance's own: as `new_request_context` says, a read
+        # that falls through to the class default is not specialized interpreted.
+        self.response_complete = False
+        self._pending = None
+        self._room_at = MAX_DECISIONS
 
     @property
     def decisions(self) -> list[Decision]:
@@ -222,14 +236,25 @@ class DecisionContext:
         hi = len(records) - KEEP_TAIL
         if hi <= lo:
             return  # (sealed near the end: nothing may go yet)
-        flagged = 0
-        for d in records[KEEP_HEAD:lo]:
-            if d[2] != ALLOW:
-                flagged += 1
-        kept: list[Decision] = []
+        head = list(map(_verdict_of, records[KEEP_HEAD:lo]))
+        flagged = len(head) - head.count(ALLOW)
         dropped = self._dropped
         if dropped is None:
             dropped = self._dropped = {}
+        verdicts = list(map(_verdict_of, records[lo:hi]))
+        if flagged >= MAX_FLAGGED or verdicts.count(ALLOW) == len(verdicts):
+            # Every record between head and tail goes (the common case: a long run of
+            # attempts allowed): counted by kind in C first, then each kind once.
+            try:
+                kinds = Counter(map(_kind_of, records[lo:hi]))
+            except TypeError:  # (a field that does not hash: one by one, below)
+                pass
+            else:
+                self._count_dropped(dropped, kinds)
+                del records[lo:hi]  # in place: a caller may hold the list (or its append)
+                self.dropped_total += hi - lo
+                return
+        kept: list[Decision] = []
         n = 0
         for d in records[lo:hi]:
             verdict = d[2]
@@ -252,6 +277,26 @@ class DecisionContext:
             n += 1
         records[lo:hi] = kept  # in place: a caller may hold the list (or its append)
         self.dropped_total += n
+
+    @staticmethod
+    def _count_dropped(
+        dropped: dict[DroppedKey, list[int]], kinds: Counter[tuple[Any, ...]]
+    ) -> None:
+        """`_make_room`'s count of dropped records, a kind (and its number) at a time: the
+        same counts as one record at a time, a kind's key placed (or folded into
+        `_OTHER`) at its first record, as there (a Counter keeps first-seen order)."""
+        for (layer, subject, verdict, reason, source, age), m in kinds.items():
+            key = (layer, subject if layer in _SUBJECT_LAYERS else "", verdict, reason, source)
+            counts = dropped.get(key)
+            if counts is None:
+                if len(dropped) >= _MAX_DROPPED_KINDS:
+                    key = (layer, _OTHER, verdict, reason, source)
+                    counts = dropped.get(key)
+                if counts is None:
+                    counts = dropped[key] = [0, 0]
+            counts[0] += m
+            if source in _STALE_SOURCES or age > 1.0:
+                counts[1] += m
 
     def seal(self, exported: int) -> None:
         """Telemetry exported the first `exported` records (by index): they stay where
@@ -357,6 +402,9 @@ def new_request_context(
     # (about 200 instructions against 15 for this store).
     ctx.shed_by = None
     ctx.response_headers = None
+    ctx.response_complete = False  # (and these read by every outbound call in the request)
+    ctx._pending = None
+    ctx._room_at = MAX_DECISIONS
     return ctx
 
 

@@ -724,12 +724,17 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         clock = known.clock
         system = known.system
         now = _monotonic() if system else clock.monotonic()
-        own = ctx is None
         if ctx is None:
+            own = True
             ctx = DecisionContext(engine, "outbound", request.method, now)
-            if up.default_deadline_s is not None:
-                ctx.deadline_at = now + up.default_deadline_s
-        remaining = ctx.deadline_at
+            # (its deadline known here: read back, the class default's read is not
+            # specialized interpreted, ~200 machine instructions)
+            remaining = up.default_deadline_s
+            if remaining is not None:
+                remaining = ctx.deadline_at = now + remaining
+        else:
+            own = False
+            remaining = ctx.deadline_at
         extensions = request.extensions
         timeouts = extensions.get("timeout")
         if _OWN_TIMEOUT in extensions:  # a request sent again: its own timeouts
@@ -778,7 +783,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     request.extensions["timeout"] = dict(capped)
                 stamped = noted[2]  # (the first attempt's headers for those timeouts)
                 raw += stamped
-                counts = ctx._attempts  # (the `attempts` property, without its call)
+                # (the `attempts` property, without its call; a call of its own has none
+                # yet, and its read would be the class default's)
+                counts = None if own else ctx._attempts
                 if counts is None:
                     ctx._attempts = {up.key: 1}
                 else:
