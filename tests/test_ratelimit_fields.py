@@ -36,7 +36,7 @@ def expected(remaining: int, reset_s: float, retry_after: int | None) -> bytes:
 
 def test_kept_fields_are_the_formatted_ones_for_every_pair() -> None:
     plan, result = plan_and_result()
-    plan.fields.clear()
+    admission._FIELDS.clear()
     verdict = result.limits[0]
     for round_ in range(3):  # the first round formats, the next ones read the table
         for remaining in range(0, 20):
@@ -51,7 +51,7 @@ def test_kept_fields_are_the_formatted_ones_for_every_pair() -> None:
                         reset_s,
                         retry_after,
                     )
-    assert plan.fields  # (the path under test: one advertised limit, admitted)
+    assert admission._FIELDS  # (the path under test: one advertised limit, admitted)
     # each request gets its own list: one response's additions never reach another's
     first = ratelimit_headers(plan, result)
     assert first is not ratelimit_headers(plan, result)
@@ -59,10 +59,10 @@ def test_kept_fields_are_the_formatted_ones_for_every_pair() -> None:
 
 def test_the_table_stays_bounded() -> None:
     plan, result = plan_and_result()
-    plan.fields.clear()
+    admission._FIELDS.clear()
     verdict = result.limits[0]
     for remaining in range(admission._MAX_FIELDS * 2 + 7):
         one = verdict._replace(remaining=remaining, reset_s=0.0)
         got = ratelimit_headers(plan, result._replace(limits=(one,)))
         assert got[1][1] == expected(remaining, 0.0, None)
-        assert len(plan.fields) <= admission._MAX_FIELDS
+        assert len(admission._FIELDS) <= admission._MAX_FIELDS

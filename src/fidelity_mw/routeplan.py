@@ -49,7 +49,6 @@ class RoutePlan:
         "deadline_cap_s",
         "deadline_default_s",
         "enforce",
-        "fields",
         "ip_key_prefix",
         "ip_keys",
         "key_prefixes",
@@ -170,11 +169,6 @@ class RoutePlan:
             prefix = self.remaining_prefixes[0]
             assert prefix is not None
             self.one_advertised = (prefix, self.specs[0].tolerance_s, self.specs[0].interval_s)
-        # ... and that limit's RateLimit fields as made so far, shared by every plan of
-        # the limit (`field_table`; an empty table of its own without: never written to)
-        self.fields: dict[int, tuple[bytes, bytes]] = (
-            {} if self.one_advertised is None else field_table(self.one_advertised[0])
-        )
         self.deadline_default_s = deadline_default_s
         self.deadline_cap_s = deadline_cap_s
         # The route's bulkhead (in-process, shared by every plan of the route) and
@@ -235,23 +229,6 @@ def ip_keys_of(plan: RoutePlan, client_key: str) -> tuple[str, ...]:
         table.clear()
     table[client_key] = keys
     return keys
-
-
-# Per advertised RateLimit item (`one_advertised`'s prefix): `(r << 32) | t` -> that
-# limit's RateLimit field with those parameters (inbound/admission.ratelimit_headers). A
-# client's requests repeat a few (r, t) pairs, so the field is formatted once; keyed by
-# one int under a table per item, not by an `(item, r, t)` tuple in one table, the read
-# builds, hashes and compares no tuple (about 0.5k machine instructions a request
-# compiled, callgrind).
-_FIELD_TABLES: dict[bytes, dict[int, tuple[bytes, bytes]]] = {}
-
-
-def field_table(item: bytes) -> dict[int, tuple[bytes, bytes]]:
-    """The table of RateLimit fields of the advertised item `item` (shared)."""
-    table = _FIELD_TABLES.get(item)
-    if table is None:
-        table = _FIELD_TABLES[item] = {}
-    return table
 
 
 _MAX_COSTED: int = 256

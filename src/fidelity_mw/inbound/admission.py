@@ -324,11 +324,9 @@ def quota_wait_s(verdict: LimitVerdict, spec: LimitSpec) -> float:
     return wait if wait > 0.0 else 0.0
 
 
-# RateLimit fields kept per advertised limit (`RoutePlan.fields`), at most; past this the
-# table starts again
+# (advertised item prefix, r, t) -> the RateLimit field of one admitted limit
+_FIELDS: Final[dict[tuple[bytes, int, int], tuple[bytes, bytes]]] = {}
 _MAX_FIELDS: Final = 4096
-# `t` values that fit the table's key (`(r << 32) | t`); a longer wait is formatted anew
-_T_SPAN: Final = 1 << 32
 
 
 def ratelimit_headers(
@@ -349,18 +347,13 @@ def ratelimit_headers(
             if retry_after is not None and t > retry_after:
                 t = retry_after
             # A client's requests repeat a few (r, t) pairs: their fields are kept, not
-            # formatted again (about 1 µs per request under a server), by one int in the
-            # limit's table (routeplan.field_table)
-            if 0 <= t < _T_SPAN and remaining >= 0:
-                fields = plan.fields
-                key = (remaining << 32) | t
-                field = fields.get(key)
-                if field is None:
-                    if len(fields) >= _MAX_FIELDS:
-                        fields.clear()
-                    field = fields[key] = (b"ratelimit", item + b"%d;t=%d" % (remaining, t))
-            else:
-                field = (b"ratelimit", item + b"%d;t=%d" % (remaining, t))
+            # formatted again (about 1 µs per request under a server).
+            key = (item, remaining, t)
+            field = _FIELDS.get(key)
+            if field is None:
+                if len(_FIELDS) >= _MAX_FIELDS:
+                    _FIELDS.clear()
+                field = _FIELDS[key] = (b"ratelimit", item + b"%d;t=%d" % (remaining, t))
             return [plan.policy_field, field]
     items = []
     # shadow limits (prefix None) are not advertised: they are never enforced

@@ -250,7 +250,6 @@ class FidelityMiddleware:
         self._by_method_size = 0
         self._reader = reader = RequestReader(self.engine)
         self._wanted = reader.wanted
-        self._wanted_lengths = reader.wanted_lengths
         self._uses_forwarding = reader.uses_forwarding
         self._limit_keys = reader.limit_keys
         self._admission = admission = Admission(
@@ -336,7 +335,7 @@ class FidelityMiddleware:
             # Only the headers a layer wants, repeats joined (None: none of them). One
             # scan with a set lookup per line costs less than `dict(raw_headers)` and a
             # disjointness check (that builds a dict of every header), in both builds.
-            found = scan_headers(raw_headers, self._wanted, self._wanted_lengths)
+            found = scan_headers(raw_headers, self._wanted)
             if INTERPRETED:  # (the class call costs an interpreter call of its own)
                 ctx = new_request_context(self.engine, plan.route, method, now)
             else:

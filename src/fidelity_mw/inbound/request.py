@@ -43,37 +43,17 @@ def header_key(name: str) -> bytes:
     return name.lower().encode("latin-1", "replace")
 
 
-# `lengths_of`: names this long or longer are never skipped (a negative mask has every
-# bit from there on set; below the compiled build's unboxed int range)
-_LONG_NAME: Final = 60
-# Every length: no name skipped before the set lookup
-ANY_LENGTH: Final = -1
-
-
-def lengths_of(names: Iterable[bytes]) -> int:
-    """The lengths of `names` as a bit mask (bit n: a name n bytes long), for
-    `scan_headers`."""
-    mask = -(1 << _LONG_NAME)
-    for name in names:
-        if len(name) < _LONG_NAME:
-            mask |= 1 << len(name)
-    return mask
-
-
 def scan_headers(
-    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes], lengths: int = ANY_LENGTH
+    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes]
 ) -> dict[bytes, bytes] | None:
     """The wanted headers, repeated lines joined with "," (None when there are none).
-    `lengths`: the wanted names' lengths (`lengths_of`): a line of another length is
-    skipped without hashing its name (a server makes each name anew per request, so
-    the set lookup hashes every byte of it; most lines of a request are not wanted).
 
     Repeats are joined once at the end: appending line by line copies the value
     so far every time (quadratic in the number of lines)."""
     found: dict[bytes, bytes] | None = None
     repeated: dict[bytes, list[bytes]] | None = None
     for name, value in headers:
-        if (lengths >> len(name)) & 1 and name in wanted:
+        if name in wanted:
             if found is None:
                 found = {}
             prior = found.get(name)
@@ -128,7 +108,6 @@ class RequestReader:
         if pol.priority_header:  # the bulkhead's priority class, from trusted peers
             wanted.add(header_key(pol.priority_header))
         self.wanted = frozenset(wanted)
-        self.wanted_lengths = lengths_of(wanted)  # (`scan_headers`)
         self._peer_trust: dict[str, bool] = {}
         # An address's client key (`client_ipv6_prefix`): called for IPv6 addresses only
         self.client_key = engine.client_keys.key
