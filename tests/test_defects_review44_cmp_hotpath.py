@@ -1,5 +1,4 @@
-"""Round 44, the compiled build: what changed in the request's path for it, held to the
-behaviour it had.
+"""Round 44, the compiled build: `outbound.decisions` compiles.
 
 1. `outbound.decisions` compiles: mypyc 2.4.1 fails writing the text signature of a
    function with a `float` default and `**kwargs` (its pre-scan for positional-only
@@ -7,35 +6,34 @@ behaviour it had.
    parameter reads positional-only and `**kwargs` then follows a default). `give_up` had
    both; its extra details are a dict now. No function of a compiled module may have the
    shape again.
-2. The RateLimit field of an admitted request is kept per limit by one int (`(r << 32) |
-   t`), not per `(item, r, t)` tuple: the same bytes, a table shared by the limit's plans.
-3. The header scan skips a line whose name has no wanted name's length before hashing it:
-   the same headers found.
+2. The records `give_up` makes with extra details (a 5xx after a retry, a breaker's
+   refusal) carry them as before.
 """
 
 from __future__ import annotations
 
 import ast
-import math
+import contextlib
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import httpx
+import pytest
 
-from fidelity_mw import Policy, RateLimit
+from fidelity_mw import FidelityTransport, Policy
+from fidelity_mw.context import _CURRENT, DecisionContext
 from fidelity_mw.engine import Engine
-from fidelity_mw.inbound import admission
-from fidelity_mw.inbound.admission import ratelimit_headers
-from fidelity_mw.inbound.request import ANY_LENGTH, lengths_of, scan_headers
+from fidelity_mw.errors import CircuitOpen
+from fidelity_mw.policy import BreakerConfig, RetryConfig, UpstreamConfig
+from fidelity_mw.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- 1. mypyc's text signature
 
 # Annotations mypyc keeps unboxed with a default-argument bitmap.
-_BITMAP_TYPES = {"float", "bool_", "i64", "i32", "i16", "u8"}
+_BITMAP_TYPES = {"float", "i64", "i32", "i16", "u8"}
 
 
 def _compiled_modules() -> list[str]:
@@ -81,66 +79,49 @@ def test_the_shape_check_sees_give_ups_old_signature() -> None:
     assert _unboxed_default_and_kwargs(old)
 
 
-# ---------------------------------------------------------------- 2. RateLimit fields
+# ---------------------------------------------------------------- give_up's details, as before
 
 
-def _plan(engine: Engine, path: str) -> Any:
-    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("h", 1)}
-    return engine.plan_for(scope)
+async def _decisions_of(upstream: Any, policy: Policy, calls: int) -> list[Any]:
+    engine = Engine(policy, clock=FakeClock())
+    ctx = DecisionContext(engine=engine, route="/r44", method="GET", started_at=0.0)
+    token = _CURRENT.set(ctx)
+    try:
+        transport = FidelityTransport(httpx.MockTransport(upstream), engine=engine, telemetry=False)
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(calls):
+                with contextlib.suppress(CircuitOpen):
+                    await client.get("http://a.internal/x")
+    finally:
+        _CURRENT.reset(token)
+    return ctx.decisions
 
 
-def test_plans_of_one_limit_share_its_field_table() -> None:
-    limit = RateLimit(name="round44-shared", rate="10/s", burst=20)
-    engine = Engine(Policy(rate_limits=[limit]))
-    one, two = _plan(engine, "/a"), _plan(engine, "/b")
-    assert one is not two
-    assert one.fields is two.fields
-    other = Engine(Policy(rate_limits=[RateLimit(name="round44-other", rate="10/s", burst=20)]))
-    assert _plan(other, "/a").fields is not one.fields
+@pytest.mark.anyio
+async def test_a_give_up_after_a_retry_answered_500_says_the_status() -> None:
+    answers = iter([503, 500])
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(next(answers))
+
+    retry = RetryConfig(attempts=3, base_ms=1, max_ms=1)
+    policy = Policy(upstreams=(UpstreamConfig(host="a.internal", retry=retry),))
+    last = (await _decisions_of(upstream, policy, 1))[-1]
+    assert (last.layer, last.verdict, last.reason) == ("retry", "give_up", "failed_after_retry")
+    assert last.details["status"] == 500
+    assert last.details["attempts"] == 2
 
 
-def test_a_wait_past_the_keys_span_is_formatted_and_not_kept() -> None:
-    # a daily limit of one unit an hour: `t` in the tens of thousands fits; an absurd
-    # reset (a store's answer) past 2**32 s is formatted all the same
-    engine = Engine(Policy(rate_limits=[RateLimit(name="round44-long", rate="1/s", burst=5)]))
-    plan = _plan(engine, "/x")
-    result = engine.store.admit_now(plan.breaker_key, plan.breaker, ("k",), plan.specs, 10.0)
-    assert result is not None
-    plan.fields.clear()
-    verdict = result.limits[0]
-    for reset_s in (0.0, 86_400.0, 2.0**33, 2.0**40):
-        one = verdict._replace(remaining=3, reset_s=reset_s)
-        got = ratelimit_headers(plan, result._replace(limits=(one,)))
-        wait = reset_s - plan.specs[0].tolerance_s + 4 * plan.specs[0].interval_s
-        t = max(0, math.ceil(wait - 1e-9))
-        assert got[1] == (b"ratelimit", b'"round44-long";r=3;t=%d' % t)
-    assert len(plan.fields) == 2  # the two waits under 2**32 s
-    assert len(plan.fields) <= admission._MAX_FIELDS
+@pytest.mark.anyio
+async def test_a_breakers_refusal_says_its_retry_after() -> None:
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500)
 
-
-# ---------------------------------------------------------------- 3. the header scan
-
-# (from 60 bytes on, a name is never skipped: the mask's bits from there on are all set)
-_LONG = [b"a" * 60, b"b" * 60, b"a" * 61, b"b" * 200]
-_NAMES = st.sampled_from(
-    [b"x-request-timeout-ms", b"grpc-timeout", b"x-api-key", b"host", b"", b"a" * 59, *_LONG]
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    headers=st.lists(st.tuples(_NAMES, st.binary(max_size=6)), max_size=12),
-    wanted=st.frozensets(_NAMES),
-)
-def test_the_length_mask_finds_what_the_plain_scan_finds(
-    headers: list[tuple[bytes, bytes]], wanted: frozenset[bytes]
-) -> None:
-    assert scan_headers(headers, wanted, lengths_of(wanted)) == scan_headers(headers, wanted)
-    assert scan_headers(headers, wanted, ANY_LENGTH) == scan_headers(headers, wanted)
-
-
-def test_the_mask_names_the_lengths() -> None:
-    mask = lengths_of([b"host", b"x-request-timeout-ms"])
-    assert [n for n in range(60) if (mask >> n) & 1] == [4, 20]
-    assert all((mask >> n) & 1 for n in (60, 61, 500))  # long names: always looked up
-    assert lengths_of([]) >> 3 & 1 == 0
+    breaker = BreakerConfig(min_calls=1, consecutive_failures=1, open_s=7.0, open_jitter=0.0)
+    retry = RetryConfig(attempts=1)
+    policy = Policy(upstreams=(UpstreamConfig(host="a.internal", retry=retry, breaker=breaker),))
+    refused = [d for d in await _decisions_of(upstream, policy, 2) if d.verdict == "reject"]
+    assert len(refused) == 1
+    assert (refused[0].layer, refused[0].reason) == ("breaker", "breaker_open")
+    assert refused[0].details["attempts"] == 0
+    assert 0.0 < refused[0].details["retry_after_s"] <= 7.0
