@@ -61,7 +61,8 @@ named `NAME+compiled` runs in .venv-compiled (the mypyc build); a name of `--pie
 (`loop_1_instance`, `no_breaker`, ...) counts that variant. With `--functions` it prints
 instead each layer's instructions per call by function (each function's own, from the
 same two callgrind runs): the C functions of the interpreter for a pure layer, the
-compiled functions themselves for a `+compiled` one.
+compiled functions themselves for a `+compiled` one (`loop_1_instance_telemetry+compiled`,
+...). FIDELITY_MW_COMPILED_PYTHON=<another venv's python> counts another mypyc build.
 `--pieces` counts, as `--count` does, the layer with one piece taken away or added (no
 breaker, no protocol headers, telemetry on with tracing off, a service's attempt loop and
 balancer, a body to watch): what each piece costs.
@@ -82,6 +83,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import random
 import statistics
@@ -892,6 +894,11 @@ PIECES = (
     ),
     ("loop_2_instances", "2 instances: the balancer's pick of two", "loop_1_instance"),
     (
+        "loop_1_instance_telemetry",
+        "the service of 1 instance, telemetry=True (no OpenTelemetry SDK)",
+        "loop_1_instance",
+    ),
+    (
         "resolved_1_instance",
         "the service of 1 instance named by a resolver (asked every call)",
         "loop_1_instance",
@@ -926,6 +933,7 @@ def build_pieces() -> dict[str, Layer | InRequest]:
         ),
         "loop_1_instance": in_request(transport(instances=one)),
         "loop_2_instances": in_request(transport(instances=(*one, "http://10.0.0.2:8080"))),
+        "loop_1_instance_telemetry": in_request(transport(telemetry=True, instances=one)),
         "resolved_1_instance": in_request(
             FidelityTransport(Null(), telemetry=False, resolver=lambda host: one)
         ),
@@ -980,7 +988,11 @@ async def pieces(n: int) -> str:
 
 INSTRUCTION_LAYERS = ("pass_through", "fidelity", "fidelity_req", "httpx_retries", "floor")
 COMPILED_SUFFIX = "+compiled"
-COMPILED_PYTHON = Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
+# (FIDELITY_MW_COMPILED_PYTHON: another venv's mypyc build, as benchmarks/server.py takes it)
+COMPILED_PYTHON = Path(
+    os.environ.get("FIDELITY_MW_COMPILED_PYTHON")
+    or Path(__file__).resolve().parents[1] / ".venv-compiled" / "bin" / "python"
+)
 
 
 def run_one(name: str, calls: int, rev: str) -> None:

@@ -231,7 +231,7 @@ def give_up(
     breaker_wait_s: float | None = None,
     upstream_retry_after_s: float | None = None,
     upstream_advised: bool = False,
-    **details: DetailValue,
+    details: dict[str, DetailValue] | None = None,
 ) -> None:
     """Record why there is no (further) attempt; mark the context when we are exhausted.
 
@@ -243,7 +243,12 @@ def give_up(
     advice, spread already (see `advised`): passed on as it is, not spread again.
     Every give-up (the breaker's refusal of a retry too) passes on the `Retry-After` of
     the answer given up on (`upstream_retry_after_s`): the hint is never before it.
+    `details`: the record's own details besides these (the caller's dict, added to).
     """
+    # (`details` is a dict, not `**details`: mypyc 2.4.1 cannot write the text signature
+    # of a function with both a `float` default and `**kwargs`, and fails the build.)
+    if details is None:
+        details = {}
     instances = up.instances
     opens: list[float] | None = None
     wait_cap: float | None = None
@@ -322,8 +327,9 @@ def gate_answer(
     if gate.verdict == "reject":
         give_up(
             ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER, attempts_made, now, source, age_s,
-            breaker_wait_s=gate.retry_after_s, retry_after_s=round(gate.retry_after_s, 3),
+            breaker_wait_s=gate.retry_after_s,
             upstream_retry_after_s=upstream_retry_after_s, upstream_advised=upstream_advised,
+            details={"retry_after_s": round(gate.retry_after_s, 3)},
         )  # fmt: skip
         raise CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "

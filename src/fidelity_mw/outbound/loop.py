@@ -913,7 +913,7 @@ def attempts(
                 # round again, once per attempt of its own: attempts^hops.
                 forget_give_up()
                 give_up(ctx, up, LAYER_RETRY, GIVE_UP_FAILED_AFTER_RETRY, attempt,
-                        clock.monotonic(), status=response.status_code)  # fmt: skip
+                        clock.monotonic(), details={"status": response.status_code})  # fmt: skip
                 retryable = True  # (said on the response below, as any give-up)
             if (retryable or downstream) and not hedge:
                 # given up on (retries, budget, breaker, deadline, an exhausted callee):
