@@ -735,6 +735,13 @@ class TieredStore(StateStore):
         if gate.epoch < 0 or gate.probe_id:
             return None
         cb = self.breakers.get(breaker_key)
+        if (cb is None or cb.epoch < 0) and outcome != IGNORED and not self.exact._closed:
+            # A sync dropped the cached breaker as idle while this call ran (a call longer
+            # than IDLE_INTERVALS syncs, on a breaker no other call used meanwhile; made
+            # again since by a request whose refresh is still out): its outcome goes to
+            # Redis, where the gate's epoch is known. Dropped here, the failures of the
+            # calls that hang never reached the fleet's breaker.
+            return None
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
         cb.count(outcome, slow)
