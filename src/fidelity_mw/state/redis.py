@@ -520,6 +520,7 @@ class RedisStore(StateStore):
         self._routes: dict[str | None, tuple[Any, ...]] = {}
         # budget key -> [config, requests not yet sent, monotonic time of the oldest]
         self._pending: dict[str, list[Any]] = {}
+        self._pending_lock = threading.Lock()
         self._flush_task: asyncio.Task[Any] | None = None
         # due when the oldest count waiting is one sync interval old (`_pending_due`)
         self._pending_timer = LoopTimer(self._clock, self._pending_due)
@@ -1584,14 +1585,25 @@ class RedisStore(StateStore):
             args.extend(self._take_deferred(breaker_key))
             args.append(self._probe_id())  # (at _PROBE_ARG: `_sent_probe`)
         taken: list[tuple[str, RetryConfig, int]] = []
+        budget = budget_key is not None and cfg is not None
+        pending: list[Any] | None = None
+        others: list[tuple[str, list[Any]]] = []
+        if self._pending:  # (tiered mode's counts: an exact store counts in the call)
+            # Taken under the lock: a sync transport's threads call here too, and one that
+            # listed a key another thread then took raised KeyError (a store error: the
+            # call failed closed, or went out ungated) with the counts it had taken lost;
+            # a count added to an entry just taken was lost too (`budget_request`).
+            with self._pending_lock:
+                if budget_key is not None and budget:
+                    pending = self._pending.pop(budget_key, None)
+                for other in list(self._pending)[: _MAX_PENDING_PER_CALL - budget]:
+                    others.append((other, self._pending.pop(other)))
         if budget_key is not None and cfg is not None:
-            pending = self._pending.pop(budget_key, None)
             add = (pending[1] if pending is not None else 0) + (0 if retry else 1)
             taken.append((budget_key, cfg, add))
             keys.append(self.key("bu", budget_key))
             args.extend((*budget_args(cfg), add, 1 if retry else 0))
-        for other in list(self._pending)[: _MAX_PENDING_PER_CALL - len(taken)]:
-            other_cfg, count, _since = self._pending.pop(other)
+        for other, (other_cfg, count, _since) in others:
             taken.append((other, other_cfg, count))
             keys.append(self.key("bu", other))
             args.extend((*budget_args(other_cfg), count, 0))
@@ -1684,24 +1696,35 @@ class RedisStore(StateStore):
                 self.local.budget_request_now(budget_key, cfg, now)
             return
         pending = self._pending
-        entry = pending.get(budget_key)
-        if entry is None:
-            pending[budget_key] = entry = [cfg, 1, self._clock.monotonic()]
-            # The oldest count waiting (the first entry: a key sent is popped) says when
-            # to flush: a key counted once (a new upstream host per call, URLs clients
-            # supply) never came again to say it, and the table grew for good.
-            entry = pending[next(iter(pending))]
+        with self._pending_lock:  # (a sync transport's thread may take them: `_outbound_call`)
+            entry = pending.get(budget_key)
+            if entry is None:
+                pending[budget_key] = entry = [cfg, 1, self._clock.monotonic()]
+                # The oldest count waiting (the first entry: a key sent is popped) says
+                # when to flush: a key counted once (a new upstream host per call, URLs
+                # clients supply) never came again to say it, and the table grew for good.
+                entry = pending[next(iter(pending))]
+                new = True
+            else:
+                entry[0] = cfg
+                entry[1] += 1
+                new = False
+        if new:
             # And if no call comes at all (the process goes quiet), the timer sends it:
             # the fleet's budget counted this process's last requests only when its
             # next one came, hours later, or never.
             self._pending_timer.arm(entry[2] + self.sync_s - self._clock.monotonic())
-        else:
-            entry[0] = cfg
-            entry[1] += 1
         if self._clock.monotonic() - entry[2] >= self.sync_s:
             task = self._flush_task
             if task is None or task.done():
                 self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
+
+    def _oldest_pending(self) -> list[Any] | None:
+        """The oldest count waiting (None: none), read under the lock: another thread's
+        call taking one between the iterator's making and its read raised RuntimeError
+        (the dict changed size during iteration)."""
+        with self._pending_lock:
+            return next(iter(self._pending.values()), None)
 
     def _pending_due(self) -> None:
         """The pending timer: the oldest count waiting is (about) a sync interval old."""
@@ -1727,13 +1750,13 @@ class RedisStore(StateStore):
                 # Counts made while this flush waited for Redis found it running and
                 # started none; with no request after them (the last ones before a
                 # quiet spell), nothing else would send them, however old.
-                oldest = next(iter(self._pending.values()), None)
+                oldest = self._oldest_pending()
                 now = self._clock.monotonic()
                 if oldest is None or now - oldest[2] < self.sync_s or not self.health.up:
                     break
         except Exception:  # closed mode raises; nobody else would see it
             logger.debug("fidelity_mw: budget counts not sent", exc_info=True)
-        oldest = next(iter(self._pending.values()), None)
+        oldest = self._oldest_pending()
         if oldest is not None and not self._closed:
             # Younger counts (made while this flush ran), or all of them with Redis
             # down or failing: looked at again when the oldest is a sync interval old,
@@ -1816,7 +1839,8 @@ class RedisStore(StateStore):
         # (a late outcome whose probe lease has ended has no slot left to free)
         late = sum(1 for e in self._late.values() if now - e[4] < e[1].probe_lease_s)
         deferred = sum(int(entry[2]) for entry in self._deferred.values())
-        pending = sum(int(entry[1]) for entry in self._pending.values())
+        with self._pending_lock:
+            pending = sum(int(entry[1]) for entry in self._pending.values())
         return late, deferred, pending
 
     async def _send_unsent(self) -> None:
