@@ -1194,6 +1194,13 @@ class TieredStore(StateStore):
         the timer stops until a request syncs again."""
         if self.exact._closed or not self._holds():
             return
+        if not self.exact.health.up:
+            # A sync now makes no round trip and drops what it carries (the outcomes,
+            # the units it gives back): held, they go once Redis answers again (its
+            # probe runs meanwhile), or are dropped once older than the breaker's window,
+            # as before the timer, when no sync ran during an outage.
+            self._quiet_timer.arm(self.sync_s)
+            return
         now = self._clock.monotonic()
         wait = self._last_sync + self.sync_s - now
         if wait <= 0.0:
