@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -137,7 +139,8 @@ async def test_the_refund_under_an_equal_config_decides_as_redis_does(
 
 
 class _GatedClock(FakeClock):
-    """A fake clock whose `sleep` ends when the test says one interval has passed."""
+    """A fake clock whose `sleep` ends, and whose timers fire, when the test says one
+    interval has passed (the deferred successes' flush waits on a timer since review 45)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,6 +151,12 @@ class _GatedClock(FakeClock):
         future = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         await future
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda done: None if done.cancelled() else callback())
+        self.waiting.append(future)
+        return future  # (its cancel() is the handle's)
 
     def interval_passes(self) -> None:
         waiting, self.waiting = self.waiting, []

@@ -527,6 +527,10 @@ class RedisStore(StateStore):
         # breaker key -> [config, epoch, plain successes not yet sent]
         self._deferred: dict[str, list[Any]] = {}
         self._deferred_task: asyncio.Task[None] | None = None
+        # due one sync interval after a success is deferred with no flush under way
+        # (`_deferred_due`): a timer, not a task sleeping on the store's clock, which on a
+        # FakeClock moved the clock itself (and `clock.sleeps`) at every deferral
+        self._deferred_timer = LoopTimer(self._clock, self._deferred_due)
         # Probe ids the gates send (`_probe_id`): the caller chooses them, so a call whose
         # reply is lost still knows the probe slot Redis may have given it.
         self._probe_ids = random.Random()
@@ -1377,10 +1381,17 @@ class RedisStore(StateStore):
         task = self._deferred_task
         if task is None or task.done():
             try:
-                loop = asyncio.get_running_loop()
+                self._deferred_timer.arm(self.sync_s)  # (armed already: that one stands)
             except RuntimeError:  # a sync caller: they ride on its next call about this breaker
                 return
-            self._deferred_task = loop.create_task(self._flush_deferred())
+
+    def _deferred_due(self) -> None:
+        """The deferred successes' timer: a sync interval since the first of them."""
+        if not self._deferred:
+            return  # they rode on calls about their breakers meanwhile
+        task = self._deferred_task
+        if task is None or task.done():
+            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
     def _carried(self, breaker_key: str | None) -> int:
         """How many deferred successes the next call about this breaker takes along."""
@@ -1392,7 +1403,6 @@ class RedisStore(StateStore):
         return (entry[1], entry[2]) if entry is not None else (0, 0)
 
     async def _flush_deferred(self) -> None:
-        await self._clock.sleep(self.sync_s)
         try:
             # Until fewer than a pass's worth are left: one pass an interval drained 64
             # breakers, one round trip each, and a service calling more new upstream
@@ -1402,8 +1412,8 @@ class RedisStore(StateStore):
                 await self._flush_deferred_now()
         except Exception:  # a background task: nobody else would see it
             logger.exception("fidelity_mw: could not flush deferred breaker outcomes")
-        if self._deferred:
-            self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
+        if self._deferred and not self._closed:
+            self._deferred_timer.arm(self.sync_s)
 
     async def _flush_deferred_now(self) -> None:
         """Send the deferred successes of up to `_DEFERRED_PER_PASS` breakers, at once (the
@@ -1907,6 +1917,7 @@ class RedisStore(StateStore):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._pending_timer.cancel()  # (nothing waits: `_flush_at_close` sent or dropped it)
+        self._deferred_timer.cancel()
         # Close this loop's client; clients of other loops can only be closed
         # from their loops, so they are dropped (their sockets close with them).
         loop = asyncio.get_running_loop()
