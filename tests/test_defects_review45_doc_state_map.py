@@ -12,7 +12,9 @@ Two rows said what the code does not:
   middleware's inbound answer. The transport raises `CircuitOpen` (`retry_after_s` 1)
   without reaching the upstream, before a first attempt (with or without a breaker)
   and before a retry its breaker gates (the caller gets `CircuitOpen`, not the answer
-  that was to be retried); without a breaker a retry is not made.
+  that was to be retried); without a breaker a retry is not made. operations.md's
+  "At a glance" and its `on_error` advice ("`closed` stops retries") said the inbound
+  side only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.testing import FakeClock
 from fidelity_mw.tools.statemap import layers_for
 from redis_server import PATIENT, QUIET
+from test_docs import ROOT
 
 pytestmark = pytest.mark.redis
 
@@ -145,6 +148,10 @@ def test_fail_closed_outbound_is_what_the_map_says(own_redis: Any, tmp_path: Pat
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             return await c.get("/")
+
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert "(`closed`; an outbound call raises `CircuitOpen`)" in operations
+    assert "to a host with Redis state raises `CircuitOpen`" in operations
 
     response = asyncio.run(inbound())
     assert response.status_code == 503
