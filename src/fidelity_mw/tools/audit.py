@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
-from . import toolkits
+from . import retryon, toolkits
 from .retryloops import (
     HIGH,
     LOW,
@@ -1299,6 +1299,17 @@ class _Scanner(ast.NodeVisitor):
                 self.handled.add(id(deco))
         self.visit(deco)
 
+    def _httpx_retry(self, transport: ast.Call) -> ast.Call | None:
+        """The `httpx_retries.Retry(...)` a `RetryTransport` is given, made inline or
+        bound to a name at module level; none given: `Retry()`, its defaults."""
+        given = next((k.value for k in transport.keywords if k.arg == "retry"), None)
+        if given is None:
+            return ast.Call(func=ast.Name("Retry"), args=[], keywords=[])
+        if isinstance(given, ast.Name) and given.id in self.assigned:
+            given = self.assigned[given.id]
+        made = isinstance(given, ast.Call) and self.resolve(given.func) == "httpx_retries.Retry"
+        return given if made and isinstance(given, ast.Call) else None
+
     def _instance_use(self, target: ast.expr, *, decorator: bool) -> tuple[Rule, str] | None:
         """`limiter.limit(...)` / `@breaker` on an object a library call created."""
         text = dotted_name(target)
@@ -1373,10 +1384,13 @@ class _Scanner(ast.NodeVisitor):
                     # a decorator made apart (`api_retry = retry(...)`, the usual way to share
                     # one) take the decorator's arguments
                     configures = rule.library in _HINTED_RETRIES and (name or "").endswith(
-                        ("Retrying", ".retry", ".retry_context")
+                        ("Retrying", ".retry", ".retry_context", ".on_exception", ".on_predicate")
                     )
                     hinted = configures or rule.kind in (BREAKER, LIMITER)
                     extra = _hint(node, rule) if hinted else ""
+                    if rule.library == "httpx-retries":
+                        retry = self._httpx_retry(node)
+                        extra = _httpx_retries_hint(retry) if retry is not None else ""
                     what = f"{rule.library} {_short(node)}"
                     self.report(node, rule, what, extra, region=region)
                 self._mark(node.func)
@@ -1792,37 +1806,6 @@ def _ms_value(seconds: float) -> int:
 _MAX_WAIT_MS = 600_000  # the policy's bound on base_ms and max_ms
 
 
-# httpx's errors raised before an answer came: a tenacity `retry_if_exception_type` of
-# these alone never retries a status (`raise_for_status()` raises HTTPStatusError)
-_HTTPX_TRANSPORT_ERRORS = frozenset(
-    (
-        "TransportError", "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout",
-        "PoolTimeout", "NetworkError", "ConnectError", "ReadError", "WriteError", "CloseError",
-        "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "ProxyError",
-        "UnsupportedProtocol",
-    )
-)  # fmt: skip
-
-
-def _transport_errors_only(node: ast.expr | None) -> bool:
-    """`retry=retry_if_exception_type(httpx.ConnectError)` (or a tuple of such): only
-    httpx's transport errors, no status. Anything combined with it (`|`, `&`, another
-    predicate) may retry a status: not said."""
-    if not isinstance(node, ast.Call) or _call_named(node, "retry_if_exception_type") is not node:
-        return False
-    if len(node.args) != 1 or node.keywords:
-        return False
-    arg = node.args[0]
-    names = arg.elts if isinstance(arg, ast.Tuple) else [arg]
-    return bool(names) and all(
-        isinstance(n, ast.Attribute)
-        and isinstance(n.value, ast.Name)
-        and n.value.id == "httpx"
-        and n.attr in _HTTPX_TRANSPORT_ERRORS
-        for n in names
-    )
-
-
 def _retry_hint(deco: ast.expr, library: str) -> str:
     """`@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2))`
     or `@stamina.retry(attempts=3, wait_initial=0.1, wait_max=2)` -> the same
@@ -1855,10 +1838,10 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             if cap is not None:
                 keys["max_ms"] = _ms_value(cap)
             keys["jitter"] = "none" if plain else "full"
-        if _transport_errors_only(kw.get("retry")):
-            # a 5xx reaches such a decorator as `raise_for_status()`'s HTTPStatusError,
-            # which it does not retry; the transport retries 502/503/504 unless told not to
-            keys["on_status"] = []
+        # a decorator of httpx's transport errors alone never saw a 5xx (it reaches it
+        # as `raise_for_status()`'s HTTPStatusError); the transport retries 502/503/504
+        # unless told not to
+        keys.update(retryon.keys(retryon.tenacity_condition(kw.get("retry"))))
     elif library == "retrying":  # its waits are in milliseconds
         tries = _number(deco, _BY_NAME, "stop_max_attempt_number", None)
         if tries is not None:
@@ -1903,6 +1886,9 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
         if isinstance(initial, int) and isinstance(most, int) and initial > most:
             keys["base_ms"] = most  # stamina caps every wait at wait_max, the first too
         keys["jitter"] = "full"
+        keys.update(retryon.keys(retryon.exceptions(kw.get("on"))))
+    elif library == "backoff":
+        keys.update(_backoff_keys(deco))
     if not keys:
         return ""
     attempts_n, base_ms, max_ms = keys.get("attempts"), keys.get("base_ms"), keys.get("max_ms")
@@ -1918,12 +1904,104 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
         keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
-    order = ("attempts", "base_ms", "max_ms", "jitter", "on_status")
-    keys = {k: keys[k] for k in order if k in keys}
-    body = ", ".join(
-        f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in keys.items()
-    )
+    return _retry_table(keys)
+
+
+_RETRY_KEYS = (
+    "attempts", "base_ms", "max_ms", "jitter", "on_status", "on_429", "on_connect_error",
+    "on_read_timeout",
+)  # fmt: skip
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _retry_table(keys: dict[str, object]) -> str:
+    body = ", ".join(f"{k} = {_toml_value(keys[k])}" for k in _RETRY_KEYS if k in keys)
     return f"e.g. retry = {{ {body} }}"
+
+
+def _backoff_keys(deco: ast.Call) -> dict[str, object]:
+    """`@backoff.on_exception(backoff.expo, httpx.TransportError, max_tries=4, factor=0.5,
+    max_value=8)` (or `backoff.constant, interval=2`; `@backoff.on_predicate(wait_gen,
+    lambda r: r.status_code == 503, ...)`): backoff waits `factor x base^n` from n = 0,
+    `base` 2, each drawn in [0, wait] unless `jitter=None` (docs/migration.md, "From
+    tenacity and stamina", backoff's rows)."""
+    keys: dict[str, object] = {}
+    kw = {k.arg: k.value for k in deco.keywords if k.arg}
+    tries = _number(deco, _BY_NAME, "max_tries", None)
+    if tries is not None and tries >= 1:
+        keys["attempts"] = int(tries)
+    wait = last_name_of(deco.args[0]) if deco.args else last_name_of(kw.get("wait_gen", deco))
+    if wait == "expo":
+        factor = _number(deco, _BY_NAME, "factor", 1.0)
+        cap = _number(deco, _BY_NAME, "max_value", None)
+        if _number(deco, _BY_NAME, "base", 2.0) == 2.0 and factor is not None and factor > 0:
+            keys["base_ms"] = _ms_value(factor)
+            if cap is not None:
+                keys["max_ms"] = _ms_value(cap)
+    elif wait == "constant":
+        interval = _number(deco, _BY_NAME, "interval", 1.0)
+        if interval is not None and interval >= 0:
+            keys["base_ms"] = keys["max_ms"] = _ms_value(interval)
+    if "base_ms" in keys:
+        jitter = kw.get("jitter")
+        if jitter is None or last_name_of(jitter) == "full_jitter":
+            keys["jitter"] = "full"  # backoff's default, full_jitter: uniform(0, wait)
+        elif isinstance(jitter, ast.Constant) and jitter.value is None:
+            keys["jitter"] = "none"
+        else:  # random_jitter adds up to 1 s over the wait; another is the app's
+            del keys["base_ms"]
+            keys.pop("max_ms", None)
+    if "giveup" in kw:  # it gives some failures up by a test of its own: not said
+        return keys
+    if last_name_of(deco.func) == "on_exception":
+        given = deco.args[1] if len(deco.args) > 1 else kw.get("exception")
+        keys.update(retryon.keys(retryon.exceptions(given)))
+    else:  # on_predicate: retries a result its predicate holds for, never an error
+        given = deco.args[1] if len(deco.args) > 1 else kw.get("predicate")
+        statuses = retryon.predicate_statuses(given)
+        if statuses is not None:
+            keys.update(retryon.keys(retryon.RetriedOn(retryon.NONE, statuses)))
+    return keys
+
+
+def _httpx_retries_hint(retry: ast.Call) -> str:
+    """`RetryTransport(retry=Retry(total=5, backoff_factor=0.5, status_forcelist=[...]))`
+    -> the same `[upstream.retry]` (docs/migration.md, "From httpx-retries")."""
+    keys: dict[str, object] = {}
+    total = _number(retry, 0, "total", 10.0)  # httpx-retries' defaults
+    if total is not None and total >= 0:
+        keys["attempts"] = max(1, min(10, int(total) + 1))  # it counts retries
+    factor = _number(retry, _BY_NAME, "backoff_factor", 0.0)
+    most = _number(retry, _BY_NAME, "max_backoff_wait", 120.0)
+    spread = _number(retry, _BY_NAME, "backoff_jitter", 1.0)
+    attempts = keys.get("attempts")
+    if factor == 0.0:  # its default: no wait between attempts
+        keys.update(base_ms=0, max_ms=0, jitter="none")
+    elif factor is not None and most is not None and spread in (0.0, 1.0):
+        # it waits factor x 2^n from its first retry on, n = 1: twice ours
+        base = min(_ms_value(2 * factor), _MAX_WAIT_MS)
+        keys["base_ms"] = base
+        # the longest wait its retries reach, under its cap
+        last = base * 2 ** max(0, attempts - 2) if isinstance(attempts, int) else base
+        keys["max_ms"] = min(max(base, min(last, _ms_value(most))), _MAX_WAIT_MS)
+        keys["jitter"] = "full" if spread == 1.0 else "none"
+    forcelist = next((k.value for k in retry.keywords if k.arg == "status_forcelist"), None)
+    statuses = _literal(forcelist) if forcelist is not None else [429, 502, 503, 504]
+    if isinstance(statuses, list | tuple | set | frozenset) and all(
+        type(s) is int and 100 <= s <= 599 for s in statuses
+    ):
+        keys["on_status"] = sorted(set(statuses) - {429})
+        keys["on_429"] = 429 in statuses
+    return _retry_table(keys)
 
 
 # library -> (its consecutive-failure argument, its open-time argument, their defaults)
@@ -2024,7 +2102,7 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
     return "; ".join(hints)
 
 
-_HINTED_RETRIES = ("tenacity", "stamina", "retrying", "retry")
+_HINTED_RETRIES = ("tenacity", "stamina", "retrying", "retry", "backoff")
 
 
 def _hint(node: ast.expr, rule: Rule) -> str:

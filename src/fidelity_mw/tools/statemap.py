@@ -123,7 +123,7 @@ def _homes(policy: Policy) -> dict[str, _Home]:
             "none: exact for this process",
             "cannot fail (no remote dependency)",
         )
-        return {"limit": memory, "breaker": memory, "budget": memory}
+        return {"limit": memory, "breaker": memory, "breaker_out": memory, "budget": memory}
     on_failure = f"Redis slow/unreachable (timeout {st.timeout_ms} ms): {failure}"
     exact = _Home(
         f"Redis at {redact_url(url.removeprefix('tiered+'))}",
@@ -152,11 +152,57 @@ def _homes(policy: Policy) -> dict[str, _Home]:
             "whole limit, recorded as fleet_share=unknown); marked `fallback` with age = time "
             "since the last Redis reply; a background probe switches back"
         )
+    sync = st.sync_interval_ms
+    # The gate and a retry's spend are atomic, but what feeds them is not all sent at
+    # once: a plain success rides on the process's next call about its breaker, a
+    # request's budget count on its next outbound call, each sent after one sync
+    # interval at the latest (state/redis.py `_defer_success`, `budget_request`).
+    budget = dataclasses.replace(
+        exact,
+        staleness="retries: about half a round trip (checked and spent atomically in Redis "
+        "on the server clock); request counts are batched: sent with the process's next "
+        f"outbound call, at the latest after one sync interval ({sync} ms, sync_interval_ms)",
+    )
+    if st.on_error == "closed":  # outbound, a refusal is the call's error, not a 503
+        budget = dataclasses.replace(
+            budget,
+            on_failure=f"Redis slow/unreachable (timeout {st.timeout_ms} ms): a call's first "
+            "attempt raises CircuitOpen (an httpx.TransportError, retry_after_s 1) without "
+            "reaching the upstream, with or without a breaker; a retry is not made (the "
+            "budget cannot be read and the policy fails closed)",
+        )
+    outbound_failure = (
+        f"Redis slow/unreachable (timeout {st.timeout_ms} ms): the attempt raises "
+        "CircuitOpen (an httpx.TransportError, retry_after_s 1) without reaching the "
+        "upstream, a retry's too (the caller gets CircuitOpen, not the answer it was to "
+        "retry): the breaker cannot be read and the policy fails closed"
+        if st.on_error == "closed"
+        else None
+    )
     if not url.startswith("tiered+"):
         limit = dataclasses.replace(exact, on_failure=limit_failure)
-        return {"limit": limit, "breaker": exact, "budget": exact}
-    sync = st.sync_interval_ms
+        breaker = dataclasses.replace(
+            exact,
+            staleness=f"the gate: {exact.staleness}; the window: this process's plain "
+            "successes reach it with its next call about the breaker (an admission, a "
+            f"failure), at the latest after one sync interval ({sync} ms, sync_interval_ms)",
+        )
+        homes = {"limit": limit, "breaker": breaker, "budget": budget}
+        homes["breaker_out"] = (
+            dataclasses.replace(breaker, on_failure=outbound_failure)
+            if outbound_failure
+            else breaker
+        )
+        return homes
     where = redact_url(url.removeprefix("tiered+"))
+    tiered_breaker = _Home(
+        f"a per-process cached copy of the breaker in Redis at {where}; half-open "
+        "probes are leased exactly in Redis",
+        st.key_prefix,
+        f"at most {sync} ms (one sync interval: an older copy is refreshed before use); "
+        "local outcomes reach the shared window at the next sync",
+        on_failure,
+    )
     return {
         "limit": _Home(
             f"slices of the fleet's bucket in Redis at {where}, leased per process and "
@@ -168,15 +214,13 @@ def _homes(policy: Policy) -> dict[str, _Home]:
             "wait for the next sync",
             limit_failure,
         ),
-        "breaker": _Home(
-            f"a per-process cached copy of the breaker in Redis at {where}; half-open "
-            "probes are leased exactly in Redis",
-            st.key_prefix,
-            f"at most {sync} ms (one sync interval: an older copy is refreshed before use); "
-            "local outcomes reach the shared window at the next sync",
-            on_failure,
+        "breaker": tiered_breaker,
+        "breaker_out": (
+            dataclasses.replace(tiered_breaker, on_failure=outbound_failure)
+            if outbound_failure
+            else tiered_breaker
         ),
-        "budget": exact,
+        "budget": budget,
     }
 
 
@@ -341,6 +385,7 @@ def layers_for(policy: Policy) -> list[Layer]:
     """The layers `policy` sets up, inbound outermost first, then outbound."""
     homes = _homes(policy)
     home = homes["breaker"]
+    out_home = homes["breaker_out"]
     limit_home = homes["limit"]
     budget_home = homes["budget"]
     rows: list[Layer] = []
@@ -592,15 +637,15 @@ def layers_for(policy: Policy) -> list[Layer]:
                     "fail fast (CircuitOpen, an httpx.TransportError) while open; "
                     "half-open admits limited probes",
                     _breaker_data(up.breaker),
-                    home.state,
-                    _breaker_key(home, "upstream:{host[:port]}", up.breaker),
+                    out_home.state,
+                    _breaker_key(out_home, "upstream:{host[:port]}", up.breaker),
                     "FidelityTransport, after each attempt (upstream 429s never count)",
-                    home.staleness,
-                    home.on_failure,
+                    out_home.staleness,
+                    out_home.on_failure,
                 )
             )
         if up.instances:
-            rows.append(_balancer_layer(up, subject, cfg, home))
+            rows.append(_balancer_layer(up, subject, cfg, out_home))
         if up.hedge is not None:
             rows.append(_hedge_layer(up.hedge, subject, cfg))
         r = up.retry
