@@ -69,7 +69,10 @@ def test_the_map_says_what_waits_a_sync_interval(redis_url: str) -> None:
             await store.budget_request("budget:map.internal", RetryConfig(), t0)
             assert store._unsent()[1:] == (1, 1)  # held back: no round trip for them
             assert await client.hget(store.key("br", key), "w") is None
-            for _ in range(50):  # the background sends (the clock moves as they wait)
+            await asyncio.sleep(0)
+            assert store._unsent()[1:] == (1, 1)  # the clock has not moved: still held
+            clock.advance(store.sync_s)  # one sync interval later: the timers fire
+            for _ in range(50):  # the background sends
                 await asyncio.sleep(0)
                 for task in (store._deferred_task, store._flush_task):
                     if task is not None and not task.done():
