@@ -76,6 +76,7 @@ VARIANTS = ("none", "naive", "ours")
 ATTEMPT_TIMEOUT_S = 0.5
 SLOW_S = 1.5
 CLIENT_DEADLINE_MS = 5000
+SENDERS = 96  # client threads (each request blocks one until answered)
 
 
 # ---------------------------------------------------------------- servers
@@ -447,6 +448,11 @@ def run(variant: str, scenario: str, seed: int) -> dict[str, Any]:
         with httpx.Client(timeout=30.0) as warm:  # connections and estimates, not counted
             for i in range(9):
                 warm.get(a_url + "/work", headers={"x-hop-id": f"warm{i}"})
+        # Enough senders that a slow answer does not hold up the schedule: with 16, a
+        # variant whose refusals took ~1 s (a wait for a callee's Retry-After) sent half of
+        # the fault's requests after it, and the rows compared other requests. (Made
+        # before the schedule starts: ~50 ms each, for their TLS contexts.)
+        clients = [httpx.Client(timeout=30.0) for _ in range(SENDERS)]
         t0 = time.monotonic() + 0.05
 
         def fault_driver() -> None:
@@ -487,9 +493,8 @@ def run(variant: str, scenario: str, seed: int) -> dict[str, Any]:
 
         driver = threading.Thread(target=fault_driver, daemon=True)
         driver.start()
-        clients = [httpx.Client(timeout=30.0) for _ in range(16)]
-        with ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(send, k, clients[k % 16]) for k in range(n)]
+        with ThreadPoolExecutor(SENDERS) as pool:
+            futures = [pool.submit(send, k, clients[k % SENDERS]) for k in range(n)]
             for f in futures:
                 f.result()
         driver.join()
