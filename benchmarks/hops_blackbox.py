@@ -142,6 +142,7 @@ class Seen:
     lock: threading.Lock = field(default_factory=threading.Lock)
     c_calls: Counter[str] = field(default_factory=Counter)  # by request id
     c_by_instance: Counter[int] = field(default_factory=Counter)
+    c_while_faulty: int = 0  # requests that reached an instance while it was failing
     b_calls: Counter[str] = field(default_factory=Counter)  # A's calls to B, by request id
     records: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (hop, rid)
 
@@ -230,6 +231,8 @@ def c_app(index: int, faults: Faults, seen: Seen, fidelity: bool, tight: bool = 
             with seen.lock:
                 seen.c_calls[rid] += 1
                 seen.c_by_instance[index] += 1
+                if faults.mode.get(index):
+                    seen.c_while_faulty += 1
         await app(scope, receive, send)
 
     return counted
@@ -506,7 +509,12 @@ def run(variant: str, scenario: str, seed: int) -> dict[str, Any]:
         b_calls = Counter(seen.b_calls)
     on = marks.get("fault_on", f_start)
     off = marks.get("fault_off", f_end)
-    return judge(variant, scenario, answers, on, off, records, c_calls, b_calls)
+    result = judge(variant, scenario, answers, on, off, records, c_calls, b_calls)
+    # the calls C took while failing, a request sent in the fault (a request sent then
+    # and served after it ends is not charged its call to the recovered C)
+    in_fault = sum(1 for a in answers if on <= a.sent < off)
+    result["c_calls_while_faulty_per_request"] = round(seen.c_while_faulty / max(1, in_fault), 2)
+    return result
 
 
 def healthy(scenario: str, a: Answer, on: float, off: float) -> bool:

@@ -177,6 +177,8 @@ def test_in_an_outage_the_waiting_retry_sends_nothing_and_gives_up_as_before() -
     assert rig.of("r1") == [rig.of("r1")[0]]
     assert r1.status_code == 502
     assert _give_ups(rig.records["r1"]) == ["breaker_open"]
+    # with the callee's wait passed on, as the give-up at once did
+    assert int(r1.headers["retry-after"]) >= 2
     # it waited the callee's Retry-After for an instance to answer, no longer
     waited = rig.clock.monotonic() - start
     assert 1.9 <= waited <= 2.1, waited

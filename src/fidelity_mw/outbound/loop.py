@@ -813,9 +813,15 @@ def attempts(
                                                                 now, park_until)  # fmt: skip
                                     now = clock.monotonic()
                                     if prefer is None:
-                                        # no instance answered in time: given up as before
+                                        # no instance answered in time: given up as before,
+                                        # passing on the callee's Retry-After (its breaker
+                                        # probed meanwhile, and failed: as long again)
                                         give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER,
-                                                attempt, now, SOURCE_MEMORY, 0.0)  # fmt: skip
+                                                attempt, now, SOURCE_MEMORY, 0.0,
+                                                upstream_retry_after_s=None if scoped is None
+                                                else scoped.retry_after_s,
+                                                upstream_advised=scoped is not None
+                                                and scoped.advised)  # fmt: skip
                                         g = _Gated(g.target, g.breaker_key, False, None,
                                                    SOURCE_MEMORY, 0.0, False)  # fmt: skip
                                         break
