@@ -212,9 +212,10 @@ def _answers(app: Starlette, n: int) -> list[tuple[int, str | None, str | None]]
 
 def test_an_upstreams_429_given_up_on_is_no_failure_of_the_route_breaker() -> None:
     answers = _answers(_one_hop(429, "1", budget=True), 5)
-    # each: 3 attempts, each after the 429's wait, then the upstream's 502 with its wait;
-    # before, the route breaker counted them, and from the third on shed the route (503)
-    assert answers == [(502, None, "1")] * 5
+    # each: 3 attempts, each after the 429's wait, then the upstream's 503 with its wait
+    # (review 45: a 502 until then; a 429 given up on is no bad gateway); before, the
+    # route breaker counted them, and from the third on shed the route (503 `breaker`)
+    assert answers == [(503, None, "1")] * 5
 
 
 def test_an_upstreams_429_given_up_on_and_let_out_unanswered_is_no_failure_either() -> None:

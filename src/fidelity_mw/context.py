@@ -129,7 +129,7 @@ class DecisionContext:
     # breaker next to it (ours for that upstream) and do not open on us for it.
     upstream_failed = False
     # Set by the transport when it gave up on an upstream's 429 after retrying (and by
-    # the middleware when the app let that 429 out, answered as the upstream's 502): the
+    # the middleware when the app let that 429 out, answered 503 `upstream-throttled`): the
     # app's gateway answer for it is no breaker's failure (an upstream's 429 never is),
     # the route breaker's neither.
     upstream_throttled = False

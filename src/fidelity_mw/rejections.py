@@ -184,7 +184,8 @@ def upstream_failure_response(exc: httpx.HTTPError, detail: str | None = None) -
             return upstream_failure_response(exc)
 
     gives the same RFC 9457 document (`type` `urn:fidelity-mw:problem:upstream-failed`,
-    `upstream`, `detail`, or yours), status 502 (504 for a timeout),
+    `upstream`, `detail`, or yours), status 502 (504 for a timeout; 503
+    `upstream-throttled` for an upstream's 429),
     `application/problem+json`, `cache-control: no-store`. The middleware adds its
     `Retry-After` advice and `x-fidelity-retry` to it as to any 502-504 of the app's. A
     control refusal (`CircuitOpen`, `DeadlineExceeded`) is raised again, not answered:
@@ -198,7 +199,9 @@ def upstream_failure_response(exc: httpx.HTTPError, detail: str | None = None) -
     except RuntimeError:  # an error built without its request
         upstream = None
     timeout = isinstance(exc, httpx.TimeoutException)
-    status = 504 if timeout else 502
+    # (an upstream's 429 is its limit, not a bad gateway, and not the client's: 503)
+    throttled = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429
+    status = 504 if timeout else 503 if throttled else 502
     if detail is None:
         if isinstance(exc, httpx.HTTPStatusError):
             why = f"answered {exc.response.status_code}"
@@ -206,8 +209,9 @@ def upstream_failure_response(exc: httpx.HTTPError, detail: str | None = None) -
             why = f"failed ({type(exc).__name__})"
         detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
     extra = {} if upstream is None else {"upstream": upstream}
-    title = "Gateway Timeout" if timeout else "Bad Gateway"
-    document = problem_document(status, title, detail, "upstream-failed", **extra)
+    title = "Gateway Timeout" if timeout else "Service Unavailable" if throttled else "Bad Gateway"
+    kind = "upstream-throttled" if throttled else "upstream-failed"
+    document = problem_document(status, title, detail, kind, **extra)
     return Response(
         problem_json(document),
         status_code=status,

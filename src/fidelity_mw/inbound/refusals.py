@@ -304,12 +304,20 @@ def _upstream_answer(exc: BaseException, upstream: str | None, why: str) -> Upst
     upstream's, ran out on the time we told it), given up on or not retried: as a 502, a
     hop's timeout reached the client as a bad gateway, where the same time running out
     at a callee without fidelity_mw (our read timeout) is a 504."""
+    detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
+    extra = {} if upstream is None else {"upstream": upstream}
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429:
+        # The upstream throttled us and our retries after its waits ran out: a 429 is a
+        # valid answer, not a bad gateway, and the client did not cause the upstream's
+        # limit, so it gets neither a 502 nor a 429 but a 503 with the wait
+        # (`after_give_up` adds it and `x-fidelity-fault: upstream`); as a 502, a
+        # client could not tell throttling one hop down from a broken upstream.
+        body = problem_body(503, "Service Unavailable", detail, "upstream-throttled", **extra)
+        return (503, [], body), detail
     timeout = isinstance(exc, httpx.TimeoutException) or (
         isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 504
     )
     status = 504 if timeout else 502
-    detail = (f"upstream {upstream!r}" if upstream else "an upstream") + f" {why}"
-    extra = {} if upstream is None else {"upstream": upstream}
     title = "Gateway Timeout" if timeout else "Bad Gateway"
     return (status, [], problem_body(status, title, detail, "upstream-failed", **extra)), detail
 
@@ -676,7 +684,8 @@ def after_give_up(
     extra: Headers = list(headers or ())
     if ctx.upstream_exhausted:
         extra.append(EXHAUSTED)
-    if reported and ctx.upstream_failed:
+    if reported and (ctx.upstream_failed or ctx.upstream_throttled):
+        # (an upstream's 429 given up on: its limit, not our fault, as its failure is)
         extra.append(UPSTREAM_FAULT)
     try:
         app_headers = start.get("headers") or ()

@@ -460,6 +460,20 @@ def classify(
     return outcome, retryable_error(kind, up.retry), False
 
 
+def shed_itself(response: httpx.Response) -> bool:
+    """A trusted callee's 5xx that `classify` ignored: did its own control layer refuse
+    the request itself (a route breaker's shed, a limit), rather than relay an upstream's
+    fault of its own or give up after retrying?"""
+    headers = response.headers
+    if headers.get(DECIDED_BY) is None:
+        return False
+    fault = headers.get(FAULT_HEADER)
+    retried = headers.get(RETRY_SIGNAL_HEADER)
+    return (fault is None or fault.strip().lower() != FAULT_UPSTREAM) and (
+        retried is None or retried.strip().lower() != EXHAUSTED
+    )
+
+
 # `deadline_spent`: how a failed attempt's time ran out
 SPENT: Final = 1  # at the rest of the deadline, which bounded the attempt
 SPENT_SHORT: Final = 2  # ... and that rest was under half the attempt timeout

@@ -105,6 +105,7 @@ from .decisions import (
     observe_end,
     observe_start,
     plan_call,
+    shed_itself,
     store_failed,
     with_why,
 )
@@ -758,6 +759,28 @@ def attempts(
                                 scoped is not None and scoped.advised,
                             )  # fmt: skip
                         else:
+                            # A callee's own refusal (its route breaker's shed: the breaker
+                            # next to the fault owns it) whose Retry-After the call waits,
+                            # and every other instance known open here: the retry waits
+                            # up to that Retry-After for an instance to answer well again
+                            # (`_parked`) rather than give up at once (`breaker_open`).
+                            # Right after a whole-service outage the callee's breakers
+                            # probe one by one, and ours for them stay open as long: given
+                            # up, a request was refused while an instance already answered
+                            # (tests/test_defects_review45_hop_parked.py). Nothing is sent
+                            # while it waits, so an outage costs no call more.
+                            park_until = (
+                                now + delay
+                                if scoped is not None
+                                and scoped.scope == SCOPE_CALL
+                                and instances is not None
+                                and race is None
+                                and outcome == IGNORED
+                                and response is not None
+                                and shed_itself(response)
+                                else -math.inf
+                            )
+                            prefer: Instance | None = None
                             while True:
                                 # (sent then: a microsecond's slack, a wait to a pause's
                                 # end ends at its end, whatever the floats' rounding)
@@ -780,9 +803,30 @@ def attempts(
                                     None if scoped is None else scoped.retry_after_s,
                                     None if race is None else race.out,
                                     scoped is not None and scoped.advised,
+                                    now < park_until and prefer is None,
+                                    prefer,
                                 )  # fmt: skip
                                 if not g.waits:
                                     break
+                                if race is None:
+                                    prefer = yield from _parked(instances or [], tried, clock,
+                                                                now, park_until)  # fmt: skip
+                                    now = clock.monotonic()
+                                    if prefer is None:
+                                        # no instance answered in time: given up as before,
+                                        # passing on the callee's Retry-After (its breaker
+                                        # probed meanwhile, and failed: as long again)
+                                        give_up(ctx, up, LAYER_BREAKER, GIVE_UP_BREAKER,
+                                                attempt, now, SOURCE_MEMORY, 0.0,
+                                                upstream_retry_after_s=None if scoped is None
+                                                else scoped.retry_after_s,
+                                                upstream_advised=scoped is not None
+                                                and scoped.advised)  # fmt: skip
+                                        g = _Gated(g.target, g.breaker_key, False, None,
+                                                   SOURCE_MEMORY, 0.0, False)  # fmt: skip
+                                        break
+                                    delay = 0.0  # (it waited longer than any backoff)
+                                    continue
                                 assert race is not None
                                 # Every instance left was tried, and one of them still has
                                 # the call's hedge out: no second request to it while the
@@ -1044,6 +1088,43 @@ class _Gated(NamedTuple):
     waits: bool = False  # no instance left untried, one with the call's attempt out: wait
 
 
+# How often a parked retry looks for an instance that answered again (`_parked`): no
+# I/O, the instances' state in process memory.
+_PARK_STEP_S: Final = 0.05
+
+
+def _parked(
+    instances: list[Instance],
+    tried: list[Instance],
+    clock: Any,
+    now: float,
+    until: float,
+) -> Generator[Effect, Any, Instance | None]:
+    """Wait until `until` for an instance the retry may go to (`_evidence`); None when
+    none came. It sends nothing and takes no budget."""
+    while now < until:
+        yield (SLEEP, min(_PARK_STEP_S, until - now), None)
+        now = clock.monotonic()
+        found = _evidence(instances, tried, now)
+        if found is not None:
+            return found
+    return None
+
+
+def _evidence(instances: list[Instance], tried: list[Instance], now: float) -> Instance | None:
+    """An instance not tried by the call and not paused that answered well since its last
+    failure: its breaker not known open and no failure of it since its last success
+    (another call's attempt found it answering), or known open and answered around it.
+    A breaker's half-open state alone is no evidence: in an outage it is the next
+    failure."""
+    for i in instances:
+        if i in tried or i.paused_until > now:
+            continue
+        if i.answered or (i.open_until <= now and i.failed_at == 0.0):
+            return i
+    return None
+
+
 def _until_deadline(ctx: DecisionContext) -> float:
     """Until when a retry may wait for an instance's pause: the deadline (none: any)."""
     deadline_at = ctx.deadline_at
@@ -1067,6 +1148,8 @@ def _gate_next(
     retry_after_s: float | None = None,
     out: list[Instance] | None = None,
     advised: bool = False,
+    park: bool = False,
+    prefer: Instance | None = None,
 ) -> Generator[Effect, Any, _Gated]:
     """Pick the target (a service's instance) and take its gate together with the budget:
     one store operation, made again only when the instance's breaker turns out to be open
@@ -1078,7 +1161,10 @@ def _gate_next(
     reached the deadline: `deadline`). A hedged call's retry whose pick falls back on an
     instance the call tried while one of its attempts is still `out` takes no gate and
     says `waits` (Envoy's previous-hosts predicate gives way then; we wait for the hedge
-    instead: a second request to the instance at work only doubles its work)."""
+    instead: a second request to the instance at work only doubles its work). A retry
+    that would give up because every instance left is known open (`breaker_open`) says
+    `waits` instead when it may `park` (`_parked`): nothing recorded, nothing taken. A
+    retry sent to `prefer` (an instance `_evidence` found) goes there."""
     breaker = up.breaker
     instances = up.instances
     target: Instance | None = None
@@ -1124,6 +1210,10 @@ def _gate_next(
                     failure_penalty=up.failure_penalty,
                     failure_fade_s=up.failure_fade_s,
                 )
+            if prefer is not None and prefer in instances:
+                # (parked until an instance answered again: the retry goes to that one)
+                n = instances.index(prefer)
+                pick = Pick(n, pick.reason, pick.panic, prefer.open_until > now, pick.admissible)
             chosen = instances[pick.chosen]
             if (
                 retry
@@ -1150,6 +1240,9 @@ def _gate_next(
             breaker_key = target.breaker_key
             gated = breaker is not None and not pick.bypass
             if retry and pick.bypass and not target.answered:
+                if park:  # (the caller waits for evidence first: `_parked`)
+                    return _Gated(target, breaker_key, False, None, SOURCE_MEMORY, 0.0, False,
+                                  waits=True)  # fmt: skip
                 # Overriding an open breaker keeps a call from being refused; a retry is
                 # optional: it goes to an instance whose breaker admits it, or to one whose
                 # last attempt around its open breaker succeeded, or not at all.
