@@ -43,6 +43,23 @@ INSTANCES = ("http://10.0.5.1:8080", "http://10.0.5.2:8080", "http://10.0.5.3:80
 HOSTS = tuple(u.split("//")[1].split(":")[0] for u in INSTANCES)
 
 
+SHED_BODY = b'{"type":"breaker-open"}'
+
+
+class Shed(httpx.AsyncByteStream):
+    """A shed's body as on the wire (length given): when its connection was given back."""
+
+    def __init__(self, clock: FakeClock, closed_at: list[float]) -> None:
+        self.clock = clock
+        self.closed_at = closed_at
+
+    async def __aiter__(self) -> Any:
+        yield SHED_BODY
+
+    async def aclose(self) -> None:
+        self.closed_at.append(self.clock.monotonic())
+
+
 class Rig:
     """B: its route calls `http://c/`; `mode[host]` is each instance's answer. B's breaker
     for an instance opens on its first failure and stays open 30 s."""
@@ -53,6 +70,7 @@ class Rig:
         self.mode: dict[str, str] = {}
         self.records: dict[str, list[Any]] = {}
         self.on_shed: Any = None
+        self.shed_closed_at: list[float] = []
         transport = FidelityTransport(
             httpx.MockTransport(self.upstream), clock=self.clock, telemetry=False
         )
@@ -103,8 +121,15 @@ class Rig:
         if mode == "shed":  # the instance's own route breaker: 503, Retry-After 2
             if self.on_shed is not None:
                 self.on_shed(host)
+            body = Shed(self.clock, self.shed_closed_at)
             return httpx.Response(
-                503, headers={"retry-after": "2", "x-fidelity-decided-by": "breaker"}
+                503,
+                headers={
+                    "retry-after": "2",
+                    "x-fidelity-decided-by": "breaker",
+                    "content-length": str(len(SHED_BODY)),
+                },
+                stream=body,
             )
         return httpx.Response(200, content=b"ok")
 
@@ -182,6 +207,10 @@ def test_in_an_outage_the_waiting_retry_sends_nothing_and_gives_up_as_before() -
     # it waited the callee's Retry-After for an instance to answer, no longer
     waited = rig.clock.monotonic() - start
     assert 1.9 <= waited <= 2.1, waited
+    # the shed was read and its connection given back before the wait, not held through
+    # it: calls waiting out an outage do not drain a pool other upstreams share
+    assert rig.shed_closed_at, "the shed's body was never closed"
+    assert rig.shed_closed_at[0] - start < 0.1, rig.shed_closed_at
 
 
 def test_a_call_whose_deadline_is_shorter_than_the_wait_gives_up_at_once() -> None:

@@ -14,6 +14,8 @@
 - `(REFUND, budget_key, cfg, source, age_s, now[, spent_at])` -> None: the store's
   `budget_refund` (`spent_at` when its gate answer said it: `GateAnswer.spent_at`; a
   retry the budget counted whose attempt is not sent; best effort, errors ignored);
+- `(READ, response)` -> None: read a short answer to its end and keep its body (its
+  connection goes back to the pool while the call waits with it in hand: `_parked`);
 - `(WAIT, race)` -> None: a hedged call's retry waits until none of the call's attempts
   is out any more (`hedge.Race.settled`; the async transport only: the sync one never
   hedges);
@@ -131,6 +133,7 @@ from .wire import (
     stamp_first,
     take_ours,
     take_ours_late,
+    worth_reading,
 )
 
 logger = logging.getLogger("fidelity_mw")
@@ -142,6 +145,7 @@ RECORD: Final = 3
 CLOSE: Final = 4
 REFUND: Final = 5
 WAIT: Final = 6
+READ: Final = 7
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
@@ -778,6 +782,7 @@ def attempts(
                                 and outcome == IGNORED
                                 and response is not None
                                 and shed_itself(response)
+                                and worth_reading(response)
                                 else -math.inf
                             )
                             prefer: Instance | None = None
@@ -809,8 +814,10 @@ def attempts(
                                 if not g.waits:
                                     break
                                 if race is None:
-                                    prefer = yield from _parked(instances or [], tried, clock,
-                                                                now, park_until)  # fmt: skip
+                                    assert response is not None
+                                    prefer = yield from _parked(
+                                        instances or [], tried, clock, now, park_until, response
+                                    )
                                     now = clock.monotonic()
                                     if prefer is None:
                                         # no instance answered in time: given up as before,
@@ -1099,9 +1106,18 @@ def _parked(
     clock: Any,
     now: float,
     until: float,
+    shed: httpx.Response,
 ) -> Generator[Effect, Any, Instance | None]:
     """Wait until `until` for an instance the retry may go to (`_evidence`); None when
-    none came. It sends nothing and takes no budget."""
+    none came. It sends nothing and takes no budget. The shed it holds is read first
+    (short: `worth_reading`), so the wait holds no connection: a pool shared with other
+    upstreams is not drained by calls waiting out an outage; a read that fails waits
+    for nothing."""
+    try:
+        yield (READ, shed)
+    except Exception:
+        return None
+    now = clock.monotonic()
     while now < until:
         yield (SLEEP, min(_PARK_STEP_S, until - now), None)
         now = clock.monotonic()

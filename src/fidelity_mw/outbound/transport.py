@@ -75,6 +75,7 @@ from .loop import (
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
     GATE,
+    READ,
     RECORD,
     REFUND,
     SEND,
@@ -1039,6 +1040,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                     value = None
                     with anyio.CancelScope(shield=True):
                         await _whole(store.budget_refund(*effect[1:]))
+                elif kind == READ:  # a short shed, kept while the call waits with it
+                    value = None
+                    await effect[1].aread()
                 elif kind == WAIT:  # a hedged call's retry, for its hedge's answer
                     value = None
                     await effect[1].settled()
@@ -1263,6 +1267,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             SLEEP: wait,
             CLOSE: _close_sync,
             REFUND: refund_op,
+            READ: httpx.Response.read,
         }
         while (effect := step.next()) is not None:
             try:
