@@ -14,7 +14,9 @@
    usage: loadgen PORT CONNECTIONS WARMUP_S DURATION_S TIMEOUT_S "Header: value"...
    prints WINDOW when the measured window opens, then one line at its end:
    LOADGEN {"requests": ..., "duration_us": ..., "p50_us": ..., ...}
-   (the keys of server.py's wrk summary, plus ramp_us and unserved) */
+   (the keys of server.py's wrk summary, plus ramp_us and unserved)
+   With LOADGEN_SPIN=1 in the environment it polls without sleeping (server_where.py): the
+   server's writes then find it awake and wake no sleeping process on the other CPU. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -104,6 +106,8 @@ int main(int argc, char **argv) {
   for (int i = 0; i < n; i++) open_conn(&cs[i], i);
 
   struct epoll_event evs[1024];
+  const char *spin = getenv("LOADGEN_SPIN");
+  int poll_ms = spin && *spin && *spin != '0' ? 0 : 5;
   for (;;) {
     int64_t t = now_ns();
     if (start < 0 && t >= warm_end && (answered == n || t >= give_up)) {
@@ -113,7 +117,7 @@ int main(int argc, char **argv) {
       fflush(stdout);
     }
     if (end >= 0 && t >= end) break;
-    int k = epoll_wait(ep, evs, 1024, 5);
+    int k = epoll_wait(ep, evs, 1024, poll_ms);
     for (int j = 0; j < k; j++) {
       int i = (int)evs[j].data.u32;
       conn_t *c = &cs[i];

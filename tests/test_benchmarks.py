@@ -396,3 +396,53 @@ def test_toolkit_outbound_variants_retry_and_break_like_the_default_policy() -> 
     # nopanic: 3 attempts (its waits skipped by its own test helper); pybreaker does not
     # retry. pyresilience is not called: it offers no way to skip its backoff's sleeps.
     assert attempts == {"nopanic": 3, "pyresilience": 0, "pybreaker": 1}
+
+
+def test_server_where_reads_perf_and_strace_summaries_and_reports_paired() -> None:
+    from benchmarks import server_where
+
+    perf = (
+        "# started on Sun Dec  6 19:00:00 2026\n\n"
+        "40577,,sched:sched_wakeup,4001,100.00,,\n"
+        "690,,sched:sched_switch,4001,100.00,,\n"
+        "122955,,raw_syscalls:sys_enter,4001,100.00,,\n"
+    )
+    assert server_where.parse_perf_stat(perf) == {
+        "sched:sched_wakeup": 40577,
+        "sched:sched_switch": 690,
+        "raw_syscalls:sys_enter": 122955,
+    }
+    strace = (
+        "% time     seconds  usecs/call     calls    errors syscall\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        " 88.10    0.344024           9     36970         5 write\n"
+        " 10.11    0.039464           2     18497           read\n"
+        "  1.78    0.006969          11       626           epoll_pwait\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        "100.00    0.390506           6     56121         5 total\n"
+    )
+    assert server_where.parse_strace_summary(strace) == {
+        "write": 36970,
+        "read": 18497,
+        "epoll_pwait": 626,
+    }
+    times = {
+        "bare": {"user": [30.0, 32.0], "kernel": [20.0, 22.0], "kernel_polling": [12.0, 13.0]},
+        "fidelity-memory": {
+            "user": [45.0, 49.0],
+            "kernel": [22.0, 25.0],
+            "kernel_polling": [13.0, 15.0],
+        },
+    }
+    counts = {
+        v: {"sched_wakeup": 0.9, "sched_switch": 0.02, "sys_enter": 3.0, "gc_per_1k": [0, 0, 0]}
+        for v in times
+    }
+    counts["bare"]["syscalls"] = {"write": 2.0, "read": 1.0, "epoll_pwait": 0.001}
+    table = server_where.report(list(times), times, counts, {"bare": 1e5, "fidelity-memory": 1.5e5})
+    # the differences to bare are paired per round: medians of (+15, +17) and (+2, +3)
+    assert "| fidelity-memory | 47.0 (+16.0) | 23.5 (+2.5) | 14.0 (+1.5) |" in table
+    assert "0.90 / 0.020 / 3.00" in table
+    assert "150,000 (+50,000)" in table
+    assert "- bare: write 2.00, read 1.00" in table
+    assert "epoll_pwait" not in table
