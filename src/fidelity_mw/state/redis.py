@@ -98,7 +98,7 @@ from .snapshot import (
     local_snapshot,
     top_limiter_keys,
 )
-from .timer import LoopTimer
+from .timer import LoopTimer, alive
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -833,7 +833,7 @@ class RedisStore(StateStore):
 
     def _ensure_probe(self) -> None:
         health = self.health
-        if health.probe_task is None or health.probe_task.done():
+        if not alive(health.probe_task):
             health.probe_task = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
@@ -1293,8 +1293,7 @@ class RedisStore(StateStore):
         when it answers again: `_probe`)."""
         if not self._late or not self.health.up:
             return
-        task = self._late_task
-        if task is not None and not task.done():
+        if alive(self._late_task):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -1373,8 +1372,7 @@ class RedisStore(StateStore):
         elif epoch == entry[1]:
             entry[2] += 1
         # (a success from an older epoch would be ignored by Redis: drop it)
-        task = self._deferred_task
-        if task is None or task.done():
+        if not alive(self._deferred_task):
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # a sync caller: they ride on its next call about this breaker
@@ -1698,17 +1696,14 @@ class RedisStore(StateStore):
         else:
             entry[0] = cfg
             entry[1] += 1
-        if self._clock.monotonic() - entry[2] >= self.sync_s:
-            task = self._flush_task
-            if task is None or task.done():
-                self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
+        if self._clock.monotonic() - entry[2] >= self.sync_s and not alive(self._flush_task):
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
 
     def _pending_due(self) -> None:
         """The pending timer: the oldest count waiting is (about) a sync interval old."""
         if not self._pending:
             return  # they rode on outbound calls meanwhile
-        task = self._flush_task
-        if task is None or task.done():
+        if not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(
                 self._flush_pending(self._clock.monotonic())
             )
@@ -1878,7 +1873,8 @@ class RedisStore(StateStore):
             self.fleet.task,
             self._eviction_task,
         ):
-            if task is not None and not task.done():
+            # (a task of a closed loop cannot be cancelled, nor awaited: it never runs)
+            if alive(task):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
