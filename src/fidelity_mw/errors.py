@@ -74,15 +74,25 @@ class CircuitOpen(FidelityError, httpx.TransportError):
     `httpx.RequestError` / `httpx.TransportError` handles it too.
     `attempts_made` is 0 when nothing was sent (fail over to another instance
     freely), or how many attempts went out before the breaker opened.
+    `state_error` is the state store's failure when the breaker was not open but its
+    state could not be read and the policy fails closed (`[state] on_error = "closed"`);
+    None for an open breaker.
     """
 
     def __init__(
-        self, message: str, *, host: str, retry_after_s: float, attempts_made: int = 0
+        self,
+        message: str,
+        *,
+        host: str,
+        retry_after_s: float,
+        attempts_made: int = 0,
+        state_error: BaseException | None = None,
     ) -> None:
         super().__init__(message)
         self.host = host
         self.retry_after_s = retry_after_s
         self.attempts_made = attempts_made
+        self.state_error = state_error
 
 
 class DeadlineExceeded(FidelityError, httpx.TimeoutException):

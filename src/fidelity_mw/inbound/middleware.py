@@ -736,7 +736,9 @@ class FidelityMiddleware:
             if watcher is not None and watcher.expired:  # raised for the swallowed cancel
                 expired = self._costs_expired(ctx, plan, watcher, now)
                 if expired is None:
-                    raise asyncio.CancelledError from None
+                    cancel = asyncio.CancelledError()
+                    cancel.__suppress_context__ = True  # (by hand: compiled, `from` is dropped)
+                    raise cancel from None
                 return plan, receive, None, (), expired
             # the app's own answer (a 413, a 400), as if its endpoint had raised it:
             # charged nothing and no limit asked, so no limit decision is recorded (a

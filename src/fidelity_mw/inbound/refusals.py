@@ -33,7 +33,7 @@ from ..context import (
 )
 from ..decide.gcra import retry_after_header
 from ..decide.retry import EXHAUSTING_REASONS, GIVE_UP_BODY, GIVE_UP_NOT_IDEMPOTENT
-from ..errors import CircuitOpen, DeadlineExceeded
+from ..errors import CircuitOpen, DeadlineExceeded, StateUnavailable
 from ..outbound.advice import spread_wait
 from ..outbound.body import BROKEN_BODY
 from ..outbound.decisions import GIVE_UP_EXTENSION
@@ -134,20 +134,26 @@ def _control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Re
         return None
     if isinstance(exc, CircuitOpen):
         wait = refusal_retry_after(exc.retry_after_s)
-        cause = exc.__cause__
-        if cause is None:
+        # The store's failure when the breaker's state could not be read: said so by the
+        # error itself, not by its `__cause__`, which a refused retry sets to the failed
+        # attempt's error (the breaker is open then). One an app raises `from` a
+        # StateUnavailable is read so too.
+        unread = getattr(exc, "state_error", None)
+        if unread is None and isinstance(exc.__cause__, StateUnavailable):
+            unread = exc.__cause__
+        if unread is None:
             detail = f"the circuit breaker for upstream {exc.host!r} is open; retry in {wait} s"
         else:
-            # raised from the store's failure (`on_error = "closed"`): the breaker is not
-            # open, its state could not be read; said as the inbound 503 says it (the
-            # problem's type stays the layer's: what a client may rely on)
+            # `on_error = "closed"`: the breaker is not open, its state could not be
+            # read; said as the inbound 503 says it (the problem's type stays the
+            # layer's: what a client may rely on)
             detail = (
                 f"the circuit breaker state for upstream {exc.host!r} "
-                f"{_STATE_WHAT.get(getattr(cause, 'why', None), _STATE_WHAT[None])} "
+                f"{_STATE_WHAT.get(getattr(unread, 'why', None), _STATE_WHAT[None])} "
                 f"and the policy says to fail closed; retry in {wait} s"
             )
         # decided by the breaker, or (its state unread) by the state's absence
-        by = LAYER_BREAKER if cause is None else LAYER_STATE
+        by = LAYER_BREAKER if unread is None else LAYER_STATE
         return _answer(ctx, 503, LAYER_BREAKER, exc.host, detail, "upstream-circuit-open", wait, by)
     if isinstance(exc, DeadlineExceeded):
         return _answer(

@@ -397,7 +397,10 @@ class ResponseWatcher:
         except asyncio.CancelledError:
             # ours (`stall`), and nobody else's cancel with it: the send ends here
             if self.stalled and task is not None and task.uncancel() == 0:
-                raise self._stalled_error() from None
+                stalled = self._stalled_error()
+                # (`from None` by hand too: compiled, mypyc 2.4.1 drops a raise's `from`)
+                stalled.__suppress_context__ = True
+                raise stalled from None
             raise
         except OSError:
             ctx.client_disconnected = True  # (as in __call__)
@@ -617,7 +620,9 @@ class DeadlineWatch:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (trio): say why, not "no running event loop"
-            raise RuntimeError(NOT_ASYNCIO) from None
+            error = RuntimeError(NOT_ASYNCIO)
+            error.__suppress_context__ = True  # (by hand: compiled, `from` is dropped)
+            raise error from None
         firstiter = get_asyncgen_hooks()[0]
         # a hook that is not this loop's (another library's) proves nothing: no home
         self.home = (firstiter, loop) if getattr(firstiter, "__self__", None) is loop else None

@@ -331,13 +331,16 @@ def gate_answer(
             upstream_retry_after_s=upstream_retry_after_s, upstream_advised=upstream_advised,
             details={"retry_after_s": round(gate.retry_after_s, 3)},
         )  # fmt: skip
-        raise CircuitOpen(
+        error = CircuitOpen(
             f"circuit breaker for {up.key} is {gate.state.replace('_', '-')}; "
             f"retry in {gate.retry_after_s:.3f} s",
             host=up.key,
             retry_after_s=gate.retry_after_s,
             attempts_made=attempts_made,
-        ) from last_error
+        )
+        # chained by hand: compiled, `raise ... from` drops its cause (mypyc 2.4.1)
+        error.__cause__ = last_error
+        raise error
     if gate.probe_id:
         ctx.decisions.append(
             Decision(
@@ -399,12 +402,15 @@ def closed_on_store_error(
         mark(ctx, True, None)  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
         what = "on a read-only replica" if why == "read_only" else "unreachable"
-        raise CircuitOpen(
+        error = CircuitOpen(
             f"breaker state for {up.key} is {what} and the policy fails closed",
             host=up.key,
             retry_after_s=1.0,
             attempts_made=attempts_made,
-        ) from exc
+            state_error=exc,  # (what the refusal says: no breaker is open)
+        )
+        error.__cause__ = exc  # (by hand: compiled, `raise ... from` drops it)
+        raise error
 
 
 def classify(

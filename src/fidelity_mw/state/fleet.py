@@ -49,6 +49,7 @@ from ..decide.specs import LimitSpec
 from .local import GcraTable
 from .redis_sync import UNREACHABLE
 from .scripts import Script, load_script
+from .timer import alive
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -106,8 +107,7 @@ class Fleet:
         """Announce in the background if one is due (called after a successful call)."""
         self.due = now + ANNOUNCE_S
         self.tried_at = now
-        task = self.task
-        if task is None or task.done():
+        if not alive(self.task):
             self.task = asyncio.get_running_loop().create_task(self._announce(run, clock))
 
     async def _announce(self, run: RunScript, clock: Callable[[], float]) -> None:

@@ -98,7 +98,7 @@ from .snapshot import (
     local_snapshot,
     top_limiter_keys,
 )
-from .timer import LoopTimer
+from .timer import LoopTimer, alive
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -838,7 +838,7 @@ class RedisStore(StateStore):
 
     def _ensure_probe(self) -> None:
         health = self.health
-        if health.probe_task is None or health.probe_task.done():
+        if not alive(health.probe_task):
             health.probe_task = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
@@ -1298,8 +1298,7 @@ class RedisStore(StateStore):
         when it answers again: `_probe`)."""
         if not self._late or not self.health.up:
             return
-        task = self._late_task
-        if task is not None and not task.done():
+        if alive(self._late_task):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -1378,8 +1377,7 @@ class RedisStore(StateStore):
         elif epoch == entry[1]:
             entry[2] += 1
         # (a success from an older epoch would be ignored by Redis: drop it)
-        task = self._deferred_task
-        if task is None or task.done():
+        if not alive(self._deferred_task):
             try:
                 self._deferred_timer.arm(self.sync_s)  # (armed already: that one stands)
             except RuntimeError:  # a sync caller: they ride on its next call about this breaker
@@ -1389,8 +1387,7 @@ class RedisStore(StateStore):
         """The deferred successes' timer: a sync interval since the first of them."""
         if not self._deferred:
             return  # they rode on calls about their breakers meanwhile
-        task = self._deferred_task
-        if task is None or task.done():
+        if not alive(self._deferred_task):
             self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
     def _carried(self, breaker_key: str | None) -> int:
@@ -1724,10 +1721,8 @@ class RedisStore(StateStore):
             # the fleet's budget counted this process's last requests only when its
             # next one came, hours later, or never.
             self._pending_timer.arm(entry[2] + self.sync_s - self._clock.monotonic())
-        if self._clock.monotonic() - entry[2] >= self.sync_s:
-            task = self._flush_task
-            if task is None or task.done():
-                self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
+        if self._clock.monotonic() - entry[2] >= self.sync_s and not alive(self._flush_task):
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
 
     def _oldest_pending(self) -> list[Any] | None:
         """The oldest count waiting (None: none), read under the lock: another thread's
@@ -1740,8 +1735,7 @@ class RedisStore(StateStore):
         """The pending timer: the oldest count waiting is (about) a sync interval old."""
         if not self._pending:
             return  # they rode on outbound calls meanwhile
-        task = self._flush_task
-        if task is None or task.done():
+        if not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(
                 self._flush_pending(self._clock.monotonic())
             )
@@ -1912,7 +1906,8 @@ class RedisStore(StateStore):
             self.fleet.task,
             self._eviction_task,
         ):
-            if task is not None and not task.done():
+            # (a task of a closed loop cannot be cancelled, nor awaited: it never runs)
+            if alive(task):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task

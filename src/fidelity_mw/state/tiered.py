@@ -64,7 +64,7 @@ from .snapshot import (
     StoreSnapshot,
     first_breakers,
 )
-from .timer import LoopTimer
+from .timer import LoopTimer, alive
 
 SOURCE_CACHE: Final = "cache"
 
@@ -86,6 +86,11 @@ IDLE_INTERVALS: Final = 10
 MAX_SYNC_RUNS: Final = 4096
 # A slice's ready_at while every unit it holds conforms already (a roomy key).
 _ALL_CONFORM: Final = -math.inf
+
+
+def _stale(future: asyncio.Future[Any] | None) -> bool:
+    """A lease or sync of an event loop closed before it ended: it never will."""
+    return future is not None and not future.done() and future.get_loop().is_closed()
 
 
 class Slice:
@@ -910,6 +915,8 @@ class TieredStore(StateStore):
             # (a slice given back meanwhile, idle by a sync's measure while this
             # request waited: nothing to lease for here; `admit` decides it exactly)
             keys = [(k, cost) for k, cost in keys if k in slices]
+            if any(_stale(slices[k].pending) for k, _ in keys):
+                self._forget_closed_loop()
             need = [
                 (k, cost)
                 for k, cost in keys
@@ -938,6 +945,9 @@ class TieredStore(StateStore):
         one event-loop tick asks for go out as one sync.lua call in the next tick, sized
         by the demand of all of them (a batch of simultaneous arrivals shares one lease)."""
         batch = self._lease_batch
+        if batch is not None and _stale(batch.done):
+            self._forget_closed_loop()
+            batch = None
         if batch is None:
             loop = asyncio.get_running_loop()
             batch = self._lease_batch = _LeaseBatch(loop.create_future())
@@ -957,6 +967,18 @@ class TieredStore(StateStore):
         # wait without cancelling the shared future when this request is cancelled
         await asyncio.wait((batch.done,))
         return float(batch.done.result())
+
+    def _forget_closed_loop(self) -> None:
+        """Forget the lease batch and the leases in flight of an event loop that closed
+        without finishing them (they never will, and a future of another loop cannot be
+        awaited): the requests of the loops after it lease anew."""
+        batch = self._lease_batch
+        if batch is not None and _stale(batch.done):
+            self._lease_batch = None
+        for sl in self.slices.values():
+            if _stale(sl.pending):
+                sl.pending = None
+        self._lease_tasks = {t for t in self._lease_tasks if not _stale(t)}
 
     def _lease_done(self, batch: _LeaseBatch, task: asyncio.Task[None]) -> None:
         self._lease_tasks.discard(task)
@@ -1177,7 +1199,9 @@ class TieredStore(StateStore):
             return
         task = self._sync_task
         if task is not None and not task.done():
-            return
+            if alive(task):
+                return
+            self._forget_closed_loop()  # (its leases too: the loop that ran them closed)
         self._last_sync = now
         self._backlog = False
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_logged(now))
@@ -1342,11 +1366,12 @@ class TieredStore(StateStore):
 
     async def aclose(self) -> None:
         await self._flush_at_close()
+        self._forget_closed_loop()  # (tasks of a closed loop can be neither cancelled nor awaited)
         for lease in list(self._lease_tasks):
             lease.cancel()
         await asyncio.gather(*self._lease_tasks, return_exceptions=True)
         task = self._sync_task
-        if task is not None and not task.done():
+        if alive(task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -15,7 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
+
+
+def alive(task: asyncio.Future[Any] | None) -> TypeGuard[asyncio.Future[Any]]:
+    """Whether a store's background task (or a future its requests wait on) may still
+    finish: not done, and its event loop not closed. A loop closed without cancelling
+    its tasks (`run_until_complete` then `close()`, as a worker or a test runner may do)
+    leaves them pending for good; a store that waited for its flush, probe or sync of
+    that loop to end started none on the loops after it."""
+    return task is not None and not task.done() and not task.get_loop().is_closed()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
