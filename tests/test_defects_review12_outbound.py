@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from _redis_patience import up_after_probe
 from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.context import SOURCE_FALLBACK
 from fidelity_mw.decide.breaker import OPEN
@@ -369,7 +370,8 @@ async def test_a_writable_replica_found_by_the_probe_is_not_taken_back(
             assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "fallback"
         finally:
             writable_replica.resume()
-        await _until(lambda: store.fallback_why == "read_only")  # the probe asked ROLE
+        # the probe asked ROLE (the fake clock moved to its time)
+        await _until(lambda: up_after_probe(store) or store.fallback_why == "read_only")
         result = await store.admit(None, None, ["l|a"], [limit], 0.0)
         assert (result.source, result.why) == ("fallback", "read_only")
         lines = [r.getMessage() for r in caplog.records if "found by the probe" in r.getMessage()]
@@ -378,7 +380,7 @@ async def test_a_writable_replica_found_by_the_probe_is_not_taken_back(
         assert not store.up
         with writable_replica.client() as admin:
             admin.execute_command("REPLICAOF", "NO", "ONE")
-        await _until(lambda: store.up)
+        await _until(lambda: up_after_probe(store))
         assert (await store.admit(None, None, ["l|a"], [limit], 0.0)).source == "redis"
     finally:
         await store.aclose()

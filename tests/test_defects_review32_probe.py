@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from _redis_patience import answered_by_redis, answered_by_redis_sync
+from _redis_patience import answered_by_redis, answered_by_redis_sync, up_after_probe
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import InboundResult
@@ -236,7 +236,7 @@ async def test_a_timed_out_probe_reports_its_outcome_once_redis_answers(
         # the request ends; the instance reports as it does for any request
         slow = fleet.slow
         await slow.record(ROUTE, BREAKER, _gate(got), outcome, False, 0.0)
-        assert await _until(lambda: slow.health.up)
+        assert await _until(lambda: up_after_probe(slow))
         # once Redis answers again, the probe's outcome reaches it (in the background)
         await _until(lambda: fleet.probes() == 0 and fleet.sent())
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
@@ -280,7 +280,7 @@ async def test_a_timed_out_outbound_probe_reports_its_outcome_once_redis_answers
             slow.record_sync(ROUTE, BREAKER, gate, outcome, False, 0.0)
         else:
             await slow.record(ROUTE, BREAKER, gate, outcome, False, 0.0)
-            assert await _until(lambda: slow.health.up)
+            assert await _until(lambda: up_after_probe(slow))
         await _until(lambda: fleet.probes() == 0 and fleet.sent())
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:
@@ -301,7 +301,7 @@ async def test_a_timed_out_call_that_was_no_probe_changes_nothing(
         got = await fleet.timed_out_admission()
         trips = slow.stats.round_trips
         await slow.record(ROUTE, BREAKER, _gate(got), FAILURE, False, 0.0)
-        assert await _until(lambda: slow.health.up)
+        assert await _until(lambda: up_after_probe(slow))
         assert await _until(lambda: fleet.sent())
         assert slow.stats.round_trips > trips  # it was sent
         assert slow.stats.dropped_records == 0
@@ -341,7 +341,7 @@ async def test_a_timed_out_tiered_probe_reports_its_outcome_once_redis_answers(
         assert await _until(lambda: fleet.probes() == 1)
         await store.record(ROUTE, BREAKER, _gate(got), outcome, False, clock.monotonic())
         exact = store.exact
-        assert await _until(lambda: exact.health.up)
+        assert await _until(lambda: up_after_probe(exact))
         await _until(lambda: fleet.probes() == 0 and not exact._late)
         _as_the_probe_said(_gate(await fleet.other.admit(ROUTE, BREAKER, [], [], 0.0)), outcome)
     finally:

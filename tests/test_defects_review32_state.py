@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 import redis as redis_sync
 
-from _redis_patience import answered_by_redis, answered_by_redis_sync
+from _redis_patience import answered_by_redis, answered_by_redis_sync, up_after_probe
 from fidelity_mw.decide.breaker import FAILURE, SUCCESS, Gate
 from fidelity_mw.policy import BreakerConfig, RetryConfig, StateConfig
 from fidelity_mw.state.base import InboundResult, LimitSpec
@@ -297,8 +297,8 @@ async def test_a_primary_with_writes_paused_is_one_outage_not_a_flap(
             admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
             got = await store.admit(None, None, ["c|k"], [SPEC], 0.0)  # times out
             assert (got.source, got.why) == ("fallback", "unreachable")
-            # the probe's backoff sleeps on the fake clock: it probes again at once
-            await _until(lambda: store.health.attempt >= 4 or store.health.up)
+            # the probe's backoff waits on the fake clock: moved to each probe at once
+            await _until(lambda: store.health.attempt >= 4 or up_after_probe(store))
             assert not store.health.up  # before: back after its first probe
             for _ in range(3):
                 got = await store.admit(None, None, ["c|k"], [SPEC], 0.0)
@@ -313,7 +313,7 @@ async def test_a_primary_with_writes_paused_is_one_outage_not_a_flap(
             # its own outage, counted in the same stats: one (before: one per probe)
             assert store.stats.outages == before + 2
             admin.execute_command("CLIENT", "UNPAUSE")
-            await _until(lambda: store.health.up)
+            await _until(lambda: up_after_probe(store))
             got = await answered_by_redis(
                 lambda: store.admit(None, None, ["c|k"], [SPEC], 0.0), lambda r: r.source, store
             )

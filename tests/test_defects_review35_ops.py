@@ -419,6 +419,7 @@ async def test_a_store_used_after_aclose_reopens_and_says_so(
     import asyncio
     import logging
 
+    from _redis_patience import up_after_probe
     from fidelity_mw.state.redis import RedisStore
     from fidelity_mw.testing import seeded_random
     from redis_server import PATIENT, QUIET
@@ -452,11 +453,12 @@ async def test_a_store_used_after_aclose_reopens_and_says_so(
         await store.aclose()
         own_redis.start()
         sources = []
-        for _ in range(200):  # real round trips; the fake clock drives the backoff
+        for _ in range(200):  # real round trips; the fake clock, moved to each probe
             sources.append((await store.admit("route:r", BREAKER, [], [], 0.0)).source)
             if sources[-1] == "redis":
                 break
             await asyncio.sleep(0.005)
+            up_after_probe(store)
         assert sources[-1] == "redis"
         assert reopened() == 3
     finally:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from _redis_patience import up_after_probe
 from fidelity_mw import DecisionContext, FidelityMiddleware, Policy, RateLimit, current
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state import factory
@@ -46,9 +47,13 @@ async def _until(condition: Callable[[], bool], budget_s: float = 10.0) -> None:
 # ---------------------------------------------------------------- 1. a read-only replica
 
 
-async def _spin(store: RedisStore, rounds: int, *, batch: int = 1) -> list[str]:
+async def _spin(
+    store: RedisStore, rounds: int, *, batch: int = 1, waits: list[float] | None = None
+) -> list[str]:
     """`rounds` times: `batch` admissions in one tick, then a short real pause (the probe's
-    round trip runs meanwhile; its backoff sleeps on the fake clock, so it never waits)."""
+    round trip runs meanwhile), then the fake clock moved to the probe's next time (its
+    backoff waits on the clock's timer, so it never waits in real time; each wait in
+    `waits`)."""
     sources: list[str] = []
     for i in range(rounds):
         results = await asyncio.gather(
@@ -56,6 +61,7 @@ async def _spin(store: RedisStore, rounds: int, *, batch: int = 1) -> list[str]:
         )
         sources += [r.source for r in results]
         await asyncio.sleep(0.01)
+        up_after_probe(store, waits)
     return sources
 
 
@@ -74,21 +80,22 @@ async def test_a_read_only_replica_is_one_outage_not_a_flap_per_probe(
     store = RedisStore(config=config, rng=seeded_random(9), clock=clock)
     caplog.set_level(logging.WARNING, "fidelity_mw.redis")
     try:
-        sources = await _spin(store, 20, batch=batch)
+        waits: list[float] = []
+        sources = await _spin(store, 20, batch=batch, waits=waits)
         assert set(sources) == {"fallback"}
         assert store.stats.outages == 1
         assert not store.health.up
         assert store.fallback_why == "read_only"
         result = await store.admit(None, None, ["l|x"], [LIMIT], 0.0)
         assert (result.source, result.why) == ("fallback", "read_only")
-        probes = len(clock.sleeps)
+        probes = len(waits)
         assert probes >= 3  # the probe kept asking, and kept the store down
         read_only_lines = [r for r in caplog.records if "read-only replica" in r.getMessage()]
         assert len(read_only_lines) == 1
         # promoted (a failover): the next probe finds a primary and the store comes back
         with replica.client() as client:
             client.execute_command("REPLICAOF", "NO", "ONE")
-        await _until(lambda: store.health.up)
+        await _until(lambda: up_after_probe(store))
         assert store.health.up
         assert store.fallback_why is None
         result = await store.admit(None, None, ["l|y"], [LIMIT], 0.0)
@@ -117,7 +124,7 @@ async def test_the_probe_falls_back_to_a_write_when_role_is_not_allowed(
         assert store.health.role_denied
         with replica.client() as client:
             client.execute_command("REPLICAOF", "NO", "ONE")
-        await _until(lambda: store.health.up)
+        await _until(lambda: up_after_probe(store))
         assert store.health.up
     finally:
         await store.aclose()
@@ -141,17 +148,18 @@ async def test_the_probe_backoff_is_kept_across_a_quick_re_failure(
     monkeypatch.setattr(RedisStore, "_evalsha", flaky)
     clock = FakeClock()
     store = RedisStore(config=StateConfig(url=redis_url, **PATIENT, **QUIET), clock=clock)
+    waits: list[float] = []  # the probe's backoff
     try:
         firsts = []
         for _ in range(4):
             failing[0] = True
-            before = len(clock.sleeps)
+            before = len(waits)
             await store.admit(None, None, ["l|a"], [LIMIT], 0.0)
             assert not store.health.up
             failing[0] = False
-            await _until(lambda: store.health.up)
+            await _until(lambda: up_after_probe(store, waits))
             assert store.health.up
-            firsts.append(clock.sleeps[before])
+            firsts.append(waits[before])
         # equal jitter: attempt k sleeps 0.05 * 2**k * (0.5..1), capped at 0.5 s
         assert firsts[0] <= 0.05
         assert firsts[-1] > 0.1, firsts
@@ -159,11 +167,11 @@ async def test_the_probe_backoff_is_kept_across_a_quick_re_failure(
         # Redis up for a while (longer than the reset time): the backoff starts over
         clock.advance(60.0)
         failing[0] = True
-        before = len(clock.sleeps)
+        before = len(waits)
         await store.admit(None, None, ["l|a"], [LIMIT], 0.0)
         failing[0] = False
-        await _until(lambda: store.health.up)
-        assert clock.sleeps[before] <= 0.05
+        await _until(lambda: up_after_probe(store, waits))
+        assert waits[before] <= 0.05
     finally:
         await store.aclose()
 

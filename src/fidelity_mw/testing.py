@@ -142,7 +142,10 @@ def fake_time(
     `clock` (default: a new FakeClock, yielded) and one seeded random source
     (`seeded_random(seed)`, or `rng`): backoffs, `Retry-After` waits and breaker
     open times are recorded in `clock.sleeps` and skipped, never slept, and limit
-    windows move only with `clock.advance(...)`. That covers
+    windows move only with `clock.advance(...)`. A Redis store's background work runs
+    on the clock's timers and waits for `advance` too (its deferred breaker successes,
+    and its probe while Redis is unreachable: the next runs once the clock moves by the
+    probe's interval, at most 0.5 s). That covers
 
     - a `FidelityMiddleware` added at import time: Starlette builds the stack at the
       first request or lifespan startup, so a stack first built in the block is on

@@ -416,6 +416,9 @@ class Health:
         self.attempt = 0  # probes so far: the backoff's exponent (kept across quick re-failures)
         self.up_since = float("-inf")  # monotonic time of the last recovery
         self.role_denied = False  # ROLE refused (ACL, proxy): the probe writes instead
+        # monotonic time of the next probe while the probe loop waits for it, else inf
+        # (what a test on a FakeClock advances to: the probe no longer moves the clock)
+        self.probe_at = float("inf")
 
 
 # ---------------------------------------------------------------- the store
@@ -848,7 +851,7 @@ class RedisStore(StateStore):
         while not health.up:
             delay = min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(health.attempt, 16))
             health.attempt += 1
-            await self._clock.sleep(delay * (0.5 + 0.5 * self._rng()))
+            await self._probe_wait(delay * (0.5 + 0.5 * self._rng()))
             try:
                 # Pooled connections predate the outage: probe (and come back) on
                 # fresh ones, so the first requests after recovery find no stale one.
@@ -874,6 +877,34 @@ class RedisStore(StateStore):
                 "fidelity_mw: redis reachable again after %.3f s", now - health.down_since
             )
             self._send_late_soon()
+
+    async def _probe_wait(self, delay: float) -> None:
+        """The wait before the next probe: on the clock's timer when it has one (a
+        `FakeClock` fires it only when the test advances time), else its `sleep`. A probe
+        that slept on a FakeClock moved the clock itself: an unreachable Redis ran the
+        test's clock hundreds of seconds ahead (windows refilled, breakers' open times
+        and deadlines passed by themselves) where its docs say time moves only with
+        `advance()`."""
+        health = self.health
+        health.probe_at = self._clock.monotonic() + delay
+        try:
+            if getattr(self._clock, "call_later", None) is None:
+                await self._clock.sleep(delay)
+                return
+            due: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def fire() -> None:
+                if not due.done():
+                    due.set_result(None)
+
+            timer = LoopTimer(self._clock, fire)
+            timer.arm(delay)
+            try:
+                await due
+            finally:
+                timer.cancel()  # (the store closed, or its loop went, while it waited)
+        finally:
+            health.probe_at = float("inf")
 
     async def _writable(self, client: RedisClient) -> bool:
         """Does Redis answer as a primary that takes writes? False for a replica (it
