@@ -98,7 +98,7 @@ from .snapshot import (
     local_snapshot,
     top_limiter_keys,
 )
-from .timer import LoopTimer, alive
+from .timer import LoopTimer, alive, ended
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -510,6 +510,7 @@ class RedisStore(StateStore):
         ] = weakref.WeakKeyDictionary()
         self._bind_lock = threading.Lock()
         self._closed = False  # aclose() ran and no client was made since (`_bind`)
+        self._closing = False  # aclose() runs: its timers start no background work
         self._timeout_s = config.timeout_ms / 1000.0
         self._breaker_keys: dict[str, tuple[str, str]] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -1416,8 +1417,8 @@ class RedisStore(StateStore):
 
     def _deferred_due(self) -> None:
         """The deferred successes' timer: a sync interval since the first of them."""
-        if not self._deferred:
-            return  # they rode on calls about their breakers meanwhile
+        if not self._deferred or self._closing:
+            return  # they rode on calls about their breakers meanwhile (or aclose sends them)
         if not alive(self._deferred_task):
             self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
@@ -1764,8 +1765,8 @@ class RedisStore(StateStore):
 
     def _pending_due(self) -> None:
         """The pending timer: the oldest count waiting is (about) a sync interval old."""
-        if not self._pending:
-            return  # they rode on outbound calls meanwhile
+        if not self._pending or self._closing:
+            return  # they rode on outbound calls meanwhile (or aclose sends them)
         if not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(
                 self._flush_pending(self._clock.monotonic())
@@ -1924,6 +1925,20 @@ class RedisStore(StateStore):
         )
 
     async def aclose(self) -> None:
+        # The timers first, and none firing to effect, before the first await: one that
+        # fired during the flush or a cancelled task's ending started a flush task after
+        # the tasks to cancel were read, which nothing cancelled or waited for (it ran on
+        # with the client being closed, or made a new one after the close).
+        # (`_flush_at_close` sends or drops what they wait for.)
+        self._closing = True
+        self._pending_timer.cancel()
+        self._deferred_timer.cancel()
+        try:
+            await self._close_all()
+        finally:
+            self._closing = False
+
+    async def _close_all(self) -> None:
         await self._flush_at_close()
         link, self._sync_link = self._sync_link, None
         if link is not None:
@@ -1940,9 +1955,10 @@ class RedisStore(StateStore):
             # (a task of a closed loop cannot be cancelled, nor awaited: it never runs)
             if alive(task):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._pending_timer.cancel()  # (nothing waits: `_flush_at_close` sent or dropped it)
+                await ended(task)
+        # What requests queued meanwhile (their timers start nothing now), on this client
+        await self._flush_at_close()
+        self._pending_timer.cancel()
         self._deferred_timer.cancel()
         # Close this loop's client; clients of other loops can only be closed
         # from their loops, so they are dropped (their sockets close with them).
