@@ -1748,10 +1748,11 @@ class RedisStore(StateStore):
                 entry[0] = cfg
                 entry[1] += 1
                 new = False
-        if new:
+        if new or self._pending_timer.elsewhere():
             # And if no call comes at all (the process goes quiet), the timer sends it:
             # the fleet's budget counted this process's last requests only when its
-            # next one came, hours later, or never.
+            # next one came, hours later, or never. (Armed on a loop that closed since,
+            # with counts of its own waiting: re-armed here, else it waited for a new key.)
             self._pending_timer.arm(entry[2] + self.sync_s - self._clock.monotonic())
         if self._clock.monotonic() - entry[2] >= self.sync_s and not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))

@@ -82,6 +82,11 @@ class LoopTimer:
         else:
             self._handle = call_later(delay, self._fire_in_loop)
 
+    def elsewhere(self) -> bool:
+        """Whether the last arming was on another event loop than the running one (or
+        none was made): a loop closed since drops its handle, and nothing fires."""
+        return self._loop is not _running_loop()
+
     def cancel(self) -> None:
         if self._handle is not None:
             self._cancel_handle(_running_loop())
