@@ -530,6 +530,9 @@ class RedisStore(StateStore):
         self._pending_timer = LoopTimer(self._clock, self._pending_due)
         # breaker key -> [config, epoch, plain successes not yet sent]
         self._deferred: dict[str, list[Any]] = {}
+        # A sync transport's threads defer and take them too: a success added to an
+        # entry another thread had just taken (popped) was lost (`_defer_success`)
+        self._deferred_lock = threading.Lock()
         self._deferred_task: asyncio.Task[None] | None = None
         # due one sync interval after a success is deferred with no flush under way
         # (`_deferred_due`): a timer, not a task sleeping on the store's clock, which on a
@@ -979,7 +982,12 @@ class RedisStore(StateStore):
         if has_breaker:
             pid = self._probe_id()
             if self._deferred and breaker_key is not None:
-                entry = self._deferred.pop(breaker_key, None)
+                lock = self._deferred_lock
+                lock.acquire()  # (not `with`: half the cost, on every admit)
+                try:
+                    entry = self._deferred.pop(breaker_key, None)
+                finally:
+                    lock.release()
                 if entry is not None:
                     d_epoch, d_count = entry[1], entry[2]
         sent = self.health.up  # (else nothing is sent: no probe can have been taken)
@@ -1403,11 +1411,16 @@ class RedisStore(StateStore):
     # without its earlier successes.
 
     def _defer_success(self, breaker_key: str, breaker: BreakerConfig, epoch: int) -> None:
-        entry = self._deferred.get(breaker_key)
-        if entry is None or epoch > entry[1]:
-            self._deferred[breaker_key] = [breaker, epoch, 1]
-        elif epoch == entry[1]:
-            entry[2] += 1
+        deferred, lock = self._deferred, self._deferred_lock
+        lock.acquire()  # (not `with`: half the cost, on every plain success)
+        try:
+            entry = deferred.get(breaker_key)
+            if entry is None or epoch > entry[1]:
+                deferred[breaker_key] = [breaker, epoch, 1]
+            elif epoch == entry[1]:
+                entry[2] += 1
+        finally:
+            lock.release()
         # (a success from an older epoch would be ignored by Redis: drop it)
         if not alive(self._deferred_task):
             try:
@@ -1428,7 +1441,12 @@ class RedisStore(StateStore):
         return int(entry[2]) if entry is not None else 0
 
     def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
-        entry = self._deferred.pop(breaker_key, None)
+        lock = self._deferred_lock
+        lock.acquire()
+        try:
+            entry = self._deferred.pop(breaker_key, None)
+        finally:
+            lock.release()
         return (entry[1], entry[2]) if entry is not None else (0, 0)
 
     async def _flush_deferred(self) -> None:
@@ -1454,10 +1472,13 @@ class RedisStore(StateStore):
             entry = self._deferred.get(breaker_key)
             if entry is None:
                 continue
-            args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
+            epoch, count = self._take_deferred(breaker_key)
+            if not count:
+                continue  # (taken by a call in another thread meanwhile)
+            args = (self._rng(), epoch, 0, "i", 0, epoch, count)
             keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
             sends.append(call(RECORD, keys, (*args, *self.breaker_config_args(entry[0]))))
-            counts.append(entry[2])
+            counts.append(count)
         if not sends:
             return
         try:
@@ -1875,7 +1896,8 @@ class RedisStore(StateStore):
         now = self._clock.monotonic()
         # (a late outcome whose probe lease has ended has no slot left to free)
         late = sum(1 for e in self._late.values() if now - e[4] < e[1].probe_lease_s)
-        deferred = sum(int(entry[2]) for entry in self._deferred.values())
+        with self._deferred_lock:
+            deferred = sum(int(entry[2]) for entry in self._deferred.values())
         with self._pending_lock:
             pending = sum(int(entry[1]) for entry in self._pending.values())
         return late, deferred, pending
