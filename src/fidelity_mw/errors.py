@@ -76,7 +76,8 @@ class CircuitOpen(FidelityError, httpx.TransportError):
     freely), or how many attempts went out before the breaker opened.
     `state_error` is the state store's failure when the breaker was not open but its
     state could not be read and the policy fails closed (`[state] on_error = "closed"`);
-    None for an open breaker.
+    None for an open breaker. `state_of` then names the state that could not be read:
+    "breaker", or "retry budget" for an upstream without a breaker (`breaker = false`).
     """
 
     def __init__(
@@ -87,12 +88,14 @@ class CircuitOpen(FidelityError, httpx.TransportError):
         retry_after_s: float,
         attempts_made: int = 0,
         state_error: BaseException | None = None,
+        state_of: str = "breaker",
     ) -> None:
         super().__init__(message)
         self.host = host
         self.retry_after_s = retry_after_s
         self.attempts_made = attempts_made
         self.state_error = state_error
+        self.state_of = state_of
 
 
 class DeadlineExceeded(FidelityError, httpx.TimeoutException):

@@ -147,8 +147,10 @@ def _control_refusal(ctx: DecisionContext, exc: BaseException, now: float) -> Re
             # `on_error = "closed"`: the breaker is not open, its state could not be
             # read; said as the inbound 503 says it (the problem's type stays the
             # layer's: what a client may rely on)
+            state_of = getattr(exc, "state_of", "breaker")
+            state_of = "circuit breaker" if state_of == "breaker" else state_of
             detail = (
-                f"the circuit breaker state for upstream {exc.host!r} "
+                f"the {state_of} state for upstream {exc.host!r} "
                 f"{_STATE_WHAT.get(getattr(unread, 'why', None), _STATE_WHAT[None])} "
                 f"and the policy says to fail closed; retry in {wait} s"
             )

@@ -402,12 +402,16 @@ def closed_on_store_error(
         mark(ctx, True, None)  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
         what = "on a read-only replica" if why == "read_only" else "unreachable"
+        # (an upstream without a breaker (`breaker = false`) failed on its retry budget's
+        # count: its refusal spoke of a breaker's state all the same)
+        state_of = "breaker" if up.breaker is not None else "retry budget"
         error = CircuitOpen(
-            f"breaker state for {up.key} is {what} and the policy fails closed",
+            f"{state_of} state for {up.key} is {what} and the policy fails closed",
             host=up.key,
             retry_after_s=1.0,
             attempts_made=attempts_made,
             state_error=exc,  # (what the refusal says: no breaker is open)
+            state_of=state_of,
         )
         error.__cause__ = exc  # (by hand: compiled, `raise ... from` drops it)
         raise error

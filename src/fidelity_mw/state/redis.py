@@ -98,7 +98,7 @@ from .snapshot import (
     local_snapshot,
     top_limiter_keys,
 )
-from .timer import LoopTimer, alive
+from .timer import LoopTimer, alive, ended
 
 logger = logging.getLogger("fidelity_mw.redis")
 
@@ -510,6 +510,7 @@ class RedisStore(StateStore):
         ] = weakref.WeakKeyDictionary()
         self._bind_lock = threading.Lock()
         self._closed = False  # aclose() ran and no client was made since (`_bind`)
+        self._closing = False  # aclose() runs: its timers start no background work
         self._timeout_s = config.timeout_ms / 1000.0
         self._breaker_keys: dict[str, tuple[str, str]] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -529,6 +530,9 @@ class RedisStore(StateStore):
         self._pending_timer = LoopTimer(self._clock, self._pending_due)
         # breaker key -> [config, epoch, plain successes not yet sent]
         self._deferred: dict[str, list[Any]] = {}
+        # A sync transport's threads defer and take them too: a success added to an
+        # entry another thread had just taken (popped) was lost (`_defer_success`)
+        self._deferred_lock = threading.Lock()
         self._deferred_task: asyncio.Task[None] | None = None
         # due one sync interval after a success is deferred with no flush under way
         # (`_deferred_due`): a timer, not a task sleeping on the store's clock, which on a
@@ -978,7 +982,12 @@ class RedisStore(StateStore):
         if has_breaker:
             pid = self._probe_id()
             if self._deferred and breaker_key is not None:
-                entry = self._deferred.pop(breaker_key, None)
+                lock = self._deferred_lock
+                lock.acquire()  # (not `with`: half the cost, on every admit)
+                try:
+                    entry = self._deferred.pop(breaker_key, None)
+                finally:
+                    lock.release()
                 if entry is not None:
                     d_epoch, d_count = entry[1], entry[2]
         sent = self.health.up  # (else nothing is sent: no probe can have been taken)
@@ -1402,11 +1411,16 @@ class RedisStore(StateStore):
     # without its earlier successes.
 
     def _defer_success(self, breaker_key: str, breaker: BreakerConfig, epoch: int) -> None:
-        entry = self._deferred.get(breaker_key)
-        if entry is None or epoch > entry[1]:
-            self._deferred[breaker_key] = [breaker, epoch, 1]
-        elif epoch == entry[1]:
-            entry[2] += 1
+        deferred, lock = self._deferred, self._deferred_lock
+        lock.acquire()  # (not `with`: half the cost, on every plain success)
+        try:
+            entry = deferred.get(breaker_key)
+            if entry is None or epoch > entry[1]:
+                deferred[breaker_key] = [breaker, epoch, 1]
+            elif epoch == entry[1]:
+                entry[2] += 1
+        finally:
+            lock.release()
         # (a success from an older epoch would be ignored by Redis: drop it)
         if not alive(self._deferred_task):
             try:
@@ -1416,8 +1430,8 @@ class RedisStore(StateStore):
 
     def _deferred_due(self) -> None:
         """The deferred successes' timer: a sync interval since the first of them."""
-        if not self._deferred:
-            return  # they rode on calls about their breakers meanwhile
+        if not self._deferred or self._closing:
+            return  # they rode on calls about their breakers meanwhile (or aclose sends them)
         if not alive(self._deferred_task):
             self._deferred_task = asyncio.get_running_loop().create_task(self._flush_deferred())
 
@@ -1427,7 +1441,12 @@ class RedisStore(StateStore):
         return int(entry[2]) if entry is not None else 0
 
     def _take_deferred(self, breaker_key: str) -> tuple[int, int]:
-        entry = self._deferred.pop(breaker_key, None)
+        lock = self._deferred_lock
+        lock.acquire()
+        try:
+            entry = self._deferred.pop(breaker_key, None)
+        finally:
+            lock.release()
         return (entry[1], entry[2]) if entry is not None else (0, 0)
 
     async def _flush_deferred(self) -> None:
@@ -1453,10 +1472,13 @@ class RedisStore(StateStore):
             entry = self._deferred.get(breaker_key)
             if entry is None:
                 continue
-            args = (self._rng(), entry[1], 0, "i", 0, *self._take_deferred(breaker_key))
+            epoch, count = self._take_deferred(breaker_key)
+            if not count:
+                continue  # (taken by a call in another thread meanwhile)
+            args = (self._rng(), epoch, 0, "i", 0, epoch, count)
             keys = (self.key("br", breaker_key), self.key("bp", breaker_key))
             sends.append(call(RECORD, keys, (*args, *self.breaker_config_args(entry[0]))))
-            counts.append(entry[2])
+            counts.append(count)
         if not sends:
             return
         try:
@@ -1747,10 +1769,11 @@ class RedisStore(StateStore):
                 entry[0] = cfg
                 entry[1] += 1
                 new = False
-        if new:
+        if new or self._pending_timer.elsewhere():
             # And if no call comes at all (the process goes quiet), the timer sends it:
             # the fleet's budget counted this process's last requests only when its
-            # next one came, hours later, or never.
+            # next one came, hours later, or never. (Armed on a loop that closed since,
+            # with counts of its own waiting: re-armed here, else it waited for a new key.)
             self._pending_timer.arm(entry[2] + self.sync_s - self._clock.monotonic())
         if self._clock.monotonic() - entry[2] >= self.sync_s and not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_pending(now))
@@ -1764,8 +1787,8 @@ class RedisStore(StateStore):
 
     def _pending_due(self) -> None:
         """The pending timer: the oldest count waiting is (about) a sync interval old."""
-        if not self._pending:
-            return  # they rode on outbound calls meanwhile
+        if not self._pending or self._closing:
+            return  # they rode on outbound calls meanwhile (or aclose sends them)
         if not alive(self._flush_task):
             self._flush_task = asyncio.get_running_loop().create_task(
                 self._flush_pending(self._clock.monotonic())
@@ -1873,7 +1896,8 @@ class RedisStore(StateStore):
         now = self._clock.monotonic()
         # (a late outcome whose probe lease has ended has no slot left to free)
         late = sum(1 for e in self._late.values() if now - e[4] < e[1].probe_lease_s)
-        deferred = sum(int(entry[2]) for entry in self._deferred.values())
+        with self._deferred_lock:
+            deferred = sum(int(entry[2]) for entry in self._deferred.values())
         with self._pending_lock:
             pending = sum(int(entry[1]) for entry in self._pending.values())
         return late, deferred, pending
@@ -1924,6 +1948,20 @@ class RedisStore(StateStore):
         )
 
     async def aclose(self) -> None:
+        # The timers first, and none firing to effect, before the first await: one that
+        # fired during the flush or a cancelled task's ending started a flush task after
+        # the tasks to cancel were read, which nothing cancelled or waited for (it ran on
+        # with the client being closed, or made a new one after the close).
+        # (`_flush_at_close` sends or drops what they wait for.)
+        self._closing = True
+        self._pending_timer.cancel()
+        self._deferred_timer.cancel()
+        try:
+            await self._close_all()
+        finally:
+            self._closing = False
+
+    async def _close_all(self) -> None:
         await self._flush_at_close()
         link, self._sync_link = self._sync_link, None
         if link is not None:
@@ -1940,9 +1978,10 @@ class RedisStore(StateStore):
             # (a task of a closed loop cannot be cancelled, nor awaited: it never runs)
             if alive(task):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._pending_timer.cancel()  # (nothing waits: `_flush_at_close` sent or dropped it)
+                await ended(task)
+        # What requests queued meanwhile (their timers start nothing now), on this client
+        await self._flush_at_close()
+        self._pending_timer.cancel()
         self._deferred_timer.cancel()
         # Close this loop's client; clients of other loops can only be closed
         # from their loops, so they are dropped (their sockets close with them).

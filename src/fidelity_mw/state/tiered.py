@@ -39,7 +39,6 @@ available to the others until given back (at most one sync interval later).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
 import logging
@@ -64,7 +63,7 @@ from .snapshot import (
     StoreSnapshot,
     first_breakers,
 )
-from .timer import LoopTimer, alive
+from .timer import LoopTimer, alive, ended
 
 SOURCE_CACHE: Final = "cache"
 
@@ -366,6 +365,7 @@ class TieredStore(StateStore):
         # for Redis (`_quiet_due`): syncs start on requests, so the outcomes counted
         # after the last one waited for the next request, however long it took.
         self._quiet_timer = LoopTimer(self._clock, self._quiet_due)
+        self._closing = False  # aclose() runs: the quiet timer starts no sync
         # a breaker holds more outcome runs than one sync carries: sync again at once
         self._backlog = False
         self._lease_batch: _LeaseBatch | None = None
@@ -1216,7 +1216,7 @@ class TieredStore(StateStore):
         only while something is held: a quiet process's last outcomes reach the fleet's
         breakers within about one interval, its idle slices go back within two, then
         the timer stops until a request syncs again."""
-        if self.exact._closed or not self._holds():
+        if self.exact._closed or self._closing or not self._holds():
             return
         if not self.exact.health.up:
             # A sync now makes no round trip and drops what it carries (the outcomes,
@@ -1365,18 +1365,25 @@ class TieredStore(StateStore):
         )
 
     async def aclose(self) -> None:
-        await self._flush_at_close()
-        self._forget_closed_loop()  # (tasks of a closed loop can be neither cancelled nor awaited)
-        for lease in list(self._lease_tasks):
-            lease.cancel()
-        await asyncio.gather(*self._lease_tasks, return_exceptions=True)
-        task = self._sync_task
-        if alive(task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # The quiet timer first, and firing to no effect, before the first await: one
+        # that fired while a cancelled sync ended started a sync after the task to cancel
+        # was read, which reopened the exact store's client after its close.
+        self._closing = True
         self._quiet_timer.cancel()
-        await self.exact.aclose()
+        try:
+            await self._flush_at_close()
+            self._forget_closed_loop()  # (a closed loop's tasks: neither cancelled nor awaited)
+            for lease in list(self._lease_tasks):
+                lease.cancel()
+            await asyncio.gather(*self._lease_tasks, return_exceptions=True)
+            task = self._sync_task
+            if alive(task):
+                task.cancel()
+                await ended(task)
+            self._quiet_timer.cancel()  # (armed by a request meanwhile)
+            await self.exact.aclose()
+        finally:
+            self._closing = False
 
     # ------------------------------------------------------------ read-only view
 

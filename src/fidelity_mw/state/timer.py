@@ -27,6 +27,22 @@ def alive(task: asyncio.Future[Any] | None) -> TypeGuard[asyncio.Future[Any]]:
     return task is not None and not task.done() and not task.get_loop().is_closed()
 
 
+async def ended(task: asyncio.Future[Any]) -> None:
+    """Wait for a background task `aclose` cancelled to end, whatever it raised; a
+    cancellation of `aclose` itself still ends it (suppressing every CancelledError here
+    swallowed that too, and the caller's shutdown timeout or task group went on waiting)."""
+    current = asyncio.current_task()
+    # (counted from here: a caller closing in its own cancellation's handler has one)
+    before = current.cancelling() if current is not None else 0
+    try:
+        await task
+    except asyncio.CancelledError:
+        if current is not None and current.cancelling() > before:
+            raise
+    except Exception:  # (its own failure: closing goes on)
+        pass
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -65,6 +81,11 @@ class LoopTimer:
             self._handle = loop.call_later(delay, self._fire)
         else:
             self._handle = call_later(delay, self._fire_in_loop)
+
+    def elsewhere(self) -> bool:
+        """Whether the last arming was on another event loop than the running one (or
+        none was made): a loop closed since drops its handle, and nothing fires."""
+        return self._loop is not _running_loop()
 
     def cancel(self) -> None:
         if self._handle is not None:
