@@ -66,6 +66,7 @@ from ..context import (
     ALLOW,
     GIVE_UP,
     LAYER_BREAKER,
+    LAYER_LB,
     LAYER_RETRY,
     PROBE,
     RETRY,
@@ -440,6 +441,8 @@ class BreakerWatch:
         self.seen: dict[tuple[str, str], str] = {}
         # upstream subject -> (the policy asked, whether it gives that upstream a breaker)
         self._breakered: dict[str, tuple[object, bool]] = {}
+        # the services (`lb` decisions' subjects): their breakers are their instances'
+        self.services: set[str] = set()
 
     def has_breaker(self, engine: Engine, subject: str) -> bool:
         """Does `engine`'s policy give upstream `subject` (`host` or `host:port`, as the
@@ -463,6 +466,37 @@ class BreakerWatch:
         self._breakered[subject] = (policy, has)
         return has
 
+    def _learned_open(self, engine: Engine) -> None:
+        """A service's instance breaker on a store read only through decisions (Redis):
+        the balancer steers calls away from an instance it knows open, so no decision
+        names it while it is; what the transports learned of it does (a call's outcome
+        that opened it, a gate that refused it: `Instance.open_until`). It keeps that
+        reading until a decision about it says otherwise (a probe, an attempt let
+        through), as a host breaker does."""
+        seen = self.seen
+        try:
+            now = engine.clock.monotonic()
+            transports = list(engine.transports)
+        except Exception:  # an engine without a clock or transports of its own
+            return
+        mark = getattr(engine, "plan_mark", None)
+        for transport in transports:
+            upstreams = getattr(transport, "_upstreams", None)
+            if not isinstance(upstreams, Mapping):
+                continue
+            for up in list(upstreams.values()):
+                if getattr(up, "mark", None) is not mark:
+                    up = getattr(up, "parked", None)  # the plan under the policy before
+                    if up is None or getattr(up, "mark", None) is not mark:
+                        continue
+                if getattr(up, "breaker", None) is None:
+                    continue  # (`breaker = false`: its instances' pauses are no breaker's)
+                for instance in list(getattr(up, "instances", None) or ()):
+                    if instance.open_until > now:
+                        key = (instance.key, "upstream")
+                        if key in seen or len(seen) < _MAX_SUBJECTS:
+                            seen[key] = "open"
+
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
 
@@ -475,6 +509,7 @@ class BreakerWatch:
             store = engine.store
             breakers = getattr(store, "breakers", None)
             if not isinstance(breakers, Mapping):
+                self._learned_open(engine)
                 continue
             # A shared store's local copy (tiered: the breakers it cached, as last synced)
             # drops a breaker a second after its last request: remembered here, so the
@@ -1230,11 +1265,32 @@ class Telemetry:
         watch = self._breakers
         seen = watch.seen
         probed = ""
+        # A service's decisions name the service; its breakers are its instances'. The
+        # `lb` decision before an attempt says which instance the breaker and retry
+        # decisions after it are about (and whether it went there around a breaker known
+        # open: panic, ejection bound, which proves nothing of it).
+        picked: dict[str, tuple[str, bool]] | None = None
         for d in decisions:
             layer = d.layer
+            if layer == LAYER_LB:
+                details = d.details or {}
+                instance = details.get("instance")
+                if isinstance(instance, str):
+                    if picked is None:
+                        picked = {}
+                        if d.subject not in watch.services and len(watch.services) < _MAX_SUBJECTS:
+                            watch.services.add(d.subject)
+                    picked[d.subject] = (instance, details.get("breaker_known_open") is True)
+                continue
+            subject = d.subject
+            around_open = False
+            if picked is not None:
+                target = picked.get(subject)
+                if target is not None:
+                    subject, around_open = target
             if layer == LAYER_RETRY:
-                key = (d.subject, "upstream")
-                if d.verdict in (ALLOW, RETRY) and d.subject != probed:
+                key = (subject, "upstream")
+                if d.verdict in (ALLOW, RETRY) and subject != probed and not around_open:
                     last = seen.get(key)
                     if last is None:
                         if len(seen) < _MAX_SUBJECTS and watch.has_breaker(engine, d.subject):
@@ -1242,6 +1298,8 @@ class Telemetry:
                     elif last != "closed":
                         seen[key] = "closed"
                 probed = ""
+                if picked is not None:
+                    picked.pop(d.subject, None)  # the attempt's: the next one picks again
                 continue
             if layer != LAYER_BREAKER:
                 continue
@@ -1249,10 +1307,15 @@ class Telemetry:
             if state is None and d.verdict in (GIVE_UP, SHED, "reject"):
                 state = "open" if d.reason == "breaker_open" or d.verdict == SHED else None
             # a probe's attempt decision follows it: that attempt proves nothing yet
-            probed = d.subject if d.verdict == PROBE else ""
+            probed = subject if d.verdict == PROBE else ""
             if state is None:
                 continue
-            key = (d.subject, "route" if d.subject == route else "upstream")
+            if subject == d.subject and subject in watch.services:
+                # a service's refusal with no instance picked (every one known open): its
+                # instances' breakers are in the gauge (`BreakerWatch.learned`), and the
+                # service itself has none
+                continue
+            key = (subject, "route" if d.subject == route else "upstream")
             if key in seen or len(seen) < _MAX_SUBJECTS:
                 seen[key] = state
 
@@ -1296,6 +1359,8 @@ def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
     the previous attempt (a breaker probe, then the retry layer's attempt/retry decision)."""
     decisions = ctx.decisions
     subject = _subject_of(url)
+    if decisions and decisions[-1].subject != subject:
+        subject = _service_of(decisions, subject)
     out: list[Decision] = []
     seen_attempt = False
     for d in reversed(decisions):
@@ -1308,6 +1373,18 @@ def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
         out.append(d)
     out.reverse()
     return out
+
+
+def _service_of(decisions: Sequence[Decision], instance: str) -> str:
+    """The subject a service's decisions name when an attempt's URL names one of its
+    instances (`host[:port]`): the service's logical host, from the `lb` decision that
+    picked that instance just before (its `instance` detail); else `instance` itself."""
+    for d in reversed(decisions[-8:]):
+        if d.layer == LAYER_LB:
+            details = d.details
+            if details is not None and details.get("instance") == instance:
+                return d.subject
+    return instance
 
 
 def _httpx_instrumented() -> bool:
