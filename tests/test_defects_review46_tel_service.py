@@ -29,7 +29,7 @@ import pytest
 from fidelity_mw import Engine, FidelityTransport, Policy
 from fidelity_mw.context import Decision, DecisionContext
 from fidelity_mw.telemetry import schema
-from fidelity_mw.testing import FakeClock
+from fidelity_mw.testing import FakeClock, seeded_random
 from redis_clock import RedisClock
 from redis_server import PATIENT
 from test_telemetry_helpers import metric_points, pipeline
@@ -118,7 +118,7 @@ async def _open_one_instance_then_recover(
         return httpx.Response(503 if request.url.host in bad else 200)
 
     clock = FakeClock()
-    engine = Engine(_policy(state, attempts=2), clock=clock)
+    engine = Engine(_policy(state, attempts=2), clock=clock, rng=seeded_random(7))
     p = pipeline()
     transport = FidelityTransport(
         httpx.MockTransport(upstream), engine=engine, observer=p.telemetry
@@ -132,7 +132,7 @@ async def _open_one_instance_then_recover(
             clock.advance(60.0)  # past any open time
             if redis_clock is not None:
                 redis_clock.set(redis_clock.now + 60.0)
-            for _ in range(8):  # a probe to 10.0.0.7, then calls let through
+            for _ in range(20):  # probes to 10.0.0.7, then calls let through
                 assert (await client.get("http://payments/x")).status_code == 200
             after = _gauge(p.metrics)
     finally:
@@ -208,3 +208,31 @@ def test_a_services_decisions_move_its_instances_series_not_the_services() -> No
         (b, "closed", "upstream"),
     ]
     p.shutdown()
+
+
+@pytest.mark.anyio
+async def test_the_map_names_the_breaker_keys_a_service_uses() -> None:
+    """`fidelity-mw map`'s breaker row of a service named the key `upstream:{host[:port]}`
+    (`upstream:payments`, which no call of a service with instances writes): an operator
+    looking for it in Redis found nothing. Its breakers are its instances'."""
+    from fidelity_mw.tools.statemap import from_policy
+
+    policy = _policy(tight=False)
+    (row,) = [
+        r
+        for r in from_policy(policy, "p.toml").layers
+        if r.direction == "outbound" and r.layer == "breaker" and r.subject == "upstream payments"
+    ]
+    engine = Engine(policy, clock=FakeClock())
+    transport = FidelityTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)), engine=engine
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(4):
+            await client.get("http://payments/x")
+    used = sorted(engine.store.breakers)  # type: ignore[attr-defined]
+    await engine.aclose()
+    assert used, used
+    assert all(k.startswith("upstream:10.0.0.") for k in used), used
+    assert row.key == "upstream:{instance host:port}"  # before: upstream:{host[:port]}
+    assert row.decides.startswith("one breaker per instance")

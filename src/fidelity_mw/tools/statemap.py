@@ -628,17 +628,21 @@ def layers_for(policy: Policy) -> list[Layer]:
             )
         )
         if up.breaker is not None:
+            # A service's breakers are its instances' (the attempt's gate and outcome are
+            # the instance's): no breaker is kept under the service's own host
+            per = "upstream:{instance host:port}" if up.instances else "upstream:{host[:port]}"
             rows.append(
                 Layer(
                     "outbound",
                     "breaker",
                     subject,
                     f"{cfg}.breaker" if idx is not None else cfg,
-                    "fail fast (CircuitOpen, an httpx.TransportError) while open; "
+                    ("one breaker per instance: " if up.instances else "")
+                    + "fail fast (CircuitOpen, an httpx.TransportError) while open; "
                     "half-open admits limited probes",
                     _breaker_data(up.breaker),
                     out_home.state,
-                    _breaker_key(out_home, "upstream:{host[:port]}", up.breaker),
+                    _breaker_key(out_home, per, up.breaker),
                     "FidelityTransport, after each attempt (upstream 429s never count)",
                     out_home.staleness,
                     out_home.on_failure,
