@@ -9,6 +9,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
+
 from ..buildinfo import build_name
 from ..decide.balance import ejected, failure_weight
 from ..decide.budget import budget_allowance
@@ -62,6 +64,30 @@ def snapshot_configs(
                         planned.setdefault(fleet_key(key), cfg)
         return planned
 
+    by_instance: dict[str, BreakerConfig | None] | None = None
+
+    def instance_breakers() -> dict[str, BreakerConfig | None]:
+        # A service's instance breakers (`upstream:<instance host:port>`) take the
+        # service's breaker: its `instances`, and those its transports' resolvers named.
+        # Looked up by the instance's address, they took the `*` entry's (the defaults).
+        nonlocal by_instance
+        if by_instance is None:
+            by_instance = {}
+            for up in policy.upstreams:
+                for url in up.instances or ():
+                    parsed = httpx.URL(url)
+                    port = parsed.port
+                    address = parsed.host if port is None else f"{parsed.host}:{port}"
+                    by_instance.setdefault(address, up.breaker)
+            for transport in list(getattr(engine, "transports", None) or ()):
+                for current in list((getattr(transport, "_upstreams", None) or {}).values()):
+                    plan = _plan_for(current, engine)
+                    if plan is None:
+                        continue
+                    for instance in list(plan.instances or ()):
+                        by_instance.setdefault(instance.key, plan.breaker)
+        return by_instance
+
     def breaker(key: str) -> BreakerConfig | None:
         kind, _, subject = key.partition(":")
         if kind == "route":
@@ -81,7 +107,11 @@ def snapshot_configs(
             return policy.breaker
         if kind == "upstream":
             # (a process's own breaker, `scope = "process"`, ends in "@" + its id)
-            host = subject.partition("@")[0].rsplit(":", 1)[0]
+            address = subject.partition("@")[0]
+            instances = instance_breakers()
+            if address in instances:
+                return instances[address]
+            host = address.rsplit(":", 1)[0]
             return policy.upstream_for(host).breaker
         return None
 
