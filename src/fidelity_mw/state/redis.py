@@ -1966,7 +1966,9 @@ class RedisStore(StateStore):
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
-        await self.coalescer.aclose()
+        # (its batches out or queued go while Redis answers: requests that ended just
+        # before the close recorded their outcomes there)
+        await self.coalescer.aclose(CLOSE_FLUSH_S if self.health.up else 0.0)
         for task in (
             self.health.probe_task,
             self._flush_task,

@@ -740,12 +740,17 @@ class TieredStore(StateStore):
         if gate.epoch < 0 or gate.probe_id:
             return None
         cb = self.breakers.get(breaker_key)
-        if (cb is None or cb.epoch < 0) and outcome != IGNORED and not self.exact._closed:
+        if outcome != IGNORED and (
+            cb is None or cb.epoch < 0 or self._closing or self.exact._closed
+        ):
             # A sync dropped the cached breaker as idle while this call ran (a call longer
             # than IDLE_INTERVALS syncs, on a breaker no other call used meanwhile; made
             # again since by a request whose refresh is still out): its outcome goes to
             # Redis, where the gate's epoch is known. Dropped here, the failures of the
             # calls that hang never reached the fleet's breaker.
+            # So does one recorded while `aclose` runs or after it: counted here after the
+            # close's own flush, it waited for a sync that never came, and nothing said
+            # so. The exact store sends it as it sends its own (or counts it dropped).
             return None
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
@@ -1364,6 +1369,16 @@ class TieredStore(StateStore):
             why,
         )
 
+    async def _settle(self) -> None:
+        """Let the lease and sync calls out now end, for at most `CLOSE_FLUSH_S`: their
+        replies applied, the close's flush gives back what they leased. Cancelled, a call
+        that had reached Redis took its units from the fleet's buckets all the same, and
+        nothing gave them back or said so (the flush leaves out a slice whose lease is
+        out)."""
+        running = [t for t in (*self._lease_tasks, self._sync_task) if alive(t)]
+        if running and self.exact.health.up:
+            await asyncio.wait(running, timeout=CLOSE_FLUSH_S)
+
     async def aclose(self) -> None:
         # The quiet timer first, and firing to no effect, before the first await: one
         # that fired while a cancelled sync ended started a sync after the task to cancel
@@ -1371,8 +1386,9 @@ class TieredStore(StateStore):
         self._closing = True
         self._quiet_timer.cancel()
         try:
-            await self._flush_at_close()
             self._forget_closed_loop()  # (a closed loop's tasks: neither cancelled nor awaited)
+            await self._settle()
+            await self._flush_at_close()
             for lease in list(self._lease_tasks):
                 lease.cancel()
             await asyncio.gather(*self._lease_tasks, return_exceptions=True)
@@ -1380,6 +1396,8 @@ class TieredStore(StateStore):
             if alive(task):
                 task.cancel()
                 await ended(task)
+            # What requests leased meanwhile (their outcomes go to the exact store now)
+            await self._flush_at_close()
             self._quiet_timer.cancel()  # (armed by a request meanwhile)
             await self.exact.aclose()
         finally:
