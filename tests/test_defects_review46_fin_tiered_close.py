@@ -168,3 +168,39 @@ async def test_a_record_queued_at_the_redis_stores_close_is_sent(redis_url: str)
         assert await _fleet_state(redis_url, clock, "up-c") == "open"
     finally:
         await store.aclose()
+
+
+async def test_a_sync_cancelled_with_outcomes_counts_them(redis_url: str) -> None:
+    """A sync cancelled before its call went out (waiting for a pooled connection, when
+    the close's bounded wait ends or a loop ends with the task) took the breakers'
+    outcomes with it: gone from the cache, never sent, never counted in
+    `dropped_records`. Now counted, as a lost reply's outcomes are. (Cancelled once its
+    call is out, the call itself answers None and they are counted there.)"""
+    clock = FakeClock()
+    store = _tiered(redis_url, clock)
+    try:
+        result = await store.admit("up-d", ONE_FAILURE, (), (), clock.monotonic())
+        assert result.gate is not None
+        for _ in range(3):
+            now = clock.monotonic()
+            assert store.record_now("up-d", ONE_FAILURE, result.gate, FAILURE, False, now)
+        assert store._held() == (3, 0)
+        # every pooled connection busy (other requests' calls): the sync waits for one
+        slots = store.exact._bound[2]
+        taken = 0
+        while slots.try_acquire():
+            taken += 1
+        clock.advance(store.sync_s)
+        store._maybe_sync(clock.monotonic())
+        task = store._sync_task
+        assert task is not None
+        await _until(lambda: store._held() == (0, 0))  # taken from the cache: it waits
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+        assert store.exact.stats.dropped_records == 3  # before: 0, and nothing held
+        for _ in range(taken):
+            slots.release()
+    finally:
+        await store.aclose()

@@ -1104,6 +1104,13 @@ class TieredStore(StateStore):
         args.append(STREAK_WAIT_SYNCS * self.sync_s)
         try:
             got = await exact.call(SYNC, keys, args)
+        except asyncio.CancelledError:
+            # Cancelled before the call answered (waiting for a pooled connection when the
+            # close's bounded wait ends, or a loop ends with the task): the outcomes it
+            # took from the breakers are gone, as a lost reply's are; counted, never
+            # resent. (A call cancelled once out answers None: counted below.)
+            exact.stats.dropped_records += sum(flushed_calls)
+            raise
         finally:
             for key, _spec, _give, _want in limits:
                 sl = self.slices.get(key)
