@@ -1385,7 +1385,16 @@ class RedisStore(StateStore):
                 if planned is None:
                     return
                 probe_id, entry, keys, args = planned
-                if await self.call(RECORD, keys, args) is None:
+                try:
+                    got = await self.call(RECORD, keys, args)
+                except asyncio.CancelledError:
+                    # (the close cancels this task): kept for the close's last flush, which
+                    # sends or counts it. Taken out and cancelled, it was gone uncounted, its
+                    # probe slot held fleet-wide until its lease ended. Sent twice, the
+                    # second finds no such slot and changes nothing.
+                    self._late_failed(probe_id, entry, True)
+                    raise
+                if got is None:
                     self._late_failed(probe_id, entry, not self.health.up)
         except Exception:  # a background task: nobody else would see it
             logger.exception("fidelity_mw: could not send late probe outcomes")
