@@ -262,7 +262,7 @@ class _Never:
         self.called.set()
         await asyncio.Event().wait()
 
-    async def aclose(self) -> None:  # (as the store's coalescer)
+    async def aclose(self, wait_s: float = 0.0) -> None:  # (as the store's coalescer)
         return None
 
     def __getattr__(self, name: str) -> Any:  # (as the store's coalescer: `call`)

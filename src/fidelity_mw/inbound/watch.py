@@ -239,8 +239,17 @@ class ResponseWatcher:
         # PyObject_RichCompare; the ASGI spec makes it one, and every server checks it)
         kind: str = message["type"]
         if kind == _START:
+            if self.held is not None:
+                # A second start while the app's 500 is held (a fallback after its own
+                # error page): the 500 was its first, what the server takes without us,
+                # so it goes out first; this one then goes as it is, for the server to
+                # refuse as it would without us. Passed on ahead, it reached the server
+                # first and the late 500 (or our answer) was the one refused.
+                await self.release_held()
+                await self._send(message)
+                return
             status = message["status"]
-            if status == 500 and not self.started and self.held is None and not self.released:
+            if status == 500 and not self.started and not self.released:
                 handled = sys.exception()
                 if handled is not None and (
                     isinstance(handled, _MAY_ANSWER) or may_answer(handled)

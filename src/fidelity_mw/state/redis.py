@@ -1385,7 +1385,16 @@ class RedisStore(StateStore):
                 if planned is None:
                     return
                 probe_id, entry, keys, args = planned
-                if await self.call(RECORD, keys, args) is None:
+                try:
+                    got = await self.call(RECORD, keys, args)
+                except asyncio.CancelledError:
+                    # (the close cancels this task): kept for the close's last flush, which
+                    # sends or counts it. Taken out and cancelled, it was gone uncounted, its
+                    # probe slot held fleet-wide until its lease ended. Sent twice, the
+                    # second finds no such slot and changes nothing.
+                    self._late_failed(probe_id, entry, True)
+                    raise
+                if got is None:
                     self._late_failed(probe_id, entry, not self.health.up)
         except Exception:  # a background task: nobody else would see it
             logger.exception("fidelity_mw: could not send late probe outcomes")
@@ -1966,7 +1975,9 @@ class RedisStore(StateStore):
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
-        await self.coalescer.aclose()
+        # (its batches out or queued go while Redis answers: requests that ended just
+        # before the close recorded their outcomes there)
+        await self.coalescer.aclose(CLOSE_FLUSH_S if self.health.up else 0.0)
         for task in (
             self.health.probe_task,
             self._flush_task,

@@ -237,9 +237,16 @@ class Coalescer:
             else:
                 op.future.set_result((reply, age))
 
-    async def aclose(self) -> None:
+    async def aclose(self, wait_s: float = 0.0) -> None:
+        """End this loop's batches: the ones queued or out now go, for at most `wait_s`
+        (cancelled at once, a record queued by a request that ended just before the close
+        was dropped, and an admission fell back per `on_error`); the rest are cancelled
+        (answered as failed calls)."""
         loop = asyncio.get_running_loop()
         tasks = [task for task in self._tasks if task.get_loop() is loop]
+        if tasks and wait_s > 0.0:
+            _done, tasks_left = await asyncio.wait(tasks, timeout=wait_s)
+            tasks = list(tasks_left)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -370,6 +370,9 @@ class TieredStore(StateStore):
         self._backlog = False
         self._lease_batch: _LeaseBatch | None = None
         self._lease_tasks: set[asyncio.Task[None]] = set()
+        # The breaker outcomes each sync call out now carries, with its loop: a loop that
+        # closes with one out never finishes it (`_forget_closed_loop` counts them).
+        self._carrying: dict[object, tuple[asyncio.AbstractEventLoop, int]] = {}
 
     @property
     def process_id(self) -> str:
@@ -518,10 +521,22 @@ class TieredStore(StateStore):
             # grow it (idle slices leave at the next syncs and make room).
             self.stats.delegated += 1
             return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
+        for key, spec in zip(limit_keys, limits, strict=True):
+            held = slices.get(key)
+            if held is not None and held.spec is not spec and not _same_bucket(held.spec, spec):
+                # The key's slice holds units of another bucket (a limit of another rate
+                # or burst on the same key: two `fidelity.limit(name=)` at two rates, two
+                # apps on one store): decided exactly, the slice left to its own spec
+                # (spent or given back as usual; once idle it leaves room). Replaced, it
+                # dropped the units it held, never given back, and a lease out for it
+                # landed in the new one: two such limits taking turns stranded a lease's
+                # rest on every request (23 units taken for 12 admitted).
+                self.stats.delegated += 1
+                return await exact.admit(breaker_key, breaker, limit_keys, limits, now)
         wanted: list[tuple[str, int]] = []
         for key, spec in zip(limit_keys, limits, strict=True):
             sl = slices.get(key)
-            if sl is None or not _same_bucket(sl.spec, spec):
+            if sl is None:
                 sl = slices[key] = Slice(spec, now)
             # One bucket, requests of several costs (a cost per request, or a limit name
             # shared by routes with a cost each): leases are sized for this one's.
@@ -740,12 +755,17 @@ class TieredStore(StateStore):
         if gate.epoch < 0 or gate.probe_id:
             return None
         cb = self.breakers.get(breaker_key)
-        if (cb is None or cb.epoch < 0) and outcome != IGNORED and not self.exact._closed:
+        if outcome != IGNORED and (
+            cb is None or cb.epoch < 0 or self._closing or self.exact._closed
+        ):
             # A sync dropped the cached breaker as idle while this call ran (a call longer
             # than IDLE_INTERVALS syncs, on a breaker no other call used meanwhile; made
             # again since by a request whose refresh is still out): its outcome goes to
             # Redis, where the gate's epoch is known. Dropped here, the failures of the
             # calls that hang never reached the fleet's breaker.
+            # So does one recorded while `aclose` runs or after it: counted here after the
+            # close's own flush, it waited for a sync that never came, and nothing said
+            # so. The exact store sends it as it sends its own (or counts it dropped).
             return None
         if cb is None or outcome == IGNORED or cb.epoch != gate.epoch or cb.state != CLOSED:
             return cb.state if cb is not None else gate.state
@@ -975,6 +995,20 @@ class TieredStore(StateStore):
         batch = self._lease_batch
         if batch is not None and _stale(batch.done):
             self._lease_batch = None
+        lost = 0
+        for token, (loop, calls) in list(self._carrying.items()):
+            if loop.is_closed():
+                # taken from the breakers and never sent nor counted (its `finally` and
+                # the reply's handling never run): counted as a lost reply's are
+                del self._carrying[token]
+                lost += calls
+        if lost:
+            self.exact.stats.dropped_records += lost
+            logger.warning(
+                "fidelity_mw: %d breaker outcome(s) lost: a tiered sync carrying them "
+                "was left unfinished by an event loop that closed",
+                lost,
+            )
         for sl in self.slices.values():
             if _stale(sl.pending):
                 sl.pending = None
@@ -1085,9 +1119,22 @@ class TieredStore(StateStore):
         # success synced meanwhile: every process with traffic syncs within one, and
         # none knows how its runs interleave with the others' (decide.breaker.streak_stands)
         args.append(STREAK_WAIT_SYNCS * self.sync_s)
+        token = object()
+        carried = sum(flushed_calls)
+        if carried:
+            self._carrying[token] = (loop, carried)
         try:
             got = await exact.call(SYNC, keys, args)
+        except asyncio.CancelledError:
+            # Cancelled before the call answered (waiting for a pooled connection when the
+            # close's bounded wait ends, or a loop ends with the task): the outcomes it
+            # took from the breakers are gone, as a lost reply's are; counted, never
+            # resent. (A call cancelled once out answers None: counted below.)
+            exact.stats.dropped_records += sum(flushed_calls)
+            raise
         finally:
+            if carried:
+                self._carrying.pop(token, None)
             for key, _spec, _give, _want in limits:
                 sl = self.slices.get(key)
                 if sl is not None and sl.pending is not None and sl.pending in futures:
@@ -1364,6 +1411,16 @@ class TieredStore(StateStore):
             why,
         )
 
+    async def _settle(self) -> None:
+        """Let the lease and sync calls out now end, for at most `CLOSE_FLUSH_S`: their
+        replies applied, the close's flush gives back what they leased. Cancelled, a call
+        that had reached Redis took its units from the fleet's buckets all the same, and
+        nothing gave them back or said so (the flush leaves out a slice whose lease is
+        out)."""
+        running = [t for t in (*self._lease_tasks, self._sync_task) if alive(t)]
+        if running and self.exact.health.up:
+            await asyncio.wait(running, timeout=CLOSE_FLUSH_S)
+
     async def aclose(self) -> None:
         # The quiet timer first, and firing to no effect, before the first await: one
         # that fired while a cancelled sync ended started a sync after the task to cancel
@@ -1371,8 +1428,9 @@ class TieredStore(StateStore):
         self._closing = True
         self._quiet_timer.cancel()
         try:
-            await self._flush_at_close()
             self._forget_closed_loop()  # (a closed loop's tasks: neither cancelled nor awaited)
+            await self._settle()
+            await self._flush_at_close()
             for lease in list(self._lease_tasks):
                 lease.cancel()
             await asyncio.gather(*self._lease_tasks, return_exceptions=True)
@@ -1380,6 +1438,8 @@ class TieredStore(StateStore):
             if alive(task):
                 task.cancel()
                 await ended(task)
+            # What requests leased meanwhile (their outcomes go to the exact store now)
+            await self._flush_at_close()
             self._quiet_timer.cancel()  # (armed by a request meanwhile)
             await self.exact.aclose()
         finally:
