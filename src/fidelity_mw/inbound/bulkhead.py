@@ -13,6 +13,7 @@ limit the latency of every request it admitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from asyncio import FIRST_COMPLETED
@@ -306,7 +307,9 @@ class Bulkheads:
         if self.call_later is not None:
             ends: asyncio.Future[bool] = loop.create_future()
             waiting.add(ends)
-            timer = self.call_later(timeout_s, lambda: _hand(ends, True))
+            # (fired where the clock is advanced: a test's thread beside a TestClient's
+            # or a server's loop, which only a thread-safe call wakes)
+            timer = self.call_later(timeout_s, lambda: _hand_on(loop, ends))
         try:
             until = loop.time() + timeout_s
             while True:
@@ -643,6 +646,18 @@ def _expects(scope: Scope) -> bool:
 def _hand(slot: asyncio.Future[bool], handed: bool) -> None:
     if not slot.done():
         slot.set_result(handed)
+
+
+def _hand_on(loop: asyncio.AbstractEventLoop, ends: asyncio.Future[bool]) -> None:
+    """End a queued wait from a clock's timer, on the wait's own loop. Set from another
+    thread, the future's callback was queued on a loop asleep in its selector: the wait
+    ended only at its queue timeout in the loop's time (20 s for a 20 s timeout the test
+    had advanced past)."""
+    if loop is asyncio.events._get_running_loop():
+        _hand(ends, True)
+    elif not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed since the check
+            loop.call_soon_threadsafe(_hand, ends, True)
 
 
 class LagProbe:
