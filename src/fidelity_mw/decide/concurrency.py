@@ -641,6 +641,35 @@ class ConcurrencyLimiter:
             heapq.heappush(self._waiters, entry)
             return False
 
+    def queue_has_room(self) -> bool:
+        """A waiter waits though the limit has room for it: it was refused by pacing (or
+        queued behind one that was), not by the limit, and no release may come to wake
+        it (`admit_waiter`)."""
+        with self._lock:
+            if not self._waiters:
+                return False
+            return self.in_flight < self._room(PRIORITIES[self._waiters[0][0]])
+
+    def admit_waiter(self, now: float) -> object | None:
+        """The queue's pacing turn: the best waiter takes a slot the limit has room for,
+        while pacing at most one per PACE_S (by the caller's `now`), as an arrival would.
+        Returns its token (it now holds a slot), or None: nobody, no room, or not yet.
+        Woken only by a release, a waiter refused by pacing waited beside free slots
+        for as long as the requests in flight ran, and every later arrival of its class
+        queued behind it (`_waiters_ahead`): one long request shut the route."""
+        with self._lock:
+            if not self._waiters:
+                return None
+            rank, _seq, token = self._waiters[0]
+            if self.in_flight >= self._room(PRIORITIES[rank]):
+                return None
+            if self.in_flight and now - self._admitted_at < PACE_S and self.pacing:
+                return None
+            heapq.heappop(self._waiters)
+            self.in_flight += 1
+            self._admitted_at = now
+            return token
+
     def abandon(self, token: object) -> bool:
         """A waiter gave up (timeout, disconnect), or saw it was displaced. True if it
         holds no slot (it was still waiting, or displaced); False: a release handed it

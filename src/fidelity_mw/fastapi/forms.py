@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
 
 from .._types import Clock, RandomSource
 from ..clock import TESTING
@@ -21,6 +22,7 @@ from ..engine import Engine, RoutePlan
 from ..errors import PolicyError
 from ..headers import client_address
 from ..inbound.request import NO_PEER
+from ..inbound.websocket import CLOSE_TRY_AGAIN_LATER, DENIAL_EXTENSION, refusal_reason
 from ..overrides import mark
 from ..policy import BreakerConfig, Policy
 from ..rejections import (
@@ -433,9 +435,22 @@ class Fidelity:
         openapi._fidelity_documents = True  # type: ignore[attr-defined]
         app.openapi = openapi  # type: ignore[method-assign]
 
-    async def handle_rejected(self, request: Request, exc: Rejected) -> Response:
-        """The default handler: the `on_reject` hook's response, else RFC 9457."""
+    async def handle_rejected(self, request: Request, exc: Rejected) -> Response | None:
+        """The default handler: the `on_reject` hook's response, else RFC 9457. A
+        websocket's handshake on a server without the denial extension is closed instead
+        (1013, as the middleware closes its own refusals there: docs/inbound.md): a
+        response would be `websocket.http.response.*` messages such a server does not
+        take, and the client got the server's error in place of the refusal."""
         headers = dict(exc.headers or {})
+        scope = request.scope
+        if scope.get("type") == "websocket" and DENIAL_EXTENSION not in (
+            scope.get("extensions") or {}
+        ):
+            wait = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+            reason = refusal_reason(exc.status_code == 429, wait)
+            close = {"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER, "reason": reason}
+            await cast(WebSocket, request).send(close)
+            return None
         if self.on_reject is not None:
             custom = await call_on_reject(self.on_reject, exc.ctx, exc.decision)
             if custom is not None:

@@ -13,6 +13,7 @@ limit the latency of every request it admitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from asyncio import FIRST_COMPLETED
@@ -39,6 +40,7 @@ from ..context import (
 from ..decide.concurrency import (
     CRITICAL,
     OLDER_IN_TURN,
+    PACE_S,
     PACED,
     PRIORITIES,
     STALE,
@@ -108,6 +110,9 @@ class Bulkheads:
         self._bodies: dict[tuple[str, str], bytes] = {}
         self._lag: dict[str, LagProbe] = {}  # per adaptive route
         self._turns: dict[str, Turn] = {}  # per `newest_first` route, while it holds
+        # per adaptive route whose queue holds a waiter beside room: the timer of the
+        # queue's next pacing turn (`_pace_queue`), and the loop it is on (None: the clock's)
+        self._pacers: dict[str, tuple[TimerHandle, asyncio.AbstractEventLoop | None]] = {}
         # None: the running loop's own (`loop_clock`), shared with every other
         # middleware on that loop (tests put a hand-driven one here)
         self._clock: LoopClock | None = None
@@ -290,6 +295,9 @@ class Bulkheads:
             # freed since the refusal, by a request on another thread's loop
             self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now)
             return None, receive
+        if limiter.estimate is not None:
+            # (refused by pacing, not by the limit: no release need come to wake it)
+            self._pace_queue(plan.route, limiter)
         listener = ClientListener(receive)
         listening = listener.task = loop.create_task(
             listener.listen(scope is not None and _expects(scope))
@@ -299,7 +307,9 @@ class Bulkheads:
         if self.call_later is not None:
             ends: asyncio.Future[bool] = loop.create_future()
             waiting.add(ends)
-            timer = self.call_later(timeout_s, lambda: _hand(ends, True))
+            # (fired where the clock is advanced: a test's thread beside a TestClient's
+            # or a server's loop, which only a thread-safe call wakes)
+            timer = self.call_later(timeout_s, lambda: _hand_on(loop, ends))
         try:
             until = loop.time() + timeout_s
             while True:
@@ -394,6 +404,32 @@ class Bulkheads:
         woken = limiter.release(latency, dropped=dropped, lag_s=lag)
         if woken:
             self._wake(limiter, woken)
+
+    def _pace_queue(self, route: str, limiter: ConcurrencyLimiter) -> None:
+        """While a waiter of an adaptive route waits though the limit has room for it (it
+        was refused by pacing, or queued behind one that was), give the queue a pacing
+        turn every PACE_S, as arrivals get (`ConcurrencyLimiter.admit_waiter`): one
+        timer per route, on the clock when it has its own timers (a FakeClock), else on
+        the running loop."""
+        armed = self._pacers.get(route)
+        if armed is not None and (armed[1] is None or not armed[1].is_closed()):
+            return
+        if not limiter.queue_has_room():
+            self._pacers.pop(route, None)
+            return
+        loop: asyncio.AbstractEventLoop | None = None
+        call_later = self.call_later
+        if call_later is None:
+            loop = asyncio.get_running_loop()
+            call_later = loop.call_later
+        self._pacers[route] = (call_later(PACE_S, lambda: self._paced_turn(route, limiter)), loop)
+
+    def _paced_turn(self, route: str, limiter: ConcurrencyLimiter) -> None:
+        self._pacers.pop(route, None)
+        token = limiter.admit_waiter(self.monotonic())
+        if token is not None:
+            self._wake(limiter, [token])
+        self._pace_queue(route, limiter)
 
     @staticmethod
     def _wake(limiter: ConcurrencyLimiter, slots: list[object]) -> None:
@@ -610,6 +646,18 @@ def _expects(scope: Scope) -> bool:
 def _hand(slot: asyncio.Future[bool], handed: bool) -> None:
     if not slot.done():
         slot.set_result(handed)
+
+
+def _hand_on(loop: asyncio.AbstractEventLoop, ends: asyncio.Future[bool]) -> None:
+    """End a queued wait from a clock's timer, on the wait's own loop. Set from another
+    thread, the future's callback was queued on a loop asleep in its selector: the wait
+    ended only at its queue timeout in the loop's time (20 s for a 20 s timeout the test
+    had advanced past)."""
+    if loop is asyncio.events._get_running_loop():
+        _hand(ends, True)
+    elif not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed since the check
+            loop.call_soon_threadsafe(_hand, ends, True)
 
 
 class LagProbe:

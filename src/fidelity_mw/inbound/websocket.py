@@ -113,8 +113,13 @@ def _retry_after(rejection: Rejection) -> str | None:
 def close_reason(ctx: DecisionContext, rejection: Rejection) -> str:
     """The close frame's reason for a refusal: short, and what the problem's title and
     Retry-After would have said (no limit name: it is for a person, and bounded)."""
-    wait = _retry_after(rejection)
-    what = "rate limited" if ctx.decided_by == LAYER_RATELIMIT else "service unavailable"
+    return refusal_reason(ctx.decided_by == LAYER_RATELIMIT, _retry_after(rejection))
+
+
+def refusal_reason(limited: bool, wait: str | None) -> str:
+    """A refused handshake's close reason: a limit's (`limited`) or another layer's, and
+    when to retry (Retry-After's value, if any)."""
+    what = "rate limited" if limited else "service unavailable"
     reason = what if wait is None else f"{what}; retry in {wait} s"
     return reason.encode("utf-8")[:_MAX_REASON_BYTES].decode("utf-8", "ignore")
 
