@@ -90,6 +90,7 @@ FRESH = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(not context.INTERPRETED, reason="compiled: native classes, no shared table")
 def test_fields_first_set_after_the_first_requests_need_no_dict() -> None:
     out = subprocess.run(
         [sys.executable, "-c", FRESH.format(root=str(ROOT))],
