@@ -411,6 +411,43 @@ def new_request_context(
 # This module runs as Python source (not compiled by mypyc): see new_request_context.
 INTERPRETED: Final = type(new_request_context) is FunctionType
 
+
+def inline_fields(cls: type, names: tuple[str, ...]) -> None:
+    """Make room for `names` in the attribute table `cls`'s instances share, before any
+    instance is made.
+
+    CPython 3.11 keeps an instance's attributes without a dict of their own only for the
+    names in a table its class shares, and that table takes new names only while the class
+    is young: each new instance shrinks its room, and after about 30 instances it takes one
+    more name and then none. An attribute first set later (on a path the process's first
+    requests did not take: a caller's deadline header, a refusal, a 500) gives every
+    instance that sets it a dict of its own, for the life of the process: +3.5k to +3.7k
+    machine instructions on each such request (benchmarks/features.py; a request of the
+    full default stack is ~147k). Set once here, at import, every name is in the table
+    from the first request on. The table holds 29 names besides this instance's own room:
+    leave the rarest out when there are more. A compiled (native) class has no such table:
+    nothing to do."""
+    try:
+        instance: object = object.__new__(cls)
+    except TypeError:  # a native class refuses object.__new__
+        return
+    for name in names:
+        object.__setattr__(instance, name, None)
+
+
+# Every attribute a request's path may set, but three no common path sets (`_dropped` and
+# `dropped_total`: a request past `MAX_DECISIONS` records; `refused_client_chosen`): the
+# table's 29 names.
+CONTEXT_FIELDS: Final = (
+    *("_seq", "engine", "route", "method", "started_at", "_decisions", "shed_by"),
+    *("response_headers", "response_complete", "_pending", "_room_at", "_token", "status"),
+    *("deadline_at", "deadline_from_caller", "client_key", "trusted_peer", "inbound_attempt"),
+    *("decided_by", "outcome", "client_disconnected", "ended_at", "client_wait_s", "_built"),
+    *("_attempts", "upstream_exhausted", "upstream_failed", "upstream_throttled", "_sealed"),
+)
+if INTERPRETED:
+    inline_fields(DecisionContext, CONTEXT_FIELDS)
+
 _CURRENT: Final[ContextVar[DecisionContext | None]] = ContextVar(
     "fidelity_mw_context", default=None
 )
