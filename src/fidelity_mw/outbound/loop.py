@@ -773,10 +773,23 @@ def attempts(
                             # up, a request was refused while an instance already answered
                             # (tests/test_defects_review45_hop_parked.py). Nothing is sent
                             # while it waits, so an outage costs no call more.
+                            # So too when the Retry-After paused only the instance that
+                            # sent it (another instance looked free when the retry was
+                            # planned: a half-open one, whose probe slot another call
+                            # took meanwhile): up to the end of that Retry-After, when the
+                            # call could wait it (`RetryAfter.wait_until`). Given up at
+                            # once, healthy requests were refused right after an outage
+                            # while an instance answered again
+                            # (tests/test_defects_review46_hop_half_open.py).
                             park_until = (
-                                now + delay
+                                (
+                                    now + delay
+                                    if scoped.scope == SCOPE_CALL
+                                    else -math.inf
+                                    if scoped.wait_until is None
+                                    else scoped.wait_until
+                                )
                                 if scoped is not None
-                                and scoped.scope == SCOPE_CALL
                                 and instances is not None
                                 and race is None
                                 and outcome == IGNORED
@@ -1128,13 +1141,19 @@ def _parked(
 
 
 def _evidence(instances: list[Instance], tried: list[Instance], now: float) -> Instance | None:
-    """An instance not tried by the call and not paused that answered well since its last
-    failure: its breaker not known open and no failure of it since its last success
-    (another call's attempt found it answering), or known open and answered around it.
+    """An instance not tried by the call that answered well since its last failure (and
+    so since any pause its Retry-After put on it): its breaker not known open and no
+    failure of it since its last success (another call's attempt found it answering), or
+    known open and answered around it.
     A breaker's half-open state alone is no evidence: in an outage it is the next
     failure."""
     for i in instances:
-        if i in tried or i.paused_until > now:
+        if i in tried or (i.paused_until > now and i.failed_at != 0.0):
+            # (a pause stands until the instance answers well again: the answer that
+            # paused it was a failure (`failed_at`), and only an attempt sent after it
+            # that succeeded clears that; a pause outlived by such an answer is no reason
+            # to refuse the call: in an outage's end the callee's shed paused instances
+            # that answered first attempts well a moment later)
             continue
         if i.answered or (i.open_until <= now and i.failed_at == 0.0):
             return i
@@ -1234,6 +1253,7 @@ def _gate_next(
             if (
                 retry
                 and not hedge
+                and chosen is not prefer  # (its evidence outweighs a pause it outlived)
                 and ((pick.bypass and not chosen.answered) or chosen.paused_until > sent_at)
             ):
                 # (a hedge goes to another instance than those the call waits on, or not)
