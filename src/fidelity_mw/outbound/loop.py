@@ -556,6 +556,7 @@ def attempts(
     # counted (`now` then) and the gate's source; given back if the attempt is not made.
     # a retry counted and not sent yet: (when, the gate's source, the store's `spent_at`)
     unsent: tuple[float, str, float | None] | None = None
+    regate = False  # the retry's probe slot was given back for its wait: take it again
     number = 0  # the attempt's number (a retry's is taken when it is decided)
     # the last attempt's success as counted (its gate), or its target's, for a broken body
     counted: Gate | None = None
@@ -594,6 +595,12 @@ def attempts(
                             ctx, up, local, unsent, max(number, attempt), "deadline", now
                         )
                     raise deadline_passed(ctx, up, attempt - 1, now, last_error)
+                if regate:  # (a retry's probe slot, given back for its wait)
+                    regate = False
+                    gate, source, age = yield from _regate(
+                        ctx, up, local, target, breaker_key, unsent, number, attempt - 1, now,
+                        last_error,
+                    )  # fmt: skip
                 if number < attempt and gate is not None and gate.verdict != "allow":
                     # (a retry's gate was answered when the retry was decided)
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
@@ -886,7 +893,15 @@ def attempts(
                             cause = cause_of(response, error)
                             last_error = error
                             previous_delay = delay
-                            if gate is not None and gate.probe_id:
+                            # A probe slot is not held through a wait: given back now, taken
+                            # again when the attempt goes out (`_regate`). Held, another
+                            # call could not probe the breaker while this one only waited
+                            # (up to a Retry-After: `retry_after_max_s`), and was refused
+                            # (tests/test_defects_review46_hop_probe_wait.py).
+                            regate = (
+                                delay > 0.0 and gate is not None and gated and gate.probe_id != 0
+                            )
+                            if gate is not None and gate.probe_id and not regate:
                                 gate_answer(ctx, up, gate, source, age, attempt, now, error)
                             number = attempt + 1 if race is None else race.next()
                             details: dict[str, DetailValue] = {
@@ -901,6 +916,10 @@ def attempts(
                             )  # fmt: skip
                             if spent_budget:
                                 unsent = (now, source, spent_at)
+                            if regate:
+                                assert gate is not None
+                                yield from _release(local, breaker_key, breaker, gate, now)
+                                gate = None
                             spent, response = response, None
                             if spent is not None:  # (its rest is read: each read short)
                                 spend_timeouts(request)
@@ -1519,6 +1538,55 @@ def _release(
             yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _regate(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local | None,
+    target: Instance | None,
+    breaker_key: str,
+    unsent: tuple[float, str, float | None] | None,
+    number: int,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> Generator[Effect, Any, tuple[Gate | None, str, float]]:
+    """A retry whose probe slot was given back for its wait takes the breaker's gate again
+    as its attempt goes out (the breaker alone: the budget counted the retry when it was
+    decided): (gate, source, age). Refused (another call's probe is out, or failed and the
+    breaker opened again), or the store failing closed: the budget gets the retry back
+    (`retry_not_sent`, why `breaker`) and the call ends as the breaker's refusal."""
+    breaker = up.breaker
+    assert breaker is not None
+    answer: Any  # (Any: compiled, a `GateAnswer` would be unboxed as a plain tuple)
+    try:
+        if local is not None:
+            answer = (local.gate(breaker_key, breaker, None, None, False, now)[0], True,
+                      SOURCE_MEMORY, 0.0)  # fmt: skip
+        else:
+            answer = yield (GATE, breaker_key, breaker, None, None, False, now)
+    except Exception as exc:
+        answer = exc
+    if isinstance(answer, Exception):
+        fell(getattr(answer, "why", None) or "error")
+        if unsent is not None and ctx.engine.policy.state.on_error == "closed":
+            yield from _unsent(ctx, up, local, unsent, number, "breaker", now)
+        closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)  # (or raises)
+        return None, SOURCE_FALLBACK, 0.0
+    fell(getattr(answer, "why", None))
+    gate: Gate | None = answer[0]
+    source: str = answer[2]
+    age: float = answer[3]
+    if gate is not None and gate.verdict == "reject":
+        if target is not None:
+            _learned_open(target, gate, breaker, now)
+        if unsent is not None:
+            yield from _unsent(ctx, up, local, unsent, number, "breaker", now)
+    if gate is not None:
+        # (a refusal raises `CircuitOpen`; a probe is recorded as one)
+        gate_answer(ctx, up, gate, source, age, attempts_made, now, last_error)
+    return gate, source, age
 
 
 def _unsent(
