@@ -19,6 +19,9 @@
 - `(WAIT, race)` -> None: a hedged call's retry waits until none of the call's attempts
   is out any more (`hedge.Race.settled`; the async transport only: the sync one never
   hedges);
+- `(PARK,)` -> whether the driver lets a retry wait for evidence (`_parked`): the async
+  transport does (a waiting coroutine holds nothing); the sync one does not (it would
+  hold a worker thread for up to the callee's Retry-After, in every call of an outage);
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
@@ -146,6 +149,7 @@ CLOSE: Final = 4
 REFUND: Final = 5
 WAIT: Final = 6
 READ: Final = 7
+PARK: Final = 8
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
@@ -805,6 +809,10 @@ def attempts(
                                 and worth_reading(response)
                                 else -math.inf
                             )
+                            if park_until > now and not (yield (PARK,)):
+                                # (the sync transport: a thread is not held for evidence
+                                # that may never come; it gives up at once, as before)
+                                park_until = -math.inf
                             prefer: Instance | None = None
                             while True:
                                 # (sent then: a microsecond's slack, a wait to a pause's
