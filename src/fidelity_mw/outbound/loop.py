@@ -19,6 +19,9 @@
 - `(WAIT, race)` -> None: a hedged call's retry waits until none of the call's attempts
   is out any more (`hedge.Race.settled`; the async transport only: the sync one never
   hedges);
+- `(PARK,)` -> whether the driver lets a retry wait for evidence (`_parked`): the async
+  transport does (a waiting coroutine holds nothing); the sync one does not (it would
+  hold a worker thread for up to the callee's Retry-After, in every call of an outage);
 
 A store that answers in process (`Local`: memory) is called directly instead
 of through GATE and RECORD effects: nothing to await, in either transport.
@@ -146,6 +149,7 @@ CLOSE: Final = 4
 REFUND: Final = 5
 WAIT: Final = 6
 READ: Final = 7
+PARK: Final = 8
 
 CONTEXT_EXTENSION: Final = "fidelity_context"
 SNI_EXTENSION: Final = "sni_hostname"  # httpcore's: the TLS server name of a connection
@@ -556,6 +560,7 @@ def attempts(
     # counted (`now` then) and the gate's source; given back if the attempt is not made.
     # a retry counted and not sent yet: (when, the gate's source, the store's `spent_at`)
     unsent: tuple[float, str, float | None] | None = None
+    regate = False  # the retry's probe slot was given back for its wait: take it again
     number = 0  # the attempt's number (a retry's is taken when it is decided)
     # the last attempt's success as counted (its gate), or its target's, for a broken body
     counted: Gate | None = None
@@ -594,6 +599,12 @@ def attempts(
                             ctx, up, local, unsent, max(number, attempt), "deadline", now
                         )
                     raise deadline_passed(ctx, up, attempt - 1, now, last_error)
+                if regate:  # (a retry's probe slot, given back for its wait)
+                    regate = False
+                    gate, source, age = yield from _regate(
+                        ctx, up, local, target, breaker_key, unsent, number, attempt - 1, now,
+                        last_error,
+                    )  # fmt: skip
                 if number < attempt and gate is not None and gate.verdict != "allow":
                     # (a retry's gate was answered when the retry was decided)
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
@@ -773,10 +784,23 @@ def attempts(
                             # up, a request was refused while an instance already answered
                             # (tests/test_defects_review45_hop_parked.py). Nothing is sent
                             # while it waits, so an outage costs no call more.
+                            # So too when the Retry-After paused only the instance that
+                            # sent it (another instance looked free when the retry was
+                            # planned: a half-open one, whose probe slot another call
+                            # took meanwhile): up to the end of that Retry-After, when the
+                            # call could wait it (`RetryAfter.wait_until`). Given up at
+                            # once, healthy requests were refused right after an outage
+                            # while an instance answered again
+                            # (tests/test_defects_review46_hop_half_open.py).
                             park_until = (
-                                now + delay
+                                (
+                                    now + delay
+                                    if scoped.scope == SCOPE_CALL
+                                    else -math.inf
+                                    if scoped.wait_until is None
+                                    else scoped.wait_until
+                                )
                                 if scoped is not None
-                                and scoped.scope == SCOPE_CALL
                                 and instances is not None
                                 and race is None
                                 and outcome == IGNORED
@@ -785,6 +809,10 @@ def attempts(
                                 and worth_reading(response)
                                 else -math.inf
                             )
+                            if park_until > now and not (yield (PARK,)):
+                                # (the sync transport: a thread is not held for evidence
+                                # that may never come; it gives up at once, as before)
+                                park_until = -math.inf
                             prefer: Instance | None = None
                             while True:
                                 # (sent then: a microsecond's slack, a wait to a pause's
@@ -873,7 +901,15 @@ def attempts(
                             cause = cause_of(response, error)
                             last_error = error
                             previous_delay = delay
-                            if gate is not None and gate.probe_id:
+                            # A probe slot is not held through a wait: given back now, taken
+                            # again when the attempt goes out (`_regate`). Held, another
+                            # call could not probe the breaker while this one only waited
+                            # (up to a Retry-After: `retry_after_max_s`), and was refused
+                            # (tests/test_defects_review46_hop_probe_wait.py).
+                            regate = (
+                                delay > 0.0 and gate is not None and gated and gate.probe_id != 0
+                            )
+                            if gate is not None and gate.probe_id and not regate:
                                 gate_answer(ctx, up, gate, source, age, attempt, now, error)
                             number = attempt + 1 if race is None else race.next()
                             details: dict[str, DetailValue] = {
@@ -888,6 +924,10 @@ def attempts(
                             )  # fmt: skip
                             if spent_budget:
                                 unsent = (now, source, spent_at)
+                            if regate:
+                                assert gate is not None
+                                yield from _release(local, breaker_key, breaker, gate, now)
+                                gate = None
                             spent, response = response, None
                             if spent is not None:  # (its rest is read: each read short)
                                 spend_timeouts(request)
@@ -1128,13 +1168,19 @@ def _parked(
 
 
 def _evidence(instances: list[Instance], tried: list[Instance], now: float) -> Instance | None:
-    """An instance not tried by the call and not paused that answered well since its last
-    failure: its breaker not known open and no failure of it since its last success
-    (another call's attempt found it answering), or known open and answered around it.
+    """An instance not tried by the call that answered well since its last failure (and
+    so since any pause its Retry-After put on it): its breaker not known open and no
+    failure of it since its last success (another call's attempt found it answering), or
+    known open and answered around it.
     A breaker's half-open state alone is no evidence: in an outage it is the next
     failure."""
     for i in instances:
-        if i in tried or i.paused_until > now:
+        if i in tried or (i.paused_until > now and i.failed_at != 0.0):
+            # (a pause stands until the instance answers well again: the answer that
+            # paused it was a failure (`failed_at`), and only an attempt sent after it
+            # that succeeded clears that; a pause outlived by such an answer is no reason
+            # to refuse the call: in an outage's end the callee's shed paused instances
+            # that answered first attempts well a moment later)
             continue
         if i.answered or (i.open_until <= now and i.failed_at == 0.0):
             return i
@@ -1234,6 +1280,7 @@ def _gate_next(
             if (
                 retry
                 and not hedge
+                and chosen is not prefer  # (its evidence outweighs a pause it outlived)
                 and ((pick.bypass and not chosen.answered) or chosen.paused_until > sent_at)
             ):
                 # (a hedge goes to another instance than those the call waits on, or not)
@@ -1499,6 +1546,55 @@ def _release(
             yield (RECORD, breaker_key, breaker, gate, IGNORED, False, now)
     except BaseException as exc:  # best effort: the probe lease frees it at the latest
         logger.debug("fidelity_mw: could not release a breaker gate: %s", exc)
+
+
+def _regate(
+    ctx: DecisionContext,
+    up: Upstream,
+    local: Local | None,
+    target: Instance | None,
+    breaker_key: str,
+    unsent: tuple[float, str, float | None] | None,
+    number: int,
+    attempts_made: int,
+    now: float,
+    last_error: BaseException | None,
+) -> Generator[Effect, Any, tuple[Gate | None, str, float]]:
+    """A retry whose probe slot was given back for its wait takes the breaker's gate again
+    as its attempt goes out (the breaker alone: the budget counted the retry when it was
+    decided): (gate, source, age). Refused (another call's probe is out, or failed and the
+    breaker opened again), or the store failing closed: the budget gets the retry back
+    (`retry_not_sent`, why `breaker`) and the call ends as the breaker's refusal."""
+    breaker = up.breaker
+    assert breaker is not None
+    answer: Any  # (Any: compiled, a `GateAnswer` would be unboxed as a plain tuple)
+    try:
+        if local is not None:
+            answer = (local.gate(breaker_key, breaker, None, None, False, now)[0], True,
+                      SOURCE_MEMORY, 0.0)  # fmt: skip
+        else:
+            answer = yield (GATE, breaker_key, breaker, None, None, False, now)
+    except Exception as exc:
+        answer = exc
+    if isinstance(answer, Exception):
+        fell(getattr(answer, "why", None) or "error")
+        if unsent is not None and ctx.engine.policy.state.on_error == "closed":
+            yield from _unsent(ctx, up, local, unsent, number, "breaker", now)
+        closed_on_store_error(ctx, up, answer, attempts_made, now, last_error)  # (or raises)
+        return None, SOURCE_FALLBACK, 0.0
+    fell(getattr(answer, "why", None))
+    gate: Gate | None = answer[0]
+    source: str = answer[2]
+    age: float = answer[3]
+    if gate is not None and gate.verdict == "reject":
+        if target is not None:
+            _learned_open(target, gate, breaker, now)
+        if unsent is not None:
+            yield from _unsent(ctx, up, local, unsent, number, "breaker", now)
+    if gate is not None:
+        # (a refusal raises `CircuitOpen`; a probe is recorded as one)
+        gate_answer(ctx, up, gate, source, age, attempts_made, now, last_error)
+    return gate, source, age
 
 
 def _unsent(

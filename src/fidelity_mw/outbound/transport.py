@@ -75,6 +75,7 @@ from .loop import (
     CONTEXT_EXTENSION,
     FIRST_ATTEMPT,
     GATE,
+    PARK,
     READ,
     RECORD,
     REFUND,
@@ -1046,6 +1047,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 elif kind == WAIT:  # a hedged call's retry, for its hedge's answer
                     value = None
                     await effect[1].settled()
+                elif kind == PARK:  # a retry may wait for evidence (`loop._parked`)
+                    value = True
             except BaseException as exc:
                 thrown = exc
 
@@ -1201,6 +1204,14 @@ def _close_sync(response: httpx.Response, spend: bool = False) -> None:
         response.close()
 
 
+def _no_park() -> bool:
+    """The PARK effect, sync: no retry waits for evidence (`loop._parked`) on a thread. A
+    sync client's thread is a server's worker more often than not (a sync route's, from
+    a pool every sync route shares): in an outage every call would hold one for up to
+    the callee's Retry-After, for evidence that comes only at its end, if at all."""
+    return False
+
+
 def _waiter(sleep: Callable[[float], None]) -> Callable[[float, httpx.Response | None], None]:
     """A backoff sleep that first closes the response it spends (module level, as
     `_spawner`)."""
@@ -1268,6 +1279,7 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             CLOSE: _close_sync,
             REFUND: refund_op,
             READ: httpx.Response.read,
+            PARK: _no_park,
         }
         while (effect := step.next()) is not None:
             try:
