@@ -300,6 +300,19 @@ class Harness:
         self.client.close()
 
 
+@pytest.fixture(autouse=True)
+def _keys_outlive_stalls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the pinned clock, a rate-limit key's PX (its TAT, the credit's expiry: 0.3 to 2 s
+    here) still runs on Redis's real clock: a step that came more than that after the one
+    before (a loaded box, a GC pause) found the key gone and the bucket full, and the
+    sequence failed (test_retry_credit_earned_capped_spent_refunded_and_expired, once in
+    a run of 59 Redis test files). Every pinned test keeps its keys an hour longer
+    (LONG_TTL, which logs the TTL production would have set)."""
+    if "redis_clock" in request.fixturenames:
+        request.getfixturevalue("redis_clock")  # (it patches the scripts: ours go on top)
+        patch_scripts(monkeypatch, LONG_TTL)
+
+
 @pytest.fixture
 def harness(redis_url: str, redis_clock: RedisClock) -> Iterator[Harness]:
     h = Harness(redis_url)
@@ -867,7 +880,7 @@ def _python_refund_any_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _lua(*edits: tuple[str, str]) -> Callable[[pytest.MonkeyPatch], None]:
     def plant(monkeypatch: pytest.MonkeyPatch) -> None:
-        patch_scripts(monkeypatch, edits)
+        patch_scripts(monkeypatch, (*LONG_TTL, *edits))
 
     return plant
 

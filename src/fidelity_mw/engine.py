@@ -263,14 +263,19 @@ class Engine:
         """The plan for a CORS preflight: the route's, without its rate limits. A
         browser sends one on its own before a cross-origin call; charging it would
         bill the client twice per call, and refusing it would reach the page as a
-        CORS failure (the 429 unreadable). Cached like `plan_for`."""
-        return self._cached_plan(scope, "OPTIONS", True)
+        CORS failure (the 429 unreadable). Its route, breaker and deadline are those of
+        the request it asks for (`Access-Control-Request-Method`): a `[[route]]` entry
+        with `methods`, or an endpoint's override, names that method, never OPTIONS.
+        Cached like `plan_for`, per asked method."""
+        return self._cached_plan(scope, "OPTIONS", True, _asked_method(scope))
 
-    def _cached_plan(self, scope: Mapping[str, Any], method: str, preflight: bool) -> RoutePlan:
+    def _cached_plan(
+        self, scope: Mapping[str, Any], method: str, preflight: bool, asked: str = ""
+    ) -> RoutePlan:
         path: str = scope["path"]
         # (as the middleware reads it: a plan is for the path under one root path)
         root: object = scope.get("root_path", "")
-        key = (_PREFLIGHT if preflight else method, path)
+        key = (f"{_PREFLIGHT} {asked}" if preflight else method, path)
         plan = self._plans.get(key)
         if plan is not None and plan.root_path == root:
             return plan
@@ -286,19 +291,24 @@ class Engine:
             host_key = (*key, _host_of(scope) if by_host else "", root)
             plan = self._host_plans.get(host_key)
             if plan is None:
-                plan = self._build_plan(scope, method, path, preflight)
+                plan = self._build_plan(scope, method, path, preflight, asked)
                 if len(self._host_plans) >= _MAX_PLANS:
                     self._host_plans.clear()
                 self._host_plans[host_key] = plan
             return plan
-        plan = self._build_plan(scope, method, path, preflight)
+        plan = self._build_plan(scope, method, path, preflight, asked)
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = plan
         return plan
 
     def _build_plan(
-        self, scope: Mapping[str, Any], method: str, path: str, preflight: bool = False
+        self,
+        scope: Mapping[str, Any],
+        method: str,
+        path: str,
+        preflight: bool = False,
+        asked: str = "",
     ) -> RoutePlan:
         """The plan of `path` (the scope's) for `method`. The policy's globs match the
         path the app's routes see: without the `root_path` the app is served under
@@ -309,9 +319,13 @@ class Engine:
         path = route_path(scope) or "/"  # (the root path itself: the app's root)
         if path != full_path:
             self._say_root_path_globs(full_path, path, scope.get("root_path"))
-        route_cfg = self._route_config(method, path)
+        # A preflight is the route's for the method it asks about: looked up as OPTIONS, a
+        # route's entry or override naming GET was missed, and the preflight got the
+        # policy's defaults (a 30 s deadline for the route's 1.5 s) on the route's name.
+        served_as = {**scope, "method": asked} if asked else scope
+        route_cfg = self._route_config(asked or method, path)
         # breaker / deadline declared on the endpoint in code (overrides.py)
-        route_cfg = endpoint_overrides(scope, self.route_app, route_cfg)
+        route_cfg = endpoint_overrides(served_as, self.route_app, route_cfg)
         # the framework's route: the route's name unless the policy names it, and its
         # path template (`http.route`) whatever names it
         try:
@@ -445,6 +459,20 @@ class Engine:
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+def _asked_method(scope: Mapping[str, Any]) -> str:
+    """The method a CORS preflight asks for, when it is one of the usual ones ("" else:
+    a client's odd tokens would each build and cache a plan of their own)."""
+    for item in scope.get("headers") or ():
+        if (
+            isinstance(item, list | tuple)
+            and len(item) == 2
+            and item[0] == b"access-control-request-method"
+        ):
+            asked = bytes(item[1]).decode("latin-1").strip().upper()
+            return asked if asked in _METHODS and asked != "OPTIONS" else ""
+    return ""
 
 
 def method_not_allowed(scope: Mapping[str, Any], fallback_app: object = None) -> bool:

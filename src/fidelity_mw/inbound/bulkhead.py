@@ -318,12 +318,15 @@ class Bulkheads:
                     timeout=max(0.0, until - loop.time()),
                     return_when=FIRST_COMPLETED,
                 )
-                if slot in done:
-                    break
                 if listening in done:
                     waiting.discard(listening)
                     if listener.gone:
+                        # (before the slot: one handed over in the same wake-up would run
+                        # the app for nobody; the except gives it to the next waiter)
                         raise ClientDisconnect
+                if slot in done:
+                    break
+                if listening in done:
                     continue  # (it read what it may keep: the slot alone, from here)
                 raise TimeoutError
         except (TimeoutError, asyncio.CancelledError, ClientDisconnect) as exc:
@@ -719,8 +722,9 @@ class LoopClock:
 
     TICK_S = 0.001
     IDLE_S = 0.1
+    IDLE_TICKS = 100  # IDLE_S of ticks TICK_S apart
 
-    __slots__ = ("_handle", "_loop", "current", "last", "monotonic", "prev", "seen")
+    __slots__ = ("_handle", "_loop", "current", "idle_ticks", "last", "monotonic", "prev", "seen")
 
     def __init__(self, monotonic: Callable[[], float]) -> None:
         self.monotonic = monotonic
@@ -728,12 +732,14 @@ class LoopClock:
         self.prev: float | None = None  # the one before
         self.current = False  # the latest tick ran in this loop turn
         self.seen = 0.0  # when a request last asked
+        self.idle_ticks = 0  # ticks since then
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
     def waited(self, now: float) -> float | None:
         """A bound on how long a request seen `now` waited to be read (None: unknown)."""
         self.seen = now
+        self.idle_ticks = 0
         loop = asyncio.get_running_loop()
         if self._handle is None or loop is not self._loop:
             # (Re)started, or a new event loop: a timer left on the old one never runs.
@@ -750,7 +756,10 @@ class LoopClock:
             return
         now = self.monotonic()
         self.prev, self.last = self.last, now
-        if now - self.seen > self.IDLE_S:
+        self.idle_ticks += 1
+        # (ticks count too: on a clock that does not move, a FakeClock not advanced,
+        # `now - seen` stays 0 and the heartbeat ran until its loop closed)
+        if now - self.seen > self.IDLE_S or self.idle_ticks > self.IDLE_TICKS:
             self._handle = None
             return
         # Requests read in the I/O phase just before this tick run next, before this:

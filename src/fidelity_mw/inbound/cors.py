@@ -135,14 +135,45 @@ async def cors_headers(cors: Any, scope: Scope) -> list[tuple[bytes, bytes]]:
 
 def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     """`send`, adding `extra` to the response start (a header the response sets itself,
-    an `on_reject` hook's say, is kept)."""
+    an `on_reject` hook's say, is kept; its `Vary` is merged with the layer's)."""
 
     async def sending(message: Message) -> None:
         if message.get("type") == "http.response.start":
             headers = list(message.get("headers") or ())
             have = {bytes(k).lower() for k, _ in headers}
-            headers += [(k, v) for k, v in extra if k.lower() not in have]
+            for k, v in extra:
+                name = k.lower()
+                if name not in have:
+                    headers.append((k, v))
+                elif name == b"vary":
+                    # A cache must vary on both: keeping the hook's alone (`Vary:
+                    # Accept`) served one origin's CORS answer to another origin.
+                    headers = _merged_vary(headers, v)
             message = {**message, "headers": headers}
         await send(message)
 
     return sending
+
+
+def _merged_vary(headers: list[Any], add: bytes) -> list[Any]:
+    """`headers` with the field names of `add` in its first `Vary`, each once."""
+    out: list[Any] = []
+    merged = False
+    for k, v in headers:
+        if not merged and bytes(k).lower() == b"vary":
+            merged = True
+            value = bytes(v)
+            names = {n.strip().lower() for n in value.split(b",")}
+            if b"*" not in names:
+                missing = [n.strip() for n in add.split(b",") if n.strip()]
+                missing = [n for n in missing if n.lower() not in names]
+                if missing:
+                    value = (
+                        b", ".join([value.strip(), *missing])
+                        if value.strip()
+                        else b", ".join(missing)
+                    )
+            out.append((k, value))
+        else:
+            out.append((k, v))
+    return out

@@ -330,8 +330,9 @@ class FidelityMiddleware:
                 raw_headers = scope["headers"] or ()
             except KeyError:
                 plan, raw_headers = self._sparse_scope(scope, method, plan)
-            if method == "OPTIONS" and plan.limits and is_cors_preflight(raw_headers):
-                plan = self.engine.preflight_plan_for(scope)  # no quota spent, none refused
+            if method == "OPTIONS" and is_cors_preflight(raw_headers):
+                # no quota spent, none refused; the asked method's route (engine.py)
+                plan = self.engine.preflight_plan_for(scope)
             # Only the headers a layer wants, repeats joined (None: none of them). One
             # scan with a set lookup per line costs less than `dict(raw_headers)` and a
             # disjointness check (that builds a dict of every header), in both builds.
