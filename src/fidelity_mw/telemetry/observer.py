@@ -497,6 +497,24 @@ class BreakerWatch:
                         if key in seen or len(seen) < _MAX_SUBJECTS:
                             seen[key] = "open"
 
+    def _drop_unbreakered(self, states: dict[tuple[str, str], str]) -> None:
+        """Leave out the upstream breakers no engine's policy has any more (a swap that
+        set `breaker = false`): the store keeps such a breaker as it was, open for good
+        when it was open, and nothing uses or updates it again. Asked of the policy the
+        way the admin page ages a breaker (a service's instances take the service's)."""
+        if not any(kind == "upstream" for _, kind in states):
+            return
+        from ..admin.view import snapshot_configs  # (the page's imports: not at start-up)
+
+        lookups = [snapshot_configs(engine).breaker for engine in list(self.engines)]
+        if not lookups:
+            return
+        for found in [k for k in states if k[1] == "upstream"]:
+            key = "upstream:" + found[0]
+            if all(breaker(key) is None for breaker in lookups):
+                del states[found]
+                self.seen.pop(found, None)
+
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
 
@@ -545,6 +563,7 @@ class BreakerWatch:
         for (subject, kind), state in list(seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
+        self._drop_unbreakered(states)
         if len(states) > _MAX_SUBJECTS:
             # A memory store holds up to its max_breakers, one per upstream host its calls
             # named (URLs the service's clients supply, for a webhook sender): bounded as
