@@ -1172,10 +1172,12 @@ class Telemetry:
         span: Span = token.span
         status = response.status_code if response is not None else None
         error_type: str | None = None
-        cancelled = False
-        if isinstance(error, asyncio.CancelledError):
-            cancelled = True  # the call stopped it (a hedge race's loser): nothing failed
-        elif error is not None:
+        # A hedge race's loser, cancelled by the call, is a request that did not complete:
+        # OTel's HTTP conventions count a cancelled request as failed (error.type the
+        # exception's type, the same on the span and the duration metric). Without it the
+        # loser's duration sat among the successful attempts'.
+        cancelled = isinstance(error, asyncio.CancelledError)
+        if error is not None:
             error_type = type(error).__qualname__
         elif status is not None and status >= 400:
             error_type = str(status)
@@ -1203,7 +1205,7 @@ class Telemetry:
             if error_type is not None:
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
-            elif cancelled:
+            if cancelled:
                 attrs[s.ATTEMPT_CANCELLED] = True
             try:
                 if attrs:
