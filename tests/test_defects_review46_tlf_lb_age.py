@@ -12,10 +12,14 @@ transport's knowledge when the pick goes around a breaker known open without rea
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from fidelity_mw import Engine, FidelityTransport, Policy
 from fidelity_mw.telemetry import schema
@@ -27,6 +31,7 @@ from test_telemetry_helpers import metric_points, pipeline
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 INSTANCES = ["http://10.0.0.7:8080", "http://10.0.0.8:8080"]
+ALERTS = Path(__file__).resolve().parents[1] / "examples" / "prometheus" / "alerts.yml"
 
 
 def _policy(redis_url: str, breaker: dict[str, Any] | None = None) -> Policy:
@@ -51,8 +56,54 @@ def _lb_histogram_max(reader: Any) -> float:
     return max((point.max for point in points), default=0.0)
 
 
+def _stale_alerts(reader: Any, tmp_path: Path) -> str:
+    """The example `FidelityStateStale` evaluated by Prometheus's rule engine (`promtool
+    test rules`) on the `lb` histogram recorded here, as scraped each minute for 30 min
+    with the same calls each minute (nothing recorded: no series): the alerts firing at
+    25 min, as promtool prints them when none were expected ("" when none fired)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    points = [
+        point
+        for attrs, point in metric_points(reader, schema.METRIC_STATE_AGE)
+        if attrs.get(schema.LAYER) == "lb"
+    ]
+    series = []
+    for point in points:  # none: every lb age was 0 (a fresh memory decision is not kept)
+        total = 0
+        for bound, n in zip([*point.explicit_bounds, "+Inf"], point.bucket_counts, strict=True):
+            total += n
+            le = bound if isinstance(bound, str) else repr(float(bound))
+            name = "fidelity_state_age_seconds_bucket"
+            labels = f'fidelity_layer="lb",fidelity_state_source="memory",le="{le}"'
+            series.append({"series": f"{name}{{{labels}}}", "values": f"0+{total}x30"})
+    tests = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "25m", "alertname": "FidelityStateStale", "exp_alerts": []}
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "stale_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    run = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=120
+    )
+    if run.returncode == 0:
+        return ""
+    assert "FidelityStateStale" in run.stdout + run.stderr, run.stdout + run.stderr
+    return run.stdout + run.stderr
+
+
 async def test_a_rarely_called_healthy_service_is_not_stale(
-    redis_url: str, redis_clock: RedisClock
+    redis_url: str, redis_clock: RedisClock, tmp_path: Path
 ) -> None:
     clock = FakeClock()
     engine = Engine(_policy(redis_url), clock=clock, rng=seeded_random(3))
@@ -75,13 +126,14 @@ async def test_a_rarely_called_healthy_service_is_not_stale(
         assert len(ages) == 4
         assert max(ages) < 1.0, ages
         assert _lb_histogram_max(p.metrics) < 1.0  # what the alert's quantile is over
+        assert _stale_alerts(p.metrics, tmp_path) == ""  # before: fired under lb
     finally:
         await engine.aclose()
         p.shutdown()
 
 
 async def test_a_pick_around_a_breaker_known_open_keeps_its_knowledges_age(
-    redis_url: str, redis_clock: RedisClock
+    redis_url: str, redis_clock: RedisClock, tmp_path: Path
 ) -> None:
     """Every instance's breaker known open: the panic pick goes around one without
     reading it, on what the transport learned 7 s ago. That age is real and is recorded."""
@@ -113,6 +165,7 @@ async def test_a_pick_around_a_breaker_known_open_keeps_its_knowledges_age(
             # (7 s, and the retry's backoff the fake clock slept after the first failure)
             assert 7.0 <= lb.state_age_s < 8.0
         assert 7.0 <= _lb_histogram_max(p.metrics) < 8.0  # above the alert's 5 s
+        assert 'fidelity_layer="lb"' in _stale_alerts(p.metrics, tmp_path)  # it fires
     finally:
         await engine.aclose()
         p.shutdown()
