@@ -288,13 +288,15 @@ async def test_a_hedge_is_a_client_span_with_its_resend_count() -> None:
         spans = otel.finished()
         counts = sorted(dict(s.attributes or {}).get("http.request.resend_count", 0) for s in spans)
         assert counts == [0, 1]  # the first attempt, and the hedge (resend 1)
-        # the first attempt lost the race and was cancelled: marked so, not an error
+        # the first attempt lost the race and was cancelled: marked so, and (OTel's HTTP
+        # conventions: a cancelled request did not complete) with its error type
         attrs = [dict(s.attributes or {}) for s in spans]
         loser = next(i for i, a in enumerate(attrs) if not a.get("http.request.resend_count"))
         winner = 1 - loser
         assert attrs[loser].get("fidelity.attempt.cancelled") is True
-        assert "error.type" not in attrs[loser]
-        assert spans[loser].status.status_code.name == "UNSET"
+        assert attrs[loser]["error.type"] == "CancelledError"
+        assert spans[loser].status.status_code.name == "ERROR"
+        assert "error.type" not in attrs[winner]
         assert "fidelity.attempt.cancelled" not in attrs[winner]
     finally:
         otel.shutdown()

@@ -186,8 +186,12 @@ def render(
         # order. (The stores here list only those already; another store may not.)
         views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
     for view in views:
-        since_s, basis = since.of(view, now)
         kind, _, subject = view.key.partition(":")
+        if kind == "upstream" and configs.breaker(view.key) is None:
+            # the policy has no breaker there (any more: a swap set `breaker = false`);
+            # the store keeps it as it was, which nothing updates again
+            continue
+        since_s, basis = since.of(view, now)
         breakers.append(
             {
                 "key": view.key,

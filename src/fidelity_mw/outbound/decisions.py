@@ -182,8 +182,21 @@ def with_why(
 
 
 def lb_decision(
-    ctx: DecisionContext, up: Upstream, target: Instance, pick: Pick, n: int, now: float
+    ctx: DecisionContext,
+    up: Upstream,
+    target: Instance,
+    pick: Pick,
+    n: int,
+    now: float,
+    gate_age_s: float,
 ) -> None:
+    """The pick's decision. Its age is that of the breaker state the attempt goes on: the
+    gate's answer when the attempt's gate read the instance's breaker (a rarely called
+    service's transport knowledge is old, but the gate just read the shared state), the
+    transport's knowledge of it (`seen_at`) when the pick goes around a breaker known
+    open without reading it."""
+    known_s = now - target.seen_at if target.seen_at else 0.0
+    age = known_s if pick.bypass else gate_age_s
     decision = _new_tuple(
         Decision,
         (
@@ -192,7 +205,7 @@ def lb_decision(
             ALLOW,
             pick.reason,
             SOURCE_MEMORY,
-            now - target.seen_at if target.seen_at else 0.0,
+            age,
             now,
             {
                 "instance": target.key,

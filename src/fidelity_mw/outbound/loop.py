@@ -1356,7 +1356,7 @@ def _gate_next(
             break
         _learned_open(target, gate, breaker, now)
     if allowed and pick is not None and target is not None:
-        lb_decision(ctx, up, target, pick, len(instances or ()), now)
+        lb_decision(ctx, up, target, pick, len(instances or ()), now, age)
     # (the store spends a retry only when it admits it and the breaker does not refuse)
     spent = retry and allowed and not failed and (gate is None or gate.verdict != "reject")
     # (every field given: one C call, not the named tuple's keyword wrapper; every call)

@@ -497,6 +497,24 @@ class BreakerWatch:
                         if key in seen or len(seen) < _MAX_SUBJECTS:
                             seen[key] = "open"
 
+    def _drop_unbreakered(self, states: dict[tuple[str, str], str]) -> None:
+        """Leave out the upstream breakers no engine's policy has any more (a swap that
+        set `breaker = false`): the store keeps such a breaker as it was, open for good
+        when it was open, and nothing uses or updates it again. Asked of the policy the
+        way the admin page ages a breaker (a service's instances take the service's)."""
+        if not any(kind == "upstream" for _, kind in states):
+            return
+        from ..admin.view import snapshot_configs  # (the page's imports: not at start-up)
+
+        lookups = [snapshot_configs(engine).breaker for engine in list(self.engines)]
+        if not lookups:
+            return
+        for found in [k for k in states if k[1] == "upstream"]:
+            key = "upstream:" + found[0]
+            if all(breaker(key) is None for breaker in lookups):
+                del states[found]
+                self.seen.pop(found, None)
+
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
 
@@ -545,6 +563,7 @@ class BreakerWatch:
         for (subject, kind), state in list(seen.items()):
             if subject not in known:
                 states[(subject, kind)] = state
+        self._drop_unbreakered(states)
         if len(states) > _MAX_SUBJECTS:
             # A memory store holds up to its max_breakers, one per upstream host its calls
             # named (URLs the service's clients supply, for a webhook sender): bounded as
@@ -1153,10 +1172,12 @@ class Telemetry:
         span: Span = token.span
         status = response.status_code if response is not None else None
         error_type: str | None = None
-        cancelled = False
-        if isinstance(error, asyncio.CancelledError):
-            cancelled = True  # the call stopped it (a hedge race's loser): nothing failed
-        elif error is not None:
+        # A hedge race's loser, cancelled by the call, is a request that did not complete:
+        # OTel's HTTP conventions count a cancelled request as failed (error.type the
+        # exception's type, the same on the span and the duration metric). Without it the
+        # loser's duration sat among the successful attempts'.
+        cancelled = isinstance(error, asyncio.CancelledError)
+        if error is not None:
             error_type = type(error).__qualname__
         elif status is not None and status >= 400:
             error_type = str(status)
@@ -1184,7 +1205,7 @@ class Telemetry:
             if error_type is not None:
                 attrs[s.ERROR_TYPE] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type if error else None))
-            elif cancelled:
+            if cancelled:
                 attrs[s.ATTEMPT_CANCELLED] = True
             try:
                 if attrs:
