@@ -15,6 +15,7 @@ Now an answer already read (or closed) is only closed, never read again.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -72,3 +73,51 @@ def test_a_waiting_retry_does_not_read_the_shed_again_after_its_connection_went_
     # before: the retry's backoff read the shed's stream once more after it was closed
     # (its connection back in the pool): [1]
     assert rig.reads_after_close == []
+
+
+class SyncWireShed(httpx.SyncByteStream):
+    def __init__(self, reads_after_close: list[int]) -> None:
+        self.closed = False
+        self.reads_after_close = reads_after_close
+
+    def __iter__(self) -> Any:
+        if self.closed:
+            self.reads_after_close.append(1)
+            return
+        yield SHED_BODY
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _shed(stream: Any) -> httpx.Response:
+    headers = {"content-length": str(len(SHED_BODY))}
+    return httpx.Response(503, headers=headers, stream=stream)
+
+
+def test_spending_an_answer_read_or_closed_already_reads_nothing() -> None:
+    from fidelity_mw.outbound.hedge import _drain
+    from fidelity_mw.outbound.transport import _spend, _spend_sync
+
+    reads: list[int] = []
+
+    async def go() -> None:
+        for spend in (_spend, _drain):
+            read = _shed(WireShed(reads))
+            await read.aread()
+            await spend(read)
+            closed = _shed(WireShed(reads))
+            await closed.aclose()
+            await spend(closed)
+            fresh = _shed(WireShed(reads))  # still read to its end, then closed
+            await spend(fresh)
+            assert fresh.is_closed
+
+    asyncio.run(go())
+    read_sync = _shed(SyncWireShed(reads))
+    read_sync.read()
+    _spend_sync(read_sync)
+    closed_sync = _shed(SyncWireShed(reads))
+    closed_sync.close()
+    _spend_sync(closed_sync)
+    assert reads == []
