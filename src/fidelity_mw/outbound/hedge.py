@@ -32,7 +32,7 @@ import httpx
 from .._types import Clock
 from ..decide.retry import IDEMPOTENT_METHODS
 from . import wire as _wire
-from .wire import SPEND_MAX_BYTES, replayable, worth_reading
+from .wire import SPEND_MAX_BYTES, replayable, unread, worth_reading
 
 HEDGE: Final = "hedge"  # the retry layer's verdict on a hedge attempt
 SLOW_ATTEMPT: Final = "slow_attempt"  # why: no answer within the hedge delay
@@ -218,7 +218,7 @@ async def _drain(response: httpx.Response | None) -> None:
     if response is None:
         return
     stream = response.stream
-    if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
+    if worth_reading(response) and unread(response) and isinstance(stream, httpx.AsyncByteStream):
         with anyio.move_on_after(_wire.SPEND_MAX_S), contextlib.suppress(Exception):
             read = 0
             async for chunk in stream:

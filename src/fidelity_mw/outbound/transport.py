@@ -105,6 +105,7 @@ from .wire import (
     own_timeouts,
     replayable,
     restore,
+    unread,
     unstamp,
     worth_reading,
 )
@@ -1066,7 +1067,11 @@ async def _spend(response: httpx.Response) -> None:
     gone: BaseException | None = None
     try:
         stream = response.stream
-        if worth_reading(response) and isinstance(stream, httpx.AsyncByteStream):
+        if (
+            worth_reading(response)
+            and unread(response)
+            and isinstance(stream, httpx.AsyncByteStream)
+        ):
             start = _monotonic()
             read = 0
             async for chunk in stream:
@@ -1179,7 +1184,11 @@ def _spend_sync(response: httpx.Response) -> None:
     gone: BaseException | None = None
     try:
         stream = response.stream
-        if worth_reading(response) and isinstance(stream, httpx.SyncByteStream):
+        if (
+            worth_reading(response)
+            and unread(response)
+            and isinstance(stream, httpx.SyncByteStream)
+        ):
             start = _monotonic()
             read = 0
             for chunk in stream:

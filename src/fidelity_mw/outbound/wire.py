@@ -339,6 +339,15 @@ def worth_reading(response: httpx.Response) -> bool:
     return "chunked" in headers.get("transfer-encoding", "").lower()
 
 
+def unread(response: httpx.Response) -> bool:
+    """Is a failed attempt's body still to be read from its connection? Not when it was
+    read already (a retry waiting for evidence reads its shed first) or closed: its
+    HTTP/1.1 connection is back in the pool then, and reading the raw stream again reads
+    that connection while another call uses it (anyio's `BusyResourceError` in one of the
+    two, a 500 at the caller's app; or the other call's bytes taken)."""
+    return not (response.is_stream_consumed or response.is_closed)
+
+
 # A call that ended on its first attempt leaves that attempt's timeouts on the request
 # (capped at the attempt timeout, or at the rest of a deadline): httpcore reads them from
 # the request when the caller reads the body, which is the attempt's still. What the
