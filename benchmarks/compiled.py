@@ -36,9 +36,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._worker import Worker  # noqa: E402
+
 VARIANTS = ("bare", "handwritten", "fidelity")
 
 
@@ -65,32 +67,11 @@ def worker(batch: int, seed: int, cpu_time: bool) -> None:
         print(json.dumps(result), flush=True)
 
 
-class Worker:
-    def __init__(self, python: str, args: argparse.Namespace) -> None:
-        cmd = [python, __file__, "--worker", "--batch", str(args.batch), "--seed", str(args.seed)]
-        if args.cpu_time:
-            cmd.append("--cpu-time")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.hello: dict[str, Any] = json.loads(self._line())
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.proc.args[0]} exited")
-        return line
-
-    def round(self) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        result: dict[str, float] = json.loads(self._line())
-        return result
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+def start_worker(python: str, args: argparse.Namespace) -> Worker:
+    cmd = [python, __file__, "--worker", "--batch", str(args.batch), "--seed", str(args.seed)]
+    if args.cpu_time:
+        cmd.append("--cpu-time")
+    return Worker(cmd)
 
 
 COMPILED_VARIANT = "fidelity-memory-compiled"
@@ -158,7 +139,7 @@ def main() -> None:
         pythons["base-pure"] = args.base_pure
     if args.base_compiled:
         pythons["base-compiled"] = args.base_compiled
-    builds = {name: Worker(python, args) for name, python in pythons.items()}
+    builds = {name: start_worker(python, args) for name, python in pythons.items()}
     for name, w in builds.items():
         if w.hello["compiled"] != name.endswith("compiled"):
             raise SystemExit(f"{name}: {w.hello} is not the {name} build")

@@ -61,6 +61,7 @@ from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._worker import Worker  # noqa: E402
 
 FEATURES: Final = ("deadline", "breaker", "limit", "telemetry")
 FIELDS: Final = ("always", "on_reject", "never")
@@ -169,37 +170,14 @@ def worker(names: list[str], batch: int, seed: int, wall: bool) -> None:
         print(json.dumps(result), flush=True)
 
 
-class Worker:
-    def __init__(self, python: str, names: list[str], args: argparse.Namespace) -> None:
-        cmd = [python, __file__, "--worker", "--variants", ",".join(names)]
-        cmd += ["--batch", str(args.batch), "--seed", str(args.seed)]
-        if args.wall:
-            cmd.append("--wall")
-        env = {**os.environ}
-        env.pop("PYTHONPATH", None)  # the build's own fidelity_mw, not a src/ on the path
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        self.hello: dict[str, Any] = json.loads(self._line())
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.proc.args[0]} exited")
-        return line
-
-    def round(self) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        result: dict[str, float] = json.loads(self._line())
-        return result
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+def start_worker(python: str, names: list[str], args: argparse.Namespace) -> Worker:
+    cmd = [python, __file__, "--worker", "--variants", ",".join(names)]
+    cmd += ["--batch", str(args.batch), "--seed", str(args.seed)]
+    if args.wall:
+        cmd.append("--wall")
+    env = {**os.environ}
+    env.pop("PYTHONPATH", None)  # the build's own fidelity_mw, not a src/ on the path
+    return Worker(cmd, env)
 
 
 def pythons(builds: Sequence[str], args: argparse.Namespace) -> dict[str, str]:
@@ -215,7 +193,7 @@ def pythons(builds: Sequence[str], args: argparse.Namespace) -> dict[str, str]:
 def time_builds(
     builds: dict[str, str], names: list[str], args: argparse.Namespace
 ) -> dict[str, list[dict[str, float]]]:
-    workers = {build: Worker(python, names, args) for build, python in builds.items()}
+    workers = {build: start_worker(python, names, args) for build, python in builds.items()}
     for build, w in workers.items():
         if w.hello["compiled"] != (build == "compiled"):
             raise SystemExit(f"{build}: {w.hello} is not the {build} build")
