@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import subprocess
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -43,3 +46,26 @@ class Worker:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+def serve_rounds(
+    apps: Mapping[str, Any], batch: int, seed: int, timer: Callable[[], float]
+) -> None:
+    """The worker's side of `Worker`: warm every app up, say which fidelity_mw runs, then per
+    line read on stdin time `batch` requests of each app in a shuffled order and print one JSON
+    line of seconds per request per app."""
+    import fidelity_mw
+    from benchmarks._asgi import run_batch
+
+    loop = asyncio.new_event_loop()
+    for app in apps.values():
+        loop.run_until_complete(run_batch(app, 500))
+    shuffle = random.Random(seed).shuffle
+    order = list(apps)
+    print(json.dumps({"compiled": fidelity_mw.compiled, "file": fidelity_mw.__file__}), flush=True)
+    for _ in sys.stdin:
+        shuffle(order)
+        result = {
+            name: loop.run_until_complete(run_batch(apps[name], batch, timer)) for name in order
+        }
+        print(json.dumps(result), flush=True)

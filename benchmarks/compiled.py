@@ -27,8 +27,6 @@ compiled venv's Python, in the same alternating rounds as `bare` and `fidelity-m
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import random
 import statistics
@@ -39,32 +37,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._worker import Worker  # noqa: E402
+from benchmarks._worker import Worker, serve_rounds  # noqa: E402
 
 VARIANTS = ("bare", "handwritten", "fidelity")
 
 
 def worker(batch: int, seed: int, cpu_time: bool) -> None:
     """Serve rounds over stdin/stdout: one JSON line of seconds per request per variant."""
-    sys.path.insert(0, str(ROOT))
-    import fidelity_mw
-    from benchmarks._asgi import run_batch
     from benchmarks.overhead import build_apps
 
-    timer = time.process_time if cpu_time else time.perf_counter
     apps = {name: app for name, app in build_apps().items() if name in VARIANTS}
-    loop = asyncio.new_event_loop()
-    for app in apps.values():
-        loop.run_until_complete(run_batch(app, 500))
-    shuffle = random.Random(seed).shuffle
-    order = list(apps)
-    print(json.dumps({"compiled": fidelity_mw.compiled, "file": fidelity_mw.__file__}), flush=True)
-    for _ in sys.stdin:
-        shuffle(order)
-        result = {
-            name: loop.run_until_complete(run_batch(apps[name], batch, timer)) for name in order
-        }
-        print(json.dumps(result), flush=True)
+    serve_rounds(apps, batch, seed, time.process_time if cpu_time else time.perf_counter)
 
 
 def start_worker(python: str, args: argparse.Namespace) -> Worker:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -61,7 +60,7 @@ from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._worker import Worker  # noqa: E402
+from benchmarks._worker import Worker, serve_rounds  # noqa: E402
 
 FEATURES: Final = ("deadline", "breaker", "limit", "telemetry")
 FIELDS: Final = ("always", "on_reject", "never")
@@ -151,23 +150,7 @@ def apps(names: Iterable[str]) -> dict[str, Any]:
 
 def worker(names: list[str], batch: int, seed: int, wall: bool) -> None:
     """Serve rounds over stdin/stdout: one JSON line of seconds per request per variant."""
-    import fidelity_mw
-    from benchmarks._asgi import run_batch
-
-    timer = time.perf_counter if wall else time.process_time
-    built = apps(names)
-    loop = asyncio.new_event_loop()
-    for app in built.values():
-        loop.run_until_complete(run_batch(app, 500))
-    shuffle = random.Random(seed).shuffle
-    order = list(built)
-    print(json.dumps({"compiled": fidelity_mw.compiled, "file": fidelity_mw.__file__}), flush=True)
-    for _ in sys.stdin:
-        shuffle(order)
-        result = {
-            name: loop.run_until_complete(run_batch(built[name], batch, timer)) for name in order
-        }
-        print(json.dumps(result), flush=True)
+    serve_rounds(apps(names), batch, seed, time.perf_counter if wall else time.process_time)
 
 
 def start_worker(python: str, names: list[str], args: argparse.Namespace) -> Worker:
