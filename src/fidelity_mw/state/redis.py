@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, DefaultParser, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -84,6 +84,7 @@ from .redis_sync import (
     WHY_READ_ONLY,
     WHY_UNREACHABLE,
     SyncLink,
+    cluster_parser,
     read_only_warning,
 )
 from .redis_sync import UNREACHABLE as _UNREACHABLE
@@ -197,7 +198,7 @@ def build_client(url: str, config: StateConfig) -> RedisClient:
     # Retry(NoBackoff(), 0): one attempt, no hidden retries, no backoff
     # sleeps. (redis-py 8 defaults to 10 retries with exponential backoff.)
     if cluster:
-        return RedisCluster.from_url(
+        return _Cluster.from_url(
             plain,
             retry=Retry(NoBackoff(), 0),
             max_connections=config.pool_size,
@@ -219,6 +220,19 @@ def build_client(url: str, config: StateConfig) -> RedisClient:
         **kwargs,
     )
     return LaneClient(connection_pool=pool)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's asyncio cluster client, its connections reading `CLUSTERDOWN` and
+    `TRYAGAIN` as plain error replies (`cluster_parser`: no hidden retries or sleeps)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        parser = cluster_parser(DefaultParser)
+        # (the nodes found later are made from this dict; the startup nodes copied it)
+        self.connection_kwargs["parser_class"] = parser
+        for node in self.startup_nodes:
+            node.connection_kwargs["parser_class"] = parser
 
 
 async def _can_read(conn: AbstractConnection) -> bool:
