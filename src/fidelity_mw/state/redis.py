@@ -381,7 +381,8 @@ class Slots:
 
     def __init__(self, size: int) -> None:
         self.free = size
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # each waiter's future: True, a slot handed over; False, Redis went down meanwhile
+        self.waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
 
     def try_acquire(self) -> bool:
         if self.free > 0 and not self.waiters:
@@ -391,7 +392,7 @@ class Slots:
 
     async def acquire(self, timeout_s: float) -> bool:
         """Wait for a slot at most `timeout_s`. True if one was taken."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
@@ -399,7 +400,7 @@ class Slots:
         except TimeoutError:
             pass
         except BaseException:  # cancelled: a slot handed over meanwhile goes to the next
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.result():
                 self.release()
             raise
         finally:
@@ -407,15 +408,24 @@ class Slots:
                 waiter.cancel()
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
-        return waiter.done() and not waiter.cancelled()
+        return waiter.done() and not waiter.cancelled() and waiter.result()
 
     def release(self) -> None:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # hand the slot over directly
+                waiter.set_result(True)  # hand the slot over directly
                 return
         self.free += 1
+
+    def give_up_waiters(self) -> None:
+        """Redis was marked down: every call waiting for a connection decides without
+        it now, as the calls after it do, not after a connection frees (to send to a
+        Redis known down) or `timeout_ms` ends."""
+        waiters, self.waiters = self.waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(False)
 
 
 class Health:
@@ -708,12 +718,22 @@ class RedisStore(StateStore):
             bound = self._bind()
         client, slots = bound[1], bound[2]
         assert client is not None
-        if not slots.try_acquire() and not await slots.acquire(self._timeout_s):
-            # every connection stayed busy for timeout_ms: this request falls
-            # back; Redis is not marked down for it
-            self.stats.errors += 1
-            self.stats.pool_waits += 1
-            return None
+        if not slots.try_acquire():
+            acquired = await slots.acquire(self._timeout_s)
+            if not health.up:
+                # Marked down while this call waited (the calls ahead of it timed
+                # out): it decides now, as the calls after it do. Sent, it would wait
+                # timeout_ms once more on a Redis known not to answer.
+                if acquired:
+                    slots.release()
+                self._ensure_probe()
+                return None
+            if not acquired:
+                # every connection stayed busy for timeout_ms: this request falls
+                # back; Redis is not marked down for it
+                self.stats.errors += 1
+                self.stats.pool_waits += 1
+                return None
         try:
             try:
                 reply = await self._evalsha(client, script, keys, args)
@@ -825,6 +845,9 @@ class RedisStore(StateStore):
             now = self._clock.monotonic()
             health.up = False
             health.down_since = now
+            bound = self._bound
+            if bound[0] is asyncio.get_running_loop():
+                bound[2].give_up_waiters()  # (this loop's: the others' futures are not ours)
             if now - health.up_since >= PROBE_RESET_S:
                 health.attempt = 0  # up long enough: the backoff starts over
             self.stats.outages += 1
