@@ -77,3 +77,65 @@ async def test_calls_waiting_for_a_connection_do_not_go_to_a_redis_marked_down(
     # timed-out calls gave back and waited timeout_ms again on the stopped server)
 
     assert len(sent) == 2, sent
+
+
+def test_blocking_calls_waiting_for_a_connection_do_not_go_to_a_redis_marked_down(
+    own_redis,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for `FidelitySyncTransport`'s blocking client: threads whose call waited
+    for one of its `pool_size` connections while another thread's call timed out."""
+    import threading
+
+    from redis.connection import Connection
+
+    from fidelity_mw.policy import BreakerConfig, RetryConfig
+
+    config = StateConfig(
+        url=own_redis.url, timeout_ms=400, connect_timeout_ms=2_000, pool_size=2, **QUIET
+    )
+    store = RedisStore(config=config, rng=seeded_random(49))
+    breaker, retry = BreakerConfig(), RetryConfig()
+    sent: list[str] = []
+    real_send = Connection.send_packed_command
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # every command a thread sends (a reconnection's handshake too)
+        sent.append(threading.current_thread().name)
+        return real_send(self, *args, **kwargs)
+
+    sources: dict[str, str] = {}
+    took: dict[str, float] = {}
+
+    def gate(name: str) -> None:
+        start = time.monotonic()
+        answer = store.outbound_gate_sync("upstream:h", breaker, "budget:h", retry, False, 0.0)
+        took[name] = round(time.monotonic() - start, 3)
+        sources[name] = answer[2]
+
+    try:
+        gate("warm")
+        assert sources.pop("warm") == "redis"
+        monkeypatch.setattr(Connection, "send_packed_command", counting)
+        own_redis.pause()
+        try:
+            first = [threading.Thread(target=gate, args=(f"a{i}",), name=f"a{i}") for i in range(2)]
+            later = [threading.Thread(target=gate, args=(f"b{i}",), name=f"b{i}") for i in range(4)]
+            for thread in first:
+                thread.start()
+            time.sleep(0.1)
+            for thread in later:
+                thread.start()
+            for thread in first + later:
+                thread.join(timeout=10)
+            outages = store.stats.outages
+        finally:
+            own_redis.resume()
+    finally:
+        asyncio.run(store.aclose())
+    print("seconds each blocking gate took:", took)  # (reported, not asserted)
+    assert sorted(sources.values()) == ["fallback"] * 6
+    assert outages == 1
+    # old code: two of the b threads sent too (a reconnection's handshake or the script,
+    # on the connection a timed-out call gave back) and waited timeout_ms once more
+    assert {name for name in sent} <= {"a0", "a1"}, sent

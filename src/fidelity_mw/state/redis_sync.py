@@ -122,9 +122,16 @@ class PoolExhausted(MaxConnectionsError):
     """Every connection stayed busy for `timeout_ms`: this call fails, Redis is not down."""
 
 
+class _WentDown(RedisError):
+    """The link was marked down while this call waited for a connection: it is not sent."""
+
+
 class _Pool(BlockingConnectionPool):
     """redis-py reports a full pool as a plain ConnectionError, the same class as a
     refused connection; the wait for a free one is the only `pool.get` here."""
+
+    link: SyncLink | None = None
+    calls = threading.local()  # `.on`: a script call of this thread, made while up
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -133,6 +140,18 @@ class _Pool(BlockingConnectionPool):
             if type(exc) is RedisConnectionError and str(exc) == "No connection available.":
                 raise PoolExhausted(str(exc)) from exc
             raise
+
+    def ensure_connection(self, connection: Any) -> None:
+        """(redis-py's `get_connection` calls it once it holds a connection, before the
+        connection is (re)connected or checked: then `get_connection` gives it back.)"""
+        link = self.link
+        if link is not None and not link.up and getattr(self.calls, "on", False):
+            # Marked down by another thread's call while this one waited for the
+            # connection that call gave back: (re)connected and sent, it would wait
+            # timeout_ms once more on a Redis known not to answer. It decides now, as
+            # the calls after it do.
+            raise _WentDown("redis was marked down while this call waited for a connection")
+        super().ensure_connection(connection)
 
 
 def _cluster_connection(ssl: bool) -> type[Any]:
@@ -269,6 +288,7 @@ class SyncLink:
             socket_connect_timeout=connect_timeout,
             **kwargs,
         )
+        pool.link = self
         return Redis(connection_pool=pool)
 
     def call(
@@ -281,11 +301,17 @@ class SyncLink:
             return None
         started = clock.monotonic()
         client = self.client()
+        calls = _Pool.calls
+        calls.on = True
         try:
             reply = self._evalsha(client, script, keys, args)
+        except _WentDown:
+            return None
         except CALL_ERRORS as exc:
             self._failed(exc)
             return None
+        finally:
+            calls.on = False
         done = clock.monotonic()
         self.last_ok = done
         self._stats.round_trips += 1
