@@ -403,8 +403,9 @@ DESCRIPTIONS: dict[str, str] = {
     "envelope]; `decorrelated`: [base, 3 x previous]; `none`: the envelope.",
     "upstream.retry.budget_ratio": "Retries allowed as a fraction of requests over the "
     "budget window (0.2 = 20 %).",
-    "upstream.retry.budget_min_per_s": "Retries per second always allowed on top of the "
-    "ratio, so low traffic can still retry.",
+    "upstream.retry.budget_min_per_s": "Retries per second allowed on top of the ratio, so "
+    "low traffic can still retry: a reserve of this x `budget_window_s` a window, which "
+    "the window's retries spend like the ratio's (an outage's for a window after it).",
     "upstream.retry.budget_window_s": "Window of the retry budget.",
     "upstream.retry.retry_after_max_s": "Longest upstream `Retry-After` honoured; longer "
     "ones give up at once (`retry_after_too_long`, or `deadline` when the wait also "
