@@ -2044,9 +2044,11 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
         kw.update(zip((fails_arg, open_arg), call.args[:2], strict=False))
     fails = _literal(kw[fails_arg]) if fails_arg in kw else fails_default
     open_s = _seconds(kw.get(open_arg), open_default)
-    parts = []
+    parts: list[str] = []
     if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 1:
-        parts.append(f"consecutive_failures = {fails}")
+        fields: dict[str, object] = {}
+        toolkits.consecutive(fields, fails)
+        parts.extend(f"{key} = {value}" for key, value in fields.items())
     if open_s is not None and open_s >= 0.001:
         # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
         parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
