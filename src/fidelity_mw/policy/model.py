@@ -1234,6 +1234,25 @@ class UpstreamConfig(_Validated):
     # out of `to_dict` while false, as `RateLimit.client_ipv6_prefix` while unset.
     client_chosen: bool = _spec(False, boolean, unset_unversioned=True)
 
+    def _cross_checks(self) -> list[PolicyIssue]:
+        # The transport sends every host the entry matches to the instances: under a glob
+        # (`*`, `*.internal`) a call to https://example.com/x went to http://10.0.0.7:8080/x,
+        # silently, for every host the service's author never meant.
+        if (
+            self._valid("host", "instances")
+            and self.instances
+            and any(ch in self.host for ch in "*?")
+        ):
+            return [
+                PolicyIssue(
+                    "instances",
+                    f"a service's host is the one name callers put in their URLs, not a glob: "
+                    f"with host {_toml(self.host)} every host it matches would be sent to these "
+                    'instances; write the service\'s name (for example host = "payments")',
+                )
+            ]
+        return []
+
 
 DEFAULT_TRUSTED_PEERS = (
     "127.0.0.0/8",

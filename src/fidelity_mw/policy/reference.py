@@ -351,7 +351,8 @@ DESCRIPTIONS: dict[str, str] = {
     "host, so N instances do not get N times the budget and its floor.",
     "upstream.instances": "Base URLs of the instances of a service (`http://10.0.0.7:8080`). "
     "Set with a logical `host` (`payments`): callers address `http://payments/...` and the "
-    "transport picks an instance for every attempt (docs/outbound.md, services).",
+    "transport picks an instance for every attempt (docs/outbound.md, services). The `host` "
+    "is a name, not a glob: under `*` every host called would go to the instances (an error).",
     "upstream.panic_threshold": "Panic mode: when fewer than this share of a service's "
     "instances are admissible, spread over all of them instead of refusing.",
     "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "
