@@ -73,3 +73,30 @@ def test_a_named_service_still_sends_its_calls_to_its_instances_and_nothing_else
         "http://10.0.0.1",
         "http://10.0.0.2",
     }
+
+
+@pytest.mark.parametrize(
+    ("rate", "fix", "days"),
+    [
+        ("1000/month", '"1000/30d"', 30),
+        ("1000 per month", '"1000/30d"', 30),
+        ("10/2 months", '"10/60d"', 60),
+        ("1/year", '"1/360d"', 360),
+    ],
+)
+def test_slowapis_month_and_year_name_the_period_to_write(rate: str, fix: str, days: int) -> None:
+    """slowapi (the limits library) takes `1000/month` (30 days) and `1/year` (360); the
+    error said only "use s, min, h or d". It now gives the same period in days, which
+    loads and is as long as the limits library's."""
+    import limits
+
+    with pytest.raises(PolicyError) as caught:
+        Policy.from_dict({"rate_limit": [{"name": "a", "match": "/x", "rate": rate}]})
+    assert f"write {fix})" in str(caught.value)
+    assert "rate_limit[0].rate: unknown period unit" in str(caught.value)
+    fixed = Policy.from_dict({"rate_limit": [{"name": "a", "match": "/x", "rate": fix.strip('"')}]})
+    from fidelity_mw.policy.model import parse_rate
+
+    count, period_s = parse_rate(fixed.rate_limits[0].rate)
+    item = limits.parse(rate)
+    assert (count, period_s) == (item.amount, item.get_expiry()) == (item.amount, days * 86400)

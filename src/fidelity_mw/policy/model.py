@@ -443,7 +443,17 @@ def parse_rate(text: str) -> tuple[int, float]:
     if unit not in _PERIODS and len(unit) > 3 and unit[:-1] in _PERIODS:
         unit = unit[:-1]  # "minutes", "hours", "secs" (never "ms": that is no minute)
     if unit not in _PERIODS:
-        raise ValueError(f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d")
+        # slowapi's (the limits library's) month and year, which it counts as 30 and 360
+        # days: the message gives the same period in our units, not only what is allowed
+        one = {"month": 30, "months": 30, "year": 360, "years": 360}.get(unit, 0)
+        days = one * (int(multiple) if multiple else 1)
+        fix = ""
+        if 0 < days <= MAX_RATE_PERIOD_S / 86_400:
+            fix = f" (slowapi counts a {unit.rstrip('s')} as {one}d: write "
+            fix += f"{_toml(f'{count}/{days}d')})"
+        raise ValueError(
+            f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d{fix}"
+        )
     if count < 1:
         raise ValueError(f"{_toml(text)} admits nothing: the count must be at least 1")
     periods = int(multiple) if multiple else 1

@@ -206,8 +206,9 @@ DESCRIPTIONS: dict[str, str] = {
     # [[rate_limit]]
     "rate_limit.name": "Unique name; keys the counters and appears in `RateLimit-Policy`.",
     "rate_limit.rate": "Sustained rate: `N/s`, `N/min`, `N/h`, `N/d`, or a multiple such as "
-    "`5/10min`. slowapi's spellings work too (`5/minute`, `5 per 2 minutes`); one rate per "
-    "limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
+    "`5/10min`. slowapi's spellings work too (`5/minute`, `5 per 2 minutes`), but for its "
+    "month and year: write the days it counts (`1000/month` is `1000/30d`, `1/year` "
+    "`1/360d`); one rate per limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
     "rate_limit.burst": "Bucket size: how many requests may arrive at once. Defaults to the "
     "N of `rate`.",
     "rate_limit.cost": (
