@@ -333,3 +333,43 @@ def test_a_steady_client_gets_more_in_its_first_minute_than_slowapis_window_gave
     assert most == 5  # a request every second: every 12 s, five in any 60 s
     assert max(sum(1 for t in admitted_at if s <= t <= s + 60) for s in range(121)) == 6
     assert "`burst = 1` spaces them, at most 6 in any minute" in GUIDE
+
+
+def test_the_audits_slowapi_tables_with_a_month_or_a_year_load(tmp_path: Path) -> None:
+    """`@limiter.limit("1000/month")` printed `rate = "1000/month"`, a table the policy
+    refuses ("unknown period unit"); default and application limits the same. The audit
+    now writes the days slowapi's limits library counts (30 a month, 360 a year)."""
+    import re
+
+    import limits
+
+    from fidelity_mw.policy.model import parse_rate
+    from fidelity_mw.tools.audit import audit_paths
+
+    (tmp_path / "app.py").write_text(
+        "from fastapi import FastAPI, Request\n"
+        "from slowapi import Limiter\n"
+        "from slowapi.util import get_remote_address\n"
+        "limiter = Limiter(key_func=get_remote_address, default_limits=['10000/year'],\n"
+        "                  application_limits=['1000 per month'])\n"
+        "app = FastAPI()\n"
+        "@app.get('/orders')\n"
+        "@limiter.limit('1000/month;5/minute')\n"
+        "async def orders(request: Request):\n"
+        "    return {}\n"
+        "@app.get('/x')\n"
+        "@limiter.limit('2 per 3 months')\n"
+        "async def x(request: Request):\n"
+        "    return {}\n",
+        encoding="utf-8",
+    )
+    hints = " ".join(f.replace_with for f in audit_paths([str(tmp_path)]).findings)
+    printed = re.findall(r'rate = "([^"]+)"', hints) + re.findall(
+        r'fidelity\.limit\("([^"]+)"\)', hints
+    )
+    assert sorted(printed) == sorted(["1000/30d", "1000/30d", "5/minute", "2/90d", "10000/360d"])
+    theirs = ["1000 per month", "1000/month", "5/minute", "2 per 3 months", "10000/year"]
+    for rate in printed:  # each loads
+        Policy.from_dict({"rate_limit": [{"name": "a", "match": "/x", "rate": rate}]})
+    spans = {parse_rate(rate) for rate in printed}
+    assert spans == {(limits.parse(r).amount, float(limits.parse(r).get_expiry())) for r in theirs}
