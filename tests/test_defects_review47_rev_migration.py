@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -225,13 +226,17 @@ def _tenacity_calls(error: type[Exception]) -> int:
 
 
 def _fidelity_calls(error: type[Exception]) -> tuple[int, str]:
+    retry = {"attempts": 3, "base_ms": 100, "max_ms": 2000, "jitter": "full", "on_status": []}
+    return _fidelity_calls_with(error, retry)
+
+
+def _fidelity_calls_with(error: type[Exception], retry: dict[str, Any]) -> tuple[int, str]:
     calls = [0]
 
     def users(request: httpx.Request) -> httpx.Response:
         calls[0] += 1
         raise error("boom", request=request)  # type: ignore[call-arg]
 
-    retry = {"attempts": 3, "base_ms": 100, "max_ms": 2000, "jitter": "full", "on_status": []}
     policy = Policy.from_dict({"upstream": [{"host": "users.internal", "retry": retry}]})
     transport = FidelityTransport(httpx.MockTransport(users), policy=policy, clock=FakeClock())
 
@@ -373,3 +378,41 @@ def test_the_audits_slowapi_tables_with_a_month_or_a_year_load(tmp_path: Path) -
         Policy.from_dict({"rate_limit": [{"name": "a", "match": "/x", "rate": rate}]})
     spans = {parse_rate(rate) for rate in printed}
     assert spans == {(limits.parse(r).amount, float(limits.parse(r).get_expiry())) for r in theirs}
+
+
+def _row(first_cell: str) -> str:
+    (row,) = [line for line in GUIDE.splitlines() if line.startswith(f"| {first_cell} |")]
+    return row
+
+
+def test_retry_if_result_alone_never_retried_an_error_and_the_pages_row_says_so() -> None:
+    """`retry=retry_if_result(lambda r: r.status_code == 503)`: tenacity retries the 503
+    and raises a connect error at once (the predicate never sees an exception). The
+    page's row said `on_status = [503]` only, which retries the connect error 3 times;
+    the audit printed the two switches off already."""
+    import tenacity
+
+    calls = [0]
+
+    @tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        retry=tenacity.retry_if_result(lambda r: r.status_code == 503),
+        sleep=lambda seconds: None,
+    )
+    def get() -> httpx.Response:
+        calls[0] += 1
+        raise httpx.ConnectError("refused")
+
+    with contextlib.suppress(httpx.ConnectError):
+        get()
+    assert calls[0] == 1
+
+    row = _row("`retry_if_result(lambda r: r.status_code == 503)`")
+    table = dict(re.findall(r"`(on_\w+) = ([^`]+)`", row))
+    assert table == {"on_status": "[503]", "on_connect_error": "false", "on_read_timeout": "false"}
+    retry = {"attempts": 3, "base_ms": 1, "max_ms": 1, "jitter": "none"}
+    retry.update({key: tomllib.loads(f"v = {value}")["v"] for key, value in table.items()})
+    ours = _fidelity_calls_with(httpx.ConnectError, retry)
+    assert ours == (1, "ConnectError")
+    del retry["on_connect_error"]  # the row as it was: the connect error retried
+    assert _fidelity_calls_with(httpx.ConnectError, retry) == (3, "ConnectError")
