@@ -416,3 +416,79 @@ def test_retry_if_result_alone_never_retried_an_error_and_the_pages_row_says_so(
     assert ours == (1, "ConnectError")
     del retry["on_connect_error"]  # the row as it was: the connect error retried
     assert _fidelity_calls_with(httpx.ConnectError, retry) == (3, "ConnectError")
+
+
+@pytest.mark.parametrize(
+    ("error", "tenacity_calls", "ours"),
+    [
+        (httpx.ConnectError, 3, 3),
+        (httpx.ConnectTimeout, 1, 3),  # the difference the row states
+        (httpx.ReadTimeout, 1, 1),
+        (httpx.ReadError, 1, 1),
+    ],
+)
+def test_retry_if_exception_type_connect_error_against_the_pages_row(
+    error: type[Exception], tenacity_calls: int, ours: int
+) -> None:
+    """`retry_if_exception_type(httpx.ConnectError)` retries connect errors alone. The
+    page's row said `on_connect_error = true` (the default: read timeouts and 502/503/504
+    retried too); it now gives `on_status = []`, `on_read_timeout = false` and names the
+    one difference left, a connect timeout."""
+    import tenacity
+
+    calls = [0]
+
+    @tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        retry=tenacity.retry_if_exception_type(httpx.ConnectError),
+        sleep=lambda seconds: None,
+        reraise=True,
+    )
+    def get() -> None:
+        calls[0] += 1
+        raise error("boom")
+
+    with contextlib.suppress(httpx.TransportError):
+        get()
+    assert calls[0] == tenacity_calls
+
+    row = _row("`retry_if_exception_type(httpx.ConnectError)`")
+    table = dict(re.findall(r"`(on_\w+) = ([^`]+)`", row.split(": connect errors only")[0]))
+    assert table == {"on_status": "[]", "on_read_timeout": "false"}
+    retry = {"attempts": 3, "base_ms": 1, "max_ms": 1, "jitter": "none"}
+    retry.update({key: tomllib.loads(f"v = {value}")["v"] for key, value in table.items()})
+    assert _fidelity_calls_with(error, retry) == (ours, error.__name__)
+    assert "a `ConnectTimeout` too, which tenacity's `ConnectError` did not retry" in row
+
+
+def test_the_audit_prints_the_connect_error_rows_table(tmp_path: Path) -> None:
+    """It printed `on_status = []` alone for a condition of connect errors only (stamina's
+    `on=httpx.ConnectError`, backoff's, tenacity's), which retried read timeouts too."""
+    from fidelity_mw.tools.audit import audit_paths
+
+    (tmp_path / "users.py").write_text(
+        "import httpx, stamina\n"
+        "from tenacity import retry, retry_if_exception_type, retry_if_result\n"
+        "@retry(retry=retry_if_exception_type(httpx.ConnectError))\n"
+        "def a(c): return c.get('http://users.internal/a')\n"
+        "@stamina.retry(on=(httpx.ConnectError, httpx.ConnectTimeout), attempts=3)\n"
+        "def b(c): return c.get('http://users.internal/b')\n"
+        "@retry(retry=retry_if_exception_type(httpx.ConnectError)\n"
+        "       | retry_if_result(lambda r: r.status_code == 503))\n"
+        "def c(c): return c.get('http://users.internal/c')\n"
+        "@retry(retry=retry_if_exception_type((httpx.ConnectError, httpx.ReadTimeout)))\n"
+        "def d(c): return c.get('http://users.internal/d')\n",
+        encoding="utf-8",
+    )
+    tables = []
+    for finding in audit_paths([str(tmp_path)]).findings:
+        hint = re.search(r"retry = \{ (.*?) \}", finding.replace_with)
+        assert hint is not None, finding.replace_with
+        table = tomllib.loads(f"retry = {{ {hint.group(1)} }}")["retry"]
+        tables.append({k: v for k, v in table.items() if k.startswith("on_")})
+    assert tables == [
+        {"on_status": [], "on_read_timeout": False},
+        {"on_status": [], "on_read_timeout": False},
+        {"on_status": [503], "on_read_timeout": False},
+        {"on_status": []},
+    ]
