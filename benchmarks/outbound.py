@@ -914,7 +914,9 @@ def build_pieces() -> dict[str, Layer | InRequest]:
     from fidelity_mw.policy import UpstreamConfig
 
     def transport(inner: Any = None, telemetry: bool = False, **upstream: Any) -> Any:
-        policy = Policy(upstreams=(UpstreamConfig(host="*", **upstream),)) if upstream else None
+        # a service's instances are named by its host (a glob there is a policy error)
+        host = httpx.URL(URL).host if "instances" in upstream else "*"
+        policy = Policy(upstreams=(UpstreamConfig(host=host, **upstream),)) if upstream else None
         return FidelityTransport(inner or Null(), telemetry=telemetry, policy=policy)
 
     def in_request(transport: Any, read: bool = False) -> InRequest:

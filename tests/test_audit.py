@@ -352,18 +352,14 @@ def test_breaker_hints_open_and_wait_like_the_library(tmp_path):
             f"; outbound, {finding.library} never retried the call: retry = {{ attempts = 1 }} "
             "keeps it so (FidelityTransport retries idempotent calls by default)"
         )
-    probe = ", half_open_probes = 1 }"
+    ratio = "failure_ratio = 1.0, "
+    probe = ", open_jitter = 0, half_open_probes = 1 }"
     assert hints == [
-        "breaker = { consecutive_failures = 3, open_s = 20, open_min_s = 20, open_jitter = 0"
-        + probe,
-        "breaker = { consecutive_failures = 4, open_s = 120, open_min_s = 120, open_jitter = 0"
-        + probe,
-        "breaker = { consecutive_failures = 7, open_s = 30, open_min_s = 30, open_jitter = 0"
-        + probe,
-        "breaker = { consecutive_failures = 5, open_s = 60, open_min_s = 60, open_jitter = 0"
-        + probe,
-        "breaker = { consecutive_failures = 2, open_s = 0.5, open_min_s = 0.5, open_jitter = 0"
-        + probe,
+        f"breaker = {{ consecutive_failures = 3, {ratio}open_s = 20, open_min_s = 20" + probe,
+        f"breaker = {{ consecutive_failures = 4, {ratio}open_s = 120, open_min_s = 120" + probe,
+        f"breaker = {{ consecutive_failures = 7, {ratio}open_s = 30, open_min_s = 30" + probe,
+        f"breaker = {{ consecutive_failures = 5, {ratio}open_s = 60, open_min_s = 60" + probe,
+        f"breaker = {{ consecutive_failures = 2, {ratio}open_s = 0.5, open_min_s = 0.5" + probe,
     ]
     for hint in hints:
         table = tomllib.loads(f'[[upstream]]\nhost = "x"\n{hint}\n')

@@ -364,7 +364,8 @@ def test_pyresilience_presets_expand_to_their_concerns(tmp_path: Path):
     )
     assert hint(by[4, TIMEOUT]) == "attempt_timeout_ms = 2000"
     assert hint(by[4, BREAKER]) == (
-        "breaker = { consecutive_failures = 5, open_s = 30, open_min_s = 30, half_open_probes = 2 }"
+        "breaker = { consecutive_failures = 5, failure_ratio = 1, open_s = 30, open_min_s = 30, "
+        "half_open_probes = 2 }"
     )
     assert hint(by[8, RETRY]) == (
         'retry = { attempts = 4, base_ms = 1000, max_ms = 60000, jitter = "full", '
@@ -414,7 +415,7 @@ def test_resilient_middleware_config_is_inbound(tmp_path: Path):
     assert all(f.replace_with.startswith("FidelityMiddleware") for f in found)
     assert [hint(f) for f in found[:3]] == [
         '{ name = "application", match = "*", rate = "100/s", key = "global" }',
-        "breaker = { consecutive_failures = 10, open_s = 30, open_min_s = 30, "
+        "breaker = { consecutive_failures = 10, failure_ratio = 1, open_s = 30, open_min_s = 30, "
         "half_open_probes = 2 }",
         "[deadline] default_ms = 30000",
     ]

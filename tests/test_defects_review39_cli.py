@@ -66,9 +66,12 @@ def test_the_audit_gives_purgatorys_factory_its_breaker_table(tmp_path: Path) ->
     report = audit_paths([str(source)], [])
     hints = sorted(f.replace_with for f in report.findings if f.kind == "breaker")
     assert any(
-        "consecutive_failures = 4, open_s = 20, open_min_s = 20, open_jitter = 0, "
+        "consecutive_failures = 4, failure_ratio = 1.0, open_s = 20, open_min_s = 20, "
+        "open_jitter = 0, "
         "half_open_probes = 1" in hint
         for hint in hints
     ), hints
     # its defaults, 5 failures and 30 s, as purgatory's own
-    assert any("consecutive_failures = 5, open_s = 30" in hint for hint in hints), hints
+    assert any(
+        "consecutive_failures = 5, failure_ratio = 1.0, open_s = 30" in hint for hint in hints
+    ), hints

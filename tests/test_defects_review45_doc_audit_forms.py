@@ -333,7 +333,8 @@ def test_pybreaker_and_slowapi_forms_get_the_pages_tables() -> None:
     )
     texts = [f.replace_with for f in audit_source(source, "app.py")]
     assert any(
-        "breaker = { consecutive_failures = 3, open_s = 30, open_min_s = 30, open_jitter = 0, "
+        "breaker = { consecutive_failures = 3, failure_ratio = 1.0, open_s = 30, open_min_s = 30, "
+        "open_jitter = 0, "
         "half_open_probes = 1 }"
         in t
         and "retry = { attempts = 1 }" in t

@@ -443,7 +443,17 @@ def parse_rate(text: str) -> tuple[int, float]:
     if unit not in _PERIODS and len(unit) > 3 and unit[:-1] in _PERIODS:
         unit = unit[:-1]  # "minutes", "hours", "secs" (never "ms": that is no minute)
     if unit not in _PERIODS:
-        raise ValueError(f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d")
+        # slowapi's (the limits library's) month and year, which it counts as 30 and 360
+        # days: the message gives the same period in our units, not only what is allowed
+        one = {"month": 30, "months": 30, "year": 360, "years": 360}.get(unit, 0)
+        days = one * (int(multiple) if multiple else 1)
+        fix = ""
+        if 0 < days <= MAX_RATE_PERIOD_S / 86_400:
+            fix = f" (slowapi counts a {unit.rstrip('s')} as {one}d: write "
+            fix += f"{_toml(f'{count}/{days}d')})"
+        raise ValueError(
+            f"unknown period unit {_toml(unit)} in {_toml(text)}: use s, min, h or d{fix}"
+        )
     if count < 1:
         raise ValueError(f"{_toml(text)} admits nothing: the count must be at least 1")
     periods = int(multiple) if multiple else 1
@@ -1233,6 +1243,25 @@ class UpstreamConfig(_Validated):
     # one pays its units however it ends (inbound/refusals.charged_for_upstream). Left
     # out of `to_dict` while false, as `RateLimit.client_ipv6_prefix` while unset.
     client_chosen: bool = _spec(False, boolean, unset_unversioned=True)
+
+    def _cross_checks(self) -> list[PolicyIssue]:
+        # The transport sends every host the entry matches to the instances: under a glob
+        # (`*`, `*.internal`) a call to https://example.com/x went to http://10.0.0.7:8080/x,
+        # silently, for every host the service's author never meant.
+        if (
+            self._valid("host", "instances")
+            and self.instances
+            and any(ch in self.host for ch in "*?")
+        ):
+            return [
+                PolicyIssue(
+                    "instances",
+                    f"a service's host is the one name callers put in their URLs, not a glob: "
+                    f"with host {_toml(self.host)} every host it matches would be sent to these "
+                    'instances; write the service\'s name (for example host = "payments")',
+                )
+            ]
+        return []
 
 
 DEFAULT_TRUSTED_PEERS = (

@@ -206,8 +206,9 @@ DESCRIPTIONS: dict[str, str] = {
     # [[rate_limit]]
     "rate_limit.name": "Unique name; keys the counters and appears in `RateLimit-Policy`.",
     "rate_limit.rate": "Sustained rate: `N/s`, `N/min`, `N/h`, `N/d`, or a multiple such as "
-    "`5/10min`. slowapi's spellings work too (`5/minute`, `5 per 2 minutes`); one rate per "
-    "limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
+    "`5/10min`. slowapi's spellings work too (`5/minute`, `5 per 2 minutes`), but for its "
+    "month and year: write the days it counts (`1000/month` is `1000/30d`, `1/year` "
+    "`1/360d`); one rate per limit: `5/minute;100/hour` is two `[[rate_limit]]` tables.",
     "rate_limit.burst": "Bucket size: how many requests may arrive at once. Defaults to the "
     "N of `rate`.",
     "rate_limit.cost": (
@@ -351,7 +352,8 @@ DESCRIPTIONS: dict[str, str] = {
     "host, so N instances do not get N times the budget and its floor.",
     "upstream.instances": "Base URLs of the instances of a service (`http://10.0.0.7:8080`). "
     "Set with a logical `host` (`payments`): callers address `http://payments/...` and the "
-    "transport picks an instance for every attempt (docs/outbound.md, services).",
+    "transport picks an instance for every attempt (docs/outbound.md, services). The `host` "
+    "is a name, not a glob: under `*` every host called would go to the instances (an error).",
     "upstream.panic_threshold": "Panic mode: when fewer than this share of a service's "
     "instances are admissible, spread over all of them instead of refusing.",
     "upstream.max_ejected_ratio": "At most this share of a service's instances is ejected "

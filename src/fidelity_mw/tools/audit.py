@@ -2044,9 +2044,11 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
         kw.update(zip((fails_arg, open_arg), call.args[:2], strict=False))
     fails = _literal(kw[fails_arg]) if fails_arg in kw else fails_default
     open_s = _seconds(kw.get(open_arg), open_default)
-    parts = []
+    parts: list[str] = []
     if isinstance(fails, int) and not isinstance(fails, bool) and fails >= 1:
-        parts.append(f"consecutive_failures = {fails}")
+        fields: dict[str, object] = {}
+        toolkits.consecutive(fields, fails)
+        parts.extend(f"{key} = {value}" for key, value in fields.items())
     if open_s is not None and open_s >= 0.001:
         # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
         parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
@@ -2061,6 +2063,26 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
     return f"e.g. breaker = {{ {', '.join(parts)}, half_open_probes = 1 }}; {no_retry}"
 
 
+# the limits library's calendar units, in the days it counts them as
+_CALENDAR = re.compile(r"^(\d+)\s*(?:/|\s+per\s+)\s*(\d*)\s*(month|year)s?$", re.IGNORECASE)
+_CALENDAR_DAYS: Final = {"month": 30, "year": 360}
+
+
+def _slowapi_rates(text: str) -> list[str]:
+    """slowapi's "5/minute;1000/month" -> ["5/minute", "1000/30d"]: one rate per limit,
+    a month or a year written as the days slowapi counted (ours has no such unit, so a
+    table that kept "1000/month" did not load)."""
+    rates = []
+    for rate in (r.strip() for r in re.split(r"[;,|]", text)):
+        m = _CALENDAR.match(rate)
+        if m:
+            days = _CALENDAR_DAYS[m.group(3).lower()] * int(m.group(2) or 1)
+            rate = f"{m.group(1)}/{days}d" if days <= 365 else rate
+        if rate:
+            rates.append(rate)
+    return rates
+
+
 def _slowapi_limiter_hint(call: ast.expr) -> str:
     """`Limiter(default_limits=[...], application_limits=[...])`: slowapi counts a
     default limit per route and an application limit over all routes together."""
@@ -2070,7 +2092,7 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
     hints = []
     defaults = kw.get("default_limits")
     if isinstance(defaults, list | tuple) and all(isinstance(d, str) for d in defaults):
-        rates = [r.strip() for d in defaults for r in re.split(r"[;,|]", d) if r.strip()]
+        rates = [r for d in defaults for r in _slowapi_rates(d)]
         deps = ", ".join(f'Depends(fidelity.limit("{r}"))' for r in rates)
         if deps:
             hints.append(
@@ -2080,7 +2102,7 @@ def _slowapi_limiter_hint(call: ast.expr) -> str:
             )
     apps = kw.get("application_limits")
     if isinstance(apps, list | tuple) and all(isinstance(a, str) for a in apps):
-        rates = [r.strip() for a in apps for r in re.split(r"[;,|]", a) if r.strip()]
+        rates = [r for a in apps for r in _slowapi_rates(a)]
         tables = [
             f'{{ name = "application{"" if i == 0 else f"-{i + 1}"}", match = "*", rate = "{r}" }}'
             for i, r in enumerate(rates)
@@ -2172,7 +2194,7 @@ def _limit_hint(
     text = _literal(deco.args[0])
     if not isinstance(text, str):
         return ""
-    rates = [r.strip() for r in re.split(r"[;,|]", text) if r.strip()]
+    rates = _slowapi_rates(text)
     match = f'match = "{_ROUTE_PARAM.sub("*", route)}", ' if route else ""
     own_key = next((k.value for k in deco.keywords if k.arg == "key_func"), None)
     header = _header_key(own_key)

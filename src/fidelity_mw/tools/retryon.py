@@ -37,10 +37,17 @@ _STATUS_BASES = frozenset(("HTTPStatusError", "HTTPError", "Exception", "BaseExc
 _SERVER_ERRORS = frozenset(range(500, 600))
 
 
+# A connect error alone: the request was never sent (`on_connect_error` covers both)
+_CONNECT_ONLY = frozenset(("ConnectError", "ConnectTimeout"))
+
+
 @dataclass(frozen=True, slots=True)
 class RetriedOn:
     errors: str  # NONE | TRANSPORT | STATUS
     statuses: frozenset[int] = frozenset()
+    # errors after the request went out (a read timeout, a reset) retried too: False for
+    # `retry_if_exception_type(httpx.ConnectError)`, which raised them at once
+    after_sending: bool = True
 
 
 def _name(node: ast.expr) -> str | None:
@@ -59,6 +66,7 @@ def exceptions(node: ast.expr | None) -> RetriedOn | None:
     if not names:
         return RetriedOn(NONE)
     kinds = set()
+    found = set()
     for item in names:
         name = _name(item)
         if name in _STATUS_BASES:
@@ -67,7 +75,9 @@ def exceptions(node: ast.expr | None) -> RetriedOn | None:
             kinds.add(TRANSPORT)
         else:  # a class of the app's may be raised on a status: not said
             return None
-    return RetriedOn(STATUS if STATUS in kinds else TRANSPORT)
+        found.add(name)
+    errors = STATUS if STATUS in kinds else TRANSPORT
+    return RetriedOn(errors, after_sending=not found <= _CONNECT_ONLY)
 
 
 def _ints(node: ast.expr) -> frozenset[int] | None:
@@ -134,7 +144,9 @@ def _union(a: RetriedOn | None, b: RetriedOn | None) -> RetriedOn | None:
         return None
     order = (NONE, TRANSPORT, STATUS)
     errors = max(a.errors, b.errors, key=order.index)
-    return RetriedOn(errors, a.statuses | b.statuses)
+    # a result's test (NONE) retries no error, so it leaves the other side's as they are
+    sending = [on.after_sending for on in (a, b) if on.errors != NONE]
+    return RetriedOn(errors, a.statuses | b.statuses, any(sending) if sending else True)
 
 
 def _last(node: ast.expr) -> str:
@@ -181,5 +193,7 @@ def keys(on: RetriedOn | None) -> dict[str, object]:
     out["on_status"] = sorted(statuses) + listed
     if on.errors == NONE:  # a result's test alone: a connect error was raised, not retried
         out["on_connect_error"] = False
+        out["on_read_timeout"] = False
+    elif not on.after_sending:  # connect errors alone: a read timeout was raised at once
         out["on_read_timeout"] = False
     return out

@@ -20,6 +20,7 @@ import ast
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 RETRY = "retry"
 BREAKER = "breaker"
@@ -326,6 +327,21 @@ def budget_fields(
     if window is not None:
         fields["budget_window_s"] = _clamp(window, 0.1, 3_600.0)
     return fields
+
+
+# `[breaker] min_calls`' default (the audit imports nothing of the package's policy)
+BREAKER_MIN_CALLS: Final = 20
+
+
+def consecutive(fields: dict[str, object], fails: int) -> None:
+    """A breaker that opens on `fails` failures in a row, and on nothing else: our
+    ratio rule (half of 20 calls by default) opened on a 50 % failure rate that theirs
+    never opened on. A ratio of 1 over at least `fails` calls opens only where `fails`
+    failures in a row already did."""
+    fields["consecutive_failures"] = fails
+    fields["failure_ratio"] = 1.0
+    if fails > BREAKER_MIN_CALLS:
+        fields["min_calls"] = fails
 
 
 def breaker_open(fields: dict[str, object], open_s: float | None, probes: float | None) -> None:
@@ -660,7 +676,7 @@ def _pyresilience_breaker(call: ast.Call) -> str:
     elif size == 0:
         fails = number(call, 0, "failure_threshold", 5)
         if fails is not None and fails >= 1:
-            fields["consecutive_failures"] = int(fails)
+            consecutive(fields, int(fails))
     breaker_open(
         fields, number(call, 1, "recovery_timeout", 30.0), number(call, 2, "success_threshold", 2)
     )
@@ -720,7 +736,7 @@ def preset_hints(name: str, call: ast.Call, ctx: Ctx) -> list[tuple[str, str, st
     fields = {}
     fails = n("circuit_failure_threshold")
     if fails is not None and fails >= 1:
-        fields["consecutive_failures"] = int(fails)
+        consecutive(fields, int(fails))
     breaker_open(fields, n("circuit_recovery_seconds"), n("success_threshold"))
     out.append((BREAKER, "circuit breaker", f"e.g. breaker = {inline(fields)}" if fields else ""))
     if values.get("max_concurrent") is not None:
