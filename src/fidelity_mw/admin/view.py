@@ -187,6 +187,10 @@ def render(
         views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
     for view in views:
         kind, _, subject = view.key.partition(":")
+        # a process's own breaker (`scope = "process"`) is stored under its key + "@" + the
+        # process's id (`key` says so): its subject is the route or host, as the gauge
+        # names it and as the memory store keeps it
+        subject = fleet_key(subject)
         if kind == "upstream" and configs.breaker(view.key) is None:
             # the policy has no breaker there (any more: a swap set `breaker = false`);
             # the store keeps it as it was, which nothing updates again

@@ -76,6 +76,7 @@ from ..context import (
 )
 from ..inbound.admission import admission_decisions, admission_shape
 from ..inbound.responses import shed_outcome
+from ..state.base import fleet_key
 from ..state.snapshot import first_breakers
 from . import schema as s
 from .metrics import MAX_PENDING, Metrics, metrics_for
@@ -555,6 +556,13 @@ class BreakerWatch:
                 kind, _, subject = str(key).partition(":")
                 state = getattr(breaker, "state", None)
                 if isinstance(state, str) and subject:
+                    if shared:
+                        # a process's own breaker (`scope = "process"`) is kept under its
+                        # key + "@" + the process's id, random per start: named as the
+                        # fleet's breaker would be, as on Redis and memory, so a series and
+                        # the alerts that select it outlive a restart (the series is this
+                        # process's already, by its resource)
+                        subject = fleet_key(subject)
                     found = (subject, "route" if kind == "route" else "upstream")
                     states[found] = state
                     if shared and (found in seen or len(seen) < _MAX_SUBJECTS):
