@@ -64,6 +64,7 @@ from opentelemetry.trace import (
 from .._mypyc import mypyc_attr
 from ..context import (
     ALLOW,
+    ATTEMPT_DECISIONS,
     GIVE_UP,
     LAYER_BREAKER,
     LAYER_LB,
@@ -1129,7 +1130,7 @@ class Telemetry:
                 return None
             if attempt > 1:
                 current.set_attribute(s.HTTP_REQUEST_RESEND_COUNT, attempt - 1)
-            self._add_events(current, ctx, _attempt_decisions(ctx, request.url))
+            self._add_events(current, ctx, _attempt_decisions(ctx, request))
             return _Attempt(current, None, False, 0.0, None)
         url = request.url
         method, original = _method(request.method)
@@ -1143,7 +1144,7 @@ class Telemetry:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
         if attempt > 1:
             attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
-        decisions = _attempt_decisions(ctx, url)
+        decisions = _attempt_decisions(ctx, request)
         if decisions:
             attrs[s.DECISIONS] = summarize(decisions).packed
         span = tracer.start_span(
@@ -1383,11 +1384,20 @@ def _suppress_httpx_spans() -> AbstractContextManager[None] | None:
     return manager
 
 
-def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
-    """The decisions that led to this attempt: the trailing run for this upstream since
-    the previous attempt (a breaker probe, then the retry layer's attempt/retry decision)."""
+def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Decision]:
+    """The decisions that led to this attempt: the run for this upstream since the previous
+    attempt (a service's pick, a breaker probe, then the retry layer's attempt/retry
+    decision). It ends at the attempt's own decision when the loop names it
+    (`ATTEMPT_DECISIONS`: a retry's run, recorded before its backoff, is not the record's
+    last when another call of the request went on meanwhile); else at the record's end (a
+    first attempt, whose run and start no other call's decisions come between)."""
     decisions = ctx.decisions
-    subject = _subject_of(url)
+    marked = request.extensions.get(ATTEMPT_DECISIONS)
+    if marked:
+        own = _own_run(decisions, marked)
+        if own is not None:
+            return own
+    subject = _subject_of(request.url)
     if decisions and decisions[-1].subject != subject:
         subject = _service_of(decisions, subject)
     out: list[Decision] = []
@@ -1401,6 +1411,36 @@ def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
             seen_attempt = True
         out.append(d)
     out.reverse()
+    return out
+
+
+def _own_run(decisions: Sequence[Decision], marked: Sequence[Decision]) -> list[Decision] | None:
+    """The run that ends at the attempt's retry-layer decision `marked[0]` (found by
+    identity among the record's last entries), then the rest of `marked`: back to the
+    previous retry-layer decision, or to the run's pick (a service's `lb` decision: each
+    attempt's first), never another upstream's. None when the record no longer holds it (a
+    long request's, bounded)."""
+    last = marked[0]
+    n = len(decisions)
+    at = n - 1
+    stop = max(-1, n - 64)
+    while at > stop and decisions[at] is not last:
+        at -= 1
+    if at <= stop:
+        return None
+    subject = last.subject
+    out: list[Decision] = []
+    at -= 1
+    while at >= 0 and len(out) < 7:
+        d = decisions[at]
+        if d.subject != subject or d.layer == LAYER_RETRY:
+            break
+        out.append(d)
+        if d.layer == LAYER_LB:
+            break
+        at -= 1
+    out.reverse()
+    out.extend(marked)
     return out
 
 
