@@ -500,22 +500,38 @@ class BreakerWatch:
                             seen[key] = "open"
 
     def _drop_unbreakered(self, states: dict[tuple[str, str], str]) -> None:
-        """Leave out the upstream breakers no engine's policy has any more (a swap that
-        set `breaker = false`): the store keeps such a breaker as it was, open for good
-        when it was open, and nothing uses or updates it again. Asked of the policy the
-        way the admin page ages a breaker (a service's instances take the service's)."""
-        if not any(kind == "upstream" for _, kind in states):
+        """Leave out the breakers no engine's policy has any more (a swap that set
+        `breaker = false`): the store keeps such a breaker as it was, open for good when
+        it was open, and nothing uses or updates it again. An upstream's is asked of the
+        policy the way the admin page ages a breaker (a service's instances take the
+        service's); a route's as the page asks it (`route_breakers_in_force`: one its
+        endpoint's code declares stays, as it stays in force)."""
+        if not states:
             return
-        from ..admin.view import snapshot_configs  # (the page's imports: not at start-up)
+        # (the page's imports: not at start-up)
+        from ..admin.view import route_breakers_in_force, snapshot_configs
 
-        lookups = [snapshot_configs(engine).breaker for engine in list(self.engines)]
-        if not lookups:
+        engines = list(self.engines)
+        if not engines:
             return
-        for found in [k for k in states if k[1] == "upstream"]:
-            key = "upstream:" + found[0]
-            if all(breaker(key) is None for breaker in lookups):
-                del states[found]
-                self.seen.pop(found, None)
+        lookups = None
+        routes = None
+        for found in list(states):
+            subject, kind = found
+            if kind == "upstream":
+                if lookups is None:
+                    lookups = [snapshot_configs(engine).breaker for engine in engines]
+                key = "upstream:" + subject
+                if all(breaker(key) is None for breaker in lookups):
+                    del states[found]
+                    self.seen.pop(found, None)
+            elif kind == "route":
+                if routes is None:
+                    routes = [route_breakers_in_force(engine) for engine in engines]
+                if not any(in_force(subject) for in_force in routes):
+                    # (its reading kept: the store keeps the breaker, and a swap back
+                    # shows it again as a memory store's gauge does, before a request)
+                    del states[found]
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
