@@ -659,7 +659,8 @@ def attempts(
                         ctx._decisions.append(decision)  # (`decisions`, without its call)
                     else:
                         ctx.decisions.append(decision)
-                    marked = (decision,)
+                    if observer is not None:
+                        marked = (decision,)
                 if observer is not None:
                     if marked:
                         request.extensions[ATTEMPT_DECISIONS] = marked
