@@ -42,6 +42,13 @@ SOURCE_CACHE: Final = "cache"
 SOURCE_FALLBACK: Final = "fallback"
 SOURCE_REQUEST: Final = "request"  # decided on the request itself (headers), no stored state
 
+# On an outbound request's extensions while its attempt starts (`AttemptObserver.
+# attempt_start`), set by the retry loop: the attempt's own decisions, the retry layer's
+# (its `attempt`, `retry` or `hedge`) first, then any it took after that one's wait (a
+# probe taken again). Calls made together in one request share its record, so the run of
+# decisions that led to an attempt is found from there, not from the record's end.
+ATTEMPT_DECISIONS: Final = "fidelity_mw.attempt_decisions"
+
 DetailValue = str | int | float | bool
 
 

@@ -178,6 +178,11 @@ class Engine:
         self._head_routes = names_head(self.policy.routes)
         # globs said to match only with the root path (`_say_root_path_globs`)
         self._root_globs_said: set[str] = set()
+        # The routes whose breaker their endpoint's code declares (`overrides.py`), noted
+        # as their plans are built: a policy swap clears the plans, not the code, so the
+        # breaker gauge and the admin page keep these when the new policy has no breaker
+        # for them (`admin.view.route_breaker_in_force`).
+        self.coded_breakers: set[str] = set()
         # The app the middleware wraps: its routes name route identities when
         # `scope["app"]` is missing (the middleware wrapped the app directly).
         self.route_app: object | None = None
@@ -324,6 +329,7 @@ class Engine:
         # policy's defaults (a 30 s deadline for the route's 1.5 s) on the route's name.
         served_as = {**scope, "method": asked} if asked else scope
         route_cfg = self._route_config(asked or method, path)
+        entry = route_cfg
         # breaker / deadline declared on the endpoint in code (overrides.py)
         route_cfg = endpoint_overrides(served_as, self.route_app, route_cfg)
         # the framework's route: the route's name unless the policy names it, and its
@@ -334,6 +340,12 @@ class Engine:
             served = None
         if route_cfg is not None:
             route = route_cfg.name or route_cfg.match
+            if (
+                route_cfg is not entry
+                and isinstance(route_cfg.breaker, BreakerConfig)
+                and (entry is None or route_cfg.breaker is not entry.breaker)
+            ):
+                self.coded_breakers.add(route)
         else:
             route = UNMATCHED if served is None else served.name
         breaker = policy.breaker

@@ -127,6 +127,45 @@ def snapshot_configs(
     )
 
 
+def route_breakers_in_force(engine: Engine) -> Callable[[str], bool]:
+    """Does the route named `subject` (a route breaker key's, `route:` less; a process's
+    own, `@<id>`, too) have a breaker under the engine's policy now? Its plans say, when
+    any was built since the last swap; else its code, when its endpoint declares one (the
+    swap clears the plans, not the code: `Engine.coded_breakers`); else the policy alone
+    (its `[[route]]` entry by name or glob, else `[breaker]`). A breaker the store keeps
+    for a route that has none any more (a swap that set `breaker = false`) is left out of
+    the breaker gauge and this page: nothing uses or updates it again."""
+    planned: dict[str, bool] | None = None
+    policy = engine.policy
+
+    def in_force(subject: str) -> bool:
+        nonlocal planned
+        if planned is None:
+            planned = {}
+            for name in ("_plans", "_host_plans"):
+                for plan in list(getattr(engine, name, {}).values()):
+                    route = getattr(plan, "route", None)
+                    if isinstance(route, str):
+                        has = getattr(plan, "breaker", None) is not None
+                        planned[route] = planned.get(route, False) or has
+        route = fleet_key(subject)
+        known = planned.get(route)
+        if known is not None:
+            return known
+        if route in getattr(engine, "coded_breakers", ()):
+            return True
+        for entry in policy.routes:
+            if route in (entry.name, entry.match):
+                if isinstance(entry.breaker, BreakerConfig):
+                    return True
+                if entry.breaker is False:
+                    return False
+                break
+        return policy.breaker is not None
+
+    return in_force
+
+
 class Since:
     """When each breaker entered its state, where the store cannot say: the first time
     this page saw that epoch (a lower bound, marked as such)."""
@@ -185,8 +224,15 @@ def render(
         # max_breakers): those not closed first, then route breakers, in the store's
         # order. (The stores here list only those already; another store may not.)
         views = sorted(views, key=_breaker_rank)[: max(0, top_breakers)]
+    route_in_force = route_breakers_in_force(engine)
     for view in views:
         kind, _, subject = view.key.partition(":")
+        if kind == "route" and not route_in_force(subject):
+            continue  # (its route has no breaker any more: a swap turned it off)
+        # a process's own breaker (`scope = "process"`) is stored under its key + "@" + the
+        # process's id (`key` says so): its subject is the route or host, as the gauge
+        # names it and as the memory store keeps it
+        subject = fleet_key(subject)
         if kind == "upstream" and configs.breaker(view.key) is None:
             # the policy has no breaker there (any more: a swap set `breaker = false`);
             # the store keeps it as it was, which nothing updates again

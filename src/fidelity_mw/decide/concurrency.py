@@ -686,7 +686,12 @@ class ConcurrencyLimiter:
             return False
 
     def release(
-        self, latency_s: float | None = None, *, dropped: bool = False, lag_s: float = 0.0
+        self,
+        latency_s: float | None = None,
+        *,
+        dropped: bool = False,
+        lag_s: float = 0.0,
+        now: float | None = None,
     ) -> list[object]:
         """One admitted request finished. Returns the waiters that now hold a slot.
 
@@ -696,6 +701,10 @@ class ConcurrencyLimiter:
         is how long work that is ready waits to run (the event loop's lag): a
         request arriving now waits that long before anything can admit it, a
         queue the route's own latency does not show, so it counts in the sample.
+        While pacing, the freed slot goes to one waiter (at `now`, the caller's clock,
+        for the pacing gap), whatever room a limit that grew with this sample has
+        besides: the queue's pacing turns (`admit_waiter`) hand that out, one per
+        PACE_S, as arrivals get it.
         """
         lock = self._lock
         lock.acquire()
@@ -716,19 +725,25 @@ class ConcurrencyLimiter:
             if not self._waiters:  # the common case, without a call
                 self.in_flight = max(0, self.in_flight - 1)
                 return []
-            return self._free_one()
+            return self._free_one(now)
         finally:
             lock.release()
 
-    def give_back(self) -> list[object]:
+    def give_back(self, now: float | None = None) -> list[object]:
         """A slot that served no request (its waiter gave up, or could not be woken):
-        free it for the waiters, without a sample. Returns those that now hold a slot."""
+        free it for the waiters, without a sample. Returns those that now hold a slot
+        (while pacing one at most, as `release`)."""
         with self._lock:
-            return self._free_one()
+            return self._free_one(now)
 
-    def _free_one(self) -> list[object]:
+    def _free_one(self, now: float | None = None) -> list[object]:
         self.in_flight = max(0, self.in_flight - 1)
         woken: list[object] = []
+        # While pacing, the slot freed goes to one waiter: a limit that grew at this
+        # release has room for more, but let in together they would wake side by side,
+        # which pacing is there to prevent (the module doc); the queue's own pacing
+        # turns admit them one per PACE_S. Not pacing, every waiter the room allows.
+        paced = self.pacing
         while self._waiters:
             rank, _seq, token = self._waiters[0]
             if self.in_flight >= self._room(PRIORITIES[rank]):
@@ -736,6 +751,10 @@ class ConcurrencyLimiter:
             heapq.heappop(self._waiters)
             self.in_flight += 1
             woken.append(token)
+            if paced:
+                if now is not None:
+                    self._admitted_at = now
+                break
         return woken
 
     @property

@@ -228,7 +228,7 @@ class Bulkheads:
             # Cancelled after its turn gave it a slot (before it ran again): it frees the
             # slot it took; cancelled before, it took none (the turn skips it).
             if answer.done() and not answer.cancelled() and answer.result().admitted:
-                self._wake(limiter, limiter.give_back())
+                self._give_back(plan.route, limiter)
             raise
         now = self.monotonic()
         if admission.admitted:
@@ -332,7 +332,7 @@ class Bulkheads:
         except (TimeoutError, asyncio.CancelledError, ClientDisconnect) as exc:
             if not limiter.abandon(slot):
                 # A release handed us the slot just as we gave up: give it back.
-                self._wake(limiter, limiter.give_back())
+                self._give_back(plan.route, limiter)
             if isinstance(exc, asyncio.CancelledError):
                 listener.stopped = True  # (the request is cancelled: its read with it)
                 raise
@@ -356,7 +356,7 @@ class Bulkheads:
                 ctx, plan, DISPLACED, priority, limiter, now
             ), listener.receive_now()
         if deadline_at is not None and now >= deadline_at:  # handed over too late
-            self._wake(limiter, limiter.give_back())
+            self._give_back(plan.route, limiter)
             return self._expired(ctx, now), listener.receive_now()
         self._record(ctx, plan, QUEUED, "slot_freed", priority, limiter, now, queued=now - arrived)
         return None, listener.receive_now()
@@ -404,9 +404,22 @@ class Bulkheads:
                 probe = self._lag[plan.route] = LagProbe(self.monotonic)
             lag = probe.lag_s
             probe.arm()
-        woken = limiter.release(latency, dropped=dropped, lag_s=lag)
+        # (`now`, for the pacing gap of a slot handed to a waiter: only when one waits)
+        now = self.monotonic() if limiter.waiting else None
+        woken = limiter.release(latency, dropped=dropped, lag_s=lag, now=now)
         if woken:
             self._wake(limiter, woken)
+            if limiter.estimate is not None:
+                # (while pacing a release hands out one slot: more room, a limit that grew
+                # with it, goes to the queue's pacing turns)
+                self._pace_queue(plan.route, limiter)
+
+    def _give_back(self, route: str, limiter: ConcurrencyLimiter) -> None:
+        """A slot that served no request goes to the waiters (while pacing one of them;
+        the queue's pacing turns admit the rest, as after a release)."""
+        self._wake(limiter, limiter.give_back(self.monotonic()))
+        if limiter.estimate is not None:
+            self._pace_queue(route, limiter)
 
     def _pace_queue(self, route: str, limiter: ConcurrencyLimiter) -> None:
         """While a waiter of an adaptive route waits though the limit has room for it (it

@@ -60,6 +60,7 @@ import httpx
 from ..clock import SystemClock
 from ..context import (
     ALLOW,
+    ATTEMPT_DECISIONS,
     LAYER_BREAKER,
     LAYER_BUDGET,
     LAYER_DEADLINE,
@@ -561,6 +562,9 @@ def attempts(
     # a retry counted and not sent yet: (when, the gate's source, the store's `spent_at`)
     unsent: tuple[float, str, float | None] | None = None
     regate = False  # the retry's probe slot was given back for its wait: take it again
+    # this attempt's retry-layer decision, and a probe its regate took (the observer's
+    # `ATTEMPT_DECISIONS`): recorded before the backoff, another call's may follow it
+    marked: tuple[Decision, ...] = ()
     number = 0  # the attempt's number (a retry's is taken when it is decided)
     # the last attempt's success as counted (its gate), or its target's, for a broken body
     counted: Gate | None = None
@@ -605,6 +609,9 @@ def attempts(
                         ctx, up, local, target, breaker_key, unsent, number, attempt - 1, now,
                         last_error,
                     )  # fmt: skip
+                    if gate is not None and gate.probe_id and marked:
+                        # (its probe decision, the record's last: `gate_answer`, no wait after)
+                        marked = (marked[0], ctx.decisions[-1])
                 if number < attempt and gate is not None and gate.verdict != "allow":
                     # (a retry's gate was answered when the retry was decided)
                     gate_answer(ctx, up, gate, source, age, attempt - 1, now, last_error)
@@ -625,11 +632,13 @@ def attempts(
                 if target is not None:
                     _aim(request, target, original_url, own_sni)
                 if race is not None and hedge:
-                    ctx.decisions.append(
-                        Decision(LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
-                                 with_why(source, {"attempt": number,
-                                                   "after_ms": round(race.delay_s * 1000.0, 3)}))
+                    after_ms = round(race.delay_s * 1000.0, 3)
+                    hedged = Decision(
+                        LAYER_RETRY, up.key, HEDGE, SLOW_ATTEMPT, source, age, now,
+                        with_why(source, {"attempt": number, "after_ms": after_ms}),
                     )  # fmt: skip
+                    ctx.decisions.append(hedged)
+                    marked = (hedged,)
                 elif attempt == 1:
                     decision = _new_tuple(
                         Decision,
@@ -650,7 +659,17 @@ def attempts(
                         ctx._decisions.append(decision)  # (`decisions`, without its call)
                     else:
                         ctx.decisions.append(decision)
-                token = observe_start(observer, ctx, request, number) if observer else None
+                    if observer is not None:
+                        marked = (decision,)
+                if observer is not None:
+                    if marked:
+                        request.extensions[ATTEMPT_DECISIONS] = marked
+                    token = observe_start(observer, ctx, request, number)
+                    if marked:
+                        request.extensions.pop(ATTEMPT_DECISIONS, None)
+                        marked = ()
+                else:
+                    token = None
                 if target is not None:
                     target.outstanding += 1
                     if race is not None:
@@ -918,10 +937,10 @@ def attempts(
                             if scoped is not None:  # what the response's Retry-After did
                                 details["retry_after_s"] = round(scoped.retry_after_s, 3)
                                 details["retry_after_scope"] = scope
-                            ctx.decisions.append(
-                                Decision(LAYER_RETRY, up.key, RETRY, cause, source, age, now,
-                                         with_why(source, details))
-                            )  # fmt: skip
+                            retried = Decision(LAYER_RETRY, up.key, RETRY, cause, source, age,
+                                               now, with_why(source, details))  # fmt: skip
+                            ctx.decisions.append(retried)
+                            marked = (retried,)
                             if spent_budget:
                                 unsent = (now, source, spent_at)
                             if regate:

@@ -64,6 +64,7 @@ from opentelemetry.trace import (
 from .._mypyc import mypyc_attr
 from ..context import (
     ALLOW,
+    ATTEMPT_DECISIONS,
     GIVE_UP,
     LAYER_BREAKER,
     LAYER_LB,
@@ -76,6 +77,7 @@ from ..context import (
 )
 from ..inbound.admission import admission_decisions, admission_shape
 from ..inbound.responses import shed_outcome
+from ..state.base import fleet_key
 from ..state.snapshot import first_breakers
 from . import schema as s
 from .metrics import MAX_PENDING, Metrics, metrics_for
@@ -498,22 +500,38 @@ class BreakerWatch:
                             seen[key] = "open"
 
     def _drop_unbreakered(self, states: dict[tuple[str, str], str]) -> None:
-        """Leave out the upstream breakers no engine's policy has any more (a swap that
-        set `breaker = false`): the store keeps such a breaker as it was, open for good
-        when it was open, and nothing uses or updates it again. Asked of the policy the
-        way the admin page ages a breaker (a service's instances take the service's)."""
-        if not any(kind == "upstream" for _, kind in states):
+        """Leave out the breakers no engine's policy has any more (a swap that set
+        `breaker = false`): the store keeps such a breaker as it was, open for good when
+        it was open, and nothing uses or updates it again. An upstream's is asked of the
+        policy the way the admin page ages a breaker (a service's instances take the
+        service's); a route's as the page asks it (`route_breakers_in_force`: one its
+        endpoint's code declares stays, as it stays in force)."""
+        if not states:
             return
-        from ..admin.view import snapshot_configs  # (the page's imports: not at start-up)
+        # (the page's imports: not at start-up)
+        from ..admin.view import route_breakers_in_force, snapshot_configs
 
-        lookups = [snapshot_configs(engine).breaker for engine in list(self.engines)]
-        if not lookups:
+        engines = list(self.engines)
+        if not engines:
             return
-        for found in [k for k in states if k[1] == "upstream"]:
-            key = "upstream:" + found[0]
-            if all(breaker(key) is None for breaker in lookups):
-                del states[found]
-                self.seen.pop(found, None)
+        lookups = None
+        routes = None
+        for found in list(states):
+            subject, kind = found
+            if kind == "upstream":
+                if lookups is None:
+                    lookups = [snapshot_configs(engine).breaker for engine in engines]
+                key = "upstream:" + subject
+                if all(breaker(key) is None for breaker in lookups):
+                    del states[found]
+                    self.seen.pop(found, None)
+            elif kind == "route":
+                if routes is None:
+                    routes = [route_breakers_in_force(engine) for engine in engines]
+                if not any(in_force(subject) for in_force in routes):
+                    # (its reading kept: the store keeps the breaker, and a swap back
+                    # shows it again as a memory store's gauge does, before a request)
+                    del states[found]
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise.
@@ -555,6 +573,13 @@ class BreakerWatch:
                 kind, _, subject = str(key).partition(":")
                 state = getattr(breaker, "state", None)
                 if isinstance(state, str) and subject:
+                    if shared:
+                        # a process's own breaker (`scope = "process"`) is kept under its
+                        # key + "@" + the process's id, random per start: named as the
+                        # fleet's breaker would be, as on Redis and memory, so a series and
+                        # the alerts that select it outlive a restart (the series is this
+                        # process's already, by its resource)
+                        subject = fleet_key(subject)
                     found = (subject, "route" if kind == "route" else "upstream")
                     states[found] = state
                     if shared and (found in seen or len(seen) < _MAX_SUBJECTS):
@@ -1121,7 +1146,7 @@ class Telemetry:
                 return None
             if attempt > 1:
                 current.set_attribute(s.HTTP_REQUEST_RESEND_COUNT, attempt - 1)
-            self._add_events(current, ctx, _attempt_decisions(ctx, request.url))
+            self._add_events(current, ctx, _attempt_decisions(ctx, request))
             return _Attempt(current, None, False, 0.0, None)
         url = request.url
         method, original = _method(request.method)
@@ -1135,7 +1160,7 @@ class Telemetry:
             attrs[s.HTTP_REQUEST_METHOD_ORIGINAL] = original
         if attempt > 1:
             attrs[s.HTTP_REQUEST_RESEND_COUNT] = attempt - 1
-        decisions = _attempt_decisions(ctx, url)
+        decisions = _attempt_decisions(ctx, request)
         if decisions:
             attrs[s.DECISIONS] = summarize(decisions).packed
         span = tracer.start_span(
@@ -1375,11 +1400,20 @@ def _suppress_httpx_spans() -> AbstractContextManager[None] | None:
     return manager
 
 
-def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
-    """The decisions that led to this attempt: the trailing run for this upstream since
-    the previous attempt (a breaker probe, then the retry layer's attempt/retry decision)."""
+def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Decision]:
+    """The decisions that led to this attempt: the run for this upstream since the previous
+    attempt (a service's pick, a breaker probe, then the retry layer's attempt/retry
+    decision). It ends at the attempt's own decision when the loop names it
+    (`ATTEMPT_DECISIONS`: a retry's run, recorded before its backoff, is not the record's
+    last when another call of the request went on meanwhile); else at the record's end (a
+    first attempt, whose run and start no other call's decisions come between)."""
     decisions = ctx.decisions
-    subject = _subject_of(url)
+    marked = request.extensions.get(ATTEMPT_DECISIONS)
+    if marked:
+        own = _own_run(decisions, marked)
+        if own is not None:
+            return own
+    subject = _subject_of(request.url)
     if decisions and decisions[-1].subject != subject:
         subject = _service_of(decisions, subject)
     out: list[Decision] = []
@@ -1393,6 +1427,36 @@ def _attempt_decisions(ctx: DecisionContext, url: httpx.URL) -> list[Decision]:
             seen_attempt = True
         out.append(d)
     out.reverse()
+    return out
+
+
+def _own_run(decisions: Sequence[Decision], marked: Sequence[Decision]) -> list[Decision] | None:
+    """The run that ends at the attempt's retry-layer decision `marked[0]` (found by
+    identity among the record's last entries), then the rest of `marked`: back to the
+    previous retry-layer decision, or to the run's pick (a service's `lb` decision: each
+    attempt's first), never another upstream's. None when the record no longer holds it (a
+    long request's, bounded)."""
+    last = marked[0]
+    n = len(decisions)
+    at = n - 1
+    stop = max(-1, n - 64)
+    while at > stop and decisions[at] is not last:
+        at -= 1
+    if at <= stop:
+        return None
+    subject = last.subject
+    out: list[Decision] = []
+    at -= 1
+    while at >= 0 and len(out) < 7:
+        d = decisions[at]
+        if d.subject != subject or d.layer == LAYER_RETRY:
+            break
+        out.append(d)
+        if d.layer == LAYER_LB:
+            break
+        at -= 1
+    out.reverse()
+    out.extend(marked)
     return out
 
 
