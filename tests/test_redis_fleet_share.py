@@ -15,7 +15,11 @@ reaches it: every request of the outage is admitted (about 2x the limit here; up
 gives one member 95 % of the requests (the skew of keep-alive connections under
 `uvicorn --workers`): weighted by load it enforces most of the limit, not a quarter.
 Redis is paused there once the fleet's load reports in Redis hold the skew, not after a
-fixed time (a starved member reports late).
+fixed time (a starved member reports late), and in the even runs once every member has
+announced under the risen load. What the busy member admitted is held against what the
+even share and its weight admit of the requests it was offered, as they came (replayed):
+a member starved on a busy machine decides its queued requests in clumps, and a bucket
+admits a burst of a clump, not the rate over the gap before it.
 
 The load is bounded in count and time; the slack covers a busy 2-core machine (a
 starved member decides late, never more often). Nothing asserts a duration.
@@ -32,9 +36,10 @@ from collections import Counter
 import pytest
 import redis as redis_sync
 
-from fidelity_mw.decide.fleet import load_weight
+from fidelity_mw.decide.fleet import load_weight, share_spec, weighted_spec
+from fidelity_mw.decide.gcra import LimitSpec, gcra
 from redis_server import RedisServer, require_redis
-from test_redis_fleet import N_PROCESSES, Connection, Fleet, Reply, load, running
+from test_redis_fleet import N_PROCESSES, Connection, Fleet, Reply, running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
@@ -43,6 +48,7 @@ BURST = 20
 PAUSE_AT_S = 1.0
 OUTAGE_S = 5.0
 LOAD_S = 7.0
+SETTLE_BUDGET_S = 30.0  # bounded: the wait for every member's announcement under the load
 SLACK = 1.2  # the issue's bound: admissions during the outage <= 1.2 x the fleet limit
 
 APP = textwrap.dedent(
@@ -164,21 +170,56 @@ async def outage_run(share_redis: RedisServer, tmp_path, share: bool) -> dict[st
     with running(fleet):
         await warm(fleet.ports, share_redis.url, f"fs-{name}" if share else None)
         marks: dict[str, float] = {}
+        stop = asyncio.Event()
 
         async def outage() -> None:
-            await asyncio.sleep(PAUSE_AT_S)
-            marks["paused"] = time.monotonic()
             try:
-                await asyncio.to_thread(share_redis.pause)
-                await asyncio.sleep(OUTAGE_S)
+                await asyncio.sleep(PAUSE_AT_S)  # the load rises 5x from the warm-up's
+                if share:
+                    await settled(share_redis.url, f"fs-{name}")
+                marks["paused"] = time.monotonic()
+                try:
+                    await asyncio.to_thread(share_redis.pause)
+                    await asyncio.sleep(OUTAGE_S)
+                finally:
+                    await asyncio.to_thread(share_redis.resume)
+                    marks["resumed"] = time.monotonic()
+                await asyncio.sleep(LOAD_S - PAUSE_AT_S - OUTAGE_S)
             finally:
-                await asyncio.to_thread(share_redis.resume)
-                marks["resumed"] = time.monotonic()
+                stop.set()
 
-        replies, _ = await asyncio.gather(
-            load(fleet.ports, "/api/limited", rate=2 * RATE, duration_s=LOAD_S), outage()
+        per_member, _ = await asyncio.gather(
+            skewed_load(fleet.ports, "/api/limited", rate=2 * RATE, stop=stop, skew=None),
+            outage(),
         )
-    return report(name, replies, marks)
+    return report(name, [r for replies in per_member for r in replies], marks)
+
+
+async def settled(url: str, prefix: str) -> None:
+    """Wait until every member holds a fleet size of four under the load: all four live at
+    one server time, then each announced after it (as `warm` waits). A member starved on
+    a busy machine announces late: one load 10 run had the load's first requests in
+    fallback (calls past their 100 ms timeout), and a member whose calls reached Redis
+    read the others dropped for that silence (sizes 2, 1) before the pause, 3 in it.
+    Bounded."""
+    client = redis_sync.Redis.from_url(url, socket_timeout=5.0)
+    key = f"{{{prefix}}}:fleet"
+    try:
+        deadline = time.monotonic() + SETTLE_BUDGET_S
+        joined_at: float | None = None  # server time when all four were live
+        members: list[tuple[bytes, float]] = []
+        while time.monotonic() < deadline:
+            members = await asyncio.to_thread(client.zrange, key, 0, -1, withscores=True)
+            if len(members) < N_PROCESSES:
+                joined_at = None
+            elif joined_at is None:
+                joined_at = await asyncio.to_thread(server_time, client)
+            elif all(score > joined_at for _, score in members):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the fleet did not settle under the load: {members}")
+    finally:
+        client.close()
 
 
 def report(name: str, replies: list[Reply], marks: dict[str, float]) -> dict[str, float]:
@@ -188,6 +229,9 @@ def report(name: str, replies: list[Reply], marks: dict[str, float]) -> dict[str
     admitted = sum(r.status == 200 for r in fallback)
     bound = RATE * span + BURST
     shares = Counter(r.source.split(";")[1] for r in fallback)
+    # the outage's: a member whose calls pass their timeout on a busy machine decides in
+    # fallback before the pause too, on whatever fleet it read then
+    since_pause = Counter(r.source.split(";")[1] for r in fallback if r.sent >= marks["paused"])
     ages = [float(a) for r in fallback if (a := r.source.split(";")[2]) != "-"]
     statuses = Counter(r.status for r in replies)
     summary = (
@@ -196,7 +240,17 @@ def report(name: str, replies: list[Reply], marks: dict[str, float]) -> dict[str
         f"over {span:.2f} s: {len(fallback)}, admitted {admitted} = "
         f"{admitted / bound:.2f} x the fleet limit ({bound:.0f} = {RATE}/s x {span:.2f} s "
         f"+ {BURST}); fleet share used {dict(shares)}; fleet size age "
-        f"{min(ages, default=0):.2f}..{max(ages, default=0):.2f} s"
+        f"{min(ages, default=0):.2f}..{max(ages, default=0):.2f} s; each share's use, sent "
+        f"from..to, s after the pause (resumed at {marks['resumed'] - marks['paused']:.2f}): "
+        + ", ".join(
+            f"{share}: {min(at):.2f}..{max(at):.2f}"
+            for share in sorted(shares)
+            if (
+                at := [
+                    r.sent - marks["paused"] for r in fallback if r.source.split(";")[1] == share
+                ]
+            )
+        )
     )
     print("\n" + summary)
     # every request answered, no 500 (a failure says the whole run, for a busy machine's case)
@@ -206,14 +260,15 @@ def report(name: str, replies: list[Reply], marks: dict[str, float]) -> dict[str
         "admitted": admitted,
         "bound": bound,
         "fallback": len(fallback),
-        "shares": shares,  # type: ignore[dict-item]
+        "shares": since_pause,  # type: ignore[dict-item]
+        "since_pause": sum(since_pause.values()),
     }
 
 
 async def test_outage_admits_the_fleet_limit_with_the_share(share_redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
     got = await outage_run(share_redis, tmp_path, share=True)
     said = got["summary"]
-    assert got["shares"] == Counter({str(N_PROCESSES): got["fallback"]}), said  # type: ignore[comparison-overlap]
+    assert got["shares"] == Counter({str(N_PROCESSES): got["since_pause"]}), said  # type: ignore[comparison-overlap]
     assert got["admitted"] <= SLACK * got["bound"], said
     assert got["admitted"] < got["fallback"], said  # the share refused some of the 2x load
 
@@ -228,7 +283,7 @@ async def test_outage_admits_each_whole_limit_without_the_share(share_redis, tmp
     holds it to 1.2 x that; this one admits about 2 x)."""
     got = await outage_run(share_redis, tmp_path, share=False)
     said = got["summary"]
-    assert got["shares"] == Counter({"-": got["fallback"]}), said  # type: ignore[comparison-overlap]
+    assert got["shares"] == Counter({"-": got["since_pause"]}), said  # type: ignore[comparison-overlap]
     assert got["admitted"] > got["bound"], said
 
 
@@ -288,23 +343,39 @@ async def skew_reported(url: str, prefix: str, since: float) -> dict[str, list[f
         client.close()
 
 
+def replayed(times: list[float], spec: LimitSpec) -> int:
+    """How many requests decided at `times` one local bucket of `spec` admits (decide/gcra,
+    from a full bucket: the share's own keys are fresh when Redis goes away)."""
+    tat = -math.inf
+    admitted = 0
+    for t in sorted(times):
+        verdict = gcra(tat, t, spec.interval_s, spec.tolerance_s)
+        if verdict.allowed:
+            tat = verdict.tat
+            admitted += 1
+    return admitted
+
+
 async def skewed_load(
-    ports: list[int], path: str, rate: float, stop: asyncio.Event
+    ports: list[int], path: str, rate: float, stop: asyncio.Event, skew: float | None = SKEW
 ) -> list[list[Reply]]:
-    """`rate` requests/s until `stop` is set (SKEW_MAX_S at most): SKEW of them to the
-    first member, the rest spread over the others; the replies per member. Bounded:
-    count and time."""
+    """`rate` requests/s until `stop` is set (SKEW_MAX_S at most): `skew` of them to the
+    first member, the rest spread over the others (None: round-robin over all); the
+    replies per member. Bounded: count and time."""
     total = int(rate * SKEW_MAX_S)
     replies: list[list[Reply]] = [[] for _ in ports]
     pools: list[asyncio.Queue[Connection]] = []
     for m, port in enumerate(ports):
         pools.append(asyncio.Queue())
-        for _ in range(32 if m == 0 else 4):
+        for _ in range(16 if skew is None else 32 if m == 0 else 4):
             pools[m].put_nowait(Connection(port))
     start = time.monotonic()
 
     async def one(i: int) -> None:
-        m = 0 if i % 100 < 100 * SKEW else 1 + i % (len(ports) - 1)
+        if skew is None:
+            m = i % len(ports)
+        else:
+            m = 0 if i % 100 < 100 * skew else 1 + i % (len(ports) - 1)
         conn = await pools[m].get()
         sent = time.monotonic()
         try:
@@ -405,12 +476,37 @@ async def test_outage_with_one_member_taking_nearly_all_requests(share_redis, tm
         f"(resumed at {marks['resumed'] - marks['paused']:.2f}): "
         + ", ".join(f"{w}: {a:.2f}..{b:.2f}" for w, (a, b) in sorted(when.items()))
     )
-    print(said)
     assert got["admitted"] <= SLACK * got["bound"], said
     # its weight came from its load: far above the quarter (0.2 / 4 + 0.8 x 0.95 = 0.81)
     assert all(w != "-" and float(w) > 2 * load_weight(N_PROCESSES, 0.25, 0.2) for w in weights), (
         said
     )
-    # it admitted more than twice what the even share could (or nearly all it was offered,
-    # when a starved machine offered it less)
-    assert busy_admitted >= min(2 * even_bound, 0.9 * len(paused)), said
+    # It enforced its weight, not the even share, on what it was offered: counted on its
+    # requests as they came. A member starved on a busy machine decides what queued on
+    # its 32 connections at once, and a bucket admits a burst of such a clump, not the
+    # rate over the gap before it (load 13: 127 admitted of 274+, about the even share's
+    # rate x span, where twice that was asserted; SIGSTOPped 0.25 s of every 0.29 s while
+    # paused, in a scratch copy: 187 where 272 was asked). So both shares are replayed on
+    # these requests, each decided between its send and its reply: the even share at the
+    # more generous of the two timings (the most it could have admitted), its weight at
+    # the less generous (the least; 83 and 171 in that scratch run). It admitted at least
+    # half way from the one to the other (the even share itself admits no more than the
+    # first: 54, 110, 126 where the replays said 66, 128, 129, with the weight ignored in
+    # a scratch copy), or 90 % of what it was offered when that is less.
+    whole = LimitSpec("fleet", 1.0 / RATE, BURST / RATE, 1, False)
+    quarter = share_spec(whole, N_PROCESSES)
+    weighted = weighted_spec(whole, min(float(w) for w in weights))
+    even_most = max(
+        replayed([r.sent for r in paused], quarter), replayed([r.done for r in paused], quarter)
+    )
+    weight_least = min(
+        replayed([r.sent for r in paused], weighted), replayed([r.done for r in paused], weighted)
+    )
+    said += (
+        f"; replayed on its {len(paused)} requests while paused: the even share admits at most "
+        f"{even_most}, its weight at least {weight_least}"
+    )
+    print(said)
+    assert busy_admitted >= min(even_most + 0.5 * (weight_least - even_most), 0.9 * len(paused)), (
+        said
+    )

@@ -95,6 +95,8 @@ class Fleet:
         self.reported = 0  # the count the last successful announcement covered
         self.due = -math.inf if self.enabled else math.inf  # next announcement
         self.tried_at = -math.inf  # the last announcement tried (Redis answered then)
+        self.ok_at: float | None = None  # the last announcement Redis answered
+        self.rejoined_at = -math.inf  # the first one answered after a gap (an outage)
         self.announces = 0
         self.failed = 0
         self.task: asyncio.Task[None] | None = None
@@ -138,10 +140,30 @@ class Fleet:
             return
         self.announces += 1
         self.reported = counted
+        now = clock()
+        if self.ok_at is not None and now - self.ok_at > MEMBER_TTL_S - ANNOUNCE_S:
+            # Its first reading after a gap longer than a member ttl (an outage): the
+            # members cut off by the same outage were dropped for their silence, and
+            # announce again only as their own calls succeed (the first back read a
+            # fleet of 1 and a fraction of 1.0, and in a fallback a moment later, Redis
+            # slow to drain what queued while it was away, enforced the whole limit).
+            self.rejoined_at = now
+        self.ok_at = now
         if size >= 1:
             if fraction is None or not 0.0 <= fraction <= 1.0:
                 fraction = None  # (-1: unknown)
-            self.size, self.seen_at, self.fraction = size, clock(), fraction
+            if (
+                self.size is not None
+                and size < self.size
+                and now - self.rejoined_at <= MEMBER_TTL_S
+            ):
+                # A smaller fleet read within a member ttl of its return is believed only
+                # once the others had that ttl to announce again: meanwhile the size and
+                # weight read before stand (a member truly gone keeps the share smaller
+                # than it could be for that long, never larger).
+                self.seen_at = now
+                return
+            self.size, self.seen_at, self.fraction = size, now, fraction
             self.weight = (
                 None
                 if fraction is None
