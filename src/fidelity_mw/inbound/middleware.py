@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
-from functools import partial
 from typing import Any, Final, cast
 
 from starlette.requests import ClientDisconnect
@@ -75,7 +74,6 @@ from .watch import (
     ResponseEndHook,
     ResponseWatcher,
     StallWatch,
-    gone_receive,
     response_ends,
     running_loop,
 )
@@ -396,18 +394,24 @@ class FidelityMiddleware:
                     if rejection is None:
                         slot = HeldSlot(self._bulkheads, ctx, plan)
                 if rejection is None:
+                    # The app's `send` (field by field: a class call with an __init__ costs
+                    # a call of its own), made here for its `receive` too
+                    watcher = ResponseWatcher()
+                    watcher.send = send
+                    watcher.ctx = ctx
                     if (plan.timed or plan.bulkhead is not None) and _measures_latency(plan):
                         # A route that measures its latency: the time the app waits for the
                         # client's body is the client's, not the route's (watch.ClientReceive)
                         receive = ClientReceive(receive, ctx, self._monotonic)
-                    else:
+                    elif INTERPRETED:
                         # (the client leaving, read by the app before it answers: its
                         # answer goes to nobody, recorded `disconnected`: watch.gone_receive)
-                        receive = (
-                            partial(gone_receive, receive, ctx)
-                            if INTERPRETED
-                            else GoneReceive(receive, ctx)
-                        )
+                        # A method of the watcher: one allocation, where `partial` makes
+                        # three (the partial, its argument tuple, an empty keyword dict)
+                        watcher.receive = receive
+                        receive = watcher.gone_receive
+                    else:  # (compiled: one native object, its call native too)
+                        receive = GoneReceive(receive, ctx)
                     if plan.admits:
                         if plan.ip_key_prefix is not None and not self._uses_forwarding:
                             # one limit keyed by the peer address: the common case, inline
@@ -482,14 +486,11 @@ class FidelityMiddleware:
                 )
                 return
 
-            # ---- the app, watching only the response start and its end
-            # (field by field: a class call with an __init__ costs a call of its own).
-            # Every field its messages read gets a value here, None or False too:
-            # interpreted (3.11), a read that falls through to the class default is
-            # never specialized, about 200 instructions against 15 for a store.
-            watcher = ResponseWatcher()
-            watcher.send = send
-            watcher.ctx = ctx
+            # ---- the app, watching only the response start and its end (the watcher
+            # made before the admission). Every field its messages read gets a value
+            # here, None or False too: interpreted (3.11), a read that falls through to
+            # the class default is never specialized, about 200 instructions against 15
+            # for a store.
             ctx._token = token  # (replaced at the last message: reset with it below)
             if token.old_value is not _MISSING:  # another's context was current (nested)
                 watcher.outer = token.old_value

@@ -95,6 +95,7 @@ _START: Final = "http.response.start"
 _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
+_GONE: Final = "http.disconnect"
 # the reason of the bulkhead's `shed` when a body message waited past the route's
 # `send_stall_timeout_s` for its client (ResponseWatcher.stall)
 SEND_STALLED: Final = "send_stalled"
@@ -165,6 +166,7 @@ class ResponseWatcher:
     released = False
     send: Send  # the server's
     ctx: DecisionContext
+    receive: Receive  # the server's, read by `gone_receive`
 
     @staticmethod
     def watching(
@@ -359,6 +361,15 @@ class ResponseWatcher:
             self.ctx.client_disconnected = True
             raise
 
+    async def gone_receive(self) -> Message:
+        """The `receive` the app gets on routes that do not measure their latency, as a
+        bound method of the request's watcher when interpreted: `gone_receive` (the
+        function) without the partial's three objects per request, one allocation."""
+        message: Message = await self.receive()
+        if message["type"] == _GONE and self.ctx.status is None:
+            self.ctx.client_disconnected = True  # (as `gone_receive`)
+        return message
+
     async def release_held(self) -> None:
         """Send the held 500 after all (the middleware does not answer its error)."""
         held = self.held
@@ -475,7 +486,7 @@ class ResponseWatcher:
 WATCHER_FIELDS: Final = (
     *("send", "ctx", "end", "stall_s", "slot", "monotonic", "expired", "watch", "task"),
     *("started", "complete", "outer", "stalls", "stall_task", "stalled", "held"),
-    *("held_exc", "released"),
+    *("held_exc", "released", "receive"),
 )
 inline_fields(ResponseWatcher, WATCHER_FIELDS)
 
@@ -518,9 +529,6 @@ class ClientReceive:
             if kind == _GONE:
                 ctx.client_disconnected = True  # (as `gone_receive`)
         return message
-
-
-_GONE: Final = "http.disconnect"
 
 
 async def gone_receive(receive: Receive, ctx: DecisionContext) -> Message:
