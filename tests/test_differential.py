@@ -584,12 +584,54 @@ async def _peek(
 # ---------------------------------------------------------------- the tests
 
 
+# Half-open probe slots at a transition, and one probe more than the breaker allows:
+# sequences the search found for the plants "every transition drops the probe slots" and
+# "one probe more than configured", kept as explicit cases for every plant. Found by
+# the derandomized search alone, the two plants were caught only for some seeds (its
+# seed is the test's source: 2 of 6 other seeds tried missed the first in 400
+# sequences, 2 the second), so an edit of the test's source could turn them red.
+PROBE_SLOTS_CASE: tuple[int, float, list[tuple[Any, ...]]] = (
+    2,
+    0.93,
+    [
+        ("record", 0, SUCCESS, True),
+        ("admit", True, 1, 0, 3, True),
+        ("record", 0, SUCCESS, True),
+        ("advance", 2.5),
+        ("admit", True, 1, 0, 2, False),
+        ("record", 2, FAILURE, False),
+        ("call", FAILURE, False),
+        ("advance", 0.5),
+    ],
+)
+PROBE_COUNT_CASE: tuple[int, float, list[tuple[Any, ...]]] = (
+    2,
+    0.1,
+    [
+        ("refund", 11),
+        ("record", 19, SUCCESS, False),
+        ("admit", True, 5, 0, 4, True),
+        ("advance", 0.5),
+        ("record", 1, FAILURE, True),
+        ("call", FAILURE, False),
+        ("refund", 0),
+        ("advance", 1.0),
+        ("record", 6, FAILURE, False),
+        ("admit", True, 0, 0, 4, True),
+        ("admit", False, 7, 1, 1, False),
+        ("outbound", False),
+    ],
+)
+
+
 @settings(
     max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=cases)
+@example(case=PROBE_SLOTS_CASE)
+@example(case=PROBE_COUNT_CASE)
 def test_memory_and_redis_decide_alike_and_as_the_reference(
     harness: Harness, case: tuple[int, float, list[tuple[Any, ...]]]
 ) -> None:
@@ -962,6 +1004,8 @@ def test_planted_bug_is_caught(
     @given(case=cases)
     @example(case=CREDIT_CASE)
     @example(case=BUDGET_CASE)
+    @example(case=PROBE_SLOTS_CASE)
+    @example(case=PROBE_COUNT_CASE)
     def differential(case: tuple[int, float, list[tuple[Any, ...]]]) -> None:
         harness.run(case)
 
