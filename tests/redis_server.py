@@ -129,6 +129,7 @@ class RedisServer:
                 self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             if self.wait_ready():
+                self.port_chosen = False  # clients know it now: a restart keeps it
                 return self
             # The free port went to another process between free_port() and the server's
             # bind (six sessions share this machine, each starting servers): a server of
