@@ -28,6 +28,28 @@ from fidelity_mw.state.redis import Script
 
 CLOCK_KEY = "fidelity-test:now"
 
+# A limit key's PX (its TAT, refunded seconds, the credit's expiry: often under a second
+# in tests) runs on Redis's real milliseconds, which the pinned clock does not move: a
+# step that came that much later on a loaded box (a stall, a GC pause) found the key
+# gone and the bucket full, and the test failed on what it does not test (rsk46 saw it
+# in test_differential). On the pinned clock each limit key lives an hour longer, and
+# each write logs the TTL production would have set in the hash TTL_LOG
+# (`logged_ttl_ms`), where tests of TTLs read it. `@pytest.mark.real_ttl` keeps the
+# production PX for a test that needs it.
+TTL_LOG = "fidelity-test:ttl"
+LONG_TTL = (
+    (
+        "local function store_tat(",
+        "local function ttl_logged(key, seconds)\n"
+        "  local ms = ttl_ms(seconds)\n"
+        f"  redis.call('HSET', '{TTL_LOG}', key, ms)\n"
+        "  return ms + 3600000\n"
+        "end\n\n"
+        "local function store_tat(",
+    ),
+    ("'PX', ttl_ms(", "'PX', ttl_logged(key, "),
+)
+
 _REAL = """local function server_now()
   local t = redis.call('TIME')"""
 _PINNED = """local function server_now()
@@ -70,8 +92,13 @@ class RedisClock:
         self.now = now
         self.client.set(CLOCK_KEY, repr(now))
 
+    def logged_ttl_ms(self, key: str) -> int | None:
+        """The PX production would have set at the last write of a limit key (LONG_TTL)."""
+        ms = self.client.hget(TTL_LOG, key)
+        return None if ms is None else int(ms)
+
     def close(self) -> None:
-        self.client.delete(CLOCK_KEY)
+        self.client.delete(CLOCK_KEY, TTL_LOG)
         self.client.close()
 
 
@@ -84,9 +111,13 @@ def patch_scripts(monkeypatch: pytest.MonkeyPatch, edits: Sequence[tuple[str, st
 
 
 @pytest.fixture
-def redis_clock(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisClock]:
-    """Scripts on a pinned clock (starts at 1000.0) against the shared, emptied server."""
-    patch_scripts(monkeypatch)
+def redis_clock(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[RedisClock]:
+    """Scripts on a pinned clock (starts at 1000.0) against the shared, emptied server;
+    limit keys live an hour longer (LONG_TTL) unless the test is marked `real_ttl`."""
+    real_ttl = request.node.get_closest_marker("real_ttl") is not None
+    patch_scripts(monkeypatch, () if real_ttl else LONG_TTL)
     clock = RedisClock(redis_url)
     clock.set(1_000.0)
     try:

@@ -77,6 +77,7 @@ class RedisServer:
         self.workdir = workdir
         self.cluster = cluster
         self.port = port if port is not None else free_port(cluster=cluster)
+        self.port_chosen = port is None  # ours to change if another process takes it
         self.unixsocket = workdir / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "redis.log"
@@ -123,26 +124,45 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.wait_ready()
-        return self
+        for _ in range(5):
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if self.wait_ready():
+                self.port_chosen = False  # clients know it now: a restart keeps it
+                return self
+            # The free port went to another process between free_port() and the server's
+            # bind (six sessions share this machine, each starting servers): a server of
+            # another test session answered there, and its flushes would have landed in
+            # the middle of our tests. Another port, unless the test fixed this one.
+            if not self.port_chosen:
+                raise RuntimeError(f"port {self.port} was taken by another process")
+            self.port = free_port(cluster=self.cluster)
+        raise RuntimeError("no free port stayed free for redis-server")
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A plain synchronous client for inspecting the server from tests."""
         return redis.Redis(host=HOST, port=self.port, socket_timeout=2.0, **kwargs)  # type: ignore[arg-type]
 
-    def wait_ready(self) -> None:
+    def wait_ready(self) -> bool:
+        """True once our process answers on the port; False if another process holds the
+        port (ours could not bind it, and exited)."""
+        assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self._log_tail()}")
+            if self.proc.poll() is not None:
+                tail = self._log_tail()
+                if "already in use" in tail:
+                    return False
+                raise RuntimeError(f"redis-server exited: {tail}")
             try:
                 with self.client(socket_connect_timeout=0.2) as client:
-                    if client.ping():
-                        return
+                    # a PING alone may be answered by another session's server on the port
+                    if int(client.info("server")["process_id"]) == self.proc.pid:
+                        return True
+                    self.proc.wait(timeout=START_TIMEOUT_S)  # ours cannot bind: it exits
+                    return False
             except redis.RedisError as exc:
                 last = exc
             time.sleep(0.02)

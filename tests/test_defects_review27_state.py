@@ -19,7 +19,7 @@ from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock
-from redis_clock import RedisClock, patch_scripts
+from redis_clock import RedisClock
 from redis_server import PATIENT
 
 pytestmark = [pytest.mark.redis]
@@ -94,19 +94,10 @@ def test_gcra_at_ten_million_per_second_on_unix_time_charges_something() -> None
 
 
 def test_redis_at_ten_million_per_second_admits_no_more_than_the_burst(
-    redis_url: str, redis_clock: RedisClock, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, redis_clock: RedisClock
 ) -> None:
-    # (keys expire on Redis's real milliseconds; on the pinned clock, which stands
-    # still, a key that real time expired would read as a full bucket: an hour more)
-    patch_scripts(
-        monkeypatch,
-        [
-            (
-                "  local ms = math.ceil(seconds * 1000)\n",
-                "  local ms = math.ceil(seconds * 1000) + 3600000\n",
-            )
-        ],
-    )
+    # (its keys live an hour longer than Redis's real milliseconds would keep them: the
+    # redis_clock fixture's LONG_TTL)
     redis_clock.set(UNIX)
 
     async def run() -> tuple[int, int]:

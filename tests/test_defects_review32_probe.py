@@ -5,17 +5,16 @@ run all the same: Redis applies it once it gets to it. An admission whose route 
 was half-open took the probe slot that way, and nobody ever reported that probe (the
 request fell back to the local state): the whole fleet refused the route `half_open` for
 `probe_lease_s` (30 s by default), its `Retry-After` saying `open_s`. Measured by rev32s
-with `DEBUG SLEEP 0.3` against `timeout_ms = 100`; so here (`CLIENT PAUSE ... WRITE` would
-not do: a paused client that disconnects is dropped with its command unrun). The scripts
-read a pinned time (tests/redis_clock.py).
+with `DEBUG SLEEP 0.3` against `timeout_ms = 100`; here Redis is stopped (SIGSTOP) while
+the call times out, which runs it the same way when Redis goes on (`CLIENT PAUSE ...
+WRITE` would not do: a paused client that disconnects is dropped with its command
+unrun). The scripts read a pinned time (tests/redis_clock.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,41 +64,26 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def _asleep(server: RedisServer) -> bool:
-    """Is the server blocked in `DEBUG SLEEP`? Where the kernel says what its main thread
-    waits in: in a nanosleep (an idle server waits in epoll). Else: a PING unanswered for
-    50 ms (which a starved server on a busy machine can also be: the stall then began
-    after the call it was for, which Redis answered in time)."""
-    proc = server.proc
-    if proc is not None:
-        try:
-            with open(f"/proc/{proc.pid}/wchan") as wchan:
-                return "nanosleep" in wchan.read()
-        except OSError:
-            pass
-    with socket.create_connection(("127.0.0.1", server.port), timeout=1.0) as sock:
-        sock.sendall(b"PING\r\n")
-        sock.settimeout(0.05)
-        try:
-            return not sock.recv(16)
-        except TimeoutError:
-            return True
+def _stopped(server: RedisServer) -> bool:
+    """Has the SIGSTOP taken hold? (`/proc/<pid>/stat`'s state: T)"""
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
 
 
 @contextlib.contextmanager
-def stalled(server: RedisServer, seconds: float) -> Iterator[None]:
-    """Redis blocked for `seconds` (`DEBUG SLEEP`, from a thread): commands sent
-    meanwhile run when it wakes. Returns once it is asleep; leaves once it woke."""
-    admin = server.client()
-    thread = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", seconds))
-    thread.start()
+def stalled(server: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP) for the block: commands sent meanwhile run when it goes on,
+    after the block, however late the test sent them. (With `DEBUG SLEEP 0.5`, a test
+    process descheduled for 0.4 s on a loaded machine sent its call after Redis woke,
+    which answered it in time: ('redis', None), not the timeout the test is about.)"""
+    server.pause()
     try:
-        while not _asleep(server):
-            time.sleep(0.001)  # (polling for the sleep to begin)
+        while not _stopped(server):
+            time.sleep(0.001)  # (polling for the stop to take hold)
         yield
     finally:
-        thread.join()
-        admin.close()
+        server.resume()
 
 
 @pytest.fixture
@@ -179,7 +163,7 @@ class Fleet:
 
     async def timed_out_admission(self) -> InboundResult:
         """An admission Redis holds past `timeout_ms`, then runs."""
-        with stalled(self.server, 0.5):
+        with stalled(self.server):
             got = await self.slow.admit(ROUTE, BREAKER, [], [], 0.0)
         # the script ran when Redis woke
         assert (got.source, got.why) == ("fallback", "unreachable")
@@ -187,7 +171,7 @@ class Fleet:
 
     async def timed_out_outbound(self) -> Gate:
         """An outbound gate Redis holds past `timeout_ms`, then runs."""
-        with stalled(self.server, 0.5):
+        with stalled(self.server):
             gate, allowed, source, _age = await self.slow.outbound_gate(
                 ROUTE, BREAKER, None, None, False, 0.0
             )
@@ -197,7 +181,7 @@ class Fleet:
 
     def timed_out_outbound_sync(self) -> Gate:
         """The same over the blocking client (`FidelitySyncTransport`)."""
-        with stalled(self.server, 0.5):
+        with stalled(self.server):
             gate, allowed, source, _age = self.slow.outbound_gate_sync(
                 ROUTE, BREAKER, None, None, False, 0.0
             )
@@ -335,7 +319,7 @@ async def test_a_timed_out_tiered_probe_reports_its_outcome_once_redis_answers(
         assert (first.verdict, first.state) == ("reject", "open")  # synced: open
         pinned.set(T1 + 2.0)
         clock.advance(2.0)
-        with stalled(own_redis, 0.5):  # a probe is due: decided exactly
+        with stalled(own_redis):  # a probe is due: decided exactly
             got = await store.admit(ROUTE, BREAKER, [], [], clock.monotonic())
         assert (got.source, got.why) == ("fallback", "unreachable")
         assert await _until(lambda: fleet.probes() == 1)
@@ -362,7 +346,7 @@ async def test_a_cancelled_outbound_gate_whose_reply_is_lost_gives_its_slot_back
     try:
         await fleet.open_breaker()
         assert (await fleet.warm_outbound())[2] == "redis"
-        with stalled(own_redis, 0.5):
+        with stalled(own_redis):
             task = asyncio.ensure_future(slow.outbound_gate(ROUTE, BREAKER, None, None, False, 0.0))
             await asyncio.sleep(0.05)  # sent, its reply awaited
             task.cancel()

@@ -37,9 +37,8 @@ from test_differential import Harness
 
 pytestmark = pytest.mark.redis
 
-harness = differential.harness  # (the fixture, under its name)
-# (its keys outlive a stalled step, as there)
-_keys_outlive_stalls = differential._keys_outlive_stalls
+harness = differential.harness  # (the fixture, under its name; its keys outlive a stalled
+# step through redis_clock's LONG_TTL, as there)
 
 steps = st.sampled_from(
     [0.0, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 1e4, -0.1, -0.5, -3.0, -200.0, -1e4]

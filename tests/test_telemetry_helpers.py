@@ -233,12 +233,18 @@ class UvicornThread:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        self.port = free_port()
+        # bound here and handed to uvicorn (as _loopback does): a port let go until
+        # uvicorn binds it could go to another process on a machine test sessions share
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -256,6 +262,7 @@ class UvicornThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10.0)
+        self.sock.close()
 
 
 @contextlib.contextmanager

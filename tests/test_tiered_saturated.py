@@ -20,7 +20,7 @@ from fidelity_mw.policy import BreakerConfig, StateConfig
 from fidelity_mw.state.base import LimitSpec
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
-from redis_clock import RedisClock, patch_scripts
+from redis_clock import RedisClock
 from redis_server import PATIENT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -32,20 +32,13 @@ SPEC = LimitSpec("fleet", 1.0 / RATE, (BURST - 1) / RATE, 1, False)
 MEMBERS = 4
 PER_MEMBER = 100.0  # requests/s offered to each instance
 BREAKER = BreakerConfig()
-# The scripts expire a bucket's key when it is full again, in Redis's real milliseconds;
-# on the pinned clock that would refill buckets early. Without the expiry the key ages
-# on the pinned clock alone (a TAT in the past reads as a full bucket, as a missing key).
-NO_EXPIRY = [
-    (
-        "redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now))",
-        "redis.call('SET', key, fmt(tat))",
-    )
-]
 
 
+# Each bucket's key lives an hour past its PX (redis_clock's LONG_TTL), refunded keys
+# included: PX runs on Redis's real clock, which the pinned clock does not move, and a key
+# gone early would refill its bucket early.
 @pytest.fixture
-def pinned(redis_clock: RedisClock, monkeypatch: pytest.MonkeyPatch) -> RedisClock:
-    patch_scripts(monkeypatch, NO_EXPIRY)
+def pinned(redis_clock: RedisClock) -> RedisClock:
     return redis_clock
 
 
