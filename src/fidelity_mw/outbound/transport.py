@@ -181,7 +181,8 @@ class _Seen:
     threads that arm one transport at once never see half of one engine's."""
 
     __slots__ = (
-        "clock", "engine", "local", "mark", "observer", "policy", "resolver", "store", "system"
+        "clock", "engine", "local", "mark", "now", "observer", "policy", "resolver", "store",
+        "system",
     )  # fmt: skip
 
     def __init__(
@@ -199,7 +200,10 @@ class _Seen:
         self.local = local  # (the store's in-process operations: a store replaced drops it)
         self.observer = observer  # (the transport's own, else the engine's)
         self.clock = clock = engine.clock
-        self.system = type(clock) is SystemClock  # (its method only calls time.monotonic)
+        self.system = system = type(clock) is SystemClock  # (its method: time.monotonic)
+        # The clock read the shortcut makes, chosen once here rather than by a test of
+        # `system` at each of its two reads per call.
+        self.now: Callable[[], float] = _monotonic if system else clock.monotonic
 
 
 _ASYNC_IN_SYNC_CLIENT: Final = (
@@ -692,9 +696,11 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._handle(request)
         seen = armed.seen
         last = armed.last
+        # (compared field by field: a slice and a tuple compare are fewer bytecodes but
+        # more machine instructions, a new tuple and an unspecialized compare per call)
         if last is not None and last[0] == host and last[1] == port and last[3] is seen:
             up = last[2]  # (checked against `seen` when it was noted: plain, its policy)
-            known = last[3]
+            known = seen
         elif (
             seen is not None
             and (plan := armed.upstreams.get((host, port))) is not None
@@ -724,9 +730,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         # armed the shortcut; a change of the engine, its store's included, drops them)
         local = known.local
         observer = known.observer
-        clock = known.clock
-        system = known.system
-        now = _monotonic() if system else clock.monotonic()
+        read_clock = known.now
+        now = read_clock()
         if ctx is None:
             own = True
             ctx = DecisionContext(engine, "outbound", request.method, now)
@@ -776,7 +781,8 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._first(ctx, up, request, own, observer, now, local, gate)
         try:
             if tight:
-                stamped = up.first_stamps  # (empty: not told our headers, `prepare` stamps none)
+                stamped: Sequence[tuple[bytes, bytes, bytes]] = up.first_stamps  # (empty: not
+                # told our headers, `prepare` stamps none)
                 prepare(ctx, up, request, 1, timeouts, remaining)
                 capped = None
             else:
@@ -784,7 +790,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 capped = noted[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                stamped = noted[2]  # (the first attempt's headers for those timeouts)
+                # (the first attempt's headers for those timeouts, as a list: taken off
+                # below by comparing the request's last two with it)
+                stamped = noted[3]
                 raw += stamped
                 # (the `attempts` property, without its call; a call of its own has none
                 # yet, and its read would be the class default's)
@@ -837,7 +845,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._drive(first.resume(response, None), engine)
         breaker = up.breaker
         if gate is not None and breaker is not None:
-            ended = _monotonic() if system else clock.monotonic()
+            ended = read_clock()
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             if breaker.slow_call_ms is None:  # `_record_now` without its call: never slow
                 try:
@@ -871,7 +879,16 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
             raw = request.headers._list
-            if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
+            if tight:  # (`prepare` stamped headers of its own, not `stamped`)
+                if (
+                    len(raw) >= 2
+                    and raw[-1][1] is _TIMEOUT_HEADER
+                    and raw[-2][1] is _ATTEMPT_HEADER
+                ):
+                    del raw[-2:]
+                elif stamped:  # (moved by the inner transport: taken off wherever they are)
+                    unstamp(request.headers, None)
+            elif raw[-2:] == stamped:  # (the very tuples `raw += stamped` added)
                 del raw[-2:]
             elif stamped:  # (moved by the inner transport: taken off wherever they are)
                 unstamp(request.headers, None)

@@ -939,11 +939,12 @@ class LocalState:
         acquire, release = self._acquire, self._release  # (as in admit_now)
         acquire()
         try:
-            breaker = cells.breaker
-            assert breaker is not None
             state = cells.state
             if state is None or cells.dropped != self._cells_dropped:
-                # (the budget cell is left to the next begin, which fetches both)
+                # (the budget cell is left to the next begin, which fetches both; the
+                # config read only here, where it is needed)
+                breaker = cells.breaker
+                assert breaker is not None
                 state = self.breakers.get(cells.breaker_key)
                 if state is None or state.config is not breaker:
                     state = self.breaker_state(cells.breaker_key, breaker, now)
