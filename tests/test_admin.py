@@ -492,7 +492,14 @@ async def test_tiered_snapshot_shows_the_cache_and_the_fleet_underneath(redis_ur
     from fidelity_mw.clock import SYSTEM_CLOCK
     from fidelity_mw.state.tiered import TieredStore
 
-    config = StateConfig(url="tiered+" + redis_url, key_prefix=f"admint{os.getpid()}")
+    # Redis's timeout is not what this shows: at the default 250 ms a loaded machine that
+    # descheduled this process (or Redis) past it read the fleet as `fallback`
+    config = StateConfig(
+        url="tiered+" + redis_url,
+        key_prefix=f"admint{os.getpid()}",
+        timeout_ms=5_000,
+        connect_timeout_ms=5_000,
+    )
     store = TieredStore(config=config, rng=seeded_random(4))
     breaker = BreakerConfig()
     spec = LimitSpec("per-client", 0.1, 4.0, 1, False)  # 40 units, 10/s

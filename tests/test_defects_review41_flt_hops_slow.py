@@ -1,7 +1,7 @@
 """Review 41 (flt41, scenario): C answering slowly behind B's bulkhead while A's deadline is near.
 
 client -> A -> B -> C x3 on real uvicorn (tests/_hops40.py, `raise` style). A gives every
-request a short deadline (800 ms, passed down as `x-request-timeout-ms`); B admits 2 at a
+burst request a short deadline (800 ms, passed down as `x-request-timeout-ms`); B admits 2 at a
 time and queues 6 (a queue timeout past the deadline, so the deadline is what ends a wait
 there); every instance of C takes 0.3 s. A burst of 16 clients arrives at A at once.
 
@@ -29,12 +29,15 @@ import _hops40 as hops
 from fidelity_mw import ConcurrencyConfig, DeadlineConfig, Policy
 
 BURST = 16
+# The requests before and after the burst ask A for this deadline (the burst has A's
+# default, 800 ms): what they show is that nothing sheds them, and on a loaded machine
+# (load 7-15) three hops on one process's threads once took longer than 800 ms (a 504)
+SLACK = {"x-request-timeout-ms": "10000"}
 
 
 def _a_policy() -> Policy:
-    return dataclasses.replace(
-        hops.with_bulkhead(_hops38.policy()), deadline=DeadlineConfig(default_ms=800)
-    )
+    deadline = DeadlineConfig(default_ms=800, max_ms=10_000)
+    return dataclasses.replace(hops.with_bulkhead(_hops38.policy()), deadline=deadline)
 
 
 def _b_policy(instances: tuple[str, ...]) -> Policy:
@@ -56,7 +59,7 @@ def test_slow_c_behind_bs_bulkhead_near_as_deadline_costs_no_500_and_no_extra_ca
     with hops.chain("raise", a_policy=_a_policy(), b_policy=_b_policy, knobs=knobs) as rig:
         with httpx.Client(timeout=20.0) as client:
             warm = [
-                client.get(f"{rig.url}/x/ok", headers={"x-hop-id": f"warm{i}"}).status_code
+                client.get(f"{rig.url}/x/ok", headers={"x-hop-id": f"warm{i}", **SLACK}).status_code
                 for i in range(4)
             ]
         for i in range(3):
@@ -72,7 +75,9 @@ def test_slow_c_behind_bs_bulkhead_near_as_deadline_costs_no_500_and_no_extra_ca
         rig.faults.clear()
         with httpx.Client(timeout=20.0) as client:
             after = [
-                client.get(f"{rig.url}/x/ok", headers={"x-hop-id": f"after{i}"}).status_code
+                client.get(
+                    f"{rig.url}/x/ok", headers={"x-hop-id": f"after{i}", **SLACK}
+                ).status_code
                 for i in range(6)
             ]
     print(f"\nanswers {Counter(s for s, _ in got)}; C calls per request {per_request}")
