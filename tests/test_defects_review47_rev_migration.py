@@ -205,14 +205,17 @@ def test_pybreakers_success_threshold_has_no_counterpart_and_the_page_says_so(
 # ---------------------------------------------------------------- tenacity
 
 
-def _tenacity_calls(error: type[Exception]) -> int:
+def _tenacity_calls(
+    error: type[Exception], retry_on: type[Exception] = httpx.TransportError
+) -> int:
+    """Calls tenacity makes, 3 attempts at most, retrying `retry_on`, for `error`."""
     import tenacity
 
     calls = [0]
 
     @tenacity.retry(
         stop=tenacity.stop_after_attempt(3),
-        retry=tenacity.retry_if_exception_type(httpx.TransportError),
+        retry=tenacity.retry_if_exception_type(retry_on),
         sleep=lambda seconds: None,
         reraise=True,
     )
@@ -434,23 +437,7 @@ def test_retry_if_exception_type_connect_error_against_the_pages_row(
     page's row said `on_connect_error = true` (the default: read timeouts and 502/503/504
     retried too); it now gives `on_status = []`, `on_read_timeout = false` and names the
     one difference left, a connect timeout."""
-    import tenacity
-
-    calls = [0]
-
-    @tenacity.retry(
-        stop=tenacity.stop_after_attempt(3),
-        retry=tenacity.retry_if_exception_type(httpx.ConnectError),
-        sleep=lambda seconds: None,
-        reraise=True,
-    )
-    def get() -> None:
-        calls[0] += 1
-        raise error("boom")
-
-    with contextlib.suppress(httpx.TransportError):
-        get()
-    assert calls[0] == tenacity_calls
+    assert _tenacity_calls(error, httpx.ConnectError) == tenacity_calls
 
     row = _row("`retry_if_exception_type(httpx.ConnectError)`")
     table = dict(re.findall(r"`(on_\w+) = ([^`]+)`", row.split(": connect errors only")[0]))
