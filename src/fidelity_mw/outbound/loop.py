@@ -1746,7 +1746,6 @@ def attempt_timeouts(
         None if timeouts is None else dict(timeouts),
         None if bounded is timeouts else dict(bounded),
         stamps,
-        list(stamps),
     )
     if up.first_stamps is not spoken:
         # Another thread's call heard the host meanwhile (`Upstream.heard`) and cleared

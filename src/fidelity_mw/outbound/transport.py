@@ -781,8 +781,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
             return await self._first(ctx, up, request, own, observer, now, local, gate)
         try:
             if tight:
-                stamped: Sequence[tuple[bytes, bytes, bytes]] = up.first_stamps  # (empty: not
-                # told our headers, `prepare` stamps none)
+                stamped = up.first_stamps  # (empty: not told our headers, `prepare` stamps none)
                 prepare(ctx, up, request, 1, timeouts, remaining)
                 capped = None
             else:
@@ -790,9 +789,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 capped = noted[1]
                 if capped is not None:  # (`attempt_timeouts`, for the timeouts it saw last)
                     request.extensions["timeout"] = dict(capped)
-                # (the first attempt's headers for those timeouts, as a list: taken off
-                # below by comparing the request's last two with it)
-                stamped = noted[3]
+                stamped = noted[2]  # (the first attempt's headers for those timeouts)
                 raw += stamped
                 # (the `attempts` property, without its call; a call of its own has none
                 # yet, and its read would be the class default's)
@@ -879,16 +876,9 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
                 request.headers._list[:] = saved[: len(saved) - len(stamped)]
         else:  # `unstamp`, inlined: the request's list now (the inner may replace it)
             raw = request.headers._list
-            if tight:  # (`prepare` stamped headers of its own, not `stamped`)
-                if (
-                    len(raw) >= 2
-                    and raw[-1][1] is _TIMEOUT_HEADER
-                    and raw[-2][1] is _ATTEMPT_HEADER
-                ):
-                    del raw[-2:]
-                elif stamped:  # (moved by the inner transport: taken off wherever they are)
-                    unstamp(request.headers, None)
-            elif raw[-2:] == stamped:  # (the very tuples `raw += stamped` added)
+            # (by the names' identity: comparing the last two with `stamped` is fewer
+            # bytecodes but, compiled, a new list and a generic compare per call)
+            if len(raw) >= 2 and raw[-1][1] is _TIMEOUT_HEADER and raw[-2][1] is _ATTEMPT_HEADER:
                 del raw[-2:]
             elif stamped:  # (moved by the inner transport: taken off wherever they are)
                 unstamp(request.headers, None)

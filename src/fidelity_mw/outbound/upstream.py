@@ -59,14 +59,8 @@ _MAX_INSTANCES: Final = 256
 _new_tuple: Final = tuple.__new__
 # The last request timeouts seen (None: the request had none) and what an attempt's are
 # then, when the whole attempt timeout fits in the deadline (None: the request's own),
-# with a first attempt's headers for them (`loop.attempt_timeouts`), and those headers as
-# a list (the async shortcut's: the request's list ends with it, compared in one step).
-TimeoutsSeen = tuple[
-    Mapping[str, float | None] | None,
-    Mapping[str, float | None] | None,
-    Stamps,
-    list[tuple[bytes, bytes, bytes]],
-]
+# with a first attempt's headers for them (`loop.attempt_timeouts`).
+TimeoutsSeen = tuple[Mapping[str, float | None] | None, Mapping[str, float | None] | None, Stamps]
 
 
 class Instance:
