@@ -184,6 +184,14 @@ def test_gone_receive_reads_as_gone_receive() -> None:
             message = await GoneReceive(receive, ctx)()
             assert message == {"type": kind}
             marks.append(ctx.client_disconnected)
+            # the interpreted form, the watcher's method, reads the same
+            twin = DecisionContext(engine, "r", "GET", 0.0)
+            twin.status = status
+            watcher = ResponseWatcher()
+            watcher.receive = receive
+            watcher.ctx = twin
+            assert await watcher.gone_receive() == {"type": kind}
+            assert twin.client_disconnected is ctx.client_disconnected
         return marks
 
     # the client leaving is news only before the response started, as for gone_receive

@@ -405,9 +405,9 @@ class FidelityMiddleware:
                         receive = ClientReceive(receive, ctx, self._monotonic)
                     elif INTERPRETED:
                         # (the client leaving, read by the app before it answers: its
-                        # answer goes to nobody, recorded `disconnected`: watch.gone_receive)
-                        # A method of the watcher: one allocation, where `partial` makes
-                        # three (the partial, its argument tuple, an empty keyword dict)
+                        # answer goes to nobody, recorded `disconnected`.) A method of the
+                        # watcher: one allocation, where `partial` makes three (the
+                        # partial, its argument tuple, an empty keyword dict)
                         watcher.receive = receive
                         receive = watcher.gone_receive
                     else:  # (compiled: one native object, its call native too)

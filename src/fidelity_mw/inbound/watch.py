@@ -362,9 +362,15 @@ class ResponseWatcher:
             raise
 
     async def gone_receive(self) -> Message:
-        """The `receive` the app gets on routes that do not measure their latency, as a
-        bound method of the request's watcher when interpreted: `gone_receive` (the
-        function) without the partial's three objects per request, one allocation."""
+        """The `receive` the app gets on routes that do not measure their latency
+        (interpreted; a bound method, one allocation per request; compiled, `GoneReceive`):
+        the server's, noting the client leaving when the app reads it before its response
+        started. A handler that races its work against the client (`receive` until
+        `http.disconnect`, Starlette's `is_disconnected()`) and then answers anyway (a
+        499, its partial result) answers nobody: the request is `disconnected` and no
+        outcome of the route breaker's, as when the app raises on the cancel. After the
+        response started the server's disconnect is no news (uvicorn answers one to every
+        read once the response is complete)."""
         message: Message = await self.receive()
         if message["type"] == _GONE and self.ctx.status is None:
             self.ctx.client_disconnected = True  # (as `gone_receive`)
@@ -531,28 +537,10 @@ class ClientReceive:
         return message
 
 
-async def gone_receive(receive: Receive, ctx: DecisionContext) -> Message:
-    """The `receive` the app gets on other routes (`partial(gone_receive, receive, ctx)`:
-    built in C, no frame per request): the server's, noting the client leaving when the
-    app reads it before its response started. A handler that races its work against the
-    client (`receive` until `http.disconnect`, Starlette's `is_disconnected()`) and then
-    answers anyway (a 499, its partial result) answers nobody: the request is
-    `disconnected` and no outcome of the route breaker's, as when the app raises on the
-    cancel. Recorded `served` before, and counted a success, or a failure for a 5xx (the
-    real chain: every hop of a chain its client left). After the response started the
-    server's disconnect is no news (uvicorn answers one to every read once the response
-    is complete)."""
-    message: Message = await receive()
-    if message["type"] == _GONE and ctx.status is None:
-        ctx.client_disconnected = True
-    return message
-
-
 class GoneReceive:
-    """`gone_receive` as an object, for the compiled build: one native object per request
-    where `partial` makes three (the partial, its argument tuple and an empty keyword
-    dict), and its call is native too. Interpreted, the partial stays: calling an
-    instance of a Python class goes through `slot_tp_call`, more than the objects cost."""
+    """`ResponseWatcher.gone_receive` as an object, for the compiled build: one native
+    object per request, its call native too. Interpreted, the watcher's bound method
+    stays: calling an instance of a Python class goes through `slot_tp_call`."""
 
     __slots__ = ("ctx", "receive")
 

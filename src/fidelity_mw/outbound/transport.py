@@ -181,8 +181,7 @@ class _Seen:
     threads that arm one transport at once never see half of one engine's."""
 
     __slots__ = (
-        "clock", "engine", "local", "mark", "now", "observer", "policy", "resolver", "store",
-        "system",
+        "clock", "engine", "local", "mark", "now", "observer", "policy", "resolver", "store"
     )  # fmt: skip
 
     def __init__(
@@ -200,10 +199,11 @@ class _Seen:
         self.local = local  # (the store's in-process operations: a store replaced drops it)
         self.observer = observer  # (the transport's own, else the engine's)
         self.clock = clock = engine.clock
-        self.system = system = type(clock) is SystemClock  # (its method: time.monotonic)
-        # The clock read the shortcut makes, chosen once here rather than by a test of
-        # `system` at each of its two reads per call.
-        self.now: Callable[[], float] = _monotonic if system else clock.monotonic
+        # The shortcuts' clock read, chosen once here rather than by a test of the clock's
+        # type at each read (the system clock's method only calls time.monotonic)
+        self.now: Callable[[], float] = (
+            _monotonic if type(clock) is SystemClock else clock.monotonic
+        )
 
 
 _ASYNC_IN_SYNC_CLIENT: Final = (
@@ -905,7 +905,7 @@ class FidelityTransport(_Base, httpx.AsyncBaseTransport):
         if up.hedge is not None or known.engine is not engine:
             return await self._handle(request)
         local = known.local
-        now = _monotonic() if known.system else known.clock.monotonic()
+        now = known.now()
         own = ctx is None
         if ctx is None:
             ctx = DecisionContext(engine, "outbound", request.method, now)
