@@ -334,7 +334,7 @@ class First(NamedTuple):
             target, breaker_key, gated, original_url, own_sni = aim
             outcome = FAILURE if status in up.fail_statuses else SUCCESS
             _weigh(target, up, response, now, ended)
-            _answered(target, outcome, now, ended)
+            _answered(target, up, outcome, now, ended)
             counted = None
             if gate is not None and gated:
                 assert breaker is not None
@@ -728,7 +728,7 @@ def attempts(
                     retryable = downstream = False
                     ran_out = 0
                     if target is not None:
-                        _answered(target, outcome, now, ended)
+                        _answered(target, up, outcome, now, ended)
                 else:
                     outcome, retryable, downstream = classify(engine, up, target, response, error)
                     ran_out = deadline_spent(ctx, up, request, response, error, now, ended)
@@ -1118,12 +1118,20 @@ def _weigh(
         target.latency_at = ended
 
 
-def _answered(target: Instance, outcome: str, now: float, ended: float) -> None:
-    """The instance's answer ended the attempt (no retry to consider): its failure weight."""
+def _answered(target: Instance, up: Upstream, outcome: str, now: float, ended: float) -> None:
+    """The instance's answer ended the attempt (no retry to consider): its failure weight,
+    and the pause its own `Retry-After` put on it."""
     if outcome != SUCCESS:  # (a status the policy counts as a failure)
         target.failed_at = ended
     elif target.failed_at and now >= target.failed_at:
         target.failed_at = 0.0  # sent after it failed, and answered well
+        if target.paused_until > ended:
+            # Its pause was its word about itself when it failed; an attempt sent since
+            # that it answered well outlives it (as `_evidence` reads it). Kept, it left
+            # the instance to first attempts and sent other calls' retries to instances
+            # refusing or timing out: calls failed beside an instance answering every
+            # call it got (tests/test_defects_review48_usr_paused_instance.py).
+            up.unpause(target)
 
 
 def _gate_now(steps: Generator[Effect, Any, _Gated]) -> _Gated:

@@ -384,6 +384,12 @@ class Upstream:
             target.paused_until = max(target.paused_until, until)
         self._service_pause()
 
+    def unpause(self, target: Instance) -> None:
+        """The instance answered well an attempt sent after the failure that paused it: its
+        own pause is over (a pause of the whole service stays)."""
+        target.paused_until = 0.0
+        self._service_pause()
+
     def _service_pause(self) -> None:
         instances = self.instances
         if instances is not None:
