@@ -88,7 +88,8 @@ class Instances:
         async def slow(request: Request) -> Response:
             with self.lock:
                 self.calls["slow"] += 1
-            while not self.stop.is_set():
+            # (a thread's event, set from the test's loop: polled, not awaited)
+            while not self.stop.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             return PlainTextResponse("late")
 
