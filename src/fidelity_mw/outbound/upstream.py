@@ -108,7 +108,8 @@ class Instance:
         self.latency_at = 0.0
         self.open_until = 0.0
         self.seen_at = 0.0
-        # The end of the pause a 429's Retry-After from this instance put on retries to it.
+        # The end of the pause a 429's Retry-After from this instance put on retries to it
+        # (over early once an attempt sent after that answer succeeds: `Upstream.unpause`).
         self.paused_until = 0.0
         # The last attempt sent around its known-open breaker (ejection bound, panic)
         # succeeded: evidence it answers again before its breaker has probed.
