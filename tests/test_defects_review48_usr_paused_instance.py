@@ -12,7 +12,7 @@ import tomllib
 import httpx
 from fastapi import FastAPI
 
-from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy, current
+from fidelity_mw import FidelityMiddleware, FidelityTransport, Policy
 from fidelity_mw.testing import FakeClock
 
 HEALTHY, REFUSING, SLOW = "10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"
@@ -70,8 +70,6 @@ def service(seed: int) -> tuple[FastAPI, list[str]]:
     async def stock() -> dict[str, object]:
         response = await client.get("/stock")
         response.raise_for_status()
-        ctx = current()
-        assert ctx is not None
         return {"stock": response.json()["stock"]}
 
     return app, sent
