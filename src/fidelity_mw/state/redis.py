@@ -807,7 +807,10 @@ class RedisStore(StateStore):
 
     async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One fleet announcement: skipped when every connection is busy, and kept out of
-        `round_trips`, `errors` and the health state (a failure just leaves the count older)."""
+        `round_trips` and `errors` (a failure just leaves the count older). A timeout marks
+        Redis down, as a request's call does: the calls waiting for its connection (all of
+        them with `pool_size = 1`) would otherwise take it and wait `timeout_ms` again on
+        the same silent Redis, or wait out their own `timeout_ms` as for a busy pool."""
         bound = self._bind()
         if not self.health.up or not bound[2].try_acquire():
             raise StateUnavailable("no connection free for the fleet announcement")
@@ -818,6 +821,11 @@ class RedisStore(StateStore):
                 return await run("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 return await run("EVAL", script.source, len(keys), *keys, *args)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            # (a broken connection is not enough: a pooled one after a restart breaks
+            # once, and the requests' calls retry it on a fresh one before they tell)
+            self._down(exc)
+            raise
         finally:
             bound[2].release()
 
@@ -840,6 +848,10 @@ class RedisStore(StateStore):
             # this request, but Redis itself answered.
             warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
+        self._down(exc)
+
+    def _down(self, exc: BaseException) -> None:
+        """Redis did not answer (`exc`): marked down, until a probe finds it back."""
         health = self.health
         if health.up:
             now = self._clock.monotonic()
