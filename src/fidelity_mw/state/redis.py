@@ -2005,6 +2005,22 @@ class RedisStore(StateStore):
             why,
         )
 
+    async def _fleet_leave(self) -> None:
+        """Out of the fleet at once: the others count a silent member for the hold (it may
+        be deciding alone on its share), which a process that closed is not. Skipped when
+        Redis is down, or this loop never reached it; failing, it counts until the hold."""
+        fleet = self.fleet
+        known = self._clients.get(asyncio.get_running_loop())
+        if known is None or not fleet.enabled or fleet.ok_at is None or not self.health.up:
+            return
+        try:
+            async with known[0].pipeline(transaction=False) as pipe:
+                pipe.zrem(fleet.key, fleet.id)
+                pipe.hdel(fleet.load_key, fleet.id)
+                await pipe.execute()
+        except Exception as exc:  # (best effort, at close)
+            logger.debug("fidelity_mw: leaving the fleet failed (%s)", type(exc).__name__)
+
     async def aclose(self) -> None:
         # The timers first, and none firing to effect, before the first await: one that
         # fired during the flush or a cancelled task's ending started a flush task after
@@ -2041,6 +2057,7 @@ class RedisStore(StateStore):
                 await ended(task)
         # What requests queued meanwhile (their timers start nothing now), on this client
         await self._flush_at_close()
+        await self._fleet_leave()
         self._pending_timer.cancel()
         self._deferred_timer.cancel()
         # Close this loop's client; clients of other loops can only be closed
