@@ -193,3 +193,25 @@ async def test_a_store_that_closes_leaves_the_fleet(redis_url: str) -> None:
             await store.aclose()
         client.delete(fleet_key, fleet_key + ":load")
         client.close()
+
+
+async def test_members_that_call_redis_less_often_than_the_ttl_all_count() -> None:
+    """A tiered store calls Redis at its syncs (and leases): with `sync_interval_ms =
+    8000` its members announce every 8 s, and a member ttl of 5 s dropped each one between
+    two of its announcements. Four in step, 2 s apart: each read a fleet of 3, and in an
+    outage the fleet enforced 4 x 1/3 of each limit (old code); now all four count."""
+    clock = FakeClock()
+    table = Table(clock)
+    fleets = [Fleet("f", 60.0) for _ in range(4)]
+    period = 8.0
+    for _ in range(5):
+        for fleet in fleets:
+            fleet.tick(clock.monotonic(), table.runner(fleet.id), clock.monotonic)
+            assert fleet.task is not None
+            await fleet.task
+            clock.advance(period / len(fleets))
+    now = clock.monotonic()
+    sizes = [f.share(now).size for f in fleets]
+    print("sizes read", sizes)
+    assert sizes == [4, 4, 4, 4]  # old code: [3, 3, 3, 3]
+    assert sum(enforced(f.share(now)) for f in fleets) == pytest.approx(1.0)
