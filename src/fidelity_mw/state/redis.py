@@ -581,6 +581,7 @@ class RedisStore(StateStore):
             config.fleet_share_load_max_age_s,
         )
         self._fleet_warned = -1
+        self._fleet_skipped = False  # the last announcement found every connection busy
         # Redis's eviction policy, read once after the first call that answers
         # (`_check_eviction`): None until then
         self.eviction_policy: str | None = None
@@ -806,14 +807,30 @@ class RedisStore(StateStore):
             )
 
     async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """One fleet announcement: skipped when every connection is busy, and kept out of
-        `round_trips` and `errors` (a failure just leaves the count older). A timeout marks
-        Redis down, as a request's call does: the calls waiting for its connection (all of
-        them with `pool_size = 1`) would otherwise take it and wait `timeout_ms` again on
-        the same silent Redis, or wait out their own `timeout_ms` as for a busy pool."""
+        """One fleet announcement: skipped when every connection is busy (the next one then
+        waits its turn for a connection), and kept out of `round_trips` and `errors` (a
+        failure just leaves the count older). A timeout marks Redis down, as a request's
+        call does: the calls waiting for its connection (all of them with `pool_size = 1`)
+        would otherwise take it and wait `timeout_ms` again on the same silent Redis, or
+        wait out their own `timeout_ms` as for a busy pool."""
         bound = self._bind()
-        if not self.health.up or not bound[2].try_acquire():
-            raise StateUnavailable("no connection free for the fleet announcement")
+        slots = bound[2]
+        if not self.health.up:
+            raise StateUnavailable("redis is down: no fleet announcement")
+        if not slots.try_acquire():
+            if not self._fleet_skipped:
+                self._fleet_skipped = True
+                raise StateUnavailable("no connection free for the fleet announcement")
+            # Skipped once already: a pool that stays busy (requests always waiting) would
+            # skip every one, the process's fleet size would go stale and the others would
+            # drop it, so that in an outage it enforced the whole limit while they split it.
+            acquired = await slots.acquire(self._timeout_s)
+            if acquired and not self.health.up:
+                slots.release()
+                acquired = False
+            if not acquired:
+                raise StateUnavailable("no connection free for the fleet announcement")
+        self._fleet_skipped = False
         client = bound[1]
         run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
@@ -827,7 +844,7 @@ class RedisStore(StateStore):
             self._down(exc)
             raise
         finally:
-            bound[2].release()
+            slots.release()
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
