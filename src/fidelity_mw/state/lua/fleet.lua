@@ -19,12 +19,12 @@
 --
 -- A member's rate is its count over the time since its last announcement (at least
 -- 0.1 s), or over the ttl at its first (its previous rate then the same). Its load is
--- kept 10 ttls (or the hold) after its last announcement, so a member back from a quiet spell has
--- its rate over that spell. Members read their fractions at different times, so the
--- fraction is the lower of two readings (see FleetTable): while the load changes,
--- fractions err low.
--- Both keys expire when no instance has announced for 10 member ttls (or the hold), so a fleet
--- that is gone leaves nothing behind.
+-- kept 10 ttls (or the hold, if longer) after its last announcement, so a member back
+-- from a quiet spell has its rate over that spell. Members read their fractions at
+-- different times, so the fraction is the lower of two readings (see FleetTable): while
+-- the load changes, fractions err low.
+-- Both keys expire when no instance has announced for 10 member ttls (or the hold), so
+-- a fleet that is gone leaves nothing behind.
 
 local now = server_now()
 local ttl = tonumber(ARGV[2])
