@@ -44,8 +44,13 @@ class Table:
         async def run(script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
             if member in self.failing:
                 raise ConnectionError("no connection free for the fleet announcement")
+            # (the hold, when the announcement sends one: ARGV[4] of fleet.lua)
             size, fraction = self.table.announce(
-                str(args[0]), float(args[2]), self.clock.monotonic(), float(args[1])
+                str(args[0]),
+                float(args[2]),
+                self.clock.monotonic(),
+                float(args[1]),
+                *(float(a) for a in args[3:4]),
             )
             return [size, "-1" if fraction is None else repr(fraction)]
 
@@ -80,7 +85,9 @@ async def test_a_member_whose_announcements_fail_keeps_no_large_weight() -> None
     issue's bound is 1.2 x."""
     clock = FakeClock()
     table = Table(clock)
-    fleets = [Fleet("f", 60.0, 0.2, 30.0) for _ in range(4)]
+    # (flt48: trusting a size for 120 s, a member silent for the hold, 60 s, is dropped
+    # while its own reading is still in use; at 60 s both ended together)
+    fleets = [Fleet("f", 120.0, 0.2, 30.0) for _ in range(4)]
     loads = [900, 34, 33, 33]
     for _ in range(4):
         await second(fleets, table, loads)
@@ -91,6 +98,14 @@ async def test_a_member_whose_announcements_fail_keeps_no_large_weight() -> None
     for _ in range(int(MEMBER_TTL_S) + 2):
         await second(fleets, table, loads)
     assert busy.failed >= MEMBER_TTL_S
+    # (flt48) the others count a silent member, with the load it reported last, for
+    # the hold (it may be deciding alone on its share): it keeps its weight meanwhile
+    now = clock.monotonic()
+    held = [enforced(f.share(now)) for f in fleets]
+    assert held[0] == busy.weight
+    assert sum(held) == pytest.approx(1.0, rel=0.05)
+    for _ in range(int(busy.hold_s - MEMBER_TTL_S)):
+        await second(fleets, table, loads)
     # Redis goes away now: what each member enforces
     now = clock.monotonic()
     others = [enforced(f.share(now)) for f in fleets[1:]]

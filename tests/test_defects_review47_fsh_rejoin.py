@@ -45,7 +45,8 @@ async def test_the_first_member_back_keeps_the_fleet_size_it_read_before() -> No
     assert all(f.size == 4 for f in fleets)
     weight = fleets[0].weight
     assert weight == quantize_weight(load_weight(4, 0.25, 0.2))
-    await outage(fleets, table, MEMBER_TTL_S + 1.0)
+    # (flt48: an outage longer than the hold, 60 s, for which a silent member counts)
+    await outage(fleets, table, fleets[0].hold_s + 1.0)
     first = fleets[0]
     await announce(first, table)
     # Redis read it a fleet of one (the others are silent since the outage began) ...
@@ -75,7 +76,8 @@ async def test_a_member_gone_in_the_outage_is_believed_gone_a_ttl_later() -> Non
     fleets = [Fleet("f", 60.0, 0.2, 30.0) for _ in range(4)]
     for _ in range(4):
         await second(fleets, table, LOADS)
-    await outage(fleets, table, MEMBER_TTL_S + 1.0)
+    # (flt48: an outage longer than the hold, 60 s, for which a silent member counts)
+    await outage(fleets, table, fleets[0].hold_s + 1.0)
     alive = fleets[:3]  # the fourth is gone
     sizes = []
     for _ in range(int(MEMBER_TTL_S / ANNOUNCE_S) + 2):

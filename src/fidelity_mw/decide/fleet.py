@@ -169,8 +169,9 @@ class FleetTable:
     """The fleet's membership and load, as state/lua/fleet.lua keeps them in Redis
     (the reference the script is tested against).
 
-    `members`: live members (announced within `ttl`) by id and when; `loads`: the
-    reported loads, kept `LOAD_RETAIN_TTLS` ttls after a member's last announcement.
+    `members`: the members that count (announced within the hold, at least `ttl`) by id
+    and when; `loads`: the reported loads, kept `LOAD_RETAIN_TTLS` ttls (or the hold, if
+    longer) after a member's last announcement.
 
     Members read their fractions at different times, each against the others' rates
     as last reported, so while the load changes a fraction would be read against
@@ -187,21 +188,25 @@ class FleetTable:
         self.loads: dict[str, MemberLoad] = {}
 
     def announce(
-        self, member: str, count: float, now: float, ttl: float
+        self, member: str, count: float, now: float, ttl: float, hold: float = 0.0
     ) -> tuple[int, float | None]:
         """`member` announces itself at `now` with `count` requests decided since its last
-        announcement (negative: it reports no load). Returns the number of live members
-        and this member's fraction of their load: None when a live member reports none,
-        they have none, or they are more than LOAD_MAX_MEMBERS.
+        announcement (negative: it reports no load). Returns the number of members that
+        count (announced within `hold`, at least `ttl`) and this member's fraction of
+        their load: None when one of them reports none, they have none, or they are more
+        than LOAD_MAX_MEMBERS.
 
         Its rate is the count over the time since its last announcement (at least
         LOAD_MIN_INTERVAL_S), or over `ttl` when there is none (and its previous rate,
-        over the `ttl` before, the same)."""
+        over the `ttl` before, the same). A member silent for longer than `ttl` (cut off
+        from the shared state, deciding alone on the share it read) still counts, with
+        the rate it reported last, until `hold`: the others' shares leave it its part."""
+        hold = max(ttl, hold)
         self.members[member] = now
         # A member seen after `now` was seen before the shared clock went back (a step,
         # a failover to a server whose clock is behind): taken as seen now, or a dead
-        # one would stay live for its ttl plus the step, and shrink every share.
-        self.members = {m: min(t, now) for m, t in self.members.items() if t > now - ttl}
+        # one would stay live for its hold plus the step, and shrink every share.
+        self.members = {m: min(t, now) for m, t in self.members.items() if t > now - hold}
         size = len(self.members)
         if size > LOAD_MAX_MEMBERS:  # too large to read whole: no load (the table expires)
             self.loads.pop(member, None)
@@ -217,7 +222,7 @@ class FleetTable:
             self.loads[member] = MemberLoad(now, prev.seen_at, rate, prev.since, prev.rate)
         mine = self.loads.get(member)
         live: list[tuple[str, MemberLoad]] = []
-        retain = now - ttl * LOAD_RETAIN_TTLS
+        retain = now - max(ttl * LOAD_RETAIN_TTLS, hold)
         for m, entry in list(self.loads.items()):
             if entry.seen_at > now:  # the clock went back: moved to now, as its member
                 shift = now - entry.seen_at
@@ -226,7 +231,7 @@ class FleetTable:
                 )
             if entry.seen_at < retain:
                 del self.loads[m]
-            elif entry.seen_at > now - ttl:
+            elif entry.seen_at > now - hold:
                 live.append((m, entry))
         if mine is None or len(live) != size:
             return size, None
@@ -247,3 +252,8 @@ class FleetTable:
         if total_now <= 0.0 or total_then <= 0.0:
             return size, None
         return size, min(mine.rate / total_now, mine.prev_rate / total_then)
+
+    def leave(self, member: str) -> None:
+        """`member` leaves (its store closed): no longer counted, at once."""
+        self.members.pop(member, None)
+        self.loads.pop(member, None)

@@ -185,7 +185,9 @@ DESCRIPTIONS: dict[str, str] = {
     "process enforces its share of every limit (rate / N, burst / N), N being the fleet size "
     "it last read from Redis, if that was at most this many seconds ago; otherwise the whole "
     "limit. 0 turns the share off (every process enforces the whole limit). The share is "
-    "weighted by each process's load (see `fleet_share_even_ratio`).",
+    "weighted by each process's load (see `fleet_share_even_ratio`). A process silent in Redis "
+    "(its calls failing) still counts in N for this long, at least 5 s and at most 60 s, as it "
+    "may still enforce its share; one whose store closed leaves at once.",
     "state.fleet_share_even_ratio": "The ratio of each limit that the fleet share splits "
     "evenly (ratio / N per process) while Redis is unreachable; the rest is split by each "
     "process's fraction of the fleet's requests, read with the fleet size, so the shares "

@@ -4,8 +4,13 @@ While Redis answers, each `RedisStore` announces itself at most once per
 `ANNOUNCE_S` (a background call started by the store's own traffic, so an
 idle instance costs nothing): `fleet.lua` adds its random id to the sorted
 set ``{prefix}:fleet`` scored by the server's `TIME`, drops members silent
-for more than `MEMBER_TTL_S`, and returns how many are left. The instance
-keeps that count and the local time it was read.
+for longer than its hold (`fleet_share_max_age_s`, at least `MEMBER_TTL_S`, at most
+`MEMBER_HOLD_MAX_S`), and returns how many are left. The instance keeps that count and
+the local time it was read. A member silent for that long may still be deciding alone
+on the share it read (its own calls time out; it trusts that reading for
+`fleet_share_max_age_s`), so it keeps counting: a member that still reaches Redis
+leaves it its part rather than reading the fleet smaller and, falling back itself,
+enforcing a larger share. A store that closes leaves at once (`leave`).
 
 The same call reports how many requests the instance decided since its
 last announcement, into the hash ``{prefix}:fleet:load`` (same hash slot), and
@@ -54,9 +59,13 @@ from .timer import alive
 logger = logging.getLogger("fidelity_mw.redis")
 
 FLEET: Final = load_script("fleet")
-# How often an instance in use announces itself, and how long a silent member counts.
+# How often an instance in use announces itself, and the member ttl: the interval its
+# first rate is read over, and the least a silent member counts.
 ANNOUNCE_S: Final = 1.0
 MEMBER_TTL_S: Final = 5.0
+# The longest a silent member counts (a member that died without closing makes the
+# others' shares smaller for this long: the fleet admits less, never more).
+MEMBER_HOLD_MAX_S: Final = 60.0
 
 _SPEC_CACHE_MAX: Final = 10_000
 # How many earlier shares a key's first decision under a new one looks in for its units.
@@ -82,6 +91,8 @@ class Fleet:
         self.load_key = f"{{{prefix}}}:fleet:load"
         self.max_age_s = max_age_s
         self.enabled = max_age_s > 0.0
+        # how long a silent member counts: as long as it may trust its own reading
+        self.hold_s = min(max(max_age_s, MEMBER_TTL_S), MEMBER_HOLD_MAX_S)
         self.even_ratio = even_ratio
         self.load_max_age_s = load_max_age_s
         self.weighted = even_ratio < 1.0  # off: no load reported, the even share
@@ -116,7 +127,9 @@ class Fleet:
         counted = self.demand_of()
         count = counted - self.reported if self.weighted else -1
         try:
-            reply = await run(FLEET, (self.key, self.load_key), (self.id, MEMBER_TTL_S, count))
+            reply = await run(
+                FLEET, (self.key, self.load_key), (self.id, MEMBER_TTL_S, count, self.hold_s)
+            )
             size = int(reply[0])
             fraction: float | None = float(reply[1])
         except Exception as exc:  # dropped: the requests' own calls detect an outage
@@ -141,8 +154,8 @@ class Fleet:
         self.announces += 1
         self.reported = counted
         now = clock()
-        if self.ok_at is not None and now - self.ok_at > MEMBER_TTL_S - ANNOUNCE_S:
-            # Its first reading after a gap longer than a member ttl (an outage): the
+        if self.ok_at is not None and now - self.ok_at > self.hold_s - ANNOUNCE_S:
+            # Its first reading after a gap longer than the hold (an outage): the
             # members cut off by the same outage were dropped for their silence, and
             # announce again only as their own calls succeed (the first back read a
             # fleet of 1 and a fraction of 1.0, and in a fallback a moment later, Redis
@@ -177,9 +190,9 @@ class Fleet:
             and share.size is not None
             and share.size > 1
             and self.seen_at is not None
-            and self.tried_at - self.seen_at > MEMBER_TTL_S - ANNOUNCE_S
+            and self.tried_at - self.seen_at > self.hold_s - ANNOUNCE_S
         ):
-            # Redis answered it more than a member ttl after its last announcement that
+            # Redis answered it more than the hold after its last announcement that
             # counted (they failed, or were skipped on a busy pool): the others may have
             # dropped it and split the whole limit among themselves. It keeps the floor
             # of an idle member, not a weight they no longer leave it.

@@ -581,6 +581,7 @@ class RedisStore(StateStore):
             config.fleet_share_load_max_age_s,
         )
         self._fleet_warned = -1
+        self._fleet_skipped = False  # the last announcement found every connection busy
         # Redis's eviction policy, read once after the first call that answers
         # (`_check_eviction`): None until then
         self.eviction_policy: str | None = None
@@ -806,11 +807,30 @@ class RedisStore(StateStore):
             )
 
     async def _fleet_run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """One fleet announcement: skipped when every connection is busy, and kept out of
-        `round_trips`, `errors` and the health state (a failure just leaves the count older)."""
+        """One fleet announcement: skipped when every connection is busy (the next one then
+        waits its turn for a connection), and kept out of `round_trips` and `errors` (a
+        failure just leaves the count older). A timeout marks Redis down, as a request's
+        call does: the calls waiting for its connection (all of them with `pool_size = 1`)
+        would otherwise take it and wait `timeout_ms` again on the same silent Redis, or
+        wait out their own `timeout_ms` as for a busy pool."""
         bound = self._bind()
-        if not self.health.up or not bound[2].try_acquire():
-            raise StateUnavailable("no connection free for the fleet announcement")
+        slots = bound[2]
+        if not self.health.up:
+            raise StateUnavailable("redis is down: no fleet announcement")
+        if not slots.try_acquire():
+            if not self._fleet_skipped:
+                self._fleet_skipped = True
+                raise StateUnavailable("no connection free for the fleet announcement")
+            # Skipped once already: a pool that stays busy (requests always waiting) would
+            # skip every one, the process's fleet size would go stale and the others would
+            # drop it, so that in an outage it enforced the whole limit while they split it.
+            acquired = await slots.acquire(self._timeout_s)
+            if acquired and not self.health.up:
+                slots.release()
+                acquired = False
+            if not acquired:
+                raise StateUnavailable("no connection free for the fleet announcement")
+        self._fleet_skipped = False
         client = bound[1]
         run = client.run if isinstance(client, LaneClient) else client.execute_command
         try:
@@ -818,8 +838,13 @@ class RedisStore(StateStore):
                 return await run("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 return await run("EVAL", script.source, len(keys), *keys, *args)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            # (a broken connection is not enough: a pooled one after a restart breaks
+            # once, and the requests' calls retry it on a fresh one before they tell)
+            self._down(exc)
+            raise
         finally:
-            bound[2].release()
+            slots.release()
 
     def _bad_reply(self, exc: Exception) -> None:
         self.stats.errors += 1
@@ -840,6 +865,10 @@ class RedisStore(StateStore):
             # this request, but Redis itself answered.
             warn(logger, error_kind(exc), "fidelity_mw: redis replied with an error: %s", exc)
             return
+        self._down(exc)
+
+    def _down(self, exc: BaseException) -> None:
+        """Redis did not answer (`exc`): marked down, until a probe finds it back."""
         health = self.health
         if health.up:
             now = self._clock.monotonic()
@@ -1993,6 +2022,22 @@ class RedisStore(StateStore):
             why,
         )
 
+    async def _fleet_leave(self) -> None:
+        """Out of the fleet at once: the others count a silent member for the hold (it may
+        be deciding alone on its share), which a process that closed is not. Skipped when
+        Redis is down, or this loop never reached it; failing, it counts until the hold."""
+        fleet = self.fleet
+        known = self._clients.get(asyncio.get_running_loop())
+        if known is None or not fleet.enabled or fleet.ok_at is None or not self.health.up:
+            return
+        try:
+            async with known[0].pipeline(transaction=False) as pipe:
+                pipe.zrem(fleet.key, fleet.id)
+                pipe.hdel(fleet.load_key, fleet.id)
+                await pipe.execute()
+        except Exception as exc:  # (best effort, at close)
+            logger.debug("fidelity_mw: leaving the fleet failed (%s)", type(exc).__name__)
+
     async def aclose(self) -> None:
         # The timers first, and none firing to effect, before the first await: one that
         # fired during the flush or a cancelled task's ending started a flush task after
@@ -2029,6 +2074,7 @@ class RedisStore(StateStore):
                 await ended(task)
         # What requests queued meanwhile (their timers start nothing now), on this client
         await self._flush_at_close()
+        await self._fleet_leave()
         self._pending_timer.cancel()
         self._deferred_timer.cancel()
         # Close this loop's client; clients of other loops can only be closed

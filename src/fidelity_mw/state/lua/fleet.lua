@@ -8,35 +8,46 @@
 --          "<at> <since> <rate> <prev_since> <prev_rate>": the server times of its
 --          last announcement and the one before, its requests per second between
 --          them, and the same for the interval before that.
--- ARGV: instance id, member ttl (s): members silent for longer are dropped,
---       requests it decided since its last announcement (negative: it reports none).
--- Returns: {the number of live members, this one included; this member's fraction
---          of the live members' load ("-1": unknown: a live member reports none, or
---          they have none)}.
+-- ARGV: instance id, member ttl (s), requests it decided since its last announcement
+--       (negative: it reports none), hold (s, optional, at least the ttl): members
+--       silent for longer than the hold are dropped. A member silent for more than the
+--       ttl (cut off from Redis, deciding alone on the share it read) counts until the
+--       hold, with the rate it reported last, so the others leave it its part.
+-- Returns: {the number of members that count, this one included; this member's
+--          fraction of their load ("-1": unknown: one of them reports none, or they
+--          have none)}.
 --
 -- A member's rate is its count over the time since its last announcement (at least
 -- 0.1 s), or over the ttl at its first (its previous rate then the same). Its load is
--- kept 10 ttls after its last announcement, so a member back from a quiet spell has
--- its rate over that spell. Members read their fractions at different times, so the
--- fraction is the lower of two readings (see FleetTable): while the load changes,
--- fractions err low.
--- Both keys expire when no instance has announced for 10 member ttls, so a fleet
--- that is gone leaves nothing behind.
+-- kept 10 ttls (or the hold, if longer) after its last announcement, so a member back
+-- from a quiet spell has its rate over that spell. Members read their fractions at
+-- different times, so the fraction is the lower of two readings (see FleetTable): while
+-- the load changes, fractions err low.
+-- Both keys expire when no instance has announced for 10 member ttls (or the hold), so
+-- a fleet that is gone leaves nothing behind.
 
 local now = server_now()
 local ttl = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
 local id = ARGV[1]
+local hold = tonumber(ARGV[4]) or ttl
+if hold < ttl then
+  hold = ttl
+end
+local keep = ttl * 10
+if hold > keep then
+  keep = hold
+end
 redis.call('ZADD', KEYS[1], fmt(now), id)
 -- A member seen after now was seen before the server's clock went back (a step, a
 -- failover to a replica whose clock is behind): taken as seen now, or a dead one would
--- stay live for the ttl plus the step (FleetTable does the same).
+-- stay live for the hold plus the step (FleetTable does the same).
 local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. fmt(now), '+inf')
 for _, m in ipairs(ahead) do
   redis.call('ZADD', KEYS[1], fmt(now), m)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl))
-redis.call('PEXPIRE', KEYS[1], ttl_ms(ttl * 10))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - hold))
+redis.call('PEXPIRE', KEYS[1], ttl_ms(keep))
 local size = redis.call('ZCARD', KEYS[1])
 if size > 64 then
   -- decide.fleet.LOAD_MAX_MEMBERS: the table is read whole at every announcement, a
@@ -68,11 +79,11 @@ else
   end
   redis.call('HSET', KEYS[2], id, table.concat(entry, ' '))
 end
-redis.call('PEXPIRE', KEYS[2], ttl_ms(ttl * 10))
+redis.call('PEXPIRE', KEYS[2], ttl_ms(keep))
 
 local entries = redis.call('HGETALL', KEYS[2])
-local live_after = now - ttl
-local retain = now - ttl * 10
+local live_after = now - hold
+local retain = now - keep
 local live = {}
 local mine = nil
 for i = 1, #entries, 2 do
