@@ -281,10 +281,23 @@ class LaneClient(Redis):
                         raise RedisConnectionError("Connection has data")
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     await conn.disconnect()
+            # redis-py sends under `asyncio.wait_for`, which on Python 3.11 swallows a
+            # cancellation that comes as the send completes: the call then waited for its
+            # reply, up to the socket timeout, a task cancelled (a request's deadline,
+            # `aclose`) going on as if it had not been, and nothing taken along counted
+            # as lost. Seen here by the task's count of cancellations asked for.
+            task = asyncio.current_task()
+            asked = task.cancelling() if task is not None else 0
             await conn.send_packed_command(conn.pack_command(*args))
+            swallowed = task is not None and task.cancelling() > asked
             if not keep_reply:
+                if swallowed:
+                    await conn.disconnect(nowait=True)  # (its reply is not read)
+                    raise asyncio.CancelledError
                 return await conn.read_response()
             try:
+                if swallowed:
+                    raise asyncio.CancelledError  # (its reply read as a cancelled read's)
                 # (redis-py would disconnect on a cancellation too: below, every other
                 # failure to read disconnects as it would have)
                 return await conn.read_response(disconnect_on_error=False)
