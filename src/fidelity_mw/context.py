@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import threading
 from collections import Counter
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -180,6 +181,11 @@ class DecisionContext:
     # for the server's keep-alive timer to keep), and the token of setting the context
     # anew replaces it (inbound/watch.ResponseWatcher); the middleware resets with it.
     _token: Token[DecisionContext | None] | None = None
+    # Held by the blocking transport while a call's attempt loop runs between its effects
+    # (`FidelitySyncTransport`): threads sharing this context (a sync route's worker
+    # fanning out with `copy_context`) interleaved their records, so a CLIENT span took
+    # another call's pick, and lost counts of `attempts`. Made on first use.
+    _sync_lock: threading.RLock | None = None
     # Records dropped to keep the context bounded (`_make_room`): how many, and per kind
     # [count, of which stale]. None / 0 until a request gets that long.
     _dropped: dict[DroppedKey, list[int]] | None = None

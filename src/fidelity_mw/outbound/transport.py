@@ -1270,20 +1270,34 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
         raise TypeError(_SYNC_IN_ASYNC_CLIENT)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        started = self._start(request)
+        ctx = _current.get()
+        lock: contextlib.AbstractContextManager[Any]
+        if ctx is not None and not ctx.response_complete:
+            # The request's context: other threads may share it (`_sync_lock`). Its
+            # records are made with the lock held, the effects (the send, a backoff's
+            # sleep, a store's round trip, a body's read) without it.
+            lock = ctx._sync_lock or _sync_lock_of(ctx)
+            with lock:
+                started = self._start(request)
+        else:  # a call of its own (`_start` makes its context): nobody else records there
+            lock = _UNSHARED
+            started = self._start(request)
         if isinstance(started, First):
             try:
                 response = self.inner.handle_request(request)
             except BaseException as exc:
-                return self._run(started.resume(None, exc), started.ctx.engine)
-            return started.finish(response) or self._run(
-                started.resume(response, None), started.ctx.engine
-            )
+                return self._run(started.resume(None, exc), started.ctx.engine, lock)
+            with lock:
+                done = started.finish(response)
+            return done or self._run(started.resume(response, None), started.ctx.engine, lock)
         steps, engine, _ = started
-        return self._run(steps, engine)
+        return self._run(steps, engine, lock)
 
-    def _run(self, steps: Steps, engine: Engine) -> httpx.Response:
-        """Run one attempt loop to its end, doing its effects."""
+    def _run(
+        self, steps: Steps, engine: Engine, lock: contextlib.AbstractContextManager[Any]
+    ) -> httpx.Response:
+        """Run one attempt loop to its end, doing its effects (`lock` held while the
+        loop records between them)."""
         step = _Stepper(steps)
         gate_op, record_op, refund_op = _sync_ops(engine.store)
         wait = _waiter(engine.clock.sleep_sync)
@@ -1297,13 +1311,32 @@ class FidelitySyncTransport(_Base, httpx.BaseTransport):
             READ: httpx.Response.read,
             PARK: _no_park,
         }
-        while (effect := step.next()) is not None:
+        while True:
+            with lock:
+                effect = step.next()
+            if effect is None:
+                return step.result
             try:
                 step.value = do[effect[0]](*effect[1:])
             except BaseException as exc:
                 step.thrown = exc
-        return step.result
 
     def close(self) -> None:
         self._shut_bodies()
         self.inner.close()
+
+
+# A context no other thread records in: its call's own (no lock needed).
+_UNSHARED: Final = contextlib.nullcontext()
+# Makes each context's `_sync_lock` once, when two threads ask at the same moment.
+_SYNC_LOCKS: Final = threading.Lock()
+
+
+def _sync_lock_of(ctx: DecisionContext) -> threading.RLock:
+    """The context's lock for blocking calls (reentrant: an observer's or a hook's
+    own call through the transport, in the same thread, takes it again)."""
+    with _SYNC_LOCKS:
+        lock = ctx._sync_lock
+        if lock is None:
+            lock = ctx._sync_lock = threading.RLock()
+        return lock

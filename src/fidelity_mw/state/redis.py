@@ -281,10 +281,23 @@ class LaneClient(Redis):
                         raise RedisConnectionError("Connection has data")
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     await conn.disconnect()
+            # redis-py sends under `asyncio.wait_for`, which on Python 3.11 swallows a
+            # cancellation that comes as the send completes: the call then waited for its
+            # reply, up to the socket timeout, a task cancelled (a request's deadline,
+            # `aclose`) going on as if it had not been, and nothing taken along counted
+            # as lost. Seen here by the task's count of cancellations asked for.
+            task = asyncio.current_task()
+            asked = task.cancelling() if task is not None else 0
             await conn.send_packed_command(conn.pack_command(*args))
+            swallowed = task is not None and task.cancelling() > asked
             if not keep_reply:
+                if swallowed:
+                    await conn.disconnect(nowait=True)  # (its reply is not read)
+                    raise asyncio.CancelledError
                 return await conn.read_response()
             try:
+                if swallowed:
+                    raise asyncio.CancelledError  # (its reply read as a cancelled read's)
                 # (redis-py would disconnect on a cancellation too: below, every other
                 # failure to read disconnects as it would have)
                 return await conn.read_response(disconnect_on_error=False)
@@ -327,6 +340,9 @@ class LaneClient(Redis):
 # and the connection dropped, as before.
 _LATE_REPLY: Final = "fidelity_mw_late_reply"
 _LOST: Final = object()
+# Set on a `CancelledError` that ended a call while it waited for a pooled connection:
+# nothing was sent, so what the call took along can wait for the next one.
+_UNSENT: Final = "fidelity_mw_unsent"
 
 
 async def _late_reply(conn: AbstractConnection) -> Any:
@@ -365,6 +381,9 @@ class RedisStats:
     pool_waits: int = 0  # calls that found every connection busy for `timeout_ms`
     reconnects: int = 0  # calls retried once on a fresh connection after a connection error
     lost_replies: int = 0  # calls sent whose connection broke before the reply: never resent
+    # retry-budget request counts (`budget_request`) lost: a call carrying them cancelled
+    # once sent, left unfinished by an event loop that closed, or still waiting at close
+    dropped_budget_counts: int = 0
     outages: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
@@ -569,6 +588,11 @@ class RedisStore(StateStore):
         # of probes whose gate's reply was lost, sent once Redis answers (`_report_late`)
         self._late: dict[int, tuple[str, BreakerConfig, str, bool, float]] = {}
         self._late_task: asyncio.Task[None] | None = None
+        # What each call out now took along from the tables above, with its loop: a loop
+        # that closes with the call out never ends it, nor runs its `except` or `finally`
+        # (`_forget_closed_loop`). token -> (loop, plain successes, budget counts, the
+        # late probe outcome (its id, its entry) or None)
+        self._carrying: dict[object, tuple[asyncio.AbstractEventLoop, int, int, Any]] = {}
         self.sync_s = config.sync_interval_ms / 1000.0
         # Admissions and records of one event-loop tick share one script call.
         self.coalescer = Coalescer(self.call, BATCH, self._failed)
@@ -623,7 +647,9 @@ class RedisStore(StateStore):
                 )
             fresh = (loop, known[0], known[1])
             self._bound = fresh
-            return fresh
+        if self._carrying:
+            self._forget_closed_loop()
+        return fresh
 
     def breaker_keys(self, breaker_key: str) -> tuple[str, str]:
         """The breaker's hash and probe-set keys (cached)."""
@@ -720,7 +746,11 @@ class RedisStore(StateStore):
         client, slots = bound[1], bound[2]
         assert client is not None
         if not slots.try_acquire():
-            acquired = await slots.acquire(self._timeout_s)
+            try:
+                acquired = await slots.acquire(self._timeout_s)
+            except asyncio.CancelledError as cancel:
+                setattr(cancel, _UNSENT, True)
+                raise
             if not health.up:
                 # Marked down while this call waited (the calls ahead of it timed
                 # out): it decides now, as the calls after it do. Sent, it would wait
@@ -1451,6 +1481,8 @@ class RedisStore(StateStore):
                 if planned is None:
                     return
                 probe_id, entry, keys, args = planned
+                token = object()
+                self._carrying[token] = (asyncio.get_running_loop(), 0, 0, (probe_id, entry))
                 try:
                     got = await self.call(RECORD, keys, args)
                 except asyncio.CancelledError:
@@ -1460,6 +1492,8 @@ class RedisStore(StateStore):
                     # second finds no such slot and changes nothing.
                     self._late_failed(probe_id, entry, True)
                     raise
+                finally:
+                    self._carrying.pop(token, None)
                 if got is None:
                     self._late_failed(probe_id, entry, not self.health.up)
         except Exception:  # a background task: nobody else would see it
@@ -1556,11 +1590,15 @@ class RedisStore(StateStore):
             counts.append(count)
         if not sends:
             return
+        token = object()
+        self._carrying[token] = (asyncio.get_running_loop(), sum(counts), 0, None)
         try:
             replies = await asyncio.gather(*sends)
         except asyncio.CancelledError:  # (aclose's bounded wait): counted as replies lost are
             self.stats.dropped_records += sum(counts)
             raise
+        finally:
+            self._carrying.pop(token, None)
         for got, count in zip(replies, counts, strict=True):
             if got is None:
                 self.stats.dropped_records += count
@@ -1600,6 +1638,15 @@ class RedisStore(StateStore):
         if not keys:
             return None, True, SOURCE_REDIS, 0.0
         sent = self.health.up
+        # Budget counts of earlier requests riding along (`budget_request`): this call is
+        # all that holds them now (its own request's count aside).
+        counts = -1 if budget_key is not None and cfg is not None and not retry else 0
+        for _key, _cfg, count in taken:
+            counts += count
+        token = None
+        if counts:
+            token = object()
+            self._carrying[token] = (asyncio.get_running_loop(), carried, counts, None)
         try:
             got = await self.call(OUTBOUND, keys, args)
         except asyncio.CancelledError as cancel:
@@ -1616,7 +1663,18 @@ class RedisStore(StateStore):
                 if sent and breaker_key is not None and breaker is not None:
                     # and a probe slot it may have taken is given back once Redis answers
                     self._report_late(breaker_key, breaker, _sent_probe(args), IGNORED, False)
+                if counts:
+                    # Never sent (it waited for a connection): they wait for the next
+                    # call again. Sent, Redis may have counted them: never resent, counted
+                    # as lost (a cancelled budget flush lost them without a word).
+                    if getattr(cancel, _UNSENT, False):
+                        self._pending_again(taken, budget_key, retry)
+                    else:
+                        self._budget_counts_lost(counts, "a call carrying them was cancelled")
             raise
+        finally:
+            if token is not None:
+                self._carrying.pop(token, None)
         answer = self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, False
         )
@@ -1644,6 +1702,70 @@ class RedisStore(StateStore):
         if isinstance(answer, GateAnswer):
             return GateAnswer(values, answer.why, answer.spent_at)
         return values
+
+    def _pending_again(
+        self,
+        taken: Sequence[tuple[str, RetryConfig, int]],
+        budget_key: str | None,
+        retry: bool,
+    ) -> None:
+        """Budget counts a call took along and never sent, waiting again (as counts made
+        now: the next call or the timer sends them, or the close)."""
+        now = self._clock.monotonic()
+        with self._pending_lock:
+            for key, key_cfg, count in taken:
+                if key == budget_key and not retry:
+                    count -= 1  # (the cancelled call's own request: it made no attempt)
+                if count <= 0:
+                    continue
+                entry = self._pending.get(key)
+                if entry is None:
+                    self._pending[key] = [key_cfg, count, now]
+                else:
+                    entry[1] += count
+        if not self._closing:
+            self._pending_timer.arm(self.sync_s)
+
+    def _budget_counts_lost(self, counts: int, why: str) -> None:
+        """Retry-budget request counts gone: counted, and said (at most once per 10 s; a
+        closing store says it once, in the close's line)."""
+        self.stats.dropped_budget_counts += counts
+        if not self._closing:
+            warn(
+                logger,
+                "budget_counts_lost",
+                "fidelity_mw: %d retry-budget request count(s) lost: %s (the fleet's "
+                "budget allows that many fewer retries' worth)",
+                counts,
+                why,
+            )
+
+    def _forget_closed_loop(self) -> None:
+        """Count what calls of an event loop that closed without ending them (a worker's
+        loop, `run_until_complete` then `close()`) had taken along: they never end, nor run
+        their `except` or `finally`, so it was gone without a count. A late probe outcome
+        waits again (sent twice, the second changes nothing); plain successes and budget
+        counts may have reached Redis: counted as lost, never resent."""
+        outcomes = counts = 0
+        for token, (loop, successes, budget, late) in list(self._carrying.items()):
+            if not loop.is_closed() or self._carrying.pop(token, None) is None:
+                continue
+            outcomes += successes
+            counts += budget
+            if late is not None:
+                self._late_failed(late[0], late[1], True)
+        if outcomes:
+            self.stats.dropped_records += outcomes
+            logger.warning(
+                "fidelity_mw: %d breaker outcome(s) lost: a Redis store call carrying them "
+                "was left unfinished by an event loop that closed",
+                outcomes,
+            )
+        if counts:
+            self._budget_counts_lost(
+                counts,
+                "a Redis store call carrying them was left unfinished by an event loop that closed",
+            )
 
     def outbound_gate_sync(
         self,
@@ -1984,14 +2106,22 @@ class RedisStore(StateStore):
         while self._pending and self.health.up:
             await self.outbound_gate(None, None, None, None, False, self._clock.monotonic())
 
-    async def _flush_at_close(self) -> None:
+    async def _flush_at_close(self, since: tuple[int, int] | None = None) -> None:
         """Send what is queued for Redis before the connections close, for at most
         `CLOSE_FLUSH_S`, if Redis answers; say what is left. A process that exits (a
         deploy's shutdown) otherwise lost them without a word: a late probe outcome's
-        slot then held fleet-wide until its lease ended."""
-        if not any(self._unsent()):
+        slot then held fleet-wide until its lease ended. `since`: the counters of lost
+        outcomes and budget counts when the close began, so what the tasks it cancelled
+        lost is said too."""
+        stats = self.stats
+        dropped, dropped_counts = (
+            since if since is not None else (stats.dropped_records, stats.dropped_budget_counts)
+        )
+        if not any(self._unsent()) and (stats.dropped_records, stats.dropped_budget_counts) == (
+            dropped,
+            dropped_counts,
+        ):
             return
-        dropped = self.stats.dropped_records
         if self.health.up:
             try:
                 await asyncio.wait_for(self._send_unsent(), CLOSE_FLUSH_S)
@@ -2000,11 +2130,14 @@ class RedisStore(StateStore):
             except Exception:  # closing must go on
                 logger.debug("fidelity_mw: queued outcomes not sent at close", exc_info=True)
         late, deferred, pending = self._unsent()
-        # what the flush dropped itself (a call Redis refused) is counted there too
-        lost_late_or_deferred = late + deferred + (self.stats.dropped_records - dropped)
+        # what the flush dropped itself (a call Redis refused, or one its bounded wait
+        # cancelled once sent) is counted there too
+        lost_late_or_deferred = late + deferred + (stats.dropped_records - dropped)
+        stats.dropped_records += late + deferred
+        stats.dropped_budget_counts += pending
+        pending = stats.dropped_budget_counts - dropped_counts
         if not (lost_late_or_deferred or pending):
             return
-        self.stats.dropped_records += late + deferred
         self._late.clear()
         self._deferred.clear()
         self._pending.clear()
@@ -2053,7 +2186,10 @@ class RedisStore(StateStore):
             self._closing = False
 
     async def _close_all(self) -> None:
+        if self._carrying:
+            self._forget_closed_loop()
         await self._flush_at_close()
+        since = (self.stats.dropped_records, self.stats.dropped_budget_counts)
         link, self._sync_link = self._sync_link, None
         if link is not None:
             link.close()
@@ -2072,8 +2208,9 @@ class RedisStore(StateStore):
             if alive(task):
                 task.cancel()
                 await ended(task)
-        # What requests queued meanwhile (their timers start nothing now), on this client
-        await self._flush_at_close()
+        # What requests queued meanwhile (their timers start nothing now), on this client,
+        # and what the tasks just cancelled lost
+        await self._flush_at_close(since)
         await self._fleet_leave()
         self._pending_timer.cancel()
         self._deferred_timer.cancel()

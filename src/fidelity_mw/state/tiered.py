@@ -333,6 +333,10 @@ class TieredStats:
     delegated: int = 0  # half-open: decided exactly by RedisStore
     syncs: int = 0  # background sync calls
     leases: int = 0  # synchronous lease/refresh calls
+    # leased units a sync was giving back whose call failed, was cancelled (a close's
+    # bounded wait) or was left unfinished by a loop that closed: not known given back
+    # (their buckets refill on their own)
+    units_not_returned: int = 0
 
 
 class TieredStore(StateStore):
@@ -370,9 +374,10 @@ class TieredStore(StateStore):
         self._backlog = False
         self._lease_batch: _LeaseBatch | None = None
         self._lease_tasks: set[asyncio.Task[None]] = set()
-        # The breaker outcomes each sync call out now carries, with its loop: a loop that
-        # closes with one out never finishes it (`_forget_closed_loop` counts them).
-        self._carrying: dict[object, tuple[asyncio.AbstractEventLoop, int]] = {}
+        # The breaker outcomes and leased units given back each sync call out now
+        # carries, with its loop: a loop that closes with one out never finishes it
+        # (`_forget_closed_loop` counts them).
+        self._carrying: dict[object, tuple[asyncio.AbstractEventLoop, int, int]] = {}
 
     @property
     def process_id(self) -> str:
@@ -995,19 +1000,23 @@ class TieredStore(StateStore):
         batch = self._lease_batch
         if batch is not None and _stale(batch.done):
             self._lease_batch = None
-        lost = 0
-        for token, (loop, calls) in list(self._carrying.items()):
+        lost = units = 0
+        for token, (loop, calls, given) in list(self._carrying.items()):
             if loop.is_closed():
                 # taken from the breakers and never sent nor counted (its `finally` and
                 # the reply's handling never run): counted as a lost reply's are
                 del self._carrying[token]
                 lost += calls
-        if lost:
+                units += given
+        if lost or units:
             self.exact.stats.dropped_records += lost
+            self.stats.units_not_returned += units
             logger.warning(
-                "fidelity_mw: %d breaker outcome(s) lost: a tiered sync carrying them "
-                "was left unfinished by an event loop that closed",
+                "fidelity_mw: %d breaker outcome(s) lost and %d leased unit(s) not known "
+                "given back: a tiered sync carrying them was left unfinished by an event "
+                "loop that closed",
                 lost,
+                units,
             )
         for sl in self.slices.values():
             if _stale(sl.pending):
@@ -1121,19 +1130,24 @@ class TieredStore(StateStore):
         args.append(STREAK_WAIT_SYNCS * self.sync_s)
         token = object()
         carried = sum(flushed_calls)
-        if carried:
-            self._carrying[token] = (loop, carried)
+        # units given back: taken off their slices already (a slice given back whole is
+        # gone), so only this call knows them
+        given = sum(give for _key, _spec, give, _want in limits)
+        if carried or given:
+            self._carrying[token] = (loop, carried, given)
         try:
             got = await exact.call(SYNC, keys, args)
         except asyncio.CancelledError:
             # Cancelled before the call answered (waiting for a pooled connection when the
             # close's bounded wait ends, or a loop ends with the task): the outcomes it
             # took from the breakers are gone, as a lost reply's are; counted, never
-            # resent. (A call cancelled once out answers None: counted below.)
+            # resent. (A call cancelled once out answers None: counted below.) So are
+            # the units it gave back: the close's line said nothing of them.
             exact.stats.dropped_records += sum(flushed_calls)
+            self.stats.units_not_returned += given
             raise
         finally:
-            if carried:
+            if carried or given:
                 self._carrying.pop(token, None)
             for key, _spec, _give, _want in limits:
                 sl = self.slices.get(key)
@@ -1145,6 +1159,7 @@ class TieredStore(StateStore):
         if got is None:
             # the outcomes it carried are lost, like a failed record's
             exact.stats.dropped_records += sum(flushed_calls)
+            self.stats.units_not_returned += given
             return -1.0
         reply, age = got
         try:
@@ -1154,6 +1169,7 @@ class TieredStore(StateStore):
             exact._bad_reply(exc)
             # Whether Redis counted them is unknown: counted as dropped, never resent
             exact.stats.dropped_records += sum(flushed_calls)
+            self.stats.units_not_returned += given
             return -1.0
         return age
 
@@ -1190,6 +1206,7 @@ class TieredStore(StateStore):
             sl = self.slices.get(key)
             if _failed_entry(reply[i]):
                 exact._failed(reply_error(_text(reply[i])[1:]))
+                self.stats.units_not_returned += _give
                 if sl is not None:
                     sl.failed = True
                 i += 4
@@ -1374,16 +1391,30 @@ class TieredStore(StateStore):
             if await self._sync_call(breaker_keys, limits, now) < 0.0:
                 return
 
-    async def _flush_at_close(self) -> None:
+    async def _flush_at_close(self, since: tuple[int, int] | None = None) -> None:
         """As `RedisStore._flush_at_close`: a process that exits (a deploy's shutdown)
         lost the outcomes it counted since its last sync (its failures never reached
         the fleet's breakers) and kept the units it had leased from the fleet's buckets
         until they refilled. Sent for at most `CLOSE_FLUSH_S` if Redis answers; what is
-        left is counted and said once."""
-        if not any(self._held()):
-            return
+        left is counted and said once (with what the calls the close cancelled since
+        `since`, the counters when it began, carried away)."""
         exact = self.exact
-        dropped = exact.stats.dropped_records
+        dropped, unreturned = (
+            since
+            if since is not None
+            else (
+                exact.stats.dropped_records,
+                self.stats.units_not_returned,
+            )
+        )
+        if not any(self._held()) and (
+            exact.stats.dropped_records,
+            self.stats.units_not_returned,
+        ) == (
+            dropped,
+            unreturned,
+        ):
+            return
         if exact.health.up:
             try:
                 await asyncio.wait_for(self._sync_closing(), CLOSE_FLUSH_S)
@@ -1393,6 +1424,10 @@ class TieredStore(StateStore):
                 logger.debug("fidelity_mw: tiered state not sent at close", exc_info=True)
         calls, units = self._held()
         lost = calls + (exact.stats.dropped_records - dropped)
+        # units a give-back call failed or was cancelled with: taken off their slices,
+        # `_held` no longer sees them
+        self.stats.units_not_returned += units
+        units = self.stats.units_not_returned - unreturned
         if not (lost or units):
             return
         exact.stats.dropped_records += calls
@@ -1431,6 +1466,7 @@ class TieredStore(StateStore):
             self._forget_closed_loop()  # (a closed loop's tasks: neither cancelled nor awaited)
             await self._settle()
             await self._flush_at_close()
+            since = (self.exact.stats.dropped_records, self.stats.units_not_returned)
             for lease in list(self._lease_tasks):
                 lease.cancel()
             await asyncio.gather(*self._lease_tasks, return_exceptions=True)
@@ -1438,8 +1474,9 @@ class TieredStore(StateStore):
             if alive(task):
                 task.cancel()
                 await ended(task)
-            # What requests leased meanwhile (their outcomes go to the exact store now)
-            await self._flush_at_close()
+            # What requests leased meanwhile (their outcomes go to the exact store now),
+            # and what the calls just cancelled carried away
+            await self._flush_at_close(since)
             self._quiet_timer.cancel()  # (armed by a request meanwhile)
             await self.exact.aclose()
         finally:
