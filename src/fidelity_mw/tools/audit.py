@@ -2050,6 +2050,9 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
         toolkits.consecutive(fields, fails)
         parts.extend(f"{key} = {value}" for key, value in fields.items())
     if open_s is not None and open_s >= 0.001:
+        # the policy's longest open time, as toolkits.breaker_open caps it: a longer one
+        # printed as written made a table the policy refuses
+        open_s = min(open_s, 86_400.0)
         # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
         parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
     # a breaker library never retried: the transport does by default, so the user who
