@@ -1895,7 +1895,9 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
     if isinstance(attempts_n, int):
         keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
     if isinstance(base_ms, int):
-        base_ms = keys["base_ms"] = min(base_ms, _MAX_WAIT_MS)
+        # (a negative wait, e.g. stamina's wait_initial=-1, is no wait: the policy's range
+        # starts at 0, and a table printed with -1000 did not load)
+        base_ms = keys["base_ms"] = max(0, min(base_ms, _MAX_WAIT_MS))
         if max_ms is None:
             # no cap: the waits grow to the last retry's (the policy's default max_ms,
             # 2 s, would cut them short, or refuse a base above it)
@@ -1904,6 +1906,8 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
         keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
+    elif isinstance(max_ms, int):
+        keys["max_ms"] = max(0, min(max_ms, _MAX_WAIT_MS))
     return _retry_table(keys)
 
 
