@@ -1990,7 +1990,11 @@ def _httpx_retries_hint(retry: ast.Call) -> str:
     attempts = keys.get("attempts")
     if factor == 0.0:  # its default: no wait between attempts
         keys.update(base_ms=0, max_ms=0, jitter="none")
-    elif factor is not None and most is not None and spread in (0.0, 1.0):
+    elif (
+        factor is not None and factor > 0 and most is not None and most > 0 and spread in (0.0, 1.0)
+    ):
+        # (a negative factor or cap is httpx-retries' ValueError: no waits to translate;
+        # printed, base_ms = -2000 made a table the policy refuses)
         # it waits factor x 2^n from its first retry on, n = 1: twice ours
         base = min(_ms_value(2 * factor), _MAX_WAIT_MS)
         keys["base_ms"] = base
