@@ -4,9 +4,10 @@ A port taken from the kernel and let go is free for anyone until it is bound aga
 raw upstream of the fault tests and the Prometheus of test_prometheus chose theirs that
 way, so another session's server could take it in between (ours then failed to start,
 or a test talked to the other server). The raw upstream now listens on port 0 and reads
-its port back, and keeps the port bound while it is down; Prometheus, which binds its
-port itself, checks that the server answering is ours and starts again on another port
-if not; a port meant to refuse connections is bound (never listening) while in use."""
+its port back, and keeps the port bound while it is down; Prometheus and the Redis fleet
+tests' uvicorn members, which bind their ports themselves, check that the server
+answering is theirs and start again on another port if not; a port meant to refuse
+connections is bound (never listening) while in use."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 
 import test_faults_support
 import test_prometheus
+import test_redis_fleet
 from redis_server import held_port, refused_port
 from test_faults_support import HOST, RawUpstream
 
@@ -152,6 +154,32 @@ def test_prometheus_starts_again_when_its_port_was_taken(
             assert result[0]["metric"]["instance"] == "127.0.0.1:1"
         finally:
             prometheus.stop()
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+@pytest.mark.slow
+def test_a_fleet_member_is_ready_only_when_it_is_ours_that_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = ThreadingHTTPServer((HOST, 0), _OtherPrometheus)  # answers /stats with a 200
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    taken = int(other.server_address[1])
+    ports = iter([taken])
+    real = test_redis_fleet.free_port
+    monkeypatch.setattr(test_redis_fleet, "free_port", lambda **kw: next(ports, None) or real(**kw))
+    fleet = test_redis_fleet.Fleet(
+        tmp_path, f"redis://{HOST}:{refused_port()}/0", "r48", app=test_redis_fleet.APP
+    )
+    try:
+        with test_redis_fleet.running(fleet):
+            # before: the other server's 200 said "ready" and the test's requests went there
+            assert taken not in fleet.ports
+            assert all(
+                test_redis_fleet.listens(proc.pid, port)
+                for proc, port in zip(fleet.procs, fleet.ports, strict=True)
+            )
     finally:
         other.shutdown()
         other.server_close()
