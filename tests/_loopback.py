@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+import redis_server
+
 _START_TIMEOUT_S = 10.0
 
 
@@ -61,8 +63,6 @@ class LoopbackServer:
 
 
 def refused_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A loopback port nobody listens on: bound (not listening) for the session, so no
+    other process's server takes it (released, it could, and then answered)."""
+    return redis_server.refused_port()

@@ -70,6 +70,27 @@ def free_port(*, cluster: bool = False) -> int:
     raise RuntimeError("no free port pair found")
 
 
+def held_port() -> socket.socket:
+    """A loopback port bound and not listening, for as long as the socket stays open: a
+    connection there is refused, as to a port nobody uses, and no other process can bind
+    it. A port from free_port() for "nothing listens here" could go to another test
+    session's server in the meantime, and a test of an unreachable Redis would then
+    reach one."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((HOST, 0))
+    return sock
+
+
+_REFUSED: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A port where connections are refused for the rest of the session (one for all)."""
+    if not _REFUSED:
+        _REFUSED.append(held_port())
+    return int(_REFUSED[0].getsockname()[1])
+
+
 class RedisServer:
     """One redis-server subprocess on 127.0.0.1. Kill, pause, resume and restart it."""
 

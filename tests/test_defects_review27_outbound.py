@@ -11,7 +11,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from _loopback import LoopbackServer
+from _loopback import LoopbackServer, refused_port
 from fidelity_mw import FidelitySyncTransport, FidelityTransport, Policy
 from fidelity_mw.outbound import wire
 from fidelity_mw.outbound.wire import SPEND_MAX_S
@@ -120,12 +120,7 @@ class Seen:
 
 
 def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port  # nobody listens on it: a connection is refused at once
+    return refused_port()  # nobody listens on it: a connection is refused at once
 
 
 async def test_a_proxy_on_the_client_goes_around_the_transport() -> None:

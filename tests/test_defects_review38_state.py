@@ -180,12 +180,12 @@ async def test_deferred_successes_of_many_new_hosts_do_not_pile_up(redis_url: st
         for interval in range(20):
             for i in range(200):
                 red.record_now(f"upstream:h{interval}-{i}", BREAKER, closed, SUCCESS, False, T0)
-            for _ in range(50):  # the flush task starts its wait
+            for _ in range(3000):  # the flush task starts its wait (30 s at most)
                 if clock.waiting:
                     break
                 await asyncio.sleep(0.01)
             clock.interval_passes()
-            for _ in range(50):  # the flush's round trips
+            for _ in range(3000):  # the flush's round trips (30 s at most)
                 await asyncio.sleep(0.01)
                 if not red._deferred:
                     break

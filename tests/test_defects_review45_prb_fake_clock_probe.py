@@ -26,7 +26,7 @@ from fidelity_mw import FidelityMiddleware, Policy, RateLimit
 from fidelity_mw.policy import StateConfig
 from fidelity_mw.state.redis_sync import PROBE_CAP_S
 from fidelity_mw.testing import FakeClock, fake_time
-from redis_server import PATIENT, QUIET, RedisServer, free_port, require_redis
+from redis_server import PATIENT, QUIET, RedisServer, held_port, require_redis
 
 pytestmark = [
     pytest.mark.redis,
@@ -54,7 +54,9 @@ def test_an_unreachable_redis_leaves_the_fake_clock_alone_until_the_test_moves_i
     tmp_path: Path,
 ) -> None:
     require_redis()
-    server = RedisServer(tmp_path, port=free_port())  # nothing listens there yet
+    # nothing listens there yet, and the port stays ours until the server starts on it
+    hold = held_port()
+    server = RedisServer(tmp_path, port=int(hold.getsockname()[1]))
     app = Starlette(routes=[Route("/ok", ok)])
     policy = Policy(
         rate_limits=[RateLimit(name="per-client", rate="5/s", burst=5, match="/ok")],
@@ -81,6 +83,7 @@ def test_an_unreachable_redis_leaves_the_fake_clock_alone_until_the_test_moves_i
             assert statuses.count(429) >= REQUESTS - 5
             assert store.stats.recoveries == []
 
+            hold.close()
             server.start()
             try:
                 tries = store.health.attempt
@@ -101,5 +104,8 @@ def test_an_unreachable_redis_leaves_the_fake_clock_alone_until_the_test_moves_i
                 await store.aclose()
                 server.stop()
 
-    with fake_time(app=app) as clock:
-        asyncio.run(run(clock))
+    try:
+        with fake_time(app=app) as clock:
+            asyncio.run(run(clock))
+    finally:
+        hold.close()  # already closed unless the test failed before the server started

@@ -45,7 +45,7 @@ from fidelity_mw.state.memory import MemoryStore
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.testing import FakeClock, seeded_random
 from fidelity_mw.tools.check import check_file
-from redis_server import PATIENT, free_port
+from redis_server import PATIENT, refused_port
 
 pytestmark = pytest.mark.anyio
 
@@ -68,7 +68,7 @@ class Recorder:
 
 def _away_store(clock: FakeClock, fleet_size: int) -> RedisStore:
     """A Redis store whose server is gone, that last saw a fleet of `fleet_size`."""
-    config = StateConfig(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="r7", **PATIENT)  # type: ignore[arg-type]
+    config = StateConfig(url=f"redis://127.0.0.1:{refused_port()}/0", key_prefix="r7", **PATIENT)  # type: ignore[arg-type]
     store = RedisStore(config=config, rng=seeded_random(3), clock=clock)
     store.coalesce = False
     store.fleet.size, store.fleet.seen_at = fleet_size, clock.monotonic()

@@ -26,7 +26,7 @@ from fidelity_mw.demo.records import ClientRequest, DemoDecision, FrontRecord
 from fidelity_mw.demo.report import METRIC_DEFINITIONS, render_table
 from fidelity_mw.demo.scenario import ScenarioConfig
 from fidelity_mw.tools import cli
-from redis_server import free_port
+from redis_server import refused_port
 
 VARIANT_METRICS = {
     "label",
@@ -357,7 +357,7 @@ def test_fidelity_amplification_and_staleness_definitions() -> None:
 
 def test_a_redis_that_does_not_answer_is_said_before_the_run() -> None:
     # Run anyway, every fidelity decision would be the fallback's: an outage, unexplained.
-    unused_port = free_port()
+    unused_port = refused_port()
     code, out, err = _run_cli("--redis", f"redis://127.0.0.1:{unused_port}/0", "--duration", "12")
     assert code == 1
     assert "Redis does not answer" in err

@@ -70,10 +70,19 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = PATIENCE_S) -> 
     return predicate()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def _hold(port: int) -> socket.socket | None:
+    """Bind `port` without listening: connections are refused as when nothing is there,
+    and no other process's port-0 bind (how every test server here picks one) can take it
+    before `up()` listens on it again."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR: the port's connections in TIME_WAIT must not stop the bind
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((HOST, port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 class LoopThread:
@@ -183,7 +192,10 @@ class RawUpstream:
 
     def __init__(self, mode: str = OK) -> None:
         self.mode = mode
-        self.port = free_port()
+        # port 0: the first start takes whatever the kernel gives and reads it back; a port
+        # chosen first and bound later could go to another process on a shared machine
+        self.port = 0
+        self.hold: socket.socket | None = None  # keeps the port ours while down()
         self.hits: collections.Counter[str] = collections.Counter()  # "METHOD /path"
         self.ids: collections.Counter[str] = collections.Counter()  # "METHOD x-req-id"
         self.lock = threading.Lock()
@@ -204,9 +216,13 @@ class RawUpstream:
             if self.release is None or self.release.is_set():
                 self.release = asyncio.Event()  # a new hang phase
             if self.server is None:
+                if self.hold is not None:
+                    self.hold.close()
+                    self.hold = None
                 self.server = await asyncio.start_server(
                     self._handle, HOST, self.port, reuse_address=True
                 )
+                self.port = int(self.server.sockets[0].getsockname()[1])
 
         self.lt.run(start())
 
@@ -217,6 +233,7 @@ class RawUpstream:
             if self.server is not None:
                 self.server.close()
                 self.server = None
+                self.hold = _hold(self.port)
             for writer in list(self.writers):
                 _rst(writer)
             if self.release is not None:
@@ -243,6 +260,9 @@ class RawUpstream:
     def close(self) -> None:
         self.down()
         self.lt.close()
+        if self.hold is not None:
+            self.hold.close()
+            self.hold = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)

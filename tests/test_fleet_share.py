@@ -27,7 +27,7 @@ from fidelity_mw.state.local import LocalState
 from fidelity_mw.state.redis import RedisStore
 from fidelity_mw.state.tiered import TieredStore
 from fidelity_mw.testing import FakeClock, seeded_random
-from redis_server import PATIENT, RedisServer, free_port
+from redis_server import PATIENT, RedisServer, refused_port
 
 RATE = 100.0
 BURST = 20
@@ -190,7 +190,7 @@ async def test_fleet_of_one_enforces_the_whole_limit(own_redis: RedisServer) -> 
 @pytest.mark.anyio
 async def test_never_seen_fleet_enforces_the_whole_limit() -> None:
     clock = FakeClock()
-    store = member(f"redis://127.0.0.1:{free_port()}/0", clock)  # nobody listens
+    store = member(f"redis://127.0.0.1:{refused_port()}/0", clock)  # nobody listens
     try:
         admitted, shares = await burst_admitted(store, "s|c")
     finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -265,6 +265,14 @@ def test_the_middleware_keeps_the_apps_messages_and_errors(name: str, traced: bo
         steps=st.lists(STEPS, max_size=8),
         gone_at=st.one_of(st.none(), st.none(), st.integers(0, 3)),
     )
+    # Our 504 (the deadline passed before the app started; or before a 500 of the app's,
+    # held, went out) to a client that left: the server raises on its body. Found by
+    # seeds 10 and 11 of 20, never by the derandomized one (three 10 s steps pass the
+    # default 30 s deadline too).
+    @example(steps=[("expire", None)] * 3 + [("handle", (1, False, False))], gone_at=1)
+    @example(
+        steps=[("handle", (0, False, False)), ("body", False)] + [("expire", None)] * 3, gone_at=1
+    )
     def check(steps: list[tuple[str, Any]], gone_at: int | None) -> None:
         failures = breaker_failures(mw)
 
@@ -310,7 +318,12 @@ def test_the_middleware_keeps_the_apps_messages_and_errors(name: str, traced: bo
         expired = (
             any(k == "expire" for k, _ in steps) and POLICIES[name].deadline.default_ms is not None
         )
-        answered = ours.sent[-2:] == [("start", 504), ("body", False)]
+        answered = ours.sent[-2:] == [("start", 504), ("body", False)] or (
+            # our 504 went out, and its body met the server's error for a client that left
+            ours.sent[-1:] == [("start", 504)]
+            and len(ours.sent) == gone_at
+            and isinstance(ours.raised, OSError)
+        )
         if expired and answered and ("start", 504) not in bare.sent:
             # the deadline passed before the response started: ours is the one answer
             assert [m for m in ours.sent if m[0] == "start"] == [("start", 504)]

@@ -9,7 +9,6 @@ minute), so nothing depends on how long a test takes.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import httpx
@@ -26,6 +25,7 @@ from throttled.asyncio.contrib.fastapi import (
 
 from fidelity_mw import FidelityMiddleware, Policy, current
 from fidelity_mw.fastapi import Fidelity
+from redis_server import refused_port
 
 
 def throttled_app(key_func: Any = None, store: Any = None) -> FastAPI:
@@ -122,9 +122,7 @@ def test_a_plain_def_route_is_refused_by_its_async_limiter_and_limited_here() ->
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return refused_port()  # bound, never listening: nobody else's server gets it either
 
 
 def test_redis_down_is_a_503_for_everyone_there_and_a_recorded_fallback_here() -> None:

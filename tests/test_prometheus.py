@@ -82,27 +82,55 @@ class Prometheus:
     """A prometheus server on a free loopback port, with its own config and storage."""
 
     def __init__(self, workdir: Path, target: str) -> None:
-        self.port = free_port()
         shutil.copy(EXAMPLE / "alerts.yml", workdir / "alerts.yml")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
             "scrape_configs": [{"job_name": "app", "static_configs": [{"targets": [target]}]}],
         }
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = (workdir / "prometheus.log").open("w")
-        self.proc = subprocess.Popen(
-            [
-                tool("prometheus"),
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
+        self.config_file = workdir / "prometheus.yml"
+        self.config_file.write_text(yaml.safe_dump(config))
         self.logfile = workdir / "prometheus.log"
+        self.log = self.logfile.open("w")
+        # Prometheus binds the port itself, some time after free_port() let it go: on a
+        # machine test sessions share, another process can take it in between. Then ours
+        # exits (or another server answers there): start again on another port.
+        for attempt in range(5):
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [
+                    tool("prometheus"),
+                    f"--config.file={self.config_file}",
+                    f"--storage.tsdb.path={workdir / f'data{attempt}'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+            if self.ours_answers():
+                return
+            self.terminate()
+        self.log.close()
+        raise AssertionError("no free port stayed free for prometheus\n" + self.log_tail())
+
+    def ours_answers(self) -> bool:
+        """True once our process answers on the port (its flags name our config file);
+        False when ours exited (the port was taken)."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/status/flags"
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    flags = json.load(response)["data"]
+                if flags.get("config.file") == str(self.config_file):
+                    return True
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not listening yet, or not a prometheus: ours exits if it cannot bind
+            time.sleep(0.1)
+        raise AssertionError(f"prometheus not answering after {WAIT_S} s\n" + self.log_tail())
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
@@ -132,13 +160,16 @@ class Prometheus:
     def log_tail(self) -> str:
         return self.logfile.read_text()[-3000:]
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.terminate()
         self.log.close()
 
 

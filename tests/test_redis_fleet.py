@@ -116,6 +116,29 @@ APP = textwrap.dedent(
 ).format(rate=RATE, burst=BURST)
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the loopback socket listening on `port` (Linux /proc):
+    an answer alone may come from another test session's server on that port."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{inode}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # it exited
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Fleet:
     def __init__(
         self,
@@ -155,7 +178,11 @@ class Fleet:
                 port = self.ports[index]
                 try:
                     httpx.get(f"http://127.0.0.1:{port}/stats", timeout=1.0).raise_for_status()
-                    break
+                    if listens(self.procs[index].pid, port):
+                        break
+                    # another session's server answered on the port: ours could not bind
+                    # it and exits (then it gets another port below)
+                    raise httpx.ConnectError("not our member")
                 except httpx.HTTPError:
                     if self.procs[index].poll() is not None and moved < 3 and self._taken(port):
                         # The free port went to another process between our probe and

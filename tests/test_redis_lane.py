@@ -83,7 +83,7 @@ async def test_connection_closed_by_server_is_replaced_before_sending(
         assert (await redis_store.admit(None, None, ["a"], [LIMIT], 0.0)).source == "redis"
         with redis_server.client() as admin:
             assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
-        for _ in range(200):  # until the event loop has seen the EOF
+        for _ in range(6000):  # until the event loop has seen the EOF (30 s at most)
             await asyncio.sleep(0.005)
             client = redis_store.client()
             assert isinstance(client, LaneClient)

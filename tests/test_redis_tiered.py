@@ -134,7 +134,7 @@ async def test_half_open_probes_are_leased_fleet_wide(redis_url: str) -> None:
         await fleet[0].admit("route:/h", cfg, (), (), time.monotonic())
         early = []  # a probe this wait took itself: on a busy machine a sleep of 10 ms
         # can outlast open_s, and the check below then finds the breaker half open
-        for _ in range(50):  # bounded: wait for the flushed failure to open it
+        for _ in range(3000):  # bounded (30 s): wait for the flushed failure to open it
             await anyio.sleep(0.01)
             probe = await fleet[0].admit("route:/h", cfg, (), (), time.monotonic())
             if probe.gate is not None and probe.gate.state != "closed":

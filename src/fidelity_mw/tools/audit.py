@@ -1895,7 +1895,9 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
     if isinstance(attempts_n, int):
         keys["attempts"] = max(1, min(10, attempts_n))  # the policy's range
     if isinstance(base_ms, int):
-        base_ms = keys["base_ms"] = min(base_ms, _MAX_WAIT_MS)
+        # (a negative wait, e.g. stamina's wait_initial=-1, is no wait: the policy's range
+        # starts at 0, and a table printed with -1000 did not load)
+        base_ms = keys["base_ms"] = max(0, min(base_ms, _MAX_WAIT_MS))
         if max_ms is None:
             # no cap: the waits grow to the last retry's (the policy's default max_ms,
             # 2 s, would cut them short, or refuse a base above it)
@@ -1904,6 +1906,8 @@ def _retry_hint(deco: ast.expr, library: str) -> str:
             max_ms = base_ms * 2 ** max(0, retries)
     if isinstance(base_ms, int) and isinstance(max_ms, int):
         keys["max_ms"] = min(max(base_ms, max_ms), _MAX_WAIT_MS)  # not below base_ms
+    elif isinstance(max_ms, int):
+        keys["max_ms"] = max(0, min(max_ms, _MAX_WAIT_MS))
     return _retry_table(keys)
 
 
@@ -1986,7 +1990,11 @@ def _httpx_retries_hint(retry: ast.Call) -> str:
     attempts = keys.get("attempts")
     if factor == 0.0:  # its default: no wait between attempts
         keys.update(base_ms=0, max_ms=0, jitter="none")
-    elif factor is not None and most is not None and spread in (0.0, 1.0):
+    elif (
+        factor is not None and factor > 0 and most is not None and most > 0 and spread in (0.0, 1.0)
+    ):
+        # (a negative factor or cap is httpx-retries' ValueError: no waits to translate;
+        # printed, base_ms = -2000 made a table the policy refuses)
         # it waits factor x 2^n from its first retry on, n = 1: twice ours
         base = min(_ms_value(2 * factor), _MAX_WAIT_MS)
         keys["base_ms"] = base
@@ -2050,6 +2058,9 @@ def _breaker_hint(call: ast.expr, library: str) -> str:
         toolkits.consecutive(fields, fails)
         parts.extend(f"{key} = {value}" for key, value in fields.items())
     if open_s is not None and open_s >= 0.001:
+        # the policy's longest open time, as toolkits.breaker_open caps it: a longer one
+        # printed as written made a table the policy refuses
+        open_s = min(open_s, 86_400.0)
         # their open time is exact: no doubling, no jitter (ours is ±20 % by default)
         parts.append(f"open_s = {open_s:g}, open_min_s = {open_s:g}, open_jitter = 0")
     # a breaker library never retried: the transport does by default, so the user who
