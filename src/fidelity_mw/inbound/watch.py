@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from sys import get_asyncgen_hooks
@@ -38,6 +39,7 @@ from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
+from .appfields import FIELD_NAMES, beside_app
 from .refusals import (
     after_give_up,
     charged_for_upstream,
@@ -96,6 +98,10 @@ _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 _GONE: Final = "http.disconnect"
+# The rate-limit fields an app may set itself beside ours (appfields.py), looked for by
+# name in C: one set test over the start's header names
+_no_fields: Final = FIELD_NAMES.isdisjoint
+_header_name: Final = operator.itemgetter(0)
 # the reason of the bulkhead's `shed` when a body message waited past the route's
 # `send_stall_timeout_s` for its client (ResponseWatcher.stall)
 SEND_STALLED: Final = "send_stalled"
@@ -284,6 +290,10 @@ class ResponseWatcher:
                 # against a method looked up by name on a MutableMapping; interpreted,
                 # no method call. The same for `more_body` below.)
                 app_headers = message["headers"] if "headers" in message else ()  # noqa: SIM401
+                if not _no_fields(map(_header_name, app_headers)):
+                    # the app set rate-limit fields of its own: no policy named twice,
+                    # no legacy field twice, no list a client cannot read (appfields.py)
+                    app_headers, headers = beside_app(app_headers, headers)
                 message = {**message, "headers": [*app_headers, *headers]}
         elif self.held is not None:  # the rest of a held 500
             held = self.held
