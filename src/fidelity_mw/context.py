@@ -88,6 +88,7 @@ MAX_FLAGGED: Final = 128
 # distinct (layer, subject, verdict, reason, source) counted among the dropped: past it a
 # subject (an upstream host, a limit's name) folds into `_other`
 _MAX_DROPPED_KINDS: Final = 256
+_MAX_BREAKER_NOTES: Final = 64  # DecisionContext.note_breaker
 _OTHER: Final = "_other"
 _STALE_SOURCES: Final = (SOURCE_CACHE, SOURCE_FALLBACK)
 # layers whose dropped records keep their subject: a rate limit's name is part of the
@@ -188,6 +189,11 @@ class DecisionContext:
     # (`before_response_end`), and its later events start there.
     _sealed = 0
     _room_at = MAX_DECISIONS  # the length at which room is made
+    # What a shared store answered to an outcome that moved a breaker (a probe's success
+    # that closed it, a failure that opened it), which no decision says: (the record
+    # it followed, subject, "route" | "upstream", state afterwards). The breaker gauge
+    # reads it in its place among the decisions (`note_breaker`). None until one.
+    _breakers_after: list[tuple[Decision | None, str, str, str]] | None = None
 
     def __init__(
         self,
@@ -348,6 +354,19 @@ class DecisionContext:
 
     def add(self, decision: Decision) -> None:
         self.decisions.append(decision)
+
+    def note_breaker(self, subject: str, scope: str, state: str) -> None:
+        """A shared store said breaker `subject` (of `scope`, "route" or "upstream") is
+        `state` after an outcome this request reported: after the records so far, for
+        the gauge (telemetry reads decisions; no decision says this)."""
+        records = self.decisions
+        after = records[-1] if records else None
+        notes = self._breakers_after
+        if notes is None:
+            notes = self._breakers_after = []
+        elif len(notes) >= _MAX_BREAKER_NOTES:  # a long request: the latest count
+            del notes[: _MAX_BREAKER_NOTES // 2]
+        notes.append((after, subject, scope, state))
 
     def decide(
         self,

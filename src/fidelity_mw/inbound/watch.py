@@ -98,6 +98,7 @@ _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 _GONE: Final = "http.disconnect"
+_ALLOW: Final = "allow"  # a breaker gate's verdict (decide.breaker.Gate)
 # The rate-limit fields an app may set itself beside ours (appfields.py), looked for by
 # name in C: one set test over the start's header names
 _no_fields: Final = FIELD_NAMES.isdisjoint
@@ -904,9 +905,11 @@ class OutcomeRecorder:
         if breaker.slow_call_ms is None and outcome == SUCCESS and self.record_now is not None:
             # A success never opens the breaker and lands in a 3 s bucket: the
             # start time is close enough and saves a clock read per request.
-            return self.record(
+            pending = self.record(
                 ctx.route, plan.breaker_key, breaker, gate, outcome, False, ctx.started_at
             )
+            # (a coroutine: the store needs a round trip, a probe's outcome)
+            return None if pending is None else _noting(pending, ctx, gate.state)
         return self.finish(ctx, plan, result, outcome)
 
     def shed_downstream(
@@ -991,7 +994,12 @@ class OutcomeRecorder:
         slow = breaker.slow_call_ms is not None and (
             (ended - ctx.started_at - ctx.client_wait_s) * 1000.0 >= breaker.slow_call_ms
         )
-        return self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
+        pending = self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
+        if pending is not None and (gate.verdict != _ALLOW or outcome != SUCCESS or slow):
+            # a shared store's answer may move the breaker (a probe's success closes it, a
+            # failure opens it), which no decision says: noted for the gauge
+            return _noting(pending, ctx, gate.state)
+        return pending
 
     def record(
         self,
@@ -1023,6 +1031,14 @@ class OutcomeRecorder:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _noting(record: Coroutine[Any, Any, Any], ctx: DecisionContext, gate_state: str) -> None:
+    """Record, and note the route breaker's state afterwards when the outcome moved it
+    (`DecisionContext.note_breaker`, read by the breaker gauge)."""
+    state = await record
+    if isinstance(state, str) and state and state != gate_state:
+        ctx.note_breaker(ctx.route, "route", state)
 
 
 def _in_order(*steps: Coroutine[Any, Any, Any] | None) -> Coroutine[Any, Any, None] | None:
