@@ -128,6 +128,12 @@ async def test_the_gauge_shows_closed_once_a_probe_closed_the_breaker(
         transport = httpx.ASGITransport(app=rig.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as outer:
             assert (await outer.get("/r")).text == "503 503"  # opens both upstreams'
+            # at once, before any refusal said so (before, on Redis: the host's `closed`;
+            # tiered decides on its copy, which has the failures at its next sync)
+            opened = _gauge(rig.p.metrics)
+            if kind != "tiered":
+                assert opened[("api", "upstream")] == "open", opened
+                assert opened[("10.0.0.7:8080", "upstream")] == "open", opened
             assert (await outer.get("/r?fail=1")).status_code == 500  # and the route's
             refused = await outer.get("/r")
             for _ in range(200):  # tiered: once its outcomes reached Redis (a sync)
