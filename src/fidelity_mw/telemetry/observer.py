@@ -1447,8 +1447,10 @@ def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Dec
     marked = request.extensions.get(ATTEMPT_DECISIONS)
     if marked:
         own = _own_run(decisions, marked)
-        if own is not None:
-            return own
+        # Its own decisions alone when the bounded record dropped the run: the record's
+        # trailing run for the upstream was another call's when a call to the same
+        # upstream went on while this one backed off (its `attempt` on this retry's span)
+        return own if own is not None else list(marked)
     subject = _subject_of(request.url)
     if decisions and decisions[-1].subject != subject:
         subject = _service_of(decisions, subject)
@@ -1468,17 +1470,16 @@ def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Dec
 
 def _own_run(decisions: Sequence[Decision], marked: Sequence[Decision]) -> list[Decision] | None:
     """The run that ends at the attempt's retry-layer decision `marked[0]` (found by
-    identity among the record's last entries), then the rest of `marked`: back to the
-    previous retry-layer decision, or to the run's pick (a service's `lb` decision: each
-    attempt's first), never another upstream's. None when the record no longer holds it (a
-    long request's, bounded)."""
+    identity, from the record's end: a retry's is near it unless other calls recorded
+    many meanwhile), then the rest of `marked`: back to the previous retry-layer
+    decision, or to the run's pick (a service's `lb` decision: each attempt's first),
+    never another upstream's. None when the record no longer holds it (a long
+    request's, bounded)."""
     last = marked[0]
-    n = len(decisions)
-    at = n - 1
-    stop = max(-1, n - 64)
-    while at > stop and decisions[at] is not last:
+    at = len(decisions) - 1
+    while at >= 0 and decisions[at] is not last:
         at -= 1
-    if at <= stop:
+    if at < 0:
         return None
     subject = last.subject
     out: list[Decision] = []
