@@ -461,9 +461,10 @@ def inline_fields(cls: type, names: tuple[str, ...]) -> None:
         object.__setattr__(instance, name, None)
 
 
-# Every attribute a request's path may set, but three no common path sets (`_dropped` and
-# `dropped_total`: a request past `MAX_DECISIONS` records; `refused_client_chosen`): the
-# table's 29 names.
+# Every attribute a request's path may set, but four no common path sets (`_dropped` and
+# `dropped_total`: a request past `MAX_DECISIONS` records; `refused_client_chosen`;
+# `_breakers_after`: an outcome that moved a breaker on a shared store): the table's 29
+# names.
 CONTEXT_FIELDS: Final = (
     *("_seq", "engine", "route", "method", "started_at", "_decisions", "shed_by"),
     *("response_headers", "response_complete", "_pending", "_room_at", "_token", "status"),
