@@ -438,7 +438,11 @@ async def test_a_depends_429_shows_the_middleware_limit_as_it_stands_after_the_r
         assert outer.startswith('"per-client";r=9;'), fields  # before: r=8
 
 
-async def test_a_depends_429_x_ratelimit_fields_count_the_refund_too() -> None:
+async def test_a_depends_429_x_ratelimit_fields_are_one_limits_three() -> None:
+    """Each `X-RateLimit-*` field once: of the Depends limit's three and the
+    middleware's, the one closer to refusing (`tests/test_defects_review48_hdr_fields.py`).
+    Before review 48 both went out, `x-ratelimit-remaining: 0, 9` read as one value.
+    (The middleware's own fields on such a 429 count the refund: the IETF test above.)"""
     from fastapi import Depends, FastAPI
 
     from fidelity_mw.fastapi import Fidelity
@@ -460,10 +464,11 @@ async def test_a_depends_429_x_ratelimit_fields_count_the_refund_too() -> None:
     async with _client(app) as client:
         first = await client.get("/export")
         refused = await client.get("/export")
-    assert first.headers.get_list("x-ratelimit-remaining") == ["0", "9"]
+    for response in (first, refused):
+        assert response.headers.get_list("x-ratelimit-remaining") == ["0"]
+        assert response.headers.get_list("x-ratelimit-limit") == ["1"]  # the Depends limit's
+        assert len(response.headers.get_list("x-ratelimit-reset")) == 1
     assert refused.status_code == 429
-    # the Depends limit's own (0), then the middleware's as it stands (before: 8)
-    assert refused.headers.get_list("x-ratelimit-remaining") == ["0", "9"]
 
 
 # ------------------------------------------- 6. the router's trailing-slash redirect

@@ -121,8 +121,9 @@ def test_every_field_is_listed_but_the_rare_ones() -> None:
     # the table holds 29 names: a new field must take a rare one's place, or be rare
     assert len(context.CONTEXT_FIELDS) == len(set(context.CONTEXT_FIELDS)) == 29
     init = {"_seq", "engine", "route", "method", "started_at", "_decisions"}
-    # (`_sync_lock`: only a request whose context the blocking transport meets)
-    rare = {"_dropped", "dropped_total", "refused_client_chosen", "_sync_lock"}
+    # (`_sync_lock`: only a request whose context the blocking transport meets;
+    # `_breakers_after`: only a shared store's answer that moved a breaker)
+    rare = {"_dropped", "dropped_total", "refused_client_chosen", "_sync_lock", "_breakers_after"}
     assert _fields(context.DecisionContext) | init == set(context.CONTEXT_FIELDS) | rare
     assert _fields(watch.ResponseWatcher) == set(watch.WATCHER_FIELDS)
     assert len(watch.WATCHER_FIELDS) <= 29

@@ -89,6 +89,7 @@ MAX_FLAGGED: Final = 128
 # distinct (layer, subject, verdict, reason, source) counted among the dropped: past it a
 # subject (an upstream host, a limit's name) folds into `_other`
 _MAX_DROPPED_KINDS: Final = 256
+_MAX_BREAKER_NOTES: Final = 64  # DecisionContext.note_breaker
 _OTHER: Final = "_other"
 _STALE_SOURCES: Final = (SOURCE_CACHE, SOURCE_FALLBACK)
 # layers whose dropped records keep their subject: a rate limit's name is part of the
@@ -194,6 +195,11 @@ class DecisionContext:
     # (`before_response_end`), and its later events start there.
     _sealed = 0
     _room_at = MAX_DECISIONS  # the length at which room is made
+    # What a shared store answered to an outcome that moved a breaker (a probe's success
+    # that closed it, a failure that opened it), which no decision says: (the record
+    # it followed, subject, "route" | "upstream", state afterwards). The breaker gauge
+    # reads it in its place among the decisions (`note_breaker`). None until one.
+    _breakers_after: list[tuple[Decision | None, str, str, str]] | None = None
 
     def __init__(
         self,
@@ -355,6 +361,19 @@ class DecisionContext:
     def add(self, decision: Decision) -> None:
         self.decisions.append(decision)
 
+    def note_breaker(self, subject: str, scope: str, state: str) -> None:
+        """A shared store said breaker `subject` (of `scope`, "route" or "upstream") is
+        `state` after an outcome this request reported: after the records so far, for
+        the gauge (telemetry reads decisions; no decision says this)."""
+        records = self.decisions
+        after = records[-1] if records else None
+        notes = self._breakers_after
+        if notes is None:
+            notes = self._breakers_after = []
+        elif len(notes) >= _MAX_BREAKER_NOTES:  # a long request: the latest count
+            del notes[: _MAX_BREAKER_NOTES // 2]
+        notes.append((after, subject, scope, state))
+
     def decide(
         self,
         layer: str,
@@ -448,9 +467,10 @@ def inline_fields(cls: type, names: tuple[str, ...]) -> None:
         object.__setattr__(instance, name, None)
 
 
-# Every attribute a request's path may set, but three no common path sets (`_dropped` and
-# `dropped_total`: a request past `MAX_DECISIONS` records; `refused_client_chosen`): the
-# table's 29 names.
+# Every attribute a request's path may set, but four no common path sets (`_dropped` and
+# `dropped_total`: a request past `MAX_DECISIONS` records; `refused_client_chosen`;
+# `_breakers_after`: an outcome that moved a breaker on a shared store): the table's 29
+# names.
 CONTEXT_FIELDS: Final = (
     *("_seq", "engine", "route", "method", "started_at", "_decisions", "shed_by"),
     *("response_headers", "response_complete", "_pending", "_room_at", "_token", "status"),

@@ -71,6 +71,11 @@ _KEPT_HEADERS: Final = (
 )
 
 
+_LEGACY_TRIO: Final = frozenset(
+    (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
+)
+
+
 def problem_document(
     status: int, title: str, detail: str, kind: str, **extra: Any
 ) -> dict[str, Any]:
@@ -124,6 +129,10 @@ def keep_headers(response: Response, headers: Sequence[tuple[bytes, bytes]]) -> 
     return one it keeps for every refusal, and the fields of this refusal, added to it,
     would be those of every later one (being there, never set again)."""
     have = {name.lower() for name, _value in response.raw_headers}
+    if not have.isdisjoint(_LEGACY_TRIO):
+        # One limit's three values: the hook's `X-RateLimit-Limit` beside our `-Remaining`
+        # and `-Reset` of another limit told a client a limit nobody has
+        have |= _LEGACY_TRIO
     added = [(n, v) for n, v in headers if n in _KEPT_HEADERS and n not in have]
     if not added:
         return response

@@ -45,6 +45,8 @@ from ..routes import flat_routes
 from ..state.base import LimitSpec, state_age_s, state_why
 from .exceptions import RateLimited, Rejected
 
+_X_RATELIMIT: Final = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+
 logger = logging.getLogger("fidelity_mw")
 
 
@@ -256,6 +258,19 @@ class LimitDependency:
                 charged = request.scope[_CHARGED] = []
             charged.append((f"{counter}|{value}", spec, result, verdict.tat))
             if not self.shadow:
+                if (
+                    "x-ratelimit-remaining" in fields
+                    and "x-ratelimit-remaining" in response.headers
+                ):
+                    # another limit of the route set its three already: these are one
+                    # limit's, never sent twice; the one closer to refusing stays, as
+                    # among the middleware's own limits (inbound/appfields.py)
+                    there = response.headers["x-ratelimit-remaining"]
+                    if there.isdigit() and verdict.remaining < int(there):
+                        for field in _X_RATELIMIT:
+                            del response.headers[field]
+                    else:
+                        fields = {k: v for k, v in fields.items() if not k.startswith("x-")}
                 for field, text in fields.items():
                     response.headers.append(field, text)
             return

@@ -622,10 +622,12 @@ class FidelityMiddleware:
                             )
                             is None
                         ):
-                            # not in process after all (a tiered probe)
-                            await self._outcomes.store.record(
+                            # not in process after all (a probe's outcome: tiered, Redis)
+                            state = await self._outcomes.store.record(
                                 plan.breaker_key, plan.breaker, gate, SUCCESS, False, now
                             )
+                            if state and state != gate.state:  # (no decision says it)
+                                ctx.note_breaker(ctx.route, "route", state)
                     except Exception:
                         log_exception(
                             logger,

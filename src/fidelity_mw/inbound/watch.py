@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from sys import get_asyncgen_hooks
@@ -38,6 +39,7 @@ from ..errors import SendStalled
 from ..policy import BreakerConfig
 from ..routeplan import RoutePlan
 from ..state.base import InboundResult, StateStore
+from .appfields import FIELD_NAMES, beside_app
 from .refusals import (
     after_give_up,
     charged_for_upstream,
@@ -96,6 +98,11 @@ _BODY: Final = "http.response.body"
 _ZEROCOPY: Final = "http.response.zerocopysend"
 _PATHSEND: Final = "http.response.pathsend"  # always the whole body in one message
 _GONE: Final = "http.disconnect"
+_ALLOW: Final = "allow"  # a breaker gate's verdict (decide.breaker.Gate)
+# The rate-limit fields an app may set itself beside ours (appfields.py), looked for by
+# name in C: one set test over the start's header names
+_no_fields: Final = FIELD_NAMES.isdisjoint
+_header_name: Final = operator.itemgetter(0)
 # the reason of the bulkhead's `shed` when a body message waited past the route's
 # `send_stall_timeout_s` for its client (ResponseWatcher.stall)
 SEND_STALLED: Final = "send_stalled"
@@ -284,6 +291,10 @@ class ResponseWatcher:
                 # against a method looked up by name on a MutableMapping; interpreted,
                 # no method call. The same for `more_body` below.)
                 app_headers = message["headers"] if "headers" in message else ()  # noqa: SIM401
+                if not _no_fields(map(_header_name, app_headers)):
+                    # the app set rate-limit fields of its own: no policy named twice,
+                    # no legacy field twice, no list a client cannot read (appfields.py)
+                    app_headers, headers = beside_app(app_headers, headers)
                 message = {**message, "headers": [*app_headers, *headers]}
         elif self.held is not None:  # the rest of a held 500
             held = self.held
@@ -894,9 +905,11 @@ class OutcomeRecorder:
         if breaker.slow_call_ms is None and outcome == SUCCESS and self.record_now is not None:
             # A success never opens the breaker and lands in a 3 s bucket: the
             # start time is close enough and saves a clock read per request.
-            return self.record(
+            pending = self.record(
                 ctx.route, plan.breaker_key, breaker, gate, outcome, False, ctx.started_at
             )
+            # (a coroutine: the store needs a round trip, a probe's outcome)
+            return None if pending is None else _noting(pending, ctx, gate.state)
         return self.finish(ctx, plan, result, outcome)
 
     def shed_downstream(
@@ -981,7 +994,12 @@ class OutcomeRecorder:
         slow = breaker.slow_call_ms is not None and (
             (ended - ctx.started_at - ctx.client_wait_s) * 1000.0 >= breaker.slow_call_ms
         )
-        return self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
+        pending = self.record(ctx.route, plan.breaker_key, breaker, gate, outcome, slow, now)
+        if pending is not None and (gate.verdict != _ALLOW or outcome != SUCCESS or slow):
+            # a shared store's answer may move the breaker (a probe's success closes it, a
+            # failure opens it), which no decision says: noted for the gauge
+            return _noting(pending, ctx, gate.state)
+        return pending
 
     def record(
         self,
@@ -1013,6 +1031,14 @@ class OutcomeRecorder:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _noting(record: Coroutine[Any, Any, Any], ctx: DecisionContext, gate_state: str) -> None:
+    """Record, and note the route breaker's state afterwards when the outcome moved it
+    (`DecisionContext.note_breaker`, read by the breaker gauge)."""
+    state = await record
+    if isinstance(state, str) and state and state != gate_state:
+        ctx.note_breaker(ctx.route, "route", state)
 
 
 def _in_order(*steps: Coroutine[Any, Any, Any] | None) -> Coroutine[Any, Any, None] | None:

@@ -38,6 +38,7 @@ from ..routeplan import RoutePlan
 from ..routes import _host as routes_host
 from ..state.base import InboundResult
 from .admission import Admission
+from .appfields import FIELD_NAMES, beside_app
 from .refusals import reports_refusal
 from .request import RequestReader, scan_headers
 from .responses import (
@@ -311,7 +312,7 @@ class Handshake:
         if kind == "websocket.accept":
             extra = self.ctx.response_headers
             if extra:
-                message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
+                message = _with_fields(message, extra)
             status: int | None = SWITCHING_PROTOCOLS
         elif kind == "websocket.close":
             status = CLOSED_BEFORE_ACCEPT
@@ -321,7 +322,7 @@ class Handshake:
             if extra:  # as on an HTTP response of the app's (watch.py)
                 if reports_refusal(self.ctx, status):
                     extra = refunded_fields(self.ctx, extra)  # its units come back
-                message = {**message, "headers": [*(message.get("headers") or ()), *extra]}
+                message = _with_fields(message, extra)
         else:
             status = None
         if status is None:
@@ -366,3 +367,12 @@ class Handshake:
                 observer.end(self.ctx, self.scope, self.obs_token)
             except Exception:
                 log_exception(logger, "end", "fidelity_mw: telemetry observer failed")
+
+
+def _with_fields(message: Message, ours: list[tuple[bytes, bytes]]) -> Message:
+    """The app's handshake answer with our rate-limit fields, beside any it set itself
+    as on an HTTP response (appfields.py)."""
+    app: Any = message.get("headers") or ()
+    if not FIELD_NAMES.isdisjoint(item[0] for item in app):
+        app, ours = beside_app(app, ours)
+    return {**message, "headers": [*app, *ours]}

@@ -758,6 +758,14 @@ def attempts(
                             state = yield (RECORD, breaker_key, breaker, gate, outcome, slow, ended)
                         except Exception as exc:
                             logger.warning(_NOT_RECORDED, up.key, exc)
+                        if state and state != gate.state:
+                            # moved by this outcome (a probe's success closed it, a
+                            # failure opened it): no decision says so, and the gauge of a
+                            # store it cannot read showed the gate's state until the
+                            # breaker's next decision
+                            ctx.note_breaker(
+                                target.key if target is not None else up.key, "upstream", state
+                            )
                     if target is not None:
                         _learned_state(target, breaker, state, ended)
                 elif not gated and target is not None and breaker is not None:  # around it

@@ -946,7 +946,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(ctx, decisions, summary)
         if not readable:
-            self._note_breakers(decisions, ctx.route, ctx.engine)
+            self._note_breakers(decisions, ctx.route, ctx.engine, ctx._breakers_after)
 
     def _late_span(self, ctx: DecisionContext, token: _Inbound, summary: Summary) -> None:
         """The instrumentation's span ended before we could annotate it (a middleware that
@@ -1265,7 +1265,7 @@ class Telemetry:
         decisions = ctx.decisions
         metrics.record(None, decisions, summary)
         if not readable:
-            self._note_breakers(decisions, None, ctx.engine)
+            self._note_breakers(decisions, None, ctx.engine, ctx._breakers_after)
 
     # ------------------------------------------------------------ privacy
 
@@ -1295,7 +1295,11 @@ class Telemetry:
         return self._last_readable
 
     def _note_breakers(
-        self, decisions: Sequence[Decision], route: str | None, engine: Engine
+        self,
+        decisions: Sequence[Decision],
+        route: str | None,
+        engine: Engine,
+        after: list[tuple[Decision | None, str, str, str]] | None = None,
     ) -> None:
         """Remember the breaker states decisions reveal (for stores we cannot read).
 
@@ -1307,16 +1311,37 @@ class Telemetry:
         closed: without this the gauge stayed on `open` after the upstream recovered,
         and the breaker-open alert with it. Its first attempt lists its breaker (when
         the policy gives it one) as closed: a memory store's gauge lists every breaker
-        it holds, not only those once seen open."""
+        it holds, not only those once seen open.
+
+        `after`: what the store answered to outcomes that moved a breaker (a probe's
+        success closed it, a failure opened it: `DecisionContext.note_breaker`), each
+        taken in its place, after the record it followed: no decision says it, and the
+        gauge showed the probe's `half_open` (or the attempt's `closed`) until the
+        breaker's next decision."""
         watch = self._breakers
         seen = watch.seen
         probed = ""
+        notes: dict[int, list[tuple[str, str, str]]] | None = None
+        if after:
+            notes = {}
+            for anchor, subject, kind, moved in after:
+                if anchor is None:
+                    self._note_state(subject, kind, moved)
+                else:
+                    notes.setdefault(id(anchor), []).append((subject, kind, moved))
         # A service's decisions name the service; its breakers are its instances'. The
         # `lb` decision before an attempt says which instance the breaker and retry
         # decisions after it are about (and whether it went there around a breaker known
         # open: panic, ejection bound, which proves nothing of it).
         picked: dict[str, tuple[str, bool]] | None = None
+        previous: Decision | None = None
         for d in decisions:
+            if notes and previous is not None:
+                noted = notes.pop(id(previous), None)
+                if noted is not None:
+                    for subject, kind, moved in noted:
+                        self._note_state(subject, kind, moved)
+            previous = d
             layer = d.layer
             if layer == LAYER_LB:
                 details = d.details or {}
@@ -1364,6 +1389,17 @@ class Telemetry:
             key = (subject, "route" if d.subject == route else "upstream")
             if key in seen or len(seen) < _MAX_SUBJECTS:
                 seen[key] = state
+        if notes and previous is not None:
+            # (a note whose record a long request dropped is left out: in its place or
+            # not at all, never after a later decision that may say otherwise)
+            for subject, kind, moved in notes.pop(id(previous), ()):
+                self._note_state(subject, kind, moved)
+
+    def _note_state(self, subject: str, kind: str, state: str) -> None:
+        seen = self._breakers.seen
+        key = (subject, kind)
+        if key in seen or len(seen) < _MAX_SUBJECTS:
+            seen[key] = state
 
     def breaker_observations(self) -> list[Observation]:
         """One observation per breaker and state: 1 for its current state, 0 otherwise
@@ -1411,8 +1447,10 @@ def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Dec
     marked = request.extensions.get(ATTEMPT_DECISIONS)
     if marked:
         own = _own_run(decisions, marked)
-        if own is not None:
-            return own
+        # Its own decisions alone when the bounded record dropped the run: the record's
+        # trailing run for the upstream was another call's when a call to the same
+        # upstream went on while this one backed off (its `attempt` on this retry's span)
+        return own if own is not None else list(marked)
     subject = _subject_of(request.url)
     if decisions and decisions[-1].subject != subject:
         subject = _service_of(decisions, subject)
@@ -1432,17 +1470,16 @@ def _attempt_decisions(ctx: DecisionContext, request: httpx.Request) -> list[Dec
 
 def _own_run(decisions: Sequence[Decision], marked: Sequence[Decision]) -> list[Decision] | None:
     """The run that ends at the attempt's retry-layer decision `marked[0]` (found by
-    identity among the record's last entries), then the rest of `marked`: back to the
-    previous retry-layer decision, or to the run's pick (a service's `lb` decision: each
-    attempt's first), never another upstream's. None when the record no longer holds it (a
-    long request's, bounded)."""
+    identity, from the record's end: a retry's is near it unless other calls recorded
+    many meanwhile), then the rest of `marked`: back to the previous retry-layer
+    decision, or to the run's pick (a service's `lb` decision: each attempt's first),
+    never another upstream's. None when the record no longer holds it (a long
+    request's, bounded)."""
     last = marked[0]
-    n = len(decisions)
-    at = n - 1
-    stop = max(-1, n - 64)
-    while at > stop and decisions[at] is not last:
+    at = len(decisions) - 1
+    while at >= 0 and decisions[at] is not last:
         at -= 1
-    if at <= stop:
+    if at < 0:
         return None
     subject = last.subject
     out: list[Decision] = []
