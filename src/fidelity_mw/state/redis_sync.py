@@ -62,6 +62,9 @@ PROBE_RESET_S: Final = 10.0
 WHY_UNREACHABLE: Final = "unreachable"
 WHY_READ_ONLY: Final = "read_only"
 WHY_ERROR: Final = "error"  # (decision details only: Redis is up, one call failed)
+# (decision details only) the request's deadline came before Redis answered: the request
+# stopped waiting, the call went on (Redis is not marked down for it)
+WHY_DEADLINE: Final = "deadline"
 # The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
 # a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
 # does not exist changes nothing and is not replicated.
