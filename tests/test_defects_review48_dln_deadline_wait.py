@@ -296,3 +296,44 @@ async def test_a_call_through_the_transport_in_a_request_is_not_held_past_the_de
     assert outbound, decisions
     assert outbound[0].state_source == "fallback", decisions
     assert (outbound[0].details or {}).get("fallback_why") == "deadline", decisions
+
+
+def test_blocking_gate_and_record_wait_until_the_deadline_only(own_redis: Any) -> None:
+    """`FidelitySyncTransport`'s blocking client: its reply waited for until the request's
+    deadline, then decided per `on_error` (the connection dropped, Redis not marked down)."""
+    store = RedisStore(config=StateConfig(url=own_redis.url, **SLOW), rng=seeded_random(5))
+    breaker, retry = BreakerConfig(), RetryConfig()
+    try:
+        gate, _allowed, source, _age = store.outbound_gate_sync(
+            "upstream:s", breaker, "budget:s", retry, False, time.monotonic()
+        )
+        assert source == "redis"
+        assert gate is not None
+        own_redis.pause()
+        token = _in_request(DEADLINE_MS / 1000)
+        try:
+            started = time.monotonic()
+            answer = store.outbound_gate_sync(
+                "upstream:s", breaker, "budget:s", retry, False, time.monotonic()
+            )
+            gated = time.monotonic() - started
+            token2 = _in_request(DEADLINE_MS / 1000)
+            started = time.monotonic()
+            state = store.record_sync("upstream:s", breaker, gate, FAILURE, False, 0.0)
+            recorded = time.monotonic() - started
+            _CURRENT.reset(token2)
+        finally:
+            _CURRENT.reset(token)
+            own_redis.resume()
+        assert answer[2] == "fallback"
+        assert getattr(answer, "why", None) == "deadline"  # old code: held, then "unreachable"
+        assert state == "closed"
+        assert store.stats.deadline_cuts == 2
+        assert store.stats.outages == 0
+        assert gated < WELL_UNDER_S, gated
+        assert recorded < WELL_UNDER_S, recorded
+        # the next call, without a deadline, finds Redis and its fresh connection
+        after = store.outbound_gate_sync("upstream:s", breaker, None, None, False, 0.0)
+        assert after[2] == "redis"
+    finally:
+        asyncio.run(store.aclose())

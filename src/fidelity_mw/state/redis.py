@@ -1479,7 +1479,11 @@ class RedisStore(StateStore):
             self._send_late_sync()
         if isinstance(planned, str):
             return planned
-        got = self.sync_link().call(RECORD, *planned)
+        link = self.sync_link()
+        got = link.call_within(RECORD, *planned, self._wait_s() if link.up else 0.0)
+        if got is False:  # the request's deadline came first: the outcome may be lost
+            self.stats.deadline_cuts += 1
+            got = None
         return self._record_answer(got, gate, planned[1][_CARRIED])
 
     def record_now(
@@ -1922,7 +1926,18 @@ class RedisStore(StateStore):
             return None, True, SOURCE_REDIS, 0.0
         link = self.sync_link()
         sent = link.up
-        got = link.call(OUTBOUND, keys, args)
+        got = link.call_within(OUTBOUND, keys, args, self._wait_s() if sent else 0.0)
+        if got is False:
+            # The request's deadline came first: decided per `on_error` now. Its reply
+            # unread, a retry it spent stays spent (counted as taken: the budget's
+            # window bounds it), deferred successes it carried are lost; a probe slot
+            # it may have taken is reported under its id (`_lost_probe`).
+            self.stats.deadline_cuts += 1
+            self.stats.dropped_records += carried
+            answer = self._outbound_fallback(
+                breaker_key, breaker, budget_key, cfg, retry, taken, now, WHY_DEADLINE
+            )
+            return self._lost_probe(answer, breaker_key, breaker, args)
         answer = self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, True
         )
