@@ -175,7 +175,7 @@ DESCRIPTIONS: dict[str, str] = {
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
     "state.timeout_ms": (
         "Redis command timeout. Past it, `on_error` applies; a request whose deadline "
-        "comes first waits only until its deadline (`fallback_why = \"deadline\"`)."
+        'comes first waits only until its deadline (`fallback_why = "deadline"`).'
     ),
     "state.connect_timeout_ms": "Redis connect timeout.",
     "state.pool_size": "Redis connection pool size (bounded, blocking).",
