@@ -120,8 +120,8 @@ async def test_admission_waits_for_redis_until_the_deadline_only(
         ]
         assert all(len(d) == 1 for d in decisions), decisions
         fell = [d[0] for d in decisions if d[0].state_source != "cache"]
-        # tiered: the slice the warm-up leased may still hold a unit for one of them
-        assert len(fell) == (3 if url_scheme == "redis" else len(fell)) >= 2, decisions
+        # tiered: the slice the warm-up leased may still hold units for some of them
+        assert len(fell) == (3 if url_scheme == "redis" else len(fell)) >= 1, decisions
         assert [d.state_source for d in fell] == ["fallback"] * len(fell), decisions
         # old code: held ~timeout_ms, then decided by Redis
         assert [(d.details or {}).get("fallback_why") for d in fell] == ["deadline"] * len(fell)
@@ -339,3 +339,35 @@ def test_blocking_gate_and_record_wait_until_the_deadline_only(own_redis: Any) -
         assert after[2] == "redis"
     finally:
         asyncio.run(store.aclose())
+
+
+async def test_a_bounded_gate_cancelled_while_it_waits_gives_back_its_late_retry(
+    own_redis: Any,
+) -> None:
+    """The deadline's own cancellation (an enforced deadline cancels the app's work) comes
+    while the gate waits: the call goes on, and the retry its late reply spent is given
+    back (the attempt is never made)."""
+    store = RedisStore(config=StateConfig(url=own_redis.url, **SLOW), rng=seeded_random(6))
+    breaker, retry = BreakerConfig(), RetryConfig()
+    args = ("upstream:c", breaker, "budget:c", retry)
+    try:
+        assert (await store.outbound_gate(*args, False, time.monotonic()))[2] == "redis"
+        own_redis.pause()
+        token = _in_request(1.0)  # (a deadline well after the cancellation)
+        try:
+            task = asyncio.create_task(store.outbound_gate(*args, True, time.monotonic()))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            took = time.monotonic() - started
+        finally:
+            _CURRENT.reset(token)
+            own_redis.resume()
+        await _ended(store)
+        assert store.stats.deadline_refunds == 1
+        assert store.stats.outages == 0
+        assert took < WELL_UNDER_S, took  # the old code read the reply first: timeout_ms
+    finally:
+        await store.aclose()

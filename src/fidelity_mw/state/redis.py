@@ -1787,7 +1787,7 @@ class RedisStore(StateStore):
                 bounded = await self._within(
                     self.call(OUTBOUND, keys, args),
                     wait_s,
-                    functools.partial(self._gate_dropped, give_back, breaker_key, breaker, args),
+                    functools.partial(self._gate_dropped, give_back),
                 )
                 if isinstance(bounded, asyncio.Task):  # the request's deadline came first
                     used = False
@@ -1835,19 +1835,11 @@ class RedisStore(StateStore):
             return self._lost_probe(answer, breaker_key, breaker, args)
         return answer
 
-    def _gate_dropped(
-        self,
-        late: Callable[..., None],
-        breaker_key: str | None,
-        breaker: BreakerConfig | None,
-        args: Sequence[Any],
-        task: asyncio.Task[Any],
-    ) -> None:
+    def _gate_dropped(self, late: Callable[..., None], task: asyncio.Task[Any]) -> None:
         """A bounded outbound gate whose caller was cancelled while it waited: the call
-        goes on, and what it took is given back (a probe slot under the id it sent,
-        a retry when its reply comes)."""
-        if breaker_key is not None and breaker is not None:
-            self._report_late(breaker_key, breaker, _sent_probe(args), IGNORED, False)
+        goes on, and a retry it spent is given back when its reply comes (the probe
+        slot it may have taken, and the successes it carried, `outbound_gate`'s
+        cancellation handler reports and counts, as for a call whose reply was lost)."""
         self._on_late(task, functools.partial(late, 0, False))
 
     def _gate_late(
