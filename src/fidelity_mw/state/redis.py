@@ -66,12 +66,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._logs import error_kind, warn
 from .._types import Clock, RandomSource
 from ..clock import SYSTEM_CLOCK
-from ..context import current
 from ..decide.breaker import ANY_EPOCH, BROKEN, CLOSED, FAILURE, IGNORED, SUCCESS, Gate
 from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
+from . import base as _base
 from .base import LATE_ANSWER, GateAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
@@ -792,14 +792,11 @@ class RedisStore(StateStore):
         return reply, (done - started) / 2.0
 
     def _wait_s(self) -> float:
-        """How long the request being handled (`current()`) may wait for Redis when its
+        """How long the request being handled (`base.request_deadline`) may wait for Redis when its
         deadline comes before `timeout_ms` does; 0.0: the timeout's bound alone (no
         request, no deadline, a later one, or one already past: a route that does not
         enforce its deadline serves such a request, and decides it on Redis as before)."""
-        ctx = current()
-        if ctx is None:
-            return 0.0
-        deadline_at = ctx.deadline_at
+        deadline_at = _base.request_deadline()
         if deadline_at is None:
             return 0.0
         left = deadline_at - self._clock.monotonic()
