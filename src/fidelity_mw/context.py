@@ -12,6 +12,8 @@ from contextvars import ContextVar, Token
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from .state import base as _state_base
+
 if TYPE_CHECKING:
     from .engine import Engine
 
@@ -489,6 +491,16 @@ _CURRENT: Final[ContextVar[DecisionContext | None]] = ContextVar(
 def current() -> DecisionContext | None:
     """The DecisionContext of the request being handled, or None outside one."""
     return _CURRENT.get()
+
+
+def _request_deadline() -> float | None:
+    """`state.base.request_deadline`: the deadline of the request being handled."""
+    ctx = _CURRENT.get()
+    return None if ctx is None else ctx.deadline_at
+
+
+# (the state layer imports nothing above it: it is told how to read the request's deadline)
+_state_base.request_deadline = _request_deadline
 
 
 def context_from_scope(scope: Mapping[str, Any]) -> DecisionContext | None:

@@ -59,8 +59,9 @@ class PolicyError(FidelityError, ValueError):
 
 class StateUnavailable(FidelityError):
     """The state store (Redis) could not be reached in time, or cannot serve (a
-    read-only replica). `why`, when the store says: "unreachable", "read_only", or
-    "error" (it is up, and this call failed), as `fallback_why` in decision details."""
+    read-only replica). `why`, when the store says: "unreachable", "read_only",
+    "error" (it is up, and this call failed) or "deadline" (the request's deadline came
+    before its answer), as `fallback_why` in decision details."""
 
     def __init__(self, *args: object, why: str | None = None) -> None:
         super().__init__(*args)

@@ -55,6 +55,7 @@ _STATE_WHAT: dict[str | None, str] = {
     "unreachable": "is unreachable",
     "read_only": "is read-only for now",
     "error": "failed to answer",
+    "deadline": "did not answer before the request's deadline",
     None: "is unavailable",
 }
 _NO_HEDGE = "no_hedge"  # (outbound.hedge.NO_HEDGE, without importing the race's module)

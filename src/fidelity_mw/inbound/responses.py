@@ -80,6 +80,10 @@ STATE_UNAVAILABLE_DETAILS: Final = {
     "unreachable": "the control state is unreachable and the policy says to fail closed",
     "read_only": "the control state is read-only for now and the policy says to fail closed",
     "error": "the control state failed to answer this request and the policy says to fail closed",
+    "deadline": (
+        "the control state did not answer before the request's deadline and the policy says "
+        "to fail closed"
+    ),
 }
 STATE_UNAVAILABLE_DETAIL: Final = (
     "the control state is unavailable and the policy says to fail closed"  # no reason known

@@ -414,7 +414,13 @@ def closed_on_store_error(
         give_up(ctx, up, LAYER_BREAKER, reason, attempts_made, now, SOURCE_FALLBACK)
         mark(ctx, True, None)  # as a breaker's refusal: not to be retried at once
         why = getattr(exc, "why", None)
-        what = "on a read-only replica" if why == "read_only" else "unreachable"
+        what = (
+            "on a read-only replica"
+            if why == "read_only"
+            else "too slow for the request's deadline"
+            if why == "deadline"
+            else "unreachable"
+        )
         # (an upstream without a breaker (`breaker = false`) failed on its retry budget's
         # count: its refusal spoke of a breaker's state all the same)
         state_of = "breaker" if up.breaker is not None else "retry budget"

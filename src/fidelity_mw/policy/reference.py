@@ -173,7 +173,10 @@ DESCRIPTIONS: dict[str, str] = {
     "other value as true.",
     "state.on_error": "When Redis errors or times out: `local` decides on process-local "
     "state (marked `fallback`), `open` admits, `closed` answers 503.",
-    "state.timeout_ms": "Redis command timeout. Past it, `on_error` applies.",
+    "state.timeout_ms": (
+        "Redis command timeout. Past it, `on_error` applies; a request whose deadline "
+        'comes first waits only until its deadline (`fallback_why = "deadline"`).'
+    ),
     "state.connect_timeout_ms": "Redis connect timeout.",
     "state.pool_size": "Redis connection pool size (bounded, blocking).",
     "state.max_keys": "Process-memory bound on limiter keys; idle keys are evicted first.",

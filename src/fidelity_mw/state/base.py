@@ -42,6 +42,17 @@ def fleet_key(key: str) -> str:
     return key if owned is None else owned.group(1)
 
 
+def _no_request() -> float | None:
+    return None
+
+
+# The deadline (`DecisionContext.deadline_at`, on the engine's clock) of the request being
+# handled: None outside one, or without one. A shared store waits for its state no longer
+# than that (`RedisStore._wait_s`). The package sets it (`fidelity_mw/__init__.py`) to read
+# `fidelity_mw.context.current()`: the state layer imports nothing above it.
+request_deadline: Callable[[], float | None] = _no_request
+
+
 class GateAnswer(tuple[Gate | None, bool, str, float]):
     """An `outbound_gate` answer of a shared store that says more than the four values
     (gate, allowed, source, age_s): `why` a fallback answer was decided without the

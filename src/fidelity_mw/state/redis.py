@@ -41,6 +41,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import itertools
@@ -48,9 +49,9 @@ import logging
 import random
 import threading
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -70,6 +71,7 @@ from ..decide.fleet import FleetShare, weight_tag
 from ..decide.gcra import LimitVerdict, marker
 from ..errors import PolicyError, StateUnavailable
 from ..policy import BreakerConfig, RetryConfig, StateConfig
+from . import base as _base
 from .base import LATE_ANSWER, GateAnswer, InboundResult, LimitSpec, StateStore
 from .fleet import Fleet
 from .local import LocalState
@@ -80,6 +82,7 @@ from .redis_sync import (
     PROBE_BASE_S,
     PROBE_CAP_S,
     PROBE_RESET_S,
+    WHY_DEADLINE,
     WHY_ERROR,
     WHY_READ_ONLY,
     WHY_UNREACHABLE,
@@ -343,6 +346,7 @@ _LOST: Final = object()
 # Set on a `CancelledError` that ended a call while it waited for a pooled connection:
 # nothing was sent, so what the call took along can wait for the next one.
 _UNSENT: Final = "fidelity_mw_unsent"
+_T = TypeVar("_T")
 
 
 async def _late_reply(conn: AbstractConnection) -> Any:
@@ -388,6 +392,11 @@ class RedisStats:
     recoveries: list[float] = field(default_factory=list)  # seconds down, per outage
     recovered_at: list[float] = field(default_factory=list)  # clock.monotonic() of each recovery
     fleet_unknown: int = 0  # local fallback decisions that enforced the whole limit (share unknown)
+    # calls a request stopped waiting for at its deadline, before `timeout_ms` (the call
+    # goes on: `RedisStore._within`), and what their late replies had taken and was given
+    # back (an admission's units, a retry) because the request was refused without them
+    deadline_cuts: int = 0
+    deadline_refunds: int = 0
 
 
 class Slots:
@@ -610,6 +619,9 @@ class RedisStore(StateStore):
         # (`_check_eviction`): None until then
         self.eviction_policy: str | None = None
         self._eviction_task: asyncio.Task[None] | None = None
+        # calls a request stopped waiting for at its deadline, still running, and the
+        # give-backs their late replies started (`_within`)
+        self._cut: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ plumbing
 
@@ -809,6 +821,69 @@ class RedisStore(StateStore):
                 self._check_eviction(client)
             )
         return reply, (done - started) / 2.0
+
+    def _wait_s(self) -> float:
+        """How long the request being handled (`base.request_deadline`) may wait for Redis when its
+        deadline comes before `timeout_ms` does; 0.0: the timeout's bound alone (no
+        request, no deadline, a later one, or one already past: a route that does not
+        enforce its deadline serves such a request, and decides it on Redis as before)."""
+        deadline_at = _base.request_deadline()
+        if deadline_at is None:
+            return 0.0
+        left = deadline_at - self._clock.monotonic()
+        return left if 0.0 < left < self._timeout_s else 0.0
+
+    async def _within(
+        self,
+        call: Coroutine[Any, Any, _T],
+        wait_s: float,
+        dropped: Callable[[asyncio.Task[_T]], None] | None = None,
+    ) -> _T | asyncio.Task[_T]:
+        """`call`'s answer if it comes within `wait_s`, else its task, still running: the
+        request's deadline came first, and it decides without Redis now. The call is not
+        cancelled (its reply may name what it took, which the caller's `late` gives back;
+        and a Redis that does not answer is still marked down by its own timeout).
+        A caller cancelled while it waits cancels the call, as an awaited call would be;
+        with `dropped`, the call goes on instead and is handed to it (its reply is read,
+        and what it took given back: an outbound gate)."""
+        task = asyncio.get_running_loop().create_task(call)
+        try:
+            await asyncio.wait((task,), timeout=wait_s)
+        except BaseException:
+            if dropped is None or task.done():
+                task.cancel()
+            else:
+                self._keep(task)
+                dropped(task)
+            raise
+        if task.done():
+            return task.result()
+        self.stats.deadline_cuts += 1
+        self._keep(task)
+        return task
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task of ours until it ends (and close cancels it)."""
+        self._cut.add(task)
+        task.add_done_callback(self._kept_done)
+
+    def _kept_done(self, task: asyncio.Task[Any]) -> None:
+        self._cut.discard(task)
+        if not task.cancelled():
+            task.exception()  # (retrieved: its request decided on the fallback already)
+
+    def _on_late(self, task: asyncio.Task[Any], then: Callable[[Any], object]) -> None:
+        """Call `then` with the answer of a cut call once it ends (None when it failed
+        or was cancelled: nothing to give back)."""
+
+        def done(task: asyncio.Task[Any]) -> None:
+            got = None if task.cancelled() or task.exception() is not None else task.result()
+            try:
+                then(got)
+            except Exception:  # (a bad late reply: counted, never raised in a callback)
+                self.stats.errors += 1
+
+        task.add_done_callback(done)
 
     async def _check_eviction(self, client: RedisClient) -> None:
         """Warn once when Redis may evict our keys: every key of ours has a TTL, so any
@@ -1094,14 +1169,25 @@ class RedisStore(StateStore):
                 text = f"1,{u!r},{n},{breaker_text},{d_epoch},{d_count},{pid}{limit_text}"
             else:
                 text = f"0,{u!r},{n}{limit_text}"
-            got = await self.coalescer.call(ADMIT, keys, None, text)
+            call = self.coalescer.call(ADMIT, keys, None, text)
         else:
             args: list[Any] = (
                 ["1", u, n, *breaker_values, d_epoch, d_count, pid, *limit_values]
                 if has_breaker
                 else ["0", u, n, *limit_values]
             )
-            got = await self.call(ADMIT, keys, args)
+            call = self.call(ADMIT, keys, args)
+        # (Redis known down: the call answers at once, unbounded)
+        wait_s = self._wait_s() if sent else 0.0
+        if not wait_s:
+            got = await call
+        else:
+            bounded = await self._within(call, wait_s)
+            if isinstance(bounded, asyncio.Task):  # the request's deadline came first
+                return self._admit_cut(
+                    bounded, breaker_key, breaker, limit_keys, limits, now, pid, d_count
+                )
+            got = bounded
         if got is not None:
             reply, age = got
             try:
@@ -1109,13 +1195,27 @@ class RedisStore(StateStore):
             except _REPLY_ERRORS as exc:  # not our script's reply (a proxy, a foreign script?)
                 self._bad_reply(exc)
         self.stats.dropped_records += d_count  # the successes it carried
-        if not (pid and sent) or breaker_key is None or breaker is None:
-            return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+        return self._admit_lost(breaker_key, breaker, limit_keys, limits, now, pid if sent else 0)
+
+    def _admit_lost(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+        pid: int,
+        why: str | None = None,
+    ) -> InboundResult:
+        """The fallback decision of an admission without Redis's answer; `pid`, the probe
+        id it sent (0: none, or not sent)."""
+        if not pid or breaker_key is None or breaker is None:
+            return self.fallback_admit(breaker_key, breaker, limit_keys, limits, now, why)
         # Sent, and its answer lost (a timeout, a dropped connection): Redis may have run
         # it all the same, and made this call the breaker's probe under `pid`. Nobody
         # else can report that probe: this call's outcome goes there too (`_report_late`).
         try:
-            result = self.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
+            result = self.fallback_admit(breaker_key, breaker, limit_keys, limits, now, why)
         except StateUnavailable:
             self._report_late(breaker_key, breaker, pid, IGNORED, False)  # refused: no call
             raise
@@ -1124,6 +1224,84 @@ class RedisStore(StateStore):
             self._report_late(breaker_key, breaker, pid, IGNORED, False)
             return result
         return result._replace(gate=gate._replace(sent_probe_id=pid))
+
+    def _admit_cut(
+        self,
+        cut: asyncio.Task[tuple[Any, float] | None],
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        limit_keys: Sequence[str],
+        limits: Sequence[LimitSpec],
+        now: float,
+        pid: int,
+        carried: int,
+    ) -> InboundResult:
+        """An admission whose request's deadline came before Redis answered: decided per
+        `on_error` now (`why` "deadline"); the call goes on. If Redis admitted it after
+        all, the units it charged there stay charged when the request went ahead on the
+        fallback's answer (it ran: the fleet's count holds it, as it holds a timed-out
+        call's), and are given back when the request was refused without them."""
+        used = False
+        try:
+            result = self._admit_lost(
+                breaker_key, breaker, limit_keys, limits, now, pid, WHY_DEADLINE
+            )
+            gate = result.gate
+            used = result.admitted and (gate is None or gate.verdict != "reject")
+            return result
+        finally:  # (failing closed: raised, and refused)
+            late = functools.partial(
+                self._admitted_late,
+                list(limit_keys),
+                tuple(limits),
+                breaker_key is not None and breaker is not None,
+                carried,
+                used,
+                now,
+            )
+            self._on_late(cut, late)
+
+    def _admitted_late(
+        self,
+        limit_keys: list[str],
+        limits: tuple[LimitSpec, ...],
+        has_breaker: bool,
+        carried: int,
+        used: bool,
+        now: float,
+        got: tuple[Any, float] | None,
+    ) -> None:
+        """The late answer of a cut admission (`_admit_cut`). A probe it may have taken
+        is reported under its id already (`_admit_lost`)."""
+        if got is None:
+            self.stats.dropped_records += carried  # the successes it carried
+            return
+        if used:
+            return
+        result = parse_admit(got[0], has_breaker, len(limits), SOURCE_REDIS, got[1])
+        if not result.admitted:
+            return
+        verdicts = result.limits
+        charged = [j for j, verdict in enumerate(verdicts) if verdict.allowed]
+        if not charged:
+            return
+        # (no retry credit for a request never served; a limit that admitted from credit
+        # gets back the credit it spent, as the middleware's refunds give it)
+        specs = [
+            limits[j]
+            if verdicts[j].credit or not limits[j].credit_s
+            else LimitSpec(*(getattr(limits[j], f) for f in LimitSpec._fields[:5]))
+            for j in charged
+        ]
+        self.stats.deadline_refunds += 1
+        refund = self.refund(
+            [limit_keys[j] for j in charged],
+            specs,
+            SOURCE_REDIS,
+            now,
+            [verdicts[j].tat for j in charged],
+        )
+        self._keep(asyncio.get_running_loop().create_task(refund))
 
     def _probe_id(self) -> int:
         """A probe id for a gate to send: random, so that the fleet's ids do not meet."""
@@ -1247,13 +1425,17 @@ class RedisStore(StateStore):
         limit_keys: Sequence[str],
         limits: Sequence[LimitSpec],
         now: float,
+        why: str | None = None,
     ) -> InboundResult:
-        """Decide without Redis, per `on_error`."""
+        """Decide without Redis, per `on_error`; `why` when the caller knows it better
+        than the store's health does (a request's deadline)."""
         self.stats.fallbacks += 1
         age = self.fallback_age()
         mode = self.on_error
+        if why is None:
+            why = self._why()
         if mode == "closed":
-            raise _closed(self._why())
+            raise _closed(why)
         if mode == "open":
             gate = (
                 Gate("allow", CLOSED, _OPEN_EPOCH, 0.0)
@@ -1261,7 +1443,7 @@ class RedisStore(StateStore):
                 else None
             )
             verdicts = tuple(LimitVerdict(True, 0.0, 0, 0.0, 0.0) for _ in limits)
-            return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age, None, self._why())
+            return InboundResult(gate, verdicts, True, SOURCE_FALLBACK, age, None, why)
         share = self._fleet_share() if limits and self.fleet.enabled else None
         shared_keys, limits = self.fleet.for_share(limit_keys, limits, share)
         if shared_keys is not limit_keys:  # a share: units spent under another one carry
@@ -1271,7 +1453,7 @@ class RedisStore(StateStore):
         if local_gate is not None:
             local_gate = local_gate._replace(epoch=_local_epoch(local_gate.epoch))
         return InboundResult(
-            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share, self._why()
+            local_gate, result.limits, result.admitted, SOURCE_FALLBACK, age, share, why
         )
 
     def _why(self, sync: bool = False) -> str:
@@ -1315,8 +1497,21 @@ class RedisStore(StateStore):
             return planned
         call = self.coalescer.call if self.coalesce else self.call
         carried = planned[1][_CARRIED]
+        # (Redis known down: the call answers at once, unbounded)
+        wait_s = self._wait_s() if self.health.up else 0.0
         try:
-            got = await call(RECORD, *planned)
+            if not wait_s:
+                got = await call(RECORD, *planned)
+            else:
+                bounded = await self._within(call(RECORD, *planned), wait_s)
+                if isinstance(bounded, asyncio.Task):
+                    # The request's deadline came first: the outcome still goes to Redis
+                    # (the call runs on), the request does not wait for it.
+                    self._on_late(
+                        bounded, functools.partial(self._record_answer, gate=gate, carried=carried)
+                    )
+                    return gate.state
+                got = bounded
         except asyncio.CancelledError:
             # Its caller cancelled (a coalesced record is not sent once its caller is gone,
             # a reply is not read): counted as a reply lost is, with the deferred successes
@@ -1340,7 +1535,11 @@ class RedisStore(StateStore):
             self._send_late_sync()
         if isinstance(planned, str):
             return planned
-        got = self.sync_link().call(RECORD, *planned)
+        link = self.sync_link()
+        got = link.call_within(RECORD, *planned, self._wait_s() if link.up else 0.0)
+        if got is False:  # the request's deadline came first: the outcome may be lost
+            self.stats.deadline_cuts += 1
+            got = None
         return self._record_answer(got, gate, planned[1][_CARRIED])
 
     def record_now(
@@ -1647,8 +1846,46 @@ class RedisStore(StateStore):
         if counts:
             token = object()
             self._carrying[token] = (asyncio.get_running_loop(), carried, counts, None)
+        # (Redis known down: the call answers at once, unbounded)
+        wait_s = self._wait_s() if sent else 0.0
         try:
-            got = await self.call(OUTBOUND, keys, args)
+            if not wait_s:
+                got = await self.call(OUTBOUND, keys, args)
+            else:
+                # A caller cancelled while it waits leaves the call running: its late
+                # reply gives back what it took (`_gate_late`), as `LATE_ANSWER` does.
+                give_back = functools.partial(
+                    self._gate_late, breaker_key, breaker, budget_key, cfg, retry, taken, now
+                )
+                bounded = await self._within(
+                    self.call(OUTBOUND, keys, args),
+                    wait_s,
+                    functools.partial(self._gate_dropped, give_back),
+                )
+                if isinstance(bounded, asyncio.Task):  # the request's deadline came first
+                    used = False
+                    try:
+                        answer = self._lost_probe(
+                            self._outbound_fallback(
+                                breaker_key,
+                                breaker,
+                                budget_key,
+                                cfg,
+                                retry,
+                                taken,
+                                now,
+                                WHY_DEADLINE,
+                            ),
+                            breaker_key,
+                            breaker,
+                            args,
+                        )
+                        gate = answer[0]
+                        used = answer[1] and (gate is None or gate.verdict != "reject")
+                        return answer
+                    finally:  # (failing closed: raised, and refused)
+                        self._on_late(bounded, functools.partial(give_back, carried, used))
+                got = bounded
         except asyncio.CancelledError as cancel:
             # A raw cancellation while the reply was on its way, read all the same: what
             # the script took rides on the cancellation, for the caller to give back.
@@ -1681,6 +1918,51 @@ class RedisStore(StateStore):
         if got is None and sent:
             return self._lost_probe(answer, breaker_key, breaker, args)
         return answer
+
+    def _gate_dropped(self, late: Callable[..., None], task: asyncio.Task[Any]) -> None:
+        """A bounded outbound gate whose caller was cancelled while it waited: the call
+        goes on, and a retry it spent is given back when its reply comes (the probe
+        slot it may have taken, and the successes it carried, `outbound_gate`'s
+        cancellation handler reports and counts, as for a call whose reply was lost)."""
+        self._on_late(task, functools.partial(late, 0, False))
+
+    def _gate_late(
+        self,
+        breaker_key: str | None,
+        breaker: BreakerConfig | None,
+        budget_key: str | None,
+        cfg: RetryConfig | None,
+        retry: bool,
+        taken: Sequence[tuple[str, RetryConfig, int]],
+        now: float,
+        carried: int,
+        used: bool,
+        got: tuple[Any, float] | None,
+    ) -> None:
+        """The late answer of an outbound gate its caller stopped waiting for. A probe it
+        may have taken is reported under its id already (`_lost_probe`, `_gate_dropped`).
+        A retry it spent stays spent when the attempt went ahead on the fallback's answer
+        (`used`: it was sent), and is given back when it did not."""
+        if got is None:
+            self.stats.dropped_records += carried  # deferred successes it took along
+            return
+        if used or not retry or budget_key is None or cfg is None:
+            return
+        answer = self._outbound_answer(
+            got, breaker_key, breaker, budget_key, cfg, retry, taken, now
+        )
+        gate = answer[0]
+        if (
+            answer[2] != SOURCE_REDIS
+            or not answer[1]
+            or (gate is not None and gate.verdict == "reject")
+        ):
+            return  # (nothing spent: a denied retry, a breaker's refusal, a bad reply)
+        self.stats.deadline_refunds += 1
+        refund = self.budget_refund(
+            budget_key, cfg, SOURCE_REDIS, 0.0, now, getattr(answer, "spent_at", None)
+        )
+        self._keep(asyncio.get_running_loop().create_task(refund))
 
     def _lost_probe(
         self,
@@ -1784,7 +2066,18 @@ class RedisStore(StateStore):
             return None, True, SOURCE_REDIS, 0.0
         link = self.sync_link()
         sent = link.up
-        got = link.call(OUTBOUND, keys, args)
+        got = link.call_within(OUTBOUND, keys, args, self._wait_s() if sent else 0.0)
+        if got is False:
+            # The request's deadline came first: decided per `on_error` now. Its reply
+            # unread, a retry it spent stays spent (counted as taken: the budget's
+            # window bounds it), deferred successes it carried are lost; a probe slot
+            # it may have taken is reported under its id (`_lost_probe`).
+            self.stats.deadline_cuts += 1
+            self.stats.dropped_records += carried
+            answer = self._outbound_fallback(
+                breaker_key, breaker, budget_key, cfg, retry, taken, now, WHY_DEADLINE
+            )
+            return self._lost_probe(answer, breaker_key, breaker, args)
         answer = self._outbound_answer(
             got, breaker_key, breaker, budget_key, cfg, retry, taken, now, carried, True
         )
@@ -2196,6 +2489,13 @@ class RedisStore(StateStore):
         # (its batches out or queued go while Redis answers: requests that ended just
         # before the close recorded their outcomes there)
         await self.coalescer.aclose(CLOSE_FLUSH_S if self.health.up else 0.0)
+        here = asyncio.get_running_loop()
+        for cut in [cut for cut in self._cut if cut.get_loop() is here]:
+            # (calls requests stopped waiting for, and their give-backs: as the
+            # coalescer's batches, cut short by the close)
+            if alive(cut):
+                cut.cancel()
+                await ended(cut)
         for task in (
             self.health.probe_task,
             self._flush_task,
@@ -2415,6 +2715,7 @@ class RedisStore(StateStore):
 
 _CLOSED_WHAT: Final = {
     WHY_READ_ONLY: "redis is a read-only replica",
+    WHY_DEADLINE: "redis did not answer before the request's deadline",
     WHY_ERROR: "redis failed this call",
 }
 

@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import threading
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from redis import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
@@ -39,6 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .._logs import error_kind, warn
@@ -62,6 +63,9 @@ PROBE_RESET_S: Final = 10.0
 WHY_UNREACHABLE: Final = "unreachable"
 WHY_READ_ONLY: Final = "read_only"
 WHY_ERROR: Final = "error"  # (decision details only: Redis is up, one call failed)
+# (decision details only) the request's deadline came before Redis answered: the request
+# stopped waiting, the call went on (Redis is not marked down for it)
+WHY_DEADLINE: Final = "deadline"
 # The probe where ROLE is not allowed (ACL, a proxy): a write of a key of our own that
 # a replica refuses (`READONLY`), as it refuses the store's scripts; DEL of a key that
 # does not exist changes nothing and is not replicated.
@@ -131,7 +135,10 @@ class _Pool(BlockingConnectionPool):
     refused connection; the wait for a free one is the only `pool.get` here."""
 
     link: SyncLink | None = None
-    calls = threading.local()  # `.on`: a script call of this thread, made while up
+    # `.on`: a script call of this thread, made while up; `.wait_s`: how long it may wait
+    # for its reply when the request's deadline comes before `timeout_ms` (else 0.0), and
+    # `.cut`, the connection whose socket timeout was shortened for it
+    calls = threading.local()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -151,6 +158,20 @@ class _Pool(BlockingConnectionPool):
             # timeout_ms once more on a Redis known not to answer. It decides now, as
             # the calls after it do.
             raise _WentDown("redis was marked down while this call waited for a connection")
+        wait_s = getattr(self.calls, "wait_s", 0.0)
+        if wait_s:
+            # The request's deadline bounds this call: a (re)connection's handshake too,
+            # and every read on the socket (put back by `SyncLink.call_within`)
+            self.calls.cut = (
+                connection,
+                connection.socket_timeout,
+                connection.socket_connect_timeout,
+            )
+            connection.socket_timeout = wait_s
+            connection.socket_connect_timeout = min(connection.socket_connect_timeout, wait_s)
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                sock.settimeout(wait_s)
         super().ensure_connection(connection)
 
 
@@ -296,6 +317,16 @@ class SyncLink:
     ) -> tuple[Any, float] | None:
         """Run a script: (reply, age_s), or None when Redis did not answer (or is down:
         then the first call after each pause probes it, and goes on if it is back)."""
+        got = self.call_within(script, keys, args, 0.0)
+        return None if got is False else got
+
+    def call_within(
+        self, script: _Script, keys: Sequence[str], args: Sequence[Any], wait_s: float
+    ) -> tuple[Any, float] | Literal[False] | None:
+        """`call`, its reply waited for at most `wait_s` (0.0: `timeout_ms`): False when
+        the request's deadline came first. A blocking call cannot go on without its
+        caller: its connection is dropped with the reply unread (Redis may have run
+        it), and Redis is not marked down for it."""
         clock = self._clock
         if not self.up and not self._probe():
             return None
@@ -303,15 +334,28 @@ class SyncLink:
         client = self.client()
         calls = _Pool.calls
         calls.on = True
+        calls.wait_s = wait_s
         try:
             reply = self._evalsha(client, script, keys, args)
         except _WentDown:
             return None
         except CALL_ERRORS as exc:
+            if isinstance(exc, RedisTimeoutError) and getattr(calls, "cut", None) is not None:
+                return False  # (redis-py dropped the connection: no reply left on it)
             self._failed(exc)
             return None
         finally:
             calls.on = False
+            calls.wait_s = 0.0
+            cut = getattr(calls, "cut", None)
+            if cut is not None:
+                calls.cut = None
+                conn, timeout, connect_timeout = cut
+                conn.socket_timeout = timeout
+                conn.socket_connect_timeout = connect_timeout
+                sock = getattr(conn, "_sock", None)
+                if sock is not None:
+                    sock.settimeout(timeout)
         done = clock.monotonic()
         self.last_ok = done
         self._stats.round_trips += 1

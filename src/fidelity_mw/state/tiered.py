@@ -55,7 +55,7 @@ from ..policy import BreakerConfig, RetryConfig, StateConfig
 from .base import GateAnswer, InboundResult, LimitSpec, StateStore
 from .local import new_result
 from .redis import CLOSE_FLUSH_S, SOURCE_REDIS, SYNC, RedisStore
-from .redis_sync import reply_error
+from .redis_sync import WHY_DEADLINE, reply_error
 from .snapshot import (
     BreakerView,
     LimiterKeyView,
@@ -555,7 +555,19 @@ class TieredStore(StateStore):
                 wanted.append((key, spec.cost))
         waited = 0.0
         if refresh is not None or wanted:
-            waited = await self._fetch(refresh, wanted, now)
+            wait_s = exact._wait_s()
+            if not wait_s:
+                waited = await self._fetch(refresh, wanted, now)
+            else:
+                bounded = await exact._within(self._fetch(refresh, wanted, now), wait_s)
+                if isinstance(bounded, asyncio.Task):
+                    # The request's deadline came first: decided per `on_error` now. The
+                    # lease goes on and lands in the slices, for the requests after it
+                    # (nothing of it was this request's: nothing to give back).
+                    return exact.fallback_admit(
+                        breaker_key, breaker, limit_keys, limits, now, WHY_DEADLINE
+                    )
+                waited = bounded
             if waited < 0.0:  # Redis failed: the exact store is now in its failure mode
                 return exact.fallback_admit(breaker_key, breaker, limit_keys, limits, now)
             self.stats.waited += 1
