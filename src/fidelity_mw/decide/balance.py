@@ -6,7 +6,9 @@ outstanding requests weighted by its latency EWMA (cost = latency x
 by a penalty that fades with the failure's age; a retry avoids instances
 the call already tried while another is admissible (and, all avoided,
 prefers one no 429 paused); an instance whose breaker is known open is ejected, but never more than
-`max_ejected_ratio` of them at once (at least one may be); when fewer than
+`max_ejected_ratio` of them at once (at least one may be), and one the bound keeps in
+rotation is picked only when no candidate is better (not known open, or answered around its
+open breaker last): then as its breaker's probe; when fewer than
 `panic_threshold` of the instances are admissible, the pick spreads over
 all of them instead of refusing (panic mode).
 
@@ -44,6 +46,9 @@ class InstanceView(NamedTuple):
     seen_at: float  # when that breaker state was learned (its age is now - seen_at)
     paused_until: float = 0.0  # a 429's Retry-After paused retries to it until then
     failed_at: float = 0.0  # its last failed attempt ended then, none since succeeded (0.0: none)
+    # Known open, and the last attempt sent around its breaker succeeded: it answers again
+    # before its breaker has probed (newer evidence than the breaker's state).
+    answered: bool = False
 
 
 class Pick(NamedTuple):
@@ -154,10 +159,12 @@ def choose(
     all paused, the one whose pause ends first: a paused instance asked for the wait.
     `failure_penalty`, `failure_fade_s`: how a recent failure weighs (`cost`)."""
     n = len(views)
+    kept_open = False
     for view in views:
         if view.open_until > now:
             out = ejected(views, now, max_ejected_ratio)
             admissible = [i for i in range(n) if i not in out]
+            kept_open = len(out) < sum(1 for v in views if v.open_until > now)
             break
     else:  # (none known open, most picks: nothing ejected, no set of them to build)
         admissible = list(range(n))
@@ -166,6 +173,18 @@ def choose(
     fresh = [i for i in candidates if i not in tried] if tried else candidates
     if fresh:
         candidates = fresh
+        if kept_open and not panic:
+            # The bound keeps an open instance in rotation so that the service is not
+            # refused, not to send it calls another instance would take: its own breaker
+            # says it fails, and weighed on cost alone it won the power of two choices
+            # against a closed or half-open one about half the time (right after an
+            # outage, first attempts went to instances known open and the callee shed
+            # them). It is picked when no candidate is better (all the others known open
+            # too, or tried), as its breaker's probe: the attempt's answer is the evidence
+            # (`answered`) that brings it back before its breaker probes.
+            better = [i for i in candidates if views[i].open_until <= now or views[i].answered]
+            if better:
+                candidates = better
     elif len(candidates) > 1:
         at = now if paused_at is None else paused_at
         free = [i for i in candidates if views[i].paused_until <= at]

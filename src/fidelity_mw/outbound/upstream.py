@@ -128,7 +128,7 @@ class Instance:
         return _new_tuple(
             InstanceView,
             (self.outstanding, latency, self.open_until, self.seen_at, self.paused_until,
-             self.failed_at),
+             self.failed_at, self.answered),
         )  # fmt: skip
 
 
