@@ -35,6 +35,11 @@ EWMA_TAU_S: Final = 5.0  # latency estimates lose half their weight in about 3.5
 # defaults of `[[upstream]]`'s `failure_penalty` and `failure_fade_s`.
 FAILURE_PENALTY: Final = 4.0
 FAILURE_FADE_S: Final = 10.0
+# The retries that waited for an instance to answer again go to it `first` at once, then
+# twice as many every RAMP_STEP_S (`ramp_room`); a ramp with no such retry for RAMP_QUIET_S
+# is over (the next one starts again from `first`).
+RAMP_STEP_S: Final = 0.05
+RAMP_QUIET_S: Final = 0.2
 
 
 class InstanceView(NamedTuple):
@@ -213,6 +218,23 @@ def choose(
     elif bypass:
         reason = PICK_BOUND
     return Pick(index, reason, panic, bypass, len(admissible))
+
+
+def ramp_room(sent: int, since: float, now: float, first: int, step_s: float = RAMP_STEP_S) -> bool:
+    """Whether an instance that answered again may take one more of the retries that
+    waited for an instance to answer (slow start): `first` at once, then twice as many
+    every `step_s` since the first of them went to it (`since`), `sent` having gone.
+
+    Right after a whole-service outage the retries waiting out the callee's Retry-After
+    all saw the first instance that answered within one look (`_PARK_STEP_S`), and went
+    there at once: about 20 within 5 ms at one instance whose breaker had just closed on
+    one probe. Paced so, they go as the instance keeps answering, and spread over the
+    instances that answer meanwhile (Envoy's slow_start_window ramps a host's weight
+    over a window after it turned healthy; TCP's slow start doubles its window a round
+    trip)."""
+    if sent < first:
+        return True
+    return sent < first * math.pow(2.0, min(30.0, max(0.0, now - since) / step_s))
 
 
 def choose_only(open_until: float, now: float, panic_threshold: float = 0.5) -> Pick:
