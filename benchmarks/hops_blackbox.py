@@ -535,18 +535,16 @@ def after_outage(
     within `BURST_S`), and B's attempts sent then around a breaker it knew open, by
     first attempt or retry (ours)."""
     by_instance: dict[int, list[float]] = {}
-    for at, index, _rid, _faulty in arrivals:
+    retries: dict[int, list[float]] = {}  # a request's second and later calls
+    calls: Counter[str] = Counter()
+    for at, index, rid, _faulty in sorted(arrivals):
+        calls[rid] += 1
         if at - t0 >= off:
             by_instance.setdefault(index, []).append(at)
-    burst, burst_at = 0, None
-    for index, times in by_instance.items():
-        times.sort()
-        lo = 0
-        for hi, at in enumerate(times):
-            while at - times[lo] > BURST_S:
-                lo += 1
-            if hi - lo + 1 > burst:
-                burst, burst_at = hi - lo + 1, (index, round(times[lo] - t0 - off, 3))
+            if calls[rid] > 1:
+                retries.setdefault(index, []).append(at)
+    burst, burst_at = _burst(by_instance, t0 + off)
+    retry_burst, retry_burst_at = _burst(retries, t0 + off)
     around: Counter[str] = Counter()
     for (hop, _rid), recs in records.items():
         if hop != "B":
@@ -562,8 +560,25 @@ def after_outage(
     return {
         "c_burst_after_fault": burst,
         "c_burst_where": burst_at,
+        "c_retry_burst_after_fault": retry_burst,
+        "c_retry_burst_where": retry_burst_at,
         "b_around_open_after_fault": dict(around),
     }
+
+
+def _burst(by_instance: dict[int, list[float]], off: float) -> tuple[int, Any]:
+    """The most calls at one instance within `BURST_S`, and (instance, seconds after
+    `off`) where that window began."""
+    burst, where = 0, None
+    for index, times in by_instance.items():
+        times.sort()
+        lo = 0
+        for hi, at in enumerate(times):
+            while at - times[lo] > BURST_S:
+                lo += 1
+            if hi - lo + 1 > burst:
+                burst, where = hi - lo + 1, (index, round(times[lo] - off, 3))
+    return burst, where
 
 
 def healthy(scenario: str, a: Answer, on: float, off: float) -> bool:
