@@ -145,6 +145,8 @@ class Seen:
     c_while_faulty: int = 0  # requests that reached an instance while it was failing
     b_calls: Counter[str] = field(default_factory=Counter)  # A's calls to B, by request id
     records: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (hop, rid)
+    # every call that reached C: (monotonic time, instance, request id, failing then)
+    arrivals: list[tuple[float, int, str, bool]] = field(default_factory=list)
 
     def record(self, hop: str, rid: str, entry: Any) -> None:
         with self.lock:
@@ -173,7 +175,7 @@ class Recorder:
                 "decided_by": ctx.decided_by,
                 "outcome": ctx.outcome,
                 "decisions": [
-                    (d.layer, d.verdict, d.reason, d.subject, dict(d.details or {}))
+                    (d.layer, d.verdict, d.reason, d.subject, dict(d.details or {}), d.at)
                     for d in ctx.decisions
                 ],
             },
@@ -231,8 +233,10 @@ def c_app(index: int, faults: Faults, seen: Seen, fidelity: bool, tight: bool = 
             with seen.lock:
                 seen.c_calls[rid] += 1
                 seen.c_by_instance[index] += 1
-                if faults.mode.get(index):
+                faulty = bool(faults.mode.get(index))
+                if faulty:
                     seen.c_while_faulty += 1
+                seen.arrivals.append((time.monotonic(), index, rid, faulty))
         await app(scope, receive, send)
 
     return counted
@@ -514,7 +518,67 @@ def run(variant: str, scenario: str, seed: int) -> dict[str, Any]:
     # and served after it ends is not charged its call to the recovered C)
     in_fault = sum(1 for a in answers if on <= a.sent < off)
     result["c_calls_while_faulty_per_request"] = round(seen.c_while_faulty / max(1, in_fault), 2)
+    result.update(after_outage(list(seen.arrivals), records, t0, off))
     return result
+
+
+BURST_S = 0.01  # the window a burst at one instance is counted in
+
+
+def after_outage(
+    arrivals: list[tuple[float, int, str, bool]],
+    records: dict[tuple[str, str], list[Any]],
+    t0: float,
+    off: float,
+) -> dict[str, Any]:
+    """What reached C after the fault ended: the largest burst at one instance (calls
+    within `BURST_S`), and B's attempts sent then around a breaker it knew open, by
+    first attempt or retry (ours)."""
+    by_instance: dict[int, list[float]] = {}
+    retries: dict[int, list[float]] = {}  # a request's second and later calls
+    calls: Counter[str] = Counter()
+    for at, index, rid, _faulty in sorted(arrivals):
+        calls[rid] += 1
+        if at - t0 >= off:
+            by_instance.setdefault(index, []).append(at)
+            if calls[rid] > 1:
+                retries.setdefault(index, []).append(at)
+    burst, burst_at = _burst(by_instance, t0 + off)
+    retry_burst, retry_burst_at = _burst(retries, t0 + off)
+    around: Counter[str] = Counter()
+    for (hop, _rid), recs in records.items():
+        if hop != "B":
+            continue
+        for rec in recs:
+            picks = [d for d in rec["decisions"] if d[0] == "lb"]
+            for n, d in enumerate(picks):
+                if d[5] - t0 >= off and d[4].get("breaker_known_open"):
+                    around["first" if n == 0 else "retry"] += 1
+            for d in picks:
+                if d[5] - t0 >= off:
+                    around["picks"] += 1
+    return {
+        "c_burst_after_fault": burst,
+        "c_burst_where": burst_at,
+        "c_retry_burst_after_fault": retry_burst,
+        "c_retry_burst_where": retry_burst_at,
+        "b_around_open_after_fault": dict(around),
+    }
+
+
+def _burst(by_instance: dict[int, list[float]], off: float) -> tuple[int, Any]:
+    """The most calls at one instance within `BURST_S`, and (instance, seconds after
+    `off`) where that window began."""
+    burst, where = 0, None
+    for index, times in by_instance.items():
+        times.sort()
+        lo = 0
+        for hi, at in enumerate(times):
+            while at - times[lo] > BURST_S:
+                lo += 1
+            if hi - lo + 1 > burst:
+                burst, where = hi - lo + 1, (index, round(times[lo] - off, 3))
+    return burst, where
 
 
 def healthy(scenario: str, a: Answer, on: float, off: float) -> bool:

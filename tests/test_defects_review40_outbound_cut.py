@@ -49,7 +49,9 @@ def reference_choose(
     max_ejected_ratio: float = 0.5,
     paused_at: float | None = None,
 ) -> Pick:
-    """`choose` as of 386c0c7 (before its pass for a pick with nothing open or tried)."""
+    """`choose` as of 386c0c7 (before its pass for a pick with nothing open or tried),
+    with round 48's preference: an untried instance not known open over one the
+    ejection bound keeps in rotation (tests/test_defects_review48_rcv_after_outage.py)."""
     n = len(views)
     out = ejected(views, now, max_ejected_ratio)
     admissible = [i for i in range(n) if i not in out]
@@ -58,6 +60,9 @@ def reference_choose(
     fresh = [i for i in candidates if i not in tried]
     if fresh:
         candidates = fresh
+        better = [i for i in candidates if views[i].open_until <= now or views[i].answered]
+        if better and not panic:
+            candidates = better
     elif len(candidates) > 1:
         at = now if paused_at is None else paused_at
         free = [i for i in candidates if views[i].paused_until <= at]
@@ -96,6 +101,7 @@ view_st = st.builds(
     st.just(0.0),
     st.sampled_from([0.0, 5.0, 10.0, 20.0]),
     st.sampled_from([0.0, 2.0, 9.5]),
+    st.booleans(),
 )
 
 
@@ -252,7 +258,8 @@ def test_an_instance_view_is_the_decayed_estimate_as_before(
     )  # fmt: skip
     instance.seen_at, instance.paused_until = 1.5, 2.5
     aged = latency if now is None else decayed(latency, at, now, EWMA_TAU_S)
-    expected = InstanceView(outstanding, aged, open_until, 1.5, 2.5, failed_at)
+    instance.answered = True
+    expected = InstanceView(outstanding, aged, open_until, 1.5, 2.5, failed_at, True)
     view = instance.view(now)
     assert view == expected
     assert type(view) is InstanceView

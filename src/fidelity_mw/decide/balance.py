@@ -6,7 +6,9 @@ outstanding requests weighted by its latency EWMA (cost = latency x
 by a penalty that fades with the failure's age; a retry avoids instances
 the call already tried while another is admissible (and, all avoided,
 prefers one no 429 paused); an instance whose breaker is known open is ejected, but never more than
-`max_ejected_ratio` of them at once (at least one may be); when fewer than
+`max_ejected_ratio` of them at once (at least one may be), and one the bound keeps in
+rotation is picked only when no candidate is better (not known open, or answered around its
+open breaker last): then as its breaker's probe; when fewer than
 `panic_threshold` of the instances are admissible, the pick spreads over
 all of them instead of refusing (panic mode).
 
@@ -33,6 +35,11 @@ EWMA_TAU_S: Final = 5.0  # latency estimates lose half their weight in about 3.5
 # defaults of `[[upstream]]`'s `failure_penalty` and `failure_fade_s`.
 FAILURE_PENALTY: Final = 4.0
 FAILURE_FADE_S: Final = 10.0
+# The retries that waited for an instance to answer again go to it `first` at once, then
+# twice as many every RAMP_STEP_S (`ramp_room`); a ramp with no such retry for RAMP_QUIET_S
+# is over (the next one starts again from `first`).
+RAMP_STEP_S: Final = 0.05
+RAMP_QUIET_S: Final = 0.2
 
 
 class InstanceView(NamedTuple):
@@ -44,6 +51,9 @@ class InstanceView(NamedTuple):
     seen_at: float  # when that breaker state was learned (its age is now - seen_at)
     paused_until: float = 0.0  # a 429's Retry-After paused retries to it until then
     failed_at: float = 0.0  # its last failed attempt ended then, none since succeeded (0.0: none)
+    # Known open, and the last attempt sent around its breaker succeeded: it answers again
+    # before its breaker has probed (newer evidence than the breaker's state).
+    answered: bool = False
 
 
 class Pick(NamedTuple):
@@ -154,10 +164,12 @@ def choose(
     all paused, the one whose pause ends first: a paused instance asked for the wait.
     `failure_penalty`, `failure_fade_s`: how a recent failure weighs (`cost`)."""
     n = len(views)
+    kept_open = False
     for view in views:
         if view.open_until > now:
             out = ejected(views, now, max_ejected_ratio)
             admissible = [i for i in range(n) if i not in out]
+            kept_open = len(out) < sum(1 for v in views if v.open_until > now)
             break
     else:  # (none known open, most picks: nothing ejected, no set of them to build)
         admissible = list(range(n))
@@ -166,6 +178,18 @@ def choose(
     fresh = [i for i in candidates if i not in tried] if tried else candidates
     if fresh:
         candidates = fresh
+        if kept_open and not panic:
+            # The bound keeps an open instance in rotation so that the service is not
+            # refused, not to send it calls another instance would take: its own breaker
+            # says it fails, and weighed on cost alone it won the power of two choices
+            # against a closed or half-open one about half the time (right after an
+            # outage, first attempts went to instances known open and the callee shed
+            # them). It is picked when no candidate is better (all the others known open
+            # too, or tried), as its breaker's probe: the attempt's answer is the evidence
+            # (`answered`) that brings it back before its breaker probes.
+            better = [i for i in candidates if views[i].open_until <= now or views[i].answered]
+            if better:
+                candidates = better
     elif len(candidates) > 1:
         at = now if paused_at is None else paused_at
         free = [i for i in candidates if views[i].paused_until <= at]
@@ -194,6 +218,23 @@ def choose(
     elif bypass:
         reason = PICK_BOUND
     return Pick(index, reason, panic, bypass, len(admissible))
+
+
+def ramp_room(sent: int, since: float, now: float, first: int, step_s: float = RAMP_STEP_S) -> bool:
+    """Whether an instance that answered again may take one more of the retries that
+    waited for an instance to answer (slow start): `first` at once, then twice as many
+    every `step_s` since the first of them went to it (`since`), `sent` having gone.
+
+    Right after a whole-service outage the retries waiting out the callee's Retry-After
+    all saw the first instance that answered within one look (`_PARK_STEP_S`), and went
+    there at once: about 20 within 5 ms at one instance whose breaker had just closed on
+    one probe. Paced so, they go as the instance keeps answering, and spread over the
+    instances that answer meanwhile (Envoy's slow_start_window ramps a host's weight
+    over a window after it turned healthy; TCP's slow start doubles its window a round
+    trip)."""
+    if sent < first:
+        return True
+    return sent < first * math.pow(2.0, min(30.0, max(0.0, now - since) / step_s))
 
 
 def choose_only(open_until: float, now: float, panic_threshold: float = 0.5) -> Pick:

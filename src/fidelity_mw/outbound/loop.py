@@ -74,7 +74,15 @@ from ..context import (
     DecisionContext,
     DetailValue,
 )
-from ..decide.balance import EWMA_TAU_S, Pick, choose, choose_only, ewma
+from ..decide.balance import (
+    EWMA_TAU_S,
+    RAMP_QUIET_S,
+    Pick,
+    choose,
+    choose_only,
+    ewma,
+    ramp_room,
+)
 from ..decide.breaker import FAILURE, IGNORED, OPEN, SUCCESS, Gate, known_open_s, open_time
 from ..decide.retry import (
     EXHAUSTING_REASONS,
@@ -871,8 +879,11 @@ def attempts(
                                 if race is None:
                                     assert response is not None
                                     prefer = yield from _parked(
-                                        instances or [], tried, clock, now, park_until, response
-                                    )
+                                        instances or [], tried, clock, now, park_until,
+                                        response,
+                                        1 if up.breaker is None
+                                        else up.breaker.half_open_probes,
+                                    )  # fmt: skip
                                     now = clock.monotonic()
                                     if prefer is None:
                                         # no instance answered in time: given up as before,
@@ -1182,12 +1193,13 @@ def _parked(
     now: float,
     until: float,
     shed: httpx.Response,
+    first: int = 1,
 ) -> Generator[Effect, Any, Instance | None]:
-    """Wait until `until` for an instance the retry may go to (`_evidence`); None when
-    none came. It sends nothing and takes no budget. The shed it holds is read first
-    (short: `worth_reading`), so the wait holds no connection: a pool shared with other
-    upstreams is not drained by calls waiting out an outage; a read that fails waits
-    for nothing."""
+    """Wait until `until` for an instance the retry may go to (`_evidence`, paced by
+    its ramp: `first` at once); None when none came. It sends nothing and takes no
+    budget. The shed it holds is read first (short: `worth_reading`), so the wait holds
+    no connection: a pool shared with other upstreams is not drained by calls waiting
+    out an outage; a read that fails waits for nothing."""
     try:
         yield (READ, shed)
     except Exception:
@@ -1196,19 +1208,31 @@ def _parked(
     while now < until:
         yield (SLEEP, min(_PARK_STEP_S, until - now), None)
         now = clock.monotonic()
-        found = _evidence(instances, tried, now)
+        found = _evidence(instances, tried, now, first, now >= until)
         if found is not None:
             return found
     return None
 
 
-def _evidence(instances: list[Instance], tried: list[Instance], now: float) -> Instance | None:
+def _evidence(
+    instances: list[Instance],
+    tried: list[Instance],
+    now: float,
+    first: int = 1,
+    last: bool = False,
+) -> Instance | None:
     """An instance not tried by the call that answered well since its last failure (and
     so since any pause its Retry-After put on it): its breaker not known open and no
     failure of it since its last success (another call's attempt found it answering), or
-    known open and answered around it.
+    known open and answered around it. Of those, one whose ramp has room for one more
+    waiting retry (`ramp_room`: `first` at once, twice as many each step), the one with
+    the fewest requests in flight; at the wait's `last` look, one without room too (the
+    pace never costs a retry its wait). The instance's ramp counts the retry.
     A breaker's half-open state alone is no evidence: in an outage it is the next
     failure."""
+    found: Instance | None = None
+    full: Instance | None = None
+    least = least_full = 0
     for i in instances:
         if i in tried or (i.paused_until > now and i.failed_at != 0.0):
             # (a pause stands until the instance answers well again: the answer that
@@ -1218,8 +1242,22 @@ def _evidence(instances: list[Instance], tried: list[Instance], now: float) -> I
             # that answered first attempts well a moment later)
             continue
         if i.answered or (i.open_until <= now and i.failed_at == 0.0):
-            return i
-    return None
+            sent = 0 if now - i.ramp_last > RAMP_QUIET_S else i.ramp_sent
+            load = i.outstanding + sent  # (the retries it took count before they are out)
+            if sent == 0 or ramp_room(sent, i.ramp_at, now, first):
+                if found is None or load < least:
+                    found, least = i, load
+            elif full is None or load < least_full:
+                full, least_full = i, load
+    if found is None:
+        if not last or full is None:
+            return None
+        found = full
+    if found.ramp_sent == 0 or now - found.ramp_last > RAMP_QUIET_S:
+        found.ramp_at, found.ramp_sent = now, 0  # (a ramp of its own: a new recovery)
+    found.ramp_sent += 1
+    found.ramp_last = now
+    return found
 
 
 def _until_deadline(ctx: DecisionContext) -> float:

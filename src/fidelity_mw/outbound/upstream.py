@@ -83,6 +83,9 @@ class Instance:
         "outstanding",
         "paused_until",
         "port",
+        "ramp_at",
+        "ramp_last",
+        "ramp_sent",
         "scheme",
         "seen_at",
         "sni",
@@ -117,6 +120,11 @@ class Instance:
         # When its last failed attempt ended, none having succeeded since (0.0: none): the
         # balancer weighs its cost up for a while (`decide.balance.failure_weight`).
         self.failed_at = 0.0
+        # The retries that waited for an instance to answer again and went here: since
+        # when, the last one when, how many (`decide.balance.ramp_room`).
+        self.ramp_at = 0.0
+        self.ramp_last = 0.0
+        self.ramp_sent = 0
 
     def view(self, now: float | None = None) -> InstanceView:
         """What the balancer knows; with `now`, the latency estimate as read then (aged)."""
@@ -129,7 +137,7 @@ class Instance:
         return _new_tuple(
             InstanceView,
             (self.outstanding, latency, self.open_until, self.seen_at, self.paused_until,
-             self.failed_at),
+             self.failed_at, self.answered),
         )  # fmt: skip
 
 
