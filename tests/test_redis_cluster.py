@@ -107,21 +107,52 @@ async def test_every_script_call_names_keys_of_one_slot(  # type: ignore[no-unty
     way it is called, on the real cluster: each call's KEYS hash to one slot, the one of
     `{prefix}` (the server's own `CLUSTER KEYSLOT` says so), and none fell back (a key of
     another slot fails the call: CROSSSLOT, or redis-py refuses it)."""
+    import os
+    import traceback
+
     from redis.asyncio.cluster import RedisCluster as AsyncCluster
     from redis.cluster import RedisCluster as SyncCluster
 
     from fidelity_mw.policy import RetryConfig
+    from fidelity_mw.state.scripts import load_script
 
     calls: list[tuple[str, ...]] = []
+    # per call, for a failure's message: the script, its callers in src, the test running
+    where: list[str] = []
+    scripts = ("admit", "batch", "record", "refund", "peek", "outbound", "budget_refund")
+    names = {load_script(n).sha: n for n in (*scripts, "sync", "fleet")}
+
+    # Only the clients this test's stores build: the class is patched for the whole
+    # process, and a client another test left open (its store not closed, a thread
+    # still calling) would be recorded too.
+    ours: list[object] = []
+
+    def builder(original):  # type: ignore[no-untyped-def]
+        def build(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            ours.append(self)
+            return original(self, *args, **kwargs)
+
+        return build
 
     def recorder(original):  # type: ignore[no-untyped-def]
         def record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if args and args[0] in ("EVALSHA", "EVAL"):
+            if args and args[0] in ("EVALSHA", "EVAL") and any(self is c for c in ours):
                 calls.append(tuple(str(a) for a in args[3 : 3 + int(args[2])]))
+                site = [
+                    f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                    for f in traceback.extract_stack()
+                    if "fidelity_mw" in f.filename
+                ][-4:]
+                where.append(
+                    f"{names.get(str(args[1]), str(args[1])[:40])} from {site} in "
+                    f"{os.environ.get('PYTEST_CURRENT_TEST')} client {id(self):#x}"
+                )
             return original(self, *args, **kwargs)
 
         return record
 
+    monkeypatch.setattr(AsyncCluster, "__init__", builder(AsyncCluster.__init__))
+    monkeypatch.setattr(SyncCluster, "__init__", builder(SyncCluster.__init__))
     monkeypatch.setattr(AsyncCluster, "execute_command", recorder(AsyncCluster.execute_command))
     monkeypatch.setattr(SyncCluster, "execute_command", recorder(SyncCluster.execute_command))
     prefix = "clu4"
@@ -175,8 +206,8 @@ async def test_every_script_call_names_keys_of_one_slot(  # type: ignore[no-unty
     assert store.stats.fallbacks == 0
     slot = key_slot(("{" + prefix + "}").encode())
     with redis_cluster.node_for_slot(slot).client() as client:
-        for named in calls:
-            assert named, "a script call without keys cannot be routed to the slot"
+        for named, site in zip(calls, where, strict=True):
+            assert named, f"a script call without keys cannot be routed to the slot: {site}"
             slots = {int(client.execute_command("CLUSTER KEYSLOT", key)) for key in named}
-            assert slots == {slot}, named
+            assert slots == {slot}, (named, site)
     assert len(calls) >= 12, calls

@@ -1071,6 +1071,13 @@ class TieredStore(StateStore):
                 breakers += [k for k in more_breakers if k not in batch.breakers]
                 breakers = [k for k in breakers if k in self.breakers]  # planning drops idle ones
                 limits += more_limits
+            if not breakers and not limits:
+                # Everything the batch asked for left before it went out (a sync's
+                # planning dropped its breaker as idle, a close cleared the tables): a
+                # call with no KEYS would be a round trip for nothing, and on a Redis
+                # Cluster one sent to whichever node, outside the prefix's slot.
+                got = 0.0
+                return
             self.stats.leases += 1
             got = await self._sync_call(breakers, limits, now)
         finally:
