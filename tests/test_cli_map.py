@@ -163,3 +163,18 @@ def test_an_app_factory_gets_a_hint_not_only_no_fidelity(
     out = capsys.readouterr().out
     assert "no-fidelity" in out
     assert "an app factory (uvicorn --factory)?" in out
+
+
+def test_the_retry_row_says_which_answers_pause_and_until_when(
+    capsys: pytest.CaptureFixture[str],
+):
+    # A service instance's own 503 with Retry-After pauses it too, and an attempt it
+    # answers well since ends that pause early (review 48): the map said "an upstream
+    # 429's" only.
+    assert main(["map", "examples/app.py:app", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    retry_states = [r["state"] for r in doc["layers"] if r["layer"] == "retry"]
+    assert retry_states
+    for state in retry_states:
+        assert "429 or 503" in state
+        assert "until it answers well again" in state

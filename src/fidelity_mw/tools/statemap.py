@@ -662,8 +662,9 @@ def layers_for(policy: Policy) -> list[Layer]:
                 "retry, or give up (attempts, budget, breaker open, deadline, "
                 "downstream said x-fidelity-retry: exhausted)",
                 _retry_data(r),
-                "attempt counter on the decision context; the pause an upstream 429's "
-                "Retry-After sets lives in the transport's process memory",
+                "attempt counter on the decision context; the pause a Retry-After sets "
+                "(an upstream 429's; a service instance's 429 or 503, until it answers "
+                "well again) lives in the transport's process memory",
                 "-",
                 "FidelityTransport",
                 "none",
