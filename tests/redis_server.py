@@ -50,7 +50,8 @@ def require_redis() -> None:
     pytest.skip(message)
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a bind without SO_REUSEADDR (as a server's own) gets `port` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((HOST, port))
@@ -65,7 +66,7 @@ def free_port(*, cluster: bool = False) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((HOST, 0))
             port = int(sock.getsockname()[1])
-        if not cluster or (port + 10000 < 65536 and _port_free(port + 10000)):
+        if not cluster or (port + 10000 < 65536 and port_free(port + 10000)):
             return port
     raise RuntimeError("no free port pair found")
 

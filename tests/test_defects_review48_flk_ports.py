@@ -25,7 +25,7 @@ import pytest
 import test_faults_support
 import test_prometheus
 import test_redis_fleet
-from redis_server import held_port, refused_port
+from redis_server import held_port, port_free, refused_port
 from test_faults_support import HOST, RawUpstream
 
 
@@ -40,16 +40,6 @@ def _another_process_listening() -> Iterator[int]:
         yield int(sock.getsockname()[1])
     finally:
         sock.close()
-
-
-def _binds(port: int) -> bool:
-    """Whether a port-0 style bind (no SO_REUSEADDR, as free_port() does) gets `port`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _refused(port: int) -> bool:
@@ -85,21 +75,21 @@ def test_the_raw_upstream_keeps_its_port_while_down() -> None:
         assert _refused(port)  # what the fault tests need from down()
         # before: the port was free while down, for another process's free_port() to
         # get and its server to bind before up() listened there again
-        assert not _binds(port)
+        assert not port_free(port)
         upstream.up()
         assert upstream.port == port
         assert httpx.get(upstream.url + "/b", timeout=30).status_code == 200
         assert upstream.count("GET /a") == upstream.count("GET /b") == 1
     finally:
         upstream.close()
-    assert _binds(port)  # let go at the end
+    assert port_free(port)  # let go at the end
 
 
 def test_a_refused_port_refuses_and_stays_ours() -> None:
     port = refused_port()
     assert refused_port() == port
     assert _refused(port)
-    assert not _binds(port)
+    assert not port_free(port)
     hold = held_port()
     try:
         assert _refused(hold.getsockname()[1])
